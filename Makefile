@@ -1,0 +1,30 @@
+# Two entry points: `make demo` (the main job) and `make test` (ruff, pytest, doctests).
+# Each creates .venv if missing and installs torch==2.13.0 explicitly (the CPU build), so a
+# plain `torch` requirement never pulls a multi-GB CUDA build; the package itself asks for torch>=2.4.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.torchdiv-installed
+
+.PHONY: test demo bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+
+test: lint
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m torchdiv demo
+
+bench: $(STAMP)
+	$(PY) bench/divergence_exact.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,158 @@
+"""Exact per-sample divergence: torchdiv vs torch.func and the seed threads' recipes.
+
+Run:  .venv/bin/python bench/divergence_exact.py [--min-run-time 1.0] [--cases mlp32,conv]
+
+Two scenarios per case, all methods timed side by side in one run:
+  frozen: parameters do not require grad (evaluation, e.g. a likelihood);
+  train:  parameters require grad and every result must stay differentiable (the recipes that
+          call autograd.grad use create_graph=True; torch.func and torchdiv do it by themselves).
+Every result is checked against vmap(jacrev) + trace before it is timed. Writes
+bench/results/divergence_exact.json and prints a markdown table with ratios to the best
+baseline recipe of the same scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from _common import RESULTS, markdown, peak_memory_mb, time_call, write_json
+
+import torchdiv
+from torchdiv import _recipes
+
+
+def mlp(d: int, h: int) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(d, h),
+        torch.nn.Tanh(),
+        torch.nn.Linear(h, h),
+        torch.nn.Tanh(),
+        torch.nn.Linear(h, d),
+    )
+
+
+def convnet() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.Conv2d(16, 16, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.Conv2d(16, 3, 3, padding=1),
+    )
+
+
+CASES: dict[str, Callable[[], tuple[torch.nn.Module, torch.Tensor]]] = {
+    "mlp32": lambda: (mlp(32, 256), torch.randn(128, 32)),
+    "mlp256": lambda: (mlp(256, 256), torch.randn(128, 256)),
+    "mlp784": lambda: (mlp(784, 512), torch.randn(32, 784)),
+    "conv": lambda: (convnet(), torch.randn(8, 3, 16, 16)),
+}
+DESCRIPTIONS = {
+    "mlp32": "tanh MLP D=32 B=128 H=256",
+    "mlp256": "tanh MLP D=256 B=128 H=256",
+    "mlp784": "tanh MLP D=784 B=32 H=512",
+    "conv": "conv 3-16-16-3 on (8, 3, 16, 16)",
+}
+
+BASELINES = (
+    "torch.func vmap(jacrev)",
+    "torch.func vmap(jacfwd)",
+    "loop of autograd.grad",
+    "autograd.grad(is_grads_batched)",
+)
+
+
+def methods(train: bool) -> dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]]:
+    ours = {
+        "torchdiv auto": functools.partial(torchdiv.divergence, method="auto"),
+        "torchdiv forward": functools.partial(torchdiv.divergence, method="forward"),
+        "torchdiv reverse": functools.partial(torchdiv.divergence, method="reverse"),
+        "torchdiv forward chunk=64": functools.partial(
+            torchdiv.divergence, method="forward", chunk_size=64
+        ),
+        "torchdiv reverse chunk=64": functools.partial(
+            torchdiv.divergence, method="reverse", chunk_size=64
+        ),
+    }
+    recipes = {
+        name: functools.partial(_recipes.RECIPES[name], create_graph=train)
+        if name in ("loop of autograd.grad", "autograd.grad(is_grads_batched)")
+        else _recipes.RECIPES[name]
+        for name in BASELINES
+    }
+    return {**ours, **recipes}
+
+
+def setup(name: str, scenario: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    net, x = CASES[name]()
+    net.requires_grad_(scenario == "train")
+    return net, x
+
+
+def run_case(name: str, min_run_time: float) -> list[dict]:
+    rows = []
+    for scenario in ("frozen", "train"):
+        net, x = setup(name, scenario)
+        reference = _recipes.vmap_jacrev(net, x).detach()
+        group = []
+        for method, fn in methods(scenario == "train").items():
+            call = functools.partial(fn, net, x)
+            out = call()
+            scale = reference.abs().max().item()
+            ok = torch.allclose(out, reference, rtol=1e-4, atol=1e-4 * scale)
+            row = {
+                "case": DESCRIPTIONS[name],
+                "scenario": scenario,
+                "method": method,
+                "correct": ok,
+                "differentiable": out.requires_grad,
+                "peak_mb": peak_memory_mb(call),
+            }
+            if ok:
+                row.update(time_call(call, min_run_time))
+            group.append(row)
+            print(
+                f"{name:7s} {scenario:6s} {method:32s} {row.get('median_ms', float('nan')):8.2f}"
+                f" ms (IQR {row.get('iqr_ms', float('nan')):.2f})"
+                f"  peak {row['peak_mb']:7.1f} MiB  ok={ok}",
+                flush=True,
+            )
+        best = min(r["median_ms"] for r in group if r["method"] in BASELINES and "median_ms" in r)
+        for r in group:
+            if "median_ms" in r:
+                r["vs_best_baseline"] = r["median_ms"] / best
+        rows += group
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    parser.add_argument("--json", type=Path, default=RESULTS / "divergence_exact.json")
+    args = parser.parse_args()
+    rows = [row for name in args.cases.split(",") for row in run_case(name, args.min_run_time)]
+    write_json(args.json, rows)
+    print(
+        markdown(
+            rows,
+            [
+                ("case", "case"),
+                ("scenario", "scenario"),
+                ("method", "method"),
+                ("median_ms", "median ms"),
+                ("iqr_ms", "IQR ms"),
+                ("vs_best_baseline", "x best recipe"),
+                ("peak_mb", "peak MiB"),
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

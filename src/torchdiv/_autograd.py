@@ -1,0 +1,99 @@
+"""Autograd-graph engine: Jacobian rows of every sample by batched VJPs through a built graph.
+
+It serves the graph-form API (``graph_jacobian``: the caller built ``y`` from ``x``) and is the
+function form's last resort: plain autograd runs functions that ``torch.func`` cannot (legacy
+``autograd.Function`` without ``setup_context``, ops that cannot be vmapped in the forward pass).
+See NOTE [Batching over basis vectors] in ``_basis`` for the batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from torchdiv._basis import as_blocks, basis
+from torchdiv._checks import event_numel
+
+
+class GraphJacobian:
+    """``U @ J`` for ``y`` computed from ``x``, by ``autograd.grad(..., is_grads_batched=True)``.
+
+    The graph is retained between products and never freed, so the caller can still
+    backpropagate through ``y`` afterwards.
+    """
+
+    blocks_are_rows = True
+
+    def __init__(self, y: torch.Tensor, x: torch.Tensor, batch_dims: int, create_graph: bool):
+        self.y, self.x, self.batch_dims, self.create_graph = y, x, batch_dims, create_graph
+        self.num_basis = event_numel(y, batch_dims)
+        self.y_shape = y.shape
+
+    @classmethod
+    def of_function(
+        cls, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+    ) -> GraphJacobian:
+        """Evaluate ``y = f(x)`` with a graph; keep results differentiable only where needed.
+
+        The products are built with ``create_graph=True`` exactly when the caller has grad mode
+        on and ``y`` depends on a tensor that requires grad other than our own copy of ``x``
+        (``x`` itself if it requires grad, parameters, closed-over tensors).
+        """
+        outer_grad = torch.is_grad_enabled()
+        with torch.enable_grad():
+            x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+            y = f(x_in)
+        create_graph = outer_grad and _depends_on_other_leaves(y, x_in)
+        return cls(y, x_in, batch_dims, create_graph)
+
+    def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
+        """VJPs: ``(k,) + y.shape`` cotangents -> ``(k,) + x.shape`` products."""
+        out = None
+        if self.y.requires_grad:
+            (out,) = torch.autograd.grad(
+                self.y,
+                self.x,
+                cotangents,
+                retain_graph=True,
+                create_graph=self.create_graph,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+        if out is None:  # y does not depend on x: the Jacobian is zero
+            return self.x.new_zeros((cotangents.shape[0], *self.x.shape), dtype=self.y.dtype)
+        return out
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``."""
+        out = self.apply(basis(start, stop, self.y, self.batch_dims))
+        return as_blocks(out, self.batch_dims)
+
+
+def _graph_nodes(y: torch.Tensor) -> Iterator[Any]:
+    """Every autograd node that ``y`` was computed through, each once."""
+    seen: set[Any] = set()
+    stack = [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(child for child, _ in node.next_functions)
+
+
+def _depends_on_other_leaves(y: torch.Tensor, x_leaf: torch.Tensor) -> bool:
+    """Whether ``y``'s graph reaches a tensor requiring grad other than the leaf ``x_leaf``."""
+    # Leaves appear as AccumulateGrad nodes, which are the only nodes with a ``variable``.
+    return any(getattr(node, "variable", x_leaf) is not x_leaf for node in _graph_nodes(y))
+
+
+def depends_on(y: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``y`` is ``x`` or was computed from it (``x`` a leaf or an intermediate tensor)."""
+    if y is x:
+        return True
+    if x.grad_fn is not None:
+        return any(node is x.grad_fn for node in _graph_nodes(y))
+    return any(getattr(node, "variable", None) is x for node in _graph_nodes(y))

@@ -1,0 +1,50 @@
+"""Forward-mode engine: Jacobian columns of every sample by batched JVPs (see NOTE in _basis)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.func import jvp, vmap
+
+from torchdiv._basis import as_blocks, basis
+from torchdiv._checks import event_numel
+
+
+class ForwardJacobian:
+    """``J @ V`` for the batched ``f`` at ``x``, by ``vmap`` of ``torch.func.jvp`` over tangents.
+
+    ``f`` is evaluated on the caller's batched ``x``; only the tangents carry the extra ``k``
+    dimension. Results are differentiable, through ordinary autograd, with respect to ``x``
+    and anything ``f`` closes over.
+    """
+
+    blocks_are_rows = False
+
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int):
+        self.f, self.x, self.batch_dims = f, x, batch_dims
+        self.num_basis = event_numel(x, batch_dims)
+        self._y_shape: torch.Size | None = None
+
+    @property
+    def y_shape(self) -> torch.Size:
+        """Shape of ``f(x)``; evaluates ``f`` once if no product has been taken yet."""
+        if self._y_shape is None:
+            with torch.no_grad():
+                self._y_shape = self.f(self.x).shape
+        return self._y_shape
+
+    def apply(self, tangents: torch.Tensor) -> torch.Tensor:
+        """JVPs: ``(k,) + x.shape`` tangents -> ``(k,) + f(x).shape`` products."""
+
+        def push(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return jvp(self.f, (self.x,), (v,))
+
+        y, out = vmap(push, out_dims=(None, 0))(tangents)
+        self._y_shape = y.shape
+        return out
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Columns ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, m)``."""
+        out = self.apply(basis(start, stop, self.x, self.batch_dims))
+        return as_blocks(out, self.batch_dims)

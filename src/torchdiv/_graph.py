@@ -1,0 +1,136 @@
+"""Graph-form API: the same operators from an autograd graph the caller already built.
+
+These functions assume that samples are independent (see NOTE [Batching over basis vectors]
+in ``torchdiv._basis``): the graph is probed with one basis vector broadcast across the batch,
+so a ``y`` whose samples mix (train-mode BatchNorm, attention across the batch) gives a wrong
+answer silently. Run ``torchdiv.check_batch_independence`` on the function once if unsure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from torchdiv import _exact
+from torchdiv._autograd import GraphJacobian, depends_on
+from torchdiv._checks import check_chunk_size, check_input, check_method, check_output, check_square
+
+GRAPH_METHODS = ("auto", "reverse")
+
+
+def _engine(
+    fn: str,
+    y: Any,
+    x: Any,
+    batch_dims: int,
+    create_graph: bool,
+    chunk_size: int | None,
+    square: bool,
+) -> tuple[GraphJacobian, int]:
+    check_input(fn, x, batch_dims)
+    check_output(fn, y, x, batch_dims, name="y")
+    check_chunk_size(fn, chunk_size)
+    if square:
+        check_square(fn, y, x, batch_dims, "y")
+    if not x.requires_grad:
+        raise ValueError(
+            f"{fn}: x does not require grad, so no graph leads from x to y; set "
+            "x.requires_grad_(True) before computing y = f(x), or use the function form "
+            f"torchdiv.{fn.removeprefix('graph_')}(f, x)"
+        )
+    if not depends_on(y, x):
+        raise ValueError(
+            f"{fn}: y was not computed from x (its autograd graph does not reach x); pass the "
+            "tensor you computed y from, not a copy or a reshaped view made afterwards "
+            "(reshape x before calling f, and pass the reshaped tensor)"
+        )
+    engine = GraphJacobian(y, x, batch_dims, create_graph)
+    return engine, chunk_size or max(engine.num_basis, 1)
+
+
+def graph_jacobian(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    batch_dims: int = 1,
+    create_graph: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""Per-sample Jacobian ``d vec(y_b) / d vec(x_b)`` from an existing graph, by batched VJPs.
+
+    Assumes sample ``b`` of ``y`` depends only on sample ``b`` of ``x``. The graph of ``y`` is
+    retained, so ``y`` can still be backpropagated through afterwards.
+
+    Args:
+        y: tensor computed from ``x``, with ``y.shape[:batch_dims] == x.shape[:batch_dims]``.
+        x: floating tensor with ``requires_grad=True``.
+        batch_dims: number of leading batch dimensions.
+        create_graph: keep the result differentiable (for a loss that contains it).
+        chunk_size: at most this many VJPs in flight at once; ``None``: all of them.
+
+    Returns:
+        Shape ``x.shape[:batch_dims] + y.shape[batch_dims:] + x.shape[batch_dims:]``.
+
+    Raises:
+        ValueError: ``x`` does not require grad, ``y`` was not computed from ``x``, batch shapes
+            differ, ``batch_dims`` out of range or ``chunk_size < 1``.
+        TypeError: ``x`` or ``y`` not a floating tensor.
+
+    Example:
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> y = x.sin()
+        >>> torch.allclose(graph_jacobian(y, x)[0], torch.diag(x[0].cos()))
+        True
+    """
+    engine, chunk = _engine("graph_jacobian", y, x, batch_dims, create_graph, chunk_size, False)
+    jac = _exact.dense(engine, chunk)
+    return jac.reshape(x.shape[:batch_dims] + y.shape[batch_dims:] + x.shape[batch_dims:])
+
+
+def graph_divergence(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    batch_dims: int = 1,
+    method: str = "auto",
+    create_graph: bool = False,
+    chunk_size: int | None = None,
+    num_probes: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""Divergence ``tr(d vec(y_b) / d vec(x_b))`` of each sample, from an existing graph.
+
+    Exact, with one VJP per event element (reverse mode is the only mode a built graph offers).
+    Assumes sample ``b`` of ``y`` depends only on sample ``b`` of ``x``.
+
+    Args:
+        y: tensor computed from ``x``, same number of elements per sample as ``x``.
+        x: floating tensor with ``requires_grad=True``.
+        batch_dims: number of leading batch dimensions.
+        method: ``"auto"`` or ``"reverse"`` (the same exact computation).
+        create_graph: keep the result differentiable (e.g. a CNF or score-matching loss).
+        chunk_size: at most this many VJPs in flight at once; ``None``: all of them.
+        num_probes: reserved for the stochastic estimators; must be ``None`` for exact methods.
+        generator: reserved for the stochastic estimators; ignored by exact methods.
+
+    Returns:
+        Shape ``x.shape[:batch_dims]``.
+
+    Raises:
+        ValueError, TypeError: as ``graph_jacobian``; also an unknown ``method`` and a
+            non-square per-sample Jacobian.
+
+    Example:
+        >>> x = torch.randn(5, 3, requires_grad=True)
+        >>> torch.allclose(graph_divergence(x**2, x), 2 * x.sum(-1))
+        True
+    """
+    check_method("graph_divergence", method, GRAPH_METHODS)
+    if num_probes is not None:
+        raise ValueError(
+            f"graph_divergence: num_probes is only used by stochastic methods; method={method!r} "
+            f"is exact, got num_probes={num_probes}"
+        )
+    engine, chunk = _engine("graph_divergence", y, x, batch_dims, create_graph, chunk_size, True)
+    return _exact.diagonal(engine, chunk).sum(-1).reshape(x.shape[:batch_dims])

@@ -1,0 +1,38 @@
+"""Reverse-mode engine: Jacobian rows of every sample by batched VJPs (see NOTE in _basis)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.func import vjp, vmap
+
+from torchdiv._basis import as_blocks, basis
+from torchdiv._checks import event_numel
+
+
+class ReverseJacobian:
+    """``U @ J`` for the batched ``f`` at ``x``, by ``vmap`` of the ``torch.func.vjp`` pullback.
+
+    ``f`` is evaluated once, on the caller's batched ``x``; only the cotangents carry the extra
+    ``k`` dimension. Results are differentiable, through ordinary autograd, with respect to
+    ``x`` and anything ``f`` closes over, and only where those require grad.
+    """
+
+    blocks_are_rows = True
+
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int):
+        self.y, self._pullback = vjp(f, x)
+        self.x, self.batch_dims = x, batch_dims
+        self.y_shape = self.y.shape
+        self.num_basis = event_numel(self.y, batch_dims)
+
+    def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
+        """VJPs: ``(k,) + f(x).shape`` cotangents -> ``(k,) + x.shape`` products."""
+        (out,) = vmap(self._pullback)(cotangents)
+        return out
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``."""
+        out = self.apply(basis(start, stop, self.y, self.batch_dims))
+        return as_blocks(out, self.batch_dims)

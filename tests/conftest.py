@@ -1,0 +1,98 @@
+"""Shared references and problems for the tests.
+
+References are independent of torchdiv's batching: the Jacobian of the *whole* batched
+function by ``torch.func.jacrev`` (the cross-batch ``(N, m, N, n)`` tensor), from which the
+per-sample diagonal blocks are read. That is exactly what the seed threads do by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch.func import jacrev
+
+
+def tolerances(dtype: torch.dtype) -> dict[str, float]:
+    """rtol/atol for comparing two ways of computing the same derivative.
+
+    float64: both sides are a few hundred flops deep; 1e-10 leaves five digits of head room
+    over eps = 2.2e-16. float32: eps = 1.2e-7 and the reductions in matmuls and traces sum
+    hundreds of terms, so relative differences of a few 1e-6 are round-off; 2e-5 is tight.
+    """
+    return {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, scale: float = 1.0) -> None:
+    """``torch.testing.assert_close`` with the dtype's tolerances, atol scaled by ``scale``."""
+    tol = tolerances(expected.dtype)
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+def reference_jacobian(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                       batch_dims: int = 1) -> torch.Tensor:
+    """Per-sample Jacobians from the full cross-batch Jacobian, shape ``S + y_event + x_event``."""
+    y = f(x)
+    full = jacrev(f)(x)  # y.shape + x.shape
+    batch = x.shape[:batch_dims]
+    n_samples, m, n = batch.numel(), y[(0,) * batch_dims].numel(), x[(0,) * batch_dims].numel()
+    blocks = full.reshape(n_samples, m, n_samples, n).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    return blocks.reshape(batch + y.shape[batch_dims:] + x.shape[batch_dims:])
+
+
+def reference_divergence(f, x, batch_dims: int = 1) -> torch.Tensor:
+    jac = reference_jacobian(f, x, batch_dims)
+    n = x[(0,) * batch_dims].numel()
+    return jac.reshape(-1, n, n).diagonal(dim1=1, dim2=2).sum(-1).reshape(x.shape[:batch_dims])
+
+
+def reference_diagonal(f, x, batch_dims: int = 1) -> torch.Tensor:
+    jac = reference_jacobian(f, x, batch_dims)
+    n = x[(0,) * batch_dims].numel()
+    return jac.reshape(-1, n, n).diagonal(dim1=1, dim2=2).reshape(x.shape)
+
+
+def tanh_mlp(d_in: int, hidden: int, d_out: int, dtype=torch.float64) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(d_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, hidden),
+        torch.nn.Tanh(), torch.nn.Linear(hidden, d_out),
+    ).to(dtype)
+
+
+def conv_net(channels: int = 3, dtype=torch.float64) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(channels, 4, 3, padding=1), torch.nn.Softplus(),
+        torch.nn.Conv2d(4, channels, 3, padding=1),
+    ).to(dtype)
+
+
+class KnownJacobian:
+    """``f(x) = A x + c * x**2`` per sample (lineax style): ``J(x) = A + diag(2 c x)``.
+
+    ``A`` is chosen to be low rank, non-symmetric or diagonal-heavy, so the tests see the
+    Jacobians that break wrong recipes (column sums equal the trace only by accident).
+    """
+
+    def __init__(self, kind: str, n: int, dtype: torch.dtype, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        rand = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+        if kind == "low_rank":
+            self.A = rand(n, 2) @ rand(2, n)
+        elif kind == "nonsymmetric":
+            self.A = torch.triu(rand(n, n)) * 3
+        else:  # diagonal heavy
+            self.A = torch.diag(rand(n) * 10) + 0.1 * rand(n, n)
+        self.c = rand(n)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(*x.shape[:-1], -1) if x.dim() else x
+        return flat @ self.A.T + self.c * flat**2
+
+    def jacobian(self, x: torch.Tensor) -> torch.Tensor:
+        return self.A + torch.diag_embed(2 * self.c * x)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(1234)

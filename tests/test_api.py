@@ -1,0 +1,261 @@
+"""jacobian, jacobian_diagonal and divergence against independent references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    KnownJacobian,
+    assert_close,
+    conv_net,
+    reference_diagonal,
+    reference_divergence,
+    reference_jacobian,
+    tanh_mlp,
+)
+from torch.func import jacfwd, vmap
+
+import torchdiv
+
+METHODS = ["auto", "forward", "reverse"]
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["low_rank", "nonsymmetric", "diagonal_heavy"])
+def test_known_jacobian_problems(method, dtype, kind):
+    problem = KnownJacobian(kind, 6, dtype)
+    x = torch.randn(5, 6, dtype=dtype)
+    expected = problem.jacobian(x)
+    assert_close(torchdiv.jacobian(problem, x, method=method), expected, scale=10)
+    assert_close(
+        torchdiv.jacobian_diagonal(problem, x, method=method),
+        expected.diagonal(dim1=-2, dim2=-1),
+        scale=10,
+    )
+    assert_close(
+        torchdiv.divergence(problem, x, method=method),
+        expected.diagonal(dim1=-2, dim2=-1).sum(-1),
+        scale=10,
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_linear_map_divergence_is_trace(method):
+    A = torch.randn(7, 7, dtype=torch.float64)
+    b = torch.randn(7, dtype=torch.float64)
+    x = torch.randn(3, 7, dtype=torch.float64)
+    div = torchdiv.divergence(lambda x: x @ A.T + b, x, method=method)
+    assert_close(div, A.trace().expand(3))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_square_has_diagonal_two_x(method):
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    assert_close(torchdiv.jacobian_diagonal(lambda x: x**2, x, method=method), 2 * x)
+    assert_close(torchdiv.divergence(lambda x: x**2, x, method=method), 2 * x.flatten(1).sum(-1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_seed_003_model_matches_functional_jacobian_blocks(method):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 20), torch.nn.Tanh(), torch.nn.Linear(20, 2)
+    ).double()
+    x = torch.rand(10, 3, dtype=torch.float64)
+    full = torch.autograd.functional.jacobian(model, x)  # (10, 2, 10, 3)
+    blocks = full.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    jac = torchdiv.jacobian(model, x, method=method)
+    assert jac.shape == (10, 2, 3)
+    assert_close(jac, blocks)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mlp_against_torch_func(method, dtype):
+    net = tanh_mlp(5, 16, 5, dtype)
+    x = torch.randn(6, 5, dtype=dtype)
+    assert_close(torchdiv.jacobian(net, x, method=method), reference_jacobian(net, x))
+    assert_close(torchdiv.jacobian_diagonal(net, x, method=method), reference_diagonal(net, x))
+    assert_close(torchdiv.divergence(net, x, method=method), reference_divergence(net, x))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_non_square_jacobian_against_jacfwd(method):
+    net = tanh_mlp(4, 8, 9)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    expected = vmap(jacfwd(net))(x)
+    assert_close(torchdiv.jacobian(net, x, method=method), expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_net_on_images(method, dtype):
+    net = conv_net(2, dtype)
+    x = torch.randn(3, 2, 4, 4, dtype=dtype)
+    jac = torchdiv.jacobian(net, x, method=method, chunk_size=7)
+    assert jac.shape == (3, 2, 4, 4, 2, 4, 4)
+    assert_close(jac, reference_jacobian(net, x))
+    assert_close(torchdiv.divergence(net, x, method=method), reference_divergence(net, x))
+
+
+@pytest.mark.parametrize("batch_dims", [0, 1, 2])
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_dims(batch_dims, method):
+    W = torch.randn(3, 4, 3, 4, dtype=torch.float64) / 4
+
+    def f(x):  # event (3, 4) -> (3, 4), nonlinear, any number of leading dims
+        return torch.tanh(torch.einsum("...ij,ijkl->...kl", x, W)) * x
+
+    x = torch.randn(*(2, 5)[:batch_dims], 3, 4, dtype=torch.float64)
+    jac = torchdiv.jacobian(f, x, batch_dims=batch_dims, method=method)
+    assert jac.shape == x.shape[:batch_dims] + (3, 4, 3, 4)
+    assert_close(jac, reference_jacobian(f, x, batch_dims))
+    div = torchdiv.divergence(f, x, batch_dims=batch_dims, method=method)
+    assert div.shape == x.shape[:batch_dims]
+    assert_close(div, reference_divergence(f, x, batch_dims))
+    diag = torchdiv.jacobian_diagonal(f, x, batch_dims=batch_dims, method=method)
+    assert_close(diag, reference_diagonal(f, x, batch_dims))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, 100])
+@pytest.mark.parametrize("method", METHODS)
+def test_chunk_sizes_give_the_same_answer(chunk_size, method):
+    net = tanh_mlp(8, 12, 8)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    kw = {"method": method, "chunk_size": chunk_size}
+    assert_close(torchdiv.jacobian(net, x, **kw), reference_jacobian(net, x))
+    assert_close(torchdiv.divergence(net, x, **kw), reference_divergence(net, x))
+    assert_close(torchdiv.jacobian_diagonal(net, x, **kw), reference_diagonal(net, x))
+
+
+def test_forward_equals_reverse_float32():
+    net = tanh_mlp(10, 32, 10, torch.float32)
+    x = torch.randn(16, 10)
+    fwd = torchdiv.divergence(net, x, method="forward")
+    rev = torchdiv.divergence(net, x, method="reverse")
+    assert_close(fwd, rev)
+    assert fwd.dtype == torch.float32
+
+
+def test_non_contiguous_input():
+    net = tanh_mlp(6, 8, 6)
+    base = torch.randn(6, 9, dtype=torch.float64)
+    x = base.T[:, :6]  # (9, 6), transposed and sliced: not contiguous
+    assert not x.is_contiguous()
+    for method in METHODS:
+        assert_close(torchdiv.divergence(net, x, method=method), reference_divergence(net, x))
+        assert_close(torchdiv.jacobian(net, x, method=method), reference_jacobian(net, x))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_closure_over_per_sample_tensor(method):
+    """The seed thread's g(t, x) with t.shape == (B,): f receives the whole batch."""
+    net = tanh_mlp(5, 8, 5)
+    t = torch.rand(4, dtype=torch.float64) + 0.5
+
+    def f(x):
+        return net(x) * t[:, None] + torch.sin(t[:, None] * x)
+
+    x = torch.randn(4, 5, dtype=torch.float64)
+    assert_close(torchdiv.divergence(f, x, method=method), reference_divergence(f, x))
+    assert_close(torchdiv.jacobian(f, x, method=method), reference_jacobian(f, x))
+
+
+def test_float64_finite_differences():
+    net = tanh_mlp(4, 10, 4)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    h = 1e-6
+    fd = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(4):
+            e = torch.zeros(4, dtype=torch.float64)
+            e[i] = h
+            fd += (net(x + e)[:, i] - net(x - e)[:, i]) / (2 * h)
+    # central differences: truncation O(h^2) ~ 1e-12, round-off ~ eps / h ~ 1e-10
+    torch.testing.assert_close(torchdiv.divergence(net, x), fd, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("fn", ["divergence", "jacobian_diagonal", "jacobian"])
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_wrt_parameters_and_x(fn, method):
+    net = tanh_mlp(4, 8, 4)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    ours = getattr(torchdiv, fn)(net, x, method=method)
+    ref = {
+        "divergence": reference_divergence,
+        "jacobian_diagonal": reference_diagonal,
+        "jacobian": reference_jacobian,
+    }[fn](net, x)
+    weights = torch.randn_like(ref)
+    params = [x, *net.parameters()]
+    got = torch.autograd.grad((ours * weights).sum(), params, allow_unused=True)
+    want = torch.autograd.grad((ref * weights).sum(), params, allow_unused=True)
+    for g, w, p in zip(got, want, params, strict=True):  # unused: the last bias for a trace
+        zero = torch.zeros_like(p)
+        assert_close(zero if g is None else g, zero if w is None else w)
+
+
+def test_gradient_wrt_closed_over_time():
+    t = torch.tensor([0.3, 0.7, 1.1], dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, dtype=torch.float64)
+
+    def f(x):
+        return torch.sin(t[:, None] * x)
+
+    div = torchdiv.divergence(f, x)  # sum_i t cos(t x_i)
+    (g,) = torch.autograd.grad(div.sum(), t)
+    expected = (torch.cos(t[:, None] * x) - t[:, None] * x * torch.sin(t[:, None] * x)).sum(-1)
+    assert_close(g, expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_under_no_grad(method):
+    net = tanh_mlp(4, 8, 4)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        div = torchdiv.divergence(net, x, method=method)
+        jac = torchdiv.jacobian(net, x, method=method)
+        assert not torch.is_grad_enabled()
+    assert not div.requires_grad and not jac.requires_grad
+    assert_close(div, reference_divergence(net, x))
+    assert_close(jac, reference_jacobian(net, x))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_frozen_function_result_does_not_require_grad(method):
+    net = tanh_mlp(4, 8, 4).requires_grad_(False)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert not torchdiv.divergence(net, x, method=method).requires_grad
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_constant_function_has_zero_derivatives(method):
+    x = torch.randn(3, 4, dtype=torch.float64)
+    c = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.equal(torchdiv.divergence(lambda x: c, x, method=method), torch.zeros(3).double())
+    assert torch.equal(torchdiv.jacobian(lambda x: c, x, method=method), torch.zeros(3, 4, 4).double())
+    p = torch.randn(4, dtype=torch.float64, requires_grad=True)  # depends on a parameter only
+    div = torchdiv.divergence(lambda x: p.expand(3, 4), x, method=method)
+    assert torch.equal(div.detach(), torch.zeros(3).double())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_element_event_and_identity(method):
+    x = torch.randn(6, 1, dtype=torch.float64)
+    assert_close(torchdiv.divergence(torch.sin, x, method=method), torch.cos(x[:, 0]))
+    assert_close(torchdiv.divergence(torch.sin, x[:, 0], method=method), torch.cos(x[:, 0]))
+    y = torch.randn(2, 3, 5)
+    assert torch.equal(torchdiv.divergence(lambda z: z, y, method=method), torch.full((2,), 15.0))
+
+
+def test_empty_batch():
+    x = torch.randn(0, 3, dtype=torch.float64)
+    assert torchdiv.divergence(torch.sin, x).shape == (0,)
+    assert torchdiv.jacobian(torch.sin, x).shape == (0, 3, 3)
+
+
+def test_result_dtype_is_that_of_x():
+    x = torch.randn(3, 4)
+    assert torchdiv.divergence(lambda z: (z.double() ** 2), x).dtype == torch.float32
