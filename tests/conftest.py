@@ -21,7 +21,9 @@ def tolerances(dtype: torch.dtype) -> dict[str, float]:
     over eps = 2.2e-16. float32: eps = 1.2e-7 and the reductions in matmuls and traces sum
     hundreds of terms, so relative differences of a few 1e-6 are round-off; 2e-5 is tight.
     """
-    return {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
+    return (
+        {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
+    )
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, scale: float = 1.0) -> None:
@@ -30,8 +32,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, scale: float = 1.
     torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
-def reference_jacobian(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                       batch_dims: int = 1) -> torch.Tensor:
+def reference_jacobian(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int = 1
+) -> torch.Tensor:
     """Per-sample Jacobians from the full cross-batch Jacobian, shape ``S + y_event + x_event``."""
     y = f(x)
     full = jacrev(f)(x)  # y.shape + x.shape
@@ -55,14 +58,18 @@ def reference_diagonal(f, x, batch_dims: int = 1) -> torch.Tensor:
 
 def tanh_mlp(d_in: int, hidden: int, d_out: int, dtype=torch.float64) -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Linear(d_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, hidden),
-        torch.nn.Tanh(), torch.nn.Linear(hidden, d_out),
+        torch.nn.Linear(d_in, hidden),
+        torch.nn.Tanh(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.Tanh(),
+        torch.nn.Linear(hidden, d_out),
     ).to(dtype)
 
 
 def conv_net(channels: int = 3, dtype=torch.float64) -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Conv2d(channels, 4, 3, padding=1), torch.nn.Softplus(),
+        torch.nn.Conv2d(channels, 4, 3, padding=1),
+        torch.nn.Softplus(),
         torch.nn.Conv2d(4, channels, 3, padding=1),
     ).to(dtype)
 

@@ -110,7 +110,7 @@ def test_batch_dims(batch_dims, method):
 
     x = torch.randn(*(2, 5)[:batch_dims], 3, 4, dtype=torch.float64)
     jac = torchdiv.jacobian(f, x, batch_dims=batch_dims, method=method)
-    assert jac.shape == x.shape[:batch_dims] + (3, 4, 3, 4)
+    assert jac.shape == (*x.shape[:batch_dims], 3, 4, 3, 4)
     assert_close(jac, reference_jacobian(f, x, batch_dims))
     div = torchdiv.divergence(f, x, batch_dims=batch_dims, method=method)
     assert div.shape == x.shape[:batch_dims]
@@ -235,7 +235,9 @@ def test_constant_function_has_zero_derivatives(method):
     x = torch.randn(3, 4, dtype=torch.float64)
     c = torch.randn(3, 4, dtype=torch.float64)
     assert torch.equal(torchdiv.divergence(lambda x: c, x, method=method), torch.zeros(3).double())
-    assert torch.equal(torchdiv.jacobian(lambda x: c, x, method=method), torch.zeros(3, 4, 4).double())
+    assert torch.equal(
+        torchdiv.jacobian(lambda x: c, x, method=method), torch.zeros(3, 4, 4).double()
+    )
     p = torch.randn(4, dtype=torch.float64, requires_grad=True)  # depends on a parameter only
     div = torchdiv.divergence(lambda x: p.expand(3, 4), x, method=method)
     assert torch.equal(div.detach(), torch.zeros(3).double())
@@ -258,4 +260,4 @@ def test_empty_batch():
 
 def test_result_dtype_is_that_of_x():
     x = torch.randn(3, 4)
-    assert torchdiv.divergence(lambda z: (z.double() ** 2), x).dtype == torch.float32
+    assert torchdiv.divergence(lambda z: z.double() ** 2, x).dtype == torch.float32

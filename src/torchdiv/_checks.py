@@ -84,8 +84,9 @@ def check_square(fn: str, y: torch.Tensor, x: torch.Tensor, batch_dims: int, nam
     """Check that each sample's Jacobian is square (same event numel in and out)."""
     if event_numel(y, batch_dims) != event_numel(x, batch_dims):
         raise ValueError(
-            f"{fn}: needs a square Jacobian, but the event of {name} (shape {_shape(y)[batch_dims:]}) "
-            f"and the event of x (shape {_shape(x)[batch_dims:]}) differ in size; full shapes "
+            f"{fn}: needs a square Jacobian, but the event of {name} "
+            f"(shape {_shape(y)[batch_dims:]}) and the event of x "
+            f"(shape {_shape(x)[batch_dims:]}) differ in size; full shapes "
             f"{_shape(y)} and {_shape(x)} with batch_dims={batch_dims}. Use jacobian() for "
             "non-square maps"
         )

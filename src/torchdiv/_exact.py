@@ -1,8 +1,9 @@
 """Exact operators from a Jacobian engine: the dense Jacobian and its diagonal, chunk by chunk.
 
-An engine (``ForwardJacobian``, ``ReverseJacobian`` or ``GraphJacobian``) hands out blocks of ``k`` Jacobian
-columns or rows of all ``N`` samples at once, shape ``(k, N, m)``. The consumers here never
-touch autograd; they only slice and stack those blocks, so memory in flight is one block.
+An engine (``ForwardJacobian``, ``ReverseJacobian`` or ``GraphJacobian``) hands out blocks
+of ``k`` Jacobian columns or rows of all ``N`` samples at once, shape ``(k, N, m)``. The
+consumers here never touch autograd; they only slice and stack those blocks, so the memory in
+flight is one block.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from torchdiv import _plan
 from torchdiv._autograd import GraphJacobian
 from torchdiv._basis import chunks
 from torchdiv._checks import event_numel
@@ -20,10 +22,6 @@ from torchdiv._forward import ForwardJacobian
 from torchdiv._reverse import ReverseJacobian
 
 EXACT_METHODS = ("auto", "forward", "reverse")
-
-# `auto` keeps about this many tangent elements (k basis vectors x the larger of x and f(x))
-# in flight per chunk; measured on 2-core CPUs, larger chunks stop paying off (bench/).
-AUTO_CHUNK_ELEMENTS = 1 << 21
 
 
 class Engine(Protocol):
@@ -66,18 +64,6 @@ def _samples(engine: Engine) -> int:
     return engine.x.shape[: engine.batch_dims].numel()
 
 
-def auto_chunk(engine: Engine, x: torch.Tensor) -> int:
-    """The chunk size ``auto`` uses when the caller gave none."""
-    per_vector = max(x.numel(), engine.y_shape.numel(), 1)
-    return max(1, min(engine.num_basis, AUTO_CHUNK_ELEMENTS // per_vector))
-
-
-def prefer_forward(num_outputs: int, x: torch.Tensor, batch_dims: int) -> bool:
-    """Whether ``auto`` uses forward mode: when the sample's output has more elements than its
-    input (fewer JVPs than VJPs); square Jacobians use reverse mode, measured faster (bench/)."""
-    return num_outputs > event_numel(x, batch_dims)
-
-
 def evaluate(
     f: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -89,10 +75,9 @@ def evaluate(
     """Run ``consume`` on the engine ``method`` names; returns its result and ``f(x).shape``.
 
     ``"forward"`` and ``"reverse"`` are taken as given (``chunk_size=None``: all at once).
-    ``"auto"`` picks a mode and a chunk size by shape (see ``divergence``); if ``torch.func``
-    cannot run ``f`` (an op without a forward-mode rule or a batching rule, a legacy
-    ``autograd.Function``) it falls back to the plain-autograd engine, which runs anything
-    ``backward()`` can.
+    ``"auto"`` plans mode and chunk size (``_plan``); if ``torch.func`` cannot run ``f`` (an op
+    without a forward-mode rule, a legacy ``autograd.Function``, an op that cannot be vmapped)
+    it falls back to the plain-autograd engine, which runs anything ``backward()`` can.
     """
     if method == "forward":
         engine: Engine = ForwardJacobian(f, x, batch_dims)
@@ -100,17 +85,25 @@ def evaluate(
         engine = ReverseJacobian(f, x, batch_dims)
     else:
         try:
-            engine = ReverseJacobian(f, x, batch_dims)
-            if prefer_forward(engine.num_basis, x, batch_dims):
-                engine = ForwardJacobian(f, x, batch_dims)
-            return _consume(engine, consume, chunk_size or auto_chunk(engine, x))
+            engine, chunk = _planned(f, x, batch_dims)
+            return consume(engine, chunk_size or chunk), engine.y_shape
         except RuntimeError:  # NotImplementedError included
             engine = GraphJacobian.of_function(f, x, batch_dims)
-            return _consume(engine, consume, chunk_size or auto_chunk(engine, x))
-    return _consume(engine, consume, chunk_size or max(engine.num_basis, 1))
+    return consume(engine, chunk_size or max(engine.num_basis, 1)), engine.y_shape
 
 
-def _consume(
-    engine: Engine, consume: Callable[[Engine, int], torch.Tensor], chunk: int
-) -> tuple[torch.Tensor, torch.Size]:
-    return consume(engine, chunk), engine.y_shape
+def _planned(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+) -> tuple[Engine, int]:
+    """The engine and chunk size ``auto`` uses (rules in ``_plan``)."""
+    num_inputs = event_numel(x, batch_dims)
+    if num_inputs * x.numel() <= _plan.SMALL_PROBLEM:
+        engine: Engine = ReverseJacobian(f, x, batch_dims)
+        if engine.num_basis > num_inputs:
+            engine = ForwardJacobian(f, x, batch_dims)
+        return engine, max(engine.num_basis, 1)
+    with _plan.OpSizes(x.shape[:batch_dims]) as sizes:
+        engine = ReverseJacobian(f, x, batch_dims)
+    if engine.num_basis > num_inputs or sizes.convolves:
+        engine = ForwardJacobian(f, x, batch_dims)
+    return engine, _plan.chunk_for(sizes.widest, engine.num_basis)

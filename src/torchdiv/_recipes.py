@@ -61,7 +61,7 @@ def batched_grad(f: Function, x: torch.Tensor, create_graph: bool = False) -> to
 
 
 def functional_jacobian(f: Function, x: torch.Tensor) -> torch.Tensor:
-    """``torch.autograd.functional.jacobian``: the (B, n, B, n) cross-batch tensor, B times too big."""
+    """``torch.autograd.functional.jacobian``: the (B, n, B, n) cross-batch tensor, B x too big."""
     b, n = x.shape[0], x[0].numel()
     jac = torch.autograd.functional.jacobian(f, x).reshape(b, n, b, n)
     return jac.diagonal(dim1=0, dim2=2).diagonal(dim1=0, dim2=1).sum(-1)

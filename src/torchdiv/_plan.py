@@ -1,0 +1,59 @@
+"""How ``method="auto"`` plans an exact computation: which mode, and how many vectors at once.
+
+The plan comes from one evaluation of ``f`` (the one reverse mode needs anyway), watched by a
+``TorchDispatchMode`` that notes the widest per-batch tensor any op produced and whether a
+convolution ran. Two measured rules (2-core CPU, ``bench/divergence_exact.py``):
+
+* Chunking: a batched JVP or VJP carries ``k`` copies of every intermediate, so time and
+  memory are best with ``k * widest`` around ``CHUNK_ELEMENTS`` (2M elements: 8 MB in float32),
+  where blocks stay cache-sized; full-width blocks were up to 2.5x slower.
+* Mode: reverse mode, one VJP per output element, unless the output has more elements than the
+  input, or ``f`` convolves: CPU convolution-backward kernels ran about 1.3-2x slower than the
+  forward ones (mkldnn), so conv nets use forward mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+CHUNK_ELEMENTS = 1 << 21
+
+# Below this many (basis vectors x elements of x) the whole computation takes about a
+# millisecond: everything goes in one chunk, and watching the ops would cost more than it saves.
+SMALL_PROBLEM = 1 << 17
+
+_CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
+
+
+class OpSizes(TorchDispatchMode):
+    """Records the largest per-batch tensor any op produced, and whether any op convolved.
+
+    Per-batch means its leading dimensions are the batch shape: those are the tensors a batched
+    JVP or VJP carries ``k`` copies of (weights and their views are not).
+    """
+
+    def __init__(self, batch_shape: torch.Size) -> None:
+        super().__init__()
+        self.batch_shape = batch_shape
+        self.widest = 0
+        self.convolves = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.convolves |= func in _CONVOLUTIONS
+        for leaf in tree_leaves(out):
+            if (
+                isinstance(leaf, torch.Tensor)
+                and leaf.shape[: len(self.batch_shape)] == self.batch_shape
+            ):
+                self.widest = max(self.widest, leaf.numel())
+        return out
+
+
+def chunk_for(widest: int, num_basis: int) -> int:
+    """Vectors per chunk so that ``chunk * widest`` stays near ``CHUNK_ELEMENTS``."""
+    return max(1, min(num_basis, CHUNK_ELEMENTS // max(widest, 1)))

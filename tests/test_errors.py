@@ -1,0 +1,151 @@
+"""Every validation error: type, and a message naming the argument and the shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchdiv
+
+x = torch.randn(4, 3)
+square = torch.sin
+
+
+@pytest.mark.parametrize("fn", ["divergence", "jacobian", "jacobian_diagonal"])
+class TestFunctionForm:
+    def test_x_not_a_tensor(self, fn):
+        with pytest.raises(TypeError, match=rf"{fn}: x must be a torch.Tensor, got list"):
+            getattr(torchdiv, fn)(square, [1.0, 2.0])
+
+    def test_x_not_floating(self, fn):
+        with pytest.raises(TypeError, match=rf"{fn}: x must have a floating dtype.*torch.int64"):
+            getattr(torchdiv, fn)(square, torch.arange(6).reshape(2, 3))
+
+    @pytest.mark.parametrize("bad", [-1, 3])
+    def test_batch_dims_out_of_range(self, fn, bad):
+        with pytest.raises(
+            ValueError,
+            match=rf"{fn}: batch_dims must be in \[0, x.dim\(\)\] = \[0, 2\] for x of shape "
+            rf"\(4, 3\), got {bad}",
+        ):
+            getattr(torchdiv, fn)(square, x, batch_dims=bad)
+
+    @pytest.mark.parametrize("bad", [1.0, True, "1"])
+    def test_batch_dims_not_int(self, fn, bad):
+        with pytest.raises(TypeError, match=rf"{fn}: batch_dims must be an int, got"):
+            getattr(torchdiv, fn)(square, x, batch_dims=bad)
+
+    def test_f_not_callable(self, fn):
+        with pytest.raises(TypeError, match=rf"{fn}: f must be callable.*got Tensor"):
+            getattr(torchdiv, fn)(x, x)
+
+    @pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+    def test_f_changes_batch_shape(self, fn, method):
+        with pytest.raises(
+            ValueError,
+            match=rf"{fn}: f\(x\) changed the batch shape: f\(x\) has shape \(3,\) and x has "
+            r"shape \(4, 3\)",
+        ):
+            getattr(torchdiv, fn)(lambda z: z.sum(0), x, method=method)
+
+    @pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+    def test_f_returns_non_tensor(self, fn, method):
+        with pytest.raises(TypeError, match=rf"{fn}: f\(x\) must return a torch.Tensor, got tuple"):
+            getattr(torchdiv, fn)(lambda z: (z, z), x, method=method)
+
+    def test_f_returns_integer_tensor(self, fn):
+        with pytest.raises(TypeError, match=rf"{fn}: f\(x\) must be a floating tensor.*int64"):
+            getattr(torchdiv, fn)(lambda z: torch.zeros(4, 3, dtype=torch.long), x)
+
+    def test_unknown_method_lists_valid_ones(self, fn):
+        with pytest.raises(
+            ValueError,
+            match=rf"{fn}: unknown method 'jacrev'; valid methods are 'auto', 'forward', "
+            r"'reverse'",
+        ):
+            getattr(torchdiv, fn)(square, x, method="jacrev")
+
+    @pytest.mark.parametrize("bad", [0, -3])
+    def test_chunk_size_below_one(self, fn, bad):
+        with pytest.raises(ValueError, match=rf"{fn}: chunk_size must be at least 1.*got {bad}"):
+            getattr(torchdiv, fn)(square, x, chunk_size=bad)
+
+    def test_chunk_size_not_int(self, fn):
+        with pytest.raises(TypeError, match=rf"{fn}: chunk_size must be an int or None, got float"):
+            getattr(torchdiv, fn)(square, x, chunk_size=2.0)
+
+
+@pytest.mark.parametrize("fn", ["divergence", "jacobian_diagonal"])
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+def test_non_square_jacobian(fn, method):
+    with pytest.raises(
+        ValueError,
+        match=rf"{fn}: needs a square Jacobian, but the event of f\(x\) \(shape \(2,\)\) and the "
+        r"event of x \(shape \(3,\)\) differ in size; full shapes \(4, 2\) and \(4, 3\)",
+    ):
+        getattr(torchdiv, fn)(lambda z: z[:, :2], x, method=method)
+
+
+def test_num_probes_with_exact_method():
+    with pytest.raises(ValueError, match=r"divergence: num_probes is only used by stochastic"):
+        torchdiv.divergence(square, x, num_probes=4)
+
+
+class TestGraphForm:
+    def test_x_does_not_require_grad(self):
+        y = x.sin()
+        for fn in (torchdiv.graph_divergence, torchdiv.graph_jacobian):
+            with pytest.raises(ValueError, match=r"graph_\w+: x does not require grad"):
+                fn(y, x)
+
+    def test_y_not_computed_from_x(self):
+        xg = x.clone().requires_grad_(True)
+        other = torch.randn(4, 3, requires_grad=True)
+        for fn in (torchdiv.graph_divergence, torchdiv.graph_jacobian):
+            with pytest.raises(ValueError, match=r"graph_\w+: y was not computed from x"):
+                fn(other * 2, xg)
+
+    def test_y_from_flattened_copy(self):
+        """The seed thread's mistake: differentiating w.r.t. x.flatten(1) made after y."""
+        xg = torch.randn(2, 3, 2, requires_grad=True)
+        y = (xg**2).flatten(1)
+        with pytest.raises(ValueError, match=r"graph_divergence: y was not computed from x"):
+            torchdiv.graph_divergence(y, xg.flatten(1))
+
+    def test_y_not_a_tensor(self):
+        xg = x.clone().requires_grad_(True)
+        with pytest.raises(TypeError, match=r"graph_jacobian: y must return a torch.Tensor"):
+            torchdiv.graph_jacobian([xg], xg)
+
+    def test_batch_shape_mismatch(self):
+        xg = x.clone().requires_grad_(True)
+        with pytest.raises(
+            ValueError,
+            match=r"graph_jacobian: y changed the batch shape: y has "
+            r"shape \(3,\) and x has shape \(4, 3\)",
+        ):
+            torchdiv.graph_jacobian(xg.sum(0), xg)
+
+    def test_non_square(self):
+        xg = x.clone().requires_grad_(True)
+        with pytest.raises(ValueError, match=r"graph_divergence: needs a square Jacobian.*\(2,\)"):
+            torchdiv.graph_divergence(xg[:, :2], xg)
+
+    def test_unknown_method(self):
+        xg = x.clone().requires_grad_(True)
+        with pytest.raises(
+            ValueError,
+            match=r"graph_divergence: unknown method 'forward'; "
+            r"valid methods are 'auto', 'reverse'",
+        ):
+            torchdiv.graph_divergence(xg.sin(), xg, method="forward")
+
+    def test_chunk_size(self):
+        xg = x.clone().requires_grad_(True)
+        with pytest.raises(ValueError, match=r"graph_jacobian: chunk_size must be at least 1"):
+            torchdiv.graph_jacobian(xg.sin(), xg, chunk_size=0)
+
+    def test_num_probes_with_exact_method(self):
+        xg = x.clone().requires_grad_(True)
+        with pytest.raises(ValueError, match=r"graph_divergence: num_probes is only used"):
+            torchdiv.graph_divergence(xg.sin(), xg, num_probes=3)

@@ -1,0 +1,108 @@
+"""method="auto" falls back when torch.func cannot run f; explicit methods do not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close
+
+import torchdiv
+
+
+class LegacyCube(torch.autograd.Function):
+    """Old-style Function (forward takes ctx): torch.func cannot run it at all."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class CubeWithoutJvp(torch.autograd.Function):
+    """New-style Function with a vmap rule but no jvp: no forward-mode rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+@pytest.mark.parametrize("cube", [LegacyCube, CubeWithoutJvp])
+def test_auto_falls_back_for_custom_functions(cube):
+    W = torch.randn(4, 4, dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64)
+
+    def f(z):
+        return cube.apply(z) @ W.T
+
+    expected = (3 * x**2 * W.diagonal()).sum(-1)
+    assert_close(torchdiv.divergence(f, x), expected)
+    assert_close(torchdiv.jacobian_diagonal(f, x), 3 * x**2 * W.diagonal())
+    assert_close(torchdiv.jacobian(f, x), W * (3 * x**2).unsqueeze(1))
+    with pytest.raises(RuntimeError):
+        torchdiv.divergence(f, x, method="forward")
+
+
+@pytest.mark.parametrize("cube", [LegacyCube, CubeWithoutJvp])
+def test_auto_falls_back_from_forward_mode(cube):
+    """More outputs than inputs: auto prefers forward mode, which cannot run ``cube``."""
+    x = torch.randn(3, 4, dtype=torch.float64)
+    jac = torchdiv.jacobian(lambda z: torch.cat([cube.apply(z), z], -1), x)
+    expected = torch.cat([torch.diag_embed(3 * x**2), torch.eye(4).double().expand(3, 4, 4)], 1)
+    assert_close(jac, expected)
+
+
+def test_auto_fallback_keeps_results_differentiable():
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    div = torchdiv.divergence(lambda z: LegacyCube.apply(z) * w, x)
+    (g,) = torch.autograd.grad(div.sum(), w)
+    assert_close(g, (3 * x**2).sum(0))
+    with torch.no_grad():
+        assert not torchdiv.divergence(lambda z: LegacyCube.apply(z) * w, x).requires_grad
+    frozen = torchdiv.divergence(lambda z: LegacyCube.apply(z) * w.detach(), x)
+    assert not frozen.requires_grad
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_auto_handles_fused_attention():
+    """CPU scaled_dot_product_attention has no forward-mode rule in PyTorch."""
+    proj = torch.randn(8, 8) / 3
+
+    def attention(x):  # x (B, 4 tokens * 2 features): attention within each sample
+        q = (x @ proj).reshape(-1, 1, 4, 2)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q).reshape(x.shape)
+
+    x = torch.randn(5, 8)
+    jac = torchdiv.jacobian(attention, x)
+    assert_close(jac, torchdiv.graph_jacobian(attention(x.requires_grad_()), x))
+    assert_close(torchdiv.divergence(attention, x), jac.diagonal(dim1=1, dim2=2).sum(-1))
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        torchdiv.divergence(attention, x, method="forward")
+
+
+def test_auto_handles_in_place_writes_and_control_flow():
+    def f(x):
+        out = torch.zeros_like(x)
+        out[:, 0] = x[:, 1] ** 2  # in-place write of a dual tensor into a plain one
+        if x.sum() > -1e9:  # data-dependent Python control flow
+            out = out + x
+        return out
+
+    x = torch.randn(3, 2, dtype=torch.float64)
+    assert_close(torchdiv.divergence(f, x), torch.full((3,), 2.0, dtype=torch.float64))

@@ -1,0 +1,62 @@
+"""Nothing the caller passed changes: x, its requires_grad, parameters, .grad, training mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tanh_mlp
+
+import torchdiv
+
+CALLS = {
+    "divergence": lambda net, x, m: torchdiv.divergence(net, x, method=m),
+    "jacobian": lambda net, x, m: torchdiv.jacobian(net, x, method=m, chunk_size=2),
+    "jacobian_diagonal": lambda net, x, m: torchdiv.jacobian_diagonal(net, x, method=m),
+    "check_batch_independence": lambda net, x, m: torchdiv.check_batch_independence(net, x),
+}
+
+
+def _snapshot(net: torch.nn.Module) -> dict:
+    return {
+        "params": [p.detach().clone() for p in net.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in net.parameters()],
+        "requires_grad": [p.requires_grad for p in net.parameters()],
+        "training": [m.training for m in net.modules()],
+    }
+
+
+def _assert_same(before: dict, after: dict) -> None:
+    for key in ("requires_grad", "training"):
+        assert before[key] == after[key], key
+    for a, b in zip(before["params"], after["params"], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(before["grads"], after["grads"], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+@pytest.mark.parametrize("x_requires_grad", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_nothing_is_mutated(call, method, x_requires_grad, training):
+    net = tanh_mlp(3, 5, 3).train(training)
+    net[0].weight.grad = torch.ones_like(net[0].weight)  # an existing .grad must survive
+    net[2].requires_grad_(False)  # a frozen layer must stay frozen
+    x = torch.randn(4, 3, dtype=torch.float64).requires_grad_(x_requires_grad)
+    x_before = x.detach().clone()
+    before = _snapshot(net)
+    CALLS[call](net, x, method)
+    assert torch.equal(x.detach(), x_before)
+    assert x.requires_grad == x_requires_grad and x.grad is None
+    _assert_same(before, _snapshot(net))
+
+
+def test_graph_form_mutates_nothing():
+    net = tanh_mlp(3, 5, 3)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = net(x)
+    before = _snapshot(net)
+    torchdiv.graph_divergence(y, x, create_graph=True)
+    torchdiv.graph_jacobian(y, x)
+    assert x.grad is None and x.requires_grad
+    _assert_same(before, _snapshot(net))

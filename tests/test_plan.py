@@ -1,0 +1,55 @@
+"""What method="auto" plans: mode and chunk size from one watched evaluation of f."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tanh_mlp
+
+from torchdiv import _plan
+from torchdiv._exact import _planned
+from torchdiv._forward import ForwardJacobian
+from torchdiv._reverse import ReverseJacobian
+
+
+def test_op_sizes_sees_the_widest_intermediate_and_convolutions():
+    net = tanh_mlp(4, 32, 4, torch.float32)  # its 32 x 32 weight is larger than a (8, 32) layer
+    with _plan.OpSizes(torch.Size([8])) as sizes:
+        net(torch.randn(8, 4))
+    assert sizes.widest == 8 * 32 and not sizes.convolves
+    conv = torch.nn.Conv2d(2, 5, 3, padding=1)
+    with _plan.OpSizes(torch.Size([3])) as sizes:
+        conv(torch.randn(3, 2, 4, 4))
+    assert sizes.widest == 3 * 5 * 16 and sizes.convolves
+
+
+def test_chunk_keeps_chunk_times_widest_near_the_budget():
+    assert _plan.chunk_for(widest=1 << 15, num_basis=256) == 64
+    assert _plan.chunk_for(widest=10, num_basis=7) == 7
+    assert _plan.chunk_for(widest=1 << 30, num_basis=7) == 1
+
+
+def test_square_mlp_uses_reverse_mode_chunked_by_its_widest_layer():
+    net = tanh_mlp(256, 512, 256, torch.float32)
+    engine, chunk = _planned(net, torch.randn(64, 256), batch_dims=1)
+    assert isinstance(engine, ReverseJacobian)
+    assert chunk == _plan.CHUNK_ELEMENTS // (64 * 512)
+
+
+def test_conv_net_uses_forward_mode():
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(8, 3, 3, padding=1)
+    )
+    engine, chunk = _planned(net, torch.randn(8, 3, 16, 16), batch_dims=1)
+    assert isinstance(engine, ForwardJacobian)
+    assert chunk == _plan.CHUNK_ELEMENTS // (8 * 8 * 16 * 16)
+
+
+def test_more_outputs_than_inputs_uses_forward_mode():
+    for batch in (2, 512):  # small problems skip the watching; the rule is the same
+        engine, chunk = _planned(tanh_mlp(16, 8, 64), torch.randn(batch, 16).double(), 1)
+        assert isinstance(engine, ForwardJacobian) and 1 <= chunk <= 16
+
+
+def test_small_problems_go_in_one_chunk():
+    engine, chunk = _planned(torch.tanh, torch.randn(4, 8), batch_dims=1)
+    assert isinstance(engine, ReverseJacobian) and chunk == 8
