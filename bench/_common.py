@@ -11,17 +11,36 @@ from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.benchmark import Timer
+from torch.utils.benchmark import Measurement, Timer
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def time_call(fn: Callable[[], Any], min_run_time: float) -> dict[str, float]:
-    """Median and interquartile range in milliseconds, from ``Timer.blocked_autorange``."""
-    m = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time
-    )
-    return {"median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times)}
+def time_interleaved(
+    calls: dict[str, Callable[[], Any]], rounds: int, min_run_time: float
+) -> dict[str, dict[str, float]]:
+    """Median and interquartile range (ms) of each call, timed round-robin.
+
+    Each round gives every call a ``Timer.blocked_autorange`` of ``min_run_time`` seconds, so
+    slow drifts of the machine (frequency, other load) spread over all methods alike instead of
+    favouring whichever ran in the quiet minute. The rounds' samples are merged per call.
+    """
+    samples: dict[str, list[Measurement]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            timer = Timer(
+                "fn()", globals={"fn": fn}, label=name, num_threads=torch.get_num_threads()
+            )
+            samples[name].append(timer.blocked_autorange(min_run_time=min_run_time))
+    out = {}
+    for name, ms in samples.items():
+        (merged,) = Measurement.merge(ms)
+        out[name] = {
+            "median_ms": merged.median * 1e3,
+            "iqr_ms": merged.iqr * 1e3,
+            "samples": len(merged.times),
+        }
+    return out
 
 
 def peak_memory_mb(fn: Callable[[], Any]) -> float:

@@ -42,18 +42,19 @@ def chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
 
 
 def basis(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
-    """Unit vectors ``e_start .. e_{stop-1}`` of ``like``'s event, broadcast across its batch.
+    """Unit vectors ``e_start .. e_{stop-1}`` of ``like``'s event, repeated in every sample.
 
     Returns:
-        A ``(stop - start,) + like.shape`` tensor with ``like``'s dtype and device; element
-        ``[j, b..., i...]`` is 1 where the flattened event index equals ``start + j``. It is an
-        expanded view (stride 0 along the batch): no ``N``-fold copy is made.
+        A contiguous ``(stop - start,) + like.shape`` tensor with ``like``'s dtype and device;
+        element ``[j, b..., i...]`` is 1 where the flattened event index equals ``start + j``.
+        It is materialised rather than a stride-0 view across the batch: CPU batched matmuls
+        copy stride-0 operands slice by slice, which measured slower than one ``k``-sized copy.
     """
-    k, event = stop - start, tuple(like.shape[batch_dims:])
-    rows = torch.arange(k, device=like.device)
-    eye = torch.zeros(k, event_numel(like, batch_dims), dtype=like.dtype, device=like.device)
-    eye[rows, rows + start] = 1
-    return eye.reshape((k,) + (1,) * batch_dims + event).expand((k, *like.shape))
+    k, n = stop - start, event_numel(like, batch_dims)
+    out = like.new_zeros((k, like.shape[:batch_dims].numel(), n))
+    j = torch.arange(k, device=like.device)
+    out[j, :, start + j] = 1
+    return out.reshape(k, *like.shape)
 
 
 def as_blocks(products: torch.Tensor, batch_dims: int) -> torch.Tensor:
