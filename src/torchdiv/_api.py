@@ -54,10 +54,9 @@ def jacobian(
         x: floating tensor; its first ``batch_dims`` dimensions index samples.
         batch_dims: number of leading batch dimensions (0: ``x`` is a single sample).
         method: ``"auto"``, ``"forward"`` (one JVP per input element) or ``"reverse"`` (one VJP
-            per output element). ``"auto"`` uses forward mode, falling back to reverse mode if
-            an op in ``f`` has no forward-mode rule.
+            per output element). ``"auto"`` follows the rule in ``divergence``.
         chunk_size: at most this many basis vectors in flight at once; ``None``: all of them
-            (``"auto"`` then picks a chunk that bounds the tangents to about 2M elements).
+            (``"auto"``: a planned chunk, see ``divergence``).
 
     Returns:
         Shape ``x.shape[:batch_dims] + y.shape[batch_dims:] + x.shape[batch_dims:]``, dtype and
@@ -133,10 +132,14 @@ def divergence(
     Unlike ``grad(y, x, ones_like(y))`` (column sums of ``J``, not its trace) it is right for
     every ``f``; unlike ``torch.autograd.functional.jacobian`` it never builds cross-batch blocks.
 
-    Rule for ``method="auto"``: forward mode (a JVP costs no graph to store), chunked to keep
-    about 2M tangent elements in flight when ``chunk_size`` is ``None``; if forward mode fails
-    (an op without a forward-mode rule: a custom ``autograd.Function`` without ``jvp``, CPU
-    fused attention kernels; or an op that cannot be vmapped) it silently uses reverse mode.
+    Rule for ``method="auto"`` (all functions; measured on CPU, see ``torchdiv._plan``): one
+    evaluation of ``f`` is watched. Reverse mode is used unless the output has more elements
+    than the input or ``f`` convolves, which use forward mode. With ``chunk_size=None`` the
+    chunk is chosen so that chunk x (widest per-batch intermediate) is about 2M elements;
+    problems under 2**17 basis-vector elements go in one chunk. If ``torch.func`` cannot run
+    ``f`` (an op without a forward-mode rule: a custom ``autograd.Function`` without ``jvp``,
+    CPU fused attention; a legacy ``autograd.Function``; in-place writes or control flow on
+    batched tangents) it silently uses plain autograd (``autograd.grad`` over batched VJPs).
 
     Args:
         f: ``f(x) -> y`` with as many elements per sample as ``x``.
