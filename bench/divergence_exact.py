@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -137,19 +138,61 @@ def run_case(name: str, rounds: int, min_run_time: float) -> list[dict]:
     return rows
 
 
+def summary(rows: list[dict]) -> list[dict]:
+    """One line per case and scenario: auto against the best recipe, and memory."""
+    out = []
+    for case, scenario in dict.fromkeys((r["case"], r["scenario"]) for r in rows):
+        group = {r["method"]: r for r in rows if (r["case"], r["scenario"]) == (case, scenario)}
+        timed = [m for m in BASELINES if "median_ms" in group[m]]
+        best = min(timed, key=lambda m: group[m]["median_ms"])
+        auto, chunked = group["torchdiv auto"], group["torchdiv reverse chunk=64"]
+        out.append(
+            {
+                "case": case,
+                "scenario": scenario,
+                "auto": f"{auto['median_ms']:.1f} ± {auto['iqr_ms']:.1f}",
+                "best": f"{best}: {group[best]['median_ms']:.1f} ± {group[best]['iqr_ms']:.1f}",
+                "ratio": auto["vs_best_baseline"],
+                "auto_mb": auto["peak_mb"],
+                "jacrev_mb": group["torch.func vmap(jacrev)"]["peak_mb"],
+                "chunk64": f"{chunked['median_ms']:.1f} ms, {chunked['peak_mb']:.1f} MiB",
+            }
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="round-robin timing rounds")
     parser.add_argument("--min-run-time", type=float, default=0.4, help="seconds per round")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
     parser.add_argument("--json", type=Path, default=RESULTS / "divergence_exact.json")
+    parser.add_argument("--report", type=Path, help="print the tables of a saved JSON, run nothing")
     args = parser.parse_args()
-    rows = [
-        row
-        for name in args.cases.split(",")
-        for row in run_case(name, args.rounds, args.min_run_time)
-    ]
-    write_json(args.json, rows)
+    if args.report:
+        rows = json.loads(args.report.read_text())["rows"]
+    else:
+        rows = [
+            row
+            for name in args.cases.split(",")
+            for row in run_case(name, args.rounds, args.min_run_time)
+        ]
+        write_json(args.json, rows)
+    print(
+        markdown(
+            summary(rows),
+            [
+                ("case", "case"),
+                ("scenario", "scenario"),
+                ("auto", "auto ms (median ± IQR)"),
+                ("best", "best recipe ms"),
+                ("ratio", "auto / best"),
+                ("auto_mb", "auto peak MiB"),
+                ("jacrev_mb", "vmap(jacrev) peak MiB"),
+                ("chunk64", "reverse, chunk_size=64"),
+            ],
+        )
+    )
     print(
         markdown(
             rows,

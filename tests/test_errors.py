@@ -50,7 +50,7 @@ class TestFunctionForm:
 
     @pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
     def test_f_returns_non_tensor(self, fn, method):
-        with pytest.raises(TypeError, match=rf"{fn}: f\(x\) must return a torch.Tensor, got tuple"):
+        with pytest.raises(TypeError, match=rf"{fn}: f\(x\) must be a torch.Tensor, got tuple"):
             getattr(torchdiv, fn)(lambda z: (z, z), x, method=method)
 
     def test_f_returns_integer_tensor(self, fn):
@@ -114,7 +114,7 @@ class TestGraphForm:
 
     def test_y_not_a_tensor(self):
         xg = x.clone().requires_grad_(True)
-        with pytest.raises(TypeError, match=r"graph_jacobian: y must return a torch.Tensor"):
+        with pytest.raises(TypeError, match=r"graph_jacobian: y must be a torch.Tensor"):
             torchdiv.graph_jacobian([xg], xg)
 
     def test_batch_shape_mismatch(self):

@@ -12,6 +12,7 @@ from torchdiv._checks import (
     check_chunk_size,
     check_input,
     check_method,
+    check_no_probes,
     checked,
 )
 
@@ -162,11 +163,7 @@ def divergence(
         >>> divergence(lambda x: x @ A.T, torch.randn(3, 2))  # tr(A) for every sample
         tensor([-3., -3., -3.])
     """
-    if num_probes is not None:
-        raise ValueError(
-            f"divergence: num_probes is only used by stochastic methods; method={method!r} is "
-            f"exact, got num_probes={num_probes}"
-        )
+    check_no_probes("divergence", method, num_probes)
     g = _prepare("divergence", f, x, batch_dims, method, chunk_size, square=True)
     diag, _ = _exact.evaluate(g, x, batch_dims, method, chunk_size, _exact.diagonal)
     return diag.sum(-1).reshape(x.shape[:batch_dims]).to(x.dtype)

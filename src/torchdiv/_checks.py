@@ -63,10 +63,19 @@ def check_method(fn: str, method: Any, valid: Sequence[str]) -> None:
         raise ValueError(f"{fn}: unknown method {method!r}; valid methods are {choices}")
 
 
+def check_no_probes(fn: str, method: str, num_probes: Any) -> None:
+    """Exact methods take no probes: reject ``num_probes`` instead of ignoring it."""
+    if num_probes is not None:
+        raise ValueError(
+            f"{fn}: num_probes is only used by stochastic methods; method={method!r} is exact, "
+            f"got num_probes={num_probes}"
+        )
+
+
 def check_output(fn: str, y: Any, x: torch.Tensor, batch_dims: int, name: str = "f(x)") -> None:
     """Check that ``y`` is a floating tensor with the batch shape of ``x``."""
     if not isinstance(y, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must return a torch.Tensor, got {type(y).__name__}")
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(y).__name__}")
     if not y.is_floating_point():
         raise TypeError(
             f"{fn}: {name} must be a floating tensor to be differentiated, got {y.dtype}"

@@ -14,7 +14,14 @@ import torch
 
 from torchdiv import _exact
 from torchdiv._autograd import GraphJacobian, depends_on
-from torchdiv._checks import check_chunk_size, check_input, check_method, check_output, check_square
+from torchdiv._checks import (
+    check_chunk_size,
+    check_input,
+    check_method,
+    check_no_probes,
+    check_output,
+    check_square,
+)
 
 GRAPH_METHODS = ("auto", "reverse")
 
@@ -127,10 +134,6 @@ def graph_divergence(
         True
     """
     check_method("graph_divergence", method, GRAPH_METHODS)
-    if num_probes is not None:
-        raise ValueError(
-            f"graph_divergence: num_probes is only used by stochastic methods; method={method!r} "
-            f"is exact, got num_probes={num_probes}"
-        )
+    check_no_probes("graph_divergence", method, num_probes)
     engine, chunk = _engine("graph_divergence", y, x, batch_dims, create_graph, chunk_size, True)
     return _exact.diagonal(engine, chunk).sum(-1).reshape(x.shape[:batch_dims])
