@@ -261,3 +261,39 @@ def test_empty_batch():
 def test_result_dtype_is_that_of_x():
     x = torch.randn(3, 4)
     assert torchdiv.divergence(lambda z: z.double() ** 2, x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_expanded_and_view_inputs(method):
+    """A stride-0 x (one sample repeated) and a view of a leaf that requires grad."""
+    net = tanh_mlp(3, 6, 3)
+    x = torch.randn(1, 3, dtype=torch.float64).expand(5, 3)
+    assert_close(torchdiv.divergence(net, x, method=method), reference_divergence(net, x))
+    leaf = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    view = leaf[:, ::2]
+    div = torchdiv.divergence(net, view, method=method)
+    assert_close(div, reference_divergence(net, view))
+    (g,) = torch.autograd.grad(div.sum(), leaf)
+    (ref,) = torch.autograd.grad(reference_divergence(net, view).sum(), leaf)
+    assert_close(g, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_float32(dtype):
+    net = tanh_mlp(4, 8, 4, torch.float32)
+    x = torch.randn(6, 4)
+    low = torchdiv.divergence(net.to(dtype), x.to(dtype))
+    assert low.dtype == dtype
+    # a handful of roundings at eps = 2**-8 (bfloat16) / 2**-11 (float16) on O(1) values
+    torch.testing.assert_close(
+        low.float(), reference_divergence(net.float(), x), rtol=0.05, atol=0.05
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_under_inference_mode(method):
+    net = tanh_mlp(4, 8, 4)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with torch.inference_mode():
+        div = torchdiv.divergence(net, x, method=method)
+    assert_close(div, reference_divergence(net, x).detach())

@@ -37,11 +37,12 @@ def test_main_prints_the_demo(capsys):
     assert "torchdiv auto" in capsys.readouterr().out
 
 
-def test_bad_arguments_exit_with_a_message(capsys):
+@pytest.mark.parametrize("bad", ["-1", "0", "nan", "inf"])
+def test_bad_arguments_exit_with_a_message(capsys, bad):
     with pytest.raises(SystemExit) as exc:
-        main(["demo", "--min-run-time", "-1"])
+        main(["demo", "--min-run-time", bad])
     assert exc.value.code == 2
-    assert "--min-run-time must be positive" in capsys.readouterr().err
+    assert "--min-run-time must be positive seconds" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["nonsense"])
 

@@ -91,6 +91,16 @@ def test_num_probes_with_exact_method():
         torchdiv.divergence(square, x, num_probes=4)
 
 
+def test_unknown_method_is_reported_before_num_probes():
+    with pytest.raises(ValueError, match=r"divergence: unknown method 'hutchinson'; valid"):
+        torchdiv.divergence(square, x, method="hutchinson", num_probes=4)
+
+
+def test_generator_type():
+    with pytest.raises(TypeError, match=r"divergence: generator must be a torch.Generator"):
+        torchdiv.divergence(square, x, generator=42)
+
+
 class TestGraphForm:
     def test_x_does_not_require_grad(self):
         y = x.sin()
@@ -144,6 +154,20 @@ class TestGraphForm:
         xg = x.clone().requires_grad_(True)
         with pytest.raises(ValueError, match=r"graph_jacobian: chunk_size must be at least 1"):
             torchdiv.graph_jacobian(xg.sin(), xg, chunk_size=0)
+
+    def test_create_graph_must_be_a_bool(self):
+        xg = x.clone().requires_grad_(True)
+        for fn in (torchdiv.graph_divergence, torchdiv.graph_jacobian):
+            with pytest.raises(TypeError, match=r"graph_\w+: create_graph must be True or False"):
+                fn(xg.sin(), xg, create_graph="yes")
+
+    def test_sibling_output_is_not_x(self):
+        """a and b come out of one node (chunk): y built from b does not depend on a."""
+        h = torch.randn(4, 6, requires_grad=True) * 1.0
+        a, b = h.chunk(2, dim=1)
+        with pytest.raises(ValueError, match=r"graph_divergence: y was not computed from x"):
+            torchdiv.graph_divergence(b.sin(), a)
+        assert torch.allclose(torchdiv.graph_divergence(a.sin(), a), a.detach().cos().sum(-1))
 
     def test_num_probes_with_exact_method(self):
         xg = x.clone().requires_grad_(True)

@@ -106,3 +106,40 @@ def test_auto_handles_in_place_writes_and_control_flow():
 
     x = torch.randn(3, 2, dtype=torch.float64)
     assert_close(torchdiv.divergence(f, x), torch.full((3,), 2.0, dtype=torch.float64))
+
+
+def test_fallback_under_inference_mode_is_exact():
+    """inference_mode disables autograd even inside enable_grad(): not zeros, the real answer."""
+    lin = torch.nn.Linear(3, 3).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    def f(z):
+        return lin(LegacyCube.apply(z))
+
+    expected = torchdiv.divergence(f, x)
+    with torch.inference_mode():
+        got = torchdiv.divergence(f, x)
+        jac = torchdiv.jacobian(f, x)
+        inference_x = x.clone()
+    assert_close(got, expected.detach())
+    assert_close(jac, lin.weight.detach() * (3 * x**2).unsqueeze(1))
+    assert_close(torchdiv.divergence(f, inference_x), expected)  # an inference tensor as x
+    assert not got.requires_grad
+
+
+def test_fallback_keeps_the_planned_chunk(monkeypatch):
+    """The plain-autograd engine bounds memory like the planned one: chunk x widest ~ 2M."""
+    from torchdiv._autograd import GraphJacobian
+
+    sizes = []
+    block = GraphJacobian.block
+    monkeypatch.setattr(
+        GraphJacobian, "block", lambda self, a, b: sizes.append(b - a) or block(self, a, b)
+    )
+    net = torch.nn.Sequential(
+        torch.nn.Linear(256, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 256)
+    )
+    x = torch.randn(64, 256)
+    div = torchdiv.divergence(lambda z: net(LegacyCube.apply(z)), x)
+    assert max(sizes) == (1 << 21) // (64 * 1024) and sum(sizes) == 256
+    assert_close(div, torchdiv.divergence(lambda z: net(z**3), x))

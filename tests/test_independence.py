@@ -31,8 +31,8 @@ def test_train_mode_batchnorm_is_named():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
     with pytest.raises(
         torchdiv.BatchInteractionError,
-        match=r"samples interact: the output of sample 0 depends on the inputs of other "
-        r"samples.*Train-mode BatchNorm modules in f: 1\.",
+        match=r"samples interact: the inputs of samples \[0, 1, 2, 3, 4, 5\] reach the outputs "
+        r"of other samples.*Train-mode BatchNorm modules in f: 1\.",
     ):
         torchdiv.check_batch_independence(model, torch.randn(6, 3))
 
@@ -46,17 +46,46 @@ def test_attention_across_the_batch():
         torchdiv.check_batch_independence(attend, torch.randn(4, 3))
 
 
-def test_one_way_leak_is_found_in_both_directions():
-    """Output 1 reads input 0 only: a causal leak the reverse probe at sample 0 misses."""
+def test_one_way_leak_between_middle_samples_is_named():
+    """Only output 5 reads input 4: one pair in the middle of the batch, one direction."""
 
-    def causal(x):
-        return x + torch.cat([torch.zeros_like(x[:1]), x[:-1]])
+    def leak(x):
+        out = x.clone()
+        out[5] = out[5] + 0.01 * x[4]
+        return out
 
     with pytest.raises(
         torchdiv.BatchInteractionError,
-        match=r"the input of sample 0 influences the outputs of other samples",
+        match=r"the inputs of samples \[4\] reach the outputs of other samples",
     ):
-        torchdiv.check_batch_independence(causal, torch.randn(4, 3))
+        torchdiv.check_batch_independence(leak, torch.randn(10, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_low_precision_leaks_are_found(dtype):
+    """Independent samples give exact zeros, so the threshold does not depend on the dtype."""
+    x = torch.randn(8, 4, dtype=dtype)
+    with pytest.raises(torchdiv.BatchInteractionError):
+        torchdiv.check_batch_independence(torch.nn.BatchNorm1d(4).to(dtype), x)
+    with pytest.raises(torchdiv.BatchInteractionError):
+        torchdiv.check_batch_independence(lambda z: z + 0.1 * z.roll(1, 0), x)
+    torchdiv.check_batch_independence(tanh_mlp(4, 8, 4, dtype), x)
+
+
+def test_under_inference_mode():
+    with torch.inference_mode():
+        x = torch.randn(4, 3)
+        with pytest.raises(torchdiv.BatchInteractionError):
+            torchdiv.check_batch_independence(lambda z: z - z.mean(0), x)
+        torchdiv.check_batch_independence(torch.sin, x)
+
+
+def test_reproducible_with_a_generator():
+    x = torch.randn(6, 3)
+    for seed in range(3):
+        torchdiv.check_batch_independence(
+            torch.tanh, x, generator=torch.Generator().manual_seed(seed)
+        )
 
 
 def test_trivial_cases():
@@ -68,5 +97,10 @@ def test_trivial_cases():
 def test_bad_input():
     with pytest.raises(TypeError, match=r"check_batch_independence: x must be a torch.Tensor"):
         torchdiv.check_batch_independence(torch.sin, 3.0)
+    for bad in (-1.0, float("nan"), "a", True):
+        with pytest.raises(ValueError, match=r"check_batch_independence: rtol must be a finite"):
+            torchdiv.check_batch_independence(torch.sin, torch.randn(3, 2), rtol=bad)
+    with pytest.raises(TypeError, match=r"check_batch_independence: generator must be a torch"):
+        torchdiv.check_batch_independence(torch.sin, torch.randn(3, 2), generator=0)
     with pytest.raises(ValueError, match=r"check_batch_independence: f\(x\) changed the batch"):
         torchdiv.check_batch_independence(lambda x: x.sum(0), torch.randn(4, 3))

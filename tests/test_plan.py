@@ -23,9 +23,10 @@ def test_op_sizes_sees_the_widest_intermediate_and_convolutions():
 
 
 def test_chunk_keeps_chunk_times_widest_near_the_budget():
-    assert _plan.chunk_for(widest=1 << 15, num_basis=256) == 64
-    assert _plan.chunk_for(widest=10, num_basis=7) == 7
-    assert _plan.chunk_for(widest=1 << 30, num_basis=7) == 1
+    sizes = _plan.OpSizes(torch.Size([4]))
+    for widest, num_basis, chunk in [(1 << 15, 256, 64), (10, 7, 7), (1 << 30, 7, 1)]:
+        sizes.widest = widest
+        assert sizes.chunk(num_basis) == chunk
 
 
 def test_square_mlp_uses_reverse_mode_chunked_by_its_widest_layer():
@@ -45,11 +46,14 @@ def test_conv_net_uses_forward_mode():
 
 
 def test_more_outputs_than_inputs_uses_forward_mode():
-    for batch in (2, 512):  # small problems skip the watching; the rule is the same
+    for batch in (2, 512):
         engine, chunk = _planned(tanh_mlp(16, 8, 64), torch.randn(batch, 16).double(), 1)
         assert isinstance(engine, ForwardJacobian) and 1 <= chunk <= 16
 
 
-def test_small_problems_go_in_one_chunk():
+def test_small_problems_go_in_one_chunk_and_small_conv_nets_forward():
     engine, chunk = _planned(torch.tanh, torch.randn(4, 8), batch_dims=1)
     assert isinstance(engine, ReverseJacobian) and chunk == 8
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+    engine, chunk = _planned(conv, torch.randn(2, 2, 4, 4), batch_dims=1)
+    assert isinstance(engine, ForwardJacobian) and chunk == 32

@@ -1,8 +1,9 @@
-"""Command line: ``python -m torchdiv demo``."""
+"""Command line of torchdiv: python -m torchdiv demo."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from torchdiv._demo import run_demo
@@ -16,8 +17,8 @@ def main(argv: list[str] | None = None) -> int:
         "--min-run-time", type=float, default=0.2, help="seconds of timing per method (default 0.2)"
     )
     args = parser.parse_args(argv)
-    if args.min_run_time <= 0:
-        parser.error(f"--min-run-time must be positive, got {args.min_run_time}")
+    if not 0 < args.min_run_time < math.inf:
+        parser.error(f"--min-run-time must be positive seconds, got {args.min_run_time}")
     print(run_demo(args.min_run_time))
     return 0
 

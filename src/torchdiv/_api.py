@@ -10,11 +10,12 @@ from torchdiv import _exact
 from torchdiv._checks import (
     check_callable,
     check_chunk_size,
+    check_exact_options,
     check_input,
     check_method,
-    check_no_probes,
     checked,
 )
+from torchdiv._modes import outside_inference_mode
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 
@@ -35,6 +36,7 @@ def _prepare(
     return checked(fn, f, x, batch_dims, square)
 
 
+@outside_inference_mode
 def jacobian(
     f: Function,
     x: torch.Tensor,
@@ -82,6 +84,7 @@ def jacobian(
     return jac.reshape(shape).to(x.dtype)
 
 
+@outside_inference_mode
 def jacobian_diagonal(
     f: Function,
     x: torch.Tensor,
@@ -116,6 +119,7 @@ def jacobian_diagonal(
     return diag.reshape(x.shape).to(x.dtype)
 
 
+@outside_inference_mode
 def divergence(
     f: Function,
     x: torch.Tensor,
@@ -136,11 +140,11 @@ def divergence(
     Rule for ``method="auto"`` (all functions; measured on CPU, see ``torchdiv._plan``): one
     evaluation of ``f`` is watched. Reverse mode is used unless the output has more elements
     than the input or ``f`` convolves, which use forward mode. With ``chunk_size=None`` the
-    chunk is chosen so that chunk x (widest per-batch intermediate) is about 2M elements;
-    problems under 2**17 basis-vector elements go in one chunk. If ``torch.func`` cannot run
-    ``f`` (an op without a forward-mode rule: a custom ``autograd.Function`` without ``jvp``,
-    CPU fused attention; a legacy ``autograd.Function``; in-place writes or control flow on
-    batched tangents) it silently uses plain autograd (``autograd.grad`` over batched VJPs).
+    chunk is chosen so that chunk x (widest per-batch intermediate) is about 2M elements. If
+    ``torch.func`` cannot run ``f`` (an op without a forward-mode rule: a custom
+    ``autograd.Function`` without ``jvp``, CPU fused attention; a legacy
+    ``autograd.Function``; in-place writes or control flow on batched tangents) it silently
+    uses plain autograd (``autograd.grad`` over batched VJPs), with the same chunking.
 
     Args:
         f: ``f(x) -> y`` with as many elements per sample as ``x``.
@@ -163,7 +167,7 @@ def divergence(
         >>> divergence(lambda x: x @ A.T, torch.randn(3, 2))  # tr(A) for every sample
         tensor([-3., -3., -3.])
     """
-    check_no_probes("divergence", method, num_probes)
     g = _prepare("divergence", f, x, batch_dims, method, chunk_size, square=True)
+    check_exact_options("divergence", method, num_probes, generator)
     diag, _ = _exact.evaluate(g, x, batch_dims, method, chunk_size, _exact.diagonal)
     return diag.sum(-1).reshape(x.shape[:batch_dims]).to(x.dtype)

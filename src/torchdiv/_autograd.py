@@ -71,8 +71,10 @@ class GraphJacobian:
         return as_blocks(out, self.batch_dims)
 
 
-def _graph_nodes(y: torch.Tensor) -> Iterator[Any]:
-    """Every autograd node that ``y`` was computed through, each once."""
+def _graph_edges(y: torch.Tensor) -> Iterator[tuple[Any, int]]:
+    """Every ``(node, output_nr)`` that ``y`` was computed through, starting with ``y``'s own;
+    each node is expanded once."""
+    yield y.grad_fn, y.output_nr
     seen: set[Any] = set()
     stack = [y.grad_fn]
     while stack:
@@ -80,20 +82,25 @@ def _graph_nodes(y: torch.Tensor) -> Iterator[Any]:
         if node is None or node in seen:
             continue
         seen.add(node)
-        yield node
-        stack.extend(child for child, _ in node.next_functions)
+        for child, nr in node.next_functions:
+            yield child, nr
+            stack.append(child)
 
 
 def _depends_on_other_leaves(y: torch.Tensor, x_leaf: torch.Tensor) -> bool:
     """Whether ``y``'s graph reaches a tensor requiring grad other than the leaf ``x_leaf``."""
     # Leaves appear as AccumulateGrad nodes, which are the only nodes with a ``variable``.
-    return any(getattr(node, "variable", x_leaf) is not x_leaf for node in _graph_nodes(y))
+    return any(getattr(node, "variable", x_leaf) is not x_leaf for node, _ in _graph_edges(y))
 
 
 def depends_on(y: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether ``y`` is ``x`` or was computed from it (``x`` a leaf or an intermediate tensor)."""
+    """Whether ``y`` is ``x`` or was computed from it (``x`` a leaf or an intermediate tensor).
+
+    An intermediate ``x`` is the output ``x.output_nr`` of the node ``x.grad_fn``: matching the
+    pair, not the node, tells ``x`` from its siblings (``a, b = h.chunk(2)``).
+    """
     if y is x:
         return True
     if x.grad_fn is not None:
-        return any(node is x.grad_fn for node in _graph_nodes(y))
-    return any(getattr(node, "variable", None) is x for node in _graph_nodes(y))
+        return any(node is x.grad_fn and nr == x.output_nr for node, nr in _graph_edges(y))
+    return any(getattr(node, "variable", None) is x for node, _ in _graph_edges(y))

@@ -57,14 +57,27 @@ def check_chunk_size(fn: str, chunk_size: Any) -> None:
         raise ValueError(f"{fn}: chunk_size must be at least 1 (or None for all), got {chunk_size}")
 
 
+def check_flag(fn: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be True or False, got {value!r}")
+
+
+def check_generator(fn: str, generator: Any) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+
+
 def check_method(fn: str, method: Any, valid: Sequence[str]) -> None:
     if method not in valid:
         choices = ", ".join(repr(m) for m in valid)
         raise ValueError(f"{fn}: unknown method {method!r}; valid methods are {choices}")
 
 
-def check_no_probes(fn: str, method: str, num_probes: Any) -> None:
+def check_exact_options(fn: str, method: str, num_probes: Any, generator: Any) -> None:
     """Exact methods take no probes: reject ``num_probes`` instead of ignoring it."""
+    check_generator(fn, generator)
     if num_probes is not None:
         raise ValueError(
             f"{fn}: num_probes is only used by stochastic methods; method={method!r} is exact, "

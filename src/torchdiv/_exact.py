@@ -87,8 +87,13 @@ def evaluate(
         try:
             engine, chunk = _planned(f, x, batch_dims)
             return consume(engine, chunk_size or chunk), engine.y_shape
+        except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
+            raise
         except RuntimeError:  # NotImplementedError included
-            engine = GraphJacobian.of_function(f, x, batch_dims)
+            engine, sizes = _watched(
+                lambda: GraphJacobian.of_function(f, x, batch_dims), x, batch_dims
+            )
+            return consume(engine, chunk_size or sizes.chunk(engine.num_basis)), engine.y_shape
     return consume(engine, chunk_size or max(engine.num_basis, 1)), engine.y_shape
 
 
@@ -96,14 +101,16 @@ def _planned(
     f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
 ) -> tuple[Engine, int]:
     """The engine and chunk size ``auto`` uses (rules in ``_plan``)."""
-    num_inputs = event_numel(x, batch_dims)
-    if num_inputs * x.numel() <= _plan.SMALL_PROBLEM:
-        engine: Engine = ReverseJacobian(f, x, batch_dims)
-        if engine.num_basis > num_inputs:
-            engine = ForwardJacobian(f, x, batch_dims)
-        return engine, max(engine.num_basis, 1)
-    with _plan.OpSizes(x.shape[:batch_dims]) as sizes:
-        engine = ReverseJacobian(f, x, batch_dims)
-    if engine.num_basis > num_inputs or sizes.convolves:
+    engine, sizes = _watched(lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims)
+    if engine.num_basis > event_numel(x, batch_dims) or sizes.convolves:
         engine = ForwardJacobian(f, x, batch_dims)
-    return engine, _plan.chunk_for(sizes.widest, engine.num_basis)
+    return engine, sizes.chunk(engine.num_basis)
+
+
+def _watched(
+    build: Callable[[], Engine], x: torch.Tensor, batch_dims: int
+) -> tuple[Engine, _plan.OpSizes]:
+    """Build an engine (which evaluates ``f`` once) while ``OpSizes`` watches the ops."""
+    with _plan.OpSizes(x.shape[:batch_dims]) as sizes:
+        engine = build()
+    return engine, sizes

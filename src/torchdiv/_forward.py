@@ -22,7 +22,8 @@ class ForwardJacobian:
     blocks_are_rows = False
 
     def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int):
-        self.f, self.x, self.batch_dims = f, x, batch_dims
+        # jvp cannot make a dual tensor of a primal whose elements share memory (stride 0)
+        self.f, self.x, self.batch_dims = f, x.contiguous(), batch_dims
         self.num_basis = event_numel(x, batch_dims)
         self._y_shape: torch.Size | None = None
 

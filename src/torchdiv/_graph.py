@@ -16,9 +16,10 @@ from torchdiv import _exact
 from torchdiv._autograd import GraphJacobian, depends_on
 from torchdiv._checks import (
     check_chunk_size,
+    check_exact_options,
+    check_flag,
     check_input,
     check_method,
-    check_no_probes,
     check_output,
     check_square,
 )
@@ -38,6 +39,7 @@ def _engine(
     check_input(fn, x, batch_dims)
     check_output(fn, y, x, batch_dims, name="y")
     check_chunk_size(fn, chunk_size)
+    check_flag(fn, "create_graph", create_graph)
     if square:
         check_square(fn, y, x, batch_dims, "y")
     if not x.requires_grad:
@@ -134,6 +136,6 @@ def graph_divergence(
         True
     """
     check_method("graph_divergence", method, GRAPH_METHODS)
-    check_no_probes("graph_divergence", method, num_probes)
+    check_exact_options("graph_divergence", method, num_probes, generator)
     engine, chunk = _engine("graph_divergence", y, x, batch_dims, create_graph, chunk_size, True)
     return _exact.diagonal(engine, chunk).sum(-1).reshape(x.shape[:batch_dims])
