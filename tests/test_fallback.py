@@ -67,6 +67,14 @@ def test_auto_falls_back_from_forward_mode(cube):
     assert_close(jac, expected)
 
 
+def test_auto_fallback_for_a_function_that_ignores_x():
+    c = torch.randn(3, 4, dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.equal(
+        torchdiv.divergence(lambda z: LegacyCube.apply(c), x), torch.zeros(3).double()
+    )
+
+
 def test_auto_fallback_keeps_results_differentiable():
     w = torch.randn(4, dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, 4, dtype=torch.float64)

@@ -30,20 +30,20 @@ def check_callable(fn: str, f: Any) -> None:
         )
 
 
-def check_input(fn: str, x: Any, batch_dims: Any, name: str = "x") -> None:
+def check_input(fn: str, x: Any, batch_dims: Any) -> None:
     """Check that ``x`` is a floating tensor with at least ``batch_dims`` dimensions."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(
-            f"{fn}: {name} must have a floating dtype (float16/bfloat16/float32/float64), "
-            f"got {x.dtype}; convert it first, e.g. {name}.float()"
+            f"{fn}: x must have a floating dtype (float16/bfloat16/float32/float64), "
+            f"got {x.dtype}; convert it first, e.g. x.float()"
         )
     if isinstance(batch_dims, bool) or not isinstance(batch_dims, int):
         raise TypeError(f"{fn}: batch_dims must be an int, got {type(batch_dims).__name__}")
     if not 0 <= batch_dims <= x.dim():
         raise ValueError(
-            f"{fn}: batch_dims must be in [0, {name}.dim()] = [0, {x.dim()}] for {name} of shape "
+            f"{fn}: batch_dims must be in [0, x.dim()] = [0, {x.dim()}] for x of shape "
             f"{_shape(x)}, got {batch_dims}"
         )
 
