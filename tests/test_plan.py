@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tanh_mlp
 
@@ -51,9 +52,13 @@ def test_more_outputs_than_inputs_uses_forward_mode():
         assert isinstance(engine, ForwardJacobian) and 1 <= chunk <= 16
 
 
-def test_small_problems_go_in_one_chunk_and_small_conv_nets_forward():
-    engine, chunk = _planned(torch.tanh, torch.randn(4, 8), batch_dims=1)
-    assert isinstance(engine, ReverseJacobian) and chunk == 8
+def test_tiny_problems_are_not_watched_and_go_in_one_chunk(monkeypatch):
+    monkeypatch.setattr(_plan.OpSizes, "__enter__", lambda self: pytest.fail("watched"))
+    engine, chunk = _planned(torch.tanh, torch.randn(64, 16), batch_dims=1)  # 16k elements
+    assert isinstance(engine, ReverseJacobian) and chunk == 16
+
+
+def test_small_conv_nets_above_the_tiny_size_use_forward_mode():
     conv = torch.nn.Conv2d(2, 2, 3, padding=1)
-    engine, chunk = _planned(conv, torch.randn(2, 2, 4, 4), batch_dims=1)
-    assert isinstance(engine, ForwardJacobian) and chunk == 32
+    engine, chunk = _planned(conv, torch.randn(8, 2, 8, 8), batch_dims=1)  # the demo's size
+    assert isinstance(engine, ForwardJacobian) and chunk == 128

@@ -140,7 +140,9 @@ def divergence(
     Rule for ``method="auto"`` (all functions; measured on CPU, see ``torchdiv._plan``): one
     evaluation of ``f`` is watched. Reverse mode is used unless the output has more elements
     than the input or ``f`` convolves, which use forward mode. With ``chunk_size=None`` the
-    chunk is chosen so that chunk x (widest per-batch intermediate) is about 2M elements. If
+    chunk is chosen so that chunk x (widest per-batch intermediate) is about 2M elements.
+    Tiny problems (basis vectors x elements of ``x`` at most 2**15) are not watched: reverse
+    mode (forward if the output is larger), one chunk. If
     ``torch.func`` cannot run ``f`` (an op without a forward-mode rule: a custom
     ``autograd.Function`` without ``jvp``, CPU fused attention; a legacy
     ``autograd.Function``; in-place writes or control flow on batched tangents) it silently

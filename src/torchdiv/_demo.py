@@ -12,7 +12,8 @@ from torchdiv._api import divergence
 
 
 def demo_cases() -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
-    """A small tanh MLP and a small conv net with a fixed seed, float32."""
+    """A small tanh MLP and a small conv net with a fixed seed, float32, parameters frozen (so
+    that no method pays for keeping its result differentiable and all compete alike)."""
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(
         torch.nn.Linear(16, 64),
@@ -27,8 +28,8 @@ def demo_cases() -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
         torch.nn.Conv2d(8, 2, 3, padding=1),
     )
     return [
-        ("tanh MLP 16-64-64-16, x (64, 16)", mlp, torch.randn(64, 16)),
-        ("conv net 2-8-2 ch, x (8, 2, 8, 8)", conv, torch.randn(8, 2, 8, 8)),
+        ("tanh MLP 16-64-64-16, x (64, 16)", mlp.requires_grad_(False), torch.randn(64, 16)),
+        ("conv net 2-8-2 ch, x (8, 2, 8, 8)", conv.requires_grad_(False), torch.randn(8, 2, 8, 8)),
     ]
 
 

@@ -101,8 +101,13 @@ def _planned(
     f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
 ) -> tuple[Engine, int]:
     """The engine and chunk size ``auto`` uses (rules in ``_plan``)."""
-    engine, sizes = _watched(lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims)
-    if engine.num_basis > event_numel(x, batch_dims) or sizes.convolves:
+    num_inputs = event_numel(x, batch_dims)
+    if num_inputs * x.numel() <= _plan.TINY_PROBLEM:
+        engine: Engine = ReverseJacobian(f, x, batch_dims)
+        sizes = _plan.OpSizes(x.shape[:batch_dims])  # nothing watched: one chunk
+    else:
+        engine, sizes = _watched(lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims)
+    if engine.num_basis > num_inputs or sizes.convolves:
         engine = ForwardJacobian(f, x, batch_dims)
     return engine, sizes.chunk(engine.num_basis)
 

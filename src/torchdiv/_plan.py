@@ -8,8 +8,9 @@ convolution ran. Two measured rules (2-core CPU, ``bench/divergence_exact.py``):
   memory are best with ``k * widest`` around ``CHUNK_ELEMENTS`` (2M elements: 8 MB in float32),
   where blocks stay cache-sized; full-width blocks were up to 2.5x slower.
 
-Watching costs about 10 microseconds per op of one forward pass, a few percent of the
-smallest divergences measured (3 ms) and nothing next to large ones.
+Watching costs about 10 microseconds per op of one forward pass: 4% of a 3 ms divergence
+(the benchmark's D=32 MLP), nothing next to large ones, too much for tiny ones, which skip it
+(``TINY_PROBLEM``).
 * Mode: reverse mode, one VJP per output element, unless the output has more elements than the
   input, or ``f`` convolves: CPU convolution-backward kernels ran about 1.3-2x slower than the
   forward ones (mkldnn), so conv nets use forward mode.
@@ -24,6 +25,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 CHUNK_ELEMENTS = 1 << 21
+
+# Problems with at most this many (basis vectors x elements of x) take well under a
+# millisecond; watching their ops would cost 10-25% (measured on the demo's 16-64-64-16 MLP),
+# so they are not watched: reverse mode (forward if the output is larger), one chunk.
+TINY_PROBLEM = 1 << 15
 
 _CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
 
