@@ -8,12 +8,13 @@ convolution ran. Two measured rules (2-core CPU, ``bench/divergence_exact.py``):
   memory are best with ``k * widest`` around ``CHUNK_ELEMENTS`` (2M elements: 8 MB in float32),
   where blocks stay cache-sized; full-width blocks were up to 2.5x slower.
 
-Watching costs about 10 microseconds per op of one forward pass: 4% of a 3 ms divergence
-(the benchmark's D=32 MLP), nothing next to large ones, too much for tiny ones, which skip it
-(``TINY_PROBLEM``).
 * Mode: reverse mode, one VJP per output element, unless the output has more elements than the
   input, or ``f`` convolves: CPU convolution-backward kernels ran about 1.3-2x slower than the
   forward ones (mkldnn), so conv nets use forward mode.
+
+Watching costs about 10 microseconds per op of one forward pass: 4% of a 3 ms divergence
+(the benchmark's D=32 MLP), nothing next to large ones, too much for tiny ones, which skip it
+(``TINY_PROBLEM``).
 """
 
 from __future__ import annotations
