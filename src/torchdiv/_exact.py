@@ -8,6 +8,7 @@ flight is one block.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Protocol
@@ -102,20 +103,21 @@ def _planned(
 ) -> tuple[Engine, int]:
     """The engine and chunk size ``auto`` uses (rules in ``_plan``)."""
     num_inputs = event_numel(x, batch_dims)
-    if num_inputs * x.numel() <= _plan.TINY_PROBLEM:
-        engine: Engine = ReverseJacobian(f, x, batch_dims)
-        sizes = _plan.OpSizes(x.shape[:batch_dims])  # nothing watched: one chunk
-    else:
-        engine, sizes = _watched(lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims)
+    tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
+    engine, sizes = _watched(
+        lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch=not tiny
+    )
     if engine.num_basis > num_inputs or sizes.convolves:
         engine = ForwardJacobian(f, x, batch_dims)
     return engine, sizes.chunk(engine.num_basis)
 
 
 def _watched(
-    build: Callable[[], Engine], x: torch.Tensor, batch_dims: int
+    build: Callable[[], Engine], x: torch.Tensor, batch_dims: int, watch: bool = True
 ) -> tuple[Engine, _plan.OpSizes]:
-    """Build an engine (which evaluates ``f`` once) while ``OpSizes`` watches the ops."""
-    with _plan.OpSizes(x.shape[:batch_dims]) as sizes:
+    """Build an engine (which evaluates ``f`` once), with ``OpSizes`` watching the ops if
+    ``watch``; unwatched sizes record nothing, so their chunk is all basis vectors."""
+    sizes = _plan.OpSizes(x.shape[:batch_dims])
+    with sizes if watch else contextlib.nullcontext():
         engine = build()
     return engine, sizes
