@@ -2,6 +2,7 @@
 
 from torchdiv._api import divergence, jacobian, jacobian_diagonal
 from torchdiv._graph import graph_divergence, graph_jacobian
+from torchdiv._laplacian import laplacian
 from torchdiv._independence import BatchInteractionError, check_batch_independence
 
 __version__ = "0.1.0"
@@ -11,6 +12,7 @@ __all__ = [
     "divergence",
     "jacobian",
     "jacobian_diagonal",
+    "laplacian",
     # the same from an existing autograd graph
     "graph_divergence",
     "graph_jacobian",

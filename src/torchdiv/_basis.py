@@ -61,3 +61,13 @@ def as_blocks(products: torch.Tensor, batch_dims: int) -> torch.Tensor:
     """``(k,) + S + E`` products -> ``(k, N, m)``: per basis vector, per sample, flat event."""
     k, batch = products.shape[0], products.shape[1 : 1 + batch_dims]
     return products.reshape(k, batch.numel(), event_numel(products, 1 + batch_dims))
+
+
+def broadcast_basis(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """The same unit vectors stored once for all samples: shape ``(k,) + (1,) * batch_dims +
+    event``, broadcasting against ``(k,) + like.shape`` (for engines that keep it broadcast)."""
+    k, n = stop - start, event_numel(like, batch_dims)
+    out = like.new_zeros((k, n))
+    j = torch.arange(k, device=like.device)
+    out[j, start + j] = 1
+    return out.reshape(k, *[1] * batch_dims, *like.shape[batch_dims:])

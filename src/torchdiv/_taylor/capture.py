@@ -1,0 +1,121 @@
+"""Capture what ``f`` computes at ``x`` as a list of ATen calls.
+
+A ``TorchDispatchMode`` sees every ATen operation ``f`` runs, below autograd, after PyTorch's
+own composite functions (``linear``, ``matmul``, ``einsum``, ``reshape``, ...) have been
+decomposed into a small set of primitives. Each call is recorded with the tensors it reads:
+``x`` itself, outputs of earlier calls (as ``Ref``), or outside tensors (parameters, buffers,
+closures), which are kept by reference so that a replay is differentiable with respect to
+them. A call *depends* on ``x`` if one of its floating tensor inputs does; only those need a
+propagation rule. A dependent call without a rule is decomposed with PyTorch's decomposition
+table if it has one, and otherwise named in ``Graph.unsupported``.
+
+Attention is captured on PyTorch's math backend, whose primitives (``bmm``, ``_safe_softmax``)
+have rules; the fused CPU and CUDA kernels do not decompose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._decomp import decomposition_table
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+_CONSTANT_RESULTS = (torch.ops.aten.detach.default,)
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Output ``leaf`` (in ``tree_flatten`` order) of node ``node``; node ``-1`` is ``x``."""
+
+    node: int
+    leaf: int = 0
+
+
+@dataclass
+class Node:
+    """One recorded ATen call; tensors produced inside ``f`` appear as ``Ref``."""
+
+    func: torch._ops.OpOverload
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    depends: bool
+
+
+@dataclass
+class Graph:
+    """The calls ``f`` made at ``x``, in order, and where its result comes from."""
+
+    nodes: list[Node] = field(default_factory=list)
+    output: Any = None
+    unsupported: list[str] = field(default_factory=list)
+    widest: int = 1  # elements of the largest tensor computed from x (all samples)
+
+    def outside_tensors(self) -> list[torch.Tensor]:
+        """Tensors ``f`` read that it did not compute from ``x`` (parameters, closures)."""
+        leaves = (tree_flatten((n.args, n.kwargs))[0] for n in self.nodes)
+        return [t for ls in leaves for t in ls if isinstance(t, torch.Tensor)]
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, x: torch.Tensor, rules: Container[Any]):
+        super().__init__()
+        self.graph, self.rules = Graph(), rules
+        self.refs: dict[int, Ref] = {id(x): Ref(-1)}
+        self.dependent: set[Ref] = {Ref(-1)}
+        self.alive: list[Any] = [x]  # keeps ids unique while recording
+
+    def ref(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self.refs.get(id(value), value)
+        return value
+
+    def depends(self, args: Any, kwargs: Any) -> bool:
+        leaves = tree_flatten((args, kwargs))[0]
+        return any(
+            isinstance(a, torch.Tensor) and self.refs.get(id(a)) in self.dependent for a in leaves
+        )
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        depends = self.depends(args, kwargs)
+        if depends and func not in self.rules and func in decomposition_table:
+            with self:
+                return decomposition_table[func](*args, **kwargs)
+        out = func(*args, **kwargs)
+        leaves = tree_flatten(out)[0]
+        differentiable = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves)
+        depends = depends and differentiable and func not in _CONSTANT_RESULTS
+        if depends and (func not in self.rules or func._schema.is_mutable):
+            self.graph.unsupported.append(str(func))
+        index = len(self.graph.nodes)
+        self.graph.nodes.append(
+            Node(func, tree_map(self.ref, args), tree_map(self.ref, kwargs), depends)
+        )
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor):
+                self.refs[id(leaf)] = Ref(index, i)
+                if depends:
+                    self.dependent.add(Ref(index, i))
+                    self.graph.widest = max(self.graph.widest, leaf.numel())
+        self.alive.append(out)
+        return out
+
+
+def capture(
+    f: Callable[[torch.Tensor], Any], x: torch.Tensor, rules: Container[Any]
+) -> tuple[Graph, Any]:
+    """Record ``f(x)``'s ATen calls; returns the graph and ``f(x)`` (computed without grad).
+
+    ``rules`` holds the ops that have a propagation rule; dependent calls outside it are
+    decomposed where PyTorch can, else listed in ``Graph.unsupported``.
+    """
+    recorder = _Recorder(x, rules)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), recorder:
+        y = f(x)
+    recorder.graph.output = tree_map(recorder.ref, y)
+    return recorder.graph, y

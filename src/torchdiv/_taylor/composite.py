@@ -1,0 +1,119 @@
+"""Rules for normalisations and softmax, written with the jet arithmetic of ``jet``.
+
+Softmax ``s = softmax(a)`` along ``dim`` has closed-form jets. With ``<p, q> = sum_dim p q``
+and ``c_k = jac_k - <s, jac_k>`` (the centred direction):
+
+    jac_s[k] = s c_k,        lap_s = s (lap + Q - <s, lap + Q>),     Q = sum_k c_k^2,
+
+and ``log_softmax`` has ``jac = c_k``, ``lap = lap_a - <s, lap_a> - <s, Q>`` (the second
+derivative of log-sum-exp is the variance of the direction under ``s``). Fully masked rows
+(``s = 0``) give zeros, as ``_safe_softmax`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchdiv._taylor.elementwise import RULES as ELEMENTWISE
+from torchdiv._taylor.jet import Context, Jet, add, full_jac, full_lap, linear, product
+
+aten = torch.ops.aten
+Tensor = torch.Tensor
+
+
+def _normalize(ctx: Context, a: Jet, dims: tuple[int, ...], eps: float) -> tuple[Jet, Jet, Jet]:
+    """``(a - mean) * rstd`` over ``dims``, with the mean and ``rstd = (var + eps)^-1/2``."""
+    mean = linear(ctx, torch.mean, a, dims, keepdim=True)
+    centred = add(a, mean, -1)
+    square = ELEMENTWISE[aten.pow.Tensor_Scalar](ctx, centred, 2)
+    var = linear(ctx, torch.mean, square, dims, keepdim=True)
+    rstd = ELEMENTWISE[aten.rsqrt.default](ctx, add(var, eps))
+    return product(ctx, torch.mul, centred, rstd), mean, rstd
+
+
+def _affine(ctx: Context, a: Jet, weight: Tensor | None, bias: Tensor | None) -> Jet:
+    out = a if weight is None else product(ctx, torch.mul, a, weight)
+    return out if bias is None else add(out, bias)
+
+
+def _layer_norm(
+    ctx: Context, a: Jet, shape: list[int], weight: Any, bias: Any, eps: float
+) -> tuple[Jet, Jet, Jet]:
+    dims = tuple(range(a.value.dim() - len(shape), a.value.dim()))
+    normed, mean, rstd = _normalize(ctx, a, dims, eps)
+    return _affine(ctx, normed, weight, bias), mean, rstd
+
+
+def _group_norm(
+    ctx: Context,
+    a: Jet,
+    weight: Any,
+    bias: Any,
+    n: int,
+    c: int,
+    hw: int,
+    groups: int,
+    eps: float,
+) -> tuple[Jet, Jet, Jet]:
+    grouped = linear(ctx, torch.reshape, a, (n, groups, -1))
+    normed, mean, rstd = _normalize(ctx, grouped, (2,), eps)
+    normed = linear(ctx, torch.reshape, normed, a.shape)
+    per_channel = (c, *[1] * (a.value.dim() - 2))
+    out = _affine(
+        ctx,
+        normed,
+        None if weight is None else weight.reshape(per_channel),
+        None if bias is None else bias.reshape(per_channel),
+    )
+    flat = (n, groups)
+    return out, linear(ctx, torch.reshape, mean, flat), linear(ctx, torch.reshape, rstd, flat)
+
+
+def _centred(ctx: Context, a: Jet, s: Tensor, dim: int) -> Tensor:
+    """``c_k = jac_k - <s, jac_k>`` along ``dim`` (of the value), shape ``(K,) + a.shape``."""
+    jac = full_jac(ctx, a)
+    return jac - (s * jac).sum(dim % s.dim() + 1, keepdim=True)
+
+
+def _softmax(ctx: Context, a: Jet, dim: int, *_: Any) -> Jet:
+    s = torch.softmax(a.value, dim)
+    return _softmax_jet(ctx, a, s, dim)
+
+
+def _safe_softmax(ctx: Context, a: Jet, dim: int, *_: Any, **__: Any) -> Jet:
+    return _softmax_jet(ctx, a, aten._safe_softmax(a.value, dim), dim)
+
+
+def _softmax_jet(ctx: Context, a: Jet, s: Tensor, dim: int) -> Jet:
+    if a.jac is None and a.lap is None:
+        return Jet(s, None, None)
+    c = _centred(ctx, a, s, dim)
+    if not ctx.second_order:
+        return Jet(s, s * c, None)
+    total = full_lap(a) + c.square().sum(0)
+    return Jet(s, s * c, s * (total - (s * total).sum(dim, keepdim=True)))
+
+
+def _log_softmax(ctx: Context, a: Jet, dim: int, *_: Any) -> Jet:
+    y = torch.log_softmax(a.value, dim)
+    if a.jac is None and a.lap is None:
+        return Jet(y, None, None)
+    s = y.exp()
+    c = _centred(ctx, a, s, dim)
+    if not ctx.second_order:
+        return Jet(y, c, None)
+    total = full_lap(a)
+    lap = total - (s * (total + c.square().sum(0))).sum(dim, keepdim=True)
+    return Jet(y, c, lap)
+
+
+RULES: dict[Any, Callable[..., Any]] = {
+    aten.native_layer_norm.default: _layer_norm,
+    aten.native_group_norm.default: _group_norm,
+    aten._softmax.default: _softmax,
+    aten._safe_softmax.default: _safe_softmax,
+    aten._log_softmax.default: _log_softmax,
+}

@@ -1,0 +1,127 @@
+"""Rules for elementwise functions: ``phi(a)`` propagates as ``chain(a, phi, phi', phi'')``.
+
+Each entry maps an ATen op to ``derivatives(x, y, *args) -> (phi'(x), phi''(x) or None)``,
+given the input ``x``, the output ``y = phi(x)`` and the op's other arguments, reusing ``y``
+where the derivative is cheaper in terms of it (``tanh' = 1 - y^2``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchdiv._taylor.jet import Context, Jet, chain
+
+aten = torch.ops.aten
+Tensor = torch.Tensor
+Derivatives = Callable[..., tuple[Tensor, Tensor | None]]
+
+
+def _tanh(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    d1 = 1 - y * y
+    return d1, -2 * y * d1
+
+
+def _sigmoid(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    d1 = y * (1 - y)
+    return d1, d1 * (1 - 2 * y)
+
+
+def _relu(x: Tensor, y: Tensor) -> tuple[Tensor, None]:
+    return (x > 0).to(x.dtype), None
+
+
+def _gelu(x: Tensor, y: Tensor, approximate: str = "none") -> tuple[Tensor, Tensor]:
+    if approximate == "tanh":  # y = x/2 (1 + tanh u), u = c (x + 0.044715 x^3)
+        c = math.sqrt(2 / math.pi)
+        t = torch.tanh(c * (x + 0.044715 * x**3))
+        du, ddu = c * (1 + 3 * 0.044715 * x * x), c * 6 * 0.044715 * x
+        sech2 = 1 - t * t
+        d1 = 0.5 * (1 + t) + 0.5 * x * sech2 * du
+        return d1, sech2 * du + 0.5 * x * sech2 * (ddu - 2 * t * du * du)
+    density = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    return cdf + x * density, density * (2 - x * x)
+
+
+def _silu(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s)), s * (1 - s) * (2 + x * (1 - 2 * s))
+
+
+def _softplus(x: Tensor, y: Tensor, beta: float = 1.0, threshold: float = 20.0):  # type: ignore[no-untyped-def]
+    linear = x * beta > threshold
+    s = torch.sigmoid(beta * x)
+    return s.masked_fill(linear, 1), (beta * s * (1 - s)).masked_fill(linear, 0)
+
+
+def _elu(x: Tensor, y: Tensor, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0):  # type: ignore[no-untyped-def]
+    d1_neg = scale * alpha * input_scale * torch.exp(input_scale * x)
+    positive = x > 0
+    d1 = torch.where(positive, torch.full_like(x, scale), d1_neg)
+    return d1, torch.where(positive, torch.zeros_like(x), d1_neg * input_scale)
+
+
+def _leaky_relu(x: Tensor, y: Tensor, slope: float = 0.01) -> tuple[Tensor, None]:
+    return torch.where(x > 0, 1.0, slope).to(x.dtype), None
+
+
+def _pow(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
+    if p == 0:
+        return torch.zeros_like(x), None
+    if p == 1:
+        return torch.ones_like(x), None
+    return p * x ** (p - 1), (p * (p - 1) * x ** (p - 2) if p != 2 else torch.full_like(x, 2.0))
+
+
+def _clamp(x: Tensor, y: Tensor, low: Any = None, high: Any = None) -> tuple[Tensor, None]:
+    inside = torch.ones_like(x, dtype=torch.bool)
+    if low is not None:
+        inside &= x >= low
+    if high is not None:
+        inside &= x <= high
+    return inside.to(x.dtype), None
+
+
+DERIVATIVES: dict[Any, Derivatives] = {
+    aten.tanh.default: _tanh,
+    aten.sigmoid.default: _sigmoid,
+    aten.relu.default: _relu,
+    aten.gelu.default: _gelu,
+    aten.silu.default: _silu,
+    aten.softplus.default: _softplus,
+    aten.elu.default: _elu,
+    aten.leaky_relu.default: _leaky_relu,
+    aten.hardtanh.default: lambda x, y, low=-1.0, high=1.0: _clamp(x, y, low, high),
+    aten.clamp.default: _clamp,
+    aten.pow.Tensor_Scalar: _pow,
+    aten.sin.default: lambda x, y: (torch.cos(x), -y),
+    aten.cos.default: lambda x, y: (-torch.sin(x), -y),
+    aten.exp.default: lambda x, y: (y, y),
+    aten.expm1.default: lambda x, y: (y + 1, y + 1),
+    aten.log.default: lambda x, y: (1 / x, -1 / (x * x)),
+    aten.log1p.default: lambda x, y: (1 / (1 + x), -1 / ((1 + x) * (1 + x))),
+    aten.sqrt.default: lambda x, y: (0.5 / y, -0.25 / (y * x)),
+    aten.rsqrt.default: lambda x, y: (-0.5 * y**3, 0.75 * y**5),
+    aten.reciprocal.default: lambda x, y: (-y * y, 2 * y**3),
+    aten.erf.default: lambda x, y: (
+        2 / math.sqrt(math.pi) * torch.exp(-x * x),
+        -4 * x / math.sqrt(math.pi) * torch.exp(-x * x),
+    ),
+    aten.abs.default: lambda x, y: (torch.sign(x), None),
+}
+
+
+def _rule(op: Any, derivatives: Derivatives) -> Callable[..., Jet]:
+    def rule(ctx: Context, a: Jet, *args: Any, **kwargs: Any) -> Jet:
+        y = op(a.value, *args, **kwargs)
+        d1, d2 = derivatives(a.value, y, *args, **kwargs)
+        return chain(ctx, a, y, d1, d2)
+
+    return rule
+
+
+RULES = {op: _rule(op, d) for op, d in DERIVATIVES.items()}

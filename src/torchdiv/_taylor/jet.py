@@ -1,0 +1,161 @@
+"""Second-order forward jets and the arithmetic every propagation rule is built from.
+
+A ``Jet`` carries, for one intermediate tensor ``v(x)`` of shape ``S``, its value, its
+derivatives along ``K`` input directions ``u_1 .. u_K`` and the *collapsed* second-order term
+
+    jac[k] = D v [u_k]                       shape (K,) + S
+    lap    = sum_k D^2 v [u_k, u_k]          shape S
+
+(Taylor mode with the K second-order coefficients summed as they are produced: "forward
+Laplacian", Li et al. 2023; "collapsed Taylor mode", Dangel et al. 2024). With the unit
+vectors of the input event as directions, ``lap`` of the output is its Laplacian and ``jac``
+its Jacobian. ``lap`` is linear in the directions' second-order contributions, so directions
+can be processed in chunks and the chunks' ``lap`` summed.
+
+``jac`` may be *broadcast*: its shape after ``K`` need only broadcast to ``S`` (the basis of
+``x`` is the same in every sample, so it is stored once, ``(K, 1, ..., 1) + event``, and stays
+that way through ops that treat samples alike, such as a first ``Linear`` layer). ``None``
+stands for an exact zero. With ``second_order=False`` the ``lap`` terms are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Op = Callable[..., torch.Tensor]
+
+
+@dataclass
+class Jet:
+    value: torch.Tensor
+    jac: torch.Tensor | None
+    lap: torch.Tensor | None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.value.shape
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a rule may ask: the number of directions, whether ``lap`` is wanted, and whether
+    the result's ``jac`` is (a rule may skip it when ``jac=False``: no later op reads it)."""
+
+    num_directions: int
+    second_order: bool
+    jac: bool = True
+
+
+def full_jac(ctx: Context, a: Jet) -> torch.Tensor:
+    """``a.jac`` expanded to ``(K,) + a.shape`` (a zero tensor for ``None``)."""
+    shape = (ctx.num_directions, *a.shape)
+    jac = aligned_jac(a, a.value.dim())
+    return a.value.new_zeros(()).expand(shape) if jac is None else jac.expand(shape)
+
+
+def full_lap(a: Jet) -> torch.Tensor:
+    return a.value.new_zeros(()).expand(a.shape) if a.lap is None else a.lap.expand(a.shape)
+
+
+def _add(p: torch.Tensor | None, q: torch.Tensor | None) -> torch.Tensor | None:
+    if p is None:
+        return q
+    return p if q is None else p + q
+
+
+def add(a: Jet | torch.Tensor, b: Jet | torch.Tensor, alpha: float = 1.0) -> Jet:
+    """``a + alpha * b`` (either may be a constant tensor or number)."""
+    value = torch.add(value_of(a), value_of(b), alpha=alpha)
+    ja, jb, lb = aligned_jac(a, value.dim()), aligned_jac(b, value.dim()), lap_of(b)
+    if alpha != 1:
+        jb, lb = (None if jb is None else jb * alpha), (None if lb is None else lb * alpha)
+    return Jet(value, _add(ja, jb), _add(lap_of(a), lb))
+
+
+def scale(a: Jet, c: torch.Tensor | float, value: torch.Tensor | None = None) -> Jet:
+    """``a * c`` for a constant ``c`` (a number or a tensor broadcasting against ``a``)."""
+    value = a.value * c if value is None else value
+    jac = aligned_jac(a, value.dim())
+    return Jet(
+        value,
+        None if jac is None else jac * c,
+        None if a.lap is None else a.lap * c,
+    )
+
+
+def sum_squares(ctx: Context, a: Jet) -> torch.Tensor | None:
+    """``sum_k jac[k] ** 2`` (``None`` if ``jac`` is zero or no second order is wanted)."""
+    if a.jac is None or not ctx.second_order:
+        return None
+    return a.jac.square().sum(0)
+
+
+def chain(ctx: Context, a: Jet, y: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor | None) -> Jet:
+    """``phi(a)`` for an elementwise ``phi`` with ``y = phi(a.value)``, ``d1 = phi'``,
+    ``d2 = phi''`` (``None`` if zero): ``jac' = d1 jac``, ``lap' = d1 lap + d2 sum_k jac_k^2``."""
+    jac = None if a.jac is None or not ctx.jac else d1 * a.jac
+    lap = None if a.lap is None else d1 * a.lap
+    if d2 is not None:
+        squares = sum_squares(ctx, a)
+        lap = _add(lap, None if squares is None else d2 * squares)
+    return Jet(y, jac, lap)
+
+
+def product(ctx: Context, op: Op, a: Jet | torch.Tensor, b: Jet | torch.Tensor, **kw) -> Jet:
+    """``op(a, b)`` for an ``op`` linear in each argument (``mul``, ``matmul``, ...):
+
+        jac = op(jac_a, b) + op(a, jac_b)
+        lap = op(lap_a, b) + op(a, lap_b) + 2 sum_k op(jac_a[k], jac_b[k])
+
+    ``op`` must broadcast over a leading ``K`` dimension of either argument.
+    """
+    value = op(value_of(a), value_of(b), **kw)
+    ja, jb = aligned_jac(a, value.dim()), aligned_jac(b, value.dim())
+    jac = None
+    if ctx.jac:
+        jac = _add(
+            None if ja is None else op(ja, value_of(b), **kw),
+            None if jb is None else op(value_of(a), jb, **kw),
+        )
+    if not ctx.second_order:
+        return Jet(value, jac, None)
+    la, lb = lap_of(a), lap_of(b)
+    lap = _add(
+        None if la is None else op(la, value_of(b), **kw),
+        None if lb is None else op(value_of(a), lb, **kw),
+    )
+    if ja is not None and jb is not None:
+        lap = _add(lap, 2 * op(ja, jb, **kw).sum(0))
+    return Jet(value, jac, lap)
+
+
+def linear(ctx: Context, op: Op, a: Jet, *args, **kwargs) -> Jet:
+    """``op(a, *args)`` for an ``op`` linear in ``a`` with no constant term (views, sums,
+    slices, ...): applied to the value and ``lap``, and vmapped over ``jac``'s directions."""
+    value = op(a.value, *args, **kwargs)
+    jac = None
+    if a.jac is not None and ctx.jac:
+        jac = torch.vmap(lambda j: op(j, *args, **kwargs))(full_jac(ctx, a))
+    lap = None if a.lap is None else op(full_lap(a), *args, **kwargs)
+    return Jet(value, jac, lap)
+
+
+def value_of(a: Jet | torch.Tensor) -> torch.Tensor:
+    return a.value if isinstance(a, Jet) else a
+
+
+def aligned_jac(a: Jet | torch.Tensor, ndim: int) -> torch.Tensor | None:
+    """``a``'s ``jac`` with size-1 dimensions after ``K`` so that it has ``1 + ndim`` of them
+    (broadcasting a tensor against a larger one would otherwise align ``K`` with a sample
+    dimension)."""
+    if not isinstance(a, Jet) or a.jac is None:
+        return None
+    missing = ndim + 1 - a.jac.dim()
+    return a.jac[(slice(None), *([None] * missing))] if missing > 0 else a.jac
+
+
+def lap_of(a: Jet | torch.Tensor) -> torch.Tensor | None:
+    return a.lap if isinstance(a, Jet) else None

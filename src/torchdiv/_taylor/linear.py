@@ -1,0 +1,233 @@
+"""Rules for ops that are linear or bilinear in the tensors that depend on ``x``.
+
+Views, reductions, slicing and pooling are linear: ``jac`` and ``lap`` go through the same op.
+Sums and products follow ``jet.add`` and ``jet.product``. Matrix products and convolutions
+keep a ``jac`` that is broadcast across samples broadcast (``(K, 1, ...)``): a first layer
+then costs ``K`` rows instead of ``K * N``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchdiv._taylor.jet import (
+    Context,
+    Jet,
+    add,
+    aligned_jac,
+    full_jac,
+    full_lap,
+    linear,
+    product,
+    scale,
+    value_of,
+)
+
+aten = torch.ops.aten
+Tensor = torch.Tensor
+Operand = Jet | Tensor
+
+
+class UnsupportedOp(NotImplementedError):
+    """An op that the forward-propagation engine cannot run on this input."""
+
+
+def _linear(op: Callable[..., Tensor]) -> Callable[..., Jet]:
+    def rule(ctx: Context, a: Jet, *args: Any, **kwargs: Any) -> Jet:
+        return linear(ctx, op, a, *args, **kwargs)
+
+    return rule
+
+
+def _split(op: Callable[..., Any]) -> Callable[..., list[Jet]]:
+    """Multi-output linear ops (``split``, ``unbind``): one jet per piece."""
+
+    def rule(ctx: Context, a: Jet, *args: Any, **kwargs: Any) -> list[Jet]:
+        values = op(a.value, *args, **kwargs)
+        jacs = [None] * len(values)
+        if a.jac is not None:
+            jacs = torch.vmap(lambda j: tuple(op(j, *args, **kwargs)))(full_jac(ctx, a))
+        laps = [None] * len(values) if a.lap is None else op(full_lap(a), *args, **kwargs)
+        return [Jet(v, j, lap) for v, j, lap in zip(values, jacs, laps, strict=True)]
+
+    return rule
+
+
+def _reshape(ctx: Context, a: Jet, shape: list[int]) -> Jet:
+    return linear(ctx, torch.reshape, a, shape)
+
+
+def _add(ctx: Context, a: Operand, b: Operand, alpha: float = 1) -> Jet:
+    return add(a, b, alpha)
+
+
+def _sub(ctx: Context, a: Operand, b: Operand, alpha: float = 1) -> Jet:
+    return add(a, b, -alpha)
+
+
+def _rsub(ctx: Context, a: Jet, b: float, alpha: float = 1) -> Jet:
+    return add(scale(a, -alpha), b)
+
+
+def _mul(ctx: Context, a: Operand, b: Operand) -> Jet:
+    if isinstance(a, Jet) and isinstance(b, Jet):
+        return product(ctx, torch.mul, a, b)
+    jet, c = (a, b) if isinstance(a, Jet) else (b, a)
+    return scale(jet, c, value=torch.mul(value_of(a), value_of(b)))
+
+
+def _div(ctx: Context, a: Operand, b: Operand) -> Jet:
+    if isinstance(b, Jet):
+        return product(ctx, torch.mul, a, _reciprocal(ctx, b))
+    value = a.value / b
+    jac = aligned_jac(a, value.dim())
+    return Jet(value, None if jac is None else jac / b, None if a.lap is None else a.lap / b)
+
+
+def _reciprocal(ctx: Context, b: Jet) -> Jet:
+    from torchdiv._taylor.elementwise import RULES as ELEMENTWISE
+
+    return ELEMENTWISE[aten.reciprocal.default](ctx, b)
+
+
+def _scalar_scale(ctx: Context, a: Jet, c: float) -> Jet:
+    return scale(a, c)
+
+
+def _scalar_div(ctx: Context, a: Jet, c: float) -> Jet:
+    return scale(a, 1 / c, value=a.value / c)
+
+
+def _matmul_operand(ctx: Context, a: Operand, keep_first: bool) -> Operand:
+    """``a`` with ``jac`` expanded everywhere except (if ``keep_first``) its first dimension."""
+    if not isinstance(a, Jet) or a.jac is None:
+        return a
+    first = a.jac.shape[1] if keep_first else a.shape[0]
+    return Jet(a.value, a.jac.expand(ctx.num_directions, first, *a.shape[1:]), a.lap)
+
+
+def _mm(ctx: Context, a: Operand, b: Operand) -> Jet:
+    a, b = _matmul_operand(ctx, a, True), _matmul_operand(ctx, b, False)
+    return product(ctx, torch.matmul, a, b)
+
+
+def _bmm(ctx: Context, a: Operand, b: Operand) -> Jet:
+    a, b = _matmul_operand(ctx, a, True), _matmul_operand(ctx, b, True)
+    return product(ctx, torch.matmul, a, b)
+
+
+def _addmm(
+    ctx: Context, bias: Operand, a: Operand, b: Operand, *, beta: float = 1, alpha: float = 1
+) -> Jet:
+    out = _mm(ctx, a, b)
+    if alpha != 1:
+        out = scale(out, alpha)
+    return add(out, bias, beta) if beta != 0 else out
+
+
+def _convolution(
+    ctx: Context, a: Operand, weight: Operand, bias: Operand | None, *conv: Any
+) -> Jet:
+    if isinstance(weight, Jet) or isinstance(bias, Jet) or not isinstance(a, Jet):
+        raise UnsupportedOp("aten.convolution whose weight or bias depends on x")
+    value = aten.convolution(a.value, weight, bias, *conv)
+    jac = None
+    if a.jac is not None and ctx.jac:
+        k, n = ctx.num_directions, a.jac.shape[1]
+        j = a.jac.expand(k, n, *a.shape[1:]).reshape(k * n, *a.shape[1:])
+        out = aten.convolution(j, weight, None, *conv)
+        jac = out.reshape(k, n, *out.shape[1:])
+    lap = None if a.lap is None else aten.convolution(full_lap(a), weight, None, *conv)
+    return Jet(value, jac, lap)
+
+
+def _cat(ctx: Context, tensors: list[Operand], dim: int = 0) -> Jet:
+    jets = [t if isinstance(t, Jet) else Jet(t, None, None) for t in tensors]
+    value = torch.cat([j.value for j in jets], dim)
+    d = dim % value.dim()
+    jac = torch.cat([full_jac(ctx, j) for j in jets], d + 1)
+    lap = torch.cat([full_lap(j) for j in jets], d) if ctx.second_order else None
+    return Jet(value, jac, lap)
+
+
+def _where(ctx: Context, cond: Tensor, a: Operand, b: Operand) -> Jet:
+    ja, jb = (t if isinstance(t, Jet) else Jet(t, None, None) for t in (a, b))
+    value = torch.where(cond, ja.value, jb.value)
+    jac = torch.where(
+        cond, full_jac(ctx, Jet(value, ja.jac, None)), full_jac(ctx, Jet(value, jb.jac, None))
+    )
+    lap = torch.where(cond, full_lap(Jet(value, None, ja.lap)), full_lap(Jet(value, None, jb.lap)))
+    return Jet(value, jac, lap if ctx.second_order else None)
+
+
+def _max_pool(ctx: Context, a: Jet, *args: Any) -> tuple[Jet, Tensor]:
+    """Max pooling picks one input per output: ``jac`` and ``lap`` are gathered there."""
+    value, index = aten.max_pool2d_with_indices(a.value, *args)
+
+    def pick(t: Tensor) -> Tensor:  # t: (..., C, H, W) -> (..., C, h, w) at the argmax
+        flat_index = index.flatten(-2).expand(*t.shape[:-3], *index.shape[-3:-2], -1)
+        return t.flatten(-2).gather(-1, flat_index).view(*t.shape[:-2], *value.shape[-2:])
+
+    jac = None if a.jac is None else pick(full_jac(ctx, a))
+    lap = None if a.lap is None else pick(full_lap(a))
+    return Jet(value, jac, lap), index
+
+
+LINEAR_OPS = [
+    aten.expand.default,
+    aten.permute.default,
+    aten.transpose.int,
+    aten.t.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.clone.default,
+    aten.alias.default,
+    aten._to_copy.default,
+    aten.flip.default,
+    aten.roll.default,
+    aten.repeat.default,
+    aten.unfold.default,
+    aten.index_select.default,
+    aten.constant_pad_nd.default,
+    aten.sum.dim_IntList,
+    aten.sum.default,
+    aten.mean.dim,
+    aten.mean.default,
+    aten.avg_pool2d.default,
+    aten._adaptive_avg_pool2d.default,
+    aten.diagonal.default,
+    aten.upsample_nearest2d.default,
+    aten.neg.default,
+]
+
+RULES: dict[Any, Callable[..., Any]] = {
+    **{op: _linear(op) for op in LINEAR_OPS},
+    aten.view.default: _reshape,
+    aten._unsafe_view.default: _reshape,
+    aten.split.Tensor: _split(aten.split.Tensor),
+    aten.split_with_sizes.default: _split(aten.split_with_sizes.default),
+    aten.unbind.int: _split(aten.unbind.int),
+    aten.add.Tensor: _add,
+    aten.add.Scalar: _add,
+    aten.sub.Tensor: _sub,
+    aten.sub.Scalar: _sub,
+    aten.rsub.Scalar: _rsub,
+    aten.mul.Tensor: _mul,
+    aten.mul.Scalar: _scalar_scale,
+    aten.div.Tensor: _div,
+    aten.div.Scalar: _scalar_div,
+    aten.mm.default: _mm,
+    aten.bmm.default: _bmm,
+    aten.addmm.default: _addmm,
+    aten.convolution.default: _convolution,
+    aten.cat.default: _cat,
+    aten.where.self: _where,
+    aten.max_pool2d_with_indices.default: _max_pool,
+}

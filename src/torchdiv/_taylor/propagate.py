@@ -1,0 +1,138 @@
+"""Replay a captured graph on jets: one small rule per ATen op.
+
+The registry ``RULES`` maps each op to ``rule(ctx, *args, **kwargs)``, called with the op's
+own arguments except that tensors depending on ``x`` arrive as ``Jet``. Ops on tensors that
+do not depend on ``x`` (a transposed weight, a mask) are replayed as they are, so the result
+stays differentiable with respect to the parameters ``f`` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from torchdiv._taylor import composite, elementwise, linear
+from torchdiv._taylor.capture import Graph, Ref
+from torchdiv._taylor.jet import Context, Jet
+
+RULES: dict[Any, Any] = {**elementwise.RULES, **linear.RULES, **composite.RULES}
+
+aten = torch.ops.aten
+# ops whose ``lap`` needs only the inputs' ``lap`` (linear, or linear almost everywhere)
+_LAP_FROM_LAP = {
+    *linear.LINEAR_OPS,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.unbind.int,
+    aten.add.Tensor,
+    aten.add.Scalar,
+    aten.sub.Tensor,
+    aten.sub.Scalar,
+    aten.rsub.Scalar,
+    aten.mul.Scalar,
+    aten.div.Scalar,
+    aten.relu.default,
+    aten.leaky_relu.default,
+    aten.hardtanh.default,
+    aten.clamp.default,
+    aten.abs.default,
+    aten.max_pool2d_with_indices.default,
+    aten.cat.default,
+    aten.where.self,
+}
+# ops linear in each argument: the same, if only one argument depends on x
+_MULTILINEAR = {
+    aten.mul.Tensor,
+    aten.mm.default,
+    aten.bmm.default,
+    aten.addmm.default,
+    aten.convolution.default,
+}
+
+
+def propagate(graph: Graph, x: Jet, ctx: Context) -> Jet | torch.Tensor:
+    """The output jet of ``graph`` for the input jet ``x`` (a tensor if it does not depend on x).
+
+    ``ctx.jac`` says whether the output's ``jac`` is wanted; intermediate ``jac`` that no later
+    op needs are skipped. Values are freed after their last use, so memory in flight is what
+    the live jets need.
+    """
+    last_use = _last_uses(graph)
+    needs_jac = _needs_jac(graph, ctx)
+    env: dict[int, list[Any]] = {-1: [x]}
+
+    def resolve(a: Any) -> Any:
+        return env[a.node][a.leaf] if isinstance(a, Ref) else a
+
+    for index, node in enumerate(graph.nodes):
+        args, kwargs = tree_map(resolve, node.args), tree_map(resolve, node.kwargs)
+        if node.depends and _has_jet((args, kwargs)):
+            node_ctx = replace(ctx, jac=index in needs_jac)
+            out = RULES[node.func](node_ctx, *args, **kwargs)
+        else:
+            out = node.func(*tree_map(_value, args), **tree_map(_value, kwargs))
+        env[index] = tree_flatten(out, is_leaf=lambda t: isinstance(t, Jet))[0]
+        for dead in last_use.pop(index, ()):
+            del env[dead]
+    return tree_map(resolve, graph.output)
+
+
+def _value(a: Any) -> Any:
+    return a.value if isinstance(a, Jet) else a
+
+
+def _has_jet(tree: Any) -> bool:
+    return any(isinstance(a, Jet) for a in tree_flatten(tree, is_leaf=_is_jet)[0])
+
+
+def _is_jet(a: Any) -> bool:
+    return isinstance(a, Jet)
+
+
+def _needs_jac(graph: Graph, ctx: Context) -> set[int]:
+    """Nodes whose ``jac`` some later op (or the caller, if ``ctx.jac``) reads."""
+    needed = (
+        {a.node for a in tree_flatten(graph.output)[0] if isinstance(a, Ref)} if ctx.jac else set()
+    )
+    for index in range(len(graph.nodes) - 1, -1, -1):
+        node = graph.nodes[index]
+        if not node.depends:
+            continue
+        inputs = [
+            a.node
+            for a in tree_flatten((node.args, node.kwargs))[0]
+            if isinstance(a, Ref) and a.node >= 0 and graph.nodes[a.node].depends
+        ]
+        lap_from_lap = node.func in _LAP_FROM_LAP or (
+            node.func in _MULTILINEAR and _dependent_args(graph, node) <= 1
+        )
+        if index in needed or (ctx.second_order and not lap_from_lap):
+            needed.update(inputs)
+    return needed
+
+
+def _dependent_args(graph: Graph, node: Any) -> int:
+    return sum(
+        isinstance(a, Ref) and (a.node < 0 or graph.nodes[a.node].depends)
+        for a in tree_flatten((node.args, node.kwargs))[0]
+    )
+
+
+def _last_uses(graph: Graph) -> dict[int, list[int]]:
+    """``{i: nodes whose outputs are last read by node i}``; the output's nodes are kept."""
+    last: dict[int, int] = {}
+    for index, node in enumerate(graph.nodes):
+        for a in tree_flatten((node.args, node.kwargs))[0]:
+            if isinstance(a, Ref):
+                last[a.node] = index
+    keep = {a.node for a in tree_flatten(graph.output)[0] if isinstance(a, Ref)}
+    by_user: dict[int, list[int]] = {}
+    for node, user in last.items():
+        if node not in keep:
+            by_user.setdefault(user, []).append(node)
+    return by_user
