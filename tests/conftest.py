@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from torch.func import jacrev
+from torch.func import hessian, jacrev
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def tolerances(dtype: torch.dtype) -> dict[str, float]:
@@ -54,6 +55,22 @@ def reference_diagonal(f, x, batch_dims: int = 1) -> torch.Tensor:
     jac = reference_jacobian(f, x, batch_dims)
     n = x[(0,) * batch_dims].numel()
     return jac.reshape(-1, n, n).diagonal(dim1=1, dim2=2).reshape(x.shape)
+
+
+def reference_laplacian(f, x, batch_dims: int = 1) -> torch.Tensor:
+    """Per-sample Laplacians from ``torch.func.hessian`` of each output summed over the batch
+    (block diagonal: the diagonal of the cross-batch Hessian is the per-sample diagonal)."""
+    y = f(x)
+    batch = x.shape[:batch_dims]
+    flat = y.reshape(batch.numel(), -1)
+    columns = []
+    for i in range(flat.shape[1]):
+        with sdpa_kernel([SDPBackend.MATH]):  # the fused CPU kernel has no forward-mode AD
+            h = hessian(lambda z, i=i: f(z).reshape(flat.shape)[:, i].sum())(x)
+            columns.append(
+                h.reshape(x.numel(), x.numel()).diagonal().reshape(batch.numel(), -1).sum(1)
+            )
+    return torch.stack(columns, 1).reshape(y.shape)
 
 
 def tanh_mlp(d_in: int, hidden: int, d_out: int, dtype=torch.float64) -> torch.nn.Module:

@@ -2,8 +2,8 @@
 
 from torchdiv._api import divergence, jacobian, jacobian_diagonal
 from torchdiv._graph import graph_divergence, graph_jacobian
-from torchdiv._laplacian import laplacian
 from torchdiv._independence import BatchInteractionError, check_batch_independence
+from torchdiv._laplacian import laplacian
 
 __version__ = "0.1.0"
 

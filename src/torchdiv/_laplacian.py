@@ -12,6 +12,9 @@ Methods (one signature each, in ``_METHODS``):
   sample's Hessian and taking its trace: what ``torch.func.hessian`` users write.
 - ``"auto"``: ``"taylor"`` with a planned chunk, or ``"forward-over-reverse"`` if an op has no
   Taylor rule.
+
+Attention runs on PyTorch's math backend in every method (``_modes.math_attention``): the
+fused CPU kernel has no forward-mode derivative.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torchdiv._checks import (
     event_numel,
 )
 from torchdiv._forward import ForwardJacobian
-from torchdiv._modes import outside_inference_mode
+from torchdiv._modes import math_attention, outside_inference_mode
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
 
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -96,7 +99,7 @@ def laplacian(
 
 
 def _auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
-    graph, y = capture(f, x, RULES)
+    graph = capture(f, x, RULES)
     chunk = chunk_size or _planned_chunk(graph, event_numel(x, batch_dims))
     if not graph.unsupported:
         try:
@@ -111,7 +114,7 @@ def _planned_chunk(graph: Graph, num_inputs: int) -> int:
 
 
 def _taylor(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
-    graph, _ = capture(f, x, RULES)
+    graph = capture(f, x, RULES)
     if graph.unsupported:
         ops = ", ".join(sorted(set(graph.unsupported)))
         raise UnsupportedOp(
@@ -129,9 +132,9 @@ def _propagated(graph: Graph, x: torch.Tensor, batch_dims: int, chunk: int) -> t
         out = propagate(graph, Jet(x, directions, None), Context(stop - start, True, jac=False))
         if isinstance(out, Jet) and out.lap is not None:
             total = out.lap if total is None else total + out.lap
-    y = propagate(graph, Jet(x, None, None), Context(0, False)) if total is None else out
-    y = y.value if isinstance(y, Jet) else y
-    return y.new_zeros(y.shape) if total is None else total.expand(y.shape).clone()
+    if total is None:  # f(x) does not depend on x, or only linearly
+        return x.new_zeros(graph.output_shape)
+    return total.expand(graph.output_shape).clone()
 
 
 class _Gradients:
@@ -155,7 +158,8 @@ def _hessian_columns(
     """Columns ``start..stop-1`` of every sample's Hessian of every output, shape
     ``(k, m, N, n)``, and ``f(x).shape``: JVPs of the per-sample gradients."""
     grads = _Gradients(f, batch_dims)
-    columns = ForwardJacobian(grads, x, batch_dims).apply(basis(start, stop, x, batch_dims))
+    with math_attention():
+        columns = ForwardJacobian(grads, x, batch_dims).apply(basis(start, stop, x, batch_dims))
     k, m = columns.shape[:2]
     return columns.reshape(k, m, x.shape[:batch_dims].numel(), -1), grads.y_shape
 

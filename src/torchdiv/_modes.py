@@ -1,12 +1,14 @@
-"""Run the function-form API outside inference mode, where autograd can build graphs."""
+"""Modes the function-form API runs under: outside inference mode, math attention."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -29,3 +31,10 @@ def outside_inference_mode(fn: F) -> F:
             return fn(f, x, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def math_attention() -> contextlib.AbstractContextManager[None]:
+    """Run ``scaled_dot_product_attention`` on PyTorch's math backend: its primitives have
+    forward-mode and second-order derivatives (and Taylor rules); the fused CPU kernel has
+    neither."""
+    return sdpa_kernel([SDPBackend.MATH])

@@ -7,7 +7,7 @@ decomposed into a small set of primitives. Each call is recorded with the tensor
 closures), which are kept by reference so that a replay is differentiable with respect to
 them. A call *depends* on ``x`` if one of its floating tensor inputs does; only those need a
 propagation rule. A dependent call without a rule is decomposed with PyTorch's decomposition
-table if it has one, and otherwise named in ``Graph.unsupported``.
+table (core ATen decompositions) if it has one, and otherwise named in ``Graph.unsupported``.
 
 Attention is captured on PyTorch's math backend, whose primitives (``bmm``, ``_safe_softmax``)
 have rules; the fused CPU and CUDA kernels do not decompose.
@@ -20,12 +20,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch._decomp import decomposition_table
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch._decomp import core_aten_decompositions
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-_CONSTANT_RESULTS = (torch.ops.aten.detach.default,)
+from torchdiv._modes import math_attention
+
+aten = torch.ops.aten
+# ops whose floating result does not change with the values of x (stop-gradient, factories)
+_CONSTANT_RESULTS = {
+    aten.detach.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.full_like.default,
+    aten.empty_like.default,
+    aten.rand_like.default,
+    aten.randn_like.default,
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_full.default,
+    aten.new_empty.default,
+}
+_DECOMPOSITIONS = core_aten_decompositions()
 
 
 @dataclass(frozen=True)
@@ -54,11 +70,7 @@ class Graph:
     output: Any = None
     unsupported: list[str] = field(default_factory=list)
     widest: int = 1  # elements of the largest tensor computed from x (all samples)
-
-    def outside_tensors(self) -> list[torch.Tensor]:
-        """Tensors ``f`` read that it did not compute from ``x`` (parameters, closures)."""
-        leaves = (tree_flatten((n.args, n.kwargs))[0] for n in self.nodes)
-        return [t for ls in leaves for t in ls if isinstance(t, torch.Tensor)]
+    output_shape: tuple[int, ...] = ()
 
 
 class _Recorder(TorchDispatchMode):
@@ -82,14 +94,14 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        depends = self.depends(args, kwargs)
-        if depends and func not in self.rules and func in decomposition_table:
+        depends = self.depends(args, kwargs) and func not in _CONSTANT_RESULTS
+        if depends and func not in self.rules and func in _DECOMPOSITIONS:
             with self:
-                return decomposition_table[func](*args, **kwargs)
+                return _DECOMPOSITIONS[func](*args, **kwargs)
         out = func(*args, **kwargs)
         leaves = tree_flatten(out)[0]
         differentiable = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves)
-        depends = depends and differentiable and func not in _CONSTANT_RESULTS
+        depends = depends and differentiable
         if depends and (func not in self.rules or func._schema.is_mutable):
             self.graph.unsupported.append(str(func))
         index = len(self.graph.nodes)
@@ -107,15 +119,16 @@ class _Recorder(TorchDispatchMode):
 
 
 def capture(
-    f: Callable[[torch.Tensor], Any], x: torch.Tensor, rules: Container[Any]
-) -> tuple[Graph, Any]:
-    """Record ``f(x)``'s ATen calls; returns the graph and ``f(x)`` (computed without grad).
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rules: Container[Any]
+) -> Graph:
+    """Record the ATen calls of ``f(x)`` (evaluated once, without grad).
 
     ``rules`` holds the ops that have a propagation rule; dependent calls outside it are
     decomposed where PyTorch can, else listed in ``Graph.unsupported``.
     """
     recorder = _Recorder(x, rules)
-    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), recorder:
+    with torch.no_grad(), math_attention(), recorder:
         y = f(x)
     recorder.graph.output = tree_map(recorder.ref, y)
-    return recorder.graph, y
+    recorder.graph.output_shape = tuple(y.shape)
+    return recorder.graph

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from torchdiv._taylor.elementwise import RULES as ELEMENTWISE
-from torchdiv._taylor.jet import Context, Jet, add, full_jac, full_lap, linear, product
+from torchdiv._taylor.jet import Context, Jet, add, full_jac, full_lap, inner, linear, product
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -26,6 +26,7 @@ Tensor = torch.Tensor
 
 def _normalize(ctx: Context, a: Jet, dims: tuple[int, ...], eps: float) -> tuple[Jet, Jet, Jet]:
     """``(a - mean) * rstd`` over ``dims``, with the mean and ``rstd = (var + eps)^-1/2``."""
+    ctx = inner(ctx)
     mean = linear(ctx, torch.mean, a, dims, keepdim=True)
     centred = add(a, mean, -1)
     square = ELEMENTWISE[aten.pow.Tensor_Scalar](ctx, centred, 2)
@@ -58,7 +59,7 @@ def _group_norm(
     groups: int,
     eps: float,
 ) -> tuple[Jet, Jet, Jet]:
-    grouped = linear(ctx, torch.reshape, a, (n, groups, -1))
+    grouped = linear(inner(ctx), torch.reshape, a, (n, groups, -1))
     normed, mean, rstd = _normalize(ctx, grouped, (2,), eps)
     normed = linear(ctx, torch.reshape, normed, a.shape)
     per_channel = (c, *[1] * (a.value.dim() - 2))

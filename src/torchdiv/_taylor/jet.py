@@ -21,7 +21,7 @@ stands for an exact zero. With ``second_order=False`` the ``lap`` terms are skip
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,6 +47,11 @@ class Context:
     num_directions: int
     second_order: bool
     jac: bool = True
+
+
+def inner(ctx: Context) -> Context:
+    """The context for a composite rule's intermediate jets: their ``jac`` is always needed."""
+    return replace(ctx, jac=True)
 
 
 def full_jac(ctx: Context, a: Jet) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torchdiv._taylor.jet import (
     aligned_jac,
     full_jac,
     full_lap,
+    inner,
     linear,
     product,
     scale,
@@ -81,7 +82,7 @@ def _mul(ctx: Context, a: Operand, b: Operand) -> Jet:
 
 def _div(ctx: Context, a: Operand, b: Operand) -> Jet:
     if isinstance(b, Jet):
-        return product(ctx, torch.mul, a, _reciprocal(ctx, b))
+        return product(ctx, torch.mul, a, _reciprocal(inner(ctx), b))
     value = a.value / b
     jac = aligned_jac(a, value.dim())
     return Jet(value, None if jac is None else jac / b, None if a.lap is None else a.lap / b)

@@ -1,0 +1,330 @@
+"""laplacian: every Taylor rule alone and in real networks, against torch.func and closed forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, reference_laplacian, tanh_mlp
+from torch import nn
+
+import torchdiv
+
+EXACT = ["auto", "taylor", "forward-over-reverse", "hessian"]
+f64 = torch.float64
+
+
+_MIXING = torch.randn(4, 5, generator=torch.Generator().manual_seed(7), dtype=f64) / 2
+
+
+def _inner(x: torch.Tensor) -> torch.Tensor:
+    """A fixed affine map of a 3- or 4-element event to 5 features: every rule sees mixed
+    inputs (a non-diagonal Hessian)."""
+    return x @ _MIXING[: x.shape[-1]].to(x.dtype) + 0.3
+
+
+# Each rule alone: u(x) = sum(w * op(inner(x))), samples in rows.
+UNARY = {
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
+    "softplus": F.softplus,
+    "softplus_beta": lambda z: F.softplus(z, beta=3.0, threshold=1.0),
+    "elu": F.elu,
+    "selu": F.selu,
+    "leaky_relu": lambda z: F.leaky_relu(z, 0.2),
+    "hardtanh": lambda z: F.hardtanh(z, -0.5, 0.5),
+    "clamp": lambda z: z.clamp(min=-0.2),
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "exp": torch.exp,
+    "expm1": torch.expm1,
+    "log": lambda z: torch.log(z.square() + 1),
+    "log1p": lambda z: torch.log1p(z.square()),
+    "sqrt": lambda z: torch.sqrt(z.square() + 1),
+    "rsqrt": lambda z: torch.rsqrt(z.square() + 1),
+    "reciprocal": lambda z: 1 / (z.square() + 1),
+    "pow3": lambda z: z**3,
+    "pow_half": lambda z: (z.square() + 1) ** 0.5,
+    "pow0": lambda z: z**0,
+    "pow1": lambda z: z**1,
+    "square": torch.square,
+    "erf": torch.erf,
+    "abs": torch.abs,
+    "neg": torch.neg,
+    "softmax": lambda z: torch.softmax(z, -1),
+    "log_softmax": lambda z: torch.log_softmax(z, -1),
+}
+
+STRUCTURAL = {
+    "mul_jets": lambda z: z * z.flip(-1),
+    "div_jets": lambda z: z / (z.square() + 2),
+    "div_const": lambda z: z / torch.arange(1.0, 6.0, dtype=z.dtype),
+    "rsub": lambda z: 1 - z**2,
+    "sub_jets": lambda z: torch.tanh(z) - z**2,
+    "cat_stack": lambda z: torch.cat([z**2, torch.stack([z[:, 0], z[:, 1] ** 3], -1)], -1),
+    "cat_const": lambda z: torch.cat([z**2, torch.ones_like(z)], -1),
+    "slice_select": lambda z: z[:, 1:4] ** 2 * z[:, 0:1] + z.select(1, 2)[:, None] ** 3,
+    "split_unbind": lambda z: (
+        sum(p.sum(-1) ** 2 for p in z.split(2, -1))[:, None]
+        + torch.stack([t**3 for t in z.unbind(-1)], -1)
+    ),
+    "permute_reshape": lambda z: (z[:, :4].reshape(-1, 2, 2).transpose(1, 2) ** 2).flatten(1),
+    "einsum": lambda z: torch.einsum("bi,bj->bij", z, torch.tanh(z)).flatten(1),
+    "matmul_jets": lambda z: (z[:, :4].reshape(-1, 2, 2) @ z[:, 1:].reshape(-1, 2, 2)).flatten(1),
+    "mean_sum": lambda z: torch.tanh(z).mean(-1, keepdim=True) * z.sum(-1, keepdim=True),
+    "where": lambda z: torch.where(z > 0.3, z**2, torch.sin(z)),
+    "layer_norm": lambda z: F.layer_norm(z, (5,)),
+    "rms_like": lambda z: z * torch.rsqrt(z.square().mean(-1, keepdim=True) + 1e-3),
+    "expand": lambda z: (z[:, :1].expand(-1, 3) ** 2 + z[:, 1:4]).pow(2),
+    "pad_roll": lambda z: F.pad(z**2, (1, 2)).roll(1, -1),
+    "detach": lambda z: z**2 * z.detach(),
+    "to_copy": lambda z: torch.ops.aten._to_copy(z, dtype=z.dtype) ** 3,
+}
+
+
+def _scalar(op):
+    def u(x: torch.Tensor) -> torch.Tensor:
+        z = op(_inner(x))
+        w = torch.linspace(-1, 1, z[0].numel(), dtype=x.dtype)
+        return (z.reshape(len(z), -1) * w).sum(-1)
+
+    return u
+
+
+@pytest.mark.parametrize("name", sorted(UNARY) + sorted(STRUCTURAL))
+def test_each_rule_alone_matches_torch_func(name):
+    u = _scalar({**UNARY, **STRUCTURAL}[name])
+    x = torch.randn(4, 3, dtype=f64)
+    assert_close(torchdiv.laplacian(u, x, method="taylor"), reference_laplacian(u, x))
+
+
+@pytest.mark.parametrize("name", ["tanh", "softmax", "layer_norm", "matmul_jets", "div_jets"])
+def test_vector_output_gives_one_laplacian_per_component(name):
+    op = {**UNARY, **STRUCTURAL}[name]
+    f = lambda x: op(_inner(x)).reshape(len(x), -1, 1)  # noqa: E731
+    x = torch.randn(3, 4, dtype=f64)
+    expected = reference_laplacian(f, x)
+    for method in EXACT:
+        assert_close(torchdiv.laplacian(f, x, method=method), expected)
+
+
+class Attention(nn.Module):
+    """Pre-norm self-attention over 4 tokens of width 6, then a tanh head to a scalar."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.qkv, self.head = nn.LayerNorm(6), nn.Linear(6, 18), nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x.reshape(len(x), 4, 6))
+        q, k, v = self.qkv(h).reshape(len(x), 4, 3, 2, 3).permute(2, 0, 3, 1, 4)
+        mask = torch.ones(4, 4, dtype=torch.bool).tril()
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = a.transpose(1, 2).reshape(len(x), 4, 6) + h
+        return self.head(torch.tanh(out)).sum((1, 2))
+
+
+class Residual(nn.Module):
+    def __init__(self, d: int = 5):
+        super().__init__()
+        self.inner = tanh_mlp(d, 8, d)
+
+    def forward(self, x):
+        return (x + self.inner(x)).square().sum(-1)
+
+
+def _conv_net() -> nn.Module:  # images (B, 2, 6, 6) -> scalar
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.SiLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, stride=1),
+        nn.GELU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 1),
+    )
+
+
+def _conv1d_net() -> nn.Module:  # (B, 2, 7) -> (B, 3): vector output
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3), nn.Tanh(), nn.AvgPool1d(2), nn.Flatten(), nn.Linear(6, 3)
+    )
+
+
+NETS = {
+    "mlp_tanh": (lambda: tanh_mlp(4, 8, 1), (3, 4)),
+    "mlp_deep_gelu": (
+        lambda: nn.Sequential(
+            *[m for _ in range(3) for m in (nn.LazyLinear(6), nn.GELU())], nn.Linear(6, 1)
+        ),
+        (3, 4),
+    ),
+    "residual": (Residual, (3, 5)),
+    "layer_norm_softmax": (
+        lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Softmax(-1), nn.Linear(6, 2)),
+        (3, 4),
+    ),
+    "attention": (Attention, (2, 24)),
+    "conv2d": (_conv_net, (2, 2, 6, 6)),
+    "conv1d": (_conv1d_net, (3, 2, 7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_networks_match_torch_func_in_float64(name):
+    build, shape = NETS[name]
+    torch.manual_seed(0)
+    net = build().to(f64)
+    x = torch.randn(*shape, dtype=f64)
+    net(x)  # initialise lazy modules
+    expected = reference_laplacian(net, x)
+    for method in EXACT:
+        assert_close(torchdiv.laplacian(net, x, method=method), expected)
+
+
+@pytest.mark.parametrize("name", ["mlp_tanh", "conv2d", "attention"])
+def test_float32_within_float32_tolerance(name):
+    build, shape = NETS[name]
+    net = build()
+    x = torch.randn(*shape)
+    expected = reference_laplacian(net.to(f64), x.to(f64)).float()
+    net.float()
+    # second derivatives of float32 networks: a few hundred terms each rounded at 6e-8
+    torch.testing.assert_close(torchdiv.laplacian(net, x), expected, rtol=1e-4, atol=1e-4)
+    assert torchdiv.laplacian(net, x).dtype == torch.float32
+
+
+def test_closed_forms():
+    x = torch.randn(6, 3, dtype=f64)
+    u = lambda x: torch.sin(x[:, 0]) * x[:, 1] ** 2  # noqa: E731
+    assert_close(torchdiv.laplacian(u, x), torch.sin(x[:, 0]) * (2 - x[:, 1] ** 2))
+    harmonic = lambda x: x[:, 0] ** 2 - x[:, 1] ** 2 + x[:, 0] * x[:, 2]  # noqa: E731
+    assert_close(torchdiv.laplacian(harmonic, x), torch.zeros(6, dtype=f64))
+    a = torch.tensor([0.5, -1.0, 2.0], dtype=f64)
+    plane_wave = lambda x: torch.exp(x @ a)  # noqa: E731
+    assert_close(torchdiv.laplacian(plane_wave, x), a.square().sum() * torch.exp(x @ a))
+    norm2 = lambda x: x.square().sum(-1)  # noqa: E731
+    assert_close(torchdiv.laplacian(norm2, x), torch.full((6,), 6.0, dtype=f64))
+
+
+@pytest.mark.parametrize("batch_dims", [0, 1, 2])
+@pytest.mark.parametrize("method", EXACT)
+def test_batch_dims(batch_dims, method):
+    shape = [(3, 4), (2, 3, 4), (2, 2, 3, 4)][batch_dims]
+    x = torch.randn(shape, dtype=f64)
+    u = lambda x: (torch.tanh(x) * x.flip(-1)).sum((-2, -1))  # noqa: E731
+    expected = reference_laplacian(u, x, batch_dims)
+    assert_close(torchdiv.laplacian(u, x, batch_dims=batch_dims, method=method), expected)
+
+
+def test_closure_over_per_sample_tensors():
+    t = torch.linspace(0.5, 2.0, 4, dtype=f64)
+    x = torch.randn(4, 3, dtype=f64)
+    u = lambda x: torch.sin(t * x[:, 0]) * x[:, 1] ** 2  # noqa: E731
+    expected = torch.sin(t * x[:, 0]) * (2 - (t * x[:, 1]) ** 2)
+    for method in EXACT:
+        assert_close(torchdiv.laplacian(u, x, method=method), expected)
+
+
+@pytest.mark.parametrize("method", ["auto", "taylor", "forward-over-reverse"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_chunk_size_does_not_change_the_result(method, chunk_size):
+    net = tanh_mlp(7, 9, 2)
+    x = torch.randn(3, 7, dtype=f64)
+    expected = reference_laplacian(net, x)
+    assert_close(torchdiv.laplacian(net, x, method=method, chunk_size=chunk_size), expected)
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_gradients_wrt_parameters_and_x_match_torch_func(method):
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 6), nn.SiLU(), nn.Linear(6, 1))
+    net = net.to(f64)
+    x = torch.randn(4, 3, dtype=f64, requires_grad=True)
+    params = list(net.parameters())
+    loss = torchdiv.laplacian(net, x, method=method).square().sum()
+    got = torch.autograd.grad(loss, [x, *params], materialize_grads=True)
+    ref = reference_laplacian(net, x).square().sum()
+    expected = torch.autograd.grad(ref, [x, *params], materialize_grads=True)
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e)
+
+
+def test_results_are_exact_under_no_grad_and_inference_mode():
+    net = tanh_mlp(3, 5, 1)
+    x = torch.randn(4, 3, dtype=f64)
+    expected = reference_laplacian(net, x)
+    with torch.no_grad():
+        for method in EXACT:
+            assert_close(torchdiv.laplacian(net, x, method=method), expected)
+    with torch.inference_mode():
+        assert_close(torchdiv.laplacian(net, x), expected)
+
+
+def test_degenerate_inputs():
+    x = torch.randn(3, 4, dtype=f64)
+    for method in EXACT:
+        constant = torchdiv.laplacian(lambda x: torch.ones(3, 2, dtype=f64), x, method=method)
+        assert torch.equal(constant, torch.zeros(3, 2, dtype=f64))
+        linear = torchdiv.laplacian(lambda x: x @ torch.ones(4, 2, dtype=f64), x, method=method)
+        assert torch.equal(linear, torch.zeros(3, 2, dtype=f64))
+        one = torch.randn(5, 1, dtype=f64)
+        assert_close(torchdiv.laplacian(lambda x: x.sin(), one, method=method), -one.sin())
+
+
+def test_unsupported_op_auto_falls_back_and_taylor_names_it():
+    u = lambda x: torch.atan(x).cumsum(-1).sum(-1)  # noqa: E731
+    x = torch.randn(3, 4, dtype=f64)
+    assert_close(torchdiv.laplacian(u, x), reference_laplacian(u, x))
+    with pytest.raises(
+        NotImplementedError, match=r"for aten\.atan\.default, aten\.cumsum\.default .*method='auto'"
+    ):
+        torchdiv.laplacian(u, x, method="taylor")
+
+
+def test_convolution_with_weights_computed_from_x_falls_back():
+    def u(x):
+        weight = x[:1, :4].reshape(1, 1, 2, 2)
+        return F.conv2d(x.reshape(-1, 1, 3, 3), weight).square().sum((1, 2, 3))
+
+    x = torch.randn(2, 9, dtype=f64)
+    with pytest.raises(NotImplementedError, match="convolution"):
+        torchdiv.laplacian(u, x, method="taylor")
+
+
+def test_nothing_the_caller_passed_is_mutated():
+    net = tanh_mlp(3, 5, 1).train()
+    x = torch.randn(4, 3, dtype=f64)
+    before = [p.detach().clone() for p in net.parameters()]
+    snapshot = x.clone()
+    for method in EXACT:
+        torchdiv.laplacian(net, x, method=method)
+    assert torch.equal(x, snapshot) and not x.requires_grad
+    assert net.training and all(p.grad is None for p in net.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": "taylr"}, ValueError, r"laplacian: unknown method 'taylr'; valid .*'taylor'"),
+        ({"chunk_size": 0}, ValueError, "laplacian: chunk_size must be at least 1"),
+        ({"num_probes": 4}, ValueError, "num_probes is only used by stochastic methods"),
+        ({"batch_dims": 3}, ValueError, r"batch_dims must be in \[0, x.dim\(\)\]"),
+        ({"generator": 1}, TypeError, "generator must be a torch.Generator"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        torchdiv.laplacian(lambda x: x.sum(-1), torch.randn(2, 3), **kwargs)
+
+
+def test_output_must_keep_the_batch_shape():
+    with pytest.raises(ValueError, match="changed the batch shape"):
+        torchdiv.laplacian(lambda x: x.sum(), torch.randn(2, 3))
