@@ -1,4 +1,4 @@
-"""The hand-written divergence recipes people use (the seed threads), as baselines.
+"""The hand-written divergence and Laplacian recipes people use (the seed threads), as baselines.
 
 The demo and ``bench/`` time torchdiv against these; the tests check that each correct recipe
 agrees with torchdiv and that ``ones_vjp`` is wrong. Each takes a batched ``f`` (one batch
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.func import jacfwd, jacrev, vmap
+from torch.func import hessian, jacfwd, jacrev, vmap
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 
@@ -82,4 +82,31 @@ RECIPES: dict[str, Callable[[Function, torch.Tensor], torch.Tensor]] = {
     "autograd.grad(is_grads_batched)": batched_grad,
     "autograd.functional.jacobian": functional_jacobian,
     "grad(y, x, ones) [wrong]": ones_vjp,
+}
+
+
+def vmap_hessian_trace(f: Function, x: torch.Tensor) -> torch.Tensor:
+    """``torch.func``: ``vmap(hessian(f_one_sample))`` then the trace; ``f`` gives one scalar
+    per sample, shape ``(B,)`` or ``(B, 1)``."""
+    n = x[0].numel()
+    h = vmap(hessian(lambda z: _per_sample(f)(z).sum()))(x)
+    return h.reshape(x.shape[0], n, n).diagonal(dim1=1, dim2=2).sum(-1)
+
+
+def grad_of_grad(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """The PINN loop: the gradient with ``create_graph=True``, then one more ``autograd.grad``
+    per input element, keeping entry ``i`` (``f``: one scalar per sample)."""
+    x = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(x).sum(), x, create_graph=True)
+    g = g.reshape(x.shape[0], -1)
+    total = torch.zeros(x.shape[0], dtype=x.dtype)
+    for i in range(g.shape[1]):
+        (h,) = torch.autograd.grad(g[:, i].sum(), x, retain_graph=True, create_graph=create_graph)
+        total = total + h.reshape(x.shape[0], -1)[:, i]
+    return total
+
+
+LAPLACIAN_RECIPES: dict[str, Callable[[Function, torch.Tensor], torch.Tensor]] = {
+    "torch.func vmap(hessian)": vmap_hessian_trace,
+    "loop of grad-of-grad": grad_of_grad,
 }
