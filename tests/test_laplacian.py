@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_close, reference_laplacian, tanh_mlp
 from torch import nn
+from torch.func import hessian
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import torchdiv
 
@@ -289,13 +292,41 @@ def test_unsupported_op_auto_falls_back_and_taylor_names_it():
 
 
 def test_convolution_with_weights_computed_from_x_falls_back():
-    def u(x):
-        weight = x[:1, :4].reshape(1, 1, 2, 2)
-        return F.conv2d(x.reshape(-1, 1, 3, 3), weight).square().sum((1, 2, 3))
+    def u(x):  # one unbatched sample: the image convolved with a kernel cut from itself
+        weight = x[:4].reshape(1, 1, 2, 2)
+        return F.conv2d(x.reshape(1, 1, 3, 3), weight).square().sum()
 
-    x = torch.randn(2, 9, dtype=f64)
+    x = torch.randn(9, dtype=f64)
     with pytest.raises(NotImplementedError, match="convolution"):
-        torchdiv.laplacian(u, x, method="taylor")
+        torchdiv.laplacian(u, x, batch_dims=0, method="taylor")
+    expected = hessian(u)(x).diagonal().sum()
+    assert_close(torchdiv.laplacian(u, x, batch_dims=0), expected)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op produces."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("method", ["taylor", "forward-over-reverse"])
+def test_chunk_size_bounds_memory(method):
+    net = tanh_mlp(64, 256, 1, dtype=torch.float32).requires_grad_(False)
+    x = torch.randn(64, 64)
+    sizes = {}
+    for chunk_size in (None, 4):
+        with _LargestTensor() as watch:
+            torchdiv.laplacian(net, x, method=method, chunk_size=chunk_size)
+        sizes[chunk_size] = watch.largest
+    # 64 directions in flight vs 4: the (directions x batch x width) tensors shrink 16x
+    assert sizes[4] * 16 == sizes[None] == 64 * 64 * 256
 
 
 def test_nothing_the_caller_passed_is_mutated():
