@@ -85,6 +85,23 @@ STRUCTURAL = {
     "expand": lambda z: (z[:, :1].expand(-1, 3) ** 2 + z[:, 1:4]).pow(2),
     "pad_roll": lambda z: F.pad(z**2, (1, 2)).roll(1, -1),
     "detach": lambda z: z**2 * z.detach(),
+    "var_mean": lambda z: (
+        torch.var_mean(z, -1, keepdim=True)[0] * z + torch.var(z, -1, correction=0)[:, None] ** 2
+    ),
+    "std": lambda z: torch.std(z, -1, keepdim=True) * z,
+    "vector_norm": lambda z: torch.linalg.vector_norm(z, dim=-1, keepdim=True) * z,
+    "max_min": lambda z: torch.maximum(z, z.flip(-1) ** 2) + torch.minimum(z.sin(), z),
+    "max_dim_amax": lambda z: z.max(-1, keepdim=True).values * z + z.amax(-1)[:, None] ** 2,
+    "cumsum_index_gather": lambda z: (
+        z.cumsum(-1) ** 2
+        + z[:, [4, 0, 2, 2, 1]] * z.gather(1, torch.tensor([[1, 0, 3, 3, 2]]).expand(len(z), 5))
+    ),
+    "tan_atan": lambda z: torch.tan(0.3 * z) + torch.atan(z),
+    "hyperbolic": lambda z: torch.sinh(z) * torch.cosh(0.5 * z) + torch.asinh(z),
+    "logs_exps": lambda z: torch.log2(z.square() + 1) + torch.log10(z.square() + 2) + torch.exp2(z),
+    "scalar_pow": lambda z: 3.0**z,
+    "erfc": torch.erfc,
+    "piecewise": lambda z: torch.floor(3 * z) * z + torch.sign(z) * z**2 + torch.fmod(z, 0.7) ** 2,
     "to_copy": lambda z: torch.ops.aten._to_copy(z, dtype=z.dtype) ** 3,
 }
 
@@ -140,6 +157,20 @@ class Residual(nn.Module):
         return (x + self.inner(x)).square().sum(-1)
 
 
+def _batch_norm_net() -> nn.Module:  # images in eval mode: BatchNorm uses running statistics
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.Tanh(),
+        nn.Upsample(scale_factor=2, mode="bilinear"),
+        nn.Flatten(),
+        nn.Linear(3 * 8 * 8, 1),
+    )
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
 def _conv_net() -> nn.Module:  # images (B, 2, 6, 6) -> scalar
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1),
@@ -176,6 +207,7 @@ NETS = {
     "attention": (Attention, (2, 24)),
     "conv2d": (_conv_net, (2, 2, 6, 6)),
     "conv1d": (_conv1d_net, (3, 2, 7)),
+    "batch_norm_eval": (_batch_norm_net, (2, 2, 6, 6)),
 }
 
 
@@ -282,11 +314,11 @@ def test_degenerate_inputs():
 
 
 def test_unsupported_op_auto_falls_back_and_taylor_names_it():
-    u = lambda x: torch.atan(x).cumsum(-1).sum(-1)  # noqa: E731
+    u = lambda x: torch.lgamma(x.square() + 1).prod(-1)  # noqa: E731
     x = torch.randn(3, 4, dtype=f64)
     assert_close(torchdiv.laplacian(u, x), reference_laplacian(u, x))
     with pytest.raises(
-        NotImplementedError, match=r"for aten\.atan\.default, aten\.cumsum\.default .*method='auto'"
+        NotImplementedError, match=r"for aten\.lgamma\.default, aten\.prod\.dim_int .*method='auto'"
     ):
         torchdiv.laplacian(u, x, method="taylor")
 

@@ -12,13 +12,25 @@ derivative of log-sum-exp is the variance of the direction under ``s``). Fully m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from torchdiv._taylor.elementwise import RULES as ELEMENTWISE
-from torchdiv._taylor.jet import Context, Jet, add, full_jac, full_lap, inner, linear, product
+from torchdiv._taylor.jet import (
+    Context,
+    Jet,
+    add,
+    full_jac,
+    full_lap,
+    inner,
+    linear,
+    product,
+    scale,
+)
+from torchdiv._taylor.linear import UnsupportedOp
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -33,6 +45,75 @@ def _normalize(ctx: Context, a: Jet, dims: tuple[int, ...], eps: float) -> tuple
     var = linear(ctx, torch.mean, square, dims, keepdim=True)
     rstd = ELEMENTWISE[aten.rsqrt.default](ctx, add(var, eps))
     return product(ctx, torch.mul, centred, rstd), mean, rstd
+
+
+def _variance(
+    ctx: Context, a: Jet, dims: Any = None, correction: float = 1, keepdim: bool = False
+) -> tuple[Jet, Jet]:
+    """``(var, mean)`` over ``dims`` (all if ``None``), with ``correction`` (Bessel's = 1)."""
+    ctx = inner(ctx)
+    dims = tuple(range(a.value.dim())) if dims is None else tuple(dims)
+    count = math.prod(a.shape[d] for d in dims)
+    mean = linear(ctx, torch.mean, a, dims, keepdim=True)
+    square = ELEMENTWISE[aten.pow.Tensor_Scalar](ctx, add(a, mean, -1), 2)
+    var = scale(linear(ctx, torch.sum, square, dims, keepdim=keepdim), 1 / (count - correction))
+    return var, mean if keepdim else linear(ctx, torch.squeeze, mean, dims)
+
+
+def _var(ctx: Context, a: Jet, dims: Any = None, *, correction: float = 1, keepdim: bool = False):  # type: ignore[no-untyped-def]
+    return _variance(ctx, a, dims, correction, keepdim)[0]
+
+
+def _var_mean(
+    ctx: Context, a: Jet, dims: Any = None, *, correction: float = 1, keepdim: bool = False
+):  # type: ignore[no-untyped-def]
+    return _variance(ctx, a, dims, correction, keepdim)
+
+
+def _vector_norm(
+    ctx: Context, a: Jet, order: float = 2, dims: Any = None, keepdim: bool = False, **_: Any
+) -> Jet:
+    if order != 2:
+        raise UnsupportedOp(f"aten.linalg_vector_norm with ord={order} (only 2 has a rule)")
+    square = ELEMENTWISE[aten.pow.Tensor_Scalar](inner(ctx), a, 2)
+    total = linear(inner(ctx), torch.sum, square, dims, keepdim=keepdim)
+    return ELEMENTWISE[aten.sqrt.default](ctx, total)
+
+
+def _batch_norm_eval(
+    ctx: Context,
+    a: Jet,
+    weight: Any,
+    bias: Any,
+    mean: Tensor,
+    var: Tensor,
+    momentum: float,
+    eps: float,
+) -> tuple[Jet, Tensor, Tensor]:
+    """Batch norm with running statistics: an affine map per channel (dimension 1)."""
+    per_channel = (-1, *[1] * (a.value.dim() - 2))
+    rstd = torch.rsqrt(var + eps)
+    scale_ = rstd if weight is None else rstd * weight
+    shift = -mean * scale_ if bias is None else bias - mean * scale_
+    out = add(scale(a, scale_.reshape(per_channel)), shift.reshape(per_channel))
+    empty = a.value.new_zeros(0)
+    return out, empty, empty
+
+
+def _batch_norm(
+    ctx: Context,
+    a: Jet,
+    weight: Any,
+    bias: Any,
+    mean: Any,
+    var: Any,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[Jet, Tensor, Tensor]:
+    if training or mean is None or var is None:
+        raise UnsupportedOp("aten.native_batch_norm in training mode (it mixes samples)")
+    return _batch_norm_eval(ctx, a, weight, bias, mean, var, momentum, eps)
 
 
 def _affine(ctx: Context, a: Jet, weight: Tensor | None, bias: Tensor | None) -> Jet:
@@ -117,4 +198,9 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten._softmax.default: _softmax,
     aten._safe_softmax.default: _safe_softmax,
     aten._log_softmax.default: _log_softmax,
+    aten.var.correction: _var,
+    aten.var_mean.correction: _var_mean,
+    aten.linalg_vector_norm.default: _vector_norm,
+    aten._native_batch_norm_legit_no_training.default: _batch_norm_eval,
+    aten.native_batch_norm.default: _batch_norm,
 }

@@ -112,6 +112,27 @@ DERIVATIVES: dict[Any, Derivatives] = {
         -4 * x / math.sqrt(math.pi) * torch.exp(-x * x),
     ),
     aten.abs.default: lambda x, y: (torch.sign(x), None),
+    aten.tan.default: lambda x, y: (1 + y * y, 2 * y * (1 + y * y)),
+    aten.atan.default: lambda x, y: (1 / (1 + x * x), -2 * x / (1 + x * x) ** 2),
+    aten.sinh.default: lambda x, y: (torch.cosh(x), y),
+    aten.cosh.default: lambda x, y: (torch.sinh(x), y),
+    aten.asinh.default: lambda x, y: ((1 + x * x) ** -0.5, -x * (1 + x * x) ** -1.5),
+    aten.log2.default: lambda x, y: (1 / (x * math.log(2)), -1 / (x * x * math.log(2))),
+    aten.log10.default: lambda x, y: (1 / (x * math.log(10)), -1 / (x * x * math.log(10))),
+    aten.exp2.default: lambda x, y: (math.log(2) * y, math.log(2) ** 2 * y),
+    aten.erfc.default: lambda x, y: (
+        -2 / math.sqrt(math.pi) * torch.exp(-x * x),
+        4 * x / math.sqrt(math.pi) * torch.exp(-x * x),
+    ),
+    # piecewise constant or shifted: derivatives 0 or 1 almost everywhere
+    **{
+        op: lambda x, y, *_: (torch.zeros_like(x), None)
+        for op in (aten.sign.default, aten.floor.default, aten.round.default, aten.trunc.default)
+    },
+    **{
+        op: lambda x, y, *_: (torch.ones_like(x), None)
+        for op in (aten.fmod.Scalar, aten.remainder.Scalar)
+    },
 }
 
 
@@ -124,4 +145,11 @@ def _rule(op: Any, derivatives: Derivatives) -> Callable[..., Jet]:
     return rule
 
 
+def _scalar_pow(ctx: Context, c: float, a: Jet) -> Jet:
+    """``c ** a``: the jet is the exponent."""
+    y = torch.pow(c, a.value)
+    return chain(ctx, a, y, math.log(c) * y, math.log(c) ** 2 * y)
+
+
 RULES = {op: _rule(op, d) for op, d in DERIVATIVES.items()}
+RULES[aten.pow.Scalar] = _scalar_pow

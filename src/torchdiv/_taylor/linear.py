@@ -164,6 +164,36 @@ def _where(ctx: Context, cond: Tensor, a: Operand, b: Operand) -> Jet:
     return Jet(value, jac, lap if ctx.second_order else None)
 
 
+def _select(ctx: Context, value: Tensor, pick: Callable[[Tensor], Tensor], a: Jet) -> Jet:
+    """An op that copies one input element per output element (max, max pooling): ``jac``
+    and ``lap`` are copied from the same places (``pick`` works with a leading ``K`` too)."""
+    jac = None if a.jac is None or not ctx.jac else pick(full_jac(ctx, a))
+    return Jet(value, jac, None if a.lap is None else pick(full_lap(a)))
+
+
+def _max_dim(ctx: Context, a: Jet, dim: int, keepdim: bool = False) -> tuple[Jet, Tensor]:
+    value, index = torch.max(a.value, dim, keepdim=True)
+
+    def pick(t: Tensor) -> Tensor:
+        d = dim % a.value.dim() + t.dim() - a.value.dim()
+        out = t.gather(d, index.expand(*t.shape[: t.dim() - a.value.dim()], *index.shape))
+        return out if keepdim else out.squeeze(d)
+
+    squeeze = (lambda t: t) if keepdim else (lambda t: t.squeeze(dim))
+    return _select(ctx, squeeze(value), pick, a), squeeze(index)
+
+
+def _amax(ctx: Context, a: Jet, dims: list[int], keepdim: bool = False) -> Jet:
+    if len(dims) != 1:
+        raise UnsupportedOp("aten.amax over several dimensions")
+    return _max_dim(ctx, a, dims[0], keepdim)[0]
+
+
+def _extremum(ctx: Context, a: Operand, b: Operand, larger: bool) -> Jet:
+    va, vb = value_of(a), value_of(b)
+    return _where(ctx, va >= vb if larger else va <= vb, a, b)
+
+
 def _max_pool(ctx: Context, a: Jet, *args: Any) -> tuple[Jet, Tensor]:
     """Max pooling picks one input per output: ``jac`` and ``lap`` are gathered there."""
     value, index = aten.max_pool2d_with_indices(a.value, *args)
@@ -172,9 +202,7 @@ def _max_pool(ctx: Context, a: Jet, *args: Any) -> tuple[Jet, Tensor]:
         flat_index = index.flatten(-2).expand(*t.shape[:-3], *index.shape[-3:-2], -1)
         return t.flatten(-2).gather(-1, flat_index).view(*t.shape[:-2], *value.shape[-2:])
 
-    jac = None if a.jac is None else pick(full_jac(ctx, a))
-    lap = None if a.lap is None else pick(full_lap(a))
-    return Jet(value, jac, lap), index
+    return _select(ctx, value, pick, a), index
 
 
 LINEAR_OPS = [
@@ -205,7 +233,14 @@ LINEAR_OPS = [
     aten._adaptive_avg_pool2d.default,
     aten.diagonal.default,
     aten.upsample_nearest2d.default,
+    aten.upsample_nearest2d.vec,
+    aten.upsample_bilinear2d.vec,
+    aten.upsample_bilinear2d.default,
     aten.neg.default,
+    aten.cumsum.default,
+    aten.index.Tensor,
+    aten.gather.default,
+    aten.narrow.default,
 ]
 
 RULES: dict[Any, Callable[..., Any]] = {
@@ -231,4 +266,8 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten.cat.default: _cat,
     aten.where.self: _where,
     aten.max_pool2d_with_indices.default: _max_pool,
+    aten.max.dim: _max_dim,
+    aten.amax.default: _amax,
+    aten.maximum.default: lambda ctx, a, b: _extremum(ctx, a, b, True),
+    aten.minimum.default: lambda ctx, a, b: _extremum(ctx, a, b, False),
 }
