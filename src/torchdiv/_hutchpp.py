@@ -9,7 +9,7 @@ products), the trace on ``range(Q)`` exactly (``c`` products), and Hutchinson on
 
 ``tr(A) = tr(Q^T A Q) + tr(P A P)`` for every ``Q``, and ``G`` is independent of ``Q``, so the
 estimate is unbiased; its error is Hutchinson's on ``P A P``, which is small when ``A``'s
-spectrum decays (exact when ``rank(A) <= c``).
+spectrum decays (exact when ``rank(A) <= c``, almost surely for Gaussian probes).
 
 Standard error: given the sketch, the first term is fixed and the second is a Hutchinson
 mean of ``c`` i.i.d. terms, whose conditional variance is estimated without bias by their

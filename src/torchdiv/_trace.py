@@ -225,7 +225,8 @@ def estimate_trace(
       as they share the sketch). Needs ``m/2 <= n``.
 
     Hutch++ and XTrace beat Hutchinson when the eigenvalues decay (they are exact when the
-    rank is below ``m/3``, resp. ``m/2``); on flat spectra (typical network Jacobians)
+    rank is at most ``m/3``, resp. below ``m/2``, almost surely for Gaussian or sphere
+    probes; Rademacher probes of a tiny event can coincide and lose rank); on flat spectra (typical network Jacobians)
     Hutchinson's variance is lower, because it spends every product on probes.
 
     With ``rtol`` and/or ``atol``, independent blocks of ``num_probes`` products (default: 16
@@ -259,10 +260,11 @@ def estimate_trace(
             shaped like ``V``.
 
     Example:
-        >>> A = torch.randn(4, 6, 3) @ torch.randn(4, 3, 6)  # 4 matrices of rank 3
-        >>> matmat = lambda V: torch.einsum("bij,kbj->kbi", A, V)
-        >>> est = estimate_trace(matmat, torch.zeros(4, 6), method="xtrace", num_probes=8)
-        >>> torch.allclose(est.value, A.diagonal(dim1=1, dim2=2).sum(-1), atol=1e-4)  # exact
+        >>> A = torch.randn(4, 6, 3, dtype=torch.float64) @ torch.randn(4, 3, 6).double()
+        >>> matmat = lambda V: torch.einsum("bij,kbj->kbi", A, V)  # 4 matrices of rank 3
+        >>> like = torch.zeros(4, 6, dtype=torch.float64)
+        >>> est = estimate_trace(matmat, like, method="xtrace", num_probes=8, probe="gaussian")
+        >>> torch.allclose(est.value, A.diagonal(dim1=1, dim2=2).sum(-1))  # exact: rank < 8/2
         True
         >>> est.num_probes, est.stderr.shape
         (8, torch.Size([4]))

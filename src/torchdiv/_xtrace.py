@@ -13,7 +13,8 @@ Each ``t_i`` is unbiased (as a Hutch++ estimate with a ``k - 1`` sketch), so the
 No extra products are needed: ``Q_i Q_i^T = Q (I - s_i s_i^T) Q^T`` with ``s_i`` the
 normalised ``i``-th column of ``R^{-T}`` (the direction orthogonal to every other column of
 ``R``), so every ``t_i`` is a few ``k x k`` operations on ``Q^T A Q``, ``Q^T W`` and ``Q^T A W``.
-Exact when ``rank(A) < k``.
+Exact when ``rank(A) < k`` and every ``k - 1`` of the ``A w_i`` span ``range(A)`` (almost
+surely for Gaussian probes; Rademacher probes of a tiny event can repeat).
 
 Standard error: the paper's estimate, the spread of the ``k`` left-out estimates,
 ``std(t_1..t_k) / sqrt(k)``. The ``t_i`` are not independent (they share the sketch), so this
