@@ -41,8 +41,8 @@ def draw(
     """``count`` probe vectors of the distribution ``probe``, shape ``(count,) + like.shape``."""
     shape = (count, *like.shape)
     if probe == "rademacher":
-        bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
-        return (2 * bits - 1).to(dtype)
+        bits = torch.randint(0, 2, shape, generator=generator, dtype=dtype, device=like.device)
+        return bits.mul_(2).sub_(1)
     v = torch.randn(shape, generator=generator, dtype=dtype, device=like.device)
     if probe == "sphere":
         n = event_numel(like, batch_dims)

@@ -226,8 +226,9 @@ def estimate_trace(
 
     Hutch++ and XTrace beat Hutchinson when the eigenvalues decay (they are exact when the
     rank is at most ``m/3``, resp. below ``m/2``, almost surely for Gaussian or sphere
-    probes; Rademacher probes of a tiny event can coincide and lose rank); on flat spectra (typical network Jacobians)
-    Hutchinson's variance is lower, because it spends every product on probes.
+    probes; Rademacher probes of a tiny event can coincide and lose rank); on flat spectra
+    (typical network Jacobians) Hutchinson's variance is lower, because it spends every
+    product on probes.
 
     With ``rtol`` and/or ``atol``, independent blocks of ``num_probes`` products (default: 16
     for Hutchinson and XTrace, 24 for Hutch++) are averaged until every sample's standard
