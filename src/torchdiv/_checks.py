@@ -128,7 +128,7 @@ def check_probe(fn: str, probe: Any, valid: Sequence[str]) -> None:
 
 
 def check_probes(
-    fn: str, probes: Any, like: torch.Tensor, method: str, num_probes: Any, spec: Any
+    fn: str, probes: Any, like: torch.Tensor, method: str, num_probes: Any, spec: Any, name: str
 ) -> int:
     """A probe tensor ``(r,) + x.shape`` with ``r`` random vectors that ``method`` can use.
 
@@ -141,9 +141,9 @@ def check_probes(
         raise TypeError(f"{fn}: probes must have a floating dtype, got {probes.dtype}")
     if probes.dim() != like.dim() + 1 or probes.shape[1:] != like.shape or len(probes) == 0:
         raise ValueError(
-            f"{fn}: probes must have shape (r,) + x.shape = (r, {str(_shape(like))[1:]} with "
-            f"r >= 1 random vectors; got probes of shape {_shape(probes)} and x of shape "
-            f"{_shape(like)}. draw_probes(x, num_probes, method=...) makes them"
+            f"{fn}: probes must have shape (r,) + {name}.shape = (r, {str(_shape(like))[1:]} "
+            f"with r >= 1 random vectors; got probes of shape {_shape(probes)} and {name} of "
+            f"shape {_shape(like)}. draw_probes({name}, num_probes, method=...) makes them"
         )
     r = len(probes)
     if r % spec.vectors:

@@ -68,6 +68,7 @@ def sampling(
     atol: float | None = None,
     max_probes: int = MAX_PROBES,
     methods: tuple[str, ...] = STOCHASTIC_METHODS,
+    name: str = "x",
 ) -> Sampling:
     """Check the stochastic options of ``fn`` together; fill in the defaults."""
     check_method(fn, method, methods)
@@ -86,7 +87,7 @@ def sampling(
                 f"{fn}: probes= fixes the number of products, but rtol/atol ask for fresh blocks "
                 "of probes until the target is met; pass one of the two"
             )
-        num_probes = check_probes(fn, probes, like, method, num_probes, spec)
+        num_probes = check_probes(fn, probes, like, method, num_probes, spec, name)
     else:
         probe = "rademacher" if probe is None else probe
         check_probe(fn, probe, PROBES)
@@ -276,6 +277,17 @@ def estimate_trace(
     check_input(fn, like, batch_dims, name="like")
     check_chunk_size(fn, chunk_size)
     s = sampling(
-        fn, like, batch_dims, method, num_probes, probe, probes, generator, rtol, atol, max_probes
+        fn,
+        like,
+        batch_dims,
+        method,
+        num_probes,
+        probe,
+        probes,
+        generator,
+        rtol,
+        atol,
+        max_probes,
+        name="like",
     )
     return run(s, flat_operator(fn, matmat, like, batch_dims, chunk_size), like, batch_dims)
