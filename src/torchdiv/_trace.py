@@ -122,7 +122,7 @@ def flat_operator(
             out = matmat(block)
             check_products(fn, out, block)
             parts.append(out.reshape(v[start:stop].shape).to(v.dtype))
-        return torch.cat(parts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     return apply
 
