@@ -28,31 +28,12 @@ from pathlib import Path
 
 import torch
 from _common import RESULTS, markdown, time_interleaved, write_json
+from divergence_exact import convnet, mlp
 
 import torchdiv
 
 METHODS = ("hutchinson", "hutch++", "xtrace")
 NUM_PROBES = (6, 12, 30, 60)
-
-
-def mlp(d: int, h: int) -> torch.nn.Module:
-    return torch.nn.Sequential(
-        torch.nn.Linear(d, h),
-        torch.nn.Tanh(),
-        torch.nn.Linear(h, h),
-        torch.nn.Tanh(),
-        torch.nn.Linear(h, d),
-    )
-
-
-def convnet() -> torch.nn.Module:
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1),
-        torch.nn.Tanh(),
-        torch.nn.Conv2d(16, 16, 3, padding=1),
-        torch.nn.Tanh(),
-        torch.nn.Conv2d(16, 3, 3, padding=1),
-    )
 
 
 def decaying(n: int) -> Callable[[torch.Tensor], torch.Tensor]:

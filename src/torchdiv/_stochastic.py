@@ -48,8 +48,9 @@ def trace_of_function(
     """The estimate ``s`` of every sample's ``tr J``, on the engine ``"auto"`` picks.
 
     A one-product estimate (Hutchinson, ``num_probes=1``, the CNF training staple) takes one
-    plain ``autograd.grad`` instead: no plan to watch ``f`` for, no ``torch.func`` wrapping,
-    which measured 0.57 ms against 1.2 ms for a forward pass of 0.22 ms (B=128, D=256 MLP).
+    plain ``autograd.grad`` instead: no plan to watch ``f`` for, no ``torch.func`` wrapping
+    (B=128, D=256 tanh MLP: 0.9 ms against 1.2 ms through the planned engine; one forward
+    pass takes 0.24 ms, forward plus ``autograd.grad`` 0.52 ms).
     """
     if s.num_probes == 1:
         engine = GraphJacobian.of_function(f, x, batch_dims)
