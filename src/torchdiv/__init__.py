@@ -1,9 +1,13 @@
-"""torchdiv: per-sample divergence, Jacobians and their diagonals for batched PyTorch functions."""
+"""torchdiv: per-sample divergence, Jacobians, their diagonals and Laplacians of batched functions,
+exact or estimated."""
 
-from torchdiv._api import divergence, jacobian, jacobian_diagonal
+from torchdiv._api import divergence, estimate_divergence, jacobian, jacobian_diagonal
 from torchdiv._graph import graph_divergence, graph_jacobian
 from torchdiv._independence import BatchInteractionError, check_batch_independence
 from torchdiv._laplacian import laplacian
+from torchdiv._probes import draw_probes
+from torchdiv._result import Estimate
+from torchdiv._trace import estimate_trace
 
 __version__ = "0.1.0"
 
@@ -16,6 +20,11 @@ __all__ = [
     # the same from an existing autograd graph
     "graph_divergence",
     "graph_jacobian",
+    # stochastic estimates (trace estimation)
+    "estimate_divergence",
+    "estimate_trace",
+    "draw_probes",
+    "Estimate",
     # checking the batch-independence assumption
     "BatchInteractionError",
     "check_batch_independence",

@@ -51,19 +51,20 @@ class GraphJacobian:
     def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
         """VJPs: ``(k,) + y.shape`` cotangents -> ``(k,) + x.shape`` products."""
         out = None
+        single = len(cotangents) == 1  # one probe: no batching (vmap) overhead
         if self.y.requires_grad:
             (out,) = torch.autograd.grad(
                 self.y,
                 self.x,
-                cotangents,
+                cotangents[0] if single else cotangents,
                 retain_graph=True,
                 create_graph=self.create_graph,
-                is_grads_batched=True,
+                is_grads_batched=not single,
                 allow_unused=True,
             )
         if out is None:  # y does not depend on x: the Jacobian is zero
             return self.x.new_zeros((cotangents.shape[0], *self.x.shape), dtype=self.y.dtype)
-        return out
+        return out[None] if single else out
 
     def block(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``."""

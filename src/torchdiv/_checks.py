@@ -30,20 +30,21 @@ def check_callable(fn: str, f: Any) -> None:
         )
 
 
-def check_input(fn: str, x: Any, batch_dims: Any) -> None:
-    """Check that ``x`` is a floating tensor with at least ``batch_dims`` dimensions."""
+def check_input(fn: str, x: Any, batch_dims: Any, name: str = "x") -> None:
+    """Check that ``x`` (the argument ``name``) is a floating tensor with at least
+    ``batch_dims`` dimensions."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(
-            f"{fn}: x must have a floating dtype (float16/bfloat16/float32/float64), "
+            f"{fn}: {name} must have a floating dtype (float16/bfloat16/float32/float64), "
             f"got {x.dtype}; convert it first, e.g. x.float()"
         )
     if isinstance(batch_dims, bool) or not isinstance(batch_dims, int):
         raise TypeError(f"{fn}: batch_dims must be an int, got {type(batch_dims).__name__}")
     if not 0 <= batch_dims <= x.dim():
         raise ValueError(
-            f"{fn}: batch_dims must be in [0, x.dim()] = [0, {x.dim()}] for x of shape "
+            f"{fn}: batch_dims must be in [0, {name}.dim()] = [0, {x.dim()}] for {name} of shape "
             f"{_shape(x)}, got {batch_dims}"
         )
 
@@ -75,13 +76,118 @@ def check_method(fn: str, method: Any, valid: Sequence[str]) -> None:
         raise ValueError(f"{fn}: unknown method {method!r}; valid methods are {choices}")
 
 
-def check_exact_options(fn: str, method: str, num_probes: Any, generator: Any) -> None:
-    """Exact methods take no probes: reject ``num_probes`` instead of ignoring it."""
+def check_exact_options(
+    fn: str,
+    method: str,
+    num_probes: Any,
+    generator: Any,
+    probe: Any = None,
+    probes: Any = None,
+) -> None:
+    """Exact methods take no probes: reject the stochastic options instead of ignoring them."""
     check_generator(fn, generator)
-    if num_probes is not None:
+    for name, value in (("num_probes", num_probes), ("probe", probe), ("probes", probes)):
+        if value is not None:
+            shown = (
+                f"a tensor of shape {_shape(value)}" if isinstance(value, torch.Tensor) else value
+            )
+            raise ValueError(
+                f"{fn}: {name} is only used by stochastic methods; method={method!r} is exact, "
+                f"got {name}={shown}"
+            )
+    if generator is not None:
         raise ValueError(
-            f"{fn}: num_probes is only used by stochastic methods; method={method!r} is exact, "
-            f"got num_probes={num_probes}"
+            f"{fn}: generator is only used by stochastic methods; method={method!r} is exact"
+        )
+
+
+def check_num_probes(fn: str, method: str, num_probes: Any, spec: Any) -> None:
+    """``num_probes``: a positive int, a multiple of what ``method`` needs (``spec.products``)."""
+    if num_probes is None:
+        raise ValueError(
+            f"{fn}: method={method!r} needs num_probes, the number of operator products "
+            f"(Jacobian-vector products) per sample, e.g. num_probes={spec.products * 10}"
+        )
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int):
+        raise TypeError(f"{fn}: num_probes must be an int, got {type(num_probes).__name__}")
+    if num_probes < 1:
+        raise ValueError(f"{fn}: num_probes must be a positive int, got {num_probes}")
+    if num_probes % spec.products:
+        below = num_probes - num_probes % spec.products
+        options = f"{below} or {below + spec.products}" if below else f"{spec.products}"
+        raise ValueError(
+            f"{fn}: method={method!r} needs num_probes to be a multiple of {spec.products} "
+            f"({spec.split}), got {num_probes}; use {options}"
+        )
+
+
+def check_probe(fn: str, probe: Any, valid: Sequence[str]) -> None:
+    if probe not in valid:
+        choices = ", ".join(repr(p) for p in valid)
+        raise ValueError(f"{fn}: unknown probe {probe!r}; valid probes are {choices}")
+
+
+def check_probes(
+    fn: str, probes: Any, like: torch.Tensor, method: str, num_probes: Any, spec: Any, name: str
+) -> int:
+    """A probe tensor ``(r,) + x.shape`` with ``r`` random vectors that ``method`` can use.
+
+    Returns:
+        The products per sample these probes are for; ``num_probes``, if given, must agree.
+    """
+    if not isinstance(probes, torch.Tensor):
+        raise TypeError(f"{fn}: probes must be a torch.Tensor, got {type(probes).__name__}")
+    if not probes.is_floating_point():
+        raise TypeError(f"{fn}: probes must have a floating dtype, got {probes.dtype}")
+    if probes.dim() != like.dim() + 1 or probes.shape[1:] != like.shape or len(probes) == 0:
+        raise ValueError(
+            f"{fn}: probes must have shape (r,) + {name}.shape = (r, {str(_shape(like))[1:]} "
+            f"with r >= 1 random vectors; got probes of shape {_shape(probes)} and {name} of "
+            f"shape {_shape(like)}. draw_probes({name}, num_probes, method=...) makes them"
+        )
+    r = len(probes)
+    if r % spec.vectors:
+        raise ValueError(
+            f"{fn}: method={method!r} uses {spec.vectors} random vectors per {spec.products} "
+            f"products, so probes.shape[0] must be a multiple of {spec.vectors}; got probes of "
+            f"shape {_shape(probes)}"
+        )
+    implied = r // spec.vectors * spec.products
+    if num_probes is not None and num_probes != implied:
+        raise ValueError(
+            f"{fn}: probes of shape {_shape(probes)} are {r} random vectors, which method="
+            f"{method!r} spends as num_probes={implied} products, but num_probes={num_probes} "
+            "was given; pass one of the two"
+        )
+    return implied
+
+
+def check_products(fn: str, out: Any, vectors: torch.Tensor) -> None:
+    """``matmat(V)`` must return a tensor shaped like ``V``: the operator is square."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{fn}: matmat(V) must return a torch.Tensor, got {type(out).__name__}")
+    if out.shape != vectors.shape:
+        raise ValueError(
+            f"{fn}: matmat(V) must return a tensor shaped like V (k probe vectors, each shaped "
+            f"like `like`): V has shape {_shape(vectors)} but matmat(V) has shape {_shape(out)}"
+        )
+
+
+def check_tolerance(fn: str, rtol: Any, atol: Any, max_probes: Any, block: int) -> None:
+    """``rtol``/``atol`` non-negative numbers (at least one); ``max_probes >= block``."""
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{fn}: {name} must be a float or None, got {type(value).__name__}")
+        if not 0 <= value < math.inf:
+            raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value}")
+    if isinstance(max_probes, bool) or not isinstance(max_probes, int):
+        raise TypeError(f"{fn}: max_probes must be an int, got {type(max_probes).__name__}")
+    if max_probes < block:
+        raise ValueError(
+            f"{fn}: max_probes={max_probes} is below one block of num_probes={block} products; "
+            "raise max_probes or lower num_probes"
         )
 
 

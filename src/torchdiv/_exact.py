@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -23,6 +23,7 @@ from torchdiv._forward import ForwardJacobian
 from torchdiv._reverse import ReverseJacobian
 
 EXACT_METHODS = ("auto", "forward", "reverse")
+T = TypeVar("T")
 
 
 class Engine(Protocol):
@@ -71,8 +72,8 @@ def evaluate(
     batch_dims: int,
     method: str,
     chunk_size: int | None,
-    consume: Callable[[Engine, int], torch.Tensor],
-) -> tuple[torch.Tensor, torch.Size]:
+    consume: Callable[[Engine, int], T],
+) -> tuple[T, torch.Size]:
     """Run ``consume`` on the engine ``method`` names; returns its result and ``f(x).shape``.
 
     ``"forward"`` and ``"reverse"`` are taken as given (``chunk_size=None``: all at once).

@@ -36,7 +36,14 @@ class ForwardJacobian:
         return self._y_shape
 
     def apply(self, tangents: torch.Tensor) -> torch.Tensor:
-        """JVPs: ``(k,) + x.shape`` tangents -> ``(k,) + f(x).shape`` products."""
+        """JVPs: ``(k,) + x.shape`` tangents -> ``(k,) + f(x).shape`` products.
+
+        One tangent (a one-probe estimate) skips ``vmap``.
+        """
+        if len(tangents) == 1:
+            y, out = jvp(self.f, (self.x,), (tangents[0],))
+            self._y_shape = y.shape
+            return out[None]
 
         def push(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return jvp(self.f, (self.x,), (v,))

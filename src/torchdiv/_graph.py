@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from torchdiv import _exact
+from torchdiv import _exact, _stochastic, _trace
 from torchdiv._autograd import GraphJacobian, depends_on
 from torchdiv._checks import (
     check_chunk_size,
@@ -23,8 +23,9 @@ from torchdiv._checks import (
     check_output,
     check_square,
 )
+from torchdiv._estimators import STOCHASTIC_METHODS
 
-GRAPH_METHODS = ("auto", "reverse")
+GRAPH_METHODS = ("auto", "reverse", *STOCHASTIC_METHODS)
 
 
 def _engine(
@@ -107,21 +108,25 @@ def graph_divergence(
     chunk_size: int | None = None,
     num_probes: int | None = None,
     generator: torch.Generator | None = None,
+    probe: str | None = None,
+    probes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Divergence ``tr(d vec(y_b) / d vec(x_b))`` of each sample, from an existing graph.
 
-    Exact, with one VJP per event element (reverse mode is the only mode a built graph offers).
-    Assumes sample ``b`` of ``y`` depends only on sample ``b`` of ``x``.
+    Exact, with one VJP per event element (reverse mode is the only mode a built graph offers),
+    or estimated with ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"`` from ``num_probes`` VJPs
+    per sample, as in ``divergence``. Assumes sample ``b`` of ``y`` depends only on sample
+    ``b`` of ``x``.
 
     Args:
         y: tensor computed from ``x``, same number of elements per sample as ``x``.
         x: floating tensor with ``requires_grad=True``.
         batch_dims: number of leading batch dimensions.
-        method: ``"auto"`` or ``"reverse"`` (the same exact computation).
+        method: ``"auto"`` or ``"reverse"`` (the same exact computation), or ``"hutchinson"``,
+            ``"hutch++"``, ``"xtrace"`` (stochastic).
         create_graph: keep the result differentiable (e.g. a CNF or score-matching loss).
         chunk_size: at most this many VJPs in flight at once; ``None``: all of them.
-        num_probes: reserved for the stochastic estimators; must be ``None`` for exact methods.
-        generator: reserved for the stochastic estimators; ignored by exact methods.
+        num_probes, generator, probe, probes: as in ``divergence``, stochastic methods only.
 
     Returns:
         Shape ``x.shape[:batch_dims]``.
@@ -135,7 +140,13 @@ def graph_divergence(
         >>> torch.allclose(graph_divergence(x**2, x), 2 * x.sum(-1))
         True
     """
-    check_method("graph_divergence", method, GRAPH_METHODS)
-    check_exact_options("graph_divergence", method, num_probes, generator)
-    engine, chunk = _engine("graph_divergence", y, x, batch_dims, create_graph, chunk_size, True)
+    fn = "graph_divergence"
+    check_method(fn, method, GRAPH_METHODS)
+    if method in STOCHASTIC_METHODS:
+        check_input(fn, x, batch_dims)
+        s = _trace.sampling(fn, x, batch_dims, method, num_probes, probe, probes, generator)
+        engine, _ = _engine(fn, y, x, batch_dims, create_graph, chunk_size, True)
+        return _stochastic.trace_of_engine(engine, s, chunk_size).value
+    check_exact_options(fn, method, num_probes, generator, probe, probes)
+    engine, chunk = _engine(fn, y, x, batch_dims, create_graph, chunk_size, True)
     return _exact.diagonal(engine, chunk).sum(-1).reshape(x.shape[:batch_dims])

@@ -28,7 +28,14 @@ class ReverseJacobian:
         self.num_basis = event_numel(self.y, batch_dims)
 
     def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
-        """VJPs: ``(k,) + f(x).shape`` cotangents -> ``(k,) + x.shape`` products."""
+        """VJPs: ``(k,) + f(x).shape`` cotangents -> ``(k,) + x.shape`` products.
+
+        One cotangent (a one-probe estimate) skips ``vmap``, whose overhead would be a large
+        part of a single VJP.
+        """
+        if len(cotangents) == 1:
+            (out,) = self._pullback(cotangents[0])
+            return out[None]
         (out,) = vmap(self._pullback)(cotangents)
         return out
 

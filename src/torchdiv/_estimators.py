@@ -1,0 +1,54 @@
+"""The stochastic trace estimators, in one registry with one signature.
+
+Every estimator takes ``matmat`` (``(k, N, n)`` vectors -> ``A`` times each, per sample) and
+its random vectors ``(r, N, n)``, and returns the per-sample estimate and standard error,
+``(N,)`` each. It never touches autograd, so it works on any batched square operator: a
+Jacobian (``A V`` by JVPs, or ``A^T V`` by VJPs: same trace), a Hessian, a dense matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from torchdiv import _hutchinson, _hutchpp, _xtrace
+
+Matmat = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Estimator(NamedTuple):
+    """An estimator and how it spends products.
+
+    ``num_probes`` (products per sample) must be a multiple of ``products``; every such group
+    uses ``vectors`` random vectors. ``block`` is the default block of the tolerance mode.
+    """
+
+    estimate: Callable[[Matmat, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    products: int
+    vectors: int
+    block: int
+    split: str
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "hutchinson": Estimator(_hutchinson.estimate, 1, 1, 16, "one per probe"),
+    "hutch++": Estimator(
+        _hutchpp.estimate, 3, 2, 24, "a third each for the sketch, its basis and the residual"
+    ),
+    "xtrace": Estimator(_xtrace.estimate, 2, 1, 16, "half for the sketch, half for its basis"),
+}
+STOCHASTIC_METHODS = tuple(ESTIMATORS)
+
+
+def num_vectors(method: str, num_probes: int) -> int:
+    """How many random vectors ``method`` draws for ``num_probes`` products per sample."""
+    spec = ESTIMATORS[method]
+    return num_probes // spec.products * spec.vectors
+
+
+def num_products(method: str, vectors: int) -> int:
+    """The inverse of ``num_vectors``: products per sample for ``vectors`` random vectors."""
+    spec = ESTIMATORS[method]
+    return vectors // spec.vectors * spec.products

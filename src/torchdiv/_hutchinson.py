@@ -1,0 +1,27 @@
+"""Girard-Hutchinson trace estimator, per sample.
+
+Hutchinson (1989), "A stochastic estimator of the trace of the influence matrix for Laplacian
+smoothing splines"; Girard (1989). With probes ``v_1..v_m`` drawn so that ``E[v v^T] = I``,
+
+    tr(A) ~ (1/m) sum_j v_j^T A v_j,
+
+unbiased, with variance ``Var(v^T A v) / m`` (``2 ||A||_F^2 - 2 sum_i A_ii^2`` over ``m`` for
+Rademacher probes and symmetric ``A``; ``2 ||A||_F^2 / m`` for Gaussian ones). Standard error:
+the sample standard deviation of the ``m`` terms over ``sqrt(m)`` (undefined for ``m = 1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from torchdiv._sketch import standard_error
+
+
+def estimate(
+    matmat: Callable[[torch.Tensor], torch.Tensor], probes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``m`` products: ``(m, N, n)`` probes -> per-sample estimate and standard error, ``(N,)``."""
+    terms = (probes * matmat(probes)).sum(-1)  # (m, N): v_j^T A v_j of every sample
+    return terms.mean(0), standard_error(terms)

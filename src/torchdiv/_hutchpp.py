@@ -1,0 +1,40 @@
+"""Hutch++ trace estimator, per sample.
+
+Meyer, Musco, Musco and Woodruff (2021), "Hutch++: Optimal stochastic trace estimation".
+``m = 3c`` products: a sketch ``S`` of ``c`` random vectors, ``Q = orth(A S)`` (``c``
+products), the trace on ``range(Q)`` exactly (``c`` products), and Hutchinson on the rest with
+``c`` fresh probes ``G`` (``c`` products):
+
+    tr(A) ~ tr(Q^T A Q) + (1/c) sum_j g_j^T P A P g_j,     P = I - Q Q^T.
+
+``tr(A) = tr(Q^T A Q) + tr(P A P)`` for every ``Q``, and ``G`` is independent of ``Q``, so the
+estimate is unbiased; its error is Hutchinson's on ``P A P``, which is small when ``A``'s
+spectrum decays (exact when ``rank(A) <= c``, almost surely for Gaussian probes).
+
+Standard error: given the sketch, the first term is fixed and the second is a Hutchinson
+mean of ``c`` i.i.d. terms, whose conditional variance is estimated without bias by their
+sample variance over ``c``. The conditional mean is ``tr(A)`` for every sketch, so the total
+variance is the expectation of the conditional one, and the same sample variance estimates it
+without bias: the standard error is the residual terms' standard deviation over ``sqrt(c)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from torchdiv._sketch import combine, gram, qr, standard_error
+
+
+def estimate(
+    matmat: Callable[[torch.Tensor], torch.Tensor], vectors: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(2c, N, n)`` vectors (sketch, then probes) -> estimate and stderr, ``(N,)``."""
+    c = vectors.shape[0] // 2
+    sketch, probes = vectors[:c], vectors[c:]
+    q, _ = qr(matmat(sketch))
+    low_rank = (q * matmat(q)).sum((0, 2))  # tr(Q^T A Q) of every sample
+    deflated = probes - combine(q, gram(q, probes))  # P g_j
+    terms = (deflated * matmat(deflated)).sum(-1)
+    return low_rank + terms.mean(0), standard_error(terms)

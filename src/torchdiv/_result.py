@@ -1,0 +1,25 @@
+"""The result of a stochastic estimate: per-sample values with their standard errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Per-sample stochastic estimate of a trace (a divergence, a Laplacian, ...).
+
+    Attributes:
+        value: the estimates, shape ``x.shape[:batch_dims]``, dtype and device of ``x``;
+            differentiable like the exact operators.
+        stderr: estimated standard error of each value, same shape; how each method computes
+            it is documented in ``torchdiv.estimate_trace``. ``nan`` where a single probe
+            gives no spread to measure (Hutchinson with one probe).
+        num_probes: operator products (Jacobian-vector products) spent per sample.
+    """
+
+    value: torch.Tensor
+    stderr: torch.Tensor
+    num_probes: int

@@ -1,0 +1,44 @@
+"""Per-sample linear algebra on stacks of probe vectors, batched over samples.
+
+The estimators hold ``k`` vectors of every sample as one ``(k, N, n)`` tensor (vector, sample,
+flattened event). Per-sample matrices built from them are ``(N, k, k)`` stacks, so every
+factorisation runs once over all samples (``torch.linalg`` batches), never in a Python loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(k, N, n)``, ``(l, N, n)`` -> ``(N, k, l)``: ``[s, i, j] = a_i . b_j`` in sample s."""
+    return torch.einsum("isn,jsn->sij", a, b)
+
+
+def combine(vectors: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``(k, N, n)`` vectors, ``(N, k, l)`` -> ``(l, N, n)``: ``sum_i c[s,i,j] v_i``."""
+    return torch.einsum("isn,sij->jsn", vectors, coefficients)
+
+
+def qr(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample thin QR of the ``n x k`` matrix whose columns are a sample's ``k`` vectors.
+
+    Returns:
+        ``Q`` as ``(c, N, n)`` orthonormal vectors (``c = min(k, n)``), and ``R`` as ``(N, c, k)``.
+        Householder QR, so ``Q`` is orthonormal even when the vectors are linearly dependent.
+    """
+    q, r = torch.linalg.qr(vectors.permute(1, 2, 0))
+    return q.permute(2, 0, 1), r
+
+
+def standard_error(terms: torch.Tensor) -> torch.Tensor:
+    """Standard error of the mean of ``m`` i.i.d. terms per sample: ``(m, N)`` -> ``(N,)``.
+
+    ``sqrt(s^2 / m)`` with the unbiased sample variance ``s^2``; ``nan`` for ``m = 1``.
+    """
+    m = terms.shape[0]
+    if m < 2:
+        return torch.full_like(terms[0], math.nan)
+    return terms.std(0) / math.sqrt(m)

@@ -1,0 +1,84 @@
+"""Stochastic estimates of Jacobian traces and diagonals: the engines as ``matmat`` operators.
+
+An engine (see ``torchdiv._exact``) gives ``J V`` (forward: JVPs) or ``J^T U`` (reverse: VJPs)
+for ``k`` vectors at once. Here each vector is a full batched tensor holding every sample's own
+probe, and one batched JVP/VJP gives every sample's product at once (the NOTE [Batching over
+basis vectors] in ``torchdiv._basis``, with probes in place of basis vectors).
+``tr(J^T) = tr(J)`` and ``diag(J^T) = diag(J)``, so either engine serves every estimator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from torchdiv import _exact, _trace
+from torchdiv._autograd import GraphJacobian
+from torchdiv._estimators import Matmat
+from torchdiv._result import Estimate
+
+
+def jacobian_matmat(engine: _exact.Engine) -> Matmat:
+    """``(k,) + x.shape`` vectors -> ``J V`` (forward engines) or ``J^T V`` (reverse), x-shaped.
+
+    Events are flattened, so ``f(x)`` may have another event shape with as many elements.
+    """
+
+    def matmat(v: torch.Tensor) -> torch.Tensor:
+        k = v.shape[0]
+        if engine.blocks_are_rows:  # VJPs take cotangents shaped like f(x)
+            v = v.reshape(k, *engine.y_shape)
+        return engine.apply(v).reshape(k, *engine.x.shape)
+
+    return matmat
+
+
+def _operator(engine: _exact.Engine, s: _trace.Sampling, chunk: int) -> Matmat:
+    return _trace.flat_operator(s.fn, jacobian_matmat(engine), engine.x, engine.batch_dims, chunk)
+
+
+def trace_of_function(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    s: _trace.Sampling,
+    chunk_size: int | None,
+) -> Estimate:
+    """The estimate ``s`` of every sample's ``tr J``, on the engine ``"auto"`` picks.
+
+    A one-product estimate (Hutchinson, ``num_probes=1``, the CNF training staple) takes one
+    plain ``autograd.grad`` instead: no plan to watch ``f`` for, no ``torch.func`` wrapping
+    (B=128, D=256 tanh MLP: 0.9 ms against 1.2 ms through the planned engine; one forward
+    pass takes 0.24 ms, forward plus ``autograd.grad`` 0.52 ms).
+    """
+    if s.num_probes == 1:
+        engine = GraphJacobian.of_function(f, x, batch_dims)
+        return _trace.run(s, _operator(engine, s, 1), x, batch_dims)
+
+    def consume(engine: _exact.Engine, chunk: int) -> Estimate:
+        return _trace.run(s, _operator(engine, s, chunk), x, batch_dims)
+
+    estimate, _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume)
+    return estimate
+
+
+def diagonal_of_function(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    s: _trace.Sampling,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """The Hutchinson (Bekas et al.) estimate of every sample's Jacobian diagonal, x-shaped."""
+
+    def consume(engine: _exact.Engine, chunk: int) -> torch.Tensor:
+        return _trace.diagonal(s, _operator(engine, s, chunk), x, batch_dims)
+
+    diag, _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume)
+    return diag
+
+
+def trace_of_engine(engine: _exact.Engine, s: _trace.Sampling, chunk: int) -> Estimate:
+    """The estimate ``s`` of every sample's ``tr J`` from a given engine (graph form)."""
+    return _trace.run(s, _operator(engine, s, chunk), engine.x, engine.batch_dims)
