@@ -391,3 +391,101 @@ def test_bad_arguments(kwargs, error, match):
 def test_output_must_keep_the_batch_shape():
     with pytest.raises(ValueError, match="changed the batch shape"):
         torchdiv.laplacian(lambda x: x.sum(), torch.randn(2, 3))
+
+
+def _per_sample_hessians(f, x: torch.Tensor) -> torch.Tensor:
+    """``(N, m, n, n)`` Hessians of every output component, from ``torch.func`` per sample."""
+    one = lambda z: f(z[None]).reshape(-1)  # noqa: E731
+    return torch.vmap(torch.func.jacfwd(torch.func.jacrev(one)))(x)
+
+
+HUTCHINSON_CASES = {
+    "taylor": lambda: tanh_mlp(4, 6, 2),
+    "fallback": lambda: lambda x: torch.lgamma(_inner(x).square() + 1)[:, :2],  # no rule
+}
+
+
+@pytest.mark.parametrize("case", sorted(HUTCHINSON_CASES))
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_hutchinson_equals_the_quadratic_forms_of_its_probes(case, chunk_size):
+    f = HUTCHINSON_CASES[case]()
+    x = torch.randn(3, 4, dtype=f64)
+    probes = torchdiv.draw_probes(
+        x, 7, probe="gaussian", generator=torch.Generator().manual_seed(0)
+    )
+    got = torchdiv.laplacian(f, x, method="hutchinson", probes=probes, chunk_size=chunk_size)
+    h = _per_sample_hessians(f, x)  # (N, m, n, n)
+    expected = torch.einsum("rbi,bmij,rbj->bm", probes, h, probes) / 7
+    assert_close(got, expected)
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_hutchinson_is_unbiased_with_the_exact_variance(probe):
+    f = tanh_mlp(5, 8, 1)
+    x = torch.randn(4, 5, dtype=f64)
+    h = _per_sample_hessians(f, x)[:, 0]  # (N, n, n), symmetric
+    exact = h.diagonal(dim1=1, dim2=2).sum(-1)
+    off_diagonal = h.square().sum((1, 2)) - h.diagonal(dim1=1, dim2=2).square().sum(-1)
+    # Var(v^T H v): 2 ||H||_F^2 for Gaussian v, 2 (||H||_F^2 - sum_i H_ii^2) for Rademacher
+    variance = 2 * (h.square().sum((1, 2)) if probe == "gaussian" else off_diagonal)
+    g = torch.Generator().manual_seed(1)
+    single = torch.stack(
+        [
+            torchdiv.laplacian(f, x, method="hutchinson", num_probes=1, probe=probe, generator=g)
+            for _ in range(400)
+        ]
+    ).squeeze(-1)  # (400, N) one-probe estimates
+    stderr = (variance / 400).sqrt()
+    assert ((single.mean(0) - exact).abs() < 5 * stderr).all()
+    # sample variance of 400 draws: relative spread about sqrt(2/400) plus kurtosis; 30% is wide
+    torch.testing.assert_close(single.var(0), variance, rtol=0.3, atol=0)
+
+
+def test_hutchinson_generator_and_probes_reproduce():
+    f, x = tanh_mlp(3, 5, 1), torch.randn(4, 3, dtype=f64)
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return torchdiv.laplacian(f, x, method="hutchinson", num_probes=5, generator=g)
+
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+    probes = torchdiv.draw_probes(x, 5)
+    a = torchdiv.laplacian(f, x, method="hutchinson", probes=probes)
+    assert torch.equal(a, torchdiv.laplacian(f, x, method="hutchinson", probes=probes))
+
+
+def test_hutchinson_gradients_match_the_reference_estimate():
+    net = tanh_mlp(3, 5, 1)
+    x = torch.randn(4, 3, dtype=f64, requires_grad=True)
+    probes = torchdiv.draw_probes(x, 4, generator=torch.Generator().manual_seed(2))
+    params = [x, *net.parameters()]
+    got = torch.autograd.grad(
+        torchdiv.laplacian(net, x, method="hutchinson", probes=probes).sum(),
+        params,
+        materialize_grads=True,
+    )
+    ref = torch.einsum("rbi,bmij,rbj->bm", probes, _per_sample_hessians(net, x), probes) / 4
+    expected = torch.autograd.grad(ref.sum(), params, materialize_grads=True)
+    for a, e in zip(got, expected, strict=True):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({}, ValueError, "num_probes"),
+        ({"num_probes": 0}, ValueError, "num_probes"),
+        ({"num_probes": 2, "probe": "uniform"}, ValueError, "unknown probe 'uniform'"),
+        ({"probes": torch.ones(2, 3, 3)}, ValueError, r"probes must have shape \(r,\) \+ x.shape"),
+        ({"num_probes": 3, "probes": torch.ones(2, 2, 3)}, ValueError, "num_probes=3 was given"),
+    ],
+)
+def test_hutchinson_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        torchdiv.laplacian(lambda x: x.sum(-1), torch.randn(2, 3), method="hutchinson", **kwargs)
+
+
+def test_exact_methods_reject_probe_options():
+    for kwargs in ({"probe": "gaussian"}, {"probes": torch.ones(1, 2, 3)}):
+        with pytest.raises(ValueError, match="only used by stochastic methods"):
+            torchdiv.laplacian(lambda x: x.sum(-1), torch.randn(2, 3), **kwargs)

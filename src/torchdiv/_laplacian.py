@@ -10,6 +10,9 @@ Methods (one signature each, in ``_METHODS``):
   diagonal entries.
 - ``"hessian"``: the same products for all ``n`` basis vectors at once, materialising every
   sample's Hessian and taking its trace: what ``torch.func.hessian`` users write.
+- ``"hutchinson"``: the unbiased estimate ``(1/r) sum_j v_j^T H v_j`` with ``r = num_probes``
+  random directions per sample (``torchdiv._probes``), by the Taylor engine with the probes as
+  directions (about ``r`` forward passes), or by Hessian-vector products if an op has no rule.
 - ``"auto"``: ``"taylor"`` with a planned chunk, or ``"forward-over-reverse"`` if an op has no
   Taylor rule.
 
@@ -19,11 +22,12 @@ fused CPU kernel has no forward-mode derivative.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.func import vjp, vmap
 
+from torchdiv import _trace
 from torchdiv._basis import basis, broadcast_basis, chunks
 from torchdiv._checks import (
     check_callable,
@@ -39,7 +43,7 @@ from torchdiv._modes import math_attention, outside_inference_mode
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
 
 Function = Callable[[torch.Tensor], torch.Tensor]
-METHODS = ("auto", "taylor", "forward-over-reverse", "hessian")
+METHODS = ("auto", "taylor", "forward-over-reverse", "hessian", "hutchinson")
 # elements of jac (all directions, all samples, widest tensor) in flight under "auto"
 CHUNK_ELEMENTS = 2**22
 
@@ -54,6 +58,8 @@ def laplacian(
     chunk_size: int | None = None,
     num_probes: int | None = None,
     generator: torch.Generator | None = None,
+    probe: str | None = None,
+    probes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Per-sample Laplacian of every output component of a batched function.
 
@@ -65,12 +71,17 @@ def laplacian(
             independent. Any output event shape; a scalar per sample is the usual case.
         x: floating tensor; its first ``batch_dims`` dimensions index samples.
         batch_dims: number of leading batch dimensions (0: ``x`` is a single sample).
-        method: ``"auto"``, ``"taylor"``, ``"forward-over-reverse"`` or ``"hessian"`` (module
-            docstring). ``"taylor"`` raises ``NotImplementedError`` naming any op it has no
-            rule for; ``"auto"`` then uses ``"forward-over-reverse"``.
-        chunk_size: at most this many input directions in flight at once (bounds memory in
-            every method); ``None``: all (``"auto"``: a planned chunk).
-        num_probes, generator: for stochastic methods only; exact methods reject them.
+        method: ``"auto"``, ``"taylor"``, ``"forward-over-reverse"``, ``"hessian"`` or
+            ``"hutchinson"`` (module docstring). ``"taylor"`` raises ``NotImplementedError``
+            naming any op it has no rule for; ``"auto"`` then uses ``"forward-over-reverse"``.
+        chunk_size: at most this many directions (unit vectors or probes) in flight at once;
+            bounds memory in every method. ``None``: all (``"auto"``: a planned chunk).
+        num_probes: ``"hutchinson"`` only: random directions per sample (required unless
+            ``probes`` is given).
+        generator: ``"hutchinson"`` only: ``torch.Generator`` for the probes.
+        probe: ``"hutchinson"`` only: ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"``.
+        probes: ``"hutchinson"`` only: directions drawn beforehand, shape ``(r,) + x.shape``
+            (``torchdiv.draw_probes``), so that several calls see the same noise.
 
     Returns:
         Shape ``x.shape[:batch_dims] + y.shape[batch_dims:]``, dtype and device of ``x``;
@@ -94,8 +105,15 @@ def laplacian(
     check_input(fn, x, batch_dims)
     check_method(fn, method, METHODS)
     check_chunk_size(fn, chunk_size)
-    check_exact_options(fn, method, num_probes, generator)
-    return _METHODS[method](checked(fn, f, x, batch_dims, square=False), x, batch_dims, chunk_size)
+    g = checked(fn, f, x, batch_dims, square=False)
+    if method == "hutchinson":
+        s = _trace.sampling(
+            fn, x, batch_dims, method, num_probes, probe, probes, generator, methods=(method,)
+        )
+        directions = _trace.vectors(s, x, batch_dims).reshape(-1, *x.shape).to(x.dtype)
+        return _hutchinson(g, x, batch_dims, chunk_size, directions)
+    check_exact_options(fn, method, num_probes, generator, probe, probes)
+    return _METHODS[method](g, x, batch_dims, chunk_size)
 
 
 def _auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
@@ -103,7 +121,7 @@ def _auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None)
     chunk = chunk_size or _planned_chunk(graph, event_numel(x, batch_dims))
     if not graph.unsupported:
         try:
-            return _propagated(graph, x, batch_dims, chunk)
+            return _collapsed(graph, x, _unit_directions(x, batch_dims, chunk))
         except UnsupportedOp:
             pass
     return _forward_over_reverse(f, x, batch_dims, chunk)
@@ -121,15 +139,22 @@ def _taylor(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | Non
             f"laplacian: method='taylor' has no propagation rule for {ops} applied to a tensor "
             "that depends on x; use method='auto' (falls back to 'forward-over-reverse')"
         )
-    return _propagated(graph, x, batch_dims, chunk_size or event_numel(x, batch_dims))
+    chunk = chunk_size or event_numel(x, batch_dims)
+    return _collapsed(graph, x, _unit_directions(x, batch_dims, chunk))
 
 
-def _propagated(graph: Graph, x: torch.Tensor, batch_dims: int, chunk: int) -> torch.Tensor:
-    """Sum of the output's collapsed second-order terms over chunks of unit directions."""
-    total = None
+def _unit_directions(x: torch.Tensor, batch_dims: int, chunk: int) -> Iterator[torch.Tensor]:
+    """The unit vectors of the event, ``chunk`` at a time, stored once for all samples."""
     for start, stop in chunks(event_numel(x, batch_dims), chunk):
-        directions = broadcast_basis(start, stop, x, batch_dims)
-        out = propagate(graph, Jet(x, directions, None), Context(stop - start, True, jac=False))
+        yield broadcast_basis(start, stop, x, batch_dims)
+
+
+def _collapsed(graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor]) -> torch.Tensor:
+    """``sum_k D^2 f(x)[u_k, u_k]`` over all directions: the output's collapsed second-order
+    terms, summed over the chunks ``directions`` yields (each ``(k,) + x.shape``, broadcast)."""
+    total = None
+    for u in directions:
+        out = propagate(graph, Jet(x, u, None), Context(len(u), True, jac=False))
         if isinstance(out, Jet) and out.lap is not None:
             total = out.lap if total is None else total + out.lap
     if total is None:  # f(x) does not depend on x, or only linearly
@@ -152,14 +177,14 @@ class _Gradients:
         return rows
 
 
-def _hessian_columns(
-    f: Function, x: torch.Tensor, batch_dims: int, start: int, stop: int
+def _hessian_products(
+    f: Function, x: torch.Tensor, batch_dims: int, directions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Size]:
-    """Columns ``start..stop-1`` of every sample's Hessian of every output, shape
-    ``(k, m, N, n)``, and ``f(x).shape``: JVPs of the per-sample gradients."""
+    """``H_{b,i} v_j`` for every sample ``b``, output ``i`` and direction ``v_j`` (``(k,) +
+    x.shape``), shape ``(k, m, N, n)``, and ``f(x).shape``: JVPs of the per-sample gradients."""
     grads = _Gradients(f, batch_dims)
     with math_attention():
-        columns = ForwardJacobian(grads, x, batch_dims).apply(basis(start, stop, x, batch_dims))
+        columns = ForwardJacobian(grads, x, batch_dims).apply(directions)
     k, m = columns.shape[:2]
     return columns.reshape(k, m, x.shape[:batch_dims].numel(), -1), grads.y_shape
 
@@ -172,7 +197,7 @@ def _forward_over_reverse(
         return _zeros_like_output(f, x)
     total = None
     for start, stop in chunks(n, chunk_size or n):
-        columns, y_shape = _hessian_columns(f, x, batch_dims, start, stop)
+        columns, y_shape = _hessian_products(f, x, batch_dims, basis(start, stop, x, batch_dims))
         j = torch.arange(stop - start, device=x.device)
         part = columns[j, :, :, start + j].sum(0)  # (m, N): entries (start+j, start+j)
         total = part if total is None else total + part
@@ -189,9 +214,31 @@ def _hessian(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | No
     n = event_numel(x, batch_dims)
     if n == 0:
         return _zeros_like_output(f, x)
-    columns, y_shape = _hessian_columns(f, x, batch_dims, 0, n)
+    columns, y_shape = _hessian_products(f, x, batch_dims, basis(0, n, x, batch_dims))
     hessians = columns.permute(2, 1, 3, 0)  # (N, m, n, n)
     return hessians.diagonal(dim1=-2, dim2=-1).sum(-1).reshape(y_shape)
+
+
+def _hutchinson(
+    f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None, probes: torch.Tensor
+) -> torch.Tensor:
+    """``(1/r) sum_j v_j^T H v_j`` per sample and output: collapsed Taylor mode along the probes,
+    or Hessian-vector products dotted with the probes if an op has no Taylor rule."""
+    r = len(probes)
+    pieces = [probes[start:stop] for start, stop in chunks(r, chunk_size or r)]
+    graph = capture(f, x, RULES)
+    if not graph.unsupported:
+        try:
+            return _collapsed(graph, x, iter(pieces)) / r
+        except UnsupportedOp:
+            pass
+    total = None
+    for v in pieces:
+        products, y_shape = _hessian_products(f, x, batch_dims, v)  # (k, m, N, n)
+        k, _, n_samples, n = products.shape
+        part = (products * v.reshape(k, 1, n_samples, n)).sum((0, 3))  # (m, N)
+        total = part if total is None else total + part
+    return (total / r).T.reshape(y_shape)
 
 
 _METHODS: dict[str, Callable[[Function, torch.Tensor, int, int | None], torch.Tensor]] = {

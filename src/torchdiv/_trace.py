@@ -76,11 +76,11 @@ def sampling(
     spec = ESTIMATORS[method]
     adaptive = rtol is not None or atol is not None
     if probes is not None:
-        for name, value in (("probe", probe), ("generator", generator)):
+        for option, value in (("probe", probe), ("generator", generator)):
             if value is not None:
                 raise ValueError(
-                    f"{fn}: {name} is not used with probes= (the probes are already drawn); "
-                    f"pass one of {name}= and probes="
+                    f"{fn}: {option} is not used with probes= (the probes are already drawn); "
+                    f"pass one of {option}= and probes="
                 )
         if adaptive:
             raise ValueError(
@@ -131,7 +131,7 @@ def run(s: Sampling, op: Matmat, like: torch.Tensor, batch_dims: int) -> Estimat
     """The estimate of ``s`` with the flat operator ``op``, reshaped like ``like``'s batch."""
     spec = ESTIMATORS[s.method]
     if not s.adaptive:
-        value, stderr = spec.estimate(op, _vectors(s, like, batch_dims))
+        value, stderr = spec.estimate(op, vectors(s, like, batch_dims))
         used = s.num_probes
     else:
         value, stderr, used = _until_accurate(s, op, like, batch_dims)
@@ -141,10 +141,10 @@ def run(s: Sampling, op: Matmat, like: torch.Tensor, batch_dims: int) -> Estimat
 
 def diagonal(s: Sampling, op: Matmat, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
     """Bekas et al.'s estimate of every sample's diagonal, shaped like ``like``."""
-    return _bekas.estimate(op, _vectors(s, like, batch_dims)).reshape(like.shape).to(like.dtype)
+    return _bekas.estimate(op, vectors(s, like, batch_dims)).reshape(like.shape).to(like.dtype)
 
 
-def _vectors(s: Sampling, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
+def vectors(s: Sampling, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
     """The random vectors of one estimate, flat ``(r, N, n)``, in the working dtype."""
     dtype = torch.promote_types(like.dtype, torch.float32)
     r = num_vectors(s.method, s.num_probes)
@@ -164,7 +164,7 @@ def _until_accurate(
     estimate = ESTIMATORS[s.method].estimate
     values, variances = [], []
     while True:
-        value, stderr = estimate(op, _vectors(s, like, batch_dims))
+        value, stderr = estimate(op, vectors(s, like, batch_dims))
         values.append(value)
         variances.append(stderr.detach() ** 2)
         mean = torch.stack(values).mean(0)
