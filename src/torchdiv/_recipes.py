@@ -1,8 +1,10 @@
-"""The hand-written divergence recipes people use (the seed threads), as baselines.
+"""The hand-written recipes people use (the seed threads), as baselines.
 
-The demo and ``bench/`` time torchdiv against these; the tests check that each correct recipe
-agrees with torchdiv and that ``ones_vjp`` is wrong. Each takes a batched ``f`` (one batch
-dimension) and ``x`` and returns the per-sample divergence, shape ``(B,)``.
+``python -m torchdiv bench`` and ``bench/`` time torchdiv against these; the tests check that
+each correct recipe agrees with torchdiv and that ``ones_vjp`` is wrong. Each takes a batched
+``f`` (one batch dimension) and ``x``. The ``*_jacobian`` recipes return the per-sample Jacobian
+of the flattened events, shape ``(B, m, n)``; the divergence recipes (``RECIPES``) return the
+per-sample trace, shape ``(B,)``.
 """
 
 from __future__ import annotations
@@ -19,19 +21,69 @@ def _per_sample(f: Function) -> Function:
     return lambda z: f(z.unsqueeze(0)).squeeze(0)
 
 
-def _trace(jac: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    n = x[0].numel()
-    return jac.reshape(x.shape[0], n, n).diagonal(dim1=1, dim2=2).sum(-1)
+def _flat(jac: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(B, *y_event, *x_event)`` -> ``(B, m, n)``."""
+    return jac.reshape(x.shape[0], -1, x[0].numel())
+
+
+def trace(jac: torch.Tensor) -> torch.Tensor:
+    """Per-sample trace of ``(B, n, n)`` Jacobians."""
+    return jac.diagonal(dim1=1, dim2=2).sum(-1)
+
+
+def vmap_jacrev_jacobian(f: Function, x: torch.Tensor) -> torch.Tensor:
+    """``torch.func``: ``vmap(jacrev(f_one_sample))``, shape ``(B, m, n)``."""
+    return _flat(vmap(jacrev(_per_sample(f)))(x), x)
+
+
+def vmap_jacfwd_jacobian(f: Function, x: torch.Tensor) -> torch.Tensor:
+    """``torch.func``: ``vmap(jacfwd(f_one_sample))``, shape ``(B, m, n)``."""
+    return _flat(vmap(jacfwd(_per_sample(f)))(x), x)
+
+
+def functional_jacobian(f: Function, x: torch.Tensor) -> torch.Tensor:
+    """``torch.autograd.functional.jacobian``: builds the ``(B, m, B, n)`` cross-batch tensor,
+    ``B`` times too big, and keeps its diagonal blocks, shape ``(B, m, n)``."""
+    b, n = x.shape[0], x[0].numel()
+    jac = torch.autograd.functional.jacobian(f, x).reshape(b, -1, b, n)
+    return jac.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def loop_grad_jacobian(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """The seed thread's loop: one ``autograd.grad`` per output element gives row ``i`` of every
+    sample's Jacobian, shape ``(B, m, n)``."""
+    x = x.detach().requires_grad_(True)
+    y = f(x).reshape(x.shape[0], -1)
+    rows = []
+    for i in range(y.shape[1]):
+        v = torch.zeros_like(y)
+        v[:, i] = 1
+        (g,) = torch.autograd.grad(y, x, v, retain_graph=True, create_graph=create_graph)
+        rows.append(g.reshape(x.shape[0], -1))
+    return torch.stack(rows, dim=1)
+
+
+def loop_grad_diagonal(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """The same loop keeping only entry ``i`` of row ``i``, shape ``(B, n)``."""
+    x = x.detach().requires_grad_(True)
+    y = f(x).reshape(x.shape[0], -1)
+    entries = []
+    for i in range(y.shape[1]):
+        v = torch.zeros_like(y)
+        v[:, i] = 1
+        (g,) = torch.autograd.grad(y, x, v, retain_graph=True, create_graph=create_graph)
+        entries.append(g.reshape(x.shape[0], -1)[:, i])
+    return torch.stack(entries, dim=1)
 
 
 def vmap_jacrev(f: Function, x: torch.Tensor) -> torch.Tensor:
     """``torch.func``: ``vmap(jacrev(f_one_sample))`` then the trace."""
-    return _trace(vmap(jacrev(_per_sample(f)))(x), x)
+    return trace(vmap_jacrev_jacobian(f, x))
 
 
 def vmap_jacfwd(f: Function, x: torch.Tensor) -> torch.Tensor:
     """``torch.func``: ``vmap(jacfwd(f_one_sample))`` then the trace."""
-    return _trace(vmap(jacfwd(_per_sample(f)))(x), x)
+    return trace(vmap_jacfwd_jacobian(f, x))
 
 
 def loop_grad(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
@@ -39,15 +91,7 @@ def loop_grad(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch
 
     ``create_graph=True`` keeps the result differentiable (what a training loss needs).
     """
-    x = x.detach().requires_grad_(True)
-    y = f(x).reshape(x.shape[0], -1)
-    total = torch.zeros(x.shape[0], dtype=x.dtype)
-    for i in range(y.shape[1]):
-        v = torch.zeros_like(y)
-        v[:, i] = 1
-        (g,) = torch.autograd.grad(y, x, v, retain_graph=True, create_graph=create_graph)
-        total = total + g.reshape(x.shape[0], -1)[:, i]
-    return total
+    return loop_grad_diagonal(f, x, create_graph).sum(-1)
 
 
 def batched_grad(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
@@ -55,16 +99,14 @@ def batched_grad(f: Function, x: torch.Tensor, create_graph: bool = False) -> to
     x = x.detach().requires_grad_(True)
     y = f(x).reshape(x.shape[0], -1)
     n = y.shape[1]
-    eye = torch.eye(n, dtype=y.dtype).unsqueeze(1).expand(n, *y.shape)
+    eye = torch.eye(n, dtype=y.dtype, device=y.device).unsqueeze(1).expand(n, *y.shape)
     (g,) = torch.autograd.grad(y, x, eye, is_grads_batched=True, create_graph=create_graph)
     return g.reshape(n, x.shape[0], n).diagonal(dim1=0, dim2=2).sum(-1)
 
 
-def functional_jacobian(f: Function, x: torch.Tensor) -> torch.Tensor:
-    """``torch.autograd.functional.jacobian``: the (B, n, B, n) cross-batch tensor, B x too big."""
-    b, n = x.shape[0], x[0].numel()
-    jac = torch.autograd.functional.jacobian(f, x).reshape(b, n, b, n)
-    return jac.diagonal(dim1=0, dim2=2).diagonal(dim1=0, dim2=1).sum(-1)
+def functional_divergence(f: Function, x: torch.Tensor) -> torch.Tensor:
+    """``torch.autograd.functional.jacobian`` then the trace of each diagonal block."""
+    return trace(functional_jacobian(f, x))
 
 
 def ones_vjp(f: Function, x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +122,6 @@ RECIPES: dict[str, Callable[[Function, torch.Tensor], torch.Tensor]] = {
     "torch.func vmap(jacfwd)": vmap_jacfwd,
     "loop of autograd.grad": loop_grad,
     "autograd.grad(is_grads_batched)": batched_grad,
-    "autograd.functional.jacobian": functional_jacobian,
+    "autograd.functional.jacobian": functional_divergence,
     "grad(y, x, ones) [wrong]": ones_vjp,
 }
