@@ -21,6 +21,7 @@ def plot(rows: list[Row], info: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator, ScalarFormatter
 
     by_group = groups(rows)
     fig, axes = plt.subplots(
@@ -42,6 +43,9 @@ def plot(rows: list[Row], info: dict[str, Any], path: Path) -> None:
         title = f"{operator}, {family} (batch {group[0]['batch']})"
         for ax, what in ((ax_time, "median time (ms)"), (ax_mem, "peak memory (MiB)")):
             ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({r["dim"] for r in group}))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.set_yscale("log")
             ax.set_xlabel("D (elements per sample)")
             ax.set_ylabel(what)
@@ -55,8 +59,11 @@ def plot(rows: list[Row], info: dict[str, Any], path: Path) -> None:
         handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=9, frameon=False
     )
     fig.suptitle(f"torchdiv bench: {describe(info)}", fontsize=11)
+    missing = _not_drawn(rows)
+    if missing:
+        fig.text(0.5, 0.01, "not drawn: " + "; ".join(missing), ha="center", fontsize=8, wrap=True)
     rows_of_legend = (len(handles) + 2) // 3
-    fig.tight_layout(rect=(0, 0.03 + 0.035 * rows_of_legend, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.045 + 0.035 * rows_of_legend, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -73,5 +80,19 @@ def _styles(rows: list[Row]) -> dict[str, dict[str, Any]]:
         if row["baseline"]:
             styles[row["label"]] = {**BASELINE_STYLE, "marker": next(markers)}
         else:
-            styles[row["label"]] = {"color": next(colours), "marker": "o", "linewidth": 2}
+            styles[row["label"]] = {
+                "color": next(colours),
+                "marker": "o",
+                "linewidth": 2,
+                "zorder": 3,
+            }
     return styles
+
+
+def _not_drawn(rows: list[Row]) -> list[str]:
+    """``label: WRONG at D=8, 32`` for every method left out somewhere, and why."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for row in rows:
+        if "median_ms" not in row:
+            out.setdefault((row["label"], row["status"]), []).append(str(row["dim"]))
+    return [f"{label} ({status} at D={', '.join(dims)})" for (label, status), dims in out.items()]

@@ -42,8 +42,9 @@ def run_case(
         reference = operator.reference(problem.f64, problem.x64).detach()
     except Exception as exc:
         raise ValueError(
-            f"{operator.name} on {case.title}: the exact reference (torch.func vmap(jacrev)) "
-            f"failed: {_first_line(exc)}. Is the model batch-independent and vmap-able?"
+            f"{operator.name} on {case.title}: the exact reference failed: {_first_line(exc)}. "
+            "It runs torch.func on one sample at a time: is the model batch-independent, "
+            "and free of data-dependent Python control flow?"
         ) from exc
     y = problem.f(problem.x)
     device = problem.x.device
