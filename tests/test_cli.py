@@ -18,13 +18,24 @@ HERE = Path(__file__).parent
 ROW_KEYS = {"operator", "family", "case", "dim", "batch", "dtype", "method", "label", "status"}
 
 
-def test_smoke_run_writes_json_png_and_table_and_flags_the_wrong_recipe(tmp_path, capsys):
-    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+@pytest.fixture
+def threads_restored():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_smoke_run_writes_json_png_and_table_and_flags_the_wrong_recipe(
+    tmp_path, capsys, threads_restored
+):
+    out_json, out_png, out_md = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "b.md"
     argv = ["bench", "--dims", "2,8", *TINY, "--json", str(out_json), "--plot", str(out_png)]
+    argv += ["--markdown", str(out_md), "--threads", "1"]
     assert main(argv) == 0
     doc = json.loads(out_json.read_text())
     assert {"torch", "threads", "processor", "python", "device"} <= doc["machine"].keys()
     assert doc["settings"] == {"rounds": 1, "min_run_time": 0.001, "dtype": "float32"}
+    assert doc["machine"]["threads"] == 1
     rows = doc["rows"]
     assert {(r["family"], r["dim"]) for r in rows} == {
         (f, d) for f in ("tanh MLP", "conv net") for d in (2, 8)
@@ -44,6 +55,8 @@ def test_smoke_run_writes_json_png_and_table_and_flags_the_wrong_recipe(tmp_path
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     table = capsys.readouterr().out
     assert "divergence · tanh MLP" in table and "WRONG" in table and "torchdiv auto" in table
+    md = out_md.read_text()
+    assert "| method | D=2 | D=8 |" in md and "| grad(y, x, ones) [wrong] | WRONG" in md
 
 
 def test_every_operator_runs_and_a_method_too_big_is_skipped_with_its_reason(tmp_path, monkeypatch):
@@ -105,6 +118,7 @@ BAD = [
     (["--dims", "0"], "positive integers separated by commas"),
     (["--batch", "-2"], "expected a positive int"),
     (["--repeats", "0"], "expected a positive int"),
+    (["--threads", "0"], "expected a positive int"),
     (["--min-run-time", "nan"], "expected a positive float"),
     (["--quick", "--full"], "not allowed with argument"),
     (["--dtype", "int8"], "invalid choice"),

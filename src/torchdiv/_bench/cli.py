@@ -77,12 +77,14 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--methods", type=_names, help="comma-separated method keys (default: all)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
+    p.add_argument("--threads", type=_positive(int), help="torch.set_num_threads (CPU)")
     p.add_argument("--repeats", type=_positive(int), help="interleaved timing rounds")
     p.add_argument("--min-run-time", type=_positive(float), help="seconds per method per round")
     p.add_argument("--model", help="your model: module:attr or path/to/file.py:attr")
     p.add_argument("--shape", type=_ints, help="per-sample input shape for --model, e.g. 3,32,32")
     p.add_argument("--json", type=Path, help="write every figure and the machine here")
     p.add_argument("--plot", type=Path, help="write the PNG (time and memory vs D) here")
+    p.add_argument("--markdown", type=Path, help="write the tables as markdown here")
     p.set_defaults(run=run, parser=p)
 
 
@@ -146,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
     from torchdiv._bench import plot, report
 
     _check(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     preset = suite.FULL if args.full else suite.QUICK
     rounds = args.repeats or preset.rounds
     min_run_time = args.min_run_time or preset.min_run_time
@@ -179,6 +183,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         report.write_json(args.json, rows, settings, args.device)
         console.print(f"wrote {args.json}")
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(report.grid_markdown(rows, info))
+        console.print(f"wrote {args.markdown}")
     if args.plot is not None:
         plot.plot(rows, info, args.plot)
         console.print(f"wrote {args.plot}")

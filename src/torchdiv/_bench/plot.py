@@ -56,14 +56,20 @@ def plot(rows: list[Row], info: dict[str, Any], path: Path) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
     fig.legend(
-        handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=9, frameon=False
+        handles.values(),
+        handles.keys(),
+        loc="lower center",
+        bbox_to_anchor=(0.5, 0.025),
+        ncol=3,
+        fontsize=9,
+        frameon=False,
     )
     fig.suptitle(f"torchdiv bench: {describe(info)}", fontsize=11)
     missing = _not_drawn(rows)
     if missing:
-        fig.text(0.5, 0.01, "not drawn: " + "; ".join(missing), ha="center", fontsize=8, wrap=True)
+        fig.text(0.5, 0.008, "not drawn: " + "; ".join(missing), ha="center", fontsize=8)
     rows_of_legend = (len(handles) + 2) // 3
-    fig.tight_layout(rect=(0, 0.045 + 0.035 * rows_of_legend, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * rows_of_legend, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -90,9 +96,17 @@ def _styles(rows: list[Row]) -> dict[str, dict[str, Any]]:
 
 
 def _not_drawn(rows: list[Row]) -> list[str]:
-    """``label: WRONG at D=8, 32`` for every method left out somewhere, and why."""
-    out: dict[tuple[str, str], list[str]] = {}
+    """``label (WRONG at every D)`` or ``label (skipped at D=128)`` for each method left out."""
+    every = {r["dim"] for r in rows}
+    out: dict[tuple[str, str], set[int]] = {}
     for row in rows:
         if "median_ms" not in row:
-            out.setdefault((row["label"], row["status"]), []).append(str(row["dim"]))
-    return [f"{label} ({status} at D={', '.join(dims)})" for (label, status), dims in out.items()]
+            out.setdefault((row["label"], row["status"]), set()).add(row["dim"])
+    return [
+        f"{label} ({status} at " + ("every D" if dims == every else _dims(dims)) + ")"
+        for (label, status), dims in out.items()
+    ]
+
+
+def _dims(dims: set[int]) -> str:
+    return "D=" + ", ".join(str(d) for d in sorted(dims))

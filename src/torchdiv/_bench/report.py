@@ -9,6 +9,7 @@ README.
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 Row = dict[str, Any]
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")
 LEGEND = (
     "cells: median ± IQR ms over peak MiB; bold green: fastest; grey: hand-written baselines; "
     "WRONG: disagrees with the float64 reference, not timed"
@@ -31,6 +33,7 @@ def machine(device: str | torch.device = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": str(device),
+        "env": {k: os.environ[k] for k in THREAD_VARIABLES if k in os.environ},
     }
     if torch.device(device).type == "cuda":
         out["device_name"] = torch.cuda.get_device_name(device)
@@ -117,9 +120,9 @@ def fastest(group: list[Row]) -> dict[int, str]:
     return {d: r["label"] for d, r in best.items()}
 
 
-def grid_markdown(rows: list[Row]) -> str:
+def grid_markdown(rows: list[Row], info: dict[str, Any]) -> str:
     """The grids as markdown (for the README): one table per operator and family."""
-    parts = []
+    parts = [f"Measured on {describe(info)}.", ""]
     for (operator, family), group in groups(rows).items():
         dims, table, notes = grid(group)
         best = fastest(group)
