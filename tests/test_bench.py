@@ -62,7 +62,7 @@ def test_cross_batch_limit_names_the_sizes():
 
 def _case(f, x: torch.Tensor) -> suite.Case:
     problem = suite.Problem(f, x, f, x)  # reference in x's dtype
-    return suite.Case("test", "test case", x[0].numel(), x.shape[0], lambda: problem)
+    return suite.Case("test", "test case", x[0].numel(), x.shape[0], "toy", lambda: problem)
 
 
 def test_runner_times_estimates_reports_wrong_and_failing_methods():

@@ -15,7 +15,7 @@ from torchdiv._bench import operators
 
 TINY = ["--batch", "2", "--width", "4", "--repeats", "1", "--min-run-time", "0.001"]
 HERE = Path(__file__).parent
-ROW_KEYS = {"operator", "family", "case", "dim", "batch", "dtype", "method", "label", "status"}
+ROW_KEYS = {"operator", "family", "case", "dim", "batch", "setting", "dtype", "method", "label"}
 
 
 @pytest.fixture

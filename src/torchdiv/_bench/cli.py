@@ -142,52 +142,64 @@ def _cases(
 
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, run every case with a progress bar, print tables, write files."""
+    _check(args)
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from torchdiv._bench import plot, report
 
-    _check(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     preset = suite.FULL if args.full else suite.QUICK
-    rounds = args.repeats or preset.rounds
-    min_run_time = args.min_run_time or preset.min_run_time
+    settings = {
+        "rounds": args.repeats or preset.rounds,
+        "min_run_time": args.min_run_time or preset.min_run_time,
+        "dtype": args.dtype,
+    }
     try:
         plan = [(op, case) for op in _operators(args) for case in _cases(args, op, preset)]
     except ValueError as exc:
         args.parser.error(str(exc))
-    methods = {
-        op.name: [k for k in op.methods if args.methods is None or k in args.methods]
-        for op, _ in plan
-    }
+    rows = _run_plan(plan, args.methods, settings["rounds"], settings["min_run_time"])
+    info = report.machine(args.device)
+    console = Console() if sys.stdout.isatty() else Console(width=120)
+    for table in report.rich_tables(rows, info):
+        console.print(table)
+    outputs = [
+        (args.json, lambda path: report.write_json(path, rows, settings, args.device)),
+        (args.markdown, lambda path: path.write_text(report.grid_markdown(rows, info))),
+        (args.plot, lambda path: plot.plot(rows, info, path)),
+    ]
+    for path, write in outputs:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(path)
+            console.print(f"wrote {path}")
+    return 0
+
+
+def _run_plan(
+    plan: list[tuple[operators.Operator, suite.Case]],
+    keys: tuple[str, ...] | None,
+    rounds: int,
+    min_run_time: float,
+) -> list[dict[str, Any]]:
+    """Every case under one progress bar (on stderr, gone when done)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    methods = {op.name: [k for k in op.methods if keys is None or k in keys] for op, _ in plan}
     total = sum(steps(methods[op.name], rounds) for op, _ in plan)
     rows: list[dict[str, Any]] = []
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("bench", total=total)
+
+        def progress(what: str, n: int) -> None:
+            bar.update(task, advance=n, description=what[:70])
+
         for op, case in plan:
-
-            def progress(what: str, n: int) -> None:
-                bar.update(task, advance=n, description=what[:70])
-
             try:
                 rows += run_case(op, case, methods[op.name], rounds, min_run_time, progress)
             except (ValueError, BatchInteractionError) as exc:
                 raise SystemExit(f"python -m torchdiv bench: {exc}") from exc
-    info = report.machine(args.device)
-    console = Console() if sys.stdout.isatty() else Console(width=120)
-    for table in report.rich_tables(rows, info):
-        console.print(table)
-    settings = {"rounds": rounds, "min_run_time": min_run_time, "dtype": args.dtype}
-    if args.json is not None:
-        report.write_json(args.json, rows, settings, args.device)
-        console.print(f"wrote {args.json}")
-    if args.markdown is not None:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(report.grid_markdown(rows, info))
-        console.print(f"wrote {args.markdown}")
-    if args.plot is not None:
-        plot.plot(rows, info, args.plot)
-        console.print(f"wrote {args.plot}")
-    return 0
+    return rows

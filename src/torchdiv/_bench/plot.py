@@ -40,7 +40,7 @@ def plot(rows: list[Row], info: dict[str, Any], path: Path) -> None:
             dims = [r["dim"] for r in timed]
             ax_time.plot(dims, [r["median_ms"] for r in timed], label=label, **style)
             ax_mem.plot(dims, [max(r["peak_mb"], 1e-3) for r in timed], label=label, **style)
-        title = f"{operator}, {family} (batch {group[0]['batch']})"
+        title = f"{operator}, {family} ({group[0]['setting']})"
         for ax, what in ((ax_time, "median time (ms)"), (ax_mem, "peak memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted({r["dim"] for r in group}))

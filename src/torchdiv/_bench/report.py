@@ -136,9 +136,12 @@ def grid_markdown(rows: list[Row], info: dict[str, Any]) -> str:
             for label, by_dim in table.items()
         ]
         columns = [("label", "method"), *((d, f"D={d}") for d in dims)]
-        parts += [f"**{operator}, {family}** (batch {group[0]['batch']})", ""]
+        parts += [f"**{operator}, {family}** ({group[0]['setting']})", ""]
         parts += [markdown(lines, columns), "", *(f"- {n}" for n in notes), ""]
-    parts.append(LEGEND.replace("bold green", "bold"))
+    parts.append(
+        "Cells: median ± IQR ms · peak MiB; bold: fastest at that D; WRONG: disagrees with the "
+        "float64 reference, not timed."
+    )
     return "\n".join(parts)
 
 
@@ -156,7 +159,7 @@ def rich_tables(rows: list[Row], info: dict[str, Any]) -> list[Any]:
         dims, table, notes = grid(group)
         best = fastest(group)
         out = Table(
-            title=f"{operator} · {family} · batch {group[0]['batch']} · {describe(info)}",
+            title=f"{operator} · {family} · {group[0]['setting']} · {describe(info)}",
             caption=f"{LEGEND}" + "".join(f"\n{escape(n)}" for n in notes),
             caption_justify="left",
         )

@@ -58,6 +58,7 @@ def run_case(
             "case": case.title,
             "dim": case.dim,
             "batch": case.batch,
+            "setting": case.setting,
             "dtype": str(problem.x.dtype).removeprefix("torch."),
             "method": key,
             "label": method.label,

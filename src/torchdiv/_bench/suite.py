@@ -38,12 +38,14 @@ class Problem:
 
 @dataclass(frozen=True)
 class Case:
-    """One problem size: ``family`` groups cases in the plot, ``dim`` is the event size D."""
+    """One problem size: ``family`` groups cases in the plot, ``dim`` is the event size D,
+    ``setting`` what else was fixed (``"batch 64, width 64"``)."""
 
     family: str
     title: str
     dim: int
     batch: int
+    setting: str
     make: Callable[[], Problem]
 
 
@@ -60,7 +62,7 @@ class Preset:
 
 QUICK = Preset((8, 32, 128), {"mlp": 64, "conv": 8, "model": 8}, {"mlp": 64, "conv": 8}, 3, 0.05)
 FULL = Preset(
-    (8, 32, 128, 512, 2048),
+    (32, 128, 512),
     {"mlp": 128, "conv": 8, "model": 8},
     {"mlp": 256, "conv": 16},
     5,
@@ -151,6 +153,7 @@ def builtin_cases(
                     f"{label}, x {(b, *shape)}, width {w}",
                     math.prod(shape),
                     b,
+                    f"batch {b}, width {w}",
                     lambda net=net, shape=shape, b=b: make_problem(net, shape, b, dtype, device),
                 )
             )
@@ -172,7 +175,8 @@ def model_case(
         check_batch_independence(problem.f, problem.x)
         return problem
 
-    return Case("model", f"{spec}, x {(batch, *shape)}", math.prod(shape), batch, make)
+    title = f"{spec}, x {(batch, *shape)}"
+    return Case("model", title, math.prod(shape), batch, f"{spec}, batch {batch}", make)
 
 
 def load_model(spec: str) -> torch.nn.Module | Function:
@@ -220,10 +224,11 @@ def _import(name: str) -> Any:
         path = Path(name)
         if not path.is_file():
             raise ValueError(f"--model: no file {name}")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
+        name = f"_torchdiv_bench_{path.stem}"  # never shadows an importable module of that name
+        spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None  # a .py file always has a loader
         module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
+        sys.modules[name] = module
         spec.loader.exec_module(module)
         return module
     try:
