@@ -9,7 +9,7 @@ per-sample trace, shape ``(B,)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.func import jacfwd, jacrev, vmap
@@ -49,31 +49,28 @@ def functional_jacobian(f: Function, x: torch.Tensor) -> torch.Tensor:
     return jac.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
-def loop_grad_jacobian(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
-    """The seed thread's loop: one ``autograd.grad`` per output element gives row ``i`` of every
-    sample's Jacobian, shape ``(B, m, n)``."""
+def _loop_rows(f: Function, x: torch.Tensor, create_graph: bool) -> Iterator[torch.Tensor]:
+    """The seed thread's loop: ``autograd.grad`` with ``e_i`` in every sample gives row ``i`` of
+    every sample's Jacobian, shape ``(B, n)``, one output element at a time."""
     x = x.detach().requires_grad_(True)
     y = f(x).reshape(x.shape[0], -1)
-    rows = []
     for i in range(y.shape[1]):
         v = torch.zeros_like(y)
         v[:, i] = 1
         (g,) = torch.autograd.grad(y, x, v, retain_graph=True, create_graph=create_graph)
-        rows.append(g.reshape(x.shape[0], -1))
-    return torch.stack(rows, dim=1)
+        yield g.reshape(x.shape[0], -1)
+
+
+def loop_grad_jacobian(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """The loop's rows stacked: the per-sample Jacobian, shape ``(B, m, n)``."""
+    return torch.stack(list(_loop_rows(f, x, create_graph)), dim=1)
 
 
 def loop_grad_diagonal(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
-    """The same loop keeping only entry ``i`` of row ``i``, shape ``(B, n)``."""
-    x = x.detach().requires_grad_(True)
-    y = f(x).reshape(x.shape[0], -1)
-    entries = []
-    for i in range(y.shape[1]):
-        v = torch.zeros_like(y)
-        v[:, i] = 1
-        (g,) = torch.autograd.grad(y, x, v, retain_graph=True, create_graph=create_graph)
-        entries.append(g.reshape(x.shape[0], -1)[:, i])
-    return torch.stack(entries, dim=1)
+    """The loop keeping only entry ``i`` of row ``i``, shape ``(B, n)`` (copied out of the row,
+    so each row is freed as the loop goes on)."""
+    rows = _loop_rows(f, x, create_graph)
+    return torch.stack([row[:, i].clone() for i, row in enumerate(rows)], dim=1)
 
 
 def vmap_jacrev(f: Function, x: torch.Tensor) -> torch.Tensor:
