@@ -1,6 +1,7 @@
 # Two entry points: `make demo` (the main job) and `make test` (ruff, pytest, doctests).
 # Each creates .venv if missing and installs torch==2.13.0 explicitly (the CPU build), so a
 # plain `torch` requirement never pulls a multi-GB CUDA build; the package itself asks for torch>=2.4.
+# Both install the `dev` and `bench` extras: the CLI tests run the benchmark (rich, matplotlib).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.torchdiv-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -21,8 +22,15 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest
 
+# The quick benchmark suite: a table here, every figure in DEMO_OUT.json, the picture in DEMO_OUT.png.
+# OpenMP threads that spin while waiting stall when another process holds a core: on a busy 2-core
+# machine the loop of autograd.grad ran 100x slower. Passive waiting keeps the demo sane there
+# (override: make demo OMP_WAIT_POLICY=ACTIVE).
+DEMO_OUT := bench/results/demo
+OMP_WAIT_POLICY ?= PASSIVE
+
 demo: $(STAMP)
-	$(PY) -m torchdiv demo
+	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m torchdiv bench --json $(DEMO_OUT).json --plot $(DEMO_OUT).png
 
 bench: $(STAMP)
 	$(PY) bench/divergence_exact.py

@@ -1,54 +1,167 @@
-"""A tiny CPU smoke run of ``python -m torchdiv``."""
+"""``python -m torchdiv bench`` end to end on tiny sizes: JSON, PNG, table, --model, errors."""
 
 from __future__ import annotations
 
-import re
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from torchdiv.__main__ import main
-from torchdiv._demo import run_demo
+from torchdiv._bench import operators
+
+TINY = ["--batch", "2", "--width", "4", "--repeats", "1", "--min-run-time", "0.001"]
+HERE = Path(__file__).parent
+ROW_KEYS = {"operator", "family", "case", "dim", "batch", "setting", "dtype", "method", "label"}
 
 
-def test_demo_table_shows_every_method_and_flags_the_wrong_recipe():
-    report = run_demo(min_run_time=0.01)
-    rows = re.findall(r"^(\S.*?)\s{2,}([\d.]+)\s+([\d.e+-]+)$", report, re.M)
-    names = {name for name, _, _ in rows}
-    assert {
-        "torchdiv auto",
-        "torchdiv forward",
-        "torchdiv reverse",
-        "loop of autograd.grad",
-        "torch.func vmap(jacrev)",
-    } <= names
-    assert len(rows) == 2 * 10  # two nets, ten methods each
-    for name, ms, err in rows:
-        assert float(ms) > 0
-        if "wrong" in name:
-            assert float(err) > 1e-2  # column sums are not the trace
+@pytest.fixture
+def threads_restored():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_smoke_run_writes_json_png_and_table_and_flags_the_wrong_recipe(
+    tmp_path, capsys, threads_restored
+):
+    out_json, out_png, out_md = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "b.md"
+    argv = ["bench", "--dims", "2,8", *TINY, "--json", str(out_json), "--plot", str(out_png)]
+    argv += ["--markdown", str(out_md), "--threads", "1"]
+    assert main(argv) == 0
+    doc = json.loads(out_json.read_text())
+    assert {"torch", "threads", "processor", "python", "device"} <= doc["machine"].keys()
+    assert doc["settings"] == {"rounds": 1, "min_run_time": 0.001, "dtype": "float32"}
+    assert doc["machine"]["threads"] == 1
+    rows = doc["rows"]
+    assert {(r["family"], r["dim"]) for r in rows} == {
+        (f, d) for f in ("tanh MLP", "conv net") for d in (2, 8)
+    }
+    assert {r["method"] for r in rows} == set(operators.DIVERGENCE.methods)
+    for row in rows:
+        assert row.keys() >= ROW_KEYS
+        if row["method"] == "ones-vjp":
+            assert row["status"] == "WRONG" and row["rel_err"] > 0.1
+            assert "median_ms" not in row and "peak_mb" not in row
         else:
-            assert float(err) < 1e-4  # float32 nets against a float64 reference
+            assert row["status"] == "ok", row
+            assert row["rel_err"] <= 1e-4
+            assert row["median_ms"] > 0 and row["iqr_ms"] >= 0 and row["peak_mb"] >= 0
+            assert row["vs_best_baseline"] > 0
+    png = out_png.read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    table = capsys.readouterr().out
+    assert "divergence · tanh MLP" in table and "WRONG" in table and "torchdiv auto" in table
+    md = out_md.read_text()
+    assert "| method | D=2 | D=8 |" in md and "| grad(y, x, ones) [wrong] | WRONG" in md
 
 
-def test_main_prints_the_demo(capsys):
-    assert main(["demo", "--min-run-time", "0.01"]) == 0
-    assert "torchdiv auto" in capsys.readouterr().out
+def test_every_operator_runs_and_a_method_too_big_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(operators, "CROSS_BATCH_LIMIT", 16)
+    out = tmp_path / "b.json"
+    argv = ["bench", "--operator", "jacobian,jacobian_diagonal", "--dims", "2,3"]
+    argv += [*TINY, "--methods", "auto,reverse,jacfwd,loop,functional", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["operator"], r["family"], r["dim"]) for r in rows} == {
+        (op, family, dim)
+        for op in ("jacobian", "jacobian_diagonal")
+        for family, dim in (("tanh MLP", 2), ("tanh MLP", 3), ("conv net", 2))
+    }
+    for row in rows:
+        if row["method"] == "functional" and row["dim"] == 3:
+            assert row["status"] == "skipped" and "cross-batch Jacobian" in row["note"]
+        else:
+            assert row["status"] == "ok" and row["rel_err"] <= 1e-4, row
 
 
-@pytest.mark.parametrize("bad", ["-1", "0", "nan", "inf"])
-def test_bad_arguments_exit_with_a_message(capsys, bad):
-    with pytest.raises(SystemExit) as exc:
-        main(["demo", "--min-run-time", bad])
-    assert exc.value.code == 2
-    assert "--min-run-time must be positive seconds" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["nonsense"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "bench_model:TinyField",
+        "bench_model:make_field",
+        "bench_model:field",
+        f"{HERE / 'bench_model.py'}:TinyField",
+    ],
+)
+def test_model_by_import_path(tmp_path, spec):
+    out = tmp_path / "b.json"
+    argv = ["bench", "--model", spec, "--shape", "2,3", *TINY, "--methods", "auto,jacrev"]
+    assert main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["family"], r["dim"], r["status"]) for r in rows] == [("model", 6, "ok")] * 2
 
 
-def test_module_entry_point_runs():
+def test_the_module_entry_point_benchmarks_a_user_module():
+    argv = ["--model", "bench_model:TinyField", "--shape", "6", *TINY, "--methods", "auto,loop"]
     out = subprocess.run(
-        [sys.executable, "-m", "torchdiv", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "torchdiv", "bench", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=HERE,
     )
-    assert "demo" in out.stdout
+    assert "torchdiv auto" in out.stdout and "loop of autograd.grad" in out.stdout
+    assert "USDT" not in out.stderr  # the profiler's C++ log lines are silenced
+
+
+def test_a_model_that_mixes_samples_is_refused():
+    with pytest.raises(SystemExit, match="samples interact"):
+        main(["bench", "--model", "bench_model:mixes_samples", "--shape", "3", *TINY])
+
+
+BAD = [
+    (["--dims", "8,x"], "positive integers separated by commas"),
+    (["--dims", "0"], "positive integers separated by commas"),
+    (["--batch", "-2"], "expected a positive int"),
+    (["--repeats", "0"], "expected a positive int"),
+    (["--threads", "0"], "expected a positive int"),
+    (["--min-run-time", "nan"], "expected a positive float"),
+    (["--quick", "--full"], "not allowed with argument"),
+    (["--dtype", "int8"], "invalid choice"),
+    (["--operator", "curl"], "--operator 'curl' is unknown; choose from divergence, jacobian"),
+    (["--methods", "magic"], "--methods 'magic' is unknown; choose from auto, batched-grad"),
+    (["--model", "bench_model:TinyField"], "--model and --shape go together"),
+    (["--shape", "3"], "--model and --shape go together"),
+    (["--model", "bench_model:field", "--shape", "3", "--dims", "4"], "--dims sizes the built-in"),
+    (["--device", "tpu"], "--device must be cpu or cuda"),
+    (["--device", "potato"], "--device must be cpu or cuda"),
+    (["--model", "bench_model", "--shape", "3"], "--model must be 'module:attr'"),
+    (["--model", "no_such_module_xyz:f", "--shape", "3"], "cannot import 'no_such_module_xyz'"),
+    (["--model", "bench_model:missing", "--shape", "3"], "has no attribute 'missing'"),
+    (["--model", "bench_model:NOT_CALLABLE", "--shape", "3"], "expected an nn.Module"),
+    (["--model", "nowhere/model.py:f", "--shape", "3"], "no file nowhere/model.py"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD)
+def test_bad_arguments_exit_with_a_clear_message(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cuda"])
+    assert "CUDA is not available here" in capsys.readouterr().err
+
+
+def test_missing_bench_extra_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rich", None)
+    with pytest.raises(SystemExit):
+        main(["bench"])
+    assert "pip install 'torchdiv[bench]'" in capsys.readouterr().err
+
+
+def test_help_lists_the_options_and_operators(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out and "jacobian_diagonal" in out and "examples:" in out

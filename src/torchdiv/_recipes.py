@@ -1,13 +1,16 @@
-"""The hand-written divergence and Laplacian recipes people use (the seed threads), as baselines.
+"""The hand-written recipes people use (the seed threads), as baselines.
 
-The demo and ``bench/`` time torchdiv against these; the tests check that each correct recipe
-agrees with torchdiv and that ``ones_vjp`` is wrong. Each takes a batched ``f`` (one batch
-dimension) and ``x`` and returns the per-sample divergence, shape ``(B,)``.
+``python -m torchdiv bench`` and ``bench/`` time torchdiv against these; the tests check that
+each correct recipe agrees with torchdiv and that ``ones_vjp`` is wrong. Each takes a batched
+``f`` (one batch dimension) and ``x``. The ``*_jacobian`` recipes return the per-sample Jacobian
+of the flattened events, shape ``(B, m, n)``; the divergence recipes (``RECIPES``) return the
+per-sample trace and the Laplacian recipes (``LAPLACIAN_RECIPES``, for one scalar per sample)
+the per-sample Laplacian, both shape ``(B,)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.func import hessian, jacfwd, jacrev, vmap
@@ -19,19 +22,66 @@ def _per_sample(f: Function) -> Function:
     return lambda z: f(z.unsqueeze(0)).squeeze(0)
 
 
-def _trace(jac: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    n = x[0].numel()
-    return jac.reshape(x.shape[0], n, n).diagonal(dim1=1, dim2=2).sum(-1)
+def _flat(jac: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(B, *y_event, *x_event)`` -> ``(B, m, n)``."""
+    return jac.reshape(x.shape[0], -1, x[0].numel())
+
+
+def trace(jac: torch.Tensor) -> torch.Tensor:
+    """Per-sample trace of ``(B, n, n)`` Jacobians."""
+    return jac.diagonal(dim1=1, dim2=2).sum(-1)
+
+
+def vmap_jacrev_jacobian(f: Function, x: torch.Tensor) -> torch.Tensor:
+    """``torch.func``: ``vmap(jacrev(f_one_sample))``, shape ``(B, m, n)``."""
+    return _flat(vmap(jacrev(_per_sample(f)))(x), x)
+
+
+def vmap_jacfwd_jacobian(f: Function, x: torch.Tensor) -> torch.Tensor:
+    """``torch.func``: ``vmap(jacfwd(f_one_sample))``, shape ``(B, m, n)``."""
+    return _flat(vmap(jacfwd(_per_sample(f)))(x), x)
+
+
+def functional_jacobian(f: Function, x: torch.Tensor) -> torch.Tensor:
+    """``torch.autograd.functional.jacobian``: builds the ``(B, m, B, n)`` cross-batch tensor,
+    ``B`` times too big, and keeps its diagonal blocks, shape ``(B, m, n)``."""
+    b, n = x.shape[0], x[0].numel()
+    jac = torch.autograd.functional.jacobian(f, x).reshape(b, -1, b, n)
+    return jac.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def _loop_rows(f: Function, x: torch.Tensor, create_graph: bool) -> Iterator[torch.Tensor]:
+    """The seed thread's loop: ``autograd.grad`` with ``e_i`` in every sample gives row ``i`` of
+    every sample's Jacobian, shape ``(B, n)``, one output element at a time."""
+    x = x.detach().requires_grad_(True)
+    y = f(x).reshape(x.shape[0], -1)
+    for i in range(y.shape[1]):
+        v = torch.zeros_like(y)
+        v[:, i] = 1
+        (g,) = torch.autograd.grad(y, x, v, retain_graph=True, create_graph=create_graph)
+        yield g.reshape(x.shape[0], -1)
+
+
+def loop_grad_jacobian(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """The loop's rows stacked: the per-sample Jacobian, shape ``(B, m, n)``."""
+    return torch.stack(list(_loop_rows(f, x, create_graph)), dim=1)
+
+
+def loop_grad_diagonal(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """The loop keeping only entry ``i`` of row ``i``, shape ``(B, n)`` (copied out of the row,
+    so each row is freed as the loop goes on)."""
+    rows = _loop_rows(f, x, create_graph)
+    return torch.stack([row[:, i].clone() for i, row in enumerate(rows)], dim=1)
 
 
 def vmap_jacrev(f: Function, x: torch.Tensor) -> torch.Tensor:
     """``torch.func``: ``vmap(jacrev(f_one_sample))`` then the trace."""
-    return _trace(vmap(jacrev(_per_sample(f)))(x), x)
+    return trace(vmap_jacrev_jacobian(f, x))
 
 
 def vmap_jacfwd(f: Function, x: torch.Tensor) -> torch.Tensor:
     """``torch.func``: ``vmap(jacfwd(f_one_sample))`` then the trace."""
-    return _trace(vmap(jacfwd(_per_sample(f)))(x), x)
+    return trace(vmap_jacfwd_jacobian(f, x))
 
 
 def loop_grad(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
@@ -39,15 +89,7 @@ def loop_grad(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch
 
     ``create_graph=True`` keeps the result differentiable (what a training loss needs).
     """
-    x = x.detach().requires_grad_(True)
-    y = f(x).reshape(x.shape[0], -1)
-    total = torch.zeros(x.shape[0], dtype=x.dtype)
-    for i in range(y.shape[1]):
-        v = torch.zeros_like(y)
-        v[:, i] = 1
-        (g,) = torch.autograd.grad(y, x, v, retain_graph=True, create_graph=create_graph)
-        total = total + g.reshape(x.shape[0], -1)[:, i]
-    return total
+    return loop_grad_diagonal(f, x, create_graph).sum(-1)
 
 
 def batched_grad(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
@@ -55,16 +97,14 @@ def batched_grad(f: Function, x: torch.Tensor, create_graph: bool = False) -> to
     x = x.detach().requires_grad_(True)
     y = f(x).reshape(x.shape[0], -1)
     n = y.shape[1]
-    eye = torch.eye(n, dtype=y.dtype).unsqueeze(1).expand(n, *y.shape)
+    eye = torch.eye(n, dtype=y.dtype, device=y.device).unsqueeze(1).expand(n, *y.shape)
     (g,) = torch.autograd.grad(y, x, eye, is_grads_batched=True, create_graph=create_graph)
     return g.reshape(n, x.shape[0], n).diagonal(dim1=0, dim2=2).sum(-1)
 
 
-def functional_jacobian(f: Function, x: torch.Tensor) -> torch.Tensor:
-    """``torch.autograd.functional.jacobian``: the (B, n, B, n) cross-batch tensor, B x too big."""
-    b, n = x.shape[0], x[0].numel()
-    jac = torch.autograd.functional.jacobian(f, x).reshape(b, n, b, n)
-    return jac.diagonal(dim1=0, dim2=2).diagonal(dim1=0, dim2=1).sum(-1)
+def functional_divergence(f: Function, x: torch.Tensor) -> torch.Tensor:
+    """``torch.autograd.functional.jacobian`` then the trace of each diagonal block."""
+    return trace(functional_jacobian(f, x))
 
 
 def ones_vjp(f: Function, x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +120,7 @@ RECIPES: dict[str, Callable[[Function, torch.Tensor], torch.Tensor]] = {
     "torch.func vmap(jacfwd)": vmap_jacfwd,
     "loop of autograd.grad": loop_grad,
     "autograd.grad(is_grads_batched)": batched_grad,
-    "autograd.functional.jacobian": functional_jacobian,
+    "autograd.functional.jacobian": functional_divergence,
     "grad(y, x, ones) [wrong]": ones_vjp,
 }
 

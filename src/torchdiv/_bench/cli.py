@@ -1,0 +1,205 @@
+"""``python -m torchdiv bench``: the argparse subcommand, its checks, the progress bar.
+
+Every torchdiv method and the hand-written recipes run on the same problems; each result is
+checked against an exact float64 reference before it is measured (a method that disagrees is
+reported WRONG, not timed); then peak memory and interleaved torch.utils.benchmark timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchdiv._bench import operators, suite
+from torchdiv._bench.runner import run_case, steps
+from torchdiv._independence import BatchInteractionError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+EXAMPLES = """examples:
+  python -m torchdiv bench                              # the quick suite, under a minute on 2 cores
+  python -m torchdiv bench --plot bench.png --json bench.json
+  python -m torchdiv bench --operator jacobian --dims 16,64 --methods auto,jacrev,loop
+  python -m torchdiv bench --model mypkg.models:ScoreNet --shape 3,32,32 --batch 16
+"""
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas (e.g. 8,32,128), got {text!r}"
+        )
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``bench`` on the ``python -m torchdiv`` subcommands."""
+    p = commands.add_parser(
+        "bench",
+        help="time and check every method and the usual recipes (default: the quick suite)",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes, short timing (default)")
+    size.add_argument("--full", action="store_true", help="the README's sizes, longer timing")
+    ops = ", ".join(f"{op.name} ({op.summary})" for op in operators.OPERATORS.values())
+    p.add_argument("--operator", type=_names, help=f"comma-separated: {ops}; default divergence")
+    p.add_argument("--dims", type=_ints, help="event sizes D of the built-in nets, e.g. 8,32,128")
+    p.add_argument("--batch", type=_positive(int), help="samples per batch")
+    p.add_argument("--width", type=_positive(int), help="hidden units (MLP) and channels (conv)")
+    p.add_argument("--methods", type=_names, help="comma-separated method keys (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
+    p.add_argument("--threads", type=_positive(int), help="torch.set_num_threads (CPU)")
+    p.add_argument("--repeats", type=_positive(int), help="interleaved timing rounds")
+    p.add_argument("--min-run-time", type=_positive(float), help="seconds per method per round")
+    p.add_argument("--model", help="your model: module:attr or path/to/file.py:attr")
+    p.add_argument("--shape", type=_ints, help="per-sample input shape for --model, e.g. 3,32,32")
+    p.add_argument("--json", type=Path, help="write every figure and the machine here")
+    p.add_argument("--plot", type=Path, help="write the PNG (time and memory vs D) here")
+    p.add_argument("--markdown", type=Path, help="write the tables as markdown here")
+    p.set_defaults(run=run, parser=p)
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Argument combinations argparse cannot express; errors exit with status 2."""
+    fail = args.parser.error
+    for name in args.operator or ():
+        if name not in operators.OPERATORS:
+            fail(f"--operator {name!r} is unknown; choose from {', '.join(operators.OPERATORS)}")
+    known = {k for op in _operators(args) for k in op.methods}
+    for key in args.methods or ():
+        if key not in known:
+            fail(f"--methods {key!r} is unknown; choose from {', '.join(sorted(known))}")
+    if (args.model is None) != (args.shape is None):
+        fail("--model and --shape go together: --model module:attr --shape 3,32,32")
+    if args.model is not None and args.dims is not None:
+        fail("--dims sizes the built-in nets; with --model the size is --shape")
+    device = torch.device(args.device) if _is_device(args.device) else None
+    if device is None or device.type not in ("cpu", "cuda"):
+        fail(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: CUDA is not available here (torch.cuda.is_available() is False)")
+    try:
+        import matplotlib  # noqa: F401
+        import rich  # noqa: F401
+    except ImportError as exc:
+        fail(f"bench needs rich and matplotlib ({exc}): pip install 'torchdiv[bench]'")
+
+
+def _is_device(text: str) -> bool:
+    try:
+        torch.device(text)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _operators(args: argparse.Namespace) -> list[operators.Operator]:
+    names = args.operator or operators.DEFAULT_OPERATORS
+    return [operators.OPERATORS[n] for n in names]
+
+
+def _cases(
+    args: argparse.Namespace, operator: operators.Operator, preset: suite.Preset
+) -> list[suite.Case]:
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    if args.model is not None:
+        batch = args.batch or preset.batch["model"]
+        return [suite.model_case(args.model, args.shape, batch, dtype, device)]
+    batch = {f: args.batch or b for f, b in preset.batch.items()}
+    width = {f: args.width or w for f, w in preset.width.items()}
+    dims = args.dims or preset.dims
+    return suite.builtin_cases(operator.families, dims, batch, width, dtype, device)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the arguments, run every case with a progress bar, print tables, write files."""
+    _check(args)
+    from rich.console import Console
+
+    from torchdiv._bench import plot, report
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    preset = suite.FULL if args.full else suite.QUICK
+    settings = {
+        "rounds": args.repeats or preset.rounds,
+        "min_run_time": args.min_run_time or preset.min_run_time,
+        "dtype": args.dtype,
+    }
+    try:
+        plan = [(op, case) for op in _operators(args) for case in _cases(args, op, preset)]
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    rows = _run_plan(plan, args.methods, settings["rounds"], settings["min_run_time"])
+    info = report.machine(args.device)
+    console = Console() if sys.stdout.isatty() else Console(width=120)
+    for table in report.rich_tables(rows, info):
+        console.print(table)
+    outputs = [
+        (args.json, lambda path: report.write_json(path, rows, settings, args.device)),
+        (args.markdown, lambda path: path.write_text(report.grid_markdown(rows, info))),
+        (args.plot, lambda path: plot.plot(rows, info, path)),
+    ]
+    for path, write in outputs:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(path)
+            console.print(f"wrote {path}")
+    return 0
+
+
+def _run_plan(
+    plan: list[tuple[operators.Operator, suite.Case]],
+    keys: tuple[str, ...] | None,
+    rounds: int,
+    min_run_time: float,
+) -> list[dict[str, Any]]:
+    """Every case under one progress bar (on stderr, gone when done)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    methods = {op.name: [k for k in op.methods if keys is None or k in keys] for op, _ in plan}
+    total = sum(steps(methods[op.name], rounds) for op, _ in plan)
+    rows: list[dict[str, Any]] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("bench", total=total)
+
+        def progress(what: str, n: int) -> None:
+            bar.update(task, advance=n, description=what[:70])
+
+        for op, case in plan:
+            try:
+                rows += run_case(op, case, methods[op.name], rounds, min_run_time, progress)
+            except (ValueError, BatchInteractionError) as exc:
+                raise SystemExit(f"python -m torchdiv bench: {exc}") from exc
+    return rows

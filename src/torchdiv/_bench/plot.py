@@ -1,0 +1,112 @@
+"""The PNG: time and peak memory against D for every method, log scales, baselines grey/dashed."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+from torchdiv._bench.report import Row, describe, groups
+
+BASELINE_STYLE = {"color": "0.55", "linestyle": "--", "linewidth": 1.3}
+
+
+def plot(rows: list[Row], info: dict[str, Any], path: Path) -> None:
+    """One row of two panels (time, memory) per operator and family; a shared legend.
+
+    torchdiv's methods are coloured solid lines, the hand-written baselines grey dashed lines
+    with their own markers; methods that were not timed (WRONG, skipped, error) are absent.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator, ScalarFormatter
+
+    by_group = groups(rows)
+    fig, axes = plt.subplots(
+        len(by_group), 2, figsize=(11, 3.3 * len(by_group) + 1.0), squeeze=False
+    )
+    styles = _styles(rows)
+    for (operator, family), (ax_time, ax_mem) in zip(by_group, axes, strict=True):
+        group = by_group[operator, family]
+        for label, style in styles.items():
+            timed = sorted(
+                (r for r in group if r["label"] == label and "median_ms" in r),
+                key=lambda r: r["dim"],
+            )
+            if not timed:
+                continue
+            dims = [r["dim"] for r in timed]
+            ax_time.plot(dims, [r["median_ms"] for r in timed], label=label, **style)
+            ax_mem.plot(dims, [max(r["peak_mb"], 1e-3) for r in timed], label=label, **style)
+        title = f"{operator}, {family} ({group[0]['setting']})"
+        for ax, what in ((ax_time, "median time (ms)"), (ax_mem, "peak memory (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({r["dim"] for r in group}))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_yscale("log")
+            ax.set_xlabel("D (elements per sample)")
+            ax.set_ylabel(what)
+            ax.set_title(f"{title}: {what.split(' (')[0]}", fontsize=10)
+            ax.grid(True, which="major", alpha=0.3)
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(
+        handles.values(),
+        handles.keys(),
+        loc="lower center",
+        bbox_to_anchor=(0.5, 0.025),
+        ncol=3,
+        fontsize=9,
+        frameon=False,
+    )
+    fig.suptitle(f"torchdiv bench: {describe(info)}", fontsize=11)
+    missing = _not_drawn(rows)
+    if missing:
+        fig.text(0.5, 0.008, "not drawn: " + "; ".join(missing), ha="center", fontsize=8)
+    rows_of_legend = (len(handles) + 2) // 3
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * rows_of_legend, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _styles(rows: list[Row]) -> dict[str, dict[str, Any]]:
+    """One style per method label: colours for torchdiv, grey dashes for baselines."""
+    colours = itertools.cycle(["C0", "C1", "C2", "C3", "C4", "C5", "C6"])
+    markers = itertools.cycle("s^vDPX")
+    styles: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["label"] in styles:
+            continue
+        if row["baseline"]:
+            styles[row["label"]] = {**BASELINE_STYLE, "marker": next(markers)}
+        else:
+            styles[row["label"]] = {
+                "color": next(colours),
+                "marker": "o",
+                "linewidth": 2,
+                "zorder": 3,
+            }
+    return styles
+
+
+def _not_drawn(rows: list[Row]) -> list[str]:
+    """``label (WRONG at every D)`` or ``label (skipped at D=128)`` for each method left out."""
+    every = {r["dim"] for r in rows}
+    out: dict[tuple[str, str], set[int]] = {}
+    for row in rows:
+        if "median_ms" not in row:
+            out.setdefault((row["label"], row["status"]), set()).add(row["dim"])
+    return [
+        f"{label} ({status} at " + ("every D" if dims == every else _dims(dims)) + ")"
+        for (label, status), dims in out.items()
+    ]
+
+
+def _dims(dims: set[int]) -> str:
+    return "D=" + ", ".join(str(d) for d in sorted(dims))

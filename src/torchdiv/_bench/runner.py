@@ -1,0 +1,123 @@
+"""Run one case of one operator: check every method against the exact reference, then measure.
+
+A method is first called once and compared with the reference (float64 where the model allows):
+an exact method off by more than its dtype's tolerance is WRONG and is neither measured nor
+timed; one that raises is reported with its error; one that would not fit is skipped with the
+reason. The rest get their peak memory from one call and are then timed side by side.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchdiv._bench.memory import peak_memory_mb
+from torchdiv._bench.operators import Operator, relative_error, tolerance
+from torchdiv._bench.suite import Case
+from torchdiv._bench.timing import time_interleaved
+
+Progress = Callable[[str, int], None]  # (what is running, steps done)
+
+
+def steps(methods: list[str], rounds: int) -> int:
+    """Progress steps of one case: the reference, one check per method, the timing rounds."""
+    return 1 + len(methods) * (1 + rounds)
+
+
+def run_case(
+    operator: Operator,
+    case: Case,
+    methods: list[str],
+    rounds: int,
+    min_run_time: float,
+    progress: Progress = lambda what, n: None,
+) -> list[dict[str, Any]]:
+    """One row per method: status, relative error, peak MiB, median and IQR ms."""
+    problem = case.make()
+    progress(f"{case.title}: exact reference", 0)
+    try:
+        reference = operator.reference(problem.f64, problem.x64).detach()
+    except Exception as exc:
+        raise ValueError(
+            f"{operator.name} on {case.title}: the exact reference failed: {_first_line(exc)}. "
+            "It runs torch.func on one sample at a time: is the model batch-independent, "
+            "and free of data-dependent Python control flow?"
+        ) from exc
+    y = problem.f(problem.x)
+    device = problem.x.device
+    progress(f"{case.title}: checking", 1)
+    rows, calls = [], {}
+    for key in methods:
+        method = operator.methods[key]
+        row: dict[str, Any] = {
+            "operator": operator.name,
+            "family": case.family,
+            "case": case.title,
+            "dim": case.dim,
+            "batch": case.batch,
+            "setting": case.setting,
+            "dtype": str(problem.x.dtype).removeprefix("torch."),
+            "method": key,
+            "label": method.label,
+            "baseline": method.baseline,
+            "stochastic": method.stochastic,
+        }
+        call = functools.partial(method.call, problem.f, problem.x)
+        row.update(_check(call, method.skip, problem.x, y, reference, method.stochastic))
+        if row["status"] == "ok":
+            row["peak_mb"] = peak_memory_mb(call, device)
+            calls[key] = call
+        rows.append(row)
+        progress(f"{case.title}: checked {method.label}", 1)
+    progress(f"{case.title}: timing", rounds * (len(methods) - len(calls)))
+    times = time_interleaved(
+        calls, rounds, min_run_time, on_round=lambda key: progress(f"{case.title}: {key}", 1)
+    )
+    for row in rows:
+        row.update(times.get(row["method"], {}))
+    _ratios(rows)
+    return rows
+
+
+def _check(
+    call: Callable[[], torch.Tensor],
+    skip: Callable[[torch.Tensor, torch.Tensor], str | None] | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    reference: torch.Tensor,
+    stochastic: bool,
+) -> dict[str, Any]:
+    reason = skip(x, y) if skip is not None else None
+    if reason is not None:
+        return {"status": "skipped", "note": reason}
+    try:
+        err = relative_error(call(), reference)
+    except Exception as exc:
+        return {"status": "error", "note": _first_line(exc)}
+    if stochastic or err <= tolerance(x.dtype):
+        return {"status": "ok", "rel_err": err}
+    return {
+        "status": "WRONG",
+        "rel_err": err,
+        "note": f"relative error {err:.2g} > {tolerance(x.dtype):.0e}; not timed",
+    }
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """``vs_best_baseline``: median over the fastest correct exact baseline's median."""
+    timed = [
+        r["median_ms"] for r in rows if r["baseline"] and not r["stochastic"] and "median_ms" in r
+    ]
+    if not timed:
+        return
+    for row in rows:
+        if "median_ms" in row:
+            row["vs_best_baseline"] = row["median_ms"] / min(timed)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -1,0 +1,142 @@
+"""The benchmark's parts: operator registry, runner statuses, suite and model loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from bench_model import TinyField
+from conftest import (
+    conv_net,
+    reference_diagonal,
+    reference_divergence,
+    reference_jacobian,
+    tanh_mlp,
+)
+
+from torchdiv._bench import operators, runner, suite
+from torchdiv._bench.operators import Method, Operator, relative_error, tolerance
+
+PROBLEMS = {
+    "mlp": lambda: (tanh_mlp(5, 8, 5), torch.randn(3, 5, dtype=torch.float64)),
+    "conv": lambda: (conv_net(2), torch.randn(2, 2, 3, 3, dtype=torch.float64)),
+}
+INDEPENDENT = {
+    "divergence": reference_divergence,
+    "jacobian": reference_jacobian,
+    "jacobian_diagonal": reference_diagonal,
+}
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("name", operators.OPERATORS)
+def test_every_right_method_matches_an_independent_reference(name, problem):
+    """The cross-batch jacrev of conftest, not the registry's own reference, is the judge."""
+    op, (f, x) = operators.OPERATORS[name], PROBLEMS[problem]()
+    expected = INDEPENDENT[name](f, x)
+    assert relative_error(op.reference(f, x), expected) < 1e-12
+    for key, method in op.methods.items():
+        err = relative_error(method.call(f, x), expected)
+        if key == "ones-vjp":
+            assert err > 0.1  # column sums are not the trace
+        else:
+            assert err <= tolerance(torch.float64), key
+
+
+def test_tolerances_follow_the_dtype():
+    assert tolerance(torch.float64) == 1e-9
+    assert tolerance(torch.float32) == 1e-4
+    assert tolerance(torch.bfloat16) == 0.078125  # 10 eps: bfloat16 keeps 8 bits
+
+
+def test_relative_error_is_absolute_when_the_reference_is_zero():
+    assert relative_error(torch.full((3,), 2.0), torch.full((3,), 4.0)) == 0.5
+    assert relative_error(torch.full((3,), 1e-3), torch.zeros(3)) == pytest.approx(1e-3)
+
+
+def test_cross_batch_limit_names_the_sizes():
+    x = torch.zeros(64, 128)
+    assert operators.cross_batch_too_big(x[:2, :8], x[:2, :8]) is None
+    reason = operators.cross_batch_too_big(x, x)
+    assert "8192x8192 cross-batch Jacobian" in reason and "B=64" in reason
+
+
+def _case(f, x: torch.Tensor) -> suite.Case:
+    problem = suite.Problem(f, x, f, x)  # reference in x's dtype
+    return suite.Case("test", "test case", x[0].numel(), x.shape[0], "toy", lambda: problem)
+
+
+def test_runner_times_estimates_reports_wrong_and_failing_methods():
+    def noisy(f, x):
+        return operators.DIVERGENCE.reference(f, x) * 1.1
+
+    def broken(f, x):
+        raise RuntimeError("no forward-mode rule\nsecond line")
+
+    op = Operator(
+        "toy",
+        {
+            "exact": Method("exact", operators.DIVERGENCE.methods["reverse"].call),
+            "estimate": Method("estimate", noisy, stochastic=True),
+            "off": Method("off by 10%", noisy),
+            "broken": Method("broken", broken, baseline=True),
+        },
+        operators.DIVERGENCE.reference,
+    )
+    f, x = tanh_mlp(4, 8, 4, dtype=torch.float32), torch.randn(3, 4)
+    ticks = []
+    rows = runner.run_case(op, _case(f, x), list(op.methods), 2, 1e-3, lambda w, n: ticks.append(n))
+    assert sum(ticks) == runner.steps(list(op.methods), 2)
+    by_key = {r["method"]: r for r in rows}
+    assert by_key["exact"]["status"] == "ok" and by_key["exact"]["rel_err"] <= 1e-4
+    assert by_key["estimate"]["status"] == "ok" and by_key["estimate"]["median_ms"] > 0
+    assert by_key["estimate"]["rel_err"] == pytest.approx(0.1, rel=1e-3)
+    assert by_key["off"]["status"] == "WRONG" and "median_ms" not in by_key["off"]
+    assert by_key["broken"] == by_key["broken"] | {
+        "status": "error",
+        "note": "RuntimeError: no forward-mode rule",
+    }
+    assert "vs_best_baseline" not in by_key["exact"]  # no baseline was timed
+
+
+def test_a_failing_reference_is_a_clear_error():
+    f = lambda x: x.tolist() and x  # noqa: E731  (vmap cannot run .tolist())
+    with pytest.raises(ValueError, match=r"exact reference failed: RuntimeError"):
+        runner.run_case(operators.DIVERGENCE, _case(f, torch.randn(2, 3)), ["auto"], 1, 1e-3)
+
+
+def test_builtin_cases_cover_families_and_round_conv_sizes_to_images():
+    cases = suite.builtin_cases(
+        ("mlp", "conv"),
+        (8, 9, 32),
+        {"mlp": 4, "conv": 2},
+        {"mlp": 16, "conv": 4},
+        torch.float32,
+        torch.device("cpu"),
+    )
+    assert [(c.family, c.dim) for c in cases] == [
+        ("tanh MLP", 8),
+        ("tanh MLP", 9),
+        ("tanh MLP", 32),
+        ("conv net", 8),  # 2 x 2 x 2 (9 rounds to the same images, kept once)
+        ("conv net", 32),  # 2 x 4 x 4
+    ]
+    problem = cases[-1].make()
+    assert problem.x.shape == (2, 2, 4, 4) and problem.x.dtype == torch.float32
+    assert problem.x64.dtype == torch.float64 and problem.f64(problem.x64).dtype == torch.float64
+    assert not any(p.requires_grad for p in problem.f.parameters())
+
+
+def test_load_model_accepts_instances_classes_factories_and_functions(monkeypatch):
+    import bench_model
+
+    monkeypatch.setattr(bench_model, "INSTANCE", TinyField(), raising=False)
+    for attr in ("INSTANCE", "TinyField", "make_field"):
+        assert isinstance(suite.load_model(f"bench_model:{attr}"), TinyField)
+    assert suite.load_model("bench_model:field") is bench_model.field
+    assert suite.load_model("torch.nn:Tanh")(torch.zeros(1)) == 0  # dotted modules too
+
+
+def test_a_function_that_refuses_float64_gets_its_reference_in_its_own_dtype():
+    w = torch.randn(3, 3)
+    problem = suite.make_problem(lambda x: x @ w, (3,), 2, torch.float32, torch.device("cpu"))
+    assert problem.x64.dtype == torch.float32
