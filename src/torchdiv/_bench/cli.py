@@ -70,7 +70,12 @@ def add_parser(commands: Any) -> None:
     size.add_argument("--quick", action="store_true", help="small sizes, short timing (default)")
     size.add_argument("--full", action="store_true", help="the README's sizes, longer timing")
     ops = ", ".join(f"{op.name} ({op.summary})" for op in operators.OPERATORS.values())
-    p.add_argument("--operator", type=_names, help=f"comma-separated: {ops}; default divergence")
+    p.add_argument(
+        "--operator",
+        type=_names,
+        help=f"comma-separated: {ops}; default: {','.join(operators.DEFAULT_OPERATORS)} "
+        "(divergence with --model)",
+    )
     p.add_argument("--dims", type=_ints, help="event sizes D of the built-in nets, e.g. 8,32,128")
     p.add_argument("--batch", type=_positive(int), help="samples per batch")
     p.add_argument("--width", type=_positive(int), help="hidden units (MLP) and channels (conv)")
@@ -123,7 +128,10 @@ def _is_device(text: str) -> bool:
 
 
 def _operators(args: argparse.Namespace) -> list[operators.Operator]:
-    names = args.operator or operators.DEFAULT_OPERATORS
+    if args.operator:
+        names = args.operator
+    else:  # a user's model is a vector field unless they ask for the Laplacian
+        names = ("divergence",) if args.model is not None else operators.DEFAULT_OPERATORS
     return [operators.OPERATORS[n] for n in names]
 
 

@@ -5,7 +5,7 @@ reference every result is checked against, and the problem families it runs on. 
 is ``call(f, x) -> Tensor``; its result is compared with ``reference(f, x)`` after a reshape, so
 methods may return the operator in any layout with the right number of elements.
 
-Adding an operator (e.g. ``laplacian``) or a stochastic estimator is one entry in
+Adding an operator or a stochastic estimator is one entry in
 ``OPERATORS``: the CLI's ``--operator`` choices, the runner, the table and the plot all read
 from it. Stochastic methods (``Method(stochastic=True)``) are not judged right or wrong; their
 relative error is reported instead.
@@ -143,8 +143,53 @@ JACOBIAN_DIAGONAL = Operator(
     summary="diagonal of each sample's Jacobian",
 )
 
-OPERATORS: dict[str, Operator] = {op.name: op for op in (DIVERGENCE, JACOBIAN, JACOBIAN_DIAGONAL)}
-DEFAULT_OPERATORS = ("divergence",)
+# products per sample of every stochastic estimate (a multiple of 3 and of 2)
+PRODUCTS = 30
+ESTIMATORS = Operator(
+    "estimators",
+    {
+        "auto": Method(
+            "torchdiv auto (exact)", functools.partial(torchdiv.divergence, method="auto")
+        ),
+        **{
+            m: Method(
+                f"torchdiv {m} ({PRODUCTS} products)",
+                functools.partial(torchdiv.divergence, method=m, num_probes=PRODUCTS),
+                stochastic=True,
+            )
+            for m in ("hutchinson", "hutch++", "xtrace")
+        },
+        "jacrev": DIVERGENCE.methods["jacrev"],
+    },
+    DIVERGENCE.reference,
+    summary=f"stochastic divergence with {PRODUCTS} products per sample: error and cost",
+)
+LAPLACIAN = Operator(
+    "laplacian",
+    {
+        **{
+            m: Method(f"torchdiv {m}", functools.partial(torchdiv.laplacian, method=m))
+            for m in ("auto", "taylor", "forward-over-reverse", "hessian")
+        },
+        "hutchinson": Method(
+            "torchdiv hutchinson (10 probes)",
+            functools.partial(torchdiv.laplacian, method="hutchinson", num_probes=10),
+            stochastic=True,
+        ),
+        "vmap-hessian": Method(
+            "torch.func vmap(hessian)", _recipes.vmap_hessian_trace, baseline=True
+        ),
+        "grad-of-grad": Method("loop of grad-of-grad", _recipes.grad_of_grad, baseline=True),
+    },
+    _recipes.vmap_hessian_trace,
+    families=("scalar",),
+    summary="trace of each sample's Hessian (one scalar per sample)",
+)
+
+OPERATORS: dict[str, Operator] = {
+    op.name: op for op in (DIVERGENCE, JACOBIAN, JACOBIAN_DIAGONAL, ESTIMATORS, LAPLACIAN)
+}
+DEFAULT_OPERATORS = ("divergence", "laplacian")
 
 
 def tolerance(dtype: torch.dtype) -> float:

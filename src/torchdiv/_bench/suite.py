@@ -60,11 +60,17 @@ class Preset:
     min_run_time: float
 
 
-QUICK = Preset((8, 32, 128), {"mlp": 64, "conv": 8, "model": 8}, {"mlp": 64, "conv": 8}, 3, 0.05)
+QUICK = Preset(
+    (8, 32, 128),
+    {"mlp": 64, "conv": 8, "scalar": 64, "model": 8},
+    {"mlp": 64, "conv": 8, "scalar": 64},
+    3,
+    0.05,
+)
 FULL = Preset(
     (32, 128, 512),
-    {"mlp": 128, "conv": 8, "model": 8},
-    {"mlp": 256, "conv": 16},
+    {"mlp": 128, "conv": 8, "scalar": 256, "model": 8},
+    {"mlp": 256, "conv": 16, "scalar": 128},
     5,
     0.2,
 )
@@ -93,9 +99,22 @@ def conv_net(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
     return net, (2, side, side)
 
 
+def scalar_mlp(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """``D -> width -> width -> 1`` with tanh: a PINN solution or a VMC wave function."""
+    net = torch.nn.Sequential(
+        torch.nn.Linear(dim, width),
+        torch.nn.Tanh(),
+        torch.nn.Linear(width, width),
+        torch.nn.Tanh(),
+        torch.nn.Linear(width, 1),
+    )
+    return net, (dim,)
+
+
 FAMILIES: dict[str, tuple[str, Callable[[int, int], tuple[torch.nn.Module, tuple[int, ...]]]]] = {
     "mlp": ("tanh MLP", tanh_mlp),
     "conv": ("conv net", conv_net),
+    "scalar": ("tanh MLP to a scalar", scalar_mlp),
 }
 
 
