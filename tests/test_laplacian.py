@@ -489,3 +489,15 @@ def test_exact_methods_reject_probe_options():
     for kwargs in ({"probe": "gaussian"}, {"probes": torch.ones(1, 2, 3)}):
         with pytest.raises(ValueError, match="only used by stochastic methods"):
             torchdiv.laplacian(lambda x: x.sum(-1), torch.randn(2, 3), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("widest", "num_inputs", "chunk"),
+    [(1000, 50, 50), (2**20, 50, 13), (2**20, 16, 16), (2**25, 9, 5), (10, 0, 1)],
+)
+def test_auto_plans_as_few_equal_chunks_as_the_budget_allows(widest, num_inputs, chunk):
+    from torchdiv._laplacian import CHUNK_ELEMENTS, _planned_chunk
+    from torchdiv._taylor import Graph
+
+    assert CHUNK_ELEMENTS == 2**24
+    assert _planned_chunk(Graph(widest=widest), num_inputs) == chunk

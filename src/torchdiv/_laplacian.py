@@ -13,8 +13,9 @@ Methods (one signature each, in ``_METHODS``):
 - ``"hutchinson"``: the unbiased estimate ``(1/r) sum_j v_j^T H v_j`` with ``r = num_probes``
   random directions per sample (``torchdiv._probes``), by the Taylor engine with the probes as
   directions (about ``r`` forward passes), or by Hessian-vector products if an op has no rule.
-- ``"auto"``: ``"taylor"`` with a planned chunk, or ``"forward-over-reverse"`` if an op has no
-  Taylor rule.
+- ``"auto"``: ``"taylor"``, in as few equal chunks of directions as keep the widest ``jac``
+  tensor (directions x elements) within ``CHUNK_ELEMENTS``; ``"forward-over-reverse"`` with the
+  same chunks if an op has no Taylor rule.
 
 Attention runs on PyTorch's math backend in every method (``_modes.math_attention``): the
 fused CPU kernel has no forward-mode derivative.
@@ -44,8 +45,9 @@ from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture,
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 METHODS = ("auto", "taylor", "forward-over-reverse", "hessian", "hutchinson")
-# elements of jac (all directions, all samples, widest tensor) in flight under "auto"
-CHUNK_ELEMENTS = 2**22
+# "auto" chunks only when the widest jac (directions x its elements) would pass this many
+# elements (64 MiB in float32): each chunk replays the forward values, so fewer is faster
+CHUNK_ELEMENTS = 2**24
 
 
 @outside_inference_mode
@@ -128,7 +130,10 @@ def _auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None)
 
 
 def _planned_chunk(graph: Graph, num_inputs: int) -> int:
-    return max(8, CHUNK_ELEMENTS // graph.widest) if num_inputs else 1
+    """Directions per chunk: as few equal chunks as keep the widest jac within the budget."""
+    largest = max(8, CHUNK_ELEMENTS // graph.widest)
+    pieces = -(-num_inputs // largest)  # ceil
+    return -(-num_inputs // pieces) if num_inputs else 1
 
 
 def _taylor(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
