@@ -13,6 +13,7 @@ Every sample gets its own independent entries: probes have the full shape ``(r,)
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -56,12 +57,20 @@ def draw(
 def _rademacher(
     shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype, device: Any
 ) -> torch.Tensor:
-    """+-1 entries, from the bits of uniform 62-bit integers: one random draw per 62 entries
-    (half the time of one draw per entry, measured for a 128 x 256 batch)."""
+    """+-1 entries, eight per uniform random byte: each byte picks its row of the table of the
+    256 sign patterns (an embedding lookup: a third of the time of one draw per entry, measured
+    for a 128 x 256 batch on CPU)."""
     numel = math.prod(shape)
-    words = torch.randint(0, 2**62, ((numel + 61) // 62, 1), generator=generator, device=device)
-    bits = (words >> torch.arange(62, device=device)) & 1
-    return bits.flatten()[:numel].reshape(shape).to(dtype).mul_(2).sub_(1)
+    index = torch.randint(0, 256, (-(-numel // 8),), generator=generator, device=device)
+    signs = torch.nn.functional.embedding(index, _sign_patterns(dtype, torch.device(device)))
+    return signs.flatten()[:numel].view(shape)
+
+
+@functools.cache
+def _sign_patterns(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Row ``i`` holds the bits of ``i`` as signs: ``(256, 8)``, entries ``2 bit - 1``."""
+    bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
+    return (2 * bits - 1).to(dtype)
 
 
 def draw_probes(
