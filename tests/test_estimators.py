@@ -94,7 +94,7 @@ NAIVE = {"hutchinson": naive_hutchinson, "hutch++": naive_hutchpp, "xtrace": nai
 
 
 def _independent_probes(like: torch.Tensor, method: str, probe: str) -> torch.Tensor:
-    """12-product probes; for the sketching methods, linearly independent in every sample. Rademacher
+    """12-product probes, for the sketching methods independent in every sample. Rademacher
     vectors of 10 entries repeat (up to sign) with probability ~3% per set; the sketching
     methods' batched code then clamps a zero pivot where the naive loop's QR does not, by
     design, so the comparison needs sets of full rank (the first seed from 3 that gives them)."""
