@@ -52,6 +52,19 @@ def test_image_shaped_x_conv_net():
     )
 
 
+@pytest.mark.parametrize("shape", [(3, 6), (2, 3, 6), (2, 1, 2, 3)])
+def test_one_probe_path_on_other_shapes(shape):
+    """One product: the lean path, any batch and event shape, a non-square-shaped event."""
+    batch_dims = len(shape) - 1 if len(shape) < 4 else 1
+    f = lambda x: torch.tanh(x).flip(-1).reshape(x.shape)  # noqa: E731
+    x = torch.randn(shape, dtype=F64)
+    probes = torchdiv.draw_probes(x, 1, batch_dims=batch_dims)
+    div = torchdiv.divergence(f, x, batch_dims=batch_dims, method="hutchinson", probes=probes)
+    torch.testing.assert_close(div, hutchinson_reference(f, x, probes, batch_dims))
+    est = torchdiv.estimate_divergence(f, x, batch_dims=batch_dims, probes=probes)
+    assert torch.equal(est.value, div) and est.stderr.isnan().all() and est.num_probes == 1
+
+
 def test_one_probe_path_equals_reference():
     net = tanh_mlp(5, 16, 5)
     x = torch.randn(4, 5, dtype=F64)

@@ -9,6 +9,7 @@ basis vectors] in ``torchdiv._basis``, with probes in place of basis vectors).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from torchdiv import _exact, _trace
 from torchdiv._autograd import GraphJacobian
 from torchdiv._estimators import Matmat
+from torchdiv._probes import draw
 from torchdiv._result import Estimate
 
 
@@ -53,14 +55,29 @@ def trace_of_function(
     pass takes 0.24 ms, forward plus ``autograd.grad`` 0.52 ms).
     """
     if s.num_probes == 1:
-        engine = GraphJacobian.of_function(f, x, batch_dims)
-        return _trace.run(s, _operator(engine, s, 1), x, batch_dims)
+        return _one_probe(GraphJacobian.of_function(f, x, batch_dims), s)
 
     def consume(engine: _exact.Engine, chunk: int) -> Estimate:
         return _trace.run(s, _operator(engine, s, chunk), x, batch_dims)
 
     estimate, _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume)
     return estimate
+
+
+def _one_probe(engine: GraphJacobian, s: _trace.Sampling) -> Estimate:
+    """Hutchinson with one product, ``v^T J^T v``, with as few tensor ops as it takes: at one
+    forward pass of 0.3 ms (B=128, D=256 MLP) every op of the general path's reshapes, casts
+    and spreads costs 2-3% of the estimate."""
+    x, batch = engine.x, engine.x.shape[: engine.batch_dims]
+    v = (
+        s.probes
+        if s.probes is not None
+        else draw(s.probe, 1, x, engine.batch_dims, s.generator, x.dtype)
+    )
+    product = engine.apply(v.reshape(1, *engine.y_shape))  # J^T v: (1,) + x.shape
+    value = (v.reshape(product.shape) * product).reshape(batch.numel(), -1).sum(-1)
+    value = value.reshape(batch)
+    return Estimate(value, torch.full_like(value.detach(), math.nan), 1)
 
 
 def diagonal_of_function(
