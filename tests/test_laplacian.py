@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from copy import deepcopy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -501,3 +503,117 @@ def test_auto_plans_as_few_equal_chunks_as_the_budget_allows(widest, num_inputs,
 
     assert CHUNK_ELEMENTS == 2**24
     assert _planned_chunk(Graph(widest=widest), num_inputs) == chunk
+
+
+# Found in review: each of these gave a wrong answer or an error before.
+
+
+def test_constant_padding_with_a_nonzero_value():
+    u = lambda z: (F.pad(z**2, (1, 1), value=3.0) ** 2).sum(-1)  # noqa: E731
+    x = torch.randn(3, 4, dtype=f64)
+    for method in EXACT:
+        assert_close(torchdiv.laplacian(u, x, method=method), reference_laplacian(u, x))
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_gradients_through_layer_norm_match_finite_differences(method):
+    """The gradient of a Laplacian is a third derivative; PyTorch's fused layer norm gets it
+    wrong (pytorch/pytorch#175754), so nested autodiff runs it as primitives."""
+    w = torch.linspace(-1, 1, 4, dtype=f64)
+    u = lambda z: (torch.tanh(F.layer_norm(z, (4,))) * w).sum(-1)  # noqa: E731
+    x = torch.randn(3, 4, dtype=f64, requires_grad=True)
+    (grad,) = torch.autograd.grad(torchdiv.laplacian(u, x, method=method).sum(), x)
+    h, expected = 1e-5, torch.zeros_like(x)
+    for i in range(x.numel()):
+        e = torch.zeros_like(x).view(-1)
+        e[i] = h
+        step = e.view_as(x)
+        plus = torchdiv.laplacian(u, (x + step).detach(), method="taylor").sum()
+        minus = torchdiv.laplacian(u, (x - step).detach(), method="taylor").sum()
+        expected.view(-1)[i] = (plus - minus) / (2 * h)
+    # central differences: error O(h^2) = 1e-10 times third derivatives, plus eps / h = 2e-11
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_no_grad_inside_f_is_a_stop_gradient_as_in_reverse_mode():
+    def u(z):
+        with torch.no_grad():
+            s = z.square().sum(-1, keepdim=True)
+        return (z**2 / (s + 1)).sum(-1)
+
+    x = torch.randn(3, 4, dtype=f64)
+    s = x.square().sum(-1)
+    expected = 2 * 4 / (s + 1)  # the Laplacian of sum(z^2) / c with c held constant
+    for method in ("auto", "taylor"):
+        assert_close(torchdiv.laplacian(u, x, method=method), expected)
+
+
+class Dropout(nn.Module):
+    """A training-mode dropout between two layers, and a buffer counting forward calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tanh_mlp(4, 16, 1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net[2:](F.dropout(self.net[:2](x), 0.5, training=True))
+
+
+def test_random_ops_and_mutations_happen_once_whatever_the_chunks():
+    net, x = Dropout().to(f64), torch.randn(3, 4, dtype=f64)
+    results = []
+    for chunk_size in (None, 1, 3):
+        torch.manual_seed(0)
+        results.append(torchdiv.laplacian(net, x, method="taylor", chunk_size=chunk_size))
+    assert_close(results[1], results[0]) and assert_close(results[2], results[0])
+    assert net.calls.item() == 3  # one forward evaluation per call
+
+
+def test_an_op_that_cannot_be_replayed_falls_back():
+    torch.manual_seed(0)
+    net = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 4)).to(f64).train()
+    x = torch.randn(3, 4, dtype=f64)
+
+    def field():  # a fresh copy: every forward call updates the power-iteration vectors
+        copy = deepcopy(net)
+        return lambda z: torch.tanh(copy(z)).square().sum(-1)
+
+    expected = torchdiv.laplacian(field(), x, method="forward-over-reverse")
+    assert_close(torchdiv.laplacian(field(), x), expected)
+
+
+@pytest.mark.parametrize(
+    ("u", "op"),
+    [
+        (lambda z: F.group_norm(z.reshape(1, 2, 2), 1, weight=z[:2]).square().sum(), "group_norm"),
+        (lambda z: (2.0**z * 0.0**z).sum(), r"pow\.Scalar with base 0\.0"),
+    ],
+)
+def test_a_rule_that_cannot_take_its_arguments_falls_back_or_names_the_op(u, op):
+    x = torch.rand(4, dtype=f64) + 0.5
+    with pytest.raises(NotImplementedError, match=rf"laplacian: method='taylor' .*{op}.*'auto'"):
+        torchdiv.laplacian(u, x, batch_dims=0, method="taylor")
+    assert_close(torchdiv.laplacian(u, x, batch_dims=0), hessian(u)(x).diagonal().sum())
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 4)])
+@pytest.mark.parametrize("method", [*EXACT, "hutchinson"])
+def test_empty_batches_and_events(shape, method):
+    options = {"num_probes": 2} if method == "hutchinson" else {}
+    u = lambda z: z.square().sum(-1, keepdim=True)  # noqa: E731
+    out = torchdiv.laplacian(u, torch.randn(shape), method=method, **options)
+    assert out.shape == (shape[0], 1) and not out.any()
+
+
+def test_hessian_method_honours_chunk_size():
+    net = tanh_mlp(64, 256, 1, dtype=torch.float32).requires_grad_(False)
+    x = torch.randn(64, 64)
+    sizes = {}
+    for chunk_size in (None, 4):
+        with _LargestTensor() as watch:
+            torchdiv.laplacian(net, x, method="hessian", chunk_size=chunk_size)
+        sizes[chunk_size] = watch.largest
+    # chunks of 4 directions: the products shrink 16x; what stays is the assembled Hessians
+    assert sizes[4] == 64 * 64 * 64 < sizes[None] == 64 * 64 * 256

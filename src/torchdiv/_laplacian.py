@@ -8,8 +8,8 @@ Methods (one signature each, in ``_METHODS``):
 - ``"forward-over-reverse"``: Hessian columns as JVPs of the per-sample gradients, ``k`` basis
   vectors at a time (NOTE [Batching over basis vectors] in ``_basis``), keeping only the
   diagonal entries.
-- ``"hessian"``: the same products for all ``n`` basis vectors at once, materialising every
-  sample's Hessian and taking its trace: what ``torch.func.hessian`` users write.
+- ``"hessian"``: the same products, ``chunk_size`` basis vectors at a time, assembled into
+  every sample's full Hessian, then its trace: what ``torch.func.hessian`` users write.
 - ``"hutchinson"``: the unbiased estimate ``(1/r) sum_j v_j^T H v_j`` with ``r = num_probes``
   random directions per sample (``torchdiv._probes``), by the Taylor engine with the probes as
   directions (about ``r`` forward passes), or by Hessian-vector products if an op has no rule.
@@ -18,12 +18,15 @@ Methods (one signature each, in ``_METHODS``):
   same chunks if an op has no Taylor rule.
 
 Attention runs on PyTorch's math backend in every method (``_modes.math_attention``): the
-fused CPU kernel has no forward-mode derivative.
+fused CPU kernel has no forward-mode derivative. The nested-autodiff methods compute layer
+norm from primitives (``_modes.LayerNormAsPrimitives``): the fused kernel's third derivative,
+which the gradient of a Laplacian needs, is wrong in PyTorch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import torch
 from torch.func import vjp, vmap
@@ -40,7 +43,7 @@ from torchdiv._checks import (
     event_numel,
 )
 from torchdiv._forward import ForwardJacobian
-from torchdiv._modes import math_attention, outside_inference_mode
+from torchdiv._modes import LayerNormAsPrimitives, math_attention, outside_inference_mode
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
 
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -112,9 +115,13 @@ def laplacian(
         s = _trace.sampling(
             fn, x, batch_dims, method, num_probes, probe, probes, generator, methods=(method,)
         )
+    else:
+        check_exact_options(fn, method, num_probes, generator, probe, probes)
+    if x.numel() == 0:  # no samples, or an empty event: every Laplacian is an empty sum
+        return _zeros_like_output(g, x)
+    if method == "hutchinson":
         directions = _trace.vectors(s, x, batch_dims).reshape(-1, *x.shape).to(x.dtype)
         return _hutchinson(g, x, batch_dims, chunk_size, directions)
-    check_exact_options(fn, method, num_probes, generator, probe, probes)
     return _METHODS[method](g, x, batch_dims, chunk_size)
 
 
@@ -124,7 +131,9 @@ def _auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None)
     if not graph.unsupported:
         try:
             return _collapsed(graph, x, _unit_directions(x, batch_dims, chunk))
-        except UnsupportedOp:
+        except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
+            raise
+        except RuntimeError:  # UnsupportedOp included, or an op that cannot be replayed
             pass
     return _forward_over_reverse(f, x, batch_dims, chunk)
 
@@ -139,13 +148,21 @@ def _planned_chunk(graph: Graph, num_inputs: int) -> int:
 def _taylor(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
     graph = capture(f, x, RULES)
     if graph.unsupported:
-        ops = ", ".join(sorted(set(graph.unsupported)))
-        raise UnsupportedOp(
-            f"laplacian: method='taylor' has no propagation rule for {ops} applied to a tensor "
-            "that depends on x; use method='auto' (falls back to 'forward-over-reverse')"
+        _refuse(
+            ", ".join(sorted(set(graph.unsupported))) + " applied to a tensor that depends on x"
         )
     chunk = chunk_size or event_numel(x, batch_dims)
-    return _collapsed(graph, x, _unit_directions(x, batch_dims, chunk))
+    try:
+        return _collapsed(graph, x, _unit_directions(x, batch_dims, chunk))
+    except UnsupportedOp as exc:
+        _refuse(str(exc))
+
+
+def _refuse(what: str) -> NoReturn:
+    raise UnsupportedOp(
+        f"laplacian: method='taylor' has no propagation rule for {what}; use method='auto' "
+        "(falls back to 'forward-over-reverse')"
+    )
 
 
 def _unit_directions(x: torch.Tensor, batch_dims: int, chunk: int) -> Iterator[torch.Tensor]:
@@ -157,9 +174,9 @@ def _unit_directions(x: torch.Tensor, batch_dims: int, chunk: int) -> Iterator[t
 def _collapsed(graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor]) -> torch.Tensor:
     """``sum_k D^2 f(x)[u_k, u_k]`` over all directions: the output's collapsed second-order
     terms, summed over the chunks ``directions`` yields (each ``(k,) + x.shape``, broadcast)."""
-    total = None
+    total, constants = None, {}
     for u in directions:
-        out = propagate(graph, Jet(x, u, None), Context(len(u), True, jac=False))
+        out = propagate(graph, Jet(x, u, None), Context(len(u), True, jac=False), constants)
         if isinstance(out, Jet) and out.lap is not None:
             total = out.lap if total is None else total + out.lap
     if total is None:  # f(x) does not depend on x, or only linearly
@@ -188,18 +205,17 @@ def _hessian_products(
     """``H_{b,i} v_j`` for every sample ``b``, output ``i`` and direction ``v_j`` (``(k,) +
     x.shape``), shape ``(k, m, N, n)``, and ``f(x).shape``: JVPs of the per-sample gradients."""
     grads = _Gradients(f, batch_dims)
-    with math_attention():
+    with math_attention(), LayerNormAsPrimitives():
         columns = ForwardJacobian(grads, x, batch_dims).apply(directions)
     k, m = columns.shape[:2]
-    return columns.reshape(k, m, x.shape[:batch_dims].numel(), -1), grads.y_shape
+    n_samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
+    return columns.reshape(k, m, n_samples, n), grads.y_shape
 
 
 def _forward_over_reverse(
     f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None
 ) -> torch.Tensor:
     n = event_numel(x, batch_dims)
-    if n == 0:
-        return _zeros_like_output(f, x)
     total = None
     for start, stop in chunks(n, chunk_size or n):
         columns, y_shape = _hessian_products(f, x, batch_dims, basis(start, stop, x, batch_dims))
@@ -217,10 +233,11 @@ def _zeros_like_output(f: Function, x: torch.Tensor) -> torch.Tensor:
 
 def _hessian(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
     n = event_numel(x, batch_dims)
-    if n == 0:
-        return _zeros_like_output(f, x)
-    columns, y_shape = _hessian_products(f, x, batch_dims, basis(0, n, x, batch_dims))
-    hessians = columns.permute(2, 1, 3, 0)  # (N, m, n, n)
+    parts = []
+    for start, stop in chunks(n, chunk_size or n):
+        columns, y_shape = _hessian_products(f, x, batch_dims, basis(start, stop, x, batch_dims))
+        parts.append(columns)
+    hessians = torch.cat(parts).permute(2, 1, 3, 0)  # (N, m, n, n)
     return hessians.diagonal(dim1=-2, dim2=-1).sum(-1).reshape(y_shape)
 
 

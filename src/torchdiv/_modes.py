@@ -1,4 +1,5 @@
-"""Modes the function-form API runs under: outside inference mode, math attention."""
+"""Modes the function-form API runs under: outside inference mode, math attention, and layer
+norm as primitives for third derivatives."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,3 +40,34 @@ def math_attention() -> contextlib.AbstractContextManager[None]:
     forward-mode and second-order derivatives (and Taylor rules); the fused CPU kernel has
     neither."""
     return sdpa_kernel([SDPBackend.MATH])
+
+
+class LayerNormAsPrimitives(TorchFunctionMode):
+    """Compute ``layer_norm`` from means, a square root and products inside the mode.
+
+    PyTorch's fused ``native_layer_norm`` has exact first and second derivatives, but its
+    third derivative is wrong (its backward treats the saved mean and inverse standard
+    deviation as constants; pytorch/pytorch#175754). The gradient of a Laplacian computed by
+    nested autodiff is a third derivative, so those methods run ``f`` under this mode.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.layer_norm or func is torch.layer_norm:
+            return _layer_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _layer_norm(
+    a: torch.Tensor,
+    normalized_shape: Any,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *_: Any,
+) -> torch.Tensor:
+    dims = tuple(range(-len(normalized_shape), 0))
+    centred = a - a.mean(dims, keepdim=True)
+    out = centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+    out = out if weight is None else out * weight
+    return out if bias is None else out + bias

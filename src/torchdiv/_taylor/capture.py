@@ -60,6 +60,7 @@ class Node:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     depends: bool
+    kept: list[Any] | None = None  # outputs to reuse instead of replaying (see _kept)
 
 
 @dataclass
@@ -94,7 +95,11 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        depends = self.depends(args, kwargs) and func not in _CONSTANT_RESULTS
+        # under no_grad inside f (capture enables grad around f) results are constants, as
+        # reverse mode sees them
+        depends = (
+            self.depends(args, kwargs) and func not in _CONSTANT_RESULTS and torch.is_grad_enabled()
+        )
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
             with self:
                 return _DECOMPOSITIONS[func](*args, **kwargs)
@@ -105,8 +110,9 @@ class _Recorder(TorchDispatchMode):
         if depends and (func not in self.rules or func._schema.is_mutable):
             self.graph.unsupported.append(str(func))
         index = len(self.graph.nodes)
+        kept = None if depends else _kept(func, leaves)
         self.graph.nodes.append(
-            Node(func, tree_map(self.ref, args), tree_map(self.ref, kwargs), depends)
+            Node(func, tree_map(self.ref, args), tree_map(self.ref, kwargs), depends, kept)
         )
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor):
@@ -118,16 +124,24 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+def _kept(func: Any, leaves: list[Any]) -> list[Any] | None:
+    """The outputs of a random or mutating op, which a replay must not run again: a second
+    dropout mask, or a buffer incremented once more (or an ``out=`` op that autograd refuses)."""
+    random = torch.Tag.nondeterministic_seeded in func.tags
+    return leaves if random or func._schema.is_mutable else None
+
+
 def capture(
     f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rules: Container[Any]
 ) -> Graph:
-    """Record the ATen calls of ``f(x)`` (evaluated once, without grad).
+    """Record the ATen calls of ``f(x)`` (evaluated once, with grad enabled around ``f`` so
+    that its own ``no_grad`` blocks show).
 
     ``rules`` holds the ops that have a propagation rule; dependent calls outside it are
     decomposed where PyTorch can, else listed in ``Graph.unsupported``.
     """
     recorder = _Recorder(x, rules)
-    with torch.no_grad(), math_attention(), recorder:
+    with torch.enable_grad(), math_attention(), recorder:
         y = f(x)
     recorder.graph.output = tree_map(recorder.ref, y)
     recorder.graph.output_shape = tuple(y.shape)

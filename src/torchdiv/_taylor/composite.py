@@ -52,7 +52,7 @@ def _variance(
 ) -> tuple[Jet, Jet]:
     """``(var, mean)`` over ``dims`` (all if ``None``), with ``correction`` (Bessel's = 1)."""
     ctx = inner(ctx)
-    dims = tuple(range(a.value.dim())) if dims is None else tuple(dims)
+    dims = tuple(dims) if dims else tuple(range(a.value.dim()))  # None or []: every dim
     count = math.prod(a.shape[d] for d in dims)
     mean = linear(ctx, torch.mean, a, dims, keepdim=True)
     square = ELEMENTWISE[aten.pow.Tensor_Scalar](ctx, add(a, mean, -1), 2)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from torchdiv._taylor.jet import Context, Jet, chain
+from torchdiv._taylor.linear import UnsupportedOp
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -147,6 +148,8 @@ def _rule(op: Any, derivatives: Derivatives) -> Callable[..., Jet]:
 
 def _scalar_pow(ctx: Context, c: float, a: Jet) -> Jet:
     """``c ** a``: the jet is the exponent."""
+    if c <= 0:
+        raise UnsupportedOp(f"aten.pow.Scalar with base {c} (derivatives need log(base))")
     y = torch.pow(c, a.value)
     return chain(ctx, a, y, math.log(c) * y, math.log(c) ** 2 * y)
 

@@ -145,6 +145,12 @@ def _convolution(
     return Jet(value, jac, lap)
 
 
+def _pad(ctx: Context, a: Jet, pad: list[int], value: float = 0.0) -> Jet:
+    """Constant padding: the padded border is constant, so its derivatives are zero."""
+    out = linear(ctx, aten.constant_pad_nd, a, pad, 0.0)
+    return Jet(aten.constant_pad_nd(a.value, pad, value), out.jac, out.lap)
+
+
 def _cat(ctx: Context, tensors: list[Operand], dim: int = 0) -> Jet:
     jets = [t if isinstance(t, Jet) else Jet(t, None, None) for t in tensors]
     value = torch.cat([j.value for j in jets], dim)
@@ -224,7 +230,6 @@ LINEAR_OPS = [
     aten.repeat.default,
     aten.unfold.default,
     aten.index_select.default,
-    aten.constant_pad_nd.default,
     aten.sum.dim_IntList,
     aten.sum.default,
     aten.mean.dim,
@@ -241,6 +246,8 @@ LINEAR_OPS = [
     aten.index.Tensor,
     aten.gather.default,
     aten.narrow.default,
+    aten.reshape.default,
+    aten.to.dtype,
 ]
 
 RULES: dict[Any, Callable[..., Any]] = {
@@ -264,6 +271,7 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten.addmm.default: _addmm,
     aten.convolution.default: _convolution,
     aten.cat.default: _cat,
+    aten.constant_pad_nd.default: _pad,
     aten.where.self: _where,
     aten.max_pool2d_with_indices.default: _max_pool,
     aten.max.dim: _max_dim,

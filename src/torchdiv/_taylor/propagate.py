@@ -15,8 +15,9 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from torchdiv._taylor import composite, elementwise, linear
-from torchdiv._taylor.capture import Graph, Ref
+from torchdiv._taylor.capture import Graph, Node, Ref
 from torchdiv._taylor.jet import Context, Jet
+from torchdiv._taylor.linear import UnsupportedOp
 
 RULES: dict[Any, Any] = {**elementwise.RULES, **linear.RULES, **composite.RULES}
 
@@ -43,6 +44,7 @@ _LAP_FROM_LAP = {
     aten.abs.default,
     aten.max_pool2d_with_indices.default,
     aten.cat.default,
+    aten.constant_pad_nd.default,
     aten.where.self,
 }
 # ops linear in each argument: the same, if only one argument depends on x
@@ -55,13 +57,17 @@ _MULTILINEAR = {
 }
 
 
-def propagate(graph: Graph, x: Jet, ctx: Context) -> Jet | torch.Tensor:
+def propagate(
+    graph: Graph, x: Jet, ctx: Context, constants: dict[int, list[Any]] | None = None
+) -> Jet | torch.Tensor:
     """The output jet of ``graph`` for the input jet ``x`` (a tensor if it does not depend on x).
 
     ``ctx.jac`` says whether the output's ``jac`` is wanted; intermediate ``jac`` that no later
     op needs are skipped. Values are freed after their last use, so memory in flight is what
-    the live jets need.
+    the live jets need. Ops that carry no jet are computed once per ``constants`` cache: pass
+    the same dict to every chunk of directions at the same ``x``.
     """
+    constants = {} if constants is None else constants
     last_use = _last_uses(graph)
     needs_jac = _needs_jac(graph, ctx)
     env: dict[int, list[Any]] = {-1: [x]}
@@ -70,16 +76,30 @@ def propagate(graph: Graph, x: Jet, ctx: Context) -> Jet | torch.Tensor:
         return env[a.node][a.leaf] if isinstance(a, Ref) else a
 
     for index, node in enumerate(graph.nodes):
-        args, kwargs = tree_map(resolve, node.args), tree_map(resolve, node.kwargs)
-        if node.depends and _has_jet((args, kwargs)):
-            node_ctx = replace(ctx, jac=index in needs_jac)
-            out = RULES[node.func](node_ctx, *args, **kwargs)
+        if node.kept is not None:
+            env[index] = node.kept
+        elif index in constants:
+            env[index] = constants[index]
         else:
-            out = node.func(*tree_map(_value, args), **tree_map(_value, kwargs))
-        env[index] = tree_flatten(out, is_leaf=lambda t: isinstance(t, Jet))[0]
+            args, kwargs = tree_map(resolve, node.args), tree_map(resolve, node.kwargs)
+            if node.depends and _has_jet((args, kwargs)):
+                node_ctx = replace(ctx, jac=index in needs_jac)
+                env[index] = tree_flatten(_apply(node, node_ctx, args, kwargs), is_leaf=_is_jet)[0]
+            else:
+                out = node.func(*tree_map(_value, args), **tree_map(_value, kwargs))
+                env[index] = constants[index] = tree_flatten(out)[0]
         for dead in last_use.pop(index, ()):
             del env[dead]
     return tree_map(resolve, graph.output)
+
+
+def _apply(node: Node, ctx: Context, args: Any, kwargs: Any) -> Any:
+    """The rule of ``node``'s op; a rule that meets a jet where it can only take a tensor (a
+    weight computed from x, say) is reported as an unsupported use of the op."""
+    try:
+        return RULES[node.func](ctx, *args, **kwargs)
+    except (TypeError, AttributeError) as exc:
+        raise UnsupportedOp(f"{node.func} with these arguments ({exc})") from exc
 
 
 def _value(a: Any) -> Any:
