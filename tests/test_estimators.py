@@ -273,17 +273,34 @@ def test_one_hutchinson_probe_has_no_stderr():
     assert torch.isnan(est.stderr).all() and torch.isfinite(est.value).all()
 
 
-def test_differentiable_through_products():
-    """d/dA of a fixed-probe Hutch++ estimate: autograd through QR agrees with float64 finite
-    differences."""
-    A = nonsymmetric(6).expand(2, 6, 6).clone().requires_grad_(True)
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_are_unbiased(method):
+    """d tr(A) / dA = I. Hutchinson's gradient is v v^T; Hutch++ and XTrace hold the sketch
+    basis constant, giving Q Q^T + P g g^T P, whose mean given Q is I too. 4000 replicates
+    (samples of one batch) of one matrix: the mean gradient within 5 standard errors of I."""
+    reps = 4000
+    A = nonsymmetric(6).expand(reps, 6, 6).clone().requires_grad_(True)
+    like = torch.zeros(reps, 6, dtype=F64)
+    g = torch.Generator().manual_seed(0)
+    est = torchdiv.estimate_trace(
+        batch_matmat(A), like, method=method, num_probes=6, probe="gaussian", generator=g
+    )
+    (grad,) = torch.autograd.grad(est.value.sum(), A)
+    mean, se = grad.mean(0), grad.std(0) / math.sqrt(reps)
+    assert ((mean - torch.eye(6, dtype=F64)).abs() <= 5 * se + 1e-12).all()
+
+
+@pytest.mark.parametrize("method", ["hutch++", "xtrace"])
+def test_gradients_are_finite_when_the_sketch_loses_rank(method):
+    """A rank-1 A: the sketch has rank 1 < its size, and differentiating through the QR of a
+    rank-deficient matrix would give NaN."""
+    u = torch.randn(2, 6, 1, dtype=F64)
+    A = (u @ u.transpose(1, 2)).requires_grad_(True)
     like = torch.zeros(2, 6, dtype=F64)
-    probes = torchdiv.draw_probes(like, 6, method="hutch++", probe="gaussian")
-
-    def estimate(A):
-        return torchdiv.estimate_trace(batch_matmat(A), like, method="hutch++", probes=probes)
-
-    assert torch.autograd.gradcheck(lambda A: estimate(A).value, (A,))
+    est = torchdiv.estimate_trace(batch_matmat(A), like, method=method, num_probes=6)
+    (grad,) = torch.autograd.grad(est.value.sum(), A)
+    assert grad.isfinite().all()
+    torch.testing.assert_close(est.value, A.detach().diagonal(dim1=1, dim2=2).sum(-1))
 
 
 class TestTolerance:
@@ -307,6 +324,25 @@ class TestTolerance:
         with pytest.warns(UserWarning, match=r"estimate_trace: stopped at max_probes=40 \(32 "):
             est = replicates_tol(A, 50, "hutchinson", rtol=1e-6, max_probes=40)
         assert est.num_probes == 32
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_sample_at_a_time_lands_within_two_rtol(method):
+    """One sample per call, so that no sample keeps drawing while a slower one converges (a
+    batch hides a low error estimate): eigenvalues 1/k, n=16, rtol=0.02, 200 seeds. XTrace's
+    own per-block error runs 25-50% low here; with the spread between blocks it meets 90%."""
+    n = 16
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(1), dtype=F64))
+    A = u @ torch.diag(1 / torch.arange(1.0, n + 1, dtype=F64)) @ u.T
+    like, exact = torch.zeros(1, n, dtype=F64), torch.trace(A)
+    within = []
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        est = torchdiv.estimate_trace(
+            lambda V: V @ A.T, like, method=method, rtol=0.02, generator=g, max_probes=20000
+        )
+        within.append(bool((est.value - exact).abs() <= 2 * 0.02 * exact.abs()))
+    assert sum(within) >= 0.9 * len(within)
 
 
 def replicates_tol(A, R, method, **kw):

@@ -252,3 +252,32 @@ class TestEstimateDivergence:
                 net, torch.randn(4, 6, dtype=F64), rtol=1e-9, max_probes=32
             )
         assert est.num_probes == 32
+
+
+# Found in review.
+
+
+def test_user_probes_in_another_dtype_give_x_dtype():
+    net, x = tanh_mlp(3, 8, 3, dtype=torch.float32), torch.randn(4, 3)
+    for r in (1, 2):
+        probes = torchdiv.draw_probes(x.double(), r)
+        out = torchdiv.divergence(net, x, method="hutchinson", probes=probes)
+        assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("method", "num_probes"), [("hutch++", 6), ("xtrace", 4)])
+def test_two_dimensional_field_gradients_are_finite(method, num_probes):
+    """Rademacher sketches of a 2-D event coincide up to sign half of the time: rank deficient."""
+    torch.manual_seed(0)
+    net = tanh_mlp(2, 16, 2, dtype=torch.float32)
+    x = torch.randn(256, 2)
+    torchdiv.divergence(net, x, method=method, num_probes=num_probes).mean().backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]  # not the last bias
+    assert len(grads) == 5 and all(g.isfinite().all() for g in grads)
+
+
+def test_tolerance_warning_points_at_the_callers_line():
+    net, x = tanh_mlp(4, 8, 4), torch.randn(3, 4, dtype=F64)
+    with pytest.warns(UserWarning, match="stopped at max_probes") as record:
+        torchdiv.estimate_divergence(net, x, rtol=1e-9, max_probes=32)
+    assert record[0].filename == __file__

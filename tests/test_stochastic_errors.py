@@ -266,3 +266,19 @@ class TestDrawProbes:
     def test_x(self):
         with pytest.raises(TypeError, match=r"draw_probes: x must have a floating dtype"):
             torchdiv.draw_probes(torch.ones(2, 3).long(), 2)
+
+
+def test_max_probes_is_checked_without_a_tolerance_too():
+    x = torch.randn(2, 3)
+    with pytest.raises(TypeError, match="estimate_divergence: max_probes must be an int"):
+        torchdiv.estimate_divergence(lambda z: z, x, num_probes=2, max_probes="x")
+    with pytest.raises(ValueError, match="max_probes=-3 is below"):
+        torchdiv.estimate_divergence(lambda z: z, x, num_probes=2, max_probes=-3)
+
+
+def test_probes_on_another_device_are_refused():
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="divergence: probes are on meta but x is on cpu"):
+        torchdiv.divergence(
+            lambda z: z, x, method="hutchinson", probes=torch.empty(1, 2, 3, device="meta")
+        )

@@ -139,6 +139,11 @@ def check_probes(
         raise TypeError(f"{fn}: probes must be a torch.Tensor, got {type(probes).__name__}")
     if not probes.is_floating_point():
         raise TypeError(f"{fn}: probes must have a floating dtype, got {probes.dtype}")
+    if probes.device != like.device:
+        raise ValueError(
+            f"{fn}: probes are on {probes.device} but {name} is on {like.device}; draw them "
+            f"with draw_probes({name}, ...) or move them with probes.to({name}.device)"
+        )
     if probes.dim() != like.dim() + 1 or probes.shape[1:] != like.shape or len(probes) == 0:
         raise ValueError(
             f"{fn}: probes must have shape (r,) + {name}.shape = (r, {str(_shape(like))[1:]} "

@@ -22,7 +22,9 @@ class Estimator(NamedTuple):
     """An estimator and how it spends products.
 
     ``num_probes`` (products per sample) must be a multiple of ``products``; every such group
-    uses ``vectors`` random vectors. ``block`` is the default block of the tolerance mode.
+    uses ``vectors`` random vectors. ``block`` is the default block of the tolerance mode, and
+    ``min_blocks`` how many independent blocks it draws at least (more than one where the
+    per-block standard error is a heuristic that can run low).
     """
 
     estimate: Callable[[Matmat, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -30,6 +32,7 @@ class Estimator(NamedTuple):
     vectors: int
     block: int
     split: str
+    min_blocks: int = 1
 
 
 ESTIMATORS: dict[str, Estimator] = {
@@ -37,7 +40,9 @@ ESTIMATORS: dict[str, Estimator] = {
     "hutch++": Estimator(
         _hutchpp.estimate, 3, 2, 24, "a third each for the sketch, its basis and the residual"
     ),
-    "xtrace": Estimator(_xtrace.estimate, 2, 1, 16, "half for the sketch, half for its basis"),
+    "xtrace": Estimator(
+        _xtrace.estimate, 2, 1, 16, "half for the sketch, half for its basis", min_blocks=3
+    ),
 }
 STOCHASTIC_METHODS = tuple(ESTIMATORS)
 
@@ -46,9 +51,3 @@ def num_vectors(method: str, num_probes: int) -> int:
     """How many random vectors ``method`` draws for ``num_probes`` products per sample."""
     spec = ESTIMATORS[method]
     return num_probes // spec.products * spec.vectors
-
-
-def num_products(method: str, vectors: int) -> int:
-    """The inverse of ``num_vectors``: products per sample for ``vectors`` random vectors."""
-    spec = ESTIMATORS[method]
-    return vectors // spec.vectors * spec.products

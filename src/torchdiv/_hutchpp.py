@@ -16,6 +16,11 @@ mean of ``c`` i.i.d. terms, whose conditional variance is estimated without bias
 sample variance over ``c``. The conditional mean is ``tr(A)`` for every sketch, so the total
 variance is the expectation of the conditional one, and the same sample variance estimates it
 without bias: the standard error is the residual terms' standard deviation over ``sqrt(c)``.
+
+Gradients: the basis ``Q`` is held constant (detached). For every fixed ``Q`` the estimate's
+conditional mean is ``tr(A)`` whatever the parameters, so its gradient is an unbiased estimate
+of ``grad tr(A)``; differentiating through the QR instead would add nothing in expectation and
+gives NaN when a sample's sketch is rank deficient (a 2-D field with Rademacher probes).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ def estimate(
     """``(2c, N, n)`` vectors (sketch, then probes) -> estimate and stderr, ``(N,)``."""
     c = vectors.shape[0] // 2
     sketch, probes = vectors[:c], vectors[c:]
-    q, _ = qr(matmat(sketch))
+    q, _ = qr(matmat(sketch).detach())  # see "Gradients" above
     low_rank = (q * matmat(q)).sum((0, 2))  # tr(Q^T A Q) of every sample
     deflated = probes - combine(q, gram(q, probes))  # P g_j
     terms = (deflated * matmat(deflated)).sum(-1)

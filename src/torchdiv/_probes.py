@@ -131,4 +131,7 @@ def draw_probes(
     check_num_probes(fn, method, num_probes, ESTIMATORS[method])
     check_probe(fn, probe, PROBES)
     check_generator(fn, generator)
-    return draw(probe, num_vectors(method, num_probes), x, batch_dims, generator, x.dtype)
+    # drawn in the dtype the estimators draw in (at least float32), so that probes= and the
+    # same generator give the same noise in half precision too
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return draw(probe, num_vectors(method, num_probes), x, batch_dims, generator, dtype).to(x.dtype)

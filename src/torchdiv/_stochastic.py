@@ -69,11 +69,10 @@ def _one_probe(engine: GraphJacobian, s: _trace.Sampling) -> Estimate:
     forward pass of 0.3 ms (B=128, D=256 MLP) every op of the general path's reshapes, casts
     and spreads costs 2-3% of the estimate."""
     x, batch = engine.x, engine.x.shape[: engine.batch_dims]
-    v = (
-        s.probes
-        if s.probes is not None
-        else draw(s.probe, 1, x, engine.batch_dims, s.generator, x.dtype)
-    )
+    if s.probes is not None:
+        v = s.probes.to(x.dtype)
+    else:
+        v = draw(s.probe, 1, x, engine.batch_dims, s.generator, x.dtype)
     product = engine.apply(v.reshape(1, *engine.y_shape))  # J^T v: (1,) + x.shape
     value = (v.reshape(product.shape) * product).reshape(batch.numel(), -1).sum(-1)
     value = value.reshape(batch)

@@ -9,6 +9,9 @@ vectors are ``(k, N, n)`` (see ``torchdiv._sketch``), in at least float32.
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,13 +96,12 @@ def sampling(
         check_probe(fn, probe, PROBES)
         num_probes = spec.block if adaptive and num_probes is None else num_probes
         check_num_probes(fn, method, num_probes, spec)
-    if adaptive:
-        check_tolerance(fn, rtol, atol, max_probes, num_probes)
-        if num_probes < 2 * spec.products:
-            raise ValueError(
-                f"{fn}: with rtol/atol every block must measure its own spread, so method="
-                f"{method!r} needs num_probes >= {2 * spec.products} per block, got {num_probes}"
-            )
+    check_tolerance(fn, rtol, atol, max_probes, num_probes if adaptive else 1)
+    if adaptive and num_probes < 2 * spec.products:
+        raise ValueError(
+            f"{fn}: with rtol/atol every block must measure its own spread, so method="
+            f"{method!r} needs num_probes >= {2 * spec.products} per block, got {num_probes}"
+        )
     n = event_numel(like, batch_dims)
     if method == "xtrace" and num_vectors(method, num_probes) > n:
         raise ValueError(
@@ -136,7 +138,8 @@ def run(s: Sampling, op: Matmat, like: torch.Tensor, batch_dims: int) -> Estimat
     else:
         value, stderr, used = _until_accurate(s, op, like, batch_dims)
     batch = like.shape[:batch_dims]
-    return Estimate(value.reshape(batch).to(like.dtype), stderr.reshape(batch).to(like.dtype), used)
+    stderr = stderr.detach().reshape(batch).to(like.dtype)  # an error bar, not differentiated
+    return Estimate(value.reshape(batch).to(like.dtype), stderr, used)
 
 
 def diagonal(s: Sampling, op: Matmat, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
@@ -159,20 +162,26 @@ def _until_accurate(
     error is at most ``max(atol, rtol |estimate|)`` or ``max_probes`` would be exceeded.
 
     Blocks are independent estimates with the same number of products, so the mean of ``R``
-    blocks has standard error ``sqrt(sum_j stderr_j^2) / R``.
+    blocks has standard error ``sqrt(sum_j stderr_j^2) / R`` from the blocks' own errors, and,
+    independently of any estimator's error formula, ``std(block values) / sqrt(R)``: the
+    larger of the two is used (the spread between blocks catches XTrace's low per-block
+    estimate), after at least the estimator's ``min_blocks`` blocks.
     """
-    estimate = ESTIMATORS[s.method].estimate
+    spec = ESTIMATORS[s.method]
     values, variances = [], []
     while True:
-        value, stderr = estimate(op, vectors(s, like, batch_dims))
+        value, stderr = spec.estimate(op, vectors(s, like, batch_dims))
         values.append(value)
         variances.append(stderr.detach() ** 2)
-        mean = torch.stack(values).mean(0)
+        stacked = torch.stack(values)
+        mean = stacked.mean(0)
         se = torch.stack(variances).sum(0).sqrt() / len(values)
+        if len(values) > 1:
+            se = torch.maximum(se, stacked.detach().std(0) / math.sqrt(len(values)))
         target = torch.clamp(mean.detach().abs() * (s.rtol or 0.0), min=s.atol or 0.0)
         above = ~(se <= target)
         used = len(values) * s.num_probes
-        if not above.any():
+        if len(values) >= spec.min_blocks and not above.any():
             return mean, se, used
         if used + s.num_probes > s.max_probes:
             ratio = (se / target)[above].max().item()
@@ -182,9 +191,19 @@ def _until_accurate(
                 f"samples still have stderr above max(atol, rtol*|estimate|) (worst: "
                 f"{ratio:.3g} times its target). Raise max_probes, loosen rtol/atol, or use an "
                 "exact method",
-                stacklevel=2,
+                stacklevel=_callers_level(),
             )
             return mean, se, used
+
+
+def _callers_level() -> int:
+    """``stacklevel`` of the first frame outside torchdiv: a warning points at the user's call,
+    whichever public function (and wrappers) led here."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def estimate_trace(
