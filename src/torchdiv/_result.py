@@ -15,8 +15,8 @@ class Estimate:
         value: the estimates, shape ``x.shape[:batch_dims]``, dtype and device of ``x``;
             differentiable like the exact operators.
         stderr: estimated standard error of each value, same shape, not differentiable; how
-            each method computes it is documented in ``torchdiv.estimate_trace``. ``nan`` where a single probe
-            gives no spread to measure (Hutchinson with one probe).
+            each method computes it is documented in ``torchdiv.estimate_trace``. ``nan``
+            where a single probe gives no spread to measure (Hutchinson with one probe).
         num_probes: operator products (Jacobian-vector products) spent per sample.
     """
 
