@@ -34,3 +34,13 @@ def field(x: torch.Tensor) -> torch.Tensor:
 def mixes_samples(x: torch.Tensor) -> torch.Tensor:
     """Not batch-independent: every sample sees the batch mean."""
     return x - x.mean(0)
+
+
+def potential(x: torch.Tensor) -> torch.Tensor:
+    """One scalar per sample (a PINN or VMC model): for ``--operator laplacian``."""
+    return torch.tanh(x).square().sum(-1, keepdim=True)
+
+
+def single_precision(x: torch.Tensor) -> torch.Tensor:
+    """Computes in float32 whatever it is given."""
+    return torch.sin(x.float())

@@ -174,3 +174,51 @@ def test_help_lists_the_options_and_operators(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--model" in out and "jacobian_diagonal" in out and "examples:" in out
+
+
+def test_laplacian_of_a_scalar_user_model(tmp_path):
+    out = tmp_path / "b.json"
+    argv = ["bench", "--model", "bench_model:potential", "--shape", "5", "--operator", "laplacian"]
+    assert main([*argv, *TINY, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["status"] for r in rows} == {"ok"}
+    assert {r["method"] for r in rows} == set(operators.LAPLACIAN.methods)
+
+
+@pytest.mark.parametrize(
+    ("spec", "operator", "match"),
+    [
+        ("bench_model:field", "laplacian", "laplacian on .* one output per sample"),
+        ("bench_model:potential", "divergence", "as many elements per sample as x"),
+    ],
+)
+def test_a_model_the_operator_does_not_apply_to_is_refused(spec, operator, match):
+    argv = ["bench", "--model", spec, "--shape", "5", "--operator", operator, *TINY]
+    with pytest.raises(SystemExit, match=match):
+        main(argv)
+
+
+def test_estimates_show_their_error_and_never_count_as_fastest(tmp_path, capsys):
+    out = tmp_path / "b.md"
+    argv = ["bench", "--operator", "estimators", "--dims", "8,32", *TINY, "--markdown", str(out)]
+    assert main(argv) == 0
+    md = out.read_text()
+    assert "rel. err" in md and "XTrace's sketch of 15 vectors needs D >= 15 (D=8)" in md
+    for line in md.splitlines():
+        if "products)" in line:  # the estimators' rows
+            assert "**" not in line
+
+
+def test_methods_that_leave_an_operator_empty_skip_it(tmp_path):
+    out = tmp_path / "b.json"
+    argv = ["bench", "--operator", "divergence,laplacian", "--methods", "taylor", "--dims", "4"]
+    assert main([*argv, *TINY, "--json", str(out)]) == 0
+    assert {r["operator"] for r in json.loads(out.read_text())["rows"]} == {"laplacian"}
+
+
+def test_a_model_computing_in_lower_precision_is_judged_at_its_precision(tmp_path):
+    out = tmp_path / "b.json"
+    argv = ["bench", "--model", "bench_model:single_precision", "--shape", "4", "--dtype"]
+    argv += ["float64", "--methods", "auto,forward,jacfwd", *TINY, "--json", str(out)]
+    assert main(argv) == 0
+    assert {r["status"] for r in json.loads(out.read_text())["rows"]} == {"ok"}

@@ -139,7 +139,7 @@ def grad_of_grad(f: Function, x: torch.Tensor, create_graph: bool = False) -> to
     x = x.detach().requires_grad_(True)
     (g,) = torch.autograd.grad(f(x).sum(), x, create_graph=True)
     g = g.reshape(x.shape[0], -1)
-    total = torch.zeros(x.shape[0], dtype=x.dtype)
+    total = x.new_zeros(x.shape[0])
     for i in range(g.shape[1]):
         (h,) = torch.autograd.grad(g[:, i].sum(), x, retain_graph=True, create_graph=create_graph)
         total = total + h.reshape(x.shape[0], -1)[:, i]

@@ -196,6 +196,7 @@ def _run_plan(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     methods = {op.name: [k for k in op.methods if keys is None or k in keys] for op, _ in plan}
+    plan = [(op, case) for op, case in plan if methods[op.name]]  # --methods left none
     total = sum(steps(methods[op.name], rounds) for op, _ in plan)
     rows: list[dict[str, Any]] = []
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())

@@ -59,6 +59,7 @@ class Operator:
     reference: Call
     families: tuple[str, ...] = ("mlp", "conv")
     summary: str = ""
+    square: bool = False  # needs f(x) with as many elements per sample as x
 
 
 def cross_batch_too_big(x: torch.Tensor, y: torch.Tensor) -> str | None:
@@ -126,6 +127,7 @@ DIVERGENCE = Operator(
     },
     _reference(_as_divergence),
     summary="trace of each sample's Jacobian",
+    square=True,
 )
 JACOBIAN = Operator(
     "jacobian",
@@ -141,10 +143,21 @@ JACOBIAN_DIAGONAL = Operator(
     },
     _reference(_diagonal),
     summary="diagonal of each sample's Jacobian",
+    square=True,
 )
 
 # products per sample of every stochastic estimate (a multiple of 3 and of 2)
 PRODUCTS = 30
+
+
+def _sketch_too_wide(x: torch.Tensor, y: torch.Tensor) -> str | None:
+    """XTrace sketches with ``PRODUCTS / 2`` vectors, at most one per element of the event."""
+    n = x[0].numel()
+    if n >= PRODUCTS // 2:
+        return None
+    return f"XTrace's sketch of {PRODUCTS // 2} vectors needs D >= {PRODUCTS // 2} (D={n})"
+
+
 ESTIMATORS = Operator(
     "estimators",
     {
@@ -156,6 +169,7 @@ ESTIMATORS = Operator(
                 f"torchdiv {m} ({PRODUCTS} products)",
                 functools.partial(torchdiv.divergence, method=m, num_probes=PRODUCTS),
                 stochastic=True,
+                skip=_sketch_too_wide if m == "xtrace" else None,
             )
             for m in ("hutchinson", "hutch++", "xtrace")
         },
@@ -163,6 +177,7 @@ ESTIMATORS = Operator(
     },
     DIVERGENCE.reference,
     summary=f"stochastic divergence with {PRODUCTS} products per sample: error and cost",
+    square=True,
 )
 LAPLACIAN = Operator(
     "laplacian",

@@ -47,6 +47,7 @@ def run_case(
             "and free of data-dependent Python control flow?"
         ) from exc
     y = problem.f(problem.x)
+    check_shapes(operator, case, problem.x, y, reference)
     device = problem.x.device
     progress(f"{case.title}: checking", 1)
     rows, calls = [], {}
@@ -97,13 +98,35 @@ def _check(
         err = relative_error(call(), reference)
     except Exception as exc:
         return {"status": "error", "note": _first_line(exc)}
-    if stochastic or err <= tolerance(x.dtype):
+    # judged at the precision of the coarser of x and f(x) (a float32 model fed float64)
+    limit = max(tolerance(x.dtype), tolerance(y.dtype))
+    if stochastic or err <= limit:
         return {"status": "ok", "rel_err": err}
     return {
         "status": "WRONG",
         "rel_err": err,
-        "note": f"relative error {err:.2g} > {tolerance(x.dtype):.0e}; not timed",
+        "note": f"relative error {err:.2g} > {limit:.0e}; not timed",
     }
+
+
+def check_shapes(
+    operator: Operator, case: Case, x: torch.Tensor, y: torch.Tensor, reference: torch.Tensor
+) -> None:
+    """A model the operator does not apply to is an error, not a table of meaningless timings:
+    square operators need as many outputs as inputs per sample, and the reference must have
+    one entry per element of the operator (a Laplacian per output component)."""
+    n, m = x[0].numel(), y[0].numel()
+    if operator.square and n != m:
+        raise ValueError(
+            f"{operator.name} on {case.title}: needs f(x) with as many elements per sample as x, "
+            f"got f(x) of shape {tuple(y.shape)} for x of shape {tuple(x.shape)}; try "
+            "--operator jacobian (or laplacian for one scalar per sample)"
+        )
+    if operator.name == "laplacian" and reference.numel() != y.numel():
+        raise ValueError(
+            f"laplacian on {case.title}: the baselines compute one scalar per sample, but f(x) "
+            f"has shape {tuple(y.shape)}; benchmark a model with one output per sample"
+        )
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
