@@ -26,9 +26,12 @@ def outside_inference_mode(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        inference_x = isinstance(x, torch.Tensor) and x.is_inference()
+        if not torch.is_inference_mode_enabled() and not inference_x:
+            return fn(f, x, *args, **kwargs)  # the usual case: no context managers to enter
         grad_mode = torch.is_grad_enabled()
         with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
-            if isinstance(x, torch.Tensor) and x.is_inference():
+            if inference_x:
                 x = x.clone()
             return fn(f, x, *args, **kwargs)
 
