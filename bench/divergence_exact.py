@@ -14,14 +14,11 @@ baseline recipe of the same scenario.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from _common import RESULTS, markdown, peak_memory_mb, time_interleaved, write_json
+from _common import RESULTS, compare, markdown, script
 
 import torchdiv
 from torchdiv import _recipes
@@ -102,40 +99,17 @@ def run_case(name: str, rounds: int, min_run_time: float) -> list[dict]:
     for scenario in ("frozen", "train"):
         net, x = setup(name, scenario)
         reference = _recipes.vmap_jacrev(net, x).detach()
-        calls, group = {}, []
-        for method, fn in methods(scenario == "train").items():
-            call = functools.partial(fn, net, x)
-            out = call()
-            scale = reference.abs().max().item()
-            ok = torch.allclose(out, reference, rtol=1e-4, atol=1e-4 * scale)
-            group.append(
-                {
-                    "case": DESCRIPTIONS[name],
-                    "scenario": scenario,
-                    "method": method,
-                    "correct": ok,
-                    "differentiable": out.requires_grad,
-                    "peak_mb": peak_memory_mb(call),
-                }
-            )
-            if ok:  # a method that disagrees with the reference is reported, not timed
-                calls[method] = call
-        times = time_interleaved(calls, rounds, min_run_time)
-        best = min(times[m]["median_ms"] for m in BASELINES if m in times)
-        for row in group:
-            row.update(times.get(row["method"], {}))
-            if "median_ms" in row:
-                row["vs_best_baseline"] = row["median_ms"] / best
-            print(
-                f"{name:7s} {scenario:6s} {row['method']:32s} "
-                f"{row.get('median_ms', float('nan')):8.2f} ms "
-                f"(IQR {row.get('iqr_ms', float('nan')):6.2f})  "
-                f"x{row.get('vs_best_baseline', float('nan')):5.2f}  "
-                f"peak {row['peak_mb']:7.1f} MiB  correct={row['correct']}",
-                flush=True,
-            )
-        rows += group
+        calls = {m: functools.partial(fn, net, x) for m, fn in methods(scenario == "train").items()}
+        fields = {"case": DESCRIPTIONS[name], "scenario": scenario}
+        rows += compare(fields, calls, reference, 1e-4, rounds, min_run_time, RATIO)
     return rows
+
+
+def _best_baseline(times: dict[str, dict[str, float]]) -> float:
+    return min(times[m]["median_ms"] for m in BASELINES if m in times)
+
+
+RATIO = ("vs_best_baseline", _best_baseline)
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -161,23 +135,7 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="round-robin timing rounds")
-    parser.add_argument("--min-run-time", type=float, default=0.4, help="seconds per round")
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
-    parser.add_argument("--json", type=Path, default=RESULTS / "divergence_exact.json")
-    parser.add_argument("--report", type=Path, help="print the tables of a saved JSON, run nothing")
-    args = parser.parse_args()
-    if args.report:
-        rows = json.loads(args.report.read_text())["rows"]
-    else:
-        rows = [
-            row
-            for name in args.cases.split(",")
-            for row in run_case(name, args.rounds, args.min_run_time)
-        ]
-        write_json(args.json, rows)
+def tables(rows: list[dict]) -> None:
     print(
         markdown(
             summary(rows),
@@ -207,6 +165,10 @@ def main() -> None:
             ],
         )
     )
+
+
+def main() -> None:
+    script(__doc__, CASES, run_case, RESULTS / "divergence_exact.json", tables)
 
 
 if __name__ == "__main__":

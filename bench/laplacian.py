@@ -14,16 +14,13 @@ bench/results/laplacian.json and prints markdown tables.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
-import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from _common import RESULTS, markdown, peak_memory_mb, time_interleaved, write_json
+from _common import RESULTS, compare, markdown, script
 from torch import nn
 
 import torchdiv
@@ -108,41 +105,14 @@ def run_case(name: str, rounds: int, min_run_time: float) -> list[dict]:
         net, x = CASES[name]()
         net.requires_grad_(scenario == "train")
         reference = _recipes.vmap_hessian_trace(net, x).detach()
-        scale = reference.abs().max().item()
-        calls, group = {}, []
-        for method, fn in methods(scenario == "train").items():
-            call = functools.partial(fn, net, x)
-            out = call().reshape(reference.shape)
-            # float32 second derivatives through a few layers: agreement to 1e-3 of the scale
-            ok = torch.allclose(out, reference, rtol=1e-3, atol=1e-3 * scale)
-            group.append(
-                {
-                    "case": DESCRIPTIONS[name],
-                    "scenario": scenario,
-                    "method": method,
-                    "correct": ok,
-                    "differentiable": out.requires_grad,
-                    "peak_mb": peak_memory_mb(call),
-                }
-            )
-            if ok:  # a method that disagrees with the reference is reported, not timed
-                calls[method] = call
-        times = time_interleaved(calls, rounds, min_run_time)
-        reference_ms = times["torch.func vmap(hessian)"]["median_ms"]
-        for row in group:
-            row.update(times.get(row["method"], {}))
-            if "median_ms" in row:
-                row["vs_vmap_hessian"] = row["median_ms"] / reference_ms
-            print(
-                f"{name:9s} {scenario:6s} {row['method']:30s} "
-                f"{row.get('median_ms', float('nan')):8.2f} ms "
-                f"(IQR {row.get('iqr_ms', float('nan')):6.2f})  "
-                f"x{row.get('vs_vmap_hessian', float('nan')):5.2f}  "
-                f"peak {row['peak_mb']:7.1f} MiB  correct={row['correct']}",
-                flush=True,
-            )
-        rows += group
+        calls = {m: functools.partial(fn, net, x) for m, fn in methods(scenario == "train").items()}
+        fields = {"case": DESCRIPTIONS[name], "scenario": scenario}
+        # float32 second derivatives through a few layers: agreement to 1e-3 of the scale
+        rows += compare(fields, calls, reference, 1e-3, rounds, min_run_time, RATIO)
     return rows
+
+
+RATIO = ("vs_vmap_hessian", lambda times: times["torch.func vmap(hessian)"]["median_ms"])
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -171,23 +141,7 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="round-robin timing rounds")
-    parser.add_argument("--min-run-time", type=float, default=0.4, help="seconds per round")
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
-    parser.add_argument("--json", type=Path, default=RESULTS / "laplacian.json")
-    parser.add_argument("--report", type=Path, help="print the tables of a saved JSON, run nothing")
-    args = parser.parse_args()
-    if args.report:
-        rows = json.loads(args.report.read_text())["rows"]
-    else:
-        rows = [
-            row
-            for name in args.cases.split(",")
-            for row in run_case(name, args.rounds, args.min_run_time)
-        ]
-        write_json(args.json, rows)
+def tables(rows: list[dict]) -> None:
     print(
         markdown(
             summary(rows),
@@ -204,6 +158,10 @@ def main() -> None:
             ],
         )
     )
+
+
+def main() -> None:
+    script(__doc__, CASES, run_case, RESULTS / "laplacian.json", tables)
 
 
 if __name__ == "__main__":
