@@ -34,18 +34,43 @@ def _assert_same(before: dict, after: dict) -> None:
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-@pytest.mark.parametrize("call", CALLS)
-@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+SCALAR = {  # one output per sample
+    "laplacian": lambda net, x, m: torchdiv.laplacian(
+        net, x, method=m, chunk_size=2, **({"num_probes": 2} if m == "hutchinson" else {})
+    )
+}
+STOCHASTIC = {
+    "divergence": lambda net, x, m: torchdiv.divergence(net, x, method=m, num_probes=6),
+    "estimate_divergence": lambda net, x, m: torchdiv.estimate_divergence(
+        net, x, method=m, num_probes=6, rtol=0.5, max_probes=96
+    ),
+    "jacobian_diagonal": lambda net, x, m: torchdiv.jacobian_diagonal(
+        net, x, method="hutchinson", num_probes=2
+    ),
+}
+CASES = [
+    *[(CALLS, c, m) for c in CALLS for m in ("auto", "forward", "reverse")],
+    *[
+        (SCALAR, c, m)
+        for c in SCALAR
+        for m in ("auto", "taylor", "forward-over-reverse", "hessian")
+    ],
+    (SCALAR, "laplacian", "hutchinson"),
+    *[(STOCHASTIC, c, m) for c in STOCHASTIC for m in ("hutchinson", "hutch++", "xtrace")],
+]
+
+
+@pytest.mark.parametrize(("calls", "call", "method"), CASES, ids=[f"{c}-{m}" for _, c, m in CASES])
 @pytest.mark.parametrize("x_requires_grad", [False, True])
 @pytest.mark.parametrize("training", [False, True])
-def test_nothing_is_mutated(call, method, x_requires_grad, training):
-    net = tanh_mlp(3, 5, 3).train(training)
+def test_nothing_is_mutated(calls, call, method, x_requires_grad, training):
+    net = tanh_mlp(3, 5, 1 if calls is SCALAR else 3).train(training)
     net[0].weight.grad = torch.ones_like(net[0].weight)  # an existing .grad must survive
     net[2].requires_grad_(False)  # a frozen layer must stay frozen
     x = torch.randn(4, 3, dtype=torch.float64).requires_grad_(x_requires_grad)
     x_before = x.detach().clone()
     before = _snapshot(net)
-    CALLS[call](net, x, method)
+    calls[call](net, x, method)
     assert torch.equal(x.detach(), x_before)
     assert x.requires_grad == x_requires_grad and x.grad is None
     _assert_same(before, _snapshot(net))

@@ -172,6 +172,11 @@ def test_probes_reused_along_an_ode_solve():
     first = torchdiv.divergence(field, x, method="hutchinson", probes=probes)
     again = torchdiv.divergence(field, x, method="hutchinson", probes=probes)
     assert torch.equal(first, again)
+    later = x + 0.1 * net(x)  # a second point of the solve: the same noise, a new state
+    expected = hutchinson_reference(field, later, probes)
+    torch.testing.assert_close(
+        torchdiv.divergence(field, later, method="hutchinson", probes=probes), expected
+    )
 
 
 def test_no_grad_dtype_and_no_mutation():
@@ -295,3 +300,28 @@ def test_tolerance_warning_points_at_the_callers_line():
     with pytest.warns(UserWarning, match="stopped at max_probes") as record:
         torchdiv.estimate_divergence(net, x, rtol=1e-9, max_probes=32)
     assert record[0].filename == __file__
+
+
+@pytest.mark.parametrize(
+    ("method", "num_probes"), [("hutchinson", 1), ("hutchinson", 2), ("hutch++", 3), ("xtrace", 2)]
+)
+def test_empty_batches(method, num_probes):
+    net, x = tanh_mlp(4, 8, 4), torch.empty(0, 4, dtype=F64)
+    assert torchdiv.divergence(net, x, method=method, num_probes=num_probes).shape == (0,)
+    est = torchdiv.estimate_divergence(net, x, method=method, num_probes=2 * num_probes)
+    assert est.value.shape == est.stderr.shape == (0,)
+    tolerance = torchdiv.estimate_divergence(
+        net, x, method=method, num_probes=2 * num_probes, rtol=0.1
+    )
+    assert tolerance.value.shape == (0,)
+    diag = torchdiv.jacobian_diagonal(net, x, method="hutchinson", num_probes=num_probes)
+    assert diag.shape == (0, 4)
+
+
+def test_xtrace_with_one_vector_has_no_stderr_and_no_warning():
+    """num_probes=2: one sketch vector, one left-out estimate, no spread (warnings are errors
+    in this suite's configuration)."""
+    est = torchdiv.estimate_divergence(
+        tanh_mlp(4, 8, 4), torch.randn(3, 4, dtype=F64), method="xtrace", num_probes=2
+    )
+    assert est.stderr.isnan().all() and est.value.isfinite().all()

@@ -282,3 +282,9 @@ def test_probes_on_another_device_are_refused():
         torchdiv.divergence(
             lambda z: z, x, method="hutchinson", probes=torch.empty(1, 2, 3, device="meta")
         )
+
+
+def test_xtrace_tolerance_needs_room_for_three_blocks():
+    x = torch.randn(4, 20, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"at least 3 blocks .* max_probes must be at least 48"):
+        torchdiv.estimate_divergence(lambda z: 3 * z, x, method="xtrace", rtol=0.5, max_probes=32)

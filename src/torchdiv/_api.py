@@ -211,7 +211,7 @@ def divergence(
         tensor([-3., -3., -3.])
         >>> g = torch.Generator().manual_seed(0)
         >>> est = divergence(lambda x: x @ A.T, torch.randn(3, 2), method="hutch++", num_probes=6,
-        ...                  generator=g)  # exact: the sketch of 6/3 = 2 vectors spans R^2
+        ...                  generator=g)  # exact: the orthonormal basis of a 2-D event is complete
         >>> torch.allclose(est, torch.tensor([-3.0, -3.0, -3.0]))
         True
     """

@@ -93,9 +93,12 @@ def laplacian(
         differentiable w.r.t. ``x`` and whatever ``f`` closes over.
 
     Raises:
-        TypeError: ``f`` not callable, ``x`` or ``f(x)`` not a floating tensor.
+        TypeError: ``f`` not callable, ``x`` or ``f(x)`` not a floating tensor, ``generator``
+            not a ``torch.Generator``, ``probes`` not a floating tensor.
         ValueError: bad ``batch_dims``, ``method`` or ``chunk_size``, or ``f`` changed the
-            batch shape.
+            batch shape; ``"hutchinson"`` without ``num_probes`` or ``probes``, a bad
+            ``num_probes``, ``probe`` or ``probes`` shape; any of ``num_probes``,
+            ``generator``, ``probe``, ``probes`` given to an exact method.
         NotImplementedError: ``method="taylor"`` met an op without a rule.
 
     Example:
@@ -252,7 +255,9 @@ def _hutchinson(
     if not graph.unsupported:
         try:
             return _collapsed(graph, x, iter(pieces)) / r
-        except UnsupportedOp:
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError:  # as in "auto": no rule for an op here, or it cannot be replayed
             pass
     total = None
     for v in pieces:

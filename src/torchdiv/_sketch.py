@@ -41,4 +41,6 @@ def standard_error(terms: torch.Tensor) -> torch.Tensor:
     m = terms.shape[0]
     if m < 2:
         return torch.full_like(terms[0], math.nan)
+    if terms[0].numel() == 0:  # no samples: nothing to reduce (std would warn)
+        return terms[0].clone()
     return terms.std(0) / math.sqrt(m)

@@ -9,7 +9,6 @@ vectors are ``(k, N, n)`` (see ``torchdiv._sketch``), in at least float32.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
@@ -35,6 +34,7 @@ from torchdiv._checks import (
 from torchdiv._estimators import ESTIMATORS, STOCHASTIC_METHODS, Matmat, num_vectors
 from torchdiv._probes import PROBES, draw
 from torchdiv._result import Estimate
+from torchdiv._sketch import standard_error
 
 MAX_PROBES = 1000
 
@@ -97,6 +97,12 @@ def sampling(
         num_probes = spec.block if adaptive and num_probes is None else num_probes
         check_num_probes(fn, method, num_probes, spec)
     check_tolerance(fn, rtol, atol, max_probes, num_probes if adaptive else 1)
+    if adaptive and max_probes < spec.min_blocks * num_probes:
+        raise ValueError(
+            f"{fn}: method={method!r} averages at least {spec.min_blocks} blocks of "
+            f"num_probes={num_probes} products (its own error estimate can run low), so "
+            f"max_probes must be at least {spec.min_blocks * num_probes}, got {max_probes}"
+        )
     if adaptive and num_probes < 2 * spec.products:
         raise ValueError(
             f"{fn}: with rtol/atol every block must measure its own spread, so method="
@@ -150,9 +156,12 @@ def diagonal(s: Sampling, op: Matmat, like: torch.Tensor, batch_dims: int) -> to
 def vectors(s: Sampling, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
     """The random vectors of one estimate, flat ``(r, N, n)``, in the working dtype."""
     dtype = torch.promote_types(like.dtype, torch.float32)
-    r = num_vectors(s.method, s.num_probes)
-    v = s.probes if s.probes is not None else draw(s.probe, r, like, batch_dims, s.generator, dtype)
-    return v.reshape(r, like.shape[:batch_dims].numel(), -1).to(dtype)
+    r, n = num_vectors(s.method, s.num_probes), event_numel(like, batch_dims)
+    if s.probes is None:  # rounded to x's precision, as draw_probes gives them
+        v = draw(s.probe, r, like, batch_dims, s.generator, dtype).to(like.dtype)
+    else:
+        v = s.probes
+    return v.reshape(r, like.shape[:batch_dims].numel(), n).to(dtype)
 
 
 def _until_accurate(
@@ -176,8 +185,8 @@ def _until_accurate(
         stacked = torch.stack(values)
         mean = stacked.mean(0)
         se = torch.stack(variances).sum(0).sqrt() / len(values)
-        if len(values) > 1:
-            se = torch.maximum(se, stacked.detach().std(0) / math.sqrt(len(values)))
+        if len(values) > 1:  # the spread between the blocks: std / sqrt(R)
+            se = torch.maximum(se, standard_error(stacked.detach()))
         target = torch.clamp(mean.detach().abs() * (s.rtol or 0.0), min=s.atol or 0.0)
         above = ~(se <= target)
         used = len(values) * s.num_probes

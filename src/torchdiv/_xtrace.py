@@ -29,19 +29,17 @@ QR's own backward would give NaN for rank-deficient sketches.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
-from torchdiv._sketch import combine, gram, qr
+from torchdiv._sketch import combine, gram, qr, standard_error
 
 
 def estimate(
     matmat: Callable[[torch.Tensor], torch.Tensor], vectors: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(k, N, n)`` random vectors, ``k <= n`` -> estimate and standard error, ``(N,)``."""
-    k = vectors.shape[0]
     y = matmat(vectors)
     q, r = qr(y.detach())  # the basis is held constant for gradients, as in Hutch++
     aq = matmat(q)
@@ -59,7 +57,7 @@ def estimate(
     # w_i^T P_i z_i = w_i^T z_i - (Q^T w_i)^T (I - s_i s_i^T) Q^T z_i
     residual = (vectors * z).sum(-1).T - (w * u).sum(1) + c * (s * u).sum(1)
     t = low_rank + residual  # (N, k)
-    return t.mean(-1), t.std(-1) / math.sqrt(k)
+    return t.mean(-1), standard_error(t.T)  # nan for k = 1: no spread to measure
 
 
 def _left_out_directions(r: torch.Tensor) -> torch.Tensor:

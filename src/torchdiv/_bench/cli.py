@@ -62,7 +62,7 @@ def add_parser(commands: Any) -> None:
     p = commands.add_parser(
         "bench",
         help="time and check every method and the usual recipes (default: the quick suite)",
-        description=__doc__,
+        description=__doc__.split("\n\n", 1)[1],
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

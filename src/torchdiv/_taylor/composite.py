@@ -196,7 +196,6 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten.native_layer_norm.default: _layer_norm,
     aten.native_group_norm.default: _group_norm,
     aten._softmax.default: _softmax,
-    aten._safe_softmax.default: _safe_softmax,
     aten._log_softmax.default: _log_softmax,
     aten.var.correction: _var,
     aten.var_mean.correction: _var_mean,
@@ -204,3 +203,5 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten._native_batch_norm_legit_no_training.default: _batch_norm_eval,
     aten.native_batch_norm.default: _batch_norm,
 }
+if hasattr(aten, "_safe_softmax"):  # PyTorch >= 2.5: attention's softmax on the math backend
+    RULES[aten._safe_softmax.default] = _safe_softmax
