@@ -262,7 +262,9 @@ def estimate_trace(
     With ``rtol`` and/or ``atol``, independent blocks of ``num_probes`` products (default: 16
     for Hutchinson and XTrace, 24 for Hutch++) are averaged until every sample's standard
     error is at most ``max(atol, rtol |estimate|)``, or until another block would exceed
-    ``max_probes`` (then a warning says how far from the target it stopped).
+    ``max_probes`` (then a warning says how far from the target it stopped). That standard
+    error is the larger of the blocks' own and the spread between blocks, and XTrace, whose
+    own can run low, always averages at least 3 blocks.
 
     Args:
         matmat: ``V -> A V`` on ``(k,) + like.shape`` tensors (``k`` at most ``chunk_size``).
@@ -281,7 +283,9 @@ def estimate_trace(
     Returns:
         ``Estimate`` with ``value`` and ``stderr`` of shape ``like.shape[:batch_dims]`` (dtype of
         ``like``) and ``num_probes``, the products per sample spent. ``value`` is
-        differentiable through ``matmat``'s products.
+        differentiable through ``matmat``'s products (Hutch++ and XTrace hold the sketch
+        basis constant: unbiased gradients, finite for rank-deficient sketches); ``stderr``
+        is not.
 
     Raises:
         TypeError, ValueError: unknown ``method``/``probe``; ``num_probes`` not a positive
