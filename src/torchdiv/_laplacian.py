@@ -131,14 +131,8 @@ def laplacian(
 def _auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
     graph = capture(f, x, RULES)
     chunk = chunk_size or _planned_chunk(graph, event_numel(x, batch_dims))
-    if not graph.unsupported:
-        try:
-            return _collapsed(graph, x, _unit_directions(x, batch_dims, chunk))
-        except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
-            raise
-        except RuntimeError:  # UnsupportedOp included, or an op that cannot be replayed
-            pass
-    return _forward_over_reverse(f, x, batch_dims, chunk)
+    out = _collapsed_or_none(graph, x, _unit_directions(x, batch_dims, chunk))
+    return _forward_over_reverse(f, x, batch_dims, chunk) if out is None else out
 
 
 def _planned_chunk(graph: Graph, num_inputs: int) -> int:
@@ -185,6 +179,21 @@ def _collapsed(graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor]
     if total is None:  # f(x) does not depend on x, or only linearly
         return x.new_zeros(graph.output_shape)
     return total.expand(graph.output_shape).clone()
+
+
+def _collapsed_or_none(
+    graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor]
+) -> torch.Tensor | None:
+    """``_collapsed``, or ``None`` when the Taylor engine cannot run ``f``: an op without a
+    rule (at capture or in a rule) or one that cannot be replayed. Callers then fall back."""
+    if graph.unsupported:
+        return None
+    try:
+        return _collapsed(graph, x, directions)
+    except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
+        raise
+    except RuntimeError:  # UnsupportedOp included
+        return None
 
 
 class _Gradients:
@@ -251,14 +260,9 @@ def _hutchinson(
     or Hessian-vector products dotted with the probes if an op has no Taylor rule."""
     r = len(probes)
     pieces = [probes[start:stop] for start, stop in chunks(r, chunk_size or r)]
-    graph = capture(f, x, RULES)
-    if not graph.unsupported:
-        try:
-            return _collapsed(graph, x, iter(pieces)) / r
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except RuntimeError:  # as in "auto": no rule for an op here, or it cannot be replayed
-            pass
+    out = _collapsed_or_none(capture(f, x, RULES), x, iter(pieces))
+    if out is not None:
+        return out / r
     total = None
     for v in pieces:
         products, y_shape = _hessian_products(f, x, batch_dims, v)  # (k, m, N, n)
