@@ -621,3 +621,43 @@ def test_hessian_method_honours_chunk_size():
         sizes[chunk_size] = watch.largest
     # chunks of 4 directions: the products shrink 16x; what stays is the assembled Hessians
     assert sizes[4] == 64 * 64 * 64 < sizes[None] == 64 * 64 * 256
+
+
+_W = torch.linspace(-1, 1, 9, dtype=f64).reshape(3, 3)
+
+
+def _residual_in_place(z):
+    h = z @ _W
+    h += z  # aten.add_ on a tensor nothing else shares
+    return (torch.tanh(h) ** 2).sum(-1)
+
+
+def _write_through_a_view(z):
+    h = z @ _W
+    v = h.view(-1)
+    h.mul_(2)  # v sees the write: a replay of out-of-place ops could not
+    return (torch.tanh(v.view_as(z)) ** 3).sum(-1)
+
+
+def test_in_place_ops_on_unshared_tensors_are_propagated():
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 2, 3),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(8, 1),
+    ).to(f64)
+    x = torch.randn(3, 1, 4, 4, dtype=f64)
+    assert_close(torchdiv.laplacian(net, x, method="taylor"), reference_laplacian(net, x))
+    z = torch.randn(4, 3, dtype=f64)
+    expected = reference_laplacian(_residual_in_place, z)
+    assert_close(torchdiv.laplacian(_residual_in_place, z, method="taylor"), expected)
+
+
+def test_in_place_ops_on_shared_memory_are_refused_and_auto_falls_back():
+    z = torch.randn(4, 3, dtype=f64)
+    with pytest.raises(NotImplementedError, match=r"aten\.mul_\.Tensor"):
+        torchdiv.laplacian(_write_through_a_view, z, method="taylor")
+    expected = reference_laplacian(_write_through_a_view, z)
+    assert_close(torchdiv.laplacian(_write_through_a_view, z), expected)

@@ -87,6 +87,23 @@ class _Recorder(TorchDispatchMode):
             return self.refs.get(id(value), value)
         return value
 
+    def functional(self, func: Any, args: Any) -> Any:
+        """For an in-place op on its first argument (``relu_``, ``add_``: ``nn.ReLU(inplace=
+        True)``, ``h += x``), the out-of-place op to record instead, if nothing else recorded
+        shares that tensor's memory (a view would see the write; a replay could not);
+        otherwise ``func`` itself."""
+        name = func._schema.name.split("::")[-1]
+        first = func._schema.arguments[0].alias_info if func._schema.arguments else None
+        if not name.endswith("_") or name.startswith("_") or first is None or not first.is_write:
+            return func
+        packet = getattr(torch.ops.aten, name[:-1], None)
+        functional = getattr(packet, func._overloadname, None) if packet is not None else None
+        target = args[0]
+        storage = target.untyped_storage().data_ptr()
+        leaves = (t for t in tree_flatten(self.alive)[0] if isinstance(t, torch.Tensor))
+        shared = any(t is not target and t.untyped_storage().data_ptr() == storage for t in leaves)
+        return func if functional is None or shared else functional
+
     def depends(self, args: Any, kwargs: Any) -> bool:
         leaves = tree_flatten((args, kwargs))[0]
         return any(
@@ -103,16 +120,17 @@ class _Recorder(TorchDispatchMode):
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
             with self:
                 return _DECOMPOSITIONS[func](*args, **kwargs)
+        recorded = self.functional(func, args) if depends else func
         out = func(*args, **kwargs)
         leaves = tree_flatten(out)[0]
         differentiable = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves)
         depends = depends and differentiable
-        if depends and (func not in self.rules or func._schema.is_mutable):
+        if depends and (recorded not in self.rules or recorded._schema.is_mutable):
             self.graph.unsupported.append(str(func))
         index = len(self.graph.nodes)
         kept = None if depends else _kept(func, leaves)
         self.graph.nodes.append(
-            Node(func, tree_map(self.ref, args), tree_map(self.ref, kwargs), depends, kept)
+            Node(recorded, tree_map(self.ref, args), tree_map(self.ref, kwargs), depends, kept)
         )
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor):
