@@ -71,9 +71,14 @@ def check_generator(fn: str, generator: Any) -> None:
 
 
 def check_method(fn: str, method: Any, valid: Sequence[str]) -> None:
-    if method not in valid:
-        choices = ", ".join(repr(m) for m in valid)
-        raise ValueError(f"{fn}: unknown method {method!r}; valid methods are {choices}")
+    _check_choice(fn, "method", method, valid)
+
+
+def _check_choice(fn: str, what: str, value: Any, valid: Sequence[str]) -> None:
+    """``value`` must be one of ``valid``; the message lists them."""
+    if value not in valid:
+        choices = ", ".join(repr(v) for v in valid)
+        raise ValueError(f"{fn}: unknown {what} {value!r}; valid {what}s are {choices}")
 
 
 def check_exact_options(
@@ -122,9 +127,7 @@ def check_num_probes(fn: str, method: str, num_probes: Any, spec: Any) -> None:
 
 
 def check_probe(fn: str, probe: Any, valid: Sequence[str]) -> None:
-    if probe not in valid:
-        choices = ", ".join(repr(p) for p in valid)
-        raise ValueError(f"{fn}: unknown probe {probe!r}; valid probes are {choices}")
+    _check_choice(fn, "probe", probe, valid)
 
 
 def check_probes(
