@@ -498,11 +498,11 @@ def test_exact_methods_reject_probe_options():
     [(1000, 50, 50), (2**20, 50, 13), (2**20, 16, 16), (2**25, 9, 5), (10, 0, 1)],
 )
 def test_auto_plans_as_few_equal_chunks_as_the_budget_allows(widest, num_inputs, chunk):
-    from torchdiv._laplacian import CHUNK_ELEMENTS, _planned_chunk
+    from torchdiv._laplacian import CHUNK_ELEMENTS
     from torchdiv._taylor import Graph
 
     assert CHUNK_ELEMENTS == 2**24
-    assert _planned_chunk(Graph(widest=widest), num_inputs) == chunk
+    assert Graph(widest=widest).chunk(num_inputs, CHUNK_ELEMENTS) == chunk
 
 
 # Found in review: each of these gave a wrong answer or an error before.

@@ -171,7 +171,7 @@ def test_jacobian_diagonal_methods():
     with pytest.raises(
         ValueError,
         match=r"jacobian_diagonal: unknown method 'xtrace'; valid methods are 'auto', 'forward', "
-        r"'reverse', 'hutchinson'",
+        r"'reverse', 'structured', 'hutchinson'",
     ):
         torchdiv.jacobian_diagonal(torch.sin, x, method="xtrace", num_probes=4)
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from torchdiv import _exact, _stochastic, _trace
+from torchdiv import _exact, _stochastic, _structured, _trace
 from torchdiv._checks import (
     check_callable,
     check_chunk_size,
@@ -19,8 +19,8 @@ from torchdiv._estimators import STOCHASTIC_METHODS
 from torchdiv._modes import outside_inference_mode
 from torchdiv._result import Estimate
 
-DIVERGENCE_METHODS = (*_exact.EXACT_METHODS, *STOCHASTIC_METHODS)
-DIAGONAL_METHODS = (*_exact.EXACT_METHODS, "hutchinson")
+DIVERGENCE_METHODS = (*_exact.EXACT_METHODS, "structured", *STOCHASTIC_METHODS)
+DIAGONAL_METHODS = (*_exact.EXACT_METHODS, "structured", "hutchinson")
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 
@@ -142,7 +142,11 @@ def jacobian_diagonal(
         )
         return _stochastic.diagonal_of_function(g, x, batch_dims, s, chunk_size)
     check_exact_options(fn, method, num_probes, generator, probe, probes)
-    diag, _ = _exact.evaluate(g, x, batch_dims, method, chunk_size, _exact.diagonal)
+    diag = None
+    if method in ("auto", "structured"):
+        diag = _structured.diagonal(fn, g, x, batch_dims, chunk_size, method == "structured")
+    if diag is None:
+        diag, _ = _exact.evaluate(g, x, batch_dims, method, chunk_size, _exact.diagonal)
     return diag.reshape(x.shape).to(x.dtype)
 
 
@@ -221,8 +225,13 @@ def divergence(
         s = _trace.sampling(fn, x, batch_dims, method, num_probes, probe, probes, generator)
         return _stochastic.trace_of_function(g, x, batch_dims, s, chunk_size).value
     check_exact_options(fn, method, num_probes, generator, probe, probes)
-    diag, _ = _exact.evaluate(g, x, batch_dims, method, chunk_size, _exact.diagonal)
-    return diag.sum(-1).reshape(x.shape[:batch_dims]).to(x.dtype)
+    div = None
+    if method in ("auto", "structured"):
+        div = _structured.divergence(fn, g, x, batch_dims, chunk_size, method == "structured")
+    if div is None:
+        diag, _ = _exact.evaluate(g, x, batch_dims, method, chunk_size, _exact.diagonal)
+        div = diag.sum(-1)
+    return div.reshape(x.shape[:batch_dims]).to(x.dtype)
 
 
 @outside_inference_mode

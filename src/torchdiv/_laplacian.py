@@ -130,16 +130,9 @@ def laplacian(
 
 def _auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
     graph = capture(f, x, RULES)
-    chunk = chunk_size or _planned_chunk(graph, event_numel(x, batch_dims))
+    chunk = chunk_size or graph.chunk(event_numel(x, batch_dims), CHUNK_ELEMENTS)
     out = _collapsed_or_none(graph, x, _unit_directions(x, batch_dims, chunk))
     return _forward_over_reverse(f, x, batch_dims, chunk) if out is None else out
-
-
-def _planned_chunk(graph: Graph, num_inputs: int) -> int:
-    """Directions per chunk: as few equal chunks as keep the widest jac within the budget."""
-    largest = max(8, CHUNK_ELEMENTS // graph.widest)
-    pieces = -(-num_inputs // largest)  # ceil
-    return -(-num_inputs // pieces) if num_inputs else 1
 
 
 def _taylor(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:

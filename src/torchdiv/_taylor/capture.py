@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch._decomp import core_aten_decompositions
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 
 from torchdiv._modes import math_attention
+from torchdiv._taylor.tree import leaves, map_leaves
 
 aten = torch.ops.aten
 # ops whose floating result does not change with the values of x (stop-gradient, factories)
@@ -46,7 +46,7 @@ _DECOMPOSITIONS = core_aten_decompositions()
 
 @dataclass(frozen=True)
 class Ref:
-    """Output ``leaf`` (in ``tree_flatten`` order) of node ``node``; node ``-1`` is ``x``."""
+    """Output ``leaf`` (in ``tree.leaves`` order) of node ``node``; node ``-1`` is ``x``."""
 
     node: int
     leaf: int = 0
@@ -72,6 +72,17 @@ class Graph:
     unsupported: list[str] = field(default_factory=list)
     widest: int = 1  # elements of the largest tensor computed from x (all samples)
     output_shape: tuple[int, ...] = ()
+    # every node's outputs as f computed them (``capture(..., keep_values=True)``); None if f
+    # ran an in-place op, which may have changed a kept tensor after it was recorded
+    values: list[list[Any]] | None = None
+
+    def chunk(self, num_directions: int, budget: int) -> int:
+        """Directions per chunk: as few equal chunks as keep the widest ``jac`` (directions
+        x elements) within ``budget`` elements; each chunk replays the values, so fewer is
+        faster, and unequal chunks measured 8-12% slower than equal ones."""
+        largest = max(8, budget // self.widest)
+        pieces = -(-num_directions // largest)  # ceil
+        return -(-num_directions // pieces) if num_directions else 1
 
 
 class _Recorder(TorchDispatchMode):
@@ -81,6 +92,8 @@ class _Recorder(TorchDispatchMode):
         self.refs: dict[int, Ref] = {id(x): Ref(-1)}
         self.dependent: set[Ref] = {Ref(-1)}
         self.alive: list[Any] = [x]  # keeps ids unique while recording
+        self.mutated = False
+        self.unrecorded: list[torch.Tensor] = []  # computed from x with autograd off
 
     def ref(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -100,44 +113,46 @@ class _Recorder(TorchDispatchMode):
         functional = getattr(packet, func._overloadname, None) if packet is not None else None
         target = args[0]
         storage = target.untyped_storage().data_ptr()
-        leaves = (t for t in tree_flatten(self.alive)[0] if isinstance(t, torch.Tensor))
-        shared = any(t is not target and t.untyped_storage().data_ptr() == storage for t in leaves)
+        alive = (t for t in leaves(self.alive) if isinstance(t, torch.Tensor))
+        shared = any(t is not target and t.untyped_storage().data_ptr() == storage for t in alive)
         return func if functional is None or shared else functional
 
     def depends(self, args: Any, kwargs: Any) -> bool:
-        leaves = tree_flatten((args, kwargs))[0]
         return any(
-            isinstance(a, torch.Tensor) and self.refs.get(id(a)) in self.dependent for a in leaves
+            isinstance(a, torch.Tensor) and self.refs.get(id(a)) in self.dependent
+            for a in leaves((args, kwargs))
         )
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         # under no_grad inside f (capture enables grad around f) results are constants, as
         # reverse mode sees them
-        depends = (
-            self.depends(args, kwargs) and func not in _CONSTANT_RESULTS and torch.is_grad_enabled()
-        )
+        reads_x = self.depends(args, kwargs) and func not in _CONSTANT_RESULTS
+        depends = reads_x and torch.is_grad_enabled()
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
             with self:
                 return _DECOMPOSITIONS[func](*args, **kwargs)
         recorded = self.functional(func, args) if depends else func
+        self.mutated |= func._schema.is_mutable
         out = func(*args, **kwargs)
-        leaves = tree_flatten(out)[0]
-        differentiable = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves)
+        outs = leaves(out)
+        differentiable = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in outs)
         depends = depends and differentiable
         if depends and (recorded not in self.rules or recorded._schema.is_mutable):
             self.graph.unsupported.append(str(func))
         index = len(self.graph.nodes)
-        kept = None if depends else _kept(func, leaves)
+        kept = None if depends else _kept(func, outs)
         self.graph.nodes.append(
-            Node(recorded, tree_map(self.ref, args), tree_map(self.ref, kwargs), depends, kept)
+            Node(recorded, map_leaves(self.ref, args), map_leaves(self.ref, kwargs), depends, kept)
         )
-        for i, leaf in enumerate(leaves):
+        for i, leaf in enumerate(outs):
             if isinstance(leaf, torch.Tensor):
                 self.refs[id(leaf)] = Ref(index, i)
                 if depends:
                     self.dependent.add(Ref(index, i))
                     self.graph.widest = max(self.graph.widest, leaf.numel())
+        if reads_x and not depends:
+            self.unrecorded += [t for t in outs if isinstance(t, torch.Tensor)]
         self.alive.append(out)
         return out
 
@@ -149,18 +164,43 @@ def _kept(func: Any, leaves: list[Any]) -> list[Any] | None:
     return leaves if random or func._schema.is_mutable else None
 
 
+def _custom_function(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, recorder: _Recorder, rules: Any
+) -> bool:
+    """Whether ``f`` ran a custom ``autograd.Function`` on a tensor computed from ``x``.
+
+    Its ``forward`` runs with autograd off, like a ``no_grad`` block, but its outputs are
+    attached to the graph afterwards: they require grad if ``x`` does, where a ``no_grad``
+    block's never do. If ``x`` does not, ``f`` is run once more on a copy that does.
+    """
+    if not x.requires_grad:
+        recorder = _Recorder(x.detach().requires_grad_(), rules)
+        with torch.enable_grad(), math_attention(), recorder:
+            f(recorder.alive[0])
+    return any(t.requires_grad for t in recorder.unrecorded)
+
+
 def capture(
-    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rules: Container[Any]
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    rules: Container[Any],
+    keep_values: bool = False,
 ) -> Graph:
     """Record the ATen calls of ``f(x)`` (evaluated once, with grad enabled around ``f`` so
     that its own ``no_grad`` blocks show).
 
     ``rules`` holds the ops that have a propagation rule; dependent calls outside it are
-    decomposed where PyTorch can, else listed in ``Graph.unsupported``.
+    decomposed where PyTorch can, else listed in ``Graph.unsupported``. ``keep_values`` keeps
+    every call's outputs in ``Graph.values`` (differentiable, as ``f`` computed them), unless
+    ``f`` ran an in-place op.
     """
     recorder = _Recorder(x, rules)
     with torch.enable_grad(), math_attention(), recorder:
         y = f(x)
-    recorder.graph.output = tree_map(recorder.ref, y)
+    if recorder.unrecorded and _custom_function(f, x, recorder, rules):
+        recorder.graph.unsupported.append("a custom autograd.Function")
+    recorder.graph.output = map_leaves(recorder.ref, y)
     recorder.graph.output_shape = tuple(y.shape)
+    if keep_values and not recorder.mutated:
+        recorder.graph.values = [leaves(out) for out in recorder.alive[1:]]
     return recorder.graph

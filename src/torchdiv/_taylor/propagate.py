@@ -12,12 +12,12 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
 
 from torchdiv._taylor import composite, elementwise, linear
 from torchdiv._taylor.capture import Graph, Node, Ref
 from torchdiv._taylor.jet import Context, Jet
 from torchdiv._taylor.linear import UnsupportedOp
+from torchdiv._taylor.tree import leaves, map_leaves
 
 RULES: dict[Any, Any] = {**elementwise.RULES, **linear.RULES, **composite.RULES}
 
@@ -81,16 +81,38 @@ def propagate(
         elif index in constants:
             env[index] = constants[index]
         else:
-            args, kwargs = tree_map(resolve, node.args), tree_map(resolve, node.kwargs)
+            args, kwargs = map_leaves(resolve, node.args), map_leaves(resolve, node.kwargs)
             if node.depends and _has_jet((args, kwargs)):
                 node_ctx = replace(ctx, jac=index in needs_jac)
-                env[index] = tree_flatten(_apply(node, node_ctx, args, kwargs), is_leaf=_is_jet)[0]
+                env[index] = leaves(_apply(node, node_ctx, args, kwargs))
             else:
-                out = node.func(*tree_map(_value, args), **tree_map(_value, kwargs))
-                env[index] = constants[index] = tree_flatten(out)[0]
+                out = node.func(*map_leaves(_value, args), **map_leaves(_value, kwargs))
+                env[index] = constants[index] = leaves(out)
         for dead in last_use.pop(index, ()):
             del env[dead]
-    return tree_map(resolve, graph.output)
+    return map_leaves(resolve, graph.output)
+
+
+def values(graph: Graph, x: torch.Tensor) -> list[list[Any]]:
+    """Every node's outputs at ``x``: as captured if kept, else recomputed (random and
+    mutating calls keep their recorded outputs, as in ``propagate``)."""
+    if graph.values is not None:
+        return graph.values
+    env: list[list[Any]] = []
+
+    def resolve(a: Any) -> Any:
+        return (x if a.node < 0 else env[a.node][a.leaf]) if isinstance(a, Ref) else a
+
+    for node in graph.nodes:
+        if node.kept is not None:
+            env.append(node.kept)
+        else:
+            env.append(
+                leaves(
+                    node.func(*map_leaves(resolve, node.args), **map_leaves(resolve, node.kwargs))
+                )
+            )
+    return env
 
 
 def _apply(node: Node, ctx: Context, args: Any, kwargs: Any) -> Any:
@@ -107,25 +129,19 @@ def _value(a: Any) -> Any:
 
 
 def _has_jet(tree: Any) -> bool:
-    return any(isinstance(a, Jet) for a in tree_flatten(tree, is_leaf=_is_jet)[0])
-
-
-def _is_jet(a: Any) -> bool:
-    return isinstance(a, Jet)
+    return any(isinstance(a, Jet) for a in leaves(tree))
 
 
 def _needs_jac(graph: Graph, ctx: Context) -> set[int]:
     """Nodes whose ``jac`` some later op (or the caller, if ``ctx.jac``) reads."""
-    needed = (
-        {a.node for a in tree_flatten(graph.output)[0] if isinstance(a, Ref)} if ctx.jac else set()
-    )
+    needed = {a.node for a in leaves(graph.output) if isinstance(a, Ref)} if ctx.jac else set()
     for index in range(len(graph.nodes) - 1, -1, -1):
         node = graph.nodes[index]
         if not node.depends:
             continue
         inputs = [
             a.node
-            for a in tree_flatten((node.args, node.kwargs))[0]
+            for a in leaves((node.args, node.kwargs))
             if isinstance(a, Ref) and a.node >= 0 and graph.nodes[a.node].depends
         ]
         lap_from_lap = node.func in _LAP_FROM_LAP or (
@@ -139,7 +155,7 @@ def _needs_jac(graph: Graph, ctx: Context) -> set[int]:
 def _dependent_args(graph: Graph, node: Any) -> int:
     return sum(
         isinstance(a, Ref) and (a.node < 0 or graph.nodes[a.node].depends)
-        for a in tree_flatten((node.args, node.kwargs))[0]
+        for a in leaves((node.args, node.kwargs))
     )
 
 
@@ -147,10 +163,10 @@ def _last_uses(graph: Graph) -> dict[int, list[int]]:
     """``{i: nodes whose outputs are last read by node i}``; the output's nodes are kept."""
     last: dict[int, int] = {}
     for index, node in enumerate(graph.nodes):
-        for a in tree_flatten((node.args, node.kwargs))[0]:
+        for a in leaves((node.args, node.kwargs)):
             if isinstance(a, Ref):
                 last[a.node] = index
-    keep = {a.node for a in tree_flatten(graph.output)[0] if isinstance(a, Ref)}
+    keep = {a.node for a in leaves(graph.output) if isinstance(a, Ref)}
     by_user: dict[int, list[int]] = {}
     for node, user in last.items():
         if node not in keep:

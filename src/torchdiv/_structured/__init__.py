@@ -1,0 +1,94 @@
+"""``method="structured"``: exact divergences and Jacobian diagonals that exploit the graph.
+
+Generic recipes pay for the whole ``n x n`` Jacobian of every sample. Here ``f`` is captured
+once (the Laplacian engine's recorder, ``torchdiv._taylor``), and the cheapest exact plan is
+chosen from what it computes:
+
+1. Divergence of a *chain* (``factors``): shared linear maps and elementwise functions joined
+   by sums, e.g. MLPs, residual MLPs ``x + g(x)``, time conditioning by concatenation or by
+   gates (FFJORD's ``ConcatSquashLinear``). Trace cyclicity (``cycle``) then costs a few
+   forward passes, whatever ``n``.
+2. Otherwise forward propagation of Jacobian columns (``forward``), reading only the
+   diagonal, with the unit vectors compressed by a colouring when the graph is local
+   (``colors``: stride-1 convolutions and elementwise ops), e.g. 48 instead of 768 directions
+   for a three-layer 3x3 conv net on 3 x 16 x 16 images.
+
+An op outside the engine's rules makes the plan fail: ``"auto"`` then uses the generic
+engines, ``"structured"`` raises ``NotImplementedError`` naming the op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from torchdiv._checks import event_numel
+from torchdiv._structured import colors, cycle, factors, forward
+from torchdiv._taylor import RULES, UnsupportedOp, capture, values
+
+Function = Callable[[torch.Tensor], torch.Tensor]
+
+
+def divergence(
+    fn: str,
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    strict: bool,
+) -> torch.Tensor | None:
+    """Every sample's divergence, ``(N,)``; ``None`` (or, if ``strict``, ``UnsupportedOp``
+    naming the op) when the engine cannot run ``f``."""
+    return _planned(fn, f, x, batch_dims, chunk_size, strict, trace=True)
+
+
+def diagonal(
+    fn: str,
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    strict: bool,
+) -> torch.Tensor | None:
+    """Every sample's Jacobian diagonal, ``(N, n)``; ``None`` as in ``divergence``."""
+    return _planned(fn, f, x, batch_dims, chunk_size, strict, trace=False)
+
+
+def _planned(
+    fn: str,
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    strict: bool,
+    trace: bool,
+) -> torch.Tensor | None:
+    n_samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
+    if x.numel() == 0:
+        return x.new_zeros(n_samples) if trace else x.new_zeros(n_samples, n)
+    graph = capture(f, x, RULES, keep_values=True)
+    if graph.unsupported:
+        ops = ", ".join(sorted(set(graph.unsupported)))
+        return _failed(fn, strict, f"{ops} applied to a tensor that depends on x")
+    try:
+        kept = values(graph, x)
+        chain = factors.paths(graph, kept, x, n_samples) if trace else None
+        if chain is not None:
+            return cycle.trace(chain, x, n_samples, chunk_size)
+        coloring = colors.colors(graph, kept, x, batch_dims)
+        diag = forward.diagonal(graph, x, batch_dims, chunk_size, coloring)
+        return diag.sum(-1) if trace else diag
+    except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
+        raise
+    except (RuntimeError, TypeError) as exc:  # UnsupportedOp included
+        return _failed(fn, strict, str(exc))
+
+
+def _failed(fn: str, strict: bool, what: str) -> None:
+    if not strict:
+        return None
+    raise UnsupportedOp(
+        f"{fn}: method='structured' has no propagation rule for {what}; use method='auto' "
+        "(falls back to the generic engines)"
+    )

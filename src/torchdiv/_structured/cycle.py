@@ -1,0 +1,118 @@
+"""Traces of products of shared matrices and per-sample diagonals, by trace cyclicity.
+
+For a path ``J_b = F_m ... F_1`` (``torchdiv._structured.factors``), ``tr(J_b)`` is invariant
+under rotating the product, so the factors form a *cycle*. Adjacent shared matrices are
+multiplied once for all samples (``W_1 W_L`` of an MLP's first and last layers included:
+``tr(W_L D ... W_1) = tr(D ... W_1 W_L)``), diagonals the same in every sample are folded into
+a neighbouring matrix, and what remains alternates between shared matrices ``S_i`` and
+per-sample diagonals ``D_i``:
+
+    tr(D_n S_n ... D_1 S_1)
+
+* ``n = 0``: ``tr(S)``, or ``sum(d)`` for a purely elementwise path;
+* ``n = 1``: ``d . diag(S)``: one dot product per sample;
+* ``n = 2``: ``d_2^T (S_2 o S_1^T) d_1`` with ``o`` the elementwise product: the matrix is
+  shared, so every sample costs one matrix-vector product, about one layer of a forward pass;
+* ``n >= 3``: the cycle is opened before the ``S_i`` that makes it cheapest, and the columns
+  of that shared matrix travel once around it: ``w`` columns (its input width), a batched
+  matrix product per remaining ``S_j`` except the last, which is contracted on the diagonal
+  only. ``chunk`` columns at a time bound the memory.
+
+A 3-layer MLP (two activations) is ``n = 2``: its exact divergence costs about two forward
+passes instead of ``D``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchdiv._basis import chunks
+from torchdiv._structured.factors import Diagonal, Factor, Path, Shared
+
+Tensor = torch.Tensor
+
+
+def trace(paths: list[Path], x: Tensor, n_samples: int, chunk: int | None) -> Tensor:
+    """``sum_p c_p tr(F_{p,m} ... F_{p,1})`` for every sample, shape ``(N,)``; a path without
+    factors is the identity on ``x``'s event (``x + g(x)``: its trace is the event size)."""
+    total = x.new_zeros(1)
+    for path in paths:
+        if path.factors:
+            part = _cycle_trace(_closed(_merged(path.factors)), chunk)
+        else:
+            part = x.new_full((1,), x.numel() // n_samples)
+        total = total + path.coefficient * part
+    return total.expand(n_samples)
+
+
+def _merged(factors: tuple[Factor, ...]) -> list[Factor]:
+    """Adjacent factors multiplied where that costs nothing per sample."""
+    out: list[Factor] = []
+    for f in factors:
+        joined = _join(out[-1], f) if out else None
+        if joined is None:
+            out.append(f)
+        else:
+            out[-1] = joined
+    return out
+
+
+def _join(first: Factor, then: Factor) -> Factor | None:
+    """``then @ first`` as one factor, if it is one without per-sample matrices."""
+    if isinstance(first, Shared) and isinstance(then, Shared):
+        return Shared(then.matrix @ first.matrix)
+    if isinstance(first, Diagonal) and isinstance(then, Diagonal):
+        return Diagonal(first.scale * then.scale)
+    if isinstance(first, Shared) and isinstance(then, Diagonal) and then.shared:
+        return Shared(then.scale.T * first.matrix)  # rows scaled
+    if isinstance(first, Diagonal) and first.shared and isinstance(then, Shared):
+        return Shared(then.matrix * first.scale)  # columns scaled
+    return None
+
+
+def _closed(factors: list[Factor]) -> list[Factor]:
+    """The cycle: the last factor joined to the first where possible (``tr(AB) = tr(BA)``)."""
+    if len(factors) > 1:
+        joined = _join(factors[-1], factors[0])
+        if joined is not None:
+            return [joined, *factors[1:-1]]
+    return factors
+
+
+def _cycle_trace(cycle: list[Factor], chunk: int | None) -> Tensor:
+    """Per-sample trace of an alternating cycle (module docstring), ``(N,)`` or ``(1,)``."""
+    if len(cycle) == 1:
+        (f,) = cycle
+        if isinstance(f, Shared):
+            return f.matrix.diagonal().sum().reshape(1)
+        return f.scale.sum(-1)
+    start = 0 if isinstance(cycle[0], Shared) else 1
+    cycle = cycle[start:] + cycle[:start]
+    shared = [f.matrix for f in cycle[0::2]]  # S_1 .. S_n
+    scales = [f.scale for f in cycle[1::2]]  # D_1 .. D_n
+    if len(shared) == 1:
+        return (scales[0] * shared[0].diagonal()).sum(-1)
+    if len(shared) == 2:
+        return ((scales[1] @ (shared[1] * shared[0].T)) * scales[0]).sum(-1)
+    best = min(range(len(shared)), key=lambda r: _cost(shared[r:] + shared[:r]))
+    return _opened(shared[best:] + shared[:best], scales[best:] + scales[:best], chunk)
+
+
+def _cost(shared: list[Tensor]) -> int:
+    """Multiply-adds per sample of ``_opened`` starting at ``shared[0]``."""
+    return shared[0].shape[1] * sum(s.numel() for s in shared[1:-1])
+
+
+def _opened(shared: list[Tensor], scales: list[Tensor], chunk: int | None) -> Tensor:
+    """``tr(D_n S_n ... D_1 S_1)`` by carrying ``S_1``'s columns around, ``chunk`` at a time."""
+    width = shared[0].shape[1]
+    total = None
+    for start, stop in chunks(width, chunk or width):
+        v = scales[0][:, :, None] * shared[0][:, start:stop]  # (N, w_1, k)
+        for s, d in zip(shared[1:-1], scales[1:-1], strict=True):
+            v = d[:, :, None] * (s @ v)
+        # only the diagonal entries (start + j, j) of D_n S_n v
+        diagonal = torch.einsum("kj,bjk->bk", shared[-1][start:stop], v)
+        part = (scales[-1][:, start:stop] * diagonal).sum(-1)
+        total = part if total is None else total + part
+    return total

@@ -1,0 +1,245 @@
+"""A captured graph's Jacobian as a sum over paths of products of two kinds of factors.
+
+Take ``f`` built from per-sample linear maps that are the same for every sample (``Linear``
+layers, concatenation with a time input, reshapes) and elementwise functions (activations,
+gates, biases, scalings), joined by sums (residual connections). Then for every sample ``b``
+
+    J_b = sum_p c_p F_{p,m} ... F_{p,2} F_{p,1}
+
+over the paths ``p`` from ``x`` to ``f(x)`` (a sum node forks two paths), each factor being
+
+* ``Shared(A)``: ``out = A in``, the same matrix in every sample (``mm``/``addmm`` with a
+  weight that does not depend on ``x``; data movement such as ``cat`` with constants, found by
+  moving indices through the op), or
+* ``Diagonal(d_b)``: ``out = d_b * in`` elementwise (``phi'`` of an activation; a gate; the
+  constant of ``mul``/``add``), per sample or the same in every sample.
+
+``torchdiv._structured.cycle`` takes traces of such products. Anything else (a convolution,
+a product of two tensors that both depend on ``x``, a normalisation) is not a factor:
+``paths`` then returns ``None`` and the caller propagates Jacobian columns instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchdiv._taylor import RULES, Context, Graph, Jet
+from torchdiv._taylor.capture import Node, Ref
+from torchdiv._taylor.elementwise import DERIVATIVES
+from torchdiv._taylor.tree import leaves, map_leaves
+
+aten = torch.ops.aten
+Tensor = torch.Tensor
+
+MAX_PATHS = 16  # beyond this many paths (nested residual blocks) columns are propagated
+MAX_MATRIX = 1 << 22  # elements of a shared factor built from a data-movement op
+
+_SUMS = {aten.add.Tensor: 1.0, aten.sub.Tensor: -1.0}
+_MOVEMENT = {
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.expand.default,
+    aten.permute.default,
+    aten.transpose.int,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.narrow.default,
+    aten.cat.default,
+    aten.constant_pad_nd.default,
+    aten.flip.default,
+    aten.roll.default,
+    aten.repeat.default,
+    aten.index_select.default,
+}
+
+
+@dataclass(frozen=True)
+class Shared:
+    """``out = matrix @ in`` in every sample; ``matrix`` is ``(w_out, w_in)``."""
+
+    matrix: Tensor
+
+
+@dataclass(frozen=True)
+class Diagonal:
+    """``out = scale[b] * in`` elementwise; ``scale`` is ``(N, w)``, or ``(1, w)`` if the
+    same in every sample."""
+
+    scale: Tensor
+
+    @property
+    def shared(self) -> bool:
+        return self.scale.shape[0] == 1
+
+
+Factor = Shared | Diagonal
+
+
+@dataclass(frozen=True)
+class Path:
+    """``coefficient * F_m ... F_1``; ``factors`` in the order they apply to ``x``."""
+
+    coefficient: float
+    factors: tuple[Factor, ...]
+
+
+def paths(graph: Graph, values: list[list[Any]], x: Tensor, n_samples: int) -> list[Path] | None:
+    """The paths of ``graph``'s output (``values``: every node's outputs), or ``None`` if some
+    op on the way is not a factor or there are more than ``MAX_PATHS``."""
+    if not isinstance(graph.output, Ref) or n_samples == 0:
+        return None
+    return _Walker(graph, values, x, n_samples).paths(graph.output)
+
+
+class _Walker:
+    def __init__(self, graph: Graph, values: list[list[Any]], x: Tensor, n_samples: int):
+        self.graph, self.values, self.x, self.n = graph, values, x, n_samples
+        self.memo: dict[Ref, list[Path] | None] = {}
+
+    def value(self, a: Any) -> Any:
+        if not isinstance(a, Ref):
+            return a
+        return self.x if a.node < 0 else self.values[a.node][a.leaf]
+
+    def dependent(self, a: Any) -> bool:
+        return isinstance(a, Ref) and (a.node < 0 or self.graph.nodes[a.node].depends)
+
+    def paths(self, ref: Ref) -> list[Path] | None:
+        if ref not in self.memo:
+            self.memo[ref] = self._paths(ref)
+        return self.memo[ref]
+
+    def _paths(self, ref: Ref) -> list[Path] | None:
+        if ref.node < 0:
+            return [Path(1.0, ())]
+        node = self.graph.nodes[ref.node]
+        inputs = {a for a in leaves((node.args, node.kwargs)) if self.dependent(a)}
+        if len(self.values[ref.node]) != 1 or not _per_sample(self.value(ref), self.n):
+            return None
+        if node.func in _SUMS and len(inputs) == 2 and len(node.args) == 2:
+            return self._sum(node)
+        if len(inputs) != 1:
+            return None
+        (source,) = inputs
+        inner = self.paths(source)
+        factors = None if inner is None else self._factors(node, ref, source)
+        if factors is None:
+            return None
+        return [Path(p.coefficient, (*p.factors, *factors)) for p in inner]
+
+    def _sum(self, node: Node) -> list[Path] | None:
+        a, b = node.args
+        sign = _SUMS[node.func] * node.kwargs.get("alpha", 1.0)
+        if self.value(a).shape != self.value(b).shape:  # one side broadcast: not elementwise
+            return None
+        left, right = self.paths(a), self.paths(b)
+        if left is None or right is None or len(left) + len(right) > MAX_PATHS:
+            return None
+        return [*left, *(Path(sign * p.coefficient, p.factors) for p in right)]
+
+    def _factors(self, node: Node, out: Ref, source: Ref) -> tuple[Factor, ...] | None:
+        """The factor ``node`` contributes (none for an identity), or ``None``."""
+        a, y = self.value(source), self.value(out)
+        if not _per_sample(a, self.n):
+            return None
+        if node.func in DERIVATIVES and _is(node.args[0], source):  # phi(a): phi'(a)
+            d1, _ = DERIVATIVES[node.func](a, y, *map_leaves(self.value, node.args[1:]))
+            return (self._diagonal(d1, y),)
+        if torch.Tag.pointwise in node.func.tags and node.func in RULES and y.shape == a.shape:
+            return (self._pointwise(node, source, y),)
+        if node.func in (aten.mm.default, aten.addmm.default):
+            return self._matmul(node, source)
+        if node.func in _MOVEMENT:
+            return self._movement(node, source, y)
+        return None
+
+    def _diagonal(self, d: Tensor | None, like: Tensor) -> Diagonal:
+        """``d`` (broadcasting against ``like``) as an ``(N or 1, w)`` scale."""
+        if d is None:
+            return Diagonal(like.new_zeros(1, like.numel() // self.n))
+        k = _batch_prefix(like.shape, self.n)
+        d = d.reshape((1,) * (like.dim() - d.dim()) + d.shape)
+        if all(s == 1 for s in d.shape[:k]):
+            return Diagonal(d.expand(d.shape[:k] + like.shape[k:]).reshape(1, -1))
+        return Diagonal(d.expand(like.shape).reshape(self.n, -1))
+
+    def _pointwise(self, node: Node, source: Ref, y: Tensor) -> Diagonal:
+        """An elementwise op of ``a`` and constants: its rule applied to a unit derivative."""
+        a = self.value(source)
+        unit = Jet(a, a.new_ones((1,) * (a.dim() + 1)), None)
+        args = map_leaves(lambda v: unit if _is(v, source) else self.value(v), node.args)
+        kwargs = map_leaves(self.value, node.kwargs)
+        out = RULES[node.func](Context(1, second_order=False), *args, **kwargs)
+        return self._diagonal(None if out.jac is None else out.jac[0], y)
+
+    def _matmul(self, node: Node, source: Ref) -> tuple[Shared] | None:
+        """``a @ W`` (``mm``) or ``bias + alpha a @ W`` (``addmm``) with ``W`` constant."""
+        args = node.args if node.func == aten.mm.default else node.args[1:]
+        if not _is(args[0], source) or self.dependent(args[1]) or self.value(args[0]).dim() != 2:
+            return None
+        alpha = node.kwargs.get("alpha", 1.0) if node.func == aten.addmm.default else 1.0
+        return (Shared(alpha * self.value(args[1]).T),)
+
+    def _movement(self, node: Node, source: Ref, y: Tensor) -> tuple[Shared, ...] | None:
+        """A data-movement op as a 0/1 matrix, found by moving element indices through it:
+        constants become ``-1`` (padding too), so every output element names its source."""
+        a = self.value(source)
+        w_in, w_out = a.numel() // self.n, y.numel() // self.n
+        if w_in * w_out > MAX_MATRIX:
+            return None
+        index = torch.arange(a.numel(), device=a.device).reshape(a.shape)
+
+        def indices(v: Any) -> Any:
+            if _is(v, source):
+                return index
+            v = self.value(v)
+            return torch.full(v.shape, -1, device=v.device) if isinstance(v, Tensor) else v
+
+        args = map_leaves(indices, node.args)
+        if node.func == aten.constant_pad_nd.default:
+            args = (*args[:2], -1)
+        moved = node.func(*args, **map_leaves(self.value, node.kwargs)).reshape(self.n, w_out)
+        samples = torch.arange(self.n, device=a.device)[:, None]
+        if not bool(((moved < 0) | (moved // w_in == samples)).all()):
+            return None  # an element moved to another sample
+        source_index = moved[0]
+        if w_in == w_out and torch.equal(source_index, torch.arange(w_in, device=a.device)):
+            return ()  # the identity on every sample's flattened event (a reshape, a copy)
+        matrix = a.new_zeros(w_out, w_in)
+        rows = torch.arange(w_out, device=a.device)[source_index >= 0]
+        matrix[rows, source_index[source_index >= 0]] = 1
+        return (Shared(matrix),)
+
+
+def _is(v: Any, ref: Ref) -> bool:
+    return isinstance(v, Ref) and v == ref
+
+
+def _batch_prefix(shape: torch.Size, n_samples: int) -> int:
+    """How many leading dimensions of ``shape`` index samples (their product is ``N``)."""
+    size = 1
+    for k, s in enumerate(shape):
+        if size == n_samples:
+            return k
+        size *= s
+    return len(shape) if size == n_samples else -1
+
+
+def _per_sample(v: Any, n_samples: int) -> bool:
+    """Whether ``v`` is a floating tensor whose leading dimensions are the ``N`` samples."""
+    return (
+        isinstance(v, Tensor)
+        and v.is_floating_point()
+        and v.numel() % n_samples == 0
+        and _batch_prefix(v.shape, n_samples) >= 0
+    )

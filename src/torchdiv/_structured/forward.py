@@ -1,0 +1,63 @@
+"""Jacobian diagonals by forward propagation of (compressed) unit vectors through the graph.
+
+The captured graph is replayed on jets that carry only Jacobian columns (the Laplacian
+engine with its second-order term off). The directions are stored once for all samples, so
+the first linear or convolution layer costs as many rows as there are directions, not that
+times the batch; with a colouring (``torchdiv._structured.colors``) each direction is the
+sum of a colour's unit vectors and every diagonal entry is read off the column of its own
+colour.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchdiv._basis import chunks
+from torchdiv._checks import event_numel
+from torchdiv._taylor import Context, Graph, Jet, propagate
+
+# widest jac (directions x elements) per chunk when the caller gives no chunk_size
+CHUNK_ELEMENTS = 2**24
+
+
+def diagonal(
+    graph: Graph,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    colors: torch.Tensor | None,
+) -> torch.Tensor:
+    """Every sample's Jacobian diagonal, ``(N, n)``; ``colors[i]`` is element ``i``'s colour
+    (``None``: every element its own)."""
+    n = event_numel(x, batch_dims)
+    colors = torch.arange(n, device=x.device) if colors is None else colors
+    num_colors = int(colors.max()) + 1 if n else 0
+    chunk = chunk_size or graph.chunk(num_colors, CHUNK_ELEMENTS)
+    order = torch.argsort(colors)
+    entries, constants = [], {}
+    for start, stop in chunks(num_colors, chunk):
+        columns = _columns(graph, x, batch_dims, colors, start, stop, constants)
+        mine = order[(colors[order] >= start) & (colors[order] < stop)]
+        entries.append(columns[colors[mine] - start, :, mine].T)  # (N, elements of the chunk)
+    if not entries:
+        return x.new_zeros(x.shape[:batch_dims].numel(), n)
+    return torch.cat(entries, 1)[:, torch.argsort(order)]
+
+
+def _columns(
+    graph: Graph,
+    x: torch.Tensor,
+    batch_dims: int,
+    colors: torch.Tensor,
+    start: int,
+    stop: int,
+    constants: dict,
+) -> torch.Tensor:
+    """``J v_g`` for the colours ``g`` in ``[start, stop)``, flat ``(k, N, n)``."""
+    k, n_samples = stop - start, x.shape[:batch_dims].numel()
+    picked = colors[None, :] == torch.arange(start, stop, device=x.device)[:, None]
+    directions = picked.to(x.dtype).reshape(k, *[1] * batch_dims, *x.shape[batch_dims:])
+    out = propagate(graph, Jet(x, directions, None), Context(k, False), constants)
+    if not isinstance(out, Jet) or out.jac is None:  # f(x) does not depend on x
+        return x.new_zeros(k, n_samples, event_numel(x, batch_dims))
+    return out.jac.expand(k, *graph.output_shape).reshape(k, n_samples, -1)
