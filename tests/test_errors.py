@@ -76,7 +76,7 @@ class TestFunctionForm:
 
 
 @pytest.mark.parametrize("fn", ["divergence", "jacobian_diagonal"])
-@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse", "structured"])
 def test_non_square_jacobian(fn, method):
     with pytest.raises(
         ValueError,

@@ -661,3 +661,39 @@ def test_in_place_ops_on_shared_memory_are_refused_and_auto_falls_back():
         torchdiv.laplacian(_write_through_a_view, z, method="taylor")
     expected = reference_laplacian(_write_through_a_view, z)
     assert_close(torchdiv.laplacian(_write_through_a_view, z), expected)
+
+
+class _Cube(torch.autograd.Function):
+    """A custom Function torch.func can run (the fallback's forward-over-reverse needs that)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * tangent
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_a_custom_autograd_function_is_not_taken_for_a_constant(requires_grad):
+    """Its forward runs with autograd off, like a no_grad block: the capture used to record
+    it as a constant and the Laplacian came out 0."""
+    x = torch.randn(3, 4, dtype=f64, requires_grad=requires_grad)
+    u = lambda z: _Cube.apply(z).sum(-1)  # noqa: E731
+    assert_close(torchdiv.laplacian(u, x), 6 * x.detach().sum(-1))
+    with pytest.raises(NotImplementedError, match=r"custom autograd\.Function"):
+        torchdiv.laplacian(u, x, method="taylor")

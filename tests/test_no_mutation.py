@@ -50,6 +50,7 @@ STOCHASTIC = {
 }
 CASES = [
     *[(CALLS, c, m) for c in CALLS for m in ("auto", "forward", "reverse")],
+    *[(CALLS, c, "structured") for c in ("divergence", "jacobian_diagonal")],
     *[
         (SCALAR, c, m)
         for c in SCALAR

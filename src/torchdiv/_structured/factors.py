@@ -187,8 +187,9 @@ class _Walker:
         args = node.args if node.func == aten.mm.default else node.args[1:]
         if not _is(args[0], source) or self.dependent(args[1]) or self.value(args[0]).dim() != 2:
             return None
+        weight = self.value(args[1]).T
         alpha = node.kwargs.get("alpha", 1.0) if node.func == aten.addmm.default else 1.0
-        return (Shared(alpha * self.value(args[1]).T),)
+        return (Shared(weight if alpha == 1 else alpha * weight),)
 
     def _movement(self, node: Node, source: Ref, y: Tensor) -> tuple[Shared, ...] | None:
         """A data-movement op as a 0/1 matrix, found by moving element indices through it:
