@@ -43,13 +43,18 @@ def compare(
     rounds: int,
     min_run_time: float,
     ratio: tuple[str, Callable[[Times], float]],
+    unchecked: dict[str, Callable[[], Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per call: agreement with ``reference`` (``allclose`` at ``rtol``, ``atol`` =
     ``rtol`` times its largest entry), peak memory, and, for the calls that agree, interleaved
-    times and ``ratio = (key, denominator(times))``. Each row starts with ``fields`` and is
-    printed as it is done."""
+    times and ``ratio = (key, denominator(times))``. ``unchecked`` calls (a forward pass of
+    ``f``, for scale) are timed in the same rounds without a check. Each row starts with
+    ``fields`` and is printed as it is done."""
     atol = rtol * reference.abs().max().item()
     rows, timed = [], {}
+    for method, call in (unchecked or {}).items():
+        rows.append({**fields, "method": method, "correct": None, "peak_mb": peak_memory_mb(call)})
+        timed[method] = call
     for method, call in calls.items():
         out = call()
         ok = torch.allclose(out.reshape(reference.shape), reference, rtol=rtol, atol=atol)

@@ -1,15 +1,16 @@
 """Exact per-sample divergence: torchdiv vs torch.func and the seed threads' recipes.
 
 Run:  .venv/bin/python bench/divergence_exact.py [--rounds 5] [--min-run-time 0.4]
-                                                [--cases mlp32,mlp256,mlp784,conv]
+          [--cases mlp32,mlp256,mlp784,conv,mlp256x5,resmlp256,cnf256,conv3x16]
 
 Two scenarios per case, all methods timed side by side in one run:
   frozen: parameters do not require grad (evaluation, e.g. a likelihood);
   train:  parameters require grad and every result must stay differentiable (the recipes that
           call autograd.grad use create_graph=True; torch.func and torchdiv do it by themselves).
-Every result is checked against vmap(jacrev) + trace before it is timed. Writes
-bench/results/divergence_exact.json and prints a markdown table with ratios to the best
-baseline recipe of the same scenario.
+Every result is checked against vmap(jacrev) + trace before it is timed; one forward pass of
+f is timed in the same rounds, for scale. Writes bench/results/divergence_exact.json and
+prints markdown tables with ratios to the best torch.func recipe and to the best of all
+baseline recipes of the same scenario.
 """
 
 from __future__ import annotations
@@ -34,13 +35,67 @@ def mlp(d: int, h: int) -> torch.nn.Module:
     )
 
 
-def convnet() -> torch.nn.Module:
+def deep_mlp(d: int, h: int, layers: int) -> torch.nn.Module:
+    sizes = [d, *[h] * (layers - 1), d]
+    modules: list[torch.nn.Module] = []
+    for i in range(layers):
+        modules.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
+        if i < layers - 1:
+            modules.append(torch.nn.Tanh())
+    return torch.nn.Sequential(*modules)
+
+
+class Residual(torch.nn.Module):
+    """``x + g(x)``."""
+
+    def __init__(self, g: torch.nn.Module):
+        super().__init__()
+        self.g = g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.g(x)
+
+
+class ConcatSquash(torch.nn.Module):
+    """FFJORD's ConcatSquashLinear: ``Linear(x) * sigmoid(gate(t)) + bias(t)``."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(d_in, d_out)
+        self.gate = torch.nn.Linear(1, d_out)
+        self.bias = torch.nn.Linear(1, d_out, bias=False)
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1, 1)
+        return self.linear(x) * torch.sigmoid(self.gate(t)) + self.bias(t)
+
+
+class CNF(torch.nn.Module):
+    """FFJORD's ODE net: ConcatSquash layers ``d -> h -> h -> d`` with tanh, at time ``t``
+    (one time for the batch, as inside an ODE solve)."""
+
+    def __init__(self, d: int, h: int, t: float = 0.5):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            [ConcatSquash(d, h), ConcatSquash(h, h), ConcatSquash(h, d)]
+        )
+        self.register_buffer("t", torch.tensor(t))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(self.t, x)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+def convnet(width: int = 16) -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.Conv2d(3, width, 3, padding=1),
         torch.nn.Tanh(),
-        torch.nn.Conv2d(16, 16, 3, padding=1),
+        torch.nn.Conv2d(width, width, 3, padding=1),
         torch.nn.Tanh(),
-        torch.nn.Conv2d(16, 3, 3, padding=1),
+        torch.nn.Conv2d(width, 3, 3, padding=1),
     )
 
 
@@ -49,25 +104,31 @@ CASES: dict[str, Callable[[], tuple[torch.nn.Module, torch.Tensor]]] = {
     "mlp256": lambda: (mlp(256, 256), torch.randn(128, 256)),
     "mlp784": lambda: (mlp(784, 512), torch.randn(32, 784)),
     "conv": lambda: (convnet(), torch.randn(8, 3, 16, 16)),
+    "mlp256x5": lambda: (deep_mlp(256, 256, 5), torch.randn(128, 256)),
+    "resmlp256": lambda: (Residual(mlp(256, 256)), torch.randn(128, 256)),
+    "cnf256": lambda: (CNF(256, 256), torch.randn(128, 256)),
+    "conv3x16": lambda: (convnet(32), torch.randn(32, 3, 16, 16)),
 }
 DESCRIPTIONS = {
     "mlp32": "tanh MLP D=32 B=128 H=256",
     "mlp256": "tanh MLP D=256 B=128 H=256",
     "mlp784": "tanh MLP D=784 B=32 H=512",
     "conv": "conv 3-16-16-3 on (8, 3, 16, 16)",
+    "mlp256x5": "5-layer tanh MLP D=256 B=128 H=256",
+    "resmlp256": "x + MLP(x), D=256 B=128 H=256",
+    "cnf256": "ConcatSquash CNF net D=256 B=128 H=256",
+    "conv3x16": "conv 3-32-32-3 on (32, 3, 16, 16)",
 }
 
-BASELINES = (
-    "torch.func vmap(jacrev)",
-    "torch.func vmap(jacfwd)",
-    "loop of autograd.grad",
-    "autograd.grad(is_grads_batched)",
-)
+TORCH_FUNC = ("torch.func vmap(jacrev)", "torch.func vmap(jacfwd)")
+BASELINES = (*TORCH_FUNC, "loop of autograd.grad", "autograd.grad(is_grads_batched)")
+FORWARD = "one forward pass of f"
 
 
 def methods(train: bool) -> dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]]:
     ours = {
         "torchdiv auto": functools.partial(torchdiv.divergence, method="auto"),
+        "torchdiv structured": functools.partial(torchdiv.divergence, method="structured"),
         "torchdiv forward": functools.partial(torchdiv.divergence, method="forward"),
         "torchdiv reverse": functools.partial(torchdiv.divergence, method="reverse"),
         "torchdiv forward chunk=64": functools.partial(
@@ -101,7 +162,8 @@ def run_case(name: str, rounds: int, min_run_time: float) -> list[dict]:
         reference = _recipes.vmap_jacrev(net, x).detach()
         calls = {m: functools.partial(fn, net, x) for m, fn in methods(scenario == "train").items()}
         fields = {"case": DESCRIPTIONS[name], "scenario": scenario}
-        rows += compare(fields, calls, reference, 1e-4, rounds, min_run_time, RATIO)
+        forward = {FORWARD: functools.partial(net, x)}
+        rows += compare(fields, calls, reference, 1e-4, rounds, min_run_time, RATIO, forward)
     return rows
 
 
@@ -112,21 +174,27 @@ def _best_baseline(times: dict[str, dict[str, float]]) -> float:
 RATIO = ("vs_best_baseline", _best_baseline)
 
 
+def _best_of(group: dict[str, dict], names: tuple[str, ...]) -> str:
+    return min((m for m in names if "median_ms" in group[m]), key=lambda m: group[m]["median_ms"])
+
+
 def summary(rows: list[dict]) -> list[dict]:
-    """One line per case and scenario: auto against the best recipe, and memory."""
+    """One line per case and scenario: auto against the best recipes and a forward pass."""
     out = []
     for case, scenario in dict.fromkeys((r["case"], r["scenario"]) for r in rows):
         group = {r["method"]: r for r in rows if (r["case"], r["scenario"]) == (case, scenario)}
-        timed = [m for m in BASELINES if "median_ms" in group[m]]
-        best = min(timed, key=lambda m: group[m]["median_ms"])
+        best, func = _best_of(group, BASELINES), _best_of(group, TORCH_FUNC)
         auto, chunked = group["torchdiv auto"], group["torchdiv reverse chunk=64"]
         out.append(
             {
                 "case": case,
                 "scenario": scenario,
-                "auto": f"{auto['median_ms']:.1f} ± {auto['iqr_ms']:.1f}",
-                "best": f"{best}: {group[best]['median_ms']:.1f} ± {group[best]['iqr_ms']:.1f}",
+                "auto": f"{auto['median_ms']:.2f} ± {auto['iqr_ms']:.2f}",
+                "func": f"{func[11:]}: {group[func]['median_ms']:.1f}",
+                "vs_func": auto["median_ms"] / group[func]["median_ms"],
+                "best": f"{best}: {group[best]['median_ms']:.1f}",
                 "ratio": auto["vs_best_baseline"],
+                "vs_forward": auto["median_ms"] / group[FORWARD]["median_ms"],
                 "auto_mb": auto["peak_mb"],
                 "jacrev_mb": group["torch.func vmap(jacrev)"]["peak_mb"],
                 "chunk64": f"{chunked['median_ms']:.1f} ms, {chunked['peak_mb']:.1f} MiB",
@@ -143,8 +211,11 @@ def tables(rows: list[dict]) -> None:
                 ("case", "case"),
                 ("scenario", "scenario"),
                 ("auto", "auto ms (median ± IQR)"),
+                ("func", "best torch.func ms"),
+                ("vs_func", "auto / torch.func"),
                 ("best", "best recipe ms"),
-                ("ratio", "auto / best"),
+                ("ratio", "auto / best recipe"),
+                ("vs_forward", "auto / forward pass"),
                 ("auto_mb", "auto peak MiB"),
                 ("jacrev_mb", "vmap(jacrev) peak MiB"),
                 ("chunk64", "reverse, chunk_size=64"),

@@ -63,7 +63,8 @@ def jacobian(
         x: floating tensor; its first ``batch_dims`` dimensions index samples.
         batch_dims: number of leading batch dimensions (0: ``x`` is a single sample).
         method: ``"auto"``, ``"forward"`` (one JVP per input element) or ``"reverse"`` (one VJP
-            per output element). ``"auto"`` follows the rule in ``divergence``.
+            per output element). ``"auto"`` follows the rule in ``divergence`` after its
+            ``"structured"`` step (which serves traces and diagonals, not dense Jacobians).
         chunk_size: at most this many basis vectors in flight at once; ``None``: all of them
             (``"auto"``: a planned chunk, see ``divergence``).
 
@@ -109,6 +110,10 @@ def jacobian_diagonal(
     the same JVP (or VJP) blocks as the dense Jacobian, but only the diagonal of each block is
     kept, so memory stays at one chunk.
 
+    ``"structured"`` (``"auto"``'s first choice, see ``divergence``) propagates the columns
+    forward from unit vectors stored once for the batch, summed by colour when the graph is
+    local (a conv net: each output reads a small window of the input).
+
     ``method="hutchinson"`` estimates it instead, without bias, from ``num_probes`` products
     per sample (Bekas, Kokiopoulou and Saad 2007): ``diag J ~ (1/m) sum_j v_j * (J v_j)``
     with ``E[v v^T] = I``; with Rademacher probes the error of entry ``i`` is
@@ -116,7 +121,8 @@ def jacobian_diagonal(
 
     Args:
         f, x, batch_dims, method, chunk_size: as in ``jacobian``; ``method`` may also be
-            ``"hutchinson"``. ``f(x)`` must have as many elements per sample as ``x``.
+            ``"structured"`` or ``"hutchinson"``. ``f(x)`` must have as many elements per
+            sample as ``x``.
         num_probes, probe, probes, generator: as in ``divergence``, for ``"hutchinson"`` only.
 
     Returns:
@@ -125,6 +131,7 @@ def jacobian_diagonal(
     Raises:
         ValueError: as ``jacobian``, and when the per-sample Jacobian is not square; probe
             options with an exact method (see ``divergence``).
+        NotImplementedError: ``method="structured"`` met an op it has no rule for.
 
     Example:
         >>> x = torch.randn(3, 5)
@@ -171,14 +178,23 @@ def divergence(
     right for every ``f``; unlike ``torch.autograd.functional.jacobian`` it never builds
     cross-batch blocks.
 
-    Rule for ``method="auto"`` (all functions; measured on CPU, see ``torchdiv._plan``): one
-    evaluation of ``f`` is watched. Reverse mode is used unless the output has more elements
-    than the input or ``f`` convolves, which use forward mode. With ``chunk_size=None`` the
-    chunk is chosen so that chunk x (widest per-batch intermediate) is about 2M elements.
-    Tiny problems (basis vectors x elements of ``x`` at most 2**15) are not watched: reverse
-    mode (forward if the output is larger), one chunk. If
-    ``torch.func`` cannot run ``f`` (an op without a forward-mode rule: a custom
-    ``autograd.Function`` without ``jvp``, CPU fused attention; a legacy
+    ``method="structured"`` captures the ATen ops ``f`` runs at ``x`` and plans from them
+    (``torchdiv._structured``): for a chain of shared linear maps and elementwise functions
+    joined by sums (MLPs, ``x + g(x)``, time given by concatenation or gates) trace
+    cyclicity costs a few forward passes whatever the event size; otherwise Jacobian
+    columns are propagated forward from unit vectors stored once for the batch, reading only
+    the diagonal, with the unit vectors summed by colour when the graph is local (stride-1
+    convolutions and elementwise ops). It raises ``NotImplementedError`` naming any op it
+    has no rule for.
+
+    Rule for ``method="auto"``: ``"structured"`` whenever it can run ``f``; otherwise
+    (measured on CPU, see ``torchdiv._plan``) one evaluation of ``f`` is watched and reverse
+    mode is used unless the output has more elements than the input or ``f`` convolves,
+    which use forward mode. With ``chunk_size=None`` the chunk is chosen so that chunk x
+    (widest per-batch intermediate) is about 2M elements. Tiny problems (basis vectors x
+    elements of ``x`` at most 2**15) are not watched: reverse mode (forward if the output
+    is larger), one chunk. If ``torch.func`` cannot run ``f`` (an op without a forward-mode
+    rule: a custom ``autograd.Function`` without ``jvp``, CPU fused attention; a legacy
     ``autograd.Function``; in-place writes or control flow on batched tangents) it silently
     uses plain autograd (``autograd.grad`` over batched VJPs), with the same chunking.
 
@@ -192,9 +208,10 @@ def divergence(
         f: ``f(x) -> y`` with as many elements per sample as ``x``.
         x: floating tensor; its first ``batch_dims`` dimensions index samples.
         batch_dims: number of leading batch dimensions (0: ``x`` is a single sample).
-        method: ``"auto"``, ``"forward"``, ``"reverse"`` (exact) or ``"hutchinson"``,
-            ``"hutch++"``, ``"xtrace"`` (stochastic).
-        chunk_size: at most this many basis or probe vectors in flight at once (bounds memory).
+        method: ``"auto"``, ``"structured"``, ``"forward"``, ``"reverse"`` (exact) or
+            ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` (stochastic).
+        chunk_size: at most this many basis, colour or probe vectors in flight at once
+            (bounds memory; ``"structured"`` chains: columns carried around the cycle).
         num_probes: Jacobian-vector products per sample, stochastic methods only.
         generator: ``torch.Generator`` for the probes (same state -> same estimate).
         probe: ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"``.
@@ -208,6 +225,7 @@ def divergence(
     Raises:
         TypeError, ValueError: see ``jacobian``; also for a non-square Jacobian, probe options
             given with an exact method, and bad probe options (see ``estimate_trace``).
+        NotImplementedError: ``method="structured"`` met an op it has no rule for.
 
     Example:
         >>> A = torch.tensor([[2.0, 1.0], [7.0, -5.0]])

@@ -73,10 +73,10 @@ def cross_batch_too_big(x: torch.Tensor, y: torch.Tensor) -> str | None:
     )
 
 
-def _ours(fn: Callable[..., torch.Tensor]) -> dict[str, Method]:
+def _ours(fn: Callable[..., torch.Tensor], *extra: str) -> dict[str, Method]:
     return {
         m: Method(f"torchdiv {m}", functools.partial(fn, method=m))
-        for m in ("auto", "forward", "reverse")
+        for m in ("auto", *extra, "forward", "reverse")
     }
 
 
@@ -118,7 +118,7 @@ def _as_divergence(jacobian: Call) -> Call:
 DIVERGENCE = Operator(
     "divergence",
     {
-        **_ours(torchdiv.divergence),
+        **_ours(torchdiv.divergence, "structured"),
         **_baselines(_as_divergence, _recipes.loop_grad),
         "batched-grad": Method(
             "autograd.grad(is_grads_batched)", _recipes.batched_grad, baseline=True
@@ -138,7 +138,7 @@ JACOBIAN = Operator(
 JACOBIAN_DIAGONAL = Operator(
     "jacobian_diagonal",
     {
-        **_ours(torchdiv.jacobian_diagonal),
+        **_ours(torchdiv.jacobian_diagonal, "structured"),
         **_baselines(_diagonal, _recipes.loop_grad_diagonal),
     },
     _reference(_diagonal),
