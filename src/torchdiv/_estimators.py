@@ -53,6 +53,13 @@ ESTIMATORS: dict[str, Estimator] = {
 STOCHASTIC_METHODS = tuple(ESTIMATORS)
 
 
+def num_terms(method: str, num_probes: int) -> int:
+    """How many terms ``method`` averages for ``num_probes`` products per sample: Hutchinson
+    ``num_probes``, Hutch++ ``num_probes / 3`` (its residual probes), XTrace ``num_probes / 2``
+    (its left-out estimates)."""
+    return num_probes // ESTIMATORS[method].products
+
+
 def num_vectors(method: str, num_probes: int) -> int:
     """How many random vectors ``method`` draws for ``num_probes`` products per sample."""
     spec = ESTIMATORS[method]

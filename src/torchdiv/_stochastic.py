@@ -72,20 +72,22 @@ def terms_of_function(
     batch_dims: int,
     s: _trace.Sampling,
     chunk_size: int | None,
-) -> torch.Tensor:
-    """The per-sample terms of one estimate ``s`` (not adaptive) of every sample's ``tr J``:
-    shape ``(m,) + x.shape[:batch_dims]``, dtype of ``x``; ``_trace.summary`` makes them the
-    estimate and its standard error. Sums of terms with the same probes (an integral along
-    an ODE solve) keep that meaning (``torchdiv.flows``)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample terms of one estimate ``s`` (not adaptive) of every sample's ``tr J``,
+    shape ``(m,) + x.shape[:batch_dims]`` and dtype of ``x`` (``_trace.summary`` makes them the
+    estimate and its standard error), and ``f(x)`` from the same evaluation. Sums of terms
+    with the same probes (an integral along an ODE solve) keep that meaning
+    (``torchdiv.flows``)."""
     batch = x.shape[:batch_dims]
     if s.num_probes == 1:
-        return _one_probe(GraphJacobian.of_function(f, x, batch_dims), s)[None]
+        engine = GraphJacobian.of_function(f, x, batch_dims)
+        return _one_probe(engine, s)[None], _exact.output(engine)
 
-    def consume(engine: _exact.Engine, chunk: int) -> torch.Tensor:
-        return _trace.terms(s, _operator(engine, s, chunk), x, batch_dims)
+    def consume(engine: _exact.Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _trace.terms(s, _operator(engine, s, chunk), x, batch_dims), _exact.output(engine)
 
-    flat, _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume)
-    return flat.reshape(len(flat), *batch).to(x.dtype)
+    (flat, y), _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume)
+    return flat.reshape(len(flat), *batch).to(x.dtype), y
 
 
 def _one_probe(engine: GraphJacobian, s: _trace.Sampling) -> torch.Tensor:
