@@ -190,15 +190,21 @@ def _finite_difference(loss, params, direction, eps=1e-6):
     return (plus - minus) / (2 * eps)
 
 
-@pytest.mark.parametrize("method", ["forward", "reverse", "hutchinson", "hutch++"])
-def test_parameter_gradients_match_finite_differences(method):
+@pytest.mark.parametrize(
+    "method, num_probes",
+    [("forward", None), ("reverse", None), ("hutchinson", 1), ("hutchinson", 3)],
+)
+def test_parameter_gradients_match_finite_differences(method, num_probes):
     """Direct backpropagation through a fixed-step solve is the derivative of that discrete
-    solve, so it matches float64 central differences to ~1e-8 (same probes on both sides)."""
+    solve, so it matches float64 central differences to ~1e-8 (same probes on both sides;
+    one probe takes the plain-autograd path). Hutch++ and XTrace hold their sketch basis
+    constant for gradients (unbiased for the gradient of the trace, not the derivative of the
+    estimate: see torchdiv._hutchpp), so finite differences are no reference for them."""
     field = MLPField(4, seed=1)
     x = torch.randn(3, 4, dtype=torch.float64)
     kw = {"solver": "rk4", "options": {"step_size": 0.25}, "method": method}
-    if method in STOCHASTIC:
-        kw["probes"] = torchdiv.draw_probes(x, STOCHASTIC[method], method=method)
+    if num_probes:
+        kw["probes"] = torchdiv.draw_probes(x, num_probes, method=method)
 
     def loss():
         return log_likelihood(field, x, 0.0, 1.0, normal_log_prob, **kw).sum()
@@ -210,20 +216,28 @@ def test_parameter_gradients_match_finite_differences(method):
     assert analytic == pytest.approx(_finite_difference(loss, params, direction), rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["auto", "hutchinson"])
-def test_adjoint_gradients_agree_with_direct_ones(method):
-    """Both differentiate the same ODE solution; at rtol=atol=1e-9 they agree to ~1e-6."""
-    field = MLPField(3, seed=2)
-    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize(
+    "method, num_probes, rtol",
+    [("auto", None, 1e-5), ("hutchinson", 1, 1e-5), ("hutch++", 6, 2e-3), ("xtrace", 4, 2e-3)],
+)
+def test_adjoint_gradients_agree_with_direct_ones(method, num_probes, rtol):
+    """Both differentiate the same ODE solution; at rtol=atol=1e-9 they agree to ~1e-7 for
+    exact and Hutchinson divergences. Hutch++ and XTrace differentiate with their sketch basis
+    held constant, which is no exact derivative of the dynamics, so the adjoint ODE and the
+    discrete backward pass are two approximations of it that converge slowly with the
+    tolerance (measured 3e-4 and 2e-5 relative at 1e-9, 1e-4 and 7e-6 at 1e-11)."""
+    field = MLPField(6, seed=2)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     kw = {"method": method, "rtol": 1e-9, "atol": 1e-9}
-    if method != "auto":
-        kw["probes"] = torchdiv.draw_probes(x, 4, method=method)
+    if num_probes:
+        kw["probes"] = torchdiv.draw_probes(x, num_probes, method=method)
     grads = []
     for adjoint in (False, True):
         loss = log_likelihood(field, x, 0.0, 1.0, normal_log_prob, adjoint=adjoint, **kw).sum()
         grads.append(torch.autograd.grad(loss, [x, *field.parameters()]))
     for direct, adjoint in zip(*grads, strict=True):
-        torch.testing.assert_close(adjoint, direct, rtol=1e-5, atol=1e-6)
+        scale = direct.abs().max().item()
+        torch.testing.assert_close(adjoint, direct, rtol=0, atol=rtol * scale)
 
 
 def test_generator_reproduces_and_probes_are_drawn_once_per_solve():

@@ -33,7 +33,10 @@ Every function evaluation computes ``f(t, z)`` and its divergence terms from one
 of ``f`` (the Jacobian engine's), without host synchronisation, on ``z``'s device and dtype.
 Results are differentiable with respect to ``x`` and the flow's parameters (maximum-likelihood
 training), by backpropagation through the solver or, with ``adjoint=True``, by
-``torchdiffeq.odeint_adjoint``.
+``torchdiffeq.odeint_adjoint``. Hutch++ and XTrace hold their sketch basis constant for
+gradients, as for one estimate (unbiased for the gradient of the exact log-likelihood, not
+the derivative of the estimate), so there the adjoint and the direct gradient agree only to
+about 1e-4 relative (exact and Hutchinson: to the solver's tolerance).
 
 Needs ``torchdiffeq`` (``pip install 'torchdiv[ode]'``); ``import torchdiv`` does not.
 """
