@@ -9,7 +9,6 @@ basis vectors] in ``torchdiv._basis``, with probes in place of basis vectors).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -56,8 +55,10 @@ def trace_of_function(
     pass takes 0.30 ms, forward plus ``autograd.grad`` 0.72 ms).
     """
     if s.num_probes == 1:
-        value = _one_probe(GraphJacobian.of_function(f, x, batch_dims), s)
-        return Estimate(value, torch.full_like(value.detach(), math.nan), 1)
+        value, stderr = _trace.summary(
+            _one_probe(GraphJacobian.of_function(f, x, batch_dims), s)[None]
+        )
+        return Estimate(value, stderr, 1)
 
     def consume(engine: _exact.Engine, chunk: int) -> Estimate:
         return _trace.run(s, _operator(engine, s, chunk), x, batch_dims)
