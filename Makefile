@@ -1,7 +1,8 @@
 # Two entry points: `make demo` (the main job) and `make test` (ruff, pytest, doctests).
 # Each creates .venv if missing and installs torch==2.13.0 explicitly (the CPU build), so a
 # plain `torch` requirement never pulls a multi-GB CUDA build; the package itself asks for torch>=2.4.
-# Both install the `dev` and `bench` extras: the CLI tests run the benchmark (rich, matplotlib).
+# Both install the `dev`, `bench` and `ode` extras: the CLI tests run the benchmark (rich,
+# matplotlib), the flows tests and examples solve ODEs (torchdiffeq).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,12 +13,12 @@ STAMP := $(VENV)/.torchdiv-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,ode]'
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/ruff format --check src tests bench examples
 
 test: lint
 	$(PY) -m pytest

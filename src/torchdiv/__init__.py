@@ -1,6 +1,7 @@
 """torchdiv: per-sample divergence, Jacobians, their diagonals and Laplacians of batched functions,
 exact or estimated."""
 
+from torchdiv import flows
 from torchdiv._api import divergence, estimate_divergence, jacobian, jacobian_diagonal
 from torchdiv._graph import graph_divergence, graph_jacobian
 from torchdiv._independence import BatchInteractionError, check_batch_independence
@@ -28,4 +29,6 @@ __all__ = [
     # checking the batch-independence assumption
     "BatchInteractionError",
     "check_batch_independence",
+    # continuous flows: log-likelihoods along an ODE (submodule; needs the `ode` extra)
+    "flows",
 ]

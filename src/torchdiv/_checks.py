@@ -23,10 +23,10 @@ def event_numel(t: torch.Tensor, batch_dims: int) -> int:
     return math.prod(t.shape[batch_dims:])
 
 
-def check_callable(fn: str, f: Any) -> None:
+def check_callable(fn: str, f: Any, name: str = "f") -> None:
     if not callable(f):
         raise TypeError(
-            f"{fn}: f must be callable (a function or nn.Module), got {type(f).__name__}"
+            f"{fn}: {name} must be callable (a function or nn.Module), got {type(f).__name__}"
         )
 
 
@@ -241,3 +241,69 @@ def checked(
         return y
 
     return g
+
+
+def check_time(fn: str, name: str, t: Any, x: torch.Tensor) -> torch.Tensor:
+    """A finite time given as a float or a 0-dim real tensor -> 0-dim, dtype/device of ``x``."""
+    if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
+        raise TypeError(f"{fn}: {name} must be a float or a 0-dim tensor, got {type(t).__name__}")
+    if isinstance(t, torch.Tensor):
+        if t.dim() != 0:
+            raise ValueError(
+                f"{fn}: {name} must be a float or a 0-dim tensor, got a tensor of shape "
+                f"{_shape(t)}; one time for the whole batch"
+            )
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{fn}: {name} must be a real number, got dtype {t.dtype}")
+    out = torch.as_tensor(t).to(device=x.device, dtype=x.dtype)
+    if not torch.isfinite(out):  # once per call, before the solve
+        raise ValueError(f"{fn}: {name} must be finite, got {t}")
+    return out
+
+
+def check_positive(fn: str, name: str, value: Any) -> None:
+    """A finite number > 0 (a solver tolerance)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value}")
+
+
+def check_solver(fn: str, solver: Any, valid: Sequence[str]) -> None:
+    _check_choice(fn, "solver", solver, valid)
+
+
+def check_options(fn: str, options: Any) -> None:
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(
+            f"{fn}: options must be a dict of solver options or None, got {type(options).__name__}"
+        )
+
+
+def check_velocity(fn: str, v: Any, z: torch.Tensor) -> None:
+    """``f(t, z)`` must be a tensor with the shape and dtype of the state ``z``."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{fn}: f(t, z) must return a torch.Tensor, got {type(v).__name__}")
+    if v.shape != z.shape:
+        raise ValueError(
+            f"{fn}: f(t, z) must return a velocity shaped like z: z has shape {_shape(z)} but "
+            f"f(t, z) has shape {_shape(v)}"
+        )
+    if v.dtype != z.dtype:
+        raise TypeError(
+            f"{fn}: f(t, z) must return z's dtype {z.dtype}, got {v.dtype}; cast the model "
+            "or x (e.g. model.to(x.dtype))"
+        )
+
+
+def check_log_prob(fn: str, lp: Any, x: torch.Tensor, batch_dims: int) -> None:
+    """``base_log_prob(z)`` must give one floating log-density per sample."""
+    if not isinstance(lp, torch.Tensor) or not lp.is_floating_point():
+        shown = lp.dtype if isinstance(lp, torch.Tensor) else type(lp).__name__
+        raise TypeError(f"{fn}: base_log_prob(z) must return a floating tensor, got {shown}")
+    if lp.shape != x.shape[:batch_dims]:
+        raise ValueError(
+            f"{fn}: base_log_prob(z) must return one log-density per sample, shape "
+            f"x.shape[:batch_dims] = {_shape(x)[:batch_dims]} for x of shape {_shape(x)} and "
+            f"batch_dims={batch_dims}; got shape {_shape(lp)} (sum over the event dimensions)"
+        )

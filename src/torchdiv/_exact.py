@@ -35,6 +35,9 @@ class Engine(Protocol):
     batch_dims: int
 
     @property
+    def y(self) -> torch.Tensor: ...  # f(x), differentiable like the products
+
+    @property
     def y_shape(self) -> torch.Size: ...
 
     def block(self, start: int, stop: int) -> torch.Tensor: ...
@@ -60,6 +63,33 @@ def diagonal(engine: Engine, chunk_size: int) -> torch.Tensor:
     if not parts:
         return engine.x.new_zeros(_samples(engine), 0)
     return torch.cat(parts).T
+
+
+def trace_and_output(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    method: str,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample's exact ``tr J`` (shape ``x.shape[:batch_dims]``) and ``f(x)`` from the same
+    evaluation: an ODE's dynamics need both (``torchdiv.flows``), at the cost of one."""
+
+    def consume(engine: Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return diagonal(engine, chunk).sum(-1), output(engine)
+
+    (trace, y), _ = evaluate(f, x, batch_dims, method, chunk_size, consume)
+    return trace.reshape(x.shape[:batch_dims]), y
+
+
+def output(engine: Engine) -> torch.Tensor:
+    """``f(x)`` as the caller's autograd should see it. The plain-autograd engine evaluates ``f``
+    on a leaf copy of its own when ``x`` does not require grad; unless its products keep a
+    graph (``create_graph``: something else ``f`` depends on requires grad, under grad mode),
+    nothing outside differentiates ``y``, which is then detached from that copy."""
+    if isinstance(engine, GraphJacobian) and not engine.create_graph:
+        return engine.y.detach()
+    return engine.y
 
 
 def _samples(engine: Engine) -> int:

@@ -26,6 +26,15 @@ class ForwardJacobian:
         self.f, self.x, self.batch_dims = f, x.contiguous(), batch_dims
         self.num_basis = event_numel(x, batch_dims)
         self._y_shape: torch.Size | None = None
+        self._y: torch.Tensor | None = None
+
+    @property
+    def y(self) -> torch.Tensor:
+        """``f(x)``, as the last product computed it (evaluates ``f`` if none was taken)."""
+        if self._y is None:
+            self._y = self.f(self.x)
+            self._y_shape = self._y.shape
+        return self._y
 
     @property
     def y_shape(self) -> torch.Size:
@@ -42,14 +51,14 @@ class ForwardJacobian:
         """
         if len(tangents) == 1:
             y, out = jvp(self.f, (self.x,), (tangents[0],))
-            self._y_shape = y.shape
+            self._y, self._y_shape = y, y.shape
             return out[None]
 
         def push(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return jvp(self.f, (self.x,), (v,))
 
         y, out = vmap(push, out_dims=(None, 0))(tangents)
-        self._y_shape = y.shape
+        self._y, self._y_shape = y, y.shape
         return out
 
     def block(self, start: int, stop: int) -> torch.Tensor:

@@ -6,8 +6,9 @@ smoothing splines"; Girard (1989). With probes ``v_1..v_m`` drawn so that ``E[v 
     tr(A) ~ (1/m) sum_j v_j^T A v_j,
 
 unbiased, with variance ``Var(v^T A v) / m`` (``2 ||A||_F^2 - 2 sum_i A_ii^2`` over ``m`` for
-Rademacher probes and symmetric ``A``; ``2 ||A||_F^2 / m`` for Gaussian ones). Standard error:
-the sample standard deviation of the ``m`` terms over ``sqrt(m)`` (undefined for ``m = 1``).
+Rademacher probes and symmetric ``A``; ``2 ||A||_F^2 / m`` for Gaussian ones). The terms are
+the ``m`` i.i.d. quadratic forms ``v_j^T A v_j``; standard error: their sample standard
+deviation over ``sqrt(m)`` (undefined for ``m = 1``).
 """
 
 from __future__ import annotations
@@ -16,12 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from torchdiv._sketch import standard_error
 
-
-def estimate(
-    matmat: Callable[[torch.Tensor], torch.Tensor], probes: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``m`` products: ``(m, N, n)`` probes -> per-sample estimate and standard error, ``(N,)``."""
-    terms = (probes * matmat(probes)).sum(-1)  # (m, N): v_j^T A v_j of every sample
-    return terms.mean(0), standard_error(terms)
+def terms(matmat: Callable[[torch.Tensor], torch.Tensor], probes: torch.Tensor) -> torch.Tensor:
+    """``m`` products: ``(m, N, n)`` probes -> every sample's terms ``v_j^T A v_j``, ``(m, N)``."""
+    return (probes * matmat(probes)).sum(-1)

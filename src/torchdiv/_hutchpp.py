@@ -11,11 +11,12 @@ products), the trace on ``range(Q)`` exactly (``c`` products), and Hutchinson on
 estimate is unbiased; its error is Hutchinson's on ``P A P``, which is small when ``A``'s
 spectrum decays (exact when ``rank(A) <= c``, almost surely for Gaussian probes).
 
-Standard error: given the sketch, the first term is fixed and the second is a Hutchinson
-mean of ``c`` i.i.d. terms, whose conditional variance is estimated without bias by their
-sample variance over ``c``. The conditional mean is ``tr(A)`` for every sketch, so the total
+Terms and standard error: the estimate is the mean of the ``c`` terms
+``tr(Q^T A Q) + g_j^T P A P g_j``. Given the sketch, the first part is fixed and the second
+is i.i.d. over ``j``, so the terms' sample variance over ``c`` estimates the conditional
+variance without bias. The conditional mean is ``tr(A)`` for every sketch, so the total
 variance is the expectation of the conditional one, and the same sample variance estimates it
-without bias: the standard error is the residual terms' standard deviation over ``sqrt(c)``.
+without bias: the standard error is the terms' standard deviation over ``sqrt(c)``.
 
 Gradients: the basis ``Q`` is held constant (detached). For every fixed ``Q`` the estimate's
 conditional mean is ``tr(A)`` whatever the parameters, so its gradient is an unbiased estimate
@@ -29,17 +30,14 @@ from collections.abc import Callable
 
 import torch
 
-from torchdiv._sketch import combine, gram, qr, standard_error
+from torchdiv._sketch import combine, gram, qr
 
 
-def estimate(
-    matmat: Callable[[torch.Tensor], torch.Tensor], vectors: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(2c, N, n)`` vectors (sketch, then probes) -> estimate and stderr, ``(N,)``."""
+def terms(matmat: Callable[[torch.Tensor], torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
+    """``(2c, N, n)`` vectors (sketch, then probes) -> every sample's ``c`` terms, ``(c, N)``."""
     c = vectors.shape[0] // 2
     sketch, probes = vectors[:c], vectors[c:]
     q, _ = qr(matmat(sketch).detach())  # see "Gradients" above
     low_rank = (q * matmat(q)).sum((0, 2))  # tr(Q^T A Q) of every sample
     deflated = probes - combine(q, gram(q, probes))  # P g_j
-    terms = (deflated * matmat(deflated)).sum(-1)
-    return low_rank + terms.mean(0), standard_error(terms)
+    return low_rank + (deflated * matmat(deflated)).sum(-1)

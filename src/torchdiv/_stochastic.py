@@ -9,7 +9,6 @@ basis vectors] in ``torchdiv._basis``, with probes in place of basis vectors).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -56,7 +55,10 @@ def trace_of_function(
     pass takes 0.30 ms, forward plus ``autograd.grad`` 0.72 ms).
     """
     if s.num_probes == 1:
-        return _one_probe(GraphJacobian.of_function(f, x, batch_dims), s)
+        value, stderr = _trace.summary(
+            _one_probe(GraphJacobian.of_function(f, x, batch_dims), s)[None]
+        )
+        return Estimate(value, stderr, 1)
 
     def consume(engine: _exact.Engine, chunk: int) -> Estimate:
         return _trace.run(s, _operator(engine, s, chunk), x, batch_dims)
@@ -65,10 +67,34 @@ def trace_of_function(
     return estimate
 
 
-def _one_probe(engine: GraphJacobian, s: _trace.Sampling) -> Estimate:
-    """Hutchinson with one product, ``v^T J^T v``, with as few tensor ops as it takes: at one
-    forward pass of 0.3 ms (B=128, D=256 MLP) every op of the general path's reshapes, casts
-    and spreads costs 2-3% of the estimate."""
+def terms_of_function(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    s: _trace.Sampling,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample terms of one estimate ``s`` (not adaptive) of every sample's ``tr J``,
+    shape ``(m,) + x.shape[:batch_dims]`` and dtype of ``x`` (``_trace.summary`` makes them the
+    estimate and its standard error), and ``f(x)`` from the same evaluation. Sums of terms
+    with the same probes (an integral along an ODE solve) keep that meaning
+    (``torchdiv.flows``)."""
+    batch = x.shape[:batch_dims]
+    if s.num_probes == 1:
+        engine = GraphJacobian.of_function(f, x, batch_dims)
+        return _one_probe(engine, s)[None], _exact.output(engine)
+
+    def consume(engine: _exact.Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _trace.terms(s, _operator(engine, s, chunk), x, batch_dims), _exact.output(engine)
+
+    (flat, y), _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume)
+    return flat.reshape(len(flat), *batch).to(x.dtype), y
+
+
+def _one_probe(engine: GraphJacobian, s: _trace.Sampling) -> torch.Tensor:
+    """Hutchinson with one product, ``v^T J^T v`` of every sample (shape batch), with as few
+    tensor ops as it takes: at one forward pass of 0.3 ms (B=128, D=256 MLP) every op of the
+    general path's reshapes, casts and spreads costs 2-3% of the estimate."""
     x, batch = engine.x, engine.x.shape[: engine.batch_dims]
     if s.probes is not None:
         v = s.probes.to(x.dtype)
@@ -78,8 +104,7 @@ def _one_probe(engine: GraphJacobian, s: _trace.Sampling) -> Estimate:
     product = engine.apply(v.reshape(1, *engine.y_shape))  # J^T v: (1,) + x.shape
     n = event_numel(x, engine.batch_dims)
     value = (v.reshape(product.shape) * product).reshape(batch.numel(), n).sum(-1)
-    value = value.reshape(batch)
-    return Estimate(value, torch.full_like(value.detach(), math.nan), 1)
+    return value.reshape(batch)
 
 
 def diagonal_of_function(

@@ -9,6 +9,7 @@ vectors are ``(k, N, n)`` (see ``torchdiv._sketch``), in at least float32.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -135,11 +136,23 @@ def flat_operator(
     return apply
 
 
+def terms(s: Sampling, op: Matmat, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """The per-sample terms of one estimate of ``s`` (not adaptive), flat ``(m, N)`` in the
+    working dtype: ``summary`` gives the estimate and its standard error."""
+    return ESTIMATORS[s.method].terms(op, vectors(s, like, batch_dims))
+
+
+def summary(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m,) + batch`` terms -> the estimate (their mean) and its standard error, ``batch``."""
+    if len(terms) == 1:  # one product: no spread (and no mean to take)
+        return terms[0], torch.full_like(terms[0].detach(), math.nan)
+    return terms.mean(0), standard_error(terms.detach())
+
+
 def run(s: Sampling, op: Matmat, like: torch.Tensor, batch_dims: int) -> Estimate:
     """The estimate of ``s`` with the flat operator ``op``, reshaped like ``like``'s batch."""
-    spec = ESTIMATORS[s.method]
     if not s.adaptive:
-        value, stderr = spec.estimate(op, vectors(s, like, batch_dims))
+        value, stderr = summary(terms(s, op, like, batch_dims))
         used = s.num_probes
     else:
         value, stderr, used = _until_accurate(s, op, like, batch_dims)
@@ -179,7 +192,7 @@ def _until_accurate(
     spec = ESTIMATORS[s.method]
     values, variances = [], []
     while True:
-        value, stderr = spec.estimate(op, vectors(s, like, batch_dims))
+        value, stderr = summary(terms(s, op, like, batch_dims))
         values.append(value)
         variances.append(stderr.detach() ** 2)
         stacked = torch.stack(values)

@@ -16,7 +16,8 @@ normalised ``i``-th column of ``R^{-T}`` (the direction orthogonal to every othe
 Exact when ``rank(A) < k`` and every ``k - 1`` of the ``A w_i`` span ``range(A)`` (almost
 surely for Gaussian probes; Rademacher probes of a tiny event can repeat).
 
-Standard error: the paper's estimate, the spread of the ``k`` left-out estimates,
+Terms and standard error: the terms are the ``k`` left-out estimates ``t_i``, and the standard
+error is the paper's estimate, their spread,
 ``std(t_1..t_k) / sqrt(k)``. The ``t_i`` are not independent (they share the sketch), so this
 is a heuristic, checked against the observed spread in ``tests/test_estimators.py``; it runs
 low on decaying spectra (25-50% below the observed spread), so the tolerance mode does not rely
@@ -33,13 +34,11 @@ from collections.abc import Callable
 
 import torch
 
-from torchdiv._sketch import combine, gram, qr, standard_error
+from torchdiv._sketch import combine, gram, qr
 
 
-def estimate(
-    matmat: Callable[[torch.Tensor], torch.Tensor], vectors: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(k, N, n)`` random vectors, ``k <= n`` -> estimate and standard error, ``(N,)``."""
+def terms(matmat: Callable[[torch.Tensor], torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
+    """``(k, N, n)`` random vectors, ``k <= n`` -> the left-out estimates ``t_i``, ``(k, N)``."""
     y = matmat(vectors)
     q, r = qr(y.detach())  # the basis is held constant for gradients, as in Hutch++
     aq = matmat(q)
@@ -56,8 +55,7 @@ def estimate(
     u = gram(q, z)  # column i: Q^T z_i
     # w_i^T P_i z_i = w_i^T z_i - (Q^T w_i)^T (I - s_i s_i^T) Q^T z_i
     residual = (vectors * z).sum(-1).T - (w * u).sum(1) + c * (s * u).sum(1)
-    t = low_rank + residual  # (N, k)
-    return t.mean(-1), standard_error(t.T)  # nan for k = 1: no spread to measure
+    return (low_rank + residual).T  # (k, N); their spread is nan for k = 1
 
 
 def _left_out_directions(r: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,329 @@
+r"""Log-likelihoods of continuous normalizing flows and probability-flow ODEs.
+
+A velocity field ``f(t, z)`` carries base samples at ``t0`` to data at ``t1``
+(``dz/dt = f(t, z)``). Along a trajectory the density obeys the instantaneous change of
+variables (Chen et al. 2018, FFJORD: Grathwohl et al. 2019),
+
+    d/dt [z, log p_t(z)] = [f(t, z), -div f(t, z)],
+
+so integrating from the data point ``x`` at ``t1`` back to ``t0`` gives
+
+    log p_{t1}(x) = log p_{t0}(z(t0)) - integral_{t0}^{t1} div f(t, z(t)) dt.
+
+The divergence is the library's: exact (``"auto"``, ``"forward"``, ``"reverse"``) or
+estimated (``"hutchinson"``, ``"hutch++"``, ``"xtrace"``) with probes drawn **once per solve**.
+
+Standard errors along a solve: every estimator is a mean of per-sample terms (see
+``torchdiv._estimators``), so the state carries the ``m`` terms' integrals next to ``z``:
+``Delta_j(t0) = integral of term_j``, the estimate is their mean and its standard error their
+standard error of the mean. Why that is right: the probes are fixed for the solve and the
+trajectory ``z(t)`` does not depend on them, so the integral of a mean is the mean of the
+integrals. Hutchinson's integrated terms are i.i.d. (one probe each). Hutch++: given the
+sketch ``S``, the basis ``Q_t = orth(A_t S)`` along the trajectory is fixed and the residual
+probes ``g_j`` are independent of it, so the integrated terms
+``integral tr(Q_t^T A_t Q_t) + g_j^T P_t A_t P_t g_j dt`` are conditionally i.i.d. with
+conditional mean ``integral tr(A_t) dt`` for every sketch: their sample variance estimates the
+total variance without bias, as for one matrix (``torchdiv._hutchpp``). XTrace's terms are its
+left-out estimates, integrated; their spread is the paper's heuristic, as for one matrix.
+(An adaptive solver picks its steps from the whole state, terms included, so the quadrature
+nodes depend weakly on the probes; at solver tolerance this is below the integration error.
+Fixed-step solvers have no such effect.) Exact methods carry one term and report stderr 0.
+
+Every function evaluation computes ``f(t, z)`` and its divergence terms from one evaluation
+of ``f`` (the Jacobian engine's), without host synchronisation, on ``z``'s device and dtype.
+Results are differentiable with respect to ``x`` and the flow's parameters (maximum-likelihood
+training), by backpropagation through the solver or, with ``adjoint=True``, by
+``torchdiffeq.odeint_adjoint``. Hutch++ and XTrace hold their sketch basis constant for
+gradients, as for one estimate (unbiased for the gradient of the exact log-likelihood, not
+the derivative of the estimate), so there the adjoint and the direct gradient agree only to
+about 1e-4 relative (exact and Hutchinson: to the solver's tolerance).
+
+Needs ``torchdiffeq`` (``pip install 'torchdiv[ode]'``); ``import torchdiv`` does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchdiv import _exact, _stochastic, _trace
+from torchdiv._checks import (
+    check_callable,
+    check_chunk_size,
+    check_exact_options,
+    check_flag,
+    check_input,
+    check_log_prob,
+    check_method,
+    check_options,
+    check_positive,
+    check_solver,
+    check_time,
+    check_velocity,
+)
+from torchdiv._estimators import STOCHASTIC_METHODS, num_terms, num_vectors
+from torchdiv._modes import outside_inference_mode
+from torchdiv._probes import draw
+
+__all__ = ["AugmentedDynamics", "log_likelihood"]
+
+FLOW_METHODS = (*_exact.EXACT_METHODS, *STOCHASTIC_METHODS)
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _torchdiffeq(fn: str) -> tuple[ModuleType, tuple[str, ...]]:
+    """``torchdiffeq`` and its solvers' names, imported when a solve needs them."""
+    try:
+        import torchdiffeq
+        from torchdiffeq._impl.odeint import SOLVERS
+    except ImportError as error:
+        raise ImportError(
+            f"{fn}: torchdiv.flows solves ODEs with torchdiffeq, which is not installed; "
+            "install the extra: pip install 'torchdiv[ode]' (or pip install torchdiffeq)"
+        ) from error
+    return torchdiffeq, tuple(SOLVERS)
+
+
+def _sampling(
+    fn: str,
+    f: Any,
+    x: Any,
+    batch_dims: int,
+    method: str,
+    num_probes: int | None,
+    probe: str | None,
+    probes: torch.Tensor | None,
+    generator: torch.Generator | None,
+    chunk_size: int | None,
+) -> _trace.Sampling | None:
+    """Check the options of the dynamics; for a stochastic method, the probes of the solve
+    (drawn here, once, unless given). ``None`` for an exact method."""
+    check_callable(fn, f)
+    check_input(fn, x, batch_dims)
+    check_method(fn, method, FLOW_METHODS)
+    check_chunk_size(fn, chunk_size)
+    if method not in STOCHASTIC_METHODS:
+        check_exact_options(fn, method, num_probes, generator, probe, probes)
+        return None
+    s = _trace.sampling(fn, x, batch_dims, method, num_probes, probe, probes, generator)
+    if s.probes is None:  # drawn as draw_probes draws them: at least float32, then x's dtype
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        count = num_vectors(method, s.num_probes)
+        v = draw(s.probe, count, x, batch_dims, s.generator, dtype).to(x.dtype)
+        s = _trace.Sampling(fn, method, s.num_probes, s.probe, v, None)
+    return s
+
+
+class AugmentedDynamics(nn.Module):
+    r"""The dynamics ``d/dt [z, Delta] = [f(t, z), -div f(t, z)]`` for ``torchdiffeq``.
+
+    The state is the tuple ``(z, Delta)``: ``z`` shaped like ``x``, ``Delta`` of shape
+    ``(num_terms,) + x.shape[:batch_dims]``, one row per divergence term (one for the exact
+    methods; for the estimators, the terms whose mean is the estimate: see the module
+    docstring). The probes are drawn once, here, and every evaluation uses them, so one
+    instance is one solve's noise; draw new ones (a new instance) for the next solve.
+    ``f`` is registered as a submodule when it is an ``nn.Module``, so ``odeint_adjoint``
+    finds its parameters.
+
+    Args:
+        f: velocity field ``f(t, z) -> dz/dt`` shaped like ``z`` (``t`` a 0-dim tensor); its
+            samples must be independent (see ``torchdiv.check_batch_independence``).
+        x: a tensor shaped like the state ``z`` (batch and event), for the probes.
+        batch_dims: number of leading batch dimensions of ``x``.
+        method, num_probes, probe, probes, generator, chunk_size: as in
+            ``torchdiv.divergence``; ``probes`` drawn by ``torchdiv.draw_probes`` replace
+            ``probe``/``generator``.
+
+    Raises:
+        TypeError, ValueError: as ``torchdiv.divergence`` for the options; when called, if
+            ``f(t, z)`` is not a tensor shaped like ``z`` with its dtype.
+
+    Example:
+        >>> from torchdiffeq import odeint
+        >>> A = torch.tensor([[0.5, 1.0], [0.0, -2.0]], dtype=torch.float64)
+        >>> x = torch.randn(3, 2, dtype=torch.float64)
+        >>> dynamics = AugmentedDynamics(lambda t, z: z @ A.T, x)
+        >>> times = torch.tensor([1.0, 0.0], dtype=torch.float64)  # from t1 = 1 back to t0 = 0
+        >>> z, delta = odeint(dynamics, dynamics.initial_state(x), times)
+        >>> delta[-1]  # integral of div f from t0 to t1: log p(x) = log p0(z[-1]) - delta[-1]
+        tensor([[-1.5000, -1.5000, -1.5000]], dtype=torch.float64)
+    """
+
+    def __init__(
+        self,
+        f: Velocity,
+        x: torch.Tensor,
+        *,
+        batch_dims: int = 1,
+        method: str = "auto",
+        num_probes: int | None = None,
+        probe: str | None = None,
+        probes: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.sampling = _sampling(
+            "AugmentedDynamics",
+            f,
+            x,
+            batch_dims,
+            method,
+            num_probes,
+            probe,
+            probes,
+            generator,
+            chunk_size,
+        )
+        self.f, self.batch_dims, self.method, self.chunk_size = f, batch_dims, method, chunk_size
+        s = self.sampling
+        self.num_terms = 1 if s is None else num_terms(method, s.num_probes)
+
+    def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, zeros)``: the state at the data end, ``Delta`` of shape
+        ``(num_terms,) + x.shape[:batch_dims]``."""
+        return x, x.new_zeros((self.num_terms, *x.shape[: self.batch_dims]))
+
+    def forward(
+        self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f(t, z), -terms of div f(t, z))`` from one evaluation of ``f``."""
+        z = state[0]
+
+        def velocity(z: torch.Tensor) -> torch.Tensor:
+            v = self.f(t, z)
+            check_velocity("AugmentedDynamics", v, z)
+            return v
+
+        if self.sampling is None:
+            trace, v = _exact.trace_and_output(
+                velocity, z, self.batch_dims, self.method, self.chunk_size
+            )
+            terms = trace[None].to(z.dtype)
+        else:
+            terms, v = _stochastic.terms_of_function(
+                velocity, z, self.batch_dims, self.sampling, self.chunk_size
+            )
+        if not torch.is_grad_enabled():  # a solve without autograd keeps no graph
+            v, terms = v.detach(), terms.detach()
+        return v, -terms
+
+
+@outside_inference_mode
+def log_likelihood(
+    f: Velocity,
+    x: torch.Tensor,
+    t0: float | torch.Tensor,
+    t1: float | torch.Tensor,
+    base_log_prob: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    batch_dims: int = 1,
+    method: str = "auto",
+    num_probes: int | None = None,
+    generator: torch.Generator | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    solver: str = "dopri5",
+    return_stderr: bool = False,
+    probe: str | None = None,
+    probes: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    adjoint: bool = False,
+    options: dict[str, Any] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""Log-density of ``x`` under the flow of ``f``: a CNF, or a diffusion model's PF-ODE.
+
+    ``f(t, z)`` carries base samples at ``t0`` (density ``exp(base_log_prob)``) to data at
+    ``t1``. The ODE ``dz/dt = f(t, z)`` is solved from ``z(t1) = x`` back to ``t0`` together
+    with ``dDelta/dt = -div f(t, z)``, ``Delta(t1) = 0``, and
+
+        log p(x) = base_log_prob(z(t0)) - Delta(t0)
+                 = base_log_prob(z(t0)) - integral_{t0}^{t1} div f(t, z(t)) dt.
+
+    ``t0 > t1`` works too (diffusion models: noise at ``t0 = T``, data at ``t1 = 0``). With a
+    stochastic ``method``, the probes are drawn once for the solve (from ``generator``), so
+    the result is an unbiased estimate up to the solver's error, and its standard error comes
+    from the integrated terms (see the module docstring). For bits per dimension:
+    ``-log_likelihood(...) / (n * log 2)`` plus the data's dequantisation offset.
+
+    Args:
+        f: velocity field ``f(t, z) -> dz/dt`` shaped like ``z``, ``t`` a 0-dim tensor of
+            ``x``'s dtype; an ``nn.Module`` for ``adjoint=True``. Samples must be independent.
+        x: data points, a floating tensor with ``batch_dims`` leading batch dimensions and any
+            event shape (vectors, images ``(B, C, H, W)``, ...).
+        t0, t1: the base and data times: floats or 0-dim tensors, ``t0 != t1``.
+        base_log_prob: ``z -> log p_{t0}(z)`` per sample, shape ``x.shape[:batch_dims]``.
+        batch_dims: number of leading batch dimensions of ``x``.
+        method: ``"auto"``, ``"forward"``, ``"reverse"`` (exact divergence, as in
+            ``torchdiv.divergence``) or ``"hutchinson"``, ``"hutch++"``, ``"xtrace"``.
+        num_probes: Jacobian-vector products per sample and function evaluation (stochastic).
+        generator: ``torch.Generator`` for the probes (same state, same result).
+        rtol, atol: the solver's tolerances (adaptive solvers).
+        solver: a ``torchdiffeq`` method: ``"dopri5"``, ``"rk4"``, ``"euler"``, ...
+        return_stderr: also return the standard error of the estimate.
+        probe: probe distribution, ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"``.
+        probes: probes drawn by ``torchdiv.draw_probes(x, num_probes, method=...)``, used for
+            the whole solve, instead of ``probe``/``generator``.
+        chunk_size: at most this many Jacobian-vector products in flight (bounds memory).
+        adjoint: gradients by ``torchdiffeq.odeint_adjoint`` (memory independent of the
+            number of steps) instead of backpropagation through the solver; gradients reach
+            ``x`` and ``f``'s parameters (not other tensors ``f`` closes over).
+        options: ``torchdiffeq`` solver options, e.g. ``{"step_size": 0.05}`` for ``"rk4"``.
+
+    Returns:
+        ``log p(x)`` of shape ``x.shape[:batch_dims]``, dtype and device of ``x``; with
+        ``return_stderr``, ``(value, stderr)``: stderr 0 for the exact methods, ``nan`` for
+        Hutchinson with one probe (no spread to measure), not differentiable.
+
+    Raises:
+        ImportError: ``torchdiffeq`` is not installed (``pip install 'torchdiv[ode]'``).
+        TypeError, ValueError: bad arguments (named, with shapes), ``f(t, z)`` not shaped
+            like ``z``, ``base_log_prob(z)`` not of shape ``x.shape[:batch_dims]``.
+
+    Example:
+        >>> import math
+        >>> A = torch.tensor([[0.5, 1.0], [0.0, -2.0]], dtype=torch.float64)
+        >>> x = torch.randn(4, 2, dtype=torch.float64)
+        >>> normal = lambda z: -0.5 * (z**2).sum(-1) - math.log(2 * math.pi)
+        >>> logp = log_likelihood(lambda t, z: z @ A.T, x, 0.0, 1.0, normal, rtol=1e-9, atol=1e-9)
+        >>> z0 = x @ torch.linalg.matrix_exp(-A).T  # x = exp(A) z0: log p = log N(z0) - tr(A)
+        >>> torch.allclose(logp, normal(z0) + 1.5)
+        True
+    """
+    fn = "log_likelihood"
+    ode, solvers = _torchdiffeq(fn)
+    s = _sampling(fn, f, x, batch_dims, method, num_probes, probe, probes, generator, chunk_size)
+    check_callable(fn, base_log_prob, "base_log_prob")
+    times = torch.stack([check_time(fn, "t1", t1, x), check_time(fn, "t0", t0, x)])
+    check_positive(fn, "rtol", rtol)
+    check_positive(fn, "atol", atol)
+    check_solver(fn, solver, solvers)
+    check_flag(fn, "return_stderr", return_stderr)
+    check_flag(fn, "adjoint", adjoint)
+    check_options(fn, options)
+    if adjoint and not isinstance(f, nn.Module):
+        raise TypeError(
+            f"{fn}: adjoint=True computes gradients for the parameters of f, so f must be an "
+            f"nn.Module, got {type(f).__name__}; wrap it in a module or use adjoint=False"
+        )
+    dynamics = AugmentedDynamics(
+        f, x, batch_dims=batch_dims, method=method, probes=None if s is None else s.probes,
+        chunk_size=chunk_size,
+    )  # fmt: skip
+    state = dynamics.initial_state(x)
+    if times[0] != times[1]:  # one synchronisation per solve; equal times: nothing moves
+        odeint = ode.odeint_adjoint if adjoint else ode.odeint
+        z, delta = odeint(dynamics, state, times, rtol=rtol, atol=atol, method=solver,
+                          options=options)  # fmt: skip
+        state = z[-1], delta[-1]
+    base = base_log_prob(state[0])
+    check_log_prob(fn, base, x, batch_dims)
+    value, stderr = _trace.summary(state[1])
+    logp = base.to(x.dtype) - value
+    if not return_stderr:
+        return logp
+    return logp, (torch.zeros_like(stderr) if s is None else stderr)
