@@ -149,11 +149,13 @@ def jacobian_diagonal(
         )
         return _stochastic.diagonal_of_function(g, x, batch_dims, s, chunk_size)
     check_exact_options(fn, method, num_probes, generator, probe, probes)
-    diag = None
+    planned = None
     if method in ("auto", "structured"):
-        diag = _structured.diagonal(fn, g, x, batch_dims, chunk_size, method == "structured")
-    if diag is None:
+        planned = _structured.diagonal(fn, g, x, batch_dims, chunk_size, method == "structured")
+    if planned is None:
         diag, _ = _exact.evaluate(g, x, batch_dims, method, chunk_size, _exact.diagonal)
+    else:
+        diag, _ = planned
     return diag.reshape(x.shape).to(x.dtype)
 
 
@@ -243,12 +245,14 @@ def divergence(
         s = _trace.sampling(fn, x, batch_dims, method, num_probes, probe, probes, generator)
         return _stochastic.trace_of_function(g, x, batch_dims, s, chunk_size).value
     check_exact_options(fn, method, num_probes, generator, probe, probes)
-    div = None
+    planned = None
     if method in ("auto", "structured"):
-        div = _structured.divergence(fn, g, x, batch_dims, chunk_size, method == "structured")
-    if div is None:
+        planned = _structured.divergence(fn, g, x, batch_dims, chunk_size, method == "structured")
+    if planned is None:
         diag, _ = _exact.evaluate(g, x, batch_dims, method, chunk_size, _exact.diagonal)
         div = diag.sum(-1)
+    else:
+        div, _ = planned
     return div.reshape(x.shape[:batch_dims]).to(x.dtype)
 
 

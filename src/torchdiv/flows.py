@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchdiv import _exact, _stochastic, _trace
+from torchdiv import _exact, _stochastic, _structured, _trace
 from torchdiv._checks import (
     check_callable,
     check_chunk_size,
@@ -71,7 +71,7 @@ from torchdiv._probes import draw
 
 __all__ = ["AugmentedDynamics", "log_likelihood"]
 
-FLOW_METHODS = (*_exact.EXACT_METHODS, *STOCHASTIC_METHODS)
+FLOW_METHODS = (*_exact.EXACT_METHODS, "structured", *STOCHASTIC_METHODS)
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -200,9 +200,7 @@ class AugmentedDynamics(nn.Module):
             return v
 
         if self.sampling is None:
-            trace, v = _exact.trace_and_output(
-                velocity, z, self.batch_dims, self.method, self.chunk_size
-            )
+            trace, v = self._exact(velocity, z)
             terms = trace[None].to(z.dtype)
         else:
             terms, v = _stochastic.terms_of_function(
@@ -211,6 +209,22 @@ class AugmentedDynamics(nn.Module):
         if not torch.is_grad_enabled():  # a solve without autograd keeps no graph
             v, terms = v.detach(), terms.detach()
         return v, -terms
+
+    def _exact(
+        self, velocity: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(div f, f)`` at ``z``: the structured engine where it runs (``"auto"``, and
+        ``"structured"``, which raises otherwise), else the generic ones."""
+        method, fn = self.method, "AugmentedDynamics"
+        if method in ("auto", "structured"):
+            planned = _structured.divergence(
+                fn, velocity, z, self.batch_dims, self.chunk_size, method == "structured"
+            )
+            if planned is not None:
+                trace, v = planned
+                return trace.reshape(z.shape[: self.batch_dims]), v
+            method = "auto"
+        return _exact.trace_and_output(velocity, z, self.batch_dims, method, self.chunk_size)
 
 
 @outside_inference_mode
@@ -258,8 +272,10 @@ def log_likelihood(
         t0, t1: the base and data times: floats or 0-dim tensors, ``t0 != t1``.
         base_log_prob: ``z -> log p_{t0}(z)`` per sample, shape ``x.shape[:batch_dims]``.
         batch_dims: number of leading batch dimensions of ``x``.
-        method: ``"auto"``, ``"forward"``, ``"reverse"`` (exact divergence, as in
-            ``torchdiv.divergence``) or ``"hutchinson"``, ``"hutch++"``, ``"xtrace"``.
+        method: ``"auto"``, ``"structured"``, ``"forward"``, ``"reverse"`` (exact
+            divergence, as in ``torchdiv.divergence``: ``"auto"`` takes the structured
+            engine where it runs, a few forward passes for MLP fields) or ``"hutchinson"``,
+            ``"hutch++"``, ``"xtrace"``.
         num_probes: Jacobian-vector products per sample and function evaluation (stochastic).
         generator: ``torch.Generator`` for the probes (same state, same result).
         rtol, atol: the solver's tolerances (adaptive solvers).

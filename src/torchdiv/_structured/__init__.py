@@ -20,12 +20,14 @@ engines, ``"structured"`` raises ``NotImplementedError`` naming the op.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from torchdiv._checks import event_numel
 from torchdiv._structured import colors, cycle, factors, forward
-from torchdiv._taylor import RULES, UnsupportedOp, capture, values
+from torchdiv._taylor import RULES, Graph, UnsupportedOp, capture, values
+from torchdiv._taylor.capture import Ref
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,9 +39,10 @@ def divergence(
     batch_dims: int,
     chunk_size: int | None,
     strict: bool,
-) -> torch.Tensor | None:
-    """Every sample's divergence, ``(N,)``; ``None`` (or, if ``strict``, ``UnsupportedOp``
-    naming the op) when the engine cannot run ``f``."""
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every sample's divergence, ``(N,)``, and ``f(x)`` (one evaluation serves both: an
+    ODE's dynamics need the two); ``None`` (or, if ``strict``, ``UnsupportedOp`` naming the
+    op) when the engine cannot run ``f``."""
     return _planned(fn, f, x, batch_dims, chunk_size, strict, trace=True)
 
 
@@ -50,8 +53,9 @@ def diagonal(
     batch_dims: int,
     chunk_size: int | None,
     strict: bool,
-) -> torch.Tensor | None:
-    """Every sample's Jacobian diagonal, ``(N, n)``; ``None`` as in ``divergence``."""
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every sample's Jacobian diagonal, ``(N, n)``, and ``f(x)``; ``None`` as in
+    ``divergence``."""
     return _planned(fn, f, x, batch_dims, chunk_size, strict, trace=False)
 
 
@@ -63,26 +67,35 @@ def _planned(
     chunk_size: int | None,
     strict: bool,
     trace: bool,
-) -> torch.Tensor | None:
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     n_samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
-    if x.numel() == 0:
-        return x.new_zeros(n_samples) if trace else x.new_zeros(n_samples, n)
     graph = capture(f, x, RULES, keep_values=True)
     if graph.unsupported:
         ops = ", ".join(sorted(set(graph.unsupported)))
         return _failed(fn, strict, f"{ops} applied to a tensor that depends on x")
     try:
         kept = values(graph, x)
+        y = _output(graph, kept, x)
+        if x.numel() == 0:
+            return (x.new_zeros(n_samples) if trace else x.new_zeros(n_samples, n)), y
         chain = factors.paths(graph, kept, x, n_samples) if trace else None
         if chain is not None:
-            return cycle.trace(chain, x, n_samples, chunk_size)
+            return cycle.trace(chain, x, n_samples, chunk_size), y
         coloring = colors.colors(graph, kept, x, batch_dims)
         diag = forward.diagonal(graph, x, batch_dims, chunk_size, coloring)
-        return diag.sum(-1) if trace else diag
+        return (diag.sum(-1) if trace else diag), y
     except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
         raise
     except (RuntimeError, TypeError) as exc:  # UnsupportedOp included
         return _failed(fn, strict, str(exc))
+
+
+def _output(graph: Graph, kept: list[list[Any]], x: torch.Tensor) -> torch.Tensor:
+    """``f(x)`` as the capture computed it (a tensor ``f`` returned unchanged is no node)."""
+    out = graph.output
+    if not isinstance(out, Ref):
+        return out
+    return x if out.node < 0 else kept[out.node][out.leaf]
 
 
 def _failed(fn: str, strict: bool, what: str) -> None:

@@ -43,8 +43,9 @@ _PER_POSITION = {  # ops that act on each position alone (beyond the pointwise o
 def colors(
     graph: Graph, values: list[list[Any]], x: torch.Tensor, batch_dims: int
 ) -> torch.Tensor | None:
-    """The colour of every element of ``x``'s flattened event, ``(n,)``, or ``None`` if the
-    graph is not local or colouring saves nothing. ``values``: every node's outputs."""
+    """The colour of every element of ``x``'s flattened event, ``(n,)`` on the CPU (plans are
+    made on the host, so that a GPU never waits for them), or ``None`` if the graph is not
+    local or colouring saves nothing. ``values``: every node's outputs."""
     event = x.shape[batch_dims:]
     if len(event) < 2 or tuple(graph.output_shape) != tuple(x.shape):
         return None
@@ -54,11 +55,11 @@ def colors(
     periods = [min(r + 1, size) for r, size in zip(reach, event[1:], strict=True)]
     if event[0] * math.prod(periods) >= math.prod(event):
         return None
-    color = torch.arange(event[0], device=x.device).reshape(-1, *[1] * len(periods))
+    color = torch.arange(event[0]).reshape(-1, *[1] * len(periods))
     for axis, (period, size) in enumerate(zip(periods, event[1:], strict=True)):
         shape = [1] * (len(periods) + 1)
         shape[axis + 1] = size
-        color = color * period + (torch.arange(size, device=x.device) % period).reshape(shape)
+        color = color * period + (torch.arange(size) % period).reshape(shape)
     return color.reshape(-1)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from torchdiv._modes import host_planning
 from torchdiv._taylor import RULES, Context, Graph, Jet
 from torchdiv._taylor.capture import Node, Ref
 from torchdiv._taylor.elementwise import DERIVATIVES
@@ -192,34 +193,36 @@ class _Walker:
         return (Shared(weight if alpha == 1 else alpha * weight),)
 
     def _movement(self, node: Node, source: Ref, y: Tensor) -> tuple[Shared, ...] | None:
-        """A data-movement op as a 0/1 matrix, found by moving element indices through it:
-        constants become ``-1`` (padding too), so every output element names its source."""
+        """A data-movement op as a 0/1 matrix, found by moving element indices through it on
+        the CPU (a plan never waits for the device): floating constants become ``-1``
+        (padding too), so every output element names its source or none."""
         a = self.value(source)
         w_in, w_out = a.numel() // self.n, y.numel() // self.n
         if w_in * w_out > MAX_MATRIX:
             return None
-        index = torch.arange(a.numel(), device=a.device).reshape(a.shape)
 
         def indices(v: Any) -> Any:
             if _is(v, source):
-                return index
+                return torch.arange(a.numel()).reshape(a.shape)
             v = self.value(v)
-            return torch.full(v.shape, -1, device=v.device) if isinstance(v, Tensor) else v
+            if not isinstance(v, Tensor):
+                return v
+            return torch.full(v.shape, -1) if v.is_floating_point() else v.cpu()  # an index
 
-        args = map_leaves(indices, node.args)
-        if node.func == aten.constant_pad_nd.default:
-            args = (*args[:2], -1)
-        moved = node.func(*args, **map_leaves(self.value, node.kwargs)).reshape(self.n, w_out)
-        samples = torch.arange(self.n, device=a.device)[:, None]
-        if not bool(((moved < 0) | (moved // w_in == samples)).all()):
-            return None  # an element moved to another sample
-        source_index = moved[0]
-        if w_in == w_out and torch.equal(source_index, torch.arange(w_in, device=a.device)):
-            return ()  # the identity on every sample's flattened event (a reshape, a copy)
-        matrix = a.new_zeros(w_out, w_in)
-        rows = torch.arange(w_out, device=a.device)[source_index >= 0]
-        matrix[rows, source_index[source_index >= 0]] = 1
-        return (Shared(matrix),)
+        with host_planning():
+            args = map_leaves(indices, node.args)
+            if node.func == aten.constant_pad_nd.default:
+                args = (*args[:2], -1)
+            moved = node.func(*args, **map_leaves(indices, node.kwargs)).reshape(self.n, w_out)
+            samples = torch.arange(self.n)[:, None]
+            if not bool(((moved < 0) | (moved // w_in == samples)).all()):
+                return None  # an element moved to another sample
+            source_index, kept = moved[0] % w_in, moved[0] >= 0
+            if w_in == w_out and bool(kept.all()) and torch.equal(source_index, torch.arange(w_in)):
+                return ()  # the identity on every sample's flattened event (a reshape, a copy)
+            matrix = torch.zeros(w_out, w_in, dtype=a.dtype)
+            matrix[torch.arange(w_out)[kept], source_index[kept]] = 1
+        return (Shared(matrix.to(a.device)),)
 
 
 def _is(v: Any, ref: Ref) -> bool:

@@ -14,6 +14,7 @@ import torch
 
 from torchdiv._basis import chunks
 from torchdiv._checks import event_numel
+from torchdiv._modes import host_planning
 from torchdiv._taylor import Context, Graph, Jet, propagate
 
 # widest jac (directions x elements) per chunk when the caller gives no chunk_size
@@ -27,21 +28,28 @@ def diagonal(
     chunk_size: int | None,
     colors: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Every sample's Jacobian diagonal, ``(N, n)``; ``colors[i]`` is element ``i``'s colour
-    (``None``: every element its own)."""
+    """Every sample's Jacobian diagonal, ``(N, n)``; ``colors[i]`` (on the CPU) is element
+    ``i``'s colour (``None``: every element its own). The readout indices are made on the
+    CPU too: nothing here waits for the device."""
     n = event_numel(x, batch_dims)
-    colors = torch.arange(n, device=x.device) if colors is None else colors
-    num_colors = int(colors.max()) + 1 if n else 0
-    chunk = chunk_size or graph.chunk(num_colors, CHUNK_ELEMENTS)
-    order = torch.argsort(colors)
+    with host_planning():
+        colors = torch.arange(n) if colors is None else colors
+        num_colors = int(colors.max()) + 1 if n else 0
+        chunk = chunk_size or graph.chunk(num_colors, CHUNK_ELEMENTS)
+        order = torch.argsort(colors)
+        pieces = [
+            (start, stop, order[(colors[order] >= start) & (colors[order] < stop)])
+            for start, stop in chunks(num_colors, chunk)
+        ]
+        back = torch.argsort(order)
     entries, constants = [], {}
-    for start, stop in chunks(num_colors, chunk):
+    for start, stop, mine in pieces:
         columns = _columns(graph, x, batch_dims, colors, start, stop, constants)
-        mine = order[(colors[order] >= start) & (colors[order] < stop)]
-        entries.append(columns[colors[mine] - start, :, mine].T)  # (N, elements of the chunk)
+        rows, elements = (colors[mine] - start).to(x.device), mine.to(x.device)
+        entries.append(columns[rows, :, elements].T)  # (N, elements of the chunk)
     if not entries:
         return x.new_zeros(x.shape[:batch_dims].numel(), n)
-    return torch.cat(entries, 1)[:, torch.argsort(order)]
+    return torch.cat(entries, 1)[:, back.to(x.device)]
 
 
 def _columns(
@@ -55,8 +63,8 @@ def _columns(
 ) -> torch.Tensor:
     """``J v_g`` for the colours ``g`` in ``[start, stop)``, flat ``(k, N, n)``."""
     k, n_samples = stop - start, x.shape[:batch_dims].numel()
-    picked = colors[None, :] == torch.arange(start, stop, device=x.device)[:, None]
-    directions = picked.to(x.dtype).reshape(k, *[1] * batch_dims, *x.shape[batch_dims:])
+    picked = colors[None, :] == torch.arange(start, stop)[:, None]
+    directions = picked.to(x.device, x.dtype).reshape(k, *[1] * batch_dims, *x.shape[batch_dims:])
     out = propagate(graph, Jet(x, directions, None), Context(k, False), constants)
     if not isinstance(out, Jet) or out.jac is None:  # f(x) does not depend on x
         return x.new_zeros(k, n_samples, event_numel(x, batch_dims))
