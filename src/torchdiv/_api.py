@@ -152,8 +152,9 @@ def jacobian_diagonal(
     planned = None
     if method in ("auto", "structured"):
         planned = _structured.diagonal(fn, g, x, batch_dims, chunk_size, method == "structured")
-    if planned is None:
-        diag, _ = _exact.evaluate(g, x, batch_dims, method, chunk_size, _exact.diagonal)
+    if planned is None:  # "structured" only for an empty x: nothing to plan
+        generic = "auto" if method == "structured" else method
+        diag, _ = _exact.evaluate(g, x, batch_dims, generic, chunk_size, _exact.diagonal)
     else:
         diag, _ = planned
     return diag.reshape(x.shape).to(x.dtype)
@@ -248,8 +249,9 @@ def divergence(
     planned = None
     if method in ("auto", "structured"):
         planned = _structured.divergence(fn, g, x, batch_dims, chunk_size, method == "structured")
-    if planned is None:
-        diag, _ = _exact.evaluate(g, x, batch_dims, method, chunk_size, _exact.diagonal)
+    if planned is None:  # "structured" only for an empty x: nothing to plan
+        generic = "auto" if method == "structured" else method
+        diag, _ = _exact.evaluate(g, x, batch_dims, generic, chunk_size, _exact.diagonal)
         div = diag.sum(-1)
     else:
         div, _ = planned

@@ -178,15 +178,17 @@ def _collapsed_or_none(
     graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor]
 ) -> torch.Tensor | None:
     """``_collapsed``, or ``None`` when the Taylor engine cannot run ``f``: an op without a
-    rule (at capture or in a rule) or one that cannot be replayed. Callers then fall back."""
-    if graph.unsupported:
-        return None
+    rule (at capture or in a rule) or one that cannot be replayed. Callers then fall back,
+    evaluating ``f`` again, so what recording it changed (buffers, RNG) is put back first."""
     try:
-        return _collapsed(graph, x, directions)
+        if not graph.unsupported:
+            return _collapsed(graph, x, directions)
     except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
         raise
     except RuntimeError:  # UnsupportedOp included
-        return None
+        pass
+    graph.undo()
+    return None
 
 
 class _Gradients:

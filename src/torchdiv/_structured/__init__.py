@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from torchdiv._checks import event_numel
 from torchdiv._structured import colors, cycle, factors, forward
 from torchdiv._taylor import RULES, Graph, UnsupportedOp, capture, values
 from torchdiv._taylor.capture import Ref
@@ -68,26 +67,28 @@ def _planned(
     strict: bool,
     trace: bool,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    n_samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
+    if x.numel() == 0:  # nothing to plan: the generic engines keep the graph of empty results
+        return None
+    n_samples = x.shape[:batch_dims].numel()
     graph = capture(f, x, RULES, keep_values=True)
-    if graph.unsupported:
-        ops = ", ".join(sorted(set(graph.unsupported)))
-        return _failed(fn, strict, f"{ops} applied to a tensor that depends on x")
     try:
+        if graph.unsupported:
+            ops = ", ".join(sorted(set(graph.unsupported)))
+            raise UnsupportedOp(f"{ops} applied to a tensor that depends on x")
         kept = values(graph, x)
-        y = _output(graph, kept, x)
-        if x.numel() == 0:
-            return (x.new_zeros(n_samples) if trace else x.new_zeros(n_samples, n)), y
         chain = factors.paths(graph, kept, x, n_samples) if trace else None
         if chain is not None:
-            return cycle.trace(chain, x, n_samples, chunk_size), y
+            return cycle.trace(chain, x, n_samples, chunk_size), _output(graph, kept, x)
         coloring = colors.colors(graph, kept, x, batch_dims)
         diag = forward.diagonal(graph, x, batch_dims, chunk_size, coloring)
-        return (diag.sum(-1) if trace else diag), y
+        return (diag.sum(-1) if trace else diag), _output(graph, kept, x)
     except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
         raise
     except (RuntimeError, TypeError) as exc:  # UnsupportedOp included
-        return _failed(fn, strict, str(exc))
+        if strict:
+            raise _refusal(fn, exc) from exc
+        graph.undo()  # the caller evaluates f again
+        return None
 
 
 def _output(graph: Graph, kept: list[list[Any]], x: torch.Tensor) -> torch.Tensor:
@@ -98,10 +99,11 @@ def _output(graph: Graph, kept: list[list[Any]], x: torch.Tensor) -> torch.Tenso
     return x if out.node < 0 else kept[out.node][out.leaf]
 
 
-def _failed(fn: str, strict: bool, what: str) -> None:
-    if not strict:
-        return None
-    raise UnsupportedOp(
-        f"{fn}: method='structured' has no propagation rule for {what}; use method='auto' "
-        "(falls back to the generic engines)"
+def _refusal(fn: str, exc: Exception) -> UnsupportedOp:
+    if isinstance(exc, UnsupportedOp):
+        what = f"has no propagation rule for {exc}"
+    else:  # an op whose rule or plan failed on these arguments
+        what = f"could not run f ({type(exc).__name__}: {exc})"
+    return UnsupportedOp(
+        f"{fn}: method='structured' {what}; use method='auto' (falls back to the generic engines)"
     )

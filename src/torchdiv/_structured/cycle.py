@@ -33,6 +33,7 @@ from torchdiv._structured.factors import Diagonal, Factor, Path, Shared
 
 Tensor = torch.Tensor
 BLOCK_ELEMENTS = 1 << 20
+JOIN_ELEMENTS = 1 << 20  # shared matrices are multiplied up to this size (4 MiB in float32)
 
 
 def trace(paths: list[Path], x: Tensor, n_samples: int, chunk: int | None) -> Tensor:
@@ -45,7 +46,7 @@ def trace(paths: list[Path], x: Tensor, n_samples: int, chunk: int | None) -> Te
         else:
             part = x.new_full((1,), x.numel() // n_samples)
         total = total + path.coefficient * part
-    return total.expand(n_samples)
+    return total if len(total) == n_samples else total.expand(n_samples).clone()
 
 
 def _merged(factors: tuple[Factor, ...]) -> list[Factor]:
@@ -61,9 +62,13 @@ def _merged(factors: tuple[Factor, ...]) -> list[Factor]:
 
 
 def _join(first: Factor, then: Factor) -> Factor | None:
-    """``then @ first`` as one factor, if it is one without per-sample matrices."""
+    """``then @ first`` as one factor, if it is one without per-sample matrices and, for two
+    matrices, no larger than ``JOIN_ELEMENTS`` or than one of them (a bottleneck
+    ``D -> 2 -> D`` stays two thin factors instead of a ``D x D`` matrix)."""
     if isinstance(first, Shared) and isinstance(then, Shared):
-        return Shared(then.matrix @ first.matrix)
+        rows, cols = then.matrix.shape[0], first.matrix.shape[1]
+        largest = max(then.matrix.numel(), first.matrix.numel(), JOIN_ELEMENTS)
+        return Shared(then.matrix @ first.matrix) if rows * cols <= largest else None
     if isinstance(first, Diagonal) and isinstance(then, Diagonal):
         return Diagonal(first.scale * then.scale)
     if isinstance(first, Shared) and isinstance(then, Diagonal) and then.shared:
@@ -90,7 +95,7 @@ def _cycle_trace(cycle: list[Factor], chunk: int | None) -> Tensor:
             return f.matrix.diagonal().sum().reshape(1)
         return f.scale.sum(-1)
     start = 0 if isinstance(cycle[0], Shared) else 1
-    cycle = cycle[start:] + cycle[:start]
+    cycle = _alternating(cycle[start:] + cycle[:start])
     shared = [f.matrix for f in cycle[0::2]]  # S_1 .. S_n
     scales = [f.scale for f in cycle[1::2]]  # D_1 .. D_n
     if len(shared) == 1:
@@ -99,6 +104,17 @@ def _cycle_trace(cycle: list[Factor], chunk: int | None) -> Tensor:
         return ((scales[1] @ (shared[1] * shared[0].T)) * scales[0]).sum(-1)
     best = min(range(len(shared)), key=lambda r: _cost(shared[r:] + shared[:r]))
     return _opened(shared[best:] + shared[:best], scales[best:] + scales[:best], chunk)
+
+
+def _alternating(cycle: list[Factor]) -> list[Factor]:
+    """``cycle`` (starting with a matrix) with a unit diagonal between two matrices that were
+    not joined, so that matrices and diagonals alternate."""
+    out: list[Factor] = []
+    for f, then in zip(cycle, cycle[1:] + cycle[:1], strict=True):
+        out.append(f)
+        if isinstance(f, Shared) and isinstance(then, Shared):
+            out.append(Diagonal(f.matrix.new_ones(1, f.matrix.shape[0])))
+    return out
 
 
 def _cost(shared: list[Tensor]) -> int:

@@ -99,13 +99,31 @@ def paths(graph: Graph, values: list[list[Any]], x: Tensor, n_samples: int) -> l
     op on the way is not a factor or there are more than ``MAX_PATHS``."""
     if not isinstance(graph.output, Ref) or n_samples == 0:
         return None
-    return _Walker(graph, values, x, n_samples).paths(graph.output)
+    walker = _Walker(graph, values, x, n_samples)
+    for ref in walker.ancestors(graph.output):  # in the order f computed them
+        found = walker.memo[ref] = walker.walk(ref)
+        if found is None:  # the output depends on it
+            return None
+    return walker.memo[graph.output]
 
 
 class _Walker:
     def __init__(self, graph: Graph, values: list[list[Any]], x: Tensor, n_samples: int):
         self.graph, self.values, self.x, self.n = graph, values, x, n_samples
-        self.memo: dict[Ref, list[Path] | None] = {}
+        self.memo: dict[Ref, list[Path] | None] = {Ref(-1): [Path(1.0, ())]}
+
+    def ancestors(self, output: Ref) -> list[Ref]:
+        """The outputs of recorded calls that ``output`` depends on, itself included, sorted
+        (a loop, not a recursion: a network may have hundreds of layers)."""
+        found, todo = set(), [output]
+        while todo:
+            ref = todo.pop()
+            if ref.node < 0 or ref in found:
+                continue
+            found.add(ref)
+            node = self.graph.nodes[ref.node]
+            todo += [a for a in leaves((node.args, node.kwargs)) if self.dependent(a)]
+        return sorted(found, key=lambda r: (r.node, r.leaf))
 
     def value(self, a: Any) -> Any:
         if not isinstance(a, Ref):
@@ -115,14 +133,8 @@ class _Walker:
     def dependent(self, a: Any) -> bool:
         return isinstance(a, Ref) and (a.node < 0 or self.graph.nodes[a.node].depends)
 
-    def paths(self, ref: Ref) -> list[Path] | None:
-        if ref not in self.memo:
-            self.memo[ref] = self._paths(ref)
-        return self.memo[ref]
-
-    def _paths(self, ref: Ref) -> list[Path] | None:
-        if ref.node < 0:
-            return [Path(1.0, ())]
+    def walk(self, ref: Ref) -> list[Path] | None:
+        """The paths to ``ref``, from those of its inputs (already in ``memo``)."""
         node = self.graph.nodes[ref.node]
         inputs = {a for a in leaves((node.args, node.kwargs)) if self.dependent(a)}
         if len(self.values[ref.node]) != 1 or not _per_sample(self.value(ref), self.n):
@@ -132,8 +144,11 @@ class _Walker:
         if len(inputs) != 1:
             return None
         (source,) = inputs
-        inner = self.paths(source)
-        factors = None if inner is None else self._factors(node, ref, source)
+        inner = self.memo[source]
+        try:
+            factors = None if inner is None else self._factors(node, ref, source)
+        except (RuntimeError, TypeError):  # a rule or an index map that does not apply here
+            factors = None
         if factors is None:
             return None
         return [Path(p.coefficient, (*p.factors, *factors)) for p in inner]
@@ -143,7 +158,7 @@ class _Walker:
         sign = _SUMS[node.func] * node.kwargs.get("alpha", 1.0)
         if self.value(a).shape != self.value(b).shape:  # one side broadcast: not elementwise
             return None
-        left, right = self.paths(a), self.paths(b)
+        left, right = self.memo[a], self.memo[b]
         if left is None or right is None or len(left) + len(right) > MAX_PATHS:
             return None
         return [*left, *(Path(sign * p.coefficient, p.factors) for p in right)]
@@ -154,7 +169,8 @@ class _Walker:
         if not _per_sample(a, self.n):
             return None
         if node.func in DERIVATIVES and _is(node.args[0], source):  # phi(a): phi'(a)
-            d1, _ = DERIVATIVES[node.func](a, y, *map_leaves(self.value, node.args[1:]))
+            rest, kwargs = map_leaves(self.value, (node.args[1:], node.kwargs))
+            d1, _ = DERIVATIVES[node.func](a, y, *rest, **kwargs)
             return (self._diagonal(d1, y),)
         if torch.Tag.pointwise in node.func.tags and node.func in RULES and y.shape == a.shape:
             return (self._pointwise(node, source, y),)
@@ -186,7 +202,9 @@ class _Walker:
     def _matmul(self, node: Node, source: Ref) -> tuple[Shared] | None:
         """``a @ W`` (``mm``) or ``bias + alpha a @ W`` (``addmm``) with ``W`` constant."""
         args = node.args if node.func == aten.mm.default else node.args[1:]
-        if not _is(args[0], source) or self.dependent(args[1]) or self.value(args[0]).dim() != 2:
+        if not _is(args[0], source) or self.dependent(args[1]):
+            return None
+        if self.value(args[0]).shape[0] != self.n:  # rows that are not the samples
             return None
         weight = self.value(args[1]).T
         alpha = node.kwargs.get("alpha", 1.0) if node.func == aten.addmm.default else 1.0

@@ -75,6 +75,19 @@ class Graph:
     # every node's outputs as f computed them (``capture(..., keep_values=True)``); None if f
     # ran an in-place op, which may have changed a kept tensor after it was recorded
     values: list[list[Any]] | None = None
+    # state f changed outside its own tensors: (tensor, its value before), and the RNG states
+    changed: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    rng: list[tuple[Callable[[Any], None], Any]] = field(default_factory=list)
+
+    def undo(self) -> None:
+        """Put back what recording ``f`` changed outside it (buffers it updated in place, the
+        random number generators), for a caller that falls back to evaluating ``f`` again: a
+        training-mode batch norm's statistics then move once, not twice."""
+        with torch.no_grad():
+            for tensor, before in reversed(self.changed):
+                tensor.copy_(before)
+        for restore, state in self.rng:
+            restore(state)
 
     def chunk(self, num_directions: int, budget: int) -> int:
         """Directions per chunk: as few equal chunks as keep the widest ``jac`` (directions
@@ -93,7 +106,7 @@ class _Recorder(TorchDispatchMode):
         self.dependent: set[Ref] = {Ref(-1)}
         self.alive: list[Any] = [x]  # keeps ids unique while recording
         self.mutated = False
-        self.unrecorded: list[torch.Tensor] = []  # computed from x with autograd off
+        self.readers: dict[int, list[int]] = {}  # outside tensor id -> nodes that read it
 
     def ref(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -129,11 +142,18 @@ class _Recorder(TorchDispatchMode):
         # reverse mode sees them
         reads_x = self.depends(args, kwargs) and func not in _CONSTANT_RESULTS
         depends = reads_x and torch.is_grad_enabled()
+        self.refuse(func, reads_x)
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
             with self:
                 return _DECOMPOSITIONS[func](*args, **kwargs)
         recorded = self.functional(func, args) if depends else func
-        self.mutated |= func._schema.is_mutable
+        if func._schema.is_mutable:  # kept, not replayed: what it reads does not matter
+            self.mutated = True
+            self.keep_outside(func, args, kwargs)
+        else:
+            for a in leaves((args, kwargs)):
+                if isinstance(a, torch.Tensor) and id(a) not in self.refs:
+                    self.readers.setdefault(id(a), []).append(len(self.graph.nodes))
         out = func(*args, **kwargs)
         outs = leaves(out)
         differentiable = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in outs)
@@ -151,10 +171,35 @@ class _Recorder(TorchDispatchMode):
                 if depends:
                     self.dependent.add(Ref(index, i))
                     self.graph.widest = max(self.graph.widest, leaf.numel())
-        if reads_x and not depends:
-            self.unrecorded += [t for t in outs if isinstance(t, torch.Tensor)]
         self.alive.append(out)
         return out
+
+    def refuse(self, func: Any, reads_x: bool) -> None:
+        """Note what no replay can reproduce: a backward pass inside ``f`` (a score function
+        ``grad(E(x), x)``: its calls read tensors autograd saved, which are no recorded
+        calls' outputs), and a custom ``autograd.Function``, whose ``forward`` runs with
+        autograd off like a ``no_grad`` block but, unlike one, with forward-mode AD off too."""
+        if torch._C._current_graph_task_id() != -1:
+            self.graph.unsupported.append("a backward pass (autograd.grad) inside f")
+        elif reads_x and not torch.is_grad_enabled() and not torch._C._is_fwd_grad_enabled():
+            self.graph.unsupported.append("a custom autograd.Function")
+
+    def keep_outside(self, func: Any, args: Any, kwargs: Any) -> None:
+        """Before ``func`` writes to a tensor from outside ``f`` (a buffer): keep its value, for
+        ``Graph.undo`` and for the calls recorded since the last write, which read it (a
+        replay then reads what they read, not the updated buffer)."""
+        for tensor in _written(func, args, kwargs):
+            if id(tensor) in self.refs:
+                continue
+            if tensor.requires_grad:  # a parameter: its old value would lose its gradient
+                self.graph.unsupported.append(f"{func} on a tensor that requires grad")
+            before = tensor.detach().clone()
+            self.graph.changed.append((tensor, before))
+            for index in self.readers.pop(id(tensor), []):
+                node = self.graph.nodes[index]
+                node.args, node.kwargs = map_leaves(
+                    lambda a, t=tensor, b=before: b if a is t else a, (node.args, node.kwargs)
+                )
 
 
 def _kept(func: Any, leaves: list[Any]) -> list[Any] | None:
@@ -164,20 +209,28 @@ def _kept(func: Any, leaves: list[Any]) -> list[Any] | None:
     return leaves if random or func._schema.is_mutable else None
 
 
-def _custom_function(
-    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, recorder: _Recorder, rules: Any
-) -> bool:
-    """Whether ``f`` ran a custom ``autograd.Function`` on a tensor computed from ``x``.
+def _written(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
+    """The tensors a mutating ATen call writes to (its schema marks them)."""
+    out = []
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(argument.name)
+        out += [t for t in leaves(value) if isinstance(t, torch.Tensor)]
+    return out
 
-    Its ``forward`` runs with autograd off, like a ``no_grad`` block, but its outputs are
-    attached to the graph afterwards: they require grad if ``x`` does, where a ``no_grad``
-    block's never do. If ``x`` does not, ``f`` is run once more on a copy that does.
-    """
-    if not x.requires_grad:
-        recorder = _Recorder(x.detach().requires_grad_(), rules)
-        with torch.enable_grad(), math_attention(), recorder:
-            f(recorder.alive[0])
-    return any(t.requires_grad for t in recorder.unrecorded)
+
+def _random_states(x: torch.Tensor) -> list[tuple[Callable[[Any], None], Any]]:
+    """Ways to put back the random number generators ``f`` may draw from."""
+    states: list[tuple[Callable[[Any], None], Any]] = [
+        (torch.random.set_rng_state, torch.random.get_rng_state())
+    ]
+    if x.is_cuda:
+        device = x.device
+        states.append(
+            (lambda s: torch.cuda.set_rng_state(s, device), torch.cuda.get_rng_state(device))
+        )
+    return states
 
 
 def capture(
@@ -190,15 +243,16 @@ def capture(
     that its own ``no_grad`` blocks show).
 
     ``rules`` holds the ops that have a propagation rule; dependent calls outside it are
-    decomposed where PyTorch can, else listed in ``Graph.unsupported``. ``keep_values`` keeps
-    every call's outputs in ``Graph.values`` (differentiable, as ``f`` computed them), unless
-    ``f`` ran an in-place op.
+    decomposed where PyTorch can, else listed in ``Graph.unsupported`` (so are a backward
+    pass or a custom ``autograd.Function`` inside ``f``, and an in-place update of a tensor
+    ``f`` read before). ``keep_values`` keeps every call's outputs in ``Graph.values``
+    (differentiable, as ``f`` computed them), unless ``f`` ran an in-place op. A caller that
+    gives up on the graph and evaluates ``f`` again calls ``Graph.undo()`` first.
     """
     recorder = _Recorder(x, rules)
+    recorder.graph.rng = _random_states(x)
     with torch.enable_grad(), math_attention(), recorder:
         y = f(x)
-    if recorder.unrecorded and _custom_function(f, x, recorder, rules):
-        recorder.graph.unsupported.append("a custom autograd.Function")
     recorder.graph.output = map_leaves(recorder.ref, y)
     recorder.graph.output_shape = tuple(y.shape)
     if keep_values and not recorder.mutated:

@@ -67,7 +67,7 @@ def _elu(x: Tensor, y: Tensor, alpha: float = 1.0, scale: float = 1.0, input_sca
 
 
 def _leaky_relu(x: Tensor, y: Tensor, slope: float = 0.01) -> tuple[Tensor, None]:
-    return torch.where(x > 0, 1.0, slope).to(x.dtype), None
+    return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope)), None
 
 
 def _pow(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
