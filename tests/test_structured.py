@@ -246,6 +246,16 @@ def test_local_conv_nets_are_coloured(net):
     check(net, torch.randn(2, 2, 9, 11, dtype=f64), expected_plan="colors")
 
 
+def test_weights_computed_in_f_still_colour():
+    """Weight norm computes each convolution's weight inside f (from parameters, not x)."""
+    torch.manual_seed(16)
+    norm = nn.utils.parametrizations.weight_norm
+    net = nn.Sequential(
+        norm(nn.Conv2d(2, 4, 3, padding=1)), nn.Tanh(), norm(nn.Conv2d(4, 2, 3, padding=1))
+    )
+    check(net.double(), torch.randn(2, 2, 9, 9, dtype=f64), expected_plan="colors")
+
+
 def test_residual_conv_and_channel_concatenation_are_coloured():
     torch.manual_seed(8)
     a, b = nn.Conv2d(2, 3, 3, padding=1).double(), nn.Conv2d(5, 2, 3, padding=1).double()

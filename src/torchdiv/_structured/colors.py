@@ -116,23 +116,20 @@ class _Locality:
         if node.func == aten.cat.default:
             dim = node.args[1] if len(node.args) > 1 else 0
             return widest if dim % out.dim() == self.batch_dims else None
-        if node.func == aten.convolution.default:
-            return _convolution_reach(node, widest)
+        if node.func == aten.convolution.default and inputs == [node.args[0]]:
+            weight = node.args[1]  # constant, maybe computed in f (weight norm)
+            return _convolution_reach(
+                node, self._value(weight) if isinstance(weight, Ref) else weight, widest
+            )
         return None
 
 
-def _convolution_reach(node: Node, reach: Reach) -> Reach | None:
-    """A stride-1 convolution with constant weight and bias adds ``max(q, d(k-1) - q)``."""
-    _, weight, bias, stride, padding, dilation, transposed, _, _ = node.args
-    if (
-        transposed
-        or any(s != 1 for s in stride)
-        or isinstance(weight, Ref)
-        or isinstance(bias, Ref)
-    ):
+def _convolution_reach(node: Node, weight: torch.Tensor, reach: Reach) -> Reach | None:
+    """A stride-1 convolution (weight and bias constant) adds ``max(q, d(k-1) - q)``."""
+    _, _, _, stride, padding, dilation, transposed, _, _ = node.args
+    if transposed or any(s != 1 for s in stride):
         return None
-    kernel = weight.shape[2:]
     return tuple(
         r + max(p, d * (k - 1) - p)
-        for r, p, d, k in zip(reach, padding, dilation, kernel, strict=True)
+        for r, p, d, k in zip(reach, padding, dilation, weight.shape[2:], strict=True)
     )
