@@ -141,7 +141,7 @@ def main() -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(args.out, dpi=80)
+    fig.savefig(args.out, dpi=80, bbox_inches="tight")  # keeps the two-line title
     print(f"wrote {args.out}")
 
 

@@ -507,7 +507,7 @@ def _dense(path: Path, n_samples: int) -> torch.Tensor:
             else torch.diag_embed(f.scale.expand(n_samples, -1))
         )
         out = m if out is None else m @ out
-    return path.coefficient * out.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return path.coefficient * out.diagonal(dim1=-2, dim2=-1)
 
 
 @settings(max_examples=60, deadline=None)
@@ -519,7 +519,7 @@ def _dense(path: Path, n_samples: int) -> torch.Tensor:
     chunk=st.one_of(st.none(), st.integers(1, 4)),
     seed=st.integers(0, 2**16),
 )
-def test_cycle_trace_equals_the_dense_product(kinds, widths, chunk, seed):
+def test_cycle_trace_and_diagonal_equal_the_dense_product(kinds, widths, chunk, seed):
     g = torch.Generator().manual_seed(seed)
     n_samples, n = 3, widths[0]
     width, path = n, []
@@ -535,9 +535,12 @@ def test_cycle_trace_equals_the_dense_product(kinds, widths, chunk, seed):
         path.append(Shared(torch.randn(n, width, generator=g, dtype=f64)))
     p = Path(-0.5, tuple(path))
     x = torch.zeros(n_samples, n, dtype=f64)
-    assert_close(cycle.trace([p], x, n_samples, chunk), _dense(p, n_samples))
+    dense_diagonal = _dense(p, n_samples)
+    assert_close(cycle.trace([p], x, n_samples, chunk), dense_diagonal.sum(-1))
+    assert_close(cycle.diagonal([p], x, n_samples, chunk), dense_diagonal)
 
 
 def test_cycle_trace_of_the_identity_path_is_the_event_size():
     x = torch.zeros(4, 2, 3, dtype=f64)
     assert_close(cycle.trace([Path(2.0, ())], x, 4, None), torch.full((4,), 12.0, dtype=f64))
+    assert_close(cycle.diagonal([Path(2.0, ())], x, 4, None), torch.full((4, 6), 2.0, dtype=f64))

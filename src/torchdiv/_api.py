@@ -150,7 +150,7 @@ def jacobian_diagonal(
         return _stochastic.diagonal_of_function(g, x, batch_dims, s, chunk_size)
     check_exact_options(fn, method, num_probes, generator, probe, probes)
     planned = None
-    if method in ("auto", "structured"):
+    if method == "structured" or (method == "auto" and _structured.worthwhile(x, batch_dims)):
         planned = _structured.diagonal(fn, g, x, batch_dims, chunk_size, method == "structured")
     if planned is None:  # "structured" only for an empty x: nothing to plan
         generic = "auto" if method == "structured" else method
@@ -190,7 +190,9 @@ def divergence(
     convolutions and elementwise ops). It raises ``NotImplementedError`` naming any op it
     has no rule for.
 
-    Rule for ``method="auto"``: ``"structured"`` whenever it can run ``f``; otherwise
+    Rule for ``method="auto"``: ``"structured"`` whenever it can run ``f``, unless the
+    problem is tiny (event size x elements of ``x`` at most 2**12: recording ``f`` would
+    cost more than the whole computation); otherwise
     (measured on CPU, see ``torchdiv._plan``) one evaluation of ``f`` is watched and reverse
     mode is used unless the output has more elements than the input or ``f`` convolves,
     which use forward mode. With ``chunk_size=None`` the chunk is chosen so that chunk x
@@ -247,7 +249,7 @@ def divergence(
         return _stochastic.trace_of_function(g, x, batch_dims, s, chunk_size).value
     check_exact_options(fn, method, num_probes, generator, probe, probes)
     planned = None
-    if method in ("auto", "structured"):
+    if method == "structured" or (method == "auto" and _structured.worthwhile(x, batch_dims)):
         planned = _structured.divergence(fn, g, x, batch_dims, chunk_size, method == "structured")
     if planned is None:  # "structured" only for an empty x: nothing to plan
         generic = "auto" if method == "structured" else method

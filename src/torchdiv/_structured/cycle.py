@@ -42,7 +42,7 @@ def trace(paths: list[Path], x: Tensor, n_samples: int, chunk: int | None) -> Te
     total = x.new_zeros(1)
     for path in paths:
         if path.factors:
-            part = _cycle_trace(_closed(_merged(path.factors)), chunk)
+            part = _cycle_trace(_cheaper_cycle(_merged(path.factors)), chunk)
         else:
             part = x.new_full((1,), x.numel() // n_samples)
         total = total + path.coefficient * part
@@ -87,17 +87,39 @@ def _closed(factors: list[Factor]) -> list[Factor]:
     return factors
 
 
+def _cheaper_cycle(factors: list[Factor]) -> list[Factor]:
+    """The cycle with its last and first factors joined, or left apart if that is cheaper:
+    joining the first and last layers of an MLP saves a layer, but when the event is much
+    narrower than the layers (a 2-D flow) the cycle is best opened at the event itself."""
+    closed = _closed(factors)
+    if len(closed) == len(factors) or len(closed) == 1:
+        return closed
+    return min(closed, factors, key=lambda c: _per_sample_cost(_alternated(c)[0]))
+
+
+def _alternated(cycle: list[Factor]) -> tuple[list[Tensor], list[Tensor]]:
+    """A cycle of two or more factors as matrices ``S_1 .. S_n`` and diagonals ``D_1 .. D_n``
+    (``tr(D_n S_n ... D_1 S_1)``)."""
+    start = 0 if isinstance(cycle[0], Shared) else 1
+    cycle = _alternating(cycle[start:] + cycle[:start], cyclic=True)
+    return [f.matrix for f in cycle[0::2]], [f.scale for f in cycle[1::2]]
+
+
+def _per_sample_cost(shared: list[Tensor]) -> int:
+    """Multiply-adds per sample of ``_cycle_trace`` (the matrices' own products aside)."""
+    if len(shared) <= 2:
+        return shared[-1].numel()
+    return min(_cost(shared[r:] + shared[:r]) for r in range(len(shared)))
+
+
 def _cycle_trace(cycle: list[Factor], chunk: int | None) -> Tensor:
-    """Per-sample trace of an alternating cycle (module docstring), ``(N,)`` or ``(1,)``."""
+    """Per-sample trace of a cycle (module docstring), ``(N,)`` or ``(1,)``."""
     if len(cycle) == 1:
         (f,) = cycle
         if isinstance(f, Shared):
             return f.matrix.diagonal().sum().reshape(1)
         return f.scale.sum(-1)
-    start = 0 if isinstance(cycle[0], Shared) else 1
-    cycle = _alternating(cycle[start:] + cycle[:start])
-    shared = [f.matrix for f in cycle[0::2]]  # S_1 .. S_n
-    scales = [f.scale for f in cycle[1::2]]  # D_1 .. D_n
+    shared, scales = _alternated(cycle)
     if len(shared) == 1:
         return (scales[0] * shared[0].diagonal()).sum(-1)
     if len(shared) == 2:
@@ -106,11 +128,13 @@ def _cycle_trace(cycle: list[Factor], chunk: int | None) -> Tensor:
     return _opened(shared[best:] + shared[:best], scales[best:] + scales[:best], chunk)
 
 
-def _alternating(cycle: list[Factor]) -> list[Factor]:
-    """``cycle`` (starting with a matrix) with a unit diagonal between two matrices that were
-    not joined, so that matrices and diagonals alternate."""
+def _alternating(factors: list[Factor], cyclic: bool) -> list[Factor]:
+    """``factors`` (starting with a matrix) with a unit diagonal between two matrices that
+    were not joined (also between the last and the first, for a cycle), so that matrices and
+    diagonals alternate."""
     out: list[Factor] = []
-    for f, then in zip(cycle, cycle[1:] + cycle[:1], strict=True):
+    following = factors[1:] + (factors[:1] if cyclic else [])
+    for f, then in zip(factors, following + [None] * (len(factors) - len(following)), strict=True):
         out.append(f)
         if isinstance(f, Shared) and isinstance(then, Shared):
             out.append(Diagonal(f.matrix.new_ones(1, f.matrix.shape[0])))
@@ -123,21 +147,57 @@ def _cost(shared: list[Tensor]) -> int:
 
 
 def _opened(shared: list[Tensor], scales: list[Tensor], chunk: int | None) -> Tensor:
-    """``tr(D_n S_n ... D_1 S_1)`` by carrying ``S_1``'s columns around, ``chunk`` at a time.
+    """``tr(D_n S_n ... D_1 S_1)``: the diagonal of ``S_n D_{n-1} ... S_1``, scaled."""
+    return (scales[-1] * _entries(shared, scales[:-1], chunk)).sum(-1)
 
-    The columns are kept as rows, ``(N, k, w)``, so that every ``S_j`` is one matrix product
-    over all samples and columns at once (``(N k, w) @ S_j^T``)."""
-    width, n_samples = shared[0].shape[1], scales[0].shape[0]
+
+def _entries(shared: list[Tensor], scales: list[Tensor], chunk: int | None) -> Tensor:
+    """The diagonal of every sample's ``S_k D_{k-1} ... D_1 S_1`` (square, ``k >= 2``), shape
+    ``(N, w)`` (or ``(1, w)``), by carrying ``S_1``'s columns through, ``chunk`` at a time
+    (default: blocks of about ``BLOCK_ELEMENTS``); ``S_k`` is contracted on the diagonal
+    only. The columns are kept as rows, ``(N, k, w)``, so that every ``S_j`` is one matrix
+    product over all samples and columns at once (``(N k, w) @ S_j^T``)."""
+    width, n_samples = shared[0].shape[1], max(d.shape[0] for d in scales)
     if chunk is None:
         widest = max(s.shape[0] for s in shared)
         chunk = max(1, BLOCK_ELEMENTS // (n_samples * widest))
-    total = None
+    parts = []
     for start, stop in chunks(width, chunk):
-        v = shared[0][:, start:stop].T.contiguous() * scales[0][:, None, :]  # (N, k, w_1)
-        for s, d in zip(shared[1:-1], scales[1:-1], strict=True):
-            v = (v.reshape(-1, v.shape[-1]) @ s.T).reshape(*v.shape[:2], -1) * d[:, None, :]
-        # only the diagonal entries (start + j, j) of D_n S_n v
-        diagonal = (v * shared[-1][start:stop]).sum(-1)  # (N, k)
-        part = (scales[-1][:, start:stop] * diagonal).sum(-1)
-        total = part if total is None else total + part
-    return total
+        v = shared[0][:, start:stop].T.contiguous()[None]  # (1, k, w_1)
+        for s, d in zip(shared[1:-1], scales[:-1], strict=True):
+            v = v * d[:, None, :]
+            v = (v.reshape(-1, v.shape[-1]) @ s.T).reshape(*v.shape[:2], -1)
+        v = v * scales[-1][:, None, :]
+        parts.append((v * shared[-1][start:stop]).sum(-1))  # entries (start + j, j)
+    return torch.cat(parts, -1)
+
+
+def diagonal(paths: list[Path], x: Tensor, n_samples: int, chunk: int | None) -> Tensor:
+    """``sum_p c_p diag(F_{p,m} ... F_{p,1})`` for every sample, shape ``(N, n)``.
+
+    Rotating the product keeps its trace, not its diagonal, so each path is taken in its own
+    order: leading and trailing diagonals scale the result, and the matrices in between carry
+    the first one's ``n`` columns (about one forward pass of the middle layers per column)."""
+    n = x.numel() // n_samples
+    total = x.new_zeros(1, n)
+    for path in paths:
+        total = total + path.coefficient * _path_diagonal(_merged(path.factors), x, n, chunk)
+    return total if total.shape[0] == n_samples else total.expand(n_samples, n).clone()
+
+
+def _path_diagonal(factors: list[Factor], x: Tensor, n: int, chunk: int | None) -> Tensor:
+    ends = []
+    if factors and isinstance(factors[0], Diagonal):
+        ends.append(factors.pop(0).scale)
+    if factors and isinstance(factors[-1], Diagonal):
+        ends.append(factors.pop().scale)
+    if not factors:
+        core = x.new_ones(1, n)
+    elif len(factors) == 1:
+        core = factors[0].matrix.diagonal()[None]
+    else:
+        chain = _alternating(factors, cyclic=False)
+        core = _entries([f.matrix for f in chain[0::2]], [f.scale for f in chain[1::2]], chunk)
+    for scale in ends:
+        core = core * scale
+    return core
