@@ -92,7 +92,8 @@ def _cheaper_cycle(factors: list[Factor]) -> list[Factor]:
     joining the first and last layers of an MLP saves a layer, but when the event is much
     narrower than the layers (a 2-D flow) the cycle is best opened at the event itself."""
     closed = _closed(factors)
-    if len(closed) == len(factors) or len(closed) == 1:
+    ends_are_matrices = isinstance(factors[0], Shared) and isinstance(factors[-1], Shared)
+    if len(closed) == len(factors) or len(closed) == 1 or not ends_are_matrices:
         return closed
     return min(closed, factors, key=lambda c: _per_sample_cost(_alternated(c)[0]))
 
