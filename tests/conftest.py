@@ -120,3 +120,17 @@ class KnownJacobian:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(1234)
+
+
+class LegacyCube(torch.autograd.Function):
+    """Old-style Function (forward takes ctx): torch.func cannot run it at all."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad

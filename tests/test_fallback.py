@@ -4,23 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import LegacyCube, assert_close
 
 import torchdiv
-
-
-class LegacyCube(torch.autograd.Function):
-    """Old-style Function (forward takes ctx): torch.func cannot run it at all."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x**3
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * grad
 
 
 class CubeWithoutJvp(torch.autograd.Function):

@@ -12,7 +12,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import assert_close, reference_diagonal, reference_divergence
+from conftest import LegacyCube, assert_close, reference_diagonal, reference_divergence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -397,21 +397,9 @@ def test_chunk_size_bounds_memory(make, chunk, full_block):
     )
 
 
-class Cube(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x**3
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * grad
-
-
 def test_auto_falls_back_and_structured_names_the_custom_function():
     x = torch.randn(3, 4, dtype=f64, requires_grad=True)
-    f = lambda z: Cube.apply(z) * 2  # noqa: E731
+    f = lambda z: LegacyCube.apply(z) * 2  # noqa: E731
     assert_close(torchdiv.divergence(f, x), 6 * (x**2).sum(-1))
     assert_close(torchdiv.jacobian_diagonal(f, x), 6 * x**2)
     for fn in ("divergence", "jacobian_diagonal"):
@@ -436,9 +424,9 @@ def test_auto_falls_back_and_structured_names_the_op_without_a_rule():
 
 def test_custom_function_is_detected_when_x_does_not_require_grad():
     x = torch.randn(3, 4, dtype=f64)
-    assert_close(torchdiv.divergence(lambda z: Cube.apply(z), x), (3 * x**2).sum(-1))
+    assert_close(torchdiv.divergence(lambda z: LegacyCube.apply(z), x), (3 * x**2).sum(-1))
     with pytest.raises(UnsupportedOp, match=r"custom autograd\.Function"):
-        _structured.divergence("divergence", lambda z: Cube.apply(z), x, 1, None, strict=True)
+        _structured.divergence("divergence", lambda z: LegacyCube.apply(z), x, 1, None, strict=True)
 
 
 def test_a_no_grad_block_inside_f_is_a_constant_as_in_reverse_mode():

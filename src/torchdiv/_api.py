@@ -42,6 +42,28 @@ def _prepare(
     return checked(fn, f, x, batch_dims, square)
 
 
+def _exact_diagonal(
+    fn: str,
+    g: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    method: str,
+    chunk_size: int | None,
+    trace: bool,
+) -> torch.Tensor:
+    """Every sample's exact Jacobian diagonal ``(N, n)``, or with ``trace`` its sum ``(N,)``:
+    by the structured engine where ``method`` asks for it (``"auto"``: unless tiny), else by
+    the generic ones (also for ``"structured"`` on an empty ``x``: nothing to plan)."""
+    if method == "structured" or (method == "auto" and _structured.worthwhile(x, batch_dims)):
+        plan = _structured.divergence if trace else _structured.diagonal
+        planned = plan(fn, g, x, batch_dims, chunk_size, method == "structured")
+        if planned is not None:
+            return planned[0]
+    generic = "auto" if method == "structured" else method
+    diag, _ = _exact.evaluate(g, x, batch_dims, generic, chunk_size, _exact.diagonal)
+    return diag.sum(-1) if trace else diag
+
+
 @outside_inference_mode
 def jacobian(
     f: Function,
@@ -149,14 +171,7 @@ def jacobian_diagonal(
         )
         return _stochastic.diagonal_of_function(g, x, batch_dims, s, chunk_size)
     check_exact_options(fn, method, num_probes, generator, probe, probes)
-    planned = None
-    if method == "structured" or (method == "auto" and _structured.worthwhile(x, batch_dims)):
-        planned = _structured.diagonal(fn, g, x, batch_dims, chunk_size, method == "structured")
-    if planned is None:  # "structured" only for an empty x: nothing to plan
-        generic = "auto" if method == "structured" else method
-        diag, _ = _exact.evaluate(g, x, batch_dims, generic, chunk_size, _exact.diagonal)
-    else:
-        diag, _ = planned
+    diag = _exact_diagonal(fn, g, x, batch_dims, method, chunk_size, trace=False)
     return diag.reshape(x.shape).to(x.dtype)
 
 
@@ -248,15 +263,7 @@ def divergence(
         s = _trace.sampling(fn, x, batch_dims, method, num_probes, probe, probes, generator)
         return _stochastic.trace_of_function(g, x, batch_dims, s, chunk_size).value
     check_exact_options(fn, method, num_probes, generator, probe, probes)
-    planned = None
-    if method == "structured" or (method == "auto" and _structured.worthwhile(x, batch_dims)):
-        planned = _structured.divergence(fn, g, x, batch_dims, chunk_size, method == "structured")
-    if planned is None:  # "structured" only for an empty x: nothing to plan
-        generic = "auto" if method == "structured" else method
-        diag, _ = _exact.evaluate(g, x, batch_dims, generic, chunk_size, _exact.diagonal)
-        div = diag.sum(-1)
-    else:
-        div, _ = planned
+    div = _exact_diagonal(fn, g, x, batch_dims, method, chunk_size, trace=True)
     return div.reshape(x.shape[:batch_dims]).to(x.dtype)
 
 
