@@ -7,10 +7,13 @@ methods.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
 import torchdiv
 from torchdiv._bench.memory import peak_memory_mb
@@ -180,3 +183,412 @@ def test_deep_chain_does_not_hit_the_recursion_limit() -> None:
         torchdiv.divergence(net, x, method="structured"),
         torchdiv.divergence(net, x, method="reverse"),
     )
+
+
+# Second review: capture (views, repeated writes, batch norm statistics, generators, torch.func
+# transforms, custom Functions that detach, backward passes around the call), chains.
+
+D = 24
+
+
+def _reference_diagonal(f, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample Jacobian diagonal of ``f`` at ``x`` (batch_dims=1) by plain autograd."""
+    x = x.detach().clone().requires_grad_(True)
+    y = f(x)
+    out = torch.zeros_like(x)
+    for i in range(x.shape[1]):
+        (g,) = torch.autograd.grad(y[:, i].sum(), x, retain_graph=True)
+        out[:, i] = g[:, i]
+    return out
+
+
+def _reference_divergence(f, x: torch.Tensor) -> torch.Tensor:
+    return _reference_diagonal(f, x).sum(-1)
+
+
+class _NumpyCube(torch.autograd.Function):
+    """x**3 computed outside torch, as in PyTorch's "extending with numpy" tutorial."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(x.detach().numpy() ** 3)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_custom_function_that_detaches_its_input(method: str) -> None:
+    # capture._Recorder.refuse flags a custom Function only when an op *reads x* with grad
+    # and forward grad off; aten.detach is in _CONSTANT_RESULTS (reads_x is False for it), so
+    # a forward that starts with x.detach() (needed for .numpy()) is never seen: its output
+    # is a constant and the divergence comes out 0 instead of falling back.
+    torch.manual_seed(0)
+    w = torch.randn(D, D, dtype=f64) / 5
+    x = torch.randn(32, D, dtype=f64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(_NumpyCube.apply(x) @ w)
+
+    _close(torchdiv.divergence(f, x, method="reverse"), _reference_divergence(f, x))
+    if method == "structured":  # no replay can run the Function: refuse, as documented
+        with pytest.raises(NotImplementedError):
+            torchdiv.divergence(f, x, method=method)
+    else:
+        _close(torchdiv.divergence(f, x, method=method), _reference_divergence(f, x))
+
+
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_vmap_over_divergence_is_not_silently_zero(method: str) -> None:
+    # Under torch.func transforms the dispatch mode sees the unwrapped tensors, not the x
+    # passed to capture (another id): nothing depends on x and the result is 0 for every
+    # sample. Before issue 7, "auto" raised here (torch.func refuses requires_grad_) instead
+    # of returning a wrong number.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(80, 32), nn.Tanh(), nn.Linear(32, 80)).to(f64)
+    x = torch.randn(4, 80, dtype=f64)
+    expected = _reference_divergence(net, x)
+    try:
+        got = vmap(lambda xi: torchdiv.divergence(net, xi, batch_dims=0, method=method))(x)
+    except (RuntimeError, NotImplementedError):
+        return  # refusing is acceptable; a wrong value is not
+    _close(got, expected)
+
+
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_torch_func_grad_of_divergence_wrt_parameters(method: str) -> None:
+    # torch.func.grad over functional_call: the parameters are GradTrackingTensors, the
+    # recorder keeps their unwrapped values by reference, and the replayed divergence is
+    # not differentiable w.r.t. the wrapped ones: the training gradient is wrong.
+    # method="reverse" gives the right gradient.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(D, 32), nn.Tanh(), nn.Linear(32, D)).to(f64)
+    x = torch.randn(32, D, dtype=f64)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], m: str) -> torch.Tensor:
+        return torchdiv.divergence(lambda z: functional_call(net, p, (z,)), x, method=m).sum()
+
+    expected = grad(loss)(params, "reverse")
+    try:
+        got = grad(loss)(params, method)
+    except (RuntimeError, NotImplementedError):
+        return  # refusing is acceptable; a wrong gradient is not
+    for name in params:
+        _close(got[name], expected[name])
+
+
+def _check_buffer_case(f, x: torch.Tensor, buf: torch.Tensor, diag: bool = False) -> None:
+    reference = _reference_diagonal if diag else _reference_divergence
+    op = torchdiv.jacobian_diagonal if diag else torchdiv.divergence
+    start = buf.clone()
+    expected = reference(f, x)
+    after_one_call = buf.clone()
+    for method in ("auto", "structured"):
+        buf.copy_(start)
+        _close_or_refused(lambda m=method: op(f, x, method=m), expected, method)
+        _close(buf, after_one_call)
+
+
+def _close_or_refused(call, expected: torch.Tensor, method: str) -> None:
+    """``"auto"`` must be right; ``"structured"`` may refuse what it cannot replay exactly
+    (writes to tensors f read before), with ``NotImplementedError``."""
+    try:
+        _close(call(), expected)
+    except NotImplementedError as exc:
+        assert method == "structured" and "read before" in str(exc), exc
+
+
+@pytest.mark.parametrize("diag", [False, True])
+def test_buffer_written_twice(diag: bool) -> None:
+    # keep_outside snapshots the buffer at its first write only: after `buf.add_` the
+    # recorder maps id(buf) to the add_ node (a Ref), so the second write is skipped
+    # (`id(tensor) in self.refs`), and the reads between the two writes replay the kept
+    # output of add_, i.e. the live buffer after *both* writes.
+    torch.manual_seed(0)
+    w = torch.randn(D, D, dtype=f64) / 5
+    buf = torch.zeros(D, dtype=f64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x @ w + buf)
+        buf.add_(1.0)
+        z = torch.tanh(y @ w + buf)
+        buf.add_(1.0)
+        return torch.tanh(z @ w + buf)
+
+    _check_buffer_case(f, torch.randn(32, D, dtype=f64), buf, diag)
+
+
+def test_buffer_written_through_a_view() -> None:
+    # `buf[:5].add_(1)`: the slice is a recorded output (a Ref), so keep_outside skips it
+    # (`id(tensor) in self.refs`): the buffer is neither snapshotted for earlier readers nor
+    # restored by Graph.undo.
+    torch.manual_seed(0)
+    w = torch.randn(D, D, dtype=f64) / 5
+    buf = torch.zeros(D, dtype=f64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x @ w + buf)
+        buf[:5].add_(1.0)
+        return torch.tanh(y @ w + buf)
+
+    _check_buffer_case(f, torch.randn(32, D, dtype=f64), buf)
+
+
+def test_buffer_written_through_a_view_then_fallback_runs_it_once() -> None:
+    # The same write, then an op without a rule: "auto" falls back after Graph.undo, which
+    # has no snapshot of the buffer, so the update happens twice.
+    torch.manual_seed(0)
+    w = torch.randn(D, D, dtype=f64) / 5
+    buf = torch.zeros(D, dtype=f64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x @ w + buf)
+        buf[:5].add_(1.0)
+        return torch.cummax(y @ w, -1).values
+
+    torchdiv.divergence(f, torch.randn(32, D, dtype=f64))
+    _close(buf, torch.tensor([1.0] * 5 + [0.0] * (D - 5), dtype=f64))
+
+
+def test_outside_view_read_then_buffer_written() -> None:
+    # A closure holding a view of the buffer: readers are keyed by id(view) but the write is
+    # to id(buf), so the reads of the view are not rewritten to the snapshot and the replay
+    # reads the updated values.
+    torch.manual_seed(0)
+    w = torch.randn(D, D, dtype=f64) / 5
+    buf = torch.zeros(D, dtype=f64)
+    view = buf[:]
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x @ w + view)
+        buf.add_(1.0)
+        return torch.tanh(y @ w)
+
+    _check_buffer_case(f, torch.randn(32, D, dtype=f64), buf)
+
+
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_batch_norm_running_statistics_move_once(method: str) -> None:
+    # aten.native_batch_norm writes running_mean/var without marking them in its schema
+    # (no `Tensor(a!)`): _written misses them, Graph.undo cannot restore them, _kept does
+    # not keep the call, and values() replays it (f mutated num_batches_tracked, so the
+    # values are recomputed): the statistics move 2x ("structured", which then refuses) or
+    # 3x ("auto": capture, replay, generic engine) instead of once. The first review's test
+    # checked num_batches_tracked only.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(D, D), nn.BatchNorm1d(D), nn.Tanh(), nn.Linear(D, D))
+    net = net.to(f64).train()
+    x = torch.randn(32, D, dtype=f64)
+    net(x)
+    once = net[1].running_mean.clone(), net[1].running_var.clone()
+    net[1].reset_running_stats()
+    with contextlib.suppress(NotImplementedError):  # "structured" refuses; f still ran once
+        torchdiv.divergence(net, x, method=method)
+    _close(net[1].running_mean, once[0])
+    _close(net[1].running_var, once[1])
+
+
+class _Velocity(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 4)).to(f64)
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z, t.expand(z.shape[0], 1)], 1))
+
+
+def test_structured_flow_with_adjoint() -> None:
+    # The adjoint solve evaluates the dynamics inside autograd's backward pass, where
+    # torch._C._current_graph_task_id() != -1 for every op: _Recorder.refuse takes that for
+    # "a backward pass (autograd.grad) inside f", so method="structured" raises for a plain
+    # MLP (and "auto" silently loses the structured engine for the whole backward solve).
+    # Suggested: compare with the task id at capture's entry, not with -1.
+    from torchdiv.flows import log_likelihood
+
+    torch.manual_seed(0)
+    f = _Velocity()
+    x = torch.randn(8, 4, dtype=f64)
+
+    def base(z: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (z**2).sum(-1)
+
+    grads = {}
+    for method in ("reverse", "structured"):
+        f.zero_grad()
+        log_likelihood(f, x, 0.0, 1.0, base, method=method, adjoint=True).sum().backward()
+        grads[method] = [p.grad.clone() for p in f.parameters()]
+    for got, expected in zip(grads["structured"], grads["reverse"], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_no_grad_block_inside_f_called_from_a_custom_function_forward() -> None:
+    # A custom Function's forward runs with forward-mode AD off (torchdiffeq's adjoint solve
+    # does, for instance); capture enables grad around f but not forward AD, so an ordinary
+    # no_grad block in f is taken for "a custom autograd.Function" and "structured" refuses
+    # a graph it plans outside the Function. (An inference_mode block misfires the same way.)
+    torch.manual_seed(0)
+    w = torch.randn(D, D, dtype=f64) / 5
+    x = torch.randn(32, D, dtype=f64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            scale = x.norm(dim=1, keepdim=True)
+        return torch.tanh(x @ w) * scale
+
+    class Outer(torch.autograd.Function):
+        @staticmethod
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return torchdiv.divergence(f, x, method="structured")
+
+        @staticmethod
+        def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+        @staticmethod
+        def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+            return g
+
+    _close(Outer.apply(x), torchdiv.divergence(f, x, method="structured"))
+
+
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_in_place_write_to_x_inside_f(method: str) -> None:
+    # f doubles x in place: the recorder records a functional mul and maps id(x) to it, but
+    # values() replays (f mutated something) reading Ref(-1) = the already doubled x, so the
+    # plan is evaluated at 4 x instead of 2 x: a silently wrong divergence. The generic
+    # engines raise here ("a leaf Variable that requires grad is being used in an in-place
+    # operation"); either raising or the right value is acceptable.
+    torch.manual_seed(0)
+    w = torch.randn(D, D, dtype=f64) / 5
+    x0 = torch.randn(32, D, dtype=f64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2.0)
+        return torch.tanh(x @ w)
+
+    expected = _reference_divergence(lambda x: f(x.clone()), x0)
+    try:
+        got = torchdiv.divergence(f, x0.clone(), method=method)
+    except (RuntimeError, NotImplementedError):
+        return
+    _close(got, expected)
+
+
+def test_structured_divergence_under_non_reentrant_checkpoint() -> None:
+    # Same root cause as the adjoint: torch.utils.checkpoint recomputes f during backward,
+    # where the graph task id is set, so the recomputation refuses ("structured") or takes
+    # the generic engine ("auto": CheckpointError, the recomputed tensors differ from the
+    # saved ones).
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(D, 32), nn.Tanh(), nn.Linear(32, D)).to(f64)
+    x = torch.randn(32, D, dtype=f64)
+    expected = torch.autograd.grad(torchdiv.divergence(net, x).sum(), net[0].weight)[0]
+    for method in ("auto", "structured"):
+        out = checkpoint(
+            lambda z, m=method: torchdiv.divergence(net, z, method=m), x, use_reentrant=False
+        )
+        _close(torch.autograd.grad(out.sum(), net[0].weight)[0], expected)
+
+
+def test_torch_func_grad_of_laplacian_wrt_parameters() -> None:
+    # The Laplacian's Taylor engine shares the capture: the same unwrapped parameters give
+    # a wrong training gradient under torch.func.grad ("forward-over-reverse" is right).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(f64)
+    x = torch.randn(16, 8, dtype=f64)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], m: str) -> torch.Tensor:
+        u = lambda z: functional_call(net, p, (z,)).squeeze(-1)  # noqa: E731
+        return torchdiv.laplacian(u, x, method=m).sum()
+
+    expected = grad(loss)(params, "forward-over-reverse")
+    try:
+        got = grad(loss)(params, "auto")
+    except (RuntimeError, NotImplementedError):
+        return
+    for name in params:
+        _close(got[name], expected[name])
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # cummax's batched backward
+def test_fallback_restores_an_explicit_generator() -> None:
+    # Graph.undo restores the global generators (_random_states) only: noise drawn from a
+    # torch.Generator that f owns is drawn again by the fallback, so the generator moves
+    # twice (the generic engines alone move it once, as f does).
+    torch.manual_seed(0)
+    w = torch.randn(D, D, dtype=f64) / 5
+    x = torch.randn(32, D, dtype=f64)
+    gen = torch.Generator().manual_seed(0)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(x.shape, generator=gen, dtype=f64)
+        return torch.cummax(torch.tanh(x @ w) + noise, -1).values  # no rule: falls back
+
+    f(x)
+    once = gen.get_state()
+    gen.manual_seed(0)
+    torchdiv.divergence(f, x)
+    assert torch.equal(gen.get_state(), once)
+
+
+@pytest.mark.parametrize("write", ["diagonal_zero", "setitem", "fill_view"])
+def test_in_place_write_through_a_view_of_a_tensor_made_in_f(write: str) -> None:
+    # A weight with its diagonal zeroed inside f (a hollow layer, the classic trick for
+    # cheap exact divergences), or a mask filled through a slice: the write goes to a view
+    # (a recorded output, skipped by keep_outside), it is kept not replayed, but the base
+    # tensor is read through its own node, which values() replays (f mutated something)
+    # without the write: the plan sees an unmasked weight and the result is silently wrong.
+    # Suggested: compare tensor._version (shared by views) at every read with the version
+    # recorded with the Ref; a changed constant is read as a snapshot, a changed dependent
+    # tensor makes the graph unsupported.
+    torch.manual_seed(0)
+    w = torch.randn(D, D, dtype=f64) / 3
+    x = torch.randn(32, D, dtype=f64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        if write == "diagonal_zero":
+            m = w.clone()
+            m.diagonal().zero_()
+            return torch.tanh(x @ m) @ m
+        mask = torch.ones(D, dtype=f64)
+        if write == "setitem":
+            mask[:5] = 2.0
+        else:
+            mask[:4].fill_(0.0)
+        return torch.tanh(x @ w) @ (w * mask)
+
+    expected = _reference_diagonal(f, x)
+    for method in ("auto", "structured"):
+        _close_or_refused(
+            lambda m=method: torchdiv.jacobian_diagonal(f, x, method=m), expected, method
+        )
+        _close_or_refused(
+            lambda m=method: torchdiv.divergence(f, x, method=m), expected.sum(-1), method
+        )
+
+
+def test_view_of_buffer_made_before_the_write_and_read_after_it() -> None:
+    # keep_outside rewrites the readers of the buffer to its snapshot, the view op included:
+    # a view taken before the write and read after it replays the old values, where f read
+    # the updated ones.
+    torch.manual_seed(0)
+    w = torch.randn(D, D, dtype=f64) / 3
+    buf = torch.zeros(D, dtype=f64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        v = buf.view(D)
+        y = torch.tanh(x @ w + v)
+        buf.add_(1.0)
+        return torch.tanh(y @ w + v)
+
+    _check_buffer_case(f, torch.randn(32, D, dtype=f64), buf)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch._decomp import core_aten_decompositions
+from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchdiv._modes import math_attention
@@ -106,7 +107,13 @@ class _Recorder(TorchDispatchMode):
         self.dependent: set[Ref] = {Ref(-1)}
         self.alive: list[Any] = [x]  # keeps ids unique while recording
         self.mutated = False
-        self.readers: dict[int, list[int]] = {}  # outside tensor id -> nodes that read it
+        self.task = torch._C._current_graph_task_id()  # a backward pass f is called from
+        # by storage: the recorded calls that read it (node, tensor id), and whether a view of
+        # it was made or it was written before; writes to x's storage are refused
+        self.readers: dict[int, list[tuple[int, int]]] = {}
+        self.viewed: set[int] = set()
+        self.written: set[int] = set()
+        self.x_storage = _storage(x)
 
     def ref(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -140,28 +147,29 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         # under no_grad inside f (capture enables grad around f) results are constants, as
         # reverse mode sees them
-        reads_x = self.depends(args, kwargs) and func not in _CONSTANT_RESULTS
+        touches_x = self.depends(args, kwargs)
+        reads_x = touches_x and func not in _CONSTANT_RESULTS
         depends = reads_x and torch.is_grad_enabled()
-        self.refuse(func, reads_x)
+        self.refuse(func, touches_x)
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
             with self:
                 return _DECOMPOSITIONS[func](*args, **kwargs)
         recorded = self.functional(func, args) if depends else func
-        if func._schema.is_mutable:  # kept, not replayed: what it reads does not matter
+        written = _written(func, args, kwargs)
+        if written:  # kept, not replayed: what it reads does not matter
             self.mutated = True
-            self.keep_outside(func, args, kwargs)
-        else:
-            for a in leaves((args, kwargs)):
-                if isinstance(a, torch.Tensor) and id(a) not in self.refs:
-                    self.readers.setdefault(id(a), []).append(len(self.graph.nodes))
+            self.before_writes(func, written, depends)
+        self.keep_generator(func, kwargs)
         out = func(*args, **kwargs)
         outs = leaves(out)
+        if not written:
+            self.note_reads(args, kwargs, outs)
         differentiable = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in outs)
         depends = depends and differentiable
         if depends and (recorded not in self.rules or recorded._schema.is_mutable):
             self.graph.unsupported.append(str(func))
         index = len(self.graph.nodes)
-        kept = None if depends else _kept(func, outs)
+        kept = None if depends else _kept(func, outs, bool(written))
         self.graph.nodes.append(
             Node(recorded, map_leaves(self.ref, args), map_leaves(self.ref, kwargs), depends, kept)
         )
@@ -174,44 +182,105 @@ class _Recorder(TorchDispatchMode):
         self.alive.append(out)
         return out
 
-    def refuse(self, func: Any, reads_x: bool) -> None:
+    def refuse(self, func: Any, touches_x: bool) -> None:
         """Note what no replay can reproduce: a backward pass inside ``f`` (a score function
         ``grad(E(x), x)``: its calls read tensors autograd saved, which are no recorded
         calls' outputs), and a custom ``autograd.Function``, whose ``forward`` runs with
-        autograd off like a ``no_grad`` block but, unlike one, with forward-mode AD off too."""
-        if torch._C._current_graph_task_id() != -1:
+        autograd off like a ``no_grad`` block but, unlike one, with forward-mode AD off too
+        (``capture`` turns it on around ``f``)."""
+        if torch._C._current_graph_task_id() != self.task:
             self.graph.unsupported.append("a backward pass (autograd.grad) inside f")
-        elif reads_x and not torch.is_grad_enabled() and not torch._C._is_fwd_grad_enabled():
+        elif (
+            touches_x
+            and not torch.is_grad_enabled()
+            and not torch._C._is_fwd_grad_enabled()
+            and not torch.is_inference_mode_enabled()
+        ):
             self.graph.unsupported.append("a custom autograd.Function")
 
-    def keep_outside(self, func: Any, args: Any, kwargs: Any) -> None:
-        """Before ``func`` writes to a tensor from outside ``f`` (a buffer): keep its value, for
-        ``Graph.undo`` and for the calls recorded since the last write, which read it (a
-        replay then reads what they read, not the updated buffer)."""
-        for tensor in _written(func, args, kwargs):
-            if id(tensor) in self.refs:
+    def note_reads(self, args: Any, kwargs: Any, outs: list[Any]) -> None:
+        """Remember which storages the call about to be recorded reads, and whether its
+        result is a view of one of them."""
+        index = len(self.graph.nodes)
+        made = {_storage(t) for t in outs if isinstance(t, torch.Tensor)}
+        for a in leaves((args, kwargs)):
+            if isinstance(a, torch.Tensor):
+                storage = _storage(a)
+                self.readers.setdefault(storage, []).append((index, id(a)))
+                if storage in made:
+                    self.viewed.add(storage)
+
+    def before_writes(self, func: Any, written: list[torch.Tensor], depends: bool) -> None:
+        """Before ``func`` writes in place: keep each written tensor's value for
+        ``Graph.undo``. The calls recorded before that read it must see the old value in a
+        replay: when they read a tensor from outside ``f`` (a buffer), not a view of it,
+        written for the first time, they are given a copy of it; anything harder (a second
+        write, a write through a view, a view read later, a write to ``x``) is refused."""
+        for tensor in written:
+            storage = _storage(tensor)
+            if storage == self.x_storage:
+                self.graph.unsupported.append(f"{func} writing to x")
                 continue
-            if tensor.requires_grad:  # a parameter: its old value would lose its gradient
-                self.graph.unsupported.append(f"{func} on a tensor that requires grad")
+            if depends and id(tensor) in self.refs:  # recorded out of place (``functional``)
+                continue
+            if depends:  # a call on x that also updates state (training-mode batch norm)
+                self.graph.unsupported.append(f"{func} updating a tensor besides its result")
             before = tensor.detach().clone()
             self.graph.changed.append((tensor, before))
-            for index in self.readers.pop(id(tensor), []):
+            readers = self.readers.pop(storage, [])
+            simple = (
+                id(tensor) not in self.refs
+                and tensor._base is None
+                and storage not in self.viewed | self.written
+                and all(read == id(tensor) for _, read in readers)
+            )
+            self.written.add(storage)
+            if not readers:
+                continue
+            if not simple or tensor.requires_grad:
+                self.graph.unsupported.append(f"{func} on a tensor f read before")
+                continue
+            for index, _ in readers:
                 node = self.graph.nodes[index]
                 node.args, node.kwargs = map_leaves(
                     lambda a, t=tensor, b=before: b if a is t else a, (node.args, node.kwargs)
                 )
 
+    def keep_generator(self, func: Any, kwargs: Any) -> None:
+        """A ``torch.Generator`` a random call draws from, for ``Graph.undo``."""
+        generator = kwargs.get("generator")
+        if (
+            generator is not None
+            and torch.Tag.nondeterministic_seeded in func.tags
+            and all(restore != generator.set_state for restore, _ in self.graph.rng)
+        ):
+            self.graph.rng.append((generator.set_state, generator.get_state()))
 
-def _kept(func: Any, leaves: list[Any]) -> list[Any] | None:
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _kept(func: Any, leaves: list[Any], writes: bool) -> list[Any] | None:
     """The outputs of a random or mutating op, which a replay must not run again: a second
     dropout mask, or a buffer incremented once more (or an ``out=`` op that autograd refuses)."""
     random = torch.Tag.nondeterministic_seeded in func.tags
-    return leaves if random or func._schema.is_mutable else None
+    return leaves if random or writes else None
+
+
+# training-mode batch norm updates its running statistics (arguments 3 and 4) in place,
+# though its schema does not say so
+_BATCH_NORMS = {
+    torch.ops.aten.native_batch_norm.default,
+    torch.ops.aten._native_batch_norm_legit.default,
+}
 
 
 def _written(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
-    """The tensors a mutating ATen call writes to (its schema marks them)."""
+    """The tensors an ATen call writes to (its schema marks them; batch norm's statistics)."""
     out = []
+    if func in _BATCH_NORMS and len(args) > 5 and args[5]:
+        out += [t for t in args[3:5] if isinstance(t, torch.Tensor)]
     for i, argument in enumerate(func._schema.arguments):
         if argument.alias_info is None or not argument.alias_info.is_write:
             continue
@@ -244,14 +313,19 @@ def capture(
 
     ``rules`` holds the ops that have a propagation rule; dependent calls outside it are
     decomposed where PyTorch can, else listed in ``Graph.unsupported`` (so are a backward
-    pass or a custom ``autograd.Function`` inside ``f``, and an in-place update of a tensor
-    ``f`` read before). ``keep_values`` keeps every call's outputs in ``Graph.values``
-    (differentiable, as ``f`` computed them), unless ``f`` ran an in-place op. A caller that
-    gives up on the graph and evaluates ``f`` again calls ``Graph.undo()`` first.
+    pass or a custom ``autograd.Function`` inside ``f``, a write to ``x``, writes that a
+    replay cannot reproduce (see ``_Recorder.before_writes``), and a ``torch.func``
+    transform around the call, under which ``f`` is not even called). ``keep_values`` keeps
+    every call's outputs in ``Graph.values`` (differentiable, as ``f`` computed them), unless
+    ``f`` ran an in-place op. A caller that gives up on the graph and evaluates ``f`` again
+    calls ``Graph.undo()`` first.
     """
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        # under vmap/grad/jvp the calls carry unwrapped tensors: nothing can be recorded
+        return Graph(unsupported=["a torch.func transform around the call"])
     recorder = _Recorder(x, rules)
     recorder.graph.rng = _random_states(x)
-    with torch.enable_grad(), math_attention(), recorder:
+    with torch.enable_grad(), _set_fwd_grad_enabled(True), math_attention(), recorder:
         y = f(x)
     recorder.graph.output = map_leaves(recorder.ref, y)
     recorder.graph.output_shape = tuple(y.shape)
