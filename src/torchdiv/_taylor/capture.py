@@ -258,7 +258,11 @@ class _Recorder(TorchDispatchMode):
 
 
 def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+    """Where ``t``'s elements live (views share it); a tensor without storage is its own."""
+    try:
+        return t.untyped_storage().data_ptr() or id(t)
+    except (RuntimeError, NotImplementedError):  # sparse, nested, ...
+        return id(t)
 
 
 def _kept(func: Any, leaves: list[Any], writes: bool) -> list[Any] | None:
