@@ -84,3 +84,11 @@ def host_planning() -> Any:
     that a counter of host synchronisations sees only work on the data."""
     with _disable_current_modes():
         yield
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A plan's CPU tensor on ``device`` without making the host wait: to a GPU, copied
+    asynchronously from pinned memory (a copy from ordinary memory synchronises)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -72,6 +72,11 @@ from torchdiv._probes import draw
 __all__ = ["AugmentedDynamics", "log_likelihood"]
 
 FLOW_METHODS = (*_exact.EXACT_METHODS, "structured", *STOCHASTIC_METHODS)
+# Their probes default to Gaussian here: Rademacher sketch vectors of a small event repeat up
+# to sign (n = 3: a pair does with probability 1/4), the sketch's basis then has a column set
+# by round-off, the estimate jumps between function evaluations and an adaptive solver's
+# step collapses (dopri5 stalled past 1500 evaluations where 100 do)
+_SKETCHING = ("hutch++", "xtrace")
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -109,6 +114,8 @@ def _sampling(
     if method not in STOCHASTIC_METHODS:
         check_exact_options(fn, method, num_probes, generator, probe, probes)
         return None
+    if probe is None and probes is None and method in _SKETCHING:
+        probe = "gaussian"  # see _SKETCHING
     s = _trace.sampling(fn, x, batch_dims, method, num_probes, probe, probes, generator)
     if s.probes is None:  # drawn as draw_probes draws them: at least float32, then x's dtype
         dtype = torch.promote_types(x.dtype, torch.float32)
@@ -283,7 +290,10 @@ def log_likelihood(
         rtol, atol: the solver's tolerances (adaptive solvers).
         solver: a ``torchdiffeq`` method: ``"dopri5"``, ``"rk4"``, ``"euler"``, ...
         return_stderr: also return the standard error of the estimate.
-        probe: probe distribution, ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"``.
+        probe: probe distribution, ``"rademacher"``, ``"gaussian"`` or ``"sphere"``; default
+            Rademacher for Hutchinson, Gaussian for Hutch++ and XTrace (repeated Rademacher
+            sketch vectors make their estimate jump between evaluations, stalling adaptive
+            solvers on small events).
         probes: probes drawn by ``torchdiv.draw_probes(x, num_probes, method=...)``, used for
             the whole solve, instead of ``probe``/``generator``.
         chunk_size: at most this many Jacobian-vector products in flight (bounds memory).
@@ -333,7 +343,7 @@ def log_likelihood(
         chunk_size=chunk_size,
     )  # fmt: skip
     state = dynamics.initial_state(x)
-    if times[0] != times[1]:  # one synchronisation per solve; equal times: nothing moves
+    if times[0] != times[1] and x.numel():  # one synchronisation per solve; else no motion
         odeint = ode.odeint_adjoint if adjoint else ode.odeint
         z, delta = odeint(dynamics, state, times, rtol=rtol, atol=atol, method=solver,
                           options=options)  # fmt: skip

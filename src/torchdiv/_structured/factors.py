@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from torchdiv._modes import host_planning
+from torchdiv._modes import host_planning, to_device
 from torchdiv._taylor import RULES, Context, Graph, Jet
 from torchdiv._taylor.capture import Node, Ref
 from torchdiv._taylor.elementwise import DERIVATIVES
@@ -240,7 +240,7 @@ class _Walker:
                 return ()  # the identity on every sample's flattened event (a reshape, a copy)
             matrix = torch.zeros(w_out, w_in, dtype=a.dtype)
             matrix[torch.arange(w_out)[kept], source_index[kept]] = 1
-        return (Shared(matrix.to(a.device)),)
+        return (Shared(to_device(matrix, a.device)),)
 
 
 def _is(v: Any, ref: Ref) -> bool:

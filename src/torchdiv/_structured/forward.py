@@ -14,7 +14,7 @@ import torch
 
 from torchdiv._basis import chunks
 from torchdiv._checks import event_numel
-from torchdiv._modes import host_planning
+from torchdiv._modes import host_planning, to_device
 from torchdiv._taylor import Context, Graph, Jet, propagate
 
 # widest jac (directions x elements) per chunk when the caller gives no chunk_size
@@ -45,11 +45,11 @@ def diagonal(
     entries, constants = [], {}
     for start, stop, mine in pieces:
         columns = _columns(graph, x, batch_dims, colors, start, stop, constants)
-        rows, elements = (colors[mine] - start).to(x.device), mine.to(x.device)
+        rows, elements = to_device(colors[mine] - start, x.device), to_device(mine, x.device)
         entries.append(columns[rows, :, elements].T)  # (N, elements of the chunk)
     if not entries:
         return x.new_zeros(x.shape[:batch_dims].numel(), n)
-    return torch.cat(entries, 1)[:, back.to(x.device)]
+    return torch.cat(entries, 1)[:, to_device(back, x.device)]
 
 
 def _columns(
@@ -64,7 +64,8 @@ def _columns(
     """``J v_g`` for the colours ``g`` in ``[start, stop)``, flat ``(k, N, n)``."""
     k, n_samples = stop - start, x.shape[:batch_dims].numel()
     picked = colors[None, :] == torch.arange(start, stop)[:, None]
-    directions = picked.to(x.device, x.dtype).reshape(k, *[1] * batch_dims, *x.shape[batch_dims:])
+    directions = to_device(picked, x.device).to(x.dtype)
+    directions = directions.reshape(k, *[1] * batch_dims, *x.shape[batch_dims:])
     out = propagate(graph, Jet(x, directions, None), Context(k, False), constants)
     if not isinstance(out, Jet) or out.jac is None:  # f(x) does not depend on x
         return x.new_zeros(k, n_samples, event_numel(x, batch_dims))
