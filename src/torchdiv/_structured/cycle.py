@@ -21,7 +21,11 @@ per-sample diagonals ``D_i``:
   5-layer MLP, D = H = 256, N = 128, on a 2-core CPU).
 
 A 3-layer MLP (two activations) is ``n = 2``: its exact divergence costs about two forward
-passes instead of ``D``.
+passes instead of ``D`` (plus recording ``f``). Joining the last matrix to the first is skipped
+when leaving the cycle open at the event is cheaper (a 2-D flow with 64-wide layers: 2
+columns, not 64). Jacobian *diagonals* cannot rotate (the trace is invariant, the diagonal is
+not): ``diagonal`` keeps each path in its order, leading and trailing diagonals scale the
+result, and the first matrix's columns are carried through the others (``_entries``).
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ def _cheaper_cycle(factors: list[Factor]) -> list[Factor]:
     ends_are_matrices = isinstance(factors[0], Shared) and isinstance(factors[-1], Shared)
     if len(closed) == len(factors) or len(closed) == 1 or not ends_are_matrices:
         return closed
-    return min(closed, factors, key=lambda c: _per_sample_cost(_alternated(c)[0]))
+    return min(closed, factors, key=lambda c: _rotation(_alternated(c)[0])[0])
 
 
 def _alternated(cycle: list[Factor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -106,11 +110,12 @@ def _alternated(cycle: list[Factor]) -> tuple[list[Tensor], list[Tensor]]:
     return [f.matrix for f in cycle[0::2]], [f.scale for f in cycle[1::2]]
 
 
-def _per_sample_cost(shared: list[Tensor]) -> int:
-    """Multiply-adds per sample of ``_cycle_trace`` (the matrices' own products aside)."""
+def _rotation(shared: list[Tensor]) -> tuple[int, int]:
+    """Multiply-adds per sample of ``_cycle_trace`` on these matrices (their own products
+    aside), and the matrix to open the cycle before (``n >= 3``)."""
     if len(shared) <= 2:
-        return shared[-1].numel()
-    return min(_cost(shared[r:] + shared[:r]) for r in range(len(shared)))
+        return shared[-1].shape[0] if len(shared) == 1 else shared[-1].numel(), 0
+    return min((_cost(shared[r:] + shared[:r]), r) for r in range(len(shared)))
 
 
 def _cycle_trace(cycle: list[Factor], chunk: int | None) -> Tensor:
@@ -125,7 +130,7 @@ def _cycle_trace(cycle: list[Factor], chunk: int | None) -> Tensor:
         return (scales[0] * shared[0].diagonal()).sum(-1)
     if len(shared) == 2:
         return ((scales[1] @ (shared[1] * shared[0].T)) * scales[0]).sum(-1)
-    best = min(range(len(shared)), key=lambda r: _cost(shared[r:] + shared[:r]))
+    _, best = _rotation(shared)
     return _opened(shared[best:] + shared[:best], scales[best:] + scales[:best], chunk)
 
 
