@@ -426,7 +426,7 @@ def test_custom_function_is_detected_when_x_does_not_require_grad():
     x = torch.randn(3, 4, dtype=f64)
     assert_close(torchdiv.divergence(lambda z: LegacyCube.apply(z), x), (3 * x**2).sum(-1))
     with pytest.raises(UnsupportedOp, match=r"custom autograd\.Function"):
-        _structured.divergence("divergence", lambda z: LegacyCube.apply(z), x, 1, None, strict=True)
+        _structured.plan("divergence", lambda z: LegacyCube.apply(z), x, 1, None, True, True)
 
 
 def test_a_no_grad_block_inside_f_is_a_constant_as_in_reverse_mode():

@@ -54,9 +54,8 @@ def _exact_diagonal(
     """Every sample's exact Jacobian diagonal ``(N, n)``, or with ``trace`` its sum ``(N,)``:
     by the structured engine where ``method`` asks for it (``"auto"``: unless tiny), else by
     the generic ones (also for ``"structured"`` on an empty ``x``: nothing to plan)."""
-    if method == "structured" or (method == "auto" and _structured.worthwhile(x, batch_dims)):
-        plan = _structured.divergence if trace else _structured.diagonal
-        planned = plan(fn, g, x, batch_dims, chunk_size, method == "structured")
+    if _structured.chosen(method, x, batch_dims):
+        planned = _structured.plan(fn, g, x, batch_dims, chunk_size, method == "structured", trace)
         if planned is not None:
             return planned[0]
     generic = "auto" if method == "structured" else method

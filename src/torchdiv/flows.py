@@ -223,11 +223,9 @@ class AugmentedDynamics(nn.Module):
         """``(div f, f)`` at ``z``: the structured engine where it runs (``"auto"``, and
         ``"structured"``, which raises otherwise), else the generic ones."""
         method, fn = self.method, "AugmentedDynamics"
-        if method == "structured" or (
-            method == "auto" and _structured.worthwhile(z, self.batch_dims)
-        ):
-            planned = _structured.divergence(
-                fn, velocity, z, self.batch_dims, self.chunk_size, method == "structured"
+        if _structured.chosen(method, z, self.batch_dims):
+            planned = _structured.plan(
+                fn, velocity, z, self.batch_dims, self.chunk_size, method == "structured", True
             )
             if planned is not None:
                 trace, v = planned

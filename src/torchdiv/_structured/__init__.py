@@ -39,39 +39,14 @@ Function = Callable[[torch.Tensor], torch.Tensor]
 TINY_PROBLEM = 1 << 12
 
 
-def worthwhile(x: torch.Tensor, batch_dims: int) -> bool:
-    """Whether ``"auto"`` plans ``f`` at ``x`` (see ``TINY_PROBLEM``)."""
-    return math.prod(x.shape[batch_dims:]) * x.numel() > TINY_PROBLEM
+def chosen(method: str, x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether ``method`` plans ``f`` at ``x``: ``"structured"`` always, ``"auto"`` unless the
+    problem is tiny (see ``TINY_PROBLEM``)."""
+    big = math.prod(x.shape[batch_dims:]) * x.numel() > TINY_PROBLEM
+    return method == "structured" or (method == "auto" and big)
 
 
-def divergence(
-    fn: str,
-    f: Function,
-    x: torch.Tensor,
-    batch_dims: int,
-    chunk_size: int | None,
-    strict: bool,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Every sample's divergence, ``(N,)``, and ``f(x)`` (one evaluation serves both: an
-    ODE's dynamics need the two); ``None`` (or, if ``strict``, ``UnsupportedOp`` naming the
-    op) when the engine cannot run ``f``."""
-    return _planned(fn, f, x, batch_dims, chunk_size, strict, trace=True)
-
-
-def diagonal(
-    fn: str,
-    f: Function,
-    x: torch.Tensor,
-    batch_dims: int,
-    chunk_size: int | None,
-    strict: bool,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Every sample's Jacobian diagonal, ``(N, n)``, and ``f(x)``; ``None`` as in
-    ``divergence``."""
-    return _planned(fn, f, x, batch_dims, chunk_size, strict, trace=False)
-
-
-def _planned(
+def plan(
     fn: str,
     f: Function,
     x: torch.Tensor,
@@ -80,6 +55,9 @@ def _planned(
     strict: bool,
     trace: bool,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every sample's divergence ``(N,)`` (``trace``) or Jacobian diagonal ``(N, n)``, and
+    ``f(x)`` from the same evaluation (an ODE's dynamics need both); ``None`` when the engine
+    cannot run ``f`` (or, if ``strict``, ``UnsupportedOp`` naming what it cannot run)."""
     if x.numel() == 0:  # nothing to plan: the generic engines keep the graph of empty results
         return None
     n_samples = x.shape[:batch_dims].numel()
