@@ -15,6 +15,7 @@ import torch
 
 from torchdiv._basis import as_blocks, basis
 from torchdiv._checks import event_numel
+from torchdiv._ddp import inner_backward, static_graph_owners
 
 
 class GraphJacobian:
@@ -30,6 +31,7 @@ class GraphJacobian:
         self.y, self.x, self.batch_dims, self.create_graph = y, x, batch_dims, create_graph
         self.num_basis = event_numel(y, batch_dims)
         self.y_shape = y.shape
+        self._ddp_owners = static_graph_owners(y)  # see torchdiv._ddp
 
     @classmethod
     def of_function(
@@ -53,15 +55,16 @@ class GraphJacobian:
         out = None
         single = len(cotangents) == 1  # one probe: no batching (vmap) overhead
         if self.y.requires_grad:
-            (out,) = torch.autograd.grad(
-                self.y,
-                self.x,
-                cotangents[0] if single else cotangents,
-                retain_graph=True,
-                create_graph=self.create_graph,
-                is_grads_batched=not single,
-                allow_unused=True,
-            )
+            with inner_backward(self._ddp_owners):
+                (out,) = torch.autograd.grad(
+                    self.y,
+                    self.x,
+                    cotangents[0] if single else cotangents,
+                    retain_graph=True,
+                    create_graph=self.create_graph,
+                    is_grads_batched=not single,
+                    allow_unused=True,
+                )
         if out is None:  # y does not depend on x: the Jacobian is zero
             return self.x.new_zeros((cotangents.shape[0], *self.x.shape), dtype=self.y.dtype)
         return out[None] if single else out

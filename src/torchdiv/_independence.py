@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from torchdiv._checks import check_callable, check_generator, check_input, check_output
+from torchdiv._ddp import inner_backward, static_graph_owners
 from torchdiv._modes import outside_inference_mode
 
 
@@ -95,9 +96,10 @@ def _leaks(
     inside = torch.rand(TRIALS, num, 1, generator=generator) < 0.5
     noise = torch.randn(TRIALS, num, y.numel() // num, generator=generator)
     cotangents = (noise * inside).to(y).reshape(TRIALS, *y.shape)
-    (grad,) = torch.autograd.grad(
-        y, x_in, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
-    )
+    with inner_backward(static_graph_owners(y)):
+        (grad,) = torch.autograd.grad(
+            y, x_in, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
+        )
     if grad is None:
         return torch.zeros(num), 0.0
     size = grad.reshape(TRIALS, num, -1).abs().amax(-1).float().cpu()  # (trials, samples)
