@@ -1,10 +1,11 @@
-"""Modes the function-form API runs under: outside inference mode, math attention, layer norm
-as primitives for third derivatives, and host-side planning."""
+"""Modes the function-form API runs under: outside inference mode, compiled code run eagerly,
+math attention, layer norm as primitives for third derivatives, and host-side planning."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,7 +18,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def outside_inference_mode(fn: F) -> F:
-    """Decorate ``fn(f, x, ...)`` so that it works when called under ``torch.inference_mode()``.
+    """Decorate ``fn(f, x, ...)`` so that it works when called under ``torch.inference_mode()``
+    and leaves the caller's compiled code compiled (``CompiledCodeEager``).
 
     Derivatives need autograd, which inference mode switches off (silently: ``enable_grad``
     does not undo it). The wrapper leaves inference mode for the call, keeps the caller's grad
@@ -27,16 +29,48 @@ def outside_inference_mode(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-        inference_x = isinstance(x, torch.Tensor) and x.is_inference()
-        if not torch.is_inference_mode_enabled() and not inference_x:
-            return fn(f, x, *args, **kwargs)  # the usual case: no context managers to enter
-        grad_mode = torch.is_grad_enabled()
-        with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
-            if inference_x:
-                x = x.clone()
-            return fn(f, x, *args, **kwargs)
+        with CompiledCodeEager():
+            inference_x = isinstance(x, torch.Tensor) and x.is_inference()
+            if not torch.is_inference_mode_enabled() and not inference_x:
+                return fn(f, x, *args, **kwargs)  # the usual case
+            grad_mode = torch.is_grad_enabled()
+            with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
+                if inference_x:
+                    x = x.clone()
+                return fn(f, x, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+class CompiledCodeEager(contextlib.ContextDecorator):
+    """Run ``torch.compile``d code that ``f`` calls eagerly for the duration of the block
+    (or of every call of a function decorated with ``@CompiledCodeEager()``).
+
+    torchdiv evaluates ``f`` under ``torch.func`` transforms and dispatch modes, where Dynamo
+    cannot compile; a compiled model called there is not only run eagerly: Dynamo marks its
+    code objects "skip", so that every later call of the model, outside torchdiv too, runs
+    eagerly (measured: 0 compiled-graph executions after one ``divergence`` call). Dynamo's
+    "force_eager" stance runs compiled code eagerly without marking anything. Nothing is done
+    when Dynamo was never imported (no compiled code exists) or inside a compiled region
+    (Dynamo is tracing torchdiv itself).
+    """
+
+    def _recreate_cm(self) -> CompiledCodeEager:  # a decorated function: one per call
+        return type(self)()
+
+    def __enter__(self) -> None:
+        self.prior = None
+        frames = sys.modules.get("torch._dynamo.eval_frame")
+        if frames is None or not hasattr(frames, "_set_stance"):  # no Dynamo, or torch < 2.6
+            return
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+
+        if get_eval_frame_callback() in (None, False):
+            self.prior = frames._set_stance(frames.DynamoStance("force_eager"))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.prior is not None:
+            sys.modules["torch._dynamo.eval_frame"]._set_stance(self.prior)
 
 
 def math_attention() -> contextlib.AbstractContextManager[None]:

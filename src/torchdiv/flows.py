@@ -66,7 +66,7 @@ from torchdiv._checks import (
     check_velocity,
 )
 from torchdiv._estimators import STOCHASTIC_METHODS, num_terms, num_vectors
-from torchdiv._modes import outside_inference_mode
+from torchdiv._modes import CompiledCodeEager, outside_inference_mode
 from torchdiv._probes import draw
 
 __all__ = ["AugmentedDynamics", "log_likelihood"]
@@ -195,6 +195,7 @@ class AugmentedDynamics(nn.Module):
         ``(num_terms,) + x.shape[:batch_dims]``."""
         return x, x.new_zeros((self.num_terms, *x.shape[: self.batch_dims]))
 
+    @CompiledCodeEager()
     def forward(
         self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:

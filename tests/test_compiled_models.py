@@ -1,0 +1,76 @@
+"""A ``torch.compile``d model passed as ``f`` stays compiled after torchdiv calls.
+
+Dynamo cannot compile under ``torch.func`` transforms or dispatch modes; without care it
+marks the model's code "skip" there, and every later call of the model runs eagerly. A
+counting backend tells whether the compiled graph still runs after each torchdiv call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchdiv
+from torchdiv import flows
+
+pytest.importorskip("torch._dynamo")
+
+
+class Counting:
+    """A Dynamo backend that runs the captured graph as it is and counts its executions."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def __call__(self, graph: torch.fx.GraphModule, inputs: list[torch.Tensor]):
+        def run(*args: torch.Tensor):
+            self.runs += 1
+            return graph(*args)
+
+        return run
+
+
+CALLS = {
+    "divergence auto": lambda f, x: torchdiv.divergence(f, x),
+    "divergence reverse": lambda f, x: torchdiv.divergence(f, x, method="reverse"),
+    "divergence forward": lambda f, x: torchdiv.divergence(f, x, method="forward"),
+    "divergence structured": lambda f, x: torchdiv.divergence(f, x, method="structured"),
+    "divergence hutchinson": lambda f, x: torchdiv.divergence(
+        f, x, method="hutchinson", num_probes=1, generator=torch.Generator().manual_seed(0)
+    ),
+    "estimate_divergence": lambda f, x: (
+        torchdiv.estimate_divergence(
+            f, x, num_probes=4, generator=torch.Generator().manual_seed(0)
+        ).value
+    ),
+    "jacobian": lambda f, x: torchdiv.jacobian(f, x),
+    "jacobian_diagonal": lambda f, x: torchdiv.jacobian_diagonal(f, x),
+    "laplacian": lambda f, x: torchdiv.laplacian(f, x),
+    "laplacian forward-over-reverse": lambda f, x: torchdiv.laplacian(
+        f, x, method="forward-over-reverse"
+    ),
+    "flows dynamics": lambda f, x: flows.AugmentedDynamics(lambda t, z: f(z), x)(
+        torch.tensor(0.0, dtype=x.dtype), (x, x.new_zeros(1, len(x)))
+    )[1],
+}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 6))
+    backend = Counting()
+    model = torch.compile(net.double(), backend=backend)
+    yield net, model, backend
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_compiled_model_stays_compiled(compiled, name):
+    net, model, backend = compiled
+    x = torch.randn(64, 6, dtype=torch.float64)
+    call = CALLS[name]
+    torch.testing.assert_close(call(model, x), call(net, x), rtol=1e-10, atol=1e-10)
+    before = backend.runs
+    model(x)
+    assert backend.runs == before + 1, f"{name} left the compiled model running eagerly"
