@@ -74,3 +74,19 @@ def test_compiled_model_stays_compiled(compiled, name):
     before = backend.runs
     model(x)
     assert backend.runs == before + 1, f"{name} left the compiled model running eagerly"
+
+
+@pytest.mark.parametrize("method", ["auto", "reverse", "forward"])
+def test_compiled_loss_has_no_graph_break_from_torchdiv(method):
+    """torchdiv's entry checks (inference mode, Dynamo's stance) stay out of a compiled loss."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    x = torch.randn(8, 4, dtype=torch.float64)
+    net = net.double()
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return torchdiv.divergence(net, x, method=method).square().mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), loss(x), rtol=1e-10, atol=1e-10)

@@ -29,6 +29,8 @@ def outside_inference_mode(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # Dynamo traces the call: no mode checks to break on
+            return fn(f, x, *args, **kwargs)
         with CompiledCodeEager():
             inference_x = isinstance(x, torch.Tensor) and x.is_inference()
             if not torch.is_inference_mode_enabled() and not inference_x:
@@ -62,6 +64,8 @@ class CompiledCodeEager(contextlib.ContextDecorator):
         self.prior = None
         frames = sys.modules.get("torch._dynamo.eval_frame")
         if frames is None or not hasattr(frames, "_set_stance"):  # no Dynamo, or torch < 2.6
+            return
+        if torch.compiler.is_compiling():  # Dynamo traces the call: nothing to protect
             return
         from torch._C._dynamo.eval_frame import get_eval_frame_callback
 
