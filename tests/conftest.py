@@ -7,6 +7,7 @@ per-sample diagonal blocks are read. That is exactly what the seed threads do by
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import pytest
@@ -134,3 +135,51 @@ class LegacyCube(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return 3 * x**2 * grad
+
+
+def laplacian_by_grad_of_grad(f, x: torch.Tensor) -> torch.Tensor:
+    """The loop VMC and PINN codes write: ``autograd.grad`` of each gradient coordinate, with
+    ``create_graph`` (differentiable w.r.t. ``x`` and parameters). Reverse over reverse:
+    PyTorch's double backward, right for every op where the Laplacian engines differ (checked
+    against ``central_difference`` in ``test_linalg_rules``). ``f``: ``(B, ...) -> (B,)``."""
+    z = x if x.requires_grad else x.detach().requires_grad_()
+    (grad,) = torch.autograd.grad(f(z).sum(), z, create_graph=True)
+    flat = grad.flatten(1)
+    total = torch.zeros(len(z), dtype=z.dtype)
+    for i in range(flat.shape[1]):
+        (column,) = torch.autograd.grad(flat[:, i].sum(), z, create_graph=True)
+        total = total + column.flatten(1)[:, i]
+    return total
+
+
+def central_difference(fun, h: float = 3e-4) -> torch.Tensor:
+    """``d fun(t) / dt`` at 0 by central differences at ``h`` and ``h/2`` with Richardson
+    extrapolation: truncation O(h^4) (~1e-14 times the fifth derivative), round-off
+    ~ eps |fun| / h ~ 1e-12 in float64; measured 1e-12-1e-10 relative on the linalg tests."""
+
+    def central(step: float) -> torch.Tensor:
+        return (fun(step) - fun(-step)) / (2 * step)
+
+    return (4 * central(h / 2) - central(h)) / 3
+
+
+@contextlib.contextmanager
+def shifted(params: list[torch.Tensor], directions: list[torch.Tensor], t: float):
+    """The parameters moved in place to ``p + t v`` inside the block, restored exactly after."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, directions, strict=True):
+            p.add_(v, alpha=t)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+
+
+def directional_gradient(value: torch.Tensor, params: list[torch.Tensor], directions) -> float:
+    """``sum_p <d value.sum() / d p, v_p>`` by one backward pass (unused parameters: 0)."""
+    grads = torch.autograd.grad(value.sum(), params, allow_unused=True)
+    pairs = zip(grads, directions, strict=True)
+    return sum((g * v).sum().item() for g, v in pairs if g is not None)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from torchdiv._modes import WrongDerivatives
+
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
@@ -231,10 +233,14 @@ def check_square(fn: str, y: torch.Tensor, x: torch.Tensor, batch_dims: int, nam
 def checked(
     fn: str, f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int, square: bool
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Wrap ``f`` so that its output is checked wherever it is evaluated (inside transforms too)."""
+    """Wrap ``f`` so that its output is checked wherever it is evaluated (inside transforms too),
+    and an op an engine refuses (``_modes.WrongDerivatives``) is reported under ``fn``'s name."""
 
     def g(z: torch.Tensor) -> torch.Tensor:
-        y = f(z)
+        try:
+            y = f(z)
+        except WrongDerivatives as exc:
+            raise WrongDerivatives(f"{fn}: {exc}") from None
         check_output(fn, y, x, batch_dims)
         if square:
             check_square(fn, y, x, batch_dims, "f(x)")

@@ -9,6 +9,7 @@ from torch.func import jvp, vmap
 
 from torchdiv._basis import as_blocks, basis
 from torchdiv._checks import event_numel
+from torchdiv._modes import SafeDerivatives
 
 
 class ForwardJacobian:
@@ -47,8 +48,15 @@ class ForwardJacobian:
     def apply(self, tangents: torch.Tensor) -> torch.Tensor:
         """JVPs: ``(k,) + x.shape`` tangents -> ``(k,) + f(x).shape`` products.
 
-        One tangent (a one-probe estimate) skips ``vmap``.
+        One tangent (a one-probe estimate) skips ``vmap``. ``f`` runs under
+        ``SafeDerivatives(2)``: the products' own derivatives (parameter gradients of a
+        Jacobian) are second derivatives, which PyTorch gets wrong for some ops through
+        forward mode.
         """
+        with SafeDerivatives(2, "method='reverse'"):
+            return self._apply(tangents)
+
+    def _apply(self, tangents: torch.Tensor) -> torch.Tensor:
         if len(tangents) == 1:
             y, out = jvp(self.f, (self.x,), (tangents[0],))
             self._y, self._y_shape = y, y.shape

@@ -18,9 +18,12 @@ Methods (one signature each, in ``_METHODS``):
   same chunks if an op has no Taylor rule.
 
 Attention runs on PyTorch's math backend in every method (``_modes.math_attention``): the
-fused CPU kernel has no forward-mode derivative. The nested-autodiff methods compute layer
-norm from primitives (``_modes.LayerNormAsPrimitives``): the fused kernel's third derivative,
-which the gradient of a Laplacian needs, is wrong in PyTorch.
+fused CPU kernel has no forward-mode derivative. The nested-autodiff methods run ``f`` under
+``_modes.SafeDerivatives(3)``: the gradient of a Laplacian is a third derivative, and
+PyTorch's is wrong for fused layer norm, ``slogdet``/``logdet``/``det``, ``solve`` and
+``cholesky_inverse`` (replaced there by equivalents whose derivatives are right) and ``nan``
+for ``eigvalsh``/``eigh`` (refused, naming ``method='taylor'``, whose rules cover all of them
+but eigenvectors).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from torchdiv._checks import (
     event_numel,
 )
 from torchdiv._forward import ForwardJacobian
-from torchdiv._modes import LayerNormAsPrimitives, math_attention, outside_inference_mode
+from torchdiv._modes import SafeDerivatives, math_attention, outside_inference_mode
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
 
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -212,7 +215,7 @@ def _hessian_products(
     """``H_{b,i} v_j`` for every sample ``b``, output ``i`` and direction ``v_j`` (``(k,) +
     x.shape``), shape ``(k, m, N, n)``, and ``f(x).shape``: JVPs of the per-sample gradients."""
     grads = _Gradients(f, batch_dims)
-    with math_attention(), LayerNormAsPrimitives():
+    with math_attention(), SafeDerivatives(3, "method='taylor' (or 'auto')"):
         columns = ForwardJacobian(grads, x, batch_dims).apply(directions)
     k, m = columns.shape[:2]
     n_samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)

@@ -1,5 +1,6 @@
 """Modes the function-form API runs under: outside inference mode, compiled code run eagerly,
-math attention, layer norm as primitives for third derivatives, and host-side planning."""
+math attention, ops with wrong higher derivatives replaced (``SafeDerivatives``), and
+host-side planning."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import contextlib
 import functools
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
+
+from torchdiv import _linalg
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -84,20 +88,63 @@ def math_attention() -> contextlib.AbstractContextManager[None]:
     return sdpa_kernel([SDPBackend.MATH])
 
 
-class LayerNormAsPrimitives(TorchFunctionMode):
-    """Compute ``layer_norm`` from means, a square root and products inside the mode.
+class WrongDerivatives(NotImplementedError):
+    """An op in ``f`` whose PyTorch derivatives of the order an engine needs are wrong, with no
+    equivalent here that is right (the public function names itself in front)."""
 
-    PyTorch's fused ``native_layer_norm`` has exact first and second derivatives, but its
-    third derivative is wrong (its backward treats the saved mean and inverse standard
-    deviation as constants; pytorch/pytorch#175754). The gradient of a Laplacian computed by
-    nested autodiff is a third derivative, so those methods run ``f`` under this mode.
+
+@dataclass(frozen=True)
+class Replacement:
+    """What ``SafeDerivatives`` does with an op whose PyTorch derivatives are wrong from
+    derivative ``order`` on: run ``run`` instead (same values, derivatives right at every
+    order), or, if ``None``, refuse it with ``why``."""
+
+    name: str
+    order: int
+    run: Callable[..., Any] | None
+    why: str = ""
+
+
+class SafeDerivatives(TorchFunctionMode):
+    """Run ``f`` with the ops in ``REPLACEMENTS`` whose derivatives of order ``order`` or
+    lower are wrong in PyTorch replaced by right equivalents, or refused (``WrongDerivatives``
+    naming ``way_out``).
+
+    The order counts every derivative taken of ``f``: the forward engine's products are first
+    derivatives and their gradients with respect to parameters second ones; the Laplacian's
+    nested methods take second derivatives, and a Laplacian's gradient is a third.
+
+    Found by experiment in float64 against finite differences of first derivatives and
+    grad-of-grad loops (PyTorch 2.13; ``tests/test_linalg_rules.py``):
+
+    - ``layer_norm`` (fused ``native_layer_norm``): third derivative wrong (its backward
+      treats the saved mean and inverse standard deviation as constants; pytorch#175754).
+    - ``slogdet``, ``logdet``, ``det``, ``solve``, ``solve_ex``: first derivatives right;
+      derivatives of the forward-mode formula wrong (forward engine: parameter and ``x``
+      gradients of ``jacobian``/``divergence``, off by 2-240%; forward-over-reverse, hessian
+      and Hutchinson by HVPs: gradients of the Laplacian, off by 2-90%). Reverse over reverse
+      is right. Replaced by ``torchdiv._linalg``.
+    - ``cholesky_inverse``: even its first forward-mode derivative is wrong (Jacobians by the
+      forward engine off by 6%, Laplacian values by 200%). Replaced by ``inv(C C^T)``.
+    - ``eigvalsh``: gradients of the Laplacian by nested autodiff are ``nan``; ``eigh`` (with
+      eigenvectors): every second derivative through forward mode is ``nan``. Refused.
+
+    ``inv``, ``cholesky``, ``solve_triangular``, ``cholesky_solve``, ``lu_factor``/``lu_solve``,
+    ``qr``, ``svdvals``, ``matrix_exp``, ``pinv``, ``lstsq`` were right in every engine.
     """
+
+    def __init__(self, order: int, way_out: str):
+        super().__init__()
+        self.order, self.way_out = order, way_out
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if func is torch.nn.functional.layer_norm or func is torch.layer_norm:
-            return _layer_norm(*args, **kwargs)
-        return func(*args, **kwargs)
+        entry = REPLACEMENTS.get(func)
+        if entry is None or entry.order > self.order:
+            return func(*args, **kwargs)
+        if entry.run is None:
+            raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {self.way_out}")
+        return entry.run(*args, **kwargs)
 
 
 def _layer_norm(
@@ -130,3 +177,35 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def _table(
+    order: int, run: Callable[..., Any] | None, why: str, *funcs: Any
+) -> dict[Any, Replacement]:
+    return {f: Replacement(_name(f), order, run, why) for f in funcs}
+
+
+def _name(func: Any) -> str:
+    module = "torch.Tensor" if "Tensor" in getattr(func, "__qualname__", "") else "torch"
+    return f"{module}.{func.__name__}".replace("linalg_", "linalg.")
+
+
+_EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
+REPLACEMENTS: dict[Any, Replacement] = {
+    **_table(3, _layer_norm, "", torch.nn.functional.layer_norm, torch.layer_norm),
+    **_table(2, _linalg.slogdet, "", torch.linalg.slogdet, torch.slogdet, torch.Tensor.slogdet),
+    **_table(2, _linalg.logdet, "", torch.logdet, torch.Tensor.logdet),
+    **_table(2, _linalg.det, "", torch.linalg.det, torch.det, torch.Tensor.det),
+    **_table(2, _linalg.solve, "", torch.linalg.solve),
+    **_table(2, _linalg.solve_ex, "", torch.linalg.solve_ex),
+    **_table(
+        1, _linalg.cholesky_inverse, "", torch.cholesky_inverse, torch.Tensor.cholesky_inverse
+    ),
+    **_table(3, None, _EIGH + " (the Taylor rule for eigenvalues is right)", torch.linalg.eigvalsh),
+    **_table(
+        2,
+        None,
+        _EIGH + " (no engine here has right second derivatives of eigenvectors)",
+        torch.linalg.eigh,
+    ),
+}

@@ -164,7 +164,10 @@ class _Recorder(TorchDispatchMode):
         outs = leaves(out)
         if not written:
             self.note_reads(args, kwargs, outs)
-        differentiable = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in outs)
+        # complex results carry derivatives too (eigvals, fft): never mistaken for constants
+        differentiable = any(
+            isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in outs
+        )
         depends = depends and differentiable
         if depends and (recorded not in self.rules or recorded._schema.is_mutable):
             self.graph.unsupported.append(str(func))

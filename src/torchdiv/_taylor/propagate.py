@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from torchdiv._taylor import composite, elementwise, linear
+from torchdiv._taylor import composite, elementwise, linalg, linear
 from torchdiv._taylor.capture import Graph, Node, Ref
 from torchdiv._taylor.jet import Context, Jet
 from torchdiv._taylor.linear import UnsupportedOp
 from torchdiv._taylor.tree import leaves, map_leaves
 
-RULES: dict[Any, Any] = {**elementwise.RULES, **linear.RULES, **composite.RULES}
+RULES: dict[Any, Any] = {**elementwise.RULES, **linear.RULES, **composite.RULES, **linalg.RULES}
 
 aten = torch.ops.aten
 # ops whose ``lap`` needs only the inputs' ``lap`` (linear, or linear almost everywhere)

@@ -1,0 +1,198 @@
+"""Rules for linear algebra: determinants, inverses, solves, Cholesky and symmetric eigenvalues.
+
+For a matrix ``A(x)`` with directional derivatives ``Ȧ_k`` (``jac``) and collapsed second term
+``L = sum_k Ä_k`` (``lap``), write ``M_k = A^-1 Ȧ_k``:
+
+- ``log|det A|``: ``jac_k = tr M_k``, ``lap = tr(A^-1 L) - sum_k tr(M_k M_k)``.
+- ``det A``: ``jac_k = det A tr M_k``, ``lap = det A (lap log|det| + sum_k (tr M_k)^2)``.
+- ``A^-1 = B``: ``jac_k = -B Ȧ_k B``, ``lap = B (2 sum_k Ȧ_k B Ȧ_k - L) B``.
+- ``X = A^-1 b`` (either may depend on x): ``Ẋ_k = A^-1 (ḃ_k - Ȧ_k X)``,
+  ``lap = A^-1 (L_b - L_A X - 2 sum_k Ȧ_k Ẋ_k)``.
+- ``A = C C^T`` (Cholesky, ``C`` lower): ``Ċ_k = C Φ(C^-1 Ȧ_k C^-T)`` with ``Φ`` the lower
+  triangle with halved diagonal, and ``lap = C Φ(C^-1 (L - 2 sum_k Ċ_k Ċ_k^T) C^-T)`` (the
+  same map applied to the second derivative of ``C C^T = A``).
+- eigenvalues ``λ_i`` of a symmetric ``A = V diag(λ) V^T``, with ``P_k = V^T Ȧ_k V``:
+  ``jac_{k,i} = (P_k)_ii``, ``lap_i = (V^T L V)_ii + 2 sum_k sum_{j != i} (P_k)_ij^2 /
+  (λ_i - λ_j)`` (first- and second-order perturbation theory; it assumes *distinct*
+  eigenvalues, as PyTorch's own derivatives of ``eigh`` do). Eigenvectors have no rule.
+
+Determinants need an invertible ``A``, Cholesky a positive definite one. ``cholesky`` and
+``eigh`` read one triangle of ``A`` (``upper``/``UPLO``), so the jets are symmetrised from the
+same triangle. The rules use only ``solve``, ``solve_triangular``, ``eigh`` values, matrix
+products and the ops' own values: their first derivatives are right in PyTorch, so the result
+is differentiable with respect to the parameters by ordinary autograd. (The higher-order
+derivative formulas PyTorch has for these ops are not all right: see ``torchdiv._modes``.)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchdiv._taylor.jet import Context, Jet, full_jac, full_lap, value_of
+from torchdiv._taylor.linear import UnsupportedOp
+
+aten = torch.ops.aten
+Tensor = torch.Tensor
+
+
+class Missing(Jet):
+    """An output whose derivatives no rule computes (the eigenvectors of ``eigh``): its value
+    may be read (``detach`` does), its ``jac`` or ``lap`` raise ``UnsupportedOp`` naming it."""
+
+    def __init__(self, value: Tensor, what: str) -> None:  # jac, lap unset: lookups fail
+        object.__setattr__(self, "value", value)
+        object.__setattr__(self, "what", what)
+
+    def __getattr__(self, name: str) -> Any:
+        raise UnsupportedOp(self.what)
+
+
+def _columns(op: Callable[[Tensor], Tensor], r: Tensor) -> Tensor:
+    """``op`` (a map acting on each column, such as ``A^-1 @``) applied to ``r`` of shape
+    ``(K, ..., n, m)`` in one call, the ``K`` directions folded into the columns."""
+    k, m = r.shape[0], r.shape[-1]
+    folded = op(r.movedim(0, -2).flatten(-2))
+    return folded.unflatten(-1, (k, m)).movedim(-2, 0)
+
+
+def _eye(like: Tensor) -> Tensor:
+    return torch.eye(like.shape[-1], dtype=like.dtype, device=like.device)
+
+
+def _trace(p: Tensor, q: Tensor) -> Tensor:
+    """``tr(p q)`` over the last two dimensions."""
+    return (p * q.mT).sum((-2, -1))
+
+
+def _jets(ctx: Context, a: Jet) -> tuple[Tensor, Tensor | None]:
+    """``(Ȧ, L)``: ``jac`` expanded to ``(K,) + A.shape``, and ``lap`` (``None`` when no
+    second order is wanted)."""
+    return full_jac(ctx, a), full_lap(a) if ctx.second_order else None
+
+
+def _log_abs_det(ctx: Context, a: Jet) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(log|det A|, jac, lap)``."""
+    sign_abs = torch.linalg.slogdet(a.value)
+    jac, lap = _jets(ctx, a)
+    solve = functools.partial(torch.linalg.solve, a.value)
+    m = _columns(solve, jac)  # M_k = A^-1 Ȧ_k
+    d1 = m.diagonal(dim1=-2, dim2=-1).sum(-1)
+    d2 = None if lap is None else _trace(solve(lap), _eye(lap)) - _trace(m, m).sum(0)
+    return sign_abs.logabsdet, d1, d2
+
+
+def _slogdet(ctx: Context, a: Jet) -> tuple[Tensor, Jet, Tensor, Tensor]:
+    sign, _, lu, pivots = aten._linalg_slogdet(a.value)
+    value, d1, d2 = _log_abs_det(ctx, a)
+    return sign, Jet(value, d1 if ctx.jac else None, d2), lu, pivots
+
+
+def _det(ctx: Context, a: Jet) -> tuple[Jet, Tensor, Tensor]:
+    det, lu, pivots = aten._linalg_det(a.value)
+    _, d1, d2 = _log_abs_det(ctx, a)
+    lap = None if d2 is None else det * (d2 + d1.square().sum(0))
+    return Jet(det, det * d1 if ctx.jac else None, lap), lu, pivots
+
+
+def _inv(ctx: Context, a: Jet, check_errors: bool = False) -> tuple[Jet, Tensor]:
+    b, info = aten.linalg_inv_ex(a.value, check_errors=check_errors)
+    jac, lap = _jets(ctx, a)
+    jac_b = -(b @ jac @ b)
+    lap_b = None
+    if lap is not None:
+        lap_b = b @ (2 * (jac @ b @ jac).sum(0) - lap) @ b
+    return Jet(b, jac_b if ctx.jac else None, lap_b), info
+
+
+def _solve(
+    ctx: Context, a: Jet | Tensor, b: Jet | Tensor, *, left: bool = True, check_errors: bool = False
+) -> tuple[Jet, Tensor, Tensor, Tensor]:
+    if not left:
+        raise UnsupportedOp("aten._linalg_solve_ex with left=False (only left=True has a rule)")
+    av, bv = value_of(a), value_of(b)
+    x, lu, pivots, info = aten._linalg_solve_ex(av, bv, left=True, check_errors=check_errors)
+    vector = bv.dim() == 1 or (bv.dim() == av.dim() - 1 and bv.shape == av.shape[:-1])
+    xc = x.unsqueeze(-1) if vector else x  # columns
+    solve = functools.partial(torch.linalg.solve, av)
+    rhs = torch.zeros_like(xc).expand(ctx.num_directions, *xc.shape)  # ḃ_k - Ȧ_k X
+    rhs2 = torch.zeros_like(xc)  # L_b - L_A X, then - 2 sum_k Ȧ_k Ẋ_k
+    if isinstance(b, Jet):
+        rhs = rhs + (full_jac(ctx, b).unsqueeze(-1) if vector else full_jac(ctx, b))
+        rhs2 = rhs2 + (full_lap(b).unsqueeze(-1) if vector else full_lap(b))
+    if isinstance(a, Jet):
+        ja = full_jac(ctx, a)
+        rhs = rhs - ja @ xc
+    jac = _columns(solve, rhs)
+    lap = None
+    if ctx.second_order:
+        if isinstance(a, Jet):
+            rhs2 = rhs2 - full_lap(a) @ xc - 2 * (ja @ jac).sum(0)
+        lap = solve(rhs2)
+        lap = lap.squeeze(-1) if vector else lap
+    jac = jac.squeeze(-1) if vector else jac
+    jet = Jet(x, jac if ctx.jac else None, lap)
+    return jet, lu, pivots, info
+
+
+def _symmetric(t: Tensor, upper: bool) -> Tensor:
+    """The symmetric matrix that ``cholesky``/``eigh`` see in ``t``: one triangle, mirrored."""
+    if upper:
+        return t.triu() + t.triu(1).mT
+    return t.tril() + t.tril(-1).mT
+
+
+def _phi(t: Tensor) -> Tensor:
+    """The lower triangle of ``t`` with its diagonal halved."""
+    return t.tril(-1) + 0.5 * t.diagonal(dim1=-2, dim2=-1).diag_embed()
+
+
+def _cholesky(
+    ctx: Context, a: Jet, *, upper: bool = False, check_errors: bool = False
+) -> tuple[Jet, Tensor]:
+    c, info = aten.linalg_cholesky_ex(a.value, upper=upper, check_errors=check_errors)
+    c = c.mT if upper else c  # lower: A = C C^T
+    jac, lap = _jets(ctx, a)
+
+    def tangent(s: Tensor) -> Tensor:  # C Φ(C^-1 S C^-T) for symmetric S, (K, ..., n, n)
+        half = _columns(lambda r: torch.linalg.solve_triangular(c, r, upper=False), s)
+        inner = _columns(lambda r: torch.linalg.solve_triangular(c, r, upper=False), half.mT)
+        return c @ _phi(inner)
+
+    d1 = tangent(_symmetric(jac, upper))
+    d2 = None
+    if lap is not None:
+        d2 = tangent((_symmetric(lap, upper) - 2 * (d1 @ d1.mT).sum(0))[None])[0]
+    if upper:
+        c, d1, d2 = c.mT, d1.mT, None if d2 is None else d2.mT
+    return Jet(c, d1 if ctx.jac else None, d2), info
+
+
+def _eigh(ctx: Context, a: Jet, uplo: str = "L", compute_v: bool = True) -> tuple[Jet, Missing]:
+    eigenvalues, v = torch.linalg.eigh(a.value, UPLO=uplo)
+    jac, lap = _jets(ctx, a)
+    upper = uplo.upper() == "U"
+    p = v.mT @ _symmetric(jac, upper) @ v  # P_k = V^T Ȧ_k V
+    d1 = p.diagonal(dim1=-2, dim2=-1)
+    d2 = None
+    if lap is not None:
+        gaps = eigenvalues[..., :, None] - eigenvalues[..., None, :]  # λ_i - λ_j
+        off = ~torch.eye(gaps.shape[-1], dtype=torch.bool, device=gaps.device)
+        weights = torch.where(off, 1 / torch.where(off, gaps, 1), 0)
+        curvature = (v.mT @ _symmetric(lap, upper) @ v).diagonal(dim1=-2, dim2=-1)
+        d2 = curvature + 2 * (p.square().sum(0) * weights).sum(-1)
+    missing = Missing(v, "the eigenvectors of aten._linalg_eigh (only eigenvalues have a rule)")
+    return Jet(eigenvalues, d1 if ctx.jac else None, d2), missing
+
+
+RULES: dict[Any, Callable[..., Any]] = {
+    aten._linalg_slogdet.default: _slogdet,
+    aten._linalg_det.default: _det,
+    aten.linalg_inv_ex.default: _inv,
+    aten._linalg_solve_ex.default: _solve,
+    aten.linalg_cholesky_ex.default: _cholesky,
+    aten._linalg_eigh.default: _eigh,
+}
