@@ -231,6 +231,14 @@ def test_cdist_in_every_operator_and_engine(method):
         (grad,) = torch.autograd.grad(out.square().sum(), weight)
         (want,) = torch.autograd.grad(expected.square().sum(), weight, retain_graph=True)
         torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-10)
+    if method == "auto":  # the one-probe estimate takes plain autograd: v^T J v
+        probes = torch.randn(1, *x.shape, dtype=f64, generator=g)
+        out = torchdiv.divergence(field, x, method="hutchinson", probes=probes)
+        expected = torch.einsum("ni,nij,nj->n", probes[0], jac, probes[0])
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        (grad,) = torch.autograd.grad(out.sum(), weight)
+        (want,) = torch.autograd.grad(expected.sum(), weight)
+        torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", ["auto", "taylor", "forward-over-reverse", "hessian"])
@@ -273,3 +281,17 @@ def test_structured_divergence_and_diagonal_through_the_new_rules():
             torchdiv.jacobian_diagonal(field, x, method=method),
             reference_diagonal(by_differences, x),
         )
+
+
+def test_norm_of_a_difference_that_is_zero_for_every_x():
+    """Pairwise distances written by hand include each point's distance to itself, ``|r_i -
+    r_i| = 0``: zero derivatives there (as PyTorch's norm backward), not ``0 * inf = nan``."""
+    x = torch.randn(2, 6, dtype=f64, generator=torch.Generator().manual_seed(7))
+
+    def u(z):
+        r = z.view(2, 2, 3)
+        return (r[:, :, None] - r[:, None]).norm(dim=-1).sum((1, 2))
+
+    r = x.view(2, 2, 3)
+    expected = 2 * 2 * 2 / (r[:, 0] - r[:, 1]).norm(dim=-1)  # Δ|r_0 - r_1| = 2 * 2/|.|, twice
+    torch.testing.assert_close(torchdiv.laplacian(u, x, method="taylor"), expected)
