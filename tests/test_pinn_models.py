@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchdiv
 from torchdiv import _laplacian
-from torchdiv._modes import AsPrimitives
+from torchdiv._modes import SafeDerivatives
 
 f64 = torch.float64
 
@@ -163,7 +163,7 @@ def _loop_laplacian(u, x):
     kernel's third derivative is wrong, pytorch/pytorch#175754; the directional finite
     differences below check the parameter gradients independently)."""
     x = x.detach().requires_grad_(True)
-    with sdpa_kernel([SDPBackend.MATH]), AsPrimitives(third_order=True):
+    with sdpa_kernel([SDPBackend.MATH]), SafeDerivatives(3, ""):
         y = u(x).reshape(len(x))
         (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
         columns = [
