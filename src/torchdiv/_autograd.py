@@ -16,6 +16,7 @@ import torch
 from torchdiv._basis import as_blocks, basis
 from torchdiv._checks import event_numel
 from torchdiv._ddp import inner_backward, static_graph_owners
+from torchdiv._modes import SafeDerivatives
 
 
 class GraphJacobian:
@@ -44,7 +45,7 @@ class GraphJacobian:
         (``x`` itself if it requires grad, parameters, closed-over tensors).
         """
         outer_grad = torch.is_grad_enabled()
-        with torch.enable_grad():
+        with torch.enable_grad(), SafeDerivatives(1, "method='forward'"):
             x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
             y = f(x_in)
         create_graph = outer_grad and _depends_on_other_leaves(y, x_in)

@@ -23,7 +23,7 @@ fused CPU kernel has no forward-mode derivative. The nested-autodiff methods run
 PyTorch's is wrong for fused layer norm, ``slogdet``/``logdet``/``det``, ``solve`` and
 ``cholesky_inverse`` (replaced there by equivalents whose derivatives are right) and ``nan``
 for ``eigvalsh``/``eigh`` (refused, naming ``method='taylor'``, whose rules cover all of them
-but eigenvectors).
+but eigenvectors). Every method computes ``cdist`` from differences (``SafeDerivatives(1)``).
 """
 
 from __future__ import annotations

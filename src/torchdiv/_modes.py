@@ -1,13 +1,14 @@
 """Modes the function-form API runs under: outside inference mode, compiled code run eagerly,
-math attention, ops with wrong higher derivatives replaced (``SafeDerivatives``), and
+attention as primitives, ops with wrong or missing derivatives replaced (``SafeDerivatives``), and
 host-side planning."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -81,11 +82,21 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             sys.modules["torch._dynamo.eval_frame"]._set_stance(self.prior)
 
 
-def math_attention() -> contextlib.AbstractContextManager[None]:
-    """Run ``scaled_dot_product_attention`` on PyTorch's math backend: its primitives have
-    forward-mode and second-order derivatives (and Taylor rules); the fused CPU kernel has
-    neither."""
-    return sdpa_kernel([SDPBackend.MATH])
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Run attention as primitives: ``scaled_dot_product_attention`` on PyTorch's math
+    backend, whose primitives have forward-mode and second-order derivatives (and Taylor
+    rules; the fused CPU kernel has neither), and ``nn.MultiheadAttention`` /
+    ``nn.TransformerEncoderLayer`` off their fused fast path (``_transformer_encoder_layer_fwd``,
+    ``_native_multi_head_attention``, taken in eval mode with frozen parameters), which has
+    no derivatives at all. The caller's fast-path setting is restored afterwards."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 class WrongDerivatives(NotImplementedError):
@@ -128,6 +139,11 @@ class SafeDerivatives(TorchFunctionMode):
       forward engine off by 6%, Laplacian values by 200%). Replaced by ``inv(C C^T)``.
     - ``eigvalsh``: gradients of the Laplacian by nested autodiff are ``nan``; ``eigh`` (with
       eigenvectors): every second derivative through forward mode is ``nan``. Refused.
+    - ``cdist``: no forward-mode derivative and no double backward (``_cdist_backward``),
+      ``torch.func.jacrev`` of it (batched pullbacks) wrong (relative error ~1), and above 25
+      points PyTorch takes ``sqrt(|a|^2 + |b|^2 - 2 a.b)``, whose derivatives are infinite at
+      zero distance (``cdist(r, r)``'s diagonal). Replaced by ``_cdist`` from order 1: every
+      engine and the Taylor engine's recording run ``f`` at least under ``SafeDerivatives(1)``.
 
     ``inv``, ``cholesky``, ``solve_triangular``, ``cholesky_solve``, ``lu_factor``/``lu_solve``,
     ``qr``, ``svdvals``, ``matrix_exp``, ``pinv``, ``lstsq`` were right in every engine.
@@ -145,6 +161,26 @@ class SafeDerivatives(TorchFunctionMode):
         if entry.run is None:
             raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {self.way_out}")
         return entry.run(*args, **kwargs)
+
+
+def _cdist(
+    x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0, compute_mode: str | None = None
+) -> torch.Tensor:
+    """``torch.cdist`` from differences: ``d_ij = ||x1_i - x2_j||_p`` (memory ``P R M`` per
+    batch element instead of ``P R``). At zero distance, where the distance is not
+    differentiable, every derivative is 0 (PyTorch's first-order convention; exact for a
+    point's distance to itself, ``cdist(r, r)``'s diagonal, which is 0 for every ``r``)."""
+    diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
+    if p == 1:
+        return diff.abs().sum(-1)
+    if p == math.inf:
+        return diff.abs().amax(-1)
+    if p != 2:
+        return torch.linalg.vector_norm(diff, ord=p, dim=-1)
+    square = diff.square().sum(-1)
+    positive = square > 0
+    safe = torch.sqrt(torch.where(positive, square, torch.ones_like(square)))
+    return torch.where(positive, safe, torch.zeros_like(safe))
 
 
 def _layer_norm(
@@ -193,6 +229,7 @@ def _name(func: Any) -> str:
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
 REPLACEMENTS: dict[Any, Replacement] = {
     **_table(3, _layer_norm, "", torch.nn.functional.layer_norm, torch.layer_norm),
+    **_table(1, _cdist, "", torch.cdist),
     **_table(2, _linalg.slogdet, "", torch.linalg.slogdet, torch.slogdet, torch.Tensor.slogdet),
     **_table(2, _linalg.logdet, "", torch.logdet, torch.Tensor.logdet),
     **_table(2, _linalg.det, "", torch.linalg.det, torch.det, torch.Tensor.det),

@@ -10,7 +10,9 @@ propagation rule. A dependent call without a rule is decomposed with PyTorch's d
 table (core ATen decompositions) if it has one, and otherwise named in ``Graph.unsupported``.
 
 Attention is captured on PyTorch's math backend, whose primitives (``bmm``, ``_safe_softmax``)
-have rules; the fused CPU and CUDA kernels do not decompose.
+have rules, with the transformer fast path off; the fused CPU and CUDA kernels do not
+decompose. ``f`` runs under ``_modes.SafeDerivatives(1)``: ``cdist`` is captured as
+differences.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch._decomp import core_aten_decompositions
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchdiv._modes import math_attention
+from torchdiv._modes import SafeDerivatives, math_attention
 from torchdiv._taylor.tree import leaves, map_leaves
 
 aten = torch.ops.aten
@@ -332,7 +334,8 @@ def capture(
         return Graph(unsupported=["a torch.func transform around the call"])
     recorder = _Recorder(x, rules)
     recorder.graph.rng = _random_states(x)
-    with torch.enable_grad(), _set_fwd_grad_enabled(True), math_attention(), recorder:
+    safe = SafeDerivatives(1, "method='auto'")
+    with torch.enable_grad(), _set_fwd_grad_enabled(True), math_attention(), safe, recorder:
         y = f(x)
     recorder.graph.output = map_leaves(recorder.ref, y)
     recorder.graph.output_shape = tuple(y.shape)

@@ -23,6 +23,7 @@ from torchdiv._taylor.jet import (
     Context,
     Jet,
     add,
+    chain,
     full_jac,
     full_lap,
     inner,
@@ -77,7 +78,12 @@ def _vector_norm(
         raise UnsupportedOp(f"aten.linalg_vector_norm with ord={order} (only 2 has a rule)")
     square = ELEMENTWISE[aten.pow.Tensor_Scalar](inner(ctx), a, 2)
     total = linear(inner(ctx), torch.sum, square, dims, keepdim=keepdim)
-    return ELEMENTWISE[aten.sqrt.default](ctx, total)
+    # a zero vector's norm is not differentiable: zero derivatives there, as PyTorch's
+    # backward gives (exact for a difference that is zero for every x, r_i - r_i)
+    positive = total.value > 0
+    root = torch.sqrt(torch.where(positive, total.value, torch.ones_like(total.value)))
+    d1 = torch.where(positive, 0.5 / root, torch.zeros_like(root))
+    return chain(ctx, total, torch.sqrt(total.value), d1, -d1 / (2 * root * root))
 
 
 def _batch_norm_eval(

@@ -1,8 +1,13 @@
 """Rules for elementwise functions: ``phi(a)`` propagates as ``chain(a, phi, phi', phi'')``.
 
-Each entry maps an ATen op to ``derivatives(x, y, *args) -> (phi'(x), phi''(x) or None)``,
-given the input ``x``, the output ``y = phi(x)`` and the op's other arguments, reusing ``y``
-where the derivative is cheaper in terms of it (``tanh' = 1 - y^2``).
+Each entry of ``DERIVATIVES`` maps an ATen op to ``derivatives(x, y, *args) -> (phi'(x),
+phi''(x) or None)``, given the input ``x``, the output ``y = phi(x)`` and the op's other
+arguments, reusing ``y`` where the derivative is cheaper in terms of it (``tanh' = 1 - y^2``).
+``BINARY`` does the same for functions of two tensors, ``phi(a, b)``, with the partial
+derivatives ``((phi_a, phi_b), (phi_aa, phi_ab, phi_bb))`` (``jet.chain2``).
+
+Where a function is not differentiable (``hypot`` and ``atan2`` at the origin) the rules
+return zero derivatives, as PyTorch's ``cdist`` backward does at zero distance.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ from typing import Any
 
 import torch
 
-from torchdiv._taylor.jet import Context, Jet, chain
+from torchdiv._taylor.jet import Context, Jet, chain, chain2, value_of
 from torchdiv._taylor.linear import UnsupportedOp
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
 Derivatives = Callable[..., tuple[Tensor, Tensor | None]]
+Partials = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
 def _tanh(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,6 +93,20 @@ def _clamp(x: Tensor, y: Tensor, low: Any = None, high: Any = None) -> tuple[Ten
     return inside.to(x.dtype), None
 
 
+def _arcsine(x: Tensor, y: Tensor, sign: float) -> tuple[Tensor, Tensor]:
+    """``asin`` (``sign = 1``) and ``acos`` (``-1``): ``phi' = sign (1 - x^2)^(-1/2)``,
+    ``phi'' = phi' x / (1 - x^2)``."""
+    d1 = sign * torch.rsqrt(1 - x * x)
+    return d1, d1 * x / (1 - x * x)
+
+
+def _erfinv(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``phi' = sqrt(pi)/2 exp(y^2)`` (the inverse of ``erf' = 2/sqrt(pi) exp(-y^2)``),
+    ``phi'' = 2 y phi'^2``."""
+    d1 = math.sqrt(math.pi) / 2 * torch.exp(y * y)
+    return d1, 2 * y * d1 * d1
+
+
 DERIVATIVES: dict[Any, Derivatives] = {
     aten.tanh.default: _tanh,
     aten.sigmoid.default: _sigmoid,
@@ -115,6 +135,9 @@ DERIVATIVES: dict[Any, Derivatives] = {
     aten.abs.default: lambda x, y: (torch.sign(x), None),
     aten.tan.default: lambda x, y: (1 + y * y, 2 * y * (1 + y * y)),
     aten.atan.default: lambda x, y: (1 / (1 + x * x), -2 * x / (1 + x * x) ** 2),
+    aten.asin.default: lambda x, y: _arcsine(x, y, 1.0),
+    aten.acos.default: lambda x, y: _arcsine(x, y, -1.0),
+    aten.erfinv.default: _erfinv,
     aten.sinh.default: lambda x, y: (torch.cosh(x), y),
     aten.cosh.default: lambda x, y: (torch.sinh(x), y),
     aten.asinh.default: lambda x, y: ((1 + x * x) ** -0.5, -x * (1 + x * x) ** -1.5),
@@ -137,6 +160,53 @@ DERIVATIVES: dict[Any, Derivatives] = {
 }
 
 
+def _nonzero(t: Tensor) -> Tensor:
+    """``t`` with zeros replaced by ones, for divisions whose numerator vanishes there too."""
+    return torch.where(t != 0, t, torch.ones_like(t))
+
+
+def _atan2(a: Tensor, b: Tensor, y: Tensor) -> Partials:
+    """``atan2(a, b)``, the angle of the point ``(b, a)``: with ``r2 = a^2 + b^2``,
+    ``phi_a = b/r2``, ``phi_b = -a/r2``, ``phi_aa = -phi_bb = -2ab/r2^2``,
+    ``phi_ab = (a^2 - b^2)/r2^2``."""
+    r2 = _nonzero(a * a + b * b)
+    cross = 2 * a * b / (r2 * r2)
+    return (b / r2, -a / r2), (-cross, (a * a - b * b) / (r2 * r2), cross)
+
+
+def _hypot(a: Tensor, b: Tensor, y: Tensor) -> Partials:
+    """``r = hypot(a, b)``: ``phi_a = a/r``, ``phi_b = b/r``, ``phi_aa = b^2/r^3``,
+    ``phi_ab = -ab/r^3``, ``phi_bb = a^2/r^3``."""
+    r = _nonzero(y)
+    r3 = r * r * r
+    return (a / r, b / r), (b * b / r3, -a * b / r3, a * a / r3)
+
+
+def _logaddexp(a: Tensor, b: Tensor, y: Tensor) -> Partials:
+    """``log(e^a + e^b)``: ``phi_a = s = e^(a - y)``, ``phi_b = t = e^(b - y)``, and
+    ``phi_aa = phi_bb = -phi_ab = s t``."""
+    s, t = torch.exp(a - y), torch.exp(b - y)
+    st = s * t
+    return (s, t), (st, -st, st)
+
+
+BINARY: dict[Any, Callable[[Tensor, Tensor, Tensor], Partials]] = {
+    aten.atan2.default: _atan2,
+    aten.hypot.default: _hypot,
+    aten.logaddexp.default: _logaddexp,
+}
+
+
+def _binary(op: Any, partials: Callable[[Tensor, Tensor, Tensor], Partials]) -> Callable[..., Jet]:
+    def rule(ctx: Context, a: Jet | Tensor, b: Jet | Tensor) -> Jet:
+        va, vb = value_of(a), value_of(b)
+        y = op(va, vb)
+        first, second = partials(va, vb, y)
+        return chain2(ctx, a, b, y, first, second)
+
+    return rule
+
+
 def _rule(op: Any, derivatives: Derivatives) -> Callable[..., Jet]:
     def rule(ctx: Context, a: Jet, *args: Any, **kwargs: Any) -> Jet:
         y = op(a.value, *args, **kwargs)
@@ -156,3 +226,4 @@ def _scalar_pow(ctx: Context, c: float, a: Jet) -> Jet:
 
 RULES = {op: _rule(op, d) for op, d in DERIVATIVES.items()}
 RULES[aten.pow.Scalar] = _scalar_pow
+RULES.update({op: _binary(op, partials) for op, partials in BINARY.items()})

@@ -109,6 +109,38 @@ def chain(ctx: Context, a: Jet, y: torch.Tensor, d1: torch.Tensor, d2: torch.Ten
     return Jet(y, jac, lap)
 
 
+def chain2(
+    ctx: Context,
+    a: Jet | torch.Tensor,
+    b: Jet | torch.Tensor,
+    y: torch.Tensor,
+    first: tuple[torch.Tensor, torch.Tensor],
+    second: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> Jet:
+    """``phi(a, b)`` for an elementwise ``phi`` of two arguments (either may be a constant),
+    with ``y = phi(a, b)``, ``first = (phi_a, phi_b)``, ``second = (phi_aa, phi_ab, phi_bb)``:
+
+        jac = phi_a ja + phi_b jb
+        lap = phi_a la + phi_b lb + sum_k (phi_aa ja_k^2 + 2 phi_ab ja_k jb_k + phi_bb jb_k^2)
+    """
+    (da, db), (daa, dab, dbb) = first, second
+    ja, jb = aligned_jac(a, y.dim()), aligned_jac(b, y.dim())
+    jac = None
+    if ctx.jac:
+        jac = _add(None if ja is None else da * ja, None if jb is None else db * jb)
+    if not ctx.second_order:
+        return Jet(y, jac, None)
+    la, lb = lap_of(a), lap_of(b)
+    lap = _add(None if la is None else da * la, None if lb is None else db * lb)
+    if ja is not None:
+        lap = _add(lap, daa * ja.square().sum(0))
+    if jb is not None:
+        lap = _add(lap, dbb * jb.square().sum(0))
+    if ja is not None and jb is not None:
+        lap = _add(lap, 2 * dab * (ja * jb).sum(0))
+    return Jet(y, jac, lap)
+
+
 def product(ctx: Context, op: Op, a: Jet | torch.Tensor, b: Jet | torch.Tensor, **kw) -> Jet:
     """``op(a, b)`` for an ``op`` linear in each argument (``mul``, ``matmul``, ...):
 

@@ -177,16 +177,22 @@ def _select(ctx: Context, value: Tensor, pick: Callable[[Tensor], Tensor], a: Je
     return Jet(value, jac, None if a.lap is None else pick(full_lap(a)))
 
 
-def _max_dim(ctx: Context, a: Jet, dim: int, keepdim: bool = False) -> tuple[Jet, Tensor]:
-    value, index = torch.max(a.value, dim, keepdim=True)
+def take_along(ctx: Context, a: Jet, value: Tensor, index: Tensor, dim: int) -> Jet:
+    """The jet of ``value = a.value.gather(dim, index)`` (max, sort, top-k: piecewise a
+    selection, so linear almost everywhere): ``jac`` and ``lap`` gathered at ``index``, which
+    has as many dimensions as ``a``."""
 
     def pick(t: Tensor) -> Tensor:
-        d = dim % a.value.dim() + t.dim() - a.value.dim()
-        out = t.gather(d, index.expand(*t.shape[: t.dim() - a.value.dim()], *index.shape))
-        return out if keepdim else out.squeeze(d)
+        lead = t.dim() - a.value.dim()
+        return t.gather(dim % a.value.dim() + lead, index.expand(*t.shape[:lead], *index.shape))
 
-    squeeze = (lambda t: t) if keepdim else (lambda t: t.squeeze(dim))
-    return _select(ctx, squeeze(value), pick, a), squeeze(index)
+    return _select(ctx, value, pick, a)
+
+
+def _max_dim(ctx: Context, a: Jet, dim: int, keepdim: bool = False) -> tuple[Jet, Tensor]:
+    value, index = torch.max(a.value, dim, keepdim=True)
+    out = take_along(ctx, a, value, index, dim)
+    return (out, index) if keepdim else (linear(ctx, torch.squeeze, out, dim), index.squeeze(dim))
 
 
 def _amax(ctx: Context, a: Jet, dims: list[int], keepdim: bool = False) -> Jet:

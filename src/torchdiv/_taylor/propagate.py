@@ -13,18 +13,25 @@ from typing import Any
 
 import torch
 
-from torchdiv._taylor import composite, elementwise, linalg, linear
+from torchdiv._taylor import composite, elementwise, linalg, linear, reductions
 from torchdiv._taylor.capture import Graph, Node, Ref
 from torchdiv._taylor.jet import Context, Jet
 from torchdiv._taylor.linear import UnsupportedOp
 from torchdiv._taylor.tree import leaves, map_leaves
 
-RULES: dict[Any, Any] = {**elementwise.RULES, **linear.RULES, **composite.RULES, **linalg.RULES}
+RULES: dict[Any, Any] = {
+    **elementwise.RULES,
+    **linear.RULES,
+    **composite.RULES,
+    **linalg.RULES,
+    **reductions.RULES,
+}
 
 aten = torch.ops.aten
 # ops whose ``lap`` needs only the inputs' ``lap`` (linear, or linear almost everywhere)
 _LAP_FROM_LAP = {
     *linear.LINEAR_OPS,
+    *reductions.SELECTIONS,
     aten.view.default,
     aten._unsafe_view.default,
     aten.split.Tensor,
