@@ -20,6 +20,8 @@ from torchdiv._autograd import GraphJacobian
 from torchdiv._basis import chunks
 from torchdiv._checks import event_numel
 from torchdiv._forward import ForwardJacobian
+from torchdiv._independence import BatchInteractionError
+from torchdiv._reporting import recorded_mixing
 from torchdiv._reverse import ReverseJacobian
 
 EXACT_METHODS = ("auto", "forward", "reverse")
@@ -127,7 +129,10 @@ def evaluate(
             return consume(engine, chunk_size or chunk), engine.y_shape
         except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
             raise
-        except RuntimeError:  # NotImplementedError included
+        except RuntimeError as exc:  # NotImplementedError included
+            mixing = "captured Tensor" in str(exc) and recorded_mixing(f, x, batch_dims)
+            if mixing:  # a train-mode batch norm: raised before plain autograd updates it
+                raise BatchInteractionError(mixing) from None
             engine, sizes = _watched(
                 lambda: GraphJacobian.of_function(f, x, batch_dims), x, batch_dims
             )
@@ -146,7 +151,7 @@ def _planned(
         lambda: ReverseJacobian(f, x, batch_dims),
         x,
         batch_dims,
-        watch=not tiny or x.dim() == batch_dims,
+        watch=not tiny or (x.dim() == batch_dims and not _mixing.allowed()),
     )
     if engine.num_basis > num_inputs or sizes.convolves:
         engine = ForwardJacobian(f, x, batch_dims)

@@ -149,7 +149,9 @@ def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
             "If that dimension belongs to each sample's event, lower batch_dims; if f really "
             "combines samples, per-sample derivatives do not exist."
         )
-    return text + fix + " To compute it anyway, wrap the call in torchdiv.allow_batch_interaction()."
+    return (
+        text + fix + " To compute it anyway, wrap the call in torchdiv.allow_batch_interaction()."
+    )
 
 
 def _module_in_stack() -> str | None:
@@ -222,10 +224,13 @@ def check_graph(
         if node is None or node in seen:
             continue
         seen.add(node)
-        if type(node).__name__ in _BATCH_NORM_NODES and node._saved_training:
-            if node._saved_input.shape[0] > 1:
-                what = "y was computed by a batch norm in train mode, normalising with statistics of the whole batch"
-                raise BatchInteractionError(_named(fn, explain(what, x, batch_dims)))
+        if (
+            type(node).__name__ in _BATCH_NORM_NODES
+            and node._saved_training
+            and node._saved_input.shape[0] > 1
+        ):
+            what = "a batch norm in train mode, normalising with statistics of the whole batch"
+            raise BatchInteractionError(_named(fn, explain(what, x, batch_dims)))
         stack.extend(child for child, _ in node.next_functions)
     if empty_event:
         _signed_vjp(fn, y, x, batch_dims)
@@ -273,7 +278,9 @@ def _aligned(t: torch.Tensor, axes: Axes, out: torch.Tensor) -> Axes:
     """``t``'s batch dimensions in ``out``, with shapes aligned at the right (broadcasting)."""
     shift = out.dim() - t.dim()
     return tuple(
-        (q + shift, s) for q, s in axes if 0 <= q + shift < out.dim() and out.shape[q + shift] == t.shape[q]
+        (q + shift, s)
+        for q, s in axes
+        if 0 <= q + shift < out.dim() and out.shape[q + shift] == t.shape[q]
     )
 
 
@@ -354,9 +361,7 @@ def _along(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | 
     dim = (args[1] if len(args) > 1 else 0) % t.dim()
     outs = out if isinstance(out, list | tuple) else (out,)
     kept = tuple((q, s) for q, s in axes if q != dim)
-    return [
-        tuple((q - (q > dim and o.dim() < t.dim()), s) for q, s in kept) for o in outs
-    ]
+    return [tuple((q - (q > dim and o.dim() < t.dim()), s) for q, s in kept) for o in outs]
 
 
 def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -477,6 +482,10 @@ def _kind(func: Any) -> Carry:
 Mixing = Callable[[BatchAxes, Sequence[Any]], "str | None"]
 
 
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
 def _dims(t: torch.Tensor, dims: Any) -> list[int]:
     if dims is None or dims == []:
         return list(range(t.dim()))
@@ -504,7 +513,7 @@ def _reduction(op: Any, name: str) -> Mixing:
         q = _batch_at(tr, args[0], _reduced_dims(op, args))
         if q is None:
             return None
-        return f"a {name} over dimension {q}, where samples are"
+        return f"a {name} over samples (dimension {q} of a tensor of shape {_shape(args[0])})"
 
     return rule
 
@@ -525,9 +534,9 @@ def _contraction(tr: BatchAxes, args: Sequence[Any]) -> str | None:
         q = _batch_at(tr, b, [max(b.dim() - 2, 0)])
         if q is None:
             return None
+    t = a if _batch_at(tr, a, [a.dim() - 1]) is not None else b
     return (
-        f"a matrix product summing over dimension {q} of an operand, where samples are "
-        "(a linear layer over the batch)"
+        f"a matrix product summing over samples (dimension {q} of an operand of shape {_shape(t)})"
     )
 
 
@@ -546,13 +555,13 @@ def _batch_norm(training_arg: int) -> Mixing:
 def _layer_norm(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     t, shape = args[0], args[1]
     q = _batch_at(tr, t, range(t.dim() - len(shape), t.dim()))
-    return None if q is None else f"a layer norm over dimension {q}, where samples are"
+    return None if q is None else f"a layer norm over samples (dimension {q} of shape {_shape(t)})"
 
 
 def _group_norm(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     t = args[0]
     q = _batch_at(tr, t, range(1, t.dim()))
-    return None if q is None else f"a group norm over dimension {q}, where samples are"
+    return None if q is None else f"a group norm over samples (dimension {q} of shape {_shape(t)})"
 
 
 def _convolution(tr: BatchAxes, args: Sequence[Any]) -> str | None:
@@ -561,7 +570,9 @@ def _convolution(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     mixed = [1] if groups == 1 else []
     mixed += [d for d in range(2, t.dim()) if weight.shape[d] > 1]
     q = _batch_at(tr, t, mixed)
-    return None if q is None else f"a convolution across dimension {q}, where samples are"
+    return (
+        None if q is None else f"a convolution across samples (dimension {q} of shape {_shape(t)})"
+    )
 
 
 _MATRIX_PRODUCTS = {

@@ -41,25 +41,33 @@ def reported(fn: str, call: str = "f(x)") -> Callable[[F], F]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 return function(*args, **kwargs)
-            except BatchInteractionError as exc:
-                if str(exc).startswith(f"{fn}:"):
-                    raise
-                raise BatchInteractionError(f"{fn}: {exc}") from None
             except Exception as exc:
-                if not raised_by_f(exc):
-                    raise
                 bound = signature.bind(*args, **kwargs)
                 bound.apply_defaults()
-                options = bound.arguments
-                if "captured Tensor" in str(exc):  # a transform refused an update f makes
-                    mixing = _mixing_in(options["f"], options["x"], options["batch_dims"], call)
-                    if mixing is not None:
-                        raise BatchInteractionError(f"{fn}: {mixing}") from exc
-                raise in_context(fn, call, exc, options) from exc
+                final = final_error(fn, call, exc, bound.arguments)
+                if final is None:
+                    raise
+                raise final from (None if isinstance(exc, BatchInteractionError) else exc)
 
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> Exception | None:
+    """What ``fn`` raises instead of ``exc`` (``None``: ``exc`` itself). ``options``: the
+    call's arguments (``f``, ``x``, ``batch_dims``, ``method``; ``evaluate``, ``f`` as a
+    function of ``x`` alone, if it is not ``f``)."""
+    if isinstance(exc, BatchInteractionError):
+        return None if str(exc).startswith(f"{fn}:") else BatchInteractionError(f"{fn}: {exc}")
+    if not raised_by_f(exc):
+        return None
+    if "captured Tensor" in str(exc):  # a transform refused an update f makes
+        evaluate = options.get("evaluate", options["f"])
+        mixing = recorded_mixing(evaluate, options["x"], options["batch_dims"])
+        if mixing is not None:
+            return BatchInteractionError(f"{fn}: {mixing}")
+    return in_context(fn, call, exc, options)
 
 
 def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> Exception:
@@ -71,7 +79,7 @@ def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> E
     engine = getattr(exc, "_torchdiv_engine", "torchdiv")
     text = (
         f"{fn}: {call} raised {type(exc).__name__}: {exc}\n"
-        f"[torchdiv] in {fn}(f, x, {shown}) with x of shape {tuple(x.shape)} and dtype "
+        f"[torchdiv] in {fn}(f, x, ..., {shown}) with x of shape {tuple(x.shape)} and dtype "
         f"{x.dtype}; f was evaluated by {engine}."
     )
     hint = _hint(str(exc), f, x, call)
@@ -93,11 +101,7 @@ def _hint(message: str, f: Any, x: torch.Tensor, call: str) -> str | None:
             "the random draws of that evaluation."
         )
     if "dtype" in message or "scalar type" in message:
-        params = [
-            p.dtype
-            for p in (f.parameters() if isinstance(f, torch.nn.Module) else ())
-            if p.is_floating_point()
-        ]
+        params = [p.dtype for m in _modules(f) for p in m.parameters() if p.is_floating_point()]
         what = f"f's parameters are {params[0]}" if params else "f computes in another dtype"
         return (
             f"{what} but x is {x.dtype}: convert one to the other, e.g. model.to(x.dtype) or "
@@ -118,10 +122,19 @@ def _hint(message: str, f: Any, x: torch.Tensor, call: str) -> str | None:
     return None
 
 
-def _mixing_in(f: Any, x: torch.Tensor, batch_dims: int, call: str) -> str | None:
+def _modules(f: Any) -> list[torch.nn.Module]:
+    """``f`` if it is a module, else the modules its closure holds (``lambda x: net(x)``)."""
+    if isinstance(f, torch.nn.Module):
+        return [f]
+    cells = getattr(f, "__closure__", None) or ()
+    return [c.cell_contents for c in cells if isinstance(c.cell_contents, torch.nn.Module)]
+
+
+def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
     """The ``BatchInteractionError`` message of recording ``f`` once (state put back), or
-    ``None`` if it does not mix samples where the recorder can see it."""
-    if allowed() or call != "f(x)":
+    ``None`` if it does not mix samples where the recorder can see it. For an ``f`` that a
+    ``torch.func`` transform refused for updating state (a train-mode batch norm)."""
+    if allowed():
         return None
     try:
         capture(f, x, RULES, batch_dims=batch_dims).undo()
