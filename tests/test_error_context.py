@@ -12,7 +12,10 @@ from torch.testing import assert_close
 import torchdiv
 
 f64 = torch.float64
-CONTEXT = r"\[torchdiv\] in {fn}\(f, x, \.\.\., batch_dims=1, method='{method}'\) with x of shape \(8, 3\) and dtype torch\.float64"
+CONTEXT = (
+    r"\[torchdiv\] in {fn}\(f, x, \.\.\., batch_dims=1, method='{method}'\) with x of shape "
+    r"\(8, 3\) and dtype torch\.float64"
+)
 
 
 def _net() -> nn.Module:
@@ -94,7 +97,7 @@ class _Flow(nn.Module):
         (_Flow("none"), torch.randn(8, 3), RuntimeError, r"f's parameters are torch\.float64"),
     ],
 )
-def test_flow_mistakes(f, x: torch.Tensor, error: type, hint: str) -> None:  # noqa: ANN001
+def test_flow_mistakes(f, x: torch.Tensor, error: type, hint: str) -> None:
     pytest.importorskip("torchdiffeq")
     normal = lambda z: -0.5 * z.square().sum(-1)  # noqa: E731
     with pytest.raises(error) as info:
@@ -117,12 +120,12 @@ class _Legacy(torch.autograd.Function):
     """No ``setup_context``: torch.func refuses it, plain autograd runs it."""
 
     @staticmethod
-    def forward(ctx, x):  # noqa: ANN001, ANN205
+    def forward(ctx, x):
         ctx.save_for_backward(x)
         return x.sin()
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return grad * x.cos()
 
