@@ -6,6 +6,7 @@ from torchdiv._api import divergence, estimate_divergence, jacobian, jacobian_di
 from torchdiv._graph import graph_divergence, graph_jacobian
 from torchdiv._independence import BatchInteractionError, check_batch_independence
 from torchdiv._laplacian import laplacian
+from torchdiv._mixing import allow_batch_interaction
 from torchdiv._probes import draw_probes
 from torchdiv._result import Estimate
 from torchdiv._trace import estimate_trace
@@ -28,6 +29,7 @@ __all__ = [
     "Estimate",
     # checking the batch-independence assumption
     "BatchInteractionError",
+    "allow_batch_interaction",
     "check_batch_independence",
     # continuous flows: log-likelihoods along an ODE (submodule; needs the `ode` extra)
     "flows",

@@ -17,6 +17,7 @@ from torchdiv._checks import (
 )
 from torchdiv._estimators import STOCHASTIC_METHODS
 from torchdiv._modes import outside_inference_mode
+from torchdiv._reporting import reported
 from torchdiv._result import Estimate
 
 DIVERGENCE_METHODS = (*_exact.EXACT_METHODS, "structured", *STOCHASTIC_METHODS)
@@ -64,6 +65,7 @@ def _exact_diagonal(
 
 
 @outside_inference_mode
+@reported("jacobian")
 def jacobian(
     f: Function,
     x: torch.Tensor,
@@ -113,6 +115,7 @@ def jacobian(
 
 
 @outside_inference_mode
+@reported("jacobian_diagonal")
 def jacobian_diagonal(
     f: Function,
     x: torch.Tensor,
@@ -175,6 +178,7 @@ def jacobian_diagonal(
 
 
 @outside_inference_mode
+@reported("divergence")
 def divergence(
     f: Function,
     x: torch.Tensor,
@@ -267,6 +271,7 @@ def divergence(
 
 
 @outside_inference_mode
+@reported("estimate_divergence")
 def estimate_divergence(
     f: Function,
     x: torch.Tensor,

@@ -7,11 +7,13 @@ and what arrived (values and shapes), and, where one helps, gives a hint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from torchdiv._modes import WrongDerivatives
 
@@ -230,15 +232,45 @@ def check_square(fn: str, y: torch.Tensor, x: torch.Tensor, batch_dims: int, nam
         )
 
 
+def raised_by_f(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of the caller's ``f`` (see ``call_f``)."""
+    return getattr(exc, "_torchdiv_in_f", False)
+
+
+def call_f(f: Callable[..., Any], *args: Any) -> Any:
+    """``f(*args)``, marking an exception ``f`` raises, so that the public function can add its
+    context once the error is final (``torchdiv._reporting``); torchdiv's own errors raised
+    while watching ``f`` (``BatchInteractionError``) carry their own."""
+    try:
+        return f(*args)
+    except Exception as exc:
+        if not isinstance(exc, ValueError) or type(exc).__name__ != "BatchInteractionError":
+            with contextlib.suppress(AttributeError):  # a built-in type without __dict__
+                exc._torchdiv_in_f = True  # type: ignore[attr-defined]
+                exc._torchdiv_engine = _engine_now()  # type: ignore[attr-defined]
+        raise
+
+
+def _engine_now() -> str:
+    """What is evaluating ``f`` at the moment: for an error's context."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "torch.func transforms (vjp, jvp, vmap)"
+    modes = [type(m).__name__ for m in _get_current_dispatch_mode_stack()]
+    if "_Recorder" in modes:
+        return "the structured recorder (a TorchDispatchMode)"
+    return "plain autograd"
+
+
 def checked(
     fn: str, f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int, square: bool
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Wrap ``f`` so that its output is checked wherever it is evaluated (inside transforms too),
-    and an op an engine refuses (``_modes.WrongDerivatives``) is reported under ``fn``'s name."""
+    its errors are marked (``call_f``), and an op an engine refuses (``_modes.WrongDerivatives``)
+    is reported under ``fn``'s name."""
 
     def g(z: torch.Tensor) -> torch.Tensor:
         try:
-            y = f(z)
+            y = call_f(f, z)
         except WrongDerivatives as exc:
             raise WrongDerivatives(f"{fn}: {exc}") from None
         check_output(fn, y, x, batch_dims)

@@ -15,11 +15,13 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from torchdiv import _plan
+from torchdiv import _mixing, _plan
 from torchdiv._autograd import GraphJacobian
 from torchdiv._basis import chunks
 from torchdiv._checks import event_numel
 from torchdiv._forward import ForwardJacobian
+from torchdiv._independence import BatchInteractionError
+from torchdiv._reporting import recorded_mixing
 from torchdiv._reverse import ReverseJacobian
 
 EXACT_METHODS = ("auto", "forward", "reverse")
@@ -110,7 +112,13 @@ def evaluate(
     ``"auto"`` plans mode and chunk size (``_plan``); if ``torch.func`` cannot run ``f`` (an op
     without a forward-mode rule, a legacy ``autograd.Function``, an op that cannot be vmapped)
     it falls back to the plain-autograd engine, which runs anything ``backward()`` can.
+
+    The evaluations ``"auto"`` watches also follow the batch dimensions (``_mixing``): an ``f``
+    that mixes samples raises ``BatchInteractionError``. The explicit methods are not watched,
+    except for an empty event (elementwise functions only), which costs one more evaluation.
     """
+    if method in ("forward", "reverse"):
+        _mixing.check_empty_event(f, x, batch_dims)
     if method == "forward":
         engine: Engine = ForwardJacobian(f, x, batch_dims)
     elif method == "reverse":
@@ -121,7 +129,10 @@ def evaluate(
             return consume(engine, chunk_size or chunk), engine.y_shape
         except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
             raise
-        except RuntimeError:  # NotImplementedError included
+        except RuntimeError as exc:  # NotImplementedError included
+            mixing = "captured Tensor" in str(exc) and recorded_mixing(f, x, batch_dims)
+            if mixing:  # a train-mode batch norm: raised before plain autograd updates it
+                raise BatchInteractionError(mixing) from None
             engine, sizes = _watched(
                 lambda: GraphJacobian.of_function(f, x, batch_dims), x, batch_dims
             )
@@ -132,11 +143,15 @@ def evaluate(
 def _planned(
     f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
 ) -> tuple[Engine, int]:
-    """The engine and chunk size ``auto`` uses (rules in ``_plan``)."""
+    """The engine and chunk size ``auto`` uses (rules in ``_plan``). Tiny problems are watched
+    only when the event is empty, where any op but an elementwise one mixes samples."""
     num_inputs = event_numel(x, batch_dims)
     tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
     engine, sizes = _watched(
-        lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch=not tiny
+        lambda: ReverseJacobian(f, x, batch_dims),
+        x,
+        batch_dims,
+        watch=not tiny or (x.dim() == batch_dims and not _mixing.allowed()),
     )
     if engine.num_basis > num_inputs or sizes.convolves:
         engine = ForwardJacobian(f, x, batch_dims)
@@ -146,9 +161,10 @@ def _planned(
 def _watched(
     build: Callable[[], Engine], x: torch.Tensor, batch_dims: int, watch: bool = True
 ) -> tuple[Engine, _plan.OpSizes]:
-    """Build an engine (which evaluates ``f`` once), with ``OpSizes`` watching the ops if
-    ``watch``; unwatched sizes record nothing, so their chunk is all basis vectors."""
-    sizes = _plan.OpSizes(x.shape[:batch_dims])
+    """Build an engine (which evaluates ``f`` once), with ``OpSizes`` watching the ops (and the
+    batch dimensions) if ``watch``; unwatched sizes record nothing, so their chunk is all basis
+    vectors."""
+    sizes = _plan.OpSizes(x.shape[:batch_dims], _mixing.tracker(x, batch_dims))
     with sizes if watch else contextlib.nullcontext():
         engine = build()
     return engine, sizes

@@ -2,8 +2,11 @@
 
 These functions assume that samples are independent (see NOTE [Batching over basis vectors]
 in ``torchdiv._basis``): the graph is probed with one basis vector broadcast across the batch,
-so a ``y`` whose samples mix (train-mode BatchNorm, attention across the batch) gives a wrong
-answer silently. Run ``torchdiv.check_batch_independence`` on the function once if unsure.
+so a ``y`` whose samples mix gives a wrong answer. A built graph shows less than a function:
+they raise ``BatchInteractionError`` for a train-mode batch norm in it and, when ``x`` has no
+event dimensions, for any cross-sample gradient (one more VJP); other mixing (attention or a
+reduction across the batch) goes unseen. Run ``torchdiv.check_batch_independence`` on the
+function once if unsure.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 import torch
 
-from torchdiv import _exact, _stochastic, _trace
+from torchdiv import _exact, _mixing, _stochastic, _trace
 from torchdiv._autograd import GraphJacobian, depends_on
 from torchdiv._checks import (
     check_chunk_size,
@@ -55,6 +58,7 @@ def _engine(
             "tensor you computed y from, not a copy or a reshaped view made afterwards "
             "(reshape x before calling f, and pass the reshaped tensor)"
         )
+    _mixing.check_graph(fn, y, x, batch_dims, empty_event=x.dim() == batch_dims)
     engine = GraphJacobian(y, x, batch_dims, create_graph)
     return engine, chunk_size or max(engine.num_basis, 1)
 

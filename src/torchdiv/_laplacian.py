@@ -46,7 +46,9 @@ from torchdiv._checks import (
     event_numel,
 )
 from torchdiv._forward import ForwardJacobian
+from torchdiv._mixing import check_empty_event
 from torchdiv._modes import SafeDerivatives, math_attention, outside_inference_mode
+from torchdiv._reporting import reported
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
 
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -57,6 +59,7 @@ CHUNK_ELEMENTS = 2**24
 
 
 @outside_inference_mode
+@reported("laplacian")
 def laplacian(
     f: Function,
     x: torch.Tensor,
@@ -128,18 +131,20 @@ def laplacian(
     if method == "hutchinson":
         directions = _trace.vectors(s, x, batch_dims).reshape(-1, *x.shape).to(x.dtype)
         return _hutchinson(g, x, batch_dims, chunk_size, directions)
+    if method in ("forward-over-reverse", "hessian"):  # not recorded: see _mixing
+        check_empty_event(g, x, batch_dims)
     return _METHODS[method](g, x, batch_dims, chunk_size)
 
 
 def _auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
-    graph = capture(f, x, RULES)
+    graph = capture(f, x, RULES, batch_dims=batch_dims)
     chunk = chunk_size or graph.chunk(event_numel(x, batch_dims), CHUNK_ELEMENTS)
     out = _collapsed_or_none(graph, x, _unit_directions(x, batch_dims, chunk))
     return _forward_over_reverse(f, x, batch_dims, chunk) if out is None else out
 
 
 def _taylor(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
-    graph = capture(f, x, RULES)
+    graph = capture(f, x, RULES, batch_dims=batch_dims)
     if graph.unsupported:
         _refuse(
             ", ".join(sorted(set(graph.unsupported))) + " applied to a tensor that depends on x"
@@ -258,7 +263,7 @@ def _hutchinson(
     or Hessian-vector products dotted with the probes if an op has no Taylor rule."""
     r = len(probes)
     pieces = [probes[start:stop] for start, stop in chunks(r, chunk_size or r)]
-    out = _collapsed_or_none(capture(f, x, RULES), x, iter(pieces))
+    out = _collapsed_or_none(capture(f, x, RULES, batch_dims=batch_dims), x, iter(pieces))
     if out is not None:
         return out / r
     total = None

@@ -25,6 +25,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from torchdiv._mixing import BatchAxes
+
 CHUNK_ELEMENTS = 1 << 21
 
 # Problems with at most this many (basis vectors x elements of x) take well under a
@@ -39,17 +41,24 @@ class OpSizes(TorchDispatchMode):
     """Records the largest per-batch tensor any op produced, and whether any op convolved.
 
     Per-batch means its leading dimensions are the batch shape: those are the tensors a batched
-    JVP or VJP carries ``k`` copies of (weights and their views are not).
+    JVP or VJP carries ``k`` copies of (weights and their views are not). With ``axes``, it
+    also follows the batch dimensions (``torchdiv._mixing``), raising ``BatchInteractionError``
+    when ``f`` mixes samples.
     """
 
-    def __init__(self, batch_shape: torch.Size) -> None:
+    def __init__(self, batch_shape: torch.Size, axes: BatchAxes | None = None) -> None:
         super().__init__()
         self.batch_shape = batch_shape
         self.widest = 0
         self.convolves = False
+        self.axes = axes
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if self.axes is not None:
+            self.axes.before(func, args)
         out = func(*args, **(kwargs or {}))
+        if self.axes is not None:
+            self.axes.after(func, args, out)
         self.convolves |= func in _CONVOLUTIONS
         for leaf in tree_leaves(out):
             if (
@@ -58,6 +67,10 @@ class OpSizes(TorchDispatchMode):
             ):
                 self.widest = max(self.widest, leaf.numel())
         return out
+
+    def __exit__(self, *exc: Any) -> None:
+        self.axes = None  # let go of the tensors it followed
+        super().__exit__(*exc)
 
     def chunk(self, num_basis: int) -> int:
         """Vectors per chunk so that ``chunk * widest`` stays near ``CHUNK_ELEMENTS``."""

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from torchdiv import _exact, _trace
+from torchdiv import _exact, _mixing, _trace
 from torchdiv._autograd import GraphJacobian
 from torchdiv._checks import event_numel
 from torchdiv._estimators import Matmat
@@ -55,9 +55,7 @@ def trace_of_function(
     pass takes 0.30 ms, forward plus ``autograd.grad`` 0.72 ms).
     """
     if s.num_probes == 1:
-        value, stderr = _trace.summary(
-            _one_probe(GraphJacobian.of_function(f, x, batch_dims), s)[None]
-        )
+        value, stderr = _trace.summary(_one_probe(_unwatched(f, x, batch_dims), s)[None])
         return Estimate(value, stderr, 1)
 
     def consume(engine: _exact.Engine, chunk: int) -> Estimate:
@@ -81,7 +79,7 @@ def terms_of_function(
     (``torchdiv.flows``)."""
     batch = x.shape[:batch_dims]
     if s.num_probes == 1:
-        engine = GraphJacobian.of_function(f, x, batch_dims)
+        engine = _unwatched(f, x, batch_dims)
         return _one_probe(engine, s)[None], _exact.output(engine)
 
     def consume(engine: _exact.Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +87,17 @@ def terms_of_function(
 
     (flat, y), _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume)
     return flat.reshape(len(flat), *batch).to(x.dtype), y
+
+
+def _unwatched(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+) -> GraphJacobian:
+    """The plain-autograd engine of a one-product estimate, whose ``f`` no dispatch mode
+    watches (that would cost 10 us an op): its graph is checked for what shows there
+    (``_mixing.check_graph``)."""
+    engine = GraphJacobian.of_function(f, x, batch_dims)
+    _mixing.check_graph(None, engine.y, engine.x, batch_dims, empty_event=x.dim() == batch_dims)
+    return engine
 
 
 def _one_probe(engine: GraphJacobian, s: _trace.Sampling) -> torch.Tensor:

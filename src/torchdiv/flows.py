@@ -52,6 +52,7 @@ from torch import nn
 
 from torchdiv import _exact, _stochastic, _structured, _trace
 from torchdiv._checks import (
+    call_f,
     check_callable,
     check_chunk_size,
     check_exact_options,
@@ -66,8 +67,10 @@ from torchdiv._checks import (
     check_velocity,
 )
 from torchdiv._estimators import STOCHASTIC_METHODS, num_terms, num_vectors
+from torchdiv._independence import BatchInteractionError
 from torchdiv._modes import CompiledCodeEager, outside_inference_mode
 from torchdiv._probes import draw
+from torchdiv._reporting import final_error, reported
 
 __all__ = ["AugmentedDynamics", "log_likelihood"]
 
@@ -187,6 +190,7 @@ class AugmentedDynamics(nn.Module):
             chunk_size,
         )
         self.f, self.batch_dims, self.method, self.chunk_size = f, batch_dims, method, chunk_size
+        self.fn = "AugmentedDynamics"  # named in errors; log_likelihood's own dynamics: its name
         s = self.sampling
         self.num_terms = 1 if s is None else num_terms(method, s.num_probes)
 
@@ -203,10 +207,22 @@ class AugmentedDynamics(nn.Module):
         z = state[0]
 
         def velocity(z: torch.Tensor) -> torch.Tensor:
-            v = self.f(t, z)
-            check_velocity("AugmentedDynamics", v, z)
+            v = call_f(self.f, t, z)
+            check_velocity(self.fn, v, z)
             return v
 
+        try:
+            return self._dynamics(velocity, z)
+        except Exception as exc:
+            options = {"f": self.f, "evaluate": velocity, "x": z, "batch_dims": self.batch_dims}
+            final = final_error(self.fn, "f(t, z)", exc, {**options, "method": self.method})
+            if final is None:
+                raise
+            raise final from (None if isinstance(exc, BatchInteractionError) else exc)
+
+    def _dynamics(
+        self, velocity: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.sampling is None:
             trace, v = self._exact(velocity, z)
             terms = trace[None].to(z.dtype)
@@ -223,7 +239,7 @@ class AugmentedDynamics(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(div f, f)`` at ``z``: the structured engine where it runs (``"auto"``, and
         ``"structured"``, which raises otherwise), else the generic ones."""
-        method, fn = self.method, "AugmentedDynamics"
+        method, fn = self.method, self.fn
         if _structured.chosen(method, z, self.batch_dims):
             planned = _structured.plan(
                 fn, velocity, z, self.batch_dims, self.chunk_size, method == "structured", True
@@ -236,6 +252,7 @@ class AugmentedDynamics(nn.Module):
 
 
 @outside_inference_mode
+@reported("log_likelihood", call="f(t, z)")
 def log_likelihood(
     f: Velocity,
     x: torch.Tensor,
@@ -341,6 +358,7 @@ def log_likelihood(
         f, x, batch_dims=batch_dims, method=method, probes=None if s is None else s.probes,
         chunk_size=chunk_size,
     )  # fmt: skip
+    dynamics.fn = fn
     state = dynamics.initial_state(x)
     if times[0] != times[1] and x.numel():  # one synchronisation per solve; else no motion
         odeint = ode.odeint_adjoint if adjoint else ode.odeint

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from torchdiv._checks import raised_by_f
 from torchdiv._structured import colors, cycle, factors, forward
 from torchdiv._taylor import RULES, Graph, UnsupportedOp, capture, values
 from torchdiv._taylor.capture import Ref
@@ -61,7 +62,7 @@ def plan(
     if x.numel() == 0:  # nothing to plan: the generic engines keep the graph of empty results
         return None
     n_samples = x.shape[:batch_dims].numel()
-    graph = capture(f, x, RULES, keep_values=True)
+    graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
     try:
         if graph.unsupported:
             ops = ", ".join(sorted(set(graph.unsupported)))
@@ -77,6 +78,8 @@ def plan(
     except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
         raise
     except (RuntimeError, TypeError) as exc:  # UnsupportedOp included
+        if strict and raised_by_f(exc):  # f's own error: the public function reports it
+            raise
         if strict:
             raise _refusal(fn, exc) from exc
         graph.undo()  # the caller evaluates f again

@@ -26,6 +26,7 @@ from torch._decomp import core_aten_decompositions
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from torchdiv._mixing import BatchAxes, tracker
 from torchdiv._modes import SafeDerivatives, math_attention
 from torchdiv._taylor.tree import leaves, map_leaves
 
@@ -102,9 +103,9 @@ class Graph:
 
 
 class _Recorder(TorchDispatchMode):
-    def __init__(self, x: torch.Tensor, rules: Container[Any]):
+    def __init__(self, x: torch.Tensor, rules: Container[Any], axes: BatchAxes | None = None):
         super().__init__()
-        self.graph, self.rules = Graph(), rules
+        self.graph, self.rules, self.axes = Graph(), rules, axes
         self.refs: dict[int, Ref] = {id(x): Ref(-1)}
         self.dependent: set[Ref] = {Ref(-1)}
         self.alive: list[Any] = [x]  # keeps ids unique while recording
@@ -152,6 +153,8 @@ class _Recorder(TorchDispatchMode):
         touches_x = self.depends(args, kwargs)
         reads_x = touches_x and func not in _CONSTANT_RESULTS
         depends = reads_x and torch.is_grad_enabled()
+        if self.axes is not None:
+            self.sample_mixing(func, args)
         self.refuse(func, touches_x)
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
             with self:
@@ -163,6 +166,8 @@ class _Recorder(TorchDispatchMode):
             self.before_writes(func, written, depends)
         self.keep_generator(func, kwargs)
         out = func(*args, **kwargs)
+        if self.axes is not None:
+            self.axes.after(func, args, out)
         outs = leaves(out)
         if not written:
             self.note_reads(args, kwargs, outs)
@@ -186,6 +191,15 @@ class _Recorder(TorchDispatchMode):
                     self.graph.widest = max(self.graph.widest, leaf.numel())
         self.alive.append(out)
         return out
+
+    def sample_mixing(self, func: Any, args: Any) -> None:
+        """Raise ``BatchInteractionError`` if ``func`` mixes samples (``torchdiv._mixing``),
+        after putting back what recording changed so far (a batch norm's step counter)."""
+        try:
+            self.axes.before(func, args)  # type: ignore[union-attr]
+        except BaseException:
+            self.graph.undo()
+            raise
 
     def refuse(self, func: Any, touches_x: bool) -> None:
         """Note what no replay can reproduce: a backward pass inside ``f`` (a score function
@@ -316,6 +330,7 @@ def capture(
     x: torch.Tensor,
     rules: Container[Any],
     keep_values: bool = False,
+    batch_dims: int | None = None,
 ) -> Graph:
     """Record the ATen calls of ``f(x)`` (evaluated once, with grad enabled around ``f`` so
     that its own ``no_grad`` blocks show).
@@ -327,16 +342,19 @@ def capture(
     transform around the call, under which ``f`` is not even called). ``keep_values`` keeps
     every call's outputs in ``Graph.values`` (differentiable, as ``f`` computed them), unless
     ``f`` ran an in-place op. A caller that gives up on the graph and evaluates ``f`` again
-    calls ``Graph.undo()`` first.
+    calls ``Graph.undo()`` first. With ``batch_dims``, an ``f`` that mixes samples raises
+    ``BatchInteractionError`` (``torchdiv._mixing``), with nothing ``f`` changed left changed.
     """
     if torch._C._functorch.peek_interpreter_stack() is not None:
         # under vmap/grad/jvp the calls carry unwrapped tensors: nothing can be recorded
         return Graph(unsupported=["a torch.func transform around the call"])
-    recorder = _Recorder(x, rules)
+    axes = None if batch_dims is None else tracker(x, batch_dims)
+    recorder = _Recorder(x, rules, axes)
     recorder.graph.rng = _random_states(x)
     safe = SafeDerivatives(1, "method='auto'")
     with torch.enable_grad(), _set_fwd_grad_enabled(True), math_attention(), safe, recorder:
         y = f(x)
+    recorder.axes = None  # let go of the tensors it followed
     recorder.graph.output = map_leaves(recorder.ref, y)
     recorder.graph.output_shape = tuple(y.shape)
     if keep_values and not recorder.mutated:

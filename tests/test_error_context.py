@@ -1,0 +1,141 @@
+"""Errors from inside ``f`` keep PyTorch's message and type, chained to the original, and add
+torchdiv's context (the call, shapes and dtypes, method, engine) and a hint; torchdiv's own
+argument errors are not wrapped, and the automatic fallbacks still switch engines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import torchdiv
+
+f64 = torch.float64
+CONTEXT = (
+    r"\[torchdiv\] in {fn}\(f, x, \.\.\., batch_dims=1, method='{method}'\) with x of shape "
+    r"\(8, 3\) and dtype torch\.float64"
+)
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3))  # float32
+
+
+@pytest.mark.parametrize(
+    ("fn", "method"),
+    [
+        ("divergence", "auto"),
+        ("divergence", "forward"),
+        ("divergence", "reverse"),
+        ("divergence", "structured"),
+        ("jacobian", "auto"),
+        ("jacobian_diagonal", "auto"),
+        ("laplacian", "auto"),
+        ("laplacian", "forward-over-reverse"),
+    ],
+)
+def test_a_dtype_mismatch_keeps_its_type_and_says_model_to(fn: str, method: str) -> None:
+    x = torch.randn(8, 3, dtype=f64)
+    with pytest.raises(RuntimeError) as info:
+        getattr(torchdiv, fn)(_net(), x, method=method)
+    message = str(info.value)
+    assert message.startswith(f"{fn}: f(x) raised RuntimeError: mat1 and mat2 must have the same")
+    assert info.match(CONTEXT.format(fn=fn, method=method))
+    assert info.match(r"f was evaluated by (torch\.func|plain autograd|the structured recorder)")
+    assert info.match(r"Hint: f's parameters are torch\.float32 but x is torch\.float64.*model\.to")
+    assert type(info.value) is RuntimeError
+    cause = info.value.__cause__  # PyTorch's own error, with its traceback
+    assert isinstance(cause, RuntimeError) and "[torchdiv]" not in str(cause)
+    assert str(cause).startswith("mat1 and mat2 must have the same dtype")
+
+
+def test_estimate_divergence_too() -> None:
+    with pytest.raises(RuntimeError, match=r"(?s)^estimate_divergence: f\(x\) raised.*model\.to"):
+        torchdiv.estimate_divergence(_net(), torch.randn(8, 3, dtype=f64), num_probes=4)
+
+
+def test_a_function_of_t_and_x_gets_the_lambda_hint() -> None:
+    net = _net()
+    with pytest.raises(TypeError, match=r"missing 1 required positional argument") as info:
+        torchdiv.divergence(lambda t, x: net(x), torch.randn(8, 3))
+    assert info.match(r"^divergence: f\(x\) raised TypeError")
+    assert info.match(r"Hint: torchdiv calls f\(x\) with the batch alone.*lambda x: f\(t, x\)")
+    assert isinstance(info.value.__cause__, TypeError)
+
+
+def test_train_mode_dropout_with_forward_mode_says_what_to_do() -> None:
+    net = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))
+    with pytest.raises(RuntimeError, match=r"vmap: called random operation") as info:
+        torchdiv.divergence(net, torch.randn(8, 3), method="forward")
+    assert info.match(r"train-mode Dropout.*model\.eval\(\).*method='reverse' or 'auto'")
+    # the advice holds: reverse mode differentiates f with the mask of its one evaluation,
+    # so every divergence is 2 * (sum of W_ii over the kept outputs i)
+    div = torchdiv.divergence(net, torch.randn(8, 3), method="reverse")
+    w = 2 * net[0].weight.detach().diagonal()
+    subsets = torch.tensor([[(s >> i) & 1 for i in range(3)] for s in range(8)]).float() @ w
+    assert ((div[:, None] - subsets).abs().amin(1) < 1e-5).all()
+
+
+class _Flow(nn.Module):
+    def __init__(self, mistake: str) -> None:
+        super().__init__()
+        self.net, self.mistake = _net().to(f64), mistake
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.mistake == "t[:, None]":
+            return self.net(z) * t[:, None]
+        return self.net(z)
+
+
+@pytest.mark.parametrize(
+    ("f", "x", "error", "hint"),
+    [
+        (_Flow("t[:, None]"), torch.randn(8, 3, dtype=f64), IndexError, r"t is a 0-dim tensor"),
+        (_net().to(f64), torch.randn(8, 3, dtype=f64), TypeError, r".*calls f\(t, z\)"),
+        (_Flow("none"), torch.randn(8, 3), RuntimeError, r"f's parameters are torch\.float64"),
+    ],
+)
+def test_flow_mistakes(f, x: torch.Tensor, error: type, hint: str) -> None:
+    pytest.importorskip("torchdiffeq")
+    normal = lambda z: -0.5 * z.square().sum(-1)  # noqa: E731
+    with pytest.raises(error) as info:
+        torchdiv.flows.log_likelihood(f, x, 0.0, 1.0, normal, solver="euler",
+                                      options={"step_size": 0.5})  # fmt: skip
+    assert info.match(r"^log_likelihood: f\(t, z\) raised")
+    assert info.match(rf"(?s)\[torchdiv\] in log_likelihood\(f, x, .*shape \(8, 3\).*Hint: {hint}")
+    assert type(info.value) is error and isinstance(info.value.__cause__, error)
+
+
+def test_torchdiv_argument_errors_are_not_wrapped() -> None:
+    with pytest.raises(ValueError, match=r"^divergence: f\(x\) changed the batch shape") as info:
+        torchdiv.divergence(lambda x: x[:2], torch.randn(8, 3))
+    assert "[torchdiv]" not in str(info.value) and info.value.__cause__ is None
+    with pytest.raises(ValueError, match=r"^jacobian: unknown method 'fast'"):
+        torchdiv.jacobian(_net(), torch.randn(8, 3), method="fast")
+
+
+class _Legacy(torch.autograd.Function):
+    """No ``setup_context``: torch.func refuses it, plain autograd runs it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.sin()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * x.cos()
+
+
+def test_the_automatic_fallback_still_switches_engines() -> None:
+    # torch.func raises a RuntimeError for the legacy Function; "auto" must catch it (not a
+    # wrapped error) and answer with plain autograd
+    x = torch.randn(64, 16, dtype=f64)
+    assert_close(torchdiv.divergence(_Legacy.apply, x), x.cos().sum(-1))
+    assert_close(torchdiv.jacobian_diagonal(_Legacy.apply, x), x.cos())
+    with pytest.raises(RuntimeError, match=r"^divergence: f\(x\) raised RuntimeError") as info:
+        torchdiv.divergence(_Legacy.apply, x, method="forward")  # no fallback asked for
+    assert info.match(r"evaluated by torch\.func")
