@@ -56,6 +56,7 @@ def allow_batch_interaction() -> Iterator[None]:
     Jacobian for an empty event), which is what you want only if you know why.
 
     Example:
+        >>> import torchdiv
         >>> bn = torch.nn.BatchNorm1d(3)  # train mode: normalises with batch statistics
         >>> with torchdiv.allow_batch_interaction():
         ...     div = torchdiv.divergence(bn, torch.randn(4, 3))
