@@ -307,3 +307,48 @@ def check_log_prob(fn: str, lp: Any, x: torch.Tensor, batch_dims: int) -> None:
             f"x.shape[:batch_dims] = {_shape(x)[:batch_dims]} for x of shape {_shape(x)} and "
             f"batch_dims={batch_dims}; got shape {_shape(lp)} (sum over the event dimensions)"
         )
+
+
+def check_coordinates(fn: str, coordinates: Any, x: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """Event coordinates to differentiate along: flat event indices (ints, negative counting
+    from the end, no repeats) or a boolean mask shaped like the event (or flat) -> a 1-D int64
+    index tensor on ``x``'s device."""
+    n, event = event_numel(x, batch_dims), _shape(x)[batch_dims:]
+    if isinstance(coordinates, torch.Tensor) and coordinates.dtype == torch.bool:
+        if coordinates.shape not in (torch.Size(event), torch.Size((n,))):
+            raise ValueError(
+                f"{fn}: a boolean coordinates mask must have the event shape {event} (or the "
+                f"flat ({n},)) of x of shape {_shape(x)} with batch_dims={batch_dims}; got a mask "
+                f"of shape {_shape(coordinates)}"
+            )
+        return coordinates.reshape(n).nonzero().squeeze(1).to(x.device)
+    if isinstance(coordinates, torch.Tensor):
+        if coordinates.is_floating_point() or coordinates.is_complex() or coordinates.dim() != 1:
+            raise TypeError(
+                f"{fn}: coordinates must be flat event indices (a 1-D integer tensor or a list of "
+                f"ints) or a boolean mask, got a {coordinates.dtype} tensor of shape "
+                f"{_shape(coordinates)}"
+            )
+        index = coordinates.to(device="cpu", dtype=torch.int64)
+    elif isinstance(coordinates, Sequence) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in coordinates
+    ):
+        index = torch.tensor(list(coordinates), dtype=torch.int64)
+    else:
+        raise TypeError(
+            f"{fn}: coordinates must be flat event indices (a list of ints or a 1-D integer "
+            f"tensor) or a boolean mask, got {type(coordinates).__name__}"
+        )
+    given = index.tolist()
+    if len(index) and not (-n <= int(index.min()) and int(index.max()) < n):
+        raise ValueError(
+            f"{fn}: coordinates must be indices into the flattened event of {n} elements (x of "
+            f"shape {_shape(x)}, batch_dims={batch_dims}), in [-{n}, {n}); got {given}"
+        )
+    index = index % max(n, 1)
+    if len(index.unique()) != len(index):
+        raise ValueError(
+            f"{fn}: coordinates must not repeat an index (its second derivative would be "
+            f"counted twice); got {given} for an event of {n} elements"
+        )
+    return index.to(x.device)

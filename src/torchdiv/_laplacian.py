@@ -25,17 +25,19 @@ which the gradient of a Laplacian needs, is wrong in PyTorch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 import torch
 from torch.func import vjp, vmap
 
 from torchdiv import _trace
+from torchdiv._along import along, unit_columns
 from torchdiv._basis import basis, broadcast_basis, chunks
 from torchdiv._checks import (
     check_callable,
     check_chunk_size,
+    check_coordinates,
     check_exact_options,
     check_input,
     check_method,
@@ -65,11 +67,14 @@ def laplacian(
     generator: torch.Generator | None = None,
     probe: str | None = None,
     probes: torch.Tensor | None = None,
+    coordinates: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Per-sample Laplacian of every output component of a batched function.
 
     For every sample ``b`` and output component ``i``,
-    ``(Δf)_{b,i} = sum_j d^2 f(x)_{b,i} / d x_{b,j}^2`` over the flattened input event.
+    ``(Δf)_{b,i} = sum_j d^2 f(x)_{b,i} / d x_{b,j}^2`` over the flattened input event, or
+    over the ``coordinates`` chosen (``Δ_x u`` of a heat equation's ``u(x, t)``): the same
+    methods then run along those unit vectors only (``torchdiv._along``).
 
     Args:
         f: ``f(x) -> y`` with ``y.shape[:batch_dims] == x.shape[:batch_dims]``, samples
@@ -87,6 +92,9 @@ def laplacian(
         probe: ``"hutchinson"`` only: ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"``.
         probes: ``"hutchinson"`` only: directions drawn beforehand, shape ``(r,) + x.shape``
             (``torchdiv.draw_probes``), so that several calls see the same noise.
+        coordinates: sum only over these elements of each sample's event: flat event indices
+            (ints, negative from the end, no repeats) or a boolean mask of the event's shape.
+            ``None``: all. Hutchinson's probes are then restricted to them.
 
     Returns:
         Shape ``x.shape[:batch_dims] + y.shape[batch_dims:]``, dtype and device of ``x``;
@@ -95,7 +103,8 @@ def laplacian(
     Raises:
         TypeError: ``f`` not callable, ``x`` or ``f(x)`` not a floating tensor, ``generator``
             not a ``torch.Generator``, ``probes`` not a floating tensor.
-        ValueError: bad ``batch_dims``, ``method`` or ``chunk_size``, or ``f`` changed the
+        ValueError: bad ``batch_dims``, ``method``, ``chunk_size`` or ``coordinates`` (out of
+            range, repeated, a mask of the wrong shape), or ``f`` changed the
             batch shape; ``"hutchinson"`` without ``num_probes`` or ``probes``, a bad
             ``num_probes``, ``probe`` or ``probes`` shape; any of ``num_probes``,
             ``generator``, ``probe``, ``probes`` given to an exact method.
@@ -107,6 +116,8 @@ def laplacian(
         >>> expected = torch.sin(x[:, 0]) * (2 - x[:, 1] ** 2)
         >>> torch.allclose(laplacian(u, x), expected)
         True
+        >>> torch.allclose(laplacian(u, x, coordinates=[1]), 2 * torch.sin(x[:, 0]))
+        True
     """
     fn = "laplacian"
     check_callable(fn, f)
@@ -114,17 +125,22 @@ def laplacian(
     check_method(fn, method, METHODS)
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
+    index = None if coordinates is None else check_coordinates(fn, coordinates, x, batch_dims)
     if method == "hutchinson":
         s = _trace.sampling(
             fn, x, batch_dims, method, num_probes, probe, probes, generator, methods=(method,)
         )
     else:
         check_exact_options(fn, method, num_probes, generator, probe, probes)
+    if method == "hutchinson":  # drawn over the whole event, as draw_probes(x) gives them
+        v = _trace.vectors(s, x, batch_dims)
+        v = v if index is None else v[..., index]
+    if index is not None:  # the Laplacian in z of f(x + σ z), σ's columns the chosen e_j
+        g, x = along(g, x, batch_dims, unit_columns(index, x, batch_dims))
     if x.numel() == 0:  # no samples, or an empty event: every Laplacian is an empty sum
         return _zeros_like_output(g, x)
     if method == "hutchinson":
-        directions = _trace.vectors(s, x, batch_dims).reshape(-1, *x.shape).to(x.dtype)
-        return _hutchinson(g, x, batch_dims, chunk_size, directions)
+        return _hutchinson(g, x, batch_dims, chunk_size, v.reshape(-1, *x.shape).to(x.dtype))
     return _METHODS[method](g, x, batch_dims, chunk_size)
 
 
