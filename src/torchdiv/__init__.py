@@ -8,6 +8,12 @@ from torchdiv._independence import BatchInteractionError, check_batch_independen
 from torchdiv._laplacian import laplacian
 from torchdiv._probes import draw_probes
 from torchdiv._result import Estimate
+from torchdiv._second_order import (
+    ValueGradLaplacian,
+    biharmonic,
+    value_grad_laplacian,
+    weighted_laplacian,
+)
 from torchdiv._trace import estimate_trace
 
 __version__ = "0.1.0"
@@ -18,6 +24,11 @@ __all__ = [
     "jacobian",
     "jacobian_diagonal",
     "laplacian",
+    # second-order operators beyond the Laplacian
+    "weighted_laplacian",
+    "biharmonic",
+    "value_grad_laplacian",
+    "ValueGradLaplacian",
     # the same from an existing autograd graph
     "graph_divergence",
     "graph_jacobian",

@@ -352,3 +352,29 @@ def check_coordinates(fn: str, coordinates: Any, x: torch.Tensor, batch_dims: in
             f"counted twice); got {given} for an event of {n} elements"
         )
     return index.to(x.device)
+
+
+def check_matrix(
+    fn: str, name: str, matrix: Any, x: torch.Tensor, batch_dims: int, square: bool
+) -> None:
+    """A floating ``(n, k)`` matrix on the flattened event of ``x`` (``(n, n)`` if ``square``),
+    the same for every sample or one per sample (``x.shape[:batch_dims] + (n, k)``)."""
+    if not isinstance(matrix, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(matrix).__name__}")
+    if not matrix.is_floating_point():
+        raise TypeError(f"{fn}: {name} must have a floating dtype, got {matrix.dtype}")
+    n, batch = event_numel(x, batch_dims), _shape(x)[:batch_dims]
+    k = n if square else "k"
+    if (
+        matrix.dim() not in (2, 2 + batch_dims)
+        or matrix.shape[-2] != n
+        or (square and matrix.shape[-1] != n)
+        or (matrix.dim() > 2 and _shape(matrix)[:-2] != batch)
+    ):
+        raise ValueError(
+            f"{fn}: {name} must have shape ({n}, {k}) (all samples) or {batch} + ({n}, {k}) "
+            f"(one per sample) for x of shape {_shape(x)} with batch_dims={batch_dims} "
+            f"({n} elements per sample); got {name} of shape {_shape(matrix)}"
+        )
+    if matrix.device != x.device:
+        raise ValueError(f"{fn}: {name} is on {matrix.device} but x is on {x.device}")

@@ -135,7 +135,7 @@ def laplacian(
     if method == "hutchinson":  # drawn over the whole event, as draw_probes(x) gives them
         v = _trace.vectors(s, x, batch_dims)
         v = v if index is None else v[..., index]
-    if index is not None:  # the Laplacian in z of f(x + σ z), σ's columns the chosen e_j
+    if index is not None:  # the Laplacian in z of f(x + S z), S's columns the chosen e_j
         g, x = along(g, x, batch_dims, unit_columns(index, x, batch_dims))
     if x.numel() == 0:  # no samples, or an empty event: every Laplacian is an empty sum
         return _zeros_like_output(g, x)
