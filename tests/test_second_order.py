@@ -420,3 +420,49 @@ def test_value_grad_laplacian_of_a_constant_and_of_an_empty_batch():
     assert_close(out.laplacian, torch.zeros(3, dtype=f64))
     out = torchdiv.value_grad_laplacian(gaussian, torch.randn(0, 2, dtype=f64))
     assert out.value.shape == out.laplacian.shape == (0,) and out.gradient.shape == (0, 2)
+
+
+# --------------------------------------------------------------------------- graph form
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 4])
+def test_graph_laplacian_matches_the_function_form(chunk_size):
+    net = tanh_mlp(6, 8, 2)
+    x = torch.randn(2, 3, 2, 3, dtype=f64, requires_grad=True)
+    f = lambda x: net(x.flatten(-2))  # noqa: E731
+    y = f(x)
+    for coordinates in (None, [0, 4, 5]):
+        got = torchdiv.graph_laplacian(
+            y, x, batch_dims=2, chunk_size=chunk_size, coordinates=coordinates
+        )
+        want = torchdiv.laplacian(f, x, batch_dims=2, coordinates=coordinates, method="hessian")
+        assert_close(got, want.detach())
+        assert not got.requires_grad
+    assert y.grad_fn is not None and torch.autograd.grad(y.sum(), x)[0].shape == x.shape
+
+
+def test_graph_laplacian_in_a_pinn_loss():
+    """``create_graph=True``: the loss's parameter gradients match the function form's."""
+    net = _net(2)
+    x = torch.randn(6, 2, dtype=f64, requires_grad=True)
+    y = net(x)  # (6, 1), as DeepXDE's pde(x, y) receives it
+    got = torchdiv.graph_laplacian(y, x, create_graph=True, coordinates=[0])
+    want = torchdiv.laplacian(net, x, coordinates=[0])
+    assert got.shape == (6, 1)
+    assert_close(got, want)
+    params = list(net.parameters())
+    for a, b in zip(
+        _grads(got.square().sum(), params), _grads(want.square().sum(), params), strict=True
+    ):
+        assert_close(a, b)
+
+
+def test_graph_laplacian_of_a_linear_map_is_zero_and_errors():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert torch.equal(torchdiv.graph_laplacian(x @ torch.ones(2, 2), x), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="graph_laplacian: x does not require grad"):
+        torchdiv.graph_laplacian(x.detach() ** 2, x.detach())
+    with pytest.raises(ValueError, match="graph_laplacian: coordinates must not repeat"):
+        torchdiv.graph_laplacian(x**2, x, coordinates=[1, 1])
+    with pytest.raises(TypeError, match="graph_laplacian: create_graph must be True or False"):
+        torchdiv.graph_laplacian(x**2, x, create_graph=None)

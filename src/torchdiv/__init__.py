@@ -3,7 +3,7 @@ exact or estimated."""
 
 from torchdiv import flows
 from torchdiv._api import divergence, estimate_divergence, jacobian, jacobian_diagonal
-from torchdiv._graph import graph_divergence, graph_jacobian
+from torchdiv._graph import graph_divergence, graph_jacobian, graph_laplacian
 from torchdiv._independence import BatchInteractionError, check_batch_independence
 from torchdiv._laplacian import laplacian
 from torchdiv._probes import draw_probes
@@ -32,6 +32,7 @@ __all__ = [
     # the same from an existing autograd graph
     "graph_divergence",
     "graph_jacobian",
+    "graph_laplacian",
     # stochastic estimates (trace estimation)
     "estimate_divergence",
     "estimate_trace",
