@@ -466,3 +466,46 @@ def test_graph_laplacian_of_a_linear_map_is_zero_and_errors():
         torchdiv.graph_laplacian(x**2, x, coordinates=[1, 1])
     with pytest.raises(TypeError, match="graph_laplacian: create_graph must be True or False"):
         torchdiv.graph_laplacian(x**2, x, create_graph=None)
+
+
+# ------------------------------------------------------------- the loop and "auto"'s rule
+
+
+@pytest.mark.parametrize("batch_dims", [0, 1, 2])
+def test_grad_of_grad_method(batch_dims):
+    net = tanh_mlp(3, 8, 2)
+    x = torch.randn(*[2] * batch_dims, 3, dtype=f64, requires_grad=True)
+    got = torchdiv.laplacian(net, x, batch_dims=batch_dims, method="grad-of-grad")
+    want = torchdiv.laplacian(net, x, batch_dims=batch_dims, method="taylor")
+    assert_close(got, want)
+    params = [x, *net.parameters()]
+    for a, b in zip(_grads(got.sum(), params), _grads(want.sum(), params), strict=True):
+        assert_close(a, b)
+    with torch.no_grad():
+        frozen = torchdiv.laplacian(net, x, batch_dims=batch_dims, method="grad-of-grad")
+    assert not frozen.requires_grad
+    assert_close(frozen, want.detach())
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_auto_at_few_inputs_matches_closed_forms_and_gradients(n):
+    """``"auto"`` loops over backward passes at one or two inputs: same values, same
+    gradients (x and parameters) as the Taylor engine, also inside ``no_grad``."""
+    x = torch.randn(5, n, dtype=f64, requires_grad=True)
+    assert_close(torchdiv.laplacian(gaussian, x), gaussian(x) * (x.square().sum(-1) - n))
+    net = _net(n)
+    f = _scalar(net)
+    got, want = torchdiv.laplacian(f, x), torchdiv.laplacian(f, x, method="taylor")
+    params = [x, *net.parameters()]
+    for a, b in zip(_grads(got.sum(), params), _grads(want.sum(), params), strict=True):
+        assert_close(a, b)
+    const = torchdiv.laplacian(lambda x: x.sum(-1) * 0 + 1, x)
+    assert torch.equal(const, torch.zeros(5, dtype=f64))
+
+
+def test_auto_routes_around_a_nan_of_double_backward():
+    """``0.0 ** x``: PyTorch's double backward gives NaN, the JVP of the gradient 0."""
+    u = lambda z: (2.0**z * 0.0**z + z**3).sum(-1)  # noqa: E731
+    x = torch.rand(3, 2, dtype=f64) + 0.5
+    assert torchdiv.laplacian(u, x, method="grad-of-grad").isnan().all()
+    assert_close(torchdiv.laplacian(u, x), 6 * x.sum(-1))

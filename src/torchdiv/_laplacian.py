@@ -13,9 +13,13 @@ Methods (one signature each, in ``_METHODS``):
 - ``"hutchinson"``: the unbiased estimate ``(1/r) sum_j v_j^T H v_j`` with ``r = num_probes``
   random directions per sample (``torchdiv._probes``), by the Taylor engine with the probes as
   directions (about ``r`` forward passes), or by Hessian-vector products if an op has no rule.
+- ``"grad-of-grad"``: a loop of backward passes, the gradient then one more pass per input
+  (``torchdiv._loop``): what PINN codes write; no vmap, no recording.
 - ``"auto"``: ``"taylor"``, in as few equal chunks of directions as keep the widest ``jac``
   tensor (directions x elements) within ``CHUNK_ELEMENTS``; ``"forward-over-reverse"`` with the
-  same chunks if an op has no Taylor rule.
+  same chunks if an op has no Taylor rule. At most ``LOOP_INPUTS`` inputs (``LOOP_FALLBACK``
+  if an op has no Taylor rule), ``"grad-of-grad"``: the Taylor engine's fixed costs and
+  ``vmap``'s do not pay back there (``bench/laplacian_small.py``).
 
 Attention runs on PyTorch's math backend in every method (``_modes.math_attention``): the
 fused CPU kernel has no forward-mode derivative. The nested-autodiff methods compute layer
@@ -45,14 +49,19 @@ from torchdiv._checks import (
     event_numel,
 )
 from torchdiv._forward import ForwardJacobian
+from torchdiv._loop import grad_of_grad
 from torchdiv._modes import LayerNormAsPrimitives, math_attention, outside_inference_mode
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
 
 Function = Callable[[torch.Tensor], torch.Tensor]
-METHODS = ("auto", "taylor", "forward-over-reverse", "hessian", "hutchinson")
+METHODS = ("auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad", "hutchinson")
 # "auto" chunks only when the widest jac (directions x its elements) would pass this many
 # elements (64 MiB in float32): each chunk replays the forward values, so fewer is faster
 CHUNK_ELEMENTS = 2**24
+# "auto" loops over backward passes up to this many inputs (measured on tanh FNNs and
+# Chebyshev KANs, bench/laplacian_small.py), or this many where the Taylor engine cannot run f
+LOOP_INPUTS = 2
+LOOP_FALLBACK = 10
 
 
 @outside_inference_mode
@@ -81,9 +90,10 @@ def laplacian(
             independent. Any output event shape; a scalar per sample is the usual case.
         x: floating tensor; its first ``batch_dims`` dimensions index samples.
         batch_dims: number of leading batch dimensions (0: ``x`` is a single sample).
-        method: ``"auto"``, ``"taylor"``, ``"forward-over-reverse"``, ``"hessian"`` or
-            ``"hutchinson"`` (module docstring). ``"taylor"`` raises ``NotImplementedError``
-            naming any op it has no rule for; ``"auto"`` then uses ``"forward-over-reverse"``.
+        method: ``"auto"``, ``"taylor"``, ``"forward-over-reverse"``, ``"hessian"``,
+            ``"grad-of-grad"`` or ``"hutchinson"`` (module docstring). ``"taylor"`` raises
+            ``NotImplementedError`` naming any op it has no rule for; ``"auto"`` then uses
+            ``"grad-of-grad"`` or ``"forward-over-reverse"``.
         chunk_size: at most this many directions (unit vectors or probes) in flight at once;
             bounds memory in every method. ``None``: all (``"auto"``: a planned chunk).
         num_probes: ``"hutchinson"`` only: random directions per sample (required unless
@@ -145,10 +155,27 @@ def laplacian(
 
 
 def _auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
+    n = event_numel(x, batch_dims)
+    if n <= LOOP_INPUTS:
+        return _loop(f, x, batch_dims, chunk_size)
     graph = capture(f, x, RULES)
-    chunk = chunk_size or graph.chunk(event_numel(x, batch_dims), CHUNK_ELEMENTS)
+    chunk = chunk_size or graph.chunk(n, CHUNK_ELEMENTS)
     out = _collapsed_or_none(graph, x, _unit_directions(x, batch_dims, chunk))
-    return _forward_over_reverse(f, x, batch_dims, chunk) if out is None else out
+    if out is not None:
+        return out
+    if n <= LOOP_FALLBACK:
+        return _loop(f, x, batch_dims, chunk)
+    return _forward_over_reverse(f, x, batch_dims, chunk)
+
+
+def _loop(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
+    """``"grad-of-grad"``, or ``"forward-over-reverse"`` where it is not finite: some of
+    PyTorch's double-backward formulas give NaN where the derivative exists (``0.0 ** x``:
+    a ``where`` whose unused branch is ``0 * log(0)``); the JVP formulas do not."""
+    out = grad_of_grad(f, x, batch_dims)
+    if bool(out.isfinite().all()):
+        return out
+    return _forward_over_reverse(f, x, batch_dims, chunk_size)
 
 
 def _taylor(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
@@ -288,4 +315,5 @@ _METHODS: dict[str, Callable[[Function, torch.Tensor, int, int | None], torch.Te
     "taylor": _taylor,
     "forward-over-reverse": _forward_over_reverse,
     "hessian": _hessian,
+    "grad-of-grad": lambda f, x, batch_dims, _: grad_of_grad(f, x, batch_dims),
 }
