@@ -509,3 +509,12 @@ def test_auto_routes_around_a_nan_of_double_backward():
     x = torch.rand(3, 2, dtype=f64) + 0.5
     assert torchdiv.laplacian(u, x, method="grad-of-grad").isnan().all()
     assert_close(torchdiv.laplacian(u, x), 6 * x.sum(-1))
+
+
+def test_biharmonic_auto_falls_back_where_an_op_has_no_rule():
+    u = lambda x: torch.lgamma(x.square() + 1).sum(-1)  # noqa: E731
+    x = torch.randn(3, 2, dtype=f64)
+    want = torchdiv.biharmonic(u, x, method="forward-over-reverse")
+    assert_close(torchdiv.biharmonic(u, x), want)
+    with pytest.raises(NotImplementedError, match="lgamma"):
+        torchdiv.biharmonic(u, x, method="taylor")
