@@ -409,7 +409,9 @@ def test_value_grad_laplacian_falls_back_where_an_op_has_no_rule():
     out = torchdiv.value_grad_laplacian(f, x)
     assert_close(out.gradient, torchdiv.jacobian(f, x))
     assert_close(out.laplacian, torchdiv.laplacian(f, x, method="hessian"))
-    with pytest.raises(NotImplementedError, match=r"method='taylor' .*lgamma"):
+    with pytest.raises(
+        NotImplementedError, match=r"^value_grad_laplacian: method='taylor' .*lgamma"
+    ):
         torchdiv.value_grad_laplacian(f, x, method="taylor")
 
 
@@ -516,5 +518,5 @@ def test_biharmonic_auto_falls_back_where_an_op_has_no_rule():
     x = torch.randn(3, 2, dtype=f64)
     want = torchdiv.biharmonic(u, x, method="forward-over-reverse")
     assert_close(torchdiv.biharmonic(u, x), want)
-    with pytest.raises(NotImplementedError, match="lgamma"):
+    with pytest.raises(NotImplementedError, match=r"^biharmonic: method='taylor' .*lgamma"):
         torchdiv.biharmonic(u, x, method="taylor")

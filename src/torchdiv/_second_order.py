@@ -47,7 +47,6 @@ from torchdiv._laplacian import (
     _forward_over_reverse,
     _hessian_products,
     _hutchinson,
-    _refuse,
     _unit_directions,
     _zeros_like_output,
     laplacian,
@@ -234,12 +233,14 @@ def biharmonic(
     check_method(fn, method, SWEEP_METHODS)
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
-    if method == "auto":
-        try:
-            return _nested_laplacian(g, x, batch_dims, "taylor", chunk_size)
-        except UnsupportedOp:
-            method = "forward-over-reverse"
-    return _nested_laplacian(g, x, batch_dims, method, chunk_size)
+    if method == "forward-over-reverse":
+        return _nested_laplacian(g, x, batch_dims, method, chunk_size)
+    try:
+        return _nested_laplacian(g, x, batch_dims, "taylor", chunk_size)
+    except UnsupportedOp as exc:
+        if method == "taylor":
+            raise UnsupportedOp(f"{fn}: {exc}".replace("laplacian: ", "", 1)) from exc
+    return _nested_laplacian(g, x, batch_dims, "forward-over-reverse", chunk_size)
 
 
 def _nested_laplacian(
@@ -316,7 +317,10 @@ def value_grad_laplacian(
             raise
         except RuntimeError as exc:  # UnsupportedOp included
             if method == "taylor":
-                _refuse(str(exc))
+                raise UnsupportedOp(
+                    f"{fn}: method='taylor' has no propagation rule for {exc}; use "
+                    "method='auto' (computes the three separately)"
+                ) from exc
         graph.undo()
     value = g(x)
     gradient = jacobian(g, x, batch_dims=batch_dims, chunk_size=chunk_size)
