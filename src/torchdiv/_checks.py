@@ -233,8 +233,17 @@ def check_square(fn: str, y: torch.Tensor, x: torch.Tensor, batch_dims: int, nam
 
 
 def raised_by_f(exc: BaseException) -> bool:
-    """Whether ``exc`` came out of the caller's ``f`` (see ``call_f``)."""
-    return getattr(exc, "_torchdiv_in_f", False)
+    """Whether ``exc`` came out of the caller's ``f`` (see ``call_f``), and not out of a
+    torchdiv call inside ``f`` that already gave it its final form (``mark_final``)."""
+    return getattr(exc, "_torchdiv_in_f", False) and not getattr(exc, "_torchdiv_final", False)
+
+
+def mark_final(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as leaving a public function: an outer torchdiv call whose ``f`` makes
+    this call (``biharmonic``'s Laplacian of a Laplacian) passes it on unchanged."""
+    with contextlib.suppress(AttributeError):  # a built-in type without __dict__
+        exc._torchdiv_final = True  # type: ignore[attr-defined]
+    return exc
 
 
 def call_f(f: Callable[..., Any], *args: Any) -> Any:
@@ -345,3 +354,74 @@ def check_log_prob(fn: str, lp: Any, x: torch.Tensor, batch_dims: int) -> None:
             f"x.shape[:batch_dims] = {_shape(x)[:batch_dims]} for x of shape {_shape(x)} and "
             f"batch_dims={batch_dims}; got shape {_shape(lp)} (sum over the event dimensions)"
         )
+
+
+def check_coordinates(fn: str, coordinates: Any, x: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """Event coordinates to differentiate along: flat event indices (ints, negative counting
+    from the end, no repeats) or a boolean mask shaped like the event (or flat) -> a 1-D int64
+    index tensor on ``x``'s device."""
+    n, event = event_numel(x, batch_dims), _shape(x)[batch_dims:]
+    if isinstance(coordinates, torch.Tensor) and coordinates.dtype == torch.bool:
+        if coordinates.shape not in (torch.Size(event), torch.Size((n,))):
+            raise ValueError(
+                f"{fn}: a boolean coordinates mask must have the event shape {event} (or the "
+                f"flat ({n},)) of x of shape {_shape(x)} with batch_dims={batch_dims}; got a mask "
+                f"of shape {_shape(coordinates)}"
+            )
+        return coordinates.reshape(n).nonzero().squeeze(1).to(x.device)
+    if isinstance(coordinates, torch.Tensor):
+        if coordinates.is_floating_point() or coordinates.is_complex() or coordinates.dim() != 1:
+            raise TypeError(
+                f"{fn}: coordinates must be flat event indices (a 1-D integer tensor or a list of "
+                f"ints) or a boolean mask, got a {coordinates.dtype} tensor of shape "
+                f"{_shape(coordinates)}"
+            )
+        index = coordinates.to(device="cpu", dtype=torch.int64)
+    elif isinstance(coordinates, Sequence) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in coordinates
+    ):
+        index = torch.tensor(list(coordinates), dtype=torch.int64)
+    else:
+        raise TypeError(
+            f"{fn}: coordinates must be flat event indices (a list of ints or a 1-D integer "
+            f"tensor) or a boolean mask, got {type(coordinates).__name__}"
+        )
+    given = index.tolist()
+    if len(index) and not (-n <= int(index.min()) and int(index.max()) < n):
+        raise ValueError(
+            f"{fn}: coordinates must be indices into the flattened event of {n} elements (x of "
+            f"shape {_shape(x)}, batch_dims={batch_dims}), in [-{n}, {n}); got {given}"
+        )
+    index = index % max(n, 1)
+    if len(index.unique()) != len(index):
+        raise ValueError(
+            f"{fn}: coordinates must not repeat an index (its second derivative would be "
+            f"counted twice); got {given} for an event of {n} elements"
+        )
+    return index.to(x.device)
+
+
+def check_matrix(
+    fn: str, name: str, matrix: Any, x: torch.Tensor, batch_dims: int, square: bool
+) -> None:
+    """A floating ``(n, k)`` matrix on the flattened event of ``x`` (``(n, n)`` if ``square``),
+    the same for every sample or one per sample (``x.shape[:batch_dims] + (n, k)``)."""
+    if not isinstance(matrix, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(matrix).__name__}")
+    if not matrix.is_floating_point():
+        raise TypeError(f"{fn}: {name} must have a floating dtype, got {matrix.dtype}")
+    n, batch = event_numel(x, batch_dims), _shape(x)[:batch_dims]
+    k = n if square else "k"
+    if (
+        matrix.dim() not in (2, 2 + batch_dims)
+        or matrix.shape[-2] != n
+        or (square and matrix.shape[-1] != n)
+        or (matrix.dim() > 2 and _shape(matrix)[:-2] != batch)
+    ):
+        raise ValueError(
+            f"{fn}: {name} must have shape ({n}, {k}) (all samples) or {batch} + ({n}, {k}) "
+            f"(one per sample) for x of shape {_shape(x)} with batch_dims={batch_dims} "
+            f"({n} elements per sample); got {name} of shape {_shape(matrix)}"
+        )
+    if matrix.device != x.device:
+        raise ValueError(f"{fn}: {name} is on {matrix.device} but x is on {x.device}")

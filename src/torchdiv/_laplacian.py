@@ -13,9 +13,13 @@ Methods (one signature each, in ``_METHODS``):
 - ``"hutchinson"``: the unbiased estimate ``(1/r) sum_j v_j^T H v_j`` with ``r = num_probes``
   random directions per sample (``torchdiv._probes``), by the Taylor engine with the probes as
   directions (about ``r`` forward passes), or by Hessian-vector products if an op has no rule.
+- ``"grad-of-grad"``: a loop of backward passes, the gradient then one more pass per input
+  (``torchdiv._loop``): what PINN codes write; no vmap, no recording.
 - ``"auto"``: ``"taylor"``, in as few equal chunks of directions as keep the widest ``jac``
   tensor (directions x elements) within ``CHUNK_ELEMENTS``; ``"forward-over-reverse"`` with the
-  same chunks if an op has no Taylor rule.
+  same chunks if an op has no Taylor rule. At most ``LOOP_INPUTS`` inputs (``LOOP_FALLBACK``
+  if an op has no Taylor rule), ``"grad-of-grad"``: the Taylor engine's fixed costs and
+  ``vmap``'s do not pay back there (``bench/laplacian_small.py``).
 
 Attention runs on PyTorch's math backend in every method (``_modes.math_attention``): the
 fused CPU kernel has no forward-mode derivative. The nested-autodiff methods run ``f`` under
@@ -28,17 +32,19 @@ but eigenvectors). Every method computes ``cdist`` from differences (``SafeDeriv
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 import torch
 from torch.func import vjp, vmap
 
 from torchdiv import _trace
+from torchdiv._along import along, unit_columns
 from torchdiv._basis import basis, broadcast_basis, chunks
 from torchdiv._checks import (
     check_callable,
     check_chunk_size,
+    check_coordinates,
     check_exact_options,
     check_input,
     check_method,
@@ -46,16 +52,21 @@ from torchdiv._checks import (
     event_numel,
 )
 from torchdiv._forward import ForwardJacobian
+from torchdiv._loop import grad_of_grad
 from torchdiv._mixing import check_empty_event
 from torchdiv._modes import SafeDerivatives, math_attention, outside_inference_mode
 from torchdiv._reporting import reported
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
 
 Function = Callable[[torch.Tensor], torch.Tensor]
-METHODS = ("auto", "taylor", "forward-over-reverse", "hessian", "hutchinson")
+METHODS = ("auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad", "hutchinson")
 # "auto" chunks only when the widest jac (directions x its elements) would pass this many
 # elements (64 MiB in float32): each chunk replays the forward values, so fewer is faster
 CHUNK_ELEMENTS = 2**24
+# "auto" loops over backward passes up to this many inputs (measured on tanh FNNs and
+# Chebyshev KANs, bench/laplacian_small.py), or this many where the Taylor engine cannot run f
+LOOP_INPUTS = 2
+LOOP_FALLBACK = 10
 
 
 @outside_inference_mode
@@ -71,20 +82,24 @@ def laplacian(
     generator: torch.Generator | None = None,
     probe: str | None = None,
     probes: torch.Tensor | None = None,
+    coordinates: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Per-sample Laplacian of every output component of a batched function.
 
     For every sample ``b`` and output component ``i``,
-    ``(Δf)_{b,i} = sum_j d^2 f(x)_{b,i} / d x_{b,j}^2`` over the flattened input event.
+    ``(Δf)_{b,i} = sum_j d^2 f(x)_{b,i} / d x_{b,j}^2`` over the flattened input event, or
+    over the ``coordinates`` chosen (``Δ_x u`` of a heat equation's ``u(x, t)``): the same
+    methods then run along those unit vectors only (``torchdiv._along``).
 
     Args:
         f: ``f(x) -> y`` with ``y.shape[:batch_dims] == x.shape[:batch_dims]``, samples
             independent. Any output event shape; a scalar per sample is the usual case.
         x: floating tensor; its first ``batch_dims`` dimensions index samples.
         batch_dims: number of leading batch dimensions (0: ``x`` is a single sample).
-        method: ``"auto"``, ``"taylor"``, ``"forward-over-reverse"``, ``"hessian"`` or
-            ``"hutchinson"`` (module docstring). ``"taylor"`` raises ``NotImplementedError``
-            naming any op it has no rule for; ``"auto"`` then uses ``"forward-over-reverse"``.
+        method: ``"auto"``, ``"taylor"``, ``"forward-over-reverse"``, ``"hessian"``,
+            ``"grad-of-grad"`` or ``"hutchinson"`` (module docstring). ``"taylor"`` raises
+            ``NotImplementedError`` naming any op it has no rule for; ``"auto"`` then uses
+            ``"grad-of-grad"`` or ``"forward-over-reverse"``.
         chunk_size: at most this many directions (unit vectors or probes) in flight at once;
             bounds memory in every method. ``None``: all (``"auto"``: a planned chunk).
         num_probes: ``"hutchinson"`` only: random directions per sample (required unless
@@ -93,6 +108,9 @@ def laplacian(
         probe: ``"hutchinson"`` only: ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"``.
         probes: ``"hutchinson"`` only: directions drawn beforehand, shape ``(r,) + x.shape``
             (``torchdiv.draw_probes``), so that several calls see the same noise.
+        coordinates: sum only over these elements of each sample's event: flat event indices
+            (ints, negative from the end, no repeats) or a boolean mask of the event's shape.
+            ``None``: all. Hutchinson's probes are then restricted to them.
 
     Returns:
         Shape ``x.shape[:batch_dims] + y.shape[batch_dims:]``, dtype and device of ``x``;
@@ -101,7 +119,8 @@ def laplacian(
     Raises:
         TypeError: ``f`` not callable, ``x`` or ``f(x)`` not a floating tensor, ``generator``
             not a ``torch.Generator``, ``probes`` not a floating tensor.
-        ValueError: bad ``batch_dims``, ``method`` or ``chunk_size``, or ``f`` changed the
+        ValueError: bad ``batch_dims``, ``method``, ``chunk_size`` or ``coordinates`` (out of
+            range, repeated, a mask of the wrong shape), or ``f`` changed the
             batch shape; ``"hutchinson"`` without ``num_probes`` or ``probes``, a bad
             ``num_probes``, ``probe`` or ``probes`` shape; any of ``num_probes``,
             ``generator``, ``probe``, ``probes`` given to an exact method.
@@ -113,6 +132,8 @@ def laplacian(
         >>> expected = torch.sin(x[:, 0]) * (2 - x[:, 1] ** 2)
         >>> torch.allclose(laplacian(u, x), expected)
         True
+        >>> torch.allclose(laplacian(u, x, coordinates=[1]), 2 * torch.sin(x[:, 0]))
+        True
     """
     fn = "laplacian"
     check_callable(fn, f)
@@ -120,27 +141,50 @@ def laplacian(
     check_method(fn, method, METHODS)
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
+    index = None if coordinates is None else check_coordinates(fn, coordinates, x, batch_dims)
     if method == "hutchinson":
         s = _trace.sampling(
             fn, x, batch_dims, method, num_probes, probe, probes, generator, methods=(method,)
         )
     else:
         check_exact_options(fn, method, num_probes, generator, probe, probes)
+    if method == "hutchinson":  # drawn over the whole event, as draw_probes(x) gives them
+        v = _trace.vectors(s, x, batch_dims)
+        v = v if index is None else v[..., index]
+    if index is not None:  # the Laplacian in z of f(x + S z), S's columns the chosen e_j
+        g, x = along(g, x, batch_dims, unit_columns(index, x, batch_dims))
     if x.numel() == 0:  # no samples, or an empty event: every Laplacian is an empty sum
         return _zeros_like_output(g, x)
     if method == "hutchinson":
-        directions = _trace.vectors(s, x, batch_dims).reshape(-1, *x.shape).to(x.dtype)
-        return _hutchinson(g, x, batch_dims, chunk_size, directions)
-    if method in ("forward-over-reverse", "hessian"):  # not recorded: see _mixing
+        return _hutchinson(g, x, batch_dims, chunk_size, v.reshape(-1, *x.shape).to(x.dtype))
+    if method in ("forward-over-reverse", "hessian", "grad-of-grad"):  # not recorded: _mixing
         check_empty_event(g, x, batch_dims)
     return _METHODS[method](g, x, batch_dims, chunk_size)
 
 
 def _auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
+    n = event_numel(x, batch_dims)
+    if n <= LOOP_INPUTS:
+        check_empty_event(f, x, batch_dims)  # not recorded: see _mixing
+        return _loop(f, x, batch_dims, chunk_size)
     graph = capture(f, x, RULES, batch_dims=batch_dims)
-    chunk = chunk_size or graph.chunk(event_numel(x, batch_dims), CHUNK_ELEMENTS)
+    chunk = chunk_size or graph.chunk(n, CHUNK_ELEMENTS)
     out = _collapsed_or_none(graph, x, _unit_directions(x, batch_dims, chunk))
-    return _forward_over_reverse(f, x, batch_dims, chunk) if out is None else out
+    if out is not None:
+        return out
+    if n <= LOOP_FALLBACK:
+        return _loop(f, x, batch_dims, chunk)
+    return _forward_over_reverse(f, x, batch_dims, chunk)
+
+
+def _loop(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
+    """``"grad-of-grad"``, or ``"forward-over-reverse"`` where it is not finite: some of
+    PyTorch's double-backward formulas give NaN where the derivative exists (``0.0 ** x``:
+    a ``where`` whose unused branch is ``0 * log(0)``); the JVP formulas do not."""
+    out = grad_of_grad(f, x, batch_dims)
+    if bool(out.isfinite().all()):
+        return out
+    return _forward_over_reverse(f, x, batch_dims, chunk_size)
 
 
 def _taylor(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
@@ -280,4 +324,5 @@ _METHODS: dict[str, Callable[[Function, torch.Tensor, int, int | None], torch.Te
     "taylor": _taylor,
     "forward-over-reverse": _forward_over_reverse,
     "hessian": _hessian,
+    "grad-of-grad": lambda f, x, batch_dims, _: grad_of_grad(f, x, batch_dims),
 }

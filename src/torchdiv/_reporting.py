@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from torchdiv._checks import raised_by_f
+from torchdiv._checks import mark_final, raised_by_f
 from torchdiv._independence import BatchInteractionError
 from torchdiv._mixing import allowed
 from torchdiv._taylor import RULES, capture
@@ -46,8 +46,10 @@ def reported(fn: str, call: str = "f(x)") -> Callable[[F], F]:
                 bound.apply_defaults()
                 final = final_error(fn, call, exc, bound.arguments)
                 if final is None:
+                    mark_final(exc)
                     raise
-                raise final from (None if isinstance(exc, BatchInteractionError) else exc)
+                cause = None if isinstance(exc, BatchInteractionError) else exc
+                raise mark_final(final) from cause
 
         return wrapper  # type: ignore[return-value]
 

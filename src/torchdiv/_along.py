@@ -1,0 +1,52 @@
+"""Second derivatives along chosen directions, by composing ``f`` with a shift of its input.
+
+For a factor ``S`` (``n x k``, the same for every sample or one per sample) put
+
+    g(z) = f(x + S z),    z = 0 in R^k per sample,
+
+so that ``∇²_z g(0) = Sᵀ ∇²f(x) S`` and the Laplacian of ``g`` in ``z`` is
+
+    Δ_z g(0) = Σ_k s_kᵀ ∇²f(x) s_k = tr(S Sᵀ ∇²f(x)).
+
+Every Laplacian method then serves every operator ``tr(A ∇²f)`` with ``A = S Sᵀ``: the Taylor
+engine propagates the ``k`` columns of ``S`` as its directions (the shift is one matrix
+product, whose rule keeps a shared ``S`` broadcast across the batch), the nested methods take
+``k`` Hessian-vector products, and Hutchinson's probes ``v`` in ``z`` are the probes ``S v``
+in ``x``. The Laplacian over a subset of the coordinates is the case where ``S``'s columns are
+the unit vectors of those coordinates. ``g`` closes over ``x`` (and ``S``), so the result is
+differentiable with respect to both, and to whatever ``f`` closes over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Function = Callable[[torch.Tensor], torch.Tensor]
+
+
+def along(
+    f: Function, x: torch.Tensor, batch_dims: int, sigma: torch.Tensor
+) -> tuple[Function, torch.Tensor]:
+    """``g(z) = f(x + S z)`` and the point ``z = 0`` (shape ``x.shape[:batch_dims] + (k,)``).
+
+    ``sigma`` is ``(n, k)`` (one factor for all samples) or ``x.shape[:batch_dims] + (n, k)``
+    (one per sample), ``n`` the number of elements of ``x``'s event, in ``x``'s dtype.
+    """
+    shared = sigma.dim() == 2
+
+    def g(z: torch.Tensor) -> torch.Tensor:
+        step = z @ sigma.T if shared else (sigma @ z.unsqueeze(-1)).squeeze(-1)
+        return f(x + step.reshape(x.shape))
+
+    return g, x.new_zeros((*x.shape[:batch_dims], sigma.shape[-1]))
+
+
+def unit_columns(coordinates: torch.Tensor, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """``S`` whose columns are the unit vectors of the flat event indices ``coordinates``:
+    shape ``(n, k)``, dtype and device of ``like``."""
+    n = like.shape[batch_dims:].numel()
+    sigma = like.new_zeros((n, len(coordinates)))
+    sigma[coordinates, torch.arange(len(coordinates), device=like.device)] = 1
+    return sigma
