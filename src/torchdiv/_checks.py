@@ -110,8 +110,9 @@ def check_exact_options(
         )
 
 
-def check_num_probes(fn: str, method: str, num_probes: Any, spec: Any) -> None:
-    """``num_probes``: a positive int, a multiple of what ``method`` needs (``spec.products``)."""
+def check_num_probes(fn: str, method: str, num_probes: Any, spec: Any) -> int:
+    """``num_probes``: a positive int, a multiple of what ``method`` needs (``spec.products``);
+    returns it."""
     if num_probes is None:
         raise ValueError(
             f"{fn}: method={method!r} needs num_probes, the number of operator products "
@@ -128,6 +129,7 @@ def check_num_probes(fn: str, method: str, num_probes: Any, spec: Any) -> None:
             f"{fn}: method={method!r} needs num_probes to be a multiple of {spec.products} "
             f"({spec.split}), got {num_probes}; use {options}"
         )
+    return num_probes
 
 
 def check_probe(fn: str, probe: Any, valid: Sequence[str]) -> None:
@@ -164,7 +166,7 @@ def check_probes(
             f"products, so probes.shape[0] must be a multiple of {spec.vectors}; got probes of "
             f"shape {_shape(probes)}"
         )
-    implied = r // spec.vectors * spec.products
+    implied: int = r // spec.vectors * spec.products
     if num_probes is not None and num_probes != implied:
         raise ValueError(
             f"{fn}: probes of shape {_shape(probes)} are {r} random vectors, which method="
@@ -270,7 +272,7 @@ def checked(
 
     def g(z: torch.Tensor) -> torch.Tensor:
         try:
-            y = call_f(f, z)
+            y: torch.Tensor = call_f(f, z)  # check_output raises if it is not
         except WrongDerivatives as exc:
             raise WrongDerivatives(f"{fn}: {exc}") from None
         check_output(fn, y, x, batch_dims)

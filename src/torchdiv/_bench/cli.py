@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -62,7 +63,7 @@ def add_parser(commands: Any) -> None:
     p = commands.add_parser(
         "bench",
         help="time and check every method and the usual recipes (default: the quick suite)",
-        description=__doc__.split("\n\n", 1)[1],
+        description=(__doc__ or "").partition("\n\n")[2],  # no docstring under python -OO
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -95,7 +96,7 @@ def add_parser(commands: Any) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     """Argument combinations argparse cannot express; errors exit with status 2."""
-    fail = args.parser.error
+    fail: Callable[[str], NoReturn] = args.parser.error
     for name in args.operator or ():
         if name not in operators.OPERATORS:
             fail(f"--operator {name!r} is unknown; choose from {', '.join(operators.OPERATORS)}")
@@ -166,13 +167,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         plan = [(op, case) for op in _operators(args) for case in _cases(args, op, preset)]
     except ValueError as exc:
-        args.parser.error(str(exc))
+        parser: argparse.ArgumentParser = args.parser
+        parser.error(str(exc))
     rows = _run_plan(plan, args.methods, settings["rounds"], settings["min_run_time"])
     info = report.machine(args.device)
     console = Console() if sys.stdout.isatty() else Console(width=120)
     for table in report.rich_tables(rows, info):
         console.print(table)
-    outputs = [
+    outputs: list[tuple[Path | None, Callable[[Path], object]]] = [
         (args.json, lambda path: report.write_json(path, rows, settings, args.device)),
         (args.markdown, lambda path: path.write_text(report.grid_markdown(rows, info))),
         (args.plot, lambda path: plot.plot(rows, info, path)),

@@ -134,13 +134,13 @@ def grid_markdown(rows: list[Row], info: dict[str, Any]) -> str:
         lines = [
             {"label": label}
             | {
-                d: _bold(" · ".join(cell(by_dim[d])), best.get(d) == label)
+                str(d): _bold(" · ".join(cell(by_dim[d])), best.get(d) == label)
                 for d in dims
                 if d in by_dim
             }
             for label, by_dim in table.items()
         ]
-        columns = [("label", "method"), *((d, f"D={d}") for d in dims)]
+        columns = [("label", "method"), *((str(d), f"D={d}") for d in dims)]
         parts += [f"**{operator}, {family}** ({group[0]['setting']})", ""]
         parts += [markdown(lines, columns), "", *(f"- {n}" for n in notes), ""]
     parts.append(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -10,7 +10,7 @@ from torch.utils.benchmark import Measurement, Timer
 
 
 def time_interleaved(
-    calls: dict[str, Callable[[], Any]],
+    calls: Mapping[str, Callable[[], Any]],
     rounds: int,
     min_run_time: float,
     on_round: Callable[[str], None] | None = None,
