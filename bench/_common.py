@@ -131,10 +131,19 @@ def script(
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="round-robin timing rounds")
     parser.add_argument("--min-run-time", type=float, default=0.4, help="seconds per round")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short look: 2 rounds of 0.1 s (instead of --rounds, --min-run-time); noisier",
+    )
     parser.add_argument("--cases", default=",".join(cases), help="comma-separated case names")
     parser.add_argument("--report", type=Path, help="print the tables of a saved JSON, run nothing")
     add_output_options(parser, name)
     args = parser.parse_args()
+    if args.quick:
+        if args.update:
+            parser.error("--update keeps the committed results at full effort: drop --quick")
+        args.rounds, args.min_run_time = 2, 0.1
     if args.report:
         rows = json.loads(args.report.read_text())["rows"]
     else:
