@@ -19,8 +19,8 @@ TORCH_INDEX := https://download.pytorch.org/whl/cpu
 TORCH := torch==2.13.0$(if $(filter Linux,$(shell uname -s)),+cpu)
 
 # OpenMP threads that spin while waiting stall when another process holds a core: on a busy 2-core
-# machine the loop of autograd.grad ran 100x slower, and the tests about 3x. Passive waiting keeps
-# the tests and the demo sane there (override: make demo OMP_WAIT_POLICY=ACTIVE).
+# machine the tests and the loop recipes ran several times slower. Passive waiting keeps the tests
+# and the demo sane there (override: make demo OMP_WAIT_POLICY=ACTIVE).
 OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
 

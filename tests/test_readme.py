@@ -44,3 +44,12 @@ def test_stochastic_block_reports_finite_standard_errors():
     ns = run_block(next(i for i, b in enumerate(python_blocks()) if "hutch++" in b))
     for name in ("est", "adaptive"):
         assert torch.isfinite(ns[name].stderr).all(), name
+
+
+def test_relative_links_point_to_files_in_the_repository():
+    root = README.parent.resolve()
+    for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", README.read_text()):
+        if "://" in target:
+            continue
+        path = (root / target).resolve()
+        assert path.is_relative_to(root) and path.exists(), target
