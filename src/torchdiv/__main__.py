@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
 def _with_passive_openmp() -> None:
     """Run this command again with ``OMP_WAIT_POLICY=PASSIVE`` unless the caller set it.
 
-    OpenMP threads that spin while they wait stall when another process holds a core (the
-    loop recipes ran 5-100x slower on a busy 2-core machine). The OpenMP runtime reads the
+    OpenMP threads that spin while they wait stall when another process holds a core (on a
+    busy 2-core machine the loop recipes ran many times slower). The OpenMP runtime reads the
     variable once, when ``import torchdiv`` loaded torch, before this module ran: hence a new
     process, with the same interpreter options and arguments.
     """
