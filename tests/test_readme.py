@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -16,7 +17,9 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
+@functools.cache
 def run_block(index: int) -> dict[str, object]:
+    """Block ``index`` run alone in a fresh namespace (once per test session)."""
     namespace: dict[str, object] = {"__name__": f"readme_block_{index + 1}"}
     exec(compile(python_blocks()[index], f"README.md python block {index + 1}", "exec"), namespace)
     return namespace
