@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch._C._functorch import peek_interpreter_stack
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from torchdiv._modes import WrongDerivatives
@@ -255,7 +256,7 @@ def call_f(f: Callable[..., Any], *args: Any) -> Any:
 
 def _engine_now() -> str:
     """What is evaluating ``f`` at the moment: for an error's context."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if peek_interpreter_stack() is not None:
         return "torch.func transforms (vjp, jvp, vmap)"
     modes = [type(m).__name__ for m in _get_current_dispatch_mode_stack()]
     if "_Recorder" in modes:

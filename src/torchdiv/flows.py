@@ -207,7 +207,7 @@ class AugmentedDynamics(nn.Module):
         z = state[0]
 
         def velocity(z: torch.Tensor) -> torch.Tensor:
-            v = call_f(self.f, t, z)
+            v: torch.Tensor = call_f(self.f, t, z)  # check_velocity raises if it is not
             check_velocity(self.fn, v, z)
             return v
 
