@@ -1,19 +1,35 @@
-# Two entry points: `make demo` (the main job) and `make test` (ruff, pytest, doctests).
-# Each creates .venv if missing and installs torch==2.13.0 explicitly (the CPU build), so a
+# Two entry points: `make demo` (the main job) and `make test` (ruff, pytest with the type checks,
+# doctests). Each creates .venv if missing and installs the CPU build of torch==2.13.0 first, so a
 # plain `torch` requirement never pulls a multi-GB CUDA build; the package itself asks for torch>=2.4.
 # Both install the `dev`, `bench` and `ode` extras: the CLI tests run the benchmark (rich,
-# matplotlib), the flows tests and examples solve ODEs (torchdiffeq).
+# matplotlib), the flows tests and examples solve ODEs (torchdiffeq), the type checks need mypy
+# and basedpyright.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.torchdiv-installed
+
+# On Linux, PyPI's torch wheel is the CUDA build and the CPU build (version 2.13.0+cpu) is on
+# PyTorch's CPU index; elsewhere PyPI's wheel is the CPU build. Where that index cannot be reached
+# but a local wheel of the same version is configured for pip (find-links), pip warns once and
+# takes the local wheel. Only torch comes from that index (--no-deps); its dependencies come from
+# PyPI in the second step, which keeps torch as it is.
+TORCH_INDEX := https://download.pytorch.org/whl/cpu
+TORCH := torch==2.13.0$(if $(filter Linux,$(shell uname -s)),+cpu)
+
+# OpenMP threads that spin while waiting stall when another process holds a core: on a busy 2-core
+# machine the tests and the loop recipes ran several times slower. Passive waiting keeps the tests
+# and the demo sane there (override: make demo OMP_WAIT_POLICY=ACTIVE).
+OMP_WAIT_POLICY ?= PASSIVE
+export OMP_WAIT_POLICY
 
 .PHONY: test demo bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,ode]'
+	$(PIP) install --quiet --no-deps --retries 1 --extra-index-url $(TORCH_INDEX) '$(TORCH)'
+	$(PIP) install --quiet '$(TORCH)' -e '.[dev,bench,ode]'
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -24,17 +40,13 @@ test: lint
 	$(PY) -m pytest
 
 # The quick benchmark suite: a table here, every figure in DEMO_OUT.json, the picture in DEMO_OUT.png.
-# OpenMP threads that spin while waiting stall when another process holds a core: on a busy 2-core
-# machine the loop of autograd.grad ran 100x slower. Passive waiting keeps the demo sane there
-# (override: make demo OMP_WAIT_POLICY=ACTIVE).
 DEMO_OUT := bench/results/demo
-OMP_WAIT_POLICY ?= PASSIVE
 
 demo: $(STAMP)
-	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m torchdiv bench --json $(DEMO_OUT).json --plot $(DEMO_OUT).png
+	$(PY) -m torchdiv bench --json $(DEMO_OUT).json --plot $(DEMO_OUT).png
 
 bench: $(STAMP)
 	$(PY) bench/divergence_exact.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,14 @@ from torchdiv._bench.memory import peak_memory_mb
 from torchdiv._bench.report import machine, markdown, write_json
 from torchdiv._bench.timing import time_interleaved
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results"  # the committed results behind the README's tables
+LOCAL = RESULTS / "local"  # where new runs write (git-ignored), unless --update
 
 __all__ = [
+    "LOCAL",
     "RESULTS",
+    "add_output_options",
+    "output_path",
     "compare",
     "machine",
     "markdown",
@@ -85,29 +89,70 @@ def compare(
     return rows
 
 
+def add_output_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--json PATH`` and ``--update``: a run writes ``bench/results/local/NAME`` (git-ignored)
+    unless told otherwise, so trying a command never replaces the committed results."""
+    parser.add_argument(
+        "--json", type=Path, help=f"write the results here (default: bench/results/local/{name})"
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help=f"replace the committed bench/results/{name} (needs every case: no --cases)",
+    )
+
+
+def output_path(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, name: str, cases: Iterable[str]
+) -> Path:
+    """Where this run's JSON goes (``add_output_options``); ``--update`` with a subset of the
+    cases or with ``--json`` is an error."""
+    if not args.update:
+        return args.json or LOCAL / name
+    if args.json is not None:
+        parser.error(f"--update writes bench/results/{name}; drop --json {args.json}")
+    if sorted(args.cases.split(",")) != sorted(cases):
+        parser.error(
+            f"--update replaces the committed results of every case; --cases {args.cases} "
+            "would leave only those: run it without --update (it writes bench/results/local/)"
+        )
+    return RESULTS / name
+
+
 def script(
     doc: str,
     cases: dict[str, Any],
     run_case: Callable[[str, int, float], list[dict[str, Any]]],
-    default_json: Path,
+    name: str,
     tables: Callable[[list[dict[str, Any]]], None],
 ) -> None:
     """The command line every script in bench/ shares: run cases (or reread a JSON), write the
-    JSON, print the tables."""
+    JSON (``output_path``), print the tables."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="round-robin timing rounds")
     parser.add_argument("--min-run-time", type=float, default=0.4, help="seconds per round")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short look: 2 rounds of 0.1 s (instead of --rounds, --min-run-time); noisier",
+    )
     parser.add_argument("--cases", default=",".join(cases), help="comma-separated case names")
-    parser.add_argument("--json", type=Path, default=default_json)
     parser.add_argument("--report", type=Path, help="print the tables of a saved JSON, run nothing")
+    add_output_options(parser, name)
     args = parser.parse_args()
+    if args.quick:
+        if args.update:
+            parser.error("--update keeps the committed results at full effort: drop --quick")
+        args.rounds, args.min_run_time = 2, 0.1
     if args.report:
         rows = json.loads(args.report.read_text())["rows"]
     else:
+        path = output_path(parser, args, name, cases)
         rows = [
             row
-            for name in args.cases.split(",")
-            for row in run_case(name, args.rounds, args.min_run_time)
+            for case in args.cases.split(",")
+            for row in run_case(case, args.rounds, args.min_run_time)
         ]
-        write_json(args.json, rows)
+        write_json(path, rows)
+        print(f"wrote {path}")
     tables(rows)

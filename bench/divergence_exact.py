@@ -8,7 +8,8 @@ Two scenarios per case, all methods timed side by side in one run:
   train:  parameters require grad and every result must stay differentiable (the recipes that
           call autograd.grad use create_graph=True; torch.func and torchdiv do it by themselves).
 Every result is checked against vmap(jacrev) + trace before it is timed; one forward pass of
-f is timed in the same rounds, for scale. Writes bench/results/divergence_exact.json and
+f is timed in the same rounds, for scale. Writes bench/results/local/divergence_exact.json
+(--update: the committed bench/results/divergence_exact.json, every case) and
 prints markdown tables with ratios to the best torch.func recipe and to the best of all
 baseline recipes of the same scenario.
 """
@@ -19,7 +20,7 @@ import functools
 from collections.abc import Callable
 
 import torch
-from _common import RESULTS, compare, markdown, script
+from _common import compare, markdown, script
 
 import torchdiv
 from torchdiv import _recipes
@@ -239,7 +240,7 @@ def tables(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    script(__doc__, CASES, run_case, RESULTS / "divergence_exact.json", tables)
+    script(__doc__, CASES, run_case, "divergence_exact.json", tables)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Stochastic divergence: accuracy and cost of Hutchinson, Hutch++ and XTrace per sample.
 
-Run:  .venv/bin/python bench/estimators.py [--rounds 3] [--min-run-time 0.2] [--json PATH]
+Run:  .venv/bin/python bench/estimators.py [--rounds 3] [--min-run-time 0.2]
+          [--json PATH | --update]
       .venv/bin/python bench/estimators.py --report bench/results/estimators.json
 
 Accuracy: relative RMS error against the exact divergence (``method="auto"``), over every
@@ -16,7 +17,8 @@ divided by one forward pass of ``f`` and by the exact divergence, all timed side
   one probe: 1-probe Hutchinson on the tanh MLP 256-256-256-256, batch 128 (the CNF staple),
            frozen parameters and trainable ones (then the forward pass builds its graph too)
 
-Writes bench/results/estimators.json by default.
+Writes bench/results/local/estimators.json (git-ignored); --update replaces the committed
+bench/results/estimators.json (every case).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import RESULTS, markdown, time_interleaved, write_json
+from _common import add_output_options, markdown, output_path, time_interleaved, write_json
 from divergence_exact import convnet, mlp
 
 import torchdiv
@@ -185,17 +187,19 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=0.2)
     parser.add_argument("--repeats", type=int, default=8, help="independent draws per cell")
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--json", type=Path, default=RESULTS / "estimators.json")
     parser.add_argument("--report", type=Path, help="print the tables of a results JSON")
+    add_output_options(parser, "estimators.json")
     args = parser.parse_args()
     if args.report:
         print(report(json.loads(args.report.read_text())["rows"]))
         return
+    path = output_path(parser, args, "estimators.json", CASES)
     rows = []
     for name in args.cases.split(","):
         rows += run_case(name, args.repeats, args.rounds, args.min_run_time)
     rows += one_probe(args.rounds, args.min_run_time)
-    write_json(args.json, rows)
+    write_json(path, rows)
+    print(f"wrote {path}")
     print(report(rows))
 
 

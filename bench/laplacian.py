@@ -9,7 +9,8 @@ small attention block. Two scenarios, all methods timed side by side in one run:
   frozen: parameters do not require grad (evaluating a PDE residual);
   train:  parameters require grad and every result stays differentiable (a PINN loss).
 Every result is checked against vmap(hessian) + trace before it is timed. Writes
-bench/results/laplacian.json and prints markdown tables.
+bench/results/local/laplacian.json (--update: the committed bench/results/laplacian.json, every
+case) and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 from collections.abc import Callable
 
 import torch
-from _common import RESULTS, compare, markdown, script
+from _common import compare, markdown, script
 from torch import nn
 
 import torchdiv
@@ -161,7 +162,7 @@ def tables(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    script(__doc__, CASES, run_case, RESULTS / "laplacian.json", tables)
+    script(__doc__, CASES, run_case, "laplacian.json", tables)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from bench_model import TinyField
@@ -14,7 +16,7 @@ from conftest import (
     tanh_mlp,
 )
 
-from torchdiv._bench import operators, runner, suite
+from torchdiv._bench import operators, report, runner, suite, timing
 from torchdiv._bench.operators import Method, Operator, relative_error, tolerance
 
 PROBLEMS = {
@@ -157,3 +159,58 @@ def test_a_function_that_refuses_float64_gets_its_reference_in_its_own_dtype():
     w = torch.randn(3, 3)
     problem = suite.make_problem(lambda x: x @ w, (3,), 2, torch.float32, torch.device("cpu"))
     assert problem.x64.dtype == torch.float32
+
+
+def test_a_method_over_the_time_limit_is_stopped_and_skipped_with_a_clear_cell():
+    """A call still running at the limit is interrupted (not waited for); one that fits once
+    but not with its memory call and timing rounds is skipped before timing."""
+    exact = operators.DIVERGENCE.methods["reverse"].call
+
+    def stuck(f, x):
+        time.sleep(30)  # interrupted by the deadline: the test would take 30 s otherwise
+        return exact(f, x)
+
+    def slowish(f, x):
+        time.sleep(0.1)
+        return exact(f, x)
+
+    op = Operator(
+        "toy",
+        {
+            "fast": Method("fast", exact),
+            "stuck": Method("stuck", stuck),
+            "slowish": Method("slowish", slowish),
+        },
+        operators.DIVERGENCE.reference,
+    )
+    f, x = tanh_mlp(4, 8, 4, dtype=torch.float32), torch.randn(3, 4)
+    start = time.perf_counter()
+    rows = runner.run_case(op, _case(f, x), list(op.methods), 3, 1e-3, time_limit=0.3)
+    assert time.perf_counter() - start < 20  # not the 30 s of the stuck call
+    by_key = {r["method"]: r for r in rows}
+    assert by_key["fast"]["status"] == "ok" and by_key["fast"]["median_ms"] > 0
+    for key in ("stuck", "slowish"):
+        row = by_key[key]
+        assert row["status"] == "skipped" and row["limit_s"] == 0.3, row
+        assert row["note"].startswith("over 0.3 s") and "median_ms" not in row
+        assert report.cell(row) == ("skipped: over 0.3 s",)
+    assert "stopped after" in by_key["stuck"]["note"]
+    assert "would take about" in by_key["slowish"]["note"]  # 0.1 s x (2 + 3 rounds) > 0.3 s
+
+
+def test_the_deadline_leaves_no_timer_behind():
+    with timing.deadline(0.05):
+        pass
+    time.sleep(0.1)  # an alarm left set would raise OverTime here
+    with pytest.raises(timing.OverTime, match=r"over 0\.05 s"), timing.deadline(0.05):
+        time.sleep(5)
+
+
+@pytest.mark.parametrize(("load", "warned"), [(0.5, False), (2.0, False), (9.0, True)])
+def test_the_load_warning_compares_the_load_average_with_the_cpus(monkeypatch, load, warned):
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    warning = timing.load_warning()
+    assert (warning is not None) == warned
+    if warned:
+        assert "load average 9.0 on 2 CPUs" in warning

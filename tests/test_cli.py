@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,17 @@ import pytest
 import torch
 
 from torchdiv.__main__ import main
-from torchdiv._bench import operators
+from torchdiv._bench import operators, timing
 
 TINY = ["--batch", "2", "--width", "4", "--repeats", "1", "--min-run-time", "0.001"]
 HERE = Path(__file__).parent
 ROW_KEYS = {"operator", "family", "case", "dim", "batch", "setting", "dtype", "method", "label"}
+
+
+@pytest.fixture(autouse=True)
+def idle_machine(monkeypatch):
+    """The load warning depends on what else runs: the tests fake an idle machine."""
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
 
 
 @pytest.fixture
@@ -34,7 +41,12 @@ def test_smoke_run_writes_json_png_and_table_and_flags_the_wrong_recipe(
     assert main(argv) == 0
     doc = json.loads(out_json.read_text())
     assert {"torch", "threads", "processor", "python", "device"} <= doc["machine"].keys()
-    assert doc["settings"] == {"rounds": 1, "min_run_time": 0.001, "dtype": "float32"}
+    assert doc["settings"] == {
+        "rounds": 1,
+        "min_run_time": 0.001,
+        "dtype": "float32",
+        "time_limit_s": 60.0,
+    }
     assert doc["machine"]["threads"] == 1
     rows = doc["rows"]
     assert {(r["operator"], r["family"], r["dim"]) for r in rows} == {
@@ -115,6 +127,41 @@ def test_the_module_entry_point_benchmarks_a_user_module():
     )
     assert "torchdiv auto" in out.stdout and "loop of autograd.grad" in out.stdout
     assert "USDT" not in out.stderr  # the profiler's C++ log lines are silenced
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_entry_point_waits_passively_unless_told_otherwise(tmp_path, given, seen):
+    out = tmp_path / "b.json"
+    argv = ["--model", "bench_model:field", "--shape", "3", *TINY, "--methods", "auto"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env |= {"OMP_WAIT_POLICY": given} if given else {}
+    subprocess.run(
+        [sys.executable, "-m", "torchdiv", "bench", *argv, "--json", str(out)],
+        capture_output=True,
+        check=True,
+        cwd=HERE,
+        env=env,
+    )
+    assert json.loads(out.read_text())["machine"]["env"]["OMP_WAIT_POLICY"] == seen
+
+
+def test_a_loaded_machine_is_reported_and_recorded(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    argv = ["bench", "--model", "bench_model:field", "--shape", "3", *TINY, "--methods", "auto"]
+    assert main([*argv, "--json", str(out), "--markdown", str(md)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("warning: the machine is loaded (load average 64.0") == 2  # before, after
+    assert "load average 64.0" in json.loads(out.read_text())["settings"]["load_warning"]
+    assert "warning: the machine is loaded" in md.read_text()
+
+
+def test_an_idle_machine_gets_no_warning(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    argv = ["bench", "--model", "bench_model:field", "--shape", "3", *TINY, "--methods", "auto"]
+    assert main([*argv, "--json", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert "load_warning" not in json.loads(out.read_text())["settings"]
 
 
 def test_a_model_that_mixes_samples_is_refused():

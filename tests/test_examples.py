@@ -9,23 +9,26 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def run(script: str, *args: str) -> str:
+def run(script: str, *args: str, cwd: Path | None = None) -> str:
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        cwd=cwd,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
-def test_cnf_2d_trains_and_writes_the_png(tmp_path):
-    out = tmp_path / "cnf.png"
-    stdout = run("cnf_2d.py", "--iters", "3", "--batch", "64", "--grid", "12", "--out", str(out))
+def test_cnf_2d_trains_and_writes_the_png_in_the_ignored_examples_out(tmp_path):
+    out = EXAMPLES / "out" / "cnf_2d.png"  # the default, git-ignored
+    out.unlink(missing_ok=True)
+    stdout = run("cnf_2d.py", "--iters", "3", "--batch", "64", "--grid", "12", cwd=tmp_path)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "held-out log-likelihood: model" in stdout
+    assert not list(tmp_path.iterdir())  # nothing left where it was run from
 
 
 def test_pf_ode_likelihood_prints_the_table():

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch._C._functorch import peek_interpreter_stack
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from torchdiv._modes import WrongDerivatives
@@ -110,8 +111,9 @@ def check_exact_options(
         )
 
 
-def check_num_probes(fn: str, method: str, num_probes: Any, spec: Any) -> None:
-    """``num_probes``: a positive int, a multiple of what ``method`` needs (``spec.products``)."""
+def check_num_probes(fn: str, method: str, num_probes: Any, spec: Any) -> int:
+    """``num_probes``: a positive int, a multiple of what ``method`` needs (``spec.products``);
+    returns it."""
     if num_probes is None:
         raise ValueError(
             f"{fn}: method={method!r} needs num_probes, the number of operator products "
@@ -128,6 +130,7 @@ def check_num_probes(fn: str, method: str, num_probes: Any, spec: Any) -> None:
             f"{fn}: method={method!r} needs num_probes to be a multiple of {spec.products} "
             f"({spec.split}), got {num_probes}; use {options}"
         )
+    return num_probes
 
 
 def check_probe(fn: str, probe: Any, valid: Sequence[str]) -> None:
@@ -164,7 +167,7 @@ def check_probes(
             f"products, so probes.shape[0] must be a multiple of {spec.vectors}; got probes of "
             f"shape {_shape(probes)}"
         )
-    implied = r // spec.vectors * spec.products
+    implied: int = r // spec.vectors * spec.products
     if num_probes is not None and num_probes != implied:
         raise ValueError(
             f"{fn}: probes of shape {_shape(probes)} are {r} random vectors, which method="
@@ -262,7 +265,7 @@ def call_f(f: Callable[..., Any], *args: Any) -> Any:
 
 def _engine_now() -> str:
     """What is evaluating ``f`` at the moment: for an error's context."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if peek_interpreter_stack() is not None:
         return "torch.func transforms (vjp, jvp, vmap)"
     modes = [type(m).__name__ for m in _get_current_dispatch_mode_stack()]
     if "_Recorder" in modes:
@@ -279,7 +282,7 @@ def checked(
 
     def g(z: torch.Tensor) -> torch.Tensor:
         try:
-            y = call_f(f, z)
+            y: torch.Tensor = call_f(f, z)  # check_output raises if it is not
         except WrongDerivatives as exc:
             raise WrongDerivatives(f"{fn}: {exc}") from None
         check_output(fn, y, x, batch_dims)

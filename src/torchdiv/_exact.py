@@ -44,6 +44,8 @@ class Engine(Protocol):
 
     def block(self, start: int, stop: int) -> torch.Tensor: ...
 
+    def apply(self, vectors: torch.Tensor, /) -> torch.Tensor: ...  # (k,) + in -> (k,) + out
+
 
 def dense(engine: Engine, chunk_size: int) -> torch.Tensor:
     """Every sample's Jacobian, shape ``(N, m, n)`` (outputs by inputs)."""

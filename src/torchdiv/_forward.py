@@ -58,16 +58,19 @@ class ForwardJacobian:
 
     def _apply(self, tangents: torch.Tensor) -> torch.Tensor:
         if len(tangents) == 1:
-            y, out = jvp(self.f, (self.x,), (tangents[0],))
+            y, out = self._push(tangents[0])
             self._y, self._y_shape = y, y.shape
             return out[None]
-
-        def push(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return jvp(self.f, (self.x,), (v,))
-
-        y, out = vmap(push, out_dims=(None, 0))(tangents)
+        # torch's out_dims_t omits None, which vmap accepts (an output without the k dimension)
+        batched = vmap(self._push, out_dims=(None, 0))  # type: ignore[arg-type]
+        y, out = batched(tangents)
         self._y, self._y_shape = y, y.shape
         return out
+
+    def _push(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f(x), J v)``; torch types ``jvp``'s result as a 2- or 3-tuple (``has_aux``)."""
+        primal_and_tangent = jvp(self.f, (self.x,), (v,))
+        return primal_and_tangent[0], primal_and_tangent[1]
 
     def block(self, start: int, stop: int) -> torch.Tensor:
         """Columns ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, m)``."""

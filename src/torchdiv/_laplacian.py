@@ -33,7 +33,7 @@ but eigenvectors). Every method computes ``cdist`` from differences (``SafeDeriv
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 from torch.func import vjp, vmap
@@ -142,20 +142,20 @@ def laplacian(
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
     index = None if coordinates is None else check_coordinates(fn, coordinates, x, batch_dims)
-    if method == "hutchinson":
+    v: torch.Tensor | None = None
+    if method == "hutchinson":  # drawn over the whole event, as draw_probes(x) gives them
         s = _trace.sampling(
             fn, x, batch_dims, method, num_probes, probe, probes, generator, methods=(method,)
         )
-    else:
-        check_exact_options(fn, method, num_probes, generator, probe, probes)
-    if method == "hutchinson":  # drawn over the whole event, as draw_probes(x) gives them
         v = _trace.vectors(s, x, batch_dims)
         v = v if index is None else v[..., index]
+    else:
+        check_exact_options(fn, method, num_probes, generator, probe, probes)
     if index is not None:  # the Laplacian in z of f(x + S z), S's columns the chosen e_j
         g, x = along(g, x, batch_dims, unit_columns(index, x, batch_dims))
     if x.numel() == 0:  # no samples, or an empty event: every Laplacian is an empty sum
         return _zeros_like_output(g, x)
-    if method == "hutchinson":
+    if v is not None:
         return _hutchinson(g, x, batch_dims, chunk_size, v.reshape(-1, *x.shape).to(x.dtype))
     if method in ("forward-over-reverse", "hessian", "grad-of-grad"):  # not recorded: _mixing
         check_empty_event(g, x, batch_dims)
@@ -216,7 +216,8 @@ def _unit_directions(x: torch.Tensor, batch_dims: int, chunk: int) -> Iterator[t
 def _collapsed(graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor]) -> torch.Tensor:
     """``sum_k D^2 f(x)[u_k, u_k]`` over all directions: the output's collapsed second-order
     terms, summed over the chunks ``directions`` yields (each ``(k,) + x.shape``, broadcast)."""
-    total, constants = None, {}
+    total: torch.Tensor | None = None
+    constants: dict[int, list[Any]] = {}
     for u in directions:
         out = propagate(graph, Jet(x, u, None), Context(len(u), True, jac=False), constants)
         if isinstance(out, Jet) and out.lap is not None:
@@ -252,7 +253,9 @@ class _Gradients:
         self.y_shape = torch.Size()
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        y, pullback = vjp(self.f, z)
+        y_and_pullback = vjp(self.f, z)  # typed as a 2- or 3-tuple (has_aux)
+        y = y_and_pullback[0]
+        pullback: Callable[[torch.Tensor], tuple[torch.Tensor]] = y_and_pullback[1]
         self.y_shape = y.shape
         (rows,) = vmap(pullback)(basis(0, event_numel(y, self.batch_dims), y, self.batch_dims))
         return rows
@@ -275,13 +278,25 @@ def _forward_over_reverse(
     f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None
 ) -> torch.Tensor:
     n = event_numel(x, batch_dims)
-    total = None
-    for start, stop in chunks(n, chunk_size or n):
-        columns, y_shape = _hessian_products(f, x, batch_dims, basis(start, stop, x, batch_dims))
-        j = torch.arange(stop - start, device=x.device)
-        part = columns[j, :, :, start + j].sum(0)  # (m, N): entries (start+j, start+j)
-        total = part if total is None else total + part
+
+    def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
+        for start, stop in chunks(n, chunk_size or n):
+            directions = basis(start, stop, x, batch_dims)
+            columns, y_shape = _hessian_products(f, x, batch_dims, directions)
+            j = torch.arange(stop - start, device=x.device)
+            yield columns[j, :, :, start + j].sum(0), y_shape  # (m, N): entries (start+j, start+j)
+
+    total, y_shape = _summed(parts())
     return total.T.reshape(y_shape)
+
+
+def _summed(parts: Iterator[tuple[torch.Tensor, torch.Size]]) -> tuple[torch.Tensor, torch.Size]:
+    """The sum of the per-chunk ``(m, N)`` parts (at least one: ``x`` is not empty) and
+    ``f(x).shape``; parts are made one at a time, so one chunk's products are in memory."""
+    total, y_shape = next(parts)
+    for part, _ in parts:
+        total = total + part
+    return total, y_shape
 
 
 def _zeros_like_output(f: Function, x: torch.Tensor) -> torch.Tensor:
@@ -292,12 +307,12 @@ def _zeros_like_output(f: Function, x: torch.Tensor) -> torch.Tensor:
 
 def _hessian(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
     n = event_numel(x, batch_dims)
-    parts = []
-    for start, stop in chunks(n, chunk_size or n):
-        columns, y_shape = _hessian_products(f, x, batch_dims, basis(start, stop, x, batch_dims))
-        parts.append(columns)
-    hessians = torch.cat(parts).permute(2, 1, 3, 0)  # (N, m, n, n)
-    return hessians.diagonal(dim1=-2, dim2=-1).sum(-1).reshape(y_shape)
+    products = [
+        _hessian_products(f, x, batch_dims, basis(start, stop, x, batch_dims))
+        for start, stop in chunks(n, chunk_size or n)
+    ]
+    hessians = torch.cat([columns for columns, _ in products]).permute(2, 1, 3, 0)  # (N, m, n, n)
+    return hessians.diagonal(dim1=-2, dim2=-1).sum(-1).reshape(products[-1][1])
 
 
 def _hutchinson(
@@ -310,12 +325,14 @@ def _hutchinson(
     out = _collapsed_or_none(capture(f, x, RULES, batch_dims=batch_dims), x, iter(pieces))
     if out is not None:
         return out / r
-    total = None
-    for v in pieces:
-        products, y_shape = _hessian_products(f, x, batch_dims, v)  # (k, m, N, n)
-        k, _, n_samples, n = products.shape
-        part = (products * v.reshape(k, 1, n_samples, n)).sum((0, 3))  # (m, N)
-        total = part if total is None else total + part
+
+    def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
+        for v in pieces:
+            products, y_shape = _hessian_products(f, x, batch_dims, v)  # (k, m, N, n)
+            k, _, n_samples, n = products.shape
+            yield (products * v.reshape(k, 1, n_samples, n)).sum((0, 3)), y_shape  # (m, N)
+
+    total, y_shape = _summed(parts())
     return (total / r).T.reshape(y_shape)
 
 

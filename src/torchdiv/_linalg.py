@@ -83,7 +83,8 @@ def _sign(a: Tensor) -> Tensor:
 
 def slogdet(a: Tensor) -> Any:
     """``torch.linalg.slogdet``: ``(sign, log|det A|)``."""
-    return torch.return_types.linalg_slogdet((_sign(a), _LogAbsDet.apply(a)))
+    # torch.return_types.linalg_slogdet exists at run time; torch's stubs omit it
+    return torch.return_types.linalg_slogdet((_sign(a), _LogAbsDet.apply(a)))  # type: ignore[attr-defined]
 
 
 def logdet(a: Tensor) -> Tensor:
@@ -111,7 +112,8 @@ def solve_ex(a: Tensor, b: Tensor, *, left: bool = True, check_errors: bool = Fa
     """``torch.linalg.solve_ex``: ``(solution, info)``."""
     with torch.no_grad(), torch._C.DisableTorchFunction():
         info = torch.linalg.solve_ex(a, b, left=left, check_errors=check_errors).info
-    return torch.return_types.linalg_solve_ex((solve(a, b, left=left), info))
+    # torch.return_types.linalg_solve_ex exists at run time; torch's stubs omit it
+    return torch.return_types.linalg_solve_ex((solve(a, b, left=left), info))  # type: ignore[attr-defined]
 
 
 def cholesky_inverse(factor: Tensor, upper: bool = False) -> Tensor:

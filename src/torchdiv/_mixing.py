@@ -219,7 +219,8 @@ def check_graph(
     public function to name (``None``: its ``reported`` wrapper names it)."""
     if allowed() or x.shape[:batch_dims].numel() < 2 or y.grad_fn is None:
         return
-    seen, stack = set(), [y.grad_fn]
+    seen: set[torch.autograd.graph.Node] = set()
+    stack: list[torch.autograd.graph.Node | None] = [y.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -227,8 +228,9 @@ def check_graph(
         seen.add(node)
         if (
             type(node).__name__ in _BATCH_NORM_NODES
-            and node._saved_training
-            and node._saved_input.shape[0] > 1
+            # saved attributes of the C++ node, absent from torch's stubs
+            and node._saved_training  # type: ignore[attr-defined]
+            and node._saved_input.shape[0] > 1  # type: ignore[attr-defined]
         ):
             what = "a batch norm in train mode, normalising with statistics of the whole batch"
             raise BatchInteractionError(_named(fn, explain(what, x, batch_dims)))

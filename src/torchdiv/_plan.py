@@ -47,7 +47,7 @@ class OpSizes(TorchDispatchMode):
     """
 
     def __init__(self, batch_shape: torch.Size, axes: BatchAxes | None = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         self.batch_shape = batch_shape
         self.widest = 0
         self.convolves = False

@@ -46,7 +46,8 @@ def functional_jacobian(f: Function, x: torch.Tensor) -> torch.Tensor:
     """``torch.autograd.functional.jacobian``: builds the ``(B, m, B, n)`` cross-batch tensor,
     ``B`` times too big, and keeps its diagonal blocks, shape ``(B, m, n)``."""
     b, n = x.shape[0], x[0].numel()
-    jac = torch.autograd.functional.jacobian(f, x).reshape(b, -1, b, n)
+    jac: torch.Tensor = torch.autograd.functional.jacobian(f, x)
+    jac = jac.reshape(b, -1, b, n)
     return jac.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
@@ -129,7 +130,7 @@ def vmap_hessian_trace(f: Function, x: torch.Tensor) -> torch.Tensor:
     """``torch.func``: ``vmap(hessian(f_one_sample))`` then the trace; ``f`` gives one scalar
     per sample, shape ``(B,)`` or ``(B, 1)``."""
     n = x[0].numel()
-    h = vmap(hessian(lambda z: _per_sample(f)(z).sum()))(x)
+    h: torch.Tensor = vmap(hessian(lambda z: _per_sample(f)(z).sum()))(x)
     return h.reshape(x.shape[0], n, n).diagonal(dim1=1, dim2=2).sum(-1)
 
 

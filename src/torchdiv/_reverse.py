@@ -24,7 +24,10 @@ class ReverseJacobian:
 
     def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int):
         with SafeDerivatives(1, "method='forward'"):  # cdist: the batched pullback is wrong
-            self.y, self._pullback = vjp(f, x)
+            # torch types vjp's result as a 2- or 3-tuple (has_aux); without aux it is 2
+            y_and_pullback = vjp(f, x)
+        self.y: torch.Tensor = y_and_pullback[0]
+        self._pullback: Callable[[torch.Tensor], tuple[torch.Tensor]] = y_and_pullback[1]
         self.x, self.batch_dims = x, batch_dims
         self.y_shape = self.y.shape
         self.num_basis = event_numel(self.y, batch_dims)

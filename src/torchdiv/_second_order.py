@@ -22,7 +22,7 @@ value, gradient and Laplacian from one sweep.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -112,9 +112,12 @@ def weighted_laplacian(
     check_input(fn, x, batch_dims)
     check_method(fn, method, METHODS)
     check_chunk_size(fn, chunk_size)
-    if (diffusion is None) == (sigma is None):
+    if diffusion is not None and sigma is None:
+        name, matrix = "diffusion", diffusion
+    elif sigma is not None and diffusion is None:
+        name, matrix = "sigma", sigma
+    else:
         raise ValueError(f"{fn}: give exactly one of diffusion (the matrix A) and sigma (A = S Sᵀ)")
-    name, matrix = ("sigma", sigma) if diffusion is None else ("diffusion", diffusion)
     check_matrix(fn, name, matrix, x, batch_dims, square=name == "diffusion")
     if method != "hutchinson":
         check_exact_options(fn, method, num_probes, generator, probe)
@@ -135,6 +138,7 @@ def weighted_laplacian(
         else:
             part = _METHODS[method](h, z, batch_dims, chunk_size)
         total = sign * part if total is None else total + sign * part
+    assert total is not None  # _factors always gives the positive part
     return total
 
 
@@ -181,13 +185,14 @@ def _mixed(
     else:
         vectors = basis(0, n, x, batch_dims).reshape(n, samples, n)
     a = a.reshape(-1, n, n)  # (1 or N, n, n)
-    total, r = None, len(vectors)
+    total, r, y_shape = None, len(vectors), torch.Size()
     for start, stop in chunks(r, chunk_size or r):
         v = vectors[start:stop]
         products, y_shape = _hessian_products(g, x, batch_dims, v.reshape(-1, *x.shape))
         partners = torch.einsum("bij,kbj->kbi", a, v)  # A v, (k, N, n)
         part = torch.einsum("kmbi,kbi->mb", products, partners)
         total = part if total is None else total + part
+    assert total is not None  # r >= 1: n >= 1 unit vectors, or probes
     scale = r if method == "hutchinson" else 1
     return (total / scale).T.reshape(y_shape)
 
@@ -246,8 +251,10 @@ def biharmonic(
 def _nested_laplacian(
     f: Function, x: torch.Tensor, batch_dims: int, method: str, chunk_size: int | None
 ) -> torch.Tensor:
-    options = {"batch_dims": batch_dims, "method": method, "chunk_size": chunk_size}
-    return laplacian(lambda z: laplacian(f, z, **options), x, **options)
+    def inner(z: torch.Tensor) -> torch.Tensor:
+        return laplacian(f, z, batch_dims=batch_dims, method=method, chunk_size=chunk_size)
+
+    return laplacian(inner, x, batch_dims=batch_dims, method=method, chunk_size=chunk_size)
 
 
 class ValueGradLaplacian(NamedTuple):
@@ -335,17 +342,21 @@ def _sweep(
     """The Taylor engine with the output's first-order terms kept, chunk by chunk."""
     n = event_numel(x, batch_dims)
     chunk = chunk_size or graph.chunk(n, CHUNK_ELEMENTS)
-    value, columns, lap, constants = None, [], None, {}
+    value: torch.Tensor | None = None
+    lap: torch.Tensor | None = None
+    columns: list[torch.Tensor] = []
+    constants: dict[int, list[Any]] = {}
     for u in _unit_directions(x, batch_dims, chunk):
         out = propagate(graph, Jet(x, u, None), Context(len(u), True, jac=True), constants)
         if not isinstance(out, Jet):  # f does not depend on x
             out = Jet(out, None, None)
         value = out.value
         shape = (len(u), *value.shape)
-        zero = out.jac is None
-        columns.append(value.new_zeros(()).expand(shape) if zero else out.jac.expand(shape))
+        jac = out.jac
+        columns.append(value.new_zeros(()).expand(shape) if jac is None else jac.expand(shape))
         if out.lap is not None:
             lap = out.lap if lap is None else lap + out.lap
+    assert value is not None  # x.numel() > 0: at least one chunk of directions
     lap = value.new_zeros(value.shape) if lap is None else lap.expand(value.shape).clone()
     batch = x.shape[:batch_dims]
     jac = torch.cat(columns).reshape(n, batch.numel(), -1).permute(1, 2, 0)  # (N, m, n)

@@ -36,7 +36,7 @@ def jacobian_matmat(engine: _exact.Engine) -> Matmat:
     return matmat
 
 
-def _operator(engine: _exact.Engine, s: _trace.Sampling, chunk: int) -> Matmat:
+def _operator(engine: _exact.Engine, s: _trace.Sampling, chunk: int | None) -> Matmat:
     return _trace.flat_operator(s.fn, jacobian_matmat(engine), engine.x, engine.batch_dims, chunk)
 
 
@@ -132,6 +132,6 @@ def diagonal_of_function(
     return diag
 
 
-def trace_of_engine(engine: _exact.Engine, s: _trace.Sampling, chunk: int) -> Estimate:
+def trace_of_engine(engine: _exact.Engine, s: _trace.Sampling, chunk: int | None) -> Estimate:
     """The estimate ``s`` of every sample's ``tr J`` from a given engine (graph form)."""
     return _trace.run(s, _operator(engine, s, chunk), engine.x, engine.batch_dims)

@@ -15,6 +15,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 
 import torch
 
@@ -96,7 +97,7 @@ def sampling(
         probe = "rademacher" if probe is None else probe
         check_probe(fn, probe, PROBES)
         num_probes = spec.block if adaptive and num_probes is None else num_probes
-        check_num_probes(fn, method, num_probes, spec)
+        num_probes = check_num_probes(fn, method, num_probes, spec)
     check_tolerance(fn, rtol, atol, max_probes, num_probes if adaptive else 1)
     if adaptive and max_probes < spec.min_blocks * num_probes:
         raise ValueError(
@@ -222,7 +223,8 @@ def _callers_level() -> int:
     """``stacklevel`` of the first frame outside torchdiv: a warning points at the user's call,
     whichever public function (and wrappers) led here."""
     package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     return level

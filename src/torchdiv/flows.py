@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -207,7 +207,7 @@ class AugmentedDynamics(nn.Module):
         z = state[0]
 
         def velocity(z: torch.Tensor) -> torch.Tensor:
-            v = call_f(self.f, t, z)
+            v: torch.Tensor = call_f(self.f, t, z)  # check_velocity raises if it is not
             check_velocity(self.fn, v, z)
             return v
 
@@ -252,6 +252,78 @@ class AugmentedDynamics(nn.Module):
 
 
 @outside_inference_mode
+@overload
+def log_likelihood(
+    f: Velocity,
+    x: torch.Tensor,
+    t0: float | torch.Tensor,
+    t1: float | torch.Tensor,
+    base_log_prob: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    batch_dims: int = 1,
+    method: str = "auto",
+    num_probes: int | None = None,
+    generator: torch.Generator | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    solver: str = "dopri5",
+    return_stderr: Literal[False] = False,
+    probe: str | None = None,
+    probes: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    adjoint: bool = False,
+    options: dict[str, Any] | None = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def log_likelihood(
+    f: Velocity,
+    x: torch.Tensor,
+    t0: float | torch.Tensor,
+    t1: float | torch.Tensor,
+    base_log_prob: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    batch_dims: int = 1,
+    method: str = "auto",
+    num_probes: int | None = None,
+    generator: torch.Generator | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    solver: str = "dopri5",
+    return_stderr: Literal[True],
+    probe: str | None = None,
+    probes: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    adjoint: bool = False,
+    options: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def log_likelihood(
+    f: Velocity,
+    x: torch.Tensor,
+    t0: float | torch.Tensor,
+    t1: float | torch.Tensor,
+    base_log_prob: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    batch_dims: int = 1,
+    method: str = "auto",
+    num_probes: int | None = None,
+    generator: torch.Generator | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    solver: str = "dopri5",
+    return_stderr: bool,
+    probe: str | None = None,
+    probes: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    adjoint: bool = False,
+    options: dict[str, Any] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+
 @reported("log_likelihood", call="f(t, z)")
 def log_likelihood(
     f: Velocity,

@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from torchdiv._bench import operators, suite
 from torchdiv._bench.runner import run_case, steps
+from torchdiv._bench.timing import load_warning
 from torchdiv._independence import BatchInteractionError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -62,7 +64,7 @@ def add_parser(commands: Any) -> None:
     p = commands.add_parser(
         "bench",
         help="time and check every method and the usual recipes (default: the quick suite)",
-        description=__doc__.split("\n\n", 1)[1],
+        description=(__doc__ or "").partition("\n\n")[2],  # no docstring under python -OO
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -85,6 +87,14 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--threads", type=_positive(int), help="torch.set_num_threads (CPU)")
     p.add_argument("--repeats", type=_positive(int), help="interleaved timing rounds")
     p.add_argument("--min-run-time", type=_positive(float), help="seconds per method per round")
+    p.add_argument(
+        "--time-limit",
+        type=_positive(float),
+        default=60.0,
+        metavar="SECONDS",
+        help="per method: one that would take longer to check, measure and time is skipped "
+        "(default 60)",
+    )
     p.add_argument("--model", help="your model: module:attr or path/to/file.py:attr")
     p.add_argument("--shape", type=_ints, help="per-sample input shape for --model, e.g. 3,32,32")
     p.add_argument("--json", type=Path, help="write every figure and the machine here")
@@ -95,7 +105,7 @@ def add_parser(commands: Any) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     """Argument combinations argparse cannot express; errors exit with status 2."""
-    fail = args.parser.error
+    fail: Callable[[str], NoReturn] = args.parser.error
     for name in args.operator or ():
         if name not in operators.OPERATORS:
             fail(f"--operator {name!r} is unknown; choose from {', '.join(operators.OPERATORS)}")
@@ -158,21 +168,31 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     preset = suite.FULL if args.full else suite.QUICK
-    settings = {
+    settings: dict[str, Any] = {
         "rounds": args.repeats or preset.rounds,
         "min_run_time": args.min_run_time or preset.min_run_time,
         "dtype": args.dtype,
+        "time_limit_s": args.time_limit,
     }
     try:
         plan = [(op, case) for op in _operators(args) for case in _cases(args, op, preset)]
     except ValueError as exc:
-        args.parser.error(str(exc))
-    rows = _run_plan(plan, args.methods, settings["rounds"], settings["min_run_time"])
-    info = report.machine(args.device)
+        parser: argparse.ArgumentParser = args.parser
+        parser.error(str(exc))
     console = Console() if sys.stdout.isatty() else Console(width=120)
+    warning = load_warning()  # before timing: what the run itself adds is not the machine's
+    if warning is not None:
+        settings["load_warning"] = warning
+        console.print(warning, style="bold yellow", markup=False)
+    rows = _run_plan(
+        plan, args.methods, settings["rounds"], settings["min_run_time"], args.time_limit
+    )
+    info = report.machine(args.device) | ({"warning": warning} if warning else {})
     for table in report.rich_tables(rows, info):
         console.print(table)
-    outputs = [
+    if warning is not None:
+        console.print(warning, style="bold yellow", markup=False)
+    outputs: list[tuple[Path | None, Callable[[Path], object]]] = [
         (args.json, lambda path: report.write_json(path, rows, settings, args.device)),
         (args.markdown, lambda path: path.write_text(report.grid_markdown(rows, info))),
         (args.plot, lambda path: plot.plot(rows, info, path)),
@@ -190,6 +210,7 @@ def _run_plan(
     keys: tuple[str, ...] | None,
     rounds: int,
     min_run_time: float,
+    time_limit: float,
 ) -> list[dict[str, Any]]:
     """Every case under one progress bar (on stderr, gone when done)."""
     from rich.console import Console
@@ -208,7 +229,9 @@ def _run_plan(
 
         for op, case in plan:
             try:
-                rows += run_case(op, case, methods[op.name], rounds, min_run_time, progress)
+                rows += run_case(
+                    op, case, methods[op.name], rounds, min_run_time, progress, time_limit
+                )
             except (ValueError, BatchInteractionError) as exc:
                 raise SystemExit(f"python -m torchdiv bench: {exc}") from exc
     return rows

@@ -47,7 +47,7 @@ def peak_memory_mb(fn: Callable[[], Any], device: str | torch.device = "cpu") ->
     if not memory:
         return 0.0
     before = memory[0]["Total Allocated"] - memory[0]["Bytes"]
-    return (max(m["Total Allocated"] for m in memory) - before) / 2**20
+    return float(max(m["Total Allocated"] for m in memory) - before) / 2**20
 
 
 @contextlib.contextmanager

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torchdiv._bench.report import Row, describe, groups
+
+if TYPE_CHECKING:  # matplotlib is imported when plotting (the bench extra)
+    from matplotlib.artist import Artist
 
 BASELINE_STYLE = {"color": "0.55", "linestyle": "--", "linewidth": 1.3}
 
@@ -51,13 +54,13 @@ def plot(rows: list[Row], info: dict[str, Any], path: Path) -> None:
             ax.set_ylabel(what)
             ax.set_title(f"{title}: {what.split(' (')[0]}", fontsize=10)
             ax.grid(True, which="major", alpha=0.3)
-    handles = {}
+    handles: dict[str, Artist] = {}
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
     fig.legend(
-        handles.values(),
-        handles.keys(),
+        list(handles.values()),
+        list(handles.keys()),
         loc="lower center",
         bbox_to_anchor=(0.5, 0.025),
         ncol=3,

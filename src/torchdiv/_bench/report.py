@@ -88,8 +88,8 @@ def groups(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
     return out
 
 
-def cell(row: Row) -> tuple[str, str]:
-    """The two lines of a grid cell: time and memory, or the status."""
+def cell(row: Row) -> tuple[str, ...]:
+    """The lines of a grid cell: time and memory, or the status (and why, in the notes)."""
     if "median_ms" in row:
         memory = f"{row['peak_mb']:.3g} MiB"
         if row["stochastic"]:  # an estimate: its accuracy belongs next to its cost
@@ -97,6 +97,8 @@ def cell(row: Row) -> tuple[str, str]:
         return f"{row['median_ms']:.3g} ± {row['iqr_ms']:.2g} ms", memory
     if row["status"] == "WRONG":
         return "WRONG", f"rel. err {row['rel_err']:.2g}"
+    if "limit_s" in row:
+        return (f"skipped: over {row['limit_s']:g} s",)
     return row["status"], "see notes"
 
 
@@ -128,19 +130,21 @@ def fastest(group: list[Row]) -> dict[int, str]:
 def grid_markdown(rows: list[Row], info: dict[str, Any]) -> str:
     """The grids as markdown (for the README): one table per operator and family."""
     parts = [f"Measured on {describe(info)}.", ""]
+    if "warning" in info:  # the machine was loaded before timing
+        parts += [info["warning"], ""]
     for (operator, family), group in groups(rows).items():
         dims, table, notes = grid(group)
         best = fastest(group)
         lines = [
             {"label": label}
             | {
-                d: _bold(" · ".join(cell(by_dim[d])), best.get(d) == label)
+                str(d): _bold(" · ".join(cell(by_dim[d])), best.get(d) == label)
                 for d in dims
                 if d in by_dim
             }
             for label, by_dim in table.items()
         ]
-        columns = [("label", "method"), *((d, f"D={d}") for d in dims)]
+        columns = [("label", "method"), *((str(d), f"D={d}") for d in dims)]
         parts += [f"**{operator}, {family}** ({group[0]['setting']})", ""]
         parts += [markdown(lines, columns), "", *(f"- {n}" for n in notes), ""]
     parts.append(

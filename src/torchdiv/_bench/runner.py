@@ -9,6 +9,7 @@ reason. The rest get their peak memory from one call and are then timed side by 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from torchdiv._bench.memory import peak_memory_mb
 from torchdiv._bench.operators import Operator, relative_error, tolerance
 from torchdiv._bench.suite import Case
-from torchdiv._bench.timing import time_interleaved
+from torchdiv._bench.timing import OverTime, deadline, time_interleaved
 
 Progress = Callable[[str, int], None]  # (what is running, steps done)
 
@@ -34,8 +35,14 @@ def run_case(
     rounds: int,
     min_run_time: float,
     progress: Progress = lambda what, n: None,
+    time_limit: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per method: status, relative error, peak MiB, median and IQR ms."""
+    """One row per method: status, relative error, peak MiB, median and IQR ms.
+
+    ``time_limit`` (seconds) bounds each method: its checking call is stopped there, and a
+    method whose one call, repeated for the memory measurement and every timing round, would
+    take longer is skipped (status ``skipped``, ``limit_s`` set).
+    """
     problem = case.make()
     progress(f"{case.title}: exact reference", 0)
     try:
@@ -67,7 +74,10 @@ def run_case(
             "stochastic": method.stochastic,
         }
         call = functools.partial(method.call, problem.f, problem.x)
-        row.update(_check(call, method.skip, problem.x, y, reference, method.stochastic))
+        with deadline(time_limit):
+            checked = _check(call, method.skip, problem.x, y, reference, method.stochastic)
+        row.update(checked)
+        row.update(_over_time(row, time_limit, rounds, min_run_time))
         if row["status"] == "ok":
             row["peak_mb"] = peak_memory_mb(call, device)
             calls[key] = call
@@ -94,18 +104,46 @@ def _check(
     reason = skip(x, y) if skip is not None else None
     if reason is not None:
         return {"status": "skipped", "note": reason}
+    start = time.perf_counter()
     try:
-        err = relative_error(call(), reference)
+        out = call()
+        seconds = time.perf_counter() - start
+        err = relative_error(out, reference)
+    except OverTime as exc:
+        return {"status": "skipped", "note": str(exc), "call_s": time.perf_counter() - start}
     except Exception as exc:
         return {"status": "error", "note": _first_line(exc)}
     # judged at the precision of the coarser of x and f(x) (a float32 model fed float64)
     limit = max(tolerance(x.dtype), tolerance(y.dtype))
     if stochastic or err <= limit:
-        return {"status": "ok", "rel_err": err}
+        return {"status": "ok", "rel_err": err, "call_s": seconds}
     return {
         "status": "WRONG",
         "rel_err": err,
         "note": f"relative error {err:.2g} > {limit:.0e}; not timed",
+    }
+
+
+def _over_time(
+    row: dict[str, Any], limit: float | None, rounds: int, min_run_time: float
+) -> dict[str, Any]:
+    """``row``'s update if the method does not fit in ``limit`` seconds: stopped while checked,
+    or one call (``call_s``) times the memory call and every timing round (each at least
+    ``min_run_time``) beyond it."""
+    if limit is None or "call_s" not in row:
+        return {}
+    call = row["call_s"]
+    if row["status"] == "skipped":  # stopped by the deadline
+        note = f"over {limit:g} s: stopped after {call:.1f} s while checking it; not timed"
+        return {"limit_s": limit, "note": note}
+    needed = 2 * call + rounds * max(call, min_run_time)
+    if row["status"] != "ok" or needed <= limit:
+        return {}
+    return {
+        "status": "skipped",
+        "limit_s": limit,
+        "note": f"over {limit:g} s: one call took {call:.1f} s, so measuring and timing it "
+        f"would take about {needed:.0f} s; not timed (raise --time-limit)",
     }
 
 

@@ -88,10 +88,11 @@ def plan(
 
 def _output(graph: Graph, kept: list[list[Any]], x: torch.Tensor) -> torch.Tensor:
     """``f(x)`` as the capture computed it (a tensor ``f`` returned unchanged is no node)."""
-    out = graph.output
+    out: torch.Tensor | Ref = graph.output
     if not isinstance(out, Ref):
         return out
-    return x if out.node < 0 else kept[out.node][out.leaf]
+    y: torch.Tensor = x if out.node < 0 else kept[out.node][out.leaf]
+    return y
 
 
 def _refusal(fn: str, exc: Exception) -> UnsupportedOp:

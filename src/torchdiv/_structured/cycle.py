@@ -106,8 +106,7 @@ def _alternated(cycle: list[Factor]) -> tuple[list[Tensor], list[Tensor]]:
     """A cycle of two or more factors as matrices ``S_1 .. S_n`` and diagonals ``D_1 .. D_n``
     (``tr(D_n S_n ... D_1 S_1)``)."""
     start = 0 if isinstance(cycle[0], Shared) else 1
-    cycle = _alternating(cycle[start:] + cycle[:start], cyclic=True)
-    return [f.matrix for f in cycle[0::2]], [f.scale for f in cycle[1::2]]
+    return _alternating(cycle[start:] + cycle[:start], cyclic=True)
 
 
 def _rotation(shared: list[Tensor]) -> tuple[int, int]:
@@ -134,17 +133,21 @@ def _cycle_trace(cycle: list[Factor], chunk: int | None) -> Tensor:
     return _opened(shared[best:] + shared[:best], scales[best:] + scales[:best], chunk)
 
 
-def _alternating(factors: list[Factor], cyclic: bool) -> list[Factor]:
-    """``factors`` (starting with a matrix) with a unit diagonal between two matrices that
-    were not joined (also between the last and the first, for a cycle), so that matrices and
-    diagonals alternate."""
-    out: list[Factor] = []
+def _alternating(factors: list[Factor], cyclic: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """``factors`` (starting with a matrix) as the matrices and the diagonals between them,
+    with a unit diagonal between two matrices that were not joined (also between the last and
+    the first, for a cycle), so that matrices and diagonals alternate."""
+    shared: list[Tensor] = []
+    scales: list[Tensor] = []
     following = factors[1:] + (factors[:1] if cyclic else [])
     for f, then in zip(factors, following + [None] * (len(factors) - len(following)), strict=True):
-        out.append(f)
-        if isinstance(f, Shared) and isinstance(then, Shared):
-            out.append(Diagonal(f.matrix.new_ones(1, f.matrix.shape[0])))
-    return out
+        if isinstance(f, Diagonal):
+            scales.append(f.scale)
+            continue
+        shared.append(f.matrix)
+        if isinstance(then, Shared):
+            scales.append(f.matrix.new_ones(1, f.matrix.shape[0]))
+    return shared, scales
 
 
 def _cost(shared: list[Tensor]) -> int:
@@ -194,16 +197,17 @@ def diagonal(paths: list[Path], x: Tensor, n_samples: int, chunk: int | None) ->
 def _path_diagonal(factors: list[Factor], x: Tensor, n: int, chunk: int | None) -> Tensor:
     ends = []
     if factors and isinstance(factors[0], Diagonal):
-        ends.append(factors.pop(0).scale)
+        ends.append(factors[0].scale)
+        del factors[0]
     if factors and isinstance(factors[-1], Diagonal):
-        ends.append(factors.pop().scale)
+        ends.append(factors[-1].scale)
+        del factors[-1]
     if not factors:
         core = x.new_ones(1, n)
-    elif len(factors) == 1:
+    elif len(factors) == 1 and isinstance(factors[0], Shared):
         core = factors[0].matrix.diagonal()[None]
     else:
-        chain = _alternating(factors, cyclic=False)
-        core = _entries([f.matrix for f in chain[0::2]], [f.scale for f in chain[1::2]], chunk)
+        core = _entries(*_alternating(factors, cyclic=False), chunk)
     for scale in ends:
         core = core * scale
     return core

@@ -145,10 +145,12 @@ class _Walker:
             return None
         (source,) = inputs
         inner = self.memo[source]
+        if inner is None:
+            return None
         try:
-            factors = None if inner is None else self._factors(node, ref, source)
+            factors = self._factors(node, ref, source)
         except (RuntimeError, TypeError):  # a rule or an index map that does not apply here
-            factors = None
+            return None
         if factors is None:
             return None
         return [Path(p.coefficient, (*p.factors, *factors)) for p in inner]

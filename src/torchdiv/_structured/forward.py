@@ -10,6 +10,8 @@ colour.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from torchdiv._basis import chunks
@@ -42,7 +44,8 @@ def diagonal(
             for start, stop in chunks(num_colors, chunk)
         ]
         back = torch.argsort(order)
-    entries, constants = [], {}
+    entries: list[torch.Tensor] = []
+    constants: dict[int, list[Any]] = {}
     for start, stop, mine in pieces:
         columns = _columns(graph, x, batch_dims, colors, start, stop, constants)
         rows, elements = to_device(colors[mine] - start, x.device), to_device(mine, x.device)
@@ -59,7 +62,7 @@ def _columns(
     colors: torch.Tensor,
     start: int,
     stop: int,
-    constants: dict,
+    constants: dict[int, list[Any]],
 ) -> torch.Tensor:
     """``J v_g`` for the colours ``g`` in ``[start, stop)``, flat ``(k, N, n)``."""
     k, n_samples = stop - start, x.shape[:batch_dims].numel()

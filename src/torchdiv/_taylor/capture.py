@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch._C._functorch import peek_interpreter_stack
 from torch._decomp import core_aten_decompositions
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -102,9 +103,14 @@ class Graph:
         return -(-num_directions // pieces) if num_directions else 1
 
 
+def _replacing(old: torch.Tensor, new: torch.Tensor) -> Callable[[Any], Any]:
+    """``a -> new if a is old else a``, for ``map_leaves``."""
+    return lambda a: new if a is old else a
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, x: torch.Tensor, rules: Container[Any], axes: BatchAxes | None = None):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         self.graph, self.rules, self.axes = Graph(), rules, axes
         self.refs: dict[int, Ref] = {id(x): Ref(-1)}
         self.dependent: set[Ref] = {Ref(-1)}
@@ -262,7 +268,7 @@ class _Recorder(TorchDispatchMode):
             for index, _ in readers:
                 node = self.graph.nodes[index]
                 node.args, node.kwargs = map_leaves(
-                    lambda a, t=tensor, b=before: b if a is t else a, (node.args, node.kwargs)
+                    _replacing(tensor, before), (node.args, node.kwargs)
                 )
 
     def keep_generator(self, func: Any, kwargs: Any) -> None:
@@ -345,7 +351,7 @@ def capture(
     calls ``Graph.undo()`` first. With ``batch_dims``, an ``f`` that mixes samples raises
     ``BatchInteractionError`` (``torchdiv._mixing``), with nothing ``f`` changed left changed.
     """
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if peek_interpreter_stack() is not None:
         # under vmap/grad/jvp the calls carry unwrapped tensors: nothing can be recorded
         return Graph(unsupported=["a torch.func transform around the call"])
     axes = None if batch_dims is None else tracker(x, batch_dims)

@@ -61,13 +61,15 @@ def _variance(
     return var, mean if keepdim else linear(ctx, torch.squeeze, mean, dims)
 
 
-def _var(ctx: Context, a: Jet, dims: Any = None, *, correction: float = 1, keepdim: bool = False):  # type: ignore[no-untyped-def]
+def _var(
+    ctx: Context, a: Jet, dims: Any = None, *, correction: float = 1, keepdim: bool = False
+) -> Jet:
     return _variance(ctx, a, dims, correction, keepdim)[0]
 
 
 def _var_mean(
     ctx: Context, a: Jet, dims: Any = None, *, correction: float = 1, keepdim: bool = False
-):  # type: ignore[no-untyped-def]
+) -> tuple[Jet, Jet]:
     return _variance(ctx, a, dims, correction, keepdim)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, overload
 
 import torch
 
@@ -71,7 +72,7 @@ def _add(p: torch.Tensor | None, q: torch.Tensor | None) -> torch.Tensor | None:
     return p if q is None else p + q
 
 
-def add(a: Jet | torch.Tensor, b: Jet | torch.Tensor, alpha: float = 1.0) -> Jet:
+def add(a: Jet | torch.Tensor, b: Jet | torch.Tensor | float, alpha: float = 1.0) -> Jet:
     """``a + alpha * b`` (either may be a constant tensor or number)."""
     value = torch.add(value_of(a), value_of(b), alpha=alpha)
     ja, jb, lb = aligned_jac(a, value.dim()), aligned_jac(b, value.dim()), lap_of(b)
@@ -141,7 +142,7 @@ def chain2(
     return Jet(y, jac, lap)
 
 
-def product(ctx: Context, op: Op, a: Jet | torch.Tensor, b: Jet | torch.Tensor, **kw) -> Jet:
+def product(ctx: Context, op: Op, a: Jet | torch.Tensor, b: Jet | torch.Tensor, **kw: Any) -> Jet:
     """``op(a, b)`` for an ``op`` linear in each argument (``mul``, ``matmul``, ...):
 
         jac = op(jac_a, b) + op(a, jac_b)
@@ -169,7 +170,7 @@ def product(ctx: Context, op: Op, a: Jet | torch.Tensor, b: Jet | torch.Tensor, 
     return Jet(value, jac, lap)
 
 
-def linear(ctx: Context, op: Op, a: Jet, *args, **kwargs) -> Jet:
+def linear(ctx: Context, op: Op, a: Jet, *args: Any, **kwargs: Any) -> Jet:
     """``op(a, *args)`` for an ``op`` linear in ``a`` with no constant term (views, sums,
     slices, ...): applied to the value and ``lap``, and vmapped over ``jac``'s directions."""
     value = op(a.value, *args, **kwargs)
@@ -180,11 +181,15 @@ def linear(ctx: Context, op: Op, a: Jet, *args, **kwargs) -> Jet:
     return Jet(value, jac, lap)
 
 
-def value_of(a: Jet | torch.Tensor) -> torch.Tensor:
+@overload
+def value_of(a: Jet | torch.Tensor) -> torch.Tensor: ...
+@overload
+def value_of(a: float) -> float: ...
+def value_of(a: Jet | torch.Tensor | float) -> torch.Tensor | float:
     return a.value if isinstance(a, Jet) else a
 
 
-def aligned_jac(a: Jet | torch.Tensor, ndim: int) -> torch.Tensor | None:
+def aligned_jac(a: Jet | torch.Tensor | float, ndim: int) -> torch.Tensor | None:
     """``a``'s ``jac`` with size-1 dimensions after ``K`` so that it has ``1 + ndim`` of them
     (broadcasting a tensor against a larger one would otherwise align ``K`` with a sample
     dimension)."""
@@ -194,5 +199,5 @@ def aligned_jac(a: Jet | torch.Tensor, ndim: int) -> torch.Tensor | None:
     return a.jac[(slice(None), *([None] * missing))] if missing > 0 else a.jac
 
 
-def lap_of(a: Jet | torch.Tensor) -> torch.Tensor | None:
+def lap_of(a: Jet | torch.Tensor | float) -> torch.Tensor | None:
     return a.lap if isinstance(a, Jet) else None

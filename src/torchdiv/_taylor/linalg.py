@@ -94,7 +94,8 @@ def _slogdet(ctx: Context, a: Jet) -> tuple[Tensor, Jet, Tensor, Tensor]:
 def _det(ctx: Context, a: Jet) -> tuple[Jet, Tensor, Tensor]:
     det, lu, pivots = aten._linalg_det(a.value)
     _, d1, d2 = _log_abs_det(ctx, a)
-    lap = None if d2 is None else det * (d2 + d1.square().sum(0))
+    squares = 0 if d1 is None else d1.square().sum(0)  # None: zero first derivatives
+    lap = None if d2 is None else det * (d2 + squares)
     return Jet(det, det * d1 if ctx.jac else None, lap), lu, pivots
 
 
@@ -123,13 +124,13 @@ def _solve(
     if isinstance(b, Jet):
         rhs = rhs + (full_jac(ctx, b).unsqueeze(-1) if vector else full_jac(ctx, b))
         rhs2 = rhs2 + (full_lap(b).unsqueeze(-1) if vector else full_lap(b))
-    if isinstance(a, Jet):
-        ja = full_jac(ctx, a)
+    ja = full_jac(ctx, a) if isinstance(a, Jet) else None
+    if ja is not None:
         rhs = rhs - ja @ xc
     jac = _columns(solve, rhs)
     lap = None
     if ctx.second_order:
-        if isinstance(a, Jet):
+        if isinstance(a, Jet) and ja is not None:
             rhs2 = rhs2 - full_lap(a) @ xc - 2 * (ja @ jac).sum(0)
         lap = solve(rhs2)
         lap = lap.squeeze(-1) if vector else lap

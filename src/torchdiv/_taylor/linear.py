@@ -8,7 +8,7 @@ then costs ``K`` rows instead of ``K * N``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ def _split(op: Callable[..., Any]) -> Callable[..., list[Jet]]:
 
     def rule(ctx: Context, a: Jet, *args: Any, **kwargs: Any) -> list[Jet]:
         values = op(a.value, *args, **kwargs)
-        jacs = [None] * len(values)
+        jacs: Sequence[Tensor | None] = [None] * len(values)
         if a.jac is not None:
             jacs = torch.vmap(lambda j: tuple(op(j, *args, **kwargs)))(full_jac(ctx, a))
         laps = [None] * len(values) if a.lap is None else op(full_lap(a), *args, **kwargs)
@@ -69,7 +69,7 @@ def _sub(ctx: Context, a: Operand, b: Operand, alpha: float = 1) -> Jet:
     return add(a, b, -alpha)
 
 
-def _rsub(ctx: Context, a: Jet, b: float, alpha: float = 1) -> Jet:
+def _rsub(ctx: Context, a: Jet, b: Tensor | float, alpha: float = 1) -> Jet:
     return add(scale(a, -alpha), b)
 
 
@@ -77,12 +77,14 @@ def _mul(ctx: Context, a: Operand, b: Operand) -> Jet:
     if isinstance(a, Jet) and isinstance(b, Jet):
         return product(ctx, torch.mul, a, b)
     jet, c = (a, b) if isinstance(a, Jet) else (b, a)
+    assert isinstance(jet, Jet) and not isinstance(c, Jet)  # rules run on ops with a jet
     return scale(jet, c, value=torch.mul(value_of(a), value_of(b)))
 
 
 def _div(ctx: Context, a: Operand, b: Operand) -> Jet:
     if isinstance(b, Jet):
         return product(ctx, torch.mul, a, _reciprocal(inner(ctx), b))
+    assert isinstance(a, Jet)  # rules run on ops with a jet, and b is none
     value = a.value / b
     jac = aligned_jac(a, value.dim())
     return Jet(value, None if jac is None else jac / b, None if a.lap is None else a.lap / b)

@@ -97,7 +97,8 @@ def propagate(
                 env[index] = constants[index] = leaves(out)
         for dead in last_use.pop(index, ()):
             del env[dead]
-    return map_leaves(resolve, graph.output)
+    output: Jet | torch.Tensor = map_leaves(resolve, graph.output)
+    return output
 
 
 def values(graph: Graph, x: torch.Tensor) -> list[list[Any]]:
@@ -175,7 +176,7 @@ def _last_uses(graph: Graph) -> dict[int, list[int]]:
                 last[a.node] = index
     keep = {a.node for a in leaves(graph.output) if isinstance(a, Ref)}
     by_user: dict[int, list[int]] = {}
-    for node, user in last.items():
-        if node not in keep:
-            by_user.setdefault(user, []).append(node)
+    for producer, user in last.items():
+        if producer not in keep:
+            by_user.setdefault(user, []).append(producer)
     return by_user
