@@ -7,9 +7,14 @@ import torch
 from conftest import tanh_mlp
 
 from torchdiv import _plan
-from torchdiv._exact import _planned
+from torchdiv._exact import evaluate
 from torchdiv._forward import ForwardJacobian
 from torchdiv._reverse import ReverseJacobian
+
+
+def _planned(f, x, batch_dims):
+    """The engine and chunk size ``"auto"`` runs ``f`` with."""
+    return evaluate(f, x, batch_dims, "auto", None, lambda engine, chunk: (engine, chunk))[0]
 
 
 def test_op_sizes_sees_the_widest_intermediate_and_convolutions():
