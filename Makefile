@@ -1,8 +1,9 @@
 # Two entry points: `make demo` (the main job) and `make test` (ruff, pytest, doctests).
 # Each creates .venv if missing and installs torch==2.13.0 explicitly (the CPU build), so a
 # plain `torch` requirement never pulls a multi-GB CUDA build; the package itself asks for torch>=2.4.
-# Both install the `dev`, `bench` and `ode` extras: the CLI tests run the benchmark (rich,
-# matplotlib), the flows tests and examples solve ODEs (torchdiffeq).
+# Both install the `dev`, `bench`, `ode` and `models` extras: the CLI tests run the benchmark
+# (rich, matplotlib), the flows tests and examples solve ODEs (torchdiffeq), the U-Net tests
+# and the diffusion example build diffusers models.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.torchdiv-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,ode]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,ode,models]'
 	touch $(STAMP)
 
 lint: $(STAMP)
