@@ -173,9 +173,10 @@ def _engines(
     """The engines ``"auto"`` tries, in order, as functions that build them.
 
     Reverse mode's evaluation of ``f`` plans (rules in ``_plan``): forward mode goes first
-    for conv nets and for outputs larger than inputs. Tiny problems are watched only when
-    the event is empty, where any op but an elementwise one mixes samples. If ``torch.func``
-    cannot evaluate ``f``, the plain-autograd engine's evaluation is watched instead.
+    for conv nets and for outputs larger than inputs, unless an op without a forward-mode
+    rule ran. Tiny problems are watched only when the event is empty, where any op but an
+    elementwise one mixes samples. If ``torch.func`` cannot evaluate ``f``, the
+    plain-autograd engine's evaluation is watched instead.
     """
     changes = _state.Changes(x)
     again = changes.again(f)
@@ -210,7 +211,7 @@ def _engines(
         lambda: (GraphJacobian.of_function(again, x, batch_dims), sizes),
         rerun,
     ]
-    if reverse.num_basis > num_inputs or sizes.convolves:
+    if (reverse.num_basis > num_inputs or sizes.convolves) and sizes.forward_rules:
         engines.insert(0, lambda: (ForwardJacobian(again, x, batch_dims), sizes))
     return engines
 
