@@ -68,6 +68,14 @@ def exact(problem) -> tuple[torch.Tensor, torch.Tensor]:
     return diagonal, diagonal.flatten(1).sum(1)
 
 
+def test_a_diffusers_output_object_gets_the_wrapper_in_the_error():
+    unet, x, t = diffusers_unet(), torch.randn(2, 3, 4, 4), torch.tensor([10, 500])
+    with pytest.raises(TypeError, match=r"got UNet2DOutput; its \.sample is one: wrap"):
+        torchdiv.divergence(lambda z: unet(z, t), x, method="hutchinson", num_probes=2)
+    est = torchdiv.divergence(lambda z: unet(z, t).sample, x, method="hutchinson", num_probes=2)
+    assert est.shape == (2,)
+
+
 def test_exact_methods_match_the_loop(problem, exact):
     diagonal, div = exact
     assert_close(torchdiv.divergence(problem, problem.x), div)
