@@ -150,19 +150,22 @@ def _first_that_runs(
     (``_state.Changes.again``: buffers and random draws change once). Other errors propagate
     at once; if no engine runs ``f``, the last engine's error does.
     """
-    generator = generator or _state.default_generator(x.device)
+    if torch.compiler.is_compiling():  # Dynamo cannot trace generator states: not kept
+        generator = None
+    else:
+        generator = generator or _state.default_generator(x.device)
     failure = None
     for build in _engines(f, x, batch_dims):
         drawn = None
         try:
             engine, sizes = build()  # evaluates f, whose own draws are its side effect
-            drawn = generator.get_state()
+            drawn = generator.get_state() if generator is not None else None
             return consume(engine, chunk_size or sizes.chunk(engine.num_basis)), engine.y_shape
         except Exception as error:
             if not _cannot_run(error):
                 raise
             failure = error
-            if drawn is not None:  # the next engine draws the same probes
+            if generator is not None and drawn is not None:  # the same probes next
                 generator.set_state(drawn)
     raise failure
 
@@ -221,15 +224,14 @@ def _watched(
     x: torch.Tensor,
     batch_dims: int,
     watch: bool = True,
-    *also: contextlib.AbstractContextManager,
+    changes: _state.Changes | None = None,
 ) -> tuple[Engine, _plan.OpSizes]:
     """Build an engine (which evaluates ``f`` once), with ``OpSizes`` watching the ops (and the
-    batch dimensions) and the modes ``also`` if ``watch``; unwatched sizes record nothing, so
-    their chunk is all basis vectors."""
+    batch dimensions) and ``changes`` the state ``f`` changes, if ``watch``; unwatched sizes
+    record nothing, so their chunk is all basis vectors."""
     sizes = _plan.OpSizes(x.shape[:batch_dims], _mixing.tracker(x, batch_dims))
-    with contextlib.ExitStack() as stack:
-        for mode in (sizes, *also) if watch else ():
-            stack.enter_context(mode)
+    unwatched = contextlib.nullcontext()
+    with sizes if watch else unwatched, changes if watch and changes else unwatched:
         engine = build()
     return engine, sizes
 
