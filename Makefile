@@ -1,9 +1,9 @@
 # Two entry points: `make demo` (the main job) and `make test` (ruff, pytest with the type checks,
 # doctests). Each creates .venv if missing and installs the CPU build of torch==2.13.0 first, so a
 # plain `torch` requirement never pulls a multi-GB CUDA build; the package itself asks for torch>=2.4.
-# Both install the `dev`, `bench` and `ode` extras: the CLI tests run the benchmark (rich,
-# matplotlib), the flows tests and examples solve ODEs (torchdiffeq), the type checks need mypy
-# and basedpyright.
+# Both install the `dev`, `bench`, `ode` and `models` extras: the CLI tests run the benchmark
+# (rich, matplotlib), the flows tests and examples solve ODEs (torchdiffeq), the type checks need
+# mypy and basedpyright, the U-Net tests and the diffusion example build diffusers models.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -29,7 +29,7 @@ export OMP_WAIT_POLICY
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --no-deps --retries 1 --extra-index-url $(TORCH_INDEX) '$(TORCH)'
-	$(PIP) install --quiet '$(TORCH)' -e '.[dev,bench,ode]'
+	$(PIP) install --quiet '$(TORCH)' -e '.[dev,bench,ode,models]'
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -46,6 +46,19 @@ def reference_jacobian(
     return blocks.reshape(batch + y.shape[batch_dims:] + x.shape[batch_dims:])
 
 
+def loop_diagonal(f, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """Each sample's Jacobian diagonal, row by row: ``f`` evaluated afresh for every row and
+    differentiated once by ``autograd.grad`` (a graph that can be walked once suffices)."""
+    n = x[0].numel()
+    diagonal = []
+    for i in range(n):
+        leaf = x.detach().requires_grad_(True)
+        y = f(leaf).reshape(len(x), n)
+        (row,) = torch.autograd.grad(y[:, i].sum(), leaf, create_graph=create_graph)
+        diagonal.append(row.reshape(len(x), n)[:, i])
+    return torch.stack(diagonal, 1).reshape(x.shape)
+
+
 def reference_divergence(f, x, batch_dims: int = 1) -> torch.Tensor:
     jac = reference_jacobian(f, x, batch_dims)
     n = x[(0,) * batch_dims].numel()

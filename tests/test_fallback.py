@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LegacyCube, assert_close
+from conftest import LegacyCube, assert_close, loop_diagonal
+from unets import Recompute
 
 import torchdiv
 
@@ -137,3 +138,47 @@ def test_fallback_keeps_the_planned_chunk(monkeypatch):
     div = torchdiv.divergence(lambda z: net(LegacyCube.apply(z)), x)
     assert max(sizes) == (1 << 21) // (64 * 1024) and sum(sizes) == 256
     assert_close(div, torchdiv.divergence(lambda z: net(z**3), x))
+
+
+def test_re_running_engine_changes_state_once_and_redraws_the_same_mask():
+    """A checkpoint that can be walked once leaves only the engine that re-runs ``f`` per
+    vector; every evaluation must see the same dropout mask (else each row comes from another
+    function), and the counter and the random number generator move as in one evaluation."""
+    lin = torch.nn.Linear(128, 128).double()
+    calls = torch.zeros((), dtype=torch.float64)
+
+    def f(x):
+        calls.add_(1)
+        h = Recompute.apply(lambda z: torch.tanh(lin(z)), 1, x, *lin.parameters())
+        return torch.nn.functional.dropout(h, 0.5)
+
+    x = torch.randn(4, 128, dtype=torch.float64)
+    torch.manual_seed(0)
+    got = torchdiv.divergence(f, x, chunk_size=32).detach()  # the second walk fails
+    assert calls.item() == 1
+    rng_after = torch.get_rng_state()
+    torch.manual_seed(0)
+    f(x)
+    assert torch.equal(torch.get_rng_state(), rng_after)
+
+    def seeded(z):
+        torch.manual_seed(0)
+        return f(z)
+
+    assert_close(got, loop_diagonal(seeded, x).sum(1).detach())
+
+
+@pytest.mark.parametrize("method", ["hutch++", "xtrace"])
+def test_engine_handed_over_draws_the_same_probes(method):
+    """Forward mode (planned: f convolves) fails after the probes were drawn; reverse mode
+    must use the same probes: equal to the graph form's rows (products with J^T)."""
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1).double()
+
+    def f(x):
+        return CubeWithoutJvp.apply(conv(x))
+
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    options = {"method": method, "num_probes": 6}
+    handed_over = torchdiv.divergence(f, x, **options, generator=torch.Generator().manual_seed(0))
+    rows = torchdiv.graph_divergence(f(x), x, **options, generator=torch.Generator().manual_seed(0))
+    assert_close(handed_over, rows)

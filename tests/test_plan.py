@@ -7,9 +7,14 @@ import torch
 from conftest import tanh_mlp
 
 from torchdiv import _plan
-from torchdiv._exact import _planned
+from torchdiv._exact import evaluate
 from torchdiv._forward import ForwardJacobian
 from torchdiv._reverse import ReverseJacobian
+
+
+def _planned(f, x, batch_dims):
+    """The engine and chunk size ``"auto"`` runs ``f`` with."""
+    return evaluate(f, x, batch_dims, "auto", None, lambda engine, chunk: (engine, chunk))[0]
 
 
 def test_op_sizes_sees_the_widest_intermediate_and_convolutions():
@@ -62,3 +67,21 @@ def test_small_conv_nets_above_the_tiny_size_use_forward_mode():
     conv = torch.nn.Conv2d(2, 2, 3, padding=1)
     engine, chunk = _planned(conv, torch.randn(8, 2, 8, 8), batch_dims=1)  # the demo's size
     assert isinstance(engine, ForwardJacobian) and chunk == 128
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_conv_net_with_fused_attention_uses_reverse_mode():
+    """CPU fused attention has no forward-mode rule: forward mode would fail part-way."""
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def f(x):  # (B, 8, 8, 8): a convolution, then attention over the 64 pixels, 8 features
+        h = conv(x).flatten(2).transpose(1, 2).contiguous()[:, None]  # fused kernel
+        out = torch.nn.functional.scaled_dot_product_attention(h, h, h)
+        return out[:, 0].transpose(1, 2).reshape(x.shape)
+
+    x = torch.randn(4, 8, 8, 8)
+    with _plan.OpSizes(torch.Size([4])) as sizes:
+        f(x)
+    assert sizes.convolves and not sizes.forward_rules
+    engine, _ = _planned(f, x, batch_dims=1)
+    assert isinstance(engine, ReverseJacobian)

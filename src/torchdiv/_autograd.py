@@ -1,9 +1,13 @@
-"""Autograd-graph engine: Jacobian rows of every sample by batched VJPs through a built graph.
+"""Autograd-graph engines: Jacobian rows of every sample by VJPs through a built graph.
 
-It serves the graph-form API (``graph_jacobian``: the caller built ``y`` from ``x``) and is the
-function form's last resort: plain autograd runs functions that ``torch.func`` cannot (legacy
-``autograd.Function`` without ``setup_context``, ops that cannot be vmapped in the forward pass).
-See NOTE [Batching over basis vectors] in ``_basis`` for the batching.
+``GraphJacobian`` serves the graph-form API (``graph_jacobian``: the caller built ``y`` from
+``x``) and the function form's fallbacks: plain autograd runs functions that ``torch.func``
+cannot (legacy ``autograd.Function`` without ``setup_context``, ops that cannot be vmapped
+in the forward pass). ``RerunJacobian``, the last resort, evaluates ``f`` afresh for every
+vector, for graphs that can be walked only once or whose backward cannot be batched
+(guided-diffusion's checkpoint, an ``autograd.Function`` that re-runs its block in
+``backward`` and then drops its inputs). See NOTE [Batching over basis vectors] in
+``_basis`` for the batching.
 """
 
 from __future__ import annotations
@@ -17,6 +21,11 @@ from torchdiv._basis import as_blocks, basis
 from torchdiv._checks import event_numel
 from torchdiv._ddp import inner_backward, static_graph_owners
 from torchdiv._modes import SafeDerivatives
+
+
+class GraphSpent(RuntimeError):
+    """A graph that one walk used up: walking it again failed (a custom ``backward`` that
+    frees what it needs, or a graph already freed)."""
 
 
 class GraphJacobian:
@@ -33,6 +42,7 @@ class GraphJacobian:
         self.num_basis = event_numel(y, batch_dims)
         self.y_shape = y.shape
         self._ddp_owners = static_graph_owners(y)  # see torchdiv._ddp
+        self._walked = False
 
     @classmethod
     def of_function(
@@ -56,16 +66,24 @@ class GraphJacobian:
         out = None
         single = len(cotangents) == 1  # one probe: no batching (vmap) overhead
         if self.y.requires_grad:
-            with inner_backward(self._ddp_owners):
-                (out,) = torch.autograd.grad(
-                    self.y,
-                    self.x,
-                    cotangents[0] if single else cotangents,
-                    retain_graph=True,
-                    create_graph=self.create_graph,
-                    is_grads_batched=not single,
-                    allow_unused=True,
-                )
+            try:
+                with inner_backward(self._ddp_owners):
+                    (out,) = torch.autograd.grad(
+                        self.y,
+                        self.x,
+                        cotangents[0] if single else cotangents,
+                        retain_graph=True,
+                        create_graph=self.create_graph,
+                        is_grads_batched=not single,
+                        allow_unused=True,
+                    )
+            except Exception as error:  # the same walk went through before: not the caller's
+                if self._walked and not isinstance(error, torch.cuda.OutOfMemoryError):
+                    raise GraphSpent(
+                        f"the graph of f(x) cannot be walked twice: {error}"
+                    ) from error
+                raise
+            self._walked = True
         if out is None:  # y does not depend on x: the Jacobian is zero
             return self.x.new_zeros((cotangents.shape[0], *self.x.shape), dtype=self.y.dtype)
         return out[None] if single else out
@@ -74,6 +92,31 @@ class GraphJacobian:
         """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``."""
         out = self.apply(basis(start, stop, self.y, self.batch_dims))
         return as_blocks(out, self.batch_dims)
+
+
+class RerunJacobian(GraphJacobian):
+    """``U @ J`` by a fresh evaluation of ``f`` and one ``autograd.grad`` per vector.
+
+    Each vector costs a forward and a backward pass, and walks its own graph once. ``f(x)``
+    (``y``) comes from an evaluation of its own, whose graph stays unwalked for the caller.
+    ``f`` should put back what it changes outside itself between evaluations
+    (``_state.Changes.again``).
+    """
+
+    def __init__(
+        self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+    ) -> None:
+        first = GraphJacobian.of_function(f, x, batch_dims)
+        super().__init__(first.y, first.x, batch_dims, first.create_graph)
+        self.f, self.x_given = f, x
+
+    def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
+        """VJPs: ``(k,) + y.shape`` cotangents -> ``(k,) + x.shape`` products, one at a time."""
+        products = []
+        for v in cotangents:
+            fresh = GraphJacobian.of_function(self.f, self.x_given, self.batch_dims)
+            products.append(fresh.apply(v[None]))
+        return torch.cat(products) if products else self.x.new_zeros((0, *self.x.shape))
 
 
 def _graph_edges(y: torch.Tensor) -> Iterator[tuple[Any, int]]:

@@ -209,7 +209,10 @@ def check_tolerance(fn: str, rtol: Any, atol: Any, max_probes: Any, block: int) 
 def check_output(fn: str, y: Any, x: torch.Tensor, batch_dims: int, name: str = "f(x)") -> None:
     """Check that ``y`` is a floating tensor with the batch shape of ``x``."""
     if not isinstance(y, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(y).__name__}")
+        hint = ""
+        if isinstance(getattr(y, "sample", None), torch.Tensor):  # diffusers' model outputs
+            hint = "; its .sample is one: wrap the model, e.g. lambda x: unet(x, t).sample"
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(y).__name__}{hint}")
     if not y.is_floating_point():
         raise TypeError(
             f"{fn}: {name} must be a floating tensor to be differentiated, got {y.dtype}"

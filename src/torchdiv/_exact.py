@@ -15,8 +15,8 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from torchdiv import _mixing, _plan
-from torchdiv._autograd import GraphJacobian
+from torchdiv import _mixing, _plan, _state
+from torchdiv._autograd import GraphJacobian, RerunJacobian
 from torchdiv._basis import chunks
 from torchdiv._checks import event_numel
 from torchdiv._forward import ForwardJacobian
@@ -107,13 +107,13 @@ def evaluate(
     method: str,
     chunk_size: int | None,
     consume: Callable[[Engine, int], T],
+    generator: torch.Generator | None = None,
 ) -> tuple[T, torch.Size]:
     """Run ``consume`` on the engine ``method`` names; returns its result and ``f(x).shape``.
 
     ``"forward"`` and ``"reverse"`` are taken as given (``chunk_size=None``: all at once).
-    ``"auto"`` plans mode and chunk size (``_plan``); if ``torch.func`` cannot run ``f`` (an op
-    without a forward-mode rule, a legacy ``autograd.Function``, an op that cannot be vmapped)
-    it falls back to the plain-autograd engine, which runs anything ``backward()`` can.
+    ``"auto"`` runs the first engine that can run ``f`` (``_first_that_runs``); ``generator``
+    is the one ``consume`` draws from (``None``: the default one of ``x``'s device).
 
     The evaluations ``"auto"`` watches also follow the batch dimensions (``_mixing``): an ``f``
     that mixes samples raises ``BatchInteractionError``. The explicit methods are not watched,
@@ -126,47 +126,124 @@ def evaluate(
     elif method == "reverse":
         engine = ReverseJacobian(f, x, batch_dims)
     else:
-        try:
-            engine, chunk = _planned(f, x, batch_dims)
-            return consume(engine, chunk_size or chunk), engine.y_shape
-        except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
-            raise
-        except RuntimeError as exc:  # NotImplementedError included
-            mixing = "captured Tensor" in str(exc) and recorded_mixing(f, x, batch_dims)
-            if mixing:  # a train-mode batch norm: raised before plain autograd updates it
-                raise BatchInteractionError(mixing) from None
-            engine, sizes = _watched(
-                lambda: GraphJacobian.of_function(f, x, batch_dims), x, batch_dims
-            )
-            return consume(engine, chunk_size or sizes.chunk(engine.num_basis)), engine.y_shape
+        return _first_that_runs(f, x, batch_dims, chunk_size, consume, generator)
     return consume(engine, chunk_size or max(engine.num_basis, 1)), engine.y_shape
 
 
-def _planned(
+Build = Callable[[], tuple[Engine, _plan.OpSizes]]  # an engine and the sizes that plan its chunks
+
+
+def _first_that_runs(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    consume: Callable[[Engine, int], T],
+    generator: torch.Generator | None,
+) -> tuple[T, torch.Size]:
+    """``consume`` on the first engine that runs: forward mode (if ``_plan`` picks it),
+    reverse mode, batched plain autograd, then ``f`` re-run per vector (``_engines``).
+
+    An engine that raises an error saying it cannot run ``f`` (``_cannot_run``: an op
+    without a forward-mode rule, a legacy ``autograd.Function`` under ``torch.func``, a
+    backward that PyTorch's legacy ``vmap`` cannot batch, a graph that can be walked once)
+    hands over to the next, with the draws of ``generator`` undone (the same probes) and
+    every later evaluation of ``f`` starting from the state the first one found
+    (``_state.Changes.again``: buffers and random draws change once). Other errors propagate
+    at once; if no engine runs ``f``, the last engine's error does.
+    """
+    if torch.compiler.is_compiling():  # Dynamo cannot trace generator states: not kept
+        generator = None
+    else:
+        generator = generator or _state.default_generator(x.device)
+    failure: Exception | None = None
+    for build in _engines(f, x, batch_dims):
+        drawn = None
+        try:
+            engine, sizes = build()  # evaluates f, whose own draws are its side effect
+            drawn = generator.get_state() if generator is not None else None
+            return consume(engine, chunk_size or sizes.chunk(engine.num_basis)), engine.y_shape
+        except Exception as error:
+            if not _cannot_run(error):
+                raise
+            failure = error
+            if generator is not None and drawn is not None:  # the same probes next
+                generator.set_state(drawn)
+    assert failure is not None  # _engines always gives the re-running engine last
+    raise failure
+
+
+def _engines(
     f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
-) -> tuple[Engine, int]:
-    """The engine and chunk size ``auto`` uses (rules in ``_plan``). Tiny problems are watched
-    only when the event is empty, where any op but an elementwise one mixes samples."""
+) -> list[Build]:
+    """The engines ``"auto"`` tries, in order, as functions that build them.
+
+    Reverse mode's evaluation of ``f`` plans (rules in ``_plan``): forward mode goes first
+    for conv nets and for outputs larger than inputs, unless an op without a forward-mode
+    rule ran. Tiny problems are watched only when the event is empty, where any op but an
+    elementwise one mixes samples. If ``torch.func`` cannot evaluate ``f``, the
+    plain-autograd engine's evaluation is watched instead.
+    """
+    changes = _state.Changes(x)
+    again = changes.again(f)
     num_inputs = event_numel(x, batch_dims)
     tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
-    engine, sizes = _watched(
-        lambda: ReverseJacobian(f, x, batch_dims),
-        x,
-        batch_dims,
-        watch=not tiny or (x.dim() == batch_dims and not _mixing.allowed()),
-    )
-    if engine.num_basis > num_inputs or sizes.convolves:
-        engine = ForwardJacobian(f, x, batch_dims)
-    return engine, sizes.chunk(engine.num_basis)
+    planned = [_plan.OpSizes(x.shape[:batch_dims])]  # the last watched evaluation's sizes
+
+    def rerun() -> tuple[Engine, _plan.OpSizes]:
+        return RerunJacobian(again, x, batch_dims), planned[-1]
+
+    try:
+        watch = not tiny or (x.dim() == batch_dims and not _mixing.allowed())
+        reverse, sizes = _watched(
+            lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch, changes
+        )
+    except Exception as error:
+        if not _cannot_run(error):
+            raise
+        mixing = "captured Tensor" in str(error) and recorded_mixing(f, x, batch_dims)
+        if mixing:  # a train-mode batch norm: raised before plain autograd updates it
+            raise BatchInteractionError(mixing) from None
+
+        def graph() -> tuple[Engine, _plan.OpSizes]:
+            built = _watched(lambda: GraphJacobian.of_function(again, x, batch_dims), x, batch_dims)
+            planned.append(built[1])
+            return built
+
+        return [graph, rerun]
+    planned.append(sizes)
+    engines: list[Build] = [
+        lambda: (reverse, sizes),
+        lambda: (GraphJacobian.of_function(again, x, batch_dims), sizes),
+        rerun,
+    ]
+    if (reverse.num_basis > num_inputs or sizes.convolves) and sizes.forward_rules:
+        engines.insert(0, lambda: (ForwardJacobian(again, x, batch_dims), sizes))
+    return engines
 
 
 def _watched(
-    build: Callable[[], Engine], x: torch.Tensor, batch_dims: int, watch: bool = True
+    build: Callable[[], Engine],
+    x: torch.Tensor,
+    batch_dims: int,
+    watch: bool = True,
+    changes: _state.Changes | None = None,
 ) -> tuple[Engine, _plan.OpSizes]:
     """Build an engine (which evaluates ``f`` once), with ``OpSizes`` watching the ops (and the
-    batch dimensions) if ``watch``; unwatched sizes record nothing, so their chunk is all basis
-    vectors."""
+    batch dimensions) and ``changes`` the state ``f`` changes, if ``watch``; unwatched sizes
+    record nothing, so their chunk is all basis vectors."""
     sizes = _plan.OpSizes(x.shape[:batch_dims], _mixing.tracker(x, batch_dims))
-    with sizes if watch else contextlib.nullcontext():
+    unwatched = contextlib.nullcontext()
+    with sizes if watch else unwatched, changes if watch and changes else unwatched:
         engine = build()
     return engine, sizes
+
+
+def _cannot_run(error: Exception) -> bool:
+    """Whether ``error`` says that an engine cannot run ``f`` (PyTorch raises those as
+    ``RuntimeError`` or ``NotImplementedError``), rather than a lack of memory, which the
+    next engine would meet as well, or a mistake of the caller's (``TypeError``, ...)."""
+    out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError) or (
+        "can't allocate memory" in str(error)
+    )
+    return isinstance(error, RuntimeError) and not out_of_memory

@@ -10,7 +10,8 @@ convolution ran. Two measured rules (2-core CPU, ``bench/divergence_exact.py``):
 
 * Mode: reverse mode, one VJP per output element, unless the output has more elements than the
   input, or ``f`` convolves: CPU convolution-backward kernels ran about 1.3-2x slower than the
-  forward ones (mkldnn), so conv nets use forward mode.
+  forward ones (mkldnn), so conv nets use forward mode, unless an op without a forward-mode
+  rule ran (CPU fused attention: diffusers' U-Nets), where forward mode would fail part-way.
 
 Watching costs about 10 microseconds per op of one forward pass: 4% of a 3 ms divergence
 (the benchmark's D=32 MLP), nothing next to large ones, too much for tiny ones, which skip it
@@ -35,10 +36,14 @@ CHUNK_ELEMENTS = 1 << 21
 TINY_PROBLEM = 1 << 15
 
 _CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
+# ops that PyTorch gives no forward-mode derivative (checked on CPU; the engines that run
+# after forward mode fails cover any others)
+_WITHOUT_FORWARD_RULE = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
 class OpSizes(TorchDispatchMode):
-    """Records the largest per-batch tensor any op produced, and whether any op convolved.
+    """Records the largest per-batch tensor any op produced, whether any op convolved, and
+    whether every op has a forward-mode rule.
 
     Per-batch means its leading dimensions are the batch shape: those are the tensors a batched
     JVP or VJP carries ``k`` copies of (weights and their views are not). With ``axes``, it
@@ -52,6 +57,7 @@ class OpSizes(TorchDispatchMode):
         self.widest = 0
         self.convolves = False
         self.axes = axes
+        self.forward_rules = True
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if self.axes is not None:
@@ -60,6 +66,7 @@ class OpSizes(TorchDispatchMode):
         if self.axes is not None:
             self.axes.after(func, args, out)
         self.convolves |= func in _CONVOLUTIONS
+        self.forward_rules &= func not in _WITHOUT_FORWARD_RULE
         for leaf in tree_leaves(out):
             if (
                 isinstance(leaf, torch.Tensor)

@@ -61,7 +61,7 @@ def trace_of_function(
     def consume(engine: _exact.Engine, chunk: int) -> Estimate:
         return _trace.run(s, _operator(engine, s, chunk), x, batch_dims)
 
-    estimate, _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume)
+    estimate, _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume, s.generator)
     return estimate
 
 
@@ -85,7 +85,7 @@ def terms_of_function(
     def consume(engine: _exact.Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _trace.terms(s, _operator(engine, s, chunk), x, batch_dims), _exact.output(engine)
 
-    (flat, y), _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume)
+    (flat, y), _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume, s.generator)
     return flat.reshape(len(flat), *batch).to(x.dtype), y
 
 
@@ -128,7 +128,7 @@ def diagonal_of_function(
     def consume(engine: _exact.Engine, chunk: int) -> torch.Tensor:
         return _trace.diagonal(s, _operator(engine, s, chunk), x, batch_dims)
 
-    diag, _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume)
+    diag, _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume, s.generator)
     return diag
 
 

@@ -1,0 +1,114 @@
+"""What ``f`` changes outside itself, put back so that evaluating ``f`` again changes it once.
+
+``method="auto"`` may evaluate ``f`` more than once: the forward engine once per chunk, and
+each engine tried after one that could not run ``f`` (``_exact``). Each evaluation would
+move a training-mode batch norm's running statistics (or any buffer ``f`` updates in place)
+once more, and draw a new dropout mask, so that the engines would differentiate different
+functions. ``Changes`` watches evaluations of ``f`` (a ``TorchDispatchMode``) until one
+completes, noting every tensor ``f`` wrote to that it did not make itself, with its value
+before, and the state of every random number generator ``f`` drew from; ``again(f)`` then
+evaluates ``f`` from that state, so that every evaluation computes the same function and the
+changes are made once. (``_taylor.capture``'s ``Graph.undo`` does the same for the Laplacian.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from torchdiv._taylor.capture import _storage, _written
+from torchdiv._taylor.tree import leaves
+
+
+class Changes(TorchDispatchMode):
+    """State outside ``f`` that ``f`` changed: tensors (value before and after) and generators.
+
+    Used as a context manager around an evaluation of ``f``, it watches; ``again(f)`` wraps
+    ``f`` for the evaluations after that.
+    """
+
+    def __init__(self, x: torch.Tensor) -> None:
+        super().__init__()
+        self.device = x.device
+        self.written: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, value before)
+        self.after: list[torch.Tensor] | None = None  # their values after a complete evaluation
+        self.generators: dict[torch.Generator, torch.Tensor] = {}  # state before f drew
+        self._made: set[int] = set()  # storages of tensors f made
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for tensor in _written(func, args, kwargs):
+            storage = _storage(tensor)
+            if storage not in self._made:
+                self._made.add(storage)  # kept once, with its value before the first write
+                self.written.append((tensor, tensor.detach().clone()))
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            for generator in self._drawn_from(kwargs.get("generator")):
+                self.generators.setdefault(generator, generator.get_state())
+        out = func(*args, **kwargs)
+        read = {_storage(a) for a in leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        self._made.update(
+            s for t in leaves(out) if isinstance(t, torch.Tensor) and (s := _storage(t)) not in read
+        )
+        return out
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        super().__exit__(kind, error, traceback)
+        if error is None:
+            self.after = [tensor.detach().clone() for tensor, _ in self.written]
+        else:  # an evaluation that did not finish has changed nothing
+            self._put(before=True)
+
+    def again(
+        self, f: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``f``, evaluated from the state before the first evaluation (watched until one
+        completes): it draws the same random numbers, and leaves the state as one evaluation
+        did; generators drawn from in between (probes) go on where they were."""
+
+        def f_again(x: torch.Tensor) -> torch.Tensor:
+            current = {g: g.get_state() for g in self.generators}
+            self._put(before=True)
+            try:
+                if self.after is None:
+                    with self:
+                        return f(x)
+                return f(x)
+            except BaseException:
+                self._put(before=self.after is None)
+                raise
+            finally:
+                for generator, state in current.items():
+                    generator.set_state(state)
+
+        return f_again
+
+    def _put(self, before: bool) -> None:
+        values = [b for _, b in self.written] if before or self.after is None else self.after
+        with torch.no_grad():
+            for (tensor, _), value in zip(self.written, values, strict=True):
+                tensor.copy_(value)
+        for generator, state in self.generators.items():
+            generator.set_state(state)
+
+    def _drawn_from(self, generator: torch.Generator | None) -> list[torch.Generator]:
+        """An explicit generator, or the default ones (CPU, and ``x``'s GPU)."""
+        if generator is not None:
+            return [generator]
+        return list({torch.default_generator, default_generator(self.device)})
+
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """The generator ``torch.randn(..., device=device)`` draws from without one."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index or torch.cuda.current_device()]
+    return torch.default_generator
