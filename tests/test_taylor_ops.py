@@ -47,6 +47,7 @@ CASES = {
     "topk": lambda h: torch.sin(h).topk(2, -1).values,
     "kthvalue": lambda h: torch.sin(h).kthvalue(2, -1).values,
     "min": lambda h: torch.sin(h).min(-1).values,
+    "amin": lambda h: torch.sin(h).view(B, 2, 3).amin(1),
     "cdist": lambda h: torch.cdist(h.view(B, 2, 3), CENTRES).sum(-1),
     # distances among the points themselves: the diagonal is zero for every x
     "cdist_self": lambda h: torch.cdist(h.view(B, 2, 3), h.view(B, 2, 3)).flatten(1),
