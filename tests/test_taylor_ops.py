@@ -47,6 +47,7 @@ CASES = {
     "topk": lambda h: torch.sin(h).topk(2, -1).values,
     "kthvalue": lambda h: torch.sin(h).kthvalue(2, -1).values,
     "min": lambda h: torch.sin(h).min(-1).values,
+    "amin": lambda h: torch.sin(h).view(B, 2, 3).amin(1),
     "cdist": lambda h: torch.cdist(h.view(B, 2, 3), CENTRES).sum(-1),
     # distances among the points themselves: the diagonal is zero for every x
     "cdist_self": lambda h: torch.cdist(h.view(B, 2, 3), h.view(B, 2, 3)).flatten(1),
@@ -295,3 +296,14 @@ def test_norm_of_a_difference_that_is_zero_for_every_x():
     r = x.view(2, 2, 3)
     expected = 2 * 2 * 2 / (r[:, 0] - r[:, 1]).norm(dim=-1)  # Δ|r_0 - r_1| = 2 * 2/|.|, twice
     torch.testing.assert_close(torchdiv.laplacian(u, x, method="taylor"), expected)
+
+
+@pytest.mark.parametrize("op", [torch.hypot, torch.atan2])
+def test_hypot_and_atan2_at_the_origin_return_zero_derivatives(op):
+    """Not differentiable at (0, 0): the rules return 0 there (PyTorch's nested autodiff gives
+    nan for hypot), exact for arguments that are zero for every x."""
+    x = torch.randn(3, 4, dtype=f64, generator=torch.Generator().manual_seed(8))
+    u = lambda z: op(z[:, :2] * 0, z[:, 2:] * 0) + z.square().sum(-1, keepdim=True)  # noqa: E731
+    torch.testing.assert_close(
+        torchdiv.laplacian(u, x, method="taylor"), torch.full((3, 2), 8.0, dtype=f64)
+    )

@@ -13,7 +13,7 @@ appear inside these products without being formed.
 ``<p, q> = sum_dims p q``: ``jac = <s, jac_a>``, ``lap = <s, lap_a + sum_k c_k^2>`` with
 ``c_k = jac_k - <s, jac_k>`` (its Hessian is ``diag(s) - s s^T``).
 
-**Order statistics** (``sort``, ``topk``, ``kthvalue``, ``min``) return input elements:
+**Order statistics** (``sort``, ``topk``, ``kthvalue``, ``min``, ``amin``) return input elements:
 piecewise a selection, so ``jac`` and ``lap`` are gathered where the values came from (ties
 pick the element PyTorch's index names).
 """
@@ -36,7 +36,7 @@ from torchdiv._taylor.jet import (
     product,
 )
 from torchdiv._taylor.linear import RULES as LINEAR
-from torchdiv._taylor.linear import take_along
+from torchdiv._taylor.linear import UnsupportedOp, take_along
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -155,6 +155,12 @@ def _min_dim(ctx: Context, a: Jet, dim: int, keepdim: bool = False) -> tuple[Jet
     return _squeezed(ctx, a, value, index, dim, keepdim)
 
 
+def _amin(ctx: Context, a: Jet, dims: list[int], keepdim: bool = False) -> Jet:
+    if len(dims) != 1:
+        raise UnsupportedOp("aten.amin over several dimensions")
+    return _min_dim(ctx, a, dims[0], keepdim)[0]
+
+
 RULES: dict[Any, Callable[..., Any]] = {
     aten.prod.default: _prod,
     aten.prod.dim_int: _prod_dim,
@@ -165,9 +171,11 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten.topk.default: _topk,
     aten.kthvalue.default: _kthvalue,
     aten.min.dim: _min_dim,
+    aten.amin.default: _amin,
 }
 # piecewise selections: their ``lap`` needs only the input's ``lap`` (``propagate``)
 SELECTIONS = {
+    aten.amin.default,
     aten.sort.default,
     aten.sort.stable,
     aten.topk.default,
