@@ -267,7 +267,7 @@ def _hessian_products(
     """``H_{b,i} v_j`` for every sample ``b``, output ``i`` and direction ``v_j`` (``(k,) +
     x.shape``), shape ``(k, m, N, n)``, and ``f(x).shape``: JVPs of the per-sample gradients."""
     grads = _Gradients(f, batch_dims)
-    with math_attention(), SafeDerivatives(3, "method='taylor' (or 'auto')"):
+    with math_attention(), SafeDerivatives(3, "method='taylor'"):
         columns = ForwardJacobian(grads, x, batch_dims).apply(directions)
     k, m = columns.shape[:2]
     n_samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
