@@ -163,8 +163,8 @@ def dual_grad_loop(f: Function, x: torch.Tensor, create_graph: bool = False) -> 
         with fwAD.dual_level():
             dual = fwAD.make_dual(primal, tangent.view_as(x))
             (g,) = torch.autograd.grad(f(dual).sum(), primal, create_graph=True)
-            column = fwAD.unpack_dual(g).tangent
-        entry = column.reshape(x.shape[0], -1)[:, i]
+            column = fwAD.unpack_dual(g).tangent  # None: the gradient is constant along e_i
+        entry = x.new_zeros(x.shape[0]) if column is None else column.reshape(x.shape[0], -1)[:, i]
         total = total + (entry if create_graph else entry.detach())
     return total
 
