@@ -13,7 +13,8 @@ Cases (float64, ``torchdiv._bench.wavefunctions``): Slater-Jastrow with N = 16 e
                                      torch.func; its gradients through slogdet are wrong)
 Two scenarios: frozen (parameters do not require grad: evaluating the local energy) and train
 (parameters require grad, results stay differentiable). Every result is checked against the
-grad-of-grad loop before it is timed. Writes bench/results/wavefunction.json.
+grad-of-grad loop before it is timed. Writes bench/results/local/wavefunction.json
+(--update: the committed bench/results/wavefunction.json, after a run of every case).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import functools
 from collections.abc import Callable
 
 import torch
-from _common import RESULTS, compare, markdown, script
+from _common import compare, markdown, script
 
 import torchdiv
 from torchdiv import _recipes
@@ -111,7 +112,7 @@ def tables(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    script(__doc__, CASES, run_case, RESULTS / "wavefunction.json", tables)
+    script(__doc__, CASES, run_case, "wavefunction.json", tables)
 
 
 if __name__ == "__main__":
