@@ -24,10 +24,11 @@ Methods (one signature each, in ``_METHODS``):
 Attention runs on PyTorch's math backend in every method (``_modes.math_attention``): the
 fused CPU kernel has no forward-mode derivative. The nested-autodiff methods run ``f`` under
 ``_modes.SafeDerivatives(3)``: the gradient of a Laplacian is a third derivative, and
-PyTorch's is wrong for fused layer norm, ``slogdet``/``logdet``/``det``, ``solve`` and
-``cholesky_inverse`` (replaced there by equivalents whose derivatives are right) and ``nan``
-for ``eigvalsh``/``eigh`` (refused, naming ``method='taylor'``, whose rules cover all of them
-but eigenvectors). Every method computes ``cdist`` from differences (``SafeDerivatives(1)``).
+PyTorch's through forward over reverse is wrong for fused layer norm, ``slogdet``/``logdet``/
+``det``, ``solve`` and ``cholesky_inverse`` (replaced there by equivalents whose derivatives
+are right) and ``nan`` for ``eigvalsh``/``eigh`` (refused, naming ``method='taylor'``, whose
+rules cover all of them but eigenvectors, and ``'grad-of-grad'``: reverse over reverse is
+right for all of them). Every method computes ``cdist`` from differences (``SafeDerivatives(1)``).
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ def _hessian_products(
     """``H_{b,i} v_j`` for every sample ``b``, output ``i`` and direction ``v_j`` (``(k,) +
     x.shape``), shape ``(k, m, N, n)``, and ``f(x).shape``: JVPs of the per-sample gradients."""
     grads = _Gradients(f, batch_dims)
-    with math_attention(), SafeDerivatives(3, "method='taylor' (or 'auto')"):
+    with math_attention(), SafeDerivatives(3, "method='taylor' or 'grad-of-grad'"):
         columns = ForwardJacobian(grads, x, batch_dims).apply(directions)
     k, m = columns.shape[:2]
     n_samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)

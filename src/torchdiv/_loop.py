@@ -9,8 +9,9 @@ paid back from about three inputs on (``bench/laplacian_small.py``); below that,
 functions it has no rules for, this loop is the faster exact method.
 
 As in the other nested-autodiff methods, ``f`` runs with attention on the math backend and
-under ``torchdiv._modes.SafeDerivatives(3)``: the result's own gradient is a third
-derivative, which PyTorch gets wrong for fused layer norm and several linear-algebra ops.
+under ``torchdiv._modes.SafeDerivatives(3, forward_mode=False)``: the result's own gradient
+is a third derivative, which PyTorch gets wrong for fused layer norm and ``cdist``; the
+linear-algebra ops it gets wrong only through forward mode are left alone.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def grad_of_grad(f: Function, x: torch.Tensor, batch_dims: int) -> torch.Tensor:
     """
     outer = torch.is_grad_enabled()
     with torch.enable_grad():
-        with math_attention(), SafeDerivatives(3, "method='taylor' (or 'auto')"):
+        with math_attention(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
             x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
             y = f(x_in)
         create_graph = outer and _depends_on_other_leaves(y, x_in)

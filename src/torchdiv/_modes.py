@@ -108,18 +108,21 @@ class WrongDerivatives(NotImplementedError):
 class Replacement:
     """What ``SafeDerivatives`` does with an op whose PyTorch derivatives are wrong from
     derivative ``order`` on: run ``run`` instead (same values, derivatives right at every
-    order), or, if ``None``, refuse it with ``why``."""
+    order), or, if ``None``, refuse it with ``why``. ``forward_only``: only derivatives taken
+    through forward mode are wrong (reverse over reverse is right at every order measured)."""
 
     name: str
     order: int
     run: Callable[..., Any] | None
     why: str = ""
+    forward_only: bool = False
 
 
 class SafeDerivatives(TorchFunctionMode):
     """Run ``f`` with the ops in ``REPLACEMENTS`` whose derivatives of order ``order`` or
     lower are wrong in PyTorch replaced by right equivalents, or refused (``WrongDerivatives``
-    naming ``way_out``).
+    naming ``way_out``). With ``forward_mode=False`` (an engine of backward passes only) the
+    ops whose reverse-mode derivatives are right are left as they are.
 
     The order counts every derivative taken of ``f``: the forward engine's products are first
     derivatives and their gradients with respect to parameters second ones; the Laplacian's
@@ -137,8 +140,9 @@ class SafeDerivatives(TorchFunctionMode):
       is right. Replaced by ``torchdiv._linalg``.
     - ``cholesky_inverse``: even its first forward-mode derivative is wrong (Jacobians by the
       forward engine off by 6%, Laplacian values by 200%). Replaced by ``inv(C C^T)``.
-    - ``eigvalsh``: gradients of the Laplacian by nested autodiff are ``nan``; ``eigh`` (with
-      eigenvectors): every second derivative through forward mode is ``nan``. Refused.
+    - ``eigvalsh``: gradients of the Laplacian by forward over reverse are ``nan``; ``eigh``
+      (with eigenvectors): every second derivative through forward mode is ``nan``. Refused
+      (reverse over reverse is right for both).
     - ``cdist``: no forward-mode derivative and no double backward (``_cdist_backward``),
       ``torch.func.jacrev`` of it (batched pullbacks) wrong (relative error ~1), and above 25
       points PyTorch takes ``sqrt(|a|^2 + |b|^2 - 2 a.b)``, whose derivatives are infinite at
@@ -149,14 +153,18 @@ class SafeDerivatives(TorchFunctionMode):
     ``qr``, ``svdvals``, ``matrix_exp``, ``pinv``, ``lstsq`` were right in every engine.
     """
 
-    def __init__(self, order: int, way_out: str):
+    def __init__(self, order: int, way_out: str, forward_mode: bool = True):
         super().__init__()
-        self.order, self.way_out = order, way_out
+        self.order, self.way_out, self.forward_mode = order, way_out, forward_mode
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         entry = REPLACEMENTS.get(func)
-        if entry is None or entry.order > self.order:
+        if (
+            entry is None
+            or entry.order > self.order
+            or (entry.forward_only and not self.forward_mode)
+        ):
             return func(*args, **kwargs)
         if entry.run is None:
             raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {self.way_out}")
@@ -216,9 +224,9 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _table(
-    order: int, run: Callable[..., Any] | None, why: str, *funcs: Any
+    order: int, run: Callable[..., Any] | None, why: str, *funcs: Any, forward_only: bool = True
 ) -> dict[Any, Replacement]:
-    return {f: Replacement(_name(f), order, run, why) for f in funcs}
+    return {f: Replacement(_name(f), order, run, why, forward_only) for f in funcs}
 
 
 def _name(func: Any) -> str:
@@ -228,8 +236,10 @@ def _name(func: Any) -> str:
 
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
 REPLACEMENTS: dict[Any, Replacement] = {
-    **_table(3, _layer_norm, "", torch.nn.functional.layer_norm, torch.layer_norm),
-    **_table(1, _cdist, "", torch.cdist),
+    **_table(
+        3, _layer_norm, "", torch.nn.functional.layer_norm, torch.layer_norm, forward_only=False
+    ),
+    **_table(1, _cdist, "", torch.cdist, forward_only=False),
     **_table(2, _linalg.slogdet, "", torch.linalg.slogdet, torch.slogdet, torch.Tensor.slogdet),
     **_table(2, _linalg.logdet, "", torch.logdet, torch.Tensor.logdet),
     **_table(2, _linalg.det, "", torch.linalg.det, torch.det, torch.Tensor.det),
@@ -238,11 +248,13 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table(
         1, _linalg.cholesky_inverse, "", torch.cholesky_inverse, torch.Tensor.cholesky_inverse
     ),
-    **_table(3, None, _EIGH + " (the Taylor rule for eigenvalues is right)", torch.linalg.eigvalsh),
+    **_table(
+        3, None, _EIGH + " (its Taylor rule and reverse mode are right)", torch.linalg.eigvalsh
+    ),
     **_table(
         2,
         None,
-        _EIGH + " (no engine here has right second derivatives of eigenvectors)",
+        _EIGH + " (backward passes only are right: reverse over reverse)",
         torch.linalg.eigh,
     ),
 }
