@@ -10,7 +10,7 @@ mode cannot run CPU fused attention, so reverse mode's 64 products per evaluatio
 each estimator and its standard error.
 
     python examples/diffusion_bits_per_dim.py            # a few minutes on a 2-core CPU
-    python examples/diffusion_bits_per_dim.py --train-steps 1 --train-batch 8 --batch 1 \
+    python examples/diffusion_bits_per_dim.py --train-steps 1 --train-batch 8 --batch 2 \
         --step-size 1                                    # seconds
 """
 

@@ -47,7 +47,7 @@ def test_pf_ode_likelihood_prints_the_table():
 def test_diffusion_bits_per_dim_prints_the_table():
     pytest.importorskip("diffusers")
     stdout = run(
-        "diffusion_bits_per_dim.py", "--train-steps", "1", "--train-batch", "8", "--batch", "1",
+        "diffusion_bits_per_dim.py", "--train-steps", "1", "--train-batch", "8", "--batch", "2",
         "--num-probes", "6", "--solver", "euler", "--step-size", "1.0",
     )  # fmt: skip
     table = stdout.split("|err|/se\n")[1].splitlines()
