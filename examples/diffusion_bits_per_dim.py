@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--train-batch", type=int, default=64)
     add_likelihood_arguments(parser)
-    parser.set_defaults(batch=4, num_probes=16, solver="rk4", step_size=0.125)
+    parser.set_defaults(batch=4, num_probes=18, solver="rk4", step_size=0.125)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
