@@ -47,10 +47,10 @@ def test_pf_ode_likelihood_prints_the_table():
 def test_diffusion_bits_per_dim_prints_the_table():
     pytest.importorskip("diffusers")
     stdout = run(
-        "diffusion_bits_per_dim.py", "--train-steps", "2", "--batch", "2", "--num-probes", "6",
-        "--step-size", "1.0",
+        "diffusion_bits_per_dim.py", "--train-steps", "1", "--train-batch", "8", "--batch", "2",
+        "--num-probes", "6", "--solver", "euler", "--step-size", "1.0",
     )  # fmt: skip
     table = stdout.split("|err|/se\n")[1].splitlines()
     assert [line.split()[0] for line in table] == ["exact", "hutchinson", "hutch++", "xtrace"]
-    errors_in_standard_errors = [float(line.split()[-1]) for line in table[1:]]
-    assert all(z < 3 for z in errors_in_standard_errors)
+    bits = [float(line.split()[2]) for line in table]
+    assert all(abs(b - bits[0]) < 0.5 for b in bits)  # every method near the exact bits/dim

@@ -190,3 +190,31 @@ def test_pf_ode_bits_per_dim_with_hutchinson_within_3_standard_errors(problem):
     assert within_3_standard_errors(
         bits_per_dim, -exact / (n * math.log(2)), stderr / (n * math.log(2))
     )
+
+
+def test_cross_attention_unet2d_condition_model():
+    """diffusers' conditional U-Net (cross-attention to a context, as text-to-image models
+    use): the context is closed over; exact and estimated divergence against the loop."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(
+        sample_size=4, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+        layers_per_block=1, norm_num_groups=8, cross_attention_dim=16, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    ).eval().double().requires_grad_(False)  # fmt: skip
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=generator)
+    context = torch.randn(2, 5, 16, dtype=torch.float64, generator=generator)
+    t = torch.tensor([10.0, 500.0], dtype=torch.float64)
+
+    def f(z):
+        return net(z, t, encoder_hidden_states=context).sample
+
+    div = loop_diagonal(f, x).flatten(1).sum(1)
+    assert_close(torchdiv.divergence(f, x), div)
+    est = torchdiv.estimate_divergence(
+        f, x, num_probes=36, generator=torch.Generator().manual_seed(8)
+    )
+    assert within_3_standard_errors(est.value, div, est.stderr), (est, div)

@@ -234,7 +234,7 @@ def _watched(
     record nothing, so their chunk is all basis vectors."""
     sizes = _plan.OpSizes(x.shape[:batch_dims], _mixing.tracker(x, batch_dims))
     unwatched = contextlib.nullcontext()
-    with sizes if watch else unwatched, changes if watch and changes else unwatched:
+    with sizes if watch else unwatched, changes if watch and changes is not None else unwatched:
         engine = build()
     return engine, sizes
 
