@@ -77,9 +77,10 @@ def allowed() -> bool:
 class BatchAxes:
     """The batch dimensions of every tensor computed from ``x`` by ops it understands.
 
-    ``before(func, args)`` raises ``BatchInteractionError`` if ``func`` would combine samples;
-    ``after(func, args, out)`` records where the batch dimensions of its results are. Both are
-    called by a dispatch mode around each ATen call (``check`` is that mode on its own).
+    ``carry = before(func, args)`` raises ``BatchInteractionError`` if ``func`` would combine
+    samples; ``after(carry, args, out)`` records where the batch dimensions of its results
+    are. Both are called by a dispatch mode around each ATen call (``check`` is that mode on
+    its own).
     """
 
     def __init__(self, x: torch.Tensor, batch_dims: int, f: object = None) -> None:
@@ -92,33 +93,40 @@ class BatchAxes:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
         return entry[1] if entry is not None and entry[0] is t else None
 
-    def before(self, func: Any, args: Sequence[Any]) -> None:
+    def before(self, func: Any, args: Sequence[Any]) -> Carry | None:
         """Raise ``BatchInteractionError`` if ``func(*args)`` combines samples in a way that
-        derivatives see (not under ``no_grad``, whose results are constants)."""
+        derivatives see (not under ``no_grad``, whose results are constants); else the rule
+        that ``after`` applies to its results (``None``: nothing to follow)."""
         if not self.known or not torch.is_grad_enabled():
-            return
-        rule = _MIXING.get(func)
-        if rule is None:
-            return
-        what = rule(self, args)
-        if what is not None:
-            raise BatchInteractionError(self.message(func, what))
+            return None
+        rules = _rules.get(func)  # one lookup per op: hashing an OpOverload costs 0.4 us
+        if rules is None:
+            rules = _rules[func] = (_MIXING.get(func), _CARRY.get(func) or _kind(func))
+        mixing, carry = rules
+        if mixing is not None:
+            what = mixing(self, args)
+            if what is not None:
+                raise BatchInteractionError(self.message(func, what))
+        return carry
 
-    def after(self, func: Any, args: Sequence[Any], out: Any) -> None:
-        """Note the batch dimensions of ``func``'s results (none: not tracked further; results
-        computed under ``no_grad`` or ``detach``-ed are constants)."""
-        if not self.known:
+    def after(self, carry: Carry | None, args: Sequence[Any], out: Any) -> None:
+        """Note the batch dimensions of the results ``out`` by the rule ``before`` gave (none:
+        not followed further)."""
+        if carry is None:
             return
-        rule = _CARRY.get(func) if torch.is_grad_enabled() else _untracked
-        if rule is None:
-            rule = _kind(func)
-        result = rule(self, args, out)
-        outs = out if isinstance(out, list | tuple) else (out,)
-        for t, axes in zip(outs, result or (), strict=False):
-            if isinstance(t, torch.Tensor) and axes and t.is_floating_point():
-                self.known[id(t)] = (t, axes)
-            elif isinstance(t, torch.Tensor) and id(t) in self.known:
-                del self.known[id(t)]  # an in-place op the analysis cannot follow
+        result = carry(self, args, out)
+        if isinstance(out, torch.Tensor):
+            self._note(out, result[0] if result else None)
+            return
+        for i, t in enumerate(out if isinstance(out, list | tuple) else ()):
+            if isinstance(t, torch.Tensor):
+                self._note(t, result[i] if result and i < len(result) else None)
+
+    def _note(self, t: torch.Tensor, axes: Axes | None) -> None:
+        if axes and t.is_floating_point():
+            self.known[id(t)] = (t, axes)
+        elif id(t) in self.known:
+            del self.known[id(t)]  # an in-place op the analysis cannot follow
 
     def message(self, func: Any, what: str) -> str:
         module = _module_in_stack()
@@ -179,11 +187,11 @@ class check(TorchDispatchMode):
         self.tracker = None if allowed() else BatchAxes(x, batch_dims)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if self.tracker is not None:
-            self.tracker.before(func, args)
+        if self.tracker is None:
+            return func(*args, **(kwargs or {}))
+        carry = self.tracker.before(func, args)
         out = func(*args, **(kwargs or {}))
-        if self.tracker is not None:
-            self.tracker.after(func, args, out)
+        self.tracker.after(carry, args, out)
         return out
 
     def __exit__(self, *exc: Any) -> None:
@@ -288,18 +296,18 @@ def _aligned(t: torch.Tensor, axes: Axes, out: torch.Tensor) -> Axes:
 
 
 def _pointwise(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """Broadcasting: every tracked argument's batch dimensions, aligned at the right."""
     outs = out if isinstance(out, list | tuple) else (out,)
     result: list[Axes | None] = []
     for o in outs:
-        if not isinstance(o, torch.Tensor):
-            result.append(None)
-            continue
-        found: dict[int, int] = {}
-        for a in args:
-            axes = tr.axes(a)
-            if axes:
-                found.update(_aligned(a, axes, o))
-        result.append(tuple(sorted(found.items())))
+        found: Axes | None = None
+        if isinstance(o, torch.Tensor):
+            for a in args:
+                axes = tr.axes(a)
+                if axes:
+                    mapped = axes if a.shape == o.shape else _aligned(a, axes, o)
+                    found = mapped if found is None else tuple(sorted({*found, *mapped}))
+        result.append(found)
     return result
 
 
@@ -386,27 +394,22 @@ def _first_like_input(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes
     return [_aligned(args[0], axes, first)] if axes and args[0].dim() == first.dim() else None
 
 
-def _mm(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
-    """``(n, k) @ (k, m)`` (with a bias for ``addmm``), batched over dimension 0 for ``bmm``:
+def _mm(biased: bool) -> Carry:
+    """``(n, k) @ (k, m)`` (after a bias for ``addmm``), batched over dimension 0 for ``bmm``:
     the left operand's row dimensions and the right one's column dimension carry over."""
-    *bias, a, b = args[:3] if func_has_bias(args) else args[:2]
-    found: dict[int, int] = {}
-    for t in bias:
-        axes = tr.axes(t)
-        if axes:
-            found.update(_aligned(t, axes, out))
-    for q, s in tr.axes(a) or ():
-        if q < a.dim() - 1:
-            found[q] = s
-    for q, s in tr.axes(b) or ():
-        if q == b.dim() - 1 or q < b.dim() - 2:
-            found[q] = s
-    return [tuple(sorted(found.items()))]
 
+    def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+        a, b = (args[1], args[2]) if biased else (args[0], args[1])
+        found: list[tuple[int, int]] = []
+        if biased and (axes := tr.axes(args[0])):
+            found += _aligned(args[0], axes, out)
+        if axes := tr.axes(a):
+            found += [(q, s) for q, s in axes if q < a.dim() - 1]
+        if axes := tr.axes(b):
+            found += [(q, s) for q, s in axes if q == b.dim() - 1 or q < b.dim() - 2]
+        return [tuple(sorted(set(found))) if len(found) > 1 else tuple(found)]
 
-def func_has_bias(args: Sequence[Any]) -> bool:
-    """``addmm(bias, a, b)``/``baddbmm``/``addmv``: three tensors before the scalars."""
-    return len(args) >= 3 and all(isinstance(a, torch.Tensor) for a in args[:3])
+    return rule
 
 
 def _reduced(op: Any) -> Carry:
@@ -470,14 +473,12 @@ _CARRY: dict[Any, Carry] = {
     aten.unbind.int: _along,
     aten.cat.default: _cat,
 }
-_kinds: dict[Any, Carry] = {}
+_rules: dict[Any, tuple[Mixing | None, Carry]] = {}  # each op's two rules, as first met
 
 
 def _kind(func: Any) -> Carry:
     """Elementwise ops (PyTorch's ``pointwise`` tag) broadcast; other ops end the tracking."""
-    if func not in _kinds:
-        _kinds[func] = _pointwise if torch.Tag.pointwise in func.tags else _untracked
-    return _kinds[func]
+    return _pointwise if torch.Tag.pointwise in func.tags else _untracked
 
 
 # ---- what combines samples (``before``) ----
@@ -528,19 +529,22 @@ def _whole(name: str) -> Mixing:
     return rule
 
 
-def _contraction(tr: BatchAxes, args: Sequence[Any]) -> str | None:
-    """Matrix products: the left operand's last dimension and the right one's second to
-    last are summed over (a vector's only dimension)."""
-    a, b = args[1:3] if func_has_bias(args) else args[:2]
-    q = _batch_at(tr, a, [a.dim() - 1])
-    if q is None:
-        q = _batch_at(tr, b, [max(b.dim() - 2, 0)])
-        if q is None:
-            return None
-    t = a if _batch_at(tr, a, [a.dim() - 1]) is not None else b
-    return (
-        f"a matrix product summing over samples (dimension {q} of an operand of shape {_shape(t)})"
-    )
+def _contraction(biased: bool) -> Mixing:
+    """Matrix products sum over the left operand's last dimension and the right one's second
+    to last (a vector's only dimension)."""
+
+    def rule(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+        a, b = (args[1], args[2]) if biased else (args[0], args[1])
+        for t, summed in ((a, a.dim() - 1), (b, max(b.dim() - 2, 0))):
+            for q, _ in tr.axes(t) or ():
+                if q == summed:
+                    return (
+                        f"a matrix product summing over samples (dimension {q} of an operand "
+                        f"of shape {_shape(t)})"
+                    )
+        return None
+
+    return rule
 
 
 def _batch_norm(training_arg: int) -> Mixing:
@@ -588,6 +592,7 @@ _MATRIX_PRODUCTS = {
     aten.dot.default,
     aten.vdot.default,
 }
+_BIASED = {aten.addmm.default, aten.baddbmm.default, aten.addmv.default}  # (bias, a, b)
 _REDUCTIONS = {
     aten.sum.dim_IntList: "sum",
     aten.mean.dim: "mean",
@@ -627,7 +632,7 @@ _BATCH_NORMS = {
     aten.miopen_batch_norm.default: 5,
 }
 _MIXING: dict[Any, Mixing] = {
-    **dict.fromkeys(_MATRIX_PRODUCTS, _contraction),
+    **{op: _contraction(op in _BIASED) for op in _MATRIX_PRODUCTS},
     **{op: _reduction(op, name) for op, name in _REDUCTIONS.items()},
     **{op: _whole(name) for op, name in _WHOLE.items()},
     **{op: _batch_norm(i) for op, i in _BATCH_NORMS.items()},
@@ -637,7 +642,7 @@ _MIXING: dict[Any, Mixing] = {
 }
 _CARRY.update(
     {
-        **dict.fromkeys(_MATRIX_PRODUCTS, _mm),
+        **{op: _mm(op in _BIASED) for op in _MATRIX_PRODUCTS},
         **{op: _reduced(op) for op in _REDUCTIONS},
         **dict.fromkeys(_BATCH_NORMS, _first_like_input),
         aten._native_batch_norm_legit_no_training.default: _first_like_input,

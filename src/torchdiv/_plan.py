@@ -60,11 +60,10 @@ class OpSizes(TorchDispatchMode):
         self.forward_rules = True
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if self.axes is not None:
-            self.axes.before(func, args)
+        carry = None if self.axes is None else self.axes.before(func, args)
         out = func(*args, **(kwargs or {}))
-        if self.axes is not None:
-            self.axes.after(func, args, out)
+        if carry is not None:
+            self.axes.after(carry, args, out)  # type: ignore[union-attr]
         self.convolves |= func in _CONVOLUTIONS
         self.forward_rules &= func not in _WITHOUT_FORWARD_RULE
         for leaf in tree_leaves(out):

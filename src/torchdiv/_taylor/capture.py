@@ -159,8 +159,7 @@ class _Recorder(TorchDispatchMode):
         touches_x = self.depends(args, kwargs)
         reads_x = touches_x and func not in _CONSTANT_RESULTS
         depends = reads_x and torch.is_grad_enabled()
-        if self.axes is not None:
-            self.sample_mixing(func, args)
+        carry = None if self.axes is None else self.sample_mixing(func, args)
         self.refuse(func, touches_x)
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
             with self:
@@ -172,8 +171,8 @@ class _Recorder(TorchDispatchMode):
             self.before_writes(func, written, depends)
         self.keep_generator(func, kwargs)
         out = func(*args, **kwargs)
-        if self.axes is not None:
-            self.axes.after(func, args, out)
+        if carry is not None:
+            self.axes.after(carry, args, out)  # type: ignore[union-attr]
         outs = leaves(out)
         if not written:
             self.note_reads(args, kwargs, outs)
@@ -198,11 +197,12 @@ class _Recorder(TorchDispatchMode):
         self.alive.append(out)
         return out
 
-    def sample_mixing(self, func: Any, args: Any) -> None:
+    def sample_mixing(self, func: Any, args: Any) -> Any:
         """Raise ``BatchInteractionError`` if ``func`` mixes samples (``torchdiv._mixing``),
-        after putting back what recording changed so far (a batch norm's step counter)."""
+        after putting back what recording changed so far (a batch norm's step counter); else
+        the rule for its results' batch dimensions."""
         try:
-            self.axes.before(func, args)  # type: ignore[union-attr]
+            return self.axes.before(func, args)  # type: ignore[union-attr]
         except BaseException:
             self.graph.undo()
             raise
