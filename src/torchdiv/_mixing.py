@@ -58,8 +58,14 @@ def allow_batch_interaction() -> Iterator[None]:
     Example:
         >>> import torchdiv
         >>> bn = torch.nn.BatchNorm1d(3)  # train mode: normalises with batch statistics
+        >>> torchdiv.divergence(bn, torch.randn(4, 3))
+        Traceback (most recent call last):
+        ...
+        torchdiv._independence.BatchInteractionError: divergence: f mixes samples: a batch norm...
         >>> with torchdiv.allow_batch_interaction():
         ...     div = torchdiv.divergence(bn, torch.randn(4, 3))
+        >>> div.shape
+        torch.Size([4])
     """
     before = allowed()
     _state.allowed = True
