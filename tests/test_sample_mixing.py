@@ -312,3 +312,28 @@ def test_the_check_reports_what_the_operators_refuse() -> None:
         with pytest.raises(BatchInteractionError, match="check_batch_independence: samples"):
             torchdiv.check_batch_independence(f, x, batch_dims=bd)
     assert math.isfinite(float(torchdiv.divergence(torch.sin, torch.zeros(2)).sum()))
+
+
+def _weighted(f, x, **kwargs):
+    n = x[(0,) * kwargs.get("batch_dims", 1)].numel()
+    return torchdiv.weighted_laplacian(f, x, diffusion=torch.eye(n, dtype=f64), **kwargs)
+
+
+SECOND_ORDER = {
+    "weighted_laplacian": _weighted,
+    "biharmonic": torchdiv.biharmonic,
+    "value_grad_laplacian": torchdiv.value_grad_laplacian,
+    "graph_laplacian": _graph(torchdiv.graph_laplacian),
+}
+
+
+@pytest.mark.parametrize("name", SECOND_ORDER)
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse"])
+def test_second_order_operators_too(name: str, method: str) -> None:
+    options = {} if name == "graph_laplacian" else {"method": method}
+    call = SECOND_ORDER[name]
+    train_bn = r"batch norm in train mode.*model\.eval\(\)"
+    with pytest.raises(BatchInteractionError, match=rf"^{name}: f mixes samples.*{train_bn}"):
+        call(_bn_net(), torch.randn(8, 3, dtype=f64), **options)
+    with pytest.raises(BatchInteractionError, match=rf"^{name}: f mixes samples.*batch_dims=2"):
+        call(_net(), torch.randn(8, 3, dtype=f64), batch_dims=2, **options)

@@ -39,7 +39,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchdiv._independence import BatchInteractionError
 
 aten = torch.ops.aten
-Axes = tuple[tuple[int, int], ...]  # (position, size) of each batch dimension of a tensor
+# each batch dimension of a tensor as (position, size, inner): along dimension ``position``,
+# the sample index is ``(index // inner) % size``
+Axes = tuple[tuple[int, int, int], ...]
 
 _state = threading.local()
 
@@ -91,7 +93,7 @@ class BatchAxes:
 
     def __init__(self, x: torch.Tensor, batch_dims: int, f: object = None) -> None:
         self.x, self.batch_dims, self.f = x, batch_dims, f
-        axes = tuple((d, x.shape[d]) for d in range(batch_dims) if x.shape[d] > 1)
+        axes = tuple((d, x.shape[d], 1) for d in range(batch_dims) if x.shape[d] > 1)
         # id -> (tensor, axes); the tensor is held so that its id stays unique while watched
         self.known: dict[int, tuple[torch.Tensor, Axes]] = {id(x): (x, axes)} if axes else {}
 
@@ -295,8 +297,8 @@ def _aligned(t: torch.Tensor, axes: Axes, out: torch.Tensor) -> Axes:
     """``t``'s batch dimensions in ``out``, with shapes aligned at the right (broadcasting)."""
     shift = out.dim() - t.dim()
     return tuple(
-        (q + shift, s)
-        for q, s in axes
+        (q + shift, *rest)
+        for q, *rest in axes
         if 0 <= q + shift < out.dim() and out.shape[q + shift] == t.shape[q]
     )
 
@@ -318,19 +320,21 @@ def _pointwise(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None
 
 
 def _reshaped(t: torch.Tensor, axes: Axes, out: torch.Tensor) -> Axes:
-    """Batch dimensions through a reshape (same elements in the same order): the samples stay
-    the outermost factor of the dimension of ``out`` that starts after the same number of
-    elements."""
-    result = []
-    for q, s in axes:
-        before = math.prod(t.shape[:q])
-        prefix = 1
-        for p, size in enumerate(out.shape):
-            if prefix == before and size % s == 0 and size >= s:
-                result.append((p, s))
-                break
-            prefix *= size
-            if prefix > before:
+    """Batch dimensions through a reshape (same elements in the same order). A batch dimension
+    is a digit of the flat index with place value ``after`` (elements per sample index) and
+    ``size`` values; it survives in the dimension of ``out`` whose place values hold the
+    whole digit (merged with others, as ``(B, T, D) -> (B*T, D)`` merges ``B`` and ``T``),
+    else its tracking ends."""
+    result: list[tuple[int, int, int]] = []
+    if out.numel() == 0:
+        return ()
+    for q, size, inner in axes:
+        after = inner * math.prod(t.shape[q + 1 :])
+        rest = out.numel()
+        for p, n in enumerate(out.shape):
+            rest //= max(n, 1)  # place value of dimension p's index
+            if after % rest == 0 and (rest * n) % (after * size) == 0:
+                result.append((p, size, after // rest))
                 break
     return tuple(result)
 
@@ -356,7 +360,7 @@ def _permute(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
         d0, d1 = args[1] % n, args[2] % n
         order[d0], order[d1] = order[d1], order[d0]
     where = {src: dst for dst, src in enumerate(order)}
-    return [tuple(sorted((where[q], s) for q, s in axes))]
+    return [tuple(sorted((where[q], *rest) for q, *rest in axes))]
 
 
 def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -366,7 +370,7 @@ def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
     if not axes:
         return None
     dim = args[1] % t.dim()
-    return [tuple((q - (q > dim), s) for q, s in axes if q != dim)]
+    return [tuple((q - (q > dim), *rest) for q, *rest in axes if q != dim)]
 
 
 def _along(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -377,19 +381,19 @@ def _along(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | 
         return None
     dim = (args[1] if len(args) > 1 else 0) % t.dim()
     outs = out if isinstance(out, list | tuple) else (out,)
-    kept = tuple((q, s) for q, s in axes if q != dim)
-    return [tuple((q - (q > dim and o.dim() < t.dim()), s) for q, s in kept) for o in outs]
+    kept = [(q, *rest) for q, *rest in axes if q != dim]
+    return [tuple((q - (q > dim and o.dim() < t.dim()), *rest) for q, *rest in kept) for o in outs]
 
 
 def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
     tensors = [t for t in args[0] if isinstance(t, torch.Tensor)]
     dim = args[1] if len(args) > 1 else 0
-    found: dict[int, int] = {}
+    found: set[tuple[int, int, int]] = set()
     for t in tensors:
         axes = tr.axes(t)
         if axes and t.dim() == out.dim():
-            found.update((q, s) for q, s in axes if q != dim % out.dim())
-    return [tuple(sorted(found.items()))]
+            found.update(axis for axis in axes if axis[0] != dim % out.dim())
+    return [tuple(sorted(found))]
 
 
 def _first_like_input(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -406,13 +410,13 @@ def _mm(biased: bool) -> Carry:
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
         a, b = (args[1], args[2]) if biased else (args[0], args[1])
-        found: list[tuple[int, int]] = []
+        found: list[tuple[int, int, int]] = []
         if biased and (axes := tr.axes(args[0])):
             found += _aligned(args[0], axes, out)
         if axes := tr.axes(a):
-            found += [(q, s) for q, s in axes if q < a.dim() - 1]
+            found += [axis for axis in axes if axis[0] < a.dim() - 1]
         if axes := tr.axes(b):
-            found += [(q, s) for q, s in axes if q == b.dim() - 1 or q < b.dim() - 2]
+            found += [axis for axis in axes if axis[0] == b.dim() - 1 or axis[0] < b.dim() - 2]
         return [tuple(sorted(set(found))) if len(found) > 1 else tuple(found)]
 
     return rule
@@ -435,7 +439,7 @@ def _reduced(op: Any) -> Carry:
             elif o.dim() == t.dim():
                 result.append(axes)
             else:
-                result.append(tuple((q - sum(d < q for d in dims), s) for q, s in axes))
+                result.append(tuple((q - sum(d < q for d in dims), *r) for q, *r in axes))
         return result
 
     return rule
@@ -512,7 +516,7 @@ def _reduced_dims(func: Any, args: Sequence[Any]) -> list[int]:
 
 def _batch_at(tr: BatchAxes, t: Any, dims: Sequence[int]) -> int | None:
     """A dimension among ``dims`` where ``t`` has samples, if any."""
-    for q, _ in tr.axes(t) or ():
+    for q, *_ in tr.axes(t) or ():
         if q in dims:
             return q
     return None
@@ -542,7 +546,7 @@ def _contraction(biased: bool) -> Mixing:
     def rule(tr: BatchAxes, args: Sequence[Any]) -> str | None:
         a, b = (args[1], args[2]) if biased else (args[0], args[1])
         for t, summed in ((a, a.dim() - 1), (b, max(b.dim() - 2, 0))):
-            for q, _ in tr.axes(t) or ():
+            for q, *_ in tr.axes(t) or ():
                 if q == summed:
                     return (
                         f"a matrix product summing over samples (dimension {q} of an operand "
