@@ -297,8 +297,8 @@ def _aligned(t: torch.Tensor, axes: Axes, out: torch.Tensor) -> Axes:
     """``t``'s batch dimensions in ``out``, with shapes aligned at the right (broadcasting)."""
     shift = out.dim() - t.dim()
     return tuple(
-        (q + shift, *rest)
-        for q, *rest in axes
+        (q + shift, s, inner)
+        for q, s, inner in axes
         if 0 <= q + shift < out.dim() and out.shape[q + shift] == t.shape[q]
     )
 
@@ -360,7 +360,7 @@ def _permute(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
         d0, d1 = args[1] % n, args[2] % n
         order[d0], order[d1] = order[d1], order[d0]
     where = {src: dst for dst, src in enumerate(order)}
-    return [tuple(sorted((where[q], *rest) for q, *rest in axes))]
+    return [tuple(sorted((where[q], s, inner) for q, s, inner in axes))]
 
 
 def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -370,7 +370,7 @@ def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
     if not axes:
         return None
     dim = args[1] % t.dim()
-    return [tuple((q - (q > dim), *rest) for q, *rest in axes if q != dim)]
+    return [tuple((q - (q > dim), s, inner) for q, s, inner in axes if q != dim)]
 
 
 def _along(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -381,8 +381,8 @@ def _along(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | 
         return None
     dim = (args[1] if len(args) > 1 else 0) % t.dim()
     outs = out if isinstance(out, list | tuple) else (out,)
-    kept = [(q, *rest) for q, *rest in axes if q != dim]
-    return [tuple((q - (q > dim and o.dim() < t.dim()), *rest) for q, *rest in kept) for o in outs]
+    kept = [axis for axis in axes if axis[0] != dim]
+    return [tuple((q - (q > dim and o.dim() < t.dim()), s, i) for q, s, i in kept) for o in outs]
 
 
 def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -439,7 +439,7 @@ def _reduced(op: Any) -> Carry:
             elif o.dim() == t.dim():
                 result.append(axes)
             else:
-                result.append(tuple((q - sum(d < q for d in dims), *r) for q, *r in axes))
+                result.append(tuple((q - sum(d < q for d in dims), s, i) for q, s, i in axes))
         return result
 
     return rule
