@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from torchdiv._independence import BatchInteractionError
 
@@ -83,52 +84,76 @@ def allowed() -> bool:
 
 
 class BatchAxes:
-    """The batch dimensions of every tensor computed from ``x`` by ops it understands.
+    """The batch dimensions of every tensor computed from ``x`` by ops it understands, and
+    which tensors depend on a combination of samples.
 
-    ``carry = before(func, args)`` raises ``BatchInteractionError`` if ``func`` would combine
-    samples; ``after(carry, args, out)`` records where the batch dimensions of its results
-    are. Both are called by a dispatch mode around each ATen call (``check`` is that mode on
-    its own).
+    ``carry = before(func, args)`` and ``after(carry, args, out)`` are called by a dispatch
+    mode around each ATen call (``check`` is that mode on its own); ``finish(y)`` raises
+    ``BatchInteractionError`` if ``f``'s result ``y`` depends on an op that combined samples.
+    Raising at the end, not at the op, lets a combination that only seeds a backward pass
+    inside ``f`` pass: ``grad(energy(x).sum(), x)`` is per sample, though the sum is not.
     """
 
-    def __init__(self, x: torch.Tensor, batch_dims: int, f: object = None) -> None:
-        self.x, self.batch_dims, self.f = x, batch_dims, f
+    def __init__(self, x: torch.Tensor, batch_dims: int) -> None:
+        self.x, self.batch_dims = x, batch_dims
         axes = tuple((d, x.shape[d], 1) for d in range(batch_dims) if x.shape[d] > 1)
         # id -> (tensor, axes); the tensor is held so that its id stays unique while watched
         self.known: dict[int, tuple[torch.Tensor, Axes]] = {id(x): (x, axes)} if axes else {}
+        # id -> (tensor, message): results that depend on samples combined by some op
+        self.mixed: dict[int, tuple[torch.Tensor, str]] = {}
+        self.pending: str | None = None  # the message for the results of the current op
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
         return entry[1] if entry is not None and entry[0] is t else None
 
     def before(self, func: Any, args: Sequence[Any]) -> Carry | None:
-        """Raise ``BatchInteractionError`` if ``func(*args)`` combines samples in a way that
-        derivatives see (not under ``no_grad``, whose results are constants); else the rule
-        that ``after`` applies to its results (``None``: nothing to follow)."""
+        """The rule that ``after`` applies to ``func``'s results (``None``: nothing to note,
+        e.g. under ``no_grad``, whose results are constants); notes whether ``func`` combines
+        samples in a way derivatives see, or reads a result that did."""
+        self.pending = None
         if not self.known or not torch.is_grad_enabled():
             return None
         rules = _rules.get(func)  # one lookup per op: hashing an OpOverload costs 0.4 us
         if rules is None:
             rules = _rules[func] = (_MIXING.get(func), _CARRY.get(func) or _kind(func))
         mixing, carry = rules
-        if mixing is not None:
+        if self.mixed and func not in _VALUE_FREE:
+            self.pending = self._mixed_in(args)
+        if self.pending is None and mixing is not None:
             what = mixing(self, args)
             if what is not None:
-                raise BatchInteractionError(self.message(func, what))
+                self.pending = self.message(func, what)
         return carry
 
     def after(self, carry: Carry | None, args: Sequence[Any], out: Any) -> None:
         """Note the batch dimensions of the results ``out`` by the rule ``before`` gave (none:
-        not followed further)."""
+        not followed further), and whether they depend on combined samples."""
         if carry is None:
             return
         result = carry(self, args, out)
-        if isinstance(out, torch.Tensor):
-            self._note(out, result[0] if result else None)
-            return
-        for i, t in enumerate(out if isinstance(out, list | tuple) else ()):
+        outs = (out,) if isinstance(out, torch.Tensor) else out
+        for i, t in enumerate(outs if isinstance(outs, list | tuple) else ()):
             if isinstance(t, torch.Tensor):
                 self._note(t, result[i] if result and i < len(result) else None)
+                if self.pending is not None:
+                    self.mixed[id(t)] = (t, self.pending)
+
+    def finish(self, y: Any) -> None:
+        """Raise ``BatchInteractionError`` if ``f``'s result ``y`` (a tensor or a tree of
+        them) depends on samples that an op combined."""
+        if self.mixed:
+            message = self._mixed_in(tree_leaves(y))
+            if message is not None:
+                raise BatchInteractionError(message)
+
+    def _mixed_in(self, args: Sequence[Any]) -> str | None:
+        for a in args:
+            for t in a if isinstance(a, list | tuple) else (a,):
+                entry = self.mixed.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if entry is not None and entry[0] is t:
+                    return entry[1]
+        return None
 
     def _note(self, t: torch.Tensor, axes: Axes | None) -> None:
         if axes and t.is_floating_point():
@@ -212,8 +237,10 @@ def check_empty_event(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_d
     element a sample), evaluate ``f`` once more, without autograd, watched by ``check``.
     Only an elementwise ``f`` is then batch independent, and the problem is small."""
     if x.dim() == batch_dims and x.numel() > 1 and not allowed():
-        with torch.enable_grad(), check(x, batch_dims):  # grad: no_grad blocks in f show
-            f(x)
+        with torch.enable_grad(), check(x, batch_dims) as mode:  # no_grad blocks in f show
+            y = f(x)
+            if mode.tracker is not None:
+                mode.tracker.finish(y)
 
 
 _BATCH_NORM_NODES = {
@@ -484,6 +511,21 @@ _CARRY: dict[Any, Carry] = {
     aten.cat.default: _cat,
 }
 _rules: dict[Any, tuple[Mixing | None, Carry]] = {}  # each op's two rules, as first met
+# results that do not depend on their argument's values: a gradient seed ones_like(loss)
+_VALUE_FREE = {
+    aten.detach.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.full_like.default,
+    aten.empty_like.default,
+    aten.rand_like.default,
+    aten.randn_like.default,
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_full.default,
+    aten.new_empty.default,
+    aten.new_empty_strided.default,
+}
 
 
 def _kind(func: Any) -> Carry:

@@ -74,6 +74,12 @@ class OpSizes(TorchDispatchMode):
                 self.widest = max(self.widest, leaf.numel())
         return out
 
+    def finish(self, y: Any) -> None:
+        """Raise ``BatchInteractionError`` if ``f``'s result ``y`` depends on combined
+        samples (``BatchAxes.finish``)."""
+        if self.axes is not None:
+            self.axes.finish(y)
+
     def __exit__(self, *exc: Any) -> None:
         self.axes = None  # let go of the tensors it followed
         super().__exit__(*exc)
