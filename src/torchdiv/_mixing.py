@@ -4,8 +4,9 @@ Every operator probes the batched ``f`` with vectors broadcast across the batch 
 [Batching over basis vectors] in ``torchdiv._basis``), which is right only if sample ``b`` of
 ``f(x)`` depends on sample ``b`` of ``x`` alone. ``BatchAxes`` follows the batch dimensions of
 ``x`` through the ATen calls ``f`` makes, inside dispatch modes that watch ``f`` anyway (the
-structured recorder, ``_plan.OpSizes``), and raises ``BatchInteractionError`` when one is
-positively combined across samples:
+structured recorder, ``_plan.OpSizes``), and raises ``BatchInteractionError`` when the result
+of ``f`` depends on an op that positively combined one across samples (a sum that only seeds
+a backward pass inside ``f``, as in ``grad(energy(x).sum(), x)``, does not count):
 
 * a matrix product contracting it (``Linear`` applied to an unbatched ``x``, whose samples
   are then the features; ``batch_dims`` set too high);
