@@ -89,7 +89,7 @@ class BatchAxes:
     which tensors depend on a combination of samples.
 
     ``carry = before(func, args)`` and ``after(carry, args, out)`` are called by a dispatch
-    mode around each ATen call (``check`` is that mode on its own); ``finish(y)`` raises
+    mode around each ATen call (``Watching`` is that mode on its own); ``finish(y)`` raises
     ``BatchInteractionError`` if ``f``'s result ``y`` depends on an op that combined samples.
     Raising at the end, not at the op, lets a combination that only seeds a backward pass
     inside ``f`` pass: ``grad(energy(x).sum(), x)`` is per sample, though the sum is not.
@@ -212,9 +212,9 @@ def _module_in_stack() -> str | None:
     return None
 
 
-class check(TorchDispatchMode):
-    """Watch ``f`` with ``BatchAxes`` alone: ``with check(x, batch_dims): f(x)`` (nothing when
-    ``allow_batch_interaction()`` is active)."""
+class Watching(TorchDispatchMode):
+    """Watch ``f`` with ``BatchAxes`` alone: ``with Watching(x, batch_dims): f(x)`` (nothing
+    when ``allow_batch_interaction()`` is active)."""
 
     def __init__(self, x: torch.Tensor, batch_dims: int) -> None:
         super().__init__()
@@ -235,10 +235,11 @@ class check(TorchDispatchMode):
 
 def check_empty_event(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) -> None:
     """For an engine that does not watch ``f``: when ``x`` has no event dimensions (every
-    element a sample), evaluate ``f`` once more, without autograd, watched by ``check``.
-    Only an elementwise ``f`` is then batch independent, and the problem is small."""
+    element a sample), evaluate ``f`` once more, watched by ``Watching`` (with grad enabled,
+    so that ``no_grad`` blocks in ``f`` show as constants). Only an elementwise ``f`` is then
+    batch independent, and the problem is small."""
     if x.dim() == batch_dims and x.numel() > 1 and not allowed():
-        with torch.enable_grad(), check(x, batch_dims) as mode:  # no_grad blocks in f show
+        with torch.enable_grad(), Watching(x, batch_dims) as mode:  # no_grad blocks in f show
             y = f(x)
             if mode.tracker is not None:
                 mode.tracker.finish(y)
