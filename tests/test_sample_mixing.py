@@ -312,3 +312,47 @@ def test_the_check_reports_what_the_operators_refuse() -> None:
         with pytest.raises(BatchInteractionError, match="check_batch_independence: samples"):
             torchdiv.check_batch_independence(f, x, batch_dims=bd)
     assert math.isfinite(float(torchdiv.divergence(torch.sin, torch.zeros(2)).sum()))
+
+
+def _weighted(f, x, **kwargs):
+    n = x[(0,) * kwargs.get("batch_dims", 1)].numel()
+    return torchdiv.weighted_laplacian(f, x, diffusion=torch.eye(n, dtype=f64), **kwargs)
+
+
+SECOND_ORDER = {
+    "weighted_laplacian": _weighted,
+    "biharmonic": torchdiv.biharmonic,
+    "value_grad_laplacian": torchdiv.value_grad_laplacian,
+    "graph_laplacian": _graph(torchdiv.graph_laplacian),
+}
+
+
+@pytest.mark.parametrize("name", SECOND_ORDER)
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse"])
+def test_second_order_operators_too(name: str, method: str) -> None:
+    options = {} if name == "graph_laplacian" else {"method": method}
+    call = SECOND_ORDER[name]
+    train_bn = r"batch norm in train mode.*model\.eval\(\)"
+    with pytest.raises(BatchInteractionError, match=rf"^{name}: f mixes samples.*{train_bn}"):
+        call(_bn_net(), torch.randn(8, 3, dtype=f64), **options)
+    with pytest.raises(BatchInteractionError, match=rf"^{name}: f mixes samples.*batch_dims=2"):
+        call(_net(), torch.randn(8, 3, dtype=f64), batch_dims=2, **options)
+
+
+def test_a_sum_that_only_seeds_a_backward_pass_is_not_mixing() -> None:
+    # a score model: grad(energy(x).sum(), x) is per sample, though the sum is over the batch
+    torch.manual_seed(4)
+    energy = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1)).to(f64)
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x if x.requires_grad else x.requires_grad_(True)
+            return torch.autograd.grad(energy(x).sum(), x, create_graph=True)[0]
+
+    x = torch.randn(64, 16, dtype=f64)
+    expected = torchdiv.laplacian(lambda z: energy(z).squeeze(-1), x, method="taylor")
+    for method in ("auto", "reverse"):
+        assert_close(torchdiv.divergence(score, x, method=method), expected)
+    # but a sum that reaches the output mixes samples
+    with pytest.raises(BatchInteractionError, match="a sum of all elements"):
+        torchdiv.divergence(lambda z: score(z) * energy(z).sum(), x)

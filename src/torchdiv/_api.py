@@ -99,6 +99,13 @@ def jacobian(
         TypeError: ``f`` not callable, ``x`` or ``f(x)`` not a floating tensor.
         ValueError: ``batch_dims`` out of range, ``f`` changed the batch shape, unknown
             ``method``, ``chunk_size < 1``.
+        BatchInteractionError: (a ``ValueError``) ``f`` mixes samples where torchdiv sees it
+            (train-mode batch norm, a product or reduction over a batch dimension, e.g. an
+            unbatched ``x`` with ``batch_dims=1``); ``torchdiv.allow_batch_interaction()``
+            turns it off. Not checked by the explicit methods or on tiny ``"auto"`` problems
+            with an event (README, "How it works"); ``check_batch_independence`` tests any ``f``.
+        Exception: whatever ``f`` raises, same type, its message followed by the call's
+            shapes, dtypes, method and engine and a hint (``raise ... from`` the original).
 
     Example:
         >>> A = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
@@ -155,6 +162,7 @@ def jacobian_diagonal(
     Raises:
         ValueError: as ``jacobian``, and when the per-sample Jacobian is not square; probe
             options with an exact method (see ``divergence``).
+        BatchInteractionError: ``f`` mixes samples, see ``jacobian``.
         NotImplementedError: ``method="structured"`` met an op it has no rule for.
 
     Example:
@@ -248,6 +256,7 @@ def divergence(
     Raises:
         TypeError, ValueError: see ``jacobian``; also for a non-square Jacobian, probe options
             given with an exact method, and bad probe options (see ``estimate_trace``).
+        BatchInteractionError: ``f`` mixes samples, see ``jacobian``.
         NotImplementedError: ``method="structured"`` met an op it has no rule for.
 
     Example:

@@ -236,6 +236,7 @@ def _watched(
     unwatched = contextlib.nullcontext()
     with sizes if watch else unwatched, changes if watch and changes is not None else unwatched:
         engine = build()
+        sizes.finish(engine.y)
     return engine, sizes
 
 

@@ -94,6 +94,8 @@ def graph_jacobian(
         ValueError: ``x`` does not require grad, ``y`` was not computed from ``x``, batch shapes
             differ, ``batch_dims`` out of range or ``chunk_size < 1``.
         TypeError: ``x`` or ``y`` not a floating tensor.
+        BatchInteractionError: the graph holds a train-mode batch norm, or ``x`` has no event
+            dimensions and ``y``'s samples depend on each other (module docstring).
 
     Example:
         >>> x = torch.randn(4, 3, requires_grad=True)
@@ -142,6 +144,7 @@ def graph_divergence(
     Raises:
         ValueError, TypeError: as ``graph_jacobian``; also an unknown ``method`` and a
             non-square per-sample Jacobian.
+        BatchInteractionError: as ``graph_jacobian``.
 
     Example:
         >>> x = torch.randn(5, 3, requires_grad=True)

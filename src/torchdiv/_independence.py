@@ -43,6 +43,12 @@ def check_batch_independence(
     probability ``(3/4)**32 < 1e-4``, whatever the dtype. ``f`` is called once (a train-mode
     BatchNorm updates its running statistics once, as in any forward pass).
 
+    The operators themselves raise ``BatchInteractionError`` when they see ``f`` mix samples
+    in the ops they already watch (``torchdiv._mixing``: train-mode batch norm, products and
+    reductions over a batch dimension), but not everywhere: not for the explicit
+    ``"forward"``/``"reverse"`` methods, tiny ``"auto"`` problems or ops the analysis does not
+    follow (indexing, fused attention). This test needs none of that: run it once per model.
+
     Args:
         f: the batched function to test.
         x: a representative input; its first ``batch_dims`` dimensions index samples.

@@ -126,6 +126,8 @@ def laplacian(
             ``num_probes``, ``probe`` or ``probes`` shape; any of ``num_probes``,
             ``generator``, ``probe``, ``probes`` given to an exact method.
         NotImplementedError: ``method="taylor"`` met an op without a rule.
+        BatchInteractionError: ``f`` mixes samples (seen by the Taylor recorder of ``"auto"``,
+            ``"taylor"`` and ``"hutchinson"``; see ``torchdiv.jacobian``).
 
     Example:
         >>> x = torch.randn(5, 3, dtype=torch.float64)

@@ -4,8 +4,9 @@ Every operator probes the batched ``f`` with vectors broadcast across the batch 
 [Batching over basis vectors] in ``torchdiv._basis``), which is right only if sample ``b`` of
 ``f(x)`` depends on sample ``b`` of ``x`` alone. ``BatchAxes`` follows the batch dimensions of
 ``x`` through the ATen calls ``f`` makes, inside dispatch modes that watch ``f`` anyway (the
-structured recorder, ``_plan.OpSizes``), and raises ``BatchInteractionError`` when one is
-positively combined across samples:
+structured recorder, ``_plan.OpSizes``), and raises ``BatchInteractionError`` when the result
+of ``f`` depends on an op that positively combined one across samples (a sum that only seeds
+a backward pass inside ``f``, as in ``grad(energy(x).sum(), x)``, does not count):
 
 * a matrix product contracting it (``Linear`` applied to an unbatched ``x``, whose samples
   are then the features; ``batch_dims`` set too high);
@@ -35,11 +36,14 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from torchdiv._independence import BatchInteractionError
 
 aten = torch.ops.aten
-Axes = tuple[tuple[int, int], ...]  # (position, size) of each batch dimension of a tensor
+# each batch dimension of a tensor as (position, size, inner): along dimension ``position``,
+# the sample index is ``(index // inner) % size``
+Axes = tuple[tuple[int, int, int], ...]
 
 _state = threading.local()
 
@@ -58,8 +62,14 @@ def allow_batch_interaction() -> Iterator[None]:
     Example:
         >>> import torchdiv
         >>> bn = torch.nn.BatchNorm1d(3)  # train mode: normalises with batch statistics
+        >>> torchdiv.divergence(bn, torch.randn(4, 3))
+        Traceback (most recent call last):
+        ...
+        torchdiv._independence.BatchInteractionError: divergence: f mixes samples: a batch norm...
         >>> with torchdiv.allow_batch_interaction():
         ...     div = torchdiv.divergence(bn, torch.randn(4, 3))
+        >>> div.shape
+        torch.Size([4])
     """
     before = allowed()
     _state.allowed = True
@@ -75,50 +85,82 @@ def allowed() -> bool:
 
 
 class BatchAxes:
-    """The batch dimensions of every tensor computed from ``x`` by ops it understands.
+    """The batch dimensions of every tensor computed from ``x`` by ops it understands, and
+    which tensors depend on a combination of samples.
 
-    ``before(func, args)`` raises ``BatchInteractionError`` if ``func`` would combine samples;
-    ``after(func, args, out)`` records where the batch dimensions of its results are. Both are
-    called by a dispatch mode around each ATen call (``check`` is that mode on its own).
+    ``carry = before(func, args)`` and ``after(carry, args, out)`` are called by a dispatch
+    mode around each ATen call (``Watching`` is that mode on its own); ``finish(y)`` raises
+    ``BatchInteractionError`` if ``f``'s result ``y`` depends on an op that combined samples.
+    Raising at the end, not at the op, lets a combination that only seeds a backward pass
+    inside ``f`` pass: ``grad(energy(x).sum(), x)`` is per sample, though the sum is not.
     """
 
-    def __init__(self, x: torch.Tensor, batch_dims: int, f: object = None) -> None:
-        self.x, self.batch_dims, self.f = x, batch_dims, f
-        axes = tuple((d, x.shape[d]) for d in range(batch_dims) if x.shape[d] > 1)
+    def __init__(self, x: torch.Tensor, batch_dims: int) -> None:
+        self.x, self.batch_dims = x, batch_dims
+        axes = tuple((d, x.shape[d], 1) for d in range(batch_dims) if x.shape[d] > 1)
         # id -> (tensor, axes); the tensor is held so that its id stays unique while watched
         self.known: dict[int, tuple[torch.Tensor, Axes]] = {id(x): (x, axes)} if axes else {}
+        # id -> (tensor, message): results that depend on samples combined by some op
+        self.mixed: dict[int, tuple[torch.Tensor, str]] = {}
+        self.pending: str | None = None  # the message for the results of the current op
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
         return entry[1] if entry is not None and entry[0] is t else None
 
-    def before(self, func: Any, args: Sequence[Any]) -> None:
-        """Raise ``BatchInteractionError`` if ``func(*args)`` combines samples in a way that
-        derivatives see (not under ``no_grad``, whose results are constants)."""
+    def before(self, func: Any, args: Sequence[Any]) -> Carry | None:
+        """The rule that ``after`` applies to ``func``'s results (``None``: nothing to note,
+        e.g. under ``no_grad``, whose results are constants); notes whether ``func`` combines
+        samples in a way derivatives see, or reads a result that did."""
+        self.pending = None
         if not self.known or not torch.is_grad_enabled():
-            return
-        rule = _MIXING.get(func)
-        if rule is None:
-            return
-        what = rule(self, args)
-        if what is not None:
-            raise BatchInteractionError(self.message(func, what))
+            return None
+        rules = _rules.get(func)  # one lookup per op: hashing an OpOverload costs 0.4 us
+        if rules is None:
+            rules = _rules[func] = (_MIXING.get(func), _CARRY.get(func) or _kind(func))
+        mixing, carry = rules
+        if self.mixed and func not in _VALUE_FREE:
+            self.pending = self._mixed_in(args)
+        if self.pending is None and mixing is not None:
+            what = mixing(self, args)
+            if what is not None:
+                self.pending = self.message(func, what)
+        return carry
 
-    def after(self, func: Any, args: Sequence[Any], out: Any) -> None:
-        """Note the batch dimensions of ``func``'s results (none: not tracked further; results
-        computed under ``no_grad`` or ``detach``-ed are constants)."""
-        if not self.known:
+    def after(self, carry: Carry | None, args: Sequence[Any], out: Any) -> None:
+        """Note the batch dimensions of the results ``out`` by the rule ``before`` gave (none:
+        not followed further), and whether they depend on combined samples."""
+        if carry is None:
             return
-        rule = _CARRY.get(func) if torch.is_grad_enabled() else _untracked
-        if rule is None:
-            rule = _kind(func)
-        result = rule(self, args, out)
-        outs = out if isinstance(out, list | tuple) else (out,)
-        for t, axes in zip(outs, result or (), strict=False):
-            if isinstance(t, torch.Tensor) and axes and t.is_floating_point():
-                self.known[id(t)] = (t, axes)
-            elif isinstance(t, torch.Tensor) and id(t) in self.known:
-                del self.known[id(t)]  # an in-place op the analysis cannot follow
+        result = carry(self, args, out)
+        outs = (out,) if isinstance(out, torch.Tensor) else out
+        for i, t in enumerate(outs if isinstance(outs, list | tuple) else ()):
+            if isinstance(t, torch.Tensor):
+                self._note(t, result[i] if result and i < len(result) else None)
+                if self.pending is not None:
+                    self.mixed[id(t)] = (t, self.pending)
+
+    def finish(self, y: Any) -> None:
+        """Raise ``BatchInteractionError`` if ``f``'s result ``y`` (a tensor or a tree of
+        them) depends on samples that an op combined."""
+        if self.mixed:
+            message = self._mixed_in(tree_leaves(y))
+            if message is not None:
+                raise BatchInteractionError(message)
+
+    def _mixed_in(self, args: Sequence[Any]) -> str | None:
+        for a in args:
+            for t in a if isinstance(a, list | tuple) else (a,):
+                entry = self.mixed.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if entry is not None and entry[0] is t:
+                    return entry[1]
+        return None
+
+    def _note(self, t: torch.Tensor, axes: Axes | None) -> None:
+        if axes and t.is_floating_point():
+            self.known[id(t)] = (t, axes)
+        elif id(t) in self.known:
+            del self.known[id(t)]  # an in-place op the analysis cannot follow
 
     def message(self, func: Any, what: str) -> str:
         module = _module_in_stack()
@@ -170,20 +212,20 @@ def _module_in_stack() -> str | None:
     return None
 
 
-class check(TorchDispatchMode):
-    """Watch ``f`` with ``BatchAxes`` alone: ``with check(x, batch_dims): f(x)`` (nothing when
-    ``allow_batch_interaction()`` is active)."""
+class Watching(TorchDispatchMode):
+    """Watch ``f`` with ``BatchAxes`` alone: ``with Watching(x, batch_dims): f(x)`` (nothing
+    when ``allow_batch_interaction()`` is active)."""
 
     def __init__(self, x: torch.Tensor, batch_dims: int) -> None:
         super().__init__()
         self.tracker = None if allowed() else BatchAxes(x, batch_dims)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if self.tracker is not None:
-            self.tracker.before(func, args)
+        if self.tracker is None:
+            return func(*args, **(kwargs or {}))
+        carry = self.tracker.before(func, args)
         out = func(*args, **(kwargs or {}))
-        if self.tracker is not None:
-            self.tracker.after(func, args, out)
+        self.tracker.after(carry, args, out)
         return out
 
     def __exit__(self, *exc: Any) -> None:
@@ -193,11 +235,14 @@ class check(TorchDispatchMode):
 
 def check_empty_event(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) -> None:
     """For an engine that does not watch ``f``: when ``x`` has no event dimensions (every
-    element a sample), evaluate ``f`` once more, without autograd, watched by ``check``.
-    Only an elementwise ``f`` is then batch independent, and the problem is small."""
+    element a sample), evaluate ``f`` once more, watched by ``Watching`` (with grad enabled,
+    so that ``no_grad`` blocks in ``f`` show as constants). Only an elementwise ``f`` is then
+    batch independent, and the problem is small."""
     if x.dim() == batch_dims and x.numel() > 1 and not allowed():
-        with torch.enable_grad(), check(x, batch_dims):  # grad: no_grad blocks in f show
-            f(x)
+        with torch.enable_grad(), Watching(x, batch_dims) as mode:  # no_grad blocks in f show
+            y = f(x)
+            if mode.tracker is not None:
+                mode.tracker.finish(y)
 
 
 _BATCH_NORM_NODES = {
@@ -281,42 +326,44 @@ def _aligned(t: torch.Tensor, axes: Axes, out: torch.Tensor) -> Axes:
     """``t``'s batch dimensions in ``out``, with shapes aligned at the right (broadcasting)."""
     shift = out.dim() - t.dim()
     return tuple(
-        (q + shift, s)
-        for q, s in axes
+        (q + shift, s, inner)
+        for q, s, inner in axes
         if 0 <= q + shift < out.dim() and out.shape[q + shift] == t.shape[q]
     )
 
 
 def _pointwise(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """Broadcasting: every tracked argument's batch dimensions, aligned at the right."""
     outs = out if isinstance(out, list | tuple) else (out,)
     result: list[Axes | None] = []
     for o in outs:
-        if not isinstance(o, torch.Tensor):
-            result.append(None)
-            continue
-        found: dict[int, int] = {}
-        for a in args:
-            axes = tr.axes(a)
-            if axes:
-                found.update(_aligned(a, axes, o))
-        result.append(tuple(sorted(found.items())))
+        found: Axes | None = None
+        if isinstance(o, torch.Tensor):
+            for a in args:
+                axes = tr.axes(a)
+                if axes:
+                    mapped = axes if a.shape == o.shape else _aligned(a, axes, o)
+                    found = mapped if found is None else tuple(sorted({*found, *mapped}))
+        result.append(found)
     return result
 
 
 def _reshaped(t: torch.Tensor, axes: Axes, out: torch.Tensor) -> Axes:
-    """Batch dimensions through a reshape (same elements in the same order): the samples stay
-    the outermost factor of the dimension of ``out`` that starts after the same number of
-    elements."""
-    result = []
-    for q, s in axes:
-        before = math.prod(t.shape[:q])
-        prefix = 1
-        for p, size in enumerate(out.shape):
-            if prefix == before and size % s == 0 and size >= s:
-                result.append((p, s))
-                break
-            prefix *= size
-            if prefix > before:
+    """Batch dimensions through a reshape (same elements in the same order). A batch dimension
+    is a digit of the flat index with place value ``after`` (elements per sample index) and
+    ``size`` values; it survives in the dimension of ``out`` whose place values hold the
+    whole digit (merged with others, as ``(B, T, D) -> (B*T, D)`` merges ``B`` and ``T``),
+    else its tracking ends."""
+    result: list[tuple[int, int, int]] = []
+    if out.numel() == 0:
+        return ()
+    for q, size, inner in axes:
+        after = inner * math.prod(t.shape[q + 1 :])
+        rest = out.numel()
+        for p, n in enumerate(out.shape):
+            rest //= max(n, 1)  # place value of dimension p's index
+            if after % rest == 0 and (rest * n) % (after * size) == 0:
+                result.append((p, size, after // rest))
                 break
     return tuple(result)
 
@@ -342,7 +389,7 @@ def _permute(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
         d0, d1 = args[1] % n, args[2] % n
         order[d0], order[d1] = order[d1], order[d0]
     where = {src: dst for dst, src in enumerate(order)}
-    return [tuple(sorted((where[q], s) for q, s in axes))]
+    return [tuple(sorted((where[q], s, inner) for q, s, inner in axes))]
 
 
 def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -352,7 +399,7 @@ def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
     if not axes:
         return None
     dim = args[1] % t.dim()
-    return [tuple((q - (q > dim), s) for q, s in axes if q != dim)]
+    return [tuple((q - (q > dim), s, inner) for q, s, inner in axes if q != dim)]
 
 
 def _along(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -363,19 +410,19 @@ def _along(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | 
         return None
     dim = (args[1] if len(args) > 1 else 0) % t.dim()
     outs = out if isinstance(out, list | tuple) else (out,)
-    kept = tuple((q, s) for q, s in axes if q != dim)
-    return [tuple((q - (q > dim and o.dim() < t.dim()), s) for q, s in kept) for o in outs]
+    kept = [axis for axis in axes if axis[0] != dim]
+    return [tuple((q - (q > dim and o.dim() < t.dim()), s, i) for q, s, i in kept) for o in outs]
 
 
 def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
     tensors = [t for t in args[0] if isinstance(t, torch.Tensor)]
     dim = args[1] if len(args) > 1 else 0
-    found: dict[int, int] = {}
+    found: set[tuple[int, int, int]] = set()
     for t in tensors:
         axes = tr.axes(t)
         if axes and t.dim() == out.dim():
-            found.update((q, s) for q, s in axes if q != dim % out.dim())
-    return [tuple(sorted(found.items()))]
+            found.update(axis for axis in axes if axis[0] != dim % out.dim())
+    return [tuple(sorted(found))]
 
 
 def _first_like_input(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -386,27 +433,22 @@ def _first_like_input(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes
     return [_aligned(args[0], axes, first)] if axes and args[0].dim() == first.dim() else None
 
 
-def _mm(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
-    """``(n, k) @ (k, m)`` (with a bias for ``addmm``), batched over dimension 0 for ``bmm``:
+def _mm(biased: bool) -> Carry:
+    """``(n, k) @ (k, m)`` (after a bias for ``addmm``), batched over dimension 0 for ``bmm``:
     the left operand's row dimensions and the right one's column dimension carry over."""
-    *bias, a, b = args[:3] if func_has_bias(args) else args[:2]
-    found: dict[int, int] = {}
-    for t in bias:
-        axes = tr.axes(t)
-        if axes:
-            found.update(_aligned(t, axes, out))
-    for q, s in tr.axes(a) or ():
-        if q < a.dim() - 1:
-            found[q] = s
-    for q, s in tr.axes(b) or ():
-        if q == b.dim() - 1 or q < b.dim() - 2:
-            found[q] = s
-    return [tuple(sorted(found.items()))]
 
+    def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+        a, b = (args[1], args[2]) if biased else (args[0], args[1])
+        found: list[tuple[int, int, int]] = []
+        if biased and (axes := tr.axes(args[0])):
+            found += _aligned(args[0], axes, out)
+        if axes := tr.axes(a):
+            found += [axis for axis in axes if axis[0] < a.dim() - 1]
+        if axes := tr.axes(b):
+            found += [axis for axis in axes if axis[0] == b.dim() - 1 or axis[0] < b.dim() - 2]
+        return [tuple(sorted(set(found))) if len(found) > 1 else tuple(found)]
 
-def func_has_bias(args: Sequence[Any]) -> bool:
-    """``addmm(bias, a, b)``/``baddbmm``/``addmv``: three tensors before the scalars."""
-    return len(args) >= 3 and all(isinstance(a, torch.Tensor) for a in args[:3])
+    return rule
 
 
 def _reduced(op: Any) -> Carry:
@@ -426,7 +468,7 @@ def _reduced(op: Any) -> Carry:
             elif o.dim() == t.dim():
                 result.append(axes)
             else:
-                result.append(tuple((q - sum(d < q for d in dims), s) for q, s in axes))
+                result.append(tuple((q - sum(d < q for d in dims), s, i) for q, s, i in axes))
         return result
 
     return rule
@@ -470,14 +512,27 @@ _CARRY: dict[Any, Carry] = {
     aten.unbind.int: _along,
     aten.cat.default: _cat,
 }
-_kinds: dict[Any, Carry] = {}
+_rules: dict[Any, tuple[Mixing | None, Carry]] = {}  # each op's two rules, as first met
+# results that do not depend on their argument's values: a gradient seed ones_like(loss)
+_VALUE_FREE = {
+    aten.detach.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.full_like.default,
+    aten.empty_like.default,
+    aten.rand_like.default,
+    aten.randn_like.default,
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_full.default,
+    aten.new_empty.default,
+    aten.new_empty_strided.default,
+}
 
 
 def _kind(func: Any) -> Carry:
     """Elementwise ops (PyTorch's ``pointwise`` tag) broadcast; other ops end the tracking."""
-    if func not in _kinds:
-        _kinds[func] = _pointwise if torch.Tag.pointwise in func.tags else _untracked
-    return _kinds[func]
+    return _pointwise if torch.Tag.pointwise in func.tags else _untracked
 
 
 # ---- what combines samples (``before``) ----
@@ -505,7 +560,7 @@ def _reduced_dims(func: Any, args: Sequence[Any]) -> list[int]:
 
 def _batch_at(tr: BatchAxes, t: Any, dims: Sequence[int]) -> int | None:
     """A dimension among ``dims`` where ``t`` has samples, if any."""
-    for q, _ in tr.axes(t) or ():
+    for q, *_ in tr.axes(t) or ():
         if q in dims:
             return q
     return None
@@ -528,19 +583,22 @@ def _whole(name: str) -> Mixing:
     return rule
 
 
-def _contraction(tr: BatchAxes, args: Sequence[Any]) -> str | None:
-    """Matrix products: the left operand's last dimension and the right one's second to
-    last are summed over (a vector's only dimension)."""
-    a, b = args[1:3] if func_has_bias(args) else args[:2]
-    q = _batch_at(tr, a, [a.dim() - 1])
-    if q is None:
-        q = _batch_at(tr, b, [max(b.dim() - 2, 0)])
-        if q is None:
-            return None
-    t = a if _batch_at(tr, a, [a.dim() - 1]) is not None else b
-    return (
-        f"a matrix product summing over samples (dimension {q} of an operand of shape {_shape(t)})"
-    )
+def _contraction(biased: bool) -> Mixing:
+    """Matrix products sum over the left operand's last dimension and the right one's second
+    to last (a vector's only dimension)."""
+
+    def rule(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+        a, b = (args[1], args[2]) if biased else (args[0], args[1])
+        for t, summed in ((a, a.dim() - 1), (b, max(b.dim() - 2, 0))):
+            for q, *_ in tr.axes(t) or ():
+                if q == summed:
+                    return (
+                        f"a matrix product summing over samples (dimension {q} of an operand "
+                        f"of shape {_shape(t)})"
+                    )
+        return None
+
+    return rule
 
 
 def _batch_norm(training_arg: int) -> Mixing:
@@ -588,6 +646,7 @@ _MATRIX_PRODUCTS = {
     aten.dot.default,
     aten.vdot.default,
 }
+_BIASED = {aten.addmm.default, aten.baddbmm.default, aten.addmv.default}  # (bias, a, b)
 _REDUCTIONS = {
     aten.sum.dim_IntList: "sum",
     aten.mean.dim: "mean",
@@ -627,7 +686,7 @@ _BATCH_NORMS = {
     aten.miopen_batch_norm.default: 5,
 }
 _MIXING: dict[Any, Mixing] = {
-    **dict.fromkeys(_MATRIX_PRODUCTS, _contraction),
+    **{op: _contraction(op in _BIASED) for op in _MATRIX_PRODUCTS},
     **{op: _reduction(op, name) for op, name in _REDUCTIONS.items()},
     **{op: _whole(name) for op, name in _WHOLE.items()},
     **{op: _batch_norm(i) for op, i in _BATCH_NORMS.items()},
@@ -637,7 +696,7 @@ _MIXING: dict[Any, Mixing] = {
 }
 _CARRY.update(
     {
-        **dict.fromkeys(_MATRIX_PRODUCTS, _mm),
+        **{op: _mm(op in _BIASED) for op in _MATRIX_PRODUCTS},
         **{op: _reduced(op) for op in _REDUCTIONS},
         **dict.fromkeys(_BATCH_NORMS, _first_like_input),
         aten._native_batch_norm_legit_no_training.default: _first_like_input,

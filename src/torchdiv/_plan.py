@@ -60,11 +60,10 @@ class OpSizes(TorchDispatchMode):
         self.forward_rules = True
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if self.axes is not None:
-            self.axes.before(func, args)
+        carry = None if self.axes is None else self.axes.before(func, args)
         out = func(*args, **(kwargs or {}))
-        if self.axes is not None:
-            self.axes.after(func, args, out)
+        if carry is not None:
+            self.axes.after(carry, args, out)  # type: ignore[union-attr]
         self.convolves |= func in _CONVOLUTIONS
         self.forward_rules &= func not in _WITHOUT_FORWARD_RULE
         for leaf in tree_leaves(out):
@@ -74,6 +73,12 @@ class OpSizes(TorchDispatchMode):
             ):
                 self.widest = max(self.widest, leaf.numel())
         return out
+
+    def finish(self, y: Any) -> None:
+        """Raise ``BatchInteractionError`` if ``f``'s result ``y`` depends on combined
+        samples (``BatchAxes.finish``)."""
+        if self.axes is not None:
+            self.axes.finish(y)
 
     def __exit__(self, *exc: Any) -> None:
         self.axes = None  # let go of the tensors it followed

@@ -16,6 +16,7 @@ the public function's name in front.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -61,15 +62,18 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
     call's arguments (``f``, ``x``, ``batch_dims``, ``method``; ``evaluate``, ``f`` as a
     function of ``x`` alone, if it is not ``f``)."""
     if isinstance(exc, BatchInteractionError):
-        return None if str(exc).startswith(f"{fn}:") else BatchInteractionError(f"{fn}: {exc}")
-    if not raised_by_f(exc):
+        if str(exc).startswith(f"{fn}:"):
+            return None
+        return BatchInteractionError(f"{fn}: {_unnamed(str(exc))}")
+    nested = getattr(exc, "_torchdiv_context", False)  # a public call inside this one's
+    if not raised_by_f(exc) and not nested:
         return None
     if "captured Tensor" in str(exc):  # a transform refused an update f makes
         evaluate = options.get("evaluate", options["f"])
         mixing = recorded_mixing(evaluate, options["x"], options["batch_dims"])
         if mixing is not None:
             return BatchInteractionError(f"{fn}: {mixing}")
-    return in_context(fn, call, exc, options)
+    return None if nested else in_context(fn, call, exc, options)
 
 
 def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> Exception:
@@ -88,9 +92,12 @@ def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> E
     if hint:
         text += f"\nHint: {hint}"
     try:
-        return type(exc)(text)
+        new = type(exc)(text)
     except Exception:  # an exception type that wants other arguments: keep the original
         return exc
+    with contextlib.suppress(AttributeError):
+        new._torchdiv_context = True  # type: ignore[attr-defined]
+    return new
 
 
 def _hint(message: str, f: Any, x: torch.Tensor, call: str) -> str | None:
@@ -124,6 +131,13 @@ def _hint(message: str, f: Any, x: torch.Tensor, call: str) -> str | None:
     return None
 
 
+def _unnamed(message: str) -> str:
+    """A ``BatchInteractionError`` message without the names of the public calls it passed
+    through (``"laplacian: f mixes samples: ..."`` from a call nested in ``biharmonic``)."""
+    at = message.find("f mixes samples")
+    return message[at:] if at > 0 else message
+
+
 def _modules(f: Any) -> list[torch.nn.Module]:
     """``f`` if it is a module, else the modules its closure holds (``lambda x: net(x)``)."""
     if isinstance(f, torch.nn.Module):
@@ -141,7 +155,7 @@ def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
     try:
         capture(f, x, RULES, batch_dims=batch_dims).undo()
     except BatchInteractionError as exc:
-        return str(exc)
+        return _unnamed(str(exc))
     except Exception:  # f fails otherwise: the original error stands
         return None
     return None

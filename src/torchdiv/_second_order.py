@@ -51,7 +51,9 @@ from torchdiv._laplacian import (
     _zeros_like_output,
     laplacian,
 )
+from torchdiv._mixing import check_empty_event
 from torchdiv._modes import outside_inference_mode
+from torchdiv._reporting import reported
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
 
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -59,6 +61,7 @@ SWEEP_METHODS = ("auto", "taylor", "forward-over-reverse")
 
 
 @outside_inference_mode
+@reported("weighted_laplacian")
 def weighted_laplacian(
     f: Function,
     x: torch.Tensor,
@@ -122,6 +125,7 @@ def weighted_laplacian(
     if method != "hutchinson":
         check_exact_options(fn, method, num_probes, generator, probe)
     g = checked(fn, f, x, batch_dims, square=False)
+    check_empty_event(g, x, batch_dims)  # x's, which the shifted function's event hides
     matrix = matrix.to(x.dtype)
     if name == "diffusion" and matrix.requires_grad and torch.is_grad_enabled():
         options = (num_probes, generator, probe)
@@ -198,6 +202,7 @@ def _mixed(
 
 
 @outside_inference_mode
+@reported("biharmonic")
 def biharmonic(
     f: Function,
     x: torch.Tensor,
@@ -267,6 +272,7 @@ class ValueGradLaplacian(NamedTuple):
 
 
 @outside_inference_mode
+@reported("value_grad_laplacian")
 def value_grad_laplacian(
     f: Function,
     x: torch.Tensor,
@@ -315,7 +321,7 @@ def value_grad_laplacian(
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
     if method != "forward-over-reverse" and x.numel() > 0:
-        graph = capture(g, x, RULES)
+        graph = capture(g, x, RULES, batch_dims=batch_dims)
         try:
             if graph.unsupported:
                 raise UnsupportedOp(", ".join(sorted(set(graph.unsupported))))

@@ -399,6 +399,7 @@ def log_likelihood(
         ImportError: ``torchdiffeq`` is not installed (``pip install 'torchdiv[ode]'``).
         TypeError, ValueError: bad arguments (named, with shapes), ``f(t, z)`` not shaped
             like ``z``, ``base_log_prob(z)`` not of shape ``x.shape[:batch_dims]``.
+        BatchInteractionError: ``f`` mixes samples (see ``torchdiv.jacobian``).
 
     Example:
         >>> import math

@@ -27,6 +27,7 @@ from torch._decomp import core_aten_decompositions
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from torchdiv._independence import BatchInteractionError
 from torchdiv._mixing import BatchAxes, tracker
 from torchdiv._modes import SafeDerivatives, math_attention
 from torchdiv._taylor.tree import leaves, map_leaves
@@ -159,8 +160,7 @@ class _Recorder(TorchDispatchMode):
         touches_x = self.depends(args, kwargs)
         reads_x = touches_x and func not in _CONSTANT_RESULTS
         depends = reads_x and torch.is_grad_enabled()
-        if self.axes is not None:
-            self.sample_mixing(func, args)
+        carry = None if self.axes is None else self.axes.before(func, args)
         self.refuse(func, touches_x)
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
             with self:
@@ -172,8 +172,8 @@ class _Recorder(TorchDispatchMode):
             self.before_writes(func, written, depends)
         self.keep_generator(func, kwargs)
         out = func(*args, **kwargs)
-        if self.axes is not None:
-            self.axes.after(func, args, out)
+        if carry is not None:
+            self.axes.after(carry, args, out)  # type: ignore[union-attr]
         outs = leaves(out)
         if not written:
             self.note_reads(args, kwargs, outs)
@@ -197,15 +197,6 @@ class _Recorder(TorchDispatchMode):
                     self.graph.widest = max(self.graph.widest, leaf.numel())
         self.alive.append(out)
         return out
-
-    def sample_mixing(self, func: Any, args: Any) -> None:
-        """Raise ``BatchInteractionError`` if ``func`` mixes samples (``torchdiv._mixing``),
-        after putting back what recording changed so far (a batch norm's step counter)."""
-        try:
-            self.axes.before(func, args)  # type: ignore[union-attr]
-        except BaseException:
-            self.graph.undo()
-            raise
 
     def refuse(self, func: Any, touches_x: bool) -> None:
         """Note what no replay can reproduce: a backward pass inside ``f`` (a score function
@@ -360,7 +351,13 @@ def capture(
     safe = SafeDerivatives(1, "method='auto'")
     with torch.enable_grad(), _set_fwd_grad_enabled(True), math_attention(), safe, recorder:
         y = f(x)
-    recorder.axes = None  # let go of the tensors it followed
+    if recorder.axes is not None:
+        try:
+            recorder.axes.finish(y)
+        except BatchInteractionError:
+            recorder.graph.undo()  # a batch norm's statistics and step counter
+            raise
+        recorder.axes = None  # let go of the tensors it followed
     recorder.graph.output = map_leaves(recorder.ref, y)
     recorder.graph.output_shape = tuple(y.shape)
     if keep_values and not recorder.mutated:
