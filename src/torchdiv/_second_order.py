@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from torchdiv import _trace
+from torchdiv import _loop, _trace
 from torchdiv._along import along
 from torchdiv._api import jacobian
 from torchdiv._basis import basis, chunks
@@ -43,6 +43,7 @@ from torchdiv._checks import (
 from torchdiv._laplacian import (
     _METHODS,
     CHUNK_ELEMENTS,
+    LOOP_INPUTS,
     METHODS,
     _forward_over_reverse,
     _hessian_products,
@@ -296,8 +297,9 @@ def value_grad_laplacian(
     Args:
         f, x, batch_dims: as in ``laplacian``.
         method: ``"auto"`` (the Taylor engine, or ``f(x)``, ``jacobian`` and
-            ``"forward-over-reverse"`` separately where an op has no Taylor rule),
-            ``"taylor"`` or ``"forward-over-reverse"``.
+            ``"forward-over-reverse"`` separately where an op has no Taylor rule; at one or
+            two inputs the loop of backward passes, as ``laplacian``), ``"taylor"`` or
+            ``"forward-over-reverse"``.
         chunk_size: at most this many directions in flight (``None``: as ``laplacian``).
 
     Returns:
@@ -320,6 +322,11 @@ def value_grad_laplacian(
     check_method(fn, method, SWEEP_METHODS)
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
+    if method == "auto" and x.numel() > 0 and event_numel(x, batch_dims) <= LOOP_INPUTS:
+        value, jac, lap = _loop.value_grad_laplacian(g, x, batch_dims)
+        if bool(lap.isfinite().all()):  # else: a NaN double backward (see laplacian's _loop)
+            shape = (*x.shape[:batch_dims], *value.shape[batch_dims:], *x.shape[batch_dims:])
+            return ValueGradLaplacian(value, jac.reshape(shape), lap)
     if method != "forward-over-reverse" and x.numel() > 0:
         graph = capture(g, x, RULES, batch_dims=batch_dims)
         try:
