@@ -537,3 +537,22 @@ def test_value_grad_laplacian_at_two_inputs_by_the_loop():
     with torch.no_grad():
         frozen = torchdiv.value_grad_laplacian(net, x)
     assert not any(t.requires_grad for t in frozen)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda f, x: torchdiv.laplacian(f, x, coordinates=[1]),
+        lambda f, x: torchdiv.laplacian(f, x, method="grad-of-grad"),
+        lambda f, x: torchdiv.weighted_laplacian(f, x, diffusion=torch.eye(3, dtype=f64)),
+        lambda f, x: torchdiv.biharmonic(f, x),
+        lambda f, x: torchdiv.value_grad_laplacian(f, x)[1],
+    ],
+)
+def test_nothing_the_caller_passed_is_mutated(call):
+    net = _net()
+    x = torch.randn(4, 3, dtype=f64)
+    before = x.clone()
+    call(_scalar(net), x)
+    assert torch.equal(x, before) and not x.requires_grad
+    assert all(p.grad is None for p in net.parameters()) and net.training
