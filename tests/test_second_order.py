@@ -556,3 +556,15 @@ def test_nothing_the_caller_passed_is_mutated(call):
     call(_scalar(net), x)
     assert torch.equal(x, before) and not x.requires_grad
     assert all(p.grad is None for p in net.parameters()) and net.training
+
+
+def test_auto_loops_only_at_few_inputs_and_small_batches(monkeypatch):
+    """The rule: the loop at up to two inputs while x is small, the Taylor engine above."""
+    from torchdiv import _laplacian
+
+    calls = []
+    monkeypatch.setattr(_laplacian, "grad_of_grad", lambda *a: calls.append(a) or 0 * a[1][:, 0])
+    for shape, looped in [((512, 2), True), ((1024, 1), True), ((1024, 2), False), ((8, 3), False)]:
+        calls.clear()
+        torchdiv.laplacian(gaussian, torch.randn(shape, dtype=f64))
+        assert bool(calls) == looped, shape

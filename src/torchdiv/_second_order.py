@@ -43,7 +43,6 @@ from torchdiv._checks import (
 from torchdiv._laplacian import (
     _METHODS,
     CHUNK_ELEMENTS,
-    LOOP_INPUTS,
     METHODS,
     _forward_over_reverse,
     _hessian_products,
@@ -51,6 +50,7 @@ from torchdiv._laplacian import (
     _unit_directions,
     _zeros_like_output,
     laplacian,
+    loops,
 )
 from torchdiv._mixing import check_empty_event
 from torchdiv._modes import outside_inference_mode
@@ -299,8 +299,8 @@ def value_grad_laplacian(
         f, x, batch_dims: as in ``laplacian``.
         method: ``"auto"`` (the Taylor engine, or ``f(x)``, ``jacobian`` and
             ``"forward-over-reverse"`` separately where an op has no Taylor rule; at one or
-            two inputs the loop of backward passes, as ``laplacian``), ``"taylor"`` or
-            ``"forward-over-reverse"``.
+            two inputs and small batches the loop of backward passes, as ``laplacian``),
+            ``"taylor"`` or ``"forward-over-reverse"``.
         chunk_size: at most this many directions in flight (``None``: as ``laplacian``).
 
     Returns:
@@ -323,7 +323,7 @@ def value_grad_laplacian(
     check_method(fn, method, SWEEP_METHODS)
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
-    if method == "auto" and x.numel() > 0 and event_numel(x, batch_dims) <= LOOP_INPUTS:
+    if method == "auto" and x.numel() > 0 and loops(x, batch_dims):
         value, jac, lap = _loop.value_grad_laplacian(g, x, batch_dims)
         if bool(lap.isfinite().all()):  # else: a NaN double backward (see laplacian's _loop)
             shape = (*x.shape[:batch_dims], *value.shape[batch_dims:], *x.shape[batch_dims:])
