@@ -35,7 +35,7 @@ def _scalar(net: torch.nn.Module):
 
 def _grads(out: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """``autograd.grad`` with zeros for inputs ``out`` does not depend on (a last bias)."""
-    grads = torch.autograd.grad(out, inputs, allow_unused=True)
+    grads = torch.autograd.grad(out, inputs, allow_unused=True, retain_graph=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, inputs, strict=True)]
 
 
@@ -520,3 +520,51 @@ def test_biharmonic_auto_falls_back_where_an_op_has_no_rule():
     assert_close(torchdiv.biharmonic(u, x), want)
     with pytest.raises(NotImplementedError, match=r"^biharmonic: method='taylor' .*lgamma"):
         torchdiv.biharmonic(u, x, method="taylor")
+
+
+def test_value_grad_laplacian_at_two_inputs_by_the_loop():
+    """``"auto"`` at two inputs (the loop): values and parameter gradients as ``"taylor"``'s;
+    nothing keeps a graph inside ``no_grad``."""
+    net = tanh_mlp(2, 8, 2)
+    x = torch.randn(4, 2, dtype=f64, requires_grad=True)
+    got = torchdiv.value_grad_laplacian(net, x)
+    want = torchdiv.value_grad_laplacian(net, x, method="taylor")
+    params = [x, *net.parameters()]
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b)
+        for ga, gb in zip(_grads(a.sum(), params), _grads(b.sum(), params), strict=True):
+            assert_close(ga, gb)
+    with torch.no_grad():
+        frozen = torchdiv.value_grad_laplacian(net, x)
+    assert not any(t.requires_grad for t in frozen)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda f, x: torchdiv.laplacian(f, x, coordinates=[1]),
+        lambda f, x: torchdiv.laplacian(f, x, method="grad-of-grad"),
+        lambda f, x: torchdiv.weighted_laplacian(f, x, diffusion=torch.eye(3, dtype=f64)),
+        lambda f, x: torchdiv.biharmonic(f, x),
+        lambda f, x: torchdiv.value_grad_laplacian(f, x)[1],
+    ],
+)
+def test_nothing_the_caller_passed_is_mutated(call):
+    net = _net()
+    x = torch.randn(4, 3, dtype=f64)
+    before = x.clone()
+    call(_scalar(net), x)
+    assert torch.equal(x, before) and not x.requires_grad
+    assert all(p.grad is None for p in net.parameters()) and net.training
+
+
+def test_auto_loops_only_at_few_inputs_and_small_batches(monkeypatch):
+    """The rule: the loop at up to two inputs while x is small, the Taylor engine above."""
+    from torchdiv import _laplacian
+
+    calls = []
+    monkeypatch.setattr(_laplacian, "grad_of_grad", lambda *a: calls.append(a) or 0 * a[1][:, 0])
+    for shape, looped in [((512, 2), True), ((1024, 1), True), ((1024, 2), False), ((8, 3), False)]:
+        calls.clear()
+        torchdiv.laplacian(gaussian, torch.randn(shape, dtype=f64))
+        assert bool(calls) == looped, shape

@@ -17,9 +17,10 @@ Methods (one signature each, in ``_METHODS``):
   (``torchdiv._loop``): what PINN codes write; no vmap, no recording.
 - ``"auto"``: ``"taylor"``, in as few equal chunks of directions as keep the widest ``jac``
   tensor (directions x elements) within ``CHUNK_ELEMENTS``; ``"forward-over-reverse"`` with the
-  same chunks if an op has no Taylor rule. At most ``LOOP_INPUTS`` inputs (``LOOP_FALLBACK``
-  if an op has no Taylor rule), ``"grad-of-grad"``: the Taylor engine's fixed costs and
-  ``vmap``'s do not pay back there (``bench/laplacian_small.py``).
+  same chunks if an op has no Taylor rule. At most ``LOOP_INPUTS`` inputs and
+  ``LOOP_ELEMENTS`` elements of ``x`` (``LOOP_FALLBACK`` inputs if an op has no Taylor rule),
+  ``"grad-of-grad"``: the Taylor engine's fixed costs and ``vmap``'s do not pay back there
+  (``bench/laplacian_small.py``).
 
 Attention runs on PyTorch's math backend in every method (``_modes.math_attention``): the
 fused CPU kernel has no forward-mode derivative. The nested-autodiff methods run ``f`` under
@@ -64,9 +65,12 @@ METHODS = ("auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad", 
 # "auto" chunks only when the widest jac (directions x its elements) would pass this many
 # elements (64 MiB in float32): each chunk replays the forward values, so fewer is faster
 CHUNK_ELEMENTS = 2**24
-# "auto" loops over backward passes up to this many inputs (measured on tanh FNNs and
-# Chebyshev KANs, bench/laplacian_small.py), or this many where the Taylor engine cannot run f
+# "auto" loops over backward passes at up to LOOP_INPUTS inputs while x has at most
+# LOOP_ELEMENTS elements (fixed costs dominate; at larger batches the Taylor engine was 5-15%
+# faster in training), and at up to LOOP_FALLBACK inputs where the Taylor engine cannot run f
+# (measured on tanh FNNs and Chebyshev KANs, bench/laplacian_small.py)
 LOOP_INPUTS = 2
+LOOP_ELEMENTS = 1024
 LOOP_FALLBACK = 10
 
 
@@ -167,7 +171,7 @@ def laplacian(
 
 def _auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
     n = event_numel(x, batch_dims)
-    if n <= LOOP_INPUTS:
+    if loops(x, batch_dims):
         check_empty_event(f, x, batch_dims)  # not recorded: see _mixing
         return _loop(f, x, batch_dims, chunk_size)
     graph = capture(f, x, RULES, batch_dims=batch_dims)
@@ -178,6 +182,11 @@ def _auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None)
     if n <= LOOP_FALLBACK:
         return _loop(f, x, batch_dims, chunk)
     return _forward_over_reverse(f, x, batch_dims, chunk)
+
+
+def loops(x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether ``"auto"`` runs the loop of backward passes rather than the Taylor engine."""
+    return event_numel(x, batch_dims) <= LOOP_INPUTS and x.numel() <= LOOP_ELEMENTS
 
 
 def _loop(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:

@@ -28,9 +28,17 @@ Function = Callable[[torch.Tensor], torch.Tensor]
 
 
 def grad_of_grad(f: Function, x: torch.Tensor, batch_dims: int) -> torch.Tensor:
-    """Every sample's Laplacian of every output component, shape ``f(x).shape``.
+    """Every sample's Laplacian of every output component, shape ``f(x).shape``."""
+    return value_grad_laplacian(f, x, batch_dims)[2]
 
-    The result keeps a graph exactly when the caller has grad mode on and ``f(x)`` depends on
+
+def value_grad_laplacian(
+    f: Function, x: torch.Tensor, batch_dims: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``f(x)``, every sample's Jacobian ``(N, m, n)`` (the loop's first level) and Laplacian
+    (shape ``f(x).shape``).
+
+    They keep a graph exactly when the caller has grad mode on and ``f(x)`` depends on
     something that requires grad (``x`` itself, parameters, closed-over tensors).
     """
     outer = torch.is_grad_enabled()
@@ -39,29 +47,35 @@ def grad_of_grad(f: Function, x: torch.Tensor, batch_dims: int) -> torch.Tensor:
             x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
             y = f(x_in)
         create_graph = outer and _depends_on_other_leaves(y, x_in)
-        return _laplacians(y, x_in, batch_dims, create_graph)
+        jacobian, laplacian = _loop(y, x_in, batch_dims, create_graph)
+    if not create_graph:
+        y, jacobian = y.detach(), jacobian.detach()
+    return y, jacobian, laplacian
 
 
-def _laplacians(
+def _loop(
     y: torch.Tensor, x: torch.Tensor, batch_dims: int, create_graph: bool
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The loop itself, on ``y`` computed from the tensor ``x`` that requires grad."""
     samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
     outputs = y.reshape(samples, -1)
-    columns = []
+    rows, columns = [], []
     for i in range(outputs.shape[1]):
         total = x.new_zeros(samples)
         gradient = _grad(outputs[:, i], x, create_graph=True)
-        if gradient is not None:
+        if gradient is None:
+            rows.append(x.new_zeros(samples, n))
+        else:
             gradient = gradient.reshape(samples, n)
+            rows.append(gradient)
             for j in range(n):
                 second = _grad(gradient[:, j], x, create_graph=create_graph)
                 if second is not None:
                     total = total + second.reshape(samples, n)[:, j]
         columns.append(total)
     if not columns:  # no output components
-        return x.new_zeros(y.shape)
-    return torch.stack(columns, 1).reshape(y.shape)
+        return x.new_zeros(samples, 0, n), x.new_zeros(y.shape)
+    return torch.stack(rows, 1), torch.stack(columns, 1).reshape(y.shape)
 
 
 def _grad(out: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor | None:
