@@ -218,3 +218,26 @@ def test_cross_attention_unet2d_condition_model():
         f, x, num_probes=36, generator=torch.Generator().manual_seed(8)
     )
     assert within_3_standard_errors(est.value, div, est.stderr), (est, div)
+
+
+def test_gradients_through_the_legacy_checkpoint_are_refused_not_silently_wrong():
+    """The legacy checkpoint's backward drops the graph: a divergence through it has the right
+    value, but its parameter gradients would miss the checkpointed blocks (measured: 97%
+    wrong). The value comes back; asking for its gradient raises, naming the Function."""
+    torch.manual_seed(0)
+    plain = GuidedUNet(1, width=8, groups=4).double()
+    checkpointed = GuidedUNet(1, width=8, groups=4, use_checkpoint=True).double()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([3.0, 7.0], dtype=torch.float64)
+
+    def options(method: str) -> dict:  # the same probes for both nets
+        seeded = {"num_probes": 1, "generator": torch.Generator().manual_seed(0)}
+        return seeded if method == "hutchinson" else {}
+
+    for method in ("auto", "hutchinson"):
+        div = torchdiv.divergence(lambda z: checkpointed(z, t), x, method=method, **options(method))
+        want = torchdiv.divergence(lambda z: plain(z, t), x, method=method, **options(method))
+        assert_close(div, want)
+        with pytest.raises(torchdiv._autograd.UndifferentiableBackward, match="Recompute"):
+            div.sum().backward()

@@ -28,6 +28,82 @@ class GraphSpent(RuntimeError):
     frees what it needs, or a graph already freed)."""
 
 
+class UndifferentiableBackward(RuntimeError):
+    """A custom ``autograd.Function`` in ``f`` whose ``backward`` returned gradients without a
+    graph while it was asked for one: gradients of the products would silently lack its part
+    (with respect to the parameters, in a training loss)."""
+
+
+class _DifferentiableBackwards:
+    """While torchdiv's products are built with ``create_graph=True``, watch every custom
+    ``autograd.Function`` that ``y`` was computed through, and note (``culprits``) each whose
+    ``backward`` receives gradients that carry a graph but returns some without one (a legacy
+    gradient checkpoint that re-runs its block and calls ``autograd.grad`` without
+    ``create_graph``). A ``backward`` given constant gradients is not judged: nothing tells a
+    constant answer from a dropped graph there."""
+
+    def __init__(self, nodes: list[Any]) -> None:
+        self.nodes = nodes
+        self.handles: list[Any] = []
+        self.culprits: list[str] = []
+
+    def __enter__(self) -> _DifferentiableBackwards:
+        for node in self.nodes:
+            self.handles.append(node.register_hook(self._hook(node)))
+        return self
+
+    def _hook(self, node: Any) -> Callable[..., None]:
+        def check(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> None:
+            given = any(isinstance(g, torch.Tensor) and g.requires_grad for g in grad_outputs)
+            dropped = any(isinstance(g, torch.Tensor) and not g.requires_grad for g in grad_inputs)
+            if given and dropped:
+                self.culprits.append(node.name().removesuffix("Backward"))
+
+        return check
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def guarded(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` as it is, or, if a culprit was seen, ``out`` whose backward pass raises
+        ``UndifferentiableBackward``: its values are right, its gradients would not be."""
+        if not self.culprits:
+            return out
+        names = ", ".join(sorted(set(self.culprits)))
+        message = (
+            f"torchdiv: f computes through the custom autograd.Function {names}, whose "
+            "backward returns gradients without a graph (as legacy gradient checkpoints do, "
+            "calling autograd.grad without create_graph): the gradients of this result would "
+            "silently miss its part, so they are refused (its values are right). Use "
+            "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) or no checkpoint, or "
+            "make its backward differentiable"
+        )
+        return _Refused.apply(out, message)
+
+
+class _Refused(torch.autograd.Function):
+    """The identity, whose backward raises ``UndifferentiableBackward`` with a message."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, message: str) -> torch.Tensor:
+        ctx.message = message
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> tuple[None, None]:
+        raise UndifferentiableBackward(ctx.message)
+
+
+def _custom_functions(y: torch.Tensor) -> list[Any]:
+    """The custom ``autograd.Function`` nodes of ``y``'s graph."""
+    return [
+        node
+        for node, _ in _graph_edges(y)
+        if isinstance(node, torch.autograd.function.BackwardCFunction)
+    ]
+
+
 class GraphJacobian:
     """``U @ J`` for ``y`` computed from ``x``, by ``autograd.grad(..., is_grads_batched=True)``.
 
@@ -42,6 +118,7 @@ class GraphJacobian:
         self.num_basis = event_numel(y, batch_dims)
         self.y_shape = y.shape
         self._ddp_owners = static_graph_owners(y)  # see torchdiv._ddp
+        self._custom = _custom_functions(y) if create_graph else []
         self._walked = False
 
     @classmethod
@@ -65,9 +142,10 @@ class GraphJacobian:
         """VJPs: ``(k,) + y.shape`` cotangents -> ``(k,) + x.shape`` products."""
         out = None
         single = len(cotangents) == 1  # one probe: no batching (vmap) overhead
+        watch = _DifferentiableBackwards(self._custom)
         if self.y.requires_grad:
             try:
-                with inner_backward(self._ddp_owners):
+                with inner_backward(self._ddp_owners), watch:
                     (out,) = torch.autograd.grad(
                         self.y,
                         self.x,
@@ -86,6 +164,7 @@ class GraphJacobian:
             self._walked = True
         if out is None:  # y does not depend on x: the Jacobian is zero
             return self.x.new_zeros((cotangents.shape[0], *self.x.shape), dtype=self.y.dtype)
+        out = watch.guarded(out)
         return out[None] if single else out
 
     def block(self, start: int, stop: int) -> torch.Tensor:
