@@ -324,6 +324,7 @@ def value_grad_laplacian(
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
     if method == "auto" and x.numel() > 0 and loops(x, batch_dims):
+        check_empty_event(g, x, batch_dims)  # not recorded: see _mixing
         value, jac, lap = _loop.value_grad_laplacian(g, x, batch_dims)
         if bool(lap.isfinite().all()):  # else: a NaN double backward (see laplacian's _loop)
             shape = (*x.shape[:batch_dims], *value.shape[batch_dims:], *x.shape[batch_dims:])
