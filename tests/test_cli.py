@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import torchdiv.__main__ as torchdiv_main
 from torchdiv.__main__ import main
 from torchdiv._bench import operators, timing
 
@@ -129,12 +130,11 @@ def test_the_module_entry_point_benchmarks_a_user_module():
     assert "USDT" not in out.stderr  # the profiler's C++ log lines are silenced
 
 
-@pytest.mark.parametrize(("given", "seen"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_the_entry_point_waits_passively_unless_told_otherwise(tmp_path, given, seen):
+def test_the_entry_point_waits_passively(tmp_path):
+    """End to end: without OMP_WAIT_POLICY, the command runs again with it set to PASSIVE."""
     out = tmp_path / "b.json"
     argv = ["--model", "bench_model:field", "--shape", "3", *TINY, "--methods", "auto"]
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env |= {"OMP_WAIT_POLICY": given} if given else {}
     subprocess.run(
         [sys.executable, "-m", "torchdiv", "bench", *argv, "--json", str(out)],
         capture_output=True,
@@ -142,7 +142,21 @@ def test_the_entry_point_waits_passively_unless_told_otherwise(tmp_path, given, 
         cwd=HERE,
         env=env,
     )
-    assert json.loads(out.read_text())["machine"]["env"]["OMP_WAIT_POLICY"] == seen
+    assert json.loads(out.read_text())["machine"]["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+@pytest.mark.parametrize(("given", "restarts"), [(None, True), ("ACTIVE", False), ("", False)])
+def test_the_entry_point_restarts_only_if_the_caller_left_the_policy_unset(
+    monkeypatch, given, restarts
+):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    if given is not None:
+        monkeypatch.setenv("OMP_WAIT_POLICY", given)
+    calls = []
+    monkeypatch.setattr(torchdiv_main.os, "execv", lambda *args: calls.append(args))
+    torchdiv_main._with_passive_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == ("PASSIVE" if given is None else given)
+    assert calls == ([(sys.executable, [sys.executable, *sys.orig_argv[1:]])] if restarts else [])
 
 
 def test_a_loaded_machine_is_reported_and_recorded(tmp_path, capsys, monkeypatch):

@@ -217,7 +217,7 @@ class Watching(TorchDispatchMode):
     when ``allow_batch_interaction()`` is active)."""
 
     def __init__(self, x: torch.Tensor, batch_dims: int) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         self.tracker = None if allowed() else BatchAxes(x, batch_dims)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -230,7 +230,7 @@ class Watching(TorchDispatchMode):
 
     def __exit__(self, *exc: Any) -> None:
         self.tracker = None  # let go of the tensors it tracked
-        super().__exit__(*exc)
+        super().__exit__(*exc)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
 
 
 def check_empty_event(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) -> None:

@@ -23,7 +23,7 @@ from torchdiv._independence import BatchInteractionError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 EXAMPLES = """examples:
-  python -m torchdiv bench                              # the quick suite, under a minute on 2 cores
+  python -m torchdiv bench                              # the quick suite (the default)
   python -m torchdiv bench --plot bench.png --json bench.json
   python -m torchdiv bench --operator jacobian --dims 16,64 --methods auto,jacrev,loop
   python -m torchdiv bench --model mypkg.models:ScoreNet --shape 3,32,32 --batch 16
