@@ -119,7 +119,7 @@ class BatchAxes:
         if rules is None:
             rules = _rules[func] = (_MIXING.get(func), _CARRY.get(func) or _kind(func))
         mixing, carry = rules
-        if self.mixed and func not in _VALUE_FREE:
+        if self.mixed and func not in VALUE_FREE:
             self.pending = self._mixed_in(args)
         if self.pending is None and mixing is not None:
             what = mixing(self, args)
@@ -514,7 +514,7 @@ _CARRY: dict[Any, Carry] = {
 }
 _rules: dict[Any, tuple[Mixing | None, Carry]] = {}  # each op's two rules, as first met
 # results that do not depend on their argument's values: a gradient seed ones_like(loss)
-_VALUE_FREE = {
+VALUE_FREE = {
     aten.detach.default,
     aten.zeros_like.default,
     aten.ones_like.default,

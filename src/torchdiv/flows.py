@@ -251,7 +251,6 @@ class AugmentedDynamics(nn.Module):
         return _exact.trace_and_output(velocity, z, self.batch_dims, method, self.chunk_size)
 
 
-@outside_inference_mode
 @overload
 def log_likelihood(
     f: Velocity,
@@ -324,6 +323,7 @@ def log_likelihood(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
+@outside_inference_mode
 @reported("log_likelihood", call="f(t, z)")
 def log_likelihood(
     f: Velocity,

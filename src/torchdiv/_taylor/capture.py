@@ -28,25 +28,11 @@ from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchdiv._independence import BatchInteractionError
-from torchdiv._mixing import BatchAxes, tracker
+from torchdiv._mixing import VALUE_FREE, BatchAxes, tracker
 from torchdiv._modes import SafeDerivatives, math_attention
 from torchdiv._taylor.tree import leaves, map_leaves
 
 aten = torch.ops.aten
-# ops whose floating result does not change with the values of x (stop-gradient, factories)
-_CONSTANT_RESULTS = {
-    aten.detach.default,
-    aten.zeros_like.default,
-    aten.ones_like.default,
-    aten.full_like.default,
-    aten.empty_like.default,
-    aten.rand_like.default,
-    aten.randn_like.default,
-    aten.new_zeros.default,
-    aten.new_ones.default,
-    aten.new_full.default,
-    aten.new_empty.default,
-}
 _DECOMPOSITIONS = core_aten_decompositions()
 
 
@@ -158,7 +144,7 @@ class _Recorder(TorchDispatchMode):
         # under no_grad inside f (capture enables grad around f) results are constants, as
         # reverse mode sees them
         touches_x = self.depends(args, kwargs)
-        reads_x = touches_x and func not in _CONSTANT_RESULTS
+        reads_x = touches_x and func not in VALUE_FREE  # stop-gradient, factories
         depends = reads_x and torch.is_grad_enabled()
         carry = None if self.axes is None else self.axes.before(func, args)
         self.refuse(func, touches_x)
