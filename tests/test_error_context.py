@@ -139,3 +139,8 @@ def test_the_automatic_fallback_still_switches_engines() -> None:
     with pytest.raises(RuntimeError, match=r"^divergence: f\(x\) raised RuntimeError") as info:
         torchdiv.divergence(_Legacy.apply, x, method="forward")  # no fallback asked for
     assert info.match(r"evaluated by torch\.func")
+
+
+def test_an_unknown_keyword_keeps_pythons_message_with_the_function_name():
+    with pytest.raises(TypeError, match=r"^jacobian\(\) got an unexpected keyword argument 'foo'"):
+        torchdiv.jacobian(lambda x: x, torch.randn(2, 3), foo=1)  # type: ignore[call-arg]

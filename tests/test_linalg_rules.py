@@ -248,3 +248,37 @@ def test_complex_intermediates_are_not_taken_for_constants():
     x = _x()
     lap = torchdiv.laplacian(lambda z: torch.fft.fft(z).abs().square().sum(-1), x)
     torch.testing.assert_close(lap, torch.full((B,), 2.0 * N * N, dtype=x.dtype))
+
+
+def test_tensorsolve_is_refused_where_pytorch_would_be_silently_wrong():
+    """``tensorsolve`` solves inside PyTorch, below ``SafeDerivatives``' reach: forward-over-
+    reverse refuses it; the Taylor rule (``movedim`` and ``_linalg_solve_ex``) and the loop
+    are right."""
+    w = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        a = (w + torch.diag_embed(x)).reshape(2, 2, 2, 2)
+        return torch.linalg.tensorsolve(a, torch.ones(2, 2, dtype=torch.float64)).sum()
+
+    x = torch.rand(4, dtype=torch.float64) + 3
+    with pytest.raises(NotImplementedError, match=r"^laplacian: torch.linalg.tensorsolve in f"):
+        torchdiv.laplacian(f, x, batch_dims=0, method="forward-over-reverse")
+    expected = laplacian_by_grad_of_grad(f, x[None]).reshape(())
+    for method in ("taylor", "auto"):
+        _assert_close(torchdiv.laplacian(f, x, batch_dims=0, method=method), expected)
+
+
+def test_repeated_eigenvalues_sum_exactly():
+    """Equal eigenvalues: the Taylor rule's pair terms cancel within the cluster (no 0/0)."""
+    eye = torch.eye(3, dtype=torch.float64)
+    u = lambda x: torch.linalg.eigvalsh(x[:, :1, None] * eye + x[:, 1:, None] ** 2 * eye).sum(-1)  # noqa: E731
+    x = torch.randn(4, 2, dtype=torch.float64)
+    _assert_close(torchdiv.laplacian(u, x, method="taylor"), torch.full((4,), 6.0).double())
+
+
+def test_cholesky_inverse_replacement_reads_one_triangle():
+    factor = torch.randn(3, 3, dtype=torch.float64)  # not triangular: PyTorch reads one half
+    for upper in (False, True):
+        with torch.no_grad():
+            expected = torch.cholesky_inverse(factor, upper=upper)
+        torch.testing.assert_close(torchdiv._linalg.cholesky_inverse(factor, upper), expected)

@@ -117,5 +117,8 @@ def solve_ex(a: Tensor, b: Tensor, *, left: bool = True, check_errors: bool = Fa
 
 
 def cholesky_inverse(factor: Tensor, upper: bool = False) -> Tensor:
-    """``torch.cholesky_inverse``: ``(C C^T)^-1`` for a lower ``C`` (``(U^T U)^-1`` if upper)."""
-    return torch.linalg.inv(factor.mT @ factor if upper else factor @ factor.mT)
+    """``torch.cholesky_inverse``: ``(C C^T)^-1`` for a lower ``C`` (``(U^T U)^-1`` if upper),
+    reading only that triangle of ``factor``, as PyTorch does."""
+    if upper:
+        return torch.linalg.inv(factor.triu().mT @ factor.triu())
+    return torch.linalg.inv(factor.tril() @ factor.tril().mT)

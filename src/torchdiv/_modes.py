@@ -257,4 +257,12 @@ REPLACEMENTS: dict[Any, Replacement] = {
         _EIGH + " (backward passes only are right: reverse over reverse)",
         torch.linalg.eigh,
     ),
+    **_table(
+        2,
+        None,
+        "it solves by torch.linalg.solve inside PyTorch, out of this mode's reach, whose "
+        "derivatives through forward mode are wrong at this order (its Taylor rule and "
+        "reverse mode are right)",
+        torch.linalg.tensorsolve,
+    ),
 }

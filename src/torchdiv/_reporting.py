@@ -43,7 +43,10 @@ def reported(fn: str, call: str = "f(x)") -> Callable[[F], F]:
             try:
                 return function(*args, **kwargs)
             except Exception as exc:
-                bound = signature.bind(*args, **kwargs)
+                try:
+                    bound = signature.bind(*args, **kwargs)
+                except TypeError:  # the call's own arguments are wrong: Python's message
+                    raise exc from None
                 bound.apply_defaults()
                 final = final_error(fn, call, exc, bound.arguments)
                 if final is None:

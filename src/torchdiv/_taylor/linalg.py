@@ -48,7 +48,9 @@ class Missing(Jet):
         object.__setattr__(self, "what", what)
 
     def __getattr__(self, name: str) -> Any:
-        raise UnsupportedOp(self.what)
+        if name in ("jac", "lap"):
+            raise UnsupportedOp(self.what)
+        raise AttributeError(name)
 
 
 def _columns(op: Callable[[Tensor], Tensor], r: Tensor) -> Tensor:
@@ -182,8 +184,10 @@ def _eigh(ctx: Context, a: Jet, uplo: str = "L", compute_v: bool = True) -> tupl
     d2 = None
     if lap is not None:
         gaps = eigenvalues[..., :, None] - eigenvalues[..., None, :]  # λ_i - λ_j
-        off = ~torch.eye(gaps.shape[-1], dtype=torch.bool, device=gaps.device)
-        weights = torch.where(off, 1 / torch.where(off, gaps, 1), 0)
+        # 1 / (λ_i - λ_j), 0 for i = j and for repeated eigenvalues: within a cluster the
+        # terms cancel in pairs (P_k is symmetric), so sums over a cluster stay exact
+        apart = gaps != 0
+        weights = torch.where(apart, 1 / torch.where(apart, gaps, 1), 0)
         curvature = (v.mT @ _symmetric(lap, upper) @ v).diagonal(dim1=-2, dim2=-1)
         d2 = curvature + 2 * (p.square().sum(0) * weights).sum(-1)
     missing = Missing(v, "the eigenvectors of aten._linalg_eigh (only eigenvalues have a rule)")

@@ -222,6 +222,7 @@ def _max_pool(ctx: Context, a: Jet, *args: Any) -> tuple[Jet, Tensor]:
 LINEAR_OPS = [
     aten.expand.default,
     aten.permute.default,
+    aten.movedim.int,
     aten.transpose.int,
     aten.t.default,
     aten.unsqueeze.default,
