@@ -356,3 +356,20 @@ def test_a_sum_that_only_seeds_a_backward_pass_is_not_mixing() -> None:
     # but a sum that reaches the output mixes samples
     with pytest.raises(BatchInteractionError, match="a sum of all elements"):
         torchdiv.divergence(lambda z: score(z) * energy(z).sum(), x)
+
+
+def test_a_train_mode_batch_norm_of_something_else_is_not_mixing() -> None:
+    """A batch norm in f's graph that does not see x (a scale computed from a constant) leaves
+    samples independent: the graph-watching paths must not flag it."""
+    torch.manual_seed(5)
+    bn = nn.BatchNorm1d(3).to(f64)  # train mode
+    c = torch.randn(8, 3, dtype=f64)
+    x = torch.randn(8, 3, dtype=f64)
+    f = lambda z: z * bn(c)  # noqa: E731
+    with torch.no_grad():
+        expected = bn(c).sum(-1)
+    generator = torch.Generator().manual_seed(0)
+    one = torchdiv.estimate_divergence(f, x, num_probes=1, generator=generator)
+    xr = x.clone().requires_grad_(True)
+    assert_close(torchdiv.graph_divergence(f(xr), xr), expected)
+    assert one.value.shape == (8,)

@@ -276,12 +276,29 @@ def check_graph(
             # saved attributes of the C++ node, absent from torch's stubs
             and node._saved_training  # type: ignore[attr-defined]
             and node._saved_input.shape[0] > 1  # type: ignore[attr-defined]
+            and _reaches(node, x)  # a batch norm of something computed from x
         ):
             what = "a batch norm in train mode, normalising with statistics of the whole batch"
             raise BatchInteractionError(_named(fn, explain(what, x, batch_dims)))
         stack.extend(child for child, _ in node.next_functions)
     if empty_event:
         _signed_vjp(fn, y, x, batch_dims)
+
+
+def _reaches(start: torch.autograd.graph.Node, x: torch.Tensor) -> bool:
+    """Whether the graph below ``start`` reaches ``x`` (its ``grad_fn``, or its
+    ``AccumulateGrad`` node for a leaf): depth first, each node once."""
+    seen: set[torch.autograd.graph.Node] = set()
+    stack: list[torch.autograd.graph.Node | None] = [start]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if node is x.grad_fn or getattr(node, "variable", None) is x:
+            return True
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return False
 
 
 def _named(fn: str | None, message: str) -> str:
