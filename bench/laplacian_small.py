@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable
 
 import torch
-from _common import RESULTS, compare, markdown, script
+from _common import compare, markdown, script
 from torch import nn
 
 import torchdiv
@@ -197,7 +197,7 @@ def tables(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    script(__doc__, CASES, run_case, RESULTS / "laplacian_small.json", tables)
+    script(__doc__, CASES, run_case, "laplacian_small.json", tables)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the committed ones only with --update, for a run of every case."""
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 from pathlib import Path
 
@@ -57,3 +58,10 @@ def test_the_local_folder_is_ignored_by_git():
     if done.returncode == 128:
         pytest.skip(f"git cannot tell: {done.stderr}")
     assert done.stdout.split() == paths
+
+
+def test_every_script_names_its_results_file_not_a_path():
+    """``script`` joins the name to the local folder: a full path there would make every run
+    replace the committed results (two scripts did)."""
+    for path in (ROOT / "bench").glob("*.py"):
+        assert not re.search(r"script\([^)]*RESULTS /", path.read_text()), path.name
