@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchdiv._taylor.capture import _storage, _written
+from torchdiv._taylor.capture import _BATCH_NORMS, _storage, _written
 from torchdiv._taylor.tree import leaves
 
 
@@ -41,19 +41,19 @@ class Changes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        for tensor in _written(func, args, kwargs):
-            storage = _storage(tensor)
-            if storage not in self._made:
-                self._made.add(storage)  # kept once, with its value before the first write
-                self.written.append((tensor, tensor.detach().clone()))
-        if torch.Tag.nondeterministic_seeded in func.tags:
+        writes, fresh, random = _facts(func)
+        if writes:
+            for tensor in _written(func, args, kwargs):
+                storage = _storage(tensor)
+                if storage not in self._made:
+                    self._made.add(storage)  # kept once, with its value before the first write
+                    self.written.append((tensor, tensor.detach().clone()))
+        if random:
             for generator in self._drawn_from(kwargs.get("generator")):
                 self.generators.setdefault(generator, generator.get_state())
         out = func(*args, **kwargs)
-        read = {_storage(a) for a in leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
-        self._made.update(
-            s for t in leaves(out) if isinstance(t, torch.Tensor) and (s := _storage(t)) not in read
-        )
+        if fresh:  # new memory: f's own (a view or an in-place result is not)
+            self._made.update(_storage(t) for t in leaves(out) if isinstance(t, torch.Tensor))
         return out
 
     def __exit__(
@@ -105,6 +105,25 @@ class Changes(TorchDispatchMode):
         if generator is not None:
             return [generator]
         return list({torch.default_generator, default_generator(self.device)})
+
+
+_FACTS: dict[Any, tuple[bool, bool, bool]] = {}
+
+
+def _facts(func: Any) -> tuple[bool, bool, bool]:
+    """Whether the ATen op ``func`` may write to an argument (its schema, or a batch norm's
+    statistics), returns only new tensors (no alias of an argument), and draws random
+    numbers; read off its schema once, as ``Changes`` watches every op."""
+    facts = _FACTS.get(func)
+    if facts is None:
+        schema = func._schema
+        writes = func in _BATCH_NORMS or any(
+            a.alias_info is not None and a.alias_info.is_write for a in schema.arguments
+        )
+        fresh = all(r.alias_info is None for r in schema.returns)
+        random = torch.Tag.nondeterministic_seeded in func.tags
+        facts = _FACTS[func] = (writes, fresh, random)
+    return facts
 
 
 def default_generator(device: torch.device) -> torch.Generator:
