@@ -38,6 +38,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from torchdiv._checks import _shape
 from torchdiv._independence import BatchInteractionError
 
 aten = torch.ops.aten
@@ -555,10 +556,6 @@ def _kind(func: Any) -> Carry:
 # ---- what combines samples (``before``) ----
 
 Mixing = Callable[[BatchAxes, Sequence[Any]], "str | None"]
-
-
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
 
 
 def _dims(t: torch.Tensor, dims: Any) -> list[int]:

@@ -191,10 +191,17 @@ def take_along(ctx: Context, a: Jet, value: Tensor, index: Tensor, dim: int) -> 
     return _select(ctx, value, pick, a)
 
 
-def _max_dim(ctx: Context, a: Jet, dim: int, keepdim: bool = False) -> tuple[Jet, Tensor]:
-    value, index = torch.max(a.value, dim, keepdim=True)
+def selected(
+    ctx: Context, a: Jet, value: Tensor, index: Tensor, dim: int, keepdim: bool
+) -> tuple[Jet, Tensor]:
+    """A reduction that selects one element along ``dim`` (computed with ``keepdim=True``)."""
     out = take_along(ctx, a, value, index, dim)
     return (out, index) if keepdim else (linear(ctx, torch.squeeze, out, dim), index.squeeze(dim))
+
+
+def _max_dim(ctx: Context, a: Jet, dim: int, keepdim: bool = False) -> tuple[Jet, Tensor]:
+    value, index = torch.max(a.value, dim, keepdim=True)
+    return selected(ctx, a, value, index, dim, keepdim)
 
 
 def _amax(ctx: Context, a: Jet, dims: list[int], keepdim: bool = False) -> Jet:

@@ -36,7 +36,7 @@ from torchdiv._taylor.jet import (
     product,
 )
 from torchdiv._taylor.linear import RULES as LINEAR
-from torchdiv._taylor.linear import UnsupportedOp, take_along
+from torchdiv._taylor.linear import UnsupportedOp, selected, take_along
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -135,24 +135,16 @@ def _topk(
     return take_along(ctx, a, value, index, dim), index
 
 
-def _squeezed(
-    ctx: Context, a: Jet, value: Tensor, index: Tensor, dim: int, keepdim: bool
-) -> tuple[Jet, Tensor]:
-    """A reduction that selects one element along ``dim`` (computed with ``keepdim=True``)."""
-    out = take_along(ctx, a, value, index, dim)
-    return (out, index) if keepdim else (linear(ctx, torch.squeeze, out, dim), index.squeeze(dim))
-
-
 def _kthvalue(
     ctx: Context, a: Jet, k: int, dim: int = -1, keepdim: bool = False
 ) -> tuple[Jet, Tensor]:
     value, index = torch.kthvalue(a.value, k, dim, keepdim=True)
-    return _squeezed(ctx, a, value, index, dim, keepdim)
+    return selected(ctx, a, value, index, dim, keepdim)
 
 
 def _min_dim(ctx: Context, a: Jet, dim: int, keepdim: bool = False) -> tuple[Jet, Tensor]:
     value, index = torch.min(a.value, dim, keepdim=True)
-    return _squeezed(ctx, a, value, index, dim, keepdim)
+    return selected(ctx, a, value, index, dim, keepdim)
 
 
 def _amin(ctx: Context, a: Jet, dims: list[int], keepdim: bool = False) -> Jet:
