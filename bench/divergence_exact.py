@@ -23,7 +23,7 @@ import torch
 from _common import compare, markdown, script
 
 import torchdiv
-from torchdiv import _recipes
+from torchdiv._bench import recipes as _recipes
 
 
 def mlp(d: int, h: int) -> torch.nn.Module:

@@ -25,7 +25,7 @@ from _common import compare, markdown, script
 from torch import nn
 
 import torchdiv
-from torchdiv import _recipes
+from torchdiv._bench import recipes as _recipes
 
 
 def mlp(*widths: int) -> nn.Module:

@@ -30,7 +30,7 @@ from _common import compare, markdown, script
 from torch import nn
 
 import torchdiv
-from torchdiv import _recipes
+from torchdiv._bench import recipes as _recipes
 
 os.environ.setdefault("DDE_BACKEND", "pytorch")
 try:  # a baseline only: DeepXDE is not a dependency of torchdiv

@@ -18,7 +18,7 @@ import argparse
 import torch
 from _common import markdown, time_interleaved
 
-from torchdiv._plan import OpSizes
+from torchdiv._exact.plan import OpSizes
 from torchdiv._taylor import RULES, capture
 
 

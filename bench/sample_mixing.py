@@ -1,4 +1,4 @@
-"""Overhead of sample-mixing detection (``torchdiv._mixing``) on small problems.
+"""Overhead of sample-mixing detection (``torchdiv._core.mixing``) on small problems.
 
 Each case is timed with detection on (the default) and off (inside
 ``torchdiv.allow_batch_interaction()``, where no batch axes are followed: the code path of

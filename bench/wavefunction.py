@@ -26,7 +26,7 @@ import torch
 from _common import compare, markdown, script
 
 import torchdiv
-from torchdiv import _recipes
+from torchdiv._bench import recipes as _recipes
 from torchdiv._bench.wavefunctions import FermiNetLike, SlaterJastrow
 
 CASES: dict[str, Callable[[], tuple[torch.nn.Module, torch.Tensor]]] = {

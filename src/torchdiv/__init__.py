@@ -2,20 +2,20 @@
 exact or estimated."""
 
 from torchdiv import flows
-from torchdiv._api import divergence, estimate_divergence, jacobian, jacobian_diagonal
-from torchdiv._graph import graph_divergence, graph_jacobian, graph_laplacian
-from torchdiv._independence import BatchInteractionError, check_batch_independence
-from torchdiv._laplacian import laplacian
-from torchdiv._mixing import allow_batch_interaction
-from torchdiv._probes import draw_probes
-from torchdiv._result import Estimate
-from torchdiv._second_order import (
+from torchdiv._api.graph import graph_divergence, graph_jacobian, graph_laplacian
+from torchdiv._api.independence import check_batch_independence
+from torchdiv._api.laplacian import laplacian
+from torchdiv._api.operators import divergence, estimate_divergence, jacobian, jacobian_diagonal
+from torchdiv._api.second_order import (
     ValueGradLaplacian,
     biharmonic,
     value_grad_laplacian,
     weighted_laplacian,
 )
-from torchdiv._trace import estimate_trace
+from torchdiv._core.mixing import BatchInteractionError, allow_batch_interaction
+from torchdiv._estimators.probes import draw_probes
+from torchdiv._estimators.result import Estimate
+from torchdiv._estimators.trace import estimate_trace
 
 __version__ = "0.1.0"
 
@@ -46,3 +46,15 @@ __all__ = [
     # continuous flows: log-likelihoods along an ODE (submodule; needs the `ode` extra)
     "flows",
 ]
+
+
+def _show_public_module() -> None:
+    """Public classes name ``torchdiv`` as their module (in reprs, tracebacks, pickles), not
+    the private module that defines them."""
+    for name in __all__:
+        obj = globals()[name]
+        if isinstance(obj, type):
+            obj.__module__ = __name__
+
+
+_show_public_module()

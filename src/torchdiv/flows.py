@@ -14,7 +14,7 @@ The divergence is the library's: exact (``"auto"``, ``"forward"``, ``"reverse"``
 estimated (``"hutchinson"``, ``"hutch++"``, ``"xtrace"``) with probes drawn **once per solve**.
 
 Standard errors along a solve: every estimator is a mean of per-sample terms (see
-``torchdiv._estimators``), so the state carries the ``m`` terms' integrals next to ``z``:
+``torchdiv._estimators.registry``), so the state carries the ``m`` terms' integrals next to ``z``:
 ``Delta_j(t0) = integral of term_j``, the estimate is their mean and its standard error their
 standard error of the mean. Why that is right: the probes are fixed for the solve and the
 trajectory ``z(t)`` does not depend on them, so the integral of a mean is the mean of the
@@ -23,7 +23,7 @@ sketch ``S``, the basis ``Q_t = orth(A_t S)`` along the trajectory is fixed and 
 probes ``g_j`` are independent of it, so the integrated terms
 ``integral tr(Q_t^T A_t Q_t) + g_j^T P_t A_t P_t g_j dt`` are conditionally i.i.d. with
 conditional mean ``integral tr(A_t) dt`` for every sketch: their sample variance estimates the
-total variance without bias, as for one matrix (``torchdiv._hutchpp``). XTrace's terms are its
+total variance without bias, as for one matrix (``_estimators.hutchpp``). XTrace's terms are its
 left-out estimates, integrated; their spread is the paper's heuristic, as for one matrix.
 (An adaptive solver picks its steps from the whole state, terms included, so the quadrature
 nodes depend weakly on the probes; at solver tolerance this is below the integration error.
@@ -50,8 +50,9 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
-from torchdiv import _exact, _stochastic, _structured, _trace
-from torchdiv._checks import (
+from torchdiv import _structured
+from torchdiv._api.reporting import final_error, reported
+from torchdiv._core.checks import (
     call_f,
     check_callable,
     check_chunk_size,
@@ -66,11 +67,13 @@ from torchdiv._checks import (
     check_time,
     check_velocity,
 )
-from torchdiv._estimators import STOCHASTIC_METHODS, num_terms, num_vectors
-from torchdiv._independence import BatchInteractionError
-from torchdiv._modes import CompiledCodeEager, outside_inference_mode
-from torchdiv._probes import draw
-from torchdiv._reporting import final_error, reported
+from torchdiv._core.mixing import BatchInteractionError
+from torchdiv._core.modes import CompiledCodeEager, outside_inference_mode
+from torchdiv._estimators import stochastic as _stochastic
+from torchdiv._estimators import trace as _trace
+from torchdiv._estimators.probes import draw
+from torchdiv._estimators.registry import STOCHASTIC_METHODS, num_terms, num_vectors
+from torchdiv._exact import dispatch as _exact
 
 __all__ = ["AugmentedDynamics", "log_likelihood"]
 

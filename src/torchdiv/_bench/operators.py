@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 import torchdiv
-from torchdiv import _recipes
+from torchdiv._bench import recipes as _recipes
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 Call = Callable[[Function, torch.Tensor], torch.Tensor]

@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import torch
 
-from torchdiv._independence import check_batch_independence
+from torchdiv._api.independence import check_batch_independence
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from torchdiv._checks import raised_by_f
+from torchdiv._core.checks import raised_by_f
 from torchdiv._structured import colors, cycle, factors, forward
 from torchdiv._taylor import RULES, Graph, UnsupportedOp, capture, values
 from torchdiv._taylor.capture import Ref

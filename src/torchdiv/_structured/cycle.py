@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from torchdiv._basis import chunks
+from torchdiv._core.basis import chunks
 from torchdiv._structured.factors import Diagonal, Factor, Path, Shared
 
 Tensor = torch.Tensor

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from torchdiv._modes import host_planning, to_device
+from torchdiv._core.modes import host_planning, to_device
 from torchdiv._taylor import RULES, Context, Graph, Jet
 from torchdiv._taylor.capture import Node, Ref
 from torchdiv._taylor.elementwise import DERIVATIVES

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from torchdiv._basis import chunks
-from torchdiv._checks import event_numel
-from torchdiv._modes import host_planning, to_device
+from torchdiv._core.basis import chunks
+from torchdiv._core.checks import event_numel
+from torchdiv._core.modes import host_planning, to_device
 from torchdiv._taylor import Context, Graph, Jet, propagate
 
 # widest jac (directions x elements) per chunk when the caller gives no chunk_size

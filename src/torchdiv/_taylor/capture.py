@@ -27,9 +27,8 @@ from torch._decomp import core_aten_decompositions
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchdiv._independence import BatchInteractionError
-from torchdiv._mixing import VALUE_FREE, BatchAxes, tracker
-from torchdiv._modes import SafeDerivatives, math_attention
+from torchdiv._core.mixing import VALUE_FREE, BatchAxes, BatchInteractionError, tracker
+from torchdiv._core.modes import SafeDerivatives, math_attention
 from torchdiv._taylor.tree import leaves, map_leaves
 
 aten = torch.ops.aten
@@ -326,7 +325,7 @@ def capture(
     every call's outputs in ``Graph.values`` (differentiable, as ``f`` computed them), unless
     ``f`` ran an in-place op. A caller that gives up on the graph and evaluates ``f`` again
     calls ``Graph.undo()`` first. With ``batch_dims``, an ``f`` that mixes samples raises
-    ``BatchInteractionError`` (``torchdiv._mixing``), with nothing ``f`` changed left changed.
+    ``BatchInteractionError`` (``torchdiv._core.mixing``), with nothing ``f`` changed left changed.
     """
     if peek_interpreter_stack() is not None:
         # under vmap/grad/jvp the calls carry unwrapped tensors: nothing can be recorded

@@ -21,7 +21,7 @@ Determinants need an invertible ``A``, Cholesky a positive definite one. ``chole
 same triangle. The rules use only ``inv``, ``solve``, ``solve_triangular``, ``eigh``, matrix
 products and the ops' own values: their first derivatives are right in PyTorch, so the result
 is differentiable with respect to the parameters by ordinary autograd. (The higher-order
-derivative formulas PyTorch has for these ops are not all right: see ``torchdiv._modes``.)
+derivative formulas PyTorch has for these ops are not all right: see ``torchdiv._core.modes``.)
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The public face: function form, graph form, Laplacian family, error reporting."""

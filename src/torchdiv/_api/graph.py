@@ -1,0 +1,228 @@
+"""Graph-form API: the same operators from an autograd graph the caller already built.
+
+These functions assume that samples are independent (see NOTE [Batching over basis vectors]
+in ``torchdiv._core.basis``): the graph is probed with one basis vector broadcast across the batch,
+so a ``y`` whose samples mix gives a wrong answer. A built graph shows less than a function:
+they raise ``BatchInteractionError`` for a train-mode batch norm in it and, when ``x`` has no
+event dimensions, for any cross-sample gradient (one more VJP); other mixing (attention or a
+reduction across the batch) goes unseen. Run ``torchdiv.check_batch_independence`` on the
+function once if unsure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from torchdiv._core import mixing as _mixing
+from torchdiv._core.basis import chunks
+from torchdiv._core.checks import (
+    check_chunk_size,
+    check_coordinates,
+    check_exact_options,
+    check_flag,
+    check_input,
+    check_method,
+    check_output,
+    check_square,
+    event_numel,
+)
+from torchdiv._estimators import stochastic as _stochastic
+from torchdiv._estimators import trace as _trace
+from torchdiv._estimators.registry import STOCHASTIC_METHODS
+from torchdiv._exact import dispatch as _exact
+from torchdiv._exact.autograd import GraphJacobian, depends_on
+
+GRAPH_METHODS = ("auto", "reverse", *STOCHASTIC_METHODS)
+
+
+def _engine(
+    fn: str,
+    y: Any,
+    x: Any,
+    batch_dims: int,
+    create_graph: bool,
+    chunk_size: int | None,
+    square: bool,
+) -> tuple[GraphJacobian, int]:
+    check_input(fn, x, batch_dims)
+    check_output(fn, y, x, batch_dims, name="y")
+    check_chunk_size(fn, chunk_size)
+    check_flag(fn, "create_graph", create_graph)
+    if square:
+        check_square(fn, y, x, batch_dims, "y")
+    if not x.requires_grad:
+        raise ValueError(
+            f"{fn}: x does not require grad, so no graph leads from x to y; set "
+            "x.requires_grad_(True) before computing y = f(x), or use the function form "
+            f"torchdiv.{fn.removeprefix('graph_')}(f, x)"
+        )
+    if not depends_on(y, x):
+        raise ValueError(
+            f"{fn}: y was not computed from x (its autograd graph does not reach x); pass the "
+            "tensor you computed y from, not a copy or a reshaped view made afterwards "
+            "(reshape x before calling f, and pass the reshaped tensor)"
+        )
+    _mixing.check_graph(fn, y, x, batch_dims, empty_event=x.dim() == batch_dims)
+    engine = GraphJacobian(y, x, batch_dims, create_graph)
+    return engine, chunk_size or max(engine.num_basis, 1)
+
+
+def graph_jacobian(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    batch_dims: int = 1,
+    create_graph: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""Per-sample Jacobian ``d vec(y_b) / d vec(x_b)`` from an existing graph, by batched VJPs.
+
+    Assumes sample ``b`` of ``y`` depends only on sample ``b`` of ``x``. The graph of ``y`` is
+    retained, so ``y`` can still be backpropagated through afterwards.
+
+    Args:
+        y: tensor computed from ``x``, with ``y.shape[:batch_dims] == x.shape[:batch_dims]``.
+        x: floating tensor with ``requires_grad=True``.
+        batch_dims: number of leading batch dimensions.
+        create_graph: keep the result differentiable (for a loss that contains it).
+        chunk_size: at most this many VJPs in flight at once; ``None``: all of them.
+
+    Returns:
+        Shape ``x.shape[:batch_dims] + y.shape[batch_dims:] + x.shape[batch_dims:]``.
+
+    Raises:
+        ValueError: ``x`` does not require grad, ``y`` was not computed from ``x``, batch shapes
+            differ, ``batch_dims`` out of range or ``chunk_size < 1``.
+        TypeError: ``x`` or ``y`` not a floating tensor.
+        BatchInteractionError: the graph holds a train-mode batch norm, or ``x`` has no event
+            dimensions and ``y``'s samples depend on each other (module docstring).
+
+    Example:
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> y = x.sin()
+        >>> torch.allclose(graph_jacobian(y, x)[0], torch.diag(x[0].cos()))
+        True
+    """
+    engine, chunk = _engine("graph_jacobian", y, x, batch_dims, create_graph, chunk_size, False)
+    jac = _exact.dense(engine, chunk)
+    return jac.reshape(x.shape[:batch_dims] + y.shape[batch_dims:] + x.shape[batch_dims:])
+
+
+def graph_divergence(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    batch_dims: int = 1,
+    method: str = "auto",
+    create_graph: bool = False,
+    chunk_size: int | None = None,
+    num_probes: int | None = None,
+    generator: torch.Generator | None = None,
+    probe: str | None = None,
+    probes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Divergence ``tr(d vec(y_b) / d vec(x_b))`` of each sample, from an existing graph.
+
+    Exact, with one VJP per event element (reverse mode is the only mode a built graph offers),
+    or estimated with ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"`` from ``num_probes`` VJPs
+    per sample, as in ``divergence``. Assumes sample ``b`` of ``y`` depends only on sample
+    ``b`` of ``x``.
+
+    Args:
+        y: tensor computed from ``x``, same number of elements per sample as ``x``.
+        x: floating tensor with ``requires_grad=True``.
+        batch_dims: number of leading batch dimensions.
+        method: ``"auto"`` or ``"reverse"`` (the same exact computation), or ``"hutchinson"``,
+            ``"hutch++"``, ``"xtrace"`` (stochastic).
+        create_graph: keep the result differentiable (e.g. a CNF or score-matching loss).
+        chunk_size: at most this many VJPs in flight at once; ``None``: all of them.
+        num_probes, generator, probe, probes: as in ``divergence``, stochastic methods only.
+
+    Returns:
+        Shape ``x.shape[:batch_dims]``.
+
+    Raises:
+        ValueError, TypeError: as ``graph_jacobian``; also an unknown ``method`` and a
+            non-square per-sample Jacobian.
+        BatchInteractionError: as ``graph_jacobian``.
+
+    Example:
+        >>> x = torch.randn(5, 3, requires_grad=True)
+        >>> torch.allclose(graph_divergence(x**2, x), 2 * x.sum(-1))
+        True
+    """
+    fn = "graph_divergence"
+    check_method(fn, method, GRAPH_METHODS)
+    if method in STOCHASTIC_METHODS:
+        check_input(fn, x, batch_dims)
+        s = _trace.sampling(fn, x, batch_dims, method, num_probes, probe, probes, generator)
+        engine, _ = _engine(fn, y, x, batch_dims, create_graph, chunk_size, True)
+        return _stochastic.trace_of_engine(engine, s, chunk_size).value
+    check_exact_options(fn, method, num_probes, generator, probe, probes)
+    engine, chunk = _engine(fn, y, x, batch_dims, create_graph, chunk_size, True)
+    return _exact.diagonal(engine, chunk).sum(-1).reshape(x.shape[:batch_dims])
+
+
+def graph_laplacian(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    batch_dims: int = 1,
+    create_graph: bool = False,
+    chunk_size: int | None = None,
+    coordinates: Sequence[int] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Per-sample Laplacian ``Σ_j ∂²y_i / ∂x_j²`` of every output component, from an existing
+    graph: for a ``pde(x, y)`` that receives the network's output (DeepXDE style).
+
+    Nested reverse mode on the caller's graph: the per-sample Jacobian ``∂y/∂x`` with a graph
+    of its own (one VJP per output component), then one VJP of it per output component and
+    coordinate, keeping the diagonal entries. Assumes sample ``b`` of ``y`` depends only on
+    sample ``b`` of ``x``. The function form ``laplacian(f, x)`` is faster from a few inputs
+    on (it needs no second backward pass); this one spares a second forward pass.
+
+    Args:
+        y: tensor computed from ``x``, ``y.shape[:batch_dims] == x.shape[:batch_dims]``.
+        x: floating tensor with ``requires_grad=True``.
+        batch_dims: number of leading batch dimensions.
+        create_graph: keep the result differentiable (a PINN loss).
+        chunk_size: at most this many VJPs in flight at once at each level; ``None``: all.
+        coordinates: sum only over these elements of each sample's event (flat indices or a
+            boolean mask, as in ``laplacian``); ``None``: all.
+
+    Returns:
+        Shape ``x.shape[:batch_dims] + y.shape[batch_dims:]``.
+
+    Raises:
+        ValueError, TypeError: as ``graph_jacobian``; also bad ``coordinates``.
+
+    Example:
+        >>> x = torch.randn(5, 2, requires_grad=True)
+        >>> y = x[:, 0] ** 2 * x[:, 1] ** 3                 # Δy = 2 x1³ + 6 x0² x1
+        >>> expected = 2 * x[:, 1] ** 3 + 6 * x[:, 0] ** 2 * x[:, 1]
+        >>> torch.allclose(graph_laplacian(y, x), expected)
+        True
+        >>> torch.allclose(graph_laplacian(y, x, coordinates=[1]), 6 * x[:, 0] ** 2 * x[:, 1])
+        True
+    """
+    fn = "graph_laplacian"
+    check_flag(fn, "create_graph", create_graph)
+    engine, chunk = _engine(fn, y, x, batch_dims, True, chunk_size, False)
+    n, batch = event_numel(x, batch_dims), x.shape[:batch_dims]
+    index = torch.arange(n, device=x.device)
+    if coordinates is not None:
+        index = check_coordinates(fn, coordinates, x, batch_dims)
+    gradients = _exact.dense(engine, chunk)[..., index]  # (N, m, k): ∂y_i/∂x_j, j chosen
+    samples, m, k = gradients.shape
+    second = GraphJacobian(gradients.reshape(*batch, m * k), x, batch_dims, create_graph)
+    parts = []
+    for start, stop in chunks(m * k, chunk_size or max(m * k, 1)):
+        rows = second.block(start, stop)  # (r, N, n): row (i, j) of ∂(∂y_i/∂x_j)/∂x
+        parts.append(rows[torch.arange(stop - start), :, index.repeat(m)[start:stop]])
+    if not parts:  # no output components or no coordinates
+        return x.new_zeros(y.shape)
+    laplacians = torch.cat(parts).reshape(m, k, samples).sum(1).T  # (N, m)
+    return laplacians.reshape(y.shape)

@@ -1,0 +1,129 @@
+"""``check_batch_independence``: does sample ``b`` of ``f(x)`` depend on other samples of ``x``?"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from torchdiv._core.checks import check_callable, check_generator, check_input, check_output
+from torchdiv._core.ddp import inner_backward, static_graph_owners
+from torchdiv._core.mixing import BatchInteractionError
+from torchdiv._core.modes import outside_inference_mode
+
+TRIALS = 32
+
+
+@outside_inference_mode
+def check_batch_independence(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    batch_dims: int = 1,
+    rtol: float = 1e-6,
+    generator: torch.Generator | None = None,
+) -> None:
+    r"""Raise if some sample of ``f(x)`` depends on another sample of ``x``.
+
+    Every operator in torchdiv probes the batched ``f`` with one vector broadcast across the
+    batch and reads off per-sample results (NOTE [Batching over basis vectors] in
+    ``torchdiv._core.basis``). That is right only when the Jacobian of the batched ``f`` is block
+    diagonal: ``d f(x)_b / d x_c = 0`` for ``b != c``.
+
+    The test takes ``TRIALS = 32`` random VJPs in one batched call. Each puts Gaussian noise on
+    the outputs of a random half ``S`` of the samples and zero elsewhere; for independent
+    samples the gradient on every input outside ``S`` is then exactly zero (no rounding: those
+    entries are sums of exact zeros). A pair ``b != c`` with ``d f_b / d x_c != 0`` shows up in
+    a trial with probability 1/4 (``b`` in ``S``, ``c`` not), so it escapes all trials with
+    probability ``(3/4)**32 < 1e-4``, whatever the dtype. ``f`` is called once (a train-mode
+    BatchNorm updates its running statistics once, as in any forward pass).
+
+    The operators themselves raise ``BatchInteractionError`` when they see ``f`` mix samples
+    in the ops they already watch (``torchdiv._core.mixing``: train-mode batch norm, products and
+    reductions over a batch dimension), but not everywhere: not for the explicit
+    ``"forward"``/``"reverse"`` methods, tiny ``"auto"`` problems or ops the analysis does not
+    follow (indexing, fused attention). This test needs none of that: run it once per model.
+
+    Args:
+        f: the batched function to test.
+        x: a representative input; its first ``batch_dims`` dimensions index samples.
+        batch_dims: number of leading batch dimensions.
+        rtol: a cross-sample gradient counts when it exceeds ``rtol`` times the largest
+            gradient entry (independent samples give exactly zero).
+        generator: random source for the subsets and the noise; default: a fixed seed, so the
+            check is reproducible.
+
+    Returns:
+        ``None`` if no interaction is found.
+
+    Raises:
+        BatchInteractionError: (a ``ValueError``) naming the samples whose inputs reach other
+            samples' outputs, the size of the leak and the usual causes (train-mode BatchNorm,
+            attention or pooling over the batch dimension).
+        TypeError, ValueError: bad ``f``, ``x``, ``batch_dims``, ``rtol`` or ``generator``.
+
+    Example:
+        >>> check_batch_independence(torch.nn.Linear(3, 3), torch.randn(4, 3))
+        >>> bn = torch.nn.BatchNorm1d(3)  # train mode: normalises with batch statistics
+        >>> check_batch_independence(bn, torch.randn(4, 3))
+        Traceback (most recent call last):
+        ...
+        torchdiv.BatchInteractionError: check_batch_independence: ...
+    """
+    fn = "check_batch_independence"
+    check_callable(fn, f)
+    check_input(fn, x, batch_dims)
+    check_generator(fn, generator)
+    if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not 0 <= rtol < math.inf:
+        raise ValueError(f"{fn}: rtol must be a finite number >= 0, got {rtol!r}")
+    num = x.shape[:batch_dims].numel()
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        y = f(x_in)
+    check_output(fn, y, x, batch_dims)
+    if num < 2 or not y.requires_grad:
+        return
+    leak, scale = _leaks(y, x_in, num, generator or torch.Generator().manual_seed(0))
+    receivers = (leak > rtol * scale).nonzero().flatten().tolist()
+    if receivers:
+        raise BatchInteractionError(_message(fn, f, receivers, float(leak.max()), scale))
+
+
+def _leaks(
+    y: torch.Tensor, x_in: torch.Tensor, num: int, generator: torch.Generator
+) -> tuple[torch.Tensor, float]:
+    """Per input sample, the largest gradient it got from a trial that left it out; and the
+    largest gradient entry overall."""
+    inside = torch.rand(TRIALS, num, 1, generator=generator) < 0.5
+    noise = torch.randn(TRIALS, num, y.numel() // num, generator=generator)
+    cotangents = (noise * inside).to(y).reshape(TRIALS, *y.shape)
+    with inner_backward(static_graph_owners(y)):
+        (grad,) = torch.autograd.grad(
+            y, x_in, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
+        )
+    if grad is None:
+        return torch.zeros(num), 0.0
+    size = grad.reshape(TRIALS, num, -1).abs().amax(-1).float().cpu()  # (trials, samples)
+    outside = size * ~inside.squeeze(-1)
+    return outside.amax(0), float(size.max())
+
+
+def _message(fn: str, f: object, receivers: list[int], leak: float, scale: float) -> str:
+    shown = ", ".join(map(str, receivers[:8])) + (", ..." if len(receivers) > 8 else "")
+    msg = (
+        f"{fn}: samples interact: the inputs of samples [{shown}] reach the outputs of other "
+        f"samples (largest cross-sample gradient {leak:.3g}, largest gradient {scale:.3g}). "
+        "Per-sample Jacobians, divergences and Laplacians of this f would be wrong. Usual "
+        "causes: BatchNorm in train mode (call model.eval()), attention, pooling or "
+        "normalisation across the batch dimension, or batch_dims set too low."
+    )
+    if isinstance(f, torch.nn.Module):
+        norms = [
+            name or type(f).__name__
+            for name, m in f.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+        ]
+        if norms:
+            msg += f" Train-mode BatchNorm modules in f: {', '.join(norms)}."
+    return msg

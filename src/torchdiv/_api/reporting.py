@@ -1,0 +1,141 @@
+"""Errors out of a public function: PyTorch's message from inside ``f``, with torchdiv's context.
+
+An exception ``f`` raises (marked by ``_checks.call_f``) may be caught on the way by an
+automatic fallback, which tries another engine; ``reported`` adds the context only when the
+error leaves the public function: the call, the shapes and dtypes passed, the method, the
+engine that evaluated ``f`` last, and a hint for the usual mistakes. The new exception has the
+type of the original (so ``except RuntimeError`` still catches it) and is chained to it
+(``raise ... from``), so PyTorch's traceback stays.
+
+A ``torch.func`` transform refuses an ``f`` that updates state it closes over, as a train-mode
+batch norm does; that error says nothing about batch norm, so ``f`` is first recorded once
+more, watching the batch dimensions (``torchdiv._core.mixing``), to raise the clear
+``BatchInteractionError`` instead. ``BatchInteractionError`` raised while watching ``f`` gets
+the public function's name in front.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from torchdiv._core.checks import mark_final, raised_by_f
+from torchdiv._core.mixing import BatchInteractionError, unnamed
+from torchdiv._taylor.mixing import recorded_mixing
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reported(fn: str, call: str = "f(x)") -> Callable[[F], F]:
+    """Decorate the public function ``fn(f, x, ...)`` (``call``: how it calls ``f``)."""
+
+    def decorate(function: F) -> F:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except Exception as exc:
+                try:
+                    bound = signature.bind(*args, **kwargs)
+                except TypeError:  # the call's own arguments are wrong: Python's message
+                    raise exc from None
+                bound.apply_defaults()
+                final = final_error(fn, call, exc, bound.arguments)
+                if final is None:
+                    mark_final(exc)
+                    raise
+                cause = None if isinstance(exc, BatchInteractionError) else exc
+                raise mark_final(final) from cause
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> Exception | None:
+    """What ``fn`` raises instead of ``exc`` (``None``: ``exc`` itself). ``options``: the
+    call's arguments (``f``, ``x``, ``batch_dims``, ``method``; ``evaluate``, ``f`` as a
+    function of ``x`` alone, if it is not ``f``)."""
+    if isinstance(exc, BatchInteractionError):
+        if str(exc).startswith(f"{fn}:"):
+            return None
+        return BatchInteractionError(f"{fn}: {unnamed(str(exc))}")
+    nested = getattr(exc, "_torchdiv_context", False)  # a public call inside this one's
+    if not raised_by_f(exc) and not nested:
+        return None
+    if "captured Tensor" in str(exc):  # a transform refused an update f makes
+        evaluate = options.get("evaluate", options["f"])
+        mixing = recorded_mixing(evaluate, options["x"], options["batch_dims"])
+        if mixing is not None:
+            return BatchInteractionError(f"{fn}: {mixing}")
+    return None if nested else in_context(fn, call, exc, options)
+
+
+def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> Exception:
+    """``exc`` again, its message followed by the call's context and a hint."""
+    x, f = options["x"], options["f"]
+    shown = ", ".join(
+        f"{name}={options[name]!r}" for name in ("batch_dims", "method") if name in options
+    )
+    engine = getattr(exc, "_torchdiv_engine", "torchdiv")
+    text = (
+        f"{fn}: {call} raised {type(exc).__name__}: {exc}\n"
+        f"[torchdiv] in {fn}(f, x, ..., {shown}) with x of shape {tuple(x.shape)} and dtype "
+        f"{x.dtype}; f was evaluated by {engine}."
+    )
+    hint = _hint(str(exc), f, x, call)
+    if hint:
+        text += f"\nHint: {hint}"
+    try:
+        new = type(exc)(text)
+    except Exception:  # an exception type that wants other arguments: keep the original
+        return exc
+    with contextlib.suppress(AttributeError):
+        new._torchdiv_context = True  # type: ignore[attr-defined]
+    return new
+
+
+def _hint(message: str, f: Any, x: torch.Tensor, call: str) -> str | None:
+    """A likely fix for the usual mistakes."""
+    if "random operation" in message and "vmap" in message:
+        return (
+            "f draws random numbers (a train-mode Dropout?); method='forward' batches JVPs "
+            "with vmap, which refuses them. Call model.eval() for the deterministic model, or "
+            "use method='reverse' or 'auto', which evaluate f once and differentiate it with "
+            "the random draws of that evaluation."
+        )
+    if "dtype" in message or "scalar type" in message:
+        params = [p.dtype for m in _modules(f) for p in m.parameters() if p.is_floating_point()]
+        what = f"f's parameters are {params[0]}" if params else "f computes in another dtype"
+        return (
+            f"{what} but x is {x.dtype}: convert one to the other, e.g. model.to(x.dtype) or "
+            f"x.to({params[0] if params else 'the model dtype'})."
+        )
+    if "positional argument" in message and call == "f(x)":
+        return (
+            "torchdiv calls f(x) with the batch alone; for a function of (t, x) pass "
+            "lambda x: f(t, x) (torchdiv.flows calls f(t, z))."
+        )
+    if "positional argument" in message:
+        return f"torchdiv.flows calls {call} with t a 0-dim tensor and z the batched state."
+    if call != "f(x)" and ("0-dim" in message or "dimension 0" in message):
+        return (
+            "t is a 0-dim tensor, one time for the whole batch: broadcast it per sample, e.g. "
+            "t.expand(z.shape[0])[:, None] or t * torch.ones_like(z[:, :1])."
+        )
+    return None
+
+
+def _modules(f: Any) -> list[torch.nn.Module]:
+    """``f`` if it is a module, else the modules its closure holds (``lambda x: net(x)``)."""
+    if isinstance(f, torch.nn.Module):
+        return [f]
+    cells = getattr(f, "__closure__", None) or ()
+    return [c.cell_contents for c in cells if isinstance(c.cell_contents, torch.nn.Module)]

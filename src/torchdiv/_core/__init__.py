@@ -1,0 +1,1 @@
+"""Below everything: argument checks, modes, basis vectors, sample-mixing detection."""

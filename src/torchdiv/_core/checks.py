@@ -1,0 +1,433 @@
+"""Argument checks shared by every public function.
+
+Each check raises a ``TypeError`` or ``ValueError`` whose message starts with the public
+function's name (``"divergence: ..."``), names the offending argument, says what was expected
+and what arrived (values and shapes), and, where one helps, gives a hint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch._C._functorch import peek_interpreter_stack
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+from torchdiv._core.modes import WrongDerivatives
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def event_numel(t: torch.Tensor, batch_dims: int) -> int:
+    """Number of elements in one sample of ``t``."""
+    return math.prod(t.shape[batch_dims:])
+
+
+def check_callable(fn: str, f: Any, name: str = "f") -> None:
+    if not callable(f):
+        raise TypeError(
+            f"{fn}: {name} must be callable (a function or nn.Module), got {type(f).__name__}"
+        )
+
+
+def check_input(fn: str, x: Any, batch_dims: Any, name: str = "x") -> None:
+    """Check that ``x`` (the argument ``name``) is a floating tensor with at least
+    ``batch_dims`` dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{fn}: {name} must have a floating dtype (float16/bfloat16/float32/float64), "
+            f"got {x.dtype}; convert it first, e.g. x.float()"
+        )
+    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int):
+        raise TypeError(f"{fn}: batch_dims must be an int, got {type(batch_dims).__name__}")
+    if not 0 <= batch_dims <= x.dim():
+        raise ValueError(
+            f"{fn}: batch_dims must be in [0, {name}.dim()] = [0, {x.dim()}] for {name} of shape "
+            f"{_shape(x)}, got {batch_dims}"
+        )
+
+
+def check_chunk_size(fn: str, chunk_size: Any) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"{fn}: chunk_size must be an int or None, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be at least 1 (or None for all), got {chunk_size}")
+
+
+def check_flag(fn: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be True or False, got {value!r}")
+
+
+def check_generator(fn: str, generator: Any) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+
+
+def check_method(fn: str, method: Any, valid: Sequence[str]) -> None:
+    _check_choice(fn, "method", method, valid)
+
+
+def _check_choice(fn: str, what: str, value: Any, valid: Sequence[str]) -> None:
+    """``value`` must be one of ``valid``; the message lists them."""
+    if value not in valid:
+        choices = ", ".join(repr(v) for v in valid)
+        raise ValueError(f"{fn}: unknown {what} {value!r}; valid {what}s are {choices}")
+
+
+def check_exact_options(
+    fn: str,
+    method: str,
+    num_probes: Any,
+    generator: Any,
+    probe: Any = None,
+    probes: Any = None,
+) -> None:
+    """Exact methods take no probes: reject the stochastic options instead of ignoring them."""
+    check_generator(fn, generator)
+    for name, value in (("num_probes", num_probes), ("probe", probe), ("probes", probes)):
+        if value is not None:
+            shown = (
+                f"a tensor of shape {_shape(value)}" if isinstance(value, torch.Tensor) else value
+            )
+            raise ValueError(
+                f"{fn}: {name} is only used by stochastic methods; method={method!r} is exact, "
+                f"got {name}={shown}"
+            )
+    if generator is not None:
+        raise ValueError(
+            f"{fn}: generator is only used by stochastic methods; method={method!r} is exact"
+        )
+
+
+def check_num_probes(fn: str, method: str, num_probes: Any, spec: Any) -> int:
+    """``num_probes``: a positive int, a multiple of what ``method`` needs (``spec.products``);
+    returns it."""
+    if num_probes is None:
+        raise ValueError(
+            f"{fn}: method={method!r} needs num_probes, the number of operator products "
+            f"(Jacobian-vector products) per sample, e.g. num_probes={spec.products * 10}"
+        )
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int):
+        raise TypeError(f"{fn}: num_probes must be an int, got {type(num_probes).__name__}")
+    if num_probes < 1:
+        raise ValueError(f"{fn}: num_probes must be a positive int, got {num_probes}")
+    if num_probes % spec.products:
+        below = num_probes - num_probes % spec.products
+        options = f"{below} or {below + spec.products}" if below else f"{spec.products}"
+        raise ValueError(
+            f"{fn}: method={method!r} needs num_probes to be a multiple of {spec.products} "
+            f"({spec.split}), got {num_probes}; use {options}"
+        )
+    return num_probes
+
+
+def check_probe(fn: str, probe: Any, valid: Sequence[str]) -> None:
+    _check_choice(fn, "probe", probe, valid)
+
+
+def check_probes(
+    fn: str, probes: Any, like: torch.Tensor, method: str, num_probes: Any, spec: Any, name: str
+) -> int:
+    """A probe tensor ``(r,) + x.shape`` with ``r`` random vectors that ``method`` can use.
+
+    Returns:
+        The products per sample these probes are for; ``num_probes``, if given, must agree.
+    """
+    if not isinstance(probes, torch.Tensor):
+        raise TypeError(f"{fn}: probes must be a torch.Tensor, got {type(probes).__name__}")
+    if not probes.is_floating_point():
+        raise TypeError(f"{fn}: probes must have a floating dtype, got {probes.dtype}")
+    if probes.device != like.device:
+        raise ValueError(
+            f"{fn}: probes are on {probes.device} but {name} is on {like.device}; draw them "
+            f"with draw_probes({name}, ...) or move them with probes.to({name}.device)"
+        )
+    if probes.dim() != like.dim() + 1 or probes.shape[1:] != like.shape or len(probes) == 0:
+        raise ValueError(
+            f"{fn}: probes must have shape (r,) + {name}.shape = (r, {str(_shape(like))[1:]} "
+            f"with r >= 1 random vectors; got probes of shape {_shape(probes)} and {name} of "
+            f"shape {_shape(like)}. draw_probes({name}, num_probes, method=...) makes them"
+        )
+    r = len(probes)
+    if r % spec.vectors:
+        raise ValueError(
+            f"{fn}: method={method!r} uses {spec.vectors} random vectors per {spec.products} "
+            f"products, so probes.shape[0] must be a multiple of {spec.vectors}; got probes of "
+            f"shape {_shape(probes)}"
+        )
+    implied: int = r // spec.vectors * spec.products
+    if num_probes is not None and num_probes != implied:
+        raise ValueError(
+            f"{fn}: probes of shape {_shape(probes)} are {r} random vectors, which method="
+            f"{method!r} spends as num_probes={implied} products, but num_probes={num_probes} "
+            "was given; pass one of the two"
+        )
+    return implied
+
+
+def check_products(fn: str, out: Any, vectors: torch.Tensor) -> None:
+    """``matmat(V)`` must return a tensor shaped like ``V``: the operator is square."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{fn}: matmat(V) must return a torch.Tensor, got {type(out).__name__}")
+    if out.shape != vectors.shape:
+        raise ValueError(
+            f"{fn}: matmat(V) must return a tensor shaped like V (k probe vectors, each shaped "
+            f"like `like`): V has shape {_shape(vectors)} but matmat(V) has shape {_shape(out)}"
+        )
+
+
+def check_tolerance(fn: str, rtol: Any, atol: Any, max_probes: Any, block: int) -> None:
+    """``rtol``/``atol`` non-negative numbers (at least one); ``max_probes >= block``."""
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{fn}: {name} must be a float or None, got {type(value).__name__}")
+        if not 0 <= value < math.inf:
+            raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value}")
+    if isinstance(max_probes, bool) or not isinstance(max_probes, int):
+        raise TypeError(f"{fn}: max_probes must be an int, got {type(max_probes).__name__}")
+    if max_probes < block:
+        raise ValueError(
+            f"{fn}: max_probes={max_probes} is below one block of num_probes={block} products; "
+            "raise max_probes or lower num_probes"
+        )
+
+
+def check_output(fn: str, y: Any, x: torch.Tensor, batch_dims: int, name: str = "f(x)") -> None:
+    """Check that ``y`` is a floating tensor with the batch shape of ``x``."""
+    if not isinstance(y, torch.Tensor):
+        hint = ""
+        if isinstance(getattr(y, "sample", None), torch.Tensor):  # diffusers' model outputs
+            hint = "; its .sample is one: wrap the model, e.g. lambda x: unet(x, t).sample"
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(y).__name__}{hint}")
+    if not y.is_floating_point():
+        raise TypeError(
+            f"{fn}: {name} must be a floating tensor to be differentiated, got {y.dtype}"
+        )
+    if y.shape[:batch_dims] != x.shape[:batch_dims]:
+        raise ValueError(
+            f"{fn}: {name} changed the batch shape: {name} has shape {_shape(y)} and x has shape "
+            f"{_shape(x)}, so their first batch_dims={batch_dims} dimensions "
+            f"{_shape(y)[:batch_dims]} != {_shape(x)[:batch_dims]}. Samples must map to samples; "
+            f"check batch_dims"
+        )
+
+
+def check_square(fn: str, y: torch.Tensor, x: torch.Tensor, batch_dims: int, name: str) -> None:
+    """Check that each sample's Jacobian is square (same event numel in and out)."""
+    if event_numel(y, batch_dims) != event_numel(x, batch_dims):
+        raise ValueError(
+            f"{fn}: needs a square Jacobian, but the event of {name} "
+            f"(shape {_shape(y)[batch_dims:]}) and the event of x "
+            f"(shape {_shape(x)[batch_dims:]}) differ in size; full shapes "
+            f"{_shape(y)} and {_shape(x)} with batch_dims={batch_dims}. Use jacobian() for "
+            "non-square maps"
+        )
+
+
+def raised_by_f(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of the caller's ``f`` (see ``call_f``), and not out of a
+    torchdiv call inside ``f`` that already gave it its final form (``mark_final``)."""
+    return getattr(exc, "_torchdiv_in_f", False) and not getattr(exc, "_torchdiv_final", False)
+
+
+def mark_final(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as leaving a public function: an outer torchdiv call whose ``f`` makes
+    this call (``biharmonic``'s Laplacian of a Laplacian) passes it on unchanged."""
+    with contextlib.suppress(AttributeError):  # a built-in type without __dict__
+        exc._torchdiv_final = True  # type: ignore[attr-defined]
+    return exc
+
+
+def call_f(f: Callable[..., Any], *args: Any) -> Any:
+    """``f(*args)``, marking an exception ``f`` raises, so that the public function can add its
+    context once the error is final (``torchdiv._api.reporting``); torchdiv's own errors raised
+    while watching ``f`` (``BatchInteractionError``) carry their own."""
+    try:
+        return f(*args)
+    except Exception as exc:
+        if not isinstance(exc, ValueError) or type(exc).__name__ != "BatchInteractionError":
+            with contextlib.suppress(AttributeError):  # a built-in type without __dict__
+                exc._torchdiv_in_f = True  # type: ignore[attr-defined]
+                exc._torchdiv_engine = _engine_now()  # type: ignore[attr-defined]
+        raise
+
+
+def _engine_now() -> str:
+    """What is evaluating ``f`` at the moment: for an error's context."""
+    if peek_interpreter_stack() is not None:
+        return "torch.func transforms (vjp, jvp, vmap)"
+    modes = [type(m).__name__ for m in _get_current_dispatch_mode_stack()]
+    if "_Recorder" in modes:
+        return "the structured recorder (a TorchDispatchMode)"
+    return "plain autograd"
+
+
+def checked(
+    fn: str, f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int, square: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Wrap ``f`` so that its output is checked wherever it is evaluated (inside transforms too),
+    its errors are marked (``call_f``), and an op an engine refuses (``_modes.WrongDerivatives``)
+    is reported under ``fn``'s name."""
+
+    def g(z: torch.Tensor) -> torch.Tensor:
+        try:
+            y: torch.Tensor = call_f(f, z)  # check_output raises if it is not
+        except WrongDerivatives as exc:
+            raise WrongDerivatives(f"{fn}: {exc}") from None
+        check_output(fn, y, x, batch_dims)
+        if square:
+            check_square(fn, y, x, batch_dims, "f(x)")
+        return y
+
+    return g
+
+
+def check_time(fn: str, name: str, t: Any, x: torch.Tensor) -> torch.Tensor:
+    """A finite time given as a float or a 0-dim real tensor -> 0-dim, dtype/device of ``x``."""
+    if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
+        raise TypeError(f"{fn}: {name} must be a float or a 0-dim tensor, got {type(t).__name__}")
+    if isinstance(t, torch.Tensor):
+        if t.dim() != 0:
+            raise ValueError(
+                f"{fn}: {name} must be a float or a 0-dim tensor, got a tensor of shape "
+                f"{_shape(t)}; one time for the whole batch"
+            )
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{fn}: {name} must be a real number, got dtype {t.dtype}")
+    out = torch.as_tensor(t).to(device=x.device, dtype=x.dtype)
+    if not torch.isfinite(out):  # once per call, before the solve
+        raise ValueError(f"{fn}: {name} must be finite, got {t}")
+    return out
+
+
+def check_positive(fn: str, name: str, value: Any) -> None:
+    """A finite number > 0 (a solver tolerance)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value}")
+
+
+def check_solver(fn: str, solver: Any, valid: Sequence[str]) -> None:
+    _check_choice(fn, "solver", solver, valid)
+
+
+def check_options(fn: str, options: Any) -> None:
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(
+            f"{fn}: options must be a dict of solver options or None, got {type(options).__name__}"
+        )
+
+
+def check_velocity(fn: str, v: Any, z: torch.Tensor) -> None:
+    """``f(t, z)`` must be a tensor with the shape and dtype of the state ``z``."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{fn}: f(t, z) must return a torch.Tensor, got {type(v).__name__}")
+    if v.shape != z.shape:
+        raise ValueError(
+            f"{fn}: f(t, z) must return a velocity shaped like z: z has shape {_shape(z)} but "
+            f"f(t, z) has shape {_shape(v)}"
+        )
+    if v.dtype != z.dtype:
+        raise TypeError(
+            f"{fn}: f(t, z) must return z's dtype {z.dtype}, got {v.dtype}; cast the model "
+            "or x (e.g. model.to(x.dtype))"
+        )
+
+
+def check_log_prob(fn: str, lp: Any, x: torch.Tensor, batch_dims: int) -> None:
+    """``base_log_prob(z)`` must give one floating log-density per sample."""
+    if not isinstance(lp, torch.Tensor) or not lp.is_floating_point():
+        shown = lp.dtype if isinstance(lp, torch.Tensor) else type(lp).__name__
+        raise TypeError(f"{fn}: base_log_prob(z) must return a floating tensor, got {shown}")
+    if lp.shape != x.shape[:batch_dims]:
+        raise ValueError(
+            f"{fn}: base_log_prob(z) must return one log-density per sample, shape "
+            f"x.shape[:batch_dims] = {_shape(x)[:batch_dims]} for x of shape {_shape(x)} and "
+            f"batch_dims={batch_dims}; got shape {_shape(lp)} (sum over the event dimensions)"
+        )
+
+
+def check_coordinates(fn: str, coordinates: Any, x: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """Event coordinates to differentiate along: flat event indices (ints, negative counting
+    from the end, no repeats) or a boolean mask shaped like the event (or flat) -> a 1-D int64
+    index tensor on ``x``'s device."""
+    n, event = event_numel(x, batch_dims), _shape(x)[batch_dims:]
+    if isinstance(coordinates, torch.Tensor) and coordinates.dtype == torch.bool:
+        if coordinates.shape not in (torch.Size(event), torch.Size((n,))):
+            raise ValueError(
+                f"{fn}: a boolean coordinates mask must have the event shape {event} (or the "
+                f"flat ({n},)) of x of shape {_shape(x)} with batch_dims={batch_dims}; got a mask "
+                f"of shape {_shape(coordinates)}"
+            )
+        return coordinates.reshape(n).nonzero().squeeze(1).to(x.device)
+    if isinstance(coordinates, torch.Tensor):
+        if coordinates.is_floating_point() or coordinates.is_complex() or coordinates.dim() != 1:
+            raise TypeError(
+                f"{fn}: coordinates must be flat event indices (a 1-D integer tensor or a list of "
+                f"ints) or a boolean mask, got a {coordinates.dtype} tensor of shape "
+                f"{_shape(coordinates)}"
+            )
+        index = coordinates.to(device="cpu", dtype=torch.int64)
+    elif isinstance(coordinates, Sequence) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in coordinates
+    ):
+        index = torch.tensor(list(coordinates), dtype=torch.int64)
+    else:
+        raise TypeError(
+            f"{fn}: coordinates must be flat event indices (a list of ints or a 1-D integer "
+            f"tensor) or a boolean mask, got {type(coordinates).__name__}"
+        )
+    given = index.tolist()
+    if len(index) and not (-n <= int(index.min()) and int(index.max()) < n):
+        raise ValueError(
+            f"{fn}: coordinates must be indices into the flattened event of {n} elements (x of "
+            f"shape {_shape(x)}, batch_dims={batch_dims}), in [-{n}, {n}); got {given}"
+        )
+    index = index % max(n, 1)
+    if len(index.unique()) != len(index):
+        raise ValueError(
+            f"{fn}: coordinates must not repeat an index (its second derivative would be "
+            f"counted twice); got {given} for an event of {n} elements"
+        )
+    return index.to(x.device)
+
+
+def check_matrix(
+    fn: str, name: str, matrix: Any, x: torch.Tensor, batch_dims: int, square: bool
+) -> None:
+    """A floating ``(n, k)`` matrix on the flattened event of ``x`` (``(n, n)`` if ``square``),
+    the same for every sample or one per sample (``x.shape[:batch_dims] + (n, k)``)."""
+    if not isinstance(matrix, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(matrix).__name__}")
+    if not matrix.is_floating_point():
+        raise TypeError(f"{fn}: {name} must have a floating dtype, got {matrix.dtype}")
+    n, batch = event_numel(x, batch_dims), _shape(x)[:batch_dims]
+    k = n if square else "k"
+    if (
+        matrix.dim() not in (2, 2 + batch_dims)
+        or matrix.shape[-2] != n
+        or (square and matrix.shape[-1] != n)
+        or (matrix.dim() > 2 and _shape(matrix)[:-2] != batch)
+    ):
+        raise ValueError(
+            f"{fn}: {name} must have shape ({n}, {k}) (all samples) or {batch} + ({n}, {k}) "
+            f"(one per sample) for x of shape {_shape(x)} with batch_dims={batch_dims} "
+            f"({n} elements per sample); got {name} of shape {_shape(matrix)}"
+        )
+    if matrix.device != x.device:
+        raise ValueError(f"{fn}: {name} is on {matrix.device} but x is on {x.device}")

@@ -1,0 +1,268 @@
+"""Modes the function-form API runs under: outside inference mode, compiled code run eagerly,
+attention as primitives, ops with wrong or missing derivatives replaced (``SafeDerivatives``), and
+host-side planning."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
+
+from torchdiv._core import linalg as _linalg
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def outside_inference_mode(fn: F) -> F:
+    """Decorate ``fn(f, x, ...)`` so that it works when called under ``torch.inference_mode()``
+    and leaves the caller's compiled code compiled (``CompiledCodeEager``).
+
+    Derivatives need autograd, which inference mode switches off (silently: ``enable_grad``
+    does not undo it). The wrapper leaves inference mode for the call, keeps the caller's grad
+    mode, and clones an inference-tensor ``x`` into a normal one; the caller's ``x`` is not
+    touched.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # Dynamo traces the call: no mode checks to break on
+            return fn(f, x, *args, **kwargs)
+        with CompiledCodeEager():
+            inference_x = isinstance(x, torch.Tensor) and x.is_inference()
+            if not torch.is_inference_mode_enabled() and not inference_x:
+                return fn(f, x, *args, **kwargs)  # the usual case
+            grad_mode = torch.is_grad_enabled()
+            with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
+                if inference_x:
+                    x = x.clone()
+                return fn(f, x, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class CompiledCodeEager(contextlib.ContextDecorator):
+    """Run ``torch.compile``d code that ``f`` calls eagerly for the duration of the block
+    (or of every call of a function decorated with ``@CompiledCodeEager()``).
+
+    torchdiv evaluates ``f`` under ``torch.func`` transforms and dispatch modes, where Dynamo
+    cannot compile; a compiled model called there is not only run eagerly: Dynamo marks its
+    code objects "skip", so that every later call of the model, outside torchdiv too, runs
+    eagerly (measured: 0 compiled-graph executions after one ``divergence`` call). Dynamo's
+    "force_eager" stance runs compiled code eagerly without marking anything. Nothing is done
+    when Dynamo was never imported (no compiled code exists) or inside a compiled region
+    (Dynamo is tracing torchdiv itself).
+    """
+
+    def _recreate_cm(self) -> CompiledCodeEager:  # a decorated function: one per call
+        return type(self)()
+
+    def __enter__(self) -> None:
+        self.prior = None
+        frames = sys.modules.get("torch._dynamo.eval_frame")
+        if frames is None or not hasattr(frames, "_set_stance"):  # no Dynamo, or torch < 2.6
+            return
+        if torch.compiler.is_compiling():  # Dynamo traces the call: nothing to protect
+            return
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+
+        if get_eval_frame_callback() in (None, False):
+            self.prior = frames._set_stance(frames.DynamoStance("force_eager"))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.prior is not None:
+            sys.modules["torch._dynamo.eval_frame"]._set_stance(self.prior)
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Run attention as primitives: ``scaled_dot_product_attention`` on PyTorch's math
+    backend, whose primitives have forward-mode and second-order derivatives (and Taylor
+    rules; the fused CPU kernel has neither), and ``nn.MultiheadAttention`` /
+    ``nn.TransformerEncoderLayer`` off their fused fast path (``_transformer_encoder_layer_fwd``,
+    ``_native_multi_head_attention``, taken in eval mode with frozen parameters), which has
+    no derivatives at all. The caller's fast-path setting is restored afterwards."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+class WrongDerivatives(NotImplementedError):
+    """An op in ``f`` whose PyTorch derivatives of the order an engine needs are wrong, with no
+    equivalent here that is right (the public function names itself in front)."""
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """What ``SafeDerivatives`` does with an op whose PyTorch derivatives are wrong from
+    derivative ``order`` on: run ``run`` instead (same values, derivatives right at every
+    order), or, if ``None``, refuse it with ``why``. ``forward_only``: only derivatives taken
+    through forward mode are wrong (reverse over reverse is right at every order measured)."""
+
+    name: str
+    order: int
+    run: Callable[..., Any] | None
+    why: str = ""
+    forward_only: bool = False
+
+
+class SafeDerivatives(TorchFunctionMode):
+    """Run ``f`` with the ops in ``REPLACEMENTS`` whose derivatives of order ``order`` or
+    lower are wrong in PyTorch replaced by right equivalents, or refused (``WrongDerivatives``
+    naming ``way_out``). With ``forward_mode=False`` (an engine of backward passes only) the
+    ops whose reverse-mode derivatives are right are left as they are.
+
+    The order counts every derivative taken of ``f``: the forward engine's products are first
+    derivatives and their gradients with respect to parameters second ones; the Laplacian's
+    nested methods take second derivatives, and a Laplacian's gradient is a third.
+
+    Found by experiment in float64 against finite differences of first derivatives and
+    grad-of-grad loops (PyTorch 2.13; ``tests/test_linalg_rules.py``):
+
+    - ``layer_norm`` (fused ``native_layer_norm``): third derivative wrong (its backward
+      treats the saved mean and inverse standard deviation as constants; pytorch#175754).
+    - ``slogdet``, ``logdet``, ``det``, ``solve``, ``solve_ex``: first derivatives right;
+      derivatives of the forward-mode formula wrong (forward engine: parameter and ``x``
+      gradients of ``jacobian``/``divergence``, off by 2-240%; forward-over-reverse, hessian
+      and Hutchinson by HVPs: gradients of the Laplacian, off by 2-90%). Reverse over reverse
+      is right. Replaced by ``torchdiv._core.linalg``.
+    - ``cholesky_inverse``: even its first forward-mode derivative is wrong (Jacobians by the
+      forward engine off by 6%, Laplacian values by 200%). Replaced by ``inv(C C^T)``.
+    - ``eigvalsh``: gradients of the Laplacian by forward over reverse are ``nan``; ``eigh``
+      (with eigenvectors): every second derivative through forward mode is ``nan``. Refused
+      (reverse over reverse is right for both).
+    - ``cdist``: no forward-mode derivative and no double backward (``_cdist_backward``),
+      ``torch.func.jacrev`` of it (batched pullbacks) wrong (relative error ~1), and above 25
+      points PyTorch takes ``sqrt(|a|^2 + |b|^2 - 2 a.b)``, whose derivatives are infinite at
+      zero distance (``cdist(r, r)``'s diagonal). Replaced by ``_cdist`` from order 1: every
+      engine and the Taylor engine's recording run ``f`` at least under ``SafeDerivatives(1)``.
+
+    ``inv``, ``cholesky``, ``solve_triangular``, ``cholesky_solve``, ``lu_factor``/``lu_solve``,
+    ``qr``, ``svdvals``, ``matrix_exp``, ``pinv``, ``lstsq`` were right in every engine.
+    """
+
+    def __init__(self, order: int, way_out: str, forward_mode: bool = True):
+        super().__init__()
+        self.order, self.way_out, self.forward_mode = order, way_out, forward_mode
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        entry = REPLACEMENTS.get(func)
+        if (
+            entry is None
+            or entry.order > self.order
+            or (entry.forward_only and not self.forward_mode)
+        ):
+            return func(*args, **kwargs)
+        if entry.run is None:
+            raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {self.way_out}")
+        return entry.run(*args, **kwargs)
+
+
+def _cdist(
+    x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0, compute_mode: str | None = None
+) -> torch.Tensor:
+    """``torch.cdist`` from differences: ``d_ij = ||x1_i - x2_j||_p`` (memory ``P R M`` per
+    batch element instead of ``P R``). At zero distance, where the distance is not
+    differentiable, every derivative is 0 (PyTorch's first-order convention; exact for a
+    point's distance to itself, ``cdist(r, r)``'s diagonal, which is 0 for every ``r``)."""
+    diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
+    if p == 1:
+        return diff.abs().sum(-1)
+    if p == math.inf:
+        return diff.abs().amax(-1)
+    if p != 2:
+        return torch.linalg.vector_norm(diff, ord=p, dim=-1)
+    square = diff.square().sum(-1)
+    positive = square > 0
+    safe = torch.sqrt(torch.where(positive, square, torch.ones_like(square)))
+    return torch.where(positive, safe, torch.zeros_like(safe))
+
+
+def _layer_norm(
+    a: torch.Tensor,
+    normalized_shape: Any,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *_: Any,
+) -> torch.Tensor:
+    dims = tuple(range(-len(normalized_shape), 0))
+    centred = a - a.mean(dims, keepdim=True)
+    out = centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+    out = out if weight is None else out * weight
+    return out if bias is None else out + bias
+
+
+@contextlib.contextmanager
+def host_planning() -> Any:
+    """Bookkeeping of a plan on small CPU index tensors (index maps, colours), which reads
+    their values but never waits for the device: hidden from the caller's dispatch modes, so
+    that a counter of host synchronisations sees only work on the data."""
+    with _disable_current_modes():
+        yield
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A plan's CPU tensor on ``device`` without making the host wait: to a GPU, copied
+    asynchronously from pinned memory (a copy from ordinary memory synchronises)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _table(
+    order: int, run: Callable[..., Any] | None, why: str, *funcs: Any, forward_only: bool = True
+) -> dict[Any, Replacement]:
+    return {f: Replacement(_name(f), order, run, why, forward_only) for f in funcs}
+
+
+def _name(func: Any) -> str:
+    module = "torch.Tensor" if "Tensor" in getattr(func, "__qualname__", "") else "torch"
+    return f"{module}.{func.__name__}".replace("linalg_", "linalg.")
+
+
+_EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
+REPLACEMENTS: dict[Any, Replacement] = {
+    **_table(
+        3, _layer_norm, "", torch.nn.functional.layer_norm, torch.layer_norm, forward_only=False
+    ),
+    **_table(1, _cdist, "", torch.cdist, forward_only=False),
+    **_table(2, _linalg.slogdet, "", torch.linalg.slogdet, torch.slogdet, torch.Tensor.slogdet),
+    **_table(2, _linalg.logdet, "", torch.logdet, torch.Tensor.logdet),
+    **_table(2, _linalg.det, "", torch.linalg.det, torch.det, torch.Tensor.det),
+    **_table(2, _linalg.solve, "", torch.linalg.solve),
+    **_table(2, _linalg.solve_ex, "", torch.linalg.solve_ex),
+    **_table(
+        1, _linalg.cholesky_inverse, "", torch.cholesky_inverse, torch.Tensor.cholesky_inverse
+    ),
+    **_table(
+        3, None, _EIGH + " (its Taylor rule and reverse mode are right)", torch.linalg.eigvalsh
+    ),
+    **_table(
+        2,
+        None,
+        _EIGH + " (backward passes only are right: reverse over reverse)",
+        torch.linalg.eigh,
+    ),
+    **_table(
+        2,
+        None,
+        "it solves by torch.linalg.solve inside PyTorch, out of this mode's reach, whose "
+        "derivatives through forward mode are wrong at this order (its Taylor rule and "
+        "reverse mode are right)",
+        torch.linalg.tensorsolve,
+    ),
+}

@@ -1,0 +1,1 @@
+"""Stochastic trace and diagonal estimators: probes, one module per estimator."""

@@ -1,0 +1,1 @@
+"""The exact engines (forward, reverse, batched autograd, re-run) and their one dispatch."""

@@ -1,0 +1,245 @@
+"""Autograd-graph engines: Jacobian rows of every sample by VJPs through a built graph.
+
+``GraphJacobian`` serves the graph-form API (``graph_jacobian``: the caller built ``y`` from
+``x``) and the function form's fallbacks: plain autograd runs functions that ``torch.func``
+cannot (legacy ``autograd.Function`` without ``setup_context``, ops that cannot be vmapped
+in the forward pass). ``RerunJacobian``, the last resort, evaluates ``f`` afresh for every
+vector, for graphs that can be walked only once or whose backward cannot be batched
+(guided-diffusion's checkpoint, an ``autograd.Function`` that re-runs its block in
+``backward`` and then drops its inputs). See NOTE [Batching over basis vectors] in
+``_basis`` for the batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from torchdiv._core.basis import as_blocks, basis
+from torchdiv._core.checks import event_numel
+from torchdiv._core.ddp import inner_backward, static_graph_owners
+from torchdiv._core.modes import SafeDerivatives
+
+
+class GraphSpent(RuntimeError):
+    """A graph that one walk used up: walking it again failed (a custom ``backward`` that
+    frees what it needs, or a graph already freed)."""
+
+
+class UndifferentiableBackward(RuntimeError):
+    """A custom ``autograd.Function`` in ``f`` whose ``backward`` returned gradients without a
+    graph while it was asked for one: gradients of the products would silently lack its part
+    (with respect to the parameters, in a training loss)."""
+
+
+class _DifferentiableBackwards:
+    """While torchdiv's products are built with ``create_graph=True``, watch every custom
+    ``autograd.Function`` that ``y`` was computed through, and note (``culprits``) each whose
+    ``backward`` receives gradients that carry a graph but returns some without one (a legacy
+    gradient checkpoint that re-runs its block and calls ``autograd.grad`` without
+    ``create_graph``). A ``backward`` given constant gradients is not judged: nothing tells a
+    constant answer from a dropped graph there."""
+
+    def __init__(self, nodes: list[Any]) -> None:
+        self.nodes = nodes
+        self.handles: list[Any] = []
+        self.culprits: list[str] = []
+
+    def __enter__(self) -> _DifferentiableBackwards:
+        for node in self.nodes:
+            self.handles.append(node.register_hook(self._hook(node)))
+        return self
+
+    def _hook(self, node: Any) -> Callable[..., None]:
+        def check(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> None:
+            given = any(isinstance(g, torch.Tensor) and g.requires_grad for g in grad_outputs)
+            dropped = any(isinstance(g, torch.Tensor) and not g.requires_grad for g in grad_inputs)
+            if given and dropped:
+                self.culprits.append(node.name().removesuffix("Backward"))
+
+        return check
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def guarded(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` as it is, or, if a culprit was seen, ``out`` whose backward pass raises
+        ``UndifferentiableBackward``: its values are right, its gradients would not be."""
+        if not self.culprits:
+            return out
+        names = ", ".join(sorted(set(self.culprits)))
+        message = (
+            f"torchdiv: f computes through the custom autograd.Function {names}, whose "
+            "backward returns gradients without a graph (as legacy gradient checkpoints do, "
+            "calling autograd.grad without create_graph): the gradients of this result would "
+            "silently miss its part, so they are refused (its values are right). Use "
+            "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) or no checkpoint, or "
+            "make its backward differentiable"
+        )
+        return _Refused.apply(out, message)
+
+
+class _Refused(torch.autograd.Function):
+    """The identity, whose backward raises ``UndifferentiableBackward`` with a message."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, message: str) -> torch.Tensor:
+        ctx.message = message
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> tuple[None, None]:
+        raise UndifferentiableBackward(ctx.message)
+
+
+def _custom_functions(y: torch.Tensor) -> list[Any]:
+    """The custom ``autograd.Function`` nodes of ``y``'s graph."""
+    return [
+        node
+        for node, _ in _graph_edges(y)
+        if isinstance(node, torch.autograd.function.BackwardCFunction)
+    ]
+
+
+class GraphJacobian:
+    """``U @ J`` for ``y`` computed from ``x``, by ``autograd.grad(..., is_grads_batched=True)``.
+
+    The graph is retained between products and never freed, so the caller can still
+    backpropagate through ``y`` afterwards.
+    """
+
+    blocks_are_rows = True
+
+    def __init__(self, y: torch.Tensor, x: torch.Tensor, batch_dims: int, create_graph: bool):
+        self.y, self.x, self.batch_dims, self.create_graph = y, x, batch_dims, create_graph
+        self.num_basis = event_numel(y, batch_dims)
+        self.y_shape = y.shape
+        self._ddp_owners = static_graph_owners(y)  # see torchdiv._core.ddp
+        self._custom = _custom_functions(y) if create_graph else []
+        self._walked = False
+
+    @classmethod
+    def of_function(
+        cls, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+    ) -> GraphJacobian:
+        """Evaluate ``y = f(x)`` with a graph; keep results differentiable only where needed.
+
+        The products are built with ``create_graph=True`` exactly when the caller has grad mode
+        on and ``y`` depends on a tensor that requires grad other than our own copy of ``x``
+        (``x`` itself if it requires grad, parameters, closed-over tensors).
+        """
+        outer_grad = torch.is_grad_enabled()
+        with torch.enable_grad(), SafeDerivatives(1, "method='forward'"):
+            x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+            y = f(x_in)
+        create_graph = outer_grad and _depends_on_other_leaves(y, x_in)
+        return cls(y, x_in, batch_dims, create_graph)
+
+    def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
+        """VJPs: ``(k,) + y.shape`` cotangents -> ``(k,) + x.shape`` products."""
+        out = None
+        single = len(cotangents) == 1  # one probe: no batching (vmap) overhead
+        watch = _DifferentiableBackwards(self._custom)
+        if self.y.requires_grad:
+            try:
+                with inner_backward(self._ddp_owners), watch:
+                    (out,) = torch.autograd.grad(
+                        self.y,
+                        self.x,
+                        cotangents[0] if single else cotangents,
+                        retain_graph=True,
+                        create_graph=self.create_graph,
+                        is_grads_batched=not single,
+                        allow_unused=True,
+                    )
+            except Exception as error:  # the same walk went through before: not the caller's
+                if self._walked and not isinstance(error, torch.cuda.OutOfMemoryError):
+                    raise GraphSpent(
+                        f"the graph of f(x) cannot be walked twice: {error}"
+                    ) from error
+                raise
+            self._walked = True
+        if out is None:  # y does not depend on x: the Jacobian is zero
+            return self.x.new_zeros((cotangents.shape[0], *self.x.shape), dtype=self.y.dtype)
+        out = watch.guarded(out)
+        return out[None] if single else out
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``."""
+        out = self.apply(basis(start, stop, self.y, self.batch_dims))
+        return as_blocks(out, self.batch_dims)
+
+
+class RerunJacobian(GraphJacobian):
+    """``U @ J`` by a fresh evaluation of ``f`` and one ``autograd.grad`` per vector.
+
+    Each vector costs a forward and a backward pass, and walks its own graph once. ``f(x)``
+    (``y``) comes from an evaluation of its own, whose graph stays unwalked for the caller.
+    ``f`` should put back what it changes outside itself between evaluations
+    (``_state.Changes.again``).
+    """
+
+    def __init__(
+        self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+    ) -> None:
+        first = GraphJacobian.of_function(f, x, batch_dims)
+        super().__init__(first.y, first.x, batch_dims, first.create_graph)
+        self.f, self.x_given = f, x
+
+    def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
+        """VJPs: ``(k,) + y.shape`` cotangents -> ``(k,) + x.shape`` products, one at a time."""
+        products = []
+        for v in cotangents:
+            fresh = GraphJacobian.of_function(self.f, self.x_given, self.batch_dims)
+            products.append(fresh.apply(v[None]))
+        return torch.cat(products) if products else self.x.new_zeros((0, *self.x.shape))
+
+
+def _graph_edges(y: torch.Tensor) -> Iterator[tuple[Any, int]]:
+    """Every ``(node, output_nr)`` that ``y`` was computed through, starting with ``y``'s own;
+    each node is expanded once."""
+    yield y.grad_fn, y.output_nr
+    seen: set[Any] = set()
+    stack = [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, nr in node.next_functions:
+            yield child, nr
+            stack.append(child)
+
+
+def _depends_on_other_leaves(y: torch.Tensor, x_leaf: torch.Tensor) -> bool:
+    """Whether ``y``'s graph reaches a tensor requiring grad other than the leaf ``x_leaf``.
+
+    Leaves appear as AccumulateGrad nodes, the only nodes with a ``variable``. A plain loop,
+    not ``_graph_edges``: it runs on every one-probe estimate, where 10 us are 1% of the cost.
+    """
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "variable", x_leaf) is not x_leaf:
+            return True
+        stack.extend(child for child, _ in node.next_functions)
+    return False
+
+
+def depends_on(y: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``y`` is ``x`` or was computed from it (``x`` a leaf or an intermediate tensor).
+
+    An intermediate ``x`` is the output ``x.output_nr`` of the node ``x.grad_fn``: matching the
+    pair, not the node, tells ``x`` from its siblings (``a, b = h.chunk(2)``).
+    """
+    if y is x:
+        return True
+    if x.grad_fn is not None:
+        return any(node is x.grad_fn and nr == x.output_nr for node, nr in _graph_edges(y))
+    return any(getattr(node, "variable", None) is x for node, _ in _graph_edges(y))

@@ -1,0 +1,252 @@
+"""Exact operators from a Jacobian engine: the dense Jacobian and its diagonal, chunk by chunk.
+
+An engine (``ForwardJacobian``, ``ReverseJacobian`` or ``GraphJacobian``) hands out blocks
+of ``k`` Jacobian columns or rows of all ``N`` samples at once, shape ``(k, N, m)``. The
+consumers here never touch autograd; they only slice and stack those blocks, so the memory in
+flight is one block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import torch
+
+from torchdiv._core import mixing as _mixing
+from torchdiv._core.basis import chunks
+from torchdiv._core.checks import event_numel
+from torchdiv._core.mixing import BatchInteractionError
+from torchdiv._exact import plan as _plan
+from torchdiv._exact import state as _state
+from torchdiv._exact.autograd import GraphJacobian, RerunJacobian
+from torchdiv._exact.forward import ForwardJacobian
+from torchdiv._exact.reverse import ReverseJacobian
+from torchdiv._taylor.mixing import recorded_mixing
+
+EXACT_METHODS = ("auto", "forward", "reverse")
+T = TypeVar("T")
+
+
+class Engine(Protocol):
+    """What the consumers need: ``block(start, stop)`` gives ``(k, N, m)`` columns or rows."""
+
+    blocks_are_rows: bool
+    num_basis: int
+    x: torch.Tensor
+    batch_dims: int
+
+    @property
+    def y(self) -> torch.Tensor: ...  # f(x), differentiable like the products
+
+    @property
+    def y_shape(self) -> torch.Size: ...
+
+    def block(self, start: int, stop: int) -> torch.Tensor: ...
+
+    def apply(self, vectors: torch.Tensor, /) -> torch.Tensor: ...  # (k,) + in -> (k,) + out
+
+
+def dense(engine: Engine, chunk_size: int) -> torch.Tensor:
+    """Every sample's Jacobian, shape ``(N, m, n)`` (outputs by inputs)."""
+    blocks = [engine.block(start, stop) for start, stop in chunks(engine.num_basis, chunk_size)]
+    if not blocks:  # no basis vectors: an empty event on the side the engine walks along
+        m = math.prod(engine.y_shape[engine.batch_dims :])
+        return engine.x.new_zeros(_samples(engine), m, event_numel(engine.x, engine.batch_dims))
+    stacked = torch.cat(blocks)  # (basis, N, other side)
+    return stacked.permute(1, 0, 2) if engine.blocks_are_rows else stacked.permute(1, 2, 0)
+
+
+def diagonal(engine: Engine, chunk_size: int) -> torch.Tensor:
+    """Diagonal of every sample's square Jacobian, shape ``(N, n)``."""
+    parts = []
+    for start, stop in chunks(engine.num_basis, chunk_size):
+        block = engine.block(start, stop)
+        j = torch.arange(stop - start, device=block.device)
+        parts.append(block[j, :, start + j])  # (k, N): entry (start+j, start+j) of each sample
+    if not parts:
+        return engine.x.new_zeros(_samples(engine), 0)
+    return torch.cat(parts).T
+
+
+def trace_and_output(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    method: str,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample's exact ``tr J`` (shape ``x.shape[:batch_dims]``) and ``f(x)`` from the same
+    evaluation: an ODE's dynamics need both (``torchdiv.flows``), at the cost of one."""
+
+    def consume(engine: Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return diagonal(engine, chunk).sum(-1), output(engine)
+
+    (trace, y), _ = evaluate(f, x, batch_dims, method, chunk_size, consume)
+    return trace.reshape(x.shape[:batch_dims]), y
+
+
+def output(engine: Engine) -> torch.Tensor:
+    """``f(x)`` as the caller's autograd should see it. The plain-autograd engine evaluates ``f``
+    on a leaf copy of its own when ``x`` does not require grad; unless its products keep a
+    graph (``create_graph``: something else ``f`` depends on requires grad, under grad mode),
+    nothing outside differentiates ``y``, which is then detached from that copy."""
+    if isinstance(engine, GraphJacobian) and not engine.create_graph:
+        return engine.y.detach()
+    return engine.y
+
+
+def _samples(engine: Engine) -> int:
+    return engine.x.shape[: engine.batch_dims].numel()
+
+
+def evaluate(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    method: str,
+    chunk_size: int | None,
+    consume: Callable[[Engine, int], T],
+    generator: torch.Generator | None = None,
+) -> tuple[T, torch.Size]:
+    """Run ``consume`` on the engine ``method`` names; returns its result and ``f(x).shape``.
+
+    ``"forward"`` and ``"reverse"`` are taken as given (``chunk_size=None``: all at once).
+    ``"auto"`` runs the first engine that can run ``f`` (``_first_that_runs``); ``generator``
+    is the one ``consume`` draws from (``None``: the default one of ``x``'s device).
+
+    The evaluations ``"auto"`` watches also follow the batch dimensions (``_mixing``): an ``f``
+    that mixes samples raises ``BatchInteractionError``. The explicit methods are not watched,
+    except for an empty event (elementwise functions only), which costs one more evaluation.
+    """
+    if method in ("forward", "reverse"):
+        _mixing.check_empty_event(f, x, batch_dims)
+    if method == "forward":
+        engine: Engine = ForwardJacobian(f, x, batch_dims)
+    elif method == "reverse":
+        engine = ReverseJacobian(f, x, batch_dims)
+    else:
+        return _first_that_runs(f, x, batch_dims, chunk_size, consume, generator)
+    return consume(engine, chunk_size or max(engine.num_basis, 1)), engine.y_shape
+
+
+Build = Callable[[], tuple[Engine, _plan.OpSizes]]  # an engine and the sizes that plan its chunks
+
+
+def _first_that_runs(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    consume: Callable[[Engine, int], T],
+    generator: torch.Generator | None,
+) -> tuple[T, torch.Size]:
+    """``consume`` on the first engine that runs: forward mode (if ``_plan`` picks it),
+    reverse mode, batched plain autograd, then ``f`` re-run per vector (``_engines``).
+
+    An engine that raises an error saying it cannot run ``f`` (``_cannot_run``: an op
+    without a forward-mode rule, a legacy ``autograd.Function`` under ``torch.func``, a
+    backward that PyTorch's legacy ``vmap`` cannot batch, a graph that can be walked once)
+    hands over to the next, with the draws of ``generator`` undone (the same probes) and
+    every later evaluation of ``f`` starting from the state the first one found
+    (``_state.Changes.again``: buffers and random draws change once). Other errors propagate
+    at once; if no engine runs ``f``, the last engine's error does.
+    """
+    if torch.compiler.is_compiling():  # Dynamo cannot trace generator states: not kept
+        generator = None
+    else:
+        generator = generator or _state.default_generator(x.device)
+    failure: Exception | None = None
+    for build in _engines(f, x, batch_dims):
+        drawn = None
+        try:
+            engine, sizes = build()  # evaluates f, whose own draws are its side effect
+            drawn = generator.get_state() if generator is not None else None
+            return consume(engine, chunk_size or sizes.chunk(engine.num_basis)), engine.y_shape
+        except Exception as error:
+            if not _cannot_run(error):
+                raise
+            failure = error
+            if generator is not None and drawn is not None:  # the same probes next
+                generator.set_state(drawn)
+    assert failure is not None  # _engines always gives the re-running engine last
+    raise failure
+
+
+def _engines(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+) -> list[Build]:
+    """The engines ``"auto"`` tries, in order, as functions that build them.
+
+    Reverse mode's evaluation of ``f`` plans (rules in ``_plan``): forward mode goes first
+    for conv nets and for outputs larger than inputs, unless an op without a forward-mode
+    rule ran. Tiny problems are watched only when the event is empty, where any op but an
+    elementwise one mixes samples. If ``torch.func`` cannot evaluate ``f``, the
+    plain-autograd engine's evaluation is watched instead.
+    """
+    changes = _state.Changes(x)
+    again = changes.again(f)
+    num_inputs = event_numel(x, batch_dims)
+    tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
+    planned = [_plan.OpSizes(x.shape[:batch_dims])]  # the last watched evaluation's sizes
+
+    def rerun() -> tuple[Engine, _plan.OpSizes]:
+        return RerunJacobian(again, x, batch_dims), planned[-1]
+
+    try:
+        watch = not tiny or (x.dim() == batch_dims and not _mixing.allowed())
+        reverse, sizes = _watched(
+            lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch, changes
+        )
+    except Exception as error:
+        if not _cannot_run(error):
+            raise
+        mixing = "captured Tensor" in str(error) and recorded_mixing(f, x, batch_dims)
+        if mixing:  # a train-mode batch norm: raised before plain autograd updates it
+            raise BatchInteractionError(mixing) from None
+
+        def graph() -> tuple[Engine, _plan.OpSizes]:
+            built = _watched(lambda: GraphJacobian.of_function(again, x, batch_dims), x, batch_dims)
+            planned.append(built[1])
+            return built
+
+        return [graph, rerun]
+    planned.append(sizes)
+    engines: list[Build] = [
+        lambda: (reverse, sizes),
+        lambda: (GraphJacobian.of_function(again, x, batch_dims), sizes),
+        rerun,
+    ]
+    if (reverse.num_basis > num_inputs or sizes.convolves) and sizes.forward_rules:
+        engines.insert(0, lambda: (ForwardJacobian(again, x, batch_dims), sizes))
+    return engines
+
+
+def _watched(
+    build: Callable[[], Engine],
+    x: torch.Tensor,
+    batch_dims: int,
+    watch: bool = True,
+    changes: _state.Changes | None = None,
+) -> tuple[Engine, _plan.OpSizes]:
+    """Build an engine (which evaluates ``f`` once), with ``OpSizes`` watching the ops (and the
+    batch dimensions) and ``changes`` the state ``f`` changes, if ``watch``; unwatched sizes
+    record nothing, so their chunk is all basis vectors."""
+    sizes = _plan.OpSizes(x.shape[:batch_dims], _mixing.tracker(x, batch_dims))
+    unwatched = contextlib.nullcontext()
+    with sizes if watch else unwatched, changes if watch and changes is not None else unwatched:
+        engine = build()
+        sizes.finish(engine.y)
+    return engine, sizes
+
+
+def _cannot_run(error: Exception) -> bool:
+    """Whether ``error`` says that an engine cannot run ``f`` (PyTorch raises those as
+    ``RuntimeError`` or ``NotImplementedError``), rather than a lack of memory, which the
+    next engine would meet as well, or a mistake of the caller's (``TypeError``, ...)."""
+    out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError) or (
+        "can't allocate memory" in str(error)
+    )
+    return isinstance(error, RuntimeError) and not out_of_memory

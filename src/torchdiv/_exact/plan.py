@@ -1,0 +1,89 @@
+"""How ``method="auto"`` plans an exact computation: which mode, and how many vectors at once.
+
+The plan comes from one evaluation of ``f`` (the one reverse mode needs anyway), watched by a
+``TorchDispatchMode`` that notes the widest per-batch tensor any op produced and whether a
+convolution ran. Two measured rules (2-core CPU, ``bench/divergence_exact.py``):
+
+* Chunking: a batched JVP or VJP carries ``k`` copies of every intermediate, so time and
+  memory are best with ``k * widest`` around ``CHUNK_ELEMENTS`` (2M elements: 8 MB in float32),
+  where blocks stay cache-sized; full-width blocks were up to 2.5x slower.
+
+* Mode: reverse mode, one VJP per output element, unless the output has more elements than the
+  input, or ``f`` convolves: CPU convolution-backward kernels ran about 1.3-2x slower than the
+  forward ones (mkldnn), so conv nets use forward mode, unless an op without a forward-mode
+  rule ran (CPU fused attention: diffusers' U-Nets), where forward mode would fail part-way.
+
+Watching costs about 10 microseconds per op of one forward pass: 4% of a 3 ms divergence
+(the benchmark's D=32 MLP), nothing next to large ones, too much for tiny ones, which skip it
+(``TINY_PROBLEM``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from torchdiv._core.mixing import BatchAxes
+
+CHUNK_ELEMENTS = 1 << 21
+
+# Problems with at most this many (basis vectors x elements of x) take well under a
+# millisecond; watching their ops would cost 10-25% (measured on the demo's 16-64-64-16 MLP),
+# so they are not watched: reverse mode (forward if the output is larger), one chunk.
+TINY_PROBLEM = 1 << 15
+
+_CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
+# ops that PyTorch gives no forward-mode derivative (checked on CPU; the engines that run
+# after forward mode fails cover any others)
+_WITHOUT_FORWARD_RULE = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+class OpSizes(TorchDispatchMode):
+    """Records the largest per-batch tensor any op produced, whether any op convolved, and
+    whether every op has a forward-mode rule.
+
+    Per-batch means its leading dimensions are the batch shape: those are the tensors a batched
+    JVP or VJP carries ``k`` copies of (weights and their views are not). With ``axes``, it
+    also follows the batch dimensions (``torchdiv._core.mixing``), raising ``BatchInteractionError``
+    when ``f`` mixes samples.
+    """
+
+    def __init__(self, batch_shape: torch.Size, axes: BatchAxes | None = None) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        self.batch_shape = batch_shape
+        self.widest = 0
+        self.convolves = False
+        self.axes = axes
+        self.forward_rules = True
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        carry = None if self.axes is None else self.axes.before(func, args)
+        out = func(*args, **(kwargs or {}))
+        if carry is not None:
+            self.axes.after(carry, args, out)  # type: ignore[union-attr]
+        self.convolves |= func in _CONVOLUTIONS
+        self.forward_rules &= func not in _WITHOUT_FORWARD_RULE
+        for leaf in tree_leaves(out):
+            if (
+                isinstance(leaf, torch.Tensor)
+                and leaf.shape[: len(self.batch_shape)] == self.batch_shape
+            ):
+                self.widest = max(self.widest, leaf.numel())
+        return out
+
+    def finish(self, y: Any) -> None:
+        """Raise ``BatchInteractionError`` if ``f``'s result ``y`` depends on combined
+        samples (``BatchAxes.finish``)."""
+        if self.axes is not None:
+            self.axes.finish(y)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.axes = None  # let go of the tensors it followed
+        super().__exit__(*exc)
+
+    def chunk(self, num_basis: int) -> int:
+        """Vectors per chunk so that ``chunk * widest`` stays near ``CHUNK_ELEMENTS``."""
+        return max(1, min(num_basis, CHUNK_ELEMENTS // max(self.widest, 1)))

@@ -1,0 +1,50 @@
+"""Reverse-mode engine: Jacobian rows of every sample by batched VJPs (see NOTE in _basis)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.func import vjp, vmap
+
+from torchdiv._core.basis import as_blocks, basis
+from torchdiv._core.checks import event_numel
+from torchdiv._core.modes import SafeDerivatives
+
+
+class ReverseJacobian:
+    """``U @ J`` for the batched ``f`` at ``x``, by ``vmap`` of the ``torch.func.vjp`` pullback.
+
+    ``f`` is evaluated once, on the caller's batched ``x``; only the cotangents carry the extra
+    ``k`` dimension. Results are differentiable, through ordinary autograd, with respect to
+    ``x`` and anything ``f`` closes over, and only where those require grad.
+    """
+
+    blocks_are_rows = True
+
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int):
+        with SafeDerivatives(1, "method='forward'"):  # cdist: the batched pullback is wrong
+            # torch types vjp's result as a 2- or 3-tuple (has_aux); without aux it is 2
+            y_and_pullback = vjp(f, x)
+        self.y: torch.Tensor = y_and_pullback[0]
+        self._pullback: Callable[[torch.Tensor], tuple[torch.Tensor]] = y_and_pullback[1]
+        self.x, self.batch_dims = x, batch_dims
+        self.y_shape = self.y.shape
+        self.num_basis = event_numel(self.y, batch_dims)
+
+    def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
+        """VJPs: ``(k,) + f(x).shape`` cotangents -> ``(k,) + x.shape`` products.
+
+        One cotangent (a one-probe estimate) skips ``vmap``, whose overhead would be a large
+        part of a single VJP.
+        """
+        if len(cotangents) == 1:
+            (out,) = self._pullback(cotangents[0])
+            return out[None]
+        (out,) = vmap(self._pullback)(cotangents)
+        return out
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``."""
+        out = self.apply(basis(start, stop, self.y, self.batch_dims))
+        return as_blocks(out, self.batch_dims)

@@ -1,0 +1,1 @@
+"""The Laplacian family's engines besides Taylor mode: directions, loops."""

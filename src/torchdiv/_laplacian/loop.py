@@ -1,0 +1,88 @@
+"""The Laplacian by a loop of backward passes: what PINN codes write, and the fastest way at
+one or two inputs.
+
+One forward pass of ``f`` with a graph, one backward pass per output component for the
+per-sample gradients (kept differentiable), then one backward pass per output component and
+input coordinate, keeping the diagonal entry: ``1 + m (1 + n)`` passes, no ``vmap``, no
+recording. The Taylor engine's fixed costs (recording ``f``, replaying it with rules) are
+paid back from about three inputs on (``bench/laplacian_small.py``); below that, and for
+functions it has no rules for, this loop is the faster exact method.
+
+As in the other nested-autodiff methods, ``f`` runs with attention on the math backend and
+under ``torchdiv._core.modes.SafeDerivatives(3, forward_mode=False)``: the result's own gradient
+is a third derivative, which PyTorch gets wrong for fused layer norm and ``cdist``; the
+linear-algebra ops it gets wrong only through forward mode are left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from torchdiv._core.checks import event_numel
+from torchdiv._core.modes import SafeDerivatives, math_attention
+from torchdiv._exact.autograd import _depends_on_other_leaves
+
+Function = Callable[[torch.Tensor], torch.Tensor]
+
+
+def grad_of_grad(f: Function, x: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """Every sample's Laplacian of every output component, shape ``f(x).shape``."""
+    return value_grad_laplacian(f, x, batch_dims)[2]
+
+
+def value_grad_laplacian(
+    f: Function, x: torch.Tensor, batch_dims: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``f(x)``, every sample's Jacobian ``(N, m, n)`` (the loop's first level) and Laplacian
+    (shape ``f(x).shape``).
+
+    They keep a graph exactly when the caller has grad mode on and ``f(x)`` depends on
+    something that requires grad (``x`` itself, parameters, closed-over tensors).
+    """
+    outer = torch.is_grad_enabled()
+    with torch.enable_grad():
+        with math_attention(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
+            x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+            y = f(x_in)
+        create_graph = outer and _depends_on_other_leaves(y, x_in)
+        jacobian, laplacian = _loop(y, x_in, batch_dims, create_graph)
+    if not create_graph:
+        y, jacobian = y.detach(), jacobian.detach()
+    return y, jacobian, laplacian
+
+
+def _loop(
+    y: torch.Tensor, x: torch.Tensor, batch_dims: int, create_graph: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loop itself, on ``y`` computed from the tensor ``x`` that requires grad."""
+    samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
+    outputs = y.reshape(samples, -1)
+    rows, columns = [], []
+    for i in range(outputs.shape[1]):
+        total = x.new_zeros(samples)
+        gradient = _grad(outputs[:, i], x, create_graph=True)
+        if gradient is None:
+            rows.append(x.new_zeros(samples, n))
+        else:
+            gradient = gradient.reshape(samples, n)
+            rows.append(gradient)
+            for j in range(n):
+                second = _grad(gradient[:, j], x, create_graph=create_graph)
+                if second is not None:
+                    total = total + second.reshape(samples, n)[:, j]
+        columns.append(total)
+    if not columns:  # no output components
+        return x.new_zeros(samples, 0, n), x.new_zeros(y.shape)
+    return torch.stack(rows, 1), torch.stack(columns, 1).reshape(y.shape)
+
+
+def _grad(out: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor | None:
+    """``∂(Σ out)/∂x``, or ``None`` where ``out`` does not depend on ``x``."""
+    if not out.requires_grad:
+        return None
+    (grad,) = torch.autograd.grad(
+        out.sum(), x, retain_graph=True, create_graph=create_graph, allow_unused=True
+    )
+    return grad

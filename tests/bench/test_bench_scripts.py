@@ -1,0 +1,67 @@
+"""The scripts in bench/ write new results to the git-ignored bench/results/local/ and replace
+the committed ones only with --update, for a run of every case."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CASES = ("a", "b", "c")
+
+
+@pytest.fixture
+def common(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import _common
+
+    return _common
+
+
+def parse(common, *argv: str) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", default=",".join(CASES))
+    common.add_output_options(parser, "x.json")
+    return parser, parser.parse_args(argv)
+
+
+def test_a_run_writes_the_local_folder_by_default_even_for_a_subset(common):
+    for argv in ((), ("--cases", "b")):
+        assert common.output_path(*parse(common, *argv), "x.json", CASES) == (
+            ROOT / "bench" / "results" / "local" / "x.json"
+        )
+
+
+def test_json_picks_the_file(common, tmp_path):
+    target = tmp_path / "mine.json"
+    assert common.output_path(*parse(common, "--json", str(target)), "x.json", CASES) == target
+
+
+def test_update_replaces_the_committed_results_of_every_case_only(common, capsys):
+    parser, args = parse(common, "--update", "--cases", "c,a,b")
+    committed = ROOT / "bench" / "results" / "x.json"
+    assert common.output_path(parser, args, "x.json", CASES) == committed
+    with pytest.raises(SystemExit):
+        common.output_path(*parse(common, "--update", "--cases", "a"), "x.json", CASES)
+    assert "--update replaces the committed results of every case" in capsys.readouterr().err
+
+
+def test_the_local_folder_is_ignored_by_git():
+    paths = ["bench/results/local/x.json", "examples/out/cnf_2d.png"]
+    done = subprocess.run(
+        ["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if done.returncode == 128:
+        pytest.skip(f"git cannot tell: {done.stderr}")
+    assert done.stdout.split() == paths
+
+
+def test_every_script_names_its_results_file_not_a_path():
+    """``script`` joins the name to the local folder: a full path there would make every run
+    replace the committed results (two scripts did)."""
+    for path in (ROOT / "bench").glob("*.py"):
+        assert not re.search(r"script\([^)]*RESULTS /", path.read_text()), path.name

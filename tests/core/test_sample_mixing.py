@@ -1,0 +1,375 @@
+"""Sample mixing is an error: every operator raises ``BatchInteractionError`` naming the op or
+module and the fix when ``f`` combines samples (``torchdiv._core.mixing``), and leaves batch
+independent functions alone."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.testing import assert_close
+
+import torchdiv
+from torchdiv import BatchInteractionError
+
+f64 = torch.float64
+UNBATCHED = r"x has no event dimensions.*pass batch_dims=0"
+TRAIN_BN = r"BatchNorm1d in train mode.*model\.eval\(\)"
+OPT_OUT = r"allow_batch_interaction\(\)"
+
+
+def _net(dim: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(dim, 5), nn.Tanh(), nn.Linear(5, dim)).to(f64)
+
+
+def _bn_net(dim: int = 3) -> nn.Module:  # train mode: every new module's default
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.Tanh()).to(f64)
+
+
+def _graph(op):
+    """The graph form as a function of ``(f, x)``."""
+
+    def call(f, x, **kwargs):
+        x = x.clone().requires_grad_(True)
+        return op(f(x), x, **kwargs)
+
+    return call
+
+
+def _flow(f, x, **kwargs):
+    pytest.importorskip("torchdiffeq")
+    bd = kwargs.get("batch_dims", 1)
+    normal = lambda z: -0.5 * z.square().sum(tuple(range(bd, z.dim())))  # noqa: E731
+    return torchdiv.flows.log_likelihood(
+        lambda t, z: f(z), x, 0.0, 1.0, normal, solver="euler", options={"step_size": 0.5},
+        **kwargs,
+    )  # fmt: skip
+
+
+OPERATORS = {
+    "divergence": torchdiv.divergence,
+    "jacobian": torchdiv.jacobian,
+    "jacobian_diagonal": torchdiv.jacobian_diagonal,
+    "laplacian": torchdiv.laplacian,
+    "graph_divergence": _graph(torchdiv.graph_divergence),
+    "graph_jacobian": _graph(torchdiv.graph_jacobian),
+    "log_likelihood": _flow,
+}
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+def test_an_unbatched_x_is_an_error_that_says_batch_dims_0(name: str) -> None:
+    # batch_dims=1 on x of shape (3,) reads three samples of one element: the forum's
+    # column sums, not the divergence of the one sample
+    with pytest.raises(BatchInteractionError, match=rf"^{name}: f mixes samples.*{UNBATCHED}"):
+        OPERATORS[name](_net(), torch.randn(3, dtype=f64))
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+def test_batch_dims_too_high_is_an_error(name: str) -> None:
+    with pytest.raises(BatchInteractionError, match=rf"^{name}: .*batch_dims=2.*{OPT_OUT}"):
+        OPERATORS[name](_net(), torch.randn(8, 3, dtype=f64), batch_dims=2)
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+def test_train_mode_batch_norm_is_an_error_that_says_eval(name: str) -> None:
+    match = r"batch norm in train mode.*model\.eval\(\)"
+    with pytest.raises(BatchInteractionError, match=rf"^{name}: {match}|^{name}: f mixes.*{match}"):
+        OPERATORS[name](_bn_net(), torch.randn(8, 3, dtype=f64))
+
+
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [
+        ("divergence", "forward"),
+        ("divergence", "reverse"),
+        ("divergence", "structured"),
+        ("jacobian", "forward"),
+        ("jacobian", "reverse"),
+        ("jacobian_diagonal", "forward"),
+        ("jacobian_diagonal", "reverse"),
+        ("laplacian", "taylor"),
+        ("laplacian", "forward-over-reverse"),
+        ("laplacian", "hessian"),
+    ],
+)
+@pytest.mark.parametrize("dim", [3, 24])  # tiny problems and those "auto" plans
+def test_train_mode_batch_norm_with_every_method(name: str, method: str, dim: int) -> None:
+    # torch.func refused it with "in-place operation ... captured Tensor", never naming
+    # batch norm; the statistics must not move either
+    net, x = _bn_net(dim), torch.randn(32, dim, dtype=f64)
+    before = [b.clone() for b in net[1].buffers()]
+    with pytest.raises(BatchInteractionError, match=rf"^{name}: f mixes.*{TRAIN_BN}"):
+        getattr(torchdiv, name)(net, x, method=method)
+    for now, then in zip(net[1].buffers(), before, strict=True):
+        assert torch.equal(now, then)
+    assert net.training
+
+
+@pytest.mark.parametrize(
+    ("method", "num_probes", "case"),
+    [
+        ("hutchinson", 1, "unbatched"),  # one probe: plain autograd, checked on its graph
+        ("hutchinson", 4, "unbatched"),
+        ("hutchinson", 1, "batch norm"),
+        ("hutchinson", 4, "batch norm"),
+        ("xtrace", 2, "batch norm"),
+    ],
+)
+def test_stochastic_methods_see_it_too(method: str, num_probes: int, case: str) -> None:
+    f, x = (_net(), torch.randn(3, dtype=f64)) if case == "unbatched" else (
+        _bn_net(), torch.randn(8, 3, dtype=f64)
+    )  # fmt: skip
+    match = UNBATCHED if case == "unbatched" else "batch norm in train mode"
+    for call in (torchdiv.divergence, torchdiv.estimate_divergence):
+        with pytest.raises(BatchInteractionError, match=rf"^{call.__name__}: .*{match}"):
+            call(f, x, method=method, num_probes=num_probes)
+
+
+@pytest.mark.parametrize(
+    ("f", "what"),
+    [
+        (lambda x: x - x.mean(0), r"a mean over samples \(dimension 0"),
+        (lambda x: x.softmax(0), "a softmax over samples"),
+        (lambda x: x * x.sum(), "a sum of all elements"),
+        (lambda x: x @ x.T @ x, "a matrix product summing over samples"),
+        (nn.LayerNorm(16).to(f64), None),  # a layer norm over the event: fine
+    ],
+)
+@pytest.mark.parametrize("name", ["divergence", "jacobian_diagonal", "laplacian"])
+def test_reductions_over_the_batch_are_errors(f, what, name: str) -> None:
+    x = torch.randn(64, 16, dtype=f64)  # large enough for "auto" to record or watch f
+    if what is None:
+        getattr(torchdiv, name)(f, x)
+        return
+    with pytest.raises(BatchInteractionError, match=rf"^{name}: f mixes samples: {what}"):
+        getattr(torchdiv, name)(f, x)
+
+
+def test_the_module_is_named() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).to(f64)
+    with pytest.raises(BatchInteractionError, match=r"in Linear, ATen op aten\.(add)?mm"):
+        torchdiv.divergence(net, torch.randn(4, dtype=f64))
+    conv = nn.Conv2d(3, 3, 3, padding=1).to(f64)
+    with pytest.raises(BatchInteractionError, match=r"convolution across samples.*in Conv2d"):
+        torchdiv.divergence(conv, torch.randn(2, 3, 8, 8, dtype=f64), batch_dims=2)
+
+
+# ---- batch-independent functions are not flagged ----
+
+
+@pytest.mark.parametrize(
+    ("method", "num_probes"),
+    [
+        ("auto", None),
+        ("forward", None),
+        ("reverse", None),
+        ("structured", None),
+        ("hutchinson", 1),
+        ("hutchinson", 2),
+    ],
+)
+def test_an_elementwise_f_on_an_empty_event_is_its_derivative(method: str, num_probes) -> None:
+    x = torch.randn(5, dtype=f64)
+    probes = {} if num_probes is None else {"num_probes": num_probes}
+    assert_close(torchdiv.divergence(torch.sin, x, method=method, **probes), x.cos())
+    assert_close(torchdiv.laplacian(torch.sin, x), -x.sin())
+    y = x.clone().requires_grad_(True)
+    assert_close(torchdiv.graph_divergence(y.sin(), y), x.cos())
+
+
+def _per_sample_reference(f, x: torch.Tensor) -> torch.Tensor:
+    """Every sample's divergence from ``torch.func.jacrev`` on that sample alone (attention on
+    the math backend, whose backward vmap batches)."""
+    rows = []
+    for b in range(len(x)):
+        with sdpa_kernel([SDPBackend.MATH]):
+            jac = torch.func.jacrev(lambda z, b=b: f(z[None], b)[0])(x[b])
+        rows.append(jac.reshape(x[b].numel(), -1).trace())
+    return torch.stack(rows)
+
+
+def _attention() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.MultiheadAttention(4, 2, batch_first=True).to(f64)
+
+
+@pytest.mark.parametrize(
+    ("case", "shape"),
+    [
+        ("closure over per-sample t", (64, 8)),
+        ("eval-mode batch norm", (64, 8)),
+        ("conv net", (4, 2, 6, 6)),
+        ("attention within a sample", (8, 5, 4)),
+        ("instance norm", (4, 2, 6, 6)),
+        ("layer norm", (64, 8)),
+        ("reduction under no_grad", (64, 8)),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of fused attention
+def test_independent_functions_are_not_flagged(case: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(2)
+    x = torch.randn(*shape, dtype=f64)
+    t = torch.rand(len(x), dtype=f64)
+    mlp = _net(8)
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3, padding=1))
+    conv = conv.to(f64)
+    bn = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh()).to(f64)
+    bn[1].running_mean.uniform_(-1, 1)
+    bn.eval()
+    attn, inorm = _attention(), nn.InstanceNorm2d(2, affine=True).to(f64)
+
+    def no_grad_scale(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            scale = z.abs().mean()  # the whole batch, but a constant for derivatives
+        return mlp(z) * scale
+
+    fs = {
+        "closure over per-sample t": lambda z, b=None: (
+            mlp(z) * (t if b is None else t[b : b + 1])[:, None]
+        ),
+        "eval-mode batch norm": lambda z, b=None: bn(z),
+        "conv net": lambda z, b=None: conv(z),
+        "attention within a sample": lambda z, b=None: attn(z, z, z, need_weights=False)[0],
+        "instance norm": lambda z, b=None: inorm(z),
+        "layer norm": lambda z, b=None: nn.functional.layer_norm(z, (8,)),
+    }
+    if case == "reduction under no_grad":
+        with torch.no_grad():
+            scale = x.abs().mean()
+        expected = torchdiv.divergence(lambda z: mlp(z) * scale, x, method="reverse")
+        assert_close(torchdiv.divergence(no_grad_scale, x), expected)
+        return
+    f = fs[case]
+    expected = _per_sample_reference(f, x)
+    for method in ("auto", "reverse"):
+        assert_close(torchdiv.divergence(lambda z: f(z), x, method=method), expected)
+    y = x.clone().requires_grad_(True)
+    assert_close(torchdiv.graph_divergence(f(y), y), expected)
+
+
+def test_batch_dims_2_on_truly_batched_data() -> None:
+    net = _net(3)
+    x = torch.randn(4, 5, 3, dtype=f64)  # 4 x 5 samples of 3 features
+    flat = torchdiv.divergence(net, x.reshape(20, 3))
+    for method in ("auto", "structured", "forward", "reverse"):
+        assert_close(torchdiv.divergence(net, x, batch_dims=2, method=method), flat.reshape(4, 5))
+    assert_close(
+        torchdiv.laplacian(net, x, batch_dims=2),
+        torchdiv.laplacian(net, x.reshape(20, 3)).reshape(4, 5, 3),
+    )
+
+
+# ---- the opt-out ----
+
+
+def test_allow_batch_interaction_gives_the_batched_derivative() -> None:
+    net, x = _net(), torch.randn(3, dtype=f64)
+    with torchdiv.allow_batch_interaction():
+        mixed = torchdiv.divergence(net, x)  # what the caller asked for: column sums
+        bn = torchdiv.divergence(_bn_net(), torch.randn(8, 3, dtype=f64))
+    y = x.clone().requires_grad_(True)
+    (column_sums,) = torch.autograd.grad(net(y), y, torch.ones(3, dtype=f64))
+    assert_close(mixed, column_sums)
+    assert bn.shape == (8,)
+    with pytest.raises(BatchInteractionError):  # back on after the block
+        torchdiv.divergence(net, x)
+
+
+def test_allow_batch_interaction_is_per_thread_and_nests() -> None:
+    net, x = _net(), torch.randn(3, dtype=f64)
+    seen = []
+    with torchdiv.allow_batch_interaction():
+        with torchdiv.allow_batch_interaction():
+            pass
+        torchdiv.divergence(net, x)  # still off after the inner block
+
+        def other() -> None:
+            try:
+                torchdiv.divergence(net, x)
+            except BatchInteractionError:
+                seen.append("raised")
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert seen == ["raised"]
+
+
+def test_the_check_reports_what_the_operators_refuse() -> None:
+    # check_batch_independence agrees with the automatic detection on the issue's cases
+    for f, x, bd in [
+        (_net(), torch.randn(3, dtype=f64), 1),
+        (_net(), torch.randn(8, 3, dtype=f64), 2),
+        (_bn_net(), torch.randn(8, 3, dtype=f64), 1),
+    ]:
+        with pytest.raises(BatchInteractionError, match="check_batch_independence: samples"):
+            torchdiv.check_batch_independence(f, x, batch_dims=bd)
+    assert math.isfinite(float(torchdiv.divergence(torch.sin, torch.zeros(2)).sum()))
+
+
+def _weighted(f, x, **kwargs):
+    n = x[(0,) * kwargs.get("batch_dims", 1)].numel()
+    return torchdiv.weighted_laplacian(f, x, diffusion=torch.eye(n, dtype=f64), **kwargs)
+
+
+SECOND_ORDER = {
+    "weighted_laplacian": _weighted,
+    "biharmonic": torchdiv.biharmonic,
+    "value_grad_laplacian": torchdiv.value_grad_laplacian,
+    "graph_laplacian": _graph(torchdiv.graph_laplacian),
+}
+
+
+@pytest.mark.parametrize("name", SECOND_ORDER)
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse"])
+def test_second_order_operators_too(name: str, method: str) -> None:
+    options = {} if name == "graph_laplacian" else {"method": method}
+    call = SECOND_ORDER[name]
+    train_bn = r"batch norm in train mode.*model\.eval\(\)"
+    with pytest.raises(BatchInteractionError, match=rf"^{name}: f mixes samples.*{train_bn}"):
+        call(_bn_net(), torch.randn(8, 3, dtype=f64), **options)
+    with pytest.raises(BatchInteractionError, match=rf"^{name}: f mixes samples.*batch_dims=2"):
+        call(_net(), torch.randn(8, 3, dtype=f64), batch_dims=2, **options)
+
+
+def test_a_sum_that_only_seeds_a_backward_pass_is_not_mixing() -> None:
+    # a score model: grad(energy(x).sum(), x) is per sample, though the sum is over the batch
+    torch.manual_seed(4)
+    energy = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1)).to(f64)
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x if x.requires_grad else x.requires_grad_(True)
+            return torch.autograd.grad(energy(x).sum(), x, create_graph=True)[0]
+
+    x = torch.randn(64, 16, dtype=f64)
+    expected = torchdiv.laplacian(lambda z: energy(z).squeeze(-1), x, method="taylor")
+    for method in ("auto", "reverse"):
+        assert_close(torchdiv.divergence(score, x, method=method), expected)
+    # but a sum that reaches the output mixes samples
+    with pytest.raises(BatchInteractionError, match="a sum of all elements"):
+        torchdiv.divergence(lambda z: score(z) * energy(z).sum(), x)
+
+
+def test_a_train_mode_batch_norm_of_something_else_is_not_mixing() -> None:
+    """A batch norm in f's graph that does not see x (a scale computed from a constant) leaves
+    samples independent: the graph-watching paths must not flag it."""
+    torch.manual_seed(5)
+    bn = nn.BatchNorm1d(3).to(f64)  # train mode
+    c = torch.randn(8, 3, dtype=f64)
+    x = torch.randn(8, 3, dtype=f64)
+    f = lambda z: z * bn(c)  # noqa: E731
+    with torch.no_grad():
+        expected = bn(c).sum(-1)
+    generator = torch.Generator().manual_seed(0)
+    one = torchdiv.estimate_divergence(f, x, num_probes=1, generator=generator)
+    xr = x.clone().requires_grad_(True)
+    assert_close(torchdiv.graph_divergence(f(xr), xr), expected)
+    assert one.value.shape == (8,)

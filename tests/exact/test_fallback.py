@@ -1,0 +1,184 @@
+"""method="auto" falls back when torch.func cannot run f; explicit methods do not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import LegacyCube, assert_close, loop_diagonal
+from unets import Recompute
+
+import torchdiv
+
+
+class CubeWithoutJvp(torch.autograd.Function):
+    """New-style Function with a vmap rule but no jvp: no forward-mode rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+@pytest.mark.parametrize("cube", [LegacyCube, CubeWithoutJvp])
+def test_auto_falls_back_for_custom_functions(cube):
+    W = torch.randn(4, 4, dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64)
+
+    def f(z):
+        return cube.apply(z) @ W.T
+
+    expected = (3 * x**2 * W.diagonal()).sum(-1)
+    assert_close(torchdiv.divergence(f, x), expected)
+    assert_close(torchdiv.jacobian_diagonal(f, x), 3 * x**2 * W.diagonal())
+    assert_close(torchdiv.jacobian(f, x), W * (3 * x**2).unsqueeze(1))
+    with pytest.raises(RuntimeError):
+        torchdiv.divergence(f, x, method="forward")
+
+
+@pytest.mark.parametrize("cube", [LegacyCube, CubeWithoutJvp])
+def test_auto_falls_back_from_forward_mode(cube):
+    """More outputs than inputs: auto prefers forward mode, which cannot run ``cube``."""
+    x = torch.randn(3, 4, dtype=torch.float64)
+    jac = torchdiv.jacobian(lambda z: torch.cat([cube.apply(z), z], -1), x)
+    expected = torch.cat([torch.diag_embed(3 * x**2), torch.eye(4).double().expand(3, 4, 4)], 1)
+    assert_close(jac, expected)
+
+
+def test_auto_fallback_for_a_function_that_ignores_x():
+    c = torch.randn(3, 4, dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.equal(
+        torchdiv.divergence(lambda z: LegacyCube.apply(c), x), torch.zeros(3).double()
+    )
+
+
+def test_auto_fallback_keeps_results_differentiable():
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    div = torchdiv.divergence(lambda z: LegacyCube.apply(z) * w, x)
+    (g,) = torch.autograd.grad(div.sum(), w)
+    assert_close(g, (3 * x**2).sum(0))
+    with torch.no_grad():
+        assert not torchdiv.divergence(lambda z: LegacyCube.apply(z) * w, x).requires_grad
+    frozen = torchdiv.divergence(lambda z: LegacyCube.apply(z) * w.detach(), x)
+    assert not frozen.requires_grad
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_auto_handles_fused_attention():
+    """CPU scaled_dot_product_attention has no forward-mode rule in PyTorch."""
+    proj = torch.randn(8, 8) / 3
+
+    def attention(x):  # x (B, 4 tokens * 2 features): attention within each sample
+        q = (x @ proj).reshape(-1, 1, 4, 2)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q).reshape(x.shape)
+
+    x = torch.randn(5, 8)
+    jac = torchdiv.jacobian(attention, x)
+    assert_close(jac, torchdiv.graph_jacobian(attention(x.requires_grad_()), x))
+    assert_close(torchdiv.divergence(attention, x), jac.diagonal(dim1=1, dim2=2).sum(-1))
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        torchdiv.divergence(attention, x, method="forward")
+
+
+def test_auto_handles_in_place_writes_and_control_flow():
+    def f(x):
+        out = torch.zeros_like(x)
+        out[:, 0] = x[:, 1] ** 2  # in-place write of a dual tensor into a plain one
+        if x.sum() > -1e9:  # data-dependent Python control flow
+            out = out + x
+        return out
+
+    x = torch.randn(3, 2, dtype=torch.float64)
+    assert_close(torchdiv.divergence(f, x), torch.full((3,), 2.0, dtype=torch.float64))
+
+
+def test_fallback_under_inference_mode_is_exact():
+    """inference_mode disables autograd even inside enable_grad(): not zeros, the real answer."""
+    lin = torch.nn.Linear(3, 3).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    def f(z):
+        return lin(LegacyCube.apply(z))
+
+    expected = torchdiv.divergence(f, x)
+    with torch.inference_mode():
+        got = torchdiv.divergence(f, x)
+        jac = torchdiv.jacobian(f, x)
+        inference_x = x.clone()
+    assert_close(got, expected.detach())
+    assert_close(jac, lin.weight.detach() * (3 * x**2).unsqueeze(1))
+    assert_close(torchdiv.divergence(f, inference_x), expected)  # an inference tensor as x
+    assert not got.requires_grad
+
+
+def test_fallback_keeps_the_planned_chunk(monkeypatch):
+    """The plain-autograd engine bounds memory like the planned one: chunk x widest ~ 2M."""
+    from torchdiv._exact.autograd import GraphJacobian
+
+    sizes = []
+    block = GraphJacobian.block
+    monkeypatch.setattr(
+        GraphJacobian, "block", lambda self, a, b: sizes.append(b - a) or block(self, a, b)
+    )
+    net = torch.nn.Sequential(
+        torch.nn.Linear(256, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 256)
+    )
+    x = torch.randn(64, 256)
+    div = torchdiv.divergence(lambda z: net(LegacyCube.apply(z)), x)
+    assert max(sizes) == (1 << 21) // (64 * 1024) and sum(sizes) == 256
+    assert_close(div, torchdiv.divergence(lambda z: net(z**3), x))
+
+
+def test_re_running_engine_changes_state_once_and_redraws_the_same_mask():
+    """A checkpoint that can be walked once leaves only the engine that re-runs ``f`` per
+    vector; every evaluation must see the same dropout mask (else each row comes from another
+    function), and the counter and the random number generator move as in one evaluation."""
+    lin = torch.nn.Linear(128, 128).double()
+    calls = torch.zeros((), dtype=torch.float64)
+
+    def f(x):
+        calls.add_(1)
+        h = Recompute.apply(lambda z: torch.tanh(lin(z)), 1, x, *lin.parameters())
+        return torch.nn.functional.dropout(h, 0.5)
+
+    x = torch.randn(4, 128, dtype=torch.float64)
+    torch.manual_seed(0)
+    got = torchdiv.divergence(f, x, chunk_size=32).detach()  # the second walk fails
+    assert calls.item() == 1
+    rng_after = torch.get_rng_state()
+    torch.manual_seed(0)
+    f(x)
+    assert torch.equal(torch.get_rng_state(), rng_after)
+
+    def seeded(z):
+        torch.manual_seed(0)
+        return f(z)
+
+    assert_close(got, loop_diagonal(seeded, x).sum(1).detach())
+
+
+@pytest.mark.parametrize("method", ["hutch++", "xtrace"])
+def test_engine_handed_over_draws_the_same_probes(method):
+    """Forward mode (planned: f convolves) fails after the probes were drawn; reverse mode
+    must use the same probes: equal to the graph form's rows (products with J^T)."""
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1).double()
+
+    def f(x):
+        return CubeWithoutJvp.apply(conv(x))
+
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    options = {"method": method, "num_probes": 6}
+    handed_over = torchdiv.divergence(f, x, **options, generator=torch.Generator().manual_seed(0))
+    rows = torchdiv.graph_divergence(f(x), x, **options, generator=torch.Generator().manual_seed(0))
+    assert_close(handed_over, rows)

@@ -1,0 +1,87 @@
+"""What method="auto" plans: mode and chunk size from one watched evaluation of f."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tanh_mlp
+
+from torchdiv._exact import plan as _plan
+from torchdiv._exact.dispatch import evaluate
+from torchdiv._exact.forward import ForwardJacobian
+from torchdiv._exact.reverse import ReverseJacobian
+
+
+def _planned(f, x, batch_dims):
+    """The engine and chunk size ``"auto"`` runs ``f`` with."""
+    return evaluate(f, x, batch_dims, "auto", None, lambda engine, chunk: (engine, chunk))[0]
+
+
+def test_op_sizes_sees_the_widest_intermediate_and_convolutions():
+    net = tanh_mlp(4, 32, 4, torch.float32)  # its 32 x 32 weight is larger than a (8, 32) layer
+    with _plan.OpSizes(torch.Size([8])) as sizes:
+        net(torch.randn(8, 4))
+    assert sizes.widest == 8 * 32 and not sizes.convolves
+    conv = torch.nn.Conv2d(2, 5, 3, padding=1)
+    with _plan.OpSizes(torch.Size([3])) as sizes:
+        conv(torch.randn(3, 2, 4, 4))
+    assert sizes.widest == 3 * 5 * 16 and sizes.convolves
+
+
+def test_chunk_keeps_chunk_times_widest_near_the_budget():
+    sizes = _plan.OpSizes(torch.Size([4]))
+    for widest, num_basis, chunk in [(1 << 15, 256, 64), (10, 7, 7), (1 << 30, 7, 1)]:
+        sizes.widest = widest
+        assert sizes.chunk(num_basis) == chunk
+
+
+def test_square_mlp_uses_reverse_mode_chunked_by_its_widest_layer():
+    net = tanh_mlp(256, 512, 256, torch.float32)
+    engine, chunk = _planned(net, torch.randn(64, 256), batch_dims=1)
+    assert isinstance(engine, ReverseJacobian)
+    assert chunk == _plan.CHUNK_ELEMENTS // (64 * 512)
+
+
+def test_conv_net_uses_forward_mode():
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(8, 3, 3, padding=1)
+    )
+    engine, chunk = _planned(net, torch.randn(8, 3, 16, 16), batch_dims=1)
+    assert isinstance(engine, ForwardJacobian)
+    assert chunk == _plan.CHUNK_ELEMENTS // (8 * 8 * 16 * 16)
+
+
+def test_more_outputs_than_inputs_uses_forward_mode():
+    for batch in (2, 512):
+        engine, chunk = _planned(tanh_mlp(16, 8, 64), torch.randn(batch, 16).double(), 1)
+        assert isinstance(engine, ForwardJacobian) and 1 <= chunk <= 16
+
+
+def test_tiny_problems_are_not_watched_and_go_in_one_chunk(monkeypatch):
+    monkeypatch.setattr(_plan.OpSizes, "__enter__", lambda self: pytest.fail("watched"))
+    engine, chunk = _planned(torch.tanh, torch.randn(64, 16), batch_dims=1)  # 16k elements
+    assert isinstance(engine, ReverseJacobian) and chunk == 16
+
+
+def test_small_conv_nets_above_the_tiny_size_use_forward_mode():
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+    engine, chunk = _planned(conv, torch.randn(8, 2, 8, 8), batch_dims=1)  # the demo's size
+    assert isinstance(engine, ForwardJacobian) and chunk == 128
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_conv_net_with_fused_attention_uses_reverse_mode():
+    """CPU fused attention has no forward-mode rule: forward mode would fail part-way."""
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def f(x):  # (B, 8, 8, 8): a convolution, then attention over the 64 pixels, 8 features
+        h = conv(x).flatten(2).transpose(1, 2).contiguous()[:, None]  # fused kernel
+        out = torch.nn.functional.scaled_dot_product_attention(h, h, h)
+        return out[:, 0].transpose(1, 2).reshape(x.shape)
+
+    x = torch.randn(4, 8, 8, 8)
+    with _plan.OpSizes(torch.Size([4])) as sizes:
+        f(x)
+    assert sizes.convolves and not sizes.forward_rules
+    engine, _ = _planned(f, x, batch_dims=1)
+    assert isinstance(engine, ReverseJacobian)

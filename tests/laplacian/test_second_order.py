@@ -1,0 +1,570 @@
+"""Partial Laplacians, tr(A ∇²u), the biharmonic and value + gradient + Laplacian, against
+closed forms, per-sample torch.func Hessians and float64 finite differences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close, tanh_mlp
+from torch.func import hessian, vmap
+
+import torchdiv
+
+f64 = torch.float64
+EXACT = ["auto", "taylor", "forward-over-reverse", "hessian"]
+
+
+def gaussian(x: torch.Tensor) -> torch.Tensor:
+    """``u = exp(-|x|²/2)``: ``∇u = -u x``, ``∇²u = u (x xᵀ - I)``."""
+    return torch.exp(-0.5 * x.square().sum(-1))
+
+
+def hessians(f, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample Hessians of a scalar-per-sample ``f`` of ``(N, n)`` inputs, ``(N, n, n)``."""
+    return vmap(hessian(lambda z: f(z[None])[0]))(x)
+
+
+def _net(n: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return tanh_mlp(n, 8, 1)
+
+
+def _scalar(net: torch.nn.Module):
+    return lambda x: net(x).squeeze(-1)
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``autograd.grad`` with zeros for inputs ``out`` does not depend on (a last bias)."""
+    grads = torch.autograd.grad(out, inputs, allow_unused=True, retain_graph=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, inputs, strict=True)]
+
+
+def _fd_param_grad(loss, p: torch.Tensor, h: float = 1e-5) -> torch.Tensor:
+    """Central differences of ``loss()`` in every entry of the parameter ``p`` (float64)."""
+    out = torch.zeros_like(p)
+    with torch.no_grad():
+        for i in range(p.numel()):
+            old = p.view(-1)[i].item()
+            p.view(-1)[i] = old + h
+            up = loss().item()
+            p.view(-1)[i] = old - h
+            down = loss().item()
+            p.view(-1)[i] = old
+            out.view(-1)[i] = (up - down) / (2 * h)
+    return out
+
+
+# ----------------------------------------------------------------------- partial Laplacian
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_partial_laplacian_closed_form(method):
+    x = torch.randn(6, 3, dtype=f64)
+    u = lambda x: torch.sin(x[:, 0]) * x[:, 1] ** 2 * torch.exp(x[:, 2])  # noqa: E731
+    s, e = torch.sin(x[:, 0]), torch.exp(x[:, 2])
+    d00, d11, d22 = -s * x[:, 1] ** 2 * e, 2 * s * e, s * x[:, 1] ** 2 * e
+    for coordinates, expected in [
+        ([1], d11),
+        ([0, 2], d00 + d22),
+        ([-1, 1], d22 + d11),
+        (torch.tensor([2, 0]), d22 + d00),
+        (torch.tensor([True, True, False]), d00 + d11),
+        ([], torch.zeros(6, dtype=f64)),
+    ]:
+        actual = torchdiv.laplacian(u, x, method=method, coordinates=coordinates)
+        assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_partial_laplacian_of_a_multidimensional_event_and_batch(method):
+    """Flat event indices of a (2, 3) event, two batch dimensions, a vector output."""
+    net = tanh_mlp(6, 8, 2)
+    f = lambda x: net(x.flatten(-2))  # noqa: E731
+    x = torch.randn(2, 3, 2, 3, dtype=f64)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    flat = x.reshape(6, 6)
+    expected = torch.stack(
+        [hessians(lambda z, i=i: net(z)[:, i], flat) for i in range(2)], 1
+    )  # (6, 2, 6, 6)
+    expected = expected.diagonal(dim1=-2, dim2=-1)[..., mask.flatten()].sum(-1).reshape(2, 3, 2)
+    actual = torchdiv.laplacian(f, x, batch_dims=2, method=method, coordinates=mask)
+    assert_close(actual, expected)
+    actual = torchdiv.laplacian(f, x, batch_dims=2, method=method, coordinates=[0, 2, 5])
+    assert_close(actual, expected)
+
+
+def test_heat_residual_over_space_only():
+    """``u_t - Δ_x u`` for the heat kernel in one dimension vanishes: input ``(x, t)``."""
+    xt = torch.rand(8, 2, dtype=f64) + torch.tensor([0.0, 0.5], dtype=f64)
+    kernel = lambda z: torch.exp(-(z[:, 0] ** 2) / (4 * z[:, 1])) / z[:, 1].sqrt()  # noqa: E731
+    u_t = torch.func.vmap(torch.func.grad(lambda z: kernel(z[None])[0]))(xt)[:, 1]
+    assert_close(torchdiv.laplacian(kernel, xt, coordinates=[0]), u_t)
+
+
+@pytest.mark.parametrize("method", ["taylor", "forward-over-reverse"])
+def test_partial_laplacian_gradients_match_nested_autograd_and_finite_differences(method):
+    net = _net()
+    f = _scalar(net)
+    x = torch.randn(5, 3, dtype=f64, requires_grad=True)
+    coordinates = [0, 2]
+
+    def reference() -> torch.Tensor:
+        h = hessians(f, x)
+        return h.diagonal(dim1=-2, dim2=-1)[:, coordinates].sum(-1)
+
+    actual = torchdiv.laplacian(f, x, method=method, coordinates=coordinates)
+    weights = torch.randn(5, dtype=f64)
+    params = [x, *net.parameters()]
+    got = _grads((actual * weights).sum(), params)
+    want = _grads((reference() * weights).sum(), params)
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b)
+    first = net[0].weight
+    loss = lambda: (torchdiv.laplacian(f, x, coordinates=coordinates) * weights).sum()  # noqa: E731
+    torch.testing.assert_close(got[1], _fd_param_grad(loss, first), rtol=1e-7, atol=1e-8)
+
+
+def test_partial_hutchinson_uses_the_probes_restricted_to_the_coordinates():
+    f = _scalar(_net())
+    x = torch.randn(4, 3, dtype=f64)
+    probes = torchdiv.draw_probes(x, 6, generator=torch.Generator().manual_seed(0))
+    got = torchdiv.laplacian(f, x, method="hutchinson", probes=probes, coordinates=[0, 1])
+    v = probes * torch.tensor([1.0, 1.0, 0.0], dtype=f64)
+    expected = torch.einsum("rbi,bij,rbj->b", v, hessians(f, x), v) / 6
+    assert_close(got, expected)
+
+
+def test_partial_hutchinson_is_unbiased():
+    f = _scalar(_net())
+    x = torch.randn(3, 3, dtype=f64)
+    exact = torchdiv.laplacian(f, x, coordinates=[1, 2])
+    g = torch.Generator().manual_seed(1)
+    draws = torch.stack(
+        [
+            torchdiv.laplacian(
+                f, x, method="hutchinson", num_probes=4, generator=g, coordinates=[1, 2]
+            )
+            for _ in range(100)
+        ]
+    )
+    stderr = draws.std(0) / 100**0.5
+    assert ((draws.mean(0) - exact).abs() <= 4 * stderr + 1e-12).all()
+
+
+@pytest.mark.parametrize(
+    ("coordinates", "error", "match"),
+    [
+        ([0, 0], ValueError, r"laplacian: coordinates must not repeat.*\[0, 0\]"),
+        ([3], ValueError, r"laplacian: coordinates must be indices .* 3 elements .*\[-3, 3\)"),
+        ([-4], ValueError, r"laplacian: coordinates .*got \[-4\]"),
+        (torch.tensor([0.5]), TypeError, r"laplacian: coordinates .* torch\.float32 tensor"),
+        (torch.tensor([[0]]), TypeError, r"laplacian: coordinates .*shape \(1, 1\)"),
+        (
+            torch.tensor([True, False]),
+            ValueError,
+            r"laplacian: a boolean coordinates mask .*\(2,\)",
+        ),
+        ("ab", TypeError, r"laplacian: coordinates must be .* got str"),
+        ([True], TypeError, r"laplacian: coordinates must be .* got list"),
+    ],
+)
+def test_partial_laplacian_errors(coordinates, error, match):
+    with pytest.raises(error, match=match):
+        torchdiv.laplacian(gaussian, torch.randn(2, 3), coordinates=coordinates)
+
+
+# ------------------------------------------------------------------- tr(A ∇²u)
+
+
+def _gaussian_trace(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``tr(A ∇²u) = u (xᵀ A x - tr A)`` for the Gaussian, ``A`` shared or per sample."""
+    a = a.expand(len(x), -1, -1)
+    return gaussian(x) * (torch.einsum("bi,bij,bj->b", x, a, x) - a.diagonal(0, -2, -1).sum(-1))
+
+
+def _matrices(n: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(n, n, generator=g, dtype=f64)
+    low = torch.randn(n, 2, generator=g, dtype=f64)
+    return {
+        "positive definite": b @ b.T + torch.eye(n, dtype=f64),
+        "indefinite, non-symmetric": b,
+        "rank 2": low @ low.T,
+        "diagonal, one zero": torch.diag(torch.tensor([2.0, 0.0, -1.0, 0.5], dtype=f64)),
+        "per sample": torch.randn(5, n, n, generator=g, dtype=f64),
+        "zero": torch.zeros(n, n, dtype=f64),
+    }
+
+
+@pytest.mark.parametrize("method", EXACT)
+@pytest.mark.parametrize("kind", list(_matrices(4)))
+def test_weighted_laplacian_of_a_gaussian(method, kind):
+    a = _matrices(4)[kind]
+    x = torch.randn(5, 4, dtype=f64)
+    got = torchdiv.weighted_laplacian(gaussian, x, diffusion=a, method=method)
+    assert_close(got, _gaussian_trace(a, x))
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_weighted_laplacian_from_a_factor(method):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 4, dtype=f64)
+    shared = torch.randn(4, 2, generator=g, dtype=f64)
+    per_sample = torch.randn(5, 4, 3, generator=g, dtype=f64)
+    for sigma in (shared, per_sample):
+        got = torchdiv.weighted_laplacian(gaussian, x, sigma=sigma, method=method, chunk_size=2)
+        assert_close(got, _gaussian_trace(sigma @ sigma.mT, x))
+
+
+def test_weighted_laplacian_of_a_polynomial_with_vector_output():
+    """``u = (x0² x1, x0 x1 x2)``: ``tr(A H)`` by hand."""
+    x = torch.randn(4, 3, dtype=f64)
+    u = lambda x: torch.stack([x[:, 0] ** 2 * x[:, 1], x[:, 0] * x[:, 1] * x[:, 2]], -1)  # noqa: E731
+    a = torch.tensor([[1.0, 2.0, 0.0], [2.0, -1.0, 3.0], [0.0, 3.0, 5.0]], dtype=f64)
+    first = a[0, 0] * 2 * x[:, 1] + 2 * a[0, 1] * 2 * x[:, 0]
+    second = 2 * (a[0, 1] * x[:, 2] + a[0, 2] * x[:, 1] + a[1, 2] * x[:, 0])
+    expected = torch.stack([first, second], -1)
+    for method in EXACT:
+        assert_close(torchdiv.weighted_laplacian(u, x, diffusion=a, method=method), expected)
+
+
+@pytest.mark.parametrize("method", ["taylor", "forward-over-reverse"])
+def test_weighted_laplacian_gradients(method):
+    """w.r.t. x, the parameters and sigma, against per-sample Hessians; w.r.t. a diffusion
+    matrix that requires grad (here 2 I: repeated eigenvalues), ``Σ_b H_b`` exactly."""
+    net = _net(4)
+    f = _scalar(net)
+    x = torch.randn(5, 4, dtype=f64, requires_grad=True)
+    sigma = torch.randn(4, 3, dtype=f64, requires_grad=True)
+    weights = torch.randn(5, dtype=f64)
+    params = [x, sigma, *net.parameters()]
+    got = torchdiv.weighted_laplacian(f, x, sigma=sigma, method=method)
+    want = torch.einsum("bij,ik,jk->b", hessians(f, x), sigma, sigma)
+    assert_close(got, want)
+    for a, b in zip(
+        _grads((got * weights).sum(), params),
+        _grads((want * weights).sum(), params),
+        strict=True,
+    ):
+        assert_close(a, b)
+    a = (2 * torch.eye(4, dtype=f64)).requires_grad_(True)
+    got = torchdiv.weighted_laplacian(f, x, diffusion=a, method=method)
+    (grad_a,) = torch.autograd.grad((got * weights).sum(), a)
+    h = hessians(f, x).detach()
+    assert_close(got, 2 * h.diagonal(0, -2, -1).sum(-1))
+    assert_close(grad_a, torch.einsum("b,bij->ij", weights, h))
+
+
+def test_weighted_laplacian_parameter_gradient_by_finite_differences():
+    net = _net(4)
+    f = _scalar(net)
+    x = torch.randn(3, 4, dtype=f64)
+    a = _matrices(4)["indefinite, non-symmetric"]
+    loss = lambda: torchdiv.weighted_laplacian(f, x, diffusion=a).sum()  # noqa: E731
+    (got,) = torch.autograd.grad(loss(), net[2].weight)
+    torch.testing.assert_close(got, _fd_param_grad(loss, net[2].weight), rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["sigma", "indefinite", "requires grad"])
+def test_weighted_hutchinson_is_unbiased(name):
+    f = _scalar(_net(4))
+    x = torch.randn(3, 4, dtype=f64)
+    options = {
+        "sigma": {"sigma": _matrices(4)["per sample"][:3, :, :2]},
+        "indefinite": {"diffusion": _matrices(4)["indefinite, non-symmetric"]},
+        "requires grad": {"diffusion": _matrices(4)["indefinite, non-symmetric"].requires_grad_()},
+    }[name]
+    exact = torchdiv.weighted_laplacian(f, x, **options).detach()
+    g = torch.Generator().manual_seed(2)
+    draws = torch.stack(
+        [
+            torchdiv.weighted_laplacian(
+                f, x, method="hutchinson", num_probes=2, generator=g, **options
+            ).detach()
+            for _ in range(100)
+        ]
+    )
+    stderr = draws.std(0) / 100**0.5
+    assert ((draws.mean(0) - exact).abs() <= 4 * stderr + 1e-12).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({}, ValueError, "weighted_laplacian: give exactly one of diffusion"),
+        (
+            {"sigma": torch.ones(3, 1), "diffusion": torch.eye(3)},
+            ValueError,
+            "give exactly one",
+        ),
+        ({"diffusion": torch.eye(2)}, ValueError, r"diffusion must have shape \(3, 3\) .*\(2, 2\)"),
+        ({"diffusion": torch.ones(2, 3, 3)}, ValueError, r"\(4,\) \+ \(3, 3\).*\(2, 3, 3\)"),
+        ({"sigma": torch.ones(2, 1)}, ValueError, r"sigma must have shape \(3, k\)"),
+        ({"sigma": torch.ones(3, 1, dtype=torch.int64)}, TypeError, "sigma must have a floating"),
+        ({"sigma": [[1.0]]}, TypeError, "sigma must be a torch.Tensor, got list"),
+        ({"sigma": torch.ones(3, 1), "num_probes": 3}, ValueError, "num_probes is only used"),
+        ({"sigma": torch.ones(3, 1), "method": "nope"}, ValueError, "unknown method 'nope'"),
+        (
+            {"sigma": torch.ones(3, 1), "method": "hutchinson"},
+            ValueError,
+            "weighted_laplacian: method='hutchinson' needs num_probes",
+        ),
+    ],
+)
+def test_weighted_laplacian_errors(options, error, match):
+    with pytest.raises(error, match=match):
+        torchdiv.weighted_laplacian(gaussian, torch.randn(4, 3), **options)
+
+
+# ----------------------------------------------------------------------------- biharmonic
+
+
+@pytest.mark.parametrize("method", ["auto", "taylor", "forward-over-reverse"])
+def test_biharmonic_closed_forms(method):
+    x = torch.randn(4, 3, dtype=f64)
+    n, r2 = 3, x.square().sum(-1)
+    quartic = lambda x: x.square().sum(-1) ** 2  # noqa: E731
+    assert_close(
+        torchdiv.biharmonic(quartic, x, method=method),
+        torch.full((4,), 8.0 * n * (n + 2), dtype=f64),
+    )
+    expected = gaussian(x) * (2 * n - 4 * r2 + (r2 - n) ** 2)
+    assert_close(torchdiv.biharmonic(gaussian, x, method=method), expected)
+
+
+def test_biharmonic_of_a_network_and_its_gradients():
+    """Taylor inside Taylor against nested autodiff (values and parameter gradients), and the
+    parameter gradient against float64 finite differences."""
+    net = _net()
+    f = _scalar(net)
+    x = torch.randn(3, 3, dtype=f64)
+    taylor = torchdiv.biharmonic(f, x, method="taylor")
+    nested = torchdiv.biharmonic(f, x, method="forward-over-reverse")
+    assert_close(taylor, nested)
+    w = net[2].weight
+    (g_taylor,) = torch.autograd.grad(taylor.sum(), w)
+    (g_nested,) = torch.autograd.grad(nested.sum(), w)
+    assert_close(g_taylor, g_nested)
+    loss = lambda: torchdiv.biharmonic(f, x).sum()  # noqa: E731
+    torch.testing.assert_close(g_taylor, _fd_param_grad(loss, w), rtol=1e-6, atol=1e-7)
+
+
+def test_biharmonic_errors():
+    with pytest.raises(ValueError, match="biharmonic: unknown method 'hessian'"):
+        torchdiv.biharmonic(gaussian, torch.randn(2, 3), method="hessian")
+
+
+# ------------------------------------------------------------------ value, grad, laplacian
+
+
+@pytest.mark.parametrize("method", ["auto", "taylor", "forward-over-reverse"])
+def test_value_grad_laplacian_of_a_gaussian(method):
+    x = torch.randn(5, 3, dtype=f64)
+    out = torchdiv.value_grad_laplacian(gaussian, x, method=method, chunk_size=2)
+    u = gaussian(x)
+    assert_close(out.value, u)
+    assert_close(out.gradient, -u[:, None] * x)
+    assert_close(out.laplacian, u * (x.square().sum(-1) - 3))
+
+
+@pytest.mark.parametrize("method", ["auto", "taylor", "forward-over-reverse"])
+def test_value_grad_laplacian_vector_output_and_batch_dims(method):
+    net = tanh_mlp(6, 8, 2)
+    f = lambda x: net(x.flatten(-2))  # noqa: E731
+    x = torch.randn(2, 2, 2, 3, dtype=f64)
+    out = torchdiv.value_grad_laplacian(f, x, batch_dims=2, method=method)
+    assert_close(out.value, f(x))
+    assert_close(out.gradient, torchdiv.jacobian(f, x, batch_dims=2))
+    assert_close(out.laplacian, torchdiv.laplacian(f, x, batch_dims=2, method="hessian"))
+
+
+def test_local_energy_and_its_parameter_gradients():
+    """``-(Δ log ψ + |∇ log ψ|²)/2`` from one sweep, against per-sample Hessians and
+    gradients by torch.func, parameter gradients included, and finite differences."""
+    net = _net()
+    log_psi = _scalar(net)
+    x = torch.randn(5, 3, dtype=f64)
+
+    def local_energy() -> torch.Tensor:
+        out = torchdiv.value_grad_laplacian(log_psi, x)
+        return -0.5 * (out.laplacian + out.gradient.square().sum(-1))
+
+    grads = vmap(torch.func.grad(lambda z: log_psi(z[None])[0]))(x)
+    want = -0.5 * (hessians(log_psi, x).diagonal(0, -2, -1).sum(-1) + grads.square().sum(-1))
+    got = local_energy()
+    assert_close(got, want)
+    params = list(net.parameters())
+    for a, b in zip(_grads(got.sum(), params), _grads(want.sum(), params), strict=True):
+        assert_close(a, b)
+    w = net[0].weight
+    g = _grads(local_energy().sum(), [w])[0]
+    torch.testing.assert_close(
+        g, _fd_param_grad(lambda: local_energy().sum(), w), rtol=1e-7, atol=1e-8
+    )
+
+
+def test_value_grad_laplacian_falls_back_where_an_op_has_no_rule():
+    f = lambda x: torch.lgamma(x.square() + 1).sum(-1)  # noqa: E731
+    x = torch.randn(4, 3, dtype=f64)
+    out = torchdiv.value_grad_laplacian(f, x)
+    assert_close(out.gradient, torchdiv.jacobian(f, x))
+    assert_close(out.laplacian, torchdiv.laplacian(f, x, method="hessian"))
+    with pytest.raises(
+        NotImplementedError, match=r"^value_grad_laplacian: method='taylor' .*lgamma"
+    ):
+        torchdiv.value_grad_laplacian(f, x, method="taylor")
+
+
+def test_value_grad_laplacian_of_a_constant_and_of_an_empty_batch():
+    x = torch.randn(3, 2, dtype=f64)
+    out = torchdiv.value_grad_laplacian(lambda x: torch.ones_like(x[:, 0]), x)
+    assert_close(out.gradient, torch.zeros(3, 2, dtype=f64))
+    assert_close(out.laplacian, torch.zeros(3, dtype=f64))
+    out = torchdiv.value_grad_laplacian(gaussian, torch.randn(0, 2, dtype=f64))
+    assert out.value.shape == out.laplacian.shape == (0,) and out.gradient.shape == (0, 2)
+
+
+# --------------------------------------------------------------------------- graph form
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 4])
+def test_graph_laplacian_matches_the_function_form(chunk_size):
+    net = tanh_mlp(6, 8, 2)
+    x = torch.randn(2, 3, 2, 3, dtype=f64, requires_grad=True)
+    f = lambda x: net(x.flatten(-2))  # noqa: E731
+    y = f(x)
+    for coordinates in (None, [0, 4, 5]):
+        got = torchdiv.graph_laplacian(
+            y, x, batch_dims=2, chunk_size=chunk_size, coordinates=coordinates
+        )
+        want = torchdiv.laplacian(f, x, batch_dims=2, coordinates=coordinates, method="hessian")
+        assert_close(got, want.detach())
+        assert not got.requires_grad
+    assert y.grad_fn is not None and torch.autograd.grad(y.sum(), x)[0].shape == x.shape
+
+
+def test_graph_laplacian_in_a_pinn_loss():
+    """``create_graph=True``: the loss's parameter gradients match the function form's."""
+    net = _net(2)
+    x = torch.randn(6, 2, dtype=f64, requires_grad=True)
+    y = net(x)  # (6, 1), as DeepXDE's pde(x, y) receives it
+    got = torchdiv.graph_laplacian(y, x, create_graph=True, coordinates=[0])
+    want = torchdiv.laplacian(net, x, coordinates=[0])
+    assert got.shape == (6, 1)
+    assert_close(got, want)
+    params = list(net.parameters())
+    for a, b in zip(
+        _grads(got.square().sum(), params), _grads(want.square().sum(), params), strict=True
+    ):
+        assert_close(a, b)
+
+
+def test_graph_laplacian_of_a_linear_map_is_zero_and_errors():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert torch.equal(torchdiv.graph_laplacian(x @ torch.ones(2, 2), x), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="graph_laplacian: x does not require grad"):
+        torchdiv.graph_laplacian(x.detach() ** 2, x.detach())
+    with pytest.raises(ValueError, match="graph_laplacian: coordinates must not repeat"):
+        torchdiv.graph_laplacian(x**2, x, coordinates=[1, 1])
+    with pytest.raises(TypeError, match="graph_laplacian: create_graph must be True or False"):
+        torchdiv.graph_laplacian(x**2, x, create_graph=None)
+
+
+# ------------------------------------------------------------- the loop and "auto"'s rule
+
+
+@pytest.mark.parametrize("batch_dims", [0, 1, 2])
+def test_grad_of_grad_method(batch_dims):
+    net = tanh_mlp(3, 8, 2)
+    x = torch.randn(*[2] * batch_dims, 3, dtype=f64, requires_grad=True)
+    got = torchdiv.laplacian(net, x, batch_dims=batch_dims, method="grad-of-grad")
+    want = torchdiv.laplacian(net, x, batch_dims=batch_dims, method="taylor")
+    assert_close(got, want)
+    params = [x, *net.parameters()]
+    for a, b in zip(_grads(got.sum(), params), _grads(want.sum(), params), strict=True):
+        assert_close(a, b)
+    with torch.no_grad():
+        frozen = torchdiv.laplacian(net, x, batch_dims=batch_dims, method="grad-of-grad")
+    assert not frozen.requires_grad
+    assert_close(frozen, want.detach())
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_auto_at_few_inputs_matches_closed_forms_and_gradients(n):
+    """``"auto"`` loops over backward passes at one or two inputs: same values, same
+    gradients (x and parameters) as the Taylor engine, also inside ``no_grad``."""
+    x = torch.randn(5, n, dtype=f64, requires_grad=True)
+    assert_close(torchdiv.laplacian(gaussian, x), gaussian(x) * (x.square().sum(-1) - n))
+    net = _net(n)
+    f = _scalar(net)
+    got, want = torchdiv.laplacian(f, x), torchdiv.laplacian(f, x, method="taylor")
+    params = [x, *net.parameters()]
+    for a, b in zip(_grads(got.sum(), params), _grads(want.sum(), params), strict=True):
+        assert_close(a, b)
+    const = torchdiv.laplacian(lambda x: x.sum(-1) * 0 + 1, x)
+    assert torch.equal(const, torch.zeros(5, dtype=f64))
+
+
+def test_auto_routes_around_a_nan_of_double_backward():
+    """``0.0 ** x``: PyTorch's double backward gives NaN, the JVP of the gradient 0."""
+    u = lambda z: (2.0**z * 0.0**z + z**3).sum(-1)  # noqa: E731
+    x = torch.rand(3, 2, dtype=f64) + 0.5
+    assert torchdiv.laplacian(u, x, method="grad-of-grad").isnan().all()
+    assert_close(torchdiv.laplacian(u, x), 6 * x.sum(-1))
+
+
+def test_biharmonic_auto_falls_back_where_an_op_has_no_rule():
+    u = lambda x: torch.lgamma(x.square() + 1).sum(-1)  # noqa: E731
+    x = torch.randn(3, 2, dtype=f64)
+    want = torchdiv.biharmonic(u, x, method="forward-over-reverse")
+    assert_close(torchdiv.biharmonic(u, x), want)
+    with pytest.raises(NotImplementedError, match=r"^biharmonic: method='taylor' .*lgamma"):
+        torchdiv.biharmonic(u, x, method="taylor")
+
+
+def test_value_grad_laplacian_at_two_inputs_by_the_loop():
+    """``"auto"`` at two inputs (the loop): values and parameter gradients as ``"taylor"``'s;
+    nothing keeps a graph inside ``no_grad``."""
+    net = tanh_mlp(2, 8, 2)
+    x = torch.randn(4, 2, dtype=f64, requires_grad=True)
+    got = torchdiv.value_grad_laplacian(net, x)
+    want = torchdiv.value_grad_laplacian(net, x, method="taylor")
+    params = [x, *net.parameters()]
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b)
+        for ga, gb in zip(_grads(a.sum(), params), _grads(b.sum(), params), strict=True):
+            assert_close(ga, gb)
+    with torch.no_grad():
+        frozen = torchdiv.value_grad_laplacian(net, x)
+    assert not any(t.requires_grad for t in frozen)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda f, x: torchdiv.laplacian(f, x, coordinates=[1]),
+        lambda f, x: torchdiv.laplacian(f, x, method="grad-of-grad"),
+        lambda f, x: torchdiv.weighted_laplacian(f, x, diffusion=torch.eye(3, dtype=f64)),
+        lambda f, x: torchdiv.biharmonic(f, x),
+        lambda f, x: torchdiv.value_grad_laplacian(f, x)[1],
+    ],
+)
+def test_nothing_the_caller_passed_is_mutated(call):
+    net = _net()
+    x = torch.randn(4, 3, dtype=f64)
+    before = x.clone()
+    call(_scalar(net), x)
+    assert torch.equal(x, before) and not x.requires_grad
+    assert all(p.grad is None for p in net.parameters()) and net.training
+
+
+def test_auto_loops_only_at_few_inputs_and_small_batches(monkeypatch):
+    """The rule: the loop at up to two inputs while x is small, the Taylor engine above."""
+    from torchdiv._api import laplacian as _laplacian
+
+    calls = []
+    monkeypatch.setattr(_laplacian, "grad_of_grad", lambda *a: calls.append(a) or 0 * a[1][:, 0])
+    for shape, looped in [((512, 2), True), ((1024, 1), True), ((1024, 2), False), ((8, 3), False)]:
+        calls.clear()
+        torchdiv.laplacian(gaussian, torch.randn(shape, dtype=f64))
+        assert bool(calls) == looped, shape

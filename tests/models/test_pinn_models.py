@@ -1,0 +1,249 @@
+"""PINN networks as their papers write them, through ``laplacian``: SIREN, random Fourier
+features, the gated "modified MLP", a hard boundary factor with ``prod``, a Chebyshev-KAN
+layer with ``acos``, and a transformer encoder (trainable, and frozen in eval mode, where
+PyTorch takes its fused fast path).
+
+For each, in float64: ``"auto"`` runs ``"taylor"`` (its fallback is disabled), values match a
+grad-of-grad loop and central finite differences, and the gradient of the Laplacian with
+respect to every parameter (third derivatives) matches autograd through the loop and finite
+differences of the Laplacian along a random direction of the parameters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torchdiv
+from torchdiv._api import laplacian as _laplacian
+from torchdiv._core.modes import SafeDerivatives
+
+f64 = torch.float64
+
+
+class Siren(nn.Module):
+    """Sitzmann et al. 2020: ``sin(w0 (W x + b))`` layers; the first layer's weights uniform in
+    ``±1/fan_in``, the others in ``±sqrt(6/fan_in)/w0``, so that ``w0 = 30`` keeps the
+    pre-activations unit-scaled."""
+
+    def __init__(self, d_in: int, width: int, depth: int = 2, w0: float = 30.0):
+        super().__init__()
+        self.w0 = w0
+        sizes = [d_in] + [width] * depth
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        self.out = nn.Linear(width, 1)
+        with torch.no_grad():
+            for i, layer in enumerate(self.hidden):
+                bound = 1 / layer.in_features if i == 0 else math.sqrt(6 / layer.in_features) / w0
+                layer.weight.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.hidden:
+            x = torch.sin(self.w0 * layer(x))
+        return self.out(x)
+
+
+class FourierFeatures(nn.Module):
+    """Tancik et al. 2020: ``[cos 2 pi B x, sin 2 pi B x]`` with a fixed Gaussian ``B``
+    (a buffer), then a tanh MLP."""
+
+    def __init__(self, d_in: int, features: int, width: int, sigma: float = 1.0):
+        super().__init__()
+        self.register_buffer("B", sigma * torch.randn(features, d_in))
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * features, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh()
+        )
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        angles = 2 * math.pi * x @ self.B.T
+        return self.out(self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], -1)))
+
+
+class ModifiedMLP(nn.Module):
+    """Wang, Teng & Perdikaris 2021: two encoders ``U = tanh(x W_u)``, ``V = tanh(x W_v)``
+    gate every hidden layer, ``H <- (1 - Z) U + Z V`` with ``Z = tanh(H W + b)``."""
+
+    def __init__(self, d_in: int, width: int, depth: int = 3):
+        super().__init__()
+        self.u, self.v = nn.Linear(d_in, width), nn.Linear(d_in, width)
+        self.first = nn.Linear(d_in, width)
+        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = torch.tanh(self.u(x)), torch.tanh(self.v(x))
+        h = torch.tanh(self.first(x))
+        for layer in self.hidden:
+            z = torch.tanh(layer(h))
+            h = (1 - z) * u + z * v
+        return self.out(h)
+
+
+class HardBoundary(nn.Module):
+    """``u(x) = prod_i x_i (1 - x_i) * net(x)``: zero on the boundary of the unit cube by
+    construction (Lagaris et al. 1998; Lu et al. 2021)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * (1 - x)).prod(-1, keepdim=True) * self.net(x)
+
+
+class ChebyKAN(nn.Module):
+    """A Chebyshev Kolmogorov-Arnold layer (SS et al. 2024): inputs squashed by ``tanh`` into
+    ``(-1, 1)``, expanded in ``T_n(t) = cos(n acos t)``, ``n = 0..degree``, and combined with
+    learned coefficients ``y_o = sum_{i,n} c_{o,i,n} T_n(t_i)``."""
+
+    def __init__(self, d_in: int, d_out: int, degree: int):
+        super().__init__()
+        self.coefficients = nn.Parameter(torch.randn(d_out, d_in, degree + 1) / (d_in * degree))
+        self.register_buffer("orders", torch.arange(degree + 1, dtype=torch.get_default_dtype()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.tanh(x).unsqueeze(-1)  # (N, in, 1)
+        basis = torch.cos(self.orders * torch.acos(t))  # (N, in, degree + 1)
+        return torch.einsum("nid,oid->no", basis, self.coefficients)
+
+
+class TokenTransformer(nn.Module):
+    """Each coordinate a token (value embedding + learned position), one encoder layer,
+    mean pooling and a linear read-out."""
+
+    def __init__(self, d_in: int, d_model: int = 8, heads: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(1, d_model)
+        self.position = nn.Parameter(0.1 * torch.randn(d_in, d_model))
+        self.encoder = nn.TransformerEncoderLayer(
+            d_model, heads, 2 * d_model, dropout=0.0, batch_first=True
+        )
+        self.out = nn.Linear(d_model, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.unsqueeze(-1)) + self.position
+        return self.out(self.encoder(tokens).mean(1))
+
+
+def _tanh_net(d_in: int, width: int = 8) -> nn.Module:
+    return nn.Sequential(nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, 1))
+
+
+D = 3  # inputs: a 2-D PDE in space and time, or 3-D in space
+MODELS = {
+    "siren": lambda: Siren(D, 8),
+    "fourier_features": lambda: FourierFeatures(D, 4, 8),
+    "modified_mlp": lambda: ModifiedMLP(D, 8),
+    "hard_boundary": lambda: HardBoundary(_tanh_net(D)),
+    "cheby_kan": lambda: nn.Sequential(ChebyKAN(D, 4, 4), nn.LayerNorm(4), ChebyKAN(4, 1, 3)),
+    "transformer": lambda: TokenTransformer(D),
+}
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return MODELS[name]().to(f64)
+
+
+def _points(model: nn.Module) -> torch.Tensor:
+    return torch.rand(4, D, dtype=f64, generator=torch.Generator().manual_seed(1))
+
+
+def _loop_laplacian(u, x):
+    """The grad-of-grad loop PINN codes write, differentiable: attention on the math backend
+    (whose double backward exists) and layer norm from means and a square root (the fused
+    kernel's third derivative is wrong, pytorch/pytorch#175754; the directional finite
+    differences below check the parameter gradients independently)."""
+    x = x.detach().requires_grad_(True)
+    with sdpa_kernel([SDPBackend.MATH]), SafeDerivatives(3, ""):
+        y = u(x).reshape(len(x))
+        (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        columns = [
+            torch.autograd.grad(g[:, j].sum(), x, create_graph=True)[0][:, j]
+            for j in range(x.shape[1])
+        ]
+    return sum(columns).reshape(len(x), 1)
+
+
+def _finite_difference_laplacian(u, x, step=1e-4):
+    with torch.no_grad():
+        centre, total = u(x), 0
+        for j in range(x.shape[1]):
+            e = torch.zeros_like(x)
+            e[:, j] = step
+            total = total + u(x + e) - 2 * centre + u(x - e)
+    return total / step**2
+
+
+@pytest.fixture
+def taylor_only(monkeypatch):
+    """``"auto"`` may not fall back: the forward-over-reverse fallback is removed."""
+    monkeypatch.setattr(_laplacian, "_forward_over_reverse", None)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_laplacian_values_and_parameter_gradients(name, taylor_only):
+    model = _model(name)
+    x = _points(model)
+    lap = torchdiv.laplacian(model, x)
+    torch.testing.assert_close(torchdiv.laplacian(model, x, method="taylor"), lap)
+    loop = _loop_laplacian(model, x)
+    scale = loop.abs().max().item()
+    torch.testing.assert_close(lap, loop, rtol=1e-10, atol=1e-10 * scale)
+    # central differences: step^2 f''''/12 (SIREN: w0^4 = 8e5) + 4 eps |f| / step^2
+    fd = _finite_difference_laplacian(model, x)
+    torch.testing.assert_close(lap, fd, rtol=1e-5, atol=1e-5 * scale)
+
+    params = dict(model.named_parameters())
+    c = torch.linspace(-1, 1, len(x), dtype=f64).reshape(lap.shape)
+    grads = torch.autograd.grad((c * lap).sum(), list(params.values()), materialize_grads=True)
+    want = torch.autograd.grad((c * loop).sum(), list(params.values()), materialize_grads=True)
+    for key, got, expected in zip(params, grads, want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8 * scale, msg=key)
+
+    g = torch.Generator().manual_seed(2)
+    direction = {k: torch.randn(p.shape, dtype=f64, generator=g) for k, p in params.items()}
+    eps = 1e-6
+
+    def shifted(sign: float) -> torch.Tensor:
+        moved = {k: p.detach() + sign * eps * direction[k] for k, p in params.items()}
+        v = lambda z: functional_call(model, moved, (z,))  # noqa: E731
+        return (c * torchdiv.laplacian(v, x, method="taylor")).sum()
+
+    directional = sum((gr * direction[k]).sum() for k, gr in zip(params, grads, strict=True))
+    expected = (shifted(1) - shifted(-1)) / (2 * eps)
+    torch.testing.assert_close(directional, expected, rtol=1e-6, atol=1e-6 * scale)
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_frozen_eval_transformer_leaves_the_fast_path_and_is_exact(taylor_only):
+    """Eval mode with frozen parameters: PyTorch runs ``_transformer_encoder_layer_fwd``,
+    which has no derivatives; the recording turns the fast path off (and back on)."""
+    model = _model("transformer").eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = _points(model)
+    with torch.no_grad(), _Ops() as ops:
+        model(x)
+    assert "aten._transformer_encoder_layer_fwd.default" in ops.seen  # the fast path is taken
+    taylor = torchdiv.laplacian(model, x, method="taylor")
+    assert torch.backends.mha.get_fastpath_enabled()
+    torch.testing.assert_close(torchdiv.laplacian(model, x), taylor)
+    torch.testing.assert_close(taylor, _loop_laplacian(model, x), rtol=1e-10, atol=1e-10)
