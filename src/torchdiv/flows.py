@@ -50,7 +50,6 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
-from torchdiv import _structured
 from torchdiv._api.reporting import final_error, reported
 from torchdiv._core.checks import (
     call_f,
@@ -242,16 +241,10 @@ class AugmentedDynamics(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(div f, f)`` at ``z``: the structured engine where it runs (``"auto"``, and
         ``"structured"``, which raises otherwise), else the generic ones."""
-        method, fn = self.method, self.fn
-        if _structured.chosen(method, z, self.batch_dims):
-            planned = _structured.plan(
-                fn, velocity, z, self.batch_dims, self.chunk_size, method == "structured", True
-            )
-            if planned is not None:
-                trace, v = planned
-                return trace.reshape(z.shape[: self.batch_dims]), v
-            method = "auto"
-        return _exact.trace_and_output(velocity, z, self.batch_dims, method, self.chunk_size)
+        trace, v = _exact.diagonal_and_output(
+            self.fn, velocity, z, self.batch_dims, self.method, self.chunk_size, trace=True
+        )
+        return trace.reshape(z.shape[: self.batch_dims]), v
 
 
 @overload

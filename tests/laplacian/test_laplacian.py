@@ -499,7 +499,7 @@ def test_exact_methods_reject_probe_options():
     [(1000, 50, 50), (2**20, 50, 13), (2**20, 16, 16), (2**25, 9, 5), (10, 0, 1)],
 )
 def test_auto_plans_as_few_equal_chunks_as_the_budget_allows(widest, num_inputs, chunk):
-    from torchdiv._api.laplacian import CHUNK_ELEMENTS
+    from torchdiv._laplacian.methods import CHUNK_ELEMENTS
     from torchdiv._taylor import Graph
 
     assert CHUNK_ELEMENTS == 2**24

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchdiv
-from torchdiv._api import laplacian as _laplacian
+from torchdiv._laplacian import methods as _laplacian
 from torchdiv._core.modes import SafeDerivatives
 
 f64 = torch.float64
@@ -186,7 +186,7 @@ def _finite_difference_laplacian(u, x, step=1e-4):
 @pytest.fixture
 def taylor_only(monkeypatch):
     """``"auto"`` may not fall back: the forward-over-reverse fallback is removed."""
-    monkeypatch.setattr(_laplacian, "_forward_over_reverse", None)
+    monkeypatch.setattr(_laplacian, "forward_over_reverse", None)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import torch
 
-from torchdiv import _structured
 from torchdiv._api.reporting import reported
 from torchdiv._core.checks import (
     check_callable,
@@ -44,27 +43,6 @@ def _prepare(
     check_method(fn, method, methods)
     check_chunk_size(fn, chunk_size)
     return checked(fn, f, x, batch_dims, square)
-
-
-def _exact_diagonal(
-    fn: str,
-    g: Function,
-    x: torch.Tensor,
-    batch_dims: int,
-    method: str,
-    chunk_size: int | None,
-    trace: bool,
-) -> torch.Tensor:
-    """Every sample's exact Jacobian diagonal ``(N, n)``, or with ``trace`` its sum ``(N,)``:
-    by the structured engine where ``method`` asks for it (``"auto"``: unless tiny), else by
-    the generic ones (also for ``"structured"`` on an empty ``x``: nothing to plan)."""
-    if _structured.chosen(method, x, batch_dims):
-        planned = _structured.plan(fn, g, x, batch_dims, chunk_size, method == "structured", trace)
-        if planned is not None:
-            return planned[0]
-    generic = "auto" if method == "structured" else method
-    diag, _ = _exact.evaluate(g, x, batch_dims, generic, chunk_size, _exact.diagonal)
-    return diag.sum(-1) if trace else diag
 
 
 @outside_inference_mode
@@ -184,7 +162,7 @@ def jacobian_diagonal(
         )
         return _stochastic.diagonal_of_function(g, x, batch_dims, s, chunk_size)
     check_exact_options(fn, method, num_probes, generator, probe, probes)
-    diag = _exact_diagonal(fn, g, x, batch_dims, method, chunk_size, trace=False)
+    diag, _ = _exact.diagonal_and_output(fn, g, x, batch_dims, method, chunk_size, trace=False)
     return diag.reshape(x.shape).to(x.dtype)
 
 
@@ -278,7 +256,7 @@ def divergence(
         s = _trace.sampling(fn, x, batch_dims, method, num_probes, probe, probes, generator)
         return _stochastic.trace_of_function(g, x, batch_dims, s, chunk_size).value
     check_exact_options(fn, method, num_probes, generator, probe, probes)
-    div = _exact_diagonal(fn, g, x, batch_dims, method, chunk_size, trace=True)
+    div, _ = _exact.diagonal_and_output(fn, g, x, batch_dims, method, chunk_size, trace=True)
     return div.reshape(x.shape[:batch_dims]).to(x.dtype)
 
 

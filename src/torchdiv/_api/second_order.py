@@ -26,18 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from torchdiv._api.laplacian import (
-    _METHODS,
-    CHUNK_ELEMENTS,
-    METHODS,
-    _forward_over_reverse,
-    _hessian_products,
-    _hutchinson,
-    _unit_directions,
-    _zeros_like_output,
-    laplacian,
-    loops,
-)
+from torchdiv._api.laplacian import METHODS, laplacian
 from torchdiv._api.operators import jacobian
 from torchdiv._api.reporting import reported
 from torchdiv._core.basis import basis, chunks
@@ -55,6 +44,7 @@ from torchdiv._core.mixing import check_empty_event
 from torchdiv._core.modes import outside_inference_mode
 from torchdiv._estimators import trace as _trace
 from torchdiv._laplacian import loop as _loop
+from torchdiv._laplacian import methods
 from torchdiv._laplacian.along import along
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
 
@@ -136,13 +126,13 @@ def weighted_laplacian(
     for sign, factor in _factors(matrix) if name == "diffusion" else [(1, matrix)]:
         h, z = along(g, x, batch_dims, factor)
         if z.numel() == 0:
-            part = _zeros_like_output(h, z)
+            part = methods.zeros_like_output(h, z)
         elif method == "hutchinson":
             s = _trace.sampling(fn, z, batch_dims, method, num_probes, probe, None, generator)
             probes = _trace.vectors(s, z, batch_dims).reshape(-1, *z.shape).to(x.dtype)
-            part = _hutchinson(h, z, batch_dims, chunk_size, probes)
+            part = methods.hutchinson(h, z, batch_dims, chunk_size, probes)
         else:
-            part = _METHODS[method](h, z, batch_dims, chunk_size)
+            part = methods.BY_NAME[method](h, z, batch_dims, chunk_size)
         total = sign * part if total is None else total + sign * part
     assert total is not None  # _factors always gives the positive part
     return total
@@ -184,7 +174,7 @@ def _mixed(
     probes (``"hutchinson"``, divided by their number): linear, so differentiable, in ``A``."""
     n, samples = event_numel(x, batch_dims), x.shape[:batch_dims].numel()
     if x.numel() == 0:
-        return _zeros_like_output(g, x)
+        return methods.zeros_like_output(g, x)
     if method == "hutchinson":
         s = _trace.sampling(fn, x, batch_dims, method, num_probes, probe, None, generator)
         vectors = _trace.vectors(s, x, batch_dims).to(x.dtype)  # (r, N, n)
@@ -194,7 +184,7 @@ def _mixed(
     total, r, y_shape = None, len(vectors), torch.Size()
     for start, stop in chunks(r, chunk_size or r):
         v = vectors[start:stop]
-        products, y_shape = _hessian_products(g, x, batch_dims, v.reshape(-1, *x.shape))
+        products, y_shape = methods.hessian_products(g, x, batch_dims, v.reshape(-1, *x.shape))
         partners = torch.einsum("bij,kbj->kbi", a, v)  # A v, (k, N, n)
         part = torch.einsum("kmbi,kbi->mb", products, partners)
         total = part if total is None else total + part
@@ -324,7 +314,7 @@ def value_grad_laplacian(
     check_method(fn, method, SWEEP_METHODS)
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
-    if method == "auto" and x.numel() > 0 and loops(x, batch_dims):
+    if method == "auto" and x.numel() > 0 and methods.loops(x, batch_dims):
         check_empty_event(g, x, batch_dims)  # not recorded: see _mixing
         value, jac, lap = _loop.value_grad_laplacian(g, x, batch_dims)
         if bool(lap.isfinite().all()):  # else: a NaN double backward (see laplacian's _loop)
@@ -349,7 +339,9 @@ def value_grad_laplacian(
     gradient = jacobian(g, x, batch_dims=batch_dims, chunk_size=chunk_size)
     if x.numel() == 0:
         return ValueGradLaplacian(value, gradient, torch.zeros_like(value))
-    return ValueGradLaplacian(value, gradient, _forward_over_reverse(g, x, batch_dims, chunk_size))
+    return ValueGradLaplacian(
+        value, gradient, methods.forward_over_reverse(g, x, batch_dims, chunk_size)
+    )
 
 
 def _sweep(
@@ -357,12 +349,12 @@ def _sweep(
 ) -> ValueGradLaplacian:
     """The Taylor engine with the output's first-order terms kept, chunk by chunk."""
     n = event_numel(x, batch_dims)
-    chunk = chunk_size or graph.chunk(n, CHUNK_ELEMENTS)
+    chunk = chunk_size or graph.chunk(n, methods.CHUNK_ELEMENTS)
     value: torch.Tensor | None = None
     lap: torch.Tensor | None = None
     columns: list[torch.Tensor] = []
     constants: dict[int, list[Any]] = {}
-    for u in _unit_directions(x, batch_dims, chunk):
+    for u in methods.unit_directions(x, batch_dims, chunk):
         out = propagate(graph, Jet(x, u, None), Context(len(u), True, jac=True), constants)
         if not isinstance(out, Jet):  # f does not depend on x
             out = Jet(out, None, None)

@@ -1,5 +1,7 @@
-"""Exact operators from a Jacobian engine: the dense Jacobian and its diagonal, chunk by chunk.
+"""The exact methods' one dispatch, and the operators read from a Jacobian engine.
 
+``diagonal_and_output`` picks the structured engine first (``torchdiv._structured``), then the
+generic ones (``evaluate``: forward mode, reverse mode, batched autograd, re-running ``f``).
 An engine (``ForwardJacobian``, ``ReverseJacobian`` or ``GraphJacobian``) hands out blocks
 of ``k`` Jacobian columns or rows of all ``N`` samples at once, shape ``(k, N, m)``. The
 consumers here never touch autograd; they only slice and stack those blocks, so the memory in
@@ -15,6 +17,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
+from torchdiv import _structured
 from torchdiv._core import mixing as _mixing
 from torchdiv._core.basis import chunks
 from torchdiv._core.checks import event_numel
@@ -71,21 +74,36 @@ def diagonal(engine: Engine, chunk_size: int) -> torch.Tensor:
     return torch.cat(parts).T
 
 
-def trace_and_output(
+def diagonal_and_output(
+    fn: str,
     f: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     batch_dims: int,
     method: str,
     chunk_size: int | None,
+    trace: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample's exact ``tr J`` (shape ``x.shape[:batch_dims]``) and ``f(x)`` from the same
-    evaluation: an ODE's dynamics need both (``torchdiv.flows``), at the cost of one."""
+    """Every sample's exact Jacobian diagonal ``(N, n)`` (with ``trace``: its sum, ``(N,)``) and
+    ``f(x)`` from the same evaluation (an ODE's dynamics need both, ``torchdiv.flows``).
+
+    The one dispatch of the exact methods for diagonals and traces: the structured engine
+    where ``method`` asks for it (``"auto"``: unless tiny; ``"structured"`` raises, naming the
+    op, if it cannot plan ``f``), else the generic engines (``evaluate``; ``"structured"`` on an
+    empty ``x``, with nothing to plan, runs ``"auto"``). ``fn`` names the public function in
+    errors.
+    """
+    if _structured.chosen(method, x, batch_dims):
+        planned = _structured.plan(fn, f, x, batch_dims, chunk_size, method == "structured", trace)
+        if planned is not None:
+            return planned
+    generic = "auto" if method == "structured" else method
 
     def consume(engine: Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return diagonal(engine, chunk).sum(-1), output(engine)
+        diag = diagonal(engine, chunk)
+        return (diag.sum(-1) if trace else diag), output(engine)
 
-    (trace, y), _ = evaluate(f, x, batch_dims, method, chunk_size, consume)
-    return trace.reshape(x.shape[:batch_dims]), y
+    result, _ = evaluate(f, x, batch_dims, generic, chunk_size, consume)
+    return result
 
 
 def output(engine: Engine) -> torch.Tensor:

@@ -6,8 +6,7 @@ with the unit vectors of the input as directions, and the Hutchinson Laplacian w
 """
 
 from torchdiv._taylor.capture import Graph, capture
-from torchdiv._taylor.jet import Context, Jet
-from torchdiv._taylor.linear import UnsupportedOp
+from torchdiv._taylor.jet import Context, Jet, UnsupportedOp
 from torchdiv._taylor.propagate import RULES, propagate, values
 
 __all__ = ["RULES", "Context", "Graph", "Jet", "UnsupportedOp", "capture", "propagate", "values"]

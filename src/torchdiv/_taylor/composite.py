@@ -22,6 +22,7 @@ from torchdiv._taylor.elementwise import RULES as ELEMENTWISE
 from torchdiv._taylor.jet import (
     Context,
     Jet,
+    UnsupportedOp,
     add,
     chain,
     full_jac,
@@ -31,7 +32,6 @@ from torchdiv._taylor.jet import (
     product,
     scale,
 )
-from torchdiv._taylor.linear import UnsupportedOp
 
 aten = torch.ops.aten
 Tensor = torch.Tensor

@@ -18,8 +18,17 @@ from typing import Any
 
 import torch
 
-from torchdiv._taylor.jet import Context, Jet, chain, chain2, value_of
-from torchdiv._taylor.linear import UnsupportedOp
+from torchdiv._taylor.jet import (
+    Context,
+    Jet,
+    UnsupportedOp,
+    aligned_jac,
+    chain,
+    chain2,
+    inner,
+    product,
+    value_of,
+)
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -224,6 +233,17 @@ def _scalar_pow(ctx: Context, c: float, a: Jet) -> Jet:
     return chain(ctx, a, y, math.log(c) * y, math.log(c) ** 2 * y)
 
 
+def _div(ctx: Context, a: Jet | Tensor, b: Jet | Tensor) -> Jet:
+    """``a / b``: ``a * (1 / b)`` when ``b`` carries a jet, else a scaled jet."""
+    if isinstance(b, Jet):
+        return product(ctx, torch.mul, a, RULES[aten.reciprocal.default](inner(ctx), b))
+    assert isinstance(a, Jet)  # rules run on ops with a jet, and b is none
+    value = a.value / b
+    jac = aligned_jac(a, value.dim())
+    return Jet(value, None if jac is None else jac / b, None if a.lap is None else a.lap / b)
+
+
 RULES = {op: _rule(op, d) for op, d in DERIVATIVES.items()}
 RULES[aten.pow.Scalar] = _scalar_pow
 RULES.update({op: _binary(op, partials) for op, partials in BINARY.items()})
+RULES[aten.div.Tensor] = _div

@@ -29,6 +29,10 @@ import torch
 Op = Callable[..., torch.Tensor]
 
 
+class UnsupportedOp(NotImplementedError):
+    """An op that the forward-propagation engine cannot run on this input."""
+
+
 @dataclass
 class Jet:
     value: torch.Tensor

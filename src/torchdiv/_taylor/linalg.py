@@ -32,8 +32,15 @@ from typing import Any
 
 import torch
 
-from torchdiv._taylor.jet import Context, Jet, aligned_jac, full_jac, full_lap, value_of
-from torchdiv._taylor.linear import UnsupportedOp
+from torchdiv._taylor.jet import (
+    Context,
+    Jet,
+    UnsupportedOp,
+    aligned_jac,
+    full_jac,
+    full_lap,
+    value_of,
+)
 
 aten = torch.ops.aten
 Tensor = torch.Tensor

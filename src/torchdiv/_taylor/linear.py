@@ -16,11 +16,10 @@ import torch
 from torchdiv._taylor.jet import (
     Context,
     Jet,
+    UnsupportedOp,
     add,
-    aligned_jac,
     full_jac,
     full_lap,
-    inner,
     linear,
     product,
     scale,
@@ -30,10 +29,6 @@ from torchdiv._taylor.jet import (
 aten = torch.ops.aten
 Tensor = torch.Tensor
 Operand = Jet | Tensor
-
-
-class UnsupportedOp(NotImplementedError):
-    """An op that the forward-propagation engine cannot run on this input."""
 
 
 def _linear(op: Callable[..., Tensor]) -> Callable[..., Jet]:
@@ -79,21 +74,6 @@ def _mul(ctx: Context, a: Operand, b: Operand) -> Jet:
     jet, c = (a, b) if isinstance(a, Jet) else (b, a)
     assert isinstance(jet, Jet) and not isinstance(c, Jet)  # rules run on ops with a jet
     return scale(jet, c, value=torch.mul(value_of(a), value_of(b)))
-
-
-def _div(ctx: Context, a: Operand, b: Operand) -> Jet:
-    if isinstance(b, Jet):
-        return product(ctx, torch.mul, a, _reciprocal(inner(ctx), b))
-    assert isinstance(a, Jet)  # rules run on ops with a jet, and b is none
-    value = a.value / b
-    jac = aligned_jac(a, value.dim())
-    return Jet(value, None if jac is None else jac / b, None if a.lap is None else a.lap / b)
-
-
-def _reciprocal(ctx: Context, b: Jet) -> Jet:
-    from torchdiv._taylor.elementwise import RULES as ELEMENTWISE
-
-    return ELEMENTWISE[aten.reciprocal.default](ctx, b)
 
 
 def _scalar_scale(ctx: Context, a: Jet, c: float) -> Jet:
@@ -280,7 +260,6 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten.rsub.Scalar: _rsub,
     aten.mul.Tensor: _mul,
     aten.mul.Scalar: _scalar_scale,
-    aten.div.Tensor: _div,
     aten.div.Scalar: _scalar_div,
     aten.mm.default: _mm,
     aten.bmm.default: _bmm,

@@ -15,8 +15,7 @@ import torch
 
 from torchdiv._taylor import composite, elementwise, linalg, linear, reductions
 from torchdiv._taylor.capture import Graph, Node, Ref
-from torchdiv._taylor.jet import Context, Jet
-from torchdiv._taylor.linear import UnsupportedOp
+from torchdiv._taylor.jet import Context, Jet, UnsupportedOp
 from torchdiv._taylor.tree import leaves, map_leaves
 
 RULES: dict[Any, Any] = {

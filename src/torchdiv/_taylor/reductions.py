@@ -28,6 +28,7 @@ import torch
 from torchdiv._taylor.jet import (
     Context,
     Jet,
+    UnsupportedOp,
     aligned_jac,
     full_jac,
     full_lap,
@@ -36,7 +37,7 @@ from torchdiv._taylor.jet import (
     product,
 )
 from torchdiv._taylor.linear import RULES as LINEAR
-from torchdiv._taylor.linear import UnsupportedOp, selected, take_along
+from torchdiv._taylor.linear import selected, take_along
 
 aten = torch.ops.aten
 Tensor = torch.Tensor

@@ -1,0 +1,224 @@
+"""The Laplacian's methods, each ``(f, x, batch_dims, chunk_size) -> Δf`` per sample and output.
+
+``"taylor"`` propagates collapsed second-order jets (``torchdiv._taylor``) along the unit
+directions of the event, a chunk at a time; ``"forward-over-reverse"`` and ``"hessian"`` take
+JVPs of the per-sample gradients (``torch.func``); ``"grad-of-grad"`` loops over backward passes
+(``loop``); ``"auto"`` picks between them (``auto``). ``hutchinson`` takes the random
+directions as given. Arguments are checked by the public functions (``torchdiv._api``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+import torch
+from torch.func import vjp, vmap
+
+from torchdiv._core.basis import basis, broadcast_basis, chunks
+from torchdiv._core.checks import event_numel
+from torchdiv._core.mixing import check_empty_event
+from torchdiv._core.modes import SafeDerivatives, math_attention
+from torchdiv._exact.forward import ForwardJacobian
+from torchdiv._laplacian.loop import grad_of_grad
+from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
+
+Function = Callable[[torch.Tensor], torch.Tensor]
+# "auto" chunks only when the widest jac (directions x its elements) would pass this many
+# elements (64 MiB in float32): each chunk replays the forward values, so fewer is faster
+CHUNK_ELEMENTS = 2**24
+# "auto" loops over backward passes at up to LOOP_INPUTS inputs while x has at most
+# LOOP_ELEMENTS elements (fixed costs dominate; at larger batches the Taylor engine was 5-15%
+# faster in training), and at up to LOOP_FALLBACK inputs where the Taylor engine cannot run f
+# (measured on tanh FNNs and Chebyshev KANs, bench/laplacian_small.py)
+LOOP_INPUTS = 2
+LOOP_ELEMENTS = 1024
+LOOP_FALLBACK = 10
+
+
+def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
+    n = event_numel(x, batch_dims)
+    if loops(x, batch_dims):
+        check_empty_event(f, x, batch_dims)  # not recorded: see _mixing
+        return looped(f, x, batch_dims, chunk_size)
+    graph = capture(f, x, RULES, batch_dims=batch_dims)
+    chunk = chunk_size or graph.chunk(n, CHUNK_ELEMENTS)
+    out = collapsed_or_none(graph, x, unit_directions(x, batch_dims, chunk))
+    if out is not None:
+        return out
+    if n <= LOOP_FALLBACK:
+        return looped(f, x, batch_dims, chunk)
+    return forward_over_reverse(f, x, batch_dims, chunk)
+
+
+def loops(x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether ``"auto"`` runs the loop of backward passes rather than the Taylor engine."""
+    return event_numel(x, batch_dims) <= LOOP_INPUTS and x.numel() <= LOOP_ELEMENTS
+
+
+def looped(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
+    """``"grad-of-grad"``, or ``"forward-over-reverse"`` where it is not finite: some of
+    PyTorch's double-backward formulas give NaN where the derivative exists (``0.0 ** x``:
+    a ``where`` whose unused branch is ``0 * log(0)``); the JVP formulas do not."""
+    out = grad_of_grad(f, x, batch_dims)
+    if bool(out.isfinite().all()):
+        return out
+    return forward_over_reverse(f, x, batch_dims, chunk_size)
+
+
+def taylor(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
+    graph = capture(f, x, RULES, batch_dims=batch_dims)
+    if graph.unsupported:
+        _refuse(
+            ", ".join(sorted(set(graph.unsupported))) + " applied to a tensor that depends on x"
+        )
+    chunk = chunk_size or event_numel(x, batch_dims)
+    try:
+        return collapsed(graph, x, unit_directions(x, batch_dims, chunk))
+    except UnsupportedOp as exc:
+        _refuse(str(exc))
+
+
+def _refuse(what: str) -> NoReturn:
+    raise UnsupportedOp(
+        f"laplacian: method='taylor' has no propagation rule for {what}; use method='auto' "
+        "(falls back to 'forward-over-reverse')"
+    )
+
+
+def unit_directions(x: torch.Tensor, batch_dims: int, chunk: int) -> Iterator[torch.Tensor]:
+    """The unit vectors of the event, ``chunk`` at a time, stored once for all samples."""
+    for start, stop in chunks(event_numel(x, batch_dims), chunk):
+        yield broadcast_basis(start, stop, x, batch_dims)
+
+
+def collapsed(graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor]) -> torch.Tensor:
+    """``sum_k D^2 f(x)[u_k, u_k]`` over all directions: the output's collapsed second-order
+    terms, summed over the chunks ``directions`` yields (each ``(k,) + x.shape``, broadcast)."""
+    total: torch.Tensor | None = None
+    constants: dict[int, list[Any]] = {}
+    for u in directions:
+        out = propagate(graph, Jet(x, u, None), Context(len(u), True, jac=False), constants)
+        if isinstance(out, Jet) and out.lap is not None:
+            total = out.lap if total is None else total + out.lap
+    if total is None:  # f(x) does not depend on x, or only linearly
+        return x.new_zeros(graph.output_shape)
+    return total.expand(graph.output_shape).clone()
+
+
+def collapsed_or_none(
+    graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor]
+) -> torch.Tensor | None:
+    """``collapsed``, or ``None`` when the Taylor engine cannot run ``f``: an op without a
+    rule (at capture or in a rule) or one that cannot be replayed. Callers then fall back,
+    evaluating ``f`` again, so what recording it changed (buffers, RNG) is put back first."""
+    try:
+        if not graph.unsupported:
+            return collapsed(graph, x, directions)
+    except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
+        raise
+    except RuntimeError:  # UnsupportedOp included
+        pass
+    graph.undo()
+    return None
+
+
+class _Gradients:
+    """``z -> (m,) + z.shape``: row ``i`` holds every sample's gradient of output ``i``;
+    remembers ``f(z).shape``."""
+
+    def __init__(self, f: Function, batch_dims: int):
+        self.f, self.batch_dims = f, batch_dims
+        self.y_shape = torch.Size()
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        y_and_pullback = vjp(self.f, z)  # typed as a 2- or 3-tuple (has_aux)
+        y = y_and_pullback[0]
+        pullback: Callable[[torch.Tensor], tuple[torch.Tensor]] = y_and_pullback[1]
+        self.y_shape = y.shape
+        (rows,) = vmap(pullback)(basis(0, event_numel(y, self.batch_dims), y, self.batch_dims))
+        return rows
+
+
+def hessian_products(
+    f: Function, x: torch.Tensor, batch_dims: int, directions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Size]:
+    """``H_{b,i} v_j`` for every sample ``b``, output ``i`` and direction ``v_j`` (``(k,) +
+    x.shape``), shape ``(k, m, N, n)``, and ``f(x).shape``: JVPs of the per-sample gradients."""
+    grads = _Gradients(f, batch_dims)
+    with math_attention(), SafeDerivatives(3, "method='taylor' or 'grad-of-grad'"):
+        columns = ForwardJacobian(grads, x, batch_dims).apply(directions)
+    k, m = columns.shape[:2]
+    n_samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
+    return columns.reshape(k, m, n_samples, n), grads.y_shape
+
+
+def forward_over_reverse(
+    f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None
+) -> torch.Tensor:
+    n = event_numel(x, batch_dims)
+
+    def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
+        for start, stop in chunks(n, chunk_size or n):
+            directions = basis(start, stop, x, batch_dims)
+            columns, y_shape = hessian_products(f, x, batch_dims, directions)
+            j = torch.arange(stop - start, device=x.device)
+            yield columns[j, :, :, start + j].sum(0), y_shape  # (m, N): entries (start+j, start+j)
+
+    total, y_shape = summed(parts())
+    return total.T.reshape(y_shape)
+
+
+def summed(parts: Iterator[tuple[torch.Tensor, torch.Size]]) -> tuple[torch.Tensor, torch.Size]:
+    """The sum of the per-chunk ``(m, N)`` parts (at least one: ``x`` is not empty) and
+    ``f(x).shape``; parts are made one at a time, so one chunk's products are in memory."""
+    total, y_shape = next(parts)
+    for part, _ in parts:
+        total = total + part
+    return total, y_shape
+
+
+def zeros_like_output(f: Function, x: torch.Tensor) -> torch.Tensor:
+    """An empty input event: every Laplacian is an empty sum."""
+    with torch.no_grad():
+        return x.new_zeros(f(x).shape)
+
+
+def hessian(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
+    n = event_numel(x, batch_dims)
+    products = [
+        hessian_products(f, x, batch_dims, basis(start, stop, x, batch_dims))
+        for start, stop in chunks(n, chunk_size or n)
+    ]
+    hessians = torch.cat([columns for columns, _ in products]).permute(2, 1, 3, 0)  # (N, m, n, n)
+    return hessians.diagonal(dim1=-2, dim2=-1).sum(-1).reshape(products[-1][1])
+
+
+def hutchinson(
+    f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None, probes: torch.Tensor
+) -> torch.Tensor:
+    """``(1/r) sum_j v_j^T H v_j`` per sample and output: collapsed Taylor mode along the probes,
+    or Hessian-vector products dotted with the probes if an op has no Taylor rule."""
+    r = len(probes)
+    pieces = [probes[start:stop] for start, stop in chunks(r, chunk_size or r)]
+    out = collapsed_or_none(capture(f, x, RULES, batch_dims=batch_dims), x, iter(pieces))
+    if out is not None:
+        return out / r
+
+    def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
+        for v in pieces:
+            products, y_shape = hessian_products(f, x, batch_dims, v)  # (k, m, N, n)
+            k, _, n_samples, n = products.shape
+            yield (products * v.reshape(k, 1, n_samples, n)).sum((0, 3)), y_shape  # (m, N)
+
+    total, y_shape = summed(parts())
+    return (total / r).T.reshape(y_shape)
+
+
+BY_NAME: dict[str, Callable[[Function, torch.Tensor, int, int | None], torch.Tensor]] = {
+    "auto": auto,
+    "taylor": taylor,
+    "forward-over-reverse": forward_over_reverse,
+    "hessian": hessian,
+    "grad-of-grad": lambda f, x, batch_dims, _: grad_of_grad(f, x, batch_dims),
+}
