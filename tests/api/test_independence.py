@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import conv_net, tanh_mlp
@@ -104,3 +106,30 @@ def test_bad_input():
         torchdiv.check_batch_independence(torch.sin, torch.randn(3, 2), generator=0)
     with pytest.raises(ValueError, match=r"check_batch_independence: f\(x\) changed the batch"):
         torchdiv.check_batch_independence(lambda x: x.sum(0), torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("mixes", [True, False])
+def test_the_check_leaves_the_model_as_it_found_it(mixes):
+    """Train mode: a batch norm (which mixes samples) keeps its running statistics and batch
+    counter, and the dropout's draws are undone (the global random state), whether the check
+    raises or passes."""
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm1d(3)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), norm, torch.nn.Dropout(0.5))
+    if not mixes:
+        net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    context = pytest.raises(torchdiv.BatchInteractionError) if mixes else contextlib.nullcontext()
+    with context:
+        torchdiv.check_batch_independence(net, torch.randn(8, 3, generator=torch.Generator()))
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert net.training
+
+
+def test_the_error_shows_its_public_module():
+    assert torchdiv.BatchInteractionError.__module__ == "torchdiv"
+    assert repr(torchdiv.BatchInteractionError("m")) == "BatchInteractionError('m')"
+    assert "torchdiv.BatchInteractionError" in str(torchdiv.BatchInteractionError)

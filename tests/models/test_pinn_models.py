@@ -22,8 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchdiv
-from torchdiv._laplacian import methods as _laplacian
 from torchdiv._core.modes import SafeDerivatives
+from torchdiv._laplacian import methods as _laplacian
 
 f64 = torch.float64
 

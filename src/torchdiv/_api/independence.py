@@ -11,6 +11,7 @@ from torchdiv._core.checks import check_callable, check_generator, check_input, 
 from torchdiv._core.ddp import inner_backward, static_graph_owners
 from torchdiv._core.mixing import BatchInteractionError
 from torchdiv._core.modes import outside_inference_mode
+from torchdiv._exact.state import Changes
 
 TRIALS = 32
 
@@ -54,6 +55,9 @@ def check_batch_independence(
         generator: random source for the subsets and the noise; default: a fixed seed, so the
             check is reproducible.
 
+    The check leaves ``f`` as it found it: buffers ``f`` updates (a batch norm's running
+    statistics) and the random state it draws from are put back.
+
     Returns:
         ``None`` if no interaction is found.
 
@@ -78,13 +82,17 @@ def check_batch_independence(
     if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not 0 <= rtol < math.inf:
         raise ValueError(f"{fn}: rtol must be a finite number >= 0, got {rtol!r}")
     num = x.shape[:batch_dims].numel()
-    with torch.enable_grad():
-        x_in = x.detach().requires_grad_(True)
-        y = f(x_in)
-    check_output(fn, y, x, batch_dims)
-    if num < 2 or not y.requires_grad:
-        return
-    leak, scale = _leaks(y, x_in, num, generator or torch.Generator().manual_seed(0))
+    changes = Changes(x)  # f's own changes (batch norm statistics, random draws), undone
+    try:
+        with torch.enable_grad(), changes:
+            x_in = x.detach().requires_grad_(True)
+            y = f(x_in)
+        check_output(fn, y, x, batch_dims)
+        if num < 2 or not y.requires_grad:
+            return
+        leak, scale = _leaks(y, x_in, num, generator or torch.Generator().manual_seed(0))
+    finally:  # after the backward pass, which may need the statistics as f left them
+        changes.undo()
     receivers = (leak > rtol * scale).nonzero().flatten().tolist()
     if receivers:
         raise BatchInteractionError(_message(fn, f, receivers, float(leak.max()), scale))

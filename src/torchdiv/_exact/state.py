@@ -92,6 +92,10 @@ class Changes(TorchDispatchMode):
 
         return f_again
 
+    def undo(self) -> None:
+        """Put back the state from before the first watched evaluation."""
+        self._put(before=True)
+
     def _put(self, before: bool) -> None:
         values = [b for _, b in self.written] if before or self.after is None else self.after
         with torch.no_grad():
