@@ -214,3 +214,18 @@ def test_the_load_warning_compares_the_load_average_with_the_cpus(monkeypatch, l
     assert (warning is not None) == warned
     if warned:
         assert "load average 9.0 on 2 CPUs" in warning
+
+
+def test_plot_styles_tell_every_method_apart():
+    """Eleven torchdiv methods and five baselines (more than the quick suite has): no two
+    methods share a colour, no two baselines a style, and no baseline looks like a method."""
+    from torchdiv._bench.plot import _styles
+
+    rows = [{"label": f"ours {i}", "baseline": False} for i in range(11)]
+    rows += [{"label": f"theirs {i}", "baseline": True} for i in range(5)]
+    styles = _styles(rows)  # type: ignore[arg-type]
+    colours = [styles[f"ours {i}"]["color"] for i in range(11)]
+    assert len(set(colours)) == 11
+    looks = [(s["color"], s["linestyle"], s["marker"]) for k, s in styles.items() if "theirs" in k]
+    assert len(set(looks)) == 5
+    assert not {c for c, _, _ in looks} & set(colours)

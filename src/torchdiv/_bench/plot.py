@@ -1,8 +1,7 @@
-"""The PNG: time and peak memory against D for every method, log scales, baselines grey/dashed."""
+"""The PNG: time and peak memory against D for every method, log scales, baselines dashed."""
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,14 +10,23 @@ from torchdiv._bench.report import Row, describe, groups
 if TYPE_CHECKING:  # matplotlib is imported when plotting (the bench extra)
     from matplotlib.artist import Artist
 
-BASELINE_STYLE = {"color": "0.55", "linestyle": "--", "linewidth": 1.3}
+# torchdiv's methods: solid lines, one colour each (tab10, then its light shades)
+COLOURS = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
+    "#17becf", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+)  # fmt: skip
+# the baselines: thin dark lines, each with its own dash pattern, grey and marker
+DASHES = ((0, (5, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)), (0, (3, 1, 1, 1, 1, 1)))
+GREYS = ("0.15", "0.4", "0.6")
+MARKERS = "s^vDPX<>"
 
 
 def plot(rows: list[Row], info: dict[str, Any], path: Path) -> None:
     """One row of two panels (time, memory) per operator and family; a shared legend.
 
-    torchdiv's methods are coloured solid lines, the hand-written baselines grey dashed lines
-    with their own markers; methods that were not timed (WRONG, skipped, error) are absent.
+    torchdiv's methods are coloured solid lines, the hand-written baselines dark dashed lines,
+    each with its own dashes and marker (``_styles``); methods that were not timed (WRONG,
+    skipped, error) are absent.
     """
     import matplotlib
 
@@ -79,22 +87,22 @@ def plot(rows: list[Row], info: dict[str, Any], path: Path) -> None:
 
 
 def _styles(rows: list[Row]) -> dict[str, dict[str, Any]]:
-    """One style per method label: colours for torchdiv, grey dashes for baselines."""
-    colours = itertools.cycle(["C0", "C1", "C2", "C3", "C4", "C5", "C6"])
-    markers = itertools.cycle("s^vDPX")
+    """One style per method label, no two alike: a colour of its own for each torchdiv method
+    (solid, round markers), and for each baseline its own dash pattern, grey and marker."""
+    labels = {row["label"]: row["baseline"] for row in rows}  # first seen first
+    ours = [label for label, baseline in labels.items() if not baseline]
+    theirs = [label for label, baseline in labels.items() if baseline]
     styles: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        if row["label"] in styles:
-            continue
-        if row["baseline"]:
-            styles[row["label"]] = {**BASELINE_STYLE, "marker": next(markers)}
-        else:
-            styles[row["label"]] = {
-                "color": next(colours),
-                "marker": "o",
-                "linewidth": 2,
-                "zorder": 3,
-            }
+    for i, label in enumerate(ours):
+        colour = COLOURS[i % len(COLOURS)]
+        styles[label] = {"color": colour, "marker": "o", "linewidth": 2, "zorder": 3}
+    for i, label in enumerate(theirs):
+        styles[label] = {
+            "color": GREYS[i % len(GREYS)],
+            "linestyle": DASHES[i % len(DASHES)],
+            "marker": MARKERS[i % len(MARKERS)],
+            "linewidth": 1.3,
+        }
     return styles
 
 
