@@ -117,6 +117,7 @@ def test_model_by_import_path(tmp_path, spec):
     assert [(r["family"], r["dim"], r["status"]) for r in rows] == [("model", 6, "ok")] * 2
 
 
+@pytest.mark.slow
 def test_the_module_entry_point_benchmarks_a_user_module():
     argv = ["--model", "bench_model:TinyField", "--shape", "6", *TINY, "--methods", "auto,loop"]
     out = subprocess.run(
@@ -130,6 +131,7 @@ def test_the_module_entry_point_benchmarks_a_user_module():
     assert "USDT" not in out.stderr  # the profiler's C++ log lines are silenced
 
 
+@pytest.mark.slow
 def test_the_entry_point_waits_passively(tmp_path):
     """End to end: without OMP_WAIT_POLICY, the command runs again with it set to PASSIVE."""
     out = tmp_path / "b.json"

@@ -24,6 +24,7 @@ def run(script: str, *args: str, cwd: Path | None = None) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_cnf_2d_trains_and_writes_the_png_in_the_ignored_examples_out(tmp_path):
     out = EXAMPLES / "out" / "cnf_2d.png"  # the default, git-ignored
     out.unlink(missing_ok=True)
@@ -33,6 +34,7 @@ def test_cnf_2d_trains_and_writes_the_png_in_the_ignored_examples_out(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing left where it was run from
 
 
+@pytest.mark.slow
 def test_pf_ode_likelihood_prints_the_table():
     stdout = run(
         "pf_ode_likelihood.py", "--train-steps", "2", "--batch", "2", "--num-probes", "6",
@@ -44,6 +46,7 @@ def test_pf_ode_likelihood_prints_the_table():
     assert all(abs(b - bits[0]) < 0.5 for b in bits)  # every method near the exact bits/dim
 
 
+@pytest.mark.slow
 def test_diffusion_bits_per_dim_prints_the_table():
     pytest.importorskip("diffusers")
     stdout = run(

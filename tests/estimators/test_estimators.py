@@ -326,6 +326,7 @@ class TestTolerance:
         assert est.num_probes == 32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_one_sample_at_a_time_lands_within_two_rtol(method):
     """One sample per call, so that no sample keeps drawing while a slower one converges (a

@@ -335,6 +335,7 @@ def test_augmented_dynamics_is_what_log_likelihood_solves():
     torch.testing.assert_close(actual, expected)
 
 
+@pytest.mark.slow
 def test_import_torchdiv_does_not_need_torchdiffeq():
     code = "import sys; sys.modules['torchdiffeq'] = None; import torchdiv; torchdiv.flows.__all__"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

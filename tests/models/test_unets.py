@@ -168,6 +168,7 @@ def test_tolerance_mode_and_the_stochastic_diagonal(problem, exact):
     assert_close(diag.flatten(1).sum(1), trace)
 
 
+@pytest.mark.slow
 def test_pf_ode_bits_per_dim_with_hutchinson_within_3_standard_errors(problem):
     """Bits/dim along the probability-flow ODE (t from 1 to 0.5, one rk4 step)."""
     n = problem.x[0].numel()
@@ -192,6 +193,7 @@ def test_pf_ode_bits_per_dim_with_hutchinson_within_3_standard_errors(problem):
     )
 
 
+@pytest.mark.slow
 def test_cross_attention_unet2d_condition_model():
     """diffusers' conditional U-Net (cross-attention to a context, as text-to-image models
     use): the context is closed over; exact and estimated divergence against the loop."""
