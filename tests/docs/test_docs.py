@@ -36,3 +36,12 @@ def test_reference_uses_public_paths_only():
     """A private module path would break when the layout moves (and shows the wrong name)."""
     private = sorted(n for n in documented() if any(p.startswith("_") for p in n.split(".")))
     assert not private, private
+
+
+def test_public_docstrings_use_examples_sections():
+    """The reference renders an ``Examples:`` section as code; an ``Example:`` heading would be
+    an admonition whose ``>>>`` lines run together into one paragraph of text."""
+    objects = [getattr(torchdiv, n) for n in torchdiv.__all__]
+    objects += [getattr(flows, n) for n in flows.__all__]
+    wrong = [o.__name__ for o in objects if re.search(r"^\s*Example:\s*$", o.__doc__ or "", re.M)]
+    assert not wrong, wrong
