@@ -1,6 +1,7 @@
 # Two entry points: `make demo` (the main job) and `make test` (ruff, pytest with the type checks,
 # doctests). Each creates .venv if missing and installs the CPU build of torch==2.13.0 first, so a
 # plain `torch` requirement never pulls a multi-GB CUDA build; the package itself asks for torch>=2.4.
+# `make docs` builds the documentation site into site/ (CI runs it after `make test`).
 # Both install the `dev`, `bench`, `ode` and `models` extras: the CLI tests run the benchmark
 # (rich, matplotlib), the flows tests and examples solve ODEs (torchdiffeq), the type checks need
 # mypy and basedpyright, the U-Net tests and the diffusion example build diffusers models.
@@ -9,6 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.torchdiv-installed
+DOCS_STAMP := $(VENV)/.torchdiv-docs-installed
 
 # On Linux, PyPI's torch wheel is the CUDA build and the CPU build (version 2.13.0+cpu) is on
 # PyTorch's CPU index; elsewhere PyPI's wheel is the CPU build. Where that index cannot be reached
@@ -24,7 +26,7 @@ TORCH := torch==2.13.0$(if $(filter Linux,$(shell uname -s)),+cpu)
 OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench lint docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +35,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench examples
-	$(VENV)/bin/ruff format --check src tests bench examples
+	$(VENV)/bin/ruff check src tests bench examples docs/_hooks.py
+	$(VENV)/bin/ruff format --check src tests bench examples docs/_hooks.py
 
 test: lint
 	$(PY) -m pytest
@@ -48,5 +50,16 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/divergence_exact.py
 
+# The site: mkdocs with the material theme, the API reference by mkdocstrings from the
+# docstrings. Strict: a warning (a broken link or anchor, an unresolved API name, a docstring
+# parameter not in the signature) fails the build. The `docs` extra is installed on top of the
+# test set-up, with torch pinned as it is.
+$(DOCS_STAMP): $(STAMP)
+	$(PIP) install --quiet '$(TORCH)' -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) build site src/*.egg-info .pytest_cache .ruff_cache .mypy_cache

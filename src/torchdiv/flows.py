@@ -146,15 +146,19 @@ class AugmentedDynamics(nn.Module):
             samples must be independent (see ``torchdiv.check_batch_independence``).
         x: a tensor shaped like the state ``z`` (batch and event), for the probes.
         batch_dims: number of leading batch dimensions of ``x``.
-        method, num_probes, probe, probes, generator, chunk_size: as in
-            ``torchdiv.divergence``; ``probes`` drawn by ``torchdiv.draw_probes`` replace
+        method: as in ``torchdiv.divergence``.
+        num_probes: as in ``torchdiv.divergence``.
+        probe: as in ``torchdiv.divergence``.
+        probes: as in ``torchdiv.divergence``: drawn by ``torchdiv.draw_probes``, they replace
             ``probe``/``generator``.
+        generator: as in ``torchdiv.divergence``.
+        chunk_size: as in ``torchdiv.divergence``.
 
     Raises:
         TypeError, ValueError: as ``torchdiv.divergence`` for the options; when called, if
             ``f(t, z)`` is not a tensor shaped like ``z`` with its dtype.
 
-    Example:
+    Examples:
         >>> from torchdiffeq import odeint
         >>> A = torch.tensor([[0.5, 1.0], [0.0, -2.0]], dtype=torch.float64)
         >>> x = torch.randn(3, 2, dtype=torch.float64)
@@ -362,7 +366,8 @@ def log_likelihood(
             ``x``'s dtype; an ``nn.Module`` for ``adjoint=True``. Samples must be independent.
         x: data points, a floating tensor with ``batch_dims`` leading batch dimensions and any
             event shape (vectors, images ``(B, C, H, W)``, ...).
-        t0, t1: the base and data times: floats or 0-dim tensors, ``t0 != t1``.
+        t0: the base time (of ``base_log_prob``): a float or a 0-dim tensor.
+        t1: the data time (of ``x``): a float or a 0-dim tensor, ``t1 != t0``.
         base_log_prob: ``z -> log p_{t0}(z)`` per sample, shape ``x.shape[:batch_dims]``.
         batch_dims: number of leading batch dimensions of ``x``.
         method: ``"auto"``, ``"structured"``, ``"forward"``, ``"reverse"`` (exact
@@ -371,7 +376,8 @@ def log_likelihood(
             ``"hutch++"``, ``"xtrace"``.
         num_probes: Jacobian-vector products per sample and function evaluation (stochastic).
         generator: ``torch.Generator`` for the probes (same state, same result).
-        rtol, atol: the solver's tolerances (adaptive solvers).
+        rtol: the solver's relative tolerance (adaptive solvers).
+        atol: the solver's absolute tolerance (adaptive solvers).
         solver: a ``torchdiffeq`` method: ``"dopri5"``, ``"rk4"``, ``"euler"``, ...
         return_stderr: also return the standard error of the estimate.
         probe: probe distribution, ``"rademacher"``, ``"gaussian"`` or ``"sphere"``; default
@@ -397,7 +403,7 @@ def log_likelihood(
             like ``z``, ``base_log_prob(z)`` not of shape ``x.shape[:batch_dims]``.
         BatchInteractionError: ``f`` mixes samples (see ``torchdiv.jacobian``).
 
-    Example:
+    Examples:
         >>> import math
         >>> A = torch.tensor([[0.5, 1.0], [0.0, -2.0]], dtype=torch.float64)
         >>> x = torch.randn(4, 2, dtype=torch.float64)

@@ -1,4 +1,5 @@
-"""The README's python examples: each block runs on its own, as a reader would paste it."""
+"""The python examples of the README and of the documentation site (``docs/``): each block runs
+on its own, as a reader would paste it, and the links between the pages lead somewhere."""
 
 from __future__ import annotations
 
@@ -9,35 +10,53 @@ from pathlib import Path
 import pytest
 import torch
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+DOCUMENTS = (README, *sorted((ROOT / "docs").rglob("*.md")))
 
 
-def python_blocks() -> list[str]:
-    """The README's ```python blocks, in order."""
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+def python_blocks(document: Path = README) -> list[str]:
+    """The ```python blocks of ``document``, in order."""
+    return re.findall(r"```python\n(.*?)```", document.read_text(), re.S)
+
+
+def examples() -> list[tuple[Path, int]]:
+    """Every python block of every document, as ``(document, index)``."""
+    return [(doc, i) for doc in DOCUMENTS for i in range(len(python_blocks(doc)))]
+
+
+def example_name(document: Path, index: int) -> str:
+    """``docs/guide/flows.md`` block 2 -> ``docs_guide_flows_2`` (an identifier)."""
+    stem = document.relative_to(ROOT).with_suffix("").as_posix()
+    return f"{re.sub(r'[^0-9a-zA-Z]', '_', stem).lower()}_{index + 1}"
 
 
 @functools.cache
-def run_block(index: int) -> dict[str, object]:
-    """Block ``index`` run alone in a fresh namespace (once per test session)."""
-    namespace: dict[str, object] = {"__name__": f"readme_block_{index + 1}"}
-    exec(compile(python_blocks()[index], f"README.md python block {index + 1}", "exec"), namespace)
+def run_block(document: Path, index: int) -> dict[str, object]:
+    """Block ``index`` of ``document`` run alone in a fresh namespace (once per session)."""
+    source = python_blocks(document)[index]
+    namespace: dict[str, object] = {"__name__": example_name(document, index)}
+    where = f"{document.relative_to(ROOT)} python block {index + 1}"
+    exec(compile(source, where, "exec"), namespace)
     return namespace
 
 
-def test_readme_has_its_examples():
-    assert len(python_blocks()) >= 4, "README.md lost its python examples"
+def test_readme_has_its_quickstart_and_docs_their_examples():
+    assert len(python_blocks(README)) >= 1, "README.md lost its quickstart"
+    assert len(examples()) >= 10, "the documentation lost its python examples"
 
 
 # the diffusers block: PyTorch warns that vmap over CPU fused attention's backward loops
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
-@pytest.mark.parametrize("index", range(len(python_blocks())))
-def test_block_runs_on_its_own(index):
-    run_block(index)
+@pytest.mark.parametrize(
+    ("document", "index"), examples(), ids=[example_name(d, i) for d, i in examples()]
+)
+def test_block_runs_on_its_own(document, index):
+    run_block(document, index)
 
 
 def test_quickstart_shapes_and_gradients():
-    ns = run_block(0)
+    ns = run_block(README, 0)
     assert ns["div"].shape == (128,) and ns["jac"].shape == (128, 3, 3)
     assert ns["net"][0].weight.grad is not None
     assert ns["est"].shape == (128,) and ns["lap"].shape == (128, 1)
@@ -46,15 +65,26 @@ def test_quickstart_shapes_and_gradients():
 def test_stochastic_block_reports_finite_standard_errors():
     """Every estimate the block shows has a standard error (Hutch++ with one residual term
     would have none: nan)."""
-    ns = run_block(next(i for i, b in enumerate(python_blocks()) if "hutch++" in b))
+    ns = run_block(*next((d, i) for d, i in examples() if "hutch++" in python_blocks(d)[i]))
     for name in ("est", "adaptive"):
         assert torch.isfinite(ns[name].stderr).all(), name
 
 
-def test_relative_links_point_to_files_in_the_repository():
-    root = README.parent.resolve()
-    for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", README.read_text()):
-        if "://" in target:
-            continue
-        path = (root / target).resolve()
-        assert path.is_relative_to(root) and path.exists(), target
+def relative_links(document: Path) -> list[str]:
+    """The targets of ``document``'s markdown links that are paths, anchors cut off."""
+    targets = re.findall(r"\]\(([^)#\s]+)[^)]*\)", document.read_text())
+    return [t for t in targets if "://" not in t]
+
+
+def test_readme_links_point_to_files_in_the_repository():
+    for target in relative_links(README):
+        path = (ROOT / target).resolve()
+        assert path.is_relative_to(ROOT) and path.exists(), target
+
+
+@pytest.mark.parametrize("document", DOCUMENTS[1:], ids=lambda d: d.name)
+def test_docs_links_to_pages_point_to_pages(document):
+    """Links between pages (the strict site build checks the rest, anchors included)."""
+    for target in relative_links(document):
+        if target.endswith(".md"):
+            assert (document.parent / target).resolve().is_file(), f"{document}: {target}"

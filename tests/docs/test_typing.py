@@ -1,6 +1,6 @@
 """mypy (strict, pyproject.toml) and pyright (basedpyright, standard mode) report no error on
-the package, on the README's python examples and on ``typed_usage.py`` (which pins, e.g.,
-that ``flows.log_likelihood``'s return type follows ``return_stderr``).
+the package, on the python examples of the README and of ``docs/`` and on ``typed_usage.py``
+(which pins, e.g., that ``flows.log_likelihood``'s return type follows ``return_stderr``).
 
 The two checkers run side by side; mypy keeps its cache in ``.mypy_cache`` (a cold run takes
 about half a minute, most of it reading torch's annotations).
@@ -13,18 +13,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_readme import python_blocks
+from test_readme import example_name, examples, python_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    folder = tmp_path_factory.mktemp("readme")
+    folder = tmp_path_factory.mktemp("examples")
     files = []
-    for i, block in enumerate(python_blocks()):
-        path = folder / f"readme_block_{i + 1}.py"
-        path.write_text(block)
+    for document, i in examples():
+        path = folder / f"{example_name(document, i)}.py"
+        path.write_text(python_blocks(document)[i])
         files.append(str(path))
     return ["src/torchdiv", str(ROOT / "tests" / "typed_usage.py"), *files]
 

@@ -100,7 +100,7 @@ def graph_jacobian(
         BatchInteractionError: the graph holds a train-mode batch norm, or ``x`` has no event
             dimensions and ``y``'s samples depend on each other (module docstring).
 
-    Example:
+    Examples:
         >>> x = torch.randn(4, 3, requires_grad=True)
         >>> y = x.sin()
         >>> torch.allclose(graph_jacobian(y, x)[0], torch.diag(x[0].cos()))
@@ -139,7 +139,10 @@ def graph_divergence(
             ``"hutch++"``, ``"xtrace"`` (stochastic).
         create_graph: keep the result differentiable (e.g. a CNF or score-matching loss).
         chunk_size: at most this many VJPs in flight at once; ``None``: all of them.
-        num_probes, generator, probe, probes: as in ``divergence``, stochastic methods only.
+        num_probes: as in ``divergence``, stochastic methods only.
+        generator: as in ``divergence``, stochastic methods only.
+        probe: as in ``divergence``, stochastic methods only.
+        probes: as in ``divergence``, stochastic methods only.
 
     Returns:
         Shape ``x.shape[:batch_dims]``.
@@ -149,7 +152,7 @@ def graph_divergence(
             non-square per-sample Jacobian.
         BatchInteractionError: as ``graph_jacobian``.
 
-    Example:
+    Examples:
         >>> x = torch.randn(5, 3, requires_grad=True)
         >>> torch.allclose(graph_divergence(x**2, x), 2 * x.sum(-1))
         True
@@ -199,7 +202,7 @@ def graph_laplacian(
     Raises:
         ValueError, TypeError: as ``graph_jacobian``; also bad ``coordinates``.
 
-    Example:
+    Examples:
         >>> x = torch.randn(5, 2, requires_grad=True)
         >>> y = x[:, 0] ** 2 * x[:, 1] ** 3                 # Δy = 2 x1³ + 6 x0² x1
         >>> expected = 2 * x[:, 1] ** 3 + 6 * x[:, 0] ** 2 * x[:, 1]

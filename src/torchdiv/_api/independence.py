@@ -67,7 +67,7 @@ def check_batch_independence(
             attention or pooling over the batch dimension).
         TypeError, ValueError: bad ``f``, ``x``, ``batch_dims``, ``rtol`` or ``generator``.
 
-    Example:
+    Examples:
         >>> check_batch_independence(torch.nn.Linear(3, 3), torch.randn(4, 3))
         >>> bn = torch.nn.BatchNorm1d(3)  # train mode: normalises with batch statistics
         >>> check_batch_independence(bn, torch.randn(4, 3))

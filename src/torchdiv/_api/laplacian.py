@@ -118,7 +118,7 @@ def laplacian(
         BatchInteractionError: ``f`` mixes samples (seen by the Taylor recorder of ``"auto"``,
             ``"taylor"`` and ``"hutchinson"``; see ``torchdiv.jacobian``).
 
-    Example:
+    Examples:
         >>> x = torch.randn(5, 3, dtype=torch.float64)
         >>> u = lambda x: torch.sin(x[:, 0]) * x[:, 1] ** 2   # Δu = -sin(x0) x1^2 + 2 sin(x0)
         >>> expected = torch.sin(x[:, 0]) * (2 - x[:, 1] ** 2)

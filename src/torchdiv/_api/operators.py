@@ -88,7 +88,7 @@ def jacobian(
         Exception: whatever ``f`` raises, same type, its message followed by the call's
             shapes, dtypes, method and engine and a hint (``raise ... from`` the original).
 
-    Example:
+    Examples:
         >>> A = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
         >>> x = torch.randn(4, 2)
         >>> jacobian(lambda x: x @ A.T, x).shape
@@ -132,10 +132,15 @@ def jacobian_diagonal(
     ``sum_{l != i} J_il v_i v_l / m``, small when ``J`` is diagonally dominant.
 
     Args:
-        f, x, batch_dims, method, chunk_size: as in ``jacobian``; ``method`` may also be
-            ``"structured"`` or ``"hutchinson"``. ``f(x)`` must have as many elements per
-            sample as ``x``.
-        num_probes, probe, probes, generator: as in ``divergence``, for ``"hutchinson"`` only.
+        f: as in ``jacobian``; ``f(x)`` must have as many elements per sample as ``x``.
+        x: as in ``jacobian``.
+        batch_dims: as in ``jacobian``.
+        method: as in ``jacobian``, or ``"structured"``, or ``"hutchinson"`` (an estimate).
+        chunk_size: as in ``jacobian``.
+        num_probes: as in ``divergence``, for ``"hutchinson"`` only.
+        probe: as in ``divergence``, for ``"hutchinson"`` only.
+        probes: as in ``divergence``, for ``"hutchinson"`` only.
+        generator: as in ``divergence``, for ``"hutchinson"`` only.
 
     Returns:
         Shape ``x.shape``, dtype and device of ``x``.
@@ -146,7 +151,7 @@ def jacobian_diagonal(
         BatchInteractionError: ``f`` mixes samples, see ``jacobian``.
         NotImplementedError: ``method="structured"`` met an op it has no rule for.
 
-    Example:
+    Examples:
         >>> x = torch.randn(3, 5)
         >>> torch.allclose(jacobian_diagonal(lambda x: x**2, x), 2 * x)
         True
@@ -198,13 +203,13 @@ def divergence(
     has no rule for.
 
     Rule for ``method="auto"``: ``"structured"`` whenever it can run ``f``, unless the
-    problem is tiny (event size x elements of ``x`` at most 2**12: recording ``f`` would
+    problem is tiny (event size x elements of ``x`` at most ``2**12``: recording ``f`` would
     cost more than the whole computation); otherwise
     (measured on CPU, see ``torchdiv._exact.plan``) one evaluation of ``f`` is watched and reverse
     mode is used unless the output has more elements than the input or ``f`` convolves,
     which use forward mode. With ``chunk_size=None`` the chunk is chosen so that chunk x
     (widest per-batch intermediate) is about 2M elements. Tiny problems (basis vectors x
-    elements of ``x`` at most 2**15) are not watched: reverse mode (forward if the output
+    elements of ``x`` at most ``2**15``) are not watched: reverse mode (forward if the output
     is larger), one chunk. If ``torch.func`` cannot run ``f`` (an op without a forward-mode
     rule: a custom ``autograd.Function`` without ``jvp``, CPU fused attention; a legacy
     ``autograd.Function``; in-place writes or control flow on batched tangents) it silently
@@ -240,7 +245,7 @@ def divergence(
         BatchInteractionError: ``f`` mixes samples, see ``jacobian``.
         NotImplementedError: ``method="structured"`` met an op it has no rule for.
 
-    Example:
+    Examples:
         >>> A = torch.tensor([[2.0, 1.0], [7.0, -5.0]])
         >>> divergence(lambda x: x @ A.T, torch.randn(3, 2))  # tr(A) for every sample
         tensor([-3., -3., -3.])
@@ -297,10 +302,17 @@ def estimate_divergence(
     mode (a large event costs the exact ``method="auto"`` only ``n`` products: compare).
 
     Args:
-        f, x, batch_dims, chunk_size, probe, probes, generator: as in ``divergence``.
+        f: as in ``divergence``.
+        x: as in ``divergence``.
+        batch_dims: as in ``divergence``.
+        chunk_size: as in ``divergence``.
+        probe: as in ``divergence``.
+        probes: as in ``divergence``.
+        generator: as in ``divergence``.
         method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
         num_probes: products per sample (per block with ``rtol``/``atol``).
-        rtol, atol: target standard error, relative to ``|estimate|`` and absolute.
+        rtol: target standard error, relative to ``|estimate|``.
+        atol: target standard error, absolute.
         max_probes: the most products per sample the tolerance mode may spend.
 
     Returns:
@@ -313,7 +325,7 @@ def estimate_divergence(
             ``rtol``/``atol`` given, ``max_probes`` below one block, ``probes`` with
             ``rtol``/``atol``.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 8))

@@ -81,10 +81,13 @@ def weighted_laplacian(
         diffusion: ``A``, shape ``(n, n)`` or ``x.shape[:batch_dims] + (n, n)``, ``n`` the
             event's number of elements. Only its symmetric part matters. Indefinite is fine.
         sigma: ``S``, shape ``(n, k)`` or ``x.shape[:batch_dims] + (n, k)``.
-        batch_dims, method, chunk_size: as in ``laplacian`` (``chunk_size`` bounds the
-            directions in flight); ``"hutchinson"`` estimates with probes ``S v``.
-        num_probes, generator, probe: ``"hutchinson"`` only, as in ``laplacian`` (an
-            indefinite ``A`` spends ``num_probes`` on each sign).
+        batch_dims: as in ``laplacian``.
+        method: as in ``laplacian``; ``"hutchinson"`` estimates with probes ``S v``.
+        chunk_size: as in ``laplacian``; it bounds the directions in flight.
+        num_probes: ``"hutchinson"`` only, as in ``laplacian``; an indefinite ``A`` spends
+            ``num_probes`` on each sign.
+        generator: ``"hutchinson"`` only, as in ``laplacian``.
+        probe: ``"hutchinson"`` only, as in ``laplacian``.
 
     Returns:
         Shape ``x.shape[:batch_dims] + y.shape[batch_dims:]``, dtype of ``x``; differentiable
@@ -94,7 +97,7 @@ def weighted_laplacian(
         TypeError, ValueError: as ``laplacian``; also neither or both of ``diffusion`` and
             ``sigma``, or either of the wrong shape or dtype.
 
-    Example:
+    Examples:
         >>> x = torch.randn(4, 2, dtype=torch.float64)
         >>> u = lambda x: x[:, 0] ** 2 * x[:, 1]      # ∇²u = [[2 x1, 2 x0], [2 x0, 0]]
         >>> a = torch.tensor([[1.0, 0.5], [0.5, 3.0]], dtype=torch.float64)
@@ -211,7 +214,9 @@ def biharmonic(
     ``"forward-over-reverse"`` Hessian-vector products of Hessian-vector products.
 
     Args:
-        f, x, batch_dims: as in ``laplacian``.
+        f: as in ``laplacian``.
+        x: as in ``laplacian``.
+        batch_dims: as in ``laplacian``.
         method: ``"auto"``, ``"taylor"`` or ``"forward-over-reverse"``, used for both levels
             (``"auto"``: ``"taylor"``, or ``"forward-over-reverse"`` where an op has no Taylor
             rule; Taylor in Taylor measured 2.4-5.3x faster than nested forward-over-reverse
@@ -224,7 +229,7 @@ def biharmonic(
     Raises:
         TypeError, ValueError, NotImplementedError: as ``laplacian``.
 
-    Example:
+    Examples:
         >>> x = torch.randn(3, 4, dtype=torch.float64)
         >>> r4 = lambda x: x.square().sum(-1) ** 2   # Δ²|x|⁴ = 8 n (n + 2)
         >>> torch.allclose(biharmonic(r4, x), torch.full((3,), 8.0 * 4 * 6, dtype=x.dtype))
@@ -287,7 +292,9 @@ def value_grad_laplacian(
         local_energy = -0.5 * (out.laplacian + out.gradient.square().sum(-1)) + V(x)
 
     Args:
-        f, x, batch_dims: as in ``laplacian``.
+        f: as in ``laplacian``.
+        x: as in ``laplacian``.
+        batch_dims: as in ``laplacian``.
         method: ``"auto"`` (the Taylor engine, or ``f(x)``, ``jacobian`` and
             ``"forward-over-reverse"`` separately where an op has no Taylor rule; at one or
             two inputs and small batches the loop of backward passes, as ``laplacian``),
@@ -302,7 +309,7 @@ def value_grad_laplacian(
     Raises:
         TypeError, ValueError, NotImplementedError: as ``laplacian``.
 
-    Example:
+    Examples:
         >>> x = torch.randn(5, 3, dtype=torch.float64)
         >>> out = value_grad_laplacian(lambda x: x.square().sum(-1), x)
         >>> torch.allclose(out.gradient, 2 * x), torch.allclose(out.laplacian, 6 + 0 * out.value)

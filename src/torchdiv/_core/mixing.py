@@ -70,7 +70,7 @@ def allow_batch_interaction() -> Iterator[None]:
     ``f`` then measure cross-sample terms too (e.g. column sums of the whole batch's
     Jacobian for an empty event), which is what you want only if you know why.
 
-    Example:
+    Examples:
         >>> import torchdiv
         >>> bn = torch.nn.BatchNorm1d(3)  # train mode: normalises with batch statistics
         >>> torchdiv.divergence(bn, torch.randn(4, 3))

@@ -111,7 +111,7 @@ def draw_probes(
         TypeError, ValueError: bad ``x``/``batch_dims``, unknown ``method`` or ``probe``,
             ``num_probes`` not a positive multiple of what ``method`` needs.
 
-    Example:
+    Examples:
         >>> x = torch.randn(8, 3, 4, 4)
         >>> draw_probes(x, 6, method="hutch++").shape  # 2 sketch + 2 residual vectors
         torch.Size([4, 8, 3, 4, 4])

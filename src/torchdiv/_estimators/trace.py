@@ -292,7 +292,8 @@ def estimate_trace(
             instead of ``probe``/``generator``; same probes, same operator -> same estimate.
         generator: ``torch.Generator`` for the probes (same state -> same estimate).
         chunk_size: at most this many vectors per ``matmat`` call; ``None``: all at once.
-        rtol, atol: target standard error, relative to ``|estimate|`` and absolute.
+        rtol: target standard error, relative to ``|estimate|``.
+        atol: target standard error, absolute.
         max_probes: the most products per sample the tolerance mode may spend.
 
     Returns:
@@ -308,7 +309,7 @@ def estimate_trace(
             ``probes`` with ``probe``, ``generator`` or ``rtol``/``atol``; ``matmat(V)`` not
             shaped like ``V``.
 
-    Example:
+    Examples:
         >>> A = torch.randn(4, 6, 3, dtype=torch.float64) @ torch.randn(4, 3, 6).double()
         >>> matmat = lambda V: torch.einsum("bij,kbj->kbi", A, V)  # 4 matrices of rank 3
         >>> like = torch.zeros(4, 6, dtype=torch.float64)

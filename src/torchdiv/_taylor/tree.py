@@ -16,7 +16,7 @@ from typing import Any
 def leaves(tree: Any) -> list[Any]:
     """The leaves of ``tree``, depth first.
 
-    Example:
+    Examples:
         >>> leaves((1, [2, {"a": 3}], "b"))
         [1, 2, 3, 'b']
     """
@@ -40,7 +40,7 @@ def _collect(tree: Any, out: list[Any]) -> None:
 def map_leaves(fn: Callable[[Any], Any], tree: Any) -> Any:
     """``tree`` with every leaf ``v`` replaced by ``fn(v)``, containers rebuilt.
 
-    Example:
+    Examples:
         >>> map_leaves(lambda v: v * 10, (1, [2, {"a": 3}]))
         (10, [20, {'a': 30}])
     """
