@@ -349,3 +349,67 @@ def run_pairs(
                 w.join()
         remaining = remaining[done:]
     return outcomes
+
+
+# Sharded operators (torchdiv.distributed): every rank holds the whole batch and a share of the
+# directions. A case is (operator, method, model, wrapper): wrapper "ddp" lets DDP average the
+# gradients, "none" averages them by hand (the rule the module documents).
+SHARDED = [
+    *[("divergence", m, "conv", "none") for m in ("auto", "structured", "forward", "reverse")],
+    ("divergence", "auto", "mlp", "none"),
+    ("divergence", "hutchinson", "conv", "none"),
+    ("divergence", "auto", "conv", "ddp"),
+    ("laplacian", "auto", "mlp", "none"),
+    ("laplacian", "auto", "conv", "ddp"),
+]
+HUTCHINSON_PROBES = 5  # not a multiple of the ranks: shares of 2 and 3
+
+
+def sharded_value(f: Callable, x: torch.Tensor, op: str, method: str, sharded: bool):
+    """The operator of ``f`` at ``x``, by ``torchdiv.distributed`` or (not ``sharded``) in one
+    process."""
+    module = torchdiv.distributed if sharded else torchdiv
+    if op == "laplacian":
+        return module.laplacian(f, x)
+    options: dict = {"method": method}
+    if method == "hutchinson":
+        options.update(num_probes=HUTCHINSON_PROBES, generator=torch.Generator().manual_seed(3))
+    return module.divergence(f, x, **options)
+
+
+def run_sharded(case, rank: int) -> tuple[str, object]:
+    """``("ok", (every rank's values, rank-averaged gradients))`` or ``("error", message)``."""
+    import torch.distributed as dist
+
+    op, method, model_name, wrapper = case
+    try:
+        model = make_model(model_name, False)
+        if wrapper == "ddp":
+            model = nn.parallel.DistributedDataParallel(model)
+        value = sharded_value(model, batch(model_name), op, method, sharded=True)
+        value.square().mean().backward()
+        grads = []
+        for p in model.parameters():
+            grad = torch.zeros_like(p) if p.grad is None else p.grad
+            if wrapper != "ddp":  # what DDP does: the mean over the ranks
+                dist.all_reduce(grad)
+                grad /= WORLD
+            grads.append(grad.flatten().tolist())
+        values: list = [None] * WORLD
+        dist.all_gather_object(values, value.detach().flatten().tolist())
+        result: tuple[str, object] = ("ok", (values, grads))
+    except Exception as error:
+        result = ("error", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
+    flags = [None] * WORLD
+    dist.all_gather_object(flags, result[0])
+    return result
+
+
+def sharded_reference(case) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One process's value and parameter gradients."""
+    op, method, model_name, _ = case
+    model = make_model(model_name, False)
+    value = sharded_value(model, batch(model_name), op, method, sharded=False)
+    value.square().mean().backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+    return value.detach().flatten(), [g.flatten() for g in grads]
