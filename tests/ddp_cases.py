@@ -191,13 +191,20 @@ def configs(wrappers, models, ops=None) -> list[Case]:
 
 
 def sample() -> list[Case]:
-    """Every operator/method under every wrapper once, the model and the loss turning with the
-    case's position (the test suite's share of ``configs``)."""
-    ops = list(operators())
-    cases = []
-    for k, (wrapper, op) in enumerate((w, o) for w in WRAPPERS for o in ops):
-        cases.append((wrapper, list(MODELS)[k % len(MODELS)], op, LOSSES[k % len(LOSSES)]))
-    return cases
+    """The test suite's share of ``configs``: every operator/method under one DDP option and
+    one FSDP2 setting, which turn with the operator's position, as do the model and the loss
+    (every wrapper meets several operators, every operator both families), and the cases
+    ``static_graph=True`` once got silently wrong."""
+    ddp = [w for w in WRAPPERS if w.startswith("ddp")]
+    fsdp = [w for w in WRAPPERS if w.startswith("fsdp")]
+    models = list(MODELS)
+    cases: list[Case] = []
+    for k, op in enumerate(operators()):
+        for j, wrapper in enumerate((ddp[k % len(ddp)], fsdp[k % len(fsdp)])):
+            cases.append((wrapper, models[(k + j) % 2], op, LOSSES[(k + j) % len(LOSSES)]))
+    static = [("divergence/auto", "with-f"), ("divergence/hutchinson", "with-f"),
+              ("graph_divergence/auto", "alone")]  # fmt: skip
+    return cases + [("ddp-static", "mlp", op, loss) for op, loss in static]
 
 
 def wrap(model: nn.Module, wrapper: str) -> nn.Module:
