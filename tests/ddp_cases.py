@@ -363,13 +363,15 @@ def run_pairs(
 # gradients, "none" averages them by hand (the rule the module documents).
 SHARDED = [
     *[("divergence", m, "conv", "none") for m in ("auto", "structured", "forward", "reverse")],
-    ("divergence", "auto", "mlp", "none"),
+    ("divergence", "auto", "mlp", "none"),  # tiny: the generic engines
+    ("divergence", "structured", "mlp", "none"),  # a chain: the first rank computes it whole
     ("divergence", "hutchinson", "conv", "none"),
+    ("divergence", "hutchinson-1", "mlp", "none"),  # one probe: the second rank has none
     ("divergence", "auto", "conv", "ddp"),
     ("laplacian", "auto", "mlp", "none"),
     ("laplacian", "auto", "conv", "ddp"),
 ]
-HUTCHINSON_PROBES = 5  # not a multiple of the ranks: shares of 2 and 3
+HUTCHINSON_PROBES = 5  # not a multiple of the ranks: shares of 2 and 3 (or "hutchinson-k")
 
 
 def sharded_value(f: Callable, x: torch.Tensor, op: str, method: str, sharded: bool):
@@ -378,9 +380,10 @@ def sharded_value(f: Callable, x: torch.Tensor, op: str, method: str, sharded: b
     module = torchdiv.distributed if sharded else torchdiv
     if op == "laplacian":
         return module.laplacian(f, x)
-    options: dict = {"method": method}
-    if method == "hutchinson":
-        options.update(num_probes=HUTCHINSON_PROBES, generator=torch.Generator().manual_seed(3))
+    options: dict = {"method": method.split("-")[0]}
+    if method.startswith("hutchinson"):
+        probes = int(method.split("-")[1]) if "-" in method else HUTCHINSON_PROBES
+        options.update(num_probes=probes, generator=torch.Generator().manual_seed(3))
     return module.divergence(f, x, **options)
 
 

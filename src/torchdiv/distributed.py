@@ -41,6 +41,7 @@ from torchdiv._core.checks import (
     checked,
     event_numel,
 )
+from torchdiv._core.ddp import joined
 from torchdiv._core.modes import outside_inference_mode
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
@@ -103,7 +104,8 @@ def divergence(
                                  num_probes, probe, generator)  # fmt: skip
     else:
         check_exact_options(fn, method, num_probes, generator, probe, None)
-        part, _ = _exact.diagonal_and_output(fn, g, x, batch_dims, method, chunk_size, True, share)
+        part, y = _exact.diagonal_and_output(fn, g, x, batch_dims, method, chunk_size, True, share)
+        part = joined(part, y)  # no colours in this share, or a chain the first rank computed
     return _all_reduce(part.reshape(x.shape[:batch_dims]).to(x.dtype), group)
 
 
@@ -145,8 +147,8 @@ def laplacian(
     g = checked(fn, f, x, batch_dims, square=False)
     n = event_numel(x, batch_dims)
     start, stop = share.of(n)
-    if x.numel() == 0 or start == stop:  # nothing to add here (the other ranks still reduce)
-        return _all_reduce(_laplacian.zeros_like_output(g, x), group)
+    if x.numel() == 0 or start == stop:  # nothing to add here; the other ranks still reduce
+        return _all_reduce(_idle(g, x), group)
     graph = capture(g, x, RULES, batch_dims=batch_dims)
     chunk = chunk_size or graph.chunk(n, _laplacian.CHUNK_ELEMENTS)
     part = _laplacian.collapsed_or_none(
@@ -193,11 +195,18 @@ def _hutchinson_share(
     torch.distributed.broadcast(v, src=first, group=group)
     start, stop = share.of(s.num_probes)
     if start == stop:
-        return x.new_zeros(x.shape[:batch_dims])
+        return _idle(f, x).flatten(batch_dims).sum(-1)
     mine = v[start:stop].reshape(stop - start, *x.shape).to(x.dtype)
     part = dataclasses.replace(s, num_probes=stop - start, probes=mine, generator=None)
     estimate = _stochastic.trace_of_function(f, x, batch_dims, part, chunk_size)
     return estimate.value * ((stop - start) / s.num_probes)
+
+
+def _idle(f: Function, x: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like ``f(x)``, for a rank whose share is empty: with a zero gradient to what
+    ``f(x)`` depends on, so that it takes part in the backward pass's all-reduce too."""
+    y = f(x)
+    return joined(torch.zeros_like(y), y)
 
 
 def _all_reduce(part: torch.Tensor, group: torch.distributed.ProcessGroup | None) -> torch.Tensor:

@@ -274,6 +274,18 @@ def used(out: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     return _ZeroGradients.apply(out, *unreached) if unreached else out
 
 
+def joined(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``out``, made to depend with a zero gradient on every tensor requiring grad that ``y``
+    was computed from, if it depends on none: a rank whose share of work was empty must
+    still take part in the backward pass's collectives (``torchdiv.distributed``)."""
+    if out.requires_grad or not y.requires_grad:
+        return out
+    joined_out: torch.Tensor = _ZeroGradients.apply(
+        out, *[node.variable for node in _nodes(y) if hasattr(node, "variable")]
+    )
+    return joined_out
+
+
 class _ZeroGradients(torch.autograd.Function):
     """The identity on ``out``, whose backward gives each of ``params`` a zero gradient."""
 
