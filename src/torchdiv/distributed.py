@@ -230,5 +230,5 @@ class _Summed(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _Summed.apply(grad, ctx.group), None
+    def backward(ctx: Any, *grad_outputs: Any) -> tuple[torch.Tensor, None]:
+        return _Summed.apply(grad_outputs[0], ctx.group), None

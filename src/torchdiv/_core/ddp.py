@@ -295,9 +295,9 @@ class _ZeroGradients(torch.autograd.Function):
         return out.view_as(out)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def backward(ctx: Any, *grad_outputs: Any) -> tuple[torch.Tensor, ...]:
         zeros = [torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.params]
-        return (grad, *zeros)
+        return (grad_outputs[0], *zeros)
 
 
 def _nodes(y: torch.Tensor) -> Iterator[Any]:
