@@ -110,6 +110,8 @@ class Call:
         reducer must not wait for)."""
         self._restore()
         differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(result))
+        if self.fsdp_states and differentiable:  # FSDP2 hooks views only with a warning
+            result = _rebuild(result, iter([_owned(t) for t in _tensors(result)]))
         for state in reversed(self.fsdp_states):
             outputs = tuple(_tensors(result)) if differentiable else ()
             tensors = state._post_forward(state._modules[0], (), outputs)
@@ -310,6 +312,11 @@ def _nodes(y: torch.Tensor) -> Iterator[Any]:
         seen.add(node)
         yield node
         stack.extend(child for child, _ in node.next_functions)
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy if it is a view (an in-place op on a view would drop a tensor hook)."""
+    return t if t._base is None else t.clone()
 
 
 def _nothing(*args: Any) -> None:
