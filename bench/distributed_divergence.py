@@ -77,7 +77,8 @@ def _worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
             dist.barrier()
             shared.append(two.timeit(args.number).mean)
             dist.barrier()
-        out[method] = {"1 process": _summary(single), "2 processes": _summary(shared)}
+        if rank == 0:
+            out[method] = {"1 process": _summary(single), "2 processes": _summary(shared)}
     if rank == 0:
         results.put(out)
     dist.destroy_process_group()
