@@ -49,6 +49,8 @@ from torchdiv._exact import dispatch as _exact
 from torchdiv._laplacian import methods as _laplacian
 from torchdiv._taylor import RULES, capture
 
+__all__ = ["divergence", "laplacian"]
+
 Function = Callable[[torch.Tensor], torch.Tensor]
 DIVERGENCE_METHODS = ("auto", "structured", "forward", "reverse", "hutchinson")
 
@@ -77,11 +79,16 @@ def divergence(
     its ``num_probes`` probes, drawn on the group's first rank and broadcast.
 
     Args:
-        f, x, batch_dims, method, chunk_size, num_probes, generator, probe: as in
-            ``torchdiv.divergence`` (methods ``"auto"``, ``"structured"``, ``"forward"``,
-            ``"reverse"``, ``"hutchinson"``); every rank of ``group`` passes the same.
-            ``chunk_size`` bounds each rank's directions in flight.
+        f: as in ``torchdiv.divergence``, the same on every rank of ``group``.
+        x: as in ``torchdiv.divergence``, the same batch on every rank of ``group``.
         group: the process group whose ranks share the work (``None``: the default group).
+        batch_dims: number of leading batch dimensions.
+        method: ``"auto"``, ``"structured"``, ``"forward"``, ``"reverse"`` (exact) or
+            ``"hutchinson"``.
+        chunk_size: at most this many of the rank's directions in flight at once.
+        num_probes: Hutchinson's products per sample, over all ranks.
+        generator: ``torch.Generator`` for the probes (used on the group's first rank).
+        probe: ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"``.
 
     Returns:
         Shape ``x.shape[:batch_dims]``, the same on every rank of ``group``; differentiable:
@@ -91,6 +98,15 @@ def divergence(
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
         ValueError: this process is not in ``group``; otherwise as ``torchdiv.divergence``.
+
+    Examples:
+        >>> import tempfile, torch.distributed as dist
+        >>> store = f"file://{tempfile.mkdtemp()}/store"
+        >>> dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+        >>> A = torch.tensor([[2.0, 1.0], [7.0, -5.0]])
+        >>> divergence(lambda x: x @ A.T, torch.randn(3, 2))  # every rank: tr(A)
+        tensor([-3., -3., -3.])
+        >>> dist.destroy_process_group()
     """
     fn = "distributed.divergence"
     share = _share(fn, group)
@@ -127,9 +143,11 @@ def laplacian(
     derivatives are added by one differentiable all-reduce (module docstring).
 
     Args:
-        f, x, batch_dims, chunk_size: as in ``torchdiv.laplacian``; every rank of ``group``
-            passes the same. ``chunk_size`` bounds each rank's directions in flight.
+        f: as in ``torchdiv.laplacian``, the same on every rank of ``group``.
+        x: as in ``torchdiv.laplacian``, the same batch on every rank of ``group``.
         group: the process group whose ranks share the work (``None``: the default group).
+        batch_dims: number of leading batch dimensions.
+        chunk_size: at most this many of the rank's directions in flight at once.
 
     Returns:
         Shape ``x.shape[:batch_dims] + f(x).shape[batch_dims:]``, the same on every rank;
@@ -138,6 +156,16 @@ def laplacian(
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
         ValueError: this process is not in ``group``; otherwise as ``torchdiv.laplacian``.
+
+    Examples:
+        >>> import tempfile, torch.distributed as dist
+        >>> store = f"file://{tempfile.mkdtemp()}/store"
+        >>> dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> lap = laplacian(lambda x: x.pow(3).sum(-1), x)  # sum_i 6 x_i
+        >>> torch.allclose(lap, 6 * x.sum(-1))
+        True
+        >>> dist.destroy_process_group()
     """
     fn = "distributed.laplacian"
     share = _share(fn, group)
