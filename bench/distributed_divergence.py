@@ -121,9 +121,10 @@ def main() -> None:
     out = results.get(timeout=3600)
     for w in workers:
         w.join(timeout=60)
+    print(f"batch {args.batch}, load average before the run {os.getloadavg()[0]:.1f}")
     print("| method | 1 process x 1 thread (ms) | 2 processes x 1 thread (ms) | ratio | "
-          "predicted 8 ranks / 1 |")  # fmt: skip
-    print("|---|---|---|---|---|")
+          "larger share alone, 1 thread (ms) | its ratio | predicted 8 ranks / 1 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for method, times in out.items():
         t1, t2 = times["1 process"]["median_ms"], times["2 processes"]["median_ms"]
         th = times["larger share alone"]["median_ms"]
