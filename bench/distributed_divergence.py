@@ -121,7 +121,7 @@ def main() -> None:
     out = results.get(timeout=3600)
     for w in workers:
         w.join(timeout=60)
-    print(f"batch {args.batch}, load average before the run {os.getloadavg()[0]:.1f}")
+    print(f"batch {args.batch}, load average (1 min) at the end {os.getloadavg()[0]:.1f}")
     print("| method | 1 process x 1 thread (ms) | 2 processes x 1 thread (ms) | ratio | "
           "larger share alone, 1 thread (ms) | its ratio | predicted 8 ranks / 1 |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
