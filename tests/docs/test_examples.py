@@ -59,6 +59,7 @@ def test_diffusion_bits_per_dim_prints_the_table():
     assert all(abs(b - bits[0]) < 0.5 for b in bits)  # every method near the exact bits/dim
 
 
+@pytest.mark.slow  # ~10 s; tests/stacks/test_distributed.py covers the sharded divergence
 def test_ddp_cnf_trains_and_its_sharded_likelihood_equals_one_process():
     stdout = run("ddp_cnf.py", "--iters", "2", "--batch", "4", "--eval-batch", "2")
     assert "step    1  loss" in stdout
