@@ -121,6 +121,12 @@ def _probes(fn: Callable, method: str, probes: int) -> Callable:
     )
 
 
+def _value_grad_laplacian(f: Callable, x: torch.Tensor) -> torch.Tensor:
+    """The Laplacian and the gradient's square norm (a result made of a named tuple's parts)."""
+    out = torchdiv.value_grad_laplacian(f, x)
+    return out.laplacian.flatten(1).sum(-1) + out.gradient.flatten(1).square().sum(-1)
+
+
 def _checked(f: Callable, x: torch.Tensor) -> torch.Tensor:
     """The divergence after ``check_batch_independence`` (which changes nothing DDP sees)."""
     torchdiv.check_batch_independence(f, x)
@@ -144,6 +150,7 @@ def operators() -> dict[str, Callable]:
     ops["estimate_divergence/hutchinson"] = lambda f, x: (
         _probes(torchdiv.estimate_divergence, "hutchinson", 2)(f, x).value
     )
+    ops["value_grad_laplacian/auto"] = _value_grad_laplacian
     ops["check_batch_independence/auto"] = _checked
     ops["graph_divergence/auto"] = "graph"  # type: ignore[assignment]
     ops["log_likelihood/auto"] = _ode("auto")
