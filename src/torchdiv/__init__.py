@@ -1,7 +1,7 @@
 """torchdiv: per-sample divergence, Jacobians, their diagonals and Laplacians of batched functions,
 exact or estimated."""
 
-from torchdiv import flows
+from torchdiv import distributed, flows
 from torchdiv._api.graph import graph_divergence, graph_jacobian, graph_laplacian
 from torchdiv._api.independence import check_batch_independence
 from torchdiv._api.laplacian import laplacian
@@ -45,6 +45,8 @@ __all__ = [
     "check_batch_independence",
     # continuous flows: log-likelihoods along an ODE (submodule; needs the `ode` extra)
     "flows",
+    # exact divergences and Laplacians of one batch shared out across ranks (submodule)
+    "distributed",
 ]
 
 

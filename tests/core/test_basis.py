@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from torchdiv._core.basis import as_blocks, basis, chunks
+from torchdiv._core.basis import WHOLE, Share, as_blocks, basis, chunks
 
 
 def test_chunks_cover_the_range_once():
     assert list(chunks(7, 3)) == [(0, 3), (3, 6), (6, 7)]
     assert list(chunks(3, 10)) == [(0, 3)]
     assert list(chunks(0, 4)) == []
+    assert list(chunks(7, 3, first=2)) == [(2, 5), (5, 7)]
+
+
+def test_shares_cover_every_direction_once_in_their_chunks():
+    for n in (0, 1, 5, 16):
+        for count in (1, 2, 3, 8):
+            pieces = [p for i in range(count) for p in Share(i, count).chunks(n, 2)]
+            covered = [j for start, stop in pieces for j in range(start, stop)]
+            assert covered == list(range(n))
+            assert all(stop - start <= 2 for start, stop in pieces)
+    assert Share(1, 2).of(5) == (2, 5)
+    assert WHOLE.of(7) == (0, 7)
 
 
 def test_basis_is_one_hot_in_every_sample():

@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 LAYERS = [
     ("torchdiv.__main__", "torchdiv._bench"),  # the CLI, a user of the public API
     ("torchdiv",),  # the public names
-    ("torchdiv.flows",),  # the public face's flows
+    ("torchdiv.flows", "torchdiv.distributed"),  # the public face's flows, sharded operators
     ("torchdiv._api",),  # the public face's functions, graph form, error reporting
     ("torchdiv._laplacian",),  # the Laplacian family's methods
     ("torchdiv._estimators",),  # stochastic estimators

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import torchdiv
-from torchdiv import flows
+from torchdiv import distributed, flows
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "reference"
 
@@ -25,9 +25,9 @@ def documented() -> set[str]:
 
 
 def test_every_public_name_has_a_reference_entry():
-    public = {f"torchdiv.{n}" for n in torchdiv.__all__} | {
-        f"torchdiv.flows.{n}" for n in flows.__all__
-    }
+    public = {f"torchdiv.{n}" for n in torchdiv.__all__}
+    public |= {f"torchdiv.flows.{n}" for n in flows.__all__}
+    public |= {f"torchdiv.distributed.{n}" for n in distributed.__all__}
     missing = public - documented()
     assert not missing, f"not in docs/reference/*.md: {sorted(missing)}"
 
@@ -43,5 +43,6 @@ def test_public_docstrings_use_examples_sections():
     an admonition whose ``>>>`` lines run together into one paragraph of text."""
     objects = [getattr(torchdiv, n) for n in torchdiv.__all__]
     objects += [getattr(flows, n) for n in flows.__all__]
+    objects += [getattr(distributed, n) for n in distributed.__all__]
     wrong = [o.__name__ for o in objects if re.search(r"^\s*Example:\s*$", o.__doc__ or "", re.M)]
     assert not wrong, wrong

@@ -57,3 +57,11 @@ def test_diffusion_bits_per_dim_prints_the_table():
     assert [line.split()[0] for line in table] == ["exact", "hutchinson", "hutch++", "xtrace"]
     bits = [float(line.split()[2]) for line in table]
     assert all(abs(b - bits[0]) < 0.5 for b in bits)  # every method near the exact bits/dim
+
+
+@pytest.mark.slow  # ~10 s; tests/stacks/test_distributed.py covers the sharded divergence
+def test_ddp_cnf_trains_and_its_sharded_likelihood_equals_one_process():
+    stdout = run("ddp_cnf.py", "--iters", "2", "--batch", "4", "--eval-batch", "2")
+    assert "step    1  loss" in stdout
+    gap = float(stdout.split("largest difference from one process: ")[1].split(")")[0])
+    assert gap < 1e-4  # float32 log-likelihoods of about 100

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from torchdiv._core.checks import check_callable, check_generator, check_input, check_output
-from torchdiv._core.ddp import inner_backward, static_graph_owners
+from torchdiv._core.ddp import Peers
 from torchdiv._core.mixing import BatchInteractionError
 from torchdiv._core.modes import outside_inference_mode
 from torchdiv._exact.state import Changes
@@ -106,7 +106,7 @@ def _leaks(
     inside = torch.rand(TRIALS, num, 1, generator=generator) < 0.5
     noise = torch.randn(TRIALS, num, y.numel() // num, generator=generator)
     cotangents = (noise * inside).to(y).reshape(TRIALS, *y.shape)
-    with inner_backward(static_graph_owners(y)):
+    with Peers(y).inner_backward():
         (grad,) = torch.autograd.grad(
             y, x_in, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
         )

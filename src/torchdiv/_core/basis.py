@@ -29,16 +29,40 @@ tests for that.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from torchdiv._core.checks import event_numel
 
 
-def chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
-    """Split ``range(n)`` into consecutive ``(start, stop)`` pieces of at most ``chunk_size``."""
-    for start in range(0, n, chunk_size):
+def chunks(n: int, chunk_size: int, first: int = 0) -> Iterator[tuple[int, int]]:
+    """Split ``range(first, n)`` into consecutive ``(start, stop)`` pieces of at most
+    ``chunk_size``."""
+    for start in range(first, n, chunk_size):
         yield start, min(start + chunk_size, n)
+
+
+@dataclass(frozen=True)
+class Share:
+    """Part ``index`` of ``count`` of a set of directions (unit vectors, colours, probes): the
+    contiguous range ``[n * index // count, n * (index + 1) // count)`` of ``n``. The parts of
+    all indices cover every direction once (``torchdiv.distributed`` gives one to each rank)."""
+
+    index: int = 0
+    count: int = 1
+
+    def of(self, n: int) -> tuple[int, int]:
+        """The ``(start, stop)`` of this part of ``n`` directions."""
+        return n * self.index // self.count, n * (self.index + 1) // self.count
+
+    def chunks(self, n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
+        """This part of ``range(n)`` in pieces of at most ``chunk_size``."""
+        start, stop = self.of(n)
+        return chunks(stop, chunk_size, start)
+
+
+WHOLE = Share()  # every direction: one process
 
 
 def basis(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> torch.Tensor:

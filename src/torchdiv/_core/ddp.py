@@ -1,55 +1,350 @@
-"""DistributedDataParallel's output sink, seen from torchdiv's own backward passes.
+"""DistributedDataParallel and FSDP2 (``fully_shard``) modules inside torchdiv's computations.
 
-With ``static_graph=True``, DDP passes every output of ``forward`` through an
-``autograd.Function`` (``_DDPSink``) whose backward, the first time it runs after a forward,
-queues the gradient all-reduce as a callback of the *current* backward pass and marks it
-queued. torchdiv's products (``autograd.grad`` of ``f(x)`` with respect to ``x``, inside the
-call) run that backward first: the all-reduce then fires at the end of torchdiv's inner pass,
-before the caller's ``loss.backward()`` has produced any parameter gradient, and the
-caller's pass, finding it marked queued, never reduces. Every rank keeps its own gradients
-and training silently diverges from one process (relative errors 0.3-1.3 measured).
+Both wrap a module with per-step work around its forward pass, which torchdiv's way of
+evaluating ``f`` breaks:
 
-``inner_backward`` marks the all-reduce as queued during torchdiv's own passes and puts the
-mark back afterwards, so the sink queues it in the caller's backward, as DDP intends.
+- DDP's ``forward``, before the module: the buffer broadcast (an in-place copy, a
+  collective), the one-time bucket rebuild (a collective), the reducer's bookkeeping; after it,
+  ``prepare_for_backward`` on the outputs (with ``find_unused_parameters``, a search of their
+  graph for the parameters that will get gradients) and, with ``find_unused_parameters`` or
+  ``static_graph``, the custom ``autograd.Function`` ``_DDPSink`` around them.
+- FSDP2's forward hooks: before, the all-gather of the parameters into storage that
+  resharding frees; after, the reshard and hooks on the outputs whose backward unshards again
+  and queues the reduce-scatter as a callback of the *current* backward pass.
+
+torchdiv evaluates ``f`` many times per call, under ``torch.func`` transforms and recording
+dispatch modes: the transforms refuse the buffer copy ("mutate a captured Tensor") and the sink
+(no ``setup_context``), the structured and Taylor engines refuse both, the bucket rebuild and
+FSDP's storage swaps meet wrapped tensors (errors, segmentation faults), and an ODE solver's
+data-dependent number of evaluations would issue a different number of collectives on each
+rank. And torchdiv's own backward passes (VJPs) would run the callbacks that belong to the
+caller's ``loss.backward()``: with ``static_graph=True`` the gradient all-reduce then fired
+before any gradient existed and every rank silently kept its own (relative errors 0.3-1.3).
+
+Function form (``one_forward``, around every public call): the call is *one* forward of every
+DDP or FSDP2 module ``f`` calls, whose output is the call's result. The pre-forward work runs
+once, outside the transforms and modes, when ``f`` first calls the module; every evaluation
+runs the wrapped module itself (FSDP2's parameters stay unsharded); the post-forward work runs
+on the result. Graph form (``Peers``: the caller evaluated the wrapped module): torchdiv's
+passes keep the callbacks from being queued, and the result carries what the caller's backward
+needs (DDP's sink, FSDP2's pre-backward function).
+
+Either way, parameters of the module that the result does not depend on get an exact zero
+gradient edge (``_ZeroGradients``): a loss made of the divergence alone leaves the last
+layer's bias without gradient, at which DDP without ``find_unused_parameters`` stops
+("Expected to have finished reduction"); that derivative is exactly zero, so DDP reduces a zero.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import contextvars
+import dataclasses
+import threading
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+from torch.utils._python_dispatch import _disable_current_modes
 
 
-def static_graph_owners(y: torch.Tensor) -> list[Any]:
-    """The ``DistributedDataParallel(static_graph=True)`` modules whose sink ``y`` was
-    computed through (none unless ``torch.distributed`` is initialised: no walk then)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return []
-    owners, seen, stack = [], set(), [y.grad_fn]
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class Call:
+    """One public call in flight: the DDP modules and FSDP2 states ``f`` has called."""
+
+    def __init__(self) -> None:
+        self.ddps: list[Any] = []
+        self.fsdp_states: list[Any] = []
+        self._swapped: list[tuple[dict[int, Any], int, Any]] = []
+
+    def enter_ddp(self, ddp: Any) -> None:
+        """The first call of ``ddp``: its pre-forward work, outside transforms and modes."""
+        if not any(known is ddp for known in self.ddps):
+            with _plain_level():
+                ddp._pre_forward()
+            self.ddps.append(ddp)
+
+    def enter_fsdp(self, module: Any, inputs: Any) -> None:
+        """A global forward pre-hook: the first FSDP2 module ``f`` calls (its root) unshards
+        every module of its tree outside the transforms and modes, as its forward would, and
+        their post-forward hooks (which would reshard and hook the inner outputs) pass for
+        the rest of the call. The modules' own pre-forward hooks then find them unsharded in
+        the forward state and do nothing."""
+        if self.fsdp_states or _CURRENT.get() is not self:
+            return
+        get_state = getattr(module, "_get_fsdp_state", None)
+        if get_state is None:
+            return
+        root = get_state()
+        with _plain_level():
+            root._pre_forward(module, (), {})
+            self.fsdp_states = list(root._state_ctx.all_states)
+            for state in self.fsdp_states:
+                if state is not root:
+                    state._pre_forward(state._modules[0], (), {})
+        for state in self.fsdp_states:
+            handle = state._post_forward_hook_handle
+            hooks = handle.hooks_dict_ref()
+            self._swapped.append((hooks, handle.id, hooks[handle.id]))
+            hooks[handle.id] = _nothing
+
+    def _restore(self) -> None:
+        for hooks, key, hook in self._swapped:
+            hooks[key] = hook
+        self._swapped.clear()
+
+    def abandon(self) -> None:
+        """After an error: FSDP2 modules reshard, as after a forward without output."""
+        self._restore()
+        for state in reversed(self.fsdp_states):
+            state._post_forward(state._modules[0], (), ())
+
+    def finish(self, result: Any) -> Any:
+        """``result`` as the output of one forward of every module ``f`` called; with nothing
+        differentiable in it, as a forward without grad (no backward is to come, which DDP's
+        reducer must not wait for)."""
+        self._restore()
+        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(result))
+        if self.fsdp_states and differentiable:  # FSDP2 hooks views only with a warning
+            result = _rebuild(result, iter([_owned(t) for t in _tensors(result)]))
+        for state in reversed(self.fsdp_states):
+            outputs = tuple(_tensors(result)) if differentiable else ()
+            tensors = state._post_forward(state._modules[0], (), outputs)
+            if differentiable:
+                result = _rebuild(result, iter(tensors))
+        if not differentiable:
+            return result
+        for ddp in self.ddps:
+            params = [p for p in ddp.module.parameters() if p.requires_grad]
+            tensors = [used(t, params) for t in _tensors(result)]
+            result = _rebuild(result, iter(ddp._post_forward(tuple(tensors))))
+        return result
+
+
+_CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
+    "torchdiv_call", default=None
+)
+_LOCK = threading.Lock()
+_IN_FLIGHT = [0]  # calls (all threads) while DistributedDataParallel.forward is replaced
+_ORIGINAL: list[Callable[..., Any]] = []  # DistributedDataParallel.forward, while replaced
+
+
+def _ddp_forward(self: Any, *inputs: Any, **kwargs: Any) -> Any:
+    """``DistributedDataParallel.forward`` while a torchdiv call is in flight: as usual outside
+    it (another thread); inside it, the wrapped module (see ``Call.enter_ddp``)."""
+    call = _CURRENT.get()
+    if call is None:
+        return _ORIGINAL[0](self, *inputs, **kwargs)
+    call.enter_ddp(self)
+    return self.module(*inputs, **kwargs)
+
+
+@contextlib.contextmanager
+def one_forward() -> Iterator[Call | None]:
+    """The scope of one public call (see the module docstring); ``None`` when there is
+    nothing to do: no process group, or a public call nested in another (it shares the
+    outer one's)."""
+    if _CURRENT.get() is not None or not _initialized():
+        yield None
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    with _LOCK:
+        if _IN_FLIGHT[0] == 0:
+            _ORIGINAL[:] = [DistributedDataParallel.forward]
+            DistributedDataParallel.forward = _ddp_forward  # type: ignore[method-assign]
+        _IN_FLIGHT[0] += 1
+    call = Call()
+    token = _CURRENT.set(call)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(call.enter_fsdp)
+    try:
+        yield call
+    except BaseException:
+        call.abandon()
+        raise
+    finally:
+        hook.remove()
+        _CURRENT.reset(token)
+        with _LOCK:
+            _IN_FLIGHT[0] -= 1
+            if _IN_FLIGHT[0] == 0:
+                DistributedDataParallel.forward = _ORIGINAL.pop()  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _plain_level() -> Iterator[None]:
+    """Leave every ``torch.func`` transform and dispatch mode for the block."""
+    with temporarily_clear_interpreter_stack(), _disable_current_modes():
+        yield
+
+
+class Peers:
+    """What of DDP and FSDP2 the graph of ``y`` went through, when the caller evaluated the
+    wrapped module itself (the graph form, ``check_batch_independence``), and what torchdiv's
+    own backward passes through that graph must leave alone.
+
+    - ``DistributedDataParallel(static_graph=True)``: its sink queues the first iteration's
+      gradient all-reduce as a callback of the current backward pass and marks it queued;
+      the mark is set during torchdiv's passes and put back after. A loss without ``y``
+      itself never passes the sink in the caller's backward (the sink's backward is the
+      identity: products built through it carry no node of it), so the products get one.
+    - FSDP2: in torchdiv's passes the post-backward callback is kept from being queued,
+      post-backward does nothing, and the training states are put back afterwards (the
+      parameters stay unsharded); the products get FSDP2's pre-backward function, so the
+      caller's backward unshards and queues the callback whether or not its loss has ``y``.
+    - Parameters that ``y`` depends on and the products do not get a zero gradient edge.
+    """
+
+    def __init__(self, y: torch.Tensor) -> None:
+        self.static: list[Any] = []
+        self.fsdp_states: list[Any] = []
+        self.leaves: list[torch.Tensor] = []
+        if not _initialized():
+            return
+        groups: list[Any] = []
+        for node in _nodes(y):
+            ref = getattr(node, "ddp_weakref", None)  # only _DDPSink's backward has one
+            ddp = ref() if callable(ref) else None
+            if ddp is not None and getattr(ddp, "static_graph", False) and ddp not in self.static:
+                self.static.append(ddp)
+            group = getattr(node, "param_group", None)  # FSDP2's post-backward function
+            if group is not None and group not in groups:
+                groups.append(group)
+            if hasattr(node, "variable") and node.variable.requires_grad:
+                self.leaves.append(node.variable)
+        if groups:
+            root = groups[0].modules[0]._get_fsdp_state()
+            self.fsdp_states = list(root._state_ctx.all_states)
+
+    @contextlib.contextmanager
+    def inner_backward(self) -> Iterator[None]:
+        """Run torchdiv's own backward passes through the graph (see the class docstring)."""
+        marks = [ddp._static_graph_delay_allreduce_enqueued for ddp in self.static]
+        for ddp in self.static:
+            ddp._static_graph_delay_allreduce_enqueued = True
+        groups = [g for state in self.fsdp_states for g in state._fsdp_param_groups]
+        trainings = [(o, o._training_state) for o in (*self.fsdp_states, *groups)]
+        context = self.fsdp_states[0]._state_ctx if self.fsdp_states else None
+        queued = context.post_backward_final_callback_queued if context else False
+        if context is not None:
+            context.post_backward_final_callback_queued = True
+        for group in groups:
+            group.post_backward = _nothing
+        try:
+            yield
+        finally:
+            for ddp, mark in zip(self.static, marks, strict=True):
+                ddp._static_graph_delay_allreduce_enqueued = mark
+            for group in groups:
+                del group.post_backward
+            for owner, training in trainings:
+                owner._training_state = training
+            if context is not None:
+                context.post_backward_final_callback_queued = queued
+
+    def attach(self, out: torch.Tensor) -> torch.Tensor:
+        """A differentiable product of torchdiv's pass, as the caller's backward must see it."""
+        if not out.requires_grad:
+            return out
+        out = used(out, self.leaves)
+        for ddp in self.static:
+            if not ddp._static_graph_delay_allreduce_enqueued:
+                from torch.nn.parallel.distributed import _DDPSink
+
+                (out,) = _DDPSink.apply(weakref.ref(ddp), out)
+        if self.fsdp_states:
+            from torch.distributed.fsdp._fully_shard._fsdp_state import (
+                RegisterPreBackwardFunction,
+            )
+
+            for state in self.fsdp_states:
+                out = RegisterPreBackwardFunction.apply(state, out)
+        return out
+
+
+def used(out: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """``out``, with a zero gradient edge to each of ``params`` its graph does not reach."""
+    if not out.requires_grad or out.grad_fn is None:
+        return out
+    reached = {id(node.variable) for node in _nodes(out) if hasattr(node, "variable")}
+    unreached = [p for p in params if id(p) not in reached]
+    return _ZeroGradients.apply(out, *unreached) if unreached else out
+
+
+def joined(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``out``, made to depend with a zero gradient on every tensor requiring grad that ``y``
+    was computed from, if it depends on none: a rank whose share of work was empty must
+    still take part in the backward pass's collectives (``torchdiv.distributed``)."""
+    if out.requires_grad or not y.requires_grad:
+        return out
+    joined_out: torch.Tensor = _ZeroGradients.apply(
+        out, *[node.variable for node in _nodes(y) if hasattr(node, "variable")]
+    )
+    return joined_out
+
+
+class _ZeroGradients(torch.autograd.Function):
+    """The identity on ``out``, whose backward gives each of ``params`` a zero gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.params = [(p.shape, p.dtype, p.device) for p in params]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> tuple[torch.Tensor, ...]:
+        zeros = [torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.params]
+        return (grad_outputs[0], *zeros)
+
+
+def _nodes(y: torch.Tensor) -> Iterator[Any]:
+    """Every node of ``y``'s graph, once."""
+    seen, stack = set(), [y.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        ref = getattr(node, "ddp_weakref", None)  # only _DDPSink's backward has one
-        ddp = ref() if callable(ref) else None
-        if ddp is not None and getattr(ddp, "static_graph", False) and ddp not in owners:
-            owners.append(ddp)
+        yield node
         stack.extend(child for child, _ in node.next_functions)
-    return owners
 
 
-@contextlib.contextmanager
-def inner_backward(owners: list[Any]) -> Iterator[None]:
-    """Run torchdiv's own backward passes through ``owners``' sinks without queueing their
-    gradient all-reduce there (see the module docstring)."""
-    saved = [ddp._static_graph_delay_allreduce_enqueued for ddp in owners]
-    for ddp in owners:
-        ddp._static_graph_delay_allreduce_enqueued = True
-    try:
-        yield
-    finally:
-        for ddp, mark in zip(owners, saved, strict=True):
-            ddp._static_graph_delay_allreduce_enqueued = mark
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy if it is a view (an in-place op on a view would drop a tensor hook)."""
+    return t if t._base is None else t.clone()
+
+
+def _nothing(*args: Any) -> None:
+    return None
+
+
+def _tensors(result: Any) -> list[torch.Tensor]:
+    """The tensors of a public call's result: a tensor, a (named) tuple or list, a dataclass."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [t for item in result for t in _tensors(item)]
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        fields = dataclasses.fields(result)
+        return [t for field in fields for t in _tensors(getattr(result, field.name))]
+    return []
+
+
+def _rebuild(result: Any, tensors: Iterator[torch.Tensor]) -> Any:
+    """``result`` with its tensors (in ``_tensors``' order) replaced by ``tensors``."""
+    if isinstance(result, torch.Tensor):
+        return next(tensors)
+    if isinstance(result, tuple) and hasattr(result, "_fields"):  # a named tuple
+        return type(result)(*(_rebuild(item, tensors) for item in result))
+    if isinstance(result, (tuple, list)):
+        return type(result)(_rebuild(item, tensors) for item in result)
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        fields = dataclasses.fields(result)
+        changes = {field.name: _rebuild(getattr(result, field.name), tensors) for field in fields}
+        return dataclasses.replace(result, **changes)
+    return result

@@ -18,13 +18,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 from torchdiv._core import linalg as _linalg
+from torchdiv._core.ddp import one_forward
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def outside_inference_mode(fn: F) -> F:
-    """Decorate ``fn(f, x, ...)`` so that it works when called under ``torch.inference_mode()``
-    and leaves the caller's compiled code compiled (``CompiledCodeEager``).
+    """Decorate ``fn(f, x, ...)`` so that it works when called under ``torch.inference_mode()``,
+    leaves the caller's compiled code compiled (``CompiledCodeEager``) and is one forward pass
+    of the DistributedDataParallel and FSDP2 modules ``f`` calls (``_core.ddp.one_forward``).
 
     Derivatives need autograd, which inference mode switches off (silently: ``enable_grad``
     does not undo it). The wrapper leaves inference mode for the call, keeps the caller's grad
@@ -32,19 +34,23 @@ def outside_inference_mode(fn: F) -> F:
     touched.
     """
 
+    def outside(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        inference_x = isinstance(x, torch.Tensor) and x.is_inference()
+        if not torch.is_inference_mode_enabled() and not inference_x:
+            return fn(f, x, *args, **kwargs)  # the usual case
+        grad_mode = torch.is_grad_enabled()
+        with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
+            if inference_x:
+                x = x.clone()
+            return fn(f, x, *args, **kwargs)
+
     @functools.wraps(fn)
     def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():  # Dynamo traces the call: no mode checks to break on
             return fn(f, x, *args, **kwargs)
-        with CompiledCodeEager():
-            inference_x = isinstance(x, torch.Tensor) and x.is_inference()
-            if not torch.is_inference_mode_enabled() and not inference_x:
-                return fn(f, x, *args, **kwargs)  # the usual case
-            grad_mode = torch.is_grad_enabled()
-            with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
-                if inference_x:
-                    x = x.clone()
-                return fn(f, x, *args, **kwargs)
+        with CompiledCodeEager(), one_forward() as call:
+            result = outside(f, x, *args, **kwargs)
+            return result if call is None else call.finish(result)
 
     return wrapper  # type: ignore[return-value]
 

@@ -19,7 +19,7 @@ import torch
 
 from torchdiv._core.basis import as_blocks, basis
 from torchdiv._core.checks import event_numel
-from torchdiv._core.ddp import inner_backward, static_graph_owners
+from torchdiv._core.ddp import Peers
 from torchdiv._core.modes import SafeDerivatives
 
 
@@ -117,7 +117,7 @@ class GraphJacobian:
         self.y, self.x, self.batch_dims, self.create_graph = y, x, batch_dims, create_graph
         self.num_basis = event_numel(y, batch_dims)
         self.y_shape = y.shape
-        self._ddp_owners = static_graph_owners(y)  # see torchdiv._core.ddp
+        self._peers = Peers(y)  # DDP or FSDP2 in the graph: see torchdiv._core.ddp
         self._custom = _custom_functions(y) if create_graph else []
         self._walked = False
 
@@ -145,7 +145,7 @@ class GraphJacobian:
         watch = _DifferentiableBackwards(self._custom)
         if self.y.requires_grad:
             try:
-                with inner_backward(self._ddp_owners), watch:
+                with self._peers.inner_backward(), watch:
                     (out,) = torch.autograd.grad(
                         self.y,
                         self.x,
@@ -164,7 +164,7 @@ class GraphJacobian:
             self._walked = True
         if out is None:  # y does not depend on x: the Jacobian is zero
             return self.x.new_zeros((cotangents.shape[0], *self.x.shape), dtype=self.y.dtype)
-        out = watch.guarded(out)
+        out = self._peers.attach(watch.guarded(out))
         return out[None] if single else out
 
     def block(self, start: int, stop: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from torchdiv import _structured
 from torchdiv._core import mixing as _mixing
-from torchdiv._core.basis import chunks
+from torchdiv._core.basis import WHOLE, Share, chunks
 from torchdiv._core.checks import event_numel
 from torchdiv._core.mixing import BatchInteractionError
 from torchdiv._exact import plan as _plan
@@ -62,10 +62,11 @@ def dense(engine: Engine, chunk_size: int) -> torch.Tensor:
     return stacked.permute(1, 0, 2) if engine.blocks_are_rows else stacked.permute(1, 2, 0)
 
 
-def diagonal(engine: Engine, chunk_size: int) -> torch.Tensor:
-    """Diagonal of every sample's square Jacobian, shape ``(N, n)``."""
+def diagonal(engine: Engine, chunk_size: int, share: Share = WHOLE) -> torch.Tensor:
+    """Diagonal of every sample's square Jacobian, shape ``(N, n)``; of a ``share`` of the
+    basis vectors, its entries only, ``(N, k)``."""
     parts = []
-    for start, stop in chunks(engine.num_basis, chunk_size):
+    for start, stop in share.chunks(engine.num_basis, chunk_size):
         block = engine.block(start, stop)
         j = torch.arange(stop - start, device=block.device)
         parts.append(block[j, :, start + j])  # (k, N): entry (start+j, start+j) of each sample
@@ -82,9 +83,12 @@ def diagonal_and_output(
     method: str,
     chunk_size: int | None,
     trace: bool,
+    share: Share = WHOLE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample's exact Jacobian diagonal ``(N, n)`` (with ``trace``: its sum, ``(N,)``) and
-    ``f(x)`` from the same evaluation (an ODE's dynamics need both, ``torchdiv.flows``).
+    ``f(x)`` from the same evaluation (an ODE's dynamics need both, ``torchdiv.flows``). With a
+    ``share`` (and ``trace``), the part of the trace from that share of the directions (unit
+    vectors, colours or columns; ``torchdiv.distributed``).
 
     The one dispatch of the exact methods for diagonals and traces: the structured engine
     where ``method`` asks for it (``"auto"``: unless tiny; ``"structured"`` raises, naming the
@@ -93,13 +97,14 @@ def diagonal_and_output(
     errors.
     """
     if _structured.chosen(method, x, batch_dims):
-        planned = _structured.plan(fn, f, x, batch_dims, chunk_size, method == "structured", trace)
+        strict = method == "structured"
+        planned = _structured.plan(fn, f, x, batch_dims, chunk_size, strict, trace, share)
         if planned is not None:
             return planned
     generic = "auto" if method == "structured" else method
 
     def consume(engine: Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        diag = diagonal(engine, chunk)
+        diag = diagonal(engine, chunk, share)
         return (diag.sum(-1) if trace else diag), output(engine)
 
     result, _ = evaluate(f, x, batch_dims, generic, chunk_size, consume)

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import torch
 from torch.func import vjp, vmap
 
-from torchdiv._core.basis import basis, broadcast_basis, chunks
+from torchdiv._core.basis import WHOLE, Share, basis, broadcast_basis, chunks
 from torchdiv._core.checks import event_numel
 from torchdiv._core.mixing import check_empty_event
 from torchdiv._core.modes import SafeDerivatives, math_attention
@@ -86,9 +86,12 @@ def _refuse(what: str) -> NoReturn:
     )
 
 
-def unit_directions(x: torch.Tensor, batch_dims: int, chunk: int) -> Iterator[torch.Tensor]:
-    """The unit vectors of the event, ``chunk`` at a time, stored once for all samples."""
-    for start, stop in chunks(event_numel(x, batch_dims), chunk):
+def unit_directions(
+    x: torch.Tensor, batch_dims: int, chunk: int, share: Share = WHOLE
+) -> Iterator[torch.Tensor]:
+    """The unit vectors of the event (of a ``share`` of them), ``chunk`` at a time, stored
+    once for all samples."""
+    for start, stop in share.chunks(event_numel(x, batch_dims), chunk):
         yield broadcast_basis(start, stop, x, batch_dims)
 
 
@@ -154,12 +157,14 @@ def hessian_products(
 
 
 def forward_over_reverse(
-    f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None
+    f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None, share: Share = WHOLE
 ) -> torch.Tensor:
+    """The Laplacian (the part of a ``share`` of the directions, which must not be empty) by
+    Hessian columns, JVPs of the per-sample gradients, keeping only the diagonal entries."""
     n = event_numel(x, batch_dims)
 
     def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
-        for start, stop in chunks(n, chunk_size or n):
+        for start, stop in share.chunks(n, chunk_size or n):
             directions = basis(start, stop, x, batch_dims)
             columns, y_shape = hessian_products(f, x, batch_dims, directions)
             j = torch.arange(stop - start, device=x.device)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from torchdiv._core.basis import WHOLE, Share
 from torchdiv._core.checks import raised_by_f
 from torchdiv._structured import colors, cycle, factors, forward
 from torchdiv._taylor import RULES, Graph, UnsupportedOp, capture, values
@@ -55,6 +56,7 @@ def plan(
     chunk_size: int | None,
     strict: bool,
     trace: bool,
+    share: Share = WHOLE,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Every sample's divergence ``(N,)`` (``trace``) or Jacobian diagonal ``(N, n)``, and
     ``f(x)`` from the same evaluation (an ODE's dynamics need both); ``None`` when the engine
@@ -69,11 +71,13 @@ def plan(
             raise UnsupportedOp(f"{ops} applied to a tensor that depends on x")
         kept = values(graph, x)
         chain = factors.paths(graph, kept, x, n_samples)
+        if chain is not None and share.index > 0:  # a few forward passes: the first share's
+            return x.new_zeros(n_samples), _output(graph, kept, x)
         if chain is not None:
             by_chain = cycle.trace if trace else cycle.diagonal
             return by_chain(chain, x, n_samples, chunk_size), _output(graph, kept, x)
         coloring = colors.colors(graph, kept, x, batch_dims)
-        diag = forward.diagonal(graph, x, batch_dims, chunk_size, coloring)
+        diag = forward.diagonal(graph, x, batch_dims, chunk_size, coloring, share)
         return (diag.sum(-1) if trace else diag), _output(graph, kept, x)
     except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
         raise

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from torchdiv._core.basis import chunks
+from torchdiv._core.basis import WHOLE, Share
 from torchdiv._core.checks import event_numel
 from torchdiv._core.modes import host_planning, to_device
 from torchdiv._taylor import Context, Graph, Jet, propagate
@@ -29,10 +29,12 @@ def diagonal(
     batch_dims: int,
     chunk_size: int | None,
     colors: torch.Tensor | None,
+    share: Share = WHOLE,
 ) -> torch.Tensor:
     """Every sample's Jacobian diagonal, ``(N, n)``; ``colors[i]`` (on the CPU) is element
     ``i``'s colour (``None``: every element its own). The readout indices are made on the
-    CPU too: nothing here waits for the device."""
+    CPU too: nothing here waits for the device. With a ``share`` of the colours, the entries
+    of their elements only, ``(N, k)``, in colour order (their sum is that share's trace)."""
     n = event_numel(x, batch_dims)
     with host_planning():
         colors = torch.arange(n) if colors is None else colors
@@ -41,7 +43,7 @@ def diagonal(
         order = torch.argsort(colors)
         pieces = [
             (start, stop, order[(colors[order] >= start) & (colors[order] < stop)])
-            for start, stop in chunks(num_colors, chunk)
+            for start, stop in share.chunks(num_colors, chunk)
         ]
         back = torch.argsort(order)
     entries: list[torch.Tensor] = []
@@ -51,8 +53,9 @@ def diagonal(
         rows, elements = to_device(colors[mine] - start, x.device), to_device(mine, x.device)
         entries.append(columns[rows, :, elements].T)  # (N, elements of the chunk)
     if not entries:
-        return x.new_zeros(x.shape[:batch_dims].numel(), n)
-    return torch.cat(entries, 1)[:, to_device(back, x.device)]
+        return x.new_zeros(x.shape[:batch_dims].numel(), n if share == WHOLE else 0)
+    diag = torch.cat(entries, 1)
+    return diag[:, to_device(back, x.device)] if share == WHOLE else diag
 
 
 def _columns(

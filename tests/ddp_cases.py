@@ -1,0 +1,432 @@
+"""DDP- and FSDP2-wrapped modules inside training losses of every public operator: the cases.
+
+Two gloo processes on localhost, each with half of a float64 batch; their averaged gradients
+must equal, within 1e-10 relative, the average of the two halves' gradients computed in one
+process (for the exact methods that is the whole batch's gradient; the stochastic ones draw
+the same probes from generators seeded alike). Every case runs two training steps on one
+wrapped model (``static_graph`` treats the first specially).
+
+A case is (wrapper, model, operator/method, loss). ``judge`` calls it ``right`` (both steps'
+gradients equal one process), ``wrong`` (they differ: silently wrong) or ``error``;
+``run_pairs`` reports ``crash`` or ``hang`` for a pair of processes that died or stopped
+reporting (it is killed and the next case starts on a fresh pair). Used by
+``tests/test_ddp.py`` (a subset) and ``bench/ddp_matrix.py`` (all of them).
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import queue
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import torchdiv
+
+WORLD = 2
+TOL = 1e-10
+CASE_TIMEOUT_S = 60  # the most one case may take before its pair is killed
+COLLECTIVE_TIMEOUT_S = 30  # a collective that waits longer raises (gloo)
+STARTUP_S = 30  # spawning a pair and importing torch, on a busy machine
+POLL_S = 1.0
+
+WRAPPERS: dict[str, dict] = {
+    "ddp": {},
+    "ddp-unused": {"find_unused_parameters": True},
+    "ddp-static": {"static_graph": True},
+    "ddp-bucket-view": {"gradient_as_bucket_view": True},
+    "ddp-no-broadcast": {"broadcast_buffers": False},
+    "fsdp": {"reshard_after_forward": True},
+    "fsdp-keep": {"reshard_after_forward": False},
+}
+
+
+class MLP(nn.Module):
+    """A vector field with a registered buffer (DDP broadcasts it) and an optional second head."""
+
+    def __init__(self, heads: bool, d: int = 4, width: int = 12) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(d, width), nn.Linear(width, d)
+        self.head = nn.Linear(width, 1) if heads else None
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x: torch.Tensor):
+        h = torch.tanh(self.inp(x * self.scale))
+        v = self.out(h)
+        return v if self.head is None else (v, self.head(h).squeeze(-1))
+
+
+class ConvNet(nn.Module):
+    """A convolutional vector field on (2, 3, 3) images, as MLP."""
+
+    def __init__(self, heads: bool, c: int = 2, width: int = 4) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(c, width, 3, padding=1)
+        self.out = nn.Conv2d(width, c, 3, padding=1)
+        self.head = nn.Linear(width, 1) if heads else None
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, c)[:, None, None])
+
+    def forward(self, x: torch.Tensor):
+        h = torch.tanh(self.inp(x * self.scale))
+        v = self.out(h)
+        return v if self.head is None else (v, self.head(h.mean((-1, -2))).squeeze(-1))
+
+
+MODELS = {"mlp": (MLP, (4,)), "conv": (ConvNet, (2, 3, 3))}
+
+
+def make_model(name: str, heads: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return MODELS[name][0](heads).double()
+
+
+def batch(name: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2 * WORLD, *MODELS[name][1], generator=g, dtype=torch.float64)
+
+
+def _ode(method: str) -> Callable:
+    """``log_likelihood`` of the flow of ``f``: exact by an adaptive solver (a number of
+    evaluations that differs between the ranks' halves), estimated by a fixed-step one."""
+    if method == "auto":
+        options: dict = {"solver": "dopri5", "rtol": 1e-6, "atol": 1e-6}
+    else:
+        generator = torch.Generator().manual_seed(2)
+        options = {"solver": "rk4", "options": {"step_size": 0.5}, "num_probes": 2}
+        options["generator"] = generator
+
+    def log_likelihood(f: Callable, x: torch.Tensor) -> torch.Tensor:
+        return torchdiv.flows.log_likelihood(
+            lambda t, z: f(z) * (1 + t),
+            x,
+            0.0,
+            1.0,
+            lambda z: -0.5 * z.flatten(1).square().sum(-1),
+            method=method,
+            **options,
+        )
+
+    return log_likelihood
+
+
+def _probes(fn: Callable, method: str, probes: int) -> Callable:
+    return lambda f, x: fn(
+        f, x, method=method, num_probes=probes, generator=torch.Generator().manual_seed(2)
+    )
+
+
+def _value_grad_laplacian(f: Callable, x: torch.Tensor) -> torch.Tensor:
+    """The Laplacian and the gradient's square norm (a result made of a named tuple's parts)."""
+    out = torchdiv.value_grad_laplacian(f, x)
+    return out.laplacian.flatten(1).sum(-1) + out.gradient.flatten(1).square().sum(-1)
+
+
+def _checked(f: Callable, x: torch.Tensor) -> torch.Tensor:
+    """The divergence after ``check_batch_independence`` (which changes nothing DDP sees)."""
+    torchdiv.check_batch_independence(f, x)
+    return torchdiv.divergence(f, x)
+
+
+def operators() -> dict[str, Callable]:
+    ops: dict[str, Callable] = {}
+    for m in ("auto", "forward", "reverse", "structured"):
+        ops[f"divergence/{m}"] = lambda f, x, m=m: torchdiv.divergence(f, x, method=m)
+    for m, k in (("hutchinson", 2), ("hutch++", 3), ("xtrace", 2)):
+        ops[f"divergence/{m}"] = _probes(torchdiv.divergence, m, k)
+    for m in ("auto", "forward", "reverse"):
+        ops[f"jacobian/{m}"] = lambda f, x, m=m: torchdiv.jacobian(f, x, method=m)
+    for m in ("auto", "forward", "reverse", "structured"):
+        ops[f"jacobian_diagonal/{m}"] = lambda f, x, m=m: torchdiv.jacobian_diagonal(f, x, method=m)
+    ops["jacobian_diagonal/hutchinson"] = _probes(torchdiv.jacobian_diagonal, "hutchinson", 2)
+    for m in ("auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad"):
+        ops[f"laplacian/{m}"] = lambda f, x, m=m: torchdiv.laplacian(f, x, method=m)
+    ops["laplacian/hutchinson"] = _probes(torchdiv.laplacian, "hutchinson", 2)
+    ops["estimate_divergence/hutchinson"] = lambda f, x: (
+        _probes(torchdiv.estimate_divergence, "hutchinson", 2)(f, x).value
+    )
+    ops["value_grad_laplacian/auto"] = _value_grad_laplacian
+    ops["check_batch_independence/auto"] = _checked
+    ops["graph_divergence/auto"] = "graph"  # type: ignore[assignment]
+    ops["log_likelihood/auto"] = _ode("auto")
+    ops["log_likelihood/hutchinson"] = _ode("hutchinson")
+    return ops
+
+
+LOSSES = ("alone", "with-f", "heads")
+
+
+def loss(model: nn.Module, x: torch.Tensor, op_name: str, kind: str) -> torch.Tensor:
+    """``kind``: the operator's result alone (the last bias then has no gradient), with
+    ``f(x)``, or of one head of a two-headed module with both heads' values."""
+    op = operators()[op_name]
+    if kind == "heads":
+
+        def f(z):
+            return model(z)[0]
+    else:
+        f = model
+    if op == "graph":
+        xg = x.detach().requires_grad_(True)
+        out = model(xg)
+        y = out[0] if kind == "heads" else out
+        value = torchdiv.graph_divergence(y, xg, create_graph=True)
+    else:
+        out = None
+        value = op(f, x)
+    total = value.square().mean()
+    if kind == "with-f":
+        total = total + (model(x) if out is None else out).square().mean()
+    elif kind == "heads":
+        out = model(x) if out is None else out
+        total = total + out[0].square().mean() + out[1].square().mean()
+    return total
+
+
+Case = tuple[str, str, str, str]  # wrapper, model, operator/method, loss
+
+
+def configs(wrappers, models, ops=None) -> list[Case]:
+    """Every combination (``bench/ddp_matrix.py``)."""
+    ops = ops or list(operators())
+    return [(w, m, o, k) for w in wrappers for m in models for o in ops for k in LOSSES]
+
+
+def sample() -> list[Case]:
+    """The test suite's share of ``configs``: every operator/method under one DDP option and
+    one FSDP2 setting, which turn with the operator's position, as do the model and the loss
+    (every wrapper meets several operators, every operator both families), and the cases
+    ``static_graph=True`` once got silently wrong."""
+    ddp = [w for w in WRAPPERS if w.startswith("ddp")]
+    fsdp = [w for w in WRAPPERS if w.startswith("fsdp")]
+    models = list(MODELS)
+    cases: list[Case] = []
+    for k, op in enumerate(operators()):
+        for j, wrapper in enumerate((ddp[k % len(ddp)], fsdp[k % len(fsdp)])):
+            cases.append((wrapper, models[(k + j) % 2], op, LOSSES[(k + j) % len(LOSSES)]))
+    static = [("divergence/auto", "with-f"), ("divergence/hutchinson", "with-f"),
+              ("graph_divergence/auto", "alone")]  # fmt: skip
+    return cases + [("ddp-static", "mlp", op, loss) for op, loss in static]
+
+
+def wrap(model: nn.Module, wrapper: str) -> nn.Module:
+    options = WRAPPERS[wrapper]
+    if wrapper.startswith("ddp"):
+        return nn.parallel.DistributedDataParallel(model, **options)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for child in model.children():
+        fully_shard(child, mesh=mesh, **options)
+    return fully_shard(model, mesh=mesh, **options)
+
+
+def full_grads(model: nn.Module) -> list[list[float]]:
+    out = []
+    for p in model.parameters():
+        g = p.grad
+        if g is None:
+            g = torch.zeros_like(p.full_tensor() if hasattr(p, "full_tensor") else p)
+        elif hasattr(g, "full_tensor"):
+            g = g.full_tensor()
+        out.append(g.detach().double().flatten().tolist())
+    return out
+
+
+def run_config(config, rank: int) -> tuple[str, object]:
+    """``("ok", [grads step 0, grads step 1])`` or ``("error", message)`` on this rank."""
+    import torch.distributed as dist
+
+    wrapper, model_name, op, kind = config
+    try:
+        model = wrap(make_model(model_name, kind == "heads"), wrapper)
+        x = batch(model_name).chunk(WORLD)[rank]
+        steps = []
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            loss(model, x, op, kind).backward()
+            steps.append(full_grads(model))
+        result: tuple[str, object] = ("ok", steps)
+    except Exception as error:
+        result = ("error", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
+    flags = [None] * WORLD
+    dist.all_gather_object(flags, result[0])  # both ranks must agree before the next config
+    return result
+
+
+def reference(config) -> list[list[float]]:
+    _, model_name, op, kind = config
+    model = make_model(model_name, kind == "heads")
+    halves = []
+    for x in batch(model_name).chunk(WORLD):
+        model.zero_grad(set_to_none=True)
+        loss(model, x, op, kind).backward()
+        halves.append(
+            [
+                torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                for p in model.parameters()
+            ]
+        )
+    return [sum(g) / WORLD for g in zip(*halves, strict=True)]
+
+
+def judge(config, result) -> tuple[str, str]:
+    """``(verdict, detail)`` of a case's outcome on rank 0 (see the module docstring)."""
+    status, payload = result
+    if status != "ok":
+        return status, payload
+    expected = reference(config)
+    worst = 0.0
+    for step in payload:
+        for got, ref in zip(step, expected, strict=True):
+            got = torch.tensor(got, dtype=torch.float64).reshape(ref.shape)
+            scale = max(ref.norm().item(), 1e-12)
+            worst = max(worst, (got - ref).norm().item() / scale)
+    return ("right" if worst <= TOL else "wrong"), f"relative error {worst:.2e}"
+
+
+def _worker(rank: int, port: int, todo: list, results: Any, runner: Callable) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timeout)
+    try:
+        for index, item in todo:
+            outcome = runner(item, rank)
+            if rank == 0:
+                results.put((index, outcome))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_pairs(
+    todo: list[tuple[int, Any]],
+    runner: Callable[[Any, int], Any] = run_config,
+    timeout: float = CASE_TIMEOUT_S,
+    report: Callable[[int, Any], None] | None = None,
+) -> dict[int, Any]:
+    """``runner(item, rank)`` for every ``(index, item)`` of ``todo`` on ``WORLD`` spawned gloo
+    processes; returns rank 0's outcome of every index. A pair that crashes, or reports
+    nothing for ``timeout`` seconds, is killed: its case gets ``("crash" | "hang", exit
+    codes)`` and the rest start on a fresh pair. Never waits longer than that."""
+    context = multiprocessing.get_context("spawn")
+    outcomes: dict[int, Any] = {}
+    remaining = list(todo)
+    while remaining:
+        results = context.Queue()
+        port = free_port()
+        workers = [
+            context.Process(target=_worker, args=(r, port, remaining, results, runner), daemon=True)
+            for r in range(WORLD)
+        ]
+        for w in workers:
+            w.start()
+        done = 0
+        deadline = time.monotonic() + timeout + STARTUP_S
+        while done < len(remaining):
+            try:
+                index, outcome = results.get(timeout=POLL_S)
+            except queue.Empty:
+                codes = [w.exitcode for w in workers]
+                died = any(code not in (None, 0) for code in codes)
+                if not died and time.monotonic() < deadline and None in codes:
+                    continue
+                index, outcome = remaining[done][0], ("crash" if died else "hang", str(codes))
+                outcomes[index] = outcome
+                done += 1
+                if report is not None:
+                    report(index, outcome)
+                break
+            outcomes[index] = outcome
+            done += 1
+            deadline = time.monotonic() + timeout
+            if report is not None:
+                report(index, outcome)
+        for w in workers:
+            w.join(timeout=POLL_S)
+            if w.is_alive():
+                w.kill()
+                w.join()
+        remaining = remaining[done:]
+    return outcomes
+
+
+# Sharded operators (torchdiv.distributed): every rank holds the whole batch and a share of the
+# directions. A case is (operator, method, model, wrapper): wrapper "ddp" lets DDP average the
+# gradients, "none" averages them by hand (the rule the module documents).
+SHARDED = [
+    *[("divergence", m, "conv", "none") for m in ("auto", "structured", "forward", "reverse")],
+    ("divergence", "auto", "mlp", "none"),  # tiny: the generic engines
+    ("divergence", "structured", "mlp", "none"),  # a chain: the first rank computes it whole
+    ("divergence", "hutchinson", "conv", "none"),
+    ("divergence", "hutchinson-1", "mlp", "none"),  # one probe: the second rank has none
+    ("divergence", "auto", "conv", "ddp"),
+    ("laplacian", "auto", "mlp", "none"),
+    ("laplacian", "auto", "conv", "ddp"),
+]
+HUTCHINSON_PROBES = 5  # not a multiple of the ranks: shares of 2 and 3 (or "hutchinson-k")
+
+
+def sharded_value(f: Callable, x: torch.Tensor, op: str, method: str, sharded: bool):
+    """The operator of ``f`` at ``x``, by ``torchdiv.distributed`` or (not ``sharded``) in one
+    process."""
+    module = torchdiv.distributed if sharded else torchdiv
+    if op == "laplacian":
+        return module.laplacian(f, x)
+    options: dict = {"method": method.split("-")[0]}
+    if method.startswith("hutchinson"):
+        probes = int(method.split("-")[1]) if "-" in method else HUTCHINSON_PROBES
+        options.update(num_probes=probes, generator=torch.Generator().manual_seed(3))
+    return module.divergence(f, x, **options)
+
+
+def run_sharded(case, rank: int) -> tuple[str, object]:
+    """``("ok", (every rank's values, rank-averaged gradients))`` or ``("error", message)``."""
+    import torch.distributed as dist
+
+    op, method, model_name, wrapper = case
+    try:
+        model = make_model(model_name, False)
+        if wrapper == "ddp":
+            model = nn.parallel.DistributedDataParallel(model)
+        value = sharded_value(model, batch(model_name), op, method, sharded=True)
+        value.square().mean().backward()
+        grads = []
+        for p in model.parameters():
+            grad = torch.zeros_like(p) if p.grad is None else p.grad
+            if wrapper != "ddp":  # what DDP does: the mean over the ranks
+                dist.all_reduce(grad)
+                grad /= WORLD
+            grads.append(grad.flatten().tolist())
+        values: list = [None] * WORLD
+        dist.all_gather_object(values, value.detach().flatten().tolist())
+        result: tuple[str, object] = ("ok", (values, grads))
+    except Exception as error:
+        result = ("error", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
+    flags = [None] * WORLD
+    dist.all_gather_object(flags, result[0])
+    return result
+
+
+def sharded_reference(case) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One process's value and parameter gradients."""
+    op, method, model_name, _ = case
+    model = make_model(model_name, False)
+    value = sharded_value(model, batch(model_name), op, method, sharded=False)
+    value.square().mean().backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+    return value.detach().flatten(), [g.flatten() for g in grads]
