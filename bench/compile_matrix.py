@@ -59,7 +59,8 @@ def nets(dtype: torch.dtype) -> dict[str, tuple[torch.nn.Module, Callable[[int],
         torch.nn.Linear(32, 8),
     )  # fmt: skip
     conv = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Softplus(), torch.nn.Conv2d(8, 3, 3, padding=1)
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Softplus(),
+        torch.nn.Conv2d(8, 3, 3, padding=1),
     )  # fmt: skip
     lap = torch.nn.Sequential(
         torch.nn.Linear(3, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(),
@@ -109,7 +110,9 @@ class Counting:
 
 
 def tol(dtype: torch.dtype) -> dict[str, float]:
-    return {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    return (
+        {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    )
 
 
 def grads(net: torch.nn.Module) -> list[torch.Tensor]:
@@ -178,7 +181,10 @@ def run_cell(net_name, method, mode, backend, dtype) -> str:
             ok &= close(lc, le, dtype)
             if i == 0:
                 after_first = count.compiled
-        ok &= all(close(a, b, dtype) for a, b in zip(comp_net.parameters(), eager_net.parameters()))
+        ok &= all(
+            close(a, b, dtype)
+            for a, b in zip(comp_net.parameters(), eager_net.parameters(), strict=True)
+        )
         recompiled = count.compiled - after_first
         return f"{'ok' if ok else 'MISMATCH'} graphs={after_first} recompiles={recompiled}"
     if mode == "dynamic":

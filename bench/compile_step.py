@@ -25,6 +25,7 @@ bench/results/compile_step.json (every case).
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -102,7 +103,11 @@ def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
         for _ in range(3):
             eager_step(x)
             compiled_step(x)
-        times = time_interleaved({"eager": lambda: eager_step(x), "compiled": lambda: compiled_step(x)}, rounds, min_run_time)  # fmt: skip
+        calls = {
+            "eager": functools.partial(eager_step, x),
+            "compiled": functools.partial(compiled_step, x),
+        }
+        times = time_interleaved(calls, rounds, min_run_time)
         row = {
             "case": case,
             "method": method,
@@ -124,8 +129,14 @@ def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
 
 
 def tables(rows: list[dict[str, Any]]) -> None:
-    columns = [("case", "case"), ("method", "method"), ("eager_ms", "eager ms"),
-               ("compiled_ms", "compiled ms"), ("ratio", "compiled / eager"), ("correct", "same step")]  # fmt: skip
+    columns = [
+        ("case", "case"),
+        ("method", "method"),
+        ("eager_ms", "eager ms"),
+        ("compiled_ms", "compiled ms"),
+        ("ratio", "compiled / eager"),
+        ("correct", "same step"),
+    ]
     print(markdown(rows, columns))
 
 

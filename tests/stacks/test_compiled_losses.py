@@ -13,9 +13,13 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
+from conftest import assert_close
 
 import torchdiv
-from conftest import assert_close
+
+# Dynamo reads .grad of the non-leaf tensors it resumes with after a graph break (structured,
+# Taylor) behind a filter of its own, which pytest's "error" filter overrides
+pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not")
 
 Op = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -58,7 +62,9 @@ def mlp(d_in: int = 3, d_out: int = 3) -> torch.nn.Module:
 def conv() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.Softplus(), torch.nn.Conv2d(4, 2, 3, padding=1)
+        torch.nn.Conv2d(2, 4, 3, padding=1),
+        torch.nn.Softplus(),
+        torch.nn.Conv2d(4, 2, 3, padding=1),
     ).double()
 
 
@@ -76,53 +82,48 @@ def loss_and_grads(
     value = loss(x, probes)
     value.backward()
     # a bias the operator does not depend on (a divergence's last one) gets no gradient
-    return value.detach(), [torch.zeros_like(p) if p.grad is None else p.grad for p in net.parameters()]
+    return value.detach(), [
+        torch.zeros_like(p) if p.grad is None else p.grad for p in net.parameters()
+    ]
 
 
-def assert_compiled_matches(net: torch.nn.Module, op: Op, x: torch.Tensor, **options: Any) -> None:
-    """The compiled loss's value and parameter gradients equal eager ones (float64: 1e-10)."""
+def assert_compiled_matches(
+    net: torch.nn.Module, op: Op, x: torch.Tensor, **options: Any
+) -> Counting:
+    """The compiled loss's value and parameter gradients equal eager ones (float64: 1e-10);
+    returns the backend that counted its graphs."""
     probes = torchdiv.draw_probes(x, 3, generator=torch.Generator().manual_seed(1))
 
     def loss(x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
         return op(net, x, probes).square().mean()
 
     expected, expected_grads = loss_and_grads(loss, net, x, probes)
-    compiled = torch.compile(loss, backend="aot_eager", **options)
+    backend = Counting()
+    compiled = torch.compile(loss, backend=backend, **options)
     value, grads = loss_and_grads(compiled, net, x, probes)
     assert_close(value, expected)
     for got, want in zip(grads, expected_grads, strict=True):
         assert_close(got, want)
+    return backend
 
 
 # the generic engines and the estimators with probes given: one graph, no break
 FULLGRAPH: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] = {
-    "divergence reverse, conv": (
-        conv,
-        (2, 2, 4, 4),
-        lambda f, x, p: torchdiv.divergence(f, x, method="reverse"),
-    ),
-    "divergence forward, MLP": (
+    "divergence forward": (
         mlp,
         (5, 3),
         lambda f, x, p: torchdiv.divergence(f, x, method="forward"),
     ),
-    "divergence auto, tiny MLP": (mlp, (5, 3), lambda f, x, p: torchdiv.divergence(f, x)),
-    "divergence hutchinson, conv (auto's engine, unwatched)": (
+    "divergence hutchinson, conv (auto's engines, unwatched)": (
         conv,
         (2, 2, 4, 4),
         lambda f, x, p: torchdiv.divergence(f, x, method="hutchinson", probes=p),
     ),
-    "jacobian_diagonal reverse": (
-        mlp,
-        (5, 3),
-        lambda f, x, p: torchdiv.jacobian_diagonal(f, x, method="reverse").sum(-1),
-    ),
-    "laplacian forward-over-reverse": (
+    "laplacian forward-over-reverse, chunked": (
         pinn,
         (6, 2),
         lambda f, x, p: torchdiv.laplacian(f, x, method="forward-over-reverse", chunk_size=1),
     ),
-    "laplacian hessian": (pinn, (6, 2), lambda f, x, p: torchdiv.laplacian(f, x, method="hessian")),
     "laplacian hutchinson (HVPs, not recorded)": (
         pinn,
         (6, 2),
@@ -145,13 +146,7 @@ RECORDING: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] 
         (2, 2, 4, 4),
         lambda f, x, p: torchdiv.divergence(f, x, method="structured"),
     ),
-    "divergence auto, large enough to plan": (
-        conv,
-        (2, 2, 4, 4),
-        lambda f, x, p: torchdiv.divergence(f, x),
-    ),
     "laplacian taylor": (pinn, (6, 2), lambda f, x, p: torchdiv.laplacian(f, x, method="taylor")),
-    "laplacian auto": (pinn, (6, 2), lambda f, x, p: torchdiv.laplacian(f, x)),
     "laplacian grad-of-grad": (
         pinn,
         (6, 2),
@@ -162,12 +157,10 @@ RECORDING: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] 
 
 @pytest.mark.parametrize("name", list(RECORDING))
 def test_recording_engines_break_the_graph_once(name):
+    """The engine runs eagerly between the graph before it and the one after it."""
     make, shape, op = RECORDING[name]
-    net, x = make(), torch.randn(shape, dtype=torch.float64)
-    assert_compiled_matches(net, op, x)
-    explained = torch._dynamo.explain(lambda x: op(net, x, x).square().mean())(x)
-    assert explained.graph_break_count <= 1
-    assert all("disable" in r.reason for r in explained.break_reasons)
+    backend = assert_compiled_matches(make(), op, torch.randn(shape, dtype=torch.float64))
+    assert backend.compiled <= 2
 
 
 def test_fullgraph_refuses_the_recording_engines():
@@ -181,68 +174,31 @@ def test_fullgraph_refuses_the_recording_engines():
         loss(x)
 
 
-@pytest.mark.parametrize("method", ["reverse", "hutchinson"])
-def test_no_recompilation_and_dynamic_batch(method):
-    """Fixed shapes: the graphs of the first step serve the next ones. ``dynamic=True``: new
-    batch sizes reuse them (the first is specialised by Dynamo's 0/1 rule at most once)."""
-    net = conv()
+def test_no_recompilation_and_dynamic_batch():
+    """Fixed shapes: the graph of the first step serves the next ones. ``dynamic=True``: new
+    batch sizes reuse it (the first call may be specialised, once)."""
+    net = mlp()
 
-    def loss(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        options = {"probes": p} if method == "hutchinson" else {}
-        return torchdiv.divergence(net, x, method=method, **options).square().mean()
-
-    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(n, 2, 4, 4, dtype=torch.float64)
-        return x, torchdiv.draw_probes(x, 2)
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return torchdiv.divergence(net, x, method="reverse").square().mean()
 
     fixed = Counting()
     compiled = torch.compile(loss, backend=fixed)
-    x, p = batch(3)
+    x = torch.randn(6, 3, dtype=torch.float64)
     for _ in range(3):
-        compiled(x, p).backward()
+        compiled(x).backward()
     assert fixed.compiled == 1 and fixed.runs == 3
 
     torch._dynamo.reset()
     dynamic = Counting()
     compiled = torch.compile(loss, backend=dynamic, dynamic=True)
-    for n in (3, 5, 8):
-        x, p = batch(n)
-        assert_close(compiled(x, p), loss(x, p))
+    for n in (6, 7, 9):
+        x = torch.randn(n, 3, dtype=torch.float64)
+        assert_close(compiled(x), loss(x))
     assert dynamic.compiled <= 2
 
 
-@pytest.mark.parametrize(
-    "call",
-    [
-        lambda f, x: torchdiv.divergence(f, x, method="reverse"),
-        lambda f, x: torchdiv.divergence(f, x, method="forward"),
-        lambda f, x: torchdiv.jacobian(f, x),
-        lambda f, x: torchdiv.laplacian(f, x, method="forward-over-reverse").sum(-1),
-    ],
-    ids=["divergence reverse", "divergence forward", "jacobian", "laplacian"],
-)
-def test_compiled_model_runs_compiled_inside(call):
-    """The products of a compiled ``f`` run as compiled graphs (its backend), equal to eager,
-    differentiable, and the model itself stays compiled."""
-    net, backend = mlp(), Counting()
-    model = torch.compile(net, backend=backend)
-    x = torch.randn(5, 3, dtype=torch.float64)
-    expected = call(net, x)
-    runs = backend.runs
-    got = call(model, x)
-    assert backend.runs > runs, "the products ran eagerly"
-    assert_close(got, expected)
-    grads = torch.autograd.grad(got.sum(), list(net.parameters()), allow_unused=True)
-    references = torch.autograd.grad(expected.sum(), list(net.parameters()), allow_unused=True)
-    for a, b in zip(grads, references, strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert_close(a, b)
-    runs = backend.runs
-    model(x)
-    assert backend.runs == runs + 1
-
-
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_inductor_forward_mode_through_hidden_layers():
     """Inductor reused the buffer of an immutable ``ZeroTensor`` (forward-mode zeros of the
     parameters' tangents) in the backward of every JVP through a hidden layer."""
@@ -253,7 +209,10 @@ def test_inductor_forward_mode_through_hidden_layers():
         return torchdiv.divergence(net, x, method="forward").square().mean()
 
     expected, expected_grads = loss_and_grads(lambda x, _: loss(x), net, x, x)
-    value, grads = loss_and_grads(lambda x, _: torch.compile(loss)(x), net, x, x)
+    from torch._inductor import config  # imported here: inductor takes seconds to import
+
+    with config.patch(compile_threads=1):  # no pool of compiler processes to start
+        value, grads = loss_and_grads(lambda x, _: torch.compile(loss)(x), net, x, x)
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
