@@ -95,3 +95,22 @@ def test_compiled_model_stays_compiled(compiled, name):
     before = backend.runs
     model(x)
     assert backend.runs == before + 1, f"{name} left the compiled model running eagerly"
+
+
+def test_compiled_function_runs_compiled_inside():
+    """A ``torch.compile``d function (not a module) as ``f``: the same."""
+    torch.manual_seed(0)
+    weight = torch.randn(3, 3, dtype=torch.float64)
+
+    def g(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ weight.T)
+
+    backend = Counting()
+    compiled = torch.compile(g, backend=backend)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    expected = torchdiv.divergence(g, x, method="reverse")
+    torch.testing.assert_close(torchdiv.divergence(compiled, x, method="reverse"), expected)
+    assert backend.runs == 1
+    compiled(x)
+    assert backend.runs == 2
+    torch._dynamo.reset()
