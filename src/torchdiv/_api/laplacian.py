@@ -50,7 +50,7 @@ from torchdiv._core.checks import (
     checked,
 )
 from torchdiv._core.mixing import check_empty_event
-from torchdiv._core.modes import outside_inference_mode
+from torchdiv._core.modes import compiled_like_f, outside_inference_mode
 from torchdiv._estimators import trace as _trace
 from torchdiv._laplacian import methods
 from torchdiv._laplacian.along import along, unit_columns
@@ -59,6 +59,7 @@ Function = Callable[[torch.Tensor], torch.Tensor]
 METHODS = ("auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad", "hutchinson")
 
 
+@compiled_like_f
 @outside_inference_mode
 @reported("laplacian")
 def laplacian(

@@ -15,7 +15,7 @@ from torchdiv._core.checks import (
     check_method,
     checked,
 )
-from torchdiv._core.modes import outside_inference_mode
+from torchdiv._core.modes import compiled_like_f, outside_inference_mode
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.registry import STOCHASTIC_METHODS
@@ -45,6 +45,7 @@ def _prepare(
     return checked(fn, f, x, batch_dims, square)
 
 
+@compiled_like_f
 @outside_inference_mode
 @reported("jacobian")
 def jacobian(
@@ -102,6 +103,7 @@ def jacobian(
     return jac.reshape(shape).to(x.dtype)
 
 
+@compiled_like_f
 @outside_inference_mode
 @reported("jacobian_diagonal")
 def jacobian_diagonal(
@@ -171,6 +173,7 @@ def jacobian_diagonal(
     return diag.reshape(x.shape).to(x.dtype)
 
 
+@compiled_like_f
 @outside_inference_mode
 @reported("divergence")
 def divergence(
@@ -265,6 +268,7 @@ def divergence(
     return div.reshape(x.shape[:batch_dims]).to(x.dtype)
 
 
+@compiled_like_f
 @outside_inference_mode
 @reported("estimate_divergence")
 def estimate_divergence(

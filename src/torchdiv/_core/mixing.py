@@ -91,8 +91,10 @@ def allow_batch_interaction() -> Iterator[None]:
 
 
 def allowed() -> bool:
-    """Whether ``allow_batch_interaction()`` is active in this thread."""
-    return getattr(_state, "allowed", False)
+    """Whether ``allow_batch_interaction()`` is active in this thread, or Dynamo traces the
+    call (``torch.compile``): detection watches the dispatcher, which a compiled graph has
+    not got."""
+    return getattr(_state, "allowed", False) or torch.compiler.is_compiling()
 
 
 class BatchAxes:

@@ -47,12 +47,91 @@ def outside_inference_mode(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():  # Dynamo traces the call: no mode checks to break on
+            _materialized_zero_tangents()
             return fn(f, x, *args, **kwargs)
         with CompiledCodeEager(), one_forward() as call:
             result = outside(f, x, *args, **kwargs)
             return result if call is None else call.finish(result)
 
     return wrapper  # type: ignore[return-value]
+
+
+_DRAWS = ("num_probes", "generator", "rtol", "atol")  # options of calls that draw probes
+
+
+def compiled_like_f(fn: F) -> F:
+    """Decorate ``fn(f, x, ...)`` (outside ``outside_inference_mode``) so that a
+    ``torch.compile``d ``f`` (module or function) runs compiled: ``fn`` is compiled as ``f``
+    was (same backend and ``dynamic``) and called with ``f``'s uncompiled original.
+
+    A compiled function called inside ``torch.func`` transforms runs eagerly (Dynamo cannot
+    trace under them); transforms inside a compiled call are traced, so the products run as
+    compiled code. Calls that draw probes run eagerly (compiled random numbers differ from
+    eager ones), as do calls under inference mode and calls Dynamo already traces.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        parts = None
+        if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
+            drawn = any(kwargs.get(name) is not None for name in _DRAWS)
+            inference_x = isinstance(x, torch.Tensor) and x.is_inference()
+            parts = None if drawn or inference_x else _compiled_parts(f)
+        if parts is None:
+            return fn(f, x, *args, **kwargs)
+        original, backend, dynamic = parts
+        return _compiled(fn, backend, dynamic)(original, x, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _compiled_parts(f: Any) -> tuple[Callable[..., Any], Any, bool | None] | None:
+    """What ``torch.compile`` made ``f`` from: the original callable, the backend, ``dynamic``
+    (read from Dynamo's private attributes: ``None`` where they are not as expected)."""
+    original = getattr(f, "_torchdynamo_orig_callable", None)
+    if original is None:
+        return None
+    context = getattr(f, "dynamo_ctx", None)  # a compiled module
+    cells = getattr(f, "__closure__", None) or ()  # a compiled function's wrapper
+    for cell in cells if context is None else ():
+        if type(cell.cell_contents).__name__ == "OptimizeContext":
+            context = cell.cell_contents
+    backend: Any = getattr(context, "callback", None)
+    while hasattr(backend, "_torchdynamo_orig_backend"):  # Dynamo's wrappers around it
+        backend = backend._torchdynamo_orig_backend
+    if context is None or backend is None or not callable(original):
+        return None
+    return original, backend, getattr(context, "_dynamic", None)
+
+
+_COMPILED: dict[tuple[Any, int, bool | None], tuple[Any, Callable[..., Any]]] = {}
+
+
+def _compiled(fn: Callable[..., Any], backend: Any, dynamic: bool | None) -> Callable[..., Any]:
+    """One ``torch.compile`` of ``fn`` per backend object (kept alive with it: its id is the
+    key; backends need not be hashable)."""
+    key = (fn, id(backend), dynamic)
+    if key not in _COMPILED:
+        _COMPILED[key] = backend, torch.compile(fn, backend=backend, dynamic=dynamic)
+    return _COMPILED[key][1]
+
+
+@torch.compiler.assume_constant_result  # Dynamo runs it when tracing, instead of tracing it
+def _materialized_zero_tangents() -> bool:
+    """Have inductor build the zeros that forward-mode formulas use for tensors without a
+    tangent (a model's parameters) as ordinary tensors (``aten._efficientzerotensor``).
+
+    Inductor runs that op as a fallback kernel, which returns an immutable ``ZeroTensor``, and
+    then reuses its buffer as the ``out=`` of a later kernel: "ZeroTensors are immutable" in
+    the backward of every compiled JVP through a hidden layer (PyTorch 2.13). The same values
+    as ordinary zeros; run whenever Dynamo traces a torchdiv call."""
+    from torch._inductor.decomposition import decompositions
+
+    def zeros(size: list[int], **options: Any) -> torch.Tensor:
+        return torch.zeros(size, **{k: v for k, v in options.items() if v is not None})
+
+    decompositions.setdefault(torch.ops.aten._efficientzerotensor.default, zeros)
+    return True
 
 
 class CompiledCodeEager(contextlib.ContextDecorator):
@@ -88,6 +167,21 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             sys.modules["torch._dynamo.eval_frame"]._set_stance(self.prior)
 
 
+def recorded(fn: F) -> F:
+    """Run ``fn`` eagerly when Dynamo traces its caller: an engine that records ``f``'s ops and
+    plans from them (structured, Taylor) or differentiates a graph already built
+    (``autograd.grad``) is one graph break inside a compiled region, not a failed trace."""
+    eager = torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return eager(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 @contextlib.contextmanager
 def math_attention() -> Iterator[None]:
     """Run attention as primitives: ``scaled_dot_product_attention`` on PyTorch's math
@@ -95,7 +189,12 @@ def math_attention() -> Iterator[None]:
     rules; the fused CPU kernel has neither), and ``nn.MultiheadAttention`` /
     ``nn.TransformerEncoderLayer`` off their fused fast path (``_transformer_encoder_layer_fwd``,
     ``_native_multi_head_attention``, taken in eval mode with frozen parameters), which has
-    no derivatives at all. The caller's fast-path setting is restored afterwards."""
+    no derivatives at all. The caller's fast-path setting is restored afterwards. Inside a
+    compiled region only the SDPA backend is set: Dynamo cannot trace the fast-path switch."""
+    if torch.compiler.is_compiling():
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+        return
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:

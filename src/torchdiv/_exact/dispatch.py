@@ -219,7 +219,9 @@ def _engines(
         return RerunJacobian(again, x, batch_dims), planned[-1]
 
     try:
-        watch = not tiny or (x.dim() == batch_dims and not _mixing.allowed())
+        watch = not torch.compiler.is_compiling() and (
+            not tiny or (x.dim() == batch_dims and not _mixing.allowed())
+        )
         reverse, sizes = _watched(
             lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch, changes
         )

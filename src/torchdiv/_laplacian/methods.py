@@ -18,7 +18,7 @@ from torch.func import vjp, vmap
 from torchdiv._core.basis import WHOLE, Share, basis, broadcast_basis, chunks
 from torchdiv._core.checks import event_numel
 from torchdiv._core.mixing import check_empty_event
-from torchdiv._core.modes import SafeDerivatives, math_attention
+from torchdiv._core.modes import SafeDerivatives, math_attention, recorded
 from torchdiv._exact.forward import ForwardJacobian
 from torchdiv._laplacian.loop import grad_of_grad
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
@@ -36,6 +36,7 @@ LOOP_ELEMENTS = 1024
 LOOP_FALLBACK = 10
 
 
+@recorded
 def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
     n = event_numel(x, batch_dims)
     if loops(x, batch_dims):
@@ -66,6 +67,7 @@ def looped(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None
     return forward_over_reverse(f, x, batch_dims, chunk_size)
 
 
+@recorded
 def taylor(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
     graph = capture(f, x, RULES, batch_dims=batch_dims)
     if graph.unsupported:
@@ -177,9 +179,11 @@ def forward_over_reverse(
 def summed(parts: Iterator[tuple[torch.Tensor, torch.Size]]) -> tuple[torch.Tensor, torch.Size]:
     """The sum of the per-chunk ``(m, N)`` parts (at least one: ``x`` is not empty) and
     ``f(x).shape``; parts are made one at a time, so one chunk's products are in memory."""
-    total, y_shape = next(parts)
-    for part, _ in parts:
-        total = total + part
+    total: torch.Tensor | None = None
+    y_shape = torch.Size()
+    for part, shape in parts:  # a loop: Dynamo traces no next() of a generator
+        total, y_shape = (part if total is None else total + part), shape
+    assert total is not None
     return total, y_shape
 
 
@@ -206,9 +210,10 @@ def hutchinson(
     or Hessian-vector products dotted with the probes if an op has no Taylor rule."""
     r = len(probes)
     pieces = [probes[start:stop] for start, stop in chunks(r, chunk_size or r)]
-    out = collapsed_or_none(capture(f, x, RULES, batch_dims=batch_dims), x, iter(pieces))
-    if out is not None:
-        return out / r
+    if not torch.compiler.is_compiling():  # no recording in a compiled graph: HVPs there
+        out = collapsed_or_none(capture(f, x, RULES, batch_dims=batch_dims), x, iter(pieces))
+        if out is not None:
+            return out / r
 
     def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
         for v in pieces:
@@ -225,5 +230,5 @@ BY_NAME: dict[str, Callable[[Function, torch.Tensor, int, int | None], torch.Ten
     "taylor": taylor,
     "forward-over-reverse": forward_over_reverse,
     "hessian": hessian,
-    "grad-of-grad": lambda f, x, batch_dims, _: grad_of_grad(f, x, batch_dims),
+    "grad-of-grad": recorded(lambda f, x, batch_dims, _: grad_of_grad(f, x, batch_dims)),
 }

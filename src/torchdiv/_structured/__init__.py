@@ -28,6 +28,7 @@ import torch
 
 from torchdiv._core.basis import WHOLE, Share
 from torchdiv._core.checks import raised_by_f
+from torchdiv._core.modes import recorded
 from torchdiv._structured import colors, cycle, factors, forward
 from torchdiv._taylor import RULES, Graph, UnsupportedOp, capture, values
 from torchdiv._taylor.capture import Ref
@@ -48,6 +49,7 @@ def chosen(method: str, x: torch.Tensor, batch_dims: int) -> bool:
     return method == "structured" or (method == "auto" and big)
 
 
+@recorded
 def plan(
     fn: str,
     f: Function,

@@ -1,0 +1,218 @@
+"""torchdiv inside torch.compile: compiled losses (fullgraph for the generic engines, one graph
+break for the recording ones), no recompilation, and compiled models run compiled inside.
+
+Compiled with ``backend="aot_eager"`` (Dynamo and AOTAutograd, the parts that trace torchdiv;
+no code generation, so fast enough here), except one inductor smoke test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo
+from conftest import assert_close
+
+import torchdiv
+
+# Dynamo reads .grad of the non-leaf tensors it resumes with after a graph break (structured,
+# Taylor) behind a filter of its own, which pytest's "error" filter overrides
+pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not")
+
+Op = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Counting:
+    """A backend around ``aot_eager`` that counts the graphs compiled and their runs."""
+
+    def __init__(self) -> None:
+        self.compiled = self.runs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        self.compiled += 1
+        graph = torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+        def run(*args: Any) -> Any:
+            self.runs += 1
+            return graph(*args)
+
+        return run
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def mlp(d_in: int = 3, d_out: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(d_in, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, d_out),
+    ).double()
+
+
+def conv() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3, padding=1),
+        torch.nn.Softplus(),
+        torch.nn.Conv2d(4, 2, 3, padding=1),
+    ).double()
+
+
+def pinn() -> torch.nn.Module:
+    return torch.nn.Sequential(mlp(2, 1), torch.nn.Flatten(0))
+
+
+def loss_and_grads(
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    net: torch.nn.Module,
+    x: torch.Tensor,
+    probes: torch.Tensor,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    net.zero_grad()
+    value = loss(x, probes)
+    value.backward()
+    # a bias the operator does not depend on (a divergence's last one) gets no gradient
+    return value.detach(), [
+        torch.zeros_like(p) if p.grad is None else p.grad for p in net.parameters()
+    ]
+
+
+def assert_compiled_matches(
+    net: torch.nn.Module, op: Op, x: torch.Tensor, **options: Any
+) -> Counting:
+    """The compiled loss's value and parameter gradients equal eager ones (float64: 1e-10);
+    returns the backend that counted its graphs."""
+    probes = torchdiv.draw_probes(x, 3, generator=torch.Generator().manual_seed(1))
+
+    def loss(x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+        return op(net, x, probes).square().mean()
+
+    expected, expected_grads = loss_and_grads(loss, net, x, probes)
+    backend = Counting()
+    compiled = torch.compile(loss, backend=backend, **options)
+    value, grads = loss_and_grads(compiled, net, x, probes)
+    assert_close(value, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert_close(got, want)
+    return backend
+
+
+# the generic engines and the estimators with probes given: one graph, no break
+FULLGRAPH: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] = {
+    "divergence forward": (
+        mlp,
+        (5, 3),
+        lambda f, x, p: torchdiv.divergence(f, x, method="forward"),
+    ),
+    "divergence hutchinson, conv (auto's engines, unwatched)": (
+        conv,
+        (2, 2, 4, 4),
+        lambda f, x, p: torchdiv.divergence(f, x, method="hutchinson", probes=p),
+    ),
+    "laplacian forward-over-reverse, chunked": (
+        pinn,
+        (6, 2),
+        lambda f, x, p: torchdiv.laplacian(f, x, method="forward-over-reverse", chunk_size=1),
+    ),
+    "laplacian hutchinson (HVPs, not recorded)": (
+        pinn,
+        (6, 2),
+        lambda f, x, p: torchdiv.laplacian(f, x, method="hutchinson", probes=p),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FULLGRAPH))
+def test_fullgraph_matches_eager(name):
+    make, shape, op = FULLGRAPH[name]
+    x = torch.randn(shape, dtype=torch.float64)
+    assert_compiled_matches(make(), op, x, fullgraph=True)
+
+
+# engines that record f and plan from it, or differentiate a built graph: one graph break
+RECORDING: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] = {
+    "divergence structured": (
+        conv,
+        (2, 2, 4, 4),
+        lambda f, x, p: torchdiv.divergence(f, x, method="structured"),
+    ),
+    "laplacian taylor": (pinn, (6, 2), lambda f, x, p: torchdiv.laplacian(f, x, method="taylor")),
+    "laplacian grad-of-grad": (
+        pinn,
+        (6, 2),
+        lambda f, x, p: torchdiv.laplacian(f, x, method="grad-of-grad"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(RECORDING))
+def test_recording_engines_break_the_graph_once(name):
+    """The engine runs eagerly between the graph before it and the one after it."""
+    make, shape, op = RECORDING[name]
+    backend = assert_compiled_matches(make(), op, torch.randn(shape, dtype=torch.float64))
+    assert backend.compiled <= 2
+
+
+def test_fullgraph_refuses_the_recording_engines():
+    net, x = conv(), torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    loss = torch.compile(
+        lambda x: torchdiv.divergence(net, x, method="structured").sum(),
+        backend="aot_eager",
+        fullgraph=True,
+    )
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="disable"):
+        loss(x)
+
+
+def test_no_recompilation_and_dynamic_batch():
+    """Fixed shapes: the graph of the first step serves the next ones. ``dynamic=True``: new
+    batch sizes reuse it (the first call may be specialised, once)."""
+    net = mlp()
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return torchdiv.divergence(net, x, method="reverse").square().mean()
+
+    fixed = Counting()
+    compiled = torch.compile(loss, backend=fixed)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    for _ in range(3):
+        compiled(x).backward()
+    assert fixed.compiled == 1 and fixed.runs == 3
+
+    torch._dynamo.reset()
+    dynamic = Counting()
+    compiled = torch.compile(loss, backend=dynamic, dynamic=True)
+    for n in (6, 7, 9):
+        x = torch.randn(n, 3, dtype=torch.float64)
+        assert_close(compiled(x), loss(x))
+    assert dynamic.compiled <= 2
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_inductor_forward_mode_through_hidden_layers():
+    """Inductor reused the buffer of an immutable ``ZeroTensor`` (forward-mode zeros of the
+    parameters' tangents) in the backward of every JVP through a hidden layer."""
+    net = mlp().float()
+    x = torch.randn(4, 3)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return torchdiv.divergence(net, x, method="forward").square().mean()
+
+    expected, expected_grads = loss_and_grads(lambda x, _: loss(x), net, x, x)
+    from torch._inductor import config  # imported here: inductor takes seconds to import
+
+    with config.patch(compile_threads=1):  # no pool of compiler processes to start
+        value, grads = loss_and_grads(lambda x, _: torch.compile(loss)(x), net, x, x)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
