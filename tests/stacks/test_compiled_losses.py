@@ -198,6 +198,7 @@ def test_no_recompilation_and_dynamic_batch():
     assert dynamic.compiled <= 2
 
 
+@pytest.mark.slow  # ~19 s of inductor code generation on 2 cores
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_inductor_forward_mode_through_hidden_layers():
     """Inductor reused the buffer of an immutable ``ZeroTensor`` (forward-mode zeros of the
