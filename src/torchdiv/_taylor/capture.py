@@ -69,6 +69,8 @@ class Graph:
     # state f changed outside its own tensors: (tensor, its value before), and the RNG states
     changed: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     rng: list[tuple[Callable[[Any], None], Any]] = field(default_factory=list)
+    # what every replay needs to know about the nodes (``propagate.Plan``), made on first use
+    plan: Any = field(default=None, repr=False, compare=False)
 
     def undo(self) -> None:
         """Put back what recording ``f`` changed outside it (buffers it updated in place, the

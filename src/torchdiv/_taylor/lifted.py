@@ -10,7 +10,8 @@ vmaps.
 
 Each entry is ``(broadcast, lift)``: ``lift(j, nd, out, *args, **kwargs)`` gets ``j`` (``(K,) +``
 a shape that broadcasts to the input's ``nd`` dimensions if ``broadcast``, else expanded to the
-input's shape), the op's output value ``out`` and the op's other arguments. Ops that only
+input's shape), the op's output value ``out`` and the op's other arguments, and returns the
+op's ``jac`` (a tuple of them for ``split`` and ``unbind``). Ops that only
 rearrange dimensions or act elementwise keep a ``jac`` broadcast across samples broadcast (a
 first layer's ``(K, 1, n)``); ops that may merge or drop dimensions get the expanded ``jac``.
 """
@@ -24,7 +25,7 @@ import torch
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
-Lift = Callable[..., Tensor | None]
+Lift = Callable[..., Any]  # a tensor, a tuple of them (split, unbind), or None
 
 
 def _shift(dim: int, nd: int) -> int:
@@ -109,6 +110,11 @@ def _gather(j: Tensor, nd: int, out: Tensor, dim: int, index: Tensor, *, sparse_
     return j.gather(_shift(dim, nd), index.expand(len(j), *index.shape))
 
 
+def _split(j: Tensor, nd: int, out: Any, sizes: Any, dim: int = 0) -> tuple[Tensor, ...]:
+    """``split`` and ``split_with_sizes`` (several outputs, ``out`` is their list)."""
+    return j.split(sizes, _shift(dim, nd))
+
+
 def _squeezed(j: Tensor, nd: int, out: Tensor, dim: Any = None) -> Tensor:
     """``torch.squeeze`` as the composite rules call it (a dimension, several or all)."""
     return _reshaped(j, nd, out)
@@ -144,6 +150,8 @@ LIFTS: dict[Any, tuple[bool, Lift]] = {
     aten.flip.default: (False, _flip),
     aten.diagonal.default: (False, _diagonal),
     aten.gather.default: (False, _gather),
+    **{op: (False, _split) for op in (aten.split.Tensor, aten.split_with_sizes.default)},
+    aten.unbind.int: (False, lambda j, nd, out, dim=0: j.unbind(_shift(dim, nd))),
 }
 
 
