@@ -323,12 +323,16 @@ def value_grad_laplacian(
     g = checked(fn, f, x, batch_dims, square=False)
     if method == "auto" and x.numel() > 0 and methods.loops(x, batch_dims):
         check_empty_event(g, x, batch_dims)  # not recorded: see _mixing
-        value, jac, lap = _loop.value_grad_laplacian(g, x, batch_dims)
-        if bool(lap.isfinite().all()):  # else: a NaN double backward (see laplacian's _loop)
-            shape = (*x.shape[:batch_dims], *value.shape[batch_dims:], *x.shape[batch_dims:])
-            return ValueGradLaplacian(value, jac.reshape(shape), lap)
+        out = _looped(g, x, batch_dims)
+        if out is not None:
+            return out
     if method != "forward-over-reverse" and x.numel() > 0:
         graph = capture(g, x, RULES, batch_dims=batch_dims)
+        if method == "auto" and not graph.unsupported and methods.loops_for(graph, x, batch_dims):
+            graph.undo()  # f runs again: what recording it changed is put back first
+            out = _looped(g, x, batch_dims)
+            if out is not None:
+                return out
         try:
             if graph.unsupported:
                 raise UnsupportedOp(", ".join(sorted(set(graph.unsupported))))
@@ -349,6 +353,16 @@ def value_grad_laplacian(
     return ValueGradLaplacian(
         value, gradient, methods.forward_over_reverse(g, x, batch_dims, chunk_size)
     )
+
+
+def _looped(f: Function, x: torch.Tensor, batch_dims: int) -> ValueGradLaplacian | None:
+    """The loop of backward passes, or ``None`` where its Laplacian is not finite (a NaN
+    double backward: see ``laplacian``'s ``"auto"``)."""
+    value, jac, lap = _loop.value_grad_laplacian(f, x, batch_dims)
+    if not bool(lap.isfinite().all()):
+        return None
+    shape = (*x.shape[:batch_dims], *value.shape[batch_dims:], *x.shape[batch_dims:])
+    return ValueGradLaplacian(value, jac.reshape(shape), lap)
 
 
 def _sweep(

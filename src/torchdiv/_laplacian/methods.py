@@ -9,6 +9,7 @@ directions as given. Arguments are checked by the public functions (``torchdiv._
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -27,21 +28,38 @@ Function = Callable[[torch.Tensor], torch.Tensor]
 # "auto" chunks only when the widest jac (directions x its elements) would pass this many
 # elements (64 MiB in float32): each chunk replays the forward values, so fewer is faster
 CHUNK_ELEMENTS = 2**24
-# "auto" loops over backward passes at up to LOOP_INPUTS inputs while x has at most
-# LOOP_ELEMENTS elements (fixed costs dominate; at larger batches the Taylor engine was 5-15%
-# faster in training), and at up to LOOP_FALLBACK inputs where the Taylor engine cannot run f
-# (measured on tanh FNNs and Chebyshev KANs, bench/laplacian_small.py)
+# "auto" loops over backward passes instead of running the Taylor engine (bench/laplacian_small.py,
+# tanh FNNs and Chebyshev KANs): at one input while x has at most LOOP_ELEMENTS elements, decided
+# before recording f; at up to LOOP_INPUTS inputs where f's recorded graph does little arithmetic
+# per call (Graph.work_per_call below LOOP_WORK): the Taylor engine's fixed cost per call
+# (recording it, a rule in Python: 50-100 us) then outweighs what its n + 2 jets save against the
+# loop's 2n + 3 passes (a KAN at batch 256, 5.8k per call: the loop 1.2-1.6x faster; an FNN of
+# width 64, 52k: the Taylor engine 1.0-1.2x faster, more in training; the KAN at batch 2048,
+# 46k: Taylor 1.2x); and at up to LOOP_FALLBACK inputs where the Taylor engine cannot run f.
 LOOP_INPUTS = 2
 LOOP_ELEMENTS = 1024
+LOOP_WORK = 16384
 LOOP_FALLBACK = 10
+# what "auto" decided for each structure it recorded at up to LOOP_INPUTS inputs (_structure):
+# a later call with the same structure loops without recording f again
+_LOOPS: dict[tuple[Any, ...], bool] = {}
+_REMEMBERED = 256
 
 
 def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
     n = event_numel(x, batch_dims)
-    if loops(x, batch_dims):
+    key = _structure(f, x, batch_dims) if n <= LOOP_INPUTS else None
+    if loops(x, batch_dims) or (key is not None and _LOOPS.get(key, False)):
         check_empty_event(f, x, batch_dims)  # not recorded: see _mixing
         return looped(f, x, batch_dims, chunk_size)
     graph = capture(f, x, RULES, batch_dims=batch_dims)
+    if key is not None and not graph.unsupported:
+        if len(_LOOPS) >= _REMEMBERED:
+            _LOOPS.clear()
+        loop = _LOOPS[key] = loops_for(graph, x, batch_dims)
+        if loop:
+            graph.undo()  # f runs again: what recording it changed is put back first
+            return looped(f, x, batch_dims, chunk_size)
     chunk = chunk_size or graph.chunk(n, CHUNK_ELEMENTS)
     out = collapsed_or_none(graph, x, unit_directions(x, batch_dims, chunk))
     if out is not None:
@@ -52,8 +70,27 @@ def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) 
 
 
 def loops(x: torch.Tensor, batch_dims: int) -> bool:
-    """Whether ``"auto"`` runs the loop of backward passes rather than the Taylor engine."""
-    return event_numel(x, batch_dims) <= LOOP_INPUTS and x.numel() <= LOOP_ELEMENTS
+    """Whether ``"auto"`` runs the loop of backward passes without recording ``f``: one input
+    and a small batch."""
+    return event_numel(x, batch_dims) == 1 and x.numel() <= LOOP_ELEMENTS
+
+
+def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether ``"auto"`` runs the loop of backward passes for ``f`` recorded as ``graph``."""
+    return event_numel(x, batch_dims) <= LOOP_INPUTS and graph.work_per_call() < LOOP_WORK
+
+
+def _structure(f: Function, x: torch.Tensor, batch_dims: int) -> tuple[Any, ...]:
+    """What ``f``'s recorded graph depends on, as far as it can be told without running
+    ``f``: the function (its code for a Python function, so that a lambda made anew at every
+    call counts as one; the object otherwise, and a module's train mode), the grad mode and
+    ``x``'s shape, dtype and device. Two functions with the same code but different graphs
+    share a decision: it only chooses between two exact methods, so at worst it is slower."""
+    inner = inspect.unwrap(f)
+    code = getattr(inner, "__code__", None)
+    who = (code, None) if code is not None else (id(inner), getattr(inner, "training", None))
+    grad = torch.is_grad_enabled()
+    return (*who, type(inner), tuple(x.shape), x.dtype, x.device, batch_dims, grad)
 
 
 def looped(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:

@@ -62,6 +62,11 @@ class Graph:
     output: Any = None
     unsupported: list[str] = field(default_factory=list)
     widest: int = 1  # elements of the largest tensor computed from x (all samples)
+    # the work of the calls computed from x: how many, their output elements, and the
+    # multiply-adds of the matrix products and convolutions among them (``_work``)
+    dependent_calls: int = 0
+    elements: int = 0
+    products: int = 0
     output_shape: tuple[int, ...] = ()
     # every node's outputs as f computed them (``capture(..., keep_values=True)``); None if f
     # ran an in-place op, which may have changed a kept tensor after it was recorded
@@ -81,6 +86,12 @@ class Graph:
                 tensor.copy_(before)
         for restore, state in self.rng:
             restore(state)
+
+    def work_per_call(self) -> float:
+        """Arithmetic per call computed from ``x``: output elements plus multiply-adds / 8 (a
+        matrix product does about 8 multiply-adds in the time an elementwise op takes per
+        element), over the number of such calls; 0 if there are none."""
+        return (self.elements + self.products / 8) / max(self.dependent_calls, 1)
 
     def chunk(self, num_directions: int, budget: int) -> int:
         """Directions per chunk: as few equal chunks as keep the widest ``jac`` (directions
@@ -182,6 +193,10 @@ class _Recorder(TorchDispatchMode):
                 if depends:
                     self.dependent.add(Ref(index, i))
                     self.graph.widest = max(self.graph.widest, leaf.numel())
+                    self.graph.elements += leaf.numel()
+        if depends:
+            self.graph.dependent_calls += 1
+            self.graph.products += _products(func, args, outs)
         self.alive.append(out)
         return out
 
@@ -258,6 +273,27 @@ class _Recorder(TorchDispatchMode):
             and all(restore != generator.set_state for restore, _ in self.graph.rng)
         ):
             self.graph.rng.append((generator.set_state, generator.get_state()))
+
+
+_CONTRACTIONS = {  # op -> the argument whose last dimension is summed over
+    torch.ops.aten.mm.default: 0,
+    torch.ops.aten.bmm.default: 0,
+    torch.ops.aten.addmm.default: 1,
+    torch.ops.aten.baddbmm.default: 1,
+}
+
+
+def _products(func: Any, args: Any, outs: list[Any]) -> int:
+    """Multiply-adds of a matrix product or convolution (0 for anything else)."""
+    out = outs[0] if outs and isinstance(outs[0], torch.Tensor) else None
+    if out is None:
+        return 0
+    if func in _CONTRACTIONS:
+        return out.numel() * args[_CONTRACTIONS[func]].shape[-1]
+    if func == torch.ops.aten.convolution.default:  # weight: (out, in / groups, *kernel)
+        weight = args[1]
+        return out.numel() * (weight.numel() // max(weight.shape[0], 1))
+    return 0
 
 
 def _storage(t: torch.Tensor) -> int:

@@ -200,19 +200,6 @@ def lifted_jac(ctx: Context, op: Op, a: Jet, out: Any, args: Any, kwargs: Any) -
 
 @overload
 def value_of(a: Jet | torch.Tensor) -> torch.Tensor: ...
-def lifted_jac(ctx: Context, op: Op, a: Jet, out: Any, args: Any, kwargs: Any) -> Any:
-    """``op`` applied to every direction of ``a.jac`` (not ``None``), given its output ``out``
-    on ``a.value``: written out for the ops in ``lifted.LIFTS``, else ``torch.vmap``."""
-    entry = lifted(op, a.value.dim())
-    if entry is not None:
-        broadcast, lift = entry
-        jac = aligned_jac(a, a.value.dim()) if broadcast else full_jac(ctx, a)
-        out = lift(jac, a.value.dim(), out, *args, **kwargs)
-        if out is not None:
-            return out
-    return torch.vmap(lambda j: op(j, *args, **kwargs))(full_jac(ctx, a))
-
-
 @overload
 def value_of(a: float) -> float: ...
 def value_of(a: Jet | torch.Tensor | float) -> torch.Tensor | float:

@@ -71,13 +71,17 @@ def _same_dtype(j: Tensor, nd: int, out: Tensor, *_: Any, **__: Any) -> Tensor:
     return j.to(dtype=out.dtype, device=out.device)
 
 
-def _sum(j: Tensor, nd: int, out: Tensor, dims: Any = None, keepdim: bool = False, *, dtype: Any = None):  # type: ignore[no-untyped-def]
+def _sum(
+    j: Tensor, nd: int, out: Tensor, dims: Any = None, keepdim: bool = False, *, dtype: Any = None
+):  # type: ignore[no-untyped-def]
     """``sum`` over ``dims`` (all of them if ``None`` or empty, as ``aten.sum.dim_IntList``)."""
     every = dims is None or (not isinstance(dims, int) and len(dims) == 0)
     return j.sum(_shifted(range(nd) if every else dims, nd), keepdim, dtype=dtype)
 
 
-def _mean(j: Tensor, nd: int, out: Tensor, dims: Any = None, keepdim: bool = False, *, dtype: Any = None):  # type: ignore[no-untyped-def]
+def _mean(
+    j: Tensor, nd: int, out: Tensor, dims: Any = None, keepdim: bool = False, *, dtype: Any = None
+):  # type: ignore[no-untyped-def]
     every = dims is None or (not isinstance(dims, int) and len(dims) == 0)
     return j.mean(_shifted(range(nd) if every else dims, nd), keepdim, dtype=dtype)
 
@@ -94,7 +98,9 @@ def _dim_op(method: str) -> Lift:
     )
 
 
-def _slice(j: Tensor, nd: int, out: Tensor, dim: int = 0, start: Any = None, end: Any = None, step: int = 1):  # type: ignore[no-untyped-def]
+def _slice(
+    j: Tensor, nd: int, out: Tensor, dim: int = 0, start: Any = None, end: Any = None, step: int = 1
+):  # type: ignore[no-untyped-def]
     return aten.slice.Tensor(j, _shift(dim, nd), start, end, step)
 
 
