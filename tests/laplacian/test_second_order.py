@@ -559,9 +559,10 @@ def test_nothing_the_caller_passed_is_mutated(call):
 
 
 def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch):
-    """The rule: the loop at one input and a small batch (f not recorded), and at up to two
-    inputs where the recorded graph does less than ``LOOP_WORK`` per call (remembered per
-    structure: a second call does not record f); the Taylor engine otherwise."""
+    """The rule: the loop at one input and a small batch (f not recorded); where the recorded
+    graph does little arithmetic per call at up to three inputs (two if the result is
+    differentiated), remembered per structure, so that a second call does not record f; the
+    Taylor engine otherwise."""
     from torchdiv._laplacian import methods as _laplacian
 
     calls, recorded = [], []
@@ -571,12 +572,17 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
         _laplacian, "capture", lambda *a, **k: recorded.append(1) or capture(*a, **k)
     )
     monkeypatch.setattr(_laplacian, "_LOOPS", {})
-    wide = tanh_mlp(2, 64, 1).double()  # 256 x 64 per layer: more than LOOP_WORK per call
+    wide = tanh_mlp(2, 64, 1)  # trained: the Laplacian is differentiated
+    frozen = tanh_mlp(2, 64, 1).requires_grad_(False)
+    frozen3 = tanh_mlp(3, 256, 1).requires_grad_(False)
     cases = [
         (gaussian, (1024, 1), True),
         (gaussian, (512, 2), True),
-        (gaussian, (8, 3), False),
+        (gaussian, (8, 3), True),
+        (gaussian, (8, 4), False),
         (wide, (256, 2), False),
+        (frozen, (256, 2), True),
+        (frozen3, (256, 3), False),
         (gaussian, (64 * 1024, 2), False),  # a large batch: much arithmetic per call
     ]
     for f, shape, looped in cases:
@@ -585,5 +591,5 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
             recorded.clear()
             torchdiv.laplacian(f, torch.randn(shape, dtype=f64))
             assert bool(calls) == looped, (shape, call)
-            # recorded once to decide at two inputs; then remembered if it loops
-            assert bool(recorded) == (not looped or (call == 0 and shape[1] == 2)), (shape, call)
+            # recorded once to decide at 2-3 inputs; then remembered if it loops
+            assert bool(recorded) == (not looped or (call == 0 and shape[1] > 1)), (shape, call)

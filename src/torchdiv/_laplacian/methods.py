@@ -29,16 +29,21 @@ Function = Callable[[torch.Tensor], torch.Tensor]
 # elements (64 MiB in float32): each chunk replays the forward values, so fewer is faster
 CHUNK_ELEMENTS = 2**24
 # "auto" loops over backward passes instead of running the Taylor engine (bench/laplacian_small.py,
-# tanh FNNs and Chebyshev KANs): at one input while x has at most LOOP_ELEMENTS elements, decided
-# before recording f; at up to LOOP_INPUTS inputs where f's recorded graph does little arithmetic
-# per call (Graph.work_per_call below LOOP_WORK): the Taylor engine's fixed cost per call
-# (recording it, a rule in Python: 50-100 us) then outweighs what its n + 2 jets save against the
-# loop's 2n + 3 passes (a KAN at batch 256, 5.8k per call: the loop 1.2-1.6x faster; an FNN of
-# width 64, 52k: the Taylor engine 1.0-1.2x faster, more in training; the KAN at batch 2048,
-# 46k: Taylor 1.2x); and at up to LOOP_FALLBACK inputs where the Taylor engine cannot run f.
-LOOP_INPUTS = 2
+# tanh FNNs of width 64 and Chebyshev KANs at 2-3 inputs): at one input while x has at most
+# LOOP_ELEMENTS elements, decided before recording f; where f's recorded graph does little
+# arithmetic per call (Graph.work_per_call): the Taylor engine's fixed cost per call (recording
+# it, a rule in Python: 50-100 us) then outweighs what its n + 2 jets save against the loop's
+# 2n + 3 backward passes; and at up to LOOP_FALLBACK inputs where the Taylor engine cannot run f.
+# The loop's share grows when its result is not differentiated (no third-order backward pass):
+# - differentiated (training): at up to 2 inputs below LOOP_WORK_TRAINED per call (a KAN at
+#   batch 256, 5.5k per call: the loop ~1.1x faster; the FNN at 256, 24k: Taylor 1.0-1.2x);
+# - not: at up to LOOP_INPUTS = 3 inputs below LOOP_WORK * 2 / n per call (the FNN at batch
+#   256 loops at 2 inputs, 1.0-1.3x, not at 3; a KAN at batch 256 loops at 2 and 3 inputs,
+#   1.2-1.3x; a KAN at 2048, 44k per call: Taylor, 1.1-1.2x).
+LOOP_INPUTS = 3
 LOOP_ELEMENTS = 1024
-LOOP_WORK = 16384
+LOOP_WORK = 32768
+LOOP_WORK_TRAINED = 16384
 LOOP_FALLBACK = 10
 # what "auto" decided for each structure it recorded at up to LOOP_INPUTS inputs (_structure):
 # a later call with the same structure loops without recording f again
@@ -77,20 +82,26 @@ def loops(x: torch.Tensor, batch_dims: int) -> bool:
 
 def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
     """Whether ``"auto"`` runs the loop of backward passes for ``f`` recorded as ``graph``."""
-    return event_numel(x, batch_dims) <= LOOP_INPUTS and graph.work_per_call() < LOOP_WORK
+    n, work = event_numel(x, batch_dims), graph.work_per_call()
+    if graph.requires_grad:
+        return n <= 2 and work < LOOP_WORK_TRAINED
+    return n <= LOOP_INPUTS and work * n < 2 * LOOP_WORK
 
 
 def _structure(f: Function, x: torch.Tensor, batch_dims: int) -> tuple[Any, ...]:
     """What ``f``'s recorded graph depends on, as far as it can be told without running
     ``f``: the function (its code for a Python function, so that a lambda made anew at every
-    call counts as one; the object otherwise, and a module's train mode), the grad mode and
-    ``x``'s shape, dtype and device. Two functions with the same code but different graphs
-    share a decision: it only chooses between two exact methods, so at worst it is slower."""
+    call counts as one; the object otherwise, and for a module its train mode and which
+    parameters require grad), the grad mode and ``x``'s shape, dtype, device and whether it
+    requires grad. Two functions with the same code but different graphs share a decision:
+    it only chooses between two exact methods, so at worst it is slower."""
     inner = inspect.unwrap(f)
     code = getattr(inner, "__code__", None)
-    who = (code, None) if code is not None else (id(inner), getattr(inner, "training", None))
+    who: tuple[Any, ...] = (code,) if code is not None else (id(inner),)
+    if isinstance(inner, torch.nn.Module):
+        who += (inner.training, tuple(p.requires_grad for p in inner.parameters()))
     grad = torch.is_grad_enabled()
-    return (*who, type(inner), tuple(x.shape), x.dtype, x.device, batch_dims, grad)
+    return (*who, type(inner), tuple(x.shape), x.dtype, x.device, x.requires_grad, batch_dims, grad)
 
 
 def looped(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:

@@ -67,6 +67,9 @@ class Graph:
     dependent_calls: int = 0
     elements: int = 0
     products: int = 0
+    # whether f(x) needs a graph (grad mode on, f reads something that requires grad): a
+    # result computed from it is differentiated, in training
+    requires_grad: bool = False
     output_shape: tuple[int, ...] = ()
     # every node's outputs as f computed them (``capture(..., keep_values=True)``); None if f
     # ran an in-place op, which may have changed a kept tensor after it was recorded
@@ -88,10 +91,10 @@ class Graph:
             restore(state)
 
     def work_per_call(self) -> float:
-        """Arithmetic per call computed from ``x``: output elements plus multiply-adds / 8 (a
-        matrix product does about 8 multiply-adds in the time an elementwise op takes per
-        element), over the number of such calls; 0 if there are none."""
-        return (self.elements + self.products / 8) / max(self.dependent_calls, 1)
+        """Arithmetic per call computed from ``x``: output elements plus multiply-adds / 32 (a
+        matrix product does about 32 multiply-adds, on two threads, in the time an elementwise
+        op takes per element), over the number of such calls; 0 if there are none."""
+        return (self.elements + self.products / 32) / max(self.dependent_calls, 1)
 
     def chunk(self, num_directions: int, budget: int) -> int:
         """Directions per chunk: as few equal chunks as keep the widest ``jac`` (directions
@@ -372,6 +375,7 @@ def capture(
     recorder = _Recorder(x, rules, axes)
     recorder.graph.rng = _random_states(x)
     safe = SafeDerivatives(1, "method='auto'")
+    outer_grad = torch.is_grad_enabled()
     with torch.enable_grad(), _set_fwd_grad_enabled(True), math_attention(), safe, recorder:
         y = f(x)
     if recorder.axes is not None:
@@ -383,6 +387,7 @@ def capture(
         recorder.axes = None  # let go of the tensors it followed
     recorder.graph.output = map_leaves(recorder.ref, y)
     recorder.graph.output_shape = tuple(y.shape)
+    recorder.graph.requires_grad = outer_grad and y.requires_grad
     if keep_values and not recorder.mutated:
         recorder.graph.values = [leaves(out) for out in recorder.alive[1:]]
     return recorder.graph
