@@ -296,8 +296,9 @@ def value_grad_laplacian(
         x: as in ``laplacian``.
         batch_dims: as in ``laplacian``.
         method: ``"auto"`` (the Taylor engine, or ``f(x)``, ``jacobian`` and
-            ``"forward-over-reverse"`` separately where an op has no Taylor rule; at one or
-            two inputs and small batches the loop of backward passes, as ``laplacian``),
+            ``"forward-over-reverse"`` separately where an op has no Taylor rule; the loop
+            of backward passes at few inputs and little arithmetic per call, as
+            ``laplacian``),
             ``"taylor"`` or ``"forward-over-reverse"``.
         chunk_size: at most this many directions in flight (``None``: as ``laplacian``).
 
