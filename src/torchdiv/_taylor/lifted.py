@@ -62,7 +62,9 @@ def _t(j: Tensor, nd: int, out: Tensor) -> Tensor:
     return j.transpose(1, 2) if nd == 2 else j
 
 
-def _expand(j: Tensor, nd: int, out: Tensor, sizes: Sequence[int], implicit: bool = False):  # type: ignore[no-untyped-def]
+def _expand(
+    j: Tensor, nd: int, out: Tensor, sizes: Sequence[int], implicit: bool = False
+) -> Tensor | None:
     return j.expand(len(j), *out.shape) if len(sizes) == nd else None
 
 
@@ -71,19 +73,23 @@ def _same_dtype(j: Tensor, nd: int, out: Tensor, *_: Any, **__: Any) -> Tensor:
     return j.to(dtype=out.dtype, device=out.device)
 
 
+def _reduced(dims: int | Sequence[int] | None, nd: int) -> list[int]:
+    """The shifted dimensions a reduction runs over: every one if ``dims`` is ``None`` or
+    empty (as ``aten.sum.dim_IntList``)."""
+    every = dims is None or (not isinstance(dims, int) and len(dims) == 0)
+    return _shifted(range(nd) if every or dims is None else dims, nd)
+
+
 def _sum(
     j: Tensor, nd: int, out: Tensor, dims: Any = None, keepdim: bool = False, *, dtype: Any = None
-):  # type: ignore[no-untyped-def]
-    """``sum`` over ``dims`` (all of them if ``None`` or empty, as ``aten.sum.dim_IntList``)."""
-    every = dims is None or (not isinstance(dims, int) and len(dims) == 0)
-    return j.sum(_shifted(range(nd) if every else dims, nd), keepdim, dtype=dtype)
+) -> Tensor:
+    return j.sum(_reduced(dims, nd), keepdim, dtype=dtype)
 
 
 def _mean(
     j: Tensor, nd: int, out: Tensor, dims: Any = None, keepdim: bool = False, *, dtype: Any = None
-):  # type: ignore[no-untyped-def]
-    every = dims is None or (not isinstance(dims, int) and len(dims) == 0)
-    return j.mean(_shifted(range(nd) if every else dims, nd), keepdim, dtype=dtype)
+) -> Tensor:
+    return j.mean(_reduced(dims, nd), keepdim, dtype=dtype)
 
 
 def _whole(reduce: Lift) -> Lift:
@@ -100,7 +106,7 @@ def _dim_op(method: str) -> Lift:
 
 def _slice(
     j: Tensor, nd: int, out: Tensor, dim: int = 0, start: Any = None, end: Any = None, step: int = 1
-):  # type: ignore[no-untyped-def]
+) -> Tensor:
     return aten.slice.Tensor(j, _shift(dim, nd), start, end, step)
 
 
@@ -108,11 +114,15 @@ def _flip(j: Tensor, nd: int, out: Tensor, dims: Sequence[int]) -> Tensor:
     return j.flip(_shifted(dims, nd))
 
 
-def _diagonal(j: Tensor, nd: int, out: Tensor, offset: int = 0, dim1: int = 0, dim2: int = 1):  # type: ignore[no-untyped-def]
+def _diagonal(
+    j: Tensor, nd: int, out: Tensor, offset: int = 0, dim1: int = 0, dim2: int = 1
+) -> Tensor:
     return j.diagonal(offset, _shift(dim1, nd), _shift(dim2, nd))
 
 
-def _gather(j: Tensor, nd: int, out: Tensor, dim: int, index: Tensor, *, sparse_grad: bool = False):  # type: ignore[no-untyped-def]
+def _gather(
+    j: Tensor, nd: int, out: Tensor, dim: int, index: Tensor, *, sparse_grad: bool = False
+) -> Tensor:
     return j.gather(_shift(dim, nd), index.expand(len(j), *index.shape))
 
 
