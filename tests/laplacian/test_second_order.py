@@ -593,3 +593,21 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
             assert bool(calls) == looped, (shape, call)
             # recorded once to decide at 2-3 inputs; then remembered if it loops
             assert bool(recorded) == (not looped or (call == 0 and shape[1] > 1)), (shape, call)
+
+
+def test_value_grad_laplacian_remembers_that_auto_loops(monkeypatch):
+    """Its ``"auto"`` decides as ``laplacian``'s: a looping structure is recorded once."""
+    from torchdiv._laplacian import methods as _laplacian
+
+    recorded = []
+    capture = _laplacian.capture
+    monkeypatch.setattr(
+        _laplacian, "capture", lambda *a, **k: recorded.append(1) or capture(*a, **k)
+    )
+    monkeypatch.setattr(_laplacian, "_LOOPS", {})
+    x = torch.randn(16, 2, dtype=f64)
+    for call in range(2):
+        recorded.clear()
+        out = torchdiv.value_grad_laplacian(gaussian, x)
+        assert_close(out.laplacian, gaussian(x) * (x.square().sum(-1) - 2))
+        assert len(recorded) == (call == 0)

@@ -322,18 +322,17 @@ def value_grad_laplacian(
     check_method(fn, method, SWEEP_METHODS)
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
-    if method == "auto" and x.numel() > 0 and methods.loops(x, batch_dims):
-        check_empty_event(g, x, batch_dims)  # not recorded: see _mixing
-        out = _looped(g, x, batch_dims)
-        if out is not None:
-            return out
-    if method != "forward-over-reverse" and x.numel() > 0:
-        graph = capture(g, x, RULES, batch_dims=batch_dims)
-        if method == "auto" and not graph.unsupported and methods.loops_for(graph, x, batch_dims):
-            graph.undo()  # f runs again: what recording it changed is put back first
+    graph = None
+    if method == "auto" and x.numel() > 0:
+        graph = methods.recorded_or_loop(g, x, batch_dims)
+        if graph is None:
+            check_empty_event(g, x, batch_dims)  # f may not have been recorded: see _mixing
             out = _looped(g, x, batch_dims)
             if out is not None:
                 return out
+    if method != "forward-over-reverse" and x.numel() > 0:
+        if graph is None:
+            graph = capture(g, x, RULES, batch_dims=batch_dims)
         try:
             if graph.unsupported:
                 raise UnsupportedOp(", ".join(sorted(set(graph.unsupported))))

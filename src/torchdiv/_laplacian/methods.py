@@ -53,18 +53,10 @@ _REMEMBERED = 256
 
 def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
     n = event_numel(x, batch_dims)
-    key = _structure(f, x, batch_dims) if n <= LOOP_INPUTS else None
-    if loops(x, batch_dims) or (key is not None and _LOOPS.get(key, False)):
-        check_empty_event(f, x, batch_dims)  # not recorded: see _mixing
+    graph = recorded_or_loop(f, x, batch_dims)
+    if graph is None:
+        check_empty_event(f, x, batch_dims)  # f may not have been recorded: see _mixing
         return looped(f, x, batch_dims, chunk_size)
-    graph = capture(f, x, RULES, batch_dims=batch_dims)
-    if key is not None and not graph.unsupported:
-        if len(_LOOPS) >= _REMEMBERED:
-            _LOOPS.clear()
-        loop = _LOOPS[key] = loops_for(graph, x, batch_dims)
-        if loop:
-            graph.undo()  # f runs again: what recording it changed is put back first
-            return looped(f, x, batch_dims, chunk_size)
     chunk = chunk_size or graph.chunk(n, CHUNK_ELEMENTS)
     out = collapsed_or_none(graph, x, unit_directions(x, batch_dims, chunk))
     if out is not None:
@@ -72,6 +64,25 @@ def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) 
     if n <= LOOP_FALLBACK:
         return looped(f, x, batch_dims, chunk)
     return forward_over_reverse(f, x, batch_dims, chunk)
+
+
+def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | None:
+    """``f`` recorded at ``x`` for the Taylor engine, or ``None`` where ``"auto"`` loops over
+    backward passes instead (``loops``, ``loops_for``; what recording changed is undone). A
+    decision to loop is remembered per ``_structure``: the next such call records nothing."""
+    key = _structure(f, x, batch_dims) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
+    if loops(x, batch_dims) or (key is not None and _LOOPS.get(key, False)):
+        return None
+    graph = capture(f, x, RULES, batch_dims=batch_dims)
+    if key is None or graph.unsupported:
+        return graph
+    if len(_LOOPS) >= _REMEMBERED:
+        _LOOPS.clear()
+    loop = _LOOPS[key] = loops_for(graph, x, batch_dims)
+    if not loop:
+        return graph
+    graph.undo()  # f runs again: what recording it changed is put back first
+    return None
 
 
 def loops(x: torch.Tensor, batch_dims: int) -> bool:
