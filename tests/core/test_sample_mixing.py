@@ -373,3 +373,14 @@ def test_a_train_mode_batch_norm_of_something_else_is_not_mixing() -> None:
     xr = x.clone().requires_grad_(True)
     assert_close(torchdiv.graph_divergence(f(xr), xr), expected)
     assert one.value.shape == (8,)
+
+
+def test_split_reads_its_dimension_after_the_sizes() -> None:
+    """``split(sizes, dim)`` has the dimension third: a split of the event keeps the batch
+    dimension tracked (it used to read the sizes as the dimension: a list raised, an int was
+    taken for a dimension)."""
+    x = torch.randn(8, 6, dtype=f64)
+    within = lambda z: torch.cat([p.sin() for p in z.split([2, 4], dim=1)], 1)  # noqa: E731
+    assert_close(torchdiv.laplacian(within, x, method="taylor"), -x.sin())
+    halves = lambda z: torch.cat([p.sin() for p in z.split(3, 1)], 1)  # noqa: E731
+    assert_close(torchdiv.laplacian(halves, x, method="taylor"), -x.sin())

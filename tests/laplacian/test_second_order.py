@@ -558,13 +558,56 @@ def test_nothing_the_caller_passed_is_mutated(call):
     assert all(p.grad is None for p in net.parameters()) and net.training
 
 
-def test_auto_loops_only_at_few_inputs_and_small_batches(monkeypatch):
-    """The rule: the loop at up to two inputs while x is small, the Taylor engine above."""
+def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch):
+    """The rule: the loop at one input and a small batch (f not recorded); where the recorded
+    graph does little arithmetic per call at up to three inputs (two if the result is
+    differentiated), remembered per structure, so that a second call does not record f; the
+    Taylor engine otherwise."""
     from torchdiv._laplacian import methods as _laplacian
 
-    calls = []
+    calls, recorded = [], []
     monkeypatch.setattr(_laplacian, "grad_of_grad", lambda *a: calls.append(a) or 0 * a[1][:, 0])
-    for shape, looped in [((512, 2), True), ((1024, 1), True), ((1024, 2), False), ((8, 3), False)]:
-        calls.clear()
-        torchdiv.laplacian(gaussian, torch.randn(shape, dtype=f64))
-        assert bool(calls) == looped, shape
+    capture = _laplacian.capture
+    monkeypatch.setattr(
+        _laplacian, "capture", lambda *a, **k: recorded.append(1) or capture(*a, **k)
+    )
+    monkeypatch.setattr(_laplacian, "_LOOPS", {})
+    wide = tanh_mlp(2, 64, 1)  # trained: the Laplacian is differentiated
+    frozen = tanh_mlp(2, 64, 1).requires_grad_(False)
+    frozen3 = tanh_mlp(3, 256, 1).requires_grad_(False)
+    cases = [
+        (gaussian, (1024, 1), True),
+        (gaussian, (512, 2), True),
+        (gaussian, (8, 3), True),
+        (gaussian, (8, 4), False),
+        (wide, (256, 2), False),
+        (frozen, (256, 2), True),
+        (frozen3, (256, 3), False),
+        (gaussian, (64 * 1024, 2), False),  # a large batch: much arithmetic per call
+    ]
+    for f, shape, looped in cases:
+        for call in range(2):
+            calls.clear()
+            recorded.clear()
+            torchdiv.laplacian(f, torch.randn(shape, dtype=f64))
+            assert bool(calls) == looped, (shape, call)
+            # recorded once to decide at 2-3 inputs; then remembered if it loops
+            assert bool(recorded) == (not looped or (call == 0 and shape[1] > 1)), (shape, call)
+
+
+def test_value_grad_laplacian_remembers_that_auto_loops(monkeypatch):
+    """Its ``"auto"`` decides as ``laplacian``'s: a looping structure is recorded once."""
+    from torchdiv._laplacian import methods as _laplacian
+
+    recorded = []
+    capture = _laplacian.capture
+    monkeypatch.setattr(
+        _laplacian, "capture", lambda *a, **k: recorded.append(1) or capture(*a, **k)
+    )
+    monkeypatch.setattr(_laplacian, "_LOOPS", {})
+    x = torch.randn(16, 2, dtype=f64)
+    for call in range(2):
+        recorded.clear()
+        out = torchdiv.value_grad_laplacian(gaussian, x)
+        assert_close(out.laplacian, gaussian(x) * (x.square().sum(-1) - 2))
+        assert len(recorded) == (call == 0)

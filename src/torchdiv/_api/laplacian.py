@@ -18,10 +18,12 @@ Methods (one signature each, in ``BY_NAME``):
   (``torchdiv._laplacian.loop``): what PINN codes write; no vmap, no recording.
 - ``"auto"``: ``"taylor"``, in as few equal chunks of directions as keep the widest ``jac``
   tensor (directions x elements) within ``CHUNK_ELEMENTS``; ``"forward-over-reverse"`` with the
-  same chunks if an op has no Taylor rule. At most ``LOOP_INPUTS`` inputs and
-  ``LOOP_ELEMENTS`` elements of ``x`` (``LOOP_FALLBACK`` inputs if an op has no Taylor rule),
-  ``"grad-of-grad"``: the Taylor engine's fixed costs and ``vmap``'s do not pay back there
-  (``bench/laplacian_small.py``).
+  same chunks if an op has no Taylor rule. ``"grad-of-grad"`` where the Taylor engine's fixed
+  cost per call does not pay back: at one input and at most ``LOOP_ELEMENTS`` elements of
+  ``x`` (``f`` is not recorded), at up to three inputs where ``f``'s recorded graph does
+  little arithmetic per call (``_laplacian.methods.loops_for``: a small batch of a network of
+  many small ops, such as a Chebyshev KAN; decided once per structure of ``f`` and ``x``), and
+  at up to ``LOOP_FALLBACK`` inputs if an op has no Taylor rule (``bench/laplacian_small.py``).
 
 Attention runs on PyTorch's math backend in every method (``_modes.math_attention``): the
 fused CPU kernel has no forward-mode derivative. The nested-autodiff methods run ``f`` under

@@ -296,8 +296,9 @@ def value_grad_laplacian(
         x: as in ``laplacian``.
         batch_dims: as in ``laplacian``.
         method: ``"auto"`` (the Taylor engine, or ``f(x)``, ``jacobian`` and
-            ``"forward-over-reverse"`` separately where an op has no Taylor rule; at one or
-            two inputs and small batches the loop of backward passes, as ``laplacian``),
+            ``"forward-over-reverse"`` separately where an op has no Taylor rule; the loop
+            of backward passes at few inputs and little arithmetic per call, as
+            ``laplacian``),
             ``"taylor"`` or ``"forward-over-reverse"``.
         chunk_size: at most this many directions in flight (``None``: as ``laplacian``).
 
@@ -321,14 +322,17 @@ def value_grad_laplacian(
     check_method(fn, method, SWEEP_METHODS)
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
-    if method == "auto" and x.numel() > 0 and methods.loops(x, batch_dims):
-        check_empty_event(g, x, batch_dims)  # not recorded: see _mixing
-        value, jac, lap = _loop.value_grad_laplacian(g, x, batch_dims)
-        if bool(lap.isfinite().all()):  # else: a NaN double backward (see laplacian's _loop)
-            shape = (*x.shape[:batch_dims], *value.shape[batch_dims:], *x.shape[batch_dims:])
-            return ValueGradLaplacian(value, jac.reshape(shape), lap)
+    graph = None
+    if method == "auto" and x.numel() > 0:
+        graph = methods.recorded_or_loop(g, x, batch_dims)
+        if graph is None:
+            check_empty_event(g, x, batch_dims)  # f may not have been recorded: see _mixing
+            out = _looped(g, x, batch_dims)
+            if out is not None:
+                return out
     if method != "forward-over-reverse" and x.numel() > 0:
-        graph = capture(g, x, RULES, batch_dims=batch_dims)
+        if graph is None:
+            graph = capture(g, x, RULES, batch_dims=batch_dims)
         try:
             if graph.unsupported:
                 raise UnsupportedOp(", ".join(sorted(set(graph.unsupported))))
@@ -349,6 +353,16 @@ def value_grad_laplacian(
     return ValueGradLaplacian(
         value, gradient, methods.forward_over_reverse(g, x, batch_dims, chunk_size)
     )
+
+
+def _looped(f: Function, x: torch.Tensor, batch_dims: int) -> ValueGradLaplacian | None:
+    """The loop of backward passes, or ``None`` where its Laplacian is not finite (a NaN
+    double backward: see ``laplacian``'s ``"auto"``)."""
+    value, jac, lap = _loop.value_grad_laplacian(f, x, batch_dims)
+    if not bool(lap.isfinite().all()):
+        return None
+    shape = (*x.shape[:batch_dims], *value.shape[batch_dims:], *x.shape[batch_dims:])
+    return ValueGradLaplacian(value, jac.reshape(shape), lap)
 
 
 def _sweep(

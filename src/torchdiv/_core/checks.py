@@ -281,7 +281,7 @@ def checked(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Wrap ``f`` so that its output is checked wherever it is evaluated (inside transforms too),
     its errors are marked (``call_f``), and an op an engine refuses (``_modes.WrongDerivatives``)
-    is reported under ``fn``'s name."""
+    is reported under ``fn``'s name. The wrapper's ``__wrapped__`` is ``f`` (``inspect.unwrap``)."""
 
     def g(z: torch.Tensor) -> torch.Tensor:
         try:
@@ -293,6 +293,7 @@ def checked(
             check_square(fn, y, x, batch_dims, "f(x)")
         return y
 
+    g.__wrapped__ = f  # type: ignore[attr-defined]
     return g
 
 

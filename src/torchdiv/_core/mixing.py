@@ -432,13 +432,16 @@ def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
     return [tuple((q - (q > dim), s, inner) for q, s, inner in axes if q != dim)]
 
 
-def _along(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
-    """``slice``, ``split``, ``unbind``, ``narrow`` along ``dim``: a batch dimension cut into
-    pieces ends its tracking; the others stay (``unbind`` removes ``dim``)."""
+def _along(
+    tr: BatchAxes, args: Sequence[Any], out: Any, position: int = 1
+) -> list[Axes | None] | None:
+    """``slice``, ``split``, ``unbind``, ``narrow`` along ``dim`` (argument ``position``: 2
+    for ``split``, after the sizes): a batch dimension cut into pieces ends its tracking; the
+    others stay (``unbind`` removes ``dim``)."""
     t, axes = args[0], tr.axes(args[0])
     if not axes:
         return None
-    dim = (args[1] if len(args) > 1 else 0) % t.dim()
+    dim = (args[position] if len(args) > position else 0) % t.dim()
     outs = out if isinstance(out, list | tuple) else (out,)
     kept = [axis for axis in axes if axis[0] != dim]
     return [tuple((q - (q > dim and o.dim() < t.dim()), s, i) for q, s, i in kept) for o in outs]
@@ -537,8 +540,8 @@ _CARRY: dict[Any, Carry] = {
     aten.select.int: _select,
     aten.slice.Tensor: _along,
     aten.narrow.default: _along,
-    aten.split.Tensor: _along,
-    aten.split_with_sizes.default: _along,
+    aten.split.Tensor: lambda tr, args, out: _along(tr, args, out, 2),
+    aten.split_with_sizes.default: lambda tr, args, out: _along(tr, args, out, 2),
     aten.unbind.int: _along,
     aten.cat.default: _cat,
 }

@@ -33,6 +33,7 @@ def along(
 
     ``sigma`` is ``(n, k)`` (one factor for all samples) or ``x.shape[:batch_dims] + (n, k)``
     (one per sample), ``n`` the number of elements of ``x``'s event, in ``x``'s dtype.
+    ``g.__wrapped__`` is ``f``.
     """
     shared = sigma.dim() == 2
 
@@ -40,6 +41,7 @@ def along(
         step = z @ sigma.T if shared else (sigma @ z.unsqueeze(-1)).squeeze(-1)
         return f(x + step.reshape(x.shape))
 
+    g.__wrapped__ = f  # type: ignore[attr-defined]  # for inspect.unwrap
     return g, x.new_zeros((*x.shape[:batch_dims], sigma.shape[-1]))
 
 

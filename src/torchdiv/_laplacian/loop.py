@@ -1,12 +1,13 @@
 """The Laplacian by a loop of backward passes: what PINN codes write, and the fastest way at
-one or two inputs.
+one to three inputs when the function's ops are small.
 
 One forward pass of ``f`` with a graph, one backward pass per output component for the
 per-sample gradients (kept differentiable), then one backward pass per output component and
 input coordinate, keeping the diagonal entry: ``1 + m (1 + n)`` passes, no ``vmap``, no
-recording. The Taylor engine's fixed costs (recording ``f``, replaying it with rules) are
-paid back from about three inputs on (``bench/laplacian_small.py``); below that, and for
-functions it has no rules for, this loop is the faster exact method.
+recording. The Taylor engine's fixed costs per op (recording ``f``, replaying it with rules in
+Python) are paid back by its fewer passes from about three inputs on, earlier where the ops
+are large (``bench/laplacian_small.py``; ``"auto"``'s rule is ``_laplacian.methods.loops_for``);
+below that, and for functions it has no rules for, this loop is the faster exact method.
 
 As in the other nested-autodiff methods, ``f`` runs with attention on the math backend and
 under ``torchdiv._core.modes.SafeDerivatives(3, forward_mode=False)``: the result's own gradient

@@ -9,6 +9,7 @@ directions as given. Arguments are checked by the public functions (``torchdiv._
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -27,22 +28,36 @@ Function = Callable[[torch.Tensor], torch.Tensor]
 # "auto" chunks only when the widest jac (directions x its elements) would pass this many
 # elements (64 MiB in float32): each chunk replays the forward values, so fewer is faster
 CHUNK_ELEMENTS = 2**24
-# "auto" loops over backward passes at up to LOOP_INPUTS inputs while x has at most
-# LOOP_ELEMENTS elements (fixed costs dominate; at larger batches the Taylor engine was 5-15%
-# faster in training), and at up to LOOP_FALLBACK inputs where the Taylor engine cannot run f
-# (measured on tanh FNNs and Chebyshev KANs, bench/laplacian_small.py)
-LOOP_INPUTS = 2
+# "auto" loops over backward passes instead of running the Taylor engine (bench/laplacian_small.py,
+# tanh FNNs of width 64 and Chebyshev KANs at 2-3 inputs): at one input while x has at most
+# LOOP_ELEMENTS elements, decided before recording f; where f's recorded graph does little
+# arithmetic per call (Graph.work_per_call): the Taylor engine's fixed cost per call (recording
+# it, a rule in Python: 50-100 us) then outweighs what its n + 2 jets save against the loop's
+# 2n + 3 backward passes; and at up to LOOP_FALLBACK inputs where the Taylor engine cannot run f.
+# The loop's share grows when its result is not differentiated (no third-order backward pass):
+# - differentiated (training): at up to 2 inputs below LOOP_WORK_TRAINED per call (a KAN at
+#   batch 256, 5.5k per call: the loop ~1.1x faster; the FNN at 256, 24k: Taylor 1.0-1.2x);
+# - not: at up to LOOP_INPUTS = 3 inputs below LOOP_WORK * 2 / n per call (the FNN at batch
+#   256 loops at 2 inputs, 1.0-1.3x, not at 3; a KAN at batch 256 loops at 2 and 3 inputs,
+#   1.2-1.3x; a KAN at 2048, 44k per call: Taylor, 1.1-1.2x).
+LOOP_INPUTS = 3
 LOOP_ELEMENTS = 1024
+LOOP_WORK = 32768
+LOOP_WORK_TRAINED = 16384
 LOOP_FALLBACK = 10
+# what "auto" decided for each structure it recorded at up to LOOP_INPUTS inputs (_structure):
+# a later call with the same structure loops without recording f again
+_LOOPS: dict[tuple[Any, ...], bool] = {}
+_REMEMBERED = 256
 
 
 @recorded
 def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
     n = event_numel(x, batch_dims)
-    if loops(x, batch_dims):
-        check_empty_event(f, x, batch_dims)  # not recorded: see _mixing
+    graph = recorded_or_loop(f, x, batch_dims)
+    if graph is None:
+        check_empty_event(f, x, batch_dims)  # f may not have been recorded: see _mixing
         return looped(f, x, batch_dims, chunk_size)
-    graph = capture(f, x, RULES, batch_dims=batch_dims)
     chunk = chunk_size or graph.chunk(n, CHUNK_ELEMENTS)
     out = collapsed_or_none(graph, x, unit_directions(x, batch_dims, chunk))
     if out is not None:
@@ -52,9 +67,53 @@ def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) 
     return forward_over_reverse(f, x, batch_dims, chunk)
 
 
+def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | None:
+    """``f`` recorded at ``x`` for the Taylor engine, or ``None`` where ``"auto"`` loops over
+    backward passes instead (``loops``, ``loops_for``; what recording changed is undone). A
+    decision to loop is remembered per ``_structure``: the next such call records nothing."""
+    key = _structure(f, x, batch_dims) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
+    if loops(x, batch_dims) or (key is not None and _LOOPS.get(key, False)):
+        return None
+    graph = capture(f, x, RULES, batch_dims=batch_dims)
+    if key is None or graph.unsupported:
+        return graph
+    if len(_LOOPS) >= _REMEMBERED:
+        _LOOPS.clear()
+    loop = _LOOPS[key] = loops_for(graph, x, batch_dims)
+    if not loop:
+        return graph
+    graph.undo()  # f runs again: what recording it changed is put back first
+    return None
+
+
 def loops(x: torch.Tensor, batch_dims: int) -> bool:
-    """Whether ``"auto"`` runs the loop of backward passes rather than the Taylor engine."""
-    return event_numel(x, batch_dims) <= LOOP_INPUTS and x.numel() <= LOOP_ELEMENTS
+    """Whether ``"auto"`` runs the loop of backward passes without recording ``f``: one input
+    and a small batch."""
+    return event_numel(x, batch_dims) == 1 and x.numel() <= LOOP_ELEMENTS
+
+
+def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether ``"auto"`` runs the loop of backward passes for ``f`` recorded as ``graph``."""
+    n, work = event_numel(x, batch_dims), graph.work_per_call()
+    if graph.requires_grad:
+        return n <= 2 and work < LOOP_WORK_TRAINED
+    return n <= LOOP_INPUTS and work * n < 2 * LOOP_WORK
+
+
+def _structure(f: Function, x: torch.Tensor, batch_dims: int) -> tuple[Any, ...]:
+    """What ``f``'s recorded graph depends on, as far as it can be told without running
+    ``f``: the function (its code for a Python function, so that a lambda made anew at every
+    call counts as one; the object otherwise, and for a module its train mode and which
+    parameters require grad), the grad mode and ``x``'s shape, dtype, device and whether it
+    requires grad. Two functions with the same code but different graphs share a decision:
+    it only chooses between two exact methods, so at worst it is slower."""
+    inner = inspect.unwrap(f)
+    code = getattr(inner, "__code__", None)
+    who: tuple[Any, ...] = (code,) if code is not None else (id(inner),)
+    if isinstance(inner, torch.nn.Module):
+        who += (inner.training, tuple(p.requires_grad for p in inner.parameters()))
+    grad = torch.is_grad_enabled()
+    return (*who, type(inner), tuple(x.shape), x.dtype, x.device, x.requires_grad, batch_dims, grad)
 
 
 def looped(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:

@@ -62,6 +62,14 @@ class Graph:
     output: Any = None
     unsupported: list[str] = field(default_factory=list)
     widest: int = 1  # elements of the largest tensor computed from x (all samples)
+    # the work of the calls computed from x: how many, their output elements, and the
+    # multiply-adds of the matrix products and convolutions among them (``_work``)
+    dependent_calls: int = 0
+    elements: int = 0
+    products: int = 0
+    # whether f(x) needs a graph (grad mode on, f reads something that requires grad): a
+    # result computed from it is differentiated, in training
+    requires_grad: bool = False
     output_shape: tuple[int, ...] = ()
     # every node's outputs as f computed them (``capture(..., keep_values=True)``); None if f
     # ran an in-place op, which may have changed a kept tensor after it was recorded
@@ -69,6 +77,8 @@ class Graph:
     # state f changed outside its own tensors: (tensor, its value before), and the RNG states
     changed: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     rng: list[tuple[Callable[[Any], None], Any]] = field(default_factory=list)
+    # what every replay needs to know about the nodes (``propagate.Plan``), made on first use
+    plan: Any = field(default=None, repr=False, compare=False)
 
     def undo(self) -> None:
         """Put back what recording ``f`` changed outside it (buffers it updated in place, the
@@ -79,6 +89,12 @@ class Graph:
                 tensor.copy_(before)
         for restore, state in self.rng:
             restore(state)
+
+    def work_per_call(self) -> float:
+        """Arithmetic per call computed from ``x``: output elements plus multiply-adds / 32 (a
+        matrix product does about 32 multiply-adds, on two threads, in the time an elementwise
+        op takes per element), over the number of such calls; 0 if there are none."""
+        return (self.elements + self.products / 32) / max(self.dependent_calls, 1)
 
     def chunk(self, num_directions: int, budget: int) -> int:
         """Directions per chunk: as few equal chunks as keep the widest ``jac`` (directions
@@ -180,6 +196,10 @@ class _Recorder(TorchDispatchMode):
                 if depends:
                     self.dependent.add(Ref(index, i))
                     self.graph.widest = max(self.graph.widest, leaf.numel())
+                    self.graph.elements += leaf.numel()
+        if depends:
+            self.graph.dependent_calls += 1
+            self.graph.products += _products(func, args, outs)
         self.alive.append(out)
         return out
 
@@ -258,6 +278,27 @@ class _Recorder(TorchDispatchMode):
             self.graph.rng.append((generator.set_state, generator.get_state()))
 
 
+_CONTRACTIONS = {  # op -> the argument whose last dimension is summed over
+    torch.ops.aten.mm.default: 0,
+    torch.ops.aten.bmm.default: 0,
+    torch.ops.aten.addmm.default: 1,
+    torch.ops.aten.baddbmm.default: 1,
+}
+
+
+def _products(func: Any, args: Any, outs: list[Any]) -> int:
+    """Multiply-adds of a matrix product or convolution (0 for anything else)."""
+    out = outs[0] if outs and isinstance(outs[0], torch.Tensor) else None
+    if out is None:
+        return 0
+    if func in _CONTRACTIONS:
+        return out.numel() * args[_CONTRACTIONS[func]].shape[-1]
+    if func == torch.ops.aten.convolution.default:  # weight: (out, in / groups, *kernel)
+        weight = args[1]
+        return out.numel() * (weight.numel() // max(weight.shape[0], 1))
+    return 0
+
+
 def _storage(t: torch.Tensor) -> int:
     """Where ``t``'s elements live (views share it); a tensor without storage is its own."""
     try:
@@ -334,6 +375,7 @@ def capture(
     recorder = _Recorder(x, rules, axes)
     recorder.graph.rng = _random_states(x)
     safe = SafeDerivatives(1, "method='auto'")
+    outer_grad = torch.is_grad_enabled()
     with torch.enable_grad(), _set_fwd_grad_enabled(True), math_attention(), safe, recorder:
         y = f(x)
     if recorder.axes is not None:
@@ -345,6 +387,7 @@ def capture(
         recorder.axes = None  # let go of the tensors it followed
     recorder.graph.output = map_leaves(recorder.ref, y)
     recorder.graph.output_shape = tuple(y.shape)
+    recorder.graph.requires_grad = outer_grad and y.requires_grad
     if keep_values and not recorder.mutated:
         recorder.graph.values = [leaves(out) for out in recorder.alive[1:]]
     return recorder.graph

@@ -26,6 +26,8 @@ from typing import Any, overload
 
 import torch
 
+from torchdiv._taylor.lifted import lifted
+
 Op = Callable[..., torch.Tensor]
 
 
@@ -176,13 +178,24 @@ def product(ctx: Context, op: Op, a: Jet | torch.Tensor, b: Jet | torch.Tensor, 
 
 def linear(ctx: Context, op: Op, a: Jet, *args: Any, **kwargs: Any) -> Jet:
     """``op(a, *args)`` for an ``op`` linear in ``a`` with no constant term (views, sums,
-    slices, ...): applied to the value and ``lap``, and vmapped over ``jac``'s directions."""
+    slices, ...): applied to the value and ``lap``, and to ``jac``'s directions (``lifted_jac``)."""
     value = op(a.value, *args, **kwargs)
-    jac = None
-    if a.jac is not None and ctx.jac:
-        jac = torch.vmap(lambda j: op(j, *args, **kwargs))(full_jac(ctx, a))
+    jac = lifted_jac(ctx, op, a, value, args, kwargs) if a.jac is not None and ctx.jac else None
     lap = None if a.lap is None else op(full_lap(a), *args, **kwargs)
     return Jet(value, jac, lap)
+
+
+def lifted_jac(ctx: Context, op: Op, a: Jet, out: Any, args: Any, kwargs: Any) -> Any:
+    """``op`` applied to every direction of ``a.jac`` (not ``None``), given its output ``out``
+    on ``a.value``: written out for the ops in ``lifted.LIFTS``, else ``torch.vmap``."""
+    entry = lifted(op, a.value.dim())
+    if entry is not None:
+        broadcast, lift = entry
+        jac = aligned_jac(a, a.value.dim()) if broadcast else full_jac(ctx, a)
+        out = lift(jac, a.value.dim(), out, *args, **kwargs)
+        if out is not None:
+            return out
+    return torch.vmap(lambda j: op(j, *args, **kwargs))(full_jac(ctx, a))
 
 
 @overload

@@ -20,6 +20,7 @@ from torchdiv._taylor.jet import (
     add,
     full_jac,
     full_lap,
+    lifted_jac,
     linear,
     product,
     scale,
@@ -45,7 +46,7 @@ def _split(op: Callable[..., Any]) -> Callable[..., list[Jet]]:
         values = op(a.value, *args, **kwargs)
         jacs: Sequence[Tensor | None] = [None] * len(values)
         if a.jac is not None:
-            jacs = torch.vmap(lambda j: tuple(op(j, *args, **kwargs)))(full_jac(ctx, a))
+            jacs = lifted_jac(ctx, op, a, values, args, kwargs)
         laps = [None] * len(values) if a.lap is None else op(full_lap(a), *args, **kwargs)
         return [Jet(v, j, lap) for v, j, lap in zip(values, jacs, laps, strict=True)]
 

@@ -74,8 +74,9 @@ def propagate(
     the same dict to every chunk of directions at the same ``x``.
     """
     constants = {} if constants is None else constants
-    last_use = _last_uses(graph)
-    needs_jac = _needs_jac(graph, ctx)
+    plan = graph.plan = graph.plan or Plan(graph)
+    needs_jac = plan.needs_jac(ctx)
+    with_jac, without_jac = replace(ctx, jac=True), replace(ctx, jac=False)
     env: dict[int, list[Any]] = {-1: [x]}
 
     def resolve(a: Any) -> Any:
@@ -87,17 +88,80 @@ def propagate(
         elif index in constants:
             env[index] = constants[index]
         else:
-            args, kwargs = map_leaves(resolve, node.args), map_leaves(resolve, node.kwargs)
-            if node.depends and _has_jet((args, kwargs)):
-                node_ctx = replace(ctx, jac=index in needs_jac)
+            positions = plan.positions[index]
+            if positions is not None:  # the usual case: every Ref a positional argument
+                args, kwargs = list(node.args), node.kwargs
+                for i in positions:
+                    args[i] = resolve(args[i])
+                jets = any(isinstance(args[i], Jet) for i in positions)
+            else:
+                args, kwargs = map_leaves(resolve, node.args), map_leaves(resolve, node.kwargs)
+                jets = any(isinstance(a, Jet) for a in leaves((args, kwargs)))
+            if node.depends and jets:
+                node_ctx = with_jac if index in needs_jac else without_jac
                 env[index] = leaves(_apply(node, node_ctx, args, kwargs))
             else:
                 out = node.func(*map_leaves(_value, args), **map_leaves(_value, kwargs))
                 env[index] = constants[index] = leaves(out)
-        for dead in last_use.pop(index, ()):
+        for dead in plan.last_use.get(index, ()):
             del env[dead]
     output: Jet | torch.Tensor = map_leaves(resolve, graph.output)
     return output
+
+
+class Plan:
+    """What every replay of a graph needs about its nodes, worked out once (it walked every
+    node's arguments three times per replay, a tenth of a small network's Laplacian): the
+    ``Ref`` each node reads, their positions if all are positional arguments, the nodes whose
+    outputs are last read by each node, and the nodes whose ``jac`` later ops read."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.inputs: list[list[Ref]] = []
+        self.positions: list[list[int] | None] = []
+        for node in graph.nodes:
+            refs = [a for a in leaves((node.args, node.kwargs)) if isinstance(a, Ref)]
+            top = [i for i, a in enumerate(node.args) if isinstance(a, Ref)]
+            self.inputs.append(refs)
+            self.positions.append(top if len(top) == len(refs) else None)
+        self.last_use = self._last_uses()
+        self._needs_jac: dict[tuple[bool, bool], set[int]] = {}
+
+    def needs_jac(self, ctx: Context) -> set[int]:
+        """Nodes whose ``jac`` some later op (or the caller, if ``ctx.jac``) reads."""
+        key = (ctx.jac, ctx.second_order)
+        if key not in self._needs_jac:
+            self._needs_jac[key] = self._needed(ctx)
+        return self._needs_jac[key]
+
+    def _needed(self, ctx: Context) -> set[int]:
+        nodes = self.graph.nodes
+        output = leaves(self.graph.output)
+        needed = {a.node for a in output if isinstance(a, Ref)} if ctx.jac else set()
+        for index in range(len(nodes) - 1, -1, -1):
+            node = nodes[index]
+            if not node.depends:
+                continue
+            dependent = [a.node for a in self.inputs[index] if a.node < 0 or nodes[a.node].depends]
+            lap_from_lap = node.func in _LAP_FROM_LAP or (
+                node.func in _MULTILINEAR and len(dependent) <= 1
+            )
+            if index in needed or (ctx.second_order and not lap_from_lap):
+                needed.update(n for n in dependent if n >= 0)
+        return needed
+
+    def _last_uses(self) -> dict[int, list[int]]:
+        """``{i: nodes whose outputs are last read by node i}``; the output's nodes are kept."""
+        last: dict[int, int] = {}
+        for index, refs in enumerate(self.inputs):
+            for a in refs:
+                last[a.node] = index
+        keep = {a.node for a in leaves(self.graph.output) if isinstance(a, Ref)}
+        by_user: dict[int, list[int]] = {}
+        for producer, user in last.items():
+            if producer not in keep:
+                by_user.setdefault(user, []).append(producer)
+        return by_user
 
 
 def values(graph: Graph, x: torch.Tensor) -> list[list[Any]]:
@@ -133,49 +197,3 @@ def _apply(node: Node, ctx: Context, args: Any, kwargs: Any) -> Any:
 
 def _value(a: Any) -> Any:
     return a.value if isinstance(a, Jet) else a
-
-
-def _has_jet(tree: Any) -> bool:
-    return any(isinstance(a, Jet) for a in leaves(tree))
-
-
-def _needs_jac(graph: Graph, ctx: Context) -> set[int]:
-    """Nodes whose ``jac`` some later op (or the caller, if ``ctx.jac``) reads."""
-    needed = {a.node for a in leaves(graph.output) if isinstance(a, Ref)} if ctx.jac else set()
-    for index in range(len(graph.nodes) - 1, -1, -1):
-        node = graph.nodes[index]
-        if not node.depends:
-            continue
-        inputs = [
-            a.node
-            for a in leaves((node.args, node.kwargs))
-            if isinstance(a, Ref) and a.node >= 0 and graph.nodes[a.node].depends
-        ]
-        lap_from_lap = node.func in _LAP_FROM_LAP or (
-            node.func in _MULTILINEAR and _dependent_args(graph, node) <= 1
-        )
-        if index in needed or (ctx.second_order and not lap_from_lap):
-            needed.update(inputs)
-    return needed
-
-
-def _dependent_args(graph: Graph, node: Any) -> int:
-    return sum(
-        isinstance(a, Ref) and (a.node < 0 or graph.nodes[a.node].depends)
-        for a in leaves((node.args, node.kwargs))
-    )
-
-
-def _last_uses(graph: Graph) -> dict[int, list[int]]:
-    """``{i: nodes whose outputs are last read by node i}``; the output's nodes are kept."""
-    last: dict[int, int] = {}
-    for index, node in enumerate(graph.nodes):
-        for a in leaves((node.args, node.kwargs)):
-            if isinstance(a, Ref):
-                last[a.node] = index
-    keep = {a.node for a in leaves(graph.output) if isinstance(a, Ref)}
-    by_user: dict[int, list[int]] = {}
-    for producer, user in last.items():
-        if producer not in keep:
-            by_user.setdefault(user, []).append(producer)
-    return by_user
