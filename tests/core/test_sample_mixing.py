@@ -139,6 +139,9 @@ def test_stochastic_methods_see_it_too(method: str, num_probes: int, case: str) 
         (lambda x: x.softmax(0), "a softmax over samples"),
         (lambda x: x * x.sum(), "a sum of all elements"),
         (lambda x: x @ x.T @ x, "a matrix product summing over samples"),
+        (lambda x: x.sin() * x.diagonal(0, 0, 1).sum(), "a diagonal across samples"),
+        (lambda x: x * x.diagonal(1, 1, 0).exp().sum(), "a diagonal across samples"),
+        (lambda x: x * torch.trace(x), "a diagonal across samples"),  # trace's decomposition
         (nn.LayerNorm(16).to(f64), None),  # a layer norm over the event: fine
     ],
 )

@@ -654,6 +654,15 @@ def _group_norm(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     return None if q is None else f"a group norm over samples (dimension {q} of shape {_shape(t)})"
 
 
+def _diagonal(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+    """``t.diagonal(offset, dim1, dim2)`` pairs sample ``i`` with index ``i`` of the other
+    dimension when either dimension holds samples."""
+    t = args[0]
+    pair = _dims(t, [args[2] if len(args) > 2 else 0, args[3] if len(args) > 3 else 1])
+    q = _batch_at(tr, t, pair)
+    return None if q is None else f"a diagonal across samples (dimension {q} of {_shape(t)})"
+
+
 def _convolution(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     t, weight = args[0], args[1]
     groups = args[8] if len(args) > 8 else 1
@@ -722,6 +731,7 @@ _MIXING: dict[Any, Mixing] = {
     aten.native_layer_norm.default: _layer_norm,
     aten.native_group_norm.default: _group_norm,
     aten.convolution.default: _convolution,
+    aten.diagonal.default: _diagonal,
 }
 _CARRY.update(
     {
