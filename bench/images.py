@@ -1,0 +1,178 @@
+"""Exact divergence of image ODE nets and a U-Net: the structured engine against torch.func.
+
+Run:  flock /tmp/torchdiv-bench.lock .venv/bin/python bench/images.py [--rounds 2]
+          [--min-run-time 0.5] [--cases ffjord,multiscale,unet]
+
+Cases (random init, parameters frozen, float32; models in ``tests/ffjord.py`` and
+``tests/unets.py``, written the way FFJORD and guided-diffusion write them):
+
+  ffjord:     FFJORD's ODEnet, 4 ConcatConv2d layers 3-64-64-64-3 (3x3, stride 1), softplus,
+              on (8, 3, 32, 32) at t = 0.5
+  multiscale: the same widths inside one squeeze (space-to-depth), strides 1, 2, -2, 1
+              (a 4x4 stride-2 convolution down, a 4x4 stride-2 transposed one up)
+  unet:       guided-diffusion's two-level U-Net (GroupNorm, SiLU, attention at 8x8), width
+              16, on (4, 3, 16, 16)
+
+Methods: ``divergence(method="structured")`` (the plan it chose is printed), the column
+propagation it replaced (every unit vector its own colour, as before images were coloured),
+and the torch.func recipes ``vmap(jacfwd)`` and ``vmap(jacrev)`` of one sample (for the
+32 x 32 cases, where all columns at once do not fit in memory: jacrev with
+``chunk_size=128``, jacfwd one sample at a time). Each is checked against jacfwd's result
+(float32 tolerance), then timed round-robin (``torch.utils.benchmark``). On the 32 x 32
+cases the column propagation and the recipes take minutes per call on a 2-core CPU: they
+are timed on ``RECIPE_SAMPLES`` images and their times scaled to the batch (all of them are
+per-sample loops or vmaps: linear in the batch). Writes bench/results/local/images.json and
+prints a markdown table with ratios to the best torch.func recipe and to the column
+propagation.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from _common import markdown, script, time_interleaved
+from torch.func import jacfwd, jacrev, vmap
+
+import torchdiv
+from torchdiv._structured import colors, forward
+from torchdiv._taylor import RULES, capture, values
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import ffjord
+from unets import GuidedUNet
+
+Function = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _unet() -> Function:
+    torch.manual_seed(0)
+    net = GuidedUNet().eval()
+    t = torch.tensor([10.0, 200.0, 400.0, 600.0])
+    return lambda x: net(x, t)
+
+
+CASES: dict[str, Callable[[], tuple[Function, torch.Tensor, int | None]]] = {
+    # (f, x, chunk_size for the torch.func recipes)
+    "ffjord": lambda: (ffjord.odenet((64, 64, 64)), torch.randn(8, 3, 32, 32), 128),
+    "multiscale": lambda: (ffjord.multiscale((64, 64, 64)), torch.randn(8, 3, 32, 32), 128),
+    "unet": lambda: (_unet(), torch.randn(4, 3, 16, 16), None),
+}
+RECIPE_SAMPLES = {"ffjord": 1, "multiscale": 1, "unet": 4}  # images the baselines are timed on
+DESCRIPTIONS = {
+    "ffjord": "FFJORD ODEnet 4x ConcatConv2d 64ch, (8, 3, 32, 32)",
+    "multiscale": "FFJORD ODEnet squeeze + strides 1,2,-2,1, 64ch, (8, 3, 32, 32)",
+    "unet": "two-level U-Net, GroupNorm + attention, (4, 3, 16, 16)",
+}
+STRUCTURED, COLUMNS = "torchdiv structured", "column propagation (no colouring)"
+TORCH_FUNC = ("torch.func vmap(jacfwd)", "torch.func vmap(jacrev)")
+
+
+def _one(f: Function) -> Function:
+    return lambda z: f(z[None]).reshape(-1)
+
+
+def _trace(jac: torch.Tensor) -> torch.Tensor:
+    return jac.reshape(jac.shape[0], jac.shape[1], -1).diagonal(dim1=1, dim2=2).sum(-1)
+
+
+def vmap_jacrev(f: Function, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """``vmap(jacrev(f_one_sample, chunk_size=chunk))``, then the traces."""
+    return _trace(vmap(jacrev(_one(f), chunk_size=chunk))(x))
+
+
+def jacfwd_each(f: Function, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """``vmap(jacfwd(f_one_sample))``, or with ``chunk``, ``jacfwd`` one sample at a time
+    (jacfwd has no ``chunk_size``; all samples' columns at once would not fit in memory)."""
+    if chunk is None:
+        return _trace(vmap(jacfwd(_one(f)))(x))
+    return torch.cat([_trace(jacfwd(_one(f))(z)[None]) for z in x])
+
+
+def columns(f: Function, x: torch.Tensor) -> torch.Tensor:
+    """The plan without colouring: every unit vector propagated on its own."""
+    graph = capture(f, x, RULES, keep_values=True, batch_dims=1)
+    values(graph, x)
+    return forward.diagonal(graph, x, 1, None, None).sum(-1)
+
+
+def plan(f: Function, x: torch.Tensor) -> str:
+    """What the structured engine does with ``f``: a chain, or how many colours."""
+    graph = capture(f, x, RULES, keep_values=True, batch_dims=1)
+    coloring = colors.colors(graph, values(graph, x), x, 1)
+    n = x[0].numel()
+    if coloring is None:
+        return f"columns: {n} unit vectors"
+    return f"colours: {int(coloring.max()) + 1} directions for {n} unit vectors"
+
+
+def run_case(name: str, rounds: int, min_run_time: float) -> list[dict]:
+    torch.manual_seed(0)
+    f, x, chunk = CASES[name]()
+    if isinstance(f, torch.nn.Module):
+        f.requires_grad_(False)
+    k = RECIPE_SAMPLES[name]
+    part = x[:k]
+    baselines = {
+        COLUMNS: functools.partial(columns, f, part),
+        TORCH_FUNC[0]: functools.partial(jacfwd_each, f, part, chunk),
+        TORCH_FUNC[1]: functools.partial(vmap_jacrev, f, part, chunk),
+    }
+    ours = functools.partial(torchdiv.divergence, f, x, method="structured")
+    fields = {"case": DESCRIPTIONS[name], "plan": plan(f, x)}
+    print(fields, flush=True)
+    reference = baselines[TORCH_FUNC[0]]()
+    rows = []
+    for method, call in {STRUCTURED: ours, **baselines}.items():
+        out = call()[:k]
+        ok = torch.allclose(out, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+        scale = 1 if method == STRUCTURED else len(x) / k
+        rows.append({**fields, "method": method, "correct": ok, "samples_timed": len(x) / scale})
+    # the baselines run for minutes: one call per round is enough (blocked_autorange's least)
+    times = time_interleaved({STRUCTURED: ours}, rounds, min_run_time)
+    times |= time_interleaved(baselines, 1, 0.0)
+    for row in rows:
+        scale = len(x) / row["samples_timed"]
+        row.update(
+            {
+                key: v * scale if key.endswith("_ms") else v
+                for key, v in times[row["method"]].items()
+            }
+        )
+    best = min(r["median_ms"] for r in rows if r["method"] in TORCH_FUNC)
+    cols = next(r["median_ms"] for r in rows if r["method"] == COLUMNS)
+    for row in rows:
+        row["vs_func"] = row["median_ms"] / best
+        row["vs_columns"] = row["median_ms"] / cols
+        print(row, flush=True)
+    return rows
+
+
+def tables(rows: list[dict]) -> None:
+    print(
+        markdown(
+            rows,
+            [
+                ("case", "case"),
+                ("plan", "structured plan"),
+                ("method", "method"),
+                ("median_ms", "median ms"),
+                ("iqr_ms", "IQR ms"),
+                ("vs_func", "x best torch.func"),
+                ("vs_columns", "x column propagation"),
+                ("samples_timed", "images timed"),
+                ("correct", "correct"),
+            ],
+        )
+    )
+
+
+def main() -> None:
+    script(__doc__, CASES, run_case, "images.json", tables)
+
+
+if __name__ == "__main__":
+    main()
