@@ -3,8 +3,8 @@
 Run:  flock /tmp/torchdiv-bench.lock .venv/bin/python bench/images.py [--rounds 2]
           [--min-run-time 0.5] [--cases ffjord,multiscale,unet]
 
-Cases (random init, parameters frozen, float32; models in ``tests/ffjord.py`` and
-``tests/unets.py``, written the way FFJORD and guided-diffusion write them):
+Cases (random init, parameters frozen, float32; models in ``torchdiv._bench.ffjord``
+and ``tests/unets.py``, written the way FFJORD and guided-diffusion write them):
 
   ffjord:     FFJORD's ODEnet, 4 ConcatConv2d layers 3-64-64-64-3 (3x3, stride 1), softplus,
               on (8, 3, 32, 32) at t = 0.5
@@ -15,14 +15,15 @@ Cases (random init, parameters frozen, float32; models in ``tests/ffjord.py`` an
 
 Methods: ``divergence(method="structured")`` (the plan it chose is printed), the column
 propagation it replaced (every unit vector its own colour, as before images were coloured),
-and the torch.func recipes ``vmap(jacfwd)`` and ``vmap(jacrev)`` of one sample (for the
-32 x 32 cases, where all columns at once do not fit in memory: jacrev with
-``chunk_size=128``, jacfwd one sample at a time). Each is checked against jacfwd's result
-(float32 tolerance), then timed round-robin (``torch.utils.benchmark``). On the 32 x 32
-cases the column propagation and the recipes take minutes per call on a 2-core CPU: they
-are timed on ``RECIPE_SAMPLES`` images and their times scaled to the batch (all of them are
-per-sample loops or vmaps: linear in the batch). Writes bench/results/local/images.json and
-prints a markdown table with ratios to the best torch.func recipe and to the column
+torchdiv's generic reverse mode, and the torch.func recipes ``vmap(jacfwd)`` and
+``vmap(jacrev)`` of one sample; all columns at once do not fit in memory, so jacrev runs with
+``chunk_size`` (128 on the 32 x 32 cases, 256 on the U-Net) and jacfwd one image at a time.
+Each is checked against jacfwd's result (float32 tolerance), then timed round-robin with
+``torch.utils.benchmark`` (``--rounds`` blocks of ``--min-run-time``, median and IQR). On
+the 32 x 32 cases all but the structured method take minutes per call on a 2-core CPU: one
+call each, timed with ``perf_counter`` on ``RECIPE_SAMPLES`` images and scaled to the batch
+(all are per-sample loops or vmaps: linear in it). Writes bench/results/local/images.json
+and prints a markdown table with ratios to the best torch.func recipe and to the column
 propagation.
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,11 +40,12 @@ from _common import markdown, script, time_interleaved
 from torch.func import jacfwd, jacrev, vmap
 
 import torchdiv
-from torchdiv._structured import colors, forward
+from torchdiv import _structured
+from torchdiv._bench import ffjord
+from torchdiv._structured import forward
 from torchdiv._taylor import RULES, capture, values
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import ffjord
 from unets import GuidedUNet
 
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -59,7 +62,7 @@ CASES: dict[str, Callable[[], tuple[Function, torch.Tensor, int | None]]] = {
     # (f, x, chunk_size for the torch.func recipes)
     "ffjord": lambda: (ffjord.odenet((64, 64, 64)), torch.randn(8, 3, 32, 32), 128),
     "multiscale": lambda: (ffjord.multiscale((64, 64, 64)), torch.randn(8, 3, 32, 32), 128),
-    "unet": lambda: (_unet(), torch.randn(4, 3, 16, 16), None),
+    "unet": lambda: (_unet(), torch.randn(4, 3, 16, 16), 256),
 }
 RECIPE_SAMPLES = {"ffjord": 1, "multiscale": 1, "unet": 4}  # images the baselines are timed on
 DESCRIPTIONS = {
@@ -68,6 +71,7 @@ DESCRIPTIONS = {
     "unet": "two-level U-Net, GroupNorm + attention, (4, 3, 16, 16)",
 }
 STRUCTURED, COLUMNS = "torchdiv structured", "column propagation (no colouring)"
+REVERSE = "torchdiv reverse (batched VJPs)"
 TORCH_FUNC = ("torch.func vmap(jacfwd)", "torch.func vmap(jacrev)")
 
 
@@ -99,16 +103,6 @@ def columns(f: Function, x: torch.Tensor) -> torch.Tensor:
     return forward.diagonal(graph, x, 1, None, None).sum(-1)
 
 
-def plan(f: Function, x: torch.Tensor) -> str:
-    """What the structured engine does with ``f``: a chain, or how many colours."""
-    graph = capture(f, x, RULES, keep_values=True, batch_dims=1)
-    coloring = colors.colors(graph, values(graph, x), x, 1)
-    n = x[0].numel()
-    if coloring is None:
-        return f"columns: {n} unit vectors"
-    return f"colours: {int(coloring.max()) + 1} directions for {n} unit vectors"
-
-
 def run_case(name: str, rounds: int, min_run_time: float) -> list[dict]:
     torch.manual_seed(0)
     f, x, chunk = CASES[name]()
@@ -118,30 +112,33 @@ def run_case(name: str, rounds: int, min_run_time: float) -> list[dict]:
     part = x[:k]
     baselines = {
         COLUMNS: functools.partial(columns, f, part),
+        REVERSE: functools.partial(torchdiv.divergence, f, part, method="reverse"),
         TORCH_FUNC[0]: functools.partial(jacfwd_each, f, part, chunk),
         TORCH_FUNC[1]: functools.partial(vmap_jacrev, f, part, chunk),
     }
     ours = functools.partial(torchdiv.divergence, f, x, method="structured")
-    fields = {"case": DESCRIPTIONS[name], "plan": plan(f, x)}
+    fields = {"case": DESCRIPTIONS[name], "plan": _structured.describe(f, x)}
     print(fields, flush=True)
-    reference = baselines[TORCH_FUNC[0]]()
-    rows = []
-    for method, call in {STRUCTURED: ours, **baselines}.items():
-        out = call()[:k]
-        ok = torch.allclose(out, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
-        scale = 1 if method == STRUCTURED else len(x) / k
-        rows.append({**fields, "method": method, "correct": ok, "samples_timed": len(x) / scale})
-    # the baselines run for minutes: one call per round is enough (blocked_autorange's least)
-    times = time_interleaved({STRUCTURED: ours}, rounds, min_run_time)
-    times |= time_interleaved(baselines, 1, 0.0)
+    outs, rows = {}, []
+    slow = k < len(x)  # minutes per call: one timed call each
+    for method, call in baselines.items():
+        start = time.perf_counter()
+        outs[method] = call()
+        ms = (time.perf_counter() - start) * 1e3 * len(x) / k
+        rows.append({**fields, "method": method, "median_ms": ms, "iqr_ms": float("nan")})
+        print(rows[-1], flush=True)
+    timed = {STRUCTURED: ours} if slow else {STRUCTURED: ours, **baselines}
+    times = time_interleaved(timed, rounds, min_run_time)
     for row in rows:
-        scale = len(x) / row["samples_timed"]
-        row.update(
-            {
-                key: v * scale if key.endswith("_ms") else v
-                for key, v in times[row["method"]].items()
-            }
-        )
+        row.update(times.get(row["method"], {}))
+    outs[STRUCTURED] = ours()[:k]
+    rows.insert(0, {**fields, "method": STRUCTURED, **times[STRUCTURED]})
+    reference = outs[TORCH_FUNC[0]]
+    for row in rows:
+        out = outs[row["method"]]
+        atol = 1e-4 * reference.abs().max().item()
+        row["correct"] = torch.allclose(out, reference, rtol=1e-4, atol=atol)
+        row["samples_timed"] = len(x) if row["method"] == STRUCTURED else k
     best = min(r["median_ms"] for r in rows if r["method"] in TORCH_FUNC)
     cols = next(r["median_ms"] for r in rows if r["method"] == COLUMNS)
     for row in rows:

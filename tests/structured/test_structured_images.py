@@ -17,10 +17,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close, reference_divergence, reference_jacobian
-from ffjord import ConcatConv2d, multiscale, odenet, squeeze, unsqueeze
 from torch import nn
 
 import torchdiv
+from torchdiv import _structured
+from torchdiv._bench.ffjord import ConcatConv2d, multiscale, odenet, squeeze, unsqueeze
 from torchdiv._structured import colors, locality
 from torchdiv._taylor import RULES, capture, values
 
@@ -121,6 +122,8 @@ def test_image_nets_reach_and_plan(name):
     x = torch.randn(2, 3, size, size, dtype=f64)
     found, colours = analysed(net, x)
     assert found == reach and colours == num_colors
+    words = f"colours: {num_colors} directions for 768 unit vectors" if num_colors else None
+    assert words is None or _structured.describe(net, x) == words
     jac = reference_jacobian(net, x)
     truth = true_reach(jac, x)
     assert all(t <= r for t, r in zip(truth, found, strict=True))
@@ -176,6 +179,7 @@ def test_nets_that_read_the_whole_image_are_not_coloured(make):
     net = make().double()
     x = torch.randn(2, 3, 4, 4, dtype=f64)
     assert analysed(net, x) == (None, None)
+    assert not _structured.describe(net, x).startswith("colours")
     assert_close(torchdiv.divergence(net, x, method="structured"), reference_divergence(net, x))
 
 

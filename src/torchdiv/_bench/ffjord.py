@@ -1,4 +1,5 @@
-"""FFJORD's image ODE nets, written the way its repository (rtqichen/ffjord) writes them.
+"""FFJORD's image ODE nets, for tests, ``bench/images.py`` and the CLI's ``ffjord`` family,
+written the way its repository (rtqichen/ffjord) writes them.
 
 * ``ConcatConv2d``: time enters as an extra input channel, ``tt = ones_like(x[:, :1]) * t``
   concatenated in front of ``x``, then one convolution (3x3 stride 1, 4x4 stride 2, or a 4x4
@@ -9,8 +10,7 @@
 * ``squeeze`` / ``unsqueeze``: FFJORD's reshape-permute space-to-depth and its inverse.
 
 ``odenet(...)`` returns ``f(x) = net(t, x)`` at a fixed time, the function whose divergence a
-continuous normalising flow integrates. Written for these tests and the benchmarks; the
-layout, not the code, follows FFJORD.
+continuous normalising flow integrates. The layout, not the code, follows FFJORD.
 """
 
 from __future__ import annotations
