@@ -54,8 +54,8 @@ Function = Callable[[torch.Tensor], torch.Tensor]
 def _unet() -> Function:
     torch.manual_seed(0)
     net = GuidedUNet().eval()
-    t = torch.tensor([10.0, 200.0, 400.0, 600.0])
-    return lambda x: net(x, t)
+    t = torch.tensor(200.0)  # one timestep for the batch, as inside a sampler's step
+    return lambda x: net(x, t.expand(x.shape[0]))
 
 
 CASES: dict[str, Callable[[], tuple[Function, torch.Tensor, int | None]]] = {

@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import assert_close, reference_divergence, reference_jacobian
 from torch import nn
+from torch.nn import functional as F
 
 import torchdiv
 from torchdiv import _structured
@@ -58,6 +59,15 @@ class ChannelTricks(nn.Module):
         h = self.conv(torch.tensor(0.3, dtype=x.dtype), x)
         gate = torch.sigmoid(h[:, 1]).unsqueeze(1)  # a select over channels
         return torch.cat([h[:, :2] * gate, h.sum(1, keepdim=True)], 1)
+
+
+class Lambda(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        return self.f(x)
 
 
 def conv(i, o, k=3, **kw):
@@ -105,6 +115,18 @@ NETS = {  # name: (net, reach on 3 x 16 x 16, colours)
         48,
     ),
     "channel-tricks": (ChannelTricks, (1, 1), 12),
+    "crop-and-pad": (  # a 1x1 convolution, cropped, then padded back
+        lambda: nn.Sequential(
+            conv(3, 3, 1), Lambda(lambda h: F.pad(h[..., 1:-1, 2:], (1, 1, 0, 2)))
+        ),
+        (1, 1),
+        12,
+    ),
+    "subsample-and-upsample": (
+        lambda: Lambda(lambda x: F.interpolate(torch.tanh(x[..., ::2, ::2]), scale_factor=2)),
+        (1, 1),
+        12,
+    ),
     "receptive-field-of-the-whole-image": (
         lambda: nn.Sequential(*[m for _ in range(8) for m in (conv(3, 3, padding=1), nn.Tanh())]),
         (7, 7),  # every pixel of an 8 x 8 image reads every other: no colouring
