@@ -122,6 +122,13 @@ NETS = {  # name: (net, reach on 3 x 16 x 16, colours)
         (1, 1),
         12,
     ),
+    "padding-wider-than-the-kernel": (  # windows past the edge read nothing
+        lambda: nn.Sequential(
+            conv(3, 3, padding=4), nn.Tanh(), Lambda(lambda h: h[..., 3:-3, 3:-3])
+        ),
+        (1, 1),
+        12,
+    ),
     "subsample-and-upsample": (
         lambda: Lambda(lambda x: F.interpolate(torch.tanh(x[..., ::2, ::2]), scale_factor=2)),
         (1, 1),

@@ -75,7 +75,9 @@ _REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
 
 
-def reach(graph: Graph, values: list[list[Any]], x: torch.Tensor, batch_dims: int):
+def reach(
+    graph: Graph, values: list[list[Any]], x: torch.Tensor, batch_dims: int
+) -> tuple[int, ...] | None:
     """Per spatial axis of ``x`` (event dimensions after the first), the largest distance in
     pixels between an output element and an element of ``x`` it reads, or ``None`` if ``f``'s
     output is not local in ``x`` (or not laid out like ``x``)."""
@@ -217,10 +219,10 @@ class _Layouts:
             else (node.args[1] if len(node.args) > 1 else 0)
         )
         dim %= rank
-        if any(a.dim == dim for a in source):
-            return None
         layout = _dropped(source, [dim]) if node.func == aten.unbind.int else source
-        return {leaf: layout for leaf in range(len(outs))}
+        if layout is None or any(a.dim == dim for a in source):
+            return None
+        return dict.fromkeys(range(len(outs)), layout)
 
     def _windows(
         self, func: Any, args: list[Any], shape: Sequence[int], out: torch.Tensor
@@ -289,8 +291,8 @@ class _Layouts:
             return {dim: _indexed(args[2], shape[dim])}
         if func == aten.index.Tensor:
             picks = [(d, i) for d, i in enumerate(args[1]) if i is not None]
-            if len(picks) != 1 or picks[0][1].dim() != 1:
-                return None  # advanced indexing that moves or merges dimensions
+            if len(picks) != 1 or picks[0][1].dim() != 1 or picks[0][1].dtype == torch.bool:
+                return None  # a mask, or advanced indexing that moves or merges dimensions
             dim, index = picks[0]
             return {dim: _indexed(index, shape[dim])}
         return None
@@ -301,9 +303,7 @@ _UPSAMPLING = {
     aten.upsample_nearest2d.vec,
     aten.upsample_bilinear2d.default,
     aten.upsample_bilinear2d.vec,
-    aten._upsample_nearest_exact2d.default,
-    aten._upsample_nearest_exact2d.vec,
-}
+}  # nearest-exact has no rule: it arrives decomposed, as index
 
 
 def _live(graph: Graph) -> set[int]:
@@ -346,8 +346,9 @@ def _through(
         first, last = [], []
         for q in range(out_shape[a.dim]):
             i, j = window(q)
-            first.append(min(a.first[i : j + 1], default=_NOTHING[0]))
-            last.append(max(a.last[i : j + 1], default=_NOTHING[1]))
+            i, j = max(i, 0), j + 1 if j >= i else 0  # a window past the edges reads nothing
+            first.append(min(a.first[i:j], default=_NOTHING[0]))
+            last.append(max(a.last[i:j], default=_NOTHING[1]))
         axes.append(Axis(a.dim, tuple(first), tuple(last)))
     return tuple(axes)
 
@@ -359,13 +360,13 @@ def _clip(first: int, last: int, size: int) -> tuple[int, int]:
     return max(first, 0), min(last, size - 1)
 
 
-def _strided(size: int, kernel: int, stride: int, padding: int, dilation: int):
+def _strided(size: int, kernel: int, stride: int, padding: int, dilation: int) -> Window:
     """A convolution or pooling window: ``[q s - p, q s - p + d (k - 1)]``."""
     reach = dilation * (kernel - 1)
     return lambda q: _clip(q * stride - padding, q * stride - padding + reach, size)
 
 
-def _transposed(size: int, kernel: int, stride: int, padding: int, dilation: int):
+def _transposed(size: int, kernel: int, stride: int, padding: int, dilation: int) -> Window:
     """A transposed convolution: output ``q`` gets input ``i`` where ``q = i s - p + j d``."""
 
     def window(q: int) -> tuple[int, int]:
@@ -375,17 +376,13 @@ def _transposed(size: int, kernel: int, stride: int, padding: int, dilation: int
     return window
 
 
-def _adaptive(size: int, out: int):
+def _adaptive(size: int, out: int) -> Window:
     return lambda q: _clip(q * size // out, -(-(q + 1) * size // out) - 1, size)
 
 
 def _scale_factor(func: Any, args: list[Any], i: int) -> float | None:
     """The scale factor an upsampling call was given along its ``i``-th dimension, if any."""
-    if func in (
-        aten.upsample_nearest2d.vec,
-        aten.upsample_bilinear2d.vec,
-        aten._upsample_nearest_exact2d.vec,
-    ):
+    if func in (aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec):
         factors = args[-1]
         return None if factors is None else factors[i]
     bilinear = func == aten.upsample_bilinear2d.default
@@ -393,7 +390,7 @@ def _scale_factor(func: Any, args: list[Any], i: int) -> float | None:
     return rest[i] if len(rest) > i and rest[i] is not None else None
 
 
-def _upsampled(size: int, out: int, factor: float | None, bilinear: bool, corners: bool):
+def _upsampled(size: int, out: int, factor: float | None, bilinear: bool, corners: bool) -> Window:
     """Nearest or bilinear interpolation: every source-index formula PyTorch may use (from
     the sizes, from the scale factor), widened by one input pixel where float rounding could
     move a floor."""
@@ -421,16 +418,16 @@ def _dyadic(r: float) -> bool:
     )
 
 
-def _shifted(size: int, left: int):
+def _shifted(size: int, left: int) -> Window:
     """Constant padding (negative: cropping): output ``q`` is input ``q - left``."""
     return lambda q: (q - left, q - left) if 0 <= q - left < size else (1, 0)
 
 
-def _sliced(size: int, start: int, step: int):
+def _sliced(size: int, start: int, step: int) -> Window:
     return lambda q: (start + q * step, start + q * step)
 
 
-def _indexed(index: torch.Tensor, size: int):
+def _indexed(index: torch.Tensor, size: int) -> Window:
     """A constant index along a dimension (reflect or replicate padding, gathers)."""
     picks = (index.cpu() % size).tolist()
     return lambda q: (picks[q], picks[q])
@@ -466,12 +463,15 @@ def _reshaped(layout: Layout, old: tuple[int, ...], new: tuple[int, ...]) -> Lay
         def window(q: int, n: int = inner_new, m: int = inner_old) -> tuple[int, int]:
             return q * n // m, ((q + 1) * n - 1) // m  # the flattened indices [q n, (q + 1) n)
 
-        (moved,) = _through((replace(a, dim=0),), {0: window}, (old[a.dim],), (new[dim],)) or ()
-        axes.append(replace(moved, dim=dim))
+        moved = _through((replace(a, dim=0),), {0: window}, (old[a.dim],), (new[dim],))
+        assert moved is not None  # a window on every spatial dimension: always a layout
+        axes.append(replace(moved[0], dim=dim))
     return tuple(axes) if len(axes) == len(layout) else None
 
 
-def _groups(old: tuple[int, ...], new: tuple[int, ...]):
+def _groups(
+    old: tuple[int, ...], new: tuple[int, ...]
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """Ranges ``[o0, o1), [n0, n1)`` of dimensions with equal element counts, as small as
     possible (size-one dimensions join the group before them)."""
     out = []
