@@ -16,8 +16,10 @@ and ``tests/unets.py``, written the way FFJORD and guided-diffusion write them):
 Methods: ``divergence(method="structured")`` (the plan it chose is printed), the column
 propagation it replaced (every unit vector its own colour, as before images were coloured),
 torchdiv's generic reverse mode, and the torch.func recipes ``vmap(jacfwd)`` and
-``vmap(jacrev)`` of one sample; all columns at once do not fit in memory, so both run one
-image at a time, jacrev with ``chunk_size`` (128 on the 32 x 32 cases, 32 on the U-Net).
+``vmap(jacrev)`` of one sample; all images' columns at once do not fit in memory, so both
+run one image at a time, jacrev with ``chunk_size`` (128 on the 32 x 32 cases, 32 on the
+U-Net) and jacfwd whole on the 32 x 32 cases, as ``vmap(jvp, chunk_size=32)`` on the U-Net
+(jacfwd has no chunk_size; whole, it ran past an 18 GB limit there).
 Each is checked against jacfwd's result (float32 tolerance), then timed round-robin with
 ``torch.utils.benchmark`` (``--rounds`` blocks of ``--min-run-time``, median and IQR). On
 the 32 x 32 cases all but the structured method take minutes per call on a 2-core CPU: one
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import torch
 from _common import markdown, script, time_interleaved
-from torch.func import jacfwd, jacrev, vmap
+from torch.func import jacfwd, jacrev, jvp, vmap
 
 import torchdiv
 from torchdiv import _structured
@@ -57,11 +59,11 @@ def _unet() -> Function:
     return lambda x: net(x, t.expand(x.shape[0]))
 
 
-CASES: dict[str, Callable[[], tuple[Function, torch.Tensor, int | None]]] = {
-    # (f, x, chunk_size for the torch.func recipes)
-    "ffjord": lambda: (ffjord.odenet((64, 64, 64)), torch.randn(8, 3, 32, 32), 128),
-    "multiscale": lambda: (ffjord.multiscale((64, 64, 64)), torch.randn(8, 3, 32, 32), 128),
-    "unet": lambda: (_unet(), torch.randn(4, 3, 16, 16), 32),
+CASES: dict[str, Callable[[], tuple[Function, torch.Tensor, tuple[int | None, int]]]] = {
+    # (f, x, unit vectors per chunk in the torch.func recipes: jacfwd's, jacrev's)
+    "ffjord": lambda: (ffjord.odenet((64, 64, 64)), torch.randn(8, 3, 32, 32), (None, 128)),
+    "multiscale": lambda: (ffjord.multiscale((64, 64, 64)), torch.randn(8, 3, 32, 32), (None, 128)),
+    "unet": lambda: (_unet(), torch.randn(4, 3, 16, 16), (32, 32)),
 }
 RECIPE_SAMPLES = {"ffjord": 1, "multiscale": 1, "unet": 4}  # images the baselines are timed on
 DESCRIPTIONS = {
@@ -71,7 +73,7 @@ DESCRIPTIONS = {
 }
 STRUCTURED, COLUMNS = "torchdiv structured", "column propagation (no colouring)"
 REVERSE = "torchdiv reverse (batched VJPs)"
-TORCH_FUNC = ("torch.func vmap(jacfwd)", "torch.func vmap(jacrev)")
+TORCH_FUNC = ("torch.func jacfwd per image", "torch.func jacrev per image")
 
 
 def _one(f: Function) -> Function:
@@ -82,21 +84,23 @@ def _trace(jac: torch.Tensor) -> torch.Tensor:
     return jac.reshape(jac.shape[0], jac.shape[1], -1).diagonal(dim1=1, dim2=2).sum(-1)
 
 
-def vmap_jacrev(f: Function, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """``vmap(jacrev(f_one_sample))``, or with ``chunk``, ``jacrev(..., chunk_size=chunk)``
-    one sample at a time (vmapped over the U-Net's four images, even chunk_size=32 took
-    over 22 GB)."""
-    if chunk is None:
-        return _trace(vmap(jacrev(_one(f)))(x))
+def jacrev_each(f: Function, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """``jacrev(f_one_sample, chunk_size=chunk)`` one sample at a time (vmapped over the
+    U-Net's four images, even chunk_size=32 took over 22 GB)."""
     return torch.cat([_trace(jacrev(_one(f), chunk_size=chunk)(z)[None]) for z in x])
 
 
 def jacfwd_each(f: Function, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """``vmap(jacfwd(f_one_sample))``, or with ``chunk``, ``jacfwd`` one sample at a time
-    (jacfwd has no ``chunk_size``; all samples' columns at once would not fit in memory)."""
+    """``jacfwd(f_one_sample)`` one sample at a time; with ``chunk``, its unit vectors pushed
+    by ``vmap(jvp, chunk_size=chunk)`` (jacfwd itself has no chunk_size)."""
     if chunk is None:
-        return _trace(vmap(jacfwd(_one(f)))(x))
-    return torch.cat([_trace(jacfwd(_one(f))(z)[None]) for z in x])
+        return torch.cat([_trace(jacfwd(_one(f))(z)[None]) for z in x])
+    traces = []
+    for z in x:
+        basis = torch.eye(z.numel(), dtype=z.dtype).reshape(-1, *z.shape)
+        push = vmap(lambda v, z=z: jvp(_one(f), (z,), (v,))[1], chunk_size=chunk)
+        traces.append(push(basis).diagonal().sum())
+    return torch.stack(traces)
 
 
 def columns(f: Function, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +112,7 @@ def columns(f: Function, x: torch.Tensor) -> torch.Tensor:
 
 def run_case(name: str, rounds: int, min_run_time: float) -> list[dict]:
     torch.manual_seed(0)
-    f, x, chunk = CASES[name]()
+    f, x, (forward_chunk, reverse_chunk) = CASES[name]()
     if isinstance(f, torch.nn.Module):
         f.requires_grad_(False)
     k = RECIPE_SAMPLES[name]
@@ -116,8 +120,8 @@ def run_case(name: str, rounds: int, min_run_time: float) -> list[dict]:
     baselines = {
         COLUMNS: functools.partial(columns, f, part),
         REVERSE: functools.partial(torchdiv.divergence, f, part, method="reverse"),
-        TORCH_FUNC[0]: functools.partial(jacfwd_each, f, part, chunk),
-        TORCH_FUNC[1]: functools.partial(vmap_jacrev, f, part, chunk),
+        TORCH_FUNC[0]: functools.partial(jacfwd_each, f, part, forward_chunk),
+        TORCH_FUNC[1]: functools.partial(jacrev_each, f, part, reverse_chunk),
     }
     ours = functools.partial(torchdiv.divergence, f, x, method="structured")
     fields = {"case": DESCRIPTIONS[name], "plan": _structured.describe(f, x)}
