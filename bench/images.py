@@ -18,14 +18,15 @@ propagation it replaced (every unit vector its own colour, as before images were
 torchdiv's generic reverse mode, and the torch.func recipes ``vmap(jacfwd)`` and
 ``vmap(jacrev)`` of one sample; all images' columns at once do not fit in memory, so both
 run one image at a time, jacrev with ``chunk_size`` (128 on the 32 x 32 cases, 32 on the
-U-Net) and jacfwd whole on the 32 x 32 cases, as ``vmap(jvp, chunk_size=32)`` on the U-Net
-(jacfwd has no chunk_size; whole, it ran past an 18 GB limit there).
+U-Net) and jacfwd whole on the 32 x 32 cases, as ``vmap(jvp, chunk_size=8)`` on the U-Net
+(jacfwd has no chunk_size; whole, or in chunks of 32, it ran past an 18 GB limit there).
 Each is checked against jacfwd's result (float32 tolerance), then timed round-robin with
-``torch.utils.benchmark`` (``--rounds`` blocks of ``--min-run-time``, median and IQR). On
-the 32 x 32 cases all but the structured method take minutes per call on a 2-core CPU: one
-call each, timed with ``perf_counter`` on ``RECIPE_SAMPLES`` images and scaled to the batch
-(all are per-sample loops: linear in it). Writes bench/results/local/images.json and prints
-a markdown table with ratios to the best torch.func recipe and to the column propagation.
+``torch.utils.benchmark`` (``--rounds`` blocks of ``--min-run-time``, median and IQR). All
+but the structured method take up to minutes per call on a 2-core CPU: one call each,
+timed with ``perf_counter`` on ``RECIPE_SAMPLES`` images and scaled to the batch (all are
+per-sample loops or batched over samples: about linear in it). Writes
+bench/results/local/images.json and prints a markdown table with ratios to the best
+torch.func recipe and to the column propagation.
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ CASES: dict[str, Callable[[], tuple[Function, torch.Tensor, tuple[int | None, in
     # (f, x, unit vectors per chunk in the torch.func recipes: jacfwd's, jacrev's)
     "ffjord": lambda: (ffjord.odenet((64, 64, 64)), torch.randn(8, 3, 32, 32), (None, 128)),
     "multiscale": lambda: (ffjord.multiscale((64, 64, 64)), torch.randn(8, 3, 32, 32), (None, 128)),
-    "unet": lambda: (_unet(), torch.randn(4, 3, 16, 16), (32, 32)),
+    "unet": lambda: (_unet(), torch.randn(4, 3, 16, 16), (8, 32)),
 }
-RECIPE_SAMPLES = {"ffjord": 1, "multiscale": 1, "unet": 4}  # images the baselines are timed on
+RECIPE_SAMPLES = {"ffjord": 1, "multiscale": 1, "unet": 1}  # images the baselines are timed on
 DESCRIPTIONS = {
     "ffjord": "FFJORD ODEnet 4x ConcatConv2d 64ch, (8, 3, 32, 32)",
     "multiscale": "FFJORD ODEnet squeeze + strides 1,2,-2,1, 64ch, (8, 3, 32, 32)",
