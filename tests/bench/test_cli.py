@@ -180,6 +180,16 @@ def test_an_idle_machine_gets_no_warning(tmp_path, capsys):
     assert "load_warning" not in json.loads(out.read_text())["settings"]
 
 
+def test_ffjord_multiscale_family_is_coloured_on_images_wider_than_its_reach(tmp_path):
+    out = tmp_path / "b.json"
+    argv = ["bench", "--operator", "divergence", "--family", "ffjord-multiscale"]
+    argv += ["--dims", "768", "--methods", "structured", *TINY, "--json", str(out)]
+    assert main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["case"] == "FFJORD multiscale ODEnet, x (2, 3, 16, 16), width 4"
+    assert row["status"] == "ok" and row["plan"] == "colours: 432 directions for 768 unit vectors"
+
+
 def test_ffjord_family_names_the_structured_plan(tmp_path, capsys):
     out, md = tmp_path / "b.json", tmp_path / "b.md"
     argv = ["bench", "--operator", "divergence", "--family", "ffjord", "--dims", "300"]
