@@ -180,6 +180,33 @@ def test_an_idle_machine_gets_no_warning(tmp_path, capsys):
     assert "load_warning" not in json.loads(out.read_text())["settings"]
 
 
+def test_ffjord_multiscale_family_is_coloured_on_images_wider_than_its_reach(tmp_path):
+    out = tmp_path / "b.json"
+    argv = ["bench", "--operator", "divergence", "--family", "ffjord-multiscale"]
+    argv += ["--dims", "768", "--methods", "structured", *TINY, "--json", str(out)]
+    assert main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["case"] == "FFJORD multiscale ODEnet, x (2, 3, 16, 16), width 4"
+    assert row["status"] == "ok" and row["plan"] == "colours: 432 directions for 768 unit vectors"
+
+
+def test_ffjord_family_names_the_structured_plan(tmp_path, capsys):
+    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    argv = ["bench", "--operator", "divergence", "--family", "ffjord", "--dims", "300"]
+    argv += ["--methods", "structured,jacrev", *TINY, "--json", str(out), "--markdown", str(md)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["family"], r["case"]) for r in rows} == {
+        ("FFJORD ODEnet", "FFJORD ODEnet, x (2, 3, 10, 10), width 4")
+    }
+    (structured,) = [r for r in rows if r["method"] == "structured"]
+    assert (
+        structured["status"] == "ok"
+        and structured["plan"] == "colours: 75 directions for 300 unit vectors"
+    )
+    assert "torchdiv structured, D=300: colours: 75 directions for 300" in md.read_text()
+
+
 def test_a_model_that_mixes_samples_is_refused():
     with pytest.raises(SystemExit, match="samples interact"):
         main(["bench", "--model", "bench_model:mixes_samples", "--shape", "3", *TINY])
@@ -206,6 +233,8 @@ BAD = [
     (["--model", "bench_model:missing", "--shape", "3"], "has no attribute 'missing'"),
     (["--model", "bench_model:NOT_CALLABLE", "--shape", "3"], "expected an nn.Module"),
     (["--model", "nowhere/model.py:f", "--shape", "3"], "no file nowhere/model.py"),
+    (["--family", "resnet"], "--family 'resnet' is unknown; choose from mlp, conv, scalar"),
+    (["--model", "bench_model:field", "--shape", "3", "--family", "mlp"], "--family picks"),
 ]
 
 

@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   python -m torchdiv bench --plot bench.png --json bench.json
   python -m torchdiv bench --operator jacobian --dims 16,64 --methods auto,jacrev,loop
   python -m torchdiv bench --model mypkg.models:ScoreNet --shape 3,32,32 --batch 16
+  python -m torchdiv bench --operator divergence --family ffjord --dims 768 --width 16
 """
 
 
@@ -79,6 +80,12 @@ def add_parser(commands: Any) -> None:
         "(divergence with --model)",
     )
     p.add_argument("--dims", type=_ints, help="event sizes D of the built-in nets, e.g. 8,32,128")
+    p.add_argument(
+        "--family",
+        type=_names,
+        help=f"comma-separated built-in nets: {', '.join(suite.FAMILIES)} "
+        "(default: the operator's own)",
+    )
     p.add_argument("--batch", type=_positive(int), help="samples per batch")
     p.add_argument("--width", type=_positive(int), help="hidden units (MLP) and channels (conv)")
     p.add_argument("--methods", type=_names, help="comma-separated method keys (default: all)")
@@ -117,6 +124,11 @@ def _check(args: argparse.Namespace) -> None:
         fail("--model and --shape go together: --model module:attr --shape 3,32,32")
     if args.model is not None and args.dims is not None:
         fail("--dims sizes the built-in nets; with --model the size is --shape")
+    for name in args.family or ():
+        if name not in suite.FAMILIES:
+            fail(f"--family {name!r} is unknown; choose from {', '.join(suite.FAMILIES)}")
+    if args.model is not None and args.family is not None:
+        fail("--family picks built-in nets; --model runs yours")
     device = torch.device(args.device) if _is_device(args.device) else None
     if device is None or device.type not in ("cpu", "cuda"):
         fail(f"--device must be cpu or cuda[:N], got {args.device!r}")
@@ -155,7 +167,8 @@ def _cases(
     batch = {f: args.batch or b for f, b in preset.batch.items()}
     width = {f: args.width or w for f, w in preset.width.items()}
     dims = args.dims or preset.dims
-    return suite.builtin_cases(operator.families, dims, batch, width, dtype, device)
+    families = args.family or operator.families
+    return suite.builtin_cases(families, dims, batch, width, dtype, device)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -103,7 +103,8 @@ def cell(row: Row) -> tuple[str, ...]:
 
 
 def grid(group: list[Row]) -> tuple[list[int], dict[str, dict[int, Row]], list[str]]:
-    """Columns (the Ds), ``{label: {D: row}}`` and the notes of untimed cells."""
+    """Columns (the Ds), ``{label: {D: row}}`` and the notes: why cells are untimed, and
+    the structured method's plan at each D."""
     dims = sorted({r["dim"] for r in group})
     table: dict[str, dict[int, Row]] = {}
     for row in group:
@@ -113,6 +114,7 @@ def grid(group: list[Row]) -> tuple[list[int], dict[str, dict[int, Row]], list[s
         for r in group
         if r["status"] in ("skipped", "error")
     ]
+    notes += [f"{r['label']}, D={r['dim']}: {r['plan']}" for r in group if "plan" in r]
     return dims, table, notes
 
 

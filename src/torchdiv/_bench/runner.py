@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from torchdiv import _structured
 from torchdiv._bench.memory import peak_memory_mb
 from torchdiv._bench.operators import Operator, relative_error, tolerance
 from torchdiv._bench.suite import Case
@@ -55,6 +56,8 @@ def run_case(
         ) from exc
     y = problem.f(problem.x)
     check_shapes(operator, case, problem.x, y, reference)
+    # what method="structured" does with f: a chain, how many colours, or every column
+    plan = _structured.describe(problem.f, problem.x) if "structured" in methods else None
     device = problem.x.device
     progress(f"{case.title}: checking", 1)
     rows, calls = [], {}
@@ -73,6 +76,8 @@ def run_case(
             "baseline": method.baseline,
             "stochastic": method.stochastic,
         }
+        if key == "structured" and plan is not None:
+            row["plan"] = plan
         call = functools.partial(method.call, problem.f, problem.x)
         with deadline(time_limit):
             checked = _check(call, method.skip, problem.x, y, reference, method.stochastic)

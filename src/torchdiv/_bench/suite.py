@@ -25,6 +25,7 @@ from typing import Any, cast
 import torch
 
 from torchdiv._api.independence import check_batch_independence
+from torchdiv._bench import ffjord
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 
@@ -63,15 +64,15 @@ class Preset:
 
 QUICK = Preset(
     (8, 32, 128),
-    {"mlp": 64, "conv": 8, "scalar": 64, "model": 8},
-    {"mlp": 64, "conv": 8, "scalar": 64},
+    {"mlp": 64, "conv": 8, "scalar": 64, "ffjord": 4, "ffjord-multiscale": 4, "model": 8},
+    {"mlp": 64, "conv": 8, "scalar": 64, "ffjord": 8, "ffjord-multiscale": 8},
     3,
     0.05,
 )
 FULL = Preset(
     (32, 128, 512),
-    {"mlp": 128, "conv": 8, "scalar": 256, "model": 8},
-    {"mlp": 256, "conv": 16, "scalar": 128},
+    {"mlp": 128, "conv": 8, "scalar": 256, "ffjord": 8, "ffjord-multiscale": 8, "model": 8},
+    {"mlp": 256, "conv": 16, "scalar": 128, "ffjord": 64, "ffjord-multiscale": 64},
     5,
     0.2,
 )
@@ -112,10 +113,26 @@ def scalar_mlp(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
     return net, (dim,)
 
 
+def ffjord_odenet(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """FFJORD's image ODE net (``torchdiv._bench.ffjord``): 3-channel ``s x s`` images,
+    ``3 s^2`` closest to ``dim``; four 3x3 ``ConcatConv2d`` layers ``3 -> width x 3 -> 3``."""
+    side = max(1, round(math.sqrt(dim / 3)))
+    return ffjord.odenet((width,) * 3), (3, side, side)
+
+
+def ffjord_multiscale(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """FFJORD's multiscale ODE net (one squeeze, strides 1, 2, -2, 1): 3-channel ``s x s``
+    images, ``s`` a multiple of 4 with ``3 s^2`` closest to ``dim``."""
+    side = 4 * max(1, round(math.sqrt(dim / 3) / 4))
+    return ffjord.multiscale((width,) * 3), (3, side, side)
+
+
 FAMILIES: dict[str, tuple[str, Callable[[int, int], tuple[torch.nn.Module, tuple[int, ...]]]]] = {
     "mlp": ("tanh MLP", tanh_mlp),
     "conv": ("conv net", conv_net),
     "scalar": ("tanh MLP to a scalar", scalar_mlp),
+    "ffjord": ("FFJORD ODEnet", ffjord_odenet),
+    "ffjord-multiscale": ("FFJORD multiscale ODEnet", ffjord_multiscale),
 }
 
 

@@ -92,6 +92,24 @@ def plan(
         return None
 
 
+def describe(f: Function, x: torch.Tensor, batch_dims: int = 1) -> str:
+    """The plan ``method="structured"`` makes for ``f`` at ``x``, in words (for benchmarks):
+    ``"chain: N paths"``, ``"colours: k directions for n unit vectors"`` or ``"columns: n unit
+    vectors"`` (``"generic engines: ..."`` if it cannot plan ``f``). Evaluates ``f`` once."""
+    graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
+    if graph.unsupported:
+        return f"generic engines: no rule for {', '.join(sorted(set(graph.unsupported)))}"
+    kept = values(graph, x)
+    chain = factors.paths(graph, kept, x, x.shape[:batch_dims].numel())
+    if chain is not None:
+        return f"chain: {len(chain)} path{'s' * (len(chain) != 1)}"
+    n = math.prod(x.shape[batch_dims:])
+    coloring = colors.colors(graph, kept, x, batch_dims)
+    if coloring is None:
+        return f"columns: {n} unit vectors"
+    return f"colours: {int(coloring.max()) + 1} directions for {n} unit vectors"
+
+
 def _output(graph: Graph, kept: list[list[Any]], x: torch.Tensor) -> torch.Tensor:
     """``f(x)`` as the capture computed it (a tensor ``f`` returned unchanged is no node)."""
     out: torch.Tensor | Ref = graph.output
