@@ -66,7 +66,10 @@ def _loop_entries(f: Function, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(entries, -1)
 
 
-def recipes(operator: str, train: bool) -> dict[str, Callable[[Function, torch.Tensor], torch.Tensor]]:
+Recipe = Callable[[Function, torch.Tensor], torch.Tensor]
+
+
+def recipes(operator: str, train: bool) -> dict[str, Recipe]:
     if operator == "divergence":
         return {
             "vmap(jacrev)": lambda f, x: torch.einsum("bii->b", _per_sample_jacobian(f, x)),
@@ -124,9 +127,8 @@ def run_case(name: str, rounds: int, min_run_time: float) -> list[dict]:
                 fields = {"operator": operator, "activation": act, "D": d, "B": batch}
                 fields["scenario"] = scenario
                 forward = {FORWARD: functools.partial(net, x)}
-                rows += compare(
-                    fields, calls, reference, 1e-4, rounds, min_run_time, ("vs_best", _best), forward
-                )
+                ratio = ("vs_best", _best)
+                rows += compare(fields, calls, reference, 1e-4, rounds, min_run_time, ratio, forward)
     return rows
 
 

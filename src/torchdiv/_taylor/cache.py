@@ -42,8 +42,8 @@ import torch
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchdiv import _mixing
-from torchdiv._modes import SafeDerivatives, math_attention
+from torchdiv._core import mixing as _mixing
+from torchdiv._core.modes import SafeDerivatives, math_attention
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
     _DECOMPOSITIONS,
@@ -225,15 +225,15 @@ def checked(found: Template, f: Function, x: torch.Tensor, rules: Container[Any]
     with torch.enable_grad(), _set_fwd_grad_enabled(True), math_attention(), safe, checker:
         y = f(x)
     out = leaves(map_leaves(checker.ref, y))
-    if checker.same and checker.i == len(found.calls) and out == [found.output]:
-        if tuple(y.shape) == found.output_shape:
-            return Graph(
-                checker.nodes,
-                found.output,
-                widest=found.widest,
-                output_shape=found.output_shape,
-                values=checker.values,
-            )
+    complete = checker.same and checker.i == len(found.calls)
+    if complete and out == [found.output] and tuple(y.shape) == found.output_shape:
+        return Graph(
+            checker.nodes,
+            found.output,
+            widest=found.widest,
+            output_shape=found.output_shape,
+            values=checker.values,
+        )
     checker.undo()
     return None
 
