@@ -60,8 +60,7 @@ def _loop_entries(f: Function, x: torch.Tensor) -> torch.Tensor:
     x = x.detach().requires_grad_(True)
     y = f(x)
     entries = [
-        torch.autograd.grad(y[:, i].sum(), x, create_graph=True)[0][:, i]
-        for i in range(x.shape[1])
+        torch.autograd.grad(y[:, i].sum(), x, create_graph=True)[0][:, i] for i in range(x.shape[1])
     ]
     return torch.stack(entries, -1)
 
@@ -126,9 +125,9 @@ def run_case(name: str, rounds: int, min_run_time: float) -> list[dict]:
                 }
                 fields = {"operator": operator, "activation": act, "D": d, "B": batch}
                 fields["scenario"] = scenario
-                forward = {FORWARD: functools.partial(net, x)}
+                fwd = {FORWARD: functools.partial(net, x)}
                 ratio = ("vs_best", _best)
-                rows += compare(fields, calls, reference, 1e-4, rounds, min_run_time, ratio, forward)
+                rows += compare(fields, calls, reference, 1e-4, rounds, min_run_time, ratio, fwd)
     return rows
 
 
