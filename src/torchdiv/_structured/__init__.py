@@ -30,7 +30,7 @@ from torchdiv._core.basis import WHOLE, Share
 from torchdiv._core.checks import raised_by_f
 from torchdiv._core.modes import recorded
 from torchdiv._structured import colors, cycle, factors, forward
-from torchdiv._taylor import RULES, Graph, UnsupportedOp, values
+from torchdiv._taylor import RULES, Graph, UnsupportedOp, capture, values
 from torchdiv._taylor import cache as _cache
 from torchdiv._taylor.capture import Ref
 
