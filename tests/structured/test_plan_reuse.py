@@ -13,7 +13,7 @@ from torchdiv._structured import products
 from torchdiv._taylor import cache
 from torchdiv.flows import log_likelihood
 
-torch.set_default_dtype(torch.float64)
+DOUBLE = torch.float64
 
 
 @pytest.fixture(autouse=True)
@@ -34,12 +34,13 @@ def fresh(fn, *args, **kwargs):
 
 def mlp(d: int = 6, h: int = 32) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, d))
+    net = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, d))
+    return net.double()
 
 
 @pytest.mark.parametrize("op", ["divergence", "jacobian_diagonal"])
 def test_reused_plans_give_the_values_and_parameter_gradients_of_fresh_ones(op):
-    net, x = mlp(), torch.randn(200, 6)
+    net, x = mlp(), torch.randn(200, 6, dtype=DOUBLE)
     fn = getattr(torchdiv, op)
     fn(net, x)  # kept
     assert len(cache.RECORDINGS._entries) == 1
@@ -56,7 +57,7 @@ def test_reused_plans_give_the_values_and_parameter_gradients_of_fresh_ones(op):
 
 @pytest.mark.parametrize("how", ["in place", "through .data", "replaced", "frozen then trained"])
 def test_changed_weights_are_never_served_from_an_old_plan(how):
-    net, x = mlp(), torch.randn(200, 6)
+    net, x = mlp(), torch.randn(200, 6, dtype=DOUBLE)
     net.requires_grad_(False)
     before = torchdiv.divergence(net, x)
     torchdiv.divergence(net, x)  # products of weights kept too
@@ -66,7 +67,7 @@ def test_changed_weights_are_never_served_from_an_old_plan(how):
     elif how == "through .data":  # the version counter does not move
         net[4].weight.data.copy_(torch.randn_like(net[4].weight))
     elif how == "replaced":
-        net[0] = nn.Linear(6, 32).requires_grad_(False)
+        net[0] = nn.Linear(6, 32).double().requires_grad_(False)
     else:
         net.requires_grad_(True)
     after = torchdiv.divergence(net, x)
@@ -78,7 +79,8 @@ def test_changed_weights_are_never_served_from_an_old_plan(how):
 
 def test_a_different_structure_at_the_same_site_is_planned_afresh():
     torch.manual_seed(0)
-    net, x = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 6)), torch.randn(200, 6)
+    net = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 6)).double()
+    x = torch.randn(200, 6, dtype=DOUBLE)
     first = torchdiv.divergence(net, x)
     net[1] = nn.ELU()  # same module object, another op
     second = torchdiv.divergence(net, x)
@@ -91,7 +93,8 @@ def test_a_different_structure_at_the_same_site_is_planned_afresh():
 def test_train_and_eval_batch_norm_never_share_a_plan():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 6))
-    x = torch.randn(200, 6)
+    net = net.double()
+    x = torch.randn(200, 6, dtype=DOUBLE)
     net.eval()
     evaluated = torchdiv.divergence(net, x)
     net.train()
@@ -103,12 +106,12 @@ def test_train_and_eval_batch_norm_never_share_a_plan():
 
 @pytest.mark.parametrize("change", ["dtype", "shape", "requires_grad", "no_grad"])
 def test_another_input_or_mode_gets_its_own_plan(change):
-    net, x = mlp(), torch.randn(200, 6)
+    net, x = mlp(), torch.randn(200, 6, dtype=DOUBLE)
     torchdiv.divergence(net, x)
     if change == "dtype":
         net, x = net.float(), x.float()
     elif change == "shape":
-        x = torch.randn(300, 6)
+        x = torch.randn(300, 6, dtype=DOUBLE)
     elif change == "requires_grad":
         x = x.clone().requires_grad_(True)
     if change == "no_grad":
@@ -147,7 +150,7 @@ class Field(nn.Module):
 
 def test_a_solve_reuses_its_plan_at_every_time_and_gets_the_fresh_result():
     torch.manual_seed(0)
-    field, x = Field(4, 24), torch.randn(300, 4)
+    field, x = Field(4, 24).double(), torch.randn(300, 4, dtype=DOUBLE)
     normal = torch.distributions.Normal(0.0, 1.0)
 
     def base(z):
