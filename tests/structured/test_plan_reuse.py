@@ -185,7 +185,7 @@ def test_kept_products_are_found_by_their_factors_bits():
     a, b = torch.randn(8, 50), torch.randn(50, 8)
     first = products.product(torch.matmul, a, b, cost=10**6)
     assert products.product(torch.matmul, a.clone(), b.clone(), cost=10**6) is first
-    b.data[0, 0] += 1e-12
+    b.data[0, 0] = torch.nextafter(b[0, 0], torch.tensor(float("inf")))  # one ulp
     second = products.product(torch.matmul, a, b, cost=10**6)
     assert second is not first
     torch.testing.assert_close(second, a @ b, rtol=0, atol=0)
