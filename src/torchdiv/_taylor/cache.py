@@ -39,11 +39,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchdiv._core import mixing as _mixing
-from torchdiv._core.modes import SafeDerivatives, math_attention
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
     _DECOMPOSITIONS,
@@ -53,6 +51,7 @@ from torchdiv._taylor.capture import (
     _random_states,
     _written,
     capture,
+    recording,
 )
 from torchdiv._taylor.tree import leaves, map_leaves
 
@@ -221,8 +220,7 @@ def checked(found: Template, f: Function, x: torch.Tensor, rules: Container[Any]
     """Evaluate ``f(x)`` comparing each call with ``found``: the ``Graph`` of this evaluation
     if all match, else ``None`` with what ``f`` changed put back (the caller records again)."""
     checker = _Checker(found, x, rules)
-    safe = SafeDerivatives(1, "method='auto'")
-    with torch.enable_grad(), _set_fwd_grad_enabled(True), math_attention(), safe, checker:
+    with recording(), checker:
         y = f(x)
     out = leaves(map_leaves(checker.ref, y))
     complete = checker.same and checker.i == len(found.calls)
