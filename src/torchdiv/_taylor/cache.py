@@ -202,17 +202,15 @@ def recorded(
     """``capture(f, x, rules, keep_values=True, batch_dims=batch_dims)``, checked against the
     template kept for ``where`` (``site``) instead of recorded when ``f`` computes the same
     calls again; a recording that can be checked is kept for the next call."""
-    if where is not None:
-        k = key(x, batch_dims)
-        found = RECORDINGS.get(where, k)
-        graph = None if found is None else checked(found, f, x, rules)
-        if graph is not None:
-            return graph
+    k = key(x, batch_dims)
+    found = None if where is None else RECORDINGS.get(where, k)
+    graph = None if found is None else checked(found, f, x, rules)
+    if graph is not None:
+        return graph
     graph = capture(f, x, rules, keep_values=True, batch_dims=batch_dims)
-    if where is not None:
-        kept = template(graph)
-        if kept is not None:
-            RECORDINGS.put(where, k, kept)
+    kept = None if where is None else template(graph)
+    if kept is not None:
+        RECORDINGS.put(where, k, kept)
     return graph
 
 
