@@ -48,7 +48,10 @@ def test_second_call_checks_instead_of_recording_and_gives_the_same_graph():
     again, hit = record(net, x, net)
     assert hit
     assert [n.func for n in again.nodes] == [n.func for n in first.nodes]
-    same_values(again, capture(net, x, RULES, keep_values=True, batch_dims=1))
+    fresh = capture(net, x, RULES, keep_values=True, batch_dims=1)
+    same_values(again, fresh)
+    facts = ("widest", "dependent_calls", "elements", "products", "requires_grad", "output_shape")
+    assert [getattr(again, k) for k in facts] == [getattr(fresh, k) for k in facts]
 
 
 def test_changed_parameter_values_are_read_from_the_new_call():

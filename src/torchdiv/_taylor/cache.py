@@ -91,6 +91,7 @@ class Template:
     output: Ref
     output_shape: tuple[int, ...]
     widest: int
+    work: tuple[int, int, int]  # the graph's dependent calls, elements and products
 
 
 def _pattern(leaf: Any) -> Any:
@@ -122,7 +123,8 @@ def template(graph: Graph) -> Template | None:
         _Call(n.func, tuple(map(_pattern, leaves((n.args, n.kwargs)))), n.depends)
         for n in graph.nodes
     )
-    return Template(calls, graph.output, graph.output_shape, graph.widest)
+    work = (graph.dependent_calls, graph.elements, graph.products)
+    return Template(calls, graph.output, graph.output_shape, graph.widest, work)
 
 
 class PlanCache:
@@ -218,15 +220,21 @@ def checked(found: Template, f: Function, x: torch.Tensor, rules: Container[Any]
     """Evaluate ``f(x)`` comparing each call with ``found``: the ``Graph`` of this evaluation
     if all match, else ``None`` with what ``f`` changed put back (the caller records again)."""
     checker = _Checker(found, x, rules)
+    outer_grad = torch.is_grad_enabled()
     with recording(), checker:
         y = f(x)
     out = leaves(map_leaves(checker.ref, y))
     complete = checker.same and checker.i == len(found.calls)
     if complete and out == [found.output] and tuple(y.shape) == found.output_shape:
+        calls, elements, products = found.work
         return Graph(
             checker.nodes,
             found.output,
             widest=found.widest,
+            dependent_calls=calls,
+            elements=elements,
+            products=products,
+            requires_grad=outer_grad and y.requires_grad,
             output_shape=found.output_shape,
             values=checker.values,
         )
