@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 Tensor = torch.Tensor
-SIZE = 16
-MAX_FACTOR_ELEMENTS = 1 << 22  # larger factors are not copied (memory)
+SIZE = 8
+MAX_FACTOR_ELEMENTS = 1 << 20  # larger factors are not copied: at most ~100 MB kept in float32
 MIN_SAVING = 16  # kept only if the product costs this many times a comparison of the factors
 
 

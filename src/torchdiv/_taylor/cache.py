@@ -94,12 +94,23 @@ class Template:
     work: tuple[int, int, int]  # the graph's dependent calls, elements and products
 
 
+class Opaque:
+    """An argument compared by nothing (a profiler's ``ScriptObject``, say): never in a
+    template."""
+
+
+OPAQUE = Opaque()
+# arguments compared by value (type and ``==``): structure
+_PLAIN = (int, bool, str, type(None), torch.dtype, torch.device, torch.layout)
+_PLAIN += (torch.memory_format, torch.Size, Ref)
+
+
 def _pattern(leaf: Any) -> Any:
     if isinstance(leaf, torch.Tensor):
         return Outside(leaf.shape, leaf.dtype, leaf.device, leaf.requires_grad)
-    if isinstance(leaf, (float, complex)) and not isinstance(leaf, bool):
+    if type(leaf) is float or type(leaf) is complex:
         return VALUE
-    return leaf
+    return leaf if isinstance(leaf, _PLAIN) else OPAQUE
 
 
 def _same(want: Any, have: Any) -> bool:
@@ -109,12 +120,13 @@ def _same(want: Any, have: Any) -> bool:
         return isinstance(have, torch.Tensor) and _pattern(have) == want
     if want is VALUE:
         return type(have) is float or type(have) is complex
-    return type(want) is type(have) and bool(want == have)
+    return type(want) is type(have) and bool(want == have)  # want is plain (no OPAQUE)
 
 
 def template(graph: Graph) -> Template | None:
     """``graph``'s structure, or ``None`` if it cannot be checked by structure: an op without
-    a rule, writes outside ``f`` or in place, random draws (their outputs are kept)."""
+    a rule, writes outside ``f`` or in place, random draws (their outputs are kept), an
+    argument that cannot be compared (``OPAQUE``)."""
     if graph.unsupported or graph.changed or graph.values is None:
         return None
     if any(node.kept is not None for node in graph.nodes) or not isinstance(graph.output, Ref):
@@ -123,6 +135,8 @@ def template(graph: Graph) -> Template | None:
         _Call(n.func, tuple(map(_pattern, leaves((n.args, n.kwargs)))), n.depends)
         for n in graph.nodes
     )
+    if any(p is OPAQUE for call in calls for p in call.pattern):
+        return None
     work = (graph.dependent_calls, graph.elements, graph.products)
     return Template(calls, graph.output, graph.output_shape, graph.widest, work)
 
