@@ -161,11 +161,11 @@ def small_cnf(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
 
 FAMILIES: dict[str, tuple[str, Callable[[int, int], tuple[torch.nn.Module, tuple[int, ...]]]]] = {
     "mlp": ("tanh MLP", tanh_mlp),
-    "cnf": ("small CNF (ELU)", small_cnf),
     "conv": ("conv net", conv_net),
     "scalar": ("tanh MLP to a scalar", scalar_mlp),
     "ffjord": ("FFJORD ODEnet", ffjord_odenet),
     "ffjord-multiscale": ("FFJORD multiscale ODEnet", ffjord_multiscale),
+    "cnf": ("small CNF (ELU)", small_cnf),
 }
 
 

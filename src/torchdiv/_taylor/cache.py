@@ -101,8 +101,8 @@ class Opaque:
 
 OPAQUE = Opaque()
 # arguments compared by value (type and ``==``): structure
-_PLAIN = (int, bool, str, type(None), torch.dtype, torch.device, torch.layout)
-_PLAIN += (torch.memory_format, torch.Size, Ref)
+_PLAIN: tuple[type, ...] = (int, bool, str, type(None), torch.dtype, torch.device)
+_PLAIN += (torch.layout, torch.memory_format, torch.Size, Ref)
 
 
 def _pattern(leaf: Any) -> Any:
