@@ -73,6 +73,7 @@ from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.probes import draw
 from torchdiv._estimators.registry import STOCHASTIC_METHODS, num_terms, num_vectors
 from torchdiv._exact import dispatch as _exact
+from torchdiv._taylor.cache import site
 
 __all__ = ["AugmentedDynamics", "log_likelihood"]
 
@@ -246,7 +247,14 @@ class AugmentedDynamics(nn.Module):
         """``(div f, f)`` at ``z``: the structured engine where it runs (``"auto"``, and
         ``"structured"``, which raises otherwise), else the generic ones."""
         trace, v = _exact.diagonal_and_output(
-            self.fn, velocity, z, self.batch_dims, self.method, self.chunk_size, trace=True
+            self.fn,
+            velocity,
+            z,
+            self.batch_dims,
+            self.method,
+            self.chunk_size,
+            trace=True,
+            where=site(self.f),
         )
         return trace.reshape(z.shape[: self.batch_dims]), v
 

@@ -53,7 +53,7 @@ def test_smoke_run_writes_json_png_and_table_and_flags_the_wrong_recipe(
     assert {(r["operator"], r["family"], r["dim"]) for r in rows} == {
         (o, f, d)
         for o, families in (
-            ("divergence", ("tanh MLP", "conv net")),
+            ("divergence", ("tanh MLP", "conv net", "small CNF (ELU)")),
             ("laplacian", ("tanh MLP to a scalar",)),
         )
         for f in families

@@ -28,3 +28,13 @@ def test_ones_vjp_is_the_column_sum_not_the_trace():
     A = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
     x = torch.randn(5, 2, dtype=torch.float64)
     assert_close(_recipes.ones_vjp(lambda z: z @ A.T, x), torch.full((5,), 10.0).double())
+
+
+@pytest.mark.parametrize("recipe", [_recipes.zuko_trace, _recipes.torchdyn_trace])
+def test_the_flow_libraries_traces_agree_with_the_reference(recipe):
+    net = tanh_mlp(4, 8, 4)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert_close(recipe(net, x), reference_divergence(net, x))
+    images = torch.randn(2, 1, 2, 2, dtype=torch.float64)  # events of any shape, flattened
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1).double()
+    assert_close(recipe(conv, images), reference_divergence(conv, images))

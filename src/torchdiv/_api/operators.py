@@ -21,6 +21,7 @@ from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.registry import STOCHASTIC_METHODS
 from torchdiv._estimators.result import Estimate
 from torchdiv._exact import dispatch as _exact
+from torchdiv._taylor.cache import site
 
 DIVERGENCE_METHODS = (*_exact.EXACT_METHODS, "structured", *STOCHASTIC_METHODS)
 DIAGONAL_METHODS = (*_exact.EXACT_METHODS, "structured", "hutchinson")
@@ -169,7 +170,9 @@ def jacobian_diagonal(
         )
         return _stochastic.diagonal_of_function(g, x, batch_dims, s, chunk_size)
     check_exact_options(fn, method, num_probes, generator, probe, probes)
-    diag, _ = _exact.diagonal_and_output(fn, g, x, batch_dims, method, chunk_size, trace=False)
+    diag, _ = _exact.diagonal_and_output(
+        fn, g, x, batch_dims, method, chunk_size, trace=False, where=site(f)
+    )
     return diag.reshape(x.shape).to(x.dtype)
 
 
@@ -264,7 +267,9 @@ def divergence(
         s = _trace.sampling(fn, x, batch_dims, method, num_probes, probe, probes, generator)
         return _stochastic.trace_of_function(g, x, batch_dims, s, chunk_size).value
     check_exact_options(fn, method, num_probes, generator, probe, probes)
-    div, _ = _exact.diagonal_and_output(fn, g, x, batch_dims, method, chunk_size, trace=True)
+    div, _ = _exact.diagonal_and_output(
+        fn, g, x, batch_dims, method, chunk_size, trace=True, where=site(f)
+    )
     return div.reshape(x.shape[:batch_dims]).to(x.dtype)
 
 

@@ -168,7 +168,8 @@ def _cases(
     width = {f: args.width or w for f, w in preset.width.items()}
     dims = args.dims or preset.dims
     families = args.family or operator.families
-    return suite.builtin_cases(families, dims, batch, width, dtype, device)
+    own = args.dims is None  # the small CNFs keep their sizes unless --dims is given
+    return suite.builtin_cases(families, dims, batch, width, dtype, device, own)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -123,9 +123,12 @@ DIVERGENCE = Operator(
         "batched-grad": Method(
             "autograd.grad(is_grads_batched)", _recipes.batched_grad, baseline=True
         ),
+        "zuko": Method("zuko's exact trace", _recipes.zuko_trace, baseline=True),
+        "torchdyn": Method("torchdyn's autograd_trace", _recipes.torchdyn_trace, baseline=True),
         "ones-vjp": Method("grad(y, x, ones) [wrong]", _recipes.ones_vjp, baseline=True),
     },
     _reference(_as_divergence),
+    families=("mlp", "conv", "cnf"),
     summary="trace of each sample's Jacobian",
     square=True,
 )

@@ -104,6 +104,30 @@ def batched_grad(f: Function, x: torch.Tensor, create_graph: bool = False) -> to
     return g.reshape(n, x.shape[0], n).diagonal(dim1=0, dim2=2).sum(-1)
 
 
+def zuko_trace(f: Function, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """zuko's exact trace (its free-form Jacobian transform): one ``autograd.grad`` whose
+    cotangents are the identity of the event expanded over the batch and moved to the front
+    (``is_grads_batched=True``), then the trace of the first and last dimensions."""
+    x = x.detach().requires_grad_(True)
+    y = f(x).reshape(x.shape[0], -1)
+    n = y.shape[-1]
+    eye = torch.eye(n, dtype=y.dtype, device=y.device).expand(*y.shape, n).movedim(-1, 0)
+    (rows,) = torch.autograd.grad(y, x, eye, create_graph=create_graph, is_grads_batched=True)
+    return torch.einsum("i...i", rows.reshape(n, x.shape[0], n))
+
+
+def torchdyn_trace(f: Function, x: torch.Tensor) -> torch.Tensor:
+    """torchdyn's ``autograd_trace``: for each event element ``i``, the gradient of the batch's
+    sum of output ``i``, entry ``i`` kept; always ``create_graph=True``, as in torchdyn."""
+    x = x.detach().requires_grad_(True)
+    y = f(x).reshape(x.shape[0], -1)
+    total = x.new_zeros(x.shape[0])
+    for i in range(y.shape[1]):
+        (g,) = torch.autograd.grad(y[:, i].sum(), x, create_graph=True)
+        total = total + g.reshape(x.shape[0], -1)[:, i]
+    return total
+
+
 def functional_divergence(f: Function, x: torch.Tensor) -> torch.Tensor:
     """``torch.autograd.functional.jacobian`` then the trace of each diagonal block."""
     return trace(functional_jacobian(f, x))

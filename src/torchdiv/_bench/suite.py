@@ -64,18 +64,37 @@ class Preset:
 
 QUICK = Preset(
     (8, 32, 128),
-    {"mlp": 64, "conv": 8, "scalar": 64, "ffjord": 4, "ffjord-multiscale": 4, "model": 8},
-    {"mlp": 64, "conv": 8, "scalar": 64, "ffjord": 8, "ffjord-multiscale": 8},
+    {
+        "mlp": 64,
+        "conv": 8,
+        "scalar": 64,
+        "ffjord": 4,
+        "ffjord-multiscale": 4,
+        "cnf": 256,
+        "model": 8,
+    },
+    {"mlp": 64, "conv": 8, "scalar": 64, "ffjord": 8, "ffjord-multiscale": 8, "cnf": 64},
     3,
     0.05,
 )
 FULL = Preset(
     (32, 128, 512),
-    {"mlp": 128, "conv": 8, "scalar": 256, "ffjord": 8, "ffjord-multiscale": 8, "model": 8},
-    {"mlp": 256, "conv": 16, "scalar": 128, "ffjord": 64, "ffjord-multiscale": 64},
+    {
+        "mlp": 128,
+        "conv": 8,
+        "scalar": 256,
+        "ffjord": 8,
+        "ffjord-multiscale": 8,
+        "cnf": 256,
+        "model": 8,
+    },
+    {"mlp": 256, "conv": 16, "scalar": 128, "ffjord": 64, "ffjord-multiscale": 64, "cnf": 64},
     5,
     0.2,
 )
+# families with sizes of their own, unless the user gives --dims: the small CNFs of zuko's and
+# torchdyn's defaults and tutorials live at 2-16 dimensions
+OWN_DIMS = {"cnf": (2, 8, 16)}
 
 
 def tanh_mlp(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -127,12 +146,26 @@ def ffjord_multiscale(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int,
     return ffjord.multiscale((width,) * 3), (3, side, side)
 
 
+def small_cnf(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """``D -> width -> width -> D`` with ELU: zuko's default CNF velocity (hidden features
+    (64, 64), ELU), the 2-16-D flows of its and torchdyn's tutorials."""
+    net = torch.nn.Sequential(
+        torch.nn.Linear(dim, width),
+        torch.nn.ELU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ELU(),
+        torch.nn.Linear(width, dim),
+    )
+    return net, (dim,)
+
+
 FAMILIES: dict[str, tuple[str, Callable[[int, int], tuple[torch.nn.Module, tuple[int, ...]]]]] = {
     "mlp": ("tanh MLP", tanh_mlp),
     "conv": ("conv net", conv_net),
     "scalar": ("tanh MLP to a scalar", scalar_mlp),
     "ffjord": ("FFJORD ODEnet", ffjord_odenet),
     "ffjord-multiscale": ("FFJORD multiscale ODEnet", ffjord_multiscale),
+    "cnf": ("small CNF (ELU)", small_cnf),
 }
 
 
@@ -171,13 +204,15 @@ def builtin_cases(
     width: dict[str, int],
     dtype: torch.dtype,
     device: torch.device,
+    own_dims: bool = False,
 ) -> list[Case]:
-    """One case per family and distinct D, nets seeded by D so every run builds the same."""
+    """One case per family and distinct D, nets seeded by D so every run builds the same;
+    with ``own_dims``, families in ``OWN_DIMS`` take their own sizes instead of ``dims``."""
     cases = []
     for family in families:
         label, build = FAMILIES[family]
         seen = set()
-        for dim in dims:
+        for dim in OWN_DIMS.get(family, dims) if own_dims else dims:
             torch.manual_seed(dim)
             net, shape = build(dim, width[family])
             if math.prod(shape) in seen:  # conv rounds D to 2 s^2: 8 and 9 give the same images

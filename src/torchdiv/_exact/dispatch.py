@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -84,6 +84,7 @@ def diagonal_and_output(
     chunk_size: int | None,
     trace: bool,
     share: Share = WHOLE,
+    where: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample's exact Jacobian diagonal ``(N, n)`` (with ``trace``: its sum, ``(N,)``) and
     ``f(x)`` from the same evaluation (an ODE's dynamics need both, ``torchdiv.flows``). With a
@@ -94,11 +95,12 @@ def diagonal_and_output(
     where ``method`` asks for it (``"auto"``: unless tiny; ``"structured"`` raises, naming the
     op, if it cannot plan ``f``), else the generic engines (``evaluate``; ``"structured"`` on an
     empty ``x``, with nothing to plan, runs ``"auto"``). ``fn`` names the public function in
-    errors.
+    errors; ``where`` is the caller's function as ``torchdiv._taylor.cache.site`` names it,
+    under which the structured engine keeps its recording for the next call.
     """
     if _structured.chosen(method, x, batch_dims):
         strict = method == "structured"
-        planned = _structured.plan(fn, f, x, batch_dims, chunk_size, strict, trace, share)
+        planned = _structured.plan(fn, f, x, batch_dims, chunk_size, strict, trace, share, where)
         if planned is not None:
             return planned
     generic = "auto" if method == "structured" else method

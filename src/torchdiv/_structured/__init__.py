@@ -31,6 +31,7 @@ from torchdiv._core.checks import raised_by_f
 from torchdiv._core.modes import recorded
 from torchdiv._structured import colors, cycle, factors, forward
 from torchdiv._taylor import RULES, Graph, UnsupportedOp, capture, values
+from torchdiv._taylor import cache as _cache
 from torchdiv._taylor.capture import Ref
 
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -59,14 +60,19 @@ def plan(
     strict: bool,
     trace: bool,
     share: Share = WHOLE,
+    where: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Every sample's divergence ``(N,)`` (``trace``) or Jacobian diagonal ``(N, n)``, and
     ``f(x)`` from the same evaluation (an ODE's dynamics need both); ``None`` when the engine
-    cannot run ``f`` (or, if ``strict``, ``UnsupportedOp`` naming what it cannot run)."""
+    cannot run ``f`` (or, if ``strict``, ``UnsupportedOp`` naming what it cannot run).
+
+    ``where`` (``torchdiv._taylor.cache.site`` of the caller's function) keeps the recording
+    of ``f`` for the next call, which then checks ``f``'s calls against it instead of recording
+    them again (``torchdiv._taylor.cache``); ``None``: recorded afresh."""
     if x.numel() == 0:  # nothing to plan: the generic engines keep the graph of empty results
         return None
     n_samples = x.shape[:batch_dims].numel()
-    graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
+    graph = _cache.recorded(where, f, x, RULES, batch_dims)
     try:
         if graph.unsupported:
             ops = ", ".join(sorted(set(graph.unsupported)))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from torchdiv._core.basis import chunks
+from torchdiv._structured import products
 from torchdiv._structured.factors import Diagonal, Factor, Path, Shared
 
 Tensor = torch.Tensor
@@ -72,7 +73,10 @@ def _join(first: Factor, then: Factor) -> Factor | None:
     if isinstance(first, Shared) and isinstance(then, Shared):
         rows, cols = then.matrix.shape[0], first.matrix.shape[1]
         largest = max(then.matrix.numel(), first.matrix.numel(), JOIN_ELEMENTS)
-        return Shared(then.matrix @ first.matrix) if rows * cols <= largest else None
+        if rows * cols > largest:
+            return None
+        cost = rows * cols * first.matrix.shape[0]
+        return Shared(products.product(torch.matmul, then.matrix, first.matrix, cost))
     if isinstance(first, Diagonal) and isinstance(then, Diagonal):
         return Diagonal(first.scale * then.scale)
     if isinstance(first, Shared) and isinstance(then, Diagonal) and then.shared:
@@ -128,9 +132,14 @@ def _cycle_trace(cycle: list[Factor], chunk: int | None) -> Tensor:
     if len(shared) == 1:
         return (scales[0] * shared[0].diagonal()).sum(-1)
     if len(shared) == 2:
-        return ((scales[1] @ (shared[1] * shared[0].T)) * scales[0]).sum(-1)
+        joined = products.product(_times_transposed, shared[1], shared[0], shared[1].numel())
+        return ((scales[1] @ joined) * scales[0]).sum(-1)
     _, best = _rotation(shared)
     return _opened(shared[best:] + shared[:best], scales[best:] + scales[:best], chunk)
+
+
+def _times_transposed(a: Tensor, b: Tensor) -> Tensor:
+    return a * b.T
 
 
 def _alternating(factors: list[Factor], cyclic: bool) -> tuple[list[Tensor], list[Tensor]]:

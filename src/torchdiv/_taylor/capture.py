@@ -17,7 +17,8 @@ differences.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container
+import contextlib
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -348,6 +349,16 @@ def _random_states(x: torch.Tensor) -> list[tuple[Callable[[Any], None], Any]]:
     return states
 
 
+@contextlib.contextmanager
+def recording() -> Iterator[None]:
+    """The modes ``f`` runs under while it is recorded (or checked, ``torchdiv._taylor.cache``):
+    grad mode on (its own ``no_grad`` blocks show) and forward-mode AD on (a custom
+    ``autograd.Function``'s ``forward`` shows), attention as primitives, ``SafeDerivatives(1)``."""
+    safe = SafeDerivatives(1, "method='auto'")
+    with torch.enable_grad(), _set_fwd_grad_enabled(True), math_attention(), safe:
+        yield
+
+
 def capture(
     f: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -374,9 +385,8 @@ def capture(
     axes = None if batch_dims is None else tracker(x, batch_dims)
     recorder = _Recorder(x, rules, axes)
     recorder.graph.rng = _random_states(x)
-    safe = SafeDerivatives(1, "method='auto'")
     outer_grad = torch.is_grad_enabled()
-    with torch.enable_grad(), _set_fwd_grad_enabled(True), math_attention(), safe, recorder:
+    with recording(), recorder:
         y = f(x)
     if recorder.axes is not None:
         try:

@@ -1,0 +1,359 @@
+"""Recordings kept across calls: what ``f`` computes, checked again instead of recorded again.
+
+Recording ``f`` (``capture``) costs far more than evaluating it: every ATen call goes through
+the recorder's bookkeeping (references, storages, writes, the batch dimensions of
+``torchdiv._mixing``), about 1 ms on top of a 1 ms forward pass of a 3-layer MLP. Along an
+ODE solve, or a training loop, ``f`` computes the same calls at every evaluation; only the
+values change. So a successful recording is kept as a ``Template``: its structure alone (the
+ATen calls in order, which earlier output each reads, the integer, boolean and type arguments,
+the shape, dtype, device and ``requires_grad`` of every outside tensor, which calls depend on
+``x``), never a tensor. The next time, ``f`` is evaluated under a light mode (``_Checker``)
+that compares each call with the template as it runs; if everything matches, it gives the
+``Graph`` that ``capture`` would have given, with this evaluation's own arguments and values
+(parameters, times, activations: nothing is reused but the structure). On the first
+difference (another op, a write to a buffer, a random draw, a changed shape, ``no_grad``
+inside ``f``, train mode switching a batch norm to batch statistics) the check stops, ``f``
+runs on to its end unwatched, what it changed outside itself is put back (the buffers it wrote,
+the random generators), and the caller records ``f`` again: a structure change costs one more
+evaluation, and never gives a stale plan.
+
+What a template certifies is what ``capture``'s analysis derived from structure alone: no
+unsupported op, no writes or random draws (graphs with those are never kept), and no mixing of
+samples (``torchdiv._mixing`` follows shapes and op arguments, all part of the template; whether
+mixing detection is on is part of the key). Planning on values (chains, colours) is done again
+on every call.
+
+``PlanCache`` is the store: least recently used entries beyond ``size`` are dropped, entries
+are looked up by a *site* (what ``f`` is: the module, or a function's code object) and a key
+(shapes and modes), and a site that has been freed is never matched by a new object that
+reuses its ``id``. Any plan made from ``f`` at ``x`` may be kept there (``torch.compile``
+results too), as long as it is checked, or keyed by everything it depends on.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Container, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from torchdiv._core import mixing as _mixing
+from torchdiv._taylor.capture import (
+    _BATCH_NORMS,
+    _DECOMPOSITIONS,
+    Graph,
+    Node,
+    Ref,
+    _random_states,
+    _written,
+    capture,
+    recording,
+)
+from torchdiv._taylor.tree import leaves, map_leaves
+
+Function = Callable[[torch.Tensor], Any]
+
+
+@dataclass(frozen=True)
+class Outside:
+    """An outside tensor (parameter, buffer, closure) in a template: what it must look like;
+    its value is read from each evaluation."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool
+
+
+class Value:
+    """A float or complex argument (a time, a scale): a value, read from each evaluation."""
+
+
+VALUE = Value()
+
+
+@dataclass(frozen=True)
+class _Call:
+    func: Any
+    pattern: tuple[Any, ...]  # the arguments' leaves: Ref, Outside, VALUE or the value itself
+    depends: bool
+
+
+@dataclass(frozen=True)
+class Template:
+    """The structure of a recorded ``Graph``: no tensors (nothing kept alive)."""
+
+    calls: tuple[_Call, ...]
+    output: Ref
+    output_shape: tuple[int, ...]
+    widest: int
+    work: tuple[int, int, int]  # the graph's dependent calls, elements and products
+
+
+class Opaque:
+    """An argument compared by nothing (a profiler's ``ScriptObject``, say): never in a
+    template."""
+
+
+OPAQUE = Opaque()
+# arguments compared by value (type and ``==``): structure
+_PLAIN: tuple[type, ...] = (int, bool, str, type(None), torch.dtype, torch.device)
+_PLAIN += (torch.layout, torch.memory_format, torch.Size, Ref)
+
+
+def _pattern(leaf: Any) -> Any:
+    if isinstance(leaf, torch.Tensor):
+        return Outside(leaf.shape, leaf.dtype, leaf.device, leaf.requires_grad)
+    if type(leaf) is float or type(leaf) is complex:
+        return VALUE
+    return leaf if isinstance(leaf, _PLAIN) else OPAQUE
+
+
+def _same(want: Any, have: Any) -> bool:
+    """Whether an argument ``have`` of this evaluation (a tensor of ``f``'s as its ``Ref``)
+    fits the template's ``want``."""
+    if isinstance(want, Outside):
+        return isinstance(have, torch.Tensor) and _pattern(have) == want
+    if want is VALUE:
+        return type(have) is float or type(have) is complex
+    return type(want) is type(have) and bool(want == have)  # want is plain (no OPAQUE)
+
+
+def template(graph: Graph) -> Template | None:
+    """``graph``'s structure, or ``None`` if it cannot be checked by structure: an op without
+    a rule, writes outside ``f`` or in place, random draws (their outputs are kept), an
+    argument that cannot be compared (``OPAQUE``)."""
+    if graph.unsupported or graph.changed or graph.values is None:
+        return None
+    if any(node.kept is not None for node in graph.nodes) or not isinstance(graph.output, Ref):
+        return None
+    calls = tuple(
+        _Call(n.func, tuple(map(_pattern, leaves((n.args, n.kwargs)))), n.depends)
+        for n in graph.nodes
+    )
+    if any(p is OPAQUE for call in calls for p in call.pattern):
+        return None
+    work = (graph.dependent_calls, graph.elements, graph.products)
+    return Template(calls, graph.output, graph.output_shape, graph.widest, work)
+
+
+class PlanCache:
+    """Plans by site and key, the ``size`` most recently used kept (see the module docstring).
+
+    Example:
+        >>> cache = PlanCache(2)
+        >>> net = torch.nn.Linear(2, 2)
+        >>> cache.put(net, ("float32",), "plan")
+        >>> cache.get(net, ("float32",)), cache.get(net, ("float64",))
+        ('plan', None)
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple[int, Hashable], tuple[weakref.ref[Any], Any]] = (
+            OrderedDict()
+        )
+
+    def get(self, site: Any, key: Hashable) -> Any:
+        """The plan stored for ``site`` and ``key``, or ``None``."""
+        entry = self._entries.get((id(site), key))
+        if entry is None or entry[0]() is not site:  # freed, its id now another object's
+            return None
+        self._entries.move_to_end((id(site), key))
+        return entry[1]
+
+    def put(self, site: Any, key: Hashable, plan: Any) -> None:
+        """Keep ``plan`` for ``site`` and ``key`` (nothing if ``site`` cannot be weakly
+        referenced: a freed site's ``id`` could then match a new object)."""
+        try:
+            ref = weakref.ref(site)
+        except TypeError:
+            return
+        self._entries[(id(site), key)] = (ref, plan)
+        self._entries.move_to_end((id(site), key))
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+RECORDINGS = PlanCache(64)
+
+
+def site(f: Any) -> Any:
+    """What identifies ``f`` across calls: a module itself; a function (or bound method) by its
+    code, so that a lambda written in a loop, a new object each time, is found again."""
+    if isinstance(f, torch.nn.Module):
+        return f
+    code = getattr(getattr(f, "__func__", f), "__code__", None)
+    return f if code is None else code
+
+
+def key(x: torch.Tensor, batch_dims: int | None) -> Hashable:
+    """What a recording depends on besides ``f``'s calls: ``x``'s shape, dtype, device and
+    ``requires_grad``, the batch dimensions, grad mode and whether mixing is detected."""
+    return (
+        x.shape,
+        x.dtype,
+        x.device,
+        x.requires_grad,
+        batch_dims,
+        torch.is_grad_enabled(),
+        _mixing.allowed(),
+    )
+
+
+def recorded(
+    where: Any,
+    f: Function,
+    x: torch.Tensor,
+    rules: Container[Any],
+    batch_dims: int | None,
+) -> Graph:
+    """``capture(f, x, rules, keep_values=True, batch_dims=batch_dims)``, checked against the
+    template kept for ``where`` (``site``) instead of recorded when ``f`` computes the same
+    calls again; a recording that can be checked is kept for the next call."""
+    k = key(x, batch_dims)
+    found = None if where is None else RECORDINGS.get(where, k)
+    graph = None if found is None else checked(found, f, x, rules)
+    if graph is not None:
+        return graph
+    graph = capture(f, x, rules, keep_values=True, batch_dims=batch_dims)
+    kept = None if where is None else template(graph)
+    if kept is not None:
+        RECORDINGS.put(where, k, kept)
+    return graph
+
+
+def checked(found: Template, f: Function, x: torch.Tensor, rules: Container[Any]) -> Graph | None:
+    """Evaluate ``f(x)`` comparing each call with ``found``: the ``Graph`` of this evaluation
+    if all match, else ``None`` with what ``f`` changed put back (the caller records again)."""
+    checker = _Checker(found, x, rules)
+    outer_grad = torch.is_grad_enabled()
+    with recording(), checker:
+        y = f(x)
+    out = leaves(map_leaves(checker.ref, y))
+    complete = checker.same and checker.i == len(found.calls)
+    if complete and out == [found.output] and tuple(y.shape) == found.output_shape:
+        calls, elements, products = found.work
+        return Graph(
+            checker.nodes,
+            found.output,
+            widest=found.widest,
+            dependent_calls=calls,
+            elements=elements,
+            products=products,
+            requires_grad=outer_grad and y.requires_grad,
+            output_shape=found.output_shape,
+            values=checker.values,
+        )
+    checker.undo()
+    return None
+
+
+_WRITES: dict[Any, bool] = {}  # whether an op writes to an argument, by its schema
+
+
+def _changes_state(func: Any, args: Any, kwargs: Any) -> bool:
+    """Whether ``func`` writes to a tensor or draws random numbers (never in a template)."""
+    writes = _WRITES.get(func)
+    if writes is None:
+        writes = _WRITES[func] = torch.Tag.nondeterministic_seeded in func.tags or any(
+            a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments
+        )
+    return writes or (func in _BATCH_NORMS and len(args) > 5 and bool(args[5]))  # training
+
+
+class _Checker(TorchDispatchMode):
+    def __init__(self, found: Template, x: torch.Tensor, rules: Container[Any]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        self.found, self.x, self.rules = found, x, rules
+        self.refs: dict[int, Ref] = {id(x): Ref(-1)}
+        self.alive: list[Any] = [x]  # keeps ids unique while checking
+        self.nodes: list[Node] = []
+        self.values: list[list[Any]] = []
+        self.i, self.same = 0, True
+        self.task = torch._C._current_graph_task_id()
+        self.changed: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.rng: list[tuple[Callable[[Any], None], Any]] | None = None
+
+    def ref(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self.refs.get(id(value), value)
+        return value
+
+    def dependent(self, ref: Ref) -> bool:
+        return ref.node < 0 or self.found.calls[ref.node].depends
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if not self.same:
+            return self._unwatched(func, args, kwargs)
+        pattern = tuple(map(self.ref, leaves((args, kwargs))))
+        touches = any(isinstance(a, Ref) and self.dependent(a) for a in pattern)
+        depends = touches and func not in _mixing.VALUE_FREE and torch.is_grad_enabled()
+        if depends and func not in self.rules and func in _DECOMPOSITIONS:
+            with self:
+                return _DECOMPOSITIONS[func](*args, **kwargs)
+        call = self._expected(func, pattern, touches, args, kwargs)
+        if call is None:
+            self.same = False
+            return self._unwatched(func, args, kwargs)
+        out = func(*args, **kwargs)
+        outs = leaves(out)
+        # as capture: results without derivatives (indices) are constants
+        depends = depends and any(
+            isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in outs
+        )
+        self.same = depends == call.depends
+        self.nodes.append(
+            Node(func, map_leaves(self.ref, args), map_leaves(self.ref, kwargs), depends)
+        )
+        for j, leaf in enumerate(outs):
+            if isinstance(leaf, torch.Tensor):
+                self.refs[id(leaf)] = Ref(self.i, j)
+        self.values.append(outs)
+        self.alive.append(out)
+        self.i += 1
+        return out
+
+    def _expected(
+        self, func: Any, pattern: tuple[Any, ...], touches: bool, args: Any, kwargs: Any
+    ) -> _Call | None:
+        """The template's call if this one is the same, before running it, else ``None``."""
+        if self.i >= len(self.found.calls) or _changes_state(func, args, kwargs):
+            return None
+        call = self.found.calls[self.i]
+        if call.func is not func or len(call.pattern) != len(pattern):
+            return None
+        if torch._C._current_graph_task_id() != self.task:  # a backward pass inside f
+            return None
+        custom = touches and not torch.is_grad_enabled() and not torch._C._is_fwd_grad_enabled()
+        if custom and not torch.is_inference_mode_enabled():  # an autograd.Function's forward
+            return None
+        same = all(map(_same, call.pattern, pattern))
+        return call if same else None
+
+    def _unwatched(self, func: Any, args: Any, kwargs: Any) -> Any:
+        """After the first difference: run the call, keeping what it changes for ``undo``."""
+        if torch.Tag.nondeterministic_seeded in func.tags and self.rng is None:
+            self.rng = _random_states(self.x)
+            generator = kwargs.get("generator")
+            if generator is not None:
+                self.rng.append((generator.set_state, generator.get_state()))
+        for tensor in _written(func, args, kwargs):
+            self.changed.append((tensor, tensor.detach().clone()))
+        return func(*args, **kwargs)
+
+    def undo(self) -> None:
+        """Put back what ``f`` changed outside itself after the first difference."""
+        with torch.no_grad():
+            for tensor, before in reversed(self.changed):
+                tensor.copy_(before)
+        for restore, state in self.rng or []:
+            restore(state)

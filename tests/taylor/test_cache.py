@@ -1,0 +1,198 @@
+"""Recordings kept across calls (``torchdiv._taylor.cache``): reused only when ``f`` computes
+the same calls again, with this call's values; never a stale plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from torchdiv._taylor import RULES, capture
+from torchdiv._taylor import cache as plans
+from torchdiv._taylor.cache import PlanCache, checked, recorded, site, template
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    plans.RECORDINGS.clear()
+    yield
+    plans.RECORDINGS.clear()
+
+
+def mlp(d: int = 3, h: int = 8, act: type[nn.Module] = nn.Tanh) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(d, h), act(), nn.Linear(h, d)).double()
+
+
+def same_values(a, b) -> None:
+    """Two graphs of the same calls computed the same values."""
+    assert len(a.values) == len(b.values)
+    for va, vb in zip(a.values, b.values, strict=True):
+        for ta, tb in zip(va, vb, strict=True):
+            torch.testing.assert_close(ta, tb, rtol=0, atol=0)
+
+
+def record(f, x, where):
+    """``recorded`` and whether it reused the template (the cache's entry count does not
+    move on a hit, so compare the template objects)."""
+    before = plans.RECORDINGS.get(where, plans.key(x, 1))
+    graph = recorded(where, f, x, RULES, 1)
+    after = plans.RECORDINGS.get(where, plans.key(x, 1))
+    return graph, before is not None and after is before
+
+
+def test_second_call_checks_instead_of_recording_and_gives_the_same_graph():
+    net, x = mlp(), torch.randn(5, 3, dtype=torch.float64)
+    first, hit = record(net, x, net)
+    assert not hit
+    again, hit = record(net, x, net)
+    assert hit
+    assert [n.func for n in again.nodes] == [n.func for n in first.nodes]
+    fresh = capture(net, x, RULES, keep_values=True, batch_dims=1)
+    same_values(again, fresh)
+    facts = ("widest", "dependent_calls", "elements", "products", "requires_grad", "output_shape")
+    assert [getattr(again, k) for k in facts] == [getattr(fresh, k) for k in facts]
+
+
+def test_changed_parameter_values_are_read_from_the_new_call():
+    net, x = mlp(), torch.randn(5, 3, dtype=torch.float64)
+    recorded(net, net, x, RULES, 1)
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)
+        net[2].bias.add_(1.0)
+    again, hit = record(net, x, net)
+    assert hit
+    same_values(again, capture(net, x, RULES, keep_values=True, batch_dims=1))
+    torch.testing.assert_close(again.values[-1][0], net(x), rtol=0, atol=0)
+
+
+def test_new_input_values_and_float_arguments_are_values_not_structure():
+    net = mlp()
+    scale = [0.5]
+
+    def f(x):
+        return net(x) * scale[0]
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    recorded(site(f), f, x, RULES, 1)
+    scale[0], x2 = 3.0, torch.randn(5, 3, dtype=torch.float64)
+    again, hit = record(f, x2, site(f))
+    assert hit
+    torch.testing.assert_close(again.values[-1][0], f(x2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "activation",  # another op
+        "weight shape",  # an outside tensor of another shape
+        "requires_grad",  # a parameter that now requires grad
+        "integer argument",  # an int argument (a dimension, a shift)
+    ],
+)
+def test_a_structure_change_is_recorded_again(change):
+    net = mlp().requires_grad_(False)
+    shift = [1]
+
+    def f(x):
+        return net(x).roll(shift[0], dims=-1)
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    recorded(site(f), f, x, RULES, 1)
+    if change == "activation":
+        net[1] = nn.ELU()
+    elif change == "weight shape":
+        net[0], net[2] = nn.Linear(3, 4).double(), nn.Linear(4, 3).double()
+    elif change == "requires_grad":
+        net[0].weight.requires_grad_(True)
+    else:
+        shift[0] = 2
+    found = plans.RECORDINGS.get(site(f), plans.key(x, 1))
+    assert checked(found, f, x, RULES) is None  # the template does not fit
+    graph, hit = record(f, x, site(f))
+    assert not hit
+    same_values(graph, capture(f, x, RULES, keep_values=True, batch_dims=1))
+
+
+@pytest.mark.parametrize("what", ["shape", "dtype", "requires_grad", "grad mode", "batch_dims"])
+def test_the_key_holds_what_the_input_and_modes_change(what):
+    x = torch.randn(5, 3, dtype=torch.float64)
+    k = plans.key(x, 1)
+    if what == "shape":
+        other = plans.key(torch.randn(6, 3, dtype=torch.float64), 1)
+    elif what == "dtype":
+        other = plans.key(x.float(), 1)
+    elif what == "requires_grad":
+        other = plans.key(x.requires_grad_(True), 1)
+    elif what == "grad mode":
+        with torch.no_grad():
+            other = plans.key(x, 1)
+    else:
+        other = plans.key(x, 2)
+    assert other != k
+
+
+def test_train_mode_batch_norm_is_recorded_again_and_its_statistics_move_once():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh()).double().eval()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    recorded(net, net, x, RULES, None)
+    assert plans.RECORDINGS.get(net, plans.key(x, None)) is not None  # eval: a template
+    net.train()
+    stats = net[1].running_mean.clone()
+    found = plans.RECORDINGS.get(net, plans.key(x, None))
+    assert checked(found, net, x, RULES) is None  # batch statistics: not the eval template
+    torch.testing.assert_close(net[1].running_mean, stats, rtol=0, atol=0)  # put back
+    graph = recorded(net, net, x, RULES, None)
+    assert graph.changed  # the recorder saw the update once
+    reference = stats.clone()
+    reference.mul_(0.9).add_(0.1 * net[0](x).mean(0).detach())
+    torch.testing.assert_close(net[1].running_mean, reference)
+    # a recording with writes is never kept: the eval template is still the one stored
+    assert plans.RECORDINGS.get(net, plans.key(x, None)) is found
+
+
+def test_dropout_in_train_mode_is_never_kept_and_draws_are_put_back_on_a_mismatch():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5)).double().eval()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    recorded(net, net, x, RULES, 1)
+    found = plans.RECORDINGS.get(net, plans.key(x, 1))
+    net.train()
+    state = torch.get_rng_state()
+    assert checked(found, net, x, RULES) is None
+    assert torch.equal(torch.get_rng_state(), state)  # the mask will be drawn once
+    assert template(capture(net, x, RULES, keep_values=True)) is None
+
+
+def test_functions_are_found_by_their_code():
+    net = mlp()
+    made = [lambda x, net=net: net(x) for _ in range(2)]
+    assert site(made[0]) is site(made[1])
+    assert site(net) is net
+    assert site(net.forward) is site(net.forward)
+
+
+def test_a_freed_site_is_not_matched_by_a_new_object():
+    cache = PlanCache(4)
+
+    class Site:
+        pass
+
+    a = Site()
+    cache.put(a, "k", "plan")
+    del a
+    b = Site()  # may reuse the id
+    assert cache.get(b, "k") is None
+
+
+def test_least_recently_used_entries_go_first():
+    cache = PlanCache(2)
+    sites = [nn.Linear(1, 1) for _ in range(3)]
+    for s in sites[:2]:
+        cache.put(s, "k", s)
+    cache.get(sites[0], "k")
+    cache.put(sites[2], "k", sites[2])
+    assert cache.get(sites[1], "k") is None
+    assert cache.get(sites[0], "k") is sites[0]
+    assert cache.get(sites[2], "k") is sites[2]
