@@ -245,3 +245,20 @@ def test_unbatched_and_one_dimensional_events():
     reach = true_reach(reference_jacobian(line, z), z)
     assert analysed(line, z) == (reach, 2 * (reach[0] + 1))
     assert_close(torchdiv.divergence(line, z, method="structured"), reference_divergence(line, z))
+
+
+@pytest.mark.parametrize("rows", [slice(-100, None), slice(-100, 5), slice(2, 100)])
+def test_slices_past_the_edges_keep_their_reach(rows):
+    """A slice whose start lies before the first row (``x[..., -100:, :]``) or whose end lies
+    past the last: clipped to the image, never read from the back (the reach came out 0, so
+    the colouring merged neighbours and the divergence was wrong)."""
+    conv = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 2, 3, padding=1))
+    conv = conv.to(f64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = conv(x[:, :, rows, :])
+        return F.pad(y, (0, 0, 0, x.shape[2] - y.shape[2]))
+
+    x = torch.randn(2, 2, 8, 8, dtype=f64)
+    for method in ("structured", "auto"):
+        assert_close(torchdiv.divergence(f, x, method=method), reference_divergence(f, x))

@@ -284,7 +284,7 @@ class _Layouts:
             else:
                 start = args[2] if len(args) > 2 and args[2] is not None else 0
                 step = args[4] if len(args) > 4 else 1
-            start = start + shape[dim] if start < 0 else min(start, shape[dim])
+            start = max(start + shape[dim], 0) if start < 0 else min(start, shape[dim])
             return {dim: _sliced(shape[dim], start, step)}
         if func == aten.index_select.default:
             dim = args[1] % rank
@@ -346,7 +346,8 @@ def _through(
         first, last = [], []
         for q in range(out_shape[a.dim]):
             i, j = window(q)
-            i, j = max(i, 0), j + 1 if j >= i else 0  # a window past the edges reads nothing
+            # a window past the edges reads nothing; never index from the back
+            i, j = max(i, 0), min(j, len(a.first) - 1) + 1 if j >= max(i, 0) else 0
             first.append(min(a.first[i:j], default=_NOTHING[0]))
             last.append(max(a.last[i:j], default=_NOTHING[1]))
         axes.append(Axis(a.dim, tuple(first), tuple(last)))
