@@ -387,3 +387,17 @@ def test_split_reads_its_dimension_after_the_sizes() -> None:
     assert_close(torchdiv.laplacian(within, x, method="taylor"), -x.sin())
     halves = lambda z: torch.cat([p.sin() for p in z.split(3, 1)], 1)  # noqa: E731
     assert_close(torchdiv.laplacian(halves, x, method="taylor"), -x.sin())
+
+
+def test_a_remembered_loop_still_watches_for_mixing() -> None:
+    """``laplacian``'s ``"auto"`` remembers a decision to loop per function code: a later
+    function with the same code that mixes samples is still caught (it returned zeros)."""
+
+    def make(mix: bool):
+        return lambda x: ((x - x.mean(0)) if mix else x).pow(3).sum(-1)
+
+    x = torch.randn(8, 2, dtype=f64)
+    for name in ("laplacian", "value_grad_laplacian"):
+        getattr(torchdiv, name)(make(False), x)  # remembered: loop
+        with pytest.raises(BatchInteractionError, match="a mean over samples"):
+            getattr(torchdiv, name)(make(True), x)

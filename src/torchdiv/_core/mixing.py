@@ -251,11 +251,19 @@ def check_empty_event(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_d
     element a sample), evaluate ``f`` once more, watched by ``Watching`` (with grad enabled,
     so that ``no_grad`` blocks in ``f`` show as constants). Only an elementwise ``f`` is then
     batch independent, and the problem is small."""
-    if x.dim() == batch_dims and x.numel() > 1 and not allowed():
-        with torch.enable_grad(), Watching(x, batch_dims) as mode:  # no_grad blocks in f show
-            y = f(x)
-            if mode.tracker is not None:
-                mode.tracker.finish(y)
+    if x.dim() == batch_dims and x.numel() > 1:
+        watch_once(f, x, batch_dims)
+
+
+def watch_once(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) -> None:
+    """Evaluate ``f`` once, watched by ``Watching`` (with grad enabled, so that ``no_grad``
+    blocks in ``f`` show as constants): ``BatchInteractionError`` if it mixes samples."""
+    if allowed():
+        return
+    with torch.enable_grad(), Watching(x, batch_dims) as mode:
+        y = f(x)
+        if mode.tracker is not None:
+            mode.tracker.finish(y)
 
 
 _BATCH_NORM_NODES = {

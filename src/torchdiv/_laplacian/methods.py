@@ -18,9 +18,10 @@ from torch.func import vjp, vmap
 
 from torchdiv._core.basis import WHOLE, Share, basis, broadcast_basis, chunks
 from torchdiv._core.checks import event_numel
-from torchdiv._core.mixing import check_empty_event
+from torchdiv._core.mixing import check_empty_event, watch_once
 from torchdiv._core.modes import SafeDerivatives, math_attention, recorded
 from torchdiv._exact.forward import ForwardJacobian
+from torchdiv._exact.state import Changes
 from torchdiv._laplacian.loop import grad_of_grad
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
 
@@ -72,7 +73,10 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | N
     backward passes instead (``loops``, ``loops_for``; what recording changed is undone). A
     decision to loop is remembered per ``_structure``: the next such call records nothing."""
     key = _structure(f, x, batch_dims) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
-    if loops(x, batch_dims) or (key is not None and _LOOPS.get(key, False)):
+    if loops(x, batch_dims):
+        return None
+    if key is not None and _LOOPS.get(key, False):
+        _watched(f, x, batch_dims)
         return None
     graph = capture(f, x, RULES, batch_dims=batch_dims)
     if key is None or graph.unsupported:
@@ -84,6 +88,16 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | N
         return graph
     graph.undo()  # f runs again: what recording it changed is put back first
     return None
+
+
+def _watched(f: Function, x: torch.Tensor, batch_dims: int) -> None:
+    """A remembered loop records nothing, so one evaluation of ``f`` is watched for sample
+    mixing instead (a function with the same code may mix where the first did not); what it
+    changed (buffers, random state) is put back."""
+    changes = Changes(x)
+    with changes:
+        watch_once(f, x, batch_dims)
+    changes.undo()
 
 
 def loops(x: torch.Tensor, batch_dims: int) -> bool:
@@ -106,7 +120,8 @@ def _structure(f: Function, x: torch.Tensor, batch_dims: int) -> tuple[Any, ...]
     call counts as one; the object otherwise, and for a module its train mode and which
     parameters require grad), the grad mode and ``x``'s shape, dtype, device and whether it
     requires grad. Two functions with the same code but different graphs share a decision:
-    it only chooses between two exact methods, so at worst it is slower."""
+    it only chooses between two exact methods (each call still watched for sample mixing:
+    ``_watched``), so at worst it is slower."""
     inner = inspect.unwrap(f)
     code = getattr(inner, "__code__", None)
     who: tuple[Any, ...] = (code,) if code is not None else (id(inner),)
