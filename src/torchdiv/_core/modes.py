@@ -8,6 +8,7 @@ import contextlib
 import functools
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -134,6 +135,34 @@ def _materialized_zero_tangents() -> bool:
     return True
 
 
+class _Held:
+    """A process-wide setting overridden while at least one call (of any thread) is inside,
+    and put back when the last one leaves: calls that overlap in threads leave it as the
+    first found it, whatever order they end in."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count = 0
+        self.prior: Any = None
+
+    def enter(self, override: Callable[[], Any]) -> None:
+        """``override()`` sets the setting and returns its prior value (first call only)."""
+        with self.lock:
+            if self.count == 0:
+                self.prior = override()
+            self.count += 1
+
+    def exit(self, restore: Callable[[Any], Any]) -> None:
+        with self.lock:
+            self.count -= 1
+            if self.count == 0:
+                restore(self.prior)
+
+
+_STANCE = _Held()  # Dynamo's stance, "force_eager" while torchdiv runs f
+_FASTPATH = _Held()  # nn.MultiheadAttention's fast path, off while torchdiv runs f
+
+
 class CompiledCodeEager(contextlib.ContextDecorator):
     """Run ``torch.compile``d code that ``f`` calls eagerly for the duration of the block
     (or of every call of a function decorated with ``@CompiledCodeEager()``).
@@ -151,7 +180,7 @@ class CompiledCodeEager(contextlib.ContextDecorator):
         return type(self)()
 
     def __enter__(self) -> None:
-        self.prior = None
+        self.held = False
         frames = sys.modules.get("torch._dynamo.eval_frame")
         if frames is None or not hasattr(frames, "_set_stance"):  # no Dynamo, or torch < 2.6
             return
@@ -160,11 +189,12 @@ class CompiledCodeEager(contextlib.ContextDecorator):
         from torch._C._dynamo.eval_frame import get_eval_frame_callback
 
         if get_eval_frame_callback() in (None, False):
-            self.prior = frames._set_stance(frames.DynamoStance("force_eager"))
+            _STANCE.enter(lambda: frames._set_stance(frames.DynamoStance("force_eager")))
+            self.held = True
 
     def __exit__(self, *exc: object) -> None:
-        if self.prior is not None:
-            sys.modules["torch._dynamo.eval_frame"]._set_stance(self.prior)
+        if self.held:
+            _STANCE.exit(sys.modules["torch._dynamo.eval_frame"]._set_stance)
 
 
 def recorded(fn: F) -> F:
@@ -195,13 +225,18 @@ def math_attention() -> Iterator[None]:
         with sdpa_kernel([SDPBackend.MATH]):
             yield
         return
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
+    _FASTPATH.enter(_fastpath_off)
     try:
         with sdpa_kernel([SDPBackend.MATH]):
             yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+        _FASTPATH.exit(torch.backends.mha.set_fastpath_enabled)
+
+
+def _fastpath_off() -> bool:
+    prior = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    return prior
 
 
 class WrongDerivatives(NotImplementedError):
