@@ -281,6 +281,8 @@ def judge(config, result) -> tuple[str, str]:
     status, payload = result
     if status != "ok":
         return status, payload
+    if len(payload) != 2:  # both training steps ran and reported
+        return "wrong", f"{len(payload)} steps reported, not 2"
     expected = reference(config)
     worst = 0.0
     for step in payload:

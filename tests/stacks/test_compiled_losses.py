@@ -160,7 +160,7 @@ def test_recording_engines_break_the_graph_once(name):
     """The engine runs eagerly between the graph before it and the one after it."""
     make, shape, op = RECORDING[name]
     backend = assert_compiled_matches(make(), op, torch.randn(shape, dtype=torch.float64))
-    assert backend.compiled <= 2
+    assert 1 <= backend.compiled <= 2  # compiled around the break, not all eager
 
 
 def test_fullgraph_refuses_the_recording_engines():
@@ -195,7 +195,7 @@ def test_no_recompilation_and_dynamic_batch():
     for n in (6, 7, 9):
         x = torch.randn(n, 3, dtype=torch.float64)
         assert_close(compiled(x), loss(x))
-    assert dynamic.compiled <= 2
+    assert 1 <= dynamic.compiled <= 2
 
 
 @pytest.mark.slow  # ~19 s of inductor code generation on 2 cores
