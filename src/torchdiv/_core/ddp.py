@@ -131,7 +131,8 @@ _CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
 )
 _LOCK = threading.Lock()
 _IN_FLIGHT = [0]  # calls (all threads) while DistributedDataParallel.forward is replaced
-_ORIGINAL: list[Callable[..., Any]] = []  # DistributedDataParallel.forward, while replaced
+_ORIGINAL: list[Callable[..., Any]] = []  # DistributedDataParallel.forward (kept: a thread
+# may call the replacement just after it is put back)
 
 
 def _ddp_forward(self: Any, *inputs: Any, **kwargs: Any) -> Any:
@@ -173,7 +174,7 @@ def one_forward() -> Iterator[Call | None]:
         with _LOCK:
             _IN_FLIGHT[0] -= 1
             if _IN_FLIGHT[0] == 0:
-                DistributedDataParallel.forward = _ORIGINAL.pop()  # type: ignore[method-assign]
+                DistributedDataParallel.forward = _ORIGINAL[0]  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
