@@ -5,17 +5,29 @@ from __future__ import annotations
 
 import torch
 
-from torchdiv._core.modes import CompiledCodeEager, math_attention
+from torchdiv._core.modes import CompiledCodeEager, _Held, math_attention
 
 
-def test_overlapping_calls_put_the_fast_path_back_in_any_order():
+def test_overlapping_holders_put_the_setting_back_in_any_order():
+    setting = ["user's"]
+
+    def override() -> str:
+        prior, setting[0] = setting[0], "torchdiv's"
+        return prior
+
+    held = _Held()
+    held.enter(override)
+    held.enter(override)
+    held.exit(lambda prior: setting.__setitem__(0, prior))  # the first to enter ends first
+    assert setting == ["torchdiv's"]  # the other call still runs
+    held.exit(lambda prior: setting.__setitem__(0, prior))
+    assert setting == ["user's"]
+
+
+def test_math_attention_puts_the_fast_path_back():
     assert torch.backends.mha.get_fastpath_enabled()
-    a, b = math_attention(), math_attention()
-    a.__enter__()
-    b.__enter__()
-    a.__exit__(None, None, None)  # the first to enter ends first, as in two threads
-    assert not torch.backends.mha.get_fastpath_enabled()  # b still runs
-    b.__exit__(None, None, None)
+    with math_attention(), math_attention():
+        assert not torch.backends.mha.get_fastpath_enabled()
     assert torch.backends.mha.get_fastpath_enabled()
 
 
