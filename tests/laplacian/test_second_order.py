@@ -564,6 +564,7 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
     differentiated), remembered per structure, so that a second call does not record f; the
     Taylor engine otherwise."""
     from torchdiv._laplacian import methods as _laplacian
+    from torchdiv._taylor.cache import PlanCache
 
     calls, recorded = [], []
     monkeypatch.setattr(_laplacian, "grad_of_grad", lambda *a: calls.append(a) or 0 * a[1][:, 0])
@@ -571,7 +572,7 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
     monkeypatch.setattr(
         _laplacian, "capture", lambda *a, **k: recorded.append(1) or capture(*a, **k)
     )
-    monkeypatch.setattr(_laplacian, "_LOOPS", {})
+    monkeypatch.setattr(_laplacian, "_LOOPS", PlanCache(256))
     wide = tanh_mlp(2, 64, 1)  # trained: the Laplacian is differentiated
     frozen = tanh_mlp(2, 64, 1).requires_grad_(False)
     frozen3 = tanh_mlp(3, 256, 1).requires_grad_(False)
@@ -598,13 +599,14 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
 def test_value_grad_laplacian_remembers_that_auto_loops(monkeypatch):
     """Its ``"auto"`` decides as ``laplacian``'s: a looping structure is recorded once."""
     from torchdiv._laplacian import methods as _laplacian
+    from torchdiv._taylor.cache import PlanCache
 
     recorded = []
     capture = _laplacian.capture
     monkeypatch.setattr(
         _laplacian, "capture", lambda *a, **k: recorded.append(1) or capture(*a, **k)
     )
-    monkeypatch.setattr(_laplacian, "_LOOPS", {})
+    monkeypatch.setattr(_laplacian, "_LOOPS", PlanCache(256))
     x = torch.randn(16, 2, dtype=f64)
     for call in range(2):
         recorded.clear()

@@ -10,7 +10,7 @@ directions as given. Arguments are checked by the public functions (``torchdiv._
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, NoReturn
 
 import torch
@@ -23,7 +23,7 @@ from torchdiv._core.modes import SafeDerivatives, math_attention, recorded
 from torchdiv._exact.forward import ForwardJacobian
 from torchdiv._exact.state import Changes
 from torchdiv._laplacian.loop import grad_of_grad
-from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
+from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, cache, capture, propagate
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 # "auto" chunks only when the widest jac (directions x its elements) would pass this many
@@ -48,8 +48,7 @@ LOOP_WORK_TRAINED = 16384
 LOOP_FALLBACK = 10
 # what "auto" decided for each structure it recorded at up to LOOP_INPUTS inputs (_structure):
 # a later call with the same structure loops without recording f again
-_LOOPS: dict[tuple[Any, ...], bool] = {}
-_REMEMBERED = 256
+_LOOPS = cache.PlanCache(256)
 
 
 @recorded
@@ -72,18 +71,17 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | N
     """``f`` recorded at ``x`` for the Taylor engine, or ``None`` where ``"auto"`` loops over
     backward passes instead (``loops``, ``loops_for``; what recording changed is undone). A
     decision to loop is remembered per ``_structure``: the next such call records nothing."""
-    key = _structure(f, x, batch_dims) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
+    structure = _structure(f, x, batch_dims) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
     if loops(x, batch_dims):
         return None
-    if key is not None and _LOOPS.get(key, False):
+    if structure is not None and _LOOPS.get(*structure):
         _watched(f, x, batch_dims)
         return None
     graph = capture(f, x, RULES, batch_dims=batch_dims)
-    if key is None or graph.unsupported:
+    if structure is None or graph.unsupported:
         return graph
-    if len(_LOOPS) >= _REMEMBERED:
-        _LOOPS.clear()
-    loop = _LOOPS[key] = loops_for(graph, x, batch_dims)
+    loop = loops_for(graph, x, batch_dims)
+    _LOOPS.put(*structure, loop)
     if not loop:
         return graph
     graph.undo()  # f runs again: what recording it changed is put back first
@@ -114,21 +112,19 @@ def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
     return n <= LOOP_INPUTS and work * n < 2 * LOOP_WORK
 
 
-def _structure(f: Function, x: torch.Tensor, batch_dims: int) -> tuple[Any, ...]:
+def _structure(f: Function, x: torch.Tensor, batch_dims: int) -> tuple[Any, Hashable]:
     """What ``f``'s recorded graph depends on, as far as it can be told without running
-    ``f``: the function (its code for a Python function, so that a lambda made anew at every
-    call counts as one; the object otherwise, and for a module its train mode and which
-    parameters require grad), the grad mode and ``x``'s shape, dtype, device and whether it
-    requires grad. Two functions with the same code but different graphs share a decision:
-    it only chooses between two exact methods (each call still watched for sample mixing:
-    ``_watched``), so at worst it is slower."""
+    ``f``, as ``(site, key)`` for ``_LOOPS``: ``f``'s ``cache.site`` (its code for a Python
+    function, so that a lambda made anew at every call counts as one), for a module also its
+    train mode and which parameters require grad, and ``cache.key`` of ``x``. Two functions
+    with the same code but different graphs share a decision: it only chooses between two
+    exact methods (each call still watched for sample mixing: ``_watched``), so at worst it
+    is slower."""
     inner = inspect.unwrap(f)
-    code = getattr(inner, "__code__", None)
-    who: tuple[Any, ...] = (code,) if code is not None else (id(inner),)
+    module: tuple[Any, ...] = ()
     if isinstance(inner, torch.nn.Module):
-        who += (inner.training, tuple(p.requires_grad for p in inner.parameters()))
-    grad = torch.is_grad_enabled()
-    return (*who, type(inner), tuple(x.shape), x.dtype, x.device, x.requires_grad, batch_dims, grad)
+        module = (inner.training, tuple(p.requires_grad for p in inner.parameters()))
+    return cache.site(inner), (*module, cache.key(x, batch_dims))
 
 
 def looped(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
