@@ -49,6 +49,8 @@ import torch
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 from torch.utils._python_dispatch import _disable_current_modes
 
+from torchdiv._core.walk import nodes
+
 
 def _initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -208,7 +210,7 @@ class Peers:
         if not _initialized():
             return
         groups: list[Any] = []
-        for node in _nodes(y):
+        for node in nodes(y.grad_fn):
             ref = getattr(node, "ddp_weakref", None)  # only _DDPSink's backward has one
             ddp = ref() if callable(ref) else None
             if ddp is not None and getattr(ddp, "static_graph", False) and ddp not in self.static:
@@ -272,7 +274,7 @@ def used(out: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     """``out``, with a zero gradient edge to each of ``params`` its graph does not reach."""
     if not out.requires_grad or out.grad_fn is None:
         return out
-    reached = {id(node.variable) for node in _nodes(out) if hasattr(node, "variable")}
+    reached = {id(node.variable) for node in nodes(out.grad_fn) if hasattr(node, "variable")}
     unreached = [p for p in params if id(p) not in reached]
     return _ZeroGradients.apply(out, *unreached) if unreached else out
 
@@ -284,7 +286,7 @@ def joined(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if out.requires_grad or not y.requires_grad:
         return out
     joined_out: torch.Tensor = _ZeroGradients.apply(
-        out, *[node.variable for node in _nodes(y) if hasattr(node, "variable")]
+        out, *[node.variable for node in nodes(y.grad_fn) if hasattr(node, "variable")]
     )
     return joined_out
 
@@ -301,18 +303,6 @@ class _ZeroGradients(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: Any) -> tuple[torch.Tensor, ...]:
         zeros = [torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.params]
         return (grad_outputs[0], *zeros)
-
-
-def _nodes(y: torch.Tensor) -> Iterator[Any]:
-    """Every node of ``y``'s graph, once."""
-    seen, stack = set(), [y.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        yield node
-        stack.extend(child for child, _ in node.next_functions)
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from torchdiv._core.checks import _shape
+from torchdiv._core.walk import nodes
 
 aten = torch.ops.aten
 # each batch dimension of a tensor as (position, size, inner): along dimension ``position``,
@@ -285,23 +286,16 @@ def check_graph(
     public function to name (``None``: its ``reported`` wrapper names it)."""
     if allowed() or x.shape[:batch_dims].numel() < 2 or y.grad_fn is None:
         return
-    seen: set[torch.autograd.graph.Node] = set()
-    stack: list[torch.autograd.graph.Node | None] = [y.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    for node in nodes(y.grad_fn):
         if (
             type(node).__name__ in _BATCH_NORM_NODES
             # saved attributes of the C++ node, absent from torch's stubs
-            and node._saved_training  # type: ignore[attr-defined]
-            and node._saved_input.shape[0] > 1  # type: ignore[attr-defined]
+            and node._saved_training
+            and node._saved_input.shape[0] > 1
             and _reaches(node, x)  # a batch norm of something computed from x
         ):
             what = "a batch norm in train mode, normalising with statistics of the whole batch"
             raise BatchInteractionError(_named(fn, explain(what, x, batch_dims)))
-        stack.extend(child for child, _ in node.next_functions)
     if empty_event:
         _signed_vjp(fn, y, x, batch_dims)
 
@@ -309,17 +303,7 @@ def check_graph(
 def _reaches(start: torch.autograd.graph.Node, x: torch.Tensor) -> bool:
     """Whether the graph below ``start`` reaches ``x`` (its ``grad_fn``, or its
     ``AccumulateGrad`` node for a leaf): depth first, each node once."""
-    seen: set[torch.autograd.graph.Node] = set()
-    stack: list[torch.autograd.graph.Node | None] = [start]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        if node is x.grad_fn or getattr(node, "variable", None) is x:
-            return True
-        seen.add(node)
-        stack.extend(child for child, _ in node.next_functions)
-    return False
+    return any(node is x.grad_fn or getattr(node, "variable", None) is x for node in nodes(start))
 
 
 def _named(fn: str | None, message: str) -> str:
