@@ -197,6 +197,33 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             _STANCE.exit(sys.modules["torch._dynamo.eval_frame"]._set_stance)
 
 
+def eager_when(records: Callable[..., bool]) -> Callable[[F], F]:
+    """Decorate a public ``fn(f, x, *, **options)`` (outermost, over ``compiled_like_f``) so
+    that a call Dynamo traces runs eagerly as a whole where
+    ``records(x, **options)`` says its engine is ``recorded`` (runs eagerly anyway): the one
+    graph break is then at the caller's call of ``fn``, not deep inside it.
+
+    Broken inside, Dynamo resumes every frame between the caller and the engine (the
+    decorators', the public function's, the dispatch's) as a compiled frame of its own, whose
+    guards run at every call, and compiles what follows the engine in those frames (a reshape)
+    as a graph of its own, with a backward node of its own: measured 0.2-0.3 ms per training
+    step on a 2-core CPU, a tenth of a small MLP's step. Run eagerly, ``fn`` is exactly the
+    eager call (batch-interaction detection included)."""
+
+    def decorate(fn: F) -> F:
+        eager = torch.compiler.disable(fn)
+
+        @functools.wraps(fn)
+        def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling() and records(x, **kwargs):
+                return eager(f, x, *args, **kwargs)
+            return fn(f, x, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
 def recorded(fn: F) -> F:
     """Run ``fn`` eagerly when Dynamo traces its caller: an engine that records ``f``'s ops and
     plans from them (structured, Taylor) or differentiates a graph already built
