@@ -237,3 +237,22 @@ def test_inductor_forward_mode_through_hidden_layers():
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # importing inductor: 4-10 s on 2 cores
+def test_zero_tangents_reach_inductor_after_it_compiled_other_code(monkeypatch):
+    """Inductor copies its decomposition table the first time it compiles (a cached copy):
+    torchdiv's ordinary zeros for tangent-less tensors must reach a copy made before its first
+    trace ("ZeroTensors are immutable" in forward mode otherwise)."""
+    from torch._inductor import decomposition
+
+    op = torch.ops.aten._efficientzerotensor.default
+    monkeypatch.delitem(decomposition.decompositions, op, raising=False)
+    decomposition.fast_random_decomps.cache_clear()
+    assert op not in decomposition.select_decomp_table()  # as after compiling other code
+    net = mlp()
+    loss = torch.compile(
+        lambda x: torchdiv.divergence(net, x, method="forward").sum(), backend="aot_eager"
+    )
+    loss(torch.randn(4, 3, dtype=torch.float64))
+    assert op in decomposition.select_decomp_table()

@@ -125,13 +125,22 @@ def _materialized_zero_tangents() -> bool:
     Inductor runs that op as a fallback kernel, which returns an immutable ``ZeroTensor``, and
     then reuses its buffer as the ``out=`` of a later kernel: "ZeroTensors are immutable" in
     the backward of every compiled JVP through a hidden layer (PyTorch 2.13). The same values
-    as ordinary zeros; run whenever Dynamo traces a torchdiv call."""
-    from torch._inductor.decomposition import decompositions
+    as ordinary zeros; run whenever Dynamo traces a torchdiv call. Inductor reads a copy of its
+    table made when it first compiled something (``fast_random_decomps``, cached): the copy is
+    dropped, or a process that compiled anything before torchdiv's first trace kept the op."""
+    from torch._inductor import decomposition
+
+    op = torch.ops.aten._efficientzerotensor.default
+    if op in decomposition.decompositions:
+        return True
 
     def zeros(size: list[int], **options: Any) -> torch.Tensor:
         return torch.zeros(size, **{k: v for k, v in options.items() if v is not None})
 
-    decompositions.setdefault(torch.ops.aten._efficientzerotensor.default, zeros)
+    decomposition.decompositions[op] = zeros
+    cached = getattr(decomposition, "fast_random_decomps", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
     return True
 
 
