@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -138,9 +138,9 @@ def _materialized_zero_tangents() -> bool:
         return torch.zeros(size, **{k: v for k, v in options.items() if v is not None})
 
     decomposition.decompositions[op] = zeros
-    cached = getattr(decomposition, "fast_random_decomps", None)
-    if hasattr(cached, "cache_clear"):
-        cached.cache_clear()
+    clear = getattr(getattr(decomposition, "fast_random_decomps", None), "cache_clear", None)
+    if clear is not None:
+        clear()
     return True
 
 
@@ -220,7 +220,7 @@ def eager_when(records: Callable[..., bool]) -> Callable[[F], F]:
     eager call (batch-interaction detection included)."""
 
     def decorate(fn: F) -> F:
-        eager = torch.compiler.disable(fn)
+        eager = cast(Callable[..., Any], torch.compiler.disable(fn))  # untyped in torch
 
         @functools.wraps(fn)
         def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
