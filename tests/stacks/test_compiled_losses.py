@@ -157,10 +157,30 @@ RECORDING: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] 
 
 @pytest.mark.parametrize("name", list(RECORDING))
 def test_recording_engines_break_the_graph_once(name):
-    """The engine runs eagerly between the graph before it and the one after it."""
+    """The whole public call runs eagerly, between the graph before it (empty here) and the
+    one after it: nothing of torchdiv's own is compiled as a graph of its own (broken inside
+    the engine, the reshape after it was one more graph, with its own backward node)."""
     make, shape, op = RECORDING[name]
     backend = assert_compiled_matches(make(), op, torch.randn(shape, dtype=torch.float64))
-    assert 1 <= backend.compiled <= 2  # compiled around the break, not all eager
+    assert backend.compiled == 1 and backend.runs == 1  # the loss's square and mean
+
+
+@pytest.mark.parametrize("name", ["divergence structured", "laplacian taylor"])
+def test_recording_engines_dynamic_batch_no_recompilation(name):
+    """``dynamic=True``: the graph after the break serves every batch size (broken inside the
+    engine, the graphs resumed after it were specialised: 4 for three sizes)."""
+    make, shape, op = RECORDING[name]
+    net = make()
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return op(net, x, x).square().mean()
+
+    dynamic = Counting()
+    compiled = torch.compile(loss, backend=dynamic, dynamic=True)
+    for n in (2, 3, 5):
+        x = torch.randn(n, *shape[1:], dtype=torch.float64)
+        assert_close(compiled(x), loss(x))
+    assert dynamic.compiled == 1 and dynamic.runs == 3
 
 
 def test_fullgraph_refuses_the_recording_engines():
@@ -217,3 +237,22 @@ def test_inductor_forward_mode_through_hidden_layers():
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # importing inductor: 4-10 s on 2 cores
+def test_zero_tangents_reach_inductor_after_it_compiled_other_code(monkeypatch):
+    """Inductor copies its decomposition table the first time it compiles (a cached copy):
+    torchdiv's ordinary zeros for tangent-less tensors must reach a copy made before its first
+    trace ("ZeroTensors are immutable" in forward mode otherwise)."""
+    from torch._inductor import decomposition
+
+    op = torch.ops.aten._efficientzerotensor.default
+    monkeypatch.delitem(decomposition.decompositions, op, raising=False)
+    decomposition.fast_random_decomps.cache_clear()
+    assert op not in decomposition.select_decomp_table()  # as after compiling other code
+    net = mlp()
+    loss = torch.compile(
+        lambda x: torchdiv.divergence(net, x, method="forward").sum(), backend="aot_eager"
+    )
+    loss(torch.randn(4, 3, dtype=torch.float64))
+    assert op in decomposition.select_decomp_table()

@@ -52,7 +52,7 @@ from torchdiv._core.checks import (
     checked,
 )
 from torchdiv._core.mixing import check_empty_event
-from torchdiv._core.modes import compiled_like_f, outside_inference_mode
+from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode
 from torchdiv._estimators import trace as _trace
 from torchdiv._laplacian import methods
 from torchdiv._laplacian.along import along, unit_columns
@@ -61,6 +61,10 @@ Function = Callable[[torch.Tensor], torch.Tensor]
 METHODS = ("auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad", "hutchinson")
 
 
+RECORDING = ("auto", "taylor", "grad-of-grad")  # methods.BY_NAME's engines that are recorded
+
+
+@eager_when(lambda x, *, method="auto", **_: method in RECORDING)
 @compiled_like_f
 @outside_inference_mode
 @reported("laplacian")

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from torchdiv import _structured
 from torchdiv._api.reporting import reported
 from torchdiv._core.checks import (
     check_callable,
@@ -15,7 +16,7 @@ from torchdiv._core.checks import (
     check_method,
     checked,
 )
-from torchdiv._core.modes import compiled_like_f, outside_inference_mode
+from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.registry import STOCHASTIC_METHODS
@@ -44,6 +45,14 @@ def _prepare(
     check_method(fn, method, methods)
     check_chunk_size(fn, chunk_size)
     return checked(fn, f, x, batch_dims, square)
+
+
+def _plans(x: object, *, method: str = "auto", batch_dims: int = 1, **_: object) -> bool:
+    """Whether the structured engine records ``f`` at ``x`` (a call Dynamo traces then runs
+    eagerly as a whole: ``eager_when``); arguments the call will refuse: no."""
+    if not isinstance(x, torch.Tensor) or not isinstance(batch_dims, int):
+        return False
+    return 0 <= batch_dims <= x.dim() and _structured.chosen(method, x, batch_dims)
 
 
 @compiled_like_f
@@ -104,6 +113,7 @@ def jacobian(
     return jac.reshape(shape).to(x.dtype)
 
 
+@eager_when(_plans)
 @compiled_like_f
 @outside_inference_mode
 @reported("jacobian_diagonal")
@@ -176,6 +186,7 @@ def jacobian_diagonal(
     return diag.reshape(x.shape).to(x.dtype)
 
 
+@eager_when(_plans)
 @compiled_like_f
 @outside_inference_mode
 @reported("divergence")

@@ -46,8 +46,9 @@ TINY_PROBLEM = 1 << 12
 def chosen(method: str, x: torch.Tensor, batch_dims: int) -> bool:
     """Whether ``method`` plans ``f`` at ``x``: ``"structured"`` always, ``"auto"`` unless the
     problem is tiny (see ``TINY_PROBLEM``)."""
-    big = math.prod(x.shape[batch_dims:]) * x.numel() > TINY_PROBLEM
-    return method == "structured" or (method == "auto" and big)
+    if method != "auto":  # no size read: under dynamic shapes Dynamo would trace it
+        return method == "structured"
+    return math.prod(x.shape[batch_dims:]) * x.numel() > TINY_PROBLEM
 
 
 @recorded
