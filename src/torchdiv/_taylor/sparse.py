@@ -154,7 +154,8 @@ def _run(ctx: Context, args: Any, kwargs: Any, rule: Rule, owner: Callable[[int,
         if jac is None:
             return a
         nd = a.value.dim()
-        return Sparse(a.value, jac, a.lap, _aligned(owner(i, nd), nd), sparse.particles)
+        owners = _aligned(owner(i, nd), nd).to(a.value.device)  # (_to_copy may move a value)
+        return Sparse(a.value, jac, a.lap, owners, sparse.particles)
 
     return map_leaves(wrap, out)
 
