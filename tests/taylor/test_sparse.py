@@ -17,13 +17,14 @@ import torchdiv
 from torchdiv._bench.wavefunctions import SlaterJastrow, pair_distances
 from torchdiv._taylor import sparse
 
-RTOL = 1e-10  # both engines are exact: float64 round-off through a 4x4 determinant
+RTOL = 1e-10  # both engines are exact: float64 round-off through a 5x5 determinant
+N = 5  # particles
 
 
 class RowMLP(nn.Module):
     """An MLP on each row of ``(B, N, 3)``: ``(B, N, N)`` orbitals."""
 
-    def __init__(self, n: int = 4, width: int = 8):
+    def __init__(self, n: int = N, width: int = 8):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, n))
 
@@ -33,8 +34,8 @@ class RowMLP(nn.Module):
 
 torch.manual_seed(0)
 ORBITALS = RowMLP().double()
-OFFSET = torch.randn(4, 4, dtype=torch.float64)  # rows that share a particle still differ
-W = torch.randn(4, 4, dtype=torch.float64)
+OFFSET = torch.randn(N, N, dtype=torch.float64)  # rows that share a particle still differ
+W = torch.randn(N, N, dtype=torch.float64)
 
 
 def _logdet(a: torch.Tensor) -> torch.Tensor:
@@ -47,29 +48,29 @@ FUNCTIONS = {
     # row i is the orbitals of particle i - 1
     "rolled rows": lambda r: _logdet(ORBITALS(r.roll(1, -2))),
     # rows 0 and 1 both depend on particle 0 (the determinant's cross terms within a particle)
-    "shared rows": lambda r: _logdet(ORBITALS(r[:, [0, 0, 1, 2]]) + OFFSET),
+    "shared rows": lambda r: _logdet(ORBITALS(r[:, [0, 0, 1, 2, 3]]) + OFFSET),
     # columns are particles: rows mix all of them
     "columns": lambda r: _logdet(ORBITALS(r).mT + OFFSET),
     # a product along the particle axis (left factor constant), and one along features
     "mixing product": lambda r: torch.tanh(W @ ORBITALS(r)).sum((-2, -1)),
     "feature product": lambda r: torch.tanh(ORBITALS(r) @ W).square().sum((-2, -1)),
-    # elementwise between particles: two owners per element (N = 4: flip pairs 0-3, 1-2)
-    "flipped": lambda r: torch.sin(r * r.flip(-2)).sum((-2, -1)),
-    # owners that coincide on the middle row (N = 4, shifted by 2 then by 0 after a cat)
-    "coinciding": lambda r: (
+    # elementwise between particles: two owners per element (rows i and i - 2 after a cat),
+    # and owners that coincide on the middle row only (a flip of 5 rows: dense jets)
+    "two owners": lambda r: (
         torch.tanh(r * torch.cat([r[:, :2], r[:, 2:]], -2).roll(2, -2)).sum((-2, -1))
         + torch.exp(r[:, 1] * r[:, 1]).sum(-1)
     ),
+    "coinciding": lambda r: torch.sin(r * r.flip(-2)).sum((-2, -1)),
     # pairs of distinct particles (the Jastrow), and all pairs with the diagonal (FermiNet)
     "pairs": lambda r: (pair_distances(r) / (1 + pair_distances(r))).sum(-1),
     "all pairs": lambda r: ((r[:, :, None] - r[:, None]).square().sum(-1) + 0.1).sqrt().sum((1, 2)),
-    # five owners per element: more than sparse.MAX_TERMS
+    # four owners per element, then five: more than sparse.MAX_TERMS
     "many owners": lambda r: (
         torch.tanh(sum(r.roll(k, -2) * (k + 1) for k in range(5))).square().sum((-2, -1))
     ),
     # reductions along features (sparse) and across particles (dense)
     "feature norm": lambda r: (
-        torch.logsumexp(nn.functional.layer_norm(ORBITALS(r), (4,)), -1).sum(-1)
+        torch.logsumexp(nn.functional.layer_norm(ORBITALS(r), (N,)), -1).sum(-1)
         * torch.linalg.vector_norm(r, dim=-1).prod(-1)
     ),
     "particle softmax": lambda r: (torch.softmax(ORBITALS(r), -2) * ORBITALS(r)).sum((-2, -1)),
@@ -79,12 +80,12 @@ FUNCTIONS = {
     # moves: transposes, selections, unbind, views that merge particles
     "moves": lambda r: (
         sum(torch.tanh(p).sum(-1) for p in r.transpose(-1, -2).unbind(-1)) * r[:, 2, 1].exp()
-        + torch.tanh(r.reshape(len(r), -1) @ torch.ones(12, 2, dtype=r.dtype)).sum(-1)
+        + torch.tanh(r.reshape(len(r), -1) @ torch.ones(3 * N, 2, dtype=r.dtype)).sum(-1)
     ),
 }
 
 
-def _x(samples: int = 3, electrons: int = 4) -> torch.Tensor:
+def _x(samples: int = 3, electrons: int = N) -> torch.Tensor:
     return torch.randn(
         samples, electrons, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
     )
@@ -144,7 +145,7 @@ def test_slater_jastrow_stays_sparse(monkeypatch):
 
     monkeypatch.setattr(sparse, "_sparse", spy)
     monkeypatch.setattr(sparse, "densify", counted)
-    model, r = SlaterJastrow(4).double(), _x()
+    model, r = SlaterJastrow(N).double(), _x()
     lap = torchdiv.laplacian(model, r, method="taylor")
     aten = torch.ops.aten
     assert {aten.addmm.default, aten.tanh.default, aten._linalg_slogdet.default} <= set(seen)
