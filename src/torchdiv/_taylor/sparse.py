@@ -29,7 +29,7 @@ which is always right.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -56,6 +56,7 @@ class Sparse:
     lap: Tensor | None
     owner: Tensor
     particles: int
+    dense: Jet | None = field(default=None, repr=False)  # ``densify``'s, made once
 
     @property
     def shape(self) -> torch.Size:
@@ -87,11 +88,14 @@ def densify(a: Any) -> Any:
     """``a`` as a dense ``Jet`` if it is ``Sparse``, else ``a``."""
     if not isinstance(a, Sparse):
         return a
-    n, t = a.particles, a.terms
-    particle = torch.arange(n, device=a.owner.device).reshape(n, *[1] * a.owner.dim())
-    mask = (a.owner == particle).to(a.jac.dtype)[:, :, None]  # (N, T, 1) + S
-    jac = (mask * a.jac.unflatten(0, (t, -1))).sum(1)  # (N, d) + S
-    return Jet(a.value, jac.flatten(0, 1), a.lap)
+    if a.dense is None:
+        n, t = a.particles, a.terms
+        particle = torch.arange(n, device=a.owner.device).reshape(n, *[1] * a.owner.dim())
+        mask = (a.owner == particle).to(a.jac.dtype)[:, :, None]  # (N, T, 1) + S
+        jac = mask * a.jac.unflatten(0, (t, -1))  # (N, T, d) + S
+        jac = jac[:, 0] if t == 1 else jac.sum(1)
+        a.dense = Jet(a.value, jac.flatten(0, 1), a.lap)
+    return a.dense
 
 
 def apply(func: Any, ctx: Context, args: Any, kwargs: Any, rule: Rule) -> Any:
@@ -161,9 +165,15 @@ def _run(ctx: Context, args: Any, kwargs: Any, rule: Rule, owner: Callable[[int,
 
 
 def _aligned(owner: Tensor, nd: int) -> Tensor:
-    """``owner`` (``(T,) + shape``) with size-1 dimensions after ``T`` up to ``nd``."""
+    """``owner`` (``(T,) + shape``) with size-1 dimensions after ``T`` up to ``nd``, and size 1
+    along the dimensions it was expanded along (stride 0: the same owners, so ``densify``
+    keeps a ``jac`` broadcast across samples broadcast)."""
     missing = nd + 1 - owner.dim()
-    return owner[(slice(None), *([None] * missing))] if missing > 0 else owner
+    owner = owner[(slice(None), *([None] * missing))] if missing > 0 else owner
+    for d, (size, stride) in enumerate(zip(owner.shape, owner.stride(), strict=True)):
+        if stride == 0 and size > 1:
+            owner = owner.narrow(d, 0, 1)
+    return owner
 
 
 def _elementwise(ctx: Context, args: Any, kwargs: Any, rule: Rule) -> Any:
