@@ -376,11 +376,12 @@ def _sweep(
     columns: list[torch.Tensor] = []
     constants: dict[int, list[Any]] = {}
     for u in methods.unit_directions(x, batch_dims, chunk):
-        out = propagate(graph, Jet(x, u, None), Context(len(u), True, jac=True), constants)
+        jet, k = methods.input_jet(x, u)
+        out = propagate(graph, jet, Context(k, True, jac=True), constants)
         if not isinstance(out, Jet):  # f does not depend on x
             out = Jet(out, None, None)
         value = out.value
-        shape = (len(u), *value.shape)
+        shape = (k, *value.shape)
         jac = out.jac
         columns.append(value.new_zeros(()).expand(shape) if jac is None else jac.expand(shape))
         if out.lap is not None:

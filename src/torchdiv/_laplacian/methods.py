@@ -24,6 +24,7 @@ from torchdiv._exact.forward import ForwardJacobian
 from torchdiv._exact.state import Changes
 from torchdiv._laplacian.loop import grad_of_grad
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, cache, capture, propagate
+from torchdiv._taylor.sparse import Sparse, per_particle
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 # "auto" chunks only when the widest jac (directions x its elements) would pass this many
@@ -160,20 +161,35 @@ def _refuse(what: str) -> NoReturn:
 
 def unit_directions(
     x: torch.Tensor, batch_dims: int, chunk: int, share: Share = WHOLE
-) -> Iterator[torch.Tensor]:
+) -> Iterator[torch.Tensor | Sparse]:
     """The unit vectors of the event (of a ``share`` of them), ``chunk`` at a time, stored
-    once for all samples."""
-    for start, stop in share.chunks(event_numel(x, batch_dims), chunk):
-        yield broadcast_basis(start, stop, x, batch_dims)
+    once for all samples; all of them in one chunk, for an event of ``N`` particles in ``d``
+    dimensions, as a per-particle ``Sparse`` jet (``torchdiv._taylor.sparse``)."""
+    n = event_numel(x, batch_dims)
+    particles = per_particle(x, batch_dims) if share is WHOLE and chunk >= n else None
+    if particles is not None:
+        yield particles
+        return
+    for first, stop in share.chunks(n, chunk):
+        yield broadcast_basis(first, stop, x, batch_dims)
 
 
-def collapsed(graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor]) -> torch.Tensor:
+def input_jet(x: torch.Tensor, u: torch.Tensor | Sparse) -> tuple[Jet | Sparse, int]:
+    """The jet of ``x`` along a chunk ``u`` of ``unit_directions``, and its number of directions."""
+    return (u, u.num_directions) if isinstance(u, Sparse) else (Jet(x, u, None), len(u))
+
+
+def collapsed(
+    graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor | Sparse]
+) -> torch.Tensor:
     """``sum_k D^2 f(x)[u_k, u_k]`` over all directions: the output's collapsed second-order
-    terms, summed over the chunks ``directions`` yields (each ``(k,) + x.shape``, broadcast)."""
+    terms, summed over the chunks ``directions`` yields (each ``(k,) + x.shape``, broadcast,
+    or a ``Sparse`` jet at ``x``)."""
     total: torch.Tensor | None = None
     constants: dict[int, list[Any]] = {}
     for u in directions:
-        out = propagate(graph, Jet(x, u, None), Context(len(u), True, jac=False), constants)
+        jet, k = input_jet(x, u)
+        out = propagate(graph, jet, Context(k, True, jac=False), constants)
         if isinstance(out, Jet) and out.lap is not None:
             total = out.lap if total is None else total + out.lap
     if total is None:  # f(x) does not depend on x, or only linearly
@@ -182,7 +198,7 @@ def collapsed(graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor])
 
 
 def collapsed_or_none(
-    graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor]
+    graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor | Sparse]
 ) -> torch.Tensor | None:
     """``collapsed``, or ``None`` when the Taylor engine cannot run ``f``: an op without a
     rule (at capture or in a rule) or one that cannot be replayed. Callers then fall back,

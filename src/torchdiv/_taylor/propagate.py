@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from torchdiv._taylor import composite, elementwise, linalg, linear, reductions
+from torchdiv._taylor import composite, elementwise, linalg, linear, reductions, sparse
 from torchdiv._taylor.capture import Graph, Node, Ref
 from torchdiv._taylor.jet import Context, Jet, UnsupportedOp
+from torchdiv._taylor.sparse import Sparse
 from torchdiv._taylor.tree import leaves, map_leaves
 
 RULES: dict[Any, Any] = {
@@ -27,6 +28,7 @@ RULES: dict[Any, Any] = {
 }
 
 aten = torch.ops.aten
+_JETS = (Jet, Sparse)
 # ops whose ``lap`` needs only the inputs' ``lap`` (linear, or linear almost everywhere)
 _LAP_FROM_LAP = {
     *linear.LINEAR_OPS,
@@ -64,19 +66,21 @@ _MULTILINEAR = {
 
 
 def propagate(
-    graph: Graph, x: Jet, ctx: Context, constants: dict[int, list[Any]] | None = None
+    graph: Graph, x: Jet | Sparse, ctx: Context, constants: dict[int, list[Any]] | None = None
 ) -> Jet | torch.Tensor:
     """The output jet of ``graph`` for the input jet ``x`` (a tensor if it does not depend on x).
 
     ``ctx.jac`` says whether the output's ``jac`` is wanted; intermediate ``jac`` that no later
     op needs are skipped. Values are freed after their last use, so memory in flight is what
     the live jets need. Ops that carry no jet are computed once per ``constants`` cache: pass
-    the same dict to every chunk of directions at the same ``x``.
+    the same dict to every chunk of directions at the same ``x``. A ``Sparse`` input (per-particle
+    jets, ``sparse.per_particle``) stays sparse where the ops allow; the output is a dense ``Jet``.
     """
     constants = {} if constants is None else constants
     plan = graph.plan = graph.plan or Plan(graph)
     needs_jac = plan.needs_jac(ctx)
     with_jac, without_jac = replace(ctx, jac=True), replace(ctx, jac=False)
+    apply = _applied if isinstance(x, Sparse) else _apply
     env: dict[int, list[Any]] = {-1: [x]}
 
     def resolve(a: Any) -> Any:
@@ -93,19 +97,19 @@ def propagate(
                 args, kwargs = list(node.args), node.kwargs
                 for i in positions:
                     args[i] = resolve(args[i])
-                jets = any(isinstance(args[i], Jet) for i in positions)
+                jets = any(isinstance(args[i], _JETS) for i in positions)
             else:
                 args, kwargs = map_leaves(resolve, node.args), map_leaves(resolve, node.kwargs)
-                jets = any(isinstance(a, Jet) for a in leaves((args, kwargs)))
+                jets = any(isinstance(a, _JETS) for a in leaves((args, kwargs)))
             if node.depends and jets:
                 node_ctx = with_jac if index in needs_jac else without_jac
-                env[index] = leaves(_apply(node, node_ctx, args, kwargs))
+                env[index] = leaves(apply(node, node_ctx, args, kwargs))
             else:
                 out = node.func(*map_leaves(_value, args), **map_leaves(_value, kwargs))
                 env[index] = constants[index] = leaves(out)
         for dead in plan.last_use.get(index, ()):
             del env[dead]
-    output: Jet | torch.Tensor = map_leaves(resolve, graph.output)
+    output: Jet | torch.Tensor = map_leaves(lambda a: sparse.densify(resolve(a)), graph.output)
     return output
 
 
@@ -186,6 +190,13 @@ def values(graph: Graph, x: torch.Tensor) -> list[list[Any]]:
     return env
 
 
+def _applied(node: Node, ctx: Context, args: Any, kwargs: Any) -> Any:
+    """``_apply``, or ``sparse.apply`` if an argument is a ``Sparse`` jet."""
+    if any(isinstance(a, Sparse) for a in leaves((args, kwargs))):
+        return sparse.apply(node.func, ctx, args, kwargs, lambda c, a, k: _apply(node, c, a, k))
+    return _apply(node, ctx, args, kwargs)
+
+
 def _apply(node: Node, ctx: Context, args: Any, kwargs: Any) -> Any:
     """The rule of ``node``'s op; a rule that meets a jet where it can only take a tensor (a
     weight computed from x, say) is reported as an unsupported use of the op."""
@@ -196,4 +207,4 @@ def _apply(node: Node, ctx: Context, args: Any, kwargs: Any) -> Any:
 
 
 def _value(a: Any) -> Any:
-    return a.value if isinstance(a, Jet) else a
+    return a.value if isinstance(a, _JETS) else a
