@@ -148,7 +148,7 @@ def _equal(kept: Tensor, now: Tensor) -> bool:
         return False
     if now.is_complex() or now.element_size() not in _BITS:
         return torch.equal(kept, now.detach())
-    if _compared_by_bytes(now):
+    if _MEMCMP is not None and _compared_by_bytes(now):
         now = now.detach().resolve_neg().contiguous()
         return _MEMCMP(kept.data_ptr(), now.data_ptr(), now.numel() * now.element_size()) == 0
     bits = _BITS[now.element_size()]
