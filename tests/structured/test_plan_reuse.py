@@ -233,3 +233,32 @@ def test_trained_weights_are_never_served_from_a_kept_product(how):
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
     for g, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def _reference_divergence(f, x):
+    jacobians = torch.func.vmap(torch.func.jacrev(lambda z: f(z[None])[0]))(x)
+    return jacobians.diagonal(dim1=1, dim2=2).sum(-1)
+
+
+def test_a_chain_followed_along_kept_routes_reads_each_calls_values():
+    """The chain's routes (which call gives which factor, which sums give which signs) are
+    kept with the template; each call makes the factors and the signs from its own values: a
+    sum's ``alpha``, a time concatenated to the input, an index that permutes features."""
+    torch.manual_seed(0)
+    net = mlp(7, 16)
+    inner = nn.Linear(6, 6).double()
+    state = {"alpha": 0.5, "t": torch.zeros(1, 1, dtype=DOUBLE), "order": torch.arange(6)}
+
+    def f(x):
+        t = state["t"].expand(x.shape[0], 1)
+        h = net(torch.cat([x, t], 1))[:, :6].index_select(1, state["order"])
+        return torch.sub(h, torch.tanh(inner(x)), alpha=state["alpha"])
+
+    x = torch.randn(100, 6, dtype=DOUBLE)
+    for alpha, t in [(0.5, 0.0), (-2.0, 1.5), (3.0, -1.0)]:
+        state["alpha"], state["t"] = alpha, torch.full((1, 1), t, dtype=DOUBLE)
+        state["order"] = torch.randperm(6)
+        value = torchdiv.divergence(f, x, method="structured")
+        torch.testing.assert_close(value, _reference_divergence(f, x))
+    (template,) = (entry[1] for entry in cache.RECORDINGS._entries.values())
+    assert "chain" in template.derived  # followed, not walked, at the later calls

@@ -21,7 +21,8 @@ What a template certifies is what ``capture``'s analysis derived from structure 
 unsupported op, no writes or random draws (graphs with those are never kept), and no mixing of
 samples (``torchdiv._mixing`` follows shapes and op arguments, all part of the template; whether
 mixing detection is on is part of the key). Planning on values (chains, colours) is done again
-on every call.
+on every call; what a planner derives from the structure alone may be kept with the template
+(``Template.derived``).
 
 ``PlanCache`` is the store: least recently used entries beyond ``size`` are dropped, entries
 are looked up by a *site* (what ``f`` is: the module, or a function's code object) and a key
@@ -35,7 +36,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Container, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -85,13 +86,16 @@ class _Call:
 
 @dataclass(frozen=True)
 class Template:
-    """The structure of a recorded ``Graph``: no tensors (nothing kept alive)."""
+    """The structure of a recorded ``Graph``: no tensors (nothing kept alive). ``derived``
+    keeps what a planner made from the structure alone (``torchdiv._structured``'s chain
+    routes), by the planner's name, for the graphs checked against it (``Graph.template``)."""
 
     calls: tuple[_Call, ...]
     output: Ref
     output_shape: tuple[int, ...]
     widest: int
     work: tuple[int, int, int]  # the graph's dependent calls, elements and products
+    derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 class Opaque:
@@ -227,6 +231,7 @@ def recorded(
     kept = None if where is None else template(graph)
     if kept is not None:
         RECORDINGS.put(where, k, kept)
+        graph.template = kept
     return graph
 
 
@@ -251,6 +256,7 @@ def checked(found: Template, f: Function, x: torch.Tensor, rules: Container[Any]
             requires_grad=outer_grad and y.requires_grad,
             output_shape=found.output_shape,
             values=checker.values,
+            template=found,
         )
     checker.undo()
     return None
