@@ -111,7 +111,23 @@ class _Product(torch.autograd.Function):
 
 
 def _copy(t: Tensor) -> Tensor:
+    """What ``t`` is compared with later: a private copy, or ``t`` itself when it views a
+    kept result (``W_1 W_L`` in the join), whose values never change (kept results are only
+    read: nothing here or in the cycle writes to them, and none is handed to the caller)."""
+    if any(_same_view(kept.result, t) for kept in _kept):
+        return t.detach()
     return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _same_view(kept: Tensor, now: Tensor) -> bool:
+    """Whether ``now`` shows the very elements of ``kept``."""
+    return (
+        kept.data_ptr() == now.data_ptr()
+        and kept.shape == now.shape
+        and kept.stride() == now.stride()
+        and kept.dtype == now.dtype
+        and kept.device == now.device
+    )
 
 
 def _memcmp() -> Callable[[int, int, int], int] | None:
@@ -146,6 +162,8 @@ def _equal(kept: Tensor, now: Tensor) -> bool:
     """Whether ``now`` holds the same bits as ``kept`` (a contiguous copy)."""
     if kept.shape != now.shape or kept.dtype != now.dtype or kept.device != now.device:
         return False
+    if _same_view(kept, now):  # a kept result (see _copy): a private copy is never seen
+        return True
     if now.is_complex() or now.element_size() not in _BITS:
         return torch.equal(kept, now.detach())
     if _MEMCMP is not None and _compared_by_bytes(now):
