@@ -34,15 +34,16 @@ MIN_SAVING = 16  # kept only if the product costs this many times a comparison o
 
 @dataclass(frozen=True)
 class _Op:
-    """A product of two factors, and its gradients with respect to them given the result's
-    gradient ``g``."""
+    """A product of two factors, and its gradients with respect to each of them given the
+    result's gradient ``g``: ``grad_a(b, g)``, ``grad_b(a, g)``."""
 
     run: Callable[[Tensor, Tensor], Tensor]
-    grads: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+    grad_a: Callable[[Tensor, Tensor], Tensor]
+    grad_b: Callable[[Tensor, Tensor], Tensor]
 
 
-_MATMUL = _Op(lambda a, b: a @ b, lambda a, b, g: (g @ b.mT, a.mT @ g))
-_JOIN = _Op(lambda a, b: a * b.mT, lambda a, b, g: (g * b.mT, (g * a).mT))
+_MATMUL = _Op(lambda a, b: a @ b, lambda b, g: g @ b.mT, lambda a, g: a.mT @ g)
+_JOIN = _Op(lambda a, b: a * b.mT, lambda b, g: g * b.mT, lambda a, g: (g * a).mT)
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,13 @@ class _Product(torch.autograd.Function):
         return result.detach()  # a new tensor object: never the kept one itself
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None, None]:
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: Tensor
+    ) -> tuple[None, Tensor | None, Tensor | None, None]:
         a, b = ctx.saved_tensors
-        grad_a, grad_b = ctx.op.grads(a, b, grad)
+        _, need_a, need_b, _ = ctx.needs_input_grad
+        grad_a = ctx.op.grad_a(b, grad) if need_a else None
+        grad_b = ctx.op.grad_b(a, grad) if need_b else None
         return None, grad_a, grad_b, None
 
 
