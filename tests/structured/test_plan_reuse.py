@@ -181,13 +181,84 @@ def test_a_solve_reuses_its_plan_at_every_time_and_gets_the_fresh_result():
     torch.testing.assert_close(kept, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_kept_products_are_found_by_their_factors_bits():
-    a, b = torch.randn(8, 50), torch.randn(50, 8)
-    first = products.product(torch.matmul, a, b, cost=10**6)
-    assert products.product(torch.matmul, a.clone(), b.clone(), cost=10**6) is first
+@pytest.mark.parametrize("op", ["matmul", "join"])
+def test_kept_products_are_found_by_their_factors_bits(op):
+    a, b = torch.randn(64, 32), torch.randn(32, 64)  # matmul: 64 per compared element
+    product = getattr(products, op)
+    first = product(a, b)
+    assert product(a.clone(), b.clone()) is first
     b.data[0, 0] = torch.nextafter(b[0, 0], torch.tensor(float("inf")))  # one ulp
-    second = products.product(torch.matmul, a, b, cost=10**6)
+    second = product(a, b)
     assert second is not first
-    torch.testing.assert_close(second, a @ b, rtol=0, atol=0)
-    c = torch.randn(8, 50, requires_grad=True)
-    assert products.product(torch.matmul, c, b, cost=10**6).requires_grad  # never kept
+    torch.testing.assert_close(second, a @ b if op == "matmul" else a * b.T, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["matmul", "join"])
+def test_a_kept_product_has_the_gradients_of_a_fresh_one(op):
+    """Factors that require grad get the kept value through a node whose backward is the
+    product's own: first and second derivatives as the plain product's (float64 finite
+    differences), and the kept value is never the tensor handed out."""
+    shapes = [(32, 2), (2, 32)] if op == "matmul" else [(6, 5), (5, 6)]  # matmul: 16 per element
+    a, b = (torch.randn(shape, dtype=DOUBLE, requires_grad=True) for shape in shapes)
+    product = getattr(products, op)
+    product(a, b)  # kept
+    assert len(products._kept) == (1 if op == "matmul" else int(products._MEMCMP is not None))
+    out = product(a, b)
+    assert out.grad_fn is not None and all(out is not k.result for k in products._kept)
+    assert torch.autograd.gradcheck(product, (a, b))
+    assert torch.autograd.gradgradcheck(product, (a, b))
+
+
+@pytest.mark.parametrize("how", ["optimizer step", "through .data"])
+def test_trained_weights_are_never_served_from_a_kept_product(how):
+    """In training (weights require grad), the product of the first and last weights is kept
+    between steps; a step that changes them in place must not reuse it, and the parameter
+    gradients after it are those of a plan made afresh."""
+    net, x = mlp(), torch.randn(200, 6, dtype=DOUBLE)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(2):  # the product is kept at the first call, reused at the second
+        loss = torchdiv.divergence(net, x).square().mean()
+    assert products._kept
+    loss.backward()
+    if how == "optimizer step":
+        optimizer.step()
+    else:  # the version counter does not move
+        net[0].weight.data.mul_(1.5)
+    value = torchdiv.divergence(net, x)
+    weights = [p for p in net.parameters() if p is not net[4].bias]  # the divergence's own
+    grads = torch.autograd.grad(value.square().mean(), weights)
+    jacobians = torch.func.vmap(torch.func.jacrev(lambda z: net(z[None])[0]))(x)
+    expected = jacobians.diagonal(dim1=1, dim2=2).sum(-1)  # torch.func: no kept product
+    expected_grads = torch.autograd.grad(expected.square().mean(), weights)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def _reference_divergence(f, x):
+    jacobians = torch.func.vmap(torch.func.jacrev(lambda z: f(z[None])[0]))(x)
+    return jacobians.diagonal(dim1=1, dim2=2).sum(-1)
+
+
+def test_a_chain_followed_along_kept_routes_reads_each_calls_values():
+    """The chain's routes (which call gives which factor, which sums give which signs) are
+    kept with the template; each call makes the factors and the signs from its own values: a
+    sum's ``alpha``, a time concatenated to the input, an index that permutes features."""
+    torch.manual_seed(0)
+    net = mlp(7, 16)
+    inner = nn.Linear(6, 6).double()
+    state = {"alpha": 0.5, "t": torch.zeros(1, 1, dtype=DOUBLE), "order": torch.arange(6)}
+
+    def f(x):
+        t = state["t"].expand(x.shape[0], 1)
+        h = net(torch.cat([x, t], 1))[:, :6].index_select(1, state["order"])
+        return torch.sub(h, torch.tanh(inner(x)), alpha=state["alpha"])
+
+    x = torch.randn(100, 6, dtype=DOUBLE)
+    for alpha, t in [(0.5, 0.0), (-2.0, 1.5), (3.0, -1.0)]:
+        state["alpha"], state["t"] = alpha, torch.full((1, 1), t, dtype=DOUBLE)
+        state["order"] = torch.randperm(6)
+        value = torchdiv.divergence(f, x, method="structured")
+        torch.testing.assert_close(value, _reference_divergence(f, x))
+    (template,) = (entry[1] for entry in cache.RECORDINGS._entries.values())
+    assert "chain" in template.derived  # followed, not walked, at the later calls

@@ -79,7 +79,7 @@ def plan(
             ops = ", ".join(sorted(set(graph.unsupported)))
             raise UnsupportedOp(f"{ops} applied to a tensor that depends on x")
         kept = values(graph, x)
-        chain = factors.paths(graph, kept, x, n_samples)
+        chain = _chain(graph, kept, x, n_samples)
         if chain is not None and share.index > 0:  # a few forward passes: the first share's
             return x.new_zeros(n_samples), _output(graph, kept, x)
         if chain is not None:
@@ -107,14 +107,32 @@ def describe(f: Function, x: torch.Tensor, batch_dims: int = 1) -> str:
     if graph.unsupported:
         return f"generic engines: no rule for {', '.join(sorted(set(graph.unsupported)))}"
     kept = values(graph, x)
-    chain = factors.paths(graph, kept, x, x.shape[:batch_dims].numel())
-    if chain is not None:
-        return f"chain: {len(chain)} path{'s' * (len(chain) != 1)}"
+    found = factors.paths(graph, kept, x, x.shape[:batch_dims].numel())
+    if found is not None:
+        return f"chain: {len(found[0])} path{'s' * (len(found[0]) != 1)}"
     n = math.prod(x.shape[batch_dims:])
     coloring = colors.colors(graph, kept, x, batch_dims)
     if coloring is None:
         return f"columns: {n} unit vectors"
     return f"colours: {int(coloring.max()) + 1} directions for {n} unit vectors"
+
+
+def _chain(
+    graph: Graph, kept: list[list[Any]], x: torch.Tensor, n_samples: int
+) -> list[factors.Path] | None:
+    """``factors.paths``, along the routes kept with the graph's template when it has them
+    (the walk is done once per structure; the factors are made from this call's values)."""
+    routes = None if graph.template is None else graph.template.derived.get("chain")
+    if routes is not None:
+        chain = factors.followed(routes, graph, kept, x, n_samples)
+        if chain is not None:
+            return chain
+    found = factors.paths(graph, kept, x, n_samples)
+    if found is None:
+        return None
+    if graph.template is not None:
+        graph.template.derived["chain"] = found[1]
+    return found[0]
 
 
 def _output(graph: Graph, kept: list[list[Any]], x: torch.Tensor) -> torch.Tensor:

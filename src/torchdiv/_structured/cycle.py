@@ -75,8 +75,7 @@ def _join(first: Factor, then: Factor) -> Factor | None:
         largest = max(then.matrix.numel(), first.matrix.numel(), JOIN_ELEMENTS)
         if rows * cols > largest:
             return None
-        cost = rows * cols * first.matrix.shape[0]
-        return Shared(products.product(torch.matmul, then.matrix, first.matrix, cost))
+        return Shared(products.matmul(then.matrix, first.matrix))
     if isinstance(first, Diagonal) and isinstance(then, Diagonal):
         return Diagonal(first.scale * then.scale)
     if isinstance(first, Shared) and isinstance(then, Diagonal) and then.shared:
@@ -132,7 +131,7 @@ def _cycle_trace(cycle: list[Factor], chunk: int | None) -> Tensor:
     if len(shared) == 1:
         return (scales[0] * shared[0].diagonal()).sum(-1)
     if len(shared) == 2:
-        joined = shared[1] * shared[0].T  # elementwise: cheaper than comparing kept factors
+        joined = products.join(shared[1], shared[0])  # shared[1] o shared[0]^T
         return ((scales[1] @ joined) * scales[0]).sum(-1)
     _, best = _rotation(shared)
     return _opened(shared[best:] + shared[:best], scales[best:] + scales[:best], chunk)

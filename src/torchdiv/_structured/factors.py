@@ -17,6 +17,10 @@ over the paths ``p`` from ``x`` to ``f(x)`` (a sum node forks two paths), each f
 ``torchdiv._structured.cycle`` takes traces of such products. Anything else (a convolution,
 a product of two tensors that both depend on ``x``, a normalisation) is not a factor:
 ``paths`` then returns ``None`` and the caller propagates Jacobian columns instead.
+
+Which call gives which factor, and which sums give which signs, depends on the graph's
+structure alone: ``paths`` also returns these ``Route``s, and ``followed`` makes the factors of
+a graph of the same structure (a later call of ``f``) along them, without walking the graph.
 """
 
 from __future__ import annotations
@@ -94,9 +98,22 @@ class Path:
     factors: tuple[Factor, ...]
 
 
-def paths(graph: Graph, values: list[list[Any]], x: Tensor, n_samples: int) -> list[Path] | None:
-    """The paths of ``graph``'s output (``values``: every node's outputs), or ``None`` if some
-    op on the way is not a factor or there are more than ``MAX_PATHS``."""
+@dataclass(frozen=True)
+class Route:
+    """How a path was found, from the graph's structure alone: the sum nodes whose second
+    operand it takes (its coefficient is the product of their signs) and the calls that give
+    its factors, ``(output, source)``, with how many factors each gave."""
+
+    signs: tuple[int, ...]
+    steps: tuple[tuple[Ref, Ref], ...]
+    counts: tuple[int, ...]
+
+
+def paths(
+    graph: Graph, values: list[list[Any]], x: Tensor, n_samples: int
+) -> tuple[list[Path], list[Route]] | None:
+    """The paths of ``graph``'s output (``values``: every node's outputs) and their routes,
+    or ``None`` if some op on the way is not a factor or there are more than ``MAX_PATHS``."""
     if not isinstance(graph.output, Ref) or n_samples == 0:
         return None
     walker = _Walker(graph, values, x, n_samples)
@@ -104,13 +121,41 @@ def paths(graph: Graph, values: list[list[Any]], x: Tensor, n_samples: int) -> l
         found = walker.memo[ref] = walker.walk(ref)
         if found is None:  # the output depends on it
             return None
-    return walker.memo[graph.output]
+    found = walker.memo[graph.output]
+    return None if found is None else (found, walker.routes[graph.output])
+
+
+def followed(
+    routes: list[Route], graph: Graph, values: list[list[Any]], x: Tensor, n_samples: int
+) -> list[Path] | None:
+    """The paths along ``routes`` found by ``paths`` on a graph of the same structure (a
+    recording checked against the same template), with this graph's values: the factors of
+    the same calls, without the walk; ``None`` if a call no longer gives the factors it gave
+    (an index map that reads index values), and the caller walks again."""
+    walker = _Walker(graph, values, x, n_samples)
+    made: dict[Ref, tuple[Factor, ...] | None] = {}
+    found = []
+    for route in routes:
+        coefficient = 1.0
+        for node in route.signs:
+            coefficient *= walker.sign(graph.nodes[node])
+        factors: list[Factor] = []
+        for (out, source), count in zip(route.steps, route.counts, strict=True):
+            if out not in made:
+                made[out] = walker.factors(graph.nodes[out.node], out, source)
+            step = made[out]
+            if step is None or len(step) != count:
+                return None
+            factors += step
+        found.append(Path(coefficient, tuple(factors)))
+    return found
 
 
 class _Walker:
     def __init__(self, graph: Graph, values: list[list[Any]], x: Tensor, n_samples: int):
         self.graph, self.values, self.x, self.n = graph, values, x, n_samples
         self.memo: dict[Ref, list[Path] | None] = {Ref(-1): [Path(1.0, ())]}
+        self.routes: dict[Ref, list[Route]] = {Ref(-1): [Route((), (), ())]}
 
     def ancestors(self, output: Ref) -> list[Ref]:
         """The outputs of recorded calls that ``output`` depends on, itself included, sorted
@@ -140,33 +185,46 @@ class _Walker:
         if len(self.values[ref.node]) != 1 or not _per_sample(self.value(ref), self.n):
             return None
         if node.func in _SUMS and len(inputs) == 2 and len(node.args) == 2:
-            return self._sum(node)
+            return self._sum(node, ref)
         if len(inputs) != 1:
             return None
         (source,) = inputs
         inner = self.memo[source]
         if inner is None:
             return None
-        try:
-            factors = self._factors(node, ref, source)
-        except (RuntimeError, TypeError):  # a rule or an index map that does not apply here
-            return None
+        factors = self.factors(node, ref, source)
         if factors is None:
             return None
+        self.routes[ref] = [
+            Route(r.signs, (*r.steps, (ref, source)), (*r.counts, len(factors)))
+            for r in self.routes[source]
+        ]
         return [Path(p.coefficient, (*p.factors, *factors)) for p in inner]
 
-    def _sum(self, node: Node) -> list[Path] | None:
+    def sign(self, node: Node) -> float:
+        """The coefficient a sum node gives its second operand."""
+        return _SUMS[node.func] * node.kwargs.get("alpha", 1.0)
+
+    def _sum(self, node: Node, ref: Ref) -> list[Path] | None:
         a, b = node.args
-        sign = _SUMS[node.func] * node.kwargs.get("alpha", 1.0)
         if self.value(a).shape != self.value(b).shape:  # one side broadcast: not elementwise
             return None
         left, right = self.memo[a], self.memo[b]
         if left is None or right is None or len(left) + len(right) > MAX_PATHS:
             return None
+        sign = self.sign(node)
+        second = [Route((*r.signs, ref.node), r.steps, r.counts) for r in self.routes[b]]
+        self.routes[ref] = [*self.routes[a], *second]
         return [*left, *(Path(sign * p.coefficient, p.factors) for p in right)]
 
+    def factors(self, node: Node, out: Ref, source: Ref) -> tuple[Factor, ...] | None:
+        """The factors ``node`` contributes (none for an identity), or ``None``."""
+        try:
+            return self._factors(node, out, source)
+        except (RuntimeError, TypeError):  # a rule or an index map that does not apply here
+            return None
+
     def _factors(self, node: Node, out: Ref, source: Ref) -> tuple[Factor, ...] | None:
-        """The factor ``node`` contributes (none for an identity), or ``None``."""
         a, y = self.value(source), self.value(out)
         if not _per_sample(a, self.n):
             return None

@@ -21,7 +21,8 @@ What a template certifies is what ``capture``'s analysis derived from structure 
 unsupported op, no writes or random draws (graphs with those are never kept), and no mixing of
 samples (``torchdiv._mixing`` follows shapes and op arguments, all part of the template; whether
 mixing detection is on is part of the key). Planning on values (chains, colours) is done again
-on every call.
+on every call; what a planner derives from the structure alone may be kept with the template
+(``Template.derived``).
 
 ``PlanCache`` is the store: least recently used entries beyond ``size`` are dropped, entries
 are looked up by a *site* (what ``f`` is: the module, or a function's code object) and a key
@@ -35,7 +36,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Container, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -81,17 +82,21 @@ class _Call:
     func: Any
     pattern: tuple[Any, ...]  # the arguments' leaves: Ref, Outside, VALUE or the value itself
     depends: bool
+    value_free: bool  # func in mixing.VALUE_FREE (read once, not at every check)
 
 
 @dataclass(frozen=True)
 class Template:
-    """The structure of a recorded ``Graph``: no tensors (nothing kept alive)."""
+    """The structure of a recorded ``Graph``: no tensors (nothing kept alive). ``derived``
+    keeps what a planner made from the structure alone (``torchdiv._structured``'s chain
+    routes), by the planner's name, for the graphs checked against it (``Graph.template``)."""
 
     calls: tuple[_Call, ...]
     output: Ref
     output_shape: tuple[int, ...]
     widest: int
     work: tuple[int, int, int]  # the graph's dependent calls, elements and products
+    derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 class Opaque:
@@ -116,8 +121,14 @@ def _pattern(leaf: Any) -> Any:
 def _same(want: Any, have: Any) -> bool:
     """Whether an argument ``have`` of this evaluation (a tensor of ``f``'s as its ``Ref``)
     fits the template's ``want``."""
-    if isinstance(want, Outside):
-        return isinstance(have, torch.Tensor) and _pattern(have) == want
+    if isinstance(want, Outside):  # field by field: no Outside made at every check
+        return (
+            isinstance(have, torch.Tensor)
+            and have.shape == want.shape
+            and have.dtype == want.dtype
+            and have.device == want.device
+            and have.requires_grad == want.requires_grad
+        )
     if want is VALUE:
         return type(have) is float or type(have) is complex
     return type(want) is type(have) and bool(want == have)  # want is plain (no OPAQUE)
@@ -131,8 +142,15 @@ def template(graph: Graph) -> Template | None:
         return None
     if any(node.kept is not None for node in graph.nodes) or not isinstance(graph.output, Ref):
         return None
+    if any(_changes_state(n.func, n.args, n.kwargs) for n in graph.nodes):  # (checks rely on it)
+        return None
     calls = tuple(
-        _Call(n.func, tuple(map(_pattern, leaves((n.args, n.kwargs)))), n.depends)
+        _Call(
+            n.func,
+            tuple(map(_pattern, leaves((n.args, n.kwargs)))),
+            n.depends,
+            n.func in _mixing.VALUE_FREE,
+        )
         for n in graph.nodes
     )
     if any(p is OPAQUE for call in calls for p in call.pattern):
@@ -227,6 +245,7 @@ def recorded(
     kept = None if where is None else template(graph)
     if kept is not None:
         RECORDINGS.put(where, k, kept)
+        graph.template = kept
     return graph
 
 
@@ -251,6 +270,7 @@ def checked(found: Template, f: Function, x: torch.Tensor, rules: Container[Any]
             requires_grad=outer_grad and y.requires_grad,
             output_shape=found.output_shape,
             values=checker.values,
+            template=found,
         )
     checker.undo()
     return None
@@ -296,18 +316,22 @@ class _Checker(TorchDispatchMode):
             return self._unwatched(func, args, kwargs)
         pattern = tuple(map(self.ref, leaves((args, kwargs))))
         touches = any(isinstance(a, Ref) and self.dependent(a) for a in pattern)
-        depends = touches and func not in _mixing.VALUE_FREE and torch.is_grad_enabled()
-        if depends and func not in self.rules and func in _DECOMPOSITIONS:
-            with self:
-                return _DECOMPOSITIONS[func](*args, **kwargs)
-        call = self._expected(func, pattern, touches, args, kwargs)
-        if call is None:
+        calls = self.found.calls
+        call = calls[self.i] if self.i < len(calls) else None
+        if call is None or call.func is not func:  # as capture, a decomposed op; or another
+            depends = touches and func not in _mixing.VALUE_FREE and torch.is_grad_enabled()
+            if depends and func not in self.rules and func in _DECOMPOSITIONS:
+                with self:
+                    return _DECOMPOSITIONS[func](*args, **kwargs)
+            self.same = False
+            return self._unwatched(func, args, kwargs)
+        if not self._same_call(call, pattern, touches):
             self.same = False
             return self._unwatched(func, args, kwargs)
         out = func(*args, **kwargs)
-        outs = leaves(out)
+        outs = [out] if isinstance(out, torch.Tensor) else leaves(out)
         # as capture: results without derivatives (indices) are constants
-        depends = depends and any(
+        depends = (touches and not call.value_free and torch.is_grad_enabled()) and any(
             isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in outs
         )
         self.same = depends == call.depends
@@ -322,22 +346,18 @@ class _Checker(TorchDispatchMode):
         self.i += 1
         return out
 
-    def _expected(
-        self, func: Any, pattern: tuple[Any, ...], touches: bool, args: Any, kwargs: Any
-    ) -> _Call | None:
-        """The template's call if this one is the same, before running it, else ``None``."""
-        if self.i >= len(self.found.calls) or _changes_state(func, args, kwargs):
-            return None
-        call = self.found.calls[self.i]
-        if call.func is not func or len(call.pattern) != len(pattern):
-            return None
+    def _same_call(self, call: _Call, pattern: tuple[Any, ...], touches: bool) -> bool:
+        """Whether this call of ``call.func`` is the template's, before running it. (No
+        template holds a call that writes or draws random numbers, and a batch norm's training
+        flag is part of its pattern: a call that matches changes no state.)"""
+        if len(call.pattern) != len(pattern):
+            return False
         if torch._C._current_graph_task_id() != self.task:  # a backward pass inside f
-            return None
+            return False
         custom = touches and not torch.is_grad_enabled() and not torch._C._is_fwd_grad_enabled()
         if custom and not torch.is_inference_mode_enabled():  # an autograd.Function's forward
-            return None
-        same = all(map(_same, call.pattern, pattern))
-        return call if same else None
+            return False
+        return all(map(_same, call.pattern, pattern))
 
     def _unwatched(self, func: Any, args: Any, kwargs: Any) -> Any:
         """After the first difference: run the call, keeping what it changes for ``undo``."""

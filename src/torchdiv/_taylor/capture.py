@@ -80,6 +80,9 @@ class Graph:
     rng: list[tuple[Callable[[Any], None], Any]] = field(default_factory=list)
     # what every replay needs to know about the nodes (``propagate.Plan``), made on first use
     plan: Any = field(default=None, repr=False, compare=False)
+    # the ``cache.Template`` this graph was checked against or kept as (plans made from the
+    # structure alone are kept with it); None if it is not kept
+    template: Any = field(default=None, repr=False, compare=False)
 
     def undo(self) -> None:
         """Put back what recording ``f`` changed outside it (buffers it updated in place, the
