@@ -108,7 +108,7 @@ def jacobian(
         True
     """
     g = _prepare("jacobian", f, x, batch_dims, method, chunk_size, square=False)
-    jac, y_shape = _exact.evaluate(g, x, batch_dims, method, chunk_size, _exact.dense)
+    jac, y_shape = _exact.jacobian(g, x, batch_dims, method, chunk_size, where=site(f))
     shape = x.shape[:batch_dims] + y_shape[batch_dims:] + x.shape[batch_dims:]
     return jac.reshape(shape).to(x.dtype)
 

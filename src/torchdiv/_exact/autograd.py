@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from torchdiv._core import mixing as _mixing
 from torchdiv._core.basis import as_blocks, basis
 from torchdiv._core.checks import event_numel
 from torchdiv._core.ddp import Peers
@@ -171,6 +172,19 @@ class GraphJacobian:
         """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``."""
         out = self.apply(basis(start, stop, self.y, self.batch_dims))
         return as_blocks(out, self.batch_dims)
+
+
+def unwatched(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+) -> GraphJacobian:
+    """The plain-autograd engine of ``f`` at ``x`` with no dispatch mode watching ``f`` (that
+    would cost about 10 us an op): its graph is checked for the sample mixing that shows
+    there (``_mixing.check_graph``: a train-mode batch norm; for an empty event, one signed
+    VJP). For one-product estimates and tiny exact problems, where the watch would be a large
+    part of the cost."""
+    engine = GraphJacobian.of_function(f, x, batch_dims)
+    _mixing.check_graph(None, engine.y, engine.x, batch_dims, empty_event=x.dim() == batch_dims)
+    return engine
 
 
 class RerunJacobian(GraphJacobian):
