@@ -81,7 +81,10 @@ def jacobian(
     last call at the same site (``where``, as ``torchdiv._taylor.cache.site`` names it) and
     key tells it beforehand, so that tiny square problems go by plain autograd rows
     (``_plain_first``). A wrong guess costs time, never correctness: rows are exact whatever
-    the output's size."""
+    the output's size. Not kept inside a compiled region, where plain autograd is not
+    taken."""
+    if torch.compiler.is_compiling():
+        return evaluate(f, x, batch_dims, method, chunk_size, dense)
     k = key(x, batch_dims)
     square = where is not None and bool(_SQUARE.get(where, k))
     jac, y_shape = evaluate(f, x, batch_dims, method, chunk_size, dense, square=square)
