@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tanh_mlp
+from conftest import (
+    assert_close,
+    central_difference,
+    directional_gradient,
+    reference_diagonal,
+    reference_divergence,
+    reference_jacobian,
+    shifted,
+    tanh_mlp,
+)
 
+import torchdiv
 from torchdiv._exact import plan as _plan
+from torchdiv._exact.autograd import LOOP_ROWS, GraphJacobian
 from torchdiv._exact.dispatch import evaluate
 from torchdiv._exact.forward import ForwardJacobian
 from torchdiv._exact.reverse import ReverseJacobian
@@ -85,3 +96,48 @@ def test_conv_net_with_fused_attention_uses_reverse_mode():
     assert sizes.convolves and not sizes.forward_rules
     engine, _ = _planned(f, x, batch_dims=1)
     assert isinstance(engine, ReverseJacobian)
+
+
+def test_tiny_square_problems_take_plain_autograd_unwatched(monkeypatch):
+    monkeypatch.setattr(_plan.OpSizes, "__enter__", lambda self: pytest.fail("watched"))
+    net = tanh_mlp(2, 8, 2)
+    (engine, chunk), _ = evaluate(
+        net, torch.randn(64, 2).double(), 1, "auto", None, lambda e, c: (e, c), square=True
+    )
+    assert type(engine) is GraphJacobian and chunk == 2
+
+
+@pytest.mark.parametrize("d", [LOOP_ROWS, LOOP_ROWS + 1])  # one pass per row; batched
+def test_tiny_divergence_and_its_parameter_gradients_by_plain_autograd(d):
+    """Values and parameter gradients against jacrev and float64 finite differences."""
+    net = tanh_mlp(d, 8, d)
+    x = torch.randn(16, d, dtype=torch.float64)
+    div = torchdiv.divergence(net, x)
+    assert div.requires_grad  # parameters require grad: a graph for the training loss
+    assert_close(div, reference_divergence(net, x))
+    assert_close(torchdiv.jacobian_diagonal(net, x), reference_diagonal(net, x))
+    params = list(net.parameters())
+    directions = [torch.randn_like(p) for p in params]
+    analytic = directional_gradient(div, params, directions)
+
+    def moved(t):
+        with shifted(params, directions, t), torch.no_grad():
+            return reference_divergence(net, x).sum()
+
+    numeric = central_difference(moved).item()
+    assert abs(analytic - numeric) <= 1e-8 * max(1.0, abs(numeric))
+
+
+def test_jacobian_remembers_a_square_output_and_survives_a_stale_guess(monkeypatch):
+    scale = {"wide": False}
+
+    def f(x):  # the same code object (site) with an output that changes size
+        return torch.cat([x.sin(), x.cos()], -1) if scale["wide"] else x.sin()
+
+    x = torch.randn(8, 2, dtype=torch.float64)
+    assert_close(torchdiv.jacobian(f, x), reference_jacobian(f, x))
+    # from the second call on, plain autograd rows: torch.func's engines are not built
+    monkeypatch.setattr(ReverseJacobian, "__init__", lambda *a: pytest.fail("reverse mode"))
+    assert_close(torchdiv.jacobian(f, x), reference_jacobian(f, x))
+    scale["wide"] = True  # a stale guess: rows of a larger output, still exact
+    assert_close(torchdiv.jacobian(f, x), reference_jacobian(f, x))

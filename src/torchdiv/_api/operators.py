@@ -108,7 +108,7 @@ def jacobian(
         True
     """
     g = _prepare("jacobian", f, x, batch_dims, method, chunk_size, square=False)
-    jac, y_shape = _exact.evaluate(g, x, batch_dims, method, chunk_size, _exact.dense)
+    jac, y_shape = _exact.jacobian(g, x, batch_dims, method, chunk_size, where=site(f))
     shape = x.shape[:batch_dims] + y_shape[batch_dims:] + x.shape[batch_dims:]
     return jac.reshape(shape).to(x.dtype)
 
@@ -226,11 +226,14 @@ def divergence(
     mode is used unless the output has more elements than the input or ``f`` convolves,
     which use forward mode. With ``chunk_size=None`` the chunk is chosen so that chunk x
     (widest per-batch intermediate) is about 2M elements. Tiny problems (basis vectors x
-    elements of ``x`` at most ``2**15``) are not watched: reverse mode (forward if the output
-    is larger), one chunk. If ``torch.func`` cannot run ``f`` (an op without a forward-mode
-    rule: a custom ``autograd.Function`` without ``jvp``, CPU fused attention; a legacy
-    ``autograd.Function``; in-place writes or control flow on batched tangents) it silently
-    uses plain autograd (``autograd.grad`` over batched VJPs), with the same chunking.
+    elements of ``x`` at most ``2**15``) are not watched and go in one chunk: plain
+    ``autograd.grad`` rows for divergences and diagonals (and Jacobians whose output was
+    square at the last call; ``torch.func``'s wrapping costs more than the computation
+    there), else reverse mode (forward if the output is larger). If ``torch.func`` cannot
+    run ``f`` (an op without a forward-mode rule: a custom ``autograd.Function`` without
+    ``jvp``, CPU fused attention; a legacy ``autograd.Function``; in-place writes or control
+    flow on batched tangents) it silently uses plain autograd (``autograd.grad`` over batched
+    VJPs), with the same chunking.
 
     ``"hutchinson"``, ``"hutch++"`` and ``"xtrace"`` are unbiased estimates from
     ``num_probes`` Jacobian-vector products per sample (required; a multiple of 3 for

@@ -272,7 +272,7 @@ class Peers:
 
 def used(out: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     """``out``, with a zero gradient edge to each of ``params`` its graph does not reach."""
-    if not out.requires_grad or out.grad_fn is None:
+    if not params or not out.requires_grad or out.grad_fn is None:
         return out
     reached = {id(node.variable) for node in nodes(out.grad_fn) if hasattr(node, "variable")}
     unreached = [p for p in params if id(p) not in reached]

@@ -13,14 +13,13 @@ from collections.abc import Callable
 
 import torch
 
-from torchdiv._core import mixing as _mixing
 from torchdiv._core.checks import event_numel
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.probes import draw
 from torchdiv._estimators.registry import Matmat
 from torchdiv._estimators.result import Estimate
 from torchdiv._exact import dispatch as _exact
-from torchdiv._exact.autograd import GraphJacobian
+from torchdiv._exact.autograd import GraphJacobian, unwatched
 
 
 def jacobian_matmat(engine: _exact.Engine) -> Matmat:
@@ -57,7 +56,7 @@ def trace_of_function(
     pass takes 0.30 ms, forward plus ``autograd.grad`` 0.72 ms).
     """
     if s.num_probes == 1:
-        value, stderr = _trace.summary(_one_probe(_unwatched(f, x, batch_dims), s)[None])
+        value, stderr = _trace.summary(_one_probe(unwatched(f, x, batch_dims), s)[None])
         return Estimate(value, stderr, 1)
 
     def consume(engine: _exact.Engine, chunk: int) -> Estimate:
@@ -81,7 +80,7 @@ def terms_of_function(
     (``torchdiv.flows``)."""
     batch = x.shape[:batch_dims]
     if s.num_probes == 1:
-        engine = _unwatched(f, x, batch_dims)
+        engine = unwatched(f, x, batch_dims)
         return _one_probe(engine, s)[None], _exact.output(engine)
 
     def consume(engine: _exact.Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,17 +88,6 @@ def terms_of_function(
 
     (flat, y), _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume, s.generator)
     return flat.reshape(len(flat), *batch).to(x.dtype), y
-
-
-def _unwatched(
-    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
-) -> GraphJacobian:
-    """The plain-autograd engine of a one-product estimate, whose ``f`` no dispatch mode
-    watches (that would cost 10 us an op): its graph is checked for what shows there
-    (``_mixing.check_graph``)."""
-    engine = GraphJacobian.of_function(f, x, batch_dims)
-    _mixing.check_graph(None, engine.y, engine.x, batch_dims, empty_event=x.dim() == batch_dims)
-    return engine
 
 
 def _one_probe(engine: GraphJacobian, s: _trace.Sampling) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from torchdiv._core import mixing as _mixing
 from torchdiv._core.basis import as_blocks, basis
 from torchdiv._core.checks import event_numel
 from torchdiv._core.ddp import Peers
@@ -104,6 +105,12 @@ def _custom_functions(y: torch.Tensor) -> list[Any]:
     ]
 
 
+# at most this many cotangents go by one backward pass each rather than one batched pass
+# (2-core CPU, D -> 64 -> 64 -> D tanh MLP, rows of a D = 2 event: 0.74-0.86x the time of the
+# batched pass at batch 256 and 4096; at D = 3-4 about even at batch 256)
+LOOP_ROWS = 2
+
+
 class GraphJacobian:
     """``U @ J`` for ``y`` computed from ``x``, by ``autograd.grad(..., is_grads_batched=True)``.
 
@@ -141,36 +148,64 @@ class GraphJacobian:
     def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
         """VJPs: ``(k,) + y.shape`` cotangents -> ``(k,) + x.shape`` products."""
         out = None
-        single = len(cotangents) == 1  # one probe: no batching (vmap) overhead
         watch = _DifferentiableBackwards(self._custom)
         if self.y.requires_grad:
-            try:
-                with self._peers.inner_backward(), watch:
-                    (out,) = torch.autograd.grad(
-                        self.y,
-                        self.x,
-                        cotangents[0] if single else cotangents,
-                        retain_graph=True,
-                        create_graph=self.create_graph,
-                        is_grads_batched=not single,
-                        allow_unused=True,
-                    )
-            except Exception as error:  # the same walk went through before: not the caller's
-                if self._walked and not isinstance(error, torch.cuda.OutOfMemoryError):
-                    raise GraphSpent(
-                        f"the graph of f(x) cannot be walked twice: {error}"
-                    ) from error
-                raise
-            self._walked = True
+            with self._peers.inner_backward(), watch:
+                out = self._vjps(cotangents)
         if out is None:  # y does not depend on x: the Jacobian is zero
             return self.x.new_zeros((cotangents.shape[0], *self.x.shape), dtype=self.y.dtype)
-        out = self._peers.attach(watch.guarded(out))
-        return out[None] if single else out
+        return self._peers.attach(watch.guarded(out))
+
+    def _vjps(self, cotangents: torch.Tensor) -> torch.Tensor | None:
+        """The products, ``None`` if ``y`` does not depend on ``x``: one backward pass per
+        cotangent when there are at most ``LOOP_ROWS`` (a probe, or the rows of a 2-D
+        event: ``is_grads_batched``'s legacy ``vmap`` costs more than a second pass there),
+        else one batched pass."""
+        if len(cotangents) > LOOP_ROWS:
+            return self._vjp(cotangents, batched=True)
+        products = []
+        for v in cotangents:
+            product = self._vjp(v, batched=False)
+            if product is None:
+                return None
+            products.append(product)
+        return products[0][None] if len(products) == 1 else torch.stack(products)
+
+    def _vjp(self, cotangents: torch.Tensor, batched: bool) -> torch.Tensor | None:
+        try:
+            (out,) = torch.autograd.grad(
+                self.y,
+                self.x,
+                cotangents,
+                retain_graph=True,
+                create_graph=self.create_graph,
+                is_grads_batched=batched,
+                allow_unused=True,
+            )
+        except Exception as error:  # the same walk went through before: not the caller's
+            if self._walked and not isinstance(error, torch.cuda.OutOfMemoryError):
+                raise GraphSpent(f"the graph of f(x) cannot be walked twice: {error}") from error
+            raise
+        self._walked = True
+        return out
 
     def block(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``."""
         out = self.apply(basis(start, stop, self.y, self.batch_dims))
         return as_blocks(out, self.batch_dims)
+
+
+def unwatched(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+) -> GraphJacobian:
+    """The plain-autograd engine of ``f`` at ``x`` with no dispatch mode watching ``f`` (that
+    would cost about 10 us an op): its graph is checked for the sample mixing that shows
+    there (``_mixing.check_graph``: a train-mode batch norm; for an empty event, one signed
+    VJP). For one-product estimates and tiny exact problems, where the watch would be a large
+    part of the cost."""
+    engine = GraphJacobian.of_function(f, x, batch_dims)
+    _mixing.check_graph(None, engine.y, engine.x, batch_dims, empty_event=x.dim() == batch_dims)
+    return engine
 
 
 class RerunJacobian(GraphJacobian):
