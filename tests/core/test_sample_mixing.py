@@ -155,6 +155,27 @@ def test_reductions_over_the_batch_are_errors(f, what, name: str) -> None:
         getattr(torchdiv, name)(f, x)
 
 
+@pytest.mark.parametrize("shape", [(256, 2), (8, 2), (4, 3), (256, 8)])
+@pytest.mark.parametrize("name", ["divergence", "jacobian_diagonal", "jacobian"])
+def test_tiny_problems_are_watched_on_each_new_function(shape, name: str) -> None:
+    """Below ``"auto"``'s planning size the first call of each ``f`` at a shape is watched
+    (it returned column sums: zeros for ``x - x.mean(0)``); later calls of an ``f`` that
+    passed are not, and stay right."""
+    x = torch.randn(*shape, dtype=f64)
+    call = getattr(torchdiv, name)
+    for mixing in (lambda x: x - x.mean(0), lambda x: x.tanh() * x.sum()):
+        for _ in range(2):
+            with pytest.raises(BatchInteractionError, match=rf"^{name}: f mixes samples"):
+                call(mixing, x)
+    net = _net(shape[1])
+    want = torch.func.vmap(torch.func.jacrev(net))(x)
+    if name != "jacobian":
+        want = want.diagonal(0, -2, -1)
+        want = want.sum(-1) if name == "divergence" else want
+    for _ in range(2):  # watched, then plain autograd
+        assert_close(call(net, x), want)
+
+
 def test_the_module_is_named() -> None:
     net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).to(f64)
     with pytest.raises(BatchInteractionError, match=r"in Linear, ATen op aten\.(add)?mm"):

@@ -68,10 +68,15 @@ def test_more_outputs_than_inputs_uses_forward_mode():
         assert isinstance(engine, ForwardJacobian) and 1 <= chunk <= 16
 
 
-def test_tiny_problems_are_not_watched_and_go_in_one_chunk(monkeypatch):
+def test_tiny_problems_are_watched_once_then_go_in_one_chunk(monkeypatch):
+    """The first call of each ``f`` object at a structure is watched for sample mixing."""
+    f, x = torch.nn.Tanh(), torch.randn(64, 16)  # 16k elements
+    _planned(f, x, batch_dims=1)
     monkeypatch.setattr(_plan.OpSizes, "__enter__", lambda self: pytest.fail("watched"))
-    engine, chunk = _planned(torch.tanh, torch.randn(64, 16), batch_dims=1)  # 16k elements
+    engine, chunk = _planned(f, x, batch_dims=1)
     assert isinstance(engine, ReverseJacobian) and chunk == 16
+    with pytest.raises(pytest.fail.Exception, match="watched"):
+        _planned(torch.nn.Tanh(), x, batch_dims=1)  # another object: watched
 
 
 def test_small_conv_nets_above_the_tiny_size_use_forward_mode():
@@ -98,12 +103,15 @@ def test_conv_net_with_fused_attention_uses_reverse_mode():
     assert isinstance(engine, ReverseJacobian)
 
 
-def test_tiny_square_problems_take_plain_autograd_unwatched(monkeypatch):
+def test_tiny_square_problems_take_plain_autograd_unwatched_after_a_watch(monkeypatch):
+    net, x = tanh_mlp(2, 8, 2), torch.randn(64, 2).double()
+
+    def run():
+        return evaluate(net, x, 1, "auto", None, lambda e, c: (e, c), square=True)[0]
+
+    assert type(run()[0]) is ReverseJacobian  # the first call: watched, torch.func
     monkeypatch.setattr(_plan.OpSizes, "__enter__", lambda self: pytest.fail("watched"))
-    net = tanh_mlp(2, 8, 2)
-    (engine, chunk), _ = evaluate(
-        net, torch.randn(64, 2).double(), 1, "auto", None, lambda e, c: (e, c), square=True
-    )
+    engine, chunk = run()
     assert type(engine) is GraphJacobian and chunk == 2
 
 

@@ -94,8 +94,9 @@ def jacobian(
         BatchInteractionError: (a ``ValueError``) ``f`` mixes samples where torchdiv sees it
             (train-mode batch norm, a product or reduction over a batch dimension, e.g. an
             unbatched ``x`` with ``batch_dims=1``); ``torchdiv.allow_batch_interaction()``
-            turns it off. Not checked by the explicit methods or on tiny ``"auto"`` problems
-            with an event (README, "How it works"); ``check_batch_independence`` tests any ``f``.
+            turns it off. Not checked by the explicit methods; tiny ``"auto"`` problems
+            watch the first call of each ``f`` object at a shape ("How it works");
+            ``check_batch_independence`` tests any ``f``.
         Exception: whatever ``f`` raises, same type, its message followed by the call's
             shapes, dtypes, method and engine and a hint (``raise ... from`` the original).
 
@@ -226,7 +227,8 @@ def divergence(
     mode is used unless the output has more elements than the input or ``f`` convolves,
     which use forward mode. With ``chunk_size=None`` the chunk is chosen so that chunk x
     (widest per-batch intermediate) is about 2M elements. Tiny problems (basis vectors x
-    elements of ``x`` at most ``2**15``) are not watched and go in one chunk: plain
+    elements of ``x`` at most ``2**15``) are not planned, watched only at the first call of
+    each ``f`` object at a shape (for sample mixing), and go in one chunk: plain
     ``autograd.grad`` rows for divergences and diagonals (and Jacobians whose output was
     square at the last call; ``torch.func``'s wrapping costs more than the computation
     there), else reverse mode (forward if the output is larger). If ``torch.func`` cannot

@@ -28,7 +28,7 @@ from torchdiv._exact.autograd import GraphJacobian, RerunJacobian, unwatched
 from torchdiv._exact.forward import ForwardJacobian
 from torchdiv._exact.reverse import ReverseJacobian
 from torchdiv._taylor.cache import PlanCache, key
-from torchdiv._taylor.mixing import recorded_mixing
+from torchdiv._taylor.mixing import passed, passed_before, recorded_mixing
 
 EXACT_METHODS = ("auto", "forward", "reverse")
 T = TypeVar("T")
@@ -242,14 +242,18 @@ def _engines(
 
     Reverse mode's evaluation of ``f`` plans (rules in ``_plan``): forward mode goes first
     for conv nets and for outputs larger than inputs, unless an op without a forward-mode
-    rule ran. Tiny problems are watched only when the event is empty, where any op but an
-    elementwise one mixes samples. Tiny ``square`` problems with an event start with plain
-    autograd (``_plain_first``). If ``torch.func`` cannot evaluate ``f``, the
-    plain-autograd engine's evaluation is watched instead.
+    rule ran. Tiny problems are not planned; they are watched for sample mixing until this
+    very ``f`` has passed a watch at the structure of ``x`` (``passed_before``), and always
+    when the event is empty, where any op but an elementwise one mixes samples. Tiny
+    ``square`` problems that passed start with plain autograd (``_plain_first``). If
+    ``torch.func`` cannot evaluate ``f``, the plain-autograd engine's evaluation is watched
+    instead.
     """
     num_inputs = event_numel(x, batch_dims)
     tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
-    if square and tiny and x.dim() > batch_dims and not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    seen = tiny and not compiling and passed_before(f, x, batch_dims)
+    if square and seen and x.dim() > batch_dims:
         return _plain_first(f, x, batch_dims)
     changes = _state.Changes(x)
     again = changes.again(f)
@@ -259,12 +263,14 @@ def _engines(
         return RerunJacobian(again, x, batch_dims), planned[-1]
 
     try:
-        watch = not torch.compiler.is_compiling() and (
-            not tiny or (x.dim() == batch_dims and not _mixing.allowed())
+        watch = not compiling and (
+            not tiny or not (seen and (x.dim() > batch_dims or _mixing.allowed()))
         )
         reverse, sizes = _watched(
             lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch, changes
         )
+        if tiny and watch:
+            passed(f, x, batch_dims)
     except Exception as error:
         if not _cannot_run(error):
             raise
@@ -274,6 +280,8 @@ def _engines(
 
         def graph() -> tuple[Engine, _plan.OpSizes]:
             built = _watched(lambda: GraphJacobian.of_function(again, x, batch_dims), x, batch_dims)
+            if tiny:
+                passed(f, x, batch_dims)
             planned.append(built[1])
             return built
 

@@ -1,13 +1,18 @@
-"""Recording ``f`` once to find where it mixes samples, for errors that do not say so."""
+"""Sample mixing at the ``torchdiv._taylor`` level: recording ``f`` once to find where it mixes
+samples (for errors that do not say so), and the objects ``f`` already watched at a structure
+(``passed_before``), whose later calls the small engines need not watch again."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Hashable
 from typing import Any
 
 import torch
 
 from torchdiv._core.mixing import BatchInteractionError, allowed, unnamed
 from torchdiv._taylor import RULES, capture
+from torchdiv._taylor.cache import PlanCache, key
 
 
 def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
@@ -23,3 +28,42 @@ def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
     except Exception:  # f fails otherwise: the original error stands
         return None
     return None
+
+
+# the objects f (not their code: a lambda made anew is another object, watched again) whose
+# evaluation at a structure (``_structure``) was watched without mixing samples
+_PASSED = PlanCache(256)
+
+
+def passed_before(f: Any, x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether this very ``f`` passed a watch for sample mixing at the structure of ``x``
+    (``passed``): it then makes the same calls on the same shapes, unless its code branches on
+    state outside the structure; the one such state that turns mixing on in practice, a batch
+    norm switched to train mode in a submodule, shows in the autograd graph of every call
+    (``torchdiv._core.mixing.check_graph``). With detection off (``allowed``), always true.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> x = torch.randn(4, 2)
+        >>> passed_before(net, x, 1)
+        False
+        >>> passed(net, x, 1)
+        >>> passed_before(net, x, 1), passed_before(net, x[:3], 1)
+        (True, False)
+    """
+    return allowed() or bool(_PASSED.get(*_structure(f, x, batch_dims)))
+
+
+def passed(f: Any, x: torch.Tensor, batch_dims: int) -> None:
+    """``f`` was watched at the structure of ``x`` and did not mix samples."""
+    _PASSED.put(*_structure(f, x, batch_dims), True)
+
+
+def _structure(f: Any, x: torch.Tensor, batch_dims: int) -> tuple[Any, Hashable]:
+    """``f`` itself (unwrapped) and a key: ``cache.key`` of ``x``, and for a module its train
+    mode and which parameters require grad."""
+    inner = inspect.unwrap(f)
+    modes: tuple[Any, ...] = ()
+    if isinstance(inner, torch.nn.Module):
+        modes = (inner.training, tuple(p.requires_grad for p in inner.parameters()))
+    return inner, (*modes, key(x, batch_dims))
