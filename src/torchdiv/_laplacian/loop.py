@@ -18,26 +18,34 @@ linear-algebra ops it gets wrong only through forward mode are left alone.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
 from torchdiv._core.checks import event_numel
+from torchdiv._core.mixing import check_graph, watched
 from torchdiv._core.modes import SafeDerivatives, math_attention
 from torchdiv._exact.autograd import _depends_on_other_leaves
 
 Function = Callable[[torch.Tensor], torch.Tensor]
+Check = Literal["watch", "graph"] | None  # how the loop checks f for sample mixing
 
 
-def grad_of_grad(f: Function, x: torch.Tensor, batch_dims: int) -> torch.Tensor:
+def grad_of_grad(
+    f: Function, x: torch.Tensor, batch_dims: int, check: Check = None
+) -> torch.Tensor:
     """Every sample's Laplacian of every output component, shape ``f(x).shape``."""
-    return value_grad_laplacian(f, x, batch_dims)[2]
+    return value_grad_laplacian(f, x, batch_dims, check)[2]
 
 
 def value_grad_laplacian(
-    f: Function, x: torch.Tensor, batch_dims: int
+    f: Function, x: torch.Tensor, batch_dims: int, check: Check = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``f(x)``, every sample's Jacobian ``(N, m, n)`` (the loop's first level) and Laplacian
-    (shape ``f(x).shape``).
+    (shape ``f(x).shape``). The loop's one evaluation of ``f`` is checked for sample mixing
+    (``BatchInteractionError``) as ``check`` says: ``"watch"``, watched op by op
+    (``torchdiv._core.mixing.watched``); ``"graph"``, its autograd graph searched for a
+    train-mode batch norm (``torchdiv._core.mixing.check_graph``); ``None``, not at all.
 
     They keep a graph exactly when the caller has grad mode on and ``f(x)`` depends on
     something that requires grad (``x`` itself, parameters, closed-over tensors).
@@ -46,7 +54,9 @@ def value_grad_laplacian(
     with torch.enable_grad():
         with math_attention(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
             x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
-            y = f(x_in)
+            y = watched(f, x_in, batch_dims) if check == "watch" else f(x_in)
+        if check == "graph":
+            check_graph(None, y, x_in, batch_dims, empty_event=x.dim() == batch_dims)
         create_graph = outer and _depends_on_other_leaves(y, x_in)
         jacobian, laplacian = _loop(y, x_in, batch_dims, create_graph)
     if not create_graph:
