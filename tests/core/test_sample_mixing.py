@@ -422,3 +422,42 @@ def test_a_remembered_loop_still_watches_for_mixing() -> None:
         getattr(torchdiv, name)(make(False), x)  # remembered: loop
         with pytest.raises(BatchInteractionError, match="a mean over samples"):
             getattr(torchdiv, name)(make(True), x)
+
+
+def test_a_remembered_loop_watches_each_object_once(monkeypatch) -> None:
+    """The loop's evaluation of ``f`` is watched op by op until that very object has passed a
+    watch at the structure (recording watches it too); later calls search only its autograd
+    graph, which still catches the mixing a later call can bring in without changing the
+    structure key: a batch norm switched to train mode."""
+    from torchdiv._core import mixing
+    from torchdiv._laplacian import loop, methods
+    from torchdiv._taylor.cache import PlanCache
+
+    monkeypatch.setattr(methods, "_LOOPS", PlanCache(256))
+    monkeypatch.setattr(methods, "_WATCHED", PlanCache(256))
+    watched, graphs = [], []
+    monkeypatch.setattr(loop, "watched", lambda *a: watched.append(1) or mixing.watched(*a))
+    monkeypatch.setattr(
+        loop, "check_graph", lambda *a, **k: graphs.append(1) or mixing.check_graph(*a, **k)
+    )
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).to(f64)
+    net.eval()
+    x = torch.randn(16, 2, dtype=f64)
+    make = lambda: lambda z: net(z).squeeze(-1)  # noqa: E731
+    expected = torchdiv.laplacian(make(), x, method="hessian")
+    f = make()
+    for call in range(3):  # recorded (watched there), then only its graph searched
+        watched.clear(), graphs.clear()
+        assert_close(torchdiv.laplacian(f, x), expected)
+        assert (len(watched), len(graphs)) == ((0, 0) if call == 0 else (0, 1)), call
+    g = make()  # the same code, a new object: watched once, then only its graph searched
+    for call in range(2):
+        watched.clear(), graphs.clear()
+        assert_close(torchdiv.laplacian(g, x), expected)
+        assert (len(watched), len(graphs)) == ((1, 0) if call == 0 else (0, 1)), call
+    net.train()  # the key holds f's code and x, not the module f closes over
+    with pytest.raises(
+        BatchInteractionError, match=r"^laplacian: f mixes samples: a batch norm in train mode"
+    ):
+        torchdiv.laplacian(f, x)

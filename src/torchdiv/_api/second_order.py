@@ -324,12 +324,13 @@ def value_grad_laplacian(
     g = checked(fn, f, x, batch_dims, square=False)
     graph = None
     if method == "auto" and x.numel() > 0:
-        graph = methods.recorded_or_loop(g, x, batch_dims)
-        if graph is None:
-            check_empty_event(g, x, batch_dims)  # f may not have been recorded: see _mixing
-            out = _looped(g, x, batch_dims)
+        plan = methods.recorded_or_loop(g, x, batch_dims)
+        if isinstance(plan, methods.Loop):
+            out = _looped(g, x, batch_dims, plan)
             if out is not None:
                 return out
+        else:
+            graph = plan
     if method != "forward-over-reverse" and x.numel() > 0:
         if graph is None:
             graph = capture(g, x, RULES, batch_dims=batch_dims)
@@ -355,10 +356,14 @@ def value_grad_laplacian(
     )
 
 
-def _looped(f: Function, x: torch.Tensor, batch_dims: int) -> ValueGradLaplacian | None:
-    """The loop of backward passes, or ``None`` where its Laplacian is not finite (a NaN
-    double backward: see ``laplacian``'s ``"auto"``)."""
-    value, jac, lap = _loop.value_grad_laplacian(f, x, batch_dims)
+def _looped(
+    f: Function, x: torch.Tensor, batch_dims: int, plan: methods.Loop
+) -> ValueGradLaplacian | None:
+    """The loop of backward passes (its evaluation of ``f`` checked for sample mixing as
+    ``plan`` says), or ``None`` where its Laplacian is not finite (a NaN double backward: see
+    ``laplacian``'s ``"auto"``)."""
+    value, jac, lap = _loop.value_grad_laplacian(f, x, batch_dims, plan.check)
+    plan.passed()
     if not bool(lap.isfinite().all()):
         return None
     shape = (*x.shape[:batch_dims], *value.shape[batch_dims:], *x.shape[batch_dims:])

@@ -259,12 +259,23 @@ def check_empty_event(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_d
 def watch_once(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) -> None:
     """Evaluate ``f`` once, watched by ``Watching`` (with grad enabled, so that ``no_grad``
     blocks in ``f`` show as constants): ``BatchInteractionError`` if it mixes samples."""
+    if not allowed():
+        with torch.enable_grad():
+            watched(f, x, batch_dims)
+
+
+def watched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) -> Any:
+    """``f(x)``, watched by ``Watching`` unless ``allow_batch_interaction()`` is active:
+    ``BatchInteractionError`` if it mixes samples. For an engine that evaluates ``f`` anyway
+    (with grad enabled, so that ``no_grad`` blocks in ``f`` show as constants), the check
+    costs no extra evaluation, only the mode's few microseconds per op."""
     if allowed():
-        return
-    with torch.enable_grad(), Watching(x, batch_dims) as mode:
+        return f(x)
+    with Watching(x, batch_dims) as mode:
         y = f(x)
         if mode.tracker is not None:
             mode.tracker.finish(y)
+    return y
 
 
 _BATCH_NORM_NODES = {

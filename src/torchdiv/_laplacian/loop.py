@@ -18,72 +18,109 @@ linear-algebra ops it gets wrong only through forward mode are left alone.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
 from torchdiv._core.checks import event_numel
+from torchdiv._core.mixing import check_graph, watched
 from torchdiv._core.modes import SafeDerivatives, math_attention
 from torchdiv._exact.autograd import _depends_on_other_leaves
 
 Function = Callable[[torch.Tensor], torch.Tensor]
+Check = Literal["watch", "graph"] | None  # how the loop checks f for sample mixing
 
 
-def grad_of_grad(f: Function, x: torch.Tensor, batch_dims: int) -> torch.Tensor:
+def grad_of_grad(
+    f: Function, x: torch.Tensor, batch_dims: int, check: Check = None
+) -> torch.Tensor:
     """Every sample's Laplacian of every output component, shape ``f(x).shape``."""
-    return value_grad_laplacian(f, x, batch_dims)[2]
+    return _looped(f, x, batch_dims, check)[2]
 
 
 def value_grad_laplacian(
-    f: Function, x: torch.Tensor, batch_dims: int
+    f: Function, x: torch.Tensor, batch_dims: int, check: Check = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``f(x)``, every sample's Jacobian ``(N, m, n)`` (the loop's first level) and Laplacian
-    (shape ``f(x).shape``).
+    (shape ``f(x).shape``). The loop's one evaluation of ``f`` is checked for sample mixing
+    (``BatchInteractionError``) as ``check`` says: ``"watch"``, watched op by op
+    (``torchdiv._core.mixing.watched``); ``"graph"``, its autograd graph searched for a
+    train-mode batch norm (``torchdiv._core.mixing.check_graph``); ``None``, not at all.
 
     They keep a graph exactly when the caller has grad mode on and ``f(x)`` depends on
     something that requires grad (``x`` itself, parameters, closed-over tensors).
     """
-    outer = torch.is_grad_enabled()
-    with torch.enable_grad():
-        with math_attention(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
-            x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
-            y = f(x_in)
-        create_graph = outer and _depends_on_other_leaves(y, x_in)
-        jacobian, laplacian = _loop(y, x_in, batch_dims, create_graph)
+    y, rows, laplacian, create_graph = _looped(f, x, batch_dims, check)
+    samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
+    jacobian = torch.stack(rows, 1) if rows else x.new_zeros(samples, 0, n)
     if not create_graph:
         y, jacobian = y.detach(), jacobian.detach()
     return y, jacobian, laplacian
 
 
+def _looped(
+    f: Function, x: torch.Tensor, batch_dims: int, check: Check
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, bool]:
+    """``f(x)``, the rows of every sample's Jacobian ``(N, n)``, one per output component,
+    the Laplacian and whether they keep a graph."""
+    outer = torch.is_grad_enabled()
+    with torch.enable_grad():
+        with math_attention(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
+            x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+            y = watched(f, x_in, batch_dims) if check == "watch" else f(x_in)
+        if check == "graph":
+            check_graph(None, y, x_in, batch_dims, empty_event=x.dim() == batch_dims)
+        create_graph = outer and _depends_on_other_leaves(y, x_in)
+        rows, laplacian = _loop(y, x_in, batch_dims, create_graph)
+    return y, rows, laplacian, create_graph
+
+
 def _loop(
     y: torch.Tensor, x: torch.Tensor, batch_dims: int, create_graph: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loop itself, on ``y`` computed from the tensor ``x`` that requires grad."""
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The loop itself, on ``y`` computed from the tensor ``x`` that requires grad: the
+    Jacobian's rows and the Laplacian. Written as lean as PINN codes write it (no reshape,
+    slice, sum or stack in the graph where none is needed): at two inputs and a small batch,
+    each costs a few percent."""
     samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
-    outputs = y.reshape(samples, -1)
+    m = y.shape[batch_dims:].numel()
+    outputs = y if m == 1 else y.reshape(samples, m)
     rows, columns = [], []
-    for i in range(outputs.shape[1]):
-        total = x.new_zeros(samples)
-        gradient = _grad(outputs[:, i], x, create_graph=True)
+    for i in range(m):
+        gradient = _grad(outputs if m == 1 else outputs[:, i], x, create_graph=True)
         if gradient is None:
             rows.append(x.new_zeros(samples, n))
-        else:
-            gradient = gradient.reshape(samples, n)
-            rows.append(gradient)
-            for j in range(n):
-                second = _grad(gradient[:, j], x, create_graph=create_graph)
-                if second is not None:
-                    total = total + second.reshape(samples, n)[:, j]
-        columns.append(total)
-    if not columns:  # no output components
-        return x.new_zeros(samples, 0, n), x.new_zeros(y.shape)
-    return torch.stack(rows, 1), torch.stack(columns, 1).reshape(y.shape)
+            columns.append(x.new_zeros(samples))
+            continue
+        gradient = _flat(gradient, samples, n)
+        rows.append(gradient)
+        total = None
+        for j in range(n):
+            second = _grad(gradient[:, j], x, create_graph=create_graph)
+            if second is not None:
+                entry = _flat(second, samples, n)[:, j]
+                total = entry if total is None else total + entry
+        columns.append(x.new_zeros(samples) if total is None else total)
+    if m == 1:
+        return rows, columns[0].reshape(y.shape)
+    return rows, (torch.stack(columns, 1) if columns else x.new_zeros(samples, 0)).reshape(y.shape)
+
+
+def _flat(t: torch.Tensor, samples: int, n: int) -> torch.Tensor:
+    """``t`` as ``(samples, n)``, itself if it has that shape already."""
+    return t if t.shape == (samples, n) else t.reshape(samples, n)
 
 
 def _grad(out: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor | None:
-    """``∂(Σ out)/∂x``, or ``None`` where ``out`` does not depend on ``x``."""
+    """``∂(Σ out)/∂x`` (a VJP with ones), or ``None`` where ``out`` does not depend on ``x``."""
     if not out.requires_grad:
         return None
     (grad,) = torch.autograd.grad(
-        out.sum(), x, retain_graph=True, create_graph=create_graph, allow_unused=True
+        out,
+        x,
+        torch.ones_like(out),
+        retain_graph=True,
+        create_graph=create_graph,
+        allow_unused=True,
     )
     return grad

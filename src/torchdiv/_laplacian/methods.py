@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
@@ -18,11 +19,9 @@ from torch.func import vjp, vmap
 
 from torchdiv._core.basis import WHOLE, Share, basis, broadcast_basis, chunks
 from torchdiv._core.checks import event_numel
-from torchdiv._core.mixing import check_empty_event, watch_once
 from torchdiv._core.modes import SafeDerivatives, math_attention, recorded
 from torchdiv._exact.forward import ForwardJacobian
-from torchdiv._exact.state import Changes
-from torchdiv._laplacian.loop import grad_of_grad
+from torchdiv._laplacian.loop import Check, grad_of_grad
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, cache, capture, propagate
 from torchdiv._taylor.sparse import Sparse, per_particle
 
@@ -50,17 +49,19 @@ LOOP_FALLBACK = 10
 # what "auto" decided for each structure it recorded at up to LOOP_INPUTS inputs (_structure):
 # a later call with the same structure loops without recording f again
 _LOOPS = cache.PlanCache(256)
+# the objects f (not their code) seen not to mix samples at a structure key: their loop is
+# not watched again (recorded_or_loop)
+_WATCHED = cache.PlanCache(256)
 
 
 @recorded
 def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
     n = event_numel(x, batch_dims)
-    graph = recorded_or_loop(f, x, batch_dims)
-    if graph is None:
-        check_empty_event(f, x, batch_dims)  # f may not have been recorded: see _mixing
-        return looped(f, x, batch_dims, chunk_size)
-    chunk = chunk_size or graph.chunk(n, CHUNK_ELEMENTS)
-    out = collapsed_or_none(graph, x, unit_directions(x, batch_dims, chunk))
+    plan = recorded_or_loop(f, x, batch_dims)
+    if isinstance(plan, Loop):
+        return looped(f, x, batch_dims, chunk_size, plan)
+    chunk = chunk_size or plan.chunk(n, CHUNK_ELEMENTS)
+    out = collapsed_or_none(plan, x, unit_directions(x, batch_dims, chunk))
     if out is not None:
         return out
     if n <= LOOP_FALLBACK:
@@ -68,16 +69,42 @@ def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) 
     return forward_over_reverse(f, x, batch_dims, chunk)
 
 
-def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | None:
-    """``f`` recorded at ``x`` for the Taylor engine, or ``None`` where ``"auto"`` loops over
+@dataclass(frozen=True)
+class Loop:
+    """``"auto"`` runs the loop of backward passes, checking its evaluation of ``f`` for
+    sample mixing by ``check`` (``loop.Check``); ``watched``: the ``_WATCHED`` entry to
+    make once a watched evaluation has passed."""
+
+    check: Check = None
+    watched: tuple[Any, Hashable] | None = None
+
+    def passed(self) -> None:
+        """The loop ran: a watched ``f`` does not mix samples at this structure."""
+        if self.watched is not None:
+            _WATCHED.put(*self.watched, True)
+
+
+def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | Loop:
+    """``f`` recorded at ``x`` for the Taylor engine, or ``Loop`` where ``"auto"`` loops over
     backward passes instead (``loops``, ``loops_for``; what recording changed is undone). A
-    decision to loop is remembered per ``_structure``: the next such call records nothing."""
-    structure = _structure(f, x, batch_dims) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
+    decision to loop is remembered per ``_structure``: the next such call records nothing.
+
+    Sample mixing (``torchdiv._core.mixing``): recording watches ``f``. A call that does not
+    record it watches the loop's own evaluation of ``f`` (``mixing.watched``: no extra
+    evaluation, ~10 us per op) unless this very object ``f`` (held weakly, so a freed one is
+    never matched) passed a watch at the same structure key before: it then makes the same
+    calls on the same shapes, unless its code branches on state outside the key, and the
+    one such state that turns mixing on in practice, a batch norm switched to train mode in
+    a submodule, is seen in the autograd graph of every call (``mixing.check_graph``, a few
+    microseconds). A new object with the same code (a lambda made anew, closing over another
+    module) is watched. At one input ``f`` is not recorded and watched only for an empty
+    event (``check_empty_event``)."""
     if loops(x, batch_dims):
-        return None
+        return Loop("watch" if x.dim() == batch_dims and x.numel() > 1 else None)
+    structure = _structure(f, x, batch_dims) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
     if structure is not None and _LOOPS.get(*structure):
-        _watched(f, x, batch_dims)
-        return None
+        watched = (inspect.unwrap(f), structure[1])
+        return Loop("graph") if _WATCHED.get(*watched) else Loop("watch", watched)
     graph = capture(f, x, RULES, batch_dims=batch_dims)
     if structure is None or graph.unsupported:
         return graph
@@ -86,17 +113,8 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | N
     if not loop:
         return graph
     graph.undo()  # f runs again: what recording it changed is put back first
-    return None
-
-
-def _watched(f: Function, x: torch.Tensor, batch_dims: int) -> None:
-    """A remembered loop records nothing, so one evaluation of ``f`` is watched for sample
-    mixing instead (a function with the same code may mix where the first did not); what it
-    changed (buffers, random state) is put back."""
-    changes = Changes(x)
-    with changes:
-        watch_once(f, x, batch_dims)
-    changes.undo()
+    _WATCHED.put(inspect.unwrap(f), structure[1], True)  # recording watched it
+    return Loop()
 
 
 def loops(x: torch.Tensor, batch_dims: int) -> bool:
@@ -119,8 +137,8 @@ def _structure(f: Function, x: torch.Tensor, batch_dims: int) -> tuple[Any, Hash
     function, so that a lambda made anew at every call counts as one), for a module also its
     train mode and which parameters require grad, and ``cache.key`` of ``x``. Two functions
     with the same code but different graphs share a decision: it only chooses between two
-    exact methods (each call still watched for sample mixing: ``_watched``), so at worst it
-    is slower."""
+    exact methods (sample mixing is checked per object: ``recorded_or_loop``), so at worst
+    it is slower."""
     inner = inspect.unwrap(f)
     module: tuple[Any, ...] = ()
     if isinstance(inner, torch.nn.Module):
@@ -128,11 +146,15 @@ def _structure(f: Function, x: torch.Tensor, batch_dims: int) -> tuple[Any, Hash
     return cache.site(inner), (*module, cache.key(x, batch_dims))
 
 
-def looped(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
-    """``"grad-of-grad"``, or ``"forward-over-reverse"`` where it is not finite: some of
-    PyTorch's double-backward formulas give NaN where the derivative exists (``0.0 ** x``:
-    a ``where`` whose unused branch is ``0 * log(0)``); the JVP formulas do not."""
-    out = grad_of_grad(f, x, batch_dims)
+def looped(
+    f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None, plan: Loop = Loop()
+) -> torch.Tensor:
+    """``"grad-of-grad"`` (its evaluation of ``f`` checked for sample mixing as ``plan``
+    says), or ``"forward-over-reverse"`` where it is not finite: some of PyTorch's
+    double-backward formulas give NaN where the derivative exists (``0.0 ** x``: a ``where``
+    whose unused branch is ``0 * log(0)``); the JVP formulas do not."""
+    out = grad_of_grad(f, x, batch_dims, plan.check)
+    plan.passed()
     if bool(out.isfinite().all()):
         return out
     return forward_over_reverse(f, x, batch_dims, chunk_size)
