@@ -176,6 +176,17 @@ def test_tiny_problems_are_watched_on_each_new_function(shape, name: str) -> Non
         assert_close(call(net, x), want)
 
 
+@pytest.mark.parametrize("name", ["laplacian", "value_grad_laplacian"])
+def test_a_loop_at_one_input_is_watched_on_each_new_function(name: str) -> None:
+    """At one input ``"auto"`` loops without recording: its first call of each ``f`` object
+    is watched (it returned zeros for a mean over samples)."""
+    x = torch.randn(8, 1, dtype=f64)
+    for mixing in (lambda x: (x - x.mean(0)).pow(3).sum(-1), lambda x: (x * x.sum()).sum(-1)):
+        for _ in range(2):
+            with pytest.raises(BatchInteractionError, match="f mixes samples"):
+                getattr(torchdiv, name)(mixing, x)
+
+
 def test_the_module_is_named() -> None:
     net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).to(f64)
     with pytest.raises(BatchInteractionError, match=r"in Linear, ATen op aten\.(add)?mm"):
@@ -431,10 +442,11 @@ def test_a_remembered_loop_watches_each_object_once(monkeypatch) -> None:
     structure key: a batch norm switched to train mode."""
     from torchdiv._core import mixing
     from torchdiv._laplacian import loop, methods
+    from torchdiv._taylor import mixing as seen
     from torchdiv._taylor.cache import PlanCache
 
     monkeypatch.setattr(methods, "_LOOPS", PlanCache(256))
-    monkeypatch.setattr(methods, "_WATCHED", PlanCache(256))
+    monkeypatch.setattr(seen, "_PASSED", PlanCache(256))
     watched, graphs = [], []
     monkeypatch.setattr(loop, "watched", lambda *a: watched.append(1) or mixing.watched(*a))
     monkeypatch.setattr(

@@ -22,7 +22,17 @@ from torchdiv._core.checks import event_numel
 from torchdiv._core.modes import SafeDerivatives, math_attention, recorded
 from torchdiv._exact.forward import ForwardJacobian
 from torchdiv._laplacian.loop import Check, grad_of_grad
-from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, cache, capture, propagate
+from torchdiv._taylor import (
+    RULES,
+    Context,
+    Graph,
+    Jet,
+    UnsupportedOp,
+    cache,
+    capture,
+    mixing,
+    propagate,
+)
 from torchdiv._taylor.sparse import Sparse, per_particle
 
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -49,9 +59,6 @@ LOOP_FALLBACK = 10
 # what "auto" decided for each structure it recorded at up to LOOP_INPUTS inputs (_structure):
 # a later call with the same structure loops without recording f again
 _LOOPS = cache.PlanCache(256)
-# the objects f (not their code) seen not to mix samples at a structure key: their loop is
-# not watched again (recorded_or_loop)
-_WATCHED = cache.PlanCache(256)
 
 
 @recorded
@@ -72,16 +79,16 @@ def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) 
 @dataclass(frozen=True)
 class Loop:
     """``"auto"`` runs the loop of backward passes, checking its evaluation of ``f`` for
-    sample mixing by ``check`` (``loop.Check``); ``watched``: the ``_WATCHED`` entry to
-    make once a watched evaluation has passed."""
+    sample mixing by ``check`` (``loop.Check``); ``watched``: the ``f``, ``x`` and
+    ``batch_dims`` to mark as ``mixing.passed`` once a watched evaluation has passed."""
 
     check: Check = None
-    watched: tuple[Any, Hashable] | None = None
+    watched: tuple[Function, torch.Tensor, int] | None = None
 
     def passed(self) -> None:
         """The loop ran: a watched ``f`` does not mix samples at this structure."""
         if self.watched is not None:
-            _WATCHED.put(*self.watched, True)
+            mixing.passed(*self.watched)
 
 
 def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | Loop:
@@ -90,21 +97,17 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     decision to loop is remembered per ``_structure``: the next such call records nothing.
 
     Sample mixing (``torchdiv._core.mixing``): recording watches ``f``. A call that does not
-    record it watches the loop's own evaluation of ``f`` (``mixing.watched``: no extra
-    evaluation, ~10 us per op) unless this very object ``f`` (held weakly, so a freed one is
-    never matched) passed a watch at the same structure key before: it then makes the same
-    calls on the same shapes, unless its code branches on state outside the key, and the
-    one such state that turns mixing on in practice, a batch norm switched to train mode in
-    a submodule, is seen in the autograd graph of every call (``mixing.check_graph``, a few
-    microseconds). A new object with the same code (a lambda made anew, closing over another
-    module) is watched. At one input ``f`` is not recorded and watched only for an empty
-    event (``check_empty_event``)."""
+    record it watches the loop's own evaluation of ``f`` (~10 us per op, no extra
+    evaluation) unless this very object ``f`` passed a watch at the same structure before
+    (``torchdiv._taylor.mixing.passed_before``): then only the autograd graph is searched
+    for a train-mode batch norm (``check_graph``, a few microseconds). A new object with the
+    same code (a lambda made anew, closing over another module) is watched. An empty event
+    (every element a sample) is always watched."""
     if loops(x, batch_dims):
-        return Loop("watch" if x.dim() == batch_dims and x.numel() > 1 else None)
+        return _unrecorded(f, x, batch_dims)
     structure = _structure(f, x, batch_dims) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
     if structure is not None and _LOOPS.get(*structure):
-        watched = (inspect.unwrap(f), structure[1])
-        return Loop("graph") if _WATCHED.get(*watched) else Loop("watch", watched)
+        return _unrecorded(f, x, batch_dims)
     graph = capture(f, x, RULES, batch_dims=batch_dims)
     if structure is None or graph.unsupported:
         return graph
@@ -113,8 +116,15 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     if not loop:
         return graph
     graph.undo()  # f runs again: what recording it changed is put back first
-    _WATCHED.put(inspect.unwrap(f), structure[1], True)  # recording watched it
+    mixing.passed(f, x, batch_dims)  # recording watched it
     return Loop()
+
+
+def _unrecorded(f: Function, x: torch.Tensor, batch_dims: int) -> Loop:
+    """The loop for an ``f`` not recorded at this call: watched unless it passed before."""
+    if x.dim() > batch_dims and mixing.passed_before(f, x, batch_dims):
+        return Loop("graph")
+    return Loop("watch", (f, x, batch_dims))
 
 
 def loops(x: torch.Tensor, batch_dims: int) -> bool:
@@ -140,10 +150,7 @@ def _structure(f: Function, x: torch.Tensor, batch_dims: int) -> tuple[Any, Hash
     exact methods (sample mixing is checked per object: ``recorded_or_loop``), so at worst
     it is slower."""
     inner = inspect.unwrap(f)
-    module: tuple[Any, ...] = ()
-    if isinstance(inner, torch.nn.Module):
-        module = (inner.training, tuple(p.requires_grad for p in inner.parameters()))
-    return cache.site(inner), (*module, cache.key(x, batch_dims))
+    return cache.site(inner), cache.structure_key(inner, x, batch_dims)
 
 
 def looped(

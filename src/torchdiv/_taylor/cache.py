@@ -212,6 +212,15 @@ def site(f: Any) -> Any:
     return f if code is None else code
 
 
+def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
+    """``key`` of ``x`` and, for a module ``f``, its train mode and which parameters require
+    grad: what an ``f``'s computation depends on, as far as it can be told without running it."""
+    if isinstance(f, torch.nn.Module):
+        modes = (f.training, tuple(p.requires_grad for p in f.parameters()))
+        return (*modes, key(x, batch_dims))
+    return (key(x, batch_dims),)
+
+
 def key(x: torch.Tensor, batch_dims: int | None) -> Hashable:
     """What a recording depends on besides ``f``'s calls: ``x``'s shape, dtype, device and
     ``requires_grad``, the batch dimensions, grad mode and whether mixing is detected."""

@@ -12,7 +12,7 @@ import torch
 
 from torchdiv._core.mixing import BatchInteractionError, allowed, unnamed
 from torchdiv._taylor import RULES, capture
-from torchdiv._taylor.cache import PlanCache, key
+from torchdiv._taylor.cache import PlanCache, structure_key
 
 
 def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
@@ -60,10 +60,6 @@ def passed(f: Any, x: torch.Tensor, batch_dims: int) -> None:
 
 
 def _structure(f: Any, x: torch.Tensor, batch_dims: int) -> tuple[Any, Hashable]:
-    """``f`` itself (unwrapped) and a key: ``cache.key`` of ``x``, and for a module its train
-    mode and which parameters require grad."""
+    """``f`` itself (unwrapped) and ``cache.structure_key``."""
     inner = inspect.unwrap(f)
-    modes: tuple[Any, ...] = ()
-    if isinstance(inner, torch.nn.Module):
-        modes = (inner.training, tuple(p.requires_grad for p in inner.parameters()))
-    return inner, (*modes, key(x, batch_dims))
+    return inner, structure_key(inner, x, batch_dims)
