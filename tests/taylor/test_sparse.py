@@ -49,6 +49,11 @@ FUNCTIONS = {
     "rolled rows": lambda r: _logdet(ORBITALS(r.roll(1, -2))),
     # rows 0 and 1 both depend on particle 0 (the determinant's cross terms within a particle)
     "shared rows": lambda r: _logdet(ORBITALS(r[:, [0, 0, 1, 2, 3]]) + OFFSET),
+    # derivatives stored broadcast: along the rows (all owned by particle 0), along columns
+    "broadcast rows": lambda r: _logdet(torch.tanh(r[:, 0] @ W[:3])[:, None, :] + OFFSET),
+    "broadcast columns": lambda r: _logdet(
+        torch.tanh(r @ W[:3]).sum(-1, keepdim=True) + OFFSET
+    ).square(),
     # columns are particles: rows mix all of them
     "columns": lambda r: _logdet(ORBITALS(r).mT + OFFSET),
     # a product along the particle axis (left factor constant), and one along features
@@ -104,7 +109,9 @@ def test_laplacian_matches_grad_of_grad(name):
     assert _relative(chunked, expected) < RTOL
 
 
-@pytest.mark.parametrize("name", ["rows", "shared rows", "pairs", "feature norm", "moves"])
+@pytest.mark.parametrize(
+    "name", ["rows", "shared rows", "broadcast rows", "pairs", "feature norm", "moves"]
+)
 def test_gradients_of_the_laplacian(name):
     """Parameter and ``x`` gradients (third derivatives) through the sparse jets, against the
     grad-of-grad loop; for layer norm, whose third derivatives PyTorch gets wrong, against the

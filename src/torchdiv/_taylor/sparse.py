@@ -283,7 +283,7 @@ def _slogdet(ctx: Context, a: Any) -> tuple[Tensor, Jet, Tensor, Tensor] | None:
     rows = rows.expand(*a.shape[:-1], 1)[..., 0]  # (..., n)
     sign, value, lu, pivots = aten._linalg_slogdet(a.value)
     inv = torch.linalg.inv(a.value)
-    g = a.jac @ inv  # (d, ..., n, n)
+    g = a.jac.expand(a.jac.shape[0], *a.value.shape) @ inv  # (d, ..., n, n); stored broadcast
     jac = lap = None
     if ctx.jac:
         particle = torch.arange(a.particles, device=rows.device)
