@@ -89,7 +89,8 @@ def _log_abs_det(ctx: Context, a: Jet) -> tuple[Tensor, Tensor | None]:
     if ctx.second_order:
         d2 = (full_lap(a) * inv_t).sum((-2, -1))
         if jac is not None:
-            m = inv_t.mT @ jac  # M_k = A^-1 Ȧ_k
+            square = jac.expand(*jac.shape[:-2], *a.value.shape[-2:])  # stored broadcast
+            m = inv_t.mT @ square  # M_k = A^-1 Ȧ_k
             d2 = d2 - _trace(m, m).sum(0)
     return d1.expand(ctx.num_directions, *a.shape[:-2]), d2
 
