@@ -149,3 +149,23 @@ def test_jacobian_remembers_a_square_output_and_survives_a_stale_guess(monkeypat
     assert_close(torchdiv.jacobian(f, x), reference_jacobian(f, x))
     scale["wide"] = True  # a stale guess: rows of a larger output, still exact
     assert_close(torchdiv.jacobian(f, x), reference_jacobian(f, x))
+
+
+def test_a_tiny_problems_first_watched_call_is_planned_as_the_later_ones():
+    """The first call of a tiny problem is watched for sample mixing only: a conv net keeps
+    reverse mode (the watch saw a convolution), so a seeded estimate repeats exactly (it
+    differed between the first call and the next, as DDP's reference found)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(4, 2, 3, padding=1)
+    ).double()
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+
+    def estimate():
+        seeded = torch.Generator().manual_seed(2)
+        return torchdiv.jacobian_diagonal(
+            conv, x, method="hutchinson", num_probes=2, generator=seeded
+        )
+
+    first = estimate()
+    assert torch.equal(first, estimate())

@@ -269,8 +269,10 @@ def _engines(
         reverse, sizes = _watched(
             lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch, changes
         )
-        if tiny and watch:
-            passed(f, x, batch_dims)
+        if tiny:  # watched for sample mixing only: planned as every later call, not at all
+            sizes = _plan.OpSizes(x.shape[:batch_dims])
+            if watch:
+                passed(f, x, batch_dims)
     except Exception as error:
         if not _cannot_run(error):
             raise
