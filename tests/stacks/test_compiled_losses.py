@@ -256,3 +256,15 @@ def test_zero_tangents_reach_inductor_after_it_compiled_other_code(monkeypatch):
     )
     loss(torch.randn(4, 3, dtype=torch.float64))
     assert op in decomposition.select_decomp_table()
+
+
+def test_value_grad_laplacian_detects_mixing_inside_a_compiled_loss():
+    """It records ``f`` like ``laplacian`` and runs eagerly in a compiled region, so sample
+    mixing raises there too (traced, it returned per-sample numbers that ignored the mean)."""
+    x = torch.randn(8, 3, dtype=torch.float64)
+    loss = torch.compile(
+        lambda x: torchdiv.value_grad_laplacian(lambda z: (z - z.mean(0)).square().sum(-1), x),
+        backend="aot_eager",
+    )
+    with pytest.raises(torchdiv.BatchInteractionError):
+        loss(x)

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from torchdiv._api.laplacian import METHODS, laplacian
+from torchdiv._api.laplacian import METHODS, RECORDING, laplacian
 from torchdiv._api.operators import jacobian
 from torchdiv._api.reporting import reported
 from torchdiv._core.basis import basis, chunks
@@ -41,7 +41,7 @@ from torchdiv._core.checks import (
     event_numel,
 )
 from torchdiv._core.mixing import check_empty_event
-from torchdiv._core.modes import outside_inference_mode
+from torchdiv._core.modes import eager_when, outside_inference_mode
 from torchdiv._estimators import trace as _trace
 from torchdiv._laplacian import loop as _loop
 from torchdiv._laplacian import methods
@@ -269,6 +269,7 @@ class ValueGradLaplacian(NamedTuple):
     laplacian: torch.Tensor
 
 
+@eager_when(lambda x, *, method="auto", **_: method in RECORDING)
 @outside_inference_mode
 @reported("value_grad_laplacian")
 def value_grad_laplacian(
