@@ -176,6 +176,17 @@ def test_tiny_problems_are_watched_on_each_new_function(shape, name: str) -> Non
         assert_close(call(net, x), want)
 
 
+def test_a_bound_method_is_watched_once_for_its_object() -> None:
+    """``net.forward`` is a new object at each access: it is known by its module."""
+    from torchdiv._taylor import mixing
+
+    net, x = _net(2), torch.randn(16, 2, dtype=f64)
+    assert not mixing.passed_before(net.forward, x, 1)
+    torchdiv.divergence(net.forward, x)
+    assert mixing.passed_before(net.forward, x, 1)
+    assert not mixing.passed_before(_net(2).forward, x, 1)
+
+
 @pytest.mark.parametrize("name", ["laplacian", "value_grad_laplacian"])
 def test_a_loop_at_one_input_is_watched_on_each_new_function(name: str) -> None:
     """At one input ``"auto"`` loops without recording: its first call of each ``f`` object

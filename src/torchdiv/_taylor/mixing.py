@@ -60,6 +60,9 @@ def passed(f: Any, x: torch.Tensor, batch_dims: int) -> None:
 
 
 def _structure(f: Any, x: torch.Tensor, batch_dims: int) -> tuple[Any, Hashable]:
-    """``f`` itself (unwrapped) and ``cache.structure_key``."""
+    """``f`` itself (unwrapped) and ``cache.structure_key``; a bound method (a new object at
+    every attribute access, ``model.forward``) by its object, its function in the key."""
     inner = inspect.unwrap(f)
+    if inspect.ismethod(inner):
+        return inner.__self__, (inner.__func__, structure_key(inner.__self__, x, batch_dims))
     return inner, structure_key(inner, x, batch_dims)
