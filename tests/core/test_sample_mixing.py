@@ -187,6 +187,26 @@ def test_a_bound_method_is_watched_once_for_its_object() -> None:
     assert not mixing.passed_before(_net(2).forward, x, 1)
 
 
+def test_a_wrapper_that_mixes_is_watched_after_what_it_wraps_passed() -> None:
+    """Wrappers made by ``functools.wraps`` unwrap to the function they wrap: keyed by that,
+    a mixing wrapper was trusted once the plain function had passed (zeros, no error)."""
+    import functools
+
+    def centered(g):
+        @functools.wraps(g)
+        def wrapper(z):
+            y = g(z)
+            return y - y.mean(0)
+
+        return wrapper
+
+    net, x = _net(3), torch.randn(64, 3, dtype=f64)
+    torchdiv.divergence(net.forward, x)
+    for name in ("divergence", "jacobian_diagonal", "jacobian"):
+        with pytest.raises(BatchInteractionError, match="f mixes samples"):
+            getattr(torchdiv, name)(centered(net.forward), x)
+
+
 @pytest.mark.parametrize("name", ["laplacian", "value_grad_laplacian"])
 def test_a_loop_at_one_input_is_watched_on_each_new_function(name: str) -> None:
     """At one input ``"auto"`` loops without recording: its first call of each ``f`` object

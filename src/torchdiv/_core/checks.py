@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch._C._functorch import peek_interpreter_stack
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from torchdiv._core.modes import WrongDerivatives
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -293,8 +295,23 @@ def checked(
             check_square(fn, y, x, batch_dims, "f(x)")
         return y
 
+    return wrapping(g, f)
+
+
+def wrapping(g: F, f: Any) -> F:
+    """Mark ``g`` as torchdiv's own wrapper of ``f``: ``inspect.unwrap`` finds ``f``, and so
+    does ``unwrapped``, which unwraps nothing else."""
     g.__wrapped__ = f  # type: ignore[attr-defined]
+    g._torchdiv_wraps = f  # type: ignore[attr-defined]
     return g
+
+
+def unwrapped(f: Any) -> Any:
+    """The caller's ``f`` inside torchdiv's own wrappers (``wrapping``), not unwrapped further:
+    a user's ``functools.wraps`` wrapper may compute something else than what it wraps."""
+    while (inner := getattr(f, "_torchdiv_wraps", None)) is not None:
+        f = inner
+    return f
 
 
 def check_time(fn: str, name: str, t: Any, x: torch.Tensor) -> torch.Tensor:

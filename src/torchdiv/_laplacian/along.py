@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from torchdiv._core.checks import wrapping
+
 Function = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -41,8 +43,7 @@ def along(
         step = z @ sigma.T if shared else (sigma @ z.unsqueeze(-1)).squeeze(-1)
         return f(x + step.reshape(x.shape))
 
-    g.__wrapped__ = f  # type: ignore[attr-defined]  # for inspect.unwrap
-    return g, x.new_zeros((*x.shape[:batch_dims], sigma.shape[-1]))
+    return wrapping(g, f), x.new_zeros((*x.shape[:batch_dims], sigma.shape[-1]))
 
 
 def unit_columns(coordinates: torch.Tensor, like: torch.Tensor, batch_dims: int) -> torch.Tensor:

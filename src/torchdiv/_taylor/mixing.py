@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from torchdiv._core.checks import unwrapped
 from torchdiv._core.mixing import BatchInteractionError, allowed, unnamed
 from torchdiv._taylor import RULES, capture
 from torchdiv._taylor.cache import PlanCache, structure_key
@@ -30,7 +31,8 @@ def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
     return None
 
 
-# the objects f (not their code: a lambda made anew is another object, watched again) whose
+# the objects f (not their code: a lambda made anew is another object, watched again; not
+# unwrapped: a wrapper may mix what it wraps) whose
 # evaluation at a structure (``_structure``) was watched without mixing samples
 _PASSED = PlanCache(256)
 
@@ -60,9 +62,11 @@ def passed(f: Any, x: torch.Tensor, batch_dims: int) -> None:
 
 
 def _structure(f: Any, x: torch.Tensor, batch_dims: int) -> tuple[Any, Hashable]:
-    """``f`` itself (unwrapped) and ``cache.structure_key``; a bound method (a new object at
-    every attribute access, ``model.forward``) by its object, its function in the key."""
-    inner = inspect.unwrap(f)
-    if inspect.ismethod(inner):
-        return inner.__self__, (inner.__func__, structure_key(inner.__self__, x, batch_dims))
-    return inner, structure_key(inner, x, batch_dims)
+    """``f`` itself and ``cache.structure_key``; a bound method (a new object at every
+    attribute access, ``model.forward``) by its object, its function in the key. Only
+    torchdiv's own wrappers are unwrapped (``checks.unwrapped``): two wrappers of one
+    function (``functools.wraps``) may compute different things."""
+    f = unwrapped(f)
+    if inspect.ismethod(f):
+        return f.__self__, (f.__func__, structure_key(f.__self__, x, batch_dims))
+    return f, structure_key(f, x, batch_dims)
