@@ -207,6 +207,18 @@ def test_a_wrapper_that_mixes_is_watched_after_what_it_wraps_passed() -> None:
             getattr(torchdiv, name)(centered(net.forward), x)
 
 
+def test_a_submodule_swapped_for_one_that_mixes_is_watched() -> None:
+    class Center(nn.Module):
+        def forward(self, z):
+            return z - z.mean(0)
+
+    net, x = _net(3), torch.randn(64, 3, dtype=f64)
+    torchdiv.divergence(net, x)
+    net[2] = nn.Sequential(net[2], Center())
+    with pytest.raises(BatchInteractionError, match="f mixes samples"):
+        torchdiv.divergence(net, x)
+
+
 @pytest.mark.parametrize("name", ["laplacian", "value_grad_laplacian"])
 def test_a_loop_at_one_input_is_watched_on_each_new_function(name: str) -> None:
     """At one input ``"auto"`` loops without recording: its first call of each ``f`` object

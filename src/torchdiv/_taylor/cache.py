@@ -213,10 +213,13 @@ def site(f: Any) -> Any:
 
 
 def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
-    """``key`` of ``x`` and, for a module ``f``, its train mode and which parameters require
-    grad: what an ``f``'s computation depends on, as far as it can be told without running it."""
+    """``key`` of ``x`` and, for a module ``f``, its train mode, which parameters require grad
+    and which submodules it holds (a swapped one is another object): what an ``f``'s
+    computation depends on, as far as it can be told without running it."""
     if isinstance(f, torch.nn.Module):
-        modes = (f.training, tuple(p.requires_grad for p in f.parameters()))
+        # a freed submodule's id may come back, on another module: its type too
+        held = tuple((id(m), type(m)) for m in f.modules())
+        modes = (f.training, tuple(p.requires_grad for p in f.parameters()), held)
         return (*modes, key(x, batch_dims))
     return (key(x, batch_dims),)
 
