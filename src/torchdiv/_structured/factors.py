@@ -34,6 +34,7 @@ from torchdiv._core.modes import host_planning, to_device
 from torchdiv._taylor import RULES, Context, Graph, Jet
 from torchdiv._taylor.capture import Node, Ref
 from torchdiv._taylor.elementwise import DERIVATIVES
+from torchdiv._taylor.linear import MOVES
 from torchdiv._taylor.tree import leaves, map_leaves
 
 aten = torch.ops.aten
@@ -43,29 +44,7 @@ MAX_PATHS = 16  # beyond this many paths (nested residual blocks) columns are pr
 MAX_MATRIX = 1 << 22  # elements of a shared factor built from a data-movement op
 
 _SUMS = {aten.add.Tensor: 1.0, aten.sub.Tensor: -1.0}
-_MOVEMENT = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.clone.default,
-    aten.alias.default,
-    aten.expand.default,
-    aten.permute.default,
-    aten.transpose.int,
-    aten.unsqueeze.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.squeeze.default,
-    aten.slice.Tensor,
-    aten.select.int,
-    aten.narrow.default,
-    aten.cat.default,
-    aten.constant_pad_nd.default,
-    aten.flip.default,
-    aten.roll.default,
-    aten.repeat.default,
-    aten.index_select.default,
-}
+_MOVEMENT = {*MOVES, aten.constant_pad_nd.default}
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,34 @@ def _max_pool(ctx: Context, a: Jet, *args: Any) -> tuple[Jet, Tensor]:
     return _select(ctx, value, pick, a), index
 
 
+# ops whose output elements are elements of their inputs, moved, repeated or copied (what
+# the sparse jets and the structured engine's chains follow; each adds its own)
+MOVES = frozenset(
+    {
+        aten._unsafe_view.default,
+        aten.alias.default,
+        aten.cat.default,
+        aten.clone.default,
+        aten.expand.default,
+        aten.flip.default,
+        aten.index_select.default,
+        aten.narrow.default,
+        aten.permute.default,
+        aten.repeat.default,
+        aten.reshape.default,
+        aten.roll.default,
+        aten.select.int,
+        aten.slice.Tensor,
+        aten.squeeze.default,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.transpose.int,
+        aten.unsqueeze.default,
+        aten.view.default,
+    }
+)
+
+
 LINEAR_OPS = [
     aten.expand.default,
     aten.permute.default,

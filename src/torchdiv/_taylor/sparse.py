@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from torchdiv._taylor import elementwise
+from torchdiv._taylor import elementwise, linear
 from torchdiv._taylor.jet import Context, Jet, aligned_jac
 from torchdiv._taylor.tree import leaves, map_leaves
 
@@ -338,32 +338,16 @@ _ELEMENTWISE = {
 _COPIES = {aten.clone.default, aten.alias.default, aten._to_copy.default, aten.to.dtype}
 _VIEWS = {aten.view.default, aten._unsafe_view.default}
 _MOVES = {
+    *linear.MOVES,
     *_COPIES,
-    *_VIEWS,
-    aten.reshape.default,
-    aten.expand.default,
-    aten.permute.default,
     aten.movedim.int,
-    aten.transpose.int,
     aten.t.default,
-    aten.unsqueeze.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.squeeze.default,
-    aten.slice.Tensor,
-    aten.select.int,
-    aten.narrow.default,
-    aten.flip.default,
-    aten.roll.default,
-    aten.repeat.default,
     aten.diagonal.default,
     aten.index.Tensor,
-    aten.index_select.default,
     aten.gather.default,
     aten.split.Tensor,
     aten.split_with_sizes.default,
     aten.unbind.int,
-    aten.cat.default,
 }
 _REDUCTIONS: dict[Any, Callable[..., list[int]]] = {
     aten.sum.dim_IntList: _dims(0),
