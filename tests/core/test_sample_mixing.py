@@ -516,3 +516,72 @@ def test_a_remembered_loop_watches_each_object_once(monkeypatch) -> None:
         BatchInteractionError, match=r"^laplacian: f mixes samples: a batch norm in train mode"
     ):
         torchdiv.laplacian(f, x)
+
+
+PICKED = {
+    "x * x[0]": lambda x: x * x[0],
+    "x - x[-1]": lambda x: x - x[-1],
+    "x * x[:1]": lambda x: x.tanh() * x[:1],
+    "narrow": lambda x: x + x.narrow(0, 2, 1).sin(),
+    "unbind": lambda x: x * x.unbind(0)[1].exp(),
+    "split": lambda x: x * x.split(1)[3],
+    "a time read from the first sample": lambda x: x * x[0, -1],
+    "two samples": lambda x: x * (x[0] * x[1]),
+}
+
+
+@pytest.mark.parametrize("case", PICKED)
+@pytest.mark.parametrize(
+    ("name", "method", "shape"),
+    [
+        ("divergence", "auto", (4, 3)),  # tiny: watched on the first call
+        ("divergence", "auto", (64, 16)),  # planned by recording
+        ("jacobian_diagonal", "structured", (8, 4)),
+        ("laplacian", "auto", (8, 4)),
+        ("laplacian", "taylor", (64, 16)),
+    ],
+)
+def test_a_sample_picked_out_and_combined_with_the_batch_is_mixing(case, name, method, shape):
+    """``x * x[0]`` makes every sample depend on sample 0: the per-sample derivatives of the
+    batched ``f`` are not its Jacobian's diagonal blocks (they were returned silently)."""
+    f = PICKED[case]
+    g = (lambda x: f(x).square().sum(-1)) if name == "laplacian" else f
+    x = torch.randn(*shape, dtype=f64)
+    with pytest.raises(BatchInteractionError, match=rf"^{name}: f mixes samples: sample \d"):
+        getattr(torchdiv, name)(g, x, method=method)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["stack", "cat of x[i:i+1]", "stack, then the batch", "whole slice", "chunks", "batch_dims=2"],
+)
+def test_samples_picked_out_one_by_one_and_put_back_in_order_are_not_mixing(case: str) -> None:
+    """A loop over the samples (``for xi in x``) stacked back in order is per sample, also
+    when combined with the batch afterwards; so is a slice of the whole batch."""
+    net = _net(3)
+    x = torch.randn(6, 3, dtype=f64)
+    fs = {
+        "stack": lambda z: torch.stack([net(zi) for zi in z]),
+        "cat of x[i:i+1]": lambda z: torch.cat([net(z[i : i + 1]) for i in range(len(z))]),
+        "stack, then the batch": lambda z: z.sin() + torch.stack([net(zi) for zi in z], 0),
+        "whole slice": lambda z: z[0 : len(z)] * net(z),
+        "chunks": lambda z: torch.cat([net(c) for c in z.split(4)]) * z,
+        "batch_dims=2": lambda z: torch.stack([net(zi) for zi in z.unbind(1)], 1),
+    }
+    f, expected = fs[case], torch.func.vmap(torch.func.jacrev(net))(x).diagonal(0, -2, -1)
+    if case == "whole slice":
+        expected = torch.func.vmap(torch.func.jacrev(lambda z: z * net(z)))(x).diagonal(0, -2, -1)
+    if case == "stack, then the batch":
+        expected = expected + x.cos()
+    if case == "chunks":
+        expected = torch.func.vmap(torch.func.jacrev(lambda z: net(z) * z))(x).diagonal(0, -2, -1)
+    if case == "batch_dims=2":
+        x2 = torch.randn(2, 6, 3, dtype=f64)
+        for method in ("auto", "structured"):
+            got = torchdiv.jacobian_diagonal(f, x2, batch_dims=2, method=method)
+            assert_close(got, torchdiv.jacobian_diagonal(net, x2, batch_dims=2, method="reverse"))
+        return
+    for method in ("auto", "structured"):
+        assert_close(torchdiv.jacobian_diagonal(f, x, method=method), expected)
+    assert_close(torchdiv.laplacian(lambda z: f(z).square().sum(-1), x, method="taylor"),
+                 torchdiv.laplacian(lambda z: f(z).square().sum(-1), x, method="grad-of-grad"))  # fmt: skip

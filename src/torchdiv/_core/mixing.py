@@ -14,6 +14,12 @@ a backward pass inside ``f``, as in ``grad(energy(x).sum(), x)``, does not count
 * a normalisation over it (train-mode batch norm; layer or group norm over batch dimensions);
 * a convolution across it (a batch dimension among the channels or spatial dimensions).
 
+A single sample picked out of the batch (``x[0]``, ``x[:1]``, ``for xi in x``) is followed
+too: combined with the whole batch (``x - x[0]``, ``x * x[-1:]``) it mixes samples (sample
+``b`` of the result depends on the picked one); stacked back in order with the other samples
+(``torch.stack([g(xi) for xi in x])``, ``torch.cat`` of ``x[i:i + 1]`` pieces) it is a batch
+again.
+
 Each batch dimension of a tensor is recorded as ``(position, size)``: the samples are the
 outermost factor of that dimension (reshapes may merge it with the dimensions after it, as
 ``matmul`` does with ``(B, T, D) -> (B*T, D)``). Elementwise ops, broadcasts, reshapes that
@@ -32,7 +38,7 @@ import math
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -116,7 +122,10 @@ class BatchAxes:
         self.known: dict[int, tuple[torch.Tensor, Axes]] = {id(x): (x, axes)} if axes else {}
         # id -> (tensor, message): results that depend on samples combined by some op
         self.mixed: dict[int, tuple[torch.Tensor, str]] = {}
+        # id -> (tensor, pick): results computed from samples picked out of the batch alone
+        self.picked: dict[int, tuple[torch.Tensor, Pick]] = {}
         self.pending: str | None = None  # the message for the results of the current op
+        self.carried: Pick | None = None  # the pick the results of the current op inherit
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -126,7 +135,7 @@ class BatchAxes:
         """The rule that ``after`` applies to ``func``'s results (``None``: nothing to note,
         e.g. under ``no_grad``, whose results are constants); notes whether ``func`` combines
         samples in a way derivatives see, or reads a result that did."""
-        self.pending = None
+        self.pending, self.carried = None, None
         if not self.known or not torch.is_grad_enabled():
             return None
         rules = _rules.get(func)  # one lookup per op: hashing an OpOverload costs 0.4 us
@@ -135,6 +144,8 @@ class BatchAxes:
         mixing, carry = rules
         if self.mixed and func not in VALUE_FREE:
             self.pending = self._mixed_in(args)
+        if self.pending is None and self.picked and func not in VALUE_FREE:
+            self._picked_in(func, args)
         if self.pending is None and mixing is not None:
             what = mixing(self, args)
             if what is not None:
@@ -150,9 +161,12 @@ class BatchAxes:
         outs = (out,) if isinstance(out, torch.Tensor) else out
         for i, t in enumerate(outs if isinstance(outs, list | tuple) else ()):
             if isinstance(t, torch.Tensor):
-                self._note(t, result[i] if result and i < len(result) else None)
+                axes = result[i] if result and i < len(result) else None
+                self._note(t, axes)
                 if self.pending is not None:
                     self.mixed[id(t)] = (t, self.pending)
+                elif self.carried is not None and not axes:
+                    self.pick(t, self.carried)
 
     def finish(self, y: Any) -> None:
         """Raise ``BatchInteractionError`` if ``f``'s result ``y`` (a tensor or a tree of
@@ -169,6 +183,32 @@ class BatchAxes:
                 if entry is not None and entry[0] is t:
                     return entry[1]
         return None
+
+    def pick(self, t: torch.Tensor, pick: Pick) -> None:
+        """Note that ``t`` holds samples picked out of the batch (its samples' derivatives
+        flow; an integer or boolean tensor carries none)."""
+        if t.is_floating_point():
+            self.picked[id(t)] = (t, pick)
+
+    def picks(self, t: Any) -> Pick | None:
+        entry = self.picked.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0] is t else None
+
+    def _picked_in(self, func: Any, args: Sequence[Any]) -> None:
+        """An op reading picked samples: combined with a batch it mixes samples (the
+        pending message); else its results inherit the pick (``carried``; several different
+        samples: which ones is no longer known)."""
+        tensors = [t for a in args for t in (a if isinstance(a, list | tuple) else (a,))]
+        picks = [p for t in tensors if (p := self.picks(t)) is not None]
+        if not picks:
+            return
+        if any(self.axes(t) for t in tensors):
+            what = f"{picks[0].what}, combined with the whole batch"
+            self.pending = self.message(func, what)
+        elif all(p[:2] == picks[0][:2] for p in picks):
+            self.carried = picks[0]
+        else:
+            self.carried = Pick(picks[0].size, None, picks[0].what)
 
     def _note(self, t: torch.Tensor, axes: Axes | None) -> None:
         if axes and t.is_floating_point():
@@ -346,6 +386,15 @@ def tracker(x: torch.Tensor, batch_dims: int) -> BatchAxes | None:
     return None if allowed() else BatchAxes(x, batch_dims)
 
 
+class Pick(NamedTuple):
+    """Samples picked out of a batch dimension of ``size`` samples: ``sample`` (``None``:
+    several, or not known which), and ``what`` picked it, for the message."""
+
+    size: int
+    sample: int | None
+    what: str
+
+
 # ---- where batch dimensions go (``after``) ----
 
 Carry = Callable[[BatchAxes, Sequence[Any], Any], "list[Axes | None] | None"]
@@ -426,39 +475,125 @@ def _permute(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
 
 
 def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
-    """``select(t, dim, i)``: one sample of a batch dimension is no batch any more (ends the
-    tracking of that dimension); the others move up after ``dim``."""
+    """``select(t, dim, i)``: one sample of a batch dimension is no batch any more; it is
+    a picked sample if that was ``t``'s only batch dimension (else the tracking of that
+    dimension ends). The others move up after ``dim``."""
     t, axes = args[0], tr.axes(args[0])
     if not axes:
         return None
     dim = args[1] % t.dim()
-    return [tuple((q - (q > dim), s, inner) for q, s, inner in axes if q != dim)]
+    kept = tuple((q - (q > dim), s, inner) for q, s, inner in axes if q != dim)
+    if not kept:
+        _picked(tr, t, axes[0], dim, [args[2] % t.shape[dim]] * 2, out)
+    return [kept]
 
 
-def _along(
-    tr: BatchAxes, args: Sequence[Any], out: Any, position: int = 1
-) -> list[Axes | None] | None:
-    """``slice``, ``split``, ``unbind``, ``narrow`` along ``dim`` (argument ``position``: 2
-    for ``split``, after the sizes): a batch dimension cut into pieces ends its tracking; the
-    others stay (``unbind`` removes ``dim``)."""
-    t, axes = args[0], tr.axes(args[0])
-    if not axes:
-        return None
-    dim = (args[position] if len(args) > position else 0) % t.dim()
-    outs = out if isinstance(out, list | tuple) else (out,)
-    kept = [axis for axis in axes if axis[0] != dim]
-    return [tuple((q - (q > dim and o.dim() < t.dim()), s, i) for q, s, i in kept) for o in outs]
+def _picked(
+    tr: BatchAxes, t: torch.Tensor, axis: tuple[int, int, int], dim: int, span: list[int], o: Any
+) -> None:
+    """Note ``o``, indices ``span[0]..span[1]`` (inclusive) of ``t`` along ``dim``, as one
+    picked sample if they fall in one sample of ``axis`` (``t``'s only batch dimension)."""
+    q, size, inner = axis
+    first, last = span[0] // inner, span[1] // inner
+    if q == dim and first == last and isinstance(o, torch.Tensor):
+        what = f"sample {first % size} picked out of the batch (dimension {q} of {_shape(t)})"
+        tr.pick(o, Pick(size, first % size, what))
+
+
+Spans = Callable[[Sequence[Any], int, Sequence[Any]], "list[tuple[int, int]]"]  # args, dim, outs
+
+
+def _cut(position: int, spans: Spans) -> Carry:
+    """``slice``, ``narrow``, ``split``, ``unbind`` along ``dim`` (argument ``position``: 2
+    for ``split``, after the sizes), whose pieces hold indices ``spans(args, dim, outs)`` (first
+    and last along ``dim``). A whole batch dimension stays; a cut one ends its
+    tracking, and a piece inside one sample of ``t``'s only batch dimension is that sample,
+    picked. The other batch dimensions stay (``unbind`` removes ``dim``)."""
+
+    def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+        t, axes = args[0], tr.axes(args[0])
+        if not axes:
+            return None
+        dim = (args[position] if len(args) > position else 0) % t.dim()
+        outs = out if isinstance(out, list | tuple) else (out,)
+        pieces = spans(args, dim, outs)
+        if pieces == [(0, t.shape[dim] - 1)] and outs[0].dim() == t.dim():
+            return [axes]
+        kept = [axis for axis in axes if axis[0] != dim]
+        if not kept:
+            for span, o in zip(pieces, outs, strict=False):
+                _picked(tr, t, axes[0], dim, span, o)
+        shift = [int(o.dim() < t.dim()) for o in outs]
+        return [tuple((q - (q > dim) * k, s, i) for q, s, i in kept) for k in shift]
+
+    return rule
+
+
+def _in_order(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[tuple[int, int]]:
+    """``split`` and ``unbind``: the pieces one after the other (``unbind``'s one long)."""
+    spans, start = [], 0
+    for o in outs:
+        extent = o.shape[dim] if o.dim() == args[0].dim() else 1
+        spans.append((start, start + extent - 1))
+        start += extent
+    return spans
+
+
+def _sliced(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[tuple[int, int]]:
+    """``slice(t, dim, start, end, step)``: its range, if the step is 1."""
+    n = args[0].shape[dim]
+    start, end, step = (*args[2:5], None, None, None)[:3]
+    first, stop = (
+        min(max(v + n if v < 0 else v, 0), n) for v in (start or 0, n if end is None else end)
+    )
+    return [(first, stop - 1)] if (step or 1) == 1 and stop > first else []
+
+
+def _narrowed(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[tuple[int, int]]:
+    """``narrow(t, dim, start, length)``."""
+    first = args[2] % args[0].shape[dim]
+    return [(first, first + args[3] - 1)] if args[3] > 0 else []
 
 
 def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """Pieces joined along ``dim`` keep their other batch dimensions; every sample picked
+    out, in order, each as long along ``dim``, is the batch again."""
     tensors = [t for t in args[0] if isinstance(t, torch.Tensor)]
-    dim = args[1] if len(args) > 1 else 0
+    dim = (args[1] if len(args) > 1 else 0) % out.dim()
     found: set[tuple[int, int, int]] = set()
     for t in tensors:
         axes = tr.axes(t)
         if axes and t.dim() == out.dim():
-            found.update(axis for axis in axes if axis[0] != dim % out.dim())
+            found.update(axis for axis in axes if axis[0] != dim)
+    extents = {t.shape[dim] for t in tensors if t.dim() == out.dim()}
+    size = _restacked(tr, tensors)
+    if size is not None and len(extents) == 1:
+        found.add((dim, size, extents.pop()))
     return [tuple(sorted(found))]
+
+
+def _stack(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """Tensors stacked along a new ``dim``: their batch dimensions, and every sample picked
+    out, stacked in order, is the batch again (``torch.stack([g(xi) for xi in x])``)."""
+    tensors = [t for t in args[0] if isinstance(t, torch.Tensor)]
+    dim = (args[1] if len(args) > 1 else 0) % out.dim()
+    found: set[tuple[int, int, int]] = set()
+    for t in tensors:
+        found.update((q + (q >= dim), s, i) for q, s, i in tr.axes(t) or ())
+    size = _restacked(tr, tensors)
+    if size is not None:
+        found.add((dim, size, 1))
+    return [tuple(sorted(found))]
+
+
+def _restacked(tr: BatchAxes, tensors: Sequence[torch.Tensor]) -> int | None:
+    """The batch size, if ``tensors`` are its samples, each picked out alone, in order."""
+    picks = [tr.picks(t) for t in tensors]
+    size = picks[0].size if picks and picks[0] is not None else None
+    in_order = [(p.size, p.sample) if p else None for p in picks] == [
+        (size, i) for i in range(len(picks))
+    ]
+    return size if in_order and len(picks) == size else None
 
 
 def _first_like_input(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -541,12 +676,13 @@ _CARRY: dict[Any, Carry] = {
     aten.transpose.int: _permute,
     aten.t.default: _permute,
     aten.select.int: _select,
-    aten.slice.Tensor: _along,
-    aten.narrow.default: _along,
-    aten.split.Tensor: lambda tr, args, out: _along(tr, args, out, 2),
-    aten.split_with_sizes.default: lambda tr, args, out: _along(tr, args, out, 2),
-    aten.unbind.int: _along,
+    aten.slice.Tensor: _cut(1, _sliced),
+    aten.narrow.default: _cut(1, _narrowed),
+    aten.split.Tensor: _cut(2, _in_order),
+    aten.split_with_sizes.default: _cut(2, _in_order),
+    aten.unbind.int: _cut(1, _in_order),
     aten.cat.default: _cat,
+    aten.stack.default: _stack,
 }
 _rules: dict[Any, tuple[Mixing | None, Carry]] = {}  # each op's two rules, as first met
 # results that do not depend on their argument's values: a gradient seed ones_like(loss)
