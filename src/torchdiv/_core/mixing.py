@@ -484,12 +484,17 @@ def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
     dim = args[1] % t.dim()
     kept = tuple((q - (q > dim), s, inner) for q, s, inner in axes if q != dim)
     if not kept:
-        _picked(tr, t, axes[0], dim, [args[2] % t.shape[dim]] * 2, out)
+        _picked(tr, t, axes[0], dim, (args[2] % t.shape[dim],) * 2, out)
     return [kept]
 
 
 def _picked(
-    tr: BatchAxes, t: torch.Tensor, axis: tuple[int, int, int], dim: int, span: list[int], o: Any
+    tr: BatchAxes,
+    t: torch.Tensor,
+    axis: tuple[int, int, int],
+    dim: int,
+    span: tuple[int, int],
+    o: Any,
 ) -> None:
     """Note ``o``, indices ``span[0]..span[1]`` (inclusive) of ``t`` along ``dim``, as one
     picked sample if they fall in one sample of ``axis`` (``t``'s only batch dimension)."""
