@@ -664,6 +664,39 @@ def test_in_place_ops_on_shared_memory_are_refused_and_auto_falls_back():
     assert_close(torchdiv.laplacian(_write_through_a_view, z), expected)
 
 
+def _cosine(z: torch.Tensor) -> torch.Tensor:
+    """``F.cosine_similarity`` clamps its norms in place under ``NoGradGuard``: autograd keeps
+    their history through that write."""
+    return nn.functional.cosine_similarity(z[:, :2], z[:, 2:] + 1, dim=-1)
+
+
+def _clamped_under_no_grad(z: torch.Tensor) -> torch.Tensor:
+    h = z * 2
+    with torch.no_grad():
+        h.clamp_(-50, 50)  # never binds here: forward and reverse mode agree (Limitations)
+    return (torch.tanh(h) * z).sum(-1)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of clamp_
+@pytest.mark.parametrize("f", [_cosine, _clamped_under_no_grad])
+@pytest.mark.parametrize("n", [5, 300])  # tiny: the loop; larger: the Taylor engine
+def test_a_write_under_no_grad_to_what_depends_on_x_is_refused_and_auto_falls_back(f, n):
+    """The recording engines took the written tensor for a constant: Laplacians of
+    ``cosine_similarity`` 100% off, divergences through it 24% off, silently."""
+    z = torch.randn(n, 4, dtype=f64)
+    with pytest.raises(NotImplementedError, match=r"under no_grad \(a write autograd"):
+        torchdiv.laplacian(f, z, method="taylor")
+    expected = torchdiv.laplacian(f, z, method="grad-of-grad")
+    assert_close(torchdiv.laplacian(f, z), expected)
+    value = torchdiv.value_grad_laplacian(f, z)
+    assert_close(value.laplacian, expected)
+    field = lambda v: v * f(v)[:, None]  # noqa: E731
+    want = torch.func.vmap(torch.func.jacrev(lambda v: field(v[None])[0]))(z)
+    assert_close(torchdiv.divergence(field, z), want.diagonal(0, -2, -1).sum(-1))
+    with pytest.raises(NotImplementedError, match=r"under no_grad"):
+        torchdiv.divergence(field, z, method="structured")
+
+
 class _Cube(torch.autograd.Function):
     """A custom Function torch.func can run (the fallback's forward-over-reverse needs that)."""
 

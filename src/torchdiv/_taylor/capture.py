@@ -248,6 +248,14 @@ class _Recorder(TorchDispatchMode):
                 continue
             if depends and id(tensor) in self.refs:  # recorded out of place (``functional``)
                 continue
+            if not depends and self.holds_dependent(storage):
+                # autograd keeps the tensor's history through a write it does not see (reverse
+                # mode differentiates as if the write had not happened; forward mode as if it
+                # had): no replay reproduces either
+                self.graph.unsupported.append(
+                    f"{func} under no_grad (a write autograd does not record)"
+                )
+                continue
             if depends:  # a call on x that also updates state (training-mode batch norm)
                 self.graph.unsupported.append(f"{func} updating a tensor besides its result")
             before = tensor.detach().clone()
@@ -270,6 +278,16 @@ class _Recorder(TorchDispatchMode):
                 node.args, node.kwargs = map_leaves(
                     _replacing(tensor, before), (node.args, node.kwargs)
                 )
+
+    def holds_dependent(self, storage: int) -> bool:
+        """Whether a tensor computed from ``x`` (recorded as depending on it) lives in
+        ``storage``."""
+        return any(
+            isinstance(t, torch.Tensor)
+            and self.refs.get(id(t)) in self.dependent
+            and _storage(t) == storage
+            for t in leaves(self.alive)
+        )
 
     def keep_generator(self, func: Any, kwargs: Any) -> None:
         """A ``torch.Generator`` a random call draws from, for ``Graph.undo``."""
