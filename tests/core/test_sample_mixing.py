@@ -585,3 +585,22 @@ def test_samples_picked_out_one_by_one_and_put_back_in_order_are_not_mixing(case
         assert_close(torchdiv.jacobian_diagonal(f, x, method=method), expected)
     assert_close(torchdiv.laplacian(lambda z: f(z).square().sum(-1), x, method="taylor"),
                  torchdiv.laplacian(lambda z: f(z).square().sum(-1), x, method="grad-of-grad"))  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [4, 64])  # tiny problems and those "auto" plans
+def test_samples_moved_into_the_output_event_are_mixing(n: int) -> None:
+    """A broadcasting slip (``z @ A`` with a per-sample ``A`` of shape ``(B, d, d)`` gives
+    ``(B, B, d)``): no op sums over samples, yet output sample ``c`` depends on every sample
+    of ``x``; ``jacobian`` and ``laplacian`` returned numbers, silently."""
+    a = torch.randn(n, 3, 3, dtype=f64)
+    x = torch.randn(n, 3, dtype=f64)
+    slips = {
+        "jacobian": lambda z: torch.tanh(z @ a),
+        "laplacian": lambda z: torch.tanh(z @ a).square().sum(-1),
+    }
+    for name, f in slips.items():
+        with pytest.raises(BatchInteractionError, match=r"samples run along dimension 1"):
+            getattr(torchdiv, name)(f, x)
+    outer = lambda z: torch.einsum("bi,cj->bcij", z, z).sum(-1)  # noqa: E731
+    with pytest.raises(BatchInteractionError, match=r"samples run along dimension 1"):
+        torchdiv.jacobian(outer, x)

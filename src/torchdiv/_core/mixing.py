@@ -170,11 +170,22 @@ class BatchAxes:
 
     def finish(self, y: Any) -> None:
         """Raise ``BatchInteractionError`` if ``f``'s result ``y`` (a tensor or a tree of
-        them) depends on samples that an op combined."""
+        them) depends on samples that an op combined, or holds ``x``'s samples along one of
+        its event dimensions (every output sample then depends on every input sample)."""
+        leaves = tree_leaves(y)
         if self.mixed:
-            message = self._mixed_in(tree_leaves(y))
+            message = self._mixed_in(leaves)
             if message is not None:
                 raise BatchInteractionError(message)
+        for t in leaves:
+            moved = [q for q, *_ in self.axes(t) or () if q >= self.batch_dims]
+            if moved:
+                what = (
+                    f"x's samples run along dimension {moved[0]} of f's output of shape "
+                    f"{_shape(t)}, an event dimension (a broadcast of the batch against a tensor "
+                    "with a batch dimension of its own, such as z @ A with A of shape (B, n, n)?)"
+                )
+                raise BatchInteractionError(explain(what, self.x, self.batch_dims))
 
     def _mixed_in(self, args: Sequence[Any]) -> str | None:
         for a in args:
