@@ -143,7 +143,10 @@ def jacobian_diagonal(
     ``method="hutchinson"`` estimates it instead, without bias, from ``num_probes`` products
     per sample (Bekas, Kokiopoulou and Saad 2007): ``diag J ~ (1/m) sum_j v_j * (J v_j)``
     with ``E[v v^T] = I``; with Rademacher probes the error of entry ``i`` is
-    ``sum_{l != i} J_il v_i v_l / m``, small when ``J`` is diagonally dominant.
+    ``sum_{l != i} J_il v_i v_l / m``, small when ``J`` is diagonally dominant. Where reverse
+    mode is the cheaper product (``"auto"``'s choice, as for ``divergence``) it computes
+    ``v_j * (J^T v_j)``: the same expectation, with error ``sum_{l != i} J_li v_i v_l / m``
+    (columns instead of rows), so the same probes give another estimate on another engine.
 
     Args:
         f: as in ``jacobian``; ``f(x)`` must have as many elements per sample as ``x``.
