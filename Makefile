@@ -4,7 +4,8 @@
 # `make docs` builds the documentation site into site/ (CI runs it after `make test`).
 # Both install the `dev`, `bench`, `ode` and `models` extras: the CLI tests run the benchmark
 # (rich, matplotlib), the flows tests and examples solve ODEs (torchdiffeq), the type checks need
-# mypy and basedpyright, the U-Net tests and the diffusion example build diffusers models.
+# mypy and basedpyright, the U-Net tests and the diffusion example build diffusers models,
+# the flow tests zuko's CNF.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
