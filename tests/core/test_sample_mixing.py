@@ -553,11 +553,24 @@ def test_a_sample_picked_out_and_combined_with_the_batch_is_mixing(case, name, m
 
 @pytest.mark.parametrize(
     "case",
-    ["stack", "cat of x[i:i+1]", "stack, then the batch", "whole slice", "chunks", "batch_dims=2"],
+    [
+        "stack",
+        "cat of x[i:i+1]",
+        "stack, then the batch",
+        "whole slice",
+        "chunks",
+        "chunks, one of a single sample, then the batch",
+        "the first sample apart, then the batch",
+        "in reverse, flipped back, then the batch",
+        "padded with the last sample",
+        "batch_dims=2",
+    ],
 )
-def test_samples_picked_out_one_by_one_and_put_back_in_order_are_not_mixing(case: str) -> None:
+def test_independent_functions_that_pick_samples_are_not_mixing(case: str) -> None:
     """A loop over the samples (``for xi in x``) stacked back in order is per sample, also
-    when combined with the batch afterwards; so is a slice of the whole batch."""
+    when combined with the batch afterwards; so are a slice of the whole batch, chunks (one of
+    a single sample), a loop in reverse flipped back, a batch padded with its last sample
+    (these four were flagged by a first version of the pick tracking)."""
     net = _net(3)
     x = torch.randn(6, 3, dtype=f64)
     fs = {
@@ -566,12 +579,24 @@ def test_samples_picked_out_one_by_one_and_put_back_in_order_are_not_mixing(case
         "stack, then the batch": lambda z: z.sin() + torch.stack([net(zi) for zi in z], 0),
         "whole slice": lambda z: z[0 : len(z)] * net(z),
         "chunks": lambda z: torch.cat([net(c) for c in z.split(4)]) * z,
+        "chunks, one of a single sample, then the batch": lambda z: (
+            z.sin() + torch.cat([net(c) for c in z.split(5)])
+        ),
+        "the first sample apart, then the batch": lambda z: (
+            z.sin() + torch.cat([net(z[:1]), net(z[1:])])
+        ),
+        "in reverse, flipped back, then the batch": lambda z: (
+            z.sin() + torch.stack([net(zi) for zi in reversed(z.unbind())]).flip(0)
+        ),
+        "padded with the last sample": lambda z: net(torch.cat([z, z[-1:].expand(3, -1)]))[
+            : len(z)
+        ],
         "batch_dims=2": lambda z: torch.stack([net(zi) for zi in z.unbind(1)], 1),
     }
     f, expected = fs[case], torch.func.vmap(torch.func.jacrev(net))(x).diagonal(0, -2, -1)
     if case == "whole slice":
         expected = torch.func.vmap(torch.func.jacrev(lambda z: z * net(z)))(x).diagonal(0, -2, -1)
-    if case == "stack, then the batch":
+    if case.endswith("then the batch"):
         expected = expected + x.cos()
     if case == "chunks":
         expected = torch.func.vmap(torch.func.jacrev(lambda z: net(z) * z))(x).diagonal(0, -2, -1)
@@ -583,8 +608,10 @@ def test_samples_picked_out_one_by_one_and_put_back_in_order_are_not_mixing(case
         return
     for method in ("auto", "structured"):
         assert_close(torchdiv.jacobian_diagonal(f, x, method=method), expected)
-    assert_close(torchdiv.laplacian(lambda z: f(z).square().sum(-1), x, method="taylor"),
-                 torchdiv.laplacian(lambda z: f(z).square().sum(-1), x, method="grad-of-grad"))  # fmt: skip
+    u = lambda z: f(z).square().sum(-1)  # noqa: E731
+    assert_close(
+        torchdiv.laplacian(u, x, method="taylor"), torchdiv.laplacian(u, x, method="grad-of-grad")
+    )
 
 
 @pytest.mark.parametrize("n", [4, 64])  # tiny problems and those "auto" plans

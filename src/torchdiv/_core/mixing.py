@@ -208,18 +208,26 @@ class BatchAxes:
     def _picked_in(self, func: Any, args: Sequence[Any]) -> None:
         """An op reading picked samples: combined with a batch it mixes samples (the
         pending message); else its results inherit the pick (``carried``; several different
-        samples: which ones is no longer known)."""
-        tensors = [t for a in args for t in (a if isinstance(a, list | tuple) else (a,))]
+        samples: which ones is no longer known). Joining pieces (``cat``, ``stack``) carries a
+        pick only if every piece is one, and not when they are distinct samples (a batch in
+        some order: ``_restacked`` makes one in order the batch again); joined along a batch
+        dimension, a pick only stands beside the samples (padding a batch with its last
+        sample), it is not combined with them."""
+        joins = func in _JOINS
+        pieces = list(args[0]) if joins else args
+        tensors = [t for a in pieces for t in (a if isinstance(a, list | tuple) else (a,))]
         picks = [p for t in tensors if (p := self.picks(t)) is not None]
         if not picks:
             return
         if any(self.axes(t) for t in tensors):
-            what = f"{picks[0].what}, combined with the whole batch"
-            self.pending = self.message(func, what)
-        elif all(p[:2] == picks[0][:2] for p in picks):
-            self.carried = picks[0]
-        else:
-            self.carried = Pick(picks[0].size, None, picks[0].what)
+            if not (func in _CATS and _joined_along_batch(self, args)):
+                self.pending = self.message(func, f"{picks[0].what}, combined with the whole batch")
+            return
+        distinct = {p.sample for p in picks}
+        if joins and (len(picks) < len(tensors) or len(distinct) == len(picks) > 1):
+            return
+        sample = picks[0].sample if len(distinct) == 1 else None
+        self.carried = Pick(picks[0].size, sample, picks[0].what)
 
     def _note(self, t: torch.Tensor, axes: Axes | None) -> None:
         if axes and t.is_floating_point():
@@ -588,6 +596,13 @@ def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | No
     return [tuple(sorted(found))]
 
 
+def _joined_along_batch(tr: BatchAxes, args: Sequence[Any]) -> bool:
+    """Whether ``cat(tensors, dim)`` joins its pieces along a batch dimension of one."""
+    tensors = [t for t in args[0] if isinstance(t, torch.Tensor) and t.dim()]
+    dim = (args[1] if len(args) > 1 else 0) % max(tensors[0].dim() if tensors else 1, 1)
+    return any(q == dim for t in tensors for q, *_ in tr.axes(t) or ())
+
+
 def _stack(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
     """Tensors stacked along a new ``dim``: their batch dimensions, and every sample picked
     out, stacked in order, is the batch again (``torch.stack([g(xi) for xi in x])``)."""
@@ -700,6 +715,8 @@ _CARRY: dict[Any, Carry] = {
     aten.cat.default: _cat,
     aten.stack.default: _stack,
 }
+_CATS = {aten.cat.default}
+_JOINS = {*_CATS, aten.stack.default}
 _rules: dict[Any, tuple[Mixing | None, Carry]] = {}  # each op's two rules, as first met
 # results that do not depend on their argument's values: a gradient seed ones_like(loss)
 VALUE_FREE = {
