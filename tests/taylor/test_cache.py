@@ -196,3 +196,23 @@ def test_least_recently_used_entries_go_first():
     assert cache.get(sites[1], "k") is None
     assert cache.get(sites[0], "k") is sites[0]
     assert cache.get(sites[2], "k") is sites[2]
+
+
+def test_a_lean_check_that_cannot_match_a_replaced_op_is_followed_by_full_ones():
+    """Templates are first checked without ``SafeDerivatives`` and the attention switch
+    (``Template.lean``); ``f`` then runs PyTorch's own ``cdist``, not the recorded
+    replacement: the check fails, ``f`` is recorded again, and later calls are checked under
+    all of capture's modes (hits, with the replacement's values)."""
+
+    def f(x):
+        return torch.cdist(x, x)
+
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    hits, leans = [], []
+    for _ in range(4):
+        graph, hit = record(f, x, site(f))
+        hits.append(hit)
+        leans.append(plans.RECORDINGS.get(site(f), plans.key(x, 1)).lean)
+        same_values(graph, capture(f, x, RULES, keep_values=True, batch_dims=1))
+    assert hits == [False, False, True, True]
+    assert leans == [True, False, False, False]
