@@ -226,6 +226,8 @@ class _Walker:
         """``d`` (broadcasting against ``like``) as an ``(N or 1, w)`` scale."""
         if d is None:
             return Diagonal(like.new_zeros(1, like.numel() // self.n))
+        if d.shape == like.shape and like.dim() == 2 and like.shape[0] == self.n:
+            return Diagonal(d)  # (N, w) already: an activation of a Linear's output
         k = _batch_prefix(like.shape, self.n)
         d = d.reshape((1,) * (like.dim() - d.dim()) + d.shape)
         if all(s == 1 for s in d.shape[:k]):
