@@ -329,13 +329,19 @@ def _changes_state(func: Any, args: Any, kwargs: Any) -> bool:
     return writes or (func in _BATCH_NORMS and len(args) > 5 and bool(args[5]))  # training
 
 
+def _differentiable(outs: list[Any]) -> bool:
+    """Whether a call's results carry derivatives (floating or complex tensors)."""
+    return any(
+        isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in outs
+    )
+
+
 class _Checker(TorchDispatchMode):
     def __init__(self, found: Template, x: torch.Tensor, rules: Container[Any]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         self.found, self.x, self.rules = found, x, rules
         self.calls = found.calls
         self.refs: dict[int, Ref] = {id(x): X}
-        self.alive: list[Any] = [x]  # keeps ids unique while checking
         self.nodes: list[Node] = []
         self.values: list[list[Any]] = []
         self.i, self.same = 0, True
@@ -363,9 +369,8 @@ class _Checker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if not self.same:
-            return self._unwatched(func, args, kwargs)
-        call = self.calls[self.i] if self.i < len(self.calls) else None
+        i = self.i
+        call = self.calls[i] if self.same and i < len(self.calls) else None
         if call is None or call.func is not func:  # as capture, a decomposed op; or another
             return self._other(func, args, kwargs)
         pattern: list[Any] = []
@@ -377,22 +382,22 @@ class _Checker(TorchDispatchMode):
         out = func(*args, **kwargs)
         outs = [out] if isinstance(out, torch.Tensor) else leaves(out)
         # as capture: results without derivatives (indices) are constants
-        depends = (call.may_depend and torch.is_grad_enabled()) and any(
-            isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in outs
-        )
+        depends = call.may_depend and torch.is_grad_enabled() and _differentiable(outs)
         self.same = depends == call.depends and len(outs) == len(call.outputs)
         self.nodes.append(Node(func, node_args, node_kwargs, depends))
+        refs = self.refs
         for ref, leaf in zip(call.outputs, outs, strict=False):
             if isinstance(leaf, torch.Tensor):
-                self.refs[id(leaf)] = ref
-        self.values.append(outs)
-        self.alive.append(out)
-        self.i += 1
+                refs[id(leaf)] = ref
+        self.values.append(outs)  # (keeps them alive: ids stay unique while checking)
+        self.i = i + 1
         return out
 
     def _other(self, func: Any, args: Any, kwargs: Any) -> Any:
         """A call that is not the template's next one: the decomposition ``capture`` would
         have recorded instead (a dependent op without a rule), or the end of the check."""
+        if not self.same:
+            return self._unwatched(func, args, kwargs)
         pattern = [self.ref(a) for a in leaves((args, kwargs))]
         touches = any(
             isinstance(a, Ref) and (a.node < 0 or self.calls[a.node].depends) for a in pattern
