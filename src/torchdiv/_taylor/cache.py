@@ -154,6 +154,8 @@ def template(graph: Graph, lean: bool = True) -> Template | None:
         return None
     if any(_changes_state(n.func, n.args, n.kwargs) for n in graph.nodes):  # (checks rely on it)
         return None
+    if len(graph.values) != len(graph.nodes):
+        return None
     # one Ref object per result, shared by the patterns that read it: a check compares
     # the Refs it hands out by identity first
     canonical = {X: X}
