@@ -161,7 +161,7 @@ def template(graph: Graph, lean: bool = True) -> Template | None:
     canonical = {X: X}
     for i, out in enumerate(graph.values):
         canonical.update((Ref(i, j), Ref(i, j)) for j in range(len(out)))
-    calls = []
+    calls: list[_Call] = []
     for i, n in enumerate(graph.nodes):
         pattern = tuple(
             canonical.get(a, a) if isinstance(a, Ref) else _pattern(a)
