@@ -196,3 +196,47 @@ def test_least_recently_used_entries_go_first():
     assert cache.get(sites[1], "k") is None
     assert cache.get(sites[0], "k") is sites[0]
     assert cache.get(sites[2], "k") is sites[2]
+
+
+def test_a_lean_check_that_cannot_match_a_replaced_op_is_followed_by_full_ones():
+    """Templates are first checked without ``SafeDerivatives`` and the attention switch
+    (``Template.lean``); ``f`` then runs PyTorch's own ``cdist``, not the recorded
+    replacement: the check fails, ``f`` is recorded again, and later calls are checked under
+    all of capture's modes (hits, with the replacement's values)."""
+
+    def f(x):
+        return torch.cdist(x, x)
+
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    hits, leans = [], []
+    for _ in range(4):
+        graph, hit = record(f, x, site(f))
+        hits.append(hit)
+        leans.append(plans.RECORDINGS.get(site(f), plans.key(x, 1)).lean)
+        same_values(graph, capture(f, x, RULES, keep_values=True, batch_dims=1))
+    assert hits == [False, False, True, True]
+    assert leans == [True, False, False, False]
+
+
+@pytest.mark.parametrize("change", ["arguments swapped", "no_grad inside f"])
+def test_the_same_ops_reading_other_results_or_without_grad_are_recorded_again(change):
+    """A check compares the results a call reads by identity first and knows from the
+    template which calls depend on ``x``: the same ops in the same order, reading each
+    other's results the other way round, or computed under ``no_grad`` (constants), are
+    another structure."""
+    state = {"swap": False, "no_grad": False}
+
+    def f(x):
+        with torch.set_grad_enabled(not state["no_grad"]):
+            a, b = torch.tanh(x), torch.sin(x)
+        return torch.sub(b, a) if state["swap"] else torch.sub(a, b)
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    recorded(site(f), f, x, RULES, 1)
+    state["swap" if change == "arguments swapped" else "no_grad"] = True
+    found = plans.RECORDINGS.get(site(f), plans.key(x, 1))
+    assert checked(found, f, x, RULES) is None
+    graph, hit = record(f, x, site(f))
+    assert not hit
+    same_values(graph, capture(f, x, RULES, keep_values=True, batch_dims=1))
+    assert [n.depends for n in graph.nodes][:2] == [change != "no_grad inside f"] * 2

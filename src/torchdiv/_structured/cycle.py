@@ -44,13 +44,16 @@ JOIN_ELEMENTS = 1 << 20  # shared matrices are multiplied up to this size (4 MiB
 def trace(paths: list[Path], x: Tensor, n_samples: int, chunk: int | None) -> Tensor:
     """``sum_p c_p tr(F_{p,m} ... F_{p,1})`` for every sample, shape ``(N,)``; a path without
     factors is the identity on ``x``'s event (``x + g(x)``: its trace is the event size)."""
-    total = x.new_zeros(1)
+    total = None
     for path in paths:
         if path.factors:
             part = _cycle_trace(_cheaper_cycle(_merged(path.factors)), chunk)
         else:
             part = x.new_full((1,), x.numel() // n_samples)
-        total = total + path.coefficient * part
+        part = part if path.coefficient == 1 else path.coefficient * part
+        total = part if total is None else total + part
+    if total is None:
+        total = x.new_zeros(1)
     return total if len(total) == n_samples else total.expand(n_samples).clone()
 
 
@@ -102,7 +105,13 @@ def _cheaper_cycle(factors: list[Factor]) -> list[Factor]:
     ends_are_matrices = isinstance(factors[0], Shared) and isinstance(factors[-1], Shared)
     if len(closed) == len(factors) or len(closed) == 1 or not ends_are_matrices:
         return closed
-    return min(closed, factors, key=lambda c: _rotation(_alternated(c)[0])[0])
+    return min(closed, factors, key=lambda c: _rotation(_matrices(c))[0])
+
+
+def _matrices(cycle: list[Factor]) -> list[Tensor]:
+    """The shared matrices of a cycle, as ``_alternated`` gives them (in order from the
+    first)."""
+    return [f.matrix for f in cycle if isinstance(f, Shared)]
 
 
 def _alternated(cycle: list[Factor]) -> tuple[list[Tensor], list[Tensor]]:

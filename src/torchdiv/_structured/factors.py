@@ -33,7 +33,7 @@ import torch
 from torchdiv._core.modes import host_planning, to_device
 from torchdiv._taylor import RULES, Context, Graph, Jet
 from torchdiv._taylor.capture import Node, Ref
-from torchdiv._taylor.elementwise import DERIVATIVES
+from torchdiv._taylor.elementwise import DERIVATIVES, FIRST
 from torchdiv._taylor.linear import MOVES
 from torchdiv._taylor.tree import leaves, map_leaves
 
@@ -208,6 +208,9 @@ class _Walker:
         if not _per_sample(a, self.n):
             return None
         if node.func in DERIVATIVES and _is(node.args[0], source):  # phi(a): phi'(a)
+            first = FIRST.get(node.func)
+            if first is not None and len(node.args) == 1 and not node.kwargs:
+                return (self._diagonal(first(a, y), y),)
             rest, kwargs = map_leaves(self.value, (node.args[1:], node.kwargs))
             d1, _ = DERIVATIVES[node.func](a, y, *rest, **kwargs)
             return (self._diagonal(d1, y),)
@@ -223,6 +226,8 @@ class _Walker:
         """``d`` (broadcasting against ``like``) as an ``(N or 1, w)`` scale."""
         if d is None:
             return Diagonal(like.new_zeros(1, like.numel() // self.n))
+        if d.shape == like.shape and like.dim() == 2 and like.shape[0] == self.n:
+            return Diagonal(d)  # (N, w) already: an activation of a Linear's output
         k = _batch_prefix(like.shape, self.n)
         d = d.reshape((1,) * (like.dim() - d.dim()) + d.shape)
         if all(s == 1 for s in d.shape[:k]):

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchdiv._core import mixing as _mixing
@@ -75,14 +76,22 @@ class Value:
 
 
 VALUE = Value()
+X = Ref(-1)  # x itself
 
 
 @dataclass(frozen=True)
 class _Call:
+    """One call of a template, with what a check reads of it made once: whether it reads a
+    tensor computed from ``x`` (``touches``; true again whenever its arguments match), whether
+    its results may then depend on ``x`` (``touches`` and not ``VALUE_FREE``), and the
+    ``Ref`` of each of its results."""
+
     func: Any
     pattern: tuple[Any, ...]  # the arguments' leaves: Ref, Outside, VALUE or the value itself
     depends: bool
-    value_free: bool  # func in mixing.VALUE_FREE (read once, not at every check)
+    touches: bool
+    may_depend: bool
+    outputs: tuple[Ref, ...]
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,7 @@ class Template:
     output_shape: tuple[int, ...]
     widest: int
     work: tuple[int, int, int]  # the graph's dependent calls, elements and products
+    lean: bool = True  # checked without the modes that only change ops (``checked``)
     derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -134,7 +144,7 @@ def _same(want: Any, have: Any) -> bool:
     return type(want) is type(have) and bool(want == have)  # want is plain (no OPAQUE)
 
 
-def template(graph: Graph) -> Template | None:
+def template(graph: Graph, lean: bool = True) -> Template | None:
     """``graph``'s structure, or ``None`` if it cannot be checked by structure: an op without
     a rule, writes outside ``f`` or in place, random draws (their outputs are kept), an
     argument that cannot be compared (``OPAQUE``)."""
@@ -144,19 +154,28 @@ def template(graph: Graph) -> Template | None:
         return None
     if any(_changes_state(n.func, n.args, n.kwargs) for n in graph.nodes):  # (checks rely on it)
         return None
-    calls = tuple(
-        _Call(
-            n.func,
-            tuple(map(_pattern, leaves((n.args, n.kwargs)))),
-            n.depends,
-            n.func in _mixing.VALUE_FREE,
+    if len(graph.values) != len(graph.nodes):
+        return None
+    # one Ref object per result, shared by the patterns that read it: a check compares
+    # the Refs it hands out by identity first
+    canonical = {X: X}
+    for i, out in enumerate(graph.values):
+        canonical.update((Ref(i, j), Ref(i, j)) for j in range(len(out)))
+    calls: list[_Call] = []
+    for i, n in enumerate(graph.nodes):
+        pattern = tuple(
+            canonical.get(a, a) if isinstance(a, Ref) else _pattern(a)
+            for a in leaves((n.args, n.kwargs))
         )
-        for n in graph.nodes
-    )
+        touches = any(isinstance(a, Ref) and (a.node < 0 or calls[a.node].depends) for a in pattern)
+        may_depend = touches and n.func not in _mixing.VALUE_FREE
+        outputs = tuple(canonical[Ref(i, j)] for j in range(len(graph.values[i])))
+        calls.append(_Call(n.func, pattern, n.depends, touches, may_depend, outputs))
     if any(p is OPAQUE for call in calls for p in call.pattern):
         return None
     work = (graph.dependent_calls, graph.elements, graph.products)
-    return Template(calls, graph.output, graph.output_shape, graph.widest, work)
+    output = canonical.get(graph.output, graph.output)
+    return Template(tuple(calls), output, graph.output_shape, graph.widest, work, lean)
 
 
 class PlanCache:
@@ -254,7 +273,9 @@ def recorded(
     if graph is not None:
         return graph
     graph = capture(f, x, rules, keep_values=True, batch_dims=batch_dims)
-    kept = None if where is None else template(graph)
+    # after a failed check (the structure changed, or f takes a replaced op or attention
+    # and a lean check can never match it) the next checks run under all of capture's modes
+    kept = None if where is None else template(graph, lean=found is None)
     if kept is not None:
         RECORDINGS.put(where, k, kept)
         graph.template = kept
@@ -263,11 +284,20 @@ def recorded(
 
 def checked(found: Template, f: Function, x: torch.Tensor, rules: Container[Any]) -> Graph | None:
     """Evaluate ``f(x)`` comparing each call with ``found``: the ``Graph`` of this evaluation
-    if all match, else ``None`` with what ``f`` changed put back (the caller records again)."""
+    if all match, else ``None`` with what ``f`` changed put back (the caller records again).
+
+    A ``lean`` template is checked with grad and forward-mode AD on, as ``capture`` runs
+    ``f``, but without its modes that only choose which ops run (attention on the math
+    backend, ``SafeDerivatives``' replacements; ~40 us a call): where they would have changed
+    an op, ``f`` computes other ops than the template's, and the check fails."""
     checker = _Checker(found, x, rules)
     outer_grad = torch.is_grad_enabled()
-    with recording(), checker:
-        y = f(x)
+    if found.lean:
+        with torch.enable_grad(), _set_fwd_grad_enabled(True), checker:
+            y = f(x)
+    else:
+        with recording(), checker:
+            y = f(x)
     out = leaves(map_leaves(checker.ref, y))
     complete = checker.same and checker.i == len(found.calls)
     if complete and out == [found.output] and tuple(y.shape) == found.output_shape:
@@ -301,12 +331,19 @@ def _changes_state(func: Any, args: Any, kwargs: Any) -> bool:
     return writes or (func in _BATCH_NORMS and len(args) > 5 and bool(args[5]))  # training
 
 
+def _differentiable(outs: list[Any]) -> bool:
+    """Whether a call's results carry derivatives (floating or complex tensors)."""
+    return any(
+        isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in outs
+    )
+
+
 class _Checker(TorchDispatchMode):
     def __init__(self, found: Template, x: torch.Tensor, rules: Container[Any]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         self.found, self.x, self.rules = found, x, rules
-        self.refs: dict[int, Ref] = {id(x): Ref(-1)}
-        self.alive: list[Any] = [x]  # keeps ids unique while checking
+        self.calls = found.calls
+        self.refs: dict[int, Ref] = {id(x): X}
         self.nodes: list[Node] = []
         self.values: list[list[Any]] = []
         self.i, self.same = 0, True
@@ -319,46 +356,62 @@ class _Checker(TorchDispatchMode):
             return self.refs.get(id(value), value)
         return value
 
-    def dependent(self, ref: Ref) -> bool:
-        return ref.node < 0 or self.found.calls[ref.node].depends
+    def swapped(self, tree: Any, pattern: list[Any]) -> Any:
+        """``tree`` with ``f``'s own tensors as their ``Ref``s; its leaves appended to
+        ``pattern`` (``map_leaves`` and ``leaves`` in one pass)."""
+        kind = type(tree)
+        if kind is tuple or kind is list:
+            return kind([self.swapped(item, pattern) for item in tree])
+        if kind is dict:
+            return {key: self.swapped(item, pattern) for key, item in tree.items()}
+        if isinstance(tree, torch.Tensor):
+            tree = self.refs.get(id(tree), tree)
+        pattern.append(tree)
+        return tree
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if not self.same:
-            return self._unwatched(func, args, kwargs)
-        pattern = tuple(map(self.ref, leaves((args, kwargs))))
-        touches = any(isinstance(a, Ref) and self.dependent(a) for a in pattern)
-        calls = self.found.calls
-        call = calls[self.i] if self.i < len(calls) else None
+        i = self.i
+        call = self.calls[i] if self.same and i < len(self.calls) else None
         if call is None or call.func is not func:  # as capture, a decomposed op; or another
-            depends = touches and func not in _mixing.VALUE_FREE and torch.is_grad_enabled()
-            if depends and func not in self.rules and func in _DECOMPOSITIONS:
-                with self:
-                    return _DECOMPOSITIONS[func](*args, **kwargs)
-            self.same = False
-            return self._unwatched(func, args, kwargs)
-        if not self._same_call(call, pattern, touches):
+            return self._other(func, args, kwargs)
+        pattern: list[Any] = []
+        node_args = self.swapped(args, pattern)
+        node_kwargs = self.swapped(kwargs, pattern) if kwargs else {}
+        if not self._same_call(call, pattern):
             self.same = False
             return self._unwatched(func, args, kwargs)
         out = func(*args, **kwargs)
         outs = [out] if isinstance(out, torch.Tensor) else leaves(out)
         # as capture: results without derivatives (indices) are constants
-        depends = (touches and not call.value_free and torch.is_grad_enabled()) and any(
-            isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in outs
-        )
-        self.same = depends == call.depends
-        self.nodes.append(
-            Node(func, map_leaves(self.ref, args), map_leaves(self.ref, kwargs), depends)
-        )
-        for j, leaf in enumerate(outs):
+        depends = call.may_depend and torch.is_grad_enabled() and _differentiable(outs)
+        self.same = depends == call.depends and len(outs) == len(call.outputs)
+        self.nodes.append(Node(func, node_args, node_kwargs, depends))
+        refs = self.refs
+        for ref, leaf in zip(call.outputs, outs, strict=False):
             if isinstance(leaf, torch.Tensor):
-                self.refs[id(leaf)] = Ref(self.i, j)
-        self.values.append(outs)
-        self.alive.append(out)
-        self.i += 1
+                refs[id(leaf)] = ref
+        self.values.append(outs)  # (keeps them alive: ids stay unique while checking)
+        self.i = i + 1
         return out
 
-    def _same_call(self, call: _Call, pattern: tuple[Any, ...], touches: bool) -> bool:
+    def _other(self, func: Any, args: Any, kwargs: Any) -> Any:
+        """A call that is not the template's next one: the decomposition ``capture`` would
+        have recorded instead (a dependent op without a rule), or the end of the check."""
+        if not self.same:
+            return self._unwatched(func, args, kwargs)
+        pattern = [self.ref(a) for a in leaves((args, kwargs))]
+        touches = any(
+            isinstance(a, Ref) and (a.node < 0 or self.calls[a.node].depends) for a in pattern
+        )
+        depends = touches and func not in _mixing.VALUE_FREE and torch.is_grad_enabled()
+        if depends and func not in self.rules and func in _DECOMPOSITIONS:
+            with self:
+                return _DECOMPOSITIONS[func](*args, **kwargs)
+        self.same = False
+        return self._unwatched(func, args, kwargs)
+
+    def _same_call(self, call: _Call, pattern: list[Any]) -> bool:
         """Whether this call of ``call.func`` is the template's, before running it. (No
         template holds a call that writes or draws random numbers, and a batch norm's training
         flag is part of its pattern: a call that matches changes no state.)"""
@@ -366,10 +419,13 @@ class _Checker(TorchDispatchMode):
             return False
         if torch._C._current_graph_task_id() != self.task:  # a backward pass inside f
             return False
-        custom = touches and not torch.is_grad_enabled() and not torch._C._is_fwd_grad_enabled()
-        if custom and not torch.is_inference_mode_enabled():  # an autograd.Function's forward
+        custom = call.touches and not torch.is_grad_enabled()  # an autograd.Function's forward
+        if custom and not torch._C._is_fwd_grad_enabled() and not torch.is_inference_mode_enabled():
             return False
-        return all(map(_same, call.pattern, pattern))
+        for want, have in zip(call.pattern, pattern, strict=True):
+            if want is not have and not _same(want, have):
+                return False
+        return True
 
     def _unwatched(self, func: Any, args: Any, kwargs: Any) -> Any:
         """After the first difference: run the call, keeping what it changes for ``undo``."""

@@ -36,13 +36,21 @@ Derivatives = Callable[..., tuple[Tensor, Tensor | None]]
 Partials = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
+def _tanh_first(x: Tensor, y: Tensor) -> Tensor:
+    return torch.addcmul(y.new_ones(()), y, y, value=-1)  # 1 - y^2 in one kernel
+
+
 def _tanh(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    d1 = 1 - y * y
+    d1 = _tanh_first(x, y)
     return d1, -2 * y * d1
 
 
+def _sigmoid_first(x: Tensor, y: Tensor) -> Tensor:
+    return y * (1 - y)
+
+
 def _sigmoid(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    d1 = y * (1 - y)
+    d1 = _sigmoid_first(x, y)
     return d1, d1 * (1 - 2 * y)
 
 
@@ -169,6 +177,14 @@ DERIVATIVES: dict[Any, Derivatives] = {
 }
 
 
+# first derivatives alone, where the second costs kernels of its own: for what reads only
+# ``phi'`` (the structured engine's chains, replays without second order)
+FIRST: dict[Any, Callable[[Tensor, Tensor], Tensor]] = {
+    aten.tanh.default: _tanh_first,
+    aten.sigmoid.default: _sigmoid_first,
+}
+
+
 def _nonzero(t: Tensor) -> Tensor:
     """``t`` with zeros replaced by ones, for divisions whose numerator vanishes there too."""
     return torch.where(t != 0, t, torch.ones_like(t))
@@ -217,8 +233,12 @@ def _binary(op: Any, partials: Callable[[Tensor, Tensor, Tensor], Partials]) -> 
 
 
 def _rule(op: Any, derivatives: Derivatives) -> Callable[..., Jet]:
+    first = FIRST.get(op)
+
     def rule(ctx: Context, a: Jet, *args: Any, **kwargs: Any) -> Jet:
         y = op(a.value, *args, **kwargs)
+        if first is not None and not ctx.second_order:  # (chain would not read d2)
+            return chain(ctx, a, y, first(a.value, y), None)
         d1, d2 = derivatives(a.value, y, *args, **kwargs)
         return chain(ctx, a, y, d1, d2)
 
