@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import torchdiv
 from torchdiv._taylor import RULES, capture
 from torchdiv._taylor import cache as plans
 from torchdiv._taylor.cache import PlanCache, checked, recorded, site, template
@@ -240,3 +241,20 @@ def test_the_same_ops_reading_other_results_or_without_grad_are_recorded_again(c
     assert not hit
     same_values(graph, capture(f, x, RULES, keep_values=True, batch_dims=1))
     assert [n.depends for n in graph.nodes][:2] == [change != "no_grad inside f"] * 2
+
+
+def test_a_failed_check_puts_back_a_view_f_changed_in_place() -> None:
+    """One lambda's code checked against the template of another model: ``nn.GRU`` changes a
+    tensor's view in place (``transpose_``), which putting its values back by ``copy_``
+    could not undo (a shape error)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 4 * 6, dtype=torch.float64)
+    models = [
+        torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh()).double(),
+        torch.nn.GRU(6, 6, batch_first=True).double(),
+    ]
+    for m in models:
+        first = lambda y: y[0] if isinstance(y, tuple) else y  # noqa: E731
+        f = lambda z: first(m(z.view(64, 4, 6))).reshape(64, -1)  # noqa: E731, B023
+        want = torchdiv.divergence(f, x, method="reverse")
+        torch.testing.assert_close(torchdiv.divergence(f, x), want)

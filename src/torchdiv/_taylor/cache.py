@@ -47,12 +47,14 @@ from torchdiv._core import mixing as _mixing
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
     _DECOMPOSITIONS,
+    Before,
     Graph,
     Node,
     Ref,
     _random_states,
     _written,
     capture,
+    put_back,
     recording,
 )
 from torchdiv._taylor.tree import leaves, map_leaves
@@ -348,7 +350,7 @@ class _Checker(TorchDispatchMode):
         self.values: list[list[Any]] = []
         self.i, self.same = 0, True
         self.task = torch._C._current_graph_task_id()
-        self.changed: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.changed: list[Before] = []
         self.rng: list[tuple[Callable[[Any], None], Any]] | None = None
 
     def ref(self, value: Any) -> Any:
@@ -435,13 +437,11 @@ class _Checker(TorchDispatchMode):
             if generator is not None:
                 self.rng.append((generator.set_state, generator.get_state()))
         for tensor in _written(func, args, kwargs):
-            self.changed.append((tensor, tensor.detach().clone()))
+            self.changed.append(Before.of(tensor))
         return func(*args, **kwargs)
 
     def undo(self) -> None:
         """Put back what ``f`` changed outside itself after the first difference."""
-        with torch.no_grad():
-            for tensor, before in reversed(self.changed):
-                tensor.copy_(before)
+        put_back(self.changed)
         for restore, state in self.rng or []:
             restore(state)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch._C._functorch import peek_interpreter_stack
@@ -34,6 +34,29 @@ from torchdiv._taylor.tree import leaves, map_leaves
 
 aten = torch.ops.aten
 _DECOMPOSITIONS = core_aten_decompositions()
+
+
+class Before(NamedTuple):
+    """A tensor about to be written in place: its value and its view of its storage (size,
+    stride, offset: ``transpose_`` and ``squeeze_`` change those, not the values)."""
+
+    tensor: torch.Tensor
+    value: torch.Tensor
+    view: tuple[torch.Size, tuple[int, ...], int]
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> Before:
+        view = (tensor.shape, tensor.stride(), tensor.storage_offset())
+        return cls(tensor, tensor.detach().clone(), view)
+
+
+def put_back(changed: list[Before]) -> None:
+    """Undo the writes ``changed`` kept, the last first: each tensor's view, then its values."""
+    with torch.no_grad():
+        for tensor, value, (size, stride, offset) in reversed(changed):
+            if (tensor.shape, tensor.stride(), tensor.storage_offset()) != (size, stride, offset):
+                tensor.as_strided_(size, stride, offset)
+            tensor.copy_(value)
 
 
 @dataclass(frozen=True)
@@ -75,8 +98,8 @@ class Graph:
     # every node's outputs as f computed them (``capture(..., keep_values=True)``); None if f
     # ran an in-place op, which may have changed a kept tensor after it was recorded
     values: list[list[Any]] | None = None
-    # state f changed outside its own tensors: (tensor, its value before), and the RNG states
-    changed: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # state f changed outside its own tensors (``Before`` each write), and the RNG states
+    changed: list[Before] = field(default_factory=list)
     rng: list[tuple[Callable[[Any], None], Any]] = field(default_factory=list)
     # what every replay needs to know about the nodes (``propagate.Plan``), made on first use
     plan: Any = field(default=None, repr=False, compare=False)
@@ -88,9 +111,7 @@ class Graph:
         """Put back what recording ``f`` changed outside it (buffers it updated in place, the
         random number generators), for a caller that falls back to evaluating ``f`` again: a
         training-mode batch norm's statistics then move once, not twice."""
-        with torch.no_grad():
-            for tensor, before in reversed(self.changed):
-                tensor.copy_(before)
+        put_back(self.changed)
         for restore, state in self.rng:
             restore(state)
 
@@ -258,8 +279,8 @@ class _Recorder(TorchDispatchMode):
                 continue
             if depends:  # a call on x that also updates state (training-mode batch norm)
                 self.graph.unsupported.append(f"{func} updating a tensor besides its result")
-            before = tensor.detach().clone()
-            self.graph.changed.append((tensor, before))
+            self.graph.changed.append(Before.of(tensor))
+            before = self.graph.changed[-1].value
             readers = self.readers.pop(storage, [])
             simple = (
                 id(tensor) not in self.refs
