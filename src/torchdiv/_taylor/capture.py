@@ -46,7 +46,7 @@ class Before(NamedTuple):
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> Before:
-        view = (tensor.shape, tensor.stride(), tensor.storage_offset())
+        view = (tensor.shape, tensor.stride(), int(tensor.storage_offset()))
         return cls(tensor, tensor.detach().clone(), view)
 
 
