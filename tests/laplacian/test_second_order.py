@@ -592,8 +592,77 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
             recorded.clear()
             torchdiv.laplacian(f, torch.randn(shape, dtype=f64))
             assert bool(calls) == looped, (shape, call)
+            # second passes batched where the graph does little arithmetic per call
+            assert not looped or calls[0][4] == (f is gaussian and shape[1] > 1), (shape, call)
             # recorded once to decide at 2-3 inputs; then remembered if it loops
             assert bool(recorded) == (not looped or (call == 0 and shape[1] > 1)), (shape, call)
+
+
+class _Chebyshev(torch.nn.Module):
+    """A Chebyshev KAN layer (many small ops: where the loop batches its second passes)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.randn(d_in, d_out, 4, dtype=f64) / d_in)
+        self.register_buffer("orders", torch.arange(4, dtype=f64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.cos(self.orders * torch.acos(torch.tanh(x).unsqueeze(-1)))
+        return torch.einsum("...id,iod->...o", features, self.c)
+
+
+class _Cube(torch.autograd.Function):
+    """``x³`` whose derivative ``3x²`` is a ``_ThreeSquares``: the second-level passes run
+    that function's backward, which branches on a value (PyTorch cannot batch it)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * _ThreeSquares.apply(ctx.saved_tensors[0])
+
+
+class _ThreeSquares(torch.autograd.Function):
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return 3 * x**2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 6 * ctx.saved_tensors[0] * grad if bool(grad.abs().sum() >= 0) else None
+
+
+@pytest.mark.parametrize("batch_dims", [1, 2])
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_batched_loop_matches_the_plain_loop_values_and_gradients(batch_dims, outputs):
+    """One backward pass with the unit cotangents batched: values, x and parameter gradients
+    as the plain loop's n passes (float64); a backward that cannot be batched (it reads a
+    value) runs the plain passes, with the same results."""
+    from torchdiv._laplacian import loop
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(_Chebyshev(3, 4), _Chebyshev(4, outputs))
+    x = torch.rand(*[3] * batch_dims, 3, dtype=f64, requires_grad=True) * 1.6 - 0.8
+    params = [x, *net.parameters()]
+    cube = lambda z: net(z) + _Cube.apply(z).sum(-1, keepdim=True)  # noqa: E731
+    for f in (net, cube):
+        plain = loop.grad_of_grad(f, x, batch_dims)
+        batched = loop.grad_of_grad(f, x, batch_dims, batched=True)
+        assert_close(batched, plain)
+        for a, b in zip(_grads(batched.sum(), params), _grads(plain.sum(), params), strict=True):
+            assert_close(a, b)
+    want = torchdiv.laplacian(net, x, batch_dims=batch_dims, method="taylor")
+    assert_close(loop.grad_of_grad(net, x, batch_dims, batched=True), want)
 
 
 def test_value_grad_laplacian_remembers_that_auto_loops(monkeypatch):
