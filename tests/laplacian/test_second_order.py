@@ -593,7 +593,8 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
             torchdiv.laplacian(f, torch.randn(shape, dtype=f64))
             assert bool(calls) == looped, (shape, call)
             # second passes batched where the graph does little arithmetic per call
-            assert not looped or calls[0][4] == (f is gaussian and shape[1] > 1), (shape, call)
+            batched = looped and calls[0][4] is not None and calls[0][4].batched
+            assert batched == (looped and f is gaussian and shape[1] > 1), (shape, call)
             # recorded once to decide at 2-3 inputs; then remembered if it loops
             assert bool(recorded) == (not looped or (call == 0 and shape[1] > 1)), (shape, call)
 
@@ -657,12 +658,67 @@ def test_batched_loop_matches_the_plain_loop_values_and_gradients(batch_dims, ou
     cube = lambda z: net(z) + _Cube.apply(z).sum(-1, keepdim=True)  # noqa: E731
     for f in (net, cube):
         plain = loop.grad_of_grad(f, x, batch_dims)
-        batched = loop.grad_of_grad(f, x, batch_dims, batched=True)
+        batched = loop.grad_of_grad(f, x, batch_dims, settings=loop.Settings(batched=True))
         assert_close(batched, plain)
         for a, b in zip(_grads(batched.sum(), params), _grads(plain.sum(), params), strict=True):
             assert_close(a, b)
     want = torchdiv.laplacian(net, x, batch_dims=batch_dims, method="taylor")
-    assert_close(loop.grad_of_grad(net, x, batch_dims, batched=True), want)
+    assert_close(loop.grad_of_grad(net, x, batch_dims, settings=loop.Settings(True)), want)
+
+
+def test_every_op_the_loops_modes_change_leaves_a_guarded_node():
+    """The remembered loop evaluates ``f`` outside its modes and searches the graph for the
+    ops they change (``loop.GUARDED``): every op ``SafeDerivatives`` replaces for reverse
+    mode (a new one must be added here and there) and the fused attention kernels."""
+    from torchdiv._core.modes import REPLACEMENTS
+    from torchdiv._laplacian import loop
+
+    x = torch.randn(2, 30, 4, requires_grad=True)
+    q = x.reshape(2, 2, 15, 4)  # heads: the fused CPU kernel
+    calls = {
+        "torch.nn.functional.layer_norm": lambda: torch.nn.functional.layer_norm(x, (4,)),
+        "torch.layer_norm": lambda: torch.layer_norm(x, (4,)),
+        "torch.cdist": lambda: torch.cdist(x, x),  # 30 points: the Euclidean path
+        "torch.cdist, 5 points": lambda: torch.cdist(x[:, :5], x[:, :5]),
+        "attention": lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q),
+    }
+    reverse = {e.name for e in REPLACEMENTS.values() if not e.forward_only}
+    assert reverse <= set(calls), reverse - set(calls)
+    for name, call in calls.items():
+        assert loop._guarded(call()), name
+    assert not loop._guarded(torch.tanh(x) @ x.mT)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "cdist"])
+def test_the_remembered_loop_evaluates_f_under_its_modes_where_the_graph_needs_them(op):
+    """A small ``f`` with a layer norm (its third derivative is wrong in PyTorch) or ``cdist``
+    (no double backward): ``"auto"`` loops; its plain evaluation shows the op, ``f`` is
+    evaluated again under the modes, and later calls start there: values and parameter
+    gradients as the Taylor engine's (float64) at every call."""
+    from torchdiv._laplacian import methods
+    from torchdiv._taylor.cache import PlanCache
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2, 3).double()
+    centres = torch.randn(4, 2, dtype=f64)
+    if op == "layer_norm":
+        f = lambda z: torch.nn.functional.layer_norm(lin(z), (3,)).square().sum(-1)  # noqa: E731
+    else:
+        f = lambda z: torch.cdist(lin(z)[:, :2], centres).square().sum(-1)  # noqa: E731
+    x = torch.randn(6, 2, dtype=f64, requires_grad=True)
+    cache = PlanCache(256)
+    methods._LOOPS, saved = cache, methods._LOOPS
+    try:
+        for call in range(2):
+            got = torchdiv.laplacian(f, x)
+            (plan,) = [v for _, v in cache._entries.values()]
+            assert plan and not plan.settings.plain, call  # looped, under the modes
+            want = torchdiv.laplacian(f, x, method="taylor")
+            params = [x, *lin.parameters()]
+            for a, b in zip(_grads(got.sum(), params), _grads(want.sum(), params), strict=True):
+                assert_close(a, b)
+    finally:
+        methods._LOOPS = saved
 
 
 def test_value_grad_laplacian_remembers_that_auto_loops(monkeypatch):

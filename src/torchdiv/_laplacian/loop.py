@@ -28,6 +28,7 @@ linear-algebra ops it gets wrong only through forward mode are left alone.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -35,21 +36,58 @@ import torch
 from torchdiv._core.checks import event_numel
 from torchdiv._core.mixing import check_graph, watched
 from torchdiv._core.modes import SafeDerivatives, math_attention
+from torchdiv._core.walk import nodes
 from torchdiv._exact.autograd import _depends_on_other_leaves
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 Check = Literal["watch", "graph"] | None  # how the loop checks f for sample mixing
 
 
+@dataclass
+class Settings:
+    """How the loop runs at one structure of ``f`` and ``x`` (``"auto"`` keeps one per
+    structure, ``_laplacian.methods``): ``batched``, its second-level passes batched;
+    ``plain``, ``f`` evaluated outside ``math_attention`` and ``SafeDerivatives``, whose
+    dispatch costs a few microseconds per op of ``f`` (5-10% of the loop at two inputs and
+    batch 256). The ops they change leave their own nodes in the autograd graph
+    (``GUARDED``); a plain evaluation whose graph holds one is discarded and ``f`` evaluated
+    again under the modes, and ``plain`` is turned off for the calls that follow (so ``f``
+    runs twice once per such structure, its state, a random generator, moved twice)."""
+
+    batched: bool = False
+    plain: bool = False
+
+
+# the autograd nodes of the ops whose derivatives the loop's modes change: fused layer norm
+# (a wrong third derivative) and cdist (no double backward; the Euclidean path above 25
+# points) in SafeDerivatives(3, forward_mode=False), the fused attention kernels (no double
+# backward) that math_attention avoids (tests/laplacian: every op of SafeDerivatives.REPLACEMENTS
+# that reverse mode gets wrong leaves one of them)
+GUARDED = (
+    "NativeLayerNormBackward",
+    "CdistBackward",
+    "EuclideanDistBackward",
+    "ScaledDotProduct",
+)
+
+
 def grad_of_grad(
-    f: Function, x: torch.Tensor, batch_dims: int, check: Check = None, batched: bool = False
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    check: Check = None,
+    settings: Settings | None = None,
 ) -> torch.Tensor:
     """Every sample's Laplacian of every output component, shape ``f(x).shape``."""
-    return _looped(f, x, batch_dims, check, batched)[2]
+    return _looped(f, x, batch_dims, check, settings or Settings())[2]
 
 
 def value_grad_laplacian(
-    f: Function, x: torch.Tensor, batch_dims: int, check: Check = None, batched: bool = False
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    check: Check = None,
+    settings: Settings | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``f(x)``, every sample's Jacobian ``(N, m, n)`` (the loop's first level) and Laplacian
     (shape ``f(x).shape``). The loop's one evaluation of ``f`` is checked for sample mixing
@@ -60,7 +98,7 @@ def value_grad_laplacian(
     They keep a graph exactly when the caller has grad mode on and ``f(x)`` depends on
     something that requires grad (``x`` itself, parameters, closed-over tensors).
     """
-    y, rows, laplacian, create_graph = _looped(f, x, batch_dims, check, batched)
+    y, rows, laplacian, create_graph = _looped(f, x, batch_dims, check, settings or Settings())
     samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
     jacobian = torch.stack(rows, 1) if rows else x.new_zeros(samples, 0, n)
     if not create_graph:
@@ -69,20 +107,37 @@ def value_grad_laplacian(
 
 
 def _looped(
-    f: Function, x: torch.Tensor, batch_dims: int, check: Check, batched: bool
+    f: Function, x: torch.Tensor, batch_dims: int, check: Check, settings: Settings
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, bool]:
     """``f(x)``, the rows of every sample's Jacobian ``(N, n)``, one per output component,
     the Laplacian and whether they keep a graph."""
     outer = torch.is_grad_enabled()
     with torch.enable_grad():
-        with math_attention(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
-            x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
-            y = watched(f, x_in, batch_dims) if check == "watch" else f(x_in)
+        x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+        y = _evaluated(f, x_in, batch_dims, check, safe=not settings.plain)
+        if settings.plain and _guarded(y):
+            settings.plain = False
+            y = _evaluated(f, x_in, batch_dims, check, safe=True)
         if check == "graph":
             check_graph(None, y, x_in, batch_dims, empty_event=x.dim() == batch_dims)
         create_graph = outer and _depends_on_other_leaves(y, x_in)
-        rows, laplacian = _loop(y, x_in, batch_dims, create_graph, batched)
+        rows, laplacian = _loop(y, x_in, batch_dims, create_graph, settings.batched)
     return y, rows, laplacian, create_graph
+
+
+def _evaluated(
+    f: Function, x: torch.Tensor, batch_dims: int, check: Check, safe: bool
+) -> torch.Tensor:
+    """``f(x)``, watched for sample mixing if ``check`` says so, under the modes if ``safe``."""
+    if not safe:
+        return watched(f, x, batch_dims) if check == "watch" else f(x)
+    with math_attention(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
+        return watched(f, x, batch_dims) if check == "watch" else f(x)
+
+
+def _guarded(y: torch.Tensor) -> bool:
+    """Whether ``y``'s autograd graph holds a node of an op in ``GUARDED``."""
+    return any(type(node).__name__.startswith(GUARDED) for node in nodes(y.grad_fn))
 
 
 def _loop(

@@ -21,7 +21,7 @@ from torchdiv._core.basis import WHOLE, Share, basis, broadcast_basis, chunks
 from torchdiv._core.checks import event_numel
 from torchdiv._core.modes import SafeDerivatives, math_attention, recorded
 from torchdiv._exact.forward import ForwardJacobian
-from torchdiv._laplacian.loop import Check, grad_of_grad
+from torchdiv._laplacian.loop import Check, Settings, grad_of_grad
 from torchdiv._taylor import (
     RULES,
     Context,
@@ -85,11 +85,12 @@ class Loop:
     """``"auto"`` runs the loop of backward passes, checking its evaluation of ``f`` for
     sample mixing by ``check`` (``loop.Check``); ``watched``: the ``f``, ``x`` and
     ``batch_dims`` to mark as ``mixing.passed`` once a watched evaluation has passed;
-    ``batched``: its second-level passes batched (``loop``)."""
+    ``settings``: how the loop runs (``loop.Settings``; ``None``: the defaults), shared by
+    the calls at one structure."""
 
     check: Check = None
     watched: tuple[Function, torch.Tensor, int] | None = None
-    batched: bool = False
+    settings: Settings | None = None
 
     def passed(self) -> None:
         """The loop ran: a watched ``f`` does not mix samples at this structure."""
@@ -119,7 +120,8 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     if structure is None or graph.unsupported:
         return graph
     loop = loops_for(graph, x, batch_dims)
-    plan = Loop(batched=graph.work_per_call() < BATCHED_WORK) if loop else False
+    batched = graph.work_per_call() < BATCHED_WORK
+    plan = Loop(settings=Settings(batched, plain=True)) if loop else False
     _LOOPS.put(*structure, plan)
     if not plan:
         return graph
@@ -168,7 +170,7 @@ def looped(
     says), or ``"forward-over-reverse"`` where it is not finite: some of PyTorch's
     double-backward formulas give NaN where the derivative exists (``0.0 ** x``: a ``where``
     whose unused branch is ``0 * log(0)``); the JVP formulas do not."""
-    out = grad_of_grad(f, x, batch_dims, plan.check, plan.batched)
+    out = grad_of_grad(f, x, batch_dims, plan.check, plan.settings)
     plan.passed()
     if bool(out.isfinite().all()):
         return out
