@@ -9,7 +9,7 @@ Python) are paid back by its fewer passes from about three inputs on, earlier wh
 are large (``bench/laplacian_small.py``; ``"auto"``'s rule is ``_laplacian.methods.loops_for``);
 below that, and for functions it has no rules for, this loop is the faster exact method.
 
-``batched``: the ``n`` second-level passes of an output as one backward pass
+With ``Settings.batched`` the ``n`` second-level passes of an output are one backward pass
 with the ``n`` unit cotangents batched (``autograd.grad(..., is_grads_batched=True)``):
 ``1 + 2m`` passes, each op's backward called once for all ``n`` directions. Where ``f`` is
 many small ops (a Chebyshev KAN at batch 256: 18 elementwise ops and small ``einsum``s)
@@ -22,7 +22,9 @@ runs the plain passes.
 As in the other nested-autodiff methods, ``f`` runs with attention on the math backend and
 under ``torchdiv._core.modes.SafeDerivatives(3, forward_mode=False)``: the result's own gradient
 is a third derivative, which PyTorch gets wrong for fused layer norm and ``cdist``; the
-linear-algebra ops it gets wrong only through forward mode are left alone.
+linear-algebra ops it gets wrong only through forward mode are left alone. With
+``Settings.plain`` (the loop ``"auto"`` remembers) ``f`` runs under them only where its
+autograd graph shows an op they change.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ LOOP_ELEMENTS = 1024
 LOOP_WORK = 32768
 LOOP_WORK_TRAINED = 16384
 LOOP_FALLBACK = 10
-# the loop batches its second-level backward passes (``loop``'s ``batched``) below this much
+# the loop batches its second-level backward passes (``loop.Settings``) below this much
 # work per call: a KAN at batch 256 (5.5k) 10-25% faster, frozen or trained, at 2 and 3
 # inputs; the FNN at 256 (24k) -8% to +10% depending on threads, so it keeps plain passes
 BATCHED_WORK = 16384
@@ -109,7 +109,9 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     (``torchdiv._taylor.mixing.passed_before``): then only the autograd graph is searched
     for a train-mode batch norm (``check_graph``, a few microseconds). A new object with the
     same code (a lambda made anew, closing over another module) is watched. An empty event
-    (every element a sample) is always watched."""
+    (every element a sample) is always watched. A remembered loop shares one
+    ``loop.Settings`` across its calls: second-level passes batched below ``BATCHED_WORK``,
+    ``f`` evaluated outside the modes unless its graph needed them."""
     if loops(x, batch_dims):
         return _unrecorded(f, x, batch_dims, Loop())
     structure = _structure(f, x, batch_dims) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
