@@ -58,7 +58,7 @@ LOOP_WORK_TRAINED = 16384
 LOOP_FALLBACK = 10
 # the loop batches its second-level backward passes (``loop.Settings``) below this much
 # work per call: a KAN at batch 256 (5.5k) 10-25% faster, frozen or trained, at 2 and 3
-# inputs; the FNN at 256 (24k) -8% to +10% depending on threads, so it keeps plain passes
+# inputs; the FNN at 256 (24k) from 8% slower to 10% faster by the threads: it keeps n passes
 BATCHED_WORK = 16384
 # what "auto" decided for each structure it recorded at up to LOOP_INPUTS inputs (_structure):
 # a ``Loop`` (a later call with the same structure loops without recording f again) or False
@@ -121,12 +121,11 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     graph = capture(f, x, RULES, batch_dims=batch_dims)
     if structure is None or graph.unsupported:
         return graph
-    loop = loops_for(graph, x, batch_dims)
-    batched = graph.work_per_call() < BATCHED_WORK
-    plan = Loop(settings=Settings(batched, plain=True)) if loop else False
-    _LOOPS.put(*structure, plan)
-    if not plan:
+    if not loops_for(graph, x, batch_dims):
+        _LOOPS.put(*structure, False)
         return graph
+    plan = Loop(settings=Settings(graph.work_per_call() < BATCHED_WORK, plain=True))
+    _LOOPS.put(*structure, plan)
     graph.undo()  # f runs again: what recording it changed is put back first
     mixing.passed(f, x, batch_dims)  # recording watched it
     return plan
