@@ -592,8 +592,133 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
             recorded.clear()
             torchdiv.laplacian(f, torch.randn(shape, dtype=f64))
             assert bool(calls) == looped, (shape, call)
+            # second passes batched where the graph does little arithmetic per call
+            batched = looped and calls[0][4] is not None and calls[0][4].batched
+            assert batched == (looped and f is gaussian and shape[1] > 1), (shape, call)
             # recorded once to decide at 2-3 inputs; then remembered if it loops
             assert bool(recorded) == (not looped or (call == 0 and shape[1] > 1)), (shape, call)
+
+
+class _Chebyshev(torch.nn.Module):
+    """A Chebyshev KAN layer (many small ops: where the loop batches its second passes)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.randn(d_in, d_out, 4, dtype=f64) / d_in)
+        self.register_buffer("orders", torch.arange(4, dtype=f64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.cos(self.orders * torch.acos(torch.tanh(x).unsqueeze(-1)))
+        return torch.einsum("...id,iod->...o", features, self.c)
+
+
+class _Cube(torch.autograd.Function):
+    """``x³`` whose derivative ``3x²`` is a ``_ThreeSquares``: the second-level passes run
+    that function's backward, which branches on a value (PyTorch cannot batch it)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * _ThreeSquares.apply(ctx.saved_tensors[0])
+
+
+class _ThreeSquares(torch.autograd.Function):
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return 3 * x**2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 6 * ctx.saved_tensors[0] * grad if bool(grad.abs().sum() >= 0) else None
+
+
+@pytest.mark.parametrize("batch_dims", [1, 2])
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_batched_loop_matches_the_plain_loop_values_and_gradients(batch_dims, outputs):
+    """One backward pass with the unit cotangents batched: values, x and parameter gradients
+    as the plain loop's n passes (float64); a backward that cannot be batched (it reads a
+    value) runs the plain passes, with the same results."""
+    from torchdiv._laplacian import loop
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(_Chebyshev(3, 4), _Chebyshev(4, outputs))
+    x = torch.rand(*[3] * batch_dims, 3, dtype=f64, requires_grad=True) * 1.6 - 0.8
+    params = [x, *net.parameters()]
+    cube = lambda z: net(z) + _Cube.apply(z).sum(-1, keepdim=True)  # noqa: E731
+    for f in (net, cube):
+        plain = loop.grad_of_grad(f, x, batch_dims)
+        batched = loop.grad_of_grad(f, x, batch_dims, settings=loop.Settings(batched=True))
+        assert_close(batched, plain)
+        for a, b in zip(_grads(batched.sum(), params), _grads(plain.sum(), params), strict=True):
+            assert_close(a, b)
+    want = torchdiv.laplacian(net, x, batch_dims=batch_dims, method="taylor")
+    assert_close(loop.grad_of_grad(net, x, batch_dims, settings=loop.Settings(True)), want)
+
+
+def test_every_op_the_loops_modes_change_leaves_a_guarded_node():
+    """The remembered loop evaluates ``f`` outside its modes and searches the graph for the
+    ops they change (``loop.GUARDED``): every op ``SafeDerivatives`` replaces for reverse
+    mode (a new one must be added here and there) and the fused attention kernels."""
+    from torchdiv._core.modes import REPLACEMENTS
+    from torchdiv._laplacian import loop
+
+    x = torch.randn(2, 30, 4, requires_grad=True)
+    q = x.reshape(2, 2, 15, 4)  # heads: the fused CPU kernel
+    calls = {
+        "torch.nn.functional.layer_norm": lambda: torch.nn.functional.layer_norm(x, (4,)),
+        "torch.layer_norm": lambda: torch.layer_norm(x, (4,)),
+        "torch.cdist": lambda: torch.cdist(x, x),  # 30 points: the Euclidean path
+        "torch.cdist, 5 points": lambda: torch.cdist(x[:, :5], x[:, :5]),
+        "attention": lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q),
+    }
+    reverse = {e.name for e in REPLACEMENTS.values() if not e.forward_only}
+    assert reverse <= set(calls), reverse - set(calls)
+    for name, call in calls.items():
+        assert loop._guarded(call()), name
+    assert not loop._guarded(torch.tanh(x) @ x.mT)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "cdist"])
+def test_the_remembered_loop_evaluates_f_under_its_modes_where_the_graph_needs_them(op):
+    """A small ``f`` with a layer norm (its third derivative is wrong in PyTorch) or ``cdist``
+    (no double backward): ``"auto"`` loops; its plain evaluation shows the op, ``f`` is
+    evaluated again under the modes, and later calls start there: values and parameter
+    gradients as the Taylor engine's (float64) at every call."""
+    from torchdiv._laplacian import methods
+    from torchdiv._taylor.cache import PlanCache
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2, 3).double()
+    centres = torch.randn(4, 2, dtype=f64)
+    if op == "layer_norm":
+        f = lambda z: torch.nn.functional.layer_norm(lin(z), (3,)).square().sum(-1)  # noqa: E731
+    else:
+        f = lambda z: torch.cdist(lin(z)[:, :2], centres).square().sum(-1)  # noqa: E731
+    x = torch.randn(6, 2, dtype=f64, requires_grad=True)
+    cache = PlanCache(256)
+    methods._LOOPS, saved = cache, methods._LOOPS
+    try:
+        for call in range(2):
+            got = torchdiv.laplacian(f, x)
+            (plan,) = [v for _, v in cache._entries.values()]
+            assert plan and not plan.settings.plain, call  # looped, under the modes
+            want = torchdiv.laplacian(f, x, method="taylor")
+            params = [x, *lin.parameters()]
+            for a, b in zip(_grads(got.sum(), params), _grads(want.sum(), params), strict=True):
+                assert_close(a, b)
+    finally:
+        methods._LOOPS = saved
 
 
 def test_value_grad_laplacian_remembers_that_auto_loops(monkeypatch):

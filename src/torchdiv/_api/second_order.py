@@ -363,7 +363,7 @@ def _looped(
     """The loop of backward passes (its evaluation of ``f`` checked for sample mixing as
     ``plan`` says), or ``None`` where its Laplacian is not finite (a NaN double backward: see
     ``laplacian``'s ``"auto"``)."""
-    value, jac, lap = _loop.value_grad_laplacian(f, x, batch_dims, plan.check)
+    value, jac, lap = _loop.value_grad_laplacian(f, x, batch_dims, plan.check, plan.settings)
     plan.passed()
     if not bool(lap.isfinite().all()):
         return None

@@ -37,19 +37,25 @@ def along(
     (one per sample), ``n`` the number of elements of ``x``'s event, in ``x``'s dtype.
     ``g.__wrapped__`` is ``f``.
     """
-    shared = sigma.dim() == 2
+    n, k = sigma.shape[-2:]
+    flat = (x.shape[:batch_dims].numel(), n)
 
     def g(z: torch.Tensor) -> torch.Tensor:
-        step = z @ sigma.T if shared else (sigma @ z.unsqueeze(-1)).squeeze(-1)
-        return f(x + step.reshape(x.shape))
+        if sigma.dim() == 2:  # one op, x + z Sᵀ: its graph is part of every backward pass
+            return f(_shaped(torch.addmm(_shaped(x, flat), _shaped(z, (flat[0], k)), sigma.T), x))
+        return f(x + (sigma @ z.unsqueeze(-1)).squeeze(-1).reshape(x.shape))
 
-    return wrapping(g, f), x.new_zeros((*x.shape[:batch_dims], sigma.shape[-1]))
+    return wrapping(g, f), x.new_zeros((*x.shape[:batch_dims], k))
+
+
+def _shaped(t: torch.Tensor, like: torch.Tensor | tuple[int, int]) -> torch.Tensor:
+    """``t`` reshaped to ``like`` (a shape or a tensor's), itself (no view) if it has it."""
+    shape = like.shape if isinstance(like, torch.Tensor) else like
+    return t if t.shape == shape else t.reshape(shape)
 
 
 def unit_columns(coordinates: torch.Tensor, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
-    """``S`` whose columns are the unit vectors of the flat event indices ``coordinates``:
-    shape ``(n, k)``, dtype and device of ``like``."""
+    """``S`` whose columns are the unit vectors of the flat event indices ``coordinates``
+    (on ``like``'s device): shape ``(n, k)``, dtype and device of ``like``."""
     n = like.shape[batch_dims:].numel()
-    sigma = like.new_zeros((n, len(coordinates)))
-    sigma[coordinates, torch.arange(len(coordinates), device=like.device)] = 1
-    return sigma
+    return torch.eye(n, dtype=like.dtype, device=like.device).index_select(1, coordinates)

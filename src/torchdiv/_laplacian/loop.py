@@ -9,15 +9,28 @@ Python) are paid back by its fewer passes from about three inputs on, earlier wh
 are large (``bench/laplacian_small.py``; ``"auto"``'s rule is ``_laplacian.methods.loops_for``);
 below that, and for functions it has no rules for, this loop is the faster exact method.
 
+With ``Settings.batched`` the ``n`` second-level passes of an output are one backward pass
+with the ``n`` unit cotangents batched (``autograd.grad(..., is_grads_batched=True)``):
+``1 + 2m`` passes, each op's backward called once for all ``n`` directions. Where ``f`` is
+many small ops (a Chebyshev KAN at batch 256: 18 elementwise ops and small ``einsum``s)
+that per-op cost dominates and one batched pass is 10-25% faster than ``n`` plain ones;
+where its few ops are large (a tanh FNN's matrix products) it is up to 8% slower
+(``_laplacian.methods.BATCHED_WORK``). A backward pass that cannot be batched (an op
+PyTorch's batching cannot run, a custom backward that reads values) raises, and that output
+runs the plain passes.
+
 As in the other nested-autodiff methods, ``f`` runs with attention on the math backend and
 under ``torchdiv._core.modes.SafeDerivatives(3, forward_mode=False)``: the result's own gradient
 is a third derivative, which PyTorch gets wrong for fused layer norm and ``cdist``; the
-linear-algebra ops it gets wrong only through forward mode are left alone.
+linear-algebra ops it gets wrong only through forward mode are left alone. With
+``Settings.plain`` (the loop ``"auto"`` remembers) ``f`` runs under them only where its
+autograd graph shows an op they change.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -25,21 +38,58 @@ import torch
 from torchdiv._core.checks import event_numel
 from torchdiv._core.mixing import check_graph, watched
 from torchdiv._core.modes import SafeDerivatives, math_attention
+from torchdiv._core.walk import nodes
 from torchdiv._exact.autograd import _depends_on_other_leaves
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 Check = Literal["watch", "graph"] | None  # how the loop checks f for sample mixing
 
 
+@dataclass
+class Settings:
+    """How the loop runs at one structure of ``f`` and ``x`` (``"auto"`` keeps one per
+    structure, ``_laplacian.methods``): ``batched``, its second-level passes batched;
+    ``plain``, ``f`` evaluated outside ``math_attention`` and ``SafeDerivatives``, whose
+    dispatch costs a few microseconds per op of ``f`` (5-10% of the loop at two inputs and
+    batch 256). The ops they change leave their own nodes in the autograd graph
+    (``GUARDED``); a plain evaluation whose graph holds one is discarded and ``f`` evaluated
+    again under the modes, and ``plain`` is turned off for the calls that follow (so ``f``
+    runs twice once per such structure, its state, a random generator, moved twice)."""
+
+    batched: bool = False
+    plain: bool = False
+
+
+# the autograd nodes of the ops whose derivatives the loop's modes change: fused layer norm
+# (a wrong third derivative) and cdist (no double backward; the Euclidean path above 25
+# points) in SafeDerivatives(3, forward_mode=False), the fused attention kernels (no double
+# backward) that math_attention avoids (tests/laplacian: every op of SafeDerivatives.REPLACEMENTS
+# that reverse mode gets wrong leaves one of them)
+GUARDED = (
+    "NativeLayerNormBackward",
+    "CdistBackward",
+    "EuclideanDistBackward",
+    "ScaledDotProduct",
+)
+
+
 def grad_of_grad(
-    f: Function, x: torch.Tensor, batch_dims: int, check: Check = None
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    check: Check = None,
+    settings: Settings | None = None,
 ) -> torch.Tensor:
     """Every sample's Laplacian of every output component, shape ``f(x).shape``."""
-    return _looped(f, x, batch_dims, check)[2]
+    return _looped(f, x, batch_dims, check, settings or Settings())[2]
 
 
 def value_grad_laplacian(
-    f: Function, x: torch.Tensor, batch_dims: int, check: Check = None
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    check: Check = None,
+    settings: Settings | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``f(x)``, every sample's Jacobian ``(N, m, n)`` (the loop's first level) and Laplacian
     (shape ``f(x).shape``). The loop's one evaluation of ``f`` is checked for sample mixing
@@ -50,7 +100,7 @@ def value_grad_laplacian(
     They keep a graph exactly when the caller has grad mode on and ``f(x)`` depends on
     something that requires grad (``x`` itself, parameters, closed-over tensors).
     """
-    y, rows, laplacian, create_graph = _looped(f, x, batch_dims, check)
+    y, rows, laplacian, create_graph = _looped(f, x, batch_dims, check, settings or Settings())
     samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
     jacobian = torch.stack(rows, 1) if rows else x.new_zeros(samples, 0, n)
     if not create_graph:
@@ -59,24 +109,41 @@ def value_grad_laplacian(
 
 
 def _looped(
-    f: Function, x: torch.Tensor, batch_dims: int, check: Check
+    f: Function, x: torch.Tensor, batch_dims: int, check: Check, settings: Settings
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, bool]:
     """``f(x)``, the rows of every sample's Jacobian ``(N, n)``, one per output component,
     the Laplacian and whether they keep a graph."""
     outer = torch.is_grad_enabled()
     with torch.enable_grad():
-        with math_attention(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
-            x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
-            y = watched(f, x_in, batch_dims) if check == "watch" else f(x_in)
+        x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+        y = _evaluated(f, x_in, batch_dims, check, safe=not settings.plain)
+        if settings.plain and _guarded(y):
+            settings.plain = False
+            y = _evaluated(f, x_in, batch_dims, check, safe=True)
         if check == "graph":
             check_graph(None, y, x_in, batch_dims, empty_event=x.dim() == batch_dims)
         create_graph = outer and _depends_on_other_leaves(y, x_in)
-        rows, laplacian = _loop(y, x_in, batch_dims, create_graph)
+        rows, laplacian = _loop(y, x_in, batch_dims, create_graph, settings.batched)
     return y, rows, laplacian, create_graph
 
 
+def _evaluated(
+    f: Function, x: torch.Tensor, batch_dims: int, check: Check, safe: bool
+) -> torch.Tensor:
+    """``f(x)``, watched for sample mixing if ``check`` says so, under the modes if ``safe``."""
+    if not safe:
+        return watched(f, x, batch_dims) if check == "watch" else f(x)
+    with math_attention(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
+        return watched(f, x, batch_dims) if check == "watch" else f(x)
+
+
+def _guarded(y: torch.Tensor) -> bool:
+    """Whether ``y``'s autograd graph holds a node of an op in ``GUARDED``."""
+    return any(type(node).__name__.startswith(GUARDED) for node in nodes(y.grad_fn))
+
+
 def _loop(
-    y: torch.Tensor, x: torch.Tensor, batch_dims: int, create_graph: bool
+    y: torch.Tensor, x: torch.Tensor, batch_dims: int, create_graph: bool, batched: bool = False
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The loop itself, on ``y`` computed from the tensor ``x`` that requires grad: the
     Jacobian's rows and the Laplacian. Written as lean as PINN codes write it (no reshape,
@@ -94,8 +161,8 @@ def _loop(
             continue
         gradient = _flat(gradient, samples, n)
         rows.append(gradient)
-        total = None
-        for j in range(n):
+        total = _batched_trace(gradient, x, create_graph) if batched and n > 1 else None
+        for j in range(n if total is None else 0):
             second = _grad(gradient[:, j], x, create_graph=create_graph)
             if second is not None:
                 entry = _flat(second, samples, n)[:, j]
@@ -104,6 +171,33 @@ def _loop(
     if m == 1:
         return rows, columns[0].reshape(y.shape)
     return rows, (torch.stack(columns, 1) if columns else x.new_zeros(samples, 0)).reshape(y.shape)
+
+
+def _batched_trace(
+    gradient: torch.Tensor, x: torch.Tensor, create_graph: bool
+) -> torch.Tensor | None:
+    """``Σ_j ∂gradient_j / ∂x_j`` per sample (``gradient``: ``(N, n)``) from one backward pass
+    with the ``n`` unit cotangents batched, or ``None`` where that pass cannot be batched
+    (or ``gradient`` has no graph): the caller then takes ``n`` plain passes."""
+    samples, n = gradient.shape
+    if not gradient.requires_grad:
+        return None
+    eye = torch.eye(n, dtype=gradient.dtype, device=gradient.device)
+    try:
+        (second,) = torch.autograd.grad(
+            gradient,
+            x,
+            eye.unsqueeze(1).expand(n, samples, n),
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+    except RuntimeError:  # an op without a batching rule for its backward
+        return None
+    if second is None:  # f is linear in x: its gradient has a graph, but not to x
+        return gradient.new_zeros(samples)
+    return second.reshape(n, samples, n).diagonal(dim1=0, dim2=2).sum(-1)
 
 
 def _flat(t: torch.Tensor, samples: int, n: int) -> torch.Tensor:
