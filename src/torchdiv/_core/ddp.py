@@ -224,6 +224,11 @@ class Peers:
             root = groups[0].modules[0]._get_fsdp_state()
             self.fsdp_states = list(root._state_ctx.all_states)
 
+    @property
+    def inert(self) -> bool:
+        """Whether ``inner_backward`` has nothing to do (no DDP static graph, no FSDP2)."""
+        return not (self.static or self.fsdp_states)
+
     @contextlib.contextmanager
     def inner_backward(self) -> Iterator[None]:
         """Run torchdiv's own backward passes through the graph (see the class docstring)."""
