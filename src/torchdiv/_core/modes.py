@@ -75,9 +75,11 @@ def compiled_like_f(fn: F) -> F:
     def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         parts = None
         if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
+            parts = _compiled_parts(f)
+        if parts is not None:
             drawn = any(kwargs.get(name) is not None for name in _DRAWS)
             inference_x = isinstance(x, torch.Tensor) and x.is_inference()
-            parts = None if drawn or inference_x else _compiled_parts(f)
+            parts = None if drawn or inference_x else parts
         if parts is None:
             return fn(f, x, *args, **kwargs)
         original, backend, dynamic = parts
@@ -88,7 +90,15 @@ def compiled_like_f(fn: F) -> F:
 
 def _compiled_parts(f: Any) -> tuple[Callable[..., Any], Any, bool | None] | None:
     """What ``torch.compile`` made ``f`` from: the original callable, the backend, ``dynamic``
-    (read from Dynamo's private attributes: ``None`` where they are not as expected)."""
+    (read from Dynamo's private attributes: ``None`` where they are not as expected). Without
+    Dynamo imported nothing is compiled; a module is compiled only as an ``OptimizedModule``
+    (asked first: a missing attribute of a module costs an exception in ``__getattr__``)."""
+    frames = sys.modules.get("torch._dynamo.eval_frame")
+    if frames is None:
+        return None
+    compiled_module = getattr(frames, "OptimizedModule", torch.nn.Module)
+    if isinstance(f, torch.nn.Module) and not isinstance(f, compiled_module):
+        return None
     original = getattr(f, "_torchdynamo_orig_callable", None)
     if original is None:
         return None
@@ -198,12 +208,18 @@ class CompiledCodeEager(contextlib.ContextDecorator):
         from torch._C._dynamo.eval_frame import get_eval_frame_callback
 
         if get_eval_frame_callback() in (None, False):
-            _STANCE.enter(lambda: frames._set_stance(frames.DynamoStance("force_eager")))
+            _STANCE.enter(lambda: frames._set_stance(_force_eager(frames)))
             self.held = True
 
     def __exit__(self, *exc: object) -> None:
         if self.held:
             _STANCE.exit(sys.modules["torch._dynamo.eval_frame"]._set_stance)
+
+
+@functools.cache
+def _force_eager(frames: Any) -> Any:
+    """Dynamo's "force_eager" stance, made once (Dynamo never changes one in place)."""
+    return frames.DynamoStance("force_eager")
 
 
 def eager_when(records: Callable[..., bool]) -> Callable[[F], F]:
