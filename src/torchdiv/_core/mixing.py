@@ -911,6 +911,7 @@ _MIXING: dict[Any, Mixing] = {
     aten.native_group_norm.default: _group_norm,
     aten.convolution.default: _convolution,
     aten.diagonal.default: _diagonal,
+    aten.trace.default: _diagonal,  # the sum of the diagonal (0, 1): one kernel on CPU
 }
 _CARRY.update(
     {
