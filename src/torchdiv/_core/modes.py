@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 from torchdiv._core import linalg as _linalg
-from torchdiv._core.ddp import one_forward
+from torchdiv._core.ddp import one_forward, spans_peers
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,9 +50,12 @@ def outside_inference_mode(fn: F) -> F:
         if torch.compiler.is_compiling():  # Dynamo traces the call: no mode checks to break on
             _materialized_zero_tangents()
             return fn(f, x, *args, **kwargs)
-        with CompiledCodeEager(), one_forward() as call:
-            result = outside(f, x, *args, **kwargs)
-            return result if call is None else call.finish(result)
+        with CompiledCodeEager():
+            if not spans_peers():  # no process group (or an outer call's): nothing to share
+                return outside(f, x, *args, **kwargs)
+            with one_forward() as call:
+                result = outside(f, x, *args, **kwargs)
+                return result if call is None else call.finish(result)
 
     return wrapper  # type: ignore[return-value]
 
@@ -205,9 +208,7 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             return
         if torch.compiler.is_compiling():  # Dynamo traces the call: nothing to protect
             return
-        from torch._C._dynamo.eval_frame import get_eval_frame_callback
-
-        if get_eval_frame_callback() in (None, False):
+        if torch._C._dynamo.eval_frame.get_eval_frame_callback() in (None, False):
             _STANCE.enter(lambda: frames._set_stance(_force_eager(frames)))
             self.held = True
 
