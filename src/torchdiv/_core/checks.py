@@ -319,8 +319,12 @@ def wrapping(g: F, f: Any) -> F:
 
 def unwrapped(f: Any) -> Any:
     """The caller's ``f`` inside torchdiv's own wrappers (``wrapping``), not unwrapped further:
-    a user's ``functools.wraps`` wrapper may compute something else than what it wraps."""
-    while (inner := getattr(f, "_torchdiv_wraps", None)) is not None:
+    a user's ``functools.wraps`` wrapper may compute something else than what it wraps. A
+    module is never one (and a missing attribute of a module costs an exception)."""
+    while not isinstance(f, torch.nn.Module):
+        inner = getattr(f, "_torchdiv_wraps", None)
+        if inner is None:
+            return f
         f = inner
     return f
 
