@@ -115,22 +115,6 @@ def test_tiny_square_problems_take_plain_autograd_unwatched_after_a_watch(monkey
     assert type(engine) is GraphJacobian and chunk == 2
 
 
-def test_tiny_diagonals_go_by_rows_and_traces_by_the_structured_engine(monkeypatch):
-    """Between the structured engine's tiny size (2**12) and the generic one's (2**15) a
-    trace is a chain's cycle, a diagonal plain autograd rows (the chain's columns cost more);
-    both right, also when the diagonal is taken first."""
-    from torchdiv._structured import cycle
-
-    net, x = tanh_mlp(2, 8, 2), torch.randn(2048, 2).double()  # 2 x 4096 elements
-    monkeypatch.setattr(cycle, "diagonal", lambda *a: pytest.fail("a chain's diagonal"))
-    assert_close(torchdiv.jacobian_diagonal(net, x), reference_diagonal(net, x))
-    assert_close(torchdiv.jacobian_diagonal(net, x), reference_diagonal(net, x))
-    traced = []
-    monkeypatch.setattr(cycle, "trace", lambda *a, f=cycle.trace: traced.append(1) or f(*a))
-    assert_close(torchdiv.divergence(net, x), reference_divergence(net, x))
-    assert traced
-
-
 @pytest.mark.parametrize("d", [LOOP_ROWS, LOOP_ROWS + 1])  # one pass per row; batched
 def test_tiny_divergence_and_its_parameter_gradients_by_plain_autograd(d):
     """Values and parameter gradients against jacrev and float64 finite differences."""

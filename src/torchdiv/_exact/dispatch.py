@@ -129,9 +129,7 @@ def diagonal_and_output(
     errors; ``where`` is the caller's function as ``torchdiv._taylor.cache.site`` names it,
     under which the structured engine keeps its recording for the next call.
     """
-    if _structured.chosen(method, x, batch_dims) and (
-        trace or not _rows_first(method, x, batch_dims)
-    ):
+    if _structured.chosen(method, x, batch_dims):
         strict = method == "structured"
         planned = _structured.plan(fn, f, x, batch_dims, chunk_size, strict, trace, share, where)
         if planned is not None:
@@ -144,15 +142,6 @@ def diagonal_and_output(
 
     result, _ = evaluate(f, x, batch_dims, generic, chunk_size, consume, square=True, draws=False)
     return result
-
-
-def _rows_first(method: str, x: torch.Tensor, batch_dims: int) -> bool:
-    """Whether ``"auto"`` takes a tiny diagonal (``_plan.TINY_PROBLEM``) by plain autograd
-    rows rather than by the structured engine: a chain's diagonal carries the first layer's
-    columns through the middle layers (about ``n`` forward passes of them, no cyclicity as
-    for the trace) on top of the checked recording, which cost 1.3x the rows at ``D = 8``,
-    ``B = 256`` and 1.9x at ``D = 2``, ``B = 4096`` (2-64-64-D tanh MLP, one thread)."""
-    return method == "auto" and event_numel(x, batch_dims) * x.numel() <= _plan.TINY_PROBLEM
 
 
 def output(engine: Engine) -> torch.Tensor:
