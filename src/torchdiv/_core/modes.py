@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import torch
+from torch._C._dynamo.eval_frame import get_eval_frame_callback
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
@@ -208,7 +209,7 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             return
         if torch.compiler.is_compiling():  # Dynamo traces the call: nothing to protect
             return
-        if torch._C._dynamo.eval_frame.get_eval_frame_callback() in (None, False):
+        if get_eval_frame_callback() in (None, False):
             _STANCE.enter(lambda: frames._set_stance(_force_eager(frames)))
             self.held = True
 

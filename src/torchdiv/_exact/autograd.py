@@ -271,7 +271,8 @@ def _leaves_and_norms(y: torch.Tensor, x_leaf: torch.Tensor) -> tuple[bool, list
     and every one-probe estimate, where 10 us are 1-2% of the cost.
     """
     others, norms = False, []
-    seen, stack = set(), [y.grad_fn]
+    seen: set[Any] = set()
+    stack: list[Any] = [y.grad_fn]  # autograd nodes (``variable``: not in torch's stubs)
     while stack:
         node = stack.pop()
         if node is None or node in seen:
