@@ -155,6 +155,14 @@ def test_reductions_over_the_batch_are_errors(f, what, name: str) -> None:
         getattr(torchdiv, name)(f, x)
 
 
+def test_the_generic_watch_sees_a_trace_across_samples() -> None:
+    """``torch.trace`` is one kernel on CPU: the watch of ``jacobian``'s engines (never the
+    structured recorder, which decomposes it) has its own rule for it."""
+    x = torch.randn(64, 16, dtype=f64)
+    with pytest.raises(BatchInteractionError, match="a diagonal across samples"):
+        torchdiv.jacobian(lambda x: x * torch.trace(x), x)
+
+
 @pytest.mark.parametrize("shape", [(256, 2), (8, 2), (4, 3), (256, 8)])
 @pytest.mark.parametrize("name", ["divergence", "jacobian_diagonal", "jacobian"])
 def test_tiny_problems_are_watched_on_each_new_function(shape, name: str) -> None:

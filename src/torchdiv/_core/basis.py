@@ -76,8 +76,7 @@ def basis(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> torch.T
     """
     k, n = stop - start, event_numel(like, batch_dims)
     out = like.new_zeros((k, like.shape[:batch_dims].numel(), n))
-    j = torch.arange(k, device=like.device)
-    out[j, :, start + j] = 1
+    out.diagonal(start, dim1=0, dim2=2).fill_(1)  # [j, :, start + j]: one op, no index tensor
     return out.reshape(k, *like.shape)
 
 

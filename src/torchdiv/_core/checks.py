@@ -283,16 +283,27 @@ def checked(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Wrap ``f`` so that its output is checked wherever it is evaluated (inside transforms too),
     its errors are marked (``call_f``), and an op an engine refuses (``_modes.WrongDerivatives``)
-    is reported under ``fn``'s name. The wrapper's ``__wrapped__`` is ``f`` (``inspect.unwrap``)."""
+    is reported under ``fn``'s name. The wrapper's ``__wrapped__`` is ``f`` (``inspect.unwrap``).
+
+    A good output is told by one read of its shape (``f`` runs under dispatch modes, which see
+    every read of a tensor's attributes: a few microseconds each); the checks that raise run
+    only on a bad one."""
+    batch, n = x.shape[:batch_dims], event_numel(x, batch_dims)
 
     def g(z: torch.Tensor) -> torch.Tensor:
         try:
             y: torch.Tensor = call_f(f, z)  # check_output raises if it is not
         except WrongDerivatives as exc:
             raise WrongDerivatives(f"{fn}: {exc}") from None
-        check_output(fn, y, x, batch_dims)
-        if square:
-            check_square(fn, y, x, batch_dims, "f(x)")
+        shape = y.shape if isinstance(y, torch.Tensor) and y.is_floating_point() else None
+        if (
+            shape is None
+            or shape[:batch_dims] != batch
+            or (square and math.prod(shape[batch_dims:]) != n)
+        ):
+            check_output(fn, y, x, batch_dims)
+            if square:
+                check_square(fn, y, x, batch_dims, "f(x)")
         return y
 
     return wrapping(g, f)
@@ -308,8 +319,12 @@ def wrapping(g: F, f: Any) -> F:
 
 def unwrapped(f: Any) -> Any:
     """The caller's ``f`` inside torchdiv's own wrappers (``wrapping``), not unwrapped further:
-    a user's ``functools.wraps`` wrapper may compute something else than what it wraps."""
-    while (inner := getattr(f, "_torchdiv_wraps", None)) is not None:
+    a user's ``functools.wraps`` wrapper may compute something else than what it wraps. A
+    module is never one (and a missing attribute of a module costs an exception)."""
+    while not isinstance(f, torch.nn.Module):
+        inner = getattr(f, "_torchdiv_wraps", None)
+        if inner is None:
+            return f
         f = inner
     return f
 

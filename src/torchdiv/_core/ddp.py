@@ -147,12 +147,18 @@ def _ddp_forward(self: Any, *inputs: Any, **kwargs: Any) -> Any:
     return self.module(*inputs, **kwargs)
 
 
+def spans_peers() -> bool:
+    """Whether a public call starting now is ``one_forward`` of its own: a process group is
+    up and no outer public call holds one (the usual single process: no)."""
+    return _CURRENT.get() is None and _initialized()
+
+
 @contextlib.contextmanager
 def one_forward() -> Iterator[Call | None]:
     """The scope of one public call (see the module docstring); ``None`` when there is
     nothing to do: no process group, or a public call nested in another (it shares the
     outer one's)."""
-    if _CURRENT.get() is not None or not _initialized():
+    if not spans_peers():
         yield None
         return
     from torch.nn.parallel import DistributedDataParallel
@@ -223,6 +229,11 @@ class Peers:
         if groups:
             root = groups[0].modules[0]._get_fsdp_state()
             self.fsdp_states = list(root._state_ctx.all_states)
+
+    @property
+    def inert(self) -> bool:
+        """Whether ``inner_backward`` has nothing to do (no DDP static graph, no FSDP2)."""
+        return not (self.static or self.fsdp_states)
 
     @contextlib.contextmanager
     def inner_backward(self) -> Iterator[None]:

@@ -337,7 +337,7 @@ def watched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) 
     return y
 
 
-_BATCH_NORM_NODES = {
+BATCH_NORM_NODES = {  # their backward nodes' type names
     "NativeBatchNormBackward0",
     "CudnnBatchNormBackward0",
     "MiopenBatchNormBackward0",
@@ -345,7 +345,12 @@ _BATCH_NORM_NODES = {
 
 
 def check_graph(
-    fn: str | None, y: torch.Tensor, x: torch.Tensor, batch_dims: int, empty_event: bool
+    fn: str | None,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    batch_dims: int,
+    empty_event: bool,
+    batch_norms: list[Any] | None = None,
 ) -> None:
     """For ``y`` computed from ``x`` by a graph nobody watched: raise ``BatchInteractionError``
     if the graph holds a train-mode batch norm over more than one row, and, with
@@ -353,12 +358,14 @@ def check_graph(
     sample differs from the signed VJP of ones: for independent samples, exactly
     ``J^T (s * u) = s * J^T u`` (a sign flip rounds exactly). Walking the graph costs a few
     microseconds; the signed VJP, one more VJP, is done only for empty events. ``fn``: the
-    public function to name (``None``: its ``reported`` wrapper names it)."""
+    public function to name (``None``: its ``reported`` wrapper names it); ``batch_norms``:
+    the graph's batch-norm nodes, if a walk of the caller's found them already."""
     if allowed() or x.shape[:batch_dims].numel() < 2 or y.grad_fn is None:
         return
-    for node in nodes(y.grad_fn):
+    found = nodes(y.grad_fn) if batch_norms is None else batch_norms
+    for node in found:
         if (
-            type(node).__name__ in _BATCH_NORM_NODES
+            type(node).__name__ in BATCH_NORM_NODES
             # saved attributes of the C++ node, absent from torch's stubs
             and node._saved_training
             and node._saved_input.shape[0] > 1
@@ -904,6 +911,7 @@ _MIXING: dict[Any, Mixing] = {
     aten.native_group_norm.default: _group_norm,
     aten.convolution.default: _convolution,
     aten.diagonal.default: _diagonal,
+    aten.trace.default: _diagonal,  # the sum of the diagonal (0, 1): one kernel on CPU
 }
 _CARRY.update(
     {

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import torch
+from torch._C._dynamo.eval_frame import get_eval_frame_callback
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 from torchdiv._core import linalg as _linalg
-from torchdiv._core.ddp import one_forward
+from torchdiv._core.ddp import one_forward, spans_peers
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,9 +51,12 @@ def outside_inference_mode(fn: F) -> F:
         if torch.compiler.is_compiling():  # Dynamo traces the call: no mode checks to break on
             _materialized_zero_tangents()
             return fn(f, x, *args, **kwargs)
-        with CompiledCodeEager(), one_forward() as call:
-            result = outside(f, x, *args, **kwargs)
-            return result if call is None else call.finish(result)
+        with CompiledCodeEager():
+            if not spans_peers():  # no process group (or an outer call's): nothing to share
+                return outside(f, x, *args, **kwargs)
+            with one_forward() as call:
+                result = outside(f, x, *args, **kwargs)
+                return result if call is None else call.finish(result)
 
     return wrapper  # type: ignore[return-value]
 
@@ -75,9 +79,11 @@ def compiled_like_f(fn: F) -> F:
     def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         parts = None
         if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
+            parts = _compiled_parts(f)
+        if parts is not None:
             drawn = any(kwargs.get(name) is not None for name in _DRAWS)
             inference_x = isinstance(x, torch.Tensor) and x.is_inference()
-            parts = None if drawn or inference_x else _compiled_parts(f)
+            parts = None if drawn or inference_x else parts
         if parts is None:
             return fn(f, x, *args, **kwargs)
         original, backend, dynamic = parts
@@ -88,7 +94,15 @@ def compiled_like_f(fn: F) -> F:
 
 def _compiled_parts(f: Any) -> tuple[Callable[..., Any], Any, bool | None] | None:
     """What ``torch.compile`` made ``f`` from: the original callable, the backend, ``dynamic``
-    (read from Dynamo's private attributes: ``None`` where they are not as expected)."""
+    (read from Dynamo's private attributes: ``None`` where they are not as expected). Without
+    Dynamo imported nothing is compiled; a module is compiled only as an ``OptimizedModule``
+    (asked first: a missing attribute of a module costs an exception in ``__getattr__``)."""
+    frames = sys.modules.get("torch._dynamo.eval_frame")
+    if frames is None:
+        return None
+    compiled_module = getattr(frames, "OptimizedModule", torch.nn.Module)
+    if isinstance(f, torch.nn.Module) and not isinstance(f, compiled_module):
+        return None
     original = getattr(f, "_torchdynamo_orig_callable", None)
     if original is None:
         return None
@@ -195,15 +209,19 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             return
         if torch.compiler.is_compiling():  # Dynamo traces the call: nothing to protect
             return
-        from torch._C._dynamo.eval_frame import get_eval_frame_callback
-
         if get_eval_frame_callback() in (None, False):
-            _STANCE.enter(lambda: frames._set_stance(frames.DynamoStance("force_eager")))
+            _STANCE.enter(lambda: frames._set_stance(_force_eager(frames)))
             self.held = True
 
     def __exit__(self, *exc: object) -> None:
         if self.held:
             _STANCE.exit(sys.modules["torch._dynamo.eval_frame"]._set_stance)
+
+
+@functools.cache
+def _force_eager(frames: Any) -> Any:
+    """Dynamo's "force_eager" stance, made once (Dynamo never changes one in place)."""
+    return frames.DynamoStance("force_eager")
 
 
 def eager_when(records: Callable[..., bool]) -> Callable[[F], F]:

@@ -127,6 +127,7 @@ class GraphJacobian:
         self._peers = Peers(y)  # DDP or FSDP2 in the graph: see torchdiv._core.ddp
         self._custom = _custom_functions(y) if create_graph else []
         self._walked = False
+        self.batch_norms: list[Any] | None = None  # the graph's, if of_function walked it
 
     @classmethod
     def of_function(
@@ -139,17 +140,22 @@ class GraphJacobian:
         (``x`` itself if it requires grad, parameters, closed-over tensors).
         """
         outer_grad = torch.is_grad_enabled()
-        with torch.enable_grad(), SafeDerivatives(1, "method='forward'"):
+        with torch.enable_grad():
             x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
-            y = f(x_in)
-        create_graph = outer_grad and _depends_on_other_leaves(y, x_in)
-        return cls(y, x_in, batch_dims, create_graph)
+            with SafeDerivatives(1, "method='forward'"):
+                y = f(x_in)
+        others, batch_norms = _leaves_and_norms(y, x_in)
+        engine = cls(y, x_in, batch_dims, outer_grad and others)
+        engine.batch_norms = batch_norms
+        return engine
 
     def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
         """VJPs: ``(k,) + y.shape`` cotangents -> ``(k,) + x.shape`` products."""
         out = None
         watch = _DifferentiableBackwards(self._custom)
-        if self.y.requires_grad:
+        if self.y.requires_grad and not self._custom and self._peers.inert:  # (the usual case)
+            out = self._vjps(cotangents)
+        elif self.y.requires_grad:
             with self._peers.inner_backward(), watch:
                 out = self._vjps(cotangents)
         if out is None:  # y does not depend on x: the Jacobian is zero
@@ -204,7 +210,8 @@ def unwatched(
     VJP). For one-product estimates and tiny exact problems, where the watch would be a large
     part of the cost."""
     engine = GraphJacobian.of_function(f, x, batch_dims)
-    _mixing.check_graph(None, engine.y, engine.x, batch_dims, empty_event=x.dim() == batch_dims)
+    empty = x.dim() == batch_dims
+    _mixing.check_graph(None, engine.y, engine.x, batch_dims, empty, engine.batch_norms)
     return engine
 
 
@@ -250,21 +257,34 @@ def _graph_edges(y: torch.Tensor) -> Iterator[tuple[Any, int]]:
 
 
 def _depends_on_other_leaves(y: torch.Tensor, x_leaf: torch.Tensor) -> bool:
-    """Whether ``y``'s graph reaches a tensor requiring grad other than the leaf ``x_leaf``.
+    """Whether ``y``'s graph reaches a tensor requiring grad other than the leaf ``x_leaf``."""
+    return _leaves_and_norms(y, x_leaf)[0]
 
-    Leaves appear as AccumulateGrad nodes, the only nodes with a ``variable``. A plain loop,
-    not ``_graph_edges``: it runs on every one-probe estimate, where 10 us are 1% of the cost.
+
+def _leaves_and_norms(y: torch.Tensor, x_leaf: torch.Tensor) -> tuple[bool, list[Any]]:
+    """Whether ``y``'s graph reaches a tensor requiring grad other than the leaf ``x_leaf``,
+    and its batch-norm nodes (for ``_mixing.check_graph``), in one walk.
+
+    Leaves appear as ``AccumulateGrad`` nodes, the only nodes with a ``variable``; nodes are
+    told by their type's name, not by ``getattr`` (an exception raised and caught at every
+    other node). A plain loop, not ``_graph_edges``: it runs at every call of a small problem
+    and every one-probe estimate, where 10 us are 1-2% of the cost.
     """
-    seen, stack = set(), [y.grad_fn]
+    others, norms = False, []
+    seen: set[Any] = set()
+    stack: list[Any] = [y.grad_fn]  # autograd nodes (``variable``: not in torch's stubs)
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if getattr(node, "variable", x_leaf) is not x_leaf:
-            return True
-        stack.extend(child for child, _ in node.next_functions)
-    return False
+        name = type(node).__name__
+        if name == "AccumulateGrad":
+            others = others or node.variable is not x_leaf
+        elif name in _mixing.BATCH_NORM_NODES:
+            norms.append(node)
+        stack += [child for child, _ in node.next_functions]
+    return others, norms
 
 
 def depends_on(y: torch.Tensor, x: torch.Tensor) -> bool:

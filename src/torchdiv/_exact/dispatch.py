@@ -84,10 +84,10 @@ def jacobian(
     the output's size. Not kept inside a compiled region, where plain autograd is not
     taken."""
     if torch.compiler.is_compiling():
-        return evaluate(f, x, batch_dims, method, chunk_size, dense)
+        return evaluate(f, x, batch_dims, method, chunk_size, dense, draws=False)
     k = key(x, batch_dims)
     square = where is not None and bool(_SQUARE.get(where, k))
-    jac, y_shape = evaluate(f, x, batch_dims, method, chunk_size, dense, square=square)
+    jac, y_shape = evaluate(f, x, batch_dims, method, chunk_size, dense, square=square, draws=False)
     now = math.prod(y_shape[batch_dims:]) == event_numel(x, batch_dims)
     if where is not None and now != square:
         _SQUARE.put(where, k, now)
@@ -140,7 +140,7 @@ def diagonal_and_output(
         diag = diagonal(engine, chunk, share)
         return (diag.sum(-1) if trace else diag), output(engine)
 
-    result, _ = evaluate(f, x, batch_dims, generic, chunk_size, consume, square=True)
+    result, _ = evaluate(f, x, batch_dims, generic, chunk_size, consume, square=True, draws=False)
     return result
 
 
@@ -167,13 +167,15 @@ def evaluate(
     consume: Callable[[Engine, int], T],
     generator: torch.Generator | None = None,
     square: bool = False,
+    draws: bool = True,
 ) -> tuple[T, torch.Size]:
     """Run ``consume`` on the engine ``method`` names; returns its result and ``f(x).shape``.
 
     ``"forward"`` and ``"reverse"`` are taken as given (``chunk_size=None``: all at once).
     ``"auto"`` runs the first engine that can run ``f`` (``_first_that_runs``); ``generator``
-    is the one ``consume`` draws from (``None``: the default one of ``x``'s device);
-    ``square``: ``f``'s output has as many elements per sample as ``x`` (``_engines``).
+    is the one ``consume`` draws from (``None``: the default one of ``x``'s device), if it
+    ``draws`` (an exact ``consume`` does not); ``square``: ``f``'s output has as many
+    elements per sample as ``x`` (``_engines``).
 
     The evaluations ``"auto"`` watches also follow the batch dimensions (``_mixing``): an ``f``
     that mixes samples raises ``BatchInteractionError``. The explicit methods are not watched,
@@ -186,6 +188,10 @@ def evaluate(
     elif method == "reverse":
         engine = ReverseJacobian(f, x, batch_dims)
     else:
+        if not draws or torch.compiler.is_compiling():  # Dynamo cannot trace generator states
+            generator = None
+        else:
+            generator = generator or _state.default_generator(x.device)
         return _first_that_runs(f, x, batch_dims, chunk_size, consume, generator, square)
     return consume(engine, chunk_size or max(engine.num_basis, 1)), engine.y_shape
 
@@ -212,12 +218,10 @@ def _first_that_runs(
     hands over to the next, with the draws of ``generator`` undone (the same probes) and
     every later evaluation of ``f`` starting from the state the first one found
     (``_state.Changes.again``: buffers and random draws change once). Other errors propagate
-    at once; if no engine runs ``f``, the last engine's error does.
+    at once; if no engine runs ``f``, the last engine's error does. ``generator``: ``None``
+    when ``consume`` draws nothing, or inside a compiled region (Dynamo cannot trace
+    generator states).
     """
-    if torch.compiler.is_compiling():  # Dynamo cannot trace generator states: not kept
-        generator = None
-    else:
-        generator = generator or _state.default_generator(x.device)
     failure: Exception | None = None
     for build in _engines(f, x, batch_dims, square):
         drawn = None
@@ -314,7 +318,12 @@ def _plain_first(
     evaluates ``f`` again (``_state.Changes`` sees only its own evaluations).
     """
     sizes = _plan.OpSizes(x.shape[:batch_dims])  # unwatched: one chunk
-    again = _state.Changes(x).again(f)
+    watched: list[Callable[[torch.Tensor], torch.Tensor]] = []  # made if plain autograd fails
+
+    def again(z: torch.Tensor) -> torch.Tensor:
+        if not watched:
+            watched.append(_state.Changes(x).again(f))
+        return watched[0](z)
 
     def plain() -> tuple[Engine, _plan.OpSizes]:
         engine = unwatched(f, x, batch_dims)

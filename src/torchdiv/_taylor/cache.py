@@ -234,15 +234,33 @@ def site(f: Any) -> Any:
 
 
 def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
-    """``key`` of ``x`` and, for a module ``f``, its train mode, which parameters require grad
-    and which submodules it holds (a swapped one is another object): what an ``f``'s
-    computation depends on, as far as it can be told without running it."""
+    """``key`` of ``x`` and, for a module ``f``, its train mode, which submodules it holds (a
+    swapped one is another object) and which of their parameters require grad: what an
+    ``f``'s computation depends on, as far as it can be told without running it."""
     if isinstance(f, torch.nn.Module):
-        # a freed submodule's id may come back, on another module: its type too
-        held = tuple((id(m), type(m)) for m in f.modules())
-        modes = (f.training, tuple(p.requires_grad for p in f.parameters()), held)
-        return (*modes, key(x, batch_dims))
+        return (f.training, *_held(f), key(x, batch_dims))
     return (key(x, batch_dims),)
+
+
+def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
+    """Every module under ``f`` (``f`` included) as its id and type (a freed submodule's id
+    may come back, on another module), and whether each of their parameters requires grad.
+    One walk of the ``_modules`` and ``_parameters`` dictionaries, each module once: a key is
+    made at every call of a small problem, where ``named_modules`` and ``parameters`` (two
+    walks of generators) cost 10-25 us."""
+    held: list[Any] = []
+    grads: list[bool] = []
+    seen: set[int] = set()
+    stack = [f]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:  # a module held twice (tied layers): once, as modules() does
+            continue
+        seen.add(id(m))
+        held.append((id(m), type(m)))
+        grads += [p.requires_grad for p in m._parameters.values() if p is not None]
+        stack += [c for c in m._modules.values() if c is not None]
+    return tuple(held), tuple(grads)
 
 
 def key(x: torch.Tensor, batch_dims: int | None) -> Hashable:
