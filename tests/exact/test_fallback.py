@@ -75,20 +75,28 @@ def test_auto_fallback_keeps_results_differentiable():
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
-def test_auto_handles_fused_attention():
-    """CPU scaled_dot_product_attention has no forward-mode rule in PyTorch."""
-    proj = torch.randn(8, 8) / 3
+@pytest.mark.parametrize("batch", [5, 300])  # tiny problems (plain autograd) and larger ones
+def test_every_method_handles_fused_attention_and_its_gradients(batch: int):
+    """CPU ``scaled_dot_product_attention``'s fused kernel has no forward-mode rule and no
+    double backward in PyTorch: the forward engine raised, and the gradients of the reverse
+    and plain-autograd engines' results ("auto" on small attention models in training)."""
+    torch.manual_seed(0)
+    proj = (torch.randn(8, 8, dtype=torch.float64) / 3).requires_grad_(True)
 
     def attention(x):  # x (B, 4 tokens * 2 features): attention within each sample
         q = (x @ proj).reshape(-1, 1, 4, 2)
         return torch.nn.functional.scaled_dot_product_attention(q, q, q).reshape(x.shape)
 
-    x = torch.randn(5, 8)
+    x = torch.randn(batch, 8, dtype=torch.float64)
     jac = torchdiv.jacobian(attention, x)
-    assert_close(jac, torchdiv.graph_jacobian(attention(x.requires_grad_()), x))
-    assert_close(torchdiv.divergence(attention, x), jac.diagonal(dim1=1, dim2=2).sum(-1))
-    with pytest.raises(NotImplementedError, match="forward AD"):
-        torchdiv.divergence(attention, x, method="forward")
+    xg = x.clone().requires_grad_(True)
+    assert_close(jac, torchdiv.graph_jacobian(attention(xg), xg))
+    want = jac.diagonal(dim1=1, dim2=2).sum(-1)
+    (want_grad,) = torch.autograd.grad(want.square().sum(), proj)
+    for method in ("auto", "reverse", "forward", "structured"):
+        div = torchdiv.divergence(attention, x, method=method)
+        assert_close(div, want)
+        assert_close(torch.autograd.grad(div.square().sum(), proj)[0], want_grad)
 
 
 def test_auto_handles_in_place_writes_and_control_flow():

@@ -12,6 +12,7 @@ vector, for graphs that can be walked only once or whose backward cannot be batc
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,7 +22,7 @@ from torchdiv._core import mixing as _mixing
 from torchdiv._core.basis import as_blocks, basis
 from torchdiv._core.checks import event_numel
 from torchdiv._core.ddp import Peers
-from torchdiv._core.modes import SafeDerivatives
+from torchdiv._core.modes import SafeDerivatives, math_attention
 
 
 class GraphSpent(RuntimeError):
@@ -140,11 +141,11 @@ class GraphJacobian:
         (``x`` itself if it requires grad, parameters, closed-over tensors).
         """
         outer_grad = torch.is_grad_enabled()
-        with torch.enable_grad():
-            x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
-            with SafeDerivatives(1, "method='forward'"):
-                y = f(x_in)
-        others, batch_norms = _leaves_and_norms(y, x_in)
+        y, x_in = _evaluated(f, x, contextlib.nullcontext())
+        others, batch_norms, fused = _leaves_and_norms(y, x_in)
+        if fused and outer_grad and others:  # fused attention kernels have no double backward
+            y, x_in = _evaluated(f, x, math_attention())
+            others, batch_norms, _ = _leaves_and_norms(y, x_in)
         engine = cls(y, x_in, batch_dims, outer_grad and others)
         engine.batch_norms = batch_norms
         return engine
@@ -261,16 +262,28 @@ def _depends_on_other_leaves(y: torch.Tensor, x_leaf: torch.Tensor) -> bool:
     return _leaves_and_norms(y, x_leaf)[0]
 
 
-def _leaves_and_norms(y: torch.Tensor, x_leaf: torch.Tensor) -> tuple[bool, list[Any]]:
+def _evaluated(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, attention: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``f(x_in)`` with a graph, and ``x_in``: ``x`` itself (a view) where it requires grad,
+    else a leaf copy of it that does; under the context ``attention``."""
+    with torch.enable_grad():
+        x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+        with attention, SafeDerivatives(1, "method='forward'"):
+            return f(x_in), x_in
+
+
+def _leaves_and_norms(y: torch.Tensor, x_leaf: torch.Tensor) -> tuple[bool, list[Any], bool]:
     """Whether ``y``'s graph reaches a tensor requiring grad other than the leaf ``x_leaf``,
-    and its batch-norm nodes (for ``_mixing.check_graph``), in one walk.
+    its batch-norm nodes (for ``_mixing.check_graph``), and whether it holds a fused
+    attention kernel (whose backward has no derivative: ``modes.math_attention``), in one walk.
 
     Leaves appear as ``AccumulateGrad`` nodes, the only nodes with a ``variable``; nodes are
     told by their type's name, not by ``getattr`` (an exception raised and caught at every
     other node). A plain loop, not ``_graph_edges``: it runs at every call of a small problem
     and every one-probe estimate, where 10 us are 1-2% of the cost.
     """
-    others, norms = False, []
+    others, norms, fused = False, [], False
     seen: set[Any] = set()
     stack: list[Any] = [y.grad_fn]  # autograd nodes (``variable``: not in torch's stubs)
     while stack:
@@ -283,8 +296,10 @@ def _leaves_and_norms(y: torch.Tensor, x_leaf: torch.Tensor) -> tuple[bool, list
             others = others or node.variable is not x_leaf
         elif name in _mixing.BATCH_NORM_NODES:
             norms.append(node)
+        elif name.startswith("ScaledDotProduct"):
+            fused = True
         stack += [child for child, _ in node.next_functions]
-    return others, norms
+    return others, norms, fused
 
 
 def depends_on(y: torch.Tensor, x: torch.Tensor) -> bool:

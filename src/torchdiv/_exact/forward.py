@@ -9,7 +9,7 @@ from torch.func import jvp, vmap
 
 from torchdiv._core.basis import as_blocks, basis
 from torchdiv._core.checks import event_numel
-from torchdiv._core.modes import SafeDerivatives
+from torchdiv._core.modes import SafeDerivatives, math_attention
 
 
 class ForwardJacobian:
@@ -53,7 +53,7 @@ class ForwardJacobian:
         Jacobian) are second derivatives, which PyTorch gets wrong for some ops through
         forward mode.
         """
-        with SafeDerivatives(2, "method='reverse'"):
+        with math_attention(), SafeDerivatives(2, "method='reverse'"):  # fused: no forward AD
             return self._apply(tangents)
 
     def _apply(self, tangents: torch.Tensor) -> torch.Tensor:

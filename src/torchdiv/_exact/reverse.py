@@ -9,7 +9,7 @@ from torch.func import vjp, vmap
 
 from torchdiv._core.basis import as_blocks, basis
 from torchdiv._core.checks import event_numel
-from torchdiv._core.modes import SafeDerivatives
+from torchdiv._core.modes import SafeDerivatives, math_attention
 
 
 class ReverseJacobian:
@@ -23,7 +23,8 @@ class ReverseJacobian:
     blocks_are_rows = True
 
     def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int):
-        with SafeDerivatives(1, "method='forward'"):  # cdist: the batched pullback is wrong
+        # cdist: the batched pullback is wrong; fused attention: no double backward
+        with math_attention(), SafeDerivatives(1, "method='forward'"):
             # torch types vjp's result as a 2- or 3-tuple (has_aux); without aux it is 2
             y_and_pullback = vjp(f, x)
         self.y: torch.Tensor = y_and_pullback[0]
