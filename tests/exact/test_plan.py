@@ -86,21 +86,24 @@ def test_small_conv_nets_above_the_tiny_size_use_forward_mode():
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
-def test_conv_net_with_fused_attention_uses_reverse_mode():
-    """CPU fused attention has no forward-mode rule: forward mode would fail part-way."""
-    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+def test_conv_net_with_fused_attention_runs_forward_mode_on_the_math_backend():
+    """CPU fused attention has no forward-mode rule: the generic engines run attention on the
+    math backend, whose ops have one, so a conv net takes forward mode as any other."""
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).double()
 
     def f(x):  # (B, 8, 8, 8): a convolution, then attention over the 64 pixels, 8 features
         h = conv(x).flatten(2).transpose(1, 2).contiguous()[:, None]  # fused kernel
         out = torch.nn.functional.scaled_dot_product_attention(h, h, h)
         return out[:, 0].transpose(1, 2).reshape(x.shape)
 
-    x = torch.randn(4, 8, 8, 8)
+    x = torch.randn(4, 8, 8, 8, dtype=torch.float64)
     with _plan.OpSizes(torch.Size([4])) as sizes:
         f(x)
-    assert sizes.convolves and not sizes.forward_rules
+    assert sizes.convolves and not sizes.forward_rules  # the fused kernel, outside the engines
     engine, _ = _planned(f, x, batch_dims=1)
-    assert isinstance(engine, ReverseJacobian)
+    assert isinstance(engine, ForwardJacobian)
+    want = torchdiv.divergence(f, x, method="reverse")
+    assert_close(torchdiv.divergence(f, x, method="forward"), want)
 
 
 def test_tiny_square_problems_take_plain_autograd_unwatched_after_a_watch(monkeypatch):
