@@ -115,3 +115,19 @@ def test_compiled_function_runs_compiled_inside():
     compiled(x)
     assert backend.runs == 2
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("method", ["auto", "reverse", "structured"])
+def test_a_compiled_module_keeps_its_hooks(method: str):
+    """The module's call (its forward hooks, pre-hooks), not only its ``forward``: a hook that
+    doubles the output gave half the divergence, silently."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    net = net.double()
+    net.register_forward_hook(lambda module, inputs, out: out * 2)
+    x = torch.randn(16, 3, dtype=torch.float64)
+    expected = torchdiv.divergence(net, x, method=method)
+    compiled = torch.compile(net, backend=Counting())
+    torch.testing.assert_close(torchdiv.divergence(compiled, x, method=method), expected)
+    torch._dynamo.reset()

@@ -106,6 +106,8 @@ def _compiled_parts(f: Any) -> tuple[Callable[..., Any], Any, bool | None] | Non
     original = getattr(f, "_torchdynamo_orig_callable", None)
     if original is None:
         return None
+    if isinstance(f, compiled_module):  # the module, whose call runs its hooks, not its forward
+        original = getattr(f, "_orig_mod", original)
     context = getattr(f, "dynamo_ctx", None)  # a compiled module
     cells = getattr(f, "__closure__", None) or ()  # a compiled function's wrapper
     for cell in cells if context is None else ():
