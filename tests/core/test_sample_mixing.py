@@ -227,6 +227,25 @@ def test_a_submodule_swapped_for_one_that_mixes_is_watched() -> None:
         torchdiv.divergence(net, x)
 
 
+@pytest.mark.parametrize("name", ["divergence", "jacobian"])
+def test_a_submodule_switched_to_train_mode_alone_is_watched(name: str) -> None:
+    """``model[0].train()`` inside a model in eval mode: only the submodule's mode changed
+    (the structure key read the root's), and it now centres over the batch."""
+
+    class CentredInTraining(nn.Module):
+        def forward(self, z):
+            return z - z.mean(0) if self.training else z
+
+    net = nn.Sequential(nn.Sequential(nn.Linear(3, 3), CentredInTraining()), nn.Tanh())
+    net = net.to(f64).eval()
+    x = torch.randn(64, 3, dtype=f64)
+    for _ in range(2):
+        getattr(torchdiv, name)(net, x)
+    net[0][1].train()
+    with pytest.raises(BatchInteractionError, match="f mixes samples"):
+        getattr(torchdiv, name)(net, x)
+
+
 @pytest.mark.parametrize("name", ["laplacian", "value_grad_laplacian"])
 def test_a_loop_at_one_input_is_watched_on_each_new_function(name: str) -> None:
     """At one input ``"auto"`` loops without recording: its first call of each ``f`` object

@@ -234,17 +234,18 @@ def site(f: Any) -> Any:
 
 
 def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
-    """``key`` of ``x`` and, for a module ``f``, its train mode, which submodules it holds (a
-    swapped one is another object) and which of their parameters require grad: what an
-    ``f``'s computation depends on, as far as it can be told without running it."""
+    """``key`` of ``x`` and, for a module ``f``, which submodules it holds (a swapped one is
+    another object), each one's train mode, and which of their parameters require grad: what
+    an ``f``'s computation depends on, as far as it can be told without running it."""
     if isinstance(f, torch.nn.Module):
-        return (f.training, *_held(f), key(x, batch_dims))
+        return (*_held(f), key(x, batch_dims))
     return (key(x, batch_dims),)
 
 
 def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
-    """Every module under ``f`` (``f`` included) as its id and type (a freed submodule's id
-    may come back, on another module), and whether each of their parameters requires grad.
+    """Every module under ``f`` (``f`` included) as its id, type (a freed submodule's id may
+    come back, on another module) and train mode (``model[0].train()`` alone switches a batch
+    norm to batch statistics), and whether each of their parameters requires grad.
     One walk of the ``_modules`` and ``_parameters`` dictionaries, each module once: a key is
     made at every call of a small problem, where ``named_modules`` and ``parameters`` (two
     walks of generators) cost 10-25 us."""
@@ -257,7 +258,7 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
         if id(m) in seen:  # a module held twice (tied layers): once, as modules() does
             continue
         seen.add(id(m))
-        held.append((id(m), type(m)))
+        held.append((id(m), type(m), m.training))
         grads += [p.requires_grad for p in m._parameters.values() if p is not None]
         stack += [c for c in m._modules.values() if c is not None]
     return tuple(held), tuple(grads)
