@@ -138,7 +138,10 @@ class GraphJacobian:
 
         The products are built with ``create_graph=True`` exactly when the caller has grad mode
         on and ``y`` depends on a tensor that requires grad other than our own copy of ``x``
-        (``x`` itself if it requires grad, parameters, closed-over tensors).
+        (``x`` itself if it requires grad, parameters, closed-over tensors). Where they are
+        and the graph holds a fused attention kernel (no double backward), ``f`` is evaluated
+        once more with attention on the math backend (its state, a random generator, then
+        moves twice).
         """
         outer_grad = torch.is_grad_enabled()
         y, x_in = _evaluated(f, x, contextlib.nullcontext())
