@@ -139,6 +139,35 @@ def test_tiny_divergence_and_its_parameter_gradients_by_plain_autograd(d):
     assert abs(analytic - numeric) <= 1e-8 * max(1.0, abs(numeric))
 
 
+def test_tiny_problems_evaluate_f_outside_safe_derivatives_unless_its_graph_needs_them():
+    """Plain autograd evaluates ``f`` outside ``SafeDerivatives`` once it passed a watch; an
+    op the mode replaces (``cdist``: PyTorch's ``_cdist_backward`` has no derivative, so a
+    divergence's parameter gradient raised) shows in the graph: ``f`` is evaluated again
+    under the mode, and later calls start there. Values and parameter gradients as a
+    reference by ``torch.func`` over the replacement, at every call (float64)."""
+    from torchdiv._core.modes import _cdist
+    from torchdiv._taylor import mixing
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4).double()
+
+    def f(z, distance=torch.cdist):
+        points = lin(z).reshape(-1, 2, 2)
+        return distance(points, points).reshape(-1, 4) + z.sin()
+
+    x = torch.randn(6, 4, dtype=torch.float64)
+    want = reference_divergence(lambda z: f(z, _cdist), x)
+    (want_grad,) = torch.autograd.grad(want.sum(), lin.weight)
+    for call in range(3):  # watched; plain, then again under the mode; under the mode
+        div = torchdiv.divergence(f, x)
+        assert_close(div, want)
+        assert_close(torch.autograd.grad(div.sum(), lin.weight)[0], want_grad)
+        assert mixing.passed_before(f, x, 1).plain is (call == 0)
+    for _ in range(2):  # without an op the mode changes, f stays outside it
+        assert_close(torchdiv.divergence(lin, x), reference_divergence(lin, x))
+        assert mixing.passed_before(lin, x, 1).plain
+
+
 def test_jacobian_remembers_a_square_output_and_survives_a_stale_guess(monkeypatch):
     scale = {"wide": False}
 
