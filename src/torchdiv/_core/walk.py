@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.autograd.function import BackwardCFunction
 
 BATCH_NORM_NODES = {  # their backward nodes' type names
     "NativeBatchNormBackward0",
@@ -33,11 +34,13 @@ def nodes(root: Any) -> Iterator[Any]:
 @dataclass
 class Found:
     """What ``search`` found in a graph: ``others``, a tensor requiring grad other than the
-    leaf it was given; its batch-norm nodes (for ``_core.mixing.check_graph``); ``fused``, a
-    fused attention kernel; ``guarded``, a node of the ops it was asked about."""
+    leaf it was given; its batch-norm nodes (for ``_core.mixing.check_graph``) and custom
+    ``autograd.Function`` nodes; ``fused``, a fused attention kernel; ``guarded``, a node of
+    the ops it was asked about."""
 
     others: bool = False
     batch_norms: list[Any] = field(default_factory=list)
+    custom: list[Any] = field(default_factory=list)
     fused: bool = False
     guarded: bool = False
 
@@ -63,6 +66,8 @@ def search(y: torch.Tensor, x_leaf: torch.Tensor, guarded: tuple[str, ...] = ())
         name = type(node).__name__
         if name == "AccumulateGrad":
             found.others = found.others or node.variable is not x_leaf
+        elif isinstance(node, BackwardCFunction):  # (its name is the user's)
+            found.custom.append(node)
         elif name in BATCH_NORM_NODES:
             found.batch_norms.append(node)
         elif name.startswith(FUSED_ATTENTION):

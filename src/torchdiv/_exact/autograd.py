@@ -124,12 +124,23 @@ class GraphJacobian:
 
     blocks_are_rows = True
 
-    def __init__(self, y: torch.Tensor, x: torch.Tensor, batch_dims: int, create_graph: bool):
+    def __init__(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        batch_dims: int,
+        create_graph: bool,
+        custom: list[Any] | None = None,
+    ):
+        """``custom``: the custom ``autograd.Function`` nodes of ``y``'s graph, if a walk of
+        the caller's found them already."""
         self.y, self.x, self.batch_dims, self.create_graph = y, x, batch_dims, create_graph
         self.num_basis = event_numel(y, batch_dims)
         self.y_shape = y.shape
         self._peers = Peers(y)  # DDP or FSDP2 in the graph: see torchdiv._core.ddp
-        self._custom = _custom_functions(y) if create_graph else []
+        self._custom = (
+            [] if not create_graph else _custom_functions(y) if custom is None else custom
+        )
         self._walked = False
         self.batch_norms: list[Any] | None = None  # the graph's, if of_function walked it
         self.guarded = False  # of_function's plain evaluation showed an op SafeDerivatives changes
@@ -165,7 +176,7 @@ class GraphJacobian:
             attention = math_attention() if fused else contextlib.nullcontext()
             y, x_in = _evaluated(f, x, attention, safe=True)
             found = search(y, x_in)
-        engine = cls(y, x_in, batch_dims, outer_grad and found.others)
+        engine = cls(y, x_in, batch_dims, outer_grad and found.others, found.custom)
         engine.batch_norms = found.batch_norms
         engine.guarded = guarded
         return engine
