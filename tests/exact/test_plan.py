@@ -168,6 +168,27 @@ def test_tiny_problems_evaluate_f_outside_safe_derivatives_unless_its_graph_need
         assert mixing.passed_before(lin, x, 1).plain
 
 
+def test_the_unit_cotangents_kept_for_tiny_problems_stay_unit_vectors():
+    """Plain autograd keeps the unit cotangents of tiny blocks for the next call: nothing may
+    write to them, through training (a graph through the products, a backward pass) or
+    rows batched in one pass; every call's values stay right."""
+    from torchdiv._core.basis import basis
+    from torchdiv._exact import autograd
+
+    for d in (LOOP_ROWS, LOOP_ROWS + 1):
+        net = tanh_mlp(d, 8, d)
+        x = torch.randn(16, d, dtype=torch.float64)
+        for _ in range(3):
+            div = torchdiv.divergence(net, x)
+            div.sum().backward()
+            assert_close(div, reference_divergence(net, x))
+            assert_close(torchdiv.jacobian(net, x), reference_jacobian(net, x))
+        kept = [(k, v) for k, v in autograd._UNITS.items() if k[2] == x.shape]
+        assert kept
+        for (start, stop, _, batch_dims, *_), units in kept:
+            assert torch.equal(units, basis(start, stop, x, batch_dims))
+
+
 def test_jacobian_remembers_a_square_output_and_survives_a_stale_guess(monkeypatch):
     scale = {"wide": False}
 
