@@ -581,7 +581,8 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
         (gaussian, (512, 2), True),
         (gaussian, (8, 3), True),
         (gaussian, (8, 4), False),
-        (wide, (256, 2), False),
+        (wide, (256, 2), True),  # loops when trained too (LOOP_WORK_TRAINED)
+        (wide, (2048, 2), False),
         (frozen, (256, 2), True),
         (frozen3, (256, 3), False),
         (gaussian, (64 * 1024, 2), False),  # a large batch: much arithmetic per call

@@ -47,14 +47,16 @@ CHUNK_ELEMENTS = 2**24
 # 2n + 3 backward passes; and at up to LOOP_FALLBACK inputs where the Taylor engine cannot run f.
 # The loop's share grows when its result is not differentiated (no third-order backward pass):
 # - differentiated (training): at up to 2 inputs below LOOP_WORK_TRAINED per call (a KAN at
-#   batch 256, 5.5k per call: the loop ~1.1x faster; the FNN at 256, 24k: Taylor 1.0-1.2x);
+#   batch 256, 5.5k per call: the loop ~1.1x faster; the FNN at 256, 24k: the loop recipe
+#   1.0-1.36x faster than Taylor in every run of 2026-12-03 (one and two threads); a KAN at
+#   2048, 44k, and the FNN at 2048: Taylor, 1.3x);
 # - not: at up to LOOP_INPUTS = 3 inputs below LOOP_WORK * 2 / n per call (the FNN at batch
 #   256 loops at 2 inputs, 1.0-1.3x, not at 3; a KAN at batch 256 loops at 2 and 3 inputs,
 #   1.2-1.3x; a KAN at 2048, 44k per call: Taylor, 1.1-1.2x).
 LOOP_INPUTS = 3
 LOOP_ELEMENTS = 1024
 LOOP_WORK = 32768
-LOOP_WORK_TRAINED = 16384
+LOOP_WORK_TRAINED = 32768
 LOOP_FALLBACK = 10
 # the loop batches its second-level backward passes (``loop.Settings``) below this much
 # work per call: a KAN at batch 256 (5.5k) 10-25% faster, frozen or trained, at 2 and 3
