@@ -225,13 +225,14 @@ def _eager_stance() -> Any:
     ``_set_stance`` does, without its check that no compiled region runs (made by
     ``CompiledCodeEager`` already) and the import it makes at every call: 3 us of a tiny
     problem's call, twice."""
-    frames = sys.modules["torch._dynamo.eval_frame"]
+    frames: Any = sys.modules["torch._dynamo.eval_frame"]  # its private global, untyped
     prior, frames._stance = frames._stance, _force_eager(frames)
     return prior
 
 
 def _put_stance(prior: Any) -> None:
-    sys.modules["torch._dynamo.eval_frame"]._stance = prior
+    frames: Any = sys.modules["torch._dynamo.eval_frame"]
+    frames._stance = prior
 
 
 @functools.cache
