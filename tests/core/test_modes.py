@@ -43,3 +43,56 @@ def test_overlapping_calls_put_dynamos_stance_back_in_any_order():
     assert eval_frame._stance.stance == "force_eager"
     b.__exit__(None, None, None)
     assert eval_frame._stance.stance == before
+
+
+def test_every_op_safe_derivatives_changes_leaves_its_nodes():
+    """Engines that evaluate ``f`` outside ``SafeDerivatives`` search its graph for the ops
+    the mode changes (``changed_nodes``) and evaluate it again under the mode where one shows:
+    every op of ``REPLACEMENTS`` (a new one must be added here) leaves its nodes, at the
+    orders and modes it is replaced at; the fused attention kernels show as ``fused``;
+    ordinary ops show nothing."""
+    from torchdiv._core.modes import REPLACEMENTS, changed_nodes
+    from torchdiv._core.walk import search
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 30, 4, requires_grad=True)
+    a = torch.randn(3, 4, 4, dtype=torch.float64)
+    spd = (a @ a.mT + torch.eye(4, dtype=torch.float64)).requires_grad_(True)
+    chol = torch.linalg.cholesky(spd.detach()).requires_grad_(True)
+    b = torch.randn(3, 4, 1, dtype=torch.float64)
+    calls = {
+        "torch.layer_norm": lambda: (
+            torch.nn.functional.layer_norm(x, (4,)) + torch.layer_norm(x, (4,))
+        ),
+        "torch.cdist": lambda: torch.cdist(x, x),  # 30 points: the Euclidean path
+        "torch.cdist, 5 points": lambda: torch.cdist(x[:, :5], x[:, :5]),
+        "torch.linalg.slogdet": lambda: torch.linalg.slogdet(spd)[1],
+        "torch.slogdet": lambda: torch.slogdet(spd)[1],
+        "torch.Tensor.slogdet": lambda: spd.slogdet()[1],
+        "torch.logdet": lambda: torch.logdet(spd),
+        "torch.Tensor.logdet": lambda: spd.logdet(),
+        "torch.linalg.det": lambda: torch.linalg.det(spd),
+        "torch.det": lambda: torch.det(spd),
+        "torch.Tensor.det": lambda: spd.det(),
+        "torch.linalg.solve": lambda: torch.linalg.solve(spd, b),
+        "torch.linalg.solve_ex": lambda: torch.linalg.solve_ex(spd, b)[0],
+        "torch.linalg.tensorsolve": lambda: torch.linalg.tensorsolve(spd[0], b[0, :, 0]),
+        "torch.cholesky_inverse": lambda: torch.cholesky_inverse(chol),
+        "torch.Tensor.cholesky_inverse": lambda: chol.cholesky_inverse(),
+        "torch.linalg.eigvalsh": lambda: torch.linalg.eigvalsh(spd),
+        "torch.linalg.eigh": lambda: torch.linalg.eigh(spd)[1],
+    }
+    names = {entry.name for entry in REPLACEMENTS.values()}
+    assert names <= set(calls), names - set(calls)
+    entries = {entry.name: entry for entry in REPLACEMENTS.values()}
+    for name, call in calls.items():
+        entry = entries[name.split(",")[0]]
+        found = search(call(), x)
+        assert not found.guarded and not found.fused, name
+        assert search(call(), x, changed_nodes(entry.order, True)).guarded, name
+        if not entry.forward_only:
+            assert search(call(), x, changed_nodes(entry.order, False)).guarded, name
+    q = x.reshape(2, 2, 15, 4)  # heads: the fused CPU kernel
+    assert search(torch.nn.functional.scaled_dot_product_attention(q, q, q), x).fused
+    assert not search(torch.tanh(x) @ x.mT, x, changed_nodes(3)).guarded
+    assert changed_nodes(1, False) == ("CdistBackward", "EuclideanDistBackward")

@@ -139,6 +139,56 @@ def test_tiny_divergence_and_its_parameter_gradients_by_plain_autograd(d):
     assert abs(analytic - numeric) <= 1e-8 * max(1.0, abs(numeric))
 
 
+def test_tiny_problems_evaluate_f_outside_safe_derivatives_unless_its_graph_needs_them():
+    """Plain autograd evaluates ``f`` outside ``SafeDerivatives`` once it passed a watch; an
+    op the mode replaces (``cdist``: PyTorch's ``_cdist_backward`` has no derivative, so a
+    divergence's parameter gradient raised) shows in the graph: ``f`` is evaluated again
+    under the mode, and later calls start there. Values and parameter gradients as a
+    reference by ``torch.func`` over the replacement, at every call (float64)."""
+    from torchdiv._core.modes import _cdist
+    from torchdiv._taylor import mixing
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4).double()
+
+    def f(z, distance=torch.cdist):
+        points = lin(z).reshape(-1, 2, 2)
+        return distance(points, points).reshape(-1, 4) + z.sin()
+
+    x = torch.randn(6, 4, dtype=torch.float64)
+    want = reference_divergence(lambda z: f(z, _cdist), x)
+    (want_grad,) = torch.autograd.grad(want.sum(), lin.weight)
+    for call in range(3):  # watched; plain, then again under the mode; under the mode
+        div = torchdiv.divergence(f, x)
+        assert_close(div, want)
+        assert_close(torch.autograd.grad(div.sum(), lin.weight)[0], want_grad)
+        assert mixing.passed_before(f, x, 1).plain is (call == 0)
+    for _ in range(2):  # without an op the mode changes, f stays outside it
+        assert_close(torchdiv.divergence(lin, x), reference_divergence(lin, x))
+        assert mixing.passed_before(lin, x, 1).plain
+
+
+def test_the_unit_cotangents_kept_for_tiny_problems_stay_unit_vectors():
+    """Plain autograd keeps the unit cotangents of tiny blocks for the next call: nothing may
+    write to them, through training (a graph through the products, a backward pass) or
+    rows batched in one pass; every call's values stay right."""
+    from torchdiv._core.basis import basis
+    from torchdiv._exact import autograd
+
+    for d in (LOOP_ROWS, LOOP_ROWS + 1):
+        net = tanh_mlp(d, 8, d)
+        x = torch.randn(16, d, dtype=torch.float64)
+        for _ in range(3):
+            div = torchdiv.divergence(net, x)
+            div.sum().backward()
+            assert_close(div, reference_divergence(net, x))
+            assert_close(torchdiv.jacobian(net, x), reference_jacobian(net, x))
+        kept = [(k, v) for k, v in autograd._UNITS.items() if k[2] == x.shape]
+        assert kept
+        for (start, stop, _, batch_dims, *_), units in kept:
+            assert torch.equal(units, basis(start, stop, x, batch_dims))
+
+
 def test_jacobian_remembers_a_square_output_and_survives_a_stale_guess(monkeypatch):
     scale = {"wide": False}
 

@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from torchdiv._core.checks import _shape
-from torchdiv._core.walk import nodes
+from torchdiv._core.walk import BATCH_NORM_NODES, nodes
 
 aten = torch.ops.aten
 # each batch dimension of a tensor as (position, size, inner): along dimension ``position``,
@@ -335,13 +335,6 @@ def watched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) 
         if mode.tracker is not None:
             mode.tracker.finish(y)
     return y
-
-
-BATCH_NORM_NODES = {  # their backward nodes' type names
-    "NativeBatchNormBackward0",
-    "CudnnBatchNormBackward0",
-    "MiopenBatchNormBackward0",
-}
 
 
 def check_graph(

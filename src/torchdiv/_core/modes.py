@@ -207,17 +207,32 @@ class CompiledCodeEager(contextlib.ContextDecorator):
     def __enter__(self) -> None:
         self.held = False
         frames = sys.modules.get("torch._dynamo.eval_frame")
-        if frames is None or not hasattr(frames, "_set_stance"):  # no Dynamo, or torch < 2.6
+        if frames is None or not hasattr(frames, "_stance"):  # no Dynamo, or torch < 2.6
             return
         if torch.compiler.is_compiling():  # Dynamo traces the call: nothing to protect
             return
         if get_eval_frame_callback() in (None, False):
-            _STANCE.enter(lambda: frames._set_stance(_force_eager(frames)))
+            _STANCE.enter(_eager_stance)
             self.held = True
 
     def __exit__(self, *exc: object) -> None:
         if self.held:
-            _STANCE.exit(sys.modules["torch._dynamo.eval_frame"]._set_stance)
+            _STANCE.exit(_put_stance)
+
+
+def _eager_stance() -> Any:
+    """Set Dynamo's stance to "force_eager"; returns the prior one. What Dynamo's
+    ``_set_stance`` does, without its check that no compiled region runs (made by
+    ``CompiledCodeEager`` already) and the import it makes at every call: 3 us of a tiny
+    problem's call, twice."""
+    frames: Any = sys.modules["torch._dynamo.eval_frame"]  # its private global, untyped
+    prior, frames._stance = frames._stance, _force_eager(frames)
+    return prior
+
+
+def _put_stance(prior: Any) -> None:
+    frames: Any = sys.modules["torch._dynamo.eval_frame"]
+    frames._stance = prior
 
 
 @functools.cache
@@ -312,6 +327,7 @@ class Replacement:
     run: Callable[..., Any] | None
     why: str = ""
     forward_only: bool = False
+    nodes: tuple[str, ...] = ()  # the autograd nodes it leaves (type names, without the 0)
 
 
 class SafeDerivatives(TorchFunctionMode):
@@ -420,9 +436,14 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _table(
-    order: int, run: Callable[..., Any] | None, why: str, *funcs: Any, forward_only: bool = True
+    order: int,
+    run: Callable[..., Any] | None,
+    why: str,
+    nodes: tuple[str, ...],
+    *funcs: Any,
+    forward_only: bool = True,
 ) -> dict[Any, Replacement]:
-    return {f: Replacement(_name(f), order, run, why, forward_only) for f in funcs}
+    return {f: Replacement(_name(f), order, run, why, forward_only, nodes) for f in funcs}
 
 
 def _name(func: Any) -> str:
@@ -430,27 +451,52 @@ def _name(func: Any) -> str:
     return f"{module}.{func.__name__}".replace("linalg_", "linalg.")
 
 
+_SLOGDET = ("LinalgSlogdetBackward",)  # logdet too
+_SOLVE = ("LinalgSolveExBackward",)  # solve, solve_ex, tensorsolve
+_EIGHN = ("LinalgEighBackward",)  # eigh and eigvalsh
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
 REPLACEMENTS: dict[Any, Replacement] = {
     **_table(
-        3, _layer_norm, "", torch.nn.functional.layer_norm, torch.layer_norm, forward_only=False
-    ),
-    **_table(1, _cdist, "", torch.cdist, forward_only=False),
-    **_table(2, _linalg.slogdet, "", torch.linalg.slogdet, torch.slogdet, torch.Tensor.slogdet),
-    **_table(2, _linalg.logdet, "", torch.logdet, torch.Tensor.logdet),
-    **_table(2, _linalg.det, "", torch.linalg.det, torch.det, torch.Tensor.det),
-    **_table(2, _linalg.solve, "", torch.linalg.solve),
-    **_table(2, _linalg.solve_ex, "", torch.linalg.solve_ex),
-    **_table(
-        1, _linalg.cholesky_inverse, "", torch.cholesky_inverse, torch.Tensor.cholesky_inverse
+        3,
+        _layer_norm,
+        "",
+        ("NativeLayerNormBackward",),
+        torch.nn.functional.layer_norm,
+        torch.layer_norm,
+        forward_only=False,
     ),
     **_table(
-        3, None, _EIGH + " (its Taylor rule and reverse mode are right)", torch.linalg.eigvalsh
+        1, _cdist, "", ("CdistBackward", "EuclideanDistBackward"), torch.cdist, forward_only=False
+    ),
+    **_table(
+        2, _linalg.slogdet, "", _SLOGDET, torch.linalg.slogdet, torch.slogdet, torch.Tensor.slogdet
+    ),
+    **_table(2, _linalg.logdet, "", _SLOGDET, torch.logdet, torch.Tensor.logdet),
+    **_table(
+        2, _linalg.det, "", ("LinalgDetBackward",), torch.linalg.det, torch.det, torch.Tensor.det
+    ),
+    **_table(2, _linalg.solve, "", _SOLVE, torch.linalg.solve),
+    **_table(2, _linalg.solve_ex, "", _SOLVE, torch.linalg.solve_ex),
+    **_table(
+        1,
+        _linalg.cholesky_inverse,
+        "",
+        ("CholeskyInverseBackward",),
+        torch.cholesky_inverse,
+        torch.Tensor.cholesky_inverse,
+    ),
+    **_table(
+        3,
+        None,
+        _EIGH + " (its Taylor rule and reverse mode are right)",
+        _EIGHN,
+        torch.linalg.eigvalsh,
     ),
     **_table(
         2,
         None,
         _EIGH + " (backward passes only are right: reverse over reverse)",
+        _EIGHN,
         torch.linalg.eigh,
     ),
     **_table(
@@ -459,6 +505,27 @@ REPLACEMENTS: dict[Any, Replacement] = {
         "it solves by torch.linalg.solve inside PyTorch, out of this mode's reach, whose "
         "derivatives through forward mode are wrong at this order (its Taylor rule and "
         "reverse mode are right)",
+        _SOLVE,
         torch.linalg.tensorsolve,
     ),
 }
+
+
+@functools.cache
+def changed_nodes(order: int, forward_mode: bool = True) -> tuple[str, ...]:
+    """The autograd nodes (type-name prefixes) of the ops ``SafeDerivatives(order, ...,
+    forward_mode)`` changes. An op whose inputs require grad leaves its node in the graph of
+    every result computed from it; one whose inputs do not is never differentiated, and its
+    value is the same in the mode. So an evaluation of ``f`` outside the mode whose graph holds
+    none of these nodes computed what the mode would have, with the same derivatives of every
+    order: engines that evaluate ``f`` outside it search the graph (``_core.walk.search``) and
+    evaluate ``f`` again under it only where one shows (``tests/core/test_modes.py``: every
+    op of ``REPLACEMENTS`` leaves its nodes)."""
+    return tuple(
+        dict.fromkeys(
+            node
+            for entry in REPLACEMENTS.values()
+            if entry.order <= order and (forward_mode or not entry.forward_only)
+            for node in entry.nodes
+        )
+    )

@@ -22,7 +22,8 @@ from torchdiv._core import mixing as _mixing
 from torchdiv._core.basis import as_blocks, basis
 from torchdiv._core.checks import event_numel
 from torchdiv._core.ddp import Peers
-from torchdiv._core.modes import SafeDerivatives, math_attention
+from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
+from torchdiv._core.walk import search
 
 
 class GraphSpent(RuntimeError):
@@ -106,6 +107,8 @@ def _custom_functions(y: torch.Tensor) -> list[Any]:
     ]
 
 
+_CHANGED = changed_nodes(1)  # SafeDerivatives(1)'s, searched for in of_function
+
 # at most this many cotangents go by one backward pass each rather than one batched pass
 # (2-core CPU, D -> 64 -> 64 -> D tanh MLP, rows of a D = 2 event: 0.74-0.86x the time of the
 # batched pass at batch 256 and 4096; at D = 3-4 about even at batch 256)
@@ -121,18 +124,34 @@ class GraphJacobian:
 
     blocks_are_rows = True
 
-    def __init__(self, y: torch.Tensor, x: torch.Tensor, batch_dims: int, create_graph: bool):
+    def __init__(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        batch_dims: int,
+        create_graph: bool,
+        custom: list[Any] | None = None,
+    ):
+        """``custom``: the custom ``autograd.Function`` nodes of ``y``'s graph, if a walk of
+        the caller's found them already."""
         self.y, self.x, self.batch_dims, self.create_graph = y, x, batch_dims, create_graph
         self.num_basis = event_numel(y, batch_dims)
         self.y_shape = y.shape
         self._peers = Peers(y)  # DDP or FSDP2 in the graph: see torchdiv._core.ddp
-        self._custom = _custom_functions(y) if create_graph else []
+        self._custom = (
+            [] if not create_graph else _custom_functions(y) if custom is None else custom
+        )
         self._walked = False
         self.batch_norms: list[Any] | None = None  # the graph's, if of_function walked it
+        self.guarded = False  # of_function's plain evaluation showed an op SafeDerivatives changes
 
     @classmethod
     def of_function(
-        cls, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+        cls,
+        f: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        batch_dims: int,
+        plain: bool = False,
     ) -> GraphJacobian:
         """Evaluate ``y = f(x)`` with a graph; keep results differentiable only where needed.
 
@@ -142,15 +161,24 @@ class GraphJacobian:
         and the graph holds a fused attention kernel (no double backward), ``f`` is evaluated
         once more with attention on the math backend (its state, a random generator, then
         moves twice).
+
+        ``f`` runs under ``SafeDerivatives(1)``, or, with ``plain``, outside it (its dispatch
+        costs a few microseconds per op of ``f``: 3-10% of a tiny problem); a plain
+        evaluation whose graph holds an op the mode changes (``changed_nodes``) is evaluated
+        again under it (together with the fused kernel's, if any), and the engine is
+        ``guarded``: the caller starts there next time (``torchdiv._taylor.mixing.Passed``).
         """
         outer_grad = torch.is_grad_enabled()
-        y, x_in = _evaluated(f, x, contextlib.nullcontext())
-        others, batch_norms, fused = _leaves_and_norms(y, x_in)
-        if fused and outer_grad and others:  # fused attention kernels have no double backward
-            y, x_in = _evaluated(f, x, math_attention())
-            others, batch_norms, _ = _leaves_and_norms(y, x_in)
-        engine = cls(y, x_in, batch_dims, outer_grad and others)
-        engine.batch_norms = batch_norms
+        y, x_in = _evaluated(f, x, contextlib.nullcontext(), safe=not plain)
+        found = search(y, x_in, _CHANGED if plain else ())
+        guarded, fused = found.guarded, found.fused and outer_grad and found.others
+        if guarded or fused:  # (fused attention kernels have no double backward)
+            attention = math_attention() if fused else contextlib.nullcontext()
+            y, x_in = _evaluated(f, x, attention, safe=True)
+            found = search(y, x_in)
+        engine = cls(y, x_in, batch_dims, outer_grad and found.others, found.custom)
+        engine.batch_norms = found.batch_norms
+        engine.guarded = guarded
         return engine
 
     def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
@@ -201,19 +229,42 @@ class GraphJacobian:
 
     def block(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``."""
-        out = self.apply(basis(start, stop, self.y, self.batch_dims))
+        out = self.apply(_units(start, stop, self.y, self.batch_dims))
         return as_blocks(out, self.batch_dims)
 
 
+# the unit cotangents of tiny blocks (at most UNITS_KEPT elements), made once: at two inputs
+# and batch 256, making them is 12 us of a 0.7 ms call; at most 64 are kept
+UNITS_KEPT = 4096
+_UNITS: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def _units(start: int, stop: int, y: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """``basis(start, stop, y, batch_dims)``, kept for the next call where it is tiny. Nothing
+    writes to cotangents (``autograd.grad`` reads them), so one tensor serves every call; a
+    tensor subclass's, one Dynamo traces or one made in inference mode is made anew."""
+    if (stop - start) * y.numel() > UNITS_KEPT or type(y) is not torch.Tensor:
+        return basis(start, stop, y, batch_dims)
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return basis(start, stop, y, batch_dims)
+    key = (start, stop, y.shape, batch_dims, y.dtype, y.device)
+    units = _UNITS.get(key)
+    if units is None:
+        if len(_UNITS) >= 64:
+            _UNITS.clear()
+        units = _UNITS[key] = basis(start, stop, y, batch_dims)
+    return units
+
+
 def unwatched(
-    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int, plain: bool = False
 ) -> GraphJacobian:
     """The plain-autograd engine of ``f`` at ``x`` with no dispatch mode watching ``f`` (that
     would cost about 10 us an op): its graph is checked for the sample mixing that shows
     there (``_mixing.check_graph``: a train-mode batch norm; for an empty event, one signed
     VJP). For one-product estimates and tiny exact problems, where the watch would be a large
-    part of the cost."""
-    engine = GraphJacobian.of_function(f, x, batch_dims)
+    part of the cost. ``plain``: as in ``GraphJacobian.of_function``."""
+    engine = GraphJacobian.of_function(f, x, batch_dims, plain)
     empty = x.dim() == batch_dims
     _mixing.check_graph(None, engine.y, engine.x, batch_dims, empty, engine.batch_norms)
     return engine
@@ -260,49 +311,19 @@ def _graph_edges(y: torch.Tensor) -> Iterator[tuple[Any, int]]:
             stack.append(child)
 
 
-def _depends_on_other_leaves(y: torch.Tensor, x_leaf: torch.Tensor) -> bool:
-    """Whether ``y``'s graph reaches a tensor requiring grad other than the leaf ``x_leaf``."""
-    return _leaves_and_norms(y, x_leaf)[0]
-
-
 def _evaluated(
-    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, attention: Any
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, attention: Any, safe: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``f(x_in)`` with a graph, and ``x_in``: ``x`` itself (a view) where it requires grad,
-    else a leaf copy of it that does; under the context ``attention``."""
+    else a leaf copy of it that does; under the context ``attention``, and under
+    ``SafeDerivatives(1)`` if ``safe``."""
     with torch.enable_grad():
         x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+        if not safe:
+            with attention:
+                return f(x_in), x_in
         with attention, SafeDerivatives(1, "method='forward'"):
             return f(x_in), x_in
-
-
-def _leaves_and_norms(y: torch.Tensor, x_leaf: torch.Tensor) -> tuple[bool, list[Any], bool]:
-    """Whether ``y``'s graph reaches a tensor requiring grad other than the leaf ``x_leaf``,
-    its batch-norm nodes (for ``_mixing.check_graph``), and whether it holds a fused
-    attention kernel (whose backward has no derivative: ``modes.math_attention``), in one walk.
-
-    Leaves appear as ``AccumulateGrad`` nodes, the only nodes with a ``variable``; nodes are
-    told by their type's name, not by ``getattr`` (an exception raised and caught at every
-    other node). A plain loop, not ``_graph_edges``: it runs at every call of a small problem
-    and every one-probe estimate, where 10 us are 1-2% of the cost.
-    """
-    others, norms, fused = False, [], False
-    seen: set[Any] = set()
-    stack: list[Any] = [y.grad_fn]  # autograd nodes (``variable``: not in torch's stubs)
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        name = type(node).__name__
-        if name == "AccumulateGrad":
-            others = others or node.variable is not x_leaf
-        elif name in _mixing.BATCH_NORM_NODES:
-            norms.append(node)
-        elif name.startswith("ScaledDotProduct"):
-            fused = True
-        stack += [child for child, _ in node.next_functions]
-    return others, norms, fused
 
 
 def depends_on(y: torch.Tensor, x: torch.Tensor) -> bool:

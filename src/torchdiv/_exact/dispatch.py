@@ -28,7 +28,7 @@ from torchdiv._exact.autograd import GraphJacobian, RerunJacobian, unwatched
 from torchdiv._exact.forward import ForwardJacobian
 from torchdiv._exact.reverse import ReverseJacobian
 from torchdiv._taylor.cache import PlanCache, key
-from torchdiv._taylor.mixing import passed, passed_before, recorded_mixing
+from torchdiv._taylor.mixing import Passed, passed, passed_before, recorded_mixing, structure
 
 EXACT_METHODS = ("auto", "forward", "reverse")
 T = TypeVar("T")
@@ -256,9 +256,10 @@ def _engines(
     num_inputs = event_numel(x, batch_dims)
     tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
     compiling = torch.compiler.is_compiling()
-    seen = tiny and not compiling and passed_before(f, x, batch_dims)
-    if square and seen and x.dim() > batch_dims:
-        return _plain_first(f, x, batch_dims)
+    at = structure(f, x, batch_dims) if tiny and not compiling else None
+    seen = None if at is None else passed_before(f, x, batch_dims, at)
+    if square and seen is not None and x.dim() > batch_dims:
+        return _plain_first(f, x, batch_dims, seen)
     changes = _state.Changes(x)
     again = changes.again(f)
     planned = [_plan.OpSizes(x.shape[:batch_dims])]  # the last watched evaluation's sizes
@@ -268,7 +269,7 @@ def _engines(
 
     try:
         watch = not compiling and (
-            not tiny or not (seen and (x.dim() > batch_dims or _mixing.allowed()))
+            not tiny or not (seen is not None and (x.dim() > batch_dims or _mixing.allowed()))
         )
         reverse, sizes = _watched(
             lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch, changes
@@ -276,7 +277,7 @@ def _engines(
         if tiny:  # watched for sample mixing only: planned as every later call, not at all
             sizes = _plan.OpSizes(x.shape[:batch_dims])
             if watch:
-                passed(f, x, batch_dims)
+                passed(f, x, batch_dims, at)
     except Exception as error:
         if not _cannot_run(error):
             raise
@@ -287,7 +288,7 @@ def _engines(
         def graph() -> tuple[Engine, _plan.OpSizes]:
             built = _watched(lambda: GraphJacobian.of_function(again, x, batch_dims), x, batch_dims)
             if tiny:
-                passed(f, x, batch_dims)
+                passed(f, x, batch_dims, at)
             planned.append(built[1])
             return built
 
@@ -304,7 +305,7 @@ def _engines(
 
 
 def _plain_first(
-    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int, seen: Passed
 ) -> list[Build]:
     """Tiny square problems: plain autograd first (``autograd.grad(is_grads_batched=True)``,
     one pass for all rows, the graph checked for what mixes samples there), then reverse
@@ -315,7 +316,9 @@ def _plain_first(
     output is as large as the input (``square``: a trace or a diagonal), so rows are the
     cheaper side. Unwatched as ``torch.func``'s engine is at this size; the evaluation
     changes what ``f`` changes once, as one evaluation of ``f``: an engine tried after it
-    evaluates ``f`` again (``_state.Changes`` sees only its own evaluations).
+    evaluates ``f`` again (``_state.Changes`` sees only its own evaluations). Plain
+    autograd evaluates ``f`` outside ``SafeDerivatives`` while no evaluation at this
+    structure has shown an op it changes (``seen.plain``, ``GraphJacobian.of_function``).
     """
     sizes = _plan.OpSizes(x.shape[:batch_dims])  # unwatched: one chunk
     watched: list[Callable[[torch.Tensor], torch.Tensor]] = []  # made if plain autograd fails
@@ -326,7 +329,8 @@ def _plain_first(
         return watched[0](z)
 
     def plain() -> tuple[Engine, _plan.OpSizes]:
-        engine = unwatched(f, x, batch_dims)
+        engine = unwatched(f, x, batch_dims, seen.plain)
+        seen.plain = seen.plain and not engine.guarded
         sizes.widest = engine.y.numel()  # one chunk, unless the output is far larger than x
         return engine, sizes
 

@@ -37,9 +37,8 @@ import torch
 
 from torchdiv._core.checks import event_numel
 from torchdiv._core.mixing import check_graph, watched
-from torchdiv._core.modes import SafeDerivatives, math_attention
-from torchdiv._core.walk import nodes
-from torchdiv._exact.autograd import _depends_on_other_leaves
+from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
+from torchdiv._core.walk import search
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 Check = Literal["watch", "graph"] | None  # how the loop checks f for sample mixing
@@ -52,25 +51,19 @@ class Settings:
     ``plain``, ``f`` evaluated outside ``math_attention`` and ``SafeDerivatives``, whose
     dispatch costs a few microseconds per op of ``f`` (5-10% of the loop at two inputs and
     batch 256). The ops they change leave their own nodes in the autograd graph
-    (``GUARDED``); a plain evaluation whose graph holds one is discarded and ``f`` evaluated
-    again under the modes, and ``plain`` is turned off for the calls that follow (so ``f``
-    runs twice once per such structure, its state, a random generator, moved twice)."""
+    (``GUARDED``, the fused attention kernels); a plain evaluation whose graph holds one is
+    discarded and ``f`` evaluated again under the modes, and ``plain`` is turned off for the
+    calls that follow (so ``f`` runs twice once per such structure, its state, a random
+    generator, moved twice)."""
 
     batched: bool = False
     plain: bool = False
 
 
-# the autograd nodes of the ops whose derivatives the loop's modes change: fused layer norm
-# (a wrong third derivative) and cdist (no double backward; the Euclidean path above 25
-# points) in SafeDerivatives(3, forward_mode=False), the fused attention kernels (no double
-# backward) that math_attention avoids (tests/laplacian: every op of SafeDerivatives.REPLACEMENTS
-# that reverse mode gets wrong leaves one of them)
-GUARDED = (
-    "NativeLayerNormBackward",
-    "CdistBackward",
-    "EuclideanDistBackward",
-    "ScaledDotProduct",
-)
+# the autograd nodes of the ops whose derivatives the loop's SafeDerivatives changes: fused
+# layer norm (a wrong third derivative) and cdist (no double backward; the Euclidean path
+# above 25 points); the fused attention kernels that math_attention avoids show as ``fused``
+GUARDED = changed_nodes(3, forward_mode=False)
 
 
 def grad_of_grad(
@@ -117,12 +110,15 @@ def _looped(
     with torch.enable_grad():
         x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
         y = _evaluated(f, x_in, batch_dims, check, safe=not settings.plain)
-        if settings.plain and _guarded(y):
+        found = search(y, x_in, GUARDED if settings.plain else ())
+        if found.guarded or (settings.plain and found.fused):
             settings.plain = False
             y = _evaluated(f, x_in, batch_dims, check, safe=True)
+            found = search(y, x_in)
         if check == "graph":
-            check_graph(None, y, x_in, batch_dims, empty_event=x.dim() == batch_dims)
-        create_graph = outer and _depends_on_other_leaves(y, x_in)
+            empty = x.dim() == batch_dims
+            check_graph(None, y, x_in, batch_dims, empty, found.batch_norms)
+        create_graph = outer and found.others
         rows, laplacian = _loop(y, x_in, batch_dims, create_graph, settings.batched)
     return y, rows, laplacian, create_graph
 
@@ -135,11 +131,6 @@ def _evaluated(
         return watched(f, x, batch_dims) if check == "watch" else f(x)
     with math_attention(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
         return watched(f, x, batch_dims) if check == "watch" else f(x)
-
-
-def _guarded(y: torch.Tensor) -> bool:
-    """Whether ``y``'s autograd graph holds a node of an op in ``GUARDED``."""
-    return any(type(node).__name__.startswith(GUARDED) for node in nodes(y.grad_fn))
 
 
 def _loop(

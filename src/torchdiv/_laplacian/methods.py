@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
@@ -47,14 +47,16 @@ CHUNK_ELEMENTS = 2**24
 # 2n + 3 backward passes; and at up to LOOP_FALLBACK inputs where the Taylor engine cannot run f.
 # The loop's share grows when its result is not differentiated (no third-order backward pass):
 # - differentiated (training): at up to 2 inputs below LOOP_WORK_TRAINED per call (a KAN at
-#   batch 256, 5.5k per call: the loop ~1.1x faster; the FNN at 256, 24k: Taylor 1.0-1.2x);
+#   batch 256, 5.5k per call: the loop ~1.1x faster; the FNN at 256, 24k: the loop recipe
+#   1.0-1.36x faster than Taylor in every run of 2026-12-03 (one and two threads); a KAN at
+#   2048, 44k, and the FNN at 2048: Taylor, 1.3x);
 # - not: at up to LOOP_INPUTS = 3 inputs below LOOP_WORK * 2 / n per call (the FNN at batch
 #   256 loops at 2 inputs, 1.0-1.3x, not at 3; a KAN at batch 256 loops at 2 and 3 inputs,
 #   1.2-1.3x; a KAN at 2048, 44k per call: Taylor, 1.1-1.2x).
 LOOP_INPUTS = 3
 LOOP_ELEMENTS = 1024
 LOOP_WORK = 32768
-LOOP_WORK_TRAINED = 16384
+LOOP_WORK_TRAINED = 32768
 LOOP_FALLBACK = 10
 # the loop batches its second-level backward passes (``loop.Settings``) below this much
 # work per call: a KAN at batch 256 (5.5k) 10-25% faster, frozen or trained, at 2 and 3
@@ -83,13 +85,14 @@ def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) 
 @dataclass(frozen=True)
 class Loop:
     """``"auto"`` runs the loop of backward passes, checking its evaluation of ``f`` for
-    sample mixing by ``check`` (``loop.Check``); ``watched``: the ``f``, ``x`` and
-    ``batch_dims`` to mark as ``mixing.passed`` once a watched evaluation has passed;
+    sample mixing by ``check`` (``loop.Check``); ``watched``: the ``f``, ``x``,
+    ``batch_dims`` (and structure, if made) to mark as ``mixing.passed`` once a watched
+    evaluation has passed;
     ``settings``: how the loop runs (``loop.Settings``; ``None``: the defaults), shared by
     the calls at one structure."""
 
     check: Check = None
-    watched: tuple[Function, torch.Tensor, int] | None = None
+    watched: tuple[Function, torch.Tensor, int, mixing.Structure | None] | None = None
     settings: Settings | None = None
 
     def passed(self) -> None:
@@ -114,10 +117,11 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     ``f`` evaluated outside the modes unless its graph needed them."""
     if loops(x, batch_dims):
         return _unrecorded(f, x, batch_dims, Loop())
-    structure = _structure(f, x, batch_dims) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
+    at = mixing.structure(f, x, batch_dims) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
+    structure = None if at is None else _structure(f, at)
     remembered = None if structure is None else _LOOPS.get(*structure)
     if remembered:
-        return _unrecorded(f, x, batch_dims, remembered)
+        return _unrecorded(f, x, batch_dims, remembered, at)
     graph = capture(f, x, RULES, batch_dims=batch_dims)
     if structure is None or graph.unsupported:
         return graph
@@ -127,15 +131,18 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     plan = Loop(settings=Settings(graph.work_per_call() < BATCHED_WORK, plain=True))
     _LOOPS.put(*structure, plan)
     graph.undo()  # f runs again: what recording it changed is put back first
-    mixing.passed(f, x, batch_dims)  # recording watched it
+    mixing.passed(f, x, batch_dims, at)  # recording watched it
     return plan
 
 
-def _unrecorded(f: Function, x: torch.Tensor, batch_dims: int, plan: Loop) -> Loop:
-    """``plan`` for an ``f`` not recorded at this call: watched unless it passed before."""
-    if x.dim() > batch_dims and mixing.passed_before(f, x, batch_dims):
-        return replace(plan, check="graph")
-    return replace(plan, check="watch", watched=(f, x, batch_dims))
+def _unrecorded(
+    f: Function, x: torch.Tensor, batch_dims: int, plan: Loop, at: mixing.Structure | None = None
+) -> Loop:
+    """``plan`` for an ``f`` not recorded at this call: watched unless it passed before (at
+    the structure ``at``, if made already)."""
+    if x.dim() > batch_dims and mixing.passed_before(f, x, batch_dims, at) is not None:
+        return Loop("graph", None, plan.settings)
+    return Loop("watch", (f, x, batch_dims, at), plan.settings)
 
 
 def loops(x: torch.Tensor, batch_dims: int) -> bool:
@@ -152,16 +159,16 @@ def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
     return n <= LOOP_INPUTS and work * n < 2 * LOOP_WORK
 
 
-def _structure(f: Function, x: torch.Tensor, batch_dims: int) -> tuple[Any, Hashable]:
+def _structure(f: Function, at: mixing.Structure) -> tuple[Any, Hashable]:
     """What ``f``'s recorded graph depends on, as far as it can be told without running
     ``f``, as ``(site, key)`` for ``_LOOPS``: ``f``'s ``cache.site`` (its code for a Python
-    function, so that a lambda made anew at every call counts as one), for a module also its
-    train mode and which parameters require grad, and ``cache.key`` of ``x``. Two functions
+    function, so that a lambda made anew at every call counts as one) and the key of its
+    structure for sample mixing (``at``, ``mixing.structure``: ``cache.structure_key``, for a
+    module also its submodules' train modes and which parameters require grad). Two functions
     with the same code but different graphs share a decision: it only chooses between two
     exact methods (sample mixing is checked per object: ``recorded_or_loop``), so at worst
     it is slower."""
-    inner = inspect.unwrap(f)
-    return cache.site(inner), cache.structure_key(inner, x, batch_dims)
+    return cache.site(inspect.unwrap(f)), at[1]
 
 
 def looped(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,36 +33,58 @@ def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
 
 
 # the objects f (not their code: a lambda made anew is another object, watched again; not
-# unwrapped: a wrapper may mix what it wraps) whose
-# evaluation at a structure (``_structure``) was watched without mixing samples
+# unwrapped: a wrapper may mix what it wraps) whose evaluation at a structure (``structure``)
+# was watched without mixing samples, each with its ``Passed``
 _PASSED = PlanCache(256)
 
+Structure = tuple[Any, Hashable]  # (site, key) for a PlanCache
 
-def passed_before(f: Any, x: torch.Tensor, batch_dims: int) -> bool:
+
+@dataclass
+class Passed:
+    """This very ``f`` passed a watch for sample mixing at a structure; ``plain``: no
+    evaluation of it there has shown an op that ``SafeDerivatives`` changes, so the next
+    may run outside the mode (``torchdiv._exact.autograd.GraphJacobian.of_function``)."""
+
+    plain: bool = True
+
+
+def passed_before(
+    f: Any, x: torch.Tensor, batch_dims: int, at: Structure | None = None
+) -> Passed | None:
     """Whether this very ``f`` passed a watch for sample mixing at the structure of ``x``
-    (``passed``): it then makes the same calls on the same shapes, unless its code branches on
-    state outside the structure; the one such state that turns mixing on in practice, a batch
-    norm switched to train mode in a submodule, shows in the autograd graph of every call
-    (``torchdiv._core.mixing.check_graph``). With detection off (``allowed``), always true.
+    (``passed``; ``at``: that structure, if the caller made it already): it then makes the
+    same calls on the same shapes, unless its code branches on state outside the structure;
+    the one such state that turns mixing on in practice, a batch norm switched to train mode
+    in a submodule, shows in the autograd graph of every call
+    (``torchdiv._core.mixing.check_graph``). With detection off (``allowed``), every ``f``
+    has passed.
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
         >>> x = torch.randn(4, 2)
         >>> passed_before(net, x, 1)
-        False
         >>> passed(net, x, 1)
         >>> passed_before(net, x, 1), passed_before(net, x[:3], 1)
-        (True, False)
+        (Passed(plain=True), None)
     """
-    return allowed() or bool(_PASSED.get(*_structure(f, x, batch_dims)))
+    at = at or structure(f, x, batch_dims)
+    found: Passed | None = _PASSED.get(*at)
+    if found is None and allowed():
+        found = Passed()
+        _PASSED.put(*at, found)
+    return found
 
 
-def passed(f: Any, x: torch.Tensor, batch_dims: int) -> None:
-    """``f`` was watched at the structure of ``x`` and did not mix samples."""
-    _PASSED.put(*_structure(f, x, batch_dims), True)
+def passed(f: Any, x: torch.Tensor, batch_dims: int, at: Structure | None = None) -> None:
+    """``f`` was watched at the structure of ``x`` (``at``, if made already) and did not mix
+    samples."""
+    at = at or structure(f, x, batch_dims)
+    if _PASSED.get(*at) is None:
+        _PASSED.put(*at, Passed())
 
 
-def _structure(f: Any, x: torch.Tensor, batch_dims: int) -> tuple[Any, Hashable]:
+def structure(f: Any, x: torch.Tensor, batch_dims: int) -> Structure:
     """``f`` itself and ``cache.structure_key``; a bound method (a new object at every
     attribute access, ``model.forward``) by its object, its function in the key. Only
     torchdiv's own wrappers are unwrapped (``checks.unwrapped``): two wrappers of one
