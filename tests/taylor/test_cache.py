@@ -219,6 +219,28 @@ def test_a_lean_check_that_cannot_match_a_replaced_op_is_followed_by_full_ones()
     assert leans == [True, False, False, False]
 
 
+def test_a_structure_change_keeps_the_new_template_lean():
+    """A lean check that fails because ``f`` took another branch is followed by a lean
+    template of the new branch (only a miss where ``f`` computed the template's calls again,
+    as with ``cdist`` above, turns the modes on); its checks still give the fresh graph."""
+    state = {"branch": False}
+
+    def f(x):
+        return torch.sin(x) if state["branch"] else torch.tanh(x)
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    recorded(site(f), f, x, RULES, 1)
+    state["branch"] = True
+    hits, leans = [], []
+    for _ in range(3):
+        graph, hit = record(f, x, site(f))
+        hits.append(hit)
+        leans.append(plans.RECORDINGS.get(site(f), plans.key(x, 1)).lean)
+        same_values(graph, capture(f, x, RULES, keep_values=True, batch_dims=1))
+    assert hits == [False, True, True]
+    assert leans == [True, True, True]
+
+
 @pytest.mark.parametrize("change", ["arguments swapped", "no_grad inside f"])
 def test_the_same_ops_reading_other_results_or_without_grad_are_recorded_again(change):
     """A check compares the results a call reads by identity first and knows from the

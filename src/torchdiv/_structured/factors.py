@@ -81,11 +81,13 @@ class Path:
 class Route:
     """How a path was found, from the graph's structure alone: the sum nodes whose second
     operand it takes (its coefficient is the product of their signs) and the calls that give
-    its factors, ``(output, source)``, with how many factors each gave."""
+    its factors, ``(output, source)``, with how many factors each gave and which rule gave
+    them (``kinds``: a later call makes them by that rule directly)."""
 
     signs: tuple[int, ...]
     steps: tuple[tuple[Ref, Ref], ...]
     counts: tuple[int, ...]
+    kinds: tuple[str, ...]  # the ``_Walker`` method that made each step's factors
 
 
 def paths(
@@ -119,9 +121,9 @@ def followed(
         for node in route.signs:
             coefficient *= walker.sign(graph.nodes[node])
         factors: list[Factor] = []
-        for (out, source), count in zip(route.steps, route.counts, strict=True):
+        for (out, source), count, kind in zip(route.steps, route.counts, route.kinds, strict=True):
             if out not in made:
-                made[out] = walker.factors(graph.nodes[out.node], out, source)
+                made[out] = walker.made_by(kind, graph.nodes[out.node], out, source)
             step = made[out]
             if step is None or len(step) != count:
                 return None
@@ -134,7 +136,8 @@ class _Walker:
     def __init__(self, graph: Graph, values: list[list[Any]], x: Tensor, n_samples: int):
         self.graph, self.values, self.x, self.n = graph, values, x, n_samples
         self.memo: dict[Ref, list[Path] | None] = {Ref(-1): [Path(1.0, ())]}
-        self.routes: dict[Ref, list[Route]] = {Ref(-1): [Route((), (), ())]}
+        self.routes: dict[Ref, list[Route]] = {Ref(-1): [Route((), (), (), ())]}
+        self.kinds: dict[Ref, str] = {}
 
     def ancestors(self, output: Ref) -> list[Ref]:
         """The outputs of recorded calls that ``output`` depends on, itself included, sorted
@@ -175,7 +178,12 @@ class _Walker:
         if factors is None:
             return None
         self.routes[ref] = [
-            Route(r.signs, (*r.steps, (ref, source)), (*r.counts, len(factors)))
+            Route(
+                r.signs,
+                (*r.steps, (ref, source)),
+                (*r.counts, len(factors)),
+                (*r.kinds, self.kinds[ref]),
+            )
             for r in self.routes[source]
         ]
         return [Path(p.coefficient, (*p.factors, *factors)) for p in inner]
@@ -192,35 +200,59 @@ class _Walker:
         if left is None or right is None or len(left) + len(right) > MAX_PATHS:
             return None
         sign = self.sign(node)
-        second = [Route((*r.signs, ref.node), r.steps, r.counts) for r in self.routes[b]]
+        second = [Route((*r.signs, ref.node), r.steps, r.counts, r.kinds) for r in self.routes[b]]
         self.routes[ref] = [*self.routes[a], *second]
         return [*left, *(Path(sign * p.coefficient, p.factors) for p in right)]
 
     def factors(self, node: Node, out: Ref, source: Ref) -> tuple[Factor, ...] | None:
-        """The factors ``node`` contributes (none for an identity), or ``None``."""
+        """The factors ``node`` contributes (none for an identity), or ``None``; the rule that
+        made them is noted in ``kinds``."""
+        kind = self._kind(node, out, source)
+        if kind is None:
+            return None
+        self.kinds[out] = kind
+        return self.made_by(kind, node, out, source)
+
+    def made_by(self, kind: str, node: Node, out: Ref, source: Ref) -> tuple[Factor, ...] | None:
+        """The factors of ``node`` by the rule ``kind`` (``_kind``'s choice on a graph of
+        the same structure), or ``None`` if it does not apply to these values."""
+        if not _per_sample(self.value(source), self.n):
+            return None
         try:
-            return self._factors(node, out, source)
+            made: tuple[Factor, ...] | None = getattr(self, kind)(node, out, source)
         except (RuntimeError, TypeError):  # a rule or an index map that does not apply here
             return None
+        return made
 
-    def _factors(self, node: Node, out: Ref, source: Ref) -> tuple[Factor, ...] | None:
-        a, y = self.value(source), self.value(out)
-        if not _per_sample(a, self.n):
+    def _kind(self, node: Node, out: Ref, source: Ref) -> str | None:
+        """Which rule gives ``node``'s factors, from its op and arguments (``None``: it is not
+        a factor)."""
+        if not _per_sample(self.value(source), self.n):
             return None
         if node.func in DERIVATIVES and _is(node.args[0], source):  # phi(a): phi'(a)
             first = FIRST.get(node.func)
             if first is not None and len(node.args) == 1 and not node.kwargs:
-                return (self._diagonal(first(a, y), y),)
-            rest, kwargs = map_leaves(self.value, (node.args[1:], node.kwargs))
-            d1, _ = DERIVATIVES[node.func](a, y, *rest, **kwargs)
-            return (self._diagonal(d1, y),)
-        if torch.Tag.pointwise in node.func.tags and node.func in RULES and y.shape == a.shape:
-            return (self._pointwise(node, source, y),)
+                return "_first"
+            return "_derivative"
+        if torch.Tag.pointwise in node.func.tags and node.func in RULES:
+            return "_pointwise"
         if node.func in (aten.mm.default, aten.addmm.default):
-            return self._matmul(node, source)
+            return "_matmul"
         if node.func in _MOVEMENT:
-            return self._movement(node, source, y)
+            return "_movement"
         return None
+
+    def _first(self, node: Node, out: Ref, source: Ref) -> tuple[Diagonal]:
+        """``phi(a)``: ``phi'(a)``, from ``a`` and ``y`` alone."""
+        y = self.value(out)
+        return (self._diagonal(FIRST[node.func](self.value(source), y), y),)
+
+    def _derivative(self, node: Node, out: Ref, source: Ref) -> tuple[Diagonal]:
+        """``phi(a, *rest)``: its derivative in ``a``."""
+        rest, kwargs = map_leaves(self.value, (node.args[1:], node.kwargs))
+        y = self.value(out)
+        d1, _ = DERIVATIVES[node.func](self.value(source), y, *rest, **kwargs)
+        return (self._diagonal(d1, y),)
 
     def _diagonal(self, d: Tensor | None, like: Tensor) -> Diagonal:
         """``d`` (broadcasting against ``like``) as an ``(N or 1, w)`` scale."""
@@ -234,16 +266,19 @@ class _Walker:
             return Diagonal(d.expand(d.shape[:k] + like.shape[k:]).reshape(1, -1))
         return Diagonal(d.expand(like.shape).reshape(self.n, -1))
 
-    def _pointwise(self, node: Node, source: Ref, y: Tensor) -> Diagonal:
-        """An elementwise op of ``a`` and constants: its rule applied to a unit derivative."""
-        a = self.value(source)
+    def _pointwise(self, node: Node, out: Ref, source: Ref) -> tuple[Diagonal] | None:
+        """An elementwise op of ``a`` and constants (same shape as ``a``, not broadcast): its
+        rule applied to a unit derivative."""
+        a, y = self.value(source), self.value(out)
+        if y.shape != a.shape:
+            return None
         unit = Jet(a, a.new_ones((1,) * (a.dim() + 1)), None)
         args = map_leaves(lambda v: unit if _is(v, source) else self.value(v), node.args)
         kwargs = map_leaves(self.value, node.kwargs)
-        out = RULES[node.func](Context(1, second_order=False), *args, **kwargs)
-        return self._diagonal(None if out.jac is None else out.jac[0], y)
+        jet = RULES[node.func](Context(1, second_order=False), *args, **kwargs)
+        return (self._diagonal(None if jet.jac is None else jet.jac[0], y),)
 
-    def _matmul(self, node: Node, source: Ref) -> tuple[Shared] | None:
+    def _matmul(self, node: Node, out: Ref, source: Ref) -> tuple[Shared] | None:
         """``a @ W`` (``mm``) or ``bias + alpha a @ W`` (``addmm``) with ``W`` constant."""
         args = node.args if node.func == aten.mm.default else node.args[1:]
         if not _is(args[0], source) or self.dependent(args[1]):
@@ -254,11 +289,11 @@ class _Walker:
         alpha = node.kwargs.get("alpha", 1.0) if node.func == aten.addmm.default else 1.0
         return (Shared(weight if alpha == 1 else alpha * weight),)
 
-    def _movement(self, node: Node, source: Ref, y: Tensor) -> tuple[Shared, ...] | None:
+    def _movement(self, node: Node, out: Ref, source: Ref) -> tuple[Shared, ...] | None:
         """A data-movement op as a 0/1 matrix, found by moving element indices through it on
         the CPU (a plan never waits for the device): floating constants become ``-1``
         (padding too), so every output element names its source or none."""
-        a = self.value(source)
+        a, y = self.value(source), self.value(out)
         w_in, w_out = a.numel() // self.n, y.numel() // self.n
         if w_in * w_out > MAX_MATRIX:
             return None

@@ -36,7 +36,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Container, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -146,7 +146,7 @@ def _same(want: Any, have: Any) -> bool:
     return type(want) is type(have) and bool(want == have)  # want is plain (no OPAQUE)
 
 
-def template(graph: Graph, lean: bool = True) -> Template | None:
+def template(graph: Graph) -> Template | None:
     """``graph``'s structure, or ``None`` if it cannot be checked by structure: an op without
     a rule, writes outside ``f`` or in place, random draws (their outputs are kept), an
     argument that cannot be compared (``OPAQUE``)."""
@@ -177,7 +177,7 @@ def template(graph: Graph, lean: bool = True) -> Template | None:
         return None
     work = (graph.dependent_calls, graph.elements, graph.products)
     output = canonical.get(graph.output, graph.output)
-    return Template(tuple(calls), output, graph.output_shape, graph.widest, work, lean)
+    return Template(tuple(calls), output, graph.output_shape, graph.widest, work)
 
 
 class PlanCache:
@@ -298,13 +298,22 @@ def recorded(
     if graph is not None:
         return graph
     graph = capture(f, x, rules, keep_values=True, batch_dims=batch_dims)
-    # after a failed check (the structure changed, or f takes a replaced op or attention
-    # and a lean check can never match it) the next checks run under all of capture's modes
-    kept = None if where is None else template(graph, lean=found is None)
+    kept = None if where is None else template(graph)
+    if kept is not None and found is not None and found.lean and _same_structure(kept, found):
+        # a lean check failed where f computed the template's calls again: f takes an op
+        # that capture's modes replace (cdist, attention), which no lean check can match, so
+        # the next checks run under all of them. A miss from a changed structure (another
+        # branch, a swapped layer) leaves the new template lean.
+        kept = replace(kept, lean=False)
     if kept is not None:
         RECORDINGS.put(where, k, kept)
         graph.template = kept
     return graph
+
+
+def _same_structure(a: Template, b: Template) -> bool:
+    """Whether two templates hold the same calls and output (what a check compares)."""
+    return a.output == b.output and a.output_shape == b.output_shape and a.calls == b.calls
 
 
 def checked(found: Template, f: Function, x: torch.Tensor, rules: Container[Any]) -> Graph | None:
@@ -383,23 +392,34 @@ class _Checker(TorchDispatchMode):
 
     def swapped(self, tree: Any, pattern: list[Any]) -> Any:
         """``tree`` with ``f``'s own tensors as their ``Ref``s; its leaves appended to
-        ``pattern`` (``map_leaves`` and ``leaves`` in one pass)."""
-        kind = type(tree)
-        if kind is tuple or kind is list:
-            return kind([self.swapped(item, pattern) for item in tree])
+        ``pattern`` (``map_leaves`` and ``leaves`` in one pass, a call per container, not per
+        leaf: it runs on every argument of every call ``f`` makes)."""
+        refs, kind = self.refs, type(tree)
         if kind is dict:
             return {key: self.swapped(item, pattern) for key, item in tree.items()}
-        if isinstance(tree, torch.Tensor):
-            tree = self.refs.get(id(tree), tree)
-        pattern.append(tree)
-        return tree
+        if kind is not tuple and kind is not list:
+            if isinstance(tree, torch.Tensor):
+                tree = refs.get(id(tree), tree)
+            pattern.append(tree)
+            return tree
+        items = []
+        for item in tree:
+            inner = type(item)
+            if inner is tuple or inner is list or inner is dict:
+                item = self.swapped(item, pattern)
+            else:
+                if isinstance(item, torch.Tensor):
+                    item = refs.get(id(item), item)
+                pattern.append(item)
+            items.append(item)
+        return items if kind is list else tuple(items)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        i = self.i
-        call = self.calls[i] if self.same and i < len(self.calls) else None
-        if call is None or call.func is not func:  # as capture, a decomposed op; or another
-            return self._other(func, args, kwargs)
+        i, calls = self.i, self.calls
+        if not self.same or i >= len(calls) or calls[i].func is not func:
+            return self._other(func, args, kwargs)  # as capture, a decomposed op; or another
+        call = calls[i]
         pattern: list[Any] = []
         node_args = self.swapped(args, pattern)
         node_kwargs = self.swapped(kwargs, pattern) if kwargs else {}
@@ -407,9 +427,14 @@ class _Checker(TorchDispatchMode):
             self.same = False
             return self._unwatched(func, args, kwargs)
         out = func(*args, **kwargs)
-        outs = [out] if isinstance(out, torch.Tensor) else leaves(out)
+        if isinstance(out, torch.Tensor):
+            outs = [out]
+            differentiable = out.is_floating_point() or out.is_complex()
+        else:
+            outs = leaves(out)
+            differentiable = call.may_depend and _differentiable(outs)
         # as capture: results without derivatives (indices) are constants
-        depends = call.may_depend and torch.is_grad_enabled() and _differentiable(outs)
+        depends = call.may_depend and differentiable and torch.is_grad_enabled()
         self.same = depends == call.depends and len(outs) == len(call.outputs)
         self.nodes.append(Node(func, node_args, node_kwargs, depends))
         refs = self.refs
