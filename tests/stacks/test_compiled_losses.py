@@ -199,7 +199,7 @@ RECORDING: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] 
         (6, 2),
         lambda f, x, p: torchdiv.laplacian(f, x, method="grad-of-grad"),
     ),
-    # "auto" records f past the problems it traces (_exact.plan.TRACED_PROBLEM: vectors x
+    # "auto" records f past the problems it traces (_core.modes.TRACED_PROBLEM: vectors x
     # elements of x at most 2**14)
     "divergence auto, conv (event of 72: structured)": (
         conv,

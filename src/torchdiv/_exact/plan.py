@@ -20,7 +20,6 @@ Watching costs about 10 microseconds per op of one forward pass: 4% of a 3 ms di
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -36,28 +35,10 @@ CHUNK_ELEMENTS = 1 << 21
 # so they are not watched: reverse mode (forward if the output is larger), one chunk.
 TINY_PROBLEM = 1 << 15
 
-# Inside a compiled region "auto" traces its generic engines into the graph (reverse mode for
-# divergences and diagonals, forward over reverse for Laplacians, all vectors in one chunk) for
-# problems of at most this many (vectors x elements of x), and records f eagerly above them (one
-# graph break, ``_core.modes.eager_when``). Compiled steps, one thread, against the event size
-# (bench/compile_crossover.py): traced, 0.5-0.8x the recorded engine's time at 2**11-2**14 (tanh
-# MLPs of width 64 at n = 8, 16 and B = 64; PINNs of width 64 at n = 2, 8 and B = 256); 1.4-16x
-# at 2**15 and above, where its n products per sample cost more than the recorded engine's few
-# passes and its fixed cost. Read from shapes only: no host sync, a size guard under dynamic
-# shapes. Wider nets cross over earlier (an MLP of width 256 at n = 16, B = 64: traced 1.9x).
-TRACED_PROBLEM = 1 << 14
-
 _CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
 # ops that PyTorch gives no forward-mode derivative (checked on CPU; the engines that run
 # after forward mode fails cover any others)
 _WITHOUT_FORWARD_RULE = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
-
-
-def traced(x: torch.Tensor, batch_dims: int) -> bool:
-    """Whether ``"auto"`` runs a generic engine traced into a compiled graph instead of
-    recording ``f`` (``TRACED_PROBLEM``): Dynamo traces the call and the problem is small."""
-    n = math.prod(x.shape[batch_dims:])
-    return torch.compiler.is_compiling() and n * x.numel() <= TRACED_PROBLEM
 
 
 class OpSizes(TorchDispatchMode):

@@ -19,9 +19,8 @@ from torch.func import vjp, vmap
 
 from torchdiv._core.basis import WHOLE, Share, basis, broadcast_basis, chunks
 from torchdiv._core.checks import event_numel
-from torchdiv._core.modes import SafeDerivatives, math_attention, recorded
+from torchdiv._core.modes import SafeDerivatives, math_attention, recorded, traced
 from torchdiv._exact.forward import ForwardJacobian
-from torchdiv._exact.plan import traced
 from torchdiv._laplacian.loop import Check, Settings, grad_of_grad
 from torchdiv._taylor import (
     RULES,
