@@ -139,6 +139,53 @@ def test_fullgraph_matches_eager(name):
     assert_compiled_matches(make(), op, x, fullgraph=True)
 
 
+def auto_at_small_events(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """``"auto"`` where it traces its generic engines and eagerly would record ``f``: a
+    divergence over 32 elements per sample, 160 in ``x`` (the structured engine's eagerly, past
+    2**12), and a Laplacian over 2 inputs (the Taylor engine's or the loop's eagerly)."""
+    u = lambda z: f(z).sum((1, 2, 3))  # noqa: E731
+    return torchdiv.divergence(f, x) + torchdiv.laplacian(u, x[:, :, :1, :1])
+
+
+def test_auto_traces_small_events_in_one_graph():
+    """Values and gradients of eager execution, ``fullgraph=True``, and the graph of the first
+    step serves the next ones (the choice is read from the event's shape, fixed)."""
+    net, x = conv(), torch.randn(5, 2, 4, 4, dtype=torch.float64)
+
+    def loss(x: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        return auto_at_small_events(net, x).square().mean()
+
+    expected, expected_grads = loss_and_grads(loss, net, x, x)
+    backend = Counting()
+    compiled = torch.compile(loss, backend=backend, fullgraph=True)
+    for _ in range(3):
+        value, grads = loss_and_grads(compiled, net, x, x)
+        assert_close(value, expected)
+        for got, want in zip(grads, expected_grads, strict=True):
+            assert_close(got, want)
+    assert backend.compiled == 1 and backend.runs == 3
+
+
+SLOW_AUTO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] = {
+    "jacobian_diagonal": (conv, (5, 2, 4, 4), lambda f, x, p: torchdiv.jacobian_diagonal(f, x)),
+    "laplacian, coordinates": (
+        pinn,
+        (6, 2),
+        lambda f, x, p: torchdiv.laplacian(f, x, coordinates=[1]),
+    ),
+}
+
+
+@pytest.mark.slow  # ~2 x 4 s of AOTAutograd on 2 cores
+@pytest.mark.parametrize("name", list(SLOW_AUTO))
+def test_auto_traces_small_events_elsewhere(name):
+    make, shape, op = SLOW_AUTO[name]
+    x = torch.randn(shape, dtype=torch.float64)
+    assert_compiled_matches(make(), op, x, fullgraph=True)
+
+
 # engines that record f and plan from it, or differentiate a built graph: one graph break
 RECORDING: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] = {
     "divergence structured": (
@@ -151,6 +198,18 @@ RECORDING: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] 
         pinn,
         (6, 2),
         lambda f, x, p: torchdiv.laplacian(f, x, method="grad-of-grad"),
+    ),
+    # "auto" records f past the problems it traces (_core.modes.TRACED_PROBLEM: vectors x
+    # elements of x at most 2**14)
+    "divergence auto, conv (event of 72: structured)": (
+        conv,
+        (4, 2, 6, 6),
+        lambda f, x, p: torchdiv.divergence(f, x),
+    ),
+    "laplacian auto (2 inputs, 4100 samples: recorded)": (
+        pinn,
+        (4100, 2),
+        lambda f, x, p: torchdiv.laplacian(f, x),
     ),
 }
 

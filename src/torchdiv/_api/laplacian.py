@@ -52,7 +52,7 @@ from torchdiv._core.checks import (
     checked,
 )
 from torchdiv._core.mixing import check_empty_event
-from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode
+from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode, traced
 from torchdiv._estimators import trace as _trace
 from torchdiv._laplacian import methods
 from torchdiv._laplacian.along import along, unit_columns
@@ -64,7 +64,17 @@ METHODS = ("auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad", 
 RECORDING = ("auto", "taylor", "grad-of-grad")  # methods.BY_NAME's engines that are recorded
 
 
-@eager_when(lambda x, *, method="auto", **_: method in RECORDING)
+def _records(x: object, *, method: str = "auto", batch_dims: object = 1, **_: object) -> bool:
+    """Whether the call's engine records ``f`` (a call Dynamo traces then runs eagerly as a
+    whole: ``eager_when``): ``"auto"`` unless it traces forward-over-reverse into the graph
+    (``torchdiv._core.modes.traced``; ``coordinates`` only shrink the problem it decides on);
+    arguments the call will refuse: yes."""
+    if method != "auto" or not isinstance(x, torch.Tensor) or not isinstance(batch_dims, int):
+        return method in RECORDING
+    return not (0 <= batch_dims <= x.dim() and traced(x, batch_dims))
+
+
+@eager_when(_records)
 @compiled_like_f
 @outside_inference_mode
 @reported("laplacian")

@@ -283,6 +283,26 @@ def recorded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# Inside a compiled region "auto" traces its generic engines into the graph (reverse mode for
+# divergences and diagonals, forward over reverse for Laplacians, all vectors in one chunk) on
+# problems of at most this many (vectors x elements of x), and records f eagerly above (one
+# graph break, ``eager_when``). Compiled steps, one thread (bench/compile_crossover.py): traced,
+# 0.53-0.74x the recorded engine's step at 2**10-2**14 (tanh MLPs of width 64 at n = 8, 16 and
+# B = 64; a PINN of width 64 at n = 2, B = 256), 1.00x at 2**14 (the PINN at n = 8); 1.19-6.9x
+# from 2**16 on, where its n products per sample cost more than the recorded engine's few
+# passes and fixed cost. Read from shapes only: no host sync, a size guard under dynamic shapes.
+# Not from f's width: an MLP of width 256 at n = 16, B = 64 (2**14) took 2.25x traced.
+TRACED_PROBLEM = 1 << 14
+
+
+def traced(x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether ``"auto"`` runs a generic engine traced into a compiled graph instead of
+    recording ``f`` (``TRACED_PROBLEM``): Dynamo traces the call and the problem is small."""
+    if not torch.compiler.is_compiling():
+        return False
+    return math.prod(x.shape[batch_dims:]) * x.numel() <= TRACED_PROBLEM
+
+
 @contextlib.contextmanager
 def math_attention() -> Iterator[None]:
     """Run attention as primitives: ``scaled_dot_product_attention`` on PyTorch's math
