@@ -1,0 +1,104 @@
+"""The small cases of issues 18 and 19 timed by thread CPU time, one thread: ``"auto"`` against
+the fastest recipe of the same round, where wall-clock medians on a loaded machine move too much.
+
+Divergence, Jacobian diagonal and Jacobian of a tanh MLP at D = 2, B = 256, and the Laplacian of
+the FNN and KAN cases of ``laplacian_small.py``, frozen and in training. Per case: interleaved
+rounds of ~50 ms per method, the ratio ``auto / fastest other`` per round, median and IQR.
+
+    flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
+        DDE_BACKEND=pytorch .venv/bin/python bench/entry_cpu.py [--rounds 11] [--only NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("DDE_BACKEND", "pytorch")
+
+import laplacian_small
+import small_events
+import torch
+
+import torchdiv
+
+LAPLACIAN_BASELINES = (
+    "loop of grad-of-grad",
+    "deepxde hessian sum",
+    "torchdiv taylor",
+    "torch.func vmap(hessian)",
+)
+
+
+def cases() -> list[tuple[str, dict[str, Callable[[], object]]]]:
+    """``(name, {method: call})`` for every case; ``"auto"`` is torchdiv's call."""
+    out = []
+    for op in ("divergence", "jacobian_diagonal", "jacobian"):
+        for train in (False, True):
+            torch.manual_seed(0)
+            net = small_events.mlp(2, torch.nn.Tanh).requires_grad_(train)
+            x = torch.randn(256, 2)
+            calls = {"auto": functools.partial(getattr(torchdiv, op), net, x)}
+            recipes = small_events.recipes(op, train).items()
+            calls |= {k: functools.partial(r, net, x) for k, r in recipes}
+            out.append((f"{op}-D2-B256-{'train' if train else 'frozen'}", calls))
+    methods = laplacian_small.methods()
+    for name in ("fnn2-256", "fnn3-256", "kan2-256"):
+        for train in (False, True):
+            torch.manual_seed(0)
+            net, x = laplacian_small.CASES[name]()
+            net.requires_grad_(train)
+            step = functools.partial(laplacian_small._step, net=net, x=x, train=train)
+            calls = {"auto": functools.partial(step, methods["torchdiv auto"])}
+            calls |= {
+                k: functools.partial(step, methods[k]) for k in LAPLACIAN_BASELINES if k in methods
+            }
+            out.append((f"lap-{name}-{'train' if train else 'frozen'}", calls))
+    return out
+
+
+def cpu_ms(call: Callable[[], object], budget_ns: int = 50_000_000) -> float:
+    """Thread CPU time per call in ms, over calls adding up to ``budget_ns``."""
+    reps, spent = 0, 0
+    while spent < budget_ns:
+        start = time.thread_time_ns()
+        call()
+        spent += time.thread_time_ns() - start
+        reps += 1
+    return spent / reps / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--only", default="", help="run the cases whose name holds this")
+    args = parser.parse_args()
+    for name, calls in cases():
+        if args.only not in name:
+            continue
+        for call in calls.values():
+            call(), call()
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for _ in range(args.rounds):
+            for k, call in calls.items():
+                times[k].append(cpu_ms(call))
+        ratios = [
+            times["auto"][r] / min(v[r] for k, v in times.items() if k != "auto")
+            for r in range(args.rounds)
+        ]
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        best = min((k for k in med if k != "auto"), key=med.__getitem__)
+        print(
+            f"{name:34s} auto {med['auto']:.3f} ms  best {best} {med[best]:.3f} ms  "
+            f"ratio {statistics.median(ratios):.3f} [{q1:.3f}-{q3:.3f}]",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
