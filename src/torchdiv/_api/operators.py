@@ -223,7 +223,10 @@ def divergence(
     convolutions and elementwise ops). It raises ``NotImplementedError`` naming any op it
     has no rule for.
 
-    Rule for ``method="auto"``: ``"structured"`` whenever it can run ``f``, unless the
+    Rule for ``method="auto"`` (eager; inside a region ``torch.compile`` traces, problems of
+    event size x elements of ``x`` at most ``2**14`` take reverse mode traced into the graph,
+    larger ones the rule below run eagerly: the training guide's torch.compile section):
+    ``"structured"`` whenever it can run ``f``, unless the
     problem is tiny (event size x elements of ``x`` at most ``2**12``: recording ``f`` would
     cost more than the whole computation); otherwise
     (measured on CPU, see ``torchdiv._exact.plan``) one evaluation of ``f`` is watched and reverse
