@@ -205,6 +205,25 @@ def test_weighted_laplacian_of_a_gaussian(method, kind):
     assert_close(got, _gaussian_trace(a, x))
 
 
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per sample"])
+def test_weighted_laplacian_keeps_small_eigenvalues_of_a_stiff_diffusion(per_sample):
+    """``A = diag(±1e7, 1, -1, 1)`` in float32, ``u`` independent of ``x_0``: ``tr(A H) = 2``
+    comes entirely from the eigenvalues 1e7 times smaller than the largest (they were dropped
+    as rounding noise: 0 for a shared ``A``, 4 per sample, where only the negative part went)."""
+    x = torch.randn(3, 4)
+    u = lambda x: (x[:, 1:] ** 2).sum(-1)  # noqa: E731  (H = diag(0, 2, 2, 2))
+    for big in (1e7, -1e7):
+        a = torch.diag(torch.tensor([big, 1.0, -1.0, 1.0]))
+        a = a.expand(3, 4, 4) if per_sample else a
+        for method in EXACT:
+            got = torchdiv.weighted_laplacian(u, x, diffusion=a, method=method)
+            torch.testing.assert_close(got, torch.full((3,), 2.0), rtol=1e-5, atol=1e-5)
+    a = torch.diag(torch.tensor([1.0, -1e-7, -1e7, 1.0]))  # a tiny negative eigenvalue too
+    expected = torch.full((3,), 2.0 - 2e-7 - 2e7 + 2.0)
+    got = torchdiv.weighted_laplacian(u, x, diffusion=a)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("method", EXACT)
 def test_weighted_laplacian_from_a_factor(method):
     g = torch.Generator().manual_seed(4)

@@ -6,7 +6,8 @@ value, gradient and Laplacian from one sweep.
   Laplacian method runs it: the Taylor engine collapsed over the ``k`` columns of ``S``,
   Hessian-vector products, or Hutchinson's probes ``S v``. A symmetric ``A`` is factored by
   its eigenvectors, ``A = S₊S₊ᵀ - S₋S₋ᵀ`` with ``S± = Q sqrt(max(±Λ, 0))``, dropping
-  zero eigenvalues of a shared ``A`` (a rank-``r`` ``A`` costs ``r`` directions). An ``A``
+  zero eigenvalues of a shared ``A`` (exact zeros: a product ``σσᵀ`` computed in floating point
+  has none, give ``sigma`` for a low-rank ``A``). An ``A``
   that requires grad is not factored (the eigenvector derivatives blow up at repeated
   eigenvalues): ``tr(A H) = Σ_j (A e_j)ᵀ H e_j`` by Hessian-vector products, differentiable
   in ``A``.
@@ -143,18 +144,19 @@ def weighted_laplacian(
 
 def _factors(a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """``[(±1, S±)]`` with ``sym(A) = S₊S₊ᵀ - S₋S₋ᵀ`` (eigenvectors scaled by ``sqrt|λ|``);
-    a shared ``A`` keeps only the columns of nonzero eigenvalues, a per-sample one all ``n``.
-    The part of a sign without eigenvalues is left out (the positive one stays, perhaps with
-    no columns, so that the result has a part)."""
+    a shared ``A`` keeps the columns of its nonzero eigenvalues, a per-sample one all ``n``.
+    No eigenvalue is dropped for being small next to the largest: with ``H`` not aligned with
+    ``A`` its share of ``tr(A H)`` can be all of it (``A = diag(1e5, 1, ...)`` in float32 and
+    ``f`` independent of ``x_0``). The part of a sign without eigenvalues is left out (the
+    positive one stays, perhaps with no columns, so that the result has a part)."""
     eigenvalues, vectors = torch.linalg.eigh((a + a.mT) / 2)
-    tiny = a.shape[-1] * torch.finfo(a.dtype).eps * eigenvalues.abs().amax((-1), keepdim=True)
     out = []
     for sign in (1, -1):
         signed = sign * eigenvalues
-        if sign == -1 and not bool((signed > tiny).any()):
+        if sign == -1 and not bool((signed > 0).any()):
             continue
         if a.dim() == 2:
-            keep = signed > tiny
+            keep = signed > 0
             out.append((sign, vectors[:, keep] * signed[keep].sqrt()))
         else:
             out.append((sign, vectors * signed.clamp(min=0).sqrt().unsqueeze(-2)))
