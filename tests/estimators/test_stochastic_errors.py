@@ -288,3 +288,20 @@ def test_xtrace_tolerance_needs_room_for_three_blocks():
     x = torch.randn(4, 20, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"at least 3 blocks .* max_probes must be at least 48"):
         torchdiv.estimate_divergence(lambda z: 3 * z, x, method="xtrace", rtol=0.5, max_probes=32)
+
+
+def test_hutchpp_tolerance_averages_three_blocks():
+    """Hutch++'s own standard error rests on its residual's few terms (2 of 6 products): one
+    block whose error happens to look small must not end the tolerance mode. On a 2-D linear
+    map the sketch is exact (error 0) at the first block, and 3 blocks are still drawn."""
+    x = torch.randn(4, 2, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    e = torchdiv.estimate_divergence(
+        lambda z: 3 * z, x, method="hutch++", num_probes=6, rtol=0.1, generator=g
+    )
+    assert e.num_probes == 18
+    torch.testing.assert_close(e.value, torch.full((4,), 6.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"at least 3 blocks .* max_probes must be at least 18"):
+        torchdiv.estimate_divergence(
+            lambda z: 3 * z, x, method="hutch++", num_probes=6, rtol=0.1, max_probes=12
+        )

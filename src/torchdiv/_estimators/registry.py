@@ -46,7 +46,12 @@ class Estimator(NamedTuple):
 ESTIMATORS: dict[str, Estimator] = {
     "hutchinson": Estimator(_hutchinson.terms, 1, 1, 16, "one per probe"),
     "hutch++": Estimator(
-        _hutchpp.terms, 3, 2, 24, "a third each for the sketch, its basis and the residual"
+        _hutchpp.terms,
+        3,
+        2,
+        24,
+        "a third each for the sketch, its basis and the residual",
+        min_blocks=3,
     ),
     "xtrace": Estimator(
         _xtrace.terms, 2, 1, 16, "half for the sketch, half for its basis", min_blocks=3
