@@ -168,25 +168,28 @@ def test_tiny_problems_evaluate_f_outside_safe_derivatives_unless_its_graph_need
         assert mixing.passed_before(lin, x, 1).plain
 
 
-def test_the_unit_cotangents_kept_for_tiny_problems_stay_unit_vectors():
-    """Plain autograd keeps the unit cotangents of tiny blocks for the next call: nothing may
-    write to them, through training (a graph through the products, a backward pass) or
-    rows batched in one pass; every call's values stay right."""
-    from torchdiv._core.basis import basis
-    from torchdiv._exact import autograd
+def test_cotangents_written_in_place_or_results_aliasing_them_never_reach_the_next_call():
+    """Tiny problems' cotangents are made for each call: a backward hook that scales its
+    incoming gradient in place, and a user's in-place write to a Jacobian diagonal that
+    autograd returned as the cotangent itself (a copy of ``x``), changed later calls' values
+    when one tensor served every call (1.57, 3.14, 6.27 for the same divergence)."""
+    x = torch.randn(8, 4, dtype=torch.float64)
+    shift, w = torch.randn(4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
 
-    for d in (LOOP_ROWS, LOOP_ROWS + 1):
-        net = tanh_mlp(d, 8, d)
-        x = torch.randn(16, d, dtype=torch.float64)
-        for _ in range(3):
-            div = torchdiv.divergence(net, x)
-            div.sum().backward()
-            assert_close(div, reference_divergence(net, x))
-            assert_close(torchdiv.jacobian(net, x), reference_jacobian(net, x))
-        kept = [(k, v) for k, v in autograd._UNITS.items() if k[2] == x.shape]
-        assert kept
-        for (start, stop, _, batch_dims, *_), units in kept:
-            assert torch.equal(units, basis(start, stop, x, batch_dims))
+    def doubled(z):
+        y = torch.tanh(z @ w)
+        if y.requires_grad:
+            y.register_hook(lambda g: g.mul_(2))  # the cotangent itself, scaled in place
+        return y
+
+    g = lambda z: torch.tanh(z @ w)  # noqa: E731
+    for _ in range(3):
+        assert_close(torchdiv.divergence(doubled, x), 2 * reference_divergence(g, x))
+    for _ in range(3):
+        diagonal = torchdiv.jacobian_diagonal(lambda z: z + shift, x)
+        assert_close(diagonal, torch.ones_like(x))
+        diagonal.mul_(0.5)  # the caller scales the result in place
+        assert_close(torchdiv.divergence(g, x), reference_divergence(g, x))
 
 
 def test_jacobian_remembers_a_square_output_and_survives_a_stale_guess(monkeypatch):

@@ -229,31 +229,8 @@ class GraphJacobian:
 
     def block(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``."""
-        out = self.apply(_units(start, stop, self.y, self.batch_dims))
+        out = self.apply(basis(start, stop, self.y, self.batch_dims))
         return as_blocks(out, self.batch_dims)
-
-
-# the unit cotangents of tiny blocks (at most UNITS_KEPT elements), made once: at two inputs
-# and batch 256, making them is 12 us of a 0.7 ms call; at most 64 are kept
-UNITS_KEPT = 4096
-_UNITS: dict[tuple[Any, ...], torch.Tensor] = {}
-
-
-def _units(start: int, stop: int, y: torch.Tensor, batch_dims: int) -> torch.Tensor:
-    """``basis(start, stop, y, batch_dims)``, kept for the next call where it is tiny. Nothing
-    writes to cotangents (``autograd.grad`` reads them), so one tensor serves every call; a
-    tensor subclass's, one Dynamo traces or one made in inference mode is made anew."""
-    if (stop - start) * y.numel() > UNITS_KEPT or type(y) is not torch.Tensor:
-        return basis(start, stop, y, batch_dims)
-    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
-        return basis(start, stop, y, batch_dims)
-    key = (start, stop, y.shape, batch_dims, y.dtype, y.device)
-    units = _UNITS.get(key)
-    if units is None:
-        if len(_UNITS) >= 64:
-            _UNITS.clear()
-        units = _UNITS[key] = basis(start, stop, y, batch_dims)
-    return units
 
 
 def unwatched(
