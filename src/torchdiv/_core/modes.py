@@ -365,6 +365,9 @@ class SafeDerivatives(TorchFunctionMode):
 
     - ``layer_norm`` (fused ``native_layer_norm``): third derivative wrong (its backward
       treats the saved mean and inverse standard deviation as constants; pytorch#175754).
+      ``instance_norm`` with the input's statistics (``native_batch_norm`` over a reshaped
+      input): the same, parameter gradients of the Laplacian off by 8-234%; replaced where it
+      keeps no running statistics (``nn.InstanceNorm`` without ``track_running_stats``).
     - ``slogdet``, ``logdet``, ``det``, ``solve``, ``solve_ex``: first derivatives right;
       derivatives of the forward-mode formula wrong (forward engine: parameter and ``x``
       gradients of ``jacobian``/``divergence``, off by 2-240%; forward-over-reverse, hessian
@@ -438,6 +441,30 @@ def _layer_norm(
     return out if bias is None else out + bias
 
 
+def _instance_norm(
+    a: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.instance_norm`` by mean and variance over each ``(sample, channel)``'s positions
+    where it normalises by the input's statistics and keeps none; else the fused op (running
+    statistics to update or to normalise by)."""
+    if not use_input_stats or running_mean is not None or running_var is not None:
+        options = (weight, bias, use_input_stats, momentum, eps)
+        return torch.nn.functional.instance_norm(a, running_mean, running_var, *options)
+    dims = tuple(range(2, a.dim()))
+    centred = a - a.mean(dims, keepdim=True)
+    out = centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+    channels = (1, -1) + (1,) * len(dims)
+    out = out if weight is None else out * weight.reshape(channels)
+    return out if bias is None else out + bias.reshape(channels)
+
+
 @contextlib.contextmanager
 def host_planning() -> Any:
     """Bookkeeping of a plan on small CPU index tensors (index maps, colours), which reads
@@ -483,6 +510,14 @@ REPLACEMENTS: dict[Any, Replacement] = {
         ("NativeLayerNormBackward",),
         torch.nn.functional.layer_norm,
         torch.layer_norm,
+        forward_only=False,
+    ),
+    **_table(
+        3,
+        _instance_norm,
+        "",
+        ("NativeBatchNormBackward",),
+        torch.nn.functional.instance_norm,
         forward_only=False,
     ),
     **_table(

@@ -72,7 +72,7 @@ def search(y: torch.Tensor, x_leaf: torch.Tensor, guarded: tuple[str, ...] = ())
             found.batch_norms.append(node)
         elif name.startswith(FUSED_ATTENTION):
             found.fused = True
-        elif guarded and name.startswith(guarded):
+        if guarded and name.startswith(guarded):  # a batch norm's node too (instance norm)
             found.guarded = True
         stack += [child for child, _ in node.next_functions]
     return found
