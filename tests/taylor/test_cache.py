@@ -199,6 +199,18 @@ def test_least_recently_used_entries_go_first():
     assert cache.get(sites[2], "k") is sites[2]
 
 
+def _checked_calls(f, x: torch.Tensor, calls: int) -> tuple[list[bool], list[bool]]:
+    """``calls`` recordings of ``f`` at its site: whether each was a kept template's hit and
+    whether that template is then lean; every graph has a fresh capture's values."""
+    hits, leans = [], []
+    for _ in range(calls):
+        graph, hit = record(f, x, site(f))
+        hits.append(hit)
+        leans.append(plans.RECORDINGS.get(site(f), plans.key(x, 1)).lean)
+        same_values(graph, capture(f, x, RULES, keep_values=True, batch_dims=1))
+    return hits, leans
+
+
 def test_a_lean_check_that_cannot_match_a_replaced_op_is_followed_by_full_ones():
     """Templates are first checked without ``SafeDerivatives`` and the attention switch
     (``Template.lean``); ``f`` then runs PyTorch's own ``cdist``, not the recorded
@@ -209,12 +221,7 @@ def test_a_lean_check_that_cannot_match_a_replaced_op_is_followed_by_full_ones()
         return torch.cdist(x, x)
 
     x = torch.randn(3, 5, 4, dtype=torch.float64)
-    hits, leans = [], []
-    for _ in range(4):
-        graph, hit = record(f, x, site(f))
-        hits.append(hit)
-        leans.append(plans.RECORDINGS.get(site(f), plans.key(x, 1)).lean)
-        same_values(graph, capture(f, x, RULES, keep_values=True, batch_dims=1))
+    hits, leans = _checked_calls(f, x, 4)
     assert hits == [False, False, True, True]
     assert leans == [True, False, False, False]
 
@@ -231,12 +238,7 @@ def test_a_structure_change_keeps_the_new_template_lean():
     x = torch.randn(5, 3, dtype=torch.float64)
     recorded(site(f), f, x, RULES, 1)
     state["branch"] = True
-    hits, leans = [], []
-    for _ in range(3):
-        graph, hit = record(f, x, site(f))
-        hits.append(hit)
-        leans.append(plans.RECORDINGS.get(site(f), plans.key(x, 1)).lean)
-        same_values(graph, capture(f, x, RULES, keep_values=True, batch_dims=1))
+    hits, leans = _checked_calls(f, x, 3)
     assert hits == [False, True, True]
     assert leans == [True, True, True]
 

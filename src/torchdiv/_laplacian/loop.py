@@ -60,9 +60,9 @@ class Settings:
     plain: bool = False
 
 
-# the autograd nodes of the ops whose derivatives the loop's SafeDerivatives changes: fused
-# layer norm (a wrong third derivative) and cdist (no double backward; the Euclidean path
-# above 25 points); the fused attention kernels that math_attention avoids show as ``fused``
+# the autograd nodes of the ops whose derivatives the loop's SafeDerivatives changes (those of
+# REPLACEMENTS right in reverse over reverse are left alone); the fused attention kernels that
+# math_attention avoids show as ``fused``
 GUARDED = changed_nodes(3, forward_mode=False)
 
 

@@ -54,6 +54,7 @@ from torchdiv._taylor.capture import (
     _random_states,
     _written,
     capture,
+    differentiable,
     put_back,
     recording,
 )
@@ -365,13 +366,6 @@ def _changes_state(func: Any, args: Any, kwargs: Any) -> bool:
     return writes or (func in _BATCH_NORMS and len(args) > 5 and bool(args[5]))  # training
 
 
-def _differentiable(outs: list[Any]) -> bool:
-    """Whether a call's results carry derivatives (floating or complex tensors)."""
-    return any(
-        isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in outs
-    )
-
-
 class _Checker(TorchDispatchMode):
     def __init__(self, found: Template, x: torch.Tensor, rules: Container[Any]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
@@ -429,12 +423,12 @@ class _Checker(TorchDispatchMode):
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor):
             outs = [out]
-            differentiable = out.is_floating_point() or out.is_complex()
+            carries = out.is_floating_point() or out.is_complex()  # (differentiable, inline)
         else:
             outs = leaves(out)
-            differentiable = call.may_depend and _differentiable(outs)
+            carries = call.may_depend and differentiable(outs)
         # as capture: results without derivatives (indices) are constants
-        depends = call.may_depend and differentiable and torch.is_grad_enabled()
+        depends = call.may_depend and carries and torch.is_grad_enabled()
         self.same = depends == call.depends and len(outs) == len(call.outputs)
         self.nodes.append(Node(func, node_args, node_kwargs, depends))
         refs = self.refs

@@ -203,11 +203,7 @@ class _Recorder(TorchDispatchMode):
         outs = leaves(out)
         if not written:
             self.note_reads(args, kwargs, outs)
-        # complex results carry derivatives too (eigvals, fft): never mistaken for constants
-        differentiable = any(
-            isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in outs
-        )
-        depends = depends and differentiable
+        depends = depends and differentiable(outs)
         if depends and (recorded not in self.rules or recorded._schema.is_mutable):
             self.graph.unsupported.append(str(func))
         index = len(self.graph.nodes)
@@ -327,6 +323,14 @@ _CONTRACTIONS = {  # op -> the argument whose last dimension is summed over
     torch.ops.aten.addmm.default: 1,
     torch.ops.aten.baddbmm.default: 1,
 }
+
+
+def differentiable(outs: list[Any]) -> bool:
+    """Whether a call's results carry derivatives: floating or complex tensors (eigvals, fft:
+    never mistaken for constants); results without them (indices) are constants."""
+    return any(
+        isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in outs
+    )
 
 
 def _products(func: Any, args: Any, outs: list[Any]) -> int:
