@@ -478,6 +478,21 @@ def test_graph_laplacian_in_a_pinn_loss():
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_graph_forms_under_no_grad_and_inference_mode(mode):
+    """``y`` built with grad, the graph form called inside ``no_grad`` / ``inference_mode`` (a
+    validation loop): the same numbers as outside. The Laplacian's first-level gradients need
+    a graph of their own; without one it returned zeros."""
+    x = torch.randn(3, 2, dtype=f64, requires_grad=True)
+    y, v = x.pow(3).sum(-1), x.pow(3)
+    want_lap, want_div = 6 * x.sum(-1).detach(), 3 * x.square().sum(-1).detach()
+    with mode():
+        assert_close(torchdiv.graph_laplacian(y, x), want_lap)
+        assert_close(torchdiv.graph_laplacian(y, x, coordinates=[1]), 6 * x[:, 1].detach())
+        assert_close(torchdiv.graph_divergence(v, x), want_div)
+        assert_close(torchdiv.graph_jacobian(v, x).diagonal(0, -2, -1).sum(-1), want_div)
+
+
 def test_graph_laplacian_of_a_linear_map_is_zero_and_errors():
     x = torch.randn(3, 2, requires_grad=True)
     assert torch.equal(torchdiv.graph_laplacian(x @ torch.ones(2, 2), x), torch.zeros(3, 2))

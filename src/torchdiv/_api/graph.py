@@ -215,12 +215,13 @@ def graph_laplacian(
     check_flag(fn, "create_graph", create_graph)
     engine, chunk = _engine(fn, y, x, batch_dims, True, chunk_size, False)
     n, batch = event_numel(x, batch_dims), x.shape[:batch_dims]
-    index = torch.arange(n, device=x.device)
-    if coordinates is not None:
-        index = check_coordinates(fn, coordinates, x, batch_dims)
-    gradients = _exact.dense(engine, chunk)[..., index]  # (N, m, k): ∂y_i/∂x_j, j chosen
-    samples, m, k = gradients.shape
-    second = GraphJacobian(gradients.reshape(*batch, m * k), x, batch_dims, create_graph)
+    with torch.inference_mode(False), torch.enable_grad():  # (whatever the caller's mode)
+        index = torch.arange(n, device=x.device)
+        if coordinates is not None:
+            index = check_coordinates(fn, coordinates, x, batch_dims)
+        gradients = _exact.dense(engine, chunk)[..., index]  # (N, m, k): ∂y_i/∂x_j, j chosen
+        samples, m, k = gradients.shape
+        second = GraphJacobian(gradients.reshape(*batch, m * k), x, batch_dims, create_graph)
     parts = []
     for start, stop in chunks(m * k, chunk_size or max(m * k, 1)):
         rows = second.block(start, stop)  # (r, N, n): row (i, j) of ∂(∂y_i/∂x_j)/∂x
