@@ -65,6 +65,8 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
             torch.nn.functional.layer_norm(x, (4,)) + torch.layer_norm(x, (4,))
         ),
         "torch.instance_norm": lambda: torch.nn.functional.instance_norm(x),
+        "torch.logcumsumexp": lambda: torch.logcumsumexp(x, 1),
+        "torch.Tensor.logcumsumexp": lambda: x.logcumsumexp(-1),
         "torch.cdist": lambda: torch.cdist(x, x),  # 30 points: the Euclidean path
         "torch.cdist, 5 points": lambda: torch.cdist(x[:, :5], x[:, :5]),
         "torch.linalg.slogdet": lambda: torch.linalg.slogdet(spd)[1],

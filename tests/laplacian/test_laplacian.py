@@ -7,13 +7,20 @@ from copy import deepcopy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, loop_diagonal, reference_laplacian, tanh_mlp
+from conftest import (
+    assert_close,
+    laplacian_by_grad_of_grad,
+    loop_diagonal,
+    reference_laplacian,
+    tanh_mlp,
+)
 from torch import nn
 from torch.func import hessian
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import torchdiv
+from torchdiv._core.modes import SafeDerivatives
 
 EXACT = ["auto", "taylor", "forward-over-reverse", "hessian"]
 f64 = torch.float64
@@ -571,6 +578,33 @@ def test_parameter_gradients_through_instance_norm_match_a_grad_of_grad_loop(met
             torch.autograd.grad(got.square().sum(), [w1, w2]), expected_grads, strict=True
         ):
             assert_close(a, b)
+
+
+@pytest.mark.parametrize("method", ["auto", "grad-of-grad", "forward-over-reverse"])
+def test_parameter_gradients_through_logcumsumexp_match_a_loop_of_prefixes(method):
+    """PyTorch's third derivative of ``logcumsumexp`` by reverse mode is ``nan``: the
+    grad-of-grad loop (``"auto"``'s engine at this size, no Taylor rule) gave ``nan``
+    parameter gradients. The reference writes each prefix's ``logsumexp`` by hand and
+    differentiates it by a grad-of-grad loop; the values are also checked against the
+    fused op at a range where a shift by the global maximum would underflow."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+    def prefixes(h):
+        return torch.stack([torch.logsumexp(h[:, : i + 1], -1) for i in range(h.shape[1])], 1)
+
+    x = torch.randn(4, 3, dtype=f64)
+    want = laplacian_by_grad_of_grad(lambda z: prefixes(net(z)).sum(-1), x)
+    got = torchdiv.laplacian(lambda z: torch.logcumsumexp(net(z), -1).sum(-1), x, method=method)
+    assert_close(got, want)
+    params = list(net.parameters())
+    grads = torch.autograd.grad(got.square().sum(), params)
+    for a, b in zip(grads, torch.autograd.grad(want.square().sum(), params), strict=True):
+        assert_close(a, b)
+    wide = torch.tensor([[-1000.0, 0.0, -2000.0, 5.0], [3.0, 2.0, 1.0, 0.0]], dtype=f64)
+    fused = torch.logcumsumexp(wide, -1)
+    with SafeDerivatives(3, ""):
+        assert_close(torch.logcumsumexp(wide, -1), fused)
 
 
 def test_no_grad_inside_f_is_a_stop_gradient_as_in_reverse_mode():

@@ -384,6 +384,10 @@ class SafeDerivatives(TorchFunctionMode):
       zero distance (``cdist(r, r)``'s diagonal). Replaced by ``_cdist`` from order 1: every
       engine and the Taylor engine's recording run ``f`` at least under ``SafeDerivatives(1)``.
 
+    - ``logcumsumexp``: its third derivative by reverse mode is ``nan`` (its backward takes
+      logarithms of the incoming gradient's positive and negative parts); Laplacian values
+      right, their gradients ``nan`` by the grad-of-grad loop. Replaced by ``_logcumsumexp``.
+
     ``inv``, ``cholesky``, ``solve_triangular``, ``cholesky_solve``, ``lu_factor``/``lu_solve``,
     ``qr``, ``svdvals``, ``matrix_exp``, ``pinv``, ``lstsq`` were right in every engine.
     """
@@ -465,6 +469,31 @@ def _instance_norm(
     return out if bias is None else out + bias.reshape(channels)
 
 
+_PREFIX_BLOCK = 1 << 22  # elements of one block of masked prefixes in _logcumsumexp
+
+
+def _logcumsumexp(a: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.logcumsumexp`` as a logsumexp over each prefix, ``out_i = log Σ_{j≤i} exp(a_j)``
+    along ``dim``: a masked ``(n, n)`` square per position of the other dimensions, made in
+    blocks of rows of at most ``_PREFIX_BLOCK`` elements (memory ``O(n^2)`` work). Values as
+    stable as the fused op's (each row shifted by its own maximum); derivatives softmax
+    weights, right at every order (PyTorch's own third derivative of it is ``nan``)."""
+    moved = a.movedim(dim, -1)
+    n = moved.shape[-1]
+    per_row = max(moved.numel(), 1)
+    step = max(1, _PREFIX_BLOCK // per_row)
+    parts = []
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        rows = torch.arange(start, stop, device=a.device)[:, None]
+        mask = torch.zeros(stop - start, stop, dtype=a.dtype, device=a.device)
+        mask = mask.masked_fill(torch.arange(stop, device=a.device) > rows, -math.inf)
+        parts.append(torch.logsumexp(moved[..., None, :stop] + mask, -1))
+    if not parts:
+        return a.clone()
+    return torch.cat(parts, -1).movedim(-1, dim)
+
+
 @contextlib.contextmanager
 def host_planning() -> Any:
     """Bookkeeping of a plan on small CPU index tensors (index maps, colours), which reads
@@ -518,6 +547,15 @@ REPLACEMENTS: dict[Any, Replacement] = {
         "",
         ("NativeBatchNormBackward",),
         torch.nn.functional.instance_norm,
+        forward_only=False,
+    ),
+    **_table(
+        3,
+        _logcumsumexp,
+        "",
+        ("LogcumsumexpBackward",),
+        torch.logcumsumexp,
+        torch.Tensor.logcumsumexp,
         forward_only=False,
     ),
     **_table(
