@@ -44,6 +44,7 @@ WRAPPERS: dict[str, dict] = {
     "ddp-no-broadcast": {"broadcast_buffers": False},
     "fsdp": {"reshard_after_forward": True},
     "fsdp-keep": {"reshard_after_forward": False},
+    "fsdp-group": {},  # the children sharded as one group: fully_shard([inp, out, ...])
 }
 
 
@@ -222,8 +223,11 @@ def wrap(model: nn.Module, wrapper: str) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    for child in model.children():
-        fully_shard(child, mesh=mesh, **options)
+    if wrapper == "fsdp-group":
+        fully_shard(list(model.children()), mesh=mesh)
+    else:
+        for child in model.children():
+            fully_shard(child, mesh=mesh, **options)
     return fully_shard(model, mesh=mesh, **options)
 
 

@@ -86,6 +86,15 @@ _SKETCHING = ("hutch++", "xtrace")
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _sharded(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a DTensor (an FSDP2-sharded parameter)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
 def _torchdiffeq(fn: str) -> tuple[ModuleType, tuple[str, ...]]:
     """``torchdiffeq`` and its solvers' names, imported when a solve needs them."""
     try:
@@ -436,6 +445,12 @@ def log_likelihood(
         raise TypeError(
             f"{fn}: adjoint=True computes gradients for the parameters of f, so f must be an "
             f"nn.Module, got {type(f).__name__}; wrap it in a module or use adjoint=False"
+        )
+    if adjoint and any(_sharded(p) for p in f.parameters()):
+        raise ValueError(
+            f"{fn}: adjoint=True with parameters sharded by FSDP2 (fully_shard): torchdiffeq's "
+            "adjoint concatenates the parameters with plain tensors, which sharded ones "
+            "refuse; use adjoint=False (backpropagation through the solver)"
         )
     dynamics = AugmentedDynamics(
         f, x, batch_dims=batch_dims, method=method, probes=None if s is None else s.probes,

@@ -10,6 +10,8 @@ import ddp_cases
 import pytest
 import torch
 
+import torchdiv
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 
 
@@ -20,3 +22,42 @@ def test_every_operator_under_ddp_and_fsdp_equals_one_process():
     assert len(verdicts) == len(cases)
     failed = {"/".join(case): v for case, v in verdicts.items() if v[0] != "right"}
     assert not failed
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo group of one process (this one), destroyed afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_fsdp1_and_an_fsdp2_adjoint_solve_are_refused_with_the_way_out(one_process_group):
+    """FSDP1 crashed inside its own hooks (``_all_handles``, ``setStorage``) in both forms;
+    torchdiffeq's adjoint met FSDP2's sharded parameters in a ``cat`` with plain tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    from torchdiv.flows import log_likelihood
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+    x = torch.randn(4, 3)
+    legacy = FullyShardedDataParallel(net(), device_id=torch.device("cpu"))
+    way_out = r"FSDP1\) is not supported.*fully_shard"
+    with pytest.raises(TypeError, match=r"divergence: f\(x\) raised TypeError: .*" + way_out):
+        torchdiv.divergence(legacy, x)
+    z = x.clone().requires_grad_(True)
+    with pytest.raises(TypeError, match=way_out):
+        torchdiv.graph_divergence(legacy(z), z)
+    sharded = fully_shard(net(), mesh=init_device_mesh("cpu", (1,)))
+    normal = torch.distributions.Normal(0.0, 1.0)
+    with pytest.raises(ValueError, match="log_likelihood: adjoint=True with parameters sharded"):
+        log_likelihood(sharded, x, 0.0, 1.0, lambda z: normal.log_prob(z).sum(-1), adjoint=True)

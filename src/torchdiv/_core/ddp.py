@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -77,6 +78,8 @@ class Call:
         their post-forward hooks (which would reshard and hook the inner outputs) pass for
         the rest of the call. The modules' own pre-forward hooks then find them unsharded in
         the forward state and do nothing."""
+        if isinstance(module, _fsdp1()[0]):
+            raise TypeError(_FSDP1)
         if self.fsdp_states or _CURRENT.get() is not self:
             return
         get_state = getattr(module, "_get_fsdp_state", None)
@@ -90,10 +93,12 @@ class Call:
                 if state is not root:
                     state._pre_forward(state._modules[0], (), {})
         for state in self.fsdp_states:
-            handle = state._post_forward_hook_handle
-            hooks = handle.hooks_dict_ref()
-            self._swapped.append((hooks, handle.id, hooks[handle.id]))
-            hooks[handle.id] = _nothing
+            handle = state._post_forward_hook_handle  # a group's: one pre and post per module
+            for one in getattr(handle, "handles", (handle,)):
+                hooks = one.hooks_dict_ref()
+                if any(hooks is module._forward_hooks for module in state._modules):
+                    self._swapped.append((hooks, one.id, hooks[one.id]))
+                    hooks[one.id] = _nothing
 
     def _restore(self) -> None:
         for hooks, key, hook in self._swapped:
@@ -126,6 +131,22 @@ class Call:
             tensors = [used(t, params) for t in _tensors(result)]
             result = _rebuild(result, iter(ddp._post_forward(tuple(tensors))))
         return result
+
+
+_FSDP1 = (
+    "FullyShardedDataParallel (FSDP1) is not supported: torchdiv's evaluations and backward passes break "
+    "its flat parameters' handles and hooks; shard the model with FSDP2 "
+    "(torch.distributed.fsdp.fully_shard) or wrap it in DistributedDataParallel"
+)
+
+
+@functools.cache
+def _fsdp1() -> tuple[type, type]:
+    """FSDP1's wrapper and its flat parameter (leaves of every graph through it)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp._flat_param import FlatParameter
+
+    return FullyShardedDataParallel, FlatParameter
 
 
 _CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
@@ -225,6 +246,8 @@ class Peers:
             if group is not None and group not in groups:
                 groups.append(group)
             if hasattr(node, "variable") and node.variable.requires_grad:
+                if isinstance(node.variable, _fsdp1()[1]):
+                    raise TypeError(_FSDP1)
                 self.leaves.append(node.variable)
         if groups:
             root = groups[0].modules[0]._get_fsdp_state()
