@@ -165,12 +165,25 @@ def test_partial_hutchinson_is_unbiased():
             r"laplacian: a boolean coordinates mask .*\(2,\)",
         ),
         ("ab", TypeError, r"laplacian: coordinates must be .* got str"),
-        ([True], TypeError, r"laplacian: coordinates must be .* got list"),
+        (
+            [True],
+            TypeError,
+            r"laplacian: coordinates must be .*mask \(a bool tensor\), got a list of bool",
+        ),
+        ([0, 1.0], TypeError, r"laplacian: coordinates must be .* got a list of float, int"),
     ],
 )
 def test_partial_laplacian_errors(coordinates, error, match):
     with pytest.raises(error, match=match):
         torchdiv.laplacian(gaussian, torch.randn(2, 3), coordinates=coordinates)
+
+
+def test_coordinates_may_be_numpy_integers():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 3, dtype=f64)
+    want = torchdiv.laplacian(gaussian, x, coordinates=[0, 2])
+    assert_close(torchdiv.laplacian(gaussian, x, coordinates=[np.int64(0), np.int32(2)]), want)
+    assert_close(torchdiv.laplacian(gaussian, x, coordinates=list(np.array([0, 2]))), want)
 
 
 # ------------------------------------------------------------------- tr(A ∇²u)
@@ -321,6 +334,11 @@ def test_weighted_hutchinson_is_unbiased(name):
         ({"sigma": torch.ones(2, 1)}, ValueError, r"sigma must have shape \(3, k\)"),
         ({"sigma": torch.ones(3, 1, dtype=torch.int64)}, TypeError, "sigma must have a floating"),
         ({"sigma": [[1.0]]}, TypeError, "sigma must be a torch.Tensor, got list"),
+        (
+            {"diffusion": torch.full((3, 3), float("nan"))},
+            ValueError,
+            r"weighted_laplacian: diffusion of shape \(3, 3\) has no eigendecomposition",
+        ),
         ({"sigma": torch.ones(3, 1), "num_probes": 3}, ValueError, "num_probes is only used"),
         ({"sigma": torch.ones(3, 1), "method": "nope"}, ValueError, "unknown method 'nope'"),
         (
@@ -333,6 +351,18 @@ def test_weighted_hutchinson_is_unbiased(name):
 def test_weighted_laplacian_errors(options, error, match):
     with pytest.raises(error, match=match):
         torchdiv.weighted_laplacian(gaussian, torch.randn(4, 3), **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weighted_laplacian_in_half_precision(dtype):
+    """PyTorch has no half ``eigh``: the diffusion matrix is decomposed in float32. Against
+    float64 at the half-precision point, within the half dtype's few digits."""
+    x = torch.randn(4, 3).to(dtype)
+    a = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, -1.0]])
+    got = torchdiv.weighted_laplacian(gaussian, x, diffusion=a.to(dtype))
+    want = torchdiv.weighted_laplacian(gaussian, x.double(), diffusion=a.double())
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=0.05, atol=0.05)
 
 
 # ----------------------------------------------------------------------------- biharmonic

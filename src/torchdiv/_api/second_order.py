@@ -127,7 +127,7 @@ def weighted_laplacian(
         options = (num_probes, generator, probe)
         return _mixed(fn, g, x, batch_dims, method, chunk_size, matrix, *options)
     total = None
-    for sign, factor in _factors(matrix) if name == "diffusion" else [(1, matrix)]:
+    for sign, factor in _factors(fn, matrix) if name == "diffusion" else [(1, matrix)]:
         h, z = along(g, x, batch_dims, factor)
         if z.numel() == 0:
             part = methods.zeros_like_output(h, z)
@@ -142,14 +142,23 @@ def weighted_laplacian(
     return total
 
 
-def _factors(a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+def _factors(fn: str, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """``[(±1, S±)]`` with ``sym(A) = S₊S₊ᵀ - S₋S₋ᵀ`` (eigenvectors scaled by ``sqrt|λ|``);
     a shared ``A`` keeps the columns of its nonzero eigenvalues, a per-sample one all ``n``.
     No eigenvalue is dropped for being small next to the largest: with ``H`` not aligned with
     ``A`` its share of ``tr(A H)`` can be all of it (``A = diag(1e5, 1, ...)`` in float32 and
     ``f`` independent of ``x_0``). The part of a sign without eigenvalues is left out (the
-    positive one stays, perhaps with no columns, so that the result has a part)."""
-    eigenvalues, vectors = torch.linalg.eigh((a + a.mT) / 2)
+    positive one stays, perhaps with no columns, so that the result has a part). Half
+    precision is decomposed in float32 (PyTorch has no half ``eigh``)."""
+    wide = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+    try:
+        eigenvalues, vectors = torch.linalg.eigh((wide + wide.mT) / 2)
+    except torch.linalg.LinAlgError as error:
+        raise ValueError(
+            f"{fn}: diffusion of shape {tuple(a.shape)} has no eigendecomposition (nan or inf "
+            f"entries?): {error}"
+        ) from error
+    eigenvalues, vectors = eigenvalues.to(a.dtype), vectors.to(a.dtype)
     out = []
     for sign in (1, -1):
         signed = sign * eigenvalues

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -395,6 +396,13 @@ def check_log_prob(fn: str, lp: Any, x: torch.Tensor, batch_dims: int) -> None:
         )
 
 
+def _indices(given: Any) -> bool:
+    """Whether ``given`` is a sequence of integer indices (Python or NumPy ints, not bools)."""
+    return isinstance(given, Sequence) and all(
+        isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in given
+    )
+
+
 def check_coordinates(fn: str, coordinates: Any, x: torch.Tensor, batch_dims: int) -> torch.Tensor:
     """Event coordinates to differentiate along: flat event indices (ints, negative counting
     from the end, no repeats) or a boolean mask shaped like the event (or flat) -> a 1-D int64
@@ -416,14 +424,15 @@ def check_coordinates(fn: str, coordinates: Any, x: torch.Tensor, batch_dims: in
                 f"{_shape(coordinates)}"
             )
         given = coordinates.tolist()
-    elif isinstance(coordinates, Sequence) and all(
-        isinstance(i, int) and not isinstance(i, bool) for i in coordinates
-    ):
-        given = list(coordinates)
+    elif _indices(coordinates):
+        given = [int(i) for i in coordinates]
     else:
+        what = type(coordinates).__name__
+        if isinstance(coordinates, Sequence) and not isinstance(coordinates, str):
+            what = f"a {what} of {', '.join(sorted({type(i).__name__ for i in coordinates}))}"
         raise TypeError(
             f"{fn}: coordinates must be flat event indices (a list of ints or a 1-D integer "
-            f"tensor) or a boolean mask, got {type(coordinates).__name__}"
+            f"tensor) or a boolean mask (a bool tensor), got {what}"
         )
     if not all(-n <= i < n for i in given):  # checked on Python ints: no tensor op (27 us)
         raise ValueError(

@@ -134,8 +134,8 @@ class Call:
 
 
 _FSDP1 = (
-    "FullyShardedDataParallel (FSDP1) is not supported: torchdiv's evaluations and backward passes break "
-    "its flat parameters' handles and hooks; shard the model with FSDP2 "
+    "FullyShardedDataParallel (FSDP1) is not supported: torchdiv's evaluations and backward "
+    "passes break its flat parameters' handles and hooks; shard the model with FSDP2 "
     "(torch.distributed.fsdp.fully_shard) or wrap it in DistributedDataParallel"
 )
 
