@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close, tanh_mlp
+from torch import nn
 from torch.func import hessian, vmap
+from torch.nn import functional as F
 
 import torchdiv
 
@@ -521,6 +523,27 @@ def test_graph_forms_under_no_grad_and_inference_mode(mode):
         assert_close(torchdiv.graph_laplacian(y, x, coordinates=[1]), 6 * x[:, 1].detach())
         assert_close(torchdiv.graph_divergence(v, x), want_div)
         assert_close(torchdiv.graph_jacobian(v, x).diagonal(0, -2, -1).sum(-1), want_div)
+
+
+def test_graph_laplacian_refuses_to_differentiate_wrong_third_derivatives():
+    """A graph the caller built keeps PyTorch's formulas: with ``create_graph=True`` the
+    Laplacian's gradients through these ops would be wrong (``nan`` for logcumsumexp, off
+    by 20-230% for the norms); refused, naming the node and the function form. Without
+    ``create_graph`` (second derivatives, right) and through an eval-mode batch norm (affine)
+    it runs."""
+    x = torch.randn(3, 4, dtype=f64, requires_grad=True)
+    wrong = {
+        "LogcumsumexpBackward0": lambda z: torch.logcumsumexp(z, -1).sum(-1),
+        "NativeLayerNormBackward0": lambda z: F.layer_norm(z, (4,)).pow(3).sum(-1),
+        "NativeBatchNormBackward0": lambda z: F.instance_norm(z.view(3, 2, 2)).pow(3).sum((1, 2)),
+    }
+    for node, u in wrong.items():
+        with pytest.raises(ValueError, match=f"graph_laplacian: y's graph holds {node}.*function"):
+            torchdiv.graph_laplacian(u(x), x, create_graph=True)
+        assert_close(torchdiv.graph_laplacian(u(x), x), torchdiv.laplacian(u, x).detach())
+    norm = nn.BatchNorm1d(4).double().eval()
+    u = lambda z: norm(z).pow(3).sum(-1)  # noqa: E731
+    assert_close(torchdiv.graph_laplacian(u(x), x, create_graph=True), torchdiv.laplacian(u, x))
 
 
 def test_graph_laplacian_of_a_linear_map_is_zero_and_errors():

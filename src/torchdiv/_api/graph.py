@@ -29,6 +29,8 @@ from torchdiv._core.checks import (
     check_square,
     event_numel,
 )
+from torchdiv._core.modes import changed_nodes
+from torchdiv._core.walk import nodes
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.registry import STOCHASTIC_METHODS
@@ -214,6 +216,8 @@ def graph_laplacian(
     fn = "graph_laplacian"
     check_flag(fn, "create_graph", create_graph)
     engine, chunk = _engine(fn, y, x, batch_dims, True, chunk_size, False)
+    if create_graph:
+        _check_third_derivatives(fn, y)
     n, batch = event_numel(x, batch_dims), x.shape[:batch_dims]
     with torch.inference_mode(False), torch.enable_grad():  # (whatever the caller's mode)
         index = torch.arange(n, device=x.device)
@@ -230,3 +234,30 @@ def graph_laplacian(
         return x.new_zeros(y.shape)
     laplacians = torch.cat(parts).reshape(m, k, samples).sum(1).T  # (N, m)
     return laplacians.reshape(y.shape)
+
+
+_WRONG_THIRD = changed_nodes(3, forward_mode=False)
+
+
+def _check_third_derivatives(fn: str, y: torch.Tensor) -> None:
+    """Refuse a graph holding an op whose PyTorch derivatives are wrong at the third order
+    (the gradient of a Laplacian; ``_core.modes.REPLACEMENTS``): the function forms run those
+    ops by right equivalents, which a graph the caller built cannot get. A batch norm's node
+    counts where it normalises by the input's statistics (``instance_norm``); in eval mode
+    it is affine, and its derivatives are right."""
+    wrong = sorted(
+        {
+            name
+            for node in nodes(y.grad_fn)
+            if (name := type(node).__name__).startswith(_WRONG_THIRD)
+            and getattr(node, "_saved_training", True)
+        }
+    )
+    if wrong:
+        raise ValueError(
+            f"{fn}: y's graph holds {', '.join(wrong)}, whose third derivative PyTorch gets "
+            "wrong, and create_graph=True differentiates the Laplacian once more; a graph "
+            "built outside torchdiv keeps PyTorch's formulas: use the function form "
+            "torchdiv.laplacian(f, x), which runs that op by an equivalent whose derivatives "
+            "are right"
+        )
