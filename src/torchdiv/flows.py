@@ -446,7 +446,7 @@ def log_likelihood(
             f"{fn}: adjoint=True computes gradients for the parameters of f, so f must be an "
             f"nn.Module, got {type(f).__name__}; wrap it in a module or use adjoint=False"
         )
-    if adjoint and any(_sharded(p) for p in f.parameters()):
+    if adjoint and isinstance(f, nn.Module) and any(_sharded(p) for p in f.parameters()):
         raise ValueError(
             f"{fn}: adjoint=True with parameters sharded by FSDP2 (fully_shard): torchdiffeq's "
             "adjoint concatenates the parameters with plain tensors, which sharded ones "

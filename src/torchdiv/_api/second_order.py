@@ -153,7 +153,7 @@ def _factors(fn: str, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     wide = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
     try:
         eigenvalues, vectors = torch.linalg.eigh((wide + wide.mT) / 2)
-    except torch.linalg.LinAlgError as error:
+    except RuntimeError as error:  # (torch.linalg.LinAlgError)
         raise ValueError(
             f"{fn}: diffusion of shape {tuple(a.shape)} has no eigendecomposition (nan or inf "
             f"entries?): {error}"
