@@ -67,6 +67,13 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "torch.instance_norm": lambda: torch.nn.functional.instance_norm(x),
         "torch.logcumsumexp": lambda: torch.logcumsumexp(x, 1),
         "torch.Tensor.logcumsumexp": lambda: x.logcumsumexp(-1),
+        "torch.prod": lambda: torch.prod(x, 1) + torch.prod(x),
+        "torch.Tensor.prod": lambda: x.prod(-1),
+        "torch.cumprod": lambda: torch.cumprod(x, 1),
+        "torch.Tensor.cumprod": lambda: x.cumprod(-1),
+        "torch.linalg.householder_product": lambda: torch.linalg.householder_product(x, x[:, 0]),
+        "torch.orgqr": lambda: torch.orgqr(x, x[:, 0]),
+        "torch.Tensor.orgqr": lambda: x.orgqr(x[:, 0]),
         "torch.cdist": lambda: torch.cdist(x, x),  # 30 points: the Euclidean path
         "torch.cdist, 5 points": lambda: torch.cdist(x[:, :5], x[:, :5]),
         "torch.linalg.slogdet": lambda: torch.linalg.slogdet(spd)[1],
@@ -92,9 +99,9 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         entry = entries[name.split(",")[0]]
         found = search(call(), x)
         assert not found.guarded and not found.fused, name
-        assert search(call(), x, changed_nodes(entry.order, True)).guarded, name
-        if not entry.forward_only:
-            assert search(call(), x, changed_nodes(entry.order, False)).guarded, name
+        for order, forward_mode in ((entry.forward, True), (entry.reverse, False)):
+            if order is not None:
+                assert search(call(), x, changed_nodes(order, forward_mode)).guarded, name
     q = x.reshape(2, 2, 15, 4)  # heads: the fused CPU kernel
     assert search(torch.nn.functional.scaled_dot_product_attention(q, q, q), x).fused
     assert not search(torch.tanh(x) @ x.mT, x, changed_nodes(3)).guarded

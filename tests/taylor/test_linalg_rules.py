@@ -68,12 +68,35 @@ CASES = {
     ),
     "eigvalsh": lambda x, p: _weighted(torch.linalg.eigvalsh(_matrix(x, p, True)), p),
 }
+
+
+def _with_a_zero(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(B, 4)`` factors, the first exactly zero at the tests' ``x`` but varying with it."""
+    return torch.cat([x[:, :1] - _ZERO_AT, torch.tanh(x @ p["V"].T)], -1)
+
+
+# ops whose derivatives PyTorch gets wrong through forward mode only (reverse over reverse is
+# right): layer norm's second derivative, prod's third at a zero factor (nan), cumprod's second
+# at a zero (nan), householder_product's second; no Taylor rule for the last
+FORWARD_WRONG = {
+    "layer_norm": lambda x, p: _weighted(
+        torch.nn.functional.layer_norm(torch.tanh(x @ p["W"].T), (M * M,), p["c"]).sin(), p
+    ),
+    "prod_at_a_zero": lambda x, p: torch.prod(_with_a_zero(x, p), -1).sin(),
+    "cumprod_at_a_zero": lambda x, p: _weighted(torch.cumprod(_with_a_zero(x, p), -1).sin(), p),
+    "householder_product": lambda x, p: _weighted(
+        torch.linalg.householder_product(_matrix(x, p, False), torch.tanh(_rhs(x, p)[:, :2])), p
+    ),
+}
 # "hessian" assembles the same Hessian-vector products ("forward-over-reverse"): one suffices
 NESTED = ["forward-over-reverse"]
 
 
 def _x() -> torch.Tensor:
     return torch.randn(B, N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+_ZERO_AT = _x()[:, :1]
 
 
 def _laplacian_by_differences(f, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +125,7 @@ def _assert_close(actual: float | torch.Tensor, expected: float | torch.Tensor) 
 def _gradient_references(case: str):
     """The parameter and ``x`` directional derivatives of the grad-of-grad Laplacian (summed
     over samples with weights 1..B) by central differences, and the directions."""
-    f, p, x = CASES[case], _params(), _x()
+    f, p, x = {**CASES, **FORWARD_WRONG}[case], _params(), _x()
     g = torch.Generator().manual_seed(2)
     dp = {k: torch.randn(v.shape, dtype=v.dtype, generator=g) for k, v in p.items()}
     dx = torch.randn(x.shape, dtype=x.dtype, generator=g)
@@ -148,6 +171,17 @@ def test_nested_methods_replace_the_ops_pytorch_differentiates_wrongly(case, met
     _check_gradients(case, lambda g, z: torchdiv.laplacian(g, z, method=method))
 
 
+@pytest.mark.parametrize("case", FORWARD_WRONG)
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # (jacrev, tril_)
+def test_nested_and_forward_engines_route_around_wrong_forward_mode_derivatives(case):
+    """The Laplacian's gradients by forward over reverse (``"auto"``'s fallback where the
+    Taylor engine has no rule) and the forward engine's divergence gradients (second
+    derivatives): 38-3900% off through layer norm, ``nan`` at a zero factor of prod/cumprod,
+    5-14000% off through householder_product, before these ops were replaced."""
+    _check_gradients(case, lambda g, z: torchdiv.laplacian(g, z, method="forward-over-reverse"))
+    _check_divergence_gradients(FORWARD_WRONG[case], "forward")
+
+
 @pytest.mark.parametrize("case", ["slogdet", "eigvalsh"])
 def test_the_loop_of_backward_passes_leaves_them_alone(case):
     """Reverse over reverse is right for these ops: the loop needs no replacement, and must
@@ -190,7 +224,11 @@ def test_divergence_gradients_in_every_engine(case, method):
     """A vector field through the op; its divergence's gradients (second derivatives) by each
     engine against differences of the divergence by first-order reverse mode. (The reverse
     engine, PyTorch's double backward, was right for every op.)"""
-    f, p, x = CASES[case], _params(), _x()
+    _check_divergence_gradients(CASES[case], method)
+
+
+def _check_divergence_gradients(f, method: str) -> None:
+    p, x = _params(), _x()
     field = lambda z, q: f(z, q)[:, None] * torch.tanh(z)  # noqa: E731
     dp = {k: torch.randn(v.shape, dtype=v.dtype) for k, v in p.items()}
     dx = torch.randn(x.shape, dtype=x.dtype)

@@ -1,4 +1,5 @@
-"""Determinants and solves whose derivatives of every order are right, for nested autodiff.
+"""Determinants, solves and Householder products whose derivatives of every order are
+right, for nested autodiff.
 
 PyTorch's first derivatives of ``slogdet``, ``det`` and ``solve`` are right, but the
 derivatives of its derivative formulas are not (measured in float64 against finite
@@ -122,3 +123,20 @@ def cholesky_inverse(factor: Tensor, upper: bool = False) -> Tensor:
     if upper:
         return torch.linalg.inv(factor.triu().mT @ factor.triu())
     return torch.linalg.inv(factor.tril() @ factor.tril().mT)
+
+
+def householder_product(a: Tensor, tau: Tensor, *, out: Any = None) -> Tensor:
+    """``torch.linalg.householder_product`` (``orgqr``): the first ``n`` columns of
+    ``Q = H_1 ⋯ H_k``, ``H_i = I - τ_i v_i v_iᴴ``, ``v_i`` column ``i`` of ``a`` below the
+    diagonal with a 1 on it, as products: ``q ← H_i q`` from ``i = k`` down, ``q = I[:, :n]``
+    at first. PyTorch's derivatives of its forward-mode formula are wrong (off by 14-640% at
+    the second order)."""
+    if out is not None:
+        raise TypeError("householder_product: out= is not supported inside torchdiv's engines")
+    m, n = a.shape[-2:]
+    rows = torch.arange(m, device=a.device)
+    q = torch.eye(m, n, dtype=a.dtype, device=a.device).expand(*a.shape[:-2], m, n)
+    for i in reversed(range(tau.shape[-1])):
+        v = torch.where(rows > i, a[..., :, i], (rows == i).to(a.dtype))
+        q = q - tau[..., i, None, None] * v[..., :, None] * (v.conj()[..., None, :] @ q)
+    return q

@@ -337,17 +337,24 @@ class WrongDerivatives(NotImplementedError):
 
 @dataclass(frozen=True)
 class Replacement:
-    """What ``SafeDerivatives`` does with an op whose PyTorch derivatives are wrong from
-    derivative ``order`` on: run ``run`` instead (same values, derivatives right at every
-    order), or, if ``None``, refuse it with ``why``. ``forward_only``: only derivatives taken
-    through forward mode are wrong (reverse over reverse is right at every order measured)."""
+    """What ``SafeDerivatives`` does with an op whose PyTorch derivatives are wrong: run
+    ``run`` instead (same values, derivatives right at every order), or, if ``None``, refuse
+    it with ``why``. ``forward``: the lowest derivative order that is wrong for an engine
+    taking any derivative through forward mode; ``reverse``: for one of backward passes
+    only; ``None``: right at every order measured."""
 
     name: str
-    order: int
+    forward: int | None
+    reverse: int | None
     run: Callable[..., Any] | None
     why: str = ""
-    forward_only: bool = False
     nodes: tuple[str, ...] = ()  # the autograd nodes it leaves (type names, without the 0)
+
+    def applies(self, order: int, forward_mode: bool) -> bool:
+        """Whether an engine taking derivatives up to ``order`` (through forward mode or
+        not) must not use PyTorch's own."""
+        wrong = (self.reverse, self.forward) if forward_mode else (self.reverse,)
+        return any(first is not None and first <= order for first in wrong)
 
 
 class SafeDerivatives(TorchFunctionMode):
@@ -364,10 +371,16 @@ class SafeDerivatives(TorchFunctionMode):
     grad-of-grad loops (PyTorch 2.13; ``tests/test_linalg_rules.py``):
 
     - ``layer_norm`` (fused ``native_layer_norm``): third derivative wrong (its backward
-      treats the saved mean and inverse standard deviation as constants; pytorch#175754).
+      treats the saved mean and inverse standard deviation as constants; pytorch#175754),
+      and through forward mode already the second (the forward engine's divergence
+      gradients off by 38-3900%, ``jacobian(method="auto")`` on a tall Jacobian by 69-150%).
       ``instance_norm`` with the input's statistics (``native_batch_norm`` over a reshaped
       input): the same, parameter gradients of the Laplacian off by 8-234%; replaced where it
       keeps no running statistics (``nn.InstanceNorm`` without ``track_running_stats``).
+    - ``prod``, ``cumprod`` at an exact zero factor: ``nan`` derivatives through forward mode
+      (prod's from the third order, cumprod's from the second); ``householder_product``
+      (``orgqr``): derivatives of its forward-mode formula wrong (14-640%). Replaced by
+      products (``_prod``, ``_cumprod``, ``_core.linalg.householder_product``).
     - ``slogdet``, ``logdet``, ``det``, ``solve``, ``solve_ex``: first derivatives right;
       derivatives of the forward-mode formula wrong (forward engine: parameter and ``x``
       gradients of ``jacobian``/``divergence``, off by 2-240%; forward-over-reverse, hessian
@@ -399,11 +412,7 @@ class SafeDerivatives(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         entry = REPLACEMENTS.get(func)
-        if (
-            entry is None
-            or entry.order > self.order
-            or (entry.forward_only and not self.forward_mode)
-        ):
+        if entry is None or not entry.applies(self.order, self.forward_mode):
             return func(*args, **kwargs)
         if entry.run is None:
             raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {self.way_out}")
@@ -469,6 +478,45 @@ def _instance_norm(
     return out if bias is None else out + bias.reshape(channels)
 
 
+def _prod(
+    a: torch.Tensor, dim: int | None = None, keepdim: bool = False, *, dtype: Any = None
+) -> torch.Tensor:
+    """``torch.prod`` as a tree of elementwise products (``log2 n`` multiplications): their
+    derivatives are right at every order, also at exact zeros, where PyTorch's derivative of
+    its forward-mode formula for ``prod`` is ``nan``."""
+    a = a if dtype is None else a.to(dtype)
+    if dim is None:
+        return _product_of_last(a.reshape(-1))
+    if a.dim() == 0:
+        return a.clone()
+    out = _product_of_last(a.movedim(dim, -1))
+    return out.unsqueeze(dim % a.dim()) if keepdim else out
+
+
+def _product_of_last(a: torch.Tensor) -> torch.Tensor:
+    """The product over the last dimension, by halves."""
+    if a.shape[-1] == 0:
+        return torch.ones(a.shape[:-1], dtype=a.dtype, device=a.device)
+    while a.shape[-1] > 1:
+        if a.shape[-1] % 2:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+        a = a[..., 0::2] * a[..., 1::2]
+    return a[..., 0]
+
+
+def _cumprod(a: torch.Tensor, dim: int, *, dtype: Any = None) -> torch.Tensor:
+    """``torch.cumprod`` as a scan of elementwise products (``log2 n`` steps, each element
+    times the one ``2^k`` before it): derivatives right at every order, also at exact zeros,
+    where PyTorch's through forward mode are ``nan`` from the second order on."""
+    moved = (a if dtype is None else a.to(dtype)).movedim(dim, -1)
+    step, n = 1, moved.shape[-1]
+    while step < n:
+        before = torch.cat([torch.ones_like(moved[..., :step]), moved[..., :-step]], -1)
+        moved = moved * before
+        step *= 2
+    return moved.movedim(-1, dim)
+
+
 _PREFIX_BLOCK = 1 << 22  # elements of one block of masked prefixes in _logcumsumexp
 
 
@@ -512,14 +560,14 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _table(
-    order: int,
+    wrong: tuple[int | None, int | None],
     run: Callable[..., Any] | None,
     why: str,
     nodes: tuple[str, ...],
     *funcs: Any,
-    forward_only: bool = True,
 ) -> dict[Any, Replacement]:
-    return {f: Replacement(_name(f), order, run, why, forward_only, nodes) for f in funcs}
+    """``wrong``: the first wrong order through forward mode and by backward passes only."""
+    return {f: Replacement(_name(f), *wrong, run, why, nodes) for f in funcs}
 
 
 def _name(func: Any) -> str:
@@ -533,45 +581,59 @@ _EIGHN = ("LinalgEighBackward",)  # eigh and eigvalsh
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
 REPLACEMENTS: dict[Any, Replacement] = {
     **_table(
-        3,
+        (2, 3),
         _layer_norm,
         "",
         ("NativeLayerNormBackward",),
         torch.nn.functional.layer_norm,
         torch.layer_norm,
-        forward_only=False,
     ),
     **_table(
-        3,
-        _instance_norm,
-        "",
-        ("NativeBatchNormBackward",),
-        torch.nn.functional.instance_norm,
-        forward_only=False,
+        (2, 3), _instance_norm, "", ("NativeBatchNormBackward",), torch.nn.functional.instance_norm
     ),
     **_table(
-        3,
+        (3, 3),
         _logcumsumexp,
         "",
         ("LogcumsumexpBackward",),
         torch.logcumsumexp,
         torch.Tensor.logcumsumexp,
-        forward_only=False,
+    ),
+    **_table((3, None), _prod, "", ("ProdBackward",), torch.prod, torch.Tensor.prod),
+    **_table((2, None), _cumprod, "", ("CumprodBackward",), torch.cumprod, torch.Tensor.cumprod),
+    **_table((1, 1), _cdist, "", ("CdistBackward", "EuclideanDistBackward"), torch.cdist),
+    **_table(
+        (2, None),
+        _linalg.slogdet,
+        "",
+        _SLOGDET,
+        torch.linalg.slogdet,
+        torch.slogdet,
+        torch.Tensor.slogdet,
+    ),
+    **_table((2, None), _linalg.logdet, "", _SLOGDET, torch.logdet, torch.Tensor.logdet),
+    **_table(
+        (2, None),
+        _linalg.det,
+        "",
+        ("LinalgDetBackward",),
+        torch.linalg.det,
+        torch.det,
+        torch.Tensor.det,
+    ),
+    **_table((2, None), _linalg.solve, "", _SOLVE, torch.linalg.solve),
+    **_table((2, None), _linalg.solve_ex, "", _SOLVE, torch.linalg.solve_ex),
+    **_table(
+        (2, None),
+        _linalg.householder_product,
+        "",
+        ("LinalgHouseholderProductBackward",),
+        torch.linalg.householder_product,
+        torch.orgqr,
+        torch.Tensor.orgqr,
     ),
     **_table(
-        1, _cdist, "", ("CdistBackward", "EuclideanDistBackward"), torch.cdist, forward_only=False
-    ),
-    **_table(
-        2, _linalg.slogdet, "", _SLOGDET, torch.linalg.slogdet, torch.slogdet, torch.Tensor.slogdet
-    ),
-    **_table(2, _linalg.logdet, "", _SLOGDET, torch.logdet, torch.Tensor.logdet),
-    **_table(
-        2, _linalg.det, "", ("LinalgDetBackward",), torch.linalg.det, torch.det, torch.Tensor.det
-    ),
-    **_table(2, _linalg.solve, "", _SOLVE, torch.linalg.solve),
-    **_table(2, _linalg.solve_ex, "", _SOLVE, torch.linalg.solve_ex),
-    **_table(
-        1,
+        (1, None),
         _linalg.cholesky_inverse,
         "",
         ("CholeskyInverseBackward",),
@@ -579,21 +641,21 @@ REPLACEMENTS: dict[Any, Replacement] = {
         torch.Tensor.cholesky_inverse,
     ),
     **_table(
-        3,
+        (3, None),
         None,
         _EIGH + " (its Taylor rule and reverse mode are right)",
         _EIGHN,
         torch.linalg.eigvalsh,
     ),
     **_table(
-        2,
+        (2, None),
         None,
         _EIGH + " (backward passes only are right: reverse over reverse)",
         _EIGHN,
         torch.linalg.eigh,
     ),
     **_table(
-        2,
+        (2, None),
         None,
         "it solves by torch.linalg.solve inside PyTorch, out of this mode's reach, whose "
         "derivatives through forward mode are wrong at this order (its Taylor rule and "
@@ -618,7 +680,7 @@ def changed_nodes(order: int, forward_mode: bool = True) -> tuple[str, ...]:
         dict.fromkeys(
             node
             for entry in REPLACEMENTS.values()
-            if entry.order <= order and (forward_mode or not entry.forward_only)
+            if entry.applies(order, forward_mode)
             for node in entry.nodes
         )
     )
