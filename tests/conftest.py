@@ -229,6 +229,16 @@ def _slow_seed() -> str:
     return os.environ.get("TORCHDIV_SLOW_SEED", datetime.date.today().isoformat())
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Let each test module with selected tests start what it runs in other processes
+    (``start_early(config)``, e.g. the type checkers) before the first test runs."""
+    modules = {getattr(item, "module", None) for item in session.items}
+    for module in modules:
+        start = getattr(module, "start_early", None)
+        if start is not None and not session.config.option.collectonly:
+            start(session.config)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     mode, seed = config.getoption("--slow"), _slow_seed()
     if mode == "all":
