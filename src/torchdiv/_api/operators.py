@@ -47,12 +47,14 @@ def _prepare(
     return checked(fn, f, x, batch_dims, square)
 
 
-def _plans(x: object, *, method: str = "auto", batch_dims: int = 1, **_: object) -> bool:
+def _plans(
+    f: Function, x: object, *, method: str = "auto", batch_dims: int = 1, **_: object
+) -> bool:
     """Whether the structured engine records ``f`` at ``x`` (a call Dynamo traces then runs
     eagerly as a whole: ``eager_when``); arguments the call will refuse: no."""
     if not isinstance(x, torch.Tensor) or not isinstance(batch_dims, int):
         return False
-    return 0 <= batch_dims <= x.dim() and _structured.chosen(method, x, batch_dims)
+    return 0 <= batch_dims <= x.dim() and _structured.chosen(method, f, x, batch_dims)
 
 
 @compiled_like_f
