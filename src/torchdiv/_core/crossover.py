@@ -22,14 +22,15 @@ from torchdiv._core.checks import unwrapped
 
 # "auto" traces where n x B x W is at most this. Compiled training steps, one thread
 # (bench/compile_crossover.py, inductor, float32; traced / recorded step time): traced
-# 0.53-0.75x from 2.3M to 6.4M multiply-adds (MLPs of width 64 at n = 8, 16, B = 64; a conv
-# net on 4 x 4 images, n = 48; a PINN of width 64 at n = 2, B = 256), 1.00x at 9.8M (the PINN
-# at n = 8), 1.2-6.9x from 17M on (wider, longer or larger batches).
-TRACED_WORK = 1 << 23
+# 0.67-0.94x from 2.3M to 8.7M multiply-adds (MLPs of width 64 at n = 8, 16, 20 and width 256
+# at n = 2, B = 64; a conv net on 4 x 4 images, n = 48; a PINN of width 64 at n = 2,
+# B = 256), 1.02-1.04x from 9.8M to 15.4M (a tie: the PINN at n = 8, 16, the MLP at n = 24, the
+# conv net on 5 x 5 images), 1.5-5.9x from 17M on.
+TRACED_WORK = 10 << 20
 # W assumed for an ``f`` whose parameters are not seen (a function, a module without
-# parameters), per element of a sample: a width-64 MLP's work per input element at n = 16 is
-# ~400. With it the rule on shapes alone is n x (elements of x) <= 2**14.
-UNSEEN_WORK_PER_ELEMENT = 1 << 9
+# parameters), per element of a sample: the rule on shapes alone is then n x (elements of x)
+# <= 2**14, as before f's work was read (a width-64 MLP's W per input element at n = 16: 390)
+UNSEEN_WORK_PER_ELEMENT = TRACED_WORK >> 14
 
 
 def traced(f: Any, x: torch.Tensor, batch_dims: int) -> bool:
