@@ -237,6 +237,30 @@ def test_recording_engines_break_the_graph_once(name):
     assert backend.compiled == 1 and backend.runs == 1  # the loss's square and mean
 
 
+def test_a_compiled_step_runs_the_structured_backward_eagerly():
+    """A compiled training step breaks once at a recording call, and its ``backward()`` adds
+    no graphs of torchdiv's own: the structured engine's chain products have a Python
+    ``backward``, which Dynamo compiled as graphs of their own (2 more per step, each with its
+    guards), as if the engine had broken the step three times."""
+
+    def graphs_of_step(op: Callable[..., torch.Tensor]) -> tuple[int, int]:
+        torch._dynamo.reset()
+        net, backend = mlp(), Counting()
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            loss = op(net, x).square().mean()
+            loss.backward()
+            return loss.detach()
+
+        compiled = torch.compile(step, backend=backend)
+        for _ in range(2):
+            compiled(torch.randn(6, 3, dtype=torch.float64))
+        return backend.compiled, backend.runs
+
+    structured = graphs_of_step(lambda f, x: torchdiv.divergence(f, x, method="structured"))
+    assert structured == graphs_of_step(torch.compiler.disable(lambda f, x: f(x).sum(-1)))
+
+
 @pytest.mark.parametrize("name", ["divergence structured", "laplacian taylor"])
 def test_recording_engines_dynamic_batch_no_recompilation(name):
     """``dynamic=True``: the graph after the break serves every batch size (broken inside the
