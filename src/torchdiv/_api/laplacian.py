@@ -24,9 +24,10 @@ Methods (one signature each, in ``BY_NAME``):
   little arithmetic per call (``_laplacian.methods.loops_for``: a small batch of a network of
   many small ops, such as a Chebyshev KAN; decided once per structure of ``f`` and ``x``), and
   at up to ``LOOP_FALLBACK`` inputs if an op has no Taylor rule (``bench/laplacian_small.py``).
-  Inside a region ``torch.compile`` traces, problems of event size x elements of ``x`` at most
-  ``2**14`` take ``"forward-over-reverse"`` traced into the graph (the training guide's
-  torch.compile section).
+  Inside a region ``torch.compile`` traces, problems where ``f``'s work is small (inputs x
+  samples x ``f``'s multiply-adds per sample, estimated from its parameters, at most
+  ``10 x 2**20``: ``torchdiv._core.crossover``) take ``"forward-over-reverse"`` traced into the
+  graph (the training guide's torch.compile section).
 
 Attention runs on PyTorch's math backend in every method (``_modes.math_attention``): the
 fused CPU kernel has no forward-mode derivative. The nested-autodiff methods run ``f`` under
