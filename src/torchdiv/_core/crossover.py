@@ -21,11 +21,11 @@ import torch
 from torchdiv._core.checks import unwrapped
 
 # "auto" traces where n x B x W is at most this. Compiled training steps, one thread
-# (bench/compile_crossover.py, inductor, float32; traced / recorded step time): traced
-# 0.67-0.94x from 2.3M to 8.7M multiply-adds (MLPs of width 64 at n = 8, 16, 20 and width 256
-# at n = 2, B = 64; a conv net on 4 x 4 images, n = 48; a PINN of width 64 at n = 2,
-# B = 256), 1.02-1.04x from 9.8M to 15.4M (a tie: the PINN at n = 8, 16, the MLP at n = 24, the
-# conv net on 5 x 5 images), 1.5-5.9x from 17M on.
+# (bench/compile_crossover.py, inductor, float32; traced / recorded step time, two runs):
+# traced 0.58-0.98x from 2.3M to 8.7M multiply-adds (MLPs of width 64 at n = 8, 16, 20 and of
+# width 256 at n = 2, B = 64; a PINN of width 64 at n = 2, B = 256; a conv net on 4 x 4
+# images, n = 48, 0.67x and 1.10x), 1.02-1.05x at 9.8M (the PINN at n = 8), 1.02-1.42x from
+# 11.2M to 21.8M, 1.4-7.4x beyond.
 TRACED_WORK = 10 << 20
 # W assumed for an ``f`` whose parameters are not seen (a function, a module without
 # parameters), per element of a sample: the rule on shapes alone is then n x (elements of x)
