@@ -50,7 +50,8 @@ def work_per_sample(f: Any, n: int) -> int:
     input width: 1 for an MLP, the pixels of a conv net's input; each weight is used once per
     output position, so later layers that downsample are counted high). ``f`` a module or a
     module's bound method; anything else: ``UNSEEN_WORK_PER_ELEMENT x n``. Read while Dynamo
-    traces: parameter shapes are static, Dynamo guards the module already."""
+    traces: parameter shapes are static (Dynamo guards them: a swapped parameter of another
+    shape recompiles), nothing is computed on a tensor."""
     module = unwrapped(f)
     module = getattr(module, "__self__", module)  # a bound method such as net.forward
     if not isinstance(module, torch.nn.Module):
