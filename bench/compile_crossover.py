@@ -1,8 +1,8 @@
 """Where ``"auto"`` should trace its generic engine into a compiled training step, and where run
-its recording engine eagerly (one graph break): both compiled, against the event size.
+its recording engine eagerly (one graph break): both compiled, against the work of the products.
 
 Run:  flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 .venv/bin/python
-          bench/compile_crossover.py [--cases mlp,mlp512,wide,conv,lap] [--rounds 5]
+          bench/compile_crossover.py [--cases mlp,mlp512,wide,conv,lap,mid] [--rounds 5]
           [--min-run-time 0.4] [--json PATH | --update]
 
 Each row: one net and batch, three steps (as ``bench/compile_step.py``: ``zero_grad``, loss =
@@ -15,14 +15,18 @@ operator squared and averaged, ``backward``, SGD), each warmed up by three calls
   (``"reverse"``, one chunk; the Laplacian: ``"forward-over-reverse"``), what ``"auto"``
   runs in a compiled region where it does not record.
 
-``traced / recorded`` below 1: tracing is the faster choice inside a compiled step.
+``traced / recorded`` below 1: tracing is the faster choice inside a compiled step. ``work``:
+n x samples x f's multiply-adds per sample as ``"auto"`` estimates them from f's parameters
+(``torchdiv._core.crossover``); ``auto`` is what it chooses there (traced at most
+``TRACED_WORK`` = 2**23).
 
 Cases (tanh nets, float32, inductor):
   mlp:    MLP d-64-64-d, 64 samples, d in 8, 16, 32, 64
   mlp512: MLP d-64-64-d, 512 samples, d in 16, 32
-  wide:   MLP d-256-256-d, 64 samples, d = 16
-  conv:   conv net 3-8-8-3 (3x3) on 8 images of 3 x s x s, s in 4, 8
+  wide:   MLP d-256-256-d, 64 samples, d in 2, 16
+  conv:   conv net 3-8-8-3 (3x3) on 8 images of 3 x s x s, s in 4, 5, 8
   lap:    PINN d-64-64-1, 256 samples, Laplacian, d in 2, 8, 16, 32
+  mid:    near the crossover: MLP d-64-64-d, 64 samples, d in 20, 24
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from compile_step import pinn, training_step
 from divergence_exact import convnet, mlp
 
 import torchdiv
+from torchdiv._core.crossover import TRACED_WORK, work_per_sample
 
 Problem = tuple[torch.nn.Module, torch.Tensor]
 
@@ -74,14 +79,14 @@ SWEEPS: dict[str, tuple[str, Sweep]] = {  # case -> (operator, sweep)
         "divergence",
         [
             (f"MLP {d}-256-256-{d}, B=64", d, functools.partial(mlp_problem, d, 256, 64))
-            for d in (16,)
+            for d in (2, 16)
         ],
     ),
     "conv": (
         "divergence",
         [
             (f"conv 3-8-8-3, 8x3x{s}x{s}", 3 * s * s, functools.partial(conv_problem, s))
-            for s in (4, 8)
+            for s in (4, 5, 8)
         ],
     ),
     "lap": (
@@ -89,6 +94,13 @@ SWEEPS: dict[str, tuple[str, Sweep]] = {  # case -> (operator, sweep)
         [
             (f"PINN {d}-64-64-1, B=256", d, functools.partial(pinn_problem, d))
             for d in (2, 8, 16, 32)
+        ],
+    ),
+    "mid": (
+        "divergence",
+        [
+            (f"MLP {d}-64-64-{d}, B=64", d, functools.partial(mlp_problem, d, 64, 64))
+            for d in (20, 24)
         ],
     ),
 }
@@ -118,7 +130,9 @@ def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
         times = time_interleaved(
             {k: functools.partial(s, x) for k, s in steps.items()}, rounds, min_run_time
         )
-        row: dict[str, Any] = {"case": label, "event": n, "samples": len(x)}
+        work = n * len(x) * work_per_sample(net, n)
+        row: dict[str, Any] = {"case": label, "event": n, "samples": len(x), "work": work}
+        row["auto"] = "traced" if work <= TRACED_WORK else "recorded"
         for kind in steps:
             row[f"{kind}_ms"] = times[kind]["median_ms"]
             row[f"{kind}_iqr_ms"] = times[kind]["iqr_ms"]
@@ -126,7 +140,8 @@ def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
         print(
             f"{label:30} n={n:4} eager {row['eager_ms']:7.2f} recorded {row['recorded_ms']:7.2f} "
             f"(IQR {row['recorded_iqr_ms']:.2f}) traced {row['traced_ms']:7.2f} "
-            f"(IQR {row['traced_iqr_ms']:.2f}) traced/recorded {row['traced_over_recorded']:.2f}",
+            f"(IQR {row['traced_iqr_ms']:.2f}) traced/recorded {row['traced_over_recorded']:.2f} "
+            f"work {work / 1e6:.1f}M auto {row['auto']}",
             flush=True,
         )
         rows.append(row)
@@ -137,10 +152,12 @@ def tables(rows: list[dict[str, Any]]) -> None:
     columns = [
         ("case", "case"),
         ("event", "event size"),
+        ("work", "work"),
         ("eager_ms", "eager auto ms"),
         ("recorded_ms", "compiled, recorded ms"),
         ("traced_ms", "compiled, traced ms"),
         ("traced_over_recorded", "traced / recorded"),
+        ("auto", "auto compiled"),
     ]
     print(markdown(rows, columns))
 

@@ -72,6 +72,19 @@ def pinn() -> torch.nn.Module:
     return torch.nn.Sequential(mlp(2, 1), torch.nn.Flatten(0))
 
 
+def wide(d_in: int, d_out: int) -> torch.nn.Module:
+    """A tanh MLP of width 256: ~66k multiply-adds per sample at 2 or 3 inputs."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(d_in, 256),
+        torch.nn.Tanh(),
+        torch.nn.Linear(256, 256),
+        torch.nn.Tanh(),
+        torch.nn.Linear(256, d_out),
+        torch.nn.Flatten(0) if d_out == 1 else torch.nn.Identity(),
+    ).double()
+
+
 def loss_and_grads(
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     net: torch.nn.Module,
@@ -199,16 +212,16 @@ RECORDING: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] 
         (6, 2),
         lambda f, x, p: torchdiv.laplacian(f, x, method="grad-of-grad"),
     ),
-    # "auto" records f past the problems it traces (_core.modes.TRACED_PROBLEM: vectors x
-    # elements of x at most 2**14)
-    "divergence auto, conv (event of 72: structured)": (
+    # "auto" records f past the problems it traces (_core.crossover.traced: vectors x samples
+    # x f's multiply-adds per sample at most 10 x 2**20)
+    "divergence auto, conv on 16 x 16 images (512 x 2 x 38k: structured)": (
         conv,
-        (4, 2, 6, 6),
+        (2, 2, 16, 16),
         lambda f, x, p: torchdiv.divergence(f, x),
     ),
-    "laplacian auto (2 inputs, 4100 samples: recorded)": (
-        pinn,
-        (4100, 2),
+    "laplacian auto, width 256 (2 x 128 x 67k: Taylor)": (
+        lambda: wide(2, 1),
+        (128, 2),
         lambda f, x, p: torchdiv.laplacian(f, x),
     ),
 }
@@ -222,6 +235,30 @@ def test_recording_engines_break_the_graph_once(name):
     make, shape, op = RECORDING[name]
     backend = assert_compiled_matches(make(), op, torch.randn(shape, dtype=torch.float64))
     assert backend.compiled == 1 and backend.runs == 1  # the loss's square and mean
+
+
+def test_a_compiled_step_runs_the_structured_backward_eagerly():
+    """A compiled training step breaks once at a recording call, and its ``backward()`` adds
+    no graphs of torchdiv's own: the structured engine's chain products have a Python
+    ``backward``, which Dynamo compiled as graphs of their own (2 more per step, each with its
+    guards), as if the engine had broken the step three times."""
+
+    def graphs_of_step(op: Callable[..., torch.Tensor]) -> tuple[int, int]:
+        torch._dynamo.reset()
+        net, backend = mlp(), Counting()
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            loss = op(net, x).square().mean()
+            loss.backward()
+            return loss.detach()
+
+        compiled = torch.compile(step, backend=backend)
+        for _ in range(2):
+            compiled(torch.randn(6, 3, dtype=torch.float64))
+        return backend.compiled, backend.runs
+
+    structured = graphs_of_step(lambda f, x: torchdiv.divergence(f, x, method="structured"))
+    assert structured == graphs_of_step(torch.compiler.disable(lambda f, x: f(x).sum(-1)))
 
 
 @pytest.mark.parametrize("name", ["divergence structured", "laplacian taylor"])
@@ -240,6 +277,58 @@ def test_recording_engines_dynamic_batch_no_recompilation(name):
         x = torch.randn(n, *shape[1:], dtype=torch.float64)
         assert_close(compiled(x), loss(x))
     assert dynamic.compiled == 1 and dynamic.runs == 3
+
+
+# (net, x's shape, operator, traced): "auto" follows n x B x the multiply-adds of f per sample
+# (parameters x applications of the first weight per sample), not n x the elements of x
+AUTO_CHOICES: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op, bool]] = {
+    "conv net, 4 images of 2 x 6 x 6 (72 x 4 x 5400 = 1.6M): traced": (
+        conv,
+        (4, 2, 6, 6),
+        lambda f, x, p: torchdiv.divergence(f, x),
+        True,
+    ),
+    "MLP 3-256-256-3, 64 samples (3 x 64 x 68k = 13M): recorded": (
+        lambda: wide(3, 3),
+        (64, 3),
+        lambda f, x, p: torchdiv.jacobian_diagonal(f, x),
+        False,
+    ),
+    "PINN 2-256-256-1, 128 samples (2 x 128 x 67k = 17M): recorded": (
+        lambda: wide(2, 1),
+        (128, 2),
+        lambda f, x, p: torchdiv.laplacian(f, x),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(AUTO_CHOICES))
+def test_auto_in_a_compiled_region_follows_the_work_of_f(name):
+    """``fullgraph=True`` traces ``"auto"`` where ``f``'s work is small (a conv net whose
+    event x elements of x, 20736, exceeded the shape rule's 2**14) and refuses it where ``f``
+    records (wide MLPs whose shapes alone, 576 and 512, said trace)."""
+    make, shape, op, traces = AUTO_CHOICES[name]
+    net, x = make(), torch.randn(shape, dtype=torch.float64)
+    if traces:
+        assert_compiled_matches(net, op, x, fullgraph=True)
+        return
+    loss = torch.compile(lambda x: op(net, x, x).sum(), backend="aot_eager", fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="disable"):
+        loss(x)
+
+
+def test_work_per_sample_reads_the_parameters():
+    """Parameters x applications of the first weight per sample (its input width: features,
+    channels); a function or a module without parameters: 640 per element of a sample."""
+    from torchdiv._core.crossover import work_per_sample
+
+    net = conv()  # 150 parameters, 2 input channels
+    assert work_per_sample(net, 2 * 6 * 6) == 150 * 36
+    assert work_per_sample(net.forward, 2 * 6 * 6) == 150 * 36
+    assert work_per_sample(mlp(), 3) == sum(p.numel() for p in mlp().parameters())
+    assert work_per_sample(lambda z: net(z), 72) == 640 * 72
+    assert work_per_sample(torch.nn.Tanh(), 72) == 640 * 72
 
 
 def test_fullgraph_refuses_the_recording_engines():

@@ -24,9 +24,10 @@ Methods (one signature each, in ``BY_NAME``):
   little arithmetic per call (``_laplacian.methods.loops_for``: a small batch of a network of
   many small ops, such as a Chebyshev KAN; decided once per structure of ``f`` and ``x``), and
   at up to ``LOOP_FALLBACK`` inputs if an op has no Taylor rule (``bench/laplacian_small.py``).
-  Inside a region ``torch.compile`` traces, problems of event size x elements of ``x`` at most
-  ``2**14`` take ``"forward-over-reverse"`` traced into the graph (the training guide's
-  torch.compile section).
+  Inside a region ``torch.compile`` traces, problems where ``f``'s work is small (inputs x
+  samples x ``f``'s multiply-adds per sample, estimated from its parameters, at most
+  ``10 x 2**20``: ``torchdiv._core.crossover``) take ``"forward-over-reverse"`` traced into the
+  graph (the training guide's torch.compile section).
 
 Attention runs on PyTorch's math backend in every method (``_modes.math_attention``): the
 fused CPU kernel has no forward-mode derivative. The nested-autodiff methods run ``f`` under
@@ -54,8 +55,9 @@ from torchdiv._core.checks import (
     check_method,
     checked,
 )
+from torchdiv._core.crossover import traced
 from torchdiv._core.mixing import check_empty_event
-from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode, traced
+from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode
 from torchdiv._estimators import trace as _trace
 from torchdiv._laplacian import methods
 from torchdiv._laplacian.along import along, unit_columns
@@ -67,14 +69,16 @@ METHODS = ("auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad", 
 RECORDING = ("auto", "taylor", "grad-of-grad")  # methods.BY_NAME's engines that are recorded
 
 
-def _records(x: object, *, method: str = "auto", batch_dims: object = 1, **_: object) -> bool:
+def _records(
+    f: object, x: object, *, method: str = "auto", batch_dims: object = 1, **_: object
+) -> bool:
     """Whether the call's engine records ``f`` (a call Dynamo traces then runs eagerly as a
     whole: ``eager_when``): ``"auto"`` unless it traces forward-over-reverse into the graph
-    (``torchdiv._core.modes.traced``; ``coordinates`` only shrink the problem it decides on);
+    (``torchdiv._core.crossover.traced``; ``coordinates`` only shrink the problem it decides on);
     arguments the call will refuse: yes."""
     if method != "auto" or not isinstance(x, torch.Tensor) or not isinstance(batch_dims, int):
         return method in RECORDING
-    return not (0 <= batch_dims <= x.dim() and traced(x, batch_dims))
+    return not (0 <= batch_dims <= x.dim() and traced(f, x, batch_dims))
 
 
 @eager_when(_records)

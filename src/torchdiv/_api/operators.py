@@ -47,12 +47,14 @@ def _prepare(
     return checked(fn, f, x, batch_dims, square)
 
 
-def _plans(x: object, *, method: str = "auto", batch_dims: int = 1, **_: object) -> bool:
+def _plans(
+    f: Function, x: object, *, method: str = "auto", batch_dims: int = 1, **_: object
+) -> bool:
     """Whether the structured engine records ``f`` at ``x`` (a call Dynamo traces then runs
     eagerly as a whole: ``eager_when``); arguments the call will refuse: no."""
     if not isinstance(x, torch.Tensor) or not isinstance(batch_dims, int):
         return False
-    return 0 <= batch_dims <= x.dim() and _structured.chosen(method, x, batch_dims)
+    return 0 <= batch_dims <= x.dim() and _structured.chosen(method, f, x, batch_dims)
 
 
 @compiled_like_f
@@ -223,9 +225,11 @@ def divergence(
     convolutions and elementwise ops). It raises ``NotImplementedError`` naming any op it
     has no rule for.
 
-    Rule for ``method="auto"`` (eager; inside a region ``torch.compile`` traces, problems of
-    event size x elements of ``x`` at most ``2**14`` take reverse mode traced into the graph,
-    larger ones the rule below run eagerly: the training guide's torch.compile section):
+    Rule for ``method="auto"`` (eager; inside a region ``torch.compile`` traces, problems where
+    ``f``'s work is small, event size x samples x ``f``'s multiply-adds per sample estimated
+    from its parameters at most ``10 x 2**20`` (``torchdiv._core.crossover``), take reverse
+    mode traced into the graph, larger ones the rule below run eagerly: the training guide's
+    torch.compile section):
     ``"structured"`` whenever it can run ``f``, unless the
     problem is tiny (event size x elements of ``x`` at most ``2**12``: recording ``f`` would
     cost more than the whole computation); otherwise

@@ -280,7 +280,7 @@ class ValueGradLaplacian(NamedTuple):
     laplacian: torch.Tensor
 
 
-@eager_when(lambda x, *, method="auto", **_: method in RECORDING)
+@eager_when(lambda f, x, *, method="auto", **_: method in RECORDING)
 @outside_inference_mode
 @reported("value_grad_laplacian")
 def value_grad_laplacian(

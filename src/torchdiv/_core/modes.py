@@ -244,7 +244,7 @@ def _force_eager(frames: Any) -> Any:
 def eager_when(records: Callable[..., bool]) -> Callable[[F], F]:
     """Decorate a public ``fn(f, x, *, **options)`` (outermost, over ``compiled_like_f``) so
     that a call Dynamo traces runs eagerly as a whole where
-    ``records(x, **options)`` says its engine is ``recorded`` (runs eagerly anyway): the one
+    ``records(f, x, **options)`` says its engine is ``recorded`` (runs eagerly anyway): the one
     graph break is then at the caller's call of ``fn``, not deep inside it.
 
     Broken inside, Dynamo resumes every frame between the caller and the engine (the
@@ -259,7 +259,7 @@ def eager_when(records: Callable[..., bool]) -> Callable[[F], F]:
 
         @functools.wraps(fn)
         def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-            if torch.compiler.is_compiling() and records(x, **kwargs):
+            if torch.compiler.is_compiling() and records(f, x, **kwargs):
                 return eager(f, x, *args, **kwargs)
             return fn(f, x, *args, **kwargs)
 
@@ -281,26 +281,6 @@ def recorded(fn: F) -> F:
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
-
-
-# Inside a compiled region "auto" traces its generic engines into the graph (reverse mode for
-# divergences and diagonals, forward over reverse for Laplacians, all vectors in one chunk) on
-# problems of at most this many (vectors x elements of x), and records f eagerly above (one
-# graph break, ``eager_when``). Compiled steps, one thread (bench/compile_crossover.py): traced,
-# 0.53-0.74x the recorded engine's step at 2**10-2**14 (tanh MLPs of width 64 at n = 8, 16 and
-# B = 64; a PINN of width 64 at n = 2, B = 256), 1.00x at 2**14 (the PINN at n = 8); 1.19-6.9x
-# from 2**16 on, where its n products per sample cost more than the recorded engine's few
-# passes and fixed cost. Read from shapes only: no host sync, a size guard under dynamic shapes.
-# Not from f's width: an MLP of width 256 at n = 16, B = 64 (2**14) took 2.25x traced.
-TRACED_PROBLEM = 1 << 14
-
-
-def traced(x: torch.Tensor, batch_dims: int) -> bool:
-    """Whether ``"auto"`` runs a generic engine traced into a compiled graph instead of
-    recording ``f`` (``TRACED_PROBLEM``): Dynamo traces the call and the problem is small."""
-    if not torch.compiler.is_compiling():
-        return False
-    return math.prod(x.shape[batch_dims:]) * x.numel() <= TRACED_PROBLEM
 
 
 @contextlib.contextmanager

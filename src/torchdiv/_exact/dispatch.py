@@ -129,7 +129,7 @@ def diagonal_and_output(
     errors; ``where`` is the caller's function as ``torchdiv._taylor.cache.site`` names it,
     under which the structured engine keeps its recording for the next call.
     """
-    if _structured.chosen(method, x, batch_dims):
+    if _structured.chosen(method, f, x, batch_dims):
         strict = method == "structured"
         planned = _structured.plan(fn, f, x, batch_dims, chunk_size, strict, trace, share, where)
         if planned is not None:

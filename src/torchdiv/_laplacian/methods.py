@@ -19,7 +19,8 @@ from torch.func import vjp, vmap
 
 from torchdiv._core.basis import WHOLE, Share, basis, broadcast_basis, chunks
 from torchdiv._core.checks import event_numel
-from torchdiv._core.modes import SafeDerivatives, math_attention, recorded, traced
+from torchdiv._core.crossover import traced
+from torchdiv._core.modes import SafeDerivatives, math_attention, recorded
 from torchdiv._exact.forward import ForwardJacobian
 from torchdiv._laplacian.loop import Check, Settings, grad_of_grad
 from torchdiv._taylor import (
@@ -68,7 +69,7 @@ _LOOPS = cache.PlanCache(256)
 
 
 def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
-    if traced(x, batch_dims):  # in a compiled graph, where recording f would break it
+    if traced(f, x, batch_dims):  # in a compiled graph, where recording f would break it
         return forward_over_reverse(f, x, batch_dims, chunk_size)
     return _recorded_auto(f, x, batch_dims, chunk_size)
 

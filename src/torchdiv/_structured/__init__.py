@@ -28,7 +28,8 @@ import torch
 
 from torchdiv._core.basis import WHOLE, Share
 from torchdiv._core.checks import raised_by_f
-from torchdiv._core.modes import recorded, traced
+from torchdiv._core.crossover import traced
+from torchdiv._core.modes import recorded
 from torchdiv._structured import colors, cycle, factors, forward
 from torchdiv._taylor import RULES, Graph, UnsupportedOp, capture, values
 from torchdiv._taylor import cache as _cache
@@ -43,14 +44,14 @@ Function = Callable[[torch.Tensor], torch.Tensor]
 TINY_PROBLEM = 1 << 12
 
 
-def chosen(method: str, x: torch.Tensor, batch_dims: int) -> bool:
+def chosen(method: str, f: Function, x: torch.Tensor, batch_dims: int) -> bool:
     """Whether ``method`` plans ``f`` at ``x``: ``"structured"`` always, ``"auto"`` unless the
-    problem is tiny (see ``TINY_PROBLEM``), or, when Dynamo traces the call, small
-    (``torchdiv._core.modes.TRACED_PROBLEM``: the generic engines are traced instead)."""
+    problem is tiny (see ``TINY_PROBLEM``), or, when Dynamo traces the call, small for ``f``
+    (``torchdiv._core.crossover.traced``: the generic engines are traced instead)."""
     if method != "auto":  # no size read: under dynamic shapes Dynamo would trace it
         return method == "structured"
     if torch.compiler.is_compiling():
-        return not traced(x, batch_dims)
+        return not traced(f, x, batch_dims)
     return math.prod(x.shape[batch_dims:]) * x.numel() > TINY_PROBLEM
 
 

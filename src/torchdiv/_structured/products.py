@@ -96,7 +96,12 @@ def _found(op: _Op, a: Tensor, b: Tensor) -> Tensor | None:
 
 class _Product(torch.autograd.Function):
     """``op(a, b)`` given its value, with the backward of ``op`` from the saved factors
-    (itself differentiable: a gradient of a parameter gradient goes through it)."""
+    (itself differentiable: a gradient of a parameter gradient goes through it).
+
+    Its ``backward`` runs eagerly under ``torch.compile`` too: the product exists only where
+    the structured engine ran eagerly (a compiled step's one graph break), and the step's
+    ``backward()`` would otherwise hand this Python frame to Dynamo, which compiled it as two
+    graphs of their own (guards and wrappers at every step)."""
 
     @staticmethod
     def forward(ctx: Any, op: _Op, a: Tensor, b: Tensor, result: Tensor) -> Tensor:
@@ -105,6 +110,7 @@ class _Product(torch.autograd.Function):
         return result.detach()  # a new tensor object: never the kept one itself
 
     @staticmethod
+    @torch.compiler.disable
     def backward(  # type: ignore[override]
         ctx: Any, grad: Tensor
     ) -> tuple[None, Tensor | None, Tensor | None, None]:

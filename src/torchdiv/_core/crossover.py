@@ -1,0 +1,66 @@
+"""Whether ``"auto"`` traces a generic engine into a compiled graph or records ``f`` eagerly.
+
+Inside a region Dynamo traces, ``"auto"`` cannot watch an evaluation of ``f`` to plan (no host
+syncs, no dispatch modes), so it decides from what Dynamo knows at trace time: the shapes of
+``x`` and, when ``f`` is a module, its parameters. Traced, the generic engines (reverse mode
+for divergences and diagonals, forward over reverse for Laplacians) cost one product per input
+element: ``n x B x W`` multiply-adds for ``n`` inputs per sample, ``B`` samples and ``W``
+multiply-adds of ``f`` per sample. Recorded (structured, Taylor), ``f`` costs a few passes of
+``B x W`` plus a fixed cost of recording and planning, and the call is one graph break.
+
+Both choices give the same values and derivatives; the rule only decides which is faster.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from torchdiv._core.checks import unwrapped
+
+# "auto" traces where n x B x W is at most this. Compiled training steps, one thread
+# (bench/compile_crossover.py, inductor, float32; traced / recorded step time, two runs):
+# traced 0.58-0.98x from 2.3M to 8.7M multiply-adds (MLPs of width 64 at n = 8, 16, 20 and of
+# width 256 at n = 2, B = 64; a PINN of width 64 at n = 2, B = 256; a conv net on 4 x 4
+# images, n = 48, 0.67x and 1.10x), 1.02-1.05x at 9.8M (the PINN at n = 8), 1.02-1.42x from
+# 11.2M to 21.8M, 1.4-7.4x beyond.
+TRACED_WORK = 10 << 20
+# W assumed for an ``f`` whose parameters are not seen (a function, a module without
+# parameters), per element of a sample: the rule on shapes alone is then n x (elements of x)
+# <= 2**14, as before f's work was read (a width-64 MLP's W per input element at n = 16: 390)
+UNSEEN_WORK_PER_ELEMENT = TRACED_WORK >> 14
+
+
+def traced(f: Any, x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether ``"auto"`` runs a generic engine traced into a compiled graph instead of
+    recording ``f``: Dynamo traces the call and ``n x B x W <= TRACED_WORK`` (module
+    docstring; ``W``: ``work_per_sample``). ``f`` may be torchdiv's wrapper of the caller's
+    ``f`` (``checks.unwrapped``): the public call and the engine inside decide alike."""
+    if not torch.compiler.is_compiling():
+        return False
+    n = math.prod(x.shape[batch_dims:])
+    return n * math.prod(x.shape[:batch_dims]) * work_per_sample(f, n) <= TRACED_WORK
+
+
+def work_per_sample(f: Any, n: int) -> int:
+    """Multiply-adds of ``f`` per sample of ``n`` elements, estimated from its parameters:
+    their number times how often the first weight is applied per sample (``n`` over its
+    input width: 1 for an MLP, the pixels of a conv net's input; each weight is used once per
+    output position, so later layers that downsample are counted high). ``f`` a module or a
+    module's bound method; anything else: ``UNSEEN_WORK_PER_ELEMENT x n``. Read while Dynamo
+    traces: parameter shapes are static (Dynamo guards them: a swapped parameter of another
+    shape recompiles), nothing is computed on a tensor."""
+    module = unwrapped(f)
+    module = getattr(module, "__self__", module)  # a bound method such as net.forward
+    if not isinstance(module, torch.nn.Module):
+        return UNSEEN_WORK_PER_ELEMENT * n
+    count, width = 0, 0
+    for p in module.parameters():
+        count += p.numel()
+        if width == 0 and p.dim() >= 2:
+            width = p.shape[1]  # Linear's in_features, ConvNd's in_channels (per group)
+    if count == 0:
+        return UNSEEN_WORK_PER_ELEMENT * n
+    return count * max(1, n // max(width, 1))
