@@ -139,6 +139,47 @@ def test_tiny_divergence_and_its_parameter_gradients_by_plain_autograd(d):
     assert abs(analytic - numeric) <= 1e-8 * max(1.0, abs(numeric))
 
 
+@pytest.mark.parametrize("event", [(1,), (2,), (1, 2)])
+def test_tiny_entries_read_off_rows_after_the_watch(monkeypatch, event):
+    """At most ``LOOP_ROWS`` rows, plain autograd reads each row's diagonal entry off its
+    product (``GraphJacobian.entries``): values, parameter gradients and each share's part
+    (``torchdiv.distributed``) as the block path gives them, the result a tensor of its own
+    (written in place, the next call is unchanged)."""
+    from torchdiv._core.basis import Share
+    from torchdiv._exact.dispatch import diagonal_and_output
+
+    d = event[-1]
+    net = tanh_mlp(d, 8, d)
+    g = lambda z: net(z.reshape(len(z), d)).reshape(z.shape)  # noqa: E731
+    x = torch.randn(16, *event, dtype=torch.float64)
+    torchdiv.divergence(g, x)  # the first call: watched, torch.func
+    read = []
+    entries = GraphJacobian.entries
+    monkeypatch.setattr(GraphJacobian, "entries", lambda *a: read.append(1) or entries(*a))
+    div = torchdiv.divergence(g, x)
+    assert read, "the rows' entries were not read"
+    assert_close(div, reference_divergence(g, x))
+    assert_close(torchdiv.jacobian_diagonal(g, x), reference_diagonal(g, x))
+    params = list(net.parameters())
+    directions = [torch.randn_like(p) for p in params]
+    analytic = directional_gradient(div, params, directions)
+
+    def moved(t):
+        with shifted(params, directions, t), torch.no_grad():
+            return reference_divergence(g, x).sum()
+
+    numeric = central_difference(moved).item()
+    assert abs(analytic - numeric) <= 1e-8 * max(1.0, abs(numeric))
+    with torch.no_grad():
+        div.add_(100.0)
+    assert_close(torchdiv.divergence(g, x), reference_divergence(g, x))
+    parts = [
+        diagonal_and_output("divergence", g, x, 1, "auto", None, True, Share(i, 2))[0]
+        for i in range(2)
+    ]
+    assert_close(parts[0] + parts[1], reference_divergence(g, x))
+
+
 def test_tiny_problems_evaluate_f_outside_safe_derivatives_unless_its_graph_needs_them():
     """Plain autograd evaluates ``f`` outside ``SafeDerivatives`` once it passed a watch; an
     op the mode replaces (``cdist``: PyTorch's ``_cdist_backward`` has no derivative, so a

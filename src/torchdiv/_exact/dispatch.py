@@ -137,11 +137,24 @@ def diagonal_and_output(
     generic = "auto" if method == "structured" else method
 
     def consume(engine: Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = isinstance(engine, GraphJacobian)
+        entries = engine.entries(*share.of(engine.num_basis)) if rows else None
+        if entries:  # a few rows, one backward pass each: their entries, not a block
+            diag = _summed(entries) if trace else torch.stack(entries, -1)
+            return diag, output(engine)
         diag = diagonal(engine, chunk, share)
         return (diag.sum(-1) if trace else diag), output(engine)
 
     result, _ = evaluate(f, x, batch_dims, generic, chunk_size, consume, square=True, draws=False)
     return result
+
+
+def _summed(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of ``parts`` (at least one), a new tensor: no view of a product handed out."""
+    total = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
+    for part in parts[2:]:
+        total = total + part
+    return total
 
 
 def output(engine: Engine) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch
 from torchdiv._core.checks import event_numel
 from torchdiv._core.mixing import check_graph, watched
 from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
-from torchdiv._core.walk import search
+from torchdiv._core.walk import search, vjp
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 Check = Literal["watch", "graph"] | None  # how the loop checks f for sample mixing
@@ -200,12 +200,4 @@ def _grad(out: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tenso
     """``∂(Σ out)/∂x`` (a VJP with ones), or ``None`` where ``out`` does not depend on ``x``."""
     if not out.requires_grad:
         return None
-    (grad,) = torch.autograd.grad(
-        out,
-        x,
-        torch.ones_like(out),
-        retain_graph=True,
-        create_graph=create_graph,
-        allow_unused=True,
-    )
-    return grad
+    return vjp(out, x, torch.ones_like(out), create_graph)
