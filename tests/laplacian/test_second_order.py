@@ -830,3 +830,16 @@ def test_value_grad_laplacian_remembers_that_auto_loops(monkeypatch):
         out = torchdiv.value_grad_laplacian(gaussian, x)
         assert_close(out.laplacian, gaussian(x) * (x.square().sum(-1) - 2))
         assert len(recorded) == (call == 0)
+
+
+def test_all_finite_reads_nan_and_infinity_off_the_sum():
+    """The loop's finiteness check (a sum, not ``isfinite().all()``): any NaN or infinity,
+    opposite infinities included, reads as not finite; an overflowing sum of finite entries
+    too (the caller then takes its other exact method)."""
+    from torchdiv._laplacian.loop import all_finite
+
+    inf, nan = float("inf"), float("nan")
+    assert all_finite(torch.tensor([1.0, -2.0])) and all_finite(torch.zeros(0))
+    for bad in ([1.0, nan], [inf, 1.0], [1.0, inf, -inf], [-inf]):
+        assert not all_finite(torch.tensor(bad, requires_grad=True)), bad
+    assert not all_finite(torch.full((4,), 3e38))  # float32: finite entries, the sum is not

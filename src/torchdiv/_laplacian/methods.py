@@ -22,7 +22,7 @@ from torchdiv._core.checks import event_numel
 from torchdiv._core.crossover import traced
 from torchdiv._core.modes import SafeDerivatives, math_attention, recorded
 from torchdiv._exact.forward import ForwardJacobian
-from torchdiv._laplacian.loop import Check, Settings, grad_of_grad
+from torchdiv._laplacian.loop import Check, Settings, all_finite, grad_of_grad
 from torchdiv._taylor import (
     RULES,
     Context,
@@ -194,7 +194,7 @@ def looped(
     whose unused branch is ``0 * log(0)``); the JVP formulas do not."""
     out = grad_of_grad(f, x, batch_dims, plan.check, plan.settings)
     plan.passed()
-    if bool(out.isfinite().all()):
+    if all_finite(out):
         return out
     return forward_over_reverse(f, x, batch_dims, chunk_size)
 
