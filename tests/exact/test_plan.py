@@ -118,6 +118,31 @@ def test_tiny_square_problems_take_plain_autograd_unwatched_after_a_watch(monkey
     assert type(engine) is GraphJacobian and chunk == 2
 
 
+def test_square_problems_up_to_rows_problem_take_rows_once_a_planned_watch_passed():
+    """Above ``TINY_PROBLEM``, up to ``ROWS_PROBLEM``: the first call is planned and watched,
+    later ones go by plain autograd rows; not a conv net (its backward is the slower side),
+    nor a larger problem, nor a function that mixes samples (its watch raises every time)."""
+    net = tanh_mlp(16, 8, 16)
+    x = torch.randn(256, 16, dtype=torch.float64)
+    assert _plan.TINY_PROBLEM < 16 * x.numel() <= _plan.ROWS_PROBLEM
+
+    def run(f, z):
+        return type(evaluate(f, z, 1, "auto", None, lambda e, c: (e, c), square=True)[0][0])
+
+    assert run(net, x) is ReverseJacobian
+    assert run(net, x) is GraphJacobian
+    assert_close(torchdiv.divergence(net, x, method="reverse"), reference_divergence(net, x))
+    assert run(net, torch.randn(512, 16, dtype=torch.float64)) is ReverseJacobian  # larger
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1).double()
+    image = torch.randn(16, 1, 8, 8, dtype=torch.float64)
+    assert _plan.TINY_PROBLEM < 64 * image.numel() <= _plan.ROWS_PROBLEM
+    assert [run(conv, image) for _ in range(2)] == [ForwardJacobian] * 2
+    mixes = lambda z: net(z - z.mean(0))  # noqa: E731
+    for _ in range(2):
+        with pytest.raises(torchdiv.BatchInteractionError):
+            run(mixes, x)
+
+
 @pytest.mark.parametrize("d", [LOOP_ROWS, LOOP_ROWS + 1])  # one pass per row; batched
 def test_tiny_divergence_and_its_parameter_gradients_by_plain_autograd(d):
     """Values and parameter gradients against jacrev and float64 finite differences."""

@@ -241,7 +241,9 @@ def divergence(
     each ``f`` object at a shape (for sample mixing), and go in one chunk: plain
     ``autograd.grad`` rows for divergences and diagonals (and Jacobians whose output was
     square at the last call; ``torch.func``'s wrapping costs more than the computation
-    there), else reverse mode (forward if the output is larger). If ``torch.func`` cannot
+    there), else reverse mode (forward if the output is larger); such square problems up
+    to ``2**16`` go by the same rows once a planned call of that ``f`` object at that shape
+    was watched and did not convolve. If ``torch.func`` cannot
     run ``f`` (an op without a forward-mode rule: a custom ``autograd.Function`` without
     ``jvp``, CPU fused attention; a legacy ``autograd.Function``; in-place writes or control
     flow on batched tangents) it silently uses plain autograd (``autograd.grad`` over batched

@@ -262,16 +262,19 @@ def _engines(
     rule ran. Tiny problems are not planned; they are watched for sample mixing until this
     very ``f`` has passed a watch at the structure of ``x`` (``passed_before``), and always
     when the event is empty, where any op but an elementwise one mixes samples. Tiny
-    ``square`` problems that passed start with plain autograd (``_plain_first``). If
+    ``square`` problems that passed start with plain autograd (``_plain_first``), as do
+    ``square`` ones up to ``_plan.ROWS_PROBLEM`` whose planned evaluation passed the watch
+    without a convolution (CPU convolution backward is the slower side). If
     ``torch.func`` cannot evaluate ``f``, the plain-autograd engine's evaluation is watched
     instead.
     """
     num_inputs = event_numel(x, batch_dims)
     tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
+    rows = square and x.dim() > batch_dims and num_inputs * x.numel() <= _plan.ROWS_PROBLEM
     compiling = torch.compiler.is_compiling()
-    at = structure(f, x, batch_dims) if tiny and not compiling else None
+    at = structure(f, x, batch_dims) if (tiny or rows) and not compiling else None
     seen = None if at is None else passed_before(f, x, batch_dims, at)
-    if square and seen is not None and x.dim() > batch_dims:
+    if rows and seen is not None:
         return _plain_first(f, x, batch_dims, seen)
     changes = _state.Changes(x)
     again = changes.again(f)
@@ -291,6 +294,8 @@ def _engines(
             sizes = _plan.OpSizes(x.shape[:batch_dims])
             if watch:
                 passed(f, x, batch_dims, at)
+        elif rows and watch and not sizes.convolves:  # later calls: rows (ROWS_PROBLEM)
+            passed(f, x, batch_dims, at)
     except Exception as error:
         if not _cannot_run(error):
             raise
