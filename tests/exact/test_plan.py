@@ -291,3 +291,20 @@ def test_a_tiny_problems_first_watched_call_is_planned_as_the_later_ones():
 
     first = estimate()
     assert torch.equal(first, estimate())
+
+
+def test_a_one_block_jacobian_is_the_callers_to_write_to():
+    """A Jacobian of one block is that block (no copy), unless the block overlaps itself
+    (forward mode through ``expand``: stride 0): every result takes an in-place write, and
+    the next call is unchanged."""
+    x = torch.randn(5, 3, dtype=torch.float64)
+    w = torch.randn(3, 3, dtype=torch.float64)
+    cases = [
+        (lambda z: torch.tanh(z @ w), "reverse"),
+        (lambda z: z[:, :1].expand(-1, 3), "forward"),
+    ]
+    for f, method in cases:
+        for _ in range(2):
+            jac = torchdiv.jacobian(f, x, method=method)
+            assert_close(jac, reference_jacobian(f, x))
+            jac.add_(1.0)

@@ -59,7 +59,10 @@ def dense(engine: Engine, chunk_size: int) -> torch.Tensor:
     if not blocks:  # no basis vectors: an empty event on the side the engine walks along
         m = math.prod(engine.y_shape[engine.batch_dims :])
         return engine.x.new_zeros(_samples(engine), m, event_numel(engine.x, engine.batch_dims))
-    stacked = torch.cat(blocks)  # (basis, N, other side)
+    # (basis, N, other side); one block as it is, unless it overlaps itself (a JVP through
+    # ``expand``): the result is the caller's to write to
+    one = len(blocks) == 1 and blocks[0].is_contiguous()
+    stacked = blocks[0] if one else torch.cat(blocks)
     return stacked.permute(1, 0, 2) if engine.blocks_are_rows else stacked.permute(1, 2, 0)
 
 
