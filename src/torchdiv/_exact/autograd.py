@@ -210,6 +210,7 @@ class GraphJacobian:
         return products[0][None] if len(products) == 1 else torch.stack(products)
 
     def _vjp(self, cotangents: torch.Tensor, batched: bool) -> torch.Tensor | None:
+        out: torch.Tensor | None
         try:
             if batched:
                 (out,) = torch.autograd.grad(

@@ -140,8 +140,9 @@ def diagonal_and_output(
     generic = "auto" if method == "structured" else method
 
     def consume(engine: Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = isinstance(engine, GraphJacobian)
-        entries = engine.entries(*share.of(engine.num_basis)) if rows else None
+        entries = None
+        if isinstance(engine, GraphJacobian):  # plain autograd: a few rows' entries, if so
+            entries = engine.entries(*share.of(engine.num_basis))
         if entries:  # a few rows, one backward pass each: their entries, not a block
             diag = _summed(entries) if trace else torch.stack(entries, -1)
             return diag, output(engine)
