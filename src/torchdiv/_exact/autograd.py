@@ -202,7 +202,7 @@ class GraphJacobian:
         if len(cotangents) > LOOP_ROWS:
             return self._vjp(cotangents, batched=True)
         products = []
-        for v in cotangents:
+        for v in cotangents.unbind():
             product = self._vjp(v, batched=False)
             if product is None:
                 return None
@@ -255,7 +255,7 @@ class GraphJacobian:
             return None
         samples, n = self.x.shape[: self.batch_dims].numel(), event_numel(self.x, self.batch_dims)
         out = []
-        for i, v in enumerate(basis(start, stop, self.y, self.batch_dims), start):
+        for i, v in enumerate(basis(start, stop, self.y, self.batch_dims).unbind(), start):
             product = self._vjp(v, batched=False)
             if product is None:  # y does not depend on x: the general path's zeros
                 return None
