@@ -370,3 +370,25 @@ def test_one_probe_estimates_leave_safe_derivatives_unless_the_graph_needs_them(
         est = torchdiv.divergence(lin, x, method="hutchinson", probes=probes)
         assert_close(est, torch.einsum("bi,ij,bj->b", v, lin.weight, v))
     assert not entered
+
+
+def test_one_probe_estimates_of_lambdas_made_anew_remember_the_mode_by_their_code():
+    """A lambda made anew at every call (inside an ODE function) is found again by its code:
+    after the first call, an ``f`` that needs ``SafeDerivatives`` is evaluated once per call,
+    under the mode."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    probes = torchdiv.draw_probes(x, 1, generator=torch.Generator().manual_seed(1))
+    evaluations = []
+
+    def g(z):
+        evaluations.append(1)
+        points = lin(z).reshape(-1, 2, 2)
+        return torch.cdist(points, points).reshape(-1, 4) + z.sin()
+
+    for call in range(3):
+        evaluations.clear()
+        f = lambda z: g(z)  # noqa: E731 (a new object at every call, one code)
+        torchdiv.divergence(f, x, method="hutchinson", probes=probes)
+        assert len(evaluations) == (2 if call == 0 else 1), call

@@ -20,7 +20,7 @@ from torchdiv._estimators.registry import Matmat
 from torchdiv._estimators.result import Estimate
 from torchdiv._exact import dispatch as _exact
 from torchdiv._exact.autograd import GraphJacobian, unwatched
-from torchdiv._taylor.cache import PlanCache
+from torchdiv._taylor.cache import PlanCache, site
 from torchdiv._taylor.mixing import structure
 
 
@@ -81,8 +81,8 @@ def terms_of_function(
     with the same probes (an integral along an ODE solve) keep that meaning
     (``torchdiv.flows``)."""
     batch = x.shape[:batch_dims]
-    if s.num_probes == 1:
-        engine = _one_product(f, x, batch_dims)
+    if s.num_probes == 1:  # (f: a flow's closure made at every step, no structure to keep)
+        engine = unwatched(f, x, batch_dims)
         return _one_probe(engine, s)[None], _exact.output(engine)
 
     def consume(engine: _exact.Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,9 +92,10 @@ def terms_of_function(
     return flat.reshape(len(flat), *batch).to(x.dtype), y
 
 
-# the structures of f and x (``torchdiv._taylor.mixing.structure``) at which a plain evaluation
-# of f showed an op that ``SafeDerivatives`` changes: ``_one_product`` evaluates f there under
-# the mode at once
+# the structures of f and x (``torchdiv._taylor.mixing.structure``, f by its ``cache.site``)
+# at which a plain evaluation of f showed an op that ``SafeDerivatives`` changes:
+# ``_one_product`` evaluates f there under the mode at once (two functions with the same code
+# share it: at worst one runs under the mode without need, as before)
 _GUARDED = PlanCache(256)
 
 
@@ -110,10 +111,11 @@ def _one_product(
     (a random generator) moves twice once per structure."""
     if torch.compiler.is_compiling():
         return unwatched(f, x, batch_dims)
-    at = structure(f, x, batch_dims)
-    engine = unwatched(f, x, batch_dims, plain=_GUARDED.get(*at) is None)
+    owner, key = structure(f, x, batch_dims)
+    where = site(owner)  # a lambda made anew at every call: its code, found again
+    engine = unwatched(f, x, batch_dims, plain=_GUARDED.get(where, key) is None)
     if engine.guarded:
-        _GUARDED.put(*at, True)
+        _GUARDED.put(where, key, True)
     return engine
 
 
