@@ -56,7 +56,8 @@ CHUNK_ELEMENTS = 2**24
 #   1.2-1.3x; a KAN at 2048, 44k per call: Taylor, 1.1-1.2x); with one thread below
 #   LOOP_WORK_ONE_THREAD * 2 / n: the Taylor engine's n + 2 times wider ops are what a
 #   second thread speeds up, the loop's small ones gain little from it (the FNN at 256 and 3
-#   inputs, 24k per call: the loop 1.3-1.45x faster on one thread, Taylor 1.1-1.2x on two).
+#   inputs, 24k per call: the loop 1.3-1.45x faster on one thread, Taylor 1.1-1.2x on two);
+#   read when a structure is first decided (``_LOOPS`` keeps the decision).
 LOOP_INPUTS = 3
 LOOP_ELEMENTS = 1024
 LOOP_WORK = 32768
