@@ -6,13 +6,19 @@ the FNN and KAN cases of ``laplacian_small.py``, frozen and in training. Per cas
 rounds of ~50 ms per method, the ratio ``auto / fastest other`` per round, median and IQR.
 
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
-        DDE_BACKEND=pytorch .venv/bin/python bench/entry_cpu.py [--rounds 11] [--only NAME]
+        DDE_BACKEND=pytorch .venv/bin/python bench/entry_cpu.py [--rounds 11] [--only NAME] \
+        [--matrix] [--budget-ms 50]
+
+``--matrix`` times every cell of the issues' targets instead (issue 19: D = 2, 8, 16, 32, 64 x
+batch 256, 4096; issue 18: tanh FNNs at D = 2, 3, 10, 100 x batch 256, 2048 and KANs at
+D = 2, 3), a few minutes at ``--rounds 3 --budget-ms 20``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import statistics
 import time
@@ -34,20 +40,27 @@ LAPLACIAN_BASELINES = (
 )
 
 
-def cases() -> list[tuple[str, dict[str, Callable[[], object]]]]:
-    """``(name, {method: call})`` for every case; ``"auto"`` is torchdiv's call."""
+Calls = dict[str, Callable[[], object]]
+
+
+def cases(matrix: bool = False) -> list[tuple[str, Calls]]:
+    """``(name, {method: call})`` for every case; ``"auto"`` is torchdiv's call. ``matrix``:
+    every cell of the issues' targets (``small_events.py``'s D x B for the three operators,
+    ``laplacian_small.py``'s FNN and KAN cases), not only the D = 2-3, B = 256 ones."""
     out = []
+    dims, batches = (small_events.DIMS, small_events.BATCHES) if matrix else ((2,), (256,))
     for op in ("divergence", "jacobian_diagonal", "jacobian"):
-        for train in (False, True):
+        for d, b, train in itertools.product(dims, batches, (False, True)):
             torch.manual_seed(0)
-            net = small_events.mlp(2, torch.nn.Tanh).requires_grad_(train)
-            x = torch.randn(256, 2)
+            net = small_events.mlp(d, torch.nn.Tanh).requires_grad_(train)
+            x = torch.randn(b, d)
             calls = {"auto": functools.partial(getattr(torchdiv, op), net, x)}
             recipes = small_events.recipes(op, train).items()
             calls |= {k: functools.partial(r, net, x) for k, r in recipes}
-            out.append((f"{op}-D2-B256-{'train' if train else 'frozen'}", calls))
+            out.append((f"{op}-D{d}-B{b}-{'train' if train else 'frozen'}", calls))
     methods = laplacian_small.methods()
-    for name in ("fnn2-256", "fnn3-256", "kan2-256"):
+    names = [c for c in laplacian_small.CASES if not c.startswith("biharmonic")]
+    for name in names if matrix else ("fnn2-256", "fnn3-256", "kan2-256"):
         for train in (False, True):
             torch.manual_seed(0)
             net, x = laplacian_small.CASES[name]()
@@ -62,7 +75,7 @@ def cases() -> list[tuple[str, dict[str, Callable[[], object]]]]:
 
 
 def cpu_ms(call: Callable[[], object], budget_ns: int = 50_000_000) -> float:
-    """Thread CPU time per call in ms, over calls adding up to ``budget_ns``."""
+    """Thread CPU time per call in ms, over calls adding up to ``budget_ns`` (at least one)."""
     reps, spent = 0, 0
     while spent < budget_ns:
         start = time.thread_time_ns()
@@ -76,8 +89,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--only", default="", help="run the cases whose name holds this")
+    parser.add_argument("--matrix", action="store_true", help="every cell of issues 18 and 19")
+    parser.add_argument("--budget-ms", type=float, default=50, help="CPU time per measurement")
     args = parser.parse_args()
-    for name, calls in cases():
+    budget = int(args.budget_ms * 1e6)
+    for name, calls in cases(args.matrix):
         if args.only not in name:
             continue
         for call in calls.values():
@@ -85,7 +101,7 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in calls}
         for _ in range(args.rounds):
             for k, call in calls.items():
-                times[k].append(cpu_ms(call))
+                times[k].append(cpu_ms(call, budget))
         ratios = [
             times["auto"][r] / min(v[r] for k, v in times.items() if k != "auto")
             for r in range(args.rounds)

@@ -3,6 +3,7 @@ in which overlapping calls (threads) end."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from torchdiv._core.modes import CompiledCodeEager, _Held, math_attention
@@ -106,3 +107,36 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
     assert search(torch.nn.functional.scaled_dot_product_attention(q, q, q), x).fused
     assert not search(torch.tanh(x) @ x.mT, x, changed_nodes(3)).guarded
     assert changed_nodes(1, False) == ("CdistBackward", "EuclideanDistBackward")
+
+
+def test_vjp_is_autograd_grad_and_leaves_the_unusual_to_it():
+    """``walk.vjp`` sends a plain pass to the engine directly: the same product and graph as
+    ``autograd.grad``; a cotangent shaped unlike ``y`` is refused by ``autograd.grad``'s own
+    check, and a tensor subclass's ``__torch_function__`` still sees the call."""
+    from torchdiv._core.walk import vjp
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.tanh(x @ w)
+    v = torch.randn_like(y)
+    out = vjp(y, x, v, create_graph=True)
+    (want,) = torch.autograd.grad(y, x, v, retain_graph=True, create_graph=True)
+    assert torch.equal(out, want) and out.requires_grad
+    (mine,) = torch.autograd.grad(out.sum(), w, retain_graph=True)
+    assert torch.equal(mine, torch.autograd.grad(want.sum(), w, retain_graph=True)[0])
+    assert vjp(y, torch.randn(2, requires_grad=True), v, False) is None  # unused: None
+    with pytest.raises(RuntimeError, match="Mismatch in shape"):
+        vjp(y, x, v[:2], False)
+
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", ""))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    logged = y.as_subclass(Logged)
+    vjp(logged, x, v, False)
+    assert "grad" in seen

@@ -13,7 +13,13 @@ import math
 
 import pytest
 import torch
-from conftest import conv_net, reference_divergence, reference_jacobian, tanh_mlp
+from conftest import (
+    assert_close,
+    conv_net,
+    reference_divergence,
+    reference_jacobian,
+    tanh_mlp,
+)
 
 import torchdiv
 
@@ -325,3 +331,64 @@ def test_xtrace_with_one_vector_has_no_stderr_and_no_warning():
         tanh_mlp(4, 8, 4), torch.randn(3, 4, dtype=F64), method="xtrace", num_probes=2
     )
     assert est.stderr.isnan().all() and est.value.isfinite().all()
+
+
+def test_one_probe_estimates_leave_safe_derivatives_unless_the_graph_needs_them(monkeypatch):
+    """A one-product Hutchinson estimate evaluates ``f`` outside ``SafeDerivatives``; where
+    the graph shows an op the mode changes (``cdist``, whose PyTorch backward has no
+    derivative: the estimate's parameter gradient raised), ``f`` is evaluated again under
+    it, and later calls at that structure start there. Values and parameter gradients as
+    ``v^T J v`` by ``torch.func`` over the replacement, with the same probes, every call."""
+    from torchdiv._core import modes
+    from torchdiv._core.modes import _cdist
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4).double()
+    evaluations = []
+
+    def f(z, distance=torch.cdist):
+        evaluations.append(1)
+        points = lin(z).reshape(-1, 2, 2)
+        return distance(points, points).reshape(-1, 4) + z.sin()
+
+    x = torch.randn(6, 4, dtype=torch.float64)
+    probes = torchdiv.draw_probes(x, 1, generator=torch.Generator().manual_seed(1))
+    v = probes[0]
+    jac = reference_jacobian(lambda z: f(z, _cdist), x)
+    want = torch.einsum("bi,bij,bj->b", v, jac, v)
+    (want_grad,) = torch.autograd.grad(want.sum(), lin.weight)
+    for call in range(3):  # plain, then again under the mode; under the mode
+        evaluations.clear()
+        est = torchdiv.divergence(f, x, method="hutchinson", probes=probes)
+        assert len(evaluations) == (2 if call == 0 else 1), call
+        assert_close(est, want)
+        assert_close(torch.autograd.grad(est.sum(), lin.weight)[0], want_grad)
+    entered = []
+    enter = modes.SafeDerivatives.__enter__
+    monkeypatch.setattr(modes.SafeDerivatives, "__enter__", lambda s: entered.append(1) or enter(s))
+    for _ in range(2):  # without an op the mode changes, f stays outside it
+        est = torchdiv.divergence(lin, x, method="hutchinson", probes=probes)
+        assert_close(est, torch.einsum("bi,ij,bj->b", v, lin.weight, v))
+    assert not entered
+
+
+def test_one_probe_estimates_of_lambdas_made_anew_remember_the_mode_by_their_code():
+    """A lambda made anew at every call (inside an ODE function) is found again by its code:
+    after the first call, an ``f`` that needs ``SafeDerivatives`` is evaluated once per call,
+    under the mode."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    probes = torchdiv.draw_probes(x, 1, generator=torch.Generator().manual_seed(1))
+    evaluations = []
+
+    def g(z):
+        evaluations.append(1)
+        points = lin(z).reshape(-1, 2, 2)
+        return torch.cdist(points, points).reshape(-1, 4) + z.sin()
+
+    for call in range(3):
+        evaluations.clear()
+        f = lambda z: g(z)  # noqa: E731 (a new object at every call, one code)
+        torchdiv.divergence(f, x, method="hutchinson", probes=probes)
+        assert len(evaluations) == (2 if call == 0 else 1), call

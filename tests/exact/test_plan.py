@@ -118,6 +118,31 @@ def test_tiny_square_problems_take_plain_autograd_unwatched_after_a_watch(monkey
     assert type(engine) is GraphJacobian and chunk == 2
 
 
+def test_square_problems_up_to_rows_problem_take_rows_once_a_planned_watch_passed():
+    """Above ``TINY_PROBLEM``, up to ``ROWS_PROBLEM``: the first call is planned and watched,
+    later ones go by plain autograd rows; not a conv net (its backward is the slower side),
+    nor a larger problem, nor a function that mixes samples (its watch raises every time)."""
+    net = tanh_mlp(16, 8, 16)
+    x = torch.randn(256, 16, dtype=torch.float64)
+    assert _plan.TINY_PROBLEM < 16 * x.numel() <= _plan.ROWS_PROBLEM
+
+    def run(f, z):
+        return type(evaluate(f, z, 1, "auto", None, lambda e, c: (e, c), square=True)[0][0])
+
+    assert run(net, x) is ReverseJacobian
+    assert run(net, x) is GraphJacobian
+    assert_close(torchdiv.divergence(net, x, method="reverse"), reference_divergence(net, x))
+    assert run(net, torch.randn(512, 16, dtype=torch.float64)) is ReverseJacobian  # larger
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1).double()
+    image = torch.randn(16, 1, 8, 8, dtype=torch.float64)
+    assert _plan.TINY_PROBLEM < 64 * image.numel() <= _plan.ROWS_PROBLEM
+    assert [run(conv, image) for _ in range(2)] == [ForwardJacobian] * 2
+    mixes = lambda z: net(z - z.mean(0))  # noqa: E731
+    for _ in range(2):
+        with pytest.raises(torchdiv.BatchInteractionError):
+            run(mixes, x)
+
+
 @pytest.mark.parametrize("d", [LOOP_ROWS, LOOP_ROWS + 1])  # one pass per row; batched
 def test_tiny_divergence_and_its_parameter_gradients_by_plain_autograd(d):
     """Values and parameter gradients against jacrev and float64 finite differences."""
@@ -137,6 +162,47 @@ def test_tiny_divergence_and_its_parameter_gradients_by_plain_autograd(d):
 
     numeric = central_difference(moved).item()
     assert abs(analytic - numeric) <= 1e-8 * max(1.0, abs(numeric))
+
+
+@pytest.mark.parametrize("event", [(1,), (2,), (1, 2)])
+def test_tiny_entries_read_off_rows_after_the_watch(monkeypatch, event):
+    """At most ``LOOP_ROWS`` rows, plain autograd reads each row's diagonal entry off its
+    product (``GraphJacobian.entries``): values, parameter gradients and each share's part
+    (``torchdiv.distributed``) as the block path gives them, the result a tensor of its own
+    (written in place, the next call is unchanged)."""
+    from torchdiv._core.basis import Share
+    from torchdiv._exact.dispatch import diagonal_and_output
+
+    d = event[-1]
+    net = tanh_mlp(d, 8, d)
+    g = lambda z: net(z.reshape(len(z), d)).reshape(z.shape)  # noqa: E731
+    x = torch.randn(16, *event, dtype=torch.float64)
+    torchdiv.divergence(g, x)  # the first call: watched, torch.func
+    read = []
+    entries = GraphJacobian.entries
+    monkeypatch.setattr(GraphJacobian, "entries", lambda *a: read.append(1) or entries(*a))
+    div = torchdiv.divergence(g, x)
+    assert read, "the rows' entries were not read"
+    assert_close(div, reference_divergence(g, x))
+    assert_close(torchdiv.jacobian_diagonal(g, x), reference_diagonal(g, x))
+    params = list(net.parameters())
+    directions = [torch.randn_like(p) for p in params]
+    analytic = directional_gradient(div, params, directions)
+
+    def moved(t):
+        with shifted(params, directions, t), torch.no_grad():
+            return reference_divergence(g, x).sum()
+
+    numeric = central_difference(moved).item()
+    assert abs(analytic - numeric) <= 1e-8 * max(1.0, abs(numeric))
+    with torch.no_grad():
+        div.add_(100.0)
+    assert_close(torchdiv.divergence(g, x), reference_divergence(g, x))
+    parts = [
+        diagonal_and_output("divergence", g, x, 1, "auto", None, True, Share(i, 2))[0]
+        for i in range(2)
+    ]
+    assert_close(parts[0] + parts[1], reference_divergence(g, x))
 
 
 def test_tiny_problems_evaluate_f_outside_safe_derivatives_unless_its_graph_needs_them():
@@ -225,3 +291,20 @@ def test_a_tiny_problems_first_watched_call_is_planned_as_the_later_ones():
 
     first = estimate()
     assert torch.equal(first, estimate())
+
+
+def test_a_one_block_jacobian_is_the_callers_to_write_to():
+    """A Jacobian of one block is that block (no copy), unless the block overlaps itself
+    (forward mode through ``expand``: stride 0): every result takes an in-place write, and
+    the next call is unchanged."""
+    x = torch.randn(5, 3, dtype=torch.float64)
+    w = torch.randn(3, 3, dtype=torch.float64)
+    cases = [
+        (lambda z: torch.tanh(z @ w), "reverse"),
+        (lambda z: z[:, :1].expand(-1, 3), "forward"),
+    ]
+    for f, method in cases:
+        for _ in range(2):
+            jac = torchdiv.jacobian(f, x, method=method)
+            assert_close(jac, reference_jacobian(f, x))
+            jac.add_(1.0)

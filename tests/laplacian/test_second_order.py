@@ -645,6 +645,33 @@ def test_nothing_the_caller_passed_is_mutated(call):
     assert all(p.grad is None for p in net.parameters()) and net.training
 
 
+def test_frozen_loops_on_more_arithmetic_with_one_thread():
+    """A frozen Laplacian at three inputs whose graph does 24k multiply-adds / 32 per call
+    (``work * n`` between ``2 * LOOP_WORK`` and ``2 * LOOP_WORK_ONE_THREAD``): the loop on
+    one thread, the Taylor engine on two; trained, the Taylor engine on both."""
+    from torchdiv._laplacian import methods as _laplacian
+    from torchdiv._taylor import RULES, capture
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(3, 64), torch.nn.Tanh()]
+    for _ in range(2):
+        layers += [torch.nn.Linear(64, 64), torch.nn.Tanh()]
+    net = torch.nn.Sequential(*layers, torch.nn.Linear(64, 1))
+    x = torch.randn(256, 3)
+    trained = capture(net, x, RULES, batch_dims=1)
+    frozen = capture(net.requires_grad_(False), x, RULES, batch_dims=1)
+    work = frozen.work_per_call() * 3
+    assert 2 * _laplacian.LOOP_WORK <= work < 2 * _laplacian.LOOP_WORK_ONE_THREAD
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _laplacian.loops_for(frozen, x, 1) and not _laplacian.loops_for(trained, x, 1)
+        torch.set_num_threads(2)
+        assert not _laplacian.loops_for(frozen, x, 1)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch):
     """The rule: the loop at one input and a small batch (f not recorded); where the recorded
     graph does little arithmetic per call at up to three inputs (two if the result is
@@ -803,3 +830,16 @@ def test_value_grad_laplacian_remembers_that_auto_loops(monkeypatch):
         out = torchdiv.value_grad_laplacian(gaussian, x)
         assert_close(out.laplacian, gaussian(x) * (x.square().sum(-1) - 2))
         assert len(recorded) == (call == 0)
+
+
+def test_all_finite_reads_nan_and_infinity_off_the_sum():
+    """The loop's finiteness check (a sum, not ``isfinite().all()``): any NaN or infinity,
+    opposite infinities included, reads as not finite; an overflowing sum of finite entries
+    too (the caller then takes its other exact method)."""
+    from torchdiv._laplacian.loop import all_finite
+
+    inf, nan = float("inf"), float("nan")
+    assert all_finite(torch.tensor([1.0, -2.0])) and all_finite(torch.zeros(0))
+    for bad in ([1.0, nan], [inf, 1.0], [1.0, inf, -inf], [-inf]):
+        assert not all_finite(torch.tensor(bad, requires_grad=True)), bad
+    assert not all_finite(torch.full((4,), 3e38))  # float32: finite entries, the sum is not

@@ -113,7 +113,7 @@ def jacobian(
     g = _prepare("jacobian", f, x, batch_dims, method, chunk_size, square=False)
     jac, y_shape = _exact.jacobian(g, x, batch_dims, method, chunk_size, where=site(f))
     shape = x.shape[:batch_dims] + y_shape[batch_dims:] + x.shape[batch_dims:]
-    return jac.reshape(shape).to(x.dtype)
+    return _shaped(jac, shape).to(x.dtype)
 
 
 @eager_when(_plans)
@@ -189,7 +189,7 @@ def jacobian_diagonal(
     diag, _ = _exact.diagonal_and_output(
         fn, g, x, batch_dims, method, chunk_size, trace=False, where=site(f)
     )
-    return diag.reshape(x.shape).to(x.dtype)
+    return _shaped(diag, x.shape).to(x.dtype)
 
 
 @eager_when(_plans)
@@ -241,7 +241,9 @@ def divergence(
     each ``f`` object at a shape (for sample mixing), and go in one chunk: plain
     ``autograd.grad`` rows for divergences and diagonals (and Jacobians whose output was
     square at the last call; ``torch.func``'s wrapping costs more than the computation
-    there), else reverse mode (forward if the output is larger). If ``torch.func`` cannot
+    there), else reverse mode (forward if the output is larger); such square problems up
+    to ``2**16`` go by the same rows once a planned call of that ``f`` object at that shape
+    was watched and did not convolve. If ``torch.func`` cannot
     run ``f`` (an op without a forward-mode rule: a custom ``autograd.Function`` without
     ``jvp``, CPU fused attention; a legacy ``autograd.Function``; in-place writes or control
     flow on batched tangents) it silently uses plain autograd (``autograd.grad`` over batched
@@ -296,7 +298,7 @@ def divergence(
     div, _ = _exact.diagonal_and_output(
         fn, g, x, batch_dims, method, chunk_size, trace=True, where=site(f)
     )
-    return div.reshape(x.shape[:batch_dims]).to(x.dtype)
+    return _shaped(div, x.shape[:batch_dims]).to(x.dtype)
 
 
 @compiled_like_f
@@ -376,3 +378,9 @@ def estimate_divergence(
         fn, x, batch_dims, method, num_probes, probe, probes, generator, rtol, atol, max_probes
     )
     return _stochastic.trace_of_function(g, x, batch_dims, s, chunk_size)
+
+
+def _shaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``t.reshape(shape)``, ``t`` itself where it has that shape (a reshape is an autograd
+    node of its own in training, a few microseconds of a small problem's call)."""
+    return t if t.shape == shape else t.reshape(shape)

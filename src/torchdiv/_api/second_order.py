@@ -376,7 +376,7 @@ def _looped(
     ``laplacian``'s ``"auto"``)."""
     value, jac, lap = _loop.value_grad_laplacian(f, x, batch_dims, plan.check, plan.settings)
     plan.passed()
-    if not bool(lap.isfinite().all()):
+    if not _loop.all_finite(lap):
         return None
     shape = (*x.shape[:batch_dims], *value.shape[batch_dims:], *x.shape[batch_dims:])
     return ValueGradLaplacian(value, jac.reshape(shape), lap)

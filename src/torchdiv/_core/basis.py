@@ -77,7 +77,7 @@ def basis(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> torch.T
     k, n = stop - start, event_numel(like, batch_dims)
     out = like.new_zeros((k, like.shape[:batch_dims].numel(), n))
     out.diagonal(start, dim1=0, dim2=2).fill_(1)  # [j, :, start + j]: one op, no index tensor
-    return out.reshape(k, *like.shape)
+    return out if like.dim() == 2 and batch_dims == 1 else out.reshape(k, *like.shape)
 
 
 def as_blocks(products: torch.Tensor, batch_dims: int) -> torch.Tensor:

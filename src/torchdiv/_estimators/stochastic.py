@@ -20,6 +20,8 @@ from torchdiv._estimators.registry import Matmat
 from torchdiv._estimators.result import Estimate
 from torchdiv._exact import dispatch as _exact
 from torchdiv._exact.autograd import GraphJacobian, unwatched
+from torchdiv._taylor.cache import PlanCache, site
+from torchdiv._taylor.mixing import structure
 
 
 def jacobian_matmat(engine: _exact.Engine) -> Matmat:
@@ -56,7 +58,7 @@ def trace_of_function(
     pass takes 0.30 ms, forward plus ``autograd.grad`` 0.72 ms).
     """
     if s.num_probes == 1:
-        value, stderr = _trace.summary(_one_probe(unwatched(f, x, batch_dims), s)[None])
+        value, stderr = _trace.summary(_one_probe(_one_product(f, x, batch_dims), s)[None])
         return Estimate(value, stderr, 1)
 
     def consume(engine: _exact.Engine, chunk: int) -> Estimate:
@@ -79,7 +81,7 @@ def terms_of_function(
     with the same probes (an integral along an ODE solve) keep that meaning
     (``torchdiv.flows``)."""
     batch = x.shape[:batch_dims]
-    if s.num_probes == 1:
+    if s.num_probes == 1:  # (f: a flow's closure made at every step, no structure to keep)
         engine = unwatched(f, x, batch_dims)
         return _one_probe(engine, s)[None], _exact.output(engine)
 
@@ -88,6 +90,33 @@ def terms_of_function(
 
     (flat, y), _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume, s.generator)
     return flat.reshape(len(flat), *batch).to(x.dtype), y
+
+
+# the structures of f and x (``torchdiv._taylor.mixing.structure``, f by its ``cache.site``)
+# at which a plain evaluation of f showed an op that ``SafeDerivatives`` changes:
+# ``_one_product`` evaluates f there under the mode at once (two functions with the same code
+# share it: at worst one runs under the mode without need, as before)
+_GUARDED = PlanCache(256)
+
+
+def _one_product(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+) -> GraphJacobian:
+    """The plain-autograd engine of a one-product estimate (``unwatched``), ``f`` evaluated
+    outside ``SafeDerivatives``, whose dispatch costs 13 us to enter and 2-4 us per op of
+    ``f`` (a 2-D CNF's MLP at batch 256: 30 us of a 0.4 ms estimate, one thread), unless an
+    evaluation at this structure showed an op the mode changes. Such an evaluation is
+    discarded and made again under the mode (``GraphJacobian.of_function``: the result is
+    the mode's either way), and later calls at the structure start there, so ``f``'s state
+    (a random generator) moves twice once per structure."""
+    if torch.compiler.is_compiling():
+        return unwatched(f, x, batch_dims)
+    owner, key = structure(f, x, batch_dims)
+    where = site(owner)  # a lambda made anew at every call: its code, found again
+    engine = unwatched(f, x, batch_dims, plain=_GUARDED.get(where, key) is None)
+    if engine.guarded:
+        _GUARDED.put(where, key, True)
+    return engine
 
 
 def _one_probe(engine: GraphJacobian, s: _trace.Sampling) -> torch.Tensor:

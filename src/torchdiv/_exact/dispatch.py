@@ -59,7 +59,10 @@ def dense(engine: Engine, chunk_size: int) -> torch.Tensor:
     if not blocks:  # no basis vectors: an empty event on the side the engine walks along
         m = math.prod(engine.y_shape[engine.batch_dims :])
         return engine.x.new_zeros(_samples(engine), m, event_numel(engine.x, engine.batch_dims))
-    stacked = torch.cat(blocks)  # (basis, N, other side)
+    # (basis, N, other side); one block as it is, unless it overlaps itself (a JVP through
+    # ``expand``): the result is the caller's to write to
+    one = len(blocks) == 1 and blocks[0].is_contiguous()
+    stacked = blocks[0] if one else torch.cat(blocks)
     return stacked.permute(1, 0, 2) if engine.blocks_are_rows else stacked.permute(1, 2, 0)
 
 
@@ -137,11 +140,25 @@ def diagonal_and_output(
     generic = "auto" if method == "structured" else method
 
     def consume(engine: Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        entries = None
+        if isinstance(engine, GraphJacobian):  # plain autograd: a few rows' entries, if so
+            entries = engine.entries(*share.of(engine.num_basis))
+        if entries:  # a few rows, one backward pass each: their entries, not a block
+            diag = _summed(entries) if trace else torch.stack(entries, -1)
+            return diag, output(engine)
         diag = diagonal(engine, chunk, share)
         return (diag.sum(-1) if trace else diag), output(engine)
 
     result, _ = evaluate(f, x, batch_dims, generic, chunk_size, consume, square=True, draws=False)
     return result
+
+
+def _summed(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of ``parts`` (at least one), a new tensor: no view of a product handed out."""
+    total = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
+    for part in parts[2:]:
+        total = total + part
+    return total
 
 
 def output(engine: Engine) -> torch.Tensor:
@@ -249,16 +266,19 @@ def _engines(
     rule ran. Tiny problems are not planned; they are watched for sample mixing until this
     very ``f`` has passed a watch at the structure of ``x`` (``passed_before``), and always
     when the event is empty, where any op but an elementwise one mixes samples. Tiny
-    ``square`` problems that passed start with plain autograd (``_plain_first``). If
+    ``square`` problems that passed start with plain autograd (``_plain_first``), as do
+    ``square`` ones up to ``_plan.ROWS_PROBLEM`` whose planned evaluation passed the watch
+    without a convolution (CPU convolution backward is the slower side). If
     ``torch.func`` cannot evaluate ``f``, the plain-autograd engine's evaluation is watched
     instead.
     """
     num_inputs = event_numel(x, batch_dims)
     tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
+    rows = square and x.dim() > batch_dims and num_inputs * x.numel() <= _plan.ROWS_PROBLEM
     compiling = torch.compiler.is_compiling()
-    at = structure(f, x, batch_dims) if tiny and not compiling else None
+    at = structure(f, x, batch_dims) if (tiny or rows) and not compiling else None
     seen = None if at is None else passed_before(f, x, batch_dims, at)
-    if square and seen is not None and x.dim() > batch_dims:
+    if rows and seen is not None:
         return _plain_first(f, x, batch_dims, seen)
     changes = _state.Changes(x)
     again = changes.again(f)
@@ -278,6 +298,8 @@ def _engines(
             sizes = _plan.OpSizes(x.shape[:batch_dims])
             if watch:
                 passed(f, x, batch_dims, at)
+        elif rows and watch and not sizes.convolves:  # later calls: rows (ROWS_PROBLEM)
+            passed(f, x, batch_dims, at)
     except Exception as error:
         if not _cannot_run(error):
             raise

@@ -22,7 +22,7 @@ from torchdiv._core.checks import event_numel
 from torchdiv._core.crossover import traced
 from torchdiv._core.modes import SafeDerivatives, math_attention, recorded
 from torchdiv._exact.forward import ForwardJacobian
-from torchdiv._laplacian.loop import Check, Settings, grad_of_grad
+from torchdiv._laplacian.loop import Check, Settings, all_finite, grad_of_grad
 from torchdiv._taylor import (
     RULES,
     Context,
@@ -53,10 +53,15 @@ CHUNK_ELEMENTS = 2**24
 #   2048, 44k, and the FNN at 2048: Taylor, 1.3x);
 # - not: at up to LOOP_INPUTS = 3 inputs below LOOP_WORK * 2 / n per call (the FNN at batch
 #   256 loops at 2 inputs, 1.0-1.3x, not at 3; a KAN at batch 256 loops at 2 and 3 inputs,
-#   1.2-1.3x; a KAN at 2048, 44k per call: Taylor, 1.1-1.2x).
+#   1.2-1.3x; a KAN at 2048, 44k per call: Taylor, 1.1-1.2x); with one thread below
+#   LOOP_WORK_ONE_THREAD * 2 / n: the Taylor engine's n + 2 times wider ops are what a
+#   second thread speeds up, the loop's small ones gain little from it (the FNN at 256 and 3
+#   inputs, 24k per call: the loop 1.3-1.45x faster on one thread, Taylor 1.1-1.2x on two);
+#   read when a structure is first decided (``_LOOPS`` keeps the decision).
 LOOP_INPUTS = 3
 LOOP_ELEMENTS = 1024
 LOOP_WORK = 32768
+LOOP_WORK_ONE_THREAD = 40960
 LOOP_WORK_TRAINED = 32768
 LOOP_FALLBACK = 10
 # the loop batches its second-level backward passes (``loop.Settings``) below this much
@@ -165,7 +170,8 @@ def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
     n, work = event_numel(x, batch_dims), graph.work_per_call()
     if graph.requires_grad:
         return n <= 2 and work < LOOP_WORK_TRAINED
-    return n <= LOOP_INPUTS and work * n < 2 * LOOP_WORK
+    limit = LOOP_WORK_ONE_THREAD if torch.get_num_threads() == 1 else LOOP_WORK
+    return n <= LOOP_INPUTS and work * n < 2 * limit
 
 
 def _structure(f: Function, at: mixing.Structure) -> tuple[Any, Hashable]:
@@ -189,7 +195,7 @@ def looped(
     whose unused branch is ``0 * log(0)``); the JVP formulas do not."""
     out = grad_of_grad(f, x, batch_dims, plan.check, plan.settings)
     plan.passed()
-    if bool(out.isfinite().all()):
+    if all_finite(out):
         return out
     return forward_over_reverse(f, x, batch_dims, chunk_size)
 
