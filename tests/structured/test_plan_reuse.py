@@ -4,15 +4,19 @@ recordings, ``torchdiv._structured.products`` for products of weights)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
+from torch._C._dynamo.eval_frame import get_eval_frame_callback, set_eval_frame
 
 import torchdiv
 from torchdiv._structured import products
 from torchdiv._taylor import cache
 from torchdiv.flows import log_likelihood
 
+capture = importlib.import_module("torchdiv._taylor.capture")  # (the package exports a function)
 DOUBLE = torch.float64
 
 
@@ -262,3 +266,25 @@ def test_a_chain_followed_along_kept_routes_reads_each_calls_values():
         torch.testing.assert_close(value, _reference_divergence(f, x))
     (template,) = (entry[1] for entry in cache.RECORDINGS._entries.values())
     assert "chain" in template.derived  # followed, not walked, at the later calls
+
+
+def test_the_recorder_and_the_check_turn_dynamo_off_only_where_it_is_on():
+    """``TorchDispatchMode`` wraps a subclass's ``__torch_dispatch__`` in
+    ``torch._disable_dynamo``, ~5 us an ATen call in eager code too: the recorder's and the
+    check's modes go without it, and turn Dynamo off themselves where a callback is set."""
+    for mode in (capture._Recorder, cache._Checker):
+        assert not hasattr(mode.__torch_dispatch__, "_torchdynamo_disable")
+    seen = []
+
+    class Seeing(capture.DispatchMode):
+        def dispatch(self, func, args, kwargs):
+            seen.append(get_eval_frame_callback())
+            return func(*args, **kwargs)
+
+    prior = set_eval_frame(False)  # Dynamo's run-only callback
+    try:
+        with Seeing():
+            torch.ones(2).add(1)
+    finally:
+        set_eval_frame(prior)
+    assert seen and all(callback is None for callback in seen)
