@@ -191,6 +191,9 @@ def test_kept_products_are_found_by_their_factors_bits(op):
     product = getattr(products, op)
     first = product(a, b)
     assert product(a.clone(), b.clone()) is first
+    # factors read in place only where contiguous and without a negative bit
+    assert product(a.T.contiguous().T, torch._neg_view(-b)) is first
+    assert product(a, torch._neg_view(b)) is not first
     b.data[0, 0] = torch.nextafter(b[0, 0], torch.tensor(float("inf")))  # one ulp
     second = product(a, b)
     assert second is not first
