@@ -59,7 +59,18 @@ def test_reused_plans_give_the_values_and_parameter_gradients_of_fresh_ones(op):
     torch.testing.assert_close(value, diag.sum(-1) if op == "divergence" else diag)
 
 
-@pytest.mark.parametrize("how", ["in place", "through .data", "replaced", "frozen then trained"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "in place",
+        "through .data",
+        ".data assigned",
+        "set_",
+        "load_state_dict",
+        "replaced",
+        "frozen then trained",
+    ],
+)
 def test_changed_weights_are_never_served_from_an_old_plan(how):
     net, x = mlp(), torch.randn(200, 6, dtype=DOUBLE)
     net.requires_grad_(False)
@@ -70,6 +81,13 @@ def test_changed_weights_are_never_served_from_an_old_plan(how):
             net[0].weight.mul_(1.5)
     elif how == "through .data":  # the version counter does not move
         net[4].weight.data.copy_(torch.randn_like(net[4].weight))
+    elif how == ".data assigned":  # another tensor, the same Parameter object
+        net[2].weight.data = torch.randn_like(net[2].weight)
+    elif how == "set_":
+        with torch.no_grad():
+            net[2].weight.set_(torch.randn_like(net[2].weight))
+    elif how == "load_state_dict":
+        net.load_state_dict({k: v + 0.1 for k, v in net.state_dict().items()})
     elif how == "replaced":
         net[0] = nn.Linear(6, 32).double().requires_grad_(False)
     else:
