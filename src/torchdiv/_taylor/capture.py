@@ -159,7 +159,7 @@ class DispatchMode(TorchDispatchMode):
         raise NotImplementedError
 
 
-@torch._disable_dynamo(recursive=True)
+@torch.compiler.disable(recursive=True)
 def _without_dynamo(dispatch: Callable[..., Any], *args: Any) -> Any:
     return dispatch(*args)
 
