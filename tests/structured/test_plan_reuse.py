@@ -4,15 +4,19 @@ recordings, ``torchdiv._structured.products`` for products of weights)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
+from torch._C._dynamo.eval_frame import get_eval_frame_callback, set_eval_frame
 
 import torchdiv
 from torchdiv._structured import products
 from torchdiv._taylor import cache
 from torchdiv.flows import log_likelihood
 
+capture = importlib.import_module("torchdiv._taylor.capture")  # (the package exports a function)
 DOUBLE = torch.float64
 
 
@@ -55,7 +59,18 @@ def test_reused_plans_give_the_values_and_parameter_gradients_of_fresh_ones(op):
     torch.testing.assert_close(value, diag.sum(-1) if op == "divergence" else diag)
 
 
-@pytest.mark.parametrize("how", ["in place", "through .data", "replaced", "frozen then trained"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "in place",
+        "through .data",
+        ".data assigned",
+        "set_",
+        "load_state_dict",
+        "replaced",
+        "frozen then trained",
+    ],
+)
 def test_changed_weights_are_never_served_from_an_old_plan(how):
     net, x = mlp(), torch.randn(200, 6, dtype=DOUBLE)
     net.requires_grad_(False)
@@ -66,6 +81,13 @@ def test_changed_weights_are_never_served_from_an_old_plan(how):
             net[0].weight.mul_(1.5)
     elif how == "through .data":  # the version counter does not move
         net[4].weight.data.copy_(torch.randn_like(net[4].weight))
+    elif how == ".data assigned":  # another tensor, the same Parameter object
+        net[2].weight.data = torch.randn_like(net[2].weight)
+    elif how == "set_":
+        with torch.no_grad():
+            net[2].weight.set_(torch.randn_like(net[2].weight))
+    elif how == "load_state_dict":
+        net.load_state_dict({k: v + 0.1 for k, v in net.state_dict().items()})
     elif how == "replaced":
         net[0] = nn.Linear(6, 32).double().requires_grad_(False)
     else:
@@ -187,6 +209,9 @@ def test_kept_products_are_found_by_their_factors_bits(op):
     product = getattr(products, op)
     first = product(a, b)
     assert product(a.clone(), b.clone()) is first
+    # factors read in place only where contiguous and without a negative bit
+    assert product(a.T.contiguous().T, torch._neg_view(-b)) is first
+    assert product(a, torch._neg_view(b)) is not first
     b.data[0, 0] = torch.nextafter(b[0, 0], torch.tensor(float("inf")))  # one ulp
     second = product(a, b)
     assert second is not first
@@ -262,3 +287,25 @@ def test_a_chain_followed_along_kept_routes_reads_each_calls_values():
         torch.testing.assert_close(value, _reference_divergence(f, x))
     (template,) = (entry[1] for entry in cache.RECORDINGS._entries.values())
     assert "chain" in template.derived  # followed, not walked, at the later calls
+
+
+def test_the_recorder_and_the_check_turn_dynamo_off_only_where_it_is_on():
+    """``TorchDispatchMode`` wraps a subclass's ``__torch_dispatch__`` in
+    ``torch._disable_dynamo``, ~5 us an ATen call in eager code too: the recorder's and the
+    check's modes go without it, and turn Dynamo off themselves where a callback is set."""
+    for mode in (capture._Recorder, cache._Checker):
+        assert not hasattr(mode.__torch_dispatch__, "_torchdynamo_disable")
+    seen = []
+
+    class Seeing(capture.DispatchMode):
+        def dispatch(self, func, args, kwargs):
+            seen.append(get_eval_frame_callback())
+            return func(*args, **kwargs)
+
+    prior = set_eval_frame(False)  # Dynamo's run-only callback
+    try:
+        with Seeing():
+            torch.ones(2).add(1)
+    finally:
+        set_eval_frame(prior)
+    assert seen and all(callback is None for callback in seen)

@@ -178,7 +178,8 @@ def _equal(kept: Tensor, now: Tensor) -> bool:
     if now.is_complex() or now.element_size() not in _BITS:
         return torch.equal(kept, now.detach())
     if _MEMCMP is not None and _compared_by_bytes(now):
-        now = now.detach().resolve_neg().contiguous()
+        if not now.is_contiguous() or now.is_neg():  # (a weight is neither: no copy made)
+            now = now.detach().resolve_neg().contiguous()
         return _MEMCMP(kept.data_ptr(), now.data_ptr(), now.numel() * now.element_size()) == 0
     bits = _BITS[now.element_size()]
     return torch.equal(kept.view(bits), now.detach().contiguous().view(bits))

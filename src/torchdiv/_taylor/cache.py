@@ -41,13 +41,13 @@ from typing import Any
 
 import torch
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchdiv._core import mixing as _mixing
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
     _DECOMPOSITIONS,
     Before,
+    DispatchMode,
     Graph,
     Node,
     Ref,
@@ -366,7 +366,7 @@ def _changes_state(func: Any, args: Any, kwargs: Any) -> bool:
     return writes or (func in _BATCH_NORMS and len(args) > 5 and bool(args[5]))  # training
 
 
-class _Checker(TorchDispatchMode):
+class _Checker(DispatchMode):
     def __init__(self, found: Template, x: torch.Tensor, rules: Container[Any]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         self.found, self.x, self.rules = found, x, rules
@@ -408,8 +408,7 @@ class _Checker(TorchDispatchMode):
             items.append(item)
         return items if kind is list else tuple(items)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
+    def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         i, calls = self.i, self.calls
         if not self.same or i >= len(calls) or calls[i].func is not func:
             return self._other(func, args, kwargs)  # as capture, a decomposed op; or another
