@@ -41,10 +41,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from torchdiv._core.checks import _shape
+from torchdiv._core.modes import DispatchMode
 from torchdiv._core.walk import BATCH_NORM_NODES, nodes
 
 aten = torch.ops.aten
@@ -285,7 +285,7 @@ def _module_in_stack() -> str | None:
     return None
 
 
-class Watching(TorchDispatchMode):
+class Watching(DispatchMode):
     """Watch ``f`` with ``BatchAxes`` alone: ``with Watching(x, batch_dims): f(x)`` (nothing
     when ``allow_batch_interaction()`` is active)."""
 
@@ -293,11 +293,11 @@ class Watching(TorchDispatchMode):
         super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         self.tracker = None if allowed() else BatchAxes(x, batch_dims)
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         if self.tracker is None:
-            return func(*args, **(kwargs or {}))
+            return func(*args, **kwargs)
         carry = self.tracker.before(func, args)
-        out = func(*args, **(kwargs or {}))
+        out = func(*args, **kwargs)
         self.tracker.after(carry, args, out)
         return out
 

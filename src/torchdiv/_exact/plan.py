@@ -23,10 +23,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from torchdiv._core.mixing import BatchAxes
+from torchdiv._core.modes import DispatchMode
 
 CHUNK_ELEMENTS = 1 << 21
 
@@ -47,7 +47,7 @@ _CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten._convolution
 _WITHOUT_FORWARD_RULE = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
-class OpSizes(TorchDispatchMode):
+class OpSizes(DispatchMode):
     """Records the largest per-batch tensor any op produced, whether any op convolved, and
     whether every op has a forward-mode rule.
 
@@ -65,9 +65,9 @@ class OpSizes(TorchDispatchMode):
         self.axes = axes
         self.forward_rules = True
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         carry = None if self.axes is None else self.axes.before(func, args)
-        out = func(*args, **(kwargs or {}))
+        out = func(*args, **kwargs)
         if carry is not None:
             self.axes.after(carry, args, out)  # type: ignore[union-attr]
         self.convolves |= func in _CONVOLUTIONS

@@ -18,13 +18,13 @@ from types import TracebackType
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from torchdiv._core.modes import DispatchMode
 from torchdiv._taylor.capture import _BATCH_NORMS, _storage, _written
 from torchdiv._taylor.tree import leaves
 
 
-class Changes(TorchDispatchMode):
+class Changes(DispatchMode):
     """State outside ``f`` that ``f`` changed: tensors (value before and after) and generators.
 
     Used as a context manager around an evaluation of ``f``, it watches; ``again(f)`` wraps
@@ -39,8 +39,7 @@ class Changes(TorchDispatchMode):
         self.generators: dict[torch.Generator, torch.Tensor] = {}  # state before f drew
         self._made: set[int] = set()  # storages of tensors f made
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
+    def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         writes, fresh, random = _facts(func)
         if writes:
             for tensor in _written(func, args, kwargs):

@@ -43,11 +43,11 @@ import torch
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from torchdiv._core import mixing as _mixing
+from torchdiv._core.modes import DispatchMode
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
     _DECOMPOSITIONS,
     Before,
-    DispatchMode,
     Graph,
     Node,
     Ref,

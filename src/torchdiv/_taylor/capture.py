@@ -23,14 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-from torch._C._dynamo.eval_frame import get_eval_frame_callback
 from torch._C._functorch import peek_interpreter_stack
 from torch._decomp import core_aten_decompositions
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchdiv._core.mixing import VALUE_FREE, BatchAxes, BatchInteractionError, tracker
-from torchdiv._core.modes import SafeDerivatives, math_attention
+from torchdiv._core.modes import DispatchMode, SafeDerivatives, math_attention
 from torchdiv._taylor.tree import leaves, map_leaves
 
 aten = torch.ops.aten
@@ -134,34 +132,6 @@ class Graph:
 def _replacing(old: torch.Tensor, new: torch.Tensor) -> Callable[[Any], Any]:
     """``a -> new if a is old else a``, for ``map_leaves``."""
     return lambda a: new if a is old else a
-
-
-class DispatchMode(TorchDispatchMode):
-    """A ``TorchDispatchMode`` whose calls (``dispatch(func, args, kwargs)``) run with Dynamo
-    off, as ``TorchDispatchMode`` runs every subclass's ``__torch_dispatch__``, turning it off
-    only where it is on. PyTorch wraps each subclass's ``__torch_dispatch__`` in
-    ``torch._disable_dynamo``, which sets and restores the frame evaluation callback at every
-    ATen call, in eager code too where none is set: ~5 us a call (a template check of a
-    3-layer MLP, 8 calls: 35-60 us of 1 ms). Here the callback is read (one C call) and the
-    wrapper taken only when one is set."""
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False  # no wrapper around __torch_dispatch__: it turns Dynamo off itself
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        if get_eval_frame_callback() is not None:  # Dynamo on: it must not compile the mode
-            return _without_dynamo(self.dispatch, func, args, kwargs)
-        return self.dispatch(func, args, kwargs)
-
-    def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-        raise NotImplementedError
-
-
-@torch.compiler.disable(recursive=True)
-def _without_dynamo(dispatch: Callable[..., Any], *args: Any) -> Any:
-    return dispatch(*args)
 
 
 class _Recorder(DispatchMode):
