@@ -3,6 +3,8 @@ in which overlapping calls (threads) end."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -140,3 +142,22 @@ def test_vjp_is_autograd_grad_and_leaves_the_unusual_to_it():
     logged = y.as_subclass(Logged)
     vjp(logged, x, v, False)
     assert "grad" in seen
+
+
+def test_replacements_take_pytorch_s_values_at_the_edges():
+    """Integer and bool inputs (no derivatives) and ``out=`` go to PyTorch's op (prod
+    promotes to int64 there); infinities and 0-d tensors give PyTorch's values."""
+    from torchdiv._core.modes import SafeDerivatives
+
+    ints, bools = torch.full((40,), 3, dtype=torch.int32), torch.tensor([True, False])
+    wide = torch.tensor([1.0, 2.0, math.inf, 2.0, -math.inf])
+    out = torch.empty(3)
+    with SafeDerivatives(3, "", forward_mode=False):
+        got = [torch.prod(ints), torch.prod(bools), torch.logcumsumexp(wide, 0)]
+        got += [torch.logcumsumexp(torch.tensor(2.0), 0), torch.cumprod(torch.tensor(3.0), 0)]
+        torch.cumprod(torch.tensor([1.0, 2.0, 3.0]), 0, out=out)
+    want = [torch.prod(ints), torch.prod(bools), torch.logcumsumexp(wide, 0)]
+    want += [torch.tensor(2.0), torch.tensor(3.0)]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(out, torch.tensor([1.0, 2.0, 6.0]))

@@ -658,3 +658,49 @@ def test_samples_moved_into_the_output_event_are_mixing(n: int) -> None:
     outer = lambda z: torch.einsum("bi,cj->bcij", z, z).sum(-1)  # noqa: E731
     with pytest.raises(BatchInteractionError, match=r"samples run along dimension 1"):
         torchdiv.jacobian(outer, x)
+
+
+class _CentredInTraining(nn.Module):
+    """Subtracts the batch mean in train mode only (a hand-written normalisation)."""
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y - y.mean(0) if self.training else y
+
+
+_GLOBAL_NET = nn.Sequential(nn.Linear(16, 16), _CentredInTraining(), nn.Tanh()).double()
+
+
+def _through_global(z: torch.Tensor) -> torch.Tensor:
+    return _GLOBAL_NET(z)
+
+
+@pytest.mark.parametrize("shape", [(8, 4), (200, 16)])  # tiny; square rows up to 2**16
+def test_a_module_reached_by_name_switched_to_train_is_watched_again(shape) -> None:
+    """A function's structure holds the modules it names (closure cells, globals, and those
+    of the functions it names): switched to train mode, it mixes samples, and the later
+    calls, unwatched once the first passed, returned other samples' terms without an
+    error (a closure's rebinding too)."""
+    d = shape[1]
+    net = nn.Sequential(nn.Linear(d, d), _CentredInTraining(), nn.Tanh()).double().eval()
+    x = torch.randn(*shape, dtype=f64)
+    closure = lambda z: net(z)  # noqa: E731
+    global_net = lambda z: _through_global(z)  # noqa: E731  (a global function naming a global)
+    inner = torch.tanh
+    rebound = lambda z: inner(z)  # noqa: E731
+    _GLOBAL_NET.eval()
+    try:
+        for f, module in ((closure, net), (global_net, _GLOBAL_NET)):
+            if d != 16 and module is _GLOBAL_NET:
+                continue
+            for _ in range(3):
+                torchdiv.jacobian(f, x)
+            module.train()
+            with pytest.raises(BatchInteractionError, match="a mean over samples"):
+                torchdiv.jacobian(f, x)
+        for _ in range(3):
+            torchdiv.jacobian(rebound, x)
+        inner = lambda z: z - z.mean(0)  # noqa: E731
+        with pytest.raises(BatchInteractionError, match="a mean over samples"):
+            torchdiv.jacobian(rebound, x)
+    finally:
+        _GLOBAL_NET.eval()

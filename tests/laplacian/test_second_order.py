@@ -544,6 +544,14 @@ def test_graph_laplacian_refuses_to_differentiate_wrong_third_derivatives():
     norm = nn.BatchNorm1d(4).double().eval()
     u = lambda z: norm(z).pow(3).sum(-1)  # noqa: E731
     assert_close(torchdiv.graph_laplacian(u(x), x, create_graph=True), torchdiv.laplacian(u, x))
+    condition = F.layer_norm(torch.randn(3, 4, dtype=f64), (4,))  # off the paths to x: runs
+    u = lambda z: (z.tanh() * condition).sum(-1)  # noqa: E731
+    assert_close(torchdiv.graph_laplacian(u(x), x, create_graph=True), torchdiv.laplacian(u, x))
+    z = F.layer_norm(x, (4,))  # x's own history: runs
+    assert_close(
+        torchdiv.graph_laplacian(z.tanh().sum(-1), z, create_graph=True),
+        torchdiv.laplacian(lambda t: t.tanh().sum(-1), z),
+    )
 
 
 def test_graph_laplacian_of_a_linear_map_is_zero_and_errors():

@@ -30,7 +30,6 @@ from torchdiv._core.checks import (
     event_numel,
 )
 from torchdiv._core.modes import changed_nodes
-from torchdiv._core.walk import nodes
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.registry import STOCHASTIC_METHODS
@@ -217,7 +216,7 @@ def graph_laplacian(
     check_flag(fn, "create_graph", create_graph)
     engine, chunk = _engine(fn, y, x, batch_dims, True, chunk_size, False)
     if create_graph:
-        _check_third_derivatives(fn, y)
+        _check_third_derivatives(fn, y, x)
     n, batch = event_numel(x, batch_dims), x.shape[:batch_dims]
     with torch.inference_mode(False), torch.enable_grad():  # (whatever the caller's mode)
         index = torch.arange(n, device=x.device)
@@ -239,16 +238,18 @@ def graph_laplacian(
 _WRONG_THIRD = changed_nodes(3, forward_mode=False)
 
 
-def _check_third_derivatives(fn: str, y: torch.Tensor) -> None:
+def _check_third_derivatives(fn: str, y: torch.Tensor, x: torch.Tensor) -> None:
     """Refuse a graph holding an op whose PyTorch derivatives are wrong at the third order
     (the gradient of a Laplacian; ``_core.modes.REPLACEMENTS``): the function forms run those
     ops by right equivalents, which a graph the caller built cannot get. A batch norm's node
     counts where it normalises by the input's statistics (``instance_norm``); in eval mode
-    it is affine, and its derivatives are right."""
+    it is affine, and its derivatives are right. Only nodes on a path from ``y`` to ``x``
+    count: the rest (a branch of conditioning inputs, ``x``'s own history) is differentiated
+    at most once by the Laplacian's gradient."""
     wrong = sorted(
         {
             name
-            for node in nodes(y.grad_fn)
+            for node in _towards(y, x)
             if (name := type(node).__name__).startswith(_WRONG_THIRD)
             and getattr(node, "_saved_training", True)
         }
@@ -261,3 +262,24 @@ def _check_third_derivatives(fn: str, y: torch.Tensor) -> None:
             "torchdiv.laplacian(f, x), which runs that op by an equivalent whose derivatives "
             "are right"
         )
+
+
+def _towards(y: torch.Tensor, x: torch.Tensor) -> list[Any]:
+    """The nodes of ``y``'s graph on a path to ``x`` (to its node, ``grad_fn`` or the leaf's
+    ``AccumulateGrad``, itself left out), children first."""
+    order: list[Any] = []
+    seen: set[Any] = set()
+    stack: list[tuple[Any, bool]] = [(y.grad_fn, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+        elif node is not None and node not in seen:
+            seen.add(node)
+            stack.append((node, True))
+            stack += [(child, False) for child, _ in node.next_functions]
+    reaches: dict[Any, bool] = {}
+    for node in order:  # (every child before its parents)
+        own = node is x.grad_fn if x.grad_fn is not None else getattr(node, "variable", None) is x
+        reaches[node] = own or any(reaches.get(c, False) for c, _ in node.next_functions)
+    return [node for node in order if reaches[node] and node is not x.grad_fn]

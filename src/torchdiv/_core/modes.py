@@ -348,8 +348,8 @@ class Replacement:
     """What ``SafeDerivatives`` does with an op whose PyTorch derivatives are wrong: run
     ``run`` instead (same values, derivatives right at every order), or, if ``None``, refuse
     it with ``why``. ``forward``: the lowest derivative order that is wrong for an engine
-    taking any derivative through forward mode; ``reverse``: for one of backward passes
-    only; ``None``: right at every order measured."""
+    taking any derivative through forward mode (forward over reverse: measured as such);
+    ``reverse``: for one of backward passes only; ``None``: right at every order measured."""
 
     name: str
     forward: int | None
@@ -361,8 +361,8 @@ class Replacement:
     def applies(self, order: int, forward_mode: bool) -> bool:
         """Whether an engine taking derivatives up to ``order`` (through forward mode or
         not) must not use PyTorch's own."""
-        wrong = (self.reverse, self.forward) if forward_mode else (self.reverse,)
-        return any(first is not None and first <= order for first in wrong)
+        first = self.forward if forward_mode else self.reverse
+        return first is not None and first <= order
 
 
 class SafeDerivatives(TorchFunctionMode):
@@ -420,11 +420,25 @@ class SafeDerivatives(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         entry = REPLACEMENTS.get(func)
-        if entry is None or not entry.applies(self.order, self.forward_mode):
+        if (
+            entry is None
+            or not entry.applies(self.order, self.forward_mode)
+            or _underived(args, kwargs)
+        ):
             return func(*args, **kwargs)
         if entry.run is None:
             raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {self.way_out}")
         return entry.run(*args, **kwargs)
+
+
+def _underived(args: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether a call cannot be differentiated at all, so PyTorch's op serves: an integer or
+    bool input (prod promotes it to int64 there), or an ``out=`` tensor."""
+    first = args[0] if args else None
+    integral = isinstance(first, torch.Tensor) and not (
+        first.is_floating_point() or first.is_complex()
+    )
+    return integral or kwargs.get("out") is not None
 
 
 def _cdist(
@@ -516,6 +530,8 @@ def _cumprod(a: torch.Tensor, dim: int, *, dtype: Any = None) -> torch.Tensor:
     """``torch.cumprod`` as a scan of elementwise products (``log2 n`` steps, each element
     times the one ``2^k`` before it): derivatives right at every order, also at exact zeros,
     where PyTorch's through forward mode are ``nan`` from the second order on."""
+    if a.dim() == 0:
+        return a.clone() if dtype is None else a.to(dtype)
     moved = (a if dtype is None else a.to(dtype)).movedim(dim, -1)
     step, n = 1, moved.shape[-1]
     while step < n:
@@ -534,6 +550,8 @@ def _logcumsumexp(a: torch.Tensor, dim: int) -> torch.Tensor:
     blocks of rows of at most ``_PREFIX_BLOCK`` elements (memory ``O(n^2)`` work). Values as
     stable as the fused op's (each row shifted by its own maximum); derivatives softmax
     weights, right at every order (PyTorch's own third derivative of it is ``nan``)."""
+    if a.dim() == 0:
+        return a.clone()
     moved = a.movedim(dim, -1)
     n = moved.shape[-1]
     per_row = max(moved.numel(), 1)
@@ -542,9 +560,8 @@ def _logcumsumexp(a: torch.Tensor, dim: int) -> torch.Tensor:
     for start in range(0, n, step):
         stop = min(start + step, n)
         rows = torch.arange(start, stop, device=a.device)[:, None]
-        mask = torch.zeros(stop - start, stop, dtype=a.dtype, device=a.device)
-        mask = mask.masked_fill(torch.arange(stop, device=a.device) > rows, -math.inf)
-        parts.append(torch.logsumexp(moved[..., None, :stop] + mask, -1))
+        later = torch.arange(stop, device=a.device) > rows  # (rows, stop): past each prefix
+        parts.append(torch.logsumexp(moved[..., None, :stop].masked_fill(later, -math.inf), -1))
     if not parts:
         return a.clone()
     return torch.cat(parts, -1).movedim(-1, dim)
@@ -600,7 +617,7 @@ REPLACEMENTS: dict[Any, Replacement] = {
         (2, 3), _instance_norm, "", ("NativeBatchNormBackward",), torch.nn.functional.instance_norm
     ),
     **_table(
-        (3, 3),
+        (None, 3),
         _logcumsumexp,
         "",
         ("LogcumsumexpBackward",),

@@ -33,6 +33,8 @@ results too), as long as it is checked, or keyed by everything it depends on.
 
 from __future__ import annotations
 
+import functools
+import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Container, Hashable
@@ -237,10 +239,45 @@ def site(f: Any) -> Any:
 def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
     """``key`` of ``x`` and, for a module ``f``, which submodules it holds (a swapped one is
     another object), each one's train mode, and which of their parameters require grad: what
-    an ``f``'s computation depends on, as far as it can be told without running it."""
+    an ``f``'s computation depends on, as far as it can be told without running it. For a
+    function, the same of every module it reaches by name (its closure's cells and the
+    globals its code names: ``lambda x: model(x)`` after ``model.train()`` is another
+    structure) and which object each other callable cell holds (a rebound closure)."""
     if isinstance(f, torch.nn.Module):
         return (*_held(f), key(x, batch_dims))
-    return (key(x, batch_dims),)
+    return (*_reached(f), key(x, batch_dims))
+
+
+def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
+    """``_held`` of the modules a function names (closure cells and globals its code names),
+    the ids of the functions it names, and the same of those, ``depth`` levels down."""
+    out: list[Any] = []
+    seen: set[int] = set()
+    todo = [(f, depth)]
+    while todo:
+        fn, left = todo.pop()
+        code = getattr(fn, "__code__", None)
+        if code is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        names = getattr(fn, "__globals__", {})
+        cells = [c.cell_contents for c in fn.__closure__ or () if _filled(c)]
+        for held in cells + [names[n] for n in code.co_names if n in names]:
+            owner = getattr(held, "__self__", None)  # a bound method's module
+            if isinstance(held, torch.nn.Module) or isinstance(owner, torch.nn.Module):
+                out += _held(owner if isinstance(owner, torch.nn.Module) else held)
+            elif isinstance(held, types.FunctionType | functools.partial):
+                out.append(id(held))
+                if left:
+                    todo.append((getattr(held, "func", held), left - 1))
+    return tuple(out)
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        return cell.cell_contents is not cell  # (always true: reading is the test)
+    except ValueError:  # an empty cell: a name bound later
+        return False
 
 
 def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
