@@ -97,8 +97,8 @@ def jacobian(
             (train-mode batch norm, a product or reduction over a batch dimension, e.g. an
             unbatched ``x`` with ``batch_dims=1``); ``torchdiv.allow_batch_interaction()``
             turns it off. Not checked by the explicit methods; tiny ``"auto"`` problems
-            watch the first call of each ``f`` object at a shape ("How it works");
-            ``check_batch_independence`` tests any ``f``.
+            (square ones up to 2**16 elements) watch the first call of each ``f`` object at
+            a structure ("How it works"); ``check_batch_independence`` tests any ``f``.
         Exception: whatever ``f`` raises, same type, its message followed by the call's
             shapes, dtypes, method and engine and a hint (``raise ... from`` the original).
 
