@@ -57,6 +57,7 @@ from torchdiv._core.checks import (
     check_chunk_size,
     check_exact_options,
     check_flag,
+    check_initialized,
     check_input,
     check_log_prob,
     check_method,
@@ -123,6 +124,7 @@ def _sampling(
     """Check the options of the dynamics; for a stochastic method, the probes of the solve
     (drawn here, once, unless given). ``None`` for an exact method."""
     check_callable(fn, f)
+    check_initialized(fn, f)
     check_input(fn, x, batch_dims)
     check_method(fn, method, FLOW_METHODS)
     check_chunk_size(fn, chunk_size)

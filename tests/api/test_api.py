@@ -304,3 +304,20 @@ def test_under_inference_mode(method):
     with torch.inference_mode():
         div = torchdiv.divergence(net, x, method=method)
     assert_close(div, reference_divergence(net, x).detach())
+
+
+@pytest.mark.parametrize("name", ["divergence", "jacobian", "laplacian", "estimate_divergence"])
+def test_an_uninitialized_lazy_module_is_refused_before_it_is_evaluated(name):
+    """A lazy module's first forward inside a torch.func transform left it half made, and the
+    next evaluation crashed the process (a segmentation fault)."""
+    out = 1 if name == "laplacian" else 4
+    net = torch.nn.Sequential(
+        torch.nn.LazyLinear(out), torch.nn.Flatten(0) if out == 1 else torch.nn.Tanh()
+    )
+    options = {"num_probes": 2} if name == "estimate_divergence" else {}
+    with pytest.raises(
+        ValueError, match=rf"^{name}: f has uninitialized parameters .*LazyLinear.*f\(x\)"
+    ):
+        getattr(torchdiv, name)(net, torch.randn(3, 4), **options)
+    net(torch.randn(3, 4))  # initialized: runs
+    getattr(torchdiv, name)(net, torch.randn(3, 4), **options)

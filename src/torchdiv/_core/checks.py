@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch._C._functorch import peek_interpreter_stack
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from torchdiv._core.modes import WrongDerivatives
@@ -279,6 +280,23 @@ def _engine_now() -> str:
     return "plain autograd"
 
 
+def check_initialized(fn: str, f: Any) -> None:
+    """Refuse a module ``f`` (or a bound method of one) holding a lazy module that has not
+    seen an input yet: its first forward swaps parameter classes, which inside a ``torch.func``
+    transform left it half made, and the next evaluation crashed the process (a segmentation
+    fault). One walk of the ``_modules`` dictionaries."""
+    owner = f if isinstance(f, torch.nn.Module) else getattr(f, "__self__", None)
+    stack = [owner] if isinstance(owner, torch.nn.Module) else []
+    while stack:
+        m = stack.pop()
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+            raise ValueError(
+                f"{fn}: f has uninitialized parameters (a lazy module, {type(m).__name__}): "
+                "call it once on a batch, f(x), to initialize them before differentiating it"
+            )
+        stack += [c for c in m._modules.values() if c is not None]
+
+
 def checked(
     fn: str, f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int, square: bool
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -290,6 +308,7 @@ def checked(
     every read of a tensor's attributes: a few microseconds each); the checks that raise run
     only on a bad one."""
     batch, n = x.shape[:batch_dims], event_numel(x, batch_dims)
+    check_initialized(fn, f)
 
     def g(z: torch.Tensor) -> torch.Tensor:
         try:
