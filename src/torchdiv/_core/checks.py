@@ -289,7 +289,8 @@ def check_initialized(fn: str, f: Any) -> None:
     stack = [owner] if isinstance(owner, torch.nn.Module) else []
     while stack:
         m = stack.pop()
-        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+        lazy: Any = m  # (torch types the method's self as a protocol checkers reject)
+        if isinstance(m, LazyModuleMixin) and lazy.has_uninitialized_params():
             raise ValueError(
                 f"{fn}: f has uninitialized parameters (a lazy module, {type(m).__name__}): "
                 "call it once on a batch, f(x), to initialize them before differentiating it"
