@@ -704,3 +704,21 @@ def test_a_module_reached_by_name_switched_to_train_is_watched_again(shape) -> N
             torchdiv.jacobian(rebound, x)
     finally:
         _GLOBAL_NET.eval()
+
+
+def test_objects_a_function_names_are_looked_into_only_if_modules_or_functions() -> None:
+    """A config whose ``__getattr__`` raises ``KeyError`` (a dict-backed one) or a stand-in
+    that claims to be a module: the structure key leaves them alone (they crashed it)."""
+    from unittest import mock
+
+    class Config:
+        def __init__(self) -> None:
+            self._values = {"scale": 2.0}
+
+        def __getattr__(self, name: str) -> float:
+            return self._values[name]
+
+    config, stand_in = Config(), mock.MagicMock(spec=nn.Module)
+    x = torch.randn(4, 3, dtype=f64)
+    f = lambda z: config.scale * z.tanh() + 0 * len(str(stand_in))  # noqa: E731
+    assert_close(torchdiv.divergence(f, x), (2 * (1 - x.tanh() ** 2)).sum(-1))

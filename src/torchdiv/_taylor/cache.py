@@ -33,6 +33,7 @@ results too), as long as it is checked, or keyed by everything it depends on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 import weakref
@@ -249,10 +250,13 @@ def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
 
 
 def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
-    """``_held`` of the modules a function names (closure cells and globals its code names),
-    the ids of the functions it names, and the same of those, ``depth`` levels down."""
+    """``_held`` of the modules a function names (closure cells and globals its code names,
+    bound methods' modules), each module once, the ids of the functions it names, and the
+    same of those, ``depth`` levels down. Only plain functions, partials, modules and
+    methods are looked into: any other object (a config whose ``__getattr__`` raises, a
+    proxy) is left as it is."""
     out: list[Any] = []
-    seen: set[int] = set()
+    seen: set[int] = set()  # functions and modules already in the key
     todo = [(f, depth)]
     while todo:
         fn, left = todo.pop()
@@ -263,9 +267,13 @@ def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
         names = getattr(fn, "__globals__", {})
         cells = [c.cell_contents for c in fn.__closure__ or () if _filled(c)]
         for held in cells + [names[n] for n in code.co_names if n in names]:
-            owner = getattr(held, "__self__", None)  # a bound method's module
-            if isinstance(held, torch.nn.Module) or isinstance(owner, torch.nn.Module):
-                out += _held(owner if isinstance(owner, torch.nn.Module) else held)
+            if isinstance(held, types.MethodType):
+                held = held.__self__  # a bound method: its object
+            if isinstance(held, torch.nn.Module):
+                if id(held) not in seen:
+                    seen.add(id(held))
+                    with contextlib.suppress(Exception):  # (a stand-in that is not one)
+                        out += _held(held)
             elif isinstance(held, types.FunctionType | functools.partial):
                 out.append(id(held))
                 if left:
