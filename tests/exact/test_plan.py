@@ -152,13 +152,19 @@ def test_tiny_divergence_and_its_parameter_gradients_by_plain_autograd(d):
     assert div.requires_grad  # parameters require grad: a graph for the training loss
     assert_close(div, reference_divergence(net, x))
     assert_close(torchdiv.jacobian_diagonal(net, x), reference_diagonal(net, x))
+    _assert_parameter_gradient_matches_differences(div, net, net, x)
+
+
+def _assert_parameter_gradient_matches_differences(div, net, f, x) -> None:
+    """``div``'s gradient along random directions of ``net``'s parameters against a float64
+    central difference of the reference divergence of ``f``."""
     params = list(net.parameters())
     directions = [torch.randn_like(p) for p in params]
     analytic = directional_gradient(div, params, directions)
 
     def moved(t):
         with shifted(params, directions, t), torch.no_grad():
-            return reference_divergence(net, x).sum()
+            return reference_divergence(f, x).sum()
 
     numeric = central_difference(moved).item()
     assert abs(analytic - numeric) <= 1e-8 * max(1.0, abs(numeric))
@@ -185,16 +191,7 @@ def test_tiny_entries_read_off_rows_after_the_watch(monkeypatch, event):
     assert read, "the rows' entries were not read"
     assert_close(div, reference_divergence(g, x))
     assert_close(torchdiv.jacobian_diagonal(g, x), reference_diagonal(g, x))
-    params = list(net.parameters())
-    directions = [torch.randn_like(p) for p in params]
-    analytic = directional_gradient(div, params, directions)
-
-    def moved(t):
-        with shifted(params, directions, t), torch.no_grad():
-            return reference_divergence(g, x).sum()
-
-    numeric = central_difference(moved).item()
-    assert abs(analytic - numeric) <= 1e-8 * max(1.0, abs(numeric))
+    _assert_parameter_gradient_matches_differences(div, net, g, x)
     with torch.no_grad():
         div.add_(100.0)
     assert_close(torchdiv.divergence(g, x), reference_divergence(g, x))

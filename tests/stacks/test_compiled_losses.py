@@ -48,14 +48,14 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def mlp(d_in: int = 3, d_out: int = 3) -> torch.nn.Module:
+def mlp(d_in: int = 3, d_out: int = 3, width: int = 16) -> torch.nn.Sequential:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(d_in, 16),
+        torch.nn.Linear(d_in, width),
         torch.nn.Tanh(),
-        torch.nn.Linear(16, 16),
+        torch.nn.Linear(width, width),
         torch.nn.Tanh(),
-        torch.nn.Linear(16, d_out),
+        torch.nn.Linear(width, d_out),
     ).double()
 
 
@@ -74,15 +74,8 @@ def pinn() -> torch.nn.Module:
 
 def wide(d_in: int, d_out: int) -> torch.nn.Module:
     """A tanh MLP of width 256: ~66k multiply-adds per sample at 2 or 3 inputs."""
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(d_in, 256),
-        torch.nn.Tanh(),
-        torch.nn.Linear(256, 256),
-        torch.nn.Tanh(),
-        torch.nn.Linear(256, d_out),
-        torch.nn.Flatten(0) if d_out == 1 else torch.nn.Identity(),
-    ).double()
+    last = torch.nn.Flatten(0) if d_out == 1 else torch.nn.Identity()
+    return torch.nn.Sequential(*mlp(d_in, d_out, 256), last)
 
 
 def loss_and_grads(
