@@ -30,6 +30,7 @@ from torchdiv._core.checks import (
     event_numel,
 )
 from torchdiv._core.modes import changed_nodes
+from torchdiv._core.walk import towards
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.registry import STOCHASTIC_METHODS
@@ -249,7 +250,7 @@ def _check_third_derivatives(fn: str, y: torch.Tensor, x: torch.Tensor) -> None:
     wrong = sorted(
         {
             name
-            for node in _towards(y, x)
+            for node in towards(y, x)
             if (name := type(node).__name__).startswith(_WRONG_THIRD)
             and getattr(node, "_saved_training", True)
         }
@@ -262,24 +263,3 @@ def _check_third_derivatives(fn: str, y: torch.Tensor, x: torch.Tensor) -> None:
             "torchdiv.laplacian(f, x), which runs that op by an equivalent whose derivatives "
             "are right"
         )
-
-
-def _towards(y: torch.Tensor, x: torch.Tensor) -> list[Any]:
-    """The nodes of ``y``'s graph on a path to ``x`` (to its node, ``grad_fn`` or the leaf's
-    ``AccumulateGrad``, itself left out), children first."""
-    order: list[Any] = []
-    seen: set[Any] = set()
-    stack: list[tuple[Any, bool]] = [(y.grad_fn, False)]
-    while stack:
-        node, done = stack.pop()
-        if done:
-            order.append(node)
-        elif node is not None and node not in seen:
-            seen.add(node)
-            stack.append((node, True))
-            stack += [(child, False) for child, _ in node.next_functions]
-    reaches: dict[Any, bool] = {}
-    for node in order:  # (every child before its parents)
-        own = node is x.grad_fn if x.grad_fn is not None else getattr(node, "variable", None) is x
-        reaches[node] = own or any(reaches.get(c, False) for c, _ in node.next_functions)
-    return [node for node in order if reaches[node] and node is not x.grad_fn]

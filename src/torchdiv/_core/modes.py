@@ -461,6 +461,13 @@ def _cdist(
     return torch.where(positive, safe, torch.zeros_like(safe))
 
 
+def _normalized(a: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
+    """``(a - mean) / sqrt(var + eps)`` over ``dims`` (the biased variance), as primitives
+    whose derivatives are right at every order."""
+    centred = a - a.mean(dims, keepdim=True)
+    return centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+
+
 def _layer_norm(
     a: torch.Tensor,
     normalized_shape: Any,
@@ -469,9 +476,7 @@ def _layer_norm(
     eps: float = 1e-5,
     *_: Any,
 ) -> torch.Tensor:
-    dims = tuple(range(-len(normalized_shape), 0))
-    centred = a - a.mean(dims, keepdim=True)
-    out = centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+    out = _normalized(a, tuple(range(-len(normalized_shape), 0)), eps)
     out = out if weight is None else out * weight
     return out if bias is None else out + bias
 
@@ -493,8 +498,7 @@ def _instance_norm(
         options = (weight, bias, use_input_stats, momentum, eps)
         return torch.nn.functional.instance_norm(a, running_mean, running_var, *options)
     dims = tuple(range(2, a.dim()))
-    centred = a - a.mean(dims, keepdim=True)
-    out = centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+    out = _normalized(a, dims, eps)
     channels = (1, -1) + (1,) * len(dims)
     out = out if weight is None else out * weight.reshape(channels)
     return out if bias is None else out + bias.reshape(channels)

@@ -1,5 +1,5 @@
-"""Walking an autograd graph: every node below a root, once; what one walk finds; one
-backward pass (``vjp``)."""
+"""Walking an autograd graph: every node below a root, once; what one walk finds; the nodes
+on the paths to a tensor (``towards``); one backward pass (``vjp``)."""
 
 from __future__ import annotations
 
@@ -137,3 +137,24 @@ def vjp(
         y, x, cotangent, retain_graph=True, create_graph=create_graph, allow_unused=True
     )
     return out
+
+
+def towards(y: torch.Tensor, x: torch.Tensor) -> list[Any]:
+    """The nodes of ``y``'s graph on a path to ``x``'s node (its ``grad_fn``, which is left
+    out with ``x``'s own history, or a leaf's ``AccumulateGrad``), children first."""
+    order: list[Any] = []
+    seen: set[Any] = set()
+    stack: list[tuple[Any, bool]] = [(y.grad_fn, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+        elif node is not None and node not in seen:
+            seen.add(node)
+            stack.append((node, True))
+            stack += [(child, False) for child, _ in node.next_functions]
+    reaches: dict[Any, bool] = {}
+    for node in order:  # (every child before its parents)
+        own = node is x.grad_fn if x.grad_fn is not None else getattr(node, "variable", None) is x
+        reaches[node] = own or any(reaches.get(c, False) for c, _ in node.next_functions)
+    return [node for node in order if reaches[node] and node is not x.grad_fn]

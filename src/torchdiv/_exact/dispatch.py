@@ -155,10 +155,7 @@ def diagonal_and_output(
 
 def _summed(parts: list[torch.Tensor]) -> torch.Tensor:
     """The sum of ``parts`` (at least one), a new tensor: no view of a product handed out."""
-    total = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
-    for part in parts[2:]:
-        total = total + part
-    return total
+    return parts[0].clone() if len(parts) == 1 else sum(parts[1:], parts[0])
 
 
 def output(engine: Engine) -> torch.Tensor:

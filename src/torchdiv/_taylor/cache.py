@@ -265,8 +265,8 @@ def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
             continue
         seen.add(id(fn))
         names = getattr(fn, "__globals__", {})
-        cells = [c.cell_contents for c in fn.__closure__ or () if _filled(c)]
-        for held in cells + [names[n] for n in code.co_names if n in names]:
+        held_by_name = [names[n] for n in code.co_names if n in names]
+        for held in _cell_contents(fn) + held_by_name:
             if isinstance(held, types.MethodType):
                 held = held.__self__  # a bound method: its object
             if isinstance(held, torch.nn.Module):
@@ -281,11 +281,13 @@ def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _filled(cell: Any) -> bool:
-    try:
-        return cell.cell_contents is not cell  # (always true: reading is the test)
-    except ValueError:  # an empty cell: a name bound later
-        return False
+def _cell_contents(fn: Any) -> list[Any]:
+    """What the cells of ``fn``'s closure hold (an empty cell, a name bound later: none)."""
+    out = []
+    for cell in fn.__closure__ or ():
+        with contextlib.suppress(ValueError):
+            out.append(cell.cell_contents)
+    return out
 
 
 def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
