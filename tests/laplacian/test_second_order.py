@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, tanh_mlp
+from conftest import assert_close, laplacian_by_grad_of_grad, tanh_mlp
 from torch import nn
 from torch.func import hessian, vmap
 from torch.nn import functional as F
@@ -544,9 +544,13 @@ def test_graph_laplacian_refuses_to_differentiate_wrong_third_derivatives():
     norm = nn.BatchNorm1d(4).double().eval()
     u = lambda z: norm(z).pow(3).sum(-1)  # noqa: E731
     assert_close(torchdiv.graph_laplacian(u(x), x, create_graph=True), torchdiv.laplacian(u, x))
-    condition = F.layer_norm(torch.randn(3, 4, dtype=f64), (4,))  # off the paths to x: runs
-    u = lambda z: (z.tanh() * condition).sum(-1)  # noqa: E731
-    assert_close(torchdiv.graph_laplacian(u(x), x, create_graph=True), torchdiv.laplacian(u, x))
+    w = torch.randn(4, dtype=f64, requires_grad=True)
+    condition = lambda: F.layer_norm(torch.ones(3, 4, dtype=f64) * w, (4,))  # noqa: E731
+    u = lambda z: (z.tanh() * condition()).sum(-1)  # noqa: E731  (off the paths to x: runs)
+    got = torchdiv.graph_laplacian(u(x), x, create_graph=True)
+    want = laplacian_by_grad_of_grad(u, x)  # its gradient in w: one derivative through the norm
+    assert_close(got, want)
+    assert_close(torch.autograd.grad(got.sum(), w)[0], torch.autograd.grad(want.sum(), w)[0])
     z = F.layer_norm(x, (4,))  # x's own history: runs
     assert_close(
         torchdiv.graph_laplacian(z.tanh().sum(-1), z, create_graph=True),
