@@ -132,6 +132,13 @@ def test_stochastic_methods_see_it_too(method: str, num_probes: int, case: str) 
             call(f, x, method=method, num_probes=num_probes)
 
 
+def _scattered(x: torch.Tensor) -> torch.Tensor:
+    """The same places in every sample, filled from the source in flat order: sample 1's
+    places get sample 0's tail."""
+    mask = (torch.arange(x.shape[1]) % 3 == 0).expand_as(x)
+    return torch.zeros_like(x).masked_scatter(mask, x.sin()) + x**2
+
+
 @pytest.mark.parametrize(
     ("f", "what"),
     [
@@ -142,6 +149,7 @@ def test_stochastic_methods_see_it_too(method: str, num_probes: int, case: str) 
         (lambda x: x.sin() * x.diagonal(0, 0, 1).sum(), "a diagonal across samples"),
         (lambda x: x * x.diagonal(1, 1, 0).exp().sum(), "a diagonal across samples"),
         (lambda x: x * torch.trace(x), "a diagonal across samples"),  # trace's decomposition
+        (_scattered, "a masked_scatter, which reads its source across samples"),
         (nn.LayerNorm(16).to(f64), None),  # a layer norm over the event: fine
     ],
 )

@@ -784,6 +784,12 @@ def _whole(name: str) -> Mixing:
     return rule
 
 
+def _masked_scatter(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+    """``masked_scatter`` fills the mask's places with ``source`` read in flat order over the
+    whole tensor, so a source that carries samples lands in other samples' places."""
+    return "a masked_scatter, which reads its source across samples" if tr.axes(args[2]) else None
+
+
 def _contraction(biased: bool) -> Mixing:
     """Matrix products sum over the left operand's last dimension and the right one's second
     to last (a vector's only dimension)."""
@@ -904,6 +910,7 @@ _MIXING: dict[Any, Mixing] = {
     aten.native_group_norm.default: _group_norm,
     aten.convolution.default: _convolution,
     aten.diagonal.default: _diagonal,
+    aten.masked_scatter.default: _masked_scatter,
     aten.trace.default: _diagonal,  # the sum of the diagonal (0, 1): one kernel on CPU
 }
 _CARRY.update(
