@@ -362,7 +362,8 @@ def check_time(fn: str, name: str, t: Any, x: torch.Tensor) -> torch.Tensor:
             )
         if t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"{fn}: {name} must be a real number, got dtype {t.dtype}")
-    out = torch.as_tensor(t).to(device=x.device, dtype=x.dtype)
+    # straight to x's dtype: through float32 first, 0.1 became 0.10000000149 in float64
+    out = torch.as_tensor(t, device=x.device, dtype=x.dtype)
     if not torch.isfinite(out):  # once per call, before the solve
         raise ValueError(f"{fn}: {name} must be finite, got {t}")
     return out
