@@ -136,7 +136,7 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     remembered = None if structure is None else _LOOPS.get(*structure)
     if remembered:
         return _unrecorded(f, x, batch_dims, remembered, at)
-    graph = capture(f, x, RULES, batch_dims=batch_dims)
+    graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
     if structure is None or graph.unsupported:
         return graph
     if not loops_for(graph, x, batch_dims):
@@ -202,7 +202,7 @@ def looped(
 
 @recorded
 def taylor(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
-    graph = capture(f, x, RULES, batch_dims=batch_dims)
+    graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
     if graph.unsupported:
         _refuse(
             ", ".join(sorted(set(graph.unsupported))) + " applied to a tensor that depends on x"
@@ -249,14 +249,34 @@ def collapsed(
     or a ``Sparse`` jet at ``x``)."""
     total: torch.Tensor | None = None
     constants: dict[int, list[Any]] = {}
+    known = reused_values(graph)
     for u in directions:
         jet, k = input_jet(x, u)
-        out = propagate(graph, jet, Context(k, True, jac=False), constants)
+        out = propagate(graph, jet, Context(k, True, jac=False), constants, known)
         if isinstance(out, Jet) and out.lap is not None:
             total = out.lap if total is None else total + out.lap
     if total is None:  # f(x) does not depend on x, or only linearly
         return x.new_zeros(graph.output_shape)
     return total.expand(graph.output_shape).clone()
+
+
+def reused_values(graph: Graph) -> list[list[Any]] | None:
+    """``graph.values`` for ``propagate``'s ``known`` (no replay computes them again), or
+    ``None``, with the values let go, where reusing them would change the result: ``f`` was
+    recorded with grad on, so under an outer ``no_grad`` its values may carry a graph that
+    the result must not."""
+    values, graph.values = graph.values, None
+    if values is None or not (torch.is_grad_enabled() or not _requires_grad(graph, values)):
+        return None
+    return values
+
+
+def _requires_grad(graph: Graph, values: list[list[Any]]) -> bool:
+    """Whether a recorded value ``f`` computed from ``x`` requires grad."""
+    return any(
+        node.depends and any(isinstance(v, torch.Tensor) and v.requires_grad for v in out)
+        for node, out in zip(graph.nodes, values, strict=True)
+    )
 
 
 def collapsed_or_none(
