@@ -21,6 +21,7 @@ from conftest import assert_close, laplacian_by_grad_of_grad
 from torch import nn
 
 import torchdiv
+from torchdiv._api import second_order
 from torchdiv._laplacian import methods
 
 f64 = torch.float64
@@ -114,3 +115,31 @@ def test_frozen_values_are_let_go_where_they_would_raise_peak_memory(monkeypatch
     torchdiv.laplacian(net.requires_grad_(False), x, method="taylor")
     torchdiv.laplacian(net.requires_grad_(True), x, method="taylor")
     assert calls == [False, True]
+
+
+def test_the_one_sweep_reuses_them_too(monkeypatch):
+    """``value_grad_laplacian``'s sweep: value, gradient and Laplacian (and the Laplacian's
+    parameter gradient) as the loop gives them, with the kept values."""
+    calls: list[bool] = []
+    propagate = second_order.propagate
+
+    def spy(graph, x, ctx, constants=None, known=None):
+        calls.append(known is not None)
+        return propagate(graph, x, ctx, constants, known)
+
+    monkeypatch.setattr(second_order, "propagate", spy)
+    torch.manual_seed(1)
+    net = NETS["mixed"](3).to(f64)
+    x = torch.randn(4, 3, dtype=f64, requires_grad=True)
+    out = torchdiv.value_grad_laplacian(net, x, method="taylor")
+    assert calls == [True]
+    (gradient,) = torch.autograd.grad(net(x).sum(), x)
+    expected = laplacian_by_grad_of_grad(net, x)
+    assert_close(out.value, net(x))
+    assert_close(out.gradient, gradient)
+    assert_close(out.laplacian, expected)
+    params = list(net.parameters())
+    got = torch.autograd.grad(out.laplacian.square().sum(), params, allow_unused=True)
+    want = torch.autograd.grad(expected.square().sum(), params, allow_unused=True)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w)
