@@ -27,6 +27,7 @@ from torchdiv._taylor.jet import (
     chain2,
     inner,
     product,
+    sum_squares,
     value_of,
 )
 
@@ -271,9 +272,27 @@ def _div(ctx: Context, a: Jet | Tensor, b: Jet | Tensor) -> Jet:
     return Jet(value, None if jac is None else jac / b, None if a.lap is None else a.lap / b)
 
 
+def _tanh_given(ctx: Context, y: Tensor, a: Jet) -> Jet:
+    """``tanh`` with ``phi'' = -2 y phi'`` factored out: ``lap' = phi' (lap - 2 y sum_k
+    jac_k^2)``, three kernels fewer than ``chain`` (a tenth of a tanh network's replay)."""
+    if not ctx.second_order:
+        return chain(ctx, a, y, _tanh_first(a.value, y), None)
+    d1 = _tanh_first(a.value, y)
+    jac = None if a.jac is None or not ctx.jac else d1 * a.jac
+    squares = sum_squares(ctx, a)
+    if squares is None:
+        inside = a.lap
+    elif a.lap is None:
+        inside = -2 * y * squares
+    else:
+        inside = torch.addcmul(a.lap, y, squares, value=-2)
+    return Jet(y, jac, None if inside is None else d1 * inside)
+
+
 # rules given the op's output as ``f`` computed it (``propagate``'s ``known``): ``given(ctx,
 # y, *args, **kwargs)`` with the op's own arguments, jets where they depend on x
 GIVEN: dict[Any, Given] = {op: _given(op, d) for op, d in DERIVATIVES.items()}
+GIVEN[aten.tanh.default] = _tanh_given
 GIVEN.update({op: _binary(op, partials) for op, partials in BINARY.items()})
 RULES = {op: _computing(op, given) for op, given in GIVEN.items()}
 RULES[aten.pow.Scalar] = _scalar_pow
