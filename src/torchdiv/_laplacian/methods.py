@@ -48,9 +48,11 @@ CHUNK_ELEMENTS = 2**24
 # 2n + 3 backward passes; and at up to LOOP_FALLBACK inputs where the Taylor engine cannot run f.
 # The loop's share grows when its result is not differentiated (no third-order backward pass):
 # - differentiated (training): at up to 2 inputs below LOOP_WORK_TRAINED per call (a KAN at
-#   batch 256, 5.5k per call: the loop ~1.1x faster; the FNN at 256, 24k: the loop recipe
-#   1.0-1.36x faster than Taylor in every run of 2026-12-03 (one and two threads); a KAN at
-#   2048, 44k, and the FNN at 2048: Taylor, 1.3x);
+#   batch 256, 5.5k per call: the loop ~1.1-1.3x faster; the FNN at 256, 24k: the loop
+#   recipe was 1.0-1.36x faster than Taylor on 2026-12-03, but since the replay reuses the
+#   values f computed (``reused_values``), Taylor is 0.85-0.95x the recipe and "auto" by
+#   Taylor 0.89x "auto" by the loop (one thread, 15 alternated rounds, 2026-12-04); a KAN
+#   at 2048, 44k, and the FNN at 2048: Taylor, 1.3x);
 # - not: at up to LOOP_INPUTS = 3 inputs below LOOP_WORK * 2 / n per call (the FNN at batch
 #   256 loops at 2 inputs, 1.0-1.3x, not at 3; a KAN at batch 256 loops at 2 and 3 inputs,
 #   1.2-1.3x; a KAN at 2048, 44k per call: Taylor, 1.1-1.2x); with one thread below
@@ -62,7 +64,7 @@ LOOP_INPUTS = 3
 LOOP_ELEMENTS = 1024
 LOOP_WORK = 32768
 LOOP_WORK_ONE_THREAD = 40960
-LOOP_WORK_TRAINED = 32768
+LOOP_WORK_TRAINED = 16384
 LOOP_FALLBACK = 10
 # the loop batches its second-level backward passes (``loop.Settings``) below this much
 # work per call: a KAN at batch 256 (5.5k) 10-25% faster, frozen or trained, at 2 and 3
