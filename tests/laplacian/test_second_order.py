@@ -700,6 +700,7 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
     )
     monkeypatch.setattr(_laplacian, "_LOOPS", PlanCache(256))
     wide = tanh_mlp(2, 64, 1)  # trained: the Laplacian is differentiated
+    narrow = tanh_mlp(2, 16, 1)  # trained, little arithmetic per call
     frozen = tanh_mlp(2, 64, 1).requires_grad_(False)
     frozen3 = tanh_mlp(3, 256, 1).requires_grad_(False)
     cases = [
@@ -707,7 +708,8 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
         (gaussian, (512, 2), True),
         (gaussian, (8, 3), True),
         (gaussian, (8, 4), False),
-        (wide, (256, 2), True),  # loops when trained too (LOOP_WORK_TRAINED)
+        (narrow, (256, 2), True),  # loops when trained too (LOOP_WORK_TRAINED)
+        (wide, (256, 2), False),  # 20k per call: the Taylor engine, trained
         (wide, (2048, 2), False),
         (frozen, (256, 2), True),
         (frozen3, (256, 3), False),
@@ -721,7 +723,7 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
             assert bool(calls) == looped, (shape, call)
             # second passes batched where the graph does little arithmetic per call
             batched = looped and calls[0][4] is not None and calls[0][4].batched
-            assert batched == (looped and f is gaussian and shape[1] > 1), (shape, call)
+            assert batched == (looped and f in (gaussian, narrow) and shape[1] > 1), (shape, call)
             # recorded once to decide at 2-3 inputs; then remembered if it loops
             assert bool(recorded) == (not looped or (call == 0 and shape[1] > 1)), (shape, call)
 

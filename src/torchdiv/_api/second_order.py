@@ -345,7 +345,7 @@ def value_grad_laplacian(
             graph = plan
     if method != "forward-over-reverse" and x.numel() > 0:
         if graph is None:
-            graph = capture(g, x, RULES, batch_dims=batch_dims)
+            graph = capture(g, x, RULES, keep_values=True, batch_dims=batch_dims)
         try:
             if graph.unsupported:
                 raise UnsupportedOp(", ".join(sorted(set(graph.unsupported))))
@@ -392,9 +392,12 @@ def _sweep(
     lap: torch.Tensor | None = None
     columns: list[torch.Tensor] = []
     constants: dict[int, list[Any]] = {}
-    for u in methods.unit_directions(x, batch_dims, chunk):
+    known: list[list[Any]] | None = None
+    for index, u in enumerate(methods.unit_directions(x, batch_dims, chunk)):
         jet, k = methods.input_jet(x, u)
-        out = propagate(graph, jet, Context(k, True, jac=True), constants)
+        if index == 0:
+            known = methods.reused_values(graph, k)
+        out = propagate(graph, jet, Context(k, True, jac=True), constants, known)
         if not isinstance(out, Jet):  # f does not depend on x
             out = Jet(out, None, None)
         value = out.value

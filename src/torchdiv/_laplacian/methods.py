@@ -48,9 +48,11 @@ CHUNK_ELEMENTS = 2**24
 # 2n + 3 backward passes; and at up to LOOP_FALLBACK inputs where the Taylor engine cannot run f.
 # The loop's share grows when its result is not differentiated (no third-order backward pass):
 # - differentiated (training): at up to 2 inputs below LOOP_WORK_TRAINED per call (a KAN at
-#   batch 256, 5.5k per call: the loop ~1.1x faster; the FNN at 256, 24k: the loop recipe
-#   1.0-1.36x faster than Taylor in every run of 2026-12-03 (one and two threads); a KAN at
-#   2048, 44k, and the FNN at 2048: Taylor, 1.3x);
+#   batch 256, 5.5k per call: the loop ~1.1-1.3x faster; the FNN at 256, 24k: the loop
+#   recipe was 1.0-1.36x faster than Taylor on 2026-12-03, but since the replay reuses the
+#   values f computed (``reused_values``), Taylor is 0.85-0.95x the recipe and "auto" by
+#   Taylor 0.89x "auto" by the loop (one thread, 15 alternated rounds, 2026-12-04); a KAN
+#   at 2048, 44k, and the FNN at 2048: Taylor, 1.3x);
 # - not: at up to LOOP_INPUTS = 3 inputs below LOOP_WORK * 2 / n per call (the FNN at batch
 #   256 loops at 2 inputs, 1.0-1.3x, not at 3; a KAN at batch 256 loops at 2 and 3 inputs,
 #   1.2-1.3x; a KAN at 2048, 44k per call: Taylor, 1.1-1.2x); with one thread below
@@ -62,7 +64,7 @@ LOOP_INPUTS = 3
 LOOP_ELEMENTS = 1024
 LOOP_WORK = 32768
 LOOP_WORK_ONE_THREAD = 40960
-LOOP_WORK_TRAINED = 32768
+LOOP_WORK_TRAINED = 16384
 LOOP_FALLBACK = 10
 # the loop batches its second-level backward passes (``loop.Settings``) below this much
 # work per call: a KAN at batch 256 (5.5k) 10-25% faster, frozen or trained, at 2 and 3
@@ -136,7 +138,7 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     remembered = None if structure is None else _LOOPS.get(*structure)
     if remembered:
         return _unrecorded(f, x, batch_dims, remembered, at)
-    graph = capture(f, x, RULES, batch_dims=batch_dims)
+    graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
     if structure is None or graph.unsupported:
         return graph
     if not loops_for(graph, x, batch_dims):
@@ -202,7 +204,7 @@ def looped(
 
 @recorded
 def taylor(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
-    graph = capture(f, x, RULES, batch_dims=batch_dims)
+    graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
     if graph.unsupported:
         _refuse(
             ", ".join(sorted(set(graph.unsupported))) + " applied to a tensor that depends on x"
@@ -249,14 +251,52 @@ def collapsed(
     or a ``Sparse`` jet at ``x``)."""
     total: torch.Tensor | None = None
     constants: dict[int, list[Any]] = {}
-    for u in directions:
+    known: list[list[Any]] | None = None
+    for chunk, u in enumerate(directions):
         jet, k = input_jet(x, u)
-        out = propagate(graph, jet, Context(k, True, jac=False), constants)
+        if chunk == 0:
+            known = reused_values(graph, k)
+        out = propagate(graph, jet, Context(k, True, jac=False), constants, known)
         if isinstance(out, Jet) and out.lap is not None:
             total = out.lap if total is None else total + out.lap
     if total is None:  # f(x) does not depend on x, or only linearly
         return x.new_zeros(graph.output_shape)
     return total.expand(graph.output_shape).clone()
+
+
+# the values f computed are reused by a replay whose result is not differentiated only while
+# keeping them adds at most this share of its jets' memory (``reused_values``)
+REUSE_MEMORY = 0.05
+
+
+def reused_values(graph: Graph, k: int) -> list[list[Any]] | None:
+    """``graph.values`` for ``propagate``'s ``known`` at ``k`` directions a chunk (the replay
+    then computes no value again: 0.8-0.95x the time at 2-100 inputs), or ``None``, with the
+    values let go.
+
+    Memory: a differentiated result (``graph.requires_grad``) keeps the values anyway, as
+    autograd saves them. Otherwise a replay frees each value after its last use, and keeping
+    them all adds their size, ``Graph.elements``, to its peak (0.8 -> 1.1 MiB for a tanh FNN
+    at 2 inputs, 160 -> 300 MiB for a 20-layer one at 10): they are reused only while that is
+    at most ``REUSE_MEMORY`` of one jet of the widest tensor, ``(k + 2) x Graph.widest``.
+    Values: ``f`` was recorded with grad on, so under an outer ``no_grad`` its values may
+    carry a graph that the result must not: they are reused only if none requires grad."""
+    values, graph.values = graph.values, None
+    if values is None:
+        return None
+    if not graph.requires_grad and graph.elements > REUSE_MEMORY * (k + 2) * graph.widest:
+        return None
+    if not torch.is_grad_enabled() and _requires_grad(graph, values):
+        return None
+    return values
+
+
+def _requires_grad(graph: Graph, values: list[list[Any]]) -> bool:
+    """Whether a recorded value ``f`` computed from ``x`` requires grad."""
+    return any(
+        node.depends and any(isinstance(v, torch.Tensor) and v.requires_grad for v in out)
+        for node, out in zip(graph.nodes, values, strict=True)
+    )
 
 
 def collapsed_or_none(

@@ -160,28 +160,26 @@ class _Recorder(DispatchMode):
         True)``, ``h += x``), the out-of-place op to record instead, if nothing else recorded
         shares that tensor's memory (a view would see the write; a replay could not);
         otherwise ``func`` itself."""
-        name = func._schema.name.split("::")[-1]
-        first = func._schema.arguments[0].alias_info if func._schema.arguments else None
-        if not name.endswith("_") or name.startswith("_") or first is None or not first.is_write:
+        facts = _facts(func)
+        if not facts.in_place:
             return func
-        packet = getattr(torch.ops.aten, name[:-1], None)
-        functional = getattr(packet, func._overloadname, None) if packet is not None else None
+        functional = facts.functional
         target = args[0]
         storage = target.untyped_storage().data_ptr()
         alive = (t for t in leaves(self.alive) if isinstance(t, torch.Tensor))
         shared = any(t is not target and t.untyped_storage().data_ptr() == storage for t in alive)
         return func if functional is None or shared else functional
 
-    def depends(self, args: Any, kwargs: Any) -> bool:
-        return any(
-            isinstance(a, torch.Tensor) and self.refs.get(id(a)) in self.dependent
-            for a in leaves((args, kwargs))
-        )
+    def depends(self, flat: list[Any]) -> bool:
+        """Whether one of the call's arguments (``flat``, their leaves) depends on ``x``."""
+        refs, dependent = self.refs, self.dependent
+        return any(isinstance(a, torch.Tensor) and refs.get(id(a)) in dependent for a in flat)
 
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         # under no_grad inside f (capture enables grad around f) results are constants, as
         # reverse mode sees them
-        touches_x = self.depends(args, kwargs)
+        flat = leaves((args, kwargs))
+        touches_x = self.depends(flat)
         reads_x = touches_x and func not in VALUE_FREE  # stop-gradient, factories
         depends = reads_x and torch.is_grad_enabled()
         carry = None if self.axes is None else self.axes.before(func, args)
@@ -200,7 +198,7 @@ class _Recorder(DispatchMode):
             self.axes.after(carry, args, out)  # type: ignore[union-attr]
         outs = leaves(out)
         if not written:
-            self.note_reads(args, kwargs, outs)
+            self.note_reads(flat, outs)
         depends = depends and differentiable(outs)
         if depends and (recorded not in self.rules or recorded._schema.is_mutable):
             self.graph.unsupported.append(str(func))
@@ -238,12 +236,12 @@ class _Recorder(DispatchMode):
         ):
             self.graph.unsupported.append("a custom autograd.Function")
 
-    def note_reads(self, args: Any, kwargs: Any, outs: list[Any]) -> None:
-        """Remember which storages the call about to be recorded reads, and whether its
-        result is a view of one of them."""
+    def note_reads(self, flat: list[Any], outs: list[Any]) -> None:
+        """Remember which storages the call about to be recorded reads (``flat``: the leaves
+        of its arguments), and whether its result is a view of one of them."""
         index = len(self.graph.nodes)
         made = {_storage(t) for t in outs if isinstance(t, torch.Tensor)}
-        for a in leaves((args, kwargs)):
+        for a in flat:
             if isinstance(a, torch.Tensor):
                 storage = _storage(a)
                 self.readers.setdefault(storage, []).append((index, id(a)))
@@ -309,7 +307,7 @@ class _Recorder(DispatchMode):
         generator = kwargs.get("generator")
         if (
             generator is not None
-            and torch.Tag.nondeterministic_seeded in func.tags
+            and _facts(func).random
             and all(restore != generator.set_state for restore, _ in self.graph.rng)
         ):
             self.graph.rng.append((generator.set_state, generator.get_state()))
@@ -355,8 +353,46 @@ def _storage(t: torch.Tensor) -> int:
 def _kept(func: Any, leaves: list[Any], writes: bool) -> list[Any] | None:
     """The outputs of a random or mutating op, which a replay must not run again: a second
     dropout mask, or a buffer incremented once more (or an ``out=`` op that autograd refuses)."""
-    random = torch.Tag.nondeterministic_seeded in func.tags
-    return leaves if random or writes else None
+    return leaves if writes or _facts(func).random else None
+
+
+class _Facts(NamedTuple):
+    """What recording needs from an op's schema and tags, read once per op (reading them
+    took a fifth of a small network's recording): whether it is random, which arguments it
+    writes (position, name), and whether it is in place on its first argument, with the
+    out-of-place op of the same overload (``None`` if there is none)."""
+
+    random: bool
+    writes: tuple[tuple[int, str], ...]
+    in_place: bool
+    functional: Any
+
+
+_FACTS: dict[Any, _Facts] = {}
+
+
+def _facts(func: Any) -> _Facts:
+    facts = _FACTS.get(func)
+    if facts is None:
+        schema = func._schema
+        name = schema.name.split("::")[-1]
+        first = schema.arguments[0].alias_info if schema.arguments else None
+        in_place = (
+            name.endswith("_") and not name.startswith("_") and first is not None and first.is_write
+        )
+        packet = getattr(torch.ops.aten, name[:-1], None) if in_place else None
+        writes = tuple(
+            (i, argument.name)
+            for i, argument in enumerate(schema.arguments)
+            if argument.alias_info is not None and argument.alias_info.is_write
+        )
+        facts = _FACTS[func] = _Facts(
+            torch.Tag.nondeterministic_seeded in func.tags,
+            writes,
+            in_place,
+            getattr(packet, func._overloadname, None) if packet is not None else None,
+        )
+    return facts
 
 
 # training-mode batch norm updates its running statistics (arguments 3 and 4) in place,
@@ -372,10 +408,8 @@ def _written(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
     out = []
     if func in _BATCH_NORMS and len(args) > 5 and args[5]:
         out += [t for t in args[3:5] if isinstance(t, torch.Tensor)]
-    for i, argument in enumerate(func._schema.arguments):
-        if argument.alias_info is None or not argument.alias_info.is_write:
-            continue
-        value = args[i] if i < len(args) else kwargs.get(argument.name)
+    for i, name in _facts(func).writes:
+        value = args[i] if i < len(args) else kwargs.get(name)
         out += [t for t in leaves(value) if isinstance(t, torch.Tensor)]
     return out
 

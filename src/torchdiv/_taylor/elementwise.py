@@ -27,6 +27,7 @@ from torchdiv._taylor.jet import (
     chain2,
     inner,
     product,
+    sum_squares,
     value_of,
 )
 
@@ -34,6 +35,7 @@ aten = torch.ops.aten
 Tensor = torch.Tensor
 Derivatives = Callable[..., tuple[Tensor, Tensor | None]]
 Partials = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+Given = Callable[..., Jet]
 
 
 def _tanh_first(x: Tensor, y: Tensor) -> Tensor:
@@ -222,25 +224,32 @@ BINARY: dict[Any, Callable[[Tensor, Tensor, Tensor], Partials]] = {
 }
 
 
-def _binary(op: Any, partials: Callable[[Tensor, Tensor, Tensor], Partials]) -> Callable[..., Jet]:
-    def rule(ctx: Context, a: Jet | Tensor, b: Jet | Tensor) -> Jet:
+def _binary(op: Any, partials: Callable[[Tensor, Tensor, Tensor], Partials]) -> Given:
+    def given(ctx: Context, y: Tensor, a: Jet | Tensor, b: Jet | Tensor) -> Jet:
         va, vb = value_of(a), value_of(b)
-        y = op(va, vb)
         first, second = partials(va, vb, y)
         return chain2(ctx, a, b, y, first, second)
 
-    return rule
+    return given
 
 
-def _rule(op: Any, derivatives: Derivatives) -> Callable[..., Jet]:
+def _given(op: Any, derivatives: Derivatives) -> Given:
     first = FIRST.get(op)
 
-    def rule(ctx: Context, a: Jet, *args: Any, **kwargs: Any) -> Jet:
-        y = op(a.value, *args, **kwargs)
+    def given(ctx: Context, y: Tensor, a: Jet, *args: Any, **kwargs: Any) -> Jet:
         if first is not None and not ctx.second_order:  # (chain would not read d2)
             return chain(ctx, a, y, first(a.value, y), None)
         d1, d2 = derivatives(a.value, y, *args, **kwargs)
         return chain(ctx, a, y, d1, d2)
+
+    return given
+
+
+def _computing(op: Any, given: Given) -> Callable[..., Jet]:
+    """The rule that computes ``y = op(value, ...)`` itself and hands it to ``given``."""
+
+    def rule(ctx: Context, *args: Any, **kwargs: Any) -> Jet:
+        return given(ctx, op(*map(value_of, args), **kwargs), *args, **kwargs)
 
     return rule
 
@@ -263,7 +272,28 @@ def _div(ctx: Context, a: Jet | Tensor, b: Jet | Tensor) -> Jet:
     return Jet(value, None if jac is None else jac / b, None if a.lap is None else a.lap / b)
 
 
-RULES = {op: _rule(op, d) for op, d in DERIVATIVES.items()}
+def _tanh_given(ctx: Context, y: Tensor, a: Jet) -> Jet:
+    """``tanh`` with ``phi'' = -2 y phi'`` factored out: ``lap' = phi' (lap - 2 y sum_k
+    jac_k^2)``, three kernels fewer than ``chain`` (a tenth of a tanh network's replay)."""
+    if not ctx.second_order:
+        return chain(ctx, a, y, _tanh_first(a.value, y), None)
+    d1 = _tanh_first(a.value, y)
+    jac = None if a.jac is None or not ctx.jac else d1 * a.jac
+    squares = sum_squares(ctx, a)
+    if squares is None:
+        inside = a.lap
+    elif a.lap is None:
+        inside = -2 * y * squares
+    else:
+        inside = torch.addcmul(a.lap, y, squares, value=-2)
+    return Jet(y, jac, None if inside is None else d1 * inside)
+
+
+# rules given the op's output as ``f`` computed it (``propagate``'s ``known``): ``given(ctx,
+# y, *args, **kwargs)`` with the op's own arguments, jets where they depend on x
+GIVEN: dict[Any, Given] = {op: _given(op, d) for op, d in DERIVATIVES.items()}
+GIVEN[aten.tanh.default] = _tanh_given
+GIVEN.update({op: _binary(op, partials) for op, partials in BINARY.items()})
+RULES = {op: _computing(op, given) for op, given in GIVEN.items()}
 RULES[aten.pow.Scalar] = _scalar_pow
-RULES.update({op: _binary(op, partials) for op, partials in BINARY.items()})
 RULES[aten.div.Tensor] = _div

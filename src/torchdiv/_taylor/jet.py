@@ -148,15 +148,23 @@ def chain2(
     return Jet(y, jac, lap)
 
 
-def product(ctx: Context, op: Op, a: Jet | torch.Tensor, b: Jet | torch.Tensor, **kw: Any) -> Jet:
+def product(
+    ctx: Context,
+    op: Op,
+    a: Jet | torch.Tensor,
+    b: Jet | torch.Tensor,
+    value: torch.Tensor | None = None,
+    **kw: Any,
+) -> Jet:
     """``op(a, b)`` for an ``op`` linear in each argument (``mul``, ``matmul``, ...):
 
         jac = op(jac_a, b) + op(a, jac_b)
         lap = op(lap_a, b) + op(a, lap_b) + 2 sum_k op(jac_a[k], jac_b[k])
 
-    ``op`` must broadcast over a leading ``K`` dimension of either argument.
+    ``op`` must broadcast over a leading ``K`` dimension of either argument. ``value``:
+    ``op(a.value, b.value)`` if already known (as ``f`` computed it at capture).
     """
-    value = op(value_of(a), value_of(b), **kw)
+    value = op(value_of(a), value_of(b), **kw) if value is None else value
     ja, jb = aligned_jac(a, value.dim()), aligned_jac(b, value.dim())
     jac = None
     if ctx.jac:

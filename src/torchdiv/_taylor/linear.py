@@ -69,12 +69,12 @@ def _rsub(ctx: Context, a: Jet, b: Tensor | float, alpha: float = 1) -> Jet:
     return add(scale(a, -alpha), b)
 
 
-def _mul(ctx: Context, a: Operand, b: Operand) -> Jet:
+def _mul(ctx: Context, a: Operand, b: Operand, value: Tensor | None = None) -> Jet:
     if isinstance(a, Jet) and isinstance(b, Jet):
-        return product(ctx, torch.mul, a, b)
+        return product(ctx, torch.mul, a, b, value)
     jet, c = (a, b) if isinstance(a, Jet) else (b, a)
     assert isinstance(jet, Jet) and not isinstance(c, Jet)  # rules run on ops with a jet
-    return scale(jet, c, value=torch.mul(value_of(a), value_of(b)))
+    return scale(jet, c, value=torch.mul(value_of(a), value_of(b)) if value is None else value)
 
 
 def _scalar_scale(ctx: Context, a: Jet, c: float) -> Jet:
@@ -93,14 +93,14 @@ def _matmul_operand(ctx: Context, a: Operand, keep_first: bool) -> Operand:
     return Jet(a.value, a.jac.expand(ctx.num_directions, first, *a.shape[1:]), a.lap)
 
 
-def _mm(ctx: Context, a: Operand, b: Operand) -> Jet:
+def _mm(ctx: Context, a: Operand, b: Operand, value: Tensor | None = None) -> Jet:
     a, b = _matmul_operand(ctx, a, True), _matmul_operand(ctx, b, False)
-    return product(ctx, torch.matmul, a, b)
+    return product(ctx, torch.matmul, a, b, value)
 
 
-def _bmm(ctx: Context, a: Operand, b: Operand) -> Jet:
+def _bmm(ctx: Context, a: Operand, b: Operand, value: Tensor | None = None) -> Jet:
     a, b = _matmul_operand(ctx, a, True), _matmul_operand(ctx, b, True)
-    return product(ctx, torch.matmul, a, b)
+    return product(ctx, torch.matmul, a, b, value)
 
 
 def _addmm(
@@ -110,6 +110,24 @@ def _addmm(
     if alpha != 1:
         out = scale(out, alpha)
     return add(out, bias, beta) if beta != 0 else out
+
+
+def _addmm_given(
+    ctx: Context,
+    value: Tensor,
+    bias: Operand,
+    a: Operand,
+    b: Operand,
+    *,
+    beta: float = 1,
+    alpha: float = 1,
+) -> Jet:
+    """``_addmm`` given its value ``beta bias + alpha a b``: the product's ``jac`` and ``lap``
+    (the value standing in for the product's); a bias that depends on x goes by ``_addmm``."""
+    if isinstance(bias, Jet) and beta != 0:
+        return _addmm(ctx, bias, a, b, beta=beta, alpha=alpha)
+    out = _mm(ctx, a, b, value)
+    return scale(out, alpha, value) if alpha != 1 else out
 
 
 def _convolution(
@@ -274,6 +292,15 @@ LINEAR_OPS = [
     aten.reshape.default,
     aten.to.dtype,
 ]
+
+# rules given the op's output as ``f`` computed it (``propagate``'s ``known``): ``given(ctx,
+# y, *args, **kwargs)``, the matrix products whose value costs a kernel as large as a direction's
+GIVEN: dict[Any, Callable[..., Jet]] = {
+    aten.mul.Tensor: lambda ctx, y, a, b: _mul(ctx, a, b, y),
+    aten.mm.default: lambda ctx, y, a, b: _mm(ctx, a, b, y),
+    aten.bmm.default: lambda ctx, y, a, b: _bmm(ctx, a, b, y),
+    aten.addmm.default: _addmm_given,
+}
 
 RULES: dict[Any, Callable[..., Any]] = {
     **{op: _linear(op) for op in LINEAR_OPS},

@@ -27,6 +27,9 @@ RULES: dict[Any, Any] = {
     **reductions.RULES,
 }
 
+# rules given the op's output (``propagate``'s ``known``), where computing it again costs a kernel
+GIVEN: dict[Any, Any] = {**elementwise.GIVEN, **linear.GIVEN}
+
 aten = torch.ops.aten
 _JETS = (Jet, Sparse)
 # ops whose ``lap`` needs only the inputs' ``lap`` (linear, or linear almost everywhere)
@@ -66,7 +69,11 @@ _MULTILINEAR = {
 
 
 def propagate(
-    graph: Graph, x: Jet | Sparse, ctx: Context, constants: dict[int, list[Any]] | None = None
+    graph: Graph,
+    x: Jet | Sparse,
+    ctx: Context,
+    constants: dict[int, list[Any]] | None = None,
+    known: list[list[Any]] | None = None,
 ) -> Jet | torch.Tensor:
     """The output jet of ``graph`` for the input jet ``x`` (a tensor if it does not depend on x).
 
@@ -75,12 +82,17 @@ def propagate(
     the live jets need. Ops that carry no jet are computed once per ``constants`` cache: pass
     the same dict to every chunk of directions at the same ``x``. A ``Sparse`` input (per-particle
     jets, ``sparse.per_particle``) stays sparse where the ops allow; the output is a dense ``Jet``.
+    ``known``: every node's outputs at ``x.value`` as ``f`` computed them (``Graph.values``);
+    ops with a ``GIVEN`` rule (elementwise functions, matrix products) and ops without a jet
+    then take them instead of computing them again (a dense ``x`` only).
     """
     constants = {} if constants is None else constants
     plan = graph.plan = graph.plan or Plan(graph)
     needs_jac = plan.needs_jac(ctx)
     with_jac, without_jac = replace(ctx, jac=True), replace(ctx, jac=False)
     apply = _applied if isinstance(x, Sparse) else _apply
+    if isinstance(x, Sparse):
+        known = None
     env: dict[int, list[Any]] = {-1: [x]}
 
     def resolve(a: Any) -> Any:
@@ -103,7 +115,12 @@ def propagate(
                 jets = any(isinstance(a, _JETS) for a in leaves((args, kwargs)))
             if node.depends and jets:
                 node_ctx = with_jac if index in needs_jac else without_jac
-                env[index] = leaves(apply(node, node_ctx, args, kwargs))
+                if known is not None and node.func in GIVEN:
+                    env[index] = [_apply(node, node_ctx, args, kwargs, known[index][0])]
+                else:
+                    env[index] = leaves(apply(node, node_ctx, args, kwargs))
+            elif known is not None:
+                env[index] = constants[index] = known[index]
             else:
                 out = node.func(*map_leaves(_value, args), **map_leaves(_value, kwargs))
                 env[index] = constants[index] = leaves(out)
@@ -197,10 +214,13 @@ def _applied(node: Node, ctx: Context, args: Any, kwargs: Any) -> Any:
     return _apply(node, ctx, args, kwargs)
 
 
-def _apply(node: Node, ctx: Context, args: Any, kwargs: Any) -> Any:
-    """The rule of ``node``'s op; a rule that meets a jet where it can only take a tensor (a
-    weight computed from x, say) is reported as an unsupported use of the op."""
+def _apply(node: Node, ctx: Context, args: Any, kwargs: Any, value: Any = None) -> Any:
+    """The rule of ``node``'s op (its ``GIVEN`` rule with the output ``value``, if given); a
+    rule that meets a jet where it can only take a tensor (a weight computed from x, say) is
+    reported as an unsupported use of the op."""
     try:
+        if value is not None:
+            return GIVEN[node.func](ctx, value, *args, **kwargs)
         return RULES[node.func](ctx, *args, **kwargs)
     except (TypeError, AttributeError) as exc:
         raise UnsupportedOp(f"{node.func} with these arguments ({exc})") from exc
