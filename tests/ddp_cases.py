@@ -16,6 +16,7 @@ reporting (it is killed and the next case starts on a fresh pair). Used by
 from __future__ import annotations
 
 import datetime
+import functools
 import multiprocessing
 import os
 import queue
@@ -80,16 +81,19 @@ class ConvNet(nn.Module):
 
 
 MODELS = {"mlp": (MLP, (4,)), "conv": (ConvNet, (2, 3, 3))}
+# an event of 2 elements: fewer directions than 3 ranks (sharded cases only, not the matrix)
+TINY = {"mlp2": (functools.partial(MLP, d=2), (2,))}
 
 
 def make_model(name: str, heads: bool) -> nn.Module:
     torch.manual_seed(0)
-    return MODELS[name][0](heads).double()
+    return {**MODELS, **TINY}[name][0](heads).double()
 
 
 def batch(name: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(2 * WORLD, *MODELS[name][1], generator=g, dtype=torch.float64)
+    event = {**MODELS, **TINY}[name][1]
+    return torch.randn(2 * WORLD, *event, generator=g, dtype=torch.float64)
 
 
 def _ode(method: str) -> Callable:
@@ -297,13 +301,13 @@ def judge(config, result) -> tuple[str, str]:
     return ("right" if worst <= TOL else "wrong"), f"relative error {worst:.2e}"
 
 
-def _worker(rank: int, port: int, todo: list, results: Any, runner: Callable) -> None:
+def _worker(rank: int, world: int, port: int, todo: list, results: Any, runner: Callable) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timeout)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     try:
         for index, item in todo:
             outcome = runner(item, rank)
@@ -324,8 +328,9 @@ def run_pairs(
     runner: Callable[[Any, int], Any] = run_config,
     timeout: float = CASE_TIMEOUT_S,
     report: Callable[[int, Any], None] | None = None,
+    world: int = WORLD,
 ) -> dict[int, Any]:
-    """``runner(item, rank)`` for every ``(index, item)`` of ``todo`` on ``WORLD`` spawned gloo
+    """``runner(item, rank)`` for every ``(index, item)`` of ``todo`` on ``world`` spawned gloo
     processes; returns rank 0's outcome of every index. A pair that crashes, or reports
     nothing for ``timeout`` seconds, is killed: its case gets ``("crash" | "hang", exit
     codes)`` and the rest start on a fresh pair. Never waits longer than that."""
@@ -336,8 +341,10 @@ def run_pairs(
         results = context.Queue()
         port = free_port()
         workers = [
-            context.Process(target=_worker, args=(r, port, remaining, results, runner), daemon=True)
-            for r in range(WORLD)
+            context.Process(
+                target=_worker, args=(r, world, port, remaining, results, runner), daemon=True
+            )
+            for r in range(world)
         ]
         for w in workers:
             w.start()
@@ -384,6 +391,14 @@ SHARDED = [
     ("laplacian", "auto", "mlp", "none"),
     ("laplacian", "auto", "conv", "ddp"),
 ]
+# on 3 ranks, an event of 2 elements: shares of 0, 1 and 1 directions (0, 0, 2 probes; a chain
+# computed whole by the first rank), so the first or the last ranks have nothing to add
+SHARDED_THREE = [
+    *[("divergence", m, "mlp2", "none") for m in ("forward", "reverse", "structured")],
+    ("divergence", "hutchinson-2", "mlp2", "none"),
+    ("divergence", "forward", "mlp2", "ddp"),
+    ("laplacian", "auto", "mlp2", "none"),
+]
 HUTCHINSON_PROBES = 5  # not a multiple of the ranks: shares of 2 and 3 (or "hutchinson-k")
 
 
@@ -400,39 +415,51 @@ def sharded_value(f: Callable, x: torch.Tensor, op: str, method: str, sharded: b
     return module.divergence(f, x, **options)
 
 
+def sharded_step(model: Callable, case, sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training step with a gradient penalty on ``x``: ``L = mean(value^2)``, its gradient
+    ``g = dL/dx`` (``create_graph=True``), then ``(L + |g|^2).backward()`` (a second backward
+    pass through the operator's backward, into the parameters). Returns the value and ``g``."""
+    op, method, model_name, _ = case
+    x = batch(model_name).requires_grad_(True)
+    value = sharded_value(model, x, op, method, sharded)
+    loss = value.square().mean()
+    (x_grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    (loss + x_grad.square().sum()).backward()
+    return value.detach(), x_grad.detach()
+
+
 def run_sharded(case, rank: int) -> tuple[str, object]:
-    """``("ok", (every rank's values, rank-averaged gradients))`` or ``("error", message)``."""
+    """``("ok", (every rank's value and x-gradient, rank-averaged parameter gradients))`` or
+    ``("error", message)``, after ``sharded_step``."""
     import torch.distributed as dist
 
-    op, method, model_name, wrapper = case
+    _, _, model_name, wrapper = case
+    world = dist.get_world_size()
     try:
         model = make_model(model_name, False)
         if wrapper == "ddp":
             model = nn.parallel.DistributedDataParallel(model)
-        value = sharded_value(model, batch(model_name), op, method, sharded=True)
-        value.square().mean().backward()
+        value, x_grad = sharded_step(model, case, sharded=True)
         grads = []
         for p in model.parameters():
             grad = torch.zeros_like(p) if p.grad is None else p.grad
             if wrapper != "ddp":  # what DDP does: the mean over the ranks
                 dist.all_reduce(grad)
-                grad /= WORLD
+                grad /= world
             grads.append(grad.flatten().tolist())
-        values: list = [None] * WORLD
-        dist.all_gather_object(values, value.detach().flatten().tolist())
-        result: tuple[str, object] = ("ok", (values, grads))
+        outputs: list = [None] * world
+        dist.all_gather_object(outputs, (value.flatten().tolist(), x_grad.flatten().tolist()))
+        result: tuple[str, object] = ("ok", (outputs, grads))
     except Exception as error:
         result = ("error", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
-    flags = [None] * WORLD
+    flags = [None] * world
     dist.all_gather_object(flags, result[0])
     return result
 
 
-def sharded_reference(case) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One process's value and parameter gradients."""
-    op, method, model_name, _ = case
-    model = make_model(model_name, False)
-    value = sharded_value(model, batch(model_name), op, method, sharded=False)
-    value.square().mean().backward()
+def sharded_reference(case) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One process's value, x-gradient and parameter gradients after ``sharded_step``."""
+    model = make_model(case[2], False)
+    value, x_grad = sharded_step(model, case, sharded=False)
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
-    return value.detach().flatten(), [g.flatten() for g in grads]
+    return value.flatten(), x_grad.flatten(), [g.flatten() for g in grads]
