@@ -107,7 +107,8 @@ def divergence(
     Returns:
         Shape ``x.shape[:batch_dims]``, the same on every rank of ``group``; differentiable:
         averaging the parameters' gradients over the ranks (as ``DistributedDataParallel``
-        does) gives one process's gradient.
+        does) gives one process's gradient, and ``x``'s gradient is one process's on every
+        rank (module docstring).
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.

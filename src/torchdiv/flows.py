@@ -414,7 +414,9 @@ def log_likelihood(
         chunk_size: at most this many Jacobian-vector products in flight (bounds memory).
         adjoint: gradients by ``torchdiffeq.odeint_adjoint`` (memory independent of the
             number of steps) instead of backpropagation through the solver; gradients reach
-            ``x`` and ``f``'s parameters (not other tensors ``f`` closes over).
+            ``x`` and ``f``'s parameters (not other tensors ``f`` closes over). Under
+            ``DistributedDataParallel`` the adjoint's evaluations in the backward pass run the
+            wrapped module bare (this call was its one forward: buffers broadcast once).
         options: ``torchdiffeq`` solver options, e.g. ``{"step_size": 0.05}`` for ``"rk4"``.
 
     Returns:

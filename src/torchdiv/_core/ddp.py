@@ -25,9 +25,11 @@ Function form (``one_forward``, around every public call): the call is *one* for
 DDP or FSDP2 module ``f`` calls, whose output is the call's result. The pre-forward work runs
 once, outside the transforms and modes, when ``f`` first calls the module; every evaluation
 runs the wrapped module itself (FSDP2's parameters stay unsharded); the post-forward work runs
-on the result. Graph form (``Peers``: the caller evaluated the wrapped module): torchdiv's
-passes keep the callbacks from being queued, and the result carries what the caller's backward
-needs (DDP's sink, FSDP2's pre-backward function).
+on the result. Evaluations that belong to a finished call (``torchdiv.flows``' adjoint solve,
+in the caller's backward pass, as many as each rank's solver takes) run DDP's wrapped module
+bare (``one_forward(bare=True)``): no collective. Graph form (``Peers``: the caller
+evaluated the wrapped module): torchdiv's passes keep the callbacks from being queued, and the
+result carries what the caller's backward needs (DDP's sink, FSDP2's pre-backward function).
 
 Parameters of the module that the result does not depend on: a loss made of the divergence
 alone leaves the last layer's bias without gradient (``None`` in one process). DDP with
