@@ -16,6 +16,7 @@ reporting (it is killed and the next case starts on a fresh pair). Used by
 from __future__ import annotations
 
 import datetime
+import functools
 import multiprocessing
 import os
 import queue
@@ -80,23 +81,39 @@ class ConvNet(nn.Module):
 
 
 MODELS = {"mlp": (MLP, (4,)), "conv": (ConvNet, (2, 3, 3))}
+# an event of 2 elements: fewer directions than 3 ranks (sharded cases only, not the matrix)
+TINY = {"mlp2": (functools.partial(MLP, d=2), (2,))}
 
 
 def make_model(name: str, heads: bool) -> nn.Module:
     torch.manual_seed(0)
-    return MODELS[name][0](heads).double()
+    return {**MODELS, **TINY}[name][0](heads).double()
 
 
 def batch(name: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(2 * WORLD, *MODELS[name][1], generator=g, dtype=torch.float64)
+    event = {**MODELS, **TINY}[name][1]
+    return torch.randn(2 * WORLD, *event, generator=g, dtype=torch.float64)
 
 
-def _ode(method: str) -> Callable:
+class Flow(nn.Module):
+    """The velocity ``f(z) (1 + t)``, a module (the adjoint's parameters are its own: ``f``'s
+    when ``f`` is a module)."""
+
+    def __init__(self, f: Callable) -> None:
+        super().__init__()
+        self.f = f
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.f(z) * (1 + t)
+
+
+def _ode(method: str, adjoint: bool = False) -> Callable:
     """``log_likelihood`` of the flow of ``f``: exact by an adaptive solver (a number of
-    evaluations that differs between the ranks' halves), estimated by a fixed-step one."""
+    evaluations that differs between the ranks' halves; with ``adjoint``, in the backward
+    pass too), estimated by a fixed-step one."""
     if method == "auto":
-        options: dict = {"solver": "dopri5", "rtol": 1e-6, "atol": 1e-6}
+        options: dict = {"solver": "dopri5", "rtol": 1e-6, "atol": 1e-6, "adjoint": adjoint}
     else:
         generator = torch.Generator().manual_seed(2)
         options = {"solver": "rk4", "options": {"step_size": 0.5}, "num_probes": 2}
@@ -104,7 +121,7 @@ def _ode(method: str) -> Callable:
 
     def log_likelihood(f: Callable, x: torch.Tensor) -> torch.Tensor:
         return torchdiv.flows.log_likelihood(
-            lambda t, z: f(z) * (1 + t),
+            Flow(f),
             x,
             0.0,
             1.0,
@@ -155,8 +172,17 @@ def operators() -> dict[str, Callable]:
     ops["check_batch_independence/auto"] = _checked
     ops["graph_divergence/auto"] = "graph"  # type: ignore[assignment]
     ops["log_likelihood/auto"] = _ode("auto")
+    ops["log_likelihood/adjoint"] = _ode("auto", adjoint=True)
     ops["log_likelihood/hutchinson"] = _ode("hutchinson")
     return ops
+
+
+FSDP_REFUSED = ("log_likelihood/adjoint",)  # a ValueError naming the way out (test_ddp.py)
+
+
+def _runs(wrapper: str, op: str) -> bool:
+    """Whether the case is one to run: FSDP2 refuses the adjoint."""
+    return not (wrapper.startswith("fsdp") and op in FSDP_REFUSED)
 
 
 LOSSES = ("alone", "with-f", "heads")
@@ -195,7 +221,8 @@ Case = tuple[str, str, str, str]  # wrapper, model, operator/method, loss
 def configs(wrappers, models, ops=None) -> list[Case]:
     """Every combination (``bench/ddp_matrix.py``)."""
     ops = ops or list(operators())
-    return [(w, m, o, k) for w in wrappers for m in models for o in ops for k in LOSSES]
+    cases = [(w, m, o, k) for w in wrappers for m in models for o in ops for k in LOSSES]
+    return [case for case in cases if _runs(case[0], case[2])]
 
 
 def sample() -> list[Case]:
@@ -209,9 +236,14 @@ def sample() -> list[Case]:
     cases: list[Case] = []
     for k, op in enumerate(operators()):
         for j, wrapper in enumerate((ddp[k % len(ddp)], fsdp[k % len(fsdp)])):
-            cases.append((wrapper, models[(k + j) % 2], op, LOSSES[(k + j) % len(LOSSES)]))
+            if _runs(wrapper, op):
+                cases.append((wrapper, models[(k + j) % 2], op, LOSSES[(k + j) % len(LOSSES)]))
     static = [("divergence/auto", "with-f"), ("divergence/hutchinson", "with-f"),
               ("graph_divergence/auto", "alone")]  # fmt: skip
+    # the adjoint's solves under DDP's buffer broadcast (hung); the divergence alone with
+    # find_unused_parameters (the last bias's gradient None, as in one process)
+    cases.append(("ddp", "mlp", "log_likelihood/adjoint", "alone"))
+    cases.append(("ddp-unused", "mlp", "divergence/auto", "alone"))
     return cases + [("ddp-static", "mlp", op, loss) for op, loss in static]
 
 
@@ -231,15 +263,13 @@ def wrap(model: nn.Module, wrapper: str) -> nn.Module:
     return fully_shard(model, mesh=mesh, **options)
 
 
-def full_grads(model: nn.Module) -> list[list[float]]:
-    out = []
+def full_grads(model: nn.Module) -> list[list[float] | None]:
+    out: list[list[float] | None] = []
     for p in model.parameters():
         g = p.grad
-        if g is None:
-            g = torch.zeros_like(p.full_tensor() if hasattr(p, "full_tensor") else p)
-        elif hasattr(g, "full_tensor"):
+        if g is not None and hasattr(g, "full_tensor"):
             g = g.full_tensor()
-        out.append(g.detach().double().flatten().tolist())
+        out.append(None if g is None else g.detach().double().flatten().tolist())
     return out
 
 
@@ -264,46 +294,57 @@ def run_config(config, rank: int) -> tuple[str, object]:
     return result
 
 
-def reference(config) -> list[list[float]]:
+def reference(config) -> list[torch.Tensor | None]:
+    """One process's gradients: the mean of the halves' (``None`` where both have none)."""
     _, model_name, op, kind = config
     model = make_model(model_name, kind == "heads")
     halves = []
     for x in batch(model_name).chunk(WORLD):
         model.zero_grad(set_to_none=True)
         loss(model, x, op, kind).backward()
-        halves.append(
-            [
-                torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                for p in model.parameters()
-            ]
-        )
-    return [sum(g) / WORLD for g in zip(*halves, strict=True)]
+        halves.append([p.grad for p in model.parameters()])
+    grads = zip(*halves, strict=True)
+    return [
+        None if all(g is None for g in half) else sum(g for g in half if g is not None) / WORLD
+        for half in grads
+    ]
 
 
 def judge(config, result) -> tuple[str, str]:
-    """``(verdict, detail)`` of a case's outcome on rank 0 (see the module docstring)."""
+    """``(verdict, detail)`` of a case's outcome on rank 0 (see the module docstring). Under
+    DDP with ``find_unused_parameters``, a gradient must be ``None`` exactly where one
+    process's is (except the graph form, whose DDP searched the caller's output, which
+    reaches every parameter); elsewhere ``None`` counts as zero."""
     status, payload = result
     if status != "ok":
         return status, payload
     if len(payload) != 2:  # both training steps ran and reported
         return "wrong", f"{len(payload)} steps reported, not 2"
-    expected = reference(config)
+    wrapper, _, op, _ = config
+    strict_none = WRAPPERS[wrapper].get("find_unused_parameters") and op != "graph_divergence/auto"
+    grads = reference(config)
+    nones = [g is None for g in grads]
+    params = make_model(config[1], config[3] == "heads").parameters()
+    expected = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
     worst = 0.0
     for step in payload:
+        if strict_none and [got is None for got in step] != nones:
+            return "wrong", f"gradients None: {[got is None for got in step]}, not {nones}"
         for got, ref in zip(step, expected, strict=True):
-            got = torch.tensor(got, dtype=torch.float64).reshape(ref.shape)
+            got = torch.zeros_like(ref) if got is None else torch.tensor(got, dtype=torch.float64)
+            got = got.reshape(ref.shape)
             scale = max(ref.norm().item(), 1e-12)
             worst = max(worst, (got - ref).norm().item() / scale)
     return ("right" if worst <= TOL else "wrong"), f"relative error {worst:.2e}"
 
 
-def _worker(rank: int, port: int, todo: list, results: Any, runner: Callable) -> None:
+def _worker(rank: int, world: int, port: int, todo: list, results: Any, runner: Callable) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timeout)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     try:
         for index, item in todo:
             outcome = runner(item, rank)
@@ -324,8 +365,9 @@ def run_pairs(
     runner: Callable[[Any, int], Any] = run_config,
     timeout: float = CASE_TIMEOUT_S,
     report: Callable[[int, Any], None] | None = None,
+    world: int = WORLD,
 ) -> dict[int, Any]:
-    """``runner(item, rank)`` for every ``(index, item)`` of ``todo`` on ``WORLD`` spawned gloo
+    """``runner(item, rank)`` for every ``(index, item)`` of ``todo`` on ``world`` spawned gloo
     processes; returns rank 0's outcome of every index. A pair that crashes, or reports
     nothing for ``timeout`` seconds, is killed: its case gets ``("crash" | "hang", exit
     codes)`` and the rest start on a fresh pair. Never waits longer than that."""
@@ -336,8 +378,10 @@ def run_pairs(
         results = context.Queue()
         port = free_port()
         workers = [
-            context.Process(target=_worker, args=(r, port, remaining, results, runner), daemon=True)
-            for r in range(WORLD)
+            context.Process(
+                target=_worker, args=(r, world, port, remaining, results, runner), daemon=True
+            )
+            for r in range(world)
         ]
         for w in workers:
             w.start()
@@ -384,6 +428,14 @@ SHARDED = [
     ("laplacian", "auto", "mlp", "none"),
     ("laplacian", "auto", "conv", "ddp"),
 ]
+# on 3 ranks, an event of 2 elements: shares of 0, 1 and 1 directions (0, 0, 2 probes; a chain
+# computed whole by the first rank), so the first or the last ranks have nothing to add
+SHARDED_THREE = [
+    *[("divergence", m, "mlp2", "none") for m in ("forward", "reverse", "structured")],
+    ("divergence", "hutchinson-2", "mlp2", "none"),
+    ("divergence", "forward", "mlp2", "ddp"),
+    ("laplacian", "auto", "mlp2", "none"),
+]
 HUTCHINSON_PROBES = 5  # not a multiple of the ranks: shares of 2 and 3 (or "hutchinson-k")
 
 
@@ -400,39 +452,51 @@ def sharded_value(f: Callable, x: torch.Tensor, op: str, method: str, sharded: b
     return module.divergence(f, x, **options)
 
 
+def sharded_step(model: Callable, case, sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training step with a gradient penalty on ``x``: ``L = mean(value^2)``, its gradient
+    ``g = dL/dx`` (``create_graph=True``), then ``(L + |g|^2).backward()`` (a second backward
+    pass through the operator's backward, into the parameters). Returns the value and ``g``."""
+    op, method, model_name, _ = case
+    x = batch(model_name).requires_grad_(True)
+    value = sharded_value(model, x, op, method, sharded)
+    loss = value.square().mean()
+    (x_grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    (loss + x_grad.square().sum()).backward()
+    return value.detach(), x_grad.detach()
+
+
 def run_sharded(case, rank: int) -> tuple[str, object]:
-    """``("ok", (every rank's values, rank-averaged gradients))`` or ``("error", message)``."""
+    """``("ok", (every rank's value and x-gradient, rank-averaged parameter gradients))`` or
+    ``("error", message)``, after ``sharded_step``."""
     import torch.distributed as dist
 
-    op, method, model_name, wrapper = case
+    _, _, model_name, wrapper = case
+    world = dist.get_world_size()
     try:
         model = make_model(model_name, False)
         if wrapper == "ddp":
             model = nn.parallel.DistributedDataParallel(model)
-        value = sharded_value(model, batch(model_name), op, method, sharded=True)
-        value.square().mean().backward()
+        value, x_grad = sharded_step(model, case, sharded=True)
         grads = []
         for p in model.parameters():
             grad = torch.zeros_like(p) if p.grad is None else p.grad
             if wrapper != "ddp":  # what DDP does: the mean over the ranks
                 dist.all_reduce(grad)
-                grad /= WORLD
+                grad /= world
             grads.append(grad.flatten().tolist())
-        values: list = [None] * WORLD
-        dist.all_gather_object(values, value.detach().flatten().tolist())
-        result: tuple[str, object] = ("ok", (values, grads))
+        outputs: list = [None] * world
+        dist.all_gather_object(outputs, (value.flatten().tolist(), x_grad.flatten().tolist()))
+        result: tuple[str, object] = ("ok", (outputs, grads))
     except Exception as error:
         result = ("error", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
-    flags = [None] * WORLD
+    flags = [None] * world
     dist.all_gather_object(flags, result[0])
     return result
 
 
-def sharded_reference(case) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One process's value and parameter gradients."""
-    op, method, model_name, _ = case
-    model = make_model(model_name, False)
-    value = sharded_value(model, batch(model_name), op, method, sharded=False)
-    value.square().mean().backward()
+def sharded_reference(case) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One process's value, x-gradient and parameter gradients after ``sharded_step``."""
+    model = make_model(case[2], False)
+    value, x_grad = sharded_step(model, case, sharded=False)
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
-    return value.detach().flatten(), [g.flatten() for g in grads]
+    return value.flatten(), x_grad.flatten(), [g.flatten() for g in grads]

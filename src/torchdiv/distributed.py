@@ -14,9 +14,23 @@ Every rank gets the same result, equal to one process's up to the order of the s
 Gradients. The all-reduce is differentiable; its backward adds the ranks' incoming gradients,
 so each rank's parameters receive ``R`` times the gradient of its own share. Averaging
 parameter gradients over the ranks (what ``DistributedDataParallel`` does) then gives one
-process's gradient. Composed with data parallelism over samples, each group of ranks that
-shares a batch passes its own ``group`` (``torch.distributed.new_group``), DDP averages over
-all ranks, and the result is again the gradient of the mean loss over all batches.
+process's gradient. ``x``'s gradient is averaged by nobody, so ``x`` enters the computation
+through an identity whose backward averages over the ranks (``_Replicated``): every rank's
+``x`` gets ``(1/R) sum_r R grad_r = sum_r grad_r``, the gradient of the whole batch, as in one
+process (``torch.autograd.grad(loss, x)``, gradient penalties, ``create_graph=True``: that
+backward is an all-reduce too, so it can be differentiated again). Other tensors ``f`` closes
+over count as parameters: one that requires grad receives ``R`` times its own share's
+gradient on each rank; average its gradient over the ranks (``all_reduce``, divide by ``R``)
+or pass it through ``x``. With a different loss on each rank, the gradients are those of the
+mean of the ranks' losses. Composed with data parallelism over samples, each group of ranks
+that shares a batch passes its own ``group`` (``torch.distributed.new_group``), DDP averages
+over all ranks, and the result is again the gradient of the mean loss over all batches.
+
+Every rank's backward pass must run the same collectives. A rank whose share is empty (fewer
+directions or probes than ranks, or a chain the first rank computes whole) therefore
+computes the whole part times zero (cheap: fewer directions than ranks, or a few forward
+passes): its graph then reaches what the other ranks' graphs reach, at every order of
+differentiation, and so do its backward all-reduces.
 
 Every rank must call with the same ``f`` (same parameters), the same ``x`` and the same
 options: the work is split by position, not negotiated.
@@ -31,7 +45,7 @@ from typing import Any
 import torch
 
 from torchdiv._api.reporting import reported
-from torchdiv._core.basis import Share
+from torchdiv._core.basis import WHOLE, Share
 from torchdiv._core.checks import (
     check_callable,
     check_chunk_size,
@@ -93,7 +107,8 @@ def divergence(
     Returns:
         Shape ``x.shape[:batch_dims]``, the same on every rank of ``group``; differentiable:
         averaging the parameters' gradients over the ranks (as ``DistributedDataParallel``
-        does) gives one process's gradient.
+        does) gives one process's gradient, and ``x``'s gradient is one process's on every
+        rank (module docstring).
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
@@ -115,13 +130,17 @@ def divergence(
     check_method(fn, method, DIVERGENCE_METHODS)
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=True)
+    x = _replicated(x, group)
     if method == "hutchinson":
         part = _hutchinson_share(fn, g, x, batch_dims, chunk_size, share, group,
                                  num_probes, probe, generator)  # fmt: skip
     else:
         check_exact_options(fn, method, num_probes, generator, probe, None)
         part, y = _exact.diagonal_and_output(fn, g, x, batch_dims, method, chunk_size, True, share)
-        part = joined(part, y)  # no colours in this share, or a chain the first rank computed
+        if y.requires_grad and not part.requires_grad:  # no colours here, or a chain (above)
+            whole, y = _exact.diagonal_and_output(fn, g, x, batch_dims, method, chunk_size, True)
+            part = part + whole * 0  # the graph of the others (module docstring)
+        part = joined(part, y)  # x empty, or f's divergence depends on nothing differentiable
     return _all_reduce(part.reshape(x.shape[:batch_dims]).to(x.dtype), group)
 
 
@@ -173,18 +192,30 @@ def laplacian(
     check_input(fn, x, batch_dims)
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
+    x = _replicated(x, group)
+    if x.numel() == 0:  # nothing to add on any rank; they all still reduce
+        return _all_reduce(_idle(g, x), group)
     n = event_numel(x, batch_dims)
     start, stop = share.of(n)
-    if x.numel() == 0 or start == stop:  # nothing to add here; the other ranks still reduce
-        return _all_reduce(_idle(g, x), group)
-    graph = capture(g, x, RULES, batch_dims=batch_dims)
-    chunk = chunk_size or graph.chunk(n, _laplacian.CHUNK_ELEMENTS)
+    if start == stop:  # fewer directions than ranks: the whole, times zero (module docstring)
+        return _all_reduce(_laplacian_share(g, x, batch_dims, chunk_size, WHOLE) * 0, group)
+    return _all_reduce(_laplacian_share(g, x, batch_dims, chunk_size, share), group)
+
+
+def _laplacian_share(
+    f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None, share: Share
+) -> torch.Tensor:
+    """The part of the Laplacian from a (non-empty) ``share`` of the unit directions, shape
+    ``x.shape[:batch_dims] + f(x).shape[batch_dims:]``: Taylor mode, else forward over
+    reverse."""
+    graph = capture(f, x, RULES, batch_dims=batch_dims)
+    chunk = chunk_size or graph.chunk(event_numel(x, batch_dims), _laplacian.CHUNK_ELEMENTS)
     part = _laplacian.collapsed_or_none(
         graph, x, _laplacian.unit_directions(x, batch_dims, chunk, share)
     )
     if part is None:
-        part = _laplacian.forward_over_reverse(g, x, batch_dims, chunk, share)
-    return _all_reduce(part, group)
+        part = _laplacian.forward_over_reverse(f, x, batch_dims, chunk, share)
+    return part
 
 
 def _share(fn: str, group: torch.distributed.ProcessGroup | None) -> Share:
@@ -222,8 +253,23 @@ def _hutchinson_share(
     first = 0 if group is None else torch.distributed.get_global_rank(group, 0)
     torch.distributed.broadcast(v, src=first, group=group)
     start, stop = share.of(s.num_probes)
-    if start == stop:
-        return _idle(f, x).flatten(batch_dims).sum(-1)
+    if start == stop:  # fewer probes than ranks: all of them, times zero (module docstring)
+        return _probes_part(f, x, batch_dims, chunk_size, s, v, 0, s.num_probes) * 0
+    return _probes_part(f, x, batch_dims, chunk_size, s, v, start, stop)
+
+
+def _probes_part(
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    s: _trace.Sampling,
+    v: torch.Tensor,
+    start: int,
+    stop: int,
+) -> torch.Tensor:
+    """The part of the Hutchinson estimate from probes ``start:stop`` of ``v`` (``(m, N, n)``),
+    weighted by their share of ``s.num_probes``; shape ``(N,)``."""
     mine = v[start:stop].reshape(stop - start, *x.shape).to(x.dtype)
     part = dataclasses.replace(s, num_probes=stop - start, probes=mine, generator=None)
     estimate = _stochastic.trace_of_function(f, x, batch_dims, part, chunk_size)
@@ -231,8 +277,8 @@ def _hutchinson_share(
 
 
 def _idle(f: Function, x: torch.Tensor) -> torch.Tensor:
-    """Zeros shaped like ``f(x)``, for a rank whose share is empty: with a zero gradient to what
-    ``f(x)`` depends on, so that it takes part in the backward pass's all-reduce too."""
+    """Zeros shaped like ``f(x)``, for an empty ``x`` (every rank alike): with a zero gradient
+    to what ``f(x)`` depends on, so that the backward pass's all-reduce runs."""
     y = f(x)
     return joined(torch.zeros_like(y), y)
 
@@ -241,6 +287,31 @@ def _all_reduce(part: torch.Tensor, group: torch.distributed.ProcessGroup | None
     """The sum of every rank's ``part``, differentiably (``_Summed``)."""
     summed: torch.Tensor = _Summed.apply(part, group)
     return summed
+
+
+def _replicated(x: torch.Tensor, group: torch.distributed.ProcessGroup | None) -> torch.Tensor:
+    """``x`` through ``_Replicated`` where a gradient can reach it; else ``x`` itself."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return x
+    replicated: torch.Tensor = _Replicated.apply(x, group)
+    return replicated
+
+
+class _Replicated(torch.autograd.Function):
+    """The identity on ``x``, the same batch on every rank of ``group``, whose backward
+    averages the ranks' gradients: each rank's is ``R`` times its share's (``_Summed``), so
+    the mean is the sum of the shares, the whole batch's gradient. The backward is ``_Summed``
+    divided by ``R``, itself differentiable (twice and more)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: torch.distributed.ProcessGroup | None) -> Any:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> tuple[torch.Tensor, None]:
+        summed = _Summed.apply(grad_outputs[0], ctx.group)
+        return summed / torch.distributed.get_world_size(ctx.group), None
 
 
 class _Summed(torch.autograd.Function):

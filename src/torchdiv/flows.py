@@ -43,6 +43,7 @@ Needs ``torchdiffeq`` (``pip install 'torchdiv[ode]'``); ``import torchdiv`` doe
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Literal, overload
@@ -67,6 +68,7 @@ from torchdiv._core.checks import (
     check_time,
     check_velocity,
 )
+from torchdiv._core.ddp import one_forward
 from torchdiv._core.mixing import BatchInteractionError
 from torchdiv._core.modes import CompiledCodeEager, outside_inference_mode
 from torchdiv._estimators import stochastic as _stochastic
@@ -209,6 +211,9 @@ class AugmentedDynamics(nn.Module):
         )
         self.f, self.batch_dims, self.method, self.chunk_size = f, batch_dims, method, chunk_size
         self.fn = "AugmentedDynamics"  # named in errors; log_likelihood's own dynamics: its name
+        # log_likelihood's adjoint: its call was one forward of f's DDP modules, so the adjoint
+        # solve's evaluations in the caller's backward pass run them bare (_core.ddp.one_forward)
+        self.announced = False
         s = self.sampling
         self.num_terms = 1 if s is None else num_terms(method, s.num_probes)
 
@@ -230,7 +235,8 @@ class AugmentedDynamics(nn.Module):
             return v
 
         try:
-            return self._dynamics(velocity, z)
+            with one_forward(bare=True) if self.announced else contextlib.nullcontext():
+                return self._dynamics(velocity, z)
         except Exception as exc:
             options = {"f": self.f, "evaluate": velocity, "x": z, "batch_dims": self.batch_dims}
             final = final_error(self.fn, "f(t, z)", exc, {**options, "method": self.method})
@@ -408,7 +414,9 @@ def log_likelihood(
         chunk_size: at most this many Jacobian-vector products in flight (bounds memory).
         adjoint: gradients by ``torchdiffeq.odeint_adjoint`` (memory independent of the
             number of steps) instead of backpropagation through the solver; gradients reach
-            ``x`` and ``f``'s parameters (not other tensors ``f`` closes over).
+            ``x`` and ``f``'s parameters (not other tensors ``f`` closes over). Under
+            ``DistributedDataParallel`` the adjoint's evaluations in the backward pass run the
+            wrapped module bare (this call was its one forward: buffers broadcast once).
         options: ``torchdiffeq`` solver options, e.g. ``{"step_size": 0.05}`` for ``"rk4"``.
 
     Returns:
@@ -458,7 +466,7 @@ def log_likelihood(
         f, x, batch_dims=batch_dims, method=method, probes=None if s is None else s.probes,
         chunk_size=chunk_size,
     )  # fmt: skip
-    dynamics.fn = fn
+    dynamics.fn, dynamics.announced = fn, adjoint
     state = dynamics.initial_state(x)
     if times[0] != times[1] and x.numel():  # one synchronisation per solve; else no motion
         odeint = ode.odeint_adjoint if adjoint else ode.odeint

@@ -25,14 +25,22 @@ Function form (``one_forward``, around every public call): the call is *one* for
 DDP or FSDP2 module ``f`` calls, whose output is the call's result. The pre-forward work runs
 once, outside the transforms and modes, when ``f`` first calls the module; every evaluation
 runs the wrapped module itself (FSDP2's parameters stay unsharded); the post-forward work runs
-on the result. Graph form (``Peers``: the caller evaluated the wrapped module): torchdiv's
-passes keep the callbacks from being queued, and the result carries what the caller's backward
-needs (DDP's sink, FSDP2's pre-backward function).
+on the result. Evaluations that belong to a finished call (``torchdiv.flows``' adjoint solve,
+in the caller's backward pass, as many as each rank's solver takes) run DDP's wrapped module
+bare (``one_forward(bare=True)``): no collective. Graph form (``Peers``: the caller
+evaluated the wrapped module): torchdiv's passes keep the callbacks from being queued, and the
+result carries what the caller's backward needs (DDP's sink, FSDP2's pre-backward function).
 
-Either way, parameters of the module that the result does not depend on get an exact zero
-gradient edge (``_ZeroGradients``): a loss made of the divergence alone leaves the last
-layer's bias without gradient, at which DDP without ``find_unused_parameters`` stops
-("Expected to have finished reduction"); that derivative is exactly zero, so DDP reduces a zero.
+Parameters of the module that the result does not depend on: a loss made of the divergence
+alone leaves the last layer's bias without gradient (``None`` in one process). DDP with
+``find_unused_parameters=True`` (and no ``static_graph``) finds them in the function form's
+result as it finds them in any output, and leaves their gradient ``None``, as in one process
+and as for an ordinary loss that does not use a parameter. Otherwise they get an exact zero
+gradient edge (``_ZeroGradients``): DDP without that search stops on a parameter without
+gradient ("Expected to have finished reduction", as it does for an ordinary loss) and, in
+the graph form, DDP searched the caller's ``y``, which reaches them; that derivative is
+exactly zero, so DDP reduces a zero, and the gradient is a zero tensor where one process has
+``None`` (optimizers that skip ``None``, AdamW's weight decay, then differ).
 """
 
 from __future__ import annotations
@@ -58,16 +66,18 @@ def _initialized() -> bool:
 
 
 class Call:
-    """One public call in flight: the DDP modules and FSDP2 states ``f`` has called."""
+    """One public call in flight: the DDP modules and FSDP2 states ``f`` has called. A
+    ``bare`` one does no pre-forward work (see ``one_forward``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bare: bool = False) -> None:
+        self.bare = bare
         self.ddps: list[Any] = []
         self.fsdp_states: list[Any] = []
         self._swapped: list[tuple[dict[int, Any], int, Any]] = []
 
     def enter_ddp(self, ddp: Any) -> None:
         """The first call of ``ddp``: its pre-forward work, outside transforms and modes."""
-        if not any(known is ddp for known in self.ddps):
+        if not self.bare and not any(known is ddp for known in self.ddps):
             with _plain_level():
                 ddp._pre_forward()
             self.ddps.append(ddp)
@@ -127,10 +137,19 @@ class Call:
         if not differentiable:
             return result
         for ddp in self.ddps:
-            params = [p for p in ddp.module.parameters() if p.requires_grad]
-            tensors = [used(t, params) for t in _tensors(result)]
+            tensors = _tensors(result)
+            if not _finds_unused(ddp):
+                params = [p for p in ddp.module.parameters() if p.requires_grad]
+                tensors = [used(t, params) for t in tensors]
             result = _rebuild(result, iter(ddp._post_forward(tuple(tensors))))
         return result
+
+
+def _finds_unused(ddp: Any) -> bool:
+    """Whether ``ddp`` searches its outputs' graph for the parameters they do not reach
+    (``find_unused_parameters=True`` without ``static_graph``) and leaves the gradient of one
+    that no rank's output reaches ``None``, as in one process."""
+    return bool(ddp.find_unused_parameters) and not ddp.static_graph
 
 
 _FSDP1 = (
@@ -175,10 +194,13 @@ def spans_peers() -> bool:
 
 
 @contextlib.contextmanager
-def one_forward() -> Iterator[Call | None]:
+def one_forward(bare: bool = False) -> Iterator[Call | None]:
     """The scope of one public call (see the module docstring); ``None`` when there is
     nothing to do: no process group, or a public call nested in another (it shares the
-    outer one's)."""
+    outer one's). ``bare``: evaluations that belong to a public call already finished, whose
+    DDP modules' pre- and post-forward work ran then (``torchdiv.flows``' adjoint solve, in
+    the caller's backward pass): DDP modules run the wrapped module alone (no buffer
+    broadcast, no collective: each rank's solver takes its own number of steps)."""
     if not spans_peers():
         yield None
         return
@@ -189,7 +211,7 @@ def one_forward() -> Iterator[Call | None]:
             _ORIGINAL[:] = [DistributedDataParallel.forward]
             DistributedDataParallel.forward = _ddp_forward  # type: ignore[method-assign]
         _IN_FLIGHT[0] += 1
-    call = Call()
+    call = Call(bare)
     token = _CURRENT.set(call)
     hook = torch.nn.modules.module.register_module_forward_pre_hook(call.enter_fsdp)
     try:
@@ -227,7 +249,9 @@ class Peers:
       post-backward does nothing, and the training states are put back afterwards (the
       parameters stay unsharded); the products get FSDP2's pre-backward function, so the
       caller's backward unshards and queues the callback whether or not its loss has ``y``.
-    - Parameters that ``y`` depends on and the products do not get a zero gradient edge.
+    - Parameters that ``y`` depends on and the products do not get a zero gradient edge,
+      where the caller's forward of the DDP module made ``y`` (no public call in flight; in
+      one, ``Call.finish`` tells DDP which parameters the result reaches).
     """
 
     def __init__(self, y: torch.Tensor) -> None:
@@ -236,6 +260,7 @@ class Peers:
         self.leaves: list[torch.Tensor] = []
         if not _initialized():
             return
+        seen = _CURRENT.get() is None  # else a public call's own y: Call.finish tells DDP
         groups: list[Any] = []
         for node in nodes(y.grad_fn):
             ref = getattr(node, "ddp_weakref", None)  # only _DDPSink's backward has one
@@ -248,7 +273,8 @@ class Peers:
             if hasattr(node, "variable") and node.variable.requires_grad:
                 if isinstance(node.variable, _fsdp1()[1]):
                     raise TypeError(_FSDP1)
-                self.leaves.append(node.variable)
+                if seen:
+                    self.leaves.append(node.variable)
         if groups:
             root = groups[0].modules[0]._get_fsdp_state()
             self.fsdp_states = list(root._state_ctx.all_states)
