@@ -135,6 +135,22 @@ def test_a_compiled_module_keeps_its_hooks(method: str):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("method", ["reverse", "structured"])
+def test_hooks_on_the_compiled_wrapper_run(method: str):
+    """A hook registered on ``torch.compile(net)`` itself (not on ``net``) runs: calling the
+    original module dropped it, silently (half the divergence for a hook doubling ``f``)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    net = net.double()
+    x = torch.randn(16, 3, dtype=torch.float64)
+    compiled = torch.compile(net, backend=Counting())
+    compiled.register_forward_hook(lambda module, inputs, out: out * 2)
+    expected = 2 * torchdiv.divergence(net, x, method=method)
+    torch.testing.assert_close(torchdiv.divergence(compiled, x, method=method), expected)
+    torch._dynamo.reset()
+
+
 class CountingAot:
     """A backend around ``aot_eager`` (traces and differentiates like inductor, generates no
     code) that counts the graphs it compiled and their runs."""

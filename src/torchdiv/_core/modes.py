@@ -117,12 +117,16 @@ def _compiled_parts(f: Any) -> tuple[Callable[..., Any], Any, bool | None] | Non
     """What ``torch.compile`` made ``f`` from: the original callable, the backend, ``dynamic``
     (read from Dynamo's private attributes: ``None`` where they are not as expected). Without
     Dynamo imported nothing is compiled; a module is compiled only as an ``OptimizedModule``
-    (asked first: a missing attribute of a module costs an exception in ``__getattr__``)."""
+    (asked first: a missing attribute of a module costs an exception in ``__getattr__``). A
+    compiled module with hooks of its own: ``None`` (it runs as it is, eagerly, hooks included;
+    its original would drop them: a hook doubling the output gave half the divergence)."""
     frames = sys.modules.get("torch._dynamo.eval_frame")
     if frames is None:
         return None
     compiled_module = getattr(frames, "OptimizedModule", torch.nn.Module)
     if isinstance(f, torch.nn.Module) and not isinstance(f, compiled_module):
+        return None
+    if isinstance(f, torch.nn.Module) and _own_hooks(f):  # the original's call would skip them
         return None
     original = getattr(f, "_torchdynamo_orig_callable", None)
     if original is None:
@@ -140,6 +144,13 @@ def _compiled_parts(f: Any) -> tuple[Callable[..., Any], Any, bool | None] | Non
     if context is None or backend is None or not callable(original):
         return None
     return original, backend, getattr(context, "_dynamic", None)
+
+
+def _own_hooks(module: torch.nn.Module) -> bool:
+    """Whether hooks are registered on ``module`` itself (a compiled module's wrapper, not the
+    module it compiled): its call runs them, its ``_orig_mod``'s does not."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(module, name, None) for name in hooks)
 
 
 _COMPILED: dict[tuple[Any, int, bool | None], tuple[Any, Callable[..., Any]]] = {}
