@@ -12,7 +12,8 @@ A step: ``zero_grad``, ``loss = op(f, x).square().mean()``, ``backward``, an SGD
 optimiser's ``zero_grad`` are graph breaks of Dynamo's, not torchdiv's). Each is warmed up by
 three steps; one compiled step and one eager step from the same parameters must give the same
 loss and parameters (float32, rtol 1e-4: ``*_correct``). ``*_ratio`` = compiled median / eager
-median (below 1: compiling helps). Times are of whole steps in float32.
+median, round by round: the median of the rounds' ratios and their range (``_min``, ``_max``;
+below 1: compiling helps). Times are of whole steps in float32.
 
 Cases (divergence nets: auto, structured, reverse, forward, hutchinson with 2 probes drawn once;
 the Laplacian MLP: auto, taylor, forward-over-reverse, grad-of-grad, hutchinson):
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -129,11 +131,15 @@ def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
             row[f"{mode}_ms"] = times[mode]["median_ms"]
             row[f"{mode}_iqr_ms"] = times[mode]["iqr_ms"]
         line = f"{case:5} {method:22} eager {row['eager_ms']:7.2f} ({row['eager_iqr_ms']:.2f})"
+        eager_rounds = times["eager"]["rounds_ms"]
         for mode in MODES:
-            row[f"{mode}_ratio"] = row[f"{mode}_ms"] / row["eager_ms"]
+            ratios = [a / b for a, b in zip(times[mode]["rounds_ms"], eager_rounds, strict=True)]
+            row[f"{mode}_ratio"] = statistics.median(ratios)
+            row[f"{mode}_ratio_min"], row[f"{mode}_ratio_max"] = min(ratios), max(ratios)
             line += (
                 f"  {mode} {row[f'{mode}_ms']:7.2f} ({row[f'{mode}_iqr_ms']:.2f}) "
-                f"= {row[f'{mode}_ratio']:.2f}{'' if row[f'{mode}_correct'] else ' WRONG'}"
+                f"= {row[f'{mode}_ratio']:.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+                f"{'' if row[f'{mode}_correct'] else ' WRONG'}"
             )
         print(line, flush=True)
         rows.append(row)
@@ -145,6 +151,7 @@ def tables(rows: list[dict[str, Any]]) -> None:
     titles = ("compiled model as f", "compiled loss", "compiled step")
     for mode, title in zip(MODES, titles, strict=True):
         columns += [(f"{mode}_ms", f"{title} ms"), (f"{mode}_ratio", "/ eager")]
+        columns += [(f"{mode}_ratio_min", "min"), (f"{mode}_ratio_max", "max")]
     print(markdown(rows, columns))
     wrong = [
         f"{row['case']} {row['method']} {mode}"
