@@ -19,7 +19,7 @@ def time_interleaved(
     rounds: int,
     min_run_time: float,
     on_round: Callable[[str], None] | None = None,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Median and interquartile range (ms) of each call, timed round-robin.
 
     Each round gives every call a ``Timer.blocked_autorange`` of ``min_run_time`` seconds, so
