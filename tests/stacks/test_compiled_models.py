@@ -238,7 +238,7 @@ def test_compiled_model_as_f_gradients_equal_eager(name: str, dtype: torch.dtype
     """Each method with ``torch.compile(net)`` as ``f``: the loss and its gradients in ``x``
     and the parameters equal those with ``net`` itself (float64 1e-10, float32 1e-5); repeated
     calls compile nothing more; the model keeps running compiled on plain calls; the recording
-    engines compile nothing at all (they ran compiled around an eager engine before: 1.06-1.23x
+    engines compile nothing at all (they ran compiled around an eager engine before: 1.04-1.14x
     the time of the same call with ``net``)."""
     torch._dynamo.reset()
     d_out, op = METHODS[name]

@@ -104,7 +104,8 @@ def eager_call(
     - when ``records(f, x, **options)``: its engine records ``f`` (structured, Taylor,
       grad-of-grad), which runs eagerly by design. Compiled, the call would still be entered
       and guarded at every call and break the graph at the engine, around an eager engine:
-      1.06-1.23x the same call with the uncompiled model (measured, bench/compile_step.py).
+      1.04-1.14x the same call with the uncompiled model, now 0.97-1.04x
+      (bench/compile_model_call.py).
     """
     if torch.is_inference_mode_enabled() or (isinstance(x, torch.Tensor) and x.is_inference()):
         return True
