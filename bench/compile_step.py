@@ -1,16 +1,19 @@
-"""Training-step time with torch.compile (inductor) against the same step run eagerly.
+"""Training-step time with torch.compile (inductor), three ways, against the same eager step.
 
-Run:  flock /tmp/torchdiv-bench.lock .venv/bin/python bench/compile_step.py
+Run:  flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 .venv/bin/python bench/compile_step.py
           [--cases mlp,conv,lap] [--rounds 5] [--min-run-time 0.4]
           [--json PATH | --update]
       .venv/bin/python bench/compile_step.py --report bench/results/compile_step.json
 
-A step: ``zero_grad``, ``loss = op(net, x).square().mean()``, ``backward``, an SGD step.
-Compiled: ``torch.compile(step)`` (inductor; the backward and the optimiser's ``zero_grad`` are
-graph breaks of Dynamo's, not torchdiv's), warmed up by three steps; before timing, one compiled
-step and one eager step from the same parameters must give the same loss and parameters
-(float32, rtol 1e-4). ``ratio`` = compiled median / eager median (below 1: compiling helps).
-Times are of whole steps in float32, interleaved rounds (``torch.utils.benchmark``).
+A step: ``zero_grad``, ``loss = op(f, x).square().mean()``, ``backward``, an SGD step. Compiled
+(inductor), each timed against the eager step in the same interleaved rounds
+(``torch.utils.benchmark``): ``model``, ``f = torch.compile(net)`` in an eager step; ``loss``,
+``torch.compile`` of the loss function; ``step``, ``torch.compile(step)`` (the backward and the
+optimiser's ``zero_grad`` are graph breaks of Dynamo's, not torchdiv's). Each is warmed up by
+three steps; one compiled step and one eager step from the same parameters must give the same
+loss and parameters (float32, rtol 1e-4: ``*_correct``). ``*_ratio`` = compiled median / eager
+median, round by round: the median of the rounds' ratios and their range (``_min``, ``_max``;
+below 1: compiling helps). Times are of whole steps in float32.
 
 Cases (divergence nets: auto, structured, reverse, forward, hutchinson with 2 probes drawn once;
 the Laplacian MLP: auto, taylor, forward-over-reverse, grad-of-grad, hutchinson):
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -61,26 +65,40 @@ def operator(case: str, method: str, probes: torch.Tensor) -> Callable[..., torc
     return lambda f, x: torchdiv.divergence(f, x, method=method)
 
 
+MODES = ("model", "loss", "step")  # what is compiled; "eager": nothing
+
+
 def training_step(
-    net: torch.nn.Module, op: Callable[..., torch.Tensor]
+    net: torch.nn.Module, op: Callable[..., torch.Tensor], mode: str = "eager"
 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One SGD step on ``op(f, x).square().mean()``, with ``mode`` compiled: ``"model"``,
+    ``f = torch.compile(net)``; ``"loss"``, the loss function; ``"step"``, the whole step;
+    ``"eager"``, nothing."""
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    f = torch.compile(net) if mode == "model" else net
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
+        return op(f, x).square().mean()
+
+    loss_fn = torch.compile(loss_of) if mode == "loss" else loss_of
 
     def step(x: torch.Tensor) -> torch.Tensor:
         opt.zero_grad()
-        loss = op(net, x).square().mean()
+        loss = loss_fn(x)
         loss.backward()
         opt.step()
         return loss.detach()
 
-    return step
+    return torch.compile(step) if mode == "step" else step
 
 
-def agree(net: torch.nn.Module, op: Callable[..., torch.Tensor], x: torch.Tensor) -> bool:
+def agree(
+    net: torch.nn.Module, op: Callable[..., torch.Tensor], x: torch.Tensor, mode: str
+) -> bool:
     """One compiled and one eager step from the same parameters: same loss and parameters."""
     eager, compiled = copy.deepcopy(net), copy.deepcopy(net)
     loss_e = training_step(eager, op)(x)
-    loss_c = torch.compile(training_step(compiled, op))(x)
+    loss_c = training_step(compiled, op, mode)(x)
     same = [torch.allclose(loss_c, loss_e, rtol=1e-4, atol=1e-6)]
     same += [
         torch.allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -97,47 +115,51 @@ def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
     for method in LAPLACIAN if case == "lap" else DIVERGENCE:
         torch._dynamo.reset()
         op = operator(case, method, probes)
-        ok = agree(net, op, x)
-        eager_step = training_step(copy.deepcopy(net), op)
-        compiled_step = torch.compile(training_step(copy.deepcopy(net), op))
+        row: dict[str, Any] = {"case": case, "method": method}
+        steps = {mode: training_step(copy.deepcopy(net), op, mode) for mode in ("eager", *MODES)}
+        for mode in MODES:
+            row[f"{mode}_correct"] = agree(net, op, x, mode)
         for _ in range(3):
-            eager_step(x)
-            compiled_step(x)
-        calls = {
-            "eager": functools.partial(eager_step, x),
-            "compiled": functools.partial(compiled_step, x),
-        }
-        times = time_interleaved(calls, rounds, min_run_time)
-        row = {
-            "case": case,
-            "method": method,
-            "correct": ok,
-            "eager_ms": times["eager"]["median_ms"],
-            "eager_iqr_ms": times["eager"]["iqr_ms"],
-            "compiled_ms": times["compiled"]["median_ms"],
-            "compiled_iqr_ms": times["compiled"]["iqr_ms"],
-            "ratio": times["compiled"]["median_ms"] / times["eager"]["median_ms"],
-        }
-        print(
-            f"{case:5} {method:22} eager {row['eager_ms']:8.2f} ms (IQR {row['eager_iqr_ms']:.2f}) "
-            f"compiled {row['compiled_ms']:8.2f} ms (IQR {row['compiled_iqr_ms']:.2f}) "
-            f"ratio {row['ratio']:.2f} correct={ok}",
-            flush=True,
+            for step in steps.values():
+                step(x)
+        times = time_interleaved(
+            {mode: functools.partial(step, x) for mode, step in steps.items()},
+            rounds,
+            min_run_time,
         )
+        for mode in ("eager", *MODES):
+            row[f"{mode}_ms"] = times[mode]["median_ms"]
+            row[f"{mode}_iqr_ms"] = times[mode]["iqr_ms"]
+        line = f"{case:5} {method:22} eager {row['eager_ms']:7.2f} ({row['eager_iqr_ms']:.2f})"
+        eager_rounds = times["eager"]["rounds_ms"]
+        for mode in MODES:
+            ratios = [a / b for a, b in zip(times[mode]["rounds_ms"], eager_rounds, strict=True)]
+            row[f"{mode}_ratio"] = statistics.median(ratios)
+            row[f"{mode}_ratio_min"], row[f"{mode}_ratio_max"] = min(ratios), max(ratios)
+            line += (
+                f"  {mode} {row[f'{mode}_ms']:7.2f} ({row[f'{mode}_iqr_ms']:.2f}) "
+                f"= {row[f'{mode}_ratio']:.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+                f"{'' if row[f'{mode}_correct'] else ' WRONG'}"
+            )
+        print(line, flush=True)
         rows.append(row)
     return rows
 
 
 def tables(rows: list[dict[str, Any]]) -> None:
-    columns = [
-        ("case", "case"),
-        ("method", "method"),
-        ("eager_ms", "eager ms"),
-        ("compiled_ms", "compiled ms"),
-        ("ratio", "compiled / eager"),
-        ("correct", "same step"),
-    ]
+    columns = [("case", "case"), ("method", "method"), ("eager_ms", "eager ms")]
+    titles = ("compiled model as f", "compiled loss", "compiled step")
+    for mode, title in zip(MODES, titles, strict=True):
+        columns += [(f"{mode}_ms", f"{title} ms"), (f"{mode}_ratio", "/ eager")]
+        columns += [(f"{mode}_ratio_min", "min"), (f"{mode}_ratio_max", "max")]
     print(markdown(rows, columns))
+    wrong = [
+        f"{row['case']} {row['method']} {mode}"
+        for row in rows
+        for mode in MODES
+        if not row[f"{mode}_correct"]
+    ]
+    print("steps unlike eager:", ", ".join(wrong) or "none")
 
 
 if __name__ == "__main__":

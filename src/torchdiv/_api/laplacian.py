@@ -55,7 +55,7 @@ from torchdiv._core.checks import (
     check_method,
     checked,
 )
-from torchdiv._core.crossover import traced
+from torchdiv._core.crossover import traceable
 from torchdiv._core.mixing import check_empty_event
 from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode
 from torchdiv._estimators import trace as _trace
@@ -72,17 +72,18 @@ RECORDING = ("auto", "taylor", "grad-of-grad")  # methods.BY_NAME's engines that
 def _records(
     f: object, x: object, *, method: str = "auto", batch_dims: object = 1, **_: object
 ) -> bool:
-    """Whether the call's engine records ``f`` (a call Dynamo traces then runs eagerly as a
-    whole: ``eager_when``): ``"auto"`` unless it traces forward-over-reverse into the graph
-    (``torchdiv._core.crossover.traced``; ``coordinates`` only shrink the problem it decides on);
-    arguments the call will refuse: yes."""
+    """Whether the call's engine records ``f`` when Dynamo traces the call (such a call then
+    runs eagerly as a whole: ``eager_when``, and so does a call with a compiled ``f``:
+    ``compiled_like_f``): ``"auto"`` unless it traces forward-over-reverse into the graph
+    (``torchdiv._core.crossover.traceable``; ``coordinates`` only shrink the problem it decides
+    on); arguments the call will refuse: yes."""
     if method != "auto" or not isinstance(x, torch.Tensor) or not isinstance(batch_dims, int):
         return method in RECORDING
-    return not (0 <= batch_dims <= x.dim() and traced(f, x, batch_dims))
+    return not (0 <= batch_dims <= x.dim() and traceable(f, x, batch_dims))
 
 
 @eager_when(_records)
-@compiled_like_f
+@compiled_like_f(_records)
 @outside_inference_mode
 @reported("laplacian")
 def laplacian(

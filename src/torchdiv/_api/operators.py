@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import torch
 
-from torchdiv import _structured
 from torchdiv._api.reporting import reported
 from torchdiv._core.checks import (
     check_callable,
@@ -16,6 +15,7 @@ from torchdiv._core.checks import (
     check_method,
     checked,
 )
+from torchdiv._core.crossover import traceable
 from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
@@ -50,14 +50,18 @@ def _prepare(
 def _plans(
     f: Function, x: object, *, method: str = "auto", batch_dims: int = 1, **_: object
 ) -> bool:
-    """Whether the structured engine records ``f`` at ``x`` (a call Dynamo traces then runs
-    eagerly as a whole: ``eager_when``); arguments the call will refuse: no."""
+    """Whether the structured engine records ``f`` at ``x`` when Dynamo traces the call
+    (``_structured.chosen`` there; such a call then runs eagerly as a whole: ``eager_when``, and
+    so does a call with a compiled ``f``: ``compiled_like_f``); arguments the call will refuse:
+    no."""
     if not isinstance(x, torch.Tensor) or not isinstance(batch_dims, int):
         return False
-    return 0 <= batch_dims <= x.dim() and _structured.chosen(method, f, x, batch_dims)
+    if method != "auto":
+        return method == "structured"
+    return 0 <= batch_dims <= x.dim() and not traceable(f, x, batch_dims)
 
 
-@compiled_like_f
+@compiled_like_f()
 @outside_inference_mode
 @reported("jacobian")
 def jacobian(
@@ -117,7 +121,7 @@ def jacobian(
 
 
 @eager_when(_plans)
-@compiled_like_f
+@compiled_like_f(_plans)
 @outside_inference_mode
 @reported("jacobian_diagonal")
 def jacobian_diagonal(
@@ -193,7 +197,7 @@ def jacobian_diagonal(
 
 
 @eager_when(_plans)
-@compiled_like_f
+@compiled_like_f(_plans)
 @outside_inference_mode
 @reported("divergence")
 def divergence(
@@ -301,7 +305,7 @@ def divergence(
     return _shaped(div, x.shape[:batch_dims]).to(x.dtype)
 
 
-@compiled_like_f
+@compiled_like_f()
 @outside_inference_mode
 @reported("estimate_divergence")
 def estimate_divergence(

@@ -19,7 +19,7 @@ def time_interleaved(
     rounds: int,
     min_run_time: float,
     on_round: Callable[[str], None] | None = None,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Median and interquartile range (ms) of each call, timed round-robin.
 
     Each round gives every call a ``Timer.blocked_autorange`` of ``min_run_time`` seconds, so
@@ -29,7 +29,9 @@ def time_interleaved(
     call's turn (for a progress bar).
 
     Returns:
-        ``{name: {"median_ms", "iqr_ms", "samples"}}``.
+        ``{name: {"median_ms", "iqr_ms", "samples", "rounds_ms"}}``; ``rounds_ms``: each
+        round's median, for ratios of two calls round by round (timed minutes apart, rounds
+        differ by the machine's load more than calls of one round do).
     """
     samples: dict[str, list[Measurement]] = {name: [] for name in calls}
     for _ in range(rounds):
@@ -47,6 +49,7 @@ def time_interleaved(
             "median_ms": merged.median * 1e3,
             "iqr_ms": merged.iqr * 1e3,
             "samples": len(merged.times),
+            "rounds_ms": [m.median * 1e3 for m in ms],
         }
     return out
 

@@ -38,8 +38,13 @@ def traced(f: Any, x: torch.Tensor, batch_dims: int) -> bool:
     recording ``f``: Dynamo traces the call and ``n x B x W <= TRACED_WORK`` (module
     docstring; ``W``: ``work_per_sample``). ``f`` may be torchdiv's wrapper of the caller's
     ``f`` (``checks.unwrapped``): the public call and the engine inside decide alike."""
-    if not torch.compiler.is_compiling():
-        return False
+    return torch.compiler.is_compiling() and traceable(f, x, batch_dims)
+
+
+def traceable(f: Any, x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether ``n x B x W <= TRACED_WORK``: ``traced`` would hold if Dynamo traced the call.
+    Asked outside a compiled region too, of a ``torch.compile``d ``f`` (``modes.compiled_like_f``:
+    such a call runs compiled or eagerly as a whole)."""
     n = math.prod(x.shape[batch_dims:])
     return n * math.prod(x.shape[:batch_dims]) * work_per_sample(f, n) <= TRACED_WORK
 

@@ -64,44 +64,70 @@ def outside_inference_mode(fn: F) -> F:
 _DRAWS = ("num_probes", "generator", "rtol", "atol")  # options of calls that draw probes
 
 
-def compiled_like_f(fn: F) -> F:
+def compiled_like_f(records: Callable[..., bool] | None = None) -> Callable[[F], F]:
     """Decorate ``fn(f, x, ...)`` (outside ``outside_inference_mode``) so that a
-    ``torch.compile``d ``f`` (module or function) runs compiled: ``fn`` is compiled as ``f``
-    was (same backend and ``dynamic``) and called with ``f``'s uncompiled original.
+    ``torch.compile``d ``f`` (module or function) runs compiled where that pays: ``fn`` is
+    compiled as ``f`` was (same backend and ``dynamic``) and called with ``f``'s uncompiled
+    original, or, where ``eager_call`` says so, ``fn`` runs eagerly with the original.
 
     A compiled function called inside ``torch.func`` transforms runs eagerly (Dynamo cannot
     trace under them); transforms inside a compiled call are traced, so the products run as
-    compiled code. Calls that draw probes run eagerly (compiled random numbers differ from
-    eager ones), as do calls under inference mode and calls Dynamo already traces.
+    compiled code. ``records(f, x, **options)``: whether the call's engine records ``f``
+    when Dynamo traces the call (the predicate of ``eager_when``; ``None``: never).
     """
 
-    @functools.wraps(fn)
-    def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-        parts = None
-        if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
-            parts = _compiled_parts(f)
-        if parts is not None:
-            drawn = any(kwargs.get(name) is not None for name in _DRAWS)
-            inference_x = isinstance(x, torch.Tensor) and x.is_inference()
-            parts = None if drawn or inference_x else parts
-        if parts is None:
-            return fn(f, x, *args, **kwargs)
-        original, backend, dynamic = parts
-        return _compiled(fn, backend, dynamic)(original, x, *args, **kwargs)
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+            parts = None if torch.compiler.is_compiling() else _compiled_parts(f)
+            if parts is None:  # not compiled, or Dynamo traces the call: f as it is
+                return fn(f, x, *args, **kwargs)
+            original, backend, dynamic = parts
+            if eager_call(original, x, kwargs, records):
+                return fn(original, x, *args, **kwargs)
+            return _compiled(fn, backend, dynamic)(original, x, *args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def eager_call(
+    f: Any, x: Any, options: dict[str, Any], records: Callable[..., bool] | None
+) -> bool:
+    """Whether a torchdiv call whose ``f`` was ``torch.compile``d runs eagerly as a whole, with
+    ``f``'s uncompiled original (compiled functions in it run compiled; ``f`` stays compiled):
+
+    - under inference mode or with an inference-tensor ``x`` (left before ``fn`` runs);
+    - when it draws probes (``num_probes=``, ``generator=``, ``rtol=``/``atol=``): compiled
+      random numbers differ from eager ones, and "same generator state, same estimate" holds;
+    - when ``records(f, x, **options)``: its engine records ``f`` (structured, Taylor,
+      grad-of-grad), which runs eagerly by design. Compiled, the call would still be entered
+      and guarded at every call and break the graph at the engine, around an eager engine:
+      1.04-1.14x the same call with the uncompiled model, now 0.97-1.04x
+      (bench/compile_model_call.py).
+    """
+    if torch.is_inference_mode_enabled() or (isinstance(x, torch.Tensor) and x.is_inference()):
+        return True
+    if any(options.get(name) is not None for name in _DRAWS):
+        return True
+    return records is not None and records(f, x, **options)
 
 
 def _compiled_parts(f: Any) -> tuple[Callable[..., Any], Any, bool | None] | None:
     """What ``torch.compile`` made ``f`` from: the original callable, the backend, ``dynamic``
     (read from Dynamo's private attributes: ``None`` where they are not as expected). Without
     Dynamo imported nothing is compiled; a module is compiled only as an ``OptimizedModule``
-    (asked first: a missing attribute of a module costs an exception in ``__getattr__``)."""
+    (asked first: a missing attribute of a module costs an exception in ``__getattr__``). A
+    compiled module with hooks of its own: ``None`` (it runs as it is, eagerly, hooks included;
+    its original would drop them: a hook doubling the output gave half the divergence)."""
     frames = sys.modules.get("torch._dynamo.eval_frame")
     if frames is None:
         return None
     compiled_module = getattr(frames, "OptimizedModule", torch.nn.Module)
     if isinstance(f, torch.nn.Module) and not isinstance(f, compiled_module):
+        return None
+    if isinstance(f, torch.nn.Module) and _own_hooks(f):  # the original's call would skip them
         return None
     original = getattr(f, "_torchdynamo_orig_callable", None)
     if original is None:
@@ -119,6 +145,13 @@ def _compiled_parts(f: Any) -> tuple[Callable[..., Any], Any, bool | None] | Non
     if context is None or backend is None or not callable(original):
         return None
     return original, backend, getattr(context, "_dynamic", None)
+
+
+def _own_hooks(module: torch.nn.Module) -> bool:
+    """Whether hooks are registered on ``module`` itself (a compiled module's wrapper, not the
+    module it compiled): its call runs them, its ``_orig_mod``'s does not."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(module, name, None) for name in hooks)
 
 
 _COMPILED: dict[tuple[Any, int, bool | None], tuple[Any, Callable[..., Any]]] = {}
