@@ -448,17 +448,7 @@ def _cdist(
     batch element instead of ``P R``). At zero distance, where the distance is not
     differentiable, every derivative is 0 (PyTorch's first-order convention; exact for a
     point's distance to itself, ``cdist(r, r)``'s diagonal, which is 0 for every ``r``)."""
-    diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
-    if p == 1:
-        return diff.abs().sum(-1)
-    if p == math.inf:
-        return diff.abs().amax(-1)
-    if p != 2:
-        return torch.linalg.vector_norm(diff, ord=p, dim=-1)
-    square = diff.square().sum(-1)
-    positive = square > 0
-    safe = torch.sqrt(torch.where(positive, square, torch.ones_like(square)))
-    return torch.where(positive, safe, torch.zeros_like(safe))
+    return _linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), p, -1)
 
 
 def _normalized(a: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
@@ -502,6 +492,34 @@ def _instance_norm(
     channels = (1, -1) + (1,) * len(dims)
     out = out if weight is None else out * weight.reshape(channels)
     return out if bias is None else out + bias.reshape(channels)
+
+
+def _group_norm(a: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``torch.group_norm`` (whose leading arguments are ``F.group_norm``'s) of a contiguous
+    copy of ``a``: PyTorch's forward-mode formula views the input, which fails on a permuted
+    one ("view size is not compatible"; diffusers' attention blocks hand their output on as
+    a transposed view). The same values and derivatives."""
+    return torch.group_norm(a.contiguous(), *args, **kwargs)
+
+
+def _std(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``torch.std`` (any overload) as the root of ``torch.var`` (same arguments), derivatives
+    0 where the variance is 0, as PyTorch's first ones."""
+    return _linalg.root(torch.var(*args, **kwargs), 2)
+
+
+def _std_mean(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    var, mean = torch.var_mean(*args, **kwargs)
+    return _linalg.root(var, 2), mean
+
+
+def _copysign(a: torch.Tensor, other: Any) -> torch.Tensor:
+    """``torch.copysign``: ``|a|`` with the sign (bit) of ``other``; derivatives those of
+    ``|a|`` (0 at ``a = 0``), none with respect to ``other`` (PyTorch's are zeros)."""
+    negative = torch.signbit(torch.as_tensor(other, device=a.device))
+    magnitude = a.abs()
+    dtype = torch.result_type(a, other)
+    return torch.where(negative, -magnitude, magnitude).to(dtype)
 
 
 def _prod(
@@ -600,13 +618,16 @@ def _table(
 
 
 def _name(func: Any) -> str:
-    module = "torch.Tensor" if "Tensor" in getattr(func, "__qualname__", "") else "torch"
+    module = getattr(func, "__module__", None)
+    module = module if module == "torch.nn.functional" else "torch"
+    module = "torch.Tensor" if "Tensor" in getattr(func, "__qualname__", "") else module
     return f"{module}.{func.__name__}".replace("linalg_", "linalg.")
 
 
 _SLOGDET = ("LinalgSlogdetBackward",)  # logdet too
 _SOLVE = ("LinalgSolveExBackward",)  # solve, solve_ex, tensorsolve
 _EIGHN = ("LinalgEighBackward",)  # eigh and eigvalsh
+_NORM = ("LinalgVectorNormBackward",)  # every norm over vector_norm, cosine similarity
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
 REPLACEMENTS: dict[Any, Replacement] = {
     **_table(
@@ -629,6 +650,33 @@ REPLACEMENTS: dict[Any, Replacement] = {
         torch.Tensor.logcumsumexp,
     ),
     **_table((3, None), _prod, "", ("ProdBackward",), torch.prod, torch.Tensor.prod),
+    **_table(
+        (1, None),
+        _group_norm,
+        "",
+        ("NativeGroupNormBackward",),
+        torch.nn.functional.group_norm,
+        torch.group_norm,
+    ),
+    **_table((3, None), _linalg.vector_norm, "", _NORM, torch.linalg.vector_norm),
+    **_table((3, None), _linalg.norm, "", _NORM, torch.norm),
+    **_table((3, None), _linalg.tensor_norm, "", _NORM, torch.Tensor.norm),
+    **_table((3, None), _linalg.linalg_norm, "", _NORM, torch.linalg.norm),
+    **_table((3, None), _linalg.matrix_norm, "", _NORM, torch.linalg.matrix_norm),
+    **_table((3, None), _linalg.normalize, "", _NORM, torch.nn.functional.normalize),
+    **_table((3, None), _linalg.cosine_similarity, "", _NORM, torch.cosine_similarity),
+    **_table(
+        (3, None), _linalg.pairwise_distance, "", ("NormBackward",), torch.pairwise_distance
+    ),
+    **_table((3, None), _linalg.dist, "", ("DistBackward",), torch.dist, torch.Tensor.dist),
+    **_table(
+        (3, None), _linalg.renorm, "", ("RenormBackward",), torch.renorm, torch.Tensor.renorm
+    ),
+    **_table((3, None), _std, "", ("StdBackward",), torch.std, torch.Tensor.std),
+    **_table((3, None), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
+    **_table(
+        (1, 1), _copysign, "", ("CopysignBackward",), torch.copysign, torch.Tensor.copysign
+    ),
     **_table((2, None), _cumprod, "", ("CumprodBackward",), torch.cumprod, torch.Tensor.cumprod),
     **_table((1, 1), _cdist, "", ("CdistBackward", "EuclideanDistBackward"), torch.cdist),
     **_table(
