@@ -665,18 +665,12 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((3, None), _linalg.matrix_norm, "", _NORM, torch.linalg.matrix_norm),
     **_table((3, None), _linalg.normalize, "", _NORM, torch.nn.functional.normalize),
     **_table((3, None), _linalg.cosine_similarity, "", _NORM, torch.cosine_similarity),
-    **_table(
-        (3, None), _linalg.pairwise_distance, "", ("NormBackward",), torch.pairwise_distance
-    ),
+    **_table((3, None), _linalg.pairwise_distance, "", ("NormBackward",), torch.pairwise_distance),
     **_table((3, None), _linalg.dist, "", ("DistBackward",), torch.dist, torch.Tensor.dist),
-    **_table(
-        (3, None), _linalg.renorm, "", ("RenormBackward",), torch.renorm, torch.Tensor.renorm
-    ),
+    **_table((3, None), _linalg.renorm, "", ("RenormBackward",), torch.renorm, torch.Tensor.renorm),
     **_table((3, None), _std, "", ("StdBackward",), torch.std, torch.Tensor.std),
     **_table((3, None), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
-    **_table(
-        (1, 1), _copysign, "", ("CopysignBackward",), torch.copysign, torch.Tensor.copysign
-    ),
+    **_table((1, 1), _copysign, "", ("CopysignBackward",), torch.copysign, torch.Tensor.copysign),
     **_table((2, None), _cumprod, "", ("CumprodBackward",), torch.cumprod, torch.Tensor.cumprod),
     **_table((1, 1), _cdist, "", ("CdistBackward", "EuclideanDistBackward"), torch.cdist),
     **_table(
