@@ -52,7 +52,8 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
     """Engines that evaluate ``f`` outside ``SafeDerivatives`` search its graph for the ops
     the mode changes (``changed_nodes``) and evaluate it again under the mode where one shows:
     every op of ``REPLACEMENTS`` (a new one must be added here) leaves its nodes, at the
-    orders and modes it is replaced at; the fused attention kernels show as ``fused``;
+    orders and modes it is replaced at, but group norm, whose contiguous copy changes no
+    derivative (nothing to search for); the fused attention kernels show as ``fused``;
     ordinary ops show nothing."""
     from torchdiv._core.modes import REPLACEMENTS, changed_nodes
     from torchdiv._core.walk import search
@@ -116,10 +117,14 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
     names = {entry.name for entry in REPLACEMENTS.values()}
     assert names <= set(calls), names - set(calls)
     entries = {entry.name: entry for entry in REPLACEMENTS.values()}
+    layout_only = {"torch.nn.functional.group_norm", "torch.group_norm"}  # a contiguous copy
+    assert {name for name, entry in entries.items() if not entry.nodes} == layout_only
     for name, call in calls.items():
         entry = entries[name.split(",")[0]]
         found = search(call(), x)
         assert not found.guarded and not found.fused, name
+        if name in layout_only:
+            continue
         for order, forward_mode in ((entry.forward, True), (entry.reverse, False)):
             if order is not None:
                 assert search(call(), x, changed_nodes(order, forward_mode)).guarded, name

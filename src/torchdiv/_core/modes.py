@@ -650,14 +650,9 @@ REPLACEMENTS: dict[Any, Replacement] = {
         torch.Tensor.logcumsumexp,
     ),
     **_table((3, None), _prod, "", ("ProdBackward",), torch.prod, torch.Tensor.prod),
-    **_table(
-        (1, None),
-        _group_norm,
-        "",
-        ("NativeGroupNormBackward",),
-        torch.nn.functional.group_norm,
-        torch.group_norm,
-    ),
+    # no nodes: the copy changes no value and no derivative, only what forward mode sees; an
+    # evaluation outside the mode (the engines of backward passes) computed the same
+    **_table((1, None), _group_norm, "", (), torch.nn.functional.group_norm, torch.group_norm),
     **_table((3, None), _linalg.vector_norm, "", _NORM, torch.linalg.vector_norm),
     **_table((3, None), _linalg.norm, "", _NORM, torch.norm),
     **_table((3, None), _linalg.tensor_norm, "", _NORM, torch.Tensor.norm),
