@@ -1,5 +1,5 @@
-"""Determinants, solves and Householder products whose derivatives of every order are
-right, for nested autodiff.
+"""Determinants, solves, Householder products and norms whose derivatives of every order
+are right, for nested autodiff.
 
 PyTorch's first derivatives of ``slogdet``, ``det`` and ``solve`` are right, but the
 derivatives of its derivative formulas are not (measured in float64 against finite

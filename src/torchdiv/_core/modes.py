@@ -376,7 +376,7 @@ class SafeDerivatives(TorchFunctionMode):
     nested methods take second derivatives, and a Laplacian's gradient is a third.
 
     Found by experiment in float64 against finite differences of first derivatives and
-    grad-of-grad loops (PyTorch 2.13; ``tests/test_linalg_rules.py``):
+    grad-of-grad loops (PyTorch 2.13; ``tests/taylor/test_linalg_rules.py``, ``test_norms.py``):
 
     - ``layer_norm`` (fused ``native_layer_norm``): third derivative wrong (its backward
       treats the saved mean and inverse standard deviation as constants; pytorch#175754),
@@ -408,6 +408,22 @@ class SafeDerivatives(TorchFunctionMode):
     - ``logcumsumexp``: its third derivative by reverse mode is ``nan`` (its backward takes
       logarithms of the incoming gradient's positive and negative parts); Laplacian values
       right, their gradients ``nan`` by the grad-of-grad loop. Replaced by ``_logcumsumexp``.
+
+    - Norms: ``linalg.vector_norm`` (``p`` other than 0, 1, ±inf) and every op over it
+      (``norm``, ``Tensor.norm``, ``linalg.norm``, ``linalg.matrix_norm('fro')``,
+      ``F.normalize``, ``cosine_similarity``, ``pairwise_distance``), ``dist``, ``renorm``,
+      ``std``, ``std_mean``: their backward formulas mask zeros in place (``masked_fill_``),
+      which forward mode cannot differentiate: the gradient of a Laplacian by forward over
+      reverse, the Hessian or Hutchinson's products raised "modified by an inplace
+      operation" (values right). Replaced by ``_core.linalg.vector_norm`` (elementwise powers,
+      a sum, a root; 0 derivatives at a zero entry and a zero vector, as PyTorch's first ones)
+      and the ops over it, ``std`` by the root of ``var``.
+    - ``copysign``: its backward divides by the input, so second derivatives are ``nan`` where
+      an entry is 0, by reverse mode too (the reverse engine's divergence gradients, a second
+      derivative taken under ``SafeDerivatives(1)``): replaced by ``|a|`` signed by ``other``
+      from order 1.
+    - ``group_norm``: its forward-mode formula views the input, which fails on a transposed
+      view (an attention block's output in diffusers' U-Nets): run on a contiguous copy.
 
     ``inv``, ``cholesky``, ``solve_triangular``, ``cholesky_solve``, ``lu_factor``/``lu_solve``,
     ``qr``, ``svdvals``, ``matrix_exp``, ``pinv``, ``lstsq`` were right in every engine.
