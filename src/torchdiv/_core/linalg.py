@@ -175,10 +175,14 @@ def vector_norm(
     a: Tensor, ord: Any = 2, dim: Any = None, keepdim: bool = False, *, dtype: Any = None
 ) -> Tensor:
     """``torch.linalg.vector_norm``: ``(sum |a_i|^p)^(1/p)`` over ``dim`` (all if ``None``)
-    for ``0 < p < inf``; PyTorch's op for ``p = 0, ±inf`` and negative ``p`` (selections and
-    counts, whose derivatives are right)."""
+    for ``0 < p < inf``, ``max |a_i|`` (``min``) for ``p = inf`` (``-inf``): selections whose
+    derivatives are PyTorch's (ties share them equally), with Taylor rules; PyTorch's op for
+    ``p = 0``, negative ``p`` and empty ``a`` (counts and reciprocals, right)."""
     a = a if dtype is None else a.to(dtype)
     p = float(ord)
+    if abs(p) == math.inf and a.numel() > 0:
+        extreme = torch.amax if p > 0 else torch.amin
+        return extreme(a.abs(), () if dim is None else dim, keepdim)
     if not 0 < p < math.inf:
         return torch.linalg.vector_norm(a, ord, dim, keepdim)
     return root(_powers(a, p).sum(dim, keepdim), p)
