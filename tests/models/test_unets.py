@@ -9,11 +9,12 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close, loop_diagonal
+from conftest import assert_close, loop_diagonal, reference_divergence
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from unets import GuidedUNet, diffusers_unet
 
 import torchdiv
+from torchdiv._core.modes import SafeDerivatives, math_attention
 from torchdiv.flows import log_likelihood
 
 pytest.importorskip("diffusers")
@@ -81,16 +82,34 @@ def test_exact_methods_match_the_loop(problem, exact):
     assert_close(torchdiv.divergence(problem, problem.x), div)
     assert_close(torchdiv.jacobian_diagonal(problem, problem.x), diagonal)
     runs = {
-        "diffusers": ("reverse", "structured"),  # CPU fused attention: no forward-mode rule
+        "diffusers": ("reverse", "structured"),  # forward: against jacrev below
         "guided": ("forward", "reverse", "structured"),
         "guided-checkpoint": (),  # a legacy autograd.Function: torch.func cannot run it
     }[problem.name]
     for method in ("forward", "reverse", "structured"):
         if method in runs:
             assert_close(torchdiv.divergence(problem, problem.x, method=method), div)
-        else:
+        elif problem.name == "guided-checkpoint":
             with pytest.raises((RuntimeError, NotImplementedError)):
                 torchdiv.divergence(problem, problem.x, method=method)
+
+
+def test_diffusers_attention_unet_in_forward_mode_is_the_plain_net():
+    """diffusers' attention blocks hand their output on as a transposed view, whose group norm
+    PyTorch's forward-mode formula cannot view ("view size is not compatible": the forward
+    engine raised). Under the modes the forward engine runs ``f`` in, group norm sees a
+    contiguous copy: the values are the plain forward's, and the forward engine's divergence
+    is the trace of ``torch.func.jacrev``'s Jacobian (one image: 48 products each)."""
+    problem = Problem("diffusers")
+    x = problem.x[:1]
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return problem.velocity(problem.t[:1], z)
+
+    plain = f(x)
+    with math_attention(), SafeDerivatives(2, "method='reverse'"):
+        assert_close(f(x), plain)
+    assert_close(torchdiv.divergence(f, x, method="forward"), reference_divergence(f, x))
 
 
 def test_parameter_gradient_matches_finite_differences(problem):

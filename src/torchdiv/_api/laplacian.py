@@ -33,10 +33,11 @@ Attention runs on PyTorch's math backend in every method (``_modes.math_attentio
 fused CPU kernel has no forward-mode derivative. The nested-autodiff methods run ``f`` under
 ``_modes.SafeDerivatives(3)``: the gradient of a Laplacian is a third derivative, and
 PyTorch's through forward over reverse is wrong for fused layer norm, ``slogdet``/``logdet``/
-``det``, ``solve`` and ``cholesky_inverse`` (replaced there by equivalents whose derivatives
-are right) and ``nan`` for ``eigvalsh``/``eigh`` (refused, naming ``method='taylor'``, whose
-rules cover all of them but eigenvectors, and ``'grad-of-grad'``: reverse over reverse is
-right for all of them). Every method computes ``cdist`` from differences (``SafeDerivatives(1)``).
+``det``, ``solve`` and ``cholesky_inverse``, and raises for norms, ``std`` and ``copysign``
+(replaced there by equivalents whose derivatives are right) and ``nan`` for
+``eigvalsh``/``eigh`` (refused, naming ``method='taylor'``, whose rules cover all of them but
+eigenvectors, and ``'grad-of-grad'``: reverse over reverse is right for all of them).
+Every method computes ``cdist`` from differences (``SafeDerivatives(1)``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Determinants, solves and Householder products whose derivatives of every order are
-right, for nested autodiff.
+"""Determinants, solves, Householder products and norms whose derivatives of every order
+are right, for nested autodiff.
 
 PyTorch's first derivatives of ``slogdet``, ``det`` and ``solve`` are right, but the
 derivatives of its derivative formulas are not (measured in float64 against finite
@@ -17,6 +17,7 @@ is ``sign * exp(log|det|)`` (a singular ``A`` gives ``nan`` derivatives, as the 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -140,3 +141,133 @@ def householder_product(a: Tensor, tau: Tensor, *, out: Any = None) -> Tensor:
         v = torch.where(rows > i, a[..., :, i], (rows == i).to(a.dtype))
         q = q - tau[..., i, None, None] * v[..., :, None] * (v.conj()[..., None, :] @ q)
     return q
+
+
+# Norms. PyTorch's backward formulas of ``linalg_vector_norm`` (p != 1, 0, inf), ``norm``,
+# ``dist``, ``renorm`` and ``std`` mask their zeros in place (``masked_fill_``), which forward
+# mode cannot differentiate: the gradient of a Laplacian by forward over reverse raises "modified
+# by an inplace operation". Here ``||a||_p = (sum_i |a_i|^p)^(1/p)`` from elementwise powers and
+# a sum, with PyTorch's convention where it is not differentiable: 0 at a zero entry (``|a|^p``)
+# and at a zero vector (the root), at every order.
+
+
+def _powers(a: Tensor, p: float) -> Tensor:
+    """``|a|^p`` elementwise (``p > 0``, real result), every derivative 0 where ``a`` is 0
+    (exact for an entry that is 0 for every ``x``, as a masked one)."""
+    if not a.is_complex() and p in (1, 2):
+        return a.abs() if p == 1 else a.square()
+    base = torch.view_as_real(a).square().sum(-1) if a.is_complex() else a.abs()
+    p = p / 2 if a.is_complex() else p
+    nonzero = base != 0  # nan stays nan
+    safe = torch.where(nonzero, base, torch.ones_like(base))
+    return torch.where(nonzero, safe**p, torch.zeros_like(base))
+
+
+def root(s: Tensor, p: float) -> Tensor:
+    """``s^(1/p)`` of a sum ``s >= 0``, every derivative 0 where ``s`` is 0."""
+    nonzero = s != 0
+    safe = torch.where(nonzero, s, torch.ones_like(s))
+    out = safe.sqrt() if p == 2 else safe ** (1 / p)
+    return torch.where(nonzero, out, torch.zeros_like(out))
+
+
+def vector_norm(
+    a: Tensor, ord: Any = 2, dim: Any = None, keepdim: bool = False, *, dtype: Any = None
+) -> Tensor:
+    """``torch.linalg.vector_norm``: ``(sum |a_i|^p)^(1/p)`` over ``dim`` (all if ``None``)
+    for ``0 < p < inf``, ``max |a_i|`` (``min``) for ``p = inf`` (``-inf``): selections whose
+    derivatives are PyTorch's (ties share them equally), with Taylor rules; PyTorch's op for
+    ``p = 0``, negative ``p`` and empty ``a`` (counts and reciprocals, right)."""
+    a = a if dtype is None else a.to(dtype)
+    p = float(ord)
+    if abs(p) == math.inf and a.numel() > 0:
+        extreme = torch.amax if p > 0 else torch.amin
+        return extreme(a.abs(), () if dim is None else dim, keepdim)
+    if not 0 < p < math.inf:
+        return torch.linalg.vector_norm(a, ord, dim, keepdim)
+    return root(_powers(a, p).sum(dim, keepdim), p)
+
+
+def norm(
+    a: Tensor,
+    p: Any = "fro",
+    dim: Any = None,
+    keepdim: bool = False,
+    out: None = None,
+    dtype: Any = None,
+) -> Tensor:
+    """``torch.norm`` (and ``Tensor.norm``): a vector norm, or PyTorch's matrix norms by
+    name (``"nuc"``; ``"fro"`` over more than two dimensions refused there). ``out`` is
+    ``None`` here (``SafeDerivatives`` leaves a call with one to PyTorch)."""
+    dims = [dim] if isinstance(dim, int) else dim
+    if isinstance(p, str) and (p != "fro" or (dims is not None and len(dims) > 2)):
+        return torch.norm(a, p, dim, keepdim, dtype=dtype)
+    return vector_norm(a, 2 if p is None or isinstance(p, str) else p, dims, keepdim, dtype=dtype)
+
+
+def tensor_norm(
+    a: Tensor, p: Any = "fro", dim: Any = None, keepdim: bool = False, dtype: Any = None
+) -> Tensor:
+    """``Tensor.norm`` (``dtype`` its fifth positional argument)."""
+    return norm(a, p, dim, keepdim, dtype=dtype)
+
+
+def matrix_norm(
+    a: Tensor, ord: Any = "fro", dim: Any = (-2, -1), keepdim: bool = False, *, dtype: Any = None
+) -> Tensor:
+    """``torch.linalg.matrix_norm``: Frobenius as the vector 2-norm over ``dim``; the others
+    are PyTorch's (singular values, maxima of 1-norms: right)."""
+    if ord != "fro" or a.dim() < 2 or len(dim) != 2:
+        return torch.linalg.matrix_norm(a, ord, dim, keepdim, dtype=dtype)
+    return vector_norm(a, 2, dim, keepdim, dtype=dtype)
+
+
+def linalg_norm(
+    a: Tensor, ord: Any = None, dim: Any = None, keepdim: bool = False, *, dtype: Any = None
+) -> Tensor:
+    """``torch.linalg.norm``: a matrix norm where ``ord`` is given and ``dim`` (or ``a``) has
+    two dimensions, else a vector norm (2 by default); shapes PyTorch refuses go to it."""
+    dims = (dim,) if isinstance(dim, int) else dim
+    count = a.dim() if dims is None else len(dims)
+    if (dims is not None or ord is not None) and count not in (1, 2):
+        return torch.linalg.norm(a, ord, dim, keepdim, dtype=dtype)  # PyTorch's error
+    if ord is not None and count == 2:
+        return matrix_norm(a, ord, (0, 1) if dims is None else dims, keepdim, dtype=dtype)
+    if isinstance(ord, str):  # a matrix norm of one dimension
+        return torch.linalg.norm(a, ord, dim, keepdim, dtype=dtype)  # PyTorch's error
+    return vector_norm(a, 2 if ord is None else ord, dims, keepdim, dtype=dtype)
+
+
+def normalize(
+    a: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out: None = None
+) -> Tensor:
+    """``F.normalize``: ``a / max(||a||_p, eps)`` along ``dim`` (``out``: as in ``norm``)."""
+    return a / vector_norm(a, p, dim, True).clamp_min(eps)
+
+
+def cosine_similarity(x1: Tensor, x2: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
+    """``F.cosine_similarity``: ``sum (x1 / max(|x1|, eps)) (x2 / max(|x2|, eps))`` along
+    ``dim``, inputs broadcast. (PyTorch clamps the norms outside autograd, so its first
+    derivatives below ``eps`` are not those of its values; here they are.)"""
+    x1, x2 = torch.broadcast_tensors(x1, x2)
+    return (normalize(x1, 2, dim, eps) * normalize(x2, 2, dim, eps)).sum(dim)
+
+
+def pairwise_distance(
+    x1: Tensor, x2: Tensor, p: float = 2.0, eps: float = 1e-6, keepdim: bool = False
+) -> Tensor:
+    """``F.pairwise_distance``: ``||x1 - x2 + eps||_p`` along the last dimension."""
+    return vector_norm(x1 - x2 + eps, p, -1, keepdim)
+
+
+def dist(a: Tensor, other: Tensor, p: float = 2) -> Tensor:
+    """``torch.dist``: ``||a - other||_p`` over every element (broadcast)."""
+    return vector_norm(a - other, p)
+
+
+def renorm(a: Tensor, p: float, dim: int, maxnorm: float) -> Tensor:
+    """``torch.renorm``: each slice along ``dim`` whose ``p``-norm exceeds ``maxnorm`` scaled
+    by ``maxnorm / (norm + 1e-7)`` (PyTorch's constant)."""
+    others = [d for d in range(a.dim()) if d != dim % max(a.dim(), 1)]
+    size = vector_norm(a, p, others, True)
+    return a * torch.where(size > maxnorm, maxnorm / (size + 1e-7), torch.ones_like(size))

@@ -409,7 +409,7 @@ class SafeDerivatives(TorchFunctionMode):
     nested methods take second derivatives, and a Laplacian's gradient is a third.
 
     Found by experiment in float64 against finite differences of first derivatives and
-    grad-of-grad loops (PyTorch 2.13; ``tests/test_linalg_rules.py``):
+    grad-of-grad loops (PyTorch 2.13; ``tests/taylor/test_linalg_rules.py``, ``test_norms.py``):
 
     - ``layer_norm`` (fused ``native_layer_norm``): third derivative wrong (its backward
       treats the saved mean and inverse standard deviation as constants; pytorch#175754),
@@ -441,6 +441,22 @@ class SafeDerivatives(TorchFunctionMode):
     - ``logcumsumexp``: its third derivative by reverse mode is ``nan`` (its backward takes
       logarithms of the incoming gradient's positive and negative parts); Laplacian values
       right, their gradients ``nan`` by the grad-of-grad loop. Replaced by ``_logcumsumexp``.
+
+    - Norms: ``linalg.vector_norm`` (``p`` other than 0, 1, ±inf) and every op over it
+      (``norm``, ``Tensor.norm``, ``linalg.norm``, ``linalg.matrix_norm('fro')``,
+      ``F.normalize``, ``cosine_similarity``, ``pairwise_distance``), ``dist``, ``renorm``,
+      ``std``, ``std_mean``: their backward formulas mask zeros in place (``masked_fill_``),
+      which forward mode cannot differentiate: the gradient of a Laplacian by forward over
+      reverse, the Hessian or Hutchinson's products raised "modified by an inplace
+      operation" (values right). Replaced by ``_core.linalg.vector_norm`` (elementwise powers,
+      a sum, a root; 0 derivatives at a zero entry and a zero vector, as PyTorch's first ones)
+      and the ops over it, ``std`` by the root of ``var``.
+    - ``copysign``: its backward divides by the input, so second derivatives are ``nan`` where
+      an entry is 0, by reverse mode too (the reverse engine's divergence gradients, a second
+      derivative taken under ``SafeDerivatives(1)``): replaced by ``|a|`` signed by ``other``
+      from order 1.
+    - ``group_norm``: its forward-mode formula views the input, which fails on a transposed
+      view (an attention block's output in diffusers' U-Nets): run on a contiguous copy.
 
     ``inv``, ``cholesky``, ``solve_triangular``, ``cholesky_solve``, ``lu_factor``/``lu_solve``,
     ``qr``, ``svdvals``, ``matrix_exp``, ``pinv``, ``lstsq`` were right in every engine.
@@ -481,17 +497,7 @@ def _cdist(
     batch element instead of ``P R``). At zero distance, where the distance is not
     differentiable, every derivative is 0 (PyTorch's first-order convention; exact for a
     point's distance to itself, ``cdist(r, r)``'s diagonal, which is 0 for every ``r``)."""
-    diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
-    if p == 1:
-        return diff.abs().sum(-1)
-    if p == math.inf:
-        return diff.abs().amax(-1)
-    if p != 2:
-        return torch.linalg.vector_norm(diff, ord=p, dim=-1)
-    square = diff.square().sum(-1)
-    positive = square > 0
-    safe = torch.sqrt(torch.where(positive, square, torch.ones_like(square)))
-    return torch.where(positive, safe, torch.zeros_like(safe))
+    return _linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), p, -1)
 
 
 def _normalized(a: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
@@ -535,6 +541,34 @@ def _instance_norm(
     channels = (1, -1) + (1,) * len(dims)
     out = out if weight is None else out * weight.reshape(channels)
     return out if bias is None else out + bias.reshape(channels)
+
+
+def _group_norm(a: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``torch.group_norm`` (whose leading arguments are ``F.group_norm``'s) of a contiguous
+    copy of ``a``: PyTorch's forward-mode formula views the input, which fails on a permuted
+    one ("view size is not compatible"; diffusers' attention blocks hand their output on as
+    a transposed view). The same values and derivatives."""
+    return torch.group_norm(a.contiguous(), *args, **kwargs)
+
+
+def _std(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``torch.std`` (any overload) as the root of ``torch.var`` (same arguments), derivatives
+    0 where the variance is 0, as PyTorch's first ones."""
+    return _linalg.root(torch.var(*args, **kwargs), 2)
+
+
+def _std_mean(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    var, mean = torch.var_mean(*args, **kwargs)
+    return _linalg.root(var, 2), mean
+
+
+def _copysign(a: torch.Tensor, other: Any) -> torch.Tensor:
+    """``torch.copysign``: ``|a|`` with the sign (bit) of ``other``; derivatives those of
+    ``|a|`` (0 at ``a = 0``), none with respect to ``other`` (PyTorch's are zeros)."""
+    negative = torch.signbit(torch.as_tensor(other, device=a.device))
+    magnitude = a.abs()
+    dtype = torch.result_type(a, other)
+    return torch.where(negative, -magnitude, magnitude).to(dtype)
 
 
 def _prod(
@@ -633,13 +667,16 @@ def _table(
 
 
 def _name(func: Any) -> str:
-    module = "torch.Tensor" if "Tensor" in getattr(func, "__qualname__", "") else "torch"
+    module = getattr(func, "__module__", None)
+    module = module if module == "torch.nn.functional" else "torch"
+    module = "torch.Tensor" if "Tensor" in getattr(func, "__qualname__", "") else module
     return f"{module}.{func.__name__}".replace("linalg_", "linalg.")
 
 
 _SLOGDET = ("LinalgSlogdetBackward",)  # logdet too
 _SOLVE = ("LinalgSolveExBackward",)  # solve, solve_ex, tensorsolve
 _EIGHN = ("LinalgEighBackward",)  # eigh and eigvalsh
+_NORM = ("LinalgVectorNormBackward",)  # every norm over vector_norm, cosine similarity
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
 REPLACEMENTS: dict[Any, Replacement] = {
     **_table(
@@ -662,6 +699,22 @@ REPLACEMENTS: dict[Any, Replacement] = {
         torch.Tensor.logcumsumexp,
     ),
     **_table((3, None), _prod, "", ("ProdBackward",), torch.prod, torch.Tensor.prod),
+    # no nodes: the copy changes no value and no derivative, only what forward mode sees; an
+    # evaluation outside the mode (the engines of backward passes) computed the same
+    **_table((1, None), _group_norm, "", (), torch.nn.functional.group_norm, torch.group_norm),
+    **_table((3, None), _linalg.vector_norm, "", _NORM, torch.linalg.vector_norm),
+    **_table((3, None), _linalg.norm, "", _NORM, torch.norm),
+    **_table((3, None), _linalg.tensor_norm, "", _NORM, torch.Tensor.norm),
+    **_table((3, None), _linalg.linalg_norm, "", _NORM, torch.linalg.norm),
+    **_table((3, None), _linalg.matrix_norm, "", _NORM, torch.linalg.matrix_norm),
+    **_table((3, None), _linalg.normalize, "", _NORM, torch.nn.functional.normalize),
+    **_table((3, None), _linalg.cosine_similarity, "", _NORM, torch.cosine_similarity),
+    **_table((3, None), _linalg.pairwise_distance, "", ("NormBackward",), torch.pairwise_distance),
+    **_table((3, None), _linalg.dist, "", ("DistBackward",), torch.dist, torch.Tensor.dist),
+    **_table((3, None), _linalg.renorm, "", ("RenormBackward",), torch.renorm, torch.Tensor.renorm),
+    **_table((3, None), _std, "", ("StdBackward",), torch.std, torch.Tensor.std),
+    **_table((3, None), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
+    **_table((1, 1), _copysign, "", ("CopysignBackward",), torch.copysign, torch.Tensor.copysign),
     **_table((2, None), _cumprod, "", ("CumprodBackward",), torch.cumprod, torch.Tensor.cumprod),
     **_table((1, 1), _cdist, "", ("CdistBackward", "EuclideanDistBackward"), torch.cdist),
     **_table(
