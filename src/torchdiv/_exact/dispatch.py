@@ -24,7 +24,7 @@ from torchdiv._core.checks import event_numel
 from torchdiv._core.mixing import BatchInteractionError
 from torchdiv._exact import plan as _plan
 from torchdiv._exact import state as _state
-from torchdiv._exact.autograd import GraphJacobian, RerunJacobian, unwatched
+from torchdiv._exact.autograd import GraphJacobian, RerunJacobian, leaf, unwatched
 from torchdiv._exact.forward import ForwardJacobian
 from torchdiv._exact.reverse import ReverseJacobian
 from torchdiv._taylor.cache import PlanCache, key
@@ -284,13 +284,26 @@ def _engines(
     def rerun() -> tuple[Engine, _plan.OpSizes]:
         return RerunJacobian(again, x, batch_dims), planned[-1]
 
+    # square problems with a small event: plain autograd's rows first, evaluated on its own
+    # leaf copy of x, which the watch follows (``own``); then reverse mode
+    small = square and x.dim() > batch_dims and num_inputs <= _plan.ROWS_EVENT
+    z = leaf(x) if small else x
+
+    def build() -> Engine:
+        if small:
+            return GraphJacobian.of_function(f, z, batch_dims, own=z is not x)
+        return ReverseJacobian(f, x, batch_dims)
+
+    def second() -> Engine:
+        if small:
+            return ReverseJacobian(again, x, batch_dims)
+        return GraphJacobian.of_function(again, x, batch_dims)
+
     try:
         watch = not compiling and (
             not tiny or not (seen is not None and (x.dim() > batch_dims or _mixing.allowed()))
         )
-        reverse, sizes = _watched(
-            lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch, changes
-        )
+        first, sizes = _watched(build, z, batch_dims, watch, changes)
         if tiny:  # watched for sample mixing only: planned as every later call, not at all
             sizes = _plan.OpSizes(x.shape[:batch_dims])
             if watch:
@@ -305,7 +318,11 @@ def _engines(
             raise BatchInteractionError(mixing) from None
 
         def graph() -> tuple[Engine, _plan.OpSizes]:
-            built = _watched(lambda: GraphJacobian.of_function(again, x, batch_dims), x, batch_dims)
+            z = leaf(x)  # (the watch follows it)
+            own = z is not x
+            built = _watched(
+                lambda: GraphJacobian.of_function(again, z, batch_dims, own=own), z, batch_dims
+            )
             if tiny:
                 passed(f, x, batch_dims, at)
             planned.append(built[1])
@@ -314,11 +331,11 @@ def _engines(
         return [graph, rerun]
     planned.append(sizes)
     engines: list[Build] = [
-        lambda: (reverse, sizes),
-        lambda: (GraphJacobian.of_function(again, x, batch_dims), sizes),
+        lambda: (first, sizes),
+        lambda: (second(), sizes),
         rerun,
     ]
-    if (reverse.num_basis > num_inputs or sizes.convolves) and sizes.forward_rules:
+    if (first.num_basis > num_inputs or sizes.convolves) and sizes.forward_rules:
         engines.insert(0, lambda: (ForwardJacobian(again, x, batch_dims), sizes))
     return engines
 
@@ -368,8 +385,9 @@ def _watched(
     changes: _state.Changes | None = None,
 ) -> tuple[Engine, _plan.OpSizes]:
     """Build an engine (which evaluates ``f`` once), with ``OpSizes`` watching the ops (and the
-    batch dimensions) and ``changes`` the state ``f`` changes, if ``watch``; unwatched sizes
-    record nothing, so their chunk is all basis vectors."""
+    batch dimensions, starting from ``x``: the very tensor ``f`` gets) and ``changes`` the state
+    ``f`` changes, if ``watch``; unwatched sizes record nothing, so their chunk is all basis
+    vectors."""
     sizes = _plan.OpSizes(x.shape[:batch_dims], _mixing.tracker(x, batch_dims))
     unwatched = contextlib.nullcontext()
     with sizes if watch else unwatched, changes if watch and changes is not None else unwatched:
