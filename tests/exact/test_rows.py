@@ -19,9 +19,7 @@ from torch.func import jacrev, vmap
 
 import torchdiv
 from torchdiv._core.basis import quiet_batching
-from torchdiv._exact import plan as _plan
 from torchdiv._exact.autograd import LOOP_ROWS, GraphJacobian
-from torchdiv._exact.dispatch import evaluate
 
 
 def _per_sample(f, x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +40,7 @@ def _no_legacy_batching(monkeypatch) -> None:
 
 @pytest.mark.parametrize(
     ("d", "batch"),
-    [(LOOP_ROWS + 1, 16), (8, 512), (_plan.ROWS_EVENT, 32)],  # tiny; rows; small event, watched
+    [(LOOP_ROWS + 1, 16), (16, 256)],  # tiny; up to ROWS_PROBLEM
 )
 def test_rows_match_jacrev_per_sample_with_parameter_gradients(monkeypatch, d, batch):
     """Values of the three operators and the parameter gradient of a loss of the Jacobian
@@ -80,21 +78,6 @@ def test_rows_match_jacrev_per_sample_with_parameter_gradients(monkeypatch, d, b
 
     numeric = central_difference(moved).item()
     assert abs(analytic - numeric) <= 1e-8 * max(1.0, abs(numeric))
-
-
-def test_square_small_events_go_by_rows_watched_every_call(monkeypatch):
-    """Above ``ROWS_PROBLEM``, with at most ``ROWS_EVENT`` elements per sample: plain autograd
-    rows on a watched evaluation, every call, and one that mixes samples is refused."""
-    d = _plan.ROWS_EVENT
-    net, x = tanh_mlp(d, 8, d), torch.randn(64, d, dtype=torch.float64)
-    assert d * x.numel() > _plan.ROWS_PROBLEM
-
-    def run(f):
-        return evaluate(f, x, 1, "auto", None, lambda e, c: (e, c), square=True)[0][0]
-
-    assert type(run(net)) is GraphJacobian
-    with pytest.raises(torchdiv.BatchInteractionError):
-        run(lambda z: net(z) * z[0])
 
 
 def test_fallback_evaluation_is_watched_for_mixing():

@@ -265,12 +265,10 @@ def _engines(
     when the event is empty, where any op but an elementwise one mixes samples. Tiny
     ``square`` problems that passed start with plain autograd (``_plain_first``), as do
     ``square`` ones up to ``_plan.ROWS_PROBLEM`` whose planned evaluation passed the watch
-    without a convolution (CPU convolution backward is the slower side). Other ``square``
-    problems whose event has at most ``_plan.ROWS_EVENT`` elements are watched and planned
-    on plain autograd's evaluation, whose rows go before reverse mode's. If ``torch.func``
-    cannot evaluate ``f``, the plain-autograd engine's evaluation is watched instead. Plain
-    autograd evaluates ``f`` watched on a leaf copy of ``x`` made before the watch starts
-    (``leaf``), so that the watch follows the samples into ``f``.
+    without a convolution (CPU convolution backward is the slower side). If ``torch.func``
+    cannot evaluate ``f``, the plain-autograd engine's evaluation is watched instead, on a
+    leaf copy of ``x`` made before the watch starts (``leaf``), so that the watch follows
+    the samples into ``f``.
     """
     num_inputs = event_numel(x, batch_dims)
     tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
@@ -287,26 +285,13 @@ def _engines(
     def rerun() -> tuple[Engine, _plan.OpSizes]:
         return RerunJacobian(again, x, batch_dims), planned[-1]
 
-    # square problems with a small event: plain autograd's rows first, evaluated on its own
-    # leaf copy of x, which the watch follows (``own``); then reverse mode
-    small = square and x.dim() > batch_dims and num_inputs <= _plan.ROWS_EVENT
-    z = leaf(x) if small else x
-
-    def build() -> Engine:
-        if small:
-            return GraphJacobian.of_function(f, z, batch_dims, own=z is not x)
-        return ReverseJacobian(f, x, batch_dims)
-
-    def second() -> Engine:
-        if small:
-            return ReverseJacobian(again, x, batch_dims)
-        return GraphJacobian.of_function(again, x, batch_dims)
-
     try:
         watch = not compiling and (
             not tiny or not (seen is not None and (x.dim() > batch_dims or _mixing.allowed()))
         )
-        first, sizes = _watched(build, z, batch_dims, watch, changes)
+        reverse, sizes = _watched(
+            lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch, changes
+        )
         if tiny:  # watched for sample mixing only: planned as every later call, not at all
             sizes = _plan.OpSizes(x.shape[:batch_dims])
             if watch:
@@ -334,11 +319,11 @@ def _engines(
         return [graph, rerun]
     planned.append(sizes)
     engines: list[Build] = [
-        lambda: (first, sizes),
-        lambda: (second(), sizes),
+        lambda: (reverse, sizes),
+        lambda: (GraphJacobian.of_function(again, x, batch_dims), sizes),
         rerun,
     ]
-    if (first.num_basis > num_inputs or sizes.convolves) and sizes.forward_rules:
+    if (reverse.num_basis > num_inputs or sizes.convolves) and sizes.forward_rules:
         engines.insert(0, lambda: (ForwardJacobian(again, x, batch_dims), sizes))
     return engines
 

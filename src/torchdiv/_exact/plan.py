@@ -40,11 +40,6 @@ TINY_PROBLEM = 1 << 15
 # batch 256 (2**16) took 2.0 ms by rows against 3.0 ms watched and planned, one thread; at
 # D = 32 (2**18) the two were even.
 ROWS_PROBLEM = 1 << 16
-# Larger square problems whose event has at most this many elements are watched and planned
-# on a plain-autograd evaluation, whose rows go first (reverse mode second): a tanh MLP
-# D -> 64 -> 64 -> D at D = 64, batch 256, took 8-9 ms by rows against 9.5-11.5 ms by
-# ``torch.func``'s reverse mode, even at batch 4096 (one thread)
-ROWS_EVENT = 64
 
 _CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
 # ops that PyTorch gives no forward-mode derivative (checked on CPU; the engines that run
