@@ -80,13 +80,14 @@ def test_rows_match_jacrev_per_sample_with_parameter_gradients(monkeypatch, d, b
     assert abs(analytic - numeric) <= 1e-8 * max(1.0, abs(numeric))
 
 
-def test_fallback_evaluation_is_watched_for_mixing():
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_fallback_evaluation_is_watched_for_mixing(requires_grad):
     """Where ``torch.func`` cannot run ``f`` (a legacy ``autograd.Function``), plain autograd
     evaluates it under the watch, which now follows its copy of ``x``: a mix is refused (the
     custom function's own output is not followed: the ops inside run without grad)."""
-    x = torch.randn(64, 3, dtype=torch.float64)
+    x = torch.randn(64, 3, dtype=torch.float64, requires_grad=requires_grad)
     cube = LegacyCube.apply
-    assert_close(torchdiv.divergence(cube, x), (3 * x**2).sum(-1))
+    assert_close(torchdiv.divergence(cube, x), (3 * x.detach() ** 2).sum(-1))
     for mixes in (lambda z: cube(z) + z.mean(0), lambda z: cube(z) + z * z[0]):
         for op in (torchdiv.divergence, torchdiv.jacobian):
             with pytest.raises(torchdiv.BatchInteractionError):
