@@ -33,7 +33,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -128,15 +128,18 @@ def quiet_batching() -> Iterator[None]:
     restore a snapshot of the list, undoing another thread's changes; where another thread's
     ``catch_warnings`` swapped the list meanwhile, the filter leaves both lists). A caller's
     own filter equal to it stays. Other threads' warnings of that message are not shown
-    meanwhile.
+    meanwhile. Nothing is done while Dynamo traces (it enters no lock).
     """
+    if torch.compiler.is_compiling():
+        yield
+        return
     with _QUIET.lock:
         if _QUIET.inside == 0:
             before = list(warnings.filters)
             warnings.filterwarnings("ignore", _SLOW_BATCHING, UserWarning)
             ours = warnings.filters[0]
             _QUIET.filter = None if ours in before else ours  # (equal: the caller's)
-            _QUIET.filters = warnings.filters
+            _QUIET.filters = _filters()
         _QUIET.inside += 1
     try:
         yield
@@ -144,8 +147,13 @@ def quiet_batching() -> Iterator[None]:
         with _QUIET.lock:
             _QUIET.inside -= 1
             if _QUIET.inside == 0:
-                for filters in {id(f): f for f in (_QUIET.filters, warnings.filters)}.values():
+                for filters in {id(f): f for f in (_QUIET.filters, _filters())}.values():
                     at = [i for i, item in enumerate(filters) if item is _QUIET.filter]
                     for i in at[:1]:
                         del filters[i]
                 _QUIET.filter, _QUIET.filters = None, []
+
+
+def _filters() -> list[Any]:
+    """``warnings.filters``, the list itself (typeshed types it as a ``Sequence``)."""
+    return cast("list[Any]", warnings.filters)
