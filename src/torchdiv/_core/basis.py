@@ -28,8 +28,12 @@ tests for that.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 
@@ -94,3 +98,62 @@ def broadcast_basis(start: int, stop: int, like: torch.Tensor, batch_dims: int) 
     j = torch.arange(k, device=like.device)
     out[j, start + j] = 1
     return out.reshape(k, *[1] * batch_dims, *like.shape[batch_dims:])
+
+
+@dataclass
+class _Quiet:
+    """``quiet_batching``'s state: how many threads are inside, and meanwhile its filter and
+    the list it was put in."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    inside: int = 0
+    filter: object = None
+    filters: list[Any] = field(default_factory=list)
+
+
+_QUIET = _Quiet()
+# PyTorch's UserWarning when ``vmap`` runs an op without a batching rule by a loop
+_SLOW_BATCHING = "There is a performance drop because we have not yet implemented the batching"
+
+
+@contextlib.contextmanager
+def quiet_batching() -> Iterator[None]:
+    """Around torchdiv's own ``vmap`` calls: PyTorch's warning that an op has no batching rule
+    (the result is right, only slower; the caller can do nothing about torchdiv's batching) is
+    not shown.
+
+    One ``ignore`` filter for that message is put in front of ``warnings.filters`` while any
+    thread is inside, and taken out, by identity, when the last one leaves: the caller's
+    filters, set before or meanwhile, stay as they are (``warnings.catch_warnings`` would
+    restore a snapshot of the list, undoing another thread's changes; where another thread's
+    ``catch_warnings`` swapped the list meanwhile, the filter leaves both lists). A caller's
+    own filter equal to it stays. Other threads' warnings of that message are not shown
+    meanwhile. Nothing is done while Dynamo traces (it enters no lock).
+    """
+    if torch.compiler.is_compiling():
+        yield
+        return
+    with _QUIET.lock:
+        if _QUIET.inside == 0:
+            before = list(warnings.filters)
+            warnings.filterwarnings("ignore", _SLOW_BATCHING, UserWarning)
+            ours = warnings.filters[0]
+            _QUIET.filter = None if ours in before else ours  # (equal: the caller's)
+            _QUIET.filters = _filters()
+        _QUIET.inside += 1
+    try:
+        yield
+    finally:
+        with _QUIET.lock:
+            _QUIET.inside -= 1
+            if _QUIET.inside == 0:
+                for filters in {id(f): f for f in (_QUIET.filters, _filters())}.values():
+                    at = [i for i, item in enumerate(filters) if item is _QUIET.filter]
+                    for i in at[:1]:
+                        del filters[i]
+                _QUIET.filter, _QUIET.filters = None, []
+
+
+def _filters() -> list[Any]:
+    """``warnings.filters``, the list itself (typeshed types it as a ``Sequence``)."""
+    return cast("list[Any]", warnings.filters)

@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.func import vmap
 
 from torchdiv._core import mixing as _mixing
-from torchdiv._core.basis import as_blocks, basis
+from torchdiv._core.basis import as_blocks, basis, quiet_batching
 from torchdiv._core.checks import event_numel
 from torchdiv._core.ddp import Peers
 from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
@@ -116,7 +117,7 @@ LOOP_ROWS = 2
 
 
 class GraphJacobian:
-    """``U @ J`` for ``y`` computed from ``x``, by ``autograd.grad(..., is_grads_batched=True)``.
+    """``U @ J`` for ``y`` computed from ``x``, by ``autograd.grad`` batched over the vectors.
 
     The graph is retained between products and never freed, so the caller can still
     backpropagate through ``y`` afterwards.
@@ -152,6 +153,7 @@ class GraphJacobian:
         x: torch.Tensor,
         batch_dims: int,
         plain: bool = False,
+        own: bool = False,
     ) -> GraphJacobian:
         """Evaluate ``y = f(x)`` with a graph; keep results differentiable only where needed.
 
@@ -167,14 +169,18 @@ class GraphJacobian:
         evaluation whose graph holds an op the mode changes (``changed_nodes``) is evaluated
         again under it (together with the fused kernel's, if any), and the engine is
         ``guarded``: the caller starts there next time (``torchdiv._taylor.mixing.Passed``).
+
+        ``own``: ``x`` is the caller's leaf copy (``leaf``), made for this evaluation, on which
+        ``f`` then runs as it is: a watch that follows ``x``'s samples (``_core.mixing``)
+        follows them into ``f``, which it cannot through a copy made here.
         """
         outer_grad = torch.is_grad_enabled()
-        y, x_in = _evaluated(f, x, contextlib.nullcontext(), safe=not plain)
+        y, x_in = _evaluated(f, x, contextlib.nullcontext(), safe=not plain, own=own)
         found = search(y, x_in, _CHANGED if plain else ())
         guarded, fused = found.guarded, found.fused and outer_grad and found.others
         if guarded or fused:  # (fused attention kernels have no double backward)
             attention = math_attention() if fused else contextlib.nullcontext()
-            y, x_in = _evaluated(f, x, attention, safe=True)
+            y, x_in = _evaluated(f, x, attention, safe=True, own=own)
             found = search(y, x_in)
         engine = cls(y, x_in, batch_dims, outer_grad and found.others, found.custom)
         engine.batch_norms = found.batch_norms
@@ -197,7 +203,7 @@ class GraphJacobian:
     def _vjps(self, cotangents: torch.Tensor) -> torch.Tensor | None:
         """The products, ``None`` if ``y`` does not depend on ``x``: one backward pass per
         cotangent when there are at most ``LOOP_ROWS`` (a probe, or the rows of a 2-D
-        event: ``is_grads_batched``'s legacy ``vmap`` costs more than a second pass there),
+        event: a batched pass, measured with ``is_grads_batched``, cost more than a second one),
         else one batched pass."""
         if len(cotangents) > LOOP_ROWS:
             return self._vjp(cotangents, batched=True)
@@ -213,15 +219,7 @@ class GraphJacobian:
         out: torch.Tensor | None
         try:
             if batched:
-                (out,) = torch.autograd.grad(
-                    self.y,
-                    self.x,
-                    cotangents,
-                    retain_graph=True,
-                    create_graph=self.create_graph,
-                    is_grads_batched=True,
-                    allow_unused=True,
-                )
+                out = self._batched_vjp(cotangents)
             else:
                 out = vjp(self.y, self.x, cotangents, self.create_graph)
         except Exception as error:  # the same walk went through before: not the caller's
@@ -230,6 +228,38 @@ class GraphJacobian:
             raise
         self._walked = True
         return out
+
+    def _batched_vjp(self, cotangents: torch.Tensor) -> torch.Tensor | None:
+        """One backward pass for all ``(k,) + y.shape`` cotangents: ``torch.func.vmap`` of
+        ``autograd.grad`` in the usual case (nothing for the DDP/FSDP2 hooks or the custom
+        ``Function`` watch to do, not compiling), else where ``vmap`` raises (an op without a
+        batching rule that its loop cannot stand in for), ``autograd.grad``'s own
+        ``is_grads_batched``, whose legacy ``vmap`` costs more (a tanh MLP D -> 64 -> 64 -> D
+        at batch 256, D = 8-64, one thread: ``torch.func.vmap`` took 0.7-0.96x its time)."""
+        usual = not self._custom and self._peers.inert and not torch.compiler.is_compiling()
+        if usual:
+            try:
+                with quiet_batching():
+                    found = vmap(self._product)(cotangents)  # () where y does not depend on x
+                return found[0] if found else None
+            except RuntimeError as error:  # (a lack of memory would meet the fallback too)
+                if isinstance(error, torch.OutOfMemoryError):
+                    raise
+        (out,) = torch.autograd.grad(
+            self.y,
+            self.x,
+            cotangents,
+            retain_graph=True,
+            create_graph=self.create_graph,
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+        return out
+
+    def _product(self, cotangent: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One VJP as a tuple for ``vmap``: empty where ``y`` does not depend on ``x``."""
+        out = vjp(self.y, self.x, cotangent, self.create_graph)
+        return () if out is None else (out,)
 
     def block(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``."""
@@ -319,14 +349,24 @@ def _graph_edges(y: torch.Tensor) -> Iterator[tuple[Any, int]]:
             stack.append(child)
 
 
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as plain autograd evaluates ``f`` on it: ``x`` itself where it requires grad, else
+    a leaf copy that does (``GraphJacobian.of_function``'s ``own``)."""
+    return x if x.requires_grad else x.detach().requires_grad_(True)
+
+
 def _evaluated(
-    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, attention: Any, safe: bool
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    attention: Any,
+    safe: bool,
+    own: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``f(x_in)`` with a graph, and ``x_in``: ``x`` itself (a view) where it requires grad,
-    else a leaf copy of it that does; under the context ``attention``, and under
-    ``SafeDerivatives(1)`` if ``safe``."""
+    else a leaf copy of it that does (``x`` as it is with ``own``: the caller's copy); under
+    the context ``attention``, and under ``SafeDerivatives(1)`` if ``safe``."""
     with torch.enable_grad():
-        x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+        x_in = x if own else x.view_as(x) if x.requires_grad else leaf(x)
         if not safe:
             with attention:
                 return f(x_in), x_in

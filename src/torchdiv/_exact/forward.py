@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch.func import jvp, vmap
 
-from torchdiv._core.basis import as_blocks, basis
+from torchdiv._core.basis import as_blocks, basis, quiet_batching
 from torchdiv._core.checks import event_numel
 from torchdiv._core.modes import SafeDerivatives, math_attention
 
@@ -63,7 +63,8 @@ class ForwardJacobian:
             return out[None]
         # torch's out_dims_t omits None, which vmap accepts (an output without the k dimension)
         batched = vmap(self._push, out_dims=(None, 0))  # type: ignore[arg-type]
-        y, out = batched(tangents)
+        with quiet_batching():
+            y, out = batched(tangents)
         self._y, self._y_shape = y, y.shape
         return out
 

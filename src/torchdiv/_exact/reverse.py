@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch.func import vjp, vmap
 
-from torchdiv._core.basis import as_blocks, basis
+from torchdiv._core.basis import as_blocks, basis, quiet_batching
 from torchdiv._core.checks import event_numel
 from torchdiv._core.modes import SafeDerivatives, math_attention
 
@@ -42,7 +42,8 @@ class ReverseJacobian:
         if len(cotangents) == 1:
             (out,) = self._pullback(cotangents[0])
             return out[None]
-        (out,) = vmap(self._pullback)(cotangents)
+        with quiet_batching():
+            (out,) = vmap(self._pullback)(cotangents)
         return out
 
     def block(self, start: int, stop: int) -> torch.Tensor:
