@@ -357,7 +357,7 @@ class Unwritten:
     def __init__(self, fn: str, f: Callable[[torch.Tensor], Any], x: torch.Tensor) -> None:
         self.fn, self.f, self.x = fn, f, x
         self.version = x._version
-        self.backup = torch._lazy_clone(x.detach())
+        self.backup = torch._lazy_clone(x.detach())  # pyright: ignore[reportPrivateImportUsage]
 
     def check(self, z: torch.Tensor, version: int, error: Exception | None = None) -> None:
         """Raise the ``ValueError`` if the evaluation of ``f`` at ``z`` (whose version was
@@ -369,7 +369,9 @@ class Unwritten:
         with torch._C._DisableFuncTorch(), torch.no_grad():  # inside a transform of f
             if self.x._version != self.version:
                 self.x.copy_(self.backup)
-                torch._C._autograd._unsafe_set_version_counter((self.x,), (self.version,))
+                torch._C._autograd._unsafe_set_version_counter(  # pyright: ignore[reportAttributeAccessIssue]
+                    (self.x,), (self.version,)
+                )
             op = first_write(self.f, self.x)
         if op is None and refused:
             return  # a leaf other than x (a parameter): autograd's error stands

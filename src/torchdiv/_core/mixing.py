@@ -225,9 +225,9 @@ class BatchAxes:
                     "with a batch dimension of its own, such as z @ A with A of shape (B, n, n)?)"
                 )
                 raise BatchInteractionError(explain(what, self.x, self.batch_dims))
-            what = self._misplaced(t)
-            if what is not None:
-                raise BatchInteractionError(explain(what, self.x, self.batch_dims))
+            misplaced = self._misplaced(t)
+            if misplaced is not None:
+                raise BatchInteractionError(explain(misplaced, self.x, self.batch_dims))
 
     def _misplaced(self, t: Any) -> str | None:
         """What puts other samples' values in the places of ``f``'s output ``t``: samples an
@@ -253,7 +253,8 @@ class BatchAxes:
         tensors = [a for a in args if isinstance(a, torch.Tensor) and self.axes(a)]
         if len(tensors) < 2:
             return
-        shape = torch.broadcast_shapes(*(a.shape for a in args if isinstance(a, torch.Tensor)))
+        shapes = [a.shape for a in args if isinstance(a, torch.Tensor)]
+        shape = torch.broadcast_shapes(*shapes)  # type: ignore[no-untyped-call]
         seen: dict[int, set[tuple[int, ...]]] = {}
         rowed: set[int] = set()
         for a in tensors:
@@ -821,7 +822,7 @@ def _indexed(
     given = [d for d, i in enumerate(index) if i is not None]
     if not given:
         return list(t.shape), axes, None
-    indices = torch.broadcast_tensors(*(i for i in index if i is not None))
+    indices = torch.broadcast_tensors(*(i for i in index if i is not None))  # type: ignore[no-untyped-call]
     inner = list(indices[0].shape)
     adjacent = given == list(range(given[0], given[-1] + 1))
     at = given[0] if adjacent else 0
@@ -869,7 +870,7 @@ def _index_select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | N
     t, axes = args[0], tr.axes(args[0])
     if not axes:
         return None
-    index = [None] * t.dim()
+    index: list[torch.Tensor | None] = [None] * t.dim()
     index[args[1] % t.dim()] = args[2].reshape(-1).long() % t.shape[args[1]]
     _, found, pick = _indexed(tr, t, axes, index, str(tr.func))
     return _noted(tr, found, pick)
@@ -916,7 +917,7 @@ def _masked_select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | 
     t, axes = args[0], tr.axes(args[0])
     if not axes:
         return None
-    shape = torch.broadcast_shapes(t.shape, args[1].shape)
+    shape = torch.broadcast_shapes(t.shape, args[1].shape)  # type: ignore[no-untyped-call]
     places = args[1].expand(shape).nonzero()
     index: list[torch.Tensor | None] = list(places.unbind(1))
     _, found, pick = _indexed(tr, t.expand(shape), _aligned(t, axes, shape), index, str(tr.func))
