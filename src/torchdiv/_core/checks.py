@@ -357,7 +357,9 @@ class Unwritten:
     def __init__(self, fn: str, f: Callable[[torch.Tensor], Any], x: torch.Tensor) -> None:
         self.fn, self.f, self.x = fn, f, x
         self.version = x._version
-        self.backup = torch._lazy_clone(x.detach())  # pyright: ignore[reportPrivateImportUsage]
+        self.backup: torch.Tensor | None = None
+        with contextlib.suppress(RuntimeError):  # a device without copy-on-write: no backup
+            self.backup = torch._lazy_clone(x.detach())  # pyright: ignore[reportPrivateImportUsage]
 
     def check(self, z: torch.Tensor, version: int, error: Exception | None = None) -> None:
         """Raise the ``ValueError`` if the evaluation of ``f`` at ``z`` (whose version was
@@ -367,7 +369,7 @@ class Unwritten:
         if self.x._version == self.version and z._version == version and not refused:
             return
         with torch._C._DisableFuncTorch(), torch.no_grad():  # inside a transform of f
-            if self.x._version != self.version:
+            if self.x._version != self.version and self.backup is not None:
                 self.x.copy_(self.backup)
                 torch._C._autograd._unsafe_set_version_counter(  # pyright: ignore[reportAttributeAccessIssue]
                     (self.x,), (self.version,)
