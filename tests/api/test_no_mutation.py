@@ -86,3 +86,74 @@ def test_graph_form_mutates_nothing():
     torchdiv.graph_jacobian(y, x)
     assert x.grad is None and x.requires_grad
     _assert_same(before, _snapshot(net))
+
+
+def _doubled(x: torch.Tensor) -> torch.Tensor:
+    x.mul_(2)
+    return x.sin()
+
+
+def _first_zeroed(x: torch.Tensor) -> torch.Tensor:
+    x[:, 0] = 0  # through a view of x
+    return x.sin()
+
+
+def _shifted(x: torch.Tensor) -> torch.Tensor:
+    x.add_(1)
+    return x * x
+
+
+IN_PLACE = {"mul_": _doubled, "fill_": _first_zeroed, "add_": _shifted}
+WRITING = [
+    *[(c, m) for c in ("divergence", "jacobian", "jacobian_diagonal") for m in ("auto", "forward")],
+    *[(c, m) for c in ("divergence", "jacobian", "jacobian_diagonal") for m in ("reverse",)],
+    ("divergence", "structured"),
+    ("jacobian_diagonal", "structured"),
+    ("divergence", "hutchinson"),
+    *[("laplacian", m) for m in ("auto", "taylor", "forward-over-reverse", "hessian")],
+    ("laplacian", "grad-of-grad"),
+    ("laplacian", "hutchinson"),
+]
+
+
+@pytest.mark.parametrize(("call", "method"), WRITING, ids=[f"{c}-{m}" for c, m in WRITING])
+@pytest.mark.parametrize("op", IN_PLACE)
+@pytest.mark.parametrize("shape", [(4, 3), (64, 16)])  # tiny, and planned by "auto"
+def test_f_writing_into_its_input_is_refused_and_x_kept(call, method, op, shape) -> None:
+    """``f`` that writes into its input: ``method="forward"`` changed the caller's ``x`` and
+    returned the derivatives of a mix of evaluations; the recording methods changed it and
+    refused the op; the backward-pass ones raised autograd's "a leaf Variable ... in-place"
+    error. Every method now raises a ``ValueError`` naming the op and the fix, and leaves
+    the caller's ``x`` as it was: values, version counter, ``requires_grad``, no graph."""
+    f = IN_PLACE[op]
+    g = (lambda z: f(z).sum(-1)) if call == "laplacian" else f
+    probes = {"num_probes": 2} if method == "hutchinson" else {}
+    for requires_grad in (False, True):
+        x = torch.randn(*shape, dtype=torch.float64).requires_grad_(requires_grad)
+        before, version = x.detach().clone(), x._version
+        match = rf"^{call}: f writes into its input x in place \(aten\.{op}.*x = x\.clone\(\)"
+        with pytest.raises(ValueError, match=match):
+            getattr(torchdiv, call)(g, x, method=method, **probes)
+        assert torch.equal(x.detach(), before)
+        assert x._version == version
+        assert x.requires_grad == requires_grad and x.grad_fn is None and x.grad is None
+
+
+def test_f_writing_into_a_copy_or_a_parameter_is_not_refused() -> None:
+    """A copy of ``x`` written in place is ``f``'s own; a parameter written in place (not
+    ``x``) keeps autograd's error."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    def copied(z: torch.Tensor) -> torch.Tensor:
+        z = z.clone()
+        z[:, 0] = 0
+        return z.sin()
+
+    expected = torch.cat([torch.zeros(4, 1), torch.cos(x[:, 1:])], 1).sum(-1)
+    for method in ("auto", "forward", "reverse"):
+        torch.testing.assert_close(torchdiv.divergence(copied, x, method=method), expected)
+    for method in ("auto", "reverse"):
+        weight = torch.ones(3, dtype=torch.float64, requires_grad=True)
+        with pytest.raises(RuntimeError, match=r"leaf Variable|captured Tensor") as error:
+            torchdiv.divergence(lambda z, w=weight: w.mul_(2) * z, x, method=method)
+        assert "writes into its input" not in str(error.value)

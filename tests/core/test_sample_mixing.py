@@ -730,3 +730,225 @@ def test_objects_a_function_names_are_looked_into_only_if_modules_or_functions()
     x = torch.randn(4, 3, dtype=f64)
     f = lambda z: config.scale * z.tanh() + 0 * len(str(stand_in))  # noqa: E731
     assert_close(torchdiv.divergence(f, x), (2 * (1 - x.tanh() ** 2)).sum(-1))
+
+
+# ---- samples selected and put back: masks, integer indices, gathers, scatters ----
+
+
+def _moves(net: nn.Module, perm: torch.Tensor) -> dict:
+    """Functions that select samples along the batch (a mask computed from ``x``, integer
+    indices, ``gather``, ``scatter``, ...): the ``ALLOWED`` ones put each sample's values
+    back in its own place, the others give sample ``b`` other samples' terms."""
+    inv = perm.argsort()
+
+    def put_back(x):  # the reviewer's case: y[m] = g(x[m]) with m computed from x
+        y = x.clone()
+        m = x[:, 0] > 0
+        y[m] = net(x[m])
+        return y
+
+    def into_zeros(x):
+        y = torch.zeros_like(x)
+        m = (x[:, 0] > 0).nonzero().squeeze(1)
+        y[m] = net(x[m])
+        return y + x.sin()
+
+    def whole_mask(x):
+        y = x.clone()
+        m = x > 0
+        y[m] = x[m].sin()
+        return y
+
+    def added_in_place(x):
+        y = x.clone()
+        m = torch.where(x[:, 0] > 0)
+        y[m] += net(x[m])
+        return y
+
+    def centred(x):  # the selected samples combined: mixing
+        y = x.clone()
+        m = x[:, 0] > 0
+        v = net(x[m])
+        y[m] = v - v.mean(0)
+        return y
+
+    def flipped(x):
+        y = x.clone()
+        m = x[:, 0] > 0
+        y[m] = net(x[m]).flip(0)
+        return y
+
+    def other_mask(x):
+        y = x.clone()
+        y[x[:, 0] > 0] = net(x[x[:, 0] <= 0][:1]).expand(int((x[:, 0] > 0).sum()), -1)
+        return y
+
+    def one_row_times_batch(x):
+        return x * net(x[torch.arange(len(x)) == 2])
+
+    return {
+        "y[m] = g(x[m])": put_back,
+        "into zeros_like(x) at nonzero": into_zeros,
+        "mask over the whole tensor": whole_mask,
+        "y[where(c)] += g(x[where(c)])": added_in_place,
+        "permuted, then inverted": lambda x: net(x[perm])[inv],
+        "index_select, then inverted": lambda x: net(x.index_select(0, perm)).index_select(0, inv),
+        "flipped twice": lambda x: net(x.flip(0)).flip(0),
+        "y[perm] = g(x[perm])": lambda x: torch.zeros_like(x).index_put((perm,), net(x[perm])),
+        "index_copy of x[perm] at perm": lambda x: torch.zeros_like(x).index_copy(
+            0, perm, net(x[perm])
+        ),
+        "scatter of x[perm] at perm": lambda x: torch.zeros_like(x).scatter(
+            0, perm[:, None].expand_as(x), net(x[perm])
+        ),
+        "one element per sample": lambda x: x * x[torch.arange(len(x)), perm % x.shape[1], None],
+        "gather along the event": lambda x: x.gather(
+            1, (perm[:, None] + torch.arange(x.shape[1])) % x.shape[1]
+        ).exp(),
+        # refused
+        "x[perm]": lambda x: net(x[perm]),
+        "x[argwhere(c)] summed": lambda x: x + x[torch.argwhere(x[:, 0] > 0)[:, 0]].sum(0),
+        "x[m] summed": lambda x: x * x[x[:, 0] > 0].sum(),
+        "masked_select summed": lambda x: x * torch.masked_select(x, x > 0).sum(),
+        "index_select": lambda x: net(x.index_select(0, perm)),
+        "gather": lambda x: x.gather(0, perm[:, None].expand_as(x)).sin(),
+        "take_along_dim": lambda x: torch.take_along_dim(x, perm[:, None], 0).sin(),
+        "repeated sample": lambda x: net(x[torch.zeros(len(x), dtype=torch.long)]),
+        "roll": lambda x: net(x.roll(1, 0)),
+        "x[perm] * x": lambda x: x[perm] * x,
+        "y[m] = centred g(x[m])": centred,
+        "y[m] = g(x[m]).flip(0)": flipped,
+        "y[m] = g(x[other mask])": other_mask,
+        "one row times the batch": one_row_times_batch,
+        "scatter at perm": lambda x: torch.zeros_like(x).scatter(
+            0, perm[:, None].expand_as(x), x.sin()
+        ),
+        "index_add at perm": lambda x: torch.zeros_like(x).index_add(0, perm, x.sin()),
+        "index_copy at perm": lambda x: torch.zeros_like(x).index_copy(0, perm, x.sin()),
+    }
+
+
+REFUSED = {
+    "x[perm]": r"aten\.index\.Tensor\) moved samples along the batch: place \d+ .* holds sample",
+    "x[argwhere(c)] summed": r"a sum over samples",
+    "x[m] summed": r"a sum of all elements",
+    "masked_select summed": r"a sum of all elements",
+    "index_select": r"aten\.index_select\.default moved samples along the batch",
+    "gather": r"aten\.gather\.default moved samples",
+    "take_along_dim": r"aten\.gather\.default moved samples",
+    "repeated sample": r"computed from sample 0 picked out of the batch by an indexing op",
+    "roll": r"aten\.roll\.default moved samples",
+    "x[perm] * x": r"samples moved by an indexing op, combined elementwise with others",
+    "y[m] = centred g(x[m])": r"values written into other samples' places",
+    "y[m] = g(x[m]).flip(0)": r"values written into other samples' places .*by aten\.flip",
+    "y[m] = g(x[other mask])": r"sample \d+ picked .*, written into other samples' places",
+    "one row times the batch": r"sample 2 picked out of the batch .*combined with the whole batch",
+    "scatter at perm": r"values written into other samples' places \(ATen op aten\.scatter",
+    "index_add at perm": r"written into other samples' places \(ATen op aten\.index_(add|put)",
+    "index_copy at perm": r"written into other samples' places \(ATen op aten\.index_(copy|put)",
+}
+MOVES = list(_moves(nn.Identity(), torch.arange(3)))
+ALLOWED = [case for case in MOVES if case not in REFUSED]
+RECORDED = {"permuted, then inverted", "index_select, then inverted", "flipped twice"}
+RECORDED |= {"one element per sample", "gather along the event"}  # no index_put: taylor's too
+ALONE = {"y[m] = g(x[m])", "mask over the whole tensor", "y[where(c)] += g(x[where(c)])"}
+ALONE |= {"flipped twice", "into zeros_like(x) at nonzero"}  # f of one sample is its part
+
+
+def _moved_setup(case: str, shape: tuple[int, int]):
+    torch.manual_seed(7)
+    x = torch.randn(*shape, dtype=f64)
+    perm = torch.randperm(shape[0])
+    perm[:2] = perm[:2].flip(0) if bool((perm == torch.arange(shape[0])).all()) else perm[:2]
+    return _moves(_net(shape[1]), perm)[case], x
+
+
+def _per_sample_blocks(f, x: torch.Tensor) -> torch.Tensor:
+    """Each sample's Jacobian block ``(B, D, D)`` by plain autograd, after checking that ``f``
+    has none across samples: the whole ``(B, D, B, D)`` Jacobian for a small batch; for a
+    larger one a VJP with a random sign per sample, which for independent samples is exactly
+    the signed VJP (``J^T (s u) = s J^T u``), then one VJP per output coordinate."""
+    z = x.clone().requires_grad_(True)
+    y = f(z)
+    if len(x) <= 8:
+        full = torch.autograd.functional.jacobian(f, x)
+        blocks = full.diagonal(0, 0, 2).permute(2, 0, 1)
+        assert_close(full.abs().sum(), blocks.abs().sum())  # nothing across samples
+        return blocks
+    u = torch.randn_like(y)
+    signs = torch.randint(0, 2, (len(x), 1), dtype=x.dtype) * 2 - 1
+    (plain,) = torch.autograd.grad(y, z, u, retain_graph=True)
+    (signed,) = torch.autograd.grad(y, z, signs * u, retain_graph=True)
+    assert_close(signed, signs * plain, rtol=0, atol=1e-12)
+    rows = [torch.autograd.grad(y[:, i].sum(), z, retain_graph=True)[0] for i in range(y.shape[1])]
+    return torch.stack(rows, 1)
+
+
+def _per_sample_hessian_trace(u, x: torch.Tensor) -> torch.Tensor:
+    """Each sample's Laplacian by plain autograd, a grad-of-grad loop over its own inputs with
+    the other samples held fixed (the batch is what ``u`` sees)."""
+    rows = []
+    for b in range(len(x)):
+        total = torch.zeros((), dtype=x.dtype)
+        for i in range(x.shape[1]):
+            z = x.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(u(z)[b], z, create_graph=True)
+            total = total + torch.autograd.grad(g[b, i], z)[0][b, i]
+        rows.append(total)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("case", ALLOWED)
+@pytest.mark.parametrize("shape", [(6, 3), (64, 16)])  # tiny, and recorded by "auto"
+def test_samples_selected_and_put_back_in_place_are_per_sample(case: str, shape) -> None:
+    """A mask computed from ``x`` that selects samples and writes them back into the same
+    places, a permutation undone, a gather within each sample: sample ``b``'s Jacobian is its
+    own (the whole batch's Jacobian by plain autograd has no blocks off the diagonal), and
+    every watched method returns it, as ``jacrev`` on each sample alone does."""
+    f, x = _moved_setup(case, shape)
+    blocks = _per_sample_blocks(f, x)
+    if case in ALONE:  # each sample alone (a mask: no vmap)
+        alone = [torch.func.jacrev(lambda z: f(z[None])[0])(x[b]) for b in range(0, len(x), 7)]
+        assert_close(torch.stack(alone), blocks[::7])
+    diagonal = blocks.diagonal(0, -2, -1)
+    methods = ["auto", "structured"] if case in RECORDED else ["auto"]
+    for method in methods:
+        assert_close(torchdiv.divergence(f, x, method=method), diagonal.sum(-1))
+        assert_close(torchdiv.jacobian_diagonal(f, x, method=method), diagonal)
+    assert_close(torchdiv.jacobian(f, x), blocks)
+    if shape[0] > 6:
+        return
+    u = lambda z: f(z).square().sum(-1)  # noqa: E731
+    expected = _per_sample_hessian_trace(u, x)
+    for method in ["auto", "taylor"] if case in RECORDED else ["auto"]:
+        assert_close(torchdiv.laplacian(u, x, method=method), expected)
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+@pytest.mark.parametrize(
+    ("name", "method", "shape"),
+    [
+        ("divergence", "auto", (6, 3)),  # tiny: watched on the first call
+        ("divergence", "auto", (64, 16)),  # recorded (the structured step)
+        ("jacobian_diagonal", "structured", (6, 3)),
+        ("jacobian", "auto", (6, 3)),
+        ("laplacian", "auto", (6, 3)),
+        ("laplacian", "taylor", (64, 16)),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of scatter, index_put
+def test_samples_moved_along_the_batch_are_refused(case: str, name, method, shape) -> None:
+    """Samples an indexing op moved (a permutation, a repeat, a mask's rows combined, values
+    written into other samples' places): sample ``b``'s derivatives would hold other samples'
+    terms, which every watched method returned silently; now ``BatchInteractionError``
+    names the op."""
+    f, x = _moved_setup(case, shape)
+    if shape[0] == 6:
+        full = torch.autograd.functional.jacobian(f, x)  # plain autograd
+        blocks = full.diagonal(0, 0, 2).permute(2, 0, 1)
+        assert float(full.abs().sum() - blocks.abs().sum()) > 1e-3  # truly mixing
+    g = (lambda z: f(z).square().sum(-1)) if name == "laplacian" else f
+    with pytest.raises(
+        BatchInteractionError, match=rf"^{name}: f mixes samples: .*{REFUSED[case]}"
+    ):
+        getattr(torchdiv, name)(g, x, method=method)

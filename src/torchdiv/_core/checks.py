@@ -18,7 +18,7 @@ from torch._C._functorch import peek_interpreter_stack
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-from torchdiv._core.modes import WrongDerivatives
+from torchdiv._core.modes import DispatchMode, WrongDerivatives
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -310,12 +310,21 @@ def checked(
     only on a bad one."""
     batch, n = x.shape[:batch_dims], event_numel(x, batch_dims)
     check_initialized(fn, f)
+    outside = not torch.compiler.is_compiling() and peek_interpreter_stack() is None
+    kept = Unwritten(fn, f, x) if outside else None  # (inside a transform: x is not the caller's)
 
     def g(z: torch.Tensor) -> torch.Tensor:
+        version = -1 if kept is None else z._version
         try:
             y: torch.Tensor = call_f(f, z)  # check_output raises if it is not
         except WrongDerivatives as exc:
             raise WrongDerivatives(f"{fn}: {exc}") from None
+        except Exception as exc:
+            if kept is not None:
+                kept.check(z, version, exc)
+            raise
+        if kept is not None:
+            kept.check(z, version)
         shape = y.shape if isinstance(y, torch.Tensor) and y.is_floating_point() else None
         if (
             shape is None
@@ -328,6 +337,86 @@ def checked(
         return y
 
     return wrapping(g, f)
+
+
+class Unwritten:
+    """The caller's ``x`` as it was before ``f`` ran: ``f`` must not write into its input.
+
+    Every engine hands ``f`` the caller's ``x`` (or a view or wrapper of it), and most
+    evaluate ``f`` more than once; an ``f`` that writes into it (``x.mul_(2)``,
+    ``x[:, 0] = 0``) would change the caller's tensor and differentiate another function at
+    each evaluation (forward mode ran and returned the derivatives of a mix; the
+    backward-pass engines refused it with autograd's "a leaf Variable ... in-place" error,
+    which names neither ``x`` nor the op). ``check`` after each evaluation reads two version
+    counters (``x``'s, shared with its views and ``detach()``-ed copies, and that of the
+    tensor ``f`` got): on a write, ``x``'s values and version are put back from a
+    copy-on-write backup (``torch._lazy_clone``: no copy unless ``x`` is written) and a
+    ``ValueError`` names the op (found by one more evaluation of ``f``, on a copy of ``x``).
+    """
+
+    def __init__(self, fn: str, f: Callable[[torch.Tensor], Any], x: torch.Tensor) -> None:
+        self.fn, self.f, self.x = fn, f, x
+        self.version = x._version
+        self.backup: torch.Tensor | None = None
+        with contextlib.suppress(RuntimeError):  # a device without copy-on-write: no backup
+            self.backup = torch._lazy_clone(x.detach())  # pyright: ignore[reportPrivateImportUsage]
+
+    def check(self, z: torch.Tensor, version: int, error: Exception | None = None) -> None:
+        """Raise the ``ValueError`` if the evaluation of ``f`` at ``z`` (whose version was
+        ``version`` before) wrote into ``x`` or ``z``, or failed on autograd's refusal to
+        write into a leaf (``error``) that was ``x``."""
+        refused = error is not None and "is being used in an in-place operation" in str(error)
+        if self.x._version == self.version and z._version == version and not refused:
+            return
+        with torch._C._DisableFuncTorch(), torch.no_grad():  # inside a transform of f
+            if self.x._version != self.version and self.backup is not None:
+                self.x.copy_(self.backup)
+                torch._C._autograd._unsafe_set_version_counter(  # pyright: ignore[reportAttributeAccessIssue]
+                    (self.x,), (self.version,)
+                )
+            op = first_write(self.f, self.x)
+        if op is None and refused:
+            return  # a leaf other than x (a parameter): autograd's error stands
+        raise ValueError(
+            f"{self.fn}: f writes into its input x in place ({op or 'an in-place op'}): "
+            "torchdiv evaluates f on the caller's x, often more than once, and must leave x "
+            "unchanged (its values are put back). Copy it first inside f (x = x.clone()) or "
+            "compute out of place (x * 2 for x.mul_(2); torch.where(mask, 0, x) or "
+            "x.index_put(...) for x[...] = ...)."
+        ) from error
+
+
+class _Writes(DispatchMode):
+    """The first ATen op that writes into the storage of ``target`` (``found``)."""
+
+    def __init__(self, target: torch.Tensor) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        self.storage = target.untyped_storage().data_ptr()
+        self.found: str | None = None
+
+    def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        if self.found is None and func._schema.is_mutable:
+            given = [*zip(func._schema.arguments, args, strict=False)]
+            given += [(a, kwargs[a.name]) for a in func._schema.arguments if a.name in kwargs]
+            for argument, value in given:
+                written = argument.alias_info is not None and argument.alias_info.is_write
+                if (
+                    written
+                    and isinstance(value, torch.Tensor)
+                    and value.untyped_storage().data_ptr() == self.storage
+                ):
+                    self.found = str(func)
+        return func(*args, **kwargs)
+
+
+def first_write(f: Callable[[torch.Tensor], Any], x: torch.Tensor) -> str | None:
+    """The ATen op by which ``f`` writes into its input (``"aten.mul_.Tensor"``), found by
+    evaluating ``f`` on a copy of ``x``; ``None`` if it writes none (or fails first)."""
+    copy = x.detach().clone()
+    mode = _Writes(copy)
+    with contextlib.suppress(Exception), mode:
+        f(copy)
+    return mode.found
 
 
 def wrapping(g: F, f: Any) -> F:

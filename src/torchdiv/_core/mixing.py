@@ -20,13 +20,24 @@ too: combined with the whole batch (``x - x[0]``, ``x * x[-1:]``) it mixes sampl
 (``torch.stack([g(xi) for xi in x])``, ``torch.cat`` of ``x[i:i + 1]`` pieces) it is a batch
 again.
 
+Samples an indexing op moves along the batch are followed as rows (``Axis.rows``: the sample
+at each index): ``x[mask]`` (a mask computed from ``x``), ``x[perm]``, ``x[idx.nonzero()]``,
+``index_select``, ``gather``/``take_along_dim``, ``masked_select``, ``flip``, ``roll``. Rows
+that reach ``f``'s output out of place (``net(x[perm])``), are combined elementwise with other
+rows (``x[perm] * x``) or reduced (``x[mask].sum(0)``) mix samples; values written back by
+``index_put`` (``y[m] = g(x[m])``), ``index_copy``, ``index_add`` or ``scatter`` must land in
+places of their own samples (into ``x``'s batch shape: ``torch.zeros_like(x)`` too), so a
+selection written back in place, or a permutation undone, is per sample.
+
 Each batch dimension of a tensor is recorded as ``(position, size)``: the samples are the
 outermost factor of that dimension (reshapes may merge it with the dimensions after it, as
 ``matmul`` does with ``(B, T, D) -> (B*T, D)``). Elementwise ops, broadcasts, reshapes that
 keep the batch factor, transposes, slices and concatenations along other dimensions carry it;
 any other op ends the tracking of its result, silently: the analysis never raises on what it
-does not understand (indexing, fused attention kernels, ...), so it misses some mixing
-(``check_batch_independence`` tests any ``f``) but never flags an independent ``f``.
+does not understand (fused attention kernels, a slice of part of the batch, ...), so it misses
+some mixing (``check_batch_independence`` tests any ``f``) but never flags an independent
+``f``; an indexing op whose indices have two or more dimensions along the batch is the one
+exception, refused if its result reaches the output.
 
 ``allow_batch_interaction()`` turns the detection off for code that means to mix samples.
 """
@@ -48,9 +59,31 @@ from torchdiv._core.modes import DispatchMode
 from torchdiv._core.walk import BATCH_NORM_NODES, nodes
 
 aten = torch.ops.aten
-# each batch dimension of a tensor as (position, size, inner): along dimension ``position``,
-# the sample index is ``(index // inner) % size``
-Axes = tuple[tuple[int, int, int], ...]
+
+
+class Axis(NamedTuple):
+    """A batch dimension of a tensor: along dimension ``position``, index ``j`` holds sample
+    ``(j // inner) % size`` of a batch dimension of ``size`` samples; for samples an indexing
+    op moved (``x[perm]``, ``x[mask]``, ``index_select``, ``gather``), sample
+    ``rows[(j // inner) % len(rows)]`` (``rows`` empty: in order, the first form)."""
+
+    position: int
+    size: int
+    inner: int
+    rows: tuple[int, ...] = ()
+
+    @property
+    def period(self) -> int:
+        """How many ``inner``-long runs along ``position`` before the samples repeat."""
+        return len(self.rows) or self.size
+
+    def samples(self, at: torch.Tensor) -> torch.Tensor:
+        """The sample held at each index ``at`` (an integer tensor) along ``position``."""
+        runs = torch.div(at, self.inner, rounding_mode="floor") % self.period
+        return torch.tensor(self.rows, device=at.device)[runs] if self.rows else runs
+
+
+Axes = tuple[Axis, ...]
 
 _state = threading.local()
 
@@ -117,15 +150,19 @@ class BatchAxes:
 
     def __init__(self, x: torch.Tensor, batch_dims: int) -> None:
         self.x, self.batch_dims = x, batch_dims
-        axes = tuple((d, x.shape[d], 1) for d in range(batch_dims) if x.shape[d] > 1)
+        axes = tuple(Axis(d, x.shape[d], 1) for d in range(batch_dims) if x.shape[d] > 1)
         # id -> (tensor, axes); the tensor is held so that its id stays unique while watched
         self.known: dict[int, tuple[torch.Tensor, Axes]] = {id(x): (x, axes)} if axes else {}
+        self.start = axes  # x's: those of a tensor of x's batch shape that nothing tracked
+        # the rows of samples moved by an indexing op (``Axis.rows``), with the op's name
+        self.moves: dict[tuple[int, ...], str] = {}
         # id -> (tensor, message): results that depend on samples combined by some op
         self.mixed: dict[int, tuple[torch.Tensor, str]] = {}
         # id -> (tensor, pick): results computed from samples picked out of the batch alone
         self.picked: dict[int, tuple[torch.Tensor, Pick]] = {}
         self.pending: str | None = None  # the message for the results of the current op
         self.carried: Pick | None = None  # the pick the results of the current op inherit
+        self.func: Any = None  # the current op
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -135,7 +172,7 @@ class BatchAxes:
         """The rule that ``after`` applies to ``func``'s results (``None``: nothing to note,
         e.g. under ``no_grad``, whose results are constants); notes whether ``func`` combines
         samples in a way derivatives see, or reads a result that did."""
-        self.pending, self.carried = None, None
+        self.pending, self.carried, self.func = None, None, func
         if not self.known or not torch.is_grad_enabled():
             return None
         rules = _rules.get(func)  # one lookup per op: hashing an OpOverload costs 0.4 us
@@ -144,8 +181,10 @@ class BatchAxes:
         mixing, carry = rules
         if self.mixed and func not in VALUE_FREE:
             self.pending = self._mixed_in(args)
-        if self.pending is None and self.picked and func not in VALUE_FREE:
+        if self.pending is None and self.picked and func not in VALUE_FREE and func not in _PUTS:
             self._picked_in(func, args)
+        if self.pending is None and self.moves and carry is _pointwise:
+            self._rows_in(func, args)
         if self.pending is None and mixing is not None:
             what = mixing(self, args)
             if what is not None:
@@ -186,6 +225,53 @@ class BatchAxes:
                     "with a batch dimension of its own, such as z @ A with A of shape (B, n, n)?)"
                 )
                 raise BatchInteractionError(explain(what, self.x, self.batch_dims))
+            misplaced = self._misplaced(t)
+            if misplaced is not None:
+                raise BatchInteractionError(explain(misplaced, self.x, self.batch_dims))
+
+    def _misplaced(self, t: Any) -> str | None:
+        """What puts other samples' values in the places of ``f``'s output ``t``: samples an
+        indexing op moved and nothing put back, or one sample picked for all of them."""
+        for axis in self.axes(t) or ():
+            if axis.rows:
+                at = next(i for i, r in enumerate(axis.rows) if r != i % axis.size)
+                return (
+                    f"{self.moves.get(axis.rows, 'an indexing op')} moved samples along the "
+                    f"batch: place {at} along dimension {axis.position} of f's output of shape "
+                    f"{_shape(t)} holds sample {axis.rows[at]}, and they were not put back "
+                    "(select and write back the same places: y[m] = g(x[m]), or invert the "
+                    "permutation)"
+                )
+        pick = self.picks(t)
+        if pick is not None and pick.sample is not None and t.dim() > 0:
+            return f"every sample of f's output of shape {_shape(t)} is computed from {pick.what}"
+        return None
+
+    def _rows_in(self, func: Any, args: Sequence[Any]) -> None:
+        """An elementwise op combining operands whose samples an indexing op moved: each
+        place must hold the same samples in every operand (``x[perm] * x`` does not)."""
+        tensors = [a for a in args if isinstance(a, torch.Tensor) and self.axes(a)]
+        if len(tensors) < 2:
+            return
+        shapes = [a.shape for a in args if isinstance(a, torch.Tensor)]
+        shape = torch.broadcast_shapes(*shapes)  # type: ignore[no-untyped-call]
+        seen: dict[int, set[tuple[int, ...]]] = {}
+        rowed: set[int] = set()
+        for a in tensors:
+            held: dict[int, set[tuple[int, ...]]] = {}
+            for axis in _aligned(a, self.axes(a) or (), shape):
+                held.setdefault(axis.position, set()).add(_held(axis, shape[axis.position]))
+                if axis.rows:
+                    rowed.add(axis.position)
+            for q, samples in held.items():
+                if seen.setdefault(q, samples) != samples and q in rowed:
+                    what = self.moves.get(next(iter(samples - seen[q]), ()), "an indexing op")
+                    self.pending = self.message(
+                        func,
+                        f"samples moved by {what}, combined elementwise with others in other "
+                        f"places (along dimension {q} of the result of shape {tuple(shape)})",
+                    )
+                    return
 
     def _mixed_in(self, args: Sequence[Any]) -> str | None:
         for a in args:
@@ -423,13 +509,16 @@ def _untracked(_: BatchAxes, __: Sequence[Any], ___: Any) -> None:
     return None
 
 
-def _aligned(t: torch.Tensor, axes: Axes, out: torch.Tensor) -> Axes:
-    """``t``'s batch dimensions in ``out``, with shapes aligned at the right (broadcasting)."""
-    shift = out.dim() - t.dim()
+def _aligned(t: torch.Tensor, axes: Axes, out: torch.Tensor | Sequence[int]) -> Axes:
+    """``t``'s batch dimensions in ``out`` (or a tensor of that shape), with shapes aligned at
+    the right (broadcasting)."""
+    shape = out.shape if isinstance(out, torch.Tensor) else out
+    shift = len(shape) - t.dim()
     return tuple(
-        (q + shift, s, inner)
-        for q, s, inner in axes
-        if 0 <= q + shift < out.dim() and out.shape[q + shift] == t.shape[q]
+        axis._replace(position=axis.position + shift)
+        for axis in axes
+        if 0 <= axis.position + shift < len(shape)
+        and shape[axis.position + shift] == t.shape[axis.position]
     )
 
 
@@ -455,16 +544,16 @@ def _reshaped(t: torch.Tensor, axes: Axes, out: torch.Tensor) -> Axes:
     ``size`` values; it survives in the dimension of ``out`` whose place values hold the
     whole digit (merged with others, as ``(B, T, D) -> (B*T, D)`` merges ``B`` and ``T``),
     else its tracking ends."""
-    result: list[tuple[int, int, int]] = []
+    result: list[Axis] = []
     if out.numel() == 0:
         return ()
-    for q, size, inner in axes:
-        after = inner * math.prod(t.shape[q + 1 :])
+    for axis in axes:
+        after = axis.inner * math.prod(t.shape[axis.position + 1 :])
         rest = out.numel()
         for p, n in enumerate(out.shape):
             rest //= max(n, 1)  # place value of dimension p's index
-            if after % rest == 0 and (rest * n) % (after * size) == 0:
-                result.append((p, size, after // rest))
+            if after % rest == 0 and (rest * n) % (after * axis.period) == 0:
+                result.append(axis._replace(position=p, inner=after // rest))
                 break
     return tuple(result)
 
@@ -490,7 +579,7 @@ def _permute(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
         d0, d1 = args[1] % n, args[2] % n
         order[d0], order[d1] = order[d1], order[d0]
     where = {src: dst for dst, src in enumerate(order)}
-    return [tuple(sorted((where[q], s, inner) for q, s, inner in axes))]
+    return [tuple(sorted(axis._replace(position=where[axis.position]) for axis in axes))]
 
 
 def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -501,7 +590,7 @@ def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
     if not axes:
         return None
     dim = args[1] % t.dim()
-    kept = tuple((q - (q > dim), s, inner) for q, s, inner in axes if q != dim)
+    kept = tuple(_moved(axis, -(axis.position > dim)) for axis in axes if axis.position != dim)
     if not kept:
         _picked(tr, t, axes[0], dim, (args[2] % t.shape[dim],) * 2, out)
     return [kept]
@@ -510,18 +599,29 @@ def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
 def _picked(
     tr: BatchAxes,
     t: torch.Tensor,
-    axis: tuple[int, int, int],
+    axis: Axis,
     dim: int,
     span: tuple[int, int],
     o: Any,
 ) -> None:
     """Note ``o``, indices ``span[0]..span[1]`` (inclusive) of ``t`` along ``dim``, as one
     picked sample if they fall in one sample of ``axis`` (``t``'s only batch dimension)."""
-    q, size, inner = axis
-    first, last = span[0] // inner, span[1] // inner
-    if q == dim and first == last and isinstance(o, torch.Tensor):
-        what = f"sample {first % size} picked out of the batch (dimension {q} of {_shape(t)})"
-        tr.pick(o, Pick(size, first % size, what))
+    if axis.position != dim or not isinstance(o, torch.Tensor):
+        return
+    if axis.rows:
+        held = axis.samples(torch.arange(span[0], span[1] + 1)).unique()
+        one, sample = len(held) == 1, int(held[0])
+    else:
+        one, sample = span[0] // axis.inner == span[1] // axis.inner, span[0] // axis.inner
+        sample %= axis.size
+    if one:
+        what = f"sample {sample} picked out of the batch (dimension {dim} of {_shape(t)})"
+        tr.pick(o, Pick(axis.size, sample, what))
+
+
+def _moved(axis: Axis, shift: int) -> Axis:
+    """``axis`` at ``shift`` dimensions further (negative: nearer the front)."""
+    return axis._replace(position=axis.position + shift)
 
 
 Spans = Callable[[Sequence[Any], int, Sequence[Any]], "list[tuple[int, int]]"]  # args, dim, outs
@@ -543,12 +643,12 @@ def _cut(position: int, spans: Spans) -> Carry:
         pieces = spans(args, dim, outs)
         if pieces == [(0, t.shape[dim] - 1)] and outs[0].dim() == t.dim():
             return [axes]
-        kept = [axis for axis in axes if axis[0] != dim]
+        kept = [axis for axis in axes if axis.position != dim]
         if not kept:
             for span, o in zip(pieces, outs, strict=False):
                 _picked(tr, t, axes[0], dim, span, o)
         shift = [int(o.dim() < t.dim()) for o in outs]
-        return [tuple((q - (q > dim) * k, s, i) for q, s, i in kept) for k in shift]
+        return [tuple(_moved(a, -(a.position > dim) * k) for a in kept) for k in shift]
 
     return rule
 
@@ -584,15 +684,15 @@ def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | No
     out, in order, each as long along ``dim``, is the batch again."""
     tensors = [t for t in args[0] if isinstance(t, torch.Tensor)]
     dim = (args[1] if len(args) > 1 else 0) % out.dim()
-    found: set[tuple[int, int, int]] = set()
+    found: set[Axis] = set()
     for t in tensors:
         axes = tr.axes(t)
         if axes and t.dim() == out.dim():
-            found.update(axis for axis in axes if axis[0] != dim)
+            found.update(axis for axis in axes if axis.position != dim)
     extents = {t.shape[dim] for t in tensors if t.dim() == out.dim()}
     size = _restacked(tr, tensors)
     if size is not None and len(extents) == 1:
-        found.add((dim, size, extents.pop()))
+        found.add(Axis(dim, size, extents.pop()))
     return [tuple(sorted(found))]
 
 
@@ -608,12 +708,12 @@ def _stack(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | 
     out, stacked in order, is the batch again (``torch.stack([g(xi) for xi in x])``)."""
     tensors = [t for t in args[0] if isinstance(t, torch.Tensor)]
     dim = (args[1] if len(args) > 1 else 0) % out.dim()
-    found: set[tuple[int, int, int]] = set()
+    found: set[Axis] = set()
     for t in tensors:
-        found.update((q + (q >= dim), s, i) for q, s, i in tr.axes(t) or ())
+        found.update(_moved(axis, axis.position >= dim) for axis in tr.axes(t) or ())
     size = _restacked(tr, tensors)
     if size is not None:
-        found.add((dim, size, 1))
+        found.add(Axis(dim, size, 1))
     return [tuple(sorted(found))]
 
 
@@ -641,13 +741,13 @@ def _mm(biased: bool) -> Carry:
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
         a, b = (args[1], args[2]) if biased else (args[0], args[1])
-        found: list[tuple[int, int, int]] = []
+        found: list[Axis] = []
         if biased and (axes := tr.axes(args[0])):
             found += _aligned(args[0], axes, out)
         if axes := tr.axes(a):
-            found += [axis for axis in axes if axis[0] < a.dim() - 1]
+            found += [axis for axis in axes if axis.position < a.dim() - 1]
         if axes := tr.axes(b):
-            found += [axis for axis in axes if axis[0] == b.dim() - 1 or axis[0] < b.dim() - 2]
+            found += [axis for axis in axes if axis.position in (b.dim() - 1, *range(b.dim() - 2))]
         return [tuple(sorted(set(found))) if len(found) > 1 else tuple(found)]
 
     return rule
@@ -670,10 +770,281 @@ def _reduced(op: Any) -> Carry:
             elif o.dim() == t.dim():
                 result.append(axes)
             else:
-                result.append(tuple((q - sum(d < q for d in dims), s, i) for q, s, i in axes))
+                result.append(tuple(_moved(a, -sum(d < a.position for d in dims)) for a in axes))
         return result
 
     return rule
+
+
+# ---- samples moved by indexing (``Axis.rows``) ----
+
+
+def _held(axis: Axis, n: int) -> tuple[int, ...]:
+    """The samples ``axis`` holds at indices ``0..n-1`` along its dimension."""
+    return tuple(axis.samples(torch.arange(n)).tolist())
+
+
+def _rows(tr: BatchAxes, position: int, axis: Axis, samples: torch.Tensor, what: str) -> Axis:
+    """The batch dimension at ``position`` holding ``samples`` of ``axis``'s batch, one per
+    index (in order: a plain one; else its rows, noted as moved by ``what``)."""
+    rows = tuple(samples.tolist())
+    if rows == tuple(range(axis.size)):
+        return Axis(position, axis.size, 1)
+    tr.moves.setdefault(rows, what)
+    return Axis(position, axis.size, 1, rows)
+
+
+def _expanded(t: torch.Tensor, indices: Sequence[Any]) -> list[torch.Tensor | None] | None:
+    """The indices of ``t[indices]`` (``aten.index``, ``index_put``) one per dimension of
+    ``t``, a boolean mask as the integer indices of its ``True`` places in the dimensions it
+    covers, negative ones counted from the end; ``None`` for a 0-d mask."""
+    index: list[torch.Tensor | None] = []
+    for i in indices:
+        if isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8):
+            if i.dim() == 0:
+                return None
+            index += list(i.nonzero().unbind(1))
+        else:
+            index.append(i)
+    index += [None] * (t.dim() - len(index))
+    return [None if i is None else i.long() % t.shape[d] for d, i in enumerate(index)]
+
+
+def _indexed(
+    tr: BatchAxes, t: torch.Tensor, axes: Axes, index: list[torch.Tensor | None], what: str
+) -> tuple[list[int], Axes, Pick | None]:
+    """The shape of ``t[index]`` (advanced indexing: the broadcast indices replace the
+    dimensions they index, in place if those are adjacent, else in front), its batch
+    dimensions (``t``'s ``axes``; one indexed gives the samples at the indices, as rows), and
+    the sample it holds if ``t``'s only batch dimension, indexed, gives one sample
+    throughout. An indexed batch dimension under indices of two or more dimensions is not
+    followed: ``tr.pending`` says so."""
+    given = [d for d, i in enumerate(index) if i is not None]
+    if not given:
+        return list(t.shape), axes, None
+    indices = torch.broadcast_tensors(*(i for i in index if i is not None))  # type: ignore[no-untyped-call]
+    inner = list(indices[0].shape)
+    adjacent = given == list(range(given[0], given[-1] + 1))
+    at = given[0] if adjacent else 0
+    kept = [d for d in range(t.dim()) if d not in given]
+    front = kept[:at] if adjacent else []
+    shape = [t.shape[d] for d in front] + inner + [t.shape[d] for d in kept[len(front) :]]
+    found: list[Axis] = []
+    for axis in axes:
+        if axis.position in kept:
+            rank = kept.index(axis.position)
+            found.append(axis._replace(position=rank + (len(inner) if rank >= len(front) else 0)))
+            continue
+        samples = axis.samples(indices[given.index(axis.position)])
+        if len(axes) == 1 and samples.numel() and bool((samples == samples.flatten()[0]).all()):
+            sample = int(samples.flatten()[0])
+            pick = f"sample {sample} picked out of the batch by {what}"
+            return shape, (), Pick(axis.size, sample, pick)
+        if len(inner) == 1 and samples.numel():
+            found.append(_rows(tr, at, axis, samples, what))
+        elif samples.numel():
+            tr.pending = tr.message(tr.func, "samples moved by indices of two or more dimensions")
+    return shape, tuple(sorted(found)), None
+
+
+def _noted(tr: BatchAxes, axes: Axes, pick: Pick | None) -> list[Axes | None]:
+    """The result's batch dimensions, or the sample it holds (``tr.carried``)."""
+    if pick is not None:
+        tr.carried = pick
+    return [axes]
+
+
+def _index(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``t[indices]`` (``aten.index``): a boolean mask or integer indices along the batch
+    move samples (``x[mask]``, ``x[perm]``, ``x[idx.nonzero()]``)."""
+    t, axes = args[0], tr.axes(args[0])
+    index = _expanded(t, args[1]) if axes else None
+    if not axes or index is None:
+        return None
+    _, found, pick = _indexed(tr, t, axes, index, f"an indexing op ({tr.func})")
+    return _noted(tr, found, pick)
+
+
+def _index_select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``index_select(t, dim, index)``: ``t[..., index]`` along ``dim``."""
+    t, axes = args[0], tr.axes(args[0])
+    if not axes:
+        return None
+    index: list[torch.Tensor | None] = [None] * t.dim()
+    index[args[1] % t.dim()] = args[2].reshape(-1).long() % t.shape[args[1]]
+    _, found, pick = _indexed(tr, t, axes, index, str(tr.func))
+    return _noted(tr, found, pick)
+
+
+def _grid(shape: Sequence[int], dim: int) -> torch.Tensor:
+    """The index along ``dim`` of every element of a tensor of ``shape``."""
+    view = [1] * len(shape)
+    view[dim] = shape[dim]
+    return torch.arange(shape[dim]).reshape(view).expand(*shape)
+
+
+def _gather(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``gather(t, dim, index)`` (``take_along_dim`` too): ``out[i][j] = t[index[i][j]][j]``
+    for ``dim=0``. A batch dimension gathered along is moved, if each row of the result
+    holds one sample (an index expanded along the other dimensions); else the rows mix
+    samples. The others stay where the index spans them whole."""
+    t, axes = args[0], tr.axes(args[0])
+    if not axes:
+        return None
+    dim, index = args[1] % max(t.dim(), 1), args[2]
+    found: list[Axis] = []
+    for axis in axes:
+        q = axis.position
+        if q != dim:
+            if index.shape[q] == t.shape[q]:
+                found.append(axis)
+            continue
+        held = axis.samples(index % t.shape[dim]).movedim(dim, 0).reshape(index.shape[dim], -1)
+        if not bool((held == held[:, :1]).all()):
+            tr.pending = tr.message(tr.func, "a gather whose rows read several samples")
+            return None
+        if len(axes) == 1 and held.numel() and bool((held == held[0, 0]).all()):
+            sample = int(held[0, 0])
+            return _noted(tr, (), Pick(axis.size, sample, f"sample {sample} gathered"))
+        if held.numel():
+            found.append(_rows(tr, dim, axis, held[:, 0], str(tr.func)))
+    return [tuple(sorted(found))]
+
+
+def _masked_select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``masked_select(t, mask)``: the elements at the mask's ``True`` places, in order, in
+    one dimension; each of ``t``'s batch dimensions gives the sample of each element."""
+    t, axes = args[0], tr.axes(args[0])
+    if not axes:
+        return None
+    shape = torch.broadcast_shapes(t.shape, args[1].shape)  # type: ignore[no-untyped-call]
+    places = args[1].expand(shape).nonzero()
+    index: list[torch.Tensor | None] = list(places.unbind(1))
+    _, found, pick = _indexed(tr, t.expand(shape), _aligned(t, axes, shape), index, str(tr.func))
+    return _noted(tr, found, pick)
+
+
+def _reordered(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``flip(t, dims)`` and ``roll(t, shifts, dims)``: a batch dimension among ``dims`` holds
+    its samples in another order."""
+    t, axes = args[0], tr.axes(args[0])
+    if not axes or not isinstance(out, torch.Tensor) or out.shape != t.shape:
+        return None
+    rolled = tr.func in _ROLLS
+    dims = args[2 if rolled else 1] if len(args) > (2 if rolled else 1) else []
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    shifts = args[1] if rolled else [0] * len(dims)
+    shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+    if rolled and not dims:  # roll of the flattened tensor
+        return None
+    order: dict[int, torch.Tensor] = {}
+    for d, shift in zip(dims, shifts, strict=True):
+        d %= t.dim()
+        at = torch.arange(t.shape[d])
+        order[d] = (at - shift) % t.shape[d] if rolled else at.flip(0)
+    found = [
+        _rows(tr, a.position, a, a.samples(order[a.position]), str(tr.func))
+        if a.position in order
+        else a
+        for a in axes
+    ]
+    return [tuple(sorted(found))]
+
+
+_PUT_WHAT = "values written into other samples' places"
+
+
+def _written(tr: BatchAxes, axis: Axis) -> str:
+    """The message for values of ``axis``'s samples written into other samples' places."""
+    moved = tr.moves.get(axis.rows, "an indexing op") if axis.rows else None
+    return _PUT_WHAT + (f" (samples moved there by {moved})" if moved else "")
+
+
+def _put_axes(tr: BatchAxes, t: torch.Tensor, values: Any) -> Axes:
+    """The batch dimensions of ``t``, written ``values``: its own, or, for a tensor nothing
+    tracked of ``x``'s batch shape (``torch.zeros_like(x)``) written samples, ``x``'s."""
+    axes = tr.axes(t)
+    if axes:
+        return axes
+    carries = tr.axes(values) or tr.picks(values) is not None
+    batch = tr.x.shape[: tr.batch_dims]
+    return tr.start if carries and t.shape[: tr.batch_dims] == batch else ()
+
+
+def _put(tr: BatchAxes, t: torch.Tensor, index: list[Any], values: Any) -> Axes:
+    """``t[index] = values`` (``index_put``, ``index_copy``, ``index_add``): each value must
+    land in a place of its own samples (``y[m] = g(x[m])``, ``y[perm] = x[perm]``); else
+    ``tr.pending`` says which op moved samples. Returns ``t``'s batch dimensions."""
+    axes = _put_axes(tr, t, values)
+    if not axes or not isinstance(values, torch.Tensor):
+        return axes
+    func = tr.func
+    shape, places, pick = _indexed(tr, t, axes, index, str(func))
+    carried, held = tr.picks(values), tr.axes(values)
+    if carried is not None and carried.sample is not None:
+        wrong = places or (pick is not None and pick.sample != carried.sample)
+        if wrong:
+            tr.pending = tr.message(func, f"{carried.what}, written into other samples' places")
+        return axes
+    if held and pick is not None:
+        tr.pending = tr.message(func, f"{_PUT_WHAT} (the places all hold {pick.what})")
+        return axes
+    expected: dict[int, set[tuple[int, ...]]] = {}
+    for axis in places:
+        expected.setdefault(axis.position, set()).add(_held(axis, shape[axis.position]))
+    for axis in _aligned(values, held or (), shape):
+        if _held(axis, shape[axis.position]) not in expected.get(axis.position, set()):
+            tr.pending = tr.message(func, _written(tr, axis))
+            break
+    return axes
+
+
+def _index_put(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``index_put(t, indices, values)`` and its in-place forms (``y[m] = v``)."""
+    index = _expanded(args[0], args[1])
+    if index is None:
+        return None
+    return [_put(tr, args[0], index, args[2]) or None]
+
+
+def _index_copy(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``index_copy(t, dim, index, source)``, ``index_add``: ``t[..., index] = source``."""
+    t = args[0]
+    index: list[Any] = [None] * t.dim()
+    dim = args[1] % max(t.dim(), 1)
+    index[dim] = args[2].reshape(-1).long() % t.shape[dim]
+    return [_put(tr, t, index, args[3]) or None]
+
+
+def _scatter(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``scatter(t, dim, index, src)`` (``scatter_add``, ``scatter_reduce``): ``src[i][j]``
+    lands at ``[index[i][j]][j]`` for ``dim=0``; each must be a place of its own samples."""
+    t, dim, index, src = args[0], args[1] % max(args[0].dim(), 1), args[2], args[3]
+    axes = _put_axes(tr, t, src)
+    held = tr.axes(src) if isinstance(src, torch.Tensor) else None
+    if not axes or not held:
+        return [axes or None]
+    shape = list(index.shape)
+    places = {
+        (
+            axis.size,
+            tuple(
+                axis.samples(index % t.shape[dim] if q == dim else _grid(shape, q))
+                .flatten()
+                .tolist()
+            ),
+        )
+        for axis in axes
+        for q in (axis.position,)
+    }
+    for axis in held:
+        if index.shape[axis.position] == 0:
+            continue
+        samples = tuple(axis.samples(_grid(shape, axis.position)).flatten().tolist())
+        if (axis.size, samples) not in places:
+            tr.pending = tr.message(tr.func, _written(tr, axis))
+            break
+    return [axes]
 
 
 _POINTWISE_EXTRA = {
@@ -715,6 +1086,42 @@ _CARRY: dict[Any, Carry] = {
     aten.cat.default: _cat,
     aten.stack.default: _stack,
 }
+_ROLLS = {aten.roll.default}
+_CARRY.update(
+    {
+        aten.index.Tensor: _index,
+        aten.index_select.default: _index_select,
+        aten.gather.default: _gather,
+        aten.masked_select.default: _masked_select,
+        aten.flip.default: _reordered,
+        **dict.fromkeys(_ROLLS, _reordered),
+        **dict.fromkeys(
+            [aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default],
+            _index_put,
+        ),
+        **dict.fromkeys(
+            [
+                aten.index_copy.default,
+                aten.index_copy_.default,
+                aten.index_add.default,
+                aten.index_add_.default,
+            ],
+            _index_copy,
+        ),
+        **dict.fromkeys(
+            [
+                aten.scatter.src,
+                aten.scatter_.src,
+                aten.scatter_add.default,
+                aten.scatter_add_.default,
+                aten.scatter_reduce.two,
+                aten.scatter_reduce_.two,
+            ],
+            _scatter,
+        ),
+    }
+)
+_PUTS = {op for op, rule in _CARRY.items() if rule in (_index_put, _index_copy, _scatter)}
 _CATS = {aten.cat.default}
 _JOINS = {*_CATS, aten.stack.default}
 _rules: dict[Any, tuple[Mixing | None, Carry]] = {}  # each op's two rules, as first met
