@@ -115,11 +115,11 @@ def propagate(
                 jets = any(isinstance(a, _JETS) for a in leaves((args, kwargs)))
             if node.depends and jets:
                 node_ctx = with_jac if index in needs_jac else without_jac
-                if known is not None and node.func in GIVEN:
+                if known is not None and node.func in GIVEN and _kept(known[index], args):
                     env[index] = [_apply(node, node_ctx, args, kwargs, known[index][0])]
                 else:
                     env[index] = leaves(apply(node, node_ctx, args, kwargs))
-            elif known is not None:
+            elif known is not None and _kept(known[index], args):
                 env[index] = constants[index] = known[index]
             else:
                 out = node.func(*map_leaves(_value, args), **map_leaves(_value, kwargs))
@@ -224,6 +224,23 @@ def _apply(node: Node, ctx: Context, args: Any, kwargs: Any, value: Any = None) 
         return RULES[node.func](ctx, *args, **kwargs)
     except (TypeError, AttributeError) as exc:
         raise UnsupportedOp(f"{node.func} with these arguments ({exc})") from exc
+
+
+def _kept(outputs: list[Any], args: Any) -> bool:
+    """Whether ``f``'s recorded ``outputs`` of a node can stand for its recomputation: not where
+    they lost the graph that its arguments carry. Inside an op PyTorch decomposes with its own
+    derivative formula (``renorm`` computes its scale from a ``detach``ed input), the recorded
+    values of the parts carry no gradient, while the replay differentiates every part: taking
+    them dropped the scale's share of a parameter gradient."""
+    if not torch.is_grad_enabled() or not any(
+        isinstance(v, torch.Tensor) and v.requires_grad for v in map(_value, leaves(args))
+    ):
+        return True
+    return all(
+        v.requires_grad or not (v.is_floating_point() or v.is_complex())
+        for v in outputs
+        if isinstance(v, torch.Tensor)
+    )
 
 
 def _value(a: Any) -> Any:
