@@ -332,3 +332,19 @@ def test_group_norm_of_a_transposed_view_in_forward_mode():
     div = torchdiv.divergence(field, x, method="forward")
     (grad,) = torch.autograd.grad(div.sum(), lin.weight)
     assert _relative(div, expected.detach()) < RTOL and _relative(grad, expected_grad) < RTOL
+
+
+def test_complex_two_norm_squared_has_its_laplacian_at_zero_entries():
+    """``||x + ix||_2^2 = 2 sum x_i^2``, Laplacian ``4 d`` at every x: the replacement's mask at
+    zero entries once set the second derivative of the smooth ``re^2 + im^2`` to 0 there (8 for
+    12 in the first sample)."""
+    x = torch.tensor([[1.0, 0.0, 2.0], [0.5, -1.0, 3.0]], dtype=torch.float64)
+
+    def f(z):
+        return torch.linalg.vector_norm(torch.complex(z, z), 2, dim=-1) ** 2
+
+    for method in ("forward-over-reverse", "hessian", "auto"):
+        lap = torchdiv.laplacian(f, x, method=method)
+        torch.testing.assert_close(lap, torch.full((2,), 12.0, dtype=torch.float64), msg=method)
+    sweep = torchdiv.value_grad_laplacian(f, x)
+    torch.testing.assert_close(sweep.laplacian, torch.full((2,), 12.0, dtype=torch.float64))
