@@ -75,6 +75,7 @@ class Node:
     kwargs: dict[str, Any]
     depends: bool
     kept: list[Any] | None = None  # outputs to reuse instead of replaying (see _kept)
+    grad: bool = True  # grad mode at the call: under no_grad in f, replayed under no_grad
 
 
 @dataclass
@@ -204,9 +205,8 @@ class _Recorder(DispatchMode):
             self.graph.unsupported.append(str(func))
         index = len(self.graph.nodes)
         kept = None if depends else _kept(func, outs, bool(written))
-        self.graph.nodes.append(
-            Node(recorded, map_leaves(self.ref, args), map_leaves(self.ref, kwargs), depends, kept)
-        )
+        refs = map_leaves(self.ref, args), map_leaves(self.ref, kwargs)
+        self.graph.nodes.append(Node(recorded, *refs, depends, kept, torch.is_grad_enabled()))
         for i, leaf in enumerate(outs):
             if isinstance(leaf, torch.Tensor):
                 self.refs[id(leaf)] = Ref(index, i)

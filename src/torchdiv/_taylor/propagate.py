@@ -115,14 +115,15 @@ def propagate(
                 jets = any(isinstance(a, _JETS) for a in leaves((args, kwargs)))
             if node.depends and jets:
                 node_ctx = with_jac if index in needs_jac else without_jac
-                if known is not None and node.func in GIVEN and _kept(known[index], args):
+                if known is not None and node.func in GIVEN and _reusable(known[index], args):
                     env[index] = [_apply(node, node_ctx, args, kwargs, known[index][0])]
                 else:
                     env[index] = leaves(apply(node, node_ctx, args, kwargs))
-            elif known is not None and _kept(known[index], args):
+            elif known is not None and (not node.grad or _reusable(known[index], args)):
                 env[index] = constants[index] = known[index]
             else:
-                out = node.func(*map_leaves(_value, args), **map_leaves(_value, kwargs))
+                with torch.set_grad_enabled(node.grad and torch.is_grad_enabled()):
+                    out = node.func(*map_leaves(_value, args), **map_leaves(_value, kwargs))
                 env[index] = constants[index] = leaves(out)
         for dead in plan.last_use.get(index, ()):
             del env[dead]
@@ -226,7 +227,7 @@ def _apply(node: Node, ctx: Context, args: Any, kwargs: Any, value: Any = None) 
         raise UnsupportedOp(f"{node.func} with these arguments ({exc})") from exc
 
 
-def _kept(outputs: list[Any], args: Any) -> bool:
+def _reusable(outputs: list[Any], args: Any) -> bool:
     """Whether ``f``'s recorded ``outputs`` of a node can stand for its recomputation: not where
     they lost the graph that its arguments carry. Inside an op PyTorch decomposes with its own
     derivative formula (``renorm`` computes its scale from a ``detach``ed input), the recorded
