@@ -805,6 +805,10 @@ def _moves(net: nn.Module, perm: torch.Tensor) -> dict:
         "gather along the event": lambda x: x.gather(
             1, (perm[:, None] + torch.arange(x.shape[1])) % x.shape[1]
         ).exp(),
+        "each sample's entries sorted": lambda x: (
+            x[torch.arange(len(x))[:, None], x.argsort(-1)] * x
+        ),
+        "masked_scatter of g(x[m]) at m": lambda x: x.masked_scatter(x > 0, x[x > 0].exp()),
         # refused
         "x[perm]": lambda x: net(x[perm]),
         "x[argwhere(c)] summed": lambda x: x + x[torch.argwhere(x[:, 0] > 0)[:, 0]].sum(0),
@@ -850,7 +854,11 @@ REFUSED = {
 MOVES = list(_moves(nn.Identity(), torch.arange(3)))
 ALLOWED = [case for case in MOVES if case not in REFUSED]
 RECORDED = {"permuted, then inverted", "index_select, then inverted", "flipped twice"}
-RECORDED |= {"one element per sample", "gather along the event"}  # no index_put: taylor's too
+RECORDED |= {
+    "one element per sample",
+    "gather along the event",
+    "each sample's entries sorted",
+}  # no index_put: taylor's too
 ALONE = {"y[m] = g(x[m])", "mask over the whole tensor", "y[where(c)] += g(x[where(c)])"}
 ALONE |= {"flipped twice", "into zeros_like(x) at nonzero"}  # f of one sample is its part
 
@@ -952,3 +960,14 @@ def test_samples_moved_along_the_batch_are_refused(case: str, name, method, shap
         BatchInteractionError, match=rf"^{name}: f mixes samples: .*{REFUSED[case]}"
     ):
         getattr(torchdiv, name)(g, x, method=method)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (64, 16)])
+def test_a_masked_scatter_of_rows_moved_elsewhere_is_refused(shape) -> None:
+    """``x.masked_scatter(m, x[m].flip(0))`` writes each selected value into another
+    sample's place (``x.masked_scatter(m, g(x[m]))`` puts them back, allowed above)."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=f64)
+    f = lambda z: z.masked_scatter(z > 0, z[z > 0].flip(0))  # noqa: E731
+    with pytest.raises(BatchInteractionError, match=r"other samples' places .*masked_scatter"):
+        torchdiv.divergence(f, x)

@@ -36,8 +36,9 @@ keep the batch factor, transposes, slices and concatenations along other dimensi
 any other op ends the tracking of its result, silently: the analysis never raises on what it
 does not understand (fused attention kernels, a slice of part of the batch, ...), so it misses
 some mixing (``check_batch_independence`` tests any ``f``) but never flags an independent
-``f``; an indexing op whose indices have two or more dimensions along the batch is the one
-exception, refused if its result reaches the output.
+``f``; an indexing op whose indices have two or more dimensions along the batch (not one
+broadcast along the others, as ``x[arange(B)[:, None], idx]``) is the one exception, refused
+if its result reaches the output.
 
 ``allow_batch_interaction()`` turns the detection off for code that means to mix samples.
 """
@@ -840,11 +841,23 @@ def _indexed(
             sample = int(samples.flatten()[0])
             pick = f"sample {sample} picked out of the batch by {what}"
             return shape, (), Pick(axis.size, sample, pick)
-        if len(inner) == 1 and samples.numel():
-            found.append(_rows(tr, at, axis, samples, what))
+        line = _line(samples) if samples.numel() else None
+        if line is not None:
+            found.append(_rows(tr, at + line[0], axis, line[1], what))
         elif samples.numel():
             tr.pending = tr.message(tr.func, "samples moved by indices of two or more dimensions")
     return shape, tuple(sorted(found)), None
+
+
+def _line(samples: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+    """The dimension ``k`` along which alone ``samples`` (a non-empty index's samples) vary,
+    with the samples along it: a 1-d index, or one broadcast along the others
+    (``x[arange(B)[:, None], idx]``, each sample's entries at its own ``idx[b]``)."""
+    for k in range(samples.dim()):
+        line = samples.movedim(k, 0).reshape(samples.shape[k], -1)
+        if bool((line == line[:, :1]).all()):
+            return k, line[:, 0]
+    return None
 
 
 def _noted(tr: BatchAxes, axes: Axes, pick: Pick | None) -> list[Axes | None]:
@@ -922,6 +935,21 @@ def _masked_select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | 
     index: list[torch.Tensor | None] = list(places.unbind(1))
     _, found, pick = _indexed(tr, t.expand(shape), _aligned(t, axes, shape), index, str(tr.func))
     return _noted(tr, found, pick)
+
+
+def _one_per_place(args: Sequence[Any]) -> bool:
+    """Whether ``masked_scatter(t, mask, source)`` is ``t[mask] = source``: a 1-d ``source``
+    with one value per ``True`` place of the mask (broadcast to ``t``)."""
+    t, mask, source = args[0], args[1], args[2]
+    return t.dim() > 0 and source.dim() == 1 and source.numel() == int(mask.expand(t.shape).sum())
+
+
+def _masked_put(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``masked_scatter(t, mask, source)`` with one value per place: ``index_put`` at the
+    mask's places (``x.masked_scatter(m, g(x[m]))`` puts each sample's values back)."""
+    t = args[0]
+    index = _expanded(t, [args[1].expand(t.shape)]) if _one_per_place(args) else None
+    return None if index is None else [_put(tr, t, index, args[2]) or None]
 
 
 def _reordered(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -1087,6 +1115,7 @@ _CARRY: dict[Any, Carry] = {
     aten.stack.default: _stack,
 }
 _ROLLS = {aten.roll.default}
+_MASKED_SCATTERS = {aten.masked_scatter.default, aten.masked_scatter_.default}
 _CARRY.update(
     {
         aten.index.Tensor: _index,
@@ -1095,6 +1124,7 @@ _CARRY.update(
         aten.masked_select.default: _masked_select,
         aten.flip.default: _reordered,
         **dict.fromkeys(_ROLLS, _reordered),
+        **dict.fromkeys(_MASKED_SCATTERS, _masked_put),
         **dict.fromkeys(
             [aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default],
             _index_put,
@@ -1193,8 +1223,11 @@ def _whole(name: str) -> Mixing:
 
 def _masked_scatter(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     """``masked_scatter`` fills the mask's places with ``source`` read in flat order over the
-    whole tensor, so a source that carries samples lands in other samples' places."""
-    return "a masked_scatter, which reads its source across samples" if tr.axes(args[2]) else None
+    whole tensor, so a source that carries samples lands in other samples' places, unless it
+    holds one value per place (``x[m]``: ``_masked_put`` checks where each lands)."""
+    if not tr.axes(args[2]) or _one_per_place(args):
+        return None
+    return "a masked_scatter, which reads its source across samples"
 
 
 def _contraction(biased: bool) -> Mixing:
@@ -1317,7 +1350,7 @@ _MIXING: dict[Any, Mixing] = {
     aten.native_group_norm.default: _group_norm,
     aten.convolution.default: _convolution,
     aten.diagonal.default: _diagonal,
-    aten.masked_scatter.default: _masked_scatter,
+    **dict.fromkeys(_MASKED_SCATTERS, _masked_scatter),
     aten.trace.default: _diagonal,  # the sum of the diagonal (0, 1): one kernel on CPU
 }
 _CARRY.update(
