@@ -46,6 +46,7 @@ if its result reaches the output.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import threading
@@ -81,7 +82,13 @@ class Axis(NamedTuple):
     def samples(self, at: torch.Tensor) -> torch.Tensor:
         """The sample held at each index ``at`` (an integer tensor) along ``position``."""
         runs = torch.div(at, self.inner, rounding_mode="floor") % self.period
-        return torch.tensor(self.rows, device=at.device)[runs] if self.rows else runs
+        return _rows_tensor(self.rows).to(at.device)[runs] if self.rows else runs
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_tensor(rows: tuple[int, ...]) -> torch.Tensor:
+    """``rows`` as a tensor, made once: every indexing op that reads moved rows asks again."""
+    return torch.tensor(rows)
 
 
 Axes = tuple[Axis, ...]
@@ -254,6 +261,9 @@ class BatchAxes:
         tensors = [a for a in args if isinstance(a, torch.Tensor) and self.axes(a)]
         if len(tensors) < 2:
             return
+        first = (tensors[0].shape, self.axes(tensors[0]))
+        if all((a.shape, self.axes(a)) == first for a in tensors):
+            return  # the same samples in the same places (``h + tanh(h)``): the usual case
         shapes = [a.shape for a in args if isinstance(a, torch.Tensor)]
         shape = torch.broadcast_shapes(*shapes)  # type: ignore[no-untyped-call]
         seen: dict[int, set[tuple[int, ...]]] = {}
@@ -782,6 +792,8 @@ def _reduced(op: Any) -> Carry:
 
 def _held(axis: Axis, n: int) -> tuple[int, ...]:
     """The samples ``axis`` holds at indices ``0..n-1`` along its dimension."""
+    if axis.inner == 1 and n == len(axis.rows):
+        return axis.rows  # each index one row: no tensor to make
     return tuple(axis.samples(torch.arange(n)).tolist())
 
 
