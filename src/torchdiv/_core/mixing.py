@@ -37,8 +37,11 @@ any other op ends the tracking of its result, silently: the analysis never raise
 does not understand (fused attention kernels, a slice of part of the batch, ...), so it misses
 some mixing (``check_batch_independence`` tests any ``f``) but never flags an independent
 ``f``; an indexing op whose indices have two or more dimensions along the batch (not one
-broadcast along the others, as ``x[arange(B)[:, None], idx]``) is the one exception, refused
-if its result reaches the output.
+broadcast along the others, as ``x[arange(B)[:, None], idx]``) is one exception, refused if
+its result reaches the output; moved samples that a reshape spreads across places
+(``x.reshape(-1)[perm].reshape(B, D)``), a roll of the flattened tensor by part of a sample,
+and samples added (or moved samples written) into a tensor not of ``x``'s batch shape
+(per-cluster sums ``zeros(K, D).index_add(0, cid, x)``) are the others.
 
 ``allow_batch_interaction()`` turns the detection off for code that means to mix samples.
 """
@@ -570,10 +573,16 @@ def _reshaped(t: torch.Tensor, axes: Axes, out: torch.Tensor) -> Axes:
 
 
 def _view(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
-    axes = tr.axes(args[0])
-    if not axes or not isinstance(out, torch.Tensor) or out.numel() != args[0].numel():
+    t, axes = args[0], tr.axes(args[0])
+    if not axes or not isinstance(out, torch.Tensor) or out.numel() != t.numel():
         return None
-    return [_reshaped(args[0], axes, out)]
+    lost = [axis for axis in axes if axis.rows and not _reshaped(t, (axis,), out)]
+    if lost:  # moved samples no longer followed could reach the output unseen
+        moved = tr.moves.get(lost[0].rows, "an indexing op")
+        what = f"samples moved by {moved}, reshaped to {_shape(out)} across their places"
+        tr.pending = tr.message(tr.func, what)
+        return None
+    return [_reshaped(t, axes, out)]
 
 
 def _permute(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -799,12 +808,26 @@ def _held(axis: Axis, n: int) -> tuple[int, ...]:
 
 def _rows(tr: BatchAxes, position: int, axis: Axis, samples: torch.Tensor, what: str) -> Axis:
     """The batch dimension at ``position`` holding ``samples`` of ``axis``'s batch, one per
-    index (in order: a plain one; else its rows, noted as moved by ``what``)."""
-    rows = tuple(samples.tolist())
+    index (in order: a plain one; else its rows, noted as moved by ``what``). Runs of one
+    sample as long as the first (``x.reshape(-1).flip(0)``: ``D`` elements per sample) are
+    one row each, with that ``inner``, so that a reshape back follows them."""
+    run = _run(samples)
+    rows = tuple(samples[::run].tolist())
     if rows == tuple(range(axis.size)):
-        return Axis(position, axis.size, 1)
+        return Axis(position, axis.size, run)
     tr.moves.setdefault(rows, what)
-    return Axis(position, axis.size, 1, rows)
+    return Axis(position, axis.size, run, rows)
+
+
+def _run(samples: torch.Tensor) -> int:
+    """The length of the first run of equal ``samples`` (1-d), if they are all runs that long
+    (else 1)."""
+    changes = (samples[1:] != samples[:-1]).nonzero()
+    run = int(changes[0]) + 1 if len(changes) else len(samples)
+    if run < 2 or len(samples) % run:
+        return 1
+    blocks = samples.reshape(-1, run)
+    return run if bool((blocks == blocks[:, :1]).all()) else 1
 
 
 def _expanded(t: torch.Tensor, indices: Sequence[Any]) -> list[torch.Tensor | None] | None:
@@ -975,8 +998,8 @@ def _reordered(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None
     dims = [dims] if isinstance(dims, int) else list(dims)
     shifts = args[1] if rolled else [0] * len(dims)
     shifts = [shifts] if isinstance(shifts, int) else list(shifts)
-    if rolled and not dims:  # roll of the flattened tensor
-        return None
+    if rolled and not dims:
+        return _rolled_flat(tr, t, axes, shifts[0])
     order: dict[int, torch.Tensor] = {}
     for d, shift in zip(dims, shifts, strict=True):
         d %= t.dim()
@@ -991,6 +1014,28 @@ def _reordered(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None
     return [tuple(sorted(found))]
 
 
+def _rolled_flat(
+    tr: BatchAxes, t: torch.Tensor, axes: Axes, shift: int
+) -> list[Axes | None] | None:
+    """``roll(t, shift)`` with no dims rolls the flattened tensor: element ``f`` holds
+    ``t``'s ``(f - shift) % numel``. Each batch dimension is followed where its samples still
+    vary along one dimension; samples spread over several (a shift by part of a row) mix."""
+    n = t.numel()
+    source = ((torch.arange(n) - shift) % max(n, 1)).reshape(t.shape)
+    found = []
+    for axis in axes:
+        stride = math.prod(t.shape[axis.position + 1 :])
+        at = torch.div(source, stride, rounding_mode="floor") % t.shape[axis.position]
+        samples = axis.samples(at)
+        line = _line(samples) if samples.numel() else None
+        if line is None:
+            what = "samples moved across dimensions by a roll of the flattened tensor"
+            tr.pending = tr.message(tr.func, what)
+            return None
+        found.append(_rows(tr, line[0], axis, line[1], str(tr.func)))
+    return [tuple(sorted(found))]
+
+
 _PUT_WHAT = "values written into other samples' places"
 
 
@@ -1000,22 +1045,35 @@ def _written(tr: BatchAxes, axis: Axis) -> str:
     return _PUT_WHAT + (f" (samples moved there by {moved})" if moved else "")
 
 
-def _put_axes(tr: BatchAxes, t: torch.Tensor, values: Any) -> Axes:
-    """The batch dimensions of ``t``, written ``values``: its own, or, for a tensor nothing
-    tracked of ``x``'s batch shape (``torch.zeros_like(x)``) written samples, ``x``'s."""
+def _put_axes(tr: BatchAxes, t: torch.Tensor, values: Any, accumulate: bool) -> Axes:
+    """The batch dimensions of ``t``, written (or, ``accumulate``, added) ``values``: its
+    own, or, for a tensor nothing tracked of ``x``'s batch shape (``torch.zeros_like(x)``)
+    written samples, ``x``'s. Samples added, or moved samples written, into an untracked
+    tensor of another shape are refused (``tr.pending``): nothing follows them further."""
     axes = tr.axes(t)
     if axes:
         return axes
-    carries = tr.axes(values) or tr.picks(values) is not None
+    held = tr.axes(values)
     batch = tr.x.shape[: tr.batch_dims]
-    return tr.start if carries and t.shape[: tr.batch_dims] == batch else ()
+    if (held or tr.picks(values) is not None) and t.shape[: tr.batch_dims] == batch:
+        return tr.start
+    if held and (accumulate or any(axis.rows for axis in held)):
+        # per-cluster sums ``zeros(K, D).index_add(0, cid, x)``: places no longer followed
+        what = (
+            f"samples {'added' if accumulate else 'moved'} into a tensor of shape "
+            f"{_shape(t)}, not x's batch shape, whose places are not followed"
+        )
+        tr.pending = tr.message(tr.func, what)
+    return ()
 
 
-def _put(tr: BatchAxes, t: torch.Tensor, index: list[Any], values: Any) -> Axes:
+def _put(
+    tr: BatchAxes, t: torch.Tensor, index: list[Any], values: Any, accumulate: bool = False
+) -> Axes:
     """``t[index] = values`` (``index_put``, ``index_copy``, ``index_add``): each value must
     land in a place of its own samples (``y[m] = g(x[m])``, ``y[perm] = x[perm]``); else
     ``tr.pending`` says which op moved samples. Returns ``t``'s batch dimensions."""
-    axes = _put_axes(tr, t, values)
+    axes = _put_axes(tr, t, values, accumulate)
     if not axes or not isinstance(values, torch.Tensor):
         return axes
     func = tr.func
@@ -1044,7 +1102,8 @@ def _index_put(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None
     index = _expanded(args[0], args[1])
     if index is None:
         return None
-    return [_put(tr, args[0], index, args[2]) or None]
+    accumulate = bool(args[3]) if len(args) > 3 else False
+    return [_put(tr, args[0], index, args[2], accumulate) or None]
 
 
 def _index_copy(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -1053,14 +1112,14 @@ def _index_copy(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | Non
     index: list[Any] = [None] * t.dim()
     dim = args[1] % max(t.dim(), 1)
     index[dim] = args[2].reshape(-1).long() % t.shape[dim]
-    return [_put(tr, t, index, args[3]) or None]
+    return [_put(tr, t, index, args[3], tr.func in _ACCUMULATING) or None]
 
 
 def _scatter(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
     """``scatter(t, dim, index, src)`` (``scatter_add``, ``scatter_reduce``): ``src[i][j]``
     lands at ``[index[i][j]][j]`` for ``dim=0``; each must be a place of its own samples."""
     t, dim, index, src = args[0], args[1] % max(args[0].dim(), 1), args[2], args[3]
-    axes = _put_axes(tr, t, src)
+    axes = _put_axes(tr, t, src, tr.func in _ACCUMULATING)
     held = tr.axes(src) if isinstance(src, torch.Tensor) else None
     if not axes or not held:
         return [axes or None]
@@ -1163,6 +1222,14 @@ _CARRY.update(
         ),
     }
 )
+_ACCUMULATING = {
+    aten.index_add.default,
+    aten.index_add_.default,
+    aten.scatter_add.default,
+    aten.scatter_add_.default,
+    aten.scatter_reduce.two,
+    aten.scatter_reduce_.two,
+}
 _PUTS = {op for op, rule in _CARRY.items() if rule in (_index_put, _index_copy, _scatter)}
 _CATS = {aten.cat.default}
 _JOINS = {*_CATS, aten.stack.default}
