@@ -904,6 +904,11 @@ RECORDED |= {
 }  # no index_put: taylor's too
 ALONE = {"y[m] = g(x[m])", "mask over the whole tensor", "y[where(c)] += g(x[where(c)])"}
 ALONE |= {"flipped twice", "into zeros_like(x) at nonzero"}  # f of one sample is its part
+ALONE |= {
+    "each sample's entries sorted",
+    "flattened, flipped twice",
+    "rolled flat by a sample and back",
+}
 
 
 def _moved_setup(case: str, shape: tuple[int, int]):
