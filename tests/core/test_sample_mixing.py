@@ -805,8 +805,38 @@ def _moves(net: nn.Module, perm: torch.Tensor) -> dict:
         "gather along the event": lambda x: x.gather(
             1, (perm[:, None] + torch.arange(x.shape[1])) % x.shape[1]
         ).exp(),
+        "each sample's entries sorted": lambda x: (
+            x[torch.arange(len(x))[:, None], x.argsort(-1)] * x
+        ),
+        "masked_scatter of g(x[m]) at m": lambda x: x.masked_scatter(x > 0, x[x > 0].exp()),
+        "flattened, flipped twice": lambda x: net(x.reshape(-1).flip(0).flip(0).reshape(x.shape)),
+        "rolled flat by a sample and back": lambda x: torch.roll(
+            torch.roll(x, x.shape[1]).sin(), -x.shape[1]
+        ),
         # refused
         "x[perm]": lambda x: net(x[perm]),
+        "flattened, flipped": lambda x: net(x.reshape(-1).flip(0).reshape(x.shape)),
+        "flattened, rolled by a sample": lambda x: net(
+            x.reshape(-1).roll(x.shape[1], 0).reshape(x.shape)
+        ),
+        "rolled flat by one element": lambda x: torch.roll(x, 1).sin(),
+        "flattened, permuted": lambda x: net(x.reshape(-1)[_flat_perm(x)].reshape(x.shape)),
+        "per-pair sums by index_add": lambda x: (
+            x - torch.zeros(2, x.shape[1], dtype=x.dtype).index_add(0, _pairs(x), x)[_pairs(x)] / 3
+        ),
+        "per-pair sums by scatter_add": lambda x: (
+            x
+            - torch.zeros(2, x.shape[1], dtype=x.dtype).scatter_add(
+                0, _pairs(x)[:, None].expand_as(x), x
+            )[_pairs(x)]
+            / 3
+        ),
+        "a sum by index_put(accumulate=True)": lambda x: (
+            x
+            * torch.zeros(1, x.shape[1], dtype=x.dtype).index_put(
+                (_pairs(x) * 0,), x, accumulate=True
+            )
+        ),
         "x[argwhere(c)] summed": lambda x: x + x[torch.argwhere(x[:, 0] > 0)[:, 0]].sum(0),
         "x[m] summed": lambda x: x * x[x[:, 0] > 0].sum(),
         "masked_select summed": lambda x: x * torch.masked_select(x, x > 0).sum(),
@@ -828,6 +858,16 @@ def _moves(net: nn.Module, perm: torch.Tensor) -> dict:
     }
 
 
+def _flat_perm(x: torch.Tensor) -> torch.Tensor:
+    """A permutation of ``x``'s elements across samples."""
+    return torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))
+
+
+def _pairs(x: torch.Tensor) -> torch.Tensor:
+    """A cluster of two for every sample: even or odd."""
+    return torch.arange(len(x)) % 2
+
+
 REFUSED = {
     "x[perm]": r"aten\.index\.Tensor\) moved samples along the batch: place \d+ .* holds sample",
     "x[argwhere(c)] summed": r"a sum over samples",
@@ -846,13 +886,29 @@ REFUSED = {
     "scatter at perm": r"values written into other samples' places \(ATen op aten\.scatter",
     "index_add at perm": r"written into other samples' places \(ATen op aten\.index_(add|put)",
     "index_copy at perm": r"written into other samples' places \(ATen op aten\.index_(copy|put)",
+    "flattened, flipped": r"aten\.flip\.default moved samples along the batch",
+    "flattened, rolled by a sample": r"aten\.roll\.default moved samples along the batch",
+    "rolled flat by one element": r"samples moved across dimensions by a roll of the flattened",
+    "flattened, permuted": r"moved by an indexing op .*, reshaped to .* across their places",
+    "per-pair sums by index_add": r"added into a tensor of shape \(2, \d+\), not x's batch",
+    "per-pair sums by scatter_add": r"added into a tensor .*aten\.(scatter_add|index_put)",
+    "a sum by index_put(accumulate=True)": r"samples added into a tensor of shape \(1, \d+\)",
 }
 MOVES = list(_moves(nn.Identity(), torch.arange(3)))
 ALLOWED = [case for case in MOVES if case not in REFUSED]
 RECORDED = {"permuted, then inverted", "index_select, then inverted", "flipped twice"}
-RECORDED |= {"one element per sample", "gather along the event"}  # no index_put: taylor's too
+RECORDED |= {
+    "one element per sample",
+    "gather along the event",
+    "each sample's entries sorted",
+}  # no index_put: taylor's too
 ALONE = {"y[m] = g(x[m])", "mask over the whole tensor", "y[where(c)] += g(x[where(c)])"}
 ALONE |= {"flipped twice", "into zeros_like(x) at nonzero"}  # f of one sample is its part
+ALONE |= {
+    "each sample's entries sorted",
+    "flattened, flipped twice",
+    "rolled flat by a sample and back",
+}
 
 
 def _moved_setup(case: str, shape: tuple[int, int]):
@@ -952,3 +1008,14 @@ def test_samples_moved_along_the_batch_are_refused(case: str, name, method, shap
         BatchInteractionError, match=rf"^{name}: f mixes samples: .*{REFUSED[case]}"
     ):
         getattr(torchdiv, name)(g, x, method=method)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (64, 16)])
+def test_a_masked_scatter_of_rows_moved_elsewhere_is_refused(shape) -> None:
+    """``x.masked_scatter(m, x[m].flip(0))`` writes each selected value into another
+    sample's place (``x.masked_scatter(m, g(x[m]))`` puts them back, allowed above)."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=f64)
+    f = lambda z: z.masked_scatter(z > 0, z[z > 0].flip(0))  # noqa: E731
+    with pytest.raises(BatchInteractionError, match=r"other samples' places .*masked_scatter"):
+        torchdiv.divergence(f, x)

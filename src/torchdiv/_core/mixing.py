@@ -36,8 +36,12 @@ keep the batch factor, transposes, slices and concatenations along other dimensi
 any other op ends the tracking of its result, silently: the analysis never raises on what it
 does not understand (fused attention kernels, a slice of part of the batch, ...), so it misses
 some mixing (``check_batch_independence`` tests any ``f``) but never flags an independent
-``f``; an indexing op whose indices have two or more dimensions along the batch is the one
-exception, refused if its result reaches the output.
+``f``; an indexing op whose indices have two or more dimensions along the batch (not one
+broadcast along the others, as ``x[arange(B)[:, None], idx]``) is one exception, refused if
+its result reaches the output; moved samples that a reshape spreads across places
+(``x.reshape(-1)[perm].reshape(B, D)``), a roll of the flattened tensor by part of a sample,
+and samples added (or moved samples written) into a tensor not of ``x``'s batch shape
+(per-cluster sums ``zeros(K, D).index_add(0, cid, x)``) are the others.
 
 ``allow_batch_interaction()`` turns the detection off for code that means to mix samples.
 """
@@ -45,6 +49,7 @@ exception, refused if its result reaches the output.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import threading
@@ -80,7 +85,13 @@ class Axis(NamedTuple):
     def samples(self, at: torch.Tensor) -> torch.Tensor:
         """The sample held at each index ``at`` (an integer tensor) along ``position``."""
         runs = torch.div(at, self.inner, rounding_mode="floor") % self.period
-        return torch.tensor(self.rows, device=at.device)[runs] if self.rows else runs
+        return _rows_tensor(self.rows).to(at.device)[runs] if self.rows else runs
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_tensor(rows: tuple[int, ...]) -> torch.Tensor:
+    """``rows`` as a tensor, made once: every indexing op that reads moved rows asks again."""
+    return torch.tensor(rows)
 
 
 Axes = tuple[Axis, ...]
@@ -253,6 +264,9 @@ class BatchAxes:
         tensors = [a for a in args if isinstance(a, torch.Tensor) and self.axes(a)]
         if len(tensors) < 2:
             return
+        first = (tensors[0].shape, self.axes(tensors[0]))
+        if all((a.shape, self.axes(a)) == first for a in tensors):
+            return  # the same samples in the same places (``h + tanh(h)``): the usual case
         shapes = [a.shape for a in args if isinstance(a, torch.Tensor)]
         shape = torch.broadcast_shapes(*shapes)  # type: ignore[no-untyped-call]
         seen: dict[int, set[tuple[int, ...]]] = {}
@@ -559,10 +573,16 @@ def _reshaped(t: torch.Tensor, axes: Axes, out: torch.Tensor) -> Axes:
 
 
 def _view(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
-    axes = tr.axes(args[0])
-    if not axes or not isinstance(out, torch.Tensor) or out.numel() != args[0].numel():
+    t, axes = args[0], tr.axes(args[0])
+    if not axes or not isinstance(out, torch.Tensor) or out.numel() != t.numel():
         return None
-    return [_reshaped(args[0], axes, out)]
+    lost = [axis for axis in axes if axis.rows and not _reshaped(t, (axis,), out)]
+    if lost:  # moved samples no longer followed could reach the output unseen
+        moved = tr.moves.get(lost[0].rows, "an indexing op")
+        what = f"samples moved by {moved}, reshaped to {_shape(out)} across their places"
+        tr.pending = tr.message(tr.func, what)
+        return None
+    return [_reshaped(t, axes, out)]
 
 
 def _permute(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -781,17 +801,33 @@ def _reduced(op: Any) -> Carry:
 
 def _held(axis: Axis, n: int) -> tuple[int, ...]:
     """The samples ``axis`` holds at indices ``0..n-1`` along its dimension."""
+    if axis.inner == 1 and n == len(axis.rows):
+        return axis.rows  # each index one row: no tensor to make
     return tuple(axis.samples(torch.arange(n)).tolist())
 
 
 def _rows(tr: BatchAxes, position: int, axis: Axis, samples: torch.Tensor, what: str) -> Axis:
     """The batch dimension at ``position`` holding ``samples`` of ``axis``'s batch, one per
-    index (in order: a plain one; else its rows, noted as moved by ``what``)."""
-    rows = tuple(samples.tolist())
+    index (in order: a plain one; else its rows, noted as moved by ``what``). Runs of one
+    sample as long as the first (``x.reshape(-1).flip(0)``: ``D`` elements per sample) are
+    one row each, with that ``inner``, so that a reshape back follows them."""
+    run = _run(samples)
+    rows = tuple(samples[::run].tolist())
     if rows == tuple(range(axis.size)):
-        return Axis(position, axis.size, 1)
+        return Axis(position, axis.size, run)
     tr.moves.setdefault(rows, what)
-    return Axis(position, axis.size, 1, rows)
+    return Axis(position, axis.size, run, rows)
+
+
+def _run(samples: torch.Tensor) -> int:
+    """The length of the first run of equal ``samples`` (1-d), if they are all runs that long
+    (else 1)."""
+    changes = (samples[1:] != samples[:-1]).nonzero()
+    run = int(changes[0]) + 1 if len(changes) else len(samples)
+    if run < 2 or len(samples) % run:
+        return 1
+    blocks = samples.reshape(-1, run)
+    return run if bool((blocks == blocks[:, :1]).all()) else 1
 
 
 def _expanded(t: torch.Tensor, indices: Sequence[Any]) -> list[torch.Tensor | None] | None:
@@ -840,11 +876,23 @@ def _indexed(
             sample = int(samples.flatten()[0])
             pick = f"sample {sample} picked out of the batch by {what}"
             return shape, (), Pick(axis.size, sample, pick)
-        if len(inner) == 1 and samples.numel():
-            found.append(_rows(tr, at, axis, samples, what))
+        line = _line(samples) if samples.numel() else None
+        if line is not None:
+            found.append(_rows(tr, at + line[0], axis, line[1], what))
         elif samples.numel():
             tr.pending = tr.message(tr.func, "samples moved by indices of two or more dimensions")
     return shape, tuple(sorted(found)), None
+
+
+def _line(samples: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+    """The dimension ``k`` along which alone ``samples`` (a non-empty index's samples) vary,
+    with the samples along it: a 1-d index, or one broadcast along the others
+    (``x[arange(B)[:, None], idx]``, each sample's entries at its own ``idx[b]``)."""
+    for k in range(samples.dim()):
+        line = samples.movedim(k, 0).reshape(samples.shape[k], -1)
+        if bool((line == line[:, :1]).all()):
+            return k, line[:, 0]
+    return None
 
 
 def _noted(tr: BatchAxes, axes: Axes, pick: Pick | None) -> list[Axes | None]:
@@ -924,6 +972,21 @@ def _masked_select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | 
     return _noted(tr, found, pick)
 
 
+def _one_per_place(args: Sequence[Any]) -> bool:
+    """Whether ``masked_scatter(t, mask, source)`` is ``t[mask] = source``: a 1-d ``source``
+    with one value per ``True`` place of the mask (broadcast to ``t``)."""
+    t, mask, source = args[0], args[1], args[2]
+    return t.dim() > 0 and source.dim() == 1 and source.numel() == int(mask.expand(t.shape).sum())
+
+
+def _masked_put(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``masked_scatter(t, mask, source)`` with one value per place: ``index_put`` at the
+    mask's places (``x.masked_scatter(m, g(x[m]))`` puts each sample's values back)."""
+    t = args[0]
+    index = _expanded(t, [args[1].expand(t.shape)]) if _one_per_place(args) else None
+    return None if index is None else [_put(tr, t, index, args[2]) or None]
+
+
 def _reordered(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
     """``flip(t, dims)`` and ``roll(t, shifts, dims)``: a batch dimension among ``dims`` holds
     its samples in another order."""
@@ -935,8 +998,8 @@ def _reordered(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None
     dims = [dims] if isinstance(dims, int) else list(dims)
     shifts = args[1] if rolled else [0] * len(dims)
     shifts = [shifts] if isinstance(shifts, int) else list(shifts)
-    if rolled and not dims:  # roll of the flattened tensor
-        return None
+    if rolled and not dims:
+        return _rolled_flat(tr, t, axes, shifts[0])
     order: dict[int, torch.Tensor] = {}
     for d, shift in zip(dims, shifts, strict=True):
         d %= t.dim()
@@ -951,6 +1014,28 @@ def _reordered(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None
     return [tuple(sorted(found))]
 
 
+def _rolled_flat(
+    tr: BatchAxes, t: torch.Tensor, axes: Axes, shift: int
+) -> list[Axes | None] | None:
+    """``roll(t, shift)`` with no dims rolls the flattened tensor: element ``f`` holds
+    ``t``'s ``(f - shift) % numel``. Each batch dimension is followed where its samples still
+    vary along one dimension; samples spread over several (a shift by part of a row) mix."""
+    n = t.numel()
+    source = ((torch.arange(n) - shift) % max(n, 1)).reshape(t.shape)
+    found = []
+    for axis in axes:
+        stride = math.prod(t.shape[axis.position + 1 :])
+        at = torch.div(source, stride, rounding_mode="floor") % t.shape[axis.position]
+        samples = axis.samples(at)
+        line = _line(samples) if samples.numel() else None
+        if line is None:
+            what = "samples moved across dimensions by a roll of the flattened tensor"
+            tr.pending = tr.message(tr.func, what)
+            return None
+        found.append(_rows(tr, line[0], axis, line[1], str(tr.func)))
+    return [tuple(sorted(found))]
+
+
 _PUT_WHAT = "values written into other samples' places"
 
 
@@ -960,22 +1045,35 @@ def _written(tr: BatchAxes, axis: Axis) -> str:
     return _PUT_WHAT + (f" (samples moved there by {moved})" if moved else "")
 
 
-def _put_axes(tr: BatchAxes, t: torch.Tensor, values: Any) -> Axes:
-    """The batch dimensions of ``t``, written ``values``: its own, or, for a tensor nothing
-    tracked of ``x``'s batch shape (``torch.zeros_like(x)``) written samples, ``x``'s."""
+def _put_axes(tr: BatchAxes, t: torch.Tensor, values: Any, accumulate: bool) -> Axes:
+    """The batch dimensions of ``t``, written (or, ``accumulate``, added) ``values``: its
+    own, or, for a tensor nothing tracked of ``x``'s batch shape (``torch.zeros_like(x)``)
+    written samples, ``x``'s. Samples added, or moved samples written, into an untracked
+    tensor of another shape are refused (``tr.pending``): nothing follows them further."""
     axes = tr.axes(t)
     if axes:
         return axes
-    carries = tr.axes(values) or tr.picks(values) is not None
+    held = tr.axes(values)
     batch = tr.x.shape[: tr.batch_dims]
-    return tr.start if carries and t.shape[: tr.batch_dims] == batch else ()
+    if (held or tr.picks(values) is not None) and t.shape[: tr.batch_dims] == batch:
+        return tr.start
+    if held and (accumulate or any(axis.rows for axis in held)):
+        # per-cluster sums ``zeros(K, D).index_add(0, cid, x)``: places no longer followed
+        what = (
+            f"samples {'added' if accumulate else 'moved'} into a tensor of shape "
+            f"{_shape(t)}, not x's batch shape, whose places are not followed"
+        )
+        tr.pending = tr.message(tr.func, what)
+    return ()
 
 
-def _put(tr: BatchAxes, t: torch.Tensor, index: list[Any], values: Any) -> Axes:
+def _put(
+    tr: BatchAxes, t: torch.Tensor, index: list[Any], values: Any, accumulate: bool = False
+) -> Axes:
     """``t[index] = values`` (``index_put``, ``index_copy``, ``index_add``): each value must
     land in a place of its own samples (``y[m] = g(x[m])``, ``y[perm] = x[perm]``); else
     ``tr.pending`` says which op moved samples. Returns ``t``'s batch dimensions."""
-    axes = _put_axes(tr, t, values)
+    axes = _put_axes(tr, t, values, accumulate)
     if not axes or not isinstance(values, torch.Tensor):
         return axes
     func = tr.func
@@ -1004,7 +1102,8 @@ def _index_put(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None
     index = _expanded(args[0], args[1])
     if index is None:
         return None
-    return [_put(tr, args[0], index, args[2]) or None]
+    accumulate = bool(args[3]) if len(args) > 3 else False
+    return [_put(tr, args[0], index, args[2], accumulate) or None]
 
 
 def _index_copy(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -1013,14 +1112,14 @@ def _index_copy(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | Non
     index: list[Any] = [None] * t.dim()
     dim = args[1] % max(t.dim(), 1)
     index[dim] = args[2].reshape(-1).long() % t.shape[dim]
-    return [_put(tr, t, index, args[3]) or None]
+    return [_put(tr, t, index, args[3], tr.func in _ACCUMULATING) or None]
 
 
 def _scatter(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
     """``scatter(t, dim, index, src)`` (``scatter_add``, ``scatter_reduce``): ``src[i][j]``
     lands at ``[index[i][j]][j]`` for ``dim=0``; each must be a place of its own samples."""
     t, dim, index, src = args[0], args[1] % max(args[0].dim(), 1), args[2], args[3]
-    axes = _put_axes(tr, t, src)
+    axes = _put_axes(tr, t, src, tr.func in _ACCUMULATING)
     held = tr.axes(src) if isinstance(src, torch.Tensor) else None
     if not axes or not held:
         return [axes or None]
@@ -1087,6 +1186,7 @@ _CARRY: dict[Any, Carry] = {
     aten.stack.default: _stack,
 }
 _ROLLS = {aten.roll.default}
+_MASKED_SCATTERS = {aten.masked_scatter.default, aten.masked_scatter_.default}
 _CARRY.update(
     {
         aten.index.Tensor: _index,
@@ -1095,6 +1195,7 @@ _CARRY.update(
         aten.masked_select.default: _masked_select,
         aten.flip.default: _reordered,
         **dict.fromkeys(_ROLLS, _reordered),
+        **dict.fromkeys(_MASKED_SCATTERS, _masked_put),
         **dict.fromkeys(
             [aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default],
             _index_put,
@@ -1121,6 +1222,14 @@ _CARRY.update(
         ),
     }
 )
+_ACCUMULATING = {
+    aten.index_add.default,
+    aten.index_add_.default,
+    aten.scatter_add.default,
+    aten.scatter_add_.default,
+    aten.scatter_reduce.two,
+    aten.scatter_reduce_.two,
+}
 _PUTS = {op for op, rule in _CARRY.items() if rule in (_index_put, _index_copy, _scatter)}
 _CATS = {aten.cat.default}
 _JOINS = {*_CATS, aten.stack.default}
@@ -1193,8 +1302,11 @@ def _whole(name: str) -> Mixing:
 
 def _masked_scatter(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     """``masked_scatter`` fills the mask's places with ``source`` read in flat order over the
-    whole tensor, so a source that carries samples lands in other samples' places."""
-    return "a masked_scatter, which reads its source across samples" if tr.axes(args[2]) else None
+    whole tensor, so a source that carries samples lands in other samples' places, unless it
+    holds one value per place (``x[m]``: ``_masked_put`` checks where each lands)."""
+    if not tr.axes(args[2]) or _one_per_place(args):
+        return None
+    return "a masked_scatter, which reads its source across samples"
 
 
 def _contraction(biased: bool) -> Mixing:
@@ -1317,7 +1429,7 @@ _MIXING: dict[Any, Mixing] = {
     aten.native_group_norm.default: _group_norm,
     aten.convolution.default: _convolution,
     aten.diagonal.default: _diagonal,
-    aten.masked_scatter.default: _masked_scatter,
+    **dict.fromkeys(_MASKED_SCATTERS, _masked_scatter),
     aten.trace.default: _diagonal,  # the sum of the diagonal (0, 1): one kernel on CPU
 }
 _CARRY.update(
