@@ -975,7 +975,9 @@ def _masked_select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | 
 def _one_per_place(args: Sequence[Any]) -> bool:
     """Whether ``masked_scatter(t, mask, source)`` is ``t[mask] = source``: a 1-d ``source``
     with one value per ``True`` place of the mask (broadcast to ``t``)."""
-    t, mask, source = args[0], args[1], args[2]
+    t: torch.Tensor = args[0]
+    mask: torch.Tensor = args[1]
+    source: torch.Tensor = args[2]
     return t.dim() > 0 and source.dim() == 1 and source.numel() == int(mask.expand(t.shape).sum())
 
 
