@@ -379,6 +379,50 @@ def test_batch_dims_2_on_truly_batched_data() -> None:
     )
 
 
+SQUARE_BATCH = {  # x of shape (3, 3, 2), batch_dims=2: the two batch dimensions of equal size
+    "transposed": lambda net: lambda z: net(z.transpose(0, 1)),
+    "permuted": lambda net: lambda z: net(z.permute(1, 0, 2)),
+    "times its transpose": lambda net: lambda z: net(z) * z.transpose(0, 1),
+    "stacked along the other dimension": lambda net: (
+        lambda z: torch.stack([net(z[:, i]) for i in range(3)])
+    ),
+    "merged, then split the other way": lambda net: (
+        lambda z: net(z.reshape(9, 2)).reshape(3, 3, 2).transpose(0, 1)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SQUARE_BATCH)
+@pytest.mark.parametrize(
+    "name, method", [("divergence", "auto"), ("divergence", "structured"), ("laplacian", "auto")]
+)
+def test_batch_dimensions_of_equal_size_swapped_are_mixing(case: str, name: str, method: str):
+    """With ``batch_dims=2`` and a square batch, sample ``(i, j)`` of ``x.transpose(0, 1)`` is
+    sample ``(j, i)``: the watch told batch dimensions apart by size only, and "auto" and
+    "structured" returned the other samples' terms (different wrong values)."""
+    net = _net(2)
+    f, x = SQUARE_BATCH[case](net), torch.randn(3, 3, 2, dtype=f64)
+    jac = torch.autograd.functional.jacobian(f, x)
+    assert jac[0, 1, :, 1, 0].abs().max() > 1e-3  # sample (0, 1) reads sample (1, 0)
+    g = f if name == "divergence" else (lambda z: f(z).sum(-1))
+    with pytest.raises(BatchInteractionError, match=rf"^{name}: f mixes samples: .*batch dim"):
+        getattr(torchdiv, name)(g, x, batch_dims=2, method=method)
+
+
+def test_batch_dimensions_swapped_and_swapped_back_are_per_sample() -> None:
+    net = _net(2)
+    x = torch.randn(3, 3, 2, dtype=f64)
+    fs = [
+        lambda z: net(z.transpose(0, 1)).transpose(0, 1),
+        lambda z: net(z.reshape(9, 2)).reshape(3, 3, 2),
+        lambda z: torch.stack([net(z[:, i]) for i in range(3)], 1),
+    ]
+    expected = torchdiv.divergence(net, x.reshape(9, 2), method="reverse").reshape(3, 3)
+    for f in fs:
+        for method in ("auto", "structured"):
+            assert_close(torchdiv.divergence(f, x, batch_dims=2, method=method), expected)
+
+
 # ---- the opt-out ----
 
 

@@ -29,19 +29,20 @@ rows (``x[perm] * x``) or reduced (``x[mask].sum(0)``) mix samples; values writt
 places of their own samples (into ``x``'s batch shape: ``torch.zeros_like(x)`` too), so a
 selection written back in place, or a permutation undone, is per sample.
 
-Each batch dimension of a tensor is recorded as ``(position, size)``: the samples are the
-outermost factor of that dimension (reshapes may merge it with the dimensions after it, as
-``matmul`` does with ``(B, T, D) -> (B*T, D)``). Elementwise ops, broadcasts, reshapes that
-keep the batch factor, transposes, slices and concatenations along other dimensions carry it;
-any other op ends the tracking of its result, silently: the analysis never raises on what it
-does not understand (fused attention kernels, a slice of part of the batch, ...), so it misses
-some mixing (``check_batch_independence`` tests any ``f``) but never flags an independent
-``f``; an indexing op whose indices have two or more dimensions along the batch (not one
-broadcast along the others, as ``x[arange(B)[:, None], idx]``) is one exception, refused if
-its result reaches the output; moved samples that a reshape spreads across places
-(``x.reshape(-1)[perm].reshape(B, D)``), a roll of the flattened tensor by part of a sample,
-and samples added (or moved samples written) into a tensor not of ``x``'s batch shape
-(per-cluster sums ``zeros(K, D).index_add(0, cid, x)``) are the others.
+Each batch dimension of a tensor is recorded as ``(position, size)`` and the batch dimension of
+``x`` it came from (with ``batch_dims=2`` and a square batch, ``x.transpose(0, 1)`` at the
+output mixes samples): the samples are the outermost factor of that dimension (reshapes may
+merge it with the dimensions after it, as ``matmul`` does with ``(B, T, D) -> (B*T, D)``).
+Elementwise ops, broadcasts, reshapes that keep the batch factor, transposes, slices and
+concatenations along other dimensions carry it; any other op ends the tracking of its result,
+silently: the analysis never raises on what it does not understand (fused attention kernels, a
+slice of part of the batch, ...), so it misses some mixing (``check_batch_independence`` tests
+any ``f``) but never flags an independent ``f``. The exceptions, refused: an indexing op whose
+indices have two or more dimensions along the batch (not one broadcast along the others, as
+``x[arange(B)[:, None], idx]``) if its result reaches the output; moved samples that a reshape
+spreads across places (``x.reshape(-1)[perm].reshape(B, D)``); a roll of the flattened tensor
+by part of a sample; samples added (or moved samples written) into a tensor not of ``x``'s
+batch shape (per-cluster sums ``zeros(K, D).index_add(0, cid, x)``).
 
 ``allow_batch_interaction()`` turns the detection off for code that means to mix samples.
 """
@@ -70,12 +71,15 @@ class Axis(NamedTuple):
     """A batch dimension of a tensor: along dimension ``position``, index ``j`` holds sample
     ``(j // inner) % size`` of a batch dimension of ``size`` samples; for samples an indexing
     op moved (``x[perm]``, ``x[mask]``, ``index_select``, ``gather``), sample
-    ``rows[(j // inner) % len(rows)]`` (``rows`` empty: in order, the first form)."""
+    ``rows[(j // inner) % len(rows)]`` (``rows`` empty: in order, the first form). The samples
+    are those of ``x``'s batch dimension ``source``: with ``batch_dims=2`` and a square batch,
+    ``x.transpose(0, 1)`` holds each dimension's samples along the other one."""
 
     position: int
     size: int
     inner: int
     rows: tuple[int, ...] = ()
+    source: int = 0
 
     @property
     def period(self) -> int:
@@ -161,7 +165,7 @@ class BatchAxes:
 
     def __init__(self, x: torch.Tensor, batch_dims: int) -> None:
         self.x, self.batch_dims = x, batch_dims
-        axes = tuple(Axis(d, x.shape[d], 1) for d in range(batch_dims) if x.shape[d] > 1)
+        axes = tuple(Axis(d, x.shape[d], 1, (), d) for d in range(batch_dims) if x.shape[d] > 1)
         # id -> (tensor, axes); the tensor is held so that its id stays unique while watched
         self.known: dict[int, tuple[torch.Tensor, Axes]] = {id(x): (x, axes)} if axes else {}
         self.start = axes  # x's: those of a tensor of x's batch shape that nothing tracked
@@ -234,6 +238,14 @@ class BatchAxes:
                     f"x's samples run along dimension {moved[0]} of f's output of shape "
                     f"{_shape(t)}, an event dimension (a broadcast of the batch against a tensor "
                     "with a batch dimension of its own, such as z @ A with A of shape (B, n, n)?)"
+                )
+                raise BatchInteractionError(explain(what, self.x, self.batch_dims))
+            swapped = [a for a in self.axes(t) or () if a.source != a.position]
+            if swapped:
+                what = (
+                    f"the samples of x's batch dimension {swapped[0].source} run along batch "
+                    f"dimension {swapped[0].position} of f's output of shape {_shape(t)} "
+                    "(batch dimensions transposed or permuted)"
                 )
                 raise BatchInteractionError(explain(what, self.x, self.batch_dims))
             misplaced = self._misplaced(t)
@@ -327,7 +339,7 @@ class BatchAxes:
         if joins and (len(picks) < len(tensors) or len(distinct) == len(picks) > 1):
             return
         sample = picks[0].sample if len(distinct) == 1 else None
-        self.carried = Pick(picks[0].size, sample, picks[0].what)
+        self.carried = picks[0]._replace(sample=sample)
 
     def _note(self, t: torch.Tensor, axes: Axes | None) -> None:
         if axes and t.is_floating_point():
@@ -506,12 +518,14 @@ def tracker(x: torch.Tensor, batch_dims: int) -> BatchAxes | None:
 
 
 class Pick(NamedTuple):
-    """Samples picked out of a batch dimension of ``size`` samples: ``sample`` (``None``:
-    several, or not known which), and ``what`` picked it, for the message."""
+    """Samples picked out of a batch dimension of ``size`` samples (``x``'s batch dimension
+    ``source``): ``sample`` (``None``: several, or not known which), and ``what`` picked it,
+    for the message."""
 
     size: int
     sample: int | None
     what: str
+    source: int = 0
 
 
 # ---- where batch dimensions go (``after``) ----
@@ -636,7 +650,7 @@ def _picked(
         sample %= axis.size
     if one:
         what = f"sample {sample} picked out of the batch (dimension {dim} of {_shape(t)})"
-        tr.pick(o, Pick(axis.size, sample, what))
+        tr.pick(o, Pick(axis.size, sample, what, axis.source))
 
 
 def _moved(axis: Axis, shift: int) -> Axis:
@@ -701,7 +715,9 @@ def _narrowed(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[tuple[
 
 def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
     """Pieces joined along ``dim`` keep their other batch dimensions; every sample picked
-    out, in order, each as long along ``dim``, is the batch again."""
+    out, in order, each as long along ``dim``, is the batch again; whole batches one after
+    the other (``cat([g(z), h(z)])``, a ``stack`` of them recorded as ``cat`` and ``view``)
+    repeat their batch dimension along ``dim``."""
     tensors = [t for t in args[0] if isinstance(t, torch.Tensor)]
     dim = (args[1] if len(args) > 1 else 0) % out.dim()
     found: set[Axis] = set()
@@ -709,11 +725,22 @@ def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | No
         axes = tr.axes(t)
         if axes and t.dim() == out.dim():
             found.update(axis for axis in axes if axis.position != dim)
+    along = {a for t in tensors for a in tr.axes(t) or () if a.position == dim}
+    if len(along) == 1 and all(_whole_periods(tr, t, dim, along) for t in tensors):
+        found.update(along)
     extents = {t.shape[dim] for t in tensors if t.dim() == out.dim()}
-    size = _restacked(tr, tensors)
-    if size is not None and len(extents) == 1:
-        found.add(Axis(dim, size, extents.pop()))
+    pick = _restacked(tr, tensors)
+    if pick is not None and len(extents) == 1:
+        found.add(Axis(dim, pick.size, extents.pop(), (), pick.source))
     return [tuple(sorted(found))]
+
+
+def _whole_periods(tr: BatchAxes, t: torch.Tensor, dim: int, along: set[Axis]) -> bool:
+    """Whether ``t`` holds the batch dimension in ``along`` along ``dim``, whole periods of
+    it (so that the next piece starts again at its first sample)."""
+    axes = {a for a in tr.axes(t) or () if a.position == dim}
+    axis = next(iter(along))
+    return axes == along and t.shape[dim] % (axis.inner * axis.period) == 0
 
 
 def _joined_along_batch(tr: BatchAxes, args: Sequence[Any]) -> bool:
@@ -731,20 +758,23 @@ def _stack(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | 
     found: set[Axis] = set()
     for t in tensors:
         found.update(_moved(axis, axis.position >= dim) for axis in tr.axes(t) or ())
-    size = _restacked(tr, tensors)
-    if size is not None:
-        found.add(Axis(dim, size, 1))
+    pick = _restacked(tr, tensors)
+    if pick is not None:
+        found.add(Axis(dim, pick.size, 1, (), pick.source))
     return [tuple(sorted(found))]
 
 
-def _restacked(tr: BatchAxes, tensors: Sequence[torch.Tensor]) -> int | None:
-    """The batch size, if ``tensors`` are its samples, each picked out alone, in order."""
+def _restacked(tr: BatchAxes, tensors: Sequence[torch.Tensor]) -> Pick | None:
+    """The first pick, if ``tensors`` are the samples of a batch dimension, each picked out
+    alone, in order."""
     picks = [tr.picks(t) for t in tensors]
-    size = picks[0].size if picks and picks[0] is not None else None
-    in_order = [(p.size, p.sample) if p else None for p in picks] == [
-        (size, i) for i in range(len(picks))
+    first = picks[0] if picks else None
+    if first is None or len(picks) != first.size:
+        return None
+    in_order = [(p.size, p.source, p.sample) if p else None for p in picks] == [
+        (first.size, first.source, i) for i in range(len(picks))
     ]
-    return size if in_order and len(picks) == size else None
+    return first if in_order else None
 
 
 def _first_like_input(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -814,9 +844,9 @@ def _rows(tr: BatchAxes, position: int, axis: Axis, samples: torch.Tensor, what:
     run = _run(samples)
     rows = tuple(samples[::run].tolist())
     if rows == tuple(range(axis.size)):
-        return Axis(position, axis.size, run)
+        return Axis(position, axis.size, run, (), axis.source)
     tr.moves.setdefault(rows, what)
-    return Axis(position, axis.size, run, rows)
+    return Axis(position, axis.size, run, rows, axis.source)
 
 
 def _run(samples: torch.Tensor) -> int:
@@ -875,7 +905,7 @@ def _indexed(
         if len(axes) == 1 and samples.numel() and bool((samples == samples.flatten()[0]).all()):
             sample = int(samples.flatten()[0])
             pick = f"sample {sample} picked out of the batch by {what}"
-            return shape, (), Pick(axis.size, sample, pick)
+            return shape, (), Pick(axis.size, sample, pick, axis.source)
         line = _line(samples) if samples.numel() else None
         if line is not None:
             found.append(_rows(tr, at + line[0], axis, line[1], what))
@@ -953,7 +983,8 @@ def _gather(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
             return None
         if len(axes) == 1 and held.numel() and bool((held == held[0, 0]).all()):
             sample = int(held[0, 0])
-            return _noted(tr, (), Pick(axis.size, sample, f"sample {sample} gathered"))
+            pick = Pick(axis.size, sample, f"sample {sample} gathered", axis.source)
+            return _noted(tr, (), pick)
         if held.numel():
             found.append(_rows(tr, dim, axis, held[:, 0], str(tr.func)))
     return [tuple(sorted(found))]
