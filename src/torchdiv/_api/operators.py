@@ -101,7 +101,7 @@ def jacobian(
             (train-mode batch norm, a product or reduction over a batch dimension, e.g. an
             unbatched ``x`` with ``batch_dims=1``); ``torchdiv.allow_batch_interaction()``
             turns it off. Not checked by the explicit methods; tiny ``"auto"`` problems
-            (square ones up to 2**16 elements) watch the first call of each ``f`` object at
+            (square ones up to 2**18 elements) watch the first call of each ``f`` object at
             a structure ("How it works"); ``check_batch_independence`` tests any ``f``.
         Exception: whatever ``f`` raises, same type, its message followed by the call's
             shapes, dtypes, method and engine and a hint (``raise ... from`` the original).
@@ -246,7 +246,7 @@ def divergence(
     ``autograd.grad`` rows for divergences and diagonals (and Jacobians whose output was
     square at the last call; ``torch.func``'s wrapping costs more than the computation
     there), else reverse mode (forward if the output is larger); such square problems up
-    to ``2**16`` go by the same rows once a planned call of that ``f`` object at that shape
+    to ``2**18`` go by the same rows once a planned call of that ``f`` object at that shape
     was watched and did not convolve. If ``torch.func`` cannot
     run ``f`` (an op without a forward-mode rule: a custom ``autograd.Function`` without
     ``jvp``, CPU fused attention; a legacy ``autograd.Function``; in-place writes or control

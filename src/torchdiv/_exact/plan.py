@@ -38,8 +38,10 @@ TINY_PROBLEM = 1 << 15
 # by plain autograd rows once a watched evaluation of this very ``f`` at the structure of
 # ``x`` passed without a convolution (``_exact.dispatch._engines``): a D = 16 tanh MLP at
 # batch 256 (2**16) took 2.0 ms by rows against 3.0 ms watched and planned, one thread; at
-# D = 32 (2**18) the two were even.
-ROWS_PROBLEM = 1 << 16
+# D = 32 (2**18) the divergences and diagonals of a net the structured engine cannot plan were
+# even (rows 0.95-0.99x), and the dense Jacobian took 3.1 ms by rows against 3.5 ms watched
+# and planned (the recipes 3.0-3.1 ms; ``bench/rows_threshold.py``).
+ROWS_PROBLEM = 1 << 18
 
 _CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
 # ops that PyTorch gives no forward-mode derivative (checked on CPU; the engines that run
