@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -174,21 +175,26 @@ class BatchAxes:
         self.pending: str | None = None  # the message for the results of the current op
         self.carried: Pick | None = None  # the pick the results of the current op inherit
         self.func: Any = None  # the current op
+        self.kwargs: dict[str, Any] = {}  # its keyword arguments (``_unknown`` reads them)
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
         return entry[1] if entry is not None and entry[0] is t else None
 
-    def before(self, func: Any, args: Sequence[Any]) -> Carry | None:
+    def before(
+        self, func: Any, args: Sequence[Any], kwargs: dict[str, Any] | None = None
+    ) -> Carry | None:
         """The rule that ``after`` applies to ``func``'s results (``None``: nothing to note,
         e.g. under ``no_grad``, whose results are constants); notes whether ``func`` combines
         samples in a way derivatives see, or reads a result that did."""
         self.pending, self.carried, self.func = None, None, func
+        self.kwargs = kwargs or {}
         if not self.known or not torch.is_grad_enabled():
             return None
         rules = _rules.get(func)  # one lookup per op: hashing an OpOverload costs 0.4 us
         if rules is None:
-            rules = _rules[func] = (_MIXING.get(func), _CARRY.get(func) or _kind(func))
+            mixing = _MIXING.get(func)
+            rules = _rules[func] = (mixing, _CARRY.get(func) or _kind(func, mixing is None))
         mixing, carry = rules
         if self.mixed and func not in VALUE_FREE:
             self.pending = self._mixed_in(args)
@@ -202,9 +208,10 @@ class BatchAxes:
                 self.pending = self.message(func, what)
         return carry
 
-    def after(self, carry: Carry | None, args: Sequence[Any], out: Any) -> None:
+    def after(self, carry: Carry | None, args: Sequence[Any], out: Any, keep: bool = False) -> None:
         """Note the batch dimensions of the results ``out`` by the rule ``before`` gave (none:
-        not followed further), and whether they depend on combined samples."""
+        not followed further; ``keep``: those noted before stay), and whether they depend on
+        combined samples."""
         if carry is None:
             return
         result = carry(self, args, out)
@@ -212,11 +219,18 @@ class BatchAxes:
         for i, t in enumerate(outs if isinstance(outs, list | tuple) else ()):
             if isinstance(t, torch.Tensor):
                 axes = result[i] if result and i < len(result) else None
-                self._note(t, axes)
+                if axes or not keep:
+                    self._note(t, axes)
                 if self.pending is not None:
                     self.mixed[id(t)] = (t, self.pending)
                 elif self.carried is not None and not axes:
                     self.pick(t, self.carried)
+
+    def decomposed(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> None:
+        """For a dispatch mode that ran ``func`` as its decomposition, whose ops it watched:
+        ``func``'s own rule adds what it sees (``nansum`` along samples), keeping what those
+        ops noted of its results."""
+        self.after(self.before(func, args, kwargs), args, out, keep=True)
 
     def finish(self, y: Any) -> None:
         """Raise ``BatchInteractionError`` if ``f``'s result ``y`` (a tensor or a tree of
@@ -396,7 +410,7 @@ class Watching(DispatchMode):
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         if self.tracker is None:
             return func(*args, **kwargs)
-        carry = self.tracker.before(func, args)
+        carry = self.tracker.before(func, args, kwargs)
         out = func(*args, **kwargs)
         self.tracker.after(carry, args, out)
         return out
@@ -745,6 +759,11 @@ def _restacked(tr: BatchAxes, tensors: Sequence[torch.Tensor]) -> int | None:
         (size, i) for i in range(len(picks))
     ]
     return size if in_order and len(picks) == size else None
+
+
+def _broadcast(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``broadcast_tensors(tensors)``: each result keeps its tensor's batch dimensions."""
+    return [_aligned(t, tr.axes(t) or (), o) or None for t, o in zip(args[0], out, strict=True)]
 
 
 def _first_like_input(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -1160,6 +1179,12 @@ _POINTWISE_EXTRA = {
     aten.masked_fill.Tensor,
     aten.where.self,
     aten.constant_pad_nd.default,
+    # elementwise, though not tagged so
+    aten.log_sigmoid_forward.default,
+    aten.log_sigmoid_backward.default,
+    aten.hardswish.default,
+    aten.hardswish_backward.default,
+    aten._prelu_kernel.default,  # its weight broadcast (C, 1, ..., 1)
 }
 _VIEWS = {
     aten.view.default,
@@ -1183,9 +1208,12 @@ _CARRY: dict[Any, Carry] = {
     aten.narrow.default: _cut(1, _narrowed),
     aten.split.Tensor: _cut(2, _in_order),
     aten.split_with_sizes.default: _cut(2, _in_order),
+    aten.unsafe_split.Tensor: _cut(2, _in_order),
+    aten.unsafe_split_with_sizes.default: _cut(2, _in_order),
     aten.unbind.int: _cut(1, _in_order),
     aten.cat.default: _cat,
     aten.stack.default: _stack,
+    aten.broadcast_tensors.default: _broadcast,
 }
 _ROLLS = {aten.roll.default}
 _MASKED_SCATTERS = {aten.masked_scatter.default, aten.masked_scatter_.default}
@@ -1253,9 +1281,161 @@ VALUE_FREE = {
 }
 
 
-def _kind(func: Any) -> Carry:
-    """Elementwise ops (PyTorch's ``pointwise`` tag) broadcast; other ops end the tracking."""
-    return _pointwise if torch.Tag.pointwise in func.tags else _untracked
+def _kind(func: Any, unknown: bool) -> Carry:
+    """Elementwise ops (PyTorch's ``pointwise`` tag) broadcast; an op with no rule of its own
+    (``unknown``: in neither table) is judged by ``_unknown``; the others end the tracking."""
+    if torch.Tag.pointwise in func.tags:
+        return _pointwise
+    return _unknown(func) if unknown and func not in VALUE_FREE else _untracked
+
+
+# ---- ops without a rule of their own ----
+
+_DIM_ARGUMENTS = ("dim", "dims", "dimension")
+_SPATIAL_ARGUMENTS = ("kernel_size", "output_size")
+_RIGHT_HAND_SIDES = ("B", "b")  # of ``linalg_solve`` and kin: each column solved alone
+
+
+def _unknown(func: Any) -> Carry:
+    """The rule for an op no table knows, read from its schema: it combines samples (each
+    floating result then depends on the combination) if, for an argument ``t`` holding samples,
+
+    * its ``dim``/``dims``/``dimension`` argument names a batch dimension of its first
+      argument (``sort``, ``topk``, ``kthvalue``, ``median``, ``mode``, ``cummax``,
+      ``nansum``, ``unfold``, ``glu``, ``linalg_cross``, FFTs along the batch);
+    * it pools or resamples (a ``kernel_size``/``output_size`` argument) its first argument
+      along a batch dimension among its last, spatial ones: a kernel wider than one or a new
+      size there;
+    * it is a ``linalg`` matrix function (no ``dim`` argument) of matrices whose rows or
+      columns are samples (the last two dimensions; of a solve's right-hand side ``B``, the
+      rows alone: each column is solved alone);
+    * two tracked arguments, or one in two ways, hold different samples at one place
+      (``linalg_cross(x, x.flip(0))``), samples an indexing op moved among them.
+
+    Else only its floating results with no room for a batch dimension of ``t`` (no dimension
+    a multiple of its samples: a scalar ``dist``, ``median()``, a mean loss, singular
+    values) depend on combined samples. Ops that keep the samples in place (fused attention,
+    pooling over the event, embeddings, interpolation) pass, their results not followed."""
+    schema = func._schema
+    names = [a.name for a in schema.arguments]
+    name = schema.name.split("::")[-1]
+    first = (
+        bool(names)
+        and names[0] in ("self", "input")
+        and str(schema.arguments[0].type) == ("Tensor")
+    )
+    dim_name = next((n for n in _DIM_ARGUMENTS if n in names), None) if first else None
+    spatial = next((n for n in _SPATIAL_ARGUMENTS if n in names), None) if first else None
+    linalg = name.startswith(("linalg_", "_linalg_")) and dim_name is None
+    mutable = schema.is_mutable
+    digits = re.findall(r"(\d)d", name)  # avg_pool2d: 2 spatial dimensions
+
+    def argument(args: Sequence[Any], kwargs: dict[str, Any], arg: str) -> Any:
+        at = names.index(arg)
+        return args[at] if at < len(args) else kwargs.get(arg)
+
+    def combined(
+        tr: BatchAxes, args: Sequence[Any], tracked: list[Tracked], out: Any
+    ) -> str | None:
+        t = args[0] if first else None
+        if dim_name is not None and tr.axes(t):
+            dims = argument(args, tr.kwargs, dim_name)
+            if dims is not None and dims != [] and t.dim():
+                q = _batch_at(tr, t, _dims(t, dims))
+                if q is not None:
+                    return f"{name} along samples (dimension {q} of a tensor of shape {_shape(t)})"
+        if spatial is not None and tr.axes(t):
+            sizes = argument(args, tr.kwargs, spatial)
+            k = int(digits[-1]) if digits else len(sizes or ())
+            kernel = argument(args, tr.kwargs, "kernel_size") if "kernel_size" in names else None
+            first_out = out if isinstance(out, torch.Tensor) else tree_leaves(out)[0]
+            for i, d in enumerate(range(max(t.dim() - k, 0), t.dim())):
+                if _batch_at(tr, t, [d]) is None:
+                    continue
+                wide = bool(kernel) and kernel[min(i, len(kernel) - 1)] > 1
+                if wide or first_out.shape[d] != t.shape[d]:
+                    return (
+                        f"{name} across samples (dimension {d} of a tensor of shape {_shape(t)}, "
+                        "pooled or resampled as a spatial dimension)"
+                    )
+        if linalg:
+            for arg, a, axes in tracked:
+                matrix = [a.dim() - 2, a.dim() - 1]
+                if arg in _RIGHT_HAND_SIDES:  # a vector, or the rows (left=False: columns)
+                    left = tr.kwargs.get("left", True)
+                    matrix = [a.dim() - 1] if a.dim() == 1 else [a.dim() - (2 if left else 1)]
+                q = next((q for q, *_ in axes if q in matrix), None)
+                if q is not None:
+                    return (
+                        f"{name} of matrices whose rows or columns are samples (dimension {q} of "
+                        f"a tensor of shape {_shape(a)})"
+                    )
+        return _conflicting(name, tracked)
+
+    def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+        tracked = [
+            (arg, t, axes)
+            for arg, a in [*zip(names, args, strict=False), *tr.kwargs.items()]
+            for t in (a if isinstance(a, list | tuple) else (a,))
+            if (axes := tr.axes(t))
+        ]
+        if not tracked:
+            return None
+        outs = [
+            o
+            for o in tree_leaves(out)
+            if isinstance(o, torch.Tensor)
+            and o.numel()
+            and (o.dtype.is_floating_point or o.is_complex())
+        ]
+        what = combined(tr, args, tracked, out) if outs else None
+        for o in outs:
+            lost = what or _no_room(name, tracked, o)
+            if lost is not None:
+                tr.mixed[id(o)] = (o, tr.message(tr.func, lost))
+        if mutable or what is not None:
+            return None
+        # an argument returned as it is (``to(x, x.dtype)``) keeps its batch dimensions
+        results = out if isinstance(out, list | tuple) else (out,)
+        return [next((axes for _, t, axes in tracked if t is o), None) for o in results]
+
+    return rule
+
+
+Tracked = tuple[str, torch.Tensor, Axes]  # an op's argument (schema name), holding samples
+
+
+def _conflicting(name: str, tracked: list[Tracked]) -> str | None:
+    """Whether the arguments hold different samples at one place (dimensions aligned at the
+    right), one of them samples an indexing op moved: ``x`` and ``x.flip(0)``."""
+    if not any(axis.rows for *_, axes in tracked for axis in axes):
+        return None
+    seen: dict[tuple[int, int], tuple[int, ...]] = {}
+    for _, t, axes in tracked:
+        for axis in axes:
+            held = _held(axis, t.shape[axis.position])
+            key = (axis.position - t.dim(), axis.size)
+            other = seen.setdefault(key, held)
+            n = min(len(held), len(other))
+            if held[:n] != other[:n]:
+                return (
+                    f"{name} combining different samples in one place (dimension "
+                    f"{axis.position} of a tensor of shape {_shape(t)})"
+                )
+    return None
+
+
+def _no_room(name: str, tracked: list[Tracked], out: torch.Tensor) -> str | None:
+    """Whether the result ``out`` has no dimension for the samples of an argument: none whose
+    size is a multiple of their number (a scalar, ``median()``, singular values)."""
+    for _, t, axes in tracked:
+        for axis in axes:
+            if not any(n % axis.period == 0 for n in out.shape if n):
+                return (
+                    f"{name} of a tensor holding samples along dimension {axis.position} (shape "
+                    f"{_shape(t)}), whose result of shape {_shape(out)} has no room for them"
+                )
+    return None
 
 
 # ---- what combines samples (``before``) ----
@@ -1362,6 +1542,14 @@ def _diagonal(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     return None if q is None else f"a diagonal across samples (dimension {q} of {_shape(t)})"
 
 
+def _renorm(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+    """``renorm(t, p, dim, maxnorm)`` scales each slice along ``dim`` by its norm over all the
+    other dimensions."""
+    t = args[0]
+    q = _batch_at(tr, t, [d for d in range(t.dim()) if d != args[2] % max(t.dim(), 1)])
+    return None if q is None else f"a renorm, a norm over samples (dimension {q} of {_shape(t)})"
+
+
 def _convolution(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     t, weight = args[0], args[1]
     groups = args[8] if len(args) > 8 else 1
@@ -1433,6 +1621,7 @@ _MIXING: dict[Any, Mixing] = {
     aten.diagonal.default: _diagonal,
     **dict.fromkeys(_MASKED_SCATTERS, _masked_scatter),
     aten.trace.default: _diagonal,  # the sum of the diagonal (0, 1): one kernel on CPU
+    aten.renorm.default: _renorm,
 }
 _CARRY.update(
     {
@@ -1443,5 +1632,15 @@ _CARRY.update(
         aten.native_layer_norm.default: _first_like_input,
         aten.native_group_norm.default: _first_like_input,
         aten.convolution.default: _first_like_input,
+        # samples set to a value along the batch: each one alone
+        **dict.fromkeys(
+            [
+                aten.index_fill.int_Scalar,
+                aten.index_fill.int_Tensor,
+                aten.index_fill_.int_Scalar,
+                aten.index_fill_.int_Tensor,
+            ],
+            _first_like_input,
+        ),
     }
 )

@@ -183,11 +183,14 @@ class _Recorder(DispatchMode):
         touches_x = self.depends(flat)
         reads_x = touches_x and func not in VALUE_FREE  # stop-gradient, factories
         depends = reads_x and torch.is_grad_enabled()
-        carry = None if self.axes is None else self.axes.before(func, args)
         self.refuse(func, touches_x)
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
             with self:
-                return _DECOMPOSITIONS[func](*args, **kwargs)
+                out = _DECOMPOSITIONS[func](*args, **kwargs)
+            if self.axes is not None:  # its ops were watched; its own rule adds what it sees
+                self.axes.decomposed(func, args, kwargs, out)
+            return out
+        carry = None if self.axes is None else self.axes.before(func, args, kwargs)
         recorded = self.functional(func, args) if depends else func
         written = _written(func, args, kwargs)
         if written:  # kept, not replayed: what it reads does not matter
