@@ -208,10 +208,9 @@ class BatchAxes:
                 self.pending = self.message(func, what)
         return carry
 
-    def after(self, carry: Carry | None, args: Sequence[Any], out: Any, keep: bool = False) -> None:
+    def after(self, carry: Carry | None, args: Sequence[Any], out: Any) -> None:
         """Note the batch dimensions of the results ``out`` by the rule ``before`` gave (none:
-        not followed further; ``keep``: those noted before stay), and whether they depend on
-        combined samples."""
+        not followed further), and whether they depend on combined samples."""
         if carry is None:
             return
         result = carry(self, args, out)
@@ -219,18 +218,11 @@ class BatchAxes:
         for i, t in enumerate(outs if isinstance(outs, list | tuple) else ()):
             if isinstance(t, torch.Tensor):
                 axes = result[i] if result and i < len(result) else None
-                if axes or not keep:
-                    self._note(t, axes)
+                self._note(t, axes)
                 if self.pending is not None:
                     self.mixed[id(t)] = (t, self.pending)
                 elif self.carried is not None and not axes:
                     self.pick(t, self.carried)
-
-    def decomposed(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> None:
-        """For a dispatch mode that ran ``func`` as its decomposition, whose ops it watched:
-        ``func``'s own rule adds what it sees (``nansum`` along samples), keeping what those
-        ops noted of its results."""
-        self.after(self.before(func, args, kwargs), args, out, keep=True)
 
     def finish(self, y: Any) -> None:
         """Raise ``BatchInteractionError`` if ``f``'s result ``y`` (a tensor or a tree of
@@ -259,7 +251,9 @@ class BatchAxes:
         indexing op moved and nothing put back, or one sample picked for all of them."""
         for axis in self.axes(t) or ():
             if axis.rows:
-                at = next(i for i, r in enumerate(axis.rows) if r != i % axis.size)
+                at = next((i for i, r in enumerate(axis.rows) if r != i % axis.size), None)
+                if at is None:  # the first samples, in order (x[:k])
+                    continue
                 return (
                     f"{self.moves.get(axis.rows, 'an indexing op')} moved samples along the "
                     f"batch: place {at} along dimension {axis.position} of f's output of shape "
@@ -664,9 +658,11 @@ Spans = Callable[[Sequence[Any], int, Sequence[Any]], "list[tuple[int, int]]"]  
 def _cut(position: int, spans: Spans) -> Carry:
     """``slice``, ``narrow``, ``split``, ``unbind`` along ``dim`` (argument ``position``: 2
     for ``split``, after the sizes), whose pieces hold indices ``spans(args, dim, outs)`` (first
-    and last along ``dim``). A whole batch dimension stays; a cut one ends its
-    tracking, and a piece inside one sample of ``t``'s only batch dimension is that sample,
-    picked. The other batch dimensions stay (``unbind`` removes ``dim``)."""
+    and last along ``dim``). A whole batch dimension stays; a piece of a cut one spanning two
+    or more samples holds those (``x[1:]``: rows ``1, ..., B - 1``, so that ``x[1:] - x[:-1]``
+    is seen to combine different samples); a piece inside one sample of ``t``'s only batch
+    dimension is that sample, picked (inside one of several: not followed). The other batch
+    dimensions stay (``unbind`` removes ``dim``)."""
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
         t, axes = args[0], tr.axes(args[0])
@@ -678,13 +674,30 @@ def _cut(position: int, spans: Spans) -> Carry:
         if pieces == [(0, t.shape[dim] - 1)] and outs[0].dim() == t.dim():
             return [axes]
         kept = [axis for axis in axes if axis.position != dim]
-        if not kept:
-            for span, o in zip(pieces, outs, strict=False):
-                _picked(tr, t, axes[0], dim, span, o)
-        shift = [int(o.dim() < t.dim()) for o in outs]
-        return [tuple(_moved(a, -(a.position > dim) * k) for a in kept) for k in shift]
+        cut = [axis for axis in axes if axis.position == dim]
+        result: list[Axes | None] = []
+        for i, o in enumerate(outs):
+            shift = int(o.dim() < t.dim())
+            found = [_moved(a, -(a.position > dim) * shift) for a in kept]
+            if i < len(pieces) and not kept:
+                _picked(tr, t, axes[0], dim, pieces[i], o)
+            if i < len(pieces) and not shift:
+                found += _spanned(tr, cut, pieces[i])
+            result.append(tuple(sorted(found)))
+        return result
 
     return rule
+
+
+def _spanned(tr: BatchAxes, cut: Sequence[Axis], span: tuple[int, int]) -> list[Axis]:
+    """The batch dimensions ``cut`` as held by their indices ``span[0]..span[1]``, those
+    where they span two or more samples (as rows, unless the whole batch in order)."""
+    found = []
+    for axis in cut:
+        samples = axis.samples(torch.arange(span[0], span[1] + 1))
+        if samples.numel() and bool((samples != samples[0]).any()):
+            found.append(_rows(tr, axis.position, axis, samples, str(tr.func)))
+    return found
 
 
 def _in_order(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[tuple[int, int]]:
@@ -727,7 +740,30 @@ def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | No
     size = _restacked(tr, tensors)
     if size is not None and len(extents) == 1:
         found.add(Axis(dim, size, extents.pop()))
+    else:
+        found.update(_rejoined(tr, [t for t in tensors if t.dim() == out.dim()], dim))
     return [tuple(sorted(found))]
+
+
+def _rejoined(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int) -> list[Axis]:
+    """The batch dimension along ``dim`` of pieces joined along it, when each is a sample
+    picked out or holds one batch dimension there, and one of them several samples
+    (``cat([g(x[:1]), h(x[1:])])``): their samples one after the other, the batch again if in
+    order."""
+    pieces, axis = [], None
+    for t in tensors:
+        pick, held = tr.picks(t), [a for a in tr.axes(t) or () if a.position == dim]
+        if len(held) == 1 and pick is None:
+            axis = held[0]
+            pieces.append(axis.samples(torch.arange(t.shape[dim])))
+        elif pick is not None and pick.sample is not None and not held:
+            pieces.append(torch.full((t.shape[dim],), pick.sample))
+        else:
+            return []
+    sizes = {p.size for t in tensors if (p := tr.picks(t)) is not None}
+    if axis is None or not sizes <= {axis.size}:
+        return []
+    return [_rows(tr, dim, axis, torch.cat(pieces), str(tr.func))]
 
 
 def _joined_along_batch(tr: BatchAxes, args: Sequence[Any]) -> bool:
@@ -1318,6 +1354,7 @@ def _unknown(func: Any) -> Carry:
     pooling over the event, embeddings, interpolation) pass, their results not followed."""
     schema = func._schema
     names = [a.name for a in schema.arguments]
+    defaults = [a.default_value for a in schema.arguments]  # what the dispatcher leaves out
     name = schema.name.split("::")[-1]
     first = (
         bool(names)
@@ -1332,7 +1369,7 @@ def _unknown(func: Any) -> Carry:
 
     def argument(args: Sequence[Any], kwargs: dict[str, Any], arg: str) -> Any:
         at = names.index(arg)
-        return args[at] if at < len(args) else kwargs.get(arg)
+        return args[at] if at < len(args) else kwargs.get(arg, defaults[at])
 
     def combined(
         tr: BatchAxes, args: Sequence[Any], tracked: list[Tracked], out: Any
@@ -1370,6 +1407,9 @@ def _unknown(func: Any) -> Carry:
                         f"{name} of matrices whose rows or columns are samples (dimension {q} of "
                         f"a tensor of shape {_shape(a)})"
                     )
+        for arg, a, axes in tracked:  # each query attends to every key
+            if arg in ("key", "value") and any(q == a.dim() - 2 for q, *_ in axes):
+                return f"{name}, attention across samples (dimension {a.dim() - 2} of {arg})"
         return _conflicting(name, tracked)
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -1395,9 +1435,14 @@ def _unknown(func: Any) -> Carry:
                 tr.mixed[id(o)] = (o, tr.message(tr.func, lost))
         if mutable or what is not None:
             return None
-        # an argument returned as it is (``to(x, x.dtype)``) keeps its batch dimensions
+        # a result shaped as a tracked argument holds its samples in place
         results = out if isinstance(out, list | tuple) else (out,)
-        return [next((axes for _, t, axes in tracked if t is o), None) for o in results]
+        return [
+            next((axes for _, t, axes in tracked if t.shape == o.shape), None)
+            if isinstance(o, torch.Tensor)
+            else None
+            for o in results
+        ]
 
     return rule
 

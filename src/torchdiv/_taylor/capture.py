@@ -185,10 +185,17 @@ class _Recorder(DispatchMode):
         depends = reads_x and torch.is_grad_enabled()
         self.refuse(func, touches_x)
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
-            with self:
-                out = _DECOMPOSITIONS[func](*args, **kwargs)
-            if self.axes is not None:  # its ops were watched; its own rule adds what it sees
-                self.axes.decomposed(func, args, kwargs, out)
+            # recorded as the ops it decomposes into; watched as itself, as the other
+            # engines' watches see it (its parts may combine samples with zero weights:
+            # the interpolation of a size onto itself)
+            axes, self.axes = self.axes, None
+            try:
+                with self:
+                    out = _DECOMPOSITIONS[func](*args, **kwargs)
+            finally:
+                self.axes = axes
+            if axes is not None:
+                axes.after(axes.before(func, args, kwargs), args, out)
             return out
         carry = None if self.axes is None else self.axes.before(func, args, kwargs)
         recorded = self.functional(func, args) if depends else func
