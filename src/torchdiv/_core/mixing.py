@@ -1352,70 +1352,12 @@ def _unknown(func: Any) -> Carry:
     a multiple of its samples: a scalar ``dist``, ``median()``, a mean loss, singular
     values) depend on combined samples. Ops that keep the samples in place (fused attention,
     pooling over the event, embeddings, interpolation) pass, their results not followed."""
-    schema = func._schema
-    names = [a.name for a in schema.arguments]
-    defaults = [a.default_value for a in schema.arguments]  # what the dispatcher leaves out
-    name = schema.name.split("::")[-1]
-    first = (
-        bool(names)
-        and names[0] in ("self", "input")
-        and str(schema.arguments[0].type) == ("Tensor")
-    )
-    dim_name = next((n for n in _DIM_ARGUMENTS if n in names), None) if first else None
-    spatial = next((n for n in _SPATIAL_ARGUMENTS if n in names), None) if first else None
-    linalg = name.startswith(("linalg_", "_linalg_")) and dim_name is None
-    mutable = schema.is_mutable
-    digits = re.findall(r"(\d)d", name)  # avg_pool2d: 2 spatial dimensions
-
-    def argument(args: Sequence[Any], kwargs: dict[str, Any], arg: str) -> Any:
-        at = names.index(arg)
-        return args[at] if at < len(args) else kwargs.get(arg, defaults[at])
-
-    def combined(
-        tr: BatchAxes, args: Sequence[Any], tracked: list[Tracked], out: Any
-    ) -> str | None:
-        t = args[0] if first else None
-        if dim_name is not None and tr.axes(t):
-            dims = argument(args, tr.kwargs, dim_name)
-            if dims is not None and dims != [] and t.dim():
-                q = _batch_at(tr, t, _dims(t, dims))
-                if q is not None:
-                    return f"{name} along samples (dimension {q} of a tensor of shape {_shape(t)})"
-        if spatial is not None and tr.axes(t):
-            sizes = argument(args, tr.kwargs, spatial)
-            k = int(digits[-1]) if digits else len(sizes or ())
-            kernel = argument(args, tr.kwargs, "kernel_size") if "kernel_size" in names else None
-            first_out = out if isinstance(out, torch.Tensor) else tree_leaves(out)[0]
-            for i, d in enumerate(range(max(t.dim() - k, 0), t.dim())):
-                if _batch_at(tr, t, [d]) is None:
-                    continue
-                wide = bool(kernel) and kernel[min(i, len(kernel) - 1)] > 1
-                if wide or first_out.shape[d] != t.shape[d]:
-                    return (
-                        f"{name} across samples (dimension {d} of a tensor of shape {_shape(t)}, "
-                        "pooled or resampled as a spatial dimension)"
-                    )
-        if linalg:
-            for arg, a, axes in tracked:
-                matrix = [a.dim() - 2, a.dim() - 1]
-                if arg in _RIGHT_HAND_SIDES:  # a vector, or the rows (left=False: columns)
-                    left = tr.kwargs.get("left", True)
-                    matrix = [a.dim() - 1] if a.dim() == 1 else [a.dim() - (2 if left else 1)]
-                q = next((q for q, *_ in axes if q in matrix), None)
-                if q is not None:
-                    return (
-                        f"{name} of matrices whose rows or columns are samples (dimension {q} of "
-                        f"a tensor of shape {_shape(a)})"
-                    )
-        for arg, a, axes in tracked:  # each query attends to every key
-            if arg in ("key", "value") and any(q == a.dim() - 2 for q, *_ in axes):
-                return f"{name}, attention across samples (dimension {a.dim() - 2} of {arg})"
-        return _conflicting(name, tracked)
+    op = _Signature.of(func)
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
         tracked = [
             (arg, t, axes)
-            for arg, a in [*zip(names, args, strict=False), *tr.kwargs.items()]
+            for arg, a in [*zip(op.names, args, strict=False), *tr.kwargs.items()]
             for t in (a if isinstance(a, list | tuple) else (a,))
             if (axes := tr.axes(t))
         ]
@@ -1428,12 +1370,12 @@ def _unknown(func: Any) -> Carry:
             and o.numel()
             and (o.dtype.is_floating_point or o.is_complex())
         ]
-        what = combined(tr, args, tracked, out) if outs else None
+        what = _combined(op, tr, args, tracked, out) if outs else None
         for o in outs:
-            lost = what or _no_room(name, tracked, o)
+            lost = what or _no_room(op.name, tracked, o)
             if lost is not None:
                 tr.mixed[id(o)] = (o, tr.message(tr.func, lost))
-        if mutable or what is not None:
+        if op.mutable or what is not None:
             return None
         # a result shaped as a tracked argument holds its samples in place
         results = out if isinstance(out, list | tuple) else (out,)
@@ -1447,7 +1389,108 @@ def _unknown(func: Any) -> Carry:
     return rule
 
 
+class _Signature(NamedTuple):
+    """What ``_unknown`` reads of an op's schema, once."""
+
+    name: str  # ``sort``
+    names: list[str]  # of its arguments
+    defaults: list[Any]  # what the dispatcher leaves out of ``args``
+    dim: str | None  # its ``dim``-like argument, if its first one is a tensor ``self``
+    spatial: str | None  # its ``kernel_size`` or ``output_size`` argument, likewise
+    spatial_dims: int | None  # from its name: ``avg_pool2d``, 2
+    linalg: bool  # a ``linalg`` function of matrices (no ``dim``)
+    mutable: bool
+
+    @classmethod
+    def of(cls, func: Any) -> _Signature:
+        schema = func._schema
+        names = [a.name for a in schema.arguments]
+        name = schema.name.split("::")[-1]
+        first = bool(names) and names[0] in ("self", "input")
+        first = first and str(schema.arguments[0].type) == "Tensor"
+        dim = next((n for n in _DIM_ARGUMENTS if n in names), None) if first else None
+        digits = re.findall(r"(\d)d", name)
+        return cls(
+            name,
+            names,
+            [a.default_value for a in schema.arguments],
+            dim,
+            next((n for n in _SPATIAL_ARGUMENTS if n in names), None) if first else None,
+            int(digits[-1]) if digits else None,
+            name.startswith(("linalg_", "_linalg_")) and dim is None,
+            schema.is_mutable,
+        )
+
+    def argument(self, args: Sequence[Any], kwargs: dict[str, Any], arg: str) -> Any:
+        at = self.names.index(arg)
+        return args[at] if at < len(args) else kwargs.get(arg, self.defaults[at])
+
+
 Tracked = tuple[str, torch.Tensor, Axes]  # an op's argument (schema name), holding samples
+
+
+def _combined(
+    op: _Signature, tr: BatchAxes, args: Sequence[Any], tracked: list[Tracked], out: Any
+) -> str | None:
+    """What combines samples in the call of ``op`` (``_unknown``'s rules), if anything."""
+    t = args[0] if args else None
+    if isinstance(t, torch.Tensor) and tr.axes(t) and t.dim():
+        what = _along(op, tr, args, t) or _resampled(op, tr, args, t, out)
+        if what is not None:
+            return what
+    return _matrices(op, tr, tracked) or _attended(op, tracked) or _conflicting(op.name, tracked)
+
+
+def _along(op: _Signature, tr: BatchAxes, args: Sequence[Any], t: torch.Tensor) -> str | None:
+    """``op``'s ``dim`` names a batch dimension of its first argument ``t``."""
+    dims = None if op.dim is None else op.argument(args, tr.kwargs, op.dim)
+    q = None if dims is None or dims == [] else _batch_at(tr, t, _dims(t, dims))
+    return None if q is None else f"{op.name} along samples (dimension {q} of {_shape(t)})"
+
+
+def _resampled(
+    op: _Signature, tr: BatchAxes, args: Sequence[Any], t: torch.Tensor, out: Any
+) -> str | None:
+    """``op`` pools or resamples ``t`` along a batch dimension among its last, spatial ones:
+    a kernel wider than one there, or a new size."""
+    if op.spatial is None:
+        return None
+    sizes = op.argument(args, tr.kwargs, op.spatial)
+    k = op.spatial_dims or len(sizes or ())
+    kernel = op.argument(args, tr.kwargs, "kernel_size") if "kernel_size" in op.names else None
+    first = out if isinstance(out, torch.Tensor) else tree_leaves(out)[0]
+    for i, d in enumerate(range(max(t.dim() - k, 0), t.dim())):
+        wide = kernel is not None and len(kernel) > 0 and kernel[min(i, len(kernel) - 1)] > 1
+        if _batch_at(tr, t, [d]) is not None and (wide or first.shape[d] != t.shape[d]):
+            return f"{op.name} across samples (dimension {d} of {_shape(t)}, a spatial one)"
+    return None
+
+
+def _matrices(op: _Signature, tr: BatchAxes, tracked: list[Tracked]) -> str | None:
+    """``op``, a ``linalg`` function, reads matrices whose rows or columns are samples (of a
+    solve's right-hand side ``B``, whose columns are solved alone, the rows)."""
+    if not op.linalg:
+        return None
+    for arg, a, axes in tracked:
+        matrix = [a.dim() - 2, a.dim() - 1]
+        if arg in _RIGHT_HAND_SIDES:  # a vector, or the rows (left=False: the columns)
+            left = tr.kwargs.get("left", True)
+            matrix = [a.dim() - 1] if a.dim() == 1 else [a.dim() - (2 if left else 1)]
+        q = next((q for q, *_ in axes if q in matrix), None)
+        if q is not None:
+            return (
+                f"{op.name} of matrices whose rows or columns are samples (dimension {q} of "
+                f"{_shape(a)})"
+            )
+    return None
+
+
+def _attended(op: _Signature, tracked: list[Tracked]) -> str | None:
+    """``op``, an attention kernel, attends each query to keys (values) that are samples."""
+    for arg, a, axes in tracked:
+        if arg in ("key", "value") and any(q == a.dim() - 2 for q, *_ in axes):
+            return f"{op.name}, attention across samples (dimension {a.dim() - 2} of {arg})"
+    return None
 
 
 def _conflicting(name: str, tracked: list[Tracked]) -> str | None:
