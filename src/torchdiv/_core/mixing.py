@@ -1438,7 +1438,9 @@ def _combined(
         what = _along(op, tr, args, t) or _resampled(op, tr, args, t, out)
         if what is not None:
             return what
-    return _matrices(op, tr, tracked) or _attended(op, tracked) or _conflicting(op.name, tracked)
+    return (
+        _matrices(op, tr, args, tracked) or _attended(op, tracked) or _conflicting(op.name, tracked)
+    )
 
 
 def _along(op: _Signature, tr: BatchAxes, args: Sequence[Any], t: torch.Tensor) -> str | None:
@@ -1466,16 +1468,20 @@ def _resampled(
     return None
 
 
-def _matrices(op: _Signature, tr: BatchAxes, tracked: list[Tracked]) -> str | None:
+def _matrices(
+    op: _Signature, tr: BatchAxes, args: Sequence[Any], tracked: list[Tracked]
+) -> str | None:
     """``op``, a ``linalg`` function, reads matrices whose rows or columns are samples (of a
     solve's right-hand side ``B``, whose columns are solved alone, the rows)."""
-    if not op.linalg:
+    if not op.linalg or not args:
         return None
+    lhs = args[0] if isinstance(args[0], torch.Tensor) else None  # A
     for arg, a, axes in tracked:
         matrix = [a.dim() - 2, a.dim() - 1]
-        if arg in _RIGHT_HAND_SIDES:  # a vector, or the rows (left=False: the columns)
+        if arg in _RIGHT_HAND_SIDES:  # (a batch of) vectors, or the rows (left=False: columns)
             left = tr.kwargs.get("left", True)
-            matrix = [a.dim() - 1] if a.dim() == 1 else [a.dim() - (2 if left else 1)]
+            vector = a.dim() == 1 or (lhs is not None and a.shape == lhs.shape[:-1])
+            matrix = [a.dim() - 1] if vector else [a.dim() - (2 if left else 1)]
         q = next((q for q, *_ in axes if q in matrix), None)
         if q is not None:
             return (
