@@ -1250,6 +1250,8 @@ _CARRY: dict[Any, Carry] = {
     aten.cat.default: _cat,
     aten.stack.default: _stack,
     aten.broadcast_tensors.default: _broadcast,
+    # samples of different lengths packed one time step after the other: not followed
+    aten._pack_padded_sequence.default: _untracked,
 }
 _ROLLS = {aten.roll.default}
 _MASKED_SCATTERS = {aten.masked_scatter.default, aten.masked_scatter_.default}
