@@ -29,19 +29,37 @@ rows (``x[perm] * x``) or reduced (``x[mask].sum(0)``) mix samples; values writt
 places of their own samples (into ``x``'s batch shape: ``torch.zeros_like(x)`` too), so a
 selection written back in place, or a permutation undone, is per sample.
 
+A slice of part of the batch (``x[1:]``, ``split``, ``narrow``) holds its samples in order, as
+rows (``x[1:] - x[:-1]`` combines two samples in each place); pieces joined back along the
+batch (``cat([g(x[:1]), h(x[1:])])``) hold theirs one after the other, the batch again if in
+order.
+
 Each batch dimension of a tensor is recorded as ``(position, size)``: the samples are the
 outermost factor of that dimension (reshapes may merge it with the dimensions after it, as
 ``matmul`` does with ``(B, T, D) -> (B*T, D)``). Elementwise ops, broadcasts, reshapes that
-keep the batch factor, transposes, slices and concatenations along other dimensions carry it;
-any other op ends the tracking of its result, silently: the analysis never raises on what it
-does not understand (fused attention kernels, a slice of part of the batch, ...), so it misses
-some mixing (``check_batch_independence`` tests any ``f``) but never flags an independent
-``f``; an indexing op whose indices have two or more dimensions along the batch (not one
-broadcast along the others, as ``x[arange(B)[:, None], idx]``) is one exception, refused if
-its result reaches the output; moved samples that a reshape spreads across places
-(``x.reshape(-1)[perm].reshape(B, D)``), a roll of the flattened tensor by part of a sample,
-and samples added (or moved samples written) into a tensor not of ``x``'s batch shape
-(per-cluster sums ``zeros(K, D).index_add(0, cid, x)``) are the others.
+keep the batch factor, transposes, slices and concatenations carry it. An op no table knows is
+judged from its schema (``_unknown``): it combines samples if its ``dim`` argument names a
+batch dimension (``sort``, ``topk``, ``median``/``mode``/``cummax`` along it, ``nansum``,
+``unfold``, an FFT), it pools or resamples along one among its spatial dimensions, it is a
+``linalg`` function of matrices whose rows or columns are samples (``det``, ``svd``,
+``matrix_exp``), its keys are samples (attention), or it reads different samples in one place
+(``linalg_cross(x, x.flip(0))``); a result with no dimension that could hold the samples (a
+scalar ``dist``, ``median()``, a mean loss) depends on all of them; a result shaped as a
+tracked argument holds its samples in place. Anything else ends the tracking of its result,
+silently: the analysis does not raise on what it does not understand (an op that combines
+samples without any of those signs, a strided slice of the batch, ...), so it misses some
+mixing (``check_batch_independence`` tests any ``f``) but does not flag an independent ``f``
+built from ops that keep samples apart; an indexing op whose indices have two or more
+dimensions along the batch (not one broadcast along the others, as
+``x[arange(B)[:, None], idx]``) is one exception, refused if its result reaches the output;
+moved samples that a reshape spreads across places (``x.reshape(-1)[perm].reshape(B, D)``),
+a roll of the flattened tensor by part of a sample, and samples added (or moved samples
+written) into a tensor not of ``x``'s batch shape (per-cluster sums
+``zeros(K, D).index_add(0, cid, x)``) are the others.
+
+The recorders (``torchdiv._taylor.capture``) record an op without a propagation rule as the
+ops it decomposes into, but watch it as itself, as the other engines' watches see it: its
+parts may combine samples with zero weights (an interpolation onto its own size).
 
 ``allow_batch_interaction()`` turns the detection off for code that means to mix samples.
 """
