@@ -1089,6 +1089,7 @@ UNKNOWN = {  # f of z (B, D), D >= 3: an op no table knows combines samples -> w
         lambda z: z * F.bilinear(z, z.flip(0), torch.ones(1, z.shape[1], z.shape[1], dtype=f64)),
         r"_trilinear combining different samples in one place",
     ),
+    "every other sample, summed": (lambda z: z * z[::2].sum(0), r"a sum over samples"),
     "einsum of sample pairs, part of them kept": (
         lambda z: torch.einsum("bi,ci->bc", z, z)[:, : z.shape[1]],
         r"samples run along dimension 1 of f's output|a sum over samples \(dimension 1",
@@ -1183,8 +1184,16 @@ KEPT = {  # the same ops along each sample's own event: per sample, not refused
         F.interpolate(z.T[None], size=len(z), mode="linear")[0].T
     ),
     "halves of the batch rejoined": lambda z: z.sin() * torch.cat([z[:2].exp(), z[2:].tanh()]),
+    "even and odd samples apart, written back": lambda z: _even_odd(z) * z,
     "median() under no_grad": lambda z: z.tanh() * _constant_median(z),
 }
+
+
+def _even_odd(z: torch.Tensor) -> torch.Tensor:
+    y = torch.empty_like(z)
+    y[::2] = z[::2].exp()
+    y[1::2] = z[1::2].tanh()
+    return y
 
 
 def _constant_median(z: torch.Tensor) -> torch.Tensor:

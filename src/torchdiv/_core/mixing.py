@@ -638,7 +638,8 @@ def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
     dim = args[1] % t.dim()
     kept = tuple(_moved(axis, -(axis.position > dim)) for axis in axes if axis.position != dim)
     if not kept:
-        _picked(tr, t, axes[0], dim, (args[2] % t.shape[dim],) * 2, out)
+        at = args[2] % t.shape[dim]
+        _picked(tr, t, axes[0], dim, range(at, at + 1), out)
     return [kept]
 
 
@@ -647,18 +648,18 @@ def _picked(
     t: torch.Tensor,
     axis: Axis,
     dim: int,
-    span: tuple[int, int],
+    span: range,
     o: Any,
 ) -> None:
-    """Note ``o``, indices ``span[0]..span[1]`` (inclusive) of ``t`` along ``dim``, as one
-    picked sample if they fall in one sample of ``axis`` (``t``'s only batch dimension)."""
-    if axis.position != dim or not isinstance(o, torch.Tensor):
+    """Note ``o``, indices ``span`` of ``t`` along ``dim``, as one picked sample if they fall
+    in one sample of ``axis`` (``t``'s only batch dimension)."""
+    if axis.position != dim or not isinstance(o, torch.Tensor) or not span:
         return
     if axis.rows:
-        held = axis.samples(torch.arange(span[0], span[1] + 1)).unique()
+        held = axis.samples(_indices(span)).unique()
         one, sample = len(held) == 1, int(held[0])
-    else:
-        one, sample = span[0] // axis.inner == span[1] // axis.inner, span[0] // axis.inner
+    else:  # indices in increasing order
+        one, sample = span[0] // axis.inner == span[-1] // axis.inner, span[0] // axis.inner
         sample %= axis.size
     if one:
         what = f"sample {sample} picked out of the batch (dimension {dim} of {_shape(t)})"
@@ -670,13 +671,17 @@ def _moved(axis: Axis, shift: int) -> Axis:
     return axis._replace(position=axis.position + shift)
 
 
-Spans = Callable[[Sequence[Any], int, Sequence[Any]], "list[tuple[int, int]]"]  # args, dim, outs
+Spans = Callable[[Sequence[Any], int, Sequence[Any]], "list[range]"]  # args, dim, outs
+
+
+def _indices(span: range) -> torch.Tensor:
+    return torch.arange(span.start, span.stop, span.step)
 
 
 def _cut(position: int, spans: Spans) -> Carry:
     """``slice``, ``narrow``, ``split``, ``unbind`` along ``dim`` (argument ``position``: 2
-    for ``split``, after the sizes), whose pieces hold indices ``spans(args, dim, outs)`` (first
-    and last along ``dim``). A whole batch dimension stays; a piece of a cut one spanning two
+    for ``split``, after the sizes), whose pieces hold indices ``spans(args, dim, outs)``
+    along ``dim``. A whole batch dimension stays; a piece of a cut one spanning two
     or more samples holds those (``x[1:]``: rows ``1, ..., B - 1``, so that ``x[1:] - x[:-1]``
     is seen to combine different samples); a piece inside one sample of ``t``'s only batch
     dimension is that sample, picked (inside one of several: not followed). The other batch
@@ -689,7 +694,7 @@ def _cut(position: int, spans: Spans) -> Carry:
         dim = (args[position] if len(args) > position else 0) % t.dim()
         outs = out if isinstance(out, list | tuple) else (out,)
         pieces = spans(args, dim, outs)
-        if pieces == [(0, t.shape[dim] - 1)] and outs[0].dim() == t.dim():
+        if pieces == [range(t.shape[dim])] and outs[0].dim() == t.dim():
             return [axes]
         kept = [axis for axis in axes if axis.position != dim]
         cut = [axis for axis in axes if axis.position == dim]
@@ -707,41 +712,41 @@ def _cut(position: int, spans: Spans) -> Carry:
     return rule
 
 
-def _spanned(tr: BatchAxes, cut: Sequence[Axis], span: tuple[int, int]) -> list[Axis]:
-    """The batch dimensions ``cut`` as held by their indices ``span[0]..span[1]``, those
-    where they span two or more samples (as rows, unless the whole batch in order)."""
+def _spanned(tr: BatchAxes, cut: Sequence[Axis], span: range) -> list[Axis]:
+    """The batch dimensions ``cut`` as held by their indices ``span``, those where they span
+    two or more samples (as rows, unless the whole batch in order)."""
     found = []
     for axis in cut:
-        samples = axis.samples(torch.arange(span[0], span[1] + 1))
+        samples = axis.samples(_indices(span))
         if samples.numel() and bool((samples != samples[0]).any()):
             found.append(_rows(tr, axis.position, axis, samples, str(tr.func)))
     return found
 
 
-def _in_order(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[tuple[int, int]]:
+def _in_order(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[range]:
     """``split`` and ``unbind``: the pieces one after the other (``unbind``'s one long)."""
     spans, start = [], 0
     for o in outs:
         extent = o.shape[dim] if o.dim() == args[0].dim() else 1
-        spans.append((start, start + extent - 1))
+        spans.append(range(start, start + extent))
         start += extent
     return spans
 
 
-def _sliced(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[tuple[int, int]]:
-    """``slice(t, dim, start, end, step)``: its range, if the step is 1."""
+def _sliced(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[range]:
+    """``slice(t, dim, start, end, step)``: its range."""
     n = args[0].shape[dim]
     start, end, step = (*args[2:5], None, None, None)[:3]
     first, stop = (
         min(max(v + n if v < 0 else v, 0), n) for v in (start or 0, n if end is None else end)
     )
-    return [(first, stop - 1)] if (step or 1) == 1 and stop > first else []
+    return [range(first, stop, step or 1)]
 
 
-def _narrowed(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[tuple[int, int]]:
+def _narrowed(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[range]:
     """``narrow(t, dim, start, length)``."""
     first = args[2] % args[0].shape[dim]
-    return [(first, first + args[3] - 1)] if args[3] > 0 else []
+    return [range(first, first + args[3])]
 
 
 def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
