@@ -29,10 +29,10 @@ rows (``x[perm] * x``) or reduced (``x[mask].sum(0)``) mix samples; values writt
 places of their own samples (into ``x``'s batch shape: ``torch.zeros_like(x)`` too), so a
 selection written back in place, or a permutation undone, is per sample.
 
-A slice of part of the batch (``x[1:]``, ``split``, ``narrow``) holds its samples in order, as
-rows (``x[1:] - x[:-1]`` combines two samples in each place); pieces joined back along the
-batch (``cat([g(x[:1]), h(x[1:])])``) hold theirs one after the other, the batch again if in
-order.
+A slice of part of the batch (``x[1:]``, ``x[::2]``, ``split``, ``narrow``) holds its samples
+in order, as rows (``x[1:] - x[:-1]`` combines two samples in each place); pieces joined back
+along the batch (``cat([g(x[:1]), h(x[1:])])``) hold theirs one after the other, the batch
+again if in order.
 
 Each batch dimension of a tensor is recorded as ``(position, size)``: the samples are the
 outermost factor of that dimension (reshapes may merge it with the dimensions after it, as
@@ -47,7 +47,7 @@ batch dimension (``sort``, ``topk``, ``median``/``mode``/``cummax`` along it, ``
 scalar ``dist``, ``median()``, a mean loss) depends on all of them; a result shaped as a
 tracked argument holds its samples in place. Anything else ends the tracking of its result,
 silently: the analysis does not raise on what it does not understand (an op that combines
-samples without any of those signs, a strided slice of the batch, ...), so it misses some
+samples without any of those signs, ...), so it misses some
 mixing (``check_batch_independence`` tests any ``f``) but does not flag an independent ``f``
 built from ops that keep samples apart; an indexing op whose indices have two or more
 dimensions along the batch (not one broadcast along the others, as
