@@ -1275,6 +1275,7 @@ _CARRY: dict[Any, Carry] = {
     aten.broadcast_tensors.default: _broadcast,
     # samples of different lengths packed one time step after the other: not followed
     aten._pack_padded_sequence.default: _untracked,
+    aten.as_strided.default: _untracked,  # any layout, even of the same shape (a transpose)
 }
 _ROLLS = {aten.roll.default}
 _MASKED_SCATTERS = {aten.masked_scatter.default, aten.masked_scatter_.default}
