@@ -1371,13 +1371,16 @@ def _unknown(func: Any) -> Carry:
     * it is a ``linalg`` matrix function (no ``dim`` argument) of matrices whose rows or
       columns are samples (the last two dimensions; of a solve's right-hand side ``B``, the
       rows alone: each column is solved alone);
+    * its ``key`` or ``value`` (attention kernels) has samples along its sequence dimension;
     * two tracked arguments, or one in two ways, hold different samples at one place
       (``linalg_cross(x, x.flip(0))``), samples an indexing op moved among them.
 
     Else only its floating results with no room for a batch dimension of ``t`` (no dimension
-    a multiple of its samples: a scalar ``dist``, ``median()``, a mean loss, singular
-    values) depend on combined samples. Ops that keep the samples in place (fused attention,
-    pooling over the event, embeddings, interpolation) pass, their results not followed."""
+    a multiple of its samples: a scalar ``dist``, ``median()``, a mean loss, ``pdist``)
+    depend on combined samples. Ops that keep the samples in place (fused attention, pooling
+    over the event, embeddings, interpolation, RNNs) pass; a result shaped as a tracked
+    argument is followed as holding its samples in place (not of an op that writes in place),
+    the others not."""
     op = _Signature.of(func)
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
