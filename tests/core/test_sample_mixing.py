@@ -1063,3 +1063,213 @@ def test_a_masked_scatter_of_rows_moved_elsewhere_is_refused(shape) -> None:
     f = lambda z: z.masked_scatter(z > 0, z[z > 0].flip(0))  # noqa: E731
     with pytest.raises(BatchInteractionError, match=r"other samples' places .*masked_scatter"):
         torchdiv.divergence(f, x)
+
+
+# ---- ops without a rule of their own (``_core.mixing._unknown``) ----
+
+
+def _eye(z: torch.Tensor, n: int = 3) -> torch.Tensor:
+    return torch.eye(n, dtype=z.dtype)
+
+
+def _pooled(pool, z: torch.Tensor) -> torch.Tensor:
+    """``pool`` over a (1, D, B) view of ``z``: the batch is the pooled axis."""
+    return pool(z.T[None], 3, 1, 1).squeeze(0).T
+
+
+F = nn.functional
+UNKNOWN = {  # f of z (B, D), D >= 3: an op no table knows combines samples -> what is named
+    "dist": (lambda z: z * torch.dist(z, z.sin(), 3), r"dist of a tensor holding samples"),
+    "renorm over the batch": (lambda z: torch.renorm(z, 2, 1, 0.5), r"a renorm, a norm over"),
+    "pdist": (lambda z: z * torch.pdist(z).sum(), r"_pdist_forward of .*has no room"),
+    "nuclear norm": (
+        lambda z: z * torch.linalg.matrix_norm(z, "nuc"),
+        r"_linalg_svd of matrices whose rows",
+    ),
+    "median()": (lambda z: z * z.median(), r"median of a tensor .*shape \(\) has no room"),
+    "sort": (lambda z: z * z.sort(0).values, r"sort along samples \(dimension 0"),
+    "kthvalue": (lambda z: z * z.kthvalue(2, 0).values, r"kthvalue along samples"),
+    "topk": (lambda z: z * z.topk(2, 0).values.sum(0), r"topk along samples"),
+    "cummax": (lambda z: torch.cummax(z, 0).values, r"cummax along samples"),
+    "aminmax": (lambda z: z * torch.aminmax(z).min, r"aminmax of a tensor holding samples"),
+    "nansum": (lambda z: z * z.nansum(0), r"nansum along samples"),
+    "nanmean": (lambda z: z * z.nanmean(0), r"nansum along samples"),
+    "quantile": (lambda z: z * torch.quantile(z, 0.5, dim=0), r"sort along samples"),
+    "logdet": (
+        lambda z: z * torch.logdet(z[:3] @ z[:3].T + _eye(z)),
+        r"_linalg_slogdet of matrices whose rows or columns are samples",
+    ),
+    "det": (lambda z: z * torch.linalg.det(z[:3, :3]), r"_linalg_det of matrices whose rows"),
+    "matrix_exp": (
+        lambda z: z * torch.linalg.matrix_exp(z[:3, :3]).sum(),
+        r"linalg_matrix_exp of matrices whose rows",
+    ),
+    "mode": (lambda z: z * z.mode(0).values, r"mode along samples"),
+    "unfold": (lambda z: z * z.unfold(0, 2, 2).sum((0, 2)), r"unfold along samples"),
+    "diff": (
+        lambda z: torch.cat([z[:1], torch.diff(z, dim=0)]),
+        r"samples moved by aten\.slice\.Tensor, combined elementwise with others",
+    ),
+    "cross with the batch flipped": (
+        lambda z: z * torch.linalg.cross(z[:, :3], z.flip(0)[:, :3]).sum(-1, keepdim=True),
+        r"combining different samples in one place",
+    ),
+    "fft along the batch": (lambda z: torch.fft.fft(z, dim=0).real, r"_fft_r2c along samples"),
+    "logsigmoid summed": (lambda z: z * F.logsigmoid(z).sum(), r"a sum of all elements"),
+    "mse_loss": (lambda z: z * F.mse_loss(z, z.sin()), r"mse_loss of a tensor holding samples"),
+    "avg pool over the batch": (
+        lambda z: _pooled(F.avg_pool1d, z),
+        r"avg_pool2d across samples \(dimension 3",
+    ),
+    "max pool over the batch": (
+        lambda z: _pooled(F.max_pool1d, z),
+        r"max_pool2d_with_indices across samples",
+    ),
+    "glu of the batch beside its flip": (
+        lambda z: F.glu(torch.cat([z, z.flip(0)], 1), dim=1),
+        r"glu combining different samples in one place",
+    ),
+    "bilinear with the batch flipped": (
+        lambda z: z * F.bilinear(z, z.flip(0), torch.ones(1, z.shape[1], z.shape[1], dtype=f64)),
+        r"_trilinear combining different samples in one place",
+    ),
+    "every other sample, summed": (lambda z: z * z[::2].sum(0), r"a sum over samples"),
+    "einsum of sample pairs, part of them kept": (
+        lambda z: torch.einsum("bi,ci->bc", z, z)[:, : z.shape[1]],
+        r"samples run along dimension 1 of f's output|a sum over samples \(dimension 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNKNOWN))
+@pytest.mark.parametrize(
+    ("name", "method", "shape"),
+    [
+        ("divergence", "auto", (6, 3)),  # tiny: watched on the first call
+        ("divergence", "auto", (64, 16)),  # recorded (the structured step)
+        ("jacobian_diagonal", "structured", (6, 3)),
+        ("jacobian", "auto", (6, 3)),
+        ("laplacian", "auto", (6, 3)),
+        ("laplacian", "taylor", (64, 16)),
+    ],
+)
+def test_ops_without_a_rule_that_combine_samples_are_refused(case, name, method, shape) -> None:
+    """Ops the watch has no table entry for (``sort`` along the batch, a scalar ``dist``,
+    ``det`` of a block of samples, pooling with the batch as the pooled axis, ...) ended its
+    tracking silently: every watched method returned other samples' terms. Now the op's
+    schema says it combines samples (its ``dim`` names a batch dimension, its result has no
+    room for them, ...) and ``BatchInteractionError`` names it."""
+    torch.manual_seed(3)
+    f, what = UNKNOWN[case]
+    x = torch.randn(*shape, dtype=f64)
+    if shape[0] == 6:
+        full = torch.autograd.functional.jacobian(f, x)  # plain autograd
+        blocks = full.diagonal(0, 0, 2).permute(2, 0, 1)
+        assert float(full.abs().sum() - blocks.abs().sum()) > 1e-3  # truly mixing
+    g = (lambda z: f(z).square().sum(-1)) if name == "laplacian" else f
+    with pytest.raises(BatchInteractionError, match=rf"^{name}: f mixes samples: .*({what})"):
+        getattr(torchdiv, name)(g, x, method=method)
+
+
+def _solve_rhs(z: torch.Tensor) -> torch.Tensor:
+    a = torch.eye(z.shape[1], dtype=z.dtype) * 3 + torch.ones(z.shape[1], z.shape[1], dtype=f64)
+    return torch.linalg.solve(a, z.T).T + torch.linalg.solve(a.expand(len(z), -1, -1), z.sin())
+
+
+def _blocks(z: torch.Tensor) -> torch.Tensor:
+    """Each sample as a (D // 3, 3) matrix (rows of 3), for per-sample matrix functions."""
+    return z[:, : z.shape[1] // 3 * 3].unflatten(1, (-1, 3))
+
+
+KEPT = {  # the same ops along each sample's own event: per sample, not refused
+    "sort, topk, kthvalue along the event": lambda z: (
+        z * z.sort(-1).values
+        + z.topk(2, -1).values.sum(-1, keepdim=True)
+        + z.kthvalue(2, -1, keepdim=True).values
+    ),
+    "cummax, mode, median along the event": lambda z: (
+        torch.cummax(z, -1).values * z.mode(-1, keepdim=True).values.cos()
+        + z.median(-1, keepdim=True).values
+    ),
+    "nansum, nanmean, quantile along the event": lambda z: (
+        z
+        * (
+            z.nansum(-1, keepdim=True)
+            + z.nanmean(-1, keepdim=True)
+            + torch.quantile(z, 0.3, dim=-1, keepdim=True)
+        )
+    ),
+    "unfold, diff along the event": lambda z: (
+        z * z.unfold(1, 2, 1).sum((1, 2))[:, None] + torch.cat([z[:, :1], torch.diff(z, dim=1)], 1)
+    ),
+    "fft along the event": lambda z: torch.fft.irfft(torch.fft.rfft(z, dim=-1) * 2, z.shape[1]),
+    "renorm of each sample": lambda z: torch.renorm(z, 2, 0, 0.5),
+    "glu, cross, bilinear within a sample": lambda z: (
+        F.glu(torch.cat([z, z.sin()], 1), dim=1)
+        + torch.linalg.cross(z[:, :3], z[:, :3].cos()).sum(-1, keepdim=True)
+        + F.bilinear(z, z.sin(), torch.ones(1, z.shape[1], z.shape[1], dtype=f64))
+    ),
+    "logsigmoid, mse_loss without reduction": lambda z: (
+        F.logsigmoid(z) + F.mse_loss(z, z.sin(), reduction="none")
+    ),
+    "pooled over the event": lambda z: (
+        F.avg_pool1d(z[:, None], 3, 1, 1)[:, 0] * F.max_pool1d(z[:, None], 3, 1, 1)[:, 0]
+    ),
+    "det, svd, matrix_exp of each sample's matrix": lambda z: (
+        z
+        * (
+            torch.linalg.det(_blocks(z)[:, :3] @ _blocks(z)[:, :3].mT)
+            + torch.linalg.matrix_norm(_blocks(z), "nuc")
+            + torch.linalg.matrix_exp(_blocks(z).mT @ _blocks(z)).sum((1, 2))
+        )[:, None]
+    ),
+    "solve for each sample's right-hand side": _solve_rhs,
+    "interpolated onto its own size along the batch": lambda z: (
+        F.interpolate(z.T[None], size=len(z), mode="linear")[0].T
+    ),
+    "halves of the batch rejoined": lambda z: z.sin() * torch.cat([z[:2].exp(), z[2:].tanh()]),
+    "even and odd samples apart, written back": lambda z: _even_odd(z) * z,
+    "median() under no_grad": lambda z: z.tanh() * _constant_median(z),
+}
+
+
+def _even_odd(z: torch.Tensor) -> torch.Tensor:
+    y = torch.empty_like(z)
+    y[::2] = z[::2].exp()
+    y[1::2] = z[1::2].tanh()
+    return y
+
+
+def _constant_median(z: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return z.median()
+
+
+@pytest.mark.parametrize("case", list(KEPT))
+@pytest.mark.parametrize("shape", [(6, 3), (64, 6)])  # tiny, and recorded by "auto"
+def test_ops_without_a_rule_along_each_sample_are_not_refused(case: str, shape) -> None:
+    """The rules for ops without a table entry refuse none of these (the op along the event,
+    a matrix per sample, a solve per column, the identity interpolation): each method gives
+    plain autograd's diagonal blocks (checked to have none off the diagonal)."""
+    torch.manual_seed(4)
+    x = torch.randn(*shape, dtype=f64)
+    f = KEPT[case]
+    blocks = _per_sample_blocks(f, x)
+    for method in ("auto", "structured"):
+        try:
+            got = torchdiv.divergence(f, x, method=method)
+        except NotImplementedError as e:  # no structured rule (auto falls back): fine
+            assert "no propagation rule" in str(e)
+            continue
+        assert_close(got, blocks.diagonal(0, -2, -1).sum(-1))
+    if shape[0] > 6:
+        return
+    u = lambda z: f(z).square().sum(-1)  # noqa: E731
+    expected = _per_sample_hessian_trace(u, x)
+    for method in ("auto", "taylor"):
+        try:
+            got = torchdiv.laplacian(u, x, method=method)
+        except NotImplementedError as e:  # no Taylor rule (auto falls back): fine
+            assert "no propagation rule" in str(e)
+            continue
+        assert_close(got, expected)

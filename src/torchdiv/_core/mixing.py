@@ -29,20 +29,37 @@ rows (``x[perm] * x``) or reduced (``x[mask].sum(0)``) mix samples; values writt
 places of their own samples (into ``x``'s batch shape: ``torch.zeros_like(x)`` too), so a
 selection written back in place, or a permutation undone, is per sample.
 
+A slice of part of the batch (``x[1:]``, ``x[::2]``, ``split``, ``narrow``) holds its samples
+in order, as rows (``x[1:] - x[:-1]`` combines two samples in each place); pieces joined back
+along the batch (``cat([g(x[:1]), h(x[1:])])``) hold theirs one after the other, the batch
+again if in order.
+
 Each batch dimension of a tensor is recorded as ``(position, size)`` and the batch dimension of
 ``x`` it came from (with ``batch_dims=2`` and a square batch, ``x.transpose(0, 1)`` at the
 output mixes samples): the samples are the outermost factor of that dimension (reshapes may
 merge it with the dimensions after it, as ``matmul`` does with ``(B, T, D) -> (B*T, D)``).
 Elementwise ops, broadcasts, reshapes that keep the batch factor, transposes, slices and
-concatenations along other dimensions carry it; any other op ends the tracking of its result,
-silently: the analysis never raises on what it does not understand (fused attention kernels, a
-slice of part of the batch, ...), so it misses some mixing (``check_batch_independence`` tests
-any ``f``) but never flags an independent ``f``. The exceptions, refused: an indexing op whose
-indices have two or more dimensions along the batch (not one broadcast along the others, as
-``x[arange(B)[:, None], idx]``) if its result reaches the output; moved samples that a reshape
-spreads across places (``x.reshape(-1)[perm].reshape(B, D)``); a roll of the flattened tensor
-by part of a sample; samples added (or moved samples written) into a tensor not of ``x``'s
-batch shape (per-cluster sums ``zeros(K, D).index_add(0, cid, x)``).
+concatenations carry it. An op no table knows is judged from its schema (``_unknown``): it
+combines samples if its ``dim`` argument names a batch dimension (``sort``, ``topk``,
+``median``/``mode``/``cummax`` along it, ``nansum``, ``unfold``, an FFT), it pools or resamples
+along one among its spatial dimensions, it is a ``linalg`` function of matrices whose rows or
+columns are samples (``det``, ``svd``, ``matrix_exp``), its keys are samples (attention), or it
+reads different samples in one place (``linalg_cross(x, x.flip(0))``); a result with no
+dimension that could hold the samples (a scalar ``dist``, ``median()``, a mean loss) depends on
+all of them; a result shaped as a tracked argument holds its samples in place. Anything else
+ends the tracking of its result, silently: the analysis does not raise on what it does not
+understand (an op that combines samples without any of those signs, ...), so it misses some
+mixing (``check_batch_independence`` tests any ``f``) but does not flag an independent ``f``
+built from ops that keep samples apart; an indexing op whose indices have two or more dimensions
+along the batch (not one broadcast along the others, as ``x[arange(B)[:, None], idx]``) is one
+exception, refused if its result reaches the output; moved samples that a reshape spreads across
+places (``x.reshape(-1)[perm].reshape(B, D)``), a roll of the flattened tensor by part of a
+sample, and samples added (or moved samples written) into a tensor not of ``x``'s batch shape
+(per-cluster sums ``zeros(K, D).index_add(0, cid, x)``) are the others.
+
+The recorders (``torchdiv._taylor.capture``) record an op without a propagation rule as the
+ops it decomposes into, but watch it as itself, as the other engines' watches see it: its
+parts may combine samples with zero weights (an interpolation onto its own size).
 
 ``allow_batch_interaction()`` turns the detection off for code that means to mix samples.
 """
@@ -52,6 +69,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -178,21 +196,26 @@ class BatchAxes:
         self.pending: str | None = None  # the message for the results of the current op
         self.carried: Pick | None = None  # the pick the results of the current op inherit
         self.func: Any = None  # the current op
+        self.kwargs: dict[str, Any] = {}  # its keyword arguments (``_unknown`` reads them)
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
         return entry[1] if entry is not None and entry[0] is t else None
 
-    def before(self, func: Any, args: Sequence[Any]) -> Carry | None:
+    def before(
+        self, func: Any, args: Sequence[Any], kwargs: dict[str, Any] | None = None
+    ) -> Carry | None:
         """The rule that ``after`` applies to ``func``'s results (``None``: nothing to note,
         e.g. under ``no_grad``, whose results are constants); notes whether ``func`` combines
         samples in a way derivatives see, or reads a result that did."""
         self.pending, self.carried, self.func = None, None, func
+        self.kwargs = kwargs or {}
         if not self.known or not torch.is_grad_enabled():
             return None
         rules = _rules.get(func)  # one lookup per op: hashing an OpOverload costs 0.4 us
         if rules is None:
-            rules = _rules[func] = (_MIXING.get(func), _CARRY.get(func) or _kind(func))
+            mixing = _MIXING.get(func)
+            rules = _rules[func] = (mixing, _CARRY.get(func) or _kind(func, mixing is None))
         mixing, carry = rules
         if self.mixed and func not in VALUE_FREE:
             self.pending = self._mixed_in(args)
@@ -257,7 +280,9 @@ class BatchAxes:
         indexing op moved and nothing put back, or one sample picked for all of them."""
         for axis in self.axes(t) or ():
             if axis.rows:
-                at = next(i for i, r in enumerate(axis.rows) if r != i % axis.size)
+                at = next((i for i, r in enumerate(axis.rows) if r != i % axis.size), None)
+                if at is None:  # the first samples, in order (x[:k])
+                    continue
                 return (
                     f"{self.moves.get(axis.rows, 'an indexing op')} moved samples along the "
                     f"batch: place {at} along dimension {axis.position} of f's output of shape "
@@ -408,7 +433,7 @@ class Watching(DispatchMode):
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         if self.tracker is None:
             return func(*args, **kwargs)
-        carry = self.tracker.before(func, args)
+        carry = self.tracker.before(func, args, kwargs)
         out = func(*args, **kwargs)
         self.tracker.after(carry, args, out)
         return out
@@ -626,7 +651,8 @@ def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
     dim = args[1] % t.dim()
     kept = tuple(_moved(axis, -(axis.position > dim)) for axis in axes if axis.position != dim)
     if not kept:
-        _picked(tr, t, axes[0], dim, (args[2] % t.shape[dim],) * 2, out)
+        at = args[2] % t.shape[dim]
+        _picked(tr, t, axes[0], dim, range(at, at + 1), out)
     return [kept]
 
 
@@ -635,18 +661,18 @@ def _picked(
     t: torch.Tensor,
     axis: Axis,
     dim: int,
-    span: tuple[int, int],
+    span: range,
     o: Any,
 ) -> None:
-    """Note ``o``, indices ``span[0]..span[1]`` (inclusive) of ``t`` along ``dim``, as one
-    picked sample if they fall in one sample of ``axis`` (``t``'s only batch dimension)."""
-    if axis.position != dim or not isinstance(o, torch.Tensor):
+    """Note ``o``, indices ``span`` of ``t`` along ``dim``, as one picked sample if they fall
+    in one sample of ``axis`` (``t``'s only batch dimension)."""
+    if axis.position != dim or not isinstance(o, torch.Tensor) or not span:
         return
     if axis.rows:
-        held = axis.samples(torch.arange(span[0], span[1] + 1)).unique()
+        held = axis.samples(_indices(span)).unique()
         one, sample = len(held) == 1, int(held[0])
-    else:
-        one, sample = span[0] // axis.inner == span[1] // axis.inner, span[0] // axis.inner
+    else:  # indices in increasing order
+        one, sample = span[0] // axis.inner == span[-1] // axis.inner, span[0] // axis.inner
         sample %= axis.size
     if one:
         what = f"sample {sample} picked out of the batch (dimension {dim} of {_shape(t)})"
@@ -658,15 +684,21 @@ def _moved(axis: Axis, shift: int) -> Axis:
     return axis._replace(position=axis.position + shift)
 
 
-Spans = Callable[[Sequence[Any], int, Sequence[Any]], "list[tuple[int, int]]"]  # args, dim, outs
+Spans = Callable[[Sequence[Any], int, Sequence[Any]], "list[range]"]  # args, dim, outs
+
+
+def _indices(span: range) -> torch.Tensor:
+    return torch.arange(span.start, span.stop, span.step)
 
 
 def _cut(position: int, spans: Spans) -> Carry:
     """``slice``, ``narrow``, ``split``, ``unbind`` along ``dim`` (argument ``position``: 2
-    for ``split``, after the sizes), whose pieces hold indices ``spans(args, dim, outs)`` (first
-    and last along ``dim``). A whole batch dimension stays; a cut one ends its
-    tracking, and a piece inside one sample of ``t``'s only batch dimension is that sample,
-    picked. The other batch dimensions stay (``unbind`` removes ``dim``)."""
+    for ``split``, after the sizes), whose pieces hold indices ``spans(args, dim, outs)``
+    along ``dim``. A whole batch dimension stays; a piece of a cut one spanning two
+    or more samples holds those (``x[1:]``: rows ``1, ..., B - 1``, so that ``x[1:] - x[:-1]``
+    is seen to combine different samples); a piece inside one sample of ``t``'s only batch
+    dimension is that sample, picked (inside one of several: not followed). The other batch
+    dimensions stay (``unbind`` removes ``dim``)."""
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
         t, axes = args[0], tr.axes(args[0])
@@ -675,42 +707,59 @@ def _cut(position: int, spans: Spans) -> Carry:
         dim = (args[position] if len(args) > position else 0) % t.dim()
         outs = out if isinstance(out, list | tuple) else (out,)
         pieces = spans(args, dim, outs)
-        if pieces == [(0, t.shape[dim] - 1)] and outs[0].dim() == t.dim():
+        if pieces == [range(t.shape[dim])] and outs[0].dim() == t.dim():
             return [axes]
         kept = [axis for axis in axes if axis.position != dim]
-        if not kept:
-            for span, o in zip(pieces, outs, strict=False):
-                _picked(tr, t, axes[0], dim, span, o)
-        shift = [int(o.dim() < t.dim()) for o in outs]
-        return [tuple(_moved(a, -(a.position > dim) * k) for a in kept) for k in shift]
+        cut = [axis for axis in axes if axis.position == dim]
+        result: list[Axes | None] = []
+        for i, o in enumerate(outs):
+            shift = int(o.dim() < t.dim())
+            found = [_moved(a, -(a.position > dim) * shift) for a in kept]
+            if i < len(pieces) and not kept:
+                _picked(tr, t, axes[0], dim, pieces[i], o)
+            if i < len(pieces) and not shift:
+                found += _spanned(tr, cut, pieces[i])
+            result.append(tuple(sorted(found)))
+        return result
 
     return rule
 
 
-def _in_order(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[tuple[int, int]]:
+def _spanned(tr: BatchAxes, cut: Sequence[Axis], span: range) -> list[Axis]:
+    """The batch dimensions ``cut`` as held by their indices ``span``, those where they span
+    two or more samples (as rows, unless the whole batch in order)."""
+    found = []
+    for axis in cut:
+        samples = axis.samples(_indices(span))
+        if samples.numel() and bool((samples != samples[0]).any()):
+            found.append(_rows(tr, axis.position, axis, samples, str(tr.func)))
+    return found
+
+
+def _in_order(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[range]:
     """``split`` and ``unbind``: the pieces one after the other (``unbind``'s one long)."""
     spans, start = [], 0
     for o in outs:
         extent = o.shape[dim] if o.dim() == args[0].dim() else 1
-        spans.append((start, start + extent - 1))
+        spans.append(range(start, start + extent))
         start += extent
     return spans
 
 
-def _sliced(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[tuple[int, int]]:
-    """``slice(t, dim, start, end, step)``: its range, if the step is 1."""
+def _sliced(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[range]:
+    """``slice(t, dim, start, end, step)``: its range."""
     n = args[0].shape[dim]
     start, end, step = (*args[2:5], None, None, None)[:3]
     first, stop = (
         min(max(v + n if v < 0 else v, 0), n) for v in (start or 0, n if end is None else end)
     )
-    return [(first, stop - 1)] if (step or 1) == 1 and stop > first else []
+    return [range(first, stop, step or 1)]
 
 
-def _narrowed(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[tuple[int, int]]:
+def _narrowed(args: Sequence[Any], dim: int, outs: Sequence[Any]) -> list[range]:
     """``narrow(t, dim, start, length)``."""
     first = args[2] % args[0].shape[dim]
-    return [(first, first + args[3] - 1)] if args[3] > 0 else []
+    return [range(first, first + args[3])]
 
 
 def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -726,12 +775,15 @@ def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | No
         if axes and t.dim() == out.dim():
             found.update(axis for axis in axes if axis.position != dim)
     along = {a for t in tensors for a in tr.axes(t) or () if a.position == dim}
-    if len(along) == 1 and all(_whole_periods(tr, t, dim, along) for t in tensors):
+    whole = len(along) == 1 and all(_whole_periods(tr, t, dim, along) for t in tensors)
+    if whole:
         found.update(along)
     extents = {t.shape[dim] for t in tensors if t.dim() == out.dim()}
     pick = _restacked(tr, tensors)
     if pick is not None and len(extents) == 1:
         found.add(Axis(dim, pick.size, extents.pop(), (), pick.source))
+    elif not whole:
+        found.update(_rejoined(tr, [t for t in tensors if t.dim() == out.dim()], dim))
     return [tuple(sorted(found))]
 
 
@@ -741,6 +793,27 @@ def _whole_periods(tr: BatchAxes, t: torch.Tensor, dim: int, along: set[Axis]) -
     axes = {a for a in tr.axes(t) or () if a.position == dim}
     axis = next(iter(along))
     return axes == along and t.shape[dim] % (axis.inner * axis.period) == 0
+
+
+def _rejoined(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int) -> list[Axis]:
+    """The batch dimension along ``dim`` of pieces joined along it, when each is a sample
+    picked out or holds one batch dimension there, and one of them several samples
+    (``cat([g(x[:1]), h(x[1:])])``): their samples one after the other, the batch again if in
+    order."""
+    pieces, axis = [], None
+    for t in tensors:
+        pick, held = tr.picks(t), [a for a in tr.axes(t) or () if a.position == dim]
+        if len(held) == 1 and pick is None:
+            axis = held[0]
+            pieces.append(axis.samples(torch.arange(t.shape[dim])))
+        elif pick is not None and pick.sample is not None and not held:
+            pieces.append(torch.full((t.shape[dim],), pick.sample))
+        else:
+            return []
+    sizes = {(p.size, p.source) for t in tensors if (p := tr.picks(t)) is not None}
+    if axis is None or not sizes <= {(axis.size, axis.source)}:
+        return []
+    return [_rows(tr, dim, axis, torch.cat(pieces), str(tr.func))]
 
 
 def _joined_along_batch(tr: BatchAxes, args: Sequence[Any]) -> bool:
@@ -775,6 +848,11 @@ def _restacked(tr: BatchAxes, tensors: Sequence[torch.Tensor]) -> Pick | None:
         (first.size, first.source, i) for i in range(len(picks))
     ]
     return first if in_order else None
+
+
+def _broadcast(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``broadcast_tensors(tensors)``: each result keeps its tensor's batch dimensions."""
+    return [_aligned(t, tr.axes(t) or (), o) or None for t, o in zip(args[0], out, strict=True)]
 
 
 def _first_like_input(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -1191,6 +1269,12 @@ _POINTWISE_EXTRA = {
     aten.masked_fill.Tensor,
     aten.where.self,
     aten.constant_pad_nd.default,
+    # elementwise, though not tagged so
+    aten.log_sigmoid_forward.default,
+    aten.log_sigmoid_backward.default,
+    aten.hardswish.default,
+    aten.hardswish_backward.default,
+    aten._prelu_kernel.default,  # its weight broadcast (C, 1, ..., 1)
 }
 _VIEWS = {
     aten.view.default,
@@ -1214,9 +1298,15 @@ _CARRY: dict[Any, Carry] = {
     aten.narrow.default: _cut(1, _narrowed),
     aten.split.Tensor: _cut(2, _in_order),
     aten.split_with_sizes.default: _cut(2, _in_order),
+    aten.unsafe_split.Tensor: _cut(2, _in_order),
+    aten.unsafe_split_with_sizes.default: _cut(2, _in_order),
     aten.unbind.int: _cut(1, _in_order),
     aten.cat.default: _cat,
     aten.stack.default: _stack,
+    aten.broadcast_tensors.default: _broadcast,
+    # samples of different lengths packed one time step after the other: not followed
+    aten._pack_padded_sequence.default: _untracked,
+    aten.as_strided.default: _untracked,  # any layout, even of the same shape (a transpose)
 }
 _ROLLS = {aten.roll.default}
 _MASKED_SCATTERS = {aten.masked_scatter.default, aten.masked_scatter_.default}
@@ -1284,9 +1374,222 @@ VALUE_FREE = {
 }
 
 
-def _kind(func: Any) -> Carry:
-    """Elementwise ops (PyTorch's ``pointwise`` tag) broadcast; other ops end the tracking."""
-    return _pointwise if torch.Tag.pointwise in func.tags else _untracked
+def _kind(func: Any, unknown: bool) -> Carry:
+    """Elementwise ops (PyTorch's ``pointwise`` tag) broadcast; an op with no rule of its own
+    (``unknown``: in neither table) is judged by ``_unknown``; the others end the tracking."""
+    if torch.Tag.pointwise in func.tags:
+        return _pointwise
+    return _unknown(func) if unknown and func not in VALUE_FREE else _untracked
+
+
+# ---- ops without a rule of their own ----
+
+_DIM_ARGUMENTS = ("dim", "dims", "dimension")
+_SPATIAL_ARGUMENTS = ("kernel_size", "output_size")
+_RIGHT_HAND_SIDES = ("B", "b")  # of ``linalg_solve`` and kin: each column solved alone
+
+
+def _unknown(func: Any) -> Carry:
+    """The rule for an op no table knows, read from its schema: it combines samples (each
+    floating result then depends on the combination) if, for an argument ``t`` holding samples,
+
+    * its ``dim``/``dims``/``dimension`` argument names a batch dimension of its first
+      argument (``sort``, ``topk``, ``kthvalue``, ``median``, ``mode``, ``cummax``,
+      ``nansum``, ``unfold``, ``glu``, ``linalg_cross``, FFTs along the batch);
+    * it pools or resamples (a ``kernel_size``/``output_size`` argument) its first argument
+      along a batch dimension among its last, spatial ones: a kernel wider than one or a new
+      size there;
+    * it is a ``linalg`` matrix function (no ``dim`` argument) of matrices whose rows or
+      columns are samples (the last two dimensions; of a solve's right-hand side ``B``, the
+      rows alone: each column is solved alone);
+    * its ``key`` or ``value`` (attention kernels) has samples along its sequence dimension;
+    * two tracked arguments, or one in two ways, hold different samples at one place
+      (``linalg_cross(x, x.flip(0))``), samples an indexing op moved among them.
+
+    Else only its floating results with no room for a batch dimension of ``t`` (no dimension
+    a multiple of its samples: a scalar ``dist``, ``median()``, a mean loss, ``pdist``)
+    depend on combined samples. Ops that keep the samples in place (fused attention, pooling
+    over the event, embeddings, interpolation, RNNs) pass; a result shaped as a tracked
+    argument is followed as holding its samples in place (not of an op that writes in place),
+    the others not."""
+    op = _Signature.of(func)
+
+    def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+        tracked = [
+            (arg, t, axes)
+            for arg, a in [*zip(op.names, args, strict=False), *tr.kwargs.items()]
+            for t in (a if isinstance(a, list | tuple) else (a,))
+            if (axes := tr.axes(t))
+        ]
+        if not tracked:
+            return None
+        outs = [
+            o
+            for o in tree_leaves(out)
+            if isinstance(o, torch.Tensor)
+            and o.numel()
+            and (o.dtype.is_floating_point or o.is_complex())
+        ]
+        what = _combined(op, tr, args, tracked, out) if outs else None
+        for o in outs:
+            lost = what or _no_room(op.name, tracked, o)
+            if lost is not None:
+                tr.mixed[id(o)] = (o, tr.message(tr.func, lost))
+        if op.mutable or what is not None:
+            return None
+        # a result shaped as a tracked argument holds its samples in place
+        results = out if isinstance(out, list | tuple) else (out,)
+        return [
+            next((axes for _, t, axes in tracked if t.shape == o.shape), None)
+            if isinstance(o, torch.Tensor)
+            else None
+            for o in results
+        ]
+
+    return rule
+
+
+class _Signature(NamedTuple):
+    """What ``_unknown`` reads of an op's schema, once."""
+
+    name: str  # ``sort``
+    names: list[str]  # of its arguments
+    defaults: list[Any]  # what the dispatcher leaves out of ``args``
+    dim: str | None  # its ``dim``-like argument, if its first one is a tensor ``self``
+    spatial: str | None  # its ``kernel_size`` or ``output_size`` argument, likewise
+    spatial_dims: int | None  # from its name: ``avg_pool2d``, 2
+    linalg: bool  # a ``linalg`` function of matrices (no ``dim``)
+    mutable: bool
+
+    @classmethod
+    def of(cls, func: Any) -> _Signature:
+        schema = func._schema
+        names = [a.name for a in schema.arguments]
+        name = schema.name.split("::")[-1]
+        first = bool(names) and names[0] in ("self", "input")
+        first = first and str(schema.arguments[0].type) == "Tensor"
+        dim = next((n for n in _DIM_ARGUMENTS if n in names), None) if first else None
+        digits = re.findall(r"(\d)d", name)
+        return cls(
+            name,
+            names,
+            [a.default_value for a in schema.arguments],
+            dim,
+            next((n for n in _SPATIAL_ARGUMENTS if n in names), None) if first else None,
+            int(digits[-1]) if digits else None,
+            name.startswith(("linalg_", "_linalg_")) and dim is None,
+            schema.is_mutable,
+        )
+
+    def argument(self, args: Sequence[Any], kwargs: dict[str, Any], arg: str) -> Any:
+        at = self.names.index(arg)
+        return args[at] if at < len(args) else kwargs.get(arg, self.defaults[at])
+
+
+Tracked = tuple[str, torch.Tensor, Axes]  # an op's argument (schema name), holding samples
+
+
+def _combined(
+    op: _Signature, tr: BatchAxes, args: Sequence[Any], tracked: list[Tracked], out: Any
+) -> str | None:
+    """What combines samples in the call of ``op`` (``_unknown``'s rules), if anything."""
+    t = args[0] if args else None
+    if isinstance(t, torch.Tensor) and tr.axes(t) and t.dim():
+        what = _along(op, tr, args, t) or _resampled(op, tr, args, t, out)
+        if what is not None:
+            return what
+    return (
+        _matrices(op, tr, args, tracked) or _attended(op, tracked) or _conflicting(op.name, tracked)
+    )
+
+
+def _along(op: _Signature, tr: BatchAxes, args: Sequence[Any], t: torch.Tensor) -> str | None:
+    """``op``'s ``dim`` names a batch dimension of its first argument ``t``."""
+    dims = None if op.dim is None else op.argument(args, tr.kwargs, op.dim)
+    q = None if dims is None or dims == [] else _batch_at(tr, t, _dims(t, dims))
+    return None if q is None else f"{op.name} along samples (dimension {q} of {_shape(t)})"
+
+
+def _resampled(
+    op: _Signature, tr: BatchAxes, args: Sequence[Any], t: torch.Tensor, out: Any
+) -> str | None:
+    """``op`` pools or resamples ``t`` along a batch dimension among its last, spatial ones:
+    a kernel wider than one there, or a new size."""
+    if op.spatial is None:
+        return None
+    sizes = op.argument(args, tr.kwargs, op.spatial)
+    k = op.spatial_dims or len(sizes or ())
+    kernel = op.argument(args, tr.kwargs, "kernel_size") if "kernel_size" in op.names else None
+    first = out if isinstance(out, torch.Tensor) else tree_leaves(out)[0]
+    for i, d in enumerate(range(max(t.dim() - k, 0), t.dim())):
+        wide = kernel is not None and len(kernel) > 0 and kernel[min(i, len(kernel) - 1)] > 1
+        if _batch_at(tr, t, [d]) is not None and (wide or first.shape[d] != t.shape[d]):
+            return f"{op.name} across samples (dimension {d} of {_shape(t)}, a spatial one)"
+    return None
+
+
+def _matrices(
+    op: _Signature, tr: BatchAxes, args: Sequence[Any], tracked: list[Tracked]
+) -> str | None:
+    """``op``, a ``linalg`` function, reads matrices whose rows or columns are samples (of a
+    solve's right-hand side ``B``, whose columns are solved alone, the rows)."""
+    if not op.linalg or not args:
+        return None
+    lhs = args[0] if isinstance(args[0], torch.Tensor) else None  # A
+    for arg, a, axes in tracked:
+        matrix = [a.dim() - 2, a.dim() - 1]
+        if arg in _RIGHT_HAND_SIDES:  # (a batch of) vectors, or the rows (left=False: columns)
+            left = tr.kwargs.get("left", True)
+            vector = a.dim() == 1 or (lhs is not None and a.shape == lhs.shape[:-1])
+            matrix = [a.dim() - 1] if vector else [a.dim() - (2 if left else 1)]
+        q = next((q for q, *_ in axes if q in matrix), None)
+        if q is not None:
+            return (
+                f"{op.name} of matrices whose rows or columns are samples (dimension {q} of "
+                f"{_shape(a)})"
+            )
+    return None
+
+
+def _attended(op: _Signature, tracked: list[Tracked]) -> str | None:
+    """``op``, an attention kernel, attends each query to keys (values) that are samples."""
+    for arg, a, axes in tracked:
+        if arg in ("key", "value") and any(q == a.dim() - 2 for q, *_ in axes):
+            return f"{op.name}, attention across samples (dimension {a.dim() - 2} of {arg})"
+    return None
+
+
+def _conflicting(name: str, tracked: list[Tracked]) -> str | None:
+    """Whether the arguments hold different samples at one place (dimensions aligned at the
+    right), one of them samples an indexing op moved: ``x`` and ``x.flip(0)``."""
+    if not any(axis.rows for *_, axes in tracked for axis in axes):
+        return None
+    seen: dict[tuple[int, int], tuple[int, ...]] = {}
+    for _, t, axes in tracked:
+        for axis in axes:
+            held = _held(axis, t.shape[axis.position])
+            key = (axis.position - t.dim(), axis.size)
+            other = seen.setdefault(key, held)
+            n = min(len(held), len(other))
+            if held[:n] != other[:n]:
+                return (
+                    f"{name} combining different samples in one place (dimension "
+                    f"{axis.position} of a tensor of shape {_shape(t)})"
+                )
+    return None
+
+
+def _no_room(name: str, tracked: list[Tracked], out: torch.Tensor) -> str | None:
+    """Whether the result ``out`` has no dimension for the samples of an argument: none whose
+    size is a multiple of their number (a scalar, ``median()``, singular values)."""
+    for _, t, axes in tracked:
+        for axis in axes:
+            if not any(n % axis.period == 0 for n in out.shape if n):
+                return (
+                    f"{name} of a tensor holding samples along dimension {axis.position} (shape "
+                    f"{_shape(t)}), whose result of shape {_shape(out)} has no room for them"
+                )
+    return None
 
 
 # ---- what combines samples (``before``) ----
@@ -1393,6 +1696,14 @@ def _diagonal(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     return None if q is None else f"a diagonal across samples (dimension {q} of {_shape(t)})"
 
 
+def _renorm(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+    """``renorm(t, p, dim, maxnorm)`` scales each slice along ``dim`` by its norm over all the
+    other dimensions."""
+    t = args[0]
+    q = _batch_at(tr, t, [d for d in range(t.dim()) if d != args[2] % max(t.dim(), 1)])
+    return None if q is None else f"a renorm, a norm over samples (dimension {q} of {_shape(t)})"
+
+
 def _convolution(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     t, weight = args[0], args[1]
     groups = args[8] if len(args) > 8 else 1
@@ -1464,6 +1775,7 @@ _MIXING: dict[Any, Mixing] = {
     aten.diagonal.default: _diagonal,
     **dict.fromkeys(_MASKED_SCATTERS, _masked_scatter),
     aten.trace.default: _diagonal,  # the sum of the diagonal (0, 1): one kernel on CPU
+    aten.renorm.default: _renorm,
 }
 _CARRY.update(
     {
@@ -1474,5 +1786,15 @@ _CARRY.update(
         aten.native_layer_norm.default: _first_like_input,
         aten.native_group_norm.default: _first_like_input,
         aten.convolution.default: _first_like_input,
+        # samples set to a value along the batch: each one alone
+        **dict.fromkeys(
+            [
+                aten.index_fill.int_Scalar,
+                aten.index_fill.int_Tensor,
+                aten.index_fill_.int_Scalar,
+                aten.index_fill_.int_Tensor,
+            ],
+            _first_like_input,
+        ),
     }
 )

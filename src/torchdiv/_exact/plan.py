@@ -68,7 +68,7 @@ class OpSizes(DispatchMode):
         self.forward_rules = True
 
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-        carry = None if self.axes is None else self.axes.before(func, args)
+        carry = None if self.axes is None else self.axes.before(func, args, kwargs)
         out = func(*args, **kwargs)
         if carry is not None:
             self.axes.after(carry, args, out)  # type: ignore[union-attr]

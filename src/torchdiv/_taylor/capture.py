@@ -183,11 +183,21 @@ class _Recorder(DispatchMode):
         touches_x = self.depends(flat)
         reads_x = touches_x and func not in VALUE_FREE  # stop-gradient, factories
         depends = reads_x and torch.is_grad_enabled()
-        carry = None if self.axes is None else self.axes.before(func, args)
         self.refuse(func, touches_x)
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
-            with self:
-                return _DECOMPOSITIONS[func](*args, **kwargs)
+            # recorded as the ops it decomposes into; watched as itself, as the other
+            # engines' watches see it (its parts may combine samples with zero weights:
+            # the interpolation of a size onto itself)
+            axes, self.axes = self.axes, None
+            try:
+                with self:
+                    out = _DECOMPOSITIONS[func](*args, **kwargs)
+            finally:
+                self.axes = axes
+            if axes is not None:
+                axes.after(axes.before(func, args, kwargs), args, out)
+            return out
+        carry = None if self.axes is None else self.axes.before(func, args, kwargs)
         recorded = self.functional(func, args) if depends else func
         written = _written(func, args, kwargs)
         if written:  # kept, not replayed: what it reads does not matter
