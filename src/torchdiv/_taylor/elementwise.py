@@ -104,12 +104,32 @@ def _pow(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
 
 
 def _clamp(x: Tensor, y: Tensor, low: Any = None, high: Any = None) -> tuple[Tensor, None]:
+    """``clamp``: slope 1 on ``[low, high]``, edges included, as autograd's backward has it."""
     inside = torch.ones_like(x, dtype=torch.bool)
     if low is not None:
         inside &= x >= low
     if high is not None:
         inside &= x <= high
     return inside.to(x.dtype), None
+
+
+def _hardtanh(x: Tensor, y: Tensor, low: float = -1.0, high: float = 1.0) -> tuple[Tensor, None]:
+    """``hardtanh`` (and ``relu6``): slope 1 on ``(low, high)``, 0 at the edges, as autograd's
+    backward has it (unlike ``clamp``'s): saturated pixels at exactly -1 or 1 are common."""
+    return ((x > low) & (x < high)).to(x.dtype), None
+
+
+def _hardsigmoid(x: Tensor, y: Tensor) -> tuple[Tensor, None]:
+    """``relu6(x + 3) / 6``: slope 1/6 on ``(-3, 3)``, 0 at the edges (autograd's)."""
+    return ((x > -3) & (x < 3)).to(x.dtype) / 6, None
+
+
+def _hardswish(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``x relu6(x + 3) / 6``: ``x / 3 + 1/2`` on ``(-3, 3)``, 0 below, 1 from 3 on, and
+    second derivative 1/3 on ``(-3, 3)``, as autograd's backward and double backward have it
+    at the edges (a decomposition through ``clamp`` read 1.5 at 3 and -0.5 at -3)."""
+    inside = ((x > -3) & (x < 3)).to(x.dtype)
+    return torch.where(x >= 3, torch.ones_like(x), inside * (x / 3 + 0.5)), inside / 3
 
 
 def _arcsine(x: Tensor, y: Tensor, sign: float) -> tuple[Tensor, Tensor]:
@@ -135,7 +155,9 @@ DERIVATIVES: dict[Any, Derivatives] = {
     aten.softplus.default: _softplus,
     aten.elu.default: _elu,
     aten.leaky_relu.default: _leaky_relu,
-    aten.hardtanh.default: lambda x, y, low=-1.0, high=1.0: _clamp(x, y, low, high),
+    aten.hardtanh.default: _hardtanh,
+    aten.hardsigmoid.default: _hardsigmoid,
+    aten.hardswish.default: _hardswish,
     aten.clamp.default: _clamp,
     aten.pow.Tensor_Scalar: _pow,
     aten.sin.default: lambda x, y: (torch.cos(x), -y),

@@ -204,14 +204,37 @@ def _max_dim(ctx: Context, a: Jet, dim: int, keepdim: bool = False) -> tuple[Jet
 
 
 def _amax(ctx: Context, a: Jet, dims: list[int], keepdim: bool = False) -> Jet:
-    if len(dims) != 1:
-        raise UnsupportedOp("aten.amax over several dimensions")
-    return _max_dim(ctx, a, dims[0], keepdim)[0]
+    return tied(ctx, a, torch.amax(a.value, dims, keepdim=True), dims, keepdim)
+
+
+def tied(ctx: Context, a: Jet, value: Tensor, dims: list[int], keepdim: bool) -> Jet:
+    """``amax``/``amin`` over ``dims`` (``value``, computed with ``keepdim=True``): the
+    derivatives are the mean over the places that reach it, as autograd spreads them evenly
+    over ties (a single ``argmax`` read 1 where autograd reads 1/2 at a tie of two)."""
+    at = (a.value == value).to(a.value.dtype)
+    weights = at / at.sum(dims, keepdim=True)
+    # negative dims, so that the leading direction dimension of ``jac`` is left alone
+    back = [d % a.value.dim() - a.value.dim() for d in dims]
+    out = linear(ctx, lambda t: (t * weights).sum(back, keepdim=keepdim), a)
+    return Jet(value if keepdim else value.squeeze(dims), out.jac, out.lap)
 
 
 def _extremum(ctx: Context, a: Operand, b: Operand, larger: bool) -> Jet:
+    """``maximum``/``minimum``: the derivatives of the operand that is taken, and at a tie
+    the mean of both, as autograd has it."""
     va, vb = value_of(a), value_of(b)
-    return _where(ctx, va >= vb if larger else va <= vb, a, b)
+    picked = _where(ctx, va > vb if larger else va < vb, a, b)
+    mean = _where(ctx, va == vb, _halved(ctx, a, b), picked)
+    return Jet(picked.value, mean.jac, mean.lap)
+
+
+def _halved(ctx: Context, a: Operand, b: Operand) -> Jet:
+    """``(a + b) / 2`` as a jet (the derivatives at a tie of ``maximum``)."""
+    ja, jb = (t if isinstance(t, Jet) else Jet(t, None, None) for t in (a, b))
+    value = torch.broadcast_tensors(ja.value, jb.value)[0]  # type: ignore[no-untyped-call]
+    jac = (full_jac(ctx, Jet(value, ja.jac, None)) + full_jac(ctx, Jet(value, jb.jac, None))) / 2
+    lap = (full_lap(Jet(value, None, ja.lap)) + full_lap(Jet(value, None, jb.lap))) / 2
+    return Jet(value, jac, lap if ctx.second_order else None)
 
 
 def _max_pool(ctx: Context, a: Jet, *args: Any) -> tuple[Jet, Tensor]:

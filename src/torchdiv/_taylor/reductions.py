@@ -28,7 +28,6 @@ import torch
 from torchdiv._taylor.jet import (
     Context,
     Jet,
-    UnsupportedOp,
     aligned_jac,
     full_jac,
     full_lap,
@@ -37,7 +36,7 @@ from torchdiv._taylor.jet import (
     product,
 )
 from torchdiv._taylor.linear import RULES as LINEAR
-from torchdiv._taylor.linear import selected, take_along
+from torchdiv._taylor.linear import selected, take_along, tied
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -149,9 +148,7 @@ def _min_dim(ctx: Context, a: Jet, dim: int, keepdim: bool = False) -> tuple[Jet
 
 
 def _amin(ctx: Context, a: Jet, dims: list[int], keepdim: bool = False) -> Jet:
-    if len(dims) != 1:
-        raise UnsupportedOp("aten.amin over several dimensions")
-    return _min_dim(ctx, a, dims[0], keepdim)[0]
+    return tied(ctx, a, torch.amin(a.value, dims, keepdim=True), dims, keepdim)
 
 
 RULES: dict[Any, Callable[..., Any]] = {
