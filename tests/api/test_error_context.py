@@ -65,19 +65,6 @@ def test_a_function_of_t_and_x_gets_the_lambda_hint() -> None:
     assert isinstance(info.value.__cause__, TypeError)
 
 
-def test_train_mode_dropout_with_forward_mode_says_what_to_do() -> None:
-    net = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))
-    with pytest.raises(RuntimeError, match=r"vmap: called random operation") as info:
-        torchdiv.divergence(net, torch.randn(8, 3), method="forward")
-    assert info.match(r"train-mode Dropout.*model\.eval\(\).*method='reverse' or 'auto'")
-    # the advice holds: reverse mode differentiates f with the mask of its one evaluation,
-    # so every divergence is 2 * (sum of W_ii over the kept outputs i)
-    div = torchdiv.divergence(net, torch.randn(8, 3), method="reverse")
-    w = 2 * net[0].weight.detach().diagonal()
-    subsets = torch.tensor([[(s >> i) & 1 for i in range(3)] for s in range(8)]).float() @ w
-    assert ((div[:, None] - subsets).abs().amin(1) < 1e-5).all()
-
-
 class _Flow(nn.Module):
     def __init__(self, mistake: str) -> None:
         super().__init__()

@@ -104,13 +104,6 @@ def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> E
 
 def _hint(message: str, f: Any, x: torch.Tensor, call: str) -> str | None:
     """A likely fix for the usual mistakes."""
-    if "random operation" in message and "vmap" in message:
-        return (
-            "f draws random numbers (a train-mode Dropout?); method='forward' batches JVPs "
-            "with vmap, which refuses them. Call model.eval() for the deterministic model, or "
-            "use method='reverse' or 'auto', which evaluate f once and differentiate it with "
-            "the random draws of that evaluation."
-        )
     if "dtype" in message or "scalar type" in message:
         params = [p.dtype for m in _modules(f) for p in m.parameters() if p.is_floating_point()]
         what = f"f's parameters are {params[0]}" if params else "f computes in another dtype"

@@ -194,13 +194,20 @@ def evaluate(
     The evaluations ``"auto"`` watches also follow the batch dimensions (``_mixing``): an ``f``
     that mixes samples raises ``BatchInteractionError``. The explicit methods are not watched,
     except for an empty event (elementwise functions only), which costs one more evaluation.
+    Where an explicit method evaluates ``f`` more than once (that check, forward mode in
+    several chunks), every evaluation starts from the state the first found
+    (``_state.Once``): one function, its buffers and random draws changed once.
     """
-    if method in ("forward", "reverse"):
-        _mixing.check_empty_event(f, x, batch_dims)
+    if method in ("forward", "reverse"):  # f evaluated by the check, and per chunk forward
+        check = _mixing.checks_empty_event(x, batch_dims)
+        chunked = method == "forward" and chunk_size is not None
+        each = _state.Once(x, check or (chunked and chunk_size < event_numel(x, batch_dims)))
+        if check:
+            each(lambda z: _mixing.check_empty_event(f, z, batch_dims))(x)
     if method == "forward":
-        engine: Engine = ForwardJacobian(f, x, batch_dims)
+        engine: Engine = ForwardJacobian(f, x, batch_dims, each)
     elif method == "reverse":
-        engine = ReverseJacobian(f, x, batch_dims)
+        engine = each(lambda z: ReverseJacobian(f, z, batch_dims))(x)
     else:
         if not draws or torch.compiler.is_compiling():  # Dynamo cannot trace generator states
             generator = None
@@ -324,7 +331,7 @@ def _engines(
         rerun,
     ]
     if (reverse.num_basis > num_inputs or sizes.convolves) and sizes.forward_rules:
-        engines.insert(0, lambda: (ForwardJacobian(again, x, batch_dims), sizes))
+        engines.insert(0, lambda: (ForwardJacobian(f, x, batch_dims, changes.again), sizes))
     return engines
 
 
