@@ -131,3 +131,17 @@ def test_the_automatic_fallback_still_switches_engines() -> None:
 def test_an_unknown_keyword_keeps_pythons_message_with_the_function_name():
     with pytest.raises(TypeError, match=r"^jacobian\(\) got an unexpected keyword argument 'foo'"):
         torchdiv.jacobian(lambda x: x, torch.randn(2, 3), foo=1)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("fn", ["biharmonic", "laplacian"])
+def test_an_error_of_a_nested_call_is_named_by_the_call_made(fn: str) -> None:
+    """``biharmonic`` calls ``laplacian`` inside ``laplacian``: the error of ``f`` comes out
+    named ``biharmonic`` (it was named ``laplacian``), the context line naming the call that
+    raised it."""
+    with pytest.raises(RuntimeError) as info:
+        getattr(torchdiv, fn)(_net(), torch.randn(8, 3, dtype=f64))
+    assert info.match(rf"^{fn}: f\(x\) raised RuntimeError")
+    assert info.match(
+        r"\[torchdiv\] in laplacian\(f, x, \.\.\., batch_dims=1, method='(taylor|auto)'"
+    )
+    assert info.match(r"Hint: f's parameters are torch\.float32")

@@ -75,7 +75,24 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
         mixing = recorded_mixing(evaluate, options["x"], options["batch_dims"])
         if mixing is not None:
             return BatchInteractionError(f"{fn}: {mixing}")
-    return None if nested else in_context(fn, call, exc, options)
+    return renamed(fn, exc) if nested else in_context(fn, call, exc, options)
+
+
+def renamed(fn: str, exc: Exception) -> Exception | None:
+    """The error of a public call nested in ``fn``'s (``biharmonic``'s Laplacians,
+    ``value_grad_laplacian``'s Jacobian), its name in front replaced by ``fn`` (every error
+    of ``fn`` starts with it); its context line still names the call that raised it.
+    ``None``: already so named, or an exception type that wants other arguments."""
+    name, _, rest = str(exc).partition(": ")
+    if name == fn:
+        return None
+    try:
+        new = type(exc)(f"{fn}: {rest}")
+    except Exception:
+        return None
+    with contextlib.suppress(AttributeError):
+        new._torchdiv_context = True  # type: ignore[attr-defined]
+    return new
 
 
 def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> Exception:

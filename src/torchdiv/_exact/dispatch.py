@@ -198,22 +198,22 @@ def evaluate(
     several chunks), every evaluation starts from the state the first found
     (``_state.Once``): one function, its buffers and random draws changed once.
     """
-    if method in ("forward", "reverse"):  # f evaluated by the check, and per chunk forward
-        check = _mixing.checks_empty_event(x, batch_dims)
-        chunked = method == "forward" and chunk_size is not None
-        each = _state.Once(x, check or (chunked and chunk_size < event_numel(x, batch_dims)))
-        if check:
-            each(lambda z: _mixing.check_empty_event(f, z, batch_dims))(x)
-    if method == "forward":
-        engine: Engine = ForwardJacobian(f, x, batch_dims, each)
-    elif method == "reverse":
-        engine = each(lambda z: ReverseJacobian(f, z, batch_dims))(x)
-    else:
+    if method not in ("forward", "reverse"):
         if not draws or torch.compiler.is_compiling():  # Dynamo cannot trace generator states
             generator = None
         else:
             generator = generator or _state.default_generator(x.device)
         return _first_that_runs(f, x, batch_dims, chunk_size, consume, generator, square)
+    # f evaluated by the check, and by forward mode once per chunk of directions
+    check = _mixing.checks_empty_event(x, batch_dims)
+    several = method == "forward" and 0 < (chunk_size or 0) < event_numel(x, batch_dims)
+    each = _state.Once(x, check or several)
+    if check:
+        each(lambda z: _mixing.check_empty_event(f, z, batch_dims))(x)
+    if method == "forward":
+        engine: Engine = ForwardJacobian(f, x, batch_dims, each)
+    else:
+        engine = each(lambda z: ReverseJacobian(f, z, batch_dims))(x)
     return consume(engine, chunk_size or max(engine.num_basis, 1)), engine.y_shape
 
 
