@@ -145,3 +145,25 @@ def test_an_error_of_a_nested_call_is_named_by_the_call_made(fn: str) -> None:
         r"\[torchdiv\] in laplacian\(f, x, \.\.\., batch_dims=1, method='(taylor|auto)'"
     )
     assert info.match(r"Hint: f's parameters are torch\.float32")
+
+
+@pytest.mark.parametrize(
+    ("fn", "way"),
+    [
+        ("divergence", "method='reverse'"),
+        ("laplacian", "method='grad-of-grad' or 'taylor'"),
+        ("distributed.laplacian", "method='grad-of-grad' or 'taylor'"),
+        ("biharmonic", "chunk_size=1"),
+    ],
+)
+def test_vmaps_randomness_error_gets_a_way_out_that_runs(fn: str, way: str) -> None:
+    """Off the CPU forward mode's vmap keeps its randomness error (CUDA's fused dropout
+    draws another mask under vmap); the hint names a method of ``fn`` that runs such an
+    ``f`` (it named ``'auto'`` also to a call of ``'auto'``). The GPU is not needed here:
+    the hint is read off PyTorch's message."""
+    from torchdiv._api.reporting import _hint
+
+    message = "vmap: called random operation while in randomness error mode."
+    hint = _hint(fn, message, _net(), torch.randn(8, 3), "f(x)")
+    assert hint is not None and f"Use {way}, " in hint and "chunk_size=1" in hint
+    assert "'auto'" not in hint.split("Use ")[1]

@@ -107,7 +107,7 @@ def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> E
         f"[torchdiv] in {fn}(f, x, ..., {shown}) with x of shape {tuple(x.shape)} and dtype "
         f"{x.dtype}; f was evaluated by {engine}."
     )
-    hint = _hint(str(exc), f, x, call)
+    hint = _hint(fn, str(exc), f, x, call)
     if hint:
         text += f"\nHint: {hint}"
     try:
@@ -119,8 +119,27 @@ def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> E
     return new
 
 
-def _hint(message: str, f: Any, x: torch.Tensor, call: str) -> str | None:
+# what runs an f that draws random numbers off the CPU, where forward mode's vmap refuses it
+_RANDOM_WAYS = {
+    "laplacian": "method='grad-of-grad' or 'taylor'",
+    "weighted_laplacian": "method='grad-of-grad' or 'taylor'",
+    "value_grad_laplacian": "method='taylor'",
+    "biharmonic": "chunk_size=1",
+}
+
+
+def _hint(fn: str, message: str, f: Any, x: torch.Tensor, call: str) -> str | None:
     """A likely fix for the usual mistakes."""
+    if "random operation" in message and "vmap" in message:
+        way = _RANDOM_WAYS.get(fn.rpartition(".")[2], "method='reverse'")
+        return (
+            f"f draws random numbers (a train-mode dropout?); forward mode (also as a fallback "
+            f"of 'auto', and the Hessian-vector products of 'forward-over-reverse') batches "
+            f"its directions with vmap, which draws them on {x.device.type} other than an "
+            f"evaluation of f does, so it refuses them there. Use {way}, which differentiate "
+            f"f with the draws of one evaluation, chunk_size=1 (one direction at a time, no "
+            f"vmap), or model.eval() for the deterministic model."
+        )
     if "dtype" in message or "scalar type" in message:
         params = [p.dtype for m in _modules(f) for p in m.parameters() if p.is_floating_point()]
         what = f"f's parameters are {params[0]}" if params else "f computes in another dtype"

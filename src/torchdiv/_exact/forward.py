@@ -68,18 +68,23 @@ class ForwardJacobian:
             return self._products(tangents)
 
     def _apply(self, tangents: torch.Tensor) -> torch.Tensor:
-        """``randomness="same"``: only the tangents are batched, so a random call of ``f``
-        (a train-mode dropout) gets inputs without the ``k`` dimension and draws once, as an
-        evaluation of ``f`` outside ``vmap`` does: the same numbers from the same generator
-        state, which it leaves where that evaluation would (every ``k`` differentiates the
-        one function; ``tests/exact/test_state.py``). A caller that applies the engine more
-        than once evaluates ``f`` from the same state each time (``_state.once``)."""
+        """On the CPU ``randomness="same"``: only the tangents are batched, so a random call
+        of ``f`` (a train-mode dropout) gets inputs without the ``k`` dimension and draws
+        once, as an evaluation of ``f`` outside ``vmap`` does: the same numbers from the same
+        generator state, which it leaves where that evaluation would (every ``k``
+        differentiates the one function; ``tests/exact/test_state.py``). Not on a GPU: on an
+        H200 (torch 2.11) CUDA's fused dropout drew another mask under ``vmap`` than outside
+        it (same generator state after), so reverse mode, the loop and a chunk of one
+        direction would differentiate another function: vmap's randomness error stays there
+        (the hint names what runs). A caller that applies the engine more than once
+        evaluates ``f`` from the same state each time (``_state.Once``)."""
         if len(tangents) == 1:
             y, out = self._push(tangents[0])
             self._y, self._y_shape = y, y.shape
             return out[None]
         # torch's out_dims_t omits None, which vmap accepts (an output without the k dimension)
-        batched = vmap(self._push, out_dims=(None, 0), randomness="same")  # type: ignore[arg-type]
+        randomness = "same" if self.x.device.type == "cpu" else "error"
+        batched = vmap(self._push, out_dims=(None, 0), randomness=randomness)  # type: ignore[arg-type]
         with quiet_batching():
             y, out = batched(tangents)
         self._y, self._y_shape = y, y.shape
