@@ -673,6 +673,37 @@ def test_every_chunk_differentiates_one_evaluation(method, chunk_size, head, n):
     assert_one_state(net, once, state)
 
 
+@pytest.mark.parametrize(("method", "chunk_size"), [("forward-over-reverse", 2), ("hessian", 1)])
+def test_parameter_gradients_through_chunks_of_a_stateful_f(method, chunk_size):
+    """Training through a chunked nested method: spectral norm (its power iteration writes
+    its vectors, cloned before use) and a dropout, the Laplacian and its parameter gradients
+    against the grad-of-grad loop of one evaluation at the same seed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.utils.parametrizations.spectral_norm(nn.Linear(4, 8)),
+        nn.Tanh(),
+        nn.Dropout(0.3),
+        nn.Linear(8, 1),
+    ).to(f64)
+    x = torch.randn(5, 4, dtype=f64)
+    results = []
+    for run in ("call", "reference"):
+        copy = deepcopy(net)
+        torch.manual_seed(1)
+        if run == "call":
+            lap = torchdiv.laplacian(copy, x, method=method, chunk_size=chunk_size)[:, 0]
+        else:
+            lap = laplacian_by_grad_of_grad(lambda z, copy=copy: copy(z)[:, 0], x)
+        params = [p for name, p in copy.named_parameters() if name != "3.bias"]
+        results.append((lap, torch.autograd.grad(lap.sum(), params), copy))
+    (lap, grads, copy), (want, want_grads, reference) = results
+    assert_close(lap, want)
+    for a, b in zip(grads, want_grads, strict=True):
+        assert_close(a, b)
+    for (_, a), (_, b) in zip(copy.named_buffers(), reference.named_buffers(), strict=True):
+        assert torch.equal(a, b)  # the power iteration's vectors moved once
+
+
 @pytest.mark.parametrize("method", ["forward-over-reverse", "hessian", "grad-of-grad"])
 def test_the_empty_event_check_evaluates_the_same_function(method):
     """A scalar event is checked for sample mixing by one more evaluation: from the state
