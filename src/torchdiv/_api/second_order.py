@@ -337,7 +337,9 @@ def value_grad_laplacian(
         x: as in ``laplacian``.
         batch_dims: as in ``laplacian``.
         method: ``"auto"`` (the Taylor engine, or ``f(x)``, ``jacobian`` and
-            ``"forward-over-reverse"`` separately where an op has no Taylor rule; the loop
+            ``"forward-over-reverse"`` separately where an op has no Taylor rule, each
+            evaluation from the state the first found: one function, a stateful ``f``'s
+            buffers and random draws changed once; the loop
             of backward passes at few inputs and little arithmetic per call, as
             ``laplacian``),
             ``"taylor"`` or ``"forward-over-reverse"``.
