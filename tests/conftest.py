@@ -250,3 +250,61 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         digest = hashlib.sha256(f"{seed}:{item.nodeid}".encode()).digest()
         if mode == "none" or digest[0] % SLOW_SHARE:
             item.add_marker(skip)
+
+
+class Stateful(torch.nn.Module):
+    """``head(W2 dropout(u * tanh(W1 x)))``, a tanh layer of ``hidden`` units scaled by the
+    buffer ``u``: every evaluation first writes ``u`` in place (``out=``, as spectral norm's
+    power iteration does: ``torch.func`` allows that, not ``u += ...``) and ``calls``, then
+    drops half the hidden units (train-mode dropout). Two evaluations compute different
+    functions; a call should make one. ``frozen`` (set by ``one_state``): ``u`` and the
+    mask of one evaluation, used as constants: that evaluation's function, deterministic."""
+
+    def __init__(self, n: int, m: int = 1, hidden: int = 8, head=None) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.first = torch.nn.Linear(n, hidden).double()
+        self.last = torch.nn.Linear(hidden, m).double()
+        self.head = head
+        self.register_buffer("u", torch.linspace(0.5, 1.5, hidden, dtype=torch.float64))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+        self.keep = False  # keep (u, mask) of the next evaluation (a plain one: one_state)
+        self.kept: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x))
+        if self.frozen is not None:
+            u, mask = self.frozen
+            h = h * u * mask * 2.0
+        else:
+            with torch.no_grad():
+                torch.add(self.u, 0.25, out=self.u)
+                torch.add(self.calls, 1, out=self.calls)
+            h = torch.nn.functional.dropout(h * self.u, 0.5, training=True)
+            if self.keep:
+                self.kept = (self.u.clone(), (h != 0).detach())
+        y = self.last(h)
+        return y if self.head is None else self.head(y)
+
+
+def one_state(net: Stateful, x: torch.Tensor, seed: int) -> tuple[Stateful, torch.Tensor]:
+    """A copy of ``net`` evaluated once at ``x`` after ``torch.manual_seed(seed)``, then
+    ``frozen`` at that evaluation (what a call seeded so must differentiate), and the CPU
+    generator's state after it (where the call must leave it)."""
+    import copy
+
+    once = copy.deepcopy(net)
+    once.keep = True
+    torch.manual_seed(seed)
+    once(x)
+    state = torch.get_rng_state()
+    once.frozen = once.kept
+    return once, state
+
+
+def assert_one_state(net: Stateful, once: Stateful, state: torch.Tensor) -> None:
+    """``net`` after a call as ``once`` after one evaluation; the generator as it left it."""
+    assert net.calls.item() == once.calls.item() == 1
+    assert torch.equal(net.u, once.u)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -65,19 +65,6 @@ def test_a_function_of_t_and_x_gets_the_lambda_hint() -> None:
     assert isinstance(info.value.__cause__, TypeError)
 
 
-def test_train_mode_dropout_with_forward_mode_says_what_to_do() -> None:
-    net = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))
-    with pytest.raises(RuntimeError, match=r"vmap: called random operation") as info:
-        torchdiv.divergence(net, torch.randn(8, 3), method="forward")
-    assert info.match(r"train-mode Dropout.*model\.eval\(\).*method='reverse' or 'auto'")
-    # the advice holds: reverse mode differentiates f with the mask of its one evaluation,
-    # so every divergence is 2 * (sum of W_ii over the kept outputs i)
-    div = torchdiv.divergence(net, torch.randn(8, 3), method="reverse")
-    w = 2 * net[0].weight.detach().diagonal()
-    subsets = torch.tensor([[(s >> i) & 1 for i in range(3)] for s in range(8)]).float() @ w
-    assert ((div[:, None] - subsets).abs().amin(1) < 1e-5).all()
-
-
 class _Flow(nn.Module):
     def __init__(self, mistake: str) -> None:
         super().__init__()
@@ -144,3 +131,39 @@ def test_the_automatic_fallback_still_switches_engines() -> None:
 def test_an_unknown_keyword_keeps_pythons_message_with_the_function_name():
     with pytest.raises(TypeError, match=r"^jacobian\(\) got an unexpected keyword argument 'foo'"):
         torchdiv.jacobian(lambda x: x, torch.randn(2, 3), foo=1)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("fn", ["biharmonic", "laplacian"])
+def test_an_error_of_a_nested_call_is_named_by_the_call_made(fn: str) -> None:
+    """``biharmonic`` calls ``laplacian`` inside ``laplacian``: the error of ``f`` comes out
+    named ``biharmonic`` (it was named ``laplacian``), the context line naming the call that
+    raised it."""
+    with pytest.raises(RuntimeError) as info:
+        getattr(torchdiv, fn)(_net(), torch.randn(8, 3, dtype=f64))
+    assert info.match(rf"^{fn}: f\(x\) raised RuntimeError")
+    assert info.match(
+        r"\[torchdiv\] in laplacian\(f, x, \.\.\., batch_dims=1, method='(taylor|auto)'"
+    )
+    assert info.match(r"Hint: f's parameters are torch\.float32")
+
+
+@pytest.mark.parametrize(
+    ("fn", "way"),
+    [
+        ("divergence", "method='reverse'"),
+        ("laplacian", "method='grad-of-grad' or 'taylor'"),
+        ("distributed.laplacian", "method='grad-of-grad' or 'taylor'"),
+        ("biharmonic", "chunk_size=1"),
+    ],
+)
+def test_vmaps_randomness_error_gets_a_way_out_that_runs(fn: str, way: str) -> None:
+    """Off the CPU forward mode's vmap keeps its randomness error (CUDA's fused dropout
+    draws another mask under vmap); the hint names a method of ``fn`` that runs such an
+    ``f`` (it named ``'auto'`` also to a call of ``'auto'``). The GPU is not needed here:
+    the hint is read off PyTorch's message."""
+    from torchdiv._api.reporting import _hint
+
+    message = "vmap: called random operation while in randomness error mode."
+    hint = _hint(fn, message, _net(), torch.randn(8, 3), "f(x)")
+    assert hint is not None and f"Use {way}, " in hint and "chunk_size=1" in hint
+    assert "'auto'" not in hint.split("Use ")[1]

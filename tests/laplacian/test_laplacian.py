@@ -8,9 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    Stateful,
     assert_close,
+    assert_one_state,
     laplacian_by_grad_of_grad,
     loop_diagonal,
+    one_state,
     reference_laplacian,
     tanh_mlp,
 )
@@ -642,6 +645,75 @@ def test_random_ops_and_mutations_happen_once_whatever_the_chunks():
     assert_close(results[1], results[0])
     assert_close(results[2], results[0])
     assert net.calls.item() == 3  # one forward evaluation per call
+
+
+@pytest.mark.parametrize(
+    ("method", "chunk_size", "head", "n"),
+    [
+        ("forward-over-reverse", 1, None, 4),
+        ("forward-over-reverse", 2, None, 4),
+        ("hessian", 1, None, 4),
+        ("hessian", 3, None, 4),
+        # "auto": no Taylor rule for logcumsumexp, more than ten inputs: forward-over-reverse
+        ("auto", 4, "logcumsumexp", 12),
+        ("auto", None, "logcumsumexp", 12),
+    ],
+)
+def test_every_chunk_differentiates_one_evaluation(method, chunk_size, head, n):
+    """The nested methods evaluate ``f`` once per chunk of directions: each from the state
+    the first found (``_exact.state.Once``). Without it every chunk saw another buffer and
+    mask (1e-2-0.5 off) and the buffer moved once per chunk; several tangents in a chunk
+    raised vmap's randomness error, whose hint named ``'auto'`` to a call of ``'auto'``."""
+    last = (lambda y: torch.logcumsumexp(y, -1)[:, -1]) if head else (lambda y: y[:, 0])
+    net, x = Stateful(n, 3, head=last), torch.randn(5, n, dtype=f64)
+    once, state = one_state(net, x, seed=4)
+    torch.manual_seed(4)
+    got = torchdiv.laplacian(net, x, method=method, chunk_size=chunk_size)
+    assert_close(got, laplacian_by_grad_of_grad(once, x))
+    assert_one_state(net, once, state)
+
+
+@pytest.mark.parametrize(("method", "chunk_size"), [("forward-over-reverse", 2), ("hessian", 1)])
+def test_parameter_gradients_through_chunks_of_a_stateful_f(method, chunk_size):
+    """Training through a chunked nested method: spectral norm (its power iteration writes
+    its vectors, cloned before use) and a dropout, the Laplacian and its parameter gradients
+    against the grad-of-grad loop of one evaluation at the same seed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.utils.parametrizations.spectral_norm(nn.Linear(4, 8)),
+        nn.Tanh(),
+        nn.Dropout(0.3),
+        nn.Linear(8, 1),
+    ).to(f64)
+    x = torch.randn(5, 4, dtype=f64)
+    results = []
+    for run in ("call", "reference"):
+        copy = deepcopy(net)
+        torch.manual_seed(1)
+        if run == "call":
+            lap = torchdiv.laplacian(copy, x, method=method, chunk_size=chunk_size)[:, 0]
+        else:
+            lap = laplacian_by_grad_of_grad(lambda z, copy=copy: copy(z)[:, 0], x)
+        params = [p for name, p in copy.named_parameters() if name != "3.bias"]
+        results.append((lap, torch.autograd.grad(lap.sum(), params), copy))
+    (lap, grads, copy), (want, want_grads, reference) = results
+    assert_close(lap, want)
+    for a, b in zip(grads, want_grads, strict=True):
+        assert_close(a, b)
+    for (_, a), (_, b) in zip(copy.named_buffers(), reference.named_buffers(), strict=True):
+        assert torch.equal(a, b)  # the power iteration's vectors moved once
+
+
+@pytest.mark.parametrize("method", ["forward-over-reverse", "hessian", "grad-of-grad"])
+def test_the_empty_event_check_evaluates_the_same_function(method):
+    """A scalar event is checked for sample mixing by one more evaluation: from the state
+    the method's evaluation starts from (before: two buffers' moves, two masks)."""
+    net, x = Stateful(1, 1), torch.randn(6, dtype=f64)
+    once, state = one_state(net, x[:, None], seed=6)
+    torch.manual_seed(6)
+    got = torchdiv.laplacian(lambda z: net(z[:, None])[:, 0], x, method=method)
+    assert_close(got, laplacian_by_grad_of_grad(lambda z: once(z)[:, 0], x[:, None]))
+    assert_one_state(net, once, state)
 
 
 def test_ops_with_out_arguments_are_not_replayed():

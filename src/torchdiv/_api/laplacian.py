@@ -57,9 +57,10 @@ from torchdiv._core.checks import (
     checked,
 )
 from torchdiv._core.crossover import traceable
-from torchdiv._core.mixing import check_empty_event
+from torchdiv._core.mixing import check_empty_event, checks_empty_event
 from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode
 from torchdiv._estimators import trace as _trace
+from torchdiv._exact.state import Once
 from torchdiv._laplacian import methods
 from torchdiv._laplacian.along import along, unit_columns
 
@@ -176,6 +177,11 @@ def laplacian(
     if v is not None:
         probes = v.reshape(-1, *x.shape).to(x.dtype)
         return methods.hutchinson(g, x, batch_dims, chunk_size, probes)
-    if method in ("forward-over-reverse", "hessian", "grad-of-grad"):  # not recorded: _mixing
-        check_empty_event(g, x, batch_dims)
-    return methods.BY_NAME[method](g, x, batch_dims, chunk_size)
+    run = methods.BY_NAME[method]
+    if method in ("forward-over-reverse", "hessian", "grad-of-grad") and checks_empty_event(
+        x, batch_dims
+    ):  # not recorded: _mixing evaluates f once more, from the same state as the method
+        each = Once(x)
+        each(lambda z: check_empty_event(g, z, batch_dims))(x)
+        return each(lambda z: run(g, z, batch_dims, chunk_size))(x)
+    return run(g, x, batch_dims, chunk_size)

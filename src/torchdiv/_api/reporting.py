@@ -75,7 +75,24 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
         mixing = recorded_mixing(evaluate, options["x"], options["batch_dims"])
         if mixing is not None:
             return BatchInteractionError(f"{fn}: {mixing}")
-    return None if nested else in_context(fn, call, exc, options)
+    return renamed(fn, exc) if nested else in_context(fn, call, exc, options)
+
+
+def renamed(fn: str, exc: Exception) -> Exception | None:
+    """The error of a public call nested in ``fn``'s (``biharmonic``'s Laplacians,
+    ``value_grad_laplacian``'s Jacobian), its name in front replaced by ``fn`` (every error
+    of ``fn`` starts with it); its context line still names the call that raised it.
+    ``None``: already so named, or an exception type that wants other arguments."""
+    name, _, rest = str(exc).partition(": ")
+    if name == fn:
+        return None
+    try:
+        new = type(exc)(f"{fn}: {rest}")
+    except Exception:
+        return None
+    with contextlib.suppress(AttributeError):
+        new._torchdiv_context = True  # type: ignore[attr-defined]
+    return new
 
 
 def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> Exception:
@@ -90,7 +107,7 @@ def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> E
         f"[torchdiv] in {fn}(f, x, ..., {shown}) with x of shape {tuple(x.shape)} and dtype "
         f"{x.dtype}; f was evaluated by {engine}."
     )
-    hint = _hint(str(exc), f, x, call)
+    hint = _hint(fn, str(exc), f, x, call)
     if hint:
         text += f"\nHint: {hint}"
     try:
@@ -102,14 +119,26 @@ def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> E
     return new
 
 
-def _hint(message: str, f: Any, x: torch.Tensor, call: str) -> str | None:
+# what runs an f that draws random numbers off the CPU, where forward mode's vmap refuses it
+_RANDOM_WAYS = {
+    "laplacian": "method='grad-of-grad' or 'taylor'",
+    "weighted_laplacian": "method='grad-of-grad' or 'taylor'",
+    "value_grad_laplacian": "method='taylor'",
+    "biharmonic": "chunk_size=1",
+}
+
+
+def _hint(fn: str, message: str, f: Any, x: torch.Tensor, call: str) -> str | None:
     """A likely fix for the usual mistakes."""
     if "random operation" in message and "vmap" in message:
+        way = _RANDOM_WAYS.get(fn.rpartition(".")[2], "method='reverse'")
         return (
-            "f draws random numbers (a train-mode Dropout?); method='forward' batches JVPs "
-            "with vmap, which refuses them. Call model.eval() for the deterministic model, or "
-            "use method='reverse' or 'auto', which evaluate f once and differentiate it with "
-            "the random draws of that evaluation."
+            f"f draws random numbers (a train-mode dropout?); forward mode (also as a fallback "
+            f"of 'auto', and the Hessian-vector products of 'forward-over-reverse') batches "
+            f"its directions with vmap, which draws them on {x.device.type} other than an "
+            f"evaluation of f does, so it refuses them there. Use {way}, which differentiate "
+            f"f with the draws of one evaluation, chunk_size=1 (one direction at a time, no "
+            f"vmap), or model.eval() for the deterministic model."
         )
     if "dtype" in message or "scalar type" in message:
         params = [p.dtype for m in _modules(f) for p in m.parameters() if p.is_floating_point()]

@@ -22,6 +22,7 @@ value, gradient and Laplacian from one sweep.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -41,9 +42,10 @@ from torchdiv._core.checks import (
     checked,
     event_numel,
 )
-from torchdiv._core.mixing import check_empty_event
+from torchdiv._core.mixing import check_empty_event, checks_empty_event
 from torchdiv._core.modes import eager_when, outside_inference_mode
 from torchdiv._estimators import trace as _trace
+from torchdiv._exact.state import Once
 from torchdiv._laplacian import loop as _loop
 from torchdiv._laplacian import methods
 from torchdiv._laplacian.along import along
@@ -80,7 +82,11 @@ def weighted_laplacian(
         f: ``f(x) -> y``, samples independent (as in ``laplacian``).
         x: floating tensor; its first ``batch_dims`` dimensions index samples.
         diffusion: ``A``, shape ``(n, n)`` or ``x.shape[:batch_dims] + (n, n)``, ``n`` the
-            event's number of elements. Only its symmetric part matters. Indefinite is fine.
+            event's number of elements. Only its symmetric part matters. Indefinite is fine:
+            one Laplacian per sign of its eigenvalues, each of the function ``f`` computed
+            at the first evaluation (a stateful ``f`` changes its state once), subtracted;
+            in float32 that costs accuracy relative to ``‖A‖ ‖∇²f‖`` (4.5e-5 relative at
+            ``A = [[1, 1000], [1000, 1]]``): float64 for an ill-conditioned indefinite ``A``.
         sigma: ``S``, shape ``(n, k)`` or ``x.shape[:batch_dims] + (n, k)``.
         batch_dims: as in ``laplacian``.
         method: as in ``laplacian``; ``"hutchinson"`` estimates with probes ``S v``.
@@ -121,25 +127,45 @@ def weighted_laplacian(
     if method != "hutchinson":
         check_exact_options(fn, method, num_probes, generator, probe)
     g = checked(fn, f, x, batch_dims, square=False)
-    check_empty_event(g, x, batch_dims)  # x's, which the shifted function's event hides
     matrix = matrix.to(x.dtype)
-    if name == "diffusion" and matrix.requires_grad and torch.is_grad_enabled():
+    mixed = name == "diffusion" and matrix.requires_grad and torch.is_grad_enabled()
+    factors = [] if mixed else _factors(fn, matrix) if name == "diffusion" else [(1, matrix)]
+    # f evaluated by the check of x's empty event (which the shifted function's event hides),
+    # once per part (a sign of A's eigenvalues) or chunk: every time from the same state
+    check = checks_empty_event(x, batch_dims)
+    each = Once(x, check or len(factors) > 1 or (mixed and chunk_size is not None))
+    if check:
+        each(lambda z: check_empty_event(g, z, batch_dims))(x)
+    if mixed:
         options = (num_probes, generator, probe)
-        return _mixed(fn, g, x, batch_dims, method, chunk_size, matrix, *options)
+        return _mixed(fn, g, x, batch_dims, method, chunk_size, matrix, *options, each)
     total = None
-    for sign, factor in _factors(fn, matrix) if name == "diffusion" else [(1, matrix)]:
+    for sign, factor in factors:
         h, z = along(g, x, batch_dims, factor)
-        if z.numel() == 0:
-            part = methods.zeros_like_output(h, z)
-        elif method == "hutchinson":
+        probes = None
+        if method == "hutchinson" and z.numel() > 0:  # drawn outside ``each``: new ones a part
             s = _trace.sampling(fn, z, batch_dims, method, num_probes, probe, None, generator)
             probes = _trace.vectors(s, z, batch_dims).reshape(-1, *z.shape).to(x.dtype)
-            part = methods.hutchinson(h, z, batch_dims, chunk_size, probes)
-        else:
-            part = methods.BY_NAME[method](h, z, batch_dims, chunk_size)
+        part = each(functools.partial(_part, h, batch_dims, method, chunk_size, probes))(z)
         total = sign * part if total is None else total + sign * part
     assert total is not None  # _factors always gives the positive part
     return total
+
+
+def _part(
+    h: Function,
+    batch_dims: int,
+    method: str,
+    chunk_size: int | None,
+    probes: torch.Tensor | None,
+    z: torch.Tensor,
+) -> torch.Tensor:
+    """The Laplacian of ``h`` at ``z`` by ``method`` (``"hutchinson"``: along ``probes``)."""
+    if z.numel() == 0:
+        return methods.zeros_like_output(h, z)
+    if probes is not None:
+        return methods.hutchinson(h, z, batch_dims, chunk_size, probes)
+    return methods.BY_NAME[method](h, z, batch_dims, chunk_size)
 
 
 def _factors(fn: str, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -183,9 +209,11 @@ def _mixed(
     num_probes: int | None,
     generator: torch.Generator | None,
     probe: str | None,
+    each: Once,
 ) -> torch.Tensor:
     """``Σ_j (A v_j)ᵀ H v_j`` by Hessian-vector products, ``v_j`` the unit vectors (exact) or
-    probes (``"hutchinson"``, divided by their number): linear, so differentiable, in ``A``."""
+    probes (``"hutchinson"``, divided by their number): linear, so differentiable, in ``A``.
+    ``each`` wraps every chunk's evaluation of ``g`` (``Once``)."""
     n, samples = event_numel(x, batch_dims), x.shape[:batch_dims].numel()
     if x.numel() == 0:
         return methods.zeros_like_output(g, x)
@@ -198,7 +226,8 @@ def _mixed(
     total, r, y_shape = None, len(vectors), torch.Size()
     for start, stop in chunks(r, chunk_size or r):
         v = vectors[start:stop]
-        products, y_shape = methods.hessian_products(g, x, batch_dims, v.reshape(-1, *x.shape))
+        along_v = methods.products_along(g, batch_dims, v.reshape(-1, *x.shape))
+        products, y_shape = each(along_v)(x)
         partners = torch.einsum("bij,kbj->kbi", a, v)  # A v, (k, N, n)
         part = torch.einsum("kmbi,kbi->mb", products, partners)
         total = part if total is None else total + part
@@ -308,7 +337,9 @@ def value_grad_laplacian(
         x: as in ``laplacian``.
         batch_dims: as in ``laplacian``.
         method: ``"auto"`` (the Taylor engine, or ``f(x)``, ``jacobian`` and
-            ``"forward-over-reverse"`` separately where an op has no Taylor rule; the loop
+            ``"forward-over-reverse"`` separately where an op has no Taylor rule, each
+            evaluation from the state the first found: one function, a stateful ``f``'s
+            buffers and random draws changed once; the loop
             of backward passes at few inputs and little arithmetic per call, as
             ``laplacian``),
             ``"taylor"`` or ``"forward-over-reverse"``.
@@ -353,19 +384,28 @@ def value_grad_laplacian(
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as exc:  # UnsupportedOp included
+            graph.undo()  # what recording f changed, put back: f is evaluated again (or not)
             if method == "taylor":
                 raise UnsupportedOp(
                     f"{fn}: method='taylor' has no propagation rule for {exc}; use "
                     "method='auto' (computes the three separately)"
                 ) from exc
-        graph.undo()
-    value = g(x)
-    gradient = jacobian(g, x, batch_dims=batch_dims, chunk_size=chunk_size)
+    return _separately(g, x, batch_dims, chunk_size)
+
+
+def _separately(
+    g: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None
+) -> ValueGradLaplacian:
+    """``g(x)``, ``jacobian`` and ``"forward-over-reverse"``: three evaluations of ``g`` (and
+    one a chunk), each from the state the first found (``Once``), so that the three are of
+    one function (the same dropout mask) and ``g``'s buffers and random draws change once."""
+    each = Once(x)
+    value = each(g)(x)
+    gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:
         return ValueGradLaplacian(value, gradient, torch.zeros_like(value))
-    return ValueGradLaplacian(
-        value, gradient, methods.forward_over_reverse(g, x, batch_dims, chunk_size)
-    )
+    lap = each(lambda z: methods.forward_over_reverse(g, z, batch_dims, chunk_size))(x)
+    return ValueGradLaplacian(value, gradient, lap)
 
 
 def _looped(

@@ -448,8 +448,14 @@ def check_empty_event(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_d
     element a sample), evaluate ``f`` once more, watched by ``Watching`` (with grad enabled,
     so that ``no_grad`` blocks in ``f`` show as constants). Only an elementwise ``f`` is then
     batch independent, and the problem is small."""
-    if x.dim() == batch_dims and x.numel() > 1:
+    if checks_empty_event(x, batch_dims):
         watch_once(f, x, batch_dims)
+
+
+def checks_empty_event(x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether ``check_empty_event`` evaluates ``f`` (a caller that evaluates it again then
+    makes the two evaluations compute one function: ``torchdiv._exact.state.once``)."""
+    return x.dim() == batch_dims and x.numel() > 1 and not allowed()
 
 
 def watch_once(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) -> None:

@@ -194,19 +194,26 @@ def evaluate(
     The evaluations ``"auto"`` watches also follow the batch dimensions (``_mixing``): an ``f``
     that mixes samples raises ``BatchInteractionError``. The explicit methods are not watched,
     except for an empty event (elementwise functions only), which costs one more evaluation.
+    Where an explicit method evaluates ``f`` more than once (that check, forward mode in
+    several chunks), every evaluation starts from the state the first found
+    (``_state.Once``): one function, its buffers and random draws changed once.
     """
-    if method in ("forward", "reverse"):
-        _mixing.check_empty_event(f, x, batch_dims)
-    if method == "forward":
-        engine: Engine = ForwardJacobian(f, x, batch_dims)
-    elif method == "reverse":
-        engine = ReverseJacobian(f, x, batch_dims)
-    else:
+    if method not in ("forward", "reverse"):
         if not draws or torch.compiler.is_compiling():  # Dynamo cannot trace generator states
             generator = None
         else:
             generator = generator or _state.default_generator(x.device)
         return _first_that_runs(f, x, batch_dims, chunk_size, consume, generator, square)
+    # f evaluated by the check, and by forward mode once per chunk of directions
+    check = _mixing.checks_empty_event(x, batch_dims)
+    several = method == "forward" and 0 < (chunk_size or 0) < event_numel(x, batch_dims)
+    each = _state.Once(x, check or several)
+    if check:
+        each(lambda z: _mixing.check_empty_event(f, z, batch_dims))(x)
+    if method == "forward":
+        engine: Engine = ForwardJacobian(f, x, batch_dims, each)
+    else:
+        engine = each(lambda z: ReverseJacobian(f, z, batch_dims))(x)
     return consume(engine, chunk_size or max(engine.num_basis, 1)), engine.y_shape
 
 
@@ -324,7 +331,7 @@ def _engines(
         rerun,
     ]
     if (reverse.num_basis > num_inputs or sizes.convolves) and sizes.forward_rules:
-        engines.insert(0, lambda: (ForwardJacobian(again, x, batch_dims), sizes))
+        engines.insert(0, lambda: (ForwardJacobian(f, x, batch_dims, changes.again), sizes))
     return engines
 
 

@@ -11,6 +11,8 @@ from torchdiv._core.basis import as_blocks, basis, quiet_batching
 from torchdiv._core.checks import event_numel
 from torchdiv._core.modes import SafeDerivatives, math_attention
 
+Products = Callable[[torch.Tensor], torch.Tensor]  # tangents -> JVPs
+
 
 class ForwardJacobian:
     """``J @ V`` for the batched ``f`` at ``x``, by ``vmap`` of ``torch.func.jvp`` over tangents.
@@ -22,9 +24,18 @@ class ForwardJacobian:
 
     blocks_are_rows = False
 
-    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int):
+    def __init__(
+        self,
+        f: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        batch_dims: int,
+        again: Callable[[Products], Products] | None = None,
+    ):
         # jvp cannot make a dual tensor of a primal whose elements share memory (stride 0)
         self.f, self.x, self.batch_dims = f, x.contiguous(), batch_dims
+        # each product evaluates f: from the state before the first, outside the transforms
+        # (``_state.Once``, ``Changes.again``); None: one product, or f without state
+        self._products = self._apply if again is None else again(self._apply)
         self.num_basis = event_numel(x, batch_dims)
         self._y_shape: torch.Size | None = None
         self._y: torch.Tensor | None = None
@@ -54,15 +65,26 @@ class ForwardJacobian:
         forward mode.
         """
         with math_attention(), SafeDerivatives(2, "method='reverse'"):  # fused: no forward AD
-            return self._apply(tangents)
+            return self._products(tangents)
 
     def _apply(self, tangents: torch.Tensor) -> torch.Tensor:
+        """On the CPU ``randomness="same"``: only the tangents are batched, so a random call
+        of ``f`` (a train-mode dropout) gets inputs without the ``k`` dimension and draws
+        once, as an evaluation of ``f`` outside ``vmap`` does: the same numbers from the same
+        generator state, which it leaves where that evaluation would (every ``k``
+        differentiates the one function; ``tests/exact/test_state.py``). Not on a GPU: on an
+        H200 (torch 2.11) CUDA's fused dropout drew another mask under ``vmap`` than outside
+        it (same generator state after), so reverse mode, the loop and a chunk of one
+        direction would differentiate another function: vmap's randomness error stays there
+        (the hint names what runs). A caller that applies the engine more than once
+        evaluates ``f`` from the same state each time (``_state.Once``)."""
         if len(tangents) == 1:
             y, out = self._push(tangents[0])
             self._y, self._y_shape = y, y.shape
             return out[None]
         # torch's out_dims_t omits None, which vmap accepts (an output without the k dimension)
-        batched = vmap(self._push, out_dims=(None, 0))  # type: ignore[arg-type]
+        randomness = "same" if self.x.device.type == "cpu" else "error"
+        batched = vmap(self._push, out_dims=(None, 0), randomness=randomness)  # type: ignore[arg-type]
         with quiet_batching():
             y, out = batched(tangents)
         self._y, self._y_shape = y, y.shape

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from torchdiv._core.modes import DispatchMode
 from torchdiv._taylor.capture import _BATCH_NORMS, _storage, _written
 from torchdiv._taylor.tree import leaves
+
+T = TypeVar("T")
 
 
 class Changes(DispatchMode):
@@ -67,14 +69,16 @@ class Changes(DispatchMode):
         else:  # an evaluation that did not finish has changed nothing
             self._put(before=True)
 
-    def again(
-        self, f: Callable[[torch.Tensor], torch.Tensor]
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    def again(self, f: Callable[[torch.Tensor], T]) -> Callable[[torch.Tensor], T]:
         """``f``, evaluated from the state before the first evaluation (watched until one
         completes): it draws the same random numbers, and leaves the state as one evaluation
-        did; generators drawn from in between (probes) go on where they were."""
+        did; generators drawn from in between (probes) go on where they were. The functions
+        of several ``again`` calls share that state (the first of them to run is watched).
+        Called inside a ``torch.func`` transform it puts back the tensors underneath
+        (``_put``); a caller wraps the function that applies its own transforms (``Once``),
+        whose evaluations ``Changes`` then watches whole."""
 
-        def f_again(x: torch.Tensor) -> torch.Tensor:
+        def f_again(x: torch.Tensor) -> T:
             current = {g: g.get_state() for g in self.generators}
             self._put(before=True)
             try:
@@ -97,7 +101,9 @@ class Changes(DispatchMode):
 
     def _put(self, before: bool) -> None:
         values = [b for _, b in self.written] if before or self.after is None else self.after
-        with torch.no_grad():
+        # the tensors as the dispatcher saw them, under no torch.func layer: written so (a
+        # transform around the call, a nested call's, refuses writes to captured tensors)
+        with torch.no_grad(), torch._C._DisableFuncTorch():
             for (tensor, _), value in zip(self.written, values, strict=True):
                 tensor.copy_(value)
         for generator, state in self.generators.items():
@@ -108,6 +114,25 @@ class Changes(DispatchMode):
         if generator is not None:
             return [generator]
         return list({torch.default_generator, default_generator(self.device)})
+
+
+class Once:
+    """The evaluations of ``f`` that one call makes, for a call that makes ``several``: each
+    function it wraps (one that evaluates ``f`` once: a chunk of Hessian-vector products, a
+    check, a part of a sum) runs from the state before the first (``Changes.again``), so that
+    every evaluation computes the same function (the same dropout masks) and ``f``'s changes
+    (a buffer written in place, a random generator) are made once. It wraps the function
+    that applies the caller's ``torch.func`` transforms, not ``f`` inside them: the state is
+    put back before they start.
+
+    For one evaluation it wraps nothing (no dispatch mode to pay for), nor inside a region
+    Dynamo traces, which cannot trace a dispatch mode or generator states."""
+
+    def __init__(self, x: torch.Tensor, several: bool = True) -> None:
+        self.changes = Changes(x) if several and not torch.compiler.is_compiling() else None
+
+    def __call__(self, fn: Callable[[torch.Tensor], T]) -> Callable[[torch.Tensor], T]:
+        return fn if self.changes is None else self.changes.again(fn)
 
 
 _FACTS: dict[Any, tuple[bool, bool, bool]] = {}

@@ -22,6 +22,7 @@ from torchdiv._core.checks import event_numel
 from torchdiv._core.crossover import traced
 from torchdiv._core.modes import SafeDerivatives, math_attention, recorded
 from torchdiv._exact.forward import ForwardJacobian
+from torchdiv._exact.state import Once
 from torchdiv._laplacian.loop import Check, Settings, all_finite, grad_of_grad
 from torchdiv._taylor import (
     RULES,
@@ -207,16 +208,20 @@ def taylor(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None
     graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
     if graph.unsupported:
         _refuse(
-            ", ".join(sorted(set(graph.unsupported))) + " applied to a tensor that depends on x"
+            graph,
+            ", ".join(sorted(set(graph.unsupported))) + " applied to a tensor that depends on x",
         )
     chunk = chunk_size or event_numel(x, batch_dims)
     try:
         return collapsed(graph, x, unit_directions(x, batch_dims, chunk))
     except UnsupportedOp as exc:
-        _refuse(str(exc))
+        _refuse(graph, str(exc))
 
 
-def _refuse(what: str) -> NoReturn:
+def _refuse(graph: Graph, what: str) -> NoReturn:
+    """Raise, with what recording ``f`` changed put back (``biharmonic``'s ``"auto"``
+    evaluates ``f`` again by another method: its buffers and random draws change once)."""
+    graph.undo()
     raise UnsupportedOp(
         f"laplacian: method='taylor' has no propagation rule for {what}; use method='auto' "
         "(falls back to 'forward-over-reverse')"
@@ -346,17 +351,26 @@ def hessian_products(
     return columns.reshape(k, m, n_samples, n), grads.y_shape
 
 
+def products_along(
+    f: Function, batch_dims: int, directions: torch.Tensor
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Size]]:
+    """``x -> hessian_products(f, x, batch_dims, directions)``, for ``Once`` to wrap."""
+    return lambda x: hessian_products(f, x, batch_dims, directions)
+
+
 def forward_over_reverse(
     f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None, share: Share = WHOLE
 ) -> torch.Tensor:
     """The Laplacian (the part of a ``share`` of the directions, which must not be empty) by
     Hessian columns, JVPs of the per-sample gradients, keeping only the diagonal entries."""
     n = event_numel(x, batch_dims)
+    pieces = list(share.chunks(n, chunk_size or n))
+    each = Once(x, len(pieces) > 1)  # f evaluated once per chunk: from one state
 
     def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
-        for start, stop in share.chunks(n, chunk_size or n):
+        for start, stop in pieces:
             directions = basis(start, stop, x, batch_dims)
-            columns, y_shape = hessian_products(f, x, batch_dims, directions)
+            columns, y_shape = each(products_along(f, batch_dims, directions))(x)
             j = torch.arange(stop - start, device=x.device)
             yield columns[j, :, :, start + j].sum(0), y_shape  # (m, N): entries (start+j, start+j)
 
@@ -383,9 +397,11 @@ def zeros_like_output(f: Function, x: torch.Tensor) -> torch.Tensor:
 
 def hessian(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
     n = event_numel(x, batch_dims)
+    pieces = list(chunks(n, chunk_size or n))
+    each = Once(x, len(pieces) > 1)  # f evaluated once per chunk: from one state
     products = [
-        hessian_products(f, x, batch_dims, basis(start, stop, x, batch_dims))
-        for start, stop in chunks(n, chunk_size or n)
+        each(products_along(f, batch_dims, basis(start, stop, x, batch_dims)))(x)
+        for start, stop in pieces
     ]
     hessians = torch.cat([columns for columns, _ in products]).permute(2, 1, 3, 0)  # (N, m, n, n)
     return hessians.diagonal(dim1=-2, dim2=-1).sum(-1).reshape(products[-1][1])
@@ -403,9 +419,11 @@ def hutchinson(
         if out is not None:
             return out / r
 
+    each = Once(x, len(pieces) > 1)  # f evaluated once per chunk: from one state
+
     def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
         for v in pieces:
-            products, y_shape = hessian_products(f, x, batch_dims, v)  # (k, m, N, n)
+            products, y_shape = each(products_along(f, batch_dims, v))(x)  # (k, m, N, n)
             k, _, n_samples, n = products.shape
             yield (products * v.reshape(k, 1, n_samples, n)).sum((0, 3)), y_shape  # (m, N)
 

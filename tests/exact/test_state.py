@@ -1,0 +1,83 @@
+"""A stateful ``f`` (a buffer written in place, a train-mode dropout) evaluated more than once
+by one call (forward mode once per chunk of directions, the check of an empty event): every
+evaluation computes the function of the first (``_exact.state.Once``), and the state changes
+once. References: the function frozen at one plain evaluation (``conftest.one_state``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    Stateful,
+    assert_close,
+    assert_one_state,
+    one_state,
+    reference_diagonal,
+    reference_jacobian,
+)
+
+import torchdiv
+
+f64 = torch.float64
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2])
+@pytest.mark.parametrize("operator", ["divergence", "jacobian_diagonal", "jacobian"])
+def test_forward_mode_in_chunks_differentiates_one_evaluation(operator, chunk_size):
+    """Without ``Once`` every chunk of JVPs saw another ``u`` and mask (1e-2-1 off), and the
+    buffer moved once per chunk; with several tangents a chunk raised vmap's randomness
+    error."""
+    net, x = Stateful(4, 4), torch.randn(3, 4, dtype=f64)
+    once, state = one_state(net, x, seed=5)
+    torch.manual_seed(5)
+    got = getattr(torchdiv, operator)(net, x, method="forward", chunk_size=chunk_size)
+    reference = {"jacobian": reference_jacobian, "jacobian_diagonal": reference_diagonal}
+    expected = reference.get(operator, reference_diagonal)(once, x)
+    assert_close(got, expected.sum(-1) if operator == "divergence" else expected)
+    assert_one_state(net, once, state)
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda h: F.dropout(h, 0.5, training=True),
+        lambda h: F.alpha_dropout(h, 0.5, training=True),
+        lambda h: h * torch.bernoulli(torch.full_like(h, 0.3)),
+        lambda h: h + torch.randn_like(h),
+        lambda h: h * torch.rand(h.shape, dtype=h.dtype),
+        lambda h: h[:, torch.randperm(h.shape[1])],
+    ],
+)
+def test_forward_mode_draws_what_a_plain_evaluation_draws(draw):
+    """``vmap`` over tangents with ``randomness="same"`` (``ForwardJacobian``): the random
+    calls of ``f`` get unbatched inputs and draw once, the numbers of a plain evaluation
+    from the same state, leaving the generator where it would. The reference: reverse mode,
+    which evaluates ``f`` once outside ``vmap``. (Before: vmap's randomness error.)"""
+    w = torch.linspace(-1, 1, 12, dtype=f64).reshape(3, 4)
+    f = lambda z: draw(torch.tanh(z @ w)) @ w.T  # noqa: E731
+    x = torch.randn(5, 3, dtype=f64)
+    got, states = {}, {}
+    for method in ("forward", "reverse"):
+        torch.manual_seed(2)
+        got[method] = torchdiv.jacobian(f, x, method=method)
+        states[method] = torch.get_rng_state()
+    torch.manual_seed(2)
+    f(x)
+    assert torch.equal(states["forward"], torch.get_rng_state())
+    assert torch.equal(states["reverse"], torch.get_rng_state())
+    assert_close(got["forward"], got["reverse"])
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_the_empty_event_check_evaluates_the_same_function(method):
+    """An empty event (a scalar per sample) is checked for sample mixing by one more
+    evaluation of ``f`` before the engine's: both from one state (before: the engine saw
+    the second ``u`` and mask, and the buffer moved twice)."""
+    net, x = Stateful(1, 1), torch.randn(6, dtype=f64)
+    elementwise = lambda z: net(z[:, None])[:, 0]  # noqa: E731
+    once, state = one_state(net, x[:, None], seed=1)
+    torch.manual_seed(1)
+    got = torchdiv.divergence(elementwise, x, method=method)
+    assert_close(got, reference_diagonal(once, x[:, None])[:, 0])
+    assert_one_state(net, once, state)
