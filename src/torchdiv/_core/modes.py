@@ -83,7 +83,7 @@ def compiled_like_f(records: Callable[..., bool] | None = None) -> Callable[[F],
             if parts is None:  # not compiled, or Dynamo traces the call: f as it is
                 return fn(f, x, *args, **kwargs)
             original, backend, dynamic = parts
-            if eager_call(original, x, kwargs, records):
+            if spans_peers() or eager_call(original, x, kwargs, records):
                 return fn(original, x, *args, **kwargs)
             return _compiled(fn, backend, dynamic)(original, x, *args, **kwargs)
 
@@ -96,7 +96,11 @@ def eager_call(
     f: Any, x: Any, options: dict[str, Any], records: Callable[..., bool] | None
 ) -> bool:
     """Whether a torchdiv call whose ``f`` was ``torch.compile``d runs eagerly as a whole, with
-    ``f``'s uncompiled original (compiled functions in it run compiled; ``f`` stays compiled):
+    ``f``'s uncompiled original (compiled functions in it run compiled; ``f`` stays compiled).
+    Always, before this is asked, under a process group (``spans_peers``): compiled around a
+    ``DistributedDataParallel`` or ``fully_shard`` module (``torch.compile(DDP(net))``), the
+    call would bypass what ``torchdiv._core.ddp`` does for one forward pass per call (the
+    gradients were not averaged across ranks, and the next step failed). Otherwise:
 
     - under inference mode or with an inference-tensor ``x`` (left before ``fn`` runs);
     - when it draws probes (``num_probes=``, ``generator=``, ``rtol=``/``atol=``): compiled
