@@ -119,9 +119,19 @@ def _batch_norm(
     momentum: float,
     eps: float,
 ) -> tuple[Jet, Tensor, Tensor]:
-    if training or mean is None or var is None:
-        raise UnsupportedOp("aten.native_batch_norm in training mode (it mixes samples)")
-    return _batch_norm_eval(ctx, a, weight, bias, mean, var, momentum, eps)
+    """Batch norm: with running statistics, in evaluation mode; with the batch's own and none
+    to update, as ``F.instance_norm`` calls it (samples folded into the channels, ``(1, N*C,
+    ...)``: per sample; over samples, the mixing watch has refused it before)."""
+    if not training and mean is not None and var is not None:
+        return _batch_norm_eval(ctx, a, weight, bias, mean, var, momentum, eps)
+    if mean is not None or var is not None:
+        raise UnsupportedOp("aten.native_batch_norm in training mode, updating running statistics")
+    per_channel = (-1, *[1] * (a.value.dim() - 2))
+    normed, _, _ = _normalize(ctx, a, (0, *range(2, a.value.dim())), eps)
+    weight = None if weight is None else weight.reshape(per_channel)
+    bias = None if bias is None else bias.reshape(per_channel)
+    empty = a.value.new_zeros(0)
+    return _affine(ctx, normed, weight, bias), empty, empty
 
 
 def _affine(ctx: Context, a: Jet, weight: Tensor | None, bias: Tensor | None) -> Jet:
