@@ -1138,6 +1138,11 @@ UNKNOWN = {  # f of z (B, D), D >= 3: an op no table knows combines samples -> w
         lambda z: torch.einsum("bi,ci->bc", z, z)[:, : z.shape[1]],
         r"samples run along dimension 1 of f's output|a sum over samples \(dimension 1",
     ),
+    # an in-place transpose moved the batch under the tensor's id: the tracking ended there
+    "transposed in place, summed along the batch": (
+        lambda z: z.sin().t_().cumsum(-1).t_(),
+        r"a cumulative sum over samples",
+    ),
 }
 
 
@@ -1230,7 +1235,22 @@ KEPT = {  # the same ops along each sample's own event: per sample, not refused
     "halves of the batch rejoined": lambda z: z.sin() * torch.cat([z[:2].exp(), z[2:].tanh()]),
     "even and odd samples apart, written back": lambda z: _even_odd(z) * z,
     "median() under no_grad": lambda z: z.tanh() * _constant_median(z),
+    # ATen's quantile with a tensor q runs unsqueeze_, transpose_, squeeze_ (false refusals:
+    # the in-place views' dimensions were read after they had moved)
+    "quantile of each sample, q a tensor": lambda z: (
+        z * torch.quantile(z, torch.tensor([0.3], dtype=z.dtype), dim=-1).T
+    ),
+    "in-place views and back": lambda z: _in_place_views(z),
+    "narrow_copy of the whole batch, renorm_ of each sample": lambda z: (
+        torch.narrow_copy(z.sin(), 0, 0, len(z)) * (z * 2).renorm_(2, 0, 0.5)
+    ),
 }
+
+
+def _in_place_views(z: torch.Tensor) -> torch.Tensor:
+    h = z.sin()
+    h.unsqueeze_(0).transpose_(1, 2).squeeze_(0)  # (1, B, D) -> (1, D, B) -> (D, B)
+    return h.t_().unsqueeze_(-1).squeeze_().cumsum(-1)  # (B, D) -> (B, D, 1) -> (B, D)
 
 
 def _even_odd(z: torch.Tensor) -> torch.Tensor:

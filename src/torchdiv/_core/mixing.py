@@ -212,6 +212,10 @@ class BatchAxes:
         self.kwargs = kwargs or {}
         if not self.known or not torch.is_grad_enabled():
             return None
+        if func in _IN_PLACE_VIEWS:  # the shape changes under the tensor's id: read it now
+            axes = self.axes(args[0])
+            moved = None if axes is None else [_in_place_view(func, args[0], axes, args)]
+            return None if moved is None else (lambda tr, a, o: moved)
         rules = _rules.get(func)  # one lookup per op: hashing an OpOverload costs 0.4 us
         if rules is None:
             mixing = _MIXING.get(func)
@@ -1314,6 +1318,38 @@ _CARRY: dict[Any, Carry] = {
     aten._pack_padded_sequence.default: _untracked,
     aten.as_strided.default: _untracked,  # any layout, even of the same shape (a transpose)
 }
+_IN_PLACE_VIEWS = {
+    aten.unsqueeze_.default,
+    aten.squeeze_.default,
+    aten.squeeze_.dim,
+    aten.squeeze_.dims,
+    aten.transpose_.default,
+    aten.swapdims_.default,
+    aten.swapaxes_.default,
+    aten.t_.default,
+}
+
+
+def _in_place_view(func: Any, t: torch.Tensor, axes: Axes, args: Sequence[Any]) -> Axes:
+    """The batch dimensions of ``t`` after ``unsqueeze_``, ``squeeze_``, ``transpose_`` (and
+    ``swapdims_``, ``t_``), read from its shape before the call: ``quantile`` makes all three
+    inside ATen, and after the call ``t``'s old positions would name the wrong dimensions."""
+    n = t.dim()
+    if func == aten.unsqueeze_.default:
+        at = args[1] % (n + 1)
+        return tuple(_moved(a, int(a.position >= at)) for a in axes)
+    if func in (aten.squeeze_.default, aten.squeeze_.dim, aten.squeeze_.dims):
+        named = range(n) if func == aten.squeeze_.default else args[1]
+        dims = [named] if isinstance(named, int) else list(named)
+        gone = {d % n for d in dims if n and t.shape[d % n] == 1}
+        return tuple(_moved(a, -sum(d < a.position for d in gone)) for a in axes)
+    if n < 2:
+        return axes
+    d0, d1 = (0, 1) if func == aten.t_.default else (args[1] % n, args[2] % n)
+    swap = {d0: d1, d1: d0}
+    return tuple(sorted(a._replace(position=swap.get(a.position, a.position)) for a in axes))
+
+
 _ROLLS = {aten.roll.default}
 _MASKED_SCATTERS = {aten.masked_scatter.default, aten.masked_scatter_.default}
 _CARRY.update(
@@ -1782,6 +1818,7 @@ _MIXING: dict[Any, Mixing] = {
     **dict.fromkeys(_MASKED_SCATTERS, _masked_scatter),
     aten.trace.default: _diagonal,  # the sum of the diagonal (0, 1): one kernel on CPU
     aten.renorm.default: _renorm,
+    aten.renorm_.default: _renorm,
 }
 _CARRY.update(
     {
@@ -1802,5 +1839,10 @@ _CARRY.update(
             ],
             _first_like_input,
         ),
+        # each slice along ``dim`` scaled alone (along the batch: each sample; over it,
+        # ``_renorm`` refused it)
+        aten.renorm.default: _first_like_input,
+        aten.renorm_.default: _first_like_input,
+        aten.narrow_copy.default: _cut(1, _narrowed),
     }
 )
