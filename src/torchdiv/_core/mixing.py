@@ -214,8 +214,10 @@ class BatchAxes:
             return None
         if func in _IN_PLACE_VIEWS:  # the shape changes under the tensor's id: read it now
             axes = self.axes(args[0])
-            moved = None if axes is None else [_in_place_view(func, args[0], axes, args)]
-            return None if moved is None else (lambda tr, a, o: moved)
+            if axes is None:
+                return None
+            moved: list[Axes | None] = [_in_place_view(func, args[0], axes, args)]
+            return lambda tr, a, o: moved
         rules = _rules.get(func)  # one lookup per op: hashing an OpOverload costs 0.4 us
         if rules is None:
             mixing = _MIXING.get(func)
