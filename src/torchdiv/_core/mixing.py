@@ -194,6 +194,9 @@ class BatchAxes:
         # id -> (tensor, pick): results computed from samples picked out of the batch alone
         self.picked: dict[int, tuple[torch.Tensor, Pick]] = {}
         self.pending: str | None = None  # the message for the results of the current op
+        # the current op's refusal if the places it puts into, laid out as a guess
+        # (``_flattened``), do not hold the samples put there
+        self.guess: str | None = None
         self.carried: Pick | None = None  # the pick the results of the current op inherit
         self.func: Any = None  # the current op
         self.kwargs: dict[str, Any] = {}  # its keyword arguments (``_unknown`` reads them)
@@ -208,7 +211,7 @@ class BatchAxes:
         """The rule that ``after`` applies to ``func``'s results (``None``: nothing to note,
         e.g. under ``no_grad``, whose results are constants); notes whether ``func`` combines
         samples in a way derivatives see, or reads a result that did."""
-        self.pending, self.carried, self.func = None, None, func
+        self.pending, self.carried, self.func, self.guess = None, None, func, None
         self.kwargs = kwargs or {}
         if not self.known or not torch.is_grad_enabled():
             return None
@@ -362,6 +365,11 @@ class BatchAxes:
             return
         distinct = {p.sample for p in picks}
         if joins and (len(picks) < len(tensors) or len(distinct) == len(picks) > 1):
+            return
+        if not joins and len({(p.source, p.sample) for p in picks}) > 1:
+            # a recurrence run over the samples (``nn.GRU`` fed (B, T, D) with batch_first
+            # False: each step reads the state of the sample before)
+            self.pending = self.message(func, f"{picks[0].what}, combined with {picks[-1].what}")
             return
         sample = picks[0].sample if len(distinct) == 1 else None
         self.carried = picks[0]._replace(sample=sample)
@@ -1166,7 +1174,9 @@ def _put_axes(tr: BatchAxes, t: torch.Tensor, values: Any, accumulate: bool) -> 
     """The batch dimensions of ``t``, written (or, ``accumulate``, added) ``values``: its
     own, or, for a tensor nothing tracked of ``x``'s batch shape (``torch.zeros_like(x)``)
     written samples, ``x``'s. Samples added, or moved samples written, into an untracked
-    tensor of another shape are refused (``tr.pending``): nothing follows them further."""
+    tensor of another shape are refused (``tr.pending``) unless its first dimension could be
+    a flattened batch (``_flattened``; the caller's check that every value lands in a place of
+    its own samples decides, with ``tr.guess`` as the message if not)."""
     axes = tr.axes(t)
     if axes:
         return axes
@@ -1180,8 +1190,28 @@ def _put_axes(tr: BatchAxes, t: torch.Tensor, values: Any, accumulate: bool) -> 
             f"samples {'added' if accumulate else 'moved'} into a tensor of shape "
             f"{_shape(t)}, not x's batch shape, whose places are not followed"
         )
+        flat = _flattened(tr, t)
+        if flat:
+            tr.guess = tr.message(tr.func, f"{what} (nor those of a flattened batch)")
+            return flat
         tr.pending = tr.message(tr.func, what)
     return ()
+
+
+def _flattened(tr: BatchAxes, t: torch.Tensor) -> Axes:
+    """``x``'s batch dimensions in ``t`` if its first dimension has ``k * n`` places (``n``:
+    the batch's size, all its dimensions) laid out as ``x.reshape(n * k, ...)`` would hold
+    them: samples outermost, ``k`` places each (a message-passing net's ``(B * N, F)`` nodes,
+    a mixture of experts' ``(B * T, D)`` tokens); none otherwise."""
+    batch = tr.x.shape[: tr.batch_dims]
+    n = math.prod(batch)
+    if t.dim() == 0 or t.shape[0] % n:
+        return ()
+    k = t.shape[0] // n
+    return tuple(
+        Axis(0, axis.size, k * math.prod(batch[axis.source + 1 :]), (), axis.source)
+        for axis in tr.start
+    )
 
 
 def _put(
@@ -1202,14 +1232,14 @@ def _put(
             tr.pending = tr.message(func, f"{carried.what}, written into other samples' places")
         return axes
     if held and pick is not None:
-        tr.pending = tr.message(func, f"{_PUT_WHAT} (the places all hold {pick.what})")
+        tr.pending = tr.guess or tr.message(func, f"{_PUT_WHAT} (the places all hold {pick.what})")
         return axes
     expected: dict[int, set[tuple[int, ...]]] = {}
     for axis in places:
         expected.setdefault(axis.position, set()).add(_held(axis, shape[axis.position]))
     for axis in _aligned(values, held or (), shape):
         if _held(axis, shape[axis.position]) not in expected.get(axis.position, set()):
-            tr.pending = tr.message(func, _written(tr, axis))
+            tr.pending = tr.guess or tr.message(func, _written(tr, axis))
             break
     return axes
 
@@ -1258,7 +1288,7 @@ def _scatter(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
             continue
         samples = tuple(axis.samples(_grid(shape, axis.position)).flatten().tolist())
         if (axis.size, samples) not in places:
-            tr.pending = tr.message(tr.func, _written(tr, axis))
+            tr.pending = tr.guess or tr.message(tr.func, _written(tr, axis))
             break
     return [axes]
 
