@@ -27,12 +27,17 @@ that reach ``f``'s output out of place (``net(x[perm])``), are combined elementw
 rows (``x[perm] * x``) or reduced (``x[mask].sum(0)``) mix samples; values written back by
 ``index_put`` (``y[m] = g(x[m])``), ``index_copy``, ``index_add`` or ``scatter`` must land in
 places of their own samples (into ``x``'s batch shape: ``torch.zeros_like(x)`` too), so a
-selection written back in place, or a permutation undone, is per sample.
+selection written back in place, or a permutation undone, is per sample. Samples added into a
+fresh tensor whose first dimension has ``k`` places per sample are checked as a flattened batch
+(``x.reshape(B * k, ...)``'s layout: a message-passing net's ``(B * N, F)`` nodes, a mixture of
+experts' ``(B * T, D)`` tokens): if every value lands in its own sample's places the result is
+followed as one.
 
 A slice of part of the batch (``x[1:]``, ``x[::2]``, ``split``, ``narrow``) holds its samples
 in order, as rows (``x[1:] - x[:-1]`` combines two samples in each place); pieces joined back
 along the batch (``cat([g(x[:1]), h(x[1:])])``) hold theirs one after the other, the batch
-again if in order.
+again if in order. Two different samples picked out and combined (``x[0] * x[1]``, a recurrence
+run over the samples: ``nn.GRU`` with ``batch_first=False`` fed ``(B, T, D)``) mix them.
 
 Each batch dimension of a tensor is recorded as ``(position, size)`` and the batch dimension of
 ``x`` it came from (with ``batch_dims=2`` and a square batch, ``x.transpose(0, 1)`` at the
@@ -54,8 +59,9 @@ built from ops that keep samples apart; an indexing op whose indices have two or
 along the batch (not one broadcast along the others, as ``x[arange(B)[:, None], idx]``) is one
 exception, refused if its result reaches the output; moved samples that a reshape spreads across
 places (``x.reshape(-1)[perm].reshape(B, D)``), a roll of the flattened tensor by part of a
-sample, and samples added (or moved samples written) into a tensor not of ``x``'s batch shape
-(per-cluster sums ``zeros(K, D).index_add(0, cid, x)``) are the others.
+sample, and samples added (or moved samples written) into a tensor neither of ``x``'s batch
+shape nor a flattened batch in their own places (per-cluster sums
+``zeros(K, D).index_add(0, cid, x)``) are the others.
 
 The recorders (``torchdiv._taylor.capture``) record an op without a propagation rule as the
 ops it decomposes into, but watch it as itself, as the other engines' watches see it: its
@@ -346,9 +352,9 @@ class BatchAxes:
         return entry[1] if entry is not None and entry[0] is t else None
 
     def _picked_in(self, func: Any, args: Sequence[Any]) -> None:
-        """An op reading picked samples: combined with a batch it mixes samples (the
-        pending message); else its results inherit the pick (``carried``; several different
-        samples: which ones is no longer known). Joining pieces (``cat``, ``stack``) carries a
+        """An op reading picked samples: combined with a batch, or two different picked
+        samples combined, it mixes samples (the pending message); else its results inherit
+        the pick (``carried``). Joining pieces (``cat``, ``stack``) carries a
         pick only if every piece is one, and not when they are distinct samples (a batch in
         some order: ``_restacked`` makes one in order the batch again); joined along a batch
         dimension, a pick only stands beside the samples (padding a batch with its last
