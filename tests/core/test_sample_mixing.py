@@ -1410,3 +1410,43 @@ def test_a_recurrence_over_each_sample_s_own_time_is_per_sample(case: str) -> No
         alone = torch.stack([torch.func.jacrev(lambda z, f=f: f(z[None])[0])(xb) for xb in x])
         got = torchdiv.jacobian_diagonal(f, x)
         assert_close(got, alone.diagonal(0, -2, -1))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("op", ["_cudnn_rnn", "miopen_rnn"])
+def test_a_fused_recurrent_kernel_refuses_samples_along_its_time(op: str, batch_first) -> None:
+    """cuDNN's and MIOpen's RNN kernels (one op on a GPU; the CPU shows the steps) fed
+    ``(B, T, D)``: per sample if ``batch_first`` (the output keeps the batch), else the
+    recurrence runs over the samples. The rule is driven directly, as a dispatch mode calls
+    it: the kernel needs a GPU."""
+    from torchdiv._core.mixing import BatchAxes
+
+    x, hx = torch.randn(3, 4, 5, dtype=f64), torch.zeros(1, 3, 5, dtype=f64)
+    head = (x, [], 4, None, hx, None, 1, 5, 0, 1) if op == "_cudnn_rnn" else (x, [], 4, hx, None)
+    args = (*head, *((1, 5, 1) if op == "miopen_rnn" else ()), batch_first, 0.0, False, False)
+    args = (*args, [], None)
+    out = (torch.empty(3, 4, 5, dtype=f64), torch.empty(1, 3, 5, dtype=f64))
+    watch = BatchAxes(x, 1)
+    watch.after(watch.before(getattr(torch.ops.aten, op).default, args), args, out)
+    if batch_first:
+        assert watch.pending is None
+        assert watch.axes(out[0]) == watch.axes(x)
+    else:
+        assert "a recurrent net run over samples (dimension 0" in str(watch.pending)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("case", RECURRENT)
+def test_a_recurrence_over_the_samples_is_refused_on_a_gpu(case: str) -> None:
+    """The cuDNN kernel: ``batch_first=False`` fed ``(B, T, D)`` is refused, ``True`` gives
+    jacrev of each sample alone."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 4, 4, dtype=f64, device="cuda")
+    wrong = RECURRENT[case](4, 4).to("cuda", f64)
+    with pytest.raises(BatchInteractionError, match=r"a recurrent net run over samples"):
+        torchdiv.divergence(lambda z: wrong(z)[0], x)
+    right = RECURRENT[case](4, 4, batch_first=True).to("cuda", f64)
+    f = lambda z: right(z)[0]  # noqa: E731
+    alone = torch.stack([torch.func.jacrev(lambda z: f(z[None])[0])(xb) for xb in x])
+    expected = alone.flatten(1, 2).flatten(2).diagonal(0, -2, -1).reshape(3, 4, 4)
+    assert_close(torchdiv.jacobian_diagonal(f, x, batch_dims=1), expected)

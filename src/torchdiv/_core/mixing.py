@@ -37,7 +37,8 @@ A slice of part of the batch (``x[1:]``, ``x[::2]``, ``split``, ``narrow``) hold
 in order, as rows (``x[1:] - x[:-1]`` combines two samples in each place); pieces joined back
 along the batch (``cat([g(x[:1]), h(x[1:])])``) hold theirs one after the other, the batch
 again if in order. Two different samples picked out and combined (``x[0] * x[1]``, a recurrence
-run over the samples: ``nn.GRU`` with ``batch_first=False`` fed ``(B, T, D)``) mix them.
+run over the samples: ``nn.GRU`` with ``batch_first=False`` fed ``(B, T, D)``) mix them; so
+do samples along the time steps or features of a fused RNN kernel (cuDNN's, on a GPU).
 
 Each batch dimension of a tensor is recorded as ``(position, size)`` and the batch dimension of
 ``x`` it came from (with ``batch_dims=2`` and a square batch, ``x.transpose(0, 1)`` at the
@@ -1451,7 +1452,7 @@ def _unknown(func: Any) -> Carry:
     Else only its floating results with no room for a batch dimension of ``t`` (no dimension
     a multiple of its samples: a scalar ``dist``, ``median()``, a mean loss, ``pdist``)
     depend on combined samples. Ops that keep the samples in place (fused attention, pooling
-    over the event, embeddings, interpolation, RNNs) pass; a result shaped as a tracked
+    over the event, embeddings, interpolation) pass; a result shaped as a tracked
     argument is followed as holding its samples in place (not of an op that writes in place),
     the others not."""
     op = _Signature.of(func)
@@ -1717,6 +1718,26 @@ def _batch_norm(training_arg: int) -> Mixing:
     return rule
 
 
+def _recurrence(batch_first_arg: int) -> Mixing:
+    """A fused RNN kernel (cuDNN's, MIOpen's; on the CPU the dispatcher sees the steps, whose
+    picked samples ``_picked_in`` follows) of an input ``(T, B, D)``, or ``(B, T, D)`` if
+    its ``batch_first`` argument is set: samples along the time steps are read one after the
+    other, along the features summed; only its batch dimension may hold them."""
+
+    def rule(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+        t = args[0]
+        batch = 0 if args[batch_first_arg] else 1
+        q = _batch_at(tr, t, [d for d in range(t.dim()) if d != batch])
+        if q is None:
+            return None
+        return (
+            f"a recurrent net run over samples (dimension {q} of its input of shape "
+            f"{_shape(t)}, whose batch dimension is {batch}: batch_first set wrongly?)"
+        )
+
+    return rule
+
+
 def _layer_norm(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     t, shape = args[0], args[1]
     q = _batch_at(tr, t, range(t.dim() - len(shape), t.dim()))
@@ -1818,6 +1839,8 @@ _MIXING: dict[Any, Mixing] = {
     **dict.fromkeys(_MASKED_SCATTERS, _masked_scatter),
     aten.trace.default: _diagonal,  # the sum of the diagonal (0, 1): one kernel on CPU
     aten.renorm.default: _renorm,
+    aten._cudnn_rnn.default: _recurrence(10),
+    aten.miopen_rnn.default: _recurrence(8),
 }
 _CARRY.update(
     {
@@ -1828,6 +1851,8 @@ _CARRY.update(
         aten.native_layer_norm.default: _first_like_input,
         aten.native_group_norm.default: _first_like_input,
         aten.convolution.default: _first_like_input,
+        aten._cudnn_rnn.default: _first_like_input,
+        aten.miopen_rnn.default: _first_like_input,
         # samples set to a value along the batch: each one alone
         **dict.fromkeys(
             [
