@@ -1362,19 +1362,33 @@ def _pair_sums(z: torch.Tensor) -> torch.Tensor:
     return z - torch.zeros(2 * len(z), z.shape[1], dtype=z.dtype).index_add(0, cid, z)[cid] / 3
 
 
+def _into_other_samples(z: torch.Tensor) -> torch.Tensor:
+    """Samples added into a ``(2 B, D)`` buffer that is not fresh: made of other samples' values
+    by an op the watch does not follow (``as_strided``), so not taken for a flattened batch."""
+    flipped = torch.as_strided(z.flip(0).contiguous(), (2 * len(z), z.shape[1]), (1, 1))
+    return flipped.index_add(0, torch.arange(len(z)) * 2, z)[::2]
+
+
 RECURRENT = {"GRU": nn.GRU, "LSTM": nn.LSTM, "RNN": nn.RNN}
 
 
-@pytest.mark.parametrize("case", ["messages into the next graph", "pair sums", *RECURRENT])
+@pytest.mark.parametrize(
+    "case", ["messages into the next graph", "pair sums", "into other samples", *RECURRENT]
+)
 def test_samples_mixed_by_a_flattened_buffer_or_a_recurrence_are_refused(case: str) -> None:
     """Messages scattered into the next graph's nodes of a ``(B * N, F)`` buffer, samples
-    summed in pairs into a ``(2 B, D)`` one, and an RNN with ``batch_first=False`` fed
-    ``(B, T, D)`` (its recurrence runs over the samples; returned silently) mix samples."""
+    summed in pairs into a ``(2 B, D)`` one or added into one not fresh, and an RNN with
+    ``batch_first=False`` fed ``(B, T, D)`` (its recurrence runs over the samples; returned
+    silently) mix samples."""
     torch.manual_seed(2)
     if case in RECURRENT:
         rnn = RECURRENT[case](4, 4).to(f64)  # batch_first=False
         f, x = (lambda z: rnn(z.unflatten(1, (3, 4)))[0].flatten(1)), torch.randn(3, 12, dtype=f64)
         what = r"sample 0 picked out of the batch .*, combined with sample 1"
+    elif case == "into other samples":
+        f, x = _into_other_samples, torch.randn(6, 3, dtype=f64)
+        what = r"samples added into a tensor of shape \(12, 3\), not x's batch shape, whose "
+        what += r"places are not followed \(ATen"
     elif case == "pair sums":
         f, x = _pair_sums, torch.randn(6, 3, dtype=f64)
         what = (

@@ -194,6 +194,8 @@ class BatchAxes:
         # id -> (tensor, axes); the tensor is held so that its id stays unique while watched
         self.known: dict[int, tuple[torch.Tensor, Axes]] = {id(x): (x, axes)} if axes else {}
         self.start = axes  # x's: those of a tensor of x's batch shape that nothing tracked
+        # id -> tensor: made by a factory (``zeros``, ``new_full``, ``zeros_like``), no values
+        self.fresh: dict[int, torch.Tensor] = {}
         # the rows of samples moved by an indexing op (``Axis.rows``), with the op's name
         self.moves: dict[tuple[int, ...], str] = {}
         # id -> (tensor, message): results that depend on samples combined by some op
@@ -581,6 +583,20 @@ Carry = Callable[[BatchAxes, Sequence[Any], Any], "list[Axes | None] | None"]
 
 def _untracked(_: BatchAxes, __: Sequence[Any], ___: Any) -> None:
     return None
+
+
+def _fresh(tr: BatchAxes, _: Sequence[Any], out: Any) -> None:
+    """A factory's result (``zeros``, ``new_full``, ``zeros_like``): no values of ``x``, so a
+    put into it may take it for a flattened batch (``_put_axes``)."""
+    if isinstance(out, torch.Tensor):
+        tr.fresh[id(out)] = out
+
+
+def _detached(tr: BatchAxes, args: Sequence[Any], out: Any) -> None:
+    """``detach`` (a constant, not followed; autograd detaches a fresh tensor before a put
+    into it): a fresh tensor's stays fresh."""
+    if tr.fresh.get(id(args[0])) is args[0]:
+        _fresh(tr, args, out)
 
 
 def _aligned(t: torch.Tensor, axes: Axes, out: torch.Tensor | Sequence[int]) -> Axes:
@@ -1181,9 +1197,10 @@ def _put_axes(tr: BatchAxes, t: torch.Tensor, values: Any, accumulate: bool) -> 
     """The batch dimensions of ``t``, written (or, ``accumulate``, added) ``values``: its
     own, or, for a tensor nothing tracked of ``x``'s batch shape (``torch.zeros_like(x)``)
     written samples, ``x``'s. Samples added, or moved samples written, into an untracked
-    tensor of another shape are refused (``tr.pending``) unless its first dimension could be
-    a flattened batch (``_flattened``; the caller's check that every value lands in a place of
-    its own samples decides, with ``tr.guess`` as the message if not)."""
+    tensor of another shape are refused (``tr.pending``) unless it is fresh (``_fresh``) and
+    its first dimension could be a flattened batch (``_flattened``): the caller's check that
+    every value lands in a place of its own samples decides, with ``tr.guess`` as the
+    message if not."""
     axes = tr.axes(t)
     if axes:
         return axes
@@ -1197,7 +1214,7 @@ def _put_axes(tr: BatchAxes, t: torch.Tensor, values: Any, accumulate: bool) -> 
             f"samples {'added' if accumulate else 'moved'} into a tensor of shape "
             f"{_shape(t)}, not x's batch shape, whose places are not followed"
         )
-        flat = _flattened(tr, t)
+        flat = _flattened(tr, t) if tr.fresh.get(id(t)) is t else ()
         if flat:
             tr.guess = tr.message(tr.func, f"{what} (nor those of a flattened batch)")
             return flat
@@ -1399,6 +1416,18 @@ _ACCUMULATING = {
 _PUTS = {op for op, rule in _CARRY.items() if rule in (_index_put, _index_copy, _scatter)}
 _CATS = {aten.cat.default}
 _JOINS = {*_CATS, aten.stack.default}
+_FRESH = {
+    aten.zeros.default,
+    aten.full.default,
+    aten.empty.memory_format,
+    aten.zeros_like.default,
+    aten.full_like.default,
+    aten.empty_like.default,
+    aten.new_zeros.default,
+    aten.new_full.default,
+    aten.new_empty.default,
+}
+_CARRY.update({**dict.fromkeys(_FRESH, _fresh), aten.detach.default: _detached})
 _rules: dict[Any, tuple[Mixing | None, Carry]] = {}  # each op's two rules, as first met
 # results that do not depend on their argument's values: a gradient seed ones_like(loss)
 VALUE_FREE = {
