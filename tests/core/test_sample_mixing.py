@@ -4,6 +4,7 @@ independent functions alone."""
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -1293,3 +1294,193 @@ def test_ops_without_a_rule_along_each_sample_are_not_refused(case: str, shape) 
             assert "no propagation rule" in str(e)
             continue
         assert_close(got, expected)
+
+
+def _message_passing(n: int, wrong: bool = False):
+    """An E(n)-flow / EGNN layer on ``z`` of shape ``(B, n * 3)``: nodes flattened to
+    ``(B * n, 3)``, edges offset by ``b * n`` per graph, messages summed at their targets into a
+    fresh ``(B * n, 3)`` buffer (``unsorted_segment_sum``: ``scatter_add_``; or ``index_add``).
+    ``wrong``: the targets shifted by one graph, into the next sample's nodes."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 3).to(f64)
+    rows, cols = torch.tensor([(i, j) for i in range(n) for j in range(n) if i != j]).T
+
+    def f(z: torch.Tensor, scatter: bool) -> torch.Tensor:
+        b = len(z)
+        h = z.reshape(b * n, 3)
+        offset = torch.arange(b)[:, None] * n
+        r, c = (rows + offset).reshape(-1), (cols + offset).reshape(-1)
+        m = torch.tanh(lin(torch.cat([h[r], h[c]], -1)))
+        to = (r + n) % (b * n) if wrong else r
+        if scatter:
+            agg = h.new_full((b * n, 3), 0).scatter_add_(0, to[:, None].expand(-1, 3), m)
+        else:
+            agg = torch.zeros_like(h).index_add(0, to, m)
+        return (h + agg).reshape(z.shape)
+
+    return f
+
+
+def _mixture_of_experts():
+    """A Mixtral-style sparse block on ``z`` of shape ``(B, T, 4)``: tokens flattened to
+    ``(B * T, 4)``, routed to their top two of three experts, the results ``index_add_``-ed
+    into a fresh ``(B * T, 4)`` buffer: each token's output is its own."""
+    torch.manual_seed(1)
+    gate = nn.Linear(4, 3, bias=False).to(f64)
+    experts = [nn.Sequential(nn.Linear(4, 5), nn.SiLU(), nn.Linear(5, 4)).to(f64) for _ in "abc"]
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        tokens = z.reshape(-1, 4)
+        weights, chosen = torch.topk(torch.softmax(gate(tokens), 1), 2, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros(tokens.shape, dtype=z.dtype)
+        for e, expert in enumerate(experts):
+            token, k = torch.where(chosen == e)
+            out.index_add_(0, token, expert(tokens[token]) * weights[token, k, None])
+        return out.reshape(z.shape)
+
+    return f
+
+
+@pytest.mark.parametrize(
+    ("case", "n"),  # tiny, and recorded by "auto" (not the whole Jacobian of 256 tokens)
+    [(c, n) for c in ["scatter_add_", "index_add", "experts"] for n in (3, 64)]
+    + [("experts, batch_dims=2", 3)],
+)
+def test_values_put_into_a_flattened_batch_in_their_own_places_are_per_sample(case, n) -> None:
+    """Message passing over a batch of graphs with nodes flattened to ``(B * N, F)`` and a
+    mixture of experts with tokens flattened to ``(B * T, D)`` sum per-sample values into a
+    fresh buffer laid out as the flattened batch: checked to land in their own samples'
+    places, they are per sample (they were refused: a buffer not of ``x``'s batch shape)."""
+    bd = 2 if case.endswith("2") else 1
+    if case.startswith("experts"):
+        moe, x = _mixture_of_experts(), torch.randn(n, 4, 4, dtype=f64)
+        f = moe if bd == 2 else (lambda z: moe(z.unflatten(1, (4, 4))).flatten(1))
+        x = x if bd == 2 else x.flatten(1)
+    else:
+        x = torch.randn(n, 12, dtype=f64)
+        f = functools.partial(_message_passing(4), scatter=case == "scatter_add_")
+    if bd == 1:
+        blocks = _per_sample_blocks(f, x)  # plain autograd, nothing across samples
+        alone = [torch.func.jacrev(lambda z: f(z[None])[0])(x[b]) for b in range(0, n, 7)]
+        assert_close(torch.stack(alone), blocks[::7])
+        expected = blocks.diagonal(0, -2, -1)
+    else:  # each token alone: the (B, T, D, B, T, D) Jacobian's (b, t) blocks
+        full = torch.autograd.functional.jacobian(f, x).flatten(3, 4).flatten(0, 1)
+        blocks = torch.stack([full[i, :, i] for i in range(12)])
+        assert_close(full.abs().sum(), blocks.abs().sum())
+        expected = blocks.diagonal(0, -2, -1).reshape(3, 4, 4)
+    for method in ("auto", "reverse"):
+        got = torchdiv.jacobian_diagonal(f, x, batch_dims=bd, method=method)
+        assert_close(got, expected)
+
+
+def _pair_sums(z: torch.Tensor) -> torch.Tensor:
+    """Samples summed in pairs into a buffer of ``2 B`` rows (a flattened batch's size), read
+    back: each sample's output holds its neighbour's."""
+    cid = torch.arange(len(z)) // 2
+    return z - torch.zeros(2 * len(z), z.shape[1], dtype=z.dtype).index_add(0, cid, z)[cid] / 3
+
+
+def _into_other_samples(z: torch.Tensor) -> torch.Tensor:
+    """Samples added into a ``(2 B, D)`` buffer that is not fresh: made of other samples' values
+    by an op the watch does not follow (``as_strided``), so not taken for a flattened batch."""
+    flipped = torch.as_strided(z.flip(0).contiguous(), (2 * len(z), z.shape[1]), (1, 1))
+    return flipped.index_add(0, torch.arange(len(z)) * 2, z)[::2]
+
+
+RECURRENT = {"GRU": nn.GRU, "LSTM": nn.LSTM, "RNN": nn.RNN}
+
+
+@pytest.mark.parametrize(
+    "case", ["messages into the next graph", "pair sums", "into other samples", *RECURRENT]
+)
+def test_samples_mixed_by_a_flattened_buffer_or_a_recurrence_are_refused(case: str) -> None:
+    """Messages scattered into the next graph's nodes of a ``(B * N, F)`` buffer, samples
+    summed in pairs into a ``(2 B, D)`` one or added into one not fresh, and an RNN with
+    ``batch_first=False`` fed ``(B, T, D)`` (its recurrence runs over the samples; returned
+    silently) mix samples."""
+    torch.manual_seed(2)
+    if case in RECURRENT:
+        rnn = RECURRENT[case](4, 4).to(f64)  # batch_first=False
+        f, x = (lambda z: rnn(z.unflatten(1, (3, 4)))[0].flatten(1)), torch.randn(3, 12, dtype=f64)
+        what = r"sample 0 picked out of the batch .*, combined with sample 1"
+    elif case == "into other samples":
+        f, x = _into_other_samples, torch.randn(6, 3, dtype=f64)
+        what = r"samples added into a tensor of shape \(12, 3\), not x's batch shape, whose "
+        what += r"places are not followed \(ATen"
+    elif case == "pair sums":
+        f, x = _pair_sums, torch.randn(6, 3, dtype=f64)
+        what = (
+            r"samples added into a tensor of shape \(12, 3\), .*\(nor those of a flattened batch\)"
+        )
+    else:
+        f, x = (
+            functools.partial(_message_passing(4, wrong=True), scatter=True),
+            torch.randn(3, 12, dtype=f64),
+        )
+        what = r"samples added into a tensor of shape \(12, 3\), .*aten\.scatter_add_"
+    full = torch.autograd.functional.jacobian(f, x)  # plain autograd
+    blocks = full.diagonal(0, 0, 2).permute(2, 0, 1)
+    assert float(full.abs().sum() - blocks.abs().sum()) > 1e-3  # truly mixing
+    for name in ("divergence", "jacobian_diagonal"):
+        with pytest.raises(BatchInteractionError, match=rf"^{name}: f mixes samples: {what}"):
+            getattr(torchdiv, name)(f, x)
+
+
+@pytest.mark.parametrize("case", RECURRENT)
+def test_a_recurrence_over_each_sample_s_own_time_is_per_sample(case: str) -> None:
+    """The same RNNs over each sample's time steps (``batch_first=True``; a bidirectional one
+    fed ``(T, B, D)``) are per sample: jacrev of each sample alone."""
+    torch.manual_seed(3)
+    first = RECURRENT[case](4, 4, batch_first=True).to(f64)
+    both = RECURRENT[case](4, 2, bidirectional=True).to(f64)
+    x = torch.randn(3, 12, dtype=f64)
+    fs = [
+        lambda z: first(z.unflatten(1, (3, 4)))[0].flatten(1),
+        lambda z: both(z.unflatten(1, (3, 4)).transpose(0, 1))[0].transpose(0, 1).flatten(1),
+    ]
+    for f in fs:
+        alone = torch.stack([torch.func.jacrev(lambda z, f=f: f(z[None])[0])(xb) for xb in x])
+        got = torchdiv.jacobian_diagonal(f, x)
+        assert_close(got, alone.diagonal(0, -2, -1))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("op", ["_cudnn_rnn", "miopen_rnn"])
+def test_a_fused_recurrent_kernel_refuses_samples_along_its_time(op: str, batch_first) -> None:
+    """cuDNN's and MIOpen's RNN kernels (one op on a GPU; the CPU shows the steps) fed
+    ``(B, T, D)``: per sample if ``batch_first`` (the output keeps the batch), else the
+    recurrence runs over the samples. The rule is driven directly, as a dispatch mode calls
+    it: the kernel needs a GPU."""
+    from torchdiv._core.mixing import BatchAxes
+
+    x, hx = torch.randn(3, 4, 5, dtype=f64), torch.zeros(1, 3, 5, dtype=f64)
+    head = (x, [], 4, None, hx, None, 1, 5, 0, 1) if op == "_cudnn_rnn" else (x, [], 4, hx, None)
+    args = (*head, *((1, 5, 1) if op == "miopen_rnn" else ()), batch_first, 0.0, False, False)
+    args = (*args, [], None)
+    out = (torch.empty(3, 4, 5, dtype=f64), torch.empty(1, 3, 5, dtype=f64))
+    watch = BatchAxes(x, 1)
+    watch.after(watch.before(getattr(torch.ops.aten, op).default, args), args, out)
+    if batch_first:
+        assert watch.pending is None
+        assert watch.axes(out[0]) == watch.axes(x)
+    else:
+        assert "a recurrent net run over samples (dimension 0" in str(watch.pending)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("case", RECURRENT)
+def test_a_recurrence_over_the_samples_is_refused_on_a_gpu(case: str) -> None:
+    """The cuDNN kernel: ``batch_first=False`` fed ``(B, T, D)`` is refused, ``True`` gives
+    jacrev of each sample alone."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 4, 4, dtype=f64, device="cuda")
+    wrong = RECURRENT[case](4, 4).to("cuda", f64)
+    with pytest.raises(BatchInteractionError, match=r"a recurrent net run over samples"):
+        torchdiv.divergence(lambda z: wrong(z)[0], x)
+    right = RECURRENT[case](4, 4, batch_first=True).to("cuda", f64)
+    f = lambda z: right(z)[0]  # noqa: E731
+    alone = torch.stack([torch.func.jacrev(lambda z: f(z[None])[0])(xb) for xb in x])
+    expected = alone.flatten(1, 2).flatten(2).diagonal(0, -2, -1).reshape(3, 4, 4)
+    assert_close(torchdiv.jacobian_diagonal(f, x, batch_dims=1), expected)

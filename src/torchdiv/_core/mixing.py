@@ -27,12 +27,18 @@ that reach ``f``'s output out of place (``net(x[perm])``), are combined elementw
 rows (``x[perm] * x``) or reduced (``x[mask].sum(0)``) mix samples; values written back by
 ``index_put`` (``y[m] = g(x[m])``), ``index_copy``, ``index_add`` or ``scatter`` must land in
 places of their own samples (into ``x``'s batch shape: ``torch.zeros_like(x)`` too), so a
-selection written back in place, or a permutation undone, is per sample.
+selection written back in place, or a permutation undone, is per sample. Samples added into a
+fresh tensor whose first dimension has ``k`` places per sample are checked as a flattened batch
+(``x.reshape(B * k, ...)``'s layout: a message-passing net's ``(B * N, F)`` nodes, a mixture of
+experts' ``(B * T, D)`` tokens): if every value lands in its own sample's places the result is
+followed as one.
 
 A slice of part of the batch (``x[1:]``, ``x[::2]``, ``split``, ``narrow``) holds its samples
 in order, as rows (``x[1:] - x[:-1]`` combines two samples in each place); pieces joined back
 along the batch (``cat([g(x[:1]), h(x[1:])])``) hold theirs one after the other, the batch
-again if in order.
+again if in order. Two different samples picked out and combined (``x[0] * x[1]``, a recurrence
+run over the samples: ``nn.GRU`` with ``batch_first=False`` fed ``(B, T, D)``) mix them; so
+do samples along the time steps or features of a fused RNN kernel (cuDNN's, on a GPU).
 
 Each batch dimension of a tensor is recorded as ``(position, size)`` and the batch dimension of
 ``x`` it came from (with ``batch_dims=2`` and a square batch, ``x.transpose(0, 1)`` at the
@@ -54,8 +60,9 @@ built from ops that keep samples apart; an indexing op whose indices have two or
 along the batch (not one broadcast along the others, as ``x[arange(B)[:, None], idx]``) is one
 exception, refused if its result reaches the output; moved samples that a reshape spreads across
 places (``x.reshape(-1)[perm].reshape(B, D)``), a roll of the flattened tensor by part of a
-sample, and samples added (or moved samples written) into a tensor not of ``x``'s batch shape
-(per-cluster sums ``zeros(K, D).index_add(0, cid, x)``) are the others.
+sample, and samples added (or moved samples written) into a tensor neither of ``x``'s batch
+shape nor a flattened batch in their own places (per-cluster sums
+``zeros(K, D).index_add(0, cid, x)``) are the others.
 
 The recorders (``torchdiv._taylor.capture``) record an op without a propagation rule as the
 ops it decomposes into, but watch it as itself, as the other engines' watches see it: its
@@ -187,6 +194,8 @@ class BatchAxes:
         # id -> (tensor, axes); the tensor is held so that its id stays unique while watched
         self.known: dict[int, tuple[torch.Tensor, Axes]] = {id(x): (x, axes)} if axes else {}
         self.start = axes  # x's: those of a tensor of x's batch shape that nothing tracked
+        # id -> tensor: made by a factory (``zeros``, ``new_full``, ``zeros_like``), no values
+        self.fresh: dict[int, torch.Tensor] = {}
         # the rows of samples moved by an indexing op (``Axis.rows``), with the op's name
         self.moves: dict[tuple[int, ...], str] = {}
         # id -> (tensor, message): results that depend on samples combined by some op
@@ -194,6 +203,9 @@ class BatchAxes:
         # id -> (tensor, pick): results computed from samples picked out of the batch alone
         self.picked: dict[int, tuple[torch.Tensor, Pick]] = {}
         self.pending: str | None = None  # the message for the results of the current op
+        # the current op's refusal if the places it puts into, laid out as a guess
+        # (``_flattened``), do not hold the samples put there
+        self.guess: str | None = None
         self.carried: Pick | None = None  # the pick the results of the current op inherit
         self.func: Any = None  # the current op
         self.kwargs: dict[str, Any] = {}  # its keyword arguments (``_unknown`` reads them)
@@ -208,7 +220,7 @@ class BatchAxes:
         """The rule that ``after`` applies to ``func``'s results (``None``: nothing to note,
         e.g. under ``no_grad``, whose results are constants); notes whether ``func`` combines
         samples in a way derivatives see, or reads a result that did."""
-        self.pending, self.carried, self.func = None, None, func
+        self.pending, self.carried, self.func, self.guess = None, None, func, None
         self.kwargs = kwargs or {}
         if not self.known or not torch.is_grad_enabled():
             return None
@@ -349,9 +361,9 @@ class BatchAxes:
         return entry[1] if entry is not None and entry[0] is t else None
 
     def _picked_in(self, func: Any, args: Sequence[Any]) -> None:
-        """An op reading picked samples: combined with a batch it mixes samples (the
-        pending message); else its results inherit the pick (``carried``; several different
-        samples: which ones is no longer known). Joining pieces (``cat``, ``stack``) carries a
+        """An op reading picked samples: combined with a batch, or two different picked
+        samples combined, it mixes samples (the pending message); else its results inherit
+        the pick (``carried``). Joining pieces (``cat``, ``stack``) carries a
         pick only if every piece is one, and not when they are distinct samples (a batch in
         some order: ``_restacked`` makes one in order the batch again); joined along a batch
         dimension, a pick only stands beside the samples (padding a batch with its last
@@ -368,6 +380,11 @@ class BatchAxes:
             return
         distinct = {p.sample for p in picks}
         if joins and (len(picks) < len(tensors) or len(distinct) == len(picks) > 1):
+            return
+        if not joins and len({(p.source, p.sample) for p in picks}) > 1:
+            # a recurrence run over the samples (``nn.GRU`` fed (B, T, D) with batch_first
+            # False: each step reads the state of the sample before)
+            self.pending = self.message(func, f"{picks[0].what}, combined with {picks[-1].what}")
             return
         sample = picks[0].sample if len(distinct) == 1 else None
         self.carried = picks[0]._replace(sample=sample)
@@ -572,6 +589,20 @@ Carry = Callable[[BatchAxes, Sequence[Any], Any], "list[Axes | None] | None"]
 
 def _untracked(_: BatchAxes, __: Sequence[Any], ___: Any) -> None:
     return None
+
+
+def _fresh(tr: BatchAxes, _: Sequence[Any], out: Any) -> None:
+    """A factory's result (``zeros``, ``new_full``, ``zeros_like``): no values of ``x``, so a
+    put into it may take it for a flattened batch (``_put_axes``)."""
+    if isinstance(out, torch.Tensor):
+        tr.fresh[id(out)] = out
+
+
+def _detached(tr: BatchAxes, args: Sequence[Any], out: Any) -> None:
+    """``detach`` (a constant, not followed; autograd detaches a fresh tensor before a put
+    into it): a fresh tensor's stays fresh."""
+    if tr.fresh.get(id(args[0])) is args[0]:
+        _fresh(tr, args, out)
 
 
 def _aligned(t: torch.Tensor, axes: Axes, out: torch.Tensor | Sequence[int]) -> Axes:
@@ -1172,7 +1203,10 @@ def _put_axes(tr: BatchAxes, t: torch.Tensor, values: Any, accumulate: bool) -> 
     """The batch dimensions of ``t``, written (or, ``accumulate``, added) ``values``: its
     own, or, for a tensor nothing tracked of ``x``'s batch shape (``torch.zeros_like(x)``)
     written samples, ``x``'s. Samples added, or moved samples written, into an untracked
-    tensor of another shape are refused (``tr.pending``): nothing follows them further."""
+    tensor of another shape are refused (``tr.pending``) unless it is fresh (``_fresh``) and
+    its first dimension could be a flattened batch (``_flattened``): the caller's check that
+    every value lands in a place of its own samples decides, with ``tr.guess`` as the
+    message if not."""
     axes = tr.axes(t)
     if axes:
         return axes
@@ -1186,8 +1220,28 @@ def _put_axes(tr: BatchAxes, t: torch.Tensor, values: Any, accumulate: bool) -> 
             f"samples {'added' if accumulate else 'moved'} into a tensor of shape "
             f"{_shape(t)}, not x's batch shape, whose places are not followed"
         )
+        flat = _flattened(tr, t) if tr.fresh.get(id(t)) is t else ()
+        if flat:
+            tr.guess = tr.message(tr.func, f"{what} (nor those of a flattened batch)")
+            return flat
         tr.pending = tr.message(tr.func, what)
     return ()
+
+
+def _flattened(tr: BatchAxes, t: torch.Tensor) -> Axes:
+    """``x``'s batch dimensions in ``t`` if its first dimension has ``k * n`` places (``n``:
+    the batch's size, all its dimensions) laid out as ``x.reshape(n * k, ...)`` would hold
+    them: samples outermost, ``k`` places each (a message-passing net's ``(B * N, F)`` nodes,
+    a mixture of experts' ``(B * T, D)`` tokens); none otherwise."""
+    batch = tr.x.shape[: tr.batch_dims]
+    n = math.prod(batch)
+    if t.dim() == 0 or t.shape[0] % n:
+        return ()
+    k = t.shape[0] // n
+    return tuple(
+        Axis(0, axis.size, k * math.prod(batch[axis.source + 1 :]), (), axis.source)
+        for axis in tr.start
+    )
 
 
 def _put(
@@ -1208,14 +1262,14 @@ def _put(
             tr.pending = tr.message(func, f"{carried.what}, written into other samples' places")
         return axes
     if held and pick is not None:
-        tr.pending = tr.message(func, f"{_PUT_WHAT} (the places all hold {pick.what})")
+        tr.pending = tr.guess or tr.message(func, f"{_PUT_WHAT} (the places all hold {pick.what})")
         return axes
     expected: dict[int, set[tuple[int, ...]]] = {}
     for axis in places:
         expected.setdefault(axis.position, set()).add(_held(axis, shape[axis.position]))
     for axis in _aligned(values, held or (), shape):
         if _held(axis, shape[axis.position]) not in expected.get(axis.position, set()):
-            tr.pending = tr.message(func, _written(tr, axis))
+            tr.pending = tr.guess or tr.message(func, _written(tr, axis))
             break
     return axes
 
@@ -1264,7 +1318,7 @@ def _scatter(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
             continue
         samples = tuple(axis.samples(_grid(shape, axis.position)).flatten().tolist())
         if (axis.size, samples) not in places:
-            tr.pending = tr.message(tr.func, _written(tr, axis))
+            tr.pending = tr.guess or tr.message(tr.func, _written(tr, axis))
             break
     return [axes]
 
@@ -1400,6 +1454,18 @@ _ACCUMULATING = {
 _PUTS = {op for op, rule in _CARRY.items() if rule in (_index_put, _index_copy, _scatter)}
 _CATS = {aten.cat.default}
 _JOINS = {*_CATS, aten.stack.default}
+_FRESH = {
+    aten.zeros.default,
+    aten.full.default,
+    aten.empty.memory_format,
+    aten.zeros_like.default,
+    aten.full_like.default,
+    aten.empty_like.default,
+    aten.new_zeros.default,
+    aten.new_full.default,
+    aten.new_empty.default,
+}
+_CARRY.update({**dict.fromkeys(_FRESH, _fresh), aten.detach.default: _detached})
 _rules: dict[Any, tuple[Mixing | None, Carry]] = {}  # each op's two rules, as first met
 # results that do not depend on their argument's values: a gradient seed ones_like(loss)
 VALUE_FREE = {
@@ -1453,7 +1519,7 @@ def _unknown(func: Any) -> Carry:
     Else only its floating results with no room for a batch dimension of ``t`` (no dimension
     a multiple of its samples: a scalar ``dist``, ``median()``, a mean loss, ``pdist``)
     depend on combined samples. Ops that keep the samples in place (fused attention, pooling
-    over the event, embeddings, interpolation, RNNs) pass; a result shaped as a tracked
+    over the event, embeddings, interpolation) pass; a result shaped as a tracked
     argument is followed as holding its samples in place (not of an op that writes in place),
     the others not."""
     op = _Signature.of(func)
@@ -1719,6 +1785,26 @@ def _batch_norm(training_arg: int) -> Mixing:
     return rule
 
 
+def _recurrence(batch_first_arg: int) -> Mixing:
+    """A fused RNN kernel (cuDNN's, MIOpen's; on the CPU the dispatcher sees the steps, whose
+    picked samples ``_picked_in`` follows) of an input ``(T, B, D)``, or ``(B, T, D)`` if
+    its ``batch_first`` argument is set: samples along the time steps are read one after the
+    other, along the features summed; only its batch dimension may hold them."""
+
+    def rule(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+        t = args[0]
+        batch = 0 if args[batch_first_arg] else 1
+        q = _batch_at(tr, t, [d for d in range(t.dim()) if d != batch])
+        if q is None:
+            return None
+        return (
+            f"a recurrent net run over samples (dimension {q} of its input of shape "
+            f"{_shape(t)}, whose batch dimension is {batch}: batch_first set wrongly?)"
+        )
+
+    return rule
+
+
 def _layer_norm(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     t, shape = args[0], args[1]
     q = _batch_at(tr, t, range(t.dim() - len(shape), t.dim()))
@@ -1821,6 +1907,8 @@ _MIXING: dict[Any, Mixing] = {
     aten.trace.default: _diagonal,  # the sum of the diagonal (0, 1): one kernel on CPU
     aten.renorm.default: _renorm,
     aten.renorm_.default: _renorm,
+    aten._cudnn_rnn.default: _recurrence(10),
+    aten.miopen_rnn.default: _recurrence(8),
 }
 _CARRY.update(
     {
@@ -1831,6 +1919,8 @@ _CARRY.update(
         aten.native_layer_norm.default: _first_like_input,
         aten.native_group_norm.default: _first_like_input,
         aten.convolution.default: _first_like_input,
+        aten._cudnn_rnn.default: _first_like_input,
+        aten.miopen_rnn.default: _first_like_input,
         # samples set to a value along the batch: each one alone
         **dict.fromkeys(
             [
