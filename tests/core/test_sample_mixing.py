@@ -913,6 +913,15 @@ def _pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.arange(len(x)) % 2
 
 
+# every way a call watches f: (operator, method, x's shape)
+WATCHED_CALLS = [
+    ("divergence", "auto", (6, 3)),  # tiny: watched on the first call
+    ("divergence", "auto", (64, 16)),  # recorded (the structured step)
+    ("jacobian_diagonal", "structured", (6, 3)),
+    ("jacobian", "auto", (6, 3)),
+    ("laplacian", "auto", (6, 3)),
+    ("laplacian", "taylor", (64, 16)),
+]
 REFUSED = {
     "x[perm]": r"aten\.index\.Tensor\) moved samples along the batch: place \d+ .* holds sample",
     "x[argwhere(c)] summed": r"a sum over samples",
@@ -1026,17 +1035,7 @@ def test_samples_selected_and_put_back_in_place_are_per_sample(case: str, shape)
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
-@pytest.mark.parametrize(
-    ("name", "method", "shape"),
-    [
-        ("divergence", "auto", (6, 3)),  # tiny: watched on the first call
-        ("divergence", "auto", (64, 16)),  # recorded (the structured step)
-        ("jacobian_diagonal", "structured", (6, 3)),
-        ("jacobian", "auto", (6, 3)),
-        ("laplacian", "auto", (6, 3)),
-        ("laplacian", "taylor", (64, 16)),
-    ],
-)
+@pytest.mark.parametrize(("name", "method", "shape"), WATCHED_CALLS)
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of scatter, index_put
 def test_samples_moved_along_the_batch_are_refused(case: str, name, method, shape) -> None:
     """Samples an indexing op moved (a permutation, a repeat, a mask's rows combined, values
@@ -1148,17 +1147,7 @@ UNKNOWN = {  # f of z (B, D), D >= 3: an op no table knows combines samples -> w
 
 
 @pytest.mark.parametrize("case", list(UNKNOWN))
-@pytest.mark.parametrize(
-    ("name", "method", "shape"),
-    [
-        ("divergence", "auto", (6, 3)),  # tiny: watched on the first call
-        ("divergence", "auto", (64, 16)),  # recorded (the structured step)
-        ("jacobian_diagonal", "structured", (6, 3)),
-        ("jacobian", "auto", (6, 3)),
-        ("laplacian", "auto", (6, 3)),
-        ("laplacian", "taylor", (64, 16)),
-    ],
-)
+@pytest.mark.parametrize(("name", "method", "shape"), WATCHED_CALLS)
 def test_ops_without_a_rule_that_combine_samples_are_refused(case, name, method, shape) -> None:
     """Ops the watch has no table entry for (``sort`` along the batch, a scalar ``dist``,
     ``det`` of a block of samples, pooling with the batch as the pooled axis, ...) ended its

@@ -273,25 +273,28 @@ class BatchAxes:
             if message is not None:
                 raise BatchInteractionError(message)
         for t in leaves:
-            moved = [q for q, *_ in self.axes(t) or () if q >= self.batch_dims]
-            if moved:
-                what = (
-                    f"x's samples run along dimension {moved[0]} of f's output of shape "
+            what = self._out_of_place(t) or self._misplaced(t)
+            if what is not None:
+                raise BatchInteractionError(explain(what, self.x, self.batch_dims))
+
+    def _out_of_place(self, t: Any) -> str | None:
+        """What puts ``x``'s samples along another dimension of ``f``'s output ``t``: an event
+        dimension, or another batch dimension (with ``batch_dims=2`` and a square batch)."""
+        for axis in self.axes(t) or ():
+            if axis.position >= self.batch_dims:
+                return (
+                    f"x's samples run along dimension {axis.position} of f's output of shape "
                     f"{_shape(t)}, an event dimension (a broadcast of the batch against a tensor "
                     "with a batch dimension of its own, such as z @ A with A of shape (B, n, n)?)"
                 )
-                raise BatchInteractionError(explain(what, self.x, self.batch_dims))
-            swapped = [a for a in self.axes(t) or () if a.source != a.position]
-            if swapped:
-                what = (
-                    f"the samples of x's batch dimension {swapped[0].source} run along batch "
-                    f"dimension {swapped[0].position} of f's output of shape {_shape(t)} "
+        for axis in self.axes(t) or ():
+            if axis.source != axis.position:
+                return (
+                    f"the samples of x's batch dimension {axis.source} run along batch "
+                    f"dimension {axis.position} of f's output of shape {_shape(t)} "
                     "(batch dimensions transposed or permuted)"
                 )
-                raise BatchInteractionError(explain(what, self.x, self.batch_dims))
-            misplaced = self._misplaced(t)
-            if misplaced is not None:
-                raise BatchInteractionError(explain(misplaced, self.x, self.batch_dims))
+        return None
 
     def _misplaced(self, t: Any) -> str | None:
         """What puts other samples' values in the places of ``f``'s output ``t``: samples an
