@@ -33,10 +33,19 @@ __all__ = [
     "peak_memory_mb",
     "script",
     "time_interleaved",
+    "timed_columns",
     "write_json",
 ]
 
 Times = dict[str, dict[str, float]]
+
+
+def timed_columns(row: dict[str, Any], times: Any) -> None:
+    """Copy each call's median and IQR from ``time_interleaved``'s ``times`` into ``row``, as
+    ``{name}_ms`` and ``{name}_iqr_ms``."""
+    for name, t in times.items():
+        row[f"{name}_ms"] = t["median_ms"]
+        row[f"{name}_iqr_ms"] = t["iqr_ms"]
 
 
 def compare(

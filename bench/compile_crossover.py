@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import markdown, script, time_interleaved
+from _common import markdown, script, time_interleaved, timed_columns
 from compile_step import pinn, training_step
 from divergence_exact import convnet, mlp
 
@@ -133,9 +133,7 @@ def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
         work = n * len(x) * work_per_sample(net, n)
         row: dict[str, Any] = {"case": label, "event": n, "samples": len(x), "work": work}
         row["auto"] = "traced" if work <= TRACED_WORK else "recorded"
-        for kind in steps:
-            row[f"{kind}_ms"] = times[kind]["median_ms"]
-            row[f"{kind}_iqr_ms"] = times[kind]["iqr_ms"]
+        timed_columns(row, times)
         row["traced_over_recorded"] = row["traced_ms"] / row["recorded_ms"]
         print(
             f"{label:30} n={n:4} eager {row['eager_ms']:7.2f} recorded {row['recorded_ms']:7.2f} "

@@ -18,10 +18,8 @@ import functools
 from typing import Any
 
 import torch
-from _common import markdown, script, time_interleaved
-from compile_step import CASES, DIVERGENCE, LAPLACIAN, operator
-
-import torchdiv
+from _common import markdown, script, time_interleaved, timed_columns
+from compile_step import CASES, case_operators
 
 
 def call(op: Any, f: torch.nn.Module, x: torch.Tensor) -> None:
@@ -29,13 +27,8 @@ def call(op: Any, f: torch.nn.Module, x: torch.Tensor) -> None:
 
 
 def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]]:
-    torch.manual_seed(0)
-    net, x = CASES[case]()
-    probes = torchdiv.draw_probes(x, 2, generator=torch.Generator().manual_seed(1))
     rows = []
-    for method in LAPLACIAN if case == "lap" else DIVERGENCE:
-        torch._dynamo.reset()
-        op = operator(case, method, probes)
+    for net, x, method, op in case_operators(case):
         calls = {
             "eager": functools.partial(call, op, net, x),
             "compiled": functools.partial(call, op, torch.compile(net), x),
@@ -44,10 +37,8 @@ def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
             for fn in calls.values():
                 fn()
         times = time_interleaved(calls, rounds, min_run_time)
-        row = {"case": case, "method": method}
-        for name in calls:
-            row[f"{name}_ms"] = times[name]["median_ms"]
-            row[f"{name}_iqr_ms"] = times[name]["iqr_ms"]
+        row: dict[str, Any] = {"case": case, "method": method}
+        timed_columns(row, times)
         row["ratio"] = row["compiled_ms"] / row["eager_ms"]
         print(
             f"{case:5} {method:22} eager {row['eager_ms']:7.3f} ({row['eager_iqr_ms']:.3f}) "

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import markdown, script, time_interleaved
+from _common import markdown, script, time_interleaved, timed_columns
 from compile_step import CASES, training_step
 
 import torchdiv
@@ -100,9 +100,8 @@ def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
             {k: functools.partial(s, x) for k, s in steps.items()}, rounds, min_run_time
         )
         row: dict[str, Any] = {"case": case, "method": method, "graphs": count, "breaks": broken}
+        timed_columns(row, times)
         for kind in steps:
-            row[f"{kind}_ms"] = times[kind]["median_ms"]
-            row[f"{kind}_iqr_ms"] = times[kind]["iqr_ms"]
             row[f"{kind}_op_ms"] = timers[kind].mean_ms() if breaks else float("nan")
             row[f"{kind}_rest_ms"] = row[f"{kind}_ms"] - row[f"{kind}_op_ms"]
         row["ratio"] = row["compiled_ms"] / row["eager_ms"]

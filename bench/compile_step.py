@@ -30,11 +30,11 @@ from __future__ import annotations
 import copy
 import functools
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from _common import markdown, script, time_interleaved
+from _common import markdown, script, time_interleaved, timed_columns
 from divergence_exact import convnet, mlp
 
 import torchdiv
@@ -107,14 +107,20 @@ def agree(
     return all(same)
 
 
-def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]]:
+def case_operators(case: str) -> Iterator[tuple[torch.nn.Module, torch.Tensor, str, Any]]:
+    """The case's net and ``x`` with each method's operator (probes drawn once), Dynamo's
+    caches reset before each method."""
     torch.manual_seed(0)
     net, x = CASES[case]()
     probes = torchdiv.draw_probes(x, 2, generator=torch.Generator().manual_seed(1))
-    rows = []
     for method in LAPLACIAN if case == "lap" else DIVERGENCE:
         torch._dynamo.reset()
-        op = operator(case, method, probes)
+        yield net, x, method, operator(case, method, probes)
+
+
+def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]]:
+    rows = []
+    for net, x, method, op in case_operators(case):
         row: dict[str, Any] = {"case": case, "method": method}
         steps = {mode: training_step(copy.deepcopy(net), op, mode) for mode in ("eager", *MODES)}
         for mode in MODES:
@@ -127,9 +133,7 @@ def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
             rounds,
             min_run_time,
         )
-        for mode in ("eager", *MODES):
-            row[f"{mode}_ms"] = times[mode]["median_ms"]
-            row[f"{mode}_iqr_ms"] = times[mode]["iqr_ms"]
+        timed_columns(row, times)
         line = f"{case:5} {method:22} eager {row['eager_ms']:7.2f} ({row['eager_iqr_ms']:.2f})"
         eager_rounds = times["eager"]["rounds_ms"]
         for mode in MODES:
