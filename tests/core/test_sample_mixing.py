@@ -1231,6 +1231,10 @@ KEPT = {  # the same ops along each sample's own event: per sample, not refused
         z * torch.quantile(z, torch.tensor([0.3], dtype=z.dtype), dim=-1).T
     ),
     "in-place views and back": lambda z: _in_place_views(z),
+    # samples 0..B-1 twice along the batch: the batch repeated, which a reshape follows back
+    "whole batches joined, reshaped back": lambda z: (
+        torch.cat([z.sin(), z.exp()]).reshape(2, *z.shape).prod(0)
+    ),
     "narrow_copy of the whole batch, renorm_ of each sample": lambda z: (
         torch.narrow_copy(z.sin(), 0, 0, len(z)) * (z * 2).renorm_(2, 0, 0.5)
     ),

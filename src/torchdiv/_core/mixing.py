@@ -820,25 +820,13 @@ def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | No
         axes = tr.axes(t)
         if axes and t.dim() == out.dim():
             found.update(axis for axis in axes if axis.position != dim)
-    along = {a for t in tensors for a in tr.axes(t) or () if a.position == dim}
-    whole = len(along) == 1 and all(_whole_periods(tr, t, dim, along) for t in tensors)
-    if whole:
-        found.update(along)
     extents = {t.shape[dim] for t in tensors if t.dim() == out.dim()}
     pick = _restacked(tr, tensors)
     if pick is not None and len(extents) == 1:
         found.add(Axis(dim, pick.size, extents.pop(), (), pick.source))
-    elif not whole:
+    else:
         found.update(_rejoined(tr, [t for t in tensors if t.dim() == out.dim()], dim))
     return [tuple(sorted(found))]
-
-
-def _whole_periods(tr: BatchAxes, t: torch.Tensor, dim: int, along: set[Axis]) -> bool:
-    """Whether ``t`` holds the batch dimension in ``along`` along ``dim``, whole periods of
-    it (so that the next piece starts again at its first sample)."""
-    axes = {a for a in tr.axes(t) or () if a.position == dim}
-    axis = next(iter(along))
-    return axes == along and t.shape[dim] % (axis.inner * axis.period) == 0
 
 
 def _rejoined(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int) -> list[Axis]:
@@ -962,12 +950,13 @@ def _held(axis: Axis, n: int) -> tuple[int, ...]:
 
 def _rows(tr: BatchAxes, position: int, axis: Axis, samples: torch.Tensor, what: str) -> Axis:
     """The batch dimension at ``position`` holding ``samples`` of ``axis``'s batch, one per
-    index (in order: a plain one; else its rows, noted as moved by ``what``). Runs of one
-    sample as long as the first (``x.reshape(-1).flip(0)``: ``D`` elements per sample) are
-    one row each, with that ``inner``, so that a reshape back follows them."""
+    index (in order, or the batch in order repeated, as whole batches joined: a plain one;
+    else its rows, noted as moved by ``what``). Runs of one sample as long as the first
+    (``x.reshape(-1).flip(0)``: ``D`` elements per sample) are one row each, with that
+    ``inner``, so that a reshape back follows them."""
     run = _run(samples)
     rows = tuple(samples[::run].tolist())
-    if rows == tuple(range(axis.size)):
+    if len(rows) % axis.size == 0 and rows == tuple(range(axis.size)) * (len(rows) // axis.size):
         return Axis(position, axis.size, run, (), axis.source)
     tr.moves.setdefault(rows, what)
     return Axis(position, axis.size, run, rows, axis.source)
