@@ -63,9 +63,10 @@ class OpSizes(DispatchMode):
     JVP or VJP carries ``k`` copies of (weights and their views are not). With ``axes``, it
     also follows the batch dimensions (``torchdiv._core.mixing``), raising ``BatchInteractionError``
     when ``f`` mixes samples; with ``changes``, it notes what ``f`` changes outside itself
-    (``_state.Changes``, whose end of watch it makes on leaving). One mode serving all three
-    watches: each mode costs a round trip through Python per ATen op (a D = 64 tanh MLP's
-    evaluation at batch 256 took about 0.3 ms watched by two modes, 0.34 ms unwatched).
+    (``_state.Changes``, whose end of watch it makes on leaving). One mode serves all three:
+    each Python dispatch mode costs a round trip per ATen call, ~7 us on a 2-core CPU (a
+    D -> 64 -> 64 -> D tanh MLP, D = 64, batch 4, under ``torch.func.vjp``: 0.16 ms unwatched,
+    0.36 ms watched by this mode and a ``Changes`` of its own, 0.32 ms by this one alone).
     """
 
     def __init__(

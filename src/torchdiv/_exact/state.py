@@ -80,11 +80,11 @@ class Changes(DispatchMode):
         self.ended(error)
 
     def ended(self, error: BaseException | None) -> None:
-        """The watched evaluation ended: with ``error``, it has changed nothing (the values
-        before are put back, and forgotten: the next evaluation is watched afresh, and the
-        generators it draws from go on from its draws, as those of one evaluation; kept, they
-        were put back after it too, and the next call drew the same dropout mask); else the
-        values after are kept for ``again``."""
+        """The watched evaluation ended. Completed (``error`` is ``None``): the values after
+        are kept for ``again``. Failed: it has changed nothing; the values and generator states
+        before are put back and forgotten, so that the next evaluation is watched afresh and
+        its draws stand as one evaluation's (kept, they were put back after it as well, and
+        the call left the generator as if ``f`` had drawn nothing)."""
         if error is None:
             self.after = [tensor.detach().clone() for tensor, _ in self.written]
             return
