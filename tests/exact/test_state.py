@@ -9,15 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    LegacyCube,
     Stateful,
     assert_close,
     assert_one_state,
+    loop_diagonal,
     one_state,
     reference_diagonal,
     reference_jacobian,
 )
 
 import torchdiv
+from torchdiv._exact import plan as _plan
 
 f64 = torch.float64
 
@@ -80,4 +83,22 @@ def test_the_empty_event_check_evaluates_the_same_function(method):
     torch.manual_seed(1)
     got = torchdiv.divergence(elementwise, x, method=method)
     assert_close(got, reference_diagonal(once, x[:, None])[:, 0])
+    assert_one_state(net, once, state)
+
+
+@pytest.mark.parametrize("operator", ["jacobian_diagonal", "jacobian"])
+def test_watched_evaluation_that_hands_over_changes_state_once(operator):
+    """A problem above the tiny size is watched by one dispatch mode (``_plan.OpSizes``) that
+    also notes what ``f`` changes (``_state.Changes``): when ``torch.func`` then fails (a
+    legacy ``autograd.Function`` after the buffer write and the dropout draw), plain autograd
+    evaluates ``f`` again from the state before, with the same mask, and the buffer moves
+    once. Without the notes the second evaluation saw another ``u`` and mask."""
+    net, x = Stateful(64, 64, hidden=16, head=LegacyCube.apply), torch.randn(16, 64, dtype=f64)
+    assert x[0].numel() * x.numel() > _plan.TINY_PROBLEM  # watched, and planned
+    once, state = one_state(net, x, seed=4)
+    torch.manual_seed(4)
+    got = getattr(torchdiv, operator)(net, x)
+    once.head = lambda y: y**3  # the same function, which torch.func's jacrev can run
+    expected = (reference_jacobian if operator == "jacobian" else loop_diagonal)(once, x)
+    assert_close(got, expected)
     assert_one_state(net, once, state)

@@ -10,7 +10,6 @@ flight is one block.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -380,12 +379,13 @@ def _watched(
     changes: _state.Changes | None = None,
 ) -> tuple[Engine, _plan.OpSizes]:
     """Build an engine (which evaluates ``f`` once), with ``OpSizes`` watching the ops (and the
-    batch dimensions, starting from ``x``: the very tensor ``f`` gets) and ``changes`` the state
-    ``f`` changes, if ``watch``; unwatched sizes record nothing, so their chunk is all basis
-    vectors."""
-    sizes = _plan.OpSizes(x.shape[:batch_dims], _mixing.tracker(x, batch_dims))
-    unwatched = contextlib.nullcontext()
-    with sizes if watch else unwatched, changes if watch and changes is not None else unwatched:
+    batch dimensions, starting from ``x``: the very tensor ``f`` gets) and, in the same mode,
+    ``changes`` the state ``f`` changes, if ``watch``; unwatched sizes record nothing, so their
+    chunk is all basis vectors."""
+    if not watch:
+        return build(), _plan.OpSizes(x.shape[:batch_dims])
+    sizes = _plan.OpSizes(x.shape[:batch_dims], _mixing.tracker(x, batch_dims), changes)
+    with sizes:
         engine = build()
         sizes.finish(engine.y)
     return engine, sizes

@@ -42,6 +42,17 @@ class Changes(DispatchMode):
         self._made: set[int] = set()  # storages of tensors f made
 
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        fresh = self.before(func, args, kwargs)
+        out = func(*args, **kwargs)
+        if fresh:
+            self.made(out)
+        return out
+
+    def before(self, func: Any, args: Any, kwargs: dict[str, Any]) -> bool:
+        """Note, before the ATen op ``func`` runs, the tensors it writes to that ``f`` did not
+        make (their values before) and the generators it draws from (their states); returns
+        whether its results are new memory (then ``made`` notes them). ``dispatch`` calls it,
+        or another mode watching the same evaluation (``_plan.OpSizes``: one mode, not two)."""
         writes, fresh, random = _facts(func)
         if writes:
             for tensor in _written(func, args, kwargs):
@@ -52,10 +63,12 @@ class Changes(DispatchMode):
         if random:
             for generator in self._drawn_from(kwargs.get("generator")):
                 self.generators.setdefault(generator, generator.get_state())
-        out = func(*args, **kwargs)
-        if fresh:  # new memory: f's own (a view or an in-place result is not)
-            self._made.update(_storage(t) for t in leaves(out) if isinstance(t, torch.Tensor))
-        return out
+        return fresh
+
+    def made(self, out: Any) -> None:
+        """Note the results ``out`` of an op that returns new memory: ``f``'s own (a view or an
+        in-place result is not), written to later without a copy kept."""
+        self._made.update(_storage(t) for t in leaves(out) if isinstance(t, torch.Tensor))
 
     def __exit__(
         self,
@@ -64,10 +77,19 @@ class Changes(DispatchMode):
         traceback: TracebackType | None,
     ) -> None:
         super().__exit__(kind, error, traceback)
+        self.ended(error)
+
+    def ended(self, error: BaseException | None) -> None:
+        """The watched evaluation ended. Completed (``error`` is ``None``): the values after
+        are kept for ``again``. Failed: it has changed nothing; the values and generator states
+        before are put back and forgotten, so that the next evaluation is watched afresh and
+        its draws stand as one evaluation's (kept, they were put back after it as well, and
+        the call left the generator as if ``f`` had drawn nothing)."""
         if error is None:
             self.after = [tensor.detach().clone() for tensor, _ in self.written]
-        else:  # an evaluation that did not finish has changed nothing
-            self._put(before=True)
+            return
+        self._put(before=True)
+        self.written, self.generators, self._made = [], {}, set()
 
     def again(self, f: Callable[[torch.Tensor], T]) -> Callable[[torch.Tensor], T]:
         """``f``, evaluated from the state before the first evaluation (watched until one
