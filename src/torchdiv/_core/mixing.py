@@ -124,6 +124,9 @@ def _rows_tensor(rows: tuple[int, ...]) -> torch.Tensor:
 
 
 Axes = tuple[Axis, ...]
+# x's batch dimension -> (a dimension of a tensor, the sample at each index along it, -1 where
+# none was written)
+Lines = dict[int, tuple[int, torch.Tensor]]
 
 _state = threading.local()
 
@@ -209,6 +212,14 @@ class BatchAxes:
         self.carried: Pick | None = None  # the pick the results of the current op inherit
         self.func: Any = None  # the current op
         self.kwargs: dict[str, Any] = {}  # its keyword arguments (``_unknown`` reads them)
+        # id -> (tensor, its axes then, source -> (dimension, sample at each index, -1 where
+        # none)): tensors whose samples values written through views put in (``_overwrite``)
+        self.lines: dict[int, tuple[torch.Tensor, Axes, Lines]] = {}
+        # id -> tensor: results computed inside a custom ``autograd.Function``'s ``forward``,
+        # not yet known to be differentiable (``_settle``)
+        self.inside: dict[int, torch.Tensor] = {}
+        self.quiet = False  # whether the last op ran under no_grad
+        self.quiet_forward = False  # whether the op before the current forward did
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -222,8 +233,19 @@ class BatchAxes:
         samples in a way derivatives see, or reads a result that did."""
         self.pending, self.carried, self.func, self.guess = None, None, func, None
         self.kwargs = kwargs or {}
-        if not self.known or not torch.is_grad_enabled():
+        if not self.known:
             return None
+        within = not torch.is_grad_enabled()
+        if within and (torch._C._is_fwd_grad_enabled() or torch.is_inference_mode_enabled()):
+            self.quiet = True
+            return None  # a no_grad block: constants
+        # else, without grad, a custom autograd.Function's forward (which turns forward AD off
+        # too): followed, its results differentiable if ``apply`` makes them so (``_settle``)
+        if self.inside and not within:
+            self._settle()
+        elif within and not self.inside:
+            self.quiet_forward = self.quiet
+        self.quiet = False
         if func in _IN_PLACE_VIEWS:  # the shape changes under the tensor's id: read it now
             axes = self.axes(args[0])
             if axes is None:
@@ -233,7 +255,8 @@ class BatchAxes:
         rules = _rules.get(func)  # one lookup per op: hashing an OpOverload costs 0.4 us
         if rules is None:
             mixing = _MIXING.get(func)
-            rules = _rules[func] = (mixing, _CARRY.get(func) or _kind(func, mixing is None))
+            carry = _CARRY.get(func) or _kind(func, mixing is None)
+            rules = _rules[func] = (mixing, _writing(carry) if _writes_first(func) else carry)
         mixing, carry = rules
         if self.mixed and func not in VALUE_FREE:
             self.pending = self._mixed_in(args)
@@ -245,7 +268,7 @@ class BatchAxes:
             what = mixing(self, args)
             if what is not None:
                 self.pending = self.message(func, what)
-        return carry
+        return functools.partial(_within, carry) if within else carry
 
     def after(self, carry: Carry | None, args: Sequence[Any], out: Any) -> None:
         """Note the batch dimensions of the results ``out`` by the rule ``before`` gave (none:
@@ -267,6 +290,8 @@ class BatchAxes:
         """Raise ``BatchInteractionError`` if ``f``'s result ``y`` (a tensor or a tree of
         them) depends on samples that an op combined, or holds ``x``'s samples along one of
         its event dimensions (every output sample then depends on every input sample)."""
+        if self.inside:
+            self._settle()
         leaves = tree_leaves(y)
         if self.mixed:
             message = self._mixed_in(leaves)
@@ -391,6 +416,18 @@ class BatchAxes:
             return
         sample = picks[0].sample if len(distinct) == 1 else None
         self.carried = picks[0]._replace(sample=sample)
+
+    def _settle(self) -> None:
+        """After a custom ``autograd.Function``'s ``forward``: its results that ``apply`` left
+        without grad (called under ``no_grad``, or not returned) are constants. Where ``x``
+        does not require grad (the recorders), none does: those of a forward called right
+        after an op under ``no_grad`` are taken for constants, the others followed."""
+        constant = self.quiet_forward or self.x.requires_grad
+        for t in self.inside.values():
+            if constant and not t.requires_grad:
+                for table in (self.known, self.mixed, self.picked):
+                    table.pop(id(t), None)
+        self.inside.clear()
 
     def _note(self, t: torch.Tensor, axes: Axes | None) -> None:
         if axes and t.is_floating_point():
@@ -592,6 +629,15 @@ Carry = Callable[[BatchAxes, Sequence[Any], Any], "list[Axes | None] | None"]
 
 def _untracked(_: BatchAxes, __: Sequence[Any], ___: Any) -> None:
     return None
+
+
+def _within(carry: Carry, tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``carry`` inside a custom ``autograd.Function``'s ``forward``: its results are noted as
+    made there (``BatchAxes._settle``)."""
+    for t in tree_leaves(out):
+        if isinstance(t, torch.Tensor):
+            tr.inside[id(t)] = t
+    return carry(tr, args, out)
 
 
 def _fresh(tr: BatchAxes, _: Sequence[Any], out: Any) -> None:
@@ -1315,13 +1361,214 @@ def _scatter(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
     return [axes]
 
 
+# ---- values written through a view (``buffer[:, :k] = g(x)``) ----
+
+
+def _box(
+    root: torch.Tensor, view: torch.Tensor
+) -> tuple[list[int], list[int | None], list[int]] | None:
+    """Where ``view`` lies in ``root``, whose memory it shares (``root``: dense, not
+    overlapping): the index in ``root`` of its first element, and for each of its dimensions
+    the dimension of ``root`` it runs along (``None``: one long) with its step; ``None`` if
+    two of its dimensions run along one of ``root``'s (a reshape that splits one) or one
+    leaves it."""
+    order = sorted((d for d in range(root.dim()) if root.shape[d] > 1), key=root.stride)[::-1]
+    dense = 1
+    for d in order[::-1]:
+        if root.stride(d) != dense:
+            return None
+        dense *= root.shape[d]
+    offset, first = view.storage_offset() - root.storage_offset(), [0] * root.dim()
+    for d in order:
+        first[d], offset = divmod(offset, root.stride(d))
+    dims: list[int | None] = []
+    steps: list[int] = []
+    for n, stride in zip(view.shape, view.stride(), strict=True):
+        q = next((d for d in order if 0 < root.stride(d) <= stride), None) if n > 1 else None
+        step = stride // root.stride(q) if q is not None else 0
+        if n > 1 and (
+            q is None
+            or stride % root.stride(q)
+            or q in dims
+            or first[q] + step * (n - 1) >= root.shape[q]
+        ):
+            return None
+        dims.append(q)
+        steps.append(step)
+    return first, dims, steps
+
+
+def _lines(tr: BatchAxes, t: torch.Tensor) -> Lines | None:
+    """The samples along ``t``'s batch dimensions as lines, -1 where no value of ``x`` was
+    written (kept from the last write through a view, if its batch dimensions did not change
+    since); ``None`` if it holds one batch dimension of ``x`` twice."""
+    entry = tr.lines.get(id(t))
+    axes = tr.axes(t) or ()
+    if entry is not None and entry[0] is t and entry[1] == axes:
+        return dict(entry[2])
+    lines: Lines = {}
+    for axis in axes:
+        if axis.source in lines:
+            return None
+        lines[axis.source] = (axis.position, axis.samples(torch.arange(t.shape[axis.position])))
+    return lines
+
+
+def _overwrite(
+    tr: BatchAxes,
+    old: torch.Tensor,
+    root: torch.Tensor,
+    view: torch.Tensor,
+    axes: Axes,
+    pick: Pick | None,
+) -> tuple[Axes, str | None] | None:
+    """The batch dimensions of ``root``, which held ``old``'s values, after values holding
+    ``axes`` (aligned to ``view``; or one sample, ``pick``) were written into ``view``, a view
+    of it: along each dimension of ``root``, the samples at the written indices replace those
+    there if the write spans all the other dimensions, else must be the same (``buffer[:, :k] =
+    g(x)`` makes a fresh buffer hold the batch along dimension 0; ``y[1:] = g(x)[:-1]``
+    shifts it). ``None`` if not followed (no lines: a view across dimensions); with a message
+    if the samples no longer lie along one dimension (two written in one place)."""
+    box = _box(root, view)
+    lines = None if box is None else _lines(tr, old)
+    if box is None or lines is None:
+        return None
+    first, dims, steps = box
+    spans = [range(i, i + 1) for i in first]
+    for k, q in enumerate(dims):
+        if q is not None:
+            spans[q] = range(first[q], first[q] + steps[k] * (view.shape[k] - 1) + 1, steps[k])
+    written: Lines = {}
+    for axis in axes:
+        q = dims[axis.position]
+        if q is None or axis.source in written:
+            return None
+        written[axis.source] = (q, axis.samples(torch.arange(view.shape[axis.position])))
+    batch = tr.x.shape[: tr.batch_dims]
+    if pick is not None and pick.sample is not None and not axes:
+        source = pick.source
+        q = lines[source][0] if source in lines else source
+        if source not in lines and root.shape[: tr.batch_dims] != batch:
+            return None  # one sample written into a tensor not followed: not followed
+        written[source] = (q, torch.full((len(spans[q]),), pick.sample))
+    sizes = {axis.source: axis.size for axis in tr.start}
+    result: list[Axis] = [a for a in tr.axes(old) or () if a.source not in written]
+    for source, (q, samples) in written.items():
+        at = _indices(spans[q])
+        q_old, line = lines.get(source, (q, torch.full((root.shape[q],), -1)))
+        whole = all(len(spans[d]) == root.shape[d] for d in range(root.dim()) if d != q)
+        kept = line[at]
+        if q_old != q and whole and len(at) == root.shape[q]:
+            line = torch.full((root.shape[q],), -1)  # all of it written
+        elif q_old != q or (not whole and bool(((kept >= 0) & (kept != samples)).any())):
+            return (), f"{_PUT_WHAT} (written through a view into a tensor of shape {_shape(root)})"
+        line = line.clone()
+        line[at] = samples
+        lines[source] = (q, line)
+        axis = _along_line(tr, q, line, sizes[source], source, steps)
+        if axis is not None:
+            result.append(axis)
+    found = tuple(sorted(result))
+    tr.lines[id(root)] = (root, found, lines)
+    return found, None
+
+
+def _along_line(
+    tr: BatchAxes, q: int, line: torch.Tensor, size: int, source: int, steps: Sequence[int]
+) -> Axis | None:
+    """The batch dimension along ``q`` holding ``line``'s samples, where indices without one
+    (-1) take whatever keeps the batch in order (``buffer[::2] = g(x)``: two indices per
+    sample), else the sample before them."""
+    held = line >= 0
+    if not bool(held.any()):
+        return None
+    n = len(line)
+    at = torch.arange(n)
+    for inner in sorted({1, *(s for s in steps if s > 1), max(n // size, 1)}):
+        if bool(((at[held] // inner) % size == line[held]).all()):
+            return Axis(q, size, inner, (), source)
+    filled = line.clone()
+    last = int(line[held][0])
+    for i in range(n):  # the sample before, the first for the indices before any
+        last = int(filled[i]) if filled[i] >= 0 else last
+        filled[i] = last
+    return _rows(tr, q, Axis(q, size, 1, (), source), filled, f"a write through a view ({tr.func})")
+
+
+def _writing(carry: Carry) -> Carry:
+    """``carry`` of an op writing into its first argument, which, a view of another tensor
+    (``buffer[:, :k].copy_(g(x))``), writes into that too: its batch dimensions follow
+    (``_overwrite``), and it depends on combined samples if the values written do."""
+
+    def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+        result = carry(tr, args, out)
+        view = args[0]
+        root = view._base if isinstance(view, torch.Tensor) else None
+        if root is None or not root.is_floating_point():
+            return result
+        axes = (result[0] if result else None) or ()
+        pick = tr.carried if not axes else None
+        if tr.pending is not None:
+            tr.mixed[id(root)] = (root, tr.pending)
+        elif axes or pick is not None:
+            found = _overwrite(tr, root, root, view, axes, pick)
+            if found is not None and found[1] is not None:
+                tr.mixed[id(root)] = (root, tr.message(tr.func, found[1]))
+            elif found is not None:
+                tr.picked.pop(id(root), None)
+                tr._note(root, found[0])
+        return result
+
+    return rule
+
+
+def _writes_first(func: Any) -> bool:
+    """Whether ``func`` writes into its first argument (``copy_``, ``add_``, ``index_put_``)."""
+    arguments = func._schema.arguments
+    alias = arguments[0].alias_info if arguments else None
+    return alias is not None and alias.is_write
+
+
+def _sliced_at(t: torch.Tensor, args: Sequence[Any]) -> tuple[slice, ...]:
+    """The index of ``slice_scatter(t, src, dim, start, end, step)``'s view of ``t``."""
+    dim = (args[2] if len(args) > 2 else 0) % t.dim()
+    start, end, step = (*args[3:6], None, None, None)[:3]
+    return (slice(None),) * dim + (slice(start, end, step or 1),)
+
+
+def _copied(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``copy_(t, src)``: ``t`` holds ``src``'s values (broadcast), its own are gone."""
+    src = args[1]
+    axes = tr.axes(src)
+    return [_aligned(src, axes, args[0]) or None] if axes else None
+
+
+def _scattered_into(make_view: Callable[[torch.Tensor, Sequence[Any]], torch.Tensor]) -> Carry:
+    """``select_scatter(t, src, dim, index)``, ``slice_scatter``, ...: ``t`` with ``src``
+    written into the view ``make_view(result, args)`` (``_overwrite``)."""
+
+    def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+        t, src = args[0], args[1]
+        axes, pick = tr.axes(src) or (), tr.picks(src)
+        if not axes and pick is None:
+            return [tr.axes(t)]
+        view = make_view(out, args)
+        found = _overwrite(tr, t, out, view, _aligned(src, axes, view), pick)
+        if found is None:
+            return None
+        if found[1] is not None:
+            tr.pending = tr.message(tr.func, found[1])
+        return [found[0] or None]
+
+    return rule
+
+
 _POINTWISE_EXTRA = {
     aten.clone.default,
     aten._to_copy.default,
     aten.alias.default,
     aten.native_dropout.default,
     aten.expand.default,
-    aten.copy_.default,
     aten.lift_fresh.default,
     aten.masked_fill.Scalar,
     aten.masked_fill.Tensor,
@@ -1361,6 +1608,10 @@ _CARRY: dict[Any, Carry] = {
     aten.unbind.int: _cut(1, _in_order),
     aten.cat.default: _cat,
     aten.stack.default: _stack,
+    aten.copy_.default: _copied,
+    aten.copy.default: _copied,
+    aten.select_scatter.default: _scattered_into(lambda t, a: t.select(a[2], a[3])),
+    aten.slice_scatter.default: _scattered_into(lambda t, a: t[_sliced_at(t, a)]),
     aten.broadcast_tensors.default: _broadcast,
     # samples of different lengths packed one time step after the other: not followed
     aten._pack_padded_sequence.default: _untracked,
@@ -1444,6 +1695,7 @@ _ACCUMULATING = {
     aten.scatter_reduce_.two,
 }
 _PUTS = {op for op, rule in _CARRY.items() if rule in (_index_put, _index_copy, _scatter)}
+_PUTS |= {aten.select_scatter.default, aten.slice_scatter.default}
 _CATS = {aten.cat.default}
 _JOINS = {*_CATS, aten.stack.default}
 _FRESH = {
@@ -1489,6 +1741,11 @@ def _kind(func: Any, unknown: bool) -> Carry:
 _DIM_ARGUMENTS = ("dim", "dims", "dimension")
 _SPATIAL_ARGUMENTS = ("kernel_size", "output_size")
 _RIGHT_HAND_SIDES = ("B", "b")  # of ``linalg_solve`` and kin: each column solved alone
+# solves outside ``torch.linalg``, whose first argument is the right-hand side, and another
+# matrix function there
+_SOLVES = ("cholesky_solve", "triangular_solve")
+_MATRIX_FUNCTIONS = (*_SOLVES, "cholesky_inverse")
+_PADS = re.compile(r"(reflection|replication)_pad\dd$")  # copies of the edges: the others mix
 
 
 def _unknown(func: Any) -> Carry:
@@ -1579,7 +1836,7 @@ class _Signature(NamedTuple):
             dim,
             next((n for n in _SPATIAL_ARGUMENTS if n in names), None) if first else None,
             int(digits[-1]) if digits else None,
-            name.startswith(("linalg_", "_linalg_")) and dim is None,
+            (name.startswith(("linalg_", "_linalg_")) and dim is None) or name in _MATRIX_FUNCTIONS,
             schema.is_mutable,
         )
 
@@ -1597,7 +1854,9 @@ def _combined(
     """What combines samples in the call of ``op`` (``_unknown``'s rules), if anything."""
     t = args[0] if args else None
     if isinstance(t, torch.Tensor) and tr.axes(t) and t.dim():
-        what = _along(op, tr, args, t) or _resampled(op, tr, args, t, out)
+        what = (
+            _along(op, tr, args, t) or _resampled(op, tr, args, t, out) or _padded(op, tr, args, t)
+        )
         if what is not None:
             return what
     return (
@@ -1630,6 +1889,19 @@ def _resampled(
     return None
 
 
+def _padded(op: _Signature, tr: BatchAxes, args: Sequence[Any], t: torch.Tensor) -> str | None:
+    """``op``, a reflection or replication pad, pads ``t`` along a batch dimension: the new
+    places hold copies of other places' samples, then followed as if they held their own."""
+    if not _PADS.match(op.name):
+        return None
+    padding = op.argument(args, tr.kwargs, "padding")
+    for i in range(len(padding) // 2):
+        d = t.dim() - 1 - i
+        if (padding[2 * i] or padding[2 * i + 1]) and _batch_at(tr, t, [d]) is not None:
+            return f"{op.name} across samples (dimension {d} of {_shape(t)}, padded)"
+    return None
+
+
 def _matrices(
     op: _Signature, tr: BatchAxes, args: Sequence[Any], tracked: list[Tracked]
 ) -> str | None:
@@ -1637,10 +1909,13 @@ def _matrices(
     solve's right-hand side ``B``, whose columns are solved alone, the rows)."""
     if not op.linalg or not args:
         return None
-    lhs = args[0] if isinstance(args[0], torch.Tensor) else None  # A
+    solve = op.name in _SOLVES  # (B, A): cholesky_solve, triangular_solve
+    lhs = args[int(solve)] if len(args) > int(solve) else None  # A
+    lhs = lhs if isinstance(lhs, torch.Tensor) else None
     for arg, a, axes in tracked:
         matrix = [a.dim() - 2, a.dim() - 1]
-        if arg in _RIGHT_HAND_SIDES:  # (a batch of) vectors, or the rows (left=False: columns)
+        if arg in _RIGHT_HAND_SIDES or (solve and arg == "self"):
+            # (a batch of) vectors, or the rows (left=False: columns)
             left = tr.kwargs.get("left", True)
             vector = a.dim() == 1 or (lhs is not None and a.shape == lhs.shape[:-1])
             matrix = [a.dim() - 1] if vector else [a.dim() - (2 if left else 1)]
@@ -1818,6 +2093,14 @@ def _diagonal(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     return None if q is None else f"a diagonal across samples (dimension {q} of {_shape(t)})"
 
 
+def _pairwise(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+    """``pdist(t)``: the distances between every two rows of ``t``, over its columns: any
+    batch dimension of ``t`` is combined (its ``n (n - 1) / 2`` distances are a multiple of
+    an odd ``n``: the result's size says nothing)."""
+    q = _batch_at(tr, args[0], range(args[0].dim()))
+    return None if q is None else f"pairwise distances across samples (dimension {q} of pdist)"
+
+
 def _renorm(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     """``renorm(t, p, dim, maxnorm)`` scales each slice along ``dim`` by its norm over all the
     other dimensions."""
@@ -1897,6 +2180,7 @@ _MIXING: dict[Any, Mixing] = {
     aten.diagonal.default: _diagonal,
     **dict.fromkeys(_MASKED_SCATTERS, _masked_scatter),
     aten.trace.default: _diagonal,  # the sum of the diagonal (0, 1): one kernel on CPU
+    aten._pdist_forward.default: _pairwise,
     aten.renorm.default: _renorm,
     aten.renorm_.default: _renorm,
     aten._cudnn_rnn.default: _recurrence(10),
