@@ -1597,6 +1597,14 @@ HIDDEN = {  # f of z (B, D): mixing the watch did not follow (every watched meth
         ),
         r"cholesky_solve of matrices whose rows or columns are samples",
     ),
+    "a reshape to (D, B), transposed": (
+        lambda z: z.reshape(z.shape[1], len(z)).t().sin(),
+        r"x's samples spread across the dimensions of a tensor of shape \(\d+, \d+\)",
+    ),
+    "a view as (D, B), summed along its first dimension": (
+        lambda z: z * z.view(z.shape[1], len(z)).sum(0)[:, None],
+        r"x's samples spread across .*aten\.sum",
+    ),
     "a custom autograd.Function, centred": (
         lambda z: _Cube.apply(z) - _Cube.apply(z).mean(0),
         r"a mean over samples",
@@ -1609,7 +1617,8 @@ HIDDEN = {  # f of z (B, D): mixing the watch did not follow (every watched meth
 @pytest.mark.filterwarnings("ignore:torch.triangular_solve is deprecated")
 def test_mixing_the_watch_did_not_follow_is_refused(case, name, method, shape) -> None:
     """Values written in place through a view (a fresh buffer padded with a column, then
-    centred), ``pdist`` of an odd batch, ``cdist(x, x)`` reduced over its second dimension,
+    centred), a reshape that spreads each sample across dimensions (``x.reshape(D, B)`` for
+    ``x.T``), ``pdist`` of an odd batch, ``cdist(x, x)`` reduced over its second dimension,
     reflection and replication pads along the batch, ``cholesky_solve``/``triangular_solve``
     of samples, a custom ``autograd.Function``: every watched method returned other
     samples' terms silently."""
@@ -1657,6 +1666,12 @@ HIDDEN_KEPT = {  # their per-sample counterparts: not refused
         F.pad(z[:, None], (1, 1), mode="reflect")[:, 0, 1:-1]
         * F.pad(z[:, None], (0, 2), mode="replicate")[:, 0, 2:]
     ),
+    "a reshape to (D, B) and back": lambda z: (
+        z.reshape(z.shape[1], -1).sin() * torch.arange(z.shape[1], dtype=z.dtype)[:, None]
+    ).reshape(z.shape),
+    "even and odd samples interleaved by a stack": lambda z: torch.stack(
+        [z[::2].sin(), z[1::2].exp()], 1
+    ).reshape(z.shape),
     "a custom autograd.Function": lambda z: _Cube.apply(z) * z,
     "a custom autograd.Function under no_grad, centred": _constant_cube_scale,
 }
@@ -1673,7 +1688,8 @@ def _own_place(z: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(6, 3), (64, 6)])  # tiny, and recorded by "auto"
 def test_what_the_watch_now_follows_is_not_refused_per_sample(case: str, shape) -> None:
     """The per-sample counterparts of the cases above (``select_scatter`` of a sample into
-    its own place was refused: a pick combined with the batch)."""
+    its own place was refused: a pick combined with the batch; so was the batch interleaved
+    by ``stack([x[::2], x[1::2]], 1).reshape(B, D)``)."""
     _assert_per_sample(HIDDEN_KEPT[case], shape)
 
 

@@ -219,6 +219,9 @@ class BatchAxes:
         # not yet known to be differentiable (``_settle``)
         self.inside: dict[int, torch.Tensor] = {}
         self.quiet = False  # whether the last op ran under no_grad
+        # id -> (tensor, axes in flat form): batch dimensions a reshape split across dimensions
+        # (``_view``)
+        self.spread: dict[int, tuple[torch.Tensor, Axes]] = {}
         self.quiet_forward = False  # whether the op before the current forward did
 
     def axes(self, t: Any) -> Axes | None:
@@ -264,6 +267,8 @@ class BatchAxes:
             self._picked_in(func, args)
         if self.pending is None and self.moves and carry is _pointwise:
             self._rows_in(func, args)
+        if self.pending is None and self.spread and carry is not _view and func not in VALUE_FREE:
+            self._spread_in(func, args, carry)
         if self.pending is None and mixing is not None:
             what = mixing(self, args)
             if what is not None:
@@ -369,6 +374,36 @@ class BatchAxes:
                         f"places (along dimension {q} of the result of shape {tuple(shape)})",
                     )
                     return
+
+    def spreads(self, t: Any) -> Axes | None:
+        entry = self.spread.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0] is t else None
+
+    def _spread_in(self, func: Any, args: Sequence[Any], carry: Carry) -> None:
+        """An op reading samples a reshape spread across dimensions (``x.reshape(D, B)``):
+        only an elementwise one of same-shaped operands holding them alike keeps each sample's
+        values apart (a reshape back follows them again, ``_view``); any other (a transpose, a
+        reduction) mixes them."""
+        tensors = [t for a in args for t in (a if isinstance(a, list | tuple) else (a,))]
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        spread = [(t, s) for t in tensors if (s := self.spreads(t))]
+        if not spread:
+            return
+        shapes = [t.shape for t in tensors]
+        shape = torch.broadcast_shapes(*shapes) if carry is _pointwise else None  # type: ignore[no-untyped-call]
+        if (
+            shape is not None
+            and all(t.shape == shape for t, _ in spread)
+            and len({s for _, s in spread}) == 1
+            and not any(self.axes(t) for t in tensors)
+        ):
+            return  # constants may broadcast against them
+        what = (
+            f"x's samples spread across the dimensions of a tensor of shape {_shape(spread[0][0])} "
+            "(by a reshape to another order, as x.reshape(D, B) for x.T, or an interleaving "
+            "stack), read by an op other than an elementwise one or a reshape back"
+        )
+        self.pending = self.message(func, what)
 
     def _mixed_in(self, args: Sequence[Any]) -> str | None:
         for a in args:
@@ -679,41 +714,59 @@ def _pointwise(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None
                 if axes:
                     mapped = axes if a.shape == o.shape else _aligned(a, axes, o)
                     found = mapped if found is None else tuple(sorted({*found, *mapped}))
+            spread = next((s for a in args if (s := tr.spreads(a))), None) if tr.spread else None
+            if spread is not None:
+                tr.spread[id(o)] = (o, spread)  # ``_spread_in`` let it through
         result.append(found)
     return result
 
 
-def _reshaped(t: torch.Tensor, axes: Axes, out: torch.Tensor) -> Axes:
-    """Batch dimensions through a reshape (same elements in the same order). A batch dimension
-    is a digit of the flat index with place value ``after`` (elements per sample index) and
+def _flat(t: torch.Tensor, axis: Axis) -> int:
+    """The place value of ``axis``'s digit in ``t``'s flat index."""
+    return axis.inner * math.prod(t.shape[axis.position + 1 :])
+
+
+def _placed(axis: Axis, after: int, out: torch.Tensor) -> Axis | None:
+    """``axis`` in ``out``, a reshape (same elements in the same order). A batch dimension is a
+    digit of the flat index with place value ``after`` (elements per sample index) and
     ``size`` values; it survives in the dimension of ``out`` whose place values hold the
     whole digit (merged with others, as ``(B, T, D) -> (B*T, D)`` merges ``B`` and ``T``),
-    else its tracking ends."""
-    result: list[Axis] = []
-    if out.numel() == 0:
-        return ()
-    for axis in axes:
-        after = axis.inner * math.prod(t.shape[axis.position + 1 :])
-        rest = out.numel()
-        for p, n in enumerate(out.shape):
-            rest //= max(n, 1)  # place value of dimension p's index
-            if after % rest == 0 and (rest * n) % (after * axis.period) == 0:
-                result.append(axis._replace(position=p, inner=after // rest))
-                break
-    return tuple(result)
+    if any."""
+    rest = out.numel()
+    for p, n in enumerate(out.shape if rest else ()):
+        rest //= max(n, 1)  # place value of dimension p's index
+        if after % rest == 0 and (rest * n) % (after * axis.period) == 0:
+            return axis._replace(position=p, inner=after // rest)
+    return None
 
 
 def _view(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
-    t, axes = args[0], tr.axes(args[0])
-    if not axes or not isinstance(out, torch.Tensor) or out.numel() != t.numel():
+    """A reshape: the batch dimensions held whole by a dimension of ``out`` (``_placed``);
+    those split across dimensions of it (``x.reshape(D, B)``, whose rows hold pieces of
+    several samples) are followed as spread (``BatchAxes.spread``, in flat form: position
+    -1, ``inner`` their place value), until a reshape puts them back; moved samples split
+    so (``x.reshape(-1)[perm].reshape(B, D)``) mix."""
+    t, axes, spread = args[0], tr.axes(args[0]), tr.spreads(args[0])
+    if not (axes or spread) or not isinstance(out, torch.Tensor) or out.numel() != t.numel():
         return None
-    lost = [axis for axis in axes if axis.rows and not _reshaped(t, (axis,), out)]
-    if lost:  # moved samples no longer followed could reach the output unseen
-        moved = tr.moves.get(lost[0].rows, "an indexing op")
-        what = f"samples moved by {moved}, reshaped to {_shape(out)} across their places"
-        tr.pending = tr.message(tr.func, what)
-        return None
-    return [_reshaped(t, axes, out)]
+    found: list[Axis] = []
+    flat = [(axis, _flat(t, axis)) for axis in axes or ()]
+    flat += [(axis, axis.inner) for axis in spread or ()]
+    split: list[Axis] = []
+    for axis, after in flat:
+        placed = _placed(axis, after, out)
+        if placed is not None:
+            found.append(placed)
+        elif axis.rows:  # moved samples no longer followed could reach the output unseen
+            moved = tr.moves.get(axis.rows, "an indexing op")
+            what = f"samples moved by {moved}, reshaped to {_shape(out)} across their places"
+            tr.pending = tr.message(tr.func, what)
+            return None
+        else:
+            split.append(axis._replace(position=-1, inner=after))
+    if split:
+        tr.spread[id(out)] = (out, tuple(split))
+    return [tuple(sorted(found))]
 
 
 def _permute(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -909,12 +962,33 @@ def _stack(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | 
     tensors = [t for t in args[0] if isinstance(t, torch.Tensor)]
     dim = (args[1] if len(args) > 1 else 0) % out.dim()
     found: set[Axis] = set()
+    interleaved = _interleaved(tr, tensors, dim, out)
     for t in tensors:
-        found.update(_moved(axis, axis.position >= dim) for axis in tr.axes(t) or ())
+        found.update(_moved(a, a.position >= dim) for a in tr.axes(t) or () if not interleaved)
     pick = _restacked(tr, tensors)
     if pick is not None:
         found.add(Axis(dim, pick.size, 1, (), pick.source))
     return [tuple(sorted(found))]
+
+
+def _interleaved(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int, out: Any) -> bool:
+    """Whether ``stack(tensors, dim)`` interleaves the batch: each tensor holds samples along
+    ``dim - 1`` alone, and index ``(i, k)`` of dimensions ``(dim - 1, dim)`` holds sample
+    ``i K + k`` (``stack([x[::2], x[1::2]], 1)``), the batch in order once the two are merged:
+    noted as spread (``BatchAxes.spread``) for a reshape to follow."""
+    held = [tr.axes(t) or () for t in tensors]
+    first = held[0][0] if held and held[0] else None
+    if first is None or dim == 0 or any(len(h) != 1 or h[0].position != dim - 1 for h in held):
+        return False
+    if any((h[0].size, h[0].source, h[0].inner) != (first.size, first.source, 1) for h in held):
+        return False
+    n = tensors[0].shape[dim - 1]
+    samples = torch.stack([h[0].samples(torch.arange(n)) for h in held], 1).flatten()
+    if len(samples) != first.size or not bool((samples == torch.arange(first.size)).all()):
+        return False
+    after = math.prod(out.shape[dim + 1 :])
+    tr.spread[id(out)] = (out, (Axis(-1, first.size, after, (), first.source),))
+    return True
 
 
 def _restacked(tr: BatchAxes, tensors: Sequence[torch.Tensor]) -> Pick | None:
