@@ -891,6 +891,7 @@ def _moves(net: nn.Module, perm: torch.Tensor) -> dict:
         "repeated sample": lambda x: net(x[torch.zeros(len(x), dtype=torch.long)]),
         "roll": lambda x: net(x.roll(1, 0)),
         "x[perm] * x": lambda x: x[perm] * x,
+        "x[perm] multiplied into x in place": lambda x: x.sin().mul_(x[perm]),
         "y[m] = centred g(x[m])": centred,
         "y[m] = g(x[m]).flip(0)": flipped,
         "y[m] = g(x[other mask])": other_mask,
@@ -933,6 +934,7 @@ REFUSED = {
     "repeated sample": r"computed from sample 0 picked out of the batch by an indexing op",
     "roll": r"aten\.roll\.default moved samples",
     "x[perm] * x": r"samples moved by an indexing op, combined elementwise with others",
+    "x[perm] multiplied into x in place": r"samples moved by an indexing op .*combined elementwise",
     "y[m] = centred g(x[m])": r"values written into other samples' places",
     "y[m] = g(x[m]).flip(0)": r"values written into other samples' places .*by aten\.flip",
     "y[m] = g(x[other mask])": r"sample \d+ picked .*, written into other samples' places",
@@ -1597,6 +1599,14 @@ HIDDEN = {  # f of z (B, D): mixing the watch did not follow (every watched meth
         ),
         r"cholesky_solve of matrices whose rows or columns are samples",
     ),
+    "a batch padded with constants by F.pad, centred": (
+        lambda z: _centred_head(F.pad(z, (0, 0, 0, 2)), len(z)),
+        r"a mean over samples \(dimension 0 of a tensor of shape \(\d+, \d+\)\)",
+    ),
+    "a batch joined with zeros, centred": (
+        lambda z: _centred_head(torch.cat([z, torch.zeros(2, z.shape[1], dtype=z.dtype)]), len(z)),
+        r"a mean over samples",
+    ),
     "a reshape to (D, B), transposed": (
         lambda z: z.reshape(z.shape[1], len(z)).t().sin(),
         r"x's samples spread across the dimensions of a tensor of shape \(\d+, \d+\)",
@@ -1623,6 +1633,11 @@ def test_mixing_the_watch_did_not_follow_is_refused(case, name, method, shape) -
     of samples, a custom ``autograd.Function``: every watched method returned other
     samples' terms silently."""
     _assert_refused(*HIDDEN[case], name, method, shape)
+
+
+def _centred_head(padded: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` rows of ``padded`` less its mean over all rows."""
+    return (padded - padded.mean(0))[:n]
 
 
 def _halves(z: torch.Tensor) -> torch.Tensor:
@@ -1666,9 +1681,16 @@ HIDDEN_KEPT = {  # their per-sample counterparts: not refused
         F.pad(z[:, None], (1, 1), mode="reflect")[:, 0, 1:-1]
         * F.pad(z[:, None], (0, 2), mode="replicate")[:, 0, 2:]
     ),
+    "padded with constants along the batch, cut back": lambda z: (
+        F.pad(z.sin(), (0, 0, 1, 2))[1:-2]
+        * torch.cat([torch.ones(1, z.shape[1], dtype=z.dtype), z.exp()])[1:]
+    ),
     "a reshape to (D, B) and back": lambda z: (
         z.reshape(z.shape[1], -1).sin() * torch.arange(z.shape[1], dtype=z.dtype)[:, None]
     ).reshape(z.shape),
+    "a reshape to (D, B), scaled in place, and back": lambda z: (
+        z.reshape(z.shape[1], -1).sin().mul_(2).reshape(z.shape)
+    ),
     "even and odd samples interleaved by a stack": lambda z: torch.stack(
         [z[::2].sin(), z[1::2].exp()], 1
     ).reshape(z.shape),

@@ -259,13 +259,18 @@ class BatchAxes:
         if rules is None:
             mixing = _MIXING.get(func)
             carry = _CARRY.get(func) or _kind(func, mixing is None)
-            rules = _rules[func] = (mixing, _writing(carry) if _writes_first(func) else carry)
+            if _writes_first(func):
+                written = _writing(carry)
+                if carry is _pointwise:
+                    _ELEMENTWISE.add(written)
+                carry = written
+            rules = _rules[func] = (mixing, carry)
         mixing, carry = rules
         if self.mixed and func not in VALUE_FREE:
             self.pending = self._mixed_in(args)
         if self.pending is None and self.picked and func not in VALUE_FREE and func not in _PUTS:
             self._picked_in(func, args)
-        if self.pending is None and self.moves and carry is _pointwise:
+        if self.pending is None and self.moves and carry in _ELEMENTWISE:
             self._rows_in(func, args)
         if self.pending is None and self.spread and carry is not _view and func not in VALUE_FREE:
             self._spread_in(func, args, carry)
@@ -390,7 +395,7 @@ class BatchAxes:
         if not spread:
             return
         shapes = [t.shape for t in tensors]
-        shape = torch.broadcast_shapes(*shapes) if carry is _pointwise else None  # type: ignore[no-untyped-call]
+        shape = torch.broadcast_shapes(*shapes) if carry in _ELEMENTWISE else None  # type: ignore[no-untyped-call]
         if (
             shape is not None
             and all(t.shape == shape for t, _ in spread)
@@ -930,23 +935,31 @@ def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | No
 
 def _rejoined(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int) -> list[Axis]:
     """The batch dimension along ``dim`` of pieces joined along it, when each is a sample
-    picked out or holds one batch dimension there, and one of them several samples
-    (``cat([g(x[:1]), h(x[1:])])``): their samples one after the other, the batch again if in
-    order."""
+    picked out, holds one batch dimension there or nothing followed (a constant: padding),
+    and one of them several samples (``cat([g(x[:1]), h(x[1:])])``, ``cat([x, zeros(k, D)])``):
+    their samples one after the other, the batch again if in order (``_along_line`` places
+    the constants' indices)."""
     pieces, axis = [], None
     for t in tensors:
-        pick, held = tr.picks(t), [a for a in tr.axes(t) or () if a.position == dim]
+        pick, axes = tr.picks(t), tr.axes(t) or ()
+        held = [a for a in axes if a.position == dim]
         if len(held) == 1 and pick is None:
             axis = held[0]
             pieces.append(axis.samples(torch.arange(t.shape[dim])))
         elif pick is not None and pick.sample is not None and not held:
             pieces.append(torch.full((t.shape[dim],), pick.sample))
+        elif pick is None and not axes and tr.spreads(t) is None:
+            pieces.append(torch.full((t.shape[dim],), -1))
         else:
             return []
     sizes = {(p.size, p.source) for t in tensors if (p := tr.picks(t)) is not None}
     if axis is None or not sizes <= {(axis.size, axis.source)}:
         return []
-    return [_rows(tr, dim, axis, torch.cat(pieces), str(tr.func))]
+    line = torch.cat(pieces)
+    if bool((line < 0).any()):
+        found = _along_line(tr, dim, line, axis.size, axis.source, (), f"padding ({tr.func})")
+        return [] if found is None else [found]
+    return [_rows(tr, dim, axis, line, str(tr.func))]
 
 
 def _joined_along_batch(tr: BatchAxes, args: Sequence[Any]) -> bool:
@@ -1539,7 +1552,9 @@ def _overwrite(
         line = line.clone()
         line[at] = samples
         lines[source] = (q, line)
-        axis = _along_line(tr, q, line, sizes[source], source, steps)
+        axis = _along_line(
+            tr, q, line, sizes[source], source, steps, f"a write through a view ({tr.func})"
+        )
         if axis is not None:
             result.append(axis)
     found = tuple(sorted(result))
@@ -1548,7 +1563,13 @@ def _overwrite(
 
 
 def _along_line(
-    tr: BatchAxes, q: int, line: torch.Tensor, size: int, source: int, steps: Sequence[int]
+    tr: BatchAxes,
+    q: int,
+    line: torch.Tensor,
+    size: int,
+    source: int,
+    steps: Sequence[int],
+    what: str,
 ) -> Axis | None:
     """The batch dimension along ``q`` holding ``line``'s samples, where indices without one
     (-1) take whatever keeps the batch in order (``buffer[::2] = g(x)``: two indices per
@@ -1566,7 +1587,7 @@ def _along_line(
     for i in range(n):  # the sample before, the first for the indices before any
         last = int(filled[i]) if filled[i] >= 0 else last
         filled[i] = last
-    return _rows(tr, q, Axis(q, size, 1, (), source), filled, f"a write through a view ({tr.func})")
+    return _rows(tr, q, Axis(q, size, 1, (), source), filled, what)
 
 
 def _writing(carry: Carry) -> Carry:
@@ -1610,6 +1631,30 @@ def _sliced_at(t: torch.Tensor, args: Sequence[Any]) -> tuple[slice, ...]:
     return (slice(None),) * dim + (slice(start, end, step or 1),)
 
 
+def _padded_constant(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``constant_pad_nd(t, pad)`` (``F.pad``), ``pad`` as ``(left, right)`` pairs from the
+    last dimension (negative: cut): a batch dimension padded holds the constant's indices
+    (``_along_line`` places them), the others stay."""
+    t, axes, pad = args[0], tr.axes(args[0]), args[1]
+    if not axes:
+        return None
+    found = []
+    for axis in axes:
+        i = t.dim() - 1 - axis.position
+        left, right = (pad[2 * i], pad[2 * i + 1]) if 2 * i + 1 < len(pad) else (0, 0)
+        if not (left or right):
+            found.append(axis)
+            continue
+        samples = axis.samples(torch.arange(t.shape[axis.position]))
+        samples = samples[max(-left, 0) : len(samples) - max(-right, 0)]
+        line = torch.cat(
+            [torch.full((max(left, 0),), -1), samples, torch.full((max(right, 0),), -1)]
+        )
+        placed = _along_line(tr, axis.position, line, axis.size, axis.source, (), str(tr.func))
+        found += [placed] if placed is not None else []
+    return [tuple(sorted(found))]
+
+
 def _copied(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
     """``copy_(t, src)``: ``t`` holds ``src``'s values (broadcast), its own are gone."""
     src = args[1]
@@ -1647,7 +1692,6 @@ _POINTWISE_EXTRA = {
     aten.masked_fill.Scalar,
     aten.masked_fill.Tensor,
     aten.where.self,
-    aten.constant_pad_nd.default,
     # elementwise, though not tagged so
     aten.log_sigmoid_forward.default,
     aten.log_sigmoid_backward.default,
@@ -1683,6 +1727,7 @@ _CARRY: dict[Any, Carry] = {
     aten.cat.default: _cat,
     aten.stack.default: _stack,
     aten.copy_.default: _copied,
+    aten.constant_pad_nd.default: _padded_constant,
     aten.copy.default: _copied,
     aten.select_scatter.default: _scattered_into(lambda t, a: t.select(a[2], a[3])),
     aten.slice_scatter.default: _scattered_into(lambda t, a: t[_sliced_at(t, a)]),
@@ -1785,6 +1830,7 @@ _FRESH = {
 }
 _CARRY.update({**dict.fromkeys(_FRESH, _fresh), aten.detach.default: _detached})
 _rules: dict[Any, tuple[Mixing | None, Carry]] = {}  # each op's two rules, as first met
+_ELEMENTWISE: set[Carry] = {_pointwise}  # and its in-place forms' (``_writing``), as met
 # results that do not depend on their argument's values: a gradient seed ones_like(loss)
 VALUE_FREE = {
     aten.detach.default,
