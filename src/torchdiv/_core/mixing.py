@@ -35,10 +35,22 @@ followed as one.
 
 A slice of part of the batch (``x[1:]``, ``x[::2]``, ``split``, ``narrow``) holds its samples
 in order, as rows (``x[1:] - x[:-1]`` combines two samples in each place); pieces joined back
-along the batch (``cat([g(x[:1]), h(x[1:])])``) hold theirs one after the other, the batch
-again if in order. Two different samples picked out and combined (``x[0] * x[1]``, a recurrence
-run over the samples: ``nn.GRU`` with ``batch_first=False`` fed ``(B, T, D)``) mix them; so
-do samples along the time steps or features of a fused RNN kernel (cuDNN's, on a GPU).
+along the batch (``cat([g(x[:1]), h(x[1:])])``, also with constants: ``cat([x, zeros(k, D)])``,
+``F.pad`` along the batch) hold theirs one after the other, the batch again if in order. Two
+different samples picked out and combined (``x[0] * x[1]``, a recurrence run over the samples:
+``nn.GRU`` with ``batch_first=False`` fed ``(B, T, D)``) mix them; so do samples along the time
+steps or features of a fused RNN kernel (cuDNN's, on a GPU).
+
+Values written in place through a view of another tensor (``buf[:, :D] = g(x)``,
+``buf.narrow(...).copy_(...)``; ``select_scatter``, ``slice_scatter`` out of place) are followed
+into that tensor (``_overwrite``): along each of its dimensions, the samples written replace
+those there, so a fresh buffer holds the batch where they were written, and samples written into
+other samples' places (``y[1:] = g(x)[:-1]``) are moved rows. A reshape that splits the batch
+digit across dimensions (``x.reshape(D, B)``) leaves the samples spread (``BatchAxes.spread``):
+elementwise ops keep them apart and a reshape back follows them again; any other op reading them
+mixes samples. A custom ``autograd.Function``'s ``forward`` runs without grad, like a ``no_grad``
+block, but with forward AD off too: it is followed, its results differentiable if ``apply``
+makes them so (``BatchAxes._settle``).
 
 Each batch dimension of a tensor is recorded as ``(position, size)`` and the batch dimension of
 ``x`` it came from (with ``batch_dims=2`` and a square batch, ``x.transpose(0, 1)`` at the
@@ -59,10 +71,11 @@ mixing (``check_batch_independence`` tests any ``f``) but does not flag an indep
 built from ops that keep samples apart; an indexing op whose indices have two or more dimensions
 along the batch (not one broadcast along the others, as ``x[arange(B)[:, None], idx]``) is one
 exception, refused if its result reaches the output; moved samples that a reshape spreads across
-places (``x.reshape(-1)[perm].reshape(B, D)``), a roll of the flattened tensor by part of a
-sample, and samples added (or moved samples written) into a tensor neither of ``x``'s batch
-shape nor a flattened batch in their own places (per-cluster sums
-``zeros(K, D).index_add(0, cid, x)``) are the others.
+places (``x.reshape(-1)[perm].reshape(B, D)``), samples spread by a reshape read by an op other
+than an elementwise one or a reshape, a roll of the flattened tensor by part of a sample, samples
+added (or moved samples written) into a tensor neither of ``x``'s batch shape nor a flattened
+batch in their own places (per-cluster sums ``zeros(K, D).index_add(0, cid, x)``), and values
+written through views that put two samples in one place are the others.
 
 The recorders (``torchdiv._taylor.capture``) record an op without a propagation rule as the
 ops it decomposes into, but watch it as itself, as the other engines' watches see it: its
@@ -1877,16 +1890,17 @@ def _unknown(func: Any) -> Carry:
       ``nansum``, ``unfold``, ``glu``, ``linalg_cross``, FFTs along the batch);
     * it pools or resamples (a ``kernel_size``/``output_size`` argument) its first argument
       along a batch dimension among its last, spatial ones: a kernel wider than one or a new
-      size there;
-    * it is a ``linalg`` matrix function (no ``dim`` argument) of matrices whose rows or
-      columns are samples (the last two dimensions; of a solve's right-hand side ``B``, the
-      rows alone: each column is solved alone);
+      size there; or pads it there by reflection or replication (copies of other places);
+    * it is a ``linalg`` matrix function (no ``dim`` argument; or ``cholesky_solve``,
+      ``triangular_solve``, ``cholesky_inverse``) of matrices whose rows or columns are
+      samples (the last two dimensions; of a solve's right-hand side ``B``, the rows alone:
+      each column is solved alone);
     * its ``key`` or ``value`` (attention kernels) has samples along its sequence dimension;
     * two tracked arguments, or one in two ways, hold different samples at one place
       (``linalg_cross(x, x.flip(0))``), samples an indexing op moved among them.
 
     Else only its floating results with no room for a batch dimension of ``t`` (no dimension
-    a multiple of its samples: a scalar ``dist``, ``median()``, a mean loss, ``pdist``)
+    a multiple of its samples: a scalar ``dist``, ``median()``, a mean loss)
     depend on combined samples. Ops that keep the samples in place (fused attention, pooling
     over the event, embeddings, interpolation) pass; a result shaped as a tracked
     argument is followed as holding its samples in place (not of an op that writes in place),
