@@ -1528,6 +1528,14 @@ def _written_centred(z: torch.Tensor) -> torch.Tensor:
     return buf + z
 
 
+def _feature_major(z: torch.Tensor) -> torch.Tensor:
+    """``z.sin().T``, written one feature at a time into a fresh ``(D, B)`` buffer."""
+    buf = torch.zeros(z.shape[1], len(z), dtype=z.dtype)
+    for i in range(z.shape[1]):
+        buf[i] = z[:, i].sin()
+    return buf
+
+
 def _tril(n: int) -> torch.Tensor:
     """A well-conditioned lower-triangular ``(n, n)`` factor."""
     return 2 * torch.eye(n, dtype=f64) + 0.1 * torch.ones(n, n, dtype=f64).tril(-1)
@@ -1615,6 +1623,14 @@ HIDDEN = {  # f of z (B, D): mixing the watch did not follow (every watched meth
         lambda z: z * z.view(z.shape[1], len(z)).sum(0)[:, None],
         r"x's samples spread across .*aten\.sum",
     ),
+    "a transpose reshaped to the batch's shape": (
+        lambda z: z.transpose(0, 1).reshape(z.shape).sin(),
+        r"x's samples spread across the dimensions of (f's output|a tensor) of shape \(\d+, \d+\)",
+    ),
+    "a feature-major buffer reshaped to the batch's shape": (
+        lambda z: _feature_major(z).reshape(z.shape),
+        r"x's samples spread across the dimensions of (f's output|a tensor)",
+    ),
     "a custom autograd.Function, centred": (
         lambda z: _Cube.apply(z) - _Cube.apply(z).mean(0),
         r"a mean over samples",
@@ -1685,6 +1701,7 @@ HIDDEN_KEPT = {  # their per-sample counterparts: not refused
         F.pad(z.sin(), (0, 0, 1, 2))[1:-2]
         * torch.cat([torch.ones(1, z.shape[1], dtype=z.dtype), z.exp()])[1:]
     ),
+    "a feature-major buffer, transposed back": lambda z: _feature_major(z).T,
     "a reshape to (D, B) and back": lambda z: (
         z.reshape(z.shape[1], -1).sin() * torch.arange(z.shape[1], dtype=z.dtype)[:, None]
     ).reshape(z.shape),

@@ -321,7 +321,7 @@ class BatchAxes:
             if message is not None:
                 raise BatchInteractionError(message)
         for t in leaves:
-            what = self._out_of_place(t) or self._misplaced(t)
+            what = self._out_of_place(t) or self._misplaced(t) or self._spread_out(t)
             if what is not None:
                 raise BatchInteractionError(explain(what, self.x, self.batch_dims))
 
@@ -343,6 +343,16 @@ class BatchAxes:
                     "(batch dimensions transposed or permuted)"
                 )
         return None
+
+    def _spread_out(self, t: Any) -> str | None:
+        """What spreads ``x``'s samples across dimensions of ``f``'s output ``t``: a reshape
+        of the batch laid out in another order (``x.T.reshape(B, D)``)."""
+        if self.spreads(t) is None:
+            return None
+        return (
+            f"x's samples spread across the dimensions of f's output of shape {_shape(t)} by a "
+            "reshape of the batch laid out in another order (x.T.reshape(B, D) for x?)"
+        )
 
     def _misplaced(self, t: Any) -> str | None:
         """What puts other samples' values in the places of ``f``'s output ``t``: samples an
