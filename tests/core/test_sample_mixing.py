@@ -1623,6 +1623,10 @@ HIDDEN = {  # f of z (B, D): mixing the watch did not follow (every watched meth
         lambda z: z * z.view(z.shape[1], len(z)).sum(0)[:, None],
         r"x's samples spread across .*aten\.sum",
     ),
+    "pairs of samples summed together": (
+        lambda z: z.reshape(len(z) // 2, 2, z.shape[1]).sum(1).repeat_interleave(2, 0),
+        r"x's samples spread across the dimensions of a tensor of shape \(\d+, 2, \d+\)",
+    ),
     "a transpose reshaped to the batch's shape": (
         lambda z: z.transpose(0, 1).reshape(z.shape).sin(),
         r"x's samples spread across the dimensions of (f's output|a tensor) of shape \(\d+, \d+\)",
@@ -1702,6 +1706,10 @@ HIDDEN_KEPT = {  # their per-sample counterparts: not refused
         * torch.cat([torch.ones(1, z.shape[1], dtype=z.dtype), z.exp()])[1:]
     ),
     "a feature-major buffer, transposed back": lambda z: _feature_major(z).T,
+    "pairs of samples, each reduced over its event": lambda z: (
+        z.reshape(len(z) // 2, 2, z.shape[1]).square().sum(-1, keepdim=True).reshape(len(z), 1)
+        * z.sin()
+    ),
     "a reshape to (D, B) and back": lambda z: (
         z.reshape(z.shape[1], -1).sin() * torch.arange(z.shape[1], dtype=z.dtype)[:, None]
     ).reshape(z.shape),

@@ -417,6 +417,11 @@ class BatchAxes:
         spread = [(t, s) for t in tensors if (s := self.spreads(t))]
         if not spread:
             return
+        if func in _REDUCTIONS:
+            t, dims = args[0], _reduced_dims(func, args)
+            spans = [_span(t, axis) for axis in self.spreads(t) or ()]
+            if spans and all(span is not None and not set(dims) & set(span) for span in spans):
+                return  # over dimensions that hold none of them (``_spread_reduced``)
         shapes = [t.shape for t in tensors]
         shape = torch.broadcast_shapes(*shapes) if carry in _ELEMENTWISE else None  # type: ignore[no-untyped-call]
         if (
@@ -1012,14 +1017,19 @@ def _interleaved(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int, out: 
     ``dim - 1`` alone, and index ``(i, k)`` of dimensions ``(dim - 1, dim)`` holds sample
     ``i K + k`` (``stack([x[::2], x[1::2]], 1)``), the batch in order once the two are merged:
     noted as spread (``BatchAxes.spread``) for a reshape to follow."""
-    held = [tr.axes(t) or () for t in tensors]
-    first = held[0][0] if held and held[0] else None
-    if first is None or dim == 0 or any(len(h) != 1 or h[0].position != dim - 1 for h in held):
-        return False
-    if any((h[0].size, h[0].source, h[0].inner) != (first.size, first.source, 1) for h in held):
+    held: list[Axis] = []
+    for t in tensors:
+        axes = tr.axes(t)
+        if not axes or len(axes) != 1 or axes[0].position != dim - 1 or dim == 0:
+            return False
+        held.append(axes[0])
+    first = held[0] if held else None
+    if first is None or any(
+        (h.size, h.source, h.inner) != (first.size, first.source, 1) for h in held
+    ):
         return False
     n = tensors[0].shape[dim - 1]
-    samples = torch.stack([h[0].samples(torch.arange(n)) for h in held], 1).flatten()
+    samples = torch.stack([h.samples(torch.arange(n)) for h in held], 1).flatten()
     if len(samples) != first.size or not bool((samples == torch.arange(first.size)).all()):
         return False
     after = math.prod(out.shape[dim + 1 :])
@@ -1071,12 +1081,48 @@ def _mm(biased: bool) -> Carry:
     return rule
 
 
+def _span(t: torch.Tensor, axis: Axis) -> range | None:
+    """The dimensions of ``t`` whose indices together are exactly the spread ``axis``'s samples
+    (``x.reshape(B // 2, 2, D)``: dimensions 0 and 1), if its digit is aligned with them."""
+    place = 1
+    for q in reversed(range(t.dim())):
+        if place == axis.inner and t.shape[q] > 1:
+            held = 1
+            for p in reversed(range(q + 1)):
+                held *= t.shape[p]
+                if held == axis.period:
+                    return range(p, q + 1)
+            return None
+        place *= t.shape[q]
+    return None
+
+
+def _spread_reduced(
+    tr: BatchAxes, t: torch.Tensor, spread: Axes, dims: Sequence[int], out: Any
+) -> None:
+    """A reduction over dimensions that hold none of the samples spread in ``t`` (``_span``):
+    its results hold them spread alike, at the place value less the reduced dimensions
+    after them."""
+    found = []
+    for axis in spread:
+        span = _span(t, axis)
+        if span is None or any(d in span for d in dims):
+            return
+        below = math.prod(t.shape[d] for d in dims if d > span[-1])
+        found.append(axis._replace(inner=axis.inner // below))
+    for o in out if isinstance(out, list | tuple) else (out,):
+        if isinstance(o, torch.Tensor) and o.is_floating_point():
+            tr.spread[id(o)] = (o, tuple(found))
+
+
 def _reduced(op: Any) -> Carry:
     """A reduction that ``before`` let through: the batch dimensions were not reduced; they
     move up past reduced dimensions unless ``keepdim``."""
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
         t, axes = args[0], tr.axes(args[0])
+        if tr.spread and (spread := tr.spreads(t)):
+            _spread_reduced(tr, t, spread, _reduced_dims(op, args), out)
         if not axes:
             return None
         dims = _reduced_dims(op, args)
@@ -1488,7 +1534,7 @@ def _box(
         if root.stride(d) != dense:
             return None
         dense *= root.shape[d]
-    offset, first = view.storage_offset() - root.storage_offset(), [0] * root.dim()
+    offset, first = int(view.storage_offset() - root.storage_offset()), [0] * root.dim()
     for d in order:
         first[d], offset = divmod(offset, root.stride(d))
     dims: list[int | None] = []
@@ -1575,11 +1621,11 @@ def _overwrite(
         line = line.clone()
         line[at] = samples
         lines[source] = (q, line)
-        axis = _along_line(
+        placed = _along_line(
             tr, q, line, sizes[source], source, steps, f"a write through a view ({tr.func})"
         )
-        if axis is not None:
-            result.append(axis)
+        if placed is not None:
+            result.append(placed)
     found = tuple(sorted(result))
     tr.lines[id(root)] = (root, found, lines)
     return found, None
