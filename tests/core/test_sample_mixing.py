@@ -891,6 +891,7 @@ def _moves(net: nn.Module, perm: torch.Tensor) -> dict:
         "repeated sample": lambda x: net(x[torch.zeros(len(x), dtype=torch.long)]),
         "roll": lambda x: net(x.roll(1, 0)),
         "x[perm] * x": lambda x: x[perm] * x,
+        "x[perm] multiplied into x in place": lambda x: x.sin().mul_(x[perm]),
         "y[m] = centred g(x[m])": centred,
         "y[m] = g(x[m]).flip(0)": flipped,
         "y[m] = g(x[other mask])": other_mask,
@@ -933,6 +934,7 @@ REFUSED = {
     "repeated sample": r"computed from sample 0 picked out of the batch by an indexing op",
     "roll": r"aten\.roll\.default moved samples",
     "x[perm] * x": r"samples moved by an indexing op, combined elementwise with others",
+    "x[perm] multiplied into x in place": r"samples moved by an indexing op .*combined elementwise",
     "y[m] = centred g(x[m])": r"values written into other samples' places",
     "y[m] = g(x[m]).flip(0)": r"values written into other samples' places .*by aten\.flip",
     "y[m] = g(x[other mask])": r"sample \d+ picked .*, written into other samples' places",
@@ -1081,7 +1083,7 @@ F = nn.functional
 UNKNOWN = {  # f of z (B, D), D >= 3: an op no table knows combines samples -> what is named
     "dist": (lambda z: z * torch.dist(z, z.sin(), 3), r"dist of a tensor holding samples"),
     "renorm over the batch": (lambda z: torch.renorm(z, 2, 1, 0.5), r"a renorm, a norm over"),
-    "pdist": (lambda z: z * torch.pdist(z).sum(), r"_pdist_forward of .*has no room"),
+    "pdist": (lambda z: z * torch.pdist(z).sum(), r"pairwise distances across samples"),
     "nuclear norm": (
         lambda z: z * torch.linalg.matrix_norm(z, "nuc"),
         r"_linalg_svd of matrices whose rows",
@@ -1154,8 +1156,13 @@ def test_ops_without_a_rule_that_combine_samples_are_refused(case, name, method,
     tracking silently: every watched method returned other samples' terms. Now the op's
     schema says it combines samples (its ``dim`` names a batch dimension, its result has no
     room for them, ...) and ``BatchInteractionError`` names it."""
+    _assert_refused(*UNKNOWN[case], name, method, shape)
+
+
+def _assert_refused(f, what: str, name: str, method: str, shape) -> None:
+    """``f`` (of ``z`` of ``shape``) mixes samples: plain autograd's Jacobian has blocks across
+    samples (at the small shape), and the watched call raises naming ``what``."""
     torch.manual_seed(3)
-    f, what = UNKNOWN[case]
     x = torch.randn(*shape, dtype=f64)
     if shape[0] == 6:
         full = torch.autograd.functional.jacobian(f, x)  # plain autograd
@@ -1265,9 +1272,15 @@ def test_ops_without_a_rule_along_each_sample_are_not_refused(case: str, shape) 
     """The rules for ops without a table entry refuse none of these (the op along the event,
     a matrix per sample, a solve per column, the identity interpolation): each method gives
     plain autograd's diagonal blocks (checked to have none off the diagonal)."""
+    _assert_per_sample(KEPT[case], shape)
+
+
+def _assert_per_sample(f, shape) -> None:
+    """``f`` (of ``z`` of ``shape``) is per sample: each method gives plain autograd's diagonal
+    blocks (checked to have none off the diagonal), and, at the small shape, its Laplacian a
+    grad-of-grad loop's."""
     torch.manual_seed(4)
     x = torch.randn(*shape, dtype=f64)
-    f = KEPT[case]
     blocks = _per_sample_blocks(f, x)
     for method in ("auto", "structured"):
         got = _unless_unplanned(lambda: torchdiv.divergence(f, x, method=method))  # noqa: B023
@@ -1483,3 +1496,256 @@ def test_a_recurrence_over_the_samples_is_refused_on_a_gpu(case: str) -> None:
     alone = torch.stack([jacobian(lambda z: f(z[None])[0], xb) for xb in x])
     expected = alone.flatten(1, 2).flatten(2).diagonal(0, -2, -1).reshape(3, 4, 4)
     assert_close(torchdiv.jacobian_diagonal(f, x, batch_dims=1), expected)
+
+
+# ---- what the watch did not follow: writes through views, custom autograd.Functions, ... ----
+
+
+def _padded_buffer(z: torch.Tensor, g=torch.sin) -> torch.Tensor:
+    """``g(z)`` written into a fresh buffer one column wider, and a column of its own."""
+    buf = torch.zeros(len(z), z.shape[1] + 1, dtype=z.dtype)
+    buf[:, : z.shape[1]] = g(z)
+    buf[..., -1] = z[:, 0]
+    return buf
+
+
+def _narrowed_buffer(z: torch.Tensor) -> torch.Tensor:
+    buf = torch.zeros(len(z), z.shape[1] + 1, dtype=z.dtype)
+    buf.narrow(1, 0, z.shape[1]).copy_(z.sin())
+    return buf
+
+
+def _shifted(z: torch.Tensor) -> torch.Tensor:
+    """Each sample's place given the one before's values (a write through a view)."""
+    y = z.sin()
+    y[1:] = z[:-1].cos()
+    return y
+
+
+def _written_centred(z: torch.Tensor) -> torch.Tensor:
+    buf = torch.zeros_like(z)
+    buf[:, :-1] = (z - z.mean(0))[:, :-1]
+    return buf + z
+
+
+def _feature_major(z: torch.Tensor) -> torch.Tensor:
+    """``z.sin().T``, written one feature at a time into a fresh ``(D, B)`` buffer."""
+    buf = torch.zeros(z.shape[1], len(z), dtype=z.dtype)
+    for i in range(z.shape[1]):
+        buf[i] = z[:, i].sin()
+    return buf
+
+
+def _tril(n: int) -> torch.Tensor:
+    """A well-conditioned lower-triangular ``(n, n)`` factor."""
+    return 2 * torch.eye(n, dtype=f64) + 0.1 * torch.ones(n, n, dtype=f64).tril(-1)
+
+
+class _Cube(torch.autograd.Function):
+    """``x ** 3`` with a hand-written backward: its ``forward`` runs with autograd off."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+HIDDEN = {  # f of z (B, D): mixing the watch did not follow (every watched method was silent)
+    "a fresh buffer written through a slice, centred": (
+        lambda z: (_padded_buffer(z) - _padded_buffer(z).mean(0))[:, : z.shape[1]],
+        r"a mean over samples \(dimension 0 of a tensor of shape \(\d+, \d+\)\)",
+    ),
+    "narrow().copy_() into a fresh buffer, centred": (
+        lambda z: (_narrowed_buffer(z) - _narrowed_buffer(z).mean(0))[:, : z.shape[1]],
+        r"a mean over samples",
+    ),
+    "a column written by buf[..., -1] = t, summed over the batch": (
+        lambda z: z * _padded_buffer(z)[:, -1:].sum(0),
+        r"a sum over samples",
+    ),
+    "centred values written through a view": (_written_centred, r"a mean over samples"),
+    "the samples before written into each place": (
+        _shifted,
+        r"a write through a view \(aten\.copy_\.default\) moved samples along the batch",
+    ),
+    "pdist of an odd number of samples": (
+        lambda z: torch.cat([z[:5] * torch.pdist(z[:5])[:5, None], z[5:]]),
+        r"pairwise distances across samples",
+    ),
+    "cdist(x, x) reduced over its second dimension": (
+        lambda z: z * torch.cdist(z, z, p=1).sum(1, keepdim=True),
+        r"a sum over samples \(dimension 1",
+    ),
+    "reflection pad along the batch": (
+        lambda z: F.pad(z.T[None], (len(z) // 2,) * 2, mode="reflect")[0].T[: len(z)],
+        r"reflection_pad1d across samples",
+    ),
+    "replication pad along the batch": (
+        lambda z: z * F.pad(z.T[None], (0, len(z)), mode="replicate")[0].T[len(z) :],
+        r"replication_pad1d across samples",
+    ),
+    "cholesky_solve of samples as the right-hand side's rows": (
+        lambda z: torch.cholesky_solve(z.sin(), _tril(len(z))),
+        r"cholesky_solve of matrices whose rows or columns are samples",
+    ),
+    "triangular_solve of samples as the right-hand side's rows": (
+        lambda z: torch.triangular_solve(z.sin(), _tril(len(z)), upper=False).solution,
+        r"triangular_solve of matrices whose rows or columns are samples",
+    ),
+    "cholesky_solve with a factor made of samples": (
+        lambda z: (
+            z
+            * torch.cholesky_solve(
+                torch.ones(len(z), 1, dtype=z.dtype),
+                (z[:, :1].sin() * torch.ones(1, len(z), dtype=z.dtype)).tril() + _tril(len(z)),
+            )
+        ),
+        r"cholesky_solve of matrices whose rows or columns are samples",
+    ),
+    "a batch padded with constants by F.pad, centred": (
+        lambda z: _centred_head(F.pad(z, (0, 0, 0, 2)), len(z)),
+        r"a mean over samples \(dimension 0 of a tensor of shape \(\d+, \d+\)\)",
+    ),
+    "a batch joined with zeros, centred": (
+        lambda z: _centred_head(torch.cat([z, torch.zeros(2, z.shape[1], dtype=z.dtype)]), len(z)),
+        r"a mean over samples",
+    ),
+    "a reshape to (D, B), transposed": (
+        lambda z: z.reshape(z.shape[1], len(z)).t().sin(),
+        r"x's samples spread across the dimensions of a tensor of shape \(\d+, \d+\)",
+    ),
+    "a view as (D, B), summed along its first dimension": (
+        lambda z: z * z.view(z.shape[1], len(z)).sum(0)[:, None],
+        r"x's samples spread across .*aten\.sum",
+    ),
+    "pairs of samples summed together": (
+        lambda z: z.reshape(len(z) // 2, 2, z.shape[1]).sum(1).repeat_interleave(2, 0),
+        r"x's samples spread across the dimensions of a tensor of shape \(\d+, 2, \d+\)",
+    ),
+    "a transpose reshaped to the batch's shape": (
+        lambda z: z.transpose(0, 1).reshape(z.shape).sin(),
+        r"x's samples spread across the dimensions of (f's output|a tensor) of shape \(\d+, \d+\)",
+    ),
+    "a feature-major buffer reshaped to the batch's shape": (
+        lambda z: _feature_major(z).reshape(z.shape),
+        r"x's samples spread across the dimensions of (f's output|a tensor)",
+    ),
+    "a custom autograd.Function, centred": (
+        lambda z: _Cube.apply(z) - _Cube.apply(z).mean(0),
+        r"a mean over samples",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HIDDEN))
+@pytest.mark.parametrize(("name", "method", "shape"), WATCHED_CALLS)
+@pytest.mark.filterwarnings("ignore:torch.triangular_solve is deprecated")
+def test_mixing_the_watch_did_not_follow_is_refused(case, name, method, shape) -> None:
+    """Values written in place through a view (a fresh buffer padded with a column, then
+    centred), a reshape that spreads each sample across dimensions (``x.reshape(D, B)`` for
+    ``x.T``), ``pdist`` of an odd batch, ``cdist(x, x)`` reduced over its second dimension,
+    reflection and replication pads along the batch, ``cholesky_solve``/``triangular_solve``
+    of samples, a custom ``autograd.Function``: every watched method returned other
+    samples' terms silently."""
+    _assert_refused(*HIDDEN[case], name, method, shape)
+
+
+def _centred_head(padded: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` rows of ``padded`` less its mean over all rows."""
+    return (padded - padded.mean(0))[:n]
+
+
+def _halves(z: torch.Tensor) -> torch.Tensor:
+    buf = torch.empty_like(z)
+    buf[:2] = z[:2].exp()
+    buf[2:] = z[2:].tanh()
+    return buf * z
+
+
+def _interleaved(z: torch.Tensor) -> torch.Tensor:
+    """Each sample's two rows of a buffer of ``2 B`` rows, written by two strided views."""
+    buf = z.new_zeros(2 * len(z), z.shape[1])
+    buf[::2] = z.sin()
+    buf[1::2] = z.cos()
+    return buf.reshape(len(z), 2, z.shape[1]).prod(1)
+
+
+def _constant_cube_scale(z: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        scale = (_Cube.apply(z) - _Cube.apply(z).mean(0)).abs().mean()
+    return z.tanh() * scale
+
+
+HIDDEN_KEPT = {  # their per-sample counterparts: not refused
+    "a fresh buffer written through views, centred over the event": lambda z: (
+        _padded_buffer(z, torch.tanh) - _padded_buffer(z).mean(1, keepdim=True)
+    )[:, 1:],
+    "halves of the batch written into a buffer": _halves,
+    "a buffer of two rows per sample, interleaved": _interleaved,
+    "a sample written back into its own place": lambda z: _own_place(z),
+    "select_scatter of a sample into its own place": lambda z: torch.select_scatter(
+        z.sin(), z[1].cos(), 0, 1
+    ),
+    "slice_scatter of the first samples into their places": lambda z: torch.slice_scatter(
+        z.sin(), z[:2].cos(), 0, 0, 2
+    ),
+    "cholesky_solve of samples as the right-hand side's columns": lambda z: (
+        torch.cholesky_solve(z.T, _tril(z.shape[1])).T
+    ),
+    "reflection pad along the event": lambda z: (
+        F.pad(z[:, None], (1, 1), mode="reflect")[:, 0, 1:-1]
+        * F.pad(z[:, None], (0, 2), mode="replicate")[:, 0, 2:]
+    ),
+    "padded with constants along the batch, cut back": lambda z: (
+        F.pad(z.sin(), (0, 0, 1, 2))[1:-2]
+        * torch.cat([torch.ones(1, z.shape[1], dtype=z.dtype), z.exp()])[1:]
+    ),
+    "a feature-major buffer, transposed back": lambda z: _feature_major(z).T,
+    "pairs of samples, each reduced over its event": lambda z: (
+        z.reshape(len(z) // 2, 2, z.shape[1]).square().sum(-1, keepdim=True).reshape(len(z), 1)
+        * z.sin()
+    ),
+    "a reshape to (D, B) and back": lambda z: (
+        z.reshape(z.shape[1], -1).sin() * torch.arange(z.shape[1], dtype=z.dtype)[:, None]
+    ).reshape(z.shape),
+    "a reshape to (D, B), scaled in place, and back": lambda z: (
+        z.reshape(z.shape[1], -1).sin().mul_(2).reshape(z.shape)
+    ),
+    "even and odd samples interleaved by a stack": lambda z: torch.stack(
+        [z[::2].sin(), z[1::2].exp()], 1
+    ).reshape(z.shape),
+    "a custom autograd.Function": lambda z: _Cube.apply(z) * z,
+    "a custom autograd.Function under no_grad, centred": _constant_cube_scale,
+}
+
+
+def _own_place(z: torch.Tensor) -> torch.Tensor:
+    y = z.sin()
+    y[0] = z[0].cos()
+    y[2:4] = z[2:4].exp()
+    return y
+
+
+@pytest.mark.parametrize("case", list(HIDDEN_KEPT))
+@pytest.mark.parametrize("shape", [(6, 3), (64, 6)])  # tiny, and recorded by "auto"
+def test_what_the_watch_now_follows_is_not_refused_per_sample(case: str, shape) -> None:
+    """The per-sample counterparts of the cases above (``select_scatter`` of a sample into
+    its own place was refused: a pick combined with the batch; so was the batch interleaved
+    by ``stack([x[::2], x[1::2]], 1).reshape(B, D)``)."""
+    _assert_per_sample(HIDDEN_KEPT[case], shape)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (64, 6)])  # _cdist_forward, _euclidean_dist
+def test_distances_to_constant_points_are_per_sample(shape) -> None:
+    """``cdist(x, c)`` holds each sample's distances in its row (PyTorch has no second
+    derivative of ``_cdist_forward``: the divergence alone)."""
+    x = torch.randn(*shape, dtype=f64)
+    f = lambda z: torch.cdist(z, torch.eye(z.shape[1], dtype=z.dtype))  # noqa: E731
+    expected = _per_sample_blocks(f, x).diagonal(0, -2, -1).sum(-1)
+    for method in ("auto", "reverse"):
+        assert_close(torchdiv.divergence(f, x, method=method), expected)

@@ -35,10 +35,22 @@ followed as one.
 
 A slice of part of the batch (``x[1:]``, ``x[::2]``, ``split``, ``narrow``) holds its samples
 in order, as rows (``x[1:] - x[:-1]`` combines two samples in each place); pieces joined back
-along the batch (``cat([g(x[:1]), h(x[1:])])``) hold theirs one after the other, the batch
-again if in order. Two different samples picked out and combined (``x[0] * x[1]``, a recurrence
-run over the samples: ``nn.GRU`` with ``batch_first=False`` fed ``(B, T, D)``) mix them; so
-do samples along the time steps or features of a fused RNN kernel (cuDNN's, on a GPU).
+along the batch (``cat([g(x[:1]), h(x[1:])])``, also with constants: ``cat([x, zeros(k, D)])``,
+``F.pad`` along the batch) hold theirs one after the other, the batch again if in order. Two
+different samples picked out and combined (``x[0] * x[1]``, a recurrence run over the samples:
+``nn.GRU`` with ``batch_first=False`` fed ``(B, T, D)``) mix them; so do samples along the time
+steps or features of a fused RNN kernel (cuDNN's, on a GPU).
+
+Values written in place through a view of another tensor (``buf[:, :D] = g(x)``,
+``buf.narrow(...).copy_(...)``; ``select_scatter``, ``slice_scatter`` out of place) are followed
+into that tensor (``_overwrite``): along each of its dimensions, the samples written replace
+those there, so a fresh buffer holds the batch where they were written, and samples written into
+other samples' places (``y[1:] = g(x)[:-1]``) are moved rows. A reshape that splits the batch
+digit across dimensions (``x.reshape(D, B)``) leaves the samples spread (``BatchAxes.spread``):
+elementwise ops keep them apart and a reshape back follows them again; any other op reading them
+mixes samples. A custom ``autograd.Function``'s ``forward`` runs without grad, like a ``no_grad``
+block, but with forward AD off too: it is followed, its results differentiable if ``apply``
+makes them so (``BatchAxes._settle``).
 
 Each batch dimension of a tensor is recorded as ``(position, size)`` and the batch dimension of
 ``x`` it came from (with ``batch_dims=2`` and a square batch, ``x.transpose(0, 1)`` at the
@@ -59,10 +71,11 @@ mixing (``check_batch_independence`` tests any ``f``) but does not flag an indep
 built from ops that keep samples apart; an indexing op whose indices have two or more dimensions
 along the batch (not one broadcast along the others, as ``x[arange(B)[:, None], idx]``) is one
 exception, refused if its result reaches the output; moved samples that a reshape spreads across
-places (``x.reshape(-1)[perm].reshape(B, D)``), a roll of the flattened tensor by part of a
-sample, and samples added (or moved samples written) into a tensor neither of ``x``'s batch
-shape nor a flattened batch in their own places (per-cluster sums
-``zeros(K, D).index_add(0, cid, x)``) are the others.
+places (``x.reshape(-1)[perm].reshape(B, D)``), samples spread by a reshape read by an op other
+than an elementwise one or a reshape, a roll of the flattened tensor by part of a sample, samples
+added (or moved samples written) into a tensor neither of ``x``'s batch shape nor a flattened
+batch in their own places (per-cluster sums ``zeros(K, D).index_add(0, cid, x)``), and values
+written through views that put two samples in one place are the others.
 
 The recorders (``torchdiv._taylor.capture``) record an op without a propagation rule as the
 ops it decomposes into, but watch it as itself, as the other engines' watches see it: its
@@ -124,6 +137,9 @@ def _rows_tensor(rows: tuple[int, ...]) -> torch.Tensor:
 
 
 Axes = tuple[Axis, ...]
+# x's batch dimension -> (a dimension of a tensor, the sample at each index along it, -1 where
+# none was written)
+Lines = dict[int, tuple[int, torch.Tensor]]
 
 _state = threading.local()
 
@@ -209,6 +225,17 @@ class BatchAxes:
         self.carried: Pick | None = None  # the pick the results of the current op inherit
         self.func: Any = None  # the current op
         self.kwargs: dict[str, Any] = {}  # its keyword arguments (``_unknown`` reads them)
+        # id -> (tensor, its axes then, source -> (dimension, sample at each index, -1 where
+        # none)): tensors whose samples values written through views put in (``_overwrite``)
+        self.lines: dict[int, tuple[torch.Tensor, Axes, Lines]] = {}
+        # id -> tensor: results computed inside a custom ``autograd.Function``'s ``forward``,
+        # not yet known to be differentiable (``_settle``)
+        self.inside: dict[int, torch.Tensor] = {}
+        self.quiet = False  # whether the last op ran under no_grad
+        # id -> (tensor, axes in flat form): batch dimensions a reshape split across dimensions
+        # (``_view``)
+        self.spread: dict[int, tuple[torch.Tensor, Axes]] = {}
+        self.quiet_forward = False  # whether the op before the current forward did
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -222,8 +249,19 @@ class BatchAxes:
         samples in a way derivatives see, or reads a result that did."""
         self.pending, self.carried, self.func, self.guess = None, None, func, None
         self.kwargs = kwargs or {}
-        if not self.known or not torch.is_grad_enabled():
+        if not self.known:
             return None
+        within = not torch.is_grad_enabled()
+        if within and (torch._C._is_fwd_grad_enabled() or torch.is_inference_mode_enabled()):
+            self.quiet = True
+            return None  # a no_grad block: constants
+        # else, without grad, a custom autograd.Function's forward (which turns forward AD off
+        # too): followed, its results differentiable if ``apply`` makes them so (``_settle``)
+        if self.inside and not within:
+            self._settle()
+        elif within and not self.inside:
+            self.quiet_forward = self.quiet
+        self.quiet = False
         if func in _IN_PLACE_VIEWS:  # the shape changes under the tensor's id: read it now
             axes = self.axes(args[0])
             if axes is None:
@@ -233,19 +271,27 @@ class BatchAxes:
         rules = _rules.get(func)  # one lookup per op: hashing an OpOverload costs 0.4 us
         if rules is None:
             mixing = _MIXING.get(func)
-            rules = _rules[func] = (mixing, _CARRY.get(func) or _kind(func, mixing is None))
+            carry = _CARRY.get(func) or _kind(func, mixing is None)
+            if _writes_first(func):
+                written = _writing(carry)
+                if carry is _pointwise:
+                    _ELEMENTWISE.add(written)
+                carry = written
+            rules = _rules[func] = (mixing, carry)
         mixing, carry = rules
         if self.mixed and func not in VALUE_FREE:
             self.pending = self._mixed_in(args)
         if self.pending is None and self.picked and func not in VALUE_FREE and func not in _PUTS:
             self._picked_in(func, args)
-        if self.pending is None and self.moves and carry is _pointwise:
+        if self.pending is None and self.moves and carry in _ELEMENTWISE:
             self._rows_in(func, args)
+        if self.pending is None and self.spread and carry is not _view and func not in VALUE_FREE:
+            self._spread_in(func, args, carry)
         if self.pending is None and mixing is not None:
             what = mixing(self, args)
             if what is not None:
                 self.pending = self.message(func, what)
-        return carry
+        return functools.partial(_within, carry) if within else carry
 
     def after(self, carry: Carry | None, args: Sequence[Any], out: Any) -> None:
         """Note the batch dimensions of the results ``out`` by the rule ``before`` gave (none:
@@ -267,13 +313,15 @@ class BatchAxes:
         """Raise ``BatchInteractionError`` if ``f``'s result ``y`` (a tensor or a tree of
         them) depends on samples that an op combined, or holds ``x``'s samples along one of
         its event dimensions (every output sample then depends on every input sample)."""
+        if self.inside:
+            self._settle()
         leaves = tree_leaves(y)
         if self.mixed:
             message = self._mixed_in(leaves)
             if message is not None:
                 raise BatchInteractionError(message)
         for t in leaves:
-            what = self._out_of_place(t) or self._misplaced(t)
+            what = self._out_of_place(t) or self._misplaced(t) or self._spread_out(t)
             if what is not None:
                 raise BatchInteractionError(explain(what, self.x, self.batch_dims))
 
@@ -295,6 +343,16 @@ class BatchAxes:
                     "(batch dimensions transposed or permuted)"
                 )
         return None
+
+    def _spread_out(self, t: Any) -> str | None:
+        """What spreads ``x``'s samples across dimensions of ``f``'s output ``t``: a reshape
+        of the batch laid out in another order (``x.T.reshape(B, D)``)."""
+        if self.spreads(t) is None:
+            return None
+        return (
+            f"x's samples spread across the dimensions of f's output of shape {_shape(t)} by a "
+            "reshape of the batch laid out in another order (x.T.reshape(B, D) for x?)"
+        )
 
     def _misplaced(self, t: Any) -> str | None:
         """What puts other samples' values in the places of ``f``'s output ``t``: samples an
@@ -345,6 +403,41 @@ class BatchAxes:
                     )
                     return
 
+    def spreads(self, t: Any) -> Axes | None:
+        entry = self.spread.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0] is t else None
+
+    def _spread_in(self, func: Any, args: Sequence[Any], carry: Carry) -> None:
+        """An op reading samples a reshape spread across dimensions (``x.reshape(D, B)``):
+        only an elementwise one of same-shaped operands holding them alike keeps each sample's
+        values apart (a reshape back follows them again, ``_view``); any other (a transpose, a
+        reduction) mixes them."""
+        tensors = [t for a in args for t in (a if isinstance(a, list | tuple) else (a,))]
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        spread = [(t, s) for t in tensors if (s := self.spreads(t))]
+        if not spread:
+            return
+        if func in _REDUCTIONS:
+            t, dims = args[0], _reduced_dims(func, args)
+            spans = [_span(t, axis) for axis in self.spreads(t) or ()]
+            if spans and all(span is not None and not set(dims) & set(span) for span in spans):
+                return  # over dimensions that hold none of them (``_spread_reduced``)
+        shapes = [t.shape for t in tensors]
+        shape = torch.broadcast_shapes(*shapes) if carry in _ELEMENTWISE else None  # type: ignore[no-untyped-call]
+        if (
+            shape is not None
+            and all(t.shape == shape for t, _ in spread)
+            and len({s for _, s in spread}) == 1
+            and not any(self.axes(t) for t in tensors)
+        ):
+            return  # constants may broadcast against them
+        what = (
+            f"x's samples spread across the dimensions of a tensor of shape {_shape(spread[0][0])} "
+            "(by a reshape to another order, as x.reshape(D, B) for x.T, or an interleaving "
+            "stack), read by an op other than an elementwise one or a reshape back"
+        )
+        self.pending = self.message(func, what)
+
     def _mixed_in(self, args: Sequence[Any]) -> str | None:
         for a in args:
             for t in a if isinstance(a, list | tuple) else (a,):
@@ -391,6 +484,18 @@ class BatchAxes:
             return
         sample = picks[0].sample if len(distinct) == 1 else None
         self.carried = picks[0]._replace(sample=sample)
+
+    def _settle(self) -> None:
+        """After a custom ``autograd.Function``'s ``forward``: its results that ``apply`` left
+        without grad (called under ``no_grad``, or not returned) are constants. Where ``x``
+        does not require grad (the recorders), none does: those of a forward called right
+        after an op under ``no_grad`` are taken for constants, the others followed."""
+        constant = self.quiet_forward or self.x.requires_grad
+        for t in self.inside.values():
+            if constant and not t.requires_grad:
+                for table in (self.known, self.mixed, self.picked):
+                    table.pop(id(t), None)
+        self.inside.clear()
 
     def _note(self, t: torch.Tensor, axes: Axes | None) -> None:
         if axes and t.is_floating_point():
@@ -594,6 +699,15 @@ def _untracked(_: BatchAxes, __: Sequence[Any], ___: Any) -> None:
     return None
 
 
+def _within(carry: Carry, tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``carry`` inside a custom ``autograd.Function``'s ``forward``: its results are noted as
+    made there (``BatchAxes._settle``)."""
+    for t in tree_leaves(out):
+        if isinstance(t, torch.Tensor):
+            tr.inside[id(t)] = t
+    return carry(tr, args, out)
+
+
 def _fresh(tr: BatchAxes, _: Sequence[Any], out: Any) -> None:
     """A factory's result (``zeros``, ``new_full``, ``zeros_like``): no values of ``x``, so a
     put into it may take it for a flattened batch (``_put_axes``)."""
@@ -633,41 +747,59 @@ def _pointwise(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None
                 if axes:
                     mapped = axes if a.shape == o.shape else _aligned(a, axes, o)
                     found = mapped if found is None else tuple(sorted({*found, *mapped}))
+            spread = next((s for a in args if (s := tr.spreads(a))), None) if tr.spread else None
+            if spread is not None:
+                tr.spread[id(o)] = (o, spread)  # ``_spread_in`` let it through
         result.append(found)
     return result
 
 
-def _reshaped(t: torch.Tensor, axes: Axes, out: torch.Tensor) -> Axes:
-    """Batch dimensions through a reshape (same elements in the same order). A batch dimension
-    is a digit of the flat index with place value ``after`` (elements per sample index) and
+def _flat(t: torch.Tensor, axis: Axis) -> int:
+    """The place value of ``axis``'s digit in ``t``'s flat index."""
+    return axis.inner * math.prod(t.shape[axis.position + 1 :])
+
+
+def _placed(axis: Axis, after: int, out: torch.Tensor) -> Axis | None:
+    """``axis`` in ``out``, a reshape (same elements in the same order). A batch dimension is a
+    digit of the flat index with place value ``after`` (elements per sample index) and
     ``size`` values; it survives in the dimension of ``out`` whose place values hold the
     whole digit (merged with others, as ``(B, T, D) -> (B*T, D)`` merges ``B`` and ``T``),
-    else its tracking ends."""
-    result: list[Axis] = []
-    if out.numel() == 0:
-        return ()
-    for axis in axes:
-        after = axis.inner * math.prod(t.shape[axis.position + 1 :])
-        rest = out.numel()
-        for p, n in enumerate(out.shape):
-            rest //= max(n, 1)  # place value of dimension p's index
-            if after % rest == 0 and (rest * n) % (after * axis.period) == 0:
-                result.append(axis._replace(position=p, inner=after // rest))
-                break
-    return tuple(result)
+    if any."""
+    rest = out.numel()
+    for p, n in enumerate(out.shape if rest else ()):
+        rest //= max(n, 1)  # place value of dimension p's index
+        if after % rest == 0 and (rest * n) % (after * axis.period) == 0:
+            return axis._replace(position=p, inner=after // rest)
+    return None
 
 
 def _view(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
-    t, axes = args[0], tr.axes(args[0])
-    if not axes or not isinstance(out, torch.Tensor) or out.numel() != t.numel():
+    """A reshape: the batch dimensions held whole by a dimension of ``out`` (``_placed``);
+    those split across dimensions of it (``x.reshape(D, B)``, whose rows hold pieces of
+    several samples) are followed as spread (``BatchAxes.spread``, in flat form: position
+    -1, ``inner`` their place value), until a reshape puts them back; moved samples split
+    so (``x.reshape(-1)[perm].reshape(B, D)``) mix."""
+    t, axes, spread = args[0], tr.axes(args[0]), tr.spreads(args[0])
+    if not (axes or spread) or not isinstance(out, torch.Tensor) or out.numel() != t.numel():
         return None
-    lost = [axis for axis in axes if axis.rows and not _reshaped(t, (axis,), out)]
-    if lost:  # moved samples no longer followed could reach the output unseen
-        moved = tr.moves.get(lost[0].rows, "an indexing op")
-        what = f"samples moved by {moved}, reshaped to {_shape(out)} across their places"
-        tr.pending = tr.message(tr.func, what)
-        return None
-    return [_reshaped(t, axes, out)]
+    found: list[Axis] = []
+    flat = [(axis, _flat(t, axis)) for axis in axes or ()]
+    flat += [(axis, axis.inner) for axis in spread or ()]
+    split: list[Axis] = []
+    for axis, after in flat:
+        placed = _placed(axis, after, out)
+        if placed is not None:
+            found.append(placed)
+        elif axis.rows:  # moved samples no longer followed could reach the output unseen
+            moved = tr.moves.get(axis.rows, "an indexing op")
+            what = f"samples moved by {moved}, reshaped to {_shape(out)} across their places"
+            tr.pending = tr.message(tr.func, what)
+            return None
+        else:
+            split.append(axis._replace(position=-1, inner=after))
+    if split:
+        tr.spread[id(out)] = (out, tuple(split))
+    return [tuple(sorted(found))]
 
 
 def _permute(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -831,23 +963,31 @@ def _cat(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | No
 
 def _rejoined(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int) -> list[Axis]:
     """The batch dimension along ``dim`` of pieces joined along it, when each is a sample
-    picked out or holds one batch dimension there, and one of them several samples
-    (``cat([g(x[:1]), h(x[1:])])``): their samples one after the other, the batch again if in
-    order."""
+    picked out, holds one batch dimension there or nothing followed (a constant: padding),
+    and one of them several samples (``cat([g(x[:1]), h(x[1:])])``, ``cat([x, zeros(k, D)])``):
+    their samples one after the other, the batch again if in order (``_along_line`` places
+    the constants' indices)."""
     pieces, axis = [], None
     for t in tensors:
-        pick, held = tr.picks(t), [a for a in tr.axes(t) or () if a.position == dim]
+        pick, axes = tr.picks(t), tr.axes(t) or ()
+        held = [a for a in axes if a.position == dim]
         if len(held) == 1 and pick is None:
             axis = held[0]
             pieces.append(axis.samples(torch.arange(t.shape[dim])))
         elif pick is not None and pick.sample is not None and not held:
             pieces.append(torch.full((t.shape[dim],), pick.sample))
+        elif pick is None and not axes and tr.spreads(t) is None:
+            pieces.append(torch.full((t.shape[dim],), -1))
         else:
             return []
     sizes = {(p.size, p.source) for t in tensors if (p := tr.picks(t)) is not None}
     if axis is None or not sizes <= {(axis.size, axis.source)}:
         return []
-    return [_rows(tr, dim, axis, torch.cat(pieces), str(tr.func))]
+    line = torch.cat(pieces)
+    if bool((line < 0).any()):
+        found = _along_line(tr, dim, line, axis.size, axis.source, (), f"padding ({tr.func})")
+        return [] if found is None else [found]
+    return [_rows(tr, dim, axis, line, str(tr.func))]
 
 
 def _joined_along_batch(tr: BatchAxes, args: Sequence[Any]) -> bool:
@@ -863,12 +1003,38 @@ def _stack(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | 
     tensors = [t for t in args[0] if isinstance(t, torch.Tensor)]
     dim = (args[1] if len(args) > 1 else 0) % out.dim()
     found: set[Axis] = set()
+    interleaved = _interleaved(tr, tensors, dim, out)
     for t in tensors:
-        found.update(_moved(axis, axis.position >= dim) for axis in tr.axes(t) or ())
+        found.update(_moved(a, a.position >= dim) for a in tr.axes(t) or () if not interleaved)
     pick = _restacked(tr, tensors)
     if pick is not None:
         found.add(Axis(dim, pick.size, 1, (), pick.source))
     return [tuple(sorted(found))]
+
+
+def _interleaved(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int, out: Any) -> bool:
+    """Whether ``stack(tensors, dim)`` interleaves the batch: each tensor holds samples along
+    ``dim - 1`` alone, and index ``(i, k)`` of dimensions ``(dim - 1, dim)`` holds sample
+    ``i K + k`` (``stack([x[::2], x[1::2]], 1)``), the batch in order once the two are merged:
+    noted as spread (``BatchAxes.spread``) for a reshape to follow."""
+    held: list[Axis] = []
+    for t in tensors:
+        axes = tr.axes(t)
+        if not axes or len(axes) != 1 or axes[0].position != dim - 1 or dim == 0:
+            return False
+        held.append(axes[0])
+    first = held[0] if held else None
+    if first is None or any(
+        (h.size, h.source, h.inner) != (first.size, first.source, 1) for h in held
+    ):
+        return False
+    n = tensors[0].shape[dim - 1]
+    samples = torch.stack([h.samples(torch.arange(n)) for h in held], 1).flatten()
+    if len(samples) != first.size or not bool((samples == torch.arange(first.size)).all()):
+        return False
+    after = math.prod(out.shape[dim + 1 :])
+    tr.spread[id(out)] = (out, (Axis(-1, first.size, after, (), first.source),))
+    return True
 
 
 def _restacked(tr: BatchAxes, tensors: Sequence[torch.Tensor]) -> Pick | None:
@@ -915,12 +1081,48 @@ def _mm(biased: bool) -> Carry:
     return rule
 
 
+def _span(t: torch.Tensor, axis: Axis) -> range | None:
+    """The dimensions of ``t`` whose indices together are exactly the spread ``axis``'s samples
+    (``x.reshape(B // 2, 2, D)``: dimensions 0 and 1), if its digit is aligned with them."""
+    place = 1
+    for q in reversed(range(t.dim())):
+        if place == axis.inner and t.shape[q] > 1:
+            held = 1
+            for p in reversed(range(q + 1)):
+                held *= t.shape[p]
+                if held == axis.period:
+                    return range(p, q + 1)
+            return None
+        place *= t.shape[q]
+    return None
+
+
+def _spread_reduced(
+    tr: BatchAxes, t: torch.Tensor, spread: Axes, dims: Sequence[int], out: Any
+) -> None:
+    """A reduction over dimensions that hold none of the samples spread in ``t`` (``_span``):
+    its results hold them spread alike, at the place value less the reduced dimensions
+    after them."""
+    found = []
+    for axis in spread:
+        span = _span(t, axis)
+        if span is None or any(d in span for d in dims):
+            return
+        below = math.prod(t.shape[d] for d in dims if d > span[-1])
+        found.append(axis._replace(inner=axis.inner // below))
+    for o in out if isinstance(out, list | tuple) else (out,):
+        if isinstance(o, torch.Tensor) and o.is_floating_point():
+            tr.spread[id(o)] = (o, tuple(found))
+
+
 def _reduced(op: Any) -> Carry:
     """A reduction that ``before`` let through: the batch dimensions were not reduced; they
     move up past reduced dimensions unless ``keepdim``."""
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
         t, axes = args[0], tr.axes(args[0])
+        if tr.spread and (spread := tr.spreads(t)):
+            _spread_reduced(tr, t, spread, _reduced_dims(op, args), out)
         if not axes:
             return None
         dims = _reduced_dims(op, args)
@@ -1315,18 +1517,250 @@ def _scatter(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
     return [axes]
 
 
+# ---- values written through a view (``buffer[:, :k] = g(x)``) ----
+
+
+def _box(
+    root: torch.Tensor, view: torch.Tensor
+) -> tuple[list[int], list[int | None], list[int]] | None:
+    """Where ``view`` lies in ``root``, whose memory it shares (``root``: dense, not
+    overlapping): the index in ``root`` of its first element, and for each of its dimensions
+    the dimension of ``root`` it runs along (``None``: one long) with its step; ``None`` if
+    two of its dimensions run along one of ``root``'s (a reshape that splits one) or one
+    leaves it."""
+    order = sorted((d for d in range(root.dim()) if root.shape[d] > 1), key=root.stride)[::-1]
+    dense = 1
+    for d in order[::-1]:
+        if root.stride(d) != dense:
+            return None
+        dense *= root.shape[d]
+    offset, first = int(view.storage_offset() - root.storage_offset()), [0] * root.dim()
+    for d in order:
+        first[d], offset = divmod(offset, root.stride(d))
+    dims: list[int | None] = []
+    steps: list[int] = []
+    for n, stride in zip(view.shape, view.stride(), strict=True):
+        q = next((d for d in order if 0 < root.stride(d) <= stride), None) if n > 1 else None
+        step = stride // root.stride(q) if q is not None else 0
+        if n > 1 and (
+            q is None
+            or stride % root.stride(q)
+            or q in dims
+            or first[q] + step * (n - 1) >= root.shape[q]
+        ):
+            return None
+        dims.append(q)
+        steps.append(step)
+    return first, dims, steps
+
+
+def _lines(tr: BatchAxes, t: torch.Tensor) -> Lines | None:
+    """The samples along ``t``'s batch dimensions as lines, -1 where no value of ``x`` was
+    written (kept from the last write through a view, if its batch dimensions did not change
+    since); ``None`` if it holds one batch dimension of ``x`` twice."""
+    entry = tr.lines.get(id(t))
+    axes = tr.axes(t) or ()
+    if entry is not None and entry[0] is t and entry[1] == axes:
+        return dict(entry[2])
+    lines: Lines = {}
+    for axis in axes:
+        if axis.source in lines:
+            return None
+        lines[axis.source] = (axis.position, axis.samples(torch.arange(t.shape[axis.position])))
+    return lines
+
+
+def _overwrite(
+    tr: BatchAxes,
+    old: torch.Tensor,
+    root: torch.Tensor,
+    view: torch.Tensor,
+    axes: Axes,
+    pick: Pick | None,
+) -> tuple[Axes, str | None] | None:
+    """The batch dimensions of ``root``, which held ``old``'s values, after values holding
+    ``axes`` (aligned to ``view``; or one sample, ``pick``) were written into ``view``, a view
+    of it: along each dimension of ``root``, the samples at the written indices replace those
+    there if the write spans all the other dimensions, else must be the same (``buffer[:, :k] =
+    g(x)`` makes a fresh buffer hold the batch along dimension 0; ``y[1:] = g(x)[:-1]``
+    shifts it). ``None`` if not followed (no lines: a view across dimensions); with a message
+    if the samples no longer lie along one dimension (two written in one place)."""
+    box = _box(root, view)
+    lines = None if box is None else _lines(tr, old)
+    if box is None or lines is None:
+        return None
+    first, dims, steps = box
+    spans = [range(i, i + 1) for i in first]
+    for k, q in enumerate(dims):
+        if q is not None:
+            spans[q] = range(first[q], first[q] + steps[k] * (view.shape[k] - 1) + 1, steps[k])
+    written: Lines = {}
+    for axis in axes:
+        q = dims[axis.position]
+        if q is None or axis.source in written:
+            return None
+        written[axis.source] = (q, axis.samples(torch.arange(view.shape[axis.position])))
+    batch = tr.x.shape[: tr.batch_dims]
+    if pick is not None and pick.sample is not None and not axes:
+        source = pick.source
+        q = lines[source][0] if source in lines else source
+        if source not in lines and root.shape[: tr.batch_dims] != batch:
+            return None  # one sample written into a tensor not followed: not followed
+        written[source] = (q, torch.full((len(spans[q]),), pick.sample))
+    sizes = {axis.source: axis.size for axis in tr.start}
+    result: list[Axis] = [a for a in tr.axes(old) or () if a.source not in written]
+    for source, (q, samples) in written.items():
+        at = _indices(spans[q])
+        q_old, line = lines.get(source, (q, torch.full((root.shape[q],), -1)))
+        whole = all(len(spans[d]) == root.shape[d] for d in range(root.dim()) if d != q)
+        kept = line[at]
+        if q_old != q and whole and len(at) == root.shape[q]:
+            line = torch.full((root.shape[q],), -1)  # all of it written
+        elif q_old != q or (not whole and bool(((kept >= 0) & (kept != samples)).any())):
+            return (), f"{_PUT_WHAT} (written through a view into a tensor of shape {_shape(root)})"
+        line = line.clone()
+        line[at] = samples
+        lines[source] = (q, line)
+        placed = _along_line(
+            tr, q, line, sizes[source], source, steps, f"a write through a view ({tr.func})"
+        )
+        if placed is not None:
+            result.append(placed)
+    found = tuple(sorted(result))
+    tr.lines[id(root)] = (root, found, lines)
+    return found, None
+
+
+def _along_line(
+    tr: BatchAxes,
+    q: int,
+    line: torch.Tensor,
+    size: int,
+    source: int,
+    steps: Sequence[int],
+    what: str,
+) -> Axis | None:
+    """The batch dimension along ``q`` holding ``line``'s samples, where indices without one
+    (-1) take whatever keeps the batch in order (``buffer[::2] = g(x)``: two indices per
+    sample), else the sample before them."""
+    held = line >= 0
+    if not bool(held.any()):
+        return None
+    n = len(line)
+    at = torch.arange(n)
+    for inner in sorted({1, *(s for s in steps if s > 1), max(n // size, 1)}):
+        if bool(((at[held] // inner) % size == line[held]).all()):
+            return Axis(q, size, inner, (), source)
+    filled = line.clone()
+    last = int(line[held][0])
+    for i in range(n):  # the sample before, the first for the indices before any
+        last = int(filled[i]) if filled[i] >= 0 else last
+        filled[i] = last
+    return _rows(tr, q, Axis(q, size, 1, (), source), filled, what)
+
+
+def _writing(carry: Carry) -> Carry:
+    """``carry`` of an op writing into its first argument, which, a view of another tensor
+    (``buffer[:, :k].copy_(g(x))``), writes into that too: its batch dimensions follow
+    (``_overwrite``), and it depends on combined samples if the values written do."""
+
+    def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+        result = carry(tr, args, out)
+        view = args[0]
+        root = view._base if isinstance(view, torch.Tensor) else None
+        if root is None or not root.is_floating_point():
+            return result
+        axes = (result[0] if result else None) or ()
+        pick = tr.carried if not axes else None
+        if tr.pending is not None:
+            tr.mixed[id(root)] = (root, tr.pending)
+        elif axes or pick is not None:
+            found = _overwrite(tr, root, root, view, axes, pick)
+            if found is not None and found[1] is not None:
+                tr.mixed[id(root)] = (root, tr.message(tr.func, found[1]))
+            elif found is not None:
+                tr.picked.pop(id(root), None)
+                tr._note(root, found[0])
+        return result
+
+    return rule
+
+
+def _writes_first(func: Any) -> bool:
+    """Whether ``func`` writes into its first argument (``copy_``, ``add_``, ``index_put_``)."""
+    arguments = func._schema.arguments
+    alias = arguments[0].alias_info if arguments else None
+    return alias is not None and alias.is_write
+
+
+def _sliced_at(t: torch.Tensor, args: Sequence[Any]) -> tuple[slice, ...]:
+    """The index of ``slice_scatter(t, src, dim, start, end, step)``'s view of ``t``."""
+    dim = (args[2] if len(args) > 2 else 0) % t.dim()
+    start, end, step = (*args[3:6], None, None, None)[:3]
+    return (slice(None),) * dim + (slice(start, end, step or 1),)
+
+
+def _padded_constant(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``constant_pad_nd(t, pad)`` (``F.pad``), ``pad`` as ``(left, right)`` pairs from the
+    last dimension (negative: cut): a batch dimension padded holds the constant's indices
+    (``_along_line`` places them), the others stay."""
+    t, axes, pad = args[0], tr.axes(args[0]), args[1]
+    if not axes:
+        return None
+    found = []
+    for axis in axes:
+        i = t.dim() - 1 - axis.position
+        left, right = (pad[2 * i], pad[2 * i + 1]) if 2 * i + 1 < len(pad) else (0, 0)
+        if not (left or right):
+            found.append(axis)
+            continue
+        samples = axis.samples(torch.arange(t.shape[axis.position]))
+        samples = samples[max(-left, 0) : len(samples) - max(-right, 0)]
+        line = torch.cat(
+            [torch.full((max(left, 0),), -1), samples, torch.full((max(right, 0),), -1)]
+        )
+        placed = _along_line(tr, axis.position, line, axis.size, axis.source, (), str(tr.func))
+        found += [placed] if placed is not None else []
+    return [tuple(sorted(found))]
+
+
+def _copied(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``copy_(t, src)``: ``t`` holds ``src``'s values (broadcast), its own are gone."""
+    src = args[1]
+    axes = tr.axes(src)
+    return [_aligned(src, axes, args[0]) or None] if axes else None
+
+
+def _scattered_into(make_view: Callable[[torch.Tensor, Sequence[Any]], torch.Tensor]) -> Carry:
+    """``select_scatter(t, src, dim, index)``, ``slice_scatter``, ...: ``t`` with ``src``
+    written into the view ``make_view(result, args)`` (``_overwrite``)."""
+
+    def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+        t, src = args[0], args[1]
+        axes, pick = tr.axes(src) or (), tr.picks(src)
+        if not axes and pick is None:
+            return [tr.axes(t)]
+        view = make_view(out, args)
+        found = _overwrite(tr, t, out, view, _aligned(src, axes, view), pick)
+        if found is None:
+            return None
+        if found[1] is not None:
+            tr.pending = tr.message(tr.func, found[1])
+        return [found[0] or None]
+
+    return rule
+
+
 _POINTWISE_EXTRA = {
     aten.clone.default,
     aten._to_copy.default,
     aten.alias.default,
     aten.native_dropout.default,
     aten.expand.default,
-    aten.copy_.default,
     aten.lift_fresh.default,
     aten.masked_fill.Scalar,
     aten.masked_fill.Tensor,
     aten.where.self,
-    aten.constant_pad_nd.default,
     # elementwise, though not tagged so
     aten.log_sigmoid_forward.default,
     aten.log_sigmoid_backward.default,
@@ -1361,6 +1795,11 @@ _CARRY: dict[Any, Carry] = {
     aten.unbind.int: _cut(1, _in_order),
     aten.cat.default: _cat,
     aten.stack.default: _stack,
+    aten.copy_.default: _copied,
+    aten.constant_pad_nd.default: _padded_constant,
+    aten.copy.default: _copied,
+    aten.select_scatter.default: _scattered_into(lambda t, a: t.select(a[2], a[3])),
+    aten.slice_scatter.default: _scattered_into(lambda t, a: t[_sliced_at(t, a)]),
     aten.broadcast_tensors.default: _broadcast,
     # samples of different lengths packed one time step after the other: not followed
     aten._pack_padded_sequence.default: _untracked,
@@ -1444,6 +1883,7 @@ _ACCUMULATING = {
     aten.scatter_reduce_.two,
 }
 _PUTS = {op for op, rule in _CARRY.items() if rule in (_index_put, _index_copy, _scatter)}
+_PUTS |= {aten.select_scatter.default, aten.slice_scatter.default}
 _CATS = {aten.cat.default}
 _JOINS = {*_CATS, aten.stack.default}
 _FRESH = {
@@ -1459,6 +1899,7 @@ _FRESH = {
 }
 _CARRY.update({**dict.fromkeys(_FRESH, _fresh), aten.detach.default: _detached})
 _rules: dict[Any, tuple[Mixing | None, Carry]] = {}  # each op's two rules, as first met
+_ELEMENTWISE: set[Carry] = {_pointwise}  # and its in-place forms' (``_writing``), as met
 # results that do not depend on their argument's values: a gradient seed ones_like(loss)
 VALUE_FREE = {
     aten.detach.default,
@@ -1489,6 +1930,11 @@ def _kind(func: Any, unknown: bool) -> Carry:
 _DIM_ARGUMENTS = ("dim", "dims", "dimension")
 _SPATIAL_ARGUMENTS = ("kernel_size", "output_size")
 _RIGHT_HAND_SIDES = ("B", "b")  # of ``linalg_solve`` and kin: each column solved alone
+# solves outside ``torch.linalg``, whose first argument is the right-hand side, and another
+# matrix function there
+_SOLVES = ("cholesky_solve", "triangular_solve")
+_MATRIX_FUNCTIONS = (*_SOLVES, "cholesky_inverse")
+_PADS = re.compile(r"(reflection|replication)_pad\dd$")  # copies of the edges: the others mix
 
 
 def _unknown(func: Any) -> Carry:
@@ -1500,16 +1946,17 @@ def _unknown(func: Any) -> Carry:
       ``nansum``, ``unfold``, ``glu``, ``linalg_cross``, FFTs along the batch);
     * it pools or resamples (a ``kernel_size``/``output_size`` argument) its first argument
       along a batch dimension among its last, spatial ones: a kernel wider than one or a new
-      size there;
-    * it is a ``linalg`` matrix function (no ``dim`` argument) of matrices whose rows or
-      columns are samples (the last two dimensions; of a solve's right-hand side ``B``, the
-      rows alone: each column is solved alone);
+      size there; or pads it there by reflection or replication (copies of other places);
+    * it is a ``linalg`` matrix function (no ``dim`` argument; or ``cholesky_solve``,
+      ``triangular_solve``, ``cholesky_inverse``) of matrices whose rows or columns are
+      samples (the last two dimensions; of a solve's right-hand side ``B``, the rows alone:
+      each column is solved alone);
     * its ``key`` or ``value`` (attention kernels) has samples along its sequence dimension;
     * two tracked arguments, or one in two ways, hold different samples at one place
       (``linalg_cross(x, x.flip(0))``), samples an indexing op moved among them.
 
     Else only its floating results with no room for a batch dimension of ``t`` (no dimension
-    a multiple of its samples: a scalar ``dist``, ``median()``, a mean loss, ``pdist``)
+    a multiple of its samples: a scalar ``dist``, ``median()``, a mean loss)
     depend on combined samples. Ops that keep the samples in place (fused attention, pooling
     over the event, embeddings, interpolation) pass; a result shaped as a tracked
     argument is followed as holding its samples in place (not of an op that writes in place),
@@ -1579,7 +2026,7 @@ class _Signature(NamedTuple):
             dim,
             next((n for n in _SPATIAL_ARGUMENTS if n in names), None) if first else None,
             int(digits[-1]) if digits else None,
-            name.startswith(("linalg_", "_linalg_")) and dim is None,
+            (name.startswith(("linalg_", "_linalg_")) and dim is None) or name in _MATRIX_FUNCTIONS,
             schema.is_mutable,
         )
 
@@ -1597,7 +2044,9 @@ def _combined(
     """What combines samples in the call of ``op`` (``_unknown``'s rules), if anything."""
     t = args[0] if args else None
     if isinstance(t, torch.Tensor) and tr.axes(t) and t.dim():
-        what = _along(op, tr, args, t) or _resampled(op, tr, args, t, out)
+        what = (
+            _along(op, tr, args, t) or _resampled(op, tr, args, t, out) or _padded(op, tr, args, t)
+        )
         if what is not None:
             return what
     return (
@@ -1630,6 +2079,19 @@ def _resampled(
     return None
 
 
+def _padded(op: _Signature, tr: BatchAxes, args: Sequence[Any], t: torch.Tensor) -> str | None:
+    """``op``, a reflection or replication pad, pads ``t`` along a batch dimension: the new
+    places hold copies of other places' samples, then followed as if they held their own."""
+    if not _PADS.match(op.name):
+        return None
+    padding = op.argument(args, tr.kwargs, "padding")
+    for i in range(len(padding) // 2):
+        d = t.dim() - 1 - i
+        if (padding[2 * i] or padding[2 * i + 1]) and _batch_at(tr, t, [d]) is not None:
+            return f"{op.name} across samples (dimension {d} of {_shape(t)}, padded)"
+    return None
+
+
 def _matrices(
     op: _Signature, tr: BatchAxes, args: Sequence[Any], tracked: list[Tracked]
 ) -> str | None:
@@ -1637,10 +2099,13 @@ def _matrices(
     solve's right-hand side ``B``, whose columns are solved alone, the rows)."""
     if not op.linalg or not args:
         return None
-    lhs = args[0] if isinstance(args[0], torch.Tensor) else None  # A
+    solve = op.name in _SOLVES  # (B, A): cholesky_solve, triangular_solve
+    lhs = args[int(solve)] if len(args) > int(solve) else None  # A
+    lhs = lhs if isinstance(lhs, torch.Tensor) else None
     for arg, a, axes in tracked:
         matrix = [a.dim() - 2, a.dim() - 1]
-        if arg in _RIGHT_HAND_SIDES:  # (a batch of) vectors, or the rows (left=False: columns)
+        if arg in _RIGHT_HAND_SIDES or (solve and arg == "self"):
+            # (a batch of) vectors, or the rows (left=False: columns)
             left = tr.kwargs.get("left", True)
             vector = a.dim() == 1 or (lhs is not None and a.shape == lhs.shape[:-1])
             matrix = [a.dim() - 1] if vector else [a.dim() - (2 if left else 1)]
@@ -1818,6 +2283,14 @@ def _diagonal(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     return None if q is None else f"a diagonal across samples (dimension {q} of {_shape(t)})"
 
 
+def _pairwise(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+    """``pdist(t)``: the distances between every two rows of ``t``, over its columns: any
+    batch dimension of ``t`` is combined (its ``n (n - 1) / 2`` distances are a multiple of
+    an odd ``n``: the result's size says nothing)."""
+    q = _batch_at(tr, args[0], range(args[0].dim()))
+    return None if q is None else f"pairwise distances across samples (dimension {q} of pdist)"
+
+
 def _renorm(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     """``renorm(t, p, dim, maxnorm)`` scales each slice along ``dim`` by its norm over all the
     other dimensions."""
@@ -1897,6 +2370,7 @@ _MIXING: dict[Any, Mixing] = {
     aten.diagonal.default: _diagonal,
     **dict.fromkeys(_MASKED_SCATTERS, _masked_scatter),
     aten.trace.default: _diagonal,  # the sum of the diagonal (0, 1): one kernel on CPU
+    aten._pdist_forward.default: _pairwise,
     aten.renorm.default: _renorm,
     aten.renorm_.default: _renorm,
     aten._cudnn_rnn.default: _recurrence(10),
