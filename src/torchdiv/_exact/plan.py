@@ -45,7 +45,8 @@ ROWS_PROBLEM = 1 << 18
 
 _CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
 # ops that PyTorch gives no forward-mode derivative (checked on CPU; the engines that run
-# after forward mode fails cover any others)
+# after forward mode fails cover any others), and custom ops (outside aten), which
+# ``torch.library`` gives none (``_exact.forward.Tangents`` refuses them there)
 _WITHOUT_FORWARD_RULE = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
@@ -73,7 +74,7 @@ class OpSizes(DispatchMode):
         if carry is not None:
             self.axes.after(carry, args, out)  # type: ignore[union-attr]
         self.convolves |= func in _CONVOLUTIONS
-        self.forward_rules &= func not in _WITHOUT_FORWARD_RULE
+        self.forward_rules &= func not in _WITHOUT_FORWARD_RULE and func.namespace == "aten"
         for leaf in tree_leaves(out):
             if (
                 isinstance(leaf, torch.Tensor)

@@ -20,8 +20,8 @@ from torch.func import vjp, vmap
 from torchdiv._core.basis import WHOLE, Share, basis, broadcast_basis, chunks
 from torchdiv._core.checks import event_numel
 from torchdiv._core.crossover import traced
-from torchdiv._core.modes import SafeDerivatives, math_attention, recorded
-from torchdiv._exact.forward import ForwardJacobian
+from torchdiv._core.modes import recorded
+from torchdiv._exact.forward import ForwardJacobian, under_tangents
 from torchdiv._exact.state import Once
 from torchdiv._laplacian.loop import Check, Settings, all_finite, grad_of_grad
 from torchdiv._taylor import (
@@ -343,9 +343,8 @@ def hessian_products(
 ) -> tuple[torch.Tensor, torch.Size]:
     """``H_{b,i} v_j`` for every sample ``b``, output ``i`` and direction ``v_j`` (``(k,) +
     x.shape``), shape ``(k, m, N, n)``, and ``f(x).shape``: JVPs of the per-sample gradients."""
-    grads = _Gradients(f, batch_dims)
-    with math_attention(), SafeDerivatives(3, "method='taylor' or 'grad-of-grad'"):
-        columns = ForwardJacobian(grads, x, batch_dims).apply(directions)
+    grads = _Gradients(under_tangents(f, 3, "method='taylor' or 'grad-of-grad'"), batch_dims)
+    columns = ForwardJacobian(grads, x, batch_dims, order=None).apply(directions)
     k, m = columns.shape[:2]
     n_samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
     return columns.reshape(k, m, n_samples, n), grads.y_shape
