@@ -142,3 +142,66 @@ def test_custom_function_with_jvp_is_differentiated(method):
     torch.testing.assert_close(
         lap, (-2 * t * (1 - t * t)).sum(-1, keepdim=True), rtol=1e-12, atol=1e-12
     )
+
+
+class Counting(torch.nn.Module):
+    """``W tanh(z)``, counting its calls in a buffer and keeping a running mean of its
+    activations under ``no_grad`` (writes ``torch.func`` refuses inside its transforms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(3, dtype=torch.float64))
+
+    def forward(self, z):
+        h = torch.tanh(z)
+        self.steps += 1
+        with torch.no_grad():
+            self.mean.lerp_(h.mean(0), 0.5)
+        return h @ W.T
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+@pytest.mark.parametrize(
+    ("op", "method"),
+    [
+        ("divergence", "forward"),
+        ("divergence", "reverse"),
+        ("jacobian", "forward"),
+        ("laplacian", "forward-over-reverse"),
+        ("laplacian", "hessian"),
+    ],
+)
+def test_buffer_writes_run_once_under_every_torch_func_method(op, method, chunk_size):
+    net, x = Counting(), torch.randn(4, 3, dtype=torch.float64)
+    t = torch.tanh(x)
+    if op == "laplacian":  # of the first output: W_0 . tanh''(x)
+        out = torchdiv.laplacian(lambda z: net(z)[:, :1], x, method=method, chunk_size=chunk_size)
+        expected = (-2 * t * (1 - t * t)) @ W[0]
+        torch.testing.assert_close(out, expected[:, None], rtol=1e-12, atol=1e-12)
+    else:
+        out = getattr(torchdiv, op)(net, x, method=method, chunk_size=chunk_size)
+        jac = W * (1 - t * t)[:, None, :]
+        expected = jac.diagonal(dim1=1, dim2=2).sum(-1) if op == "divergence" else jac
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert net.steps.item() == 1  # one evaluation's worth of state
+    torch.testing.assert_close(net.mean, 0.5 * t.mean(0), rtol=1e-12, atol=1e-12)
+
+
+def test_buffer_write_of_a_value_computed_from_x_names_the_way_out():
+    class Keeping(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("last", torch.zeros(3, dtype=torch.float64))
+
+        def forward(self, z):
+            self.last.copy_(z[0])  # with grad on: torch.func cannot write it
+            return torch.tanh(z)
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"copy_ in f writes in place.*method='auto'"):
+        torchdiv.divergence(Keeping(), x, method="forward")
+    net = Keeping()
+    div = torchdiv.divergence(net, x)
+    torch.testing.assert_close(div, (1 - torch.tanh(x).square()).sum(-1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net.last, x[0])

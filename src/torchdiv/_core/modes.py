@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import torch
+from torch._C import _functorch
 from torch._C._dynamo.eval_frame import get_eval_frame_callback
+from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_leaves, tree_map
 
 from torchdiv._core import linalg as _linalg
 from torchdiv._core.ddp import one_forward, spans_peers
@@ -478,10 +481,54 @@ class SafeDerivatives(TorchFunctionMode):
             or not entry.applies(self.order, self.forward_mode)
             or _underived(args, kwargs)
         ):
-            return func(*args, **kwargs)
+            try:
+                return func(*args, **kwargs)
+            except RuntimeError as error:
+                return _written_below_transforms(func, args, kwargs, error)
         if entry.run is None:
             raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {self.way_out}")
         return entry.run(*args, **kwargs)
+
+
+_CAPTURED = "would mutate a captured Tensor"  # torch.func's refusal of such a write
+
+
+def _written_below_transforms(
+    func: Any, args: Any, kwargs: dict[str, Any], error: Exception
+) -> Any:
+    """A call that ``torch.func``'s transforms refused (``error``) as an in-place write to a
+    tensor ``f`` did not make (a buffer), run below the transforms as a plain evaluation of
+    ``f`` runs it (the transforms refuse before writing): where nothing it reads comes from
+    them (a module counting its calls, ``steps += 1``), or under ``no_grad``, where the
+    values it reads are constants (a running mean of activations), unless one is batched.
+    A write of a value computed from ``x`` with grad on is refused, naming the way out."""
+    if _CAPTURED not in str(error):
+        raise error
+    plain = tree_map(_unwrapped, (args, kwargs))
+    values, given = tree_leaves(plain), tree_leaves((args, kwargs))
+    if not any(v is _BATCHED for v in values):
+        read = any(v is not t for v, t in zip(values, given, strict=True))  # from the transforms
+        if not read or not torch.is_grad_enabled():
+            with torch._C._DisableFuncTorch(), _set_fwd_grad_enabled(False):
+                return func(*plain[0], **plain[1])
+    raise RuntimeError(
+        f"{getattr(func, '__name__', func)} in f writes in place to a tensor f did not make "
+        "(a buffer) a value computed from x, which torch.func's transforms forbid (PyTorch: "
+        f"'{_CAPTURED}'); write it under torch.no_grad(), or use method='auto' (plain "
+        "autograd runs it)"
+    ) from None
+
+
+_BATCHED = object()  # a tensor vmap batches: no one value a plain evaluation would write
+
+
+def _unwrapped(t: Any) -> Any:
+    """The value under ``torch.func``'s wrappers (``_BATCHED`` for a batched one), or ``t``."""
+    while isinstance(t, torch.Tensor) and _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            return _BATCHED
+        t = _functorch.get_unwrapped(t)
+    return t
 
 
 def _underived(args: Any, kwargs: dict[str, Any]) -> bool:
