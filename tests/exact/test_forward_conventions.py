@@ -205,3 +205,18 @@ def test_buffer_write_of_a_value_computed_from_x_names_the_way_out():
     div = torchdiv.divergence(net, x)
     torch.testing.assert_close(div, (1 - torch.tanh(x).square()).sum(-1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(net.last, x[0])
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_functional_train_mode_batch_norm_is_refused_with_its_statistics_unmoved(method):
+    # torch.func does not refuse batch norm's own write of its statistics: forward mode gave 0
+    mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    x = torch.randn(16, 3, dtype=torch.float64)
+
+    def f(z):
+        return torch.tanh(torch.nn.functional.batch_norm(z @ W.T, mean, var, training=True))
+
+    with pytest.raises(torchdiv.BatchInteractionError, match="batch norm in train mode"):
+        torchdiv.divergence(f, x, method=method)
+    assert torch.equal(mean, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(var, torch.ones(3, dtype=torch.float64))
