@@ -105,6 +105,16 @@ def test_auto_jacobian_of_a_custom_op_is_right():
     torch.testing.assert_close(jac, slope[:, :, None] * lin.weight, rtol=1e-12, atol=1e-12)
 
 
+def test_laplacian_auto_of_a_custom_op_loops_instead_of_forward_over_reverse():
+    # 16 inputs: no Taylor rule for the op, beyond the loop's fallback size; torch.func
+    # cannot run the op (forward over reverse raised), the loop of backward passes can
+    x = torch.randn(3, 16, dtype=torch.float64)
+    lap = torchdiv.laplacian(lambda z: tanh_without_jvp(z).sum(-1, keepdim=True), x)
+    t = torch.tanh(x)
+    expected = (-2 * t * (1 - t * t)).sum(-1, keepdim=True)
+    torch.testing.assert_close(lap, expected, rtol=1e-12, atol=1e-12)
+
+
 class TanhWithJvp(torch.autograd.Function):
     """A custom Function with a forward-mode rule: its forward runs with grad off, and is
     not a ``no_grad`` block of ``f``."""

@@ -94,9 +94,16 @@ def _recorded_auto(
     out = collapsed_or_none(plan, x, unit_directions(x, batch_dims, chunk))
     if out is not None:
         return out
-    if n <= LOOP_FALLBACK:
+    if n <= LOOP_FALLBACK or _custom_ops(plan):
         return looped(f, x, batch_dims, chunk)
     return forward_over_reverse(f, x, batch_dims, chunk)
+
+
+def _custom_ops(graph: Graph) -> bool:
+    """Whether ``f`` ran an op outside ``aten`` (a ``torch.library`` custom op): one without a
+    forward-mode rule, which ``torch.func`` cannot run at all where it has only
+    ``register_autograd``; the loop of backward passes runs it."""
+    return any(node.func.namespace != "aten" for node in graph.nodes)
 
 
 @dataclass(frozen=True)
