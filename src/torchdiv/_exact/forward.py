@@ -56,8 +56,11 @@ class Tangents(SafeDerivatives):
             with _set_fwd_grad_enabled(False):  # f's own no_grad block
                 return super().__torch_function__(func, types, args, kwargs)
         if not self.graph and func is not torch._C._set_grad_enabled:  # (f's no_grad itself)
-            with torch.no_grad():
+            torch._C._set_grad_enabled(False)
+            try:
                 out = super().__torch_function__(func, types, args, kwargs)
+            finally:
+                torch._C._set_grad_enabled(True)
         else:
             out = super().__torch_function__(func, types, args, kwargs)
         if isinstance(func, _OPS) and _op_name(func).split("::")[0] not in _TRUSTED:
