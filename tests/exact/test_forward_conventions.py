@@ -8,6 +8,8 @@ with only a backward formula is refused by forward mode, not taken for a constan
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -230,3 +232,24 @@ def test_functional_train_mode_batch_norm_is_refused_with_its_statistics_unmoved
         torchdiv.divergence(f, x, method=method)
     assert torch.equal(mean, torch.zeros(3, dtype=torch.float64))
     assert torch.equal(var, torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("op", "method", "way"),
+    [
+        ("divergence", "reverse", "method='auto'"),
+        ("laplacian", "forward-over-reverse", "method='auto' or 'grad-of-grad'"),
+        ("laplacian", "hessian", "method='auto' or 'grad-of-grad'"),
+    ],
+)
+def test_torch_func_refusing_a_custom_op_names_the_way_out(op, method, way):
+    x = torch.randn(4, 3, dtype=torch.float64)
+    f = (
+        (lambda z: tanh_without_jvp(z).sum(-1, keepdim=True))
+        if op == "laplacian"
+        else tanh_without_jvp
+    )
+    with pytest.raises(
+        RuntimeError, match=rf"(?s)setup_context.*Hint: .*{re.escape(way)}, which run"
+    ):
+        getattr(torchdiv, op)(f, x, method=method)
