@@ -140,6 +140,13 @@ def _hint(fn: str, message: str, f: Any, x: torch.Tensor, call: str) -> str | No
             f"f with the draws of one evaluation, chunk_size=1 (one direction at a time, no "
             f"vmap), or model.eval() for the deterministic model."
         )
+    if "setup_context staticmethod" in message:  # torch.func refused an autograd.Function
+        way = "'auto' or 'grad-of-grad'" if "laplacian" in fn else "'auto'"
+        return (
+            "f runs an autograd.Function without setup_context (also a torch.library custom "
+            "op with register_autograd), which torch.func's transforms cannot run; use "
+            f"method={way}, which run it by plain autograd."
+        )
     if "dtype" in message or "scalar type" in message:
         params = [p.dtype for m in _modules(f) for p in m.parameters() if p.is_floating_point()]
         what = f"f's parameters are {params[0]}" if params else "f computes in another dtype"

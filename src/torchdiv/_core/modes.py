@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import sys
 import threading
@@ -14,10 +15,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import torch
+from torch._C import _functorch
 from torch._C._dynamo.eval_frame import get_eval_frame_callback
+from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_leaves, tree_map
 
 from torchdiv._core import linalg as _linalg
 from torchdiv._core.ddp import one_forward, spans_peers
@@ -469,19 +473,101 @@ class SafeDerivatives(TorchFunctionMode):
     def __init__(self, order: int, way_out: str, forward_mode: bool = True):
         super().__init__()
         self.order, self.way_out, self.forward_mode = order, way_out, forward_mode
+        # tensors written below torch.func's transforms, with their values before: put back
+        # if the evaluation fails (``_written_below_transforms``)
+        self.written: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        super().__exit__(kind, error, traceback)
+        if error is not None and self.written:  # an evaluation that did not finish
+            with torch.no_grad(), torch._C._DisableFuncTorch():
+                for tensor, before in reversed(self.written):
+                    tensor.copy_(before)
+        self.written = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if func in _BATCH_NORMS:
+            _refuse_statistics_in_transforms(func, args, kwargs)
         entry = REPLACEMENTS.get(func)
         if (
             entry is None
             or not entry.applies(self.order, self.forward_mode)
             or _underived(args, kwargs)
         ):
-            return func(*args, **kwargs)
+            try:
+                return func(*args, **kwargs)
+            except RuntimeError as error:
+                return self._written_below_transforms(func, args, kwargs, error)
         if entry.run is None:
             raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {self.way_out}")
         return entry.run(*args, **kwargs)
+
+    def _written_below_transforms(
+        self, func: Any, args: Any, kwargs: dict[str, Any], error: Exception
+    ) -> Any:
+        """A call that ``torch.func``'s transforms refused (``error``) as an in-place write to a
+        tensor ``f`` did not make (a buffer), run below the transforms as a plain evaluation of
+        ``f`` runs it (the transforms refuse before writing): where nothing it reads comes from
+        them (a module counting its calls, ``steps += 1``), or under ``no_grad``, where the
+        values it reads are constants (a running mean of activations), unless one is batched.
+        A write of a value computed from ``x`` with grad on is refused, naming the way out.
+        What it wrote (its first argument, or ``out``) is put back if the evaluation fails."""
+        if _CAPTURED not in str(error):
+            raise error
+        plain = tree_map(_unwrapped, (args, kwargs))
+        values, given = tree_leaves(plain), tree_leaves((args, kwargs))
+        if not any(v is _BATCHED for v in values):
+            read = any(v is not t for v, t in zip(values, given, strict=True))  # transformed
+            if not read or not torch.is_grad_enabled():
+                target = plain[0][0] if plain[0] else None  # an in-place method's, or out=
+                written = [t for t in (target, plain[1].get("out")) if isinstance(t, torch.Tensor)]
+                self.written += [(t, t.detach().clone()) for t in written]
+                with torch._C._DisableFuncTorch(), _set_fwd_grad_enabled(False):
+                    return func(*plain[0], **plain[1])
+        raise RuntimeError(
+            f"{getattr(func, '__name__', func)} in f writes in place to a tensor f did not make "
+            "(a buffer) a value computed from x, which torch.func's transforms forbid (PyTorch: "
+            f"'{_CAPTURED}'); write it under torch.no_grad(), or use method='auto' (plain "
+            "autograd runs it)"
+        ) from None
+
+
+_CAPTURED = "would mutate a captured Tensor"  # torch.func's refusal of such a write
+_BATCH_NORMS = {torch.nn.functional.batch_norm}
+_BATCH_NORM = inspect.signature(torch.nn.functional.batch_norm)
+
+
+def _refuse_statistics_in_transforms(func: Any, args: Any, kwargs: dict[str, Any]) -> None:
+    """A train-mode batch norm that updates running statistics from a tensor ``torch.func``
+    transforms (``x`` or one computed from it): the transforms do not refuse that write, as
+    they refuse others (``_written_below_transforms``), and forward mode then gave zeros
+    (PyTorch 2.13). Raised as that refusal, which the public functions report as sample
+    mixing (``_api.reporting``; ``"auto"`` falls back to plain autograd)."""
+    bound = _BATCH_NORM.bind(*args, **kwargs).arguments
+    first, stats = next(iter(bound.values())), bound.get("running_mean")
+    if (
+        bound.get("training")
+        and isinstance(stats, torch.Tensor)
+        and isinstance(first, torch.Tensor)
+        and _functorch.is_functorch_wrapped_tensor(first)
+    ):
+        raise RuntimeError(
+            f"a batch norm in train mode in f updates its running statistics from x inside "
+            f"torch.func's transforms (PyTorch: '{_CAPTURED}'); use method='auto'"
+        )
+
+
+_BATCHED = object()  # a tensor vmap batches: no one value a plain evaluation would write
+
+
+def _unwrapped(t: Any) -> Any:
+    """The value under ``torch.func``'s wrappers (``_BATCHED`` for a batched one), or ``t``."""
+    while isinstance(t, torch.Tensor) and _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            return _BATCHED
+        t = _functorch.get_unwrapped(t)
+    return t
 
 
 def _underived(args: Any, kwargs: dict[str, Any]) -> bool:

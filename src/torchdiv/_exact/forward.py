@@ -3,15 +3,108 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
 
 import torch
+from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
 from torch.func import jvp, vmap
 
 from torchdiv._core.basis import as_blocks, basis, quiet_batching
 from torchdiv._core.checks import event_numel
 from torchdiv._core.modes import SafeDerivatives, math_attention
+from torchdiv._taylor.tree import leaves
 
 Products = Callable[[torch.Tensor], torch.Tensor]  # tangents -> JVPs
+
+_OPS = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+_TRUSTED = ("aten", "prims")  # PyTorch's own ops: one without a forward rule raises
+
+
+class NoForwardRule(NotImplementedError):
+    """An op in ``f`` that forward mode would differentiate silently wrong: a custom op (one
+    outside ``aten``/``prims``, ``torch.library.custom_op`` with only ``register_autograd``)
+    whose result has no tangent though an input has one (``torch.func.jvp`` takes it for a
+    constant). The public function names itself in front."""
+
+
+class Tangents(SafeDerivatives):
+    """``SafeDerivatives`` for an engine that pushes tangents through ``f`` (forward mode,
+    forward over reverse), keeping the convention of reverse mode and of the Taylor engine:
+
+    - an op ``f`` runs under ``torch.no_grad()`` is a constant (a stop-gradient statistic);
+      PyTorch's forward AD ignores grad mode, so such an op runs with forward AD off (a
+      custom ``autograd.Function``'s ``forward``, which runs with both off, and its ``jvp``,
+      are left as they are);
+    - a custom op whose result has no tangent though an input has one is refused
+      (``NoForwardRule``, naming ``way_out``) rather than taken for a constant;
+    - ``graph=False`` (the caller's ``torch.no_grad()``): the engine evaluates ``f`` with grad
+      on, so that ``f``'s own ``no_grad`` blocks show, and runs each of its other ops under
+      ``no_grad``: no graph is built, as the caller asked.
+
+    Costs a grad-mode read per op (and, under the caller's ``no_grad``, a grad-mode switch).
+    """
+
+    def __init__(self, order: int, way_out: str, graph: bool = True):
+        super().__init__(order, way_out)
+        self.graph = graph
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if not torch.is_grad_enabled():
+            if not torch._C._is_fwd_grad_enabled():  # a custom Function's forward
+                return super().__torch_function__(func, types, args, kwargs)
+            with _set_fwd_grad_enabled(False):  # f's own no_grad block
+                return super().__torch_function__(func, types, args, kwargs)
+        if not self.graph and func is not torch._C._set_grad_enabled:  # (f's no_grad itself)
+            torch._C._set_grad_enabled(False)
+            try:
+                out = super().__torch_function__(func, types, args, kwargs)
+            finally:
+                torch._C._set_grad_enabled(True)
+        else:
+            out = super().__torch_function__(func, types, args, kwargs)
+        if isinstance(func, _OPS) and _op_name(func).split("::")[0] not in _TRUSTED:
+            self._check_tangents(func, (args, kwargs), out)
+        return out
+
+    def _check_tangents(self, func: Any, inputs: Any, out: Any) -> None:
+        """Refuse a custom op whose floating results have no tangent though an input has."""
+        if any(_has_tangent(t) for t in leaves(out)) or not any(map(_has_tangent, leaves(inputs))):
+            return
+        if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves(out)):
+            return
+        raise NoForwardRule(
+            f"the custom op {_op_name(func)} in f has no forward-mode derivative "
+            f"(torch.func.jvp would take it for a constant); use {self.way_out}"
+        )
+
+
+def _op_name(func: Any) -> str:
+    """``namespace::name`` of an op overload or packet."""
+    return func._schema.name if isinstance(func, torch._ops.OpOverload) else func._qualified_op_name
+
+
+def _has_tangent(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and unpack_dual(t).tangent is not None
+
+
+def under_tangents(
+    f: Callable[[torch.Tensor], torch.Tensor], order: int, way_out: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``f`` evaluated under ``Tangents(order, way_out)``, for ``torch.func.jvp`` to push
+    tangents through (entered inside the transforms: their own calls are not ``f``'s). Where
+    grad mode is off as ``f`` starts (the caller's ``no_grad``; inside ``torch.func.vjp`` it
+    is on) ``f`` runs with grad on and every op of it under ``no_grad`` (``Tangents``), so
+    that its own ``no_grad`` blocks show and no graph is built. The order counts every
+    derivative taken of ``f``: the forward engine's products are first derivatives and
+    their parameter gradients second ones (``SafeDerivatives``)."""
+
+    def pushed(z: torch.Tensor) -> torch.Tensor:
+        graph = torch.is_grad_enabled()
+        with Tangents(order, way_out, graph), nullcontext() if graph else torch.enable_grad():
+            return f(z)
+
+    return pushed
 
 
 class ForwardJacobian:
@@ -30,7 +123,13 @@ class ForwardJacobian:
         x: torch.Tensor,
         batch_dims: int,
         again: Callable[[Products], Products] | None = None,
+        order: int | None = 2,
+        way_out: str = "method='reverse'",
     ):
+        # f pushes tangents under ``Tangents(order)`` naming ``way_out`` (``under_tangents``);
+        # ``order=None``: f enters it itself (forward over reverse: around its own f, inside
+        # its ``torch.func.vjp``)
+        self._pushed = f if order is None else under_tangents(f, order, way_out)
         # jvp cannot make a dual tensor of a primal whose elements share memory (stride 0)
         self.f, self.x, self.batch_dims = f, x.contiguous(), batch_dims
         # each product evaluates f: from the state before the first, outside the transforms
@@ -59,12 +158,10 @@ class ForwardJacobian:
     def apply(self, tangents: torch.Tensor) -> torch.Tensor:
         """JVPs: ``(k,) + x.shape`` tangents -> ``(k,) + f(x).shape`` products.
 
-        One tangent (a one-probe estimate) skips ``vmap``. ``f`` runs under
-        ``SafeDerivatives(2)``: the products' own derivatives (parameter gradients of a
-        Jacobian) are second derivatives, which PyTorch gets wrong for some ops through
-        forward mode.
+        One tangent (a one-probe estimate) skips ``vmap``; attention runs as primitives (the
+        fused kernels have no forward mode).
         """
-        with math_attention(), SafeDerivatives(2, "method='reverse'"):  # fused: no forward AD
+        with math_attention():
             return self._products(tangents)
 
     def _apply(self, tangents: torch.Tensor) -> torch.Tensor:
@@ -92,7 +189,7 @@ class ForwardJacobian:
 
     def _push(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f(x), J v)``; torch types ``jvp``'s result as a 2- or 3-tuple (``has_aux``)."""
-        primal_and_tangent = jvp(self.f, (self.x,), (v,))
+        primal_and_tangent = jvp(self._pushed, (self.x,), (v,))
         return primal_and_tangent[0], primal_and_tangent[1]
 
     def block(self, start: int, stop: int) -> torch.Tensor:

@@ -50,7 +50,9 @@ _KINDS = {
     torch.ops.aten.convolution.default: _CONVOLUTION,
     torch.ops.aten._convolution.default: _CONVOLUTION,
     # ops that PyTorch gives no forward-mode derivative (checked on CPU; the engines that run
-    # after forward mode fails cover any others)
+    # after forward mode fails cover any others); custom ops (outside aten), which
+    # ``torch.library`` gives none, are told by their namespace (``_exact.forward.Tangents``
+    # refuses them there)
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: _WITHOUT_FORWARD_RULE,
 }
 
@@ -95,6 +97,7 @@ class OpSizes(DispatchMode):
         if kind is not None:
             self.convolves |= kind == _CONVOLUTION
             self.forward_rules &= kind != _WITHOUT_FORWARD_RULE
+        self.forward_rules &= func.namespace == "aten"
         batch = len(self.batch_shape)
         for leaf in (out,) if isinstance(out, torch.Tensor) else tree_leaves(out):
             if isinstance(leaf, torch.Tensor) and leaf.shape[:batch] == self.batch_shape:

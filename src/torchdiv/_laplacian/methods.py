@@ -20,8 +20,8 @@ from torch.func import vjp, vmap
 from torchdiv._core.basis import WHOLE, Share, basis, broadcast_basis, chunks
 from torchdiv._core.checks import event_numel
 from torchdiv._core.crossover import traced
-from torchdiv._core.modes import SafeDerivatives, math_attention, recorded
-from torchdiv._exact.forward import ForwardJacobian
+from torchdiv._core.modes import recorded
+from torchdiv._exact.forward import ForwardJacobian, under_tangents
 from torchdiv._exact.state import Once
 from torchdiv._laplacian.loop import Check, Settings, all_finite, grad_of_grad
 from torchdiv._taylor import (
@@ -94,9 +94,16 @@ def _recorded_auto(
     out = collapsed_or_none(plan, x, unit_directions(x, batch_dims, chunk))
     if out is not None:
         return out
-    if n <= LOOP_FALLBACK:
+    if n <= LOOP_FALLBACK or _custom_ops(plan):
         return looped(f, x, batch_dims, chunk)
     return forward_over_reverse(f, x, batch_dims, chunk)
+
+
+def _custom_ops(graph: Graph) -> bool:
+    """Whether ``f`` ran an op outside ``aten`` (a ``torch.library`` custom op): one without a
+    forward-mode rule, which ``torch.func`` cannot run at all where it has only
+    ``register_autograd``; the loop of backward passes runs it."""
+    return any(node.func.namespace != "aten" for node in graph.nodes)
 
 
 @dataclass(frozen=True)
@@ -343,9 +350,8 @@ def hessian_products(
 ) -> tuple[torch.Tensor, torch.Size]:
     """``H_{b,i} v_j`` for every sample ``b``, output ``i`` and direction ``v_j`` (``(k,) +
     x.shape``), shape ``(k, m, N, n)``, and ``f(x).shape``: JVPs of the per-sample gradients."""
-    grads = _Gradients(f, batch_dims)
-    with math_attention(), SafeDerivatives(3, "method='taylor' or 'grad-of-grad'"):
-        columns = ForwardJacobian(grads, x, batch_dims).apply(directions)
+    grads = _Gradients(under_tangents(f, 3, "method='taylor' or 'grad-of-grad'"), batch_dims)
+    columns = ForwardJacobian(grads, x, batch_dims, order=None).apply(directions)
     k, m = columns.shape[:2]
     n_samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
     return columns.reshape(k, m, n_samples, n), grads.y_shape
