@@ -31,7 +31,7 @@ import torch
 from torchdiv._api.laplacian import METHODS, RECORDING, laplacian
 from torchdiv._api.operators import jacobian
 from torchdiv._api.reporting import reported
-from torchdiv._core.basis import basis, chunks
+from torchdiv._core.basis import accumulated, basis, chunks
 from torchdiv._core.checks import (
     check_callable,
     check_chunk_size,
@@ -230,10 +230,10 @@ def _mixed(
         products, y_shape = each(along_v)(x)
         partners = torch.einsum("bij,kbj->kbi", a, v)  # A v, (k, N, n)
         part = torch.einsum("kmbi,kbi->mb", products, partners)
-        total = part if total is None else total + part
+        total = accumulated(total, part)
     assert total is not None  # r >= 1: n >= 1 unit vectors, or probes
     scale = r if method == "hutchinson" else 1
-    return (total / scale).T.reshape(y_shape)
+    return (total / scale).to(x.dtype).T.reshape(y_shape)
 
 
 @outside_inference_mode
@@ -445,9 +445,12 @@ def _sweep(
         jac = out.jac
         columns.append(value.new_zeros(()).expand(shape) if jac is None else jac.expand(shape))
         if out.lap is not None:
-            lap = out.lap if lap is None else lap + out.lap
+            lap = accumulated(lap, out.lap)
     assert value is not None  # x.numel() > 0: at least one chunk of directions
-    lap = value.new_zeros(value.shape) if lap is None else lap.expand(value.shape).clone()
+    if lap is None:
+        lap = value.new_zeros(value.shape)
+    else:
+        lap = lap.to(x.dtype).expand(value.shape).clone()
     batch = x.shape[:batch_dims]
     jac = torch.cat(columns).reshape(n, batch.numel(), -1).permute(1, 2, 0)  # (N, m, n)
     gradient = jac.reshape(*batch, *value.shape[batch_dims:], *x.shape[batch_dims:])
