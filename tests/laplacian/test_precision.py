@@ -45,9 +45,9 @@ CALLS = {
     "grad-of-grad unchunked": lambda u, x: torchdiv.laplacian(u, x, method="grad-of-grad"),
     "coordinates": lambda u, x: torchdiv.laplacian(u, x, chunk_size=1, coordinates=range(N)),
     **{
-        f"value_grad_laplacian {m}": lambda u, x, m=m: torchdiv.value_grad_laplacian(
-            u, x, method=m, chunk_size=1
-        ).laplacian
+        f"value_grad_laplacian {m}": lambda u, x, m=m: (
+            torchdiv.value_grad_laplacian(u, x, method=m, chunk_size=1).laplacian
+        )
         for m in ("auto", "taylor", "forward-over-reverse")
     },
     "weighted_laplacian": lambda u, x: torchdiv.weighted_laplacian(
