@@ -90,3 +90,60 @@ def test_half_precision_hutchinson_sums_in_float32(dtype):
         _quadratic(_coefficients(dtype)), x, method="hutchinson", probes=probes, chunk_size=1
     )
     assert torch.equal(out, torch.full((3,), BIG[dtype] + 3).to(dtype))
+
+
+# ----------------------------------------------------------------------------- autocast
+
+W = torch.tensor([[0.9, -0.4, 0.3], [0.2, 1.1, -0.5], [-0.6, 0.3, 0.8]], dtype=torch.float64)
+
+
+def _tanh_sum(x: torch.Tensor) -> torch.Tensor:
+    """``u = Σ_j tanh((W x)_j)``; its matrix product runs in bfloat16 under autocast."""
+    return torch.tanh(torch.nn.functional.linear(x, W.to(x.dtype))).sum(-1)
+
+
+def _tanh_derivatives(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Closed forms in float64: ``∇u = Wᵀ (1 - t²)``, ``Δu = Σ_j t''(z_j) |W_j|²`` and
+    ``Δ²u = Σ_j t''''(z_j) |W_j|⁴`` with ``t'' = -2t(1 - t²)``, ``t'''' = 8t(1 - t²)(2 - 3t²)``."""
+    t = torch.tanh(x @ W.T)
+    rows = W.square().sum(-1)
+    second = -2 * t * (1 - t * t)
+    fourth = 8 * t * (1 - t * t) * (2 - 3 * t * t)
+    return (1 - t * t) @ W, (second * rows).sum(-1), (fourth * rows.square()).sum(-1)
+
+
+AUTOCAST = {
+    **{
+        f"laplacian {m}": lambda x, m=m: {"laplacian": torchdiv.laplacian(_tanh_sum, x, method=m)}
+        for m in ("auto", "taylor", "forward-over-reverse", "grad-of-grad")
+    },
+    **{
+        f"value_grad_laplacian {m}": lambda x, m=m: torchdiv.value_grad_laplacian(
+            _tanh_sum, x, method=m
+        )._asdict()
+        for m in ("auto", "taylor", "forward-over-reverse")
+    },
+    "weighted_laplacian": lambda x: {
+        "laplacian": torchdiv.weighted_laplacian(_tanh_sum, x, diffusion=torch.eye(3))
+    },
+    "biharmonic": lambda x: {"biharmonic": torchdiv.biharmonic(_tanh_sum, x)},
+}
+
+
+@pytest.mark.parametrize("call", AUTOCAST)
+def test_laplacians_under_autocast_have_the_dtype_of_x(call):
+    """float32 ``x`` inside ``torch.autocast("cpu", dtype=torch.bfloat16)``: the Taylor
+    engine's jets come out in bfloat16; the results are float32, as by every other method.
+    Values: against float64 closed forms to bfloat16 accuracy (the product ``W x`` is rounded
+    to 8 significant bits, eps = 2^-8 = 3.9e-3; up to fourth derivatives of tanh amplify it
+    a few times: 5e-2, about 13 eps)."""
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = AUTOCAST[call](x)
+    gradient, laplacian, biharmonic = _tanh_derivatives(x.double())
+    expected = {"gradient": gradient, "laplacian": laplacian, "biharmonic": biharmonic}
+    for name, got in out.items():
+        if name == "value":  # what f returns: bfloat16 under autocast, as f(x) itself
+            continue
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got.double(), expected[name], rtol=5e-2, atol=5e-2)

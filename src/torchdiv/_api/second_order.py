@@ -348,7 +348,8 @@ def value_grad_laplacian(
     Returns:
         ``ValueGradLaplacian(value, gradient, laplacian)`` with shapes ``y.shape``,
         ``x.shape[:batch_dims] + y_event + x_event`` (``x.shape`` for a scalar per sample) and
-        ``x.shape[:batch_dims] + y_event``; all differentiable, dtype of ``x``.
+        ``x.shape[:batch_dims] + y_event``; all differentiable; ``value`` as ``f`` returns it
+        (under ``torch.autocast``, its dtype), the other two in ``x``'s dtype.
 
     Raises:
         TypeError, ValueError, NotImplementedError: as ``laplacian``.
@@ -403,7 +404,7 @@ def _separately(
     value = each(g)(x)
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:
-        return ValueGradLaplacian(value, gradient, torch.zeros_like(value))
+        return ValueGradLaplacian(value, gradient, x.new_zeros(value.shape))
     lap = each(lambda z: methods.forward_over_reverse(g, z, batch_dims, chunk_size))(x)
     return ValueGradLaplacian(value, gradient, lap)
 
@@ -447,11 +448,9 @@ def _sweep(
         if out.lap is not None:
             lap = accumulated(lap, out.lap)
     assert value is not None  # x.numel() > 0: at least one chunk of directions
-    if lap is None:
-        lap = value.new_zeros(value.shape)
-    else:
-        lap = lap.to(x.dtype).expand(value.shape).clone()
+    lap = x.new_zeros(value.shape) if lap is None else lap.to(x.dtype).expand(value.shape).clone()
     batch = x.shape[:batch_dims]
-    jac = torch.cat(columns).reshape(n, batch.numel(), -1).permute(1, 2, 0)  # (N, m, n)
+    # (N, m, n); in x's dtype, as the Laplacian: under autocast the jets are in its dtype
+    jac = torch.cat(columns).to(x.dtype).reshape(n, batch.numel(), -1).permute(1, 2, 0)
     gradient = jac.reshape(*batch, *value.shape[batch_dims:], *x.shape[batch_dims:])
     return ValueGradLaplacian(value, gradient, lap)
