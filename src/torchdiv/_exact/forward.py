@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.utils.checkpoint as _checkpoint
 from torch.func import jvp, vmap
 
 from torchdiv._core.basis import as_blocks, basis, quiet_batching
@@ -12,6 +13,26 @@ from torchdiv._core.checks import event_numel
 from torchdiv._core.modes import SafeDerivatives, math_attention
 
 Products = Callable[[torch.Tensor], torch.Tensor]  # tangents -> JVPs
+
+
+class _Tangents(SafeDerivatives):
+    """``SafeDerivatives`` that also refuses ``torch.utils.checkpoint(use_reentrant=False)``
+    in ``f``: its hooks save what forward mode computes, and the gradient of a product then
+    recomputes the checkpointed part without the tangents, which PyTorch refuses in the
+    caller's backward pass (``CheckpointError``: 10 tensors saved, 4 recomputed, for a
+    two-layer MLP). Refused at the call instead, by one look at the saved-tensor hooks per
+    op of ``f`` (~0.1 us); ``"auto"`` takes it as an engine that cannot run ``f`` and moves on
+    (``torchdiv._api.reporting`` names the way out)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+        if hooks is not None and getattr(hooks[0], "__module__", None) == _checkpoint.__name__:
+            raise RuntimeError(
+                "method='forward' cannot differentiate through torch.utils.checkpoint with "
+                "use_reentrant=False: the gradient of its products would recompute the "
+                "checkpointed part without the tangents"
+            )
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 class ForwardJacobian:
@@ -64,7 +85,7 @@ class ForwardJacobian:
         Jacobian) are second derivatives, which PyTorch gets wrong for some ops through
         forward mode.
         """
-        with math_attention(), SafeDerivatives(2, "method='reverse'"):  # fused: no forward AD
+        with math_attention(), _Tangents(2, "method='reverse'"):  # fused: no forward AD
             return self._products(tangents)
 
     def _apply(self, tangents: torch.Tensor) -> torch.Tensor:
