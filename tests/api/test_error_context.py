@@ -226,3 +226,19 @@ def test_auto_differentiates_through_a_non_reentrant_checkpoint():
     (expected_grad,) = torch.autograd.grad(expected.sum(), net[0].weight)
     assert_close(div, expected, rtol=2e-5, atol=2e-5)
     assert_close(grad, expected_grad, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse"])
+def test_biharmonics_own_check_of_f_is_raised_once_under_its_name(method):
+    """The output check fires inside the outer Laplacian's ``f``; it was wrapped again, with a
+    context line naming ``laplacian``, which the caller did not call."""
+    with pytest.raises(TypeError) as info:
+        torchdiv.biharmonic(
+            lambda z: (z.to(torch.complex128) ** 2).sum(-1),
+            torch.randn(3, 4, dtype=f64),
+            method=method,
+        )
+    expected = (
+        "biharmonic: f(x) must be a floating tensor to be differentiated, got torch.complex128"
+    )
+    assert str(info.value) == expected
