@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 import torch.utils.checkpoint as _checkpoint
+from torch._C._autograd import _top_saved_tensors_default_hooks
 from torch.func import jvp, vmap
 
 from torchdiv._core.basis import as_blocks, basis, quiet_batching
@@ -22,10 +23,15 @@ class _Tangents(SafeDerivatives):
     caller's backward pass (``CheckpointError``: 10 tensors saved, 4 recomputed, for a
     two-layer MLP). Refused at the call instead, by one look at the saved-tensor hooks per
     op of ``f`` (~0.1 us); ``"auto"`` takes it as an engine that cannot run ``f`` and moves on
-    (``torchdiv._api.reporting`` names the way out)."""
+    (``torchdiv._api.reporting`` names the way out). Not in a compiled region, where Dynamo
+    cannot trace the look."""
+
+    def __init__(self, order: int, way_out: str):
+        super().__init__(order, way_out)
+        self.looks = not torch.compiler.is_compiling()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+        hooks = _top_saved_tensors_default_hooks(True) if self.looks else None
         if hooks is not None and getattr(hooks[0], "__module__", None) == _checkpoint.__name__:
             raise RuntimeError(
                 "method='forward' cannot differentiate through torch.utils.checkpoint with "
