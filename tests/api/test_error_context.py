@@ -167,3 +167,78 @@ def test_vmaps_randomness_error_gets_a_way_out_that_runs(fn: str, way: str) -> N
     hint = _hint(fn, message, _net(), torch.randn(8, 3), "f(x)")
     assert hint is not None and f"Use {way}, " in hint and "chunk_size=1" in hint
     assert "'auto'" not in hint.split("Use ")[1]
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def _checkpointed(module: nn.Module, reentrant: bool):
+    from torch.utils.checkpoint import checkpoint
+
+    return lambda z: checkpoint(module, z, use_reentrant=reentrant)
+
+
+@pytest.mark.parametrize(
+    ("fn", "method", "module"),
+    [
+        ("divergence", "forward", "net"),
+        ("jacobian", "forward", "net"),
+        ("jacobian_diagonal", "forward", "net"),
+        ("divergence", "reverse", "net"),
+        ("laplacian", "forward-over-reverse", "scalar"),
+    ],
+)
+def test_a_non_reentrant_checkpoint_is_refused_at_the_call_with_the_way_out(fn, method, module):
+    """Forward mode's products would only fail in the caller's backward pass
+    (``CheckpointError``); the ``torch.func`` transforms refuse the checkpoint's hooks."""
+    net = _net()
+    f = net if module == "net" else (lambda z: net(z).sum(-1))
+    with pytest.raises(
+        RuntimeError, match=rf"(?s)^{fn}: .*use_reentrant=False\).*Use method='auto'"
+    ):
+        getattr(torchdiv, fn)(_checkpointed(f, False), torch.randn(8, 3), method=method)
+
+
+@pytest.mark.parametrize(
+    ("fn", "method"),
+    [("divergence", "auto"), ("jacobian", "reverse"), ("laplacian", "grad-of-grad")],
+)
+def test_a_reentrant_checkpoint_gets_the_operator_and_the_way_out(fn, method):
+    net = _net()
+    f = net if fn != "laplacian" else (lambda z: net(z).sum(-1))
+    with pytest.raises(
+        RuntimeError, match=rf"(?s)^{fn}: .*Pass use_reentrant=False to torch\.utils\.checkpoint"
+    ):
+        getattr(torchdiv, fn)(_checkpointed(f, True), torch.randn(8, 3), method=method)
+
+
+def test_auto_differentiates_through_a_non_reentrant_checkpoint():
+    """Values and parameter gradients against a per-row ``autograd.grad`` loop on the
+    module without the checkpoint (float32: ``tolerances``)."""
+    net = _net()
+    x = torch.randn(8, 3)
+    div = torchdiv.divergence(_checkpointed(net, False), x, method="auto")
+    (grad,) = torch.autograd.grad(div.sum(), net[0].weight)
+    leaf = x.clone().requires_grad_(True)
+    y = net(leaf)
+    rows = [torch.autograd.grad(y[:, i].sum(), leaf, create_graph=True)[0][:, i] for i in range(3)]
+    expected = sum(rows)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), net[0].weight)
+    assert_close(div, expected, rtol=2e-5, atol=2e-5)
+    assert_close(grad, expected_grad, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse"])
+def test_biharmonics_own_check_of_f_is_raised_once_under_its_name(method):
+    """The output check fires inside the outer Laplacian's ``f``; it was wrapped again, with a
+    context line naming ``laplacian``, which the caller did not call."""
+    with pytest.raises(TypeError) as info:
+        torchdiv.biharmonic(
+            lambda z: (z.to(torch.complex128) ** 2).sum(-1),
+            torch.randn(3, 4, dtype=f64),
+            method=method,
+        )
+    expected = (
+        "biharmonic: f(x) must be a floating tensor to be differentiated, got torch.complex128"
+    )
+    assert str(info.value) == expected

@@ -350,3 +350,18 @@ def replicates_tol(A, R, method, **kw):
     like = torch.zeros(R, A.shape[-1], dtype=F64)
     g = torch.Generator().manual_seed(0)
     return torchdiv.estimate_trace(lambda V: V @ A.T, like, method=method, generator=g, **kw)
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (3, 2, 0)])
+def test_hutch_plus_plus_on_an_empty_event_is_zero(shape):
+    """An empty event has trace 0 (as every exact method and Hutchinson give); Hutch++'s
+    sketch basis has no columns there, whose products are none."""
+    x = torch.randn(*shape, dtype=torch.float64)
+    zeros = torch.zeros(shape[0], dtype=torch.float64)
+    options = {"method": "hutch++", "num_probes": 3}
+    assert torch.equal(torchdiv.divergence(lambda z: 2 * z, x, **options).reshape(-1), zeros)
+    est = torchdiv.estimate_divergence(lambda z: 2 * z, x, **options)
+    assert torch.equal(est.value.reshape(-1), zeros)
+    assert torch.equal(torchdiv.estimate_trace(lambda v: v, x, **options).value.reshape(-1), zeros)
+    leaf = x.clone().requires_grad_(True)
+    assert torch.equal(torchdiv.graph_divergence(2 * leaf, leaf, **options).reshape(-1), zeros)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+import torch.utils.checkpoint as _checkpoint
 
 from torchdiv._core.checks import mark_final, raised_by_f
 from torchdiv._core.mixing import BatchInteractionError, unnamed
@@ -69,7 +70,10 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
         return BatchInteractionError(f"{fn}: {unnamed(str(exc))}")
     nested = getattr(exc, "_torchdiv_context", False)  # a public call inside this one's
     if not raised_by_f(exc) and not nested:
-        return None
+        if _checkpointed(exc) is None:
+            return None
+        # a reentrant checkpoint's backward refused torchdiv's own autograd.grad
+        return in_context(fn, "a backward pass through f(x)", exc, options)
     if "captured Tensor" in str(exc):  # a transform refused an update f makes
         evaluate = options.get("evaluate", options["f"])
         mixing = recorded_mixing(evaluate, options["x"], options["batch_dims"])
@@ -107,7 +111,7 @@ def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> E
         f"[torchdiv] in {fn}(f, x, ..., {shown}) with x of shape {tuple(x.shape)} and dtype "
         f"{x.dtype}; f was evaluated by {engine}."
     )
-    hint = _hint(fn, str(exc), f, x, call)
+    hint = _hint(fn, str(exc), f, x, call, exc)
     if hint:
         text += f"\nHint: {hint}"
     try:
@@ -128,8 +132,50 @@ _RANDOM_WAYS = {
 }
 
 
-def _hint(fn: str, message: str, f: Any, x: torch.Tensor, call: str) -> str | None:
-    """A likely fix for the usual mistakes."""
+def _checkpointed(exc: BaseException) -> bool | None:
+    """``use_reentrant`` of the ``torch.utils.checkpoint`` call that ``exc`` (or an error in
+    its chain) was raised in, ``None`` if none: read off the traceback, the checkpoint's own
+    frame (its argument) or a frame of the reentrant version's ``CheckpointFunction``."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_filename == _CHECKPOINT_FILE:
+                if "use_reentrant" in tb.tb_frame.f_locals:
+                    return tb.tb_frame.f_locals["use_reentrant"] is not False
+                if code.co_qualname.startswith("CheckpointFunction."):
+                    return True
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
+    return None
+
+
+_CHECKPOINT_FILE = _checkpoint.__file__
+
+
+def _hint(
+    fn: str, message: str, f: Any, x: torch.Tensor, call: str, exc: BaseException | None = None
+) -> str | None:
+    """A likely fix for the usual mistakes (``exc``: the error, whose traceback may show a
+    ``torch.utils.checkpoint``)."""
+    reentrant = None if exc is None else _checkpointed(exc)
+    if reentrant:
+        return (
+            "f uses torch.utils.checkpoint(use_reentrant=True), whose backward runs only under "
+            ".backward(): torch.autograd.grad and torch.func transforms, which every torchdiv "
+            "method takes, cannot differentiate it. Pass use_reentrant=False to "
+            "torch.utils.checkpoint; method='auto' then differentiates f."
+        )
+    if reentrant is False:
+        return (
+            "f uses torch.utils.checkpoint(use_reentrant=False): torch.func's transforms (the "
+            "methods 'forward', 'reverse', 'forward-over-reverse', 'hessian') cannot run its "
+            "saved-tensor hooks, or, in forward mode, its recomputation. Use method='auto', "
+            "which differentiates f with plain autograd there."
+        )
     if "random operation" in message and "vmap" in message:
         way = _RANDOM_WAYS.get(fn.rpartition(".")[2], "method='reverse'")
         return (

@@ -31,7 +31,7 @@ import torch
 from torchdiv._api.laplacian import METHODS, RECORDING, laplacian
 from torchdiv._api.operators import jacobian
 from torchdiv._api.reporting import reported
-from torchdiv._core.basis import basis, chunks
+from torchdiv._core.basis import accumulated, basis, chunks
 from torchdiv._core.checks import (
     check_callable,
     check_chunk_size,
@@ -230,10 +230,10 @@ def _mixed(
         products, y_shape = each(along_v)(x)
         partners = torch.einsum("bij,kbj->kbi", a, v)  # A v, (k, N, n)
         part = torch.einsum("kmbi,kbi->mb", products, partners)
-        total = part if total is None else total + part
+        total = accumulated(total, part)
     assert total is not None  # r >= 1: n >= 1 unit vectors, or probes
     scale = r if method == "hutchinson" else 1
-    return (total / scale).T.reshape(y_shape)
+    return (total / scale).to(x.dtype).T.reshape(y_shape)
 
 
 @outside_inference_mode
@@ -348,7 +348,8 @@ def value_grad_laplacian(
     Returns:
         ``ValueGradLaplacian(value, gradient, laplacian)`` with shapes ``y.shape``,
         ``x.shape[:batch_dims] + y_event + x_event`` (``x.shape`` for a scalar per sample) and
-        ``x.shape[:batch_dims] + y_event``; all differentiable, dtype of ``x``.
+        ``x.shape[:batch_dims] + y_event``; all differentiable; ``value`` as ``f`` returns it
+        (under ``torch.autocast``, its dtype), the other two in ``x``'s dtype.
 
     Raises:
         TypeError, ValueError, NotImplementedError: as ``laplacian``.
@@ -403,7 +404,7 @@ def _separately(
     value = each(g)(x)
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:
-        return ValueGradLaplacian(value, gradient, torch.zeros_like(value))
+        return ValueGradLaplacian(value, gradient, x.new_zeros(value.shape))
     lap = each(lambda z: methods.forward_over_reverse(g, z, batch_dims, chunk_size))(x)
     return ValueGradLaplacian(value, gradient, lap)
 
@@ -445,10 +446,11 @@ def _sweep(
         jac = out.jac
         columns.append(value.new_zeros(()).expand(shape) if jac is None else jac.expand(shape))
         if out.lap is not None:
-            lap = out.lap if lap is None else lap + out.lap
+            lap = accumulated(lap, out.lap)
     assert value is not None  # x.numel() > 0: at least one chunk of directions
-    lap = value.new_zeros(value.shape) if lap is None else lap.expand(value.shape).clone()
+    lap = x.new_zeros(value.shape) if lap is None else lap.to(x.dtype).expand(value.shape).clone()
     batch = x.shape[:batch_dims]
-    jac = torch.cat(columns).reshape(n, batch.numel(), -1).permute(1, 2, 0)  # (N, m, n)
+    # (N, m, n); in x's dtype, as the Laplacian: under autocast the jets are in its dtype
+    jac = torch.cat(columns).to(x.dtype).reshape(n, batch.numel(), -1).permute(1, 2, 0)
     gradient = jac.reshape(*batch, *value.shape[batch_dims:], *x.shape[batch_dims:])
     return ValueGradLaplacian(value, gradient, lap)

@@ -126,6 +126,8 @@ def flat_operator(
     """``matmat`` on ``(k,) + like.shape`` -> on ``(k, N, n)``, ``chunk_size`` vectors at a time."""
 
     def apply(v: torch.Tensor) -> torch.Tensor:
+        if not len(v):  # no vectors (Hutch++'s sketch of an empty event): no products
+            return v.new_zeros(v.shape)
         parts = []
         for start, stop in chunks(len(v), chunk_size or max(len(v), 1)):
             block = v[start:stop].reshape(stop - start, *like.shape).to(like.dtype)

@@ -70,7 +70,7 @@ def _left_out_directions(r: torch.Tensor) -> torch.Tensor:
     scale = r.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
     r = r / torch.where(scale > 0, scale, 1)[:, None, None]
     pivots = r.diagonal(dim1=-2, dim2=-1)
-    floor = k * torch.finfo(r.dtype).eps
+    floor = torch.full_like(pivots, k * torch.finfo(r.dtype).eps)  # not the default dtype
     raised = torch.where(pivots.abs() < floor, torch.where(pivots < 0, -floor, floor), pivots)
     r = r + torch.diag_embed(raised - pivots)
     eye = torch.eye(k, dtype=r.dtype, device=r.device).expand_as(r)

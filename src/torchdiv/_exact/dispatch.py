@@ -100,9 +100,13 @@ def diagonal(engine: Engine, chunk_size: int, share: Share = WHOLE) -> torch.Ten
     """Diagonal of every sample's square Jacobian, shape ``(N, n)``; of a ``share`` of the
     basis vectors, its entries only, ``(N, k)``."""
     parts = []
-    for start, stop in share.chunks(engine.num_basis, chunk_size):
-        # (N, k): entry (start+j, start+j) of each sample, a view of the (k, N, n) block
-        parts.append(engine.block(start, stop).diagonal(start, dim1=0, dim2=2))
+    pieces = list(share.chunks(engine.num_basis, chunk_size))
+    for start, stop in pieces:
+        # (N, k): entry (start+j, start+j) of each sample, a view of the (k, N, n) block,
+        # copied where more blocks follow: a view keeps its whole block alive until the
+        # ``cat`` (every chunk's block at once, ``(N, n, n)``: chunk_size would bound nothing)
+        entries = engine.block(start, stop).diagonal(start, dim1=0, dim2=2)
+        parts.append(entries if len(pieces) == 1 else entries.clone())
     if not parts:
         return engine.x.new_zeros(_samples(engine), 0)
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)

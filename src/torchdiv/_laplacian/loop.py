@@ -36,6 +36,7 @@ from typing import Literal
 
 import torch
 
+from torchdiv._core.basis import accumulated
 from torchdiv._core.checks import event_numel
 from torchdiv._core.mixing import check_graph, watched
 from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
@@ -154,12 +155,12 @@ def _loop(
         gradient = _flat(gradient, samples, n)
         rows.append(gradient)
         total = _batched_trace(gradient, x, create_graph) if batched and n > 1 else None
-        for j in range(n if total is None else 0):
-            second = _grad(gradient[:, j], x, create_graph=create_graph)
-            if second is not None:
-                entry = _flat(second, samples, n)[:, j]
-                total = entry if total is None else total + entry
-        columns.append(x.new_zeros(samples) if total is None else total)
+        if total is None:
+            for j in range(n):
+                second = _grad(gradient[:, j], x, create_graph=create_graph)
+                if second is not None:
+                    total = accumulated(total, _flat(second, samples, n)[:, j])
+        columns.append(x.new_zeros(samples) if total is None else total.to(x.dtype))
     if m == 1:
         return rows, columns[0].reshape(y.shape)
     return rows, (torch.stack(columns, 1) if columns else x.new_zeros(samples, 0)).reshape(y.shape)

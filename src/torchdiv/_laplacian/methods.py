@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import torch
 from torch.func import vjp, vmap
 
-from torchdiv._core.basis import WHOLE, Share, basis, broadcast_basis, chunks
+from torchdiv._core.basis import WHOLE, Share, accumulated, basis, broadcast_basis, chunks
 from torchdiv._core.checks import event_numel
 from torchdiv._core.crossover import traced
 from torchdiv._core.modes import recorded
@@ -270,10 +270,10 @@ def collapsed(
             known = reused_values(graph, k)
         out = propagate(graph, jet, Context(k, True, jac=False), constants, known)
         if isinstance(out, Jet) and out.lap is not None:
-            total = out.lap if total is None else total + out.lap
+            total = accumulated(total, out.lap)
     if total is None:  # f(x) does not depend on x, or only linearly
         return x.new_zeros(graph.output_shape)
-    return total.expand(graph.output_shape).clone()
+    return total.to(x.dtype).expand(graph.output_shape).clone()
 
 
 # the values f computed are reused by a replay whose result is not differentiated only while
@@ -381,16 +381,17 @@ def forward_over_reverse(
             yield columns[j, :, :, start + j].sum(0), y_shape  # (m, N): entries (start+j, start+j)
 
     total, y_shape = summed(parts())
-    return total.T.reshape(y_shape)
+    return total.to(x.dtype).T.reshape(y_shape)
 
 
 def summed(parts: Iterator[tuple[torch.Tensor, torch.Size]]) -> tuple[torch.Tensor, torch.Size]:
-    """The sum of the per-chunk ``(m, N)`` parts (at least one: ``x`` is not empty) and
-    ``f(x).shape``; parts are made one at a time, so one chunk's products are in memory."""
+    """The sum of the per-chunk ``(m, N)`` parts (at least one: ``x`` is not empty), in at
+    least float32 (``accumulated``: the caller casts it), and ``f(x).shape``; parts are made
+    one at a time, so one chunk's products are in memory."""
     total: torch.Tensor | None = None
     y_shape = torch.Size()
     for part, shape in parts:  # a loop: Dynamo traces no next() of a generator
-        total, y_shape = (part if total is None else total + part), shape
+        total, y_shape = accumulated(total, part), shape
     assert total is not None
     return total, y_shape
 
@@ -434,7 +435,7 @@ def hutchinson(
             yield (products * v.reshape(k, 1, n_samples, n)).sum((0, 3)), y_shape  # (m, N)
 
     total, y_shape = summed(parts())
-    return (total / r).T.reshape(y_shape)
+    return (total / r).to(x.dtype).T.reshape(y_shape)
 
 
 BY_NAME: dict[str, Callable[[Function, torch.Tensor, int, int | None], torch.Tensor]] = {
