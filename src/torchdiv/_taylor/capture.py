@@ -437,6 +437,14 @@ def _random_states(x: torch.Tensor) -> list[tuple[Callable[[Any], None], Any]]:
     return states
 
 
+def argument(x: torch.Tensor) -> torch.Tensor:
+    """What ``f`` is called on when it is recorded or checked: a new alias of ``x`` (a view,
+    differentiable to ``x``), so that a tensor ``f`` reads from outside, the caller's ``x``
+    object included (``lambda z: bc(x) * net(z)``), is a constant of ``f``, as the other
+    engines see it, and never taken for the argument by its ``id``."""
+    return x.view_as(x)
+
+
 @contextlib.contextmanager
 def recording() -> Iterator[None]:
     """The modes ``f`` runs under while it is recorded (or checked, ``torchdiv._taylor.cache``):
@@ -470,12 +478,13 @@ def capture(
     if peek_interpreter_stack() is not None:
         # under vmap/grad/jvp the calls carry unwrapped tensors: nothing can be recorded
         return Graph(unsupported=["a torch.func transform around the call"])
-    axes = None if batch_dims is None else tracker(x, batch_dims)
-    recorder = _Recorder(x, rules, axes)
+    z = argument(x)
+    axes = None if batch_dims is None else tracker(z, batch_dims)
+    recorder = _Recorder(z, rules, axes)
     recorder.graph.rng = _random_states(x)
     outer_grad = torch.is_grad_enabled()
     with recording(), recorder:
-        y = f(x)
+        y = f(z)
     if recorder.axes is not None:
         try:
             recorder.axes.finish(y)
