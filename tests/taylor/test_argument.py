@@ -1,6 +1,8 @@
 """What the recording engines call ``f`` on: a new alias of ``x``, so that a tensor ``f``
 reads from outside (the caller's own ``x`` object in a closure) is a constant of ``f``, as
-every other method sees it. References: per-sample ``autograd.grad`` loops (conftest)."""
+every other method sees it; and what they refuse: ``torch.Tensor`` subclasses, whose
+``__torch_function__`` wraps results in objects no recorded call made ("auto" then falls
+back to the generic engines). References: per-sample ``autograd.grad`` loops (conftest)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 import torchdiv
+from torchdiv._taylor import UnsupportedOp
 from tests.conftest import assert_close, laplacian_by_grad_of_grad, loop_diagonal, tanh_mlp
 
 
@@ -39,3 +42,79 @@ def test_structured_closure_over_the_callers_x(op: str) -> None:
     f = lambda z: vnet(z) + x  # noqa: E731
     for _ in range(2):
         assert_close(getattr(torchdiv, op)(f, x, method="structured"), want)
+
+
+class Tagged(torch.Tensor):
+    """A subclass as MONAI's ``MetaTensor`` is one: torch's default ``__torch_function__``
+    returns every result as a new ``Tagged`` object."""
+
+
+class Unwrapping(torch.Tensor):
+    """A subclass that computes on plain aliases of its tensors (``as_subclass``): ATen sees
+    plain tensors that no recorded call made."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        plain = lambda a: a.as_subclass(torch.Tensor) if isinstance(a, cls) else a  # noqa: E731
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*map(plain, args), **{k: plain(v) for k, v in (kwargs or {}).items()})
+        return out.as_subclass(cls) if type(out) is torch.Tensor else out
+
+
+def test_subclass_x_falls_back_or_is_refused() -> None:
+    """``x`` a ``Tagged``: "auto" is right (it no longer records zeros), ``value_grad_laplacian``
+    too, and an explicit recording engine names the subclass and the way out."""
+    net = tanh_mlp(4, 8, 1)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    u = lambda z: net(z)[:, 0]  # noqa: E731
+    want = laplacian_by_grad_of_grad(u, x)
+    tagged = x.as_subclass(Tagged)
+    assert_close(torchdiv.laplacian(u, tagged).as_subclass(torch.Tensor), want)
+    out = torchdiv.value_grad_laplacian(u, tagged)
+    assert_close(out.laplacian.as_subclass(torch.Tensor), want)
+    z = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(u(z).sum(), z)
+    assert_close(out.gradient.as_subclass(torch.Tensor), grad)
+    with pytest.raises(UnsupportedOp, match=r"subclass Tagged.*as_subclass\(torch\.Tensor\)"):
+        torchdiv.laplacian(u, tagged, method="taylor")
+    with pytest.raises(UnsupportedOp, match=r"subclass Tagged.*method='auto'"):
+        torchdiv.divergence(tanh_mlp(4, 8, 4), tagged, method="structured")
+
+
+def test_subclass_divergence_auto_at_a_size_it_plans() -> None:
+    """At a size where "auto" plans by the structured engine (not tiny), ``x`` a ``Tagged``
+    gives each sample's divergence, not zeros."""
+    net = tanh_mlp(16, 16, 16)
+    x = torch.randn(160, 16, dtype=torch.float64)
+    want = loop_diagonal(net, x)
+    tagged = x.as_subclass(Tagged)
+    got = torchdiv.jacobian_diagonal(net, tagged).as_subclass(torch.Tensor)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind", [Tagged, Unwrapping])
+@pytest.mark.parametrize("where", ["middle", "end"])
+def test_subclass_made_inside_f(kind: type, where: str) -> None:
+    """A subclass made inside ``f`` from a tensor computed from ``x``: every later call on it
+    would be a constant of a replay, a part of the derivative silently missing. "auto" is
+    right; "structured" and "taylor" refuse."""
+    net1 = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh()).double()
+    net2 = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh()).double()
+    plain = lambda z: net2(net1(z)) + z  # noqa: E731
+    if where == "middle":
+        f = lambda z: net2(net1(z).as_subclass(kind)) + z  # noqa: E731
+    else:
+        f = lambda z: (net2(net1(z)) + z).as_subclass(kind)  # noqa: E731
+    x = torch.randn(5, 4, dtype=torch.float64)
+    assert_close(
+        torchdiv.divergence(f, x).as_subclass(torch.Tensor), loop_diagonal(plain, x).sum(-1)
+    )
+    with pytest.raises(UnsupportedOp):
+        torchdiv.divergence(f, x, method="structured")
+    u = lambda z: f(z).sum(-1)  # noqa: E731
+    assert_close(
+        torchdiv.laplacian(u, x).as_subclass(torch.Tensor),
+        laplacian_by_grad_of_grad(lambda z: plain(z).sum(-1), x),
+    )
+    with pytest.raises(UnsupportedOp):
+        torchdiv.laplacian(u, x, method="taylor")

@@ -59,6 +59,7 @@ from torchdiv._taylor.capture import (
     argument,
     capture,
     differentiable,
+    plain,
     put_back,
     recording,
 )
@@ -373,6 +374,8 @@ def checked(found: Template, f: Function, x: torch.Tensor, rules: Container[Any]
     ``f``, but without its modes that only choose which ops run (attention on the math
     backend, ``SafeDerivatives``' replacements; ~40 us a call): where they would have changed
     an op, ``f`` computes other ops than the template's, and the check fails."""
+    if not plain(x):  # recorded again: capture names the subclass
+        return None
     z = argument(x)  # (capture's: a closure over the caller's x is a constant)
     checker = _Checker(found, z, rules)
     outer_grad = torch.is_grad_enabled()
