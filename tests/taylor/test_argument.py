@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import torchdiv
-from torchdiv._taylor import UnsupportedOp
 from tests.conftest import assert_close, laplacian_by_grad_of_grad, loop_diagonal, tanh_mlp
+from torchdiv._taylor import UnsupportedOp
 
 
 def _bc(p: torch.Tensor) -> torch.Tensor:
