@@ -85,3 +85,36 @@ def test_scripted_submodule_and_flow() -> None:
     options = {"solver": "rk4", "options": {"step_size": 0.25}}
     got = torchdiv.flows.log_likelihood(velocity, z, 0.0, 1.0, base, **options)
     assert_close(got, torchdiv.flows.log_likelihood(eager, z, 0.0, 1.0, base, **options))
+
+
+@torch.jit.script
+def _swish(h: torch.Tensor) -> torch.Tensor:
+    return h * torch.sigmoid(h)
+
+
+class _SwishNet(torch.nn.Module):
+    """An eager module whose forward calls a scripted activation (a global function)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(3, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.l2(_swish(self.l1(z)))
+
+
+@pytest.mark.parametrize("method", ["structured", "taylor"])
+def test_scripted_helper_in_an_eager_forward(method: str) -> None:
+    """The scripted function, optimized by the caller's own calls first, is found through
+    the module class's ``forward``: the recording engines see its ops, not zeros."""
+    net = _SwishNet().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    net(x), net(x), net(x)
+    eager = lambda z: net.l2(net.l1(z) * torch.sigmoid(net.l1(z)))  # noqa: E731
+    for _ in range(2):
+        if method == "structured":
+            got = torchdiv.divergence(net, x, method=method)
+            assert_close(got, loop_diagonal(eager, x).sum(-1))
+        else:
+            got = torchdiv.laplacian(lambda z: net(z)[:, 0], x, method=method)
+            assert_close(got, laplacian_by_grad_of_grad(lambda z: eager(z)[:, 0], x))
