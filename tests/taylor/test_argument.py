@@ -118,3 +118,34 @@ def test_subclass_made_inside_f(kind: type, where: str) -> None:
     )
     with pytest.raises(UnsupportedOp):
         torchdiv.laplacian(u, x, method="taylor")
+
+
+def test_closure_over_x_that_sums_over_samples() -> None:
+    """A kernel field over the particle set ``x`` itself (SVGD): the closure's sums over
+    samples are of a constant, no sample mixing; "structured" neither refuses nor counts it."""
+    x = torch.randn(6, 2, dtype=torch.float64)
+
+    def field(z: torch.Tensor, particles: torch.Tensor) -> torch.Tensor:
+        k = torch.exp(-((z[:, None] - particles[None]) ** 2).sum(-1))
+        return (k[:, :, None] * (particles[None] - z[:, None])).sum(1) / len(particles)
+
+    copy = x.clone()
+    want = loop_diagonal(lambda z: field(z, copy), x).sum(-1)
+    assert_close(torchdiv.divergence(lambda z: field(z, x), x, method="structured"), want)
+
+
+def test_detach_in_place_is_a_constant() -> None:
+    """``Tensor.detach_()`` inside ``f`` (no ATen call): "auto" gives what ``.detach()``
+    gives (the norm a constant); "taylor" and "structured" refuse, naming it."""
+    lin = torch.nn.Linear(3, 3).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    f = lambda z: lin(z) / z.norm(dim=-1, keepdim=True).detach_()  # noqa: E731
+    g = lambda z: lin(z) / z.norm(dim=-1, keepdim=True).detach()  # noqa: E731
+    u = lambda z: f(z).sum(-1) ** 2  # noqa: E731
+    assert_close(
+        torchdiv.laplacian(u, x), laplacian_by_grad_of_grad(lambda z: g(z).sum(-1) ** 2, x)
+    )
+    with pytest.raises(UnsupportedOp, match=r"detach_"):
+        torchdiv.laplacian(u, x, method="taylor")
+    with pytest.raises(UnsupportedOp, match=r"detach_"):
+        torchdiv.divergence(f, x, method="structured")

@@ -26,6 +26,7 @@ import torch
 from torch._C._functorch import peek_interpreter_stack
 from torch._decomp import core_aten_decompositions
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
+from torch.overrides import TorchFunctionMode
 
 from torchdiv._core.mixing import VALUE_FREE, BatchAxes, BatchInteractionError, tracker
 from torchdiv._core.modes import DispatchMode, SafeDerivatives, math_attention
@@ -261,11 +262,18 @@ class _Recorder(DispatchMode):
             kind = type(a)
             if kind is not torch.Tensor and kind is not torch.nn.Parameter:
                 self.graph.unsupported.append(subclass(kind))
-            elif self.computed and id(a) not in self.refs and _storage(a) in self.computed:
+            elif self.computed and id(a) not in self.refs and self.made_outside(a):
                 self.graph.unsupported.append(
                     "a tensor made outside ATen (Tensor.data, as_subclass) sharing memory "
                     "with one computed from x"
                 )
+
+    def made_outside(self, a: torch.Tensor) -> bool:
+        """Whether ``a``, a tensor no recorded call made, shares memory with one computed
+        from ``x``; ``x``'s own memory excepted: the caller's ``x`` object read by ``f`` (a
+        closure) is a constant, as ``Tensor.data`` of ``x`` is to reverse mode."""
+        storage = _storage(a)
+        return storage in self.computed and storage != self.x_storage
 
     def note_reads(self, flat: list[Any], outs: list[Any]) -> None:
         """Remember which storages the call about to be recorded reads (``flat``: the leaves
@@ -358,6 +366,25 @@ def differentiable(outs: list[Any]) -> bool:
     return any(
         isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in outs
     )
+
+
+class _InPlaceDetach(TorchFunctionMode):
+    """Note ``Tensor.detach_()`` on a tensor computed from ``x`` (``recorder.depends``): the
+    autograd layer handles it without an ATen call, so the recording would keep the tensor's
+    dependence on ``x`` where every other engine sees a constant."""
+
+    def __init__(self, recorder: _Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if func is torch.Tensor.detach_ and self.recorder.depends(list(args[:1])):
+            self.recorder.graph.unsupported.append(
+                "Tensor.detach_ (a detach in place, which ATen does not see; use .detach())"
+            )
+        return func(*args, **(kwargs or {}))
 
 
 def _products(func: Any, args: Any, outs: list[Any]) -> int:
@@ -519,7 +546,7 @@ def capture(
     recorder = _Recorder(z, rules, axes)
     recorder.graph.rng = _random_states(x)
     outer_grad = torch.is_grad_enabled()
-    with recording(), recorder:
+    with recording(), recorder, _InPlaceDetach(recorder):
         y = f(z)
     if recorder.axes is not None:
         try:
