@@ -149,3 +149,19 @@ def test_detach_in_place_is_a_constant() -> None:
         torchdiv.laplacian(u, x, method="taylor")
     with pytest.raises(UnsupportedOp, match=r"detach_"):
         torchdiv.divergence(f, x, method="structured")
+
+
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+def test_generic_engines_watch_an_alias_of_x(method: str) -> None:
+    """The generic engines' sample-mixing watch follows the argument ``f`` gets, not the
+    caller's ``x`` object: a closure over ``x`` that reduces over samples is a constant, no
+    ``BatchInteractionError`` (2-D ``x``: tiny, "auto" on the generic engines; 1-D ``x``:
+    every element a sample, always watched)."""
+    vnet = tanh_mlp(3, 6, 3)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    scale = x.mean(0).clone()
+    got = torchdiv.divergence(lambda z: vnet(z) * x.mean(0), x, method=method)
+    assert_close(got, loop_diagonal(lambda z: vnet(z) * scale, x).sum(-1))
+    x1 = torch.randn(5, dtype=torch.float64)
+    got = torchdiv.divergence(lambda z: torch.tanh(z) * x1.sum(), x1, method=method)
+    assert_close(got, (1 - torch.tanh(x1) ** 2) * x1.sum())
