@@ -71,6 +71,7 @@ from torchdiv._core.checks import (
 from torchdiv._core.ddp import one_forward
 from torchdiv._core.mixing import BatchInteractionError
 from torchdiv._core.modes import CompiledCodeEager, outside_inference_mode
+from torchdiv._core.script import forget_plans
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.probes import draw
@@ -227,6 +228,7 @@ class AugmentedDynamics(nn.Module):
         self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f(t, z), -terms of div f(t, z))`` from one evaluation of ``f``."""
+        forget_plans(self.f)  # TorchScript in f: run as written (``_core.script``)
         z = state[0]
 
         def velocity(z: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from torchdiv._core import linalg as _linalg
 from torchdiv._core.ddp import one_forward, spans_peers
+from torchdiv._core.script import forget_plans
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,6 +56,7 @@ def outside_inference_mode(fn: F) -> F:
         if torch.compiler.is_compiling():  # Dynamo traces the call: no mode checks to break on
             _materialized_zero_tangents()
             return fn(f, x, *args, **kwargs)
+        forget_plans(f)  # TorchScript in f: run as written (with CompiledCodeEager's flag)
         with CompiledCodeEager():
             if not spans_peers():  # no process group (or an outer call's): nothing to share
                 return outside(f, x, *args, **kwargs)
@@ -240,12 +242,21 @@ class CompiledCodeEager(contextlib.ContextDecorator):
     "force_eager" stance runs compiled code eagerly without marking anything. Nothing is done
     when Dynamo was never imported (no compiled code exists) or inside a compiled region
     (Dynamo is tracing torchdiv itself).
+
+    TorchScript code (a ``torch.jit.script`` module) runs unoptimized too: from its second
+    call on, the profiling executor's optimized graph carries no forward-mode tangents,
+    ``torch.func`` levels or dispatch-mode recording, and every engine saw a constant (zeros,
+    parameter gradients gone). The flag is the executor's own (``torch.jit.optimized_execution``,
+    thread-local), set and put back by two C calls (under 1 us); an executor that optimized its
+    plan already ignores it (``torchdiv._core.script.forget_plans``).
     """
 
     def _recreate_cm(self) -> CompiledCodeEager:  # a decorated function: one per call
         return type(self)()
 
     def __enter__(self) -> None:
+        self.optimize = torch._C._get_graph_executor_optimize()
+        torch._C._set_graph_executor_optimize(False)
         self.held = False
         frames = sys.modules.get("torch._dynamo.eval_frame")
         if frames is None or not hasattr(frames, "_stance"):  # no Dynamo, or torch < 2.6
@@ -257,6 +268,7 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             self.held = True
 
     def __exit__(self, *exc: object) -> None:
+        torch._C._set_graph_executor_optimize(self.optimize)
         if self.held:
             _STANCE.exit(_put_stance)
 

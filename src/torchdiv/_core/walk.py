@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.autograd.function import BackwardCFunction
+from torch.autograd.function import BackwardCFunction, once_differentiable
 from torch.autograd.graph import _engine_run_backward
 from torch.overrides import has_torch_function
 
@@ -158,3 +158,21 @@ def towards(y: torch.Tensor, x: torch.Tensor) -> list[Any]:
         own = node is x.grad_fn if x.grad_fn is not None else getattr(node, "variable", None) is x
         reaches[node] = own or any(reaches.get(c, False) for c, _ in node.next_functions)
     return [node for node in order if reaches[node] and node is not x.grad_fn]
+
+
+# the code of every ``backward`` that ``@once_differentiable`` wraps (its inner function's)
+_ONCE = once_differentiable(lambda ctx, *grads: None).__code__
+
+
+def once_differentiable_functions(custom: list[Any], y: torch.Tensor, x: torch.Tensor) -> list[str]:
+    """The names of the custom ``autograd.Function``s among ``custom`` (``Found.custom`` of
+    ``y``'s graph) whose ``backward`` is ``@once_differentiable`` and that lie on a path from
+    ``y`` to ``x``. Their ``backward`` returns constants when its gradients do not require
+    grad (PyTorch's ``DelayedError`` is attached only when they do, and torchdiv's basis
+    vectors do not): a derivative of a product through them silently lacks their part. The
+    paths are walked only when such a node is there."""
+    once = [node for node in custom if getattr(node._forward_cls.backward, "__code__", 0) is _ONCE]
+    if not once:
+        return []
+    on_path = set(towards(y, x))
+    return sorted({node._forward_cls.__qualname__ for node in once if node in on_path})

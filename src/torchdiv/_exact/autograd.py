@@ -24,7 +24,7 @@ from torchdiv._core.basis import as_blocks, basis, quiet_batching
 from torchdiv._core.checks import event_numel
 from torchdiv._core.ddp import Peers
 from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
-from torchdiv._core.walk import search, vjp
+from torchdiv._core.walk import Found, once_differentiable_functions, search, vjp
 
 
 class GraphSpent(RuntimeError):
@@ -69,9 +69,14 @@ class _DifferentiableBackwards:
         for handle in self.handles:
             handle.remove()
 
-    def guarded(self, out: torch.Tensor) -> torch.Tensor:
-        """``out`` as it is, or, if a culprit was seen, ``out`` whose backward pass raises
-        ``UndifferentiableBackward``: its values are right, its gradients would not be."""
+    def guarded(self, out: torch.Tensor, once: list[str]) -> torch.Tensor:
+        """``out`` as it is, or, if a culprit was seen or ``once`` names the ``Function``s of
+        the graph whose ``backward`` is ``@once_differentiable``, ``out`` whose backward pass
+        raises ``UndifferentiableBackward``: its values are right, its gradients would not
+        be."""
+        if once:  # (a result left without a graph by the backward gets one that raises)
+            held = out if out.requires_grad else out.detach().requires_grad_(True)
+            return _Refused.apply(held, once_differentiable_error("gradients of this result", once))
         if not self.culprits:
             return out
         names = ", ".join(sorted(set(self.culprits)))
@@ -84,6 +89,29 @@ class _DifferentiableBackwards:
             "make its backward differentiable"
         )
         return _Refused.apply(out, message)
+
+
+def once_differentiable_error(what: str, names: list[str]) -> str:
+    """The message for ``what`` (a derivative) through the custom ``autograd.Function``s
+    ``names``, whose ``backward`` is ``@once_differentiable``."""
+    return (
+        f"torchdiv: f computes through the custom autograd.Function {', '.join(names)}, whose "
+        f"backward is @once_differentiable: {what} would silently miss its part (its backward "
+        "returns constants), so they are refused. Give it a backward written in differentiable "
+        "torch ops (without @once_differentiable), or compute f without it"
+    )
+
+
+def refuse_once_differentiable(found: Found, y: torch.Tensor, x: torch.Tensor) -> None:
+    """Raise ``UndifferentiableBackward`` if a second derivative of ``y`` with respect to ``x``
+    would go through a custom ``autograd.Function`` whose ``backward`` is
+    ``@once_differentiable`` (``found``: ``search``'s walk of ``y``'s graph; nothing more is
+    walked when it holds no custom ``Function``)."""
+    names = once_differentiable_functions(found.custom, y, x) if found.custom else []
+    if names:
+        raise UndifferentiableBackward(
+            once_differentiable_error("a Laplacian's second derivatives", names)
+        )
 
 
 class _Refused(torch.autograd.Function):
@@ -142,6 +170,7 @@ class GraphJacobian:
         self._custom = (
             [] if not create_graph else _custom_functions(y) if custom is None else custom
         )
+        self._once = once_differentiable_functions(self._custom, y, x) if self._custom else []
         self._walked = False
         self.batch_norms: list[Any] | None = None  # the graph's, if of_function walked it
         self.guarded = False  # of_function's plain evaluation showed an op SafeDerivatives changes
@@ -198,7 +227,7 @@ class GraphJacobian:
                 out = self._vjps(cotangents)
         if out is None:  # y does not depend on x: the Jacobian is zero
             return self.x.new_zeros((cotangents.shape[0], *self.x.shape), dtype=self.y.dtype)
-        return self._peers.attach(watch.guarded(out))
+        return self._peers.attach(watch.guarded(out, self._once))
 
     def _vjps(self, cotangents: torch.Tensor) -> torch.Tensor | None:
         """The products, ``None`` if ``y`` does not depend on ``x``: one backward pass per

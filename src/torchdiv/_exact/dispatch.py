@@ -199,8 +199,11 @@ def evaluate(
     except for an empty event (elementwise functions only), which costs one more evaluation.
     Where an explicit method evaluates ``f`` more than once (that check, forward mode in
     several chunks), every evaluation starts from the state the first found
-    (``_state.Once``): one function, its buffers and random draws changed once.
+    (``_state.Once``): one function, its buffers and random draws changed once. ``f`` and the
+    watches get a new alias of ``x``: the caller's ``x`` object read by ``f`` (a closure) is a
+    constant, never taken for the argument (under ``torch.func`` the argument is that object).
     """
+    x = x.view_as(x)
     if method not in ("forward", "reverse"):
         if not draws or torch.compiler.is_compiling():  # Dynamo cannot trace generator states
             generator = None

@@ -41,6 +41,7 @@ from torchdiv._core.checks import event_numel
 from torchdiv._core.mixing import check_graph, watched
 from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
 from torchdiv._core.walk import search, vjp
+from torchdiv._exact.autograd import refuse_once_differentiable
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 Check = Literal["watch", "graph"] | None  # how the loop checks f for sample mixing
@@ -117,6 +118,7 @@ def _looped(
             settings.plain = False
             y = _evaluated(f, x_in, batch_dims, check, safe=True)
             found = search(y, x_in)
+        refuse_once_differentiable(found, y, x_in)
         if check == "graph":
             empty = x.dim() == batch_dims
             check_graph(None, y, x_in, batch_dims, empty, found.batch_norms)

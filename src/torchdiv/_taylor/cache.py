@@ -56,8 +56,10 @@ from torchdiv._taylor.capture import (
     Ref,
     _random_states,
     _written,
+    argument,
     capture,
     differentiable,
+    plain,
     put_back,
     recording,
 )
@@ -372,14 +374,17 @@ def checked(found: Template, f: Function, x: torch.Tensor, rules: Container[Any]
     ``f``, but without its modes that only choose which ops run (attention on the math
     backend, ``SafeDerivatives``' replacements; ~40 us a call): where they would have changed
     an op, ``f`` computes other ops than the template's, and the check fails."""
-    checker = _Checker(found, x, rules)
+    if not plain(x):  # recorded again: capture names the subclass
+        return None
+    z = argument(x)  # (capture's: a closure over the caller's x is a constant)
+    checker = _Checker(found, z, rules)
     outer_grad = torch.is_grad_enabled()
     if found.lean:
         with torch.enable_grad(), _set_fwd_grad_enabled(True), checker:
-            y = f(x)
+            y = f(z)
     else:
         with recording(), checker:
-            y = f(x)
+            y = f(z)
     out = leaves(map_leaves(checker.ref, y))
     complete = checker.same and checker.i == len(found.calls)
     if complete and out == [found.output] and tuple(y.shape) == found.output_shape:

@@ -26,6 +26,7 @@ import torch
 from torch._C._functorch import peek_interpreter_stack
 from torch._decomp import core_aten_decompositions
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
+from torch.overrides import TorchFunctionMode
 
 from torchdiv._core.mixing import VALUE_FREE, BatchAxes, BatchInteractionError, tracker
 from torchdiv._core.modes import DispatchMode, SafeDerivatives, math_attention
@@ -150,6 +151,7 @@ class _Recorder(DispatchMode):
         self.viewed: set[int] = set()
         self.written: set[int] = set()
         self.x_storage = _storage(x)
+        self.computed: set[int] = set()  # storages of tensors computed from x
 
     def ref(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -184,6 +186,7 @@ class _Recorder(DispatchMode):
         reads_x = touches_x and func not in VALUE_FREE  # stop-gradient, factories
         depends = reads_x and torch.is_grad_enabled()
         self.refuse(func, touches_x)
+        self.untracked(flat)
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
             # recorded as the ops it decomposes into; watched as itself, as the other
             # engines' watches see it (its parts may combine samples with zero weights:
@@ -222,6 +225,7 @@ class _Recorder(DispatchMode):
                 self.refs[id(leaf)] = Ref(index, i)
                 if depends:
                     self.dependent.add(Ref(index, i))
+                    self.computed.add(_storage(leaf))
                     self.graph.widest = max(self.graph.widest, leaf.numel())
                     self.graph.elements += leaf.numel()
         if depends:
@@ -245,6 +249,31 @@ class _Recorder(DispatchMode):
             and not torch.is_inference_mode_enabled()
         ):
             self.graph.unsupported.append("a custom autograd.Function")
+
+    def untracked(self, flat: list[Any]) -> None:
+        """Note the tensors among ``flat`` that no recorded call made but that may hold values
+        computed from ``x``, which a replay would take for constants: a ``torch.Tensor``
+        subclass (its ``__torch_function__`` wraps every result in a new object, made outside
+        ATen: MONAI's ``MetaTensor``, ``as_subclass``) and a tensor sharing memory with one
+        computed from ``x`` (``Tensor.data``, ``as_subclass(torch.Tensor)``)."""
+        for a in flat:
+            if not isinstance(a, torch.Tensor):
+                continue
+            kind = type(a)
+            if kind is not torch.Tensor and kind is not torch.nn.Parameter:
+                self.graph.unsupported.append(subclass(kind))
+            elif self.computed and id(a) not in self.refs and self.made_outside(a):
+                self.graph.unsupported.append(
+                    "a tensor made outside ATen (Tensor.data, as_subclass) sharing memory "
+                    "with one computed from x"
+                )
+
+    def made_outside(self, a: torch.Tensor) -> bool:
+        """Whether ``a``, a tensor no recorded call made, shares memory with one computed
+        from ``x``; ``x``'s own memory excepted: the caller's ``x`` object read by ``f`` (a
+        closure) is a constant, as ``Tensor.data`` of ``x`` is to reverse mode."""
+        storage = _storage(a)
+        return storage in self.computed and storage != self.x_storage
 
     def note_reads(self, flat: list[Any], outs: list[Any]) -> None:
         """Remember which storages the call about to be recorded reads (``flat``: the leaves
@@ -337,6 +366,25 @@ def differentiable(outs: list[Any]) -> bool:
     return any(
         isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in outs
     )
+
+
+class _InPlaceDetach(TorchFunctionMode):
+    """Note ``Tensor.detach_()`` on a tensor computed from ``x`` (``recorder.depends``): the
+    autograd layer handles it without an ATen call, so the recording would keep the tensor's
+    dependence on ``x`` where every other engine sees a constant."""
+
+    def __init__(self, recorder: _Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if func is torch.Tensor.detach_ and self.recorder.depends(list(args[:1])):
+            self.recorder.graph.unsupported.append(
+                "Tensor.detach_ (a detach in place, which ATen does not see; use .detach())"
+            )
+        return func(*args, **(kwargs or {}))
 
 
 def _products(func: Any, args: Any, outs: list[Any]) -> int:
@@ -437,6 +485,27 @@ def _random_states(x: torch.Tensor) -> list[tuple[Callable[[Any], None], Any]]:
     return states
 
 
+def subclass(kind: type) -> str:
+    """What ``UnsupportedOp`` says of a ``torch.Tensor`` subclass met while recording."""
+    return (
+        f"the torch.Tensor subclass {kind.__qualname__} (recording cannot follow the tensors "
+        "its __torch_function__ makes; a plain tensor: x.as_subclass(torch.Tensor))"
+    )
+
+
+def plain(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a plain tensor (or a parameter), which ``f`` can be recorded at."""
+    return type(x) is torch.Tensor or type(x) is torch.nn.Parameter
+
+
+def argument(x: torch.Tensor) -> torch.Tensor:
+    """What ``f`` is called on when it is recorded or checked: a new alias of ``x`` (a view,
+    differentiable to ``x``), so that a tensor ``f`` reads from outside, the caller's ``x``
+    object included (``lambda z: bc(x) * net(z)``), is a constant of ``f``, as the other
+    engines see it, and never taken for the argument by its ``id``."""
+    return x.view_as(x)
+
+
 @contextlib.contextmanager
 def recording() -> Iterator[None]:
     """The modes ``f`` runs under while it is recorded (or checked, ``torchdiv._taylor.cache``):
@@ -470,12 +539,15 @@ def capture(
     if peek_interpreter_stack() is not None:
         # under vmap/grad/jvp the calls carry unwrapped tensors: nothing can be recorded
         return Graph(unsupported=["a torch.func transform around the call"])
-    axes = None if batch_dims is None else tracker(x, batch_dims)
-    recorder = _Recorder(x, rules, axes)
+    if not plain(x):  # nothing evaluated: each result of f would be a new, unlinked object
+        return Graph(unsupported=[subclass(type(x))])
+    z = argument(x)
+    axes = None if batch_dims is None else tracker(z, batch_dims)
+    recorder = _Recorder(z, rules, axes)
     recorder.graph.rng = _random_states(x)
     outer_grad = torch.is_grad_enabled()
-    with recording(), recorder:
-        y = f(x)
+    with recording(), recorder, _InPlaceDetach(recorder):
+        y = f(z)
     if recorder.axes is not None:
         try:
             recorder.axes.finish(y)
@@ -483,6 +555,7 @@ def capture(
             recorder.graph.undo()  # a batch norm's statistics and step counter
             raise
         recorder.axes = None  # let go of the tensors it followed
+    recorder.untracked(leaves(y))
     recorder.graph.output = map_leaves(recorder.ref, y)
     recorder.graph.output_shape = tuple(y.shape)
     recorder.graph.requires_grad = outer_grad and y.requires_grad

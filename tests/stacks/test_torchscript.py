@@ -1,0 +1,120 @@
+"""A ``torch.jit.script`` module as ``f``: TorchScript's profiling executor runs the second
+call on through an optimized graph that carries no forward-mode tangents, functorch levels or
+dispatch-mode recording (every engine then saw a constant: zeros, parameter gradients gone).
+torchdiv runs TorchScript code unoptimized during its calls (``CompiledCodeEager``).
+References: per-sample ``autograd.grad`` loops on the eager module (conftest)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchdiv
+from tests.conftest import assert_close, laplacian_by_grad_of_grad, loop_diagonal
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's own
+
+
+def _scripted(d_out: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, d_out)
+    ).double()
+    return net, torch.jit.script(net)
+
+
+def _grads(result: torch.Tensor, module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    """The parameter gradients of ``result.sum()`` (the last bias, unused by a divergence: 0)."""
+    params = list(module.parameters())
+    return torch.autograd.grad(result.sum(), params, allow_unused=True, materialize_grads=True)
+
+
+def _checked(result: torch.Tensor, want: torch.Tensor, scripted, expected) -> None:
+    """Values and parameter gradients equal the eager module's."""
+    assert_close(result, want)
+    for a, b in zip(_grads(result, scripted), expected, strict=True):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("method", ["auto", "structured", "forward", "reverse"])
+def test_divergence_of_a_scripted_module(method: str) -> None:
+    net, scripted = _scripted(3)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    want = loop_diagonal(net, x, create_graph=True).sum(-1)
+    expected = _grads(want, net)
+    scripted(x), scripted(x)  # the executor's profiled runs, outside torchdiv
+    for _ in range(3):
+        _checked(torchdiv.divergence(scripted, x, method=method), want.detach(), scripted, expected)
+
+
+@pytest.mark.parametrize("method", ["auto", "taylor", "forward-over-reverse", "grad-of-grad"])
+def test_laplacian_of_a_scripted_module(method: str) -> None:
+    net, scripted = _scripted(1)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    want = laplacian_by_grad_of_grad(lambda z: net(z)[:, 0], x)
+    expected = _grads(want, net)
+    scripted(x), scripted(x)
+    for _ in range(3):
+        got = torchdiv.laplacian(lambda z: scripted(z)[:, 0], x, method=method)
+        _checked(got, want.detach(), scripted, expected)
+
+
+class _Velocity(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(3, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(torch.cat([z, t.expand(z.shape[0], 1)], -1))))
+
+
+def test_scripted_submodule_and_flow() -> None:
+    """A scripted submodule inside an eager module, and a scripted velocity field integrated
+    by ``flows.log_likelihood``, after the executor optimized its plans: as the eager ones."""
+    net, scripted = _scripted(3)
+    outer = torch.nn.Sequential(scripted, torch.nn.Tanh())
+    x = torch.randn(4, 3, dtype=torch.float64)
+    outer(x), outer(x)
+    want = loop_diagonal(torch.nn.Sequential(net, torch.nn.Tanh()), x).sum(-1)
+    assert_close(torchdiv.divergence(outer, x, method="forward"), want)
+    eager = _Velocity().double()
+    velocity = torch.jit.script(_Velocity().double())
+    velocity.load_state_dict(eager.state_dict())
+    z, t = torch.randn(3, 2, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    velocity(t, z), velocity(t, z)
+    base = lambda z: -0.5 * (z * z).sum(-1)  # noqa: E731
+    options = {"solver": "rk4", "options": {"step_size": 0.25}}
+    got = torchdiv.flows.log_likelihood(velocity, z, 0.0, 1.0, base, **options)
+    assert_close(got, torchdiv.flows.log_likelihood(eager, z, 0.0, 1.0, base, **options))
+
+
+@torch.jit.script
+def _swish(h: torch.Tensor) -> torch.Tensor:
+    return h * torch.sigmoid(h)
+
+
+class _SwishNet(torch.nn.Module):
+    """An eager module whose forward calls a scripted activation (a global function)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(3, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.l2(_swish(self.l1(z)))
+
+
+@pytest.mark.parametrize("method", ["structured", "taylor"])
+def test_scripted_helper_in_an_eager_forward(method: str) -> None:
+    """The scripted function, optimized by the caller's own calls first, is found through
+    the module class's ``forward``: the recording engines see its ops, not zeros."""
+    net = _SwishNet().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    net(x), net(x), net(x)
+    eager = lambda z: net.l2(net.l1(z) * torch.sigmoid(net.l1(z)))  # noqa: E731
+    for _ in range(2):
+        if method == "structured":
+            got = torchdiv.divergence(net, x, method=method)
+            assert_close(got, loop_diagonal(eager, x).sum(-1))
+        else:
+            got = torchdiv.laplacian(lambda z: net(z)[:, 0], x, method=method)
+            assert_close(got, laplacian_by_grad_of_grad(lambda z: eager(z)[:, 0], x))
