@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import torch
-from torch._C import _functorch
 from torch._C._dynamo.eval_frame import get_eval_frame_callback
+from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
@@ -562,7 +562,7 @@ def _refuse_statistics_in_transforms(func: Any, args: Any, kwargs: dict[str, Any
         bound.get("training")
         and isinstance(stats, torch.Tensor)
         and isinstance(first, torch.Tensor)
-        and _functorch.is_functorch_wrapped_tensor(first)
+        and is_functorch_wrapped_tensor(first)
     ):
         raise RuntimeError(
             f"a batch norm in train mode in f updates its running statistics from x inside "
@@ -575,10 +575,10 @@ _BATCHED = object()  # a tensor vmap batches: no one value a plain evaluation wo
 
 def _unwrapped(t: Any) -> Any:
     """The value under ``torch.func``'s wrappers (``_BATCHED`` for a batched one), or ``t``."""
-    while isinstance(t, torch.Tensor) and _functorch.is_functorch_wrapped_tensor(t):
-        if _functorch.is_batchedtensor(t):
+    while isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t):
+        if is_batchedtensor(t):
             return _BATCHED
-        t = _functorch.get_unwrapped(t)
+        t = get_unwrapped(t)
     return t
 
 
