@@ -48,7 +48,7 @@ ESTIMATES: dict[str, Callable[[Function, torch.Tensor], object]] = {
 }
 
 
-@pytest.mark.parametrize("case", ["minus the batch mean", "samples permuted", "times the batch sum"])
+@pytest.mark.parametrize("case", list(_mixing_functions()))
 @pytest.mark.parametrize("estimate", list(ESTIMATES))
 def test_mixing_is_refused_with_one_probe(case: str, estimate: str) -> None:
     """Every one-probe stochastic estimate of a mixing ``f`` raises, at every call (a call
