@@ -120,3 +120,42 @@ def test_allowed_interaction_is_neither_watched_nor_refused(watches: list[int]) 
     want = (v * (v * x.sum(0) + (v * x).sum(0))).sum(-1)
     assert_close(est, want)
     assert not watches
+
+
+def _solve(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor) -> object:
+    """``log_likelihood`` with one probe, 4 fixed RK4 steps (16 evaluations of ``f``)."""
+    return torchdiv.flows.log_likelihood(
+        f,
+        x,
+        0.0,
+        1.0,
+        lambda z: -0.5 * (z**2).sum(-1),
+        method="hutchinson",
+        num_probes=1,
+        solver="rk4",
+        options={"step_size": 0.25},
+    )
+
+
+def test_a_flow_with_one_probe_watches_its_velocity_once(watches: list[int]) -> None:
+    """``log_likelihood``'s one-probe dynamics make a closure of ``f(t, z)`` at every step:
+    the velocity ``f`` itself is watched at its first step at each structure, not at the
+    later ones nor in a later solve."""
+    net = tanh_mlp(4, 8, 4)
+    x = torch.randn(6, 4, dtype=F64)
+
+    def velocity(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return net(z) * (1 + t)
+
+    _solve(velocity, x)  # two structures: x, then states that require grad
+    assert len(watches) == 2
+    _solve(velocity, x)
+    assert len(watches) == 2
+
+
+def test_a_flow_with_one_probe_refuses_a_mixing_velocity() -> None:
+    """It gave a wrong likelihood."""
+    net = tanh_mlp(4, 8, 4)
+    x = torch.randn(6, 4, dtype=F64)
+    with pytest.raises(BatchInteractionError, match="mix"):
+        _solve(lambda t, z: net(z) - net(z).mean(0), x)

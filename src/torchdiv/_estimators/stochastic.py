@@ -21,7 +21,7 @@ from torchdiv._estimators.result import Estimate
 from torchdiv._exact import dispatch as _exact
 from torchdiv._exact.autograd import GraphJacobian, leaf, unwatched
 from torchdiv._taylor.cache import PlanCache, site
-from torchdiv._taylor.mixing import passed, passed_before, structure
+from torchdiv._taylor.mixing import Structure, passed, passed_before, structure
 
 
 def jacobian_matmat(engine: _exact.Engine) -> Matmat:
@@ -74,15 +74,22 @@ def terms_of_function(
     batch_dims: int,
     s: _trace.Sampling,
     chunk_size: int | None,
+    owner: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-sample terms of one estimate ``s`` (not adaptive) of every sample's ``tr J``,
     shape ``(m,) + x.shape[:batch_dims]`` and dtype of ``x`` (``_trace.summary`` makes them the
     estimate and its standard error), and ``f(x)`` from the same evaluation. Sums of terms
     with the same probes (an integral along an ODE solve) keep that meaning
-    (``torchdiv.flows``)."""
+    (``torchdiv.flows``). ``owner``: what ``f`` evaluates (a flow's velocity ``f(t, z)``,
+    whose closure ``f`` is made anew at every step); with one probe, its first evaluation at
+    the structure of ``x`` is watched for sample mixing (``_one_product``), later ones are
+    not."""
     batch = x.shape[:batch_dims]
-    if s.num_probes == 1:  # (f: a flow's closure made at every step, no structure to keep)
-        engine = unwatched(f, x, batch_dims)
+    if s.num_probes == 1:  # f: a closure made at every step, watched once as ``owner``
+        if torch.compiler.is_compiling():
+            engine = unwatched(f, x, batch_dims)
+        else:
+            engine = _watched_once(f, x, batch_dims, structure(owner, x, batch_dims), False)
         return _one_probe(engine, s)[None], _exact.output(engine)
 
     def consume(engine: _exact.Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,13 +127,25 @@ def _one_product(
     at = structure(f, x, batch_dims)
     where = site(at[0])  # a lambda made anew at every call: its code, found again
     plain = _GUARDED.get(where, at[1]) is None
-    if passed_before(f, x, batch_dims, at) is not None:
-        engine = unwatched(f, x, batch_dims, plain)
-    else:
-        engine = _watched(f, x, batch_dims, plain)
-        passed(f, x, batch_dims, at)
+    engine = _watched_once(f, x, batch_dims, at, plain)
     if engine.guarded:
         _GUARDED.put(where, at[1], True)
+    return engine
+
+
+def _watched_once(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    at: Structure,
+    plain: bool,
+) -> GraphJacobian:
+    """``unwatched``'s engine if the object of ``at`` (``structure``) passed a watch for sample
+    mixing there before (``passed_before``), else ``_watched``'s, and it has passed now."""
+    if passed_before(f, x, batch_dims, at) is not None:
+        return unwatched(f, x, batch_dims, plain)
+    engine = _watched(f, x, batch_dims, plain)
+    passed(f, x, batch_dims, at)
     return engine
 
 
