@@ -254,7 +254,7 @@ class AugmentedDynamics(nn.Module):
             terms = trace[None].to(z.dtype)
         else:
             terms, v = _stochastic.terms_of_function(
-                velocity, z, self.batch_dims, self.sampling, self.chunk_size
+                velocity, z, self.batch_dims, self.sampling, self.chunk_size, self.f
             )
         if not torch.is_grad_enabled():  # a solve without autograd keeps no graph
             v, terms = v.detach(), terms.detach()

@@ -19,9 +19,9 @@ from torchdiv._estimators.probes import draw
 from torchdiv._estimators.registry import Matmat
 from torchdiv._estimators.result import Estimate
 from torchdiv._exact import dispatch as _exact
-from torchdiv._exact.autograd import GraphJacobian, unwatched
+from torchdiv._exact.autograd import GraphJacobian, leaf, unwatched
 from torchdiv._taylor.cache import PlanCache, site
-from torchdiv._taylor.mixing import structure
+from torchdiv._taylor.mixing import Structure, passed, passed_before, structure
 
 
 def jacobian_matmat(engine: _exact.Engine) -> Matmat:
@@ -74,15 +74,22 @@ def terms_of_function(
     batch_dims: int,
     s: _trace.Sampling,
     chunk_size: int | None,
+    owner: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-sample terms of one estimate ``s`` (not adaptive) of every sample's ``tr J``,
     shape ``(m,) + x.shape[:batch_dims]`` and dtype of ``x`` (``_trace.summary`` makes them the
     estimate and its standard error), and ``f(x)`` from the same evaluation. Sums of terms
     with the same probes (an integral along an ODE solve) keep that meaning
-    (``torchdiv.flows``)."""
+    (``torchdiv.flows``). ``owner``: what ``f`` evaluates (a flow's velocity ``f(t, z)``,
+    whose closure ``f`` is made anew at every step); with one probe, its first evaluation at
+    the structure of ``x`` is watched for sample mixing (``_one_product``), later ones are
+    not."""
     batch = x.shape[:batch_dims]
-    if s.num_probes == 1:  # (f: a flow's closure made at every step, no structure to keep)
-        engine = unwatched(f, x, batch_dims)
+    if s.num_probes == 1:  # f: a closure made at every step, watched once as ``owner``
+        if torch.compiler.is_compiling():
+            engine = unwatched(f, x, batch_dims)
+        else:
+            engine = _watched_once(f, x, batch_dims, structure(owner, x, batch_dims), False)
         return _one_probe(engine, s)[None], _exact.output(engine)
 
     def consume(engine: _exact.Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,20 +109,59 @@ _GUARDED = PlanCache(256)
 def _one_product(
     f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
 ) -> GraphJacobian:
-    """The plain-autograd engine of a one-product estimate (``unwatched``), ``f`` evaluated
-    outside ``SafeDerivatives``, whose dispatch costs 13 us to enter and 2-4 us per op of
-    ``f`` (a 2-D CNF's MLP at batch 256: 30 us of a 0.4 ms estimate, one thread), unless an
+    """The plain-autograd engine of a one-product estimate, ``f`` evaluated outside
+    ``SafeDerivatives``, whose dispatch costs 13 us to enter and 2-4 us per op of ``f`` (a
+    2-D CNF's MLP at batch 256: 30 us of a 0.4 ms estimate, one thread), unless an
     evaluation at this structure showed an op the mode changes. Such an evaluation is
     discarded and made again under the mode (``GraphJacobian.of_function``: the result is
     the mode's either way), and later calls at the structure start there, so ``f``'s state
-    (a random generator) moves twice once per structure."""
+    (a random generator) moves twice once per structure.
+
+    Sample mixing: the first call of this very object ``f`` at the structure of ``x``
+    (``torchdiv._taylor.mixing.passed_before``) is watched op by op (``_watched``:
+    ``BatchInteractionError`` if ``f`` mixes samples); later ones are not (``unwatched``:
+    the watch's ~10 us an op would be a large part of the estimate), their graph searched
+    for a train-mode batch norm. A lambda made anew at every call is watched at every call."""
     if torch.compiler.is_compiling():
         return unwatched(f, x, batch_dims)
-    owner, key = structure(f, x, batch_dims)
-    where = site(owner)  # a lambda made anew at every call: its code, found again
-    engine = unwatched(f, x, batch_dims, plain=_GUARDED.get(where, key) is None)
+    at = structure(f, x, batch_dims)
+    where = site(at[0])  # a lambda made anew at every call: its code, found again
+    plain = _GUARDED.get(where, at[1]) is None
+    engine = _watched_once(f, x, batch_dims, at, plain)
     if engine.guarded:
-        _GUARDED.put(where, key, True)
+        _GUARDED.put(where, at[1], True)
+    return engine
+
+
+def _watched_once(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    at: Structure,
+    plain: bool,
+) -> GraphJacobian:
+    """``unwatched``'s engine if the object of ``at`` (``structure``) passed a watch for sample
+    mixing there before (``passed_before``), else ``_watched``'s, and it has passed now."""
+    if passed_before(f, x, batch_dims, at) is not None:
+        return unwatched(f, x, batch_dims, plain)
+    engine = _watched(f, x, batch_dims, plain)
+    passed(f, x, batch_dims, at)
+    return engine
+
+
+def _watched(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int, plain: bool
+) -> GraphJacobian:
+    """``unwatched``'s engine, its evaluation of ``f`` watched for sample mixing
+    (``_exact.watched_engine``) on a leaf copy of ``x`` made before the watch starts
+    (``leaf``), so that the watch follows the samples into ``f``."""
+    z = leaf(x)
+    own = z is not x
+
+    def build() -> GraphJacobian:
+        return GraphJacobian.of_function(f, z, batch_dims, plain, own=own)
+
+    engine, _ = _exact.watched_engine(build, z, batch_dims)
     return engine
 
 

@@ -52,6 +52,9 @@ class Engine(Protocol):
     def apply(self, vectors: torch.Tensor, /) -> torch.Tensor: ...  # (k,) + in -> (k,) + out
 
 
+E = TypeVar("E", bound=Engine)
+
+
 def dense(engine: Engine, chunk_size: int) -> torch.Tensor:
     """Every sample's Jacobian, shape ``(N, m, n)`` (outputs by inputs)."""
     blocks = [engine.block(start, stop) for start, stop in chunks(engine.num_basis, chunk_size)]
@@ -302,7 +305,7 @@ def _engines(
         watch = not compiling and (
             not tiny or not (seen is not None and (x.dim() > batch_dims or _mixing.allowed()))
         )
-        reverse, sizes = _watched(
+        reverse, sizes = watched_engine(
             lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch, changes
         )
         if tiny:  # watched for sample mixing only: planned as every later call, not at all
@@ -321,7 +324,7 @@ def _engines(
         def graph() -> tuple[Engine, _plan.OpSizes]:
             z = leaf(x)  # (the watch follows it)
             own = z is not x
-            built = _watched(
+            built = watched_engine(
                 lambda: GraphJacobian.of_function(again, z, batch_dims, own=own), z, batch_dims
             )
             if tiny:
@@ -378,17 +381,17 @@ def _plain_first(
     ]
 
 
-def _watched(
-    build: Callable[[], Engine],
+def watched_engine(
+    build: Callable[[], E],
     x: torch.Tensor,
     batch_dims: int,
     watch: bool = True,
     changes: _state.Changes | None = None,
-) -> tuple[Engine, _plan.OpSizes]:
+) -> tuple[E, _plan.OpSizes]:
     """Build an engine (which evaluates ``f`` once), with ``OpSizes`` watching the ops (and the
     batch dimensions, starting from ``x``: the very tensor ``f`` gets) and, in the same mode,
     ``changes`` the state ``f`` changes, if ``watch``; unwatched sizes record nothing, so their
-    chunk is all basis vectors."""
+    chunk is all basis vectors. ``BatchInteractionError`` if the watched ``f`` mixes samples."""
     if not watch:
         return build(), _plan.OpSizes(x.shape[:batch_dims])
     sizes = _plan.OpSizes(x.shape[:batch_dims], _mixing.tracker(x, batch_dims), changes)

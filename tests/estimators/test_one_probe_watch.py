@@ -1,0 +1,161 @@
+"""One-probe Hutchinson watches ``f`` for sample mixing on its first call.
+
+The one-product path (``divergence(f, x, method="hutchinson", num_probes=1)``, the CNF
+training loss) evaluates ``f`` by plain autograd. It used to search only the autograd graph
+(for a train-mode batch norm), so an ``f`` that combines samples (``f(x) - f(x).mean(0)``)
+gave a silently wrong estimate. Now the first call of each ``f`` object at each structure
+is watched op by op (``torchdiv._taylor.mixing.passed_before``), later calls are not. The
+watch is counted where it starts: every watch makes one ``torchdiv._core.mixing.BatchAxes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import assert_close, reference_jacobian, tanh_mlp
+
+import torchdiv
+from torchdiv import BatchInteractionError
+from torchdiv._core import mixing
+
+F64 = torch.float64
+Function = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _mixing_functions() -> dict[str, Function]:
+    """``f``s that combine samples, without a batch norm (new objects at every call)."""
+    net = tanh_mlp(4, 8, 4)
+    perm = torch.tensor([1, 0, 3, 2, 5, 4])
+    return {
+        "minus the batch mean": lambda z: net(z) - net(z).mean(0),
+        "samples permuted": lambda z: net(z)[perm],
+        "times the batch sum": lambda z: z * z.sum(0),
+    }
+
+
+ESTIMATES: dict[str, Callable[[Function, torch.Tensor], object]] = {
+    "divergence": lambda f, x: torchdiv.divergence(f, x, method="hutchinson", num_probes=1),
+    "divergence, probes": lambda f, x: torchdiv.divergence(
+        f, x, method="hutchinson", probes=torchdiv.draw_probes(x, 1)
+    ),
+    "estimate_divergence": lambda f, x: torchdiv.estimate_divergence(f, x, num_probes=1),
+    "jacobian_diagonal": lambda f, x: torchdiv.jacobian_diagonal(
+        f, x, method="hutchinson", num_probes=1
+    ),
+    "laplacian": lambda f, x: torchdiv.laplacian(f, x, method="hutchinson", num_probes=1),
+}
+
+
+@pytest.mark.parametrize("case", list(_mixing_functions()))
+@pytest.mark.parametrize("estimate", list(ESTIMATES))
+def test_mixing_is_refused_with_one_probe(case: str, estimate: str) -> None:
+    """Every one-probe stochastic estimate of a mixing ``f`` raises, at every call (a call
+    that raised marks nothing as passed). ``divergence`` and ``estimate_divergence`` returned
+    a wrong estimate before."""
+    torch.manual_seed(0)
+    f, x = _mixing_functions()[case], torch.randn(6, 4, dtype=F64)
+    for _ in range(2):
+        with pytest.raises(BatchInteractionError, match="mix"):
+            ESTIMATES[estimate](f, x)
+
+
+@pytest.fixture
+def watches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per watch for sample mixing started from now on."""
+    started: list[int] = []
+
+    class Counted(mixing.BatchAxes):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            started.append(1)
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mixing, "BatchAxes", Counted)
+    return started
+
+
+def test_a_per_sample_f_is_watched_once_per_structure(watches: list[int]) -> None:
+    """The first call watches, later ones at the structure do not (also through another
+    public function on the same path), a new shape or train mode is watched again, and
+    every estimate is ``v^T J v`` with the probe drawn."""
+    torch.manual_seed(0)
+    net = tanh_mlp(4, 8, 4)
+    x = torch.randn(6, 4, dtype=F64)
+    jac = reference_jacobian(net, x)
+    for call in range(3):
+        probes = torchdiv.draw_probes(x, 1, generator=torch.Generator().manual_seed(call))
+        est = torchdiv.divergence(net, x, method="hutchinson", probes=probes)
+        assert_close(est, torch.einsum("bi,bij,bj->b", probes[0], jac, probes[0]))
+        assert len(watches) == 1, call
+    torchdiv.estimate_divergence(net, x, num_probes=1)
+    assert len(watches) == 1
+    torchdiv.divergence(net, x[:5], method="hutchinson", num_probes=1)
+    assert len(watches) == 2
+    net.eval()
+    torchdiv.divergence(net, x, method="hutchinson", num_probes=1)
+    assert len(watches) == 3
+
+
+def test_a_lambda_made_anew_is_watched_at_every_call(watches: list[int]) -> None:
+    """A new object is another ``f``: nothing says that it computes what the last one did."""
+    net = tanh_mlp(4, 8, 4)
+    x = torch.randn(6, 4, dtype=F64)
+    for call in range(2):
+        torchdiv.divergence(lambda z: net(z), x, method="hutchinson", num_probes=1)
+        assert len(watches) == call + 1
+
+
+def test_allowed_interaction_is_neither_watched_nor_refused(watches: list[int]) -> None:
+    """Under ``allow_batch_interaction()`` the one-probe estimate runs as before: unwatched,
+    ``v_b . (J^T v)_b`` with ``J`` the whole batch's Jacobian (cross-sample terms included)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, dtype=F64)
+    f = _mixing_functions()["times the batch sum"]
+    probes = torchdiv.draw_probes(x, 1, generator=torch.Generator().manual_seed(0))
+    with torchdiv.allow_batch_interaction():
+        est = torchdiv.divergence(f, x, method="hutchinson", probes=probes)
+    v = probes[0]
+    # f_ci = z_ci s_i, s = z.sum(0): d f_ci / d z_bi = delta_cb s_i + z_ci, by hand
+    want = (v * (v * x.sum(0) + (v * x).sum(0))).sum(-1)
+    assert_close(est, want)
+    assert not watches
+
+
+def _solve(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor) -> object:
+    """``log_likelihood`` with one probe, 4 fixed RK4 steps (16 evaluations of ``f``)."""
+    return torchdiv.flows.log_likelihood(
+        f,
+        x,
+        0.0,
+        1.0,
+        lambda z: -0.5 * (z**2).sum(-1),
+        method="hutchinson",
+        num_probes=1,
+        solver="rk4",
+        options={"step_size": 0.25},
+    )
+
+
+def test_a_flow_with_one_probe_watches_its_velocity_once(watches: list[int]) -> None:
+    """``log_likelihood``'s one-probe dynamics make a closure of ``f(t, z)`` at every step:
+    the velocity ``f`` itself is watched at its first step at each structure, not at the
+    later ones nor in a later solve."""
+    net = tanh_mlp(4, 8, 4)
+    x = torch.randn(6, 4, dtype=F64)
+
+    def velocity(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return net(z) * (1 + t)
+
+    _solve(velocity, x)  # two structures: x, then states that require grad
+    assert len(watches) == 2
+    _solve(velocity, x)
+    assert len(watches) == 2
+
+
+def test_a_flow_with_one_probe_refuses_a_mixing_velocity() -> None:
+    """It gave a wrong likelihood."""
+    net = tanh_mlp(4, 8, 4)
+    x = torch.randn(6, 4, dtype=F64)
+    with pytest.raises(BatchInteractionError, match="mix"):
+        _solve(lambda t, z: net(z) - net(z).mean(0), x)
