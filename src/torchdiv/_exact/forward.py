@@ -10,6 +10,7 @@ from torch.func import jvp, vmap
 from torchdiv._core.basis import as_blocks, basis, quiet_batching
 from torchdiv._core.checks import event_numel
 from torchdiv._core.modes import SafeDerivatives, math_attention
+from torchdiv._exact.attributes import transforming
 
 Products = Callable[[torch.Tensor], torch.Tensor]  # tangents -> JVPs
 
@@ -64,6 +65,7 @@ class ForwardJacobian:
         Jacobian) are second derivatives, which PyTorch gets wrong for some ops through
         forward mode.
         """
+        transforming()  # (f may set module attributes to the transform's tensors)
         with math_attention(), SafeDerivatives(2, "method='reverse'"):  # fused: no forward AD
             return self._products(tangents)
 
