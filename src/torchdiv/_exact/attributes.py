@@ -35,7 +35,10 @@ _TRANSFORMED: ContextVar[list[bool] | None] = ContextVar("_TRANSFORMED", default
 
 
 def transforming() -> None:
-    """An engine is about to evaluate ``f`` under ``torch.func`` transforms."""
+    """An engine is about to evaluate ``f`` under ``torch.func`` transforms (nothing to note
+    inside a region Dynamo traces, which would break its graph at the context variable)."""
+    if torch.compiler.is_compiling():
+        return
     flag = _TRANSFORMED.get()
     if flag is not None:
         flag[0] = True
