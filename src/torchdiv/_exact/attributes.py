@@ -64,12 +64,16 @@ class PlainAttributes:
         roots = [self.f] if isinstance(self.f, torch.nn.Module) else named(self.f)
         stack = [root for root in roots if isinstance(root, torch.nn.Module)]
         seen: set[int] = set()
-        while stack:  # each module once: a walk of the ``_modules`` dictionaries (``modules()``
-            module = stack.pop()  # took 25 us for a 3-layer MLP)
+        # each module once: a walk of the ``_modules`` dictionaries (``modules()`` took 25 us
+        # for a 3-layer MLP), read from ``__dict__`` (a stand-in claiming to be a module has none)
+        while stack:
+            module = stack.pop()
             if id(module) not in seen:
                 seen.add(id(module))
-                _unwrap(module.__dict__)
-                stack += [child for child in module._modules.values() if child is not None]
+                attributes = vars(module)
+                _unwrap(attributes)
+                children = attributes.get("_modules") or {}
+                stack += [child for child in children.values() if child is not None]
 
 
 def _unwrap(attributes: dict[str, Any]) -> None:
