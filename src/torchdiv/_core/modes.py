@@ -465,7 +465,8 @@ class SafeDerivatives(TorchFunctionMode):
       (3.0 against 0.6 for three zeros at slope 0.2), the divergence's parameter gradients by
       reverse mode were a mix, and the Laplacian of ``prelu(z)^2 + prelu(z)`` at ``z = 0``
       was 0.24 (Taylor), 1.2 (grad-of-grad) or 6.0 (forward over reverse): replaced by
-      ``where(a > 0, a, weight a)`` from order 1, the backward's slope at every order.
+      ``a`` times a slope that is 1 where ``a > 0``, else ``weight``, from order 1: the
+      backward's slope at every order.
     - ``group_norm``: its forward-mode formula views the input, which fails on a transposed
       view (an attention block's output in diffusers' U-Nets): run on a contiguous copy.
 
@@ -583,18 +584,22 @@ def _copysign(a: torch.Tensor, other: Any) -> torch.Tensor:
 
 
 def _prelu(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.prelu``: ``a`` where ``a > 0``, else ``weight * a`` (one slope, or one per channel,
-    dimension 1 of ``a``), whose derivatives at ``a = 0`` are the branch ``weight * a``'s at
-    every order, as PyTorch's first backward has them. Anything else PyTorch's ``prelu``
-    checks (a slope per channel of another length, another dtype) goes to it."""
+    """``F.prelu``: ``a`` times its slope, 1 where ``a > 0``, else ``weight`` (one slope, or one
+    per channel, dimension 1 of ``a``); the slope is a constant of ``a`` (a mask), so the
+    derivatives at ``a = 0`` are those of ``weight * a`` at every order, as PyTorch's first
+    backward has them. The same values; faster than PyTorch's op where it is differentiated
+    twice (a 3-layer PReLU MLP's divergence and its parameter gradients: 0.6-0.8x the time;
+    ``where(a > 0, a, weight * a)`` made the call 1.3-1.4x slower under ``vmap``). Anything
+    else PyTorch's ``prelu`` checks (a slope per channel of another length, another dtype)
+    goes to it."""
     slopes = weight.numel()
     if weight.dim() > 1 or weight.dtype != a.dtype or (slopes != 1 and a.dim() < 2):
         return torch.prelu(a, weight)
     if slopes == 1:
-        return torch.where(a > 0, a, weight.reshape(()) * a)
+        return a * torch.where(a > 0, 1.0, weight.reshape(()))
     if a.shape[1] != slopes:
         return torch.prelu(a, weight)
-    return torch.where(a > 0, a, weight.reshape(slopes, *[1] * (a.dim() - 2)) * a)
+    return a * torch.where(a > 0, 1.0, weight.reshape(slopes, *[1] * (a.dim() - 2)))
 
 
 def _prod(
