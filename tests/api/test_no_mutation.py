@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import warnings
+
 import pytest
 import torch
-from conftest import tanh_mlp
+from conftest import assert_close, tanh_mlp
 
 import torchdiv
 
@@ -157,3 +160,78 @@ def test_f_writing_into_a_copy_or_a_parameter_is_not_refused() -> None:
         with pytest.raises(RuntimeError, match=r"leaf Variable|captured Tensor") as error:
             torchdiv.divergence(lambda z, w=weight: w.mul_(2) * z, x, method=method)
         assert "writes into its input" not in str(error.value)
+
+
+class _KeepsActivation(torch.nn.Module):
+    """The identity, keeping its last input as a plain attribute (a model's activation cache)."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self.last = z
+        return z
+
+
+def _legacy_wrapped(wrap: str, d_out: int) -> torch.nn.Sequential:
+    """``tanh_mlp`` with its first layer under the legacy ``nn.utils`` ``wrap``, whose forward
+    pre-hook sets ``weight`` as a plain attribute, and its activation kept."""
+    net = tanh_mlp(3, 5, d_out)
+    with warnings.catch_warnings():  # (deprecated for torch.nn.utils.parametrizations)
+        warnings.simplefilter("ignore")
+        getattr(torch.nn.utils, wrap)(net[0])
+    net.insert(2, _KeepsActivation())
+    return net
+
+
+@pytest.mark.parametrize(("calls", "call", "method"), CASES, ids=[f"{c}-{m}" for _, c, m in CASES])
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm"])
+def test_tensors_f_sets_on_its_modules_are_left_plain(calls, call, method, wrap) -> None:
+    """The legacy ``weight_norm``/``spectral_norm`` set ``module.weight`` in a forward pre-hook
+    as a plain attribute, as a model that keeps its activation does: under the engines'
+    ``torch.func`` transforms (auto at this size, forward, reverse, the estimators, the
+    Laplacian's nested methods) that was left a dead functorch wrapper, and
+    ``torch.save(model)`` failed ("Cannot access storage of TensorWrapper"). Now each is the
+    tensor a plain forward leaves: plain, its value, its graph to the parameters."""
+    net = _legacy_wrapped(wrap, 1 if calls is SCALAR else 3).eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    calls[call](net, x, method)
+    weight, last = net[0].weight, net[2].last
+    for kept in (weight, last):
+        assert not torch._C._functorch.is_functorch_wrapped_tensor(kept)
+    torch.save(net, io.BytesIO())
+    with torch.no_grad():
+        assert_close(last, torch.tanh(net[0](x)))  # (the pre-hook sets weight again)
+    assert weight.grad_fn is not None
+    (weight * weight).sum().backward()  # reaches the parameters the pre-hook computed it from
+    assert all(p.grad is not None for n, p in net[0].named_parameters() if n != "bias")
+
+
+_GLOBAL_NET = _legacy_wrapped("weight_norm", 3)
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_tensors_set_on_modules_a_function_names_are_left_plain(method) -> None:
+    """The modules of a function ``f`` (its closure's, the globals it names) are walked too."""
+    local = _legacy_wrapped("spectral_norm", 3)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    torchdiv.divergence(lambda z: local(_GLOBAL_NET(z)), x, method=method)
+    for net in (local, _GLOBAL_NET):
+        assert not torch._C._functorch.is_functorch_wrapped_tensor(net[0].weight)
+        assert not torch._C._functorch.is_functorch_wrapped_tensor(net[2].last)
+        torch.save(net, io.BytesIO())
+
+
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+def test_what_a_forward_hook_stored_gives_a_plain_tensor_through_an_op(method) -> None:
+    """What docs/guide/limitations.md tells a forward hook's user: the stored activation is
+    the engine's tensor, but an op on it after the call is a plain tensor, with its graph."""
+    net = tanh_mlp(3, 5, 3)
+    store = {}
+    net[1].register_forward_hook(lambda module, args, out: store.update(act=out))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    torchdiv.divergence(net, x, method=method)
+    act = store["act"].clone()
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(act)
+    torch.save(act, io.BytesIO())
+    with torch.no_grad():
+        assert_close(act, torch.tanh(net[0](x)))
+    act.sum().backward()
+    assert net[0].weight.grad is not None

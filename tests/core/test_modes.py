@@ -113,6 +113,8 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "torch.std_mean": lambda: torch.std_mean(x, -1)[0],
         "torch.copysign": lambda: torch.copysign(x, -1.0),
         "torch.Tensor.copysign": lambda: x.copysign(x.flip(0)),
+        "torch.prelu": lambda: torch.prelu(x, torch.full((1,), 0.2)),
+        "torch.Tensor.prelu": lambda: x.prelu(torch.full((30,), 0.2)),
     }
     names = {entry.name for entry in REPLACEMENTS.values()}
     assert names <= set(calls), names - set(calls)
@@ -131,7 +133,12 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
     q = x.reshape(2, 2, 15, 4)  # heads: the fused CPU kernel
     assert search(torch.nn.functional.scaled_dot_product_attention(q, q, q), x).fused
     assert not search(torch.tanh(x) @ x.mT, x, changed_nodes(3)).guarded
-    reverse_first_order = {"CdistBackward", "EuclideanDistBackward", "CopysignBackward"}
+    reverse_first_order = {
+        "CdistBackward",
+        "EuclideanDistBackward",
+        "CopysignBackward",
+        "PreluKernelBackward",
+    }
     assert set(changed_nodes(1, False)) == reverse_first_order
 
 

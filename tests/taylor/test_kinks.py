@@ -71,3 +71,89 @@ def test_the_laplacian_at_kinks_is_the_grad_of_grad_loops(name: str, method: str
     assert_close(got, expected)
     want = torch.autograd.grad(expected.sum(), lin.weight)[0]
     assert_close(torch.autograd.grad(got.sum(), lin.weight)[0], want)
+
+
+# PReLU's slopes, one per feature (channel dimension 1); X holds an exact 0 (row 0, feature 2)
+SLOPES = torch.tensor([0.2, 0.5, -0.3, 0.1, 0.7, 0.25, 0.4, 0.05], dtype=f64)
+
+
+def _prelu_layers() -> tuple[torch.nn.Linear, torch.nn.PReLU, torch.nn.Linear]:
+    """The identity (x's zeros reach PReLU exactly; a weight the gradient check can move),
+    ``nn.PReLU`` with ``SLOPES``, a random linear layer."""
+    torch.manual_seed(0)
+    first, prelu = torch.nn.Linear(8, 8, dtype=f64), torch.nn.PReLU(8, dtype=f64)
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(8, dtype=f64))
+        first.bias.zero_()
+        prelu.weight.copy_(SLOPES)
+    return first, prelu, torch.nn.Linear(8, 8, dtype=f64)
+
+
+def _branch(h: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    """PReLU as the reference writes it: the branch ``slopes * h`` at 0, whose derivatives
+    there are that branch's at every order (PyTorch's first backward takes that slope; its
+    forward-mode formula and double backward took 1)."""
+    return torch.where(h > 0, h, slopes * h)
+
+
+@pytest.mark.parametrize("method", ["structured", "auto", "forward", "reverse"])
+def test_prelu_at_zero_takes_the_backward_slope_in_every_method(method: str) -> None:
+    """The Jacobian diagonal and the divergence at an exact 0 use PReLU's slope there, as a
+    per-sample ``autograd.grad`` loop; the divergence's parameter gradients too, against the
+    loop of the branch form (``create_graph``). ``method="forward"`` took slope 1 (3.0
+    against 0.6 for three zeros at slope 0.2)."""
+    first, prelu, last = _prelu_layers()
+    params = [first.weight, prelu.weight, last.weight]
+    x = X.clone()
+    expected = loop_diagonal(lambda z: last(prelu(first(z))), x)
+    got = torchdiv.jacobian_diagonal(lambda z: last(prelu(first(z))), x, method=method)
+    assert_close(got, expected)
+    divergence = torchdiv.divergence(lambda z: last(prelu(first(z))), x, method=method)
+    assert_close(divergence, expected.sum(-1))
+
+    def reference(z: torch.Tensor) -> torch.Tensor:
+        return last(_branch(first(z), prelu.weight))
+
+    wanted = torch.autograd.grad(loop_diagonal(reference, x, create_graph=True).sum(), params)
+    for g, w in zip(torch.autograd.grad(divergence.sum(), params), wanted, strict=True):
+        assert_close(g, w)
+
+
+@pytest.mark.parametrize(
+    "method", ["taylor", "auto", "grad-of-grad", "forward-over-reverse", "hessian"]
+)
+def test_prelu_at_zero_laplacian_takes_the_backward_slope_in_every_method(method: str) -> None:
+    """The Laplacian of ``|prelu(z)|^2 + sum prelu(z)`` at an exact 0 is the branch's (``2 a^2``
+    per zero coordinate): it was 0.24 (Taylor), 1.2 (grad-of-grad) or 6.0 (forward over
+    reverse) for three zeros at slope 0.2; values and parameter gradients against the
+    grad-of-grad loop of the branch form."""
+    first, prelu, _ = _prelu_layers()
+
+    def g(z: torch.Tensor) -> torch.Tensor:
+        p = prelu(first(z))
+        return (p**2).sum(-1) + p.sum(-1)
+
+    def reference(z: torch.Tensor) -> torch.Tensor:
+        p = _branch(first(z), prelu.weight)
+        return (p**2).sum(-1) + p.sum(-1)
+
+    x = X.clone()
+    expected = laplacian_by_grad_of_grad(reference, x)
+    got = torchdiv.laplacian(g, x, method=method)
+    assert_close(got, expected)
+    params = [first.weight, prelu.weight]
+    wanted = torch.autograd.grad(expected.sum(), params)
+    for grad, want in zip(torch.autograd.grad(got.sum(), params), wanted, strict=True):
+        assert_close(grad, want)
+
+
+def test_a_graph_through_prelu_is_not_refused_for_third_derivatives() -> None:
+    """``graph_laplacian(create_graph=True)`` refuses a caller's graph holding an op whose
+    PyTorch third derivatives are wrong (``REPLACEMENTS``); PReLU's differ from the branch's
+    only at an exact 0, so its graph is kept, with PyTorch's formulas, as before."""
+    first, prelu, _ = _prelu_layers()
+    x = torch.randn(4, 8, dtype=f64, requires_grad=True)
+    y = (prelu(first(x)) ** 2).sum(-1)
+    got = torchdiv.graph_laplacian(y, x, create_graph=True)
+    assert_close(got, laplacian_by_grad_of_grad(lambda z: (prelu(first(z)) ** 2).sum(-1), x))
+    assert got.requires_grad

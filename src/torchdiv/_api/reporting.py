@@ -27,6 +27,7 @@ import torch.utils.checkpoint as _checkpoint
 
 from torchdiv._core.checks import mark_final, raised_by_f
 from torchdiv._core.mixing import BatchInteractionError, unnamed
+from torchdiv._exact.attributes import PlainAttributes
 from torchdiv._taylor.mixing import recorded_mixing
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,6 +41,8 @@ def reported(fn: str, call: str = "f(x)") -> Callable[[F], F]:
 
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            # tensors f set on its modules under the engines' transforms, left plain
+            attributes = PlainAttributes(args[0] if args else kwargs.get("f"))
             try:
                 return function(*args, **kwargs)
             except Exception as exc:
@@ -54,6 +57,8 @@ def reported(fn: str, call: str = "f(x)") -> Callable[[F], F]:
                     raise
                 cause = None if isinstance(exc, BatchInteractionError) else exc
                 raise mark_final(final) from cause
+            finally:
+                attributes.close()
 
         return wrapper  # type: ignore[return-value]
 

@@ -15,6 +15,7 @@ from torch.func import jvp, vmap
 from torchdiv._core.basis import as_blocks, basis, quiet_batching
 from torchdiv._core.checks import event_numel
 from torchdiv._core.modes import SafeDerivatives, math_attention
+from torchdiv._exact.attributes import transforming
 from torchdiv._taylor.tree import leaves
 
 Products = Callable[[torch.Tensor], torch.Tensor]  # tangents -> JVPs
@@ -178,6 +179,7 @@ class ForwardJacobian:
         One tangent (a one-probe estimate) skips ``vmap``; attention runs as primitives (the
         fused kernels have no forward mode).
         """
+        transforming()  # (f may set module attributes to the transform's tensors)
         with math_attention():
             return self._products(tangents)
 

@@ -38,7 +38,7 @@ import functools
 import types
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Container, Hashable
+from collections.abc import Callable, Container, Hashable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -252,13 +252,24 @@ def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
 
 
 def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
-    """``_held`` of the modules a function names (closure cells and globals its code names,
-    bound methods' modules), each module once, the ids of the functions it names, and the
-    same of those, ``depth`` levels down. Only plain functions, partials, modules and
-    methods are looked into: any other object (a config whose ``__getattr__`` raises, a
-    proxy) is left as it is."""
+    """``_held`` of the modules a function names (``named``), each module once, and the ids of
+    the functions it names, ``depth`` levels down."""
     out: list[Any] = []
-    seen: set[int] = set()  # functions and modules already in the key
+    for held in named(f, depth):
+        if isinstance(held, torch.nn.Module):
+            with contextlib.suppress(Exception):  # (a stand-in that is not one)
+                out += _held(held)
+        else:
+            out.append(id(held))
+    return tuple(out)
+
+
+def named(f: Any, depth: int = 3) -> Iterator[Any]:
+    """The modules and functions a function names (closure cells and globals its code names,
+    bound methods' modules), and those the functions name, ``depth`` levels down; each once.
+    Only plain functions, partials, modules and methods are looked into: any other object (a
+    config whose ``__getattr__`` raises, a proxy) is left as it is."""
+    seen: set[int] = set()  # functions and modules already given
     todo = [(f, depth)]
     while todo:
         fn, left = todo.pop()
@@ -274,13 +285,11 @@ def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
             if isinstance(held, torch.nn.Module):
                 if id(held) not in seen:
                     seen.add(id(held))
-                    with contextlib.suppress(Exception):  # (a stand-in that is not one)
-                        out += _held(held)
+                    yield held
             elif isinstance(held, types.FunctionType | functools.partial):
-                out.append(id(held))
+                yield held
                 if left:
                     todo.append((getattr(held, "func", held), left - 1))
-    return tuple(out)
 
 
 def _cell_contents(fn: Any) -> list[Any]:
