@@ -92,6 +92,17 @@ def test_half_precision_hutchinson_sums_in_float32(dtype):
     assert torch.equal(out, torch.full((3,), BIG[dtype] + 3).to(dtype))
 
 
+def test_float16_hutchinson_mean_is_taken_before_the_cast():
+    """3000 probes in chunks of 100 on ``|x|^2 / 2`` (``Δ = 64``): each chunk's sum (6400)
+    fits float16, their total (192000) does not (max 65504); the mean is exactly 64 when the
+    total is divided before it is cast (it was ``inf``)."""
+    x = torch.randn(2, 64).half()
+    probes = torch.randint(0, 2, (3000, 2, 64)).half() * 2 - 1
+    q = lambda z: 0.5 * (z * z).sum(-1)  # noqa: E731
+    out = torchdiv.laplacian(q, x, method="hutchinson", probes=probes, chunk_size=100)
+    assert torch.equal(out, torch.full((2,), 64.0, dtype=torch.float16))
+
+
 # ----------------------------------------------------------------------------- autocast
 
 W = torch.tensor([[0.9, -0.4, 0.3], [0.2, 1.1, -0.5], [-0.6, 0.3, 0.8]], dtype=torch.float64)

@@ -134,11 +134,14 @@ def test_closure_over_x_that_sums_over_samples() -> None:
     assert_close(torchdiv.divergence(lambda z: field(z, x), x, method="structured"), want)
 
 
-def test_detach_in_place_is_a_constant() -> None:
+@pytest.mark.parametrize("d", [3, 16])
+def test_detach_in_place_is_a_constant(d: int) -> None:
     """``Tensor.detach_()`` inside ``f`` (no ATen call): "auto" gives what ``.detach()``
-    gives (the norm a constant); "taylor" and "structured" refuse, naming it."""
-    lin = torch.nn.Linear(3, 3).double()
-    x = torch.randn(4, 3, dtype=torch.float64)
+    gives (the norm a constant), also above ``LOOP_FALLBACK`` inputs, where its fallback is
+    the loop of backward passes, not forward over reverse (which ignores ``detach_``);
+    "taylor" and "structured" refuse, naming it."""
+    lin = torch.nn.Linear(d, d).double()
+    x = torch.randn(4, d, dtype=torch.float64)
     f = lambda z: lin(z) / z.norm(dim=-1, keepdim=True).detach_()  # noqa: E731
     g = lambda z: lin(z) / z.norm(dim=-1, keepdim=True).detach()  # noqa: E731
     u = lambda z: f(z).sum(-1) ** 2  # noqa: E731

@@ -197,7 +197,7 @@ def test_grad_of_grad_reference_is_right():
 def test_hutchinson_fallback_replaces_them_too(monkeypatch):
     """Without the Taylor engine (an op it cannot run), Hutchinson uses Hessian-vector products
     by nested autodiff: the same replacements apply."""
-    monkeypatch.setattr(_laplacian, "collapsed_or_none", lambda *args: None)
+    monkeypatch.setattr(_laplacian, "collapsed_or_none", lambda *args, **kwargs: None)
     probes = torch.randn(4, B, N, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     f, p, x = CASES["slogdet"], _params(), _x()
     q = {k: v.clone().requires_grad_() for k, v in p.items()}

@@ -35,6 +35,7 @@ from torchdiv._taylor import (
     mixing,
     propagate,
 )
+from torchdiv._taylor.capture import IN_PLACE_DETACH
 from torchdiv._taylor.sparse import Sparse, per_particle
 
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -94,16 +95,19 @@ def _recorded_auto(
     out = collapsed_or_none(plan, x, unit_directions(x, batch_dims, chunk))
     if out is not None:
         return out
-    if n <= LOOP_FALLBACK or _custom_ops(plan):
+    if n <= LOOP_FALLBACK or _backward_passes_only(plan):
         return looped(f, x, batch_dims, chunk)
     return forward_over_reverse(f, x, batch_dims, chunk)
 
 
-def _custom_ops(graph: Graph) -> bool:
-    """Whether ``f`` ran an op outside ``aten`` (a ``torch.library`` custom op): one without a
-    forward-mode rule, which ``torch.func`` cannot run at all where it has only
-    ``register_autograd``; the loop of backward passes runs it."""
-    return any(node.func.namespace != "aten" for node in graph.nodes)
+def _backward_passes_only(graph: Graph) -> bool:
+    """Whether ``f`` ran an op that only the loop of backward passes differentiates right: one
+    outside ``aten`` (a ``torch.library`` custom op without a forward-mode rule, which
+    ``torch.func`` cannot run at all where it has only ``register_autograd``), or a
+    ``Tensor.detach_`` of a tensor computed from ``x``, which forward mode ignores."""
+    return IN_PLACE_DETACH in graph.unsupported or any(
+        node.func.namespace != "aten" for node in graph.nodes
+    )
 
 
 @dataclass(frozen=True)
@@ -256,11 +260,12 @@ def input_jet(x: torch.Tensor, u: torch.Tensor | Sparse) -> tuple[Jet | Sparse, 
 
 
 def collapsed(
-    graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor | Sparse]
+    graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor | Sparse], divisor: int = 1
 ) -> torch.Tensor:
-    """``sum_k D^2 f(x)[u_k, u_k]`` over all directions: the output's collapsed second-order
-    terms, summed over the chunks ``directions`` yields (each ``(k,) + x.shape``, broadcast,
-    or a ``Sparse`` jet at ``x``)."""
+    """``sum_k D^2 f(x)[u_k, u_k] / divisor`` over all directions: the output's collapsed
+    second-order terms, summed over the chunks ``directions`` yields (each ``(k,) + x.shape``,
+    broadcast, or a ``Sparse`` jet at ``x``). The sum is divided before it is cast to ``x``'s
+    dtype: a float16 mean over 1000 probes overflowed as a sum (``inf``)."""
     total: torch.Tensor | None = None
     constants: dict[int, list[Any]] = {}
     known: list[list[Any]] | None = None
@@ -273,7 +278,8 @@ def collapsed(
             total = accumulated(total, out.lap)
     if total is None:  # f(x) does not depend on x, or only linearly
         return x.new_zeros(graph.output_shape)
-    return total.to(x.dtype).expand(graph.output_shape).clone()
+    mean = total if divisor == 1 else total / divisor
+    return mean.to(x.dtype).expand(graph.output_shape).clone()
 
 
 # the values f computed are reused by a replay whose result is not differentiated only while
@@ -312,14 +318,14 @@ def _requires_grad(graph: Graph, values: list[list[Any]]) -> bool:
 
 
 def collapsed_or_none(
-    graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor | Sparse]
+    graph: Graph, x: torch.Tensor, directions: Iterator[torch.Tensor | Sparse], divisor: int = 1
 ) -> torch.Tensor | None:
     """``collapsed``, or ``None`` when the Taylor engine cannot run ``f``: an op without a
     rule (at capture or in a rule) or one that cannot be replayed. Callers then fall back,
     evaluating ``f`` again, so what recording it changed (buffers, RNG) is put back first."""
     try:
         if not graph.unsupported:
-            return collapsed(graph, x, directions)
+            return collapsed(graph, x, directions, divisor)
     except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
         raise
     except RuntimeError:  # UnsupportedOp included
@@ -422,9 +428,10 @@ def hutchinson(
     r = len(probes)
     pieces = [probes[start:stop] for start, stop in chunks(r, chunk_size or r)]
     if not torch.compiler.is_compiling():  # no recording in a compiled graph: HVPs there
-        out = collapsed_or_none(capture(f, x, RULES, batch_dims=batch_dims), x, iter(pieces))
+        graph = capture(f, x, RULES, batch_dims=batch_dims)
+        out = collapsed_or_none(graph, x, iter(pieces), divisor=r)
         if out is not None:
-            return out / r
+            return out
 
     each = Once(x, len(pieces) > 1)  # f evaluated once per chunk: from one state
 

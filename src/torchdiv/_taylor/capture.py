@@ -368,6 +368,10 @@ def differentiable(outs: list[Any]) -> bool:
     )
 
 
+# why a graph is unsupported where f detaches in place: forward mode ignores it too
+IN_PLACE_DETACH = "Tensor.detach_ (a detach in place, which ATen does not see; use .detach())"
+
+
 class _InPlaceDetach(TorchFunctionMode):
     """Note ``Tensor.detach_()`` on a tensor computed from ``x`` (``recorder.depends``): the
     autograd layer handles it without an ATen call, so the recording would keep the tensor's
@@ -381,9 +385,7 @@ class _InPlaceDetach(TorchFunctionMode):
         self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         if func is torch.Tensor.detach_ and self.recorder.depends(list(args[:1])):
-            self.recorder.graph.unsupported.append(
-                "Tensor.detach_ (a detach in place, which ATen does not see; use .detach())"
-            )
+            self.recorder.graph.unsupported.append(IN_PLACE_DETACH)
         return func(*args, **(kwargs or {}))
 
 
