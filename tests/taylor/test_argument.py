@@ -150,6 +150,9 @@ def test_detach_in_place_is_a_constant(d: int) -> None:
     )
     with pytest.raises(UnsupportedOp, match=r"detach_"):
         torchdiv.laplacian(u, x, method="taylor")
+    for method in ("forward-over-reverse", "hessian"):  # (they saw through it, silently)
+        with pytest.raises(NotImplementedError, match=r"detach_ in f.*write \.detach\(\)"):
+            torchdiv.laplacian(u, x, method=method)
     with pytest.raises(UnsupportedOp, match=r"detach_"):
         torchdiv.divergence(f, x, method="structured")
 

@@ -28,7 +28,9 @@ class NoForwardRule(NotImplementedError):
     """An op in ``f`` that forward mode would differentiate silently wrong: a custom op (one
     outside ``aten``/``prims``, ``torch.library.custom_op`` with only ``register_autograd``)
     whose result has no tangent though an input has one (``torch.func.jvp`` takes it for a
-    constant). The public function names itself in front."""
+    constant), or ``Tensor.detach_`` under forward over reverse (it detaches the inner,
+    reverse level only: the Laplacian went through the detached value, 229 off on a value of
+    about 10). The public function names itself in front."""
 
 
 class Tangents(SafeDerivatives):
@@ -67,6 +69,11 @@ class Tangents(SafeDerivatives):
                 "forward mode cannot differentiate through torch.utils.checkpoint with "
                 "use_reentrant=False: the gradient of its products would recompute the "
                 "checkpointed part without the tangents"
+            )
+        if func is torch.Tensor.detach_ and self.order > 2 and torch.is_grad_enabled():
+            raise NoForwardRule(
+                "Tensor.detach_ in f (a detach in place) is not followed by forward over "
+                f"reverse; write .detach(), or use {self.way_out}"
             )
         if not torch.is_grad_enabled():
             if not torch._C._is_fwd_grad_enabled():  # a custom Function's forward
