@@ -412,8 +412,7 @@ class BatchAxes:
         only an elementwise one of same-shaped operands holding them alike keeps each sample's
         values apart (a reshape back follows them again, ``_view``); any other (a transpose, a
         reduction) mixes them."""
-        tensors = [t for a in args for t in (a if isinstance(a, list | tuple) else (a,))]
-        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        tensors = [t for t in _listed(args) if isinstance(t, torch.Tensor)]
         spread = [(t, s) for t in tensors if (s := self.spreads(t))]
         if not spread:
             return
@@ -466,7 +465,7 @@ class BatchAxes:
         sample), it is not combined with them."""
         joins = func in _JOINS
         pieces = list(args[0]) if joins else args
-        tensors = [t for a in pieces for t in (a if isinstance(a, list | tuple) else (a,))]
+        tensors = _listed(pieces)
         picks = [p for t in tensors if (p := self.picks(t)) is not None]
         if not picks:
             return
@@ -1004,12 +1003,18 @@ def _stack(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | 
     dim = (args[1] if len(args) > 1 else 0) % out.dim()
     found: set[Axis] = set()
     interleaved = _interleaved(tr, tensors, dim, out)
-    for t in tensors:
-        found.update(_moved(a, a.position >= dim) for a in tr.axes(t) or () if not interleaved)
+    if not interleaved:
+        for t in tensors:
+            found.update(_moved(a, a.position >= dim) for a in tr.axes(t) or ())
     pick = _restacked(tr, tensors)
     if pick is not None:
         found.add(Axis(dim, pick.size, 1, (), pick.source))
     return [tuple(sorted(found))]
+
+
+def _listed(args: Sequence[Any]) -> list[Any]:
+    """``args`` with list and tuple arguments (``cat``'s tensors) spread into it."""
+    return [t for a in args for t in (a if isinstance(a, list | tuple) else (a,))]
 
 
 def _interleaved(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int, out: Any) -> bool:
@@ -1023,10 +1028,8 @@ def _interleaved(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int, out: 
         if not axes or len(axes) != 1 or axes[0].position != dim - 1 or dim == 0:
             return False
         held.append(axes[0])
-    first = held[0] if held else None
-    if first is None or any(
-        (h.size, h.source, h.inner) != (first.size, first.source, 1) for h in held
-    ):
+    first = held[0]  # (stack of no tensors raised before)
+    if any((h.size, h.source, h.inner) != (first.size, first.source, 1) for h in held):
         return False
     n = tensors[0].shape[dim - 1]
     samples = torch.stack([h.samples(torch.arange(n)) for h in held], 1).flatten()

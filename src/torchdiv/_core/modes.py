@@ -564,14 +564,11 @@ def _refuse_statistics_in_transforms(func: Any, args: Any, kwargs: dict[str, Any
     they refuse others (``_written_below_transforms``), and forward mode then gave zeros
     (PyTorch 2.13). Raised as that refusal, which the public functions report as sample
     mixing (``_api.reporting``; ``"auto"`` falls back to plain autograd)."""
+    first = args[0] if args else kwargs.get("input")
+    if not (isinstance(first, torch.Tensor) and is_functorch_wrapped_tensor(first)):
+        return  # (no transform: the signature is not bound, which costs microseconds)
     bound = _BATCH_NORM.bind(*args, **kwargs).arguments
-    first, stats = next(iter(bound.values())), bound.get("running_mean")
-    if (
-        bound.get("training")
-        and isinstance(stats, torch.Tensor)
-        and isinstance(first, torch.Tensor)
-        and is_functorch_wrapped_tensor(first)
-    ):
+    if bound.get("training") and isinstance(bound.get("running_mean"), torch.Tensor):
         raise RuntimeError(
             f"a batch norm in train mode in f updates its running statistics from x inside "
             f"torch.func's transforms (PyTorch: '{_CAPTURED}'); use method='auto'"

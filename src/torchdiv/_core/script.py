@@ -85,14 +85,20 @@ def _kind(kind: type) -> int:
     return found
 
 
+def cell_contents(fn: Any) -> list[Any]:
+    """What the cells of ``fn``'s closure hold (an empty cell, a name bound later: none)."""
+    out = []
+    for cell in fn.__closure__ or ():
+        with contextlib.suppress(ValueError):
+            out.append(cell.cell_contents)
+    return out
+
+
 def _named(fn: types.FunctionType) -> list[Any]:
     """What ``fn``'s closure cells hold and the globals its code names that ``scripted``
     follows (the names kept per code object at first sight: ``torch``, ``F`` and constants
     are not looked up again at every call)."""
-    out = []
-    for cell in fn.__closure__ or ():
-        with contextlib.suppress(ValueError):  # an empty cell
-            out.append(cell.cell_contents)
+    out = cell_contents(fn)
     names, code = fn.__globals__, fn.__code__
     kept = _GLOBALS.get(code)
     if kept is None:

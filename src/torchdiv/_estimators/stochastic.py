@@ -19,7 +19,7 @@ from torchdiv._estimators.probes import draw
 from torchdiv._estimators.registry import Matmat
 from torchdiv._estimators.result import Estimate
 from torchdiv._exact import dispatch as _exact
-from torchdiv._exact.autograd import GraphJacobian, leaf, unwatched
+from torchdiv._exact.autograd import GraphJacobian, unwatched
 from torchdiv._taylor.cache import PlanCache, site
 from torchdiv._taylor.mixing import Structure, passed, passed_before, structure
 
@@ -118,7 +118,7 @@ def _one_product(
     (a random generator) moves twice once per structure.
 
     Sample mixing: the first call of this very object ``f`` at the structure of ``x``
-    (``torchdiv._taylor.mixing.passed_before``) is watched op by op (``_watched``:
+    (``torchdiv._taylor.mixing.passed_before``) is watched op by op (``_exact.watched_graph``:
     ``BatchInteractionError`` if ``f`` mixes samples); later ones are not (``unwatched``:
     the watch's ~10 us an op would be a large part of the estimate), their graph searched
     for a train-mode batch norm. A lambda made anew at every call is watched at every call."""
@@ -141,27 +141,12 @@ def _watched_once(
     plain: bool,
 ) -> GraphJacobian:
     """``unwatched``'s engine if the object of ``at`` (``structure``) passed a watch for sample
-    mixing there before (``passed_before``), else ``_watched``'s, and it has passed now."""
+    mixing there before (``passed_before``), else ``_exact.watched_graph``'s, and it has
+    passed now."""
     if passed_before(f, x, batch_dims, at) is not None:
         return unwatched(f, x, batch_dims, plain)
-    engine = _watched(f, x, batch_dims, plain)
+    engine, _ = _exact.watched_graph(f, x, batch_dims, plain)
     passed(f, x, batch_dims, at)
-    return engine
-
-
-def _watched(
-    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int, plain: bool
-) -> GraphJacobian:
-    """``unwatched``'s engine, its evaluation of ``f`` watched for sample mixing
-    (``_exact.watched_engine``) on a leaf copy of ``x`` made before the watch starts
-    (``leaf``), so that the watch follows the samples into ``f``."""
-    z = leaf(x)
-    own = z is not x
-
-    def build() -> GraphJacobian:
-        return GraphJacobian.of_function(f, z, batch_dims, plain, own=own)
-
-    engine, _ = _exact.watched_engine(build, z, batch_dims)
     return engine
 
 

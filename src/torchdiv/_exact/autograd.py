@@ -107,7 +107,7 @@ def refuse_once_differentiable(found: Found, y: torch.Tensor, x: torch.Tensor) -
     would go through a custom ``autograd.Function`` whose ``backward`` is
     ``@once_differentiable`` (``found``: ``search``'s walk of ``y``'s graph; nothing more is
     walked when it holds no custom ``Function``)."""
-    names = once_differentiable_functions(found.custom, y, x) if found.custom else []
+    names = once_differentiable_functions(found.custom, y, x)
     if names:
         raise UndifferentiableBackward(
             once_differentiable_error("a Laplacian's second derivatives", names)
@@ -170,7 +170,7 @@ class GraphJacobian:
         self._custom = (
             [] if not create_graph else _custom_functions(y) if custom is None else custom
         )
-        self._once = once_differentiable_functions(self._custom, y, x) if self._custom else []
+        self._once = once_differentiable_functions(self._custom, y, x)
         self._walked = False
         self.batch_norms: list[Any] | None = None  # the graph's, if of_function walked it
         self.guarded = False  # of_function's plain evaluation showed an op SafeDerivatives changes

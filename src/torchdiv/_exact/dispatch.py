@@ -27,6 +27,7 @@ from torchdiv._exact.autograd import GraphJacobian, RerunJacobian, leaf, unwatch
 from torchdiv._exact.forward import ForwardJacobian
 from torchdiv._exact.reverse import ReverseJacobian
 from torchdiv._taylor.cache import PlanCache, key
+from torchdiv._taylor.capture import argument
 from torchdiv._taylor.mixing import Passed, passed, passed_before, recorded_mixing, structure
 
 EXACT_METHODS = ("auto", "forward", "reverse")
@@ -206,7 +207,7 @@ def evaluate(
     watches get a new alias of ``x``: the caller's ``x`` object read by ``f`` (a closure) is a
     constant, never taken for the argument (under ``torch.func`` the argument is that object).
     """
-    x = x.view_as(x)
+    x = argument(x)
     if method not in ("forward", "reverse"):
         if not draws or torch.compiler.is_compiling():  # Dynamo cannot trace generator states
             generator = None
@@ -322,11 +323,7 @@ def _engines(
             raise BatchInteractionError(mixing) from None
 
         def graph() -> tuple[Engine, _plan.OpSizes]:
-            z = leaf(x)  # (the watch follows it)
-            own = z is not x
-            built = watched_engine(
-                lambda: GraphJacobian.of_function(again, z, batch_dims, own=own), z, batch_dims
-            )
+            built = watched_graph(again, x, batch_dims)
             if tiny:
                 passed(f, x, batch_dims, at)
             planned.append(built[1])
@@ -399,6 +396,19 @@ def watched_engine(
         engine = build()
         sizes.finish(engine.y)
     return engine, sizes
+
+
+def watched_graph(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int, plain: bool = False
+) -> tuple[GraphJacobian, _plan.OpSizes]:
+    """Plain autograd's engine (``GraphJacobian.of_function``), its evaluation of ``f``
+    watched (``watched_engine``) on a leaf copy of ``x`` made before the watch starts
+    (``leaf``), so that the watch follows the samples into ``f``."""
+    z = leaf(x)
+    own = z is not x
+    return watched_engine(
+        lambda: GraphJacobian.of_function(f, z, batch_dims, plain, own=own), z, batch_dims
+    )
 
 
 def _cannot_run(error: Exception) -> bool:

@@ -47,6 +47,7 @@ from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from torchdiv._core import mixing as _mixing
 from torchdiv._core.modes import DispatchMode
+from torchdiv._core.script import cell_contents
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
     _DECOMPOSITIONS,
@@ -279,7 +280,7 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
         seen.add(id(fn))
         names = getattr(fn, "__globals__", {})
         held_by_name = [names[n] for n in code.co_names if n in names]
-        for held in _cell_contents(fn) + held_by_name:
+        for held in cell_contents(fn) + held_by_name:
             if isinstance(held, types.MethodType):
                 held = held.__self__  # a bound method: its object
             if isinstance(held, torch.nn.Module):
@@ -290,15 +291,6 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
                 yield held
                 if left:
                     todo.append((getattr(held, "func", held), left - 1))
-
-
-def _cell_contents(fn: Any) -> list[Any]:
-    """What the cells of ``fn``'s closure hold (an empty cell, a name bound later: none)."""
-    out = []
-    for cell in fn.__closure__ or ():
-        with contextlib.suppress(ValueError):
-            out.append(cell.cell_contents)
-    return out
 
 
 def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
