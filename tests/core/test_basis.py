@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch._C._functorch import maybe_current_level
+from torch.func import vmap
 
-from torchdiv._core.basis import WHOLE, Share, as_blocks, basis, chunks
+from torchdiv._core.basis import WHOLE, Share, as_blocks, basis, batched, chunks
 
 
 def test_chunks_cover_the_range_once():
@@ -40,3 +43,31 @@ def test_basis_unbatched_and_as_blocks():
     assert torch.equal(v, torch.eye(5))
     assert as_blocks(torch.randn(3, 4, 2, 5), batch_dims=1).shape == (3, 4, 10)
     assert as_blocks(torch.randn(3, 0, 2), batch_dims=1).shape == (3, 0, 2)
+
+
+def _pushed(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batched product and an output that does not depend on ``v`` (``out_dims`` None)."""
+    a = torch.arange(6.0).reshape(2, 3)
+    return torch.ones(2), torch.tanh(v @ a).cumsum(-1)
+
+
+def test_batched_is_vmap_from_the_first_call_on():
+    """The first call runs ``vmap`` (it loads its decompositions), later ones functorch's own
+    level calls: both give what ``vmap`` gives, leave no level open, and raise its errors."""
+    v = torch.randn(4, 5, 2)
+    want = vmap(_pushed, out_dims=(None, 0))(v)
+    for _ in range(2):
+        got = batched(_pushed, v, out_dims=(None, 0))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        (summed,) = batched(lambda w: (w.sum(-1),), v)
+        assert torch.equal(summed, v.sum(-1))
+        assert maybe_current_level() is None
+    with pytest.raises(ValueError, match="BatchedTensor"):
+        batched(lambda w: (w,), v, out_dims=(None,))
+    with pytest.raises(RuntimeError, match="boom"):
+        batched(lambda w: (_ for _ in ()).throw(RuntimeError("boom")), v)
+    assert maybe_current_level() is None
+    with pytest.raises(RuntimeError, match="randomness"):  # vmap's default: "error"
+        batched(lambda w: (torch.rand_like(w),), v)
+    same = batched(lambda w: (w + torch.rand(()),), torch.zeros(3, 2), randomness="same")[0]
+    assert torch.equal(same, same[:1].expand(3, 2))

@@ -17,10 +17,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.func import vmap
 
 from torchdiv._core import mixing as _mixing
-from torchdiv._core.basis import as_blocks, basis, quiet_batching
+from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel
 from torchdiv._core.ddp import Peers
 from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
@@ -268,8 +267,7 @@ class GraphJacobian:
         usual = not self._custom and self._peers.inert and not torch.compiler.is_compiling()
         if usual:
             try:
-                with quiet_batching():
-                    found = vmap(self._product)(cotangents)  # () where y does not depend on x
+                found = batched(self._product, cotangents)  # () where y does not depend on x
                 return found[0] if found else None
             except RuntimeError as error:  # (a lack of memory would meet the fallback too)
                 if isinstance(error, torch.OutOfMemoryError):

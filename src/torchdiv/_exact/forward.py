@@ -10,9 +10,9 @@ import torch
 import torch.utils.checkpoint as _checkpoint
 from torch._C._autograd import _top_saved_tensors_default_hooks
 from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
-from torch.func import jvp, vmap
+from torch.func import jvp
 
-from torchdiv._core.basis import as_blocks, basis, quiet_batching
+from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel
 from torchdiv._core.modes import SafeDerivatives, math_attention
 from torchdiv._exact.attributes import transforming
@@ -205,11 +205,8 @@ class ForwardJacobian:
             y, out = self._push(tangents[0])
             self._y, self._y_shape = y, y.shape
             return out[None]
-        # torch's out_dims_t omits None, which vmap accepts (an output without the k dimension)
         randomness = "same" if self.x.device.type == "cpu" else "error"
-        batched = vmap(self._push, out_dims=(None, 0), randomness=randomness)  # type: ignore[arg-type]
-        with quiet_batching():
-            y, out = batched(tangents)
+        y, out = batched(self._push, tangents, out_dims=(None, 0), randomness=randomness)
         self._y, self._y_shape = y, y.shape
         return out
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.func import vjp, vmap
+from torch.func import vjp
 
-from torchdiv._core.basis import as_blocks, basis, quiet_batching
+from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel
 from torchdiv._core.modes import SafeDerivatives, math_attention
 from torchdiv._exact.attributes import transforming
@@ -44,8 +44,7 @@ class ReverseJacobian:
         if len(cotangents) == 1:
             (out,) = self._pullback(cotangents[0])
             return out[None]
-        with quiet_batching():
-            (out,) = vmap(self._pullback)(cotangents)
+        (out,) = batched(self._pullback, cotangents)
         return out
 
     def block(self, start: int, stop: int) -> torch.Tensor:

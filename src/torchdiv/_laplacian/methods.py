@@ -15,9 +15,17 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
-from torch.func import vjp, vmap
+from torch.func import vjp
 
-from torchdiv._core.basis import WHOLE, Share, accumulated, basis, broadcast_basis, chunks
+from torchdiv._core.basis import (
+    WHOLE,
+    Share,
+    accumulated,
+    basis,
+    batched,
+    broadcast_basis,
+    chunks,
+)
 from torchdiv._core.checks import event_numel
 from torchdiv._core.crossover import traced
 from torchdiv._core.modes import recorded
@@ -347,7 +355,7 @@ class _Gradients:
         y = y_and_pullback[0]
         pullback: Callable[[torch.Tensor], tuple[torch.Tensor]] = y_and_pullback[1]
         self.y_shape = y.shape
-        (rows,) = vmap(pullback)(basis(0, event_numel(y, self.batch_dims), y, self.batch_dims))
+        (rows,) = batched(pullback, basis(0, event_numel(y, self.batch_dims), y, self.batch_dims))
         return rows
 
 
