@@ -3,7 +3,11 @@ the fastest recipe of the same round, where wall-clock medians on a loaded machi
 
 Divergence, Jacobian diagonal and Jacobian of a tanh MLP at D = 2, B = 256, and the Laplacian of
 the FNN and KAN cases of ``laplacian_small.py``, frozen and in training. Per case: interleaved
-rounds of ~50 ms per method, the ratio ``auto / fastest other`` per round, median and IQR.
+rounds of ~50 ms per method, the ratio ``auto / fastest other`` per round, median and IQR, and
+the ratio of medians (``auto``'s median time over the fastest other median): the per-round
+ratio divides by the minimum of several noisy times, which biases it upwards where the
+fastest methods are within the noise of each other (``"auto"`` running the same engine as
+one of them).
 
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
         DDE_BACKEND=pytorch .venv/bin/python bench/entry_cpu.py [--rounds 11] [--only NAME] \
@@ -111,7 +115,8 @@ def main() -> None:
         best = min((k for k in med if k != "auto"), key=med.__getitem__)
         print(
             f"{name:34s} auto {med['auto']:.3f} ms  best {best} {med[best]:.3f} ms  "
-            f"ratio {statistics.median(ratios):.3f} [{q1:.3f}-{q3:.3f}]",
+            f"ratio {statistics.median(ratios):.3f} [{q1:.3f}-{q3:.3f}]  "
+            f"of medians {med['auto'] / med[best]:.3f}",
             flush=True,
         )
 
