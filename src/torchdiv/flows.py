@@ -226,8 +226,9 @@ class AugmentedDynamics(nn.Module):
         )
         self.f, self.batch_dims, self.method, self.chunk_size = f, batch_dims, method, chunk_size
         owner = _module_of(f)
-        if owner is not None and owner is not f:  # a bound method: odeint_adjoint's parameters
-            self.owner = owner
+        if owner is not None and owner is not f:  # a bound method: odeint_adjoint's parameters,
+            for i, p in enumerate(owner.parameters()):  # held as they are, not its module (a
+                self.register_parameter(f"owner_{i}", p)  # module holding this one: a cycle)
         self.fn = "AugmentedDynamics"  # named in errors; log_likelihood's own dynamics: its name
         # log_likelihood's adjoint: its call was one forward of f's DDP modules, so the adjoint
         # solve's evaluations in the caller's backward pass run them bare (_core.ddp.one_forward)
