@@ -83,3 +83,27 @@ def test_dde_model_trains_the_same_with_either_laplacian() -> None:
     got = train(lambda net, x, y: torchdiv.laplacian(net, x))
     assert len(got) == 3
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-7)
+
+
+def test_biharmonic_and_weighted_laplacian_match_nested_dde_hessians() -> None:
+    """A Kirchhoff plate's ``Δ²u`` (DeepXDE nests ``hessian`` of the Laplacian) and
+    ``tr(A ∇²u)``, float64, with the gradients of ``Δ²u`` for every parameter (fifth
+    derivatives through tanh)."""
+    net = _net().double()
+    x = torch.rand(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x.requires_grad_(True)
+    y = net(x)
+    lap = _hessian_trace(y, x, [0, 1])
+    want = _hessian_trace(lap, x, [0, 1])
+    a = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    weighted = sum(a[i, j] * dde.grad.hessian(y, x, i=i, j=j) for i in range(2) for j in range(2))
+    dde.grad.clear()
+    got = torchdiv.biharmonic(net, x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    diffusion = torchdiv.weighted_laplacian(net, x, diffusion=a)
+    torch.testing.assert_close(diffusion, weighted, rtol=1e-10, atol=1e-10)
+    params = list(net.parameters())
+    grads = torch.autograd.grad(got.sum(), params, materialize_grads=True)
+    expected = torch.autograd.grad(want.sum(), params, materialize_grads=True)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
