@@ -44,3 +44,13 @@ def potential(x: torch.Tensor) -> torch.Tensor:
 def single_precision(x: torch.Tensor) -> torch.Tensor:
     """Computes in float32 whatever it is given."""
     return torch.sin(x.float())
+
+
+def takes_time(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A velocity of ``(x, t)``, as U-Nets and CNF fields are: not ``f(x)`` on its own."""
+    return x * t
+
+
+def returns_a_tuple(x: torch.Tensor) -> tuple[torch.Tensor]:
+    """An output that is no tensor (diffusers models return an object holding ``.sample``)."""
+    return (torch.sin(x),)

@@ -44,6 +44,7 @@ Needs ``torchdiffeq`` (``pip install 'torchdiv[ode]'``); ``import torchdiv`` doe
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Literal, overload
@@ -97,6 +98,16 @@ def _sharded(p: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(p, DTensor)
+
+
+def _module_of(f: object) -> nn.Module | None:
+    """The module whose parameters ``f`` uses: ``f`` itself, or the module a bound method
+    belongs to, also inside ``functools.partial`` (zuko's ``FFJTransform`` hands its velocity
+    on as ``partial(self.f, c=c)``); ``None`` for other callables."""
+    while isinstance(f, functools.partial):
+        f = f.func
+    owner = getattr(f, "__self__", f)
+    return owner if isinstance(owner, nn.Module) else None
 
 
 def _torchdiffeq(fn: str) -> tuple[ModuleType, tuple[str, ...]]:
@@ -153,8 +164,11 @@ class AugmentedDynamics(nn.Module):
     methods; for the estimators, the terms whose mean is the estimate: see the module
     docstring). The probes are drawn once, here, and every evaluation uses them, so one
     instance is one solve's noise; draw new ones (a new instance) for the next solve.
-    ``f`` is registered as a submodule when it is an ``nn.Module``, so ``odeint_adjoint``
-    finds its parameters.
+    ``f`` is registered as a submodule when it is an ``nn.Module``, and so is the module of a
+    bound method (``flow.transform.f``, also inside ``functools.partial``), so
+    ``odeint_adjoint`` finds its parameters. Any other callable (a lambda) leaves the dynamics
+    without parameters, and ``odeint_adjoint`` then gives none of them a gradient, silently:
+    pass them as ``odeint_adjoint(..., adjoint_params=...)``.
 
     Args:
         f: velocity field ``f(t, z) -> dz/dt`` shaped like ``z`` (``t`` a 0-dim tensor); its
@@ -211,6 +225,10 @@ class AugmentedDynamics(nn.Module):
             chunk_size,
         )
         self.f, self.batch_dims, self.method, self.chunk_size = f, batch_dims, method, chunk_size
+        owner = _module_of(f)
+        if owner is not None and owner is not f:  # a bound method: odeint_adjoint's parameters,
+            for i, p in enumerate(owner.parameters()):  # held as they are, not its module (a
+                self.register_parameter(f"owner_{i}", p)  # module holding this one: a cycle)
         self.fn = "AugmentedDynamics"  # named in errors; log_likelihood's own dynamics: its name
         # log_likelihood's adjoint: its call was one forward of f's DDP modules, so the adjoint
         # solve's evaluations in the caller's backward pass run them bare (_core.ddp.one_forward)
@@ -390,7 +408,9 @@ def log_likelihood(
 
     Args:
         f: velocity field ``f(t, z) -> dz/dt`` shaped like ``z``, ``t`` a 0-dim tensor of
-            ``x``'s dtype; an ``nn.Module`` for ``adjoint=True``. Samples must be independent.
+            ``x``'s dtype; for ``adjoint=True`` an ``nn.Module`` or a bound method of one
+            (``flow.transform.f``, also inside ``functools.partial``). Samples must be
+            independent.
         x: data points, a floating tensor with ``batch_dims`` leading batch dimensions and any
             event shape (vectors, images ``(B, C, H, W)``, ...).
         t0: the base time (of ``base_log_prob``): a float or a 0-dim tensor.
@@ -416,7 +436,8 @@ def log_likelihood(
         chunk_size: at most this many Jacobian-vector products in flight (bounds memory).
         adjoint: gradients by ``torchdiffeq.odeint_adjoint`` (memory independent of the
             number of steps) instead of backpropagation through the solver; gradients reach
-            ``x`` and ``f``'s parameters (not other tensors ``f`` closes over). Under
+            ``x`` and ``f``'s parameters (not other tensors ``f`` closes over, nor the
+            arguments a ``functools.partial`` binds). Under
             ``DistributedDataParallel`` the adjoint's evaluations in the backward pass run the
             wrapped module bare (this call was its one forward: buffers broadcast once).
         options: ``torchdiffeq`` solver options, e.g. ``{"step_size": 0.05}`` for ``"rk4"``.
@@ -453,12 +474,14 @@ def log_likelihood(
     check_flag(fn, "return_stderr", return_stderr)
     check_flag(fn, "adjoint", adjoint)
     check_options(fn, options)
-    if adjoint and not isinstance(f, nn.Module):
+    module = _module_of(f)
+    if adjoint and module is None:
         raise TypeError(
             f"{fn}: adjoint=True computes gradients for the parameters of f, so f must be an "
-            f"nn.Module, got {type(f).__name__}; wrap it in a module or use adjoint=False"
+            f"nn.Module or a bound method of one, got {type(f).__name__}; wrap it in a module "
+            "or use adjoint=False"
         )
-    if adjoint and isinstance(f, nn.Module) and any(_sharded(p) for p in f.parameters()):
+    if adjoint and module is not None and any(_sharded(p) for p in module.parameters()):
         raise ValueError(
             f"{fn}: adjoint=True with parameters sharded by FSDP2 (fully_shard): torchdiffeq's "
             "adjoint concatenates the parameters with plain tensors, which sharded ones "

@@ -212,6 +212,21 @@ def test_a_model_that_mixes_samples_is_refused():
         main(["bench", "--model", "bench_model:mixes_samples", "--shape", "3", *TINY])
 
 
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("takes_time", r"missing 1 required positional argument: 't'; --model must be f\(x\)"),
+        ("returns_a_tuple", r"must be a torch.Tensor, got tuple; --model must be f\(x\)"),
+    ],
+)
+def test_a_model_that_is_not_a_function_of_x_alone_is_a_one_line_error(spec, match):
+    """Was a traceback of a TypeError from inside the runner (a diffusers U-Net as --model)."""
+    with pytest.raises(SystemExit, match=rf"--model bench_model:{spec} on x of shape \(2, 3\): "):
+        main(["bench", "--model", f"bench_model:{spec}", "--shape", "3", *TINY])
+    with pytest.raises(SystemExit, match=match):
+        main(["bench", "--model", f"bench_model:{spec}", "--shape", "3", *TINY])
+
+
 BAD = [
     (["--dims", "8,x"], "positive integers separated by commas"),
     (["--dims", "0"], "positive integers separated by commas"),

@@ -371,7 +371,11 @@ GOOD = {"f": lambda t, z: -z, "x": X, "t0": 0.0, "t1": 1.0, "base_log_prob": nor
         ({"atol": "1e-5"}, TypeError, "atol must be a float"),
         ({"solver": "rk5"}, ValueError, "unknown solver 'rk5'; valid solvers are 'dopri8'"),
         ({"return_stderr": 1}, TypeError, "return_stderr must be True or False"),
-        ({"adjoint": True}, TypeError, "adjoint=True .* f must be an nn.Module, got function"),
+        (
+            {"adjoint": True},
+            TypeError,
+            "adjoint=True .* f must be an nn.Module or a bound method of one, got function",
+        ),
         ({"options": 0.1}, TypeError, "options must be a dict"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be at least 1"),
         ({"batch_dims": 3}, ValueError, "batch_dims must be in"),

@@ -113,3 +113,25 @@ def test_float_times_keep_float64_precision():
     z0 = x @ torch.linalg.matrix_exp(-0.1 * A).T  # x = exp(0.1 A) z0
     expected = normal(z0) - 0.1 * torch.trace(A)  # log p(x) = log N(z0) - 0.1 tr(A)
     torch.testing.assert_close(logp, expected, rtol=0, atol=1e-8)
+
+
+def test_dynamics_of_a_bound_method_stored_on_its_own_module_make_no_cycle():
+    """``AugmentedDynamics`` of a bound method holds its module's parameters for
+    ``odeint_adjoint``: as parameters, not as a submodule, which would make a module that
+    keeps its dynamics (``self.dynamics = ...``) its own descendant (``.to``, ``repr`` and
+    ``state_dict`` would recurse without end)."""
+
+    class Flow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(2, 2)
+
+        def velocity(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.net(z))
+
+    flow = Flow()
+    x = torch.randn(3, 2)
+    flow.dynamics = AugmentedDynamics(flow.velocity, x)
+    assert set(flow.dynamics.parameters()) == set(flow.net.parameters())
+    flow.to(torch.float64)
+    assert "dynamics" in repr(flow) and len(flow.state_dict()) == 4

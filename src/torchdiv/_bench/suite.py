@@ -192,9 +192,10 @@ def make_problem(
 
 def _accepts_float64(f: Function, x64: torch.Tensor) -> bool:
     try:
-        return f(x64).dtype == torch.float64
+        y = f(x64)
     except (RuntimeError, TypeError):
         return False
+    return isinstance(y, torch.Tensor) and y.dtype == torch.float64
 
 
 def builtin_cases(
@@ -238,13 +239,22 @@ def model_case(
     """The user's model from ``module:attr`` (or ``path/to/file.py:attr``) on ``(batch, *shape)``.
 
     Its samples must be independent (checked with ``check_batch_independence`` when the case
-    is built): every method, torchdiv's and the recipes', assumes it.
+    is built): every method, torchdiv's and the recipes', assumes it. A model that cannot be
+    called on ``x`` alone, or whose output is no tensor (a diffusers U-Net takes ``(x, t)`` and
+    returns an object), is a ``ValueError`` naming ``--model`` (the CLI's one-line exit).
     """
     model = load_model(spec)
 
     def make() -> Problem:
         problem = make_problem(model, shape, batch, dtype, device)
-        check_batch_independence(problem.f, problem.x)
+        try:
+            check_batch_independence(problem.f, problem.x)
+        except TypeError as exc:  # f(x) is no tensor, or f takes more than x
+            raise ValueError(
+                f"--model {spec} on x of shape {tuple(problem.x.shape)}: {exc}; --model must be "
+                "f(x) -> a tensor: wrap a model of more arguments (a U-Net's (x, t)) in a "
+                "function or module of x alone"
+            ) from exc
         return problem
 
     title = f"{spec}, x {(batch, *shape)}"

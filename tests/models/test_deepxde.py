@@ -1,0 +1,109 @@
+"""DeepXDE (``DDE_BACKEND=pytorch``) as its users write PINNs: a PDE residual with
+``torchdiv.laplacian`` (function form, on the ``dde.nn.FNN`` with its feature and output
+transforms) or ``graph_laplacian`` (on the ``y`` DeepXDE passes to ``pde(x, y)``) against
+DeepXDE's own ``dde.grad.hessian`` sum; skipped where DeepXDE is not installed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import torchdiv
+
+os.environ.setdefault("DDE_BACKEND", "pytorch")
+dde = pytest.importorskip("deepxde")
+if dde.backend.backend_name != "pytorch":
+    pytest.skip("DeepXDE runs another backend here", allow_module_level=True)
+
+
+def _net(n_in: int = 2, n_out: int = 1) -> torch.nn.Module:
+    """An FNN on ``[x, sin(pi x)]`` features, times a factor zero on the unit square's edges."""
+    torch.manual_seed(0)
+    net = dde.nn.FNN([2 * n_in] + [16] * 2 + [n_out], "tanh", "Glorot normal")
+    net.apply_feature_transform(lambda x: torch.cat([x, torch.sin(torch.pi * x)], 1))
+    net.apply_output_transform(lambda x, y: (x * (1 - x)).prod(1, keepdim=True) * y)
+    return net
+
+
+def _hessian_trace(y: torch.Tensor, x: torch.Tensor, coordinates: list[int]) -> torch.Tensor:
+    """DeepXDE's recipe: ``sum_i dde.grad.hessian(y, x, component=k, i=i, j=i)`` per output."""
+    columns = [
+        sum(dde.grad.hessian(y, x, component=k, i=i, j=i) for i in coordinates)
+        for k in range(y.shape[1])
+    ]
+    dde.grad.clear()
+    return torch.cat(columns, 1)
+
+
+def test_residual_and_its_parameter_gradients_match_dde_grad_hessian() -> None:
+    """float64: values and the gradient of a weighted residual loss, for every parameter."""
+    net = _net(n_out=2).double()
+    x = torch.rand(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x.requires_grad_(True)  # as dde.Model passes the collocation points
+    y = net(x)
+    params = list(net.parameters())
+    c = torch.linspace(-1, 1, 16, dtype=torch.float64).reshape(8, 2)
+    for coordinates in ([0, 1], [0]):
+        want = _hessian_trace(y, x, coordinates)
+        expected = torch.autograd.grad((c * want).sum(), params, retain_graph=True)
+        for got in (
+            torchdiv.laplacian(net, x, coordinates=coordinates),
+            torchdiv.graph_laplacian(y, x, create_graph=True, coordinates=coordinates),
+        ):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+            grads = torch.autograd.grad((c * got).sum(), params, retain_graph=True)
+            for g, e in zip(grads, expected, strict=True):
+                torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_dde_model_trains_the_same_with_either_laplacian() -> None:
+    """A Poisson problem trained by ``dde.Model`` for 10 Adam steps in float32 (DeepXDE's
+    default), with the residual written both ways: the same losses to float32 round-off."""
+
+    def train(laplacian) -> list[float]:
+        dde.config.set_random_seed(0)
+        net = _net()
+        geom = dde.geometry.Rectangle([0, 0], [1, 1])
+
+        def pde(x, y):
+            source = (
+                2 * torch.pi**2 * torch.sin(torch.pi * x[:, :1]) * torch.sin(torch.pi * x[:, 1:])
+            )
+            return -laplacian(net, x, y) - source
+
+        data = dde.data.PDE(geom, pde, [], num_domain=32, train_distribution="uniform")
+        model = dde.Model(data, net)
+        model.compile("adam", lr=1e-3)
+        losses, _ = model.train(iterations=10, display_every=5, verbose=0)
+        return [float(v) for loss in losses.loss_train for v in loss]
+
+    want = train(lambda net, x, y: _hessian_trace(y, x, [0, 1]))
+    got = train(lambda net, x, y: torchdiv.laplacian(net, x))
+    assert len(got) == 3
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-7)
+
+
+def test_biharmonic_and_weighted_laplacian_match_nested_dde_hessians() -> None:
+    """A Kirchhoff plate's ``Δ²u`` (DeepXDE nests ``hessian`` of the Laplacian) and
+    ``tr(A ∇²u)``, float64, with the gradients of ``Δ²u`` for every parameter (fifth
+    derivatives through tanh)."""
+    net = _net().double()
+    x = torch.rand(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x.requires_grad_(True)
+    y = net(x)
+    lap = _hessian_trace(y, x, [0, 1])
+    want = _hessian_trace(lap, x, [0, 1])
+    a = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    weighted = sum(a[i, j] * dde.grad.hessian(y, x, i=i, j=j) for i in range(2) for j in range(2))
+    dde.grad.clear()
+    got = torchdiv.biharmonic(net, x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    diffusion = torchdiv.weighted_laplacian(net, x, diffusion=a)
+    torch.testing.assert_close(diffusion, weighted, rtol=1e-10, atol=1e-10)
+    params = list(net.parameters())
+    grads = torch.autograd.grad(got.sum(), params, materialize_grads=True)
+    expected = torch.autograd.grad(want.sum(), params, materialize_grads=True)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
