@@ -54,17 +54,15 @@ class _Field:
 
 
 class _Flagged(nn.Module):
-    """Mixes samples when its plain attributes say so."""
+    """Mixes samples when its flag says so."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Linear(3, 3).double()
         self.mix = False
-        self.dim = 1
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         y = self.net(z)
-        y = y - y.mean(self.dim, keepdim=True)
         return y + z.mean(0) if self.mix else y
 
 
@@ -124,9 +122,17 @@ def _cases() -> dict[str, Callable[[], tuple[Any, Callable[[], None]]]]:
         m = _Flagged()
         return m, lambda: setattr(m, "mix", True)
 
-    def module_axis():
-        m = _Flagged()
-        return m, lambda: setattr(m, "dim", 0)
+    def closure_axis():
+        axis = 1
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            return z.tanh() - z.tanh().mean(axis, keepdim=True)
+
+        def rebind() -> None:
+            nonlocal axis
+            axis = 0
+
+        return f, rebind
 
     def global_flag():
         _set_global(False)
@@ -141,7 +147,7 @@ def _cases() -> dict[str, Callable[[], tuple[Any, Callable[[], None]]]]:
         "bound method of a plain object": method_of_a_plain_object,
         "callable object": callable_object,
         "module's bool attribute": module_flag,
-        "module's int attribute (an axis)": module_axis,
+        "closure's int (an axis)": closure_axis,
     }
 
 

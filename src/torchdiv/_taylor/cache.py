@@ -242,21 +242,26 @@ def site(f: Any) -> Any:
 
 def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
     """``key`` of ``x`` and, for a module ``f``, which submodules it holds (a swapped one is
-    another object), each one's train mode, and which of their parameters require grad: what
-    an ``f``'s computation depends on, as far as it can be told without running it. For any
-    other callable, the same of every module it reaches (``named``: ``lambda x: model(x)``
-    after ``model.train()`` is another structure), which object each other callable it
-    reaches is (a rebound closure, ``torch.tanh`` for ``torch.flipud``), and the value of each
-    flag it reaches (a ``bool``, ``int``, ``str`` or ``None``: ``if mix:``, ``mean(dim)``).
-    Floats (a time, a scale) and tensors are values, not structure."""
+    another object), each one's flags (its train mode, ``if self.mix:``: ``_held``), and which
+    of their parameters require grad: what an ``f``'s computation depends on, as far as it
+    can be told without running it. For any other callable, the same of every module it
+    reaches (``named``: ``lambda x: model(x)`` after ``model.train()`` is another structure),
+    which object each other callable it reaches is (a rebound closure, ``torch.tanh`` for
+    ``torch.flipud``), and the value of each flag it reaches (``_FLAGS``: ``if mix:``,
+    ``mean(dim)``). Floats (a time, a scale) and tensors are values, not structure; so are
+    the integers an object holds (``_MODULE_FLAGS``)."""
     if isinstance(f, torch.nn.Module):
         return (*_held(f), key(x, batch_dims))
     return (*_reached(f), key(x, batch_dims))
 
 
 # the types of the objects a key holds by value: what a branch or an axis in ``f`` reads (a
-# set: ``type(v) in`` it costs half of a tuple's, read for every attribute of every module)
+# set: ``type(v) in`` it costs half of a tuple's, read for every attribute of every module);
+# a module's own are read without ``int``: a count kept in ``forward`` (``self.nfe += 1``,
+# torchdiffeq's examples) would make every call a new structure, watched and recorded again
+# (1.4-1.9x the time of a tiny call)
 _FLAGS = frozenset((bool, int, str, type(None)))
+_MODULE_FLAGS = frozenset((bool, str, type(None)))
 
 
 def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
@@ -319,15 +324,19 @@ def _contents(fn: Any) -> list[Any]:
 
 
 def _attributes(obj: Any) -> list[Any]:
-    """The values in ``obj``'s ``__dict__`` (none without one)."""
+    """The values in ``obj``'s ``__dict__`` (none without one), but integers: as a module's
+    (``_MODULE_FLAGS``), an object's own are counts as often as switches."""
     attributes = getattr(obj, "__dict__", None)
-    return list(attributes.values()) if isinstance(attributes, dict) else []
+    if not isinstance(attributes, dict):
+        return []
+    return [v for v in attributes.values() if type(v) is not int]
 
 
 def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
     """Every module under ``f`` (``f`` included) as its id, type (a freed submodule's id may
-    come back, on another module) and train mode (``model[0].train()`` alone switches a batch
-    norm to batch statistics), flat, and whether each of their parameters requires grad.
+    come back, on another module) and flags (``_MODULE_FLAGS``: the train mode, as
+    ``model[0].train()`` alone switches a batch norm to batch statistics, and the switches of
+    its ``forward``, ``if self.mix:``), flat, and whether each of their parameters requires grad.
     One walk of the ``_modules`` and ``_parameters`` dictionaries, each module once: a key is
     made at every call of a small problem, where ``named_modules`` and ``parameters`` (two
     walks of generators) cost 10-25 us, and nested tuples a third more than flat ones."""
@@ -342,7 +351,7 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
             continue
         seen.add(i)
         attributes = m.__dict__
-        held += (i, type(m), *[v for v in attributes.values() if type(v) in _FLAGS])
+        held += (i, type(m), *[v for v in attributes.values() if type(v) in _MODULE_FLAGS])
         parameters, children = attributes["_parameters"], attributes["_modules"]
         if parameters:
             grads += [p.requires_grad for p in parameters.values() if p is not None]
