@@ -79,7 +79,7 @@ def _set_global(value: bool) -> None:
 
 
 def _rebound() -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], None]]:
-    act = torch.tanh
+    act: Callable[[torch.Tensor], torch.Tensor] = torch.tanh
 
     def f(z: torch.Tensor) -> torch.Tensor:
         return act(z * 2)
@@ -184,3 +184,25 @@ def test_state_that_makes_f_mix_samples_is_watched_again(case: str, call: str) -
     mix()
     with pytest.raises(BatchInteractionError):
         run(x)
+
+
+class _Unbound:
+    """A proxy-like callable whose ``__dict__`` raises (a context-local proxy unbound)."""
+
+    @property
+    def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
+        raise RuntimeError("unbound")
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z)
+
+
+def test_a_callable_whose_attributes_cannot_be_read_is_left_alone() -> None:
+    """The structure looks into callable objects' ``__dict__``; one that raises there (itself
+    ``f``, or held by ``f``) is not looked into, and the call gives the divergence."""
+    x = torch.randn(4, 3, dtype=f64)
+    expected = (1 - x.tanh() ** 2).sum(-1)
+    proxy = _Unbound()
+    for f in (proxy, lambda z, p=proxy: p(z)):
+        for _ in range(2):
+            torch.testing.assert_close(torchdiv.divergence(f, x), expected)

@@ -324,9 +324,12 @@ def _contents(fn: Any) -> list[Any]:
 
 
 def _attributes(obj: Any) -> list[Any]:
-    """The values in ``obj``'s ``__dict__`` (none without one), but integers: as a module's
-    (``_MODULE_FLAGS``), an object's own are counts as often as switches."""
-    attributes = getattr(obj, "__dict__", None)
+    """The values in ``obj``'s ``__dict__`` (none without one, or where reading it raises: a
+    ``__slots__`` class whose ``__getattr__`` raises ``KeyError``, a proxy), but integers: as
+    a module's (``_MODULE_FLAGS``), an object's own are counts as often as switches."""
+    attributes = None
+    with contextlib.suppress(Exception):
+        attributes = obj.__dict__
     if not isinstance(attributes, dict):
         return []
     return [v for v in attributes.values() if type(v) is not int]
