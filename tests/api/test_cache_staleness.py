@@ -206,3 +206,35 @@ def test_a_callable_whose_attributes_cannot_be_read_is_left_alone() -> None:
     for f in (proxy, lambda z, p=proxy: p(z)):
         for _ in range(2):
             torch.testing.assert_close(torchdiv.divergence(f, x), expected)
+
+
+class _FlaggedField(nn.Module):
+    """A velocity ``f(t, z)`` that mixes samples when its flag says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(2, 2).double()
+        self.mix = False
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.net(z))
+        return y + z.mean(0) if self.mix else y
+
+
+def test_a_one_probe_flow_watches_a_field_switched_to_mixing() -> None:
+    """``log_likelihood`` with one probe watches its velocity module once per structure; the
+    module's flag is part of it (the solve returned other samples' terms, unrefused)."""
+    field = _FlaggedField()
+    x = torch.randn(8, 2, dtype=f64)
+
+    def solve() -> torch.Tensor:
+        return torchdiv.flows.log_likelihood(
+            field, x, 0.0, 1.0, lambda z: -0.5 * z.square().sum(-1), method="hutchinson",
+            num_probes=1, rtol=1e-3, atol=1e-3, solver="rk4", options={"step_size": 0.5},
+        )  # fmt: skip
+
+    for _ in range(2):
+        solve()
+    field.mix = True
+    with pytest.raises(BatchInteractionError):
+        solve()
