@@ -31,7 +31,7 @@ class _CentredInTraining(nn.Module):
         return y - y.mean(0) if self.training else y
 
 
-def _net(d: int = 3) -> nn.Module:
+def _net(d: int = 3) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(d, d), _CentredInTraining(), nn.Tanh()).double().eval()
 
@@ -64,6 +64,14 @@ class _Flagged(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         y = self.net(z)
         return y + z.mean(0) if self.mix else y
+
+
+def _centred_output(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    return output - output.mean(0)
+
+
+def _centred_input(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    return (inputs[0] - inputs[0].mean(0),)
 
 
 _MIX = False
@@ -134,11 +142,21 @@ def _cases() -> dict[str, Callable[[], tuple[Any, Callable[[], None]]]]:
 
         return f, rebind
 
+    def hook_on_a_submodule():
+        net = _net()
+        return net, lambda: net[0].register_forward_hook(_centred_output)
+
+    def pre_hook_through_a_function():
+        net = _net()
+        return (lambda z: net(z)), lambda: net[2].register_forward_pre_hook(_centred_input)
+
     def global_flag():
         _set_global(False)
         return _global_flag, lambda: _set_global(True)
 
     return {
+        "forward hook on a submodule": hook_on_a_submodule,
+        "pre-hook on a module a function calls": pre_hook_through_a_function,
         "global flag": global_flag,
         "closure rebound to a builtin": _rebound,
         "module in a partial's arguments": partial_argument,
@@ -238,3 +256,19 @@ def test_a_one_probe_flow_watches_a_field_switched_to_mixing() -> None:
     field.mix = True
     with pytest.raises(BatchInteractionError):
         solve()
+
+
+def test_a_hook_registered_for_every_module_is_watched_again() -> None:
+    """``register_module_forward_hook`` reaches every module's forward: a later call is
+    watched again, and the hook that mixes samples is refused (it was served unwatched)."""
+    net = _net()
+    x = torch.randn(4, 3, dtype=f64)
+    for _ in range(2):
+        torchdiv.divergence(net, x)
+    hook: Any = _centred_output  # (typed as returning None: a hook may return the output)
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with pytest.raises(BatchInteractionError):
+            torchdiv.divergence(net, x)
+    finally:
+        handle.remove()

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.modules.module as _module_hooks
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from torchdiv._core import mixing as _mixing
@@ -242,17 +243,26 @@ def site(f: Any) -> Any:
 
 def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
     """``key`` of ``x`` and, for a module ``f``, which submodules it holds (a swapped one is
-    another object), each one's flags (its train mode, ``if self.mix:``: ``_held``), and which
-    of their parameters require grad: what an ``f``'s computation depends on, as far as it
+    another object), each one's flags (its train mode, ``if self.mix:``: ``_held``) and
+    forward hooks (and those of every module), and which of their parameters require
+    grad: what an ``f``'s computation depends on, as far as it
     can be told without running it. For any other callable, the same of every module it
     reaches (``named``: ``lambda x: model(x)`` after ``model.train()`` is another structure),
     which object each other callable it reaches is (a rebound closure, ``torch.tanh`` for
     ``torch.flipud``), and the value of each flag it reaches (``_FLAGS``: ``if mix:``,
     ``mean(dim)``). Floats (a time, a scale) and tensors are values, not structure; so are
     the integers an object holds (``_MODULE_FLAGS``)."""
+    hooks = _global_hooks()
     if isinstance(f, torch.nn.Module):
-        return (*_held(f), key(x, batch_dims))
-    return (*_reached(f), key(x, batch_dims))
+        return (*_held(f), *hooks, key(x, batch_dims))
+    return (*_reached(f), *hooks, key(x, batch_dims))
+
+
+def _global_hooks() -> tuple[Any, ...]:
+    """The forward hooks registered for every module (``register_module_forward_hook``, its
+    pre-hook too), by their handles' ids; ``()`` without any."""
+    pre, post = _module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks
+    return ((*pre, None, *post),) if pre or post else ()
 
 
 # the types of the objects a key holds by value: what a branch or an axis in ``f`` reads (a
@@ -337,9 +347,10 @@ def _attributes(obj: Any) -> list[Any]:
 
 def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
     """Every module under ``f`` (``f`` included) as its id, type (a freed submodule's id may
-    come back, on another module) and flags (``_MODULE_FLAGS``: the train mode, as
+    come back, on another module), flags (``_MODULE_FLAGS``: the train mode, as
     ``model[0].train()`` alone switches a batch norm to batch statistics, and the switches of
-    its ``forward``, ``if self.mix:``), flat, and whether each of their parameters requires grad.
+    its ``forward``, ``if self.mix:``) and forward hooks (one may mix samples), flat, and
+    whether each of their parameters requires grad.
     One walk of the ``_modules`` and ``_parameters`` dictionaries, each module once: a key is
     made at every call of a small problem, where ``named_modules`` and ``parameters`` (two
     walks of generators) cost 10-25 us, and nested tuples a third more than flat ones."""
@@ -355,6 +366,9 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
         seen.add(i)
         attributes = m.__dict__
         held += (i, type(m), *[v for v in attributes.values() if type(v) in _MODULE_FLAGS])
+        pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
+        if pre or post:  # by their handles' ids (a counter: never reused)
+            held.append((*(pre or ()), None, *(post or ())))
         parameters, children = attributes["_parameters"], attributes["_modules"]
         if parameters:
             grads += [p.requires_grad for p in parameters.values() if p is not None]
