@@ -145,14 +145,16 @@ def test_a_global_rebound_to_a_scripted_function_after_a_first_call_is_run_as_wr
     net = net.double()
     x = torch.randn(4, 3, dtype=torch.float64)
     torchdiv.divergence(lambda z: _through_act(net, z), x)  # _ACT is None: nothing followed
-    try:
-        _ACT = torch.jit.script(_sin_times)
-        for _ in range(3):  # the executor's profiled runs, outside torchdiv
-            _through_act(net, x.clone().requires_grad_(True)).sum().backward()
-        eager = lambda z: _sin_times(net(z))  # noqa: E731
-        want = loop_diagonal(eager, x, create_graph=True).sum(-1)
-        expected = _grads(want, net)
-        got = torchdiv.divergence(lambda z: _through_act(net, z), x)
-        _checked(got, want.detach(), net, expected)
-    finally:
-        _ACT = None
+    # (the executor's own state, whatever earlier tests left: optimized, as in a fresh process)
+    with torch.jit.optimized_execution(True):
+        try:
+            _ACT = torch.jit.script(_sin_times)
+            for _ in range(3):  # the executor's profiled runs, outside torchdiv
+                _through_act(net, x.clone().requires_grad_(True)).sum().backward()
+            eager = lambda z: _sin_times(net(z))  # noqa: E731
+            want = loop_diagonal(eager, x, create_graph=True).sum(-1)
+            expected = _grads(want, net)
+            got = torchdiv.divergence(lambda z: _through_act(net, z), x)
+            _checked(got, want.detach(), net, expected)
+        finally:
+            _ACT = None
