@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.modules.module as _module_hooks
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from torchdiv._core import mixing as _mixing
@@ -242,61 +243,114 @@ def site(f: Any) -> Any:
 
 def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
     """``key`` of ``x`` and, for a module ``f``, which submodules it holds (a swapped one is
-    another object), each one's train mode, and which of their parameters require grad: what
-    an ``f``'s computation depends on, as far as it can be told without running it. For a
-    function, the same of every module it reaches by name (its closure's cells and the
-    globals its code names: ``lambda x: model(x)`` after ``model.train()`` is another
-    structure) and which object each other callable cell holds (a rebound closure)."""
+    another object), each one's flags (its train mode, ``if self.mix:``: ``_held``) and
+    forward hooks (and those of every module), and which of their parameters require
+    grad: what an ``f``'s computation depends on, as far as it
+    can be told without running it. For any other callable, the same of every module it
+    reaches (``named``: ``lambda x: model(x)`` after ``model.train()`` is another structure),
+    which object each other callable it reaches is (a rebound closure, ``torch.tanh`` for
+    ``torch.flipud``), and the value of each flag it reaches (``_FLAGS``: ``if mix:``,
+    ``mean(dim)``). Floats (a time, a scale) and tensors are values, not structure; so are
+    the integers an object holds (``_MODULE_FLAGS``)."""
+    hooks = _global_hooks()
     if isinstance(f, torch.nn.Module):
-        return (*_held(f), key(x, batch_dims))
-    return (*_reached(f), key(x, batch_dims))
+        return (*_held(f), *hooks, key(x, batch_dims))
+    return (*_reached(f), *hooks, key(x, batch_dims))
+
+
+def _global_hooks() -> tuple[Any, ...]:
+    """The forward hooks registered for every module (``register_module_forward_hook``, its
+    pre-hook too), by their handles' ids; ``()`` without any."""
+    pre, post = _module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks
+    return ((*pre, None, *post),) if pre or post else ()
+
+
+# the types of the objects a key holds by value: what a branch or an axis in ``f`` reads (a
+# set: ``type(v) in`` it costs half of a tuple's, read for every attribute of every module);
+# a module's own are read without ``int``: a count kept in ``forward`` (``self.nfe += 1``,
+# torchdiffeq's examples) would make every call a new structure, watched and recorded again
+# (1.4-1.9x the time of a tiny call)
+_FLAGS = frozenset((bool, int, str, type(None)))
+_MODULE_FLAGS = frozenset((bool, str, type(None)))
 
 
 def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
-    """``_held`` of the modules a function names (``named``), each module once, and the ids of
-    the functions it names, ``depth`` levels down."""
+    """``_held`` of the modules ``f`` reaches (``named``), each module once, the flags it
+    reaches by value and the ids of the other callables, ``depth`` levels down."""
     out: list[Any] = []
     for held in named(f, depth):
         if isinstance(held, torch.nn.Module):
             with contextlib.suppress(Exception):  # (a stand-in that is not one)
                 out += _held(held)
+        elif type(held) in _FLAGS:
+            out.append(held)
         else:
             out.append(id(held))
     return tuple(out)
 
 
 def named(f: Any, depth: int = 3) -> Iterator[Any]:
-    """The modules and functions a function names (closure cells and globals its code names,
-    bound methods' modules), and those the functions name, ``depth`` levels down; each once.
-    Only plain functions, partials, modules and methods are looked into: any other object (a
-    config whose ``__getattr__`` raises, a proxy) is left as it is."""
-    seen: set[int] = set()  # functions and modules already given
+    """What ``f`` reaches (``_contents``: a function's closure cells, default arguments and
+    the globals its code names; a partial's function and arguments; a bound method's object;
+    a callable object's attributes), and what the callables among those reach, ``depth``
+    levels down: the modules (each once), the other callables and the flags (``_FLAGS``).
+    Only functions, partials, methods and callable objects are looked into, by their
+    ``__dict__`` (never ``getattr``: a config whose ``__getattr__`` raises, a proxy);
+    modules by ``_held``."""
+    seen: set[int] = set()  # callables and modules already given
     todo = [(f, depth)]
     while todo:
         fn, left = todo.pop()
-        code = getattr(fn, "__code__", None)
-        if code is None or id(fn) in seen:
+        if id(fn) in seen:
             continue
         seen.add(id(fn))
-        names = getattr(fn, "__globals__", {})
-        held_by_name = [names[n] for n in code.co_names if n in names]
-        for held in cell_contents(fn) + held_by_name:
-            if isinstance(held, types.MethodType):
-                held = held.__self__  # a bound method: its object
-            if isinstance(held, torch.nn.Module):
+        for held in _contents(fn):
+            if type(held) in _FLAGS:
+                yield held
+            elif isinstance(held, torch.nn.Module):
                 if id(held) not in seen:
                     seen.add(id(held))
                     yield held
-            elif isinstance(held, types.FunctionType | functools.partial):
+            elif callable(held):  # a class too, by its id, not looked into
                 yield held
-                if left:
-                    todo.append((getattr(held, "func", held), left - 1))
+                if left and not isinstance(held, type):
+                    todo.append((held, left - 1))
+
+
+def _contents(fn: Any) -> list[Any]:
+    """What ``fn`` names (``named``); a bound method's module object, or its function and the
+    attributes of a plain object."""
+    if isinstance(fn, types.FunctionType):
+        names, code = fn.__globals__, fn.__code__
+        held = cell_contents(fn) + [names[n] for n in code.co_names if n in names]
+        return held + list(fn.__defaults__ or ()) + list((fn.__kwdefaults__ or {}).values())
+    if isinstance(fn, functools.partial):
+        return [fn.func, *fn.args, *fn.keywords.values()]
+    if isinstance(fn, types.MethodType):
+        own = fn.__self__
+        return [own] if isinstance(own, torch.nn.Module) else [fn.__func__, *_attributes(own)]
+    call = type(fn).__call__ if callable(fn) else None  # a callable object's, if in Python
+    return [call, *_attributes(fn)] if isinstance(call, types.FunctionType) else []
+
+
+def _attributes(obj: Any) -> list[Any]:
+    """The values in ``obj``'s ``__dict__`` (none without one, or where reading it raises: a
+    ``__slots__`` class whose ``__getattr__`` raises ``KeyError``, a proxy), but integers: as
+    a module's (``_MODULE_FLAGS``), an object's own are counts as often as switches."""
+    attributes = None
+    with contextlib.suppress(Exception):
+        attributes = obj.__dict__
+    if not isinstance(attributes, dict):
+        return []
+    return [v for v in attributes.values() if type(v) is not int]
 
 
 def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
     """Every module under ``f`` (``f`` included) as its id, type (a freed submodule's id may
-    come back, on another module) and train mode (``model[0].train()`` alone switches a batch
-    norm to batch statistics), flat, and whether each of their parameters requires grad.
+    come back, on another module), flags (``_MODULE_FLAGS``: the train mode, as
+    ``model[0].train()`` alone switches a batch norm to batch statistics, and the switches of
+    its ``forward``, ``if self.mix:``) and forward hooks (one may mix samples), flat, and
+    whether each of their parameters requires grad.
     One walk of the ``_modules`` and ``_parameters`` dictionaries, each module once: a key is
     made at every call of a small problem, where ``named_modules`` and ``parameters`` (two
     walks of generators) cost 10-25 us, and nested tuples a third more than flat ones."""
@@ -310,8 +364,12 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
         if i in seen:  # a module held twice (tied layers): once, as modules() does
             continue
         seen.add(i)
-        held += (i, type(m), m.training)
-        parameters, children = m._parameters, m._modules
+        attributes = m.__dict__
+        held += (i, type(m), *[v for v in attributes.values() if type(v) in _MODULE_FLAGS])
+        pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
+        if pre or post:  # by their handles' ids (a counter: never reused)
+            held.append((*(pre or ()), None, *(post or ())))
+        parameters, children = attributes["_parameters"], attributes["_modules"]
         if parameters:
             grads += [p.requires_grad for p in parameters.values() if p is not None]
         if children:

@@ -91,5 +91,5 @@ def structure(f: Any, x: torch.Tensor, batch_dims: int) -> Structure:
     function (``functools.wraps``) may compute different things."""
     f = unwrapped(f)
     if inspect.ismethod(f):
-        return f.__self__, (f.__func__, structure_key(f.__self__, x, batch_dims))
+        return f.__self__, (f.__func__, structure_key(f, x, batch_dims))
     return f, structure_key(f, x, batch_dims)
