@@ -132,13 +132,6 @@ def _through_act(net: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
     return _ACT(y) if _ACT is not None else y
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_core/script.py keeps, per code object, the globals it follows as they were at "
-    "first sight (_GLOBALS): one bound to None then is never followed once rebound to "
-    "TorchScript, whose optimized plan then drops the parameter gradients (5.9 off); fix "
-    "there (owned by another writer): keep the names, read their kinds at each call",
-)
 def test_a_global_rebound_to_a_scripted_function_after_a_first_call_is_run_as_written() -> None:
     global _ACT
     net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
