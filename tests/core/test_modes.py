@@ -34,18 +34,22 @@ def test_math_attention_puts_the_fast_path_back():
     assert torch.backends.mha.get_fastpath_enabled()
 
 
-def test_overlapping_calls_put_dynamos_stance_back_in_any_order():
+def test_overlapping_calls_put_the_stance_and_the_executor_flag_back_in_any_order():
     from torch._dynamo import eval_frame
 
     before = eval_frame._stance.stance
+    optimized = torch._C._get_graph_executor_optimize()  # TorchScript's executor flag
     a, b = CompiledCodeEager(), CompiledCodeEager()
     a.__enter__()
     b.__enter__()
     assert eval_frame._stance.stance == "force_eager"
+    assert not torch._C._get_graph_executor_optimize()
     a.__exit__(None, None, None)
     assert eval_frame._stance.stance == "force_eager"
+    assert not torch._C._get_graph_executor_optimize()
     b.__exit__(None, None, None)
     assert eval_frame._stance.stance == before
+    assert torch._C._get_graph_executor_optimize() == optimized
 
 
 def test_every_op_safe_derivatives_changes_leaves_its_nodes():

@@ -247,16 +247,16 @@ class CompiledCodeEager(contextlib.ContextDecorator):
     call on, the profiling executor's optimized graph carries no forward-mode tangents,
     ``torch.func`` levels or dispatch-mode recording, and every engine saw a constant (zeros,
     parameter gradients gone). The flag is the executor's own (``torch.jit.optimized_execution``,
-    thread-local), set and put back by two C calls (under 1 us); an executor that optimized its
-    plan already ignores it (``torchdiv._core.script.forget_plans``).
+    thread-local), set by the first block of a thread to enter and put back by the last to
+    leave, in whatever order they leave (``_Unoptimized``); an executor that optimized its plan
+    already ignores it (``torchdiv._core.script.forget_plans``).
     """
 
     def _recreate_cm(self) -> CompiledCodeEager:  # a decorated function: one per call
         return type(self)()
 
     def __enter__(self) -> None:
-        self.optimize = torch._C._get_graph_executor_optimize()
-        torch._C._set_graph_executor_optimize(False)
+        _UNOPTIMIZED.enter()
         self.held = False
         frames = sys.modules.get("torch._dynamo.eval_frame")
         if frames is None or not hasattr(frames, "_stance"):  # no Dynamo, or torch < 2.6
@@ -268,9 +268,34 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             self.held = True
 
     def __exit__(self, *exc: object) -> None:
-        torch._C._set_graph_executor_optimize(self.optimize)
+        _UNOPTIMIZED.exit()
         if self.held:
             _STANCE.exit(_put_stance)
+
+
+class _Unoptimized(threading.local):
+    """TorchScript's executor optimization (a thread-local flag) off while at least one
+    ``CompiledCodeEager`` block of this thread is inside, put back when the last one leaves:
+    blocks that leave out of order (a generator's, or entered and left by hand) left it off
+    for the rest of the process when each put back what it had found."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.prior = True
+
+    def enter(self) -> None:
+        if self.count == 0:
+            self.prior = torch._C._get_graph_executor_optimize()
+            torch._C._set_graph_executor_optimize(False)
+        self.count += 1
+
+    def exit(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            torch._C._set_graph_executor_optimize(self.prior)
+
+
+_UNOPTIMIZED = _Unoptimized()
 
 
 def _eager_stance() -> Any:
