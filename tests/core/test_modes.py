@@ -196,3 +196,30 @@ def test_replacements_take_pytorch_s_values_at_the_edges():
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(out, torch.tensor([1.0, 2.0, 6.0]))
+
+
+class _Proxy:
+    """A callable whose unknown attributes raise ``KeyError`` (a config proxy's way)."""
+
+    __slots__ = ("net",)
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net = net
+
+    def __getattr__(self, name: str) -> object:
+        raise KeyError(name)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+def test_a_callable_whose_getattr_raises_another_error_is_not_taken_for_compiled_code():
+    import torchdiv
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x = torch.randn(4, 3)
+    for op in (torchdiv.divergence, torchdiv.jacobian, torchdiv.laplacian):
+        torch.testing.assert_close(op(_Proxy(net), x), op(net, x))
+    with pytest.raises(ValueError, match="f writes into its input"):  # an error's context too
+        torchdiv.divergence(_Proxy(lambda z: z.mul_(2)), x)  # type: ignore[arg-type]

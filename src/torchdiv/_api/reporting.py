@@ -27,6 +27,7 @@ import torch.utils.checkpoint as _checkpoint
 
 from torchdiv._core.checks import mark_final, raised_by_f
 from torchdiv._core.mixing import BatchInteractionError, unnamed
+from torchdiv._core.script import attribute
 from torchdiv._exact.attributes import PlainAttributes
 from torchdiv._taylor.mixing import recorded_mixing
 
@@ -224,5 +225,5 @@ def _modules(f: Any) -> list[torch.nn.Module]:
     """``f`` if it is a module, else the modules its closure holds (``lambda x: net(x)``)."""
     if isinstance(f, torch.nn.Module):
         return [f]
-    cells = getattr(f, "__closure__", None) or ()
+    cells = attribute(f, "__closure__") or ()
     return [c.cell_contents for c in cells if isinstance(c.cell_contents, torch.nn.Module)]

@@ -19,6 +19,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from torchdiv._core.modes import DispatchMode, WrongDerivatives
+from torchdiv._core.script import attribute
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -285,7 +286,7 @@ def check_initialized(fn: str, f: Any) -> None:
     seen an input yet: its first forward swaps parameter classes, which inside a ``torch.func``
     transform left it half made, and the next evaluation crashed the process (a segmentation
     fault). One walk of the ``_modules`` dictionaries."""
-    owner = f if isinstance(f, torch.nn.Module) else getattr(f, "__self__", None)
+    owner = f if isinstance(f, torch.nn.Module) else attribute(f, "__self__")
     stack = [owner] if isinstance(owner, torch.nn.Module) else []
     while stack:
         m = stack.pop()
@@ -435,7 +436,7 @@ def unwrapped(f: Any) -> Any:
     a user's ``functools.wraps`` wrapper may compute something else than what it wraps. A
     module is never one (and a missing attribute of a module costs an exception)."""
     while not isinstance(f, torch.nn.Module):
-        inner = getattr(f, "_torchdiv_wraps", None)
+        inner = attribute(f, "_torchdiv_wraps")
         if inner is None:
             return f
         f = inner

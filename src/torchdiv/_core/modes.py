@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from torchdiv._core import linalg as _linalg
 from torchdiv._core.ddp import one_forward, spans_peers
-from torchdiv._core.script import forget_plans
+from torchdiv._core.script import attribute, forget_plans
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -139,7 +139,7 @@ def _compiled_parts(f: Any) -> tuple[Callable[..., Any], Any, bool | None] | Non
         return None
     if isinstance(f, torch.nn.Module) and _own_hooks(f):  # the original's call would skip them
         return None
-    original = getattr(f, "_torchdynamo_orig_callable", None)
+    original = attribute(f, "_torchdynamo_orig_callable")
     if original is None:
         return None
     if isinstance(f, compiled_module):  # the module, whose call runs its hooks, not its forward

@@ -85,6 +85,16 @@ def _kind(kind: type) -> int:
     return found
 
 
+def attribute(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)``, also ``None`` where ``obj``'s ``__getattr__`` raises another
+    error than ``AttributeError`` (a proxy's ``KeyError``): for the attributes torchdiv reads
+    off the caller's ``f`` to tell what it is (``__self__``, a compiled function's original)."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:
+        return None
+
+
 def cell_contents(fn: Any) -> list[Any]:
     """What the cells of ``fn``'s closure hold (an empty cell, a name bound later: none)."""
     out = []

@@ -9,7 +9,6 @@ directions as given. Arguments are checked by the public functions (``torchdiv._
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -26,7 +25,7 @@ from torchdiv._core.basis import (
     broadcast_basis,
     chunks,
 )
-from torchdiv._core.checks import event_numel
+from torchdiv._core.checks import event_numel, unwrapped
 from torchdiv._core.crossover import traced
 from torchdiv._core.modes import recorded
 from torchdiv._exact.forward import ForwardJacobian, under_tangents
@@ -205,7 +204,7 @@ def _structure(f: Function, at: mixing.Structure) -> tuple[Any, Hashable]:
     with the same code but different graphs share a decision: it only chooses between two
     exact methods (sample mixing is checked per object: ``recorded_or_loop``), so at worst
     it is slower."""
-    return cache.site(inspect.unwrap(f)), at[1]
+    return cache.site(unwrapped(f)), at[1]
 
 
 def looped(

@@ -48,7 +48,7 @@ from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from torchdiv._core import mixing as _mixing
 from torchdiv._core.modes import DispatchMode
-from torchdiv._core.script import cell_contents
+from torchdiv._core.script import attribute, cell_contents
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
     _DECOMPOSITIONS,
@@ -237,7 +237,7 @@ def site(f: Any) -> Any:
     code, so that a lambda written in a loop, a new object each time, is found again."""
     if isinstance(f, torch.nn.Module):
         return f
-    code = getattr(getattr(f, "__func__", f), "__code__", None)
+    code = attribute(attribute(f, "__func__") or f, "__code__")
     return f if code is None else code
 
 
