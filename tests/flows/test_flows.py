@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import types
 from typing import ClassVar
 
 import pytest
@@ -387,6 +388,11 @@ GOOD = {"f": lambda t, z: -z, "x": X, "t0": 0.0, "t1": 1.0, "base_log_prob": nor
         ({"f": lambda t, z: z[:, :2]}, ValueError, r"velocity shaped like z: .*\(2, 3\).*\(2, 2\)"),
         ({"f": lambda t, z: z.double()}, TypeError, "f\\(t, z\\) must return z's dtype"),
         ({"f": lambda t, z: [z]}, TypeError, "f\\(t, z\\) must return a torch.Tensor"),
+        (
+            {"f": lambda t, z: types.SimpleNamespace(sample=z)},  # a diffusers model output
+            TypeError,
+            r"got SimpleNamespace; its .sample is one: wrap the model, e.g. lambda t, z: unet",
+        ),
         (
             {"base_log_prob": lambda z: z},
             ValueError,

@@ -214,9 +214,7 @@ def check_tolerance(fn: str, rtol: Any, atol: Any, max_probes: Any, block: int) 
 def check_output(fn: str, y: Any, x: torch.Tensor, batch_dims: int, name: str = "f(x)") -> None:
     """Check that ``y`` is a floating tensor with the batch shape of ``x``."""
     if not isinstance(y, torch.Tensor):
-        hint = ""
-        if isinstance(getattr(y, "sample", None), torch.Tensor):  # diffusers' model outputs
-            hint = "; its .sample is one: wrap the model, e.g. lambda x: unet(x, t).sample"
+        hint = _sample_hint(y, "lambda x: unet(x, t).sample")
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(y).__name__}{hint}")
     if not y.is_floating_point():
         raise TypeError(
@@ -481,10 +479,18 @@ def check_options(fn: str, options: Any) -> None:
         )
 
 
+def _sample_hint(y: Any, wrapped: str) -> str:
+    """The way out for a model output object whose ``.sample`` is the tensor (diffusers')."""
+    if isinstance(attribute(y, "sample"), torch.Tensor):
+        return f"; its .sample is one: wrap the model, e.g. {wrapped}"
+    return ""
+
+
 def check_velocity(fn: str, v: Any, z: torch.Tensor) -> None:
     """``f(t, z)`` must be a tensor with the shape and dtype of the state ``z``."""
     if not isinstance(v, torch.Tensor):
-        raise TypeError(f"{fn}: f(t, z) must return a torch.Tensor, got {type(v).__name__}")
+        hint = _sample_hint(v, "lambda t, z: unet(z, t).sample")
+        raise TypeError(f"{fn}: f(t, z) must return a torch.Tensor, got {type(v).__name__}{hint}")
     if v.shape != z.shape:
         raise ValueError(
             f"{fn}: f(t, z) must return a velocity shaped like z: z has shape {_shape(z)} but "
