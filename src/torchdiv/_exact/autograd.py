@@ -251,8 +251,8 @@ class GraphJacobian:
         if len(cotangents) > LOOP_ROWS and self._batches:
             try:
                 return self._vjp(cotangents, batched=True)
-            except _Unbatchable:
-                self._batches = False
+            except _Unbatchable:  # (its custom backwards may have freed what they need)
+                self._batches, self._walked = False, True
         products = []
         for v in cotangents.unbind():
             product = self._vjp(v, batched=False)
