@@ -32,9 +32,11 @@ def check_batch_independence(
     ``torchdiv._core.basis``). That is right only when the Jacobian of the batched ``f`` is block
     diagonal: ``d f(x)_b / d x_c = 0`` for ``b != c``.
 
-    The test takes ``TRIALS = 32`` random VJPs in one batched call. Each puts Gaussian noise on
-    the outputs of a random half ``S`` of the samples and zero elsewhere; for independent
-    samples the gradient on every input outside ``S`` is then exactly zero (no rounding: those
+    The test takes ``TRIALS = 32`` random VJPs in one batched backward pass (one pass each where
+    ``f``'s backward cannot be batched: a GroupNorm met by channels-last strides, as in
+    diffusers' attention blocks). Each puts Gaussian noise on the outputs of a random half
+    ``S`` of the samples and zero elsewhere; for independent samples the gradient on every
+    input outside ``S`` is then exactly zero (no rounding: those
     entries are sums of exact zeros). A pair ``b != c`` with ``d f_b / d x_c != 0`` shows up in
     a trial with probability 1/4 (``b`` in ``S``, ``c`` not), so it escapes all trials with
     probability ``(3/4)**32 < 1e-4``, whatever the dtype. ``f`` is called once (a train-mode
