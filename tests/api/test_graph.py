@@ -86,3 +86,63 @@ def test_the_seed_mistake_and_the_fix():
     (wrong,) = torch.autograd.grad(y, x, torch.ones_like(y), retain_graph=True)
     assert_close(wrong.sum(-1), torch.full((3,), 10.0, dtype=torch.float64))  # sum of all A
     assert_close(torchdiv.graph_divergence(y, x), torch.full((3,), 5.0, dtype=torch.float64))
+
+
+class _Identity(torch.autograd.Function):
+    """A custom ``Function`` with a differentiable backward: puts ``GraphJacobian`` on its
+    watched path (``is_grads_batched`` under the custom-``Function`` watch)."""
+
+    @staticmethod
+    def forward(ctx, z):
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _channels_last_group_norm(custom: bool):
+    """A float64 GroupNorm met by channels-last strides, as in diffusers' attention blocks: its
+    backward raises ``NYI: querying is_contiguous inside of vmap`` in either batched pass."""
+    torch.manual_seed(0)
+    gn = torch.nn.GroupNorm(2, 4).double()
+    with torch.no_grad():
+        gn.weight.copy_(torch.randn(4, dtype=torch.float64))
+        gn.bias.copy_(torch.randn(4, dtype=torch.float64))
+
+    def f(z):
+        z = _Identity.apply(z) if custom else z
+        return torch.tanh(gn(z.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)))
+
+    return gn, f
+
+
+def _rows_jacobian(y, x, create_graph=False):
+    """Per-sample Jacobians ``(N, n, n)`` by one ``autograd.grad`` per output entry (the
+    samples of ``y`` depend on their own ``x`` only)."""
+    flat = y.reshape(len(y), -1)
+    rows = [
+        torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True, create_graph=create_graph)[0]
+        for i in range(flat.shape[1])
+    ]
+    return torch.stack([r.reshape(len(x), -1) for r in rows], 1)
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["plain", "custom-function"])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_a_graph_that_vmap_cannot_batch_goes_one_pass_per_row(custom, chunk_size):
+    """GroupNorm on channels-last strides (every diffusers U-Net with attention): both batched
+    backward passes raise; the products go one backward pass each, with their graph."""
+    gn, f = _channels_last_group_norm(custom)
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    y = f(x)
+    want = _rows_jacobian(y, x, create_graph=True)
+    jac = torchdiv.graph_jacobian(y, x, chunk_size=chunk_size)
+    assert_close(jac.reshape(3, 16, 16), want.detach())
+    div = torchdiv.graph_divergence(y, x, create_graph=True, chunk_size=chunk_size)
+    trace = want.diagonal(dim1=1, dim2=2).sum(-1)
+    assert_close(div, trace.detach())
+    # create_graph kept: the gradient of the divergence's sum by GroupNorm's weight
+    (got,) = torch.autograd.grad(div.sum(), gn.weight, retain_graph=True)
+    (ref,) = torch.autograd.grad(trace.sum(), gn.weight)
+    assert_close(got, ref)

@@ -133,3 +133,17 @@ def test_the_error_shows_its_public_module():
     assert torchdiv.BatchInteractionError.__module__ == "torchdiv"
     assert repr(torchdiv.BatchInteractionError("m")) == "BatchInteractionError('m')"
     assert "torchdiv.BatchInteractionError" in str(torchdiv.BatchInteractionError)
+
+
+def test_a_graph_that_vmap_cannot_batch_is_checked_one_pass_per_trial():
+    """GroupNorm on channels-last strides (diffusers' attention blocks): both batched backward
+    passes raise; the trials go one backward pass each and still find a leak."""
+    gn = torch.nn.GroupNorm(2, 4)
+
+    def f(z):
+        return gn(z.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))
+
+    x = torch.randn(3, 4, 2, 2)
+    assert torchdiv.check_batch_independence(f, x) is None
+    with pytest.raises(torchdiv.BatchInteractionError, match=r"samples \[0, 1, 2\]"):
+        torchdiv.check_batch_independence(lambda z: f(z) + z.mean(0), x)

@@ -195,3 +195,41 @@ def test_engine_handed_over_draws_the_same_probes(method):
     handed_over = torchdiv.divergence(f, x, **options, generator=torch.Generator().manual_seed(0))
     rows = torchdiv.graph_divergence(f(x), x, **options, generator=torch.Generator().manual_seed(0))
     assert_close(handed_over, rows)
+
+
+class _TanhWalkedOnce(torch.autograd.Function):
+    """Legacy tanh (no ``setup_context``: ``torch.func`` cannot run it) whose backward frees
+    what it saved: its graph can be walked once."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.out = torch.tanh(z)
+        return ctx.out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = ctx.out
+        del ctx.out
+        return grad * (1 - out**2)
+
+
+def test_a_batched_pass_that_failed_after_a_backward_freed_its_state_hands_over():
+    """The batched pass over a graph ``vmap`` cannot batch (GroupNorm on channels-last strides)
+    fails after ``_TanhWalkedOnce``'s backward ran: its per-row replacement cannot walk the
+    graph again, and "auto" re-runs f per vector rather than raising its AttributeError."""
+    gn = torch.nn.GroupNorm(2, 4).double()
+
+    def g(z):  # GroupNorm met by channels-last strides, as in diffusers' attention blocks
+        return gn(z.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))
+
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    div = torchdiv.divergence(lambda z: _TanhWalkedOnce.apply(g(z)), x)
+    want = torch.stack(
+        [
+            torch.autograd.functional.jacobian(lambda s: torch.tanh(g(s[None]))[0], xb)
+            .reshape(16, 16)
+            .trace()
+            for xb in x
+        ]
+    )
+    assert_close(div.detach(), want.detach())

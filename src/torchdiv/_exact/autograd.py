@@ -31,6 +31,17 @@ class GraphSpent(RuntimeError):
     frees what it needs, or a graph already freed)."""
 
 
+class _Unbatchable(RuntimeError):
+    """``GraphJacobian``'s batched backward passes raised (not for a lack of memory): one
+    pass per cotangent stands in for them."""
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a lack of memory (CUDA's, or the CPU allocator's message) rather
+    than an op that cannot be batched: it propagates, for the caller to take smaller chunks."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
 class UndifferentiableBackward(RuntimeError):
     """A custom ``autograd.Function`` in ``f`` whose ``backward`` returned gradients without a
     graph while it was asked for one: gradients of the products would silently lack its part
@@ -171,6 +182,7 @@ class GraphJacobian:
         )
         self._once = once_differentiable_functions(self._custom, y, x)
         self._walked = False
+        self._batches = True  # False once a batched pass raised that it cannot batch y's graph
         self.batch_norms: list[Any] | None = None  # the graph's, if of_function walked it
         self.guarded = False  # of_function's plain evaluation showed an op SafeDerivatives changes
 
@@ -231,10 +243,16 @@ class GraphJacobian:
     def _vjps(self, cotangents: torch.Tensor) -> torch.Tensor | None:
         """The products, ``None`` if ``y`` does not depend on ``x``: one backward pass per
         cotangent when there are at most ``LOOP_ROWS`` (a probe, or the rows of a 2-D
-        event: a batched pass, measured with ``is_grads_batched``, cost more than a second one),
-        else one batched pass."""
-        if len(cotangents) > LOOP_ROWS:
-            return self._vjp(cotangents, batched=True)
+        event: a batched pass, measured with ``is_grads_batched``, cost more than a second one)
+        or when the batched passes raised that they cannot batch ``y``'s graph (an op of its
+        backward that ``vmap`` does not support: ``GroupNorm``'s on a channels-last tensor,
+        ``NYI: querying is_contiguous inside of vmap``; then for every later call too), else
+        one batched pass."""
+        if len(cotangents) > LOOP_ROWS and self._batches:
+            try:
+                return self._vjp(cotangents, batched=True)
+            except _Unbatchable:  # (its custom backwards may have freed what they need)
+                self._batches, self._walked = False, True
         products = []
         for v in cotangents.unbind():
             product = self._vjp(v, batched=False)
@@ -250,6 +268,8 @@ class GraphJacobian:
                 out = self._batched_vjp(cotangents)
             else:
                 out = vjp(self.y, self.x, cotangents, self.create_graph)
+        except _Unbatchable:
+            raise
         except Exception as error:  # the same walk went through before: not the caller's
             if self._walked and not isinstance(error, torch.cuda.OutOfMemoryError):
                 raise GraphSpent(f"the graph of f(x) cannot be walked twice: {error}") from error
@@ -263,24 +283,30 @@ class GraphJacobian:
         ``Function`` watch to do, not compiling), else where ``vmap`` raises (an op without a
         batching rule that its loop cannot stand in for), ``autograd.grad``'s own
         ``is_grads_batched``, whose legacy ``vmap`` costs more (a tanh MLP D -> 64 -> 64 -> D
-        at batch 256, D = 8-64, one thread: ``torch.func.vmap`` took 0.7-0.96x its time)."""
+        at batch 256, D = 8-64, one thread: ``torch.func.vmap`` took 0.7-0.96x its time).
+        Raises ``_Unbatchable`` where that raises too, but not for a lack of memory."""
         usual = not self._custom and self._peers.inert and not torch.compiler.is_compiling()
         if usual:
             try:
                 found = batched(self._product, cotangents)  # () where y does not depend on x
                 return found[0] if found else None
             except RuntimeError as error:  # (a lack of memory would meet the fallback too)
-                if isinstance(error, torch.OutOfMemoryError):
+                if _out_of_memory(error):
                     raise
-        (out,) = torch.autograd.grad(
-            self.y,
-            self.x,
-            cotangents,
-            retain_graph=True,
-            create_graph=self.create_graph,
-            is_grads_batched=True,
-            allow_unused=True,
-        )
+        try:
+            (out,) = torch.autograd.grad(
+                self.y,
+                self.x,
+                cotangents,
+                retain_graph=True,
+                create_graph=self.create_graph,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+        except RuntimeError as error:  # (NotImplementedError included)
+            if _out_of_memory(error):
+                raise
+            raise _Unbatchable(str(error)) from error
         return out
 
     def _product(self, cotangent: torch.Tensor) -> tuple[torch.Tensor, ...]:
