@@ -72,7 +72,7 @@ from torchdiv._core.checks import (
 from torchdiv._core.ddp import one_forward
 from torchdiv._core.mixing import BatchInteractionError
 from torchdiv._core.modes import CompiledCodeEager, outside_inference_mode
-from torchdiv._core.script import forget_plans
+from torchdiv._core.script import attribute, forget_plans
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.probes import draw
@@ -106,7 +106,7 @@ def _module_of(f: object) -> nn.Module | None:
     on as ``partial(self.f, c=c)``); ``None`` for other callables."""
     while isinstance(f, functools.partial):
         f = f.func
-    owner = getattr(f, "__self__", f)
+    owner = attribute(f, "__self__") or f
     return owner if isinstance(owner, nn.Module) else None
 
 

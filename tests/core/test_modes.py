@@ -209,8 +209,8 @@ class _Proxy:
     def __getattr__(self, name: str) -> object:
         raise KeyError(name)
 
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.net(*args)
 
 
 def test_a_callable_whose_getattr_raises_another_error_is_not_taken_for_compiled_code():
@@ -221,5 +221,12 @@ def test_a_callable_whose_getattr_raises_another_error_is_not_taken_for_compiled
     x = torch.randn(4, 3)
     for op in (torchdiv.divergence, torchdiv.jacobian, torchdiv.laplacian):
         torch.testing.assert_close(op(_Proxy(net), x), op(net, x))
+    from torchdiv.flows import log_likelihood
+
+    velocity = lambda t, z: net(z) * t  # noqa: E731
+    flow = (x, 0.0, 1.0, lambda z: -0.5 * z.square().sum(-1))
+    torch.testing.assert_close(
+        log_likelihood(_Proxy(velocity), *flow), log_likelihood(velocity, *flow)
+    )
     with pytest.raises(ValueError, match="f writes into its input"):  # an error's context too
         torchdiv.divergence(_Proxy(lambda z: z.mul_(2)), x)  # type: ignore[arg-type]
