@@ -151,3 +151,50 @@ def test_a_global_rebound_to_a_scripted_function_after_a_first_call_is_run_as_wr
             _checked(got, want.detach(), net, expected)
         finally:
             _ACT = None
+
+
+class _Holder(torch.nn.Module):
+    """An eager module holding its activation as an attribute (``None``: none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+        )
+        self.act = None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        y = self.net(z)
+        return self.act(y) if self.act is not None else y
+
+
+def _outer(net: torch.nn.Module):
+    """``f`` three functions above the global it reads (``_through_act`` reads ``_ACT``)."""
+    inner = lambda z: (lambda w: _through_act(net, w))(z)  # noqa: E731
+    return lambda z: inner(z)
+
+
+@pytest.mark.parametrize("where", ["module attribute", "three functions down"])
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_a_scripted_function_held_by_a_module_or_read_deep_is_run_as_written(where, method):
+    """A scripted function a module holds as an attribute (not a submodule), or a global read
+    three functions below ``f``: both were not found, and the optimized plan dropped the
+    parameter gradients (0.64 off) or gave zeros (structured)."""
+    global _ACT
+    torch.manual_seed(0)
+    holder = _Holder().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    f = holder if where == "module attribute" else _outer(holder.net)
+    torchdiv.divergence(f, x, method=method)  # a first call, with no activation
+    with torch.jit.optimized_execution(True):
+        try:
+            act = torch.jit.script(_sin_times)
+            holder.act, _ACT = (act, None) if where == "module attribute" else (None, act)
+            for _ in range(3):  # the executor's profiled runs, outside torchdiv
+                f(x.clone().requires_grad_(True)).sum().backward()
+            eager = lambda z: _sin_times(holder.net(z))  # noqa: E731
+            want = loop_diagonal(eager, x, create_graph=True).sum(-1)
+            expected = _grads(want, holder.net)
+            _checked(torchdiv.divergence(f, x, method=method), want.detach(), holder.net, expected)
+        finally:
+            _ACT = None

@@ -32,12 +32,14 @@ def forget_plans(f: Any) -> None:
             flush()
 
 
-def scripted(f: Any, depth: int = 2) -> list[Any]:
+def scripted(f: Any, depth: int = 3) -> list[Any]:
     """The ``torch.jit.ScriptModule``s and ``ScriptFunction``s ``f`` is or reaches: through
     submodules (not into a scripted one: its calls are inlined in its own graph) and their
-    classes' ``forward``, bound methods, partials, and a function's closure cells and the
-    globals its code names (a scripted activation), ``depth`` functions deep. Each object's
-    kind is read from its type once per type (``_kind``): about 0.5 us per module."""
+    classes' ``forward``, the functions a module holds as attributes (``self.act =
+    torch.jit.script(fn)``), bound methods, partials, and a function's closure cells and the
+    globals its code and the functions defined in it name (a scripted activation), ``depth``
+    functions deep. Each object's kind is read from its type once per type (``_kind``): about
+    1 us per module."""
     out: list[Any] = []
     seen: set[int] = set()
     todo = [(f, depth)]
@@ -49,11 +51,12 @@ def scripted(f: Any, depth: int = 2) -> list[Any]:
         seen.add(id(obj))
         if kind is _SCRIPT:
             out.append(obj)
-        elif kind is _MODULE:  # its submodules, and what its forward names (a helper)
+        elif kind is _MODULE:  # its submodules, what its forward names (a helper) and holds
             todo += [(m, left) for m in obj._modules.values()]
             forward = _forward(type(obj))
-            if forward is not None:
+            if forward is not None:  # a class of the user's: its forward, its attributes
                 todo.append((forward, left))
+                todo += [(v, left) for v in obj.__dict__.values() if _callable(v)]
         elif kind is _METHOD:
             todo += [(obj.__self__, left), (obj.__func__, left)]
         elif kind is _PARTIAL:
@@ -104,6 +107,13 @@ def cell_contents(fn: Any) -> list[Any]:
     return out
 
 
+def _callable(v: Any) -> bool:
+    """Whether a module attribute's value is one ``scripted`` follows other than a module (its
+    submodules are followed through ``_modules``): a function, method, partial or script."""
+    kind = _KINDS.get(type(v)) or _kind(type(v))
+    return kind is not _OTHER and kind is not _MODULE
+
+
 def _named(fn: types.FunctionType) -> list[Any]:
     """What ``fn``'s closure cells hold and the globals its code names that ``scripted``
     follows, read at every call: a global bound to ``None`` (or anything else) at one call and
@@ -111,20 +121,31 @@ def _named(fn: types.FunctionType) -> list[Any]:
     parameter gradients). ``torch``, ``F`` and constants are skipped by their type's kind."""
     names = fn.__globals__
     kinds = _KINDS
-    found = (names.get(n) for n in fn.__code__.co_names)
+    found = (names.get(n) for n in _names(fn.__code__))
     held = [v for v in found if (kinds.get(type(v)) or _kind(type(v))) != _OTHER]
     return cell_contents(fn) + held
 
 
+def _names(code: types.CodeType) -> tuple[str, ...]:
+    """The global names ``code`` and the code objects defined in it (an inner lambda) use,
+    kept per code object (a code object never changes)."""
+    found = _NAMES.get(code)
+    if found is None:
+        inner = (_names(c) for c in code.co_consts if isinstance(c, types.CodeType))
+        found = _NAMES[code] = tuple(dict.fromkeys(code.co_names + sum(inner, ())))
+    return found
+
+
+_NAMES: dict[types.CodeType, tuple[str, ...]] = {}
 _FORWARDS: dict[type, Any] = {}
 
 
 def _forward(kind: type) -> Any:
     """The ``forward`` of the module class ``kind`` where it is a Python function that can
     reach TorchScript (kept per class; what it names is read at every call, ``_named``).
-    PyTorch's own layers (``nn.Linear``'s forward names ``F``) are not followed: their
-    globals are PyTorch's, and walking them at every call doubled the cost (an MLP: 3.5 ->
-    7.7 us)."""
+    PyTorch's own layers (``nn.Linear``'s forward names ``F``) are not followed, nor their
+    attributes: their globals are PyTorch's, and walking them and their ``__dict__`` at every
+    call made it ~3.5x dearer (an MLP of PyTorch's layers: 3.6 -> 12.5 us)."""
     if kind not in _FORWARDS:
         forward = getattr(kind, "forward", None)
         ours = isinstance(forward, types.FunctionType) and not forward.__module__.startswith(
