@@ -75,6 +75,7 @@ def _centred_input(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
 
 
 _MIX = False
+_INNER: nn.Module | None = None  # a module only an inner lambda names
 
 
 def _global_flag(z: torch.Tensor) -> torch.Tensor:
@@ -154,6 +155,11 @@ def _cases() -> dict[str, Callable[[], tuple[Any, Callable[[], None]]]]:
         _set_global(False)
         return _global_flag, lambda: _set_global(True)
 
+    def module_named_in_an_inner_lambda():
+        global _INNER
+        _INNER = _Flagged()
+        return (lambda z: (lambda w: _INNER(w))(z)), lambda: setattr(_INNER, "mix", True)
+
     return {
         "forward hook on a submodule": hook_on_a_submodule,
         "pre-hook on a module a function calls": pre_hook_through_a_function,
@@ -166,6 +172,7 @@ def _cases() -> dict[str, Callable[[], tuple[Any, Callable[[], None]]]]:
         "callable object": callable_object,
         "module's bool attribute": module_flag,
         "closure's int (an axis)": closure_axis,
+        "global module named in an inner lambda only": module_named_in_an_inner_lambda,
     }
 
 

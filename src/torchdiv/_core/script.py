@@ -121,22 +121,19 @@ def _named(fn: types.FunctionType) -> list[Any]:
     parameter gradients). ``torch``, ``F`` and constants are skipped by their type's kind."""
     names = fn.__globals__
     kinds = _KINDS
-    found = (names.get(n) for n in _names(fn.__code__))
+    found = (names.get(n) for n in global_names(fn.__code__))
     held = [v for v in found if (kinds.get(type(v)) or _kind(type(v))) != _OTHER]
     return cell_contents(fn) + held
 
 
-def _names(code: types.CodeType) -> tuple[str, ...]:
-    """The global names ``code`` and the code objects defined in it (an inner lambda) use,
-    kept per code object (a code object never changes)."""
-    found = _NAMES.get(code)
-    if found is None:
-        inner = (_names(c) for c in code.co_consts if isinstance(c, types.CodeType))
-        found = _NAMES[code] = tuple(dict.fromkeys(code.co_names + sum(inner, ())))
-    return found
+@functools.lru_cache(maxsize=4096)  # per code object (one never changes), bounded
+def global_names(code: types.CodeType) -> tuple[str, ...]:
+    """The global names ``code`` and the code objects defined in it (an inner lambda) use:
+    ``lambda z: (lambda w: m(w))(z)`` names the global ``m`` in its inner code only."""
+    inner = (global_names(c) for c in code.co_consts if isinstance(c, types.CodeType))
+    return tuple(dict.fromkeys(code.co_names + sum(inner, ())))
 
 
-_NAMES: dict[types.CodeType, tuple[str, ...]] = {}
 _FORWARDS: dict[type, Any] = {}
 
 

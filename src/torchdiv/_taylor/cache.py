@@ -48,7 +48,7 @@ from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from torchdiv._core import mixing as _mixing
 from torchdiv._core.modes import DispatchMode
-from torchdiv._core.script import attribute, cell_contents
+from torchdiv._core.script import attribute, cell_contents, global_names
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
     _DECOMPOSITIONS,
@@ -322,7 +322,7 @@ def _contents(fn: Any) -> list[Any]:
     attributes of a plain object."""
     if isinstance(fn, types.FunctionType):
         names, code = fn.__globals__, fn.__code__
-        held = cell_contents(fn) + [names[n] for n in code.co_names if n in names]
+        held = cell_contents(fn) + [names[n] for n in global_names(code) if n in names]
         return held + list(fn.__defaults__ or ()) + list((fn.__kwdefaults__ or {}).values())
     if isinstance(fn, functools.partial):
         return [fn.func, *fn.args, *fn.keywords.values()]
