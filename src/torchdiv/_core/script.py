@@ -145,8 +145,7 @@ def _forward(kind: type) -> Any:
     call made it ~3.5x dearer (an MLP of PyTorch's layers: 3.6 -> 12.5 us)."""
     if kind not in _FORWARDS:
         forward = getattr(kind, "forward", None)
-        ours = isinstance(forward, types.FunctionType) and not forward.__module__.startswith(
-            "torch."
-        )
+        module = getattr(forward, "__module__", None) or ""  # (None: made by exec)
+        ours = isinstance(forward, types.FunctionType) and not module.startswith("torch.")
         _FORWARDS[kind] = forward if ours else None
     return _FORWARDS[kind]
