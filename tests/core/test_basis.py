@@ -51,9 +51,9 @@ def _pushed(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ones(2), torch.tanh(v @ a).cumsum(-1)
 
 
-def test_batched_is_vmap_from_the_first_call_on():
-    """The first call runs ``vmap`` (it loads its decompositions), later ones functorch's own
-    level calls: both give what ``vmap`` gives, leave no level open, and raise its errors."""
+def test_batched_is_vmap():
+    """functorch's own level calls give what ``vmap`` gives, leave no level open (after an
+    error too), and raise its errors."""
     v = torch.randn(4, 5, 2)
     want = vmap(_pushed, out_dims=(None, 0))(v)
     for _ in range(2):
@@ -71,3 +71,21 @@ def test_batched_is_vmap_from_the_first_call_on():
         batched(lambda w: (torch.rand_like(w),), v)
     same = batched(lambda w: (w + torch.rand(()),), torch.zeros(3, 2), randomness="same")[0]
     assert torch.equal(same, same[:1].expand(3, 2))
+
+
+def test_batched_under_the_callers_vmap_passes_outputs_batched_only_there():
+    """Inside the caller's ``vmap`` (an ensemble), an output that does not depend on the
+    vectors is still batched at the caller's level: ``out_dims=None`` takes it as it is
+    (``vmap``'s own check refused it: forward mode under an outer ``vmap`` raised)."""
+    v = torch.randn(4, 5, 2)
+    scales = torch.tensor([1.0, -2.0, 3.0])
+
+    def inner(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return batched(lambda w: (s * 2, (w * s).sum(-1)), v, out_dims=(None, 0))
+
+    const, products = vmap(inner)(scales)
+    assert torch.equal(const, scales * 2)
+    torch.testing.assert_close(products, scales[:, None, None] * v.sum(-1))
+    with pytest.raises(ValueError, match="BatchedTensor"):  # batched here: still refused
+        vmap(lambda s: batched(lambda w: (w * s,), v, out_dims=(None,)))(scales)
+    assert maybe_current_level() is None

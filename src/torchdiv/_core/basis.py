@@ -36,12 +36,13 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
+import torch._functorch.vmap as _vmap_module
 from torch._C._functorch import (
     _add_batch_dim,
     _remove_batch_dim,
     _vmap_decrement_nesting,
     _vmap_increment_nesting,
-    is_batchedtensor,
+    maybe_get_level,
 )
 from torch.func import vmap
 
@@ -182,7 +183,7 @@ def _filters() -> list[Any]:
 
 
 Outputs = tuple[torch.Tensor, ...]
-_VMAPPED = threading.Event()  # one torch.func.vmap has run: its decompositions are loaded
+_LOADED = threading.Event()  # vmap's decompositions are loaded (once per process)
 
 
 def batched(
@@ -200,20 +201,21 @@ def batched(
     the look-up of its decompositions and of export's modes, context managers) costs about
     43 us a call on a 2-core CPU, against ~600 us for the batched backward pass of a D = 8
     MLP's Jacobian at batch 256: 5-7% of a small problem's call. Outside a compiled region
-    and after one ``vmap`` of the process (which loads its decompositions), the level is
-    entered, the batch dimension added and removed by functorch's own calls, as ``vmap``
-    makes them; inside one, Dynamo traces ``vmap`` itself.
+    the level is entered, the batch dimension added and removed by functorch's own calls, as
+    ``vmap`` makes them (its decompositions loaded once); inside one, Dynamo traces ``vmap``
+    itself. Under the caller's own ``vmap`` (an ensemble of models), an output that is not
+    batched here may be batched at the caller's level: ``vmap``'s check of ``out_dims=None``
+    refused it (forward mode under an outer ``vmap`` raised), ``_unbatched`` reads the level.
 
         >>> batched(lambda v: (v * 2, v.sum()), torch.ones(3, 2))[1]
         tensor([2., 2., 2.])
     """
     if torch.compiler.is_compiling():
         return _vmapped(fn, vectors, out_dims, randomness)
+    if not _LOADED.is_set():
+        _vmap_module.lazy_load_decompositions()  # pyright: ignore[reportPrivateImportUsage]
+        _LOADED.set()
     with _QUIET:
-        if not _VMAPPED.is_set():
-            out = _vmapped(fn, vectors, out_dims, randomness)
-            _VMAPPED.set()
-            return out
         k = vectors.shape[0]
         level = _vmap_increment_nesting(k, randomness)
         try:
@@ -237,9 +239,10 @@ def _vmapped(
 
 def _unbatched(y: torch.Tensor, dim: int | None, level: int, k: int) -> torch.Tensor:
     """An output of ``batched``'s ``fn`` with the batch level removed (moved to ``dim``), or,
-    where ``dim`` is ``None``, as it is; the errors ``vmap`` raises."""
+    where ``dim`` is ``None``, as it is (batched at an outer level at most); the errors
+    ``vmap`` raises."""
     if dim is None:
-        if is_batchedtensor(y):
+        if maybe_get_level(y) == level:
             raise ValueError("vmap: a BatchedTensor was returned where out_dims is None")
         return y
     if not isinstance(y, torch.Tensor):
