@@ -106,7 +106,8 @@ def _module_of(f: object) -> nn.Module | None:
     on as ``partial(self.f, c=c)``); ``None`` for other callables."""
     while isinstance(f, functools.partial):
         f = f.func
-    owner = attribute(f, "__self__") or f
+    owner = attribute(f, "__self__")
+    owner = f if owner is None else owner  # (not `or`: a module without submodules is falsy)
     return owner if isinstance(owner, nn.Module) else None
 
 

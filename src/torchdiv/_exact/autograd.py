@@ -36,7 +36,7 @@ class _Unbatchable(RuntimeError):
     pass per cotangent stands in for them."""
 
 
-def _out_of_memory(error: BaseException) -> bool:
+def out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is a lack of memory (CUDA's, or the CPU allocator's message) rather
     than an op that cannot be batched: it propagates, for the caller to take smaller chunks."""
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
@@ -291,7 +291,7 @@ class GraphJacobian:
                 found = batched(self._product, cotangents)  # () where y does not depend on x
                 return found[0] if found else None
             except RuntimeError as error:  # (a lack of memory would meet the fallback too)
-                if _out_of_memory(error):
+                if out_of_memory(error):
                     raise
         try:
             (out,) = torch.autograd.grad(
@@ -304,7 +304,7 @@ class GraphJacobian:
                 allow_unused=True,
             )
         except RuntimeError as error:  # (NotImplementedError included)
-            if _out_of_memory(error):
+            if out_of_memory(error):
                 raise
             raise _Unbatchable(str(error)) from error
         return out

@@ -23,7 +23,13 @@ from torchdiv._core.checks import event_numel
 from torchdiv._core.mixing import BatchInteractionError
 from torchdiv._exact import plan as _plan
 from torchdiv._exact import state as _state
-from torchdiv._exact.autograd import GraphJacobian, RerunJacobian, leaf, unwatched
+from torchdiv._exact.autograd import (
+    GraphJacobian,
+    RerunJacobian,
+    leaf,
+    out_of_memory,
+    unwatched,
+)
 from torchdiv._exact.forward import ForwardJacobian
 from torchdiv._exact.reverse import ReverseJacobian
 from torchdiv._taylor.cache import PlanCache, key
@@ -415,7 +421,4 @@ def _cannot_run(error: Exception) -> bool:
     """Whether ``error`` says that an engine cannot run ``f`` (PyTorch raises those as
     ``RuntimeError`` or ``NotImplementedError``), rather than a lack of memory, which the
     next engine would meet as well, or a mistake of the caller's (``TypeError``, ...)."""
-    out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError) or (
-        "can't allocate memory" in str(error)
-    )
-    return isinstance(error, RuntimeError) and not out_of_memory
+    return isinstance(error, RuntimeError) and not out_of_memory(error)
