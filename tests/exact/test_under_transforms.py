@@ -2,8 +2,8 @@
 (``vmap`` over stacked parameters with ``functional_call``) or of inputs. Forward mode's
 batched pushes return ``f(x)`` unbatched at their own level but batched at the caller's, which
 ``vmap``'s ``out_dims=None`` check refused (forward mode, and ``"auto"`` on conv nets, raised).
-References: each member of the ensemble computed on its own by reverse mode, and a
-per-sample ``autograd.grad`` loop (conftest)."""
+References: a per-sample ``autograd.grad`` loop (conftest), its parameter gradients by
+grad-of-grad, and each member of the model ensemble computed on its own by reverse mode."""
 
 from __future__ import annotations
 
@@ -27,8 +27,11 @@ def test_divergence_of_an_ensemble_of_inputs(method: str) -> None:
     net = _conv()
     xs = torch.randn(2, 3, 2, 5, 5, dtype=torch.float64)
     got = vmap(lambda xb: torchdiv.divergence(net, xb, method=method))(xs)
-    for i in range(2):
-        assert_close(got[i], loop_diagonal(net, xs[i]).flatten(1).sum(-1))
+    want = torch.stack([loop_diagonal(net, xb, create_graph=True).flatten(1).sum(-1) for xb in xs])
+    assert_close(got, want.detach())
+    weight = net[0].weight  # parameter gradients: against grad-of-grad of the loop's trace
+    (grad,) = torch.autograd.grad(got.square().sum(), weight)
+    assert_close(grad, torch.autograd.grad(want.square().sum(), weight)[0])
 
 
 @pytest.mark.parametrize("method", ["auto", "forward"])
