@@ -1,10 +1,10 @@
 """Exact divergence of image ODE nets and a U-Net: the structured engine against torch.func.
 
 Run:  flock /tmp/torchdiv-bench.lock .venv/bin/python bench/images.py [--rounds 2]
-          [--min-run-time 0.5] [--cases ffjord,multiscale,unet]
+          [--min-run-time 0.5] [--cases ffjord,multiscale,unet,odefunc,unet-noattn]
 
 Cases (random init, parameters frozen, float32; models in ``torchdiv._bench.ffjord``
-and ``tests/unets.py``, written the way FFJORD and guided-diffusion write them):
+and ``torchdiv._bench.unets``, written the way FFJORD and guided-diffusion write them):
 
   ffjord:     FFJORD's ODEnet, 4 ConcatConv2d layers 3-64-64-64-3 (3x3, stride 1), softplus,
               on (8, 3, 32, 32) at t = 0.5
@@ -12,6 +12,10 @@ and ``tests/unets.py``, written the way FFJORD and guided-diffusion write them):
               (a 4x4 stride-2 convolution down, a 4x4 stride-2 transposed one up)
   unet:       guided-diffusion's two-level U-Net (GroupNorm, SiLU, attention at 8x8), width
               16, on (4, 3, 16, 16)
+  odefunc:    torchdiffeq's MNIST ODE-Net dynamics (three GroupNorm(32, 64), two 3x3
+              ConcatConv2d) on (8, 64, 8, 8): group norms split off (``statistics``)
+  unet-noattn: the U-Net without its attention blocks, width 8, on (1, 3, 48, 48): group
+              norms split off
 
 Methods: ``divergence(method="structured")`` (the plan it chose is printed), the column
 propagation it replaced (every unit vector its own colour, as before images were coloured),
@@ -32,10 +36,8 @@ torch.func recipe and to the column propagation.
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from _common import markdown, script, time_interleaved
@@ -43,34 +45,29 @@ from torch.func import jacfwd, jacrev, jvp, vmap
 
 import torchdiv
 from torchdiv import _structured
-from torchdiv._bench import ffjord
+from torchdiv._bench import ffjord, unets
 from torchdiv._structured import forward
 from torchdiv._taylor import RULES, capture, values
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from unets import GuidedUNet
-
 Function = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _unet() -> Function:
-    torch.manual_seed(0)
-    net = GuidedUNet().eval()
-    t = torch.tensor(200.0)  # one timestep for the batch, as inside a sampler's step
-    return lambda x: net(x, t.expand(x.shape[0]))
 
 
 CASES: dict[str, Callable[[], tuple[Function, torch.Tensor, tuple[int | None, int]]]] = {
     # (f, x, unit vectors per chunk in the torch.func recipes: jacfwd's, jacrev's)
     "ffjord": lambda: (ffjord.odenet((64, 64, 64)), torch.randn(8, 3, 32, 32), (None, 128)),
     "multiscale": lambda: (ffjord.multiscale((64, 64, 64)), torch.randn(8, 3, 32, 32), (None, 128)),
-    "unet": lambda: (_unet(), torch.randn(4, 3, 16, 16), (8, 32)),
+    "unet": lambda: (unets.guided_unet(), torch.randn(4, 3, 16, 16), (8, 32)),
+    "odefunc": lambda: (ffjord.odefunc(64), torch.randn(8, 64, 8, 8), (None, 128)),
+    "unet-noattn": lambda: (unets.guided_unet(8, False), torch.randn(1, 3, 48, 48), (8, 32)),
 }
-RECIPE_SAMPLES = {"ffjord": 1, "multiscale": 1, "unet": 1}  # images the baselines are timed on
+# images the baselines are timed on
+RECIPE_SAMPLES = {"ffjord": 1, "multiscale": 1, "unet": 1, "odefunc": 1, "unet-noattn": 1}
 DESCRIPTIONS = {
     "ffjord": "FFJORD ODEnet 4x ConcatConv2d 64ch, (8, 3, 32, 32)",
     "multiscale": "FFJORD ODEnet squeeze + strides 1,2,-2,1, 64ch, (8, 3, 32, 32)",
     "unet": "two-level U-Net, GroupNorm + attention, (4, 3, 16, 16)",
+    "odefunc": "torchdiffeq MNIST ODEfunc, 3 GroupNorm(32) + 2 ConcatConv2d, (8, 64, 8, 8)",
+    "unet-noattn": "the U-Net without attention, width 8, (1, 3, 48, 48)",
 }
 STRUCTURED, COLUMNS = "torchdiv structured", "column propagation (no colouring)"
 REVERSE = "torchdiv reverse (batched VJPs)"

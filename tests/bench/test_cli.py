@@ -207,6 +207,20 @@ def test_ffjord_family_names_the_structured_plan(tmp_path, capsys):
     assert "torchdiv structured, D=300: colours: 75 directions for 300" in md.read_text()
 
 
+def test_unet_family_runs_and_names_its_plan(tmp_path):
+    """guided-diffusion's U-Net (attention at half resolution): all unit vectors, checked
+    against jacrev's divergence by the runner before it is timed."""
+    out = tmp_path / "b.json"
+    argv = ["bench", "--operator", "divergence", "--family", "unet", "--dims", "48"]
+    argv += ["--methods", "structured,jacrev", *TINY, "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["case"] for r in rows} == {"guided-diffusion U-Net, x (2, 3, 4, 4), width 4"}
+    assert all(r["status"] == "ok" for r in rows)
+    (structured,) = [r for r in rows if r["method"] == "structured"]
+    assert structured["plan"] == "columns: 48 unit vectors"
+
+
 def test_a_model_that_mixes_samples_is_refused():
     with pytest.raises(SystemExit, match="samples interact"):
         main(["bench", "--model", "bench_model:mixes_samples", "--shape", "3", *TINY])

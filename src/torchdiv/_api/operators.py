@@ -144,7 +144,8 @@ def jacobian_diagonal(
 
     ``"structured"`` (``"auto"``'s first choice, see ``divergence``) propagates the columns
     forward from unit vectors stored once for the batch, summed by colour when the graph is
-    local (a conv net: each output reads a small window of the input).
+    local (a conv net: each output reads a small window of the input; with group norms, local
+    once their statistics are held, whose part is then added exactly).
 
     ``method="hutchinson"`` estimates it instead, without bias, from ``num_probes`` products
     per sample (Bekas, Kokiopoulou and Saad 2007): ``diag J ~ (1/m) sum_j v_j * (J v_j)``
@@ -225,9 +226,10 @@ def divergence(
     joined by sums (MLPs, ``x + g(x)``, time given by concatenation or gates) trace
     cyclicity costs a few forward passes whatever the event size; otherwise Jacobian
     columns are propagated forward from unit vectors stored once for the batch, reading only
-    the diagonal, with the unit vectors summed by colour when the graph is local (stride-1
-    convolutions and elementwise ops). It raises ``NotImplementedError`` naming any op it
-    has no rule for.
+    the diagonal, with the unit vectors summed by colour when the graph is local
+    (convolutions, pooling, resampling and elementwise ops; group norms with their statistics
+    held, whose part is added exactly: ``torchdiv._structured.statistics``). It raises
+    ``NotImplementedError`` naming any op it has no rule for.
 
     Rule for ``method="auto"`` (eager; inside a region ``torch.compile`` traces, problems where
     ``f``'s work is small, event size x samples x ``f``'s multiply-adds per sample estimated

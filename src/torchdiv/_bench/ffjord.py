@@ -8,6 +8,9 @@ written the way its repository (rtqichen/ffjord) writes them.
   space-to-depth squeezes (reshape-permute, undone at the end); ``strides`` picks each layer's
   kind (1, 2 down, -2 up), as FFJORD's ``--strides`` option does.
 * ``squeeze`` / ``unsqueeze``: FFJORD's reshape-permute space-to-depth and its inverse.
+* ``ODEfunc``: the dynamics of torchdiffeq's MNIST ODE-Net example (``odenet_mnist.py``):
+  group norm, ReLU and a 3x3 ``ConcatConv2d``, twice, then a last group norm, counting its
+  evaluations in ``nfe``; its group norms read whole images (``odefunc(...)``).
 
 ``odenet(...)`` returns ``f(x) = net(t, x)`` at a fixed time, the function whose divergence a
 continuous normalising flow integrates. The layout, not the code, follows FFJORD.
@@ -100,6 +103,32 @@ class AtTime(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.t.to(x.dtype), x)
+
+
+class ODEfunc(nn.Module):
+    """torchdiffeq's MNIST dynamics on ``dim`` channels; ``groups``: each group norm's
+    (torchdiffeq's ``min(32, dim)``)."""
+
+    def __init__(self, dim: int, groups: int | None = None):
+        super().__init__()
+        groups = groups or min(32, dim)
+        self.norm1, self.norm2, self.norm3 = (nn.GroupNorm(groups, dim) for _ in range(3))
+        self.conv1 = ConcatConv2d(dim, dim, 3, 1, 1)
+        self.conv2 = ConcatConv2d(dim, dim, 3, 1, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.nfe = 0
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        out = self.conv1(t, self.relu(self.norm1(x)))
+        out = self.conv2(t, self.relu(self.norm2(out)))
+        return self.norm3(out)
+
+
+def odefunc(dim: int = 64, groups: int | None = None, seed: int = 0) -> AtTime:
+    """torchdiffeq's MNIST ODE-Net dynamics at ``t = 0.5``, random init."""
+    torch.manual_seed(seed)
+    return AtTime(ODEfunc(dim, groups))
 
 
 def odenet(

@@ -25,7 +25,7 @@ from typing import Any, cast
 import torch
 
 from torchdiv._api.independence import check_batch_independence
-from torchdiv._bench import ffjord
+from torchdiv._bench import ffjord, unets
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 
@@ -70,10 +70,21 @@ QUICK = Preset(
         "scalar": 64,
         "ffjord": 4,
         "ffjord-multiscale": 4,
+        "unet": 2,
+        "unet-noattn": 2,
         "cnf": 256,
         "model": 8,
     },
-    {"mlp": 64, "conv": 8, "scalar": 64, "ffjord": 8, "ffjord-multiscale": 8, "cnf": 64},
+    {
+        "mlp": 64,
+        "conv": 8,
+        "scalar": 64,
+        "ffjord": 8,
+        "ffjord-multiscale": 8,
+        "unet": 8,
+        "unet-noattn": 8,
+        "cnf": 64,
+    },
     3,
     0.05,
 )
@@ -85,10 +96,21 @@ FULL = Preset(
         "scalar": 256,
         "ffjord": 8,
         "ffjord-multiscale": 8,
+        "unet": 4,
+        "unet-noattn": 4,
         "cnf": 256,
         "model": 8,
     },
-    {"mlp": 256, "conv": 16, "scalar": 128, "ffjord": 64, "ffjord-multiscale": 64, "cnf": 64},
+    {
+        "mlp": 256,
+        "conv": 16,
+        "scalar": 128,
+        "ffjord": 64,
+        "ffjord-multiscale": 64,
+        "unet": 16,
+        "unet-noattn": 16,
+        "cnf": 64,
+    },
     5,
     0.2,
 )
@@ -146,6 +168,21 @@ def ffjord_multiscale(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int,
     return ffjord.multiscale((width,) * 3), (3, side, side)
 
 
+def unet(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """guided-diffusion's two-level U-Net (``torchdiv._bench.unets``: GroupNorm in every
+    block, attention at half resolution) at one timestep: 3-channel ``s x s`` images, ``s``
+    even with ``3 s^2`` closest to ``dim``; ``width`` channels (a multiple of 4)."""
+    side = 2 * max(1, round(math.sqrt(dim / 3) / 2))
+    return unets.guided_unet(width), (3, side, side)
+
+
+def unet_without_attention(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """The same U-Net without its attention blocks: coloured with its group norms split off
+    once the images are larger than its receptive field (31 pixels per axis)."""
+    side = 2 * max(1, round(math.sqrt(dim / 3) / 2))
+    return unets.guided_unet(width, attention=False), (3, side, side)
+
+
 def small_cnf(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """``D -> width -> width -> D`` with ELU: zuko's default CNF velocity (hidden features
     (64, 64), ELU), the 2-16-D flows of its and torchdyn's tutorials."""
@@ -165,6 +202,8 @@ FAMILIES: dict[str, tuple[str, Callable[[int, int], tuple[torch.nn.Module, tuple
     "scalar": ("tanh MLP to a scalar", scalar_mlp),
     "ffjord": ("FFJORD ODEnet", ffjord_odenet),
     "ffjord-multiscale": ("FFJORD multiscale ODEnet", ffjord_multiscale),
+    "unet": ("guided-diffusion U-Net", unet),
+    "unet-noattn": ("U-Net without attention", unet_without_attention),
     "cnf": ("small CNF (ELU)", small_cnf),
 }
 

@@ -592,3 +592,9 @@ def check_matrix(
         )
     if matrix.device != x.device:
         raise ValueError(f"{fn}: {name} is on {matrix.device} but x is on {x.device}")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a lack of memory (CUDA's, or the CPU allocator's message) rather
+    than an op that cannot be batched: it propagates, for the caller to take smaller chunks."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)

@@ -20,7 +20,7 @@ import torch
 
 from torchdiv._core import mixing as _mixing
 from torchdiv._core.basis import as_blocks, basis, batched
-from torchdiv._core.checks import event_numel
+from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.ddp import Peers
 from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
 from torchdiv._core.walk import Found, once_differentiable_functions, search, vjp
@@ -34,12 +34,6 @@ class GraphSpent(RuntimeError):
 class _Unbatchable(RuntimeError):
     """``GraphJacobian``'s batched backward passes raised (not for a lack of memory): one
     pass per cotangent stands in for them."""
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is a lack of memory (CUDA's, or the CPU allocator's message) rather
-    than an op that cannot be batched: it propagates, for the caller to take smaller chunks."""
-    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 class UndifferentiableBackward(RuntimeError):

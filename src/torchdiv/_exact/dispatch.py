@@ -19,7 +19,7 @@ import torch
 from torchdiv import _structured
 from torchdiv._core import mixing as _mixing
 from torchdiv._core.basis import WHOLE, Share, chunks
-from torchdiv._core.checks import event_numel
+from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.mixing import BatchInteractionError
 from torchdiv._exact import plan as _plan
 from torchdiv._exact import state as _state
@@ -27,7 +27,6 @@ from torchdiv._exact.autograd import (
     GraphJacobian,
     RerunJacobian,
     leaf,
-    out_of_memory,
     unwatched,
 )
 from torchdiv._exact.forward import ForwardJacobian

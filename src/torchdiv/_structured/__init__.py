@@ -11,8 +11,10 @@ chosen from what it computes:
    through the middle layers and reads the last one on the diagonal only.
 2. Otherwise forward propagation of Jacobian columns (``forward``), reading only the
    diagonal, with the unit vectors compressed by a colouring when the graph is local
-   (``colors``: stride-1 convolutions and elementwise ops), e.g. 48 instead of 768 directions
-   for a three-layer 3x3 conv net on 3 x 16 x 16 images.
+   (``colors``: convolutions, pooling, resampling, elementwise ops), e.g. 48 instead of 768
+   directions for a three-layer 3x3 conv net on 3 x 16 x 16 images. A conv net with group norms is
+   coloured with its statistics held, plus their exact part (``statistics``), when that
+   pays.
 
 An op outside the engine's rules makes the plan fail: ``"auto"`` then uses the generic
 engines, ``"structured"`` raises ``NotImplementedError`` naming the op.
@@ -30,7 +32,7 @@ from torchdiv._core.basis import WHOLE, Share
 from torchdiv._core.checks import raised_by_f
 from torchdiv._core.crossover import traced
 from torchdiv._core.modes import recorded
-from torchdiv._structured import colors, cycle, factors, forward
+from torchdiv._structured import colors, cycle, factors, forward, statistics
 from torchdiv._taylor import RULES, Graph, UnsupportedOp, capture, values
 from torchdiv._taylor import cache as _cache
 from torchdiv._taylor.capture import Ref
@@ -90,6 +92,13 @@ def plan(
             by_chain = cycle.trace if trace else cycle.diagonal
             return by_chain(chain, x, n_samples, chunk_size), _output(graph, kept, x)
         coloring = colors.colors(graph, kept, x, batch_dims)
+        split = None
+        if coloring is None and share == WHOLE:  # group norms: coloured, with a correction
+            split = statistics.planned(f, graph, x, batch_dims)
+        diag = None if split is None else statistics.diagonal(split, graph, f, x, chunk_size)
+        if split is not None and diag is not None:
+            y = _output(split.fixed, values(split.fixed, x), x)
+            return (diag.sum(-1) if trace else diag), y
         diag = forward.diagonal(graph, x, batch_dims, chunk_size, coloring, share)
         return (diag.sum(-1) if trace else diag), _output(graph, kept, x)
     except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
@@ -105,8 +114,10 @@ def plan(
 
 def describe(f: Function, x: torch.Tensor, batch_dims: int = 1) -> str:
     """The plan ``method="structured"`` makes for ``f`` at ``x``, in words (for benchmarks):
-    ``"chain: N paths"``, ``"colours: k directions for n unit vectors"`` or ``"columns: n unit
-    vectors"`` (``"generic engines: ..."`` if it cannot plan ``f``). Evaluates ``f`` once."""
+    ``"chain: N paths"``, ``"colours: k directions for n unit vectors"``, ``"colours: k
+    directions and K group-norm statistics for n unit vectors"`` (``statistics``) or
+    ``"columns: n unit vectors"`` (``"generic engines: ..."`` if it cannot plan ``f``).
+    Evaluates ``f`` once (four times for the group norms' split)."""
     graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
     if graph.unsupported:
         return f"generic engines: no rule for {', '.join(sorted(set(graph.unsupported)))}"
@@ -116,6 +127,9 @@ def describe(f: Function, x: torch.Tensor, batch_dims: int = 1) -> str:
         return f"chain: {len(found[0])} path{'s' * (len(found[0]) != 1)}"
     n = math.prod(x.shape[batch_dims:])
     coloring = colors.colors(graph, kept, x, batch_dims)
+    split = None if coloring is not None else statistics.planned(f, graph, x, batch_dims)
+    if split is not None:
+        return split.describe(n)
     if coloring is None:
         return f"columns: {n} unit vectors"
     return f"colours: {int(coloring.max()) + 1} directions for {n} unit vectors"

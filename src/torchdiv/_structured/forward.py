@@ -49,16 +49,16 @@ def diagonal(
     entries: list[torch.Tensor] = []
     constants: dict[int, list[Any]] = {}
     for start, stop, mine in pieces:
-        columns = _columns(graph, x, batch_dims, colors, start, stop, constants)
+        found = columns(graph, x, batch_dims, colors, start, stop, constants)
         rows, elements = to_device(colors[mine] - start, x.device), to_device(mine, x.device)
-        entries.append(columns[rows, :, elements].T)  # (N, elements of the chunk)
+        entries.append(found[rows, :, elements].T)  # (N, elements of the chunk)
     if not entries:
         return x.new_zeros(x.shape[:batch_dims].numel(), n if share == WHOLE else 0)
     diag = torch.cat(entries, 1)
     return diag[:, to_device(back, x.device)] if share == WHOLE else diag
 
 
-def _columns(
+def columns(
     graph: Graph,
     x: torch.Tensor,
     batch_dims: int,
