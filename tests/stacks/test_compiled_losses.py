@@ -125,6 +125,12 @@ FULLGRAPH: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] 
         (2, 2, 4, 4),
         lambda f, x, p: torchdiv.divergence(f, x, method="hutchinson", probes=p),
     ),
+    # one product: plain autograd eagerly, whose double backward AOTAutograd refused
+    "divergence hutchinson, one probe (the CNF staple)": (
+        mlp,
+        (5, 3),
+        lambda f, x, p: torchdiv.divergence(f, x, method="hutchinson", probes=p[:1]),
+    ),
     "laplacian forward-over-reverse, chunked": (
         pinn,
         (6, 2),
