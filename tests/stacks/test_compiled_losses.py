@@ -418,3 +418,36 @@ def test_value_grad_laplacian_detects_mixing_inside_a_compiled_loss():
     )
     with pytest.raises(torchdiv.BatchInteractionError):
         loss(x)
+
+
+DRAWING: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Generator], torch.Tensor]] = {
+    "divergence hutch++": lambda f, x, g: torchdiv.divergence(
+        f, x, method="hutch++", num_probes=6, generator=g
+    ),
+    "jacobian_diagonal hutchinson": lambda f, x, g: torchdiv.jacobian_diagonal(
+        f, x, method="hutchinson", num_probes=4, generator=g
+    ),
+    "estimate_divergence": lambda f, x, g: (
+        torchdiv.estimate_divergence(f, x, num_probes=4, generator=g).value
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DRAWING))
+def test_probes_drawn_from_a_generator_inside_a_compiled_loss(name):
+    """The call runs eagerly (one graph break at it): the estimate of eager execution from the
+    same generator state, values and gradients. Traced, the draw broke the graph inside
+    torchdiv's batched products and the backend failed ("Cannot access storage of
+    TensorWrapper")."""
+    net, op = mlp(), DRAWING[name]
+    x = torch.randn(5, 3, dtype=torch.float64)
+    generator = torch.Generator()
+
+    def loss(x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+        return op(net, x, generator.manual_seed(1)).square().mean()
+
+    expected, expected_grads = loss_and_grads(loss, net, x, x)
+    value, grads = loss_and_grads(torch.compile(loss, backend="aot_eager"), net, x, x)
+    assert_close(value, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert_close(got, want)

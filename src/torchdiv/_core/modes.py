@@ -319,10 +319,13 @@ def _force_eager(frames: Any) -> Any:
     return frames.DynamoStance("force_eager")
 
 
-def eager_when(records: Callable[..., bool]) -> Callable[[F], F]:
+def eager_when(records: Callable[..., bool] | None = None) -> Callable[[F], F]:
     """Decorate a public ``fn(f, x, *, **options)`` (outermost, over ``compiled_like_f``) so
     that a call Dynamo traces runs eagerly as a whole where
-    ``records(f, x, **options)`` says its engine is ``recorded`` (runs eagerly anyway): the one
+    ``records(f, x, **options)`` says its engine is ``recorded`` (runs eagerly anyway; ``None``:
+    never), or where it draws probes from the caller's ``generator``: Dynamo cannot trace a
+    generator (a graph break inside the batched products, whose resumed frame the backend
+    failed on), and "same generator state, same estimate" holds only eagerly. The one
     graph break is then at the caller's call of ``fn``, not deep inside it.
 
     Broken inside, Dynamo resumes every frame between the caller and the engine (the
@@ -337,7 +340,10 @@ def eager_when(records: Callable[..., bool]) -> Callable[[F], F]:
 
         @functools.wraps(fn)
         def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-            if torch.compiler.is_compiling() and records(f, x, **kwargs):
+            if torch.compiler.is_compiling() and (
+                kwargs.get("generator") is not None
+                or (records is not None and records(f, x, **kwargs))
+            ):
                 return eager(f, x, *args, **kwargs)
             return fn(f, x, *args, **kwargs)
 
