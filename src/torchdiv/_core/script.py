@@ -36,10 +36,10 @@ def scripted(f: Any, depth: int = 3) -> list[Any]:
     """The ``torch.jit.ScriptModule``s and ``ScriptFunction``s ``f`` is or reaches: through
     submodules (not into a scripted one: its calls are inlined in its own graph) and their
     classes' ``forward``, the functions a module holds as attributes (``self.act =
-    torch.jit.script(fn)``), bound methods, partials, and a function's closure cells and the
-    globals its code and the functions defined in it name (a scripted activation), ``depth``
-    functions deep. Each object's kind is read from its type once per type (``_kind``): about
-    1 us per module."""
+    torch.jit.script(fn)``), bound methods, partials and the arguments they bind, and a
+    function's closure cells, default arguments and the globals its code and the functions
+    defined in it name (a scripted activation), ``depth`` functions deep. Each object's kind
+    is read from its type once per type (``_kind``): about 1 us per module."""
     out: list[Any] = []
     seen: set[int] = set()
     todo = [(f, depth)]
@@ -59,8 +59,8 @@ def scripted(f: Any, depth: int = 3) -> list[Any]:
                 todo += [(v, left) for v in obj.__dict__.values() if _callable(v)]
         elif kind is _METHOD:
             todo += [(obj.__self__, left), (obj.__func__, left)]
-        elif kind is _PARTIAL:
-            todo.append((obj.func, left))
+        elif kind is _PARTIAL:  # its function and the arguments it binds
+            todo += [(held, left) for held in (obj.func, *obj.args, *obj.keywords.values())]
         elif left > 0:  # a function
             todo += [(held, left - 1) for held in _named(obj)]
     return out
@@ -115,14 +115,16 @@ def _callable(v: Any) -> bool:
 
 
 def _named(fn: types.FunctionType) -> list[Any]:
-    """What ``fn``'s closure cells hold and the globals its code names that ``scripted``
-    follows, read at every call: a global bound to ``None`` (or anything else) at one call and
-    to a scripted function at a later one is followed there (its optimized plan dropped
-    parameter gradients). ``torch``, ``F`` and constants are skipped by their type's kind."""
+    """What ``fn``'s closure cells and default arguments hold and the globals its code names
+    that ``scripted`` follows, read at every call: a global bound to ``None`` (or anything
+    else) at one call and to a scripted function at a later one is followed there (its
+    optimized plan dropped parameter gradients); ``def f(z, act=scripted)`` too. ``torch``,
+    ``F`` and constants are skipped by their type's kind."""
     names = fn.__globals__
     kinds = _KINDS
     found = (names.get(n) for n in global_names(fn.__code__))
-    held = [v for v in found if (kinds.get(type(v)) or _kind(type(v))) != _OTHER]
+    defaults = (*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values())
+    held = [v for v in (*found, *defaults) if (kinds.get(type(v)) or _kind(type(v))) != _OTHER]
     return cell_contents(fn) + held
 
 
