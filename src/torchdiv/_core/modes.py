@@ -73,7 +73,7 @@ def outside_inference_mode(fn: F) -> F:
                 result = outside(f, x, *args, **kwargs)
                 return result if call is None else call.finish(result)
 
-    eager = torch.compiler.disable(wrapper)
+    eager = cast(Callable[..., Any], torch.compiler.disable(wrapper))  # untyped in torch
     return wrapper  # type: ignore[return-value]
 
 
