@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from torchdiv._core.checks import event_numel
+from torchdiv._core.checks import event_numel, untransformed
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.probes import draw
 from torchdiv._estimators.registry import Matmat
@@ -57,9 +57,10 @@ def trace_of_function(
     (B=128, D=256 tanh MLP: 0.9 ms against 1.2 ms through the planned engine; one forward
     pass takes 0.30 ms, forward plus ``autograd.grad`` 0.72 ms). Not where Dynamo traces the
     call: AOTAutograd cannot differentiate a traced ``autograd.grad`` again (the training
-    loss's backward raised), the traced engines' ``torch.func`` products it can.
+    loss's backward raised), the traced engines' ``torch.func`` products it can; nor under
+    the caller's ``torch.func`` transform (``untransformed``: the leaf copy of ``x`` raised).
     """
-    if s.num_probes == 1 and not torch.compiler.is_compiling():
+    if s.num_probes == 1 and untransformed():
         value, stderr = _trace.summary(_one_probe(_one_product(f, x, batch_dims), s)[None])
         return Estimate(value, stderr, 1)
 
@@ -85,9 +86,10 @@ def terms_of_function(
     (``torchdiv.flows``). ``owner``: what ``f`` evaluates (a flow's velocity ``f(t, z)``,
     whose closure ``f`` is made anew at every step); with one probe, its first evaluation at
     the structure of ``x`` is watched for sample mixing (``_one_product``), later ones are
-    not. Where Dynamo traces the call, as ``trace_of_function``: by the traced engines."""
+    not. Where Dynamo traces the call or under a transform, as ``trace_of_function``: by the
+    generic engines."""
     batch = x.shape[:batch_dims]
-    if s.num_probes == 1 and not torch.compiler.is_compiling():  # watched once as ``owner``
+    if s.num_probes == 1 and untransformed():  # watched once as ``owner``
         engine = _watched_once(f, x, batch_dims, structure(owner, x, batch_dims), False)
         return _one_probe(engine, s)[None], _exact.output(engine)
 
