@@ -451,3 +451,17 @@ def test_probes_drawn_from_a_generator_inside_a_compiled_loss(name):
     assert_close(value, expected)
     for got, want in zip(grads, expected_grads, strict=True):
         assert_close(got, want)
+
+
+def test_probes_drawn_inside_a_compiled_loss_warn_nothing():
+    """Rademacher probes drawn while Dynamo traces (``num_probes=``, no generator: compiled
+    random numbers): the cached table of sign patterns made Dynamo warn that it ignores a
+    ``functools.lru_cache`` wrapper (pytest's "error" filter: a failed call)."""
+    net = mlp()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    loss = torch.compile(
+        lambda z: torchdiv.divergence(net, z, method="hutchinson", num_probes=2).square().mean(),
+        backend="aot_eager",
+    )
+    loss(x).backward()
+    assert all(p.grad is not None for p in list(net.parameters())[:-1])
