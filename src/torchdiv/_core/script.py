@@ -36,9 +36,10 @@ def scripted(f: Any, depth: int = 3) -> list[Any]:
     """The ``torch.jit.ScriptModule``s and ``ScriptFunction``s ``f`` is or reaches: through
     submodules (not into a scripted one: its calls are inlined in its own graph) and their
     classes' ``forward``, the functions a module holds as attributes (``self.act =
-    torch.jit.script(fn)``), bound methods, partials and the arguments they bind, and a
-    function's closure cells, default arguments and the globals its code and the functions
-    defined in it name (a scripted activation), ``depth`` functions deep. Each object's kind
+    torch.jit.script(fn)``), bound methods, partials and the arguments they bind, callable
+    objects (their class's ``__call__`` and the functions they hold), and a function's
+    closure cells, default arguments and the globals its code and the functions defined in
+    it name (a scripted activation), ``depth`` functions deep. Each object's kind
     is read from its type once per type (``_kind``): about 1 us per module."""
     out: list[Any] = []
     seen: set[int] = set()
@@ -61,12 +62,17 @@ def scripted(f: Any, depth: int = 3) -> list[Any]:
             todo += [(obj.__self__, left), (obj.__func__, left)]
         elif kind is _PARTIAL:  # its function and the arguments it binds
             todo += [(held, left) for held in (obj.func, *obj.args, *obj.keywords.values())]
+        elif kind is _OBJECT:  # its class's __call__ and what it holds that is followed
+            held = attribute(obj, "__dict__")
+            todo.append((type(obj).__call__, left))
+            if isinstance(held, dict):
+                todo += [(v, left) for v in held.values() if _callable(v)]
         elif left > 0:  # a function
             todo += [(held, left - 1) for held in _named(obj)]
     return out
 
 
-_SCRIPT, _MODULE, _METHOD, _PARTIAL, _FUNCTION, _OTHER = range(1, 7)  # (never 0: a miss)
+_SCRIPT, _MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _OTHER = range(1, 8)  # (0: a miss)
 _KINDS: dict[type, int] = {}
 
 
@@ -82,6 +88,10 @@ def _kind(kind: type) -> int:
         found = _PARTIAL
     elif issubclass(kind, types.FunctionType):
         found = _FUNCTION
+    elif isinstance(kind.__call__, types.FunctionType) and not (  # (else: type's own)
+        kind.__module__ or ""
+    ).startswith("torch."):
+        found = _OBJECT  # a callable object of the user's (not PyTorch's: torch.ops packets)
     else:
         found = _OTHER
     _KINDS[kind] = found
