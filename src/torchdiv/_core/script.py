@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -61,7 +62,8 @@ def scripted(f: Any, depth: int = 3) -> list[Any]:
         elif kind is _METHOD:
             todo += [(obj.__self__, left), (obj.__func__, left)]
         elif kind is _PARTIAL:  # its function and the arguments it binds
-            todo += [(held, left) for held in (obj.func, *obj.args, *obj.keywords.values())]
+            todo.append((obj.func, left))
+            todo += [(v, left) for v in (*obj.args, *obj.keywords.values()) if _callable(v)]
         elif kind is _OBJECT:  # its class's __call__ and what it holds that is followed
             held = attribute(obj, "__dict__")
             todo.append((type(obj).__call__, left))
@@ -132,9 +134,10 @@ def _named(fn: types.FunctionType) -> list[Any]:
     ``F`` and constants are skipped by their type's kind."""
     names = fn.__globals__
     kinds = _KINDS
-    found = (names.get(n) for n in global_names(fn.__code__))
-    defaults = (*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values())
-    held = [v for v in (*found, *defaults) if (kinds.get(type(v)) or _kind(type(v))) != _OTHER]
+    found: Iterable[Any] = (names.get(n) for n in global_names(fn.__code__))
+    if fn.__defaults__ or fn.__kwdefaults__:  # (most functions have none)
+        found = (*found, *(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values())
+    held = [v for v in found if (kinds.get(type(v)) or _kind(type(v))) != _OTHER]
     return cell_contents(fn) + held
 
 
