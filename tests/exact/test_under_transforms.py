@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, grad, stack_module_state, vmap
 
 import torchdiv
-from tests.conftest import assert_close, loop_diagonal
+from tests.conftest import assert_close, laplacian_by_grad_of_grad, loop_diagonal
 
 
 def _conv() -> torch.nn.Module:
@@ -49,3 +49,67 @@ def test_divergence_of_an_ensemble_of_models(method: str) -> None:
     got = vmap(one)(params, buffers)
     for i, m in enumerate(members):
         assert_close(got[i], torchdiv.divergence(m, x, method="reverse"))
+
+
+def _pinn(d: int) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(d, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1), torch.nn.Flatten(0)
+    ).double()
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_laplacian_auto_of_an_ensemble_of_models_and_under_grad(d: int) -> None:
+    """``"auto"`` looped over backward passes for events up to 10 elements, whose
+    ``requires_grad_`` PyTorch refuses inside a transform: an ensemble of PINNs (``vmap`` with
+    ``functional_call``) and ``torch.func.grad`` of a loss in the parameters raised."""
+    torch.manual_seed(0)
+    members = [_pinn(d) for _ in range(2)]
+    params, buffers = stack_module_state(members)  # type: ignore[arg-type]
+    x = torch.randn(4, d, dtype=torch.float64)
+
+    def one(p: dict, b: dict) -> torch.Tensor:
+        return torchdiv.laplacian(lambda z: functional_call(members[0], (p, b), (z,)), x)
+
+    got = vmap(one)(params, buffers)
+    for i, m in enumerate(members):
+        assert_close(got[i], laplacian_by_grad_of_grad(m, x))
+    net = members[0]
+    named = {k: v.detach() for k, v in net.named_parameters()}
+    loss = grad(
+        lambda p: torchdiv.laplacian(lambda z: functional_call(net, p, (z,)), x).square().sum()
+    )
+    got_grads = loss(named)
+    want = torch.autograd.grad(
+        laplacian_by_grad_of_grad(net, x).square().sum(), list(net.parameters()), allow_unused=True
+    )
+    for (name, _), w in zip(net.named_parameters(), want, strict=True):
+        assert_close(got_grads[name], torch.zeros_like(named[name]) if w is None else w)
+
+
+def test_one_probe_hutchinson_of_an_ensemble_of_models_and_under_grad() -> None:
+    """One-probe Hutchinson's plain-autograd product makes a leaf of ``x``, whose
+    ``requires_grad_`` PyTorch refuses inside a transform: it raised under the caller's
+    ``vmap`` and ``torch.func.grad``. Reference: each member's estimate from the same probe,
+    computed on its own, and its parameter gradients by autograd."""
+    torch.manual_seed(0)
+    members = [_conv() for _ in range(2)]
+    params, buffers = stack_module_state(members)  # type: ignore[arg-type]
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    probe = torchdiv.draw_probes(x, 1, generator=torch.Generator().manual_seed(1))
+
+    def estimate(f) -> torch.Tensor:
+        return torchdiv.divergence(f, x, method="hutchinson", probes=probe)
+
+    got = vmap(lambda p, b: estimate(lambda z: functional_call(members[0], (p, b), (z,))))(
+        params, buffers
+    )
+    for i, m in enumerate(members):
+        assert_close(got[i], estimate(m))
+    net = members[0]
+    named = {k: v.detach() for k, v in net.named_parameters()}
+    grads = grad(lambda p: estimate(lambda z: functional_call(net, p, (z,))).square().sum())(named)
+    want = torch.autograd.grad(  # (the last bias: unused, zero)
+        estimate(net).square().sum(), list(net.parameters()), materialize_grads=True
+    )
+    for (name, _), w in zip(net.named_parameters(), want, strict=True):
+        assert_close(grads[name], w)

@@ -125,6 +125,12 @@ FULLGRAPH: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] 
         (2, 2, 4, 4),
         lambda f, x, p: torchdiv.divergence(f, x, method="hutchinson", probes=p),
     ),
+    # one product: plain autograd eagerly, whose double backward AOTAutograd refused
+    "divergence hutchinson, one probe (the CNF staple)": (
+        mlp,
+        (5, 3),
+        lambda f, x, p: torchdiv.divergence(f, x, method="hutchinson", probes=p[:1]),
+    ),
     "laplacian forward-over-reverse, chunked": (
         pinn,
         (6, 2),
@@ -412,3 +418,50 @@ def test_value_grad_laplacian_detects_mixing_inside_a_compiled_loss():
     )
     with pytest.raises(torchdiv.BatchInteractionError):
         loss(x)
+
+
+DRAWING: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Generator], torch.Tensor]] = {
+    "divergence hutch++": lambda f, x, g: torchdiv.divergence(
+        f, x, method="hutch++", num_probes=6, generator=g
+    ),
+    "jacobian_diagonal hutchinson": lambda f, x, g: torchdiv.jacobian_diagonal(
+        f, x, method="hutchinson", num_probes=4, generator=g
+    ),
+    "estimate_divergence": lambda f, x, g: (
+        torchdiv.estimate_divergence(f, x, num_probes=4, generator=g).value
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DRAWING))
+def test_probes_drawn_from_a_generator_inside_a_compiled_loss(name):
+    """The call runs eagerly (one graph break at it): the estimate of eager execution from the
+    same generator state, values and gradients. Traced, the draw broke the graph inside
+    torchdiv's batched products and the backend failed ("Cannot access storage of
+    TensorWrapper")."""
+    net, op = mlp(), DRAWING[name]
+    x = torch.randn(5, 3, dtype=torch.float64)
+    generator = torch.Generator()
+
+    def loss(x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+        return op(net, x, generator.manual_seed(1)).square().mean()
+
+    expected, expected_grads = loss_and_grads(loss, net, x, x)
+    value, grads = loss_and_grads(torch.compile(loss, backend="aot_eager"), net, x, x)
+    assert_close(value, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert_close(got, want)
+
+
+def test_probes_drawn_inside_a_compiled_loss_warn_nothing():
+    """Rademacher probes drawn while Dynamo traces (``num_probes=``, no generator: compiled
+    random numbers): the cached table of sign patterns made Dynamo warn that it ignores a
+    ``functools.lru_cache`` wrapper (pytest's "error" filter: a failed call)."""
+    net = mlp()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    loss = torch.compile(
+        lambda z: torchdiv.divergence(net, z, method="hutchinson", num_probes=2).square().mean(),
+        backend="aot_eager",
+    )
+    loss(x).backward()
+    assert all(p.grad is not None for p in list(net.parameters())[:-1])

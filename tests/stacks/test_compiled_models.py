@@ -266,3 +266,20 @@ def test_compiled_model_as_f_gradients_equal_eager(name: str, dtype: torch.dtype
     model(x)
     assert backend.runs == runs + 1, f"{name} left the compiled model running eagerly"
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("fn", ["graph_divergence", "graph_jacobian"])
+def test_graph_form_of_a_compiled_model_refuses_second_derivatives(fn: str) -> None:
+    """AOTAutograd's backward is not differentiable again, and with torchdiv's cotangents
+    (which do not require grad) it raised nothing: the graph form's result, with
+    ``create_graph=True``, silently had no gradient (a loss ``div**2 + y**2`` trained on the
+    second term only). Its values stay right; its backward raises, naming the way out."""
+    torch._dynamo.reset()
+    net = _mlp(3, 3).double()
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.compile(net, backend="aot_eager")(x)
+    got = getattr(torchdiv, fn)(y, x, create_graph=True)
+    want = getattr(torchdiv, fn.removeprefix("graph_"))(net, x.detach())
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match=r"torch\.compile.*function form"):
+        (got.square().sum() + y.square().sum()).backward()

@@ -61,3 +61,29 @@ def test_fsdp1_and_an_fsdp2_adjoint_solve_are_refused_with_the_way_out(one_proce
     normal = torch.distributions.Normal(0.0, 1.0)
     with pytest.raises(ValueError, match="log_likelihood: adjoint=True with parameters sharded"):
         log_likelihood(sharded, x, 0.0, 1.0, lambda z: normal.log_prob(z).sum(-1), adjoint=True)
+
+
+# Dynamo reads .grad of the non-leaf tensors it resumes with after the graph break at the call
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not")
+@pytest.mark.parametrize("method", ["auto", "reverse"])
+def test_a_ddp_module_in_a_compiled_loss_equals_one_process(one_process_group, method):
+    """Traced, the call skipped the one-forward handling of DDP: reverse mode met the buffer
+    broadcast under its transforms (an error), and ``"auto"``'s plain-autograd fallback gave
+    the divergence's value but none of its parameter gradients (silently)."""
+    import torch._dynamo
+
+    x = ddp_cases.batch("mlp")
+
+    def gradients(model: torch.nn.Module, compiled: bool) -> list[torch.Tensor]:
+        def loss(z: torch.Tensor) -> torch.Tensor:
+            div = torchdiv.divergence(model, z, method=method)
+            return div.square().mean() + model(z).square().mean()
+
+        torch._dynamo.reset()
+        (torch.compile(loss, backend="aot_eager") if compiled else loss)(x).backward()
+        return [p.grad for p in model.parameters()]
+
+    expected = gradients(ddp_cases.make_model("mlp", False), compiled=False)
+    ddp = torch.nn.parallel.DistributedDataParallel(ddp_cases.make_model("mlp", False))
+    for g, want in zip(gradients(ddp, compiled=True), expected, strict=True):
+        torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)

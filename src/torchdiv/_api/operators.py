@@ -307,6 +307,7 @@ def divergence(
     return _shaped(div, x.shape[:batch_dims]).to(x.dtype)
 
 
+@eager_when()
 @compiled_like_f()
 @outside_inference_mode
 @reported("estimate_divergence")

@@ -297,6 +297,13 @@ def check_initialized(fn: str, f: Any) -> None:
         stack += [c for c in m._modules.values() if c is not None]
 
 
+def untransformed() -> bool:
+    """Whether the call runs eagerly outside any ``torch.func`` transform: not while Dynamo
+    traces it, nor under the caller's ``vmap``/``grad``/``jvp``, where plain autograd on a
+    leaf copy of ``x`` cannot run (PyTorch refuses ``requires_grad_`` there)."""
+    return not torch.compiler.is_compiling() and peek_interpreter_stack() is None
+
+
 def checked(
     fn: str, f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int, square: bool
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -309,8 +316,7 @@ def checked(
     only on a bad one."""
     batch, n = x.shape[:batch_dims], event_numel(x, batch_dims)
     check_initialized(fn, f)
-    outside = not torch.compiler.is_compiling() and peek_interpreter_stack() is None
-    kept = Unwritten(fn, f, x) if outside else None  # (inside a transform: x is not the caller's)
+    kept = Unwritten(fn, f, x) if untransformed() else None  # (else x is not the caller's)
 
     def g(z: torch.Tensor) -> torch.Tensor:
         version = -1 if kept is None else z._version

@@ -61,8 +61,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torchdiv._core.walk import nodes
 
 
-def initialized() -> bool:
-    """Whether a process group is up."""
+def in_process_group() -> bool:
+    """Whether a default process group is up (read by Dynamo as a constant)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
@@ -191,7 +191,7 @@ def _ddp_forward(self: Any, *inputs: Any, **kwargs: Any) -> Any:
 def spans_peers() -> bool:
     """Whether a public call starting now is ``one_forward`` of its own: a process group is
     up and no outer public call holds one (the usual single process: no)."""
-    return _CURRENT.get() is None and initialized()
+    return _CURRENT.get() is None and in_process_group()
 
 
 @contextlib.contextmanager
@@ -259,7 +259,7 @@ class Peers:
         self.static: list[Any] = []
         self.fsdp_states: list[Any] = []
         self.leaves: list[torch.Tensor] = []
-        if not initialized():
+        if not in_process_group():
             return
         seen = _CURRENT.get() is None  # else a public call's own y: Call.finish tells DDP
         groups: list[Any] = []

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_leaves, tree_map
 
 from torchdiv._core import linalg as _linalg
-from torchdiv._core.ddp import one_forward, spans_peers
+from torchdiv._core.ddp import in_process_group, one_forward, spans_peers
 from torchdiv._core.script import attribute, forget_plans
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -39,6 +39,13 @@ def outside_inference_mode(fn: F) -> F:
     does not undo it). The wrapper leaves inference mode for the call, keeps the caller's grad
     mode, and clones an inference-tensor ``x`` into a normal one; the caller's ``x`` is not
     touched.
+
+    Where Dynamo traces the call under a process group, the call runs eagerly as a whole (a
+    graph break at it): ``one_forward``'s handling of DDP and FSDP2 modules (their buffer
+    broadcast, outside the transforms; the reducer's bookkeeping) cannot be traced, and traced
+    without it a DDP module's buffer broadcast under the transforms raised, or plain
+    autograd's fallback gave a compiled loss the divergence's value but none of its parameter
+    gradients.
     """
 
     def outside(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -54,6 +61,8 @@ def outside_inference_mode(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():  # Dynamo traces the call: no mode checks to break on
+            if in_process_group():
+                return eager(f, x, *args, **kwargs)
             _materialized_zero_tangents()
             return fn(f, x, *args, **kwargs)
         forget_plans(f)  # TorchScript in f: run as written (with CompiledCodeEager's flag)
@@ -64,6 +73,7 @@ def outside_inference_mode(fn: F) -> F:
                 result = outside(f, x, *args, **kwargs)
                 return result if call is None else call.finish(result)
 
+    eager = cast(Callable[..., Any], torch.compiler.disable(wrapper))  # untyped in torch
     return wrapper  # type: ignore[return-value]
 
 
@@ -319,10 +329,13 @@ def _force_eager(frames: Any) -> Any:
     return frames.DynamoStance("force_eager")
 
 
-def eager_when(records: Callable[..., bool]) -> Callable[[F], F]:
+def eager_when(records: Callable[..., bool] | None = None) -> Callable[[F], F]:
     """Decorate a public ``fn(f, x, *, **options)`` (outermost, over ``compiled_like_f``) so
     that a call Dynamo traces runs eagerly as a whole where
-    ``records(f, x, **options)`` says its engine is ``recorded`` (runs eagerly anyway): the one
+    ``records(f, x, **options)`` says its engine is ``recorded`` (runs eagerly anyway; ``None``:
+    never), or where it draws probes from the caller's ``generator``: Dynamo cannot trace a
+    generator (a graph break inside the batched products, whose resumed frame the backend
+    failed on), and "same generator state, same estimate" holds only eagerly. The one
     graph break is then at the caller's call of ``fn``, not deep inside it.
 
     Broken inside, Dynamo resumes every frame between the caller and the engine (the
@@ -337,7 +350,10 @@ def eager_when(records: Callable[..., bool]) -> Callable[[F], F]:
 
         @functools.wraps(fn)
         def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-            if torch.compiler.is_compiling() and records(f, x, **kwargs):
+            if torch.compiler.is_compiling() and (
+                kwargs.get("generator") is not None
+                or (records is not None and records(f, x, **kwargs))
+            ):
                 return eager(f, x, *args, **kwargs)
             return fn(f, x, *args, **kwargs)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -36,10 +37,11 @@ def scripted(f: Any, depth: int = 3) -> list[Any]:
     """The ``torch.jit.ScriptModule``s and ``ScriptFunction``s ``f`` is or reaches: through
     submodules (not into a scripted one: its calls are inlined in its own graph) and their
     classes' ``forward``, the functions a module holds as attributes (``self.act =
-    torch.jit.script(fn)``), bound methods, partials, and a function's closure cells and the
-    globals its code and the functions defined in it name (a scripted activation), ``depth``
-    functions deep. Each object's kind is read from its type once per type (``_kind``): about
-    1 us per module."""
+    torch.jit.script(fn)``), bound methods, partials and the arguments they bind, callable
+    objects (their class's ``__call__`` and the functions they hold), and a function's
+    closure cells, default arguments and the globals its code and the functions defined in
+    it name (a scripted activation), ``depth`` functions deep. Each object's kind
+    is read from its type once per type (``_kind``): about 1 us per module."""
     out: list[Any] = []
     seen: set[int] = set()
     todo = [(f, depth)]
@@ -59,14 +61,20 @@ def scripted(f: Any, depth: int = 3) -> list[Any]:
                 todo += [(v, left) for v in obj.__dict__.values() if _callable(v)]
         elif kind is _METHOD:
             todo += [(obj.__self__, left), (obj.__func__, left)]
-        elif kind is _PARTIAL:
+        elif kind is _PARTIAL:  # its function and the arguments it binds
             todo.append((obj.func, left))
+            todo += [(v, left) for v in (*obj.args, *obj.keywords.values()) if _callable(v)]
+        elif kind is _OBJECT:  # its class's __call__ and what it holds that is followed
+            held = attribute(obj, "__dict__")
+            todo.append((type(obj).__call__, left))
+            if isinstance(held, dict):
+                todo += [(v, left) for v in held.values() if _callable(v)]
         elif left > 0:  # a function
             todo += [(held, left - 1) for held in _named(obj)]
     return out
 
 
-_SCRIPT, _MODULE, _METHOD, _PARTIAL, _FUNCTION, _OTHER = range(1, 7)  # (never 0: a miss)
+_SCRIPT, _MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _OTHER = range(1, 8)  # (0: a miss)
 _KINDS: dict[type, int] = {}
 
 
@@ -82,6 +90,10 @@ def _kind(kind: type) -> int:
         found = _PARTIAL
     elif issubclass(kind, types.FunctionType):
         found = _FUNCTION
+    elif isinstance(kind.__call__, types.FunctionType) and not (  # (else: type's own)
+        kind.__module__ or ""
+    ).startswith("torch."):
+        found = _OBJECT  # a callable object of the user's (not PyTorch's: torch.ops packets)
     else:
         found = _OTHER
     _KINDS[kind] = found
@@ -115,13 +127,16 @@ def _callable(v: Any) -> bool:
 
 
 def _named(fn: types.FunctionType) -> list[Any]:
-    """What ``fn``'s closure cells hold and the globals its code names that ``scripted``
-    follows, read at every call: a global bound to ``None`` (or anything else) at one call and
-    to a scripted function at a later one is followed there (its optimized plan dropped
-    parameter gradients). ``torch``, ``F`` and constants are skipped by their type's kind."""
+    """What ``fn``'s closure cells and default arguments hold and the globals its code names
+    that ``scripted`` follows, read at every call: a global bound to ``None`` (or anything
+    else) at one call and to a scripted function at a later one is followed there (its
+    optimized plan dropped parameter gradients); ``def f(z, act=scripted)`` too. ``torch``,
+    ``F`` and constants are skipped by their type's kind."""
     names = fn.__globals__
     kinds = _KINDS
-    found = (names.get(n) for n in global_names(fn.__code__))
+    found: Iterable[Any] = (names.get(n) for n in global_names(fn.__code__))
+    if fn.__defaults__ or fn.__kwdefaults__:  # (most functions have none)
+        found = (*found, *(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values())
     held = [v for v in found if (kinds.get(type(v)) or _kind(type(v))) != _OTHER]
     return cell_contents(fn) + held
 

@@ -166,13 +166,31 @@ _ONCE = once_differentiable(lambda ctx, *grads: None).__code__
 
 def once_differentiable_functions(custom: list[Any], y: torch.Tensor, x: torch.Tensor) -> list[str]:
     """The names of the custom ``autograd.Function``s among ``custom`` (``Found.custom`` of
-    ``y``'s graph) whose ``backward`` is ``@once_differentiable`` and that lie on a path from
+    ``y``'s graph) whose ``backward`` is ``@once_differentiable``, or is a ``torch.compile``d
+    graph's (AOTAutograd's ``CompiledFunction``: ``COMPILED``), and that lie on a path from
     ``y`` to ``x``. Their ``backward`` returns constants when its gradients do not require
     grad (PyTorch's ``DelayedError`` is attached only when they do, and torchdiv's basis
     vectors do not): a derivative of a product through them silently lacks their part. The
     paths are walked only when such a node is there."""
-    once = [node for node in custom if getattr(node._forward_cls.backward, "__code__", 0) is _ONCE]
+    once = [node for node in custom if _once_differentiable(node._forward_cls)]
     if not once:
         return []
     on_path = set(towards(y, x))
-    return sorted({node._forward_cls.__qualname__ for node in once if node in on_path})
+    return sorted({_name(node._forward_cls) for node in once if node in on_path})
+
+
+COMPILED = "torch.compile's CompiledFunction"  # the name of a compiled graph's Function
+
+
+def _once_differentiable(cls: Any) -> bool:
+    return getattr(cls.backward, "__code__", 0) is _ONCE or _compiled(cls)
+
+
+def _compiled(cls: Any) -> bool:
+    """Whether ``cls`` is AOTAutograd's ``Function`` of a compiled graph, whose backward
+    cannot be differentiated again (it raises only where its gradients require grad)."""
+    return cls.__name__ == "CompiledFunction" and cls.__module__.startswith("torch._functorch")
+
+
+def _name(cls: Any) -> str:
+    return COMPILED if _compiled(cls) else cls.__qualname__

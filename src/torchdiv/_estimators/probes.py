@@ -59,10 +59,12 @@ def _rademacher(
 ) -> torch.Tensor:
     """+-1 entries, eight per uniform random byte: each byte picks its row of the table of the
     256 sign patterns (an embedding lookup: a third of the time of one draw per entry, measured
-    for a 128 x 256 batch on CPU)."""
+    for a 128 x 256 batch on CPU). Where Dynamo traces the draw, the table is made in the
+    graph: Dynamo warns at a call of a cached function (and ignores the cache)."""
     numel = math.prod(shape)
     index = torch.randint(0, 256, (-(-numel // 8),), generator=generator, device=device)
-    signs = torch.nn.functional.embedding(index, _sign_patterns(dtype, torch.device(device)))
+    patterns = _sign_patterns.__wrapped__ if torch.compiler.is_compiling() else _sign_patterns
+    signs = torch.nn.functional.embedding(index, patterns(dtype, torch.device(device)))
     return signs.flatten()[:numel].view(shape)
 
 

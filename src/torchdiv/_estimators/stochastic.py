@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from torchdiv._core.checks import event_numel
+from torchdiv._core.checks import event_numel, untransformed
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.probes import draw
 from torchdiv._estimators.registry import Matmat
@@ -55,9 +55,12 @@ def trace_of_function(
     A one-product estimate (Hutchinson, ``num_probes=1``, the CNF training staple) takes one
     plain ``autograd.grad`` instead: no plan to watch ``f`` for, no ``torch.func`` wrapping
     (B=128, D=256 tanh MLP: 0.9 ms against 1.2 ms through the planned engine; one forward
-    pass takes 0.30 ms, forward plus ``autograd.grad`` 0.72 ms).
+    pass takes 0.30 ms, forward plus ``autograd.grad`` 0.72 ms). Not where Dynamo traces the
+    call: AOTAutograd cannot differentiate a traced ``autograd.grad`` again (the training
+    loss's backward raised), the traced engines' ``torch.func`` products it can; nor under
+    the caller's ``torch.func`` transform (``untransformed``: the leaf copy of ``x`` raised).
     """
-    if s.num_probes == 1:
+    if s.num_probes == 1 and untransformed():
         value, stderr = _trace.summary(_one_probe(_one_product(f, x, batch_dims), s)[None])
         return Estimate(value, stderr, 1)
 
@@ -83,13 +86,11 @@ def terms_of_function(
     (``torchdiv.flows``). ``owner``: what ``f`` evaluates (a flow's velocity ``f(t, z)``,
     whose closure ``f`` is made anew at every step); with one probe, its first evaluation at
     the structure of ``x`` is watched for sample mixing (``_one_product``), later ones are
-    not."""
+    not. Where Dynamo traces the call or under a transform, as ``trace_of_function``: by the
+    generic engines."""
     batch = x.shape[:batch_dims]
-    if s.num_probes == 1:  # f: a closure made at every step, watched once as ``owner``
-        if torch.compiler.is_compiling():
-            engine = unwatched(f, x, batch_dims)
-        else:
-            engine = _watched_once(f, x, batch_dims, structure(owner, x, batch_dims), False)
+    if s.num_probes == 1 and untransformed():  # watched once as ``owner``
+        engine = _watched_once(f, x, batch_dims, structure(owner, x, batch_dims), False)
         return _one_probe(engine, s)[None], _exact.output(engine)
 
     def consume(engine: _exact.Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,9 +122,8 @@ def _one_product(
     (``torchdiv._taylor.mixing.passed_before``) is watched op by op (``_exact.watched_graph``:
     ``BatchInteractionError`` if ``f`` mixes samples); later ones are not (``unwatched``:
     the watch's ~10 us an op would be a large part of the estimate), their graph searched
-    for a train-mode batch norm. A lambda made anew at every call is watched at every call."""
-    if torch.compiler.is_compiling():
-        return unwatched(f, x, batch_dims)
+    for a train-mode batch norm. A lambda made anew at every call is watched at every call.
+    Eager calls only (``trace_of_function``)."""
     at = structure(f, x, batch_dims)
     where = site(at[0])  # a lambda made anew at every call: its code, found again
     plain = _GUARDED.get(where, at[1]) is None

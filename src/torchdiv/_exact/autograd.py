@@ -23,7 +23,7 @@ from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.ddp import Peers
 from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
-from torchdiv._core.walk import Found, once_differentiable_functions, search, vjp
+from torchdiv._core.walk import COMPILED, Found, once_differentiable_functions, search, vjp
 
 
 class GraphSpent(RuntimeError):
@@ -97,7 +97,15 @@ class _DifferentiableBackwards:
 
 def once_differentiable_error(what: str, names: list[str]) -> str:
     """The message for ``what`` (a derivative) through the custom ``autograd.Function``s
-    ``names``, whose ``backward`` is ``@once_differentiable``."""
+    ``names``, whose ``backward`` is ``@once_differentiable`` or a compiled graph's."""
+    if COMPILED in names:
+        return (
+            f"torchdiv: y was computed by a torch.compile'd graph, whose backward AOTAutograd "
+            f"cannot differentiate again: {what} would silently miss its part (its backward "
+            "returns constants), so they are refused. Use the function form (torchdiv."
+            "divergence(model, x) with the compiled model: torchdiv traces the call), or "
+            "compute y with the uncompiled module"
+        )
     return (
         f"torchdiv: f computes through the custom autograd.Function {', '.join(names)}, whose "
         f"backward is @once_differentiable: {what} would silently miss its part (its backward "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
+from torch._C._functorch import peek_interpreter_stack
 from torch.func import vjp
 
 from torchdiv._core.basis import (
@@ -85,7 +86,10 @@ _LOOPS = cache.PlanCache(256)
 
 
 def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
-    if traced(f, x, batch_dims):  # in a compiled graph, where recording f would break it
+    # in a compiled graph, where recording f would break it; under the caller's torch.func
+    # transform (an ensemble of models), where nothing is recorded and the loop's
+    # requires_grad_ on x is refused
+    if traced(f, x, batch_dims) or peek_interpreter_stack() is not None:
         return forward_over_reverse(f, x, batch_dims, chunk_size)
     return _recorded_auto(f, x, batch_dims, chunk_size)
 

@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 
 from torchdiv._core.basis import basis, batched, chunks
 from torchdiv._core.checks import event_numel, out_of_memory
-from torchdiv._core.ddp import initialized
+from torchdiv._core.ddp import in_process_group
 from torchdiv._core.modes import SafeDerivatives
 from torchdiv._core.walk import search, vjp
 from torchdiv._structured import colors, forward
@@ -127,7 +127,7 @@ def _splittable(graph: Graph, x: torch.Tensor, batch_dims: int, n: int) -> bool:
         and bool(norms)
         and 3 * sum(2 * int(node.args[6]) for node in norms) < PAYS * n
         and not graph.changed
-        and not initialized()
+        and not in_process_group()
         and not any(torch.Tag.nondeterministic_seeded in node.func.tags for node in graph.nodes)
     )
 
