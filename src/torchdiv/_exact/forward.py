@@ -159,7 +159,10 @@ class ForwardJacobian:
         self.f, self.x, self.batch_dims = f, x.contiguous(), batch_dims
         # each product evaluates f: from the state before the first, outside the transforms
         # (``_state.Once``, ``Changes.again``); None: one product, or f without state
-        self._products = self._apply if again is None else again(self._apply)
+        # (wrapped at each ``apply``: a bound method of its own kept on the engine was a
+        # cycle that held ``x``, ``f`` and its output's graph after the call, until Python's
+        # cycle collector ran)
+        self._again = again
         self.num_basis = event_numel(x, batch_dims)
         self._y_shape: torch.Size | None = None
         self._y: torch.Tensor | None = None
@@ -187,8 +190,9 @@ class ForwardJacobian:
         fused kernels have no forward mode).
         """
         transforming()  # (f may set module attributes to the transform's tensors)
+        products = self._apply if self._again is None else self._again(self._apply)
         with math_attention():
-            return self._products(tangents)
+            return products(tangents)
 
     def _apply(self, tangents: torch.Tensor) -> torch.Tensor:
         """On the CPU ``randomness="same"``: only the tangents are batched, so a random call
