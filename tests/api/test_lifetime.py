@@ -93,3 +93,46 @@ def test_models_of_a_sweep_are_freed() -> None:
         del net, x, a, b
     gc.collect()
     assert [r for r in dropped if r() is not None] == []
+
+
+def _made_here(scale: torch.Tensor) -> torch.nn.Module:
+    """A model whose class is made at every call (a model factory), its forward closing over
+    ``scale``."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.linear(x)) * scale
+
+    return Scaled()
+
+
+@pytest.mark.parametrize("call", ["divergence", "laplacian"])
+def test_classes_made_at_every_call_are_freed(call: str) -> None:
+    """The TorchScript search's tables (``_core.script``) held every class it met, with the
+    tensors its methods close over, for the rest of the process; the structure keys of the
+    caches held them as long as they were kept (256 calls)."""
+    dropped = []
+    for _ in range(3):
+        scale = torch.full((3,), 2.0)
+        net = _made_here(scale)
+        getattr(torchdiv, call)(net, torch.randn(4, 3))
+        dropped += [weakref.ref(type(net)), weakref.ref(scale)]
+        del net, scale
+    gc.collect()
+    assert [r for r in dropped if r() is not None] == []
+
+
+def test_each_graph_modules_class_is_freed() -> None:
+    """``torch.fx`` makes a class for every ``GraphModule``: none outlives its module."""
+    dropped = []
+    for _ in range(3):
+        traced = torch.fx.symbolic_trace(_net(8))
+        torchdiv.divergence(traced, torch.randn(4, 3))
+        dropped.append(weakref.ref(type(traced)))
+        del traced
+    gc.collect()
+    assert [r for r in dropped if r() is not None] == []

@@ -350,7 +350,10 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
     come back, on another module), flags (``_MODULE_FLAGS``: the train mode, as
     ``model[0].train()`` alone switches a batch norm to batch statistics, and the switches of
     its ``forward``, ``if self.mix:``) and forward hooks (one may mix samples), flat, and
-    whether each of their parameters requires grad.
+    whether each of their parameters requires grad. The type as a weak reference (equal to
+    another only while its type is alive): held, a class made at every call (a model
+    factory's, each ``torch.fx.GraphModule``'s own) stayed alive with what its methods close
+    over as long as a cache kept the key.
     One walk of the ``_modules`` and ``_parameters`` dictionaries, each module once: a key is
     made at every call of a small problem, where ``named_modules`` and ``parameters`` (two
     walks of generators) cost 10-25 us, and nested tuples a third more than flat ones."""
@@ -365,7 +368,11 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
             continue
         seen.add(i)
         attributes = m.__dict__
-        held += (i, type(m), *[v for v in attributes.values() if type(v) in _MODULE_FLAGS])
+        held += (
+            i,
+            weakref.ref(type(m)),
+            *[v for v in attributes.values() if type(v) in _MODULE_FLAGS],
+        )
         pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
         if pre or post:  # by their handles' ids (a counter: never reused)
             held.append((*(pre or ()), None, *(post or ())))
