@@ -110,16 +110,17 @@ def _made_here(scale: torch.Tensor) -> torch.nn.Module:
     return Scaled()
 
 
+@pytest.mark.parametrize("bound", [False, True])
 @pytest.mark.parametrize("call", ["divergence", "laplacian"])
-def test_classes_made_at_every_call_are_freed(call: str) -> None:
+def test_classes_made_at_every_call_are_freed(call: str, bound: bool) -> None:
     """The TorchScript search's tables (``_core.script``) held every class it met, with the
     tensors its methods close over, for the rest of the process; the structure keys of the
-    caches held them as long as they were kept (256 calls)."""
+    caches held them, or a bound method's function, as long as they were kept (256 calls)."""
     dropped = []
     for _ in range(3):
         scale = torch.full((3,), 2.0)
         net = _made_here(scale)
-        getattr(torchdiv, call)(net, torch.randn(4, 3))
+        getattr(torchdiv, call)(net.forward if bound else net, torch.randn(4, 3))
         dropped += [weakref.ref(type(net)), weakref.ref(scale)]
         del net, scale
     gc.collect()
