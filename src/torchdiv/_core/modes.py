@@ -28,6 +28,7 @@ from torchdiv._core.ddp import one_forward, spans_peers
 from torchdiv._core.script import attribute, forget_plans
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def outside_inference_mode(fn: F) -> F:
@@ -35,21 +36,10 @@ def outside_inference_mode(fn: F) -> F:
     leaves the caller's compiled code compiled (``CompiledCodeEager``) and is one forward pass
     of the DistributedDataParallel and FSDP2 modules ``f`` calls (``_core.ddp.one_forward``).
 
-    Derivatives need autograd, which inference mode switches off (silently: ``enable_grad``
-    does not undo it). The wrapper leaves inference mode for the call, keeps the caller's grad
-    mode, and clones an inference-tensor ``x`` into a normal one; the caller's ``x`` is not
-    touched.
+    The call runs ``outside_inference``: an inference-tensor ``x`` is cloned into a normal one;
+    the caller's ``x`` is not touched.
     """
-
-    def outside(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-        inference_x = isinstance(x, torch.Tensor) and x.is_inference()
-        if not torch.is_inference_mode_enabled() and not inference_x:
-            return fn(f, x, *args, **kwargs)  # the usual case
-        grad_mode = torch.is_grad_enabled()
-        with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
-            if inference_x:
-                x = x.clone()
-            return fn(f, x, *args, **kwargs)
+    outside = functools.partial(outside_inference, fn)
 
     @functools.wraps(fn)
     def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -65,6 +55,21 @@ def outside_inference_mode(fn: F) -> F:
                 return result if call is None else call.finish(result)
 
     return wrapper  # type: ignore[return-value]
+
+
+def outside_inference(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` outside inference mode, with the caller's grad mode, each
+    inference tensor among ``args`` cloned into a normal one (the caller's is not touched).
+
+    Derivatives need autograd, which inference mode switches off (silently: ``enable_grad``
+    does not undo it), and an inference tensor cannot be saved for a backward pass."""
+    inference = [isinstance(a, torch.Tensor) and a.is_inference() for a in args]
+    if not torch.is_inference_mode_enabled() and not any(inference):
+        return fn(*args, **kwargs)  # the usual case
+    grad_mode = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
+        args = tuple(a.clone() if clone else a for a, clone in zip(args, inference, strict=True))
+        return fn(*args, **kwargs)
 
 
 _DRAWS = ("num_probes", "generator", "rtol", "atol")  # options of calls that draw probes
