@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -22,6 +23,11 @@ Products = Callable[[torch.Tensor], torch.Tensor]  # tangents -> JVPs
 
 _OPS = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
 _TRUSTED = ("aten", "prims")  # PyTorch's own ops: one without a forward rule raises
+# held around every ``torch.func.jvp``: its nesting count (``JVP_NESTING``) and forward AD's
+# dual levels are the process's, not a thread's, so two threads pushing tangents at once left
+# the second without a level ("no level exists", a thread that exits a level also drops the
+# other's tangents); re-entrant, for a torchdiv call inside ``f``
+_FORWARD_AD = threading.RLock()
 
 
 class NoForwardRule(NotImplementedError):
@@ -215,8 +221,10 @@ class ForwardJacobian:
         return out
 
     def _push(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(f(x), J v)``; torch types ``jvp``'s result as a 2- or 3-tuple (``has_aux``)."""
-        primal_and_tangent = jvp(self._pushed, (self.x,), (v,))
+        """``(f(x), J v)``; torch types ``jvp``'s result as a 2- or 3-tuple (``has_aux``). One
+        thread at a time (``_FORWARD_AD``)."""
+        with _FORWARD_AD:
+            primal_and_tangent = jvp(self._pushed, (self.x,), (v,))
         return primal_and_tangent[0], primal_and_tangent[1]
 
     def block(self, start: int, stop: int) -> torch.Tensor:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import types
 import weakref
 from collections import OrderedDict
@@ -190,6 +191,8 @@ def template(graph: Graph) -> Template | None:
 
 class PlanCache:
     """Plans by site and key, the ``size`` most recently used kept (see the module docstring).
+    One thread at a time reads or changes the order (a lock): a look-up's move to the end met
+    another thread's eviction of the entry, and raised ``KeyError``.
 
     Example:
         >>> cache = PlanCache(2)
@@ -204,14 +207,16 @@ class PlanCache:
         self._entries: OrderedDict[tuple[int, Hashable], tuple[weakref.ref[Any], Any]] = (
             OrderedDict()
         )
+        self._lock = threading.RLock()  # (re-entrant: a finalizer run by a collection inside)
 
     def get(self, site: Any, key: Hashable) -> Any:
         """The plan stored for ``site`` and ``key``, or ``None``."""
-        entry = self._entries.get((id(site), key))
-        if entry is None or entry[0]() is not site:  # freed, its id now another object's
-            return None
-        self._entries.move_to_end((id(site), key))
-        return entry[1]
+        with self._lock:
+            entry = self._entries.get((id(site), key))
+            if entry is None or entry[0]() is not site:  # freed, its id now another object's
+                return None
+            self._entries.move_to_end((id(site), key))
+            return entry[1]
 
     def put(self, site: Any, key: Hashable, plan: Any) -> None:
         """Keep ``plan`` for ``site`` and ``key`` (nothing if ``site`` cannot be weakly
@@ -220,13 +225,15 @@ class PlanCache:
             ref = weakref.ref(site)
         except TypeError:
             return
-        self._entries[(id(site), key)] = (ref, plan)
-        self._entries.move_to_end((id(site), key))
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[(id(site), key)] = (ref, plan)
+            self._entries.move_to_end((id(site), key))
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
 
 RECORDINGS = PlanCache(64)
