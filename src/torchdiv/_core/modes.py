@@ -234,6 +234,8 @@ class _Held:
 
 _STANCE = _Held()  # Dynamo's stance, "force_eager" while torchdiv runs f
 _FASTPATH = _Held()  # nn.MultiheadAttention's fast path, off while torchdiv runs f
+# scaled_dot_product_attention's backends (process-wide flags), the math one alone meanwhile
+_SDPA = _Held()
 
 
 class CompiledCodeEager(contextlib.ContextDecorator):
@@ -373,17 +375,22 @@ def math_attention() -> Iterator[None]:
     rules; the fused CPU kernel has neither), and ``nn.MultiheadAttention`` /
     ``nn.TransformerEncoderLayer`` off their fused fast path (``_transformer_encoder_layer_fwd``,
     ``_native_multi_head_attention``, taken in eval mode with frozen parameters), which has
-    no derivatives at all. The caller's fast-path setting is restored afterwards. Inside a
-    compiled region only the SDPA backend is set: Dynamo cannot trace the fast-path switch."""
+    no derivatives at all. The caller's settings are restored afterwards, when the last
+    thread inside leaves (``_Held``: both are the process's, not a thread's; each thread's
+    ``sdpa_kernel`` put back what it had found, so that threads leaving out of order left the
+    math backend alone for the rest of the process, and a thread still inside ran the fused
+    kernels). Inside a compiled region only the SDPA backend is set: Dynamo cannot trace the
+    fast-path switch."""
     if torch.compiler.is_compiling():
         with sdpa_kernel([SDPBackend.MATH]):
             yield
         return
     _FASTPATH.enter(_fastpath_off)
+    _SDPA.enter(_math_backend)
     try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
+        yield
     finally:
+        _SDPA.exit(_put_backends)
         _FASTPATH.exit(torch.backends.mha.set_fastpath_enabled)
 
 
@@ -391,6 +398,17 @@ def _fastpath_off() -> bool:
     prior = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     return prior
+
+
+def _math_backend() -> contextlib.AbstractContextManager[Any]:
+    """``sdpa_kernel([SDPBackend.MATH])`` entered; it holds the prior backends."""
+    kernel = sdpa_kernel([SDPBackend.MATH])
+    kernel.__enter__()
+    return kernel
+
+
+def _put_backends(kernel: contextlib.AbstractContextManager[Any]) -> None:
+    kernel.__exit__(None, None, None)
 
 
 class DispatchMode(TorchDispatchMode):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -26,8 +27,19 @@ _TRUSTED = ("aten", "prims")  # PyTorch's own ops: one without a forward rule ra
 # held around every ``torch.func.jvp``: its nesting count (``JVP_NESTING``) and forward AD's
 # dual levels are the process's, not a thread's, so two threads pushing tangents at once left
 # the second without a level ("no level exists", a thread that exits a level also drops the
-# other's tangents); re-entrant, for a torchdiv call inside ``f``
+# other's tangents); re-entrant, for a torchdiv call inside ``f``. A process forked while
+# another thread held it gets a new one (that thread does not exist there: its first forward
+# mode call hung)
 _FORWARD_AD = threading.RLock()
+
+
+def _new_lock_after_fork() -> None:
+    global _FORWARD_AD
+    _FORWARD_AD = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # (POSIX)
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 class NoForwardRule(NotImplementedError):
