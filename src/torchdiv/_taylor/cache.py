@@ -283,7 +283,10 @@ _MODULE_FLAGS = frozenset((bool, str, type(None)))
 
 def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
     """``_held`` of the modules ``f`` reaches (``named``), each module once, the flags it
-    reaches by value and the ids of the other callables, ``depth`` levels down."""
+    reaches by value and the other callables, ``depth`` levels down: functions and classes
+    weakly (equal to another only while alive: a global function defined again, a notebook
+    cell run again, took the ``id`` of one freed before, and a key that held the ``id`` found
+    the old one's entries: its sample mixing went unwatched), the others by ``id``."""
     out: list[Any] = []
     for held in named(f, depth):
         if isinstance(held, torch.nn.Module):
@@ -291,9 +294,14 @@ def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
                 out += _held(held)
         elif type(held) in _FLAGS:
             out.append(held)
+        elif isinstance(held, _WEAKLY):
+            out.append(weakref.ref(held))
         else:
             out.append(id(held))
     return tuple(out)
+
+
+_WEAKLY = (types.FunctionType, type)  # hashed and compared by identity, weakly referenced
 
 
 def named(f: Any, depth: int = 3) -> Iterator[Any]:
