@@ -234,8 +234,9 @@ class ForwardJacobian:
 
     def _push(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f(x), J v)``; torch types ``jvp``'s result as a 2- or 3-tuple (``has_aux``). One
-        thread at a time (``_FORWARD_AD``)."""
-        with _FORWARD_AD:
+        thread at a time (``_FORWARD_AD``), but in a region Dynamo traces (it cannot enter a
+        lock; the compiled graph does not count levels)."""
+        with nullcontext() if torch.compiler.is_compiling() else _FORWARD_AD:
             primal_and_tangent = jvp(self._pushed, (self.x,), (v,))
         return primal_and_tangent[0], primal_and_tangent[1]
 
