@@ -71,7 +71,7 @@ from torchdiv._core.checks import (
 )
 from torchdiv._core.ddp import one_forward
 from torchdiv._core.mixing import BatchInteractionError
-from torchdiv._core.modes import CompiledCodeEager, outside_inference_mode
+from torchdiv._core.modes import CompiledCodeEager, outside_inference, outside_inference_mode
 from torchdiv._core.script import attribute, forget_plans
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
@@ -246,10 +246,14 @@ class AugmentedDynamics(nn.Module):
     def forward(
         self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(f(t, z), -terms of div f(t, z))`` from one evaluation of ``f``."""
+        """``(f(t, z), -terms of div f(t, z))`` from one evaluation of ``f``. Under inference mode
+        (an ``odeint`` in ``torch.inference_mode()``) outside it, as ``torchdiv.divergence``
+        (``outside_inference``): the engines that hand over to plain autograd found no graph
+        there, and gave a zero divergence."""
         forget_plans(self.f)  # TorchScript in f: run as written (``_core.script``)
-        z = state[0]
+        return outside_inference(self._evaluated, t, state[0])
 
+    def _evaluated(self, t: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def velocity(z: torch.Tensor) -> torch.Tensor:
             v: torch.Tensor = call_f(self.f, t, z)  # check_velocity raises if it is not
             check_velocity(self.fn, v, z)

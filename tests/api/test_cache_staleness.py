@@ -279,3 +279,36 @@ def test_a_hook_registered_for_every_module_is_watched_again() -> None:
             torchdiv.divergence(net, x)
     finally:
         handle.remove()
+
+
+_helper: Callable[[torch.Tensor], torch.Tensor] = torch.tanh  # a global that f names
+
+
+def _names_helper(z: torch.Tensor) -> torch.Tensor:
+    return _helper(z)
+
+
+def test_a_global_defined_again_at_a_freed_ones_address_is_watched_again() -> None:
+    """A global function defined again (a notebook cell run again) that took the ``id`` of one
+    freed before found the entries of a key that held that ``id``: the new one's sample
+    mixing went unwatched, and its "divergence" came back. Defined again until an ``id``
+    comes back (CPython's allocator reuses a freed function's memory within a few tries)."""
+    global _helper
+    x = torch.randn(5, 3, dtype=f64)
+    seen = set()
+    try:
+        for _ in range(300):
+            _helper = eval("lambda z: torch.tanh(z)")  # a new function object each time
+            torchdiv.divergence(_names_helper, x)
+            seen.add(id(_helper))
+            _helper = eval("lambda z: torch.tanh(z) + z.mean(0)")  # mixes samples
+            if id(_helper) in seen:
+                break
+            with pytest.raises(BatchInteractionError):
+                torchdiv.divergence(_names_helper, x)
+        else:
+            pytest.skip("no id came back")
+        with pytest.raises(BatchInteractionError):
+            torchdiv.divergence(_names_helper, x)
+    finally:
+        _helper = torch.tanh

@@ -135,3 +135,49 @@ def test_dynamics_of_a_bound_method_stored_on_its_own_module_make_no_cycle():
     assert set(flow.dynamics.parameters()) == set(flow.net.parameters())
     flow.to(torch.float64)
     assert "dynamics" in repr(flow) and len(flow.state_dict()) == 4
+
+
+class _OldStyleTanh(torch.autograd.Function):
+    """``tanh`` as an ``autograd.Function`` of the old style (``ctx`` in ``forward``), which
+    ``torch.func`` refuses: the exact engines hand over to plain autograd."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return torch.tanh(z)
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        return g * (1 - torch.tanh(z) ** 2)
+
+
+@pytest.mark.parametrize("method, num_probes", [("auto", None), ("hutchinson", 2)])
+def test_dynamics_under_inference_mode_keep_the_divergence(method, num_probes):
+    """An ``odeint`` of the dynamics under ``torch.inference_mode()`` (an evaluation loop): the
+    plain-autograd engine found no graph there and gave a zero divergence, silently. ``t`` (an
+    inference tensor then) scales the field, so it is saved for the backward pass. Reference:
+    per-sample ``autograd.grad`` rows in float64, the probes' quadratic forms for Hutchinson."""
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(3, 8).double(), nn.Linear(8, 3).double()
+
+    def field(t, z):
+        return lin2(_OldStyleTanh.apply(lin1(z))) * (1 + t)
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.tensor(0.5, dtype=torch.float64)
+    probes = torch.randn(2, 4, 3, dtype=torch.float64) if num_probes else None
+    dynamics = AugmentedDynamics(field, x, method=method, probes=probes)
+    z = x.detach().requires_grad_(True)
+    jacobian = torch.stack(
+        [torch.autograd.grad(field(t, z)[:, i].sum(), z, retain_graph=True)[0] for i in range(3)], 1
+    )  # (B, out, in): samples are independent
+    if probes is None:
+        expected = jacobian.diagonal(dim1=1, dim2=2).sum(-1)[None]
+    else:
+        expected = torch.einsum("kbi,bij,kbj->kb", probes, jacobian, probes)
+    with torch.inference_mode():
+        state = dynamics.initial_state(x.clone())
+        velocity, delta = dynamics(t.clone(), state)
+    torch.testing.assert_close(-delta, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(velocity, field(t, x).detach(), rtol=1e-12, atol=1e-12)

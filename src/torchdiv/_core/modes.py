@@ -28,6 +28,7 @@ from torchdiv._core.ddp import in_process_group, one_forward, spans_peers
 from torchdiv._core.script import attribute, forget_plans
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def outside_inference_mode(fn: F) -> F:
@@ -35,10 +36,8 @@ def outside_inference_mode(fn: F) -> F:
     leaves the caller's compiled code compiled (``CompiledCodeEager``) and is one forward pass
     of the DistributedDataParallel and FSDP2 modules ``f`` calls (``_core.ddp.one_forward``).
 
-    Derivatives need autograd, which inference mode switches off (silently: ``enable_grad``
-    does not undo it). The wrapper leaves inference mode for the call, keeps the caller's grad
-    mode, and clones an inference-tensor ``x`` into a normal one; the caller's ``x`` is not
-    touched.
+    The call runs ``outside_inference``: an inference-tensor ``x`` is cloned into a normal one;
+    the caller's ``x`` is not touched.
 
     Where Dynamo traces the call under a process group, the call runs eagerly as a whole (a
     graph break at it): ``one_forward``'s handling of DDP and FSDP2 modules (their buffer
@@ -47,16 +46,7 @@ def outside_inference_mode(fn: F) -> F:
     autograd's fallback gave a compiled loss the divergence's value but none of its parameter
     gradients.
     """
-
-    def outside(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-        inference_x = isinstance(x, torch.Tensor) and x.is_inference()
-        if not torch.is_inference_mode_enabled() and not inference_x:
-            return fn(f, x, *args, **kwargs)  # the usual case
-        grad_mode = torch.is_grad_enabled()
-        with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
-            if inference_x:
-                x = x.clone()
-            return fn(f, x, *args, **kwargs)
+    outside = functools.partial(outside_inference, fn)
 
     @functools.wraps(fn)
     def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -75,6 +65,21 @@ def outside_inference_mode(fn: F) -> F:
 
     eager = cast(Callable[..., Any], torch.compiler.disable(wrapper))  # untyped in torch
     return wrapper  # type: ignore[return-value]
+
+
+def outside_inference(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` outside inference mode, with the caller's grad mode, each
+    inference tensor among ``args`` cloned into a normal one (the caller's is not touched).
+
+    Derivatives need autograd, which inference mode switches off (silently: ``enable_grad``
+    does not undo it), and an inference tensor cannot be saved for a backward pass."""
+    inference = [isinstance(a, torch.Tensor) and a.is_inference() for a in args]
+    if not torch.is_inference_mode_enabled() and not any(inference):
+        return fn(*args, **kwargs)  # the usual case
+    grad_mode = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
+        args = tuple(a.clone() if clone else a for a, clone in zip(args, inference, strict=True))
+        return fn(*args, **kwargs)
 
 
 _DRAWS = ("num_probes", "generator", "rtol", "atol")  # options of calls that draw probes
@@ -239,6 +244,8 @@ class _Held:
 
 _STANCE = _Held()  # Dynamo's stance, "force_eager" while torchdiv runs f
 _FASTPATH = _Held()  # nn.MultiheadAttention's fast path, off while torchdiv runs f
+# scaled_dot_product_attention's backends (process-wide flags), the math one alone meanwhile
+_SDPA = _Held()
 
 
 class CompiledCodeEager(contextlib.ContextDecorator):
@@ -384,17 +391,22 @@ def math_attention() -> Iterator[None]:
     rules; the fused CPU kernel has neither), and ``nn.MultiheadAttention`` /
     ``nn.TransformerEncoderLayer`` off their fused fast path (``_transformer_encoder_layer_fwd``,
     ``_native_multi_head_attention``, taken in eval mode with frozen parameters), which has
-    no derivatives at all. The caller's fast-path setting is restored afterwards. Inside a
-    compiled region only the SDPA backend is set: Dynamo cannot trace the fast-path switch."""
+    no derivatives at all. The caller's settings are restored afterwards, when the last
+    thread inside leaves (``_Held``: both are the process's, not a thread's; each thread's
+    ``sdpa_kernel`` put back what it had found, so that threads leaving out of order left the
+    math backend alone for the rest of the process, and a thread still inside ran the fused
+    kernels). Inside a compiled region only the SDPA backend is set: Dynamo cannot trace the
+    fast-path switch."""
     if torch.compiler.is_compiling():
         with sdpa_kernel([SDPBackend.MATH]):
             yield
         return
     _FASTPATH.enter(_fastpath_off)
+    _SDPA.enter(_math_backend)
     try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
+        yield
     finally:
+        _SDPA.exit(_put_backends)
         _FASTPATH.exit(torch.backends.mha.set_fastpath_enabled)
 
 
@@ -402,6 +414,17 @@ def _fastpath_off() -> bool:
     prior = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     return prior
+
+
+def _math_backend() -> contextlib.AbstractContextManager[Any]:
+    """``sdpa_kernel([SDPBackend.MATH])`` entered; it holds the prior backends."""
+    kernel = sdpa_kernel([SDPBackend.MATH])
+    kernel.__enter__()
+    return kernel
+
+
+def _put_backends(kernel: contextlib.AbstractContextManager[Any]) -> None:
+    kernel.__exit__(None, None, None)
 
 
 class DispatchMode(TorchDispatchMode):

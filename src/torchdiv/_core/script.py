@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -47,17 +48,16 @@ def scripted(f: Any, depth: int = 3) -> list[Any]:
     todo = [(f, depth)]
     while todo:
         obj, left = todo.pop()
-        kind = _KINDS.get(type(obj)) or _kind(type(obj))
+        kind = _KINDS.get(id(type(obj))) or _kind(type(obj))
         if kind is _OTHER or id(obj) in seen:
             continue
         seen.add(id(obj))
         if kind is _SCRIPT:
             out.append(obj)
-        elif kind is _MODULE:  # its submodules, what its forward names (a helper) and holds
-            todo += [(m, left) for m in obj._modules.values()]
-            forward = _forward(type(obj))
-            if forward is not None:  # a class of the user's: its forward, its attributes
-                todo.append((forward, left))
+        elif kind is _MODULE or kind is _OWN_MODULE:  # its submodules, what its forward names
+            todo += [(m, left) for m in obj._modules.values()]  # (a helper) and holds
+            if kind is _OWN_MODULE:  # a class of the user's: its forward, its attributes
+                todo.append((type(obj).forward, left))
                 todo += [(v, left) for v in obj.__dict__.values() if _callable(v)]
         elif kind is _METHOD:
             todo += [(obj.__self__, left), (obj.__func__, left)]
@@ -74,16 +74,21 @@ def scripted(f: Any, depth: int = 3) -> list[Any]:
     return out
 
 
-_SCRIPT, _MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _OTHER = range(1, 8)  # (0: a miss)
-_KINDS: dict[type, int] = {}
+# (never 0: a miss); _OWN_MODULE: a module whose class has a forward of the user's (``_own``)
+_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _OTHER = range(1, 9)
+# each type's kind by its id, forgotten when the type is freed (``_kind``)
+_KINDS: dict[int, int] = {}
 
 
 def _kind(kind: type) -> int:
-    """What ``scripted`` does with an object of type ``kind`` (kept per type)."""
+    """What ``scripted`` does with an object of type ``kind``, kept by the type's ``id`` until
+    the type is freed: a class made at every call (a model factory's class, each
+    ``torch.fx.GraphModule``'s own class), kept as a key, stayed alive for the rest of the
+    process with what its methods close over (tensors too)."""
     if issubclass(kind, _SCRIPTED):
         found = _SCRIPT
     elif issubclass(kind, torch.nn.Module):
-        found = _MODULE
+        found = _OWN_MODULE if _own(kind) else _MODULE
     elif issubclass(kind, types.MethodType):
         found = _METHOD
     elif issubclass(kind, functools.partial):
@@ -96,7 +101,10 @@ def _kind(kind: type) -> int:
         found = _OBJECT  # a callable object of the user's (not PyTorch's: torch.ops packets)
     else:
         found = _OTHER
-    _KINDS[kind] = found
+    key = id(kind)
+    if key not in _KINDS:
+        weakref.finalize(kind, _KINDS.pop, key, None)
+    _KINDS[key] = found
     return found
 
 
@@ -122,8 +130,8 @@ def cell_contents(fn: Any) -> list[Any]:
 def _callable(v: Any) -> bool:
     """Whether a module attribute's value is one ``scripted`` follows other than a module (its
     submodules are followed through ``_modules``): a function, method, partial or script."""
-    kind = _KINDS.get(type(v)) or _kind(type(v))
-    return kind is not _OTHER and kind is not _MODULE
+    kind = _KINDS.get(id(type(v))) or _kind(type(v))
+    return kind is not _OTHER and kind is not _MODULE and kind is not _OWN_MODULE
 
 
 def _named(fn: types.FunctionType) -> list[Any]:
@@ -137,7 +145,7 @@ def _named(fn: types.FunctionType) -> list[Any]:
     found: Iterable[Any] = (names.get(n) for n in global_names(fn.__code__))
     if fn.__defaults__ or fn.__kwdefaults__:  # (most functions have none)
         found = (*found, *(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values())
-    held = [v for v in found if (kinds.get(type(v)) or _kind(type(v))) != _OTHER]
+    held = [v for v in found if (kinds.get(id(type(v))) or _kind(type(v))) != _OTHER]
     return cell_contents(fn) + held
 
 
@@ -149,18 +157,12 @@ def global_names(code: types.CodeType) -> tuple[str, ...]:
     return tuple(dict.fromkeys(code.co_names + sum(inner, ())))
 
 
-_FORWARDS: dict[type, Any] = {}
-
-
-def _forward(kind: type) -> Any:
-    """The ``forward`` of the module class ``kind`` where it is a Python function that can
-    reach TorchScript (kept per class; what it names is read at every call, ``_named``).
-    PyTorch's own layers (``nn.Linear``'s forward names ``F``) are not followed, nor their
-    attributes: their globals are PyTorch's, and walking them and their ``__dict__`` at every
-    call made it ~3.5x dearer (an MLP of PyTorch's layers: 3.6 -> 12.5 us)."""
-    if kind not in _FORWARDS:
-        forward = getattr(kind, "forward", None)
-        module = getattr(forward, "__module__", None) or ""  # (None: made by exec)
-        ours = isinstance(forward, types.FunctionType) and not module.startswith("torch.")
-        _FORWARDS[kind] = forward if ours else None
-    return _FORWARDS[kind]
+def _own(kind: type) -> bool:
+    """Whether the ``forward`` of the module class ``kind`` is a Python function that can reach
+    TorchScript (what it names is read at every call, ``_named``). PyTorch's own layers
+    (``nn.Linear``'s forward names ``F``) are not followed, nor their attributes: their
+    globals are PyTorch's, and walking them and their ``__dict__`` at every call made it
+    ~3.5x dearer (an MLP of PyTorch's layers: 3.6 -> 12.5 us)."""
+    forward = getattr(kind, "forward", None)
+    module = getattr(forward, "__module__", None) or ""  # (None: made by exec)
+    return isinstance(forward, types.FunctionType) and not module.startswith("torch.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -22,6 +24,22 @@ Products = Callable[[torch.Tensor], torch.Tensor]  # tangents -> JVPs
 
 _OPS = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
 _TRUSTED = ("aten", "prims")  # PyTorch's own ops: one without a forward rule raises
+# held around every ``torch.func.jvp``: its nesting count (``JVP_NESTING``) and forward AD's
+# dual levels are the process's, not a thread's, so two threads pushing tangents at once left
+# the second without a level ("no level exists", a thread that exits a level also drops the
+# other's tangents); re-entrant, for a torchdiv call inside ``f``. A process forked while
+# another thread held it gets a new one (that thread does not exist there: its first forward
+# mode call hung)
+_FORWARD_AD = threading.RLock()
+
+
+def _new_lock_after_fork() -> None:
+    global _FORWARD_AD
+    _FORWARD_AD = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # (POSIX)
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 class NoForwardRule(NotImplementedError):
@@ -159,7 +177,10 @@ class ForwardJacobian:
         self.f, self.x, self.batch_dims = f, x.contiguous(), batch_dims
         # each product evaluates f: from the state before the first, outside the transforms
         # (``_state.Once``, ``Changes.again``); None: one product, or f without state
-        self._products = self._apply if again is None else again(self._apply)
+        # (wrapped at each ``apply``: a bound method of its own kept on the engine was a
+        # cycle that held ``x``, ``f`` and its output's graph after the call, until Python's
+        # cycle collector ran)
+        self._again = again
         self.num_basis = event_numel(x, batch_dims)
         self._y_shape: torch.Size | None = None
         self._y: torch.Tensor | None = None
@@ -187,8 +208,9 @@ class ForwardJacobian:
         fused kernels have no forward mode).
         """
         transforming()  # (f may set module attributes to the transform's tensors)
+        products = self._apply if self._again is None else self._again(self._apply)
         with math_attention():
-            return self._products(tangents)
+            return products(tangents)
 
     def _apply(self, tangents: torch.Tensor) -> torch.Tensor:
         """On the CPU ``randomness="same"``: only the tangents are batched, so a random call
@@ -211,8 +233,11 @@ class ForwardJacobian:
         return out
 
     def _push(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(f(x), J v)``; torch types ``jvp``'s result as a 2- or 3-tuple (``has_aux``)."""
-        primal_and_tangent = jvp(self._pushed, (self.x,), (v,))
+        """``(f(x), J v)``; torch types ``jvp``'s result as a 2- or 3-tuple (``has_aux``). One
+        thread at a time (``_FORWARD_AD``), but in a region Dynamo traces (it cannot enter a
+        lock; the compiled graph does not count levels)."""
+        with nullcontext() if torch.compiler.is_compiling() else _FORWARD_AD:
+            primal_and_tangent = jvp(self._pushed, (self.x,), (v,))
         return primal_and_tangent[0], primal_and_tangent[1]
 
     def block(self, start: int, stop: int) -> torch.Tensor:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import types
 import weakref
 from collections import OrderedDict
@@ -190,6 +191,8 @@ def template(graph: Graph) -> Template | None:
 
 class PlanCache:
     """Plans by site and key, the ``size`` most recently used kept (see the module docstring).
+    One thread at a time reads or changes the order (a lock): a look-up's move to the end met
+    another thread's eviction of the entry, and raised ``KeyError``.
 
     Example:
         >>> cache = PlanCache(2)
@@ -204,14 +207,16 @@ class PlanCache:
         self._entries: OrderedDict[tuple[int, Hashable], tuple[weakref.ref[Any], Any]] = (
             OrderedDict()
         )
+        self._lock = threading.RLock()  # (re-entrant: a finalizer run by a collection inside)
 
     def get(self, site: Any, key: Hashable) -> Any:
         """The plan stored for ``site`` and ``key``, or ``None``."""
-        entry = self._entries.get((id(site), key))
-        if entry is None or entry[0]() is not site:  # freed, its id now another object's
-            return None
-        self._entries.move_to_end((id(site), key))
-        return entry[1]
+        with self._lock:
+            entry = self._entries.get((id(site), key))
+            if entry is None or entry[0]() is not site:  # freed, its id now another object's
+                return None
+            self._entries.move_to_end((id(site), key))
+            return entry[1]
 
     def put(self, site: Any, key: Hashable, plan: Any) -> None:
         """Keep ``plan`` for ``site`` and ``key`` (nothing if ``site`` cannot be weakly
@@ -220,13 +225,15 @@ class PlanCache:
             ref = weakref.ref(site)
         except TypeError:
             return
-        self._entries[(id(site), key)] = (ref, plan)
-        self._entries.move_to_end((id(site), key))
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[(id(site), key)] = (ref, plan)
+            self._entries.move_to_end((id(site), key))
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
 
 RECORDINGS = PlanCache(64)
@@ -276,7 +283,10 @@ _MODULE_FLAGS = frozenset((bool, str, type(None)))
 
 def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
     """``_held`` of the modules ``f`` reaches (``named``), each module once, the flags it
-    reaches by value and the ids of the other callables, ``depth`` levels down."""
+    reaches by value and the other callables, ``depth`` levels down: functions and classes
+    weakly (equal to another only while alive: a global function defined again, a notebook
+    cell run again, took the ``id`` of one freed before, and a key that held the ``id`` found
+    the old one's entries: its sample mixing went unwatched), the others by ``id``."""
     out: list[Any] = []
     for held in named(f, depth):
         if isinstance(held, torch.nn.Module):
@@ -284,9 +294,14 @@ def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
                 out += _held(held)
         elif type(held) in _FLAGS:
             out.append(held)
+        elif isinstance(held, _WEAKLY):
+            out.append(weakref.ref(held))
         else:
             out.append(id(held))
     return tuple(out)
+
+
+_WEAKLY = (types.FunctionType, type)  # hashed and compared by identity, weakly referenced
 
 
 def named(f: Any, depth: int = 3) -> Iterator[Any]:
@@ -350,7 +365,10 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
     come back, on another module), flags (``_MODULE_FLAGS``: the train mode, as
     ``model[0].train()`` alone switches a batch norm to batch statistics, and the switches of
     its ``forward``, ``if self.mix:``) and forward hooks (one may mix samples), flat, and
-    whether each of their parameters requires grad.
+    whether each of their parameters requires grad. The type as a weak reference (equal to
+    another only while its type is alive): held, a class made at every call (a model
+    factory's, each ``torch.fx.GraphModule``'s own) stayed alive with what its methods close
+    over as long as a cache kept the key.
     One walk of the ``_modules`` and ``_parameters`` dictionaries, each module once: a key is
     made at every call of a small problem, where ``named_modules`` and ``parameters`` (two
     walks of generators) cost 10-25 us, and nested tuples a third more than flat ones."""
@@ -365,7 +383,11 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
             continue
         seen.add(i)
         attributes = m.__dict__
-        held += (i, type(m), *[v for v in attributes.values() if type(v) in _MODULE_FLAGS])
+        held += (
+            i,
+            weakref.ref(type(m)),
+            *[v for v in attributes.values() if type(v) in _MODULE_FLAGS],
+        )
         pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
         if pre or post:  # by their handles' ids (a counter: never reused)
             held.append((*(pre or ()), None, *(post or ())))

@@ -4,7 +4,9 @@ samples (for errors that do not say so), and the objects ``f`` already watched a
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import weakref
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -86,10 +88,14 @@ def passed(f: Any, x: torch.Tensor, batch_dims: int, at: Structure | None = None
 
 def structure(f: Any, x: torch.Tensor, batch_dims: int) -> Structure:
     """``f`` itself and ``cache.structure_key``; a bound method (a new object at every
-    attribute access, ``model.forward``) by its object, its function in the key. Only
-    torchdiv's own wrappers are unwrapped (``checks.unwrapped``): two wrappers of one
-    function (``functools.wraps``) may compute different things."""
+    attribute access, ``model.forward``) by its object, its function in the key (weakly: the
+    function of a class made at every call held what it closes over as long as the key was
+    kept). Only torchdiv's own wrappers are unwrapped (``checks.unwrapped``): two wrappers of
+    one function (``functools.wraps``) may compute different things."""
     f = unwrapped(f)
     if inspect.ismethod(f):
-        return f.__self__, (f.__func__, structure_key(f, x, batch_dims))
+        func = f.__func__
+        with contextlib.suppress(TypeError):  # (an object without weak references: as it is)
+            func = weakref.ref(func)
+        return f.__self__, (func, structure_key(f, x, batch_dims))
     return f, structure_key(f, x, batch_dims)

@@ -135,10 +135,13 @@ class Plan:
     """What every replay of a graph needs about its nodes, worked out once (it walked every
     node's arguments three times per replay, a tenth of a small network's Laplacian): the
     ``Ref`` each node reads, their positions if all are positional arguments, the nodes whose
-    outputs are last read by each node, and the nodes whose ``jac`` later ops read."""
+    outputs are last read by each node, and the nodes whose ``jac`` later ops read. It holds
+    the graph's nodes and output, not the graph: the graph holds its plan (``Graph.plan``),
+    and a cycle kept the graph's values (every activation of ``f``) alive after the call
+    until Python's cycle collector ran."""
 
     def __init__(self, graph: Graph):
-        self.graph = graph
+        self.nodes, self.output = graph.nodes, graph.output
         self.inputs: list[list[Ref]] = []
         self.positions: list[list[int] | None] = []
         for node in graph.nodes:
@@ -157,8 +160,8 @@ class Plan:
         return self._needs_jac[key]
 
     def _needed(self, ctx: Context) -> set[int]:
-        nodes = self.graph.nodes
-        output = leaves(self.graph.output)
+        nodes = self.nodes
+        output = leaves(self.output)
         needed = {a.node for a in output if isinstance(a, Ref)} if ctx.jac else set()
         for index in range(len(nodes) - 1, -1, -1):
             node = nodes[index]
@@ -178,7 +181,7 @@ class Plan:
         for index, refs in enumerate(self.inputs):
             for a in refs:
                 last[a.node] = index
-        keep = {a.node for a in leaves(self.graph.output) if isinstance(a, Ref)}
+        keep = {a.node for a in leaves(self.output) if isinstance(a, Ref)}
         by_user: dict[int, list[int]] = {}
         for producer, user in last.items():
             if producer not in keep:

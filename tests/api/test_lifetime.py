@@ -1,0 +1,139 @@
+"""Lifetimes: what a call leaves behind once the caller drops its results. Nothing the call
+made may sit in a reference cycle (freed only when Python's cycle collector next runs, a few
+calls later: every activation of ``f`` held that long, one call's worth per call in between),
+and the caches keep no model, parameter or tensor alive."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+import torchdiv
+
+
+def _net(width: int, out: int = 3) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, width), torch.nn.Tanh(), torch.nn.Linear(width, out)
+    )
+
+
+CALLS: dict[str, Callable[[torch.nn.Module, torch.Tensor], object]] = {
+    "divergence-forward": lambda f, x: torchdiv.divergence(f, x, method="forward"),
+    "divergence-auto": lambda f, x: torchdiv.divergence(f, x),
+    "jacobian-forward": lambda f, x: torchdiv.jacobian(f, x, method="forward"),
+    "hutchinson": lambda f, x: torchdiv.divergence(f, x, method="hutchinson", num_probes=2),
+    "laplacian-taylor": lambda f, x: torchdiv.laplacian(f, x, method="taylor"),
+    "laplacian-hessian": lambda f, x: torchdiv.laplacian(f, x, method="hessian"),
+    "laplacian-forward-over-reverse": lambda f, x: torchdiv.laplacian(
+        f, x, method="forward-over-reverse"
+    ),
+}
+
+
+@pytest.fixture
+def no_cycle_collection() -> Iterator[list[object]]:
+    """Cycle collection off for the test; the list receives what the collector then finds
+    (``gc.DEBUG_SAVEALL``) when the test calls ``gc.collect()``."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        yield gc.garbage
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_a_call_leaves_no_tensor_in_a_reference_cycle(
+    call: str, no_cycle_collection: list[object]
+) -> None:
+    """The forward engine held itself through a bound method of its own (with ``x``, ``f`` and
+    ``f(x)``'s graph), and the Taylor engine's graph its plan, which held the graph (every
+    value ``f`` computed): freed only by the cycle collector, about 20 calls' worth of
+    activations alive at once in a loop of forward-mode divergences."""
+    CALLS[call](_net(16), torch.randn(5, 3))  # first calls: what torch sets up once
+    gc.collect()
+    no_cycle_collection.clear()
+    net, x = _net(17), torch.randn(6, 3)
+    CALLS[call](net, x)
+    dropped = weakref.ref(net), weakref.ref(x)
+    del net, x
+    assert [r() for r in dropped] == [None, None]  # freed by reference counting alone
+    gc.collect()
+    assert [type(o) for o in no_cycle_collection if isinstance(o, torch.Tensor)] == []
+
+
+SWEEP: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
+    "auto": lambda net, x: torchdiv.divergence(net, x),
+    "forward, a new lambda": lambda net, x: torchdiv.divergence(
+        lambda z: net(z), x, method="forward"
+    ),
+    "structured": lambda net, x: torchdiv.divergence(net, x, method="structured"),
+}
+
+
+def test_models_of_a_sweep_are_freed() -> None:
+    """Many models, one call of each (a hyperparameter sweep): none stays alive in a cache,
+    each one's result right (a freed model's ``id``, reused, never finds its plans)."""
+    dropped = []
+    for width in range(4, 12):
+        net, x = _net(width).double(), torch.randn(4, 3, dtype=torch.float64)
+        a, b = net[0].weight, net[2].weight
+        with torch.no_grad():  # tr(B diag(tanh') A), in float64
+            expected = torch.einsum("ij,bj,ji->b", b, 1 - torch.tanh(net[0](x)) ** 2, a)
+        for call in SWEEP.values():
+            torch.testing.assert_close(call(net, x), expected, rtol=1e-12, atol=1e-12)
+        dropped += [weakref.ref(net), weakref.ref(a), weakref.ref(x)]
+        del net, x, a, b
+    gc.collect()
+    assert [r for r in dropped if r() is not None] == []
+
+
+def _made_here(scale: torch.Tensor) -> torch.nn.Module:
+    """A model whose class is made at every call (a model factory), its forward closing over
+    ``scale``."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.linear(x)) * scale
+
+    return Scaled()
+
+
+@pytest.mark.parametrize("bound", [False, True])
+@pytest.mark.parametrize("call", ["divergence", "laplacian"])
+def test_classes_made_at_every_call_are_freed(call: str, bound: bool) -> None:
+    """The TorchScript search's tables (``_core.script``) held every class it met, with the
+    tensors its methods close over, for the rest of the process; the structure keys of the
+    caches held them, or a bound method's function, as long as they were kept (256 calls)."""
+    dropped = []
+    for _ in range(3):
+        scale = torch.full((3,), 2.0)
+        net = _made_here(scale)
+        getattr(torchdiv, call)(net.forward if bound else net, torch.randn(4, 3))
+        dropped += [weakref.ref(type(net)), weakref.ref(scale)]
+        del net, scale
+    gc.collect()
+    assert [r for r in dropped if r() is not None] == []
+
+
+def test_each_graph_modules_class_is_freed() -> None:
+    """``torch.fx`` makes a class for every ``GraphModule``: none outlives its module."""
+    dropped = []
+    for _ in range(3):
+        traced = torch.fx.symbolic_trace(_net(8))
+        torchdiv.divergence(traced, torch.randn(4, 3))
+        dropped.append(weakref.ref(type(traced)))
+        del traced
+    gc.collect()
+    assert [r for r in dropped if r() is not None] == []
