@@ -165,6 +165,29 @@ def test_random_or_stateful_nets_are_not_split(spy: list[bool]) -> None:
     assert spy == []
 
 
+def test_allowed_batch_interaction_is_not_split(spy: list[bool]) -> None:
+    """With mixing detection off, a net may send one image's statistics into another's
+    output, which the correction (one column and one row for every image at once) cannot
+    tell apart: the probes of columns, as before the split. The reference: each
+    unit vector put in every image at once, pushed forward by ``torch.func.jvp`` (vmapped)."""
+    net = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 2, 3, padding=1)
+    ).double()
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return net(z) + net(z).mean(0, keepdim=True)
+
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    n = x[0].numel()
+    probes = torch.eye(n, dtype=x.dtype).reshape(n, 1, *x.shape[1:]).expand(n, *x.shape)
+    _, columns = torch.func.vmap(lambda v: torch.func.jvp(f, (x,), (v,)))(probes)
+    ref = columns.flatten(2).diagonal(dim1=0, dim2=2)  # (n, N, n) -> (N, n)
+    with torchdiv.allow_batch_interaction():
+        diag = torchdiv.jacobian_diagonal(f, x, method="structured")
+    assert_close(diag, ref.reshape(x.shape))
+    assert spy == []
+
+
 def test_autocast_group_norms_are_not_split() -> None:
     """Under autocast a group norm's input is bfloat16 and PyTorch's kernel normalises it in
     float32: statistics measured in the input's precision would differ from the net's own."""

@@ -25,8 +25,9 @@ the parameters, and ``x`` when it requires grad), so the diagonal is differentia
 the other plans' (a gradient through ``F``'s use of ``S`` and through ``dS/dx`` included).
 ``f`` is evaluated three more times (the statistics with autograd, two recordings): not
 planned where it draws random numbers or changes state outside its tensors, for group
-norms of half-precision inputs (autocast), under a process group, or for a share of the
-directions (``torchdiv.distributed``).
+norms of half-precision inputs (autocast), under a process group, for a share of the
+directions (``torchdiv.distributed``), or inside ``allow_batch_interaction`` (the correction
+assumes that an image's statistics reach only its own output).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 from torchdiv._core.basis import basis, batched, chunks
 from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.ddp import in_process_group
+from torchdiv._core.mixing import allowed
 from torchdiv._core.modes import SafeDerivatives
 from torchdiv._core.walk import search, vjp
 from torchdiv._structured import colors, forward
@@ -119,7 +121,9 @@ def diagonal(
 
 def _splittable(graph: Graph, x: torch.Tensor, batch_dims: int, n: int) -> bool:
     """One batch dimension, group norms with few enough statistics, nothing random or
-    stateful, no process group."""
+    stateful, no process group, mixing detection on (``allow_batch_interaction``: one
+    image's statistics may reach another's output, which the correction's columns and
+    rows, each for all images at once, would sum over separately)."""
     norms = [node for node in graph.nodes if node.func is _GROUP_NORM]
     return (
         batch_dims == 1
@@ -128,6 +132,7 @@ def _splittable(graph: Graph, x: torch.Tensor, batch_dims: int, n: int) -> bool:
         and 3 * sum(2 * int(node.args[6]) for node in norms) < PAYS * n
         and not graph.changed
         and not in_process_group()
+        and not allowed()
         and not any(torch.Tag.nondeterministic_seeded in node.func.tags for node in graph.nodes)
     )
 
