@@ -194,3 +194,16 @@ def test_autocast_group_norms_are_not_split() -> None:
     net = _gn_net().float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert describe(net, torch.randn(2, 2, 8, 8)) == "columns: 128 unit vectors"
+
+
+def test_a_split_that_does_not_pay_costs_no_evaluation() -> None:
+    """torchdiffeq's dynamics on 4 x 4 states: 72 colours and 3 x 24 statistics against 128
+    unit vectors do not pay. That is read from ``f``'s own recording before ``f`` is evaluated
+    again, at every call (its in-place ReLU keeps no template to remember a decision with): one
+    evaluation per call, as column propagation makes."""
+    f = ffjord.odefunc(8, groups=4).double()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    for calls in (1, 2):
+        torchdiv.divergence(f, x, method="structured")
+        assert f.net.nfe == calls
+    assert describe(f, x) == "columns: 128 unit vectors"

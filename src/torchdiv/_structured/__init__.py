@@ -94,7 +94,7 @@ def plan(
         coloring = colors.colors(graph, kept, x, batch_dims)
         split = None
         if coloring is None and share == WHOLE:  # group norms: coloured, with a correction
-            split = statistics.planned(f, graph, x, batch_dims)
+            split = statistics.planned(f, graph, kept, x, batch_dims)
         diag = None if split is None else statistics.diagonal(split, graph, f, x, chunk_size)
         if split is not None and diag is not None:
             y = _output(split.fixed, values(split.fixed, x), x)
@@ -127,7 +127,7 @@ def describe(f: Function, x: torch.Tensor, batch_dims: int = 1) -> str:
         return f"chain: {len(found[0])} path{'s' * (len(found[0]) != 1)}"
     n = math.prod(x.shape[batch_dims:])
     coloring = colors.colors(graph, kept, x, batch_dims)
-    split = None if coloring is not None else statistics.planned(f, graph, x, batch_dims)
+    split = None if coloring is not None else statistics.planned(f, graph, kept, x, batch_dims)
     if split is not None:
         return split.describe(n)
     if coloring is None:

@@ -30,15 +30,16 @@ from torchdiv._taylor import Graph
 
 
 def colors(
-    graph: Graph, values: list[list[Any]], x: torch.Tensor, batch_dims: int
+    graph: Graph, values: list[list[Any]], x: torch.Tensor, batch_dims: int, held: bool = False
 ) -> torch.Tensor | None:
     """The colour of every element of ``x``'s flattened event, ``(n,)`` on the CPU (plans are
     made on the host, so that a GPU never waits for them), or ``None`` if the graph is not
-    local or colouring saves nothing. ``values``: every node's outputs."""
+    local or colouring saves nothing. ``values``: every node's outputs; ``held``: as
+    ``locality.reach``'s."""
     event = x.shape[batch_dims:]
     if len(event) < 2 or tuple(graph.output_shape) != tuple(x.shape):
         return None
-    reaches = reach(graph, values, x, batch_dims)
+    reaches = reach(graph, values, x, batch_dims, held)
     if reaches is None:
         return None
     periods = [min(r + 1, size) for r, size in zip(reaches, event[1:], strict=True)]

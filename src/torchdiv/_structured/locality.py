@@ -76,12 +76,14 @@ _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
 
 
 def reach(
-    graph: Graph, values: list[list[Any]], x: torch.Tensor, batch_dims: int
+    graph: Graph, values: list[list[Any]], x: torch.Tensor, batch_dims: int, held: bool = False
 ) -> tuple[int, ...] | None:
     """Per spatial axis of ``x`` (event dimensions after the first), the largest distance in
     pixels between an output element and an element of ``x`` it reads, or ``None`` if ``f``'s
-    output is not local in ``x`` (or not laid out like ``x``)."""
-    layouts = _Layouts(graph, values, x, batch_dims).run()
+    output is not local in ``x`` (or not laid out like ``x``). ``held``: as if each group
+    norm's statistics were given (``torchdiv._structured.statistics``): its output read
+    position by position."""
+    layouts = _Layouts(graph, values, x, batch_dims, held).run()
     out = graph.output
     if layouts is None or not isinstance(out, Ref) or out not in layouts:
         return None
@@ -95,8 +97,15 @@ def reach(
 
 
 class _Layouts:
-    def __init__(self, graph: Graph, values: list[list[Any]], x: torch.Tensor, batch_dims: int):
-        self.graph, self.values, self.x = graph, values, x
+    def __init__(
+        self,
+        graph: Graph,
+        values: list[list[Any]],
+        x: torch.Tensor,
+        batch_dims: int,
+        held: bool = False,
+    ):
+        self.graph, self.values, self.x, self.held = graph, values, x, held
         axes = (
             Axis(d, tuple(range(x.shape[d])), tuple(range(x.shape[d])))
             for d in range(batch_dims + 1, x.dim())
@@ -141,7 +150,8 @@ class _Layouts:
         func, args = node.func, list(map_leaves(self.value, node.args))
         first = inputs[0]
         source = self.layouts[first]
-        if torch.Tag.pointwise in func.tags or func in _SAME:
+        held = self.held and func == aten.native_group_norm.default  # (its output; not its
+        if torch.Tag.pointwise in func.tags or func in _SAME or held:  # statistics: unlaid)
             if func == aten.native_batch_norm.default and args[5]:
                 return None  # training mode: statistics over positions
             return self._union(inputs, out)

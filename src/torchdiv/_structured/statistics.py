@@ -81,13 +81,21 @@ class Split:
         return f"colours: {colours} directions and {k} group-norm statistics for {n} unit vectors"
 
 
-def planned(f: Function, graph: Graph, x: torch.Tensor, batch_dims: int) -> Split | None:
+def planned(
+    f: Function, graph: Graph, kept: list[list[Any]], x: torch.Tensor, batch_dims: int
+) -> Split | None:
     """The split of ``f`` at ``x`` if it applies and pays (see the module), else ``None``;
-    ``graph``: ``f``'s own recording at ``x``. A structure found not to pay is remembered
-    with the graph's template (``torchdiv._taylor.cache``): later calls skip the attempt."""
+    ``graph``: ``f``'s own recording at ``x``, ``kept`` its values. Whether it pays is read
+    first from ``graph`` itself, its group norms taken as position-wise (the colouring
+    ``F(., S(x))`` will have), before ``f`` is evaluated again; a structure found not to pay
+    is also remembered with the graph's template (``torchdiv._taylor.cache``)."""
     n = event_numel(x, batch_dims)
     derived = {} if graph.template is None else graph.template.derived
     if derived.get("statistics") is False or not _splittable(graph, x, batch_dims, n):
+        return None
+    held = colors.colors(graph, kept, x, batch_dims, held=True)
+    if held is None or _directions(held, graph) > PAYS * n:
+        derived["statistics"] = False
         return None
     try:
         found = _plan(f, x, batch_dims, n)
@@ -124,17 +132,28 @@ def _splittable(graph: Graph, x: torch.Tensor, batch_dims: int, n: int) -> bool:
     stateful, no process group, mixing detection on (``allow_batch_interaction``: one
     image's statistics may reach another's output, which the correction's columns and
     rows, each for all images at once, would sum over separately)."""
-    norms = [node for node in graph.nodes if node.func is _GROUP_NORM]
     return (
         batch_dims == 1
         and x.dim() > 2
-        and bool(norms)
-        and 3 * sum(2 * int(node.args[6]) for node in norms) < PAYS * n
+        and any(node.func is _GROUP_NORM for node in graph.nodes)
+        and 3 * _statistics(graph) < PAYS * n
         and not graph.changed
         and not in_process_group()
         and not allowed()
         and not any(torch.Tag.nondeterministic_seeded in node.func.tags for node in graph.nodes)
     )
+
+
+def _statistics(graph: Graph) -> int:
+    """Statistics per sample of ``graph``'s group norms: a mean and an inverse standard
+    deviation per group."""
+    return sum(2 * int(node.args[6]) for node in graph.nodes if node.func is _GROUP_NORM)
+
+
+def _directions(coloring: torch.Tensor, graph: Graph) -> int:
+    """The split's cost in forward directions: its colours, and per statistic a forward
+    direction and a backward pass counted as two."""
+    return int(coloring.max()) + 1 + 3 * _statistics(graph)
 
 
 def _plan(f: Function, x: torch.Tensor, batch_dims: int, n: int) -> Split | None:
