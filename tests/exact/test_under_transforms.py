@@ -113,3 +113,25 @@ def test_one_probe_hutchinson_of_an_ensemble_of_models_and_under_grad() -> None:
     )
     for (name, _), w in zip(net.named_parameters(), want, strict=True):
         assert_close(grads[name], w)
+
+
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("laplacian", lambda f, z: torchdiv.laplacian(f, z, method="grad-of-grad")),
+        (
+            "weighted_laplacian",
+            lambda f, z: torchdiv.weighted_laplacian(
+                f, z, diffusion=torch.eye(3, dtype=z.dtype), method="grad-of-grad"
+            ),
+        ),
+        ("check_batch_independence", lambda f, z: torchdiv.check_batch_independence(f, z)),
+    ],
+)
+def test_backward_pass_methods_under_the_callers_vmap_say_so(name: str, call) -> None:
+    """They differentiate ``f`` by backward passes on a leaf copy of ``x``, which PyTorch
+    refuses inside a transform with a message that names neither the call nor a way out."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    net, xs = net.double(), torch.randn(4, 5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"^{name}: .*torch.func transform.*; (use|call)"):
+        vmap(lambda z: call(net, z) or z.sum())(xs)

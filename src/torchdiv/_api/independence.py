@@ -7,7 +7,13 @@ from collections.abc import Callable
 
 import torch
 
-from torchdiv._core.checks import check_callable, check_generator, check_input, check_output
+from torchdiv._core.checks import (
+    check_callable,
+    check_generator,
+    check_input,
+    check_output,
+    check_untransformed,
+)
 from torchdiv._core.mixing import BatchInteractionError
 from torchdiv._core.modes import outside_inference_mode
 from torchdiv._exact.autograd import GraphJacobian
@@ -81,6 +87,7 @@ def check_batch_independence(
     check_callable(fn, f)
     check_input(fn, x, batch_dims)
     check_generator(fn, generator)
+    check_untransformed(fn, "it", "call it outside, once per model")
     if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not 0 <= rtol < math.inf:
         raise ValueError(f"{fn}: rtol must be a finite number >= 0, got {rtol!r}")
     num = x.shape[:batch_dims].numel()

@@ -54,6 +54,7 @@ from torchdiv._core.checks import (
     check_exact_options,
     check_input,
     check_method,
+    check_untransformed,
     checked,
 )
 from torchdiv._core.crossover import traceable
@@ -158,6 +159,10 @@ def laplacian(
     check_callable(fn, f)
     check_input(fn, x, batch_dims)
     check_method(fn, method, METHODS)
+    if method == "grad-of-grad":
+        check_untransformed(
+            fn, "method='grad-of-grad'", "use method='auto' or 'forward-over-reverse' there"
+        )
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
     index = None if coordinates is None else check_coordinates(fn, coordinates, x, batch_dims)

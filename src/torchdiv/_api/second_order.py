@@ -39,6 +39,7 @@ from torchdiv._core.checks import (
     check_input,
     check_matrix,
     check_method,
+    check_untransformed,
     checked,
     event_numel,
 )
@@ -116,6 +117,10 @@ def weighted_laplacian(
     check_callable(fn, f)
     check_input(fn, x, batch_dims)
     check_method(fn, method, METHODS)
+    if method == "grad-of-grad":
+        check_untransformed(
+            fn, "method='grad-of-grad'", "use method='auto' or 'forward-over-reverse' there"
+        )
     check_chunk_size(fn, chunk_size)
     if diffusion is not None and sigma is None:
         name, matrix = "diffusion", diffusion

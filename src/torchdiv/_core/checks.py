@@ -297,6 +297,18 @@ def check_initialized(fn: str, f: Any) -> None:
         stack += [c for c in m._modules.values() if c is not None]
 
 
+def check_untransformed(fn: str, what: str, way_out: str) -> None:
+    """``ValueError`` where the call runs under a ``torch.func`` transform of the caller
+    (``vmap``, ``grad``, ``jvp``) but ``what`` differentiates ``f`` by backward passes on a
+    leaf copy of ``x``, which PyTorch refuses there (its message names neither the function
+    nor a way out)."""
+    if peek_interpreter_stack() is not None:
+        raise ValueError(
+            f"{fn}: {what} runs backward passes on its own copy of x, which PyTorch refuses "
+            f"under a torch.func transform (vmap, grad, jvp) around the call; {way_out}"
+        )
+
+
 def untransformed() -> bool:
     """Whether the call runs eagerly outside any ``torch.func`` transform: not while Dynamo
     traces it, nor under the caller's ``vmap``/``grad``/``jvp``, where plain autograd on a
