@@ -117,7 +117,7 @@ def describe(f: Function, x: torch.Tensor, batch_dims: int = 1) -> str:
     ``"chain: N paths"``, ``"colours: k directions for n unit vectors"``, ``"colours: k
     directions and K group-norm statistics for n unit vectors"`` (``statistics``) or
     ``"columns: n unit vectors"`` (``"generic engines: ..."`` if it cannot plan ``f``).
-    Evaluates ``f`` once (four times for the group norms' split)."""
+    Evaluates ``f`` once (three times where the group norms' split is tried)."""
     graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
     if graph.unsupported:
         return f"generic engines: no rule for {', '.join(sorted(set(graph.unsupported)))}"
