@@ -168,19 +168,14 @@ def ffjord_multiscale(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int,
     return ffjord.multiscale((width,) * 3), (3, side, side)
 
 
-def unet(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
+def unet(dim: int, width: int, attention: bool = True) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """guided-diffusion's two-level U-Net (``torchdiv._bench.unets``: GroupNorm in every
-    block, attention at half resolution) at one timestep: 3-channel ``s x s`` images, ``s``
-    even with ``3 s^2`` closest to ``dim``; ``width`` channels (a multiple of 4)."""
+    block, attention at half resolution, or none: coloured with its group norms split off
+    once the images are larger than its receptive field, 31 pixels per axis) at one
+    timestep: 3-channel ``s x s`` images, ``s`` even with ``3 s^2`` closest to ``dim``;
+    ``width`` channels (a multiple of 4)."""
     side = 2 * max(1, round(math.sqrt(dim / 3) / 2))
-    return unets.guided_unet(width), (3, side, side)
-
-
-def unet_without_attention(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
-    """The same U-Net without its attention blocks: coloured with its group norms split off
-    once the images are larger than its receptive field (31 pixels per axis)."""
-    side = 2 * max(1, round(math.sqrt(dim / 3) / 2))
-    return unets.guided_unet(width, attention=False), (3, side, side)
+    return unets.guided_unet(width, attention=attention), (3, side, side)
 
 
 def small_cnf(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -203,7 +198,7 @@ FAMILIES: dict[str, tuple[str, Callable[[int, int], tuple[torch.nn.Module, tuple
     "ffjord": ("FFJORD ODEnet", ffjord_odenet),
     "ffjord-multiscale": ("FFJORD multiscale ODEnet", ffjord_multiscale),
     "unet": ("guided-diffusion U-Net", unet),
-    "unet-noattn": ("U-Net without attention", unet_without_attention),
+    "unet-noattn": ("U-Net without attention", functools.partial(unet, attention=False)),
     "cnf": ("small CNF (ELU)", small_cnf),
 }
 

@@ -66,7 +66,8 @@ class _Mismatch(RuntimeError):
 class Split:
     """The plan: ``F(., S(x))`` recorded (``fixed``, whose output is ``f(x)``) with its
     colouring, and what the correction needs (``_measured``'s input and statistics, those
-    statistics as ``F`` reads them, ``held``: detached where no graph is kept)."""
+    statistics as ``F`` reads them, ``held``: detached where no graph is kept, so that
+    ``held.requires_grad`` says whether the products keep one)."""
 
     fixed: Graph
     coloring: torch.Tensor
@@ -74,7 +75,6 @@ class Split:
     stats: torch.Tensor
     held: torch.Tensor
     sizes: list[int]
-    graphs: bool
 
     def describe(self, n: int) -> str:
         colours, k = int(self.coloring.max()) + 1, self.held.shape[1]
@@ -89,12 +89,12 @@ def planned(
     first from ``graph`` itself, its group norms taken as position-wise (the colouring
     ``F(., S(x))`` will have), before ``f`` is evaluated again; a structure found not to pay
     is also remembered with the graph's template (``torchdiv._taylor.cache``)."""
-    n = event_numel(x, batch_dims)
+    n, k = event_numel(x, batch_dims), _statistics(graph)
     derived = {} if graph.template is None else graph.template.derived
-    if derived.get("statistics") is False or not _splittable(graph, x, batch_dims, n):
+    if derived.get("statistics") is False or not _splittable(graph, x, batch_dims, n, k):
         return None
-    held = colors.colors(graph, kept, x, batch_dims, held=True)
-    if held is None or _directions(held, graph) > PAYS * n:
+    coloring = colors.colors(graph, kept, x, batch_dims, held=True)
+    if coloring is None or _directions(coloring, k) > PAYS * n:
         derived["statistics"] = False
         return None
     try:
@@ -127,16 +127,16 @@ def diagonal(
     return diag if correction is None else diag + correction
 
 
-def _splittable(graph: Graph, x: torch.Tensor, batch_dims: int, n: int) -> bool:
-    """One batch dimension, group norms with few enough statistics, nothing random or
-    stateful, no process group, mixing detection on (``allow_batch_interaction``: one
-    image's statistics may reach another's output, which the correction's columns and
-    rows, each for all images at once, would sum over separately)."""
+def _splittable(graph: Graph, x: torch.Tensor, batch_dims: int, n: int, k: int) -> bool:
+    """One batch dimension, group norms with few enough statistics (``k`` per sample),
+    nothing random or stateful, no process group, mixing detection on
+    (``allow_batch_interaction``: one image's statistics may reach another's output, which
+    the correction's columns and rows, each for all images at once, would sum over
+    separately)."""
     return (
         batch_dims == 1
         and x.dim() > 2
-        and any(node.func is _GROUP_NORM for node in graph.nodes)
-        and 3 * _statistics(graph) < PAYS * n
+        and 0 < 3 * k < PAYS * n
         and not graph.changed
         and not in_process_group()
         and not allowed()
@@ -150,10 +150,10 @@ def _statistics(graph: Graph) -> int:
     return sum(2 * int(node.args[6]) for node in graph.nodes if node.func is _GROUP_NORM)
 
 
-def _directions(coloring: torch.Tensor, graph: Graph) -> int:
-    """The split's cost in forward directions: its colours, and per statistic a forward
-    direction and a backward pass counted as two."""
-    return int(coloring.max()) + 1 + 3 * _statistics(graph)
+def _directions(coloring: torch.Tensor, k: int) -> int:
+    """The split's cost in forward directions: its colours, and per statistic (``k``) a
+    forward direction and a backward pass counted as two."""
+    return int(coloring.max()) + 1 + 3 * k
 
 
 def _plan(f: Function, x: torch.Tensor, batch_dims: int, n: int) -> Split | None:
@@ -166,9 +166,9 @@ def _plan(f: Function, x: torch.Tensor, batch_dims: int, n: int) -> Split | None
     if fixed.unsupported:
         return None
     coloring = colors.colors(fixed, values(fixed, x), x, batch_dims)
-    if coloring is None or int(coloring.max()) + 1 + 3 * held.shape[1] > PAYS * n:
+    if coloring is None or _directions(coloring, held.shape[1]) > PAYS * n:
         return None
-    return Split(fixed, coloring, x_in, stats, held, sizes, graphs)
+    return Split(fixed, coloring, x_in, stats, held, sizes)
 
 
 def _measured(f: Function, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
@@ -194,11 +194,6 @@ def _given(f: Function, z: torch.Tensor, held: torch.Tensor, sizes: list[int]) -
     return y
 
 
-def _with_statistics(f: Function, x: torch.Tensor, sizes: list[int]) -> Function:
-    """``s -> F(x, s)``, for the columns ``F_s e_k``."""
-    return lambda s: _given(f, x, s, sizes)
-
-
 def _correction(
     split: Split, f: Function, x: torch.Tensor, chunk_size: int | None
 ) -> torch.Tensor | None:
@@ -206,7 +201,7 @@ def _correction(
     depend on ``x``. Columns by forward propagation through ``F(x, .)``, rows by batched
     vector-Jacobian products, ``chunk_size`` statistics (or a planned chunk) at a time."""
     held = split.held
-    tail = capture(_with_statistics(f, x, split.sizes), held, RULES)
+    tail = capture(lambda s: _given(f, x, s, split.sizes), held, RULES)  # s -> F(x, s)
     if tail.unsupported:
         raise _Mismatch(", ".join(tail.unsupported))
     k_all = held.shape[1]
@@ -217,7 +212,7 @@ def _correction(
     for start, stop in chunks(k_all, chunk):
         columns = forward.columns(tail, held, 1, every, start, stop, constants)
         cotangents = basis(start, stop, split.stats, 1)
-        rows = _rows(split.stats, split.x_in, cotangents, split.graphs)
+        rows = _rows(split.stats, split.x_in, cotangents, held.requires_grad)
         if rows is None:
             return None
         part = (columns * rows.reshape(columns.shape)).sum(0)
