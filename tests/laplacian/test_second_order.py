@@ -168,6 +168,13 @@ def test_partial_hutchinson_is_unbiased():
         ([-4], ValueError, r"laplacian: coordinates .*got \[-4\]"),
         (torch.tensor([0.5]), TypeError, r"laplacian: coordinates .* torch\.float32 tensor"),
         (torch.tensor([[0]]), TypeError, r"laplacian: coordinates .*shape \(1, 1\)"),
+        # PyTorch reads a uint8 index tensor as a (deprecated) mask: [1, 0] was taken as the
+        # indices {0, 1} here, the mask's coordinate 0 there
+        (
+            torch.tensor([1, 0], dtype=torch.uint8),
+            TypeError,
+            r"laplacian: coordinates .*torch\.uint8 .*mask.* bool",
+        ),
         (
             torch.tensor([True, False]),
             ValueError,
