@@ -303,6 +303,28 @@ def test_weighted_laplacian_gradients(method):
     assert_close(grad_a, torch.einsum("b,bij->ij", weights, h))
 
 
+def test_a_diffusion_that_requires_grad_names_a_way_out_that_runs():
+    """A differentiable ``diffusion`` takes Hessian-vector products whatever ``method`` says;
+    with an op refused through forward mode (``eigh``) the error named ``method='taylor' or
+    'grad-of-grad'``, which the caller had passed and which ran the same products. Now it
+    names ``sigma``, which runs with every method (here the loop, against the closed form)."""
+
+    def u(z):  # eigh of a matrix made from z, ∂²/∂z_j² of its first eigenvector's sum
+        m = z[:, :, None] * z[:, None, :] + torch.diag(torch.arange(1.0, 4.0, dtype=f64))
+        return torch.linalg.eigh(m)[1][..., 0].sum(-1)
+
+    x = torch.randn(4, 3, dtype=f64)
+    factor = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.0, 0.3]], dtype=f64, requires_grad=True)
+    a = (factor @ factor.T).detach().requires_grad_(True)
+    with pytest.raises(NotImplementedError, match=r"weighted_laplacian: .*eigh.* as sigma"):
+        torchdiv.weighted_laplacian(u, x, diffusion=a, method="grad-of-grad")
+    got = torchdiv.weighted_laplacian(u, x, sigma=factor, method="grad-of-grad")
+    h = torch.stack([torch.autograd.functional.hessian(lambda z: u(z[None])[0], s) for s in x])
+    assert_close(got, torch.einsum("ij,bij->b", a.detach(), h))
+    (grad,) = torch.autograd.grad(got.sum(), factor)
+    assert_close(grad, 2 * h.sum(0) @ factor.detach())
+
+
 def test_weighted_laplacian_parameter_gradient_by_finite_differences():
     net = _net(4)
     f = _scalar(net)

@@ -88,6 +88,10 @@ def weighted_laplacian(
             at the first evaluation (a stateful ``f`` changes its state once), subtracted;
             in float32 that costs accuracy relative to ``‖A‖ ‖∇²f‖`` (4.5e-5 relative at
             ``A = [[1, 1000], [1000, 1]]``): float64 for an ill-conditioned indefinite ``A``.
+            One that requires grad (a learned or state-dependent diffusion, computed from an
+            ``x`` that requires grad) is not factored: Hessian-vector products whatever
+            ``method`` says (``"hutchinson"``: along its probes); give ``sigma`` for the
+            other engines.
         sigma: ``S``, shape ``(n, k)`` or ``x.shape[:batch_dims] + (n, k)``.
         batch_dims: as in ``laplacian``.
         method: as in ``laplacian``; ``"hutchinson"`` estimates with probes ``S v``.
@@ -203,6 +207,15 @@ def _factors(fn: str, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return out
 
 
+# a diffusion that requires grad takes Hessian-vector products whatever the method: where f
+# holds an op refused through forward mode, the way out is a factor (any method runs along it)
+MIXED_WAY_OUT = (
+    "a factor S of A = S Sᵀ (a Cholesky factor) as sigma, differentiable with every method, "
+    "and method='taylor' or 'grad-of-grad' (a diffusion that requires grad is computed by "
+    "Hessian-vector products whatever the method)"
+)
+
+
 def _mixed(
     fn: str,
     g: Function,
@@ -231,7 +244,7 @@ def _mixed(
     total, r, y_shape = None, len(vectors), torch.Size()
     for start, stop in chunks(r, chunk_size or r):
         v = vectors[start:stop]
-        along_v = methods.products_along(g, batch_dims, v.reshape(-1, *x.shape))
+        along_v = methods.products_along(g, batch_dims, v.reshape(-1, *x.shape), MIXED_WAY_OUT)
         products, y_shape = each(along_v)(x)
         partners = torch.einsum("bij,kbj->kbi", a, v)  # A v, (k, N, n)
         part = torch.einsum("kmbi,kbi->mb", products, partners)
