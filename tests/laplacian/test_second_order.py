@@ -303,6 +303,19 @@ def test_weighted_laplacian_gradients(method):
     assert_close(grad_a, torch.einsum("b,bij->ij", weights, h))
 
 
+@pytest.mark.parametrize("name", ["sigma", "diffusion"])
+def test_weighted_laplacian_by_taylor_names_itself_and_the_op_without_a_rule(name):
+    """The error named ``laplacian``, the engine it runs, not the call the caller made."""
+    x = torch.randn(4, 3, dtype=f64)
+    options = {name: torch.eye(3, dtype=f64)}
+    with pytest.raises(
+        NotImplementedError, match=r"^weighted_laplacian: method='taylor' has no .*lgamma"
+    ):
+        torchdiv.weighted_laplacian(
+            lambda z: torch.lgamma(z).sum(-1), x, method="taylor", **options
+        )
+
+
 def test_a_diffusion_that_requires_grad_names_a_way_out_that_runs():
     """A differentiable ``diffusion`` takes Hessian-vector products whatever ``method`` says;
     with an op refused through forward mode (``eigh``) the error named ``method='taylor' or

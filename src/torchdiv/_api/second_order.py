@@ -30,7 +30,7 @@ import torch
 
 from torchdiv._api.laplacian import METHODS, RECORDING, laplacian
 from torchdiv._api.operators import jacobian
-from torchdiv._api.reporting import reported
+from torchdiv._api.reporting import renamed, reported
 from torchdiv._core.basis import accumulated, basis, chunks
 from torchdiv._core.checks import (
     check_callable,
@@ -155,7 +155,10 @@ def weighted_laplacian(
         if method == "hutchinson" and z.numel() > 0:  # drawn outside ``each``: new ones a part
             s = _trace.sampling(fn, z, batch_dims, method, num_probes, probe, None, generator)
             probes = _trace.vectors(s, z, batch_dims).reshape(-1, *z.shape).to(x.dtype)
-        part = each(functools.partial(_part, h, batch_dims, method, chunk_size, probes))(z)
+        try:
+            part = each(functools.partial(_part, h, batch_dims, method, chunk_size, probes))(z)
+        except UnsupportedOp as exc:  # the engines name the Laplacian they run, not this call
+            raise (renamed(fn, exc) or exc) from exc
         total = sign * part if total is None else total + sign * part
     assert total is not None  # _factors always gives the positive part
     return total
