@@ -168,6 +168,13 @@ def test_partial_hutchinson_is_unbiased():
         ([-4], ValueError, r"laplacian: coordinates .*got \[-4\]"),
         (torch.tensor([0.5]), TypeError, r"laplacian: coordinates .* torch\.float32 tensor"),
         (torch.tensor([[0]]), TypeError, r"laplacian: coordinates .*shape \(1, 1\)"),
+        # PyTorch reads a uint8 index tensor as a (deprecated) mask: [1, 0] was taken as the
+        # indices {0, 1} here, the mask's coordinate 0 there
+        (
+            torch.tensor([1, 0], dtype=torch.uint8),
+            TypeError,
+            r"laplacian: coordinates .*torch\.uint8 .*mask.* bool",
+        ),
         (
             torch.tensor([True, False]),
             ValueError,
@@ -294,6 +301,41 @@ def test_weighted_laplacian_gradients(method):
     h = hessians(f, x).detach()
     assert_close(got, 2 * h.diagonal(0, -2, -1).sum(-1))
     assert_close(grad_a, torch.einsum("b,bij->ij", weights, h))
+
+
+@pytest.mark.parametrize("name", ["sigma", "diffusion"])
+def test_weighted_laplacian_by_taylor_names_itself_and_the_op_without_a_rule(name):
+    """The error named ``laplacian``, the engine it runs, not the call the caller made."""
+    x = torch.randn(4, 3, dtype=f64)
+    options = {name: torch.eye(3, dtype=f64)}
+    with pytest.raises(
+        NotImplementedError, match=r"^weighted_laplacian: method='taylor' has no .*lgamma"
+    ):
+        torchdiv.weighted_laplacian(
+            lambda z: torch.lgamma(z).sum(-1), x, method="taylor", **options
+        )
+
+
+def test_a_diffusion_that_requires_grad_names_a_way_out_that_runs():
+    """A differentiable ``diffusion`` takes Hessian-vector products whatever ``method`` says;
+    with an op refused through forward mode (``eigh``) the error named ``method='taylor' or
+    'grad-of-grad'``, which the caller had passed and which ran the same products. Now it
+    names ``sigma``, which runs with every method (here the loop, against the closed form)."""
+
+    def u(z):  # eigh of a matrix made from z, ∂²/∂z_j² of its first eigenvector's sum
+        m = z[:, :, None] * z[:, None, :] + torch.diag(torch.arange(1.0, 4.0, dtype=f64))
+        return torch.linalg.eigh(m)[1][..., 0].sum(-1)
+
+    x = torch.randn(4, 3, dtype=f64)
+    factor = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.0, 0.3]], dtype=f64, requires_grad=True)
+    a = (factor @ factor.T).detach().requires_grad_(True)
+    with pytest.raises(NotImplementedError, match=r"weighted_laplacian: .*eigh.* as sigma"):
+        torchdiv.weighted_laplacian(u, x, diffusion=a, method="grad-of-grad")
+    got = torchdiv.weighted_laplacian(u, x, sigma=factor, method="grad-of-grad")
+    h = torch.stack([torch.autograd.functional.hessian(lambda z: u(z[None])[0], s) for s in x])
+    assert_close(got, torch.einsum("ij,bij->b", a.detach(), h))
+    (grad,) = torch.autograd.grad(got.sum(), factor)
+    assert_close(grad, 2 * h.sum(0) @ factor.detach())
 
 
 def test_weighted_laplacian_parameter_gradient_by_finite_differences():
@@ -921,11 +963,11 @@ def test_weighted_hutchinson_of_an_indefinite_diffusion_is_of_one_evaluation():
 
 @pytest.mark.parametrize("chunk_size", [None, 1])
 def test_value_grad_laplacian_without_taylor_rules_is_of_one_evaluation(chunk_size):
-    """Where an op has no Taylor rule (``logcumsumexp``) ``"auto"`` computes ``f(x)``, the
+    """Where an op has no Taylor rule (``lgamma``) ``"auto"`` computes ``f(x)``, the
     Jacobian and the Laplacian separately, each evaluating ``f``: from one state. Before:
     value, gradient and Laplacian of different masks (0.4-1.4 off), the buffer moved three
     times and more."""
-    head = lambda y: torch.logcumsumexp(y, -1)[:, -1]  # noqa: E731
+    head = lambda y: torch.lgamma(y.square() + 1).sum(-1)  # noqa: E731
     net, x = Stateful(4, 3, head=head), torch.randn(5, 4, dtype=f64)
     once, state = one_state(net, x, seed=2)
     torch.manual_seed(2)

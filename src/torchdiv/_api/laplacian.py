@@ -136,7 +136,9 @@ def laplacian(
 
     Raises:
         TypeError: ``f`` not callable, ``x`` or ``f(x)`` not a floating tensor, ``generator``
-            not a ``torch.Generator``, ``probes`` not a floating tensor.
+            not a ``torch.Generator``, ``probes`` not a floating tensor, ``coordinates``
+            neither integers nor a bool mask (a ``uint8`` tensor, which PyTorch reads as a
+            mask, included).
         ValueError: bad ``batch_dims``, ``method``, ``chunk_size`` or ``coordinates`` (out of
             range, repeated, a mask of the wrong shape), or ``f`` changed the
             batch shape; ``"hutchinson"`` without ``num_probes`` or ``probes``, a bad

@@ -30,7 +30,7 @@ import torch
 
 from torchdiv._api.laplacian import METHODS, RECORDING, laplacian
 from torchdiv._api.operators import jacobian
-from torchdiv._api.reporting import reported
+from torchdiv._api.reporting import renamed, reported
 from torchdiv._core.basis import accumulated, basis, chunks
 from torchdiv._core.checks import (
     check_callable,
@@ -88,6 +88,10 @@ def weighted_laplacian(
             at the first evaluation (a stateful ``f`` changes its state once), subtracted;
             in float32 that costs accuracy relative to ``‖A‖ ‖∇²f‖`` (4.5e-5 relative at
             ``A = [[1, 1000], [1000, 1]]``): float64 for an ill-conditioned indefinite ``A``.
+            One that requires grad (a learned or state-dependent diffusion, computed from an
+            ``x`` that requires grad) is not factored: Hessian-vector products whatever
+            ``method`` says (``"hutchinson"``: along its probes); give ``sigma`` for the
+            other engines.
         sigma: ``S``, shape ``(n, k)`` or ``x.shape[:batch_dims] + (n, k)``.
         batch_dims: as in ``laplacian``.
         method: as in ``laplacian``; ``"hutchinson"`` estimates with probes ``S v``.
@@ -151,7 +155,10 @@ def weighted_laplacian(
         if method == "hutchinson" and z.numel() > 0:  # drawn outside ``each``: new ones a part
             s = _trace.sampling(fn, z, batch_dims, method, num_probes, probe, None, generator)
             probes = _trace.vectors(s, z, batch_dims).reshape(-1, *z.shape).to(x.dtype)
-        part = each(functools.partial(_part, h, batch_dims, method, chunk_size, probes))(z)
+        try:
+            part = each(functools.partial(_part, h, batch_dims, method, chunk_size, probes))(z)
+        except UnsupportedOp as exc:  # the engines name the Laplacian they run, not this call
+            raise (renamed(fn, exc) or exc) from exc
         total = sign * part if total is None else total + sign * part
     assert total is not None  # _factors always gives the positive part
     return total
@@ -203,6 +210,15 @@ def _factors(fn: str, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return out
 
 
+# a diffusion that requires grad takes Hessian-vector products whatever the method: where f
+# holds an op refused through forward mode, the way out is a factor (any method runs along it)
+MIXED_WAY_OUT = (
+    "a factor S of A = S Sᵀ (a Cholesky factor) as sigma, differentiable with every method, "
+    "and method='taylor' or 'grad-of-grad' (a diffusion that requires grad is computed by "
+    "Hessian-vector products whatever the method)"
+)
+
+
 def _mixed(
     fn: str,
     g: Function,
@@ -231,7 +247,7 @@ def _mixed(
     total, r, y_shape = None, len(vectors), torch.Size()
     for start, stop in chunks(r, chunk_size or r):
         v = vectors[start:stop]
-        along_v = methods.products_along(g, batch_dims, v.reshape(-1, *x.shape))
+        along_v = methods.products_along(g, batch_dims, v.reshape(-1, *x.shape), MIXED_WAY_OUT)
         products, y_shape = each(along_v)(x)
         partners = torch.einsum("bij,kbj->kbi", a, v)  # A v, (k, N, n)
         part = torch.einsum("kmbi,kbi->mb", products, partners)

@@ -554,6 +554,12 @@ def check_coordinates(fn: str, coordinates: Any, x: torch.Tensor, batch_dims: in
                 f"of shape {_shape(coordinates)}"
             )
         return coordinates.reshape(n).nonzero().squeeze(1).to(x.device)
+    if isinstance(coordinates, torch.Tensor) and coordinates.dtype == torch.uint8:
+        raise TypeError(
+            f"{fn}: coordinates of dtype torch.uint8 are ambiguous (PyTorch's indexing reads them "
+            "as a mask, a deprecated one; here they would be indices): pass a mask as a bool "
+            "tensor, indices as an int64 tensor or a list of ints"
+        )
     if isinstance(coordinates, torch.Tensor):
         if coordinates.is_floating_point() or coordinates.is_complex() or coordinates.dim() != 1:
             raise TypeError(

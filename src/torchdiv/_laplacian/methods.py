@@ -362,12 +362,21 @@ class _Gradients:
         return rows
 
 
+NESTED_WAY_OUT = "method='taylor' or 'grad-of-grad'"  # what to use where an op is refused
+
+
 def hessian_products(
-    f: Function, x: torch.Tensor, batch_dims: int, directions: torch.Tensor
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    directions: torch.Tensor,
+    way_out: str = NESTED_WAY_OUT,
 ) -> tuple[torch.Tensor, torch.Size]:
     """``H_{b,i} v_j`` for every sample ``b``, output ``i`` and direction ``v_j`` (``(k,) +
-    x.shape``), shape ``(k, m, N, n)``, and ``f(x).shape``: JVPs of the per-sample gradients."""
-    grads = _Gradients(under_tangents(f, 3, "method='taylor' or 'grad-of-grad'"), batch_dims)
+    x.shape``), shape ``(k, m, N, n)``, and ``f(x).shape``: JVPs of the per-sample gradients.
+    ``way_out``: what the error for an op whose derivatives through forward mode are refused
+    (``WrongDerivatives``) tells the caller to use instead."""
+    grads = _Gradients(under_tangents(f, 3, way_out), batch_dims)
     columns = ForwardJacobian(grads, x, batch_dims, order=None).apply(directions)
     k, m = columns.shape[:2]
     n_samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
@@ -375,10 +384,11 @@ def hessian_products(
 
 
 def products_along(
-    f: Function, batch_dims: int, directions: torch.Tensor
+    f: Function, batch_dims: int, directions: torch.Tensor, way_out: str = NESTED_WAY_OUT
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Size]]:
-    """``x -> hessian_products(f, x, batch_dims, directions)``, for ``Once`` to wrap."""
-    return lambda x: hessian_products(f, x, batch_dims, directions)
+    """``x -> hessian_products(f, x, batch_dims, directions, way_out)``, for ``Once`` to
+    wrap."""
+    return lambda x: hessian_products(f, x, batch_dims, directions, way_out)
 
 
 def forward_over_reverse(
