@@ -17,7 +17,11 @@ warmed up by three calls:
   ``"auto"`` runs with a compiled model where it traces;
 - ``auto``: ``f = torch.compile(net)`` with ``method="auto"``: its choice.
 
-``traced / eager`` below 1: tracing is the faster choice for a compiled model as ``f``.
+``traced / eager`` below 1: tracing is the faster choice for a compiled model as ``f``. Thread
+CPU time (``_common.cpu_quantile_ms``: per round and step the 20 % quantile of the calls made
+in ``--min-run-time`` seconds, steps interleaved; the ratio is the median over rounds of the
+rounds' ratios, with their range): wall times on the shared machine varied by 0.5-2.7x
+between rounds.
 ``work``: n x samples x f's multiply-adds per sample (``torchdiv._core.crossover``).
 """
 
@@ -25,10 +29,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import statistics
 from typing import Any
 
 import torch
-from _common import markdown, script, time_interleaved, timed_columns
+from _common import cpu_quantile_ms, markdown, script
 from compile_crossover import METHODS, SWEEPS
 from compile_step import training_step
 
@@ -56,20 +61,20 @@ def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
         for step in steps.values():
             for _ in range(3):
                 step(x)
-        times = time_interleaved(
-            {k: functools.partial(s, x) for k, s in steps.items()}, rounds, min_run_time
-        )
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        for _ in range(rounds):
+            for k, step in steps.items():
+                times[k].append(cpu_quantile_ms(functools.partial(step, x), min_run_time))
         work = n * len(x) * work_per_sample(net, n)
         row: dict[str, Any] = {"case": label, "event": n, "samples": len(x), "work": work}
         row["choice"] = "traced" if work <= COMPILED_F_WORK else "recorded"
-        timed_columns(row, times)
-        ratios = [
-            t / e
-            for t, e in zip(times["traced"]["rounds_ms"], times["eager"]["rounds_ms"], strict=True)
-        ]
-        row["traced_over_eager"] = sorted(ratios)[len(ratios) // 2]
+        for k, ms in times.items():
+            row[f"{k}_ms"] = statistics.median(ms)
+        ratios = [t / e for t, e in zip(times["traced"], times["eager"], strict=True)]
+        row["traced_over_eager"] = statistics.median(ratios)
         row["traced_over_eager_min"], row["traced_over_eager_max"] = min(ratios), max(ratios)
-        row["auto_over_eager"] = row["auto_ms"] / row["eager_ms"]
+        autos = [a / e for a, e in zip(times["auto"], times["eager"], strict=True)]
+        row["auto_over_eager"] = statistics.median(autos)
         print(
             f"{label:30} n={n:4} work {work / 1e6:5.1f}M eager {row['eager_ms']:7.2f} "
             f"traced {row['traced_ms']:7.2f} auto {row['auto_ms']:7.2f} traced/eager "
