@@ -21,6 +21,10 @@ loss only (``loss``), each against the same eager step:
   the user's call, no frame of torchdiv's or of the lambda;
 - ``stand-in, break``: an operator of almost no work, ``f(x).sum(-1)``, behind
   ``torch.compiler.disable``: the break alone;
+- ``stand-in, torchdiv's entry``: the same operator behind torchdiv's entry wrapper
+  (``torchdiv._core.modes.eager_when``, told that it records): the break of a recording call,
+  frame for frame, around almost no work (minus the ``stand-in, break`` row: torchdiv's own
+  frame);
 - ``stand-in, traced``: the same operator traced into the graph: no break at all.
 """
 
@@ -36,6 +40,7 @@ from _common import cpu_quantile_ms, markdown, script
 from compile_step import CASES, training_step
 
 import torchdiv
+from torchdiv._core.modes import eager_when
 
 Op = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
@@ -58,6 +63,7 @@ def operators(case: str) -> dict[str, Op]:
         "torchdiv": recorded,
         "torchdiv behind disable": torch.compiler.disable(recorded),
         "stand-in, break": torch.compiler.disable(stand_in),
+        "stand-in, torchdiv's entry": eager_when(lambda *_, **__: True)(stand_in),
         "stand-in, traced": stand_in,
     }
 

@@ -289,7 +289,7 @@ def test_auto_with_a_compiled_model_records_where_f_works_more(name: str) -> Non
     """Called from eager code with ``torch.compile(net)`` as ``f``, ``"auto"`` runs its
     recording engine eagerly with the original module (no graph runs, nothing compiles)
     where ``f``'s work exceeds ``COMPILED_F_WORK``: no graph break is at stake there, and
-    tracing was slower than recording (the MLP's step 1.12x, the PINN's 1.27x, CPU time).
+    tracing was slower than recording (the MLP's step 1.07-1.12x, the PINN's 1.19-1.27x).
     Values equal those with ``net`` (float64 1e-10)."""
     from torchdiv._core.crossover import COMPILED_F_WORK, TRACED_WORK, work_per_sample
 

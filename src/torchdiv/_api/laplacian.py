@@ -27,7 +27,9 @@ Methods (one signature each, in ``BY_NAME``):
   Inside a region ``torch.compile`` traces, problems where ``f``'s work is small (inputs x
   samples x ``f``'s multiply-adds per sample, estimated from its parameters, at most
   ``10 x 2**20``: ``torchdiv._core.crossover``) take ``"forward-over-reverse"`` traced into the
-  graph (the training guide's torch.compile section).
+  graph (the training guide's torch.compile section); with a ``torch.compile``d ``f`` called
+  from eager code, at most ``4 x 2**20`` (``COMPILED_F_WORK``: no graph break at stake there),
+  traced into a compiled call, else recorded eagerly with ``f``'s original.
 
 Attention runs on PyTorch's math backend in every method (``_modes.math_attention``): the
 fused CPU kernel has no forward-mode derivative. The nested-autodiff methods run ``f`` under

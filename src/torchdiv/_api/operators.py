@@ -248,7 +248,8 @@ def divergence(
     ``f``'s work is small, event size x samples x ``f``'s multiply-adds per sample estimated
     from its parameters at most ``10 x 2**20`` (``torchdiv._core.crossover``), take reverse
     mode traced into the graph, larger ones the rule below run eagerly: the training guide's
-    torch.compile section):
+    torch.compile section; with a ``torch.compile``d ``f`` called from eager code, the limit is
+    ``4 x 2**20``, ``COMPILED_F_WORK``: no graph break is at stake there):
     ``"structured"`` whenever it can run ``f``, unless the
     problem is tiny (event size x elements of ``x`` at most ``2**12``: recording ``f`` would
     cost more than the whole computation); otherwise

@@ -30,11 +30,11 @@ TRACED_WORK = 10 << 20
 # "auto" with a ``torch.compile``d model as f, called from eager code (no graph break at stake:
 # recording runs the original module eagerly, as the eager call does) traces where n x B x W is
 # at most this. Eager training steps, compiled model as f, traced / eager "auto" (thread CPU
-# time, bench/compile_model_crossover.py): traced 0.71-0.76x at 2.3M and 2.7M (a PINN of width
-# 64 at n = 2, B = 256; an MLP of width 64 at n = 8, B = 64), 1.12x at 6.4M (the same MLP at
-# n = 16), 1.27x at 9.8M (the PINN at n = 8), 1.39x at 8.7M (n = 20); the conv net on 4 x 4
-# images (6.3M, 0.90x) and the width-256 MLP at n = 2 (8.6M, 0.83x) gained from tracing, and
-# record here (1.0x: the eager call)
+# time, bench/compile_model_crossover.py, inductor, float32): traced 0.73-0.75x at 2.3M and 2.7M
+# (a PINN of width 64 at n = 2, B = 256; an MLP of width 64 at n = 8, B = 64), 1.07x at 6.4M
+# (the same MLP at n = 16; 1.12x in an earlier run), 1.29x at 8.7M (n = 20), 1.19x at 9.8M
+# (the PINN at n = 8), more beyond; the conv net on 4 x 4 images (6.3M, 0.91x) and the
+# width-256 MLP at n = 2 (8.6M, 0.81x) gained from tracing, and record here (1.01-1.02x)
 COMPILED_F_WORK = 4 << 20
 # W assumed for an ``f`` whose parameters are not seen (a function, a module without
 # parameters), per element of a sample: the rule on shapes alone is then n x (elements of x)
