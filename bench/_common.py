@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "add_output_options",
     "output_path",
     "compare",
+    "cpu_quantile_ms",
     "machine",
     "markdown",
     "peak_memory_mb",
@@ -46,6 +48,19 @@ def timed_columns(row: dict[str, Any], times: Any) -> None:
     for name, t in times.items():
         row[f"{name}_ms"] = t["median_ms"]
         row[f"{name}_iqr_ms"] = t["iqr_ms"]
+
+
+def cpu_quantile_ms(step: Callable[[], Any], seconds: float, q: float = 0.2) -> float:
+    """The ``q`` quantile of ``step``'s thread CPU times (ms) over the calls made in
+    ``seconds`` of wall time (at least 5)."""
+    times: list[int] = []
+    stop = time.perf_counter() + seconds
+    while len(times) < 5 or time.perf_counter() < stop:
+        start = time.thread_time_ns()
+        step()
+        times.append(time.thread_time_ns() - start)
+    times.sort()
+    return times[int(q * len(times))] / 1e6
 
 
 def compare(

@@ -268,6 +268,42 @@ def test_compiled_model_as_f_gradients_equal_eager(name: str, dtype: torch.dtype
     torch._dynamo.reset()
 
 
+def _width64(d: int, d_out: int) -> torch.nn.Module:
+    """A tanh MLP ``d -> 64 -> 64 -> d_out`` in float64 (``d_out == 1``: a PINN)."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(d, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh()]
+    last = [torch.nn.Linear(64, 1), torch.nn.Flatten(0)] if d_out == 1 else [torch.nn.Linear(64, d)]
+    return torch.nn.Sequential(*layers, *last).double()
+
+
+# "auto" with a compiled model as f, work n x B x W (torchdiv._core.crossover) above
+# COMPILED_F_WORK and below TRACED_WORK: traced inside a compiled region, recorded here
+AUTO_WITH_COMPILED_F = {
+    "divergence, MLP 16-64-64-16, B=64 (6.4M)": (16, 16, 64, torchdiv.divergence),
+    "laplacian, PINN 8-64-64-1, B=256 (9.8M)": (8, 1, 256, torchdiv.laplacian),
+}
+
+
+@pytest.mark.parametrize("name", list(AUTO_WITH_COMPILED_F))
+def test_auto_with_a_compiled_model_records_where_f_works_more(name: str) -> None:
+    """Called from eager code with ``torch.compile(net)`` as ``f``, ``"auto"`` runs its
+    recording engine eagerly with the original module (no graph runs, nothing compiles)
+    where ``f``'s work exceeds ``COMPILED_F_WORK``: no graph break is at stake there, and
+    tracing was slower than recording (the MLP's step 1.07-1.12x, the PINN's 1.19-1.27x).
+    Values equal those with ``net`` (float64 1e-10)."""
+    from torchdiv._core.crossover import COMPILED_F_WORK, TRACED_WORK, work_per_sample
+
+    torch._dynamo.reset()
+    d, d_out, batch, op = AUTO_WITH_COMPILED_F[name]
+    net, x = _width64(d, d_out), torch.randn(batch, d, dtype=torch.float64)
+    assert COMPILED_F_WORK < d * batch * work_per_sample(net, d) <= TRACED_WORK
+    backend = CountingAot()
+    model = torch.compile(net, backend=backend)
+    torch.testing.assert_close(op(model, x), op(net, x), rtol=1e-10, atol=1e-10)
+    assert backend.compiled == backend.runs == 0, f"{name}: traced into a compiled call"
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("fn", ["graph_divergence", "graph_jacobian"])
 def test_graph_form_of_a_compiled_model_refuses_second_derivatives(fn: str) -> None:
     """AOTAutograd's backward is not differentiable again, and with torchdiv's cotangents

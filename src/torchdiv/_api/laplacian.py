@@ -27,7 +27,9 @@ Methods (one signature each, in ``BY_NAME``):
   Inside a region ``torch.compile`` traces, problems where ``f``'s work is small (inputs x
   samples x ``f``'s multiply-adds per sample, estimated from its parameters, at most
   ``10 x 2**20``: ``torchdiv._core.crossover``) take ``"forward-over-reverse"`` traced into the
-  graph (the training guide's torch.compile section).
+  graph (the training guide's torch.compile section); with a ``torch.compile``d ``f`` called
+  from eager code, at most ``4 x 2**20`` (``COMPILED_F_WORK``: no graph break at stake there),
+  traced into a compiled call, else recorded eagerly with ``f``'s original.
 
 Attention runs on PyTorch's math backend in every method (``_modes.math_attention``): the
 fused CPU kernel has no forward-mode derivative. The nested-autodiff methods run ``f`` under
@@ -42,6 +44,7 @@ Every method computes ``cdist`` from differences (``SafeDerivatives(1)``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -57,7 +60,7 @@ from torchdiv._core.checks import (
     check_untransformed,
     checked,
 )
-from torchdiv._core.crossover import traceable
+from torchdiv._core.crossover import COMPILED_F_WORK, TRACED_WORK, traceable
 from torchdiv._core.mixing import check_empty_event, checks_empty_event
 from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode
 from torchdiv._estimators import trace as _trace
@@ -72,21 +75,33 @@ METHODS = ("auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad", 
 RECORDING = ("auto", "taylor", "grad-of-grad")  # methods.BY_NAME's engines that are recorded
 
 
-def _records(
-    f: object, x: object, *, method: str = "auto", batch_dims: object = 1, **_: object
+def _records_within(
+    limit: int,
+    f: object,
+    x: object,
+    /,
+    *,
+    method: str = "auto",
+    batch_dims: object = 1,
+    **_: object,
 ) -> bool:
-    """Whether the call's engine records ``f`` when Dynamo traces the call (such a call then
-    runs eagerly as a whole: ``eager_when``, and so does a call with a compiled ``f``:
-    ``compiled_like_f``): ``"auto"`` unless it traces forward-over-reverse into the graph
-    (``torchdiv._core.crossover.traceable``; ``coordinates`` only shrink the problem it decides
-    on); arguments the call will refuse: yes."""
+    """Whether the call's engine records ``f`` when ``"auto"`` traces up to ``limit``: ``"auto"``
+    unless it traces forward-over-reverse (``torchdiv._core.crossover.traceable``;
+    ``coordinates`` only shrink the problem it decides on); arguments the call will refuse:
+    yes. ``_records``: when Dynamo traces the call (such a call then runs eagerly as a whole:
+    ``eager_when``); ``_records_compiled_f``: when ``f`` is ``torch.compile``d (such a call then
+    runs eagerly with ``f``'s original: ``compiled_like_f``)."""
     if method != "auto" or not isinstance(x, torch.Tensor) or not isinstance(batch_dims, int):
         return method in RECORDING
-    return not (0 <= batch_dims <= x.dim() and traceable(f, x, batch_dims))
+    return not (0 <= batch_dims <= x.dim() and traceable(f, x, batch_dims, limit))
+
+
+_records = functools.partial(_records_within, TRACED_WORK)
+_records_compiled_f = functools.partial(_records_within, COMPILED_F_WORK)
 
 
 @eager_when(_records)
-@compiled_like_f(_records)
+@compiled_like_f(_records_compiled_f)
 @outside_inference_mode
 @reported("laplacian")
 def laplacian(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -15,7 +16,7 @@ from torchdiv._core.checks import (
     check_method,
     checked,
 )
-from torchdiv._core.crossover import traceable
+from torchdiv._core.crossover import COMPILED_F_WORK, TRACED_WORK, traceable
 from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
@@ -47,18 +48,30 @@ def _prepare(
     return checked(fn, f, x, batch_dims, square)
 
 
-def _plans(
-    f: Function, x: object, *, method: str = "auto", batch_dims: int = 1, **_: object
+def _plans_within(
+    limit: int,
+    f: Function,
+    x: object,
+    /,
+    *,
+    method: str = "auto",
+    batch_dims: int = 1,
+    **_: object,
 ) -> bool:
-    """Whether the structured engine records ``f`` at ``x`` when Dynamo traces the call
-    (``_structured.chosen`` there; such a call then runs eagerly as a whole: ``eager_when``, and
-    so does a call with a compiled ``f``: ``compiled_like_f``); arguments the call will refuse:
-    no."""
+    """Whether the structured engine records ``f`` at ``x`` when ``"auto"`` traces up to
+    ``limit`` (``torchdiv._core.crossover``); arguments the call will refuse: no. ``_plans``:
+    when Dynamo traces the call (``_structured.chosen`` there; such a call then runs eagerly as
+    a whole: ``eager_when``); ``_plans_compiled_f``: when ``f`` is ``torch.compile``d (such a
+    call then runs eagerly with ``f``'s original: ``compiled_like_f``)."""
     if not isinstance(x, torch.Tensor) or not isinstance(batch_dims, int):
         return False
     if method != "auto":
         return method == "structured"
-    return 0 <= batch_dims <= x.dim() and not traceable(f, x, batch_dims)
+    return 0 <= batch_dims <= x.dim() and not traceable(f, x, batch_dims, limit)
+
+
+_plans = functools.partial(_plans_within, TRACED_WORK)
+_plans_compiled_f = functools.partial(_plans_within, COMPILED_F_WORK)
 
 
 @compiled_like_f()
@@ -121,7 +134,7 @@ def jacobian(
 
 
 @eager_when(_plans)
-@compiled_like_f(_plans)
+@compiled_like_f(_plans_compiled_f)
 @outside_inference_mode
 @reported("jacobian_diagonal")
 def jacobian_diagonal(
@@ -198,7 +211,7 @@ def jacobian_diagonal(
 
 
 @eager_when(_plans)
-@compiled_like_f(_plans)
+@compiled_like_f(_plans_compiled_f)
 @outside_inference_mode
 @reported("divergence")
 def divergence(
@@ -235,7 +248,8 @@ def divergence(
     ``f``'s work is small, event size x samples x ``f``'s multiply-adds per sample estimated
     from its parameters at most ``10 x 2**20`` (``torchdiv._core.crossover``), take reverse
     mode traced into the graph, larger ones the rule below run eagerly: the training guide's
-    torch.compile section):
+    torch.compile section; with a ``torch.compile``d ``f`` called from eager code, the limit is
+    ``4 x 2**20``, ``COMPILED_F_WORK``: no graph break is at stake there):
     ``"structured"`` whenever it can run ``f``, unless the
     problem is tiny (event size x elements of ``x`` at most ``2**12``: recording ``f`` would
     cost more than the whole computation); otherwise

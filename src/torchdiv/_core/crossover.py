@@ -27,6 +27,15 @@ from torchdiv._core.checks import unwrapped
 # images, n = 48, 0.67x and 1.10x), 1.02-1.05x at 9.8M (the PINN at n = 8), 1.02-1.42x from
 # 11.2M to 21.8M, 1.4-7.4x beyond.
 TRACED_WORK = 10 << 20
+# "auto" with a ``torch.compile``d model as f, called from eager code (no graph break at stake:
+# recording runs the original module eagerly, as the eager call does) traces where n x B x W is
+# at most this. Eager training steps, compiled model as f, traced / eager "auto" (thread CPU
+# time, bench/compile_model_crossover.py, inductor, float32): traced 0.73-0.75x at 2.3M and 2.7M
+# (a PINN of width 64 at n = 2, B = 256; an MLP of width 64 at n = 8, B = 64), 1.07x at 6.4M
+# (the same MLP at n = 16; 1.12x in an earlier run), 1.29x at 8.7M (n = 20), 1.19x at 9.8M
+# (the PINN at n = 8), more beyond; the conv net on 4 x 4 images (6.3M, 0.91x) and the
+# width-256 MLP at n = 2 (8.6M, 0.81x) gained from tracing, and record here (1.01-1.02x)
+COMPILED_F_WORK = 4 << 20
 # W assumed for an ``f`` whose parameters are not seen (a function, a module without
 # parameters), per element of a sample: the rule on shapes alone is then n x (elements of x)
 # <= 2**14, as before f's work was read (a width-64 MLP's W per input element at n = 16: 390)
@@ -41,12 +50,13 @@ def traced(f: Any, x: torch.Tensor, batch_dims: int) -> bool:
     return torch.compiler.is_compiling() and traceable(f, x, batch_dims)
 
 
-def traceable(f: Any, x: torch.Tensor, batch_dims: int) -> bool:
-    """Whether ``n x B x W <= TRACED_WORK``: ``traced`` would hold if Dynamo traced the call.
-    Asked outside a compiled region too, of a ``torch.compile``d ``f`` (``modes.compiled_like_f``:
-    such a call runs compiled or eagerly as a whole)."""
+def traceable(f: Any, x: torch.Tensor, batch_dims: int, limit: int = TRACED_WORK) -> bool:
+    """Whether ``n x B x W <= limit``: with ``TRACED_WORK``, ``traced`` would hold if Dynamo
+    traced the call. Asked outside a compiled region of a ``torch.compile``d ``f`` with
+    ``COMPILED_F_WORK`` (``modes.compiled_like_f``: such a call runs compiled or eagerly as a
+    whole; where it runs compiled, ``traced`` holds inside, ``COMPILED_F_WORK`` being lower)."""
     n = math.prod(x.shape[batch_dims:])
-    return n * math.prod(x.shape[:batch_dims]) * work_per_sample(f, n) <= TRACED_WORK
+    return n * math.prod(x.shape[:batch_dims]) * work_per_sample(f, n) <= limit
 
 
 def work_per_sample(f: Any, n: int) -> int:
