@@ -419,7 +419,8 @@ def log_likelihood(
         x: data points, a floating tensor with ``batch_dims`` leading batch dimensions and any
             event shape (vectors, images ``(B, C, H, W)``, ...).
         t0: the base time (of ``base_log_prob``): a float or a 0-dim tensor.
-        t1: the data time (of ``x``): a float or a 0-dim tensor, ``t1 != t0``.
+        t1: the data time (of ``x``): a float or a 0-dim tensor (``t1 == t0`` gives
+            ``base_log_prob(x)``).
         base_log_prob: ``z -> log p_{t0}(z)`` per sample, shape ``x.shape[:batch_dims]``.
         batch_dims: number of leading batch dimensions of ``x``.
         method: ``"auto"``, ``"structured"``, ``"forward"``, ``"reverse"`` (exact
