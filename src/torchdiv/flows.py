@@ -451,7 +451,8 @@ def log_likelihood(
     Returns:
         ``log p(x)`` of shape ``x.shape[:batch_dims]``, dtype and device of ``x``; with
         ``return_stderr``, ``(value, stderr)``: stderr 0 for the exact methods, ``nan`` for
-        Hutchinson with one probe (no spread to measure), not differentiable.
+        one term (no spread to measure: Hutchinson with one probe, Hutch++ with 3 products,
+        XTrace with 2), not differentiable.
 
     Raises:
         ImportError: ``torchdiffeq`` is not installed (``pip install 'torchdiv[ode]'``).
