@@ -29,8 +29,10 @@ left-out estimates, integrated; their spread is the paper's heuristic, as for on
 nodes depend weakly on the probes; at solver tolerance this is below the integration error.
 Fixed-step solvers have no such effect.) Exact methods carry one term and report stderr 0.
 
-Every function evaluation computes ``f(t, z)`` and its divergence terms from one evaluation
-of ``f`` (the Jacobian engine's), without host synchronisation, on ``z``'s device and dtype.
+Every function evaluation computes ``f(t, z)`` and its divergence terms from the Jacobian
+engine's own evaluations of ``f`` (one for the exact methods and reverse-mode estimators;
+more for an estimator in forward mode, one per round of products, and for the group-norm
+split), without host synchronisation, on ``z``'s device and dtype.
 Results are differentiable with respect to ``x`` and the flow's parameters (maximum-likelihood
 training), by backpropagation through the solver or, with ``adjoint=True``, by
 ``torchdiffeq.odeint_adjoint``. Hutch++ and XTrace hold their sketch basis constant for
@@ -246,10 +248,10 @@ class AugmentedDynamics(nn.Module):
     def forward(
         self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(f(t, z), -terms of div f(t, z))`` from one evaluation of ``f``. Under inference mode
-        (an ``odeint`` in ``torch.inference_mode()``) outside it, as ``torchdiv.divergence``
-        (``outside_inference``): the engines that hand over to plain autograd found no graph
-        there, and gave a zero divergence."""
+        """``(f(t, z), -terms of div f(t, z))`` from the engine's evaluations of ``f``. Under
+        inference mode (an ``odeint`` in ``torch.inference_mode()``) outside it, as
+        ``torchdiv.divergence`` (``outside_inference``): the engines that hand over to plain
+        autograd found no graph there, and gave a zero divergence."""
         forget_plans(self.f)  # TorchScript in f: run as written (``_core.script``)
         return outside_inference(self._evaluated, t, state[0])
 
