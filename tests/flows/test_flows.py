@@ -336,6 +336,36 @@ def test_augmented_dynamics_is_what_log_likelihood_solves():
     torch.testing.assert_close(actual, expected)
 
 
+@pytest.mark.parametrize(
+    ("method", "num_probes"),
+    [
+        ("auto", None),
+        ("forward", None),
+        ("reverse", None),
+        ("hutchinson", 1),
+        ("hutchinson", 4),
+        ("hutch++", 6),
+    ],
+)
+def test_each_function_evaluation_evaluates_an_mlp_field_once(method, num_probes):
+    """The guide's claim: the velocity is the divergence engine's own evaluation of ``f`` (one
+    for exact methods and reverse-mode estimators, as on an MLP)."""
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3))
+    calls = []
+
+    def field(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        calls.append(t)
+        return net(z)
+
+    x = torch.randn(64, 3)
+    dynamics = AugmentedDynamics(field, x, method=method, num_probes=num_probes)
+    state = dynamics.initial_state(x)
+    for _ in range(3):
+        calls.clear()
+        dynamics(torch.tensor(0.5), state)
+        assert len(calls) == 1
+
+
 @pytest.mark.slow
 def test_import_torchdiv_does_not_need_torchdiffeq():
     code = "import sys; sys.modules['torchdiffeq'] = None; import torchdiv; torchdiv.flows.__all__"
