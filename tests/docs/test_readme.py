@@ -48,8 +48,8 @@ def test_readme_has_its_quickstart_and_docs_their_examples():
     assert len(examples()) >= 10, "the documentation lost its python examples"
 
 
-# the diffusers block: PyTorch warns that vmap over CPU fused attention's backward loops
-@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+# (the diffusers block: vmap over CPU fused attention's backward loops, and PyTorch's warning
+# that it does is not passed on: how-it-works says so, warnings are errors here)
 @pytest.mark.parametrize(
     ("document", "index"), examples(), ids=[example_name(d, i) for d, i in examples()]
 )
