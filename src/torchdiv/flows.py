@@ -29,8 +29,10 @@ left-out estimates, integrated; their spread is the paper's heuristic, as for on
 nodes depend weakly on the probes; at solver tolerance this is below the integration error.
 Fixed-step solvers have no such effect.) Exact methods carry one term and report stderr 0.
 
-Every function evaluation computes ``f(t, z)`` and its divergence terms from one evaluation
-of ``f`` (the Jacobian engine's), without host synchronisation, on ``z``'s device and dtype.
+Every function evaluation computes ``f(t, z)`` and its divergence terms from the Jacobian
+engine's own evaluations of ``f`` (one for the exact methods and reverse-mode estimators;
+more for an estimator in forward mode, one per round of products, and for the group-norm
+split), without host synchronisation, on ``z``'s device and dtype.
 Results are differentiable with respect to ``x`` and the flow's parameters (maximum-likelihood
 training), by backpropagation through the solver or, with ``adjoint=True``, by
 ``torchdiffeq.odeint_adjoint``. Hutch++ and XTrace hold their sketch basis constant for
@@ -246,10 +248,10 @@ class AugmentedDynamics(nn.Module):
     def forward(
         self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(f(t, z), -terms of div f(t, z))`` from one evaluation of ``f``. Under inference mode
-        (an ``odeint`` in ``torch.inference_mode()``) outside it, as ``torchdiv.divergence``
-        (``outside_inference``): the engines that hand over to plain autograd found no graph
-        there, and gave a zero divergence."""
+        """``(f(t, z), -terms of div f(t, z))`` from the engine's evaluations of ``f``. Under
+        inference mode (an ``odeint`` in ``torch.inference_mode()``) outside it, as
+        ``torchdiv.divergence`` (``outside_inference``): the engines that hand over to plain
+        autograd found no graph there, and gave a zero divergence."""
         forget_plans(self.f)  # TorchScript in f: run as written (``_core.script``)
         return outside_inference(self._evaluated, t, state[0])
 
@@ -419,7 +421,8 @@ def log_likelihood(
         x: data points, a floating tensor with ``batch_dims`` leading batch dimensions and any
             event shape (vectors, images ``(B, C, H, W)``, ...).
         t0: the base time (of ``base_log_prob``): a float or a 0-dim tensor.
-        t1: the data time (of ``x``): a float or a 0-dim tensor, ``t1 != t0``.
+        t1: the data time (of ``x``): a float or a 0-dim tensor (``t1 == t0`` gives
+            ``base_log_prob(x)``).
         base_log_prob: ``z -> log p_{t0}(z)`` per sample, shape ``x.shape[:batch_dims]``.
         batch_dims: number of leading batch dimensions of ``x``.
         method: ``"auto"``, ``"structured"``, ``"forward"``, ``"reverse"`` (exact
@@ -450,7 +453,8 @@ def log_likelihood(
     Returns:
         ``log p(x)`` of shape ``x.shape[:batch_dims]``, dtype and device of ``x``; with
         ``return_stderr``, ``(value, stderr)``: stderr 0 for the exact methods, ``nan`` for
-        Hutchinson with one probe (no spread to measure), not differentiable.
+        one term (no spread to measure: Hutchinson with one probe, Hutch++ with 3 products,
+        XTrace with 2), not differentiable.
 
     Raises:
         ImportError: ``torchdiffeq`` is not installed (``pip install 'torchdiv[ode]'``).

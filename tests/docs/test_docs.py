@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
 from pathlib import Path
 
@@ -46,3 +48,44 @@ def test_public_docstrings_use_examples_sections():
     objects += [getattr(distributed, n) for n in distributed.__all__]
     wrong = [o.__name__ for o in objects if re.search(r"^\s*Example:\s*$", o.__doc__ or "", re.M)]
     assert not wrong, wrong
+
+
+OVERVIEW = REFERENCE.parent / "guide" / "overview.md"
+
+
+def overview_signatures() -> list[str]:
+    """The calls the API-at-a-glance table (the page's first) shows in its first column,
+    ``name(arguments)`` (``flows.`` and ``distributed.`` names included)."""
+    table = OVERVIEW.read_text().split("| call |", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| (.*?) \|", table, re.M)
+    return [c for row in rows for c in re.findall(r"`([\w.]+\(.*?\))`", row)]
+
+
+def test_overview_signatures_are_the_real_ones():
+    """Every argument the table names exists with the default it shows, in its place
+    (positional, then keyword-only after ``*``); a row without ``...`` names them all."""
+    calls = overview_signatures()
+    assert len(calls) >= 18, calls
+    for call in calls:
+        name, arguments = re.fullmatch(r"([\w.]+)\((.*)\)", call).groups()
+        obj = torchdiv
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        params = inspect.signature(obj).parameters
+        shown = [a.strip() for a in arguments.split(", ") if a.strip()]
+        keyword_only = False
+        for argument in shown:
+            if argument in ("*", "..."):
+                keyword_only |= argument == "*"
+                continue
+            key, _, default = argument.partition("=")
+            assert key in params, f"{call}: {key} is not an argument"
+            kind = params[key].kind
+            assert (kind is inspect.Parameter.KEYWORD_ONLY) == keyword_only, f"{call}: {key}"
+            if default:
+                assert params[key].default == ast.literal_eval(default), f"{call}: {key}"
+            else:
+                assert params[key].default is inspect.Parameter.empty, f"{call}: {key}"
+        if "..." not in shown:
+            named = {a.partition("=")[0] for a in shown} - {"*"}
+            assert named == set(params), f"{call}: not shown {sorted(set(params) - named)}"

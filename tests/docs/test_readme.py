@@ -3,7 +3,9 @@ on its own, as a reader would paste it, and the links between the pages lead som
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import re
 from pathlib import Path
 
@@ -46,8 +48,8 @@ def test_readme_has_its_quickstart_and_docs_their_examples():
     assert len(examples()) >= 10, "the documentation lost its python examples"
 
 
-# the diffusers block: PyTorch warns that vmap over CPU fused attention's backward loops
-@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+# (the diffusers block: vmap over CPU fused attention's backward loops, and PyTorch's warning
+# that it does is not passed on: how-it-works says so, warnings are errors here)
 @pytest.mark.parametrize(
     ("document", "index"), examples(), ids=[example_name(d, i) for d, i in examples()]
 )
@@ -68,6 +70,23 @@ def test_stochastic_block_reports_finite_standard_errors():
     ns = run_block(*next((d, i) for d, i in examples() if "hutch++" in python_blocks(d)[i]))
     for name in ("est", "adaptive"):
         assert torch.isfinite(ns[name].stderr).all(), name
+
+
+def test_printed_errors_match_the_comments_that_show_them():
+    """A block that prints an error and shows it in comments (``print(error)  # text``, the
+    comment continued on the next lines, ``...`` for what is left out) prints that text."""
+    for document, index in examples():
+        source = python_blocks(document)[index]
+        shown = re.search(r"print\(error\)  # (.*\n(?:\s*# .*\n)*)", source)
+        if shown is None:
+            continue
+        text = " ".join(re.sub(r"^\s*# ", "", line) for line in shown[1].splitlines())
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(source, str(document), "exec"), {"__name__": "printed_error"})
+        printed = " ".join(out.getvalue().split())
+        for fragment in filter(None, (part.strip() for part in text.split("..."))):
+            assert fragment in printed, f"{document.name}: {fragment!r} not in {printed!r}"
 
 
 def relative_links(document: Path) -> list[str]:

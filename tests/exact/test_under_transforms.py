@@ -135,3 +135,20 @@ def test_backward_pass_methods_under_the_callers_vmap_say_so(name: str, call) ->
     net, xs = net.double(), torch.randn(4, 5, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match=f"^{name}: .*torch.func transform.*; (use|call)"):
         vmap(lambda z: call(net, z) or z.sum())(xs)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda f, z: torchdiv.divergence(f, z, method="structured"),
+        lambda f, z: torchdiv.jacobian_diagonal(f, z, method="structured"),
+        lambda f, z: torchdiv.laplacian(lambda v: f(v).sum(-1), z, method="taylor"),
+    ],
+)
+def test_recording_methods_under_the_callers_vmap_name_the_transform(call) -> None:
+    """Nothing is recorded inside the caller's transform (the limitations page says so):
+    ``"structured"`` and ``"taylor"`` name it, ``"auto"`` runs the generic engines."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    net, xs = net.double(), torch.randn(2, 4, 3, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match=r"torch\.func transform around the call"):
+        vmap(lambda z: call(net, z))(xs)

@@ -45,8 +45,8 @@ def check_batch_independence(
     input outside ``S`` is then exactly zero (no rounding: those
     entries are sums of exact zeros). A pair ``b != c`` with ``d f_b / d x_c != 0`` shows up in
     a trial with probability 1/4 (``b`` in ``S``, ``c`` not), so it escapes all trials with
-    probability ``(3/4)**32 < 1e-4``, whatever the dtype. ``f`` is called once (a train-mode
-    BatchNorm updates its running statistics once, as in any forward pass).
+    probability ``(3/4)**32 ≈ 1.0e-4``, whatever the dtype. ``f`` is called once (what it
+    changes is put back, below).
 
     The operators themselves raise ``BatchInteractionError`` when they see ``f`` mix samples
     in the ops they already watch (``torchdiv._core.mixing``: train-mode batch norm, products and

@@ -16,7 +16,8 @@ class Estimate:
             differentiable like the exact operators.
         stderr: estimated standard error of each value, same shape, not differentiable; how
             each method computes it is documented in ``torchdiv.estimate_trace``. ``nan``
-            where a single probe gives no spread to measure (Hutchinson with one probe).
+            where a single term gives no spread to measure (Hutchinson with one probe,
+            Hutch++ with 3 products, XTrace with 2).
         num_probes: operator products (Jacobian-vector products) spent per sample.
     """
 
