@@ -29,6 +29,7 @@ from torchdiv._core.checks import mark_final, raised_by_f
 from torchdiv._core.mixing import BatchInteractionError, unnamed
 from torchdiv._core.script import attribute
 from torchdiv._exact.attributes import PlainAttributes
+from torchdiv._exact.autograd import UndifferentiableBackward
 from torchdiv._taylor.mixing import recorded_mixing
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,6 +75,8 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
         if str(exc).startswith(f"{fn}:"):
             return None
         return BatchInteractionError(f"{fn}: {unnamed(str(exc))}")
+    if isinstance(exc, UndifferentiableBackward):  # refused at the call, named "torchdiv"
+        return renamed(fn, exc)
     nested = getattr(exc, "_torchdiv_context", False)  # a public call inside this one's
     if not raised_by_f(exc) and not nested:
         if _checkpointed(exc) is None:
