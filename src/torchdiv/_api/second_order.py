@@ -42,6 +42,7 @@ from torchdiv._core.checks import (
     check_untransformed,
     checked,
     event_numel,
+    out_of_memory,
 )
 from torchdiv._core.mixing import check_empty_event, checks_empty_event
 from torchdiv._core.modes import eager_when, outside_inference_mode
@@ -403,9 +404,9 @@ def value_grad_laplacian(
             if graph.unsupported:
                 raise UnsupportedOp(", ".join(sorted(set(graph.unsupported))))
             return _sweep(graph, x, batch_dims, chunk_size)
-        except torch.cuda.OutOfMemoryError:
-            raise
         except RuntimeError as exc:  # UnsupportedOp included
+            if out_of_memory(exc):  # a memory problem, not an unsupported op
+                raise
             graph.undo()  # what recording f changed, put back: f is evaluated again (or not)
             if method == "taylor":
                 raise UnsupportedOp(

@@ -11,11 +11,12 @@ choice: the error of entry ``i`` is then ``sum_{l != i} A_il v_i v_l``, free of 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from torchdiv._estimators.sketch import Operator
 
-def estimate(matmat: Callable[[torch.Tensor], torch.Tensor], probes: torch.Tensor) -> torch.Tensor:
-    """``m`` products: ``(m, N, n)`` probes -> per-sample diagonal estimate, ``(N, n)``."""
-    return (probes * matmat(probes)).mean(0)
+
+def estimate(matmat: Operator, probes: torch.Tensor) -> torch.Tensor:
+    """``m`` products: ``(m, N, n)`` probes -> per-sample diagonal estimate, ``(N, n)``, the
+    chunks' sums of ``v * A v`` added as they come (``reduce``, ``add``)."""
+    return matmat(probes, reduce=lambda v, av: (v * av).sum(0), add=True) / len(probes)

@@ -13,11 +13,12 @@ deviation over ``sqrt(m)`` (undefined for ``m = 1``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from torchdiv._estimators.sketch import Operator
 
-def terms(matmat: Callable[[torch.Tensor], torch.Tensor], probes: torch.Tensor) -> torch.Tensor:
-    """``m`` products: ``(m, N, n)`` probes -> every sample's terms ``v_j^T A v_j``, ``(m, N)``."""
-    return (probes * matmat(probes)).sum(-1)
+
+def terms(matmat: Operator, probes: torch.Tensor) -> torch.Tensor:
+    """``m`` products: ``(m, N, n)`` probes -> every sample's terms ``v_j^T A v_j``, ``(m, N)``,
+    formed chunk by chunk (``reduce``)."""
+    return matmat(probes, reduce=lambda v, av: (v * av).sum(-1))

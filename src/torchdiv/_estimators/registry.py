@@ -17,6 +17,7 @@ import torch
 from torchdiv._estimators import hutchinson as _hutchinson
 from torchdiv._estimators import hutchpp as _hutchpp
 from torchdiv._estimators import xtrace as _xtrace
+from torchdiv._estimators.sketch import Operator
 
 Matmat = Callable[[torch.Tensor], torch.Tensor]
 
@@ -35,7 +36,7 @@ class Estimator(NamedTuple):
     per-block standard error is a heuristic that can run low).
     """
 
-    terms: Callable[[Matmat, torch.Tensor], torch.Tensor]
+    terms: Callable[[Operator, torch.Tensor], torch.Tensor]
     products: int
     vectors: int
     block: int

@@ -8,8 +8,24 @@ factorisation runs once over all samples (``torch.linalg`` batches), never in a 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
+
+# (a chunk of vectors, their products) -> what to keep of them
+Reduce = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Operator(Protocol):
+    """``(k, N, n)`` vectors -> their products ``A v``, ``(k, N, n)``; with ``reduce``, the
+    concatenation of ``reduce(v, A v)`` over the chunks the products are taken in (``add``:
+    their sum), so that an estimator that keeps only a reduction (``v^T A v``) never holds
+    every product at once."""
+
+    def __call__(
+        self, v: torch.Tensor, /, reduce: Reduce | None = None, add: bool = False
+    ) -> torch.Tensor: ...
 
 
 def gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

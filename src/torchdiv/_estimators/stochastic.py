@@ -18,6 +18,7 @@ from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.probes import draw
 from torchdiv._estimators.registry import Matmat
 from torchdiv._estimators.result import Estimate
+from torchdiv._estimators.sketch import Operator
 from torchdiv._exact import dispatch as _exact
 from torchdiv._exact.autograd import GraphJacobian, unwatched
 from torchdiv._taylor.cache import PlanCache, site
@@ -39,7 +40,7 @@ def jacobian_matmat(engine: _exact.Engine) -> Matmat:
     return matmat
 
 
-def _operator(engine: _exact.Engine, s: _trace.Sampling, chunk: int | None) -> Matmat:
+def _operator(engine: _exact.Engine, s: _trace.Sampling, chunk: int | None) -> Operator:
     return _trace.flat_operator(s.fn, jacobian_matmat(engine), engine.x, engine.batch_dims, chunk)
 
 

@@ -36,7 +36,7 @@ from torchdiv._estimators import bekas as _bekas
 from torchdiv._estimators.probes import PROBES, draw
 from torchdiv._estimators.registry import ESTIMATORS, STOCHASTIC_METHODS, Matmat, num_vectors
 from torchdiv._estimators.result import Estimate
-from torchdiv._estimators.sketch import standard_error
+from torchdiv._estimators.sketch import Operator, Reduce, standard_error
 
 MAX_PROBES = 1000
 
@@ -122,24 +122,31 @@ def sampling(
 
 def flat_operator(
     fn: str, matmat: Matmat, like: torch.Tensor, batch_dims: int, chunk_size: int | None
-) -> Matmat:
-    """``matmat`` on ``(k,) + like.shape`` -> on ``(k, N, n)``, ``chunk_size`` vectors at a time."""
+) -> Operator:
+    """``matmat`` on ``(k,) + like.shape`` -> on ``(k, N, n)``, ``chunk_size`` vectors at a time
+    (each chunk's products reduced as they come where the caller passes ``reduce``, and the
+    reductions added where it passes ``add``)."""
 
-    def apply(v: torch.Tensor) -> torch.Tensor:
+    def apply(v: torch.Tensor, reduce: Reduce | None = None, add: bool = False) -> torch.Tensor:
         if not len(v):  # no vectors (Hutch++'s sketch of an empty event): no products
-            return v.new_zeros(v.shape)
-        parts = []
+            return v.new_zeros(v.shape) if reduce is None else reduce(v, v.new_zeros(v.shape))
+        parts: list[torch.Tensor] = []
         for start, stop in chunks(len(v), chunk_size or max(len(v), 1)):
             block = v[start:stop].reshape(stop - start, *like.shape).to(like.dtype)
             out = matmat(block)
             check_products(fn, out, block)
-            parts.append(out.reshape(v[start:stop].shape).to(v.dtype))
+            product = out.reshape(v[start:stop].shape).to(v.dtype)
+            part = product if reduce is None else reduce(v[start:stop], product)
+            if add and parts:
+                parts[0] = parts[0] + part
+            else:
+                parts.append(part)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     return apply
 
 
-def terms(s: Sampling, op: Matmat, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
+def terms(s: Sampling, op: Operator, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
     """The per-sample terms of one estimate of ``s`` (not adaptive), flat ``(m, N)`` in the
     working dtype: ``summary`` gives the estimate and its standard error."""
     return ESTIMATORS[s.method].terms(op, vectors(s, like, batch_dims))
@@ -152,7 +159,7 @@ def summary(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return terms.mean(0), standard_error(terms.detach())
 
 
-def run(s: Sampling, op: Matmat, like: torch.Tensor, batch_dims: int) -> Estimate:
+def run(s: Sampling, op: Operator, like: torch.Tensor, batch_dims: int) -> Estimate:
     """The estimate of ``s`` with the flat operator ``op``, reshaped like ``like``'s batch."""
     if not s.adaptive:
         value, stderr = summary(terms(s, op, like, batch_dims))
@@ -164,7 +171,7 @@ def run(s: Sampling, op: Matmat, like: torch.Tensor, batch_dims: int) -> Estimat
     return Estimate(value.reshape(batch).to(like.dtype), stderr, used)
 
 
-def diagonal(s: Sampling, op: Matmat, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
+def diagonal(s: Sampling, op: Operator, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
     """Bekas et al.'s estimate of every sample's diagonal, shaped like ``like``."""
     return _bekas.estimate(op, vectors(s, like, batch_dims)).reshape(like.shape).to(like.dtype)
 
@@ -181,7 +188,7 @@ def vectors(s: Sampling, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
 
 
 def _until_accurate(
-    s: Sampling, op: Matmat, like: torch.Tensor, batch_dims: int
+    s: Sampling, op: Operator, like: torch.Tensor, batch_dims: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Average independent blocks of ``s.num_probes`` products until every sample's standard
     error is at most ``max(atol, rtol |estimate|)`` or ``max_probes`` would be exceeded.

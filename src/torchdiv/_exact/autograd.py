@@ -273,7 +273,7 @@ class GraphJacobian:
         except _Unbatchable:
             raise
         except Exception as error:  # the same walk went through before: not the caller's
-            if self._walked and not isinstance(error, torch.cuda.OutOfMemoryError):
+            if self._walked and not out_of_memory(error):
                 raise GraphSpent(f"the graph of f(x) cannot be walked twice: {error}") from error
             raise
         self._walked = True

@@ -19,7 +19,7 @@ import torch
 from torchdiv import _structured
 from torchdiv._core import mixing as _mixing
 from torchdiv._core.basis import WHOLE, Share, chunks
-from torchdiv._core.checks import event_numel, out_of_memory
+from torchdiv._core.checks import event_numel, out_of_memory, untransformed
 from torchdiv._core.mixing import BatchInteractionError
 from torchdiv._exact import plan as _plan
 from torchdiv._exact import state as _state
@@ -63,15 +63,53 @@ E = TypeVar("E", bound=Engine)
 
 def dense(engine: Engine, chunk_size: int) -> torch.Tensor:
     """Every sample's Jacobian, shape ``(N, m, n)`` (outputs by inputs)."""
-    blocks = [engine.block(start, stop) for start, stop in chunks(engine.num_basis, chunk_size)]
-    if not blocks:  # no basis vectors: an empty event on the side the engine walks along
+    pieces = list(chunks(engine.num_basis, chunk_size))
+    if not pieces:  # no basis vectors: an empty event on the side the engine walks along
         m = math.prod(engine.y_shape[engine.batch_dims :])
         return engine.x.new_zeros(_samples(engine), m, event_numel(engine.x, engine.batch_dims))
-    # (basis, N, other side); one block as it is, unless it overlaps itself (a JVP through
-    # ``expand``): the result is the caller's to write to
+    if len(pieces) > 1 and untransformed():
+        return _filled(engine, pieces)
+    return _stacked(engine, [engine.block(start, stop) for start, stop in pieces])
+
+
+def _stacked(engine: Engine, blocks: list[torch.Tensor]) -> torch.Tensor:
+    """``dense`` from all its ``(basis, N, other side)`` blocks; one block as it is, unless it
+    overlaps itself (a JVP through ``expand``): the result is the caller's to write to."""
     one = len(blocks) == 1 and blocks[0].is_contiguous()
     stacked = blocks[0] if one else torch.cat(blocks)
     return stacked.permute(1, 0, 2) if engine.blocks_are_rows else stacked.permute(1, 2, 0)
+
+
+def _filled(engine: Engine, pieces: list[tuple[int, int]]) -> torch.Tensor:
+    """``dense`` written into its result one block at a time, each block dropped before the
+    next is made: the peak is the result plus one chunk, where the ``torch.cat`` of every
+    block held two copies of the Jacobian whatever ``chunk_size``.
+
+    Blocks with a graph are stacked instead (``_stacked``): written into one tensor they would
+    chain one ``CopySlices`` per chunk, each copying the whole Jacobian's gradient backwards.
+    Only outside the caller's ``torch.func`` transforms (``dense``), where a batched block
+    cannot be written into a plain tensor."""
+    out: torch.Tensor | None = None
+    blocks: list[torch.Tensor] = []
+    for start, stop in pieces:
+        block = engine.block(start, stop)  # (k, N, n) rows or (k, N, m) columns
+        if blocks or (out is None and block.requires_grad):
+            blocks.append(block)
+            continue
+        if out is None:
+            other = block.shape[2]
+            sides = (
+                (engine.num_basis, other) if engine.blocks_are_rows else (other, engine.num_basis)
+            )
+            out = block.new_empty(block.shape[1], *sides)
+        if engine.blocks_are_rows:
+            out[:, start:stop] = block.permute(1, 0, 2)
+        else:
+            out[:, :, start:stop] = block.permute(1, 2, 0)
+        del block  # before the next block is made
+    if out is None:
+        return _stacked(engine, blocks)
+    return out
 
 
 # (site, key) -> whether f's output had x's event size there (``jacobian``)

@@ -26,7 +26,7 @@ from torchdiv._core.basis import (
     broadcast_basis,
     chunks,
 )
-from torchdiv._core.checks import event_numel, unwrapped
+from torchdiv._core.checks import event_numel, out_of_memory, unwrapped
 from torchdiv._core.crossover import traced
 from torchdiv._core.modes import recorded
 from torchdiv._exact.forward import ForwardJacobian, under_tangents
@@ -337,10 +337,9 @@ def collapsed_or_none(
     try:
         if not graph.unsupported:
             return collapsed(graph, x, directions, divisor)
-    except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
-        raise
-    except RuntimeError:  # UnsupportedOp included
-        pass
+    except RuntimeError as error:  # UnsupportedOp included
+        if out_of_memory(error):  # a memory problem, not an unsupported op
+            raise
     graph.undo()
     return None
 

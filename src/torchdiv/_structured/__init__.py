@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from torchdiv._core.basis import WHOLE, Share
-from torchdiv._core.checks import raised_by_f
+from torchdiv._core.checks import out_of_memory, raised_by_f
 from torchdiv._core.crossover import traced
 from torchdiv._core.modes import recorded
 from torchdiv._structured import colors, cycle, factors, forward, statistics
@@ -101,9 +101,9 @@ def plan(
             return (diag.sum(-1) if trace else diag), y
         diag = forward.diagonal(graph, x, batch_dims, chunk_size, coloring, share)
         return (diag.sum(-1) if trace else diag), _output(graph, kept, x)
-    except torch.cuda.OutOfMemoryError:  # a memory problem, not an unsupported op
-        raise
     except (RuntimeError, TypeError) as exc:  # UnsupportedOp included
+        if out_of_memory(exc):  # a memory problem, not an unsupported op
+            raise
         if strict and raised_by_f(exc):  # f's own error: the public function reports it
             raise
         if strict:

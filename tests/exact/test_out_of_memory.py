@@ -1,0 +1,94 @@
+"""A lack of memory propagates from every engine, for the caller to take smaller chunks.
+
+``torchdiv._core.checks.out_of_memory`` names two kinds: CUDA's ``torch.OutOfMemoryError`` and
+the CPU allocator's ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory"). Engines
+that fall back where an op cannot be run (the structured engine to columns, the Taylor engine
+to forward over reverse) caught the CPU kind as "cannot run": the call went on with an engine
+that needs more memory, where the documentation promises the error. Simulated here: a CPU
+machine cannot be made to run out of memory in a test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchdiv
+import torchdiv._structured as structured
+from torchdiv._api import second_order
+from torchdiv._laplacian import methods
+
+CPU = "[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you "
+CPU += "tried to allocate 123 bytes. Error code 12 (Cannot allocate memory)"
+LACK = r"allocate memory|out of memory"  # the two kinds' messages
+
+
+def _lack(kind):
+    return RuntimeError(CPU) if kind == "cpu" else torch.OutOfMemoryError("CUDA out of memory.")
+
+
+class SecondBackwardFails(torch.autograd.Function):
+    """tanh whose backward passes after the first run out of memory."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.tanh()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        SecondBackwardFails.calls += 1
+        if SecondBackwardFails.calls > 1:
+            raise RuntimeError(CPU)
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y**2)
+
+
+def test_a_lack_of_memory_in_a_later_backward_pass_is_not_a_spent_graph():
+    """Plain autograd's rows (two, one backward pass each): the second pass's lack of memory
+    was reported as "the graph of f(x) cannot be walked twice" (``GraphSpent``), which only
+    CUDA's kind escaped."""
+    SecondBackwardFails.calls = 0
+    x = torch.randn(3, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="can't allocate memory") as raised:
+        torchdiv.divergence(SecondBackwardFails.apply, x)
+    assert "walked twice" not in str(raised.value)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+def test_the_structured_engine_lets_a_lack_of_memory_through(monkeypatch, kind):
+    def lacking(*args, **kwargs):
+        raise _lack(kind)
+
+    monkeypatch.setattr(structured, "values", lacking)  # (f's recorded values, first thing)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 16))
+    x = torch.randn(64, 16)  # not tiny: "auto" plans it
+    with pytest.raises(RuntimeError, match=LACK):
+        torchdiv.divergence(net.requires_grad_(False), x, method="auto")
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+def test_the_taylor_laplacian_lets_a_lack_of_memory_through(monkeypatch, kind):
+    def lacking(*args, **kwargs):
+        raise _lack(kind)
+
+    monkeypatch.setattr(methods, "collapsed", lacking)
+    u = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.randn(64, 4)  # a batch large enough for "auto" to take the Taylor engine
+    with pytest.raises(RuntimeError, match=LACK):
+        torchdiv.laplacian(u.requires_grad_(False), x, method="auto")
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+def test_value_grad_laplacian_lets_a_lack_of_memory_through(monkeypatch, kind):
+    def lacking(*args, **kwargs):
+        raise _lack(kind)
+
+    monkeypatch.setattr(second_order, "_sweep", lacking)
+    u = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.randn(64, 4)
+    with pytest.raises(RuntimeError, match=LACK):
+        torchdiv.value_grad_laplacian(u.requires_grad_(False), x, method="auto")
