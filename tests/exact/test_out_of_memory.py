@@ -92,3 +92,23 @@ def test_value_grad_laplacian_lets_a_lack_of_memory_through(monkeypatch, kind):
     x = torch.randn(64, 4)
     with pytest.raises(RuntimeError, match=LACK):
         torchdiv.value_grad_laplacian(u.requires_grad_(False), x, method="auto")
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+def test_the_laplacian_loops_batched_passes_let_a_lack_of_memory_through(kind, monkeypatch):
+    """ "auto" loops over backward passes at two inputs and batches the second-level passes of
+    small nets, taking them one by one where that pass cannot be batched: a lack of memory is
+    not such a pass."""
+    plain = torch.autograd.grad
+
+    def grad(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise _lack(kind)
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(8, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=LACK):
+        torchdiv.laplacian(net.double(), x)

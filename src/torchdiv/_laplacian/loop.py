@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 
 from torchdiv._core.basis import accumulated
-from torchdiv._core.checks import event_numel
+from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.mixing import check_graph, watched
 from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
 from torchdiv._core.walk import search, vjp
@@ -188,7 +188,9 @@ def _batched_trace(
             allow_unused=True,
             is_grads_batched=True,
         )
-    except RuntimeError:  # an op without a batching rule for its backward
+    except RuntimeError as error:  # an op without a batching rule for its backward
+        if out_of_memory(error):
+            raise
         return None
     if second is None:  # f is linear in x: its gradient has a graph, but not to x
         return gradient.new_zeros(samples)
