@@ -19,6 +19,13 @@ from torchdiv._structured import statistics
 f64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _small_states_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split on states far below ``SPLIT_WORK`` (where plain columns are faster), to
+    check its values at test sizes."""
+    monkeypatch.setattr(statistics, "SPLIT_WORK", 0)
+
+
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Whether each attempt at the split made a plan."""

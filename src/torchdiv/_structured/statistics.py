@@ -18,7 +18,8 @@ correction. The plan is chosen only when its directions, ``colours + 3 K`` (a ba
 pass counted as two), are fewer than ``PAYS`` of the ``n`` unit vectors of plain column
 propagation: torchdiffeq's MNIST ODE-Net dynamics on 64 x 8 x 8 states take 576 colours
 and 192 statistics for 4096 unit vectors, an attention-free U-Net on 3 x 64 x 64 images 3072
-colours and 136 statistics for 12288 (timed in ``bench/images.py``).
+colours and 136 statistics for 12288 (timed in ``bench/images.py``); and only on states
+large enough for its fixed cost (``SPLIT_WORK``).
 
 Values and gradients: the statistics enter ``F`` as tensors of the autograd graph (through
 the parameters, and ``x`` when it requires grad), so the diagonal is differentiable as
@@ -53,6 +54,12 @@ Function = Callable[[torch.Tensor], torch.Tensor]
 
 # the split plan runs when colours + 3 K is at most this share of the n unit vectors
 PAYS = 0.75
+# ... and when N n^2 (n unit vectors through N samples of n elements) is at least this: its
+# three more evaluations of f and two recordings cost ~14 ms whatever the size, which plain
+# columns beat on small states (bench/split_threshold.py: torchdiffeq's dynamics with 4
+# channels and 2 groups, one thread: 3.4x slower at N = 3, n = 100, 1.28x at n = 256, 0.61x
+# at n = 400; at N = 32, 1.17x at n = 100, 0.59x at n = 144)
+SPLIT_WORK = 1 << 18
 _GROUP_NORMS = (F.group_norm, torch.group_norm)
 _GROUP_NORM = torch.ops.aten.native_group_norm.default
 _NAMES = ("input", "num_groups", "weight", "bias", "eps")
@@ -128,8 +135,9 @@ def diagonal(
 
 
 def _splittable(graph: Graph, x: torch.Tensor, batch_dims: int, n: int, k: int) -> bool:
-    """One batch dimension, group norms with few enough statistics (``k`` per sample),
-    nothing random or stateful, no process group, mixing detection on
+    """One batch dimension, group norms with few enough statistics (``k`` per sample), a
+    state large enough for the split's fixed cost (``SPLIT_WORK``), nothing random or
+    stateful, no process group, mixing detection on
     (``allow_batch_interaction``: one image's statistics may reach another's output, which
     the correction's columns and rows, each for all images at once, would sum over
     separately)."""
@@ -137,6 +145,7 @@ def _splittable(graph: Graph, x: torch.Tensor, batch_dims: int, n: int, k: int) 
         batch_dims == 1
         and x.dim() > 2
         and 0 < 3 * k < PAYS * n
+        and x.numel() * n >= SPLIT_WORK
         and not graph.changed
         and not in_process_group()
         and not allowed()
