@@ -102,3 +102,21 @@ def test_watched_evaluation_that_hands_over_changes_state_once(operator):
     expected = (reference_jacobian if operator == "jacobian" else loop_diagonal)(once, x)
     assert_close(got, expected)
     assert_one_state(net, once, state)
+
+
+def test_the_loops_plain_evaluation_run_again_under_the_modes_changes_state_once():
+    """``laplacian``'s ``"auto"`` at a few inputs loops over backward passes, evaluating ``f``
+    outside the derivative modes the first time at a structure; an eval-mode batch norm leaves
+    a node they guard, so the loop evaluates ``f`` again under them. That second evaluation
+    starts from the state the first found: one function (the same mask and ``u``), and the
+    buffers and the generator as one evaluation leaves them. Before, they moved twice."""
+    norm = torch.nn.BatchNorm1d(1).double().eval()
+    with torch.no_grad():
+        norm.running_mean.fill_(0.3)
+    net, x = Stateful(3, head=norm), torch.randn(5, 3, dtype=f64)
+    once, state = one_state(net, x, seed=6)
+    torch.manual_seed(6)
+    with torch.no_grad():
+        got = torchdiv.laplacian(net, x)
+    assert_close(got, torchdiv.laplacian(once, x, method="grad-of-grad"))
+    assert_one_state(net, once, state)
