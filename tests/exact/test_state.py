@@ -135,3 +135,26 @@ def test_structured_refusing_an_op_leaves_the_state_as_it_found_it(operator):
         getattr(torchdiv, operator)(net, x, method="structured")
     assert net.calls.item() == 0 and torch.equal(net.u, u)
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_a_call_that_f_interrupts_on_a_later_evaluation_leaves_the_state_as_before(exc):
+    """Forward mode in chunks evaluates ``f`` once per chunk; ``f`` raising on its second
+    evaluation (an error, Ctrl-C) propagates, and the call leaves ``f``'s state as it found it
+    (buffers, the generator), as a call failing on the first evaluation does: a retry computes
+    what an uninterrupted call would. Before, the state was left as one evaluation left it."""
+    net, x = Stateful(3, 3), torch.randn(4, 3, dtype=f64)
+    u, evaluations = net.u.clone(), [0]
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        evaluations[0] += 1
+        if evaluations[0] == 2:
+            raise exc("second evaluation")
+        return net(z)
+
+    torch.manual_seed(2)
+    rng = torch.get_rng_state()
+    with pytest.raises(exc, match="second evaluation"):
+        torchdiv.jacobian(f, x, method="forward", chunk_size=1)
+    assert net.calls.item() == 0 and torch.equal(net.u, u)
+    assert torch.equal(torch.get_rng_state(), rng)
