@@ -122,21 +122,6 @@ def test_the_loops_plain_evaluation_run_again_under_the_modes_changes_state_once
     assert_one_state(net, once, state)
 
 
-@pytest.mark.parametrize("operator", ["divergence", "jacobian_diagonal"])
-def test_structured_refusing_an_op_leaves_the_state_as_it_found_it(operator):
-    """An explicit ``method="structured"`` that meets an op without a rule (``lgamma``) raises
-    with what recording ``f`` changed put back, as ``laplacian(method="taylor")`` does: the
-    buffers and the generator as before the call. Before, they had moved once."""
-    net, x = Stateful(3, 3, head=torch.lgamma), torch.randn(4, 3, dtype=f64)
-    u = net.u.clone()
-    torch.manual_seed(2)
-    rng = torch.get_rng_state()
-    with pytest.raises(torchdiv._taylor.UnsupportedOp, match="lgamma"):
-        getattr(torchdiv, operator)(net, x, method="structured")
-    assert net.calls.item() == 0 and torch.equal(net.u, u)
-    assert torch.equal(torch.get_rng_state(), rng)
-
-
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_a_call_that_f_interrupts_on_a_later_evaluation_leaves_the_state_as_before(exc):
     """Forward mode in chunks evaluates ``f`` once per chunk; ``f`` raising on its second

@@ -106,9 +106,9 @@ def plan(
     except (RuntimeError, TypeError) as exc:  # UnsupportedOp included
         if strict and raised_by_f(exc):  # f's own error: the public function reports it
             raise
-        graph.undo()  # the caller evaluates f again, or the call raises having changed nothing
         if strict:
             raise _refusal(fn, exc) from exc
+        graph.undo()  # the caller evaluates f again
         return None
 
 
