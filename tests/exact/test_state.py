@@ -102,3 +102,44 @@ def test_watched_evaluation_that_hands_over_changes_state_once(operator):
     expected = (reference_jacobian if operator == "jacobian" else loop_diagonal)(once, x)
     assert_close(got, expected)
     assert_one_state(net, once, state)
+
+
+def test_the_loops_plain_evaluation_run_again_under_the_modes_changes_state_once():
+    """``laplacian``'s ``"auto"`` at a few inputs loops over backward passes, evaluating ``f``
+    outside the derivative modes the first time at a structure; an eval-mode batch norm leaves
+    a node they guard, so the loop evaluates ``f`` again under them. That second evaluation
+    starts from the state the first found: one function (the same mask and ``u``), and the
+    buffers and the generator as one evaluation leaves them. Before, they moved twice."""
+    norm = torch.nn.BatchNorm1d(1).double().eval()
+    with torch.no_grad():
+        norm.running_mean.fill_(0.3)
+    net, x = Stateful(3, head=norm), torch.randn(5, 3, dtype=f64)
+    once, state = one_state(net, x, seed=6)
+    torch.manual_seed(6)
+    with torch.no_grad():
+        got = torchdiv.laplacian(net, x)
+    assert_close(got, torchdiv.laplacian(once, x, method="grad-of-grad"))
+    assert_one_state(net, once, state)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_a_call_that_f_interrupts_on_a_later_evaluation_leaves_the_state_as_before(exc):
+    """Forward mode in chunks evaluates ``f`` once per chunk; ``f`` raising on its second
+    evaluation (an error, Ctrl-C) propagates, and the call leaves ``f``'s state as it found it
+    (buffers, the generator), as a call failing on the first evaluation does: a retry computes
+    what an uninterrupted call would. Before, the state was left as one evaluation left it."""
+    net, x = Stateful(3, 3), torch.randn(4, 3, dtype=f64)
+    u, evaluations = net.u.clone(), [0]
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        evaluations[0] += 1
+        if evaluations[0] == 2:
+            raise exc("second evaluation")
+        return net(z)
+
+    torch.manual_seed(2)
+    rng = torch.get_rng_state()
+    with pytest.raises(exc, match="second evaluation"):
+        torchdiv.jacobian(f, x, method="forward", chunk_size=1)
+    assert net.calls.item() == 0 and torch.equal(net.u, u)
+    assert torch.equal(torch.get_rng_state(), rng)

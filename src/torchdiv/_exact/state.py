@@ -94,8 +94,11 @@ class Changes(DispatchMode):
     def again(self, f: Callable[[torch.Tensor], T]) -> Callable[[torch.Tensor], T]:
         """``f``, evaluated from the state before the first evaluation (watched until one
         completes): it draws the same random numbers, and leaves the state as one evaluation
-        did; generators drawn from in between (probes) go on where they were. The functions
-        of several ``again`` calls share that state (the first of them to run is watched).
+        did; generators drawn from in between (probes) go on where they were. An evaluation
+        that raises (``f``'s error, ``KeyboardInterrupt``) leaves the state from before the
+        first, which the call then propagates: a failed call has changed nothing of ``f``'s.
+        The functions of several ``again`` calls share that state (the first of them to run
+        is watched).
         Called inside a ``torch.func`` transform it puts back the tensors underneath
         (``_put``); a caller wraps the function that applies its own transforms (``Once``),
         whose evaluations ``Changes`` then watches whole."""
@@ -106,14 +109,15 @@ class Changes(DispatchMode):
             try:
                 if self.after is None:
                     with self:
-                        return f(x)
-                return f(x)
+                        out = f(x)
+                else:
+                    out = f(x)
             except BaseException:
-                self._put(before=self.after is None)
+                self._put(before=True)
                 raise
-            finally:
-                for generator, state in current.items():
-                    generator.set_state(state)
+            for generator, state in current.items():
+                generator.set_state(state)
+            return out
 
         return f_again
 

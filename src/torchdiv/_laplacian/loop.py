@@ -42,6 +42,7 @@ from torchdiv._core.mixing import check_graph, watched
 from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
 from torchdiv._core.walk import search, vjp
 from torchdiv._exact.autograd import refuse_once_differentiable
+from torchdiv._exact.state import Once
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 Check = Literal["watch", "graph"] | None  # how the loop checks f for sample mixing
@@ -56,11 +57,13 @@ class Settings:
     batch 256). The ops they change leave their own nodes in the autograd graph
     (``GUARDED``, the fused attention kernels); a plain evaluation whose graph holds one is
     discarded and ``f`` evaluated again under the modes, and ``plain`` is turned off for the
-    calls that follow (so ``f`` runs twice once per such structure, its state, a random
-    generator, moved twice)."""
+    calls that follow. The first plain evaluation at a structure (``tried`` still false) is
+    watched (``_exact.state.Once``), so that one run again starts from the state it found: the
+    same function (dropout masks, buffers), and ``f``'s state changed once."""
 
     batched: bool = False
     plain: bool = False
+    tried: bool = False
 
 
 # the autograd nodes of the ops whose derivatives the loop's SafeDerivatives changes (those of
@@ -112,11 +115,13 @@ def _looped(
     outer = torch.is_grad_enabled()
     with torch.enable_grad():
         x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
-        y = _evaluated(f, x_in, batch_dims, check, safe=not settings.plain)
+        once = Once(x, several=settings.plain and not settings.tried)
+        y = _evaluated(once(f), x_in, batch_dims, check, safe=not settings.plain)
         found = search(y, x_in, GUARDED if settings.plain else ())
+        settings.tried = True
         if found.guarded or (settings.plain and found.fused):
             settings.plain = False
-            y = _evaluated(f, x_in, batch_dims, check, safe=True)
+            y = _evaluated(once(f), x_in, batch_dims, check, safe=True)
             found = search(y, x_in)
         refuse_once_differentiable(found, y, x_in)
         if check == "graph":
