@@ -92,6 +92,31 @@ def test_kept_basis_follows_everything_it_depends_on(dtype: torch.dtype):
             assert torch.equal(got, _one_hot(start, stop, like, batch_dims))
 
 
+def test_kept_bases_from_several_threads():
+    """Threads asking for more shapes than are kept (each miss drops the oldest) all get
+    their own right blocks, and none raises."""
+    import threading
+
+    likes = [torch.randn(3, d) for d in range(1, 13)]
+    errors: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            for _ in range(20):
+                for like in likes:
+                    n = like.shape[1]
+                    assert torch.equal(basis(0, n, like, 1), _one_hot(0, n, like, 1))
+        except BaseException as error:  # (reported by the main thread)
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors and not any(thread.is_alive() for thread in threads)
+
+
 def test_basis_under_modes_and_transforms_is_made_there():
     """Under a fake-tensor mode and a transform the block is made there: a fake tensor of that
     mode (none kept for later eager calls), one-hot under ``vmap``."""

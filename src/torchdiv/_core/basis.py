@@ -118,6 +118,7 @@ def _new_block(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> to
 # at most ``KEPT_BLOCK`` elements each (a tiny problem's, ``_exact.plan.TINY_PROBLEM``: 2 MiB
 # in all in float64), the oldest dropped first
 _KEPT: dict[tuple[Any, ...], torch.Tensor] = {}
+_KEPT_LOCK = threading.Lock()
 _KEPT_BLOCKS = 8
 KEPT_BLOCK = 2**15
 
@@ -153,9 +154,10 @@ def _kept_block(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> t
     if block is None:
         with torch.no_grad():
             block = _new_block(start, stop, like, batch_dims)
-        while len(_KEPT) >= _KEPT_BLOCKS:  # (another thread may drop the same one)
-            _KEPT.pop(next(iter(_KEPT), None), None)
-        _KEPT[key] = block
+        with _KEPT_LOCK:  # (another thread's iteration would raise)
+            while len(_KEPT) >= _KEPT_BLOCKS:
+                del _KEPT[next(iter(_KEPT))]
+            _KEPT[key] = block
     return block
 
 
