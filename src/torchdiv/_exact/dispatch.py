@@ -131,11 +131,14 @@ def diagonal_and_output(
     trace: bool,
     share: Share = WHOLE,
     where: Any = None,
+    keep_y: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample's exact Jacobian diagonal ``(N, n)`` (with ``trace``: its sum, ``(N,)``) and
     ``f(x)`` from the same evaluation (an ODE's dynamics need both, ``torchdiv.flows``). With a
     ``share`` (and ``trace``), the part of the trace from that share of the directions (unit
-    vectors, colours or columns; ``torchdiv.distributed``).
+    vectors, colours or columns; ``torchdiv.distributed``). ``keep_y=False``: the caller
+    drops ``f(x)``, which is then handed back as the engine holds it (``output`` not taken:
+    a ``detach``, one dispatched op of a tiny problem's call).
 
     The one dispatch of the exact methods for diagonals and traces: the structured engine
     where ``method`` asks for it (``"auto"``: unless tiny; ``"structured"`` raises, naming the
@@ -157,9 +160,11 @@ def diagonal_and_output(
             entries = engine.entries(*share.of(engine.num_basis))
         if entries:  # a few rows, one backward pass each: their entries, not a block
             diag = _summed(entries) if trace else torch.stack(entries, -1)
-            return diag, output(engine)
-        diag = diagonal(engine, chunk, share)
-        return (diag.sum(-1) if trace else diag), output(engine)
+        else:
+            diag = diagonal(engine, chunk, share)
+            diag = diag.sum(-1) if trace else diag
+        # (after the products: a forward-mode engine's y comes from its first block)
+        return diag, output(engine) if keep_y else engine.y
 
     result, _ = evaluate(f, x, batch_dims, generic, chunk_size, consume, square=True, draws=False)
     return result
