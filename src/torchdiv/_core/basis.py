@@ -138,7 +138,8 @@ def _kept_block(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> t
     a caller, a backward hook that writes into its gradient or a product that aliases its
     cotangent (the Jacobian of the identity) cannot change a later call's vectors."""
     if (
-        type(like) is not torch.Tensor
+        torch.compiler.is_compiling()  # (first: Dynamo traces none of the other tests)
+        or type(like) is not torch.Tensor
         or start != 0
         or stop * like.numel() > KEPT_BLOCK
         or stop != event_numel(like, batch_dims)
@@ -146,7 +147,6 @@ def _kept_block(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> t
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._is_torch_function_mode_enabled()
         or torch.is_inference_mode_enabled()
-        or torch.compiler.is_compiling()
     ):
         return None
     key = (stop, like.shape, batch_dims, like.dtype, like.device)

@@ -379,8 +379,7 @@ class Unwritten:
         self.version = x._version
         self.backup: torch.Tensor | None = None
         with contextlib.suppress(RuntimeError):  # a device without copy-on-write: no backup
-            held = x.detach() if x.requires_grad else x  # (a copy outside autograd's graph)
-            self.backup = torch._lazy_clone(held)  # pyright: ignore[reportPrivateImportUsage]
+            self.backup = torch._lazy_clone(x.detach())  # pyright: ignore[reportPrivateImportUsage]
 
     def check(self, z: torch.Tensor, version: int, error: Exception | None = None) -> None:
         """Raise the ``ValueError`` if the evaluation of ``f`` at ``z`` (whose version was
