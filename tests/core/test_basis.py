@@ -45,6 +45,96 @@ def test_basis_unbatched_and_as_blocks():
     assert as_blocks(torch.randn(3, 0, 2), batch_dims=1).shape == (3, 0, 2)
 
 
+def _one_hot(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """``basis`` written out element by element (the reference)."""
+    samples = like.shape[:batch_dims].numel()
+    n = like[(0,) * batch_dims].numel() if samples else like.shape[batch_dims:].numel()
+    out = torch.zeros(stop - start, samples, n, dtype=like.dtype, device=like.device)
+    for j in range(stop - start):
+        for b in range(samples):
+            out[j, b, start + j] = 1
+    return out.reshape(stop - start, *like.shape)
+
+
+def test_basis_is_a_new_tensor_at_every_call():
+    """Small whole bases are copies of one kept per shape: writing into a block handed out (as
+    a caller, a backward hook or a product aliasing its cotangent may) changes no later one."""
+    like = torch.randn(5, 3)
+    first = basis(0, 3, like, 1)
+    first.fill_(7.0)
+    second = basis(0, 3, like, 1)
+    assert torch.equal(second, _one_hot(0, 3, like, 1))
+    assert second.data_ptr() != first.data_ptr() and not second.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kept_basis_follows_everything_it_depends_on(dtype: torch.dtype):
+    """One shape after another, the kept blocks never answer for another size, shape, batch
+    dimensions, dtype or device (``like`` requiring grad or not: the same); chunks of a
+    basis are made, not kept (all of them kept would hold the whole basis)."""
+    calls = [
+        (0, 3, torch.randn(4, 3), 1),
+        (1, 3, torch.randn(4, 3), 1),
+        (0, 2, torch.randn(4, 3), 1),
+        (0, 3, torch.randn(4, 3, dtype=dtype), 1),
+        (0, 4, torch.randn(3, 4, dtype=dtype), 1),
+        (0, 1, torch.randn(4, 3, dtype=dtype), 2),
+        (0, 12, torch.randn(4, 3, dtype=dtype), 0),
+        (0, 3, torch.randn(2, 2, 3, dtype=dtype, requires_grad=True), 2),
+        (0, 3, torch.randn(4, 3, dtype=dtype, device="meta"), 1),
+        (0, 3, torch.randn(4, 3, dtype=dtype), 1),
+    ]
+    for start, stop, like, batch_dims in calls * 2:
+        got = basis(start, stop, like, batch_dims)
+        assert got.dtype == like.dtype and got.device == like.device and got.is_contiguous()
+        assert got.shape == (stop - start, *like.shape) and not got.requires_grad
+        if like.device.type != "meta":
+            assert torch.equal(got, _one_hot(start, stop, like, batch_dims))
+
+
+def test_kept_bases_from_several_threads():
+    """Threads asking for more shapes than are kept (each miss drops the oldest) all get
+    their own right blocks, and none raises."""
+    import threading
+
+    likes = [torch.randn(3, d) for d in range(1, 13)]
+    errors: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            for _ in range(20):
+                for like in likes:
+                    n = like.shape[1]
+                    assert torch.equal(basis(0, n, like, 1), _one_hot(0, n, like, 1))
+        except BaseException as error:  # (reported by the main thread)
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors and not any(thread.is_alive() for thread in threads)
+
+
+def test_basis_under_modes_and_transforms_is_made_there():
+    """Under a fake-tensor mode and a transform the block is made there: a fake tensor of that
+    mode (none kept for later eager calls), one-hot under ``vmap``."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    like = torch.randn(4, 3)
+    basis(0, 3, like, 1)  # kept
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(like)
+        assert isinstance(basis(0, 3, fake, 1), FakeTensor)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert isinstance(basis(0, 3, like, 1), FakeTensor)
+    after = basis(0, 3, like, 1)
+    assert type(after) is torch.Tensor and torch.equal(after, _one_hot(0, 3, like, 1))
+    got = vmap(lambda z: basis(0, 3, z, 1), in_dims=0)(torch.randn(3, 4, 3))
+    assert torch.equal(got, _one_hot(0, 3, like, 1).expand(3, 3, 4, 3))
+
+
 def _pushed(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A batched product and an output that does not depend on ``v`` (``out_dims`` None)."""
     a = torch.arange(6.0).reshape(2, 3)

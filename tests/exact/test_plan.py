@@ -232,10 +232,11 @@ def test_tiny_problems_evaluate_f_outside_safe_derivatives_unless_its_graph_need
 
 
 def test_cotangents_written_in_place_or_results_aliasing_them_never_reach_the_next_call():
-    """Tiny problems' cotangents are made for each call: a backward hook that scales its
-    incoming gradient in place, and a user's in-place write to a Jacobian diagonal that
-    autograd returned as the cotangent itself (a copy of ``x``), changed later calls' values
-    when one tensor served every call (1.57, 3.14, 6.27 for the same divergence)."""
+    """Tiny problems' cotangents are new at each call (copies of kept blocks, ``basis``): a
+    backward hook that scales its incoming gradient in place, and a user's in-place write to
+    a Jacobian diagonal that autograd returned as the cotangent itself (a copy of ``x``),
+    changed later calls' values when one tensor served every call (1.57, 3.14, 6.27 for the
+    same divergence)."""
     x = torch.randn(8, 4, dtype=torch.float64)
     shift, w = torch.randn(4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
 

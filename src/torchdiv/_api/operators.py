@@ -130,7 +130,7 @@ def jacobian(
     g = _prepare("jacobian", f, x, batch_dims, method, chunk_size, square=False)
     jac, y_shape = _exact.jacobian(g, x, batch_dims, method, chunk_size, where=site(f))
     shape = x.shape[:batch_dims] + y_shape[batch_dims:] + x.shape[batch_dims:]
-    return _shaped(jac, shape).to(x.dtype)
+    return _shaped(jac, shape, x.dtype)
 
 
 @eager_when(_plans)
@@ -205,9 +205,9 @@ def jacobian_diagonal(
         return _stochastic.diagonal_of_function(g, x, batch_dims, s, chunk_size)
     check_exact_options(fn, method, num_probes, generator, probe, probes)
     diag, _ = _exact.diagonal_and_output(
-        fn, g, x, batch_dims, method, chunk_size, trace=False, where=site(f)
+        fn, g, x, batch_dims, method, chunk_size, trace=False, where=site(f), keep_y=False
     )
-    return _shaped(diag, x.shape).to(x.dtype)
+    return _shaped(diag, x.shape, x.dtype)
 
 
 @eager_when(_plans)
@@ -316,9 +316,9 @@ def divergence(
         return _stochastic.trace_of_function(g, x, batch_dims, s, chunk_size).value
     check_exact_options(fn, method, num_probes, generator, probe, probes)
     div, _ = _exact.diagonal_and_output(
-        fn, g, x, batch_dims, method, chunk_size, trace=True, where=site(f)
+        fn, g, x, batch_dims, method, chunk_size, trace=True, where=site(f), keep_y=False
     )
-    return _shaped(div, x.shape[:batch_dims]).to(x.dtype)
+    return _shaped(div, x.shape[:batch_dims], x.dtype)
 
 
 @eager_when()
@@ -401,7 +401,9 @@ def estimate_divergence(
     return _stochastic.trace_of_function(g, x, batch_dims, s, chunk_size)
 
 
-def _shaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``t.reshape(shape)``, ``t`` itself where it has that shape (a reshape is an autograd
-    node of its own in training, a few microseconds of a small problem's call)."""
-    return t if t.shape == shape else t.reshape(shape)
+def _shaped(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """``t.reshape(shape).to(dtype)``, ``t`` itself where it has that shape and dtype (a
+    reshape is an autograd node of its own in training, a few microseconds of a small
+    problem's call; ``to`` of the same dtype returns ``t`` after parsing its arguments)."""
+    t = t if t.shape == shape else t.reshape(shape)
+    return t if t.dtype == dtype else t.to(dtype)

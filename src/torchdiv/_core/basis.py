@@ -42,6 +42,7 @@ from torch._C._functorch import (
     _remove_batch_dim,
     _vmap_decrement_nesting,
     _vmap_increment_nesting,
+    is_functorch_wrapped_tensor,
     maybe_get_level,
 )
 from torch.func import vmap
@@ -92,15 +93,72 @@ def basis(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> torch.T
     """Unit vectors ``e_start .. e_{stop-1}`` of ``like``'s event, repeated in every sample.
 
     Returns:
-        A contiguous ``(stop - start,) + like.shape`` tensor with ``like``'s dtype and device;
-        element ``[j, b..., i...]`` is 1 where the flattened event index equals ``start + j``.
-        It is materialised rather than a stride-0 view across the batch: CPU batched matmuls
-        copy stride-0 operands slice by slice, which measured slower than one ``k``-sized copy.
+        A new contiguous ``(stop - start,) + like.shape`` tensor with ``like``'s dtype and
+        device, not requiring grad; element ``[j, b..., i...]`` is 1 where the flattened event
+        index equals ``start + j``. It is materialised rather than a stride-0 view across the
+        batch: CPU batched matmuls copy stride-0 operands slice by slice, which measured
+        slower than one ``k``-sized copy. Small blocks are copies of one kept per shape
+        (``_kept_block``); the caller may write to the tensor it gets.
     """
+    kept = _kept_block(start, stop, like, batch_dims)
+    return kept.clone() if kept is not None else _new_block(start, stop, like, batch_dims)
+
+
+def _new_block(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """``basis``, made from zeros: one ``new_zeros`` and one ``fill_`` of a diagonal view."""
     k, n = stop - start, event_numel(like, batch_dims)
     out = like.new_zeros((k, like.shape[:batch_dims].numel(), n))
     out.diagonal(start, dim1=0, dim2=2).fill_(1)  # [j, :, start + j]: one op, no index tensor
     return out if like.dim() == 2 and batch_dims == 1 else out.reshape(k, *like.shape)
+
+
+# the blocks ``basis`` hands out copies of, by everything a block depends on: ``stop`` (the
+# event size: whole bases only), ``like``'s shape (the block's, with ``k`` in front),
+# ``batch_dims`` (which part of it is the event), dtype and device; at most ``_KEPT_BLOCKS`` of
+# at most ``KEPT_BLOCK`` elements each (a tiny problem's, ``_exact.plan.TINY_PROBLEM``: 2 MiB
+# in all in float64), the oldest dropped first
+_KEPT: dict[tuple[Any, ...], torch.Tensor] = {}
+_KEPT_LOCK = threading.Lock()
+_KEPT_BLOCKS = 8
+KEPT_BLOCK = 2**15
+
+
+def _kept_block(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> torch.Tensor | None:
+    """The block ``basis`` copies (made on first use), or ``None`` where a new block is made
+    instead: a large block (``KEPT_BLOCK``), a chunk of a basis (the blocks of all chunks
+    kept would hold a whole basis: ``chunk_size`` would bound nothing), and wherever a block
+    made then and kept could differ from one made now: ``like`` a subclass or a
+    ``torch.func`` transform's wrapper (``new_zeros`` follows it), under a dispatch or
+    torch-function mode (a fake-tensor mode makes fake zeros), in inference mode (an
+    inference tensor), or while Dynamo traces.
+
+    A block is 0.5-1 us of Python to find against ~13 us to make on a 2-core CPU (zeros and
+    a strided fill, three dispatched ops, where ``clone`` is one): a tiny problem's call
+    makes one or two. Nothing kept ever leaves this module: ``basis`` hands out a copy, so
+    a caller, a backward hook that writes into its gradient or a product that aliases its
+    cotangent (the Jacobian of the identity) cannot change a later call's vectors."""
+    if (
+        torch.compiler.is_compiling()  # (first: Dynamo traces none of the other tests)
+        or type(like) is not torch.Tensor
+        or start != 0
+        or stop * like.numel() > KEPT_BLOCK
+        or stop != event_numel(like, batch_dims)
+        or is_functorch_wrapped_tensor(like)
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._is_torch_function_mode_enabled()
+        or torch.is_inference_mode_enabled()
+    ):
+        return None
+    key = (stop, like.shape, batch_dims, like.dtype, like.device)
+    block = _KEPT.get(key)
+    if block is None:
+        with torch.no_grad():
+            block = _new_block(start, stop, like, batch_dims)
+        with _KEPT_LOCK:  # (another thread's iteration would raise)
+            while len(_KEPT) >= _KEPT_BLOCKS:
+                del _KEPT[next(iter(_KEPT))]
+            _KEPT[key] = block
+    return block
 
 
 def as_blocks(products: torch.Tensor, batch_dims: int) -> torch.Tensor:

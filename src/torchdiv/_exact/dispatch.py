@@ -169,11 +169,14 @@ def diagonal_and_output(
     trace: bool,
     share: Share = WHOLE,
     where: Any = None,
+    keep_y: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample's exact Jacobian diagonal ``(N, n)`` (with ``trace``: its sum, ``(N,)``) and
     ``f(x)`` from the same evaluation (an ODE's dynamics need both, ``torchdiv.flows``). With a
     ``share`` (and ``trace``), the part of the trace from that share of the directions (unit
-    vectors, colours or columns; ``torchdiv.distributed``).
+    vectors, colours or columns; ``torchdiv.distributed``). ``keep_y=False``: the caller
+    drops ``f(x)``, which is then handed back as the engine holds it (``output`` not taken:
+    a ``detach``, one dispatched op of a tiny problem's call).
 
     The one dispatch of the exact methods for diagonals and traces: the structured engine
     where ``method`` asks for it (``"auto"``: unless tiny; ``"structured"`` raises, naming the
@@ -195,9 +198,11 @@ def diagonal_and_output(
             entries = engine.entries(*share.of(engine.num_basis))
         if entries:  # a few rows, one backward pass each: their entries, not a block
             diag = _summed(entries) if trace else torch.stack(entries, -1)
-            return diag, output(engine)
-        diag = diagonal(engine, chunk, share)
-        return (diag.sum(-1) if trace else diag), output(engine)
+        else:
+            diag = diagonal(engine, chunk, share)
+            diag = diag.sum(-1) if trace else diag
+        # (after the products: a forward-mode engine's y comes from its first block)
+        return diag, output(engine) if keep_y else engine.y
 
     result, _ = evaluate(f, x, batch_dims, generic, chunk_size, consume, square=True, draws=False)
     return result
@@ -250,13 +255,13 @@ def evaluate(
     watches get a new alias of ``x``: the caller's ``x`` object read by ``f`` (a closure) is a
     constant, never taken for the argument (under ``torch.func`` the argument is that object).
     """
-    x = argument(x)
     if method not in ("forward", "reverse"):
         if not draws or torch.compiler.is_compiling():  # Dynamo cannot trace generator states
             generator = None
         else:
             generator = generator or _state.default_generator(x.device)
         return _first_that_runs(f, x, batch_dims, chunk_size, consume, generator, square)
+    x = argument(x)
     # f evaluated by the check, and by forward mode once per chunk of directions
     check = _mixing.checks_empty_event(x, batch_dims)
     several = method == "forward" and 0 < (chunk_size or 0) < event_numel(x, batch_dims)
@@ -283,8 +288,9 @@ def _first_that_runs(
     square: bool,
 ) -> tuple[T, torch.Size]:
     """``consume`` on the first engine that runs: forward mode (if ``_plan`` picks it),
-    reverse mode, batched plain autograd, then ``f`` re-run per vector (``_engines``; tiny
-    square problems start with plain autograd).
+    reverse mode, batched plain autograd, then ``f`` re-run per vector (``_engines``, which
+    gives each engine its new alias of the caller's ``x``; tiny square problems start with
+    plain autograd).
 
     An engine that raises an error saying it cannot run ``f`` (``_cannot_run``: an op
     without a forward-mode rule, a legacy ``autograd.Function`` under ``torch.func``, a
@@ -338,6 +344,7 @@ def _engines(
     seen = None if at is None else passed_before(f, x, batch_dims, at)
     if rows and seen is not None:
         return _plain_first(f, x, batch_dims, seen)
+    x = argument(x)  # (see evaluate)
     changes = _state.Changes(x)
     again = changes.again(f)
     planned = [_plan.OpSizes(x.shape[:batch_dims])]  # the last watched evaluation's sizes
@@ -399,14 +406,18 @@ def _plain_first(
     evaluates ``f`` again (``_state.Changes`` sees only its own evaluations). Plain
     autograd evaluates ``f`` outside ``SafeDerivatives`` while no evaluation at this
     structure has shown an op it changes (``seen.plain``, ``GraphJacobian.of_function``).
+
+    ``x`` is the caller's: plain autograd evaluates ``f`` on a new alias or leaf copy of its
+    own (``_evaluated``), the engines after it on a new alias made if it fails (``evaluate``).
     """
     sizes = _plan.OpSizes(x.shape[:batch_dims])  # unwatched: one chunk
-    watched: list[Callable[[torch.Tensor], torch.Tensor]] = []  # made if plain autograd fails
+    made: list[Any] = []  # (the alias, f putting back its changes) if plain autograd fails
 
-    def again(z: torch.Tensor) -> torch.Tensor:
-        if not watched:
-            watched.append(_state.Changes(x).again(f))
-        return watched[0](z)
+    def alias() -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        if not made:
+            z = argument(x)
+            made.extend((z, _state.Changes(z).again(f)))
+        return made[0], made[1]
 
     def plain() -> tuple[Engine, _plan.OpSizes]:
         engine = unwatched(f, x, batch_dims, seen.plain)
@@ -414,11 +425,15 @@ def _plain_first(
         sizes.widest = engine.y.numel()  # one chunk, unless the output is far larger than x
         return engine, sizes
 
-    return [
-        plain,
-        lambda: (ReverseJacobian(again, x, batch_dims), sizes),
-        lambda: (RerunJacobian(again, x, batch_dims), sizes),
-    ]
+    def reverse() -> tuple[Engine, _plan.OpSizes]:
+        z, again = alias()
+        return ReverseJacobian(again, z, batch_dims), sizes
+
+    def rerun() -> tuple[Engine, _plan.OpSizes]:
+        z, again = alias()
+        return RerunJacobian(again, z, batch_dims), sizes
+
+    return [plain, reverse, rerun]
 
 
 def watched_engine(

@@ -1,0 +1,53 @@
+"""The D = 2, B = 256 cells of ``entry_cpu.py`` timed call by call: ``"auto"`` and the best
+recipe alternated, each call right after one of the other (what a training step that runs
+other code between calls sees: torchdiv's Python objects out of the caches), thread CPU time
+per call, one thread; the ratio of the medians.
+
+    flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
+        .venv/bin/python bench/entry_calls.py [--calls 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import small_events
+import torch
+
+import torchdiv
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=1000, help="calls of each, alternated")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    n = args.calls
+    for op in ("divergence", "jacobian_diagonal", "jacobian"):
+        for train in (False, True):
+            torch.manual_seed(0)
+            net = small_events.mlp(2, torch.nn.Tanh).requires_grad_(train)
+            x = torch.randn(256, 2)
+            name = "torchdyn loop" if op != "jacobian" else "is_grads_batched (zuko)"
+            recipe, auto = small_events.recipes(op, train)[name], getattr(torchdiv, op)
+            for _ in range(20):
+                auto(net, x), recipe(net, x)
+            times: dict[str, list[int]] = {"auto": [], "recipe": []}
+            for _ in range(n):
+                start = time.thread_time_ns()
+                recipe(net, x)
+                times["recipe"].append(time.thread_time_ns() - start)
+                start = time.thread_time_ns()
+                auto(net, x)
+                times["auto"].append(time.thread_time_ns() - start)
+            a, r = (sorted(times[k])[n // 2] / 1e3 for k in ("auto", "recipe"))
+            print(
+                f"{op:18s} {'train' if train else 'frozen':6s} auto {a:6.1f} us  "
+                f"{name} {r:6.1f} us  ratio {a / r:.3f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
