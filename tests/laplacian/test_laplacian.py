@@ -635,6 +635,25 @@ def test_logcumsumexp_of_spread_arguments_through_forward_mode(method):
         assert_close(jac, torchdiv.jacobian(lambda z: prefixes(z @ w1), x, method="reverse"))
 
 
+@pytest.mark.parametrize("dim", [1, -2])
+def test_taylor_records_logcumsumexp_along_a_dim_other_than_the_last(dim):
+    """The replacement masked a permuted view of its input (``masked_fill``), which copies it
+    contiguous first, an op the Taylor engine has no rule for: ``method="taylor"`` refused
+    ``logcumsumexp`` along any dimension but the last, naming ``aten.contiguous``, an op the
+    caller never wrote. Reference: each prefix's ``logsumexp`` written out, by the loop."""
+    torch.manual_seed(0)
+
+    def prefixes(h):
+        return torch.stack([torch.logsumexp(h[:, : i + 1], 1) for i in range(h.shape[1])], 1)
+
+    x = 3 * torch.randn(3, 4, 5, dtype=f64)
+    want = laplacian_by_grad_of_grad(lambda z: prefixes(z).pow(2).sum((1, 2)), x)
+    got = torchdiv.laplacian(
+        lambda z: torch.logcumsumexp(z, dim).pow(2).sum((1, 2)), x, method="taylor"
+    )
+    assert_close(got, want)
+
+
 def test_no_grad_inside_f_is_a_stop_gradient_as_in_reverse_mode():
     def u(z):
         with torch.no_grad():

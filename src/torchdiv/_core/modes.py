@@ -826,7 +826,10 @@ def _logcumsumexp(a: torch.Tensor, dim: int) -> torch.Tensor:
         stop = min(start + step, n)
         rows = torch.arange(start, stop, device=a.device)[:, None]
         later = torch.arange(stop, device=a.device) > rows  # (rows, stop): past each prefix
-        parts.append(torch.logsumexp(moved[..., None, :stop].masked_fill(later, -math.inf), -1))
+        # (``where``, not ``masked_fill``: that copies a permuted view contiguous first, an op
+        # the Taylor engine has no rule for, so it refused every dim but the last)
+        masked = torch.where(later, -math.inf, moved[..., None, :stop])
+        parts.append(torch.logsumexp(masked, -1))
     if not parts:
         return a.clone()
     return torch.cat(parts, -1).movedim(-1, dim)

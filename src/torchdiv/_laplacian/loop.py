@@ -59,7 +59,9 @@ class Settings:
     discarded and ``f`` evaluated again under the modes, and ``plain`` is turned off for the
     calls that follow. The first plain evaluation at a structure (``tried`` still false) is
     watched (``_exact.state.Once``), so that one run again starts from the state it found: the
-    same function (dropout masks, buffers), and ``f``'s state changed once."""
+    same function (dropout masks, buffers), and ``f``'s state changed once. Later ones are not
+    (a watch costs ~10 us an op): an op that shows only at a later call (``f`` branching on
+    ``x``'s values) makes ``f`` run twice, its state changed twice."""
 
     batched: bool = False
     plain: bool = False
