@@ -7,6 +7,7 @@ import torch
 from torch._C._functorch import maybe_current_level
 from torch.func import vmap
 
+import torchdiv._core.basis as basis_module
 from torchdiv._core.basis import WHOLE, Share, as_blocks, basis, batched, chunks
 
 
@@ -90,6 +91,22 @@ def test_kept_basis_follows_everything_it_depends_on(dtype: torch.dtype):
         assert got.shape == (stop - start, *like.shape) and not got.requires_grad
         if like.device.type != "meta":
             assert torch.equal(got, _one_hot(start, stop, like, batch_dims))
+
+
+def test_blocks_are_kept_on_the_cpu_only():
+    """Off the CPU a block made on one stream and copied on another could be read before it
+    is filled (nothing orders the two): made at every call there ('meta' stands in for an
+    accelerator here)."""
+    kept = dict(basis_module._KEPT)
+    basis_module._KEPT.clear()
+    try:
+        basis(0, 3, torch.empty(4, 3, device="meta"), 1)
+        assert basis_module._KEPT == {}
+        basis(0, 3, torch.empty(4, 3), 1)
+        assert len(basis_module._KEPT) == 1
+    finally:
+        basis_module._KEPT.clear()
+        basis_module._KEPT.update(kept)
 
 
 def test_kept_bases_from_several_threads():

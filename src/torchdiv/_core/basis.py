@@ -130,7 +130,8 @@ def _kept_block(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> t
     made then and kept could differ from one made now: ``like`` a subclass or a
     ``torch.func`` transform's wrapper (``new_zeros`` follows it), under a dispatch or
     torch-function mode (a fake-tensor mode makes fake zeros), in inference mode (an
-    inference tensor), or while Dynamo traces.
+    inference tensor), or while Dynamo traces; and off the CPU: a block made on one CUDA
+    stream and copied on another, with nothing to order the two, could be read unfilled.
 
     A block is 0.5-1 us of Python to find against ~13 us to make on a 2-core CPU (zeros and
     a strided fill, three dispatched ops, where ``clone`` is one): a tiny problem's call
@@ -140,6 +141,7 @@ def _kept_block(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> t
     if (
         torch.compiler.is_compiling()  # (first: Dynamo traces none of the other tests)
         or type(like) is not torch.Tensor
+        or like.device.type != "cpu"
         or start != 0
         or stop * like.numel() > KEPT_BLOCK
         or stop != event_numel(like, batch_dims)
