@@ -173,3 +173,24 @@ class TestGraphForm:
         xg = x.clone().requires_grad_(True)
         with pytest.raises(ValueError, match=r"graph_divergence: num_probes is only used"):
             torchdiv.graph_divergence(xg.sin(), xg, num_probes=3)
+
+
+@pytest.mark.parametrize("fn", ["divergence", "jacobian", "jacobian_diagonal", "laplacian"])
+def test_dual_x_is_refused_and_jvp_of_the_call_is_the_way(fn):
+    """A tangent the caller put on ``x`` with ``forward_ad.make_dual`` came back dropped (no
+    tangent on the result, or one only on a tiny problem's first call): refused, naming
+    ``torch.func.jvp``, whose tangent is checked against float64 central differences."""
+    import torch.autograd.forward_ad as forward_ad
+
+    w = torch.randn(3, 3, dtype=torch.float64)
+    f = (lambda z: torch.tanh(z @ w).sum(-1)) if fn == "laplacian" else lambda z: torch.tanh(z @ w)
+    x64, v = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    call = getattr(torchdiv, fn)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x64, v)
+        with pytest.raises(ValueError, match=rf"{fn}: x carries a forward-mode tangent.*jvp"):
+            call(f, dual)
+    _, tangent = torch.func.jvp(lambda z: call(f, z), (x64,), (v,))
+    eps = 1e-6
+    want = (call(f, x64 + eps * v) - call(f, x64 - eps * v)) / (2 * eps)
+    torch.testing.assert_close(tangent.detach(), want.detach(), rtol=1e-6, atol=1e-8)

@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
-from torch._C._functorch import peek_interpreter_stack
+import torch.autograd.forward_ad as forward_ad
+from torch._C._functorch import is_functorch_wrapped_tensor, peek_interpreter_stack
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
@@ -42,13 +43,20 @@ def check_callable(fn: str, f: Any, name: str = "f") -> None:
 
 def check_input(fn: str, x: Any, batch_dims: Any, name: str = "x") -> None:
     """Check that ``x`` (the argument ``name``) is a floating tensor with at least
-    ``batch_dims`` dimensions."""
+    ``batch_dims`` dimensions and no tangent of ``torch.autograd.forward_ad`` (a dual tensor
+    made by the caller: ``torch.func.jvp``'s wrappers are not refused)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(
             f"{fn}: {name} must have a floating dtype (float16/bfloat16/float32/float64), "
             f"got {x.dtype}; convert it first, e.g. x.float()"
+        )
+    if not is_functorch_wrapped_tensor(x) and forward_ad.unpack_dual(x).tangent is not None:
+        raise ValueError(
+            f"{fn}: {name} carries a forward-mode tangent (torch.autograd.forward_ad.make_dual), "
+            "which the engines would drop without a word; take the JVP of the call with "
+            "torch.func.jvp instead"
         )
     if isinstance(batch_dims, bool) or not isinstance(batch_dims, int):
         raise TypeError(f"{fn}: batch_dims must be an int, got {type(batch_dims).__name__}")
