@@ -52,7 +52,7 @@ def check_input(fn: str, x: Any, batch_dims: Any, name: str = "x") -> None:
             f"{fn}: {name} must have a floating dtype (float16/bfloat16/float32/float64), "
             f"got {x.dtype}; convert it first, e.g. x.float()"
         )
-    if not is_functorch_wrapped_tensor(x) and forward_ad.unpack_dual(x).tangent is not None:
+    if _dual(x):
         raise ValueError(
             f"{fn}: {name} carries a forward-mode tangent (torch.autograd.forward_ad.make_dual), "
             "which the engines would drop without a word; take the JVP of the call with "
@@ -65,6 +65,14 @@ def check_input(fn: str, x: Any, batch_dims: Any, name: str = "x") -> None:
             f"{fn}: batch_dims must be in [0, {name}.dim()] = [0, {x.dim()}] for {name} of shape "
             f"{_shape(x)}, got {batch_dims}"
         )
+
+
+def _dual(x: torch.Tensor) -> bool:
+    """Whether ``x`` carries a tangent of ``torch.autograd.forward_ad`` (not while Dynamo
+    traces, which cannot trace the test; nor a ``torch.func.jvp`` wrapper, which is fine)."""
+    if torch.compiler.is_compiling() or is_functorch_wrapped_tensor(x):
+        return False
+    return forward_ad.unpack_dual(x).tangent is not None
 
 
 def check_chunk_size(fn: str, chunk_size: Any) -> None:
