@@ -63,6 +63,21 @@ def cpu_quantile_ms(step: Callable[[], Any], seconds: float, q: float = 0.2) -> 
     return times[int(q * len(times))] / 1e6
 
 
+def cpu_interleaved_ms(
+    steps: dict[str, Callable[[], Any]], rounds: int, seconds: float
+) -> dict[str, list[float]]:
+    """Each step's ``cpu_quantile_ms`` per round, the steps alternated within every round
+    (after three warm-up calls each: compilation, plans)."""
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, step in steps.items():
+            times[k].append(cpu_quantile_ms(step, seconds))
+    return times
+
+
 def compare(
     fields: dict[str, Any],
     calls: dict[str, Callable[[], torch.Tensor]],

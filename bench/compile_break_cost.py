@@ -31,12 +31,13 @@ loss only (``loss``), each against the same eager step:
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import cpu_quantile_ms, markdown, script
+from _common import cpu_interleaved_ms, markdown, script
 from compile_step import CASES, training_step
 
 import torchdiv
@@ -78,13 +79,8 @@ def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
         steps = {"eager": training_step(copy.deepcopy(net), eager_op)}
         for mode in ("step", "loss"):
             steps[mode] = training_step(copy.deepcopy(net), op, mode)
-        for step in steps.values():
-            for _ in range(3):
-                step(x)
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for _ in range(rounds):
-            for k, step in steps.items():
-                times[k].append(cpu_quantile_ms(lambda s=step: s(x), min_run_time))
+        calls = {k: functools.partial(step, x) for k, step in steps.items()}
+        times = cpu_interleaved_ms(calls, rounds, min_run_time)
         row: dict[str, Any] = {"case": case, "operator": name}
         row["eager_ms"] = statistics.median(times["eager"])
         line = f"{case:5} {name:24} eager {row['eager_ms']:6.3f}"

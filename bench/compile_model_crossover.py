@@ -33,7 +33,7 @@ import statistics
 from typing import Any
 
 import torch
-from _common import cpu_quantile_ms, markdown, script
+from _common import cpu_interleaved_ms, markdown, script
 from compile_crossover import METHODS, SWEEPS
 from compile_step import training_step
 
@@ -58,13 +58,8 @@ def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
             ),
             "auto": training_step(copy.deepcopy(net), auto, "model"),
         }
-        for step in steps.values():
-            for _ in range(3):
-                step(x)
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for _ in range(rounds):
-            for k, step in steps.items():
-                times[k].append(cpu_quantile_ms(functools.partial(step, x), min_run_time))
+        calls = {k: functools.partial(step, x) for k, step in steps.items()}
+        times = cpu_interleaved_ms(calls, rounds, min_run_time)
         work = n * len(x) * work_per_sample(net, n)
         row: dict[str, Any] = {"case": label, "event": n, "samples": len(x), "work": work}
         row["choice"] = "traced" if work <= COMPILED_F_WORK else "recorded"

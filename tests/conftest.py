@@ -139,6 +139,24 @@ def _seed() -> None:
     torch.manual_seed(1234)
 
 
+@pytest.fixture
+def split_plans(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each attempt at the structured engine's group-norm split
+    (``torchdiv._structured.statistics``) made a plan."""
+    from torchdiv._structured import statistics
+
+    made: list[bool] = []
+    plan = statistics._plan
+
+    def recorded(*args, **kwargs):
+        found = plan(*args, **kwargs)
+        made.append(found is not None)
+        return found
+
+    monkeypatch.setattr(statistics, "_plan", recorded)
+    return made
+
+
 class LegacyCube(torch.autograd.Function):
     """Old-style Function (forward takes ctx): torch.func cannot run it at all."""
 

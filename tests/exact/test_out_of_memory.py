@@ -58,40 +58,36 @@ def test_a_lack_of_memory_in_a_later_backward_pass_is_not_a_spent_graph():
     assert "walked twice" not in str(raised.value)
 
 
-@pytest.mark.parametrize("kind", ["cpu", "cuda"])
-def test_the_structured_engine_lets_a_lack_of_memory_through(monkeypatch, kind):
-    def lacking(*args, **kwargs):
-        raise _lack(kind)
-
-    monkeypatch.setattr(structured, "values", lacking)  # (f's recorded values, first thing)
-    net = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 16))
-    x = torch.randn(64, 16)  # not tiny: "auto" plans it
-    with pytest.raises(RuntimeError, match=LACK):
-        torchdiv.divergence(net.requires_grad_(False), x, method="auto")
+def _mlp(d_in: int, d_out: int) -> torch.nn.Module:
+    net = torch.nn.Sequential(torch.nn.Linear(d_in, 8), torch.nn.Tanh(), torch.nn.Linear(8, d_out))
+    return net.requires_grad_(False)
 
 
-@pytest.mark.parametrize("kind", ["cpu", "cuda"])
-def test_the_taylor_laplacian_lets_a_lack_of_memory_through(monkeypatch, kind):
-    def lacking(*args, **kwargs):
-        raise _lack(kind)
-
-    monkeypatch.setattr(methods, "collapsed", lacking)
-    u = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    x = torch.randn(64, 4)  # a batch large enough for "auto" to take the Taylor engine
-    with pytest.raises(RuntimeError, match=LACK):
-        torchdiv.laplacian(u.requires_grad_(False), x, method="auto")
+ENGINES = {  # where each engine starts, and a call "auto" sends there (batches not tiny)
+    "structured": (structured, "values", lambda: torchdiv.divergence(_mlp(16, 16), X16)),
+    "taylor laplacian": (methods, "collapsed", lambda: torchdiv.laplacian(_mlp(4, 1), X4)),
+    "value_grad_laplacian": (
+        second_order,
+        "_sweep",
+        lambda: torchdiv.value_grad_laplacian(_mlp(4, 1), X4),
+    ),
+}
+X16, X4 = torch.randn(64, 16), torch.randn(64, 4)
 
 
 @pytest.mark.parametrize("kind", ["cpu", "cuda"])
-def test_value_grad_laplacian_lets_a_lack_of_memory_through(monkeypatch, kind):
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_an_engine_lets_a_lack_of_memory_through(monkeypatch, engine, kind):
+    """The structured engine (f's recorded values, its first step), the Taylor Laplacian and
+    value_grad_laplacian's sweep, each run out of memory: the error, not another engine."""
+    module, name, call = ENGINES[engine]
+
     def lacking(*args, **kwargs):
         raise _lack(kind)
 
-    monkeypatch.setattr(second_order, "_sweep", lacking)
-    u = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    x = torch.randn(64, 4)
+    monkeypatch.setattr(module, name, lacking)
     with pytest.raises(RuntimeError, match=LACK):
-        torchdiv.value_grad_laplacian(u.requires_grad_(False), x, method="auto")
+        call()
 
 
 @pytest.mark.parametrize("kind", ["cpu", "cuda"])

@@ -42,34 +42,19 @@ def _small_states_split(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(statistics, "SPLIT_WORK", 0)
 
 
-@pytest.fixture
-def spy(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Whether each attempt at the split made a plan."""
-    made: list[bool] = []
-    plan = statistics._plan
-
-    def recorded(*args, **kwargs):
-        found = plan(*args, **kwargs)
-        made.append(found is not None)
-        return found
-
-    monkeypatch.setattr(statistics, "_plan", recorded)
-    return made
-
-
 @pytest.mark.parametrize("affine", [True, False])
-def test_diagonal_and_plan(affine: bool, spy: list[bool]) -> None:
+def test_diagonal_and_plan(affine: bool, split_plans: list[bool]) -> None:
     net, x = _gn_net(affine), torch.randn(2, 2, 8, 8, dtype=torch.float64)
     assert describe(net, x) == (
         "colours: 32 directions and 12 group-norm statistics for 128 unit vectors"
     )
     diag = torchdiv.jacobian_diagonal(net, x, method="structured")
-    assert spy[-1]
+    assert split_plans[-1]
     assert_close(diag, loop_diagonal(net, x))
     assert_close(torchdiv.divergence(net, x), loop_diagonal(net, x).flatten(1).sum(1))
 
 
-def test_gradients_of_a_loss(spy: list[bool]) -> None:
+def test_gradients_of_a_loss(split_plans: list[bool]) -> None:
     """Training: parameters and ``x`` require grad; the gradient of a loss of divergences
     against grad-of-grad through the row loop (the statistics' own dependence on both
     included)."""
@@ -78,7 +63,7 @@ def test_gradients_of_a_loss(spy: list[bool]) -> None:
     weights = torch.randn(2, dtype=torch.float64)
     params = [x, *f.parameters()]
     div = torchdiv.divergence(f, x)
-    assert spy == [True]
+    assert split_plans == [True]
     ours = torch.autograd.grad((weights * div).sum(), params, allow_unused=True)
     y = f(x).flatten(1)
     rows = (torch.autograd.grad(y[:, i].sum(), x, create_graph=True) for i in range(y.shape[1]))
@@ -91,32 +76,32 @@ def test_gradients_of_a_loss(spy: list[bool]) -> None:
             assert_close(got, want, scale=want.abs().max().item())
 
 
-def test_frozen_call_keeps_no_graph_and_leaves_x_alone(spy: list[bool]) -> None:
+def test_frozen_call_keeps_no_graph_and_leaves_x_alone(split_plans: list[bool]) -> None:
     net, x = _gn_net().requires_grad_(False), torch.randn(2, 2, 10, 10, dtype=torch.float64)
     before = x.clone()
     with torch.no_grad():
         div = torchdiv.divergence(net, x, method="structured")
-    assert spy == [True]
+    assert split_plans == [True]
     assert not div.requires_grad and not x.requires_grad and x.grad is None
     assert torch.equal(x, before)
     assert_close(div, loop_diagonal(net, x).flatten(1).sum(1))
 
 
-def test_small_chunks_and_channels_last(spy: list[bool]) -> None:
+def test_small_chunks_and_channels_last(split_plans: list[bool]) -> None:
     net = _gn_net()
     x = torch.randn(2, 2, 10, 10, dtype=torch.float64).to(memory_format=torch.channels_last)
     diag = torchdiv.jacobian_diagonal(net, x, method="structured", chunk_size=5)
-    assert spy == [True]
+    assert split_plans == [True]
     assert_close(diag, loop_diagonal(net, x))
 
 
-def test_one_dimensional_events(spy: list[bool]) -> None:
+def test_one_dimensional_events(split_plans: list[bool]) -> None:
     net = nn.Sequential(
         nn.Conv1d(3, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.Tanh(), nn.Conv1d(6, 3, 3, padding=1)
     ).double()
     x = torch.randn(2, 3, 40, dtype=torch.float64)
     diag = torchdiv.jacobian_diagonal(net, x, method="structured")
-    assert spy == [True]
+    assert split_plans == [True]
     assert_close(diag, loop_diagonal(net, x))
 
 
@@ -138,7 +123,7 @@ def test_attention_free_unet_is_split() -> None:
     )
 
 
-def test_checkpointed_block_falls_back_to_columns(spy: list[bool]) -> None:
+def test_checkpointed_block_falls_back_to_columns(split_plans: list[bool]) -> None:
     """A checkpointed block recomputes its real group norm in the backward passes of the
     correction, which autograd refuses to match: column propagation, still exact."""
     net = _gn_net()
@@ -163,7 +148,7 @@ class Counted(nn.Module):
         return z
 
 
-def test_random_or_stateful_nets_are_not_split(spy: list[bool]) -> None:
+def test_random_or_stateful_nets_are_not_split(split_plans: list[bool]) -> None:
     """Dropout draws anew at every evaluation and a buffer written in place moves at each:
     the split, which evaluates ``f`` more than once, is not tried."""
     for layer in (nn.Dropout(0.2), Counted()):
@@ -171,10 +156,10 @@ def test_random_or_stateful_nets_are_not_split(spy: list[bool]) -> None:
             nn.Conv2d(2, 8, 3, padding=1), nn.GroupNorm(2, 8), layer, nn.Conv2d(8, 2, 3, padding=1)
         ).double()
         torchdiv.divergence(net, torch.randn(2, 2, 10, 10, dtype=torch.float64))
-    assert spy == []
+    assert split_plans == []
 
 
-def test_allowed_batch_interaction_is_not_split(spy: list[bool]) -> None:
+def test_allowed_batch_interaction_is_not_split(split_plans: list[bool]) -> None:
     """With mixing detection off, a net may send one image's statistics into another's
     output, which the correction (one column and one row for every image at once) cannot
     tell apart: the probes of columns, as before the split. The reference: each
@@ -194,7 +179,7 @@ def test_allowed_batch_interaction_is_not_split(spy: list[bool]) -> None:
     with torchdiv.allow_batch_interaction():
         diag = torchdiv.jacobian_diagonal(f, x, method="structured")
     assert_close(diag, ref.reshape(x.shape))
-    assert spy == []
+    assert split_plans == []
 
 
 def test_autocast_group_norms_are_not_split() -> None:
@@ -218,7 +203,9 @@ def test_a_split_that_does_not_pay_costs_no_evaluation() -> None:
     assert describe(f, x) == "columns: 128 unit vectors"
 
 
-def test_small_states_are_not_split(monkeypatch: pytest.MonkeyPatch, spy: list[bool]) -> None:
+def test_small_states_are_not_split(
+    monkeypatch: pytest.MonkeyPatch, split_plans: list[bool]
+) -> None:
     """The split's fixed cost (three evaluations of f, two recordings) loses to plain columns
     on small states (3.4x slower on torchdiffeq's dynamics with 4 channels at 5 x 5,
     ``bench/split_threshold.py``): below ``SPLIT_WORK`` it is not tried; above it, it is."""
@@ -229,6 +216,6 @@ def test_small_states_are_not_split(monkeypatch: pytest.MonkeyPatch, spy: list[b
     jacobians = [torch.autograd.functional.jacobian(f, small[i : i + 1]) for i in range(3)]
     want = torch.stack([j.reshape(100, 100).trace() for j in jacobians])
     assert_close(torchdiv.divergence(f, small), want)
-    assert spy == []
+    assert split_plans == []
     large = torch.randn(3, 4, 10, 10, dtype=torch.float64)
     assert "group-norm statistics" in describe(f, large)
