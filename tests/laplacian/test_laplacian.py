@@ -626,10 +626,16 @@ def test_logcumsumexp_of_spread_arguments_through_forward_mode(method):
         return torch.stack([torch.logsumexp(h[:, : i + 1], -1) for i in range(h.shape[1])], 1)
 
     x = torch.randn(4, 12, dtype=f64)
+    w1.requires_grad_(True)
     want = laplacian_by_grad_of_grad(lambda z: (prefixes(z @ w1) @ w2)[:, 0], x)
     head = lambda z: (torch.logcumsumexp(z @ w1, -1) @ w2)[:, 0]  # noqa: E731
     got = torchdiv.laplacian(head, x, method=method)
     assert_close(got, want)
+    # the parameter gradient of a loss on it (third derivatives through the replacement)
+    (want_grad,) = torch.autograd.grad(want.sum(), w1)
+    (got_grad,) = torch.autograd.grad(got.sum(), w1)
+    assert_close(got_grad, want_grad)
+    w1.requires_grad_(False)
     if method == "auto":
         jac = torchdiv.jacobian(lambda z: torch.logcumsumexp(z @ w1, -1), x, method="forward")
         assert_close(jac, torchdiv.jacobian(lambda z: prefixes(z @ w1), x, method="reverse"))
