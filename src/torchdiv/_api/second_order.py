@@ -52,6 +52,7 @@ from torchdiv._laplacian import loop as _loop
 from torchdiv._laplacian import methods
 from torchdiv._laplacian.along import along
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
+from torchdiv._taylor.capture import argument
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 SWEEP_METHODS = ("auto", "taylor", "forward-over-reverse")
@@ -423,7 +424,7 @@ def _separately(
     one a chunk), each from the state the first found (``Once``), so that the three are of
     one function (the same dropout mask) and ``g``'s buffers and random draws change once."""
     each = Once(x)
-    value = each(g)(x)
+    value = each(g)(argument(x))  # an alias: f's own x.requires_grad_() leaves the caller's x
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:
         return ValueGradLaplacian(value, gradient, x.new_zeros(value.shape))
