@@ -168,9 +168,9 @@ class _Recorder(DispatchMode):
             return func
         functional = facts.functional
         target = args[0]
-        storage = target.untyped_storage().data_ptr()
+        storage = _storage(target)  # (a zero tensor that forward mode made has no memory)
         alive = (t for t in leaves(self.alive) if isinstance(t, torch.Tensor))
-        shared = any(t is not target and t.untyped_storage().data_ptr() == storage for t in alive)
+        shared = any(t is not target and _storage(t) == storage for t in alive)
         return func if functional is None or shared else functional
 
     def depends(self, flat: list[Any]) -> bool:

@@ -1,0 +1,67 @@
+"""Functions that differentiate inside themselves, as users write them: a score
+``-grad E`` by ``autograd.grad`` (``x.requires_grad_()`` inside ``f``), ``torch.func``
+transforms inside ``f``. The engines that cannot follow them refuse, naming them, and
+``"auto"`` falls back; values and parameter gradients are checked against float64 per-sample
+``autograd.grad`` loops (conftest), nothing the caller passed changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import hessian, jacfwd, vmap
+
+import torchdiv
+from tests.conftest import assert_close, laplacian_by_grad_of_grad, tanh_mlp
+from torchdiv._taylor import UnsupportedOp
+
+f64 = torch.float64
+
+
+def _transformed(kind: str, net: torch.nn.Module):
+    """``u(z)``, one value per sample, through a ``torch.func`` transform inside: the
+    Jacobian of ``net`` by ``jacfwd`` (forward mode makes storage-less zero tensors, which the
+    recorder once read the memory of and crashed on), or ``net``'s Hessian."""
+    if kind == "jacfwd":
+        return lambda z: torch.einsum("bij,bj->b", vmap(jacfwd(net))(z), torch.tanh(z))
+    return lambda z: torch.einsum("bij,bj->b", vmap(hessian(lambda p: net(p)[0]))(z), z.sin())
+
+
+@pytest.mark.parametrize("kind", ["jacfwd", "hessian"])
+def test_torch_func_transform_inside_f_falls_back(kind: str) -> None:
+    torch.manual_seed(0)
+    net = tanh_mlp(3, 5, 3 if kind == "jacfwd" else 1)
+    u = _transformed(kind, net)
+    x = torch.randn(4, 3, dtype=f64)
+    want = laplacian_by_grad_of_grad(u, x)
+    got = torchdiv.laplacian(u, x)
+    assert_close(got, want)
+    weights = list(net.parameters())
+    got_grads = torch.autograd.grad(got.square().sum(), weights, materialize_grads=True)
+    want_grads = torch.autograd.grad(want.square().sum(), weights, materialize_grads=True)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert_close(a, b)
+    assert_close(torchdiv.value_grad_laplacian(u, x).laplacian, want)
+    with pytest.raises(UnsupportedOp, match="laplacian: method='taylor'"):
+        torchdiv.laplacian(u, x, method="taylor")
+
+
+def test_f_setting_requires_grad_on_its_argument_leaves_the_callers_x() -> None:
+    """A score model written for a plain call: ``x.requires_grad_(True)`` on what it is given.
+    ``value_grad_laplacian`` evaluated ``f`` on the caller's own ``x`` where the Taylor engine
+    cannot run ``f`` (a backward pass inside), so the call turned the caller's ``x`` into one
+    that requires grad."""
+    torch.manual_seed(0)
+    energy = tanh_mlp(3, 5, 1)
+
+    def score(z: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            z = z if z.requires_grad else z.requires_grad_(True)
+            return -torch.autograd.grad(energy(z).sum(), z, create_graph=True)[0]
+
+    x = torch.randn(4, 3, dtype=f64)
+    out = torchdiv.value_grad_laplacian(score, x)
+    assert not x.requires_grad
+    assert_close(out.value, score(x.clone()))
+    # the divergence of the score is minus the Laplacian of the energy
+    want = -laplacian_by_grad_of_grad(lambda z: energy(z)[:, 0], x)
+    assert_close(out.gradient.diagonal(dim1=1, dim2=2).sum(-1), want)
