@@ -65,3 +65,19 @@ def test_f_setting_requires_grad_on_its_argument_leaves_the_callers_x() -> None:
     # the divergence of the score is minus the Laplacian of the energy
     want = -laplacian_by_grad_of_grad(lambda z: energy(z)[:, 0], x)
     assert_close(out.gradient.diagonal(dim1=1, dim2=2).sum(-1), want)
+
+
+@pytest.mark.parametrize("fn", ["laplacian", "value_grad_laplacian"])
+def test_a_score_given_an_x_without_grad_is_told_how_to_run(fn: str) -> None:
+    """``autograd.grad(E(x).sum(), x)`` inside ``f`` fails on an ``x`` that does not require
+    grad (as ``f(x)`` itself does), where the recorder evaluates ``f``: the error says so and
+    how to write it instead."""
+    energy = tanh_mlp(3, 5, 1)
+
+    def score(z: torch.Tensor) -> torch.Tensor:
+        return -torch.autograd.grad(energy(z).sum(), z, create_graph=True)[0]
+
+    x = torch.randn(4, 3, dtype=f64)
+    with pytest.raises(RuntimeError, match=rf"^{fn}: (?s:.*)Hint: f takes a backward pass"):
+        getattr(torchdiv, fn)(score, x)
+    assert not x.requires_grad
