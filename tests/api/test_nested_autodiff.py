@@ -81,3 +81,26 @@ def test_a_score_given_an_x_without_grad_is_told_how_to_run(fn: str) -> None:
     with pytest.raises(RuntimeError, match=rf"^{fn}: (?s:.*)Hint: f takes a backward pass"):
         getattr(torchdiv, fn)(score, x)
     assert not x.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("fn", "method"),
+    [("divergence", "forward"), ("divergence", "reverse"), ("laplacian", "hessian")],
+)
+def test_requires_grad_inside_a_transform_is_told_the_method_that_runs_it(fn, method) -> None:
+    """``x.detach().requires_grad_()`` inside ``f`` (a Langevin step's score) is refused by
+    ``torch.func``: the error names the method that runs ``f`` by plain autograd, and that
+    method gives the loop's answer (a constant of ``x``: 0)."""
+    energy = tanh_mlp(3, 5, 1)
+
+    def score(z: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = z.detach().requires_grad_(True)
+            return -torch.autograd.grad(energy(leaf).sum(), leaf, create_graph=True)[0]
+
+    x = torch.randn(4, 3, dtype=f64)
+    way = "grad-of-grad" if fn == "laplacian" else "auto"
+    with pytest.raises(RuntimeError, match=rf"Hint: f calls requires_grad_\(\)(?s:.*)'{way}'"):
+        getattr(torchdiv, fn)(score, x, method=method)
+    zero = getattr(torchdiv, fn)(score, x, method=way)
+    assert_close(zero, torch.zeros_like(zero))
