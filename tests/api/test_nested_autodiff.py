@@ -104,3 +104,40 @@ def test_requires_grad_inside_a_transform_is_told_the_method_that_runs_it(fn, me
         getattr(torchdiv, fn)(score, x, method=method)
     zero = getattr(torchdiv, fn)(score, x, method=way)
     assert_close(zero, torch.zeros_like(zero))
+
+
+CALLS_UNDER_NO_GRAD = {
+    "laplacian-auto": lambda u, x: torchdiv.laplacian(u, x),
+    "laplacian-hutchinson": lambda u, x: torchdiv.laplacian(
+        u,
+        x,
+        method="hutchinson",
+        probes=3**0.5 * torch.eye(3, dtype=f64)[:, None].expand(3, *x.shape),
+    ),
+    "value_grad_laplacian-auto": lambda u, x: torchdiv.value_grad_laplacian(u, x).laplacian,
+    "value_grad_laplacian-forward-over-reverse": lambda u, x: (
+        torchdiv.value_grad_laplacian(u, x, method="forward-over-reverse").laplacian
+    ),
+}
+
+
+@pytest.mark.parametrize("call", CALLS_UNDER_NO_GRAD.values(), ids=CALLS_UNDER_NO_GRAD)
+def test_a_score_under_no_grad_with_an_x_that_requires_grad(call) -> None:
+    """Under the caller's ``no_grad`` the recorder's alias of an ``x`` that requires grad was
+    made under ``no_grad`` too (requiring grad, without a ``grad_fn``), and
+    ``value_grad_laplacian`` evaluated ``f(x)`` under it: the score's
+    ``autograd.grad(E(z).sum(), z)`` raised. Hutchinson's probes ``sqrt(3) e_k`` make its estimate
+    (their mean) the exact Laplacian."""
+    torch.manual_seed(0)
+    energy = tanh_mlp(3, 5, 1)
+
+    def score_norm(z: torch.Tensor) -> torch.Tensor:  # the score-matching term |grad E|^2 / 2
+        (score,) = torch.autograd.grad(energy(z).sum(), z, create_graph=True)
+        return 0.5 * score.square().sum(-1)
+
+    x = torch.randn(4, 3, dtype=f64, requires_grad=True)
+    want = laplacian_by_grad_of_grad(score_norm, x).detach()
+    with torch.no_grad():
+        got = call(score_norm, x)
+    assert_close(got, want)
+    assert not got.requires_grad

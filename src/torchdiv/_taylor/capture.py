@@ -504,8 +504,11 @@ def argument(x: torch.Tensor) -> torch.Tensor:
     """What ``f`` is called on when it is recorded or checked: a new alias of ``x`` (a view,
     differentiable to ``x``), so that a tensor ``f`` reads from outside, the caller's ``x``
     object included (``lambda z: bc(x) * net(z)``), is a constant of ``f``, as the other
-    engines see it, and never taken for the argument by its ``id``."""
-    return x.view_as(x)
+    engines see it, and never taken for the argument by its ``id``. Made with grad on: a
+    view made under the caller's ``no_grad`` would require grad without a ``grad_fn``, and
+    ``f``'s own ``autograd.grad(E(z).sum(), z)`` (a score) found ``z`` unused."""
+    with torch.enable_grad():
+        return x.view_as(x)
 
 
 @contextlib.contextmanager
