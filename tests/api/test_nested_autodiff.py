@@ -141,3 +141,42 @@ def test_a_score_under_no_grad_with_an_x_that_requires_grad(call) -> None:
         got = call(score_norm, x)
     assert_close(got, want)
     assert not got.requires_grad
+
+
+SEEDS = {  # what a score's backward pass starts from: per-sample energies e, shape (B,)
+    "sum": lambda e: e.sum(),
+    "mean": lambda e: e.mean(),
+    "logsumexp over samples": lambda e: torch.logsumexp(e, 0),  # softmax weights: mixes
+    "exp of the sum": lambda e: e.sum().exp(),  # every sample's score scaled by all: mixes
+}
+WATCHED = {  # calls whose evaluation of f is watched for sample mixing
+    "divergence-auto": lambda f, x: torchdiv.divergence(f, x),
+    "divergence-hutchinson-1": lambda f, x: torchdiv.divergence(
+        f, x, method="hutchinson", probes=torch.ones(1, *x.shape, dtype=f64)
+    ),
+    "laplacian-auto": lambda f, x: torchdiv.laplacian(lambda z: f(z).square().sum(-1), x),
+}
+
+
+@pytest.mark.parametrize("call", WATCHED.values(), ids=WATCHED)
+@pytest.mark.parametrize("seed", SEEDS.values(), ids=SEEDS)
+def test_samples_mixed_only_in_a_backward_pass_inside_f_are_seen(seed, call) -> None:
+    """A score's backward pass reads what its seed saved through new tensor objects
+    (autograd unpacks a saved result as another alias of it): the one-probe Hutchinson and
+    Laplacian watches lost a seed mixed across samples there (logsumexp, exp), and gave the
+    batched function's numbers; a sum or mean seed stays per sample."""
+    torch.manual_seed(0)
+    energy = tanh_mlp(3, 5, 1)
+
+    def score(z: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            z = z if z.requires_grad else z.requires_grad_(True)
+            start = seed(energy(z)[:, 0])
+            return -torch.autograd.grad(start, z, create_graph=True)[0]
+
+    x = torch.randn(4, 3, dtype=f64)
+    if seed in (SEEDS["sum"], SEEDS["mean"]):
+        call(score, x)
+    else:
+        with pytest.raises(torchdiv.BatchInteractionError, match="f mixes samples"):
+            call(score, x)

@@ -216,6 +216,11 @@ class BatchAxes:
         self.moves: dict[tuple[int, ...], str] = {}
         # id -> (tensor, message): results that depend on samples combined by some op
         self.mixed: dict[int, tuple[torch.Tensor, str]] = {}
+        # the same by where their elements are (``_alias``), for a backward pass inside ``f``
+        # (``grad(energy(x).logsumexp(0), x)``), which reads a saved result through a new
+        # object aliasing it; the graph task ``f`` is called from, to tell one
+        self.mixed_aliases: dict[tuple[Any, ...], str] = {}
+        self.task = torch._C._current_graph_task_id()
         # id -> (tensor, pick): results computed from samples picked out of the batch alone
         self.picked: dict[int, tuple[torch.Tensor, Pick]] = {}
         self.pending: str | None = None  # the message for the results of the current op
@@ -306,6 +311,7 @@ class BatchAxes:
                 self._note(t, axes)
                 if self.pending is not None:
                     self.mixed[id(t)] = (t, self.pending)
+                    self.mixed_aliases[_alias(t)] = self.pending
                 elif self.carried is not None and not axes:
                     self.pick(t, self.carried)
 
@@ -438,11 +444,16 @@ class BatchAxes:
         self.pending = self.message(func, what)
 
     def _mixed_in(self, args: Sequence[Any]) -> str | None:
+        backward = torch._C._current_graph_task_id() != self.task  # a backward pass inside f
         for a in args:
             for t in a if isinstance(a, list | tuple) else (a,):
-                entry = self.mixed.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if not isinstance(t, torch.Tensor):
+                    continue
+                entry = self.mixed.get(id(t))
                 if entry is not None and entry[0] is t:
                     return entry[1]
+                if backward and _alias(t) in self.mixed_aliases:  # a saved result, unpacked
+                    return self.mixed_aliases[_alias(t)]
         return None
 
     def pick(self, t: torch.Tensor, pick: Pick) -> None:
@@ -506,6 +517,15 @@ class BatchAxes:
         module = _module_in_stack()
         where = f"in {module}, " if module else ""
         return explain(f"{what} ({where}ATen op {func})", self.x, self.batch_dims)
+
+
+def _alias(t: torch.Tensor) -> tuple[Any, ...]:
+    """Which elements ``t`` shows (another object showing them is an alias of it); ``id(t)``
+    for a tensor without memory."""
+    try:
+        return t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride()
+    except (RuntimeError, NotImplementedError):  # forward mode's zero tensors, sparse, ...
+        return (id(t),)
 
 
 def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
