@@ -216,10 +216,11 @@ class BatchAxes:
         self.moves: dict[tuple[int, ...], str] = {}
         # id -> (tensor, message): results that depend on samples combined by some op
         self.mixed: dict[int, tuple[torch.Tensor, str]] = {}
-        # the same by where their elements are (``_alias``), for a backward pass inside ``f``
-        # (``grad(energy(x).logsumexp(0), x)``), which reads a saved result through a new
-        # object aliasing it; the graph task ``f`` is called from, to tell one
-        self.mixed_aliases: dict[tuple[Any, ...], str] = {}
+        # the same by the autograd node that made them and which of its outputs they are
+        # (``_saved_mixed``), as of ``len(self.mixed)`` entries; the graph task ``f`` is called
+        # from, to tell a backward pass inside ``f``
+        self.mixed_nodes: dict[tuple[Any, int], str] = {}
+        self.nodes_of = 0
         self.task = torch._C._current_graph_task_id()
         # id -> (tensor, pick): results computed from samples picked out of the batch alone
         self.picked: dict[int, tuple[torch.Tensor, Pick]] = {}
@@ -311,7 +312,6 @@ class BatchAxes:
                 self._note(t, axes)
                 if self.pending is not None:
                     self.mixed[id(t)] = (t, self.pending)
-                    self.mixed_aliases[_alias(t)] = self.pending
                 elif self.carried is not None and not axes:
                     self.pick(t, self.carried)
 
@@ -452,9 +452,25 @@ class BatchAxes:
                 entry = self.mixed.get(id(t))
                 if entry is not None and entry[0] is t:
                     return entry[1]
-                if backward and _alias(t) in self.mixed_aliases:  # a saved result, unpacked
-                    return self.mixed_aliases[_alias(t)]
+                if backward and t.grad_fn is not None:
+                    message = self._saved_mixed(t)
+                    if message is not None:
+                        return message
         return None
+
+    def _saved_mixed(self, t: torch.Tensor) -> str | None:
+        """The message of the mixed result that ``t`` is read back as in a backward pass
+        inside ``f`` (``grad(energy(x).logsumexp(0), x)``): autograd unpacks a saved result
+        as a new object with the node that made it and its output number, which an alias
+        made by an op (``detach``) or ``Tensor.data`` (constants) has not got."""
+        if self.nodes_of != len(self.mixed):  # (the nodes are set after ``after`` saw them)
+            self.mixed_nodes = {
+                (m.grad_fn, m.output_nr): message
+                for m, message in self.mixed.values()
+                if m.grad_fn is not None
+            }
+            self.nodes_of = len(self.mixed)
+        return self.mixed_nodes.get((t.grad_fn, t.output_nr))
 
     def pick(self, t: torch.Tensor, pick: Pick) -> None:
         """Note that ``t`` holds samples picked out of the batch (its samples' derivatives
@@ -517,15 +533,6 @@ class BatchAxes:
         module = _module_in_stack()
         where = f"in {module}, " if module else ""
         return explain(f"{what} ({where}ATen op {func})", self.x, self.batch_dims)
-
-
-def _alias(t: torch.Tensor) -> tuple[Any, ...]:
-    """Which elements ``t`` shows (another object showing them is an alias of it); ``id(t)``
-    for a tensor without memory."""
-    try:
-        return t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride()
-    except (RuntimeError, NotImplementedError):  # forward mode's zero tensors, sparse, ...
-        return (id(t),)
 
 
 def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
