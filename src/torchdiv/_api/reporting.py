@@ -202,6 +202,23 @@ def _hint(
             "op with register_autograd), which torch.func's transforms cannot run; use "
             f"method={way}, which run it by plain autograd."
         )
+    if "does not require grad" in message and call == "f(x)":  # autograd.grad inside f
+        return (
+            "f takes a backward pass with respect to what it is given (a score "
+            "torch.autograd.grad(E(x).sum(), x)), which does not require grad there: pass x "
+            "with requires_grad=True, or let f make it so (with torch.enable_grad(): x = x if "
+            "x.requires_grad else x.requires_grad_(True)). method='forward' cannot run a "
+            "backward pass inside f: use 'auto' or 'reverse'."
+        )
+    if "requires_grad_()" in message and "functorch transform" in message:
+        way = "'grad-of-grad'" if "laplacian" in fn else "'auto'"
+        return (
+            "f calls requires_grad_() (or torch.autograd.functional) inside the torch.func "
+            "transforms this method evaluates it under, which refuse that; method="
+            f"{way} differentiates f with plain autograd. A score model that writes x = x if "
+            "x.requires_grad else x.requires_grad_(True) runs under 'reverse' too (but not "
+            "'forward', which cannot run a backward pass inside f)."
+        )
     if "dtype" in message or "scalar type" in message:
         params = [p.dtype for m in _modules(f) for p in m.parameters() if p.is_floating_point()]
         what = f"f's parameters are {params[0]}" if params else "f computes in another dtype"

@@ -52,6 +52,7 @@ from torchdiv._laplacian import loop as _loop
 from torchdiv._laplacian import methods
 from torchdiv._laplacian.along import along
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
+from torchdiv._taylor.capture import argument
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 SWEEP_METHODS = ("auto", "taylor", "forward-over-reverse")
@@ -421,9 +422,15 @@ def _separately(
 ) -> ValueGradLaplacian:
     """``g(x)``, ``jacobian`` and ``"forward-over-reverse"``: three evaluations of ``g`` (and
     one a chunk), each from the state the first found (``Once``), so that the three are of
-    one function (the same dropout mask) and ``g``'s buffers and random draws change once."""
+    one function (the same dropout mask) and ``g``'s buffers and random draws change once.
+    ``g(x)`` is evaluated on an alias (``g``'s own ``x.requires_grad_()`` leaves the caller's
+    ``x``) with grad on, as the other two evaluate it (a score's ``autograd.grad`` inside),
+    and kept without a graph under the caller's ``no_grad``."""
     each = Once(x)
-    value = each(g)(x)
+    outer = torch.is_grad_enabled()
+    with torch.enable_grad():
+        value = each(g)(argument(x))
+    value = value if outer else value.detach()
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:
         return ValueGradLaplacian(value, gradient, x.new_zeros(value.shape))

@@ -216,6 +216,12 @@ class BatchAxes:
         self.moves: dict[tuple[int, ...], str] = {}
         # id -> (tensor, message): results that depend on samples combined by some op
         self.mixed: dict[int, tuple[torch.Tensor, str]] = {}
+        # the same by the autograd node that made them and which of its outputs they are
+        # (``_saved_mixed``), as of ``len(self.mixed)`` entries; the graph task ``f`` is called
+        # from, to tell a backward pass inside ``f``
+        self.mixed_nodes: dict[tuple[Any, int], str] = {}
+        self.nodes_of = 0
+        self.task = torch._C._current_graph_task_id()
         # id -> (tensor, pick): results computed from samples picked out of the batch alone
         self.picked: dict[int, tuple[torch.Tensor, Pick]] = {}
         self.pending: str | None = None  # the message for the results of the current op
@@ -438,12 +444,33 @@ class BatchAxes:
         self.pending = self.message(func, what)
 
     def _mixed_in(self, args: Sequence[Any]) -> str | None:
+        backward = torch._C._current_graph_task_id() != self.task  # a backward pass inside f
         for a in args:
             for t in a if isinstance(a, list | tuple) else (a,):
-                entry = self.mixed.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if not isinstance(t, torch.Tensor):
+                    continue
+                entry = self.mixed.get(id(t))
                 if entry is not None and entry[0] is t:
                     return entry[1]
+                if backward and t.grad_fn is not None:
+                    message = self._saved_mixed(t)
+                    if message is not None:
+                        return message
         return None
+
+    def _saved_mixed(self, t: torch.Tensor) -> str | None:
+        """The message of the mixed result that ``t`` is read back as in a backward pass
+        inside ``f`` (``grad(energy(x).logsumexp(0), x)``): autograd unpacks a saved result
+        as a new object with the node that made it and its output number, which an alias
+        made by an op (``detach``) or ``Tensor.data`` (constants) has not got."""
+        if self.nodes_of != len(self.mixed):  # (the nodes are set after ``after`` saw them)
+            self.mixed_nodes = {
+                (m.grad_fn, m.output_nr): message
+                for m, message in self.mixed.values()
+                if m.grad_fn is not None
+            }
+            self.nodes_of = len(self.mixed)
+        return self.mixed_nodes.get((t.grad_fn, t.output_nr))
 
     def pick(self, t: torch.Tensor, pick: Pick) -> None:
         """Note that ``t`` holds samples picked out of the batch (its samples' derivatives

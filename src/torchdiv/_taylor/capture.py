@@ -168,9 +168,9 @@ class _Recorder(DispatchMode):
             return func
         functional = facts.functional
         target = args[0]
-        storage = target.untyped_storage().data_ptr()
+        storage = _storage(target)  # (a zero tensor that forward mode made has no memory)
         alive = (t for t in leaves(self.alive) if isinstance(t, torch.Tensor))
-        shared = any(t is not target and t.untyped_storage().data_ptr() == storage for t in alive)
+        shared = any(t is not target and _storage(t) == storage for t in alive)
         return func if functional is None or shared else functional
 
     def depends(self, flat: list[Any]) -> bool:
@@ -504,8 +504,11 @@ def argument(x: torch.Tensor) -> torch.Tensor:
     """What ``f`` is called on when it is recorded or checked: a new alias of ``x`` (a view,
     differentiable to ``x``), so that a tensor ``f`` reads from outside, the caller's ``x``
     object included (``lambda z: bc(x) * net(z)``), is a constant of ``f``, as the other
-    engines see it, and never taken for the argument by its ``id``."""
-    return x.view_as(x)
+    engines see it, and never taken for the argument by its ``id``. Made with grad on: a
+    view made under the caller's ``no_grad`` would require grad without a ``grad_fn``, and
+    ``f``'s own ``autograd.grad(E(z).sum(), z)`` (a score) found ``z`` unused."""
+    with torch.enable_grad():
+        return x.view_as(x)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,188 @@
+"""Functions that differentiate inside themselves, as users write them: a score
+``-grad E`` by ``autograd.grad`` (``x.requires_grad_()`` inside ``f``), ``torch.func``
+transforms inside ``f``. The engines that cannot follow them refuse, naming them, and
+``"auto"`` falls back; values and parameter gradients are checked against float64 per-sample
+``autograd.grad`` loops (conftest), nothing the caller passed changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import hessian, jacfwd, vmap
+
+import torchdiv
+from tests.conftest import assert_close, laplacian_by_grad_of_grad, tanh_mlp
+from torchdiv._taylor import UnsupportedOp
+
+f64 = torch.float64
+
+
+def _transformed(kind: str, net: torch.nn.Module):
+    """``u(z)``, one value per sample, through a ``torch.func`` transform inside: the
+    Jacobian of ``net`` by ``jacfwd`` (forward mode makes storage-less zero tensors, which the
+    recorder once read the memory of and crashed on), or ``net``'s Hessian."""
+    if kind == "jacfwd":
+        return lambda z: torch.einsum("bij,bj->b", vmap(jacfwd(net))(z), torch.tanh(z))
+    return lambda z: torch.einsum("bij,bj->b", vmap(hessian(lambda p: net(p)[0]))(z), z.sin())
+
+
+@pytest.mark.parametrize("kind", ["jacfwd", "hessian"])
+def test_torch_func_transform_inside_f_falls_back(kind: str) -> None:
+    torch.manual_seed(0)
+    net = tanh_mlp(3, 5, 3 if kind == "jacfwd" else 1)
+    u = _transformed(kind, net)
+    x = torch.randn(4, 3, dtype=f64)
+    want = laplacian_by_grad_of_grad(u, x)
+    got = torchdiv.laplacian(u, x)
+    assert_close(got, want)
+    weights = list(net.parameters())
+    got_grads = torch.autograd.grad(got.square().sum(), weights, materialize_grads=True)
+    want_grads = torch.autograd.grad(want.square().sum(), weights, materialize_grads=True)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert_close(a, b)
+    assert_close(torchdiv.value_grad_laplacian(u, x).laplacian, want)
+    with pytest.raises(UnsupportedOp, match="laplacian: method='taylor'"):
+        torchdiv.laplacian(u, x, method="taylor")
+
+
+def test_f_setting_requires_grad_on_its_argument_leaves_the_callers_x() -> None:
+    """A score model written for a plain call: ``x.requires_grad_(True)`` on what it is given.
+    ``value_grad_laplacian`` evaluated ``f`` on the caller's own ``x`` where the Taylor engine
+    cannot run ``f`` (a backward pass inside), so the call turned the caller's ``x`` into one
+    that requires grad."""
+    torch.manual_seed(0)
+    energy = tanh_mlp(3, 5, 1)
+
+    def score(z: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            z = z if z.requires_grad else z.requires_grad_(True)
+            return -torch.autograd.grad(energy(z).sum(), z, create_graph=True)[0]
+
+    x = torch.randn(4, 3, dtype=f64)
+    out = torchdiv.value_grad_laplacian(score, x)
+    assert not x.requires_grad
+    assert_close(out.value, score(x.clone()))
+    # the divergence of the score is minus the Laplacian of the energy
+    want = -laplacian_by_grad_of_grad(lambda z: energy(z)[:, 0], x)
+    assert_close(out.gradient.diagonal(dim1=1, dim2=2).sum(-1), want)
+
+
+@pytest.mark.parametrize("fn", ["laplacian", "value_grad_laplacian"])
+def test_a_score_given_an_x_without_grad_is_told_how_to_run(fn: str) -> None:
+    """``autograd.grad(E(x).sum(), x)`` inside ``f`` fails on an ``x`` that does not require
+    grad (as ``f(x)`` itself does), where the recorder evaluates ``f``: the error says so and
+    how to write it instead."""
+    energy = tanh_mlp(3, 5, 1)
+
+    def score(z: torch.Tensor) -> torch.Tensor:
+        return -torch.autograd.grad(energy(z).sum(), z, create_graph=True)[0]
+
+    x = torch.randn(4, 3, dtype=f64)
+    with pytest.raises(RuntimeError, match=rf"^{fn}: (?s:.*)Hint: f takes a backward pass"):
+        getattr(torchdiv, fn)(score, x)
+    assert not x.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("fn", "method"),
+    [("divergence", "forward"), ("divergence", "reverse"), ("laplacian", "hessian")],
+)
+def test_requires_grad_inside_a_transform_is_told_the_method_that_runs_it(fn, method) -> None:
+    """``x.detach().requires_grad_()`` inside ``f`` (a Langevin step's score) is refused by
+    ``torch.func``: the error names the method that runs ``f`` by plain autograd, and that
+    method gives the loop's answer (a constant of ``x``: 0)."""
+    energy = tanh_mlp(3, 5, 1)
+
+    def score(z: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = z.detach().requires_grad_(True)
+            return -torch.autograd.grad(energy(leaf).sum(), leaf, create_graph=True)[0]
+
+    x = torch.randn(4, 3, dtype=f64)
+    way = "grad-of-grad" if fn == "laplacian" else "auto"
+    with pytest.raises(RuntimeError, match=rf"Hint: f calls requires_grad_\(\)(?s:.*)'{way}'"):
+        getattr(torchdiv, fn)(score, x, method=method)
+    zero = getattr(torchdiv, fn)(score, x, method=way)
+    assert_close(zero, torch.zeros_like(zero))
+
+
+CALLS_UNDER_NO_GRAD = {
+    "laplacian-auto": lambda u, x: torchdiv.laplacian(u, x),
+    "laplacian-hutchinson": lambda u, x: torchdiv.laplacian(
+        u,
+        x,
+        method="hutchinson",
+        probes=3**0.5 * torch.eye(3, dtype=f64)[:, None].expand(3, *x.shape),
+    ),
+    "value_grad_laplacian-auto": lambda u, x: torchdiv.value_grad_laplacian(u, x).laplacian,
+    "value_grad_laplacian-forward-over-reverse": lambda u, x: (
+        torchdiv.value_grad_laplacian(u, x, method="forward-over-reverse").laplacian
+    ),
+}
+
+
+@pytest.mark.parametrize("call", CALLS_UNDER_NO_GRAD.values(), ids=CALLS_UNDER_NO_GRAD)
+def test_a_score_under_no_grad_with_an_x_that_requires_grad(call) -> None:
+    """Under the caller's ``no_grad`` the recorder's alias of an ``x`` that requires grad was
+    made under ``no_grad`` too (requiring grad, without a ``grad_fn``), and
+    ``value_grad_laplacian`` evaluated ``f(x)`` under it: the score's
+    ``autograd.grad(E(z).sum(), z)`` raised. Hutchinson's probes ``sqrt(3) e_k`` make its estimate
+    (their mean) the exact Laplacian."""
+    torch.manual_seed(0)
+    energy = tanh_mlp(3, 5, 1)
+
+    def score_norm(z: torch.Tensor) -> torch.Tensor:  # the score-matching term |grad E|^2 / 2
+        (score,) = torch.autograd.grad(energy(z).sum(), z, create_graph=True)
+        return 0.5 * score.square().sum(-1)
+
+    x = torch.randn(4, 3, dtype=f64, requires_grad=True)
+    want = laplacian_by_grad_of_grad(score_norm, x).detach()
+    with torch.no_grad():
+        got = call(score_norm, x)
+    assert_close(got, want)
+    assert not got.requires_grad
+
+
+SEEDS = {  # what a score's backward pass starts from: per-sample energies e, shape (B,)
+    "sum": lambda e: e.sum(),
+    "mean": lambda e: e.mean(),
+    # a batch statistic held constant: the loop's derivatives do not mix samples
+    "times a detached mean": lambda e: (e * e.mean().detach()).sum(),
+    "times a detached softmax": lambda e: (e * e.softmax(0).detach()).sum(),
+    "logsumexp over samples": lambda e: torch.logsumexp(e, 0),  # softmax weights: mixes
+    "exp of the sum": lambda e: e.sum().exp(),  # every sample's score scaled by all: mixes
+}
+MIXING = ("logsumexp over samples", "exp of the sum")
+WATCHED = {  # calls whose evaluation of f is watched for sample mixing
+    "divergence-auto": lambda f, x: torchdiv.divergence(f, x),
+    "divergence-hutchinson-1": lambda f, x: torchdiv.divergence(
+        f, x, method="hutchinson", probes=torch.ones(1, *x.shape, dtype=f64)
+    ),
+    "laplacian-auto": lambda f, x: torchdiv.laplacian(lambda z: f(z).square().sum(-1), x),
+}
+
+
+@pytest.mark.parametrize("call", WATCHED.values(), ids=WATCHED)
+@pytest.mark.parametrize("seed", SEEDS.values(), ids=SEEDS)
+def test_samples_mixed_only_in_a_backward_pass_inside_f_are_seen(seed, call) -> None:
+    """A score's backward pass reads what its seed saved through new tensor objects
+    (autograd unpacks a saved result as another object, with the node that made it): the
+    one-probe Hutchinson and Laplacian watches lost a seed mixed across samples there
+    (logsumexp, exp), and gave the batched function's numbers; a sum or mean seed, or a batch
+    statistic made a constant (``detach()``: an alias without that node), stays per
+    sample."""
+    torch.manual_seed(0)
+    energy = tanh_mlp(3, 5, 1)
+
+    def score(z: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            z = z if z.requires_grad else z.requires_grad_(True)
+            start = seed(energy(z)[:, 0])
+            return -torch.autograd.grad(start, z, create_graph=True)[0]
+
+    x = torch.randn(4, 3, dtype=f64)
+    if seed not in [SEEDS[name] for name in MIXING]:
+        call(score, x)
+    else:
+        with pytest.raises(torchdiv.BatchInteractionError, match="f mixes samples"):
+            call(score, x)
