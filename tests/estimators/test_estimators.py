@@ -365,3 +365,48 @@ def test_hutch_plus_plus_on_an_empty_event_is_zero(shape):
     assert torch.equal(torchdiv.estimate_trace(lambda v: v, x, **options).value.reshape(-1), zeros)
     leaf = x.clone().requires_grad_(True)
     assert torch.equal(torchdiv.graph_divergence(2 * leaf, leaf, **options).reshape(-1), zeros)
+
+
+# --- XTrace with repeated probes: Rademacher vectors of a small event coincide -----------------
+
+
+def exact_xtrace(A: torch.Tensor, V: torch.Tensor) -> float:
+    """XTrace from its definition, the left-out sketch's basis by a rank-revealing SVD: ``Q_i``
+    spans exactly the ``A w_j``, ``j != i``, whatever their rank."""
+    k, n = V.shape[1], A.shape[0]
+    t = []
+    for i in range(k):
+        u, s, _ = torch.linalg.svd(A @ V[:, [j for j in range(k) if j != i]], full_matrices=False)
+        Qi = u[:, s > 1e-10 * s.max()]
+        P = torch.eye(n, dtype=A.dtype) - Qi @ Qi.T
+        w = V[:, i]
+        t.append(float(torch.trace(Qi.T @ A @ Qi) + w @ P @ A @ P @ w))
+    return sum(t) / k
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_xtrace_with_repeated_probes_is_the_exact_left_out_estimate(rank):
+    """Sketch vectors repeated up to sign (``w_1 = -w_0``, ``w_2 = w_0``, all three): the
+    left-out sketch of ``w_2`` keeps ``A w_0`` only, that of ``w_0`` all of ``range(A W)``.
+    Each sample's estimate equals the definition's. A rank-2 ``A``: exact where every left-out
+    sketch keeps two independent vectors (all but the sample whose three repeat)."""
+    n = 10
+    A = nonsymmetric(n) if rank is None else low_rank(n, rank, 1)[0]
+    like = torch.zeros(4, n, dtype=F64)
+    V = torchdiv.draw_probes(like, 8, method="xtrace", generator=torch.Generator().manual_seed(0))
+    V[1, 0], V[2, 1], V[1, 2], V[2, 2] = -V[0, 0], V[0, 1], -V[0, 2], V[0, 2]  # sample 3: none
+    est = torchdiv.estimate_trace(lambda W: W @ A.T, like, method="xtrace", probes=V)
+    expected = torch.tensor([exact_xtrace(A, V[:, b].T) for b in range(4)], dtype=F64)
+    torch.testing.assert_close(est.value, expected, rtol=1e-10, atol=1e-10)
+    if rank is not None:
+        exact = torch.trace(A).expand(3)
+        torch.testing.assert_close(est.value[[0, 1, 3]], exact, rtol=1e-10, atol=1e-10)
+
+
+def test_xtrace_is_unbiased_with_rademacher_probes_of_a_small_event():
+    """n = 4, 3 sketch vectors: a pair repeats up to sign in 3/8 of the samples. 20000
+    estimates: the mean within 4 standard errors of tr(A) (a sketch that kept ``A w_i`` in the
+    basis ``w_i`` probes was 8 standard errors high)."""
+    A, R = nonsymmetric(4), 20000
+    est = replicates(A, R, "xtrace", 6, "rademacher")
+    assert abs(est.value.mean() - torch.trace(A)) <= 4 * est.value.std() / math.sqrt(R)
