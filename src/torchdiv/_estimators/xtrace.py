@@ -21,11 +21,11 @@ Exact when ``rank(A) < k`` and every ``k - 1`` of the ``A w_i`` span ``range(A)`
 surely for Gaussian probes; repeated Rademacher probes can leave a smaller sketch).
 
 Terms and standard error: the terms are the ``k`` left-out estimates ``t_i``, and the standard
-error is the paper's estimate, their spread,
-``std(t_1..t_k) / sqrt(k)``. The ``t_i`` are not independent (they share the sketch), so this
-is a heuristic, checked against the observed spread in ``tests/estimators/test_estimators.py``; it runs
-low on decaying spectra (25-50% below the observed spread), so the tolerance mode does not rely
-on it alone (see ``torchdiv._estimators.trace``).
+error is the paper's estimate, their spread, ``std(t_1..t_k) / sqrt(k)``. The ``t_i`` are not
+independent (they share the sketch), so this is a heuristic, checked against the observed
+spread in ``tests/estimators/test_estimators.py``; it runs low on decaying spectra (25-50%
+below the observed spread), so the tolerance mode does not rely on it alone (see
+``torchdiv._estimators.trace``).
 
 Gradients: ``Q`` (and ``R``) are held constant. Each ``t_i`` has conditional mean ``tr(A)``
 given ``Q_i``, which depends only on the other probes, so the gradient stays unbiased; the
