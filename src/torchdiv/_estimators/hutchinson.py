@@ -5,8 +5,9 @@ smoothing splines"; Girard (1989). With probes ``v_1..v_m`` drawn so that ``E[v 
 
     tr(A) ~ (1/m) sum_j v_j^T A v_j,
 
-unbiased, with variance ``Var(v^T A v) / m`` (``2 ||A||_F^2 - 2 sum_i A_ii^2`` over ``m`` for
-Rademacher probes and symmetric ``A``; ``2 ||A||_F^2 / m`` for Gaussian ones). The terms are
+unbiased, with variance ``Var(v^T A v) / m``; ``A`` enters by its symmetric part
+``S = (A + A^T) / 2``: ``Var(v^T A v) = 2 ||S||_F^2 - 2 sum_i S_ii^2`` for Rademacher probes,
+``2 ||S||_F^2`` for Gaussian ones (``2 ||A||_F^2`` only for a symmetric ``A``). The terms are
 the ``m`` i.i.d. quadratic forms ``v_j^T A v_j``; standard error: their sample standard
 deviation over ``sqrt(m)`` (undefined for ``m = 1``).
 """

@@ -10,18 +10,22 @@ probe of the rest,
     tr(A) ~ (1/k) sum_i t_i.
 
 Each ``t_i`` is unbiased (as a Hutch++ estimate with a ``k - 1`` sketch), so their mean is.
-No extra products are needed: ``Q_i Q_i^T = Q (I - s_i s_i^T) Q^T`` with ``s_i`` the
-normalised ``i``-th column of ``R^{-T}`` (the direction orthogonal to every other column of
-``R``), so every ``t_i`` is a few ``k x k`` operations on ``Q^T A Q``, ``Q^T W`` and ``Q^T A W``.
+No extra products are needed: ``Q_i Q_i^T = Q (I - N_i) Q^T`` with ``N_i`` the projector onto
+what the other columns of ``R`` miss of ``R^k`` (``_left_out_complements``; for a full-rank
+``R``, ``s_i s_i^T`` with ``s_i`` the normalised row ``i`` of ``R^{-1}``), so every ``t_i`` is a
+few ``k x k`` operations on ``Q^T A Q``, ``Q^T W`` and ``Q^T A W``. ``Q_i`` spans exactly the
+``A w_j``, ``j != i``, whatever their rank, so it never depends on ``w_i``: Rademacher probes
+of a small event repeat up to sign (``w_j = -w_i``, probability ``2^(1-n)`` a pair), and a
+left-out sketch that kept ``A w_i`` through ``A w_j`` is still independent of ``w_i``.
 Exact when ``rank(A) < k`` and every ``k - 1`` of the ``A w_i`` span ``range(A)`` (almost
-surely for Gaussian probes; Rademacher probes of a tiny event can repeat).
+surely for Gaussian probes; repeated Rademacher probes can leave a smaller sketch).
 
 Terms and standard error: the terms are the ``k`` left-out estimates ``t_i``, and the standard
-error is the paper's estimate, their spread,
-``std(t_1..t_k) / sqrt(k)``. The ``t_i`` are not independent (they share the sketch), so this
-is a heuristic, checked against the observed spread in ``tests/test_estimators.py``; it runs
-low on decaying spectra (25-50% below the observed spread), so the tolerance mode does not rely
-on it alone (see ``torchdiv._estimators.trace``).
+error is the paper's estimate, their spread, ``std(t_1..t_k) / sqrt(k)``. The ``t_i`` are not
+independent (they share the sketch), so this is a heuristic, checked against the observed
+spread in ``tests/estimators/test_estimators.py``; it runs low on decaying spectra (25-50%
+below the observed spread), so the tolerance mode does not rely on it alone (see
+``torchdiv._estimators.trace``).
 
 Gradients: ``Q`` (and ``R``) are held constant. Each ``t_i`` has conditional mean ``tr(A)``
 given ``Q_i``, which depends only on the other probes, so the gradient stays unbiased; the
@@ -30,6 +34,7 @@ QR's own backward would give NaN for rank-deficient sketches.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -42,39 +47,63 @@ def terms(matmat: Callable[[torch.Tensor], torch.Tensor], vectors: torch.Tensor)
     y = matmat(vectors)
     q, r = qr(y.detach())  # the basis is held constant for gradients, as in Hutch++
     aq = matmat(q)
-    s = _left_out_directions(r)  # (N, k, k): column i is s_i
+    null, s, keep = _left_out_complements(r)
     h = gram(q, aq)  # Q^T A Q
     w = gram(q, vectors)  # column i: Q^T w_i
-    # tr(Q_i^T A Q_i) = tr(Q^T A Q (I - s_i s_i^T))
-    low_rank = h.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) - torch.einsum(
-        "sji,sjl,sli->si", s, h, s
+    # tr(Q_i^T A Q_i) = tr(Q^T A Q (I - N_i)),  N_i = U_0 U_0^T + beta_i s_i s_i^T
+    low_rank = (
+        h.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+        - (null * (h @ null)).sum((1, 2))[:, None]
+        - keep * torch.einsum("sji,sjl,sli->si", s, h, s)
     )
-    c = (s * w).sum(1)  # (N, k): s_i . Q^T w_i
-    # z_i = A P_i w_i = A w_i - A Q (I - s_i s_i^T) Q^T w_i
-    z = y - combine(aq, w - s * c[:, None, :])
+    # p_i = (I - N_i) Q^T w_i, so that Q_i Q_i^T w_i = Q p_i
+    p = w - null @ (null.mT @ w) - s * (keep * (s * w).sum(1))[:, None, :]
+    z = y - combine(aq, p)  # z_i = A P_i w_i = A w_i - A Q p_i
     u = gram(q, z)  # column i: Q^T z_i
-    # w_i^T P_i z_i = w_i^T z_i - (Q^T w_i)^T (I - s_i s_i^T) Q^T z_i
-    residual = (vectors * z).sum(-1).T - (w * u).sum(1) + c * (s * u).sum(1)
+    # w_i^T P_i z_i = w_i^T z_i - p_i^T Q^T z_i
+    residual = (vectors * z).sum(-1).T - (p * u).sum(1)
     return (low_rank + residual).T  # (k, N); their spread is nan for k = 1
 
 
-def _left_out_directions(r: torch.Tensor) -> torch.Tensor:
-    """Unit vectors ``s_i`` orthogonal to every column of ``R`` but the ``i``-th, ``(N, k, k)``.
+def _left_out_complements(
+    r: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What each left-out sketch misses of ``range(R)``: ``N_i = U_0 U_0^T + beta_i s_i s_i^T``,
+    the orthogonal projector onto the complement of the span of every column of ``R`` but the
+    ``i``-th (``Q_i Q_i^T = Q (I - N_i) Q^T``).
 
-    ``s_i`` is row ``i`` of ``R^{-1}``, normalised. A rank-deficient sketch (``rank(A) < k``)
-    has pivots of ``R`` at round-off level; they are raised to ``k`` ulps of the largest one,
-    which keeps ``R^{-1}`` finite and points ``s_i`` along ``R``'s numerical null space, as the
-    limit of the exact formula does.
+    With ``R = U S V^T`` and ``U_0`` the left singular vectors of the numerically zero singular
+    values (``R``'s left null space), ``u^T R`` vanishes off column ``i`` iff ``u = U_0 a + c s_i``
+    with ``s_i`` the normalised row ``i`` of the pseudo-inverse ``R^+``, and ``c = 0`` where
+    column ``i`` lies in the span of the others (``e_i`` meets ``R``'s null space,
+    ``V_0[i] != 0``): then ``beta_i = 0``. A full-rank ``R`` has no ``U_0`` and every
+    ``beta_i = 1``: ``N_i = s_i s_i^T``, ``s_i`` the normalised row ``i`` of ``R^{-1}``.
+
+    Whether the columns of ``R_{-i}`` are dependent is a property of the other probes alone,
+    so the left-out basis stays independent of ``w_i`` and ``t_i`` unbiased: Rademacher probes
+    of a small event repeat up to sign (``w_j = -w_i``), and a sketch that kept ``A w_i``
+    (through ``A w_j``) while dropping a direction as if it were full rank was biased. A
+    zero operator (``R = 0``) has ``N_i = I``: no sketch.
+
+    Returns:
+        ``U_0`` as ``(N, k, k)`` with the other columns zeroed, ``s`` as ``(N, k, k)`` (column
+        ``i`` is ``s_i``, zero where ``R`` has no such direction) and ``beta``, ``(N, k)``.
     """
     k = r.shape[-1]
-    scale = r.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
-    r = r / torch.where(scale > 0, scale, 1)[:, None, None]
-    pivots = r.diagonal(dim1=-2, dim2=-1)
-    floor = torch.full_like(pivots, k * torch.finfo(r.dtype).eps)  # not the default dtype
-    raised = torch.where(pivots.abs() < floor, torch.where(pivots < 0, -floor, floor), pivots)
-    r = r + torch.diag_embed(raised - pivots)
-    eye = torch.eye(k, dtype=r.dtype, device=r.device).expand_as(r)
-    inverse: torch.Tensor = torch.linalg.solve_triangular(r, eye, upper=True)
-    rows = inverse / inverse.abs().amax(-1, keepdim=True)
-    norms: torch.Tensor = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
-    return (rows / norms).transpose(-2, -1)
+    u, sigma, vh = torch.linalg.svd(r)
+    eps = torch.finfo(r.dtype).eps
+    # round-off makes a repeated sketch column's singular value a few ulps of the largest
+    zero = sigma <= eps ** (2 / 3) * sigma[..., :1]  # (N, k); all of a zero R
+    null = u * zero[:, None, :]
+    inverse = torch.where(zero, 0, 1 / torch.where(zero, 1, sigma))
+    rows = u @ (inverse[:, :, None] * vh)  # column i: R^{+T} e_i, i.e. row i of R^+
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    s = rows / torch.where(norms > 0, norms, 1)
+    # column i in the span of the others: e_i has a part in R's (right) null space, above the
+    # round-off of that space (its largest zero singular value over the smallest other one)
+    part = torch.linalg.vector_norm(vh.mT * zero[:, None, :], dim=-1)  # (N, k)
+    kept = torch.where(zero, math.inf, sigma).amin(-1)
+    noise = torch.where(zero, sigma, 0).amax(-1) / kept  # 0 where R has no zero or only zeros
+    involved = part > torch.clamp(100 * k * noise, min=eps**0.5)[:, None]
+    keep = ((~involved) & (norms[:, 0] > 0)).to(r.dtype)
+    return null, s, keep
