@@ -7,7 +7,12 @@ rounds of ~50 ms per method, the ratio ``auto / fastest other`` per round, media
 the ratio of medians (``auto``'s median time over the fastest other median): the per-round
 ratio divides by the minimum of several noisy times, which biases it upwards where the
 fastest methods are within the noise of each other (``"auto"`` running the same engine as
-one of them).
+one of them). Every method is treated alike: each measurement starts after one untimed call of
+the same method, and the order of the methods is reversed every other round. A call that takes
+longer than the budget is one measurement on its own, so without this its time depended on the
+method before it: ``"auto"``, first in every round, always came after the previous round's
+``vmap(hessian)`` (gigabytes at D = 100), and ``"taylor"`` timed in ``"auto"``'s place read
+1.44-1.51x ``"taylor"`` at D = 100, B = 2048, trained (issue 18).
 
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
         DDE_BACKEND=pytorch .venv/bin/python bench/entry_cpu.py [--rounds 11] [--only NAME] \
@@ -103,8 +108,9 @@ def main() -> None:
         for call in calls.values():
             call(), call()
         times: dict[str, list[float]] = {k: [] for k in calls}
-        for _ in range(args.rounds):
-            for k, call in calls.items():
+        for r in range(args.rounds):
+            for k, call in list(calls.items())[:: 1 if r % 2 == 0 else -1]:
+                call()  # untimed: the timing starts after a call of the same method
                 times[k].append(cpu_ms(call, budget))
         ratios = [
             times["auto"][r] / min(v[r] for k, v in times.items() if k != "auto")
