@@ -7,12 +7,13 @@ rounds of ~50 ms per method, the ratio ``auto / fastest other`` per round, media
 the ratio of medians (``auto``'s median time over the fastest other median): the per-round
 ratio divides by the minimum of several noisy times, which biases it upwards where the
 fastest methods are within the noise of each other (``"auto"`` running the same engine as
-one of them). Every method is treated alike: each measurement starts after one untimed call of
-the same method, and the order of the methods is reversed every other round. A call that takes
-longer than the budget is one measurement on its own, so without this its time depended on the
-method before it: ``"auto"``, first in every round, always came after the previous round's
-``vmap(hessian)`` (gigabytes at D = 100), and ``"taylor"`` timed in ``"auto"``'s place read
-1.44-1.51x ``"taylor"`` at D = 100, B = 2048, trained (issue 18).
+one of them). Every method is treated alike (``_common.alike_rounds``): each measurement
+starts after one untimed call of the same method, and the order of the methods is reversed
+every other round. A call that takes longer than the budget is a measurement on its own, so
+before this its time depended on the method before it: ``"auto"``, first in every round,
+always came after the previous round's ``vmap(hessian)`` (gigabytes at D = 100), and
+``"taylor"`` timed in ``"auto"``'s place read 1.44x and 1.51x ``"taylor"`` (medians of 11
+rounds, two runs on a loaded machine) at D = 100, B = 2048, trained (issue 18).
 
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
         DDE_BACKEND=pytorch .venv/bin/python bench/entry_cpu.py [--rounds 11] [--only NAME] \
@@ -38,6 +39,7 @@ os.environ.setdefault("DDE_BACKEND", "pytorch")
 import laplacian_small
 import small_events
 import torch
+from _common import alike_rounds
 
 import torchdiv
 
@@ -107,11 +109,7 @@ def main() -> None:
             continue
         for call in calls.values():
             call(), call()
-        times: dict[str, list[float]] = {k: [] for k in calls}
-        for r in range(args.rounds):
-            for k, call in list(calls.items())[:: 1 if r % 2 == 0 else -1]:
-                call()  # untimed: the timing starts after a call of the same method
-                times[k].append(cpu_ms(call, budget))
+        times = alike_rounds(calls, args.rounds, functools.partial(cpu_ms, budget_ns=budget))
         ratios = [
             times["auto"][r] / min(v[r] for k, v in times.items() if k != "auto")
             for r in range(args.rounds)
