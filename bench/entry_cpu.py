@@ -12,8 +12,9 @@ starts after one untimed call of the same method, and the order of the methods i
 every other round. A call that takes longer than the budget is a measurement on its own, so
 before this its time depended on the method before it: ``"auto"``, first in every round,
 always came after the previous round's ``vmap(hessian)`` (gigabytes at D = 100), and
-``"taylor"`` timed in ``"auto"``'s place read 1.44x and 1.51x ``"taylor"`` (medians of 11
-rounds, two runs on a loaded machine) at D = 100, B = 2048, trained (issue 18).
+``"taylor"`` timed in ``"auto"``'s place read 1.44x and 1.51x ``"taylor"`` in two of three
+runs (medians of 11 rounds, a loaded machine; 1.00 in the third) at D = 100, B = 2048,
+trained; 1.00 and 0.99 timed alike (issue 18).
 
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
         DDE_BACKEND=pytorch .venv/bin/python bench/entry_cpu.py [--rounds 11] [--only NAME] \
