@@ -30,6 +30,7 @@ __all__ = [
     "output_path",
     "compare",
     "cpu_quantile_ms",
+    "alike_rounds",
     "machine",
     "markdown",
     "peak_memory_mb",
@@ -61,6 +62,23 @@ def cpu_quantile_ms(step: Callable[[], Any], seconds: float, q: float = 0.2) -> 
         times.append(time.thread_time_ns() - start)
     times.sort()
     return times[int(q * len(times))] / 1e6
+
+
+def alike_rounds(
+    calls: dict[str, Callable[[], Any]], rounds: int, measure: Callable[[Callable[[], Any]], float]
+) -> dict[str, list[float]]:
+    """``measure(call)`` for every call in each of ``rounds`` rounds, every call treated alike:
+    each measurement starts right after one untimed call of the same ``call`` (what the call
+    before left behind, the C allocator's mappings and free lists, the caches, is its own), and
+    the order of the calls is reversed every other round (none always comes first, or always
+    after the same other call). Where one call outlasts ``measure``'s budget, it is the
+    measurement, and its time depended on its predecessor (issue 18)."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for r in range(rounds):
+        for k, call in list(calls.items())[:: 1 if r % 2 == 0 else -1]:
+            call()
+            times[k].append(measure(call))
+    return times
 
 
 def cpu_interleaved_ms(

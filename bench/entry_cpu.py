@@ -7,7 +7,14 @@ rounds of ~50 ms per method, the ratio ``auto / fastest other`` per round, media
 the ratio of medians (``auto``'s median time over the fastest other median): the per-round
 ratio divides by the minimum of several noisy times, which biases it upwards where the
 fastest methods are within the noise of each other (``"auto"`` running the same engine as
-one of them).
+one of them). Every method is treated alike (``_common.alike_rounds``): each measurement
+starts after one untimed call of the same method, and the order of the methods is reversed
+every other round. A call that takes longer than the budget is a measurement on its own, so
+before this its time depended on the method before it: ``"auto"``, first in every round,
+always came after the previous round's ``vmap(hessian)`` (gigabytes at D = 100), and
+``"taylor"`` timed in ``"auto"``'s place read 1.44x and 1.51x ``"taylor"`` in two of three
+runs (medians of 11 rounds, a loaded machine; 1.00 in the third) at D = 100, B = 2048,
+trained; 1.00 and 0.99 timed alike (issue 18).
 
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
         DDE_BACKEND=pytorch .venv/bin/python bench/entry_cpu.py [--rounds 11] [--only NAME] \
@@ -33,6 +40,7 @@ os.environ.setdefault("DDE_BACKEND", "pytorch")
 import laplacian_small
 import small_events
 import torch
+from _common import alike_rounds
 
 import torchdiv
 
@@ -102,10 +110,7 @@ def main() -> None:
             continue
         for call in calls.values():
             call(), call()
-        times: dict[str, list[float]] = {k: [] for k in calls}
-        for _ in range(args.rounds):
-            for k, call in calls.items():
-                times[k].append(cpu_ms(call, budget))
+        times = alike_rounds(calls, args.rounds, functools.partial(cpu_ms, budget_ns=budget))
         ratios = [
             times["auto"][r] / min(v[r] for k, v in times.items() if k != "auto")
             for r in range(args.rounds)

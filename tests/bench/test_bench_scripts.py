@@ -65,3 +65,22 @@ def test_every_script_names_its_results_file_not_a_path():
     replace the committed results (two scripts did)."""
     for path in (ROOT / "bench").glob("*.py"):
         assert not re.search(r"script\([^)]*RESULTS /", path.read_text()), path.name
+
+
+def test_alike_rounds_time_every_call_after_its_own_and_alternate_the_order(common):
+    """``entry_cpu.py``'s rounds: a call that outlasts the budget is one measurement, so each
+    is timed right after an untimed call of its own, never after another method (``"auto"``,
+    first in every round, was always timed after ``vmap(hessian)``), and no call is always
+    first."""
+    log: list[str] = []
+    calls = {k: (lambda k=k: log.append(k)) for k in "abc"}
+
+    def measure(call) -> float:
+        call()
+        log.append("timed")
+        return float(len(log))
+
+    times = common.alike_rounds(calls, 3, measure)
+    rounds = ["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]
+    assert log == [s for order in rounds for k in order for s in (k, k, "timed")]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}

@@ -777,6 +777,39 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
             assert bool(recorded) == (not looped or (call == 0 and shape[1] > 1)), (shape, call)
 
 
+def test_auto_makes_a_structure_key_only_for_a_function_that_loops(monkeypatch):
+    """At 2-3 inputs a call the Taylor engine runs makes no structure key for ``f`` (~50 us of
+    Python per call, issue 18) unless ``f`` looped at some structure before: then the key is
+    made before recording, and a remembered loop is found without recording. Values: the
+    loop of backward passes (float64, independent of both engines)."""
+    from torchdiv._laplacian import methods as _laplacian
+    from torchdiv._taylor import mixing
+    from torchdiv._taylor.cache import PlanCache
+
+    monkeypatch.setattr(_laplacian, "_LOOPS", PlanCache(256))
+    monkeypatch.setattr(_laplacian, "_LOOPING_SITES", PlanCache(256), raising=False)
+    keys, recorded = [], []
+    structure, capture = mixing.structure, _laplacian.capture
+    monkeypatch.setattr(mixing, "structure", lambda *a: keys.append(1) or structure(*a))
+    monkeypatch.setattr(
+        _laplacian, "capture", lambda *a, **k: recorded.append(1) or capture(*a, **k)
+    )
+    torch.manual_seed(0)
+    wide = tanh_mlp(2, 64, 1).to(f64)  # trained, 20k per call: the Taylor engine
+    cases = [  # f, shape, (structure keys, recordings) at the first and the second call
+        (wide, (256, 2), [(0, 1), (0, 1)]),
+        (gaussian, (512, 2), [(1, 1), (1, 0)]),  # loops: the key made once decided, then found
+        (gaussian, (64 * 1024, 2), [(1, 1), (1, 1)]),  # the Taylor engine, for a looping site
+    ]
+    for f, shape, counts in cases:
+        x = torch.randn(shape, dtype=f64)
+        for call, expected in enumerate(counts):
+            keys.clear(), recorded.clear()
+            got = torchdiv.laplacian(f, x)
+            assert (len(keys), len(recorded)) == expected, (shape, call)
+            assert_close(got.reshape(len(x)), laplacian_by_grad_of_grad(f, x).reshape(len(x)))
+
+
 class _Chebyshev(torch.nn.Module):
     """A Chebyshev KAN layer (many small ops: where the loop batches its second passes)."""
 

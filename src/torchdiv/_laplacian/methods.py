@@ -9,7 +9,7 @@ directions as given. Arguments are checked by the public functions (``torchdiv._
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -80,9 +80,14 @@ LOOP_FALLBACK = 10
 # work per call: a KAN at batch 256 (5.5k) 10-25% faster, frozen or trained, at 2 and 3
 # inputs; the FNN at 256 (24k) from 8% slower to 10% faster by the threads: it keeps n passes
 BATCHED_WORK = 16384
-# what "auto" decided for each structure it recorded at up to LOOP_INPUTS inputs (_structure):
-# a ``Loop`` (a later call with the same structure loops without recording f again) or False
+# the ``Loop`` "auto" decided on for a structure it recorded at up to LOOP_INPUTS inputs, by
+# ``_site`` and structure key: a later call with the same structure loops without recording f
 _LOOPS = cache.PlanCache(256)
+# True for each ``_site`` with a structure in ``_LOOPS``: only such a site's calls make their
+# structure key (``mixing.structure``) to look it up, ~50 us of Python per call otherwise spent
+# by every call the Taylor engine runs at 2-3 inputs (2-4% of a trained FNN's Laplacian at
+# batch 256, issue 18)
+_LOOPING_SITES = cache.PlanCache(256)
 
 
 def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
@@ -143,7 +148,9 @@ class Loop:
 def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | Loop:
     """``f`` recorded at ``x`` for the Taylor engine, or ``Loop`` where ``"auto"`` loops over
     backward passes instead (``loops``, ``loops_for``; what recording changed is undone). A
-    decision to loop is remembered per ``_structure``: the next such call records nothing.
+    decision to loop is remembered per ``_site`` and structure: the next such call records
+    nothing. Only a site remembered to loop at some structure (``_LOOPING_SITES``) has its
+    structure key made before recording; any other call records ``f`` straight away.
 
     Sample mixing (``torchdiv._core.mixing``): recording watches ``f``. A call that does not
     record it watches the loop's own evaluation of ``f`` (~10 us per op, no extra
@@ -156,20 +163,21 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     ``f`` evaluated outside the modes unless its graph needed them."""
     if loops(x, batch_dims):
         return _unrecorded(f, x, batch_dims, Loop())
-    at = mixing.structure(f, x, batch_dims) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
-    structure = None if at is None else _structure(f, at)
-    remembered = None if structure is None else _LOOPS.get(*structure)
+    site = _site(f) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
+    looping = site is not None and _LOOPING_SITES.get(site, None)
+    at = mixing.structure(f, x, batch_dims) if looping else None
+    remembered = None if at is None else _LOOPS.get(site, at[1])
     if remembered:
         return _unrecorded(f, x, batch_dims, remembered, at)
     graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
-    if structure is None or graph.unsupported:
-        return graph
-    if not loops_for(graph, x, batch_dims):
-        _LOOPS.put(*structure, False)
+    if site is None or graph.unsupported or not loops_for(graph, x, batch_dims):
         return graph
     plan = Loop(settings=Settings(graph.work_per_call() < BATCHED_WORK, plain=True))
-    _LOOPS.put(*structure, plan)
     graph.undo()  # f runs again: what recording it changed is put back first
+    if at is None:
+        at = mixing.structure(f, x, batch_dims)
+    _LOOPS.put(site, at[1], plan)
+    _LOOPING_SITES.put(site, None, True)
     mixing.passed(f, x, batch_dims, at)  # recording watched it
     return plan
 
@@ -199,16 +207,15 @@ def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
     return n <= LOOP_INPUTS and work * n < 2 * limit
 
 
-def _structure(f: Function, at: mixing.Structure) -> tuple[Any, Hashable]:
-    """What ``f``'s recorded graph depends on, as far as it can be told without running
-    ``f``, as ``(site, key)`` for ``_LOOPS``: ``f``'s ``cache.site`` (its code for a Python
-    function, so that a lambda made anew at every call counts as one) and the key of its
-    structure for sample mixing (``at``, ``mixing.structure``: ``cache.structure_key``, for a
-    module also its submodules' train modes and which parameters require grad). Two functions
+def _site(f: Function) -> Any:
+    """What ``_LOOPS`` keys ``f``'s decisions by, with the key of its structure for sample
+    mixing (``mixing.structure``: ``cache.structure_key``, for a module also its submodules'
+    train modes and which parameters require grad): ``f``'s ``cache.site`` (its code for a
+    Python function, so that a lambda made anew at every call counts as one). Two functions
     with the same code but different graphs share a decision: it only chooses between two
     exact methods (sample mixing is checked per object: ``recorded_or_loop``), so at worst
     it is slower."""
-    return cache.site(unwrapped(f)), at[1]
+    return cache.site(unwrapped(f))
 
 
 def looped(
