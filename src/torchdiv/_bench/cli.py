@@ -44,7 +44,12 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+    """``"a, b,a"`` -> ``("a", "b")``: once each, in order; none at all is an error (an empty
+    ``--methods ''`` ran nothing and ``--operator ''`` everything, both silently)."""
+    values = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return values
 
 
 def _positive(kind: type) -> Any:
@@ -58,6 +63,13 @@ def _positive(kind: type) -> Any:
         return value
 
     return parse
+
+
+def _image_path(text: str) -> Path:
+    """``--plot`` without a suffix is a PNG: matplotlib would add ``.png`` to the name itself,
+    and the run would then report a file that does not exist."""
+    path = Path(text)
+    return path if path.suffix else path.with_name(f"{path.name}.png")
 
 
 def add_parser(commands: Any) -> None:
@@ -105,7 +117,7 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--model", help="your model: module:attr or path/to/file.py:attr")
     p.add_argument("--shape", type=_ints, help="per-sample input shape for --model, e.g. 3,32,32")
     p.add_argument("--json", type=Path, help="write every figure and the machine here")
-    p.add_argument("--plot", type=Path, help="write the PNG (time and memory vs D) here")
+    p.add_argument("--plot", type=_image_path, help="write the PNG (time and memory vs D) here")
     p.add_argument("--markdown", type=Path, help="write the tables as markdown here")
     p.set_defaults(run=run, parser=p)
 
@@ -139,6 +151,30 @@ def _check(args: argparse.Namespace) -> None:
         import rich  # noqa: F401
     except ImportError as exc:
         fail(f"bench needs rich and matplotlib ({exc}): pip install 'torchdiv[bench]'")
+    _check_outputs(args, fail)
+
+
+def _check_outputs(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> None:
+    """Output files the run could not write fail now, not after minutes of timing: a path that
+    is a folder or lies under a file, and a ``--plot`` suffix matplotlib cannot save."""
+    for flag in ("json", "plot", "markdown"):
+        path: Path | None = getattr(args, flag)
+        if path is None:
+            continue
+        if path.is_dir():
+            fail(f"--{flag} {path} is a folder; give a file path")
+        above = next((p for p in path.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            fail(f"--{flag} {path}: {above} is a file, not a folder")
+    if args.plot is not None:  # never without a suffix (_image_path)
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if args.plot.suffix[1:].lower() not in formats:
+            fail(
+                f"--plot {args.plot}: matplotlib cannot write {args.plot.suffix!r} files; "
+                f"use one of {', '.join('.' + f for f in sorted(formats))} (e.g. .png)"
+            )
 
 
 def _is_device(text: str) -> bool:
@@ -194,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         parser: argparse.ArgumentParser = args.parser
         parser.error(str(exc))
     console = Console() if sys.stdout.isatty() else Console(width=120)
+    measured = report.machine(args.device)  # when it started: one date for every output
     warning = load_warning()  # before timing: what the run itself adds is not the machine's
     if warning is not None:
         settings["load_warning"] = warning
@@ -201,13 +238,13 @@ def run(args: argparse.Namespace) -> int:
     rows = _run_plan(
         plan, args.methods, settings["rounds"], settings["min_run_time"], args.time_limit
     )
-    info = report.machine(args.device) | ({"warning": warning} if warning else {})
+    info = measured | ({"warning": warning} if warning else {})
     for table in report.rich_tables(rows, info):
         console.print(table)
     if warning is not None:
         console.print(warning, style="bold yellow", markup=False)
     outputs: list[tuple[Path | None, Callable[[Path], object]]] = [
-        (args.json, lambda path: report.write_json(path, rows, settings, args.device)),
+        (args.json, lambda path: report.write_json(path, rows, settings, measured)),
         (args.markdown, lambda path: path.write_text(report.grid_markdown(rows, info))),
         (args.plot, lambda path: plot.plot(rows, info, path)),
     ]
