@@ -57,6 +57,18 @@ def test_every_right_method_matches_an_independent_reference(name, problem):
             assert err <= tolerance(torch.float64), key
 
 
+@pytest.mark.parametrize("name", operators.OPERATORS)
+def test_only_methods_labelled_create_graph_keep_a_graph_on_a_frozen_problem(name):
+    """The suite freezes the parameters so that no method pays for a differentiable result;
+    a recipe that keeps the graph anyway (torchdyn's) does more work and must say so."""
+    op = operators.OPERATORS[name]
+    f, x = PROBLEMS[INDEPENDENT[name][1][0]]()
+    f.requires_grad_(False)
+    for key, method in op.methods.items():
+        keeps_graph = method.call(f, x).requires_grad
+        assert keeps_graph == ("create_graph=True" in method.label), key
+
+
 def test_every_operator_is_checked_against_an_independent_reference():
     assert set(INDEPENDENT) == set(operators.OPERATORS)
 
