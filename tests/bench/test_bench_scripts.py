@@ -65,3 +65,25 @@ def test_every_script_names_its_results_file_not_a_path():
     replace the committed results (two scripts did)."""
     for path in (ROOT / "bench").glob("*.py"):
         assert not re.search(r"script\([^)]*RESULTS /", path.read_text()), path.name
+
+
+@pytest.mark.parametrize("operator", ["divergence", "jacobian_diagonal", "jacobian"])
+def test_small_events_frozen_scenario_has_a_recipe_of_every_kind_without_a_graph(common, operator):
+    """Frozen, ``auto`` keeps no graph; torchdyn's loop always does (more work). Each kind of
+    recipe (vmap, is_grads_batched, the loop) must also run without one, or "auto / best"
+    compares unequal work."""
+    import small_events
+    import torch
+
+    net = small_events.mlp(3, torch.nn.Tanh).requires_grad_(False)
+    x = torch.randn(4, 3)
+    recipes = small_events.recipes(operator, train=False)
+    kinds = {"vmap": "vmap", "batched": "is_grads_batched", "loop": "loop"}
+    without_graph = {
+        kind
+        for name, recipe in recipes.items()
+        for kind, word in kinds.items()
+        if word in name and not recipe(net, x).requires_grad
+    }
+    expected = set(kinds) - ({"loop"} if operator == "jacobian" else set())
+    assert without_graph == expected
