@@ -4,8 +4,10 @@ the committed ones only with --update, for a run of every case."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,24 @@ def test_small_events_frozen_scenario_has_a_recipe_of_every_kind_without_a_graph
     }
     expected = set(kinds) - ({"loop"} if operator == "jacobian" else set())
     assert without_graph == expected
+
+
+def test_laplacian_small_frozen_loop_keeps_no_graph(common, monkeypatch):
+    """Frozen, auto keeps no graph; the loop of grad-of-grad must not either (DeepXDE's
+    hessian, left out here, keeps one as DeepXDE does); in training every method keeps one."""
+    import torch
+
+    monkeypatch.setitem(sys.modules, "deepxde", None)  # its import alone takes seconds
+    path = ROOT / "bench" / "laplacian_small.py"
+    spec = importlib.util.spec_from_file_location("_laplacian_small_without_deepxde", path)
+    assert spec is not None and spec.loader is not None
+    laplacian_small = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(laplacian_small)
+
+    net = laplacian_small.fnn(2, width=4).requires_grad_(False)
+    x = torch.randn(3, 2)
+    for name, method in laplacian_small.methods(train=False).items():
+        assert method(net, x).requires_grad == name.startswith("deepxde"), name
+    net.requires_grad_(True)
+    for name, method in laplacian_small.methods(train=True).items():
+        assert method(net, x).requires_grad, name
