@@ -91,17 +91,33 @@ def test_small_events_frozen_scenario_has_a_recipe_of_every_kind_without_a_graph
     assert without_graph == expected
 
 
-def test_laplacian_small_frozen_loop_keeps_no_graph(common, monkeypatch):
-    """Frozen, auto keeps no graph; the loop of grad-of-grad must not either (DeepXDE's
-    hessian, left out here, keeps one as DeepXDE does); in training every method keeps one."""
-    import torch
-
-    monkeypatch.setitem(sys.modules, "deepxde", None)  # its import alone takes seconds
+@pytest.fixture
+def laplacian_small(common, monkeypatch):
+    """bench/laplacian_small.py as it loads where DeepXDE cannot be imported (its import alone
+    takes seconds), under a name of its own."""
+    monkeypatch.setitem(sys.modules, "deepxde", None)
     path = ROOT / "bench" / "laplacian_small.py"
     spec = importlib.util.spec_from_file_location("_laplacian_small_without_deepxde", path)
     assert spec is not None and spec.loader is not None
-    laplacian_small = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(laplacian_small)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_laplacian_small_says_why_the_deepxde_column_is_missing(
+    laplacian_small, monkeypatch, tmp_path, capsys
+):
+    saved = tmp_path / "saved.json"
+    saved.write_text('{"rows": []}')
+    monkeypatch.setattr(sys, "argv", ["laplacian_small.py", "--report", str(saved)])
+    laplacian_small.main()
+    assert "deepxde hessian sum: left out, import deepxde failed" in capsys.readouterr().out
+
+
+def test_laplacian_small_frozen_loop_keeps_no_graph(laplacian_small):
+    """Frozen, auto keeps no graph; the loop of grad-of-grad must not either (DeepXDE's
+    hessian, left out here, keeps one as DeepXDE does); in training every method keeps one."""
+    import torch
 
     net = laplacian_small.fnn(2, width=4).requires_grad_(False)
     x = torch.randn(3, 2)
