@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from torchdiv._bench.cli import positive
 from torchdiv._bench.memory import peak_memory_mb
 from torchdiv._bench.report import machine, markdown, write_json
 from torchdiv._bench.timing import time_interleaved
@@ -168,8 +169,10 @@ def script(
     """The command line every script in bench/ shares: run cases (or reread a JSON), write the
     JSON (``output_path``), print the tables."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="round-robin timing rounds")
-    parser.add_argument("--min-run-time", type=float, default=0.4, help="seconds per round")
+    parser.add_argument("--rounds", type=positive(int), default=5, help="round-robin timing rounds")
+    parser.add_argument(
+        "--min-run-time", type=positive(float), default=0.4, help="seconds per round"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -183,6 +186,9 @@ def script(
         if args.update:
             parser.error("--update keeps the committed results at full effort: drop --quick")
         args.rounds, args.min_run_time = 2, 0.1
+    unknown = [c for c in args.cases.split(",") if c not in cases]
+    if unknown:
+        parser.error(f"--cases {unknown[0]!r} is unknown; choose from {', '.join(cases)}")
     if args.report:
         rows = json.loads(args.report.read_text())["rows"]
     else:

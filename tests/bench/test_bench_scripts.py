@@ -126,3 +126,23 @@ def test_laplacian_small_frozen_loop_keeps_no_graph(laplacian_small):
     net.requires_grad_(True)
     for name, method in laplacian_small.methods(train=True).items():
         assert method(net, x).requires_grad, name
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cases", "a,nope"], "--cases 'nope' is unknown; choose from a, b, c"),
+        (["--rounds", "0"], "--rounds: expected a positive int, got '0'"),
+        (["--min-run-time", "-1"], "--min-run-time: expected a positive float, got '-1'"),
+    ],
+)
+def test_script_arguments_that_cannot_run_are_argparse_errors(
+    common, monkeypatch, capsys, tmp_path, argv, message
+):
+    """Not a KeyError or an empty merge of timings after the cases before it ran."""
+    ran = []
+    monkeypatch.setattr(sys, "argv", ["script.py", *argv, "--json", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit) as exc:
+        common.script("doc", dict.fromkeys(CASES), lambda *a: ran.append(a) or [], "x.json", print)
+    assert exc.value.code == 2 and not ran
+    assert message in capsys.readouterr().err

@@ -52,7 +52,9 @@ def _names(text: str) -> tuple[str, ...]:
     return values
 
 
-def _positive(kind: type) -> Any:
+def positive(kind: type) -> Any:
+    """An argparse ``type``: a finite number of ``kind`` above zero (``bench/_common.py`` too)."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
@@ -98,17 +100,17 @@ def add_parser(commands: Any) -> None:
         help=f"comma-separated built-in nets: {', '.join(suite.FAMILIES)} "
         "(default: the operator's own)",
     )
-    p.add_argument("--batch", type=_positive(int), help="samples per batch")
-    p.add_argument("--width", type=_positive(int), help="hidden units (MLP) and channels (conv)")
+    p.add_argument("--batch", type=positive(int), help="samples per batch")
+    p.add_argument("--width", type=positive(int), help="hidden units (MLP) and channels (conv)")
     p.add_argument("--methods", type=_names, help="comma-separated method keys (default: all)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
-    p.add_argument("--threads", type=_positive(int), help="torch.set_num_threads (CPU)")
-    p.add_argument("--repeats", type=_positive(int), help="interleaved timing rounds")
-    p.add_argument("--min-run-time", type=_positive(float), help="seconds per method per round")
+    p.add_argument("--threads", type=positive(int), help="torch.set_num_threads (CPU)")
+    p.add_argument("--repeats", type=positive(int), help="interleaved timing rounds")
+    p.add_argument("--min-run-time", type=positive(float), help="seconds per method per round")
     p.add_argument(
         "--time-limit",
-        type=_positive(float),
+        type=positive(float),
         default=60.0,
         metavar="SECONDS",
         help="per method: one that would take longer to check, measure and time is skipped "
