@@ -53,7 +53,17 @@ def timed_columns(row: dict[str, Any], times: Any) -> None:
 
 def cpu_quantile_ms(step: Callable[[], Any], seconds: float, q: float = 0.2) -> float:
     """The ``q`` quantile of ``step``'s thread CPU times (ms) over the calls made in
-    ``seconds`` of wall time (at least 5)."""
+    ``seconds`` of wall time (at least 5).
+
+    Raises:
+        RuntimeError: torch runs more than one thread: this thread's clock would miss the
+            work of the others (run with ``OMP_NUM_THREADS=1``, as the scripts say).
+    """
+    if torch.get_num_threads() != 1:
+        raise RuntimeError(
+            f"thread CPU time counts this thread only, and torch runs {torch.get_num_threads()}: "
+            "run with OMP_NUM_THREADS=1 (or torch.set_num_threads(1))"
+        )
     times: list[int] = []
     stop = time.perf_counter() + seconds
     while len(times) < 5 or time.perf_counter() < stop:

@@ -146,3 +146,16 @@ def test_script_arguments_that_cannot_run_are_argparse_errors(
         common.script("doc", dict.fromkeys(CASES), lambda *a: ran.append(a) or [], "x.json", print)
     assert exc.value.code == 2 and not ran
     assert message in capsys.readouterr().err
+
+
+def test_thread_cpu_time_refuses_more_than_one_thread(common, monkeypatch):
+    """With torch on two threads the calling thread's clock misses half the work: the
+    compile benchmarks' ratios would favour whatever parallelises best."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    with pytest.raises(RuntimeError, match="OMP_NUM_THREADS=1"):
+        common.cpu_interleaved_ms({"a": lambda: calls.append(1)}, 1, 0.0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert len(common.cpu_interleaved_ms({"a": lambda: calls.append(1)}, 1, 0.0)["a"]) == 1
