@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -241,3 +242,22 @@ def test_plot_styles_tell_every_method_apart():
     looks = [(s["color"], s["linestyle"], s["marker"]) for k, s in styles.items() if "theirs" in k]
     assert len(set(looks)) == 5
     assert not {c for c, _, _ in looks} & set(colours)
+
+
+def test_json_output_is_strict_json_even_with_a_nan_error(tmp_path):
+    """A method that returns NaN has relative error NaN; the file must still be JSON."""
+    import json
+
+    def refuse(name: str) -> float:
+        raise ValueError(f"{name} is not JSON")
+
+    path = tmp_path / "b.json"
+    rows = [
+        {"method": "m", "status": "WRONG", "rel_err": float("nan"), "rounds_ms": [1.0, math.inf]}
+    ]
+    report.write_json(path, rows, {"rounds": 1})
+    doc = json.loads(path.read_text(), parse_constant=refuse)
+    assert doc["rows"] == [
+        {"method": "m", "status": "WRONG", "rel_err": None, "rounds_ms": [1.0, None]}
+    ]
+    assert rows[0]["rounds_ms"] == [1.0, math.inf]  # the caller's rows are left as they were

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -70,10 +71,23 @@ def write_json(
     info: dict[str, Any] | None = None,
 ) -> None:
     """``{"machine": ..., "settings": ..., "rows": [...]}``, every figure of every method;
-    ``info`` is the run's ``machine()`` (default: this CPU, now), the one its tables name."""
+    ``info`` is the run's ``machine()`` (default: this CPU, now), the one its tables name.
+    A figure that is not finite (the relative error of a method that returned NaN) is written
+    as ``null``: ``NaN`` and ``Infinity`` are not JSON, and strict readers reject the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"machine": info or machine(), "settings": settings or {}, "rows": rows}
-    path.write_text(json.dumps(doc, indent=1))
+    path.write_text(json.dumps(_finite(doc), indent=1, allow_nan=False))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by ``None``, in dicts and lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def markdown(rows: list[Row], columns: list[tuple[str, str]]) -> str:
