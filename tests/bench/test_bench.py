@@ -261,3 +261,27 @@ def test_json_output_is_strict_json_even_with_a_nan_error(tmp_path):
         {"method": "m", "status": "WRONG", "rel_err": None, "rounds_ms": [1.0, None]}
     ]
     assert rows[0]["rounds_ms"] == [1.0, math.inf]  # the caller's rows are left as they were
+
+
+def test_the_plot_names_the_panel_of_a_method_it_left_out():
+    """The families have Ds of their own (the CNF's 2, 8, 16; the MLP's 8, 32, 128): a
+    skipped cell is named by its panel, not by a D another panel shares."""
+    from torchdiv._bench import plot
+
+    def row(family: str, dim: int, label: str, status: str) -> dict:
+        timed = {"median_ms": 1.0} if status == "ok" else {}
+        return {"operator": "divergence", "family": family, "dim": dim, "label": label,
+                "status": status, **timed}  # fmt: skip
+
+    rows = [row("tanh MLP", d, "functional", "ok" if d < 128 else "skipped") for d in (8, 128)]
+    rows += [row("small CNF", d, "functional", "ok" if d < 16 else "skipped") for d in (8, 16)]
+    rows += [
+        row(f, d, "ones", "WRONG")
+        for f, ds in (("tanh MLP", (8, 128)), ("small CNF", (8, 16)))
+        for d in ds
+    ]
+    assert plot._not_drawn(rows) == [
+        "functional (skipped: tanh MLP D=128; small CNF D=16)",
+        "ones (WRONG at every D)",
+    ]
+    assert plot._not_drawn(rows[:2]) == ["functional (skipped at D=128)"]
