@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from torchdiv._bench.cli import positive
 from torchdiv._bench.memory import peak_memory_mb
 from torchdiv._bench.report import machine, markdown, write_json
 from torchdiv._bench.timing import time_interleaved
@@ -53,7 +54,17 @@ def timed_columns(row: dict[str, Any], times: Any) -> None:
 
 def cpu_quantile_ms(step: Callable[[], Any], seconds: float, q: float = 0.2) -> float:
     """The ``q`` quantile of ``step``'s thread CPU times (ms) over the calls made in
-    ``seconds`` of wall time (at least 5)."""
+    ``seconds`` of wall time (at least 5).
+
+    Raises:
+        RuntimeError: torch runs more than one thread: this thread's clock would miss the
+            work of the others (run with ``OMP_NUM_THREADS=1``, as the scripts say).
+    """
+    if torch.get_num_threads() != 1:
+        raise RuntimeError(
+            f"thread CPU time counts this thread only, and torch runs {torch.get_num_threads()}: "
+            "run with OMP_NUM_THREADS=1 (or torch.set_num_threads(1))"
+        )
     times: list[int] = []
     stop = time.perf_counter() + seconds
     while len(times) < 5 or time.perf_counter() < stop:
@@ -186,8 +197,10 @@ def script(
     """The command line every script in bench/ shares: run cases (or reread a JSON), write the
     JSON (``output_path``), print the tables."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="round-robin timing rounds")
-    parser.add_argument("--min-run-time", type=float, default=0.4, help="seconds per round")
+    parser.add_argument("--rounds", type=positive(int), default=5, help="round-robin timing rounds")
+    parser.add_argument(
+        "--min-run-time", type=positive(float), default=0.4, help="seconds per round"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -201,6 +214,9 @@ def script(
         if args.update:
             parser.error("--update keeps the committed results at full effort: drop --quick")
         args.rounds, args.min_run_time = 2, 0.1
+    unknown = [c for c in args.cases.split(",") if c not in cases]
+    if unknown:
+        parser.error(f"--cases {unknown[0]!r} is unknown; choose from {', '.join(cases)}")
     if args.report:
         rows = json.loads(args.report.read_text())["rows"]
     else:

@@ -29,7 +29,7 @@ def main() -> None:
             torch.manual_seed(0)
             net = small_events.mlp(2, torch.nn.Tanh).requires_grad_(train)
             x = torch.randn(256, 2)
-            name = "torchdyn loop" if op != "jacobian" else "is_grads_batched (zuko)"
+            name = "loop of autograd.grad" if op != "jacobian" else "is_grads_batched (zuko)"
             recipe, auto = small_events.recipes(op, train)[name], getattr(torchdiv, op)
             for _ in range(20):
                 auto(net, x), recipe(net, x)

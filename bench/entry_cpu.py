@@ -70,10 +70,10 @@ def cases(matrix: bool = False) -> list[tuple[str, Calls]]:
             recipes = small_events.recipes(op, train).items()
             calls |= {k: functools.partial(r, net, x) for k, r in recipes}
             out.append((f"{op}-D{d}-B{b}-{'train' if train else 'frozen'}", calls))
-    methods = laplacian_small.methods()
     names = [c for c in laplacian_small.CASES if not c.startswith("biharmonic")]
     for name in names if matrix else ("fnn2-256", "fnn3-256", "kan2-256"):
         for train in (False, True):
+            methods = laplacian_small.methods(train)
             torch.manual_seed(0)
             net, x = laplacian_small.CASES[name]()
             net.requires_grad_(train)

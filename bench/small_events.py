@@ -12,7 +12,10 @@ libraries write them:
   is_grads_batched:    one ``autograd.grad`` over the whole identity basis
                        (``is_grads_batched=True``), as zuko's exact FFJ transform does;
   torchdyn loop:       ``grad(y[:, i].sum(), x, create_graph=True)[0][:, i]`` for each i,
-                       as torchdyn's ``autograd_trace`` (divergence and diagonal only).
+                       as torchdyn's ``autograd_trace`` (divergence and diagonal only): it
+                       keeps the graph even when frozen, more work than the others do;
+  loop of autograd.grad: the same loop keeping the graph only in training, as the seed
+                       threads write it (``torchdiv._bench.recipes``; divergence and diagonal).
 Every result is checked against vmap(jacrev) before it is timed; one forward pass of f is timed
 in the same rounds, for scale. "auto / best" is auto's median over the fastest recipe's. Writes
 bench/results/local/small_events.json (--update: bench/results/small_events.json).
@@ -29,6 +32,7 @@ from torch import nn
 from torch.func import jacrev, vmap
 
 import torchdiv
+from torchdiv._bench import recipes as _recipes
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 OPERATORS = ("divergence", "jacobian_diagonal", "jacobian")
@@ -76,6 +80,7 @@ def recipes(operator: str, train: bool) -> dict[str, Recipe]:
                 "i...i", _batched_rows(f, x, train)
             ),
             "torchdyn loop": lambda f, x: _loop_entries(f, x).sum(-1),
+            "loop of autograd.grad": lambda f, x: _recipes.loop_grad(f, x, train),
         }
     if operator == "jacobian_diagonal":
         return {
@@ -84,6 +89,7 @@ def recipes(operator: str, train: bool) -> dict[str, Recipe]:
                 dim1=0, dim2=2
             ),
             "torchdyn loop": lambda f, x: _loop_entries(f, x),
+            "loop of autograd.grad": lambda f, x: _recipes.loop_grad_diagonal(f, x, train),
         }
     return {
         "vmap(jacrev)": _per_sample_jacobian,

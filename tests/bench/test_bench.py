@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -55,6 +56,18 @@ def test_every_right_method_matches_an_independent_reference(name, problem):
             assert err > 0.1  # column sums are not the trace
         else:
             assert err <= tolerance(torch.float64), key
+
+
+@pytest.mark.parametrize("name", operators.OPERATORS)
+def test_only_methods_labelled_create_graph_keep_a_graph_on_a_frozen_problem(name):
+    """The suite freezes the parameters so that no method pays for a differentiable result;
+    a recipe that keeps the graph anyway (torchdyn's) does more work and must say so."""
+    op = operators.OPERATORS[name]
+    f, x = PROBLEMS[INDEPENDENT[name][1][0]]()
+    f.requires_grad_(False)
+    for key, method in op.methods.items():
+        keeps_graph = method.call(f, x).requires_grad
+        assert keeps_graph == ("create_graph=True" in method.label), key
 
 
 def test_every_operator_is_checked_against_an_independent_reference():
@@ -229,3 +242,46 @@ def test_plot_styles_tell_every_method_apart():
     looks = [(s["color"], s["linestyle"], s["marker"]) for k, s in styles.items() if "theirs" in k]
     assert len(set(looks)) == 5
     assert not {c for c, _, _ in looks} & set(colours)
+
+
+def test_json_output_is_strict_json_even_with_a_nan_error(tmp_path):
+    """A method that returns NaN has relative error NaN; the file must still be JSON."""
+    import json
+
+    def refuse(name: str) -> float:
+        raise ValueError(f"{name} is not JSON")
+
+    path = tmp_path / "b.json"
+    rows = [
+        {"method": "m", "status": "WRONG", "rel_err": float("nan"), "rounds_ms": [1.0, math.inf]}
+    ]
+    report.write_json(path, rows, {"rounds": 1})
+    doc = json.loads(path.read_text(), parse_constant=refuse)
+    assert doc["rows"] == [
+        {"method": "m", "status": "WRONG", "rel_err": None, "rounds_ms": [1.0, None]}
+    ]
+    assert rows[0]["rounds_ms"] == [1.0, math.inf]  # the caller's rows are left as they were
+
+
+def test_the_plot_names_the_panel_of_a_method_it_left_out():
+    """The families have Ds of their own (the CNF's 2, 8, 16; the MLP's 8, 32, 128): a
+    skipped cell is named by its panel, not by a D another panel shares."""
+    from torchdiv._bench import plot
+
+    def row(family: str, dim: int, label: str, status: str) -> dict:
+        timed = {"median_ms": 1.0} if status == "ok" else {}
+        return {"operator": "divergence", "family": family, "dim": dim, "label": label,
+                "status": status, **timed}  # fmt: skip
+
+    rows = [row("tanh MLP", d, "functional", "ok" if d < 128 else "skipped") for d in (8, 128)]
+    rows += [row("small CNF", d, "functional", "ok" if d < 16 else "skipped") for d in (8, 16)]
+    rows += [
+        row(f, d, "ones", "WRONG")
+        for f, ds in (("tanh MLP", (8, 128)), ("small CNF", (8, 16)))
+        for d in ds
+    ]
+    assert plot._not_drawn(rows) == [
+        "functional (skipped: tanh MLP D=128; small CNF D=16)",
+        "ones (WRONG at every D)",
+    ]
+    assert plot._not_drawn(rows[:2]) == ["functional (skipped at D=128)"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -264,10 +265,22 @@ BAD = [
     (["--model", "nowhere/model.py:f", "--shape", "3"], "no file nowhere/model.py"),
     (["--family", "resnet"], "--family 'resnet' is unknown; choose from mlp, conv, scalar"),
     (["--model", "bench_model:field", "--shape", "3", "--family", "mlp"], "--family picks"),
+    (["--methods", ""], "--methods: expected names separated by commas, got ''"),
+    (["--operator", ","], "--operator: expected names separated by commas, got ','"),
+    (["--family", " "], "--family: expected names separated by commas, got ' '"),
 ]
+# the tiny run these would do without the check ends in a traceback, not an argparse error
+BAD_OUTPUTS = [
+    (["--json", "."], "--json . is a folder; give a file path"),
+    (["--plot", "bench.txt"], "--plot bench.txt: matplotlib cannot write '.txt' files"),
+    (["--markdown", f"{__file__}/b.md"], "test_cli.py is a file, not a folder"),
+]
+ONE_CELL = ["--operator", "divergence", "--family", "mlp", "--dims", "2", "--methods", "auto"]
 
 
-@pytest.mark.parametrize(("argv", "message"), BAD)
+@pytest.mark.parametrize(
+    ("argv", "message"), [*BAD, *(([*ONE_CELL, *TINY, *a], m) for a, m in BAD_OUTPUTS)]
+)
 def test_bad_arguments_exit_with_a_clear_message(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         main(["bench", *argv])
@@ -295,6 +308,31 @@ def test_help_lists_the_options_and_operators(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--model" in out and "jacobian_diagonal" in out and "examples:" in out
+
+
+def test_repeated_names_run_once(tmp_path):
+    out = tmp_path / "b.json"
+    argv = ["bench", "--operator", "divergence,divergence", "--family", "mlp,mlp", "--dims", "2"]
+    assert main([*argv, "--methods", "auto,auto", *TINY, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["operator"], r["family"], r["method"]) for r in rows] == [
+        ("divergence", "tanh MLP", "auto")
+    ]
+
+
+def test_a_plot_without_a_suffix_is_written_and_reported_as_a_png(tmp_path, capsys):
+    assert main(["bench", *ONE_CELL, *TINY, "--plot", str(tmp_path / "b")]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["b.png"]
+    assert f"wrote {tmp_path / 'b.png'}" in capsys.readouterr().out
+
+
+def test_every_output_names_the_date_of_the_run(tmp_path):
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    argv = ["bench", *ONE_CELL, *TINY, "--json", str(out_json), "--markdown", str(out_md)]
+    assert main(argv) == 0
+    date = json.loads(out_json.read_text())["machine"]["date"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", date)
+    assert out_md.read_text().splitlines()[0].endswith(f", {date}.")
 
 
 def test_laplacian_of_a_scalar_user_model(tmp_path):

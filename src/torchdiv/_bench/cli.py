@@ -44,10 +44,17 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+    """``"a, b,a"`` -> ``("a", "b")``: once each, in order; none at all is an error (an empty
+    ``--methods ''`` ran nothing and ``--operator ''`` everything, both silently)."""
+    values = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return values
 
 
-def _positive(kind: type) -> Any:
+def positive(kind: type) -> Any:
+    """An argparse ``type``: a finite number of ``kind`` above zero (``bench/_common.py`` too)."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
@@ -58,6 +65,13 @@ def _positive(kind: type) -> Any:
         return value
 
     return parse
+
+
+def _image_path(text: str) -> Path:
+    """``--plot`` without a suffix is a PNG: matplotlib would add ``.png`` to the name itself,
+    and the run would then report a file that does not exist."""
+    path = Path(text)
+    return path if path.suffix else path.with_name(f"{path.name}.png")
 
 
 def add_parser(commands: Any) -> None:
@@ -86,17 +100,17 @@ def add_parser(commands: Any) -> None:
         help=f"comma-separated built-in nets: {', '.join(suite.FAMILIES)} "
         "(default: the operator's own)",
     )
-    p.add_argument("--batch", type=_positive(int), help="samples per batch")
-    p.add_argument("--width", type=_positive(int), help="hidden units (MLP) and channels (conv)")
+    p.add_argument("--batch", type=positive(int), help="samples per batch")
+    p.add_argument("--width", type=positive(int), help="hidden units (MLP) and channels (conv)")
     p.add_argument("--methods", type=_names, help="comma-separated method keys (default: all)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
-    p.add_argument("--threads", type=_positive(int), help="torch.set_num_threads (CPU)")
-    p.add_argument("--repeats", type=_positive(int), help="interleaved timing rounds")
-    p.add_argument("--min-run-time", type=_positive(float), help="seconds per method per round")
+    p.add_argument("--threads", type=positive(int), help="torch.set_num_threads (CPU)")
+    p.add_argument("--repeats", type=positive(int), help="interleaved timing rounds")
+    p.add_argument("--min-run-time", type=positive(float), help="seconds per method per round")
     p.add_argument(
         "--time-limit",
-        type=_positive(float),
+        type=positive(float),
         default=60.0,
         metavar="SECONDS",
         help="per method: one that would take longer to check, measure and time is skipped "
@@ -105,7 +119,7 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--model", help="your model: module:attr or path/to/file.py:attr")
     p.add_argument("--shape", type=_ints, help="per-sample input shape for --model, e.g. 3,32,32")
     p.add_argument("--json", type=Path, help="write every figure and the machine here")
-    p.add_argument("--plot", type=Path, help="write the PNG (time and memory vs D) here")
+    p.add_argument("--plot", type=_image_path, help="write the PNG (time and memory vs D) here")
     p.add_argument("--markdown", type=Path, help="write the tables as markdown here")
     p.set_defaults(run=run, parser=p)
 
@@ -139,6 +153,30 @@ def _check(args: argparse.Namespace) -> None:
         import rich  # noqa: F401
     except ImportError as exc:
         fail(f"bench needs rich and matplotlib ({exc}): pip install 'torchdiv[bench]'")
+    _check_outputs(args, fail)
+
+
+def _check_outputs(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> None:
+    """Output files the run could not write fail now, not after minutes of timing: a path that
+    is a folder or lies under a file, and a ``--plot`` suffix matplotlib cannot save."""
+    for flag in ("json", "plot", "markdown"):
+        path: Path | None = getattr(args, flag)
+        if path is None:
+            continue
+        if path.is_dir():
+            fail(f"--{flag} {path} is a folder; give a file path")
+        above = next((p for p in path.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            fail(f"--{flag} {path}: {above} is a file, not a folder")
+    if args.plot is not None:  # never without a suffix (_image_path)
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if args.plot.suffix[1:].lower() not in formats:
+            fail(
+                f"--plot {args.plot}: matplotlib cannot write {args.plot.suffix!r} files; "
+                f"use one of {', '.join('.' + f for f in sorted(formats))} (e.g. .png)"
+            )
 
 
 def _is_device(text: str) -> bool:
@@ -194,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         parser: argparse.ArgumentParser = args.parser
         parser.error(str(exc))
     console = Console() if sys.stdout.isatty() else Console(width=120)
+    measured = report.machine(args.device)  # when it started: one date for every output
     warning = load_warning()  # before timing: what the run itself adds is not the machine's
     if warning is not None:
         settings["load_warning"] = warning
@@ -201,13 +240,13 @@ def run(args: argparse.Namespace) -> int:
     rows = _run_plan(
         plan, args.methods, settings["rounds"], settings["min_run_time"], args.time_limit
     )
-    info = report.machine(args.device) | ({"warning": warning} if warning else {})
+    info = measured | ({"warning": warning} if warning else {})
     for table in report.rich_tables(rows, info):
         console.print(table)
     if warning is not None:
         console.print(warning, style="bold yellow", markup=False)
     outputs: list[tuple[Path | None, Callable[[Path], object]]] = [
-        (args.json, lambda path: report.write_json(path, rows, settings, args.device)),
+        (args.json, lambda path: report.write_json(path, rows, settings, measured)),
         (args.markdown, lambda path: path.write_text(report.grid_markdown(rows, info))),
         (args.plot, lambda path: plot.plot(rows, info, path)),
     ]

@@ -124,7 +124,11 @@ DIVERGENCE = Operator(
             "autograd.grad(is_grads_batched)", _recipes.batched_grad, baseline=True
         ),
         "zuko": Method("zuko's exact trace", _recipes.zuko_trace, baseline=True),
-        "torchdyn": Method("torchdyn's autograd_trace", _recipes.torchdyn_trace, baseline=True),
+        # torchdyn's loop always keeps the graph: the one row that pays for a differentiable
+        # result on the frozen problems ("loop" is the same loop without it)
+        "torchdyn": Method(
+            "torchdyn's autograd_trace (create_graph=True)", _recipes.torchdyn_trace, baseline=True
+        ),
         "ones-vjp": Method("grad(y, x, ones) [wrong]", _recipes.ones_vjp, baseline=True),
     },
     _reference(_as_divergence),

@@ -107,16 +107,28 @@ def _styles(rows: list[Row]) -> dict[str, dict[str, Any]]:
 
 
 def _not_drawn(rows: list[Row]) -> list[str]:
-    """``label (WRONG at every D)`` or ``label (skipped at D=128)`` for each method left out."""
-    every = {r["dim"] for r in rows}
-    out: dict[tuple[str, str], set[int]] = {}
-    for row in rows:
-        if "median_ms" not in row:
-            out.setdefault((row["label"], row["status"]), set()).add(row["dim"])
-    return [
-        f"{label} ({status} at " + ("every D" if dims == every else _dims(dims)) + ")"
-        for (label, status), dims in out.items()
-    ]
+    """``label (WRONG at every D)`` or ``label (skipped at D=128)`` for each method left out;
+    where the run has several panels, each named: ``label (skipped: tanh MLP D=128; small
+    CNF (ELU) D=16)`` (the panels' D differ: a bare ``D=16`` names none of them)."""
+    panels = groups(rows)
+    out: dict[tuple[str, str], dict[tuple[str, str], set[int]]] = {}
+    for panel, group in panels.items():
+        for row in group:
+            if "median_ms" not in row:
+                where = out.setdefault((row["label"], row["status"]), {})
+                where.setdefault(panel, set()).add(row["dim"])
+    lines = []
+    for (label, status), where in out.items():
+        parts = {
+            panel: "every D" if dims == {r["dim"] for r in panels[panel]} else _dims(dims)
+            for panel, dims in where.items()
+        }
+        if len(panels) == 1 or set(parts.values()) == {"every D"}:
+            lines.append(f"{label} ({status} at {' and '.join(dict.fromkeys(parts.values()))})")
+        else:
+            named = "; ".join(f"{family} {text}" for (_, family), text in parts.items())
+            lines.append(f"{label} ({status}: {named})")
+    return lines
 
 
 def _dims(dims: set[int]) -> str:

@@ -8,7 +8,9 @@ README.
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -26,8 +28,11 @@ LEGEND = (
 
 
 def machine(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """What the numbers were measured on: library versions, threads, processor, accelerator."""
+    """What the numbers were measured on and when: library versions, threads, processor,
+    accelerator, the date (UTC, to the minute)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
     out = {
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "processor": _cpu_model(),
@@ -42,9 +47,11 @@ def machine(device: str | torch.device = "cpu") -> dict[str, Any]:
 
 
 def describe(info: dict[str, Any]) -> str:
-    """One line for titles: ``Intel Xeon ..., 2 threads, torch 2.13.0+cpu``."""
+    """One line for titles: ``Intel Xeon ..., 2 threads, torch 2.13.0+cpu, 2026-12-05 02:40 UTC``
+    (no date for a record written before dates were kept)."""
     where = info.get("device_name", f"{info['processor']}, {info['threads']} threads")
-    return f"{where}, torch {info['torch']}"
+    when = f", {info['date']}" if "date" in info else ""
+    return f"{where}, torch {info['torch']}{when}"
 
 
 def _cpu_model() -> str:
@@ -58,12 +65,29 @@ def _cpu_model() -> str:
 
 
 def write_json(
-    path: Path, rows: list[Row], settings: dict[str, Any] | None = None, device: str = "cpu"
+    path: Path,
+    rows: list[Row],
+    settings: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
 ) -> None:
-    """``{"machine": ..., "settings": ..., "rows": [...]}``, every figure of every method."""
+    """``{"machine": ..., "settings": ..., "rows": [...]}``, every figure of every method;
+    ``info`` is the run's ``machine()`` (default: this CPU, now), the one its tables name.
+    A figure that is not finite (the relative error of a method that returned NaN) is written
+    as ``null``: ``NaN`` and ``Infinity`` are not JSON, and strict readers reject the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"machine": machine(device), "settings": settings or {}, "rows": rows}
-    path.write_text(json.dumps(doc, indent=1))
+    doc = {"machine": info or machine(), "settings": settings or {}, "rows": rows}
+    path.write_text(json.dumps(_finite(doc), indent=1, allow_nan=False))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by ``None``, in dicts and lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def markdown(rows: list[Row], columns: list[tuple[str, str]]) -> str:
