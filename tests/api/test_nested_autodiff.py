@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.autograd import forward_ad
 from torch.func import hessian, jacfwd, vmap
 
 import torchdiv
-from tests.conftest import assert_close, laplacian_by_grad_of_grad, tanh_mlp
+from tests.conftest import (
+    LegacyCube,
+    Stateful,
+    assert_close,
+    assert_one_state,
+    laplacian_by_grad_of_grad,
+    one_state,
+    tanh_mlp,
+)
 from torchdiv._taylor import UnsupportedOp
 
 f64 = torch.float64
@@ -186,3 +195,149 @@ def test_samples_mixed_only_in_a_backward_pass_inside_f_are_seen(seed, call) -> 
     else:
         with pytest.raises(torchdiv.BatchInteractionError, match="f mixes samples"):
             call(score, x)
+
+
+def _value_grad_laplacian_by_loop(f, x: torch.Tensor):
+    """``f(x)``, every sample's Jacobian (gradient) and Laplacian by ``autograd.grad`` loops
+    with ``create_graph`` (differentiable in ``f``'s parameters): the reference."""
+    z = x.detach().requires_grad_(True)
+    y = f(z)
+    outputs = y.reshape(len(z), -1)
+    rows, laplacians = [], []
+    for i in range(outputs.shape[1]):
+        (row,) = torch.autograd.grad(outputs[:, i].sum(), z, create_graph=True)
+        rows.append(row)
+        seconds = [
+            torch.autograd.grad(row[:, j].sum(), z, create_graph=True)[0][:, j]
+            for j in range(z.shape[1])
+        ]
+        laplacians.append(torch.stack(seconds).sum(0))
+    gradient = torch.stack(rows, 1).reshape(*y.shape, z.shape[1])
+    return y, gradient, torch.stack(laplacians, 1).reshape(y.shape)
+
+
+def _legacy_function(net: torch.nn.Module):
+    """Two outputs a sample through an ``autograd.Function`` without ``setup_context``
+    (``torch.func`` refuses it, the Taylor engine has no rule for it)."""
+    return lambda z: LegacyCube.apply(torch.tanh(net(z)))
+
+
+def _dual_level(net: torch.nn.Module):
+    """A score ``∇E`` (a backward pass, refused by the Taylor engine) times a directional
+    derivative taken by forward AD's ``dual_level`` inside ``f`` (PyTorch refuses nested
+    forward mode: no forward over reverse)."""
+
+    def u(z: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            z = z if z.requires_grad else z.requires_grad_(True)
+            (score,) = torch.autograd.grad(net(z).sum(), z, create_graph=True)
+        with forward_ad.dual_level():
+            dual = forward_ad.make_dual(z, torch.ones_like(z))
+            tangent = forward_ad.unpack_dual(torch.sin(dual) * dual).tangent
+        return (score * tangent).sum(-1)
+
+    return u
+
+
+def _inner_grad_of_grad(net: torch.nn.Module):
+    """A torchdiv Laplacian by ``method="grad-of-grad"`` inside ``f`` (refused under
+    ``torch.func``'s transforms, a backward pass to the Taylor engine)."""
+
+    def u(z: torch.Tensor) -> torch.Tensor:
+        inner = torchdiv.laplacian(lambda p: net(p)[:, 0], z, method="grad-of-grad")
+        return torch.sin(z).sum(-1) * inner
+
+    return u
+
+
+FALLBACKS = {
+    "legacy autograd.Function": _legacy_function,
+    "forward_ad.dual_level": _dual_level,
+    "inner grad-of-grad": _inner_grad_of_grad,
+}
+
+
+@pytest.mark.parametrize("make", FALLBACKS.values(), ids=FALLBACKS)
+def test_value_grad_laplacian_loops_where_the_laplacian_loops(make) -> None:
+    """Where the Taylor engine cannot run ``f`` and forward over reverse cannot either,
+    ``laplacian``'s ``"auto"`` loops over backward passes (at up to ``LOOP_FALLBACK`` inputs);
+    ``value_grad_laplacian``'s ``"auto"`` took forward over reverse only, and raised. Values
+    and parameter gradients against float64 ``autograd.grad`` loops."""
+    torch.manual_seed(0)
+    net = tanh_mlp(3, 5, 2)
+    u = make(net)
+    x = torch.randn(4, 3, dtype=f64)
+    got = torchdiv.value_grad_laplacian(u, x)
+    want = _value_grad_laplacian_by_loop(u, x)
+    weights = list(net.parameters())
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape
+        assert_close(a, b)
+    assert_close(torchdiv.laplacian(u, x), want[2])
+
+    def loss(out):
+        return sum(
+            (t * torch.linspace(0.5, 1.5, t.numel(), dtype=f64).view_as(t)).sum() for t in out
+        )
+
+    got_grads = torch.autograd.grad(loss(got), weights, materialize_grads=True)
+    want_grads = torch.autograd.grad(loss(want), weights, materialize_grads=True)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert_close(a, b)
+    assert not x.requires_grad
+
+
+def test_value_grad_laplacians_loop_changes_a_stateful_f_once() -> None:
+    """The loop ``value_grad_laplacian``'s ``"auto"`` falls back to (a legacy
+    ``autograd.Function`` head) evaluates ``f`` after the Taylor engine recorded it: from the
+    state the recording found (the same dropout mask and buffer), which the call leaves as one
+    evaluation did."""
+    net, x = Stateful(3, m=2, head=LegacyCube.apply), torch.randn(5, 3, dtype=f64)
+    once, state = one_state(net, x, seed=4)
+    torch.manual_seed(4)
+    got = torchdiv.value_grad_laplacian(net, x)
+    for a, b in zip(got, _value_grad_laplacian_by_loop(once, x), strict=True):
+        assert_close(a, b)
+    assert_one_state(net, once, state)
+
+
+class _Cube(torch.autograd.Function):
+    """``y³`` as a ``torch.func``-ready ``autograd.Function`` (``setup_context``, ``jvp``, a
+    vmap rule): forward over reverse runs it, the Taylor engine has no rule for it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(y):
+        return y**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * 3 * y**2
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (y,) = ctx.saved_tensors
+        return tangent * 3 * y**2
+
+
+def test_value_grad_laplacians_loop_not_finite_changes_a_stateful_f_once() -> None:
+    """Where the fallback loop's Laplacian is not finite (``0.0 ** t``, 0 for ``t > 0``, whose
+    double backward PyTorch makes NaN) ``value_grad_laplacian`` computes the three separately
+    (forward over reverse): every evaluation from the state the loop's found, so one
+    function (the same mask and buffer), and the state as one evaluation leaves it."""
+    head = lambda y: _Cube.apply(y) + torch.pow(0.0, y.square() + 1)  # noqa: E731
+    net, x = Stateful(3, m=2, head=head), torch.randn(5, 3, dtype=f64)
+    once, state = one_state(net, x, seed=4)
+    once.head = lambda y: y**3  # the same function, without the zero term the loop gets NaN for
+    torch.manual_seed(4)
+    got = torchdiv.value_grad_laplacian(net, x)
+    for a, b in zip(got, _value_grad_laplacian_by_loop(once, x), strict=True):
+        assert_close(a, b)
+    assert_one_state(net, once, state)

@@ -359,12 +359,12 @@ def value_grad_laplacian(
         f: as in ``laplacian``.
         x: as in ``laplacian``.
         batch_dims: as in ``laplacian``.
-        method: ``"auto"`` (the Taylor engine, or ``f(x)``, ``jacobian`` and
-            ``"forward-over-reverse"`` separately where an op has no Taylor rule, each
-            evaluation from the state the first found: one function, a stateful ``f``'s
-            buffers and random draws changed once; the loop
-            of backward passes at few inputs and little arithmetic per call, as
-            ``laplacian``),
+        method: ``"auto"`` (the Taylor engine; the loop of backward passes at few inputs
+            and little arithmetic per call, and where an op has no Taylor rule at up to ten
+            inputs or for ops only it differentiates right, as ``laplacian``; otherwise, or
+            where that loop's Laplacian is not finite, ``f(x)``, ``jacobian`` and
+            ``"forward-over-reverse"`` separately; each evaluation from the state the first
+            found: one function, a stateful ``f``'s buffers and random draws changed once),
             ``"taylor"`` or ``"forward-over-reverse"``.
         chunk_size: at most this many directions in flight (``None``: as ``laplacian``).
 
@@ -389,13 +389,14 @@ def value_grad_laplacian(
     check_method(fn, method, SWEEP_METHODS)
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
-    graph = None
+    graph, looped = None, False
     if method == "auto" and x.numel() > 0:
         plan = methods.recorded_or_loop(g, x, batch_dims)
         if isinstance(plan, methods.Loop):
             out = _looped(g, x, batch_dims, plan)
             if out is not None:
                 return out
+            looped = True  # not finite: the Taylor engine, or the three separately
         else:
             graph = plan
     if method != "forward-over-reverse" and x.numel() > 0:
@@ -414,19 +415,39 @@ def value_grad_laplacian(
                     f"{fn}: method='taylor' has no propagation rule for {exc}; use "
                     "method='auto' (computes the three separately)"
                 ) from exc
+            if not looped and methods.loops_after(graph, x, batch_dims):
+                return _looped_or_separately(g, x, batch_dims, chunk_size)
     return _separately(g, x, batch_dims, chunk_size)
 
 
-def _separately(
+def _looped_or_separately(
     g: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None
 ) -> ValueGradLaplacian:
+    """Where the Taylor engine cannot run ``g``: the loop of backward passes, as the
+    Laplacian's ``"auto"`` takes it (``methods.loops_after``; what recording ``g`` changed is
+    put back already, and the recording watched ``g`` for sample mixing), or, where its
+    Laplacian is not finite, ``_separately`` from the state the loop's evaluation found
+    (``Once``): ``g``'s state changes once."""
+    each = Once(x)
+    out = _looped(each(g), x, batch_dims, methods.Loop())
+    return _separately(g, x, batch_dims, chunk_size, each) if out is None else out
+
+
+def _separately(
+    g: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    each: Once | None = None,
+) -> ValueGradLaplacian:
     """``g(x)``, ``jacobian`` and ``"forward-over-reverse"``: three evaluations of ``g`` (and
-    one a chunk), each from the state the first found (``Once``), so that the three are of
-    one function (the same dropout mask) and ``g``'s buffers and random draws change once.
+    one a chunk), each from the state the first found (``Once``; ``each``: one that watched
+    an evaluation before), so that the three are of one function (the same dropout mask) and
+    ``g``'s buffers and random draws change once.
     ``g(x)`` is evaluated on an alias (``g``'s own ``x.requires_grad_()`` leaves the caller's
     ``x``) with grad on, as the other two evaluate it (a score's ``autograd.grad`` inside),
     and kept without a graph under the caller's ``no_grad``."""
-    each = Once(x)
+    each = each or Once(x)
     outer = torch.is_grad_enabled()
     with torch.enable_grad():
         value = each(g)(argument(x))

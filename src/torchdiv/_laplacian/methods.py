@@ -111,9 +111,17 @@ def _recorded_auto(
     out = collapsed_or_none(plan, x, unit_directions(x, batch_dims, chunk))
     if out is not None:
         return out
-    if n <= LOOP_FALLBACK or _backward_passes_only(plan):
+    if loops_after(plan, x, batch_dims):
         return looped(f, x, batch_dims, chunk)
     return forward_over_reverse(f, x, batch_dims, chunk)
+
+
+def loops_after(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether ``"auto"`` loops over backward passes where the Taylor engine could not run
+    ``f`` (recorded as ``graph``), rather than taking forward over reverse: at up to
+    ``LOOP_FALLBACK`` inputs, or at any number where ``f`` runs an op that only the loop
+    differentiates right (``_backward_passes_only``)."""
+    return event_numel(x, batch_dims) <= LOOP_FALLBACK or _backward_passes_only(graph)
 
 
 def _backward_passes_only(graph: Graph) -> bool:
