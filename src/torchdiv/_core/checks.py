@@ -397,12 +397,8 @@ class Unwritten:
         self.fn, self.f, self.x = fn, f, x
         self.version = x._version
         self.backup: torch.Tensor | None = None
-        try:  # (not ``contextlib.suppress``: three Python calls of a tiny problem's call)
-            # (detached only where autograd would record the clone)
-            kept = x.detach() if x.requires_grad else x
-            self.backup = torch._lazy_clone(kept)  # pyright: ignore[reportPrivateImportUsage]
-        except RuntimeError:  # a device without copy-on-write: no backup
-            pass
+        with contextlib.suppress(RuntimeError):  # a device without copy-on-write: no backup
+            self.backup = torch._lazy_clone(x.detach())  # pyright: ignore[reportPrivateImportUsage]
 
     def check(self, z: torch.Tensor, version: int, error: Exception | None = None) -> None:
         """Raise the ``ValueError`` if the evaluation of ``f`` at ``z`` (whose version was

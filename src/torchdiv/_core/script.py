@@ -61,6 +61,8 @@ def initialized(f: Any) -> bool:
     """Whether the public call in flight found no lazy module with uninitialized parameters
     in ``f``'s tree before it first ran ``f`` (``call_started``). Read once: a later check
     of ``f`` in the same call (after ``f`` ran, which may add modules) walks again."""
+    if torch.compiler.is_compiling():  # (Dynamo cannot trace a ContextVar; nothing was set)
+        return False
     held = _INITIALIZED.get()
     if held is None or held[0] is not f:
         return False
@@ -92,9 +94,10 @@ def scripted(f: Any, depth: int = 3, lazy: list[Any] | None = None) -> list[Any]
         elif kind is _MODULE or kind is _OWN_MODULE:  # its submodules, what its forward names
             todo += [(m, left) for m in obj._modules.values()]  # (a helper) and holds
             if lazy is not None and isinstance(obj, LazyModuleMixin):
-                uninitialized: Any = obj  # (torch types the method's self as a protocol)
-                if uninitialized.has_uninitialized_params():
-                    lazy.append(obj)
+                held: Any = obj  # (torch types the lazy mixin's self as a protocol)
+                if held.has_uninitialized_params():
+                    lazy.append(held)
+                obj = held  # (not narrowed below: the module's own forward is read)
             if kind is _OWN_MODULE:  # a class of the user's: its forward, its attributes
                 todo.append((type(obj).forward, left))
                 todo += [(v, left) for v in obj.__dict__.values() if _callable(v)]
