@@ -321,3 +321,50 @@ def test_an_uninitialized_lazy_module_is_refused_before_it_is_evaluated(name):
         getattr(torchdiv, name)(net, torch.randn(3, 4), **options)
     net(torch.randn(3, 4))  # initialized: runs
     getattr(torchdiv, name)(net, torch.randn(3, 4), **options)
+
+
+@pytest.mark.parametrize("bound", [False, True])
+def test_a_lazy_module_added_after_a_call_is_refused(bound):
+    """The walk at the start of a call (``_core.script.call_started``) stands in for
+    ``check_initialized``'s own: it is made at every call, so a lazy module added to ``f``'s
+    tree after calls that passed (which a cache of the first call's finding would miss) is
+    refused, also through a bound method of the module."""
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
+    x = torch.randn(3, 2)
+    f = net.forward if bound else net
+    torchdiv.divergence(f, x), torchdiv.jacobian_diagonal(f, x)
+    net.append(torch.nn.Sequential(torch.nn.LazyLinear(2)))
+    with pytest.raises(ValueError, match=r"^divergence: f has uninitialized .*LazyLinear"):
+        torchdiv.divergence(f, x)
+    net(x)  # initialized: runs
+    torchdiv.divergence(f, x)
+
+
+def test_the_walk_at_the_start_of_a_call_is_read_once_for_that_f(monkeypatch):
+    """``check_initialized`` takes the call's walk (``initialized``) for the ``f`` it walked,
+    once (after ``f`` ran, a check walks again), and never for another ``f`` (a function, whose
+    modules that walk does not bound) or outside a call."""
+    from torchdiv._core import checks, script
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    read = []
+
+    def spy(f):
+        read.append((f, script.initialized(f)))
+        return read[-1][1]
+
+    monkeypatch.setattr(checks, "initialized", spy)
+    torchdiv.divergence(net, torch.randn(3, 2))
+    torchdiv.divergence(lambda z: net(z), torch.randn(3, 2))
+    assert [found for _, found in read] == [True, False]
+    token = script.call_started(net)
+    try:
+        assert script.initialized(net) and not script.initialized(net)
+    finally:
+        script.call_ended(token)
+    assert not script.initialized(net)
+    token = script.call_started(torch.nn.Sequential(torch.nn.LazyLinear(2)))
+    try:
+        assert not script.initialized(net)
+    finally:
+        script.call_ended(token)

@@ -20,7 +20,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from torchdiv._core.modes import DispatchMode, WrongDerivatives
-from torchdiv._core.script import attribute
+from torchdiv._core.script import attribute, initialized
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -299,7 +299,10 @@ def check_initialized(fn: str, f: Any) -> None:
     """Refuse a module ``f`` (or a bound method of one) holding a lazy module that has not
     seen an input yet: its first forward swaps parameter classes, which inside a ``torch.func``
     transform left it half made, and the next evaluation crashed the process (a segmentation
-    fault). One walk of the ``_modules`` dictionaries."""
+    fault). One walk of the ``_modules`` dictionaries, unless the walk at the start of the
+    public call found none already (``script.initialized``)."""
+    if initialized(f):
+        return
     owner = f if isinstance(f, torch.nn.Module) else attribute(f, "__self__")
     stack = [owner] if isinstance(owner, torch.nn.Module) else []
     while stack:

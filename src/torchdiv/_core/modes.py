@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from torchdiv._core import linalg as _linalg
 from torchdiv._core.ddp import in_process_group, one_forward, spans_peers
-from torchdiv._core.script import attribute, forget_plans
+from torchdiv._core.script import attribute, call_ended, call_started
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -55,13 +55,16 @@ def outside_inference_mode(fn: F) -> F:
                 return eager(f, x, *args, **kwargs)
             _materialized_zero_tangents()
             return fn(f, x, *args, **kwargs)
-        forget_plans(f)  # TorchScript in f: run as written (with CompiledCodeEager's flag)
-        with CompiledCodeEager():
-            if not spans_peers():  # no process group (or an outer call's): nothing to share
-                return outside(f, x, *args, **kwargs)
-            with one_forward() as call:
-                result = outside(f, x, *args, **kwargs)
-                return result if call is None else call.finish(result)
+        started = call_started(f)  # TorchScript in f: run as written (with the flag below)
+        try:
+            with CompiledCodeEager():
+                if not spans_peers():  # no process group (or an outer call's): nothing to share
+                    return outside(f, x, *args, **kwargs)
+                with one_forward() as call:
+                    result = outside(f, x, *args, **kwargs)
+                    return result if call is None else call.finish(result)
+        finally:
+            call_ended(started)
 
     eager = cast(Callable[..., Any], torch.compiler.disable(wrapper))  # untyped in torch
     return wrapper  # type: ignore[return-value]
@@ -273,21 +276,39 @@ class CompiledCodeEager(contextlib.ContextDecorator):
         return type(self)()
 
     def __enter__(self) -> None:
-        _UNOPTIMIZED.enter()
+        # (``_Unoptimized.enter`` and ``_Held.enter`` inlined, one Python call each fewer: a
+        # tiny problem's call enters one block, whose cost is a few percent of it)
+        local = _UNOPTIMIZED
+        if local.count == 0:
+            local.prior = _executor_optimizes()
+            _set_executor_optimizes(False)
+        local.count += 1
         self.held = False
-        frames = sys.modules.get("torch._dynamo.eval_frame")
+        frames: Any = sys.modules.get("torch._dynamo.eval_frame")  # its private global
         if frames is None or not hasattr(frames, "_stance"):  # no Dynamo, or torch < 2.6
             return
         if torch.compiler.is_compiling():  # Dynamo traces the call: nothing to protect
             return
         if get_eval_frame_callback() in (None, False):
-            _STANCE.enter(_eager_stance)
+            stance = _STANCE
+            with stance.lock:
+                if stance.count == 0:  # what Dynamo's ``_set_stance`` does, without its
+                    # check that no compiled region runs (made above) and its import
+                    stance.prior, frames._stance = frames._stance, _force_eager(frames)
+                stance.count += 1
             self.held = True
 
     def __exit__(self, *exc: object) -> None:
-        _UNOPTIMIZED.exit()
+        local = _UNOPTIMIZED
+        local.count -= 1
+        if local.count == 0:
+            _set_executor_optimizes(local.prior)
         if self.held:
-            _STANCE.exit(_put_stance)
+            stance = _STANCE
+            with stance.lock:
+                stance.count -= 1
+                if stance.count == 0:
+                    _put_stance(stance.prior)
 
 
 class _Unoptimized(threading.local):
@@ -300,29 +321,10 @@ class _Unoptimized(threading.local):
         self.count = 0
         self.prior = True
 
-    def enter(self) -> None:
-        if self.count == 0:
-            self.prior = torch._C._get_graph_executor_optimize()
-            torch._C._set_graph_executor_optimize(False)
-        self.count += 1
 
-    def exit(self) -> None:
-        self.count -= 1
-        if self.count == 0:
-            torch._C._set_graph_executor_optimize(self.prior)
-
-
-_UNOPTIMIZED = _Unoptimized()
-
-
-def _eager_stance() -> Any:
-    """Set Dynamo's stance to "force_eager"; returns the prior one. What Dynamo's
-    ``_set_stance`` does, without its check that no compiled region runs (made by
-    ``CompiledCodeEager`` already) and the import it makes at every call: 3 us of a tiny
-    problem's call, twice."""
-    frames: Any = sys.modules["torch._dynamo.eval_frame"]  # its private global, untyped
-    prior, frames._stance = frames._stance, _force_eager(frames)
-    return prior
+_UNOPTIMIZED = _Unoptimized()  # (entered and left by ``CompiledCodeEager`` itself)
+_executor_optimizes = torch._C._get_graph_executor_optimize
+_set_executor_optimizes = torch._C._set_graph_executor_optimize
 
 
 def _put_stance(prior: Any) -> None:

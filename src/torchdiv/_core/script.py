@@ -17,24 +17,60 @@ import functools
 import types
 import weakref
 from collections.abc import Iterable
+from contextvars import ContextVar, Token
 from typing import Any
 
 import torch
+from torch.nn.modules.lazy import LazyModuleMixin
 
 _SCRIPTED = (torch.jit.ScriptModule, torch.jit.ScriptFunction)
 
 
-def forget_plans(f: Any) -> None:
+def forget_plans(f: Any) -> bool:
     """Drop the executor plans of every scripted module and function ``f`` reaches (see
-    ``scripted``); nothing else is changed."""
-    for found in scripted(f):
+    ``scripted``); nothing else is changed. Returns whether ``f`` is a module or a bound
+    method and no module the same walk met holds uninitialized parameters (a lazy module):
+    the walk meets every module of ``f``'s tree (or its object's), so
+    ``checks.check_initialized`` need not walk it again before ``f`` runs (``initialized``)."""
+    lazy: list[Any] = []
+    for found in scripted(f, lazy=lazy):
         method = found if isinstance(found, torch.jit.ScriptFunction) else found.forward
         flush = getattr(method, "_debug_flush_compilation_cache", None)
         if flush is not None:
             flush()
+    return not lazy and isinstance(f, (torch.nn.Module, types.MethodType))
 
 
-def scripted(f: Any, depth: int = 3) -> list[Any]:
+# [the ``f`` whose walk found no lazy module] of the public call in flight (``initialized``)
+_INITIALIZED: ContextVar[list[Any] | None] = ContextVar("_INITIALIZED", default=None)
+
+
+def call_started(f: Any) -> Token[list[Any] | None]:
+    """``forget_plans(f)`` at the start of a public call, whose ``checks.check_initialized``
+    of this very ``f`` then reads the walk's finding (``initialized``) instead of walking
+    ``f``'s modules again (about 5 us of a tiny problem's call). Returns the token for
+    ``call_ended`` (a plain function pair: a generator's context manager costs ~2 us)."""
+    return _INITIALIZED.set([f] if forget_plans(f) else None)
+
+
+def call_ended(token: Token[list[Any] | None]) -> None:
+    _INITIALIZED.reset(token)
+
+
+def initialized(f: Any) -> bool:
+    """Whether the public call in flight found no lazy module with uninitialized parameters
+    in ``f``'s tree before it first ran ``f`` (``call_started``). Read once: a later check
+    of ``f`` in the same call (after ``f`` ran, which may add modules) walks again."""
+    if torch.compiler.is_compiling():  # (Dynamo cannot trace a ContextVar; nothing was set)
+        return False
+    held = _INITIALIZED.get()
+    if held is None or held[0] is not f:
+        return False
+    held[0] = None
+    return True
+
+
+def scripted(f: Any, depth: int = 3, lazy: list[Any] | None = None) -> list[Any]:
     """The ``torch.jit.ScriptModule``s and ``ScriptFunction``s ``f`` is or reaches: through
     submodules (not into a scripted one: its calls are inlined in its own graph) and their
     classes' ``forward``, the functions a module holds as attributes (``self.act =
@@ -42,7 +78,8 @@ def scripted(f: Any, depth: int = 3) -> list[Any]:
     objects (their class's ``__call__`` and the functions they hold), and a function's
     closure cells, default arguments and the globals its code and the functions defined in
     it name (a scripted activation), ``depth`` functions deep. Each object's kind
-    is read from its type once per type (``_kind``): about 1 us per module."""
+    is read from its type once per type (``_kind``): about 1 us per module. ``lazy``: the
+    modules met with uninitialized parameters (lazy modules) are appended to it."""
     out: list[Any] = []
     seen: set[int] = set()
     todo = [(f, depth)]
@@ -56,6 +93,11 @@ def scripted(f: Any, depth: int = 3) -> list[Any]:
             out.append(obj)
         elif kind is _MODULE or kind is _OWN_MODULE:  # its submodules, what its forward names
             todo += [(m, left) for m in obj._modules.values()]  # (a helper) and holds
+            if lazy is not None and isinstance(obj, LazyModuleMixin):
+                held: Any = obj  # (torch types the lazy mixin's self as a protocol)
+                if held.has_uninitialized_params():
+                    lazy.append(held)
+                obj = held  # (not narrowed below: the module's own forward is read)
             if kind is _OWN_MODULE:  # a class of the user's: its forward, its attributes
                 todo.append((type(obj).forward, left))
                 todo += [(v, left) for v in obj.__dict__.values() if _callable(v)]

@@ -383,11 +383,9 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
             continue
         seen.add(i)
         attributes = m.__dict__
-        held += (
-            i,
-            weakref.ref(type(m)),
-            *[v for v in attributes.values() if type(v) in _MODULE_FLAGS],
-        )
+        held.append(i)  # (appended, not a tuple of the three: ~10% of the walk)
+        held.append(weakref.ref(type(m)))
+        held += [v for v in attributes.values() if type(v) in _MODULE_FLAGS]
         pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
         if pre or post:  # by their handles' ids (a counter: never reused)
             held.append((*(pre or ()), None, *(post or ())))
