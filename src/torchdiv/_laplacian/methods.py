@@ -29,7 +29,7 @@ from torchdiv._core.basis import (
 from torchdiv._core.checks import event_numel, out_of_memory, unwrapped
 from torchdiv._core.crossover import traced
 from torchdiv._core.modes import recorded
-from torchdiv._exact.forward import ForwardJacobian, under_tangents
+from torchdiv._exact.forward import ForwardJacobian, holds_dual_level, under_tangents
 from torchdiv._exact.state import Once
 from torchdiv._laplacian.loop import Check, Settings, all_finite, grad_of_grad
 from torchdiv._taylor import (
@@ -106,7 +106,7 @@ def _recorded_auto(
     out = collapsed_or_none(plan, x, unit_directions(x, batch_dims, chunk))
     if out is not None:
         return out
-    if n <= LOOP_FALLBACK or _backward_passes_only(plan):
+    if n <= LOOP_FALLBACK or _backward_passes_only(plan) or holds_dual_level():
         return looped(f, x, batch_dims, chunk)
     return forward_over_reverse(f, x, batch_dims, chunk)
 
