@@ -29,6 +29,7 @@ from torchdiv._core.basis import (
 from torchdiv._core.checks import event_numel, out_of_memory, unwrapped
 from torchdiv._core.crossover import traced
 from torchdiv._core.modes import recorded
+from torchdiv._core.tie import tied
 from torchdiv._exact.forward import ForwardJacobian, holds_dual_level, under_tangents
 from torchdiv._exact.state import Once
 from torchdiv._laplacian.loop import Check, Settings, all_finite, grad_of_grad
@@ -288,9 +289,9 @@ def collapsed(
         if isinstance(out, Jet) and out.lap is not None:
             total = accumulated(total, out.lap)
     if total is None:  # f(x) does not depend on x, or only linearly
-        return x.new_zeros(graph.output_shape)
+        return tied(x.new_zeros(graph.output_shape), x)
     mean = total if divisor == 1 else total / divisor
-    return mean.to(x.dtype).expand(graph.output_shape).clone()
+    return tied(mean.to(x.dtype).expand(graph.output_shape), x)  # (tied: a new tensor)
 
 
 # the values f computed are reused by a replay whose result is not differentiated only while
