@@ -537,7 +537,7 @@ def log_likelihood(
     value, stderr = _trace.summary(state[1])
     logp = base.to(x.dtype) - value
     if adjoint and logp.requires_grad:
-        logp = _FirstOrderOnly.apply(logp)
+        logp = _FirstOrderOnly.apply(logp)  # type: ignore[no-untyped-call]
     if not return_stderr:
         return logp
     return logp, (torch.zeros_like(stderr) if s is None else stderr)
