@@ -80,6 +80,7 @@ from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.probes import draw
 from torchdiv._estimators.registry import STOCHASTIC_METHODS, num_terms, num_vectors
 from torchdiv._exact import dispatch as _exact
+from torchdiv._exact.autograd import UndifferentiableBackward
 from torchdiv._taylor.cache import site
 
 __all__ = ["AugmentedDynamics", "log_likelihood"]
@@ -91,6 +92,29 @@ FLOW_METHODS = (*_exact.EXACT_METHODS, "structured", *STOCHASTIC_METHODS)
 # step collapses (dopri5 stalled past 1500 evaluations where 100 do)
 _SKETCHING = ("hutch++", "xtrace")
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The identity on ``log_likelihood(adjoint=True)``'s result, whose backward refuses to
+    run with ``create_graph=True`` (grad mode on in a backward): ``torchdiffeq``'s adjoint
+    computes its gradients under ``no_grad``, so the gradients of those gradients (a
+    score-matching loss on ``grad_x log p``, a gradient penalty, a Hessian-vector product)
+    were silently missing: ``grad_x`` came back without a graph."""
+
+    @staticmethod
+    def forward(ctx: Any, logp: torch.Tensor) -> torch.Tensor:
+        return logp.clone()  # not a view: the caller may write to the result
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> Any:
+        if torch.is_grad_enabled():
+            raise UndifferentiableBackward(
+                "log_likelihood: adjoint=True gives first derivatives only (torchdiffeq's "
+                "adjoint backward runs under no_grad), but this backward pass asks for a graph "
+                "(create_graph=True): its gradients would silently not be differentiable; use "
+                "adjoint=False (backpropagation through the solver) for higher derivatives"
+            )
+        return grad_outputs[0]
 
 
 def _sharded(p: torch.Tensor) -> bool:
@@ -448,6 +472,7 @@ def log_likelihood(
             arguments a ``functools.partial`` binds). Under
             ``DistributedDataParallel`` the adjoint's evaluations in the backward pass run the
             wrapped module bare (this call was its one forward: buffers broadcast once).
+            First derivatives only: a backward pass with ``create_graph=True`` raises.
         options: ``torchdiffeq`` solver options, e.g. ``{"step_size": 0.05}`` for ``"rk4"``.
 
     Returns:
@@ -511,6 +536,8 @@ def log_likelihood(
     check_log_prob(fn, base, x, batch_dims)
     value, stderr = _trace.summary(state[1])
     logp = base.to(x.dtype) - value
+    if adjoint and logp.requires_grad:
+        logp = _FirstOrderOnly.apply(logp)  # type: ignore[no-untyped-call]
     if not return_stderr:
         return logp
     return logp, (torch.zeros_like(stderr) if s is None else stderr)

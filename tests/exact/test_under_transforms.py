@@ -152,3 +152,73 @@ def test_recording_methods_under_the_callers_vmap_name_the_transform(call) -> No
     net, xs = net.double(), torch.randn(2, 4, 3, dtype=torch.float64)
     with pytest.raises(NotImplementedError, match=r"torch\.func transform around the call"):
         vmap(lambda z: call(net, z))(xs)
+
+
+def _tanh_net(d_in: int, d_out: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(d_in, 6), torch.nn.Tanh(), torch.nn.Linear(6, d_out))
+    return net.double()
+
+
+_DUAL_CALLS = {  # name -> (d_in, d_out, call)
+    "divergence": (3, 3, lambda f, x, m: torchdiv.divergence(f, x, method=m)),
+    "jacobian": (2, 9, lambda f, x, m: torchdiv.jacobian(f, x, method=m)),
+    "laplacian": (12, 1, lambda f, x, m: torchdiv.laplacian(lambda z: f(z)[:, 0], x, method=m)),
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [("divergence", "auto"), ("jacobian", "auto"), ("laplacian", "auto")],
+)
+def test_forward_ad_over_the_parameters_of_auto(name: str, method: str) -> None:
+    """Parameters made dual by the caller (``torch.autograd.forward_ad``, as
+    ``torch.autograd.functional.jacobian(strategy="forward-mode")`` does): a ``torch.func.jvp``
+    cannot open its level inside the caller's, so ``"auto"`` takes backward passes only. The
+    Laplacian's ``"auto"`` at more than ten inputs fell back to forward over reverse there
+    ("Nested forward mode AD is not supported"). Reference: float64 central differences of
+    the call in the parameters' direction (truncation ~h² ~ 1e-10)."""
+    d_in, d_out, call = _DUAL_CALLS[name]
+    net = _tanh_net(d_in, d_out)
+    x = torch.randn(3, d_in, dtype=torch.float64)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+
+    def at(p: dict) -> torch.Tensor:
+        return call(lambda z: functional_call(net, p, (z,)), x, method)
+
+    h = 1e-5
+    want = (
+        at({k: v + h * tangents[k] for k, v in params.items()})
+        - at({k: v - h * tangents[k] for k, v in params.items()})
+    ) / (2 * h)
+    with torch.autograd.forward_ad.dual_level():
+        dual = {k: torch.autograd.forward_ad.make_dual(v, tangents[k]) for k, v in params.items()}
+        got = torch.autograd.forward_ad.unpack_dual(at(dual)).tangent
+    assert got is not None
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [
+        ("divergence", "forward"),
+        ("jacobian", "forward"),
+        ("laplacian", "forward-over-reverse"),
+        ("laplacian", "hessian"),
+    ],
+)
+def test_forward_mode_methods_inside_the_callers_dual_level_name_the_way(
+    name: str, method: str
+) -> None:
+    """PyTorch's own error named neither the call nor a way out."""
+    d_in, d_out, call = _DUAL_CALLS[name]
+    net = _tanh_net(d_in, d_out)
+    x = torch.randn(3, d_in, dtype=torch.float64)
+    with (
+        torch.autograd.forward_ad.dual_level(),
+        pytest.raises(
+            NotImplementedError, match=rf"^{name}: forward-mode products .*dual_level.*func\.jvp"
+        ),
+    ):
+        call(net, x, method)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torchdiffeq import odeint
 
 from torchdiv.flows import AugmentedDynamics, log_likelihood
 
@@ -181,3 +182,42 @@ def test_dynamics_under_inference_mode_keep_the_divergence(method, num_probes):
         velocity, delta = dynamics(t.clone(), state)
     torch.testing.assert_close(-delta, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(velocity, field(t, x).detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_the_score_of_a_cnf_and_its_gradients() -> None:
+    """The score ``grad_x log p(x)`` with ``create_graph=True`` (score matching, gradient
+    penalties): through the solver, against the same rk4 steps with a per-sample
+    ``autograd.grad`` divergence (values, score and ``d|score|^2/dtheta`` to float64
+    round-off); with ``adjoint=True``, whose backward (torchdiffeq's) runs under ``no_grad``,
+    the score came back without a graph, silently: now that backward pass is refused."""
+    field = Counted(2)
+    x0 = torch.randn(4, 2, dtype=torch.float64)
+    solve = {"solver": "rk4", "options": {"step_size": 0.25}}
+    params = list(field.parameters())
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        def dynamics(t, state):
+            z = state[0]
+            dz = field(t, z)
+            rows = [torch.autograd.grad(dz[:, i].sum(), z, create_graph=True)[0] for i in (0, 1)]
+            return dz, -(rows[0][:, 0] + rows[1][:, 1])
+
+        times = torch.tensor([0.0, 1.0], dtype=torch.float64)
+        state = (x, torch.zeros(len(x), dtype=torch.float64))
+        z, delta = odeint(dynamics, state, times, method="rk4", options=solve["options"])
+        return normal(z[-1]) - delta[-1]
+
+    out = []
+    for run in (lambda x: log_likelihood(field, x, 1.0, 0.0, normal, **solve), reference):
+        x = x0.clone().requires_grad_()
+        logp = run(x)
+        (score,) = torch.autograd.grad(logp.sum(), x, create_graph=True)
+        out.append([logp, score, *torch.autograd.grad(score.square().sum(), params)])
+    for got, want in zip(*out, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    x = x0.clone().requires_grad_()
+    logp = log_likelihood(field, x, 1.0, 0.0, normal, adjoint=True, **solve)
+    with pytest.raises(RuntimeError, match=r"^log_likelihood: adjoint=True .*adjoint=False"):
+        torch.autograd.grad(logp.sum(), x, create_graph=True)
+    (score,) = torch.autograd.grad(logp.sum(), x)  # first derivatives: the solver's error
+    torch.testing.assert_close(score, out[1][1].detach(), rtol=1e-5, atol=1e-6)

@@ -63,6 +63,7 @@ from torchdiv._core.checks import (
 from torchdiv._core.crossover import COMPILED_F_WORK, TRACED_WORK, traceable
 from torchdiv._core.mixing import check_empty_event, checks_empty_event
 from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode
+from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace
 from torchdiv._exact.state import Once
 from torchdiv._laplacian import methods
@@ -192,8 +193,23 @@ def laplacian(
         v = v if index is None else v[..., index]
     else:
         check_exact_options(fn, method, num_probes, generator, probe, probes)
-    if index is not None:  # the Laplacian in z of f(x + S z), S's columns the chosen e_j
-        g, x = along(g, x, batch_dims, unit_columns(index, x, batch_dims))
+    if index is None:
+        return _laplacian(g, x, batch_dims, method, chunk_size, v)
+    # the Laplacian in z of f(x + S z), S's columns the chosen e_j; on x's graph (tied) where
+    # the recording engines' result has no path to it (f piecewise linear in x)
+    h, z = along(g, x, batch_dims, unit_columns(index, x, batch_dims))
+    return tied(_laplacian(h, z, batch_dims, method, chunk_size, v), x)
+
+
+def _laplacian(
+    g: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    method: str,
+    chunk_size: int | None,
+    v: torch.Tensor | None,
+) -> torch.Tensor:
+    """``laplacian``'s engines on its checked arguments (``v``: Hutchinson's probes)."""
     if x.numel() == 0:  # no samples, or an empty event: every Laplacian is an empty sum
         return methods.zeros_like_output(g, x)
     if v is not None:

@@ -46,6 +46,7 @@ from torchdiv._core.checks import (
 )
 from torchdiv._core.mixing import check_empty_event, checks_empty_event
 from torchdiv._core.modes import eager_when, outside_inference_mode
+from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace
 from torchdiv._exact.state import Once
 from torchdiv._laplacian import loop as _loop
@@ -163,7 +164,7 @@ def weighted_laplacian(
             raise (renamed(fn, exc) or exc) from exc
         total = sign * part if total is None else total + sign * part
     assert total is not None  # _factors always gives the positive part
-    return total
+    return tied(total, x)  # on x's graph where the engines' result is not (f piecewise linear)
 
 
 def _part(
@@ -503,4 +504,4 @@ def _sweep(
     # (N, m, n); in x's dtype, as the Laplacian: under autocast the jets are in its dtype
     jac = torch.cat(columns).to(x.dtype).reshape(n, batch.numel(), -1).permute(1, 2, 0)
     gradient = jac.reshape(*batch, *value.shape[batch_dims:], *x.shape[batch_dims:])
-    return ValueGradLaplacian(value, gradient, lap)
+    return ValueGradLaplacian(value, tied(gradient, x), tied(lap, x))

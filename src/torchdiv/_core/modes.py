@@ -984,6 +984,17 @@ REPLACEMENTS: dict[Any, Replacement] = {
 }
 
 
+def backward_passes_order() -> tuple[int, bool]:
+    """``SafeDerivatives``' ``(order, forward_mode)`` for an engine of backward passes (reverse
+    mode, plain autograd) called under the caller's current grad mode: order 1 without grad
+    (no graph: the products are all), else the third order of backward passes only, since
+    the caller may differentiate the result's gradients again (``create_graph=True``: an
+    ``x``-gradient penalty then a parameter step, a parameter Hessian-vector product, a
+    gradient-norm penalty, MAML). Fused ``layer_norm``'s third derivative by PyTorch's
+    backward is wrong (pytorch#175754): such gradients of a divergence were 28-100% off."""
+    return (3, False) if torch.is_grad_enabled() else (1, True)
+
+
 @functools.cache
 def changed_nodes(order: int, forward_mode: bool = True) -> tuple[str, ...]:
     """The autograd nodes (type-name prefixes) of the ops ``SafeDerivatives(order, ...,

@@ -22,7 +22,12 @@ from torchdiv._core import mixing as _mixing
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.ddp import Peers
-from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
+from torchdiv._core.modes import (
+    SafeDerivatives,
+    backward_passes_order,
+    changed_nodes,
+    math_attention,
+)
 from torchdiv._core.walk import COMPILED, Found, once_differentiable_functions, search, vjp
 
 
@@ -148,7 +153,15 @@ def _custom_functions(y: torch.Tensor) -> list[Any]:
     ]
 
 
-_CHANGED = changed_nodes(1)  # SafeDerivatives(1)'s, searched for in of_function
+def _changed() -> tuple[str, ...]:
+    """The nodes of the ops ``SafeDerivatives`` changes at ``backward_passes_order``, searched
+    for in a plain evaluation's graph; not ``NativeBatchNormBackward``, which instance norm's
+    replacement shares with a real (train-mode) batch norm: that would be evaluated twice, its
+    running statistics moved twice (an instance norm in a plain evaluation keeps PyTorch's
+    third derivative)."""
+    nodes = changed_nodes(*backward_passes_order())
+    return tuple(node for node in nodes if node != "NativeBatchNormBackward")
+
 
 # at most this many cotangents go by one backward pass each rather than one batched pass
 # (2-core CPU, D -> 64 -> 64 -> D tanh MLP, rows of a D = 2 event: 0.74-0.86x the time of the
@@ -206,8 +219,9 @@ class GraphJacobian:
         once more with attention on the math backend (its state, a random generator, then
         moves twice).
 
-        ``f`` runs under ``SafeDerivatives(1)``, or, with ``plain``, outside it (its dispatch
-        costs a few microseconds per op of ``f``: 3-10% of a tiny problem); a plain
+        ``f`` runs under ``SafeDerivatives`` (``backward_passes_order``: order 3 under grad
+        mode, whose results may be differentiated twice more), or, with ``plain``, outside it
+        (its dispatch costs a few microseconds per op of ``f``: 3-10% of a tiny problem); a plain
         evaluation whose graph holds an op the mode changes (``changed_nodes``) is evaluated
         again under it (together with the fused kernel's, if any), and the engine is
         ``guarded``: the caller starts there next time (``torchdiv._taylor.mixing.Passed``).
@@ -218,7 +232,7 @@ class GraphJacobian:
         """
         outer_grad = torch.is_grad_enabled()
         y, x_in = _evaluated(f, x, contextlib.nullcontext(), safe=not plain, own=own)
-        found = search(y, x_in, _CHANGED if plain else ())
+        found = search(y, x_in, _changed() if plain else ())
         guarded, fused = found.guarded, found.fused and outer_grad and found.others
         if guarded or fused:  # (fused attention kernels have no double backward)
             attention = math_attention() if fused else contextlib.nullcontext()
@@ -419,13 +433,15 @@ def _evaluated(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``f(x_in)`` with a graph, and ``x_in``: ``x`` itself (a view) where it requires grad,
     else a leaf copy of it that does (``x`` as it is with ``own``: the caller's copy); under
-    the context ``attention``, and under ``SafeDerivatives(1)`` if ``safe``."""
+    the context ``attention``, and under ``SafeDerivatives`` if ``safe`` (of the order
+    ``backward_passes_order`` gives under the caller's grad mode)."""
+    order, forward_mode = backward_passes_order()  # (the caller's grad mode)
     with torch.enable_grad():
         x_in = x if own else x.view_as(x) if x.requires_grad else leaf(x)
         if not safe:
             with attention:
                 return f(x_in), x_in
-        with attention, SafeDerivatives(1, "method='forward'"):
+        with attention, SafeDerivatives(order, "method='forward'", forward_mode):
             return f(x_in), x_in
 
 

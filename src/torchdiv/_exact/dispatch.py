@@ -21,6 +21,7 @@ from torchdiv._core import mixing as _mixing
 from torchdiv._core.basis import WHOLE, Share, chunks
 from torchdiv._core.checks import event_numel, out_of_memory, untransformed
 from torchdiv._core.mixing import BatchInteractionError
+from torchdiv._core.tie import tied
 from torchdiv._exact import plan as _plan
 from torchdiv._exact import state as _state
 from torchdiv._exact.autograd import (
@@ -188,8 +189,9 @@ def diagonal_and_output(
     if _structured.chosen(method, f, x, batch_dims):
         strict = method == "structured"
         planned = _structured.plan(fn, f, x, batch_dims, chunk_size, strict, trace, share, where)
-        if planned is not None:
-            return planned
+        if planned is not None:  # tied: on x's graph where f is piecewise linear in x (not a
+            # share: torchdiv.distributed tells a rank's part without a graph by requires_grad)
+            return (tied(planned[0], x) if share == WHOLE else planned[0]), planned[1]
     generic = "auto" if method == "structured" else method
 
     def consume(engine: Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,8 +9,10 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.utils.checkpoint as _checkpoint
 from torch._C._autograd import _top_saved_tensors_default_hooks
+from torch._functorch import eager_transforms as _eager_transforms
 from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
 from torch.func import jvp
 
@@ -49,6 +51,34 @@ class NoForwardRule(NotImplementedError):
     constant), or ``Tensor.detach_`` under forward over reverse (it detaches the inner,
     reverse level only: the Laplacian went through the detached value, 229 off on a value of
     about 10). The public function names itself in front."""
+
+
+class NestedForwardMode(NotImplementedError):
+    """Forward mode inside the caller's ``torch.autograd.forward_ad.dual_level()`` (dual
+    parameters, ``torch.autograd.functional.jacobian(..., strategy="forward-mode")``): a
+    ``torch.func.jvp`` outside any other opens a dual level of its own, and PyTorch allows one
+    ("Nested forward mode AD is not supported at the moment", naming neither the call nor a
+    way out). ``"auto"`` takes it as an engine that cannot run ``f`` and moves on to backward
+    passes; the public function names itself in front (``_torchdiv_context``)."""
+
+
+def _nested_forward_mode() -> NestedForwardMode:
+    error = NestedForwardMode(
+        "torchdiv: forward-mode products (torch.func.jvp) cannot run inside the caller's "
+        "torch.autograd.forward_ad.dual_level() (PyTorch allows one level); take the JVP "
+        "of the call with torch.func.jvp instead of dual tensors (every method), or use a "
+        "method of backward passes only: 'auto' or 'reverse' for divergences and Jacobians, "
+        "'auto' or 'grad-of-grad' for laplacian and weighted_laplacian"
+    )
+    error._torchdiv_context = True  # type: ignore[attr-defined]
+    return error
+
+
+def holds_dual_level() -> bool:
+    """Whether the caller holds a ``torch.autograd.forward_ad`` level that a ``torch.func.jvp``
+    would have to nest in (not the level of a ``torch.func.jvp`` around the call, inside which
+    another ``jvp`` opens none)."""
+    return _forward_ad._current_level >= 0 and _eager_transforms.JVP_NESTING == 0
 
 
 class Tangents(SafeDerivatives):
@@ -235,7 +265,10 @@ class ForwardJacobian:
     def _push(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f(x), J v)``; torch types ``jvp``'s result as a 2- or 3-tuple (``has_aux``). One
         thread at a time (``_FORWARD_AD``), but in a region Dynamo traces (it cannot enter a
-        lock; the compiled graph does not count levels)."""
+        lock; the compiled graph does not count levels). ``NestedForwardMode`` inside the
+        caller's dual level."""
+        if not torch.compiler.is_compiling() and holds_dual_level():
+            raise _nested_forward_mode()
         with nullcontext() if torch.compiler.is_compiling() else _FORWARD_AD:
             primal_and_tangent = jvp(self._pushed, (self.x,), (v,))
         return primal_and_tangent[0], primal_and_tangent[1]

@@ -9,7 +9,7 @@ from torch.func import vjp
 
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel
-from torchdiv._core.modes import SafeDerivatives, math_attention
+from torchdiv._core.modes import SafeDerivatives, backward_passes_order, math_attention
 from torchdiv._exact.attributes import transforming
 
 
@@ -26,7 +26,8 @@ class ReverseJacobian:
     def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int):
         # cdist: the batched pullback is wrong; fused attention: no double backward
         transforming()  # (f may set module attributes to the transform's tensors)
-        with math_attention(), SafeDerivatives(1, "method='forward'"):
+        order, forward_mode = backward_passes_order()  # (the caller's grad mode)
+        with math_attention(), SafeDerivatives(order, "method='forward'", forward_mode):
             # torch types vjp's result as a 2- or 3-tuple (has_aux); without aux it is 2
             y_and_pullback = vjp(f, x)
         self.y: torch.Tensor = y_and_pullback[0]

@@ -29,7 +29,8 @@ from torchdiv._core.basis import (
 from torchdiv._core.checks import event_numel, out_of_memory, unwrapped
 from torchdiv._core.crossover import traced
 from torchdiv._core.modes import recorded
-from torchdiv._exact.forward import ForwardJacobian, under_tangents
+from torchdiv._core.tie import tied
+from torchdiv._exact.forward import ForwardJacobian, holds_dual_level, under_tangents
 from torchdiv._exact.state import Once
 from torchdiv._laplacian.loop import Check, Settings, all_finite, grad_of_grad
 from torchdiv._taylor import (
@@ -120,8 +121,13 @@ def loops_after(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
     """Whether ``"auto"`` loops over backward passes where the Taylor engine could not run
     ``f`` (recorded as ``graph``), rather than taking forward over reverse: at up to
     ``LOOP_FALLBACK`` inputs, or at any number where ``f`` runs an op that only the loop
-    differentiates right (``_backward_passes_only``)."""
-    return event_numel(x, batch_dims) <= LOOP_FALLBACK or _backward_passes_only(graph)
+    differentiates right (``_backward_passes_only``) or inside the caller's
+    ``forward_ad.dual_level()``, where forward mode cannot nest."""
+    return (
+        event_numel(x, batch_dims) <= LOOP_FALLBACK
+        or _backward_passes_only(graph)
+        or holds_dual_level()
+    )
 
 
 def _backward_passes_only(graph: Graph) -> bool:
@@ -303,9 +309,9 @@ def collapsed(
         if isinstance(out, Jet) and out.lap is not None:
             total = accumulated(total, out.lap)
     if total is None:  # f(x) does not depend on x, or only linearly
-        return x.new_zeros(graph.output_shape)
+        return tied(x.new_zeros(graph.output_shape), x)
     mean = total if divisor == 1 else total / divisor
-    return mean.to(x.dtype).expand(graph.output_shape).clone()
+    return tied(mean.to(x.dtype).expand(graph.output_shape), x)  # (tied: a new tensor)
 
 
 # the values f computed are reused by a replay whose result is not differentiated only while

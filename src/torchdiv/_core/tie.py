@@ -1,0 +1,59 @@
+"""A result of the recording engines kept on the graph of an ``x`` that requires grad.
+
+The structured and Taylor engines propagate derivatives as values: where ``f`` is piecewise
+linear in ``x`` (ReLU, max pooling, ``clamp``, ``abs``), the first derivatives they carry are
+constants times masks, and a divergence, Jacobian diagonal or Laplacian built from them has
+no autograd path to ``x`` at all. Its gradient with respect to ``x`` is 0 (almost
+everywhere), but ``torch.autograd.grad(result.sum(), x)`` raised ("appears to not have been
+used in the graph"), and with frozen parameters the result did not even require grad
+(``.backward()`` raised), where plain autograd, reverse and forward mode give the result a
+graph to ``x`` with zero gradients. ``tied(out, x)`` is ``out`` with a zero derivative with
+respect to ``x``, itself tied to ``x``: every order of ``x``-derivative of the tie is an
+exact zero on ``x``'s graph (``x`` may hold ``inf``: nothing multiplies it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from torchdiv._core.checks import untransformed
+
+
+class _Tied(torch.autograd.Function):
+    """``out`` (a copy), with gradient ``grad`` for ``out`` and a tied zero for ``x``."""
+
+    generate_vmap_rule = True  # (a backward batched by ``is_grads_batched``)
+
+    @staticmethod
+    def forward(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return out.clone()  # a new tensor: the caller may write to its result
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: Any) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        (x,) = ctx.saved_tensors
+        return grad, tied(torch.zeros_like(x), x)
+
+
+def tied(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out``, on ``x``'s graph with a zero derivative, if ``x`` requires grad under grad mode.
+    A copy of ``out`` and one graph node: the result's size, not ``f``'s work.
+
+    ``out`` as it is while Dynamo traces, under the caller's ``torch.func`` transforms (where
+    the recording engines do not run) and under a dispatch mode: a call inside ``f`` that an
+    outer engine records (``biharmonic``'s Laplacian of a Laplacian), which would refuse the
+    tie as a custom ``autograd.Function`` (the outer call ties its own result)."""
+    if not (torch.is_grad_enabled() and x.requires_grad) or not untransformed():
+        return out
+    if _get_current_dispatch_mode() is not None:
+        return out
+    result: torch.Tensor = _Tied.apply(out, x)
+    return result

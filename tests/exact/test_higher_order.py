@@ -1,0 +1,189 @@
+"""Derivatives of torchdiv's results beyond the first parameter gradient, as training code takes
+them: the ``x``-gradient of an operator with ``create_graph=True`` (Stein operators, gradient
+penalties, gradient-enhanced PINNs, a CNF's score), then a backward pass to the parameters and
+to ``x`` again. References: per-sample loops of ``torch.autograd.grad`` with ``create_graph``
+(float64, a few hundred flops deep: 1e-10), independent of every engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torchdiv
+from tests.conftest import assert_close, central_difference, shifted
+
+f64 = torch.float64
+
+
+def _rows(f, x: torch.Tensor) -> list[torch.Tensor]:
+    """Row ``i`` of every sample's Jacobian, ``(B, n)`` each, with a graph (``x`` requires grad)."""
+    y = f(x).reshape(len(x), -1)
+    return [
+        torch.autograd.grad(y[:, i].sum(), x, create_graph=True)[0].reshape(len(x), -1)
+        for i in range(y.shape[1])
+    ]
+
+
+def _divergence(f, x: torch.Tensor) -> torch.Tensor:
+    return sum(row[:, i] for i, row in enumerate(_rows(f, x)))  # type: ignore[return-value]
+
+
+def _diagonal(f, x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([row[:, i] for i, row in enumerate(_rows(f, x))], 1).reshape(x.shape)
+
+
+def _laplacian(u, x: torch.Tensor) -> torch.Tensor:
+    """The grad-of-grad loop: the trace of the Jacobian of ``∇u``, ``(B, n)`` ``x``."""
+    (g,) = torch.autograd.grad(u(x).sum(), x, create_graph=True)
+    return _divergence(lambda z: g, x)
+
+
+def _net(d_out: int, activation: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), activation, nn.Linear(8, d_out)).double()
+
+
+CALLS = [
+    pytest.param(
+        lambda f, x, m=m: torchdiv.divergence(f, x, method=m), _divergence, id=f"divergence-{m}"
+    )
+    for m in ("auto", "structured", "forward", "reverse")
+] + [
+    pytest.param(
+        lambda f, x, m=m: torchdiv.jacobian_diagonal(f, x, method=m), _diagonal, id=f"diagonal-{m}"
+    )
+    for m in ("structured", "forward")
+]
+LAPLACIANS = ["auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad"]
+
+
+@pytest.mark.parametrize(("call", "reference"), CALLS)
+def test_x_gradient_of_a_divergence_then_the_parameters(call, reference) -> None:
+    """``∇_x (w · div f)`` with a graph, then the gradients of ``|∇_x|² + x · ∇_x`` with respect
+    to the parameters and to ``x`` (third derivatives of ``f``)."""
+    net = _net(3, nn.Tanh())
+    x0 = torch.randn(4, 3, dtype=f64)
+    params = list(net.parameters())
+    out = []
+    for run in (call, reference):
+        x = x0.clone().requires_grad_()
+        value = run(net, x)
+        weights = torch.linspace(0.5, 1.5, value.numel(), dtype=f64).reshape(value.shape)
+        (gx,) = torch.autograd.grad((weights * value).sum(), x, create_graph=True)
+        loss = gx.square().sum() + (gx * x).sum()
+        out.append([value, gx, *torch.autograd.grad(loss, [x, *params], materialize_grads=True)])
+    for got, want in zip(*out, strict=True):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("method", LAPLACIANS)
+def test_x_gradient_of_a_laplacian_then_the_parameters(method: str) -> None:
+    """A gradient-enhanced PINN's residual ``Δu - s`` and its ``x``-gradient in one loss."""
+    net = _net(1, nn.Tanh())
+    x0 = torch.randn(4, 3, dtype=f64)
+    params = list(net.parameters())
+
+    def u(z: torch.Tensor) -> torch.Tensor:
+        return net(z).squeeze(-1) * torch.sin(z[:, 0])
+
+    out = []
+    for run in (lambda z: torchdiv.laplacian(u, z, method=method), lambda z: _laplacian(u, z)):
+        x = x0.clone().requires_grad_()
+        residual = run(x) - torch.cos(x[:, 1])
+        (gx,) = torch.autograd.grad(residual.sum(), x, create_graph=True)
+        loss = residual.square().mean() + gx.square().mean()
+        out.append([residual, gx, *torch.autograd.grad(loss, [x, *params])])
+    for got, want in zip(*out, strict=True):
+        assert_close(got, want)
+
+
+def _relu_calls():
+    """What the recording engines compute for a ReLU network, whose derivatives they carry as
+    constants times masks: ``(name, call)`` of a frozen ``(B, 3) -> (B, 3)`` network."""
+
+    def u(f):
+        return lambda z: f(z).square().sum(-1)
+
+    return [
+        ("divergence structured", lambda f, x: torchdiv.divergence(f, x, method="structured")),
+        ("diagonal structured", lambda f, x: torchdiv.jacobian_diagonal(f, x, method="structured")),
+        ("laplacian auto", lambda f, x: torchdiv.laplacian(u(f), x)),
+        ("laplacian taylor", lambda f, x: torchdiv.laplacian(u(f), x, method="taylor")),
+        (
+            "laplacian hutchinson",
+            lambda f, x: torchdiv.laplacian(u(f), x, method="hutchinson", num_probes=2),
+        ),
+        (
+            "laplacian coordinates",
+            lambda f, x: torchdiv.laplacian(u(f), x, method="taylor", coordinates=[0, 2]),
+        ),
+        (
+            "weighted_laplacian",
+            lambda f, x: torchdiv.weighted_laplacian(
+                u(f), x, diffusion=2 * torch.eye(3, dtype=f64), method="taylor"
+            ),
+        ),
+        ("biharmonic", lambda f, x: torchdiv.biharmonic(u(f), x, method="taylor")),
+        (
+            "value_grad_laplacian",
+            lambda f, x: torchdiv.value_grad_laplacian(u(f), x, method="taylor").laplacian,
+        ),
+    ]
+
+
+@pytest.mark.parametrize(("name", "call"), _relu_calls(), ids=[n for n, _ in _relu_calls()])
+def test_a_piecewise_linear_f_keeps_the_result_on_the_graph_of_x(name: str, call) -> None:
+    """The structured and Taylor engines carry a ReLU's derivatives as masks: their result had
+    no path to ``x`` (``autograd.grad`` w.r.t. ``x`` raised "appears to not have been used in
+    the graph") and, with frozen parameters, did not require grad at all, where plain
+    autograd, reverse and forward mode give it a graph to ``x`` with zero gradients (the
+    derivative of a piecewise-constant operator, almost everywhere). Now tied to ``x`` at
+    every order; the values are the reverse-mode ones."""
+    net = _net(3, nn.ReLU()).requires_grad_(False)
+    x = torch.randn(4, 3, dtype=f64, requires_grad=True)
+    got = call(net, x)
+    assert got.requires_grad
+    (gx,) = torch.autograd.grad(got.sum(), x, create_graph=True)
+    assert_close(gx, torch.zeros_like(x))
+    (gxx,) = torch.autograd.grad(gx.square().sum() + gx.sum(), x)
+    assert_close(gxx, torch.zeros_like(x))
+    got.add_(1)  # the result is the caller's to write to
+    if name.startswith("divergence"):
+        assert_close(got.detach() - 1, torchdiv.divergence(net, x, method="reverse").detach())
+
+
+@pytest.mark.parametrize("method", ["auto", "reverse", "forward", "structured"])
+@pytest.mark.parametrize("penalty", ["x-gradient", "parameter gradient"])
+def test_third_derivatives_through_a_layer_norm(method: str, penalty: str) -> None:
+    """The parameter gradient of ``|∇_x div|²`` or of ``|∇_θ div²|²`` (a gradient-norm penalty,
+    a Hessian-vector product, MAML) is a third derivative of ``f``. Fused ``layer_norm``'s
+    third derivative by PyTorch's backward is wrong (pytorch#175754): by reverse mode and by
+    ``"auto"``'s plain autograd on a small problem these were 100% and 28% off. Reference:
+    central differences of the penalty (second derivatives of ``f``, which the per-sample
+    ``autograd.grad`` loop gets right) along a random direction of the parameters."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 4)).double()
+    params = list(net.parameters())
+    x0 = torch.randn(3, 4, dtype=f64)
+    directions = [torch.randn_like(p) for p in params]
+
+    def value(div) -> torch.Tensor:
+        x = x0.clone().requires_grad_()
+        d = div(x)
+        if penalty == "x-gradient":
+            return torch.autograd.grad(d.sum(), x, create_graph=True)[0].square().sum()
+        grads = torch.autograd.grad(d.square().sum(), params, create_graph=True, allow_unused=True)
+        return sum(g.square().sum() for g in grads if g is not None)  # type: ignore[return-value]
+
+    got = torch.autograd.grad(
+        value(lambda x: torchdiv.divergence(net, x, method=method)), params, allow_unused=True
+    )
+    slope = sum((g * v).sum() for g, v in zip(got, directions, strict=True) if g is not None)
+    want = central_difference(lambda t: _shifted_value(net, directions, t, value))
+    torch.testing.assert_close(slope, want, rtol=1e-7, atol=1e-9)
+
+
+def _shifted_value(net: nn.Module, directions: list[torch.Tensor], t: float, value) -> torch.Tensor:
+    with shifted(list(net.parameters()), directions, t):
+        return value(lambda x: _divergence(net, x)).detach()
