@@ -97,13 +97,14 @@ def test_a_per_sample_f_is_watched_once_per_structure(watches: list[int]) -> Non
     assert len(watches) == 3
 
 
-def test_a_lambda_made_anew_is_watched_at_every_call(watches: list[int]) -> None:
-    """A new object is another ``f``: nothing says that it computes what the last one did."""
-    net = tanh_mlp(4, 8, 4)
+def test_a_lambda_made_anew_is_watched_once_per_what_it_closes_over(watches: list[int]) -> None:
+    """A lambda written in the loop is a new object at every call; over the same net it is
+    the same ``f`` (``mixing.identity``), over another net another."""
+    nets = tanh_mlp(4, 8, 4), tanh_mlp(4, 8, 4)
     x = torch.randn(6, 4, dtype=F64)
-    for call in range(2):
-        torchdiv.divergence(lambda z: net(z), x, method="hutchinson", num_probes=1)
-        assert len(watches) == call + 1
+    for count, net in zip((1, 1, 2, 2), (nets[0], nets[0], nets[1], nets[1]), strict=True):
+        torchdiv.divergence(lambda z, net=net: net(z), x, method="hutchinson", num_probes=1)
+        assert len(watches) == count
 
 
 def test_allowed_interaction_is_neither_watched_nor_refused(watches: list[int]) -> None:

@@ -123,10 +123,11 @@ def _one_product(
     (``torchdiv._taylor.mixing.passed_before``) is watched op by op (``_exact.watched_graph``:
     ``BatchInteractionError`` if ``f`` mixes samples); later ones are not (``unwatched``:
     the watch's ~10 us an op would be a large part of the estimate), their graph searched
-    for a train-mode batch norm. A lambda made anew at every call is watched at every call.
+    for a train-mode batch norm. A lambda made anew over the same objects is the same ``f``
+    (``torchdiv._taylor.mixing.identity``); one over other objects is watched again.
     Eager calls only (``trace_of_function``)."""
     at = structure(f, x, batch_dims)
-    where = site(at[0])  # a lambda made anew at every call: its code, found again
+    where = site(at[0])  # a lambda made anew over other objects: its code, found again
     plain = _GUARDED.get(where, at[1]) is None
     engine = _watched_once(f, x, batch_dims, at, plain)
     if engine.guarded:

@@ -170,8 +170,8 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     record it watches the loop's own evaluation of ``f`` (~10 us per op, no extra
     evaluation) unless this very object ``f`` passed a watch at the same structure before
     (``torchdiv._taylor.mixing.passed_before``): then only the autograd graph is searched
-    for a train-mode batch norm (``check_graph``, a few microseconds). A new object with the
-    same code (a lambda made anew, closing over another module) is watched. An empty event
+    for a train-mode batch norm (``check_graph``, a few microseconds). A lambda made anew
+    over other objects (another module: ``mixing.identity``) is watched. An empty event
     (every element a sample) is always watched. A remembered loop shares one
     ``loop.Settings`` across its calls: second-level passes batched below ``BATCHED_WORK``,
     ``f`` evaluated outside the modes unless its graph needed them."""
