@@ -1,10 +1,12 @@
 """The D = 2, B = 256 cells of ``entry_cpu.py`` timed call by call: ``"auto"`` and the best
 recipe alternated, each call right after one of the other (what a training step that runs
 other code between calls sees: torchdiv's Python objects out of the caches), thread CPU time
-per call, one thread; the ratio of the medians.
+per call, one thread; the ratio of the medians. ``--lambda-anew``: ``"auto"`` called as a
+training loop often writes it, ``divergence(lambda z: net(z), x)``, a new function object at
+every call.
 
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
-        .venv/bin/python bench/entry_calls.py [--calls 1000]
+        .venv/bin/python bench/entry_calls.py [--calls 1000] [--lambda-anew]
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import torchdiv
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000, help="calls of each, alternated")
+    parser.add_argument(
+        "--lambda-anew", action="store_true", help="auto of a lambda made anew at every call"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     n = args.calls
@@ -30,7 +35,11 @@ def main() -> None:
             net = small_events.mlp(2, torch.nn.Tanh).requires_grad_(train)
             x = torch.randn(256, 2)
             name = "loop of autograd.grad" if op != "jacobian" else "is_grads_batched (zuko)"
-            recipe, auto = small_events.recipes(op, train)[name], getattr(torchdiv, op)
+            recipe, operator = small_events.recipes(op, train)[name], getattr(torchdiv, op)
+
+            def auto(net, x, operator=operator):
+                return operator(lambda z: net(z), x) if args.lambda_anew else operator(net, x)
+
             for _ in range(20):
                 auto(net, x), recipe(net, x)
             times: dict[str, list[int]] = {"auto": [], "recipe": []}
