@@ -153,16 +153,6 @@ def _custom_functions(y: torch.Tensor) -> list[Any]:
     ]
 
 
-def _changed() -> tuple[str, ...]:
-    """The nodes of the ops ``SafeDerivatives`` changes at ``backward_passes_order``, searched
-    for in a plain evaluation's graph; not ``NativeBatchNormBackward``, which instance norm's
-    replacement shares with a real (train-mode) batch norm: that would be evaluated twice, its
-    running statistics moved twice (an instance norm in a plain evaluation keeps PyTorch's
-    third derivative)."""
-    nodes = changed_nodes(*backward_passes_order())
-    return tuple(node for node in nodes if node != "NativeBatchNormBackward")
-
-
 # at most this many cotangents go by one backward pass each rather than one batched pass
 # (2-core CPU, D -> 64 -> 64 -> D tanh MLP, rows of a D = 2 event: 0.74-0.86x the time of the
 # batched pass at batch 256 and 4096; at D = 3-4 about even at batch 256)
@@ -232,7 +222,7 @@ class GraphJacobian:
         """
         outer_grad = torch.is_grad_enabled()
         y, x_in = _evaluated(f, x, contextlib.nullcontext(), safe=not plain, own=own)
-        found = search(y, x_in, _changed() if plain else ())
+        found = search(y, x_in, changed_nodes(*backward_passes_order()) if plain else ())
         guarded, fused = found.guarded, found.fused and outer_grad and found.others
         if guarded or fused:  # (fused attention kernels have no double backward)
             attention = math_attention() if fused else contextlib.nullcontext()
