@@ -91,6 +91,7 @@ TINY = {
     "mlp2": (functools.partial(MLP, d=2), (2,)),
     # piecewise linear: the structured engine's shares have no path to x (torchdiv._core.tie)
     "relu": (functools.partial(MLP, activation=torch.relu), (4,)),
+    "relu2": (functools.partial(MLP, d=2, activation=torch.relu), (2,)),
 }
 
 
@@ -454,6 +455,7 @@ SHARDED_THREE = [
     ("divergence", "hutchinson-2", "mlp2", "none"),
     ("divergence", "forward", "mlp2", "ddp"),
     ("laplacian", "auto", "mlp2", "none"),
+    *[("divergence", m, "relu2", "none") for m in ("structured", "auto", "hutchinson-2")],
 ]
 HUTCHINSON_PROBES = 5  # not a multiple of the ranks: shares of 2 and 3 (or "hutchinson-k")
 
