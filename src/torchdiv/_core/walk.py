@@ -68,8 +68,7 @@ def _kind(cls: type, guarded: tuple[str, ...]) -> int:
         kind = _BATCH_NORM
     elif name.startswith(FUSED_ATTENTION):
         kind = _FUSED
-    if guarded and name.startswith(guarded):  # a batch norm's node too (instance norm:
-        # ``_instance_norm_alone``)
+    if guarded and name.startswith(guarded):  # a batch norm's node too (instance norm)
         kind |= _GUARDED
     return kind
 
@@ -108,24 +107,10 @@ def search(y: torch.Tensor, x_leaf: torch.Tensor, guarded: tuple[str, ...] = ())
                 found.batch_norms.append(node)
             elif kind & _FUSED:
                 found.fused = True
-            if kind & _GUARDED and not kind & _BATCH_NORM:
+            if kind & _GUARDED:
                 found.guarded = True
         stack += [child for child, _ in node.next_functions]
-    if guarded and not found.guarded and found.batch_norms:
-        found.guarded = _instance_norm_alone(found.batch_norms, guarded)
     return found
-
-
-def _instance_norm_alone(batch_norms: list[Any], guarded: tuple[str, ...]) -> bool:
-    """Whether batch-norm nodes guard an evaluation: one without running statistics (an
-    instance norm's by its input's statistics, the op ``SafeDerivatives`` replaces,
-    ``_core.modes._instance_norm``; a stateless batch norm's too, whose second evaluation
-    changes nothing) while none keeps them in train mode, whose statistics a second
-    evaluation of ``f`` would move again (``_saved_*``: attributes of the C++ node)."""
-    nodes = [node for node in batch_norms if type(node).__name__.startswith(guarded)]
-    if any(node._saved_training and node._saved_running_mean is not None for node in nodes):
-        return False
-    return any(node._saved_running_mean is None for node in nodes)
 
 
 def vjp(
