@@ -54,14 +54,17 @@ COMPILED = ("compiled-ddp", "compiled-fsdp")
 class MLP(nn.Module):
     """A vector field with a registered buffer (DDP broadcasts it) and an optional second head."""
 
-    def __init__(self, heads: bool, d: int = 4, width: int = 12) -> None:
+    def __init__(
+        self, heads: bool, d: int = 4, width: int = 12, activation: Callable = torch.tanh
+    ) -> None:
         super().__init__()
+        self.activation = activation
         self.inp, self.out = nn.Linear(d, width), nn.Linear(width, d)
         self.head = nn.Linear(width, 1) if heads else None
         self.register_buffer("scale", torch.linspace(0.5, 1.5, d))
 
     def forward(self, x: torch.Tensor):
-        h = torch.tanh(self.inp(x * self.scale))
+        h = self.activation(self.inp(x * self.scale))
         v = self.out(h)
         return v if self.head is None else (v, self.head(h).squeeze(-1))
 
@@ -84,7 +87,12 @@ class ConvNet(nn.Module):
 
 MODELS = {"mlp": (MLP, (4,)), "conv": (ConvNet, (2, 3, 3))}
 # an event of 2 elements: fewer directions than 3 ranks (sharded cases only, not the matrix)
-TINY = {"mlp2": (functools.partial(MLP, d=2), (2,))}
+TINY = {
+    "mlp2": (functools.partial(MLP, d=2), (2,)),
+    # piecewise linear: the structured engine's shares have no path to x (torchdiv._core.tie)
+    "relu": (functools.partial(MLP, activation=torch.relu), (4,)),
+    "relu2": (functools.partial(MLP, d=2, activation=torch.relu), (2,)),
+}
 
 
 def make_model(name: str, heads: bool) -> nn.Module:
@@ -437,6 +445,8 @@ SHARDED = [
     ("divergence", "auto", "conv", "ddp"),
     ("laplacian", "auto", "mlp", "none"),
     ("laplacian", "auto", "conv", "ddp"),
+    *[("divergence", m, "relu", "none") for m in ("structured", "hutchinson")],
+    ("laplacian", "auto", "relu", "none"),
 ]
 # on 3 ranks, an event of 2 elements: shares of 0, 1 and 1 directions (0, 0, 2 probes; a chain
 # computed whole by the first rank), so the first or the last ranks have nothing to add
@@ -445,6 +455,7 @@ SHARDED_THREE = [
     ("divergence", "hutchinson-2", "mlp2", "none"),
     ("divergence", "forward", "mlp2", "ddp"),
     ("laplacian", "auto", "mlp2", "none"),
+    *[("divergence", m, "relu2", "none") for m in ("structured", "auto", "hutchinson-2")],
 ]
 HUTCHINSON_PROBES = 5  # not a multiple of the ranks: shares of 2 and 3 (or "hutchinson-k")
 

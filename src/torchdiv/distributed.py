@@ -30,7 +30,12 @@ Every rank's backward pass must run the same collectives. A rank whose share is 
 directions or probes than ranks, or a chain the first rank computes whole) therefore
 computes the whole part times zero (cheap: fewer directions than ranks, or a few forward
 passes): its graph then reaches what the other ranks' graphs reach, at every order of
-differentiation, and so do its backward all-reduces.
+differentiation, and so do its backward all-reduces. Where ``f`` is piecewise linear in
+``x`` (ReLU), a share of the structured or Taylor engine has no path to ``x`` while another
+rank's may: every rank's divergence part is tied to ``x`` (a zero derivative at every order,
+``_core.tie``; the Laplacian's engine ties its own), so every rank reaches ``x``'s backward
+all-reduce (``_Replicated``), and ``torch.autograd.grad(result.sum(), x)`` gives zeros
+rather than raising.
 
 Every rank must call with the same ``f`` (same parameters), the same ``x`` and the same
 options: the work is split by position, not negotiated.
@@ -57,6 +62,7 @@ from torchdiv._core.checks import (
 )
 from torchdiv._core.ddp import joined
 from torchdiv._core.modes import outside_inference_mode
+from torchdiv._core.tie import tied
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
 from torchdiv._exact import dispatch as _exact
@@ -141,7 +147,8 @@ def divergence(
             whole, y = _exact.diagonal_and_output(fn, g, x, batch_dims, method, chunk_size, True)
             part = part + whole * 0  # the graph of the others (module docstring)
         part = joined(part, y)  # x empty, or f's divergence depends on nothing differentiable
-    return _all_reduce(part.reshape(x.shape[:batch_dims]).to(x.dtype), group)
+    part = part.reshape(x.shape[:batch_dims]).to(x.dtype)
+    return _all_reduce(tied(part, x), group)  # on x's graph on every rank (module docstring)
 
 
 @outside_inference_mode

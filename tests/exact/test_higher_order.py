@@ -187,3 +187,60 @@ def test_third_derivatives_through_a_layer_norm(method: str, penalty: str) -> No
 def _shifted_value(net: nn.Module, directions: list[torch.Tensor], t: float, value) -> torch.Tensor:
     with shifted(list(net.parameters()), directions, t):
         return value(lambda x: _divergence(net, x)).detach()
+
+
+class _InstanceNormNet(nn.Module):
+    """4 -> 6 -> an instance norm over 2 channels of 3 -> tanh -> 4; ``batch_norm``: a
+    train-mode batch norm (running statistics) before it."""
+
+    def __init__(self, batch_norm: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 4)
+        self.bn = nn.BatchNorm1d(6) if batch_norm else nn.Identity()
+        self.norm = nn.InstanceNorm1d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.bn(self.a(x)).reshape(-1, 2, 3)).reshape(-1, 6)
+        return self.b(torch.tanh(h))
+
+
+def test_third_derivatives_through_an_instance_norm_on_the_plain_path() -> None:
+    """A tiny problem's ``"auto"`` goes by plain autograd from its second call at a site; its
+    search for the ops ``SafeDerivatives`` replaces left out instance norm's node (a batch
+    norm's, shared with real batch norms), so ``|∇_x div|²``'s parameter gradient kept
+    PyTorch's wrong third derivative: -4.35 against 9.81. Reference: central differences of
+    the penalty along a random parameter direction (``_shifted_value``)."""
+    torch.manual_seed(0)
+    net = _InstanceNormNet().double()
+    params = list(net.parameters())
+    x0 = torch.randn(3, 4, dtype=f64)
+    directions = [torch.randn_like(p) for p in params]
+
+    def value(div) -> torch.Tensor:
+        x = x0.clone().requires_grad_()
+        return torch.autograd.grad(div(x).sum(), x, create_graph=True)[0].square().sum()
+
+    def penalty() -> torch.Tensor:  # one site: its later calls take the plain path
+        return value(lambda x: torchdiv.divergence(net, x, method="auto"))
+
+    penalty()
+    got = torch.autograd.grad(penalty(), params, allow_unused=True)
+    slope = sum((g * v).sum() for g, v in zip(got, directions, strict=True) if g is not None)
+    want = central_difference(lambda t: _shifted_value(net, directions, t, value))
+    torch.testing.assert_close(slope, want, rtol=1e-7, atol=1e-9)
+
+
+def test_an_instance_norm_beside_a_train_mode_batch_norm_moves_its_statistics_once() -> None:
+    """The plain path evaluates ``f`` again under ``SafeDerivatives`` for an instance norm
+    only where no batch norm in the graph keeps running statistics in train mode: they equal
+    one PyTorch forward's."""
+    torch.manual_seed(0)
+    net, twin = _InstanceNormNet(batch_norm=True), _InstanceNormNet(batch_norm=True)
+    twin.load_state_dict(net.state_dict())
+    x = torch.randn(8, 4)
+    with torchdiv.allow_batch_interaction():
+        for _ in range(2):  # (the second call at this site: plain autograd)
+            torchdiv.divergence(net, x)
+            twin(x)
+    for name, buffer in twin.bn.named_buffers():
+        torch.testing.assert_close(getattr(net.bn, name), buffer, rtol=0, atol=0)

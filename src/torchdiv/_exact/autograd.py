@@ -153,14 +153,30 @@ def _custom_functions(y: torch.Tensor) -> list[Any]:
     ]
 
 
+_BATCH_NORM = "NativeBatchNormBackward"  # instance norm's node, a batch norm's
+
+
 def _changed() -> tuple[str, ...]:
     """The nodes of the ops ``SafeDerivatives`` changes at ``backward_passes_order``, searched
     for in a plain evaluation's graph; not ``NativeBatchNormBackward``, which instance norm's
-    replacement shares with a real (train-mode) batch norm: that would be evaluated twice, its
-    running statistics moved twice (an instance norm in a plain evaluation keeps PyTorch's
-    third derivative)."""
+    replacement shares with real batch norms (``_instance_norm_alone`` tells them apart)."""
     nodes = changed_nodes(*backward_passes_order())
-    return tuple(node for node in nodes if node != "NativeBatchNormBackward")
+    return tuple(node for node in nodes if node != _BATCH_NORM)
+
+
+def _instance_norm_alone(batch_norms: list[Any]) -> bool:
+    """Whether a plain evaluation's batch-norm nodes (``Found.batch_norms``) call for its
+    evaluation again under ``SafeDerivatives``: one ran without running statistics (an
+    instance norm by its input's statistics, which the mode replaces at
+    ``backward_passes_order``, ``_core.modes._instance_norm``; or a stateless batch norm,
+    which a second evaluation leaves as it was) and none keeps them in train mode (a second
+    evaluation of ``f`` would move them again: PyTorch's third derivative is kept there).
+    ``_saved_*``: attributes of the C++ node."""
+    if not batch_norms or _BATCH_NORM not in changed_nodes(*backward_passes_order()):
+        return False
+    if any(node._saved_training and node._saved_running_mean is not None for node in batch_norms):
+        return False
+    return any(node._saved_running_mean is None for node in batch_norms)
 
 
 # at most this many cotangents go by one backward pass each rather than one batched pass
@@ -233,7 +249,8 @@ class GraphJacobian:
         outer_grad = torch.is_grad_enabled()
         y, x_in = _evaluated(f, x, contextlib.nullcontext(), safe=not plain, own=own)
         found = search(y, x_in, _changed() if plain else ())
-        guarded, fused = found.guarded, found.fused and outer_grad and found.others
+        guarded = found.guarded or (plain and _instance_norm_alone(found.batch_norms))
+        fused = found.fused and outer_grad and found.others
         if guarded or fused:  # (fused attention kernels have no double backward)
             attention = math_attention() if fused else contextlib.nullcontext()
             y, x_in = _evaluated(f, x, attention, safe=True, own=own)
