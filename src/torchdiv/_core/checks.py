@@ -306,8 +306,8 @@ def check_initialized(fn: str, f: Any) -> None:
         return
     owner = f if isinstance(f, torch.nn.Module) else attribute(f, "__self__")
     stack = [owner] if isinstance(owner, torch.nn.Module) else []
-    if not stack:  # a function: the lazy modules its closure, defaults and globals reach
-        scripted(f, lazy=stack)
+    if not stack and not torch.compiler.is_compiling():  # a function: the lazy modules its
+        scripted(f, lazy=stack)  # closure, defaults and globals reach (not traced by Dynamo)
     while stack:
         m = stack.pop()
         lazy: Any = m  # (torch types the method's self as a protocol checkers reject)
