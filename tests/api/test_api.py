@@ -323,6 +323,21 @@ def test_an_uninitialized_lazy_module_is_refused_before_it_is_evaluated(name):
     getattr(torchdiv, name)(net, torch.randn(3, 4), **options)
 
 
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_a_function_closing_over_a_lazy_module_is_refused(method):
+    """``f = lambda z: net(z)`` with a lazy ``net``: the check looked only into modules and
+    bound methods, and the first forward inside a transform crashed the process
+    (``method="forward"``, ``"reverse"``: a segmentation fault; ``"auto"``: an
+    ``AttributeError`` about a ``torch._C.Tag``). Now refused as a lazy module ``f`` is, by
+    the walk that follows a function's closure (``_core.script.scripted``)."""
+    net = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.Tanh())
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"^divergence: f has uninitialized .*LazyLinear"):
+        torchdiv.divergence(lambda z: net(z), x, method=method)
+    net(x)  # initialized: runs
+    torchdiv.divergence(lambda z: net(z), x, method=method)
+
+
 @pytest.mark.parametrize("bound", [False, True])
 def test_a_lazy_module_added_after_a_call_is_refused(bound):
     """The walk at the start of a call (``_core.script.call_started``) stands in for

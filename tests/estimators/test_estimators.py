@@ -438,3 +438,18 @@ def test_xtrace_is_unbiased_with_rademacher_probes_of_a_small_event():
     (grad,) = torch.autograd.grad(est.value.sum(), A)
     mean, se = grad.mean(0), grad.std(0) / math.sqrt(R)
     assert ((mean - torch.eye(4, dtype=F64)).abs() <= 4 * se).all()
+
+
+@pytest.mark.parametrize(("dtype", "ratio"), [(torch.float32, 2.0**-13), (F64, 2.0**-30)])
+def test_xtrace_is_exact_when_a_sketch_vector_is_short(dtype, ratio):
+    """A rank-1 ``A`` and two sketch vectors ``A w_1 = ratio A w_0`` (exactly, in any dtype):
+    each left-out sketch spans ``range(A)``, so XTrace is exact. Column 0 of ``R`` lies in
+    the span of column 1 by ``ratio``, far above round-off, though below ``sqrt(eps)``: an
+    absolute threshold took it for independent, and ``t_0`` became plain Hutchinson (-0.25
+    for -3.5)."""
+    A = torch.outer(torch.tensor([1.0, 2.0, -1.0]), torch.tensor([-3.5, 0.0, 0.0])).to(dtype)
+    like = torch.zeros(1, 3, dtype=dtype)
+    V = torch.tensor([[[1.0, 1.0, 1.0]], [[ratio, 2.0, -1.0]]], dtype=dtype)
+    est = torchdiv.estimate_trace(lambda W: W @ A.T, like, method="xtrace", probes=V)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(est.value, torch.trace(A).reshape(1), rtol=100 * eps, atol=0)

@@ -153,6 +153,35 @@ def test_a_piecewise_linear_f_keeps_the_result_on_the_graph_of_x(name: str, call
         assert_close(got.detach() - 1, torchdiv.divergence(net, x, method="reverse").detach())
 
 
+_DUAL_CALLS = [c for c in _relu_calls() if c[0] != "biharmonic"]  # (no Taylor rules for duals)
+
+
+@pytest.mark.parametrize(("name", "call"), _DUAL_CALLS, ids=[n for n, _ in _DUAL_CALLS])
+def test_the_tie_passes_the_tangents_of_dual_parameters(name: str, call) -> None:
+    """Inside the caller's ``forward_ad.dual_level()`` with dual parameters (a JVP in
+    parameter space) and an ``x`` that requires grad, the result's tangent is its parameter
+    derivative along the tangents, as central differences give; the tie had no forward-mode
+    rule (``NotImplementedError``: "You must implement the jvp function")."""
+    import torch.autograd.forward_ad as fwad
+
+    net = _net(3, nn.ReLU()).requires_grad_(False)
+    params = {k: p.detach() for k, p in net.named_parameters()}
+    tangents = {k: torch.randn_like(p) for k, p in params.items()}
+    x = torch.randn(4, 3, dtype=f64, requires_grad=True)
+
+    def at(values: dict[str, torch.Tensor]) -> torch.Tensor:
+        torch.manual_seed(0)  # (the same Hutchinson probes in every call)
+        return call(lambda z: torch.func.functional_call(net, values, z), x)
+
+    want = central_difference(
+        lambda t: at({k: p + t * tangents[k] for k, p in params.items()}).detach()
+    )
+    with fwad.dual_level():
+        got = at({k: fwad.make_dual(p, tangents[k]) for k, p in params.items()})
+        tangent = fwad.unpack_dual(got).tangent
+    assert_close(torch.zeros_like(want) if tangent is None else tangent, want)
+
+
 @pytest.mark.parametrize("method", ["auto", "reverse", "forward", "structured"])
 @pytest.mark.parametrize("penalty", ["x-gradient", "parameter gradient"])
 def test_third_derivatives_through_a_layer_norm(method: str, penalty: str) -> None:

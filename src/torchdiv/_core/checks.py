@@ -20,7 +20,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from torchdiv._core.modes import DispatchMode, WrongDerivatives
-from torchdiv._core.script import attribute, initialized
+from torchdiv._core.script import attribute, initialized, scripted
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -296,7 +296,8 @@ def _engine_now() -> str:
 
 
 def check_initialized(fn: str, f: Any) -> None:
-    """Refuse a module ``f`` (or a bound method of one) holding a lazy module that has not
+    """Refuse a module ``f`` (or a bound method of one, or a function reaching one the way
+    ``script.scripted`` follows: closures, defaults, globals) holding a lazy module that has not
     seen an input yet: its first forward swaps parameter classes, which inside a ``torch.func``
     transform left it half made, and the next evaluation crashed the process (a segmentation
     fault). One walk of the ``_modules`` dictionaries, unless the walk at the start of the
@@ -305,6 +306,8 @@ def check_initialized(fn: str, f: Any) -> None:
         return
     owner = f if isinstance(f, torch.nn.Module) else attribute(f, "__self__")
     stack = [owner] if isinstance(owner, torch.nn.Module) else []
+    if not stack and not torch.compiler.is_compiling():  # a function: the lazy modules its
+        scripted(f, lazy=stack)  # closure, defaults and globals reach (not traced by Dynamo)
     while stack:
         m = stack.pop()
         lazy: Any = m  # (torch types the method's self as a protocol checkers reject)

@@ -23,7 +23,8 @@ from torchdiv._core.checks import untransformed
 
 
 class _Tied(torch.autograd.Function):
-    """``out`` (a copy), with gradient ``grad`` for ``out`` and a tied zero for ``x``."""
+    """``out`` (a copy), with gradient ``grad`` for ``out`` and a tied zero for ``x``; in
+    forward mode, ``out``'s tangent."""
 
     generate_vmap_rule = True  # (a backward batched by ``is_grads_batched``)
 
@@ -41,6 +42,14 @@ class _Tied(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         (x,) = ctx.saved_tensors
         return grad, tied(torch.zeros_like(x), x)
+
+    @staticmethod
+    def jvp(  # type: ignore[override]
+        ctx: Any, out_tangent: torch.Tensor | None, x_tangent: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Forward mode (the caller's ``dual_level`` with dual parameters): ``out``'s
+        tangent; ``x``'s contributes nothing."""
+        return out_tangent
 
 
 def tied(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

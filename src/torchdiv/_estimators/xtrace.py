@@ -100,10 +100,12 @@ def _left_out_complements(
     norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
     s = rows / torch.where(norms > 0, norms, 1)
     # column i in the span of the others: e_i has a part in R's (right) null space, above the
-    # round-off of that space (its largest zero singular value over the smallest other one)
+    # round-off of that space: its perturbation (the largest zero singular value, at least
+    # eps times the largest) over the gap to the smallest other one. Not an absolute floor:
+    # ``A w_i`` through ``A w_j`` 1e-5 times as long (R = [[a, b], [0, 0]]) meets it by b/a.
     part = torch.linalg.vector_norm(vh.mT * zero[:, None, :], dim=-1)  # (N, k)
-    kept = torch.where(zero, math.inf, sigma).amin(-1)
-    noise = torch.where(zero, sigma, 0).amax(-1) / kept  # 0 where R has no zero or only zeros
-    involved = part > torch.clamp(100 * k * noise, min=eps**0.5)[:, None]
+    kept = torch.where(zero, math.inf, sigma).amin(-1)  # inf where R has only zeros
+    perturbation = torch.maximum(torch.where(zero, sigma, 0).amax(-1), eps * sigma[..., 0])
+    involved = part > (100 * k * perturbation / kept)[:, None]
     keep = ((~involved) & (norms[:, 0] > 0)).to(r.dtype)
     return null, s, keep
