@@ -157,6 +157,32 @@ def split_plans(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return made
 
 
+class Cube(torch.autograd.Function):
+    """``x³`` as a ``torch.func``-ready ``autograd.Function`` (``setup_context``, ``jvp``, a
+    vmap rule): forward over reverse runs it, the Taylor engine has no rule for it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * tangent
+
+
 class LegacyCube(torch.autograd.Function):
     """Old-style Function (forward takes ctx): torch.func cannot run it at all."""
 

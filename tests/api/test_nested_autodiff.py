@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.autograd import forward_ad
-from torch.func import hessian, jacfwd, vmap
-
-import torchdiv
-from tests.conftest import (
+from conftest import (
+    Cube,
     LegacyCube,
     Stateful,
     assert_close,
@@ -21,6 +18,10 @@ from tests.conftest import (
     one_state,
     tanh_mlp,
 )
+from torch.autograd import forward_ad
+from torch.func import hessian, jacfwd, vmap
+
+import torchdiv
 from torchdiv._taylor import UnsupportedOp
 
 f64 = torch.float64
@@ -301,38 +302,12 @@ def test_value_grad_laplacians_loop_changes_a_stateful_f_once() -> None:
     assert_one_state(net, once, state)
 
 
-class _Cube(torch.autograd.Function):
-    """``y³`` as a ``torch.func``-ready ``autograd.Function`` (``setup_context``, ``jvp``, a
-    vmap rule): forward over reverse runs it, the Taylor engine has no rule for it."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(y):
-        return y**3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * 3 * y**2
-
-    @staticmethod
-    def jvp(ctx, tangent):
-        (y,) = ctx.saved_tensors
-        return tangent * 3 * y**2
-
-
 def test_value_grad_laplacians_loop_not_finite_changes_a_stateful_f_once() -> None:
     """Where the fallback loop's Laplacian is not finite (``0.0 ** t``, 0 for ``t > 0``, whose
     double backward PyTorch makes NaN) ``value_grad_laplacian`` computes the three separately
     (forward over reverse): every evaluation from the state the loop's found, so one
     function (the same mask and buffer), and the state as one evaluation leaves it."""
-    head = lambda y: _Cube.apply(y) + torch.pow(0.0, y.square() + 1)  # noqa: E731
+    head = lambda y: Cube.apply(y) + torch.pow(0.0, y.square() + 1)  # noqa: E731
     net, x = Stateful(3, m=2, head=head), torch.randn(5, 3, dtype=f64)
     once, state = one_state(net, x, seed=4)
     once.head = lambda y: y**3  # the same function, without the zero term the loop gets NaN for

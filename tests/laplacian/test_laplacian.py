@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    Cube,
     Stateful,
     assert_close,
     assert_one_state,
@@ -890,37 +891,12 @@ def test_a_write_under_no_grad_to_what_depends_on_x_is_refused_and_auto_falls_ba
         torchdiv.divergence(field, z, method="structured")
 
 
-class _Cube(torch.autograd.Function):
-    """A custom Function torch.func can run (the fallback's forward-over-reverse needs that)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x**3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * grad
-
-    @staticmethod
-    def jvp(ctx, tangent):
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * tangent
-
-
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_a_custom_autograd_function_is_not_taken_for_a_constant(requires_grad):
     """Its forward runs with autograd off, like a no_grad block: the capture used to record
     it as a constant and the Laplacian came out 0."""
     x = torch.randn(3, 4, dtype=f64, requires_grad=requires_grad)
-    u = lambda z: _Cube.apply(z).sum(-1)  # noqa: E731
+    u = lambda z: Cube.apply(z).sum(-1)  # noqa: E731
     assert_close(torchdiv.laplacian(u, x), 6 * x.detach().sum(-1))
     with pytest.raises(NotImplementedError, match=r"custom autograd\.Function"):
         torchdiv.laplacian(u, x, method="taylor")
