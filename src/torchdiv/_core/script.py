@@ -28,17 +28,18 @@ _SCRIPTED = (torch.jit.ScriptModule, torch.jit.ScriptFunction)
 
 def forget_plans(f: Any) -> bool:
     """Drop the executor plans of every scripted module and function ``f`` reaches (see
-    ``scripted``); nothing else is changed. Returns whether ``f`` is a module or a bound
-    method and no module the same walk met holds uninitialized parameters (a lazy module):
-    the walk meets every module of ``f``'s tree (or its object's), so
-    ``checks.check_initialized`` need not walk it again before ``f`` runs (``initialized``)."""
+    ``scripted``); nothing else is changed. Returns whether ``f`` is a module, a bound method
+    or a Python function and no module the same walk met holds uninitialized parameters (a
+    lazy module): the walk meets every module of ``f``'s tree (or its object's, or those its
+    closure, defaults and globals reach: the walk ``checks.check_initialized`` makes of a
+    function), so that check need not walk it again before ``f`` runs (``initialized``)."""
     lazy: list[Any] = []
     for found in scripted(f, lazy=lazy):
         method = found if isinstance(found, torch.jit.ScriptFunction) else found.forward
         flush = getattr(method, "_debug_flush_compilation_cache", None)
         if flush is not None:
             flush()
-    return not lazy and isinstance(f, (torch.nn.Module, types.MethodType))
+    return not lazy and isinstance(f, (torch.nn.Module, types.MethodType, types.FunctionType))
 
 
 # [the ``f`` whose walk found no lazy module] of the public call in flight (``initialized``)
