@@ -1821,3 +1821,30 @@ def test_a_lambda_made_anew_over_other_objects_is_watched_again(
         else:
             with pytest.raises(BatchInteractionError, match="f mixes samples"):
                 call(make(value), x)
+
+
+def test_the_saved_results_nodes_follow_every_write_not_the_count() -> None:
+    """``BatchAxes._saved_mixed`` rebuilds its table of nodes after every write into
+    ``mixed``: a removal (a custom Function's constant result, ``_settle``) then an addition
+    leave the count as it was, and a table kept by the count missed the new mixed result."""
+    from torch.autograd.forward_ad import _set_fwd_grad_enabled
+
+    from torchdiv._core.mixing import BatchAxes
+
+    x = torch.randn(4, 3, requires_grad=True)
+    axes = BatchAxes(x, 1)
+    total = torch.ops.aten.sum.dim_IntList
+
+    def summed(t: torch.Tensor) -> torch.Tensor:  # a sum over the samples, watched
+        carry = axes.before(total, (t, [0]))
+        out = total(t, [0])
+        axes.after(carry, (t, [0]), out)
+        return out
+
+    first = summed(x)
+    with torch.no_grad(), _set_fwd_grad_enabled(False):  # as in a custom Function's forward
+        constant = summed(x)
+    assert len(axes.mixed) == 2 and axes._saved_mixed(first) is not None  # the table of both
+    second = summed(x)  # its ``before`` settles the forward: the constant leaves ``mixed``
+    assert len(axes.mixed) == 2 and id(constant) not in axes.mixed
+    assert axes._saved_mixed(second) is not None

@@ -217,9 +217,11 @@ class BatchAxes:
         # id -> (tensor, message): results that depend on samples combined by some op
         self.mixed: dict[int, tuple[torch.Tensor, str]] = {}
         # the same by the autograd node that made them and which of its outputs they are
-        # (``_saved_mixed``), as of ``len(self.mixed)`` entries; the graph task ``f`` is called
-        # from, to tell a backward pass inside ``f``
+        # (``_saved_mixed``), as of ``mixed_writes``: the writes into ``mixed`` (a count of
+        # its entries could come back to the same after a removal and an addition); the graph
+        # task ``f`` is called from, to tell a backward pass inside ``f``
         self.mixed_nodes: dict[tuple[Any, int], str] = {}
+        self.mixed_writes = 0
         self.nodes_of = 0
         self.task = torch._C._current_graph_task_id()
         # id -> (tensor, pick): results computed from samples picked out of the batch alone
@@ -312,6 +314,7 @@ class BatchAxes:
                 self._note(t, axes)
                 if self.pending is not None:
                     self.mixed[id(t)] = (t, self.pending)
+                    self.mixed_writes += 1
                 elif self.carried is not None and not axes:
                     self.pick(t, self.carried)
 
@@ -463,13 +466,13 @@ class BatchAxes:
         inside ``f`` (``grad(energy(x).logsumexp(0), x)``): autograd unpacks a saved result
         as a new object with the node that made it and its output number, which an alias
         made by an op (``detach``) or ``Tensor.data`` (constants) has not got."""
-        if self.nodes_of != len(self.mixed):  # (the nodes are set after ``after`` saw them)
+        if self.nodes_of != self.mixed_writes:  # (nodes are set after ``after`` saw them)
             self.mixed_nodes = {
                 (m.grad_fn, m.output_nr): message
                 for m, message in self.mixed.values()
                 if m.grad_fn is not None
             }
-            self.nodes_of = len(self.mixed)
+            self.nodes_of = self.mixed_writes
         return self.mixed_nodes.get((t.grad_fn, t.output_nr))
 
     def pick(self, t: torch.Tensor, pick: Pick) -> None:
@@ -521,6 +524,7 @@ class BatchAxes:
             if constant and not t.requires_grad:
                 for table in (self.known, self.mixed, self.picked):
                     table.pop(id(t), None)
+                self.mixed_writes += 1
         self.inside.clear()
 
     def _note(self, t: torch.Tensor, axes: Axes | None) -> None:

@@ -13,6 +13,7 @@ vector, for graphs that can be walked only once or whose backward cannot be batc
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -156,12 +157,12 @@ def _custom_functions(y: torch.Tensor) -> list[Any]:
 _BATCH_NORM = "NativeBatchNormBackward"  # instance norm's node, a batch norm's
 
 
-def _changed() -> tuple[str, ...]:
+@functools.cache
+def _changed(order: int, forward_mode: bool) -> tuple[str, ...]:
     """The nodes of the ops ``SafeDerivatives`` changes at ``backward_passes_order``, searched
     for in a plain evaluation's graph; not ``NativeBatchNormBackward``, which instance norm's
     replacement shares with real batch norms (``_instance_norm_alone`` tells them apart)."""
-    nodes = changed_nodes(*backward_passes_order())
-    return tuple(node for node in nodes if node != _BATCH_NORM)
+    return tuple(node for node in changed_nodes(order, forward_mode) if node != _BATCH_NORM)
 
 
 def _instance_norm_alone(batch_norms: list[Any]) -> bool:
@@ -248,7 +249,7 @@ class GraphJacobian:
         """
         outer_grad = torch.is_grad_enabled()
         y, x_in = _evaluated(f, x, contextlib.nullcontext(), safe=not plain, own=own)
-        found = search(y, x_in, _changed() if plain else ())
+        found = search(y, x_in, _changed(*backward_passes_order()) if plain else ())
         guarded = found.guarded or (plain and _instance_norm_alone(found.batch_norms))
         fused = found.fused and outer_grad and found.others
         if guarded or fused:  # (fused attention kernels have no double backward)
