@@ -41,7 +41,9 @@ def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
 # ``Passed``
 _PASSED = PlanCache(256)
 
-Structure = tuple[Any, Hashable]  # (site, key) for a PlanCache
+# (site, key) for a PlanCache, the key (what tells f from another with its code: ``identity``,
+# cache.structure_key)
+Structure = tuple[Any, tuple[Hashable, Hashable]]
 
 
 @dataclass
