@@ -183,3 +183,17 @@ def test_a_guarded_structure_is_found_by_a_lambda_over_another_time() -> None:
         assert len(evaluations) == (2 if step == 0 else 1), step
         jac = reference_jacobian(f, x)
         assert_close(est, torch.einsum("bi,bij,bj->b", probes[0], jac, probes[0]))
+
+
+def test_a_lambda_over_a_device_and_a_dtype_is_watched_once(watches: list[int]) -> None:
+    """``lambda z: net(z.to(device, dtype))`` written in a training loop: a ``device`` and a
+    ``dtype`` are told by value (they have no weak references: such a lambda was a new ``f``
+    at every call, watched every time)."""
+    net = tanh_mlp(4, 8, 4)
+    x = torch.randn(6, 4, dtype=F64)
+    device, dtype = x.device, x.dtype
+    for _ in range(3):
+        torchdiv.divergence(
+            lambda z: net(z.to(device, dtype)), x, method="hutchinson", num_probes=1
+        )
+    assert len(watches) == 1

@@ -124,11 +124,12 @@ def identity(f: Any, depth: int = 3) -> tuple[Any, Hashable]:
     ``f`` mixes samples), a number, string or ``None`` by value, a tuple or a function by
     this same rule. A lambda written in a loop (``divergence(lambda z: net(z), x)``: a new
     object at every call, closing over the same ``net``) is then one function, watched once
-    rather than at every call (0.46 ms of a 1.0 ms divergence at 2 inputs); one closing
-    over anything else (another model, config, index tensor or threshold) is another. A held
-    object that cannot be told so keeps ``f`` as it is: one without weak references (a
-    list), a tensor without a version (made under ``torch.inference_mode``), a tuple of more
-    than ``TUPLE_ITEMS`` items or nested more than ``depth`` deep (walked at every call).
+    rather than at every call (0.46 ms of a 1.0 ms divergence at 2 inputs), also over a
+    ``device`` or ``dtype`` (by value, ``_VALUES``); one closing over anything else (another
+    model, config, index tensor or threshold) is another. A held object that cannot be told
+    so keeps ``f`` as it is: one without weak references (a list), a tensor without a
+    version (made under ``torch.inference_mode``), a tuple of more than ``TUPLE_ITEMS``
+    items or nested more than ``depth`` deep (walked at every call).
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
@@ -149,6 +150,12 @@ def identity(f: Any, depth: int = 3) -> tuple[Any, Hashable]:
 
 
 _EMPTY = object()  # an empty closure cell (a name bound later)
+# the types ``identity`` tells by value: immutable, hashable, equal only where they compute
+# alike; PyTorch's own too (no weak references: a lambda over the training loop's ``device``
+# or ``dtype``, ``lambda z: net(z.to(device))``, was watched at every call)
+_VALUES = frozenset(
+    (bool, int, float, complex, str, bytes, type(None), type(Ellipsis), range, torch.dtype)
+) | {torch.device, torch.layout, torch.memory_format}
 # the longest tuple ``identity`` tells by its items (each ~0.8 us at every call: a lambda
 # naming a global tuple of 10k integers spent 7.8 ms a call telling it)
 TUPLE_ITEMS = 32
@@ -163,7 +170,7 @@ def _cell(cell: Any) -> Any:
 
 def _part(v: Any, depth: int) -> Hashable | None:
     """How ``identity`` tells one held object: ``None`` where it cannot."""
-    if type(v) in (bool, int, float, complex, str, bytes, type(None)):
+    if type(v) in _VALUES:
         return type(v), v
     if isinstance(v, tuple):
         if depth == 0 or len(v) > TUPLE_ITEMS:  # (a chain of 5000 nested ones: RecursionError)
