@@ -1848,3 +1848,110 @@ def test_the_saved_results_nodes_follow_every_write_not_the_count() -> None:
     second = summed(x)  # its ``before`` settles the forward: the constant leaves ``mixed``
     assert len(axes.mixed) == 2 and id(constant) not in axes.mixed
     assert axes._saved_mixed(second) is not None
+
+
+def test_identity_keeps_f_where_it_cannot_tell_what_f_holds() -> None:
+    """``identity`` tells a lambda by what it holds only where it can at every call: a tensor
+    made under ``torch.inference_mode`` has no version (``_version`` raised, and every public
+    call of a lambda over one failed), a long tuple cost ~0.8 us an item at every call (7.8
+    ms for 10k), and a chain of nested tuples raised ``RecursionError``: such a lambda is
+    itself (watched at every call, as any new object), a short tuple still by its items."""
+    from torchdiv._taylor import mixing
+
+    with torch.inference_mode():
+        frozen = torch.ones(3)
+    chain: tuple = ()
+    for i in range(5000):
+        chain = (i, chain)
+    long = tuple(range(mixing.TUPLE_ITEMS + 1))
+    for held in (frozen, chain, long):
+        f = lambda z, held=held: z  # noqa: E731
+        assert mixing.identity(f) == (f, ()), type(held)
+    short = tuple(range(mixing.TUPLE_ITEMS))
+    make = lambda: lambda z, held=short: z  # noqa: E731
+    assert mixing.identity(make())[0] is not make()
+    assert mixing.identity(make()) == mixing.identity(make())
+
+
+@pytest.mark.parametrize("name", ["divergence", "jacobian_diagonal", "hutchinson", "laplacian"])
+def test_a_lambda_over_an_inference_tensor(name: str) -> None:
+    """A constant made under ``torch.inference_mode`` (a mask, a table computed without
+    autograd) in a lambda: right per-sample values at every call (``RuntimeError: Inference
+    tensors do not track version counter`` before), mixing through it still caught.
+    Reference: plain autograd row by row (``loop_diagonal``), grad of grad."""
+    from conftest import laplacian_by_grad_of_grad, loop_diagonal
+
+    with torch.inference_mode():
+        shift = torch.linspace(-1, 1, 3, dtype=f64)
+    x = torch.randn(8, 3, dtype=f64)
+    net = _net(3)
+    make = lambda: lambda z: torch.tanh(net(z) + shift)  # noqa: E731
+    mixes = lambda z: torch.tanh((net(z) + shift).flip(0))  # noqa: E731
+    if name == "laplacian":
+        calls = lambda f: torchdiv.laplacian(lambda z: f(z).sum(-1), x[:, :2])  # noqa: E731
+        make = lambda: lambda z: torch.tanh(net(torch.cat([z, z[:, :1]], 1)) + shift)  # noqa: E731
+        expected = laplacian_by_grad_of_grad(lambda z: make()(z).sum(-1), x[:, :2])
+    elif name == "hutchinson":
+        probes = torchdiv.draw_probes(x, 1, generator=torch.Generator().manual_seed(0))
+        calls = lambda f: torchdiv.divergence(f, x, method="hutchinson", probes=probes)  # noqa: E731
+        jac = _rows_jacobian(make(), x)
+        expected = torch.einsum("bi,bij,bj->b", probes[0], jac, probes[0])
+    else:
+        calls = lambda f: getattr(torchdiv, name)(f, x)  # noqa: E731
+        diagonal = loop_diagonal(make(), x)
+        expected = diagonal.sum(-1) if name == "divergence" else diagonal
+    for _ in range(3):
+        assert_close(calls(make()), expected)
+    with pytest.raises(BatchInteractionError, match="mix"):
+        calls(mixes if name != "laplacian" else lambda z: mixes(torch.cat([z, z[:, :1]], 1)))
+
+
+def _rows_jacobian(f, x: torch.Tensor) -> torch.Tensor:
+    """Each sample's Jacobian ``(B, D, D)`` of a per-sample ``f``, one backward pass per
+    output coordinate."""
+    leaf = x.detach().requires_grad_(True)
+    y = f(leaf)
+    rows = [torch.autograd.grad(y[:, i].sum(), leaf, retain_graph=True)[0] for i in range(3)]
+    return torch.stack(rows, 1)
+
+
+class _Held(nn.Module):
+    """A net whose ``forward`` applies ``self.act``, a function it holds as an attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = _net(3)
+        self.act = torch.tanh
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.act(self.lin(z))
+
+
+@pytest.mark.parametrize("name", ["divergence", "jacobian_diagonal", "hutchinson", "laplacian"])
+@pytest.mark.parametrize("change", ["forward replaced", "activation swapped"])
+@pytest.mark.parametrize("given", ["the module", "a lambda made anew"])
+def test_a_function_a_module_holds_is_part_of_its_structure(
+    name: str, change: str, given: str
+) -> None:
+    """A module's functions held as attributes are part of its structure: ``net.forward =
+    g`` (a patched forward, accelerate's wrapped one) or ``self.act`` swapped for one that
+    mixes samples is watched again. Both gave silently wrong per-sample results (the
+    module's key held its submodules, flags and hooks only)."""
+    x = torch.randn(8, 3, dtype=f64)
+    net = _Held()
+    f = (lambda: net) if given == "the module" else (lambda: lambda z: net(z))
+    calls = {
+        "divergence": lambda g: torchdiv.divergence(g, x),
+        "jacobian_diagonal": lambda g: torchdiv.jacobian_diagonal(g, x),
+        "hutchinson": lambda g: torchdiv.divergence(g, x, method="hutchinson", num_probes=1),
+        "laplacian": lambda g: torchdiv.laplacian(lambda z: g(z).sum(-1), x),
+    }[name]
+    for _ in range(3):
+        calls(f())
+    flip = lambda y: y.flip(0)  # noqa: E731
+    if change == "forward replaced":
+        net.forward = lambda z: flip(torch.tanh(net.lin(z)))
+    else:
+        net.act = lambda y: torch.tanh(flip(y))
+    with pytest.raises(BatchInteractionError, match="mix"):
+        calls(f())

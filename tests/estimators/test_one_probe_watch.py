@@ -160,3 +160,40 @@ def test_a_flow_with_one_probe_refuses_a_mixing_velocity() -> None:
     x = torch.randn(6, 4, dtype=F64)
     with pytest.raises(BatchInteractionError, match="mix"):
         _solve(lambda t, z: net(z) - net(z).mean(0), x)
+
+
+def test_a_guarded_structure_is_found_by_a_lambda_over_another_time() -> None:
+    """One-probe Hutchinson of a CNF's ``lambda z: net(z, t)`` made anew over another time at
+    every step, where ``f`` runs an op ``SafeDerivatives`` changes under grad mode (layer
+    norm): the first step's plain evaluation is discarded and made again under the mode;
+    later steps start there, one evaluation each (two at every step before: the decision was
+    keyed by the lambda's values too). Each new lambda is still watched (its first
+    evaluation, under the mode). Values: ``v^T J v`` with the per-sample Jacobian."""
+    torch.manual_seed(0)
+    net = tanh_mlp(4, 8, 4)
+    evaluations: list[int] = []
+    net.register_forward_pre_hook(lambda module, args: evaluations.append(1))
+    x = torch.randn(6, 4, dtype=F64)
+    norm = torch.nn.functional.layer_norm
+    for step, t in enumerate((0.1, 0.2, 0.3, 0.4)):
+        f = lambda z, t=t: norm(net(z), (4,)) * t  # noqa: E731
+        probes = torchdiv.draw_probes(x, 1, generator=torch.Generator().manual_seed(step))
+        evaluations.clear()
+        est = torchdiv.divergence(f, x, method="hutchinson", probes=probes)
+        assert len(evaluations) == (2 if step == 0 else 1), step
+        jac = reference_jacobian(f, x)
+        assert_close(est, torch.einsum("bi,bij,bj->b", probes[0], jac, probes[0]))
+
+
+def test_a_lambda_over_a_device_and_a_dtype_is_watched_once(watches: list[int]) -> None:
+    """``lambda z: net(z.to(device, dtype))`` written in a training loop: a ``device`` and a
+    ``dtype`` are told by value (they have no weak references: such a lambda was a new ``f``
+    at every call, watched every time)."""
+    net = tanh_mlp(4, 8, 4)
+    x = torch.randn(6, 4, dtype=F64)
+    device, dtype = x.device, x.dtype
+    for _ in range(3):
+        torchdiv.divergence(
+            lambda z: net(z.to(device, dtype)), x, method="hutchinson", num_probes=1
+        )
+    assert len(watches) == 1

@@ -810,6 +810,38 @@ def test_auto_makes_a_structure_key_only_for_a_function_that_loops(monkeypatch):
             assert_close(got.reshape(len(x)), laplacian_by_grad_of_grad(f, x).reshape(len(x)))
 
 
+def test_a_remembered_loop_is_found_by_a_lambda_over_another_time(monkeypatch):
+    """An ODE solve's ``laplacian(lambda z: net(z, t), x)`` makes a new lambda over another
+    time ``t`` at every step: the decision to loop is found again (kept per code and
+    structure key: recorded once in 6 steps, at every step before, when the decision was
+    keyed by the lambda's values too), while each new lambda is watched (a step whose
+    ``t`` turns mixing on raises). Values: grad of grad (float64)."""
+    from torchdiv._laplacian import methods as _laplacian
+    from torchdiv._taylor.cache import PlanCache
+
+    monkeypatch.setattr(_laplacian, "_LOOPS", PlanCache(256))
+    monkeypatch.setattr(_laplacian, "_LOOPING_SITES", PlanCache(256))
+    recorded, capture = [], _laplacian.capture
+    monkeypatch.setattr(
+        _laplacian, "capture", lambda *a, **k: recorded.append(1) or capture(*a, **k)
+    )
+    torch.manual_seed(0)
+    net = tanh_mlp(3, 8, 1).requires_grad_(False)
+    x = torch.randn(64, 2, dtype=f64)
+
+    def velocity(t: float):  # (over net and t only: a function made anew is structure)
+        return lambda z: net(
+            torch.cat([z - (z.mean(0) if t > 1 else 0), torch.full_like(z[:, :1], t)], -1)
+        ).squeeze(-1)
+
+    for t in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        got = torchdiv.laplacian(velocity(t), x)
+        assert_close(got, laplacian_by_grad_of_grad(velocity(t), x))
+    assert len(recorded) == 1
+    with pytest.raises(torchdiv.BatchInteractionError, match="a mean over samples"):
+        torchdiv.laplacian(velocity(1.2), x)
+
+
 class _Chebyshev(torch.nn.Module):
     """A Chebyshev KAN layer (many small ops: where the loop batches its second passes)."""
 

@@ -22,7 +22,7 @@ from torchdiv._estimators.sketch import Operator
 from torchdiv._exact import dispatch as _exact
 from torchdiv._exact.autograd import GraphJacobian, unwatched
 from torchdiv._taylor.cache import PlanCache, site
-from torchdiv._taylor.mixing import Structure, passed, passed_before, structure
+from torchdiv._taylor.mixing import Structure, passed, passed_before, shape_key, structure
 
 
 def jacobian_matmat(engine: _exact.Engine) -> Matmat:
@@ -101,7 +101,7 @@ def terms_of_function(
     return flat.reshape(len(flat), *batch).to(x.dtype), y
 
 
-# the structures of f and x (``torchdiv._taylor.mixing.structure``, f by its ``cache.site``)
+# the structures of f and x (``torchdiv._taylor.mixing.shape_key``, f by its ``cache.site``)
 # at which a plain evaluation of f showed an op that ``SafeDerivatives`` changes:
 # ``_one_product`` evaluates f there under the mode at once (two functions with the same code
 # share it: at worst one runs under the mode without need, as before)
@@ -128,10 +128,10 @@ def _one_product(
     Eager calls only (``trace_of_function``)."""
     at = structure(f, x, batch_dims)
     where = site(at[0])  # a lambda made anew over other objects: its code, found again
-    plain = _GUARDED.get(where, at[1]) is None
+    plain = _GUARDED.get(where, shape_key(at)) is None
     engine = _watched_once(f, x, batch_dims, at, plain)
     if engine.guarded:
-        _GUARDED.put(where, at[1], True)
+        _GUARDED.put(where, shape_key(at), True)
     return engine
 
 

@@ -82,7 +82,8 @@ LOOP_FALLBACK = 10
 # inputs; the FNN at 256 (24k) from 8% slower to 10% faster by the threads: it keeps n passes
 BATCHED_WORK = 16384
 # the ``Loop`` "auto" decided on for a structure it recorded at up to LOOP_INPUTS inputs, by
-# ``_site`` and structure key: a later call with the same structure loops without recording f
+# ``_site`` and structure key (``mixing.shape_key``: a lambda made anew over another time or
+# tensor finds it too): a later call with the same structure loops without recording f
 _LOOPS = cache.PlanCache(256)
 # True for each ``_site`` with a structure in ``_LOOPS``: only such a site's calls make their
 # structure key (``mixing.structure``) to look it up, ~50 us of Python per call otherwise spent
@@ -180,7 +181,7 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     site = _site(f) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
     looping = site is not None and _LOOPING_SITES.get(site, None)
     at = mixing.structure(f, x, batch_dims) if looping else None
-    remembered = None if at is None else _LOOPS.get(site, at[1])
+    remembered = None if at is None else _LOOPS.get(site, mixing.shape_key(at))
     if remembered:
         return _unrecorded(f, x, batch_dims, remembered, at)
     graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
@@ -190,7 +191,7 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     graph.undo()  # f runs again: what recording it changed is put back first
     if at is None:
         at = mixing.structure(f, x, batch_dims)
-    _LOOPS.put(site, at[1], plan)
+    _LOOPS.put(site, mixing.shape_key(at), plan)
     _LOOPING_SITES.put(site, None, True)
     mixing.passed(f, x, batch_dims, at)  # recording watched it
     return plan

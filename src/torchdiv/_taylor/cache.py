@@ -250,7 +250,8 @@ def site(f: Any) -> Any:
 
 def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
     """``key`` of ``x`` and, for a module ``f``, which submodules it holds (a swapped one is
-    another object), each one's flags (its train mode, ``if self.mix:``: ``_held``) and
+    another object), each one's flags (its train mode, ``if self.mix:``: ``_held``), the
+    functions it holds (a replaced ``forward``) and
     forward hooks (and those of every module), and which of their parameters require
     grad: what an ``f``'s computation depends on, as far as it
     can be told without running it. For any other callable, the same of every module it
@@ -279,6 +280,14 @@ def _global_hooks() -> tuple[Any, ...]:
 # (1.4-1.9x the time of a tiny call)
 _FLAGS = frozenset((bool, int, str, type(None)))
 _MODULE_FLAGS = frozenset((bool, str, type(None)))
+# the functions a module holds as attributes, by identity (weakly): one put in place of its
+# method (``net.forward = g``: a forward that mixes samples went unwatched) or held as one
+# (``self.act = torch.tanh``, swapped for ``torch.flipud``); with the flags, what ``_held``
+# keeps of a module's own attributes
+_MODULE_FUNCTIONS = frozenset(
+    (types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial)
+)
+_MODULE_HELD = _MODULE_FLAGS | _MODULE_FUNCTIONS
 
 
 def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
@@ -364,7 +373,8 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
     """Every module under ``f`` (``f`` included) as its id, type (a freed submodule's id may
     come back, on another module), flags (``_MODULE_FLAGS``: the train mode, as
     ``model[0].train()`` alone switches a batch norm to batch statistics, and the switches of
-    its ``forward``, ``if self.mix:``) and forward hooks (one may mix samples), flat, and
+    its ``forward``, ``if self.mix:``), the functions it holds (``_MODULE_FUNCTIONS``: a
+    replaced ``forward``) and forward hooks (one may mix samples), flat, and
     whether each of their parameters requires grad. The type as a weak reference (equal to
     another only while its type is alive): held, a class made at every call (a model
     factory's, each ``torch.fx.GraphModule``'s own) stayed alive with what its methods close
@@ -385,7 +395,11 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
         attributes = m.__dict__
         held.append(i)  # (appended, not a tuple of the three: ~10% of the walk)
         held.append(weakref.ref(type(m)))
-        held += [v for v in attributes.values() if type(v) in _MODULE_FLAGS]
+        held += [
+            v if type(v) in _MODULE_FLAGS else weakref.ref(v)
+            for v in attributes.values()
+            if type(v) in _MODULE_HELD
+        ]
         pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
         if pre or post:  # by their handles' ids (a counter: never reused)
             held.append((*(pre or ()), None, *(post or ())))

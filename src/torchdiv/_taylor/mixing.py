@@ -41,7 +41,9 @@ def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
 # ``Passed``
 _PASSED = PlanCache(256)
 
-Structure = tuple[Any, Hashable]  # (site, key) for a PlanCache
+# (site, key) for a PlanCache, the key (what tells f from another with its code: ``identity``,
+# cache.structure_key)
+Structure = tuple[Any, tuple[Hashable, Hashable]]
 
 
 @dataclass
@@ -104,6 +106,16 @@ def structure(f: Any, x: torch.Tensor, batch_dims: int) -> Structure:
     return site, (held, structure_key(f, x, batch_dims))
 
 
+def shape_key(at: Structure) -> Hashable:
+    """The key of ``at`` (``structure``) without what tells one ``f`` from another with the
+    same code (``identity``'s values, a bound method's function): ``cache.structure_key``
+    alone, for a cache of decisions kept per code object that functions with the same code
+    share (a lambda made anew over another time ``t`` at every step of an ODE solve, or a
+    training loop's new tensor, must find the decision kept: keyed by ``identity`` too,
+    the Laplacian recorded ``f`` again at every such call only to decide the same loop)."""
+    return at[1][1]
+
+
 def identity(f: Any, depth: int = 3) -> tuple[Any, Hashable]:
     """``f`` as a site and a key for ``_PASSED``: ``f`` itself and ``()``, or for a plain
     Python function its code, and as the key what the code computes with: what its closure
@@ -112,9 +124,12 @@ def identity(f: Any, depth: int = 3) -> tuple[Any, Hashable]:
     ``f`` mixes samples), a number, string or ``None`` by value, a tuple or a function by
     this same rule. A lambda written in a loop (``divergence(lambda z: net(z), x)``: a new
     object at every call, closing over the same ``net``) is then one function, watched once
-    rather than at every call (0.46 ms of a 1.0 ms divergence at 2 inputs); one closing
-    over anything else (another model, config, index tensor or threshold) is another. A held
-    object without weak references (a list) keeps ``f`` as it is.
+    rather than at every call (0.46 ms of a 1.0 ms divergence at 2 inputs), also over a
+    ``device`` or ``dtype`` (by value, ``_VALUES``); one closing over anything else (another
+    model, config, index tensor or threshold) is another. A held object that cannot be told
+    so keeps ``f`` as it is: one without weak references (a list), a tensor without a
+    version (made under ``torch.inference_mode``), a tuple of more than ``TUPLE_ITEMS``
+    items or nested more than ``depth`` deep (walked at every call).
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
@@ -124,17 +139,26 @@ def identity(f: Any, depth: int = 3) -> tuple[Any, Hashable]:
     """
     if not isinstance(f, types.FunctionType) or depth == 0:
         return f, ()
-    names = f.__globals__
+    names, keywords = f.__globals__, f.__kwdefaults__ or {}
+    found = tuple(n for n in global_names(f.__code__) if n in names)
     held: list[Any] = [_cell(c) for c in f.__closure__ or ()]
-    held += [*(f.__defaults__ or ()), *(f.__kwdefaults__ or {}).items()]
-    held += [(n, names[n]) for n in global_names(f.__code__) if n in names]
-    parts = [_part(v, depth) for v in held]
+    held += [*(f.__defaults__ or ()), *keywords.values(), *(names[n] for n in found)]
+    parts = tuple(_part(v, depth) for v in held)
     if any(p is None for p in parts):
         return f, ()
-    return f.__code__, tuple(parts)
+    return f.__code__, (found, tuple(keywords), parts)
 
 
 _EMPTY = object()  # an empty closure cell (a name bound later)
+# the types ``identity`` tells by value: immutable, hashable, equal only where they compute
+# alike; PyTorch's own too (no weak references: a lambda over the training loop's ``device``
+# or ``dtype``, ``lambda z: net(z.to(device))``, was watched at every call)
+_VALUES = frozenset(
+    (bool, int, float, complex, str, bytes, type(None), type(Ellipsis), range, torch.dtype)
+) | {torch.device, torch.layout, torch.memory_format}
+# the longest tuple ``identity`` tells by its items (each ~0.8 us at every call: a lambda
+# naming a global tuple of 10k integers spent 7.8 ms a call telling it)
+TUPLE_ITEMS = 32
 
 
 def _cell(cell: Any) -> Any:
@@ -146,10 +170,12 @@ def _cell(cell: Any) -> Any:
 
 def _part(v: Any, depth: int) -> Hashable | None:
     """How ``identity`` tells one held object: ``None`` where it cannot."""
-    if type(v) in (bool, int, float, complex, str, bytes, type(None)):
+    if type(v) in _VALUES:
         return type(v), v
     if isinstance(v, tuple):
-        parts = tuple(_part(u, depth) for u in v)
+        if depth == 0 or len(v) > TUPLE_ITEMS:  # (a chain of 5000 nested ones: RecursionError)
+            return None
+        parts = tuple(_part(u, depth - 1) for u in v)
         return None if any(p is None for p in parts) else (tuple, parts)
     if isinstance(v, types.FunctionType) and depth > 1:
         site, held = identity(v, depth - 1)
@@ -159,7 +185,11 @@ def _part(v: Any, depth: int) -> Hashable | None:
         same = _Same(v)
     except TypeError:  # no weak references
         return None
-    return (same, v._version) if isinstance(v, torch.Tensor) else same
+    if not isinstance(v, torch.Tensor):
+        return same
+    if v.is_inference():  # no version counter (``_version`` raises): a write is unseen
+        return None
+    return same, v._version
 
 
 class _Same:
