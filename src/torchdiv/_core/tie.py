@@ -72,7 +72,7 @@ def tied(out: torch.Tensor, x: torch.Tensor, read: Sequence[Any] = ()) -> torch.
         return out
     if not out.requires_grad:
         trained = [t for t in read if isinstance(t, torch.Tensor) and t.requires_grad]
-        out = ZeroGradients.apply(out, *trained) if trained else out
+        out = ZeroGradients.apply(out, *trained).clone() if trained else out  # (writable)
     if not x.requires_grad:
         return out
     result: torch.Tensor = _Tied.apply(out, x)
