@@ -92,7 +92,14 @@ TINY = {
     # piecewise linear: the structured engine's shares have no path to x (torchdiv._core.tie)
     "relu": (functools.partial(MLP, activation=torch.relu), (4,)),
     "relu2": (functools.partial(MLP, d=2, activation=torch.relu), (2,)),
+    # a fused layer norm, replaced by its composite where a third derivative is taken
+    # (``_core.modes.backward_passes_order``: the gradient penalty of ``loss``)
+    "layernorm": (lambda heads: MLP(heads, activation=_normed_tanh()), (4,)),
 }
+
+
+def _normed_tanh() -> nn.Module:
+    return nn.Sequential(nn.LayerNorm(12), nn.Tanh())
 
 
 def make_model(name: str, heads: bool) -> nn.Module:
@@ -200,8 +207,15 @@ LOSSES = ("alone", "with-f", "heads")
 
 def loss(model: nn.Module, x: torch.Tensor, op_name: str, kind: str) -> torch.Tensor:
     """``kind``: the operator's result alone (the last bias then has no gradient), with
-    ``f(x)``, or of one head of a two-headed module with both heads' values."""
+    ``f(x)``, or of one head of a two-headed module with both heads' values; ``"penalty"``
+    (not in the matrix): the result alone plus the square norm of its loss's ``x``-gradient
+    (``create_graph=True``: the parameters' gradients take one more derivative)."""
     op = operators()[op_name]
+    if kind == "penalty":
+        x = x.detach().requires_grad_(True)
+        total = op(model, x).square().mean()
+        (x_grad,) = torch.autograd.grad(total, x, create_graph=True)
+        return total + x_grad.square().sum()
     if kind == "heads":
 
         def f(z):
@@ -259,6 +273,13 @@ def sample() -> list[Case]:
     cases.append(("compiled-ddp", "mlp", "divergence/reverse", "alone"))
     cases.append(("compiled-ddp", "mlp", "laplacian/forward-over-reverse", "with-f"))
     cases.append(("compiled-fsdp", "mlp", "divergence/reverse", "alone"))
+    # last session's engine changes under DDP with a gradient penalty (FSDP2 cannot run one:
+    # its first backward pass frees the unsharded parameters, PyTorch's error for any model):
+    # the composite layer norm at the third order, and a ReLU f's recorded results tied to x
+    cases += [("ddp", "layernorm", op, "penalty") for op in ("divergence/reverse",
+              "divergence/forward", "laplacian/auto", "value_grad_laplacian/auto")]  # fmt: skip
+    cases += [("ddp-unused", "relu", op, "penalty") for op in ("divergence/structured",
+              "laplacian/taylor", "jacobian_diagonal/structured")]  # fmt: skip
     return cases + [("ddp-static", "mlp", op, loss) for op, loss in static]
 
 

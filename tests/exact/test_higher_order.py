@@ -273,3 +273,36 @@ def test_an_instance_norm_beside_a_train_mode_batch_norm_moves_its_statistics_on
             twin(x)
     for name, buffer in twin.bn.named_buffers():
         torch.testing.assert_close(getattr(net.bn, name), buffer, rtol=0, atol=0)
+
+
+_ZERO_LAPLACIANS = {
+    "laplacian taylor": lambda f, x: torchdiv.laplacian(f, x, method="taylor"),
+    "laplacian auto": lambda f, x: torchdiv.laplacian(f, x),
+    "value_grad_laplacian taylor": lambda f, x: (
+        torchdiv.value_grad_laplacian(f, x, method="taylor").laplacian
+    ),
+    "weighted_laplacian taylor": lambda f, x: torchdiv.weighted_laplacian(
+        f, x, diffusion=2 * torch.eye(3, dtype=f64), method="taylor"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_ZERO_LAPLACIANS))
+def test_a_zero_laplacian_of_a_trained_relu_network_has_parameter_gradients(name: str) -> None:
+    """The Laplacian of a ReLU network is 0 whatever its weights; with ``x`` not requiring grad
+    (a PINN's collocation points) the Taylor engine's had no graph at all, so
+    ``loss.backward()`` raised ("element 0 of tensors does not require grad") where the
+    methods of backward passes give zero parameter gradients (reference: grad-of-grad).
+    Now tied to the tensors ``f`` read."""
+    net = _net(3, nn.ReLU())
+    x = torch.randn(4, 3, dtype=f64)
+    got = _ZERO_LAPLACIANS[name](net, x)
+    want = torchdiv.laplacian(net, x, method="grad-of-grad")
+    assert got.requires_grad and want.requires_grad
+    assert_close(got.detach(), torch.zeros_like(got))
+    params, options = list(net.parameters()), {"allow_unused": True, "materialize_grads": True}
+    grads = torch.autograd.grad((got.square() + got).sum(), params, **options)
+    expected = torch.autograd.grad((want.square() + want).sum(), params, **options)
+    for g, e in zip(grads, expected, strict=True):
+        assert_close(g, e)
+    got.add_(1)  # the result is the caller's to write to

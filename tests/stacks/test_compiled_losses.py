@@ -465,3 +465,48 @@ def test_probes_drawn_inside_a_compiled_loss_warn_nothing():
     )
     loss(x).backward()
     assert all(p.grad is not None for p in list(net.parameters())[:-1])
+
+
+# run in a child process: without the check, Dynamo's initialisation of the lazy module inside
+# the traced transforms crashed the interpreter (a segmentation fault, exit code -11)
+_LAZY_IN_A_COMPILED_LOSS = """
+import torch, torchdiv
+lazy = torch.nn.LazyLinear(3).double()
+x = torch.randn(4, 3, dtype=torch.float64)
+for method in ("reverse", "auto"):
+    torch._dynamo.reset()
+    loss = torch.compile(
+        lambda x: torchdiv.divergence(lambda z: lazy(z), x, method=method), backend="aot_eager"
+    )
+    try:
+        loss(x)
+    except Exception as error:
+        print(method, str(error).splitlines()[0])
+lazy(x)  # initialized: the same compiled loss runs in one graph
+torch._dynamo.reset()
+loss = torch.compile(
+    lambda x: torchdiv.divergence(lambda z: lazy(z), x, method="reverse"),
+    backend="aot_eager", fullgraph=True,
+)
+torch.testing.assert_close(loss(x), torchdiv.divergence(lazy, x), rtol=1e-12, atol=1e-12)
+print("initialized ok")
+"""
+
+
+@pytest.mark.slow
+def test_a_lambda_over_a_lazy_module_in_a_compiled_loss_is_refused():
+    """``torch.compile(lambda x: divergence(lambda z: lazy(z), x))``: the walk that refuses
+    lazy modules in a function's globals was skipped while Dynamo traces, and the process
+    died (``_core.checks._lazy_in`` runs it at trace time). The error comes inside Dynamo's
+    ``InternalTorchDynamoError``; once initialised, the loss traces in one graph."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _LAZY_IN_A_COMPILED_LOSS], capture_output=True,
+                         text=True, timeout=240)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    refused = "ValueError: divergence: f has uninitialized parameters (a lazy module, LazyLinear)"
+    assert len(lines) == 3 and lines[2] == "initialized ok", lines
+    for line, method in zip(lines, ("reverse", "auto"), strict=False):
+        assert line.startswith(f"{method} {refused}"), lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import types
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -306,17 +307,42 @@ def check_initialized(fn: str, f: Any) -> None:
         return
     owner = f if isinstance(f, torch.nn.Module) else attribute(f, "__self__")
     stack = [owner] if isinstance(owner, torch.nn.Module) else []
-    if not stack and not torch.compiler.is_compiling():  # a function: the lazy modules its
-        scripted(f, lazy=stack)  # closure, defaults and globals reach (not traced by Dynamo)
+    if not stack and torch.compiler.is_compiling():  # a function, traced: see _lazy_in
+        if isinstance(f, types.FunctionType) and not f.__code__.co_freevars:
+            _lazy_in(fn, f)
+        return
+    if not stack:  # a function: the lazy modules its closure, defaults and globals reach
+        scripted(f, lazy=stack)
     while stack:
         m = stack.pop()
         lazy: Any = m  # (torch types the method's self as a protocol checkers reject)
         if isinstance(m, LazyModuleMixin) and lazy.has_uninitialized_params():
-            raise ValueError(
-                f"{fn}: f has uninitialized parameters (a lazy module, {type(m).__name__}): "
-                "call it once on a batch, f(x), to initialize them before differentiating it"
-            )
+            _refuse_lazy(fn, m)
         stack += [c for c in m._modules.values() if c is not None]
+
+
+def _refuse_lazy(fn: str, m: torch.nn.Module) -> None:
+    raise ValueError(
+        f"{fn}: f has uninitialized parameters (a lazy module, {type(m).__name__}): "
+        "call it once on a batch, f(x), to initialize them before differentiating it"
+    )
+
+
+@torch.compiler.assume_constant_result
+def _lazy_in(fn: str, f: Any) -> bool:
+    """``check_initialized`` of a function while Dynamo traces the call: the walk of its
+    defaults and globals (``script.scripted``) run by Dynamo at trace time, not traced (Dynamo
+    cannot trace it: a graph break on a closure's ``mappingproxy``), its result a constant
+    of the graph (nothing is left in it). Dynamo initialises a lazy module where the traced
+    engine first calls it, inside ``torch.func``'s transforms, which crashed the process (a
+    segmentation fault in ``kaiming_uniform_``); the ``ValueError`` reaches the caller
+    inside Dynamo's ``InternalTorchDynamoError``. Not for a closure (``co_freevars``):
+    Dynamo cannot hand its cells over (``ClosureConversionError``), so one is not checked."""
+    lazy: list[Any] = []
+    scripted(f, lazy=lazy)
+    if lazy:
+        _refuse_lazy(fn, lazy[0])
+    return False
 
 
 def check_untransformed(fn: str, what: str, way_out: str) -> None:

@@ -36,7 +36,7 @@ alone leaves the last layer's bias without gradient (``None`` in one process). D
 ``find_unused_parameters=True`` (and no ``static_graph``) finds them in the function form's
 result as it finds them in any output, and leaves their gradient ``None``, as in one process
 and as for an ordinary loss that does not use a parameter. Otherwise they get an exact zero
-gradient edge (``_ZeroGradients``): DDP without that search stops on a parameter without
+gradient edge (``ZeroGradients``): DDP without that search stops on a parameter without
 gradient ("Expected to have finished reduction", as it does for an ordinary loss) and, in
 the graph form, DDP searched the caller's ``y``, which reaches them; that derivative is
 exactly zero, so DDP reduces a zero, and the gradient is a zero tensor where one process has
@@ -337,7 +337,7 @@ def used(out: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
         return out
     reached = {id(node.variable) for node in nodes(out.grad_fn) if hasattr(node, "variable")}
     unreached = [p for p in params if id(p) not in reached]
-    return _ZeroGradients.apply(out, *unreached) if unreached else out
+    return ZeroGradients.apply(out, *unreached) if unreached else out
 
 
 def joined(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -346,24 +346,10 @@ def joined(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     still take part in the backward pass's collectives (``torchdiv.distributed``)."""
     if out.requires_grad or not y.requires_grad:
         return out
-    joined_out: torch.Tensor = _ZeroGradients.apply(
+    joined_out: torch.Tensor = ZeroGradients.apply(
         out, *[node.variable for node in nodes(y.grad_fn) if hasattr(node, "variable")]
     )
     return joined_out
-
-
-class _ZeroGradients(torch.autograd.Function):
-    """The identity on ``out``, whose backward gives each of ``params`` a zero gradient."""
-
-    @staticmethod
-    def forward(ctx: Any, out: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        ctx.params = [(p.shape, p.dtype, p.device) for p in params]
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx: Any, *grad_outputs: Any) -> tuple[torch.Tensor, ...]:
-        zeros = [torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.params]
-        return (grad_outputs[0], *zeros)
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:
@@ -400,3 +386,23 @@ def _rebuild(result: Any, tensors: Iterator[torch.Tensor]) -> Any:
         changes = {field.name: _rebuild(getattr(result, field.name), tensors) for field in fields}
         return dataclasses.replace(result, **changes)
     return result
+
+
+class ZeroGradients(torch.autograd.Function):
+    """The identity on ``out`` (a view), whose backward gives each of ``params`` a zero
+    gradient (DDP's parameters a result does not reach; ``_core.tie``)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.params = [(p.shape, p.dtype, p.device) for p in params]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> tuple[torch.Tensor, ...]:
+        zeros = [torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.params]
+        return (grad_outputs[0], *zeros)
+
+    @staticmethod
+    def jvp(ctx: Any, out_tangent: Any, *param_tangents: Any) -> Any:  # type: ignore[override]
+        """Forward mode (dual parameters): ``out``'s tangent; the parameters' add nothing."""
+        return out_tangent

@@ -14,12 +14,14 @@ exact zero on ``x``'s graph (``x`` may hold ``inf``: nothing multiplies it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from torchdiv._core.checks import untransformed
+from torchdiv._core.ddp import ZeroGradients
 
 
 class _Tied(torch.autograd.Function):
@@ -52,17 +54,26 @@ class _Tied(torch.autograd.Function):
         return out_tangent
 
 
-def tied(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def tied(out: torch.Tensor, x: torch.Tensor, read: Sequence[Any] = ()) -> torch.Tensor:
     """``out``, on ``x``'s graph with a zero derivative, if ``x`` requires grad under grad mode.
-    A copy of ``out`` and one graph node: the result's size, not ``f``'s work.
+    A copy of ``out`` and one graph node: the result's size, not ``f``'s work. ``read``: the
+    tensors ``f`` read (its parameters among them); where ``out`` has no graph but some of
+    them require grad, ``out`` is also given a zero gradient for each of those (a ReLU
+    network's Laplacian is 0 whatever its weights: the Taylor engine's had no graph at all,
+    and ``loss.backward()`` raised where the methods of backward passes give zeros).
 
     ``out`` as it is while Dynamo traces, under the caller's ``torch.func`` transforms (where
     the recording engines do not run) and under a dispatch mode: a call inside ``f`` that an
     outer engine records (``biharmonic``'s Laplacian of a Laplacian), which would refuse the
     tie as a custom ``autograd.Function`` (the outer call ties its own result)."""
-    if not (torch.is_grad_enabled() and x.requires_grad) or not untransformed():
+    if not torch.is_grad_enabled() or not untransformed():
         return out
     if _get_current_dispatch_mode() is not None:
+        return out
+    if not out.requires_grad:
+        trained = [t for t in read if isinstance(t, torch.Tensor) and t.requires_grad]
+        out = ZeroGradients.apply(out, *trained).clone() if trained else out  # (writable)
+    if not x.requires_grad:
         return out
     result: torch.Tensor = _Tied.apply(out, x)
     return result

@@ -46,6 +46,7 @@ from torchdiv._taylor import (
 )
 from torchdiv._taylor.capture import IN_PLACE_DETACH
 from torchdiv._taylor.sparse import Sparse, per_particle
+from torchdiv._taylor.tree import leaves
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 # "auto" chunks only when the widest jac (directions x its elements) would pass this many
@@ -310,9 +311,18 @@ def collapsed(
         if isinstance(out, Jet) and out.lap is not None:
             total = accumulated(total, out.lap)
     if total is None:  # f(x) does not depend on x, or only linearly
-        return tied(x.new_zeros(graph.output_shape), x)
-    mean = total if divisor == 1 else total / divisor
-    return tied(mean.to(x.dtype).expand(graph.output_shape), x)  # (tied: a new tensor)
+        out = x.new_zeros(graph.output_shape)
+    else:
+        out = (total if divisor == 1 else total / divisor).to(x.dtype).expand(graph.output_shape)
+    # f trained, its Laplacian without a graph (f piecewise linear): tied to what f read
+    read = tensors_read(graph) if graph.requires_grad and not out.requires_grad else ()
+    return tied(out, x, read)  # (with x requiring grad: a new tensor)
+
+
+def tensors_read(graph: Graph) -> list[Any]:
+    """The tensors ``f`` read that were not computed in it (its parameters, buffers,
+    constants), as its recorded calls hold them: for ``tied``."""
+    return [t for node in graph.nodes for t in leaves((node.args, node.kwargs))]
 
 
 # the values f computed are reused by a replay whose result is not differentiated only while
