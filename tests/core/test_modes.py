@@ -72,6 +72,9 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "torch.nn.functional.layer_norm": lambda: torch.nn.functional.layer_norm(x, (4,)),
         "torch.layer_norm": lambda: torch.layer_norm(x, (4,)),
         "torch.nn.functional.instance_norm": lambda: torch.nn.functional.instance_norm(x),
+        "torch.nn.functional.batch_norm": lambda: torch.nn.functional.batch_norm(
+            x, None, None, training=True
+        ),
         "torch.logcumsumexp": lambda: torch.logcumsumexp(x, 1),
         "torch.Tensor.logcumsumexp": lambda: x.logcumsumexp(-1),
         "torch.prod": lambda: torch.prod(x, 1) + torch.prod(x),

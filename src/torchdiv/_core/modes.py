@@ -720,6 +720,42 @@ def _instance_norm(
     return out if bias is None else out + bias.reshape(channels)
 
 
+def _batch_norm(
+    a: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.batch_norm`` by mean and (biased) variance over every dimension but the channels'
+    (dimension 1) where it normalises by the input's statistics (``training``, or no running
+    statistics); the running statistics, if any, moved by the fused op without a graph
+    (exactly PyTorch's update). The fused op on ``a``'s first channel, without statistics or
+    parameters, stays in the graph at weight 0, added to ``a``: it makes PyTorch's checks, its
+    node is what the checks for sample mixing look for in a graph nobody watched
+    (``_core.mixing.check_graph``), and a watch reads it first (its message names a batch
+    norm); it adds nothing at any order. Else the fused op (eval mode: an affine map of
+    ``a``, whose derivatives are right), as where a parameter or statistic has another dtype
+    than ``a`` (mixed precision: the fused kernel computes in the wider one)."""
+    stats = (running_mean, running_var)
+    given = [t for t in (weight, bias, *stats) if t is not None]
+    if (not training and None not in stats) or any(t.dtype != a.dtype for t in given):
+        return torch.nn.functional.batch_norm(a, *stats, weight, bias, training, momentum, eps)
+    first = a[:, :1]  # (one channel suffices for the marker)
+    marker = torch.nn.functional.batch_norm(first, None, None, None, None, training, momentum, eps)
+    if training and any(t is not None for t in stats):
+        with torch.no_grad():
+            torch.nn.functional.batch_norm(a.detach(), *stats, None, None, True, momentum, eps)
+    dims = (0, *range(2, a.dim()))
+    out = _normalized(a + marker * 0, dims, eps)  # (the marker read first: a watch names it)
+    channels = (1, -1) + (1,) * (a.dim() - 2)
+    out = out if weight is None else out * weight.reshape(channels)
+    return out if bias is None else out + bias.reshape(channels)
+
+
 def _group_norm(a: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``torch.group_norm`` (whose leading arguments are ``F.group_norm``'s) of a contiguous
     copy of ``a``: PyTorch's forward-mode formula views the input, which fails on a permuted
@@ -892,6 +928,7 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table(
         (2, 3), _instance_norm, "", ("NativeBatchNormBackward",), torch.nn.functional.instance_norm
     ),
+    **_table((2, 3), _batch_norm, "", ("NativeBatchNormBackward",), torch.nn.functional.batch_norm),
     **_table(
         (1, 3),
         _logcumsumexp,

@@ -30,6 +30,7 @@ from torchdiv._core.modes import (
     math_attention,
 )
 from torchdiv._core.walk import COMPILED, Found, once_differentiable_functions, search, vjp
+from torchdiv._exact.state import Changes
 
 
 class GraphSpent(RuntimeError):
@@ -160,24 +161,25 @@ _BATCH_NORM = "NativeBatchNormBackward"  # instance norm's node, a batch norm's
 @functools.cache
 def _changed(order: int, forward_mode: bool) -> tuple[str, ...]:
     """The nodes of the ops ``SafeDerivatives`` changes at ``backward_passes_order``, searched
-    for in a plain evaluation's graph; not ``NativeBatchNormBackward``, which instance norm's
-    replacement shares with real batch norms (``_instance_norm_alone`` tells them apart)."""
+    for in a plain evaluation's graph; not ``NativeBatchNormBackward``, which batch norms in
+    eval mode leave too (``_input_statistics`` tells them apart)."""
     return tuple(node for node in changed_nodes(order, forward_mode) if node != _BATCH_NORM)
 
 
-def _instance_norm_alone(batch_norms: list[Any]) -> bool:
+def _input_statistics(batch_norms: list[Any]) -> bool:
     """Whether a plain evaluation's batch-norm nodes (``Found.batch_norms``) call for its
-    evaluation again under ``SafeDerivatives``: one ran without running statistics (an
-    instance norm by its input's statistics, which the mode replaces at
-    ``backward_passes_order``, ``_core.modes._instance_norm``; or a stateless batch norm,
-    which a second evaluation leaves as it was) and none keeps them in train mode (a second
-    evaluation of ``f`` would move them again: PyTorch's third derivative is kept there).
-    ``_saved_*``: attributes of the C++ node."""
+    evaluation again under ``SafeDerivatives``: one normalised by its input's statistics (in
+    train mode, or without running statistics: an instance norm too), which the mode
+    replaces at ``backward_passes_order`` (``_core.modes._batch_norm``, ``_instance_norm``);
+    eval mode's affine map is left as it is. ``_saved_*``: attributes of the C++ node."""
     if not batch_norms or _BATCH_NORM not in changed_nodes(*backward_passes_order()):
         return False
-    if any(node._saved_training and node._saved_running_mean is not None for node in batch_norms):
-        return False
-    return any(node._saved_running_mean is None for node in batch_norms)
+    return any(node._saved_training or node._saved_running_mean is None for node in batch_norms)
+
+
+def _moves_statistics(batch_norms: list[Any]) -> bool:
+    """Whether a batch norm of a plain evaluation moved its running statistics (train mode)."""
+    return any(n._saved_training and n._saved_running_mean is not None for n in batch_norms)
 
 
 # at most this many cotangents go by one backward pass each rather than one batched pass
@@ -250,11 +252,13 @@ class GraphJacobian:
         outer_grad = torch.is_grad_enabled()
         y, x_in = _evaluated(f, x, contextlib.nullcontext(), safe=not plain, own=own)
         found = search(y, x_in, _changed(*backward_passes_order()) if plain else ())
-        guarded = found.guarded or (plain and _instance_norm_alone(found.batch_norms))
+        guarded = found.guarded or (plain and _input_statistics(found.batch_norms))
         fused = found.fused and outer_grad and found.others
         if guarded or fused:  # (fused attention kernels have no double backward)
             attention = math_attention() if fused else contextlib.nullcontext()
-            y, x_in = _evaluated(f, x, attention, safe=True, own=own)
+            moved = _moves_statistics(found.batch_norms)
+            with _written_once(x) if moved else contextlib.nullcontext():
+                y, x_in = _evaluated(f, x, attention, safe=True, own=own)
             found = search(y, x_in)
         engine = cls(y, x_in, batch_dims, outer_grad and found.others, found.custom)
         engine.batch_norms = found.batch_norms
@@ -461,6 +465,17 @@ def _evaluated(
                 return f(x_in), x_in
         with attention, SafeDerivatives(order, "method='forward'", forward_mode):
             return f(x_in), x_in
+
+
+@contextlib.contextmanager
+def _written_once(x: torch.Tensor) -> Iterator[None]:
+    """An evaluation of ``f`` again, after one that moved a train-mode batch norm's running
+    statistics: what it writes to tensors ``f`` did not make is put back afterwards
+    (``_state.Changes``), so that the statistics move once, as in one PyTorch forward."""
+    changes = Changes(x)
+    with changes:
+        yield
+    changes.undo_writes()
 
 
 def depends_on(y: torch.Tensor, x: torch.Tensor) -> bool:

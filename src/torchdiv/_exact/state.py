@@ -121,18 +121,23 @@ class Changes(DispatchMode):
 
         return f_again
 
+    def undo_writes(self) -> None:
+        """Put back the tensors written to, not the generators: for an evaluation made once
+        more after one that was not watched (its draws stand, as a second draw)."""
+        self._put(before=True, generators=False)
+
     def undo(self) -> None:
         """Put back the state from before the first watched evaluation."""
         self._put(before=True)
 
-    def _put(self, before: bool) -> None:
+    def _put(self, before: bool, generators: bool = True) -> None:
         values = [b for _, b in self.written] if before or self.after is None else self.after
         # the tensors as the dispatcher saw them, under no torch.func layer: written so (a
         # transform around the call, a nested call's, refuses writes to captured tensors)
         with torch.no_grad(), torch._C._DisableFuncTorch():
             for (tensor, _), value in zip(self.written, values, strict=True):
                 tensor.copy_(value)
-        for generator, state in self.generators.items():
+        for generator, state in self.generators.items() if generators else ():
             generator.set_state(state)
 
     def _drawn_from(self, generator: torch.Generator | None) -> list[torch.Generator]:
