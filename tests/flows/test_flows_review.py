@@ -221,3 +221,62 @@ def test_the_score_of_a_cnf_and_its_gradients() -> None:
         torch.autograd.grad(logp.sum(), x, create_graph=True)
     (score,) = torch.autograd.grad(logp.sum(), x)  # first derivatives: the solver's error
     torch.testing.assert_close(score, out[1][1].detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, num_probes", [("hutchinson", 2), ("hutch++", 3)])
+def test_a_solve_watches_its_field_for_sample_mixing_once(monkeypatch, method, num_probes):
+    """A tiny field (2-D CNF) is watched for sample mixing until it has passed once. The
+    dynamics hand the engines a closure over each evaluation's ``t``, a new object every
+    time: the multi-probe estimators watched every evaluation (16 of an rk4 solve of 4
+    steps, each also a new entry of the 256 in ``mixing._PASSED``) where the one-probe path
+    watched the field once. (The exact path still does: see NOTES_rev-real8.md.)"""
+    from torchdiv._core import mixing
+
+    watches: list[int] = []
+
+    class Watch(mixing.BatchAxes):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            watches.append(1)
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mixing, "BatchAxes", Watch)
+    field = Counted(2)
+    x = torch.randn(8, 2, dtype=torch.float64)
+    options = {"step_size": 0.25}
+    for _ in range(2):
+        log_likelihood(
+            field,
+            x,
+            0.0,
+            1.0,
+            normal,
+            method=method,
+            num_probes=num_probes,
+            solver="rk4",
+            options=options,
+        )
+    assert field.nfe == 32
+    assert len(watches) <= 2
+
+
+@pytest.mark.parametrize("method, num_probes", [("auto", None), ("hutchinson", 2)])
+def test_a_field_that_mixes_samples_is_refused_at_every_solve(method, num_probes):
+    """Watched once per field is still watched: the first evaluation of a mixing field
+    raises, and a solve that raised marks nothing as passed."""
+    from torchdiv import BatchInteractionError
+
+    field = Counted(2)
+    x = torch.randn(8, 2, dtype=torch.float64)
+    for _ in range(2):
+        with pytest.raises(BatchInteractionError, match="mix"):
+            log_likelihood(
+                lambda t, z: field(t, z) - field(t, z).mean(0),
+                x,
+                0.0,
+                1.0,
+                normal,
+                method=method,
+                num_probes=num_probes,
+                solver="rk4",
+                options={"step_size": 0.25},
+            )

@@ -97,7 +97,9 @@ def terms_of_function(
     def consume(engine: _exact.Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _trace.terms(s, _operator(engine, s, chunk), x, batch_dims), _exact.output(engine)
 
-    (flat, y), _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume, s.generator)
+    (flat, y), _ = _exact.evaluate(
+        f, x, batch_dims, "auto", chunk_size, consume, s.generator, owner=owner
+    )
     return flat.reshape(len(flat), *batch).to(x.dtype), y
 
 

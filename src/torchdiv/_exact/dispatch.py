@@ -239,6 +239,7 @@ def evaluate(
     generator: torch.Generator | None = None,
     square: bool = False,
     draws: bool = True,
+    owner: Any = None,
 ) -> tuple[T, torch.Size]:
     """Run ``consume`` on the engine ``method`` names; returns its result and ``f(x).shape``.
 
@@ -256,13 +257,17 @@ def evaluate(
     (``_state.Once``): one function, its buffers and random draws changed once. ``f`` and the
     watches get a new alias of ``x``: the caller's ``x`` object read by ``f`` (a closure) is a
     constant, never taken for the argument (under ``torch.func`` the argument is that object).
+    ``owner``: what ``f`` evaluates, if ``f`` is a closure made anew at every call over a new
+    object (a flow's velocity ``f(t, z)`` at each time ``t``, ``torchdiv.flows``' estimators):
+    tiny problems are watched for sample mixing until ``owner``, not each new ``f``, has
+    passed (``_engines``).
     """
     if method not in ("forward", "reverse"):
         if not draws or torch.compiler.is_compiling():  # Dynamo cannot trace generator states
             generator = None
         else:
             generator = generator or _state.default_generator(x.device)
-        return _first_that_runs(f, x, batch_dims, chunk_size, consume, generator, square)
+        return _first_that_runs(f, x, batch_dims, chunk_size, consume, generator, square, owner)
     x = argument(x)
     # f evaluated by the check, and by forward mode once per chunk of directions
     check = _mixing.checks_empty_event(x, batch_dims)
@@ -288,6 +293,7 @@ def _first_that_runs(
     consume: Callable[[Engine, int], T],
     generator: torch.Generator | None,
     square: bool,
+    owner: Any = None,
 ) -> tuple[T, torch.Size]:
     """``consume`` on the first engine that runs: forward mode (if ``_plan`` picks it),
     reverse mode, batched plain autograd, then ``f`` re-run per vector (``_engines``, which
@@ -305,7 +311,7 @@ def _first_that_runs(
     generator states).
     """
     failure: Exception | None = None
-    for build in _engines(f, x, batch_dims, square):
+    for build in _engines(f, x, batch_dims, square, owner):
         drawn = None
         try:
             engine, sizes = build()  # evaluates f, whose own draws are its side effect
@@ -322,14 +328,19 @@ def _first_that_runs(
 
 
 def _engines(
-    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int, square: bool
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    square: bool,
+    owner: Any = None,
 ) -> list[Build]:
     """The engines ``"auto"`` tries, in order, as functions that build them.
 
     Reverse mode's evaluation of ``f`` plans (rules in ``_plan``): forward mode goes first
     for conv nets and for outputs larger than inputs, unless an op without a forward-mode
     rule ran. Tiny problems are not planned; they are watched for sample mixing until this
-    very ``f`` has passed a watch at the structure of ``x`` (``passed_before``), and always
+    very ``f`` (or its ``owner``) has passed a watch at the structure of ``x``
+    (``passed_before``), and always
     when the event is empty, where any op but an elementwise one mixes samples. Tiny
     ``square`` problems that passed start with plain autograd (``_plain_first``), as do
     ``square`` ones up to ``_plan.ROWS_PROBLEM`` whose planned evaluation passed the watch
@@ -342,7 +353,11 @@ def _engines(
     tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
     rows = square and x.dim() > batch_dims and num_inputs * x.numel() <= _plan.ROWS_PROBLEM
     compiling = torch.compiler.is_compiling()
-    at = structure(f, x, batch_dims) if (tiny or rows) and not compiling else None
+    at = (
+        structure(f if owner is None else owner, x, batch_dims)
+        if (tiny or rows) and not compiling
+        else None
+    )
     seen = None if at is None else passed_before(f, x, batch_dims, at)
     if rows and seen is not None:
         return _plain_first(f, x, batch_dims, seen)
