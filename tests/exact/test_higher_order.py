@@ -424,3 +424,56 @@ def test_third_derivatives_through_a_batch_norm_by_its_input_statistics(
         got = torch.autograd.grad(value(call), params, materialize_grads=True)
     slope = sum((g * v).sum() for g, v in zip(got, directions, strict=True))
     torch.testing.assert_close(slope, central_difference(shifted_value), rtol=1e-7, atol=1e-9)
+
+
+_GATES = {  # name: (activation, it written by hand, the width its first layer feeds it)
+    "hardsigmoid": (nn.Hardsigmoid(), lambda a: torch.clamp(a + 3, 0, 6) / 6, 8),
+    "glu": (nn.GLU(), lambda a: a[:, :8] * torch.sigmoid(a[:, 8:]), 16),
+}
+_GATE_CALLS = {
+    **{
+        f"divergence-{m}": lambda f, x, m=m: torchdiv.divergence(f, x, method=m)
+        for m in ("auto", "reverse", "forward")
+    },
+    **{
+        f"laplacian-{m}": lambda f, x, m=m: torchdiv.laplacian(
+            lambda z: f(z).square().sum(-1), x, method=m
+        )
+        for m in ("auto", "forward-over-reverse", "hessian", "grad-of-grad")
+    },
+}
+
+
+@pytest.mark.parametrize("call", list(_GATE_CALLS))
+@pytest.mark.parametrize("gate", list(_GATES))
+def test_parameter_gradients_through_hardsigmoid_and_glu(gate: str, call: str) -> None:
+    """``hardsigmoid_backward`` has no derivative in PyTorch and ``glu``'s forward-mode
+    formula (``glu_jvp``) none either: the parameter gradient of a divergence through
+    ``nn.Hardsigmoid`` raised with every method (``"auto"`` too), of a Laplacian by the nested
+    methods, and of a forward-mode divergence through ``nn.GLU``. Both now run as their
+    composites where such derivatives are taken. Reference: central differences, along a
+    random parameter direction, of the result's sum by ``autograd.grad`` loops through the net
+    with the activation written by hand (float64: ~1e-10 relative, ``central_difference``)."""
+    activation, by_hand, width = _GATES[gate]
+    torch.manual_seed(0)
+    first, last = nn.Linear(3, width).double(), nn.Linear(8, 3).double()
+    net = nn.Sequential(first, activation, last)
+    params = list(net.parameters())
+    directions = [torch.randn_like(p) for p in params]
+    x = torch.randn(5, 3, dtype=f64)
+    op = _GATE_CALLS[call]
+
+    def twin(z: torch.Tensor) -> torch.Tensor:
+        return last(by_hand(first(z)))
+
+    def total(t: float) -> torch.Tensor:
+        z = x.clone().requires_grad_()
+        with shifted(params, directions, t):
+            if call.startswith("laplacian"):
+                return _laplacian(lambda w: twin(w).square().sum(-1), z).sum().detach()
+            return _divergence(twin, z).sum().detach()
+
+    for _ in range(2):  # ("auto": the second call at a site goes by plain autograd)
+        got = torch.autograd.grad(op(net, x).sum(), params, materialize_grads=True)
+    slope = sum((g * v).sum() for g, v in zip(got, directions, strict=True))
+    torch.testing.assert_close(slope, central_difference(total), rtol=1e-7, atol=1e-9)

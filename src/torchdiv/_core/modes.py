@@ -553,6 +553,11 @@ class SafeDerivatives(TorchFunctionMode):
       was 0.24 (Taylor), 1.2 (grad-of-grad) or 6.0 (forward over reverse): replaced by
       ``a`` times a slope that is 1 where ``a > 0``, else ``weight``, from order 1: the
       backward's slope at every order.
+    - ``hardsigmoid``: ``hardsigmoid_backward`` has no derivative (the parameter gradient of
+      any divergence through it raised, ``"auto"`` too), and in float64 its slope is 1/6
+      rounded to float32; ``glu``: its forward-mode formula (``glu_jvp``) has none (the
+      forward engine's parameter gradients, the nested Laplacians). Replaced by
+      ``hardtanh(a + 3, 0, 6) / 6`` and ``a1 * sigmoid(a2)`` from order 2.
     - ``group_norm``: its forward-mode formula views the input, which fails on a transposed
       view (an attention block's output in diffusers' U-Nets): run on a contiguous copy.
 
@@ -803,6 +808,22 @@ def _prelu(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return a * torch.where(a > 0, 1.0, weight.reshape(slopes, *[1] * (a.dim() - 2)))
 
 
+def _hardsigmoid(a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``F.hardsigmoid``: ``hardtanh(a + 3, 0, 6) / 6``, the same values and the same first
+    derivative (``1/6`` strictly inside ``(-3, 3)``, else 0), whose own derivatives PyTorch
+    has at every order (``hardsigmoid_backward`` has none: the gradient of any divergence
+    through it raised)."""
+    out = torch.nn.functional.hardtanh(a + 3, 0.0, 6.0) / 6
+    return a.copy_(out) if inplace else out
+
+
+def _glu(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``F.glu``: the first half of ``a`` along ``dim`` times the sigmoid of the second;
+    PyTorch's forward-mode formula (``glu_jvp``) has no derivative."""
+    first, second = a.chunk(2, dim)
+    return first * torch.sigmoid(second)
+
+
 def _prod(
     a: torch.Tensor, dim: int | None = None, keepdim: bool = False, *, dtype: Any = None
 ) -> torch.Tensor:
@@ -953,6 +974,8 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((3, None), _linalg.renorm, "", ("RenormBackward",), torch.renorm, torch.Tensor.renorm),
     **_table((3, None), _std, "", ("StdBackward",), torch.std, torch.Tensor.std),
     **_table((3, None), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
+    **_table((2, 2), _hardsigmoid, "", ("HardsigmoidBackward",), torch.nn.functional.hardsigmoid),
+    **_table((2, None), _glu, "", ("GluBackward",), torch.nn.functional.glu),
     **_table((1, 1), _copysign, "", ("CopysignBackward",), torch.copysign, torch.Tensor.copysign),
     **_table((1, 1), _prelu, "", AT_KINKS, torch.prelu, torch.Tensor.prelu),
     **_table((2, None), _cumprod, "", ("CumprodBackward",), torch.cumprod, torch.Tensor.cumprod),
