@@ -477,3 +477,17 @@ def test_parameter_gradients_through_hardsigmoid_and_glu(gate: str, call: str) -
         got = torch.autograd.grad(op(net, x).sum(), params, materialize_grads=True)
     slope = sum((g * v).sum() for g, v in zip(got, directions, strict=True))
     torch.testing.assert_close(slope, central_difference(total), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("call", list(_GATE_CALLS))
+def test_glu_of_an_odd_size_still_raises(call: str) -> None:
+    """``F.glu`` refuses a dimension of odd size; its composite (``a.chunk(2, dim)``) would
+    split 3 into 2 and 1 and broadcast, a result of the wrong shape and value where it ran (the
+    forward engine, forward-over-reverse and Hessian Laplacians): PyTorch's error stays."""
+    x = torch.randn(3, 2, dtype=f64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.glu(torch.cat([z, z[:, :1]], -1))
+
+    with pytest.raises(RuntimeError, match="Halving dimension must be even"):
+        _GATE_CALLS[call](f, x)

@@ -819,7 +819,10 @@ def _hardsigmoid(a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 def _glu(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``F.glu``: the first half of ``a`` along ``dim`` times the sigmoid of the second;
-    PyTorch's forward-mode formula (``glu_jvp``) has no derivative."""
+    PyTorch's forward-mode formula (``glu_jvp``) has no derivative. PyTorch's own op where it
+    refuses ``a`` (a scalar, ``dim`` out of range, an odd size: ``chunk`` would broadcast)."""
+    if a.dim() == 0 or not -a.dim() <= dim < a.dim() or a.shape[dim] % 2:
+        return torch.nn.functional.glu(a, dim)  # (raises PyTorch's error)
     first, second = a.chunk(2, dim)
     return first * torch.sigmoid(second)
 
