@@ -491,3 +491,21 @@ def test_glu_of_an_odd_size_still_raises(call: str) -> None:
 
     with pytest.raises(RuntimeError, match="Halving dimension must be even"):
         _GATE_CALLS[call](f, x)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse", "hessian", "grad-of-grad"])
+@pytest.mark.parametrize("given", ["weight", "bias"])
+def test_batch_norm_by_input_statistics_keeps_pytorchs_size_check(method: str, given: str) -> None:
+    """``F.batch_norm`` refuses a weight or bias that is not one per channel; its composite
+    (``_core.modes._batch_norm``) reshaped a one-element one and broadcast it over the
+    channels, where the nested Laplacians ran it: PyTorch's error stays."""
+    x = torch.randn(4, 3, dtype=f64)
+    one = torch.ones(1, dtype=f64, requires_grad=True)
+    kwargs = {given: one}
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.batch_norm(z, None, None, training=True, **kwargs).pow(3).sum(-1)
+
+    error = f"{given} should contain 3 elements not 1"
+    with torchdiv.allow_batch_interaction(), pytest.raises(RuntimeError, match=error):
+        torchdiv.laplacian(f, x, method=method)

@@ -749,6 +749,9 @@ def _batch_norm(
     given = [t for t in (weight, bias, *stats) if t is not None]
     if (not training and None not in stats) or any(t.dtype != a.dtype for t in given):
         return torch.nn.functional.batch_norm(a, *stats, weight, bias, training, momentum, eps)
+    for name, t in (("weight", weight), ("bias", bias)):  # (the marker has neither)
+        if t is not None and t.numel() != a.shape[1]:  # PyTorch's check: reshaped, it broadcast
+            raise RuntimeError(f"{name} should contain {a.shape[1]} elements not {t.numel()}")
     first = a[:, :1]  # (one channel suffices for the marker)
     marker = torch.nn.functional.batch_norm(first, None, None, None, None, training, momentum, eps)
     if training and any(t is not None for t in stats):
