@@ -509,3 +509,19 @@ def test_batch_norm_by_input_statistics_keeps_pytorchs_size_check(method: str, g
     error = f"{given} should contain 3 elements not 1"
     with torchdiv.allow_batch_interaction(), pytest.raises(RuntimeError, match=error):
         torchdiv.laplacian(f, x, method=method)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse", "hessian", "grad-of-grad"])
+@pytest.mark.parametrize("given", ["weight", "bias"])
+def test_instance_norm_keeps_pytorchs_size_check(method: str, given: str) -> None:
+    """As for the batch norm: ``_core.modes._instance_norm`` broadcast a one-element weight
+    or bias over the channels where PyTorch raises (its check is on the repeated parameter:
+    4 samples of 3 channels, 12 elements, not 4)."""
+    x = torch.randn(4, 3, 5, dtype=f64)
+    kwargs = {given: torch.ones(1, dtype=f64, requires_grad=True)}
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.instance_norm(z, **kwargs).pow(3).sum((-1, -2))
+
+    with pytest.raises(RuntimeError, match=f"{given} should contain 12 elements not 4"):
+        torchdiv.laplacian(f, x, method=method)

@@ -714,8 +714,10 @@ def _instance_norm(
 ) -> torch.Tensor:
     """``F.instance_norm`` by mean and variance over each ``(sample, channel)``'s positions
     where it normalises by the input's statistics and keeps none; else the fused op (running
-    statistics to update or to normalise by)."""
-    if not use_input_stats or running_mean is not None or running_var is not None:
+    statistics to update or to normalise by; a weight or bias not one per channel, which
+    PyTorch refuses and the composite would broadcast)."""
+    wrong = any(t is not None and t.numel() != a.shape[1] for t in (weight, bias))
+    if not use_input_stats or running_mean is not None or running_var is not None or wrong:
         options = (weight, bias, use_input_stats, momentum, eps)
         return torch.nn.functional.instance_norm(a, running_mean, running_var, *options)
     dims = tuple(range(2, a.dim()))
