@@ -525,3 +525,21 @@ def test_instance_norm_keeps_pytorchs_size_check(method: str, given: str) -> Non
 
     with pytest.raises(RuntimeError, match=f"{given} should contain 12 elements not 4"):
         torchdiv.laplacian(f, x, method=method)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse", "hessian", "grad-of-grad"])
+@pytest.mark.parametrize("wrong", ["normalized_shape", "weight", "bias"])
+def test_layer_norm_keeps_pytorchs_shape_checks(method: str, wrong: str) -> None:
+    """``_core.modes._layer_norm`` normalised over the last ``len(normalized_shape)``
+    dimensions whatever their sizes, and broadcast a weight or bias of another shape, a
+    Laplacian where PyTorch raises (``normalized_shape=(3,)`` of a ``(2, 3, 4)`` input): the
+    nested Laplacians ran it. PyTorch's error stays."""
+    x = torch.randn(2, 3, 4, dtype=f64)
+    one = torch.ones(1, dtype=f64, requires_grad=True)
+    shape, kwargs = ((3,), {}) if wrong == "normalized_shape" else ((4,), {wrong: one})
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(z, shape, **kwargs).pow(3).sum((-1, -2))
+
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        torchdiv.laplacian(f, x, method=method)

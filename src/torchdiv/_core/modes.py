@@ -697,7 +697,14 @@ def _layer_norm(
     eps: float = 1e-5,
     *_: Any,
 ) -> torch.Tensor:
-    out = _normalized(a, tuple(range(-len(normalized_shape), 0)), eps)
+    """``F.layer_norm`` by mean and variance over the trailing ``normalized_shape``; PyTorch's
+    op where it refuses the call (a shape that is not ``a``'s trailing one, a weight or bias
+    of another shape: the composite would normalise over other dimensions, or broadcast)."""
+    shape = tuple(normalized_shape) if isinstance(normalized_shape, list | tuple) else ()
+    given = [t.shape for t in (weight, bias) if t is not None]
+    if not shape or a.shape[a.dim() - len(shape) :] != shape or any(s != shape for s in given):
+        return torch.nn.functional.layer_norm(a, normalized_shape, weight, bias, eps)
+    out = _normalized(a, tuple(range(-len(shape), 0)), eps)
     out = out if weight is None else out * weight
     return out if bias is None else out + bias
 
