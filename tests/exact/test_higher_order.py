@@ -543,3 +543,20 @@ def test_layer_norm_keeps_pytorchs_shape_checks(method: str, wrong: str) -> None
 
     with pytest.raises(RuntimeError, match="normalized_shape"):
         torchdiv.laplacian(f, x, method=method)
+
+
+@pytest.mark.parametrize("method", ["auto", "taylor", "forward-over-reverse", "grad-of-grad"])
+@pytest.mark.parametrize("wrong", ["columns", "negative p"])
+def test_cdist_keeps_pytorchs_checks(method: str, wrong: str) -> None:
+    """``_core.modes._cdist`` (differences) broadcast a one-column ``x2`` against three
+    columns and took a negative ``p``, a Laplacian where ``torch.cdist`` raises: PyTorch's
+    error stays."""
+    x = torch.randn(4, 3, dtype=f64)
+    c = torch.randn(5, 1 if wrong == "columns" else 3, dtype=f64)
+    p = 2.0 if wrong == "columns" else -1.0
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(z, c, p=p).sum(-1)
+
+    with pytest.raises(RuntimeError, match=r"same number of columns|non-negative p|_cdist_forward"):
+        torchdiv.laplacian(f, x, method=method)

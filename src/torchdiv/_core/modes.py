@@ -672,13 +672,31 @@ def _underived(args: Any, kwargs: dict[str, Any]) -> bool:
     return integral or kwargs.get("out") is not None
 
 
+_CDIST_MODES = (
+    None,
+    "use_mm_for_euclid_dist_if_necessary",
+    "use_mm_for_euclid_dist",
+    "donot_use_mm_for_euclid_dist",
+)
+
+
 def _cdist(
     x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0, compute_mode: str | None = None
 ) -> torch.Tensor:
     """``torch.cdist`` from differences: ``d_ij = ||x1_i - x2_j||_p`` (memory ``P R M`` per
     batch element instead of ``P R``). At zero distance, where the distance is not
     differentiable, every derivative is 0 (PyTorch's first-order convention; exact for a
-    point's distance to itself, ``cdist(r, r)``'s diagonal, which is 0 for every ``r``)."""
+    point's distance to itself, ``cdist(r, r)``'s diagonal, which is 0 for every ``r``).
+    PyTorch's op where it refuses the call (fewer than 2 dimensions, another number of
+    columns, which the difference would broadcast, a negative ``p``, an unknown mode)."""
+    if (
+        x1.dim() < 2
+        or x2.dim() < 2
+        or x1.shape[-1] != x2.shape[-1]
+        or not p >= 0
+        or compute_mode not in _CDIST_MODES
+    ):
+        return torch.cdist(x1, x2, p, compute_mode)  # (raises PyTorch's error)
     return _linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), p, -1)
 
 
