@@ -477,3 +477,86 @@ def test_parameter_gradients_through_hardsigmoid_and_glu(gate: str, call: str) -
         got = torch.autograd.grad(op(net, x).sum(), params, materialize_grads=True)
     slope = sum((g * v).sum() for g, v in zip(got, directions, strict=True))
     torch.testing.assert_close(slope, central_difference(total), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("call", list(_GATE_CALLS))
+def test_glu_of_an_odd_size_still_raises(call: str) -> None:
+    """``F.glu`` refuses a dimension of odd size; its composite (``a.chunk(2, dim)``) would
+    split 3 into 2 and 1 and broadcast, a result of the wrong shape and value where it ran (the
+    forward engine, forward-over-reverse and Hessian Laplacians): PyTorch's error stays."""
+    x = torch.randn(3, 2, dtype=f64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.glu(torch.cat([z, z[:, :1]], -1))
+
+    with pytest.raises(RuntimeError, match="Halving dimension must be even"):
+        _GATE_CALLS[call](f, x)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse", "hessian", "grad-of-grad"])
+@pytest.mark.parametrize("given", ["weight", "bias"])
+def test_batch_norm_by_input_statistics_keeps_pytorchs_size_check(method: str, given: str) -> None:
+    """``F.batch_norm`` refuses a weight or bias that is not one per channel; its composite
+    (``_core.modes._batch_norm``) reshaped a one-element one and broadcast it over the
+    channels, where the nested Laplacians ran it: PyTorch's error stays."""
+    x = torch.randn(4, 3, dtype=f64)
+    one = torch.ones(1, dtype=f64, requires_grad=True)
+    kwargs = {given: one}
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.batch_norm(z, None, None, training=True, **kwargs).pow(3).sum(-1)
+
+    error = f"{given} should contain 3 elements not 1"
+    with torchdiv.allow_batch_interaction(), pytest.raises(RuntimeError, match=error):
+        torchdiv.laplacian(f, x, method=method)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse", "hessian", "grad-of-grad"])
+@pytest.mark.parametrize("given", ["weight", "bias"])
+def test_instance_norm_keeps_pytorchs_size_check(method: str, given: str) -> None:
+    """As for the batch norm: ``_core.modes._instance_norm`` broadcast a one-element weight
+    or bias over the channels where PyTorch raises (its check is on the repeated parameter:
+    4 samples of 3 channels, 12 elements, not 4)."""
+    x = torch.randn(4, 3, 5, dtype=f64)
+    kwargs = {given: torch.ones(1, dtype=f64, requires_grad=True)}
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.instance_norm(z, **kwargs).pow(3).sum((-1, -2))
+
+    with pytest.raises(RuntimeError, match=f"{given} should contain 12 elements not 4"):
+        torchdiv.laplacian(f, x, method=method)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse", "hessian", "grad-of-grad"])
+@pytest.mark.parametrize("wrong", ["normalized_shape", "weight", "bias"])
+def test_layer_norm_keeps_pytorchs_shape_checks(method: str, wrong: str) -> None:
+    """``_core.modes._layer_norm`` normalised over the last ``len(normalized_shape)``
+    dimensions whatever their sizes, and broadcast a weight or bias of another shape, a
+    Laplacian where PyTorch raises (``normalized_shape=(3,)`` of a ``(2, 3, 4)`` input): the
+    nested Laplacians ran it. PyTorch's error stays."""
+    x = torch.randn(2, 3, 4, dtype=f64)
+    one = torch.ones(1, dtype=f64, requires_grad=True)
+    shape, kwargs = ((3,), {}) if wrong == "normalized_shape" else ((4,), {wrong: one})
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(z, shape, **kwargs).pow(3).sum((-1, -2))
+
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        torchdiv.laplacian(f, x, method=method)
+
+
+@pytest.mark.parametrize("method", ["auto", "taylor", "forward-over-reverse", "grad-of-grad"])
+@pytest.mark.parametrize("wrong", ["columns", "negative p"])
+def test_cdist_keeps_pytorchs_checks(method: str, wrong: str) -> None:
+    """``_core.modes._cdist`` (differences) broadcast a one-column ``x2`` against three
+    columns and took a negative ``p``, a Laplacian where ``torch.cdist`` raises: PyTorch's
+    error stays."""
+    x = torch.randn(4, 3, dtype=f64)
+    c = torch.randn(5, 1 if wrong == "columns" else 3, dtype=f64)
+    p = 2.0 if wrong == "columns" else -1.0
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(z, c, p=p).sum(-1)
+
+    with pytest.raises(RuntimeError, match=r"same number of columns|non-negative p|_cdist_forward"):
+        torchdiv.laplacian(f, x, method=method)

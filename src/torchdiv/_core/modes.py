@@ -672,13 +672,31 @@ def _underived(args: Any, kwargs: dict[str, Any]) -> bool:
     return integral or kwargs.get("out") is not None
 
 
+_CDIST_MODES = (
+    None,
+    "use_mm_for_euclid_dist_if_necessary",
+    "use_mm_for_euclid_dist",
+    "donot_use_mm_for_euclid_dist",
+)
+
+
 def _cdist(
     x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0, compute_mode: str | None = None
 ) -> torch.Tensor:
     """``torch.cdist`` from differences: ``d_ij = ||x1_i - x2_j||_p`` (memory ``P R M`` per
     batch element instead of ``P R``). At zero distance, where the distance is not
     differentiable, every derivative is 0 (PyTorch's first-order convention; exact for a
-    point's distance to itself, ``cdist(r, r)``'s diagonal, which is 0 for every ``r``)."""
+    point's distance to itself, ``cdist(r, r)``'s diagonal, which is 0 for every ``r``).
+    PyTorch's op where it refuses the call (fewer than 2 dimensions, another number of
+    columns, which the difference would broadcast, a negative ``p``, an unknown mode)."""
+    if (
+        x1.dim() < 2
+        or x2.dim() < 2
+        or x1.shape[-1] != x2.shape[-1]
+        or not p >= 0
+        or compute_mode not in _CDIST_MODES
+    ):
+        return torch.cdist(x1, x2, p, compute_mode)  # (raises PyTorch's error)
     return _linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), p, -1)
 
 
@@ -697,7 +715,14 @@ def _layer_norm(
     eps: float = 1e-5,
     *_: Any,
 ) -> torch.Tensor:
-    out = _normalized(a, tuple(range(-len(normalized_shape), 0)), eps)
+    """``F.layer_norm`` by mean and variance over the trailing ``normalized_shape``; PyTorch's
+    op where it refuses the call (a shape that is not ``a``'s trailing one, a weight or bias
+    of another shape: the composite would normalise over other dimensions, or broadcast)."""
+    shape = tuple(normalized_shape) if isinstance(normalized_shape, list | tuple) else ()
+    given = [t.shape for t in (weight, bias) if t is not None]
+    if not shape or a.shape[a.dim() - len(shape) :] != shape or any(s != shape for s in given):
+        return torch.nn.functional.layer_norm(a, normalized_shape, weight, bias, eps)
+    out = _normalized(a, tuple(range(-len(shape), 0)), eps)
     out = out if weight is None else out * weight
     return out if bias is None else out + bias
 
@@ -714,8 +739,10 @@ def _instance_norm(
 ) -> torch.Tensor:
     """``F.instance_norm`` by mean and variance over each ``(sample, channel)``'s positions
     where it normalises by the input's statistics and keeps none; else the fused op (running
-    statistics to update or to normalise by)."""
-    if not use_input_stats or running_mean is not None or running_var is not None:
+    statistics to update or to normalise by; a weight or bias not one per channel, which
+    PyTorch refuses and the composite would broadcast)."""
+    wrong = any(t is not None and t.numel() != a.shape[1] for t in (weight, bias))
+    if not use_input_stats or running_mean is not None or running_var is not None or wrong:
         options = (weight, bias, use_input_stats, momentum, eps)
         return torch.nn.functional.instance_norm(a, running_mean, running_var, *options)
     dims = tuple(range(2, a.dim()))
@@ -749,6 +776,9 @@ def _batch_norm(
     given = [t for t in (weight, bias, *stats) if t is not None]
     if (not training and None not in stats) or any(t.dtype != a.dtype for t in given):
         return torch.nn.functional.batch_norm(a, *stats, weight, bias, training, momentum, eps)
+    for name, t in (("weight", weight), ("bias", bias)):  # (the marker has neither)
+        if t is not None and t.numel() != a.shape[1]:  # PyTorch's check: reshaped, it broadcast
+            raise RuntimeError(f"{name} should contain {a.shape[1]} elements not {t.numel()}")
     first = a[:, :1]  # (one channel suffices for the marker)
     marker = torch.nn.functional.batch_norm(first, None, None, None, None, training, momentum, eps)
     if training and any(t is not None for t in stats):
@@ -819,7 +849,10 @@ def _hardsigmoid(a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 def _glu(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``F.glu``: the first half of ``a`` along ``dim`` times the sigmoid of the second;
-    PyTorch's forward-mode formula (``glu_jvp``) has no derivative."""
+    PyTorch's forward-mode formula (``glu_jvp``) has no derivative. PyTorch's own op where it
+    refuses ``a`` (a scalar, ``dim`` out of range, an odd size: ``chunk`` would broadcast)."""
+    if a.dim() == 0 or not -a.dim() <= dim < a.dim() or a.shape[dim] % 2:
+        return torch.nn.functional.glu(a, dim)  # (raises PyTorch's error)
     first, second = a.chunk(2, dim)
     return first * torch.sigmoid(second)
 
