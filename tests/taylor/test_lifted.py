@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -61,12 +63,18 @@ CASES = [
 ]
 
 
+def _case_id(value) -> str:
+    """A parameter's test id, the same in every process (a built-in function's ``str`` holds
+    its address, which pytest-xdist's workers do not share)."""
+    return f"torch.{value.__name__}" if inspect.isbuiltin(value) else str(value)
+
+
 def _vmapped(op, jac: torch.Tensor, args, kwargs):
     return torch.vmap(lambda j: op(j, *args, **kwargs))(jac)
 
 
 @pytest.mark.parametrize("broadcast", [False, True], ids=["full", "broadcast"])
-@pytest.mark.parametrize(("op", "shape", "args", "kwargs"), CASES, ids=str)
+@pytest.mark.parametrize(("op", "shape", "args", "kwargs"), CASES, ids=_case_id)
 def test_lifted_jac_matches_vmap(op, shape, args, kwargs, broadcast):
     torch.manual_seed(0)
     value = torch.randn(shape, dtype=torch.float64)
