@@ -696,7 +696,8 @@ def _cdist(
         or not p >= 0
         or compute_mode not in _CDIST_MODES
     ):
-        return torch.cdist(x1, x2, p, compute_mode)  # (raises PyTorch's error)
+        mode = {} if compute_mode is None else {"compute_mode": compute_mode}
+        return torch.cdist(x1, x2, p, **mode)  # (raises PyTorch's error)
     return _linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), p, -1)
 
 
