@@ -229,7 +229,7 @@ def test_a_solve_watches_its_field_for_sample_mixing_once(monkeypatch, method, n
     dynamics hand the engines a closure over each evaluation's ``t``, a new object every
     time: the multi-probe estimators watched every evaluation (16 of an rk4 solve of 4
     steps, each also a new entry of the 256 in ``mixing._PASSED``) where the one-probe path
-    watched the field once. (The exact path still does: see NOTES_rev-real8.md.)"""
+    watched the field once. (The exact path still does: docs/guide/flows.md.)"""
     from torchdiv._core import mixing
 
     watches: list[int] = []
