@@ -742,13 +742,24 @@ def _instance_norm(
     where it normalises by the input's statistics and keeps none; else the fused op (running
     statistics to update or to normalise by; a weight or bias not one per channel, which
     PyTorch refuses and the composite would broadcast)."""
-    wrong = any(t is not None and t.numel() != a.shape[1] for t in (weight, bias))
+    wrong = not _per_channel(a, weight, bias)
     if not use_input_stats or running_mean is not None or running_var is not None or wrong:
         options = (weight, bias, use_input_stats, momentum, eps)
         return torch.nn.functional.instance_norm(a, running_mean, running_var, *options)
-    dims = tuple(range(2, a.dim()))
-    out = _normalized(a, dims, eps)
-    channels = (1, -1) + (1,) * len(dims)
+    return _channel_affine(_normalized(a, tuple(range(2, a.dim())), eps), weight, bias)
+
+
+def _per_channel(a: torch.Tensor, *given: torch.Tensor | None) -> bool:
+    """Whether each of ``given`` is ``None`` or holds one value per channel (dimension 1 of
+    ``a``), as PyTorch's norms check: reshaped, another size would broadcast."""
+    return all(t is None or t.numel() == a.shape[1] for t in given)
+
+
+def _channel_affine(
+    out: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``out * weight + bias`` with one weight and bias per channel (dimension 1)."""
+    channels = (1, -1) + (1,) * (out.dim() - 2)
     out = out if weight is None else out * weight.reshape(channels)
     return out if bias is None else out + bias.reshape(channels)
 
@@ -775,11 +786,9 @@ def _batch_norm(
     than ``a`` (mixed precision: the fused kernel computes in the wider one)."""
     stats = (running_mean, running_var)
     given = [t for t in (weight, bias, *stats) if t is not None]
-    if (not training and None not in stats) or any(t.dtype != a.dtype for t in given):
+    fused = (not training and None not in stats) or any(t.dtype != a.dtype for t in given)
+    if fused or not _per_channel(a, weight, bias):  # (the latter: PyTorch's error)
         return torch.nn.functional.batch_norm(a, *stats, weight, bias, training, momentum, eps)
-    for name, t in (("weight", weight), ("bias", bias)):  # (the marker has neither)
-        if t is not None and t.numel() != a.shape[1]:  # PyTorch's check: reshaped, it broadcast
-            raise RuntimeError(f"{name} should contain {a.shape[1]} elements not {t.numel()}")
     first = a[:, :1]  # (one channel suffices for the marker)
     marker = torch.nn.functional.batch_norm(first, None, None, None, None, training, momentum, eps)
     if training and any(t is not None for t in stats):
@@ -787,9 +796,7 @@ def _batch_norm(
             torch.nn.functional.batch_norm(a.detach(), *stats, None, None, True, momentum, eps)
     dims = (0, *range(2, a.dim()))
     out = _normalized(a + marker * 0, dims, eps)  # (the marker read first: a watch names it)
-    channels = (1, -1) + (1,) * (a.dim() - 2)
-    out = out if weight is None else out * weight.reshape(channels)
-    return out if bias is None else out + bias.reshape(channels)
+    return _channel_affine(out, weight, bias)
 
 
 def _group_norm(a: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
