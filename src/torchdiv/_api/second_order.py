@@ -504,5 +504,5 @@ def _sweep(
     # (N, m, n); in x's dtype, as the Laplacian: under autocast the jets are in its dtype
     jac = torch.cat(columns).to(x.dtype).reshape(n, batch.numel(), -1).permute(1, 2, 0)
     gradient = jac.reshape(*batch, *value.shape[batch_dims:], *x.shape[batch_dims:])
-    read = methods.tensors_read(graph) if graph.requires_grad and not lap.requires_grad else ()
+    read = methods.tensors_read(graph, lap)
     return ValueGradLaplacian(value, tied(gradient, x), tied(lap, x, read))

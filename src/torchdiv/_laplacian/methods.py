@@ -314,14 +314,16 @@ def collapsed(
         out = x.new_zeros(graph.output_shape)
     else:
         out = (total if divisor == 1 else total / divisor).to(x.dtype).expand(graph.output_shape)
-    # f trained, its Laplacian without a graph (f piecewise linear): tied to what f read
-    read = tensors_read(graph) if graph.requires_grad and not out.requires_grad else ()
-    return tied(out, x, read)  # (with x requiring grad: a new tensor)
+    return tied(out, x, tensors_read(graph, out))  # (with x requiring grad: a new tensor)
 
 
-def tensors_read(graph: Graph) -> list[Any]:
-    """The tensors ``f`` read that were not computed in it (its parameters, buffers,
-    constants), as its recorded calls hold them: for ``tied``."""
+def tensors_read(graph: Graph, out: torch.Tensor) -> list[Any]:
+    """For ``tied``: where ``f`` was trained (its recording requires grad) and its result
+    ``out`` has no graph (``f`` piecewise linear: a ReLU network's Laplacian), the tensors
+    ``f`` read that were not computed in it (its parameters, buffers, constants), as its
+    recorded calls hold them; else none (nothing to tie, no walk)."""
+    if not graph.requires_grad or out.requires_grad:
+        return []
     return [t for node in graph.nodes for t in leaves((node.args, node.kwargs))]
 
 
