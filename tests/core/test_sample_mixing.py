@@ -12,6 +12,7 @@ import threading
 
 import pytest
 import torch
+from conftest import LegacyCube
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.testing import assert_close
@@ -1548,20 +1549,6 @@ def _tril(n: int) -> torch.Tensor:
     return 2 * torch.eye(n, dtype=f64) + 0.1 * torch.ones(n, n, dtype=f64).tril(-1)
 
 
-class _Cube(torch.autograd.Function):
-    """``x ** 3`` with a hand-written backward: its ``forward`` runs with autograd off."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x**3
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * grad
-
-
 HIDDEN = {  # f of z (B, D): mixing the watch did not follow (every watched method was silent)
     "a fresh buffer written through a slice, centred": (
         lambda z: (_padded_buffer(z) - _padded_buffer(z).mean(0))[:, : z.shape[1]],
@@ -1643,7 +1630,7 @@ HIDDEN = {  # f of z (B, D): mixing the watch did not follow (every watched meth
         r"x's samples spread across the dimensions of (f's output|a tensor)",
     ),
     "a custom autograd.Function, centred": (
-        lambda z: _Cube.apply(z) - _Cube.apply(z).mean(0),
+        lambda z: LegacyCube.apply(z) - LegacyCube.apply(z).mean(0),
         r"a mean over samples",
     ),
 }
@@ -1684,7 +1671,7 @@ def _interleaved(z: torch.Tensor) -> torch.Tensor:
 
 def _constant_cube_scale(z: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        scale = (_Cube.apply(z) - _Cube.apply(z).mean(0)).abs().mean()
+        scale = (LegacyCube.apply(z) - LegacyCube.apply(z).mean(0)).abs().mean()
     return z.tanh() * scale
 
 
@@ -1726,7 +1713,7 @@ HIDDEN_KEPT = {  # their per-sample counterparts: not refused
     "even and odd samples interleaved by a stack": lambda z: torch.stack(
         [z[::2].sin(), z[1::2].exp()], 1
     ).reshape(z.shape),
-    "a custom autograd.Function": lambda z: _Cube.apply(z) * z,
+    "a custom autograd.Function": lambda z: LegacyCube.apply(z) * z,
     "a custom autograd.Function under no_grad, centred": _constant_cube_scale,
 }
 
