@@ -157,6 +157,23 @@ def split_plans(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return made
 
 
+@pytest.fixture
+def watches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per watch for sample mixing started from now on (every watch makes one
+    ``torchdiv._core.mixing.BatchAxes``)."""
+    from torchdiv._core import mixing
+
+    started: list[int] = []
+
+    class Counted(mixing.BatchAxes):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            started.append(1)
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mixing, "BatchAxes", Counted)
+    return started
+
+
 class Cube(torch.autograd.Function):
     """``x³`` as a ``torch.func``-ready ``autograd.Function`` (``setup_context``, ``jvp``, a
     vmap rule): forward over reverse runs it, the Taylor engine has no rule for it."""

@@ -18,7 +18,6 @@ from conftest import assert_close, reference_jacobian, tanh_mlp
 
 import torchdiv
 from torchdiv import BatchInteractionError
-from torchdiv._core import mixing
 
 F64 = torch.float64
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -59,20 +58,6 @@ def test_mixing_is_refused_with_one_probe(case: str, estimate: str) -> None:
     for _ in range(2):
         with pytest.raises(BatchInteractionError, match="mix"):
             ESTIMATES[estimate](f, x)
-
-
-@pytest.fixture
-def watches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """One entry per watch for sample mixing started from now on."""
-    started: list[int] = []
-
-    class Counted(mixing.BatchAxes):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            started.append(1)
-            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(mixing, "BatchAxes", Counted)
-    return started
 
 
 def test_a_per_sample_f_is_watched_once_per_structure(watches: list[int]) -> None:

@@ -224,22 +224,12 @@ def test_the_score_of_a_cnf_and_its_gradients() -> None:
 
 
 @pytest.mark.parametrize("method, num_probes", [("hutchinson", 2), ("hutch++", 3)])
-def test_a_solve_watches_its_field_for_sample_mixing_once(monkeypatch, method, num_probes):
+def test_a_solve_watches_its_field_for_sample_mixing_once(watches, method, num_probes):
     """A tiny field (2-D CNF) is watched for sample mixing until it has passed once. The
     dynamics hand the engines a closure over each evaluation's ``t``, a new object every
     time: the multi-probe estimators watched every evaluation (16 of an rk4 solve of 4
     steps, each also a new entry of the 256 in ``mixing._PASSED``) where the one-probe path
     watched the field once. (The exact path still does: docs/guide/flows.md.)"""
-    from torchdiv._core import mixing
-
-    watches: list[int] = []
-
-    class Watch(mixing.BatchAxes):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            watches.append(1)
-            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(mixing, "BatchAxes", Watch)
     field = Counted(2)
     x = torch.randn(8, 2, dtype=torch.float64)
     for _ in range(2):
