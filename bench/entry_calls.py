@@ -3,10 +3,11 @@ recipe alternated, each call right after one of the other (what a training step 
 other code between calls sees: torchdiv's Python objects out of the caches), thread CPU time
 per call, one thread; the ratio of the medians. ``--lambda-anew``: ``"auto"`` called as a
 training loop often writes it, ``divergence(lambda z: net(z), x)``, a new function object at
-every call.
+every call. ``--time-anew``: both given the field of an ODE step as FFJORD writes it,
+``lambda z: field(t, z)`` over a new time tensor ``t`` at every call (here ``net(z) + t``).
 
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
-        .venv/bin/python bench/entry_calls.py [--calls 1000] [--lambda-anew]
+        .venv/bin/python bench/entry_calls.py [--calls 1000] [--lambda-anew | --time-anew]
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def main() -> None:
     parser.add_argument(
         "--lambda-anew", action="store_true", help="auto of a lambda made anew at every call"
     )
+    parser.add_argument(
+        "--time-anew", action="store_true", help="both of a lambda over a new time tensor"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     n = args.calls
@@ -40,15 +44,21 @@ def main() -> None:
             def auto(net, x, operator=operator):
                 return operator(lambda z: net(z), x) if args.lambda_anew else operator(net, x)
 
-            for _ in range(20):
-                auto(net, x), recipe(net, x)
+            def field(step: int, net=net):
+                if not args.time_anew:
+                    return net
+                t = torch.tensor(step / n)
+                return lambda z: net(z) + t
+
+            for step in range(20):
+                auto(field(step), x), recipe(field(step), x)
             times: dict[str, list[int]] = {"auto": [], "recipe": []}
-            for _ in range(n):
+            for step in range(n):
                 start = time.thread_time_ns()
-                recipe(net, x)
+                recipe(field(step), x)
                 times["recipe"].append(time.thread_time_ns() - start)
                 start = time.thread_time_ns()
-                auto(net, x)
+                auto(field(step), x)
                 times["auto"].append(time.thread_time_ns() - start)
             a, r = (sorted(times[k])[n // 2] / 1e3 for k in ("auto", "recipe"))
             print(

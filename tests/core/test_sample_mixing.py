@@ -1810,6 +1810,68 @@ def test_a_lambda_made_anew_over_other_objects_is_watched_again(
                 call(make(value), x)
 
 
+_CALLS = {
+    "divergence": lambda f, x: torchdiv.divergence(f, x),
+    "jacobian_diagonal": lambda f, x: torchdiv.jacobian_diagonal(f, x).sum(-1),
+    "hutchinson": lambda f, x: torchdiv.divergence(
+        f, x, method="hutchinson", probes=torch.ones(1, *x.shape, dtype=x.dtype)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_CALLS))
+def test_a_lambda_over_the_time_of_each_step_is_watched_once(name: str, watches: list[int]) -> None:
+    """FFJORD's pattern, ``divergence(lambda z: field(t, z), z)`` at every step of an ODE
+    solve, holds a new time tensor at every call: a watch during which no value decided
+    anything (``torchdiv._core.mixing.decides``) holds for every time, so the field is
+    watched once, not at every step (2.1x the time of a divergence at 2 inputs). Values
+    against the trace of per-sample Jacobians (``torch.autograd.functional.jacobian`` of
+    each sample, float64), which depend on ``t``; a time of another shape is watched again."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).to(f64)
+    x = torch.randn(8, 2, dtype=f64)
+
+    def field(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return net(torch.cat([z, t.expand(len(z), 1)], 1)) * torch.sin(t)
+
+    for step in range(4):
+        t = torch.tensor(0.3 + step / 4, dtype=f64)
+        got = _CALLS[name](lambda z, t=t: field(t, z), x)
+        one = lambda z, t=t: field(t, z[None])[0]  # noqa: E731
+        want = [torch.autograd.functional.jacobian(one, xi) for xi in x]
+        want_trace = torch.stack([j.trace() for j in want])
+        if name == "hutchinson":  # the probe of ones: the sum of every entry of each Jacobian
+            want_trace = torch.stack([j.sum() for j in want])
+        assert_close(got, want_trace, rtol=1e-12, atol=1e-12)
+    assert len(watches) == 1
+    column = torch.zeros(1, 1, dtype=f64)
+    _CALLS[name](lambda z: field(column, z), x)
+    assert len(watches) == 2
+
+
+_DECIDING = {
+    "threshold": lambda t: lambda z: z - z.mean(0) if t > 0.5 else z * 2,
+    "read out": lambda t: lambda z: z.roll(int(t.item()), 0) * 2,
+    "index cast": lambda t: lambda z: z[(torch.arange(len(z)) + t.long()) % len(z)] * 2,
+    "index compared": lambda t: lambda z: z[(torch.arange(len(z)) + (t > 0.5)) % len(z)] * 2,
+}
+
+
+@pytest.mark.parametrize("name", list(_CALLS))
+@pytest.mark.parametrize("case", list(_DECIDING))
+def test_a_time_that_decides_whether_f_mixes_is_watched_again(name: str, case: str) -> None:
+    """Where a held time's value decides what ``f`` does (a branch, a read-out, an index
+    computed from it), the watch holds only for that time: ``f`` over another, which mixes
+    samples, is watched again and refused (taken for the ``f`` that passed, it gave a wrong
+    per-sample result)."""
+    x = torch.randn(8, 3, dtype=f64)
+    make = _DECIDING[case]
+    first = _CALLS[name](make(torch.tensor(0.0, dtype=f64)), x)
+    assert_close(first, torch.full((8,), 6.0, dtype=f64))
+    with pytest.raises(BatchInteractionError, match="f mixes samples"):
+        _CALLS[name](make(torch.tensor(1.0, dtype=f64)), x)
+
+
 def test_the_saved_results_nodes_follow_every_write_not_the_count() -> None:
     """``BatchAxes._saved_mixed`` rebuilds its table of nodes after every write into
     ``mixed``: a removal (a custom Function's constant result, ``_settle``) then an addition

@@ -244,6 +244,9 @@ class BatchAxes:
         # (``_view``)
         self.spread: dict[int, tuple[torch.Tensor, Axes]] = {}
         self.quiet_forward = False  # whether the op before the current forward did
+        # whether an op turned values into something that decides what ``f`` does
+        # (``decides``): until then, the watch holds for any floating values
+        self.values_decide = False
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -304,6 +307,7 @@ class BatchAxes:
     def after(self, carry: Carry | None, args: Sequence[Any], out: Any) -> None:
         """Note the batch dimensions of the results ``out`` by the rule ``before`` gave (none:
         not followed further), and whether they depend on combined samples."""
+        self.values_decide = self.values_decide or decides(self.func, (args, self.kwargs), out)
         if carry is None:
             return
         result = carry(self, args, out)
@@ -1949,6 +1953,41 @@ VALUE_FREE = {
     aten.new_empty.default,
     aten.new_empty_strided.default,
 }
+
+
+def decides(func: Any, args: Sequence[Any], out: Any) -> bool:
+    """Whether the op ``func`` turned values into something that can decide what the code
+    calls next or which samples an index moves: a Python number (``item``, a branch on a
+    tensor), a shape set by values (``nonzero``, ``unique``), or integers or booleans computed
+    from floating values (``x > 0``, ``argmax``, ``.long()``, a sort's indices). A watch of
+    ``f`` during which no op did holds for every floating value ``f`` reads, not only
+    those it was watched with (``torchdiv._taylor.mixing.identity``): which ops ran, on
+    which shapes, with which integer indices, followed from ``f``'s code and the rest.
+    (A read that bypasses the dispatcher, ``tolist()`` or ``numpy()``, is not seen.)
+
+    Example:
+        >>> x = torch.ones(2)
+        >>> decides(aten.gt.Scalar, (x, 0.5), x > 0.5), decides(aten.tanh.default, (x,), x)
+        (True, False)
+    """
+    decided = _DECIDED.get(func)
+    if decided is None:
+        decided = _DECIDED[func] = any(tag in func.tags for tag in _VALUES_DECIDE)
+    if decided:
+        return True
+    outs = out if isinstance(out, list | tuple) else (out,)
+    if all(t is None or (isinstance(t, torch.Tensor) and _floating(t)) for t in outs):
+        return False
+    return any(isinstance(a, torch.Tensor) and _floating(a) for a in tree_leaves(args))
+
+
+def _floating(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+# the ops whose results are values read out or shaped by values (``decides``), by their tags
+_VALUES_DECIDE = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+_DECIDED: dict[Any, bool] = {}  # each op's verdict by its tags, as first met
 
 
 def _kind(func: Any, unknown: bool) -> Carry:

@@ -149,8 +149,8 @@ def _watched_once(
     passed now."""
     if passed_before(f, x, batch_dims, at) is not None:
         return unwatched(f, x, batch_dims, plain)
-    engine, _ = _exact.watched_graph(f, x, batch_dims, plain)
-    passed(f, x, batch_dims, at)
+    engine, sizes = _exact.watched_graph(f, x, batch_dims, plain)
+    passed(f, x, batch_dims, at, sizes.values_decide)
     return engine
 
 

@@ -376,12 +376,10 @@ def _engines(
         reverse, sizes = watched_engine(
             lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch, changes
         )
+        if watch and (tiny or (rows and not sizes.convolves)):  # later calls: unwatched
+            passed(f, x, batch_dims, at, sizes.values_decide)
         if tiny:  # watched for sample mixing only: planned as every later call, not at all
             sizes = _plan.OpSizes(x.shape[:batch_dims])
-            if watch:
-                passed(f, x, batch_dims, at)
-        elif rows and watch and not sizes.convolves:  # later calls: rows (ROWS_PROBLEM)
-            passed(f, x, batch_dims, at)
     except Exception as error:
         if not _cannot_run(error):
             raise
@@ -392,7 +390,7 @@ def _engines(
         def graph() -> tuple[Engine, _plan.OpSizes]:
             built = watched_graph(again, x, batch_dims)
             if tiny:
-                passed(f, x, batch_dims, at)
+                passed(f, x, batch_dims, at, built[1].values_decide)
             planned.append(built[1])
             return built
 

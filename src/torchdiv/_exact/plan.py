@@ -69,6 +69,8 @@ class OpSizes(DispatchMode):
     each Python dispatch mode costs a round trip per ATen call, ~7 us on a 2-core CPU (a
     D -> 64 -> 64 -> D tanh MLP, D = 64, batch 4, under ``torch.func.vjp``: 0.16 ms unwatched,
     0.36 ms watched by this mode and a ``Changes`` of its own, 0.32 ms by this one alone).
+    ``values_decide``: whether the values ``f`` computed with could have decided what it did
+    (``BatchAxes.values_decide``; so taken without ``axes``), known on leaving.
     """
 
     def __init__(
@@ -84,13 +86,14 @@ class OpSizes(DispatchMode):
         self.axes = axes
         self.changes = changes
         self.forward_rules = True
+        self.values_decide = True
 
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         fresh = self.changes is not None and self.changes.before(func, args, kwargs)
         carry = None if self.axes is None else self.axes.before(func, args, kwargs)
         out = func(*args, **kwargs)
-        if carry is not None:
-            self.axes.after(carry, args, out)  # type: ignore[union-attr]
+        if self.axes is not None:
+            self.axes.after(carry, args, out)
         if fresh:
             self.changes.made(out)  # type: ignore[union-attr]
         kind = _KINDS.get(func)  # (one lookup: hashing an OpOverload costs 0.4 us)
@@ -116,6 +119,8 @@ class OpSizes(DispatchMode):
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if self.axes is not None:
+            self.values_decide = self.axes.values_decide
         self.axes = None  # let go of the tensors it followed
         super().__exit__(kind, error, traceback)
         if self.changes is not None:

@@ -10,7 +10,7 @@ import types
 import weakref
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -76,18 +76,43 @@ def passed_before(
     """
     at = at or structure(f, x, batch_dims)
     found: Passed | None = _PASSED.get(*at)
+    loose = _loose(at)
+    if found is None and loose is not None:
+        found = _PASSED.get(*loose)
     if found is None and allowed():
         found = Passed()
         _PASSED.put(*at, found)
     return found
 
 
-def passed(f: Any, x: torch.Tensor, batch_dims: int, at: Structure | None = None) -> None:
+def passed(
+    f: Any,
+    x: torch.Tensor,
+    batch_dims: int,
+    at: Structure | None = None,
+    values_decide: bool = True,
+) -> None:
     """``f`` was watched at the structure of ``x`` (``at``, if made already) and did not mix
-    samples."""
+    samples; unless values could have decided what it did there (``values_decide``:
+    ``torchdiv._core.mixing.decides``), for any values of the floating tensors it holds
+    (``Held``)."""
     at = at or structure(f, x, batch_dims)
-    if _PASSED.get(*at) is None:
-        _PASSED.put(*at, Passed())
+    found = _PASSED.get(*at)
+    if found is None:
+        found = Passed()
+        _PASSED.put(*at, found)
+    loose = None if values_decide else _loose(at)
+    if loose is not None and _PASSED.get(*loose) is None:
+        _PASSED.put(*loose, found)
+
+
+def _loose(at: Structure) -> Structure | None:
+    """``at`` with any floating values its function holds (``Held.values``), or ``None`` if
+    it holds none: where ``passed`` keeps what passed for all of them."""
+    held, key = at[1]
+    if not isinstance(held, Held) or not held.values:
+        return None
+    return at[0], (Held(held.key, ()), key)
 
 
 def structure(f: Any, x: torch.Tensor, batch_dims: int) -> Structure:
@@ -118,18 +143,21 @@ def shape_key(at: Structure) -> Hashable:
 
 def identity(f: Any, depth: int = 3) -> tuple[Any, Hashable]:
     """``f`` as a site and a key for ``_PASSED``: ``f`` itself and ``()``, or for a plain
-    Python function its code, and as the key what the code computes with: what its closure
-    cells, default arguments and the globals it names hold, each object by identity (weakly;
-    a tensor also by its version: an index tensor or a branch on values can decide whether
-    ``f`` mixes samples), a number, string or ``None`` by value, a tuple or a function by
-    this same rule. A lambda written in a loop (``divergence(lambda z: net(z), x)``: a new
-    object at every call, closing over the same ``net``) is then one function, watched once
-    rather than at every call (0.46 ms of a 1.0 ms divergence at 2 inputs), also over a
-    ``device`` or ``dtype`` (by value, ``_VALUES``); one closing over anything else (another
-    model, config, index tensor or threshold) is another. A held object that cannot be told
-    so keeps ``f`` as it is: one without weak references (a list), a tensor without a
-    version (made under ``torch.inference_mode``), a tuple of more than ``TUPLE_ITEMS``
-    items or nested more than ``depth`` deep (walked at every call).
+    Python function its code, and as the key what the code computes with (``Held``): what
+    its closure cells, default arguments and the globals it names hold, each object by
+    identity (weakly; a tensor also by its version: an index tensor or a branch on values
+    can decide whether ``f`` mixes samples), a number, string or ``None`` by value, a tuple
+    or a function by this same rule. A lambda written in a loop (``divergence(lambda z:
+    net(z), x)``: a new object at every call, closing over the same ``net``) is then one
+    function, watched once rather than at every call (0.46 ms of a 1.0 ms divergence at 2
+    inputs), also over a ``device`` or ``dtype`` (by value, ``_VALUES``); one closing over
+    anything else (another model, config, index tensor or threshold) is another, except
+    where only the floating tensors it holds differ, by values (``Held.values``), and its
+    watch saw no values decide anything (``passed``: a lambda over the time ``t`` of an ODE
+    step). A held object that cannot be told so keeps ``f`` as it is: one without weak
+    references (a list), a tensor without a version (made under ``torch.inference_mode``),
+    a tuple of more than ``TUPLE_ITEMS`` items or nested more than ``depth`` deep (walked at
+    every call).
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
@@ -137,13 +165,29 @@ def identity(f: Any, depth: int = 3) -> tuple[Any, Hashable]:
         >>> identity(make()) == identity(make()), identity(make()) == identity(lambda z: z)
         (True, False)
     """
+    values: list[Hashable] = []
+    site, held = _identity(f, depth, values)
+    return (site, held) if site is f else (site, Held(held, tuple(values)))
+
+
+class Held(NamedTuple):
+    """What a function computes with (``identity``): ``key``, each floating tensor in it by
+    its dtype, shape, device and whether it requires grad, and those tensors by identity and
+    version (``values``)."""
+
+    key: Hashable
+    values: tuple[Hashable, ...]
+
+
+def _identity(f: Any, depth: int, values: list[Hashable]) -> tuple[Any, Hashable]:
+    """``identity`` without ``Held``: the floating tensors' identities go to ``values``."""
     if not isinstance(f, types.FunctionType) or depth == 0:
         return f, ()
     names, keywords = f.__globals__, f.__kwdefaults__ or {}
     found = tuple(n for n in global_names(f.__code__) if n in names)
     held: list[Any] = [_cell(c) for c in f.__closure__ or ()]
     held += [*(f.__defaults__ or ()), *keywords.values(), *(names[n] for n in found)]
-    parts = tuple(_part(v, depth) for v in held)
+    parts = tuple(_part(v, depth, values) for v in held)
     if any(p is None for p in parts):
         return f, ()
     return f.__code__, (found, tuple(keywords), parts)
@@ -168,17 +212,17 @@ def _cell(cell: Any) -> Any:
         return _EMPTY
 
 
-def _part(v: Any, depth: int) -> Hashable | None:
+def _part(v: Any, depth: int, values: list[Hashable]) -> Hashable | None:
     """How ``identity`` tells one held object: ``None`` where it cannot."""
     if type(v) in _VALUES:
         return type(v), v
     if isinstance(v, tuple):
         if depth == 0 or len(v) > TUPLE_ITEMS:  # (a chain of 5000 nested ones: RecursionError)
             return None
-        parts = tuple(_part(u, depth - 1) for u in v)
+        parts = tuple(_part(u, depth - 1, values) for u in v)
         return None if any(p is None for p in parts) else (tuple, parts)
     if isinstance(v, types.FunctionType) and depth > 1:
-        site, held = identity(v, depth - 1)
+        site, held = _identity(v, depth - 1, values)
         if site is not v:
             return _Same(site), held
     try:
@@ -189,7 +233,10 @@ def _part(v: Any, depth: int) -> Hashable | None:
         return same
     if v.is_inference():  # no version counter (``_version`` raises): a write is unseen
         return None
-    return same, v._version
+    if not (v.is_floating_point() or v.is_complex()):
+        return same, v._version
+    values.append((same, v._version))
+    return type(v), v.dtype, v.shape, v.device, v.requires_grad
 
 
 class _Same:
