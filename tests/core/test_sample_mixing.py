@@ -1849,27 +1849,50 @@ def test_a_lambda_over_the_time_of_each_step_is_watched_once(name: str, watches:
     assert len(watches) == 2
 
 
-_DECIDING = {
-    "threshold": lambda t: lambda z: z - z.mean(0) if t > 0.5 else z * 2,
-    "read out": lambda t: lambda z: z.roll(int(t.item()), 0) * 2,
-    "index cast": lambda t: lambda z: z[(torch.arange(len(z)) + t.long()) % len(z)] * 2,
-    "index compared": lambda t: lambda z: z[(torch.arange(len(z)) + (t > 0.5)) % len(z)] * 2,
+def test_a_pinn_lambda_over_new_times_is_watched_once_by_the_laplacian(
+    watches: list[int],
+) -> None:
+    """A heat-equation residual written with a lambda, ``laplacian(lambda s: u(cat([s, t],
+    1)), x)``, over new collocation times at every step: ``"auto"`` loops over backward
+    passes at two inputs, and its recording's watch (no value decided anything) holds for
+    every ``t`` of that shape: watched once, not at every step. Values against the
+    grad-of-grad loop."""
+    from conftest import laplacian_by_grad_of_grad
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)).to(f64)
+    for _ in range(3):
+        x, t = torch.randn(32, 2, dtype=f64), torch.rand(32, 1, dtype=f64)
+        u = lambda s, t=t: net(torch.cat([s, t], 1)).squeeze(-1)  # noqa: E731
+        assert_close(torchdiv.laplacian(u, x), laplacian_by_grad_of_grad(u, x))
+    assert len(watches) == 1
+
+
+_DECIDING = {  # each z * z where the time is 0, a mix of samples where it is 1
+    "threshold": lambda t: lambda z: z - z.mean(0) if t > 0.5 else z * z,
+    "read out": lambda t: lambda z: z.roll(int(t.item()), 0) ** 2,
+    "index cast": lambda t: lambda z: z[(torch.arange(len(z)) + t.long()) % len(z)] ** 2,
+    "index compared": lambda t: lambda z: z[(torch.arange(len(z)) + (t > 0.5)) % len(z)] ** 2,
+}
+_DECIDED_BY = {  # (the Laplacian loops at 2 inputs)
+    **_CALLS,
+    "laplacian": lambda f, x: torchdiv.laplacian(f, x).sum(-1),
 }
 
 
-@pytest.mark.parametrize("name", list(_CALLS))
+@pytest.mark.parametrize("name", list(_DECIDED_BY))
 @pytest.mark.parametrize("case", list(_DECIDING))
 def test_a_time_that_decides_whether_f_mixes_is_watched_again(name: str, case: str) -> None:
     """Where a held time's value decides what ``f`` does (a branch, a read-out, an index
     computed from it), the watch holds only for that time: ``f`` over another, which mixes
     samples, is watched again and refused (taken for the ``f`` that passed, it gave a wrong
     per-sample result)."""
-    x = torch.randn(8, 3, dtype=f64)
+    x = torch.randn(8, 2, dtype=f64)
     make = _DECIDING[case]
-    first = _CALLS[name](make(torch.tensor(0.0, dtype=f64)), x)
-    assert_close(first, torch.full((8,), 6.0, dtype=f64))
+    first = _DECIDED_BY[name](make(torch.tensor(0.0, dtype=f64)), x)
+    assert_close(first, torch.full((8,), 4.0, dtype=f64) if name == "laplacian" else 2 * x.sum(-1))
     with pytest.raises(BatchInteractionError, match="f mixes samples"):
-        _CALLS[name](make(torch.tensor(1.0, dtype=f64)), x)
+        _DECIDED_BY[name](make(torch.tensor(1.0, dtype=f64)), x)
 
 
 def test_the_saved_results_nodes_follow_every_write_not_the_count() -> None:

@@ -96,6 +96,9 @@ class Graph:
     # result computed from it is differentiated, in training
     requires_grad: bool = False
     output_shape: tuple[int, ...] = ()
+    # whether values could have decided what f did, as the watch for sample mixing saw it
+    # (``torchdiv._core.mixing.decides``; so taken where it was not watched)
+    values_decide: bool = True
     # every node's outputs as f computed them (``capture(..., keep_values=True)``); None if f
     # ran an in-place op, which may have changed a kept tensor after it was recorded
     values: list[list[Any]] | None = None
@@ -208,8 +211,8 @@ class _Recorder(DispatchMode):
             self.before_writes(func, written, depends)
         self.keep_generator(func, kwargs)
         out = func(*args, **kwargs)
-        if carry is not None:
-            self.axes.after(carry, args, out)  # type: ignore[union-attr]
+        if self.axes is not None:
+            self.axes.after(carry, args, out)
         outs = leaves(out)
         if not written:
             self.note_reads(flat, outs)
@@ -559,6 +562,7 @@ def capture(
         except BatchInteractionError:
             recorder.graph.undo()  # a batch norm's statistics and step counter
             raise
+        recorder.graph.values_decide = recorder.axes.values_decide
         recorder.axes = None  # let go of the tensors it followed
     recorder.untracked(leaves(y))
     recorder.graph.output = map_leaves(recorder.ref, y)
