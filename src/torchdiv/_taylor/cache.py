@@ -379,7 +379,8 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
     another only while its type is alive): held, a class made at every call (a model
     factory's, each ``torch.fx.GraphModule``'s own) stayed alive with what its methods close
     over as long as a cache kept the key.
-    One walk of the ``_modules`` and ``_parameters`` dictionaries, each module once: a key is
+    One walk of the ``_modules`` and ``_parameters`` dictionaries (a ``torch.jit.trace``d
+    module's, whose ``__dict__`` has neither, through its attributes), each module once: a key is
     made at every call of a small problem, where ``named_modules`` and ``parameters`` (two
     walks of generators) cost 10-25 us, and nested tuples a third more than flat ones."""
     held: list[Any] = []
@@ -403,7 +404,9 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
         pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
         if pre or post:  # by their handles' ids (a counter: never reused)
             held.append((*(pre or ()), None, *(post or ())))
-        parameters, children = attributes["_parameters"], attributes["_modules"]
+        parameters, children = attributes.get("_parameters"), attributes.get("_modules")
+        if parameters is None or children is None:  # a torch.jit.trace'd module's C++ module
+            parameters, children = m._parameters, m._modules  # holds them (KeyError: crashed)
         if parameters:
             grads += [p.requires_grad for p in parameters.values() if p is not None]
         if children:
