@@ -20,7 +20,9 @@ evaluation, and never gives a stale plan.
 What a template certifies is what ``capture``'s analysis derived from structure alone: no
 unsupported op, no writes or random draws (graphs with those are never kept), and no mixing of
 samples (``torchdiv._mixing`` follows shapes and op arguments, all part of the template; whether
-mixing detection is on is part of the key). Planning on values (chains, colours) is done again
+mixing detection is on is part of the key; a graph whose verdict read index values along the
+batch, ``x[perm]``, is never kept: a closure's ``perm`` changed in place after the first call
+went unwatched). Planning on values (chains, colours) is done again
 on every call; what a planner derives from the structure alone may be kept with the template
 (``Template.derived``).
 
@@ -158,8 +160,10 @@ def _same(want: Any, have: Any) -> bool:
 def template(graph: Graph) -> Template | None:
     """``graph``'s structure, or ``None`` if it cannot be checked by structure: an op without
     a rule, writes outside ``f`` or in place, random draws (their outputs are kept), an
-    argument that cannot be compared (``OPAQUE``)."""
-    if graph.unsupported or graph.changed or graph.values is None:
+    argument that cannot be compared (``OPAQUE``), samples moved along the batch by index
+    values (``Graph.indexed``: whether they mix samples depends on the values, which a
+    template compares by shape alone)."""
+    if graph.unsupported or graph.changed or graph.values is None or graph.indexed:
         return None
     if any(node.kept is not None for node in graph.nodes) or not isinstance(graph.output, Ref):
         return None
