@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
+from dataclasses import replace
 from types import ModuleType
 from typing import Any, Literal, overload
 
@@ -163,7 +164,10 @@ def _sampling(
     chunk_size: int | None,
 ) -> _trace.Sampling | None:
     """Check the options of the dynamics; for a stochastic method, the probes of the solve
-    (drawn here, once, unless given). ``None`` for an exact method."""
+    (drawn here, once, unless given). ``None`` for an exact method. Probes made under
+    ``torch.inference_mode()`` (given, or drawn for dynamics made there) are cloned into
+    normal ones: a training solve saves them for its backward pass, which refused them
+    ("Inference tensors cannot be saved for backward")."""
     check_callable(fn, f)
     check_initialized(fn, f)
     check_input(fn, x, batch_dims)
@@ -180,6 +184,9 @@ def _sampling(
         count = num_vectors(method, s.num_probes)
         v = draw(s.probe, count, x, batch_dims, s.generator, dtype).to(x.dtype)
         s = _trace.Sampling(fn, method, s.num_probes, s.probe, v, None)
+    if s.probes is not None and s.probes.is_inference():
+        with torch.inference_mode(False):
+            s = replace(s, probes=s.probes.clone())
     return s
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torchdiffeq import odeint
 
+import torchdiv
 from torchdiv.flows import AugmentedDynamics, log_likelihood
 
 
@@ -182,6 +183,41 @@ def test_dynamics_under_inference_mode_keep_the_divergence(method, num_probes):
         velocity, delta = dynamics(t.clone(), state)
     torch.testing.assert_close(-delta, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(velocity, field(t, x).detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_probes_made_under_inference_mode_train(given: bool) -> None:
+    """Probes drawn once under ``torch.inference_mode()`` (an evaluation loop's, passed as
+    ``probes=``), or dynamics made there (drawing their own), then a training solve: its
+    backward pass refused the inference-tensor probes ("Inference tensors cannot be saved for
+    backward"). The solve and its parameter gradients equal those with the probes cloned."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    times = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with torch.inference_mode():
+        probes = torchdiv.draw_probes(x, 2, generator=torch.Generator().manual_seed(0))
+        made = (
+            None
+            if given
+            else AugmentedDynamics(lambda t, z: net(z), x, method="hutchinson", num_probes=2)
+        )
+    dynamics = made or AugmentedDynamics(lambda t, z: net(z), x, method="hutchinson", probes=probes)
+    plain = probes.clone() if given else made.sampling.probes.clone()
+    params = list(net.parameters())
+    results = []
+    for dyn in (
+        dynamics,
+        AugmentedDynamics(lambda t, z: net(z), x, method="hutchinson", probes=plain),
+    ):
+        _, delta = odeint(
+            dyn, dyn.initial_state(x), times, method="rk4", options={"step_size": 0.5}
+        )
+        results.append((delta[-1], torch.autograd.grad(delta[-1].sum(), params)))
+    (got, grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_the_score_of_a_cnf_and_its_gradients() -> None:

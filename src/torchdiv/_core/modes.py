@@ -73,16 +73,22 @@ def outside_inference_mode(fn: F) -> F:
 
 def outside_inference(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` outside inference mode, with the caller's grad mode, each
-    inference tensor among ``args`` cloned into a normal one (the caller's is not touched).
+    inference tensor among ``args`` and ``kwargs`` cloned into a normal one (the caller's is
+    not touched).
 
     Derivatives need autograd, which inference mode switches off (silently: ``enable_grad``
-    does not undo it), and an inference tensor cannot be saved for a backward pass."""
+    does not undo it), and an inference tensor cannot be saved for a backward pass: probes
+    drawn once under ``torch.inference_mode()`` (an evaluation loop's) and passed to a
+    training call as ``probes=``, or a ``sigma=`` made there, raised PyTorch's "Inference
+    tensors cannot be saved for backward"."""
     inference = [isinstance(a, torch.Tensor) and a.is_inference() for a in args]
-    if not torch.is_inference_mode_enabled() and not any(inference):
+    options = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_inference()]
+    if not torch.is_inference_mode_enabled() and not any(inference) and not options:
         return fn(*args, **kwargs)  # the usual case
     grad_mode = torch.is_grad_enabled()
     with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
         args = tuple(a.clone() if clone else a for a, clone in zip(args, inference, strict=True))
+        kwargs = {k: v.clone() if k in options else v for k, v in kwargs.items()}
         return fn(*args, **kwargs)
 
 
