@@ -300,3 +300,51 @@ def _rk4_solve(field, x: torch.Tensor, method: str, num_probes: int | None) -> N
         solver="rk4",
         options={"step_size": 0.25},
     )
+
+
+class _Conditioned(nn.Module):
+    """A velocity conditioned on a tensor attribute set from outside (a context encoder's
+    output, as conditional CNFs hold it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.context: torch.Tensor | None = None
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        assert self.context is not None
+        return self.net(torch.cat([z, self.context.expand(len(z), -1)], -1))
+
+    def with_context(self, t: torch.Tensor, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z, c.expand(len(z), -1)], -1))
+
+
+@pytest.mark.parametrize("where", ["attribute", "partial"])
+def test_adjoint_refuses_a_context_computed_from_other_parameters(where: str) -> None:
+    """``odeint_adjoint`` differentiates the module's parameters only: a context computed by
+    an encoder outside it, held as an attribute or a partial's argument, got no gradient
+    with ``adjoint=True`` (None against 5.5 through the solver), silently. Refused, naming
+    it; a context that requires no grad, or the module's own parameters, still run."""
+    import functools
+
+    torch.manual_seed(0)
+    field, encoder = _Conditioned().double(), nn.Linear(4, 2).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    solve = {"solver": "rk4", "options": {"step_size": 0.5}}
+
+    def velocity(context: torch.Tensor):
+        if where == "partial":
+            return functools.partial(field.with_context, c=context)
+        field.context = context
+        return field
+
+    def base(z: torch.Tensor) -> torch.Tensor:
+        return -0.5 * z.square().sum(-1)
+
+    context = encoder(torch.ones(4, dtype=torch.float64))
+    name = "keyword 'c' of the partial" if where == "partial" else "attribute 'context'"
+    with pytest.raises(ValueError, match=rf"^log_likelihood: adjoint=True .*{name}.*adjoint=False"):
+        log_likelihood(velocity(context), x, 1.0, 0.0, base, adjoint=True, **solve)
+    direct = log_likelihood(velocity(context.detach()), x, 1.0, 0.0, base, **solve)
+    adjoint = log_likelihood(velocity(context.detach()), x, 1.0, 0.0, base, adjoint=True, **solve)
+    torch.testing.assert_close(adjoint, direct, rtol=1e-12, atol=1e-12)
