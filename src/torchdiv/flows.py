@@ -141,8 +141,8 @@ def _module_of(f: object) -> nn.Module | None:
 def _lost_to_adjoint(f: object, module: nn.Module) -> list[str]:
     """What ``f`` holds that requires grad through tensors other than ``module``'s parameters,
     by name: a partial's arguments (zuko hands its velocity on as ``partial(self.f, c=c)``)
-    and the plain tensor attributes of ``module``'s submodules (``self.context = encoder(y)``,
-    a hypernetwork's weights). ``odeint_adjoint`` differentiates with respect to the
+    and the plain tensor attributes and buffers of ``module``'s submodules (``self.context =
+    encoder(y)``, a hypernetwork's weights). ``odeint_adjoint`` differentiates with respect to the
     module's parameters only: such a tensor's gradient, and its sources', would be lost
     silently. A tensor computed from the module's own parameters alone (the legacy
     ``weight_norm``'s ``weight``, set by its pre-hook) is not lost."""
@@ -155,6 +155,7 @@ def _lost_to_adjoint(f: object, module: nn.Module) -> list[str]:
     for name, m in module.named_modules():
         where = f"{type(m).__name__}{f' ({name})' if name else ''}"
         held += [(f"attribute {k!r} of {where}", v) for k, v in vars(m).items()]
+        held += [(f"buffer {k!r} of {where}", v) for k, v in m._buffers.items()]
     return [
         what
         for what, v in held

@@ -319,7 +319,7 @@ class _Conditioned(nn.Module):
         return self.net(torch.cat([z, c.expand(len(z), -1)], -1))
 
 
-@pytest.mark.parametrize("where", ["attribute", "partial"])
+@pytest.mark.parametrize("where", ["attribute", "buffer", "partial"])
 def test_adjoint_refuses_a_context_computed_from_other_parameters(where: str) -> None:
     """``odeint_adjoint`` differentiates the module's parameters only: a context computed by
     an encoder outside it, held as an attribute or a partial's argument, got no gradient
@@ -335,14 +335,18 @@ def test_adjoint_refuses_a_context_computed_from_other_parameters(where: str) ->
     def velocity(context: torch.Tensor):
         if where == "partial":
             return functools.partial(field.with_context, c=context)
-        field.context = context
+        if where == "buffer":
+            vars(field).pop("context", None)  # (a plain attribute until now)
+            field.register_buffer("context", context)
+        else:
+            field.context = context
         return field
 
     def base(z: torch.Tensor) -> torch.Tensor:
         return -0.5 * z.square().sum(-1)
 
     context = encoder(torch.ones(4, dtype=torch.float64))
-    name = "keyword 'c' of the partial" if where == "partial" else "attribute 'context'"
+    name = {"partial": "keyword 'c' of the partial"}.get(where, f"{where} 'context'")
     with pytest.raises(ValueError, match=rf"^log_likelihood: adjoint=True .*{name}.*adjoint=False"):
         log_likelihood(velocity(context), x, 1.0, 0.0, base, adjoint=True, **solve)
     direct = log_likelihood(velocity(context.detach()), x, 1.0, 0.0, base, **solve)
