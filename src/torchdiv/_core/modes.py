@@ -294,7 +294,9 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             local.prior = _executor_optimizes()
             _set_executor_optimizes(False)
         local.count += 1
-        self.uncached = bool(_parametrize._cache_enabled or _PARAMETRIZE.count)
+        self.uncached = bool(_parametrize._cache_enabled or _PARAMETRIZE.count) and (
+            not torch.compiler.is_compiling()  # (a traced call: no wrappers kept, no lock)
+        )
         if self.uncached:
             _PARAMETRIZE.enter(_uncached)
         self.held = False
