@@ -168,7 +168,8 @@ def _from(t: torch.Tensor, own: set[int]) -> bool:
     among the tensors ``own`` (by ``id``)."""
     if t.grad_fn is None:
         return id(t) in own
-    todo, seen = [t.grad_fn], set()
+    todo: list[torch.autograd.graph.Node | None] = [t.grad_fn]
+    seen = set()
     while todo:
         node = todo.pop()
         if node is None or node in seen:
