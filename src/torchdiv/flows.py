@@ -142,10 +142,11 @@ def _lost_to_adjoint(f: object, module: nn.Module) -> list[str]:
     """What ``f`` holds that requires grad through tensors other than ``module``'s parameters,
     by name: a partial's arguments (zuko hands its velocity on as ``partial(self.f, c=c)``)
     and the plain tensor attributes and buffers of ``module``'s submodules (``self.context =
-    encoder(y)``, a hypernetwork's weights). ``odeint_adjoint`` differentiates with respect to the
-    module's parameters only: such a tensor's gradient, and its sources', would be lost
-    silently. A tensor computed from the module's own parameters alone (the legacy
-    ``weight_norm``'s ``weight``, set by its pre-hook) is not lost."""
+    encoder(y)``, a hypernetwork's weights). ``odeint_adjoint`` differentiates with respect
+    to the module's parameters only: such a tensor's gradient, and its sources', would be
+    lost silently. A tensor computed from the module's own parameters alone (the legacy
+    ``weight_norm``'s ``weight``, set by its pre-hook) is not lost; one computed from an
+    input that required grad (an activation a forward kept as ``self.h``) is named too."""
     own = {id(p) for p in module.parameters()}
     held: list[tuple[str, Any]] = []
     while isinstance(f, functools.partial):

@@ -245,8 +245,8 @@ class BatchAxes:
         self.spread: dict[int, tuple[torch.Tensor, Axes]] = {}
         self.quiet_forward = False  # whether the op before the current forward did
         # whether a rule read the values of indices along a batch dimension (``x[perm]``, a
-        # mask over the batch, ``gather`` along it): the verdict then holds for
-        # those values only, so a recording is not kept to check later calls by structure
+        # mask over the batch, ``gather`` along it): the verdict then holds for those values
+        # only, so a recording is not kept to check later calls by structure
         # (``torchdiv._taylor.cache.template``: an index changed in place went unwatched)
         self.indexed = False
 

@@ -22,9 +22,8 @@ unsupported op, no writes or random draws (graphs with those are never kept), an
 samples (``torchdiv._mixing`` follows shapes and op arguments, all part of the template; whether
 mixing detection is on is part of the key; a graph whose verdict read index values along the
 batch, ``x[perm]``, is never kept: a closure's ``perm`` changed in place after the first call
-went unwatched). Planning on values (chains, colours) is done again
-on every call; what a planner derives from the structure alone may be kept with the template
-(``Template.derived``).
+went unwatched). Planning on values (chains, colours) is done again on every call; what a
+planner derives from the structure alone may be kept with the template (``Template.derived``).
 
 ``PlanCache`` is the store: least recently used entries beyond ``size`` are dropped, entries
 are looked up by a *site* (what ``f`` is: the module, or a function's code object) and a key
