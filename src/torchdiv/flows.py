@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
+from dataclasses import replace
 from types import ModuleType
 from typing import Any, Literal, overload
 
@@ -137,6 +138,51 @@ def _module_of(f: object) -> nn.Module | None:
     return owner if isinstance(owner, nn.Module) else None
 
 
+def _lost_to_adjoint(f: object, module: nn.Module) -> list[str]:
+    """What ``f`` holds that requires grad through tensors other than ``module``'s parameters,
+    by name: a partial's arguments (zuko hands its velocity on as ``partial(self.f, c=c)``)
+    and the plain tensor attributes and buffers of ``module``'s submodules (``self.context =
+    encoder(y)``, a hypernetwork's weights). ``odeint_adjoint`` differentiates with respect
+    to the module's parameters only: such a tensor's gradient, and its sources', would be
+    lost silently. A tensor computed from the module's own parameters alone (the legacy
+    ``weight_norm``'s ``weight``, set by its pre-hook) is not lost; one computed from an
+    input that required grad (an activation a forward kept as ``self.h``) is named too."""
+    own = {id(p) for p in module.parameters()}
+    held: list[tuple[str, Any]] = []
+    while isinstance(f, functools.partial):
+        held += [(f"argument {i} of the partial", a) for i, a in enumerate(f.args)]
+        held += [(f"keyword {k!r} of the partial", a) for k, a in f.keywords.items()]
+        f = f.func
+    for name, m in module.named_modules():
+        where = f"{type(m).__name__}{f' ({name})' if name else ''}"
+        held += [(f"attribute {k!r} of {where}", v) for k, v in vars(m).items()]
+        held += [(f"buffer {k!r} of {where}", v) for k, v in m._buffers.items()]
+    return [
+        what
+        for what, v in held
+        if isinstance(v, torch.Tensor) and v.requires_grad and not _from(v, own)
+    ]
+
+
+def _from(t: torch.Tensor, own: set[int]) -> bool:
+    """Whether every leaf that ``t``'s autograd graph reaches (``t`` itself if a leaf) is
+    among the tensors ``own`` (by ``id``)."""
+    if t.grad_fn is None:
+        return id(t) in own
+    todo: list[torch.autograd.graph.Node | None] = [t.grad_fn]
+    seen = set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf that requires grad
+        if leaf is not None and id(leaf) not in own:
+            return False
+        todo += [n for n, _ in node.next_functions]
+    return True
+
+
 def _torchdiffeq(fn: str) -> tuple[ModuleType, tuple[str, ...]]:
     """``torchdiffeq`` and its solvers' names, imported when a solve needs them."""
     try:
@@ -163,7 +209,10 @@ def _sampling(
     chunk_size: int | None,
 ) -> _trace.Sampling | None:
     """Check the options of the dynamics; for a stochastic method, the probes of the solve
-    (drawn here, once, unless given). ``None`` for an exact method."""
+    (drawn here, once, unless given). ``None`` for an exact method. Probes made under
+    ``torch.inference_mode()`` (given, or drawn for dynamics made there) are cloned into
+    normal ones: a training solve saves them for its backward pass, which refused them
+    ("Inference tensors cannot be saved for backward")."""
     check_callable(fn, f)
     check_initialized(fn, f)
     check_input(fn, x, batch_dims)
@@ -180,6 +229,9 @@ def _sampling(
         count = num_vectors(method, s.num_probes)
         v = draw(s.probe, count, x, batch_dims, s.generator, dtype).to(x.dtype)
         s = _trace.Sampling(fn, method, s.num_probes, s.probe, v, None)
+    if s.probes is not None and s.probes.is_inference():
+        with torch.inference_mode(False):
+            s = replace(s, probes=s.probes.clone())
     return s
 
 
@@ -514,6 +566,16 @@ def log_likelihood(
             f"{fn}: adjoint=True computes gradients for the parameters of f, so f must be an "
             f"nn.Module or a bound method of one, got {type(f).__name__}; wrap it in a module "
             "or use adjoint=False"
+        )
+    lost = _lost_to_adjoint(f, module) if adjoint and module is not None else []
+    if lost:
+        raise ValueError(
+            f"{fn}: adjoint=True gives gradients to the parameters of f's module "
+            f"({type(module).__name__}) only (torchdiffeq's adjoint_params), but f also reads "
+            f"{', '.join(lost)}, which requires grad through other tensors (a context "
+            "encoder's output, a hypernetwork's weights): their gradients would be lost "
+            "silently; use adjoint=False (backpropagation through the solver), or make them "
+            "parameters of the module"
         )
     if adjoint and module is not None and any(_sharded(p) for p in module.parameters()):
         raise ValueError(

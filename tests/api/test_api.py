@@ -306,6 +306,41 @@ def test_under_inference_mode(method):
     assert_close(div, reference_divergence(net, x).detach())
 
 
+_OPTIONS_MADE_IN_INFERENCE = {  # calls given a tensor option made under inference mode
+    "divergence": lambda f, x, p, s: torchdiv.divergence(f, x, method="hutchinson", probes=p),
+    "estimate_divergence": lambda f, x, p, s: torchdiv.estimate_divergence(f, x, probes=p).value,
+    "jacobian_diagonal": lambda f, x, p, s: torchdiv.jacobian_diagonal(
+        f, x, method="hutchinson", probes=p
+    ),
+    "laplacian": lambda f, x, p, s: torchdiv.laplacian(f, x, method="hutchinson", probes=p),
+    "weighted_laplacian": lambda f, x, p, s: torchdiv.weighted_laplacian(f, x, sigma=s),
+}
+
+
+@pytest.mark.parametrize("name", _OPTIONS_MADE_IN_INFERENCE)
+def test_options_made_under_inference_mode_train(name):
+    """Probes drawn once under ``torch.inference_mode()`` (an evaluation loop's) and passed to
+    a training call as ``probes=``, or a ``sigma=`` made there, raised PyTorch's "Inference
+    tensors cannot be saved for backward": they are cloned, as an inference-tensor ``x`` is.
+    Values and parameter gradients equal those of the same tensors made normally."""
+    net = tanh_mlp(3, 8, 3)
+    f = lambda z: net(z) * z  # noqa: E731
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with torch.inference_mode():
+        probes = torchdiv.draw_probes(x, 2, generator=torch.Generator().manual_seed(0))
+        sigma = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    call = _OPTIONS_MADE_IN_INFERENCE[name]
+    params = list(net.parameters())
+    got = call(f, x, probes, sigma)
+    want = call(f, x, probes.clone(), sigma.clone())
+    assert_close(got, want)
+    options = {"allow_unused": True, "materialize_grads": True}
+    grads = torch.autograd.grad(got.sum(), params, **options)
+    for a, b in zip(grads, torch.autograd.grad(want.sum(), params, **options), strict=True):
+        assert_close(a, b)
+    assert probes.is_inference() and sigma.is_inference()  # the caller's are left as they were
+
+
 @pytest.mark.parametrize("name", ["divergence", "jacobian", "laplacian", "estimate_divergence"])
 def test_an_uninitialized_lazy_module_is_refused_before_it_is_evaluated(name):
     """A lazy module's first forward inside a torch.func transform left it half made, and the

@@ -312,3 +312,32 @@ def test_a_global_defined_again_at_a_freed_ones_address_is_watched_again() -> No
             torchdiv.divergence(_names_helper, x)
     finally:
         _helper = torch.tanh
+
+
+_INDEXED = {  # f moving the samples of tanh(z) along the batch by the index tensor ``perm``
+    "index": lambda perm: lambda z: torch.tanh(z)[perm],
+    "index_select": lambda perm: lambda z: torch.tanh(z).index_select(0, perm),
+    "gather": lambda perm: lambda z: torch.tanh(z).gather(0, perm[:, None].expand_as(z)),
+    "argsort": lambda perm: lambda z: torch.tanh(z)[perm.argsort()],  # indices made in f
+}
+
+
+@pytest.mark.parametrize("method", ["structured", "auto"])
+@pytest.mark.parametrize("op", _INDEXED)
+def test_an_index_changed_in_place_after_a_recorded_call_is_watched_again(
+    op: str, method: str
+) -> None:
+    """The structured engine checks later calls against the first one's recording by
+    structure, which holds an index tensor by its shape; whether samples moved by it mix
+    depends on its values. A closure's ``perm`` reversed in place after two calls as the
+    identity (each the divergence of ``tanh``) is refused, not served unwatched (the
+    divergence of the sample moved into each place came back)."""
+    x = torch.randn(80, 8, dtype=f64)  # 8 x 640 elements: "auto" runs the structured engine
+    perm = torch.arange(80)
+    f = _INDEXED[op](perm)
+    for _ in range(2):
+        got = torchdiv.divergence(f, x, method=method)
+        torch.testing.assert_close(got, (1 - x.tanh() ** 2).sum(-1), rtol=1e-12, atol=1e-12)
+    perm.copy_(perm.flip(0))
+    with pytest.raises(BatchInteractionError, match="samples"):
+        torchdiv.divergence(f, x, method=method)

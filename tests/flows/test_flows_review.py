@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torchdiffeq import odeint
 
+import torchdiv
 from torchdiv.flows import AugmentedDynamics, log_likelihood
 
 
@@ -184,6 +185,41 @@ def test_dynamics_under_inference_mode_keep_the_divergence(method, num_probes):
     torch.testing.assert_close(velocity, field(t, x).detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("given", [True, False])
+def test_probes_made_under_inference_mode_train(given: bool) -> None:
+    """Probes drawn once under ``torch.inference_mode()`` (an evaluation loop's, passed as
+    ``probes=``), or dynamics made there (drawing their own), then a training solve: its
+    backward pass refused the inference-tensor probes ("Inference tensors cannot be saved for
+    backward"). The solve and its parameter gradients equal those with the probes cloned."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    times = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with torch.inference_mode():
+        probes = torchdiv.draw_probes(x, 2, generator=torch.Generator().manual_seed(0))
+        made = (
+            None
+            if given
+            else AugmentedDynamics(lambda t, z: net(z), x, method="hutchinson", num_probes=2)
+        )
+    dynamics = made or AugmentedDynamics(lambda t, z: net(z), x, method="hutchinson", probes=probes)
+    plain = probes.clone() if given else made.sampling.probes.clone()
+    params = list(net.parameters())
+    results = []
+    for dyn in (
+        dynamics,
+        AugmentedDynamics(lambda t, z: net(z), x, method="hutchinson", probes=plain),
+    ):
+        _, delta = odeint(
+            dyn, dyn.initial_state(x), times, method="rk4", options={"step_size": 0.5}
+        )
+        results.append((delta[-1], torch.autograd.grad(delta[-1].sum(), params)))
+    (got, grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_the_score_of_a_cnf_and_its_gradients() -> None:
     """The score ``grad_x log p(x)`` with ``create_graph=True`` (score matching, gradient
     penalties): through the solver, against the same rk4 steps with a per-sample
@@ -264,3 +300,55 @@ def _rk4_solve(field, x: torch.Tensor, method: str, num_probes: int | None) -> N
         solver="rk4",
         options={"step_size": 0.25},
     )
+
+
+class _Conditioned(nn.Module):
+    """A velocity conditioned on a tensor attribute set from outside (a context encoder's
+    output, as conditional CNFs hold it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.context: torch.Tensor | None = None
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        assert self.context is not None
+        return self.net(torch.cat([z, self.context.expand(len(z), -1)], -1))
+
+    def with_context(self, t: torch.Tensor, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z, c.expand(len(z), -1)], -1))
+
+
+@pytest.mark.parametrize("where", ["attribute", "buffer", "partial"])
+def test_adjoint_refuses_a_context_computed_from_other_parameters(where: str) -> None:
+    """``odeint_adjoint`` differentiates the module's parameters only: a context computed by
+    an encoder outside it, held as an attribute or a partial's argument, got no gradient
+    with ``adjoint=True`` (None against 5.5 through the solver), silently. Refused, naming
+    it; a context that requires no grad, or the module's own parameters, still run."""
+    import functools
+
+    torch.manual_seed(0)
+    field, encoder = _Conditioned().double(), nn.Linear(4, 2).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    solve = {"solver": "rk4", "options": {"step_size": 0.5}}
+
+    def velocity(context: torch.Tensor):
+        if where == "partial":
+            return functools.partial(field.with_context, c=context)
+        if where == "buffer":
+            vars(field).pop("context", None)  # (a plain attribute until now)
+            field.register_buffer("context", context)
+        else:
+            field.context = context
+        return field
+
+    def base(z: torch.Tensor) -> torch.Tensor:
+        return -0.5 * z.square().sum(-1)
+
+    context = encoder(torch.ones(4, dtype=torch.float64))
+    name = {"partial": "keyword 'c' of the partial"}.get(where, f"{where} 'context'")
+    with pytest.raises(ValueError, match=rf"^log_likelihood: adjoint=True .*{name}.*adjoint=False"):
+        log_likelihood(velocity(context), x, 1.0, 0.0, base, adjoint=True, **solve)
+    direct = log_likelihood(velocity(context.detach()), x, 1.0, 0.0, base, **solve)
+    adjoint = log_likelihood(velocity(context.detach()), x, 1.0, 0.0, base, adjoint=True, **solve)
+    torch.testing.assert_close(adjoint, direct, rtol=1e-12, atol=1e-12)

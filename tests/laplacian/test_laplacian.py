@@ -755,6 +755,38 @@ def test_parameter_gradients_through_chunks_of_a_stateful_f(method, chunk_size):
         assert torch.equal(a, b)  # the power iteration's vectors moved once
 
 
+@pytest.mark.parametrize(("method", "chunk_size"), [("forward-over-reverse", 1), ("hessian", 2)])
+def test_parametrized_weights_inside_parametrize_cached(method, chunk_size):
+    """Inside ``parametrize.cached()`` (an RNN's or a tied weight's training loop), a weight
+    first computed under the engines' transforms was cached as a transform's wrapper, and
+    the next chunk's or call's nested transforms failed PyTorch's internal assert ("level <=
+    current_level"). Values and parameter gradients of two calls against the grad-of-grad
+    loop; the block's own forward after them, and its gradients, as a plain one's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(3, 8)), nn.Tanh(), nn.Linear(8, 1)
+    ).to(f64)
+    x = torch.randn(4, 3, dtype=f64)
+    params = list(net.parameters())
+    want = laplacian_by_grad_of_grad(lambda z: net(z)[:, 0], x)
+    want_grads = torch.autograd.grad(want.sum(), params, allow_unused=True, materialize_grads=True)
+    y_want = net(x)
+    with nn.utils.parametrize.cached():
+        for _ in range(2):
+            lap = torchdiv.laplacian(net, x, method=method, chunk_size=chunk_size)[:, 0]
+            assert_close(lap, want)
+            grads = torch.autograd.grad(
+                lap.sum(), params, allow_unused=True, materialize_grads=True
+            )
+            for a, b in zip(grads, want_grads, strict=True):
+                assert_close(a, b)
+        assert nn.utils.parametrize._cache_enabled == 1  # put back after each call
+        y = net(x)
+        assert_close(y, y_want)
+        torch.autograd.grad(y.sum(), params)
+    assert nn.utils.parametrize._cache_enabled == 0 and not nn.utils.parametrize._cache
+
+
 @pytest.mark.parametrize("method", ["forward-over-reverse", "hessian", "grad-of-grad"])
 def test_the_empty_event_check_evaluates_the_same_function(method):
     """A scalar event is checked for sample mixing by one more evaluation: from the state

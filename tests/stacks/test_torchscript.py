@@ -15,10 +15,15 @@ from tests.conftest import assert_close, laplacian_by_grad_of_grad, loop_diagona
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's own
 
 
-def _scripted(d_out: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _scripted(d_out: int, how: str = "script") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """An eager MLP and its ``torch.jit.script`` or ``torch.jit.trace`` (a traced module's
+    ``__dict__`` holds neither ``_parameters`` nor ``_modules``: the structure key of a tiny
+    call raised ``KeyError: '_parameters'``)."""
     net = torch.nn.Sequential(
         torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, d_out)
     ).double()
+    if how == "trace":
+        return net, torch.jit.trace(net, torch.randn(4, 3, dtype=torch.float64))
     return net, torch.jit.script(net)
 
 
@@ -35,9 +40,10 @@ def _checked(result: torch.Tensor, want: torch.Tensor, scripted, expected) -> No
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("how", ["script", "trace"])
 @pytest.mark.parametrize("method", ["auto", "structured", "forward", "reverse"])
-def test_divergence_of_a_scripted_module(method: str) -> None:
-    net, scripted = _scripted(3)
+def test_divergence_of_a_scripted_module(method: str, how: str) -> None:
+    net, scripted = _scripted(3, how)
     x = torch.randn(4, 3, dtype=torch.float64)
     want = loop_diagonal(net, x, create_graph=True).sum(-1)
     expected = _grads(want, net)
@@ -46,9 +52,10 @@ def test_divergence_of_a_scripted_module(method: str) -> None:
         _checked(torchdiv.divergence(scripted, x, method=method), want.detach(), scripted, expected)
 
 
+@pytest.mark.parametrize("how", ["script", "trace"])
 @pytest.mark.parametrize("method", ["auto", "taylor", "forward-over-reverse", "grad-of-grad"])
-def test_laplacian_of_a_scripted_module(method: str) -> None:
-    net, scripted = _scripted(1)
+def test_laplacian_of_a_scripted_module(method: str, how: str) -> None:
+    net, scripted = _scripted(1, how)
     x = torch.randn(4, 3, dtype=torch.float64)
     want = laplacian_by_grad_of_grad(lambda z: net(z)[:, 0], x)
     expected = _grads(want, net)

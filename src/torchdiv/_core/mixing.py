@@ -247,6 +247,11 @@ class BatchAxes:
         # whether an op turned values into something that decides what ``f`` does
         # (``decides``): until then, the watch holds for any floating values
         self.values_decide = False
+        # whether a rule read the values of indices along a batch dimension (``x[perm]``, a
+        # mask over the batch, ``gather`` along it): the verdict then holds for those values
+        # only, so a recording is not kept to check later calls by structure
+        # (``torchdiv._taylor.cache.template``: an index changed in place went unwatched)
+        self.indexed = False
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -1255,6 +1260,7 @@ def _indexed(
             found.append(axis._replace(position=rank + (len(inner) if rank >= len(front) else 0)))
             continue
         samples = axis.samples(indices[given.index(axis.position)])
+        tr.indexed = True
         if len(axes) == 1 and samples.numel() and bool((samples == samples.flatten()[0]).all()):
             sample = int(samples.flatten()[0])
             pick = f"sample {sample} picked out of the batch by {what}"
@@ -1330,6 +1336,7 @@ def _gather(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
             if index.shape[q] == t.shape[q]:
                 found.append(axis)
             continue
+        tr.indexed = True
         held = axis.samples(index % t.shape[dim]).movedim(dim, 0).reshape(index.shape[dim], -1)
         if not bool((held == held[:, :1]).all()):
             tr.pending = tr.message(tr.func, "a gather whose rows read several samples")

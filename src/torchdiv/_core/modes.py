@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import torch
+import torch.nn.utils.parametrize as _parametrize
 from torch._C._dynamo.eval_frame import get_eval_frame_callback
 from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
@@ -72,16 +73,22 @@ def outside_inference_mode(fn: F) -> F:
 
 def outside_inference(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` outside inference mode, with the caller's grad mode, each
-    inference tensor among ``args`` cloned into a normal one (the caller's is not touched).
+    inference tensor among ``args`` and ``kwargs`` cloned into a normal one (the caller's is
+    not touched).
 
     Derivatives need autograd, which inference mode switches off (silently: ``enable_grad``
-    does not undo it), and an inference tensor cannot be saved for a backward pass."""
+    does not undo it), and an inference tensor cannot be saved for a backward pass: probes
+    drawn once under ``torch.inference_mode()`` (an evaluation loop's) and passed to a
+    training call as ``probes=``, or a ``sigma=`` made there, raised PyTorch's "Inference
+    tensors cannot be saved for backward"."""
     inference = [isinstance(a, torch.Tensor) and a.is_inference() for a in args]
-    if not torch.is_inference_mode_enabled() and not any(inference):
+    options = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_inference()]
+    if not torch.is_inference_mode_enabled() and not any(inference) and not options:
         return fn(*args, **kwargs)  # the usual case
     grad_mode = torch.is_grad_enabled()
     with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
         args = tuple(a.clone() if clone else a for a, clone in zip(args, inference, strict=True))
+        kwargs = {k: v.clone() if k in options else v for k, v in kwargs.items()}
         return fn(*args, **kwargs)
 
 
@@ -246,6 +253,8 @@ class _Held:
 
 
 _STANCE = _Held()  # Dynamo's stance, "force_eager" while torchdiv runs f
+# ``torch.nn.utils.parametrize.cached()``'s cache, off while torchdiv runs f (``_uncached``)
+_PARAMETRIZE = _Held()
 _FASTPATH = _Held()  # nn.MultiheadAttention's fast path, off while torchdiv runs f
 # scaled_dot_product_attention's backends (process-wide flags), the math one alone meanwhile
 _SDPA = _Held()
@@ -270,6 +279,8 @@ class CompiledCodeEager(contextlib.ContextDecorator):
     thread-local), set by the first block of a thread to enter and put back by the last to
     leave, in whatever order they leave (``_Unoptimized``); an executor that optimized its plan
     already ignores it (``torchdiv._core.script.forget_plans``).
+
+    ``torch.nn.utils.parametrize.cached()``'s cache is off too (``_uncached``).
     """
 
     def _recreate_cm(self) -> CompiledCodeEager:  # a decorated function: one per call
@@ -283,6 +294,11 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             local.prior = _executor_optimizes()
             _set_executor_optimizes(False)
         local.count += 1
+        self.uncached = bool(_parametrize._cache_enabled or _PARAMETRIZE.count) and (
+            not torch.compiler.is_compiling()  # (a traced call: no wrappers kept, no lock)
+        )
+        if self.uncached:
+            _PARAMETRIZE.enter(_uncached)
         self.held = False
         frames: Any = sys.modules.get("torch._dynamo.eval_frame")  # its private global
         if frames is None or not hasattr(frames, "_stance"):  # no Dynamo, or torch < 2.6
@@ -303,6 +319,8 @@ class CompiledCodeEager(contextlib.ContextDecorator):
         local.count -= 1
         if local.count == 0:
             _set_executor_optimizes(local.prior)
+        if self.uncached:
+            _PARAMETRIZE.exit(_recached)
         if self.held:
             stance = _STANCE
             with stance.lock:
@@ -325,6 +343,28 @@ class _Unoptimized(threading.local):
 _UNOPTIMIZED = _Unoptimized()  # (entered and left by ``CompiledCodeEager`` itself)
 _executor_optimizes = torch._C._get_graph_executor_optimize
 _set_executor_optimizes = torch._C._set_graph_executor_optimize
+
+
+def _uncached() -> int:
+    """Turn ``parametrize.cached()``'s cache off; return how many blocks had it on.
+
+    A parametrized weight (``weight_norm``, ``orthogonal``) first computed inside the
+    engines' ``torch.func`` transforms was kept there, a transform's wrapper: a later
+    evaluation's nested transforms (forward over reverse, a chunk or a call later) failed
+    PyTorch's internal assert ("level <= current_level"). With the cache off, each evaluation
+    computes its weights, as without ``cached()``. The blocks are counted off, not set to 0, so
+    that a block left meanwhile (``f``'s own, another thread's) counts right when put back."""
+    blocks = int(_parametrize._cache_enabled)
+    _parametrize._cache_enabled -= blocks
+    return blocks
+
+
+def _recached(blocks: int) -> None:
+    """Put ``_uncached``'s blocks back; an empty count clears the cache, as ``cached()``
+    does when its last block leaves."""
+    _parametrize._cache_enabled += blocks
+    if not _parametrize._cache_enabled:
+        _parametrize._cache = {}
 
 
 def _put_stance(prior: Any) -> None:

@@ -20,9 +20,10 @@ evaluation, and never gives a stale plan.
 What a template certifies is what ``capture``'s analysis derived from structure alone: no
 unsupported op, no writes or random draws (graphs with those are never kept), and no mixing of
 samples (``torchdiv._mixing`` follows shapes and op arguments, all part of the template; whether
-mixing detection is on is part of the key). Planning on values (chains, colours) is done again
-on every call; what a planner derives from the structure alone may be kept with the template
-(``Template.derived``).
+mixing detection is on is part of the key; a graph whose verdict read index values along the
+batch, ``x[perm]``, is never kept: a closure's ``perm`` changed in place after the first call
+went unwatched). Planning on values (chains, colours) is done again on every call; what a
+planner derives from the structure alone may be kept with the template (``Template.derived``).
 
 ``PlanCache`` is the store: least recently used entries beyond ``size`` are dropped, entries
 are looked up by a *site* (what ``f`` is: the module, or a function's code object) and a key
@@ -158,8 +159,10 @@ def _same(want: Any, have: Any) -> bool:
 def template(graph: Graph) -> Template | None:
     """``graph``'s structure, or ``None`` if it cannot be checked by structure: an op without
     a rule, writes outside ``f`` or in place, random draws (their outputs are kept), an
-    argument that cannot be compared (``OPAQUE``)."""
-    if graph.unsupported or graph.changed or graph.values is None:
+    argument that cannot be compared (``OPAQUE``), samples moved along the batch by index
+    values (``Graph.indexed``: whether they mix samples depends on the values, which a
+    template compares by shape alone)."""
+    if graph.unsupported or graph.changed or graph.values is None or graph.indexed:
         return None
     if any(node.kept is not None for node in graph.nodes) or not isinstance(graph.output, Ref):
         return None
@@ -379,7 +382,8 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
     another only while its type is alive): held, a class made at every call (a model
     factory's, each ``torch.fx.GraphModule``'s own) stayed alive with what its methods close
     over as long as a cache kept the key.
-    One walk of the ``_modules`` and ``_parameters`` dictionaries, each module once: a key is
+    One walk of the ``_modules`` and ``_parameters`` dictionaries (a ``torch.jit.trace``d
+    module's, whose ``__dict__`` has neither, through its attributes), each module once: a key is
     made at every call of a small problem, where ``named_modules`` and ``parameters`` (two
     walks of generators) cost 10-25 us, and nested tuples a third more than flat ones."""
     held: list[Any] = []
@@ -403,7 +407,9 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
         pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
         if pre or post:  # by their handles' ids (a counter: never reused)
             held.append((*(pre or ()), None, *(post or ())))
-        parameters, children = attributes["_parameters"], attributes["_modules"]
+        parameters, children = attributes.get("_parameters"), attributes.get("_modules")
+        if parameters is None or children is None:  # a torch.jit.trace'd module's C++ module
+            parameters, children = m._parameters, m._modules  # holds them (KeyError: crashed)
         if parameters:
             grads += [p.requires_grad for p in parameters.values() if p is not None]
         if children:

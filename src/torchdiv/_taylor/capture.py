@@ -110,6 +110,9 @@ class Graph:
     # the ``cache.Template`` this graph was checked against or kept as (plans made from the
     # structure alone are kept with it); None if it is not kept
     template: Any = field(default=None, repr=False, compare=False)
+    # whether the watch for sample mixing read index values along the batch (``BatchAxes.
+    # indexed``): its verdict holds for them only, so the graph is never kept as a template
+    indexed: bool = False
 
     def undo(self) -> None:
         """Put back what recording ``f`` changed outside it (buffers it updated in place, the
@@ -563,6 +566,7 @@ def capture(
             recorder.graph.undo()  # a batch norm's statistics and step counter
             raise
         recorder.graph.values_decide = recorder.axes.values_decide
+        recorder.graph.indexed = recorder.axes.indexed
         recorder.axes = None  # let go of the tensors it followed
     recorder.untracked(leaves(y))
     recorder.graph.output = map_leaves(recorder.ref, y)
