@@ -264,6 +264,23 @@ def test_weighted_laplacian_from_a_factor(method):
         assert_close(got, _gaussian_trace(sigma @ sigma.mT, x))
 
 
+@pytest.mark.parametrize("method", [*EXACT, "grad-of-grad"])
+def test_weighted_laplacian_of_factors_made_under_inference_mode(method):
+    """An evaluation loop under ``torch.inference_mode()`` that makes ``sigma`` (or
+    ``diffusion``) there too: the same numbers as outside. ``x`` was cloned out of inference
+    mode, the keyword tensors were not: "Inference tensors cannot be saved for backward"
+    (``"auto"`` at this size and ``"grad-of-grad"``)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 4, dtype=f64)
+    s = torch.randn(4, 2, generator=g, dtype=f64)
+    with torch.inference_mode():
+        sigma, diffusion = s.clone(), s @ s.T
+        by_sigma = torchdiv.weighted_laplacian(gaussian, x, sigma=sigma, method=method)
+        by_diffusion = torchdiv.weighted_laplacian(gaussian, x, diffusion=diffusion, method=method)
+    assert_close(by_sigma, _gaussian_trace(s @ s.T, x))
+    assert_close(by_diffusion, _gaussian_trace(s @ s.T, x))
+
+
 def test_weighted_laplacian_of_a_polynomial_with_vector_output():
     """``u = (x0² x1, x0 x1 x2)``: ``tr(A H)`` by hand."""
     x = torch.randn(4, 3, dtype=f64)

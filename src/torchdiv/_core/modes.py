@@ -72,17 +72,29 @@ def outside_inference_mode(fn: F) -> F:
 
 def outside_inference(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` outside inference mode, with the caller's grad mode, each
-    inference tensor among ``args`` cloned into a normal one (the caller's is not touched).
+    inference tensor among ``args`` and ``kwargs`` (``sigma=``, ``probes=``, ...) cloned into
+    a normal one (the caller's is not touched).
 
     Derivatives need autograd, which inference mode switches off (silently: ``enable_grad``
     does not undo it), and an inference tensor cannot be saved for a backward pass."""
-    inference = [isinstance(a, torch.Tensor) and a.is_inference() for a in args]
-    if not torch.is_inference_mode_enabled() and not any(inference):
+    values = (*args, *kwargs.values())
+    if not torch.is_inference_mode_enabled() and not any(map(_is_inference, values)):
         return fn(*args, **kwargs)  # the usual case
     grad_mode = torch.is_grad_enabled()
     with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
-        args = tuple(a.clone() if clone else a for a, clone in zip(args, inference, strict=True))
+        args = tuple(_normal(a) for a in args)
+        kwargs = {name: _normal(value) for name, value in kwargs.items()}
         return fn(*args, **kwargs)
+
+
+def _is_inference(value: object) -> bool:
+    """Is ``value`` an inference tensor (made under ``torch.inference_mode``)?"""
+    return isinstance(value, torch.Tensor) and value.is_inference()
+
+
+def _normal(value: T) -> T:
+    """``value``, or a normal clone of it where it is an inference tensor."""
+    return cast(T, value.clone()) if _is_inference(value) else value
 
 
 _DRAWS = ("num_probes", "generator", "rtol", "atol")  # options of calls that draw probes
