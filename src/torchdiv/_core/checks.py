@@ -445,12 +445,15 @@ class Unwritten:
             op = first_write(self.f, self.x)
         if op is None and refused:
             return  # a leaf other than x (a parameter): autograd's error stands
-        raise ValueError(
-            f"{self.fn}: f writes into its input x in place ({op or 'an in-place op'}): "
-            "torchdiv evaluates f on the caller's x, often more than once, and must leave x "
-            "unchanged (its values are put back). Copy it first inside f (x = x.clone()) or "
-            "compute out of place (x * 2 for x.mul_(2); torch.where(mask, 0, x) or "
-            "x.index_put(...) for x[...] = ...)."
+        # final: a torchdiv call around this one (biharmonic's) passes it on as it is
+        raise mark_final(
+            ValueError(
+                f"{self.fn}: f writes into its input x in place ({op or 'an in-place op'}): "
+                "torchdiv evaluates f on the caller's x, often more than once, and must leave "
+                "x unchanged (its values are put back). Copy it first inside f "
+                "(x = x.clone()) or compute out of place (x * 2 for x.mul_(2); "
+                "torch.where(mask, 0, x) or x.index_put(...) for x[...] = ...)."
+            )
         ) from error
 
 
