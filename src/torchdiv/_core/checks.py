@@ -660,10 +660,16 @@ def check_matrix(
         or (square and matrix.shape[-1] != n)
         or (matrix.dim() > 2 and _shape(matrix)[:-2] != batch)
     ):
+        unbatched = (
+            "; x has no event dimensions, so each of its elements is read as one sample: for "
+            "one unbatched sample pass batch_dims=0 (or x[None])"
+            if x.dim() == batch_dims
+            else ""
+        )
         raise ValueError(
             f"{fn}: {name} must have shape ({n}, {k}) (all samples) or {batch} + ({n}, {k}) "
             f"(one per sample) for x of shape {_shape(x)} with batch_dims={batch_dims} "
-            f"({n} elements per sample); got {name} of shape {_shape(matrix)}"
+            f"({n} elements per sample); got {name} of shape {_shape(matrix)}{unbatched}"
         )
     if matrix.device != x.device:
         raise ValueError(f"{fn}: {name} is on {matrix.device} but x is on {x.device}")
