@@ -421,17 +421,23 @@ def test_weighted_laplacian_errors(options, error, match):
         torchdiv.weighted_laplacian(gaussian, torch.randn(4, 3), **options)
 
 
-@pytest.mark.parametrize("name", ["sigma", "diffusion"])
-def test_weighted_laplacian_of_an_unbatched_x_says_batch_dims_0(name):
-    """One point without a batch dimension and the factor of its 3 coordinates: the shape
-    error named only ``(1, k)`` (each element read as a sample of one); it now says why and
-    names ``batch_dims=0``, as the sample-mixing error of the other operators does."""
-    matrix = torch.eye(3) if name == "diffusion" else torch.ones(3, 2)
-    match = rf"{name} must have shape \(1, .*no event dimensions.*batch_dims=0"
-    with pytest.raises(ValueError, match=match):
-        torchdiv.weighted_laplacian(gaussian, torch.randn(3), **{name: matrix})
-    got = torchdiv.weighted_laplacian(gaussian, torch.randn(3), batch_dims=0, **{name: matrix})
-    assert got.shape == ()
+UNBATCHED = {
+    "sigma": (torchdiv.weighted_laplacian, {"sigma": torch.ones(3, 2)}),
+    "diffusion": (torchdiv.weighted_laplacian, {"diffusion": torch.eye(3)}),
+    "coordinates": (torchdiv.laplacian, {"coordinates": [0, 2]}),
+    "mask": (torchdiv.laplacian, {"coordinates": torch.tensor([True, False, True])}),
+}
+
+
+@pytest.mark.parametrize("name", UNBATCHED)
+def test_options_sized_by_the_event_of_an_unbatched_x_say_batch_dims_0(name):
+    """One point without a batch dimension, and an option sized for its 3 coordinates: the
+    shape error named only an event of one element (each element read as a sample); it now
+    says why and names ``batch_dims=0``, as the sample-mixing error of the operators does."""
+    operator, options = UNBATCHED[name]
+    with pytest.raises(ValueError, match=r"no event dimensions.*batch_dims=0"):
+        operator(gaussian, torch.randn(3), **options)
+    assert operator(gaussian, torch.randn(3), batch_dims=0, **options).shape == ()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
