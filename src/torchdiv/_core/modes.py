@@ -94,7 +94,9 @@ def _is_inference(value: object) -> bool:
 
 def _normal(value: T) -> T:
     """``value``, or a normal clone of it where it is an inference tensor."""
-    return cast(T, value.clone()) if _is_inference(value) else value
+    if isinstance(value, torch.Tensor) and value.is_inference():
+        return cast(T, value.clone())
+    return value
 
 
 _DRAWS = ("num_probes", "generator", "rtol", "atol")  # options of calls that draw probes
