@@ -78,18 +78,14 @@ def outside_inference(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     Derivatives need autograd, which inference mode switches off (silently: ``enable_grad``
     does not undo it), and an inference tensor cannot be saved for a backward pass."""
     values = (*args, *kwargs.values())
-    if not torch.is_inference_mode_enabled() and not any(map(_is_inference, values)):
+    inference = any(isinstance(v, torch.Tensor) and v.is_inference() for v in values)
+    if not torch.is_inference_mode_enabled() and not inference:
         return fn(*args, **kwargs)  # the usual case
     grad_mode = torch.is_grad_enabled()
     with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
         args = tuple(_normal(a) for a in args)
         kwargs = {name: _normal(value) for name, value in kwargs.items()}
         return fn(*args, **kwargs)
-
-
-def _is_inference(value: object) -> bool:
-    """Is ``value`` an inference tensor (made under ``torch.inference_mode``)?"""
-    return isinstance(value, torch.Tensor) and value.is_inference()
 
 
 def _normal(value: T) -> T:
