@@ -73,6 +73,8 @@ class _Flow(nn.Module):
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.mistake == "t[:, None]":
             return self.net(z) * t[:, None]
+        if self.mistake == "cat([z, t])":  # (the net would take the time as a fourth input)
+            return self.net(torch.cat([z, t], -1))
         return self.net(z)
 
 
@@ -80,6 +82,7 @@ class _Flow(nn.Module):
     ("f", "x", "error", "hint"),
     [
         (_Flow("t[:, None]"), torch.randn(8, 3, dtype=f64), IndexError, r"t is a 0-dim tensor"),
+        (_Flow("cat([z, t])"), torch.randn(8, 3, dtype=f64), RuntimeError, r"t is a 0-dim"),
         (_net().to(f64), torch.randn(8, 3, dtype=f64), TypeError, r".*calls f\(t, z\)"),
         (_Flow("none"), torch.randn(8, 3), RuntimeError, r"f's parameters are torch\.float64"),
     ],

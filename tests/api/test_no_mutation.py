@@ -116,6 +116,10 @@ WRITING = [
     *[("laplacian", m) for m in ("auto", "taylor", "forward-over-reverse", "hessian")],
     ("laplacian", "grad-of-grad"),
     ("laplacian", "hutchinson"),
+    # a Laplacian of a Laplacian: the inner call's refusal was reported as the outer's f
+    # raising it ("biharmonic: f(x) raised ValueError: biharmonic: f writes ...")
+    *[("biharmonic", m) for m in ("auto", "taylor", "forward-over-reverse")],
+    ("value_grad_laplacian", "auto"),
 ]
 
 
@@ -129,7 +133,7 @@ def test_f_writing_into_its_input_is_refused_and_x_kept(call, method, op, shape)
     error. Every method now raises a ``ValueError`` naming the op and the fix, and leaves
     the caller's ``x`` as it was: values, version counter, ``requires_grad``, no graph."""
     f = IN_PLACE[op]
-    g = (lambda z: f(z).sum(-1)) if call == "laplacian" else f
+    g = (lambda z: f(z).sum(-1)) if "laplacian" in call or call == "biharmonic" else f
     probes = {"num_probes": 2} if method == "hutchinson" else {}
     for requires_grad in (False, True):
         x = torch.randn(*shape, dtype=torch.float64).requires_grad_(requires_grad)

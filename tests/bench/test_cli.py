@@ -357,6 +357,14 @@ def test_a_model_the_operator_does_not_apply_to_is_refused(spec, operator, match
         main(argv)
 
 
+def test_a_built_in_net_the_laplacian_does_not_apply_to_names_the_one_it_does():
+    """``--family conv --operator laplacian`` (the conv net is a vector field): the error
+    said to benchmark a model with one output per sample, not which built-in net has one."""
+    argv = ["bench", "--family", "conv", "--operator", "laplacian", "--dims", "8", *TINY]
+    with pytest.raises(SystemExit, match=r"laplacian on conv net.*--family scalar"):
+        main(argv)
+
+
 def test_estimates_show_their_error_and_never_count_as_fastest(tmp_path, capsys):
     out = tmp_path / "b.md"
     argv = ["bench", "--operator", "estimators", "--dims", "8,32", *TINY, "--markdown", str(out)]

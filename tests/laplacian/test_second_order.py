@@ -264,6 +264,23 @@ def test_weighted_laplacian_from_a_factor(method):
         assert_close(got, _gaussian_trace(sigma @ sigma.mT, x))
 
 
+@pytest.mark.parametrize("method", [*EXACT, "grad-of-grad"])
+def test_weighted_laplacian_of_factors_made_under_inference_mode(method):
+    """An evaluation loop under ``torch.inference_mode()`` that makes ``sigma`` (or
+    ``diffusion``) there too: the same numbers as outside. ``x`` was cloned out of inference
+    mode, the keyword tensors were not: "Inference tensors cannot be saved for backward"
+    (``"auto"`` at this size and ``"grad-of-grad"``)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 4, dtype=f64)
+    s = torch.randn(4, 2, generator=g, dtype=f64)
+    with torch.inference_mode():
+        sigma, diffusion = s.clone(), s @ s.T
+        by_sigma = torchdiv.weighted_laplacian(gaussian, x, sigma=sigma, method=method)
+        by_diffusion = torchdiv.weighted_laplacian(gaussian, x, diffusion=diffusion, method=method)
+    assert_close(by_sigma, _gaussian_trace(s @ s.T, x))
+    assert_close(by_diffusion, _gaussian_trace(s @ s.T, x))
+
+
 def test_weighted_laplacian_of_a_polynomial_with_vector_output():
     """``u = (x0² x1, x0 x1 x2)``: ``tr(A H)`` by hand."""
     x = torch.randn(4, 3, dtype=f64)
@@ -402,6 +419,25 @@ def test_weighted_hutchinson_is_unbiased(name):
 def test_weighted_laplacian_errors(options, error, match):
     with pytest.raises(error, match=match):
         torchdiv.weighted_laplacian(gaussian, torch.randn(4, 3), **options)
+
+
+UNBATCHED = {
+    "sigma": (torchdiv.weighted_laplacian, {"sigma": torch.ones(3, 2)}),
+    "diffusion": (torchdiv.weighted_laplacian, {"diffusion": torch.eye(3)}),
+    "coordinates": (torchdiv.laplacian, {"coordinates": [0, 2]}),
+    "mask": (torchdiv.laplacian, {"coordinates": torch.tensor([True, False, True])}),
+}
+
+
+@pytest.mark.parametrize("name", UNBATCHED)
+def test_options_sized_by_the_event_of_an_unbatched_x_say_batch_dims_0(name):
+    """One point without a batch dimension, and an option sized for its 3 coordinates: the
+    shape error named only an event of one element (each element read as a sample); it now
+    says why and names ``batch_dims=0``, as the sample-mixing error of the operators does."""
+    operator, options = UNBATCHED[name]
+    with pytest.raises(ValueError, match=r"no event dimensions.*batch_dims=0"):
+        operator(gaussian, torch.randn(3), **options)
+    assert operator(gaussian, torch.randn(3), batch_dims=0, **options).shape == ()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

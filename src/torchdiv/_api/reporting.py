@@ -233,7 +233,8 @@ def _hint(
         )
     if "positional argument" in message:
         return f"torchdiv.flows calls {call} with t a 0-dim tensor and z the batched state."
-    if call != "f(x)" and ("0-dim" in message or "dimension 0" in message):
+    zero_dim = ("0-dim", "dimension 0", "zero-dimensional")  # t[:, None]; torch.cat([z, t])
+    if call != "f(x)" and any(words in message for words in zero_dim):
         return (
             "t is a 0-dim tensor, one time for the whole batch: broadcast it per sample, e.g. "
             "t.expand(z.shape[0])[:, None] or t * torch.ones_like(z[:, :1])."

@@ -93,7 +93,12 @@ def add_parser(commands: Any) -> None:
         help=f"comma-separated: {ops}; default: {','.join(operators.DEFAULT_OPERATORS)} "
         "(divergence with --model)",
     )
-    p.add_argument("--dims", type=_ints, help="event sizes D of the built-in nets, e.g. 8,32,128")
+    p.add_argument(
+        "--dims",
+        type=_ints,
+        help="event sizes D of the built-in nets, e.g. 8,32,128; the image nets take the "
+        "closest D their images have (conv: 2 x s x s, so 16 runs at 18)",
+    )
     p.add_argument(
         "--family",
         type=_names,

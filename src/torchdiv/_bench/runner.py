@@ -168,7 +168,8 @@ def check_shapes(
     if operator.name == "laplacian" and reference.numel() != y.numel():
         raise ValueError(
             f"laplacian on {case.title}: the baselines compute one scalar per sample, but f(x) "
-            f"has shape {tuple(y.shape)}; benchmark a model with one output per sample"
+            f"has shape {tuple(y.shape)}; benchmark a model with one output per sample (of the "
+            "built-in nets: --family scalar)"
         )
 
 

@@ -445,12 +445,15 @@ class Unwritten:
             op = first_write(self.f, self.x)
         if op is None and refused:
             return  # a leaf other than x (a parameter): autograd's error stands
-        raise ValueError(
-            f"{self.fn}: f writes into its input x in place ({op or 'an in-place op'}): "
-            "torchdiv evaluates f on the caller's x, often more than once, and must leave x "
-            "unchanged (its values are put back). Copy it first inside f (x = x.clone()) or "
-            "compute out of place (x * 2 for x.mul_(2); torch.where(mask, 0, x) or "
-            "x.index_put(...) for x[...] = ...)."
+        # final: a torchdiv call around this one (biharmonic's) passes it on as it is
+        raise mark_final(
+            ValueError(
+                f"{self.fn}: f writes into its input x in place ({op or 'an in-place op'}): "
+                "torchdiv evaluates f on the caller's x, often more than once, and must leave "
+                "x unchanged (its values are put back). Copy it first inside f "
+                "(x = x.clone()) or compute out of place (x * 2 for x.mul_(2); "
+                "torch.where(mask, 0, x) or x.index_put(...) for x[...] = ...)."
+            )
         ) from error
 
 
@@ -599,7 +602,7 @@ def check_coordinates(fn: str, coordinates: Any, x: torch.Tensor, batch_dims: in
             raise ValueError(
                 f"{fn}: a boolean coordinates mask must have the event shape {event} (or the "
                 f"flat ({n},)) of x of shape {_shape(x)} with batch_dims={batch_dims}; got a mask "
-                f"of shape {_shape(coordinates)}"
+                f"of shape {_shape(coordinates)}{_unbatched(x, batch_dims)}"
             )
         return coordinates.reshape(n).nonzero().squeeze(1).to(x.device)
     if isinstance(coordinates, torch.Tensor) and coordinates.dtype == torch.uint8:
@@ -630,6 +633,7 @@ def check_coordinates(fn: str, coordinates: Any, x: torch.Tensor, batch_dims: in
         raise ValueError(
             f"{fn}: coordinates must be indices into the flattened event of {n} elements (x of "
             f"shape {_shape(x)}, batch_dims={batch_dims}), in [-{n}, {n}); got {given}"
+            f"{_unbatched(x, batch_dims)}"
         )
     index = [i % n for i in given]
     if len(set(index)) != len(index):
@@ -638,6 +642,17 @@ def check_coordinates(fn: str, coordinates: Any, x: torch.Tensor, batch_dims: in
             f"counted twice); got {given} for an event of {n} elements"
         )
     return torch.tensor(index, dtype=torch.int64, device=x.device)
+
+
+def _unbatched(x: torch.Tensor, batch_dims: int) -> str:
+    """The end of a shape error about an option sized by the event (coordinates, ``sigma``):
+    where ``x`` has no event dimensions, the likely cause, an unbatched ``x``."""
+    if x.dim() != batch_dims:
+        return ""
+    return (
+        "; x has no event dimensions, so each of its elements is read as one sample: for one "
+        "unbatched sample pass batch_dims=0 (or x[None])"
+    )
 
 
 def check_matrix(
@@ -661,6 +676,7 @@ def check_matrix(
             f"{fn}: {name} must have shape ({n}, {k}) (all samples) or {batch} + ({n}, {k}) "
             f"(one per sample) for x of shape {_shape(x)} with batch_dims={batch_dims} "
             f"({n} elements per sample); got {name} of shape {_shape(matrix)}"
+            f"{_unbatched(x, batch_dims)}"
         )
     if matrix.device != x.device:
         raise ValueError(f"{fn}: {name} is on {matrix.device} but x is on {x.device}")

@@ -73,23 +73,30 @@ def outside_inference_mode(fn: F) -> F:
 
 def outside_inference(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` outside inference mode, with the caller's grad mode, each
-    inference tensor among ``args`` and ``kwargs`` cloned into a normal one (the caller's is
-    not touched).
+    inference tensor among ``args`` and ``kwargs`` (``sigma=``, ``probes=``, ...) cloned into
+    a normal one (the caller's is not touched).
 
     Derivatives need autograd, which inference mode switches off (silently: ``enable_grad``
     does not undo it), and an inference tensor cannot be saved for a backward pass: probes
     drawn once under ``torch.inference_mode()`` (an evaluation loop's) and passed to a
     training call as ``probes=``, or a ``sigma=`` made there, raised PyTorch's "Inference
     tensors cannot be saved for backward"."""
-    inference = [isinstance(a, torch.Tensor) and a.is_inference() for a in args]
-    options = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_inference()]
-    if not torch.is_inference_mode_enabled() and not any(inference) and not options:
+    values = (*args, *kwargs.values())
+    inference = any(isinstance(v, torch.Tensor) and v.is_inference() for v in values)
+    if not torch.is_inference_mode_enabled() and not inference:
         return fn(*args, **kwargs)  # the usual case
     grad_mode = torch.is_grad_enabled()
     with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
-        args = tuple(a.clone() if clone else a for a, clone in zip(args, inference, strict=True))
-        kwargs = {k: v.clone() if k in options else v for k, v in kwargs.items()}
+        args = tuple(_normal(a) for a in args)
+        kwargs = {name: _normal(value) for name, value in kwargs.items()}
         return fn(*args, **kwargs)
+
+
+def _normal(value: T) -> T:
+    """``value``, or a normal clone of it where it is an inference tensor."""
+    if isinstance(value, torch.Tensor) and value.is_inference():
+        return cast(T, value.clone())
+    return value
 
 
 _DRAWS = ("num_probes", "generator", "rtol", "atol")  # options of calls that draw probes
