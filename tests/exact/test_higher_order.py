@@ -6,6 +6,8 @@ to ``x`` again. References: per-sample loops of ``torch.autograd.grad`` with ``c
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -424,6 +426,59 @@ def test_third_derivatives_through_a_batch_norm_by_its_input_statistics(
         got = torch.autograd.grad(value(call), params, materialize_grads=True)
     slope = sum((g * v).sum() for g, v in zip(got, directions, strict=True))
     torch.testing.assert_close(slope, central_difference(shifted_value), rtol=1e-7, atol=1e-9)
+
+
+_STATEFUL_CALLS = {  # name: the call, its reference's probes (None: the exact divergence)
+    "divergence auto": (lambda f, x: torchdiv.divergence(f, x, batch_dims=0), None),
+    "jacobian_diagonal auto": (
+        lambda f, x: torchdiv.jacobian_diagonal(f, x, batch_dims=0).sum(),
+        None,
+    ),
+    "hutchinson one probe": (
+        lambda f, x: torchdiv.divergence(
+            f, x, batch_dims=0, method="hutchinson", probes=_PROBES[:1]
+        ),
+        _PROBES[:1],
+    ),
+    "hutchinson two probes": (
+        lambda f, x: torchdiv.divergence(f, x, batch_dims=0, method="hutchinson", probes=_PROBES),
+        _PROBES,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_STATEFUL_CALLS))
+def test_a_spectral_norm_before_a_train_mode_batch_norm_reads_its_state_once(name: str) -> None:
+    """A spectral norm (train mode: one power iteration per forward, written in place and read
+    at once) before a train-mode batch norm. The plain path made ``f`` again after an
+    evaluation that moved the statistics, from the state that evaluation left: the result
+    was ``f``'s one power iteration further (2e-6 off in float64 for ``"auto"``'s second
+    call and the one-probe estimate's first); two-probe estimates' later calls, by
+    ``torch.func`` unwatched, failed at the batch norm after the power iteration, which
+    nothing put back: the state moved twice per call. Reference: a copy of the net, one
+    forward per call, ``autograd.grad`` loops (float64)."""
+    call, probes = _STATEFUL_CALLS[name]
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.utils.parametrizations.spectral_norm(nn.Linear(4, 6)),
+        nn.BatchNorm1d(6),
+        nn.Tanh(),
+        nn.Linear(6, 4),
+    ).double()
+    twin = copy.deepcopy(net)
+    x = torch.randn(3, 4, dtype=f64)
+    for _ in range(3):  # (the first call at a site is watched, later ones are not)
+        got = call(net, x)
+        z = x.clone().requires_grad_()
+        if probes is None:
+            want = _whole_divergence(twin, z)
+        else:
+            y = twin(z)
+            grads = [torch.autograd.grad(y, z, v, retain_graph=True)[0] for v in probes]
+            want = sum((g * v).sum() for g, v in zip(grads, probes, strict=True)) / len(probes)
+        torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+        for key, expected in twin.state_dict().items():
+            torch.testing.assert_close(net.state_dict()[key], expected, rtol=0, atol=0, msg=key)
 
 
 _GATES = {  # name: (activation, it written by hand, the width its first layer feeds it)

@@ -218,7 +218,7 @@ class GraphJacobian:
         self._walked = False
         self._batches = True  # False once a batched pass raised that it cannot batch y's graph
         self.batch_norms: list[Any] | None = None  # the graph's, if of_function walked it
-        self.guarded = False  # of_function's plain evaluation showed an op SafeDerivatives changes
+        self.guarded = False  # of_function: a plain evaluation shows (would) an op the mode changes
 
     @classmethod
     def of_function(
@@ -228,6 +228,7 @@ class GraphJacobian:
         batch_dims: int,
         plain: bool = False,
         own: bool = False,
+        changes: Changes | None = None,
     ) -> GraphJacobian:
         """Evaluate ``y = f(x)`` with a graph; keep results differentiable only where needed.
 
@@ -248,6 +249,14 @@ class GraphJacobian:
         ``own``: ``x`` is the caller's leaf copy (``leaf``), made for this evaluation, on which
         ``f`` then runs as it is: a watch that follows ``x``'s samples (``_core.mixing``)
         follows them into ``f``, which it cannot through a copy made here.
+
+        A plain evaluation that moved a train-mode batch norm's running statistics is made
+        again with what it wrote put back: before it, if ``changes`` (a watch's ``Changes``)
+        noted its writes, so that the evaluation again starts from the caller's state and
+        leaves it as one evaluation (a spectral norm's power iteration, which reads what it
+        wrote, runs once); else after it (``_written_once``). A safe evaluation that shows
+        a batch norm by its input's statistics (the mode's composite) is ``guarded`` too: a
+        plain one there would be made again.
         """
         outer_grad = torch.is_grad_enabled()
         y, x_in = _evaluated(f, x, contextlib.nullcontext(), safe=not plain, own=own)
@@ -257,9 +266,14 @@ class GraphJacobian:
         if guarded or fused:  # (fused attention kernels have no double backward)
             attention = math_attention() if fused else contextlib.nullcontext()
             moved = _moves_statistics(found.batch_norms)
-            with _written_once(x) if moved else contextlib.nullcontext():
+            if moved and changes is not None:
+                changes.undo_writes()
+            again = moved and changes is None
+            with _written_once(x) if again else contextlib.nullcontext():
                 y, x_in = _evaluated(f, x, attention, safe=True, own=own)
             found = search(y, x_in)
+        elif not plain:
+            guarded = _input_statistics(found.batch_norms)
         engine = cls(y, x_in, batch_dims, outer_grad and found.others, found.custom)
         engine.batch_norms = found.batch_norms
         engine.guarded = guarded

@@ -50,9 +50,11 @@ Structure = tuple[Any, tuple[Hashable, Hashable]]
 class Passed:
     """This very ``f`` passed a watch for sample mixing at a structure; ``plain``: no
     evaluation of it there has shown an op that ``SafeDerivatives`` changes, so the next
-    may run outside the mode (``torchdiv._exact.autograd.GraphJacobian.of_function``)."""
+    may run outside the mode (``torchdiv._exact.autograd.GraphJacobian.of_function``);
+    ``reverse``: ``torch.func``'s reverse mode ran it there (``torchdiv._exact.dispatch``)."""
 
     plain: bool = True
+    reverse: bool = True
 
 
 def passed_before(
@@ -82,12 +84,23 @@ def passed_before(
     return found
 
 
-def passed(f: Any, x: torch.Tensor, batch_dims: int, at: Structure | None = None) -> None:
+def passed(
+    f: Any,
+    x: torch.Tensor,
+    batch_dims: int,
+    at: Structure | None = None,
+    plain: bool = True,
+    reverse: bool = True,
+) -> None:
     """``f`` was watched at the structure of ``x`` (``at``, if made already) and did not mix
-    samples."""
+    samples; not ``plain``: its evaluation showed an op ``SafeDerivatives`` changes; not
+    ``reverse``: ``torch.func``'s reverse mode could not run it (``Passed``)."""
     at = at or structure(f, x, batch_dims)
-    if _PASSED.get(*at) is None:
-        _PASSED.put(*at, Passed())
+    found: Passed | None = _PASSED.get(*at)
+    if found is None:
+        _PASSED.put(*at, Passed(plain, reverse))
+    else:
+        found.plain, found.reverse = found.plain and plain, found.reverse and reverse
 
 
 def structure(f: Any, x: torch.Tensor, batch_dims: int) -> Structure:
