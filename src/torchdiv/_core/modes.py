@@ -582,7 +582,7 @@ class SafeDerivatives(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if func in _BATCH_NORMS:
+        if func in _BATCH_NORMS and not torch.compiler.is_compiling():
             _refuse_statistics_in_transforms(func, args, kwargs)
         entry = REPLACEMENTS.get(func)
         if (
@@ -638,7 +638,11 @@ def _refuse_statistics_in_transforms(func: Any, args: Any, kwargs: dict[str, Any
     transforms (``x`` or one computed from it): the transforms do not refuse that write, as
     they refuse others (``_written_below_transforms``), and forward mode then gave zeros
     (PyTorch 2.13). Raised as that refusal, which the public functions report as sample
-    mixing (``_api.reporting``; ``"auto"`` falls back to plain autograd)."""
+    mixing (``_api.reporting``; ``"auto"`` falls back to plain autograd). Not while Dynamo
+    traces (``__torch_function__``): it cannot trace ``is_functorch_wrapped_tensor``; the
+    graph broke inside the mode, ``f`` was compiled apart and plain autograd took that
+    graph's derivatives again without an error (a divergence's parameter gradient through a
+    batch norm by batch statistics 170% off). A traced write raises there (Dynamo's error)."""
     first = args[0] if args else kwargs.get("input")
     if not (isinstance(first, torch.Tensor) and is_functorch_wrapped_tensor(first)):
         return  # (no transform: the signature is not bound, which costs microseconds)
