@@ -16,6 +16,7 @@ import torch._dynamo
 from conftest import assert_close
 
 import torchdiv
+from torchdiv._exact.autograd import UndifferentiableBackward
 
 # Dynamo reads .grad of the non-leaf tensors it resumes with after a graph break (structured,
 # Taylor) behind a filter of its own, which pytest's "error" filter overrides
@@ -550,4 +551,35 @@ def test_parameter_gradients_through_a_batch_norm_by_batch_statistics(fullgraph)
     got = torch.autograd.grad(compiled(x), params, **options)
     expected = torch.autograd.grad(want, params, **options)
     for g, e in zip(got, expected, strict=True):
+        assert_close(g, e)
+
+
+@pytest.mark.filterwarnings("default")  # (Dynamo's warnings as users see them, not errors)
+def test_a_graph_break_in_f_refuses_the_parameter_gradients_auto_cannot_take():
+    """``f`` with a graph break in a compiled loss: Dynamo compiles ``f`` apart, and
+    ``"auto"``'s plain autograd takes its products through that compiled graph, whose
+    backward AOTAutograd cannot differentiate again. torchdiv's refusal of such a result's
+    gradients was traced by Dynamo and lost, and on a leaf of its own it was off the
+    parameters' path: ``autograd.grad(loss, params, allow_unused=True)`` gave gradients
+    0.5 off (of ~1), without an error. Now refused; ``method="reverse"`` (traced) is right."""
+    torch.manual_seed(0)
+    net = mlp(4, 4, 6)
+
+    def f(z):
+        h = net[0](z)
+        torch._dynamo.graph_break()
+        return net[1:](h)
+
+    x = torch.randn(3, 4, dtype=torch.float64)
+    params = list(net.parameters())
+    options = {"allow_unused": True, "materialize_grads": True}
+
+    def loss(x, method):
+        return torchdiv.divergence(f, x, method=method).square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager")
+    with pytest.raises(UndifferentiableBackward, match=r"torch\.compile'd graph"):
+        torch.autograd.grad(compiled(x, "auto"), params, **options)
+    got = torch.autograd.grad(compiled(x, "reverse"), params, **options)
+    for g, e in zip(got, torch.autograd.grad(loss(x, "reverse"), params, **options), strict=True):
         assert_close(g, e)

@@ -80,14 +80,19 @@ class _DifferentiableBackwards:
         for handle in self.handles:
             handle.remove()
 
-    def guarded(self, out: torch.Tensor, once: list[str]) -> torch.Tensor:
+    def guarded(self, out: torch.Tensor, once: list[str], y: torch.Tensor) -> torch.Tensor:
         """``out`` as it is, or, if a culprit was seen or ``once`` names the ``Function``s of
         the graph whose ``backward`` is ``@once_differentiable``, ``out`` whose backward pass
         raises ``UndifferentiableBackward``: its values are right, its gradients would not
-        be."""
-        if once:  # (a result left without a graph by the backward gets one that raises)
-            held = out if out.requires_grad else out.detach().requires_grad_(True)
-            return _Refused.apply(held, once_differentiable_error("gradients of this result", once))
+        be. A result left without a graph by such a backward gets one that raises, from the
+        tensors ``y``'s graph reaches that require grad (the parameters): on a leaf of its
+        own, ``autograd.grad(loss, params, allow_unused=True)`` never reached it and gave
+        zeros."""
+        if once:
+            reached = [] if out.requires_grad else _reached_leaves(y)
+            held = out if out.requires_grad or reached else out.detach().requires_grad_(True)
+            message = once_differentiable_error("gradients of this result", once)
+            return _refused(held, message, *reached)
         if not self.culprits:
             return out
         names = ", ".join(sorted(set(self.culprits)))
@@ -99,7 +104,23 @@ class _DifferentiableBackwards:
             "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) or no checkpoint, or "
             "make its backward differentiable"
         )
-        return _Refused.apply(out, message)
+        return _refused(out, message)
+
+
+@torch.compiler.disable
+def _refused(out: torch.Tensor, message: str, *reached: torch.Tensor) -> torch.Tensor:
+    """``out`` (on the graph of ``reached`` too) whose backward pass raises
+    ``UndifferentiableBackward(message)``; run eagerly where Dynamo traces the call: traced,
+    the ``Function``'s raising ``backward`` was lost (a compiled loss whose ``f`` breaks the
+    graph took parameter gradients through ``f``'s compiled graph twice: 0.5 off, no
+    error)."""
+    refused: torch.Tensor = _Refused.apply(out, message, *reached)
+    return refused
+
+
+def _reached_leaves(y: torch.Tensor) -> list[torch.Tensor]:
+    """The leaves requiring grad that ``y``'s graph reaches (its ``AccumulateGrad`` nodes')."""
+    return [node.variable for node, _ in _graph_edges(y) if hasattr(node, "variable")]
 
 
 def once_differentiable_error(what: str, names: list[str]) -> str:
@@ -111,7 +132,8 @@ def once_differentiable_error(what: str, names: list[str]) -> str:
             f"cannot differentiate again: {what} would silently miss its part (its backward "
             "returns constants), so they are refused. Use the function form (torchdiv."
             "divergence(model, x) with the compiled model: torchdiv traces the call), or "
-            "compute y with the uncompiled module"
+            "compute y with the uncompiled module; in a compiled loss whose f breaks the "
+            "graph (compiled apart), method='reverse' or 'forward', or f without the break"
         )
     return (
         f"torchdiv: f computes through the custom autograd.Function {', '.join(names)}, whose "
@@ -137,12 +159,12 @@ class _Refused(torch.autograd.Function):
     """The identity, whose backward raises ``UndifferentiableBackward`` with a message."""
 
     @staticmethod
-    def forward(ctx: Any, out: torch.Tensor, message: str) -> torch.Tensor:
+    def forward(ctx: Any, out: torch.Tensor, message: str, *reached: torch.Tensor) -> torch.Tensor:
         ctx.message = message
         return out.view_as(out)
 
     @staticmethod
-    def backward(ctx: Any, *grad_outputs: Any) -> tuple[None, None]:
+    def backward(ctx: Any, *grad_outputs: Any) -> tuple[None, ...]:
         raise UndifferentiableBackward(ctx.message)
 
 
@@ -290,7 +312,7 @@ class GraphJacobian:
                 out = self._vjps(cotangents)
         if out is None:  # y does not depend on x: the Jacobian is zero
             return self.x.new_zeros((cotangents.shape[0], *self.x.shape), dtype=self.y.dtype)
-        return self._peers.attach(watch.guarded(out, self._once))
+        return self._peers.attach(watch.guarded(out, self._once, self.y))
 
     def _vjps(self, cotangents: torch.Tensor) -> torch.Tensor | None:
         """The products, ``None`` if ``y`` does not depend on ``x``: one backward pass per
