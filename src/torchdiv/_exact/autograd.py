@@ -112,7 +112,7 @@ def _refused(out: torch.Tensor, message: str, *reached: torch.Tensor) -> torch.T
     """``out`` (on the graph of ``reached`` too) whose backward pass raises
     ``UndifferentiableBackward(message)``; run eagerly where Dynamo traces the call: traced,
     the ``Function``'s raising ``backward`` was lost (a compiled loss whose ``f`` breaks the
-    graph took parameter gradients through ``f``'s compiled graph twice: 0.5 off, no
+    graph took parameter gradients through ``f``'s compiled graph twice: 100% off, no
     error)."""
     refused: torch.Tensor = _Refused.apply(out, message, *reached)
     return refused
