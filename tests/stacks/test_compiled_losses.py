@@ -561,7 +561,8 @@ def test_a_graph_break_in_f_refuses_the_parameter_gradients_auto_cannot_take():
     backward AOTAutograd cannot differentiate again. torchdiv's refusal of such a result's
     gradients was traced by Dynamo and lost, and on a leaf of its own it was off the
     parameters' path: ``autograd.grad(loss, params, allow_unused=True)`` gave gradients
-    100% off (f's part missing), without an error. Now refused; ``method="reverse"`` (traced) is right."""
+    100% off (f's part missing), without an error. Now refused; ``method="reverse"``
+    (traced) is right."""
     torch.manual_seed(0)
     net = mlp(4, 4, 6)
 
