@@ -447,21 +447,27 @@ _STATEFUL_CALLS = {  # name: the call, its reference's probes (None: the exact d
 }
 
 
+@pytest.mark.parametrize("running", [False, True], ids=["stateless", "running-statistics"])
 @pytest.mark.parametrize("name", list(_STATEFUL_CALLS))
-def test_a_spectral_norm_before_a_train_mode_batch_norm_reads_its_state_once(name: str) -> None:
+def test_a_spectral_norm_before_a_train_mode_batch_norm_reads_its_state_once(
+    name: str, running: bool
+) -> None:
     """A spectral norm (train mode: one power iteration per forward, written in place and read
     at once) before a train-mode batch norm. The plain path made ``f`` again after an
     evaluation that moved the statistics, from the state that evaluation left: the result
     was ``f``'s one power iteration further (2e-6 off in float64 for ``"auto"``'s second
     call and the one-probe estimate's first); two-probe estimates' later calls, by
     ``torch.func`` unwatched, failed at the batch norm after the power iteration, which
-    nothing put back: the state moved twice per call. Reference: a copy of the net, one
-    forward per call, ``autograd.grad`` loops (float64)."""
+    nothing put back: the state moved twice per call. A batch norm without running
+    statistics (``stateless``) had every plain evaluation made again without a put-back (the
+    power iteration ran twice per such call), and ``"auto"``'s second call was plain after a
+    first by ``torch.func`` under the replacements. Reference: a copy of the net, one forward
+    per call, ``autograd.grad`` loops (float64)."""
     call, probes = _STATEFUL_CALLS[name]
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.utils.parametrizations.spectral_norm(nn.Linear(4, 6)),
-        nn.BatchNorm1d(6),
+        nn.BatchNorm1d(6, track_running_stats=running),
         nn.Tanh(),
         nn.Linear(6, 4),
     ).double()

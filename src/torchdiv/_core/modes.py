@@ -571,6 +571,8 @@ class SafeDerivatives(TorchFunctionMode):
         # tensors written below torch.func's transforms, with their values before: put back
         # if the evaluation fails (``_written_below_transforms``)
         self.written: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # whether a replacement ran: a plain evaluation of f would show the op it replaced
+        self.replaced = False
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         super().__exit__(kind, error, traceback)
@@ -596,6 +598,7 @@ class SafeDerivatives(TorchFunctionMode):
                 return self._written_below_transforms(func, args, kwargs, error)
         if entry.run is None:
             raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {self.way_out}")
+        self.replaced = True
         return entry.run(*args, **kwargs)
 
     def _written_below_transforms(

@@ -199,11 +199,6 @@ def _input_statistics(batch_norms: list[Any]) -> bool:
     return any(node._saved_training or node._saved_running_mean is None for node in batch_norms)
 
 
-def _moves_statistics(batch_norms: list[Any]) -> bool:
-    """Whether a batch norm of a plain evaluation moved its running statistics (train mode)."""
-    return any(n._saved_training and n._saved_running_mean is not None for n in batch_norms)
-
-
 # at most this many cotangents go by one backward pass each rather than one batched pass
 # (2-core CPU, D -> 64 -> 64 -> D tanh MLP, rows of a D = 2 event: 0.74-0.86x the time of the
 # batched pass at batch 256 and 4096; at D = 3-4 about even at batch 256)
@@ -272,13 +267,13 @@ class GraphJacobian:
         ``f`` then runs as it is: a watch that follows ``x``'s samples (``_core.mixing``)
         follows them into ``f``, which it cannot through a copy made here.
 
-        A plain evaluation that moved a train-mode batch norm's running statistics is made
-        again with what it wrote put back: before it, if ``changes`` (a watch's ``Changes``)
-        noted its writes, so that the evaluation again starts from the caller's state and
-        leaves it as one evaluation (a spectral norm's power iteration, which reads what it
-        wrote, runs once); else after it (``_written_once``). A safe evaluation that shows
-        a batch norm by its input's statistics (the mode's composite) is ``guarded`` too: a
-        plain one there would be made again.
+        A ``guarded`` plain evaluation is made again with what it wrote put back (a train-mode
+        batch norm's running statistics move once): before it, if ``changes`` (a watch's
+        ``Changes``) noted its writes, so that the evaluation again starts from the caller's
+        state and leaves it as one evaluation (a spectral norm's power iteration, which reads
+        what it wrote, runs once); else after it (``_written_once``: read one evaluation
+        further). A safe evaluation that shows a batch norm by its input's statistics (the
+        mode's composite) is ``guarded`` too: a plain one there would be made again.
         """
         outer_grad = torch.is_grad_enabled()
         y, x_in = _evaluated(f, x, contextlib.nullcontext(), safe=not plain, own=own)
@@ -287,10 +282,9 @@ class GraphJacobian:
         fused = found.fused and outer_grad and found.others
         if guarded or fused:  # (fused attention kernels have no double backward)
             attention = math_attention() if fused else contextlib.nullcontext()
-            moved = _moves_statistics(found.batch_norms)
-            if moved and changes is not None:
+            if guarded and changes is not None:
                 changes.undo_writes()
-            again = moved and changes is None
+            again = guarded and changes is None
             with _written_once(x) if again else contextlib.nullcontext():
                 y, x_in = _evaluated(f, x, attention, safe=True, own=own)
             found = search(y, x_in)
@@ -505,9 +499,9 @@ def _evaluated(
 
 @contextlib.contextmanager
 def _written_once(x: torch.Tensor) -> Iterator[None]:
-    """An evaluation of ``f`` again, after one that moved a train-mode batch norm's running
-    statistics: what it writes to tensors ``f`` did not make is put back afterwards
-    (``_state.Changes``), so that the statistics move once, as in one PyTorch forward."""
+    """An evaluation of ``f`` again, after a plain one that was not watched: what it writes to
+    tensors ``f`` did not make is put back afterwards (``_state.Changes``), so that they
+    change once (a train-mode batch norm's statistics), as in one PyTorch forward."""
     changes = Changes(x)
     with changes:
         yield

@@ -391,9 +391,9 @@ def _engines(
         if tiny:  # watched for sample mixing only: planned as every later call, not at all
             sizes = _plan.OpSizes(x.shape[:batch_dims])
             if watch:
-                passed(f, x, batch_dims, at)
+                passed(f, x, batch_dims, at, plain=not reverse.replaced)
         elif rows and watch and not sizes.convolves:  # later calls: rows (ROWS_PROBLEM)
-            passed(f, x, batch_dims, at)
+            passed(f, x, batch_dims, at, plain=not reverse.replaced)
     except Exception as error:
         if not _cannot_run(error):
             raise
