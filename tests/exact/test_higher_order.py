@@ -588,6 +588,38 @@ def test_instance_norm_keeps_pytorchs_size_check(method: str, given: str) -> Non
         torchdiv.laplacian(f, x, method=method)
 
 
+_INSTANCE_NORM_CALLS = {
+    **{
+        f"divergence {m}": lambda f, x, m=m: torchdiv.divergence(f, x, batch_dims=0, method=m)
+        for m in ("reverse", "forward")
+    },
+    **{
+        f"laplacian {m}": lambda f, x, m=m: torchdiv.laplacian(
+            lambda z: f(z).sum(), x, batch_dims=0, method=m
+        )
+        for m in ("forward-over-reverse", "grad-of-grad")
+    },
+}
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 1)], ids=["no positions", "one position"])
+@pytest.mark.parametrize("call", list(_INSTANCE_NORM_CALLS))
+def test_instance_norm_keeps_pytorchs_check_of_its_positions(call: str, shape) -> None:
+    """``F.instance_norm`` refuses an input with one position per ``(sample, channel)`` (a
+    ``(N, C)`` or ``(N, C, 1)`` one), but only after ``SafeDerivatives`` took the call: the
+    composite normalised a ``(N, C)`` input over all of it (samples mixed) and a
+    ``(N, C, 1)`` one to 0, where the parameters require grad (a trained layer before it).
+    PyTorch's error stays."""
+    lin = nn.Linear(1, 1).double()
+    x = torch.randn(*shape, dtype=f64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.instance_norm(lin(z[..., None])[..., 0]).tanh()
+
+    with pytest.raises(ValueError, match="Expected more than 1 spatial element when training"):
+        _INSTANCE_NORM_CALLS[call](f, x)
+
+
 @pytest.mark.parametrize("method", ["auto", "forward-over-reverse", "hessian", "grad-of-grad"])
 @pytest.mark.parametrize("wrong", ["normalized_shape", "weight", "bias"])
 def test_layer_norm_keeps_pytorchs_shape_checks(method: str, wrong: str) -> None:

@@ -748,8 +748,11 @@ def _instance_norm(
     """``F.instance_norm`` by mean and variance over each ``(sample, channel)``'s positions
     where it normalises by the input's statistics and keeps none; else the fused op (running
     statistics to update or to normalise by; a weight or bias not one per channel, which
-    PyTorch refuses and the composite would broadcast)."""
-    wrong = not _per_channel(a, weight, bias)
+    PyTorch refuses and the composite would broadcast; one position per ``(sample,
+    channel)``, which ``F.instance_norm`` refuses only after handing the call to this
+    replacement: the composite normalised a ``(N, C)`` input as one sample, a ``(N, C, 1)``
+    one to 0)."""
+    wrong = not _per_channel(a, weight, bias) or math.prod(a.shape[2:]) == 1
     if not use_input_stats or running_mean is not None or running_var is not None or wrong:
         options = (weight, bias, use_input_stats, momentum, eps)
         return torch.nn.functional.instance_norm(a, running_mean, running_var, *options)
