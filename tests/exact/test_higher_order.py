@@ -588,7 +588,7 @@ def test_instance_norm_keeps_pytorchs_size_check(method: str, given: str) -> Non
         torchdiv.laplacian(f, x, method=method)
 
 
-_INSTANCE_NORM_CALLS = {
+_NORM_CALLS = {
     **{
         f"divergence {m}": lambda f, x, m=m: torchdiv.divergence(f, x, batch_dims=0, method=m)
         for m in ("reverse", "forward")
@@ -603,7 +603,7 @@ _INSTANCE_NORM_CALLS = {
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (2, 3, 1)], ids=["no positions", "one position"])
-@pytest.mark.parametrize("call", list(_INSTANCE_NORM_CALLS))
+@pytest.mark.parametrize("call", list(_NORM_CALLS))
 def test_instance_norm_keeps_pytorchs_check_of_its_positions(call: str, shape) -> None:
     """``F.instance_norm`` refuses an input with one position per ``(sample, channel)`` (a
     ``(N, C)`` or ``(N, C, 1)`` one), but only after ``SafeDerivatives`` took the call: the
@@ -617,7 +617,22 @@ def test_instance_norm_keeps_pytorchs_check_of_its_positions(call: str, shape) -
         return nn.functional.instance_norm(lin(z[..., None])[..., 0]).tanh()
 
     with pytest.raises(ValueError, match="Expected more than 1 spatial element when training"):
-        _INSTANCE_NORM_CALLS[call](f, x)
+        _NORM_CALLS[call](f, x)
+
+
+@pytest.mark.parametrize("call", list(_NORM_CALLS))
+def test_group_norm_keeps_pytorchs_check_of_one_value(call: str) -> None:
+    """``F.group_norm`` refuses an input of one value in all (``(1, C, 1)`` in ``C``
+    groups), but only after ``SafeDerivatives`` (which replaces it in forward mode, run on a
+    contiguous copy) took the call: ``torch.group_norm`` normalised it to 0 (the forward
+    engine, forward over reverse). PyTorch's error stays."""
+    x = torch.randn(1, 2, 1, dtype=f64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.group_norm(z, 2).tanh()
+
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        _NORM_CALLS[call](f, x)
 
 
 @pytest.mark.parametrize("method", ["auto", "forward-over-reverse", "hessian", "grad-of-grad"])

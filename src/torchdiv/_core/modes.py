@@ -817,6 +817,15 @@ def _group_norm(a: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return torch.group_norm(a.contiguous(), *args, **kwargs)
 
 
+def _functional_group_norm(a: torch.Tensor, num_groups: int, *args: Any, **kwargs: Any) -> Any:
+    """``F.group_norm`` as ``_group_norm``, after the checks ``F.group_norm`` makes only once
+    ``SafeDerivatives`` has taken the call (fewer than 2 dimensions, one value in all:
+    ``torch.group_norm`` normalised that to 0 where PyTorch raises)."""
+    if a.dim() < 2 or a.shape[0] * a.shape[1] // num_groups * math.prod(a.shape[2:]) == 1:
+        return torch.nn.functional.group_norm(a, num_groups)  # (raises PyTorch's error)
+    return _group_norm(a, num_groups, *args, **kwargs)
+
+
 def _std(*args: Any, **kwargs: Any) -> torch.Tensor:
     """``torch.std`` (any overload) as the root of ``torch.var`` (same arguments), derivatives
     0 where the variance is 0, as PyTorch's first ones."""
@@ -1012,7 +1021,8 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((3, None), _prod, "", ("ProdBackward",), torch.prod, torch.Tensor.prod),
     # no nodes: the copy changes no value and no derivative, only what forward mode sees; an
     # evaluation outside the mode (the engines of backward passes) computed the same
-    **_table((1, None), _group_norm, "", (), torch.nn.functional.group_norm, torch.group_norm),
+    **_table((1, None), _group_norm, "", (), torch.group_norm),
+    **_table((1, None), _functional_group_norm, "", (), torch.nn.functional.group_norm),
     **_table((3, None), _linalg.vector_norm, "", _NORM, torch.linalg.vector_norm),
     **_table((3, None), _linalg.norm, "", _NORM, torch.norm),
     **_table((3, None), _linalg.tensor_norm, "", _NORM, torch.Tensor.norm),
