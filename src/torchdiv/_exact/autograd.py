@@ -107,7 +107,7 @@ class _DifferentiableBackwards:
         return _refused(out, message)
 
 
-@torch.compiler.disable
+@torch.compiler.disable(recursive=True)
 def _refused(out: torch.Tensor, message: str, *reached: torch.Tensor) -> torch.Tensor:
     """``out`` (on the graph of ``reached`` too) whose backward pass raises
     ``UndifferentiableBackward(message)``; run eagerly where Dynamo traces the call: traced,
