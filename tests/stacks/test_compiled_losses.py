@@ -521,8 +521,8 @@ def test_parameter_gradients_through_a_batch_norm_by_batch_statistics(fullgraph)
     norm called ``is_functorch_wrapped_tensor``, which Dynamo cannot trace; the graph broke
     inside the mode, Dynamo compiled ``f`` apart, and ``"auto"``'s plain autograd
     differentiated that compiled graph again without an error: the parameter gradient of
-    the divergence was 1.7 off (of ~1; fullgraph raised). Reference: ``autograd.grad``
-    loops through the net with its batch norm written in primitives (float64)."""
+    the divergence was 1.7 off (of 1.7: f's part missing; fullgraph raised). Reference:
+    ``autograd.grad`` loops through the net with its batch norm written in primitives (float64)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Linear(4, 6),

@@ -645,7 +645,8 @@ def _refuse_statistics_in_transforms(func: Any, args: Any, kwargs: dict[str, Any
     traces (``__torch_function__``): it cannot trace ``is_functorch_wrapped_tensor``; the
     graph broke inside the mode, ``f`` was compiled apart and plain autograd took that
     graph's derivatives again without an error (a divergence's parameter gradient through a
-    batch norm by batch statistics 170% off). A traced write raises there (Dynamo's error)."""
+    batch norm by batch statistics 100% off: f's part missing). A traced write raises there
+    (Dynamo's error)."""
     first = args[0] if args else kwargs.get("input")
     if not (isinstance(first, torch.Tensor) and is_functorch_wrapped_tensor(first)):
         return  # (no transform: the signature is not bound, which costs microseconds)
