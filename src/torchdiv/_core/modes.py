@@ -571,7 +571,7 @@ class SafeDerivatives(TorchFunctionMode):
         # tensors written below torch.func's transforms, with their values before: put back
         # if the evaluation fails (``_written_below_transforms``)
         self.written: list[tuple[torch.Tensor, torch.Tensor]] = []
-        # whether a replacement ran: a plain evaluation of f would show the op it replaced
+        # whether a replacement with nodes ran: a plain evaluation of f would show its op
         self.replaced = False
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
@@ -598,7 +598,7 @@ class SafeDerivatives(TorchFunctionMode):
                 return self._written_below_transforms(func, args, kwargs, error)
         if entry.run is None:
             raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {self.way_out}")
-        self.replaced = True
+        self.replaced = self.replaced or bool(entry.nodes)  # (no nodes: a plain one is right)
         return entry.run(*args, **kwargs)
 
     def _written_below_transforms(
