@@ -6,6 +6,8 @@ to ``x`` again. References: per-sample loops of ``torch.autograd.grad`` with ``c
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -426,6 +428,65 @@ def test_third_derivatives_through_a_batch_norm_by_its_input_statistics(
     torch.testing.assert_close(slope, central_difference(shifted_value), rtol=1e-7, atol=1e-9)
 
 
+_STATEFUL_CALLS = {  # name: the call, its reference's probes (None: the exact divergence)
+    "divergence auto": (lambda f, x: torchdiv.divergence(f, x, batch_dims=0), None),
+    "jacobian_diagonal auto": (
+        lambda f, x: torchdiv.jacobian_diagonal(f, x, batch_dims=0).sum(),
+        None,
+    ),
+    "hutchinson one probe": (
+        lambda f, x: torchdiv.divergence(
+            f, x, batch_dims=0, method="hutchinson", probes=_PROBES[:1]
+        ),
+        _PROBES[:1],
+    ),
+    "hutchinson two probes": (
+        lambda f, x: torchdiv.divergence(f, x, batch_dims=0, method="hutchinson", probes=_PROBES),
+        _PROBES,
+    ),
+}
+
+
+@pytest.mark.parametrize("running", [False, True], ids=["stateless", "running-statistics"])
+@pytest.mark.parametrize("name", list(_STATEFUL_CALLS))
+def test_a_spectral_norm_before_a_train_mode_batch_norm_reads_its_state_once(
+    name: str, running: bool
+) -> None:
+    """A spectral norm (train mode: one power iteration per forward, written in place and read
+    at once) before a train-mode batch norm. The plain path made ``f`` again after an
+    evaluation that moved the statistics, from the state that evaluation left: the result
+    was ``f``'s one power iteration further (2e-6 off in float64 for ``"auto"``'s second
+    call and the one-probe estimate's first); two-probe estimates' later calls, by
+    ``torch.func`` unwatched, failed at the batch norm after the power iteration, which
+    nothing put back: the state moved twice per call. A batch norm without running
+    statistics (``stateless``) had every plain evaluation made again without a put-back (the
+    power iteration ran twice per such call), and ``"auto"``'s second call was plain after a
+    first by ``torch.func`` under the replacements. Reference: a copy of the net, one forward
+    per call, ``autograd.grad`` loops (float64)."""
+    call, probes = _STATEFUL_CALLS[name]
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.utils.parametrizations.spectral_norm(nn.Linear(4, 6)),
+        nn.BatchNorm1d(6, track_running_stats=running),
+        nn.Tanh(),
+        nn.Linear(6, 4),
+    ).double()
+    twin = copy.deepcopy(net)
+    x = torch.randn(3, 4, dtype=f64)
+    for _ in range(3):  # (the first call at a site is watched, later ones are not)
+        got = call(net, x)
+        z = x.clone().requires_grad_()
+        if probes is None:
+            want = _whole_divergence(twin, z)
+        else:
+            y = twin(z)
+            grads = [torch.autograd.grad(y, z, v, retain_graph=True)[0] for v in probes]
+            want = sum((g * v).sum() for g, v in zip(grads, probes, strict=True)) / len(probes)
+        torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+        for key, expected in twin.state_dict().items():
+            torch.testing.assert_close(net.state_dict()[key], expected, rtol=0, atol=0, msg=key)
+
+
 _GATES = {  # name: (activation, it written by hand, the width its first layer feeds it)
     "hardsigmoid": (nn.Hardsigmoid(), lambda a: torch.clamp(a + 3, 0, 6) / 6, 8),
     "glu": (nn.GLU(), lambda a: a[:, :8] * torch.sigmoid(a[:, 8:]), 16),
@@ -525,6 +586,53 @@ def test_instance_norm_keeps_pytorchs_size_check(method: str, given: str) -> Non
 
     with pytest.raises(RuntimeError, match=f"{given} should contain 12 elements not 4"):
         torchdiv.laplacian(f, x, method=method)
+
+
+_NORM_CALLS = {
+    **{
+        f"divergence {m}": lambda f, x, m=m: torchdiv.divergence(f, x, batch_dims=0, method=m)
+        for m in ("reverse", "forward")
+    },
+    **{
+        f"laplacian {m}": lambda f, x, m=m: torchdiv.laplacian(
+            lambda z: f(z).sum(), x, batch_dims=0, method=m
+        )
+        for m in ("forward-over-reverse", "grad-of-grad")
+    },
+}
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 1)], ids=["no positions", "one position"])
+@pytest.mark.parametrize("call", list(_NORM_CALLS))
+def test_instance_norm_keeps_pytorchs_check_of_its_positions(call: str, shape) -> None:
+    """``F.instance_norm`` refuses an input with one position per ``(sample, channel)`` (a
+    ``(N, C)`` or ``(N, C, 1)`` one), but only after ``SafeDerivatives`` took the call: the
+    composite normalised a ``(N, C)`` input over all of it (samples mixed) and a
+    ``(N, C, 1)`` one to 0, where the parameters require grad (a trained layer before it).
+    PyTorch's error stays."""
+    lin = nn.Linear(1, 1).double()
+    x = torch.randn(*shape, dtype=f64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.instance_norm(lin(z[..., None])[..., 0]).tanh()
+
+    with pytest.raises(ValueError, match="Expected more than 1 spatial element when training"):
+        _NORM_CALLS[call](f, x)
+
+
+@pytest.mark.parametrize("call", list(_NORM_CALLS))
+def test_group_norm_keeps_pytorchs_check_of_one_value(call: str) -> None:
+    """``F.group_norm`` refuses an input of one value in all (``(1, C, 1)`` in ``C``
+    groups), but only after ``SafeDerivatives`` (which replaces it in forward mode, run on a
+    contiguous copy) took the call: ``torch.group_norm`` normalised it to 0 (the forward
+    engine, forward over reverse). PyTorch's error stays."""
+    x = torch.randn(1, 2, 1, dtype=f64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.group_norm(z, 2).tanh()
+
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        _NORM_CALLS[call](f, x)
 
 
 @pytest.mark.parametrize("method", ["auto", "forward-over-reverse", "hessian", "grad-of-grad"])

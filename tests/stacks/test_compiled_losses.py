@@ -16,6 +16,7 @@ import torch._dynamo
 from conftest import assert_close
 
 import torchdiv
+from torchdiv._exact.autograd import UndifferentiableBackward
 
 # Dynamo reads .grad of the non-leaf tensors it resumes with after a graph break (structured,
 # Taylor) behind a filter of its own, which pytest's "error" filter overrides
@@ -510,3 +511,76 @@ def test_a_lambda_over_a_lazy_module_in_a_compiled_loss_is_refused():
     assert len(lines) == 3 and lines[2] == "initialized ok", lines
     for line, method in zip(lines, ("reverse", "auto"), strict=False):
         assert line.startswith(f"{method} {refused}"), lines
+
+
+@pytest.mark.filterwarnings("default")  # (Dynamo's warnings as users see them, not errors)
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph breaks allowed", "fullgraph"])
+def test_parameter_gradients_through_a_batch_norm_by_batch_statistics(fullgraph):
+    """A batch norm by its input's statistics (no running statistics; the rows of ``x`` are one
+    sample's, ``batch_dims=0``) in a compiled loss: ``SafeDerivatives``' check of a batch
+    norm called ``is_functorch_wrapped_tensor``, which Dynamo cannot trace; the graph broke
+    inside the mode, Dynamo compiled ``f`` apart, and ``"auto"``'s plain autograd
+    differentiated that compiled graph again without an error: the parameter gradient of
+    the divergence was 1.7 off (of 1.7: f's part missing; fullgraph raised). Reference:
+    ``autograd.grad`` loops through the net with its batch norm written in primitives (float64)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 6),
+        torch.nn.BatchNorm1d(6, track_running_stats=False),
+        torch.nn.Tanh(),
+        torch.nn.Linear(6, 4),
+    ).double()
+    params = list(net.parameters())
+    x = torch.randn(3, 4, dtype=torch.float64)
+
+    def loss(x):
+        return torchdiv.divergence(net, x, batch_dims=0).square()
+
+    def composite(z):
+        h = net[0](z)
+        var, mean = torch.var_mean(h, 0, correction=0)
+        h = (h - mean) / torch.sqrt(var + net[1].eps) * net[1].weight + net[1].bias
+        return net[3](torch.tanh(h))
+
+    z = x.clone().requires_grad_()
+    y = composite(z).reshape(-1)
+    rows = [torch.autograd.grad(y[i], z, create_graph=True)[0].reshape(-1) for i in range(12)]
+    want = sum(row[i] for i, row in enumerate(rows)).square()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=fullgraph)
+    options = {"allow_unused": True, "materialize_grads": True}
+    got = torch.autograd.grad(compiled(x), params, **options)
+    expected = torch.autograd.grad(want, params, **options)
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e)
+
+
+@pytest.mark.filterwarnings("default")  # (Dynamo's warnings as users see them, not errors)
+def test_a_graph_break_in_f_refuses_the_parameter_gradients_auto_cannot_take():
+    """``f`` with a graph break in a compiled loss: Dynamo compiles ``f`` apart, and
+    ``"auto"``'s plain autograd takes its products through that compiled graph, whose
+    backward AOTAutograd cannot differentiate again. torchdiv's refusal of such a result's
+    gradients was traced by Dynamo and lost, and on a leaf of its own it was off the
+    parameters' path: ``autograd.grad(loss, params, allow_unused=True)`` gave gradients
+    100% off (f's part missing), without an error. Now refused; ``method="reverse"``
+    (traced) is right."""
+    torch.manual_seed(0)
+    net = mlp(4, 4, 6)
+
+    def f(z):
+        h = net[0](z)
+        torch._dynamo.graph_break()
+        return net[1:](h)
+
+    x = torch.randn(3, 4, dtype=torch.float64)
+    params = list(net.parameters())
+    options = {"allow_unused": True, "materialize_grads": True}
+
+    def loss(x, method):
+        return torchdiv.divergence(f, x, method=method).square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager")
+    with pytest.raises(UndifferentiableBackward, match=r"torch\.compile'd graph"):
+        torch.autograd.grad(compiled(x, "auto"), params, **options)
+    got = torch.autograd.grad(compiled(x, "reverse"), params, **options)
+    for g, e in zip(got, torch.autograd.grad(loss(x, "reverse"), params, **options), strict=True):
+        assert_close(g, e)

@@ -618,6 +618,8 @@ class SafeDerivatives(TorchFunctionMode):
         # tensors written below torch.func's transforms, with their values before: put back
         # if the evaluation fails (``_written_below_transforms``)
         self.written: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # whether a replacement with nodes ran: a plain evaluation of f would show its op
+        self.replaced = False
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         super().__exit__(kind, error, traceback)
@@ -629,7 +631,7 @@ class SafeDerivatives(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if func in _BATCH_NORMS:
+        if func in _BATCH_NORMS and not torch.compiler.is_compiling():
             _refuse_statistics_in_transforms(func, args, kwargs)
         entry = REPLACEMENTS.get(func)
         if (
@@ -643,6 +645,7 @@ class SafeDerivatives(TorchFunctionMode):
                 return self._written_below_transforms(func, args, kwargs, error)
         if entry.run is None:
             raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {self.way_out}")
+        self.replaced = self.replaced or bool(entry.nodes)  # (no nodes: a plain one is right)
         return entry.run(*args, **kwargs)
 
     def _written_below_transforms(
@@ -685,7 +688,12 @@ def _refuse_statistics_in_transforms(func: Any, args: Any, kwargs: dict[str, Any
     transforms (``x`` or one computed from it): the transforms do not refuse that write, as
     they refuse others (``_written_below_transforms``), and forward mode then gave zeros
     (PyTorch 2.13). Raised as that refusal, which the public functions report as sample
-    mixing (``_api.reporting``; ``"auto"`` falls back to plain autograd)."""
+    mixing (``_api.reporting``; ``"auto"`` falls back to plain autograd). Not while Dynamo
+    traces (``__torch_function__``): it cannot trace ``is_functorch_wrapped_tensor``; the
+    graph broke inside the mode, ``f`` was compiled apart and plain autograd took that
+    graph's derivatives again without an error (a divergence's parameter gradient through a
+    batch norm by batch statistics 100% off: f's part missing). A traced write raises there
+    (Dynamo's error)."""
     first = args[0] if args else kwargs.get("input")
     if not (isinstance(first, torch.Tensor) and is_functorch_wrapped_tensor(first)):
         return  # (no transform: the signature is not bound, which costs microseconds)
@@ -788,8 +796,11 @@ def _instance_norm(
     """``F.instance_norm`` by mean and variance over each ``(sample, channel)``'s positions
     where it normalises by the input's statistics and keeps none; else the fused op (running
     statistics to update or to normalise by; a weight or bias not one per channel, which
-    PyTorch refuses and the composite would broadcast)."""
-    wrong = not _per_channel(a, weight, bias)
+    PyTorch refuses and the composite would broadcast; one position per ``(sample,
+    channel)``, which ``F.instance_norm`` refuses only after handing the call to this
+    replacement: the composite normalised a ``(N, C)`` input as one sample, a ``(N, C, 1)``
+    one to 0)."""
+    wrong = not _per_channel(a, weight, bias) or math.prod(a.shape[2:]) == 1
     if not use_input_stats or running_mean is not None or running_var is not None or wrong:
         options = (weight, bias, use_input_stats, momentum, eps)
         return torch.nn.functional.instance_norm(a, running_mean, running_var, *options)
@@ -852,6 +863,15 @@ def _group_norm(a: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     one ("view size is not compatible"; diffusers' attention blocks hand their output on as
     a transposed view). The same values and derivatives."""
     return torch.group_norm(a.contiguous(), *args, **kwargs)
+
+
+def _functional_group_norm(a: torch.Tensor, num_groups: int, *args: Any, **kwargs: Any) -> Any:
+    """``F.group_norm`` as ``_group_norm``, after the checks ``F.group_norm`` makes only once
+    ``SafeDerivatives`` has taken the call (fewer than 2 dimensions, one value in all:
+    ``torch.group_norm`` normalised that to 0 where PyTorch raises)."""
+    if a.dim() < 2 or a.shape[0] * a.shape[1] // num_groups * math.prod(a.shape[2:]) == 1:
+        return torch.nn.functional.group_norm(a, num_groups)  # (raises PyTorch's error)
+    return _group_norm(a, num_groups, *args, **kwargs)
 
 
 def _std(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -1049,7 +1069,8 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((3, None), _prod, "", ("ProdBackward",), torch.prod, torch.Tensor.prod),
     # no nodes: the copy changes no value and no derivative, only what forward mode sees; an
     # evaluation outside the mode (the engines of backward passes) computed the same
-    **_table((1, None), _group_norm, "", (), torch.nn.functional.group_norm, torch.group_norm),
+    **_table((1, None), _group_norm, "", (), torch.group_norm),
+    **_table((1, None), _functional_group_norm, "", (), torch.nn.functional.group_norm),
     **_table((3, None), _linalg.vector_norm, "", _NORM, torch.linalg.vector_norm),
     **_table((3, None), _linalg.norm, "", _NORM, torch.norm),
     **_table((3, None), _linalg.tensor_norm, "", _NORM, torch.Tensor.norm),

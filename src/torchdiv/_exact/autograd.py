@@ -80,14 +80,19 @@ class _DifferentiableBackwards:
         for handle in self.handles:
             handle.remove()
 
-    def guarded(self, out: torch.Tensor, once: list[str]) -> torch.Tensor:
+    def guarded(self, out: torch.Tensor, once: list[str], y: torch.Tensor) -> torch.Tensor:
         """``out`` as it is, or, if a culprit was seen or ``once`` names the ``Function``s of
         the graph whose ``backward`` is ``@once_differentiable``, ``out`` whose backward pass
         raises ``UndifferentiableBackward``: its values are right, its gradients would not
-        be."""
-        if once:  # (a result left without a graph by the backward gets one that raises)
-            held = out if out.requires_grad else out.detach().requires_grad_(True)
-            return _Refused.apply(held, once_differentiable_error("gradients of this result", once))
+        be. A result left without a graph by such a backward gets one that raises, from the
+        tensors ``y``'s graph reaches that require grad (the parameters): on a leaf of its
+        own, ``autograd.grad(loss, params, allow_unused=True)`` never reached it and gave
+        zeros."""
+        if once:
+            reached = [] if out.requires_grad else _reached_leaves(y)
+            held = out if out.requires_grad or reached else out.detach().requires_grad_(True)
+            message = once_differentiable_error("gradients of this result", once)
+            return _refused(held, message, *reached)
         if not self.culprits:
             return out
         names = ", ".join(sorted(set(self.culprits)))
@@ -99,7 +104,23 @@ class _DifferentiableBackwards:
             "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) or no checkpoint, or "
             "make its backward differentiable"
         )
-        return _Refused.apply(out, message)
+        return _refused(out, message)
+
+
+@torch.compiler.disable(recursive=True)
+def _refused(out: torch.Tensor, message: str, *reached: torch.Tensor) -> torch.Tensor:
+    """``out`` (on the graph of ``reached`` too) whose backward pass raises
+    ``UndifferentiableBackward(message)``; run eagerly where Dynamo traces the call: traced,
+    the ``Function``'s raising ``backward`` was lost (a compiled loss whose ``f`` breaks the
+    graph took parameter gradients through ``f``'s compiled graph twice: 100% off, no
+    error)."""
+    refused: torch.Tensor = _Refused.apply(out, message, *reached)
+    return refused
+
+
+def _reached_leaves(y: torch.Tensor) -> list[torch.Tensor]:
+    """The leaves requiring grad that ``y``'s graph reaches (its ``AccumulateGrad`` nodes')."""
+    return [node.variable for node, _ in _graph_edges(y) if hasattr(node, "variable")]
 
 
 def once_differentiable_error(what: str, names: list[str]) -> str:
@@ -111,7 +132,8 @@ def once_differentiable_error(what: str, names: list[str]) -> str:
             f"cannot differentiate again: {what} would silently miss its part (its backward "
             "returns constants), so they are refused. Use the function form (torchdiv."
             "divergence(model, x) with the compiled model: torchdiv traces the call), or "
-            "compute y with the uncompiled module"
+            "compute y with the uncompiled module; in a compiled loss whose f breaks the "
+            "graph (compiled apart), method='reverse' or 'forward', or f without the break"
         )
     return (
         f"torchdiv: f computes through the custom autograd.Function {', '.join(names)}, whose "
@@ -137,12 +159,12 @@ class _Refused(torch.autograd.Function):
     """The identity, whose backward raises ``UndifferentiableBackward`` with a message."""
 
     @staticmethod
-    def forward(ctx: Any, out: torch.Tensor, message: str) -> torch.Tensor:
+    def forward(ctx: Any, out: torch.Tensor, message: str, *reached: torch.Tensor) -> torch.Tensor:
         ctx.message = message
         return out.view_as(out)
 
     @staticmethod
-    def backward(ctx: Any, *grad_outputs: Any) -> tuple[None, None]:
+    def backward(ctx: Any, *grad_outputs: Any) -> tuple[None, ...]:
         raise UndifferentiableBackward(ctx.message)
 
 
@@ -175,11 +197,6 @@ def _input_statistics(batch_norms: list[Any]) -> bool:
     if not batch_norms or _BATCH_NORM not in changed_nodes(*backward_passes_order()):
         return False
     return any(node._saved_training or node._saved_running_mean is None for node in batch_norms)
-
-
-def _moves_statistics(batch_norms: list[Any]) -> bool:
-    """Whether a batch norm of a plain evaluation moved its running statistics (train mode)."""
-    return any(n._saved_training and n._saved_running_mean is not None for n in batch_norms)
 
 
 # at most this many cotangents go by one backward pass each rather than one batched pass
@@ -218,7 +235,7 @@ class GraphJacobian:
         self._walked = False
         self._batches = True  # False once a batched pass raised that it cannot batch y's graph
         self.batch_norms: list[Any] | None = None  # the graph's, if of_function walked it
-        self.guarded = False  # of_function's plain evaluation showed an op SafeDerivatives changes
+        self.guarded = False  # of_function: a plain evaluation shows (would) an op the mode changes
 
     @classmethod
     def of_function(
@@ -228,6 +245,7 @@ class GraphJacobian:
         batch_dims: int,
         plain: bool = False,
         own: bool = False,
+        changes: Changes | None = None,
     ) -> GraphJacobian:
         """Evaluate ``y = f(x)`` with a graph; keep results differentiable only where needed.
 
@@ -248,6 +266,14 @@ class GraphJacobian:
         ``own``: ``x`` is the caller's leaf copy (``leaf``), made for this evaluation, on which
         ``f`` then runs as it is: a watch that follows ``x``'s samples (``_core.mixing``)
         follows them into ``f``, which it cannot through a copy made here.
+
+        A ``guarded`` plain evaluation is made again with what it wrote put back (a train-mode
+        batch norm's running statistics move once): before it, if ``changes`` (a watch's
+        ``Changes``) noted its writes, so that the evaluation again starts from the caller's
+        state and leaves it as one evaluation (a spectral norm's power iteration, which reads
+        what it wrote, runs once); else after it (``_written_once``: read one evaluation
+        further). A safe evaluation that shows a batch norm by its input's statistics (the
+        mode's composite) is ``guarded`` too: a plain one there would be made again.
         """
         outer_grad = torch.is_grad_enabled()
         y, x_in = _evaluated(f, x, contextlib.nullcontext(), safe=not plain, own=own)
@@ -256,10 +282,14 @@ class GraphJacobian:
         fused = found.fused and outer_grad and found.others
         if guarded or fused:  # (fused attention kernels have no double backward)
             attention = math_attention() if fused else contextlib.nullcontext()
-            moved = _moves_statistics(found.batch_norms)
-            with _written_once(x) if moved else contextlib.nullcontext():
+            if guarded and changes is not None:
+                changes.undo_writes()
+            again = guarded and changes is None
+            with _written_once(x) if again else contextlib.nullcontext():
                 y, x_in = _evaluated(f, x, attention, safe=True, own=own)
             found = search(y, x_in)
+        elif not plain:
+            guarded = _input_statistics(found.batch_norms)
         engine = cls(y, x_in, batch_dims, outer_grad and found.others, found.custom)
         engine.batch_norms = found.batch_norms
         engine.guarded = guarded
@@ -276,7 +306,7 @@ class GraphJacobian:
                 out = self._vjps(cotangents)
         if out is None:  # y does not depend on x: the Jacobian is zero
             return self.x.new_zeros((cotangents.shape[0], *self.x.shape), dtype=self.y.dtype)
-        return self._peers.attach(watch.guarded(out, self._once))
+        return self._peers.attach(watch.guarded(out, self._once, self.y))
 
     def _vjps(self, cotangents: torch.Tensor) -> torch.Tensor | None:
         """The products, ``None`` if ``y`` does not depend on ``x``: one backward pass per
@@ -469,9 +499,9 @@ def _evaluated(
 
 @contextlib.contextmanager
 def _written_once(x: torch.Tensor) -> Iterator[None]:
-    """An evaluation of ``f`` again, after one that moved a train-mode batch norm's running
-    statistics: what it writes to tensors ``f`` did not make is put back afterwards
-    (``_state.Changes``), so that the statistics move once, as in one PyTorch forward."""
+    """An evaluation of ``f`` again, after a plain one that was not watched: what it writes to
+    tensors ``f`` did not make is put back afterwards (``_state.Changes``), so that they
+    change once (a train-mode batch norm's statistics), as in one PyTorch forward."""
     changes = Changes(x)
     with changes:
         yield

@@ -347,7 +347,10 @@ def _engines(
     without a convolution (CPU convolution backward is the slower side). If ``torch.func``
     cannot evaluate ``f``, the plain-autograd engine's evaluation is watched instead, on a
     leaf copy of ``x`` made before the watch starts (``leaf``), so that the watch follows
-    the samples into ``f``.
+    the samples into ``f``; a tiny problem then starts there at its later calls
+    (``Passed.reverse``): their unwatched evaluation by ``torch.func`` would fail again, after
+    ``f`` changed its state (a spectral norm's power iteration before a train-mode batch
+    norm's refused write), which nothing could put back.
     """
     num_inputs = event_numel(x, batch_dims)
     tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
@@ -369,6 +372,16 @@ def _engines(
     def rerun() -> tuple[Engine, _plan.OpSizes]:
         return RerunJacobian(again, x, batch_dims), planned[-1]
 
+    def graph() -> tuple[Engine, _plan.OpSizes]:
+        built = watched_graph(again, x, batch_dims)
+        if tiny:  # (a batch norm by batch statistics: plain autograd would evaluate twice)
+            plain, decide = not built[0].guarded, built[1].values_decide
+            passed(f, x, batch_dims, at, plain, reverse=False, values_decide=decide)
+        planned.append(built[1])
+        return built
+
+    if tiny and seen is not None and not seen.reverse:  # (unwatched, it could not put back)
+        return [graph, rerun]
     try:
         watch = not compiling and (
             not tiny or not (seen is not None and (x.dim() > batch_dims or _mixing.allowed()))
@@ -377,7 +390,8 @@ def _engines(
             lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch, changes
         )
         if watch and (tiny or (rows and not sizes.convolves)):  # later calls: unwatched
-            passed(f, x, batch_dims, at, sizes.values_decide)
+            decide = sizes.values_decide
+            passed(f, x, batch_dims, at, plain=not reverse.replaced, values_decide=decide)
         if tiny:  # watched for sample mixing only: planned as every later call, not at all
             sizes = _plan.OpSizes(x.shape[:batch_dims])
     except Exception as error:
@@ -386,14 +400,6 @@ def _engines(
         mixing = "captured Tensor" in str(error) and recorded_mixing(f, x, batch_dims)
         if mixing:  # a train-mode batch norm: raised before plain autograd updates it
             raise BatchInteractionError(mixing) from None
-
-        def graph() -> tuple[Engine, _plan.OpSizes]:
-            built = watched_graph(again, x, batch_dims)
-            if tiny:
-                passed(f, x, batch_dims, at, built[1].values_decide)
-            planned.append(built[1])
-            return built
-
         return [graph, rerun]
     planned.append(sizes)
     engines: list[Build] = [
@@ -479,8 +485,12 @@ def watched_graph(
     (``leaf``), so that the watch follows the samples into ``f``."""
     z = leaf(x)
     own = z is not x
+    changes = _state.Changes(z) if plain else None  # (a plain evaluation made again: its writes)
     return watched_engine(
-        lambda: GraphJacobian.of_function(f, z, batch_dims, plain, own=own), z, batch_dims
+        lambda: GraphJacobian.of_function(f, z, batch_dims, plain, own, changes),
+        z,
+        batch_dims,
+        changes=changes,
     )
 
 

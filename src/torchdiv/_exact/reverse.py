@@ -27,9 +27,11 @@ class ReverseJacobian:
         # cdist: the batched pullback is wrong; fused attention: no double backward
         transforming()  # (f may set module attributes to the transform's tensors)
         order, forward_mode = backward_passes_order()  # (the caller's grad mode)
-        with math_attention(), SafeDerivatives(order, "method='forward'", forward_mode):
+        safe = SafeDerivatives(order, "method='forward'", forward_mode)
+        with math_attention(), safe:
             # torch types vjp's result as a 2- or 3-tuple (has_aux); without aux it is 2
             y_and_pullback = vjp(f, x)
+        self.replaced = safe.replaced  # (a plain evaluation would be made again: Passed.plain)
         self.y: torch.Tensor = y_and_pullback[0]
         self._pullback: Callable[[torch.Tensor], tuple[torch.Tensor]] = y_and_pullback[1]
         self.x, self.batch_dims = x, batch_dims

@@ -194,7 +194,7 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
         at = mixing.structure(f, x, batch_dims)
     _LOOPS.put(site, mixing.shape_key(at), plan)
     _LOOPING_SITES.put(site, None, True)
-    mixing.passed(f, x, batch_dims, at, graph.values_decide)  # recording watched it
+    mixing.passed(f, x, batch_dims, at, values_decide=graph.values_decide)  # recording watched it
     return plan
 
 

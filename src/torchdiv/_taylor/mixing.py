@@ -50,9 +50,11 @@ Structure = tuple[Any, tuple[Hashable, Hashable]]
 class Passed:
     """This very ``f`` passed a watch for sample mixing at a structure; ``plain``: no
     evaluation of it there has shown an op that ``SafeDerivatives`` changes, so the next
-    may run outside the mode (``torchdiv._exact.autograd.GraphJacobian.of_function``)."""
+    may run outside the mode (``torchdiv._exact.autograd.GraphJacobian.of_function``);
+    ``reverse``: ``torch.func``'s reverse mode ran it there (``torchdiv._exact.dispatch``)."""
 
     plain: bool = True
+    reverse: bool = True
 
 
 def passed_before(
@@ -90,17 +92,22 @@ def passed(
     x: torch.Tensor,
     batch_dims: int,
     at: Structure | None = None,
+    plain: bool = True,
+    reverse: bool = True,
     values_decide: bool = True,
 ) -> None:
     """``f`` was watched at the structure of ``x`` (``at``, if made already) and did not mix
-    samples; unless values could have decided what it did there (``values_decide``:
-    ``torchdiv._core.mixing.decides``), for any values of the floating tensors it holds
-    (``Held``)."""
+    samples; not ``plain``: its evaluation showed an op ``SafeDerivatives`` changes; not
+    ``reverse``: ``torch.func``'s reverse mode could not run it (``Passed``). Unless values
+    could have decided what it did there (``values_decide``:
+    ``torchdiv._core.mixing.decides``), this holds for any values of the floating tensors it
+    holds (``Held``)."""
     at = at or structure(f, x, batch_dims)
-    found = _PASSED.get(*at)
+    found: Passed | None = _PASSED.get(*at)
     if found is None:
-        found = Passed()
+        found = Passed(plain, reverse)
         _PASSED.put(*at, found)
+    found.plain, found.reverse = found.plain and plain, found.reverse and reverse
     loose = None if values_decide else _loose(at)
     if loose is not None and _PASSED.get(*loose) is None:
         _PASSED.put(*loose, found)
