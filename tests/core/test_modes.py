@@ -124,6 +124,9 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "torch.Tensor.prelu": lambda: x.prelu(torch.full((30,), 0.2)),
         "torch.nn.functional.hardsigmoid": lambda: torch.nn.functional.hardsigmoid(x),
         "torch.nn.functional.glu": lambda: torch.nn.functional.glu(x),
+        "torch.nn.functional.celu": lambda: torch.nn.functional.celu(x, 0.1),
+        "torch.celu": lambda: torch.celu(x),
+        "torch.celu_": lambda: torch.celu_(2 * x),
     }
     names = {entry.name for entry in REPLACEMENTS.values()}
     assert names <= set(calls), names - set(calls)
@@ -147,6 +150,7 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "EuclideanDistBackward",
         "CopysignBackward",
         "PreluKernelBackward",
+        "CeluBackward",
     }
     assert set(changed_nodes(1, False)) == reverse_first_order
 
