@@ -462,6 +462,59 @@ class WrongDerivatives(NotImplementedError):
     equivalent here that is right (the public function names itself in front)."""
 
 
+# torch.special's functions that have no derivative in PyTorch (2.13) at all: autograd returns
+# their output as a constant (no grad_fn) and torch.func's transforms as one without tangents,
+# so every engine of PyTorch derivatives would give 0 through them, silently
+UNDERIVABLE_NAMES = (
+    "airy_ai",
+    "bessel_j0",
+    "bessel_j1",
+    "bessel_y0",
+    "bessel_y1",
+    "modified_bessel_i0",
+    "modified_bessel_i1",
+    "modified_bessel_k0",
+    "modified_bessel_k1",
+    "scaled_modified_bessel_k0",
+    "scaled_modified_bessel_k1",
+    "spherical_bessel_j0",
+    *(f"{p}chebyshev_polynomial_{k}" for p in ("", "shifted_") for k in "tuvw"),
+    "hermite_polynomial_h",
+    "hermite_polynomial_he",
+    "laguerre_polynomial_l",
+    "legendre_polynomial_p",
+)
+_UNDERIVABLE = {getattr(torch.special, name): name for name in UNDERIVABLE_NAMES}
+# their ATen overloads, as a dispatch mode sees them
+UNDERIVABLE_OPS = {
+    getattr(packet, overload): name
+    for name in UNDERIVABLE_NAMES
+    for packet in [getattr(torch.ops.aten, f"special_{name}")]
+    for overload in packet.overloads()
+}
+
+
+def refuse_underivable(name: str | None, differentiated: bool) -> None:
+    """Raise ``WrongDerivatives`` where ``f`` applies ``torch.special.<name>``, one of
+    ``UNDERIVABLE_NAMES`` (``None``: another op), to a tensor being ``differentiated``."""
+    if name is not None and differentiated:
+        raise WrongDerivatives(
+            f"torch.special.{name} in f has no derivative in PyTorch (autograd takes its output "
+            "for a constant), so every derivative through it would be 0; write it from "
+            "differentiable ops (spherical_bessel_j0(r) = sin(r) / r; Chebyshev polynomials "
+            "as cos(n acos t) or by their recurrence)"
+        )
+
+
+def _differentiated(args: Any) -> bool:
+    """Whether a tensor among ``args`` requires grad or carries a ``torch.func`` transform's
+    tangents or batch (a wrapped tensor)."""
+    return any(
+        isinstance(a, torch.Tensor) and (a.requires_grad or is_functorch_wrapped_tensor(a))
+        for a in tree_leaves(args)
+    )
+
+
 @dataclass(frozen=True)
 class Replacement:
     """What ``SafeDerivatives`` does with an op whose PyTorch derivatives are wrong: run
@@ -562,6 +615,10 @@ class SafeDerivatives(TorchFunctionMode):
       were off by ~1e-8 relative in every engine of PyTorch's derivatives (1.5e-8 at
       TorchANI's ``alpha = 0.1``: its Laplacians by forward over reverse, divergences and
       Jacobians by both modes); replaced by ``elu(a, alpha, 1, 1 / alpha)`` from order 1.
+    - The ``torch.special`` functions of ``UNDERIVABLE_NAMES`` have no derivative at all
+      (autograd returns their output as a constant: every engine gave 0 through them):
+      refused (``refuse_underivable``) at any order where an argument is being differentiated;
+      ``Watching`` refuses them too, for the engines that evaluate ``f`` outside this mode.
     - ``group_norm``: its forward-mode formula views the input, which fails on a transposed
       view (an attention block's output in diffusers' U-Nets): run on a contiguous copy.
 
@@ -589,6 +646,8 @@ class SafeDerivatives(TorchFunctionMode):
         if func in _BATCH_NORMS:
             _refuse_statistics_in_transforms(func, args, kwargs)
         entry = REPLACEMENTS.get(func)
+        if entry is None and func in _UNDERIVABLE:
+            refuse_underivable(_UNDERIVABLE[func], _differentiated((args, kwargs)))
         if (
             entry is None
             or not entry.applies(self.order, self.forward_mode)
