@@ -88,6 +88,7 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "torch.Tensor.orgqr": lambda: x.orgqr(x[:, 0]),
         "torch.cdist": lambda: torch.cdist(x, x),  # 30 points: the Euclidean path
         "torch.cdist, 5 points": lambda: torch.cdist(x[:, :5], x[:, :5]),
+        "torch.pdist": lambda: torch.pdist(x[0]),
         "torch.linalg.slogdet": lambda: torch.linalg.slogdet(spd)[1],
         "torch.slogdet": lambda: torch.slogdet(spd)[1],
         "torch.Tensor.slogdet": lambda: spd.slogdet()[1],

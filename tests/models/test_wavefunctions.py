@@ -222,3 +222,40 @@ def test_psiformer_energy_gradient_matches_central_differences():
             return _local_energy(model, r).detach().mean()
 
     assert _relative(slope, central_difference(moved, H)) < RTOL
+
+
+class PadeJastrow(nn.Module):
+    """``log J = Σ_{i<j} a r_ij / (1 + b r_ij)`` over each configuration's electron pairs,
+    with ``torch.pdist`` per configuration (``pairs``) or from differences (the reference)."""
+
+    def __init__(self, pairs: bool):
+        super().__init__()
+        self.pairs = pairs
+        self.a, self.b = nn.Parameter(torch.tensor(0.5)), nn.Parameter(torch.tensor(0.8))
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        if self.pairs:
+            d = torch.stack([torch.pdist(config) for config in r.unbind(0)])
+        else:
+            i, j = torch.triu_indices(r.shape[1], r.shape[1], 1)
+            d = (r[:, i] - r[:, j]).square().sum(-1).sqrt()
+        return (self.a * d / (1 + self.b * d)).sum(-1)
+
+
+@pytest.mark.parametrize(
+    "method", ["auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad"]
+)
+def test_a_jastrow_over_pdist_in_every_method(method):
+    """``torch.pdist`` has no forward-mode derivative and no double backward in PyTorch: every
+    method raised (``"grad-of-grad"``: "the derivative for '_pdist_backward' is not
+    implemented"). Now the Laplacian and its parameter gradients match the same factor
+    from differences."""
+    model, reference = PadeJastrow(pairs=True).double(), PadeJastrow(pairs=False).double()
+    r = torch.randn(3, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    lap = torchdiv.laplacian(model, r, method=method)
+    want = laplacian_by_grad_of_grad(reference, r)
+    assert _relative(lap, want) < 1e-12
+    got = torch.autograd.grad(lap.sum(), list(model.parameters()))
+    expected = torch.autograd.grad(want.sum(), list(reference.parameters()))
+    for a, b in zip(got, expected, strict=True):
+        assert _relative(a, b) < 1e-12

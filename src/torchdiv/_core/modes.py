@@ -577,6 +577,11 @@ class SafeDerivatives(TorchFunctionMode):
       zero distance (``cdist(r, r)``'s diagonal). Replaced by ``_cdist`` from order 1: every
       engine and the Taylor engine's recording run ``f`` at least under ``SafeDerivatives(1)``.
 
+    - ``pdist``: no forward-mode derivative and no double backward (``_pdist_backward``):
+      every engine but the loop's first order raised (a Jastrow factor over
+      ``torch.pdist(r_b)``). Replaced by ``_pdist`` (differences and norms), from order 1
+      through forward mode and order 2 by backward passes.
+
     - ``logcumsumexp``: its third derivative by reverse mode is ``nan`` (its backward takes
       logarithms of the incoming gradient's positive and negative parts); Laplacian values
       right, their gradients ``nan`` by the grad-of-grad loop. Its forward-mode formula
@@ -762,6 +767,16 @@ def _cdist(
         mode = {} if compute_mode is None else {"compute_mode": compute_mode}
         return torch.cdist(x1, x2, p, **mode)  # (raises PyTorch's error)
     return _linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), p, -1)
+
+
+def _pdist(a: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """``torch.pdist`` from differences: ``||a_i - a_j||_p`` for ``i < j`` in row order, as
+    ``_cdist`` computes distances (every derivative 0 at zero distance, PyTorch's first-order
+    convention). PyTorch's op where it refuses the call (not a matrix, a negative ``p``)."""
+    if a.dim() != 2 or not p >= 0:
+        return torch.pdist(a, p)  # (raises PyTorch's error)
+    i, j = torch.triu_indices(len(a), len(a), 1, device=a.device)
+    return _linalg.vector_norm(a[i] - a[j], p, -1)
 
 
 def _normalized(a: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
@@ -1105,6 +1120,7 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((1, 1), _prelu, "", AT_KINKS, torch.prelu, torch.Tensor.prelu),
     **_table((2, None), _cumprod, "", ("CumprodBackward",), torch.cumprod, torch.Tensor.cumprod),
     **_table((1, 1), _cdist, "", ("CdistBackward", "EuclideanDistBackward"), torch.cdist),
+    **_table((1, 2), _pdist, "", ("PdistBackward",), torch.pdist),
     **_table(
         (2, None),
         _linalg.slogdet,
