@@ -3,11 +3,13 @@ in which overlapping calls (threads) end."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
+import torchdiv
 from torchdiv._core.modes import CompiledCodeEager, _Held, math_attention
 
 
@@ -86,6 +88,7 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "torch.Tensor.orgqr": lambda: x.orgqr(x[:, 0]),
         "torch.cdist": lambda: torch.cdist(x, x),  # 30 points: the Euclidean path
         "torch.cdist, 5 points": lambda: torch.cdist(x[:, :5], x[:, :5]),
+        "torch.pdist": lambda: torch.pdist(x[0]),
         "torch.linalg.slogdet": lambda: torch.linalg.slogdet(spd)[1],
         "torch.slogdet": lambda: torch.slogdet(spd)[1],
         "torch.Tensor.slogdet": lambda: spd.slogdet()[1],
@@ -124,6 +127,9 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "torch.Tensor.prelu": lambda: x.prelu(torch.full((30,), 0.2)),
         "torch.nn.functional.hardsigmoid": lambda: torch.nn.functional.hardsigmoid(x),
         "torch.nn.functional.glu": lambda: torch.nn.functional.glu(x),
+        "torch.nn.functional.celu": lambda: torch.nn.functional.celu(x, 0.1),
+        "torch.celu": lambda: torch.celu(x),
+        "torch.celu_": lambda: torch.celu_(2 * x),
     }
     names = {entry.name for entry in REPLACEMENTS.values()}
     assert names <= set(calls), names - set(calls)
@@ -147,6 +153,7 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "EuclideanDistBackward",
         "CopysignBackward",
         "PreluKernelBackward",
+        "CeluBackward",
     }
     assert set(changed_nodes(1, False)) == reverse_first_order
 
@@ -235,3 +242,56 @@ def test_a_callable_whose_getattr_raises_another_error_is_not_taken_for_compiled
     )
     with pytest.raises(ValueError, match="f writes into its input"):  # an error's context too
         torchdiv.divergence(_Proxy(lambda z: z.mul_(2)), x)  # type: ignore[arg-type]
+
+
+def test_every_torch_special_op_without_a_derivative_is_listed():
+    """The ``torch.special`` functions whose output PyTorch leaves without a ``grad_fn`` for an
+    input that requires grad are exactly ``UNDERIVABLE_NAMES`` (a new one must be added)."""
+    from torchdiv._core.modes import UNDERIVABLE_NAMES
+
+    z = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    underivable = set()
+    for name in dir(torch.special):
+        fn = getattr(torch.special, name)
+        if name.startswith("_") or not callable(fn):
+            continue
+        for args in ((z,), (z, 3), (z, z)):
+            try:
+                out = fn(*args)
+            except (TypeError, RuntimeError, IndexError, ValueError):
+                continue
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and not out.requires_grad:
+                underivable.add(name)
+            break
+    assert underivable == set(UNDERIVABLE_NAMES)
+
+
+@pytest.mark.parametrize("name", ["bessel_j0", "spherical_bessel_j0", "chebyshev_polynomial_t"])
+def test_ops_pytorch_cannot_differentiate_are_refused_in_every_engine(name):
+    """PyTorch returns their output as a constant: every engine of PyTorch derivatives gave 0
+    through them (the Laplacian of ``bessel_j0(x).sum(-1)``: 0 by every method, ``"auto"``
+    too). Now each refuses, naming the op; a use on a constant (a table of values) is fine."""
+    op = getattr(torch.special, name)
+    special = (lambda z: op(z, 3)) if "polynomial" in name else op
+    field = lambda x: special(x) + x  # noqa: E731
+    energy = lambda x: special(x).sum(-1)  # noqa: E731
+    message = f"torch.special.{name} in f has no derivative in PyTorch"
+    for samples in (4, 3000):  # a tiny problem (plain autograd) and a planned one
+        x = torch.rand(samples, 3, dtype=torch.float64)
+        calls = [
+            *(functools.partial(torchdiv.divergence, field, x, method=m) for m in EXACT),
+            *(functools.partial(torchdiv.laplacian, energy, x, method=m) for m in NESTED),
+            functools.partial(torchdiv.jacobian, field, x[:4]),
+            functools.partial(torchdiv.value_grad_laplacian, energy, x),
+            functools.partial(torchdiv.divergence, field, x, method="hutchinson", num_probes=2),
+        ]
+        for call in calls:
+            with pytest.raises(NotImplementedError, match=message):
+                call()
+    table = special(torch.linspace(0, 1, 3, dtype=torch.float64))
+    x = torch.rand(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(torchdiv.divergence(lambda x: x * table, x), table.sum().expand(4))
+
+
+EXACT = ("auto", "forward", "reverse")
+NESTED = ("auto", "forward-over-reverse", "hessian", "grad-of-grad")

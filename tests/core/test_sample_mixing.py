@@ -1088,10 +1088,12 @@ def _pooled(pool, z: torch.Tensor) -> torch.Tensor:
 
 
 F = nn.functional
+# pdist, or the differences SafeDerivatives computes it from (the engines run f under it)
+PDIST = r"pairwise distances across samples|samples moved by an indexing op \(aten\.index\.Tensor\)"
 UNKNOWN = {  # f of z (B, D), D >= 3: an op no table knows combines samples -> what is named
     "dist": (lambda z: z * torch.dist(z, z.sin(), 3), r"dist of a tensor holding samples"),
     "renorm over the batch": (lambda z: torch.renorm(z, 2, 1, 0.5), r"a renorm, a norm over"),
-    "pdist": (lambda z: z * torch.pdist(z).sum(), r"pairwise distances across samples"),
+    "pdist": (lambda z: z * torch.pdist(z).sum(), PDIST),
     "nuclear norm": (
         lambda z: z * torch.linalg.matrix_norm(z, "nuc"),
         r"_linalg_svd of matrices whose rows",
@@ -1569,7 +1571,7 @@ HIDDEN = {  # f of z (B, D): mixing the watch did not follow (every watched meth
     ),
     "pdist of an odd number of samples": (
         lambda z: torch.cat([z[:5] * torch.pdist(z[:5])[:5, None], z[5:]]),
-        r"pairwise distances across samples",
+        PDIST,
     ),
     "cdist(x, x) reduced over its second dimension": (
         lambda z: z * torch.cdist(z, z, p=1).sum(1, keepdim=True),

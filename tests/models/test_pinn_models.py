@@ -1,7 +1,10 @@
 """PINN networks as their papers write them, through ``laplacian``: SIREN, random Fourier
-features, the gated "modified MLP", a hard boundary factor with ``prod``, a Chebyshev-KAN
-layer with ``acos``, and a transformer encoder (trainable, and frozen in eval mode, where
-PyTorch takes its fused fast path).
+features, the gated "modified MLP", PirateNet's gated residual blocks, a hard boundary factor
+with ``prod``, a Chebyshev-KAN layer with ``acos``, an efficient-kan B-spline KAN layer (knot
+comparisons cast to the dtype), and a transformer encoder (trainable, and frozen in eval
+mode, where PyTorch takes its fused fast path); and the second-order operators (the Laplacian
+over space only of ``u(x, y, t)``, ``value_grad_laplacian``, ``weighted_laplacian``,
+``biharmonic``) on the first five, against grad-of-grad loops.
 
 For each, in float64: ``"auto"`` runs ``"taylor"`` (its fallback is disabled), values match a
 grad-of-grad loop and central finite differences, and the gradient of the Laplacian with
@@ -87,6 +90,69 @@ class ModifiedMLP(nn.Module):
         return self.out(h)
 
 
+class PirateNet(nn.Module):
+    """Wang, Sankaran et al. 2024 (PirateNets): random Fourier features ``[cos B x, sin B x]``
+    (``B`` a buffer), gates ``U``, ``V`` of them, and residual blocks of three gated layers,
+    ``f = tanh(W1 h)``, ``z1 = f U + (1 - f) V``, ... , ``h <- a tanh(W3 z2) + (1 - a) h``
+    with a trainable ``a`` (0 at initialisation: the net starts as its embedding)."""
+
+    def __init__(self, d_in: int, features: int, blocks: int = 2, alpha: float = 0.3):
+        super().__init__()
+        width = 2 * features
+        self.register_buffer("B", torch.randn(d_in, features))
+        self.u, self.v = nn.Linear(width, width), nn.Linear(width, width)
+        self.layers = nn.ModuleList(
+            nn.ModuleList(nn.Linear(width, width) for _ in range(3)) for _ in range(blocks)
+        )
+        self.alpha = nn.Parameter(torch.full((blocks,), alpha))
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([torch.cos(x @ self.B), torch.sin(x @ self.B)], -1)
+        u, v = torch.tanh(self.u(h)), torch.tanh(self.v(h))
+        for (first, second, third), a in zip(self.layers, self.alpha, strict=True):
+            f = torch.tanh(first(h))
+            z = f * u + (1 - f) * v
+            g = torch.tanh(second(z))
+            z = g * u + (1 - g) * v
+            h = a * torch.tanh(third(z)) + (1 - a) * h
+        return self.out(h)
+
+
+class BSplineKAN(nn.Module):
+    """A Kolmogorov-Arnold layer as efficient-kan writes it (Liu et al. 2024): a uniform knot
+    grid (a buffer, extended by ``order`` knots each side), cubic B-spline bases by the
+    Cox-de Boor recursion from the indicator ``(x >= g_i) & (x < g_{i+1})`` cast to the dtype,
+    and ``y = W_base silu(x) + (W_spline * scaler) . B(x)``."""
+
+    def __init__(self, d_in: int, d_out: int, grid: int = 5, order: int = 3):
+        super().__init__()
+        self.order = order
+        h = 2 / grid  # the grid spans [-1, 1]
+        knots = torch.arange(-order, grid + order + 1) * h - 1
+        self.register_buffer("grid", knots.expand(d_in, -1).contiguous())
+        self.base_weight = nn.Parameter(torch.randn(d_out, d_in) / math.sqrt(d_in))
+        self.spline_weight = nn.Parameter(0.3 * torch.randn(d_out, d_in, grid + order))
+        self.spline_scaler = nn.Parameter(1 + 0.1 * torch.randn(d_out, d_in))
+
+    def bases(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, in) -> (N, in, grid + order)``."""
+        g, x = self.grid, x.unsqueeze(-1)
+        b = ((x >= g[:, :-1]) & (x < g[:, 1:])).to(x.dtype)
+        for k in range(1, self.order + 1):
+            left = (x - g[:, : -(k + 1)]) / (g[:, k:-1] - g[:, : -(k + 1)]) * b[:, :, :-1]
+            right = (g[:, k + 1 :] - x) / (g[:, k + 1 :] - g[:, 1:-k]) * b[:, :, 1:]
+            b = left + right
+        return b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, x = x.shape, x.reshape(-1, self.grid.shape[0])
+        weight = self.spline_weight * self.spline_scaler.unsqueeze(-1)
+        spline = self.bases(x).reshape(len(x), -1) @ weight.reshape(len(weight), -1).T
+        out = nn.functional.linear(nn.functional.silu(x), self.base_weight) + spline
+        return out.reshape(*shape[:-1], -1)
+
+
 class HardBoundary(nn.Module):
     """``u(x) = prod_i x_i (1 - x_i) * net(x)``: zero on the boundary of the unit cube by
     construction (Lagaris et al. 1998; Lu et al. 2021)."""
@@ -142,6 +208,8 @@ MODELS = {
     "siren": lambda: Siren(D, 8),
     "fourier_features": lambda: FourierFeatures(D, 4, 8),
     "modified_mlp": lambda: ModifiedMLP(D, 8),
+    "pirate_net": lambda: PirateNet(D, 4),
+    "bspline_kan": lambda: nn.Sequential(BSplineKAN(D, 4), BSplineKAN(4, 1)),
     "hard_boundary": lambda: HardBoundary(_tanh_net(D)),
     "cheby_kan": lambda: nn.Sequential(ChebyKAN(D, 4, 4), nn.LayerNorm(4), ChebyKAN(4, 1, 3)),
     "transformer": lambda: TokenTransformer(D),
@@ -247,3 +315,87 @@ def test_frozen_eval_transformer_leaves_the_fast_path_and_is_exact(taylor_only):
     assert torch.backends.mha.get_fastpath_enabled()
     torch.testing.assert_close(torchdiv.laplacian(model, x), taylor)
     torch.testing.assert_close(taylor, _loop_laplacian(model, x), rtol=1e-10, atol=1e-10)
+
+
+def _loop_hessian(u, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``u(x)``, its gradient and Hessian per sample by grad-of-grad loops, differentiable
+    (``x`` itself is used where it already requires grad: the biharmonic's outer loop)."""
+    x = x if x.requires_grad else x.detach().requires_grad_(True)
+    y = u(x).reshape(len(x))
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    rows = [torch.autograd.grad(g[:, j].sum(), x, create_graph=True)[0] for j in range(D)]
+    return y, g, torch.stack(rows, 1)
+
+
+def _trace(hessian: torch.Tensor, coordinates=range(D)) -> torch.Tensor:
+    return sum(hessian[:, j, j] for j in coordinates).reshape(-1, 1)
+
+
+def _value_gradient_laplacian(y, g, hessian) -> torch.Tensor:
+    """``value_grad_laplacian``'s three, side by side: ``(N, 1 + D + 1)``."""
+    return torch.cat([y[:, None], g, _trace(hessian)], 1)
+
+
+torch.manual_seed(3)
+_DIFFUSION = torch.randn(D, D, dtype=f64)
+_DIFFUSION = _DIFFUSION + _DIFFUSION.T  # symmetric, indefinite: both signs' Laplacians
+_SIGMA = torch.randn(D, 2, dtype=f64)
+
+# (operator(u, x, method), reference(u, x), methods): on (x, y, t) inputs, Δ over space only
+SECOND_ORDER = {
+    "space_laplacian": (
+        lambda u, x, m: torchdiv.laplacian(u, x, method=m, coordinates=[0, 1]),
+        lambda u, x: _trace(_loop_hessian(u, x)[2], [0, 1]),
+        ("auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad"),
+    ),
+    "value_grad_laplacian": (
+        lambda u, x, m: torch.cat(
+            [part.flatten(1) for part in torchdiv.value_grad_laplacian(u, x, method=m)], 1
+        ),
+        lambda u, x: _value_gradient_laplacian(*_loop_hessian(u, x)),
+        ("auto", "taylor", "forward-over-reverse"),
+    ),
+    "weighted_laplacian": (
+        lambda u, x, m: torchdiv.weighted_laplacian(u, x, diffusion=_DIFFUSION, method=m),
+        lambda u, x: (_DIFFUSION * _loop_hessian(u, x)[2]).sum((1, 2)).reshape(-1, 1),
+        ("auto", "taylor", "forward-over-reverse"),
+    ),
+    "weighted_laplacian_sigma": (
+        lambda u, x, m: torchdiv.weighted_laplacian(u, x, sigma=_SIGMA, method=m),
+        lambda u, x: ((_SIGMA @ _SIGMA.T) * _loop_hessian(u, x)[2]).sum((1, 2)).reshape(-1, 1),
+        ("auto", "taylor", "forward-over-reverse"),
+    ),
+    "biharmonic": (
+        lambda u, x, m: torchdiv.biharmonic(u, x, method=m),
+        lambda u, x: _trace(_loop_hessian(lambda z: _trace(_loop_hessian(u, z)[2]), x)[2]),
+        ("auto", "taylor", "forward-over-reverse"),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "operator",
+    [pytest.param(k, marks=[pytest.mark.slow] if k == "biharmonic" else []) for k in SECOND_ORDER],
+)
+@pytest.mark.parametrize(
+    "name", ["siren", "fourier_features", "modified_mlp", "pirate_net", "bspline_kan"]
+)
+def test_second_order_operators_and_their_parameter_gradients(name, operator):
+    """Every method of the second-order operators against grad-of-grad loops: values within
+    1e-10 and the gradients of ``Σ c·value`` with respect to every parameter within 1e-8 (up
+    to fifth derivatives for the biharmonic's)."""
+    run, reference, methods = SECOND_ORDER[operator]
+    model = _model(name)
+    x = _points(model)
+    params = list(model.parameters())
+    want = reference(model, x)
+    scale = want.abs().max().item()
+    c = torch.linspace(-1, 1, want.numel(), dtype=f64).reshape(want.shape)
+    expected = torch.autograd.grad((c * want).sum(), params, materialize_grads=True)
+    for method in methods:
+        got = run(model, x, method)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * scale, msg=method)
+        grads = torch.autograd.grad((c * got).sum(), params, materialize_grads=True)
+        for key, a, b in zip(dict(model.named_parameters()), grads, expected, strict=True):
+            tol = 1e-8 * b.abs().max().item()
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=tol, msg=f"{method} {key}")

@@ -45,7 +45,7 @@ from torchdiv._core.checks import (
     out_of_memory,
 )
 from torchdiv._core.mixing import check_empty_event, checks_empty_event
-from torchdiv._core.modes import eager_when, outside_inference_mode
+from torchdiv._core.modes import SafeDerivatives, eager_when, outside_inference_mode
 from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace
 from torchdiv._exact.state import Once
@@ -447,10 +447,12 @@ def _separately(
     ``g``'s buffers and random draws change once.
     ``g(x)`` is evaluated on an alias (``g``'s own ``x.requires_grad_()`` leaves the caller's
     ``x``) with grad on, as the other two evaluate it (a score's ``autograd.grad`` inside),
-    and kept without a graph under the caller's ``no_grad``."""
+    and kept without a graph under the caller's ``no_grad``, under ``SafeDerivatives`` as the
+    loop evaluates it: the value's parameter gradients (a VMC loss's) were PyTorch's, whose
+    ``celu`` derivative is float32-rounded."""
     each = each or Once(x)
     outer = torch.is_grad_enabled()
-    with torch.enable_grad():
+    with torch.enable_grad(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
         value = each(g)(argument(x))
     value = value if outer else value.detach()
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)

@@ -99,7 +99,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from torchdiv._core.checks import _shape
-from torchdiv._core.modes import DispatchMode
+from torchdiv._core.modes import UNDERIVABLE_OPS, DispatchMode, refuse_underivable
 from torchdiv._core.walk import BATCH_NORM_NODES, nodes
 
 aten = torch.ops.aten
@@ -603,6 +603,12 @@ class Watching(DispatchMode):
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         if self.tracker is None:
             return func(*args, **kwargs)
+        # an op PyTorch cannot differentiate, on the way from x (the engines of plain
+        # autograd evaluate f outside SafeDerivatives and would find no trace of it)
+        underivable = UNDERIVABLE_OPS.get(func)
+        if underivable is not None:
+            grad = torch.is_grad_enabled()
+            refuse_underivable(underivable, grad and any(_requires_grad(a) for a in args))
         carry = self.tracker.before(func, args, kwargs)
         out = func(*args, **kwargs)
         self.tracker.after(carry, args, out)
@@ -611,6 +617,10 @@ class Watching(DispatchMode):
     def __exit__(self, *exc: Any) -> None:
         self.tracker = None  # let go of the tensors it tracked
         super().__exit__(*exc)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+
+
+def _requires_grad(a: Any) -> bool:
+    return isinstance(a, torch.Tensor) and a.requires_grad
 
 
 def check_empty_event(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) -> None:

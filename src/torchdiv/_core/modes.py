@@ -509,6 +509,59 @@ class WrongDerivatives(NotImplementedError):
     equivalent here that is right (the public function names itself in front)."""
 
 
+# torch.special's functions that have no derivative in PyTorch (2.13) at all: autograd returns
+# their output as a constant (no grad_fn) and torch.func's transforms as one without tangents,
+# so every engine of PyTorch derivatives would give 0 through them, silently
+UNDERIVABLE_NAMES = (
+    "airy_ai",
+    "bessel_j0",
+    "bessel_j1",
+    "bessel_y0",
+    "bessel_y1",
+    "modified_bessel_i0",
+    "modified_bessel_i1",
+    "modified_bessel_k0",
+    "modified_bessel_k1",
+    "scaled_modified_bessel_k0",
+    "scaled_modified_bessel_k1",
+    "spherical_bessel_j0",
+    *(f"{p}chebyshev_polynomial_{k}" for p in ("", "shifted_") for k in "tuvw"),
+    "hermite_polynomial_h",
+    "hermite_polynomial_he",
+    "laguerre_polynomial_l",
+    "legendre_polynomial_p",
+)
+_UNDERIVABLE = {getattr(torch.special, name): name for name in UNDERIVABLE_NAMES}
+# their ATen overloads, as a dispatch mode sees them
+UNDERIVABLE_OPS = {
+    getattr(packet, overload): name
+    for name in UNDERIVABLE_NAMES
+    for packet in [getattr(torch.ops.aten, f"special_{name}")]
+    for overload in packet.overloads()
+}
+
+
+def refuse_underivable(name: str | None, differentiated: bool) -> None:
+    """Raise ``WrongDerivatives`` where ``f`` applies ``torch.special.<name>``, one of
+    ``UNDERIVABLE_NAMES`` (``None``: another op), to a tensor being ``differentiated``."""
+    if name is not None and differentiated:
+        raise WrongDerivatives(
+            f"torch.special.{name} in f has no derivative in PyTorch (autograd takes its output "
+            "for a constant), so every derivative through it would be 0; write it from "
+            "differentiable ops (spherical_bessel_j0(r) = sin(r) / r; Chebyshev polynomials "
+            "as cos(n acos t) or by their recurrence)"
+        )
+
+
+def _differentiated(args: Any) -> bool:
+    """Whether a tensor among ``args`` requires grad or carries a ``torch.func`` transform's
+    tangents or batch (a wrapped tensor)."""
+    return any(
+        isinstance(a, torch.Tensor) and (a.requires_grad or is_functorch_wrapped_tensor(a))
+        for a in tree_leaves(args)
+    )
+
+
 @dataclass(frozen=True)
 class Replacement:
     """What ``SafeDerivatives`` does with an op whose PyTorch derivatives are wrong: run
@@ -571,6 +624,11 @@ class SafeDerivatives(TorchFunctionMode):
       zero distance (``cdist(r, r)``'s diagonal). Replaced by ``_cdist`` from order 1: every
       engine and the Taylor engine's recording run ``f`` at least under ``SafeDerivatives(1)``.
 
+    - ``pdist``: no forward-mode derivative and no double backward (``_pdist_backward``):
+      every engine but the loop's first order raised (a Jastrow factor over
+      ``torch.pdist(r_b)``). Replaced by ``_pdist`` (differences and norms), from order 1
+      through forward mode and order 2 by backward passes.
+
     - ``logcumsumexp``: its third derivative by reverse mode is ``nan`` (its backward takes
       logarithms of the incoming gradient's positive and negative parts); Laplacian values
       right, their gradients ``nan`` by the grad-of-grad loop. Its forward-mode formula
@@ -605,6 +663,14 @@ class SafeDerivatives(TorchFunctionMode):
       rounded to float32; ``glu``: its forward-mode formula (``glu_jvp``) has none (the
       forward engine's parameter gradients, the nested Laplacians). Replaced by
       ``hardtanh(a + 3, 0, 6) / 6`` and ``a1 * sigmoid(a2)`` from order 2.
+    - ``celu``: its derivatives take ``1 / alpha`` rounded to float32, so in float64 they
+      were off by ~1e-8 relative in every engine of PyTorch's derivatives (1.5e-8 at
+      TorchANI's ``alpha = 0.1``: its Laplacians by forward over reverse, divergences and
+      Jacobians by both modes); replaced by ``elu(a, alpha, 1, 1 / alpha)`` from order 1.
+    - The ``torch.special`` functions of ``UNDERIVABLE_NAMES`` have no derivative at all
+      (autograd returns their output as a constant: every engine gave 0 through them):
+      refused (``refuse_underivable``) at any order where an argument is being differentiated;
+      ``Watching`` refuses them too, for the engines that evaluate ``f`` outside this mode.
     - ``group_norm``: its forward-mode formula views the input, which fails on a transposed
       view (an attention block's output in diffusers' U-Nets): run on a contiguous copy.
 
@@ -634,6 +700,8 @@ class SafeDerivatives(TorchFunctionMode):
         if func in _BATCH_NORMS and not torch.compiler.is_compiling():
             _refuse_statistics_in_transforms(func, args, kwargs)
         entry = REPLACEMENTS.get(func)
+        if entry is None and func in _UNDERIVABLE:
+            refuse_underivable(_UNDERIVABLE[func], _differentiated((args, kwargs)))
         if (
             entry is None
             or not entry.applies(self.order, self.forward_mode)
@@ -754,6 +822,16 @@ def _cdist(
         mode = {} if compute_mode is None else {"compute_mode": compute_mode}
         return torch.cdist(x1, x2, p, **mode)  # (raises PyTorch's error)
     return _linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), p, -1)
+
+
+def _pdist(a: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """``torch.pdist`` from differences: ``||a_i - a_j||_p`` for ``i < j`` in row order, as
+    ``_cdist`` computes distances (every derivative 0 at zero distance, PyTorch's first-order
+    convention). PyTorch's op where it refuses the call (not a matrix, a negative ``p``)."""
+    if a.dim() != 2 or not p >= 0:
+        return torch.pdist(a, p)  # (raises PyTorch's error)
+    i, j = torch.triu_indices(len(a), len(a), 1, device=a.device)
+    return _linalg.vector_norm(a[i] - a[j], p, -1)
 
 
 def _normalized(a: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
@@ -922,6 +1000,23 @@ def _hardsigmoid(a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return a.copy_(out) if inplace else out
 
 
+def _celu(a: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.Tensor:
+    """``F.celu``: ``elu(a, alpha, 1, 1 / alpha)``, the op PyTorch's ``celu`` computes, with
+    the reciprocal in double precision; PyTorch's derivatives of ``celu`` round it to float32
+    (``1.0/alpha.toFloat()``), so in float64 every derivative was off by that rounding (1.5e-8
+    relative at TorchANI's ``alpha = 0.1``), those of ``elu`` are right at every order.
+    PyTorch's own op at ``alpha = 0`` (raises its error)."""
+    if alpha == 0:
+        return torch.celu(a, alpha)
+    out = torch.ops.aten.elu(a, alpha, 1.0, 1.0 / alpha)
+    return a.copy_(out) if inplace else out
+
+
+def _celu_(a: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``torch.celu_``: ``_celu`` in place."""
+    return _celu(a, alpha, inplace=True)
+
+
 def _glu(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``F.glu``: the first half of ``a`` along ``dim`` times the sigmoid of the second;
     PyTorch's forward-mode formula (``glu_jvp``) has no derivative. PyTorch's own op where it
@@ -1040,6 +1135,8 @@ def _name(func: Any) -> str:
 # the nodes of the replacements whose PyTorch derivatives differ only at a kink (an exact 0):
 # a graph the caller built with them is not refused (``_api.graph``)
 AT_KINKS = ("PreluKernelBackward",)
+# ... and those whose PyTorch derivatives are off by a float32 rounding only (in float64)
+ROUNDED = ("CeluBackward",)
 _SLOGDET = ("LinalgSlogdetBackward",)  # logdet too
 _SOLVE = ("LinalgSolveExBackward",)  # solve, solve_ex, tensorsolve
 _EIGHN = ("LinalgEighBackward",)  # eigh and eigvalsh
@@ -1085,10 +1182,13 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((3, None), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
     **_table((2, 2), _hardsigmoid, "", ("HardsigmoidBackward",), torch.nn.functional.hardsigmoid),
     **_table((2, None), _glu, "", ("GluBackward",), torch.nn.functional.glu),
+    **_table((1, 1), _celu, "", ROUNDED, torch.nn.functional.celu, torch.celu),
+    **_table((1, 1), _celu_, "", ROUNDED, torch.celu_),
     **_table((1, 1), _copysign, "", ("CopysignBackward",), torch.copysign, torch.Tensor.copysign),
     **_table((1, 1), _prelu, "", AT_KINKS, torch.prelu, torch.Tensor.prelu),
     **_table((2, None), _cumprod, "", ("CumprodBackward",), torch.cumprod, torch.Tensor.cumprod),
     **_table((1, 1), _cdist, "", ("CdistBackward", "EuclideanDistBackward"), torch.cdist),
+    **_table((1, 2), _pdist, "", ("PdistBackward",), torch.pdist),
     **_table(
         (2, None),
         _linalg.slogdet,
