@@ -74,7 +74,7 @@ def passed_before(
         >>> passed_before(net, x, 1)
         >>> passed(net, x, 1)
         >>> passed_before(net, x, 1), passed_before(net, x[:3], 1)
-        (Passed(plain=True), None)
+        (Passed(plain=True, reverse=True), None)
     """
     at = at or structure(f, x, batch_dims)
     found: Passed | None = _PASSED.get(*at)
