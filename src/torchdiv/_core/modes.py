@@ -670,7 +670,8 @@ class SafeDerivatives(TorchFunctionMode):
     - The ``torch.special`` functions of ``UNDERIVABLE_NAMES`` have no derivative at all
       (autograd returns their output as a constant: every engine gave 0 through them):
       refused (``refuse_underivable``) at any order where an argument is being differentiated;
-      ``Watching`` refuses them too, for the engines that evaluate ``f`` outside this mode.
+      ``Watching`` refuses them too, for the engines that evaluate ``f`` outside this mode,
+      and so does the recorder of the structured and Taylor engines (``capture``).
     - ``group_norm``: its forward-mode formula views the input, which fails on a transposed
       view (an attention block's output in diffusers' U-Nets): run on a contiguous copy.
 

@@ -29,7 +29,13 @@ from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.overrides import TorchFunctionMode
 
 from torchdiv._core.mixing import VALUE_FREE, BatchAxes, BatchInteractionError, tracker
-from torchdiv._core.modes import DispatchMode, SafeDerivatives, math_attention
+from torchdiv._core.modes import (
+    UNDERIVABLE_OPS,
+    DispatchMode,
+    SafeDerivatives,
+    math_attention,
+    refuse_underivable,
+)
 from torchdiv._taylor.tree import leaves, map_leaves
 
 aten = torch.ops.aten
@@ -151,6 +157,9 @@ class _Recorder(DispatchMode):
         self.alive: list[Any] = [x]  # keeps ids unique while recording
         self.mutated = False
         self.task = torch._C._current_graph_task_id()  # a backward pass f is called from
+        # the first op without any derivative in PyTorch (``UNDERIVABLE_OPS``) that f applied
+        # to a tensor being differentiated: its output is a constant, a recording cannot tell
+        self.underivable: str | None = None
         # by storage: the recorded calls that read it (node, tensor id), and whether a view of
         # it was made or it was written before; writes to x's storage are refused
         self.readers: dict[int, list[tuple[int, int]]] = {}
@@ -192,6 +201,9 @@ class _Recorder(DispatchMode):
         reads_x = touches_x and func not in VALUE_FREE  # stop-gradient, factories
         depends = reads_x and torch.is_grad_enabled()
         self.refuse(func, touches_x)
+        if func in UNDERIVABLE_OPS and self.underivable is None:
+            grads = touches_x or any(isinstance(a, torch.Tensor) and a.requires_grad for a in flat)
+            self.underivable = UNDERIVABLE_OPS[func] if grads else None
         self.untracked(flat)
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
             # recorded as the ops it decomposes into; watched as itself, as the other
@@ -559,6 +571,9 @@ def capture(
     outer_grad = torch.is_grad_enabled()
     with recording(), recorder, _InPlaceDetach(recorder):
         y = f(z)
+    if recorder.underivable is not None:
+        recorder.graph.undo()  # (as for sample mixing, below)
+        refuse_underivable(recorder.underivable, True)
     if recorder.axes is not None:
         try:
             recorder.axes.finish(y)
