@@ -1875,6 +1875,10 @@ _DECIDING = {  # each z * z where the time is 0, a mix of samples where it is 1
     "read out": lambda t: lambda z: z.roll(int(t.item()), 0) ** 2,
     "index cast": lambda t: lambda z: z[(torch.arange(len(z)) + t.long()) % len(z)] ** 2,
     "index compared": lambda t: lambda z: z[(torch.arange(len(z)) + (t > 0.5)) % len(z)] ** 2,
+    # reads the dispatcher does not see (``torchdiv._core.mixing.Reads``)
+    "tolist": lambda t: lambda z: z.roll(int(t.tolist()), 0) ** 2,
+    "numpy": lambda t: lambda z: z.roll(int(t.numpy()), 0) ** 2,
+    "str": lambda t: lambda z: z.roll(int("1." in str(t)), 0) ** 2,
 }
 _DECIDED_BY = {  # (the Laplacian loops at 2 inputs)
     **_CALLS,
@@ -1886,7 +1890,9 @@ _DECIDED_BY = {  # (the Laplacian loops at 2 inputs)
 @pytest.mark.parametrize("case", list(_DECIDING))
 def test_a_time_that_decides_whether_f_mixes_is_watched_again(name: str, case: str) -> None:
     """Where a held time's value decides what ``f`` does (a branch, a read-out, an index
-    computed from it), the watch holds only for that time: ``f`` over another, which mixes
+    computed from it; a read by ``tolist()``, ``numpy()`` or ``str()``, which bypass the
+    dispatcher: before ``Reads``, f over the time 1 returned 2 * x.roll(1, 0) silently),
+    the watch holds only for that time: ``f`` over another, which mixes
     samples, is watched again and refused (taken for the ``f`` that passed, it gave a wrong
     per-sample result)."""
     x = torch.randn(8, 2, dtype=f64)

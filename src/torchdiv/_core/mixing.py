@@ -96,6 +96,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from torchdiv._core.checks import _shape
@@ -1980,7 +1981,8 @@ def decides(func: Any, args: Sequence[Any], out: Any) -> bool:
     ``f`` during which no op did holds for every floating value ``f`` reads, not only
     those it was watched with (``torchdiv._taylor.mixing.identity``): which ops ran, on
     which shapes, with which integer indices, followed from ``f``'s code and the rest.
-    (A read that bypasses the dispatcher, ``tolist()`` or ``numpy()``, is not seen.)
+    (A read that bypasses the dispatcher, ``tolist()``, ``numpy()`` or ``str()``, is noted
+    by ``Reads``.)
 
     Example:
         >>> x = torch.ones(2)
@@ -2001,6 +2003,49 @@ def decides(func: Any, args: Sequence[Any], out: Any) -> bool:
 def _floating(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
+
+class Reads(TorchFunctionMode):
+    """Note in ``axes`` (``BatchAxes.values_decide``) a floating tensor's values read where
+    the dispatcher does not see it, so ``decides`` cannot: ``tolist()``, ``numpy()``,
+    ``np.asarray`` (``__array__``), ``__dlpack__``, ``str``/``repr``/``print``, its storage or
+    data pointer. ``if t.tolist() > 0.5: ...`` then keeps ``f`` watched at every new ``t``.
+    The mode sees each ``torch`` call of ``f`` (~1 us each, during the watch only).
+
+    Example:
+        >>> axes = BatchAxes(torch.ones(2, 1), 1)
+        >>> with Reads(axes):
+        ...     _ = torch.tensor(0.5).tolist()
+        >>> axes.values_decide
+        True
+    """
+
+    def __init__(self, axes: BatchAxes | None) -> None:
+        super().__init__()
+        self.axes = axes
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if self.axes is not None and func in _READS:
+            held = args[0] if args else None
+            if isinstance(held, torch.Tensor) and _floating(held):
+                self.axes.values_decide = True
+        return func(*args, **(kwargs or {}))
+
+
+# the tensor methods that read values where the dispatcher does not see it (``Reads``)
+_READS = frozenset(
+    {
+        torch.Tensor.tolist,
+        torch.Tensor.numpy,
+        torch.Tensor.__array__,
+        torch.Tensor.__dlpack__,
+        torch.Tensor.__repr__,
+        torch.Tensor.untyped_storage,
+        torch.Tensor.storage,
+        torch.Tensor.data_ptr,
+    }
+)
 
 # the ops whose results are values read out or shaped by values (``decides``), by their tags
 _VALUES_DECIDE = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
