@@ -9,6 +9,7 @@ import functools
 import math
 import sys
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -1901,6 +1902,37 @@ def test_a_time_that_decides_whether_f_mixes_is_watched_again(name: str, case: s
     assert_close(first, torch.full((8,), 4.0, dtype=f64) if name == "laplacian" else 2 * x.sum(-1))
     with pytest.raises(BatchInteractionError, match="f mixes samples"):
         _DECIDED_BY[name](make(torch.tensor(1.0, dtype=f64)), x)
+
+
+class _Timed(torch.Tensor):
+    """A time tensor carrying Python state (``shift``) that decides what ``f`` does without
+    any op reading a value."""
+
+    shift: int
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor, shift: int) -> _Timed:
+        out = torch.Tensor._make_subclass(cls, data)
+        out.shift = shift
+        return out
+
+
+@pytest.mark.parametrize("name", list(_DECIDED_BY))
+def test_a_held_tensor_subclass_is_told_by_identity(name: str) -> None:
+    """A tensor subclass held by ``f`` may decide what ``f`` does by its Python state (here
+    a roll along the batch): it is told by identity and version, as before loose keys, so
+    ``f`` over another one is watched again and refused (held by dtype and shape, it was
+    taken for the ``f`` that passed: the per-sample result of ``x.roll(1, 0) ** 2``
+    returned silently)."""
+    x = torch.randn(8, 2, dtype=f64)
+
+    def make(t: _Timed) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda z: z.roll(t.shift, 0) ** 2 + 0 * t.as_subclass(torch.Tensor)
+
+    first = _DECIDED_BY[name](make(_Timed(torch.tensor(0.0, dtype=f64), 0)), x)
+    assert_close(first, torch.full((8,), 4.0, dtype=f64) if name == "laplacian" else 2 * x.sum(-1))
+    with pytest.raises(BatchInteractionError, match="f mixes samples"):
+        _DECIDED_BY[name](make(_Timed(torch.tensor(1.0, dtype=f64), 1)), x)
 
 
 def test_the_saved_results_nodes_follow_every_write_not_the_count() -> None:
