@@ -1935,6 +1935,23 @@ def test_a_held_tensor_subclass_is_told_by_identity(name: str) -> None:
         _DECIDED_BY[name](make(_Timed(torch.tensor(1.0, dtype=f64), 1)), x)
 
 
+@pytest.mark.parametrize("name", list(_DECIDED_BY))
+def test_a_held_tensor_of_other_strides_is_another_key(name: str) -> None:
+    """A branch on a held tensor's layout (``is_contiguous()``) reads no value, so no op
+    ``decides``: the loose key holds its strides, and ``f`` over a transposed time of the
+    same shape is watched again and refused (held by dtype and shape alone, it was taken for
+    the ``f`` that passed: ``x.roll(1, 0) ** 2``'s per-sample result returned silently)."""
+    x = torch.randn(8, 2, dtype=f64)
+
+    def make(t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda z: (z if t.is_contiguous() else z.roll(1, 0)) ** 2 + 0 * t.sum()
+
+    first = _DECIDED_BY[name](make(torch.zeros(2, 4, dtype=f64)), x)
+    assert_close(first, torch.full((8,), 4.0, dtype=f64) if name == "laplacian" else 2 * x.sum(-1))
+    with pytest.raises(BatchInteractionError, match="f mixes samples"):
+        _DECIDED_BY[name](make(torch.zeros(4, 2, dtype=f64).T), x)
+
+
 def test_the_saved_results_nodes_follow_every_write_not_the_count() -> None:
     """``BatchAxes._saved_mixed`` rebuilds its table of nodes after every write into
     ``mixed``: a removal (a custom Function's constant result, ``_settle``) then an addition
