@@ -1880,7 +1880,17 @@ _DECIDING = {  # each z * z where the time is 0, a mix of samples where it is 1
     "tolist": lambda t: lambda z: z.roll(int(t.tolist()), 0) ** 2,
     "numpy": lambda t: lambda z: z.roll(int(t.numpy()), 0) ** 2,
     "str": lambda t: lambda z: z.roll(int("1." in str(t)), 0) ** 2,
+    "apply_": lambda t: lambda z: z.roll(_first_value(t), 0) ** 2,
 }
+
+
+def _first_value(t: torch.Tensor) -> int:
+    """``t``'s value as an int, read by a Python callable ``apply_`` gives it."""
+    got: list[float] = []
+    t.clone().apply_(lambda v: got.append(v) or v)
+    return int(got[0])
+
+
 _DECIDED_BY = {  # (the Laplacian loops at 2 inputs)
     **_CALLS,
     "laplacian": lambda f, x: torchdiv.laplacian(f, x).sum(-1),

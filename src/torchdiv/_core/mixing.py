@@ -2008,8 +2008,9 @@ class Reads(TorchFunctionMode):
     """Note in ``axes`` (``BatchAxes.values_decide``) a floating tensor's values read where
     the dispatcher does not see it, so ``decides`` cannot: ``tolist()``, ``numpy()``,
     ``np.asarray`` (``__array__``), ``__dlpack__``, ``str``/``repr``/``print``, its storage or
-    data pointer. ``if t.tolist() > 0.5: ...`` then keeps ``f`` watched at every new ``t``.
-    The mode sees each ``torch`` call of ``f`` (~1 us each, during the watch only).
+    data pointer, ``apply_``/``map_`` (a Python callable given each value). ``if t.tolist() >
+    0.5: ...`` then keeps ``f`` watched at every new ``t``. The mode sees each ``torch`` call
+    of ``f`` (~1 us each, during the watch only).
 
     Example:
         >>> axes = BatchAxes(torch.ones(2, 1), 1)
@@ -2044,6 +2045,9 @@ _READS = frozenset(
         torch.Tensor.untyped_storage,
         torch.Tensor.storage,
         torch.Tensor.data_ptr,
+        torch.Tensor.apply_,  # (a Python callable called with each value)
+        torch.Tensor.map_,
+        torch.Tensor.map2_,
     }
 )
 
