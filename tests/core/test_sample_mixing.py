@@ -1088,6 +1088,19 @@ def _pooled(pool, z: torch.Tensor) -> torch.Tensor:
     return pool(z.T[None], 3, 1, 1).squeeze(0).T
 
 
+def _grid_shifted(z: torch.Tensor) -> torch.Tensor:
+    """``grid_sample`` of a (1, 1, D, B) view of ``z`` at the points one sample along: the
+    batch is a spatial axis, the grid's values pick the samples read."""
+    b, d = z.shape
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, d, dtype=z.dtype),
+        torch.linspace(-1, 1, b, dtype=z.dtype),
+        indexing="ij",
+    )
+    grid = torch.stack([xs + 2 / (b - 1), ys], -1)[None]
+    return F.grid_sample(z.T[None, None], grid, align_corners=True, padding_mode="border")[0, 0].T
+
+
 F = nn.functional
 # pdist, or the differences SafeDerivatives computes it from (the engines run f under it)
 PDIST = r"pairwise distances across samples|samples moved by an indexing op \(aten\.index\.Tensor\)"
@@ -1134,6 +1147,8 @@ UNKNOWN = {  # f of z (B, D), D >= 3: an op no table knows combines samples -> w
         lambda z: _pooled(F.avg_pool1d, z),
         r"avg_pool2d across samples \(dimension 3",
     ),
+    # (no kernel or size argument: passed, every watched method returned the neighbour's terms)
+    "grid sample over the batch": (_grid_shifted, r"grid_sampler_2d across samples"),
     "max pool over the batch": (
         lambda z: _pooled(F.max_pool1d, z),
         r"max_pool2d_with_indices across samples",

@@ -60,7 +60,7 @@ Elementwise ops, broadcasts, reshapes that keep the batch factor, transposes, sl
 concatenations carry it. An op no table knows is judged from its schema (``_unknown``): it
 combines samples if its ``dim`` argument names a batch dimension (``sort``, ``topk``,
 ``median``/``mode``/``cummax`` along it, ``nansum``, ``unfold``, an FFT), it pools or resamples
-along one among its spatial dimensions, it is a ``linalg`` function of matrices whose rows or
+along one among its spatial dimensions (``grid_sample`` there at any grid), it is a ``linalg`` function of matrices whose rows or
 columns are samples (``det``, ``svd``, ``matrix_exp``), its keys are samples (attention), or it
 reads different samples in one place (``linalg_cross(x, x.flip(0))``); a result with no
 dimension that could hold the samples (a scalar ``dist``, ``median()``, a mean loss) depends on
@@ -2068,6 +2068,10 @@ def _kind(func: Any, unknown: bool) -> Carry:
 
 _DIM_ARGUMENTS = ("dim", "dims", "dimension")
 _SPATIAL_ARGUMENTS = ("kernel_size", "output_size")
+# the ops sampling their input at a grid's points (``_resampled``)
+_GRID_SAMPLERS = frozenset(
+    {"grid_sampler_2d", "grid_sampler_3d", "_grid_sampler_2d_cpu_fallback", "cudnn_grid_sampler"}
+)
 _RIGHT_HAND_SIDES = ("B", "b")  # of ``linalg_solve`` and kin: each column solved alone
 # solves outside ``torch.linalg``, whose first argument is the right-hand side, and another
 # matrix function there
@@ -2204,15 +2208,18 @@ def _resampled(
     op: _Signature, tr: BatchAxes, args: Sequence[Any], t: torch.Tensor, out: Any
 ) -> str | None:
     """``op`` pools or resamples ``t`` along a batch dimension among its last, spatial ones:
-    a kernel wider than one there, or a new size."""
-    if op.spatial is None:
+    a kernel wider than one there, or a new size; or samples it at a grid's points
+    (``grid_sample``), whose values pick the places read, so any place reads any sample."""
+    gridded = op.name in _GRID_SAMPLERS
+    if op.spatial is None and not gridded:
         return None
-    sizes = op.argument(args, tr.kwargs, op.spatial)
-    k = op.spatial_dims or len(sizes or ())
+    sizes = None if gridded else op.argument(args, tr.kwargs, op.spatial)
+    k = t.dim() - 2 if gridded else op.spatial_dims or len(sizes or ())
     kernel = op.argument(args, tr.kwargs, "kernel_size") if "kernel_size" in op.names else None
     first = out if isinstance(out, torch.Tensor) else tree_leaves(out)[0]
     for i, d in enumerate(range(max(t.dim() - k, 0), t.dim())):
         wide = kernel is not None and len(kernel) > 0 and kernel[min(i, len(kernel) - 1)] > 1
+        wide = wide or gridded
         if _batch_at(tr, t, [d]) is not None and (wide or first.shape[d] != t.shape[d]):
             return f"{op.name} across samples (dimension {d} of {_shape(t)}, a spatial one)"
     return None
