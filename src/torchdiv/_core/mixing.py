@@ -63,8 +63,9 @@ combines samples if its ``dim`` argument names a batch dimension (``sort``, ``to
 along one among its spatial dimensions (``grid_sample`` there at any grid), it is a ``linalg``
 function of matrices whose rows or columns are samples (``det``, ``svd``, ``matrix_exp``), its
 keys are samples (attention), or it reads different samples in one place
-(``linalg_cross(x, x.flip(0))``); a result with no dimension that could hold the samples (a scalar ``dist``, ``median()``, a mean loss) depends on
-all of them; a result shaped as a tracked argument holds its samples in place. Anything else
+(``linalg_cross(x, x.flip(0))``); a result with no dimension that could hold the samples
+(a scalar ``dist``, ``median()``, a mean loss) depends on all of them; a result shaped as a
+tracked argument holds its samples in place. Anything else
 ends the tracking of its result, silently: the analysis does not raise on what it does not
 understand (an op that combines samples without any of those signs, ...), so it misses some
 mixing (``check_batch_independence`` tests any ``f``) but does not flag an independent ``f``
