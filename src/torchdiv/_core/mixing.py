@@ -2212,10 +2212,12 @@ def _resampled(
     a kernel wider than one there, or a new size; or samples it at a grid's points
     (``grid_sample``), whose values pick the places read, so any place reads any sample."""
     gridded = op.name in _GRID_SAMPLERS
-    if op.spatial is None and not gridded:
+    if gridded:
+        k = t.dim() - 2
+    elif op.spatial is not None:
+        k = op.spatial_dims or len(op.argument(args, tr.kwargs, op.spatial) or ())
+    else:
         return None
-    sizes = None if gridded else op.argument(args, tr.kwargs, op.spatial)
-    k = t.dim() - 2 if gridded else op.spatial_dims or len(sizes or ())
     kernel = op.argument(args, tr.kwargs, "kernel_size") if "kernel_size" in op.names else None
     first = out if isinstance(out, torch.Tensor) else tree_leaves(out)[0]
     for i, d in enumerate(range(max(t.dim() - k, 0), t.dim())):
