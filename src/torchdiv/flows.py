@@ -54,6 +54,7 @@ from typing import Any, Literal, overload
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from torchdiv._api.reporting import final_error, reported
 from torchdiv._core.checks import (
@@ -141,7 +142,8 @@ def _module_of(f: object) -> nn.Module | None:
 def _lost_to_adjoint(f: object, module: nn.Module) -> list[str]:
     """What ``f`` holds that requires grad through tensors other than ``module``'s parameters,
     by name: a partial's arguments (zuko hands its velocity on as ``partial(self.f, c=c)``)
-    and the plain tensor attributes and buffers of ``module``'s submodules (``self.context =
+    and the plain tensor attributes (also in lists, tuples, dicts) and buffers of
+    ``module``'s submodules (``self.context =
     encoder(y)``, a hypernetwork's weights). ``odeint_adjoint`` differentiates with respect
     to the module's parameters only: such a tensor's gradient, and its sources', would be
     lost silently. A tensor computed from the module's own parameters alone (the legacy
@@ -155,12 +157,15 @@ def _lost_to_adjoint(f: object, module: nn.Module) -> list[str]:
         f = f.func
     for name, m in module.named_modules():
         where = f"{type(m).__name__}{f' ({name})' if name else ''}"
-        held += [(f"attribute {k!r} of {where}", v) for k, v in vars(m).items()]
+        held += [(f"attribute {k!r} of {where}", v) for k, v in vars(m).items() if k != "_buffers"]
         held += [(f"buffer {k!r} of {where}", v) for k, v in m._buffers.items()]
-    return [
+    return [  # (in a list, tuple or dict too: self.contexts = [encoder(y)])
         what
         for what, v in held
-        if isinstance(v, torch.Tensor) and v.requires_grad and not _from(v, own)
+        if any(
+            isinstance(t, torch.Tensor) and t.requires_grad and not _from(t, own)
+            for t in tree_leaves(v)
+        )
     ]
 
 

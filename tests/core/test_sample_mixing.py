@@ -9,6 +9,7 @@ import functools
 import math
 import sys
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -1087,6 +1088,19 @@ def _pooled(pool, z: torch.Tensor) -> torch.Tensor:
     return pool(z.T[None], 3, 1, 1).squeeze(0).T
 
 
+def _grid_shifted(z: torch.Tensor) -> torch.Tensor:
+    """``grid_sample`` of a (1, 1, D, B) view of ``z`` at the points one sample along: the
+    batch is a spatial axis, the grid's values pick the samples read."""
+    b, d = z.shape
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, d, dtype=z.dtype),
+        torch.linspace(-1, 1, b, dtype=z.dtype),
+        indexing="ij",
+    )
+    grid = torch.stack([xs + 2 / (b - 1), ys], -1)[None]
+    return F.grid_sample(z.T[None, None], grid, align_corners=True, padding_mode="border")[0, 0].T
+
+
 F = nn.functional
 # pdist, or the differences SafeDerivatives computes it from (the engines run f under it)
 PDIST = r"pairwise distances across samples|samples moved by an indexing op \(aten\.index\.Tensor\)"
@@ -1133,6 +1147,8 @@ UNKNOWN = {  # f of z (B, D), D >= 3: an op no table knows combines samples -> w
         lambda z: _pooled(F.avg_pool1d, z),
         r"avg_pool2d across samples \(dimension 3",
     ),
+    # (no kernel or size argument: passed, every watched method returned the neighbour's terms)
+    "grid sample over the batch": (_grid_shifted, r"grid_sampler_2d across samples"),
     "max pool over the batch": (
         lambda z: _pooled(F.max_pool1d, z),
         r"max_pool2d_with_indices across samples",
@@ -1875,7 +1891,21 @@ _DECIDING = {  # each z * z where the time is 0, a mix of samples where it is 1
     "read out": lambda t: lambda z: z.roll(int(t.item()), 0) ** 2,
     "index cast": lambda t: lambda z: z[(torch.arange(len(z)) + t.long()) % len(z)] ** 2,
     "index compared": lambda t: lambda z: z[(torch.arange(len(z)) + (t > 0.5)) % len(z)] ** 2,
+    # reads the dispatcher does not see (``torchdiv._core.mixing.Reads``)
+    "tolist": lambda t: lambda z: z.roll(int(t.tolist()), 0) ** 2,
+    "numpy": lambda t: lambda z: z.roll(int(t.numpy()), 0) ** 2,
+    "str": lambda t: lambda z: z.roll(int("1." in str(t)), 0) ** 2,
+    "apply_": lambda t: lambda z: z.roll(_first_value(t), 0) ** 2,
 }
+
+
+def _first_value(t: torch.Tensor) -> int:
+    """``t``'s value as an int, read by a Python callable ``apply_`` gives it."""
+    got: list[float] = []
+    t.clone().apply_(lambda v: got.append(v) or v)
+    return int(got[0])
+
+
 _DECIDED_BY = {  # (the Laplacian loops at 2 inputs)
     **_CALLS,
     "laplacian": lambda f, x: torchdiv.laplacian(f, x).sum(-1),
@@ -1886,7 +1916,9 @@ _DECIDED_BY = {  # (the Laplacian loops at 2 inputs)
 @pytest.mark.parametrize("case", list(_DECIDING))
 def test_a_time_that_decides_whether_f_mixes_is_watched_again(name: str, case: str) -> None:
     """Where a held time's value decides what ``f`` does (a branch, a read-out, an index
-    computed from it), the watch holds only for that time: ``f`` over another, which mixes
+    computed from it; a read by ``tolist()``, ``numpy()`` or ``str()``, which bypass the
+    dispatcher: before ``Reads``, f over the time 1 returned 2 * x.roll(1, 0) silently),
+    the watch holds only for that time: ``f`` over another, which mixes
     samples, is watched again and refused (taken for the ``f`` that passed, it gave a wrong
     per-sample result)."""
     x = torch.randn(8, 2, dtype=f64)
@@ -1895,6 +1927,54 @@ def test_a_time_that_decides_whether_f_mixes_is_watched_again(name: str, case: s
     assert_close(first, torch.full((8,), 4.0, dtype=f64) if name == "laplacian" else 2 * x.sum(-1))
     with pytest.raises(BatchInteractionError, match="f mixes samples"):
         _DECIDED_BY[name](make(torch.tensor(1.0, dtype=f64)), x)
+
+
+class _Timed(torch.Tensor):
+    """A time tensor carrying Python state (``shift``) that decides what ``f`` does without
+    any op reading a value."""
+
+    shift: int
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor, shift: int) -> _Timed:
+        out = torch.Tensor._make_subclass(cls, data)
+        out.shift = shift
+        return out
+
+
+@pytest.mark.parametrize("name", list(_DECIDED_BY))
+def test_a_held_tensor_subclass_is_told_by_identity(name: str) -> None:
+    """A tensor subclass held by ``f`` may decide what ``f`` does by its Python state (here
+    a roll along the batch): it is told by identity and version, as before loose keys, so
+    ``f`` over another one is watched again and refused (held by dtype and shape, it was
+    taken for the ``f`` that passed: the per-sample result of ``x.roll(1, 0) ** 2``
+    returned silently)."""
+    x = torch.randn(8, 2, dtype=f64)
+
+    def make(t: _Timed) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda z: z.roll(t.shift, 0) ** 2 + 0 * t.as_subclass(torch.Tensor)
+
+    first = _DECIDED_BY[name](make(_Timed(torch.tensor(0.0, dtype=f64), 0)), x)
+    assert_close(first, torch.full((8,), 4.0, dtype=f64) if name == "laplacian" else 2 * x.sum(-1))
+    with pytest.raises(BatchInteractionError, match="f mixes samples"):
+        _DECIDED_BY[name](make(_Timed(torch.tensor(1.0, dtype=f64), 1)), x)
+
+
+@pytest.mark.parametrize("name", list(_DECIDED_BY))
+def test_a_held_tensor_of_other_strides_is_another_key(name: str) -> None:
+    """A branch on a held tensor's layout (``is_contiguous()``) reads no value, so no op
+    ``decides``: the loose key holds its strides, and ``f`` over a transposed time of the
+    same shape is watched again and refused (held by dtype and shape alone, it was taken for
+    the ``f`` that passed: ``x.roll(1, 0) ** 2``'s per-sample result returned silently)."""
+    x = torch.randn(8, 2, dtype=f64)
+
+    def make(t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda z: (z if t.is_contiguous() else z.roll(1, 0)) ** 2 + 0 * t.sum()
+
+    first = _DECIDED_BY[name](make(torch.zeros(2, 4, dtype=f64)), x)
+    assert_close(first, torch.full((8,), 4.0, dtype=f64) if name == "laplacian" else 2 * x.sum(-1))
+    with pytest.raises(BatchInteractionError, match="f mixes samples"):
+        _DECIDED_BY[name](make(torch.zeros(4, 2, dtype=f64).T), x)
 
 
 def test_the_saved_results_nodes_follow_every_write_not_the_count() -> None:

@@ -352,3 +352,49 @@ def test_adjoint_refuses_a_context_computed_from_other_parameters(where: str) ->
     direct = log_likelihood(velocity(context.detach()), x, 1.0, 0.0, base, **solve)
     adjoint = log_likelihood(velocity(context.detach()), x, 1.0, 0.0, base, adjoint=True, **solve)
     torch.testing.assert_close(adjoint, direct, rtol=1e-12, atol=1e-12)
+
+
+class _InContainers(nn.Module):
+    """A velocity whose context is held in a container attribute (``self.contexts = [c]``,
+    a dict of conditions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.held: list[torch.Tensor] | dict[str, torch.Tensor] = []
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        c = self.held["c"] if isinstance(self.held, dict) else self.held[0]
+        return self.net(torch.cat([z, c.expand(len(z), -1)], -1))
+
+    def with_contexts(
+        self, t: torch.Tensor, z: torch.Tensor, cs: tuple[torch.Tensor]
+    ) -> torch.Tensor:
+        return self.net(torch.cat([z, cs[0].expand(len(z), -1)], -1))
+
+
+@pytest.mark.parametrize("where", ["list", "dict", "partial tuple"])
+def test_adjoint_refuses_a_context_held_in_a_container(where: str) -> None:
+    """A context computed by an encoder outside the module, held in a list or dict attribute
+    or a tuple argument of a partial: ``odeint_adjoint`` gave the encoder no gradient (None,
+    silently) where only bare tensors were checked. Refused, naming the attribute."""
+    import functools
+
+    torch.manual_seed(0)
+    field, encoder = _InContainers().double(), nn.Linear(4, 2).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    context = encoder(torch.ones(4, dtype=torch.float64))
+    f: object = field
+    if where == "list":
+        field.held = [context]
+    elif where == "dict":
+        field.held = {"c": context}
+    else:
+        f = functools.partial(field.with_contexts, cs=(context,))
+    name = "keyword 'cs' of the partial" if where == "partial tuple" else "attribute 'held'"
+
+    def base(z: torch.Tensor) -> torch.Tensor:
+        return -0.5 * z.square().sum(-1)
+
+    with pytest.raises(ValueError, match=rf"^log_likelihood: adjoint=True .*{name}"):
+        log_likelihood(f, x, 1.0, 0.0, base, adjoint=True, solver="rk4")

@@ -60,11 +60,12 @@ Elementwise ops, broadcasts, reshapes that keep the batch factor, transposes, sl
 concatenations carry it. An op no table knows is judged from its schema (``_unknown``): it
 combines samples if its ``dim`` argument names a batch dimension (``sort``, ``topk``,
 ``median``/``mode``/``cummax`` along it, ``nansum``, ``unfold``, an FFT), it pools or resamples
-along one among its spatial dimensions, it is a ``linalg`` function of matrices whose rows or
-columns are samples (``det``, ``svd``, ``matrix_exp``), its keys are samples (attention), or it
-reads different samples in one place (``linalg_cross(x, x.flip(0))``); a result with no
-dimension that could hold the samples (a scalar ``dist``, ``median()``, a mean loss) depends on
-all of them; a result shaped as a tracked argument holds its samples in place. Anything else
+along one among its spatial dimensions (``grid_sample`` there at any grid), it is a ``linalg``
+function of matrices whose rows or columns are samples (``det``, ``svd``, ``matrix_exp``), its
+keys are samples (attention), or it reads different samples in one place
+(``linalg_cross(x, x.flip(0))``); a result with no dimension that could hold the samples
+(a scalar ``dist``, ``median()``, a mean loss) depends on all of them; a result shaped as a
+tracked argument holds its samples in place. Anything else
 ends the tracking of its result, silently: the analysis does not raise on what it does not
 understand (an op that combines samples without any of those signs, ...), so it misses some
 mixing (``check_batch_independence`` tests any ``f``) but does not flag an independent ``f``
@@ -96,6 +97,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from torchdiv._core.checks import _shape
@@ -1980,7 +1982,8 @@ def decides(func: Any, args: Sequence[Any], out: Any) -> bool:
     ``f`` during which no op did holds for every floating value ``f`` reads, not only
     those it was watched with (``torchdiv._taylor.mixing.identity``): which ops ran, on
     which shapes, with which integer indices, followed from ``f``'s code and the rest.
-    (A read that bypasses the dispatcher, ``tolist()`` or ``numpy()``, is not seen.)
+    (A read that bypasses the dispatcher, ``tolist()``, ``numpy()`` or ``str()``, is noted
+    by ``Reads``.)
 
     Example:
         >>> x = torch.ones(2)
@@ -2002,6 +2005,53 @@ def _floating(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
+class Reads(TorchFunctionMode):
+    """Note in ``axes`` (``BatchAxes.values_decide``) a floating tensor's values read where
+    the dispatcher does not see it, so ``decides`` cannot: ``tolist()``, ``numpy()``,
+    ``np.asarray`` (``__array__``), ``__dlpack__``, ``str``/``repr``/``print``, its storage or
+    data pointer, ``apply_``/``map_`` (a Python callable given each value). ``if t.tolist() >
+    0.5: ...`` then keeps ``f`` watched at every new ``t``. The mode sees each ``torch`` call
+    of ``f`` (~1 us each, during the watch only).
+
+    Example:
+        >>> axes = BatchAxes(torch.ones(2, 1), 1)
+        >>> with Reads(axes):
+        ...     _ = torch.tensor(0.5).tolist()
+        >>> axes.values_decide
+        True
+    """
+
+    def __init__(self, axes: BatchAxes | None) -> None:
+        super().__init__()
+        self.axes = axes
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if self.axes is not None and func in _READS:
+            held = args[0] if args else None
+            if isinstance(held, torch.Tensor) and _floating(held):
+                self.axes.values_decide = True
+        return func(*args, **(kwargs or {}))
+
+
+# the tensor methods that read values where the dispatcher does not see it (``Reads``)
+_READS = frozenset(
+    {
+        torch.Tensor.tolist,
+        torch.Tensor.numpy,
+        torch.Tensor.__array__,
+        torch.Tensor.__dlpack__,
+        torch.Tensor.__repr__,
+        torch.Tensor.untyped_storage,
+        torch.Tensor.storage,
+        torch.Tensor.data_ptr,
+        torch.Tensor.apply_,  # (a Python callable called with each value)
+        torch.Tensor.map_,
+        torch.Tensor.map2_,
+    }
+)
+
 # the ops whose results are values read out or shaped by values (``decides``), by their tags
 _VALUES_DECIDE = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
 _DECIDED: dict[Any, bool] = {}  # each op's verdict by its tags, as first met
@@ -2019,6 +2069,10 @@ def _kind(func: Any, unknown: bool) -> Carry:
 
 _DIM_ARGUMENTS = ("dim", "dims", "dimension")
 _SPATIAL_ARGUMENTS = ("kernel_size", "output_size")
+# the ops sampling their input at a grid's points (``_resampled``)
+_GRID_SAMPLERS = frozenset(
+    {"grid_sampler_2d", "grid_sampler_3d", "_grid_sampler_2d_cpu_fallback", "cudnn_grid_sampler"}
+)
 _RIGHT_HAND_SIDES = ("B", "b")  # of ``linalg_solve`` and kin: each column solved alone
 # solves outside ``torch.linalg``, whose first argument is the right-hand side, and another
 # matrix function there
@@ -2155,15 +2209,20 @@ def _resampled(
     op: _Signature, tr: BatchAxes, args: Sequence[Any], t: torch.Tensor, out: Any
 ) -> str | None:
     """``op`` pools or resamples ``t`` along a batch dimension among its last, spatial ones:
-    a kernel wider than one there, or a new size."""
-    if op.spatial is None:
+    a kernel wider than one there, or a new size; or samples it at a grid's points
+    (``grid_sample``), whose values pick the places read, so any place reads any sample."""
+    gridded = op.name in _GRID_SAMPLERS
+    if gridded:
+        k = t.dim() - 2
+    elif op.spatial is not None:
+        k = op.spatial_dims or len(op.argument(args, tr.kwargs, op.spatial) or ())
+    else:
         return None
-    sizes = op.argument(args, tr.kwargs, op.spatial)
-    k = op.spatial_dims or len(sizes or ())
     kernel = op.argument(args, tr.kwargs, "kernel_size") if "kernel_size" in op.names else None
     first = out if isinstance(out, torch.Tensor) else tree_leaves(out)[0]
     for i, d in enumerate(range(max(t.dim() - k, 0), t.dim())):
         wide = kernel is not None and len(kernel) > 0 and kernel[min(i, len(kernel) - 1)] > 1
+        wide = wide or gridded
         if _batch_at(tr, t, [d]) is not None and (wide or first.shape[d] != t.shape[d]):
             return f"{op.name} across samples (dimension {d} of {_shape(t)}, a spatial one)"
     return None

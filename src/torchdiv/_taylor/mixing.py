@@ -178,9 +178,10 @@ def identity(f: Any, depth: int = 3) -> tuple[Any, Hashable]:
 
 
 class Held(NamedTuple):
-    """What a function computes with (``identity``): ``key``, each floating tensor in it by
-    its dtype, shape, device and whether it requires grad, and those tensors by identity and
-    version (``values``)."""
+    """What a function computes with (``identity``): ``key``, each floating tensor in it (a
+    dense ``torch.Tensor`` or ``Parameter``; a subclass or sparse one is told by identity and
+    version as an integer one) by its dtype, shape, strides, device and whether it requires
+    grad, and those tensors by identity and version (``values``)."""
 
     key: Hashable
     values: tuple[Hashable, ...]
@@ -240,10 +241,17 @@ def _part(v: Any, depth: int, values: list[Hashable]) -> Hashable | None:
         return same
     if v.is_inference():  # no version counter (``_version`` raises): a write is unseen
         return None
+    if type(v) not in _LOOSE or v.layout != torch.strided:
+        return same, v._version  # (a subclass's Python state or a sparse pattern may decide)
     if not (v.is_floating_point() or v.is_complex()):
         return same, v._version
-    values.append((same, v._version))
-    return type(v), v.dtype, v.shape, v.device, v.requires_grad
+    values.append((same, v._version))  # (strides: a branch on is_contiguous() reads no value)
+    return type(v), v.dtype, v.shape, v.stride(), v.device, v.requires_grad
+
+
+# the tensors held by their values (``Held.values``) where floating and dense: a subclass may
+# decide what ``f`` does by state no op reads (an attribute its ``__torch_function__`` uses)
+_LOOSE = frozenset({torch.Tensor, torch.nn.Parameter})
 
 
 class _Same:
