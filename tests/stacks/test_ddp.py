@@ -71,8 +71,10 @@ def test_a_ddp_module_in_a_compiled_loss_equals_one_process(one_process_group, m
     broadcast under its transforms (an error), and ``"auto"``'s plain-autograd fallback gave
     the divergence's value but none of its parameter gradients (silently)."""
     import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
 
     x = ddp_cases.batch("mlp")
+    backend = CompileCounterWithBackend("aot_eager")
 
     def gradients(model: torch.nn.Module, compiled: bool) -> list[torch.Tensor]:
         def loss(z: torch.Tensor) -> torch.Tensor:
@@ -80,10 +82,12 @@ def test_a_ddp_module_in_a_compiled_loss_equals_one_process(one_process_group, m
             return div.square().mean() + model(z).square().mean()
 
         torch._dynamo.reset()
-        (torch.compile(loss, backend="aot_eager") if compiled else loss)(x).backward()
+        (torch.compile(loss, backend=backend) if compiled else loss)(x).backward()
         return [p.grad for p in model.parameters()]
 
     expected = gradients(ddp_cases.make_model("mlp", False), compiled=False)
     ddp = torch.nn.parallel.DistributedDataParallel(ddp_cases.make_model("mlp", False))
-    for g, want in zip(gradients(ddp, compiled=True), expected, strict=True):
+    got = gradients(ddp, compiled=True)
+    assert backend.frame_count > 0, "the loss ran eagerly: eager compared with eager"
+    for g, want in zip(got, expected, strict=True):
         torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)

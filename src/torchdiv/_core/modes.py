@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from torchdiv._core import linalg as _linalg
 from torchdiv._core.ddp import in_process_group, one_forward, spans_peers
-from torchdiv._core.script import attribute, call_ended, call_started
+from torchdiv._core.script import attribute, cached, call_ended, call_started
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -1265,7 +1265,7 @@ def backward_passes_order() -> tuple[int, bool]:
     return (3, False) if torch.is_grad_enabled() else (1, True)
 
 
-@functools.cache
+@cached()
 def changed_nodes(order: int, forward_mode: bool = True) -> tuple[str, ...]:
     """The autograd nodes (type-name prefixes) of the ops ``SafeDerivatives(order, ...,
     forward_mode)`` changes. An op whose inputs require grad leaves its node in the graph of

@@ -16,14 +16,47 @@ import contextlib
 import functools
 import types
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar, Token
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.nn.modules.lazy import LazyModuleMixin
 
 _SCRIPTED = (torch.jit.ScriptModule, torch.jit.ScriptFunction)
+
+R = TypeVar("R")
+
+
+def cached(maxsize: int | None = None) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """``functools.lru_cache(maxsize)`` for eager calls; while ``torch.compile`` traces (or
+    ``torch.export``), the function itself, uncached. Dynamo ignores a cache wrapper anyway
+    and traces the function it wraps, but warns first ("Dynamo detected a call to a
+    ``functools.lru_cache``-wrapped function"); under a warnings-as-errors filter (``-W
+    error``, pytest's ``filterwarnings = ["error"]``) that warning aborted the compilation
+    (``InternalTorchDynamoError``). Tracing the function itself is the same graph, silently;
+    it also keeps a value made under a tracer's fake tensors out of the cache. For pure
+    functions of hashable arguments only.
+
+    >>> @cached()
+    ... def square(n: int) -> int:
+    ...     return n * n
+    >>> square(3), square.cache_info().hits, square(3), square.cache_info().hits
+    (9, 0, 9, 1)
+    """
+
+    def decorate(fn: Callable[..., R]) -> Callable[..., R]:
+        cache = functools.lru_cache(maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> R:
+            compiling = torch.compiler.is_compiling()
+            return fn(*args, **kwargs) if compiling else cache(*args, **kwargs)
+
+        call.cache_info = cache.cache_info  # type: ignore[attr-defined]
+        return call
+
+    return decorate
 
 
 def forget_plans(f: Any) -> bool:
@@ -192,7 +225,7 @@ def _named(fn: types.FunctionType) -> list[Any]:
     return cell_contents(fn) + held
 
 
-@functools.lru_cache(maxsize=4096)  # per code object (one never changes), bounded
+@cached(maxsize=4096)  # per code object (one never changes), bounded
 def global_names(code: types.CodeType) -> tuple[str, ...]:
     """The global names ``code`` and the code objects defined in it (an inner lambda) use:
     ``lambda z: (lambda w: m(w))(z)`` names the global ``m`` in its inner code only."""

@@ -13,7 +13,6 @@ Every sample gets its own independent entries: probes have the full shape ``(r,)
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -27,6 +26,7 @@ from torchdiv._core.checks import (
     check_probe,
     event_numel,
 )
+from torchdiv._core.script import cached
 from torchdiv._estimators.registry import ESTIMATORS, STOCHASTIC_METHODS, num_vectors
 
 PROBES = ("rademacher", "gaussian", "sphere")
@@ -60,15 +60,14 @@ def _rademacher(
     """+-1 entries, eight per uniform random byte: each byte picks its row of the table of the
     256 sign patterns (an embedding lookup: a third of the time of one draw per entry, measured
     for a 128 x 256 batch on CPU). Where Dynamo traces the draw, the table is made in the
-    graph: Dynamo warns at a call of a cached function (and ignores the cache)."""
+    graph (``cached``: Dynamo warns at a call of a cached function, and ignores the cache)."""
     numel = math.prod(shape)
     index = torch.randint(0, 256, (-(-numel // 8),), generator=generator, device=device)
-    patterns = _sign_patterns.__wrapped__ if torch.compiler.is_compiling() else _sign_patterns
-    signs = torch.nn.functional.embedding(index, patterns(dtype, torch.device(device)))
+    signs = torch.nn.functional.embedding(index, _sign_patterns(dtype, torch.device(device)))
     return signs.flatten()[:numel].view(shape)
 
 
-@functools.cache
+@cached()
 def _sign_patterns(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Row ``i`` holds the bits of ``i`` as signs: ``(256, 8)``, entries ``2 bit - 1``."""
     bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1

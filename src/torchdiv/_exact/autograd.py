@@ -13,7 +13,6 @@ vector, for graphs that can be walked only once or whose backward cannot be batc
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +28,7 @@ from torchdiv._core.modes import (
     changed_nodes,
     math_attention,
 )
+from torchdiv._core.script import cached
 from torchdiv._core.walk import COMPILED, Found, once_differentiable_functions, search, vjp
 from torchdiv._exact.state import Changes
 
@@ -180,7 +180,7 @@ def _custom_functions(y: torch.Tensor) -> list[Any]:
 _BATCH_NORM = "NativeBatchNormBackward"  # instance norm's node, a batch norm's
 
 
-@functools.cache
+@cached()
 def _changed(order: int, forward_mode: bool) -> tuple[str, ...]:
     """The nodes of the ops ``SafeDerivatives`` changes at ``backward_passes_order``, searched
     for in a plain evaluation's graph; not ``NativeBatchNormBackward``, which batch norms in
