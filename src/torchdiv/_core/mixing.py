@@ -2021,18 +2021,25 @@ class Reads(TorchFunctionMode):
         True
     """
 
-    def __init__(self, axes: BatchAxes | None) -> None:
+    def __init__(self, axes: BatchAxes) -> None:
         super().__init__()
         self.axes = axes
 
     def __torch_function__(
         self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
-        if self.axes is not None and func in _READS:
+        if func in _READS:
             held = args[0] if args else None
             if isinstance(held, torch.Tensor) and _floating(held):
                 self.axes.values_decide = True
         return func(*args, **(kwargs or {}))
+
+
+def reading(axes: BatchAxes | None) -> contextlib.AbstractContextManager[Any]:
+    """``Reads(axes)`` around a watched evaluation; nothing where none watches (``axes``
+    ``None``: a recording without ``batch_dims``, detection off), which would pay the mode
+    at every ``torch`` call for no one."""
+    return contextlib.nullcontext() if axes is None else Reads(axes)
 
 
 # the tensor methods that read values where the dispatcher does not see it (``Reads``)

@@ -471,7 +471,7 @@ def watched_engine(
     if not watch:
         return build(), _plan.OpSizes(x.shape[:batch_dims])
     sizes = _plan.OpSizes(x.shape[:batch_dims], _mixing.tracker(x, batch_dims), changes)
-    with sizes, _mixing.Reads(sizes.axes):
+    with sizes, _mixing.reading(sizes.axes):
         engine = build()
         sizes.finish(engine.y)
     return engine, sizes

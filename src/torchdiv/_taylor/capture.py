@@ -28,7 +28,7 @@ from torch._decomp import core_aten_decompositions
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.overrides import TorchFunctionMode
 
-from torchdiv._core.mixing import VALUE_FREE, BatchAxes, BatchInteractionError, Reads, tracker
+from torchdiv._core.mixing import VALUE_FREE, BatchAxes, BatchInteractionError, reading, tracker
 from torchdiv._core.modes import (
     UNDERIVABLE_OPS,
     DispatchMode,
@@ -569,7 +569,7 @@ def capture(
     recorder = _Recorder(z, rules, axes)
     recorder.graph.rng = _random_states(x)
     outer_grad = torch.is_grad_enabled()
-    with recording(), recorder, _InPlaceDetach(recorder), Reads(axes):
+    with recording(), recorder, _InPlaceDetach(recorder), reading(axes):
         y = f(z)
     if recorder.underivable is not None:
         recorder.graph.undo()  # (as for sample mixing, below)
