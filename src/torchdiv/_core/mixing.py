@@ -1978,7 +1978,9 @@ def decides(func: Any, args: Sequence[Any], out: Any) -> bool:
     """Whether the op ``func`` turned values into something that can decide what the code
     calls next or which samples an index moves: a Python number (``item``, a branch on a
     tensor), a shape set by values (``nonzero``, ``unique``), or integers or booleans computed
-    from floating values (``x > 0``, ``argmax``, ``.long()``, a sort's indices). A watch of
+    from floating values (``x > 0``, ``argmax``, ``.long()``, a sort's indices), or an op that
+    raises on a floating argument's values (``_CHECKS_VALUES``: ``try: bernoulli(p)``, its
+    error caught, decides what ``f`` does next by ``p`` though no result shows it). A watch of
     ``f`` during which no op did holds for every floating value ``f`` reads, not only
     those it was watched with (``torchdiv._taylor.mixing.identity``): which ops ran, on
     which shapes, with which integer indices, followed from ``f``'s code and the rest.
@@ -1992,7 +1994,8 @@ def decides(func: Any, args: Sequence[Any], out: Any) -> bool:
     """
     decided = _DECIDED.get(func)
     if decided is None:
-        decided = _DECIDED[func] = any(tag in func.tags for tag in _VALUES_DECIDE)
+        tagged = any(tag in func.tags for tag in _VALUES_DECIDE)
+        decided = _DECIDED[func] = tagged or func in _CHECKS_VALUES
     if decided:
         return True
     outs = out if isinstance(out, list | tuple) else (out,)
@@ -2008,10 +2011,13 @@ def _floating(t: torch.Tensor) -> bool:
 class Reads(TorchFunctionMode):
     """Note in ``axes`` (``BatchAxes.values_decide``) a floating tensor's values read where
     the dispatcher does not see it, so ``decides`` cannot: ``tolist()``, ``numpy()``,
-    ``np.asarray`` (``__array__``), ``__dlpack__``, ``str``/``repr``/``print``, its storage or
-    data pointer, ``apply_``/``map_`` (a Python callable given each value). ``if t.tolist() >
-    0.5: ...`` then keeps ``f`` watched at every new ``t``. The mode sees each ``torch`` call
-    of ``f`` (~1 us each, during the watch only).
+    ``np.asarray`` (``__array__``), ``__dlpack__``, ``str``/``repr``/``print``, an f-string or
+    ``format`` (``__format__``, inside which this mode does not see ``__repr__``, and ``repr``
+    turns the dispatch modes off), its storage or data pointer, ``apply_``/``map_`` (a Python
+    callable given each value), a number read out (``item``, ``float``, ``int``, ``bool``: seen
+    by the dispatcher too, unless ``f`` turned the dispatch modes off). ``if t.tolist() > 0.5:
+    ...`` then keeps ``f`` watched at every new ``t``. The mode sees each ``torch`` call of
+    ``f`` (~1 us each, during the watch only).
 
     Example:
         >>> axes = BatchAxes(torch.ones(2, 1), 1)
@@ -2050,6 +2056,13 @@ _READS = frozenset(
         torch.Tensor.__array__,
         torch.Tensor.__dlpack__,
         torch.Tensor.__repr__,
+        torch.Tensor.__format__,
+        torch.Tensor.item,
+        torch.Tensor.__float__,
+        torch.Tensor.__int__,
+        torch.Tensor.__index__,
+        torch.Tensor.__bool__,
+        torch.Tensor.__complex__,
         torch.Tensor.untyped_storage,
         torch.Tensor.storage,
         torch.Tensor.data_ptr,
@@ -2062,6 +2075,31 @@ _READS = frozenset(
 # the ops whose results are values read out or shaped by values (``decides``), by their tags
 _VALUES_DECIDE = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
 _DECIDED: dict[Any, bool] = {}  # each op's verdict by its tags, as first met
+# the ops that raise on the values of a floating argument, where ``f`` may catch the error and
+# do something else (nothing they return shows it): bernoulli's ``p`` or a binary cross
+# entropy's input outside [0, 1], normal's negative ``std``, poisson's negative rate, histc's
+# or histogram's infinite range, an assert on a value, LAPACK failing to converge (``svd``,
+# ``eig``, ``eigh``, ``pinv``; the ``*_ex`` factorizations return their integer ``info``)
+_CHECKS_VALUES = frozenset(
+    getattr(getattr(aten, packet), overload)
+    for packet, overloads in {
+        "bernoulli": ("default", "out", "Tensor", "Tensor_out"),  # (not ``p``: a float)
+        "bernoulli_": ("Tensor",),
+        "normal": ("float_Tensor", "float_Tensor_out", "Tensor_Tensor", "Tensor_Tensor_out"),
+        "poisson": ("default", "out"),
+        "histc": ("default", "out"),
+        "histogram": ("bins_tensor", "bins_tensor_out", "bin_ct", "bin_ct_out"),
+        "binary_cross_entropy": ("default", "out"),
+        "_assert_async": ("default", "msg"),
+        "_functional_assert_async": ("msg",),
+        "_linalg_svd": ("default", "U"),
+        "linalg_eig": ("default", "out"),
+        "linalg_eigvals": ("default", "out"),
+        "_linalg_eigh": ("default", "eigenvalues"),
+        "linalg_pinv": tuple(aten.linalg_pinv.overloads()),
+    }.items()
+    for overload in overloads
+)
 
 
 def _kind(func: Any, unknown: bool) -> Carry:

@@ -180,8 +180,9 @@ def identity(f: Any, depth: int = 3) -> tuple[Any, Hashable]:
 class Held(NamedTuple):
     """What a function computes with (``identity``): ``key``, each floating tensor in it (a
     dense ``torch.Tensor`` or ``Parameter``; a subclass or sparse one is told by identity and
-    version as an integer one) by its dtype, shape, strides, device and whether it requires
-    grad, and those tensors by identity and version (``values``)."""
+    version as an integer one, as is one with Python attributes) by its dtype, shape, strides,
+    device and whether it requires grad, and those tensors by identity and version
+    (``values``)."""
 
     key: Hashable
     values: tuple[Hashable, ...]
@@ -241,8 +242,10 @@ def _part(v: Any, depth: int, values: list[Hashable]) -> Hashable | None:
         return same
     if v.is_inference():  # no version counter (``_version`` raises): a write is unseen
         return None
-    if type(v) not in _LOOSE or v.layout != torch.strided:
-        return same, v._version  # (a subclass's Python state or a sparse pattern may decide)
+    if type(v) not in _LOOSE or v.layout != torch.strided or v.__dict__:
+        # (a subclass's Python state, a sparse pattern or an attribute set on a plain tensor,
+        # ``t.shift = 1``, may decide)
+        return same, v._version
     if not (v.is_floating_point() or v.is_complex()):
         return same, v._version
     values.append((same, v._version))  # (strides: a branch on is_contiguous() reads no value)
