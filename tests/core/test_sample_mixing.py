@@ -1983,6 +1983,46 @@ def test_a_held_tensor_subclass_is_told_by_identity(name: str) -> None:
         _DECIDED_BY[name](make(_Timed(torch.tensor(1.0, dtype=f64), 1)), x)
 
 
+class _Sub(torch.Tensor):
+    """A tensor subclass with PyTorch's default ``__torch_function__``: every result of an op
+    on it comes back wrapped by ``as_subclass``, a new object no ATen call made."""
+
+
+_SUBCLASSED = {  # each mixes samples by a roll along the batch
+    "held": lambda s: lambda z: z.roll(1, 0) ** 2 + 0 * s,
+    "carried": lambda s: lambda z: (z * (1 + s)).roll(1, 0) ** 2,
+    "returned": lambda s: lambda z: (z.roll(1, 0) ** 2).as_subclass(_Sub),
+    "made inside": lambda s: lambda z: z.as_subclass(_Sub).roll(1, 0) ** 2,
+}
+
+
+@pytest.mark.parametrize("name", list(_DECIDED_BY))
+@pytest.mark.parametrize("case", list(_SUBCLASSED))
+def test_results_of_a_tensor_subclass_are_followed(name: str, case: str) -> None:
+    """Results wrapped by a subclass's ``__torch_function__`` (``as_subclass``: a view with
+    an ``id`` of its own, unwrapped to a plain view under ``torch.func``) are followed as the
+    results they alias (``BatchAxes.follow``): a roll along the batch is refused, where every
+    operator returned its per-sample result silently (the watch knew no such object). The
+    per-sample counterpart keeps its values (against per-sample Jacobians, float64)."""
+    x = torch.randn(8, 2, dtype=f64)
+    held = torch.tensor(0.5, dtype=f64).as_subclass(_Sub)
+    with pytest.raises(BatchInteractionError, match="f mixes samples"):
+        _DECIDED_BY[name](_SUBCLASSED[case](held), x)
+    f = lambda z: (z * (1 + held)).as_subclass(_Sub).sin() ** 2  # noqa: E731
+    one = lambda v: f(v[None])[0].as_subclass(torch.Tensor)  # noqa: E731
+    jacobians = [torch.autograd.functional.jacobian(one, xi) for xi in x]
+    got = _DECIDED_BY[name](f, x).as_subclass(torch.Tensor)
+    if name == "laplacian":
+        want = torch.stack(
+            [torch.autograd.functional.hessian(lambda v: one(v).sum(), xi).trace() for xi in x]
+        )
+    elif name == "hutchinson":  # the probe of ones: the sum of every entry of each Jacobian
+        want = torch.stack([j.sum() for j in jacobians])
+    else:
+        want = torch.stack([j.trace() for j in jacobians])
+    assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", list(_DECIDED_BY))
 def test_a_held_tensor_with_attributes_is_told_by_identity(name: str) -> None:
     """A plain tensor may carry Python attributes (``t.shift = 1``) that decide what ``f``

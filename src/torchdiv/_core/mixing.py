@@ -254,6 +254,9 @@ class BatchAxes:
         # only, so a recording is not kept to check later calls by structure
         # (``torchdiv._taylor.cache.template``: an index changed in place went unwatched)
         self.indexed = False
+        # whether ``f`` computed with a tensor subclass (``Reads``): its results are then
+        # aliases no ATen call made, followed at every op (``follow``)
+        self.subclassed = False
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -267,6 +270,9 @@ class BatchAxes:
         samples in a way derivatives see, or reads a result that did."""
         self.pending, self.carried, self.func, self.guess = None, None, func, None
         self.kwargs = kwargs or {}
+        if self.subclassed:  # (under ``torch.func``, the subclass's results come unwrapped)
+            for a in tree_leaves(args):
+                self.follow(a)
         if not self.known:
             return None
         within = not torch.is_grad_enabled()
@@ -336,6 +342,8 @@ class BatchAxes:
         if self.inside:
             self._settle()
         leaves = tree_leaves(y)
+        for t in leaves:
+            self.follow(t)
         if self.mixed:
             message = self._mixed_in(leaves)
             if message is not None:
@@ -538,6 +546,25 @@ class BatchAxes:
                 self.mixed_writes += 1
         self.inside.clear()
 
+    def follow(self, t: Any) -> None:
+        """Note ``t``, an alias that no ATen call made, as the result it aliases: a tensor
+        subclass's ``__torch_function__`` wraps each result of an op by ``as_subclass`` (as
+        ``f`` may itself: ``y.as_subclass(Sub)``), a view of that result with an ``id`` of
+        its own (under ``torch.func``, unwrapped to a plain view). Unfollowed, a subclass
+        ``f`` held took every result past the watch: ``z.roll(1, 0) ** 2 + 0 * t_sub``
+        returned silently."""
+        base = t._base if isinstance(t, torch.Tensor) else None
+        tables = (self.known, self.mixed, self.picked, self.spread, self.lines)
+        if base is None or any(id(t) in table for table in tables):
+            return
+        found = False
+        for table in tables:
+            entry = next((e for e in table.values() if _alias(e[0], t, base)), None)
+            if entry is not None:
+                table[id(t)] = (t, *entry[1:])
+                found = True
+        self.mixed_writes += found
+
     def _note(self, t: torch.Tensor, axes: Axes | None) -> None:
         if axes and t.is_floating_point():
             self.known[id(t)] = (t, axes)
@@ -548,6 +575,16 @@ class BatchAxes:
         module = _module_in_stack()
         where = f"in {module}, " if module else ""
         return explain(f"{what} ({where}ATen op {func})", self.x, self.batch_dims)
+
+
+def _alias(a: torch.Tensor, t: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``a`` and the view ``t`` of ``base`` are the same elements (``BatchAxes.follow``)."""
+    return (
+        (a is base or a._base is base)
+        and a.shape == t.shape
+        and a.stride() == t.stride()
+        and a.data_ptr() == t.data_ptr()
+    )
 
 
 def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
@@ -655,7 +692,7 @@ def watched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) 
     costs no extra evaluation, only the mode's few microseconds per op."""
     if allowed():
         return f(x)
-    with Watching(x, batch_dims) as mode:
+    with Watching(x, batch_dims) as mode, reading(mode.tracker):  # (``BatchAxes.follow``)
         y = f(x)
         if mode.tracker is not None:
             mode.tracker.finish(y)
@@ -2038,7 +2075,18 @@ class Reads(TorchFunctionMode):
             held = args[0] if args else None
             if isinstance(held, torch.Tensor) and _floating(held):
                 self.axes.values_decide = True
-        return func(*args, **(kwargs or {}))
+        for a in args:  # (a subclass's results: ``BatchAxes.follow``)
+            for t in a if isinstance(a, list | tuple) else (a,):
+                self._follow(t)
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, list | tuple) else (out,):
+            self._follow(t)
+        return out
+
+    def _follow(self, t: Any) -> None:
+        if type(t) not in _PLAIN_TYPES and isinstance(t, torch.Tensor):
+            self.axes.subclassed = True
+            self.axes.follow(t)
 
 
 def reading(axes: BatchAxes | None) -> contextlib.AbstractContextManager[Any]:
@@ -2048,6 +2096,8 @@ def reading(axes: BatchAxes | None) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext() if axes is None else Reads(axes)
 
 
+# the tensor types whose objects the ATen calls ``BatchAxes`` watches made (``follow``)
+_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
 # the tensor methods that read values where the dispatcher does not see it (``Reads``)
 _READS = frozenset(
     {
@@ -2096,7 +2146,7 @@ _CHECKS_VALUES = frozenset(
         "linalg_eig": ("default", "out"),
         "linalg_eigvals": ("default", "out"),
         "_linalg_eigh": ("default", "eigenvalues"),
-        "linalg_pinv": tuple(aten.linalg_pinv.overloads()),
+        "linalg_pinv": ("default", "atol_rtol_float", "atol_rtol_tensor", "rcond_tensor"),
     }.items()
     for overload in overloads
 )
