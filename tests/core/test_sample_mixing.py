@@ -2044,6 +2044,24 @@ def test_a_held_tensor_with_attributes_is_told_by_identity(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(_DECIDED_BY))
+def test_held_tensors_that_are_one_object_are_another_key(name: str) -> None:
+    """A branch on whether two held tensors are one object (``a is b``) reads no value: the
+    loose key holds which of them are (``_same_as``), so ``f`` over two objects after one
+    held twice is watched again and refused (taken for the ``f`` that passed, its
+    ``x.roll(1, 0) ** 2`` returned its per-sample result silently)."""
+    x = torch.randn(8, 2, dtype=f64)
+
+    def make(a: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda z: z.roll(int(a is not b), 0) ** 2 + 0 * a * b
+
+    one = torch.tensor(0.0, dtype=f64)
+    first = _DECIDED_BY[name](make(one, one), x)
+    assert_close(first, torch.full((8,), 4.0, dtype=f64) if name == "laplacian" else 2 * x.sum(-1))
+    with pytest.raises(BatchInteractionError, match="f mixes samples"):
+        _DECIDED_BY[name](make(torch.tensor(0.0, dtype=f64), torch.tensor(0.0, dtype=f64)), x)
+
+
+@pytest.mark.parametrize("name", list(_DECIDED_BY))
 def test_a_held_tensor_of_other_strides_is_another_key(name: str) -> None:
     """A branch on a held tensor's layout (``is_contiguous()``) reads no value, so no op
     ``decides``: the loose key holds its strides, and ``f`` over a transposed time of the
