@@ -583,7 +583,7 @@ def _alias(a: torch.Tensor, t: torch.Tensor, base: torch.Tensor) -> bool:
         (a is base or a._base is base)
         and a.shape == t.shape
         and a.stride() == t.stride()
-        and a.data_ptr() == t.data_ptr()
+        and a.storage_offset() == t.storage_offset()  # (not ``data_ptr``: ``Reads`` notes it)
     )
 
 
