@@ -94,7 +94,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -554,7 +554,11 @@ class BatchAxes:
         ``f`` held took every result past the watch: ``z.roll(1, 0) ** 2 + 0 * t_sub``
         returned silently."""
         base = t._base if isinstance(t, torch.Tensor) else None
-        tables = (self.known, self.mixed, self.picked, self.spread, self.lines)
+        # (each table's entries hold their tensor first: copied, ``t`` takes its place)
+        tables = cast(
+            "tuple[dict[int, tuple[Any, ...]], ...]",
+            (self.known, self.mixed, self.picked, self.spread, self.lines),
+        )
         if base is None or any(id(t) in table for table in tables):
             return
         found = False
