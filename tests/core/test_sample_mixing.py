@@ -1896,7 +1896,28 @@ _DECIDING = {  # each z * z where the time is 0, a mix of samples where it is 1
     "numpy": lambda t: lambda z: z.roll(int(t.numpy()), 0) ** 2,
     "str": lambda t: lambda z: z.roll(int("1." in str(t)), 0) ** 2,
     "apply_": lambda t: lambda z: z.roll(_first_value(t), 0) ** 2,
+    # an f-string (``__format__``, inside which ``__repr__`` went unseen) and a number read
+    # with the dispatch modes turned off
+    "f-string": lambda t: lambda z: z.roll(int("1." in f"{t.reshape(1)}"), 0) ** 2,
+    "modes off": lambda t: lambda z: z.roll(_read_unseen(t), 0) ** 2,
+    # an op that raises on values (``torchdiv._core.mixing._CHECKS_VALUES``), its error caught
+    "error caught": lambda t: lambda z: z.roll(_fails(t), 0) ** 2,
 }
+
+
+def _read_unseen(t: torch.Tensor) -> int:
+    """``int(t)`` where no dispatch mode sees its ``item``."""
+    with torch.utils._python_dispatch._disable_current_modes():
+        return int(t)
+
+
+def _fails(t: torch.Tensor) -> int:
+    """1 where ``binary_cross_entropy`` refuses ``t + 0.5`` (outside [0, 1]), else 0."""
+    try:
+        torch.nn.functional.binary_cross_entropy(t + 0.5, torch.ones_like(t))
+    except RuntimeError:
+        return 1
+    return 0
 
 
 def _first_value(t: torch.Tensor) -> int:
@@ -1917,7 +1938,9 @@ _DECIDED_BY = {  # (the Laplacian loops at 2 inputs)
 def test_a_time_that_decides_whether_f_mixes_is_watched_again(name: str, case: str) -> None:
     """Where a held time's value decides what ``f`` does (a branch, a read-out, an index
     computed from it; a read by ``tolist()``, ``numpy()`` or ``str()``, which bypass the
-    dispatcher: before ``Reads``, f over the time 1 returned 2 * x.roll(1, 0) silently),
+    dispatcher: before ``Reads``, f over the time 1 returned 2 * x.roll(1, 0) silently; so
+    did an f-string of ``t``, a read with the dispatch modes off, and an error of
+    ``binary_cross_entropy`` caught),
     the watch holds only for that time: ``f`` over another, which mixes
     samples, is watched again and refused (taken for the ``f`` that passed, it gave a wrong
     per-sample result)."""
@@ -1958,6 +1981,84 @@ def test_a_held_tensor_subclass_is_told_by_identity(name: str) -> None:
     assert_close(first, torch.full((8,), 4.0, dtype=f64) if name == "laplacian" else 2 * x.sum(-1))
     with pytest.raises(BatchInteractionError, match="f mixes samples"):
         _DECIDED_BY[name](make(_Timed(torch.tensor(1.0, dtype=f64), 1)), x)
+
+
+class _Sub(torch.Tensor):
+    """A tensor subclass with PyTorch's default ``__torch_function__``: every result of an op
+    on it comes back wrapped by ``as_subclass``, a new object no ATen call made."""
+
+
+_SUBCLASSED = {  # each mixes samples by a roll along the batch
+    "held": lambda s: lambda z: z.roll(1, 0) ** 2 + 0 * s,
+    "carried": lambda s: lambda z: (z * (1 + s)).roll(1, 0) ** 2,
+    "returned": lambda s: lambda z: (z.roll(1, 0) ** 2).as_subclass(_Sub),
+    "made inside": lambda s: lambda z: z.as_subclass(_Sub).roll(1, 0) ** 2,
+}
+
+
+@pytest.mark.parametrize("name", list(_DECIDED_BY))
+@pytest.mark.parametrize("case", list(_SUBCLASSED))
+def test_results_of_a_tensor_subclass_are_followed(name: str, case: str) -> None:
+    """Results wrapped by a subclass's ``__torch_function__`` (``as_subclass``: a view with
+    an ``id`` of its own, unwrapped to a plain view under ``torch.func``) are followed as the
+    results they alias (``BatchAxes.follow``): a roll along the batch is refused, where every
+    operator returned its per-sample result silently (the watch knew no such object). The
+    per-sample counterpart keeps its values (against per-sample Jacobians, float64)."""
+    x = torch.randn(8, 2, dtype=f64)
+    held = torch.tensor(0.5, dtype=f64).as_subclass(_Sub)
+    with pytest.raises(BatchInteractionError, match="f mixes samples"):
+        _DECIDED_BY[name](_SUBCLASSED[case](held), x)
+    f = lambda z: (z * (1 + held)).as_subclass(_Sub).sin() ** 2  # noqa: E731
+    one = lambda v: f(v[None])[0].as_subclass(torch.Tensor)  # noqa: E731
+    jacobians = [torch.autograd.functional.jacobian(one, xi) for xi in x]
+    got = _DECIDED_BY[name](f, x).as_subclass(torch.Tensor)
+    if name == "laplacian":
+        want = torch.stack(
+            [torch.autograd.functional.hessian(lambda v: one(v).sum(), xi).trace() for xi in x]
+        )
+    elif name == "hutchinson":  # the probe of ones: the sum of every entry of each Jacobian
+        want = torch.stack([j.sum() for j in jacobians])
+    else:
+        want = torch.stack([j.trace() for j in jacobians])
+    assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(_DECIDED_BY))
+def test_a_held_tensor_with_attributes_is_told_by_identity(name: str) -> None:
+    """A plain tensor may carry Python attributes (``t.shift = 1``) that decide what ``f``
+    does without any op reading a value, as a subclass's state does: it is told by identity
+    and version, so ``f`` over another one is watched again and refused (held by dtype and
+    shape, it was taken for the ``f`` that passed: ``x.roll(1, 0) ** 2``'s per-sample result
+    returned silently)."""
+    x = torch.randn(8, 2, dtype=f64)
+
+    def make(shift: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        t = torch.tensor(float(shift), dtype=f64)
+        t.shift = shift  # type: ignore[attr-defined]
+        return lambda z: z.roll(t.shift, 0) ** 2 + 0 * t
+
+    first = _DECIDED_BY[name](make(0), x)
+    assert_close(first, torch.full((8,), 4.0, dtype=f64) if name == "laplacian" else 2 * x.sum(-1))
+    with pytest.raises(BatchInteractionError, match="f mixes samples"):
+        _DECIDED_BY[name](make(1), x)
+
+
+@pytest.mark.parametrize("name", list(_DECIDED_BY))
+def test_held_tensors_that_are_one_object_are_another_key(name: str) -> None:
+    """A branch on whether two held tensors are one object (``a is b``) reads no value: the
+    loose key holds which of them are (``_same_as``), so ``f`` over two objects after one
+    held twice is watched again and refused (taken for the ``f`` that passed, its
+    ``x.roll(1, 0) ** 2`` returned its per-sample result silently)."""
+    x = torch.randn(8, 2, dtype=f64)
+
+    def make(a: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda z: z.roll(int(a is not b), 0) ** 2 + 0 * a * b
+
+    one = torch.tensor(0.0, dtype=f64)
+    first = _DECIDED_BY[name](make(one, one), x)
+    assert_close(first, torch.full((8,), 4.0, dtype=f64) if name == "laplacian" else 2 * x.sum(-1))
+    with pytest.raises(BatchInteractionError, match="f mixes samples"):
+        _DECIDED_BY[name](make(torch.tensor(0.0, dtype=f64), torch.tensor(0.0, dtype=f64)), x)
 
 
 @pytest.mark.parametrize("name", list(_DECIDED_BY))

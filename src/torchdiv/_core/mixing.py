@@ -94,7 +94,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -254,6 +254,9 @@ class BatchAxes:
         # only, so a recording is not kept to check later calls by structure
         # (``torchdiv._taylor.cache.template``: an index changed in place went unwatched)
         self.indexed = False
+        # whether ``f`` computed with a tensor subclass (``Reads``): its results are then
+        # aliases no ATen call made, followed at every op (``follow``)
+        self.subclassed = False
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -267,6 +270,9 @@ class BatchAxes:
         samples in a way derivatives see, or reads a result that did."""
         self.pending, self.carried, self.func, self.guess = None, None, func, None
         self.kwargs = kwargs or {}
+        if self.subclassed:  # (under ``torch.func``, the subclass's results come unwrapped)
+            for a in tree_leaves(args):
+                self.follow(a)
         if not self.known:
             return None
         within = not torch.is_grad_enabled()
@@ -336,6 +342,8 @@ class BatchAxes:
         if self.inside:
             self._settle()
         leaves = tree_leaves(y)
+        for t in leaves:
+            self.follow(t)
         if self.mixed:
             message = self._mixed_in(leaves)
             if message is not None:
@@ -538,6 +546,29 @@ class BatchAxes:
                 self.mixed_writes += 1
         self.inside.clear()
 
+    def follow(self, t: Any) -> None:
+        """Note ``t``, an alias that no ATen call made, as the result it aliases: a tensor
+        subclass's ``__torch_function__`` wraps each result of an op by ``as_subclass`` (as
+        ``f`` may itself: ``y.as_subclass(Sub)``), a view of that result with an ``id`` of
+        its own (under ``torch.func``, unwrapped to a plain view). Unfollowed, a subclass
+        ``f`` held took every result past the watch: ``z.roll(1, 0) ** 2 + 0 * t_sub``
+        returned silently."""
+        base = t._base if isinstance(t, torch.Tensor) else None
+        # (each table's entries hold their tensor first: copied, ``t`` takes its place)
+        tables = cast(
+            "tuple[dict[int, tuple[Any, ...]], ...]",
+            (self.known, self.mixed, self.picked, self.spread, self.lines),
+        )
+        if base is None or any(id(t) in table for table in tables):
+            return
+        found = False
+        for table in tables:
+            entry = next((e for e in table.values() if _alias(e[0], t, base)), None)
+            if entry is not None:
+                table[id(t)] = (t, *entry[1:])
+                found = True
+        self.mixed_writes += found
+
     def _note(self, t: torch.Tensor, axes: Axes | None) -> None:
         if axes and t.is_floating_point():
             self.known[id(t)] = (t, axes)
@@ -548,6 +579,16 @@ class BatchAxes:
         module = _module_in_stack()
         where = f"in {module}, " if module else ""
         return explain(f"{what} ({where}ATen op {func})", self.x, self.batch_dims)
+
+
+def _alias(a: torch.Tensor, t: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``a`` and the view ``t`` of ``base`` are the same elements (``BatchAxes.follow``)."""
+    return (
+        (a is base or a._base is base)
+        and a.shape == t.shape
+        and a.stride() == t.stride()
+        and a.storage_offset() == t.storage_offset()  # (not ``data_ptr``: ``Reads`` notes it)
+    )
 
 
 def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
@@ -655,7 +696,7 @@ def watched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) 
     costs no extra evaluation, only the mode's few microseconds per op."""
     if allowed():
         return f(x)
-    with Watching(x, batch_dims) as mode:
+    with Watching(x, batch_dims) as mode, reading(mode.tracker):  # (``BatchAxes.follow``)
         y = f(x)
         if mode.tracker is not None:
             mode.tracker.finish(y)
@@ -1978,7 +2019,9 @@ def decides(func: Any, args: Sequence[Any], out: Any) -> bool:
     """Whether the op ``func`` turned values into something that can decide what the code
     calls next or which samples an index moves: a Python number (``item``, a branch on a
     tensor), a shape set by values (``nonzero``, ``unique``), or integers or booleans computed
-    from floating values (``x > 0``, ``argmax``, ``.long()``, a sort's indices). A watch of
+    from floating values (``x > 0``, ``argmax``, ``.long()``, a sort's indices), or an op that
+    raises on a floating argument's values (``_CHECKS_VALUES``: ``try: bernoulli(p)``, its
+    error caught, decides what ``f`` does next by ``p`` though no result shows it). A watch of
     ``f`` during which no op did holds for every floating value ``f`` reads, not only
     those it was watched with (``torchdiv._taylor.mixing.identity``): which ops ran, on
     which shapes, with which integer indices, followed from ``f``'s code and the rest.
@@ -1992,7 +2035,8 @@ def decides(func: Any, args: Sequence[Any], out: Any) -> bool:
     """
     decided = _DECIDED.get(func)
     if decided is None:
-        decided = _DECIDED[func] = any(tag in func.tags for tag in _VALUES_DECIDE)
+        tagged = any(tag in func.tags for tag in _VALUES_DECIDE)
+        decided = _DECIDED[func] = tagged or func in _CHECKS_VALUES
     if decided:
         return True
     outs = out if isinstance(out, list | tuple) else (out,)
@@ -2008,10 +2052,13 @@ def _floating(t: torch.Tensor) -> bool:
 class Reads(TorchFunctionMode):
     """Note in ``axes`` (``BatchAxes.values_decide``) a floating tensor's values read where
     the dispatcher does not see it, so ``decides`` cannot: ``tolist()``, ``numpy()``,
-    ``np.asarray`` (``__array__``), ``__dlpack__``, ``str``/``repr``/``print``, its storage or
-    data pointer, ``apply_``/``map_`` (a Python callable given each value). ``if t.tolist() >
-    0.5: ...`` then keeps ``f`` watched at every new ``t``. The mode sees each ``torch`` call
-    of ``f`` (~1 us each, during the watch only).
+    ``np.asarray`` (``__array__``), ``__dlpack__``, ``str``/``repr``/``print``, an f-string or
+    ``format`` (``__format__``, inside which this mode does not see ``__repr__``, and ``repr``
+    turns the dispatch modes off), its storage or data pointer, ``apply_``/``map_`` (a Python
+    callable given each value), a number read out (``item``, ``float``, ``int``, ``bool``: seen
+    by the dispatcher too, unless ``f`` turned the dispatch modes off). ``if t.tolist() > 0.5:
+    ...`` then keeps ``f`` watched at every new ``t``. The mode sees each ``torch`` call of
+    ``f`` (~1 us each, during the watch only).
 
     Example:
         >>> axes = BatchAxes(torch.ones(2, 1), 1)
@@ -2032,7 +2079,18 @@ class Reads(TorchFunctionMode):
             held = args[0] if args else None
             if isinstance(held, torch.Tensor) and _floating(held):
                 self.axes.values_decide = True
-        return func(*args, **(kwargs or {}))
+        for a in args:  # (a subclass's results: ``BatchAxes.follow``)
+            for t in a if isinstance(a, list | tuple) else (a,):
+                self._follow(t)
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, list | tuple) else (out,):
+            self._follow(t)
+        return out
+
+    def _follow(self, t: Any) -> None:
+        if type(t) not in _PLAIN_TYPES and isinstance(t, torch.Tensor):
+            self.axes.subclassed = True
+            self.axes.follow(t)
 
 
 def reading(axes: BatchAxes | None) -> contextlib.AbstractContextManager[Any]:
@@ -2042,6 +2100,8 @@ def reading(axes: BatchAxes | None) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext() if axes is None else Reads(axes)
 
 
+# the tensor types whose objects the ATen calls ``BatchAxes`` watches made (``follow``)
+_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
 # the tensor methods that read values where the dispatcher does not see it (``Reads``)
 _READS = frozenset(
     {
@@ -2050,6 +2110,13 @@ _READS = frozenset(
         torch.Tensor.__array__,
         torch.Tensor.__dlpack__,
         torch.Tensor.__repr__,
+        torch.Tensor.__format__,
+        torch.Tensor.item,
+        torch.Tensor.__float__,
+        torch.Tensor.__int__,
+        torch.Tensor.__index__,
+        torch.Tensor.__bool__,
+        torch.Tensor.__complex__,
         torch.Tensor.untyped_storage,
         torch.Tensor.storage,
         torch.Tensor.data_ptr,
@@ -2062,6 +2129,31 @@ _READS = frozenset(
 # the ops whose results are values read out or shaped by values (``decides``), by their tags
 _VALUES_DECIDE = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
 _DECIDED: dict[Any, bool] = {}  # each op's verdict by its tags, as first met
+# the ops that raise on the values of a floating argument, where ``f`` may catch the error and
+# do something else (nothing they return shows it): bernoulli's ``p`` or a binary cross
+# entropy's input outside [0, 1], normal's negative ``std``, poisson's negative rate, histc's
+# or histogram's infinite range, an assert on a value, LAPACK failing to converge (``svd``,
+# ``eig``, ``eigh``, ``pinv``; the ``*_ex`` factorizations return their integer ``info``)
+_CHECKS_VALUES = frozenset(
+    getattr(getattr(aten, packet), overload)
+    for packet, overloads in {
+        "bernoulli": ("default", "out", "Tensor", "Tensor_out"),  # (not ``p``: a float)
+        "bernoulli_": ("Tensor",),
+        "normal": ("float_Tensor", "float_Tensor_out", "Tensor_Tensor", "Tensor_Tensor_out"),
+        "poisson": ("default", "out"),
+        "histc": ("default", "out"),
+        "histogram": ("bins_tensor", "bins_tensor_out", "bin_ct", "bin_ct_out"),
+        "binary_cross_entropy": ("default", "out"),
+        "_assert_async": ("default", "msg"),
+        "_functional_assert_async": ("msg",),
+        "_linalg_svd": ("default", "U"),
+        "linalg_eig": ("default", "out"),
+        "linalg_eigvals": ("default", "out"),
+        "_linalg_eigh": ("default", "eigenvalues"),
+        "linalg_pinv": ("default", "atol_rtol_float", "atol_rtol_tensor", "rcond_tensor"),
+    }.items()
+    for overload in overloads
+)
 
 
 def _kind(func: Any, unknown: bool) -> Carry:

@@ -172,22 +172,33 @@ def identity(f: Any, depth: int = 3) -> tuple[Any, Hashable]:
         >>> identity(make()) == identity(make()), identity(make()) == identity(lambda z: z)
         (True, False)
     """
-    values: list[Hashable] = []
+    values: list[tuple[Hashable, int]] = []
     site, held = _identity(f, depth, values)
-    return (site, held) if site is f else (site, Held(held, tuple(values)))
+    if site is f:
+        return site, held
+    return site, Held(held if len(values) < 2 else (held, _same_as(values)), tuple(values))
+
+
+def _same_as(values: list[tuple[Hashable, int]]) -> tuple[int, ...]:
+    """Which of the floating tensors ``identity`` found (``values``) are one object: for
+    each, the place of the first that is (a branch on ``a is b``, no value read, decides
+    alike for every value, not for every pairing)."""
+    firsts: dict[Hashable, int] = {}
+    return tuple(firsts.setdefault(same, i) for i, (same, _) in enumerate(values))
 
 
 class Held(NamedTuple):
     """What a function computes with (``identity``): ``key``, each floating tensor in it (a
     dense ``torch.Tensor`` or ``Parameter``; a subclass or sparse one is told by identity and
-    version as an integer one) by its dtype, shape, strides, device and whether it requires
-    grad, and those tensors by identity and version (``values``)."""
+    version as an integer one, as is one with Python attributes) by its dtype, shape, strides,
+    device and whether it requires grad, with which of them are one object where several
+    (``_same_as``), and those tensors by identity and version (``values``)."""
 
     key: Hashable
     values: tuple[Hashable, ...]
 
 
-def _identity(f: Any, depth: int, values: list[Hashable]) -> tuple[Any, Hashable]:
+def _identity(f: Any, depth: int, values: list[tuple[Hashable, int]]) -> tuple[Any, Hashable]:
     """``identity`` without ``Held``: the floating tensors' identities go to ``values``."""
     if not isinstance(f, types.FunctionType) or depth == 0:
         return f, ()
@@ -220,7 +231,7 @@ def _cell(cell: Any) -> Any:
         return _EMPTY
 
 
-def _part(v: Any, depth: int, values: list[Hashable]) -> Hashable | None:
+def _part(v: Any, depth: int, values: list[tuple[Hashable, int]]) -> Hashable | None:
     """How ``identity`` tells one held object: ``None`` where it cannot."""
     if type(v) in _VALUES:
         return type(v), v
@@ -241,8 +252,10 @@ def _part(v: Any, depth: int, values: list[Hashable]) -> Hashable | None:
         return same
     if v.is_inference():  # no version counter (``_version`` raises): a write is unseen
         return None
-    if type(v) not in _LOOSE or v.layout != torch.strided:
-        return same, v._version  # (a subclass's Python state or a sparse pattern may decide)
+    if type(v) not in _LOOSE or v.layout != torch.strided or v.__dict__:
+        # (a subclass's Python state, a sparse pattern or an attribute set on a plain tensor,
+        # ``t.shift = 1``, may decide)
+        return same, v._version
     if not (v.is_floating_point() or v.is_complex()):
         return same, v._version
     values.append((same, v._version))  # (strides: a branch on is_contiguous() reads no value)
