@@ -342,3 +342,28 @@ def test_variance_without_degrees_of_freedom(method):
     expected = torchdiv.laplacian(u, x, method="forward-over-reverse")
     assert bool(expected.isnan().all())
     torch.testing.assert_close(out, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "reduce",
+    [
+        lambda s: torch.softmax(s, 0) * s,
+        lambda s: torch.sort(s).values,
+        lambda s: torch.max(s, 0).values,
+        lambda s: torch.amin(s, -1),
+        lambda s: torch.var(s, 0, correction=0) + s,
+    ],
+    ids=["softmax", "sort", "max_dim", "amin", "var"],
+)
+def test_ops_along_dimension_0_of_a_scalar(reduce):
+    """PyTorch takes a 0-dimensional tensor for a 1-element one along dimension 0; the
+    rules' ``dim % ndim`` raised ``ZeroDivisionError`` (``IndexError`` for ``var``) past
+    "auto"'s fallback. Such a use is now reported as unsupported: "auto" takes another
+    method, "taylor" names the op."""
+    weight, bias = _parameters()
+    u = _model(lambda h: reduce(torch.sin(h).sum() ** 2), weight, bias)
+    x = torch.randn(D, dtype=f64, generator=torch.Generator().manual_seed(1))
+    expected = _loop_laplacian(lambda z: u(z[0])[None], x[None])[0]
+    torch.testing.assert_close(torchdiv.laplacian(u, x, batch_dims=0), expected)
+    with pytest.raises(NotImplementedError, match="method='taylor' has no propagation rule"):
+        torchdiv.laplacian(u, x, batch_dims=0, method="taylor")
