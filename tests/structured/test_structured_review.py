@@ -609,3 +609,19 @@ def test_addmm_whose_bias_is_its_own_input(diag: bool) -> None:
     expected = op(f, x, method="reverse")
     _close(op(f, x, method="structured"), expected)
     _close(op(f, x), expected)
+
+
+@pytest.mark.parametrize("method", ["structured", "auto"])
+def test_a_reshape_of_an_empty_map_in_a_conv_net(method: str) -> None:
+    # locality._groups matched element counts of the reshape's dimensions, and ran past the
+    # end of a shape holding a 0 (IndexError); an empty tensor now ends the analysis.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 2, 3, padding=1).to(f64)
+    x = torch.randn(2, 2, 8, 8, dtype=f64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        empty = z[:, :, :0].reshape(2, 2, 8, 0)  # no rows of features
+        return torch.tanh(conv(z)) + torch.cat([empty, torch.tanh(z)], -1)
+
+    expected = torchdiv.jacobian_diagonal(f, x, method="reverse")
+    _close(torchdiv.jacobian_diagonal(f, x, method=method), expected)
