@@ -2210,3 +2210,21 @@ def test_a_function_a_module_holds_is_part_of_its_structure(
         net.act = lambda y: torch.tanh(flip(y))
     with pytest.raises(BatchInteractionError, match="mix"):
         calls(f())
+
+
+def _with_empty_features(z: torch.Tensor) -> torch.Tensor:
+    """``tanh(z)`` with a per-sample feature block of size 0 reshaped in (a conditioning of
+    no features, ``flatten`` of an empty map): no values, so no samples, are moved."""
+    empty = z[:, z.shape[1] :].reshape(len(z), 0, 3).flatten(1)
+    return torch.cat([torch.tanh(z), empty], -1)
+
+
+@pytest.mark.parametrize("method", ["taylor", "auto"])
+def test_a_reshape_of_an_empty_tensor_mixes_no_samples(method: str) -> None:
+    """The watch placed a batch axis by the place values of the reshape's result; an empty
+    one has none, so the axis was taken for spread across dimensions and ``f`` refused."""
+    x = torch.randn(64, 6, dtype=f64)  # "auto" plans it (structured), past the tiny problems
+    lap = torchdiv.laplacian(lambda z: _with_empty_features(z).sum(-1), x, method=method)
+    assert_close(lap, (-2 * torch.tanh(x) / torch.cosh(x) ** 2).sum(-1))
+    expected = (1 / torch.cosh(x) ** 2).sum(-1)
+    assert_close(torchdiv.divergence(_with_empty_features, x), expected)

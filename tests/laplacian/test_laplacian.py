@@ -882,6 +882,22 @@ def test_in_place_ops_on_unshared_tensors_are_propagated():
     assert_close(torchdiv.laplacian(_residual_in_place, z, method="taylor"), expected)
 
 
+def _powers_in_place(z: torch.Tensor) -> torch.Tensor:
+    h = torch.sin(z @ _W)
+    h.pow_(3)  # pow_.Scalar, Tensor ** number: recorded as pow.Scalar, number ** Tensor
+    h.transpose_(0, 1)
+    return (h.T * z).sum(-1)
+
+
+def test_in_place_power_and_transpose_are_propagated():
+    """``pow_.Scalar`` was recorded as the out-of-place op of the same overload name,
+    ``pow.Scalar`` (``number ** Tensor``), whose rule took the jet for the base:
+    ``method="taylor"`` refused ``h.pow_(3)``; ``transpose_`` had no out-of-place op."""
+    z = torch.randn(4, 3, dtype=f64)
+    expected = reference_laplacian(_powers_in_place, z)
+    assert_close(torchdiv.laplacian(_powers_in_place, z, method="taylor"), expected)
+
+
 def test_in_place_ops_on_shared_memory_are_refused_and_auto_falls_back():
     z = torch.randn(4, 3, dtype=f64)
     with pytest.raises(NotImplementedError, match=r"aten\.mul_\.Tensor"):

@@ -594,3 +594,34 @@ def test_view_of_buffer_made_before_the_write_and_read_after_it() -> None:
         return torch.tanh(y @ w + v)
 
     _check_buffer_case(f, torch.randn(32, D, dtype=f64), buf)
+
+
+@pytest.mark.parametrize("diag", [False, True])
+def test_addmm_whose_bias_is_its_own_input(diag: bool) -> None:
+    # factors._Walker._matmul took addmm(a, a, W) = beta a + alpha a W for the one factor W
+    # (the bias read no further): the identity path through the bias was lost, tr(D W)
+    # instead of tr(D (beta I + alpha W)) (an error of 1.0-2.0 per sample).
+    torch.manual_seed(0)
+    x = torch.randn(64, 16, dtype=f64)  # past TINY_PROBLEM: "auto" plans it too
+    weight = torch.randn(16, 16, dtype=f64) / 4
+    f = lambda x: torch.tanh(torch.addmm(x, x, weight, beta=2.0, alpha=0.5))  # noqa: E731
+    op = torchdiv.jacobian_diagonal if diag else torchdiv.divergence
+    expected = op(f, x, method="reverse")
+    _close(op(f, x, method="structured"), expected)
+    _close(op(f, x), expected)
+
+
+@pytest.mark.parametrize("method", ["structured", "auto"])
+def test_a_reshape_of_an_empty_map_in_a_conv_net(method: str) -> None:
+    # locality._groups matched element counts of the reshape's dimensions, and ran past the
+    # end of a shape holding a 0 (IndexError); an empty tensor now ends the analysis.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 2, 3, padding=1).to(f64)
+    x = torch.randn(2, 2, 8, 8, dtype=f64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        empty = z[:, :, :0].reshape(2, 2, 8, 0)  # no rows of features
+        return torch.tanh(conv(z)) + torch.cat([empty, torch.tanh(z)], -1)
+
+    expected = torchdiv.jacobian_diagonal(f, x, method="reverse")
+    _close(torchdiv.jacobian_diagonal(f, x, method=method), expected)

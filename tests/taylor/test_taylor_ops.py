@@ -307,3 +307,63 @@ def test_hypot_and_atan2_at_the_origin_return_zero_derivatives(op):
     torch.testing.assert_close(
         torchdiv.laplacian(u, x, method="taylor"), torch.full((3, 2), 8.0, dtype=f64)
     )
+
+
+@pytest.mark.parametrize(
+    "reduce",
+    [
+        lambda h: torch.logsumexp(h.sum() ** 2, 0),  # a 0-dimensional input, dimension 0
+        lambda h: torch.amax(torch.sin(h)),  # no dimensions given: every one
+        lambda h: torch.amin(torch.cos(h)),
+    ],
+    ids=["logsumexp_of_a_scalar", "amax_of_all", "amin_of_all"],
+)
+def test_reductions_over_every_element_of_one_sample(reduce):
+    """``logsumexp`` of a 0-dimensional tensor raised ``IndexError`` (past "auto"'s fallback);
+    ``amax``/``amin`` without dimensions were refused for want of an argument."""
+    weight, bias = _parameters()
+    u = _model(reduce, weight, bias)
+    x = torch.randn(D, dtype=f64, generator=torch.Generator().manual_seed(1))
+    expected = _loop_laplacian(lambda z: u(z[0])[None], x[None])[0]
+    torch.testing.assert_close(torchdiv.laplacian(u, x, batch_dims=0, method="taylor"), expected)
+    torch.testing.assert_close(torchdiv.laplacian(u, x, batch_dims=0), expected)
+
+
+@pytest.mark.parametrize("method", ["auto", "taylor"])
+@pytest.mark.filterwarnings("ignore:var\\(\\). degrees of freedom")
+def test_variance_without_degrees_of_freedom(method):
+    """One element with Bessel's correction: PyTorch's variance is 0/0 = nan, and so is its
+    Laplacian in every engine; the rule divided by ``count - correction`` in Python and raised
+    ``ZeroDivisionError``, past "auto"'s fallback."""
+    weight, bias = _parameters()
+    u = _model(lambda h: torch.var(h[:, :1], -1), weight, bias)
+    x = _points("var")
+    out = torchdiv.laplacian(u, x, method=method)
+    expected = torchdiv.laplacian(u, x, method="forward-over-reverse")
+    assert bool(expected.isnan().all())
+    torch.testing.assert_close(out, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "reduce",
+    [
+        lambda s: torch.softmax(s, 0) * s,
+        lambda s: torch.sort(s).values,
+        lambda s: torch.max(s, 0).values,
+        lambda s: torch.amin(s, -1),
+        lambda s: torch.var(s, 0, correction=0) + s,
+    ],
+    ids=["softmax", "sort", "max_dim", "amin", "var"],
+)
+def test_ops_along_dimension_0_of_a_scalar(reduce):
+    """PyTorch takes a 0-dimensional tensor for a 1-element one along dimension 0; the
+    rules' ``dim % ndim`` raised ``ZeroDivisionError`` (``IndexError`` for ``var``) past
+    "auto"'s fallback. Such a use is now reported as unsupported: "auto" takes another
+    method, "taylor" names the op."""
+    weight, bias = _parameters()
+    u = _model(lambda h: reduce(torch.sin(h).sum() ** 2), weight, bias)
+    x = torch.randn(D, dtype=f64, generator=torch.Generator().manual_seed(1))
+    expected = _loop_laplacian(lambda z: u(z[0])[None], x[None])[0]
+    torch.testing.assert_close(torchdiv.laplacian(u, x, batch_dims=0), expected)
+    with pytest.raises(NotImplementedError, match="method='taylor' has no propagation rule"):
+        torchdiv.laplacian(u, x, batch_dims=0, method="taylor")

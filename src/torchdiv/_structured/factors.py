@@ -279,9 +279,12 @@ class _Walker:
         return (self._diagonal(None if jet.jac is None else jet.jac[0], y),)
 
     def _matmul(self, node: Node, out: Ref, source: Ref) -> tuple[Shared] | None:
-        """``a @ W`` (``mm``) or ``bias + alpha a @ W`` (``addmm``) with ``W`` constant."""
+        """``a @ W`` (``mm``) or ``bias + alpha a @ W`` (``addmm``) with ``W`` and the bias
+        constant (a bias that is ``a`` itself, ``addmm(a, a, W)``, adds a path of its own:
+        not one factor)."""
         args = node.args if node.func == aten.mm.default else node.args[1:]
-        if not _is(args[0], source) or self.dependent(args[1]):
+        bias = node.args[0] if node.func == aten.addmm.default else None
+        if not _is(args[0], source) or self.dependent(args[1]) or self.dependent(bias):
             return None
         if self.value(args[0]).shape[0] != self.n:  # rows that are not the samples
             return None

@@ -162,8 +162,8 @@ class _Layouts:
         if len(inputs) != 1 or node.args[0] != first:
             return None  # below: ops linear in their first argument only
         shape = args[0].shape
-        if func in _VIEWS:
-            return _reshaped(source, tuple(shape), tuple(out.shape))
+        if func in _VIEWS:  # (an empty tensor has no element counts to group dimensions by)
+            return _reshaped(source, tuple(shape), tuple(out.shape)) if out.numel() else None
         if func == aten.permute.default:
             order = [d % out.dim() for d in args[1]]
             return tuple(replace(a, dim=order.index(a.dim)) for a in source)

@@ -468,9 +468,26 @@ def _facts(func: Any) -> _Facts:
             torch.Tag.nondeterministic_seeded in func.tags,
             writes,
             in_place,
-            getattr(packet, func._overloadname, None) if packet is not None else None,
+            _out_of_place(func, packet) if packet is not None else None,
         )
     return facts
+
+
+def _out_of_place(func: Any, packet: Any) -> Any:
+    """The overload of ``packet`` (the out-of-place op of the in-place ``func``) that takes
+    ``func``'s arguments: the one of the same name, unless that takes others (``pow_.Scalar``
+    is ``Tensor ** number``, as ``pow.Tensor_Scalar``; ``pow.Scalar`` is ``number ** Tensor``,
+    and recording it so had the replay take the jet for the base), then the one whose
+    arguments have ``func``'s types; ``None`` if there is none."""
+
+    def signature(op: Any) -> list[tuple[str, bool, str | None]]:
+        arguments = op._schema.arguments
+        return [(str(a.type), a.kwarg_only, a.name if a.kwarg_only else None) for a in arguments]
+
+    wanted = signature(func)
+    named = getattr(packet, func._overloadname, None)
+    others = [getattr(packet, name) for name in packet.overloads()]
+    return next((op for op in (named, *others) if op is not None and signature(op) == wanted), None)
 
 
 # training-mode batch norm updates its running statistics (arguments 3 and 4) in place,

@@ -51,13 +51,20 @@ def _normalize(ctx: Context, a: Jet, dims: tuple[int, ...], eps: float) -> tuple
 def _variance(
     ctx: Context, a: Jet, dims: Any = None, correction: float = 1, keepdim: bool = False
 ) -> tuple[Jet, Jet]:
-    """``(var, mean)`` over ``dims`` (all if ``None``), with ``correction`` (Bessel's = 1)."""
+    """``(var, mean)`` over ``dims`` (all if ``None``), with ``correction`` (Bessel's = 1).
+    The sum of squares is divided by ``max(0, count - correction)``, as PyTorch divides it:
+    by zero (``nan`` or ``inf``, with PyTorch's warning) where no degree of freedom is left,
+    such as one element with Bessel's correction (a Python division by zero raised there)."""
     ctx = inner(ctx)
     dims = tuple(dims) if dims else tuple(range(a.value.dim()))  # None or []: every dim
     count = math.prod(a.shape[d] for d in dims)
     mean = linear(ctx, torch.mean, a, dims, keepdim=True)
     square = ELEMENTWISE[aten.pow.Tensor_Scalar](ctx, add(a, mean, -1), 2)
-    var = scale(linear(ctx, torch.sum, square, dims, keepdim=keepdim), 1 / (count - correction))
+    freedom = max(0, count - correction)
+    var = scale(
+        linear(ctx, torch.sum, square, dims, keepdim=keepdim),
+        1 / freedom if freedom else math.inf,
+    )
     return var, mean if keepdim else linear(ctx, torch.squeeze, mean, dims)
 
 

@@ -203,14 +203,18 @@ def _max_dim(ctx: Context, a: Jet, dim: int, keepdim: bool = False) -> tuple[Jet
     return selected(ctx, a, value, index, dim, keepdim)
 
 
-def _amax(ctx: Context, a: Jet, dims: list[int], keepdim: bool = False) -> Jet:
+def _amax(
+    ctx: Context, a: Jet, dims: tuple[int, ...] | list[int] = (), keepdim: bool = False
+) -> Jet:
     return tied(ctx, a, torch.amax(a.value, dims, keepdim=True), dims, keepdim)
 
 
-def tied(ctx: Context, a: Jet, value: Tensor, dims: list[int], keepdim: bool) -> Jet:
-    """``amax``/``amin`` over ``dims`` (``value``, computed with ``keepdim=True``): the
-    derivatives are the mean over the places that reach it, as autograd spreads them evenly
-    over ties (a single ``argmax`` read 1 where autograd reads 1/2 at a tie of two)."""
+def tied(ctx: Context, a: Jet, value: Tensor, dims: Sequence[int], keepdim: bool) -> Jet:
+    """``amax``/``amin`` over ``dims`` (``value``, computed with ``keepdim=True``; none: every
+    dimension, as ``torch.amax(x)`` calls it): the derivatives are the mean over the places
+    that reach it, as autograd spreads them evenly over ties (a single ``argmax`` read 1
+    where autograd reads 1/2 at a tie of two)."""
+    dims = list(dims) or list(range(a.value.dim()))
     at = (a.value == value).to(a.value.dtype)
     weights = at / at.sum(dims, keepdim=True)
     # negative dims, so that the leading direction dimension of ``jac`` is left alone

@@ -102,7 +102,9 @@ def _cumprod(ctx: Context, a: Jet, dim: int, *, dtype: torch.dtype | None = None
 
 
 def _logsumexp(ctx: Context, a: Jet, dims: list[int], keepdim: bool = False) -> Jet:
-    dims = [d % max(a.value.dim(), 1) for d in dims] or list(range(a.value.dim()))
+    if a.value.dim() == 0:  # one element: itself (its dimension 0 is no dimension of jac)
+        return a
+    dims = [d % a.value.dim() for d in dims] or list(range(a.value.dim()))
     y = torch.logsumexp(a.value, dims, keepdim=True)
     s = torch.exp(a.value - y.masked_fill(y == -torch.inf, 0))  # all -inf: s = 0, no nan
     shifted = [d + 1 for d in dims]
@@ -147,7 +149,9 @@ def _min_dim(ctx: Context, a: Jet, dim: int, keepdim: bool = False) -> tuple[Jet
     return selected(ctx, a, value, index, dim, keepdim)
 
 
-def _amin(ctx: Context, a: Jet, dims: list[int], keepdim: bool = False) -> Jet:
+def _amin(
+    ctx: Context, a: Jet, dims: tuple[int, ...] | list[int] = (), keepdim: bool = False
+) -> Jet:
     return tied(ctx, a, torch.amin(a.value, dims, keepdim=True), dims, keepdim)
 
 
