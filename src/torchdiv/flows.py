@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from types import ModuleType
 from typing import Any, Literal, overload
@@ -248,11 +248,12 @@ class AugmentedDynamics(nn.Module):
     methods; for the estimators, the terms whose mean is the estimate: see the module
     docstring). The probes are drawn once, here, and every evaluation uses them, so one
     instance is one solve's noise; draw new ones (a new instance) for the next solve.
-    ``f`` is registered as a submodule when it is an ``nn.Module``, and so is the module of a
-    bound method (``flow.transform.f``, also inside ``functools.partial``), so
-    ``odeint_adjoint`` finds its parameters. Any other callable (a lambda) leaves the dynamics
-    without parameters, and ``odeint_adjoint`` then gives none of them a gradient, silently:
-    pass them as ``odeint_adjoint(..., adjoint_params=...)``.
+    ``f`` is registered as a submodule when it is an ``nn.Module``; the parameters of the
+    module of a bound method (``flow.transform.f``, also inside ``functools.partial``) are the
+    dynamics' ``parameters()`` too, read from the module at every call: ``odeint_adjoint``
+    finds the parameters the module has at the solve. Any other callable (a lambda) leaves
+    the dynamics without parameters, and ``odeint_adjoint`` then gives none of them a
+    gradient, silently: pass them as ``odeint_adjoint(..., adjoint_params=...)``.
 
     Args:
         f: velocity field ``f(t, z) -> dz/dt`` shaped like ``z`` (``t`` a 0-dim tensor); its
@@ -282,6 +283,8 @@ class AugmentedDynamics(nn.Module):
         tensor([[-1.5000, -1.5000, -1.5000]], dtype=torch.float64)
     """
 
+    _owner: nn.Module | None  # a bound method's module (``named_parameters``)
+
     def __init__(
         self,
         f: Velocity,
@@ -310,15 +313,29 @@ class AugmentedDynamics(nn.Module):
         )
         self.f, self.batch_dims, self.method, self.chunk_size = f, batch_dims, method, chunk_size
         owner = _module_of(f)
-        if owner is not None and owner is not f:  # a bound method: odeint_adjoint's parameters,
-            for i, p in enumerate(owner.parameters()):  # held as they are, not its module (a
-                self.register_parameter(f"owner_{i}", p)  # module holding this one: a cycle)
+        # a bound method's module, for odeint_adjoint's parameters (``named_parameters``): not
+        # a submodule, which would make a module that keeps its dynamics its own descendant
+        object.__setattr__(self, "_owner", owner if owner is not f else None)
         self.fn = "AugmentedDynamics"  # named in errors; log_likelihood's own dynamics: its name
         # log_likelihood's adjoint: its call was one forward of f's DDP modules, so the adjoint
         # solve's evaluations in the caller's backward pass run them bare (_core.ddp.one_forward)
         self.announced = False
         s = self.sampling
         self.num_terms = 1 if s is None else num_terms(method, s.num_probes)
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """Those of ``f``, a module, or of the module of a bound method (as ``owner.``...),
+        read at every call: ``odeint_adjoint`` differentiates with respect to them. Copies
+        of a bound method's parameters made when the dynamics was built went stale when the
+        module's parameters were replaced later (a swapped layer, ``to_empty`` from the meta
+        device, ``.double()`` under ``overwrite_module_params_on_conversion``): the new ones
+        got no gradient, silently."""
+        yield from super().named_parameters(prefix, recurse, remove_duplicate)
+        if self._owner is not None:  # (all of them, as before, whatever ``recurse``)
+            inner = f"{prefix}.owner" if prefix else "owner"
+            yield from self._owner.named_parameters(inner, remove_duplicate=remove_duplicate)
 
     def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, zeros)``: the state at the data end, ``Delta`` of shape

@@ -136,7 +136,64 @@ def test_dynamics_of_a_bound_method_stored_on_its_own_module_make_no_cycle():
     flow.dynamics = AugmentedDynamics(flow.velocity, x)
     assert set(flow.dynamics.parameters()) == set(flow.net.parameters())
     flow.to(torch.float64)
-    assert "dynamics" in repr(flow) and len(flow.state_dict()) == 4
+    assert "dynamics" in repr(flow) and len(flow.state_dict()) == 2
+
+
+class _Flow(nn.Module):
+    """A flow that builds its dynamics once, from its own bound method."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n, 8), nn.Tanh(), nn.Linear(8, n))
+        self.dynamics = AugmentedDynamics(self.velocity, torch.zeros(1, n))
+
+    def velocity(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z) * (1 + t)
+
+
+@pytest.mark.parametrize("change", ["swapped layer", "to_empty from meta", "overwriting .double()"])
+def test_dynamics_of_a_bound_method_give_the_parameters_its_module_has_at_the_solve(change):
+    """``odeint_adjoint`` differentiates with respect to ``dynamics.parameters()``: copies of
+    the module's parameters taken when the dynamics was built stayed after the module's
+    parameters were replaced (a swapped layer; ``to_empty`` from the meta device, the way
+    large models are initialised; ``.double()`` under ``overwrite_module_params_on_conversion``,
+    which replaced the copies by conversions of their own), and the parameters ``f`` reads got
+    no gradient, silently (``None``, where backpropagation through the solver gives them)."""
+    from torchdiffeq import odeint_adjoint
+
+    dtype = torch.float32
+    if change == "to_empty from meta":
+        with torch.device("meta"):
+            flow = _Flow(3)
+        flow.to_empty(device="cpu")
+        torch.manual_seed(0)
+        for m in flow.net:
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+    else:
+        flow = _Flow(3)
+    if change == "swapped layer":
+        flow.net[2] = nn.Linear(8, 3)
+    elif change == "overwriting .double()":
+        overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            flow.double()
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+        dtype = torch.float64
+    assert set(flow.dynamics.parameters()) == set(flow.net.parameters())
+    x = torch.randn(5, 3, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    times = torch.tensor([1.0, 0.0], dtype=dtype)
+    grads = []
+    for solve in (odeint, odeint_adjoint):
+        state = flow.dynamics.initial_state(x)
+        z, delta = solve(flow.dynamics, state, times, method="rk4", options={"step_size": 0.1})
+        loss = normal(z[-1]).sum() - delta[-1].sum()
+        grads.append(torch.autograd.grad(loss, list(flow.net.parameters()), allow_unused=True))
+    for by_solver, by_adjoint in zip(*grads, strict=True):  # (the adjoint's own RK4 steps:
+        assert by_adjoint is not None  # O(h^4) from the solve's gradient, ~1e-6 here)
+        torch.testing.assert_close(by_adjoint, by_solver, rtol=1e-4, atol=1e-5)
 
 
 class _OldStyleTanh(torch.autograd.Function):
