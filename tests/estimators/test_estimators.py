@@ -323,6 +323,26 @@ def test_gradients_are_finite_when_the_sketch_loses_rank(method):
     torch.testing.assert_close(est.value, A.detach().diagonal(dim1=1, dim2=2).sum(-1))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_non_finite_sample_leaves_the_others_alone(method):
+    """A diverged sample (nan or inf in its products) gets a non-finite estimate and the others
+    what they get alone with the same probes. XTrace's per-sample SVD raised for the whole batch
+    (LAPACK: "the input matrix contained non-finite values")."""
+    A = torch.stack([nonsymmetric(6, seed) for seed in range(4)])
+    A[1, 2, 3], A[3, 0, 0] = math.nan, math.inf
+    like = torch.zeros(4, 6, dtype=F64)
+    g = torch.Generator().manual_seed(0)
+    V = torchdiv.draw_probes(like, 6, method=method, probe="gaussian", generator=g)
+    est = torchdiv.estimate_trace(batch_matmat(A), like, method=method, probes=V)
+    assert not est.value[[1, 3]].isfinite().any()
+    for b in (0, 2):
+        alone = torchdiv.estimate_trace(
+            batch_matmat(A[b : b + 1]), like[:1], method=method, probes=V[:, b : b + 1]
+        )
+        torch.testing.assert_close(est.value[b], alone.value[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(est.stderr[b], alone.stderr[0], rtol=1e-12, atol=1e-12)
+
+
 class TestTolerance:
     @pytest.mark.parametrize("method", METHODS)
     def test_reaches_target(self, method):
