@@ -359,6 +359,21 @@ class TestTolerance:
         est = replicates_tol(A, 50, "hutchinson", atol=2.0, num_probes=8)
         assert (est.stderr <= 2.0).all() and est.num_probes % 8 == 0
 
+    @pytest.mark.parametrize("method", METHODS)
+    def test_a_non_finite_sample_is_not_waited_for(self, method):
+        """A diverged sample's estimate never meets a target; the others stop as without it,
+        where every sample drew max_probes products (and a warning of a "nan times" miss)."""
+        A = (nonsymmetric(20) + 10 * torch.eye(20, dtype=F64)).expand(6, 20, 20).clone()
+        A[2, 0, 0] = math.nan
+        like = torch.zeros(6, 20, dtype=F64)
+        g = torch.Generator().manual_seed(0)
+        est = torchdiv.estimate_trace(
+            batch_matmat(A), like, method=method, rtol=0.05, generator=g, max_probes=2000
+        )
+        assert est.value[2].isnan() and est.value[[0, 1, 3, 4, 5]].isfinite().all()
+        assert (est.stderr[[0, 1, 3, 4, 5]] <= 0.05 * est.value[[0, 1, 3, 4, 5]].abs()).all()
+        assert est.num_probes < 1000
+
     def test_stops_at_max_probes_with_a_warning(self):
         A = nonsymmetric(20)
         with pytest.warns(UserWarning, match=r"estimate_trace: stopped at max_probes=40 \(32 "):
