@@ -23,6 +23,7 @@ value, gradient and Laplacian from one sweep.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -91,6 +92,8 @@ def weighted_laplacian(
             at the first evaluation (a stateful ``f`` changes its state once), subtracted;
             in float32 that costs accuracy relative to ``‖A‖ ‖∇²f‖`` (4.5e-5 relative at
             ``A = [[1, 1000], [1000, 1]]``): float64 for an ill-conditioned indefinite ``A``.
+            A per-sample ``A`` with ``nan`` or ``inf`` entries gives those samples ``nan``
+            (a shared one raises ``ValueError``).
             One that requires grad (a learned or state-dependent diffusion, computed from an
             ``x`` that requires grad) is not factored: Hessian-vector products whatever
             ``method`` says (``"hutchinson"``: along its probes); give ``sigma`` for the
@@ -192,6 +195,11 @@ def _factors(fn: str, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     positive one stays, perhaps with no columns, so that the result has a part). Half
     precision is decomposed in float32 (PyTorch has no half ``eigh``)."""
     wide = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+    # a per-sample A that is not finite (one diverged sample's) has no eigendecomposition, and
+    # LAPACK's error stopped the whole batch: its factor is nan, that sample's result too
+    bad = ~wide.isfinite().flatten(-2).all(-1)  # per sample; () for a shared A (raises below)
+    if a.dim() > 2:
+        wide = wide.masked_fill(bad[..., None, None], 0)
     try:
         eigenvalues, vectors = torch.linalg.eigh((wide + wide.mT) / 2)
     except RuntimeError as error:  # (torch.linalg.LinAlgError)
@@ -209,7 +217,8 @@ def _factors(fn: str, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
             keep = signed > 0
             out.append((sign, vectors[:, keep] * signed[keep].sqrt()))
         else:
-            out.append((sign, vectors * signed.clamp(min=0).sqrt().unsqueeze(-2)))
+            factor = vectors * signed.clamp(min=0).sqrt().unsqueeze(-2)
+            out.append((sign, factor.masked_fill(bad[..., None, None], math.nan)))
     return out
 
 
