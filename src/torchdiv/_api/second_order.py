@@ -399,14 +399,14 @@ def value_grad_laplacian(
     check_method(fn, method, SWEEP_METHODS)
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
-    graph, looped = None, False
+    graph, looped = None, None
     if method == "auto" and x.numel() > 0:
         plan = methods.recorded_or_loop(g, x, batch_dims)
         if isinstance(plan, methods.Loop):
-            out = _looped(g, x, batch_dims, plan)
-            if out is not None:
-                return out
-            looped = True  # not finite: the Taylor engine, or the three separately
+            looped = _looped(g, x, batch_dims, plan)
+            if _loop.all_finite(looped.laplacian):
+                return looped
+            # not finite: the Taylor engine, or the three separately, or else the loop's
         else:
             graph = plan
     if method != "forward-over-reverse" and x.numel() > 0:
@@ -425,8 +425,10 @@ def value_grad_laplacian(
                     f"{fn}: method='taylor' has no propagation rule for {exc}; use "
                     "method='auto' (computes the three separately)"
                 ) from exc
-            if not looped and methods.loops_after(graph, x, batch_dims):
+            if looped is None and methods.loops_after(graph, x, batch_dims):
                 return _looped_or_separately(g, x, batch_dims, chunk_size)
+    if looped is not None:
+        return methods.loop_unless_rerun(looped, lambda: _separately(g, x, batch_dims, chunk_size))
     return _separately(g, x, batch_dims, chunk_size)
 
 
@@ -437,10 +439,13 @@ def _looped_or_separately(
     Laplacian's ``"auto"`` takes it (``methods.loops_after``; what recording ``g`` changed is
     put back already, and the recording watched ``g`` for sample mixing), or, where its
     Laplacian is not finite, ``_separately`` from the state the loop's evaluation found
-    (``Once``): ``g``'s state changes once."""
+    (``Once``): ``g``'s state changes once; the loop's where forward mode cannot run ``g``
+    (``methods.loop_unless_rerun``)."""
     each = Once(x)
     out = _looped(each(g), x, batch_dims, methods.Loop())
-    return _separately(g, x, batch_dims, chunk_size, each) if out is None else out
+    if _loop.all_finite(out.laplacian):
+        return out
+    return methods.loop_unless_rerun(out, lambda: _separately(g, x, batch_dims, chunk_size, each))
 
 
 def _separately(
@@ -473,14 +478,12 @@ def _separately(
 
 def _looped(
     f: Function, x: torch.Tensor, batch_dims: int, plan: methods.Loop
-) -> ValueGradLaplacian | None:
+) -> ValueGradLaplacian:
     """The loop of backward passes (its evaluation of ``f`` checked for sample mixing as
-    ``plan`` says), or ``None`` where its Laplacian is not finite (a NaN double backward: see
-    ``laplacian``'s ``"auto"``)."""
+    ``plan`` says); its Laplacian may not be finite (a NaN double backward: see
+    ``laplacian``'s ``"auto"``, or a sample that is not finite)."""
     value, jac, lap = _loop.value_grad_laplacian(f, x, batch_dims, plan.check, plan.settings)
     plan.passed()
-    if not _loop.all_finite(lap):
-        return None
     shape = (*x.shape[:batch_dims], *value.shape[batch_dims:], *x.shape[batch_dims:])
     return ValueGradLaplacian(value, jac.reshape(shape), lap)
 
