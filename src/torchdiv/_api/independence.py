@@ -120,7 +120,7 @@ def _leaks(
     noise = torch.randn(TRIALS, num, y.numel() // num, generator=generator)
     cotangents = (noise * inside).to(y).reshape(TRIALS, *y.shape)
     grad = GraphJacobian(y, x_in, batch_dims, create_graph=False).apply(cotangents)
-    size = grad.reshape(TRIALS, num, -1).abs().amax(-1).double().cpu()  # (trials, samples)
+    size = grad.reshape(TRIALS, num, -1).abs().amax(-1).cpu().double()  # (trials, samples)
     # a non-finite gradient (a nan or inf in a sample's x or f(x): 0 * nan in any backward)
     # says nothing of a leak, and its nan hid every other sample's (all comparisons false)
     finite = size.isfinite()
