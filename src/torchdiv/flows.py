@@ -119,6 +119,30 @@ class _FirstOrderOnly(torch.autograd.Function):
         return grad_outputs[0]
 
 
+def _diverged(
+    fn: str, solver: str, x: torch.Tensor, batch_dims: int, error: AssertionError
+) -> ValueError | None:
+    """The error to raise where torchdiffeq's adaptive solvers stopped on a state that is not
+    finite ("underflow in dt": its error norm was ``nan``; "non-finite values in state"),
+    naming the samples of ``x`` at fault if some are, else ``f``; ``None`` for other
+    assertions. They step the whole batch together: one diverged sample stopped every one."""
+    if not any(what in str(error) for what in ("underflow in dt", "non-finite values")):
+        return None
+    bad = ~x.isfinite().reshape(x.shape[:batch_dims].numel(), -1).all(-1)
+    if bool(bad.any()):
+        samples = bad.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, samples[:8])) + (", ..." if len(samples) > 8 else "")
+        where = f"x has nan or inf in samples (flattened batch index) [{shown}]"
+    else:
+        where = "f(t, z) or its divergence became nan or inf along the solve"
+    return ValueError(
+        f"{fn}: the {solver!r} solve stopped ({error}): {where}. An adaptive solver steps the "
+        "whole batch together, so one sample that is not finite stops every sample: drop or "
+        "replace it, or use a fixed-step solver (solver='rk4', options={'step_size': ...}), "
+        "which leaves the other samples' results alone"
+    )
+
+
 def _sharded(p: torch.Tensor) -> bool:
     """Whether ``p`` is a DTensor (an FSDP2-sharded parameter)."""
     if not torch.distributed.is_available():
@@ -613,8 +637,14 @@ def log_likelihood(
     state = dynamics.initial_state(x)
     if times[0] != times[1] and x.numel():  # one synchronisation per solve; else no motion
         odeint = ode.odeint_adjoint if adjoint else ode.odeint
-        z, delta = odeint(dynamics, state, times, rtol=rtol, atol=atol, method=solver,
-                          options=options)  # fmt: skip
+        try:
+            z, delta = odeint(dynamics, state, times, rtol=rtol, atol=atol, method=solver,
+                              options=options)  # fmt: skip
+        except AssertionError as error:  # torchdiffeq's checks of the whole state and step
+            diverged = _diverged(fn, solver, x, batch_dims, error)
+            if diverged is None:
+                raise
+            raise diverged from error
         state = z[-1], delta[-1]
     base = base_log_prob(state[0])
     check_log_prob(fn, base, x, batch_dims)

@@ -265,6 +265,18 @@ def test_empty_batch():
     assert torchdiv.jacobian(torch.sin, x).shape == (0, 3, 3)
 
 
+@pytest.mark.parametrize("batch", [(2, 0), (0, 4)])
+def test_empty_batch_of_two_dimensions_through_a_linear_layer(batch):
+    """nn.Linear folds both batch dimensions into one (a reshape of zero elements), which the
+    sample-mixing watch read as spreading the samples of the dimension of 2 or 4: "auto"
+    raised BatchInteractionError on an empty batch."""
+    net = torch.nn.Linear(3, 3)
+    x = torch.randn(*batch, 3)
+    assert torchdiv.divergence(net, x, batch_dims=2).shape == batch
+    assert torchdiv.jacobian_diagonal(net, x, batch_dims=2).shape == (*batch, 3)
+    assert torchdiv.jacobian(net, x, batch_dims=2).shape == (*batch, 3, 3)
+
+
 def test_result_dtype_is_that_of_x():
     x = torch.randn(3, 4)
     assert torchdiv.divergence(lambda z: z.double() ** 2, x).dtype == torch.float32

@@ -74,6 +74,29 @@ def test_low_precision_leaks_are_found(dtype):
     torchdiv.check_batch_independence(tanh_mlp(4, 8, 4, dtype), x)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 1e200])
+def test_a_diverged_sample_hides_no_leak(bad):
+    """A sample with a nan or inf in its x has non-finite gradients, even in trials that leave
+    it out (0 * nan): they made the largest gradient nan and every comparison false, so a leak
+    between the other samples passed. A float64 gradient of 1e200 became inf in float32 with
+    the same effect. (-1: a nan in f(x) only, log(-1), with finite gradients.)"""
+    x = torch.rand(6, 3, dtype=torch.float64) + 0.5
+    x[3, 1] = bad
+
+    def leaks(z):
+        return torch.log(z) + 0.1 * z.roll(1, 0) ** 2
+
+    with pytest.raises(torchdiv.BatchInteractionError, match=r"samples interact"):
+        torchdiv.check_batch_independence(leaks, x)
+    torchdiv.check_batch_independence(lambda z: torch.log(z) + z**2, x)
+
+
+def test_no_finite_gradient_is_an_error():
+    x = torch.full((4, 3), float("nan"))
+    with pytest.raises(ValueError, match=r"check_batch_independence: every gradient .* is nan"):
+        torchdiv.check_batch_independence(lambda z: z**2 - z.mean(0), x)
+
+
 def test_under_inference_mode():
     with torch.inference_mode():
         x = torch.randn(4, 3)

@@ -288,6 +288,26 @@ def test_value_grad_laplacian_loops_where_the_laplacian_loops(make) -> None:
     assert not x.requires_grad
 
 
+@pytest.mark.parametrize("make", FALLBACKS.values(), ids=FALLBACKS)
+def test_a_sample_that_is_not_finite_stays_in_the_loop(make) -> None:
+    """The loop's Laplacian is not finite where a sample's x has a nan, and ``"auto"`` reran
+    the whole batch by forward over reverse (for PyTorch's NaN double backwards), which
+    cannot run these ``f``: both functions raised for every sample. Now the loop's result
+    stands: nan for that sample, the others' as the reference loop gives them."""
+    torch.manual_seed(0)
+    net = tanh_mlp(3, 5, 2)
+    u = make(net)
+    x = torch.randn(4, 3, dtype=f64)
+    x[2, 1] = float("nan")
+    want = _value_grad_laplacian_by_loop(u, x)
+    got = torchdiv.value_grad_laplacian(u, x)
+    lap = torchdiv.laplacian(u, x)
+    good = [0, 1, 3]
+    for a, b in zip((*got, lap), (*want, want[2]), strict=True):
+        assert_close(a[good], b[good])
+    assert not got.laplacian[2].isfinite().any() and not lap[2].isfinite().any()
+
+
 def test_value_grad_laplacians_loop_changes_a_stateful_f_once() -> None:
     """The loop ``value_grad_laplacian``'s ``"auto"`` falls back to (a legacy
     ``autograd.Function`` head) evaluates ``f`` after the Taylor engine recorded it: from the

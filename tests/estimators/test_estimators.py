@@ -323,6 +323,26 @@ def test_gradients_are_finite_when_the_sketch_loses_rank(method):
     torch.testing.assert_close(est.value, A.detach().diagonal(dim1=1, dim2=2).sum(-1))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_non_finite_sample_leaves_the_others_alone(method):
+    """A diverged sample (nan or inf in its products) gets a non-finite estimate and the others
+    what they get alone with the same probes. XTrace's per-sample SVD raised for the whole batch
+    (LAPACK: "the input matrix contained non-finite values")."""
+    A = torch.stack([nonsymmetric(6, seed) for seed in range(4)])
+    A[1, 2, 3], A[3, 0, 0] = math.nan, math.inf
+    like = torch.zeros(4, 6, dtype=F64)
+    g = torch.Generator().manual_seed(0)
+    V = torchdiv.draw_probes(like, 6, method=method, probe="gaussian", generator=g)
+    est = torchdiv.estimate_trace(batch_matmat(A), like, method=method, probes=V)
+    assert not est.value[[1, 3]].isfinite().any()
+    for b in (0, 2):
+        alone = torchdiv.estimate_trace(
+            batch_matmat(A[b : b + 1]), like[:1], method=method, probes=V[:, b : b + 1]
+        )
+        torch.testing.assert_close(est.value[b], alone.value[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(est.stderr[b], alone.stderr[0], rtol=1e-12, atol=1e-12)
+
+
 class TestTolerance:
     @pytest.mark.parametrize("method", METHODS)
     def test_reaches_target(self, method):
@@ -338,6 +358,21 @@ class TestTolerance:
         A = nonsymmetric(20)
         est = replicates_tol(A, 50, "hutchinson", atol=2.0, num_probes=8)
         assert (est.stderr <= 2.0).all() and est.num_probes % 8 == 0
+
+    @pytest.mark.parametrize("method", METHODS)
+    def test_a_non_finite_sample_is_not_waited_for(self, method):
+        """A diverged sample's estimate never meets a target; the others stop as without it,
+        where every sample drew max_probes products (and a warning of a "nan times" miss)."""
+        A = (nonsymmetric(20) + 10 * torch.eye(20, dtype=F64)).expand(6, 20, 20).clone()
+        A[2, 0, 0] = math.nan
+        like = torch.zeros(6, 20, dtype=F64)
+        g = torch.Generator().manual_seed(0)
+        est = torchdiv.estimate_trace(
+            batch_matmat(A), like, method=method, rtol=0.05, generator=g, max_probes=2000
+        )
+        assert est.value[2].isnan() and est.value[[0, 1, 3, 4, 5]].isfinite().all()
+        assert (est.stderr[[0, 1, 3, 4, 5]] <= 0.05 * est.value[[0, 1, 3, 4, 5]].abs()).all()
+        assert est.num_probes < 1000
 
     def test_stops_at_max_probes_with_a_warning(self):
         A = nonsymmetric(20)

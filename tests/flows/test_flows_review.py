@@ -82,6 +82,31 @@ def test_empty_batch_gives_an_empty_result(method, num_probes):
     assert logp.shape == (0,)
 
 
+def test_a_diverged_sample_is_named_or_left_alone_by_a_fixed_step_solver():
+    """One sample with nan in x: torchdiffeq's adaptive solvers step the whole batch and
+    stopped with a bare AssertionError ("underflow in dt 0.0"); now a ValueError naming the
+    sample and the way out. A fixed-step solver gives it nan and the others their values."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+
+    def field(t, z):
+        return net(torch.cat([z, t.expand(z.shape[0], 1)], 1))
+
+    x = torch.randn(5, 2, dtype=torch.float64)
+    x[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"log_likelihood: the 'dopri5' solve stopped .*\[3\]"):
+        log_likelihood(field, x, 0.0, 1.0, normal)
+    with pytest.raises(ValueError, match=r"f\(t, z\) or its divergence became nan or inf"):
+        log_likelihood(lambda t, z: field(t, z) / (z[:, :1] - x[2, 0]), x[:3], 0.0, 1.0, normal)
+    fixed = {"solver": "rk4", "options": {"step_size": 0.25}}
+    logp = log_likelihood(field, x, 0.0, 1.0, normal, **fixed)
+    alone = torch.cat(
+        [log_likelihood(field, x[b : b + 1], 0.0, 1.0, normal, **fixed) for b in (0, 1, 2, 4)]
+    )
+    assert logp[3].isnan()
+    torch.testing.assert_close(logp[[0, 1, 2, 4]], alone, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_structured_evaluations_do_not_synchronise_on_the_gpu():
     """The structured engine builds colourings and 0/1 movement matrices on the CPU and copies

@@ -254,6 +254,22 @@ def test_weighted_laplacian_keeps_small_eigenvalues_of_a_stiff_diffusion(per_sam
 
 
 @pytest.mark.parametrize("method", EXACT)
+def test_a_per_sample_diffusion_that_is_not_finite_leaves_the_other_samples_alone(method):
+    """One sample's ``A`` with a nan, another's with an inf (a learned diffusion that diverged
+    there): ``eigh`` raised for the whole batch ("no eigendecomposition"); now those samples
+    get nan and the others ``tr(A H)``. A shared ``A`` that is not finite still raises."""
+    a = _matrices(4)["per sample"].clone()
+    a[1, 0, 2], a[3, 3, 3] = float("nan"), float("inf")
+    x = torch.randn(5, 4, dtype=f64)
+    got = torchdiv.weighted_laplacian(gaussian, x, diffusion=a, method=method)
+    assert got[[1, 3]].isnan().all()
+    good = [0, 2, 4]
+    assert_close(got[good], _gaussian_trace(a[good], x[good]))
+    with pytest.raises(ValueError, match=r"diffusion of shape \(4, 4\) has no eigendecomp"):
+        torchdiv.weighted_laplacian(gaussian, x, diffusion=a[1], method=method)
+
+
+@pytest.mark.parametrize("method", EXACT)
 def test_weighted_laplacian_from_a_factor(method):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(5, 4, dtype=f64)

@@ -320,3 +320,27 @@ def test_cholesky_inverse_replacement_reads_one_triangle():
         with torch.no_grad():
             expected = torch.cholesky_inverse(factor, upper=upper)
         torch.testing.assert_close(torchdiv._core.linalg.cholesky_inverse(factor, upper), expected)
+
+
+@pytest.mark.parametrize("method", ["taylor", "forward-over-reverse", "hessian"])
+@pytest.mark.parametrize("op", ["slogdet", "det"])
+def test_a_singular_sample_leaves_the_others_alone(method, op):
+    """Orbitals of three electrons, two of them at the same place in sample 1: its matrix is
+    exactly singular. The derivative rules' ``inv`` (the Taylor rule, ``SafeDerivatives``' log
+    |det|, the per-particle sparse jets) raised LAPACK's "singular" error for the whole batch;
+    now that sample's Laplacian is nan and the others' are as alone."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(3, generator=g, dtype=torch.float64)
+
+    def f(x):  # (B, 3 electrons, 2) -> (B,)
+        m = torch.tanh(x @ w + b)
+        return torch.linalg.slogdet(m).logabsdet if op == "slogdet" else torch.linalg.det(m)
+
+    x = torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+    x[1, 2] = x[1, 0]
+    lap = torchdiv.laplacian(f, x, method=method)
+    assert not lap[1].isfinite()
+    for i in (0, 2, 3):
+        expected = torch.func.hessian(lambda z: f(z[None])[0])(x[i]).reshape(6, 6).trace()
+        torch.testing.assert_close(lap[i], expected, rtol=1e-10, atol=1e-10)

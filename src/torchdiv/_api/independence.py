@@ -59,7 +59,8 @@ def check_batch_independence(
         x: a representative input; its first ``batch_dims`` dimensions index samples.
         batch_dims: number of leading batch dimensions.
         rtol: a cross-sample gradient counts when it exceeds ``rtol`` times the largest
-            gradient entry (independent samples give exactly zero).
+            gradient entry (independent samples give exactly zero). Gradients that are not
+            finite (a sample with a nan or inf in its ``x`` or ``f(x)``) are left out.
         generator: random source for the subsets and the noise; default: a fixed seed, so the
             check is reproducible.
 
@@ -73,7 +74,8 @@ def check_batch_independence(
         BatchInteractionError: (a ``ValueError``) naming the samples whose inputs reach other
             samples' outputs, the size of the leak and the usual causes (train-mode BatchNorm,
             attention or pooling over the batch dimension).
-        TypeError, ValueError: bad ``f``, ``x``, ``batch_dims``, ``rtol`` or ``generator``.
+        TypeError, ValueError: bad ``f``, ``x``, ``batch_dims``, ``rtol`` or ``generator``;
+            ``ValueError`` too where no gradient of ``f(x)`` is finite.
 
     Examples:
         >>> check_batch_independence(torch.nn.Linear(3, 3), torch.randn(4, 3))
@@ -118,7 +120,16 @@ def _leaks(
     noise = torch.randn(TRIALS, num, y.numel() // num, generator=generator)
     cotangents = (noise * inside).to(y).reshape(TRIALS, *y.shape)
     grad = GraphJacobian(y, x_in, batch_dims, create_graph=False).apply(cotangents)
-    size = grad.reshape(TRIALS, num, -1).abs().amax(-1).float().cpu()  # (trials, samples)
+    size = grad.reshape(TRIALS, num, -1).abs().amax(-1).cpu().double()  # (trials, samples)
+    # a non-finite gradient (a nan or inf in a sample's x or f(x): 0 * nan in any backward)
+    # says nothing of a leak, and its nan hid every other sample's (all comparisons false)
+    finite = size.isfinite()
+    if not bool(finite.any()):
+        raise ValueError(
+            "check_batch_independence: every gradient of f(x) is nan or inf, so nothing can "
+            "be checked: pass an x (and parameters) for which f is finite"
+        )
+    size = torch.where(finite, size, 0)
     outside = size * ~inside.squeeze(-1)
     return outside.amax(0), float(size.max())
 

@@ -347,7 +347,8 @@ def estimate_divergence(
     and/or ``atol``: independent blocks of ``num_probes`` products (default 16 for Hutchinson
     and XTrace, 24 for Hutch++) are averaged until **every** sample's standard error is at
     most ``max(atol, rtol * |estimate|)``; if another block would exceed ``max_probes``, it
-    stops there and warns. All samples are estimated together (one batched pass per block),
+    stops there and warns. A sample whose estimate is not finite (a nan or inf in its ``x``
+    or ``f(x)``) is not waited for. All samples are estimated together (one batched pass per block),
     so samples that reach the target first keep improving until the last one does. Blocks are
     independent, so Hutch++ and XTrace do not grow their sketch across blocks.
 

@@ -23,6 +23,7 @@ value, gradient and Laplacian from one sweep.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -91,6 +92,8 @@ def weighted_laplacian(
             at the first evaluation (a stateful ``f`` changes its state once), subtracted;
             in float32 that costs accuracy relative to ``‖A‖ ‖∇²f‖`` (4.5e-5 relative at
             ``A = [[1, 1000], [1000, 1]]``): float64 for an ill-conditioned indefinite ``A``.
+            A per-sample ``A`` with ``nan`` or ``inf`` entries gives those samples ``nan``
+            (a shared one raises ``ValueError``).
             One that requires grad (a learned or state-dependent diffusion, computed from an
             ``x`` that requires grad) is not factored: Hessian-vector products whatever
             ``method`` says (``"hutchinson"``: along its probes); give ``sigma`` for the
@@ -192,6 +195,11 @@ def _factors(fn: str, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     positive one stays, perhaps with no columns, so that the result has a part). Half
     precision is decomposed in float32 (PyTorch has no half ``eigh``)."""
     wide = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+    # a per-sample A that is not finite (one diverged sample's) has no eigendecomposition, and
+    # LAPACK's error stopped the whole batch: its factor is nan, that sample's result too
+    bad = ~wide.isfinite().flatten(-2).all(-1)  # per sample; () for a shared A (raises below)
+    if a.dim() > 2:
+        wide = wide.masked_fill(bad[..., None, None], 0)
     try:
         eigenvalues, vectors = torch.linalg.eigh((wide + wide.mT) / 2)
     except RuntimeError as error:  # (torch.linalg.LinAlgError)
@@ -209,7 +217,8 @@ def _factors(fn: str, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
             keep = signed > 0
             out.append((sign, vectors[:, keep] * signed[keep].sqrt()))
         else:
-            out.append((sign, vectors * signed.clamp(min=0).sqrt().unsqueeze(-2)))
+            factor = vectors * signed.clamp(min=0).sqrt().unsqueeze(-2)
+            out.append((sign, factor.masked_fill(bad[..., None, None], math.nan)))
     return out
 
 
@@ -390,14 +399,14 @@ def value_grad_laplacian(
     check_method(fn, method, SWEEP_METHODS)
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
-    graph, looped = None, False
+    graph, looped = None, None
     if method == "auto" and x.numel() > 0:
         plan = methods.recorded_or_loop(g, x, batch_dims)
         if isinstance(plan, methods.Loop):
-            out = _looped(g, x, batch_dims, plan)
-            if out is not None:
-                return out
-            looped = True  # not finite: the Taylor engine, or the three separately
+            looped = _looped(g, x, batch_dims, plan)
+            if _loop.all_finite(looped.laplacian):
+                return looped
+            # not finite: the Taylor engine, or the three separately, or else the loop's
         else:
             graph = plan
     if method != "forward-over-reverse" and x.numel() > 0:
@@ -416,8 +425,10 @@ def value_grad_laplacian(
                     f"{fn}: method='taylor' has no propagation rule for {exc}; use "
                     "method='auto' (computes the three separately)"
                 ) from exc
-            if not looped and methods.loops_after(graph, x, batch_dims):
+            if looped is None and methods.loops_after(graph, x, batch_dims):
                 return _looped_or_separately(g, x, batch_dims, chunk_size)
+    if looped is not None:
+        return methods.loop_unless_rerun(looped, lambda: _separately(g, x, batch_dims, chunk_size))
     return _separately(g, x, batch_dims, chunk_size)
 
 
@@ -428,10 +439,13 @@ def _looped_or_separately(
     Laplacian's ``"auto"`` takes it (``methods.loops_after``; what recording ``g`` changed is
     put back already, and the recording watched ``g`` for sample mixing), or, where its
     Laplacian is not finite, ``_separately`` from the state the loop's evaluation found
-    (``Once``): ``g``'s state changes once."""
+    (``Once``): ``g``'s state changes once; the loop's where forward mode cannot run ``g``
+    (``methods.loop_unless_rerun``)."""
     each = Once(x)
     out = _looped(each(g), x, batch_dims, methods.Loop())
-    return _separately(g, x, batch_dims, chunk_size, each) if out is None else out
+    if _loop.all_finite(out.laplacian):
+        return out
+    return methods.loop_unless_rerun(out, lambda: _separately(g, x, batch_dims, chunk_size, each))
 
 
 def _separately(
@@ -464,14 +478,12 @@ def _separately(
 
 def _looped(
     f: Function, x: torch.Tensor, batch_dims: int, plan: methods.Loop
-) -> ValueGradLaplacian | None:
+) -> ValueGradLaplacian:
     """The loop of backward passes (its evaluation of ``f`` checked for sample mixing as
-    ``plan`` says), or ``None`` where its Laplacian is not finite (a NaN double backward: see
-    ``laplacian``'s ``"auto"``)."""
+    ``plan`` says); its Laplacian may not be finite (a NaN double backward: see
+    ``laplacian``'s ``"auto"``, or a sample that is not finite)."""
     value, jac, lap = _loop.value_grad_laplacian(f, x, batch_dims, plan.check, plan.settings)
     plan.passed()
-    if not _loop.all_finite(lap):
-        return None
     shape = (*x.shape[:batch_dims], *value.shape[batch_dims:], *x.shape[batch_dims:])
     return ValueGradLaplacian(value, jac.reshape(shape), lap)
 

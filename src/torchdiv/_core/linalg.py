@@ -12,7 +12,7 @@ the function itself, ``inv`` and products. With ``M = A^-1``:
 
 ``torchdiv._core.modes.SafeDerivatives`` runs ``f`` with these in place of PyTorch's ops. ``det``
 is ``sign * exp(log|det|)`` (a singular ``A`` gives ``nan`` derivatives, as the Taylor rule's
-``A^-1`` would).
+``A^-1`` would: ``inverse``, whose ``inf``/``nan`` stay in the samples whose ``A`` is singular).
 """
 
 from __future__ import annotations
@@ -24,6 +24,13 @@ import torch
 from torch.autograd import Function
 
 Tensor = torch.Tensor
+
+
+def inverse(a: Tensor) -> Tensor:
+    """``A^-1`` of each matrix of ``a`` without LAPACK's check: an exactly singular matrix (one
+    sample's orbitals at a node of its determinant) gets ``inf``/``nan`` entries, where
+    ``torch.linalg.inv`` raised for the whole batch."""
+    return torch.linalg.inv_ex(a).inverse
 
 
 class _LogAbsDet(Function):
@@ -42,12 +49,12 @@ class _LogAbsDet(Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
         (a,) = ctx.saved_tensors
-        return grad[..., None, None] * torch.linalg.inv(a).mT
+        return grad[..., None, None] * inverse(a).mT
 
     @staticmethod
     def jvp(ctx: Any, tangent: Tensor) -> Tensor:  # type: ignore[override]
         (a,) = ctx.saved_tensors
-        return (torch.linalg.inv(a) * tangent.mT).sum((-2, -1))
+        return (inverse(a) * tangent.mT).sum((-2, -1))
 
 
 class _Solve(Function):

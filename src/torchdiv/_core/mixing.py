@@ -208,7 +208,12 @@ class BatchAxes:
 
     def __init__(self, x: torch.Tensor, batch_dims: int) -> None:
         self.x, self.batch_dims = x, batch_dims
-        axes = tuple(Axis(d, x.shape[d], 1, (), d) for d in range(batch_dims) if x.shape[d] > 1)
+        # an empty batch has no samples to mix (and a reshape of its zero elements places
+        # none: merging batch dimensions (2, 0) into one of 0 read as spreading samples)
+        empty = x.shape[:batch_dims].numel() == 0
+        axes = tuple(
+            Axis(d, x.shape[d], 1, (), d) for d in range(batch_dims) if x.shape[d] > 1 and not empty
+        )
         # id -> (tensor, axes); the tensor is held so that its id stays unique while watched
         self.known: dict[int, tuple[torch.Tensor, Axes]] = {id(x): (x, axes)} if axes else {}
         self.start = axes  # x's: those of a tensor of x's batch shape that nothing tracked

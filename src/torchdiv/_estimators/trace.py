@@ -191,7 +191,8 @@ def _until_accurate(
     s: Sampling, op: Operator, like: torch.Tensor, batch_dims: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Average independent blocks of ``s.num_probes`` products until every sample's standard
-    error is at most ``max(atol, rtol |estimate|)`` or ``max_probes`` would be exceeded.
+    error is at most ``max(atol, rtol |estimate|)`` or ``max_probes`` would be exceeded;
+    samples with a non-finite estimate are not waited for.
 
     Blocks are independent estimates with the same number of products, so the mean of ``R``
     blocks has standard error ``sqrt(sum_j stderr_j^2) / R`` from the blocks' own errors, and,
@@ -211,7 +212,9 @@ def _until_accurate(
         if len(values) > 1:  # the spread between the blocks: std / sqrt(R)
             se = torch.maximum(se, standard_error(stacked.detach()))
         target = torch.clamp(mean.detach().abs() * (s.rtol or 0.0), min=s.atol or 0.0)
-        above = ~(se <= target)
+        # a sample whose estimate is not finite (nan or inf in its x or f(x)) never meets a
+        # target: it is not waited for, or one diverged sample cost every sample max_probes
+        above = ~(se <= target) & mean.detach().isfinite()
         used = len(values) * s.num_probes
         if len(values) >= spec.min_blocks and not above.any():
             return mean, se, used
@@ -287,7 +290,8 @@ def estimate_trace(
     With ``rtol`` and/or ``atol``, independent blocks of ``num_probes`` products (default: 16
     for Hutchinson and XTrace, 24 for Hutch++) are averaged until every sample's standard
     error is at most ``max(atol, rtol |estimate|)``, or until another block would exceed
-    ``max_probes`` (then a warning says how far from the target it stopped). That standard
+    ``max_probes`` (then a warning says how far from the target it stopped); a sample whose
+    estimate is not finite (a nan or inf in its operator) is not waited for. That standard
     error is the larger of the blocks' own and the spread between blocks, and Hutch++ and
     XTrace, whose own rests on few terms (Hutch++'s residual) or can run low, always average at
     least 3 blocks. When to stop depends on the blocks drawn, so the tolerance mode's estimate

@@ -90,6 +90,10 @@ def _left_out_complements(
         ``i`` is ``s_i``, zero where ``R`` has no such direction) and ``beta``, ``(N, k)``.
     """
     k = r.shape[-1]
+    # a sample whose products are not finite (a nan or inf in its x or f(x)) has no SVD, and
+    # LAPACK's error stopped the whole batch: its R is taken as 0 (no sketch), and its terms
+    # stay non-finite through its Q and products, as a loop over the samples would leave them
+    r = torch.where(torch.isfinite(r).flatten(-2).all(-1)[:, None, None], r, 0)
     u, sigma, vh = torch.linalg.svd(r)
     eps = torch.finfo(r.dtype).eps
     # round-off makes a repeated sketch column's singular value a few ulps of the largest

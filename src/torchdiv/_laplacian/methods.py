@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import torch
 from torch._C._functorch import peek_interpreter_stack
@@ -240,12 +240,31 @@ def looped(
     """``"grad-of-grad"`` (its evaluation of ``f`` checked for sample mixing as ``plan``
     says), or ``"forward-over-reverse"`` where it is not finite: some of PyTorch's
     double-backward formulas give NaN where the derivative exists (``0.0 ** x``: a ``where``
-    whose unused branch is ``0 * log(0)``); the JVP formulas do not."""
+    whose unused branch is ``0 * log(0)``); the JVP formulas do not. Where forward mode
+    cannot run ``f`` (a custom ``autograd.Function`` without ``setup_context``), the loop's
+    result stands, as PyTorch's own loop gives it: one sample that is not finite (a nan in
+    its ``x``) made the whole batch raise forward mode's error."""
     out = grad_of_grad(f, x, batch_dims, plan.check, plan.settings)
     plan.passed()
     if all_finite(out):
         return out
-    return forward_over_reverse(f, x, batch_dims, chunk_size)
+    return loop_unless_rerun(out, lambda: forward_over_reverse(f, x, batch_dims, chunk_size))
+
+
+T = TypeVar("T")
+
+
+def loop_unless_rerun(looped: T, rerun: Callable[[], T]) -> T:
+    """``rerun()`` (by forward mode) in place of the loop's ``looped``, which is not finite,
+    or ``looped`` where ``rerun`` cannot run ``f``, which the loop ran: a ``RuntimeError``
+    (not a lack of memory), or the ``ValueError`` of a torchdiv call inside ``f`` refusing
+    the transforms."""
+    try:
+        return rerun()
+    except (RuntimeError, ValueError) as error:
+        if out_of_memory(error):
+            raise
+        return looped
 
 
 @recorded

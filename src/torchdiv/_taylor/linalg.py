@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from torchdiv._core.linalg import inverse
 from torchdiv._taylor.jet import (
     Context,
     Jet,
@@ -82,7 +83,7 @@ def _jets(ctx: Context, a: Jet) -> tuple[Tensor, Tensor | None]:
 def _log_abs_det(ctx: Context, a: Jet) -> tuple[Tensor, Tensor | None]:
     """``log|det A|``'s ``(jac, lap)``; ``tr(A^-1 Ȧ_k)`` as an elementwise product with
     ``A^-T`` (``inv`` costs one ``n^3`` per sample, a solve per direction ``K`` of them)."""
-    inv_t = torch.linalg.inv(a.value).mT
+    inv_t = inverse(a.value).mT
     jac = aligned_jac(a, a.value.dim())
     d1 = a.value.new_zeros(()) if jac is None else (jac * inv_t).sum((-2, -1))
     d2 = None

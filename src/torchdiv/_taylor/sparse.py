@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from torchdiv._core.linalg import inverse
 from torchdiv._taylor import elementwise, linear
 from torchdiv._taylor.jet import Context, Jet, aligned_jac
 from torchdiv._taylor.tree import leaves, map_leaves
@@ -282,7 +283,7 @@ def _slogdet(ctx: Context, a: Any) -> tuple[Tensor, Jet, Tensor, Tensor] | None:
         rows = first
     rows = rows.expand(*a.shape[:-1], 1)[..., 0]  # (..., n)
     sign, value, lu, pivots = aten._linalg_slogdet(a.value)
-    inv = torch.linalg.inv(a.value)
+    inv = inverse(a.value)
     g = a.jac.expand(a.jac.shape[0], *a.value.shape) @ inv  # (d, ..., n, n); stored broadcast
     jac = lap = None
     if ctx.jac:
