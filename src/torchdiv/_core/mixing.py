@@ -833,6 +833,8 @@ def _view(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | N
     t, axes, spread = args[0], tr.axes(args[0]), tr.spreads(args[0])
     if not (axes or spread) or not isinstance(out, torch.Tensor) or out.numel() != t.numel():
         return None
+    if out.numel() == 0:  # no values to mix, and no place values to follow the samples by
+        return None
     found: list[Axis] = []
     flat = [(axis, _flat(t, axis)) for axis in axes or ()]
     flat += [(axis, axis.inner) for axis in spread or ()]
