@@ -136,6 +136,50 @@ def test_an_unknown_keyword_keeps_pythons_message_with_the_function_name():
         torchdiv.jacobian(lambda x: x, torch.randn(2, 3), foo=1)  # type: ignore[call-arg]
 
 
+class _SampleError(Exception):
+    """The caller's own exception, with a field a handler reads (its default, 0)."""
+
+    def __init__(self, message: str, sample: int = 0) -> None:
+        super().__init__(message)
+        self.sample = sample
+
+
+def _raises_its_own(x: torch.Tensor) -> torch.Tensor:
+    error = _SampleError("sample 3 is bad", sample=3)
+    error.add_note("a note")
+    raise error
+
+
+def _raises_import_error(x: torch.Tensor) -> torch.Tensor:
+    raise ImportError("no backend", name="backend")
+
+
+@pytest.mark.parametrize(
+    ("fn", "method"),
+    [
+        ("divergence", "auto"),
+        ("divergence", "reverse"),
+        ("jacobian", "forward"),
+        ("laplacian", "grad-of-grad"),
+        ("biharmonic", "auto"),  # (a Laplacian's error, renamed)
+    ],
+)
+def test_an_error_of_f_keeps_its_attributes(fn: str, method: str) -> None:
+    """The error raised in ``f``'s place is made anew from its type and the longer message:
+    its attributes were the constructor's defaults, or missing (``error.sample`` read 0 for
+    3; an ``ImportError``'s ``name`` was ``None``; the notes were gone). They are carried
+    over, the message starts with the call."""
+    x = torch.randn(8, 3, dtype=f64)
+    with pytest.raises(_SampleError, match=rf"^{fn}: f\(x\) raised _SampleError") as info:
+        getattr(torchdiv, fn)(_raises_its_own, x, method=method)
+    assert info.value.sample == 3
+    assert info.value.__notes__ == ["a note"]
+    assert not hasattr(info.value, "_torchdiv_in_f")  # (torchdiv's own mark left behind)
+    with pytest.raises(ImportError, match=rf"^{fn}: f\(x\) raised ImportError") as imported:
+        getattr(torchdiv, fn)(_raises_import_error, x, method=method)
+    assert imported.value.name == "backend"
+
+
 @pytest.mark.parametrize("fn", ["biharmonic", "laplacian"])
 def test_an_error_of_a_nested_call_is_named_by_the_call_made(fn: str) -> None:
     """``biharmonic`` calls ``laplacian`` inside ``laplacian``: the error of ``f`` comes out

@@ -208,6 +208,39 @@ def test_tensors_f_sets_on_its_modules_are_left_plain(calls, call, method, wrap)
     assert all(p.grad is not None for n, p in net[0].named_parameters() if n != "bias")
 
 
+class _KeepsInContainers(torch.nn.Module):
+    """The identity, keeping its last input in a registered buffer it assigns and a list it
+    appends to (a model's activation cache, a statistic kept so)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("last", torch.zeros(()))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self.last = z.detach().abs().mean()
+        self.seen.append(z)
+        return z
+
+
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+def test_tensors_f_keeps_in_buffers_and_lists_are_left_plain(method) -> None:
+    """Only a module's direct attributes were put back: a buffer ``f`` assigns
+    (``self.last = ...`` sets ``_buffers``) and a list it appends to kept the engines' dead
+    wrappers, and ``torch.save(model)`` failed ("Cannot access storage of TensorWrapper").
+    Each is now the tensor a plain forward leaves."""
+    net = torch.nn.Sequential(tanh_mlp(3, 5, 3), _KeepsInContainers()).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    torchdiv.divergence(net, x, method=method)
+    keeper = net[1]
+    kept = [keeper.last, *keeper.seen]
+    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in kept)
+    torch.save(net, io.BytesIO())
+    with torch.no_grad():
+        assert_close(keeper.seen[-1], net[0](x))
+        assert_close(keeper.last, net[0](x).abs().mean())
+
+
 _GLOBAL_NET = _legacy_wrapped("weight_norm", 3)
 
 

@@ -302,6 +302,27 @@ def test_an_elementwise_f_on_an_empty_event_is_its_derivative(method: str, num_p
     assert_close(torchdiv.graph_divergence(y.sin(), y), x.cos())
 
 
+@pytest.mark.parametrize("batch", [(3,), (2, 2)])
+@pytest.mark.parametrize(("n", "m"), [(2, 0), (0, 2), (0, 0)])
+def test_a_reshape_of_no_elements_mixes_nothing(batch, n, m) -> None:
+    """A per-sample map with an event of no elements in or out, reshaped (``y.reshape(B, m)``):
+    the watch could not place the batch among the place values of a tensor of no elements,
+    took the samples for spread across its dimensions, and ``"auto"`` raised
+    ``BatchInteractionError`` where the Jacobian is the empty ``(B, m, n)``. A tensor of no
+    elements holds no sample's values: it is not followed."""
+    a = torch.randn(m, n, dtype=f64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return (x.reshape(*batch, n) @ a.T).reshape(*batch, m)
+
+    x = torch.randn(*batch, n, dtype=f64)
+    jac = torchdiv.jacobian(f, x, batch_dims=len(batch))
+    assert_close(jac, torch.zeros(*batch, m, n, dtype=f64))
+    if n == m:
+        div = torchdiv.divergence(f, x, batch_dims=len(batch))
+        assert_close(div, torch.zeros(batch, dtype=f64))
+
+
 def _per_sample_reference(f, x: torch.Tensor) -> torch.Tensor:
     """Every sample's divergence from ``torch.func.jacrev`` on that sample alone (attention on
     the math backend, whose backward vmap batches)."""

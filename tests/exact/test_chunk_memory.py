@@ -110,3 +110,15 @@ def test_chunked_hutchinson_values_and_parameter_gradients(op, chunk):
     expected = torch.autograd.grad((want * weights).sum(), params)
     for g, e in zip(torch.autograd.grad((got * weights).sum(), params), expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+def test_a_diagonal_holds_no_more_than_its_own_elements(method):
+    """A diagonal computed in one chunk was a view of that chunk's ``(n, N, n)`` block of
+    products: the result kept all of it alive (and ``torch.save`` wrote it), ``n = 128``
+    times its own size. Its storage is now its own."""
+    net = torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.Tanh(), torch.nn.Linear(H, D))
+    net = net.double().requires_grad_(False)
+    x = torch.randn(N, D, dtype=torch.float64)
+    diag = torchdiv.jacobian_diagonal(net, x, method=method)
+    assert diag.untyped_storage().nbytes() == diag.numel() * diag.element_size()

@@ -143,3 +143,44 @@ def test_a_call_that_f_interrupts_on_a_later_evaluation_leaves_the_state_as_befo
         torchdiv.jacobian(f, x, method="forward", chunk_size=1)
     assert net.calls.item() == 0 and torch.equal(net.u, u)
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+class _Slots(torch.nn.Module):
+    """``x`` scaled by ``slots[1]`` after ``write`` moved the buffer ``slots`` in place through
+    views of it (``slots[0]``, ``slots[1]``, ``slots`` itself): one evaluation leaves
+    ``after``, and its Jacobian is ``after[1]`` times the identity."""
+
+    def __init__(self, write, after: list[float]) -> None:
+        super().__init__()
+        self.write, self.after = write, after
+        self.register_buffer("slots", torch.zeros(2, dtype=f64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.write(self.slots)
+        return x * self.slots[1]
+
+
+def _slot_by_slot(slots: torch.Tensor) -> None:
+    slots[0] += 1
+    slots[1] += 1
+
+
+def _slot_then_whole(slots: torch.Tensor) -> None:
+    slots[0] += 1
+    slots += 1
+
+
+@pytest.mark.parametrize(
+    ("write", "after"), [(_slot_by_slot, [1.0, 1.0]), (_slot_then_whole, [2.0, 1.0])]
+)
+def test_every_view_of_a_buffer_f_writes_is_put_back(write, after):
+    """``Changes`` kept one view per storage: the first one ``f`` wrote (``slots[0]``), so
+    that forward mode in chunks put back only that view before each chunk's evaluation;
+    ``slots[1]`` moved once per chunk, each chunk differentiated another function and the
+    divergence of ``x * slots[1]`` over 4 inputs was 1 + 2 + 3 + 4 = 10 instead of 4 (the
+    buffer left at ``[1, 4]``). Closed form: ``after[1] * n``, the buffer moved once."""
+    net, x = _Slots(write, after), torch.randn(3, 4, dtype=f64)
+    got = torchdiv.divergence(net, x, method="forward", chunk_size=1)
+    assert_close(got, torch.full((3,), 4 * after[1], dtype=f64))
+    assert net.slots.tolist() == after

@@ -282,3 +282,30 @@ def test_a_failed_check_puts_back_a_view_f_changed_in_place() -> None:
         f = lambda z: first(m(z.view(64, 4, 6))).reshape(64, -1)  # noqa: E731, B023
         want = torchdiv.divergence(f, x, method="reverse")
         torch.testing.assert_close(torchdiv.divergence(f, x), want)
+
+
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_a_call_inside_a_non_reentrant_checkpoint_recomputes_what_it_saved(method) -> None:
+    """Inside ``torch.utils.checkpoint(..., use_reentrant=False)`` the call runs twice: in the
+    forward and again in the backward pass, which must save the tensors the forward saved.
+    The first call at a structure recorded ``f`` and kept the recording, which its
+    recomputation then checked instead: another path, ``CheckpointError`` ("Recomputed values
+    ... have different metadata") in the caller's backward pass. There no plan is read or
+    kept (``PlanCache``, ``checkpointed``). Reference: the same loss without the checkpoint,
+    values and parameter gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    net, x = mlp(32, 16), torch.randn(64, 32, dtype=torch.float64)
+    params = list(net.parameters())
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        return torchdiv.divergence(net, z, method=method).square().sum()
+
+    got = checkpoint(loss, x, use_reentrant=False)  # (the first call at this structure)
+    grads = torch.autograd.grad(got, params, allow_unused=True, materialize_grads=True)
+    assert not plans.checkpointed()
+    expected = loss(x)
+    wanted = torch.autograd.grad(expected, params, allow_unused=True, materialize_grads=True)
+    torch.testing.assert_close(got, expected)
+    for grad, want in zip(grads, wanted, strict=True):
+        torch.testing.assert_close(grad, want)

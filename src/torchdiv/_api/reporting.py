@@ -103,6 +103,7 @@ def renamed(fn: str, exc: Exception) -> Exception | None:
         new = type(exc)(f"{fn}: {rest}")
     except Exception:
         return None
+    _carry_attributes(new, exc)
     with contextlib.suppress(AttributeError):
         new._torchdiv_context = True  # type: ignore[attr-defined]
     return new
@@ -127,9 +128,31 @@ def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> E
         new = type(exc)(text)
     except Exception:  # an exception type that wants other arguments: keep the original
         return exc
+    _carry_attributes(new, exc)
     with contextlib.suppress(AttributeError):
         new._torchdiv_context = True  # type: ignore[attr-defined]
     return new
+
+
+# what built-in exceptions keep outside their ``__dict__`` and leave out of their message
+# (ImportError's name and path, AttributeError's name and obj; not OSError's errno, strerror
+# and filename, from which it writes its message instead of the one given)
+_BUILT_IN_ATTRIBUTES = ("name", "path", "obj")
+
+
+def _carry_attributes(new: Exception, exc: Exception) -> None:
+    """Give ``new``, made from ``exc``'s type and a new message, ``exc``'s attributes (but
+    torchdiv's marks): a handler of the same type reads them (``error.code`` of the caller's
+    own exception, ``error.name`` of an ``ImportError``, notes); the constructor's defaults,
+    or nothing, stood in."""
+    with contextlib.suppress(AttributeError, TypeError):  # (a type without __dict__)
+        own = {k: v for k, v in vars(exc).items() if not k.startswith("_torchdiv")}
+        new.__dict__.update(own)
+    built_in = [c for c in type(exc).__mro__ if c.__module__ == "builtins"]
+    for name in _BUILT_IN_ATTRIBUTES:
+        if any(name in vars(c) for c in built_in):
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(new, name, getattr(exc, name))
 
 
 # what runs an f that draws random numbers off the CPU, where forward mode's vmap refuses it

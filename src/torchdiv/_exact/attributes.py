@@ -11,8 +11,9 @@ Laplacian's nested methods over the forward one), such a tensor is the transform
 An engine says when it evaluates ``f`` under its transforms (``transforming``); when such a
 public call ends (``PlainAttributes``), every dead wrapper among the plain attributes of the
 modules ``f`` reaches (``f`` itself and its submodules, or those a function names:
-``_taylor.cache.named``) is replaced by the tensor it wraps: the value, with the graph, that
-the same evaluation outside the transforms leaves. Calls whose engines use no transform
+``_taylor.cache.named``; in their buffers and lists too: ``_unwrap``) is replaced by
+the tensor it wraps: the value, with the graph, that the same evaluation outside the
+transforms leaves. Calls whose engines use no transform
 (plain autograd, the structured and Taylor engines) walk nothing. The modules are walked, not
 watched: a forward hook on every module cost 8 us per module call (a 3-layer MLP's reverse
 engine: +3.5% a call), replacing ``Module.__setattr__`` for the call 250 us (Python
@@ -77,14 +78,47 @@ class PlainAttributes:
 
 
 def _unwrap(attributes: dict[str, Any]) -> None:
-    """Each dead wrapper in a module's ``__dict__`` replaced by what it wraps (its parameters
-    and buffers are in dictionaries of their own; a caller's live transform's wrappers stay).
-    A wrapper's class is ``torch.Tensor`` itself: a dictionary without one, the usual case, is
-    passed over by a search in C (a Python loop over a module's 20 entries: 1-2 us)."""
-    if torch.Tensor not in map(type, attributes.values()):
-        return
-    for name, value in attributes.items():
+    """Each dead wrapper in a module's ``__dict__`` replaced by what it wraps, and so in its
+    buffers (``self.buf = t`` for a registered buffer sets ``_buffers``) and in the lists it
+    holds (``self.hs.append(h)``). Parameters cannot be set to a computed tensor; a caller's
+    live transform's wrappers stay. A wrapper's class is ``torch.Tensor`` itself: a dictionary
+    without one, the usual case, is passed over by searches in C (a Python loop over a
+    module's 20 entries: 1-2 us), as are buffers without a dead wrapper and modules without a
+    list (tuples, a convolution's sizes, are not looked into)."""
+    kinds = set(map(type, attributes.values()))
+    if torch.Tensor in kinds:
+        _unwrap_values(attributes)
+    buffers = attributes.get("_buffers")
+    if buffers and _dead_among(buffers.values()):
+        _unwrap_values(buffers)
+    if list in kinds:
+        for held in attributes.values():
+            if type(held) is list and torch.Tensor in map(type, held):
+                _unwrap_values(held)  # (in place: the module's own list, shared with its code)
+
+
+def _dead_among(buffers: Any) -> bool:
+    """Whether a dead wrapper is among a module's ``buffers`` (searched in C; one set to
+    ``None``, which has no level, by a loop)."""
+    try:
+        return _DEAD in map(maybe_get_level, buffers)
+    except TypeError:
+        return any(b is not None and maybe_get_level(b) == _DEAD for b in buffers)
+
+
+def _unwrap_values(held: dict[str, Any] | list[Any]) -> None:
+    """Each dead wrapper among the values of ``held`` replaced by what it wraps, in place."""
+    for key, value in held.items() if isinstance(held, dict) else enumerate(held):
         if type(value) is torch.Tensor and maybe_get_level(value) == _DEAD:
-            while is_gradtrackingtensor(value) and maybe_get_level(value) == _DEAD:
-                value = get_unwrapped(value)
-            attributes[name] = value  # (the same key: the dictionary's size does not change)
+            held[key] = _plain(value)  # type: ignore[index]  # (same key: the size stays)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` under the dead wrappers around it (``value`` itself if it is none)."""
+    while (
+        type(value) is torch.Tensor
+        and is_gradtrackingtensor(value)
+        and maybe_get_level(value) == _DEAD
+    ):
+        value = get_unwrapped(value)
+    return value

@@ -202,7 +202,9 @@ def diagonal_and_output(
             diag = _summed(entries) if trace else torch.stack(entries, -1)
         else:
             diag = diagonal(engine, chunk, share)
-            diag = diag.sum(-1) if trace else diag
+            # (one chunk's diagonal is a view of its (k, N, n) block: handed out as it is,
+            # it kept the block alive with it, n times its own size, and torch.save wrote that)
+            diag = diag.sum(-1) if trace else diag.contiguous()
         # (after the products: a forward-mode engine's y comes from its first block)
         return diag, output(engine) if keep_y else engine.y
 

@@ -40,6 +40,7 @@ class Changes(DispatchMode):
         self.after: list[torch.Tensor] | None = None  # their values after a complete evaluation
         self.generators: dict[torch.Generator, torch.Tensor] = {}  # state before f drew
         self._made: set[int] = set()  # storages of tensors f made
+        self._noted: set[tuple[Any, ...]] = set()  # views of other storages in ``written``
 
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         fresh = self.before(func, args, kwargs)
@@ -57,8 +58,11 @@ class Changes(DispatchMode):
         if writes:
             for tensor in _written(func, args, kwargs):
                 storage = _storage(tensor)
-                if storage not in self._made:
-                    self._made.add(storage)  # kept once, with its value before the first write
+                # each view of a storage f did not make kept once, with its value before its
+                # first write: two views (``buf[0]``, ``buf[1]``) are two parts of one buffer
+                view = (storage, tensor.storage_offset(), tensor.shape, tensor.stride())
+                if storage not in self._made and view not in self._noted:
+                    self._noted.add(view)
                     self.written.append((tensor, tensor.detach().clone()))
         if random:
             for generator in self._drawn_from(kwargs.get("generator")):
@@ -89,7 +93,7 @@ class Changes(DispatchMode):
             self.after = [tensor.detach().clone() for tensor, _ in self.written]
             return
         self._put(before=True)
-        self.written, self.generators, self._made = [], {}, set()
+        self.written, self.generators, self._made, self._noted = [], {}, set(), set()
 
     def again(self, f: Callable[[torch.Tensor], T]) -> Callable[[torch.Tensor], T]:
         """``f``, evaluated from the state before the first evaluation (watched until one
@@ -133,9 +137,12 @@ class Changes(DispatchMode):
     def _put(self, before: bool, generators: bool = True) -> None:
         values = [b for _, b in self.written] if before or self.after is None else self.after
         # the tensors as the dispatcher saw them, under no torch.func layer: written so (a
-        # transform around the call, a nested call's, refuses writes to captured tensors)
+        # transform around the call, a nested call's, refuses writes to captured tensors);
+        # the first noted last, where views overlap (``buf[0]``, then ``buf``): its elements'
+        # earliest value
+        pairs = list(zip(self.written, values, strict=True))
         with torch.no_grad(), torch._C._DisableFuncTorch():
-            for (tensor, _), value in zip(self.written, values, strict=True):
+            for (tensor, _), value in reversed(pairs):
                 tensor.copy_(value)
         for generator, state in self.generators.items() if generators else ():
             generator.set_state(state)

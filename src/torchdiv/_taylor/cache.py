@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 import torch.nn.modules.module as _module_hooks
+import torch.utils.checkpoint as _checkpoint
+from torch._C._autograd import _top_saved_tensors_default_hooks
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from torchdiv._core import mixing as _mixing
@@ -213,7 +215,10 @@ class PlanCache:
         self._lock = threading.RLock()  # (re-entrant: a finalizer run by a collection inside)
 
     def get(self, site: Any, key: Hashable) -> Any:
-        """The plan stored for ``site`` and ``key``, or ``None``."""
+        """The plan stored for ``site`` and ``key``, or ``None`` (always inside a
+        non-reentrant checkpoint: ``checkpointed``)."""
+        if checkpointed():
+            return None
         with self._lock:
             entry = self._entries.get((id(site), key))
             if entry is None or entry[0]() is not site:  # freed, its id now another object's
@@ -223,7 +228,10 @@ class PlanCache:
 
     def put(self, site: Any, key: Hashable, plan: Any) -> None:
         """Keep ``plan`` for ``site`` and ``key`` (nothing if ``site`` cannot be weakly
-        referenced: a freed site's ``id`` could then match a new object)."""
+        referenced: a freed site's ``id`` could then match a new object, nor inside a
+        non-reentrant checkpoint: ``checkpointed``)."""
+        if checkpointed():
+            return
         try:
             ref = weakref.ref(site)
         except TypeError:
@@ -237,6 +245,19 @@ class PlanCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+def checkpointed() -> bool:
+    """Whether the call runs inside ``torch.utils.checkpoint(..., use_reentrant=False)``: its
+    forward, or its recomputation in the backward pass, which must save the tensors the
+    forward saved. There no plan is read or kept (``PlanCache``): the first call at a
+    structure recorded ``f`` (or watched it) and its recomputation found the recording kept
+    and took another path (``CheckpointError``: tensors of other metadata, or another number
+    of them); without the caches both take the first call's. Not while Dynamo traces."""
+    if torch.compiler.is_compiling():
+        return False
+    hooks = _top_saved_tensors_default_hooks(True)
+    return hooks is not None and getattr(hooks[0], "__module__", None) == _checkpoint.__name__
 
 
 RECORDINGS = PlanCache(64)
