@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 import sys
 import threading
@@ -1886,6 +1887,37 @@ def test_a_lambda_over_the_time_of_each_step_is_watched_once(name: str, watches:
     column = torch.zeros(1, 1, dtype=f64)
     _CALLS[name](lambda z: field(column, z), x)
     assert len(watches) == 2
+
+
+_FIELDS_READING = {  # what a field over a time does besides computing: watches of 4 steps
+    "train-mode dropout": (lambda h: nn.functional.dropout(h, 0.2, training=True), 1),
+    "a shape logged": (lambda h: (logging.debug(f"{h.shape} {h.size(0)}"), h)[1], 1),
+    "a value logged": (lambda h: (logging.debug(f"{h.mean():.3f}"), h)[1], 4),
+    "bernoulli noise": (lambda h: h * torch.bernoulli(torch.full_like(h, 0.9)), 4),
+}
+
+
+@pytest.mark.parametrize("case", list(_FIELDS_READING))
+def test_a_time_field_that_logs_or_draws_noise_is_not_refused(
+    case: str, watches: list[int]
+) -> None:
+    """A field over a new time at every ODE step (``lambda z: field(t, z)``) that draws a
+    train-mode dropout mask or logs a shape is watched once; one that formats a value
+    (``f"{h.mean():.3f}"``) or draws ``bernoulli`` noise by a probability tensor (an op that
+    raises on its argument's values: ``_CHECKS_VALUES``) is watched at every step, and
+    never refused: none mixes samples (reviewed after the loose key was hardened)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).to(f64)
+    x = torch.randn(8, 2, dtype=f64)
+    inner, watched = _FIELDS_READING[case]
+
+    def field(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return inner(net(torch.cat([z, t.expand(len(z), 1)], 1)))
+
+    for step in range(4):
+        t = torch.tensor(0.3 + step / 4, dtype=f64)
+        assert torchdiv.divergence(lambda z, t=t: field(t, z), x).shape == (8,)
+    assert len(watches) == watched
 
 
 def test_a_pinn_lambda_over_new_times_is_watched_once_by_the_laplacian(

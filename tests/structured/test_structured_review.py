@@ -8,6 +8,7 @@ methods.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -609,6 +610,43 @@ def test_addmm_whose_bias_is_its_own_input(diag: bool) -> None:
     expected = op(f, x, method="reverse")
     _close(op(f, x, method="structured"), expected)
     _close(op(f, x), expected)
+
+
+_BIASES_FROM_X = {  # a bias computed from x by a path of its own (not the factor's input)
+    "addmm(tanh x, x, W)": lambda x, w, v: torch.addmm(torch.tanh(x), x, w, beta=0.5),
+    "addmm(sin(x) V, tanh x, W)": lambda x, w, v: torch.tanh(
+        torch.addmm(torch.sin(x) @ v, torch.tanh(x), w, alpha=2.0)
+    ),
+    "linear + linear": lambda x, w, v: torch.tanh(
+        F.linear(torch.tanh(x), w) + F.linear(x, v, torch.cos(v[0]))
+    ),
+    "baddbmm(tanh x, x, W)": lambda x, w, v: torch.baddbmm(
+        torch.tanh(x)[:, None], x[:, None], w.expand(len(x), -1, -1)
+    )[:, 0],
+}
+
+
+@pytest.mark.parametrize("method", ["structured", "auto"])
+@pytest.mark.parametrize("case", list(_BIASES_FROM_X))
+def test_a_matmul_whose_bias_depends_on_x_by_another_path(case: str, method: str) -> None:
+    # reviewed after a dependent addmm bias was made to end the chain (factors._Walker._matmul):
+    # divergences and their weight gradients against per-sample autograd Jacobians.
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=f64)
+    w = (torch.randn(5, 5, dtype=f64) / 3).requires_grad_()
+    v = torch.randn(5, 5, dtype=f64) / 3
+    f = functools.partial(_BIASES_FROM_X[case], w=w, v=v)
+    got = torchdiv.divergence(f, x, method=method)
+    want = torch.stack(
+        [
+            torch.autograd.functional.jacobian(lambda z: f(z[None])[0], xi, create_graph=True)
+            .diagonal()
+            .sum()
+            for xi in x
+        ]
+    )
+    _close(got, want)
+    _close(torch.autograd.grad(got.sum(), w)[0], torch.autograd.grad(want.sum(), w)[0])
 
 
 @pytest.mark.parametrize("method", ["structured", "auto"])

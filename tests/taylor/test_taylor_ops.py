@@ -367,3 +367,32 @@ def test_ops_along_dimension_0_of_a_scalar(reduce):
     torch.testing.assert_close(torchdiv.laplacian(u, x, batch_dims=0), expected)
     with pytest.raises(NotImplementedError, match="method='taylor' has no propagation rule"):
         torchdiv.laplacian(u, x, batch_dims=0, method="taylor")
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda h: h.pow_(2),
+        lambda h: h.mul_(2),
+        lambda h: h.add_(torch.exp(h), alpha=2),
+        lambda h: h.clamp_(min=0.1),
+        lambda h: h.div_(3),
+        lambda h: (torch.sigmoid(h) * 1.0).float_power_(3),
+        lambda h: (h[:, :, None] * h[:, None, :2]).transpose_(1, 2).reshape(len(h), -1),
+    ],
+    ids=["pow_", "mul_", "add_alpha", "clamp_min", "div_", "float_power_", "transpose_"],
+)
+def test_in_place_ops_against_the_loop(write):
+    """Each in-place op recorded as the out-of-place overload with its argument types
+    (``capture._out_of_place``; ``float_power_.Scalar`` was taken for ``number ** Tensor``
+    and ``transpose_`` had none): Laplacians and their weight gradients against the loop."""
+    weight, bias = _parameters()
+    weight.requires_grad_(True)
+    u = _model(lambda h: write(torch.tanh(h) * 1.0).sum(-1, keepdim=True), weight, bias)
+    x = _points("in place")
+    got = torchdiv.laplacian(u, x, method="taylor")
+    expected = _loop_laplacian(u, x)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(
+        torch.autograd.grad(got.sum(), weight)[0], torch.autograd.grad(expected.sum(), weight)[0]
+    )
