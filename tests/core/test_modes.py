@@ -130,6 +130,9 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "torch.nn.functional.celu": lambda: torch.nn.functional.celu(x, 0.1),
         "torch.celu": lambda: torch.celu(x),
         "torch.celu_": lambda: torch.celu_(2 * x),
+        "torch.pow": lambda: torch.pow(x, torch.full((4,), 3.0)),
+        "torch.Tensor.pow": lambda: x.pow(torch.full((4,), 3.0)),
+        "torch.Tensor.pow, **": lambda: x ** torch.full((4,), 3.0),
     }
     names = {entry.name for entry in REPLACEMENTS.values()}
     assert names <= set(calls), names - set(calls)

@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from torchdiv._core import linalg as _linalg
 from torchdiv._core.ddp import in_process_group, one_forward, spans_peers
+from torchdiv._core.power import plain_exponent, power
 from torchdiv._core.script import attribute, cached, call_ended, call_started
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -672,6 +673,14 @@ class SafeDerivatives(TorchFunctionMode):
       refused (``refuse_underivable``) at any order where an argument is being differentiated;
       ``Watching`` refuses them too, for the engines that evaluate ``f`` outside this mode,
       and so does the recorder of the structured and Taylor engines (``capture``).
+    - ``pow`` of a tensor to a tensor exponent (polynomial features ``h[..., None] **
+      self.powers``): its forward-mode formula holds the exponent's term ``a^e log(a) de``
+      with a zero tangent, whose derivatives are ``nan`` at a negative base: the parameter
+      gradients of forward-mode divergences and of forward-over-reverse and Hessian
+      Laplacians were ``nan`` (values right). Replaced by ``_core.power.power`` from order 2
+      through forward mode where the exponent is a plain tensor not differentiated (one
+      ``f`` holds: a buffer, a closure's constant); one computed inside ``f`` under the
+      engines' transforms cannot be told from a differentiated one and keeps PyTorch's.
     - ``group_norm``: its forward-mode formula views the input, which fails on a transposed
       view (an attention block's output in diffusers' U-Nets): run on a contiguous copy.
 
@@ -1013,6 +1022,18 @@ def _celu(a: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.T
     return a.copy_(out) if inplace else out
 
 
+def _constant_power(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` (``torch.pow``, ``Tensor.pow``, ``**``) by ``_core.power.power`` where the
+    exponent is a tensor not differentiated, PyTorch's op otherwise."""
+
+    def run(a: Any, exponent: Any, **kwargs: Any) -> Any:
+        if not kwargs and plain_exponent(a, exponent):
+            return power(a, exponent)
+        return func(a, exponent, **kwargs)
+
+    return run
+
+
 def _celu_(a: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``torch.celu_``: ``_celu`` in place."""
     return _celu(a, alpha, inplace=True)
@@ -1142,6 +1163,7 @@ _SLOGDET = ("LinalgSlogdetBackward",)  # logdet too
 _SOLVE = ("LinalgSolveExBackward",)  # solve, solve_ex, tensorsolve
 _EIGHN = ("LinalgEighBackward",)  # eigh and eigvalsh
 _NORM = ("LinalgVectorNormBackward",)  # every norm over vector_norm, cosine similarity
+_POW = ("PowBackward1",)  # a tensor to a tensor exponent
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
 REPLACEMENTS: dict[Any, Replacement] = {
     **_table(
@@ -1183,6 +1205,9 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((3, None), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
     **_table((2, 2), _hardsigmoid, "", ("HardsigmoidBackward",), torch.nn.functional.hardsigmoid),
     **_table((2, None), _glu, "", ("GluBackward",), torch.nn.functional.glu),
+    **_table((2, None), _constant_power(torch.pow), "", _POW, torch.pow),
+    **_table((2, None), _constant_power(torch.Tensor.pow), "", _POW, torch.Tensor.pow),
+    **_table((2, None), _constant_power(torch.Tensor.__pow__), "", _POW, torch.Tensor.__pow__),
     **_table((1, 1), _celu, "", ROUNDED, torch.nn.functional.celu, torch.celu),
     **_table((1, 1), _celu_, "", ROUNDED, torch.celu_),
     **_table((1, 1), _copysign, "", ("CopysignBackward",), torch.copysign, torch.Tensor.copysign),

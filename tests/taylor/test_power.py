@@ -1,0 +1,102 @@
+"""A tensor to a constant tensor exponent (polynomial features ``h[..., None] ** powers``).
+
+PyTorch's forward-mode formula of ``pow(a, e)`` with a tensor ``e`` holds ``log(a)`` in its
+exponent term even where ``e`` carries no tangent: at a negative base every second derivative
+through forward mode was ``nan`` (the parameter gradients of a forward-mode divergence, of a
+forward-over-reverse or Hessian Laplacian, and of ``laplacian(method="auto")`` at D = 32), with
+values right. ``SafeDerivatives`` runs it by ``_core.power.power``. Reference: backward passes
+only (the grad-of-grad loop and a per-sample loop of ``autograd.grad``: PyTorch's reverse
+formulas of ``pow`` are right), in float64 (``tolerances``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import laplacian_by_grad_of_grad, tolerances
+
+import torchdiv
+from torchdiv._core.power import power
+
+f64 = torch.float64
+
+
+class _Polynomial(torch.nn.Module):
+    """Features ``tanh(W x)_i ** p_k`` (negative bases), the powers a buffer, summed by a
+    linear layer: a polynomial KAN's or a power-series PINN's first layer."""
+
+    def __init__(self, d: int, out: int) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(d, d, dtype=f64)
+        self.outer = torch.nn.Linear(4 * d, out, dtype=f64)
+        self.register_buffer("powers", torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=f64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inner(x))
+        return self.outer((h[..., None] ** self.powers).flatten(-2))
+
+
+def _divergence_by_loop(f, x: torch.Tensor) -> torch.Tensor:
+    z = x.detach().requires_grad_()
+    y = f(z)
+    columns = [torch.autograd.grad(y[:, i].sum(), z, create_graph=True)[0][:, i] for i in range(3)]
+    return torch.stack(columns).sum(0)
+
+
+def _parameter_gradients(net: torch.nn.Module, result: torch.Tensor) -> list[torch.Tensor]:
+    weights = torch.linspace(1, 2, len(result), dtype=f64)  # (the outer bias: zeros)
+    loss = (result * weights).sum()
+    return list(torch.autograd.grad(loss, list(net.parameters()), materialize_grads=True))
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse", "auto"])
+def test_divergence_through_polynomial_features(method: str) -> None:
+    torch.manual_seed(0)
+    net, x = _Polynomial(3, 3), torch.randn(8, 3, dtype=f64)
+    div = torchdiv.divergence(net, x, method=method)
+    expected = _divergence_by_loop(net, x)
+    torch.testing.assert_close(div, expected, **tolerances(f64))
+    for got, want in zip(
+        _parameter_gradients(net, div), _parameter_gradients(net, expected), strict=True
+    ):
+        torch.testing.assert_close(got, want, **tolerances(f64))
+
+
+@pytest.mark.parametrize("method", ["forward-over-reverse", "hessian", "auto"])
+@pytest.mark.parametrize("d", [3, 32])  # "auto" at 32: not the loop
+def test_laplacian_through_polynomial_features(method: str, d: int) -> None:
+    torch.manual_seed(0)
+    net, x = _Polynomial(d, 1), torch.randn(6, d, dtype=f64)
+    lap = torchdiv.laplacian(lambda z: net(z)[:, 0], x, method=method)
+    expected = laplacian_by_grad_of_grad(lambda z: net(z)[:, 0], x)
+    torch.testing.assert_close(lap, expected, **tolerances(f64))
+    for got, want in zip(
+        _parameter_gradients(net, lap), _parameter_gradients(net, expected), strict=True
+    ):
+        torch.testing.assert_close(got, want, **tolerances(f64))
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (4, 1)])  # elementwise; broadcast against e
+def test_power_has_pytorch_s_values_and_derivatives(shape: tuple[int, int]) -> None:
+    """``power`` against ``torch.pow`` at negative, zero and positive bases, exponents 0,
+    integers, fractions and negatives: values and the first two derivatives by backward
+    passes (PyTorch's, right there), ``nan``/``inf`` where PyTorch's are, but at a zero base
+    with exponent 0, whose second derivative PyTorch takes as ``0 * inf``."""
+    bases = torch.tensor([[-1.5], [0.0], [0.7], [2.0]], dtype=f64)
+    e = torch.tensor([0.0, 1.0, 2.0, 3.0, 0.5, -1.0], dtype=f64)
+    if shape[1] == 1:  # one base against every exponent: finite ones only
+        bases, e = bases[[0, 2, 3]], e[:4]
+    a = bases.expand(len(bases), shape[1]).clone().requires_grad_()
+
+    def derivatives(pow_):
+        out = pow_(a, e)
+        (first,) = torch.autograd.grad(out.sum(), a, create_graph=True)
+        (second,) = torch.autograd.grad(first.sum(), a)
+        return out, first, second
+
+    got, want = derivatives(power), derivatives(torch.pow)
+    if shape[1] == 6:
+        assert want[2][1, 0].isnan() and got[2][1, 0] == 0  # d^2 (a^0) / da^2 at a = 0
+        got[2][1, 0] = want[2][1, 0]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, equal_nan=True, **tolerances(f64))
