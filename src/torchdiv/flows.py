@@ -340,6 +340,7 @@ class AugmentedDynamics(nn.Module):
         # a bound method's module, for odeint_adjoint's parameters (``named_parameters``): not
         # a submodule, which would make a module that keeps its dynamics its own descendant
         object.__setattr__(self, "_owner", owner if owner is not f else None)
+        self._register_owner_parameters()
         self.fn = "AugmentedDynamics"  # named in errors; log_likelihood's own dynamics: its name
         # log_likelihood's adjoint: its call was one forward of f's DDP modules, so the adjoint
         # solve's evaluations in the caller's backward pass run them bare (_core.ddp.one_forward)
@@ -347,19 +348,32 @@ class AugmentedDynamics(nn.Module):
         s = self.sampling
         self.num_terms = 1 if s is None else num_terms(method, s.num_probes)
 
+    def _register_owner_parameters(self) -> None:
+        """Registers the parameters the bound method's module has now as ``owner_0``,
+        ``owner_1``, ... (those of an earlier call dropped): a module holding the dynamics
+        (a wrapper, torchdyn's ``DEFunc``, ``nn.Sequential``) reads its children's
+        registered parameters, not their ``named_parameters``, and without them gave
+        ``odeint_adjoint`` none of the module's parameters: no gradient, silently."""
+        if self._owner is None:
+            return
+        for name in [n for n in self._parameters if n.startswith("owner_")]:
+            del self._parameters[name]
+        for i, p in enumerate(self._owner.parameters()):
+            self.register_parameter(f"owner_{i}", p)
+
     def named_parameters(
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Parameter]]:
-        """Those of ``f``, a module, or of the module of a bound method (as ``owner.``...),
-        read at every call: ``odeint_adjoint`` differentiates with respect to them. Copies
-        of a bound method's parameters made when the dynamics was built went stale when the
-        module's parameters were replaced later (a swapped layer, ``to_empty`` from the meta
-        device, ``.double()`` under ``overwrite_module_params_on_conversion``): the new ones
-        got no gradient, silently."""
-        yield from super().named_parameters(prefix, recurse, remove_duplicate)
-        if self._owner is not None:  # (all of them, as before, whatever ``recurse``)
-            inner = f"{prefix}.owner" if prefix else "owner"
-            yield from self._owner.named_parameters(inner, remove_duplicate=remove_duplicate)
+        """Those of ``f``, a module, or of the module of a bound method (as ``owner_i``),
+        read from the module at every call: ``odeint_adjoint`` differentiates with respect
+        to them. Copies of a bound method's parameters made when the dynamics was built went
+        stale when the module's parameters were replaced later (a swapped layer,
+        ``to_empty`` from the meta device, ``.double()`` under
+        ``overwrite_module_params_on_conversion``): the new ones got no gradient, silently.
+        (A module holding the dynamics reads the registered ones: those of the dynamics'
+        last call, or of its construction.)"""
+        self._register_owner_parameters()
+        return super().named_parameters(prefix, recurse, remove_duplicate)
 
     def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, zeros)``: the state at the data end, ``Delta`` of shape

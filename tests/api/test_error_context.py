@@ -4,6 +4,8 @@ argument errors are not wrapped, and the automatic fallbacks still switch engine
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import torch
 from torch import nn
@@ -178,6 +180,36 @@ def test_an_error_of_f_keeps_its_attributes(fn: str, method: str) -> None:
     with pytest.raises(ImportError, match=rf"^{fn}: f\(x\) raised ImportError") as imported:
         getattr(torchdiv, fn)(_raises_import_error, x, method=method)
     assert imported.value.name == "backend"
+
+
+class _SlottedError(Exception):
+    """The caller's own exception keeping its field in ``__slots__``."""
+
+    __slots__ = ("sample",)
+
+
+def _raises_slotted(x: torch.Tensor) -> torch.Tensor:
+    error = _SlottedError("sample 3 is bad")
+    error.sample = 3
+    raise error
+
+
+def _raises_os_error(x: torch.Tensor) -> torch.Tensor:
+    raise FileNotFoundError(errno.ENOENT, "no such file", "weights.pt")
+
+
+def test_an_error_of_f_keeps_its_slots_and_errno() -> None:
+    """Attributes outside ``__dict__`` were lost on the error raised in ``f``'s place: a
+    ``__slots__`` field (``AttributeError`` on reading it) and an ``OSError``'s ``errno``
+    (``None``: a handler's ``error.errno == errno.ENOENT`` failed)."""
+    x = torch.randn(8, 3, dtype=f64)
+    with pytest.raises(_SlottedError, match=r"^divergence: f\(x\) raised") as info:
+        torchdiv.divergence(_raises_slotted, x)
+    assert info.value.sample == 3
+    with pytest.raises(FileNotFoundError, match=r"^divergence: f\(x\) raised") as os_info:
+        torchdiv.divergence(_raises_os_error, x)
+    assert os_info.value.errno == errno.ENOENT
+    assert "no such file" in str(os_info.value)  # (the message: the original's, with context)
 
 
 @pytest.mark.parametrize("fn", ["biharmonic", "laplacian"])

@@ -91,6 +91,22 @@ def test_a_diverged_sample_hides_no_leak(bad):
     torchdiv.check_batch_independence(lambda z: torch.log(z) + z**2, x)
 
 
+def test_a_non_finite_gradient_of_finite_samples_is_a_leak():
+    """``sqrt`` of a batch sum at exactly zero: ``f`` and ``x`` are finite, but samples 0-3
+    reach every output with a nan gradient (0 * inf), which was left out as a diverged
+    sample's, and the check passed (and ``inf * 0``, leaving a trial's own samples out, hid
+    it again). Non-finite gradients are excused at samples whose ``x`` or ``f(x)`` is not."""
+    x = torch.rand(8, 3, dtype=torch.float64)
+    x[:4, 0] = torch.tensor([1.0, -1.0, 2.0, -2.0], dtype=torch.float64)
+
+    def mixes(z):
+        return z + torch.sqrt(z[:4, 0].sum().abs())
+
+    assert mixes(x).isfinite().all()
+    with pytest.raises(torchdiv.BatchInteractionError, match=r"samples \[0, 1, 2, 3\]"):
+        torchdiv.check_batch_independence(mixes, x)
+
+
 def test_no_finite_gradient_is_an_error():
     x = torch.full((4, 3), float("nan"))
     with pytest.raises(ValueError, match=r"check_batch_independence: every gradient .* is nan"):

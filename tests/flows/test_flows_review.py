@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -161,7 +163,7 @@ def test_dynamics_of_a_bound_method_stored_on_its_own_module_make_no_cycle():
     flow.dynamics = AugmentedDynamics(flow.velocity, x)
     assert set(flow.dynamics.parameters()) == set(flow.net.parameters())
     flow.to(torch.float64)
-    assert "dynamics" in repr(flow) and len(flow.state_dict()) == 2
+    assert "dynamics" in repr(flow) and len(flow.state_dict()) == 4  # (the module's twice)
 
 
 class _Flow(nn.Module):
@@ -218,6 +220,41 @@ def test_dynamics_of_a_bound_method_give_the_parameters_its_module_has_at_the_so
         grads.append(torch.autograd.grad(loss, list(flow.net.parameters()), allow_unused=True))
     for by_solver, by_adjoint in zip(*grads, strict=True):  # (the adjoint's own RK4 steps:
         assert by_adjoint is not None  # O(h^4) from the solve's gradient, ~1e-6 here)
+        torch.testing.assert_close(by_adjoint, by_solver, rtol=1e-4, atol=1e-5)
+
+
+class _Holder(nn.Module):
+    """A module holding the dynamics (a wrapper; torchdyn's ``DEFunc``)."""
+
+    def __init__(self, dynamics: nn.Module):
+        super().__init__()
+        self.dynamics = dynamics
+
+    def forward(self, t: torch.Tensor, state: Any) -> Any:
+        return self.dynamics(t, state)
+
+
+def test_dynamics_of_a_bound_method_held_by_another_module_give_it_the_parameters():
+    """A module holding the dynamics reads its children's registered parameters (not their
+    ``named_parameters``): with the bound method's parameters read only by an overridden
+    ``named_parameters``, the holder had none, and ``odeint_adjoint`` of it gave the
+    velocity's parameters no gradient, silently (``None``)."""
+    from torchdiffeq import odeint_adjoint
+
+    flow = _Flow(3)
+    dynamics = AugmentedDynamics(flow.velocity, torch.zeros(1, 3), method="forward")
+    holder = _Holder(dynamics)
+    assert set(holder.parameters()) == set(flow.net.parameters())
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    times = torch.tensor([1.0, 0.0])
+    grads = []
+    for solve in (odeint, odeint_adjoint):
+        z, delta = solve(holder, dynamics.initial_state(x), times, method="rk4",
+                         options={"step_size": 0.1})  # fmt: skip
+        loss = normal(z[-1]).sum() - delta[-1].sum()
+        grads.append(torch.autograd.grad(loss, list(flow.net.parameters()), allow_unused=True))
+    for by_solver, by_adjoint in zip(*grads, strict=True):  # (tolerance: as above)
+        assert by_adjoint is not None
         torch.testing.assert_close(by_adjoint, by_solver, rtol=1e-4, atol=1e-5)
 
 

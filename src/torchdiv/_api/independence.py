@@ -60,7 +60,8 @@ def check_batch_independence(
         batch_dims: number of leading batch dimensions.
         rtol: a cross-sample gradient counts when it exceeds ``rtol`` times the largest
             gradient entry (independent samples give exactly zero). Gradients that are not
-            finite (a sample with a nan or inf in its ``x`` or ``f(x)``) are left out.
+            finite at a sample with a nan or inf in its ``x`` or ``f(x)`` are left out;
+            elsewhere (a square root of a batch sum at zero) they count as a leak.
         generator: random source for the subsets and the noise; default: a fixed seed, so the
             check is reproducible.
 
@@ -75,7 +76,7 @@ def check_batch_independence(
             samples' outputs, the size of the leak and the usual causes (train-mode BatchNorm,
             attention or pooling over the batch dimension).
         TypeError, ValueError: bad ``f``, ``x``, ``batch_dims``, ``rtol`` or ``generator``;
-            ``ValueError`` too where no gradient of ``f(x)`` is finite.
+            ``ValueError`` too where no gradient of ``f(x)`` is finite (nor any sample).
 
     Examples:
         >>> check_batch_independence(torch.nn.Linear(3, 3), torch.randn(4, 3))
@@ -121,17 +122,24 @@ def _leaks(
     cotangents = (noise * inside).to(y).reshape(TRIALS, *y.shape)
     grad = GraphJacobian(y, x_in, batch_dims, create_graph=False).apply(cotangents)
     size = grad.reshape(TRIALS, num, -1).abs().amax(-1).cpu().double()  # (trials, samples)
-    # a non-finite gradient (a nan or inf in a sample's x or f(x): 0 * nan in any backward)
-    # says nothing of a leak, and its nan hid every other sample's (all comparisons false)
+    # a non-finite gradient at a sample whose x or f(x) is not finite (0 * nan in any
+    # backward) says nothing of a leak, and its nan hid every other sample's (all comparisons
+    # false); at a finite sample it is one (``sqrt`` of a batch sum at 0: inf), counted so
+    bad = ~(_finite_rows(x_in, num) & _finite_rows(y, num)).cpu()
     finite = size.isfinite()
-    if not bool(finite.any()):
+    if not bool(finite.any()) and bool(bad.all()):
         raise ValueError(
             "check_batch_independence: every gradient of f(x) is nan or inf, so nothing can "
             "be checked: pass an x (and parameters) for which f is finite"
         )
-    size = torch.where(finite, size, 0)
-    outside = size * ~inside.squeeze(-1)
-    return outside.amax(0), float(size.max())
+    size = torch.where(finite, size, torch.where(bad, 0, math.inf))
+    outside = torch.where(inside.squeeze(-1), 0, size)  # (not a product: inf * 0 is nan)
+    return outside.amax(0), float(torch.where(finite, size, 0).max())
+
+
+def _finite_rows(t: torch.Tensor, num: int) -> torch.Tensor:
+    """Per sample of the ``num`` leading ones of ``t``, whether all its entries are finite."""
+    return t.detach().reshape(num, -1).isfinite().all(-1)
 
 
 def _message(fn: str, f: object, receivers: list[int], leak: float, scale: float) -> str:

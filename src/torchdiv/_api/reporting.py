@@ -135,9 +135,9 @@ def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> E
 
 
 # what built-in exceptions keep outside their ``__dict__`` and leave out of their message
-# (ImportError's name and path, AttributeError's name and obj; not OSError's errno, strerror
-# and filename, from which it writes its message instead of the one given)
-_BUILT_IN_ATTRIBUTES = ("name", "path", "obj")
+# (ImportError's name and path, AttributeError's name and obj, OSError's errno; not its
+# strerror and filename, from which it writes its message instead of the one given)
+_BUILT_IN_ATTRIBUTES = ("name", "path", "obj", "errno")
 
 
 def _carry_attributes(new: Exception, exc: Exception) -> None:
@@ -149,10 +149,14 @@ def _carry_attributes(new: Exception, exc: Exception) -> None:
         own = {k: v for k, v in vars(exc).items() if not k.startswith("_torchdiv")}
         new.__dict__.update(own)
     built_in = [c for c in type(exc).__mro__ if c.__module__ == "builtins"]
-    for name in _BUILT_IN_ATTRIBUTES:
-        if any(name in vars(c) for c in built_in):
-            with contextlib.suppress(AttributeError, TypeError):
-                setattr(new, name, getattr(exc, name))
+    names = [n for n in _BUILT_IN_ATTRIBUTES if any(n in vars(c) for c in built_in)]
+    for c in type(exc).__mro__:  # the caller's ``__slots__`` (kept outside ``__dict__``)
+        slots = vars(c).get("__slots__", ())
+        slots = [slots] if isinstance(slots, str) else list(slots)
+        names += [n for n in slots if not n.startswith("__")]  # (not __dict__, __weakref__)
+    for name in names:
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(new, name, getattr(exc, name))
 
 
 # what runs an f that draws random numbers off the CPU, where forward mode's vmap refuses it
