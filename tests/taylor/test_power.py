@@ -25,11 +25,12 @@ class _Polynomial(torch.nn.Module):
     """Features ``tanh(W x)_i ** p_k`` (negative bases), the powers a buffer, summed by a
     linear layer: a polynomial KAN's or a power-series PINN's first layer."""
 
-    def __init__(self, d: int, out: int) -> None:
+    def __init__(self, d: int, out: int, powers: torch.Tensor | None = None) -> None:
         super().__init__()
         self.inner = torch.nn.Linear(d, d, dtype=f64)
         self.outer = torch.nn.Linear(4 * d, out, dtype=f64)
-        self.register_buffer("powers", torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=f64))
+        powers = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=f64) if powers is None else powers
+        self.register_buffer("powers", powers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.inner(x))
@@ -37,7 +38,7 @@ class _Polynomial(torch.nn.Module):
 
 
 def _divergence_by_loop(f, x: torch.Tensor) -> torch.Tensor:
-    z = x.detach().requires_grad_()
+    z = x if x.requires_grad else x.detach().requires_grad_()
     y = f(z)
     columns = [torch.autograd.grad(y[:, i].sum(), z, create_graph=True)[0][:, i] for i in range(3)]
     return torch.stack(columns).sum(0)
@@ -60,6 +61,25 @@ def test_divergence_through_polynomial_features(method: str) -> None:
         _parameter_gradients(net, div), _parameter_gradients(net, expected), strict=True
     ):
         torch.testing.assert_close(got, want, **tolerances(f64))
+
+
+@pytest.mark.parametrize("method", ["forward", "auto"])
+def test_integer_powers_keep_parameter_gradients(method: str) -> None:
+    """Powers ``torch.arange(4)`` (int64, the base float64: the usual way to write them) are
+    a constant exponent too: the parameter and ``x`` gradients of a forward-mode divergence
+    were ``nan`` at negative bases while only a float64 exponent was replaced."""
+    torch.manual_seed(0)
+    net, x = _Polynomial(3, 3, torch.arange(4)), torch.randn(8, 3, dtype=f64)
+    x = x.requires_grad_()
+    div = torchdiv.divergence(net, x, method=method)
+    expected = _divergence_by_loop(net, x)
+    assert div.dtype == f64
+    torch.testing.assert_close(div, expected, **tolerances(f64))
+    params = [*net.parameters(), x]
+    got = torch.autograd.grad(div.sum(), params, materialize_grads=True)
+    want = torch.autograd.grad(expected.sum(), params, materialize_grads=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tolerances(f64))
 
 
 @pytest.mark.parametrize("method", ["forward-over-reverse", "hessian", "auto"])
