@@ -120,3 +120,31 @@ def test_power_has_pytorch_s_values_and_derivatives(shape: tuple[int, int]) -> N
         got[2][1, 0] = want[2][1, 0]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, equal_nan=True, **tolerances(f64))
+
+
+@pytest.mark.parametrize("scalar", [True, False])  # h ** 2, h[..., None] ** self.powers
+def test_compiled_divergence_through_powers(scalar: bool) -> None:
+    """``torch.compile`` of a loss through ``**``: Dynamo failed ("Guard failed on the same
+    frame it was created") while ``Tensor.__pow__``, a ``functools.wraps`` function, was a key
+    of ``REPLACEMENTS``, for any ``f`` with ``**``, a Python scalar exponent too; and the graph
+    broke at ``is_functorch_wrapped_tensor`` inside ``SafeDerivatives`` (a warning, an error
+    here). Under Dynamo PyTorch's ``pow`` serves: values right, parameter gradients of the
+    tensor exponent through forward mode ``nan`` at negative bases, as before the
+    replacement (limitations page)."""
+    torch.manual_seed(0)
+    net, x = _Polynomial(3, 3), torch.randn(8, 3, dtype=f64)
+    f = (lambda z: net.outer(torch.tanh(net.inner(z)).repeat(1, 4) ** 2)) if scalar else net
+    torch._dynamo.reset()
+    try:
+        div = torch.compile(
+            lambda z: torchdiv.divergence(f, z, method="forward"), backend="aot_eager"
+        )(x)
+    finally:
+        torch._dynamo.reset()
+    expected = _divergence_by_loop(f, x)
+    torch.testing.assert_close(div, expected, **tolerances(f64))
+    if scalar:
+        for got, want in zip(
+            _parameter_gradients(net, div), _parameter_gradients(net, expected), strict=True
+        ):
+            torch.testing.assert_close(got, want, **tolerances(f64))

@@ -70,9 +70,12 @@ def power(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 def plain_exponent(a: Any, e: Any) -> bool:
     """Whether ``power`` serves ``a ** e``: ``a`` a floating tensor, ``e`` a real (floating,
     integer or bool) tensor neither requiring grad nor carrying a ``torch.func``
-    transform's tangents or batch."""
+    transform's tangents or batch. Not while Dynamo traces: it cannot trace
+    ``is_functorch_wrapped_tensor`` (the graph broke inside ``SafeDerivatives``, where a
+    break can lose ``f``'s part of the derivatives: ``_core.modes``), so PyTorch's op serves."""
     return (
-        isinstance(a, torch.Tensor)
+        not torch.compiler.is_compiling()
+        and isinstance(a, torch.Tensor)
         and isinstance(e, torch.Tensor)
         and a.is_floating_point()
         and not e.is_complex()
