@@ -148,3 +148,28 @@ def test_compiled_divergence_through_powers(scalar: bool) -> None:
             _parameter_gradients(net, div), _parameter_gradients(net, expected), strict=True
         ):
             torch.testing.assert_close(got, want, **tolerances(f64))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda h, p: torch.pow(input=h, exponent=p),
+        lambda h, p: torch.pow(exponent=p, input=h),
+        lambda h, p: h.pow(exponent=p),
+    ],
+)
+def test_power_by_keyword(call) -> None:
+    """``torch.pow(input=h, exponent=p)`` through forward mode: the replacement took its
+    arguments by position only (TypeError "missing 1 required positional argument")."""
+    torch.manual_seed(0)
+    net, x = _Polynomial(3, 3), torch.randn(8, 3, dtype=f64)
+    net.forward = lambda z: net.outer(
+        call(torch.tanh(net.inner(z))[..., None], net.powers).flatten(-2)
+    )
+    div = torchdiv.divergence(net, x, method="forward")
+    expected = _divergence_by_loop(net, x)
+    torch.testing.assert_close(div, expected, **tolerances(f64))
+    for got, want in zip(
+        _parameter_gradients(net, div), _parameter_gradients(net, expected), strict=True
+    ):
+        torch.testing.assert_close(got, want, **tolerances(f64))

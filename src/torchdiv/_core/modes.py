@@ -1026,12 +1026,16 @@ def _celu(a: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.T
 
 def _constant_power(func: Callable[..., Any]) -> Callable[..., Any]:
     """``func`` (``torch.pow``, ``Tensor.pow``, ``**``) by ``_core.power.power`` where the
-    exponent is a tensor not differentiated, PyTorch's op otherwise."""
+    exponent is a tensor not differentiated, PyTorch's op otherwise (``out=`` too). The
+    arguments by position or by name (``torch.pow(input=h, exponent=p)``)."""
 
-    def run(a: Any, exponent: Any, **kwargs: Any) -> Any:
-        if not kwargs and plain_exponent(a, exponent):
-            return power(a, exponent)
-        return func(a, exponent, **kwargs)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        named = dict(zip(("input", "exponent"), args, strict=False)) | kwargs
+        if named.keys() == {"input", "exponent"}:
+            a, exponent = named["input"], named["exponent"]
+            if plain_exponent(a, exponent):
+                return power(a, exponent)
+        return func(*args, **kwargs)
 
     return run
 
