@@ -25,11 +25,12 @@ class _Polynomial(torch.nn.Module):
     """Features ``tanh(W x)_i ** p_k`` (negative bases), the powers a buffer, summed by a
     linear layer: a polynomial KAN's or a power-series PINN's first layer."""
 
-    def __init__(self, d: int, out: int) -> None:
+    def __init__(self, d: int, out: int, powers: torch.Tensor | None = None) -> None:
         super().__init__()
         self.inner = torch.nn.Linear(d, d, dtype=f64)
         self.outer = torch.nn.Linear(4 * d, out, dtype=f64)
-        self.register_buffer("powers", torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=f64))
+        powers = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=f64) if powers is None else powers
+        self.register_buffer("powers", powers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.inner(x))
@@ -37,7 +38,7 @@ class _Polynomial(torch.nn.Module):
 
 
 def _divergence_by_loop(f, x: torch.Tensor) -> torch.Tensor:
-    z = x.detach().requires_grad_()
+    z = x if x.requires_grad else x.detach().requires_grad_()
     y = f(z)
     columns = [torch.autograd.grad(y[:, i].sum(), z, create_graph=True)[0][:, i] for i in range(3)]
     return torch.stack(columns).sum(0)
@@ -60,6 +61,25 @@ def test_divergence_through_polynomial_features(method: str) -> None:
         _parameter_gradients(net, div), _parameter_gradients(net, expected), strict=True
     ):
         torch.testing.assert_close(got, want, **tolerances(f64))
+
+
+@pytest.mark.parametrize("method", ["forward", "auto"])
+def test_integer_powers_keep_parameter_gradients(method: str) -> None:
+    """Powers ``torch.arange(4)`` (int64, the base float64: the usual way to write them) are
+    a constant exponent too: the parameter and ``x`` gradients of a forward-mode divergence
+    were ``nan`` at negative bases while only a float64 exponent was replaced."""
+    torch.manual_seed(0)
+    net, x = _Polynomial(3, 3, torch.arange(4)), torch.randn(8, 3, dtype=f64)
+    x = x.requires_grad_()
+    div = torchdiv.divergence(net, x, method=method)
+    expected = _divergence_by_loop(net, x)
+    assert div.dtype == f64
+    torch.testing.assert_close(div, expected, **tolerances(f64))
+    params = [*net.parameters(), x]
+    got = torch.autograd.grad(div.sum(), params, materialize_grads=True)
+    want = torch.autograd.grad(expected.sum(), params, materialize_grads=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tolerances(f64))
 
 
 @pytest.mark.parametrize("method", ["forward-over-reverse", "hessian", "auto"])
@@ -100,3 +120,56 @@ def test_power_has_pytorch_s_values_and_derivatives(shape: tuple[int, int]) -> N
         got[2][1, 0] = want[2][1, 0]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, equal_nan=True, **tolerances(f64))
+
+
+@pytest.mark.parametrize("scalar", [True, False])  # h ** 2, h[..., None] ** self.powers
+def test_compiled_divergence_through_powers(scalar: bool) -> None:
+    """``torch.compile`` of a loss through ``**``: Dynamo failed ("Guard failed on the same
+    frame it was created") while ``Tensor.__pow__``, a ``functools.wraps`` function, was a key
+    of ``REPLACEMENTS``, for any ``f`` with ``**``, a Python scalar exponent too; and the graph
+    broke at ``is_functorch_wrapped_tensor`` inside ``SafeDerivatives`` (a warning, an error
+    here). Under Dynamo PyTorch's ``pow`` serves: values right, parameter gradients of the
+    tensor exponent through forward mode ``nan`` at negative bases, as before the
+    replacement (limitations page)."""
+    torch.manual_seed(0)
+    net, x = _Polynomial(3, 3), torch.randn(8, 3, dtype=f64)
+    f = (lambda z: net.outer(torch.tanh(net.inner(z)).repeat(1, 4) ** 2)) if scalar else net
+    torch._dynamo.reset()
+    try:
+        div = torch.compile(
+            lambda z: torchdiv.divergence(f, z, method="forward"), backend="aot_eager"
+        )(x)
+    finally:
+        torch._dynamo.reset()
+    expected = _divergence_by_loop(f, x)
+    torch.testing.assert_close(div, expected, **tolerances(f64))
+    if scalar:
+        for got, want in zip(
+            _parameter_gradients(net, div), _parameter_gradients(net, expected), strict=True
+        ):
+            torch.testing.assert_close(got, want, **tolerances(f64))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda h, p: torch.pow(input=h, exponent=p),
+        lambda h, p: torch.pow(exponent=p, input=h),
+        lambda h, p: h.pow(exponent=p),
+    ],
+)
+def test_power_by_keyword(call) -> None:
+    """``torch.pow(input=h, exponent=p)`` through forward mode: the replacement took its
+    arguments by position only (TypeError "missing 1 required positional argument")."""
+    torch.manual_seed(0)
+    net, x = _Polynomial(3, 3), torch.randn(8, 3, dtype=f64)
+    net.forward = lambda z: net.outer(
+        call(torch.tanh(net.inner(z))[..., None], net.powers).flatten(-2)
+    )
+    div = torchdiv.divergence(net, x, method="forward")
+    expected = _divergence_by_loop(net, x)
+    torch.testing.assert_close(div, expected, **tolerances(f64))
+    for got, want in zip(
+        _parameter_gradients(net, div), _parameter_gradients(net, expected), strict=True
+    ):
+        torch.testing.assert_close(got, want, **tolerances(f64))

@@ -709,7 +709,9 @@ class SafeDerivatives(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _BATCH_NORMS and not torch.compiler.is_compiling():
             _refuse_statistics_in_transforms(func, args, kwargs)
-        entry = REPLACEMENTS.get(func)
+        # ``**``: looked up as ``Tensor.pow`` (Dynamo cannot guard a dict holding the
+        # ``functools.wraps`` function ``Tensor.__pow__`` as a key: torch.compile failed)
+        entry = REPLACEMENTS.get(torch.Tensor.pow if func is _POW_OPERATOR else func)
         if entry is None and func in _UNDERIVABLE:
             refuse_underivable(_UNDERIVABLE[func], _differentiated((args, kwargs)))
         if (
@@ -1024,12 +1026,16 @@ def _celu(a: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.T
 
 def _constant_power(func: Callable[..., Any]) -> Callable[..., Any]:
     """``func`` (``torch.pow``, ``Tensor.pow``, ``**``) by ``_core.power.power`` where the
-    exponent is a tensor not differentiated, PyTorch's op otherwise."""
+    exponent is a tensor not differentiated, PyTorch's op otherwise (``out=`` too). The
+    arguments by position or by name (``torch.pow(input=h, exponent=p)``)."""
 
-    def run(a: Any, exponent: Any, **kwargs: Any) -> Any:
-        if not kwargs and plain_exponent(a, exponent):
-            return power(a, exponent)
-        return func(a, exponent, **kwargs)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        named = dict(zip(("input", "exponent"), args, strict=False)) | kwargs
+        if named.keys() == {"input", "exponent"}:
+            a, exponent = named["input"], named["exponent"]
+            if plain_exponent(a, exponent):
+                return power(a, exponent)
+        return func(*args, **kwargs)
 
     return run
 
@@ -1164,6 +1170,7 @@ _SOLVE = ("LinalgSolveExBackward",)  # solve, solve_ex, tensorsolve
 _EIGHN = ("LinalgEighBackward",)  # eigh and eigvalsh
 _NORM = ("LinalgVectorNormBackward",)  # every norm over vector_norm, cosine similarity
 _POW = ("PowBackward1",)  # a tensor to a tensor exponent
+_POW_OPERATOR = torch.Tensor.__pow__  # ``a ** e``: run by ``Tensor.pow``'s entry
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
 REPLACEMENTS: dict[Any, Replacement] = {
     **_table(
@@ -1207,7 +1214,6 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((2, None), _glu, "", ("GluBackward",), torch.nn.functional.glu),
     **_table((2, None), _constant_power(torch.pow), "", _POW, torch.pow),
     **_table((2, None), _constant_power(torch.Tensor.pow), "", _POW, torch.Tensor.pow),
-    **_table((2, None), _constant_power(torch.Tensor.__pow__), "", _POW, torch.Tensor.__pow__),
     **_table((1, 1), _celu, "", ROUNDED, torch.nn.functional.celu, torch.celu),
     **_table((1, 1), _celu_, "", ROUNDED, torch.celu_),
     **_table((1, 1), _copysign, "", ("CopysignBackward",), torch.copysign, torch.Tensor.copysign),

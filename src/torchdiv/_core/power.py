@@ -60,19 +60,25 @@ def _slope(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 def power(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """``a ** e`` (``a`` and ``e`` floating tensors of one dtype, ``e`` not differentiated)
-    with derivatives ``e a^(e-1)`` at every order; shapes broadcast as ``torch.pow``'s."""
-    return _Power.apply(a, e)
+    """``a ** e`` (``a`` a floating tensor, ``e`` a real tensor not differentiated: an
+    integer one too, ``torch.arange(4)``) with derivatives ``e a^(e-1)`` at every order;
+    shapes broadcast and dtypes promote as ``torch.pow``'s."""
+    dtype = torch.result_type(a, e)
+    return _Power.apply(a.to(dtype), e.to(dtype))
 
 
 def plain_exponent(a: Any, e: Any) -> bool:
-    """Whether ``power`` serves ``a ** e``: both floating tensors of one dtype and ``e``
-    neither requiring grad nor carrying a ``torch.func`` transform's tangents or batch."""
+    """Whether ``power`` serves ``a ** e``: ``a`` a floating tensor, ``e`` a real (floating,
+    integer or bool) tensor neither requiring grad nor carrying a ``torch.func``
+    transform's tangents or batch. Not while Dynamo traces: it cannot trace
+    ``is_functorch_wrapped_tensor`` (the graph broke inside ``SafeDerivatives``, where a
+    break can lose ``f``'s part of the derivatives: ``_core.modes``), so PyTorch's op serves."""
     return (
-        isinstance(a, torch.Tensor)
+        not torch.compiler.is_compiling()
+        and isinstance(a, torch.Tensor)
         and isinstance(e, torch.Tensor)
         and a.is_floating_point()
-        and e.dtype == a.dtype
+        and not e.is_complex()
         and not e.requires_grad
         and not is_functorch_wrapped_tensor(e)
     )
