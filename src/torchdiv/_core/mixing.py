@@ -2086,18 +2086,19 @@ class Reads(TorchFunctionMode):
             held = args[0] if args else None
             if isinstance(held, torch.Tensor) and _floating(held):
                 self.axes.values_decide = True
-        for a in args:  # (a subclass's results: ``BatchAxes.follow``)
-            for t in a if isinstance(a, list | tuple) else (a,):
-                self._follow(t)
+        self._follow(args)  # (a subclass's results: ``BatchAxes.follow``)
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, list | tuple) else (out,):
-            self._follow(t)
+        self._follow((out,))
         return out
 
-    def _follow(self, t: Any) -> None:
-        if type(t) not in _PLAIN_TYPES and isinstance(t, torch.Tensor):
-            self.axes.subclassed = True
-            self.axes.follow(t)
+    def _follow(self, values: Sequence[Any]) -> None:
+        """``BatchAxes.follow`` each tensor of a subclass among ``values`` (or in a list or
+        tuple among them)."""
+        for v in values:
+            for t in v if isinstance(v, list | tuple) else (v,):
+                if type(t) not in _PLAIN_TYPES and isinstance(t, torch.Tensor):
+                    self.axes.subclassed = True
+                    self.axes.follow(t)
 
 
 def reading(axes: BatchAxes | None) -> contextlib.AbstractContextManager[Any]:

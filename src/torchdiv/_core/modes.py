@@ -1033,7 +1033,7 @@ def _constant_power(func: Callable[..., Any]) -> Callable[..., Any]:
         named = dict(zip(("input", "exponent"), args, strict=False)) | kwargs
         if named.keys() == {"input", "exponent"}:
             a, exponent = named["input"], named["exponent"]
-            if plain_exponent(a, exponent):
+            if plain_exponent(a, exponent) and not _differentiated(exponent):
                 return power(a, exponent)
         return func(*args, **kwargs)
 

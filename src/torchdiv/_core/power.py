@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch._C._functorch import is_functorch_wrapped_tensor
 
 
 class _Power(torch.autograd.Function):
@@ -68,17 +67,15 @@ def power(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 def plain_exponent(a: Any, e: Any) -> bool:
-    """Whether ``power`` serves ``a ** e``: ``a`` a floating tensor, ``e`` a real (floating,
-    integer or bool) tensor neither requiring grad nor carrying a ``torch.func``
-    transform's tangents or batch. Not while Dynamo traces: it cannot trace
-    ``is_functorch_wrapped_tensor`` (the graph broke inside ``SafeDerivatives``, where a
-    break can lose ``f``'s part of the derivatives: ``_core.modes``), so PyTorch's op serves."""
+    """Whether ``a ** e`` has the operands ``power`` takes: ``a`` a floating tensor, ``e`` a
+    real (floating, integer or bool) tensor; whether ``e`` is differentiated is for the
+    caller to tell (``_core.modes``). Never while Dynamo traces: it cannot trace that test
+    (``is_functorch_wrapped_tensor``; the graph broke inside ``SafeDerivatives``, where a
+    break can lose ``f``'s part of the derivatives), so PyTorch's op serves."""
     return (
         not torch.compiler.is_compiling()
         and isinstance(a, torch.Tensor)
         and isinstance(e, torch.Tensor)
         and a.is_floating_point()
         and not e.is_complex()
-        and not e.requires_grad
-        and not is_functorch_wrapped_tensor(e)
     )
