@@ -167,6 +167,11 @@ class _Recorder(DispatchMode):
         self.written: set[int] = set()
         self.x_storage = _storage(x)
         self.computed: set[int] = set()  # storages of tensors computed from x
+        # storages a recorded call allocated (no argument of it lives there), by that call's
+        # node; and the tensors a replay gives their values before an in-place write made
+        # through another tensor sharing their memory (``_Recorder.replayed_before``)
+        self.fresh: dict[int, int] = {}
+        self.stale: set[int] = set()
 
     def ref(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -285,6 +290,11 @@ class _Recorder(DispatchMode):
                     "a tensor made outside ATen (Tensor.data, as_subclass) sharing memory "
                     "with one computed from x"
                 )
+            elif id(a) in self.stale:
+                self.graph.unsupported.append(
+                    "an in-place write on a tensor f read before (another tensor sharing "
+                    "its memory read after the write)"
+                )
 
     def made_outside(self, a: torch.Tensor) -> bool:
         """Whether ``a``, a tensor no recorded call made, shares memory with one computed
@@ -304,6 +314,9 @@ class _Recorder(DispatchMode):
                 self.readers.setdefault(storage, []).append((index, id(a)))
                 if storage in made:
                     self.viewed.add(storage)
+                    made.discard(storage)
+        for storage in made:
+            self.fresh.setdefault(storage, index)
 
     def before_writes(self, func: Any, written: list[torch.Tensor], depends: bool) -> None:
         """Before ``func`` writes in place: keep each written tensor's value for
@@ -337,8 +350,9 @@ class _Recorder(DispatchMode):
                 and storage not in self.viewed | self.written
                 and all(read == id(tensor) for _, read in readers)
             )
+            replayed = self.replayed_before(tensor, storage)
             self.written.add(storage)
-            if not readers:
+            if not readers or replayed:
                 continue
             if not simple or tensor.requires_grad:
                 self.graph.unsupported.append(f"{func} on a tensor f read before")
@@ -348,6 +362,26 @@ class _Recorder(DispatchMode):
                 node.args, node.kwargs = map_leaves(
                     _replacing(tensor, before), (node.args, node.kwargs)
                 )
+
+    def replayed_before(self, tensor: torch.Tensor, storage: int) -> bool:
+        """Whether a replay gives the calls that read ``storage`` before this first write to
+        it, through ``tensor``, their values from before it, without copies: a constant
+        allocated inside ``f`` by a call a replay runs again (not a random draw's kept
+        output), with every tensor ``f`` got there from a recorded call. The written tensor
+        is the write's own result in a replay; the others sharing its memory keep their
+        values from before the write there, so reading one later is refused
+        (``_Recorder.untracked``). So ``torch.zeros_like(mask, dtype=d).masked_fill_(mask,
+        -inf)`` (``nn.MultiheadAttention``'s boolean masks), where PyTorch hands ``f`` a
+        ``detach`` of the tensor the recorder keeps, is recorded."""
+        made = self.fresh.get(storage)
+        if made is None or storage in self.written or tensor.requires_grad:
+            return False
+        if self.graph.nodes[made].kept is not None:
+            return False
+        for t in leaves(self.alive):
+            if isinstance(t, torch.Tensor) and t is not tensor and _storage(t) == storage:
+                self.stale.add(id(t))
+        return True
 
     def holds_dependent(self, storage: int) -> bool:
         """Whether a tensor computed from ``x`` (recorded as depending on it) lives in
