@@ -171,6 +171,7 @@ class _Recorder(DispatchMode):
         # node; and the tensors a replay gives their values before an in-place write made
         # through another tensor sharing their memory (``_Recorder.replayed_before``)
         self.fresh: dict[int, int] = {}
+        self.sharing: dict[int, list[int]] = {}  # fresh storage -> the tensors made there
         self.stale: set[int] = set()
 
     def ref(self, value: Any) -> Any:
@@ -307,7 +308,8 @@ class _Recorder(DispatchMode):
         """Remember which storages the call about to be recorded reads (``flat``: the leaves
         of its arguments), and whether its result is a view of one of them."""
         index = len(self.graph.nodes)
-        made = {_storage(t) for t in outs if isinstance(t, torch.Tensor)}
+        results = [(_storage(t), id(t)) for t in outs if isinstance(t, torch.Tensor)]
+        made = {storage for storage, _ in results}
         for a in flat:
             if isinstance(a, torch.Tensor):
                 storage = _storage(a)
@@ -317,6 +319,9 @@ class _Recorder(DispatchMode):
                     made.discard(storage)
         for storage in made:
             self.fresh.setdefault(storage, index)
+        for storage, ident in results:
+            if storage in self.fresh:
+                self.sharing.setdefault(storage, []).append(ident)
 
     def before_writes(self, func: Any, written: list[torch.Tensor], depends: bool) -> None:
         """Before ``func`` writes in place: keep each written tensor's value for
@@ -378,9 +383,7 @@ class _Recorder(DispatchMode):
             return False
         if self.graph.nodes[made].kept is not None:
             return False
-        for t in leaves(self.alive):
-            if isinstance(t, torch.Tensor) and t is not tensor and _storage(t) == storage:
-                self.stale.add(id(t))
+        self.stale.update(i for i in self.sharing.get(storage, ()) if i != id(tensor))
         return True
 
     def holds_dependent(self, storage: int) -> bool:
