@@ -157,3 +157,34 @@ def test_graph_laplacian_through_fused_attention_names_the_way_out():
         y = energy(z)
     want = _loop(lambda s, b: energy(s, plain=True), x, 2)
     torch.testing.assert_close(torchdiv.graph_laplacian(y, z), want, rtol=1e-10, atol=1e-10)
+
+
+def test_packed_attention_with_a_block_diagonal_mask_is_refused_with_a_way_out():
+    """All samples' tokens in one sequence, a mask keeping each within its sample (PyG-style
+    batching): per sample, but the watch cannot read the mask and refuses it; with
+    ``check_batch_independence`` passing, ``allow_batch_interaction()`` gives every engine's
+    right answer (the divergence of the same attention run per sample)."""
+    weight = torch.randn(D, D, dtype=f64, generator=torch.Generator().manual_seed(6)) / 2
+    x = torch.randn(B, N, D, dtype=f64, generator=torch.Generator().manual_seed(7))
+    batch = torch.arange(B).repeat_interleave(N)
+    block = batch[:, None] == batch[None, :]
+
+    def packed(z):
+        h = (z @ weight).reshape(1, B * N, D)
+        return torch.nn.functional.scaled_dot_product_attention(h, h, h, attn_mask=block)
+
+    def f(z):
+        return packed(z).reshape(B, N, D)
+
+    def plain(z, b):  # one sample's attention by plain ops
+        h = z @ weight
+        return torch.softmax(h @ h.transpose(-1, -2) / D**0.5, -1) @ h
+
+    with pytest.raises(torchdiv.BatchInteractionError, match="allow_batch_interaction"):
+        torchdiv.divergence(f, x)
+    torchdiv.check_batch_independence(f, x)
+    want = _loop(plain, x, 1)
+    with torchdiv.allow_batch_interaction():
+        for method in ("auto", "structured", "forward", "reverse"):
+            got = torchdiv.divergence(f, x, method=method)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
