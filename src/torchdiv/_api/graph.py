@@ -203,6 +203,8 @@ def graph_laplacian(
 
     Raises:
         ValueError, TypeError: as ``graph_jacobian``; also bad ``coordinates``.
+        NotImplementedError: ``y`` was computed through a fused attention kernel (PyTorch's
+            default ``scaled_dot_product_attention``), which has no second derivative.
 
     Examples:
         >>> x = torch.randn(5, 2, requires_grad=True)
@@ -216,8 +218,10 @@ def graph_laplacian(
     fn = "graph_laplacian"
     check_flag(fn, "create_graph", create_graph)
     engine, chunk = _engine(fn, y, x, batch_dims, True, chunk_size, False)
+    nodes = towards(y, x)
+    _check_fused_attention(fn, nodes)
     if create_graph:
-        _check_third_derivatives(fn, y, x)
+        _check_third_derivatives(fn, nodes)
     n, batch = event_numel(x, batch_dims), x.shape[:batch_dims]
     with torch.inference_mode(False), torch.enable_grad():  # (whatever the caller's mode)
         index = torch.arange(n, device=x.device)
@@ -243,7 +247,26 @@ _WRONG_THIRD = tuple(
 )
 
 
-def _check_third_derivatives(fn: str, y: torch.Tensor, x: torch.Tensor) -> None:
+def _check_fused_attention(fn: str, nodes: list[Any]) -> None:
+    """Refuse a graph holding a fused ``scaled_dot_product_attention`` kernel on a path from
+    ``y`` to ``x`` (``ScaledDotProductFlashAttentionForCpuBackward0``, the efficient, flash
+    and cuDNN ones): PyTorch has no derivative of their backward, which a Laplacian needs, so
+    its error came out as a graph that "cannot be walked twice". The math backend builds
+    attention from ``bmm`` and ``softmax``, which it differentiates twice."""
+    fused = sorted({n for node in nodes if (n := type(node).__name__).startswith(_FUSED)})
+    if fused:
+        raise NotImplementedError(
+            f"{fn}: y's graph holds PyTorch's fused attention ({', '.join(fused)}), which has "
+            "no second derivative; compute y under torch.nn.attention.sdpa_kernel("
+            "SDPBackend.MATH), or use the function form torchdiv.laplacian(f, x), which runs "
+            "attention on the math backend"
+        )
+
+
+_FUSED = "ScaledDotProduct"  # the nodes of the fused kernels (the math backend has none)
+
+
+def _check_third_derivatives(fn: str, nodes: list[Any]) -> None:
     """Refuse a graph holding an op whose PyTorch derivatives are wrong at the third order
     (the gradient of a Laplacian; ``_core.modes.REPLACEMENTS``): the function forms run those
     ops by right equivalents, which a graph the caller built cannot get. A batch norm's node
@@ -254,7 +277,7 @@ def _check_third_derivatives(fn: str, y: torch.Tensor, x: torch.Tensor) -> None:
     wrong = sorted(
         {
             name
-            for node in towards(y, x)
+            for node in nodes
             if (name := type(node).__name__).startswith(_WRONG_THIRD)
             and getattr(node, "_saved_training", True)
         }
