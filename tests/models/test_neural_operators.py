@@ -206,3 +206,67 @@ def test_recording_engines_refuse_real_rules_on_complex_values_naming_the_op() -
         hessians = [torch.autograd.functional.hessian(f, x[b]) for b in range(3)]
         want = torch.stack([h.diagonal().sum() for h in hessians])
         torch.testing.assert_close(torchdiv.laplacian(f, x), want, rtol=1e-10, atol=1e-12)
+
+
+class DeepONet(nn.Module):
+    """Lu et al. 2021 (DeepXDE's layout): a branch net on ``m`` sensor values, a trunk net on
+    coordinates (activated at its last layer too), their dot product plus a bias."""
+
+    def __init__(self, m: int = 6, d: int = 2, p: int = 5, width: int = 8) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(nn.Linear(m, width), nn.Tanh(), nn.Linear(width, p))
+        trunk = [nn.Linear(d, width), nn.Tanh(), nn.Linear(width, p), nn.Tanh()]
+        self.trunk = nn.Sequential(*trunk)
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.to(f64)
+
+    def forward(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (self.branch(u) * self.trunk(y)).sum(-1) + self.bias
+
+
+def test_deeponet_laplacian_in_its_batch_layouts_matches_a_point_loop() -> None:
+    """The PDE residual's Laplacian with respect to the trunk coordinates, in the layouts
+    DeepONet codes use: ``(B, P, d)`` points per function with ``batch_dims=2``, the points
+    flattened with the branch input repeated, the two concatenated with ``coordinates=``,
+    and one point set shared by every function (``(P, d)`` to ``(P, B)``). Each method's
+    values and parameter gradients against a grad-of-grad loop over single points."""
+    torch.manual_seed(4)
+    net, (b, p, m, d) = DeepONet(), (2, 3, 6, 2)
+    u, y = torch.randn(b, m, dtype=f64), torch.rand(b, p, d, dtype=f64)
+
+    def point(i: int, yi: torch.Tensor) -> torch.Tensor:
+        """The Laplacian of function ``i``'s output at the single point ``yi``."""
+        leaf = yi.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(net(u[i], leaf), leaf, create_graph=True)
+        rows = [torch.autograd.grad(g[k], leaf, create_graph=True)[0][k] for k in range(d)]
+        return torch.stack(rows).sum()
+
+    # (B, P): function i at its own points; (P, B): every function at the points y[0]
+    per_function = torch.stack(
+        [torch.stack([point(i, y[i, q]) for q in range(p)]) for i in range(b)]
+    )
+    shared = torch.stack([torch.stack([point(i, y[0, q]) for i in range(b)]) for q in range(p)])
+    flat_u = u.repeat_interleave(p, 0)
+    layouts = [
+        (lambda z: net(u[:, None].expand(-1, p, -1), z), y, {"batch_dims": 2}, per_function),
+        (lambda z: net(flat_u, z), y.reshape(-1, d), {}, per_function.reshape(-1)),
+        (
+            lambda z: net(z[:, :m], z[:, m:]),
+            torch.cat([flat_u, y.reshape(-1, d)], 1),
+            {"coordinates": list(range(m, m + d))},
+            per_function.reshape(-1),
+        ),
+        (lambda z: (net.branch(u) @ net.trunk(z).T).T + net.bias, y[0], {}, shared),
+    ]
+    params = list(net.parameters())
+    for f, x, kwargs, expected in layouts:
+        weights = torch.randn_like(expected)
+        want_grads = torch.autograd.grad(
+            (expected * weights).sum(), params, retain_graph=True, materialize_grads=True
+        )
+        for method in ("auto", "taylor", "forward-over-reverse", "grad-of-grad"):
+            got = torchdiv.laplacian(f, x, method=method, **kwargs)
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+            grads = torch.autograd.grad((got * weights).sum(), params, materialize_grads=True)
+            for g, w in zip(grads, want_grads, strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
