@@ -105,6 +105,13 @@ def _spectrum_mean(z: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft(spectrum - spectrum.mean(0), n=z.shape[-1])
 
 
+def _spectrum_shifted(z: torch.Tensor) -> torch.Tensor:
+    spectrum = torch.fft.rfft(z)
+    out = torch.zeros_like(spectrum)
+    out[1:] = spectrum[:-1]  # sample b's modes written into sample b + 1's row
+    return torch.fft.irfft(out, n=z.shape[-1])
+
+
 def _pairs_mean(z: torch.Tensor) -> torch.Tensor:
     pairs = torch.view_as_complex(z.reshape(len(z), -1, 2))
     return torch.view_as_real(pairs * pairs.mean(0)).reshape(z.shape)
@@ -122,6 +129,11 @@ MIXING = {  # f of z (B, 8): a spectral mistake along the batch -> what the erro
     ),
     "spectrum averaged over the batch": (_spectrum_mean, "a mean over samples"),
     "complex pairs averaged over the batch": (_pairs_mean, "a mean over samples"),
+    "spectrum written into the next sample's row": (_spectrum_shifted, "moved samples"),
+    "spectrum rolled along the batch": (
+        lambda z: torch.fft.irfft(torch.fft.rfft(z).roll(1, 0), n=z.shape[-1]),
+        "aten.roll.default moved samples",
+    ),
     "spectra summed over the batch": (
         lambda z: z * torch.view_as_real(torch.fft.rfft(z)).sum((0, 1, 2)),
         "a sum over samples",
