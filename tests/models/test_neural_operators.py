@@ -160,6 +160,19 @@ def test_spectral_mistakes_along_the_batch_are_refused(case: str, name: str, met
         getattr(torchdiv, name)(g, x, method=method)
 
 
+def test_view_as_complex_of_pairs_of_samples_is_refused() -> None:
+    """Two samples along the last dimension (``x.T`` with ``B = 2``) viewed as one complex
+    number each: squaring it combines them (a cross-sample Jacobian block of norm ~2). It
+    passed; now ``view_as_complex`` is named."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 4, dtype=f64)
+    f = lambda z: torch.view_as_real(torch.view_as_complex(z.T.contiguous()) ** 2).T  # noqa: E731
+    full = torch.autograd.functional.jacobian(f, x)
+    assert float(full[0, :, 1].abs().max()) > 0.1
+    with pytest.raises(BatchInteractionError, match=r"view_as_complex pairing samples"):
+        torchdiv.divergence(f, x)
+
+
 def test_batch_norm_after_a_spectral_layer_is_refused() -> None:
     """The early FNO code's train-mode batch norm after the spectral convolution (here without
     the skip, whose real path the watch followed): ``"auto"`` returned divergences 5-24% off
