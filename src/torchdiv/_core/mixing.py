@@ -60,11 +60,10 @@ Elementwise ops, broadcasts, reshapes that keep the batch factor, transposes, sl
 concatenations carry it, in complex tensors too (FFTs along event dimensions, ``view_as_real``;
 ``_spectral`` refuses an FFT over a batch dimension). An op no table knows is judged from its
 schema (``_unknown``): it combines samples if its ``dim`` argument names a batch dimension
-(``sort``, ``topk``,
-``median``/``mode``/``cummax`` along it, ``nansum``, ``unfold``), it pools or resamples
-along one among its spatial dimensions (``grid_sample`` there at any grid), it is a ``linalg``
-function of matrices whose rows or columns are samples (``det``, ``svd``, ``matrix_exp``), its
-keys are samples (attention), or it reads different samples in one place
+(``sort``, ``topk``, ``median``/``mode``/``cummax`` along it, ``nansum``, ``unfold``), it pools
+or resamples along one among its spatial dimensions (``grid_sample`` there at any grid), it
+is a ``linalg`` function of matrices whose rows or columns are samples (``det``, ``svd``,
+``matrix_exp``), its keys are samples (attention), or it reads different samples in one place
 (``linalg_cross(x, x.flip(0))``); a result with no dimension that could hold the samples
 (a scalar ``dist``, ``median()``, a mean loss) depends on all of them; a result shaped as a
 tracked argument holds its samples in place. Anything else
