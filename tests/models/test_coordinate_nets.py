@@ -165,3 +165,65 @@ def test_a_divisor_that_carries_derivatives():
         torchdiv.divergence(f, x, method="structured"), _loop(f, x, second=False)
     )
     torch.testing.assert_close(torchdiv.laplacian(f, x, method="taylor"), _loop(f, x, second=True))
+
+
+class XorHashEncoding(HashEncoding):
+    """HashNeRF-pytorch's hash, an in-place ``^=`` on a view of a fresh tensor (which the
+    Taylor engine refuses), counting its evaluations; ``perm`` reorders the batch of the
+    output (the identity: per sample)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.perm: torch.Tensor | None = None
+
+    def hash(self, corner: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros_like(corner)[..., 0]
+        for k in range(3):
+            h ^= corner[..., k] * PRIMES[k]
+        return h % self.size + self.offsets
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = super().forward(x)
+        return out if self.perm is None else out[self.perm]
+
+
+def test_a_refused_recording_is_not_repeated_and_still_watched():
+    """At up to three inputs the Laplacian's ``"auto"`` falls back to the loop of backward
+    passes where the Taylor engine refuses ``f``; it recorded ``f`` again at every call (two
+    evaluations a call), now once per structure, each later call watching the loop's own
+    evaluation for sample mixing."""
+    torch.manual_seed(0)
+    encoding = XorHashEncoding()
+    model = nn.Sequential(encoding, nn.Linear(6, 8), nn.Softplus(), nn.Linear(8, 1)).to(f64)
+    x = _points()
+    with pytest.raises(torchdiv._taylor.UnsupportedOp, match="bitwise_xor_"):
+        torchdiv.laplacian(model, x, method="taylor")
+    calls = []
+    for _ in range(3):
+        encoding.calls = 0
+        got = torchdiv.laplacian(model, x)
+        calls.append(encoding.calls)
+        _assert_same_with_gradients(model, got, _loop(model, x, second=True))
+    assert calls[1:] == [1, 1], calls
+    encoding.perm = torch.arange(len(x))
+    torchdiv.laplacian(model, x)
+    encoding.perm.copy_(encoding.perm.roll(1))  # another sample's features: mixed
+    with pytest.raises(torchdiv.BatchInteractionError):
+        torchdiv.laplacian(model, x)
+
+
+def test_value_grad_laplacian_after_a_refused_recording():
+    """``value_grad_laplacian`` shares the remembered fallback: the loop's three results,
+    without recording ``f`` again."""
+    torch.manual_seed(0)
+    encoding = XorHashEncoding()
+    model = nn.Sequential(encoding, nn.Linear(6, 8), nn.Softplus(), nn.Linear(8, 1)).to(f64)
+    x = _points()
+    torchdiv.laplacian(model, x)
+    encoding.calls = 0
+    got = torchdiv.value_grad_laplacian(model, x)
+    assert encoding.calls == 1
+    _assert_same_with_gradients(model, got.laplacian, _loop(model, x, second=True))
+    torch.testing.assert_close(got.value, model(x))
