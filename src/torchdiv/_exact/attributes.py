@@ -11,7 +11,9 @@ Laplacian's nested methods over the forward one), such a tensor is the transform
 An engine says when it evaluates ``f`` under its transforms (``transforming``); when such a
 public call ends (``PlainAttributes``), every dead wrapper among the plain attributes of the
 modules ``f`` reaches (``f`` itself and its submodules, or those a function names:
-``_taylor.cache.named``; in their buffers and lists too: ``_unwrap``) is replaced by
+``_taylor.cache.named``; in their buffers, lists, dictionaries and tuples too, such as
+EDM's and E-NF's cache of edge indices ``self._edges_dict[n_nodes][batch_size] = [rows,
+cols]``, made by ``f`` inside the transforms: ``_unwrap``) is replaced by
 the tensor it wraps: the value, with the graph, that the same evaluation outside the
 transforms leaves. Calls whose engines use no transform
 (plain autograd, the structured and Taylor engines) walk nothing. The modules are walked, not
@@ -79,26 +81,66 @@ class PlainAttributes:
 
 def _unwrap(attributes: dict[str, Any]) -> None:
     """Each dead wrapper in a module's ``__dict__`` replaced by what it wraps, and so in its
-    buffers (``self.buf = t`` for a registered buffer sets ``_buffers``) and in the lists it
-    holds (``self.hs.append(h)``). Parameters cannot be set to a computed tensor; a caller's
-    live transform's wrappers stay. A wrapper's class is ``torch.Tensor`` itself: a dictionary
+    buffers (``self.buf = t`` for a registered buffer sets ``_buffers``) and in the lists,
+    dictionaries and tuples it holds (``self.hs.append(h)``, a cache of edge indices:
+    ``_unwrap_held``). Parameters cannot be set to a computed tensor; a caller's live
+    transform's wrappers stay. A wrapper's class is ``torch.Tensor`` itself: a dictionary
     without one, the usual case, is passed over by searches in C (a Python loop over a
     module's 20 entries: 1-2 us), as are buffers without a dead wrapper and modules without a
-    list (tuples, a convolution's sizes, are not looked into; a long list only at its end:
-    ``_unwrap_list``)."""
+    list, a tuple or a dictionary of their own (beyond ``nn.Module``'s; a tuple without a
+    tensor or a container, a convolution's sizes, is passed over in C; a long list only at
+    its end: ``_unwrap_list``)."""
     kinds = set(map(type, attributes.values()))
     if torch.Tensor in kinds:
         _unwrap_values(attributes)
     buffers = attributes.get("_buffers")
     if buffers and _dead_among(buffers.values()):
         _unwrap_values(buffers)
-    if list in kinds:
-        for held in attributes.values():
-            if type(held) is list:
-                _unwrap_list(held)  # (in place: the module's own list, shared with its code)
+    if list in kinds or tuple in kinds or list(map(type, attributes.values())).count(dict) > _OWN:
+        held = [(k, v) for k, v in attributes.items() if type(v) in _CONTAINERS]
+        for name, value in held:
+            if name not in _MODULE_OWN:  # (its parameters, buffers, submodules, hooks)
+                kept = _unwrap_held(value, _DEPTH)
+                if kept is not value:  # a tuple made again
+                    attributes[name] = kept
 
 
 _SHORT = 64  # a list this long is searched whole; a longer one from its end (``_unwrap_list``)
+_CONTAINERS = frozenset((list, dict, tuple))
+_DEPTH = 3  # containers searched inside containers (EDM's edges: a dict of dicts of lists)
+_MODULE_OWN = frozenset(vars(torch.nn.Module()))  # ``_parameters``, ``_modules``, hooks, ...
+_OWN = list(map(type, vars(torch.nn.Module()).values())).count(dict)  # ... of them dictionaries
+
+
+def _unwrap_held(held: Any, depth: int) -> Any:
+    """``held`` (a list, a dictionary or a tuple a module holds) with the dead wrappers in it,
+    and in the containers it holds ``depth - 1`` levels down, replaced by what they wrap:
+    lists and dictionaries in place (the module's own, shared with its code), a tuple made
+    again where one changed (else ``held`` itself). A long list or dictionary (over
+    ``_SHORT`` entries) only at its end, where this call's appends and new keys are."""
+    if type(held) is list:
+        _unwrap_list(held)
+        values: Any = enumerate(held[-_SHORT:], max(len(held) - _SHORT, 0))
+    elif type(held) is dict:
+        values = list(held.items())[-_SHORT:]
+        if torch.Tensor in {type(v) for _, v in values}:
+            for key, value in values:
+                if type(value) is torch.Tensor and maybe_get_level(value) == _DEAD:
+                    held[key] = _plain(value)
+    else:
+        if not {torch.Tensor, *_CONTAINERS} & set(map(type, held)):  # (a convolution's sizes)
+            return held
+        items = [_plain(v) if type(v) is torch.Tensor else v for v in held]
+        if depth > 1:
+            items = [_unwrap_held(v, depth - 1) if type(v) in _CONTAINERS else v for v in items]
+        return held if all(a is b for a, b in zip(items, held, strict=True)) else tuple(items)
+    if depth > 1:
+        for key, value in values:
+            if type(value) in _CONTAINERS:
+                kept = _unwrap_held(value, depth - 1)
+                if kept is not value:
+                    held[key] = kept
+    return held
 
 
 def _unwrap_list(held: list[Any]) -> None:
