@@ -389,3 +389,22 @@ def test_schnet_force_field_divergence_with_zero_distances(method: str) -> None:
         _parameter_gradients((weights * got).sum(), list(model.parameters())), grads, strict=True
     ):
         assert_close(a, b)
+
+
+def test_a_graph_with_norms_keeps_pytorch_s_derivatives_and_is_not_refused() -> None:
+    """Norms are replaced from the second order by backward passes (their PyTorch formula is
+    ``nan`` at a zero vector only): ``graph_laplacian(..., create_graph=True)`` of a graph the
+    caller built with them is not refused (as it is for ops wrong everywhere), and away from
+    zero vectors it is the function form's."""
+    reference = _schnet("guarded")
+    off_diagonal = ~torch.eye(4, dtype=torch.bool)
+
+    def energy(u: torch.Tensor) -> torch.Tensor:
+        pairs = (u[:, :, None] - u[:, None, :])[:, off_diagonal]
+        return torch.linalg.vector_norm(pairs, dim=-1).sin().sum(-1) + reference(u)
+
+    x = torch.randn(2, 4, 3, dtype=f64, generator=torch.Generator().manual_seed(5))
+    z = x.clone().requires_grad_(True)
+    got = torchdiv.graph_laplacian(energy(z), z, create_graph=True)
+    assert_close(got, torchdiv.laplacian(energy, x, method="grad-of-grad"))
+    assert torch.autograd.grad(got.sum(), reference.embedding)[0].abs().sum() > 0
