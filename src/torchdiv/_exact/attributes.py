@@ -11,7 +11,7 @@ Laplacian's nested methods over the forward one), such a tensor is the transform
 An engine says when it evaluates ``f`` under its transforms (``transforming``); when such a
 public call ends (``PlainAttributes``), every dead wrapper among the plain attributes of the
 modules ``f`` reaches (``f`` itself and its submodules, or those a function names:
-``_taylor.cache.named``; in their buffers, lists, dictionaries and tuples too, such as
+``_taylor.cache.named``; in their buffers, lists and dictionaries too (and tuples in them), such as
 EDM's and E-NF's cache of edge indices ``self._edges_dict[n_nodes][batch_size] = [rows,
 cols]``, made by ``f`` inside the transforms: ``_unwrap``) is replaced by
 the tensor it wraps: the value, with the graph, that the same evaluation outside the
@@ -25,6 +25,7 @@ invalidates the method caches of every subclass of ``Module``).
 from __future__ import annotations
 
 from contextvars import ContextVar, Token
+from itertools import islice
 from typing import Any
 
 import torch
@@ -81,62 +82,59 @@ class PlainAttributes:
 
 def _unwrap(attributes: dict[str, Any]) -> None:
     """Each dead wrapper in a module's ``__dict__`` replaced by what it wraps, and so in its
-    buffers (``self.buf = t`` for a registered buffer sets ``_buffers``) and in the lists,
-    dictionaries and tuples it holds (``self.hs.append(h)``, a cache of edge indices:
+    buffers (``self.buf = t`` for a registered buffer sets ``_buffers``) and in the lists
+    and dictionaries it holds (``self.hs.append(h)``, a cache of edge indices:
     ``_unwrap_held``). Parameters cannot be set to a computed tensor; a caller's live
     transform's wrappers stay. A wrapper's class is ``torch.Tensor`` itself: a dictionary
     without one, the usual case, is passed over by searches in C (a Python loop over a
     module's 20 entries: 1-2 us), as are buffers without a dead wrapper and modules without a
-    list, a tuple or a dictionary of their own (beyond ``nn.Module``'s; a tuple without a
-    tensor or a container, a convolution's sizes, is passed over in C; a long list only at
-    its end: ``_unwrap_list``)."""
-    kinds = set(map(type, attributes.values()))
+    list or a dictionary of their own (beyond ``nn.Module``'s; tuples, a convolution's sizes,
+    are looked into only inside those; a long list only at its end: ``_unwrap_list``)."""
+    types = list(map(type, attributes.values()))
+    kinds = set(types)
     if torch.Tensor in kinds:
         _unwrap_values(attributes)
     buffers = attributes.get("_buffers")
     if buffers and _dead_among(buffers.values()):
         _unwrap_values(buffers)
-    if list in kinds or tuple in kinds or list(map(type, attributes.values())).count(dict) > _OWN:
-        held = [(k, v) for k, v in attributes.items() if type(v) in _CONTAINERS]
-        for name, value in held:
-            if name not in _MODULE_OWN:  # (its parameters, buffers, submodules, hooks)
-                kept = _unwrap_held(value, _DEPTH)
-                if kept is not value:  # a tuple made again
-                    attributes[name] = kept
+    if list in kinds or types.count(dict) > _OWN:
+        for name, value in attributes.items():
+            if type(value) in _CONTAINERS and name not in _MODULE_OWN:  # (not its parameters,
+                _unwrap_held(value, _DEPTH)  # buffers, submodules, hooks)
 
 
 _SHORT = 64  # a list this long is searched whole; a longer one from its end (``_unwrap_list``)
-_CONTAINERS = frozenset((list, dict, tuple))
+_CONTAINERS = frozenset((list, dict))  # (a module's own tuples, a convolution's sizes, not)
+_HELD = frozenset((list, dict, tuple))  # ... but tuples inside them
 _DEPTH = 3  # containers searched inside containers (EDM's edges: a dict of dicts of lists)
 _MODULE_OWN = frozenset(vars(torch.nn.Module()))  # ``_parameters``, ``_modules``, hooks, ...
 _OWN = list(map(type, vars(torch.nn.Module()).values())).count(dict)  # ... of them dictionaries
 
 
 def _unwrap_held(held: Any, depth: int) -> Any:
-    """``held`` (a list, a dictionary or a tuple a module holds) with the dead wrappers in it,
-    and in the containers it holds ``depth - 1`` levels down, replaced by what they wrap:
-    lists and dictionaries in place (the module's own, shared with its code), a tuple made
-    again where one changed (else ``held`` itself). A long list or dictionary (over
-    ``_SHORT`` entries) only at its end, where this call's appends and new keys are."""
+    """``held`` (a list or a dictionary a module holds, or a tuple inside one) with the dead
+    wrappers in it, and in the lists, dictionaries and tuples it holds ``depth - 1`` levels
+    down, replaced by what they wrap: lists and dictionaries in place (the module's own,
+    shared with its code), a tuple made again where one changed (else ``held`` itself). A
+    long list or dictionary (over ``_SHORT`` entries) only at its end, where this call's
+    appends and new keys are."""
     if type(held) is list:
         _unwrap_list(held)
         values: Any = enumerate(held[-_SHORT:], max(len(held) - _SHORT, 0))
     elif type(held) is dict:
-        values = list(held.items())[-_SHORT:]
+        values = list(islice(reversed(held.items()), _SHORT))  # (the last, newest first)
         if torch.Tensor in {type(v) for _, v in values}:
             for key, value in values:
                 if type(value) is torch.Tensor and maybe_get_level(value) == _DEAD:
                     held[key] = _plain(value)
     else:
-        if not {torch.Tensor, *_CONTAINERS} & set(map(type, held)):  # (a convolution's sizes)
-            return held
         items = [_plain(v) if type(v) is torch.Tensor else v for v in held]
         if depth > 1:
-            items = [_unwrap_held(v, depth - 1) if type(v) in _CONTAINERS else v for v in items]
+            items = [_unwrap_held(v, depth - 1) if type(v) in _HELD else v for v in items]
         return held if all(a is b for a, b in zip(items, held, strict=True)) else tuple(items)
     if depth > 1:
         for key, value in values:
-            if type(value) in _CONTAINERS:
+            if type(value) in _HELD:
                 kept = _unwrap_held(value, depth - 1)
                 if kept is not value:
                     held[key] = kept
