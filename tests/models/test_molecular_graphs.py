@@ -16,6 +16,9 @@
   of every pair, the diagonal included (``cdist``, ``norm``), Gaussian radial basis, cosine
   cutoff, the self-pairs masked after the filter. The Laplacian of the energy, and the
   divergence of the force field ``-∇E`` (computed inside ``f`` by ``autograd.grad``).
+- PaiNN's equivariant messages (Schütt, Unke & Gastegger 2021) on padded molecules: vector
+  features start at 0 and stay 0 on padding atoms, whose norms (``torch.linalg.norm`` over
+  the spatial axis) are then norms of zero vectors that depend on the parameters.
 
 References: per-molecule loops over plain ``autograd.grad`` in float64 (one molecule at a
 time); for SchNet the same network with distances from a square root guarded off the
@@ -408,3 +411,93 @@ def test_a_graph_with_norms_keeps_pytorch_s_derivatives_and_is_not_refused() -> 
     got = torchdiv.graph_laplacian(energy(z), z, create_graph=True)
     assert_close(got, torchdiv.laplacian(energy, x, method="grad-of-grad"))
     assert torch.autograd.grad(got.sum(), reference.embedding)[0].abs().sum() > 0
+
+
+def _guarded_norm(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 2-norm with right derivatives at every order, 0 at a zero vector (the reference)."""
+    s = (v**2).sum(dim)
+    return torch.where(s > 0, torch.where(s > 0, s, 1.0).sqrt(), 0.0)
+
+
+class DensePaiNN(nn.Module):
+    """PaiNN's message and update blocks on ``(B, N, 3)`` with a node mask: scalar features
+    ``s`` ``(B, N, F)``, vector features ``v`` ``(B, N, 3, F)`` starting at 0; the update reads
+    ``‖V v‖`` over the spatial axis by ``torch.linalg.norm`` (``guarded``: the reference)."""
+
+    def __init__(self, atoms: int, guarded: bool, features: int = 4, cutoff: float = 4.0) -> None:
+        super().__init__()
+        self.features, self.cutoff, self.guarded = features, cutoff, guarded
+        self.register_buffer("mu", torch.linspace(0, cutoff, 4))
+        self.embedding = nn.Parameter(torch.randn(atoms, features))
+        self.phi = nn.Sequential(
+            nn.Linear(features, features), nn.SiLU(), nn.Linear(features, 3 * features)
+        )
+        self.filter = nn.Linear(4, 3 * features)
+        self.U = nn.Linear(features, features, bias=False)
+        self.V = nn.Linear(features, features, bias=False)
+        self.update = nn.Sequential(
+            nn.Linear(2 * features, features), nn.SiLU(), nn.Linear(features, 3 * features)
+        )
+        self.out = nn.Sequential(nn.Linear(features, features), nn.SiLU(), nn.Linear(features, 1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        pairs = mask[:, :, None] * mask[:, None, :] * (1 - torch.eye(n, dtype=x.dtype))
+        diff = x[:, :, None] - x[:, None, :]
+        d = _guarded_norm(diff, -1)
+        unit = diff / torch.where(d > 0, d, 1.0)[..., None]
+        cut = 0.5 * (torch.cos(d * math.pi / self.cutoff) + 1) * (d < self.cutoff) * pairs
+        s = self.embedding * mask[..., None]
+        v = x.new_zeros(b, n, 3, self.features)
+        for _ in range(2):
+            rbf = torch.exp(-((d[..., None] - self.mu) ** 2))
+            a, c, e = (self.phi(s)[:, None] * self.filter(rbf) * cut[..., None]).split(
+                self.features, -1
+            )
+            s = s + a.sum(2)
+            v = (
+                v
+                + (c[:, :, :, None] * v[:, None]).sum(2)
+                + (e[:, :, :, None] * unit[..., None]).sum(2)
+            )
+            uv, vv = self.U(v), self.V(v)
+            norm = _guarded_norm(vv, -2) if self.guarded else torch.linalg.norm(vv, dim=-2)
+            avv, asv, ass = self.update(torch.cat([s, norm], -1)).split(self.features, -1)
+            v = (v + avv[:, :, None] * uv) * mask[..., None, None]
+            s = (s + asv * (uv * vv).sum(-2) + ass) * mask[..., None]
+        return self.out(s).sum((1, 2))
+
+
+@pytest.mark.parametrize(
+    "method",
+    [pytest.param(m, marks=() if m == "auto" else pytest.mark.slow) for m in LAPLACIAN_METHODS],
+)
+def test_painn_laplacian_with_padding_atoms(method: str) -> None:
+    """Padding atoms keep zero vector features, whose norms depend on the parameters: the
+    Taylor engine's norm rule took its value from ``sqrt(0)``, whose backward is ``0 / 0``,
+    so the parameter gradients of ``"auto"``'s and ``"taylor"``'s Laplacians were ``nan``
+    (values right); the grad-of-grad loop's were ``nan`` through PyTorch's double backward."""
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=f64)
+    x = (
+        torch.randn(3, 4, 3, dtype=f64, generator=torch.Generator().manual_seed(6))
+        * mask[..., None]
+    )
+    torch.manual_seed(0)
+    model = DensePaiNN(4, guarded=False).to(f64)
+    reference = DensePaiNN(4, guarded=True).to(f64)
+    reference.load_state_dict(model.state_dict())
+    laplacians = []
+    for b in range(3):
+        z = x[b : b + 1].clone().requires_grad_()
+        (g,) = torch.autograd.grad(reference(z, mask[b : b + 1]).sum(), z, create_graph=True)
+        g = g.reshape(-1)
+        rows = [
+            torch.autograd.grad(g[k], z, create_graph=True)[0].reshape(-1)[k] for k in range(len(g))
+        ]
+        laplacians.append(sum(rows))
+    expected = torch.stack(laplacians)
+    grads = _parameter_gradients(expected.sum(), list(reference.parameters()))
+    got = torchdiv.laplacian(lambda z: model(z, mask), x, method=method)
+    assert_close(got.detach(), expected.detach())
+    for a, b in zip(_parameter_gradients(got.sum(), list(model.parameters())), grads, strict=True):
+        assert_close(a, b)
