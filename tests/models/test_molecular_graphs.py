@@ -255,9 +255,9 @@ def test_pyg_concatenated_atoms_are_refused_and_the_way_out_is_per_molecule() ->
     """With all molecules' atoms in one ``(total_atoms, 3)`` tensor, ``batch_dims=1`` makes
     each atom a sample, and atoms of one molecule interact: ``"auto"`` and one-probe
     Hutchinson refuse it (the explicit ``"reverse"`` would return ``J^T`` of a summed probe:
-    exactly 0 here, the pair forces cancel). The way out the message names, a lower
-    ``batch_dims``: the diagonal of the whole Jacobian (``batch_dims=0``) summed per molecule
-    by ``batch`` is each molecule's divergence."""
+    exactly 0 here, the pair forces cancel). The message names the ways out (a lower
+    ``batch_dims``, a padded batch): the diagonal of the whole Jacobian (``batch_dims=0``)
+    summed per molecule by ``batch`` is each molecule's divergence."""
     torch.manual_seed(0)
     layer = _PygLayer().to(f64)
     batch = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2])
@@ -266,7 +266,8 @@ def test_pyg_concatenated_atoms_are_refused_and_the_way_out_is_per_molecule() ->
     pos = torch.randn(len(batch), 3, dtype=f64)
     f = lambda p: layer(p, edges)  # noqa: E731
     for method, probes in (("auto", None), ("hutchinson", 1)):
-        with pytest.raises(BatchInteractionError, match="lower batch_dims"):
+        way_out = r"lower batch_dims.*padded batch .*jacobian_diagonal\(f, x, batch_dims=0\)"
+        with pytest.raises(BatchInteractionError, match=way_out):
             torchdiv.divergence(f, pos, method=method, num_probes=probes)
     diagonal = torchdiv.jacobian_diagonal(f, pos, batch_dims=0)
     got = torch.zeros(3, dtype=f64).index_add(0, batch, diagonal.sum(-1))
