@@ -120,24 +120,29 @@ def _unwrap_held(held: Any, depth: int) -> Any:
     appends and new keys are."""
     if type(held) is list:
         _unwrap_list(held)
-        values: Any = enumerate(held[-_SHORT:], max(len(held) - _SHORT, 0))
+        tail = held[-_SHORT:]
+        if depth == 1 or not _HELD & set(map(type, tail)):  # (searched in C: a list of sizes)
+            return held
+        values: Any = enumerate(tail, max(len(held) - _SHORT, 0))
     elif type(held) is dict:
         values = list(islice(reversed(held.items()), _SHORT))  # (the last, newest first)
-        if torch.Tensor in {type(v) for _, v in values}:
+        kinds = {type(v) for _, v in values}
+        if torch.Tensor in kinds:
             for key, value in values:
                 if type(value) is torch.Tensor and maybe_get_level(value) == _DEAD:
                     held[key] = _plain(value)
+        if depth == 1 or not _HELD & kinds:
+            return held
     else:
         items = [_plain(v) if type(v) is torch.Tensor else v for v in held]
         if depth > 1:
             items = [_unwrap_held(v, depth - 1) if type(v) in _HELD else v for v in items]
         return held if all(a is b for a, b in zip(items, held, strict=True)) else tuple(items)
-    if depth > 1:
-        for key, value in values:
-            if type(value) in _HELD:
-                kept = _unwrap_held(value, depth - 1)
-                if kept is not value:
-                    held[key] = kept
+    for key, value in values:
+        if type(value) in _HELD:
+            kept = _unwrap_held(value, depth - 1)
+            if kept is not value:
+                held[key] = kept
     return held
 
 
