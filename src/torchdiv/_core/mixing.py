@@ -621,6 +621,13 @@ def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
             "If that dimension belongs to each sample's event, lower batch_dims; if f really "
             "combines samples, per-sample derivatives do not exist."
         )
+        if what.startswith(_PUT_WHAT):  # message passing along dimension 0
+            fix += (
+                " A batch of graphs with its nodes along dimension 0 (PyTorch Geometric's "
+                "batch vector) makes each node a sample: give f a padded batch (B, N, ...) "
+                "with node masks, or sum torchdiv.jacobian_diagonal(f, x, batch_dims=0) over "
+                "each graph's nodes."
+            )
     return (
         text + fix + " To compute it anyway, wrap the call in torchdiv.allow_batch_interaction()."
     )
