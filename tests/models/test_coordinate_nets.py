@@ -168,19 +168,24 @@ def test_a_divisor_that_carries_derivatives():
 
 
 class XorHashEncoding(HashEncoding):
-    """HashNeRF-pytorch's hash, an in-place ``^=`` on a view of a fresh tensor (which the
-    Taylor engine refuses), counting its evaluations; ``perm`` reorders the batch of the
-    output (the identity: per sample)."""
+    """HashNeRF-pytorch's hash, an in-place ``^=`` on a view of a fresh tensor, counting its
+    evaluations; ``perm`` reorders the batch of the output (the identity: per sample);
+    ``reread``: the fresh tensor is read again after the writes (``h ^ base[..., 1]``, a
+    write through a view whose base is read after it, which the Taylor engine refuses)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reread: bool = False) -> None:
         super().__init__()
         self.calls = 0
         self.perm: torch.Tensor | None = None
+        self.reread = reread
 
     def hash(self, corner: torch.Tensor) -> torch.Tensor:
-        h = torch.zeros_like(corner)[..., 0]
+        base = torch.zeros_like(corner)
+        h = base[..., 0]
         for k in range(3):
             h ^= corner[..., k] * PRIMES[k]
+        if self.reread:
+            h = h ^ base[..., 1]
         return h % self.size + self.offsets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,16 +194,28 @@ class XorHashEncoding(HashEncoding):
         return out if self.perm is None else out[self.perm]
 
 
+def test_hashnerf_in_place_xor_runs_in_the_taylor_engine():
+    """The in-place ``^=`` on a view of a constant ``f`` made (refused until the recording
+    engines replayed a first write to such a constant) gives the loop's Laplacian and
+    parameter gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(XorHashEncoding(), nn.Linear(6, 8), nn.Softplus(), nn.Linear(8, 1))
+    model = model.to(f64)
+    x = _points()
+    got = torchdiv.laplacian(model, x, method="taylor")
+    _assert_same_with_gradients(model, got, _loop(model, x, second=True))
+
+
 def test_a_refused_recording_is_not_repeated_and_still_watched():
     """At up to three inputs the Laplacian's ``"auto"`` falls back to the loop of backward
     passes where the Taylor engine refuses ``f``; it recorded ``f`` again at every call (two
     evaluations a call), now once per structure, each later call watching the loop's own
     evaluation for sample mixing."""
     torch.manual_seed(0)
-    encoding = XorHashEncoding()
+    encoding = XorHashEncoding(reread=True)
     model = nn.Sequential(encoding, nn.Linear(6, 8), nn.Softplus(), nn.Linear(8, 1)).to(f64)
     x = _points()
-    with pytest.raises(torchdiv._taylor.UnsupportedOp, match="bitwise_xor_"):
+    with pytest.raises(torchdiv._taylor.UnsupportedOp, match="read after the write"):
         torchdiv.laplacian(model, x, method="taylor")
     calls = []
     for _ in range(3):
@@ -218,7 +235,7 @@ def test_value_grad_laplacian_after_a_refused_recording():
     """``value_grad_laplacian`` shares the remembered fallback: the loop's three results,
     without recording ``f`` again."""
     torch.manual_seed(0)
-    encoding = XorHashEncoding()
+    encoding = XorHashEncoding(reread=True)
     model = nn.Sequential(encoding, nn.Linear(6, 8), nn.Softplus(), nn.Linear(8, 1)).to(f64)
     x = _points()
     torchdiv.laplacian(model, x)

@@ -168,8 +168,8 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     backward passes instead (``loops``, ``loops_for``; what recording changed is undone). A
     decision to loop is remembered per ``_site`` and structure: the next such call records
     nothing; so is the loop that a refused recording falls back to (an op without a Taylor
-    rule, a backward pass inside ``f``: a hash grid's in-place ``^=``, a curvature
-    ``div(grad f / |grad f|)``), which recorded ``f`` again at every call (1.1-1.5x the
+    rule, a backward pass inside ``f``: a write through a view whose base is read after it,
+    a curvature ``div(grad f / |grad f|)``), which recorded ``f`` again at every call (1.1-1.5x the
     loop's own time): that call still gets the refused graph, for its caller's fallback.
     Only a site remembered to loop at some structure (``_LOOPING_SITES``) has its structure
     key made before recording; any other call records ``f`` straight away.
