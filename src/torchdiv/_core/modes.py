@@ -1027,17 +1027,37 @@ def _celu(a: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.T
 def _constant_power(func: Callable[..., Any]) -> Callable[..., Any]:
     """``func`` (``torch.pow``, ``Tensor.pow``, ``**``) by ``_core.power.power`` where the
     exponent is a tensor not differentiated, PyTorch's op otherwise (``out=`` too). The
-    arguments by position or by name (``torch.pow(input=h, exponent=p)``)."""
+    arguments by position or by name (``torch.pow(input=h, exponent=p)``).
+
+    Where Dynamo traces the call (a compiled loss, a compiled ``f``), whether the exponent
+    carries a transform's tangents cannot be traced (``is_functorch_wrapped_tensor``), so a
+    tensor exponent not requiring grad is looked at eagerly: a graph break at the op (Dynamo
+    runs the transform around it eagerly). Traced with PyTorch's op, the parameter gradients
+    of compiled forward-mode divergences, Jacobians and Laplacians (``laplacian``'s default
+    ``"auto"`` too) were ``nan`` at a negative base; under ``fullgraph=True`` Dynamo raises,
+    naming ``_EAGER_POWER``."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
         named = dict(zip(("input", "exponent"), args, strict=False)) | kwargs
         if named.keys() == {"input", "exponent"}:
             a, exponent = named["input"], named["exponent"]
-            if plain_exponent(a, exponent) and not _differentiated(exponent):
-                return power(a, exponent)
+            if plain_exponent(a, exponent) and not exponent.requires_grad:
+                if torch.compiler.is_compiling():
+                    return eager(*args, **kwargs)
+                if not _differentiated(exponent):
+                    return power(a, exponent)
         return func(*args, **kwargs)
 
+    eager = torch.compiler.disable(run, reason=_EAGER_POWER)
     return run
+
+
+_EAGER_POWER = (
+    "torchdiv: pow of a tensor to a tensor exponent not requiring grad runs eagerly inside a "
+    "forward-mode derivative (PyTorch's forward-mode formula of pow is nan at a negative "
+    "base; whether the exponent is differentiated can only be told eagerly); for one graph, "
+    "use method='reverse' or 'grad-of-grad', or pass the exponent as a Python number"
+)
 
 
 def _celu_(a: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
