@@ -182,24 +182,86 @@ def test_compiled_laplacian_through_polynomial_features(where: str) -> None:
         torch.testing.assert_close(got, want, **tolerances(f64))
 
 
-def test_fullgraph_names_the_eager_power() -> None:
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_fullgraph_names_the_eager_power(method: str) -> None:
     """Under ``fullgraph=True`` the eager ``pow`` cannot break the graph: Dynamo raises,
-    with torchdiv's reason and the ways out (no ``nan`` gradients)."""
+    with torchdiv's reason and the way out (no ``nan`` gradients); powers by Python numbers
+    make one graph."""
     torch.manual_seed(0)
     net, x = _Polynomial(3, 3), torch.randn(4, 3, dtype=f64)
+
+    def by_numbers(z: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(net.inner(z))
+        return net.outer(torch.stack([h**k for k in range(4)], -1).flatten(-2))
+
     torch._dynamo.reset()
     try:
-        with pytest.raises(Exception, match="method='reverse'"):
+        with pytest.raises(Exception, match=r"raise to Python numbers"):
             torch.compile(
-                lambda z: torchdiv.divergence(net, z, method="forward"),
+                lambda z: torchdiv.divergence(net, z, method=method),
                 backend="aot_eager",
                 fullgraph=True,
             )(x)
-        div = torch.compile(  # backward passes only: one graph, PyTorch's pow right
-            lambda z: torchdiv.divergence(net, z, method="reverse"),
+        div = torch.compile(
+            lambda z: torchdiv.divergence(by_numbers, z, method=method),
             backend="aot_eager",
             fullgraph=True,
         )(x)
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(div, _divergence_by_loop(net, x), **tolerances(f64))
+
+
+class _ZeroBases(torch.nn.Module):
+    """``(W tanh(x) ** p) (1 + sum x)``, ``p`` a buffer or Python numbers (the reference:
+    PyTorch's scalar-exponent formulas are right at 0), evaluated where ``x`` has zeros."""
+
+    def __init__(self, powers: list[float]) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3, dtype=f64)
+        self.register_buffer("powers", torch.tensor(powers, dtype=f64))
+        self.numbers = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.tanh(x)
+        if self.numbers:
+            features = torch.stack([t[..., i] ** float(p) for i, p in enumerate(self.powers)], -1)
+        else:
+            features = t**self.powers
+        return self.linear(features) * (1 + x.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize(
+    ("operator", "method", "powers"),
+    [
+        ("divergence", "reverse", [0.0, 1.0, 2.0]),
+        ("divergence", "auto", [0.0, 1.0, 2.0]),
+        ("laplacian", "auto", [1.0, 2.0, 3.0]),
+        ("laplacian", "grad-of-grad", [0.0, 1.0, 2.0]),
+    ],
+)
+def test_zero_bases_keep_parameter_gradients(
+    operator: str, method: str, powers: list[float]
+) -> None:
+    """PyTorch's backward formulas of ``pow(a, e)`` are ``nan`` at ``a = 0`` from the second
+    derivative where ``e = 0``, the third where ``e = 1``: the parameter gradients of reverse
+    and ``"auto"`` divergences and of the loop's Laplacians (``"auto"`` at D = 3) were ``nan``
+    where a feature's base was 0 (values right)."""
+    torch.manual_seed(0)
+    net = _ZeroBases(powers)
+    x = torch.randn(5, 3, dtype=f64)
+    x[0], x[1, 1] = 0.0, 0.0
+    if operator == "divergence":
+        result = torchdiv.divergence(net, x, method=method)
+        net.numbers = True
+        expected = _divergence_by_loop(net, x)
+    else:
+        result = torchdiv.laplacian(lambda z: net(z).sum(-1), x, method=method)
+        net.numbers = True
+        expected = laplacian_by_grad_of_grad(lambda z: net(z).sum(-1), x)
+    torch.testing.assert_close(result, expected, **tolerances(f64))
+    for got, want in zip(
+        _parameter_gradients(net, result), _parameter_gradients(net, expected), strict=True
+    ):
+        assert want.isfinite().all()
+        torch.testing.assert_close(got, want, **tolerances(f64))
