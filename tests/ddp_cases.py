@@ -95,7 +95,22 @@ TINY = {
     # a fused layer norm, replaced by its composite where a third derivative is taken
     # (``_core.modes.backward_passes_order``: the gradient penalty of ``loss``)
     "layernorm": (lambda heads: MLP(heads, activation=_normed_tanh()), (4,)),
+    # polynomial features of negative bases by a buffer of powers (``_core.power`` replaces
+    # PyTorch's pow, whose second derivatives through forward mode are nan there)
+    "poly": (lambda heads: MLP(heads, activation=_PowerFeatures()), (4,)),
 }
+
+
+class _PowerFeatures(nn.Module):
+    """``sum_k c_k tanh(h)^k`` for ``k = 0..3``, the powers a buffer (DDP broadcasts it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("powers", torch.arange(4.0))
+        self.register_buffer("weights", torch.tensor([0.5, 1.0, -0.7, 0.4]))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return (torch.tanh(h)[..., None] ** self.powers) @ self.weights
 
 
 def _normed_tanh() -> nn.Module:
@@ -280,6 +295,10 @@ def sample() -> list[Case]:
               "divergence/forward", "laplacian/auto", "value_grad_laplacian/auto")]  # fmt: skip
     cases += [("ddp-unused", "relu", op, "penalty") for op in ("divergence/structured",
               "laplacian/taylor", "jacobian_diagonal/structured")]  # fmt: skip
+    # the pow of a tensor to a buffer exponent, replaced under forward mode: under DDP's
+    # buffer broadcast and FSDP2's sharding (rev-stacks11; right, a guard)
+    cases += [("ddp", "poly", "laplacian/auto", "penalty"),
+              ("fsdp", "poly", "divergence/forward", "with-f")]  # fmt: skip
     return cases + [("ddp-static", "mlp", op, loss) for op, loss in static]
 
 

@@ -677,8 +677,12 @@ class SafeDerivatives(TorchFunctionMode):
       self.powers``): its forward-mode formula holds the exponent's term ``a^e log(a) de``
       with a zero tangent, whose derivatives are ``nan`` at a negative base: the parameter
       gradients of forward-mode divergences and of forward-over-reverse and Hessian
-      Laplacians were ``nan`` (values right). Replaced by ``_core.power.power`` from order 2
-      through forward mode where the exponent is a plain tensor not differentiated (one
+      Laplacians were ``nan`` (values right). By backward passes its derivatives are ``nan``
+      at an exact 0 base from the second order where the exponent is 0 (``0 * inf``), from
+      the third where it is 1: the parameter gradients of ``"reverse"`` and ``"auto"``
+      divergences and of the loop's Laplacians (``"auto"`` at D = 3) through features
+      ``h ** torch.arange(4)`` at an ``h`` of 0. Replaced by ``_core.power.power`` from order
+      2 (both kinds of engine) where the exponent is a plain tensor not differentiated (one
       ``f`` holds: a buffer, a closure's constant); one computed inside ``f`` under the
       engines' transforms cannot be told from a differentiated one and keeps PyTorch's.
     - ``group_norm``: its forward-mode formula views the input, which fails on a transposed
@@ -1027,17 +1031,39 @@ def _celu(a: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.T
 def _constant_power(func: Callable[..., Any]) -> Callable[..., Any]:
     """``func`` (``torch.pow``, ``Tensor.pow``, ``**``) by ``_core.power.power`` where the
     exponent is a tensor not differentiated, PyTorch's op otherwise (``out=`` too). The
-    arguments by position or by name (``torch.pow(input=h, exponent=p)``)."""
+    arguments by position or by name (``torch.pow(input=h, exponent=p)``).
+
+    Where Dynamo traces the call (a compiled loss, a compiled ``f``), whether the exponent
+    carries a transform's tangents cannot be traced (``is_functorch_wrapped_tensor``), so a
+    tensor exponent not requiring grad is looked at eagerly: a graph break at the op (Dynamo
+    runs the transform around it eagerly). Traced with PyTorch's op, the parameter gradients
+    of compiled forward-mode divergences, Jacobians and Laplacians (``laplacian``'s default
+    ``"auto"`` too) were ``nan`` at a negative base; under ``fullgraph=True`` Dynamo raises,
+    naming ``_EAGER_POWER``. Engines of backward passes take it from order 2 too (``nan`` at a
+    zero base), so their compiled calls break there as well."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
         named = dict(zip(("input", "exponent"), args, strict=False)) | kwargs
         if named.keys() == {"input", "exponent"}:
             a, exponent = named["input"], named["exponent"]
-            if plain_exponent(a, exponent) and not _differentiated(exponent):
-                return power(a, exponent)
+            if plain_exponent(a, exponent) and not exponent.requires_grad:
+                if torch.compiler.is_compiling():
+                    return eager(*args, **kwargs)
+                if not _differentiated(exponent):
+                    return power(a, exponent)
         return func(*args, **kwargs)
 
+    eager = torch.compiler.disable(run, reason=_EAGER_POWER)
     return run
+
+
+_EAGER_POWER = (
+    "torchdiv: pow of a tensor to a tensor exponent not requiring grad runs eagerly inside "
+    "torchdiv's derivatives (PyTorch's second derivatives of it are nan at a negative base "
+    "through forward mode, at a zero base by backward passes; whether the exponent is "
+    "differentiated can only be told eagerly); for one graph, raise to Python numbers "
+    "(torch.stack([h ** k for k in range(4)], -1) for h[..., None] ** torch.arange(4))"
+)
 
 
 def _celu_(a: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -1163,6 +1189,10 @@ def _name(func: Any) -> str:
 # the nodes of the replacements whose PyTorch derivatives differ only at a kink (an exact 0):
 # a graph the caller built with them is not refused (``_api.graph``)
 AT_KINKS = ("PreluKernelBackward",)
+# a tensor to a tensor exponent: by backward passes wrong only at an exact 0 base (``nan``
+# second derivatives where the exponent is 0, third where it is 1), through forward mode at
+# every negative base
+POW_NODES = ("PowBackward1",)
 # ... and those whose PyTorch derivatives are off by a float32 rounding only (in float64)
 ROUNDED = ("CeluBackward",)
 _SLOGDET = ("LinalgSlogdetBackward",)  # logdet too
@@ -1173,7 +1203,6 @@ _NORM = ("LinalgVectorNormBackward",)  # every norm over vector_norm, cosine sim
 # 2-norm's second ones are nan there: a dense distance matrix's diagonal; replaced from the
 # second order, a graph the caller built with them is not refused)
 AT_ZERO_VECTORS = (*_NORM, "NormBackward")
-_POW = ("PowBackward1",)  # a tensor to a tensor exponent
 _POW_OPERATOR = torch.Tensor.__pow__  # ``a ** e``: run by ``Tensor.pow``'s entry
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
 REPLACEMENTS: dict[Any, Replacement] = {
@@ -1216,8 +1245,8 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((3, None), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
     **_table((2, 2), _hardsigmoid, "", ("HardsigmoidBackward",), torch.nn.functional.hardsigmoid),
     **_table((2, None), _glu, "", ("GluBackward",), torch.nn.functional.glu),
-    **_table((2, None), _constant_power(torch.pow), "", _POW, torch.pow),
-    **_table((2, None), _constant_power(torch.Tensor.pow), "", _POW, torch.Tensor.pow),
+    **_table((2, 2), _constant_power(torch.pow), "", POW_NODES, torch.pow),
+    **_table((2, 2), _constant_power(torch.Tensor.pow), "", POW_NODES, torch.Tensor.pow),
     **_table((1, 1), _celu, "", ROUNDED, torch.nn.functional.celu, torch.celu),
     **_table((1, 1), _celu_, "", ROUNDED, torch.celu_),
     **_table((1, 1), _copysign, "", ("CopysignBackward",), torch.copysign, torch.Tensor.copysign),

@@ -69,12 +69,9 @@ def power(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 def plain_exponent(a: Any, e: Any) -> bool:
     """Whether ``a ** e`` has the operands ``power`` takes: ``a`` a floating tensor, ``e`` a
     real (floating, integer or bool) tensor; whether ``e`` is differentiated is for the
-    caller to tell (``_core.modes``). Never while Dynamo traces: it cannot trace that test
-    (``is_functorch_wrapped_tensor``; the graph broke inside ``SafeDerivatives``, where a
-    break can lose ``f``'s part of the derivatives), so PyTorch's op serves."""
+    caller to tell (``_core.modes``, which runs the call eagerly where Dynamo traces it)."""
     return (
-        not torch.compiler.is_compiling()
-        and isinstance(a, torch.Tensor)
+        isinstance(a, torch.Tensor)
         and isinstance(e, torch.Tensor)
         and a.is_floating_point()
         and not e.is_complex()
