@@ -167,6 +167,9 @@ class _Recorder(DispatchMode):
         self.written: set[int] = set()
         self.x_storage = _storage(x)
         self.computed: set[int] = set()  # storages of tensors computed from x
+        # the tensors whose elements a write recorded out of place changed (``functional``):
+        # a replay would read their old values, so a call that reads one is refused
+        self.stale: set[int] = set()
 
     def ref(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -175,18 +178,24 @@ class _Recorder(DispatchMode):
 
     def functional(self, func: Any, args: Any) -> Any:
         """For an in-place op on its first argument (``relu_``, ``add_``: ``nn.ReLU(inplace=
-        True)``, ``h += x``), the out-of-place op to record instead, if nothing else recorded
-        shares that tensor's memory (a view would see the write; a replay could not);
-        otherwise ``func`` itself."""
+        True)``, ``h += x``), the out-of-place op to record instead; otherwise ``func``
+        itself. The recorded tensors whose elements the write changes (a view would see the
+        write; a replay could not) are marked stale, so that a later call reading one is
+        refused (``untracked``); those that share the memory but not these elements are
+        untouched: the pieces of an ``unsafe_chunk`` written one by one, as PyTorch's
+        ``GRUCell``, ``LSTMCell``, ``nn.GRU`` and float64 ``nn.LSTM`` write their gates
+        (``chunk[0].add_(other).sigmoid_()``), the whole gate tensor never read again."""
         facts = _facts(func)
-        if not facts.in_place:
-            return func
         functional = facts.functional
+        if not facts.in_place or functional is None:
+            return func
         target = args[0]
         storage = _storage(target)  # (a zero tensor that forward mode made has no memory)
-        alive = (t for t in leaves(self.alive) if isinstance(t, torch.Tensor))
-        shared = any(t is not target and _storage(t) == storage for t in alive)
-        return func if functional is None or shared else functional
+        for t in leaves(self.alive):
+            shared = isinstance(t, torch.Tensor) and t is not target and _storage(t) == storage
+            if shared and overlaps(t, target):
+                self.stale.add(id(t))
+        return functional
 
     def depends(self, flat: list[Any]) -> bool:
         """Whether one of the call's arguments (``flat``, their leaves) depends on ``x``."""
@@ -280,6 +289,11 @@ class _Recorder(DispatchMode):
             kind = type(a)
             if kind is not torch.Tensor and kind is not torch.nn.Parameter:
                 self.graph.unsupported.append(subclass(kind))
+            elif id(a) in self.stale:
+                self.graph.unsupported.append(
+                    "a tensor read after an in-place op wrote into another tensor sharing "
+                    "its memory"
+                )
             elif self.computed and id(a) not in self.refs and self.made_outside(a):
                 self.graph.unsupported.append(
                     "a tensor made outside ATen (Tensor.data, as_subclass) sharing memory "
@@ -418,6 +432,36 @@ def _products(func: Any, args: Any, outs: list[Any]) -> int:
         weight = args[1]
         return out.numel() * (weight.numel() // max(weight.shape[0], 1))
     return 0
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one storage have an element in common: their spans of storage
+    offsets intersect and, unless one of them fills its span (contiguous), their strided
+    index sets meet, marked on a mask of the span (the columns of ``gates.unsafe_chunk(3,
+    1)`` interleave but never meet). Tensors of other element sizes (``view(dtype)``) are
+    taken to overlap."""
+    if a.element_size() != b.element_size():
+        return True
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    spans = [_span(t) for t in (a, b)]
+    low, high = min(lo for lo, _ in spans), max(hi for _, hi in spans)
+    if max(lo for lo, _ in spans) > min(hi for _, hi in spans):
+        return False
+    if a.is_contiguous() or b.is_contiguous():
+        return True
+    mask = torch.zeros(high - low + 1, dtype=torch.bool)
+    offsets = torch.arange(high - low + 1)  # (an index: ``a`` may repeat elements, expanded)
+    mask[offsets.as_strided(a.shape, a.stride(), a.storage_offset() - low)] = True
+    return bool(mask.as_strided(b.shape, b.stride(), b.storage_offset() - low).any())
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The first and last storage offsets of the non-empty ``t``'s elements."""
+    low = int(t.storage_offset())
+    return low, low + sum(
+        (size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)
+    )
 
 
 def _storage(t: torch.Tensor) -> int:
