@@ -274,3 +274,48 @@ def test_reads_after_a_write_through_shared_memory(case: str) -> None:
         reverse = torchdiv.divergence(f, x, method="reverse")
         structured = torchdiv.divergence(f, x, method="structured")
         torch.testing.assert_close(structured, reverse, rtol=1e-10, atol=1e-10)
+
+
+def test_packed_sequences_laplacian_loops_over_backward_passes() -> None:
+    """``pack_padded_sequence`` (sequences of other lengths, ``enforce_sorted=False``) has no
+    forward-mode rule: the Laplacian's ``"auto"`` (Taylor has no rule for it either; 24
+    inputs, so forward over reverse) raised forward mode's NotImplementedError; it now loops
+    over backward passes, and matches each sample's composite LSTM run on its own length."""
+    torch.manual_seed(5)
+    lstm = nn.LSTM(D, D, batch_first=True).to(f64)
+    steps, lengths = 6, torch.tensor([6, 2, 4])
+
+    def energy(s: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(s, lengths, True, enforce_sorted=False)
+        out = nn.utils.rnn.pad_packed_sequence(lstm(packed)[0], True, total_length=steps)[0]
+        return out.tanh().sum((1, 2))
+
+    x = torch.randn(3, steps, D, dtype=f64)
+    expected = torch.cat(
+        [
+            laplacian_alone(
+                lambda s, n=int(n): composite_lstm(lstm, s[:, :n]).tanh().sum(), xb[None]
+            )
+            for xb, n in zip(x, lengths, strict=True)
+        ]
+    )
+    torch.testing.assert_close(torchdiv.laplacian(energy, x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_packed_sequences_explicit_methods_name_the_way_out() -> None:
+    """torch.func's reverse mode cannot run ``pack_padded_sequence`` ("Cannot access data
+    pointer of Tensor that doesn't have storage", with no hint before) and forward mode has
+    no rule for it: both errors now name ``method='auto'``, which runs it (the forward-mode
+    hint no longer offers ``'reverse'`` there)."""
+    lstm, lengths = nn.LSTM(D, D, batch_first=True).to(f64), torch.tensor([3, 1, 2])
+
+    def f(s: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(s, lengths, True, enforce_sorted=False)
+        return nn.utils.rnn.pad_packed_sequence(lstm(packed)[0], True, total_length=3)[0]
+
+    x = torch.randn(3, 3, D, dtype=f64)
+    with pytest.raises(RuntimeError, match=r"(?s)Hint: an op of f reads .*method='auto'"):
+        torchdiv.divergence(f, x, method="reverse")
+    with pytest.raises(NotImplementedError, match=r"_pack_padded_sequence; use method='auto'\."):
+        torchdiv.divergence(f, x, method="forward")
+    assert torchdiv.divergence(f, x).shape == (3,)

@@ -231,6 +231,16 @@ def _hint(
         )
     if "Trying to use forward AD with" in message:  # an op without a forward-mode rule
         return _forward_ad_hint(fn, message)
+    if "doesn't have storage" in message:  # an op reading memory under torch.func's wrappers
+        way = (
+            "'auto' or 'grad-of-grad'" if fn.rpartition(".")[2] in _LOOPING_FUNCTIONS else "'auto'"
+        )
+        return (
+            "an op of f reads its input's memory directly (a packed sequence's "
+            "pack_padded_sequence, a C++ extension), which torch.func's transforms (the "
+            f"methods 'forward', 'reverse', 'forward-over-reverse', 'hessian') cannot run; use "
+            f"method={way}, which differentiate f with plain autograd there."
+        )
     if "does not require grad" in message and call == "f(x)":  # autograd.grad inside f
         return (
             "f takes a backward pass with respect to what it is given (a score "
@@ -279,7 +289,9 @@ def _forward_ad_hint(fn: str, message: str) -> str:
     as ATen ops with forward-mode rules (every method then runs it)."""
     op = message.partition("forward AD with ")[2].partition(" ")[0]
     name = fn.rpartition(".")[2]
-    way = _BACKWARD_WAYS.get(name, "method='auto' or 'reverse'")
+    # (packed sequences' op reads its input's memory: torch.func's reverse mode cannot run it)
+    default = "method='auto'" if op == "_pack_padded_sequence" else "method='auto' or 'reverse'"
+    way = _BACKWARD_WAYS.get(name, default)
     hint = f"PyTorch has no forward-mode derivative for {op}" + (f"; use {way}" if way else "")
     if op == "mkldnn_rnn_layer":
         hint += (
@@ -293,6 +305,7 @@ def _forward_ad_hint(fn: str, message: str) -> str:
 # the methods that differentiate an op without a forward-mode rule, by public function
 # (``biharmonic`` has none: every one of its methods nests forward mode where Taylor fails)
 _LOOPING = "method='auto' or 'grad-of-grad' (exact; 'auto' loops over backward passes for it)"
+_LOOPING_FUNCTIONS = ("laplacian", "weighted_laplacian")
 _BACKWARD_WAYS = {
     "laplacian": _LOOPING,
     "weighted_laplacian": _LOOPING,

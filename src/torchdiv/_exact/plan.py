@@ -46,9 +46,10 @@ TINY_PROBLEM = 1 << 15
 ROWS_PROBLEM = 1 << 18
 
 # ATen ops that PyTorch gives no forward-mode derivative (checked on CPU; the engines that run
-# after forward mode fails cover any others): CPU fused attention, and the oneDNN LSTM layer
+# after forward mode fails cover any others): CPU fused attention, the oneDNN LSTM layer
 # that ``nn.LSTM`` runs in float32 on the CPU (its backward is differentiable:
-# ``mkldnn_rnn_layer_differentiable_backward``). Custom ops (outside aten), which
+# ``mkldnn_rnn_layer_differentiable_backward``), and ``nn.utils.rnn.pack_padded_sequence``
+# (its backward is made of index ops). Custom ops (outside aten), which
 # ``torch.library`` gives none, are told by their namespace (``_exact.forward.Tangents``
 # refuses them there). The Laplacian's ``"auto"`` loops over backward passes for an ``f``
 # that runs one (``_laplacian.methods.loops_after``).
@@ -56,6 +57,7 @@ WITHOUT_FORWARD_RULE = frozenset(
     {
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
         torch.ops.aten.mkldnn_rnn_layer.default,
+        torch.ops.aten._pack_padded_sequence.default,
     }
 )
 
