@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
@@ -296,3 +297,47 @@ def test_what_a_forward_hook_stored_gives_a_plain_tensor_through_an_op(method) -
         assert_close(act, torch.tanh(net[0](x)))
     act.sum().backward()
     assert net[0].weight.grad is not None
+
+
+class _CachesEdges(torch.nn.Module):
+    """EDM's and E-NF's ``EGNN_dynamics`` keep the edge indices of a fully connected batch of
+    graphs, made on the first forward at each size, in ``self._edges_dict[n_nodes][batch_size]``
+    (a list ``[rows, cols]``); here also as a tuple in a dictionary, and in a list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3).double()
+        self._edges_dict: dict[int, dict[int, list[torch.Tensor]]] = {}
+        self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.last: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        b, n = z.shape[0], z.shape[1] // 3
+        if b not in self._edges_dict.setdefault(n, {}):
+            rows = [i + k * n for k in range(b) for i in range(n) for j in range(n)]
+            cols = [j + k * n for k in range(b) for i in range(n) for j in range(n)]
+            self._edges_dict[n][b] = [torch.LongTensor(rows), torch.LongTensor(cols)]
+            self.pairs[b] = (torch.tensor(rows), torch.tensor(cols))
+        rows, cols = self._edges_dict[n][b]
+        h = z.reshape(b * n, 3)
+        self.last = [(rows, h)]
+        messages = torch.tanh(self.lin(h[rows] - h[cols]))
+        return (h + torch.zeros_like(h).index_add(0, rows, messages)).reshape(z.shape)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse", "hutchinson"])
+def test_tensors_f_caches_in_dictionaries_and_tuples_are_left_plain(method) -> None:
+    """The edge indices EDM's dynamics caches in a dictionary of dictionaries of lists on
+    its first forward, made inside the engines' transforms, were left dead wrappers:
+    ``copy.deepcopy(model)`` (an EMA copy) and ``torch.save(model)`` failed ("Cannot access
+    storage of TensorWrapper") after any call but the structured engine's. Now plain."""
+    net = _CachesEdges()
+    x = torch.randn(4, 9, dtype=torch.float64)
+    torchdiv.divergence(net, x, method=method, num_probes=2 if method == "hutchinson" else None)
+    rows, cols = net._edges_dict[3][4]
+    kept = [rows, cols, *net.pairs[4], *net.last[0]]
+    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in kept)
+    copy.deepcopy(net)
+    torch.save(net, io.BytesIO())
+    with torch.no_grad():
+        assert_close(net.last[0][1], x.reshape(12, 3))

@@ -29,7 +29,7 @@ from torchdiv._core.checks import (
     check_square,
     event_numel,
 )
-from torchdiv._core.modes import AT_KINKS, ROUNDED, changed_nodes
+from torchdiv._core.modes import AT_KINKS, AT_ZERO_VECTORS, ROUNDED, changed_nodes
 from torchdiv._core.walk import towards
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
@@ -203,6 +203,8 @@ def graph_laplacian(
 
     Raises:
         ValueError, TypeError: as ``graph_jacobian``; also bad ``coordinates``.
+        NotImplementedError: ``y`` was computed through a fused attention kernel (PyTorch's
+            default ``scaled_dot_product_attention``), which has no second derivative.
 
     Examples:
         >>> x = torch.randn(5, 2, requires_grad=True)
@@ -216,8 +218,10 @@ def graph_laplacian(
     fn = "graph_laplacian"
     check_flag(fn, "create_graph", create_graph)
     engine, chunk = _engine(fn, y, x, batch_dims, True, chunk_size, False)
+    nodes = towards(y, x)
+    _check_fused_attention(fn, nodes)
     if create_graph:
-        _check_third_derivatives(fn, y, x)
+        _check_third_derivatives(fn, nodes)
     n, batch = event_numel(x, batch_dims), x.shape[:batch_dims]
     with torch.inference_mode(False), torch.enable_grad():  # (whatever the caller's mode)
         index = torch.arange(n, device=x.device)
@@ -236,14 +240,35 @@ def graph_laplacian(
     return laplacians.reshape(y.shape)
 
 
-# (prelu's derivatives differ only at an exact 0, celu's by a float32 rounding: a graph with
-# them keeps PyTorch's, not refused)
+# (prelu's derivatives differ only at an exact 0, the norms' at a zero vector, celu's by a
+# float32 rounding: a graph with them keeps PyTorch's, not refused)
 _WRONG_THIRD = tuple(
-    n for n in changed_nodes(3, forward_mode=False) if n not in (*AT_KINKS, *ROUNDED)
+    n
+    for n in changed_nodes(3, forward_mode=False)
+    if n not in (*AT_KINKS, *AT_ZERO_VECTORS, *ROUNDED)
 )
 
 
-def _check_third_derivatives(fn: str, y: torch.Tensor, x: torch.Tensor) -> None:
+def _check_fused_attention(fn: str, nodes: list[Any]) -> None:
+    """Refuse a graph holding a fused ``scaled_dot_product_attention`` kernel on a path from
+    ``y`` to ``x`` (``ScaledDotProductFlashAttentionForCpuBackward0``, the efficient, flash
+    and cuDNN ones): PyTorch has no derivative of their backward, which a Laplacian needs, so
+    its error came out as a graph that "cannot be walked twice". The math backend builds
+    attention from ``bmm`` and ``softmax``, which it differentiates twice."""
+    fused = sorted({n for node in nodes if (n := type(node).__name__).startswith(_FUSED)})
+    if fused:
+        raise NotImplementedError(
+            f"{fn}: y's graph holds PyTorch's fused attention ({', '.join(fused)}), which has "
+            "no second derivative; compute y under torch.nn.attention.sdpa_kernel("
+            "SDPBackend.MATH), or use the function form torchdiv.laplacian(f, x), which runs "
+            "attention on the math backend"
+        )
+
+
+_FUSED = "ScaledDotProduct"  # the nodes of the fused kernels (the math backend has none)
+
+
+def _check_third_derivatives(fn: str, nodes: list[Any]) -> None:
     """Refuse a graph holding an op whose PyTorch derivatives are wrong at the third order
     (the gradient of a Laplacian; ``_core.modes.REPLACEMENTS``): the function forms run those
     ops by right equivalents, which a graph the caller built cannot get. A batch norm's node
@@ -254,7 +279,7 @@ def _check_third_derivatives(fn: str, y: torch.Tensor, x: torch.Tensor) -> None:
     wrong = sorted(
         {
             name
-            for node in towards(y, x)
+            for node in nodes
             if (name := type(node).__name__).startswith(_WRONG_THIRD)
             and getattr(node, "_saved_training", True)
         }

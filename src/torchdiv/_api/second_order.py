@@ -402,6 +402,8 @@ def value_grad_laplacian(
     graph, looped = None, None
     if method == "auto" and x.numel() > 0:
         plan = methods.recorded_or_loop(g, x, batch_dims)
+        if isinstance(plan, methods.Loop) and plan.refused:
+            return _looped_or_separately(g, x, batch_dims, chunk_size, plan)
         if isinstance(plan, methods.Loop):
             looped = _looped(g, x, batch_dims, plan)
             if _loop.all_finite(looped.laplacian):
@@ -433,16 +435,22 @@ def value_grad_laplacian(
 
 
 def _looped_or_separately(
-    g: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None
+    g: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    plan: methods.Loop | None = None,
 ) -> ValueGradLaplacian:
     """Where the Taylor engine cannot run ``g``: the loop of backward passes, as the
     Laplacian's ``"auto"`` takes it (``methods.loops_after``; what recording ``g`` changed is
-    put back already, and the recording watched ``g`` for sample mixing), or, where its
+    put back already, and the recording watched ``g`` for sample mixing; at a structure
+    whose recording was refused before, ``g`` is not recorded and ``plan`` says how the
+    loop's evaluation is watched), or, where its
     Laplacian is not finite, ``_separately`` from the state the loop's evaluation found
     (``Once``): ``g``'s state changes once; the loop's where forward mode cannot run ``g``
     (``methods.loop_unless_rerun``)."""
     each = Once(x)
-    out = _looped(each(g), x, batch_dims, methods.Loop())
+    out = _looped(each(g), x, batch_dims, plan or methods.Loop())
     if _loop.all_finite(out.laplacian):
         return out
     return methods.loop_unless_rerun(out, lambda: _separately(g, x, batch_dims, chunk_size, each))

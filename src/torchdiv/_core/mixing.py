@@ -57,12 +57,13 @@ Each batch dimension of a tensor is recorded as ``(position, size)`` and the bat
 output mixes samples): the samples are the outermost factor of that dimension (reshapes may
 merge it with the dimensions after it, as ``matmul`` does with ``(B, T, D) -> (B*T, D)``).
 Elementwise ops, broadcasts, reshapes that keep the batch factor, transposes, slices and
-concatenations carry it. An op no table knows is judged from its schema (``_unknown``): it
-combines samples if its ``dim`` argument names a batch dimension (``sort``, ``topk``,
-``median``/``mode``/``cummax`` along it, ``nansum``, ``unfold``, an FFT), it pools or resamples
-along one among its spatial dimensions (``grid_sample`` there at any grid), it is a ``linalg``
-function of matrices whose rows or columns are samples (``det``, ``svd``, ``matrix_exp``), its
-keys are samples (attention), or it reads different samples in one place
+concatenations carry it, in complex tensors too (FFTs along event dimensions, ``view_as_real``;
+``_spectral`` refuses an FFT over a batch dimension). An op no table knows is judged from its
+schema (``_unknown``): it combines samples if its ``dim`` argument names a batch dimension
+(``sort``, ``topk``, ``median``/``mode``/``cummax`` along it, ``nansum``, ``unfold``), it pools
+or resamples along one among its spatial dimensions (``grid_sample`` there at any grid), it
+is a ``linalg`` function of matrices whose rows or columns are samples (``det``, ``svd``,
+``matrix_exp``), its keys are samples (attention), or it reads different samples in one place
 (``linalg_cross(x, x.flip(0))``); a result with no dimension that could hold the samples
 (a scalar ``dist``, ``median()``, a mean loss) depends on all of them; a result shaped as a
 tracked argument holds its samples in place. Anything else
@@ -502,7 +503,7 @@ class BatchAxes:
     def pick(self, t: torch.Tensor, pick: Pick) -> None:
         """Note that ``t`` holds samples picked out of the batch (its samples' derivatives
         flow; an integer or boolean tensor carries none)."""
-        if t.is_floating_point():
+        if _floating(t):
             self.picked[id(t)] = (t, pick)
 
     def picks(self, t: Any) -> Pick | None:
@@ -575,7 +576,7 @@ class BatchAxes:
         self.mixed_writes += found
 
     def _note(self, t: torch.Tensor, axes: Axes | None) -> None:
-        if axes and t.is_floating_point():
+        if axes and _floating(t):  # complex too: an FNO's spectra (``rfft``, ``view_as_real``)
             self.known[id(t)] = (t, axes)
         elif id(t) in self.known:
             del self.known[id(t)]  # an in-place op the analysis cannot follow
@@ -620,6 +621,13 @@ def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
             "If that dimension belongs to each sample's event, lower batch_dims; if f really "
             "combines samples, per-sample derivatives do not exist."
         )
+        if what.startswith(_PUT_WHAT):  # message passing along dimension 0
+            fix += (
+                " A batch of graphs with its nodes along dimension 0 (PyTorch Geometric's "
+                "batch vector) makes each node a sample: give f a padded batch (B, N, ...) "
+                "with node masks, or sum torchdiv.jacobian_diagonal(f, x, batch_dims=0) over "
+                "each graph's nodes."
+            )
     return (
         text + fix + " To compute it anyway, wrap the call in torchdiv.allow_batch_interaction()."
     )
@@ -1166,6 +1174,16 @@ def _first_like_input(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes
     return [_aligned(args[0], axes, first)] if axes and args[0].dim() == first.dim() else None
 
 
+def _complex_view(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``view_as_real`` (a new last dimension: real and imaginary parts) and
+    ``view_as_complex`` (those pairs as one number; ``_paired`` refused pairs of samples):
+    the dimensions before, and the batch dimensions among them, stay where they were."""
+    t, axes = args[0], tr.axes(args[0])
+    if not axes or not isinstance(out, torch.Tensor):
+        return None
+    return [tuple(axis for axis in axes if axis.position < min(t.dim(), out.dim()))]
+
+
 def _mm(biased: bool) -> Carry:
     """``(n, k) @ (k, m)`` (after a bias for ``addmm``), batched over dimension 0 for ``bmm``:
     the left operand's row dimensions and the right one's column dimension carry over."""
@@ -1214,7 +1232,7 @@ def _spread_reduced(
         below = math.prod(t.shape[d] for d in dims if d > span[-1])
         found.append(axis._replace(inner=axis.inner // below))
     for o in out if isinstance(out, list | tuple) else (out,):
-        if isinstance(o, torch.Tensor) and o.is_floating_point():
+        if isinstance(o, torch.Tensor) and _floating(o):
             tr.spread[id(o)] = (o, tuple(found))
 
 
@@ -1773,7 +1791,7 @@ def _writing(carry: Carry) -> Carry:
         result = carry(tr, args, out)
         view = args[0]
         root = view._base if isinstance(view, torch.Tensor) else None
-        if root is None or not root.is_floating_point():
+        if root is None or not _floating(root):
             return result
         axes = (result[0] if result else None) or ()
         pick = tr.carried if not axes else None
@@ -2194,7 +2212,7 @@ def _unknown(func: Any) -> Carry:
 
     * its ``dim``/``dims``/``dimension`` argument names a batch dimension of its first
       argument (``sort``, ``topk``, ``kthvalue``, ``median``, ``mode``, ``cummax``,
-      ``nansum``, ``unfold``, ``glu``, ``linalg_cross``, FFTs along the batch);
+      ``nansum``, ``unfold``, ``glu``, ``linalg_cross``);
     * it pools or resamples (a ``kernel_size``/``output_size`` argument) its first argument
       along a batch dimension among its last, spatial ones: a kernel wider than one or a new
       size there; or pads it there by reflection or replication (copies of other places);
@@ -2569,6 +2587,23 @@ def _convolution(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     )
 
 
+def _spectral(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+    """An FFT (``_fft_r2c``, ``_fft_c2r``, ``_fft_c2c``: every ``torch.fft`` transform,
+    ``fftn`` without ``dim`` too) over a batch dimension: each frequency sums the samples."""
+    t, dims = args[0], args[1]
+    q = _batch_at(tr, t, _dims(t, dims)) if dims else None
+    name = tr.func._schema.name.split("::")[-1]
+    return None if q is None else f"{name} along samples (dimension {q} of {_shape(t)})"
+
+
+def _paired(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+    """``view_as_complex`` of a last dimension (real, imaginary) that holds two samples."""
+    t = args[0]
+    q = _batch_at(tr, t, [t.dim() - 1])
+    return None if q is None else f"view_as_complex pairing samples (dimension {q} of {_shape(t)})"
+
+
+_SPECTRAL = {aten._fft_r2c.default, aten._fft_c2r.default, aten._fft_c2c.default}
 _MATRIX_PRODUCTS = {
     aten.mm.default,
     aten.addmm.default,
@@ -2634,6 +2669,8 @@ _MIXING: dict[Any, Mixing] = {
     aten.renorm_.default: _renorm,
     aten._cudnn_rnn.default: _recurrence(10),
     aten.miopen_rnn.default: _recurrence(8),
+    **dict.fromkeys(_SPECTRAL, _spectral),
+    aten.view_as_complex.default: _paired,
     aten.mkldnn_rnn_layer.default: _recurrence(None),
 }
 _CARRY.update(
@@ -2645,6 +2682,11 @@ _CARRY.update(
         aten.native_layer_norm.default: _first_like_input,
         aten.native_group_norm.default: _first_like_input,
         aten.convolution.default: _first_like_input,
+        # transforms along event dimensions (``_spectral`` refused the batch): the batch
+        # dimensions keep their places and sizes
+        **dict.fromkeys(_SPECTRAL, _first_like_input),
+        aten.view_as_real.default: _complex_view,
+        aten.view_as_complex.default: _complex_view,
         aten._cudnn_rnn.default: _first_like_input,
         aten.miopen_rnn.default: _first_like_input,
         aten.mkldnn_rnn_layer.default: _first_like_input,

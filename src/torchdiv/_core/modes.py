@@ -1169,6 +1169,10 @@ _SLOGDET = ("LinalgSlogdetBackward",)  # logdet too
 _SOLVE = ("LinalgSolveExBackward",)  # solve, solve_ex, tensorsolve
 _EIGHN = ("LinalgEighBackward",)  # eigh and eigvalsh
 _NORM = ("LinalgVectorNormBackward",)  # every norm over vector_norm, cosine similarity
+# the nodes whose PyTorch derivatives by backward passes differ only at a zero vector (the
+# 2-norm's second ones are nan there: a dense distance matrix's diagonal; replaced from the
+# second order, a graph the caller built with them is not refused)
+AT_ZERO_VECTORS = (*_NORM, "NormBackward")
 _POW = ("PowBackward1",)  # a tensor to a tensor exponent
 _POW_OPERATOR = torch.Tensor.__pow__  # ``a ** e``: run by ``Tensor.pow``'s entry
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
@@ -1198,14 +1202,14 @@ REPLACEMENTS: dict[Any, Replacement] = {
     # evaluation outside the mode (the engines of backward passes) computed the same
     **_table((1, None), _group_norm, "", (), torch.group_norm),
     **_table((1, None), _functional_group_norm, "", (), torch.nn.functional.group_norm),
-    **_table((3, None), _linalg.vector_norm, "", _NORM, torch.linalg.vector_norm),
-    **_table((3, None), _linalg.norm, "", _NORM, torch.norm),
-    **_table((3, None), _linalg.tensor_norm, "", _NORM, torch.Tensor.norm),
-    **_table((3, None), _linalg.linalg_norm, "", _NORM, torch.linalg.norm),
-    **_table((3, None), _linalg.matrix_norm, "", _NORM, torch.linalg.matrix_norm),
-    **_table((3, None), _linalg.normalize, "", _NORM, torch.nn.functional.normalize),
-    **_table((3, None), _linalg.cosine_similarity, "", _NORM, torch.cosine_similarity),
-    **_table((3, None), _linalg.pairwise_distance, "", ("NormBackward",), torch.pairwise_distance),
+    **_table((3, 2), _linalg.vector_norm, "", _NORM, torch.linalg.vector_norm),
+    **_table((3, 2), _linalg.norm, "", _NORM, torch.norm),
+    **_table((3, 2), _linalg.tensor_norm, "", _NORM, torch.Tensor.norm),
+    **_table((3, 2), _linalg.linalg_norm, "", _NORM, torch.linalg.norm),
+    **_table((3, 2), _linalg.matrix_norm, "", _NORM, torch.linalg.matrix_norm),
+    **_table((3, 2), _linalg.normalize, "", _NORM, torch.nn.functional.normalize),
+    **_table((3, 2), _linalg.cosine_similarity, "", _NORM, torch.cosine_similarity),
+    **_table((3, 2), _linalg.pairwise_distance, "", ("NormBackward",), torch.pairwise_distance),
     **_table((3, None), _linalg.dist, "", ("DistBackward",), torch.dist, torch.Tensor.dist),
     **_table((3, None), _linalg.renorm, "", ("RenormBackward",), torch.renorm, torch.Tensor.renorm),
     **_table((3, None), _std, "", ("StdBackward",), torch.std, torch.Tensor.std),

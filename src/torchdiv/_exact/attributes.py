@@ -11,7 +11,9 @@ Laplacian's nested methods over the forward one), such a tensor is the transform
 An engine says when it evaluates ``f`` under its transforms (``transforming``); when such a
 public call ends (``PlainAttributes``), every dead wrapper among the plain attributes of the
 modules ``f`` reaches (``f`` itself and its submodules, or those a function names:
-``_taylor.cache.named``; in their buffers and lists too: ``_unwrap``) is replaced by
+``_taylor.cache.named``; in their buffers, lists and dictionaries too (and tuples in them), such as
+EDM's and E-NF's cache of edge indices ``self._edges_dict[n_nodes][batch_size] = [rows,
+cols]``, made by ``f`` inside the transforms: ``_unwrap``) is replaced by
 the tensor it wraps: the value, with the graph, that the same evaluation outside the
 transforms leaves. Calls whose engines use no transform
 (plain autograd, the structured and Taylor engines) walk nothing. The modules are walked, not
@@ -23,6 +25,7 @@ invalidates the method caches of every subclass of ``Module``).
 from __future__ import annotations
 
 from contextvars import ContextVar, Token
+from itertools import islice
 from typing import Any
 
 import torch
@@ -79,26 +82,68 @@ class PlainAttributes:
 
 def _unwrap(attributes: dict[str, Any]) -> None:
     """Each dead wrapper in a module's ``__dict__`` replaced by what it wraps, and so in its
-    buffers (``self.buf = t`` for a registered buffer sets ``_buffers``) and in the lists it
-    holds (``self.hs.append(h)``). Parameters cannot be set to a computed tensor; a caller's
-    live transform's wrappers stay. A wrapper's class is ``torch.Tensor`` itself: a dictionary
+    buffers (``self.buf = t`` for a registered buffer sets ``_buffers``) and in the lists
+    and dictionaries it holds (``self.hs.append(h)``, a cache of edge indices:
+    ``_unwrap_held``). Parameters cannot be set to a computed tensor; a caller's live
+    transform's wrappers stay. A wrapper's class is ``torch.Tensor`` itself: a dictionary
     without one, the usual case, is passed over by searches in C (a Python loop over a
     module's 20 entries: 1-2 us), as are buffers without a dead wrapper and modules without a
-    list (tuples, a convolution's sizes, are not looked into; a long list only at its end:
-    ``_unwrap_list``)."""
-    kinds = set(map(type, attributes.values()))
+    list or a dictionary of their own (beyond ``nn.Module``'s; tuples, a convolution's sizes,
+    are looked into only inside those; a long list only at its end: ``_unwrap_list``)."""
+    types = list(map(type, attributes.values()))
+    kinds = set(types)
     if torch.Tensor in kinds:
         _unwrap_values(attributes)
     buffers = attributes.get("_buffers")
     if buffers and _dead_among(buffers.values()):
         _unwrap_values(buffers)
-    if list in kinds:
-        for held in attributes.values():
-            if type(held) is list:
-                _unwrap_list(held)  # (in place: the module's own list, shared with its code)
+    if list in kinds or types.count(dict) > _OWN:
+        for name, value in attributes.items():
+            if type(value) in _CONTAINERS and name not in _MODULE_OWN:  # (not its parameters,
+                _unwrap_held(value, _DEPTH)  # buffers, submodules, hooks)
 
 
 _SHORT = 64  # a list this long is searched whole; a longer one from its end (``_unwrap_list``)
+_CONTAINERS = frozenset((list, dict))  # (a module's own tuples, a convolution's sizes, not)
+_HELD = frozenset((list, dict, tuple))  # ... but tuples inside them
+_DEPTH = 3  # containers searched inside containers (EDM's edges: a dict of dicts of lists)
+_MODULE_OWN = frozenset(vars(torch.nn.Module()))  # ``_parameters``, ``_modules``, hooks, ...
+_OWN = list(map(type, vars(torch.nn.Module()).values())).count(dict)  # ... of them dictionaries
+
+
+def _unwrap_held(held: Any, depth: int) -> Any:
+    """``held`` (a list or a dictionary a module holds, or a tuple inside one) with the dead
+    wrappers in it, and in the lists, dictionaries and tuples it holds ``depth - 1`` levels
+    down, replaced by what they wrap: lists and dictionaries in place (the module's own,
+    shared with its code), a tuple made again where one changed (else ``held`` itself). A
+    long list or dictionary (over ``_SHORT`` entries) only at its end, where this call's
+    appends and new keys are."""
+    if type(held) is list:
+        _unwrap_list(held)
+        tail = held[-_SHORT:]
+        if depth == 1 or not _HELD & set(map(type, tail)):  # (searched in C: a list of sizes)
+            return held
+        values: Any = enumerate(tail, max(len(held) - _SHORT, 0))
+    elif type(held) is dict:
+        values = list(islice(reversed(held.items()), _SHORT))  # (the last, newest first)
+        kinds = {type(v) for _, v in values}
+        if torch.Tensor in kinds:
+            for key, value in values:
+                if type(value) is torch.Tensor and maybe_get_level(value) == _DEAD:
+                    held[key] = _plain(value)
+        if depth == 1 or not _HELD & kinds:
+            return held
+    else:
+        items = [_plain(v) if type(v) is torch.Tensor else v for v in held]
+        if depth > 1:
+            items = [_unwrap_held(v, depth - 1) if type(v) in _HELD else v for v in items]
+        return held if all(a is b for a, b in zip(items, held, strict=True)) else tuple(items)
+    for key, value in values:
+        if type(value) in _HELD:
+            kept = _unwrap_held(value, depth - 1)
+            if kept is not value:
+                held[key] = kept
+    return held
 
 
 def _unwrap_list(held: list[Any]) -> None:

@@ -10,7 +10,7 @@ directions as given. Arguments are checked by the public functions (``torchdiv._
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn, TypeVar
 
 import torch
@@ -152,11 +152,13 @@ class Loop:
     ``batch_dims`` (and structure, if made) to mark as ``mixing.passed`` once a watched
     evaluation has passed;
     ``settings``: how the loop runs (``loop.Settings``; ``None``: the defaults), shared by
-    the calls at one structure."""
+    the calls at one structure; ``refused``: the Taylor engine cannot run ``f`` (the loop is
+    the fallback, not the faster choice)."""
 
     check: Check = None
     watched: tuple[Function, torch.Tensor, int, mixing.Structure | None] | None = None
     settings: Settings | None = None
+    refused: bool = False
 
     def passed(self) -> None:
         """The loop ran: a watched ``f`` does not mix samples at this structure."""
@@ -168,8 +170,12 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     """``f`` recorded at ``x`` for the Taylor engine, or ``Loop`` where ``"auto"`` loops over
     backward passes instead (``loops``, ``loops_for``; what recording changed is undone). A
     decision to loop is remembered per ``_site`` and structure: the next such call records
-    nothing. Only a site remembered to loop at some structure (``_LOOPING_SITES``) has its
-    structure key made before recording; any other call records ``f`` straight away.
+    nothing; so is the loop that a refused recording falls back to (an op without a Taylor
+    rule, a backward pass inside ``f``: a hash grid's in-place ``^=``, a curvature
+    ``div(grad f / |grad f|)``), which recorded ``f`` again at every call (1.1-1.5x the
+    loop's own time): that call still gets the refused graph, for its caller's fallback.
+    Only a site remembered to loop at some structure (``_LOOPING_SITES``) has its structure
+    key made before recording; any other call records ``f`` straight away.
 
     Sample mixing (``torchdiv._core.mixing``): recording watches ``f``. A call that does not
     record it watches the loop's own evaluation of ``f`` (~10 us per op, no extra
@@ -189,26 +195,50 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     if remembered:
         return _unrecorded(f, x, batch_dims, remembered, at)
     graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
-    if site is None or graph.unsupported or not loops_for(graph, x, batch_dims):
+    if site is None:
+        return graph
+    if graph.unsupported:  # the loop, as the callers fall back to (``loops_after``)
+        _remember(site, f, x, batch_dims, at, Loop(refused=True))
+        return graph
+    if not loops_for(graph, x, batch_dims):
         return graph
     plan = Loop(settings=Settings(graph.work_per_call() < BATCHED_WORK, plain=True))
     graph.undo()  # f runs again: what recording it changed is put back first
+    at = _remember(site, f, x, batch_dims, at, plan)
+    mixing.passed(f, x, batch_dims, at, values_decide=graph.values_decide)  # recording watched it
+    return plan
+
+
+def _remember(
+    site: Any,
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    at: mixing.Structure | None,
+    plan: Loop,
+) -> mixing.Structure:
+    """Keep ``plan`` for ``site`` at the structure of ``f`` and ``x`` (``at``, if made
+    already), which it returns."""
     if at is None:
         at = mixing.structure(f, x, batch_dims)
     _LOOPS.put(site, mixing.shape_key(at), plan)
     _LOOPING_SITES.put(site, None, True)
-    mixing.passed(f, x, batch_dims, at, values_decide=graph.values_decide)  # recording watched it
-    return plan
+    return at
 
 
 def _unrecorded(
     f: Function, x: torch.Tensor, batch_dims: int, plan: Loop, at: mixing.Structure | None = None
 ) -> Loop:
     """``plan`` for an ``f`` not recorded at this call: watched unless it passed before (at
-    the structure ``at``, if made already)."""
+    the structure ``at``, if made already). A ``refused`` plan's ``f`` was recorded and
+    watched at every call before it was remembered, and still is watched at every call (an
+    index tensor it holds, changed in place, may make it mix samples): never marked as
+    passed."""
+    if plan.refused:
+        return replace(plan, check="watch", watched=None)
     if x.dim() > batch_dims and mixing.passed_before(f, x, batch_dims, at) is not None:
-        return Loop("graph", None, plan.settings)
-    return Loop("watch", (f, x, batch_dims, at), plan.settings)
+        return replace(plan, check="graph", watched=None)
+    return replace(plan, check="watch", watched=(f, x, batch_dims, at))
 
 
 def loops(x: torch.Tensor, batch_dims: int) -> bool:

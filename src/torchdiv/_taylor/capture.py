@@ -168,6 +168,12 @@ class _Recorder(DispatchMode):
         self.written: set[int] = set()
         self.x_storage = _storage(x)
         self.computed: set[int] = set()  # storages of tensors computed from x
+        # storages a recorded call allocated (no argument of it lives there), by that call's
+        # node; and the tensors a replay gives their values before an in-place write made
+        # through another tensor sharing their memory (``_Recorder.replayed_before``)
+        self.fresh: dict[int, int] = {}
+        self.sharing: dict[int, list[int]] = {}  # fresh storage -> the tensors made there
+        self.stale: set[int] = set()
         # by storage: the in-place writes recorded out of place (``functional``) into a tensor
         # sharing it with others (node, the written elements, the op): a replay would give
         # those others their old values, so a call reading one made before the write is
@@ -323,6 +329,11 @@ class _Recorder(DispatchMode):
                     "a tensor made outside ATen (Tensor.data, as_subclass) sharing memory "
                     "with one computed from x"
                 )
+            elif id(a) in self.stale:
+                self.graph.unsupported.append(
+                    "an in-place write on a tensor f read before (another tensor sharing "
+                    "its memory read after the write)"
+                )
 
     def made_outside(self, a: torch.Tensor) -> bool:
         """Whether ``a``, a tensor no recorded call made, shares memory with one computed
@@ -335,13 +346,20 @@ class _Recorder(DispatchMode):
         """Remember which storages the call about to be recorded reads (``flat``: the leaves
         of its arguments), and whether its result is a view of one of them."""
         index = len(self.graph.nodes)
-        made = {_storage(t) for t in outs if isinstance(t, torch.Tensor)}
+        results = [(_storage(t), id(t)) for t in outs if isinstance(t, torch.Tensor)]
+        made = {storage for storage, _ in results}
         for a in flat:
             if isinstance(a, torch.Tensor):
                 storage = _storage(a)
                 self.readers.setdefault(storage, []).append((index, id(a)))
                 if storage in made:
                     self.viewed.add(storage)
+                    made.discard(storage)
+        for storage in made:
+            self.fresh.setdefault(storage, index)
+        for storage, ident in results:
+            if storage in self.fresh:
+                self.sharing.setdefault(storage, []).append(ident)
 
     def before_writes(self, func: Any, written: list[torch.Tensor], depends: bool) -> None:
         """Before ``func`` writes in place: keep each written tensor's value for
@@ -375,8 +393,9 @@ class _Recorder(DispatchMode):
                 and storage not in self.viewed | self.written
                 and all(read == id(tensor) for _, read in readers)
             )
+            replayed = self.replayed_before(tensor, storage)
             self.written.add(storage)
-            if not readers:
+            if not readers or replayed:
                 continue
             if not simple or tensor.requires_grad:
                 self.graph.unsupported.append(f"{func} on a tensor f read before")
@@ -386,6 +405,24 @@ class _Recorder(DispatchMode):
                 node.args, node.kwargs = map_leaves(
                     _replacing(tensor, before), (node.args, node.kwargs)
                 )
+
+    def replayed_before(self, tensor: torch.Tensor, storage: int) -> bool:
+        """Whether a replay gives the calls that read ``storage`` before this first write to
+        it, through ``tensor``, their values from before it, without copies: a constant
+        allocated inside ``f`` by a call a replay runs again (not a random draw's kept
+        output), with every tensor ``f`` got there from a recorded call. The written tensor
+        is the write's own result in a replay; the others sharing its memory keep their
+        values from before the write there, so reading one later is refused
+        (``_Recorder.untracked``). So ``torch.zeros_like(mask, dtype=d).masked_fill_(mask,
+        -inf)`` (``nn.MultiheadAttention``'s boolean masks), where PyTorch hands ``f`` a
+        ``detach`` of the tensor the recorder keeps, is recorded."""
+        made = self.fresh.get(storage)
+        if made is None or storage in self.written or tensor.requires_grad:
+            return False
+        if self.graph.nodes[made].kept is not None:
+            return False
+        self.stale.update(i for i in self.sharing.get(storage, ()) if i != id(tensor))
+        return True
 
     def holds_dependent(self, storage: int) -> bool:
         """Whether a tensor computed from ``x`` (recorded as depending on it) lives in

@@ -88,11 +88,15 @@ def _vector_norm(
     square = ELEMENTWISE[aten.pow.Tensor_Scalar](inner(ctx), a, 2)
     total = linear(inner(ctx), torch.sum, square, dims, keepdim=keepdim)
     # a zero vector's norm is not differentiable: zero derivatives there, as PyTorch's
-    # backward gives (exact for a difference that is zero for every x, r_i - r_i)
+    # backward gives (exact for a difference that is zero for every x, r_i - r_i). Its value
+    # is taken from the guarded root too: sqrt(0)'s backward, 0 / 0, made the parameter
+    # gradients nan where the zero vector depends on them (PaiNN's vector features of a
+    # padding atom)
     positive = total.value > 0
     root = torch.sqrt(torch.where(positive, total.value, torch.ones_like(total.value)))
     d1 = torch.where(positive, 0.5 / root, torch.zeros_like(root))
-    return chain(ctx, total, torch.sqrt(total.value), d1, -d1 / (2 * root * root))
+    value = torch.where(positive, root, torch.zeros_like(root))
+    return chain(ctx, total, value, d1, -d1 / (2 * root * root))
 
 
 def _batch_norm_eval(

@@ -189,10 +189,18 @@ DERIVATIVES: dict[Any, Derivatives] = {
         -2 / math.sqrt(math.pi) * torch.exp(-x * x),
         4 * x / math.sqrt(math.pi) * torch.exp(-x * x),
     ),
-    # piecewise constant or shifted: derivatives 0 or 1 almost everywhere
+    # piecewise constant or shifted: derivatives 0 or 1 almost everywhere (hash-grid
+    # encodings take cell corners by floor and ceil)
     **{
-        op: lambda x, y, *_: (torch.zeros_like(x), None)
-        for op in (aten.sign.default, aten.floor.default, aten.round.default, aten.trunc.default)
+        op: lambda x, y, *_, **__: (torch.zeros_like(x), None)
+        for op in (
+            aten.sign.default,
+            aten.floor.default,
+            aten.ceil.default,
+            aten.round.default,
+            aten.round.decimals,
+            aten.trunc.default,
+        )
     },
     **{
         op: lambda x, y, *_: (torch.ones_like(x), None)
@@ -239,10 +247,25 @@ def _logaddexp(a: Tensor, b: Tensor, y: Tensor) -> Partials:
     return (s, t), (st, -st, st)
 
 
+def _wrapped(mode: str) -> Callable[[Tensor, Tensor, Tensor], Partials]:
+    """``a - round(a / b) b`` with ``round`` by ``mode`` (``"floor"``: ``remainder``,
+    ``"trunc"``: ``fmod``), piecewise linear: ``phi_a = 1``, ``phi_b = -round(a / b)``
+    (PyTorch's derivatives), no second derivatives."""
+
+    def partials(a: Tensor, b: Tensor, y: Tensor) -> Partials:
+        zero = torch.zeros_like(y)
+        quotient = torch.div(a, b, rounding_mode=mode) + zero  # (broadcast like y)
+        return (torch.ones_like(y), -quotient), (zero, zero, zero)
+
+    return partials
+
+
 BINARY: dict[Any, Callable[[Tensor, Tensor, Tensor], Partials]] = {
     aten.atan2.default: _atan2,
     aten.hypot.default: _hypot,
     aten.logaddexp.default: _logaddexp,
+    aten.remainder.Tensor: _wrapped("floor"),
+    aten.fmod.Tensor: _wrapped("trunc"),
 }
 
 
@@ -319,3 +342,17 @@ GIVEN.update({op: _binary(op, partials) for op, partials in BINARY.items()})
 RULES = {op: _computing(op, given) for op, given in GIVEN.items()}
 RULES[aten.pow.Scalar] = _scalar_pow
 RULES[aten.div.Tensor] = _div
+
+
+def _div_mode(ctx: Context, a: Jet | Tensor, b: Jet | Tensor, **kwargs: Any) -> Jet:
+    """``torch.div(a, b, rounding_mode=...)``: ``a / b`` without a mode; rounded (``"floor"``,
+    ``"trunc"``: a hash grid's cell index) it is piecewise constant, derivatives 0 as
+    PyTorch's."""
+    if kwargs.get("rounding_mode") is None:
+        return _div(ctx, a, b)
+    y = torch.div(value_of(a), value_of(b), **kwargs)
+    zero = torch.zeros_like(y)
+    return chain2(ctx, a, b, y, (zero, zero), (zero, zero, zero))
+
+
+RULES[aten.div.Tensor_mode] = _div_mode

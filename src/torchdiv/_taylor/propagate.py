@@ -223,13 +223,15 @@ def _apply(node: Node, ctx: Context, args: Any, kwargs: Any, value: Any = None) 
     rule that meets a jet where it can only take a tensor (a weight computed from x, say), or
     arguments it was not written for (a dimension of a 0-dimensional tensor: ``softmax``,
     ``sort``, ``max`` along dimension 0 of a scalar, which PyTorch allows and the rules'
-    ``dim % ndim`` divided by zero), is reported as an unsupported use of the op: ``"auto"``
-    then takes another method (the op itself ran in ``f`` on the same arguments)."""
+    ``dim % ndim`` divided by zero; a complex tensor where the rule is a real function's:
+    ``abs``'s ``sign``, a norm's comparisons, which PyTorch does not implement for complex
+    values), is reported as an unsupported use of the op: ``"auto"`` then takes another
+    method (the op itself ran in ``f`` on the same arguments)."""
     try:
         if value is not None:
             return GIVEN[node.func](ctx, value, *args, **kwargs)
         return RULES[node.func](ctx, *args, **kwargs)
-    except (TypeError, AttributeError, IndexError, ZeroDivisionError) as exc:
+    except (TypeError, AttributeError, IndexError, ZeroDivisionError, NotImplementedError) as exc:
         raise UnsupportedOp(f"{node.func} with these arguments ({exc})") from exc
 
 

@@ -1,0 +1,190 @@
+"""Attention as set transformers write it (``nn.MultiheadAttention`` with boolean masks) in
+the recording engines, against a per-sample loop of backward passes over plain autograd.
+
+``nn.MultiheadAttention`` turns a boolean ``attn_mask`` or ``key_padding_mask`` into an
+additive one by ``torch.zeros_like(mask, dtype=d).masked_fill_(mask, -inf)``. Under the
+recorder PyTorch hands ``f`` a ``detach`` of the zeros it recorded, so the write looked like
+one to a tensor read before: ``"structured"`` and ``"taylor"`` refused every masked attention
+(``"auto"`` fell back to the generic engines). The reference takes ``need_weights=True``,
+PyTorch's ``bmm`` and ``softmax`` path, which has no fused kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchdiv
+
+f64 = torch.float64
+B, N, D = 3, 4, 4
+
+
+class _SetBlock(torch.nn.Module):
+    """A set transformer's self-attention block (Lee et al.) without layer norms, whose
+    third derivatives the reference would take through PyTorch's fused kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(D, 2, batch_first=True)
+        self.out = torch.nn.Linear(D, D)
+
+    def forward(
+        self, x: torch.Tensor, mask: dict[str, torch.Tensor], weights: bool
+    ) -> torch.Tensor:
+        h = x + self.attention(x, x, x, need_weights=weights, **mask)[0]
+        return h + torch.tanh(self.out(h))
+
+
+def _masks() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    attn_mask = torch.rand(N, N, generator=generator) < 0.4  # True: not attended
+    attn_mask.fill_diagonal_(False)
+    padding = torch.zeros(B, N, dtype=torch.bool)
+    padding[0, -1] = padding[2, -2:] = True
+    return {"attn_mask": attn_mask, "key_padding_mask": padding}
+
+
+def _per_sample(mask: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
+    return {k: v[b : b + 1] if k == "key_padding_mask" else v for k, v in mask.items()}
+
+
+def _loop(g, x: torch.Tensor, order: int) -> torch.Tensor:
+    """Per sample ``b``: the divergence (``order=1``) of ``g(z, b)`` or the Laplacian
+    (``order=2``) of its sum, by one backward pass per input element and order."""
+    out = []
+    for b in range(len(x)):
+        z = x[b : b + 1].detach().requires_grad_(True)
+        y = g(z, b).reshape(-1)
+        if order == 2:
+            (y,) = torch.autograd.grad(y.sum(), z, create_graph=True)
+            y = y.reshape(-1)
+        total = 0
+        for i in range(y.numel()):
+            (row,) = torch.autograd.grad(y[i], z, create_graph=True)
+            total = total + row.reshape(-1)[i]
+        out.append(total)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    ("masks", "order"),
+    [
+        (("attn_mask",), 1),
+        (("key_padding_mask",), 1),
+        (("attn_mask", "key_padding_mask"), 1),
+        (("attn_mask", "key_padding_mask"), 2),  # (~2.5 s: the loop's third derivatives)
+    ],
+    ids=["attn_mask", "key_padding_mask", "both", "both-laplacian"],
+)
+def test_boolean_masks_of_multihead_attention_are_recorded(masks, order):
+    """Divergence (``"structured"``) and Laplacian (``"taylor"``) of a masked attention block
+    and their parameter gradients (a second and a third derivative) against the loop."""
+    torch.manual_seed(0)
+    block = _SetBlock().double()
+    mask = {k: v for k, v in _masks().items() if k in masks}
+    x = torch.randn(B, N, D, dtype=f64, generator=torch.Generator().manual_seed(1))
+    c = torch.tensor([0.5, -1.0, 2.0], dtype=f64)
+    params = list(block.parameters())
+
+    def g(z: torch.Tensor, m: dict[str, torch.Tensor], weights: bool) -> torch.Tensor:
+        y = block(z, m, weights)
+        return y if order == 1 else y.square().sum((1, 2))
+
+    if order == 1:
+        got = torchdiv.divergence(lambda z: g(z, mask, False), x, method="structured")
+    else:
+        got = torchdiv.laplacian(lambda z: g(z, mask, False), x, method="taylor")
+    want = _loop(lambda z, b: g(z, _per_sample(mask, b), True), x, order)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    got_grads = torch.autograd.grad((c * got).sum(), params)
+    want_grads = torch.autograd.grad((c * want).sum(), params)
+    for a, e in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+def test_constants_written_in_place_inside_f():
+    """A constant ``f`` allocates and writes in place is recorded; a tensor sharing its memory
+    read after the write (which a replay would give its old values) is refused, naming the
+    way out, and ``"auto"`` is right there."""
+    x = torch.randn(2, 3, dtype=f64, generator=torch.Generator().manual_seed(3))
+    keep = torch.tensor([True, False, True])
+
+    def masked(z):  # the pattern of nn.MultiheadAttention's boolean masks
+        return z * z + torch.zeros(3, dtype=z.dtype).masked_fill_(keep, -1.0) * z
+
+    def stale(z):  # a.detach() written, a read after: both hold ones
+        a = torch.zeros(3, dtype=z.dtype)
+        b = a.detach()
+        b.add_(1.0)
+        return z * z * a + z * b
+
+    want = (2 * x - keep.to(f64)).sum(1)
+    for method in ("structured", "auto"):
+        torch.testing.assert_close(torchdiv.divergence(masked, x, method=method), want)
+    torch.testing.assert_close(
+        torchdiv.laplacian(lambda z: masked(z).sum(1), x, method="taylor"),
+        torch.full((2,), 6.0, dtype=f64),
+    )
+    torch.testing.assert_close(torchdiv.divergence(stale, x), (2 * x + 1).sum(1))
+    with pytest.raises(NotImplementedError, match=r"memory read after the write.*method='auto'"):
+        torchdiv.divergence(stale, x, method="structured")
+    with pytest.raises(NotImplementedError, match="memory read after the write"):
+        torchdiv.laplacian(lambda z: stale(z).sum(1), x, method="taylor")
+
+
+def test_graph_laplacian_through_fused_attention_names_the_way_out():
+    """PyTorch's fused CPU kernel (the default backend of ``scaled_dot_product_attention``)
+    has no second derivative: ``graph_laplacian`` said the graph "cannot be walked twice";
+    it names the kernel and the math backend now, whose graph gives the loop's Laplacian."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    weight = torch.randn(D, D, dtype=f64, generator=torch.Generator().manual_seed(4)) / 2
+    x = torch.randn(B, N, D, dtype=f64, generator=torch.Generator().manual_seed(5))
+
+    def energy(z, plain=False):
+        h = (z @ weight).unsqueeze(1)
+        if plain:  # the reference: softmax(h h^T / sqrt(D)) h by plain ops
+            a = torch.softmax(h @ h.transpose(-1, -2) / D**0.5, -1) @ h
+        else:
+            a = torch.nn.functional.scaled_dot_product_attention(h, h, h)
+        return a.square().sum((1, 2, 3))
+
+    z = x.clone().requires_grad_(True)
+    with pytest.raises(NotImplementedError, match=r"graph_laplacian: .*fused attention.*MATH"):
+        torchdiv.graph_laplacian(energy(z), z)
+    with sdpa_kernel([SDPBackend.MATH]):
+        y = energy(z)
+    want = _loop(lambda s, b: energy(s, plain=True), x, 2)
+    torch.testing.assert_close(torchdiv.graph_laplacian(y, z), want, rtol=1e-10, atol=1e-10)
+
+
+def test_packed_attention_with_a_block_diagonal_mask_is_refused_with_a_way_out():
+    """All samples' tokens in one sequence, a mask keeping each within its sample (PyG-style
+    batching): per sample, but the watch cannot read the mask and refuses it; with
+    ``check_batch_independence`` passing, ``allow_batch_interaction()`` gives every engine's
+    right answer (the divergence of the same attention run per sample)."""
+    weight = torch.randn(D, D, dtype=f64, generator=torch.Generator().manual_seed(6)) / 2
+    x = torch.randn(B, N, D, dtype=f64, generator=torch.Generator().manual_seed(7))
+    batch = torch.arange(B).repeat_interleave(N)
+    block = batch[:, None] == batch[None, :]
+
+    def packed(z):
+        h = (z @ weight).reshape(1, B * N, D)
+        return torch.nn.functional.scaled_dot_product_attention(h, h, h, attn_mask=block)
+
+    def f(z):
+        return packed(z).reshape(B, N, D)
+
+    def plain(z, b):  # one sample's attention by plain ops
+        h = z @ weight
+        return torch.softmax(h @ h.transpose(-1, -2) / D**0.5, -1) @ h
+
+    with pytest.raises(torchdiv.BatchInteractionError, match="allow_batch_interaction"):
+        torchdiv.divergence(f, x)
+    torchdiv.check_batch_independence(f, x)
+    want = _loop(plain, x, 1)
+    with torchdiv.allow_batch_interaction():
+        for method in ("auto", "structured", "forward", "reverse"):
+            got = torchdiv.divergence(f, x, method=method)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
