@@ -229,6 +229,18 @@ def _hint(
             "op with register_autograd), which torch.func's transforms cannot run; use "
             f"method={way}, which run it by plain autograd."
         )
+    if "Trying to use forward AD with" in message:  # an op without a forward-mode rule
+        return _forward_ad_hint(fn, message)
+    if "doesn't have storage" in message:  # an op reading memory under torch.func's wrappers
+        way = (
+            "'auto' or 'grad-of-grad'" if fn.rpartition(".")[2] in _LOOPING_FUNCTIONS else "'auto'"
+        )
+        return (
+            "an op of f reads its input's memory directly (a packed sequence's "
+            "pack_padded_sequence, a C++ extension), which torch.func's transforms (the "
+            f"methods 'forward', 'reverse', 'forward-over-reverse', 'hessian') cannot run; use "
+            f"method={way}, which differentiate f with plain autograd there."
+        )
     if "does not require grad" in message and call == "f(x)":  # autograd.grad inside f
         return (
             "f takes a backward pass with respect to what it is given (a score "
@@ -267,6 +279,39 @@ def _hint(
             "t.expand(z.shape[0])[:, None] or t * torch.ones_like(z[:, :1])."
         )
     return None
+
+
+def _forward_ad_hint(fn: str, message: str) -> str:
+    """The way out where PyTorch has no forward-mode rule for an op of ``f`` (its error
+    ``message`` names it): the methods of plain backward passes; for ``nn.LSTM`` in float32 on
+    the CPU (oneDNN's ``mkldnn_rnn_layer``) also oneDNN turned off around the call
+    (``torch.backends.mkldnn.flags`` warns about TF32 in PyTorch 2.13), which runs its steps
+    as ATen ops with forward-mode rules (every method then runs it)."""
+    op = message.partition("forward AD with ")[2].partition(" ")[0]
+    name = fn.rpartition(".")[2]
+    # (packed sequences' op reads its input's memory: torch.func's reverse mode cannot run it)
+    default = "method='auto'" if op == "_pack_padded_sequence" else "method='auto' or 'reverse'"
+    way = _BACKWARD_WAYS.get(name, default)
+    hint = f"PyTorch has no forward-mode derivative for {op}" + (f"; use {way}" if way else "")
+    if op == "mkldnn_rnn_layer":
+        hint += (
+            f"{', or' if way else ';'} set torch.backends.mkldnn.enabled = False around the "
+            "call: nn.LSTM in float32 on the CPU runs oneDNN's kernel, which has none, and "
+            "without oneDNN runs its steps as ATen ops, which have"
+        )
+    return hint + "."
+
+
+# the methods that differentiate an op without a forward-mode rule, by public function
+# (``biharmonic`` has none: every one of its methods nests forward mode where Taylor fails)
+_LOOPING = "method='auto' or 'grad-of-grad' (exact; 'auto' loops over backward passes for it)"
+_LOOPING_FUNCTIONS = ("laplacian", "weighted_laplacian")
+_BACKWARD_WAYS = {
+    "laplacian": _LOOPING,
+    "weighted_laplacian": _LOOPING,
+    "value_grad_laplacian": "method='auto' (it loops over backward passes for it)",
+    "biharmonic": "",
+}
 
 
 def _modules(f: Any) -> list[torch.nn.Module]:

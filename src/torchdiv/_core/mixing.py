@@ -2516,15 +2516,18 @@ def _batch_norm(training_arg: int) -> Mixing:
     return rule
 
 
-def _recurrence(batch_first_arg: int) -> Mixing:
-    """A fused RNN kernel (cuDNN's, MIOpen's; on the CPU the dispatcher sees the steps, whose
-    picked samples ``_picked_in`` follows) of an input ``(T, B, D)``, or ``(B, T, D)`` if
-    its ``batch_first`` argument is set: samples along the time steps are read one after the
-    other, along the features summed; only its batch dimension may hold them."""
+def _recurrence(batch_first_arg: int | None) -> Mixing:
+    """A fused RNN kernel (cuDNN's, MIOpen's, oneDNN's LSTM layer that ``nn.LSTM`` runs in
+    float32 on the CPU; elsewhere on the CPU the dispatcher sees the steps, whose picked
+    samples ``_picked_in`` follows) of an input ``(T, B, D)``, or ``(B, T, D)`` if its
+    ``batch_first`` argument is set (``batch_first_arg``; ``None``: always ``(T, B, D)``, as
+    oneDNN's layer is given it, its ``batch_first`` passed on after the transpose): samples
+    along the time steps are read one after the other, along the features summed; only its
+    batch dimension may hold them."""
 
     def rule(tr: BatchAxes, args: Sequence[Any]) -> str | None:
         t = args[0]
-        batch = 0 if args[batch_first_arg] else 1
+        batch = 0 if batch_first_arg is not None and args[batch_first_arg] else 1
         q = _batch_at(tr, t, [d for d in range(t.dim()) if d != batch])
         if q is None:
             return None
@@ -2668,6 +2671,7 @@ _MIXING: dict[Any, Mixing] = {
     aten.miopen_rnn.default: _recurrence(8),
     **dict.fromkeys(_SPECTRAL, _spectral),
     aten.view_as_complex.default: _paired,
+    aten.mkldnn_rnn_layer.default: _recurrence(None),
 }
 _CARRY.update(
     {
@@ -2685,6 +2689,7 @@ _CARRY.update(
         aten.view_as_complex.default: _complex_view,
         aten._cudnn_rnn.default: _first_like_input,
         aten.miopen_rnn.default: _first_like_input,
+        aten.mkldnn_rnn_layer.default: _first_like_input,
         # samples set to a value along the batch: each one alone
         **dict.fromkeys(
             [

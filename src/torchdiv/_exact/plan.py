@@ -45,15 +45,27 @@ TINY_PROBLEM = 1 << 15
 # and planned (the recipes 3.0-3.1 ms; ``bench/rows_threshold.py``).
 ROWS_PROBLEM = 1 << 18
 
+# ATen ops that PyTorch gives no forward-mode derivative (checked on CPU; the engines that run
+# after forward mode fails cover any others): CPU fused attention, the oneDNN LSTM layer
+# that ``nn.LSTM`` runs in float32 on the CPU (its backward is differentiable:
+# ``mkldnn_rnn_layer_differentiable_backward``), and ``nn.utils.rnn.pack_padded_sequence``
+# (its backward is made of index ops). Custom ops (outside aten), which
+# ``torch.library`` gives none, are told by their namespace (``_exact.forward.Tangents``
+# refuses them there). The Laplacian's ``"auto"`` loops over backward passes for an ``f``
+# that runs one (``_laplacian.methods.loops_after``).
+WITHOUT_FORWARD_RULE = frozenset(
+    {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+        torch.ops.aten.mkldnn_rnn_layer.default,
+        torch.ops.aten._pack_padded_sequence.default,
+    }
+)
+
 _CONVOLUTION, _WITHOUT_FORWARD_RULE = 1, 2
 _KINDS = {
     torch.ops.aten.convolution.default: _CONVOLUTION,
     torch.ops.aten._convolution.default: _CONVOLUTION,
-    # ops that PyTorch gives no forward-mode derivative (checked on CPU; the engines that run
-    # after forward mode fails cover any others); custom ops (outside aten), which
-    # ``torch.library`` gives none, are told by their namespace (``_exact.forward.Tangents``
-    # refuses them there)
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: _WITHOUT_FORWARD_RULE,
+    **dict.fromkeys(WITHOUT_FORWARD_RULE, _WITHOUT_FORWARD_RULE),
 }
 
 

@@ -31,6 +31,7 @@ from torchdiv._core.crossover import traced
 from torchdiv._core.modes import recorded
 from torchdiv._core.tie import tied
 from torchdiv._exact.forward import ForwardJacobian, holds_dual_level, under_tangents
+from torchdiv._exact.plan import WITHOUT_FORWARD_RULE
 from torchdiv._exact.state import Once
 from torchdiv._laplacian.loop import Check, Settings, all_finite, grad_of_grad
 from torchdiv._taylor import (
@@ -135,10 +136,12 @@ def loops_after(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
 def _backward_passes_only(graph: Graph) -> bool:
     """Whether ``f`` ran an op that only the loop of backward passes differentiates right: one
     outside ``aten`` (a ``torch.library`` custom op without a forward-mode rule, which
-    ``torch.func`` cannot run at all where it has only ``register_autograd``), or a
-    ``Tensor.detach_`` of a tensor computed from ``x``, which forward mode ignores."""
+    ``torch.func`` cannot run at all where it has only ``register_autograd``), an ATen op
+    without one (``WITHOUT_FORWARD_RULE``: ``nn.LSTM`` in float32 on the CPU runs oneDNN's
+    ``mkldnn_rnn_layer``; packed sequences), or a ``Tensor.detach_`` of a tensor computed
+    from ``x``, which forward mode ignores."""
     return IN_PLACE_DETACH in graph.unsupported or any(
-        node.func.namespace != "aten" for node in graph.nodes
+        node.func.namespace != "aten" or node.func in WITHOUT_FORWARD_RULE for node in graph.nodes
     )
 
 

@@ -18,6 +18,7 @@ differences.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -173,6 +174,11 @@ class _Recorder(DispatchMode):
         self.fresh: dict[int, int] = {}
         self.sharing: dict[int, list[int]] = {}  # fresh storage -> the tensors made there
         self.stale: set[int] = set()
+        # by storage: the in-place writes recorded out of place (``functional``) into a tensor
+        # sharing it with others (node, the written elements, the op): a replay would give
+        # those others their old values, so a call reading one made before the write is
+        # refused (``rewritten``); ``None`` once one was
+        self.rewrites: dict[int, list[tuple[int, Strided, str]]] | None = {}
 
     def ref(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -181,18 +187,46 @@ class _Recorder(DispatchMode):
 
     def functional(self, func: Any, args: Any) -> Any:
         """For an in-place op on its first argument (``relu_``, ``add_``: ``nn.ReLU(inplace=
-        True)``, ``h += x``), the out-of-place op to record instead, if nothing else recorded
-        shares that tensor's memory (a view would see the write; a replay could not);
-        otherwise ``func`` itself."""
+        True)``, ``h += x``), the out-of-place op to record instead; otherwise ``func``
+        itself. Where other recorded tensors share its memory (a view would see the write;
+        a replay could not), the write is noted: a later call reading one of them that has
+        elements in common with the written ones is refused (``rewritten``); one that shares
+        the memory but not those elements is not: the pieces of an ``unsafe_chunk`` written
+        one by one, as PyTorch's ``GRUCell``, ``LSTMCell``, ``nn.GRU`` and float64
+        ``nn.LSTM`` write their gates (``chunk[0].add_(other).sigmoid_()``), the whole gate
+        tensor never read again. In-place view ops (``transpose_``) change no elements."""
         facts = _facts(func)
-        if not facts.in_place:
-            return func
         functional = facts.functional
+        if not facts.in_place or functional is None:
+            return func
         target = args[0]
         storage = _storage(target)  # (a zero tensor that forward mode made has no memory)
-        alive = (t for t in leaves(self.alive) if isinstance(t, torch.Tensor))
-        shared = any(t is not target and _storage(t) == storage for t in alive)
-        return func if functional is None or shared else functional
+        if self.rewrites is None or torch.Tag.inplace_view in func.tags:
+            return functional
+        shared = any(
+            isinstance(t, torch.Tensor) and t is not target and _storage(t) == storage
+            for t in leaves(self.alive)
+        )
+        if shared:
+            write = (len(self.graph.nodes), strided(target), str(func))
+            self.rewrites.setdefault(storage, []).append(write)
+        return functional
+
+    def rewritten(self, a: torch.Tensor) -> str | None:
+        """The op of a write noted by ``functional`` that changed some of ``a``'s elements
+        through another tensor after ``a`` was made (a replay would read their old values),
+        or ``None``."""
+        writes = self.rewrites.get(_storage(a)) if self.rewrites else None
+        if not writes:
+            return None
+        ref = self.refs.get(id(a))
+        made = -1 if ref is None else ref.node
+        here = strided(a)
+        for node, written, op in writes:
+            if node > made and overlapping(written, [here]):
+                self.rewrites = None  # refused: no more to note or check
+                return op
+        return None
 
     def depends(self, flat: list[Any]) -> bool:
         """Whether one of the call's arguments (``flat``, their leaves) depends on ``x``."""
@@ -286,6 +320,10 @@ class _Recorder(DispatchMode):
             kind = type(a)
             if kind is not torch.Tensor and kind is not torch.nn.Parameter:
                 self.graph.unsupported.append(subclass(kind))
+            elif self.rewrites and (op := self.rewritten(a)):
+                self.graph.unsupported.append(
+                    f"{op} writing into memory shared with a tensor read after it"
+                )
             elif self.computed and id(a) not in self.refs and self.made_outside(a):
                 self.graph.unsupported.append(
                     "a tensor made outside ATen (Tensor.data, as_subclass) sharing memory "
@@ -455,6 +493,75 @@ def _products(func: Any, args: Any, outs: list[Any]) -> int:
         weight = args[1]
         return out.numel() * (weight.numel() // max(weight.shape[0], 1))
     return 0
+
+
+class Strided(NamedTuple):
+    """Where a tensor's elements lie in its storage: ``as_strided``'s arguments, with the
+    element size and whether they fill their span (contiguous)."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    itemsize: int
+    contiguous: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The first and last storage offsets of its elements (not empty)."""
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
+        return self.offset, last
+
+
+def strided(t: torch.Tensor) -> Strided:
+    return Strided(
+        tuple(t.shape), t.stride(), int(t.storage_offset()), t.element_size(), t.is_contiguous()
+    )
+
+
+# the most storage elements ``overlapping`` marks to tell strided tensors apart (4 MiB of
+# flags); beyond it they are taken to overlap (a later read of one is refused: at worst the
+# generic engines run, as before)
+MASK_ELEMENTS = 1 << 22
+
+
+def overlapping(target: Strided, others: list[Strided]) -> list[Strided]:
+    """The tensors among ``others`` (of ``target``'s storage) that have an element in common
+    with ``target``: their spans of storage offsets meet and, unless one of the two fills its
+    span (contiguous), their strided index sets meet, read from a mask of ``target``'s
+    elements over the span (the columns of ``gates.unsafe_chunk(3, 1)`` interleave but never
+    meet). Tensors of another element size (``view(dtype)``) are taken to overlap."""
+    found, masked = [], []
+    for t in others:
+        if t.itemsize != target.itemsize:
+            found.append(t)
+        elif t.numel == 0 or target.numel == 0 or not _spans_meet(t, target):
+            continue
+        elif t.contiguous or target.contiguous:
+            found.append(t)
+        else:
+            masked.append(t)
+    if not masked:
+        return found
+    spans = [t.span for t in (target, *masked)]
+    low, high = min(lo for lo, _ in spans), max(hi for _, hi in spans)
+    if high - low >= MASK_ELEMENTS:
+        return found + masked
+    mask = torch.zeros(high - low + 1, dtype=torch.bool)
+    start, stop = spans[0]
+    offsets = torch.arange(start - low, stop - low + 1)  # an index: target may repeat elements
+    mask[offsets.as_strided(target.shape, target.stride, target.offset - start)] = True
+    return found + [
+        t for t in masked if bool(mask.as_strided(t.shape, t.stride, t.offset - low).any())
+    ]
+
+
+def _spans_meet(a: Strided, b: Strided) -> bool:
+    (a_low, a_high), (b_low, b_high) = a.span, b.span
+    return a_low <= b_high and b_low <= a_high
 
 
 def _storage(t: torch.Tensor) -> int:
