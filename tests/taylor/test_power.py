@@ -50,17 +50,24 @@ def _parameter_gradients(net: torch.nn.Module, result: torch.Tensor) -> list[tor
     return list(torch.autograd.grad(loss, list(net.parameters()), materialize_grads=True))
 
 
+def _assert_same_with_gradients(
+    net: torch.nn.Module, got: torch.Tensor, expected: torch.Tensor
+) -> None:
+    """``got`` equals ``expected``, and so do the parameter gradients of a weighted sum."""
+    torch.testing.assert_close(got, expected, **tolerances(f64))
+    for g, w in zip(
+        _parameter_gradients(net, got), _parameter_gradients(net, expected), strict=True
+    ):
+        torch.testing.assert_close(g, w, **tolerances(f64))
+
+
 @pytest.mark.parametrize("method", ["forward", "reverse", "auto"])
 def test_divergence_through_polynomial_features(method: str) -> None:
     torch.manual_seed(0)
     net, x = _Polynomial(3, 3), torch.randn(8, 3, dtype=f64)
     div = torchdiv.divergence(net, x, method=method)
     expected = _divergence_by_loop(net, x)
-    torch.testing.assert_close(div, expected, **tolerances(f64))
-    for got, want in zip(
-        _parameter_gradients(net, div), _parameter_gradients(net, expected), strict=True
-    ):
-        torch.testing.assert_close(got, want, **tolerances(f64))
+    _assert_same_with_gradients(net, div, expected)
 
 
 @pytest.mark.parametrize("method", ["forward", "auto"])
@@ -89,11 +96,7 @@ def test_laplacian_through_polynomial_features(method: str, d: int) -> None:
     net, x = _Polynomial(d, 1), torch.randn(6, d, dtype=f64)
     lap = torchdiv.laplacian(lambda z: net(z)[:, 0], x, method=method)
     expected = laplacian_by_grad_of_grad(lambda z: net(z)[:, 0], x)
-    torch.testing.assert_close(lap, expected, **tolerances(f64))
-    for got, want in zip(
-        _parameter_gradients(net, lap), _parameter_gradients(net, expected), strict=True
-    ):
-        torch.testing.assert_close(got, want, **tolerances(f64))
+    _assert_same_with_gradients(net, lap, expected)
 
 
 @pytest.mark.parametrize("shape", [(4, 6), (4, 1)])  # elementwise; broadcast against e
@@ -147,11 +150,7 @@ def test_compiled_divergence_through_powers(scalar: bool) -> None:
     finally:
         torch._dynamo.reset()
     expected = _divergence_by_loop(f, x)
-    torch.testing.assert_close(div, expected, **tolerances(f64))
-    for got, want in zip(
-        _parameter_gradients(net, div), _parameter_gradients(net, expected), strict=True
-    ):
-        torch.testing.assert_close(got, want, **tolerances(f64))
+    _assert_same_with_gradients(net, div, expected)
 
 
 @pytest.mark.slow
@@ -175,11 +174,7 @@ def test_compiled_laplacian_through_polynomial_features(where: str) -> None:
     finally:
         torch._dynamo.reset()
     expected = laplacian_by_grad_of_grad(f, x)
-    torch.testing.assert_close(lap, expected, **tolerances(f64))
-    for got, want in zip(
-        _parameter_gradients(net, lap), _parameter_gradients(net, expected), strict=True
-    ):
-        torch.testing.assert_close(got, want, **tolerances(f64))
+    _assert_same_with_gradients(net, lap, expected)
 
 
 @pytest.mark.parametrize("method", ["forward", "reverse"])
