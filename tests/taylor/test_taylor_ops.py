@@ -396,3 +396,42 @@ def test_in_place_ops_against_the_loop(write):
     torch.testing.assert_close(
         torch.autograd.grad(got.sum(), weight)[0], torch.autograd.grad(expected.sum(), weight)[0]
     )
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        lambda h: torch.zeros_like(h).fill_(2.0),
+        lambda h: torch.zeros_like(h).masked_fill_(torch.arange(H) > 2, 1.5),
+        lambda h: torch.ones_like(h).bernoulli_(1.0),
+    ],
+    ids=["fill_", "masked_fill_", "bernoulli_"],
+)
+@pytest.mark.parametrize("method", ["auto", "taylor"])
+def test_a_kept_output_written_with_values_from_x(kept, method):
+    """A replay takes the output of a constant in-place write or a random draw as the tensor
+    object f made (``Node.kept``); a later write into it of values computed from ``x``,
+    recorded out of place, changed that object, so the calls reading it read the value after
+    the write (``m = zeros_like(h).fill_(2); m.mul_(tanh(h))``: the Laplacian 5.4 off, with
+    wrong weight gradients, by "auto" too, since the first write to a constant f made is
+    replayed). Such a write is refused: "auto" loops, "taylor" names the op."""
+    weight, bias = _parameters()
+    weight.requires_grad_(True)
+
+    def write(h: torch.Tensor) -> torch.Tensor:
+        m = kept(h)
+        m.mul_(torch.tanh(h))
+        return (m * h).sum(-1, keepdim=True)
+
+    u = _model(write, weight, bias)
+    x = _points("kept")
+    expected = _loop_laplacian(u, x)
+    if method == "taylor":
+        with pytest.raises(NotImplementedError, match="mul_.* call made .recorded as kept"):
+            torchdiv.laplacian(u, x, method=method)
+        return
+    got = torchdiv.laplacian(u, x, method=method)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(
+        torch.autograd.grad(got.sum(), weight)[0], torch.autograd.grad(expected.sum(), weight)[0]
+    )

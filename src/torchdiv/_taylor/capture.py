@@ -179,6 +179,9 @@ class _Recorder(DispatchMode):
         # those others their old values, so a call reading one made before the write is
         # refused (``rewritten``); ``None`` once one was
         self.rewrites: dict[int, list[tuple[int, Strided, str]]] | None = {}
+        # storages of the outputs a replay does not compute but takes as recorded (``Node.
+        # kept``: random draws, constant in-place writes): the tensor objects themselves
+        self.kept: set[int] = set()
 
     def ref(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -276,6 +279,8 @@ class _Recorder(DispatchMode):
             self.graph.unsupported.append(str(func))
         index = len(self.graph.nodes)
         kept = None if depends else _kept(func, outs, bool(written))
+        if kept is not None:
+            self.kept.update(_storage(t) for t in kept if isinstance(t, torch.Tensor))
         refs = map_leaves(self.ref, args), map_leaves(self.ref, kwargs)
         self.graph.nodes.append(Node(recorded, *refs, depends, kept, torch.is_grad_enabled()))
         for i, leaf in enumerate(outs):
@@ -373,6 +378,12 @@ class _Recorder(DispatchMode):
                 self.graph.unsupported.append(f"{func} writing to x")
                 continue
             if depends and id(tensor) in self.refs:  # recorded out of place (``functional``)
+                if storage in self.kept:
+                    # a replay takes a kept output as the tensor object, which this write
+                    # changes: the calls reading it would see the value after the write
+                    self.graph.unsupported.append(
+                        f"{func} on a tensor a random or in-place call made (recorded as kept)"
+                    )
                 continue
             if not depends and self.holds_dependent(storage):
                 # autograd keeps the tensor's history through a write it does not see (reverse
