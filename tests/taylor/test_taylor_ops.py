@@ -427,7 +427,7 @@ def test_a_kept_output_written_with_values_from_x(kept, method):
     x = _points("kept")
     expected = _loop_laplacian(u, x)
     if method == "taylor":
-        with pytest.raises(NotImplementedError, match="mul_.* call made .recorded as kept"):
+        with pytest.raises(NotImplementedError, match=r"mul_.* call made \(recorded as kept\)"):
             torchdiv.laplacian(u, x, method=method)
         return
     got = torchdiv.laplacian(u, x, method=method)
