@@ -396,3 +396,68 @@ def test_in_place_ops_against_the_loop(write):
     torch.testing.assert_close(
         torch.autograd.grad(got.sum(), weight)[0], torch.autograd.grad(expected.sum(), weight)[0]
     )
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        lambda h: torch.zeros_like(h).fill_(2.0),
+        lambda h: torch.zeros_like(h).masked_fill_(torch.arange(H) > 2, 1.5),
+        lambda h: torch.ones_like(h).bernoulli_(1.0),
+        lambda h: torch.rand(h.shape, dtype=f64, generator=torch.Generator().manual_seed(2)),
+        lambda h: torch.rand(
+            len(h), 2 * H, dtype=f64, generator=torch.Generator().manual_seed(2)
+        ).unsafe_chunk(2, 1)[0],
+    ],
+    ids=["fill_", "masked_fill_", "bernoulli_", "rand", "rand_chunk"],
+)
+@pytest.mark.parametrize("method", ["auto", "taylor"])
+def test_a_kept_output_written_with_values_from_x(kept, method):
+    """A replay takes the output of a random draw or of a constant in-place write (replayed
+    since rev-attention11) as the tensor object f made (``Node.kept``); a later write into
+    it of values computed from ``x``, recorded out of place, changed that object, so the
+    calls reading it read the value after the write: a VAE's ``eps.mul_(std).add_(mu)``
+    with ``eps = randn_like(std)`` made the Laplacian 37 off, ``zeros_like(h).fill_(2)
+    .mul_(tanh(h))`` 5.4, with wrong weight gradients, by "auto" too. The kept values are
+    copied before such a write. The random draws are seeded inside ``f``, and the batch's
+    loop of backward passes is the reference (``f`` keeps samples apart)."""
+    weight, bias = _parameters()
+    weight.requires_grad_(True)
+
+    def write(h: torch.Tensor) -> torch.Tensor:
+        m = kept(h)
+        m.mul_(torch.tanh(h)).add_(h)
+        return (m * h).sum(-1, keepdim=True)
+
+    u = _model(write, weight, bias)
+    x = _points("kept")
+    expected = _loop_laplacian(u, x)
+    got = torchdiv.laplacian(u, x, method=method)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(
+        torch.autograd.grad(got.sum(), weight)[0], torch.autograd.grad(expected.sum(), weight)[0]
+    )
+
+
+def test_a_kept_output_with_parameter_values_written_with_values_from_x():
+    """A constant written with a parameter's values (``Node.kept`` requires grad) cannot be
+    copied below autograd before a write of values computed from ``x``: "taylor" names the
+    op, "auto" loops (the replay read the product: the Laplacian 2.5 off)."""
+    weight, bias = _parameters()
+    bias.requires_grad_(True)
+
+    def write(h: torch.Tensor) -> torch.Tensor:
+        m = torch.zeros_like(h).copy_(torch.tanh(bias).expand_as(h))
+        m.mul_(torch.sin(h))
+        return (m * h).sum(-1, keepdim=True)
+
+    u = _model(write, weight, bias)
+    x = _points("kept")
+    expected = _loop_laplacian(u, x)
+    with pytest.raises(NotImplementedError, match=r"mul_.* requires grad and a random"):
+        torchdiv.laplacian(u, x, method="taylor")
+    got = torchdiv.laplacian(u, x)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(
+        torch.autograd.grad(got.sum(), bias)[0], torch.autograd.grad(expected.sum(), bias)[0]
+    )

@@ -179,6 +179,9 @@ class _Recorder(DispatchMode):
         # those others their old values, so a call reading one made before the write is
         # refused (``rewritten``); ``None`` once one was
         self.rewrites: dict[int, list[tuple[int, Strided, str]]] | None = {}
+        # by storage: the nodes whose outputs a replay does not compute but takes as recorded
+        # (``Node.kept``: random draws, constant in-place writes), the tensor objects f made
+        self.kept: dict[int, list[int]] = {}
 
     def ref(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -276,6 +279,9 @@ class _Recorder(DispatchMode):
             self.graph.unsupported.append(str(func))
         index = len(self.graph.nodes)
         kept = None if depends else _kept(func, outs, bool(written))
+        for t in kept or ():
+            if isinstance(t, torch.Tensor):
+                self.kept.setdefault(_storage(t), []).append(index)
         refs = map_leaves(self.ref, args), map_leaves(self.ref, kwargs)
         self.graph.nodes.append(Node(recorded, *refs, depends, kept, torch.is_grad_enabled()))
         for i, leaf in enumerate(outs):
@@ -373,6 +379,8 @@ class _Recorder(DispatchMode):
                 self.graph.unsupported.append(f"{func} writing to x")
                 continue
             if depends and id(tensor) in self.refs:  # recorded out of place (``functional``)
+                if storage in self.kept:
+                    self.keep_before(func, storage)
                 continue
             if not depends and self.holds_dependent(storage):
                 # autograd keeps the tensor's history through a write it does not see (reverse
@@ -405,6 +413,26 @@ class _Recorder(DispatchMode):
                 node.args, node.kwargs = map_leaves(
                     _replacing(tensor, before), (node.args, node.kwargs)
                 )
+
+    def keep_before(self, func: Any, storage: int) -> None:
+        """Before ``func``, a write of values computed from ``x`` recorded out of place, changes
+        ``storage``: the kept outputs there (``Node.kept``, the tensor objects ``f`` made, which
+        a replay reads) are kept as copies of their values now, which the calls reading them
+        read in ``f`` (``eps = torch.rand_like(h); eps.mul_(std(h))``: the replay read the
+        product). A kept output that requires grad (a constant written with a parameter's
+        values) cannot be copied here, below autograd: such a write is refused."""
+        for index in self.kept.pop(storage):
+            node = self.graph.nodes[index]
+            kept = node.kept or []
+            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in kept):
+                self.graph.unsupported.append(
+                    f"{func} on a tensor that requires grad and a random or in-place call made"
+                )
+                return
+            node.kept = [
+                t.clone() if isinstance(t, torch.Tensor) and _storage(t) == storage else t
+                for t in kept
+            ]
 
     def replayed_before(self, tensor: torch.Tensor, storage: int) -> bool:
         """Whether a replay gives the calls that read ``storage`` before this first write to
