@@ -213,7 +213,7 @@ def test_fullgraph_names_the_eager_power(method: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("default")  # (as errors, Dynamo runs the loss eagerly)
+@_RESUMED  # (raised as an error, Dynamo runs the loss eagerly)
 def test_compiled_loss_auto_divergence_through_polynomial_features_names_the_power() -> None:
     """In a compiled loss, ``"auto"``'s divergence by backward passes through ``h **
     self.powers`` was right at 6c6dbd5; since the ``pow`` runs eagerly there (a graph break:
