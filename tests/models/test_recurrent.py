@@ -138,6 +138,37 @@ def test_forward_mode_error_names_the_way_out() -> None:
     assert estimate.shape == (2,) and bool(estimate.isfinite().all())
 
 
+@one_dnn
+def test_biharmonic_error_names_its_own_way_out() -> None:
+    """``biharmonic`` takes no ``'grad-of-grad'``: its hint (for a float32 ``nn.LSTM``,
+    where each of its methods nests forward mode) was its inner Laplacian's, naming
+    ``method='auto' or 'grad-of-grad'``; it names the Laplacian of the Laplacian by backward
+    passes, which is right (against oneDNN off, which every method runs)."""
+    torch.manual_seed(3)
+    lstm, x = nn.LSTM(2, 3, batch_first=True), torch.randn(2, 1, 2)
+
+    def energy(s):
+        return lstm(s)[0].sum((1, 2))
+
+    for method in ("auto", "forward-over-reverse"):
+        with pytest.raises(NotImplementedError) as info:
+            torchdiv.biharmonic(energy, x, method=method)
+        hint = str(info.value).partition("Hint: ")[2]
+        assert "method='auto' or 'grad-of-grad'" not in hint
+        assert "laplacian(lambda z: laplacian(f, z, method='grad-of-grad'), x" in hint
+
+    def inner(z):
+        return torchdiv.laplacian(energy, z, method="grad-of-grad")
+
+    got = torchdiv.laplacian(inner, x, method="grad-of-grad")
+    before, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
+    try:
+        expected = torchdiv.biharmonic(energy, x)
+    finally:
+        torch.backends.mkldnn.enabled = before
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def composite_gru_cell(x: torch.Tensor, h: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
     """A GRU cell from its equations (Cho et al., PyTorch's gate order r, z, n), with
     ``weights`` ``w_ih, w_hh, b_ih, b_hh`` as ``nn.GRUCell`` and ``nn.GRU`` hold them."""

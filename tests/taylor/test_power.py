@@ -207,6 +207,35 @@ def test_fullgraph_names_the_eager_power(method: str) -> None:
     torch.testing.assert_close(div, _divergence_by_loop(net, x), **tolerances(f64))
 
 
+@pytest.mark.slow
+@_RESUMED  # (raised as an error, Dynamo runs the loss eagerly)
+def test_compiled_loss_auto_divergence_through_polynomial_features_names_the_power() -> None:
+    """In a compiled loss, ``"auto"``'s divergence by backward passes through ``h **
+    self.powers`` was right at 6c6dbd5; since the ``pow`` runs eagerly there (a graph break:
+    ``nan`` at an exact 0 base otherwise), ``f`` is compiled apart and its parameter gradients
+    are refused (they would miss the compiled parts): the refusal named a break in ``f``
+    the caller did not write; it names torchdiv's ``pow`` and Python-number powers, and
+    ``method="reverse"`` (named there too) is right."""
+    torch.manual_seed(0)
+    net, x = _Polynomial(3, 3), torch.randn(4, 3, dtype=f64)
+    torch._dynamo.reset()
+    try:
+        div = torch.compile(lambda z: torchdiv.divergence(net, z), backend="aot_eager")(x)
+        with pytest.raises(Exception, match=r"(?s)method='reverse'.*raise to Python numbers"):
+            _parameter_gradients(net, div)
+        div = torch.compile(
+            lambda z: torchdiv.divergence(net, z, method="reverse"), backend="aot_eager"
+        )(x)
+    finally:
+        torch._dynamo.reset()
+    expected = _divergence_by_loop(net, x)
+    torch.testing.assert_close(div, expected, **tolerances(f64))
+    for got, want in zip(
+        _parameter_gradients(net, div), _parameter_gradients(net, expected), strict=True
+    ):
+        torch.testing.assert_close(got, want, **tolerances(f64))
+
+
 class _ZeroBases(torch.nn.Module):
     """``(W tanh(x) ** p) (1 + sum x)``, ``p`` a buffer or Python numbers (the reference:
     PyTorch's scalar-exponent formulas are right at 0), evaluated where ``x`` has zeros."""

@@ -88,17 +88,25 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
         mixing = recorded_mixing(evaluate, options["x"], options["batch_dims"])
         if mixing is not None:
             return BatchInteractionError(f"{fn}: {mixing}")
-    return renamed(fn, exc) if nested else in_context(fn, call, exc, options)
+    if not nested:
+        return in_context(fn, call, exc, options)
+    cause = exc.__cause__
+    hint = None if cause is None else _hint(fn, str(cause), options["f"], options["x"], call, cause)
+    return renamed(fn, exc, hint)
 
 
-def renamed(fn: str, exc: Exception) -> Exception | None:
+def renamed(fn: str, exc: Exception, hint: str | None = None) -> Exception | None:
     """The error of a public call nested in ``fn``'s (``biharmonic``'s Laplacians,
     ``value_grad_laplacian``'s Jacobian), its name in front replaced by ``fn`` (every error
-    of ``fn`` starts with it); its context line still names the call that raised it.
-    ``None``: already so named, or an exception type that wants other arguments."""
+    of ``fn`` starts with it); its context line still names the call that raised it, its
+    hint replaced by ``hint``, ``fn``'s own (the nested call's named its methods, which ``fn``
+    may not take: ``'grad-of-grad'`` for ``biharmonic``). ``None``: already so named, or an
+    exception type that wants other arguments."""
     name, _, rest = str(exc).partition(": ")
     if name == fn:
         return None
+    if hint is not None and "\nHint: " in rest:
+        rest = rest.partition("\nHint: ")[0] + f"\nHint: {hint}"
     try:
         new = type(exc)(f"{fn}: {rest}")
     except Exception:
@@ -223,23 +231,19 @@ def _hint(
             f"vmap), or model.eval() for the deterministic model."
         )
     if "setup_context staticmethod" in message:  # torch.func refused an autograd.Function
-        way = "'auto' or 'grad-of-grad'" if "laplacian" in fn else "'auto'"
         return (
             "f runs an autograd.Function without setup_context (also a torch.library custom "
             "op with register_autograd), which torch.func's transforms cannot run; use "
-            f"method={way}, which run it by plain autograd."
+            f"{_plain_way(fn)}, which runs it by plain autograd."
         )
     if "Trying to use forward AD with" in message:  # an op without a forward-mode rule
         return _forward_ad_hint(fn, message)
     if "doesn't have storage" in message:  # an op reading memory under torch.func's wrappers
-        way = (
-            "'auto' or 'grad-of-grad'" if fn.rpartition(".")[2] in _LOOPING_FUNCTIONS else "'auto'"
-        )
         return (
             "an op of f reads its input's memory directly (a packed sequence's "
             "pack_padded_sequence, a C++ extension), which torch.func's transforms (the "
             f"methods 'forward', 'reverse', 'forward-over-reverse', 'hessian') cannot run; use "
-            f"method={way}, which differentiate f with plain autograd there."
+            f"{_plain_way(fn)}, which differentiates f with plain autograd there."
         )
     if "does not require grad" in message and call == "f(x)":  # autograd.grad inside f
         return (
@@ -250,10 +254,10 @@ def _hint(
             "backward pass inside f: use 'auto' or 'reverse'."
         )
     if "requires_grad_()" in message and "functorch transform" in message:
-        way = "'grad-of-grad'" if "laplacian" in fn else "'auto'"
+        way = _plain_way(fn).replace("'auto' or ", "")
         return (
             "f calls requires_grad_() (or torch.autograd.functional) inside the torch.func "
-            "transforms this method evaluates it under, which refuse that; method="
+            "transforms this method evaluates it under, which refuse that; "
             f"{way} differentiates f with plain autograd. A score model that writes x = x if "
             "x.requires_grad else x.requires_grad_(True) runs under 'reverse' too (but not "
             "'forward', which cannot run a backward pass inside f)."
@@ -303,15 +307,34 @@ def _forward_ad_hint(fn: str, message: str) -> str:
 
 
 # the methods that differentiate an op without a forward-mode rule, by public function
-# (``biharmonic`` has none: every one of its methods nests forward mode where Taylor fails)
 _LOOPING = "method='auto' or 'grad-of-grad' (exact; 'auto' loops over backward passes for it)"
-_LOOPING_FUNCTIONS = ("laplacian", "weighted_laplacian")
+# ``biharmonic`` has none: every one of its methods nests forward mode where Taylor fails,
+# but the Laplacian of the Laplacian by backward passes is right
+_NESTED_LOOP = (
+    "laplacian(lambda z: laplacian(f, z, method='grad-of-grad'), x, method='grad-of-grad') "
+    "(every method of biharmonic nests forward mode)"
+)
 _BACKWARD_WAYS = {
     "laplacian": _LOOPING,
     "weighted_laplacian": _LOOPING,
     "value_grad_laplacian": "method='auto' (it loops over backward passes for it)",
-    "biharmonic": "",
+    "biharmonic": _NESTED_LOOP,
 }
+# ... and that differentiate f by plain autograd (no torch.func transform), by public function
+_PLAIN_WAYS = {
+    "laplacian": "method='auto' or 'grad-of-grad'",
+    "weighted_laplacian": "method='auto' or 'grad-of-grad'",
+    "value_grad_laplacian": (
+        "method='auto' at up to 10 inputs, or laplacian(f, x, method='auto' or "
+        "'grad-of-grad') for the Laplacian"
+    ),
+    "biharmonic": _NESTED_LOOP,
+}
+
+
+def _plain_way(fn: str) -> str:
+    """How ``fn`` (a public function's name) differentiates ``f`` by plain autograd."""
+    return _PLAIN_WAYS.get(fn.rpartition(".")[2], "method='auto'")
 
 
 def _modules(f: Any) -> list[torch.nn.Module]:

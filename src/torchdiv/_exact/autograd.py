@@ -133,7 +133,10 @@ def once_differentiable_error(what: str, names: list[str]) -> str:
             "returns constants), so they are refused. Use the function form (torchdiv."
             "divergence(model, x) with the compiled model: torchdiv traces the call), or "
             "compute y with the uncompiled module; in a compiled loss whose f breaks the "
-            "graph (compiled apart), method='reverse' or 'forward', or f without the break"
+            "graph (compiled apart), method='reverse' or 'forward', or f without the break "
+            "(torchdiv breaks it itself at a pow of a tensor to a tensor exponent f holds, "
+            "h[..., None] ** self.powers, which it runs eagerly: raise to Python numbers, "
+            "torch.stack([h ** k for k in range(4)], -1))"
         )
     return (
         f"torchdiv: f computes through the custom autograd.Function {', '.join(names)}, whose "
