@@ -131,7 +131,10 @@ _RESUMED = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor th
 
 
 @_RESUMED
-@pytest.mark.parametrize("scalar", [True, False])  # h ** 2, h[..., None] ** self.powers
+@pytest.mark.parametrize(
+    "scalar",  # h ** 2, h[..., None] ** self.powers (the eager power: 7 s, a graph break)
+    [True, pytest.param(False, marks=pytest.mark.slow)],
+)
 def test_compiled_divergence_through_powers(scalar: bool) -> None:
     """``torch.compile`` of a loss through ``**``: Dynamo failed ("Guard failed on the same
     frame it was created") while ``Tensor.__pow__``, a ``functools.wraps`` function, was a key
