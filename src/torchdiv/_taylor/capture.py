@@ -318,8 +318,10 @@ class _Recorder(DispatchMode):
         """Note the tensors among ``flat`` that no recorded call made but that may hold values
         computed from ``x``, which a replay would take for constants: a ``torch.Tensor``
         subclass (its ``__torch_function__`` wraps every result in a new object, made outside
-        ATen: MONAI's ``MetaTensor``, ``as_subclass``) and a tensor sharing memory with one
-        computed from ``x`` (``Tensor.data``, ``as_subclass(torch.Tensor)``)."""
+        ATen: MONAI's ``MetaTensor``, ``as_subclass``), a tensor sharing memory with one
+        computed from ``x`` (``Tensor.data``, ``as_subclass(torch.Tensor)``), and one whose
+        elements an in-place write through another tensor changed after it was made (a replay
+        would read them from before the write: ``rewritten``, ``replayed_before``)."""
         for a in flat:
             if not isinstance(a, torch.Tensor):
                 continue
