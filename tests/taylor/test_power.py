@@ -130,7 +130,16 @@ def test_power_has_pytorch_s_values_and_derivatives(shape: tuple[int, int]) -> N
 _RESUMED = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not")
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied before and after a compile test."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @_RESUMED
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize(
     "scalar",  # h ** 2, h[..., None] ** self.powers (the eager power: 7 s, a graph break)
     [True, pytest.param(False, marks=pytest.mark.slow)],
@@ -145,19 +154,16 @@ def test_compiled_divergence_through_powers(scalar: bool) -> None:
     torch.manual_seed(0)
     net, x = _Polynomial(3, 3), torch.randn(8, 3, dtype=f64)
     f = (lambda z: net.outer(torch.tanh(net.inner(z)).repeat(1, 4) ** 2)) if scalar else net
-    torch._dynamo.reset()
-    try:
-        div = torch.compile(
-            lambda z: torchdiv.divergence(f, z, method="forward"), backend="aot_eager"
-        )(x)
-    finally:
-        torch._dynamo.reset()
+    div = torch.compile(lambda z: torchdiv.divergence(f, z, method="forward"), backend="aot_eager")(
+        x
+    )
     expected = _divergence_by_loop(f, x)
     _assert_same_with_gradients(net, div, expected)
 
 
 @pytest.mark.slow
 @_RESUMED
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("where", ["loss", "model"])
 def test_compiled_laplacian_through_polynomial_features(where: str) -> None:
     """``laplacian``'s default method in a compiled loss (and with a compiled model) runs
@@ -166,20 +172,17 @@ def test_compiled_laplacian_through_polynomial_features(where: str) -> None:
     torch.manual_seed(0)
     net, x = _Polynomial(3, 1), torch.randn(6, 3, dtype=f64)
     f = lambda z: net(z)[:, 0]  # noqa: E731
-    torch._dynamo.reset()
-    try:
-        if where == "loss":
-            lap = torch.compile(
-                lambda z: torchdiv.laplacian(f, z), backend="aot_eager", dynamic=True
-            )(x)
-        else:
-            lap = torchdiv.laplacian(torch.compile(f, backend="aot_eager"), x)
-    finally:
-        torch._dynamo.reset()
+    if where == "loss":
+        lap = torch.compile(lambda z: torchdiv.laplacian(f, z), backend="aot_eager", dynamic=True)(
+            x
+        )
+    else:
+        lap = torchdiv.laplacian(torch.compile(f, backend="aot_eager"), x)
     expected = laplacian_by_grad_of_grad(f, x)
     _assert_same_with_gradients(net, lap, expected)
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("method", ["forward", "reverse"])
 def test_fullgraph_names_the_eager_power(method: str) -> None:
     """Under ``fullgraph=True`` the eager ``pow`` cannot break the graph: Dynamo raises,
@@ -192,26 +195,23 @@ def test_fullgraph_names_the_eager_power(method: str) -> None:
         h = torch.tanh(net.inner(z))
         return net.outer(torch.stack([h**k for k in range(4)], -1).flatten(-2))
 
-    torch._dynamo.reset()
-    try:
-        with pytest.raises(Exception, match=r"raise to Python numbers"):
-            torch.compile(
-                lambda z: torchdiv.divergence(net, z, method=method),
-                backend="aot_eager",
-                fullgraph=True,
-            )(x)
-        div = torch.compile(
-            lambda z: torchdiv.divergence(by_numbers, z, method=method),
+    with pytest.raises(Exception, match=r"raise to Python numbers"):
+        torch.compile(
+            lambda z: torchdiv.divergence(net, z, method=method),
             backend="aot_eager",
             fullgraph=True,
         )(x)
-    finally:
-        torch._dynamo.reset()
+    div = torch.compile(
+        lambda z: torchdiv.divergence(by_numbers, z, method=method),
+        backend="aot_eager",
+        fullgraph=True,
+    )(x)
     torch.testing.assert_close(div, _divergence_by_loop(net, x), **tolerances(f64))
 
 
 @pytest.mark.slow
 @_RESUMED  # (raised as an error, Dynamo runs the loss eagerly)
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_loss_auto_divergence_through_polynomial_features_names_the_power() -> None:
     """In a compiled loss, ``"auto"``'s divergence by backward passes through ``h **
     self.powers`` was right at 6c6dbd5; since the ``pow`` runs eagerly there (a graph break:
@@ -221,22 +221,14 @@ def test_compiled_loss_auto_divergence_through_polynomial_features_names_the_pow
     ``method="reverse"`` (named there too) is right."""
     torch.manual_seed(0)
     net, x = _Polynomial(3, 3), torch.randn(4, 3, dtype=f64)
-    torch._dynamo.reset()
-    try:
-        div = torch.compile(lambda z: torchdiv.divergence(net, z), backend="aot_eager")(x)
-        with pytest.raises(Exception, match=r"(?s)method='reverse'.*raise to Python numbers"):
-            _parameter_gradients(net, div)
-        div = torch.compile(
-            lambda z: torchdiv.divergence(net, z, method="reverse"), backend="aot_eager"
-        )(x)
-    finally:
-        torch._dynamo.reset()
+    div = torch.compile(lambda z: torchdiv.divergence(net, z), backend="aot_eager")(x)
+    with pytest.raises(Exception, match=r"(?s)method='reverse'.*raise to Python numbers"):
+        _parameter_gradients(net, div)
+    div = torch.compile(
+        lambda z: torchdiv.divergence(net, z, method="reverse"), backend="aot_eager"
+    )(x)
     expected = _divergence_by_loop(net, x)
-    torch.testing.assert_close(div, expected, **tolerances(f64))
-    for got, want in zip(
-        _parameter_gradients(net, div), _parameter_gradients(net, expected), strict=True
-    ):
-        torch.testing.assert_close(got, want, **tolerances(f64))
+    _assert_same_with_gradients(net, div, expected)
 
 
 class _ZeroBases(torch.nn.Module):
