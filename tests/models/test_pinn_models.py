@@ -399,3 +399,41 @@ def test_second_order_operators_and_their_parameter_gradients(name, operator):
         for key, a, b in zip(dict(model.named_parameters()), grads, expected, strict=True):
             tol = 1e-8 * b.abs().max().item()
             torch.testing.assert_close(a, b, rtol=1e-8, atol=tol, msg=f"{method} {key}")
+
+
+@pytest.mark.parametrize("method", ["auto", "taylor", "grad-of-grad"])
+@pytest.mark.parametrize(
+    "name", ["modified_mlp", pytest.param("pirate_net", marks=pytest.mark.slow)]
+)
+def test_lbfgs_closure_evaluations_match_a_fresh_reference(name, method):
+    """``torch.optim.LBFGS(line_search_fn="strong_wolfe")`` changes the parameters in place
+    between the closure's evaluations (the line search, then the next iteration): every
+    evaluation of the heat residual ``u_t - 0.1 Δ_x u`` on ``(x, y, t)`` (the space-only
+    Laplacian, the time derivative from ``jacobian``) and its parameter gradients match the
+    grad-of-grad loop at the parameters of that evaluation, so nothing remembered from an
+    earlier call (a plan, a recording, the loop's decision) holds stale weights."""
+    model = _model(name)
+    x = torch.rand(16, D, dtype=f64, generator=torch.Generator().manual_seed(4))
+    params = list(model.parameters())
+    optimiser = torch.optim.LBFGS(params, max_iter=4, line_search_fn="strong_wolfe")
+    evaluations = []
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        u_t = torchdiv.jacobian(model, x)[:, 0, 2]
+        lap = torchdiv.laplacian(model, x, method=method, coordinates=[0, 1])[:, 0]
+        loss = (u_t - 0.1 * lap).square().mean()
+        loss.backward()
+        _, g, hessian = _loop_hessian(model, x)
+        want = (g[:, 2] - 0.1 * _trace(hessian, [0, 1])[:, 0]).square().mean()
+        expected = torch.autograd.grad(want, params, materialize_grads=True)
+        torch.testing.assert_close(loss, want, rtol=1e-10, atol=0)
+        for p, e in zip(params, expected, strict=True):  # the output bias: no gradient
+            got = torch.zeros_like(p) if p.grad is None else p.grad
+            torch.testing.assert_close(got, e, rtol=1e-8, atol=1e-8 * e.abs().max().item())
+        evaluations.append(loss.item())
+        return loss
+
+    for _ in range(2):
+        optimiser.step(closure)
+    assert len(set(evaluations)) >= 4  # the parameters moved between evaluations
