@@ -252,7 +252,9 @@ def divergence(
     ``4 x 2**20``, ``COMPILED_F_WORK``: no graph break is at stake there):
     ``"structured"`` whenever it can run ``f``, unless the
     problem is tiny (event size x elements of ``x`` at most ``2**12``: recording ``f`` would
-    cost more than the whole computation); otherwise
+    cost more than the whole computation; where it found an op without a rule, later calls of
+    the same ``f`` at the same structure do not record it again: the guide's "Plans kept
+    across calls"); otherwise
     (measured on CPU, see ``torchdiv._exact.plan``) one evaluation of ``f`` is watched and reverse
     mode is used unless the output has more elements than the input or ``f`` convolves,
     which use forward mode. With ``chunk_size=None`` the chunk is chosen so that chunk x

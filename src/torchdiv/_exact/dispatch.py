@@ -184,11 +184,20 @@ def diagonal_and_output(
     op, if it cannot plan ``f``), else the generic engines (``evaluate``; ``"structured"`` on an
     empty ``x``, with nothing to plan, runs ``"auto"``). ``fn`` names the public function in
     errors; ``where`` is the caller's function as ``torchdiv._taylor.cache.site`` names it,
-    under which the structured engine keeps its recording for the next call.
+    under which the structured engine keeps its recording for the next call, or its refusal
+    (``_structured.refused_before``: an op without a rule), after which ``"auto"`` goes to
+    the generic engines without recording ``f``, their evaluation watched for sample mixing
+    at every call (``evaluate``'s ``watched``), as the recording was.
     """
+    refused = False  # the structured engine found no rule for an op of f here before
     if _structured.chosen(method, f, x, batch_dims):
         strict = method == "structured"
-        planned = _structured.plan(fn, f, x, batch_dims, chunk_size, strict, trace, share, where)
+        refused = not strict and _structured.refused_before(where, f, x, batch_dims)
+        planned = None
+        if not refused:
+            planned = _structured.plan(
+                fn, f, x, batch_dims, chunk_size, strict, trace, share, where
+            )
         if planned is not None:  # tied: on x's graph where f is piecewise linear in x (not a
             # share: torchdiv.distributed tells a rank's part without a graph by requires_grad)
             return (tied(planned[0], x) if share == WHOLE else planned[0]), planned[1]
@@ -208,7 +217,9 @@ def diagonal_and_output(
         # (after the products: a forward-mode engine's y comes from its first block)
         return diag, output(engine) if keep_y else engine.y
 
-    result, _ = evaluate(f, x, batch_dims, generic, chunk_size, consume, square=True, draws=False)
+    result, _ = evaluate(
+        f, x, batch_dims, generic, chunk_size, consume, square=True, draws=False, watched=refused
+    )
     return result
 
 
@@ -242,6 +253,7 @@ def evaluate(
     square: bool = False,
     draws: bool = True,
     owner: Any = None,
+    watched: bool = False,
 ) -> tuple[T, torch.Size]:
     """Run ``consume`` on the engine ``method`` names; returns its result and ``f(x).shape``.
 
@@ -262,14 +274,16 @@ def evaluate(
     ``owner``: what ``f`` evaluates, if ``f`` is a closure made anew at every call over a new
     object (a flow's velocity ``f(t, z)`` at each time ``t``, ``torchdiv.flows``' estimators):
     tiny problems are watched for sample mixing until ``owner``, not each new ``f``, has
-    passed (``_engines``).
+    passed (``_engines``); ``watched``: every call of ``"auto"`` is watched, whatever passed.
     """
     if method not in ("forward", "reverse"):
         if not draws or torch.compiler.is_compiling():  # Dynamo cannot trace generator states
             generator = None
         else:
             generator = generator or _state.default_generator(x.device)
-        return _first_that_runs(f, x, batch_dims, chunk_size, consume, generator, square, owner)
+        return _first_that_runs(
+            f, x, batch_dims, chunk_size, consume, generator, square, owner, watched
+        )
     x = argument(x)
     # f evaluated by the check, and by forward mode once per chunk of directions
     check = _mixing.checks_empty_event(x, batch_dims)
@@ -296,6 +310,7 @@ def _first_that_runs(
     generator: torch.Generator | None,
     square: bool,
     owner: Any = None,
+    watched: bool = False,
 ) -> tuple[T, torch.Size]:
     """``consume`` on the first engine that runs: forward mode (if ``_plan`` picks it),
     reverse mode, batched plain autograd, then ``f`` re-run per vector (``_engines``, which
@@ -313,7 +328,7 @@ def _first_that_runs(
     generator states).
     """
     failure: Exception | None = None
-    for build in _engines(f, x, batch_dims, square, owner):
+    for build in _engines(f, x, batch_dims, square, owner, watched):
         drawn = None
         try:
             engine, sizes = build()  # evaluates f, whose own draws are its side effect
@@ -335,6 +350,7 @@ def _engines(
     batch_dims: int,
     square: bool,
     owner: Any = None,
+    watched: bool = False,
 ) -> list[Build]:
     """The engines ``"auto"`` tries, in order, as functions that build them.
 
@@ -352,7 +368,8 @@ def _engines(
     the samples into ``f``; a tiny problem then starts there at its later calls
     (``Passed.reverse``): their unwatched evaluation by ``torch.func`` would fail again, after
     ``f`` changed its state (a spectral norm's power iteration before a train-mode batch
-    norm's refused write), which nothing could put back.
+    norm's refused write), which nothing could put back. ``watched``: nothing that passed
+    before is looked up or marked, and reverse mode's evaluation is watched.
     """
     num_inputs = event_numel(x, batch_dims)
     tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
@@ -360,7 +377,7 @@ def _engines(
     compiling = torch.compiler.is_compiling()
     at = (
         structure(f if owner is None else owner, x, batch_dims)
-        if (tiny or rows) and not compiling
+        if (tiny or rows) and not compiling and not watched
         else None
     )
     seen = None if at is None else passed_before(f, x, batch_dims, at)
@@ -376,7 +393,7 @@ def _engines(
 
     def graph() -> tuple[Engine, _plan.OpSizes]:
         built = watched_graph(again, x, batch_dims)
-        if tiny:  # (a batch norm by batch statistics: plain autograd would evaluate twice)
+        if tiny and not watched:  # (a train-mode batch norm: plain autograd evaluates twice)
             plain, decide = not built[0].guarded, built[1].values_decide
             passed(f, x, batch_dims, at, plain, reverse=False, values_decide=decide)
         planned.append(built[1])
@@ -391,7 +408,7 @@ def _engines(
         reverse, sizes = watched_engine(
             lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch, changes
         )
-        if watch and (tiny or (rows and not sizes.convolves)):  # later calls: unwatched
+        if watch and not watched and (tiny or (rows and not sizes.convolves)):  # later: unwatched
             decide = sizes.values_decide
             passed(f, x, batch_dims, at, plain=not reverse.replaced, values_decide=decide)
         if tiny:  # watched for sample mixing only: planned as every later call, not at all
