@@ -321,3 +321,37 @@ def test_biharmonics_own_check_of_f_is_raised_once_under_its_name(method):
         "biharmonic: f(x) must be a floating tensor to be differentiated, got torch.complex128"
     )
     assert str(info.value) == expected
+
+
+def _hooked_net(inputs: int, hooked: bool = True) -> nn.Module:
+    """A K-FAC optimiser's capture: a full backward hook on a hidden layer's module."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(inputs, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+    net.append(nn.Linear(8, 1)).double()
+    if hooked:
+        net[2].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    return net
+
+
+@pytest.mark.parametrize(
+    ("fn", "method", "way"),
+    [
+        ("laplacian", "auto", "method='grad-of-grad':"),
+        ("laplacian", "forward-over-reverse", "method='auto' or 'grad-of-grad':"),
+        ("value_grad_laplacian", "auto", "laplacian(f, x, method='grad-of-grad') for the"),
+    ],
+)
+def test_a_modules_full_backward_hook_is_named_with_a_way_that_runs(fn, method, way) -> None:
+    """PyTorch runs a module's full backward hook as an ``autograd.Function`` without
+    ``setup_context``: past the loop's ten inputs, every method but ``'grad-of-grad'``
+    refuses it. The hint names the hook (not an ``autograd.Function`` of the caller's) and a
+    way that runs; ``'auto'``, which just raised, is not offered again."""
+    net, x = _hooked_net(11), torch.randn(4, 11, dtype=f64)
+    with pytest.raises(RuntimeError, match=r"setup_context") as info:
+        getattr(torchdiv, fn)(net, x, method=method)
+    hint = str(info.value).partition("\nHint: ")[2]
+    assert "full backward hook" in hint and way in hint
+    assert_close(
+        torchdiv.laplacian(net, x, method="grad-of-grad"),
+        torchdiv.laplacian(_hooked_net(11, hooked=False), x, method="taylor"),
+    )

@@ -259,3 +259,33 @@ def test_a_jastrow_over_pdist_in_every_method(method):
     expected = torch.autograd.grad(want.sum(), list(reference.parameters()))
     for a, b in zip(got, expected, strict=True):
         assert _relative(a, b) < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("method", "evaluations"),
+    [("auto", 1), ("taylor", 1), ("forward-over-reverse", 3)],
+)
+def test_kfac_forward_hooks_see_the_whole_batch_once_per_evaluation(method, evaluations):
+    """What docs/guide/limitations.md tells a K-FAC user: a forward pre-hook that accumulates
+    the covariance of a layer's inputs runs once per evaluation of ``f`` (three under
+    ``value_grad_laplacian``'s forward over reverse: value, Jacobian, Laplacian), always on the
+    whole batch, with the values of a plain forward (first and later calls alike)."""
+    torch.manual_seed(0)
+    model, r = _problem("ferminet-like", 4, 5)
+    seen: list[tuple[int, ...]] = []
+    stats: dict[str, torch.Tensor] = {}
+
+    def capture_inputs(module, args) -> None:
+        a = args[0].detach().flatten(0, -2)
+        seen.append(tuple(args[0].shape))
+        stats["A"] = stats.get("A", 0) + a.T @ a / len(a)
+
+    model.orbitals.register_forward_pre_hook(capture_inputs)
+    with torch.no_grad():
+        model(r)
+    plain, shape = stats.pop("A").clone(), seen.pop()
+    for _ in range(2):
+        seen.clear()
+        torchdiv.value_grad_laplacian(model, r, method=method)
+        assert seen == [shape] * evaluations
+        torch.testing.assert_close(stats.pop("A") / evaluations, plain)

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.utils.checkpoint as _checkpoint
+import torch.utils.hooks as _hooks
 
 from torchdiv._core.checks import mark_final, raised_by_f
 from torchdiv._core.mixing import BatchInteractionError, unnamed
@@ -91,8 +92,10 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
     if not nested:
         return in_context(fn, call, exc, options)
     cause = exc.__cause__
-    hint = None if cause is None else _hint(fn, str(cause), options["f"], options["x"], call, cause)
-    return renamed(fn, exc, hint)
+    if cause is None:
+        return renamed(fn, exc)
+    method = options.get("method")
+    return renamed(fn, exc, _hint(fn, str(cause), options["f"], options["x"], call, cause, method))
 
 
 def renamed(fn: str, exc: Exception, hint: str | None = None) -> Exception | None:
@@ -129,7 +132,7 @@ def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> E
         f"[torchdiv] in {fn}(f, x, ..., {shown}) with x of shape {tuple(x.shape)} and dtype "
         f"{x.dtype}; f was evaluated by {engine}."
     )
-    hint = _hint(fn, str(exc), f, x, call, exc)
+    hint = _hint(fn, str(exc), f, x, call, exc, options.get("method"))
     if hint:
         text += f"\nHint: {hint}"
     try:
@@ -201,10 +204,17 @@ _CHECKPOINT_FILE = _checkpoint.__file__
 
 
 def _hint(
-    fn: str, message: str, f: Any, x: torch.Tensor, call: str, exc: BaseException | None = None
+    fn: str,
+    message: str,
+    f: Any,
+    x: torch.Tensor,
+    call: str,
+    exc: BaseException | None = None,
+    method: object = None,
 ) -> str | None:
     """A likely fix for the usual mistakes (``exc``: the error, whose traceback may show a
-    ``torch.utils.checkpoint``)."""
+    ``torch.utils.checkpoint`` or a module's backward hook; ``method``: the one that raised,
+    never named as the way out)."""
     reentrant = None if exc is None else _checkpointed(exc)
     if reentrant:
         return (
@@ -230,11 +240,22 @@ def _hint(
             f"f with the draws of one evaluation, chunk_size=1 (one direction at a time, no "
             f"vmap), or model.eval() for the deterministic model."
         )
+    if "setup_context staticmethod" in message and exc is not None and _backward_hooked(exc):
+        return (
+            "a module f calls has a full backward hook (register_full_backward_hook or "
+            "register_full_backward_pre_hook, also one registered for every module: a K-FAC "
+            "optimiser's capture of output gradients), which PyTorch runs as an "
+            "autograd.Function without setup_context: torch.func's transforms and the "
+            "recording engines cannot run it. Remove the hook around the call (handle.remove(), "
+            "then register it again) and capture its statistics in a plain forward and "
+            f"backward pass of your own, or use {_plain_way(fn, method)}: its backward passes "
+            "run the hook, which then sees torchdiv's inner gradients, not your loss's."
+        )
     if "setup_context staticmethod" in message:  # torch.func refused an autograd.Function
         return (
             "f runs an autograd.Function without setup_context (also a torch.library custom "
             "op with register_autograd), which torch.func's transforms cannot run; use "
-            f"{_plain_way(fn)}, which runs it by plain autograd."
+            f"{_plain_way(fn, method)}, which runs it by plain autograd."
         )
     if "Trying to use forward AD with" in message:  # an op without a forward-mode rule
         return _forward_ad_hint(fn, message)
@@ -243,7 +264,7 @@ def _hint(
             "an op of f reads its input's memory directly (a packed sequence's "
             "pack_padded_sequence, a C++ extension), which torch.func's transforms (the "
             f"methods 'forward', 'reverse', 'forward-over-reverse', 'hessian') cannot run; use "
-            f"{_plain_way(fn)}, which differentiates f with plain autograd there."
+            f"{_plain_way(fn, method)}, which differentiates f with plain autograd there."
         )
     if "does not require grad" in message and call == "f(x)":  # autograd.grad inside f
         return (
@@ -330,11 +351,43 @@ _PLAIN_WAYS = {
     ),
     "biharmonic": _NESTED_LOOP,
 }
+# ... where ``"auto"`` itself raised
+_PLAIN_WAYS_BEYOND_AUTO = {
+    "laplacian": "method='grad-of-grad'",
+    "weighted_laplacian": "method='grad-of-grad'",
+    "value_grad_laplacian": "laplacian(f, x, method='grad-of-grad') for the Laplacian",
+}
 
 
-def _plain_way(fn: str) -> str:
-    """How ``fn`` (a public function's name) differentiates ``f`` by plain autograd."""
-    return _PLAIN_WAYS.get(fn.rpartition(".")[2], "method='auto'")
+def _plain_way(fn: str, method: object = None) -> str:
+    """How ``fn`` (a public function's name) differentiates ``f`` by plain autograd; where
+    ``method`` was ``"auto"`` and still raised (the Laplacian's loop runs at up to ten inputs
+    only), the explicit method alone."""
+    name = fn.rpartition(".")[2]
+    if method == "auto" and name in _PLAIN_WAYS_BEYOND_AUTO:
+        return _PLAIN_WAYS_BEYOND_AUTO[name]
+    return _PLAIN_WAYS.get(name, "method='auto'")
+
+
+def _backward_hooked(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error in its chain) was raised where a module's call set up its
+    full backward hooks (``torch.utils.hooks.BackwardHook``, whose ``autograd.Function``
+    ``torch.func`` refuses), read off the traceback."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_filename == _HOOKS_FILE and code.co_qualname.startswith("BackwardHook."):
+                return True
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
+    return False
+
+
+_HOOKS_FILE = _hooks.__file__
 
 
 def _modules(f: Any) -> list[torch.nn.Module]:
