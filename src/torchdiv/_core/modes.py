@@ -10,7 +10,7 @@ import inspect
 import math
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -700,6 +700,9 @@ class SafeDerivatives(TorchFunctionMode):
         self.written: list[tuple[torch.Tensor, torch.Tensor]] = []
         # whether a replacement with nodes ran: a plain evaluation of f would show its op
         self.replaced = False
+        # whether f took a backward pass with a graph (``inner_backward``): its ops'
+        # derivatives are then taken one order higher than the engine's own
+        self.inner = False
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         super().__exit__(kind, error, traceback)
@@ -711,6 +714,7 @@ class SafeDerivatives(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        self.inner = self.inner or inner_backward(func, args, kwargs)
         if func in _BATCH_NORMS and not torch.compiler.is_compiling():
             _refuse_statistics_in_transforms(func, args, kwargs)
         # ``**``: looked up as ``Tensor.pow`` (Dynamo cannot guard a dict holding the
@@ -1316,6 +1320,42 @@ REPLACEMENTS: dict[Any, Replacement] = {
         torch.linalg.tensorsolve,
     ),
 }
+
+
+# a backward pass ``f`` may take itself, with the place of its ``create_graph`` argument
+_INNER_BACKWARDS = {torch.autograd.grad: 4, torch.autograd.backward: 3, torch.Tensor.backward: 3}
+
+
+def inner_backward(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether ``func`` is a backward pass with ``create_graph=True`` (a force field
+    ``-grad(E(x).sum(), x, create_graph=True)`` computed inside ``f``): an engine's first
+    derivatives of ``f`` are then second derivatives of ``E``'s ops (``InnerBackwards``)."""
+    at = _INNER_BACKWARDS.get(func)
+    if at is None:
+        return False
+    return bool(kwargs.get("create_graph", args[at] if len(args) > at else False))
+
+
+class InnerBackwards(TorchFunctionMode):
+    """Notes whether ``f`` takes a backward pass with a graph (``inner``), for a plain
+    evaluation outside ``SafeDerivatives`` (which notes it too): where it does, the engines
+    of backward passes evaluate ``f`` again at ``INNER_ORDER`` (under ``torch.no_grad()``
+    their own order is 1, and the 2-norm's second derivative by PyTorch's backward, ``nan``
+    at a zero vector, made a force field's divergence ``nan``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        self.inner = self.inner or inner_backward(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+# ``SafeDerivatives``' order for an ``f`` that takes a backward pass with a graph, evaluated by
+# an engine of backward passes: its derivatives are at least second ones of the ops before it
+INNER_ORDER = (3, False)
 
 
 def backward_passes_order() -> tuple[int, bool]:

@@ -9,8 +9,14 @@ from torch.func import vjp
 
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel
-from torchdiv._core.modes import SafeDerivatives, backward_passes_order, math_attention
+from torchdiv._core.modes import (
+    INNER_ORDER,
+    SafeDerivatives,
+    backward_passes_order,
+    math_attention,
+)
 from torchdiv._exact.attributes import transforming
+from torchdiv._exact.autograd import written_once
 
 
 class ReverseJacobian:
@@ -31,6 +37,12 @@ class ReverseJacobian:
         with math_attention(), safe:
             # torch types vjp's result as a 2- or 3-tuple (has_aux); without aux it is 2
             y_and_pullback = vjp(f, x)
+        if safe.inner and order < INNER_ORDER[0]:
+            # f took a backward pass with a graph: its ops' second derivatives are taken
+            # (``torchdiv._exact.autograd._evaluated``); what it writes is put back
+            safe = SafeDerivatives(INNER_ORDER[0], "method='forward'", INNER_ORDER[1])
+            with math_attention(), written_once(x), safe:
+                y_and_pullback = vjp(f, x)
         self.replaced = safe.replaced  # (a plain evaluation would be made again: Passed.plain)
         self.y: torch.Tensor = y_and_pullback[0]
         self._pullback: Callable[[torch.Tensor], tuple[torch.Tensor]] = y_and_pullback[1]
