@@ -1322,16 +1322,17 @@ REPLACEMENTS: dict[Any, Replacement] = {
 }
 
 
-# a backward pass ``f`` may take itself, with the place of its ``create_graph`` argument
-_INNER_BACKWARDS = {torch.autograd.grad: 4, torch.autograd.backward: 3, torch.Tensor.backward: 3}
-
-
 def inner_backward(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
     """Whether ``func`` is a backward pass with ``create_graph=True`` (a force field
     ``-grad(E(x).sum(), x, create_graph=True)`` computed inside ``f``): an engine's first
     derivatives of ``f`` are then second derivatives of ``E``'s ops (``InnerBackwards``)."""
-    at = _INNER_BACKWARDS.get(func)
-    if at is None:
+    # (compared by identity: Dynamo traces this inside compiled code, and guards on a dict
+    # keyed by functions failed for ``Tensor.__pow__``)
+    if func is torch.autograd.grad:
+        at = 4
+    elif func is torch.autograd.backward or func is torch.Tensor.backward:
+        at = 3
+    else:
         return False
     return bool(kwargs.get("create_graph", args[at] if len(args) > at else False))
 

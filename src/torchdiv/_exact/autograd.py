@@ -500,7 +500,7 @@ def _evaluated(
     order, forward_mode = backward_passes_order()  # (the caller's grad mode)
     with torch.enable_grad():
         x_in = x if own else x.view_as(x) if x.requires_grad else leaf(x)
-        low = order < INNER_ORDER[0]
+        low = order < INNER_ORDER[0] and not torch.compiler.is_compiling()
         mode = SafeDerivatives(order, "method='forward'", forward_mode) if safe else None
         watch = mode or (InnerBackwards() if low else contextlib.nullcontext())
         with attention, watch:
