@@ -2432,12 +2432,14 @@ def _left_alone(op: _Signature, tr: BatchAxes, args: Sequence[Any], o: torch.Ten
     ``torch.stft``, ``torch.istft``'s overlap-added frames of each sample)."""
     t = args[0] if args else None
     axes = tr.axes(t)
-    changed = _changed_dims(op, tr, args) if axes and isinstance(t, torch.Tensor) else None
+    if not axes or not isinstance(t, torch.Tensor):
+        return None
+    changed = _changed_dims(op, tr, args)
     if changed is None:
         return None
     kept = tuple(
         axis
-        for axis in axes or ()
+        for axis in axes
         if axis.position not in changed
         and axis.position < o.dim()
         and o.shape[axis.position] == t.shape[axis.position]

@@ -701,8 +701,9 @@ class SafeDerivatives(TorchFunctionMode):
         # whether a replacement with nodes ran: a plain evaluation of f would show its op
         self.replaced = False
         # whether f took a backward pass with a graph (``inner_backward``): its ops'
-        # derivatives are then taken one order higher than the engine's own
-        self.inner = False
+        # derivatives are then taken one order higher than the engine's own (not ``inner``:
+        # TorchFunctionMode's own attribute)
+        self.backward_inside = False
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         super().__exit__(kind, error, traceback)
@@ -714,7 +715,7 @@ class SafeDerivatives(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        self.inner = self.inner or inner_backward(func, args, kwargs)
+        self.backward_inside = self.backward_inside or inner_backward(func, args, kwargs)
         if func in _BATCH_NORMS and not torch.compiler.is_compiling():
             _refuse_statistics_in_transforms(func, args, kwargs)
         # ``**``: looked up as ``Tensor.pow`` (Dynamo cannot guard a dict holding the
@@ -1338,7 +1339,7 @@ def inner_backward(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> bo
 
 
 class InnerBackwards(TorchFunctionMode):
-    """Notes whether ``f`` takes a backward pass with a graph (``inner``), for a plain
+    """Notes whether ``f`` takes a backward pass with a graph (``backward_inside``), for a plain
     evaluation outside ``SafeDerivatives`` (which notes it too): where it does, the engines
     of backward passes evaluate ``f`` again at ``INNER_ORDER`` (under ``torch.no_grad()``
     their own order is 1, and the 2-norm's second derivative by PyTorch's backward, ``nan``
@@ -1346,11 +1347,11 @@ class InnerBackwards(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.inner = False
+        self.backward_inside = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        self.inner = self.inner or inner_backward(func, args, kwargs)
+        self.backward_inside = self.backward_inside or inner_backward(func, args, kwargs)
         return func(*args, **kwargs)
 
 

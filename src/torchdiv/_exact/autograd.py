@@ -505,7 +505,7 @@ def _evaluated(
         watch = mode or (InnerBackwards() if low else contextlib.nullcontext())
         with attention, watch:
             y = f(x_in)
-        if low and getattr(watch, "inner", False):
+        if low and getattr(watch, "backward_inside", False):
             with (
                 attention,
                 written_once(x),

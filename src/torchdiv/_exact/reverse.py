@@ -37,7 +37,7 @@ class ReverseJacobian:
         with math_attention(), safe:
             # torch types vjp's result as a 2- or 3-tuple (has_aux); without aux it is 2
             y_and_pullback = vjp(f, x)
-        if safe.inner and order < INNER_ORDER[0]:
+        if safe.backward_inside and order < INNER_ORDER[0]:
             # f took a backward pass with a graph: its ops' second derivatives are taken
             # (``torchdiv._exact.autograd._evaluated``); what it writes is put back
             safe = SafeDerivatives(INNER_ORDER[0], "method='forward'", INNER_ORDER[1])
