@@ -348,3 +348,45 @@ def test_complex_two_norm_squared_has_its_laplacian_at_zero_entries():
         torch.testing.assert_close(lap, torch.full((2,), 12.0, dtype=torch.float64), msg=method)
     sweep = torchdiv.value_grad_laplacian(f, x)
     torch.testing.assert_close(sweep.laplacian, torch.full((2,), 12.0, dtype=torch.float64))
+
+
+def test_cosine_similarity_is_recorded_by_the_taylor_and_structured_engines() -> None:
+    """``F.cosine_similarity`` clamps its norms in place under ``no_grad``, which no replay
+    reproduces: ``method="taylor"`` and ``"structured"`` raised ``UnsupportedOp``
+    (``clamp_min_`` under no_grad) and ``"auto"`` fell back. The recorders now run its
+    composite: Laplacian and divergence values and the weights' gradients against a
+    per-sample loop of plain autograd through PyTorch's own op (norms far above ``eps``)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(N, H, dtype=torch.float64)
+    x = torch.randn(B, N, dtype=torch.float64)
+
+    def similarity(z: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(layer(z))
+        return F.cosine_similarity(h, A.expand_as(h), dim=-1)
+
+    def field(z: torch.Tensor) -> torch.Tensor:
+        return z * similarity(z)[:, None]
+
+    params = list(layer.parameters())
+    want = torch.stack([laplacian_by_grad_of_grad(similarity, x[b : b + 1])[0] for b in range(B)])
+    want_grads = torch.autograd.grad(want.square().sum(), params)
+    got = torchdiv.laplacian(similarity, x, method="taylor")
+    torch.testing.assert_close(got, want.detach(), rtol=RTOL, atol=RTOL)
+    for g, w in zip(torch.autograd.grad(got.square().sum(), params), want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=RTOL, atol=RTOL)
+    rows = []
+    for b in range(B):
+        leaf = x[b : b + 1].clone().requires_grad_(True)
+        y = field(leaf).reshape(-1)
+        rows.append(
+            sum(
+                torch.autograd.grad(y[i], leaf, create_graph=True)[0].reshape(-1)[i]
+                for i in range(N)
+            )
+        )
+    div_want = torch.stack(rows)
+    div_grads = torch.autograd.grad(div_want.square().sum(), params)
+    div = torchdiv.divergence(field, x, method="structured")
+    torch.testing.assert_close(div, div_want.detach(), rtol=RTOL, atol=RTOL)
+    for g, w in zip(torch.autograd.grad(div.square().sum(), params), div_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=RTOL, atol=RTOL)

@@ -687,14 +687,22 @@ class SafeDerivatives(TorchFunctionMode):
       engines' transforms cannot be told from a differentiated one and keeps PyTorch's.
     - ``group_norm``: its forward-mode formula views the input, which fails on a transposed
       view (an attention block's output in diffusers' U-Nets): run on a contiguous copy.
+    - ``cosine_similarity`` clamps its norms in place under ``no_grad``, a write no replay
+      reproduces: the recorders (``recording=True``) run its composite at any order, so the
+      Taylor and structured engines record it (they refused it, ``"auto"`` fell back).
 
     ``inv``, ``cholesky``, ``solve_triangular``, ``cholesky_solve``, ``lu_factor``/``lu_solve``,
     ``qr``, ``svdvals``, ``matrix_exp``, ``pinv``, ``lstsq`` were right in every engine.
     """
 
-    def __init__(self, order: int, way_out: str, forward_mode: bool = True):
+    def __init__(
+        self, order: int, way_out: str, forward_mode: bool = True, recording: bool = False
+    ):
         super().__init__()
         self.order, self.way_out, self.forward_mode = order, way_out, forward_mode
+        # the recorders' evaluation (``torchdiv._taylor.capture.recording``): the ops of
+        # ``RECORDED`` are replaced at any order
+        self.recording = recording
         # tensors written below torch.func's transforms, with their values before: put back
         # if the evaluation fails (``_written_below_transforms``)
         self.written: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -725,7 +733,10 @@ class SafeDerivatives(TorchFunctionMode):
             refuse_underivable(_UNDERIVABLE[func], _differentiated((args, kwargs)))
         if (
             entry is None
-            or not entry.applies(self.order, self.forward_mode)
+            or not (
+                entry.applies(self.order, self.forward_mode)
+                or (self.recording and func is torch.cosine_similarity)
+            )
             or _underived(args, kwargs)
         ):
             try:
