@@ -2306,6 +2306,22 @@ def test_mixing_is_seen_under_the_caller_s_no_grad(shape, f, num_probes) -> None
         torchdiv.divergence(f, x, **kwargs)
 
 
+@pytest.mark.parametrize("name", ["jacobian", "jacobian_diagonal"])
+def test_jacobians_see_mixing_under_the_caller_s_no_grad(name: str) -> None:
+    """The same blindness: ``jacobian`` and ``jacobian_diagonal`` of ``z - z.mean(0)`` (also
+    through a wide or narrow output) passed under ``no_grad``."""
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for f in (
+        lambda z: z - z.mean(0),
+        lambda z: torch.cat([z, z], -1) - torch.cat([z, z], -1).mean(0),
+        lambda z: z[:, :1] - z[:, :1].mean(0),
+    ):
+        if name == "jacobian_diagonal" and f(x).shape != x.shape:
+            continue
+        with torch.no_grad(), pytest.raises(BatchInteractionError, match="f mixes samples"):
+            getattr(torchdiv, name)(f, x)
+
+
 def test_a_no_grad_divergence_has_no_graph() -> None:
     """Reverse mode now evaluates ``f`` with grad on under the caller's ``no_grad``: its
     results and the value handed out still carry no graph there."""
