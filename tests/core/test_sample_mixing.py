@@ -2281,3 +2281,52 @@ def test_a_reshape_of_an_empty_tensor_mixes_no_samples(method: str) -> None:
     assert_close(lap, (-2 * torch.tanh(x) / torch.cosh(x) ** 2).sum(-1))
     expected = (1 / torch.cosh(x) ** 2).sum(-1)
     assert_close(torchdiv.divergence(_with_empty_features, x), expected)
+
+
+def _force_of_a_centred_energy(z: torch.Tensor) -> torch.Tensor:
+    """``-grad`` of an energy over the batch-centred ``z`` (its mean over the batch mixes)."""
+    with torch.enable_grad():
+        z = z if z.requires_grad else z.requires_grad_(True)
+        energy = (z - z.mean(0)).square().sum()
+        return -torch.autograd.grad(energy, z, create_graph=True)[0]
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (64, 3), (3, 4, 3)])
+@pytest.mark.parametrize("f", [lambda z: z - z.mean(0), _force_of_a_centred_energy])
+@pytest.mark.parametrize("num_probes", [None, 1])
+def test_mixing_is_seen_under_the_caller_s_no_grad(shape, f, num_probes) -> None:
+    """Under the caller's ``torch.no_grad()`` (sampling, evaluation) the reverse-mode engine
+    evaluated ``f`` inside ``torch.func.vjp`` with grad off below the transform, where the
+    watch sees the ops: each was taken for one in a ``no_grad`` block of ``f`` (a constant),
+    so ``"auto"`` (tiny problems) returned 0 for ``z - z.mean(0)`` and one-probe Hutchinson
+    other samples' terms, silently; under grad mode both were refused."""
+    x = torch.randn(*shape, dtype=torch.float64)
+    kwargs = {} if num_probes is None else {"method": "hutchinson", "num_probes": num_probes}
+    with torch.no_grad(), pytest.raises(BatchInteractionError, match="f mixes samples"):
+        torchdiv.divergence(f, x, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["jacobian", "jacobian_diagonal"])
+def test_jacobians_see_mixing_under_the_caller_s_no_grad(name: str) -> None:
+    """The same blindness: ``jacobian`` and ``jacobian_diagonal`` of ``z - z.mean(0)`` (also
+    through a wide or narrow output) passed under ``no_grad``."""
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for f in (
+        lambda z: z - z.mean(0),
+        lambda z: torch.cat([z, z], -1) - torch.cat([z, z], -1).mean(0),
+        lambda z: z[:, :1] - z[:, :1].mean(0),
+    ):
+        if name == "jacobian_diagonal" and f(x).shape != x.shape:
+            continue
+        with torch.no_grad(), pytest.raises(BatchInteractionError, match="f mixes samples"):
+            getattr(torchdiv, name)(f, x)
+
+
+def test_a_no_grad_divergence_has_no_graph() -> None:
+    """Reverse mode now evaluates ``f`` with grad on under the caller's ``no_grad``: its
+    results and the value handed out still carry no graph there."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        for kwargs in ({}, {"method": "reverse"}, {"method": "hutchinson", "num_probes": 1}):
+            assert not torchdiv.divergence(net, x, **kwargs).requires_grad

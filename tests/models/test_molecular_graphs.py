@@ -395,6 +395,35 @@ def test_schnet_force_field_divergence_with_zero_distances(method: str) -> None:
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("method", ["reverse", "auto"])
+def test_schnet_force_field_divergence_under_no_grad(method: str) -> None:
+    """The same divergence under ``torch.no_grad()`` (sampling, evaluation): the engines of
+    backward passes took first derivatives only there (``SafeDerivatives`` of order 1), so the
+    norms of ``x_i - x_i`` ran PyTorch's own, whose second derivative (the force field's
+    first) is ``nan`` at the zero vector: ``nan`` in every molecule by ``"reverse"`` and
+    ``"auto"``. The value is defined (those norms are 0 for every ``x``: derivatives 0, the
+    guarded network's); ``f`` taking a backward pass with a graph is now evaluated again under
+    the replacements of grad mode, what it writes put back (a buffer counting calls moves once)."""
+    x = torch.randn(3, 4, 3, dtype=f64, generator=torch.Generator().manual_seed(4))
+    expected, _ = _schnet_reference(x, torch.ones(3, dtype=f64))
+    model = _schnet("norm")
+    model.register_buffer("calls", torch.zeros((), dtype=f64))
+
+    def force(z: torch.Tensor) -> torch.Tensor:
+        model.calls += 1
+        with torch.enable_grad():
+            z = z if z.requires_grad else z.requires_grad_(True)
+            return -torch.autograd.grad(model(z).sum(), z, create_graph=True)[0]
+
+    with torch.no_grad():
+        got = -torchdiv.divergence(force, x, method=method)
+    assert_close(got, expected.detach())
+    assert int(model.calls) == 1
+    with torch.no_grad():
+        again = -torchdiv.divergence(force, x, method=method)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+
 def test_a_graph_with_norms_keeps_pytorch_s_derivatives_and_is_not_refused() -> None:
     """Norms are replaced from the second order by backward passes (their PyTorch formula is
     ``nan`` at a zero vector only): ``graph_laplacian(..., create_graph=True)`` of a graph the

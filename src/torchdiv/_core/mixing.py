@@ -58,7 +58,9 @@ output mixes samples): the samples are the outermost factor of that dimension (r
 merge it with the dimensions after it, as ``matmul`` does with ``(B, T, D) -> (B*T, D)``).
 Elementwise ops, broadcasts, reshapes that keep the batch factor, transposes, slices and
 concatenations carry it, in complex tensors too (FFTs along event dimensions, ``view_as_real``;
-``_spectral`` refuses an FFT over a batch dimension). An op no table knows is judged from its
+``_spectral`` refuses an FFT over a batch dimension), and ``as_strided`` where its strides keep
+each sample's elements along one dimension (``torch.stft``'s frames of each sample; frames along
+the batch mix, ``_strided``). An op no table knows is judged from its
 schema (``_unknown``): it combines samples if its ``dim`` argument names a batch dimension
 (``sort``, ``topk``, ``median``/``mode``/``cummax`` along it, ``nansum``, ``unfold``), it pools
 or resamples along one among its spatial dimensions (``grid_sample`` there at any grid), it
@@ -1874,6 +1876,54 @@ def _scattered_into(make_view: Callable[[torch.Tensor, Sequence[Any]], torch.Ten
     return rule
 
 
+def _storage_samples(t: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """The sample of ``axis`` held at each element of ``t``'s storage (``-1``: an element
+    ``t`` does not view), a 1-d integer tensor (``_strided`` reads it through the strides of
+    an ``as_strided`` call)."""
+    size = t.untyped_storage().nbytes() // t.element_size()
+    held = torch.full((size,), -1, dtype=torch.long)
+    places = torch.arange(size).as_strided(t.shape, t.stride(), t.storage_offset())
+    held[places] = axis.samples(_grid(t.shape, axis.position))  # (an overlap: the same sample)
+    return held
+
+
+def _strided(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``as_strided(t, size, stride, offset)``: any layout of ``t``'s storage (a transpose,
+    ``torch.stft``'s overlapping frames of ``n_fft`` elements every ``hop_length``). Read
+    through its strides, a batch dimension of ``t`` is one of the result where the samples
+    vary along one dimension alone (frames of each sample's signal, ``stft`` of a ``(B, L)``
+    batch, are per sample: the samples along the frames' dimension); one sample throughout is
+    a picked sample; samples varying along two or more dimensions (``stft`` of ``x.T``: frames
+    along the batch, each holding several samples) are laid across the places of each one, and
+    what reads them combines samples (as ``x.reshape(-1).unfold(0, k, 1)`` would: refused
+    where it reaches ``f``'s output). A result that also reads storage outside ``t`` is not
+    followed."""
+    t, axes = args[0], tr.axes(args[0])
+    if not axes or not isinstance(out, torch.Tensor) or not out.numel():
+        return None
+    offset = args[3] if len(args) > 3 and args[3] is not None else t.storage_offset()
+    found: list[Axis] = []
+    for axis in axes:
+        held = _storage_samples(t, axis).as_strided(args[1], args[2], offset)
+        if bool((held < 0).any()):
+            continue
+        first = int(held.flatten()[0])
+        if len(axes) == 1 and bool((held == first).all()):
+            what = f"sample {first} picked out of the batch by {tr.func}"
+            tr.carried = Pick(axis.size, first, what, axis.source)
+            return [()]
+        line = _line(held)
+        if line is None:
+            what = (
+                f"as_strided laying x's samples across the dimensions of {_shape(out)} "
+                f"(frames along the batch: torch.stft of x.T, a sliding window over samples)"
+            )
+            tr.pending = tr.message(tr.func, what)
+            return None
+        found.append(_rows(tr, line[0], axis, line[1], str(tr.func)))
+    return [tuple(sorted(found))]
+
+
 _POINTWISE_EXTRA = {
     aten.clone.default,
     aten._to_copy.default,
@@ -1926,7 +1976,7 @@ _CARRY: dict[Any, Carry] = {
     aten.broadcast_tensors.default: _broadcast,
     # samples of different lengths packed one time step after the other: not followed
     aten._pack_padded_sequence.default: _untracked,
-    aten.as_strided.default: _untracked,  # any layout, even of the same shape (a transpose)
+    aten.as_strided.default: _strided,  # any layout, even of the same shape (a transpose)
 }
 _IN_PLACE_VIEWS = {
     aten.unsqueeze_.default,
@@ -2204,6 +2254,8 @@ _RIGHT_HAND_SIDES = ("B", "b")  # of ``linalg_solve`` and kin: each column solve
 _SOLVES = ("cholesky_solve", "triangular_solve")
 _MATRIX_FUNCTIONS = (*_SOLVES, "cholesky_inverse")
 _PADS = re.compile(r"(reflection|replication)_pad\dd$")  # copies of the edges: the others mix
+# sliding windows: the argument naming the dimension whose places they change
+_WINDOWS = {"unfold": "dimension", "unfold_backward": "dim"}
 
 
 def _unknown(func: Any) -> Carry:
@@ -2222,14 +2274,16 @@ def _unknown(func: Any) -> Carry:
       each column is solved alone);
     * its ``key`` or ``value`` (attention kernels) has samples along its sequence dimension;
     * two tracked arguments, or one in two ways, hold different samples at one place
-      (``linalg_cross(x, x.flip(0))``), samples an indexing op moved among them.
+      (``linalg_cross(x, x.flip(0))``), samples an indexing op moved among them;
+    * it overlap-adds frames that are samples (``unfold_backward``, ``torch.istft``'s).
 
     Else only its floating results with no room for a batch dimension of ``t`` (no dimension
     a multiple of its samples: a scalar ``dist``, ``median()``, a mean loss)
     depend on combined samples. Ops that keep the samples in place (fused attention, pooling
     over the event, embeddings, interpolation) pass; a result shaped as a tracked
     argument is followed as holding its samples in place (not of an op that writes in place),
-    the others not."""
+    and a pad's, ``unfold``'s or ``unfold_backward``'s as holding those along the dimensions
+    it leaves alone (``_left_alone``); the others not."""
     op = _Signature.of(func)
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -2255,10 +2309,12 @@ def _unknown(func: Any) -> Carry:
                 tr.mixed[id(o)] = (o, tr.message(tr.func, lost))
         if op.mutable or what is not None:
             return None
-        # a result shaped as a tracked argument holds its samples in place
+        # a result shaped as a tracked argument holds its samples in place; a pad's or a
+        # sliding window's, those along the dimensions it leaves alone
         results = out if isinstance(out, list | tuple) else (out,)
         return [
             next((axes for _, t, axes in tracked if t.shape == o.shape), None)
+            or _left_alone(op, tr, args, o)
             if isinstance(o, torch.Tensor)
             else None
             for o in results
@@ -2314,7 +2370,10 @@ def _combined(
     t = args[0] if args else None
     if isinstance(t, torch.Tensor) and tr.axes(t) and t.dim():
         what = (
-            _along(op, tr, args, t) or _resampled(op, tr, args, t, out) or _padded(op, tr, args, t)
+            _along(op, tr, args, t)
+            or _resampled(op, tr, args, t, out)
+            or _padded(op, tr, args, t)
+            or _overlapped(op, tr, args, t)
         )
         if what is not None:
             return what
@@ -2351,6 +2410,55 @@ def _resampled(
         if _batch_at(tr, t, [d]) is not None and (wide or first.shape[d] != t.shape[d]):
             return f"{op.name} across samples (dimension {d} of {_shape(t)}, a spatial one)"
     return None
+
+
+def _changed_dims(op: _Signature, tr: BatchAxes, args: Sequence[Any]) -> set[int] | None:
+    """The dimensions of the first argument ``t`` whose places a pad (the last
+    ``len(padding) // 2``), ``unfold`` or ``unfold_backward`` (``torch.stft``'s and
+    ``torch.istft``'s frames; ``dim``) changes; ``None`` for any other op."""
+    t = args[0]
+    if _PADS.match(op.name):
+        n = len(op.argument(args, tr.kwargs, "padding")) // 2
+        return set(range(t.dim() - n, t.dim()))
+    if op.name in _WINDOWS:
+        return {op.argument(args, tr.kwargs, _WINDOWS[op.name]) % t.dim()}
+    return None
+
+
+def _left_alone(op: _Signature, tr: BatchAxes, args: Sequence[Any], o: torch.Tensor) -> Axes | None:
+    """The batch dimensions of ``op``'s first argument ``t`` (a pad, ``unfold``,
+    ``unfold_backward``) along the dimensions it leaves alone, in the same places of its
+    result ``o`` (a reflection-padded signal's channels, each sample's frames of
+    ``torch.stft``, ``torch.istft``'s overlap-added frames of each sample)."""
+    t = args[0] if args else None
+    axes = tr.axes(t)
+    if not axes or not isinstance(t, torch.Tensor):
+        return None
+    changed = _changed_dims(op, tr, args)
+    if changed is None:
+        return None
+    kept = tuple(
+        axis
+        for axis in axes
+        if axis.position not in changed
+        and axis.position < o.dim()
+        and o.shape[axis.position] == t.shape[axis.position]
+    )
+    return kept or None
+
+
+def _overlapped(op: _Signature, tr: BatchAxes, args: Sequence[Any], t: torch.Tensor) -> str | None:
+    """``unfold_backward`` (the overlap-add of ``torch.istft``) of frames that are samples,
+    overlapping (``size > step``): each place sums neighbouring samples."""
+    if op.name != "unfold_backward":
+        return None
+    dim, size, step = (op.argument(args, tr.kwargs, a) for a in ("dim", "size", "step"))
+    q = _batch_at(tr, t, [dim % t.dim()]) if size > step else None
+    return (
+        None
+        if q is None
+        else f"an overlap-add of frames that are samples (dimension {q} of {_shape(t)})"
+    )
 
 
 def _padded(op: _Signature, tr: BatchAxes, args: Sequence[Any], t: torch.Tensor) -> str | None:

@@ -10,7 +10,7 @@ import inspect
 import math
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -687,19 +687,31 @@ class SafeDerivatives(TorchFunctionMode):
       engines' transforms cannot be told from a differentiated one and keeps PyTorch's.
     - ``group_norm``: its forward-mode formula views the input, which fails on a transposed
       view (an attention block's output in diffusers' U-Nets): run on a contiguous copy.
+    - ``cosine_similarity`` clamps its norms in place under ``no_grad``, a write no replay
+      reproduces: the recorders (``recording=True``) run its composite at any order, so the
+      Taylor and structured engines record it (they refused it, ``"auto"`` fell back).
 
     ``inv``, ``cholesky``, ``solve_triangular``, ``cholesky_solve``, ``lu_factor``/``lu_solve``,
     ``qr``, ``svdvals``, ``matrix_exp``, ``pinv``, ``lstsq`` were right in every engine.
     """
 
-    def __init__(self, order: int, way_out: str, forward_mode: bool = True):
+    def __init__(
+        self, order: int, way_out: str, forward_mode: bool = True, recording: bool = False
+    ):
         super().__init__()
         self.order, self.way_out, self.forward_mode = order, way_out, forward_mode
+        # the recorders' evaluation (``torchdiv._taylor.capture.recording``): the ops of
+        # ``RECORDED`` are replaced at any order
+        self.recording = recording
         # tensors written below torch.func's transforms, with their values before: put back
         # if the evaluation fails (``_written_below_transforms``)
         self.written: list[tuple[torch.Tensor, torch.Tensor]] = []
         # whether a replacement with nodes ran: a plain evaluation of f would show its op
         self.replaced = False
+        # whether f took a backward pass with a graph (``inner_backward``): its ops'
+        # derivatives are then taken one order higher than the engine's own (not ``inner``:
+        # TorchFunctionMode's own attribute)
+        self.backward_inside = False
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         super().__exit__(kind, error, traceback)
@@ -711,6 +723,7 @@ class SafeDerivatives(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        self.backward_inside = self.backward_inside or inner_backward(func, args, kwargs)
         if func in _BATCH_NORMS and not torch.compiler.is_compiling():
             _refuse_statistics_in_transforms(func, args, kwargs)
         # ``**``: looked up as ``Tensor.pow`` (Dynamo cannot guard a dict holding the
@@ -720,7 +733,10 @@ class SafeDerivatives(TorchFunctionMode):
             refuse_underivable(_UNDERIVABLE[func], _differentiated((args, kwargs)))
         if (
             entry is None
-            or not entry.applies(self.order, self.forward_mode)
+            or not (
+                entry.applies(self.order, self.forward_mode)
+                or (self.recording and func is torch.cosine_similarity)
+            )
             or _underived(args, kwargs)
         ):
             try:
@@ -1316,6 +1332,43 @@ REPLACEMENTS: dict[Any, Replacement] = {
         torch.linalg.tensorsolve,
     ),
 }
+
+
+def inner_backward(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether ``func`` is a backward pass with ``create_graph=True`` (a force field
+    ``-grad(E(x).sum(), x, create_graph=True)`` computed inside ``f``): an engine's first
+    derivatives of ``f`` are then second derivatives of ``E``'s ops (``InnerBackwards``)."""
+    # (compared by identity: Dynamo traces this inside compiled code, and guards on a dict
+    # keyed by functions failed for ``Tensor.__pow__``)
+    if func is torch.autograd.grad:
+        at = 4
+    elif func is torch.autograd.backward or func is torch.Tensor.backward:
+        at = 3
+    else:
+        return False
+    return bool(kwargs.get("create_graph", args[at] if len(args) > at else False))
+
+
+class InnerBackwards(TorchFunctionMode):
+    """Notes whether ``f`` takes a backward pass with a graph (``backward_inside``), for a plain
+    evaluation outside ``SafeDerivatives`` (which notes it too): where it does, the engines
+    of backward passes evaluate ``f`` again at ``INNER_ORDER`` (under ``torch.no_grad()``
+    their own order is 1, and the 2-norm's second derivative by PyTorch's backward, ``nan``
+    at a zero vector, made a force field's divergence ``nan``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backward_inside = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        self.backward_inside = self.backward_inside or inner_backward(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+# ``SafeDerivatives``' order for an ``f`` that takes a backward pass with a graph, evaluated by
+# an engine of backward passes: its derivatives are at least second ones of the ops before it
+INNER_ORDER = (3, False)
 
 
 def backward_passes_order() -> tuple[int, bool]:

@@ -23,6 +23,8 @@ from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.ddp import Peers
 from torchdiv._core.modes import (
+    INNER_ORDER,
+    InnerBackwards,
     SafeDerivatives,
     backward_passes_order,
     changed_nodes,
@@ -274,7 +276,7 @@ class GraphJacobian:
         batch norm's running statistics move once): before it, if ``changes`` (a watch's
         ``Changes``) noted its writes, so that the evaluation again starts from the caller's
         state and leaves it as one evaluation (a spectral norm's power iteration, which reads
-        what it wrote, runs once); else after it (``_written_once``: read one evaluation
+        what it wrote, runs once); else after it (``written_once``: read one evaluation
         further). A safe evaluation that shows a batch norm by its input's statistics (the
         mode's composite) is ``guarded`` too: a plain one there would be made again.
         """
@@ -288,7 +290,7 @@ class GraphJacobian:
             if guarded and changes is not None:
                 changes.undo_writes()
             again = guarded and changes is None
-            with _written_once(x) if again else contextlib.nullcontext():
+            with written_once(x) if again else contextlib.nullcontext():
                 y, x_in = _evaluated(f, x, attention, safe=True, own=own)
             found = search(y, x_in)
         elif not plain:
@@ -489,19 +491,32 @@ def _evaluated(
     """``f(x_in)`` with a graph, and ``x_in``: ``x`` itself (a view) where it requires grad,
     else a leaf copy of it that does (``x`` as it is with ``own``: the caller's copy); under
     the context ``attention``, and under ``SafeDerivatives`` if ``safe`` (of the order
-    ``backward_passes_order`` gives under the caller's grad mode)."""
+    ``backward_passes_order`` gives under the caller's grad mode). Below ``INNER_ORDER`` (the
+    caller's ``no_grad``), an ``f`` that takes a backward pass with a graph itself (a force
+    field ``-grad(E(x).sum(), x, create_graph=True)``) is evaluated again under
+    ``SafeDerivatives`` of ``INNER_ORDER``, what it writes put back (``written_once``): the
+    engine's first derivatives are second ones of ``E``'s ops (a norm of a zero vector gave
+    ``nan``)."""
     order, forward_mode = backward_passes_order()  # (the caller's grad mode)
     with torch.enable_grad():
         x_in = x if own else x.view_as(x) if x.requires_grad else leaf(x)
-        if not safe:
-            with attention:
-                return f(x_in), x_in
-        with attention, SafeDerivatives(order, "method='forward'", forward_mode):
-            return f(x_in), x_in
+        low = order < INNER_ORDER[0] and not torch.compiler.is_compiling()
+        mode = SafeDerivatives(order, "method='forward'", forward_mode) if safe else None
+        watch = mode or (InnerBackwards() if low else contextlib.nullcontext())
+        with attention, watch:
+            y = f(x_in)
+        if low and getattr(watch, "backward_inside", False):
+            with (
+                attention,
+                written_once(x),
+                SafeDerivatives(INNER_ORDER[0], "method='forward'", INNER_ORDER[1]),
+            ):
+                y = f(x_in)
+        return y, x_in
 
 
 @contextlib.contextmanager
-def _written_once(x: torch.Tensor) -> Iterator[None]:
+def written_once(x: torch.Tensor) -> Iterator[None]:
     """An evaluation of ``f`` again, after a plain one that was not watched: what it writes to
     tensors ``f`` did not make is put back afterwards (``_state.Changes``), so that they
     change once (a train-mode batch norm's statistics), as in one PyTorch forward."""

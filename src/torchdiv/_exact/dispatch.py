@@ -232,8 +232,11 @@ def output(engine: Engine) -> torch.Tensor:
     """``f(x)`` as the caller's autograd should see it. The plain-autograd engine evaluates ``f``
     on a leaf copy of its own when ``x`` does not require grad; unless its products keep a
     graph (``create_graph``: something else ``f`` depends on requires grad, under grad mode),
-    nothing outside differentiates ``y``, which is then detached from that copy."""
+    nothing outside differentiates ``y``, which is then detached from that copy. Reverse mode
+    evaluates ``f`` with grad on (``ReverseJacobian``): for a caller without grad, detached."""
     if isinstance(engine, GraphJacobian) and not engine.create_graph:
+        return engine.y.detach()
+    if isinstance(engine, ReverseJacobian) and not engine.outer_grad:
         return engine.y.detach()
     return engine.y
 

@@ -9,8 +9,14 @@ from torch.func import vjp
 
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel
-from torchdiv._core.modes import SafeDerivatives, backward_passes_order, math_attention
+from torchdiv._core.modes import (
+    INNER_ORDER,
+    SafeDerivatives,
+    backward_passes_order,
+    math_attention,
+)
 from torchdiv._exact.attributes import transforming
+from torchdiv._exact.autograd import written_once
 
 
 class ReverseJacobian:
@@ -27,11 +33,23 @@ class ReverseJacobian:
         # cdist: the batched pullback is wrong; fused attention: no double backward
         transforming()  # (f may set module attributes to the transform's tensors)
         order, forward_mode = backward_passes_order()  # (the caller's grad mode)
+        outer = torch.is_grad_enabled()
         safe = SafeDerivatives(order, "method='forward'", forward_mode)
-        with math_attention(), safe:
+        # grad on below the transform: under the caller's no_grad the ops of f reached the
+        # dispatcher (the sample-mixing watch) with grad off, each taken for one in a no_grad
+        # block of f (a constant): lambda z: z - z.mean(0) passed "auto" silently
+        with math_attention(), safe, torch.enable_grad():
             # torch types vjp's result as a 2- or 3-tuple (has_aux); without aux it is 2
             y_and_pullback = vjp(f, x)
+        if safe.backward_inside and order < INNER_ORDER[0]:
+            # f took a backward pass with a graph: its ops' second derivatives are taken
+            # (``torchdiv._exact.autograd._evaluated``); what it writes is put back
+            safe = SafeDerivatives(INNER_ORDER[0], "method='forward'", INNER_ORDER[1])
+            with math_attention(), written_once(x), safe, torch.enable_grad():
+                y_and_pullback = vjp(f, x)
         self.replaced = safe.replaced  # (a plain evaluation would be made again: Passed.plain)
+        # (a caller without grad gets y detached: ``torchdiv._exact.dispatch.output``)
+        self.outer_grad = outer
         self.y: torch.Tensor = y_and_pullback[0]
         self._pullback: Callable[[torch.Tensor], tuple[torch.Tensor]] = y_and_pullback[1]
         self.x, self.batch_dims = x, batch_dims

@@ -725,7 +725,7 @@ def recording() -> Iterator[None]:
     """The modes ``f`` runs under while it is recorded (or checked, ``torchdiv._taylor.cache``):
     grad mode on (its own ``no_grad`` blocks show) and forward-mode AD on (a custom
     ``autograd.Function``'s ``forward`` shows), attention as primitives, ``SafeDerivatives(1)``."""
-    safe = SafeDerivatives(1, "method='auto'")
+    safe = SafeDerivatives(1, "method='auto'", recording=True)
     with torch.enable_grad(), _set_fwd_grad_enabled(True), math_attention(), safe:
         yield
 
