@@ -17,10 +17,8 @@ a cache ``f`` fills stays filled).
 
 The public call says which modules ``f`` reaches (``calling``, from
 ``_exact.attributes.PlainAttributes``); outside one (an engine called directly) nothing is
-kept. What is kept is let go when the call ends (a recorded graph kept across calls would
-otherwise hold a copy of every attribute: a tensor a module keeps, with its graph). The walk
-costs about 1.5 us per module, once per call, and a copy 0.15 us per module, paid where an
-evaluation is watched or recorded (measured on this project's 2-core VM).
+kept. The walk costs about 1.5 us per module, once per call, and the keeping 1.5 us per module,
+paid where an evaluation is watched or recorded (measured on this project's 2-core VM).
 """
 
 from __future__ import annotations
@@ -31,30 +29,30 @@ from contextvars import ContextVar, Token
 
 import torch
 
-_Call = tuple[Callable[[], Iterable[torch.nn.Module]], list["Settings"]]
-# the modules the public call's f reaches, found on demand, and the Settings made in it
-_CALL: ContextVar[_Call | None] = ContextVar("_CALL", default=None)
+# the modules the public call's f reaches, found on demand
+_MODULES: ContextVar[Callable[[], Iterable[torch.nn.Module]] | None] = ContextVar(
+    "_MODULES", default=None
+)
 _PLAIN = frozenset((bool, int, float, complex, str, type(None)))
 
 
-def calling(modules: Callable[[], Iterable[torch.nn.Module]]) -> Token[_Call | None]:
+def calling(
+    modules: Callable[[], Iterable[torch.nn.Module]],
+) -> Token[Callable[[], Iterable[torch.nn.Module]] | None]:
     """A public call starts: ``modules()`` gives the modules its ``f`` reaches (pass the
     returned token to ``ended`` when it ends)."""
-    return _CALL.set((modules, []))
+    return _MODULES.set(modules)
 
 
-def ended(token: Token[_Call | None]) -> None:
-    """The public call of ``calling``'s ``token`` ended: what its ``Settings`` kept let go."""
-    call = _CALL.get()
-    _CALL.reset(token)
-    for made in call[1] if call is not None else ():
-        made.kept = []
+def ended(token: Token[Callable[[], Iterable[torch.nn.Module]] | None]) -> None:
+    """The public call of ``calling``'s ``token`` ended."""
+    _MODULES.reset(token)
 
 
 def modules() -> Iterable[torch.nn.Module]:
     """The modules the public call's ``f`` reaches (none outside a public call)."""
-    call = _CALL.get()
-    return () if call is None else call[0]()
+    found = _MODULES.get()
+    return () if found is None else found()
 
 
 class Settings:
@@ -65,24 +63,28 @@ class Settings:
     """
 
     def __init__(self) -> None:
-        # (module, a shallow copy of its ``__dict__``): copied in C, compared only if put back
-        self.kept = [(weakref.ref(module), vars(module).copy()) for module in modules()]
-        call = _CALL.get()
-        if call is not None:
-            call[1].append(self)
+        # (module, the names it holds, its plain values): no tensor kept (a recorded graph
+        # kept across calls holds its Settings)
+        self.kept = [
+            (
+                weakref.ref(module),
+                tuple(attributes),
+                {k: v for k, v in attributes.items() if type(v) in _PLAIN},
+            )
+            for attributes, module in ((vars(m), m) for m in modules())
+        ]
 
     def put_back(self) -> None:
-        """Each kept plain value that differs now put back; each plain value added since
-        removed."""
-        for ref, before in self.kept:
+        """Each kept value that differs now put back; each plain value added since removed."""
+        for ref, names, plain in self.kept:
             module = ref()
             if module is None:
                 continue
             attributes = vars(module)
-            for name, value in before.items():
-                if type(value) in _PLAIN and attributes.get(name, _MISSING) is not value:
+            for name, value in plain.items():
+                if attributes.get(name, _MISSING) is not value:
                     attributes[name] = value
-            for name in attributes.keys() - before.keys():
+            for name in attributes.keys() - names:
                 if type(attributes[name]) in _PLAIN:
                     del attributes[name]
 
