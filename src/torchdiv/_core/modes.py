@@ -724,6 +724,8 @@ class SafeDerivatives(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         self.backward_inside = self.backward_inside or inner_backward(func, args, kwargs)
+        if type(func) is _METHOD_WRAPPER and func.__self__ is _DATA and func.__name__ == "__set__":
+            return _set_data(func, *args)
         if func in _BATCH_NORMS and not torch.compiler.is_compiling():
             _refuse_statistics_in_transforms(func, args, kwargs)
         # ``**``: looked up as ``Tensor.pow`` (Dynamo cannot guard a dict holding the
@@ -779,6 +781,33 @@ class SafeDerivatives(TorchFunctionMode):
 
 
 _CAPTURED = "would mutate a captured Tensor"  # torch.func's refusal of such a write
+_DATA = vars(torch._C.TensorBase)["data"]  # ``Tensor.data``: its ``__set__`` is ``t.data = v``
+_METHOD_WRAPPER = type(_DATA.__set__)
+
+
+def _set_data(set_data: Any, tensor: torch.Tensor, value: Any) -> None:
+    """``tensor.data = value`` in ``f``, set below ``torch.func``'s transforms.
+
+    A data-dependent initialisation sets its parameters so on the first forward (normflows'
+    ``ActNorm``: ``self.s.data = s_init.data``; FrEIA's ``ActNorm``: ``self.scale.data = ...``)
+    from the batch's statistics. Under the engines' transforms ``value`` is their wrapper, and
+    setting it as a tensor's data crashed the process (a segmentation fault; plain
+    ``torch.func.vjp`` of such a module too). A tensor ``f`` did not make (a parameter) gets
+    the value under the wrappers, as a plain evaluation of ``f`` sets it (``.data`` is a
+    constant: nothing to differentiate); one that ``vmap`` batches has no such value and is
+    refused, naming the way out."""
+    plain = _unwrapped(value)
+    if plain is value or is_functorch_wrapped_tensor(tensor):
+        return set_data(tensor, value)  # (PyTorch's own: a plain value, or f's own tensor)
+    if plain is _BATCHED:
+        raise ValueError(
+            "f sets a tensor's .data to a value vmap batches (a data-dependent "
+            "initialisation on the first forward, such as an ActNorm's): call f(x) once "
+            "before the torchdiv call, so that it initialises outside it"
+        )
+    return set_data(tensor, plain)
+
+
 _BATCH_NORMS = {torch.nn.functional.batch_norm}
 _BATCH_NORM = inspect.signature(torch.nn.functional.batch_norm)
 

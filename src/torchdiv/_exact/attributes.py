@@ -24,6 +24,8 @@ invalidates the method caches of every subclass of ``Module``).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from contextvars import ContextVar, Token
 from itertools import islice
 from typing import Any
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 from torch._C._functorch import get_unwrapped, is_gradtrackingtensor, maybe_get_level
 
+from torchdiv._core import settings
 from torchdiv._taylor.cache import named
 
 _DEAD = -2  # maybe_get_level of a wrapper whose transform has ended
@@ -56,28 +59,49 @@ class PlainAttributes:
         self.f = f
         self.flag = [False]
         self.token: Token[list[bool] | None] | None = None
+        self.modules: Any = None
         if not torch.compiler.is_compiling():
             self.token = _TRANSFORMED.set(self.flag)
+            # (for ``_core.settings``: the plain values of these modules, put back with the
+            # tensors f wrote where an evaluation is made again)
+            self.modules = settings.calling(functools.cache(lambda: list(modules_of(f))))
 
     def close(self) -> None:
         if self.token is None:
             return
         _TRANSFORMED.reset(self.token)
+        settings.ended(self.modules)
         if not self.flag[0]:
             return
-        roots = [self.f] if isinstance(self.f, torch.nn.Module) else named(self.f)
-        stack = [root for root in roots if isinstance(root, torch.nn.Module)]
-        seen: set[int] = set()
-        # each module once: a walk of the ``_modules`` dictionaries (``modules()`` took 25 us
-        # for a 3-layer MLP), read from ``__dict__`` (a stand-in claiming to be a module has none)
-        while stack:
-            module = stack.pop()
-            if id(module) not in seen:
-                seen.add(id(module))
-                attributes = vars(module)
-                _unwrap(attributes)
-                children = attributes.get("_modules") or {}
-                stack += [child for child in children.values() if child is not None]
+        for module in modules_of(self.f):
+            _unwrap(vars(module))
+
+
+def unwrap_between_evaluations() -> None:
+    """The dead wrappers among the plain attributes of the modules the public call's ``f``
+    reaches replaced by what they wrap, between two evaluations of ``f`` in one call (chunks):
+    a buffer ``f`` sets anew on its first forward (normflows' ``ActNorm``:
+    ``self.data_dep_init_done = torch.ones(1)``, made under the first evaluation's
+    transforms) was read dead by the next, which raised PyTorch's internal assert ("level
+    escaped?")."""
+    for module in settings.modules():
+        _unwrap(vars(module))
+
+
+def modules_of(f: Any) -> Iterator[torch.nn.Module]:
+    """The modules ``f`` is or reaches (``named``) and their submodules, each once."""
+    roots = [f] if isinstance(f, torch.nn.Module) else named(f)
+    stack = [root for root in roots if isinstance(root, torch.nn.Module)]
+    seen: set[int] = set()
+    # each module once: a walk of the ``_modules`` dictionaries (``modules()`` took 25 us
+    # for a 3-layer MLP), read from ``__dict__`` (a stand-in claiming to be a module has none)
+    while stack:
+        module = stack.pop()
+        if id(module) not in seen:
+            seen.add(id(module))
+            yield module
+            children = vars(module).get("_modules") or {}
+            stack += [child for child in children.values() if child is not None]
 
 
 def _unwrap(attributes: dict[str, Any]) -> None:

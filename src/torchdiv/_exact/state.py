@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import torch
 
 from torchdiv._core.modes import DispatchMode
+from torchdiv._core.settings import Settings
+from torchdiv._exact.attributes import unwrap_between_evaluations
 from torchdiv._taylor.capture import _BATCH_NORMS, _storage, _written
 from torchdiv._taylor.tree import leaves
 
@@ -41,6 +43,7 @@ class Changes(DispatchMode):
         self.generators: dict[torch.Generator, torch.Tensor] = {}  # state before f drew
         self._made: set[int] = set()  # storages of tensors f made
         self._noted: set[tuple[Any, ...]] = set()  # views of other storages in ``written``
+        self.settings = Settings()  # the plain values of f's modules, put back with ``written``
 
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         fresh = self.before(func, args, kwargs)
@@ -119,6 +122,7 @@ class Changes(DispatchMode):
             except BaseException:
                 self._put(before=True)
                 raise
+            unwrap_between_evaluations()  # (a buffer f set anew under the transforms)
             for generator, state in current.items():
                 generator.set_state(state)
             return out
@@ -144,6 +148,8 @@ class Changes(DispatchMode):
         with torch.no_grad(), torch._C._DisableFuncTorch():
             for (tensor, _), value in reversed(pairs):
                 tensor.copy_(value)
+        if before:
+            self.settings.put_back()
         for generator, state in self.generators.items() if generators else ():
             generator.set_state(state)
 

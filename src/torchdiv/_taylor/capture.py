@@ -37,6 +37,7 @@ from torchdiv._core.modes import (
     math_attention,
     refuse_underivable,
 )
+from torchdiv._core.settings import Settings
 from torchdiv._taylor.tree import leaves, map_leaves
 
 aten = torch.ops.aten
@@ -112,6 +113,8 @@ class Graph:
     # state f changed outside its own tensors (``Before`` each write), and the RNG states
     changed: list[Before] = field(default_factory=list)
     rng: list[tuple[Callable[[Any], None], Any]] = field(default_factory=list)
+    # the plain values of f's modules before recording (a flag f sets), put back with them
+    settings: Settings | None = field(default=None, repr=False, compare=False)
     # what every replay needs to know about the nodes (``propagate.Plan``), made on first use
     plan: Any = field(default=None, repr=False, compare=False)
     # the ``cache.Template`` this graph was checked against or kept as (plans made from the
@@ -128,6 +131,8 @@ class Graph:
         put_back(self.changed)
         for restore, state in self.rng:
             restore(state)
+        if self.settings is not None:
+            self.settings.put_back()
 
     def work_per_call(self) -> float:
         """Arithmetic per call computed from ``x``: output elements plus multiply-adds / 32 (a
@@ -759,6 +764,7 @@ def capture(
     axes = None if batch_dims is None else tracker(z, batch_dims)
     recorder = _Recorder(z, rules, axes)
     recorder.graph.rng = _random_states(x)
+    recorder.graph.settings = Settings()
     outer_grad = torch.is_grad_enabled()
     with recording(), recorder, _InPlaceDetach(recorder), reading(axes):
         y = f(z)
