@@ -369,6 +369,14 @@ def value_grad_laplacian(
         out = torchdiv.value_grad_laplacian(log_psi, x)
         local_energy = -0.5 * (out.laplacian + out.gradient.square().sum(-1)) + V(x)
 
+    With ``coordinates`` the Laplacian sums over those elements of the event only, as
+    ``laplacian``'s, ``(Δ_S f)_{b,i} = Σ_{j ∈ S} ∂²f(x)_{b,i} / ∂x_{b,j}²``, while the gradient
+    keeps every coordinate: a space-time residual's ``u``, ``∇u`` with ``u_t`` and ``Δ_x u``
+    from one call. The Taylor sweep then carries second-order terms along the chosen unit
+    vectors only (the others first order, in chunks of their own); the loop takes its
+    second-level passes along them; ``"forward-over-reverse"`` takes Hessian-vector products
+    along them (``laplacian``'s ``coordinates``).
+
     Args:
         f: as in ``laplacian``.
         x: as in ``laplacian``.
@@ -381,6 +389,9 @@ def value_grad_laplacian(
             found: one function, a stateful ``f``'s buffers and random draws changed once),
             ``"taylor"`` or ``"forward-over-reverse"``.
         chunk_size: at most this many directions in flight (``None``: as ``laplacian``).
+        coordinates: as in ``laplacian`` (flat event indices, negative from the end, no
+            repeats, or a boolean mask of the event's shape; ``None``: all): the Laplacian
+            sums over these only; the gradient has every coordinate either way.
 
     Returns:
         ``ValueGradLaplacian(value, gradient, laplacian)`` with shapes ``y.shape``,
@@ -389,13 +400,20 @@ def value_grad_laplacian(
         (under ``torch.autocast``, its dtype), the other two in ``x``'s dtype.
 
     Raises:
-        TypeError, ValueError, NotImplementedError: as ``laplacian``.
+        TypeError, ValueError, NotImplementedError: as ``laplacian`` (``coordinates``
+            included: the same checks and messages).
 
     Examples:
         >>> x = torch.randn(5, 3, dtype=torch.float64)
         >>> out = value_grad_laplacian(lambda x: x.square().sum(-1), x)
         >>> torch.allclose(out.gradient, 2 * x), torch.allclose(out.laplacian, 6 + 0 * out.value)
         (True, True)
+        >>> u = lambda xyt: torch.sin(xyt[:, 0]) * torch.sin(xyt[:, 1]) * torch.exp(-xyt[:, 2])
+        >>> out = value_grad_laplacian(u, x, coordinates=[0, 1])  # Δ_xy u = -2u, ∂_t u = -u
+        >>> torch.allclose(out.laplacian, -2 * out.value), out.gradient.shape
+        (True, torch.Size([5, 3]))
+        >>> torch.allclose(out.gradient[:, 2] - 0.5 * out.laplacian, 0 * out.value)  # u_t = Δu/2
+        True
     """
     fn = "value_grad_laplacian"
     check_callable(fn, f)
