@@ -23,8 +23,9 @@ value, gradient and Laplacian from one sweep.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -32,10 +33,11 @@ import torch
 from torchdiv._api.laplacian import METHODS, RECORDING, laplacian
 from torchdiv._api.operators import jacobian
 from torchdiv._api.reporting import renamed, reported
-from torchdiv._core.basis import accumulated, basis, chunks
+from torchdiv._core.basis import accumulated, basis, broadcast_units, chunks
 from torchdiv._core.checks import (
     check_callable,
     check_chunk_size,
+    check_coordinates,
     check_exact_options,
     check_input,
     check_matrix,
@@ -52,9 +54,10 @@ from torchdiv._estimators import trace as _trace
 from torchdiv._exact.state import Once
 from torchdiv._laplacian import loop as _loop
 from torchdiv._laplacian import methods
-from torchdiv._laplacian.along import along
+from torchdiv._laplacian.along import along, unit_columns
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
 from torchdiv._taylor.capture import argument
+from torchdiv._taylor.sparse import Sparse
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 SWEEP_METHODS = ("auto", "taylor", "forward-over-reverse")
@@ -352,6 +355,7 @@ def value_grad_laplacian(
     batch_dims: int = 1,
     method: str = "auto",
     chunk_size: int | None = None,
+    coordinates: Sequence[int] | torch.Tensor | None = None,
 ) -> ValueGradLaplacian:
     r"""``f(x)``, every sample's gradient (Jacobian) and Laplacian, from one Taylor sweep.
 
@@ -365,6 +369,14 @@ def value_grad_laplacian(
         out = torchdiv.value_grad_laplacian(log_psi, x)
         local_energy = -0.5 * (out.laplacian + out.gradient.square().sum(-1)) + V(x)
 
+    With ``coordinates`` the Laplacian sums over those elements of the event only, as
+    ``laplacian``'s, ``(Δ_S f)_{b,i} = Σ_{j ∈ S} ∂²f(x)_{b,i} / ∂x_{b,j}²``, while the gradient
+    keeps every coordinate: a space-time residual's ``u``, ``∇u`` with ``u_t`` and ``Δ_x u``
+    from one call. The Taylor sweep then carries second-order terms along the chosen unit
+    vectors only (the others first order, in chunks of their own); the loop takes its
+    second-level passes along them; ``"forward-over-reverse"`` takes Hessian-vector products
+    along them (``laplacian``'s ``coordinates``).
+
     Args:
         f: as in ``laplacian``.
         x: as in ``laplacian``.
@@ -377,6 +389,9 @@ def value_grad_laplacian(
             found: one function, a stateful ``f``'s buffers and random draws changed once),
             ``"taylor"`` or ``"forward-over-reverse"``.
         chunk_size: at most this many directions in flight (``None``: as ``laplacian``).
+        coordinates: as in ``laplacian`` (flat event indices, negative from the end, no
+            repeats, or a boolean mask of the event's shape; ``None``: all): the Laplacian
+            sums over these only; the gradient has every coordinate either way.
 
     Returns:
         ``ValueGradLaplacian(value, gradient, laplacian)`` with shapes ``y.shape``,
@@ -385,13 +400,20 @@ def value_grad_laplacian(
         (under ``torch.autocast``, its dtype), the other two in ``x``'s dtype.
 
     Raises:
-        TypeError, ValueError, NotImplementedError: as ``laplacian``.
+        TypeError, ValueError, NotImplementedError: as ``laplacian`` (``coordinates``
+            included: the same checks and messages).
 
     Examples:
         >>> x = torch.randn(5, 3, dtype=torch.float64)
         >>> out = value_grad_laplacian(lambda x: x.square().sum(-1), x)
         >>> torch.allclose(out.gradient, 2 * x), torch.allclose(out.laplacian, 6 + 0 * out.value)
         (True, True)
+        >>> u = lambda xyt: torch.sin(xyt[:, 0]) * torch.sin(xyt[:, 1]) * torch.exp(-xyt[:, 2])
+        >>> out = value_grad_laplacian(u, x, coordinates=[0, 1])  # Δ_xy u = -2u, ∂_t u = -u
+        >>> torch.allclose(out.laplacian, -2 * out.value), out.gradient.shape
+        (True, torch.Size([5, 3]))
+        >>> torch.allclose(out.gradient[:, 2] - 0.5 * out.laplacian, 0 * out.value)  # u_t = Δu/2
+        True
     """
     fn = "value_grad_laplacian"
     check_callable(fn, f)
@@ -399,13 +421,16 @@ def value_grad_laplacian(
     check_method(fn, method, SWEEP_METHODS)
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
+    index = None if coordinates is None else check_coordinates(fn, coordinates, x, batch_dims)
+    if index is not None and len(index) == event_numel(x, batch_dims):
+        index = None  # every coordinate, in some order: the whole Laplacian
     graph, looped = None, None
     if method == "auto" and x.numel() > 0:
         plan = methods.recorded_or_loop(g, x, batch_dims)
         if isinstance(plan, methods.Loop) and plan.refused:
-            return _looped_or_separately(g, x, batch_dims, chunk_size, plan)
+            return _looped_or_separately(g, x, batch_dims, chunk_size, index, plan)
         if isinstance(plan, methods.Loop):
-            looped = _looped(g, x, batch_dims, plan)
+            looped = _looped(g, x, batch_dims, plan, index)
             if _loop.all_finite(looped.laplacian):
                 return looped
             # not finite: the Taylor engine, or the three separately, or else the loop's
@@ -417,7 +442,7 @@ def value_grad_laplacian(
         try:
             if graph.unsupported:
                 raise UnsupportedOp(", ".join(sorted(set(graph.unsupported))))
-            return _sweep(graph, x, batch_dims, chunk_size)
+            return _sweep(graph, x, batch_dims, chunk_size, index)
         except RuntimeError as exc:  # UnsupportedOp included
             if out_of_memory(exc):  # a memory problem, not an unsupported op
                 raise
@@ -428,10 +453,12 @@ def value_grad_laplacian(
                     "method='auto' (computes the three separately)"
                 ) from exc
             if looped is None and methods.loops_after(graph, x, batch_dims):
-                return _looped_or_separately(g, x, batch_dims, chunk_size)
+                return _looped_or_separately(g, x, batch_dims, chunk_size, index)
     if looped is not None:
-        return methods.loop_unless_rerun(looped, lambda: _separately(g, x, batch_dims, chunk_size))
-    return _separately(g, x, batch_dims, chunk_size)
+        return methods.loop_unless_rerun(
+            looped, lambda: _separately(g, x, batch_dims, chunk_size, index)
+        )
+    return _separately(g, x, batch_dims, chunk_size, index)
 
 
 def _looped_or_separately(
@@ -439,6 +466,7 @@ def _looped_or_separately(
     x: torch.Tensor,
     batch_dims: int,
     chunk_size: int | None,
+    index: torch.Tensor | None,
     plan: methods.Loop | None = None,
 ) -> ValueGradLaplacian:
     """Where the Taylor engine cannot run ``g``: the loop of backward passes, as the
@@ -450,10 +478,12 @@ def _looped_or_separately(
     (``Once``): ``g``'s state changes once; the loop's where forward mode cannot run ``g``
     (``methods.loop_unless_rerun``)."""
     each = Once(x)
-    out = _looped(each(g), x, batch_dims, plan or methods.Loop())
+    out = _looped(each(g), x, batch_dims, plan or methods.Loop(), index)
     if _loop.all_finite(out.laplacian):
         return out
-    return methods.loop_unless_rerun(out, lambda: _separately(g, x, batch_dims, chunk_size, each))
+    return methods.loop_unless_rerun(
+        out, lambda: _separately(g, x, batch_dims, chunk_size, index, each)
+    )
 
 
 def _separately(
@@ -461,17 +491,18 @@ def _separately(
     x: torch.Tensor,
     batch_dims: int,
     chunk_size: int | None,
+    index: torch.Tensor | None,
     each: Once | None = None,
 ) -> ValueGradLaplacian:
-    """``g(x)``, ``jacobian`` and ``"forward-over-reverse"``: three evaluations of ``g`` (and
-    one a chunk), each from the state the first found (``Once``; ``each``: one that watched
-    an evaluation before), so that the three are of one function (the same dropout mask) and
-    ``g``'s buffers and random draws change once.
-    ``g(x)`` is evaluated on an alias (``g``'s own ``x.requires_grad_()`` leaves the caller's
-    ``x``) with grad on, as the other two evaluate it (a score's ``autograd.grad`` inside),
-    and kept without a graph under the caller's ``no_grad``, under ``SafeDerivatives`` as the
-    loop evaluates it: the value's parameter gradients (a VMC loss's) were PyTorch's, whose
-    ``celu`` derivative is float32-rounded."""
+    """``g(x)``, ``jacobian`` and ``"forward-over-reverse"`` (along the flat event indices ``index``
+    only, as ``laplacian``'s ``coordinates``; ``None``: all): three evaluations of ``g`` (and one a
+    chunk), each from the state the first found (``Once``; ``each``: one that watched an evaluation
+    before), so that the three are of one function (the same dropout mask) and ``g``'s buffers and
+    random draws change once. ``g(x)`` is evaluated on an alias (``g``'s own ``x.requires_grad_()``
+    leaves the caller's ``x``) with grad on, as the other two evaluate it (a score's
+    ``autograd.grad`` inside), and kept without a graph under the caller's ``no_grad``, under
+    ``SafeDerivatives`` as the loop evaluates it: the value's parameter gradients (a VMC loss's)
+    were PyTorch's, whose ``celu`` derivative is float32-rounded."""
     each = each or Once(x)
     outer = torch.is_grad_enabled()
     with torch.enable_grad(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
@@ -480,26 +511,57 @@ def _separately(
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:
         return ValueGradLaplacian(value, gradient, x.new_zeros(value.shape))
-    lap = each(lambda z: methods.forward_over_reverse(g, z, batch_dims, chunk_size))(x)
+    lap = each(lambda z: _forward_over_reverse(g, z, batch_dims, chunk_size, index))(x)
     return ValueGradLaplacian(value, gradient, lap)
 
 
+def _forward_over_reverse(
+    g: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    index: torch.Tensor | None,
+) -> torch.Tensor:
+    """The Laplacian by Hessian-vector products, over the flat event indices ``index`` as
+    ``laplacian``'s ``coordinates`` (``None``: all)."""
+    if index is None:
+        return methods.forward_over_reverse(g, x, batch_dims, chunk_size)
+    if len(index) == 0:  # an empty sum
+        return methods.zeros_like_output(g, x)
+    h, z = along(g, x, batch_dims, unit_columns(index, x, batch_dims))
+    return tied(methods.forward_over_reverse(h, z, batch_dims, chunk_size), x)
+
+
 def _looped(
-    f: Function, x: torch.Tensor, batch_dims: int, plan: methods.Loop
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    plan: methods.Loop,
+    index: torch.Tensor | None,
 ) -> ValueGradLaplacian:
     """The loop of backward passes (its evaluation of ``f`` checked for sample mixing as
-    ``plan`` says); its Laplacian may not be finite (a NaN double backward: see
-    ``laplacian``'s ``"auto"``, or a sample that is not finite)."""
-    value, jac, lap = _loop.value_grad_laplacian(f, x, batch_dims, plan.check, plan.settings)
+    ``plan`` says), second-level passes along the flat event indices ``index`` only (``None``:
+    all); its Laplacian may not be finite (a NaN double backward: see ``laplacian``'s
+    ``"auto"``, or a sample that is not finite)."""
+    chosen = None if index is None else index.tolist()
+    value, jac, lap = _loop.value_grad_laplacian(
+        f, x, batch_dims, plan.check, plan.settings, chosen
+    )
     plan.passed()
     shape = (*x.shape[:batch_dims], *value.shape[batch_dims:], *x.shape[batch_dims:])
     return ValueGradLaplacian(value, jac.reshape(shape), lap)
 
 
 def _sweep(
-    graph: Graph, x: torch.Tensor, batch_dims: int, chunk_size: int | None
+    graph: Graph,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    index: torch.Tensor | None = None,
 ) -> ValueGradLaplacian:
-    """The Taylor engine with the output's first-order terms kept, chunk by chunk."""
+    """The Taylor engine with the output's first-order terms kept, chunk by chunk; with the
+    flat event indices ``index``, their unit vectors first, then the others' with first-order
+    terms only (their second-order ones are not computed: a forward-mode sweep)."""
     n = event_numel(x, batch_dims)
     chunk = chunk_size or graph.chunk(n, methods.CHUNK_ELEMENTS)
     value: torch.Tensor | None = None
@@ -507,24 +569,50 @@ def _sweep(
     columns: list[torch.Tensor] = []
     constants: dict[int, list[Any]] = {}
     known: list[list[Any]] | None = None
-    for index, u in enumerate(methods.unit_directions(x, batch_dims, chunk)):
+    for number, (u, second) in enumerate(_directions(x, batch_dims, chunk, index)):
         jet, k = methods.input_jet(x, u)
-        if index == 0:
+        if number == 0:
             known = methods.reused_values(graph, k)
-        out = propagate(graph, jet, Context(k, True, jac=True), constants, known)
+        out = propagate(graph, jet, Context(k, second, jac=True), constants, known)
         if not isinstance(out, Jet):  # f does not depend on x
             out = Jet(out, None, None)
         value = out.value
         shape = (k, *value.shape)
         jac = out.jac
         columns.append(value.new_zeros(()).expand(shape) if jac is None else jac.expand(shape))
-        if out.lap is not None:
+        if second and out.lap is not None:
             lap = accumulated(lap, out.lap)
     assert value is not None  # x.numel() > 0: at least one chunk of directions
     lap = x.new_zeros(value.shape) if lap is None else lap.to(x.dtype).expand(value.shape).clone()
     batch = x.shape[:batch_dims]
+    stacked = torch.cat(columns)
+    if index is not None:  # the columns in the order of the event's coordinates
+        stacked = stacked[_chosen_first(index, n).argsort()]
     # (N, m, n); in x's dtype, as the Laplacian: under autocast the jets are in its dtype
-    jac = torch.cat(columns).to(x.dtype).reshape(n, batch.numel(), -1).permute(1, 2, 0)
+    jac = stacked.to(x.dtype).reshape(n, batch.numel(), -1).permute(1, 2, 0)
     gradient = jac.reshape(*batch, *value.shape[batch_dims:], *x.shape[batch_dims:])
     read = methods.tensors_read(graph, lap)
     return ValueGradLaplacian(value, tied(gradient, x), tied(lap, x, read))
+
+
+def _chosen_first(index: torch.Tensor, n: int) -> torch.Tensor:
+    """The flat event indices ``0..n-1``, those of ``index`` first (in its order), then the
+    others in increasing order."""
+    rest = torch.ones(n, dtype=torch.bool, device=index.device)
+    rest[index] = False
+    return torch.cat([index, rest.nonzero().squeeze(1)])
+
+
+def _directions(
+    x: torch.Tensor, batch_dims: int, chunk: int, index: torch.Tensor | None
+) -> Iterator[tuple[torch.Tensor | Sparse, bool]]:
+    """``_sweep``'s chunks of unit directions, each with whether its second-order terms are
+    wanted: all of them (``methods.unit_directions``) where ``index`` is ``None``; else those
+    of ``index`` with them, then the others without (``_chosen_first``)."""
+    if index is None:
+        yield from ((u, True) for u in methods.unit_directions(x, batch_dims, chunk))
+        return
+    n, k = event_numel(x, batch_dims), len(index)
+    order = _chosen_first(index, n)
+    for start, stop in itertools.chain(chunks(k, chunk), chunks(n, chunk, k)):
+        yield broadcast_units(order[start:stop], x, batch_dims), start < k

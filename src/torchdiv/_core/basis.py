@@ -172,10 +172,15 @@ def as_blocks(products: torch.Tensor, batch_dims: int) -> torch.Tensor:
 def broadcast_basis(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
     """The same unit vectors stored once for all samples: shape ``(k,) + (1,) * batch_dims +
     event``, broadcasting against ``(k,) + like.shape`` (for engines that keep it broadcast)."""
-    k, n = stop - start, event_numel(like, batch_dims)
+    return broadcast_units(torch.arange(start, stop, device=like.device), like, batch_dims)
+
+
+def broadcast_units(index: torch.Tensor, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """``broadcast_basis`` for the unit vectors of the flat event indices ``index`` (1-D int64,
+    in that order): shape ``(len(index),) + (1,) * batch_dims + event``."""
+    k, n = len(index), event_numel(like, batch_dims)
     out = like.new_zeros((k, n))
-    j = torch.arange(k, device=like.device)
-    out[j, start + j] = 1
+    out[torch.arange(k, device=like.device), index] = 1
     return out.reshape(k, *[1] * batch_dims, *like.shape[batch_dims:])
 
 

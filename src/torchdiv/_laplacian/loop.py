@@ -91,17 +91,19 @@ def value_grad_laplacian(
     batch_dims: int,
     check: Check = None,
     settings: Settings | None = None,
+    coordinates: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``f(x)``, every sample's Jacobian ``(N, m, n)`` (the loop's first level) and Laplacian
-    (shape ``f(x).shape``). The loop's one evaluation of ``f`` is checked for sample mixing
-    (``BatchInteractionError``) as ``check`` says: ``"watch"``, watched op by op
-    (``torchdiv._core.mixing.watched``); ``"graph"``, its autograd graph searched for a
-    train-mode batch norm (``torchdiv._core.mixing.check_graph``); ``None``, not at all.
+    """``f(x)``, every sample's Jacobian ``(N, m, n)`` (the loop's first level) and Laplacian (shape
+    ``f(x).shape``), summed over the flat event indices ``coordinates`` only (``None``: all; the
+    Jacobian has every column either way). The loop's one evaluation of ``f`` is checked for sample
+    mixing (``BatchInteractionError``) as ``check`` says: ``"watch"``, watched op by op
+    (``torchdiv._core.mixing.watched``); ``"graph"``, its autograd graph searched for a train-mode
+    batch norm (``torchdiv._core.mixing.check_graph``); ``None``, not at all.
 
-    They keep a graph exactly when the caller has grad mode on and ``f(x)`` depends on
-    something that requires grad (``x`` itself, parameters, closed-over tensors).
-    """
-    y, rows, laplacian, create_graph = _looped(f, x, batch_dims, check, settings or Settings())
+    They keep a graph exactly when the caller has grad mode on and ``f(x)`` depends on something
+    that requires grad (``x`` itself, parameters, closed-over tensors)."""
+    settings = settings or Settings()
+    y, rows, laplacian, create_graph = _looped(f, x, batch_dims, check, settings, coordinates)
     samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
     jacobian = torch.stack(rows, 1) if rows else x.new_zeros(samples, 0, n)
     if not create_graph:
@@ -110,10 +112,15 @@ def value_grad_laplacian(
 
 
 def _looped(
-    f: Function, x: torch.Tensor, batch_dims: int, check: Check, settings: Settings
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    check: Check,
+    settings: Settings,
+    coordinates: list[int] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, bool]:
     """``f(x)``, the rows of every sample's Jacobian ``(N, n)``, one per output component,
-    the Laplacian and whether they keep a graph."""
+    the Laplacian (over ``coordinates``, ``None``: all) and whether they keep a graph."""
     outer = torch.is_grad_enabled()
     with torch.enable_grad():
         x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
@@ -130,7 +137,7 @@ def _looped(
             empty = x.dim() == batch_dims
             check_graph(None, y, x_in, batch_dims, empty, found.batch_norms)
         create_graph = outer and found.others
-        rows, laplacian = _loop(y, x_in, batch_dims, create_graph, settings.batched)
+        rows, laplacian = _loop(y, x_in, batch_dims, create_graph, settings.batched, coordinates)
     return y, rows, laplacian, create_graph
 
 
@@ -145,14 +152,21 @@ def _evaluated(
 
 
 def _loop(
-    y: torch.Tensor, x: torch.Tensor, batch_dims: int, create_graph: bool, batched: bool = False
+    y: torch.Tensor,
+    x: torch.Tensor,
+    batch_dims: int,
+    create_graph: bool,
+    batched: bool = False,
+    coordinates: list[int] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The loop itself, on ``y`` computed from the tensor ``x`` that requires grad: the
-    Jacobian's rows and the Laplacian. Written as lean as PINN codes write it (no reshape,
-    slice, sum or stack in the graph where none is needed): at two inputs and a small batch,
-    each costs a few percent."""
+    """The loop itself, on ``y`` computed from the tensor ``x`` that requires grad: the Jacobian's
+    rows and the Laplacian, over the flat event indices ``coordinates`` (``None``: all; second-level
+    passes are taken along those only). Written as lean as PINN codes write it (no reshape, slice,
+    sum or stack in the graph where none is needed): at two inputs and a small batch, each costs a
+    few percent."""
     samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
     m = y.shape[batch_dims:].numel()
+    chosen = range(n) if coordinates is None else coordinates
     outputs = y if m == 1 else y.reshape(samples, m)
     rows, columns = [], []
     for i in range(m):
@@ -163,9 +177,10 @@ def _loop(
             continue
         gradient = _flat(gradient, samples, n)
         rows.append(gradient)
-        total = _batched_trace(gradient, x, create_graph) if batched and n > 1 else None
+        several = batched and len(chosen) > 1
+        total = _batched_trace(gradient, x, create_graph, coordinates) if several else None
         if total is None:
-            for j in range(n):
+            for j in chosen:
                 second = _grad(gradient[:, j], x, create_graph=create_graph)
                 if second is not None:
                     total = accumulated(total, _flat(second, samples, n)[:, j])
@@ -176,20 +191,27 @@ def _loop(
 
 
 def _batched_trace(
-    gradient: torch.Tensor, x: torch.Tensor, create_graph: bool
+    gradient: torch.Tensor,
+    x: torch.Tensor,
+    create_graph: bool,
+    coordinates: list[int] | None = None,
 ) -> torch.Tensor | None:
-    """``Σ_j ∂gradient_j / ∂x_j`` per sample (``gradient``: ``(N, n)``) from one backward pass
-    with the ``n`` unit cotangents batched, or ``None`` where that pass cannot be batched
-    (or ``gradient`` has no graph): the caller then takes ``n`` plain passes."""
+    """``Σ_j ∂gradient_j / ∂x_j`` per sample (``gradient``: ``(N, n)``; ``j`` over the flat
+    event indices ``coordinates``, ``None``: all) from one backward pass with the ``k`` unit
+    cotangents batched, or ``None`` where that pass cannot be batched (or ``gradient`` has no
+    graph): the caller then takes ``k`` plain passes."""
     samples, n = gradient.shape
     if not gradient.requires_grad:
         return None
     eye = torch.eye(n, dtype=gradient.dtype, device=gradient.device)
+    if coordinates is not None:
+        eye = eye[coordinates]
+    k = len(eye)
     try:
         (second,) = torch.autograd.grad(
             gradient,
             x,
-            eye.unsqueeze(1).expand(n, samples, n),
+            eye.unsqueeze(1).expand(k, samples, n),
             retain_graph=True,
             create_graph=create_graph,
             allow_unused=True,
@@ -201,7 +223,10 @@ def _batched_trace(
         return None
     if second is None:  # f is linear in x: its gradient has a graph, but not to x
         return gradient.new_zeros(samples)
-    return second.reshape(n, samples, n).diagonal(dim1=0, dim2=2).sum(-1)
+    second = second.reshape(k, samples, n)
+    if coordinates is not None:  # (k, samples, k): entry (c, b, c) is ∂²/∂x_j² at j = c's
+        second = second[..., coordinates]
+    return second.diagonal(dim1=0, dim2=2).sum(-1)
 
 
 def _flat(t: torch.Tensor, samples: int, n: int) -> torch.Tensor:
