@@ -66,8 +66,12 @@ class Settings:
 
     def __init__(self) -> None:
         # (module, a shallow copy of its ``__dict__``): the plain values read from it only
-        # where they are put back
-        self.kept = [(weakref.ref(module), vars(module).copy()) for module in modules()]
+        # where they are put back; none where Dynamo traces the call (a compiled model's
+        # products: its tracing of the copies failed to compile, and a public call under
+        # compile keeps no modules)
+        self.kept: list[tuple[weakref.ref[torch.nn.Module], dict[str, object]]] = []
+        if not torch.compiler.is_compiling():
+            self.kept = [(weakref.ref(module), vars(module).copy()) for module in modules()]
 
     def put_back(self) -> None:
         """Each kept plain value that differs now put back; each plain value added since
