@@ -15,6 +15,7 @@ from conftest import (
     assert_close,
     assert_one_state,
     laplacian_by_grad_of_grad,
+    loop_diagonal,
     one_state,
     tanh_mlp,
 )
@@ -91,6 +92,54 @@ def test_a_score_given_an_x_without_grad_is_told_how_to_run(fn: str) -> None:
     with pytest.raises(RuntimeError, match=rf"^{fn}: (?s:.*)Hint: f takes a backward pass"):
         getattr(torchdiv, fn)(score, x)
     assert not x.requires_grad
+
+
+@pytest.mark.parametrize("fn", ["divergence", "jacobian_diagonal"])
+def test_a_score_given_an_x_without_grad_runs_where_auto_records(fn: str) -> None:
+    """Implicit score matching with an energy model, ``s = -grad E`` by ``autograd.grad``
+    inside ``f``, on data that does not require grad, at a size ``"auto"`` records ``f`` for the
+    structured engine (24 samples of 48): the recording's alias of ``x`` does not require grad,
+    so ``f`` raised there, while ``"reverse"`` and small problems ran. ``"auto"`` now takes the
+    generic engines: the per-sample loop's values and parameter gradients, and a later call
+    evaluates ``f`` once."""
+    energy = tanh_mlp(48, 16, 1)
+    calls = []
+
+    def score(z: torch.Tensor) -> torch.Tensor:
+        calls.append(z.requires_grad)
+        return -torch.autograd.grad(energy(z).sum(), z, create_graph=True)[0]
+
+    x = torch.randn(24, 48, dtype=f64)
+    got = getattr(torchdiv, fn)(score, x)
+    want = loop_diagonal(score, x, create_graph=True)
+    want = want.sum(-1) if fn == "divergence" else want
+    assert_close(got, want)
+    params = list(energy.parameters())[:-1]  # (the last bias does not reach the score)
+    grads = torch.autograd.grad(got.square().sum(), params)
+    for a, b in zip(grads, torch.autograd.grad(want.square().sum(), params), strict=True):
+        assert_close(a, b)
+    assert not x.requires_grad
+    calls.clear()
+    assert_close(getattr(torchdiv, fn)(score, x), want)
+    assert calls == [True]
+
+
+def test_a_stateful_score_given_an_x_without_grad_changes_its_state_once() -> None:
+    """The recording of the test above fails inside ``f``, after ``f`` wrote its buffer and
+    drew its dropout mask; the generic engines then evaluate ``f`` again. What the failed
+    recording changed is put back, so the call leaves the state of one evaluation and
+    differentiates that evaluation's function (the buffer moved twice before)."""
+    net = Stateful(48)
+    x = torch.randn(24, 48, dtype=f64)
+
+    def score_of(energy: torch.nn.Module):
+        return lambda z: -torch.autograd.grad(energy(z).sum(), z, create_graph=True)[0]
+
+    once, state = one_state(net, x, seed=4)
+    torch.manual_seed(4)
+    got = torchdiv.divergence(score_of(net), x)
+    assert_close(got, loop_diagonal(score_of(once), x).sum(-1))
+    assert_one_state(net, once, state)
 
 
 @pytest.mark.parametrize(

@@ -121,7 +121,14 @@ def plan(
     if x.numel() == 0:  # nothing to plan: the generic engines keep the graph of empty results
         return None
     n_samples = x.shape[:batch_dims].numel()
-    graph = _cache.recorded(where, f, x, RULES, batch_dims)
+    try:
+        graph = _cache.recorded(where, f, x, RULES, batch_dims)
+    except RuntimeError as exc:
+        if strict or not _backward_without_grad(exc, x):
+            raise
+        if where is not None:  # no recording could replay a backward pass inside f anyway
+            _remember_refusal(where, f, x, batch_dims)
+        return None
     try:
         if graph.unsupported:
             ops = ", ".join(sorted(set(graph.unsupported)))
@@ -154,6 +161,15 @@ def plan(
             _remember_refusal(where, f, x, batch_dims)
         graph.undo()  # the caller evaluates f again
         return None
+
+
+def _backward_without_grad(exc: RuntimeError, x: torch.Tensor) -> bool:
+    """Whether ``f`` raised because it took a backward pass with respect to the recording's
+    alias of an ``x`` that does not require grad (a score ``-autograd.grad(E(x).sum(), x)``):
+    no recording can replay a backward pass inside ``f`` (``capture`` refuses one), and the
+    generic engines evaluate ``f`` on a copy of ``x`` that requires grad, so ``"auto"`` goes
+    there instead of refusing a valid ``f`` that ``"reverse"`` and small problems run."""
+    return not x.requires_grad and raised_by_f(exc) and "does not require grad" in str(exc)
 
 
 def describe(f: Function, x: torch.Tensor, batch_dims: int = 1) -> str:

@@ -766,8 +766,12 @@ def capture(
     recorder.graph.rng = _random_states(x)
     recorder.graph.settings = Settings()
     outer_grad = torch.is_grad_enabled()
-    with recording(), recorder, _InPlaceDetach(recorder), reading(axes):
-        y = f(z)
+    try:
+        with recording(), recorder, _InPlaceDetach(recorder), reading(axes):
+            y = f(z)
+    except Exception:  # f's own error (or a refusal): what f changed so far is put back, as
+        recorder.graph.undo()  # after a mixing refusal; a caller that goes on evaluates f again
+        raise
     if recorder.underivable is not None:
         recorder.graph.undo()  # (as for sample mixing, below)
         refuse_underivable(recorder.underivable, True)
