@@ -174,7 +174,7 @@ def test_unet3d_with_avgpool_and_trilinear_matches_the_loop(shape):
     [pytest.param(n, marks=() if n == "avg_pool3d" else pytest.mark.slow) for n in OPS],
 )
 def test_taylor_laplacian_through_3d_pooling_and_interpolation(name):
-    model, x = problem(Around(OPS[name]), (2, 2, 2, 3, 3))
+    model, x = problem(Around(OPS[name]), (2, 2, 2, 4, 3))
     s = lambda z: torch.tanh(model(z)).square().flatten(1).sum(1)  # noqa: E731
     want = loop_laplacian(s, x)
     weights = torch.tensor([0.7, 1.3], dtype=x.dtype)
@@ -263,3 +263,41 @@ def test_the_reach_through_3d_ops_bounds_the_jacobian(name):
     truth = tuple(int((where[:, a] - where[:, 3 + a]).abs().max()) for a in range(3))
     assert found is not None
     assert all(t <= r for t, r in zip(truth, found, strict=True))
+
+
+def test_nearest_3d_with_a_factor_that_keeps_a_size_follows_the_forward_kernel():
+    """At ``scale_factor=1.3`` on 3 rows PyTorch's nearest kernel reads rows 0, 0, 1 but its
+    backward sends row ``q``'s gradient to row ``q`` (torch 2.13, CPU). The structured
+    engine's diagonal and its parameter gradient must follow the forward (float64 central
+    differences, the latter along a random direction of the weight): a rule applying the
+    kernel to the directions got that gradient wrong (0.115 for 0.069 in one entry), as do
+    ``"forward"`` and ``"reverse"`` (PyTorch's backward; documented), which ``"auto"`` takes
+    at this size."""
+    torch.manual_seed(0)
+    conv = nn.Conv3d(1, 1, 3, padding=1).double()
+    x = torch.randn(2, 1, 2, 3, 3, dtype=torch.float64)
+    direction = torch.randn_like(conv.weight)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        y = F.interpolate(conv(z), scale_factor=(1, 1.3, 1), mode="nearest")
+        return torch.tanh(1.5 * y)
+
+    def differences(step: float = 1e-5) -> torch.Tensor:
+        basis = torch.eye(x[0].numel(), dtype=x.dtype).view(-1, 1, *x.shape[1:]) * step
+        rows = [((f(x + e) - f(x - e)) / (2 * step)).flatten(1)[:, i] for i, e in enumerate(basis)]
+        return torch.stack(rows, 1).view_as(x)
+
+    want = differences()
+    weight, step = conv.weight.detach().clone(), 1e-4
+    with torch.no_grad():
+        conv.weight.copy_(weight + step * direction)
+        up = differences().square().sum()
+        conv.weight.copy_(weight - step * direction)
+        down = differences().square().sum()
+        conv.weight.copy_(weight)
+    ours = torchdiv.jacobian_diagonal(f, x, method="structured")
+    torch.testing.assert_close(ours, want, rtol=1e-6, atol=1e-8)  # differences' error
+    (grad,) = torch.autograd.grad(ours.square().sum(), conv.weight)
+    torch.testing.assert_close(
+        (grad * direction).sum(), (up - down) / (2 * step), rtol=1e-5, atol=1e-6
+    )

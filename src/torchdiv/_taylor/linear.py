@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch._decomp import core_aten_decompositions
 
 from torchdiv._taylor.jet import (
     Context,
@@ -316,8 +317,6 @@ LINEAR_OPS = [
     aten.diagonal.default,
     aten.upsample_nearest2d.default,
     aten.upsample_nearest2d.vec,
-    aten.upsample_nearest3d.default,
-    aten.upsample_nearest3d.vec,
     aten.upsample_bilinear2d.vec,
     aten.upsample_bilinear2d.default,
     aten.upsample_trilinear3d.default,
@@ -340,8 +339,19 @@ GIVEN: dict[Any, Callable[..., Jet]] = {
     aten.addmm.default: _addmm_given,
 }
 
+# 3D nearest interpolation as PyTorch's decomposition writes it (gathers): its forward kernel
+# and the decomposition agree, but the kernel's backward does not where a non-integer factor
+# keeps an axis's size (3 rows at 1.3: rows 0, 0, 1 forward, row q's gradient to row q), and
+# the parameter gradients of a jet go through it. A rule of its own (not the recorder's
+# decomposition) keeps the op whole for the structured engine's windows.
+_NEAREST_3D = {
+    op: core_aten_decompositions()[op]
+    for op in (aten.upsample_nearest3d.default, aten.upsample_nearest3d.vec)
+}
+
 RULES: dict[Any, Callable[..., Any]] = {
     **{op: _linear(op) for op in LINEAR_OPS},
+    **{op: _linear(decomposed) for op, decomposed in _NEAREST_3D.items()},
     aten.view.default: _reshape,
     aten._unsafe_view.default: _reshape,
     aten.split.Tensor: _split(aten.split.Tensor),
