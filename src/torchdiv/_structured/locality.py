@@ -10,9 +10,10 @@ every way. ``x`` itself has ``first(q) = last(q) = q``. An op maps a layout thro
     first'(q) = min_{a(q) <= i <= b(q)} first(i),     last'(q) = max_{a(q) <= i <= b(q)} last(i),
 
 the interval hull of what the window reads: exact for exact windows, an upper bound for
-widened ones (bilinear windows take both neighbours and a pixel more where float rounding
-could move a floor). Windows come from convolutions (strides, dilations, transposed), average
-and max pooling, nearest and bilinear upsampling, padding (constant; reflect and replicate
+widened ones (linear interpolation's windows take both neighbours and a pixel more where float
+rounding could move a floor). Windows come from convolutions (strides, dilations, transposed),
+average, adaptive average and max pooling, nearest and (bi-, tri-)linear upsampling (2D and 3D
+alike; 1D and nearest-exact arrive decomposed), padding (constant; reflect and replicate
 arrive decomposed as ``index`` with a constant index) and slices; a reshape maps positions
 through the flattened index (a squeeze's ``(H, W) -> (H/2, 2, W/2, 2)`` makes ``H/2`` a
 spatial dimension whose position reads two pixels, the ``2`` a channel; merging back reads
@@ -248,38 +249,36 @@ class _Layouts:
                 d: make(shape[d], k, s, p, dl)
                 for d, k, s, p, dl in zip(spatial, kernels, stride, padding, dilation, strict=True)
             } | {1: None}
-        if func in (aten.avg_pool2d.default, aten.max_pool2d_with_indices.default):
-            kernel = _pair(args[1])
-            stride = _pair(args[2]) if len(args) > 2 and args[2] else kernel
-            padding = _pair(args[3]) if len(args) > 3 else (0, 0)
-            dilation = (
-                _pair(args[4])
-                if func == aten.max_pool2d_with_indices.default and len(args) > 4
-                else (1, 1)
-            )
+        if func in _POOLS:
+            n = _POOLS[func]
+            kernel = _tuple(args[1], n)
+            stride = _tuple(args[2], n) if len(args) > 2 and args[2] else kernel
+            padding = _tuple(args[3], n) if len(args) > 3 else (0,) * n
+            dilation = _tuple(args[4], n) if func in _MAX_POOLS and len(args) > 4 else (1,) * n
             return {
-                rank - 2 + i: _strided(
-                    shape[rank - 2 + i], kernel[i], stride[i], padding[i], dilation[i]
+                rank - n + i: _strided(
+                    shape[rank - n + i], kernel[i], stride[i], padding[i], dilation[i]
                 )
-                for i in range(2)
+                for i in range(n)
             }
-        if func == aten._adaptive_avg_pool2d.default:
+        if func in _ADAPTIVE_POOLS:
+            n = _ADAPTIVE_POOLS[func]
             return {
-                rank - 2 + i: _adaptive(shape[rank - 2 + i], out.shape[rank - 2 + i])
-                for i in range(2)
+                rank - n + i: _adaptive(shape[rank - n + i], out.shape[rank - n + i])
+                for i in range(n)
             }
         if func in _UPSAMPLING:
-            bilinear = func in (aten.upsample_bilinear2d.default, aten.upsample_bilinear2d.vec)
-            corners = bool(args[2]) if bilinear else False
+            n, linear = _UPSAMPLING[func]
+            corners = bool(args[2]) if linear else False
             return {
-                rank - 2 + i: _upsampled(
-                    shape[rank - 2 + i],
-                    out.shape[rank - 2 + i],
+                rank - n + i: _upsampled(
+                    shape[rank - n + i],
+                    out.shape[rank - n + i],
                     _scale_factor(func, args, i),
-                    bilinear,
+                    linear,
                     corners,
                 )
-                for i in range(2)
+                for i in range(n)
             }
         if func == aten.constant_pad_nd.default:
             pads = args[1]
@@ -308,12 +307,26 @@ class _Layouts:
         return None
 
 
+# pooling ops by their number of spatial (last) dimensions; ``kernel_size, stride, padding``
+# (and ``dilation`` for max pooling) after the input. avg_pool1d arrives as avg_pool2d;
+# ceil_mode, count_include_pad and divisor_override change weights or add outputs whose
+# windows the same formula gives
+_MAX_POOLS = {aten.max_pool2d_with_indices.default: 2, aten.max_pool3d_with_indices.default: 3}
+_POOLS = {aten.avg_pool2d.default: 2, aten.avg_pool3d.default: 3, **_MAX_POOLS}
+_ADAPTIVE_POOLS = {aten._adaptive_avg_pool2d.default: 2, aten._adaptive_avg_pool3d.default: 3}
+# interpolation ops: (spatial dimensions, linear (else nearest)). 1D interpolation and
+# nearest-exact have no rule: they arrive decomposed, as index
 _UPSAMPLING = {
-    aten.upsample_nearest2d.default,
-    aten.upsample_nearest2d.vec,
-    aten.upsample_bilinear2d.default,
-    aten.upsample_bilinear2d.vec,
-}  # nearest-exact has no rule: it arrives decomposed, as index
+    aten.upsample_nearest2d.default: (2, False),
+    aten.upsample_nearest2d.vec: (2, False),
+    aten.upsample_nearest3d.default: (3, False),
+    aten.upsample_nearest3d.vec: (3, False),
+    aten.upsample_bilinear2d.default: (2, True),
+    aten.upsample_bilinear2d.vec: (2, True),
+    aten.upsample_trilinear3d.default: (3, True),
+    aten.upsample_trilinear3d.vec: (3, True),
+}
+_VECTOR_UPSAMPLING = {op for op in _UPSAMPLING if op._overloadname == "vec"}
 
 
 def _live(graph: Graph) -> set[int]:
@@ -393,18 +406,17 @@ def _adaptive(size: int, out: int) -> Window:
 
 def _scale_factor(func: Any, args: list[Any], i: int) -> float | None:
     """The scale factor an upsampling call was given along its ``i``-th dimension, if any."""
-    if func in (aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec):
+    if func in _VECTOR_UPSAMPLING:
         factors = args[-1]
         return None if factors is None else factors[i]
-    bilinear = func == aten.upsample_bilinear2d.default
-    rest = args[3 if bilinear else 2 :]
+    rest = args[3 if _UPSAMPLING[func][1] else 2 :]  # after align_corners, if linear
     return rest[i] if len(rest) > i and rest[i] is not None else None
 
 
-def _upsampled(size: int, out: int, factor: float | None, bilinear: bool, corners: bool) -> Window:
-    """Nearest or bilinear interpolation: every source-index formula PyTorch may use (from
-    the sizes, from the scale factor), widened by one input pixel where float rounding could
-    move a floor."""
+def _upsampled(size: int, out: int, factor: float | None, linear: bool, corners: bool) -> Window:
+    """Nearest or linear interpolation along one axis (bilinear and trilinear are linear along
+    each): every source-index formula PyTorch may use (from the sizes, from the scale factor),
+    widened by one input pixel where float rounding could move a floor."""
     ratios = [size / out] + ([1 / factor] if factor else [])
     if corners:
         ratios = [(size - 1) / (out - 1) if out > 1 else 0.0]
@@ -412,10 +424,10 @@ def _upsampled(size: int, out: int, factor: float | None, bilinear: bool, corner
     def window(q: int) -> tuple[int, int]:
         firsts, lasts = [], []
         for r in ratios:
-            src = q * r if corners or not bilinear else max((q + 0.5) * r - 0.5, 0.0)
+            src = q * r if corners or not linear else max((q + 0.5) * r - 0.5, 0.0)
             slack = 0 if _dyadic(r) else 1e-6  # products of dyadic ratios round nowhere
             firsts.append(math.floor(src - slack))
-            lasts.append(math.floor(src + slack) + bilinear)
+            lasts.append(math.floor(src + slack) + linear)
         return _clip(min(firsts), max(lasts), size)
 
     return window
@@ -444,9 +456,10 @@ def _indexed(index: torch.Tensor, size: int) -> Window:
     return lambda q: (picks[q], picks[q])
 
 
-def _pair(v: Any) -> tuple[int, int]:
+def _tuple(v: Any, n: int) -> tuple[int, ...]:
+    """A pooling argument for ``n`` dimensions: one number (or a list of one) for all."""
     v = list(v) if isinstance(v, Sequence) else [v]
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+    return tuple(v * n if len(v) == 1 else v[:n])
 
 
 def _reshaped(layout: Layout, old: tuple[int, ...], new: tuple[int, ...]) -> Layout | None:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch._decomp import core_aten_decompositions
 
 from torchdiv._taylor.jet import (
     Context,
@@ -241,15 +242,20 @@ def _halved(ctx: Context, a: Operand, b: Operand) -> Jet:
     return Jet(value, jac, lap if ctx.second_order else None)
 
 
-def _max_pool(ctx: Context, a: Jet, *args: Any) -> tuple[Jet, Tensor]:
-    """Max pooling picks one input per output: ``jac`` and ``lap`` are gathered there."""
-    value, index = aten.max_pool2d_with_indices(a.value, *args)
+def _max_pool(op: Callable[..., tuple[Tensor, Tensor]], n: int) -> Callable[..., Any]:
+    """Max pooling over the last ``n`` dimensions picks one input per output (``index``: flat
+    over those ``n``, as PyTorch returns it): ``jac`` and ``lap`` are gathered there."""
 
-    def pick(t: Tensor) -> Tensor:  # t: (..., C, H, W) -> (..., C, h, w) at the argmax
-        flat_index = index.flatten(-2).expand(*t.shape[:-3], *index.shape[-3:-2], -1)
-        return t.flatten(-2).gather(-1, flat_index).view(*t.shape[:-2], *value.shape[-2:])
+    def rule(ctx: Context, a: Jet, *args: Any) -> tuple[Jet, Tensor]:
+        value, index = op(a.value, *args)
 
-    return _select(ctx, value, pick, a), index
+        def pick(t: Tensor) -> Tensor:  # t: (..., C, *spatial) -> (..., C, *pooled) at argmax
+            flat_index = index.flatten(-n).expand(*t.shape[: -n - 1], *index.shape[-n - 1 : -n], -1)
+            return t.flatten(-n).gather(-1, flat_index).view(*t.shape[:-n], *value.shape[-n:])
+
+        return _select(ctx, value, pick, a), index
+
+    return rule
 
 
 # ops whose output elements are elements of their inputs, moved, repeated or copied (what
@@ -305,12 +311,16 @@ LINEAR_OPS = [
     aten.mean.dim,
     aten.mean.default,
     aten.avg_pool2d.default,
+    aten.avg_pool3d.default,
     aten._adaptive_avg_pool2d.default,
+    aten._adaptive_avg_pool3d.default,
     aten.diagonal.default,
     aten.upsample_nearest2d.default,
     aten.upsample_nearest2d.vec,
     aten.upsample_bilinear2d.vec,
     aten.upsample_bilinear2d.default,
+    aten.upsample_trilinear3d.default,
+    aten.upsample_trilinear3d.vec,
     aten.neg.default,
     aten.cumsum.default,
     aten.index.Tensor,
@@ -329,8 +339,19 @@ GIVEN: dict[Any, Callable[..., Jet]] = {
     aten.addmm.default: _addmm_given,
 }
 
+# 3D nearest interpolation as PyTorch's decomposition writes it (gathers): its forward kernel
+# and the decomposition agree, but the kernel's backward does not where a non-integer factor
+# keeps an axis's size (3 rows at 1.3: rows 0, 0, 1 forward, row q's gradient to row q), and
+# the parameter gradients of a jet go through it. A rule of its own (not the recorder's
+# decomposition) keeps the op whole for the structured engine's windows.
+_NEAREST_3D = {
+    op: core_aten_decompositions()[op]
+    for op in (aten.upsample_nearest3d.default, aten.upsample_nearest3d.vec)
+}
+
 RULES: dict[Any, Callable[..., Any]] = {
     **{op: _linear(op) for op in LINEAR_OPS},
+    **{op: _linear(decomposed) for op, decomposed in _NEAREST_3D.items()},
     aten.view.default: _reshape,
     aten._unsafe_view.default: _reshape,
     aten.split.Tensor: _split(aten.split.Tensor),
@@ -351,7 +372,8 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten.cat.default: _cat,
     aten.constant_pad_nd.default: _pad,
     aten.where.self: _where,
-    aten.max_pool2d_with_indices.default: _max_pool,
+    aten.max_pool2d_with_indices.default: _max_pool(aten.max_pool2d_with_indices, 2),
+    aten.max_pool3d_with_indices.default: _max_pool(aten.max_pool3d_with_indices, 3),
     aten.max.dim: _max_dim,
     aten.amax.default: _amax,
     aten.maximum.default: lambda ctx, a, b: _extremum(ctx, a, b, True),

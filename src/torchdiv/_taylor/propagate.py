@@ -54,6 +54,7 @@ _LAP_FROM_LAP = {
     aten.clamp.default,
     aten.abs.default,
     aten.max_pool2d_with_indices.default,
+    aten.max_pool3d_with_indices.default,
     aten.cat.default,
     aten.constant_pad_nd.default,
     aten.where.self,
