@@ -26,6 +26,10 @@ class ReverseJacobian:
     ``f`` is evaluated once, on the caller's batched ``x``; only the cotangents carry the extra
     ``k`` dimension. Results are differentiable, through ordinary autograd, with respect to
     ``x`` and anything ``f`` closes over, and only where those require grad.
+
+    ``changes``: a watch's ``Changes`` noting this evaluation's writes and draws; under the
+    caller's ``no_grad``, an ``f`` that takes a backward pass with a graph is evaluated again
+    from the caller's state through it (``again_from``; ``inner_again``).
     """
 
     blocks_are_rows = True
