@@ -28,6 +28,7 @@ float64, a few hundred flops deep: 1e-10 (``conftest.tolerances``); measured 1e-
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -422,6 +423,68 @@ def test_schnet_force_field_divergence_under_no_grad(method: str) -> None:
     with torch.no_grad():
         again = -torchdiv.divergence(force, x, method=method)
     torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+
+class _SpectralEnergy(nn.Module):
+    """An energy whose first layer is spectrally normalised (train mode: one power iteration
+    per forward, written into its ``u``) with dropout after it: state and random draws that
+    one evaluation of its force field changes once."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        first = nn.Linear(features, 32).double()
+        self.first = nn.utils.parametrizations.spectral_norm(first)
+        self.drop = nn.Dropout(0.25)
+        self.last = nn.Linear(32, 1).double()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.last(self.drop(torch.tanh(self.first(z)))).squeeze(-1)
+
+
+def _force_of(energy: nn.Module):
+    def force(z: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            z = z if z.requires_grad else z.requires_grad_(True)
+            return -torch.autograd.grad(energy(z).sum(), z, create_graph=True)[0]
+
+    return force
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (64, 16)])
+def test_force_field_under_no_grad_changes_state_and_draws_once(shape) -> None:
+    """A force field evaluated again at grad mode's replacements under ``torch.no_grad()``
+    (an ``f`` taking a backward pass with a graph) starts from the caller's state: the value
+    is the divergence of one evaluation (the spectral norm's power iteration run once, one
+    dropout mask), and the call leaves ``u`` and the random generator as one evaluation does.
+    The second evaluation started where the first left them: ``u`` iterated twice for the
+    value (9e-4 off at (64, 16)), another mask drawn, the generator moved twice. (An explicit
+    ``method="reverse"`` is unwatched: it still reads the first evaluation's writes,
+    limitations.md.)
+    Reference: one plain evaluation of a copy from the same generator state, its diagonal
+    by backward passes over the batch (``f`` is per sample)."""
+    x = torch.randn(*shape, dtype=f64, generator=torch.Generator().manual_seed(8))
+    torch.manual_seed(3)
+    energy = _SpectralEnergy(shape[1])
+    twin = copy.deepcopy(energy)
+    for seed in (11, 12):  # (a tiny "auto" starts with plain autograd at its second call)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            got = torchdiv.divergence(_force_of(energy), x)
+        generator_after = torch.get_rng_state()
+
+        torch.manual_seed(seed)
+        z = x.clone().requires_grad_(True)
+        y = _force_of(twin)(z)
+        columns = [
+            torch.autograd.grad(y[:, j].sum(), z, retain_graph=True)[0][:, j]
+            for j in range(shape[1])
+        ]
+        assert_close(got, torch.stack(columns).sum(0).detach())
+        assert torch.equal(torch.get_rng_state(), generator_after)
+        for (name, mine), (_, theirs) in zip(
+            energy.state_dict().items(), twin.state_dict().items(), strict=True
+        ):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=name)
 
 
 def test_a_graph_with_norms_keeps_pytorch_s_derivatives_and_is_not_refused() -> None:

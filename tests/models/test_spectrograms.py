@@ -129,6 +129,14 @@ def _frames_are_samples(z: torch.Tensor) -> torch.Tensor:
     return z * y[0, : len(z), None]
 
 
+def _strided_past_a_slice(z: torch.Tensor) -> torch.Tensor:
+    """``as_strided`` of ``z[1:]`` reading ``z[0]`` too (its storage offset 0: ``z`` again),
+    then flipped along the batch: the view read storage outside its tensor, and the watch
+    stopped following it (``"auto"`` returned other samples' terms)."""
+    whole = z[1:].as_strided(z.shape, z.stride(), z.storage_offset())
+    return z + whole.flip(0).sin()
+
+
 MIXING = {  # f, x's shape, what the error names
     "stft of x.T": (_stft_of_the_batch, (16, 3), "as_strided laying x's samples across"),
     "stft of x.T, zero-padded": (_stft_of_the_batch_zero_padded, (16, 3), "as_strided laying"),
@@ -136,6 +144,7 @@ MIXING = {  # f, x's shape, what the error names
     "istft output centred over the batch": (_istft_centred_over_the_batch, (3, 16), "a mean"),
     "frames averaged over the batch": (_frames_averaged, (3, 16), "a mean over samples"),
     "istft of frames that are samples": (_frames_are_samples, (16, 10), "an overlap-add of"),
+    "as_strided past a slice, flipped": (_strided_past_a_slice, (6, 3), "samples moved by"),
 }
 
 
@@ -215,3 +224,22 @@ def test_per_sample_isolation_through_stft() -> None:
     after = torchdiv.divergence(net, x2).detach()
     torch.testing.assert_close(after[[0, 1, 3]], before[[0, 1, 3]], rtol=0, atol=0)
     assert float((after[2] - before[2]).abs()) > 1e-6
+
+
+def _windows_past_a_slice(z: torch.Tensor) -> torch.Tensor:
+    """Each sample's sliding windows of 3, cut by ``as_strided`` from ``z[:, 1:]`` but
+    starting at its first element (read outside the slice, inside the same sample)."""
+    rows, n = z.shape
+    windows = z[:, 1:].as_strided((rows, n - 2, 3), (z.stride(0), 1, 1), z.storage_offset())
+    return torch.cat([windows.tanh().sum(-1), z[:, :2]], dim=1) * z
+
+
+def test_per_sample_as_strided_past_a_slice_is_not_refused() -> None:
+    """An ``as_strided`` view of a slice that reads the rest of each sample (read through the
+    followed tensor on the same storage) is per sample: not refused (a one-probe estimate
+    is watched too), its divergence the loop's."""
+    x = torch.randn(5, 7, dtype=f64, generator=torch.Generator().manual_seed(6))
+    want = _loop_jacobians(_windows_past_a_slice, x).diagonal(0, -2, -1).sum(-1)
+    got = torchdiv.divergence(_windows_past_a_slice, x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torchdiv.divergence(_windows_past_a_slice, x, method="hutchinson", num_probes=1)

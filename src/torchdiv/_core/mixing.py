@@ -1896,16 +1896,20 @@ def _strided(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
     a picked sample; samples varying along two or more dimensions (``stft`` of ``x.T``: frames
     along the batch, each holding several samples) are laid across the places of each one, and
     what reads them combines samples (as ``x.reshape(-1).unfold(0, k, 1)`` would: refused
-    where it reaches ``f``'s output). A result that also reads storage outside ``t`` is not
-    followed."""
+    where it reaches ``f``'s output). A result that also reads storage outside ``t`` is read
+    through another followed tensor on that storage holding the same batch dimension and
+    every place read (``x[1:].as_strided(x.shape, x.stride(), 0)`` reads ``x[0]``: ``x``'s),
+    else not followed."""
     t, axes = args[0], tr.axes(args[0])
     if not axes or not isinstance(out, torch.Tensor) or not out.numel():
         return None
     offset = args[3] if len(args) > 3 and args[3] is not None else t.storage_offset()
     found: list[Axis] = []
     for axis in axes:
-        held = _storage_samples(t, axis).as_strided(args[1], args[2], offset)
-        if bool((held < 0).any()):
+        held: torch.Tensor | None = _storage_samples(t, axis).as_strided(args[1], args[2], offset)
+        if held is not None and bool((held < 0).any()):
+            held = _through_storage(tr, t, axis, args[1], args[2], offset)
+        if held is None:
             continue
         first = int(held.flatten()[0])
         if len(axes) == 1 and bool((held == first).all()):
@@ -1922,6 +1926,25 @@ def _strided(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
             return None
         found.append(_rows(tr, line[0], axis, line[1], str(tr.func)))
     return [tuple(sorted(found))]
+
+
+def _through_storage(
+    tr: BatchAxes, t: torch.Tensor, axis: Axis, size: Any, stride: Any, offset: int
+) -> torch.Tensor | None:
+    """The samples an ``as_strided(size, stride, offset)`` view of ``t``'s storage reads, by
+    another followed tensor on that storage that holds ``axis``'s batch dimension of ``x``
+    and every place the view reads (``x[1:]``'s base ``x``); ``None`` where none does."""
+    storage = t.untyped_storage().data_ptr()
+    for other, axes in list(tr.known.values()):
+        if other is t or other.untyped_storage().data_ptr() != storage:
+            continue
+        same = next((a for a in axes if a.source == axis.source), None)
+        if same is None:
+            continue
+        held = _storage_samples(other, same).as_strided(size, stride, offset)
+        if not bool((held < 0).any()):
+            return held
+    return None
 
 
 _POINTWISE_EXTRA = {

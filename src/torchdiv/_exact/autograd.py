@@ -241,6 +241,9 @@ class GraphJacobian:
         self._batches = True  # False once a batched pass raised that it cannot batch y's graph
         self.batch_norms: list[Any] | None = None  # the graph's, if of_function walked it
         self.guarded = False  # of_function: a plain evaluation shows (would) an op the mode changes
+        # of_function: f took a backward pass with a graph under the caller's no_grad and was
+        # evaluated again (``_evaluated``): "auto" keeps watching it (not ``Passed``)
+        self.inner_again = False
 
     @classmethod
     def of_function(
@@ -281,7 +284,7 @@ class GraphJacobian:
         mode's composite) is ``guarded`` too: a plain one there would be made again.
         """
         outer_grad = torch.is_grad_enabled()
-        y, x_in = _evaluated(f, x, contextlib.nullcontext(), safe=not plain, own=own)
+        y, x_in, inner = _evaluated(f, x, contextlib.nullcontext(), not plain, own, changes)
         found = search(y, x_in, _changed(*backward_passes_order()) if plain else ())
         guarded = found.guarded or (plain and _input_statistics(found.batch_norms))
         fused = found.fused and outer_grad and found.others
@@ -291,13 +294,15 @@ class GraphJacobian:
                 changes.undo_writes()
             again = guarded and changes is None
             with written_once(x) if again else contextlib.nullcontext():
-                y, x_in = _evaluated(f, x, attention, safe=True, own=own)
+                y, x_in, again_inner = _evaluated(f, x, attention, safe=True, own=own)
+            inner = inner or again_inner
             found = search(y, x_in)
         elif not plain:
             guarded = _input_statistics(found.batch_norms)
         engine = cls(y, x_in, batch_dims, outer_grad and found.others, found.custom)
         engine.batch_norms = found.batch_norms
         engine.guarded = guarded
+        engine.inner_again = inner
         return engine
 
     def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
@@ -487,16 +492,18 @@ def _evaluated(
     attention: Any,
     safe: bool,
     own: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``f(x_in)`` with a graph, and ``x_in``: ``x`` itself (a view) where it requires grad,
-    else a leaf copy of it that does (``x`` as it is with ``own``: the caller's copy); under
-    the context ``attention``, and under ``SafeDerivatives`` if ``safe`` (of the order
+    changes: Changes | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``f(x_in)`` with a graph, ``x_in``, and whether ``f`` was evaluated again at
+    ``INNER_ORDER``: ``x_in`` is ``x`` itself (a view) where it requires grad, else a leaf copy
+    of it that does (``x`` as it is with ``own``: the caller's copy); under the context
+    ``attention``, and under ``SafeDerivatives`` if ``safe`` (of the order
     ``backward_passes_order`` gives under the caller's grad mode). Below ``INNER_ORDER`` (the
     caller's ``no_grad``), an ``f`` that takes a backward pass with a graph itself (a force
     field ``-grad(E(x).sum(), x, create_graph=True)``) is evaluated again under
-    ``SafeDerivatives`` of ``INNER_ORDER``, what it writes put back (``written_once``): the
-    engine's first derivatives are second ones of ``E``'s ops (a norm of a zero vector gave
-    ``nan``)."""
+    ``SafeDerivatives`` of ``INNER_ORDER`` (``again_from``: from the caller's state where
+    ``changes``, a watch's, noted the first evaluation's writes): the engine's first
+    derivatives are second ones of ``E``'s ops (a norm of a zero vector gave ``nan``)."""
     order, forward_mode = backward_passes_order()  # (the caller's grad mode)
     with torch.enable_grad():
         x_in = x if own else x.view_as(x) if x.requires_grad else leaf(x)
@@ -505,14 +512,30 @@ def _evaluated(
         watch = mode or (InnerBackwards() if low else contextlib.nullcontext())
         with attention, watch:
             y = f(x_in)
-        if low and getattr(watch, "backward_inside", False):
+        inner = low and getattr(watch, "backward_inside", False)
+        if inner:
             with (
                 attention,
-                written_once(x),
+                again_from(changes, x),
                 SafeDerivatives(INNER_ORDER[0], "method='forward'", INNER_ORDER[1]),
             ):
                 y = f(x_in)
-        return y, x_in
+        return y, x_in, inner
+
+
+def again_from(changes: Changes | None, x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """The context of an evaluation of ``f`` made again after one that took a backward pass
+    with a graph (``INNER_ORDER``). Where a watch's ``changes`` noted the first evaluation's
+    writes and draws, they are put back first (``Changes.undo``): the second starts from the
+    caller's state (its value one evaluation's: a spectral norm's power iteration run once,
+    the same dropout mask) and leaves the state and the generators as one evaluation does.
+    Else (an unwatched evaluation: a dispatch mode on every plain one cost 20-25% of a tiny
+    problem) its own writes are put back (``written_once``): it reads the first's. ``"auto"``
+    keeps such an ``f`` watched (``inner_again``: not ``Passed``)."""
+    if changes is None:
+        return written_once(x)
+    changes.undo()
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

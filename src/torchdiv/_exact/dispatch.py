@@ -396,7 +396,9 @@ def _engines(
 
     def graph() -> tuple[Engine, _plan.OpSizes]:
         built = watched_graph(again, x, batch_dims)
-        if tiny and not watched:  # (a train-mode batch norm: plain autograd evaluates twice)
+        # (a train-mode batch norm: plain autograd evaluates twice; an f evaluated again at
+        # INNER_ORDER: unwatched, it could not start again from the caller's state)
+        if tiny and not watched and not built[0].inner_again:
             plain, decide = not built[0].guarded, built[1].values_decide
             passed(f, x, batch_dims, at, plain, reverse=False, values_decide=decide)
         planned.append(built[1])
@@ -409,9 +411,14 @@ def _engines(
             not tiny or not (seen is not None and (x.dim() > batch_dims or _mixing.allowed()))
         )
         reverse, sizes = watched_engine(
-            lambda: ReverseJacobian(f, x, batch_dims), x, batch_dims, watch, changes
+            lambda: ReverseJacobian(f, x, batch_dims, changes if watch else None),
+            x,
+            batch_dims,
+            watch,
+            changes,
         )
-        if watch and not watched and (tiny or (rows and not sizes.convolves)):  # later: unwatched
+        later = watch and not watched and not reverse.inner_again  # later calls: unwatched
+        if later and (tiny or (rows and not sizes.convolves)):
             decide = sizes.values_decide
             passed(f, x, batch_dims, at, plain=not reverse.replaced, values_decide=decide)
         if tiny:  # watched for sample mixing only: planned as every later call, not at all

@@ -16,7 +16,8 @@ from torchdiv._core.modes import (
     math_attention,
 )
 from torchdiv._exact.attributes import transforming
-from torchdiv._exact.autograd import written_once
+from torchdiv._exact.autograd import again_from
+from torchdiv._exact.state import Changes
 
 
 class ReverseJacobian:
@@ -25,11 +26,21 @@ class ReverseJacobian:
     ``f`` is evaluated once, on the caller's batched ``x``; only the cotangents carry the extra
     ``k`` dimension. Results are differentiable, through ordinary autograd, with respect to
     ``x`` and anything ``f`` closes over, and only where those require grad.
+
+    ``changes``: a watch's ``Changes`` noting this evaluation's writes and draws; under the
+    caller's ``no_grad``, an ``f`` that takes a backward pass with a graph is evaluated again
+    from the caller's state through it (``again_from``; ``inner_again``).
     """
 
     blocks_are_rows = True
 
-    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int):
+    def __init__(
+        self,
+        f: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        batch_dims: int,
+        changes: Changes | None = None,
+    ):
         # cdist: the batched pullback is wrong; fused attention: no double backward
         transforming()  # (f may set module attributes to the transform's tensors)
         order, forward_mode = backward_passes_order()  # (the caller's grad mode)
@@ -41,11 +52,12 @@ class ReverseJacobian:
         with math_attention(), safe, torch.enable_grad():
             # torch types vjp's result as a 2- or 3-tuple (has_aux); without aux it is 2
             y_and_pullback = vjp(f, x)
-        if safe.backward_inside and order < INNER_ORDER[0]:
-            # f took a backward pass with a graph: its ops' second derivatives are taken
-            # (``torchdiv._exact.autograd._evaluated``); what it writes is put back
+        # f took a backward pass with a graph: its ops' second derivatives are taken
+        # (``torchdiv._exact.autograd._evaluated``), from the caller's state again
+        self.inner_again = safe.backward_inside and order < INNER_ORDER[0]
+        if self.inner_again:
             safe = SafeDerivatives(INNER_ORDER[0], "method='forward'", INNER_ORDER[1])
-            with math_attention(), written_once(x), safe, torch.enable_grad():
+            with math_attention(), again_from(changes, x), safe, torch.enable_grad():
                 y_and_pullback = vjp(f, x)
         self.replaced = safe.replaced  # (a plain evaluation would be made again: Passed.plain)
         # (a caller without grad gets y detached: ``torchdiv._exact.dispatch.output``)
