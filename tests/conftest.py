@@ -229,6 +229,22 @@ def laplacian_by_grad_of_grad(f, x: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def laplacian_alone(f, x: torch.Tensor) -> torch.Tensor:
+    """Each sample's Laplacian of the scalar ``f``, evaluated on that sample alone, by grad of
+    grad: ``(B,)`` (a reference that cannot see other samples, whatever ``f`` does with them)."""
+    out = []
+    for xb in x:
+        leaf = xb[None].detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(leaf).sum(), leaf, create_graph=True)
+        g = g.flatten()
+        rows = [
+            torch.autograd.grad(g[i], leaf, create_graph=True)[0].flatten()[i]
+            for i in range(g.numel())
+        ]
+        out.append(torch.stack(rows).sum())
+    return torch.stack(out)
+
+
 def central_difference(fun, h: float = 3e-4) -> torch.Tensor:
     """``d fun(t) / dt`` at 0 by central differences at ``h`` and ``h/2`` with Richardson
     extrapolation: truncation O(h^4) (~1e-14 times the fifth derivative), round-off

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import laplacian_alone
 from torch import nn
 
 import torchdiv
@@ -57,20 +58,6 @@ def _flow() -> nn.Module:
     ).to(f64)
 
 
-def _laplacian_alone(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    out = []
-    for xb in x:
-        leaf = xb[None].detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(f(leaf).sum(), leaf, create_graph=True)
-        g = g.flatten()
-        rows = [
-            torch.autograd.grad(g[i], leaf, create_graph=True)[0].flatten()[i]
-            for i in range(g.numel())
-        ]
-        out.append(torch.stack(rows).sum())
-    return torch.stack(out)
-
-
 def _jacobian_alone(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return torch.stack(
         [
@@ -101,7 +88,7 @@ def _reference(name: str, flow: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return jac.diagonal(0, 1, 2).sum(-1)
     if name.startswith("jacobian"):
         return _jacobian_alone(flow, x)
-    return _laplacian_alone(lambda s: flow(s).tanh().sum(-1), x)
+    return laplacian_alone(lambda s: flow(s).tanh().sum(-1), x)
 
 
 @pytest.mark.parametrize("name", list(CALLS))
@@ -226,5 +213,5 @@ def test_an_actnorm_setting_data_on_its_first_forward_inside_a_call(
     elif name.startswith("jacobian"):
         expected = _jacobian_alone(plain, x)
     else:
-        expected = _laplacian_alone(lambda s: plain(s).tanh().sum(-1), x)
+        expected = laplacian_alone(lambda s: plain(s).tanh().sum(-1), x)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

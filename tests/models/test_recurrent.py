@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import laplacian_alone
 from torch import nn
 
 import torchdiv
@@ -45,21 +46,6 @@ def composite_lstm(lstm: nn.LSTM, x: torch.Tensor) -> torch.Tensor:
         h = o.sigmoid() * c.tanh()
         outputs.append(h)
     return torch.stack(outputs, 1)
-
-
-def laplacian_alone(f, x: torch.Tensor) -> torch.Tensor:
-    """Each sample's Laplacian of the scalar ``f``, alone, by grad of grad: ``(B,)``."""
-    out = []
-    for xb in x:
-        leaf = xb[None].detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(f(leaf).sum(), leaf, create_graph=True)
-        g = g.flatten()
-        rows = [
-            torch.autograd.grad(g[i], leaf, create_graph=True)[0].flatten()[i]
-            for i in range(g.numel())
-        ]
-        out.append(torch.stack(rows).sum())
-    return torch.stack(out)
 
 
 def _pair(seed: int) -> tuple[nn.LSTM, nn.LSTM]:

@@ -127,6 +127,21 @@ def test_structured_plans_3d_pooling_and_interpolation_by_colours(name):
     assert describe(model, x).startswith("colours:")
 
 
+def _assert_divergence_and_diagonal(model, x, diagonal, weights, method):
+    """``method``'s divergence and Jacobian diagonal against the loop's ``diagonal``, values
+    and the parameter gradients of a loss built from both; returns the divergence."""
+    divergence = torchdiv.divergence(model, x, method=method)
+    assert_close(divergence, diagonal.flatten(1).sum(1))
+    ours = torchdiv.jacobian_diagonal(model, x, method=method)
+    assert_close(ours, diagonal)
+    assert_same_gradients(
+        model,
+        (weights * divergence).sum() + ours.square().sum(),
+        (weights * diagonal.flatten(1).sum(1)).sum() + diagonal.square().sum(),
+    )
+    return divergence
+
+
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=() if n == "avg_pool3d" else pytest.mark.slow) for n in OPS]
 )
@@ -137,15 +152,7 @@ def test_coloured_3d_pooling_and_interpolation_match_the_loop(name):
     diagonal = loop_diagonal(model, x)
     weights = torch.tensor([0.7, 1.3][: len(x)], dtype=x.dtype)
     for method in ("structured", "auto"):
-        divergence = torchdiv.divergence(model, x, method=method)
-        assert_close(divergence, diagonal.flatten(1).sum(1))
-        ours = torchdiv.jacobian_diagonal(model, x, method=method)
-        assert_close(ours, diagonal)
-        assert_same_gradients(
-            model,
-            (weights * divergence).sum() + ours.square().sum(),
-            (weights * diagonal.flatten(1).sum(1)).sum() + diagonal.square().sum(),
-        )
+        _assert_divergence_and_diagonal(model, x, diagonal, weights, method)
 
 
 @pytest.mark.slow
@@ -156,15 +163,7 @@ def test_unet3d_with_avgpool_and_trilinear_matches_the_loop(shape):
     diagonal = loop_diagonal(model, x)
     weights = torch.linspace(0.5, 1.5, len(x), dtype=x.dtype)
     for method in ("structured", "auto"):
-        divergence = torchdiv.divergence(model, x, method=method)
-        assert_close(divergence, diagonal.flatten(1).sum(1))
-        ours = torchdiv.jacobian_diagonal(model, x, method=method)
-        assert_close(ours, diagonal)
-        assert_same_gradients(
-            model,
-            (weights * divergence).sum() + ours.square().sum(),
-            (weights * diagonal.flatten(1).sum(1)).sum() + diagonal.square().sum(),
-        )
+        divergence = _assert_divergence_and_diagonal(model, x, diagonal, weights, method)
         again = torchdiv.divergence(model, x, method=method)  # the kept plan
         assert torch.equal(again, divergence)
 

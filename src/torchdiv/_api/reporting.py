@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any, TypeVar
 
 import torch
@@ -183,21 +184,28 @@ def _checkpointed(exc: BaseException) -> bool | None:
     """``use_reentrant`` of the ``torch.utils.checkpoint`` call that ``exc`` (or an error in
     its chain) was raised in, ``None`` if none: read off the traceback, the checkpoint's own
     frame (its argument) or a frame of the reentrant version's ``CheckpointFunction``."""
+    for frame in _frames(exc):
+        code = frame.f_code
+        if code.co_filename == _CHECKPOINT_FILE:
+            if "use_reentrant" in frame.f_locals:
+                return frame.f_locals["use_reentrant"] is not False
+            if code.co_qualname.startswith("CheckpointFunction."):
+                return True
+    return None
+
+
+def _frames(exc: BaseException) -> Iterator[FrameType]:
+    """The frames of the tracebacks of ``exc`` and of each error in its chain (causes, then
+    contexts), innermost last within each, each error once."""
     seen: set[int] = set()
     error: BaseException | None = exc
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         tb = error.__traceback__
         while tb is not None:
-            code = tb.tb_frame.f_code
-            if code.co_filename == _CHECKPOINT_FILE:
-                if "use_reentrant" in tb.tb_frame.f_locals:
-                    return tb.tb_frame.f_locals["use_reentrant"] is not False
-                if code.co_qualname.startswith("CheckpointFunction."):
-                    return True
+            yield tb.tb_frame
             tb = tb.tb_next
         error = error.__cause__ or error.__context__
-    return None
 
 
 _CHECKPOINT_FILE = _checkpoint.__file__
@@ -373,18 +381,11 @@ def _backward_hooked(exc: BaseException) -> bool:
     """Whether ``exc`` (or an error in its chain) was raised where a module's call set up its
     full backward hooks (``torch.utils.hooks.BackwardHook``, whose ``autograd.Function``
     ``torch.func`` refuses), read off the traceback."""
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        tb = error.__traceback__
-        while tb is not None:
-            code = tb.tb_frame.f_code
-            if code.co_filename == _HOOKS_FILE and code.co_qualname.startswith("BackwardHook."):
-                return True
-            tb = tb.tb_next
-        error = error.__cause__ or error.__context__
-    return False
+    return any(
+        frame.f_code.co_filename == _HOOKS_FILE
+        and frame.f_code.co_qualname.startswith("BackwardHook.")
+        for frame in _frames(exc)
+    )
 
 
 _HOOKS_FILE = _hooks.__file__
