@@ -271,6 +271,19 @@ def shifted(params: list[torch.Tensor], directions: list[torch.Tensor], t: float
                 p.copy_(s)
 
 
+def assert_same_parameter_gradients(
+    model: torch.nn.Module, ours: torch.Tensor, reference: torch.Tensor
+) -> None:
+    """Gradients of two losses with respect to every parameter of ``model`` agree (zero where
+    one is unused: an output bias does not reach a derivative)."""
+    params = list(model.parameters())
+    got = torch.autograd.grad(ours, params, retain_graph=True, allow_unused=True)
+    want = torch.autograd.grad(reference, params, retain_graph=True, allow_unused=True)
+    for p, a, b in zip(params, got, want, strict=True):
+        zero = torch.zeros_like(p)
+        assert_close(zero if a is None else a, zero if b is None else b)
+
+
 def directional_gradient(value: torch.Tensor, params: list[torch.Tensor], directions) -> float:
     """``sum_p <d value.sum() / d p, v_p>`` by one backward pass (unused parameters: 0)."""
     grads = torch.autograd.grad(value.sum(), params, allow_unused=True)

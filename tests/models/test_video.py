@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, assert_same_parameter_gradients
 from torch import nn
 
 import torchdiv
@@ -132,17 +132,6 @@ def loop_diagonal(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.T
         grads = [torch.autograd.grad(y[i], leaf, create_graph=True)[0] for i in range(len(y))]
         rows.append(torch.stack([g.reshape(-1)[i] for i, g in enumerate(grads)]))
     return torch.stack(rows).reshape(x.shape)
-
-
-def assert_same_parameter_gradients(model: nn.Module, ours: torch.Tensor, reference: torch.Tensor):
-    """Gradients of two losses with respect to every parameter (zero where one is unused: the
-    output bias does not reach a derivative)."""
-    params = list(model.parameters())
-    got = torch.autograd.grad(ours, params, retain_graph=True, allow_unused=True)
-    want = torch.autograd.grad(reference, params, retain_graph=True, allow_unused=True)
-    for p, a, b in zip(params, got, want, strict=True):
-        zero = torch.zeros_like(p)
-        assert_close(zero if a is None else a, zero if b is None else b)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, assert_same_parameter_gradients, laplacian_alone
 from torch import nn
 
 import torchdiv
@@ -95,26 +95,6 @@ def loop_diagonal(f: Op, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).reshape(x.shape)
 
 
-def loop_laplacian(s: Op, x: torch.Tensor) -> torch.Tensor:
-    """Every sample's Laplacian of the scalar ``s``, one sample and one input at a time."""
-    out = []
-    for b in range(len(x)):
-        leaf = x[b : b + 1].detach().requires_grad_(True)
-        g = torch.autograd.grad(s(leaf).sum(), leaf, create_graph=True)[0].reshape(-1)
-        rows = [torch.autograd.grad(g[i], leaf, create_graph=True)[0] for i in range(len(g))]
-        out.append(sum(r.reshape(-1)[i] for i, r in enumerate(rows)))
-    return torch.stack(out)
-
-
-def assert_same_gradients(model: nn.Module, ours: torch.Tensor, want: torch.Tensor) -> None:
-    params = list(model.parameters())
-    got = torch.autograd.grad(ours, params, retain_graph=True, allow_unused=True)
-    expected = torch.autograd.grad(want, params, retain_graph=True, allow_unused=True)
-    for p, a, b in zip(params, got, expected, strict=True):
-        zero = torch.zeros_like(p)
-        assert_close(zero if a is None else a, zero if b is None else b)
-
-
 def problem(model: nn.Module, shape: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     return model.double(), torch.randn(shape, dtype=torch.float64)
@@ -134,7 +114,7 @@ def _assert_divergence_and_diagonal(model, x, diagonal, weights, method):
     assert_close(divergence, diagonal.flatten(1).sum(1))
     ours = torchdiv.jacobian_diagonal(model, x, method=method)
     assert_close(ours, diagonal)
-    assert_same_gradients(
+    assert_same_parameter_gradients(
         model,
         (weights * divergence).sum() + ours.square().sum(),
         (weights * diagonal.flatten(1).sum(1)).sum() + diagonal.square().sum(),
@@ -175,11 +155,11 @@ def test_unet3d_with_avgpool_and_trilinear_matches_the_loop(shape):
 def test_taylor_laplacian_through_3d_pooling_and_interpolation(name):
     model, x = problem(Around(OPS[name]), (2, 2, 2, 4, 3))
     s = lambda z: torch.tanh(model(z)).square().flatten(1).sum(1)  # noqa: E731
-    want = loop_laplacian(s, x)
+    want = laplacian_alone(s, x)
     weights = torch.tensor([0.7, 1.3], dtype=x.dtype)
     ours = torchdiv.laplacian(s, x, method="taylor")
     assert_close(ours, want)
-    assert_same_gradients(model, (weights * ours).sum(), (weights * want).sum())
+    assert_same_parameter_gradients(model, (weights * ours).sum(), (weights * want).sum())
 
 
 def _depth_is_batch(op: Op) -> Op:
@@ -240,12 +220,12 @@ def test_1d_interpolation_is_coloured_and_right(mode):
     for method in ("structured", "auto"):
         ours = torchdiv.jacobian_diagonal(model, x, method=method)
         assert_close(ours, diagonal)
-        assert_same_gradients(model, ours.square().sum(), diagonal.square().sum())
+        assert_same_parameter_gradients(model, ours.square().sum(), diagonal.square().sum())
     s = lambda z: torch.tanh(model(z)).square().sum(1).sum(1)  # noqa: E731
     ours = torchdiv.laplacian(s, x, method="taylor")
-    want = loop_laplacian(s, x)
+    want = laplacian_alone(s, x)
     assert_close(ours, want)
-    assert_same_gradients(model, ours.sum(), want.sum())
+    assert_same_parameter_gradients(model, ours.sum(), want.sum())
 
 
 @pytest.mark.parametrize("name", list(OPS))
