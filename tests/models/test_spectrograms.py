@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import laplacian_alone
 from torch import nn
 
 import torchdiv
@@ -76,21 +77,6 @@ def _loop_jacobians(f, x: torch.Tensor) -> torch.Tensor:
         for b in range(len(x))
     ]
     return torch.stack(blocks)
-
-
-def _loop_laplacian(f, x: torch.Tensor) -> torch.Tensor:
-    """Each sample's Laplacian of the scalar ``f``, by grad of grad on that sample alone."""
-    out = []
-    for b in range(len(x)):
-        leaf = x[b : b + 1].detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(f(leaf).sum(), leaf, create_graph=True)
-        g = g.reshape(-1)
-        rows = [
-            torch.autograd.grad(g[i], leaf, create_graph=True)[0].reshape(-1)[i]
-            for i in range(len(g))
-        ]
-        out.append(torch.stack(rows).sum())
-    return torch.stack(out)
 
 
 @pytest.fixture(autouse=True)
@@ -199,7 +185,7 @@ def test_mask_net_laplacian_matches_grad_of_grad() -> None:
     net = MaskNet()
     x = torch.randn(3, 16, dtype=f64)
     energy = lambda z: 0.5 * net(z).square().sum(-1)  # noqa: E731
-    want = _loop_laplacian(energy, x)
+    want = laplacian_alone(energy, x)
     want_grads = torch.autograd.grad(want.sum(), list(net.parameters()))
     got = torchdiv.laplacian(energy, x)
     torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-10)
