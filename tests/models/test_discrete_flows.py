@@ -215,3 +215,58 @@ def test_an_actnorm_setting_data_on_its_first_forward_inside_a_call(
     else:
         expected = laplacian_alone(lambda s: plain(s).tanh().sum(-1), x)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_a_layer_put_in_between_calls_has_its_flag_put_back() -> None:
+    """The modules whose plain values a call puts back between its evaluations
+    (``torchdiv._core.settings``) are found anew at every call: an ActNorm put into the model
+    after a first call of the same ``f``, first run inside the second (forward mode in chunks:
+    one evaluation per chunk), is initialised once from the whole batch and the divergence
+    is the initialised model's. A list of modules kept from the first call misses it: its
+    flag stayed set while its parameters were put back, and the later chunks differentiated
+    the uninitialised layer."""
+    x = torch.randn(5, 2, 2, 2, dtype=f64) * 3 + 2
+    plain = _flow()
+    plain(x)
+    flow = _flow()
+    layer = flow[0]
+    flow[0] = nn.Identity()
+
+    def f(s: torch.Tensor) -> torch.Tensor:
+        return flow(s).reshape(s.shape)
+
+    torchdiv.divergence(f, x, method="forward", chunk_size=1)
+    flow[0] = layer
+    got = torchdiv.divergence(f, x, method="forward", chunk_size=1)
+    assert layer.inited
+    for p, q in zip(flow.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    expected = _reference("divergence", plain, x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_the_modules_of_a_call_are_walked_once_and_only_when_asked(monkeypatch) -> None:
+    """``f``'s modules are walked for ``_core.settings`` once per call however many
+    evaluations ask (eight chunks; the end of a call under ``torch.func`` transforms walks
+    once more, for the module attributes to unwrap), and not at all by a call that keeps no
+    state (a tiny problem's call after its first, watched one)."""
+    from torchdiv._exact import attributes
+
+    walks: list[object] = []
+    walk = attributes.modules_of
+
+    def counted(f: object):  # type: ignore[no-untyped-def]
+        walks.append(f)
+        return walk(f)
+
+    monkeypatch.setattr(attributes, "modules_of", counted)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).to(f64)
+    x = torch.randn(5, 8, dtype=f64)
+    torchdiv.divergence(net, x)  # watched: its evaluation keeps the state it may change
+    walks.clear()
+    torchdiv.divergence(net, x)
+    assert walks == []
+    torchdiv.divergence(net, x, method="forward", chunk_size=1)
+    assert walks == [net, net]
+    torchdiv.divergence(net, x, method="forward", chunk_size=1)
+    assert walks == [net] * 4

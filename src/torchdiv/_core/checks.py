@@ -73,6 +73,10 @@ def _dual(x: torch.Tensor) -> bool:
     traces, which cannot trace the test; nor a ``torch.func.jvp`` wrapper, which is fine)."""
     if torch.compiler.is_compiling() or is_functorch_wrapped_tensor(x):
         return False
+    # no forward-AD level is open (the usual case): no tensor carries a tangent, as
+    # ``unpack_dual`` itself answers at once there (its call and result skipped)
+    if forward_ad._current_level < 0:
+        return False
     return forward_ad.unpack_dual(x).tangent is not None
 
 

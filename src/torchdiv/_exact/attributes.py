@@ -24,7 +24,6 @@ invalidates the method caches of every subclass of ``Module``).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from contextvars import ContextVar, Token
 from itertools import islice
@@ -64,7 +63,7 @@ class PlainAttributes:
             self.token = _TRANSFORMED.set(self.flag)
             # (for ``_core.settings``: the plain values of these modules, put back with the
             # tensors f wrote where an evaluation is made again)
-            self.modules = settings.calling(functools.cache(lambda: list(modules_of(f))))
+            self.modules = settings.calling(_Reached(f))
 
     def close(self) -> None:
         if self.token is None:
@@ -75,6 +74,24 @@ class PlainAttributes:
             return
         for module in modules_of(self.f):
             _unwrap(vars(module))
+
+
+class _Reached:
+    """``list(modules_of(f))``, walked when first asked for (most calls never ask: no
+    evaluation is made again) and kept for the rest of the call. A ``functools.cache`` of a
+    lambda, made anew for every public call, cost more than the call's use of it: building an
+    ``lru_cache`` wrapper and ``update_wrapper``'s copies of the lambda's names."""
+
+    __slots__ = ("f", "found")
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.found: list[torch.nn.Module] | None = None
+
+    def __call__(self) -> list[torch.nn.Module]:
+        if self.found is None:
+            self.found = list(modules_of(self.f))
+        return self.found
 
 
 def unwrap_between_evaluations() -> None:

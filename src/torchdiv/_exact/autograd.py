@@ -326,7 +326,7 @@ class GraphJacobian:
         backward that ``vmap`` does not support: ``GroupNorm``'s on a channels-last tensor,
         ``NYI: querying is_contiguous inside of vmap``; then for every later call too), else
         one batched pass."""
-        if len(cotangents) > LOOP_ROWS and self._batches:
+        if cotangents.shape[0] > LOOP_ROWS and self._batches:  # (``len``: Tensor.__len__'s Python)
             try:
                 return self._vjp(cotangents, batched=True)
             except _Unbatchable:  # (its custom backwards may have freed what they need)
