@@ -47,7 +47,12 @@ from torchdiv._core.checks import (
     event_numel,
     out_of_memory,
 )
-from torchdiv._core.mixing import check_empty_event, checks_empty_event
+from torchdiv._core.mixing import (
+    BatchInteractionError,
+    check_empty_event,
+    checks_empty_event,
+    watched,
+)
 from torchdiv._core.modes import SafeDerivatives, eager_when, outside_inference_mode
 from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace
@@ -429,6 +434,8 @@ def value_grad_laplacian(
         plan = methods.recorded_or_loop(g, x, batch_dims)
         if isinstance(plan, methods.Loop) and plan.refused:
             return _looped_or_separately(g, x, batch_dims, chunk_size, index, plan)
+        if isinstance(plan, methods.Nested):  # refused before: f watched, then the three
+            return _separately_or_looped(g, x, batch_dims, chunk_size or plan.chunk, index)
         if isinstance(plan, methods.Loop):
             looped = _looped(g, x, batch_dims, plan, index)
             if _loop.all_finite(looped.laplacian):
@@ -452,13 +459,42 @@ def value_grad_laplacian(
                     f"{fn}: method='taylor' has no propagation rule for {exc}; use "
                     "method='auto' (computes the three separately)"
                 ) from exc
-            if looped is None and methods.loops_after(graph, x, batch_dims):
+            n = event_numel(x, batch_dims)
+            chunk = chunk_size or graph.chunk(n, methods.CHUNK_ELEMENTS)
+            after = methods.at_this_call(methods.fallback(graph, x, batch_dims, chunk))
+            if looped is None and isinstance(after, methods.Loop):
                 return _looped_or_separately(g, x, batch_dims, chunk_size, index)
+            if looped is None:
+                return _separately_or_looped(g, x, batch_dims, chunk_size, index, watch=False)
     if looped is not None:
         return methods.loop_unless_rerun(
             looped, lambda: _separately(g, x, batch_dims, chunk_size, index)
         )
     return _separately(g, x, batch_dims, chunk_size, index)
+
+
+def _separately_or_looped(
+    g: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    index: torch.Tensor | None,
+    watch: bool = True,
+) -> ValueGradLaplacian:
+    """Where ``"auto"`` takes forward over reverse (``methods.fallback``: ``Nested``):
+    ``_separately``, its first evaluation of ``g`` watched for sample mixing if ``watch``
+    (``g`` not recorded at this call: its refusal remembered), or, where forward mode cannot
+    run ``g`` (an op without a forward-mode rule), the loop of backward passes from the state
+    the first evaluation found (``Once``), remembered, as ``methods.nested``."""
+    each = Once(x)
+    try:
+        return _separately(g, x, batch_dims, chunk_size, index, each, watch)
+    except (RuntimeError, ValueError) as error:
+        if out_of_memory(error) or isinstance(error, BatchInteractionError):
+            raise
+    out = _looped(each(g), x, batch_dims, methods.Loop(refused=True), index)
+    methods.remember_loop(g, x, batch_dims)
+    return out
 
 
 def _looped_or_separately(
@@ -493,6 +529,7 @@ def _separately(
     chunk_size: int | None,
     index: torch.Tensor | None,
     each: Once | None = None,
+    watch: bool = False,
 ) -> ValueGradLaplacian:
     """``g(x)``, ``jacobian`` and ``"forward-over-reverse"`` (along the flat event indices ``index``
     only, as ``laplacian``'s ``coordinates``; ``None``: all): three evaluations of ``g`` (and one a
@@ -502,11 +539,13 @@ def _separately(
     leaves the caller's ``x``) with grad on, as the other two evaluate it (a score's
     ``autograd.grad`` inside), and kept without a graph under the caller's ``no_grad``, under
     ``SafeDerivatives`` as the loop evaluates it: the value's parameter gradients (a VMC loss's)
-    were PyTorch's, whose ``celu`` derivative is float32-rounded."""
+    were PyTorch's, whose ``celu`` derivative is float32-rounded; with ``watch``, watched for
+    sample mixing (``BatchInteractionError``)."""
     each = each or Once(x)
     outer = torch.is_grad_enabled()
+    evaluate = (lambda z: watched(g, z, batch_dims)) if watch else g
     with torch.enable_grad(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
-        value = each(g)(argument(x))
+        value = each(evaluate)(argument(x))
     value = value if outer else value.detach()
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:
