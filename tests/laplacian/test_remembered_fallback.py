@@ -12,10 +12,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    Stateful,
+    assert_close,
+    assert_one_state,
+    assert_same_parameter_gradients,
+    laplacian_alone,
+    laplacian_by_grad_of_grad,
+    one_state,
+)
 from torch import nn
 
 import torchdiv
-from tests.conftest import assert_close, assert_same_parameter_gradients, laplacian_alone
 from torchdiv._laplacian import methods
 from torchdiv._taylor import cache
 
@@ -216,3 +224,22 @@ def test_forward_mode_failing_falls_back_to_the_loop_and_is_remembered(counts, f
         assert_close(got, want)
         assert_same_parameter_gradients(net, got.square().sum(), want.square().sum())
         assert (counts["recorded"], counts["nested"]) == ((1, 1), (0, 0))[call], (call, counts)
+
+
+@pytest.mark.parametrize("fn", ["laplacian", "value_grad_laplacian"])
+def test_a_stateful_f_changes_its_state_once_at_a_remembered_fallback(counts, fn):
+    """A buffer written and a dropout mask drawn at every evaluation, an op without a Taylor
+    rule (``lgamma``), 12 inputs: forward over reverse. At the first call (recorded) and at
+    the remembered ones (one watched evaluation first), every evaluation starts from the
+    caller's state: the derivatives of one evaluation's function, the state moved once."""
+    head = lambda y: torch.lgamma(y.square() + 1).sum(-1)  # noqa: E731
+    x, net = torch.randn(3, 12, dtype=f64), Stateful(12, 2, head=head)
+    for call in range(2):
+        net.calls.zero_()  # (a count of evaluations: a value, not structure)
+        once, state = one_state(net, x, seed=call)
+        torch.manual_seed(call)
+        out = getattr(torchdiv, fn)(net, x)
+        got = out if fn == "laplacian" else out.laplacian
+        assert_close(got, laplacian_by_grad_of_grad(once, x))  # (its mask is the batch's)
+        assert_one_state(net, once, state)
+        assert counts["recorded"] == 1 and counts["looped"] == 0, counts

@@ -388,7 +388,8 @@ def value_grad_laplacian(
         batch_dims: as in ``laplacian``.
         method: ``"auto"`` (the Taylor engine; the loop of backward passes at few inputs
             and little arithmetic per call, and where an op has no Taylor rule at up to ten
-            inputs or for ops only it differentiates right, as ``laplacian``; otherwise, or
+            inputs times outputs or where forward mode cannot run ``f``, as ``laplacian``,
+            which keeps that choice per structure; otherwise, or
             where that loop's Laplacian is not finite, ``f(x)``, ``jacobian`` and
             ``"forward-over-reverse"`` separately; each evaluation from the state the first
             found: one function, a stateful ``f``'s buffers and random draws changed once),
