@@ -452,7 +452,7 @@ def value_grad_laplacian(
         try:
             if graph.unsupported:
                 raise UnsupportedOp(", ".join(sorted(set(graph.unsupported))))
-            if method == "auto" and _split(graph, x, batch_dims, index):
+            if method == "auto" and index is not None and _split(graph, x, batch_dims, index):
                 return _swept_and_jacobian(graph, g, x, batch_dims, chunk_size, index)
             return _sweep(graph, x, batch_dims, chunk_size, index)
         except RuntimeError as exc:  # UnsupportedOp included
@@ -673,13 +673,11 @@ def _finished(
 SPLIT_OUTSIDE = 8
 
 
-def _split(graph: Graph, x: torch.Tensor, batch_dims: int, index: torch.Tensor | None) -> bool:
+def _split(graph: Graph, x: torch.Tensor, batch_dims: int, index: torch.Tensor) -> bool:
     """Whether ``"auto"`` takes the gradient by ``jacobian`` and the Laplacian by the Taylor
     engine along the ``index`` unit vectors only (``_swept_and_jacobian``): at least
     ``SPLIT_OUTSIDE`` inputs outside ``index`` per output component of ``f`` (recorded as
     ``graph``)."""
-    if index is None:
-        return False
     outputs = math.prod(graph.output_shape[batch_dims:])
     return event_numel(x, batch_dims) - len(index) >= SPLIT_OUTSIDE * max(outputs, 1)
 
