@@ -363,3 +363,15 @@ def test_a_modules_full_backward_hook_is_named_with_a_way_that_runs(fn, way) -> 
         assert (a is None) == (b is None)
         if a is not None:
             assert_close(a, b)
+
+
+def test_a_dtype_hint_names_no_parameter_of_xs_own_dtype() -> None:
+    """A float32 net holding a complex128 kernel (an S4D layer built in float64, then cast:
+    ``.float()`` leaves complex parameters alone) meets float32 ``x``: the hint said "f's
+    parameters are torch.float32 but x is torch.float32"; now it names no parameter."""
+    net = nn.Linear(3, 3)
+    net.kernel = nn.Parameter(torch.randn(3, 3, dtype=torch.complex128))
+    f = lambda z: net(z) + (z.to(torch.complex64) @ net.kernel).real  # noqa: E731
+    with pytest.raises(RuntimeError) as info:
+        torchdiv.divergence(f, torch.randn(4, 3), method="reverse")
+    assert "Hint: f computes in another dtype but x is torch.float32" in str(info.value)

@@ -292,7 +292,12 @@ def _hint(
             "'forward', which cannot run a backward pass inside f)."
         )
     if "dtype" in message or "scalar type" in message:
-        params = [p.dtype for m in _modules(f) for p in m.parameters() if p.is_floating_point()]
+        params = [  # (one of x's dtype is not the mismatch: a complex one's buffer may be)
+            p.dtype
+            for m in _modules(f)
+            for p in m.parameters()
+            if p.is_floating_point() and p.dtype != x.dtype
+        ]
         what = f"f's parameters are {params[0]}" if params else "f computes in another dtype"
         return (
             f"{what} but x is {x.dtype}: convert one to the other, e.g. model.to(x.dtype) or "
