@@ -4,7 +4,8 @@ mixture of experts' token dispatch): they had none, so the Laplacian's ``"auto"`
 the generic engines (``m x n`` second-order products for sequence outputs). Values and
 parameter gradients against per-sample grad-of-grad loops (float64, each sample evaluated
 alone), divergences against each sample's Jacobian trace; a write without accumulation
-(``index_put``) and a message into another graph are still refused."""
+(``index_put``) and a message into another graph are still refused. Also ``tensor_split``, which
+``glu`` decomposes to (GLU nets fell back the same way)."""
 
 from __future__ import annotations
 
@@ -161,3 +162,31 @@ def test_a_write_without_accumulation_and_a_message_across_graphs_are_refused():
     for method in ("taylor", "auto"):
         with pytest.raises(torchdiv.BatchInteractionError):
             torchdiv.laplacian(across, x, method=method)
+
+
+class GatedConvolution(nn.Module):
+    """A GLU over channels between 1-D convolutions (the Conformer's and ConvS2S's gating)."""
+
+    def __init__(self, channels: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.into = nn.Conv1d(channels, 2 * channels, 3, padding=1).double()
+        self.out = nn.Conv1d(channels, 1, 1).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, L)
+        return self.out(nn.functional.glu(self.into(x), dim=1)).tanh().sum((1, 2))
+
+
+@pytest.mark.parametrize("method", ["taylor", "auto"])
+def test_a_glu_is_propagated(method):
+    """``glu`` (``tensor_split`` in the recording) had no Taylor rule: ``"taylor"`` refused it.
+    Values and parameter gradients as the per-sample loop's; a ``tensor_split`` at indices too."""
+    net = GatedConvolution()
+    x = torch.randn(3, 2, 5, dtype=f64)
+    got = torchdiv.laplacian(net, x, method=method)
+    want = laplacian_alone(net, x)
+    assert_close(got, want)
+    assert_same_parameter_gradients(net, got.square().sum(), want.square().sum())
+    pieces = lambda z: torch.cat(torch.tensor_split(z.sin(), [1, 3], -1)[::-1], -1)  # noqa: E731
+    f = lambda z: pieces(z).cumsum(-1).square().sum(-1)  # noqa: E731
+    assert_close(torchdiv.laplacian(f, x[:, 0], method=method), laplacian_alone(f, x[:, 0]))

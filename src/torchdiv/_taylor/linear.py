@@ -384,6 +384,8 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten.split.Tensor: _split(aten.split.Tensor),
     aten.split_with_sizes.default: _split(aten.split_with_sizes.default),
     aten.unbind.int: _split(aten.unbind.int),
+    aten.tensor_split.sections: _split(aten.tensor_split.sections),  # (``glu`` decomposed)
+    aten.tensor_split.indices: _split(aten.tensor_split.indices),
     aten.add.Tensor: _add,
     aten.add.Scalar: _add,
     aten.sub.Tensor: _sub,
