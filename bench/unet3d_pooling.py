@@ -17,36 +17,14 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 from _common import time_interleaved
-from torch import nn
 
 import torchdiv
+from torchdiv._bench.unets import UNet3d  # (width 8: GroupNorm(4, .) blocks)
 from torchdiv._structured import describe
 
 SHAPES = [(2, 2, 4, 8, 8), (2, 2, 4, 12, 12)]  # (B, C, F, H, W)
 METHODS = ("auto", "reverse", "forward", "structured")
-
-
-class UNet3d(nn.Module):
-    """Down by ``AvgPool3d`` over space (as video nets pool), up by trilinear ``interpolate``."""
-
-    def __init__(self, channels: int = 2, width: int = 8):
-        super().__init__()
-        self.conv_in = nn.Conv3d(channels, width, 3, padding=1)
-        self.down = nn.AvgPool3d((1, 2, 2))
-        self.mid = nn.Sequential(
-            nn.GroupNorm(4, width), nn.SiLU(), nn.Conv3d(width, 2 * width, 3, padding=1)
-        )
-        self.out = nn.Sequential(
-            nn.GroupNorm(4, 3 * width), nn.SiLU(), nn.Conv3d(3 * width, channels, 3, padding=1)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = self.conv_in(x)
-        h = self.mid(self.down(skip))
-        h = F.interpolate(h, size=skip.shape[-3:], mode="trilinear", align_corners=False)
-        return self.out(torch.cat([h, skip], 1))
 
 
 def main() -> None:
@@ -56,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    net = UNet3d().requires_grad_(False)
+    net = UNet3d(width=8).requires_grad_(False)
     for shape in SHAPES:
         x = torch.randn(shape)
         print(f"x {tuple(shape)}: structured plan: {describe(net, x)}")

@@ -5,6 +5,8 @@
   whose ``.sample`` is the output.
 * ``GuidedUNet``: the layout of guided-diffusion's ``UNetModel``, and its legacy gradient
   checkpoint ``Recompute`` (``torchdiv._bench.unets``, shared with the benchmarks and the CLI).
+* ``UNet3d``: a 3D U-Net pooled by ``AvgPool3d``, upsampled trilinearly
+  (``torchdiv._bench.unets``, shared with ``bench/unet3d_pooling.py``).
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchdiv._bench.unets import GuidedUNet, Recompute
+from torchdiv._bench.unets import GuidedUNet, Recompute, UNet3d
 
-__all__ = ["GuidedUNet", "Recompute", "diffusers_unet"]
+__all__ = ["GuidedUNet", "Recompute", "UNet3d", "diffusers_unet"]
 
 
 def diffusers_unet(seed: int = 0) -> nn.Module:

@@ -2330,3 +2330,56 @@ def test_a_no_grad_divergence_has_no_graph() -> None:
     with torch.no_grad():
         for kwargs in ({}, {"method": "reverse"}, {"method": "hutchinson", "num_probes": 1}):
             assert not torchdiv.divergence(net, x, **kwargs).requires_grad
+
+
+class _ConformerConvolution(nn.Module):
+    """The Conformer's convolution module (Gulati et al. 2020) as torchaudio writes it: layer
+    norm, a pointwise convolution to twice the channels, a GLU over channels, a depthwise
+    convolution, a batch norm, SiLU and a pointwise convolution, on ``(B, T, D)``."""
+
+    def __init__(self, dim: int = 4, kernel: int = 3) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.sequential = nn.Sequential(
+            nn.Conv1d(dim, 2 * dim, 1),
+            nn.GLU(dim=1),
+            nn.Conv1d(dim, dim, kernel, padding=(kernel - 1) // 2, groups=dim),
+            nn.BatchNorm1d(dim),
+            nn.SiLU(),
+            nn.Conv1d(dim, dim, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sequential(self.norm(x).transpose(1, 2)).transpose(1, 2)
+
+
+def test_samples_are_followed_through_a_glu() -> None:
+    """``glu`` halves a dimension (an op no table knows, whose result is not shaped as its
+    argument): its result was not followed, so what mixed samples after it passed unseen (a
+    Conformer block's train-mode batch norm, a mean over samples, a roll along the batch:
+    ``"auto"`` returned the derivatives of the batched function). Now refused; in eval mode
+    the block is per sample: the divergence of each sample evaluated alone (float64)."""
+    torch.manual_seed(0)
+    block = _ConformerConvolution().to(f64)
+    x = torch.randn(5, 6, 4, dtype=f64)
+    with pytest.raises(BatchInteractionError, match="batch norm in train mode"):
+        torchdiv.divergence(block, x)
+    with pytest.raises(BatchInteractionError, match="batch norm in train mode"):
+        torchdiv.laplacian(lambda z: block(z).sum((-2, -1)), x)
+    glu = nn.functional.glu
+    mixed = {
+        "a mean over samples": lambda z: (lambda g: (g - g.mean(0)).sin())(glu(z, -1)),
+        "moved samples": lambda z: glu(z.roll(1, 0), -1).sin(),
+    }
+    y = torch.randn(8, 6, dtype=f64)
+    for what, f in mixed.items():
+        with pytest.raises(BatchInteractionError, match=what):
+            torchdiv.laplacian(lambda z, f=f: f(z).sum(-1), y)
+        with pytest.raises(BatchInteractionError):
+            torchdiv.divergence(lambda z, f=f: torch.cat([f(z), z[:, :3]], -1), y)
+    block.eval()
+    got = torchdiv.divergence(block, x)
+    alone = [  # each sample alone: the trace of its Jacobian by plain autograd
+        torch.autograd.functional.jacobian(block, xb[None]).reshape(24, 24).trace() for xb in x
+    ]
+    assert_close(got, torch.stack(alone))

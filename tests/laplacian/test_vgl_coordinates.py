@@ -318,3 +318,45 @@ def test_bad_coordinates_are_refused_as_by_laplacian(coordinates, error):
     with pytest.raises(error, match=r"^value_grad_laplacian: ") as got:
         torchdiv.value_grad_laplacian(manufactured, x, coordinates=coordinates)
     assert str(got.value).replace("value_grad_laplacian", "laplacian") == str(by_laplacian.value)
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+@pytest.mark.parametrize("coordinates", [[0, 1], [3, 0, 15]])
+def test_few_coordinates_of_many_inputs_take_the_gradient_by_jacobian(outputs, coordinates):
+    """At ``SPLIT_OUTSIDE`` or more inputs per output component outside the coordinates,
+    ``"auto"`` takes the Laplacian by the Taylor engine along the coordinates only and the
+    gradient by ``jacobian`` (the sweep's first-order terms cost one direction per input: 1.3-5x
+    slower at 8-29 inputs outside, scalar output): value, gradient, Laplacian and a loss's
+    gradients in ``x`` and the parameters as the per-sample loop's; a stateful ``f`` (a buffer
+    written, a dropout mask drawn) changes its state once, the same function throughout."""
+    from conftest import Stateful, assert_one_state, one_state
+
+    n = 16
+    assert (n - len(coordinates) >= second_order.SPLIT_OUTSIDE * outputs) == (outputs == 1)
+    net = _pinn(n, outputs)
+    x = torch.randn(6, n, dtype=f64, requires_grad=True)
+    calls = []
+    jacobian = second_order.jacobian
+    second_order.jacobian = lambda *a, **k: calls.append(1) or jacobian(*a, **k)
+    try:
+        _check(net, x, list(net.parameters()), coordinates, coordinates, "auto")
+        assert len(calls) == (outputs == 1)
+        if outputs == 1:
+            stateful = Stateful(n, 1, head=lambda y: y.squeeze(-1))
+            once, state = one_state(stateful, x.detach(), seed=4)
+            torch.manual_seed(4)
+            got = torchdiv.value_grad_laplacian(stateful, x.detach(), coordinates=coordinates)
+            assert_one_state(stateful, once, state)
+            assert len(calls) == 2
+            z = x.detach().requires_grad_()  # (once's mask is the batch's: batched autograd)
+            value = once(z)
+            (gradient,) = torch.autograd.grad(value.sum(), z, create_graph=True)
+            rows = [
+                torch.autograd.grad(gradient[:, j].sum(), z, retain_graph=True)[0]
+                for j in coordinates
+            ]
+            lap = sum(row[:, j] for row, j in zip(rows, coordinates, strict=True))
+            for a, b in zip(got, (value, gradient, lap), strict=True):
+                assert_close(a, b)
+    finally:
+        second_order.jacobian = jacobian

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_close, assert_same_parameter_gradients, laplacian_alone
 from torch import nn
+from unets import UNet3d
 
 import torchdiv
 from torchdiv._structured import describe, locality
@@ -59,29 +60,6 @@ class Around(nn.Module):
         h = torch.tanh(self.op(F.silu(self.a(x))))
         h = F.interpolate(h, size=x.shape[-3:], mode="trilinear")
         return self.b(h) * torch.sigmoid(x)
-
-
-class UNet3d(nn.Module):
-    """A 3D U-Net as volumetric diffusion code writes it: Conv3d/GroupNorm/SiLU blocks, down by
-    ``AvgPool3d`` (spatial only, as video nets pool), up by trilinear ``interpolate``, skip
-    concatenation."""
-
-    def __init__(self, channels: int = 2, width: int = 4):
-        super().__init__()
-        self.conv_in = nn.Conv3d(channels, width, 3, padding=1)
-        self.down = nn.AvgPool3d((1, 2, 2))
-        self.mid = nn.Sequential(
-            nn.GroupNorm(2, width), nn.SiLU(), nn.Conv3d(width, 2 * width, 3, padding=1)
-        )
-        self.out = nn.Sequential(
-            nn.GroupNorm(2, 3 * width), nn.SiLU(), nn.Conv3d(3 * width, channels, 3, padding=1)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = self.conv_in(x)
-        h = self.mid(self.down(skip))
-        h = F.interpolate(h, size=skip.shape[-3:], mode="trilinear", align_corners=False)
-        return self.out(torch.cat([h, skip], 1))
 
 
 def loop_diagonal(f: Op, x: torch.Tensor) -> torch.Tensor:

@@ -49,8 +49,7 @@ class Spectral(nn.Module):
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     """Empty caches, and ``recordings``: how many times the recorder ran."""
-    monkeypatch.setattr(_structured, "_REFUSED", cache.PlanCache(256), raising=False)
-    monkeypatch.setattr(_structured, "_REFUSING_SITES", cache.PlanCache(256), raising=False)
+    monkeypatch.setattr(_structured, "_REFUSED", cache.Refusals())
     cache.RECORDINGS.clear()
     counted = []
     capture = cache.capture

@@ -23,7 +23,9 @@ Methods (one signature each, in ``BY_NAME``):
   ``x`` (``f`` is not recorded), at up to three inputs where ``f``'s recorded graph does
   little arithmetic per call (``_laplacian.methods.loops_for``: a small batch of a network of
   many small ops, such as a Chebyshev KAN; decided once per structure of ``f`` and ``x``), and
-  at up to ``LOOP_FALLBACK`` inputs if an op has no Taylor rule (``bench/laplacian_small.py``).
+  if an op has no Taylor rule, at up to ``LOOP_FALLBACK`` inputs times output components per
+  sample and where forward mode cannot run ``f`` (``_laplacian.methods.fallback``; kept per
+  structure of ``f``, its parameters and ``x``, so later calls do not record ``f``).
   Inside a region ``torch.compile`` traces, problems where ``f``'s work is small (inputs x
   samples x ``f``'s multiply-adds per sample, estimated from its parameters, at most
   ``10 x 2**20``: ``torchdiv._core.crossover``) take ``"forward-over-reverse"`` traced into the

@@ -292,7 +292,12 @@ def _hint(
             "'forward', which cannot run a backward pass inside f)."
         )
     if "dtype" in message or "scalar type" in message:
-        params = [p.dtype for m in _modules(f) for p in m.parameters() if p.is_floating_point()]
+        params = [  # (one of x's dtype is not the mismatch: a complex one's buffer may be)
+            p.dtype
+            for m in _modules(f)
+            for p in m.parameters()
+            if p.is_floating_point() and p.dtype != x.dtype
+        ]
         what = f"f's parameters are {params[0]}" if params else "f computes in another dtype"
         return (
             f"{what} but x is {x.dtype}: convert one to the other, e.g. model.to(x.dtype) or "
@@ -354,8 +359,7 @@ _PLAIN_WAYS = {
     "laplacian": "method='auto' or 'grad-of-grad'",
     "weighted_laplacian": "method='auto' or 'grad-of-grad'",
     "value_grad_laplacian": (
-        "method='auto' at up to 10 inputs, or laplacian(f, x, method='auto' or "
-        "'grad-of-grad') for the Laplacian"
+        "method='auto', or laplacian(f, x, method='auto' or 'grad-of-grad') for the Laplacian"
     ),
     "biharmonic": _NESTED_LOOP,
 }
@@ -369,8 +373,8 @@ _PLAIN_WAYS_BEYOND_AUTO = {
 
 def _plain_way(fn: str, method: object = None) -> str:
     """How ``fn`` (a public function's name) differentiates ``f`` by plain autograd; where
-    ``method`` was ``"auto"`` and still raised (the Laplacian's loop runs at up to ten inputs
-    only), the explicit method alone."""
+    ``method`` was ``"auto"`` and still raised (its loop of backward passes, where forward
+    mode cannot run ``f``, raised too), the explicit method alone."""
     name = fn.rpartition(".")[2]
     if method == "auto" and name in _PLAIN_WAYS_BEYOND_AUTO:
         return _PLAIN_WAYS_BEYOND_AUTO[name]

@@ -47,7 +47,12 @@ from torchdiv._core.checks import (
     event_numel,
     out_of_memory,
 )
-from torchdiv._core.mixing import check_empty_event, checks_empty_event
+from torchdiv._core.mixing import (
+    BatchInteractionError,
+    check_empty_event,
+    checks_empty_event,
+    watched,
+)
 from torchdiv._core.modes import SafeDerivatives, eager_when, outside_inference_mode
 from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace
@@ -373,7 +378,9 @@ def value_grad_laplacian(
     ``laplacian``'s, ``(Δ_S f)_{b,i} = Σ_{j ∈ S} ∂²f(x)_{b,i} / ∂x_{b,j}²``, while the gradient
     keeps every coordinate: a space-time residual's ``u``, ``∇u`` with ``u_t`` and ``Δ_x u``
     from one call. The Taylor sweep then carries second-order terms along the chosen unit
-    vectors only (the others first order, in chunks of their own); the loop takes its
+    vectors only (the others first order, in chunks of their own; ``"auto"`` takes the
+    gradient by ``jacobian`` instead where at least ``SPLIT_OUTSIDE`` inputs per output
+    component are left out); the loop takes its
     second-level passes along them; ``"forward-over-reverse"`` takes Hessian-vector products
     along them (``laplacian``'s ``coordinates``).
 
@@ -383,7 +390,8 @@ def value_grad_laplacian(
         batch_dims: as in ``laplacian``.
         method: ``"auto"`` (the Taylor engine; the loop of backward passes at few inputs
             and little arithmetic per call, and where an op has no Taylor rule at up to ten
-            inputs or for ops only it differentiates right, as ``laplacian``; otherwise, or
+            inputs times outputs or where forward mode cannot run ``f``, as ``laplacian``,
+            which keeps that choice per structure; otherwise, or
             where that loop's Laplacian is not finite, ``f(x)``, ``jacobian`` and
             ``"forward-over-reverse"`` separately; each evaluation from the state the first
             found: one function, a stateful ``f``'s buffers and random draws changed once),
@@ -429,6 +437,8 @@ def value_grad_laplacian(
         plan = methods.recorded_or_loop(g, x, batch_dims)
         if isinstance(plan, methods.Loop) and plan.refused:
             return _looped_or_separately(g, x, batch_dims, chunk_size, index, plan)
+        if isinstance(plan, methods.Nested):  # refused before: f watched, then the three
+            return _separately_or_looped(g, x, batch_dims, chunk_size or plan.chunk, index)
         if isinstance(plan, methods.Loop):
             looped = _looped(g, x, batch_dims, plan, index)
             if _loop.all_finite(looped.laplacian):
@@ -442,6 +452,8 @@ def value_grad_laplacian(
         try:
             if graph.unsupported:
                 raise UnsupportedOp(", ".join(sorted(set(graph.unsupported))))
+            if method == "auto" and index is not None and _split(graph, x, batch_dims, index):
+                return _swept_and_jacobian(graph, g, x, batch_dims, chunk_size, index)
             return _sweep(graph, x, batch_dims, chunk_size, index)
         except RuntimeError as exc:  # UnsupportedOp included
             if out_of_memory(exc):  # a memory problem, not an unsupported op
@@ -452,13 +464,42 @@ def value_grad_laplacian(
                     f"{fn}: method='taylor' has no propagation rule for {exc}; use "
                     "method='auto' (computes the three separately)"
                 ) from exc
-            if looped is None and methods.loops_after(graph, x, batch_dims):
+            n = event_numel(x, batch_dims)
+            chunk = chunk_size or graph.chunk(n, methods.CHUNK_ELEMENTS)
+            after = methods.at_this_call(methods.fallback(graph, x, batch_dims, chunk))
+            if looped is None and isinstance(after, methods.Loop):
                 return _looped_or_separately(g, x, batch_dims, chunk_size, index)
+            if looped is None:
+                return _separately_or_looped(g, x, batch_dims, chunk_size, index, watch=False)
     if looped is not None:
         return methods.loop_unless_rerun(
             looped, lambda: _separately(g, x, batch_dims, chunk_size, index)
         )
     return _separately(g, x, batch_dims, chunk_size, index)
+
+
+def _separately_or_looped(
+    g: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    index: torch.Tensor | None,
+    watch: bool = True,
+) -> ValueGradLaplacian:
+    """Where ``"auto"`` takes forward over reverse (``methods.fallback``: ``Nested``):
+    ``_separately``, its first evaluation of ``g`` watched for sample mixing if ``watch``
+    (``g`` not recorded at this call: its refusal remembered), or, where forward mode cannot
+    run ``g`` (an op without a forward-mode rule), the loop of backward passes from the state
+    the first evaluation found (``Once``), remembered, as ``methods.nested``."""
+    each = Once(x)
+    try:
+        return _separately(g, x, batch_dims, chunk_size, index, each, watch)
+    except (RuntimeError, ValueError) as error:
+        if out_of_memory(error) or isinstance(error, BatchInteractionError):
+            raise
+    out = _looped(each(g), x, batch_dims, methods.Loop(refused=True), index)
+    methods.remember_loop(g, x, batch_dims)
+    return out
 
 
 def _looped_or_separately(
@@ -493,6 +534,7 @@ def _separately(
     chunk_size: int | None,
     index: torch.Tensor | None,
     each: Once | None = None,
+    watch: bool = False,
 ) -> ValueGradLaplacian:
     """``g(x)``, ``jacobian`` and ``"forward-over-reverse"`` (along the flat event indices ``index``
     only, as ``laplacian``'s ``coordinates``; ``None``: all): three evaluations of ``g`` (and one a
@@ -502,11 +544,13 @@ def _separately(
     leaves the caller's ``x``) with grad on, as the other two evaluate it (a score's
     ``autograd.grad`` inside), and kept without a graph under the caller's ``no_grad``, under
     ``SafeDerivatives`` as the loop evaluates it: the value's parameter gradients (a VMC loss's)
-    were PyTorch's, whose ``celu`` derivative is float32-rounded."""
+    were PyTorch's, whose ``celu`` derivative is float32-rounded; with ``watch``, watched for
+    sample mixing (``BatchInteractionError``)."""
     each = each or Once(x)
     outer = torch.is_grad_enabled()
+    evaluate = (lambda z: watched(g, z, batch_dims)) if watch else g
     with torch.enable_grad(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
-        value = each(g)(argument(x))
+        value = each(evaluate)(argument(x))
     value = value if outer else value.detach()
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:
@@ -563,13 +607,36 @@ def _sweep(
     flat event indices ``index``, their unit vectors first, then the others' with first-order
     terms only (their second-order ones are not computed: a forward-mode sweep)."""
     n = event_numel(x, batch_dims)
+    value, columns, lap = _propagated(graph, x, batch_dims, chunk_size, index)
+    batch = x.shape[:batch_dims]
+    stacked = torch.cat(columns)
+    if index is not None:  # the columns in the order of the event's coordinates
+        stacked = stacked[_chosen_first(index, n).argsort()]
+    # (N, m, n); in x's dtype, as the Laplacian: under autocast the jets are in its dtype
+    jac = stacked.to(x.dtype).reshape(n, batch.numel(), -1).permute(1, 2, 0)
+    gradient = jac.reshape(*batch, *value.shape[batch_dims:], *x.shape[batch_dims:])
+    return ValueGradLaplacian(value, tied(gradient, x), _finished(graph, lap, value, x))
+
+
+def _propagated(
+    graph: Graph,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    index: torch.Tensor | None,
+    others: bool = True,
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """``f(x)``, the output's first-order terms ``(k,) + f(x).shape`` of each chunk of
+    ``_directions`` (``others``: also those of the unit vectors outside ``index``) and the
+    summed second-order terms (``None``: none), by the Taylor engine."""
+    n = event_numel(x, batch_dims)
     chunk = chunk_size or graph.chunk(n, methods.CHUNK_ELEMENTS)
     value: torch.Tensor | None = None
     lap: torch.Tensor | None = None
     columns: list[torch.Tensor] = []
     constants: dict[int, list[Any]] = {}
     known: list[list[Any]] | None = None
-    for number, (u, second) in enumerate(_directions(x, batch_dims, chunk, index)):
+    for number, (u, second) in enumerate(_directions(x, batch_dims, chunk, index, others)):
         jet, k = methods.input_jet(x, u)
         if number == 0:
             known = methods.reused_values(graph, k)
@@ -583,16 +650,55 @@ def _sweep(
         if second and out.lap is not None:
             lap = accumulated(lap, out.lap)
     assert value is not None  # x.numel() > 0: at least one chunk of directions
+    return value, columns, lap
+
+
+def _finished(
+    graph: Graph, lap: torch.Tensor | None, value: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """The summed second-order terms ``lap`` as the Laplacian: ``f(x)``'s shape, ``x``'s
+    dtype, tied to ``x`` and what ``f`` read where it has no graph (``methods.tensors_read``)."""
     lap = x.new_zeros(value.shape) if lap is None else lap.to(x.dtype).expand(value.shape).clone()
-    batch = x.shape[:batch_dims]
-    stacked = torch.cat(columns)
-    if index is not None:  # the columns in the order of the event's coordinates
-        stacked = stacked[_chosen_first(index, n).argsort()]
-    # (N, m, n); in x's dtype, as the Laplacian: under autocast the jets are in its dtype
-    jac = stacked.to(x.dtype).reshape(n, batch.numel(), -1).permute(1, 2, 0)
-    gradient = jac.reshape(*batch, *value.shape[batch_dims:], *x.shape[batch_dims:])
-    read = methods.tensors_read(graph, lap)
-    return ValueGradLaplacian(value, tied(gradient, x), tied(lap, x, read))
+    return tied(lap, x, methods.tensors_read(graph, lap))
+
+
+# ``"auto"`` with ``coordinates`` takes the gradient by ``jacobian`` (reverse mode: one backward
+# pass per output component) instead of the Taylor sweep's first-order terms (one direction
+# per input outside the coordinates) where at least this many inputs per output component lie
+# outside them (``_split``). Scalar tanh MLPs D-64-64-64-1, float32, one thread, forward and
+# backward of a residual loss (/tmp/lo13/vglc.py, 2026-12-05, a loaded 2-core machine): the
+# sweep over the jacobian + Laplacian pair per round, 4 inputs outside 0.7-1.3, 6: 0.85-1.47,
+# 8: 1.0-1.5 (batch 256), 1.3-2.0 (batch 2048), 9: 1.05-1.72, 14: 1.1-1.9, 29: 1.2-5.6; 1
+# outside (k = n - 1): the sweep 0.2-1.0x (kept)
+SPLIT_OUTSIDE = 8
+
+
+def _split(graph: Graph, x: torch.Tensor, batch_dims: int, index: torch.Tensor) -> bool:
+    """Whether ``"auto"`` takes the gradient by ``jacobian`` and the Laplacian by the Taylor
+    engine along the ``index`` unit vectors only (``_swept_and_jacobian``): at least
+    ``SPLIT_OUTSIDE`` inputs outside ``index`` per output component of ``f`` (recorded as
+    ``graph``)."""
+    outputs = math.prod(graph.output_shape[batch_dims:])
+    return event_numel(x, batch_dims) - len(index) >= SPLIT_OUTSIDE * max(outputs, 1)
+
+
+def _swept_and_jacobian(
+    graph: Graph,
+    g: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    index: torch.Tensor,
+) -> ValueGradLaplacian:
+    """``f(x)`` and its Laplacian over ``index`` by the Taylor engine along those unit vectors
+    only (``_propagated`` without the others), the gradient by ``jacobian`` (``"auto"``: a
+    backward pass per output component), which evaluates ``g`` once more, from the state the
+    recording found (``Graph.undo``: the same function, a stateful ``g``'s buffers and random
+    draws changed once)."""
+    value, _, lap = _propagated(graph, x, batch_dims, chunk_size, index, others=False)
+    graph.undo()
+    gradient = jacobian(g, x, batch_dims=batch_dims, chunk_size=chunk_size)
+    return ValueGradLaplacian(value, gradient, _finished(graph, lap, value, x))
 
 
 def _chosen_first(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -604,15 +710,16 @@ def _chosen_first(index: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _directions(
-    x: torch.Tensor, batch_dims: int, chunk: int, index: torch.Tensor | None
+    x: torch.Tensor, batch_dims: int, chunk: int, index: torch.Tensor | None, others: bool = True
 ) -> Iterator[tuple[torch.Tensor | Sparse, bool]]:
     """``_sweep``'s chunks of unit directions, each with whether its second-order terms are
     wanted: all of them (``methods.unit_directions``) where ``index`` is ``None``; else those
-    of ``index`` with them, then the others without (``_chosen_first``)."""
+    of ``index`` with them, then, with ``others``, the others without (``_chosen_first``)."""
     if index is None:
         yield from ((u, True) for u in methods.unit_directions(x, batch_dims, chunk))
         return
     n, k = event_numel(x, batch_dims), len(index)
     order = _chosen_first(index, n)
-    for start, stop in itertools.chain(chunks(k, chunk), chunks(n, chunk, k)):
+    rest = chunks(n, chunk, k) if others else ()
+    for start, stop in itertools.chain(chunks(k, chunk), rest):
         yield broadcast_units(order[start:stop], x, batch_dims), start < k

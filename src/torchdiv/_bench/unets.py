@@ -9,6 +9,9 @@ Written for torchdiv (the names follow openai/guided-diffusion's ``UNetModel``, 
 torchcfm), with two departures: plain GroupNorm (guided-diffusion normalises in float32 even for
 float64 inputs, which would spoil float64 references), and no zero-initialised output layers
 (the network would start as the zero function, and so would its divergence).
+
+Also ``UNet3d``, a one-level 3D (video) U-Net pooled by ``AvgPool3d`` and upsampled by trilinear
+interpolation, for ``bench/unet3d_pooling.py`` and the structured engine's 3D pooling tests.
 """
 
 from __future__ import annotations
@@ -188,3 +191,31 @@ def guided_unet(width: int = 16, attention: bool = True, seed: int = 0) -> AtSte
     """``GuidedUNet`` on 3-channel images at ``t = 200``, random init, in eval mode."""
     torch.manual_seed(seed)
     return AtStep(GuidedUNet(width=width, attention=attention).eval())
+
+
+class UNet3d(nn.Module):
+    """A 3D U-Net as volumetric and video diffusion code writes it: Conv3d/GroupNorm/SiLU blocks
+    (``width // 2`` groups), down by ``AvgPool3d`` over space only (as video nets pool), up by
+    trilinear ``interpolate``, a skip concatenation; ``(N, channels, F, H, W)`` in and out."""
+
+    def __init__(self, channels: int = 2, width: int = 4):
+        super().__init__()
+        groups = width // 2
+        self.conv_in = nn.Conv3d(channels, width, 3, padding=1)
+        self.down = nn.AvgPool3d((1, 2, 2))
+        self.mid = nn.Sequential(
+            nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv3d(width, 2 * width, 3, padding=1)
+        )
+        self.out = nn.Sequential(
+            nn.GroupNorm(groups, 3 * width),
+            nn.SiLU(),
+            nn.Conv3d(3 * width, channels, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.conv_in(x)
+        h = self.mid(self.down(skip))
+        h = torch.nn.functional.interpolate(
+            h, size=skip.shape[-3:], mode="trilinear", align_corners=False
+        )
+        return self.out(torch.cat([h, skip], 1))

@@ -2305,8 +2305,9 @@ def _unknown(func: Any) -> Carry:
     depend on combined samples. Ops that keep the samples in place (fused attention, pooling
     over the event, embeddings, interpolation) pass; a result shaped as a tracked
     argument is followed as holding its samples in place (not of an op that writes in place),
-    and a pad's, ``unfold``'s or ``unfold_backward``'s as holding those along the dimensions
-    it leaves alone (``_left_alone``); the others not."""
+    and a pad's, ``unfold``'s, ``unfold_backward``'s or one of as many dimensions by an op
+    along another dimension (``glu``) as holding those along the dimensions it leaves alone
+    (``_left_alone``); the others not."""
     op = _Signature.of(func)
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -2435,29 +2436,38 @@ def _resampled(
     return None
 
 
-def _changed_dims(op: _Signature, tr: BatchAxes, args: Sequence[Any]) -> set[int] | None:
+def _changed_dims(
+    op: _Signature, tr: BatchAxes, args: Sequence[Any], o: torch.Tensor
+) -> set[int] | None:
     """The dimensions of the first argument ``t`` whose places a pad (the last
     ``len(padding) // 2``), ``unfold`` or ``unfold_backward`` (``torch.stft``'s and
-    ``torch.istft``'s frames; ``dim``) changes; ``None`` for any other op."""
+    ``torch.istft``'s frames; ``dim``) changes, or an op along one dimension ``dim`` (not a
+    batch one: ``_along``) whose result ``o`` has as many dimensions (``glu``, halving it:
+    its result was not followed, so a mean over samples after a GLU passed unseen);
+    ``None`` for any other op."""
     t = args[0]
     if _PADS.match(op.name):
         n = len(op.argument(args, tr.kwargs, "padding")) // 2
         return set(range(t.dim() - n, t.dim()))
     if op.name in _WINDOWS:
         return {op.argument(args, tr.kwargs, _WINDOWS[op.name]) % t.dim()}
+    dim = None if op.dim is None else op.argument(args, tr.kwargs, op.dim)
+    if isinstance(dim, int) and t.dim() and o.dim() == t.dim():
+        return {dim % t.dim()}
     return None
 
 
 def _left_alone(op: _Signature, tr: BatchAxes, args: Sequence[Any], o: torch.Tensor) -> Axes | None:
     """The batch dimensions of ``op``'s first argument ``t`` (a pad, ``unfold``,
-    ``unfold_backward``) along the dimensions it leaves alone, in the same places of its
-    result ``o`` (a reflection-padded signal's channels, each sample's frames of
-    ``torch.stft``, ``torch.istft``'s overlap-added frames of each sample)."""
+    ``unfold_backward``, an op along one other dimension: ``_changed_dims``) along the
+    dimensions it leaves alone, in the same places of its result ``o`` (a reflection-padded
+    signal's channels, each sample's frames of ``torch.stft``, ``torch.istft``'s
+    overlap-added frames of each sample, a GLU's halves)."""
     t = args[0] if args else None
     axes = tr.axes(t)
     if not axes or not isinstance(t, torch.Tensor):
         return None
-    changed = _changed_dims(op, tr, args)
+    changed = _changed_dims(op, tr, args, o)
     if changed is None:
         return None
     kept = tuple(

@@ -52,7 +52,7 @@ ROWS_PROBLEM = 1 << 18
 # (its backward is made of index ops). Custom ops (outside aten), which
 # ``torch.library`` gives none, are told by their namespace (``_exact.forward.Tangents``
 # refuses them there). The Laplacian's ``"auto"`` loops over backward passes for an ``f``
-# that runs one (``_laplacian.methods.loops_after``).
+# that runs one (``_laplacian.methods.fallback``).
 WITHOUT_FORWARD_RULE = frozenset(
     {
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,

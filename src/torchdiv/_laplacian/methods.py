@@ -9,6 +9,7 @@ directions as given. Arguments are checked by the public functions (``torchdiv._
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn, TypeVar
@@ -28,6 +29,8 @@ from torchdiv._core.basis import (
 )
 from torchdiv._core.checks import event_numel, out_of_memory, unwrapped
 from torchdiv._core.crossover import traced
+from torchdiv._core.mixing import BatchInteractionError
+from torchdiv._core.mixing import watched as mixing_watched
 from torchdiv._core.modes import recorded
 from torchdiv._core.tie import tied
 from torchdiv._exact.forward import ForwardJacobian, holds_dual_level, under_tangents
@@ -45,7 +48,7 @@ from torchdiv._taylor import (
     mixing,
     propagate,
 )
-from torchdiv._taylor.capture import IN_PLACE_DETACH
+from torchdiv._taylor.capture import IN_PLACE_DETACH, argument
 from torchdiv._taylor.sparse import Sparse, per_particle
 from torchdiv._taylor.tree import leaves
 
@@ -58,7 +61,8 @@ CHUNK_ELEMENTS = 2**24
 # LOOP_ELEMENTS elements, decided before recording f; where f's recorded graph does little
 # arithmetic per call (Graph.work_per_call): the Taylor engine's fixed cost per call (recording
 # it, a rule in Python: 50-100 us) then outweighs what its n + 2 jets save against the loop's
-# 2n + 3 backward passes; and at up to LOOP_FALLBACK inputs where the Taylor engine cannot run f.
+# 2n + 3 backward passes; and where the Taylor engine cannot run f, at up to LOOP_FALLBACK
+# inputs times output components per sample (``fallback``).
 # The loop's share grows when its result is not differentiated (no third-order backward pass):
 # - differentiated (training): at up to 2 inputs below LOOP_WORK_TRAINED per call (a KAN at
 #   batch 256, 5.5k per call: the loop ~1.1-1.3x faster; the FNN at 256, 24k: the loop
@@ -78,6 +82,10 @@ LOOP_ELEMENTS = 1024
 LOOP_WORK = 32768
 LOOP_WORK_ONE_THREAD = 40960
 LOOP_WORK_TRAINED = 16384
+# The loop's 1 + m (1 + n) passes against forward over reverse's n batched products of m rows
+# (an FFT net and an S4D layer, float64, batch 64, one thread, /tmp/lo13/cross.py, 2026-12-05):
+# at m = 1 the loop 0.46-0.71x at 4 inputs, 0.84-1.0x at 10 (frozen); n = 4, m = 2 even
+# (0.78-1.13x); n m >= 12 the loop 1.1-8.4x slower (n = m = 10: 109 against 26 ms).
 LOOP_FALLBACK = 10
 # the loop batches its second-level backward passes (``loop.Settings``) below this much
 # work per call: a KAN at batch 256 (5.5k) 10-25% faster, frozen or trained, at 2 and 3
@@ -92,6 +100,10 @@ _LOOPS = cache.PlanCache(256)
 # by every call the Taylor engine runs at 2-3 inputs (2-4% of a trained FNN's Laplacian at
 # batch 256, issue 18)
 _LOOPING_SITES = cache.PlanCache(256)
+# the structures at which the Taylor engine found no rule for an op of f (``Graph.unsupported``),
+# each with the fallback ``"auto"`` takes there (``fallback``: ``Loop`` or ``Nested``), by
+# ``_site``: later calls take it without recording f, watched for sample mixing at every call
+_REFUSED = cache.Refusals()
 
 
 def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
@@ -107,30 +119,35 @@ def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) 
 def _recorded_auto(
     f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None
 ) -> torch.Tensor:
-    n = event_numel(x, batch_dims)
     plan = recorded_or_loop(f, x, batch_dims)
+    if isinstance(plan, Graph):
+        chunk = chunk_size or plan.chunk(event_numel(x, batch_dims), CHUNK_ELEMENTS)
+        out = collapsed_or_none(plan, x, unit_directions(x, batch_dims, chunk))
+        if out is not None:
+            return out
+        plan, chunk_size = at_this_call(fallback(plan, x, batch_dims, chunk)), chunk
     if isinstance(plan, Loop):
         return looped(f, x, batch_dims, chunk_size, plan)
-    chunk = chunk_size or plan.chunk(n, CHUNK_ELEMENTS)
-    out = collapsed_or_none(plan, x, unit_directions(x, batch_dims, chunk))
-    if out is not None:
-        return out
-    if loops_after(plan, x, batch_dims):
-        return looped(f, x, batch_dims, chunk)
-    return forward_over_reverse(f, x, batch_dims, chunk)
+    return nested(f, x, batch_dims, chunk_size, plan)
 
 
-def loops_after(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
-    """Whether ``"auto"`` loops over backward passes where the Taylor engine could not run
-    ``f`` (recorded as ``graph``), rather than taking forward over reverse: at up to
-    ``LOOP_FALLBACK`` inputs, or at any number where ``f`` runs an op that only the loop
-    differentiates right (``_backward_passes_only``) or inside the caller's
-    ``forward_ad.dual_level()``, where forward mode cannot nest."""
-    return (
-        event_numel(x, batch_dims) <= LOOP_FALLBACK
-        or _backward_passes_only(graph)
-        or holds_dual_level()
-    )
+def fallback(graph: Graph, x: torch.Tensor, batch_dims: int, chunk: int) -> Loop | Nested:
+    """What ``"auto"`` runs where the Taylor engine could not run ``f`` (recorded as
+    ``graph``): the loop of backward passes while inputs times output components per sample
+    are at most ``LOOP_FALLBACK`` (its ``1 + m (1 + n)`` passes), or at any size where ``f``
+    runs an op that only the loop differentiates right (``_backward_passes_only``); forward
+    over reverse, ``chunk`` directions at a time (the Taylor engine's planned chunk), otherwise.
+    Kept for ``f``'s structure where the recording refused an op (``_REFUSED``)."""
+    outputs = math.prod(graph.output_shape[batch_dims:])
+    if event_numel(x, batch_dims) * outputs <= LOOP_FALLBACK or _backward_passes_only(graph):
+        return Loop(refused=True)
+    return Nested(chunk)
+
+
+def at_this_call(plan: Loop | Nested) -> Loop | Nested:
+    """``plan`` (``fallback``), or the loop inside the caller's ``forward_ad.dual_level()``,
+    where forward mode cannot nest."""
+    return Loop(refused=True) if isinstance(plan, Nested) and holds_dual_level() else plan
 
 
 def _backward_passes_only(graph: Graph) -> bool:
@@ -166,16 +183,30 @@ class Loop:
             mixing.passed(*self.watched)
 
 
-def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | Loop:
+@dataclass(frozen=True)
+class Nested:
+    """``"auto"`` runs forward over reverse where the Taylor engine cannot run ``f``
+    (``fallback``), ``chunk`` directions at a time; ``watch``: ``f`` was not recorded at this
+    call (its refusal was remembered), so one evaluation of it is watched for sample mixing
+    first (``nested``), as the recording was at every call."""
+
+    chunk: int
+    watch: bool = False
+
+
+def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | Loop | Nested:
     """``f`` recorded at ``x`` for the Taylor engine, or ``Loop`` where ``"auto"`` loops over
     backward passes instead (``loops``, ``loops_for``; what recording changed is undone). A
     decision to loop is remembered per ``_site`` and structure: the next such call records
-    nothing; so is the loop that a refused recording falls back to (an op without a Taylor
-    rule, a backward pass inside ``f``: a write through a view whose base is read after it,
-    a curvature ``div(grad f / |grad f|)``), which recorded ``f`` again at every call (1.1-1.5x the
-    loop's own time): that call still gets the refused graph, for its caller's fallback.
-    Only a site remembered to loop at some structure (``_LOOPING_SITES``) has its structure
-    key made before recording; any other call records ``f`` straight away.
+    nothing. So is the fallback (``fallback``: the loop, or ``Nested``, forward over
+    reverse) of a refused recording (an op without a Taylor rule, a backward pass inside
+    ``f``: a write through a view whose base is read after it, a curvature ``div(grad f /
+    |grad f|)``, an FFT), kept by ``refusal_key`` (``f``'s structure and its parameters'
+    identities, ``_REFUSED``), which recorded ``f`` again at every call (1.1-1.5x the loop's
+    own time): that call still gets the refused graph, for its caller's fallback. Only a
+    site remembered to loop at some structure (``_LOOPING_SITES``) has its structure key made
+    before recording, and only one with a refusal its refusal key; any other call records
+    ``f`` straight away.
 
     Sample mixing (``torchdiv._core.mixing``): recording watches ``f``. A call that does not
     record it watches the loop's own evaluation of ``f`` (~10 us per op, no extra
@@ -188,19 +219,21 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     ``f`` evaluated outside the modes unless its graph needed them."""
     if loops(x, batch_dims):
         return _unrecorded(f, x, batch_dims, Loop())
-    site = _site(f) if event_numel(x, batch_dims) <= LOOP_INPUTS else None
-    looping = site is not None and _LOOPING_SITES.get(site, None)
-    at = mixing.structure(f, x, batch_dims) if looping else None
+    site = _site(f)
+    refused = _REFUSED.get(site, f, x, batch_dims)
+    if refused is not None:
+        return _unrecorded(f, x, batch_dims, at_this_call(refused))
+    few = event_numel(x, batch_dims) <= LOOP_INPUTS
+    at = mixing.structure(f, x, batch_dims) if few and _LOOPING_SITES.get(site, None) else None
     remembered = None if at is None else _LOOPS.get(site, mixing.shape_key(at))
     if remembered:
         return _unrecorded(f, x, batch_dims, remembered, at)
     graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
-    if site is None:
+    if graph.unsupported:  # as the callers fall back (``fallback``), at the planned chunk
+        chunk = graph.chunk(event_numel(x, batch_dims), CHUNK_ELEMENTS)
+        _REFUSED.put(site, f, x, batch_dims, fallback(graph, x, batch_dims, chunk))
         return graph
-    if graph.unsupported:  # the loop, as the callers fall back to (``loops_after``)
-        _remember(site, f, x, batch_dims, at, Loop(refused=True))
-        return graph
-    if not loops_for(graph, x, batch_dims):
+    if not few or not loops_for(graph, x, batch_dims):
         return graph
     plan = Loop(settings=Settings(graph.work_per_call() < BATCHED_WORK, plain=True))
     graph.undo()  # f runs again: what recording it changed is put back first
@@ -227,18 +260,62 @@ def _remember(
 
 
 def _unrecorded(
-    f: Function, x: torch.Tensor, batch_dims: int, plan: Loop, at: mixing.Structure | None = None
-) -> Loop:
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    plan: Loop | Nested,
+    at: mixing.Structure | None = None,
+) -> Loop | Nested:
     """``plan`` for an ``f`` not recorded at this call: watched unless it passed before (at
-    the structure ``at``, if made already). A ``refused`` plan's ``f`` was recorded and
-    watched at every call before it was remembered, and still is watched at every call (an
-    index tensor it holds, changed in place, may make it mix samples): never marked as
-    passed."""
+    the structure ``at``, if made already). A ``refused`` plan's (or ``Nested``'s) ``f`` was
+    recorded and watched at every call before it was remembered, and still is watched at
+    every call (an index tensor it holds, changed in place, may make it mix samples): never
+    marked as passed."""
+    if isinstance(plan, Nested):
+        return replace(plan, watch=True)
     if plan.refused:
         return replace(plan, check="watch", watched=None)
     if x.dim() > batch_dims and mixing.passed_before(f, x, batch_dims, at) is not None:
         return replace(plan, check="graph", watched=None)
     return replace(plan, check="watch", watched=(f, x, batch_dims, at))
+
+
+def nested(
+    f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None, plan: Nested
+) -> torch.Tensor:
+    """``"forward-over-reverse"`` where the Taylor engine cannot run ``f`` (``fallback``),
+    ``chunk_size`` (else ``plan.chunk``) directions at a time; where ``plan.watch`` (``f``
+    not recorded at this call), one evaluation of ``f`` watched for sample mixing first
+    (``BatchInteractionError``; ``torchdiv._core.mixing.watched``: its ops ~10 us each,
+    against ~50 us to record them). Where forward mode cannot run ``f`` (an op without a
+    forward-mode rule: ``grid_sample``; it raised for the whole call), the loop of backward
+    passes, remembered for ``f``'s structure. Every evaluation starts from the state the
+    first found (``Once``): ``f``'s buffers and random draws change once."""
+    each = Once(x)
+    if plan.watch:
+        each(lambda z: _watched(f, z, batch_dims))(x)
+    try:
+        return forward_over_reverse(f, x, batch_dims, chunk_size or plan.chunk, each=each)
+    except (RuntimeError, ValueError) as error:  # (as ``loop_unless_rerun``)
+        if out_of_memory(error) or isinstance(error, BatchInteractionError):
+            raise
+    out = looped(each(f), x, batch_dims, chunk_size, Loop(refused=True))
+    remember_loop(f, x, batch_dims)
+    return out
+
+
+def remember_loop(f: Function, x: torch.Tensor, batch_dims: int) -> None:
+    """Keep the loop of backward passes as ``"auto"``'s fallback for ``f`` at ``x``, where
+    forward over reverse could not run it: later calls loop without recording ``f`` or trying
+    forward mode again, watched for sample mixing at every call (``_unrecorded``)."""
+    _REFUSED.put(_site(f), f, x, batch_dims, Loop(refused=True))
+
+
+def _watched(f: Function, x: torch.Tensor, batch_dims: int) -> None:
+    """Evaluate ``f`` at an alias of ``x`` (``capture.argument``, as recording does) with grad
+    on, watched for sample mixing (``BatchInteractionError``); the result is dropped."""
+    with torch.enable_grad():
+        mixing_watched(f, argument(x), batch_dims)
 
 
 def loops(x: torch.Tensor, batch_dims: int) -> bool:
@@ -477,13 +554,19 @@ def products_along(
 
 
 def forward_over_reverse(
-    f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None, share: Share = WHOLE
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    share: Share = WHOLE,
+    each: Once | None = None,
 ) -> torch.Tensor:
     """The Laplacian (the part of a ``share`` of the directions, which must not be empty) by
-    Hessian columns, JVPs of the per-sample gradients, keeping only the diagonal entries."""
+    Hessian columns, JVPs of the per-sample gradients, keeping only the diagonal entries.
+    ``each``: the caller's ``Once``, whose evaluations of ``f`` every chunk's starts from."""
     n = event_numel(x, batch_dims)
     pieces = list(share.chunks(n, chunk_size or n))
-    each = Once(x, len(pieces) > 1)  # f evaluated once per chunk: from one state
+    each = each or Once(x, len(pieces) > 1)  # f evaluated once per chunk: from one state
 
     def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
         for start, stop in pieces:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from torchdiv._core.basis import WHOLE, Share
-from torchdiv._core.checks import out_of_memory, raised_by_f, unwrapped
+from torchdiv._core.checks import out_of_memory, raised_by_f
 from torchdiv._core.crossover import traced
 from torchdiv._core.modes import recorded
 from torchdiv._structured import colors, cycle, factors, forward, statistics
@@ -45,16 +45,10 @@ Function = Callable[[torch.Tensor], torch.Tensor]
 # 2.7 ms recorded and planned against 1.1 ms for two batched VJPs, on a 2-core CPU)
 TINY_PROBLEM = 1 << 12
 
-# the structures at which "auto" found no rule for an op of ``f`` (``UnsupportedOp``: an FFT,
-# a write into shared memory: ``Graph.unsupported``), by ``where`` (``cache.site``) and
-# ``_refusal_key``: a later call there goes to the generic engines without recording ``f``
-# again (an FNO's recording cost ~13 ms per call, thrown away at every call). Only a refusal
-# by the ops alone is kept: a rule or plan failing on these arguments (``UnsupportedOp``
-# from a rule: ``c ** x`` with ``c <= 0``, ``RuntimeError``, ``TypeError``) is tried again.
-_REFUSED = _cache.PlanCache(256)
-# True for each site with a structure in ``_REFUSED``: only such a site's calls make the key
-# (``cache.structure_key``, 10-25 us) to look it up
-_REFUSING_SITES = _cache.PlanCache(256)
+# the structures at which "auto" found no rule for an op of ``f`` (``Graph.unsupported``), by
+# ``cache.site``: a later call there goes to the generic engines without recording ``f``
+# again (``refused_before``)
+_REFUSED = _cache.Refusals()
 
 
 def chosen(method: str, f: Function, x: torch.Tensor, batch_dims: int) -> bool:
@@ -70,31 +64,12 @@ def chosen(method: str, f: Function, x: torch.Tensor, batch_dims: int) -> bool:
 
 def refused_before(where: Any, f: Function, x: torch.Tensor, batch_dims: int) -> bool:
     """Whether ``plan`` found no rule for an op of ``f`` at this structure before
-    (``_REFUSED``), under ``where`` (``None``: never)."""
-    if where is None or torch.compiler.is_compiling() or not _REFUSING_SITES.get(where, None):
-        return False
-    return bool(_REFUSED.get(where, _refusal_key(f, x, batch_dims)))
-
-
-def _refusal_key(f: Function, x: torch.Tensor, batch_dims: int) -> Any:
-    """What a refusal depends on: ``cache.structure_key`` of the caller's ``f`` (the modules it
-    holds or reaches, their train modes, flags, functions, hooks and which parameters
-    require grad; ``x``'s shape, dtype, device, batch dimensions, grad mode) and the identity
-    and dtype of every parameter of those modules (a parameter replaced or cast: recorded
-    again). A closure's plain tensors are values: one changed still finds the refusal, which
-    at worst costs speed (the generic engines are exact for every ``f``)."""
-    f = unwrapped(f)
-    if isinstance(f, torch.nn.Module):
-        modules = [f]
-    else:
-        modules = [m for m in _cache.named(f) if isinstance(m, torch.nn.Module)]
-    parameters = tuple((id(p), p.dtype) for m in modules for p in m.parameters())
-    return _cache.structure_key(f, x, batch_dims), parameters
+    (``_REFUSED``, ``cache.Refusals``), under ``where`` (``None``: never)."""
+    return bool(_REFUSED.get(where, f, x, batch_dims))
 
 
 def _remember_refusal(where: Any, f: Function, x: torch.Tensor, batch_dims: int) -> None:
-    _REFUSED.put(where, _refusal_key(f, x, batch_dims), True)
-    _REFUSING_SITES.put(where, None, True)
+    _REFUSED.put(where, f, x, batch_dims, True)
 
 
 @recorded

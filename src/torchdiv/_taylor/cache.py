@@ -51,6 +51,7 @@ from torch._C._autograd import _top_saved_tensors_default_hooks
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from torchdiv._core import mixing as _mixing
+from torchdiv._core.checks import unwrapped
 from torchdiv._core.modes import DispatchMode
 from torchdiv._core.script import attribute, cell_contents, global_names
 from torchdiv._taylor.capture import (
@@ -245,6 +246,60 @@ class PlanCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+class Refusals:
+    """The structures at which a recording engine found no rule for an op of ``f``
+    (``Graph.unsupported``: an FFT, a write into shared memory, a backward pass inside ``f``),
+    each with what ``"auto"`` ran instead, by ``where`` (the caller's ``site``) and
+    ``refusal_key``: a later call there runs that without recording ``f`` again (an FNO's
+    recording cost ~13 ms per call, thrown away at every call). Only a refusal by the ops
+    alone belongs here: a rule failing on values (``c ** x`` with ``c <= 0``) is tried again.
+    The engine run instead must watch every call for sample mixing, as the recording did.
+
+    Only a site with a refusal makes the key (10-25 us) to look a call up; any other call
+    costs one dictionary look-up.
+
+    Example:
+        >>> refusals = Refusals()
+        >>> net = torch.nn.Linear(2, 2)
+        >>> x = torch.randn(4, 2)
+        >>> refusals.put(net, net, x, 1, "the generic engines")
+        >>> refusals.get(net, net, x, 1), refusals.get(net, net, x[:, :1], 1)
+        ('the generic engines', None)
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._found = PlanCache(size)
+        self._sites = PlanCache(size)  # True for each site with a structure in ``_found``
+
+    def get(self, where: Any, f: Function, x: torch.Tensor, batch_dims: int) -> Any:
+        """What ``put`` kept for ``f`` at ``x`` under ``where``, or ``None`` (``where`` is
+        ``None``, or Dynamo traces the call)."""
+        if where is None or torch.compiler.is_compiling() or not self._sites.get(where, None):
+            return None
+        return self._found.get(where, refusal_key(f, x, batch_dims))
+
+    def put(self, where: Any, f: Function, x: torch.Tensor, batch_dims: int, plan: Any) -> None:
+        """Keep ``plan`` (what runs instead of the recording) for ``f`` at ``x``."""
+        self._found.put(where, refusal_key(f, x, batch_dims), plan)
+        self._sites.put(where, None, True)
+
+
+def refusal_key(f: Function, x: torch.Tensor, batch_dims: int) -> Hashable:
+    """What a refusal (``Refusals``) depends on: ``structure_key`` of the caller's ``f`` (the
+    modules it holds or reaches, their train modes, flags, functions, hooks and which
+    parameters require grad; ``x``'s shape, dtype, device, batch dimensions, grad mode) and
+    the identity and dtype of every parameter of those modules (a parameter replaced or
+    cast: recorded again). A closure's plain tensors are values: one changed still finds the
+    refusal, which at worst costs speed (the engines run instead are exact for every ``f``)."""
+    f = unwrapped(f)
+    if isinstance(f, torch.nn.Module):
+        modules = [f]
+    else:
+        modules = [m for m in named(f) if isinstance(m, torch.nn.Module)]
+    parameters = tuple((id(p), p.dtype) for m in modules for p in m.parameters())
+    return structure_key(f, x, batch_dims), parameters
 
 
 def checkpointed() -> bool:

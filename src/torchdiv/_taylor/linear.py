@@ -242,6 +242,33 @@ def _halved(ctx: Context, a: Operand, b: Operand) -> Jet:
     return Jet(value, jac, lap if ctx.second_order else None)
 
 
+def _accumulated(op: Callable[..., Tensor], source: int) -> Callable[..., Jet]:
+    """``op(self, ..., source, ...)`` that adds ``source``'s elements into places of ``self``
+    (``index_add``, ``scatter_add``, ``index_put(accumulate=True)``: message passing, a mixture
+    of experts' dispatch), linear in the two together: ``jac`` (by ``torch.vmap`` over the
+    directions) and ``lap`` go through the same op, the other arguments (indices, ``dim``,
+    ``alpha``) as they are. ``source`` is its position among the arguments; either tensor may
+    be a constant (zero derivatives). ``index_put`` without ``accumulate`` picks one of several
+    writes to one place, which the jets could not follow: the rule refuses it."""
+
+    def rule(ctx: Context, *args: Any, **kwargs: Any) -> Jet:
+        if op is aten.index_put.default and not (args[3:4] or [kwargs.get("accumulate")])[0]:
+            raise UnsupportedOp("index_put without accumulate (a write, not a sum)")
+        jets = [a if isinstance(a, Jet) else Jet(a, None, None) for a in (args[0], args[source])]
+
+        def applied(into: Tensor, added: Tensor) -> Tensor:
+            return op(into, *args[1:source], added, *args[source + 1 :], **kwargs)
+
+        value = applied(jets[0].value, jets[1].value)
+        jac = None
+        if ctx.jac:
+            jac = torch.vmap(applied)(full_jac(ctx, jets[0]), full_jac(ctx, jets[1]))
+        lap = applied(full_lap(jets[0]), full_lap(jets[1])) if ctx.second_order else None
+        return Jet(value, jac, lap)
+
+    return rule
+
+
 def _max_pool(op: Callable[..., tuple[Tensor, Tensor]], n: int) -> Callable[..., Any]:
     """Max pooling over the last ``n`` dimensions picks one input per output (``index``: flat
     over those ``n``, as PyTorch returns it): ``jac`` and ``lap`` are gathered there."""
@@ -357,6 +384,8 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten.split.Tensor: _split(aten.split.Tensor),
     aten.split_with_sizes.default: _split(aten.split_with_sizes.default),
     aten.unbind.int: _split(aten.unbind.int),
+    aten.tensor_split.sections: _split(aten.tensor_split.sections),  # (``glu`` decomposed)
+    aten.tensor_split.indices: _split(aten.tensor_split.indices),
     aten.add.Tensor: _add,
     aten.add.Scalar: _add,
     aten.sub.Tensor: _sub,
@@ -376,6 +405,9 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten.max_pool3d_with_indices.default: _max_pool(aten.max_pool3d_with_indices, 3),
     aten.max.dim: _max_dim,
     aten.amax.default: _amax,
+    aten.index_add.default: _accumulated(aten.index_add.default, 3),
+    aten.scatter_add.default: _accumulated(aten.scatter_add.default, 3),
+    aten.index_put.default: _accumulated(aten.index_put.default, 2),
     aten.maximum.default: lambda ctx, a, b: _extremum(ctx, a, b, True),
     aten.minimum.default: lambda ctx, a, b: _extremum(ctx, a, b, False),
 }
