@@ -690,6 +690,12 @@ class SafeDerivatives(TorchFunctionMode):
     - ``cosine_similarity`` clamps its norms in place under ``no_grad``, a write no replay
       reproduces: the recorders (``recording=True``) run its composite at any order, so the
       Taylor and structured engines record it (they refused it, ``"auto"`` fell back).
+    - ``scaled_dot_product_attention`` inside ``torch.autocast``: on the math backend
+      (``math_attention``) below ``torch.func.vjp`` its pullback raised a dtype mismatch
+      (bfloat16 on CPU), so every engine of backward passes refused a valid ``f``; run as
+      autocast runs it, its arguments cast first (``_autocast_attention``), from order 1.
+      ``nn.MultiheadAttention`` calls it out of this mode's reach (inside
+      ``F.multi_head_attention_forward``) and is still refused there.
 
     ``inv``, ``cholesky``, ``solve_triangular``, ``cholesky_solve``, ``lu_factor``/``lu_solve``,
     ``qr``, ``svdvals``, ``matrix_exp``, ``pinv``, ``lstsq`` were right in every engine.
@@ -1250,6 +1256,31 @@ _NORM = ("LinalgVectorNormBackward",)  # every norm over vector_norm, cosine sim
 AT_ZERO_VECTORS = (*_NORM, "NormBackward")
 _POW_OPERATOR = torch.Tensor.__pow__  # ``a ** e``: run by ``Tensor.pow``'s entry
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
+
+
+def _autocast_attention(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` inside ``torch.autocast``, cast as autocast casts it
+    (its floating arguments but float64 to the autocast dtype: the op is on autocast's
+    lower-precision list) and run with autocast off, which is what autocast runs. PyTorch's
+    math backend (``math_attention``) inside autocast and below ``torch.func.vjp`` gave a
+    pullback that raised "expected scalar type BFloat16 but found Float" (PyTorch 2.13, CPU,
+    bfloat16: TarFlow's attention under its training autocast): ``method="reverse"``,
+    ``"forward-over-reverse"`` and ``"hessian"`` refused such an ``f``; plain autograd and
+    the same math backend on arguments cast beforehand do not. The same values."""
+    device = query.device.type
+    if not torch.is_autocast_enabled(device):
+        return torch.nn.functional.scaled_dot_product_attention(query, *args, **kwargs)
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t: Any) -> Any:
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point()
+        return t.to(dtype) if eligible and t.dtype != torch.float64 else t
+
+    args, kwargs = tree_map(cast, (args, kwargs))
+    with torch.autocast(device, enabled=False):
+        return torch.nn.functional.scaled_dot_product_attention(cast(query), *args, **kwargs)
+
+
 REPLACEMENTS: dict[Any, Replacement] = {
     **_table(
         (2, 3),
@@ -1299,6 +1330,8 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((2, None), _cumprod, "", ("CumprodBackward",), torch.cumprod, torch.Tensor.cumprod),
     **_table((1, 1), _cdist, "", ("CdistBackward", "EuclideanDistBackward"), torch.cdist),
     **_table((1, 2), _pdist, "", ("PdistBackward",), torch.pdist),
+    # no nodes: the values and derivatives of autocast's own cast and call
+    **_table((1, 1), _autocast_attention, "", (), torch.nn.functional.scaled_dot_product_attention),
     **_table(
         (2, None),
         _linalg.slogdet,
