@@ -54,13 +54,19 @@ def test_overlapping_calls_put_the_stance_and_the_executor_flag_back_in_any_orde
     assert torch._C._get_graph_executor_optimize() == optimized
 
 
+def _math_attention(q: torch.Tensor) -> torch.Tensor:
+    """Self-attention of ``q`` on PyTorch's math backend (the engines' own)."""
+    with math_attention():
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+
 def test_every_op_safe_derivatives_changes_leaves_its_nodes():
     """Engines that evaluate ``f`` outside ``SafeDerivatives`` search its graph for the ops
     the mode changes (``changed_nodes``) and evaluate it again under the mode where one shows:
     every op of ``REPLACEMENTS`` (a new one must be added here) leaves its nodes, at the
     orders and modes it is replaced at, but group norm, whose contiguous copy changes no
-    derivative (nothing to search for); the fused attention kernels show as ``fused``;
-    ordinary ops show nothing."""
+    derivative (nothing to search for), and attention, cast as autocast casts it; the fused
+    attention kernels show as ``fused``; ordinary ops show nothing."""
     from torchdiv._core.modes import REPLACEMENTS, changed_nodes
     from torchdiv._core.walk import search
 
@@ -133,11 +139,17 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "torch.pow": lambda: torch.pow(x, torch.full((4,), 3.0)),
         "torch.Tensor.pow": lambda: x.pow(torch.full((4,), 3.0)),
         "torch.Tensor.pow, **": lambda: x ** torch.full((4,), 3.0),
+        "torch.scaled_dot_product_attention": lambda: _math_attention(x.reshape(2, 2, 15, 4)),
     }
     names = {entry.name for entry in REPLACEMENTS.values()}
     assert names <= set(calls), names - set(calls)
     entries = {entry.name: entry for entry in REPLACEMENTS.values()}
-    layout_only = {"torch.nn.functional.group_norm", "torch.group_norm"}  # a contiguous copy
+    # a contiguous copy; attention cast as autocast casts it
+    layout_only = {
+        "torch.nn.functional.group_norm",
+        "torch.group_norm",
+        "torch.scaled_dot_product_attention",
+    }
     assert {name for name, entry in entries.items() if not entry.nodes} == layout_only
     for name, call in calls.items():
         entry = entries[name.split(",")[0]]
