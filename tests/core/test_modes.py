@@ -315,3 +315,24 @@ def test_ops_pytorch_cannot_differentiate_are_refused_in_every_engine(name):
 
 EXACT = ("auto", "forward", "reverse")
 NESTED = ("auto", "forward-over-reverse", "hessian", "grad-of-grad")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"attn_mask": "bool"}, {"attn_mask": "float"}, {"is_causal": True}, {"scale": 0.3}],
+    ids=["plain", "bool-mask", "float-mask", "causal", "scale"],
+)
+def test_attention_inside_autocast_is_autocast_s_own(options: dict) -> None:
+    """``SafeDerivatives``' attention inside ``torch.autocast`` (its arguments cast first,
+    autocast off) gives autocast's own result bit for bit, on the math backend the engines
+    use, float32 arguments (and a float mask) cast to bfloat16 as autocast casts them."""
+    from torchdiv._core.modes import _autocast_attention
+
+    q = torch.randn(2, 2, 5, 4, generator=torch.Generator().manual_seed(0))
+    masks = {"bool": torch.ones(5, 5, dtype=torch.bool).tril(), "float": torch.randn(5, 5)}
+    options = {k: masks.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
+    with math_attention(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.nn.functional.scaled_dot_product_attention(q, 2 * q, q + 1, **options)
+        got = _autocast_attention(q, 2 * q, q + 1, **options)
+    assert want.dtype == got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
