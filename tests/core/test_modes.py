@@ -336,3 +336,34 @@ def test_attention_inside_autocast_is_autocast_s_own(options: dict) -> None:
         got = _autocast_attention(q, 2 * q, q + 1, **options)
     assert want.dtype == got.dtype == torch.bfloat16
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "masks",
+    [(), ("key_padding_mask",), ("attn_mask",), ("attn_mask", "float_key_padding_mask")],
+    ids=["plain", "padding", "attn-mask", "float-masks"],
+)
+def test_multi_head_attention_inside_autocast_is_autocast_s_own(masks: tuple) -> None:
+    """``nn.MultiheadAttention``'s function with ``need_weights=False`` inside autocast, as
+    ``SafeDerivatives`` runs it (its attention cast first): autocast's own, bit for bit."""
+    from torchdiv._core.modes import _autocast_multi_head_attention
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(8, 2)
+    x = torch.randn(5, 3, 8)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    options = {
+        "key_padding_mask": padding,
+        "attn_mask": torch.randn(5, 5),
+        "float_key_padding_mask": torch.zeros(3, 5).masked_fill(padding, float("-inf")),
+    }
+    chosen = {k.removeprefix("float_"): options[k] for k in masks}
+    args = (x, x, x, 8, 2, mha.in_proj_weight, mha.in_proj_bias, None, None, False, 0.0)
+    args += (mha.out_proj.weight, mha.out_proj.bias)
+    with math_attention(), torch.autocast("cpu", dtype=torch.bfloat16):
+        function = torch.nn.functional.multi_head_attention_forward
+        want = function(*args, need_weights=False, **chosen)[0]
+        got = _autocast_multi_head_attention(*args, need_weights=False, **chosen)[0]
+    assert want.dtype == got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
