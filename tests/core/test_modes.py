@@ -60,6 +60,14 @@ def _math_attention(q: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(q, q, q)
 
 
+def _multi_head_attention(x: torch.Tensor) -> torch.Tensor:
+    """``nn.MultiheadAttention`` over the 30 tokens of ``x``, its attention on the math
+    backend."""
+    mha = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+    with math_attention():
+        return mha(x, x, x, need_weights=False)[0]
+
+
 def test_every_op_safe_derivatives_changes_leaves_its_nodes():
     """Engines that evaluate ``f`` outside ``SafeDerivatives`` search its graph for the ops
     the mode changes (``changed_nodes``) and evaluate it again under the mode where one shows:
@@ -140,6 +148,7 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "torch.Tensor.pow": lambda: x.pow(torch.full((4,), 3.0)),
         "torch.Tensor.pow, **": lambda: x ** torch.full((4,), 3.0),
         "torch.scaled_dot_product_attention": lambda: _math_attention(x.reshape(2, 2, 15, 4)),
+        "torch.nn.functional.multi_head_attention_forward": lambda: _multi_head_attention(x),
     }
     names = {entry.name for entry in REPLACEMENTS.values()}
     assert names <= set(calls), names - set(calls)
@@ -149,6 +158,7 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "torch.nn.functional.group_norm",
         "torch.group_norm",
         "torch.scaled_dot_product_attention",
+        "torch.nn.functional.multi_head_attention_forward",
     }
     assert {name for name, entry in entries.items() if not entry.nodes} == layout_only
     for name, call in calls.items():
