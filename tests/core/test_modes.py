@@ -54,13 +54,27 @@ def test_overlapping_calls_put_the_stance_and_the_executor_flag_back_in_any_orde
     assert torch._C._get_graph_executor_optimize() == optimized
 
 
+def _math_attention(q: torch.Tensor) -> torch.Tensor:
+    """Self-attention of ``q`` on PyTorch's math backend (the engines' own)."""
+    with math_attention():
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+def _multi_head_attention(x: torch.Tensor) -> torch.Tensor:
+    """``nn.MultiheadAttention`` over the 30 tokens of ``x``, its attention on the math
+    backend."""
+    mha = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+    with math_attention():
+        return mha(x, x, x, need_weights=False)[0]
+
+
 def test_every_op_safe_derivatives_changes_leaves_its_nodes():
     """Engines that evaluate ``f`` outside ``SafeDerivatives`` search its graph for the ops
     the mode changes (``changed_nodes``) and evaluate it again under the mode where one shows:
     every op of ``REPLACEMENTS`` (a new one must be added here) leaves its nodes, at the
     orders and modes it is replaced at, but group norm, whose contiguous copy changes no
-    derivative (nothing to search for); the fused attention kernels show as ``fused``;
-    ordinary ops show nothing."""
+    derivative (nothing to search for), and attention, cast as autocast casts it; the fused
+    attention kernels show as ``fused``; ordinary ops show nothing."""
     from torchdiv._core.modes import REPLACEMENTS, changed_nodes
     from torchdiv._core.walk import search
 
@@ -133,11 +147,19 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "torch.pow": lambda: torch.pow(x, torch.full((4,), 3.0)),
         "torch.Tensor.pow": lambda: x.pow(torch.full((4,), 3.0)),
         "torch.Tensor.pow, **": lambda: x ** torch.full((4,), 3.0),
+        "torch.scaled_dot_product_attention": lambda: _math_attention(x.reshape(2, 2, 15, 4)),
+        "torch.nn.functional.multi_head_attention_forward": lambda: _multi_head_attention(x),
     }
     names = {entry.name for entry in REPLACEMENTS.values()}
     assert names <= set(calls), names - set(calls)
     entries = {entry.name: entry for entry in REPLACEMENTS.values()}
-    layout_only = {"torch.nn.functional.group_norm", "torch.group_norm"}  # a contiguous copy
+    # a contiguous copy; attention cast as autocast casts it
+    layout_only = {
+        "torch.nn.functional.group_norm",
+        "torch.group_norm",
+        "torch.scaled_dot_product_attention",
+        "torch.nn.functional.multi_head_attention_forward",
+    }
     assert {name for name, entry in entries.items() if not entry.nodes} == layout_only
     for name, call in calls.items():
         entry = entries[name.split(",")[0]]
@@ -303,3 +325,55 @@ def test_ops_pytorch_cannot_differentiate_are_refused_in_every_engine(name):
 
 EXACT = ("auto", "forward", "reverse")
 NESTED = ("auto", "forward-over-reverse", "hessian", "grad-of-grad")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"attn_mask": "bool"}, {"attn_mask": "float"}, {"is_causal": True}, {"scale": 0.3}],
+    ids=["plain", "bool-mask", "float-mask", "causal", "scale"],
+)
+def test_attention_inside_autocast_is_autocast_s_own(options: dict) -> None:
+    """``SafeDerivatives``' attention inside ``torch.autocast`` (its arguments cast first,
+    autocast off) gives autocast's own result bit for bit, on the math backend the engines
+    use, float32 arguments (and a float mask) cast to bfloat16 as autocast casts them."""
+    from torchdiv._core.modes import _autocast_attention
+
+    q = torch.randn(2, 2, 5, 4, generator=torch.Generator().manual_seed(0))
+    masks = {"bool": torch.ones(5, 5, dtype=torch.bool).tril(), "float": torch.randn(5, 5)}
+    options = {k: masks.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
+    with math_attention(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.nn.functional.scaled_dot_product_attention(q, 2 * q, q + 1, **options)
+        got = _autocast_attention(q, 2 * q, q + 1, **options)
+    assert want.dtype == got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "masks",
+    [(), ("key_padding_mask",), ("attn_mask",), ("attn_mask", "float_key_padding_mask")],
+    ids=["plain", "padding", "attn-mask", "float-masks"],
+)
+def test_multi_head_attention_inside_autocast_is_autocast_s_own(masks: tuple) -> None:
+    """``nn.MultiheadAttention``'s function with ``need_weights=False`` inside autocast, as
+    ``SafeDerivatives`` runs it (its attention cast first): autocast's own, bit for bit."""
+    from torchdiv._core.modes import _autocast_multi_head_attention
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(8, 2)
+    x = torch.randn(5, 3, 8)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    options = {
+        "key_padding_mask": padding,
+        "attn_mask": torch.randn(5, 5),
+        "float_key_padding_mask": torch.zeros(3, 5).masked_fill(padding, float("-inf")),
+    }
+    chosen = {k.removeprefix("float_"): options[k] for k in masks}
+    args = (x, x, x, 8, 2, mha.in_proj_weight, mha.in_proj_bias, None, None, False, 0.0)
+    args += (mha.out_proj.weight, mha.out_proj.bias)
+    with math_attention(), torch.autocast("cpu", dtype=torch.bfloat16):
+        function = torch.nn.functional.multi_head_attention_forward
+        want = function(*args, need_weights=False, **chosen)[0]
+        got = _autocast_multi_head_attention(*args, need_weights=False, **chosen)[0]
+    assert want.dtype == got.dtype == torch.bfloat16
+    assert torch.equal(got, want)

@@ -188,3 +188,43 @@ def test_packed_attention_with_a_block_diagonal_mask_is_refused_with_a_way_out()
         for method in ("auto", "structured", "forward", "reverse"):
             got = torchdiv.divergence(f, x, method=method)
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_transformer_layer_inside_autocast_in_the_engines_of_backward_passes():
+    """``nn.TransformerEncoderLayer`` (``need_weights=False``: PyTorch's attention) inside
+    ``torch.autocast(dtype=torch.bfloat16)``: ``"reverse"`` and the Hessian Laplacian raised
+    "expected scalar type BFloat16 but found Float" (the math backend below
+    ``torch.func.vjp``). Against a backward pass per element of plain autograd under the
+    same autocast; bfloat16 (eps 2^-8 = 3.9e-3) rounds the batch and the per-element
+    evaluations differently: rtol 3e-2 (as ``test_autoregressive_flows``)."""
+    from conftest import loop_diagonal
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4))
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(z)
+        return out.float()
+
+    def energy(z: torch.Tensor) -> torch.Tensor:
+        return f(z).square().sum((1, 2))
+
+    def force(z: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(energy(z).sum(), z, create_graph=True)[0]
+
+    params = list(layer.parameters())
+    with sdpa_kernel([SDPBackend.MATH]):
+        divergence = loop_diagonal(f, x, create_graph=True).sum((1, 2))
+        laplacian = loop_diagonal(force, x).sum((1, 2))
+        want = torch.autograd.grad(divergence.sum(), params, allow_unused=True)
+    got = torchdiv.divergence(f, x, method="reverse")
+    torch.testing.assert_close(got, divergence, rtol=3e-2, atol=3e-2)
+    grads = torch.autograd.grad(got.sum(), params, allow_unused=True)
+    for p, a, b in zip(params, grads, want, strict=True):  # (the last norm's bias: unused)
+        a, b = (torch.zeros_like(p) if g is None else g for g in (a, b))
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * b.abs().max().item() + 1e-6)
+    got = torchdiv.laplacian(energy, x, method="hessian")
+    torch.testing.assert_close(got, laplacian, rtol=3e-2, atol=3e-2)

@@ -10,6 +10,7 @@ import inspect
 import math
 import sys
 import threading
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -690,6 +691,12 @@ class SafeDerivatives(TorchFunctionMode):
     - ``cosine_similarity`` clamps its norms in place under ``no_grad``, a write no replay
       reproduces: the recorders (``recording=True``) run its composite at any order, so the
       Taylor and structured engines record it (they refused it, ``"auto"`` fell back).
+    - ``scaled_dot_product_attention`` inside ``torch.autocast``: on the math backend
+      (``math_attention``) below ``torch.func.vjp`` its pullback raised a dtype mismatch
+      (bfloat16 on CPU), so every engine of backward passes refused a valid ``f``; run as
+      autocast runs it, its arguments cast first (``_autocast_attention``), from order 1;
+      ``nn.MultiheadAttention``'s function, which calls it out of this mode's reach, runs
+      with that one inside (``_autocast_multi_head_attention``).
 
     ``inv``, ``cholesky``, ``solve_triangular``, ``cholesky_solve``, ``lu_factor``/``lu_solve``,
     ``qr``, ``svdvals``, ``matrix_exp``, ``pinv``, ``lstsq`` were right in every engine.
@@ -1250,6 +1257,57 @@ _NORM = ("LinalgVectorNormBackward",)  # every norm over vector_norm, cosine sim
 AT_ZERO_VECTORS = (*_NORM, "NormBackward")
 _POW_OPERATOR = torch.Tensor.__pow__  # ``a ** e``: run by ``Tensor.pow``'s entry
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
+
+
+def _autocast_attention(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` inside ``torch.autocast``, cast as autocast casts it
+    (its floating arguments but float64 to the autocast dtype: the op is on autocast's
+    lower-precision list) and run with autocast off, which is what autocast runs. PyTorch's
+    math backend (``math_attention``) inside autocast and below ``torch.func.vjp`` gave a
+    pullback that raised "expected scalar type BFloat16 but found Float" (PyTorch 2.13, CPU,
+    bfloat16: TarFlow's attention under its training autocast): ``method="reverse"``,
+    ``"forward-over-reverse"`` and ``"hessian"`` refused such an ``f``; plain autograd and
+    the same math backend on arguments cast beforehand do not. The same values."""
+    device = query.device.type
+    if not torch.is_autocast_enabled(device):
+        return torch.nn.functional.scaled_dot_product_attention(query, *args, **kwargs)
+    dtype = torch.get_autocast_dtype(device)
+
+    def lowered(t: Any) -> Any:
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point()
+        return t.to(dtype) if eligible and t.dtype != torch.float64 else t
+
+    args, kwargs = tree_map(lowered, (args, kwargs))
+    with torch.autocast(device, enabled=False):
+        return torch.nn.functional.scaled_dot_product_attention(lowered(query), *args, **kwargs)
+
+
+def _autocast_multi_head_attention(query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``'s, with
+    ``need_weights=False``: ``nn.TransformerEncoderLayer``'s) inside ``torch.autocast``, its
+    attention run as ``_autocast_attention``: PyTorch's own function, whose global
+    ``scaled_dot_product_attention`` is that (``_attention_cast_inside``), since this mode
+    sees the outer call only. The same values (autocast's casts, bit for bit)."""
+    forward = torch.nn.functional.multi_head_attention_forward
+    if torch.is_autocast_enabled(query.device.type):
+        forward = _attention_cast_inside(forward)
+    return forward(query, *args, **kwargs)
+
+
+@functools.cache
+def _attention_cast_inside(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` with the global name ``scaled_dot_product_attention`` bound to
+    ``_autocast_attention`` (a new function over the same code; the module is untouched),
+    or ``function`` itself where its code does not name it (another PyTorch)."""
+    code = function.__code__  # type: ignore[attr-defined]
+    if "scaled_dot_product_attention" not in code.co_names:
+        return function
+    names = {**function.__globals__, "scaled_dot_product_attention": _autocast_attention}  # type: ignore[attr-defined]
+    copy = types.FunctionType(code, names, code.co_name, function.__defaults__)  # type: ignore[attr-defined]
+    copy.__kwdefaults__ = function.__kwdefaults__  # type: ignore[attr-defined]
+    return functools.update_wrapper(copy, function)
+
+
 REPLACEMENTS: dict[Any, Replacement] = {
     **_table(
         (2, 3),
@@ -1299,6 +1357,15 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((2, None), _cumprod, "", ("CumprodBackward",), torch.cumprod, torch.Tensor.cumprod),
     **_table((1, 1), _cdist, "", ("CdistBackward", "EuclideanDistBackward"), torch.cdist),
     **_table((1, 2), _pdist, "", ("PdistBackward",), torch.pdist),
+    # no nodes: the values and derivatives of autocast's own cast and call
+    **_table((1, 1), _autocast_attention, "", (), torch.nn.functional.scaled_dot_product_attention),
+    **_table(
+        (1, 1),
+        _autocast_multi_head_attention,
+        "",
+        (),
+        torch.nn.functional.multi_head_attention_forward,
+    ),
     **_table(
         (2, None),
         _linalg.slogdet,
