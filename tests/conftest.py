@@ -332,8 +332,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def in_todays_sample(config: pytest.Config, name: str) -> bool:
     """Whether the slow check ``name`` runs: every one under ``--slow=all``, none under
     ``--slow=none``, else (the default) one in ``SLOW_SHARE`` by a hash of the day's seed and
-    ``name``. ``name``: a slow test's node id, or a case that a test runs among others (e.g.
-    ``"test_ddp: fsdp/mlp/laplacian/auto/alone"``), so that a test can sample its costly cases
+    ``name``. ``name``: a slow test's node id, or a case that a test runs among others (e.g. the DDP
+    matrix's ``"fsdp/mlp/laplacian/auto/alone"``), so that a test can sample its costly cases
     as the suite samples slow tests.
 
     >>> class Config:  # --slow=all
