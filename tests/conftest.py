@@ -329,16 +329,29 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             start(session.config)
 
 
+def in_todays_sample(config: pytest.Config, name: str) -> bool:
+    """Whether the slow check ``name`` runs: every one under ``--slow=all``, none under
+    ``--slow=none``, else (the default) one in ``SLOW_SHARE`` by a hash of the day's seed and
+    ``name``. ``name``: a slow test's node id, or a case that a test runs among others (e.g. the DDP
+    matrix's ``"fsdp/mlp/laplacian/auto/alone"``), so that a test can sample its costly cases
+    as the suite samples slow tests.
+
+    >>> class Config:  # --slow=all
+    ...     getoption = staticmethod(lambda name: "all")
+    >>> in_todays_sample(Config(), "any")
+    True
+    """
+    mode = config.getoption("--slow")
+    if mode != "sample":
+        return mode == "all"
+    digest = hashlib.sha256(f"{_slow_seed()}:{name}".encode()).digest()
+    return digest[0] % SLOW_SHARE == 0
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    mode, seed = config.getoption("--slow"), _slow_seed()
-    if mode == "all":
-        return
-    skip = pytest.mark.skip(reason=f"slow, not in the sample of seed {seed} (--slow=all)")
+    skip = pytest.mark.skip(reason=f"slow, not in the sample of seed {_slow_seed()} (--slow=all)")
     for item in items:
-        if "slow" not in item.keywords:
-            continue
-        digest = hashlib.sha256(f"{seed}:{item.nodeid}".encode()).digest()
-        if mode == "none" or digest[0] % SLOW_SHARE:
+        if "slow" in item.keywords and not in_todays_sample(config, item.nodeid):
             item.add_marker(skip)
 
 

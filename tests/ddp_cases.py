@@ -264,19 +264,26 @@ def configs(wrappers, models, ops=None) -> list[Case]:
     return [case for case in cases if _runs(case[0], case[2])]
 
 
-def sample() -> list[Case]:
+def sample(second: Callable[[Case], bool] = lambda case: True) -> list[Case]:
     """The test suite's share of ``configs``: every operator/method under one DDP option and
     one FSDP2 setting, which turn with the operator's position, as do the model and the loss
     (every wrapper meets several operators, every operator both families), and the cases
-    ``static_graph=True`` once got silently wrong."""
+    ``static_graph=True`` once got silently wrong. ``second(case)``: whether to keep an
+    operator's case in its second family (the families alternate with the operator's
+    position; the adjoint's only family is DDP), e.g. a day's sample of them: every operator
+    still runs under one family, every wrapper and both families still meet operators."""
     ddp = [w for w in WRAPPERS if w.startswith("ddp")]
     fsdp = [w for w in WRAPPERS if w.startswith("fsdp")]
     models = list(MODELS)
     cases: list[Case] = []
     for k, op in enumerate(operators()):
-        for j, wrapper in enumerate((ddp[k % len(ddp)], fsdp[k % len(fsdp)])):
-            if _runs(wrapper, op):
-                cases.append((wrapper, models[(k + j) % 2], op, LOSSES[(k + j) % len(LOSSES)]))
+        pair = [
+            (wrapper, models[(k + j) % 2], op, LOSSES[(k + j) % len(LOSSES)])
+            for j, wrapper in enumerate((ddp[k % len(ddp)], fsdp[k % len(fsdp)]))
+            if _runs(wrapper, op)
+        ]
+        first = pair[k % len(pair)]
+        cases += [case for case in pair if case == first or second(case)]
     static = [("divergence/auto", "with-f"), ("divergence/hutchinson", "with-f"),
               ("graph_divergence/auto", "alone")]  # fmt: skip
     # the adjoint's solves under DDP's buffer broadcast (hung); the divergence alone with

@@ -48,11 +48,19 @@ def test_readme_has_its_quickstart_and_docs_their_examples():
     assert len(examples()) >= 10, "the documentation lost its python examples"
 
 
+def _block_case(document: Path, index: int) -> object:
+    """A block as a test case: slow (sampled) where it compiles (Dynamo and AOTAutograd
+    tracing torchdiv's calls: several seconds a block, the same calls as
+    ``tests/stacks/test_compiled_models.py`` and ``test_compiled_losses.py`` check in every
+    run; ``test_typing`` type-checks every block in every run)."""
+    compiles = "torch.compile(" in python_blocks(document)[index]
+    marks = pytest.mark.slow if compiles else ()
+    return pytest.param(document, index, marks=marks, id=example_name(document, index))
+
+
 # (the diffusers block: vmap over CPU fused attention's backward loops, and PyTorch's warning
 # that it does is not passed on: how-it-works says so, warnings are errors here)
-@pytest.mark.parametrize(
-    ("document", "index"), examples(), ids=[example_name(d, i) for d, i in examples()]
-)
+@pytest.mark.parametrize(("document", "index"), [_block_case(d, i) for d, i in examples()])
 def test_block_runs_on_its_own(document, index):
     run_block(document, index)
 

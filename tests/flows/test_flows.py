@@ -73,8 +73,22 @@ class MLPField(nn.Module):
         return self.net(torch.cat([z, t.expand(*z.shape[:-1], 1)], -1))
 
 
-@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
-@pytest.mark.parametrize("t0, t1", [(0.0, 1.0), (1.0, 0.2), (torch.tensor(0.5), 1.5)])
+def _latin_square(methods: list[str], times: list[tuple]) -> list[object]:
+    """Every ``(method, t0, t1)``: the diagonal (each method and each time once) in every run,
+    the rest slow (sampled): each case is an adaptive solve at 1e-10."""
+    return [
+        pytest.param(m, *t, marks=() if i == j else pytest.mark.slow, id=f"{t[0]}-{t[1]}-{m}")
+        for j, t in enumerate(times)
+        for i, m in enumerate(methods)
+    ]
+
+
+LINEAR_TIMES = [(0.0, 1.0), (1.0, 0.2), (torch.tensor(0.5), 1.5)]
+
+
+@pytest.mark.parametrize(
+    "method, t0, t1", _latin_square(["auto", "forward", "reverse"], LINEAR_TIMES)
+)
 def test_linear_ode_changes_log_density_by_tau_trace(method, t0, t1):
     flow = problem()
     x = torch.randn(5, 3, dtype=torch.float64)
@@ -85,7 +99,9 @@ def test_linear_ode_changes_log_density_by_tau_trace(method, t0, t1):
     torch.testing.assert_close(logp.detach(), expected, rtol=1e-7, atol=1e-7)
 
 
-@pytest.mark.parametrize("t0, t1", [(0.0, 0.8), (1.0, 0.1)])
+# backward in time: slow (sampled; an adaptive solve at 1e-10), as the linear ODE's (1.0, 0.2)
+# runs in every run
+@pytest.mark.parametrize("t0, t1", [(0.0, 0.8), pytest.param(1.0, 0.1, marks=pytest.mark.slow)])
 def test_gaussian_through_a_linear_flow_has_its_closed_form_density(t0, t1):
     flow = problem(n=4, seed=1)
     mu0 = torch.tensor([0.3, -1.0, 0.5, 2.0], dtype=torch.float64)

@@ -40,6 +40,11 @@ def test_the_divergence_of_zukos_vector_field_and_its_gradients(batch: int) -> N
         assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
+# slow (sampled): two adaptive solves at 1e-8 and backpropagation through the steps of one.
+# Every run keeps log_likelihood of zuko's field against zuko's log_prob (the Hutchinson test
+# below: the same direction, base and sign), its parameter gradients (the adjoint test) and
+# the divergence of zuko's exact field with its gradients (above)
+@pytest.mark.slow
 def test_log_likelihood_equals_zukos_log_prob_and_its_gradients() -> None:
     """zuko integrates data (t = 0) to its base (t = 1): base at ``t0 = 1``, data at ``t1 = 0``.
     Both adaptive solvers at 1e-8 agree to about 1e-5, and the gradients (zuko's by its own
