@@ -153,6 +153,23 @@ def test_fullgraph_matches_eager(name):
     assert_compiled_matches(make(), op, x, fullgraph=True)
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_forward_mode_compiled_under_no_grad_leaves_grad_mode_off(backend: str) -> None:
+    """The forward engine under the caller's ``no_grad`` switches grad mode around each op of
+    ``f``; a look at the ``torch.func`` level there (``Tangents``) broke Dynamo's graph between
+    the switches, and with the ``eager`` backend grad mode was on after the call."""
+    torch._dynamo.reset()
+    net = mlp()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    want = torchdiv.divergence(net, x, method="reverse").detach()
+    step = torch.compile(lambda z: torchdiv.divergence(net, z, method="forward"), backend=backend)
+    with torch.no_grad():
+        got = step(x)
+        assert not torch.is_grad_enabled()
+    assert_close(got, want)
+    assert not got.requires_grad
+
+
 def auto_at_small_events(
     f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 ) -> torch.Tensor:

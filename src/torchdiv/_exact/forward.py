@@ -116,7 +116,8 @@ class Tangents(SafeDerivatives):
         self.graph = graph
         self.looks = not torch.compiler.is_compiling()
         # the transform level the engine evaluates f at; f's own transforms open deeper ones
-        self.level = maybe_current_level()
+        # (not read where Dynamo traces: its break there left grad mode on after the call)
+        self.level = maybe_current_level() if self.looks else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         hooks = _top_saved_tensors_default_hooks(True) if self.looks else None
@@ -139,7 +140,7 @@ class Tangents(SafeDerivatives):
         if (
             not self.graph
             and func is not torch._C._set_grad_enabled  # (f's no_grad itself)
-            and maybe_current_level() == self.level  # (not inside f's own transform)
+            and (self.level is None or maybe_current_level() == self.level)  # (f's transform)
         ):
             torch._C._set_grad_enabled(False)
             try:
