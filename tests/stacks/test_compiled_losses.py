@@ -156,8 +156,8 @@ def test_fullgraph_matches_eager(name):
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_forward_mode_compiled_under_no_grad_leaves_grad_mode_off(backend: str) -> None:
     """The forward engine under the caller's ``no_grad`` switches grad mode around each op of
-    ``f``; a look at the ``torch.func`` level there (``Tangents``) broke Dynamo's graph between
-    the switches, and with the ``eager`` backend grad mode was on after the call."""
+    ``f``; with a look at the ``torch.func`` level there (``Tangents``) traced by Dynamo, grad
+    mode was on after the call (``eager`` backend)."""
     torch._dynamo.reset()
     net = mlp()
     x = torch.randn(5, 3, dtype=torch.float64)

@@ -116,7 +116,7 @@ class Tangents(SafeDerivatives):
         self.graph = graph
         self.looks = not torch.compiler.is_compiling()
         # the transform level the engine evaluates f at; f's own transforms open deeper ones
-        # (not read where Dynamo traces: its break there left grad mode on after the call)
+        # (not read where Dynamo traces: there grad mode was on after a no_grad call)
         self.level = maybe_current_level() if self.looks else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
