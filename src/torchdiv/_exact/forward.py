@@ -116,7 +116,8 @@ class Tangents(SafeDerivatives):
         self.graph = graph
         self.looks = not torch.compiler.is_compiling()
         # the transform level the engine evaluates f at; f's own transforms open deeper ones
-        # (not read where Dynamo traces: there grad mode was on after a no_grad call)
+        # (not read where Dynamo traces, where grad mode was then on after a no_grad call:
+        # there every op keeps grad mode, and the results are detached)
         self.level = maybe_current_level() if self.looks else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
@@ -140,7 +141,8 @@ class Tangents(SafeDerivatives):
         if (
             not self.graph
             and func is not torch._C._set_grad_enabled  # (f's no_grad itself)
-            and (self.level is None or maybe_current_level() == self.level)  # (f's transform)
+            and self.level is not None
+            and maybe_current_level() == self.level  # (not inside f's own transform)
         ):
             torch._C._set_grad_enabled(False)
             try:
