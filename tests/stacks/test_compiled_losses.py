@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import assert_close
+from torch.func import jacrev, vmap
 
 import torchdiv
 from torchdiv._exact.autograd import UndifferentiableBackward
@@ -151,6 +152,27 @@ def test_fullgraph_matches_eager(name):
     make, shape, op = FULLGRAPH[name]
     x = torch.randn(shape, dtype=torch.float64)
     assert_compiled_matches(make(), op, x, fullgraph=True)
+
+
+@pytest.mark.parametrize("field", [False, True], ids=["mlp", "jacrev inside f"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_forward_mode_compiled_under_no_grad(backend: str, field: bool) -> None:
+    """The forward engine under the caller's ``no_grad`` switches grad mode off around each
+    op of ``f`` but those inside ``f``'s own ``torch.func`` transforms (a gradient field
+    ``vmap(jacrev(phi))``), which it tells by their level (``Tangents``). Traced by Dynamo,
+    that look left grad mode on after the call (``eager`` backend), and without it the field's
+    divergence was 0: there no op is switched, and the results are detached."""
+    torch._dynamo.reset()
+    net = mlp(d_out=1) if field else mlp()
+    f = (lambda z: vmap(jacrev(lambda p: net(p)[0]))(z)) if field else net
+    x = torch.randn(5, 3, dtype=torch.float64)
+    want = torchdiv.divergence(f, x, method="reverse").detach()
+    step = torch.compile(lambda z: torchdiv.divergence(f, z, method="forward"), backend=backend)
+    with torch.no_grad():
+        got = step(x)
+        assert not torch.is_grad_enabled()
+    assert_close(got, want)
+    assert not got.requires_grad
 
 
 def auto_at_small_events(

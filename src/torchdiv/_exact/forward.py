@@ -12,6 +12,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 import torch.utils.checkpoint as _checkpoint
 from torch._C._autograd import _top_saved_tensors_default_hooks
+from torch._C._functorch import maybe_current_level
 from torch._functorch import eager_transforms as _eager_transforms
 from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
 from torch.func import jvp
@@ -93,7 +94,12 @@ class Tangents(SafeDerivatives):
       (``NoForwardRule``, naming ``way_out``) rather than taken for a constant;
     - ``graph=False`` (the caller's ``torch.no_grad()``): the engine evaluates ``f`` with grad
       on, so that ``f``'s own ``no_grad`` blocks show, and runs each of its other ops under
-      ``no_grad``: no graph is built, as the caller asked;
+      ``no_grad``: no graph is built, as the caller asked; not the ops inside a
+      ``torch.func`` transform ``f`` opens itself (a Hamiltonian field
+      ``vmap(grad(H))(x) @ J.T``, ``jacrev``, ``hessian``), whose gradients need grad mode:
+      under ``no_grad`` they took them for constants, and ``method="forward"`` gave a
+      Jacobian, diagonal and divergence of 0 there (the graph those ops build at the
+      caller's level is dropped with the engine's results: ``ForwardJacobian._push``);
     - ``torch.utils.checkpoint(use_reentrant=False)`` in ``f`` is refused: its hooks save what
       forward mode computes, and the gradient of a product then recomputes the checkpointed
       part without the tangents, which PyTorch refuses in the caller's backward pass
@@ -109,6 +115,10 @@ class Tangents(SafeDerivatives):
         super().__init__(order, way_out)
         self.graph = graph
         self.looks = not torch.compiler.is_compiling()
+        # the transform level the engine evaluates f at; f's own transforms open deeper ones
+        # (not read where Dynamo traces, where grad mode was then on after a no_grad call:
+        # there every op keeps grad mode, and the results are detached)
+        self.level = maybe_current_level() if self.looks else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         hooks = _top_saved_tensors_default_hooks(True) if self.looks else None
@@ -128,7 +138,12 @@ class Tangents(SafeDerivatives):
                 return super().__torch_function__(func, types, args, kwargs)
             with _set_fwd_grad_enabled(False):  # f's own no_grad block
                 return super().__torch_function__(func, types, args, kwargs)
-        if not self.graph and func is not torch._C._set_grad_enabled:  # (f's no_grad itself)
+        if (
+            not self.graph
+            and func is not torch._C._set_grad_enabled  # (f's no_grad itself)
+            and self.level is not None
+            and maybe_current_level() == self.level  # (not inside f's own transform)
+        ):
             torch._C._set_grad_enabled(False)
             try:
                 out = super().__torch_function__(func, types, args, kwargs)
@@ -271,7 +286,10 @@ class ForwardJacobian:
             raise _nested_forward_mode()
         with nullcontext() if torch.compiler.is_compiling() else _FORWARD_AD:
             primal_and_tangent = jvp(self._pushed, (self.x,), (v,))
-        return primal_and_tangent[0], primal_and_tangent[1]
+        y, jv = primal_and_tangent[0], primal_and_tangent[1]
+        if not torch.is_grad_enabled():  # (the graph of a transform f opened: ``Tangents``)
+            return y.detach(), jv.detach()
+        return y, jv
 
     def block(self, start: int, stop: int) -> torch.Tensor:
         """Columns ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, m)``."""
