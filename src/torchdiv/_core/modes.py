@@ -554,6 +554,39 @@ def refuse_underivable(name: str | None, differentiated: bool) -> None:
         )
 
 
+def refuse_gradient_hook(func: Any, args: Sequence[Any]) -> None:
+    """Raise ``WrongDerivatives`` where ``f`` registers a gradient hook of its own
+    (``Tensor.register_hook``) on a tensor that requires grad or carries a transform's
+    tangents: the engines of backward passes run the hook, forward mode and the recording
+    engines never see it, so the methods would disagree without a word.
+
+    Neither derivative is right in general: a deep equilibrium model's hook (its fixed point
+    solved under ``no_grad``, one differentiable step, the backward fixed point solved in the
+    hook) holds the only derivative of the function ``f`` computes (the step's own is the
+    one-step "phantom" Jacobian), while a gradient-clipping or scaling hook changes no value
+    of ``f``. Hooks of PyTorch's own (FSDP2's pre-backward hook on a module's outputs) are
+    left alone: they move no gradient."""
+    if func is not torch.Tensor.register_hook or not args:
+        return
+    hook = args[1] if len(args) > 1 else None
+    if (getattr(hook, "__module__", None) or "").startswith("torch."):
+        return
+    if not _differentiated(args[:1]):
+        return
+    name = getattr(hook, "__qualname__", None) or type(hook).__name__
+    raise WrongDerivatives(
+        f"f registers a gradient hook ({name}) with Tensor.register_hook on a tensor it "
+        "computes; backward passes run it, forward mode and the recording engines do not, so "
+        "the methods would give different derivatives (for an implicit layer's backward, a "
+        "deep equilibrium model's, only the hook's are those of f's values; for gradient "
+        "clipping or scaling, only the forward code's). Every method refuses it: register the "
+        "hook only outside the call (behind a flag of your model), which differentiates f's "
+        "forward code (a DEQ's one-step Jacobian), or write the implicit step as a "
+        "torch.autograd.Function with setup_context, backward and jvp (both from the implicit "
+        "function theorem), which method='auto', 'forward' and 'reverse' follow"
+    )
+
+
 def _differentiated(args: Any) -> bool:
     """Whether a tensor among ``args`` requires grad or carries a ``torch.func`` transform's
     tangents or batch (a wrapped tensor)."""
@@ -724,6 +757,7 @@ class SafeDerivatives(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         self.backward_inside = self.backward_inside or inner_backward(func, args, kwargs)
+        refuse_gradient_hook(func, args)
         if type(func) is _METHOD_WRAPPER and func.__self__ is _DATA and func.__name__ == "__set__":
             return _set_data(func, *args)
         if func in _BATCH_NORMS and not torch.compiler.is_compiling():
@@ -1392,6 +1426,7 @@ class InnerBackwards(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         self.backward_inside = self.backward_inside or inner_backward(func, args, kwargs)
+        refuse_gradient_hook(func, args)
         return func(*args, **kwargs)
 
 
