@@ -281,3 +281,33 @@ def test_odeint_inside_f_is_the_per_sample_loop_in_every_engine() -> None:
         div = torchdiv.divergence(block, x, method=method)
         assert_close(div, want)
         assert_same_parameter_gradients(block, div.pow(2).sum(), want.pow(2).sum())
+
+
+def test_pytorchs_own_tensor_hooks_pass_and_a_partial_of_a_users_hook_is_refused() -> None:
+    """Hooks PyTorch registers inside a forward (FSDP's pre-backward hooks, through
+    ``functools.partial`` in FSDP1; ``register_multi_grad_hook``'s) change no gradient."""
+    import functools
+
+    w = torch.randn(3, 3, dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    def watched(z: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(z @ w)
+        if y.requires_grad:
+            torch.autograd.graph.register_multi_grad_hook((y,), lambda grads: None)
+        return y
+
+    want = torchdiv.divergence(lambda z: torch.tanh(z @ w), x)
+    assert_close(torchdiv.divergence(watched, x), want)
+
+    def scaled(scale: float, grad: torch.Tensor) -> torch.Tensor:
+        return scale * grad
+
+    def partial(z: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(z @ w)
+        if y.requires_grad:
+            y.register_hook(functools.partial(scaled, 2.0))
+        return y
+
+    with pytest.raises(WrongDerivatives, match=r"gradient hook \(.*\.scaled\)"):
+        torchdiv.divergence(partial, x)

@@ -564,11 +564,13 @@ def refuse_gradient_hook(func: Any, args: Sequence[Any]) -> None:
     solved under ``no_grad``, one differentiable step, the backward fixed point solved in the
     hook) holds the only derivative of the function ``f`` computes (the step's own is the
     one-step "phantom" Jacobian), while a gradient-clipping or scaling hook changes no value
-    of ``f``. Hooks of PyTorch's own (FSDP2's pre-backward hook on a module's outputs) are
-    left alone: they move no gradient."""
+    of ``f``. Hooks of PyTorch's own (FSDP's pre-backward hooks on a module's outputs,
+    ``register_multi_grad_hook``'s) are left alone: they change no gradient."""
     if func is not torch.Tensor.register_hook or not args:
         return
     hook = args[1] if len(args) > 1 else None
+    while isinstance(hook, functools.partial):  # (FSDP1's pre-backward hook is one)
+        hook = hook.func
     if (getattr(hook, "__module__", None) or "").startswith("torch."):
         return
     if not _differentiated(args[:1]):
