@@ -293,10 +293,17 @@ def _hint(
         )
     if "dtype" in message or "scalar type" in message:
         params = [p.dtype for m in _modules(f) for p in m.parameters() if p.is_floating_point()]
-        what = f"f's parameters are {params[0]}" if params else "f computes in another dtype"
+        other = [dtype for dtype in params if dtype != x.dtype]
+        if params and not other:  # (the hint named x's own dtype as the parameters' other one)
+            return (
+                f"f's parameters and x are {x.dtype}: f makes a tensor of another dtype "
+                "(torch.eye, zeros, tensor or arange without dtype= take the default dtype, "
+                f"{torch.get_default_dtype()}); give it dtype=x.dtype."
+            )
+        what = f"f's parameters are {other[0]}" if other else "f computes in another dtype"
         return (
             f"{what} but x is {x.dtype}: convert one to the other, e.g. model.to(x.dtype) or "
-            f"x.to({params[0] if params else 'the model dtype'})."
+            f"x.to({other[0] if other else 'the model dtype'})."
         )
     if "positional argument" in message and call == "f(x)":
         return (
