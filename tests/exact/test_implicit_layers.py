@@ -311,3 +311,10 @@ def test_pytorchs_own_tensor_hooks_pass_and_a_partial_of_a_users_hook_is_refused
 
     with pytest.raises(WrongDerivatives, match=r"gradient hook \(.*\.scaled\)"):
         torchdiv.divergence(partial, x)
+
+
+def test_biharmonic_names_itself_in_the_hook_refusal(deq) -> None:
+    """Its inner Laplacians named the error twice ("laplacian: laplacian: biharmonic: ...")."""
+    net, x = deq
+    with pytest.raises(WrongDerivatives, match=r"^biharmonic: f registers a gradient hook"):
+        torchdiv.biharmonic(lambda z: net(z).pow(2).sum(-1), x)

@@ -29,6 +29,7 @@ import torch.utils.hooks as _hooks
 
 from torchdiv._core.checks import mark_final, raised_by_f
 from torchdiv._core.mixing import BatchInteractionError, unnamed
+from torchdiv._core.modes import WrongDerivatives
 from torchdiv._core.script import attribute
 from torchdiv._exact.attributes import PlainAttributes
 from torchdiv._exact.autograd import UndifferentiableBackward
@@ -79,6 +80,11 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
         return BatchInteractionError(f"{fn}: {unnamed(str(exc))}")
     if isinstance(exc, UndifferentiableBackward):  # refused at the call, named "torchdiv"
         return renamed(fn, exc)
+    if isinstance(exc, WrongDerivatives) and not exc.named:  # refused outside f (by the
+        named = WrongDerivatives(f"{fn}: {exc}")  # recorder, after f ran): had no name
+        named.named = True
+        named._torchdiv_context = True  # type: ignore[attr-defined]  # (a caller renames it)
+        return named
     nested = getattr(exc, "_torchdiv_context", False)  # a public call inside this one's
     if not raised_by_f(exc) and not nested:
         if _checkpointed(exc) is None:

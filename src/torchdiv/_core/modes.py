@@ -507,7 +507,11 @@ def _without_dynamo(dispatch: Callable[..., Any], *args: Any) -> Any:
 
 class WrongDerivatives(NotImplementedError):
     """An op in ``f`` whose PyTorch derivatives of the order an engine needs are wrong, with no
-    equivalent here that is right (the public function names itself in front)."""
+    equivalent here that is right (the public function names itself in front; ``named``: it
+    has, and a torchdiv call around that one, ``biharmonic``'s inner ``laplacian``, leaves
+    the name as it is)."""
+
+    named = False
 
 
 # torch.special's functions that have no derivative in PyTorch (2.13) at all: autograd returns
