@@ -318,3 +318,41 @@ def test_biharmonic_names_itself_in_the_hook_refusal(deq) -> None:
     net, x = deq
     with pytest.raises(WrongDerivatives, match=r"^biharmonic: f registers a gradient hook"):
         torchdiv.biharmonic(lambda z: net(z).pow(2).sum(-1), x)
+
+
+def test_a_frozen_deq_whose_hook_waits_for_requires_grad_is_refused(deq) -> None:
+    """With no parameter requiring grad, ``z`` requires grad neither in the recording nor in
+    forward mode, so the DEQ skipped its hook there: ``"auto"`` (structured) gave the
+    one-step Jacobian, 0.12 off the implicit divergence, where a plain autograd loop (its
+    ``x`` requiring grad) runs the hook. Reading ``requires_grad`` of a tensor computed from
+    ``x`` (False there) now leaves those engines."""
+    from torchdiv._exact.forward import NoForwardRule
+    from torchdiv._taylor.jet import UnsupportedOp
+
+    net, x = deq
+    net.requires_grad_(False)
+    x = torch.randn(64, D, dtype=torch.float64)  # (planned: the structured engine's size)
+    with pytest.raises(WrongDerivatives, match="register_hook"):
+        torchdiv.divergence(net, x)
+    with pytest.raises(UnsupportedOp, match="requires_grad read on a tensor computed from x"):
+        torchdiv.divergence(net, x, method="structured")
+    with pytest.raises(NoForwardRule, match="reads requires_grad of a tensor computed from x"):
+        torchdiv.divergence(net, x, method="forward")
+    with pytest.raises(WrongDerivatives, match="register_hook"):
+        torchdiv.laplacian(lambda z: net(z).pow(2).sum(-1), x[:4])
+
+
+def test_reading_requires_grad_without_branching_keeps_auto_right() -> None:
+    w = torch.randn(4, 4, dtype=torch.float64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        tracked = z.requires_grad  # read (a debugging print, a fast-path check), not used
+        return torch.tanh(z @ w) + 0 * tracked
+
+    x = torch.randn(64, 4, dtype=torch.float64)
+    g = lambda z: torch.tanh(z @ w)  # noqa: E731
+    want = torchdiv.divergence(g, x, method="reverse")
+    want_laplacian = torchdiv.laplacian(lambda z: g(z).sum(-1), x, method="grad-of-grad")
+    for _ in range(2):
+        assert_close(torchdiv.divergence(f, x), want)
+        assert_close(torchdiv.laplacian(lambda z: f(z).sum(-1), x), want_laplacian)

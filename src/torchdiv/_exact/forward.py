@@ -138,7 +138,20 @@ class Tangents(SafeDerivatives):
             out = super().__torch_function__(func, types, args, kwargs)
         if isinstance(func, _OPS) and _op_name(func).split("::")[0] not in _TRUSTED:
             self._check_tangents(func, (args, kwargs), out)
+        if getattr(func, "__self__", None) is _REQUIRES_GRAD and out is False and args:
+            self._check_requires_grad(args[0])
         return out
+
+    def _check_requires_grad(self, tensor: Any) -> None:
+        """Refuse a read of ``requires_grad`` (``False`` here) on a tensor with a tangent: plain
+        autograd reads ``True``, and ``f`` may branch on it (a deep equilibrium model
+        registers its gradient hook only then: forward mode gave the one-step Jacobian)."""
+        if _has_tangent(tensor):
+            raise NoForwardRule(
+                "f reads requires_grad of a tensor computed from x, False in forward mode where "
+                "plain autograd has True: f may take another branch (a deep equilibrium model "
+                f"registers its gradient hook only if z.requires_grad); use {self.way_out}"
+            )
 
     def _check_tangents(self, func: Any, inputs: Any, out: Any) -> None:
         """Refuse a custom op whose floating results have no tangent though an input has."""
@@ -150,6 +163,9 @@ class Tangents(SafeDerivatives):
             f"the custom op {_op_name(func)} in f has no forward-mode derivative "
             f"(torch.func.jvp would take it for a constant); use {self.way_out}"
         )
+
+
+_REQUIRES_GRAD = torch._C.TensorBase.__dict__["requires_grad"]  # (its getter's __self__)
 
 
 def _op_name(func: Any) -> str:
