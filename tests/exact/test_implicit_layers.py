@@ -9,7 +9,13 @@ derivative of the function's values, which forward mode and the recording engine
 hook registered inside ``f`` (``"auto"`` gave the one-step Jacobian without a word). The
 one-step ("phantom", Jacobian-free) variant without a hook is f's forward code, the same in
 every method; a ``Function`` with ``setup_context``, ``backward`` and ``jvp`` from the implicit
-function theorem is followed by forward and reverse mode alike.
+function theorem is followed by forward and reverse mode alike. A DEQ whose hook waits for
+``z.requires_grad`` skipped it where the engines' tensors do not require grad (frozen
+parameters: ``"auto"`` one-step again): reading that flag leaves those engines.
+
+An ODE-Net block through torchdiffeq's ``odeint_adjoint`` (its backward solved under
+``no_grad``) refuses second derivatives (a Laplacian of 0, divergence parameter gradients
+without its part); through ``odeint`` it is the per-sample loop in every engine.
 """
 
 from __future__ import annotations
