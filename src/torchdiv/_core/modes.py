@@ -558,6 +558,19 @@ def refuse_underivable(name: str | None, differentiated: bool) -> None:
         )
 
 
+def read_by_torchdiv() -> bool:
+    """Whether the tensor attribute a ``TorchFunctionMode`` is handling (``requires_grad``)
+    was read by torchdiv's own code (a torchdiv call inside ``f``: ``biharmonic``'s inner
+    Laplacian), not by ``f``: the first frame below the modes' handlers decides (called from
+    a handler, or a helper of one)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != "__torch_function__":
+        frame = frame.f_back  # type: ignore[assignment]  # (up to the handler)
+    while frame is not None and frame.f_code.co_name == "__torch_function__":
+        frame = frame.f_back  # type: ignore[assignment]  # (past every mode's handler)
+    return frame is not None and str(frame.f_globals.get("__name__", "")).startswith("torchdiv.")
+
+
 def refuse_gradient_hook(func: Any, args: Sequence[Any]) -> None:
     """Raise ``WrongDerivatives`` where ``f`` registers a gradient hook of its own
     (``Tensor.register_hook``) on a tensor that requires grad or carries a transform's

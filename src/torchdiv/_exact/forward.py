@@ -18,7 +18,7 @@ from torch.func import jvp
 
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel
-from torchdiv._core.modes import SafeDerivatives, math_attention
+from torchdiv._core.modes import SafeDerivatives, math_attention, read_by_torchdiv
 from torchdiv._exact.attributes import transforming
 from torchdiv._taylor.tree import leaves
 
@@ -146,7 +146,7 @@ class Tangents(SafeDerivatives):
         """Refuse a read of ``requires_grad`` (``False`` here) on a tensor with a tangent: plain
         autograd reads ``True``, and ``f`` may branch on it (a deep equilibrium model
         registers its gradient hook only then: forward mode gave the one-step Jacobian)."""
-        if _has_tangent(tensor):
+        if _has_tangent(tensor) and not read_by_torchdiv():
             raise NoForwardRule(
                 "f reads requires_grad of a tensor computed from x, False in forward mode where "
                 "plain autograd has True: f may take another branch (a deep equilibrium model "

@@ -35,6 +35,7 @@ from torchdiv._core.modes import (
     DispatchMode,
     SafeDerivatives,
     math_attention,
+    read_by_torchdiv,
     refuse_underivable,
 )
 from torchdiv._core.settings import Settings
@@ -530,6 +531,7 @@ class _InPlaceDetach(TorchFunctionMode):
             getattr(func, "__self__", None) is _REQUIRES_GRAD
             and out is False
             and self.recorder.depends(list(args[:1]))
+            and not read_by_torchdiv()
         ):
             self.recorder.graph.unsupported.append(READS_REQUIRES_GRAD)
         return out
