@@ -90,7 +90,9 @@ class Tangents(SafeDerivatives):
       custom ``autograd.Function``'s ``forward``, which runs with both off, and its ``jvp``,
       are left as they are);
     - a custom op whose result has no tangent though an input has one is refused
-      (``NoForwardRule``, naming ``way_out``) rather than taken for a constant;
+      (``NoForwardRule``, naming ``way_out``) rather than taken for a constant, and so is
+      ``f`` reading ``requires_grad`` of a tensor with a tangent (``False`` here, ``True``
+      under plain autograd: ``f`` may branch on it, ``_check_requires_grad``);
     - ``graph=False`` (the caller's ``torch.no_grad()``): the engine evaluates ``f`` with grad
       on, so that ``f``'s own ``no_grad`` blocks show, and runs each of its other ops under
       ``no_grad``: no graph is built, as the caller asked;
@@ -138,7 +140,7 @@ class Tangents(SafeDerivatives):
             out = super().__torch_function__(func, types, args, kwargs)
         if isinstance(func, _OPS) and _op_name(func).split("::")[0] not in _TRUSTED:
             self._check_tangents(func, (args, kwargs), out)
-        if getattr(func, "__self__", None) is _REQUIRES_GRAD and out is False and args:
+        if self.looks and getattr(func, "__self__", None) is _REQUIRES_GRAD and out is False:
             self._check_requires_grad(args[0])
         return out
 
