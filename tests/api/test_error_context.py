@@ -212,6 +212,22 @@ def test_an_error_of_f_keeps_its_slots_and_errno() -> None:
     assert "no such file" in str(os_info.value)  # (the message: the original's, with context)
 
 
+def test_a_tensor_of_the_default_dtype_made_inside_f_is_named_not_the_parameters() -> None:
+    """A ridge layer's ``torch.eye(p)`` (float64 by default here) against float32 parameters
+    and ``x``: the hint said "f's parameters are torch.float32 but x is torch.float32"."""
+    lin = torch.nn.Linear(3, 3)
+
+    def ridge(x: torch.Tensor) -> torch.Tensor:
+        h = lin(x)
+        a = h[:, :, None] * h[:, None, :] + torch.eye(3, dtype=f64)  # (a default-dtype eye)
+        return torch.linalg.solve(a, h[..., None])[..., 0]
+
+    with pytest.raises(RuntimeError) as info:
+        torchdiv.divergence(ridge, torch.randn(4, 3))
+    assert info.match(r"Hint: f's parameters and x are torch\.float32: f makes a tensor of")
+    assert info.match("dtype=x.dtype")
+
+
 @pytest.mark.parametrize("fn", ["biharmonic", "laplacian"])
 def test_an_error_of_a_nested_call_is_named_by_the_call_made(fn: str) -> None:
     """``biharmonic`` calls ``laplacian`` inside ``laplacian``: the error of ``f`` comes out

@@ -29,6 +29,7 @@ import torch.utils.hooks as _hooks
 
 from torchdiv._core.checks import mark_final, raised_by_f
 from torchdiv._core.mixing import BatchInteractionError, unnamed
+from torchdiv._core.modes import WrongDerivatives
 from torchdiv._core.script import attribute
 from torchdiv._exact.attributes import PlainAttributes
 from torchdiv._exact.autograd import UndifferentiableBackward
@@ -79,6 +80,11 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
         return BatchInteractionError(f"{fn}: {unnamed(str(exc))}")
     if isinstance(exc, UndifferentiableBackward):  # refused at the call, named "torchdiv"
         return renamed(fn, exc)
+    if isinstance(exc, WrongDerivatives) and not exc.named:  # refused outside f (by the
+        named = WrongDerivatives(f"{fn}: {exc}")  # recorder, after f ran): had no name
+        named.named = True
+        named._torchdiv_context = True  # type: ignore[attr-defined]  # (a caller renames it)
+        return named
     nested = getattr(exc, "_torchdiv_context", False)  # a public call inside this one's
     if not raised_by_f(exc) and not nested:
         if _checkpointed(exc) is None:
@@ -292,16 +298,19 @@ def _hint(
             "'forward', which cannot run a backward pass inside f)."
         )
     if "dtype" in message or "scalar type" in message:
-        params = [  # (one of x's dtype is not the mismatch: a complex one's buffer may be)
-            p.dtype
-            for m in _modules(f)
-            for p in m.parameters()
-            if p.is_floating_point() and p.dtype != x.dtype
-        ]
-        what = f"f's parameters are {params[0]}" if params else "f computes in another dtype"
+        params = [p for m in _modules(f) for p in m.parameters()]
+        other = [p.dtype for p in params if p.is_floating_point() and p.dtype != x.dtype]
+        if params and all(p.dtype == x.dtype for p in params):  # (no parameter is the mismatch)
+            return (
+                f"f's parameters and x are {x.dtype}: f makes a tensor of another dtype "
+                "(torch.eye, zeros, tensor or arange without dtype= take the default dtype, "
+                f"{torch.get_default_dtype()}); give it dtype=x.dtype."
+            )
+        # (a complex parameter of x's precision may be the mismatch: named by none)
+        what = f"f's parameters are {other[0]}" if other else "f computes in another dtype"
         return (
             f"{what} but x is {x.dtype}: convert one to the other, e.g. model.to(x.dtype) or "
-            f"x.to({params[0] if params else 'the model dtype'})."
+            f"x.to({other[0] if other else 'the model dtype'})."
         )
     if "positional argument" in message and call == "f(x)":
         return (

@@ -387,7 +387,12 @@ def checked(
         try:
             y: torch.Tensor = call_f(f, z)  # check_output raises if it is not
         except WrongDerivatives as exc:
-            raise WrongDerivatives(f"{fn}: {exc}") from None
+            # named once: here, or already by the call whose f this is (biharmonic's inner
+            # Laplacians) or by a public call inside f (which the caller's report renames)
+            named = WrongDerivatives(str(exc) if exc.named else f"{fn}: {exc}")
+            named.named = True
+            named._torchdiv_context = getattr(exc, "_torchdiv_context", False)  # type: ignore[attr-defined]
+            raise named from None
         except Exception as exc:
             if kept is not None:
                 kept.check(z, version, exc)

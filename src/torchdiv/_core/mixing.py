@@ -104,7 +104,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from torchdiv._core.checks import _shape
-from torchdiv._core.modes import UNDERIVABLE_OPS, DispatchMode, refuse_underivable
+from torchdiv._core.modes import (
+    UNDERIVABLE_OPS,
+    DispatchMode,
+    refuse_gradient_hook,
+    refuse_underivable,
+)
 from torchdiv._core.walk import BATCH_NORM_NODES, nodes
 
 aten = torch.ops.aten
@@ -2173,6 +2178,7 @@ class Reads(TorchFunctionMode):
     def __torch_function__(
         self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
+        refuse_gradient_hook(func, args)  # (a watched plain evaluation: no other mode sees it)
         if func in _READS:
             held = args[0] if args else None
             if isinstance(held, torch.Tensor) and _floating(held):

@@ -508,7 +508,11 @@ def _without_dynamo(dispatch: Callable[..., Any], *args: Any) -> Any:
 
 class WrongDerivatives(NotImplementedError):
     """An op in ``f`` whose PyTorch derivatives of the order an engine needs are wrong, with no
-    equivalent here that is right (the public function names itself in front)."""
+    equivalent here that is right (the public function names itself in front; ``named``: it
+    has, and a torchdiv call around that one, ``biharmonic``'s inner ``laplacian``, leaves
+    the name as it is)."""
+
+    named = False
 
 
 # torch.special's functions that have no derivative in PyTorch (2.13) at all: autograd returns
@@ -553,6 +557,54 @@ def refuse_underivable(name: str | None, differentiated: bool) -> None:
             "differentiable ops (spherical_bessel_j0(r) = sin(r) / r; Chebyshev polynomials "
             "as cos(n acos t) or by their recurrence)"
         )
+
+
+def read_by_torchdiv() -> bool:
+    """Whether the tensor attribute a ``TorchFunctionMode`` is handling (``requires_grad``)
+    was read by torchdiv's own code (a torchdiv call inside ``f``: ``biharmonic``'s inner
+    Laplacian), not by ``f``: the first frame below the modes' handlers decides (called from
+    a handler, or a helper of one)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != "__torch_function__":
+        frame = frame.f_back  # type: ignore[assignment]  # (up to the handler)
+    while frame is not None and frame.f_code.co_name == "__torch_function__":
+        frame = frame.f_back  # type: ignore[assignment]  # (past every mode's handler)
+    return frame is not None and str(frame.f_globals.get("__name__", "")).startswith("torchdiv.")
+
+
+def refuse_gradient_hook(func: Any, args: Sequence[Any]) -> None:
+    """Raise ``WrongDerivatives`` where ``f`` registers a gradient hook of its own
+    (``Tensor.register_hook``) on a tensor that requires grad or carries a transform's
+    tangents: the engines of backward passes run the hook, forward mode and the recording
+    engines never see it, so the methods would disagree without a word.
+
+    Neither derivative is right in general: a deep equilibrium model's hook (its fixed point
+    solved under ``no_grad``, one differentiable step, the backward fixed point solved in the
+    hook) holds the only derivative of the function ``f`` computes (the step's own is the
+    one-step "phantom" Jacobian), while a gradient-clipping or scaling hook changes no value
+    of ``f``. Hooks of PyTorch's own (FSDP's pre-backward hooks on a module's outputs,
+    ``register_multi_grad_hook``'s) are left alone: they change no gradient."""
+    if func is not torch.Tensor.register_hook or not args:
+        return
+    hook = args[1] if len(args) > 1 else None
+    while isinstance(hook, functools.partial):  # (FSDP1's pre-backward hook is one)
+        hook = hook.func
+    if (getattr(hook, "__module__", None) or "").startswith("torch."):
+        return
+    if not _differentiated(args[:1]):
+        return
+    name = getattr(hook, "__qualname__", None) or type(hook).__name__
+    raise WrongDerivatives(
+        f"f registers a gradient hook ({name}) with Tensor.register_hook on a tensor it "
+        "computes; backward passes run it, forward mode and the recording engines do not, so "
+        "the methods would give different derivatives (for an implicit layer's backward, a "
+        "deep equilibrium model's, only the hook's are those of f's values; for gradient "
+        "clipping or scaling, only the forward code's). Every method refuses it: register the "
+        "hook only outside the call (behind a flag of your model), which differentiates f's "
+        "forward code (a DEQ's one-step Jacobian), or write the implicit step as a "
+        "torch.autograd.Function with setup_context, backward and jvp (both from the implicit "
+        "function theorem), which method='auto', 'forward' and 'reverse' follow"
+    )
 
 
 def _differentiated(args: Any) -> bool:
@@ -731,6 +783,7 @@ class SafeDerivatives(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         self.backward_inside = self.backward_inside or inner_backward(func, args, kwargs)
+        refuse_gradient_hook(func, args)
         if type(func) is _METHOD_WRAPPER and func.__self__ is _DATA and func.__name__ == "__set__":
             return _set_data(func, *args)
         if func in _BATCH_NORMS and not torch.compiler.is_compiling():
@@ -1459,6 +1512,7 @@ class InnerBackwards(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         self.backward_inside = self.backward_inside or inner_backward(func, args, kwargs)
+        refuse_gradient_hook(func, args)
         return func(*args, **kwargs)
 
 

@@ -167,7 +167,10 @@ _ONCE = once_differentiable(lambda ctx, *grads: None).__code__
 def once_differentiable_functions(custom: list[Any], y: torch.Tensor, x: torch.Tensor) -> list[str]:
     """The names of the custom ``autograd.Function``s among ``custom`` (``Found.custom`` of
     ``y``'s graph) whose ``backward`` is ``@once_differentiable``, or is a ``torch.compile``d
-    graph's (AOTAutograd's ``CompiledFunction``: ``COMPILED``), and that lie on a path from
+    graph's (AOTAutograd's ``CompiledFunction``: ``COMPILED``) or torchdiffeq's adjoint
+    (``OdeintAdjointMethod``: ``ADJOINT``, which solves the adjoint ODE under ``no_grad``
+    from detached states: a Laplacian through ``odeint_adjoint`` was 0, the gradients of a
+    divergence through it lacked its part), and that lie on a path from
     ``y`` to ``x``. Their ``backward`` returns constants when its gradients do not require
     grad (PyTorch's ``DelayedError`` is attached only when they do, and torchdiv's basis
     vectors do not): a derivative of a product through them silently lacks their part. The
@@ -180,10 +183,17 @@ def once_differentiable_functions(custom: list[Any], y: torch.Tensor, x: torch.T
 
 
 COMPILED = "torch.compile's CompiledFunction"  # the name of a compiled graph's Function
+ADJOINT = "torchdiffeq's OdeintAdjointMethod (odeint_adjoint)"  # and the adjoint's
 
 
 def _once_differentiable(cls: Any) -> bool:
-    return getattr(cls.backward, "__code__", 0) is _ONCE or _compiled(cls)
+    return getattr(cls.backward, "__code__", 0) is _ONCE or _compiled(cls) or _adjoint(cls)
+
+
+def _adjoint(cls: Any) -> bool:
+    """Whether ``cls`` is torchdiffeq's ``odeint_adjoint``, whose backward (the adjoint ODE,
+    solved under ``no_grad``) returns constants, whatever gradients it is given."""
+    return cls.__name__ == "OdeintAdjointMethod" and cls.__module__.startswith("torchdiffeq")
 
 
 def _compiled(cls: Any) -> bool:
@@ -193,4 +203,4 @@ def _compiled(cls: Any) -> bool:
 
 
 def _name(cls: Any) -> str:
-    return COMPILED if _compiled(cls) else cls.__qualname__
+    return COMPILED if _compiled(cls) else ADJOINT if _adjoint(cls) else cls.__qualname__

@@ -31,7 +31,7 @@ from torchdiv._core.modes import (
     math_attention,
 )
 from torchdiv._core.script import cached
-from torchdiv._core.walk import COMPILED, Found, once_differentiable_functions, search, vjp
+from torchdiv._core.walk import ADJOINT, COMPILED, Found, once_differentiable_functions, search, vjp
 from torchdiv._exact.state import Changes
 
 
@@ -139,6 +139,13 @@ def once_differentiable_error(what: str, names: list[str]) -> str:
             "(torchdiv breaks it itself at a pow of a tensor to a tensor exponent f holds, "
             "h[..., None] ** self.powers, which it runs eagerly: raise to Python numbers, "
             "torch.stack([h ** k for k in range(4)], -1))"
+        )
+    if ADJOINT in names:
+        return (
+            f"torchdiv: f solves an ODE by torchdiffeq's odeint_adjoint, whose backward (the "
+            f"adjoint ODE, solved under no_grad) cannot be differentiated again: {what} would "
+            "silently miss its part (it returns constants), so they are refused. Use "
+            "torchdiffeq.odeint inside f (backpropagation through the solver's steps)"
         )
     return (
         f"torchdiv: f computes through the custom autograd.Function {', '.join(names)}, whose "

@@ -19,7 +19,7 @@ from torch.func import jvp
 
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel
-from torchdiv._core.modes import SafeDerivatives, math_attention
+from torchdiv._core.modes import SafeDerivatives, math_attention, read_by_torchdiv
 from torchdiv._exact.attributes import transforming
 from torchdiv._taylor.tree import leaves
 
@@ -91,7 +91,9 @@ class Tangents(SafeDerivatives):
       custom ``autograd.Function``'s ``forward``, which runs with both off, and its ``jvp``,
       are left as they are);
     - a custom op whose result has no tangent though an input has one is refused
-      (``NoForwardRule``, naming ``way_out``) rather than taken for a constant;
+      (``NoForwardRule``, naming ``way_out``) rather than taken for a constant, and so is
+      ``f`` reading ``requires_grad`` of a tensor with a tangent (``False`` here, ``True``
+      under plain autograd: ``f`` may branch on it, ``_check_requires_grad``);
     - ``graph=False`` (the caller's ``torch.no_grad()``): the engine evaluates ``f`` with grad
       on, so that ``f``'s own ``no_grad`` blocks show, and runs each of its other ops under
       ``no_grad``: no graph is built, as the caller asked; not the ops inside a
@@ -153,7 +155,20 @@ class Tangents(SafeDerivatives):
             out = super().__torch_function__(func, types, args, kwargs)
         if isinstance(func, _OPS) and _op_name(func).split("::")[0] not in _TRUSTED:
             self._check_tangents(func, (args, kwargs), out)
+        if self.looks and getattr(func, "__self__", None) is _REQUIRES_GRAD and out is False:
+            self._check_requires_grad(args[0])
         return out
+
+    def _check_requires_grad(self, tensor: Any) -> None:
+        """Refuse a read of ``requires_grad`` (``False`` here) on a tensor with a tangent: plain
+        autograd reads ``True``, and ``f`` may branch on it (a deep equilibrium model
+        registers its gradient hook only then: forward mode gave the one-step Jacobian)."""
+        if _has_tangent(tensor) and not read_by_torchdiv():
+            raise NoForwardRule(
+                "f reads requires_grad of a tensor computed from x, False in forward mode where "
+                "plain autograd has True: f may take another branch (a deep equilibrium model "
+                f"registers its gradient hook only if z.requires_grad); use {self.way_out}"
+            )
 
     def _check_tangents(self, func: Any, inputs: Any, out: Any) -> None:
         """Refuse a custom op whose floating results have no tangent though an input has."""
@@ -165,6 +180,9 @@ class Tangents(SafeDerivatives):
             f"the custom op {_op_name(func)} in f has no forward-mode derivative "
             f"(torch.func.jvp would take it for a constant); use {self.way_out}"
         )
+
+
+_REQUIRES_GRAD = torch._C.TensorBase.__dict__["requires_grad"]  # (its getter's __self__)
 
 
 def _op_name(func: Any) -> str:

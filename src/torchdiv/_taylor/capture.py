@@ -35,6 +35,7 @@ from torchdiv._core.modes import (
     DispatchMode,
     SafeDerivatives,
     math_attention,
+    read_by_torchdiv,
     refuse_underivable,
 )
 from torchdiv._core.settings import Settings
@@ -498,12 +499,23 @@ def differentiable(outs: list[Any]) -> bool:
 
 # why a graph is unsupported where f detaches in place: forward mode ignores it too
 IN_PLACE_DETACH = "Tensor.detach_ (a detach in place, which ATen does not see; use .detach())"
+# and where f reads requires_grad of a tensor computed from x: False while recording, True
+# where plain autograd differentiates f, so f may take another branch there (a deep
+# equilibrium model registers its implicit backward's hook only `if z.requires_grad`)
+READS_REQUIRES_GRAD = (
+    "Tensor.requires_grad read on a tensor computed from x (False while recording: f may "
+    "branch on it, as a DEQ registering its gradient hook only if z.requires_grad)"
+)
+_REQUIRES_GRAD = torch._C.TensorBase.__dict__["requires_grad"]  # (its getter's __self__)
 
 
 class _InPlaceDetach(TorchFunctionMode):
     """Note ``Tensor.detach_()`` on a tensor computed from ``x`` (``recorder.depends``): the
     autograd layer handles it without an ATen call, so the recording would keep the tensor's
-    dependence on ``x`` where every other engine sees a constant."""
+    dependence on ``x`` where every other engine sees a constant. Also note a read of such a
+    tensor's ``requires_grad`` that gives ``False`` (``READS_REQUIRES_GRAD``): the recording
+    may have followed a branch that plain autograd does not (a frozen DEQ gave its one-step
+    Jacobian, 0.12 off its implicit divergence, under ``"auto"``)."""
 
     def __init__(self, recorder: _Recorder) -> None:
         super().__init__()
@@ -514,7 +526,15 @@ class _InPlaceDetach(TorchFunctionMode):
     ) -> Any:
         if func is torch.Tensor.detach_ and self.recorder.depends(list(args[:1])):
             self.recorder.graph.unsupported.append(IN_PLACE_DETACH)
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if (
+            getattr(func, "__self__", None) is _REQUIRES_GRAD
+            and out is False
+            and self.recorder.depends(list(args[:1]))
+            and not read_by_torchdiv()
+        ):
+            self.recorder.graph.unsupported.append(READS_REQUIRES_GRAD)
+        return out
 
 
 def _products(func: Any, args: Any, outs: list[Any]) -> int:
