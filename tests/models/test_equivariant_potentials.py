@@ -443,3 +443,45 @@ def test_a_graph_with_sinc_keeps_pytorch_s_derivatives():
     x = torch.tensor([[0.3, -1.7], [2.2, 0.6]], dtype=f64, requires_grad=True)
     lap = torchdiv.graph_laplacian(torch.sinc(x).sum(-1), x, create_graph=True)
     torch.testing.assert_close(lap, _sinc_second(x.detach()).sum(-1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("buffer", ["type_as", "clone", "to"])
+def test_messages_summed_into_a_copied_zero_buffer(buffer):
+    """Message sums into a buffer made by a factory and then copied, as older message-passing
+    code writes it (``torch.zeros(n, d).type_as(h)``; ``.to(device)`` is such a copy on a
+    GPU): per structure, as into ``new_zeros`` (they were refused as sums into a tensor
+    whose places are not followed); an edge into another structure is refused."""
+    structures, atoms, width = 3, 4, 2
+    w = torch.randn(width, width, dtype=f64, generator=torch.Generator().manual_seed(0))
+    offsets = (torch.arange(structures) * atoms)[:, None]
+    one_src, one_dst = torch.tensor([0, 1, 2, 3, 1]), torch.tensor([1, 0, 3, 2, 2])
+    src, dst = (one_src + offsets).reshape(-1), (one_dst + offsets).reshape(-1)
+
+    def field(src, dst):
+        def f(x):
+            h = torch.tanh(x.reshape(-1, width) @ w)
+            if buffer == "type_as":
+                out = torch.zeros(h.shape).type_as(h)
+            elif buffer == "clone":
+                out = torch.zeros_like(h).clone()
+            else:
+                out = torch.zeros(h.shape, dtype=torch.float32).to(h.dtype)
+            return out.index_add_(0, dst, h[src] * h[dst]).view(x.shape)
+
+        return f
+
+    x = torch.randn(structures, atoms, width, dtype=f64, generator=torch.Generator().manual_seed(1))
+    want = torch.stack(
+        [
+            torch.autograd.functional.jacobian(field(one_src, one_dst), x[b : b + 1])
+            .reshape(8, 8)
+            .trace()
+            for b in range(structures)
+        ]
+    )
+    got = torchdiv.divergence(field(src, dst), x)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    crossing = dst.clone()
+    crossing[0] = 5  # an edge from structure 0 into structure 1
+    with pytest.raises(torchdiv.BatchInteractionError, match="mixes samples"):
+        torchdiv.divergence(field(src, crossing), x)
