@@ -1123,20 +1123,19 @@ def _celu_(a: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
 
 def _sinc(a: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.sinc``: ``sin(t) / t`` with ``t = pi a``, and at an exact ``a = 0`` the Taylor
-    polynomial ``1 - t^2/6 + t^4/120 - t^6/5040 + t^8/362880``, whose derivatives there are
-    ``sinc``'s up to the ninth order (``sinc''(0) = -pi^2/3``). PyTorch's op takes the
-    constant 1 there (its forward-mode formula masks the slope to 0): its second derivatives
-    at 0 were 0 through forward mode and ``nan`` by backward passes (sinc interpolation
-    ``sinc(a (x - k))`` at a grid point). The same values; PyTorch's op for ``out=`` and for
-    inputs that are not floating."""
+    polynomial ``1 - t^2/6 + t^4/120``, whose derivatives there are ``sinc``'s up to the fifth
+    order (``sinc''(0) = -pi^2/3``; a biharmonic's parameter gradients are fifth ones; a
+    longer polynomial cost more jets). PyTorch's op takes the constant 1 there (its
+    forward-mode formula masks the slope to 0): its second derivatives at 0 were 0 through
+    forward mode and ``nan`` by backward passes (sinc interpolation ``sinc(a (x - k))`` at a
+    grid point). The same values; PyTorch's op for ``out=`` and for inputs that are not
+    floating."""
     if out is not None or not a.is_floating_point():
         return torch.sinc(a, out=out) if out is not None else torch.sinc(a)
     zero = a == 0
     t = math.pi * torch.where(zero, torch.ones_like(a), a)  # (no 0/0 in the unused branch)
-    series = math.pi * a
-    s2 = series * series
-    polynomial = 1 - s2 / 6 * (1 - s2 / 20 * (1 - s2 / 42 * (1 - s2 / 72)))
-    return torch.where(zero, polynomial, torch.sin(t) / t)
+    s2 = (math.pi * a) ** 2
+    return torch.where(zero, 1 - s2 / 6 * (1 - s2 / 20), torch.sin(t) / t)
 
 
 def _sinc_(a: torch.Tensor) -> torch.Tensor:
