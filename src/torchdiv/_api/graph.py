@@ -29,7 +29,14 @@ from torchdiv._core.checks import (
     check_square,
     event_numel,
 )
-from torchdiv._core.modes import AT_KINKS, AT_ZERO_VECTORS, POW_NODES, ROUNDED, changed_nodes
+from torchdiv._core.modes import (
+    AT_KINKS,
+    AT_ZERO_VECTORS,
+    AT_ZEROS,
+    POW_NODES,
+    ROUNDED,
+    changed_nodes,
+)
 from torchdiv._core.walk import towards
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
@@ -240,12 +247,13 @@ def graph_laplacian(
     return laplacians.reshape(y.shape)
 
 
-# (prelu's and a tensor exponent pow's derivatives differ only at an exact 0, the norms' at
-# a zero vector, celu's by a float32 rounding: a graph with them keeps PyTorch's, not refused)
+# (prelu's, sinc's and a tensor exponent pow's derivatives differ only at an exact 0, the
+# norms' at a zero vector, celu's by a float32 rounding: a graph with them keeps PyTorch's,
+# not refused)
 _WRONG_THIRD = tuple(
     n
     for n in changed_nodes(3, forward_mode=False)
-    if n not in (*AT_KINKS, *AT_ZERO_VECTORS, *POW_NODES, *ROUNDED)
+    if n not in (*AT_KINKS, *AT_ZEROS, *AT_ZERO_VECTORS, *POW_NODES, *ROUNDED)
 )
 
 

@@ -246,8 +246,21 @@ def check_output(fn: str, y: Any, x: torch.Tensor, batch_dims: int, name: str = 
             f"{fn}: {name} changed the batch shape: {name} has shape {_shape(y)} and x has shape "
             f"{_shape(x)}, so their first batch_dims={batch_dims} dimensions "
             f"{_shape(y)[:batch_dims]} != {_shape(x)[:batch_dims]}. Samples must map to samples; "
-            f"check batch_dims"
+            f"check batch_dims{_packed_hint(y, x, batch_dims)}"
         )
+
+
+def _packed_hint(y: Any, x: torch.Tensor, batch_dims: int) -> str:
+    """The way out for graphs packed along ``x``'s first dimension with one output row per
+    graph (PyTorch Geometric's ``batch`` vector: ``(total_nodes, 3)`` in, ``(graphs,)`` out)."""
+    if batch_dims != 1 or y.dim() == 0 or y.shape[0] >= x.shape[0]:
+        return ""
+    return (
+        ". If x packs several graphs' nodes along dimension 0 (a batch vector) and f returns "
+        "one row per graph, pass batch_dims=0: the whole batch is then one sample, and a "
+        "Laplacian or Jacobian of f holds each graph's own, since each row depends on its "
+        "graph's nodes only"
+    )
 
 
 def check_square(fn: str, y: torch.Tensor, x: torch.Tensor, batch_dims: int, name: str) -> None:

@@ -834,6 +834,15 @@ def _detached(tr: BatchAxes, args: Sequence[Any], out: Any) -> None:
         _fresh(tr, args, out)
 
 
+def _duplicated(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``clone`` and ``_to_copy`` (``.to(device)``, ``.double()``, ``type_as``): elementwise,
+    and a fresh tensor's copy stays fresh (``torch.zeros(n, d).type_as(h).index_add_(0, dst,
+    m)``, a message sum into a flattened batch, was refused)."""
+    if tr.fresh.get(id(args[0])) is args[0]:
+        _fresh(tr, args, out)
+    return _pointwise(tr, args, out)
+
+
 def _aligned(t: torch.Tensor, axes: Axes, out: torch.Tensor | Sequence[int]) -> Axes:
     """``t``'s batch dimensions in ``out`` (or a tensor of that shape), with shapes aligned at
     the right (broadcasting)."""
@@ -1953,8 +1962,6 @@ def _through_storage(
 
 
 _POINTWISE_EXTRA = {
-    aten.clone.default,
-    aten._to_copy.default,
     aten.alias.default,
     aten.native_dropout.default,
     aten.expand.default,
@@ -1982,6 +1989,8 @@ _VIEWS = {
 }
 _CARRY: dict[Any, Carry] = {
     **dict.fromkeys(_POINTWISE_EXTRA, _pointwise),
+    aten.clone.default: _duplicated,
+    aten._to_copy.default: _duplicated,
     **dict.fromkeys(_VIEWS, _view),
     aten.permute.default: _permute,
     aten.transpose.int: _permute,
@@ -2100,7 +2109,8 @@ _FRESH = {
 }
 _CARRY.update({**dict.fromkeys(_FRESH, _fresh), aten.detach.default: _detached})
 _rules: dict[Any, tuple[Mixing | None, Carry]] = {}  # each op's two rules, as first met
-_ELEMENTWISE: set[Carry] = {_pointwise}  # and its in-place forms' (``_writing``), as met
+# (and their in-place forms' (``_writing``), as met)
+_ELEMENTWISE: set[Carry] = {_pointwise, _duplicated}
 # results that do not depend on their argument's values: a gradient seed ones_like(loss)
 VALUE_FREE = {
     aten.detach.default,

@@ -704,6 +704,11 @@ class SafeDerivatives(TorchFunctionMode):
       an entry is 0, by reverse mode too (the reverse engine's divergence gradients, a second
       derivative taken under ``SafeDerivatives(1)``): replaced by ``|a|`` signed by ``other``
       from order 1.
+    - ``sinc`` at an exact 0: PyTorch takes the constant 1 there (its formulas mask the slope
+      to 0), so its second derivatives there were 0 through forward mode (a Laplacian by the
+      Taylor engine, forward over reverse or the Hessian missing ``-pi^2/3`` per zero) and
+      ``nan`` by backward passes: replaced by ``_sinc`` (the Taylor polynomial at the zeros)
+      from order 1 through forward mode (the recorders see it) and order 2 by backward passes.
     - ``prelu`` at an exact 0 (zero padding, a masked input, a ReLU before it): its backward
       takes the slope ``weight`` there, its forward-mode formula and its double backward
       take 1 (``>= 0``), so ``method="forward"`` gave another divergence than ``"reverse"``
@@ -1176,6 +1181,28 @@ def _celu_(a: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     return _celu(a, alpha, inplace=True)
 
 
+def _sinc(a: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.sinc``: ``sin(t) / t`` with ``t = pi a``, and at an exact ``a = 0`` the Taylor
+    polynomial ``1 - t^2/6 + t^4/120``, whose derivatives there are ``sinc``'s up to the fifth
+    order (``sinc''(0) = -pi^2/3``; a biharmonic's parameter gradients are fifth ones; a
+    longer polynomial cost more jets). PyTorch's op takes the constant 1 there (its
+    forward-mode formula masks the slope to 0): its second derivatives at 0 were 0 through
+    forward mode and ``nan`` by backward passes (sinc interpolation ``sinc(a (x - k))`` at a
+    grid point). The same values; PyTorch's op for ``out=`` and for inputs that are not
+    floating."""
+    if out is not None or not a.is_floating_point():
+        return torch.sinc(a, out=out) if out is not None else torch.sinc(a)
+    zero = a == 0
+    t = math.pi * torch.where(zero, torch.ones_like(a), a)  # (no 0/0 in the unused branch)
+    s2 = (math.pi * a) ** 2
+    return torch.where(zero, 1 - s2 / 6 * (1 - s2 / 20), torch.sin(t) / t)
+
+
+def _sinc_(a: torch.Tensor) -> torch.Tensor:
+    """``torch.sinc_``/``Tensor.sinc_``: ``_sinc`` in place."""
+    return a.copy_(_sinc(a))
+
+
 def _glu(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``F.glu``: the first half of ``a`` along ``dim`` times the sigmoid of the second;
     PyTorch's forward-mode formula (``glu_jvp``) has no derivative. PyTorch's own op where it
@@ -1298,6 +1325,9 @@ AT_KINKS = ("PreluKernelBackward",)
 # second derivatives where the exponent is 0, third where it is 1), through forward mode at
 # every negative base
 POW_NODES = ("PowBackward1",)
+# sinc's differ only at an exact 0 (PyTorch takes the constant 1 there: second derivatives 0
+# through forward mode, nan by backward passes)
+AT_ZEROS = ("SincBackward",)
 # ... and those whose PyTorch derivatives are off by a float32 rounding only (in float64)
 ROUNDED = ("CeluBackward",)
 _SLOGDET = ("LinalgSlogdetBackward",)  # logdet too
@@ -1405,6 +1435,8 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((2, 2), _constant_power(torch.Tensor.pow), "", POW_NODES, torch.Tensor.pow),
     **_table((1, 1), _celu, "", ROUNDED, torch.nn.functional.celu, torch.celu),
     **_table((1, 1), _celu_, "", ROUNDED, torch.celu_),
+    **_table((1, 2), _sinc, "", AT_ZEROS, torch.sinc, torch.special.sinc, torch.Tensor.sinc),
+    **_table((1, 2), _sinc_, "", AT_ZEROS, torch.sinc_, torch.Tensor.sinc_),
     **_table((1, 1), _copysign, "", ("CopysignBackward",), torch.copysign, torch.Tensor.copysign),
     **_table((1, 1), _prelu, "", AT_KINKS, torch.prelu, torch.Tensor.prelu),
     **_table((2, None), _cumprod, "", ("CumprodBackward",), torch.cumprod, torch.Tensor.cumprod),
