@@ -245,8 +245,8 @@ SWEEPS = ["auto", "forward-over-reverse"]  # value_grad_laplacian's, besides "ta
 @pytest.mark.parametrize("method", LAPLACIAN)
 def test_laplacian_of_the_energy_with_a_radius_graph(method):
     """``Δ E`` per structure (the trace of the force constants) with padded structures of 3, 5
-    and 4 atoms. ``"taylor"`` has no rule for ``index_add`` and the in-place ``fill_diagonal_``
-    on ``cdist``'s result: ``"auto"`` falls back to forward over reverse."""
+    and 4 atoms. ``"taylor"`` refuses the in-place ``fill_diagonal_`` on ``cdist``'s result:
+    ``"auto"`` falls back to forward over reverse."""
     model, (pos, species, mask) = _model(), _structures()
     _, _, hessians = _alone(model, pos, species, mask)
     got = torchdiv.laplacian(lambda p: model(p, species, mask), pos, method=method)
