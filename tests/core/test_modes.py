@@ -384,3 +384,38 @@ def test_multi_head_attention_inside_autocast_is_autocast_s_own(masks: tuple) ->
         got = _autocast_multi_head_attention(*args, need_weights=False, **chosen)[0]
     assert want.dtype == got.dtype == torch.bfloat16
     assert torch.equal(got, want)
+
+
+def test_multi_head_attention_inside_autocast_sees_torch_s_functions_as_they_are_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``nn.MultiheadAttention`` inside ``torch.autocast`` calls the module's functions as
+    PyTorch's own function would at each call: a ``F.linear`` patched at the first call (a
+    LoRA or counting wrapper) is not called after the patch is undone, and one patched later
+    is (a copy kept from the first call did both wrong: a Jacobian of the unpatched model)."""
+    functional = torch.nn.functional
+    linear = functional.linear
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+    x = torch.randn(2, 12)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, 3, 4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mha(tokens, tokens, tokens, need_weights=False)[0]
+        return out.float().reshape(-1, 12)
+
+    calls = []
+    monkeypatch.setattr(functional, "linear", lambda *a: calls.append(1) or linear(*a))
+    torchdiv.jacobian(f, x, method="reverse")
+    monkeypatch.setattr(functional, "linear", linear)
+    calls.clear()
+    torchdiv.jacobian(f, x, method="reverse")
+    assert not calls
+    monkeypatch.setattr(functional, "linear", lambda *a: 2 * linear(*a))
+    got = torchdiv.jacobian(f, x, method="reverse")
+    with math_attention():
+        want = torch.stack([torch.autograd.functional.jacobian(f, r[None])[0, :, 0] for r in x])
+    # bfloat16 (eps 2**-8) rounds the batched and the per-sample products apart; the
+    # unpatched model's Jacobian is about 2x off
+    assert (got - want).abs().max() <= 8 * 2**-8 * want.abs().max()

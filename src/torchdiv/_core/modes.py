@@ -1377,11 +1377,13 @@ def _autocast_multi_head_attention(query: torch.Tensor, *args: Any, **kwargs: An
     return forward(query, *args, **kwargs)
 
 
-@functools.cache
 def _attention_cast_inside(function: Callable[..., Any]) -> Callable[..., Any]:
     """``function`` with the global name ``scaled_dot_product_attention`` bound to
     ``_autocast_attention`` (a new function over the same code; the module is untouched),
-    or ``function`` itself where its code does not name it (another PyTorch)."""
+    or ``function`` itself where its code does not name it (another PyTorch). Built at each
+    call (about 5 us), over the module's globals as they are then: a copy kept from the first
+    call went on calling a ``torch.nn.functional.linear`` patched at that time (a LoRA or
+    counting wrapper) after the patch was undone, and missed patches made later."""
     code = function.__code__  # type: ignore[attr-defined]
     if "scaled_dot_product_attention" not in code.co_names:
         return function
