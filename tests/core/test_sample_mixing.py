@@ -2383,3 +2383,30 @@ def test_samples_are_followed_through_a_glu() -> None:
         torch.autograd.functional.jacobian(block, xb[None]).reshape(24, 24).trace() for xb in x
     ]
     assert_close(got, torch.stack(alone))
+
+
+def test_sums_into_a_layout_with_the_batch_elsewhere_are_followed() -> None:
+    """Values added along a dimension that holds no samples, into a zero tensor with the
+    batch not first (features by samples, ``zeros(D, B).index_add(0, i, h.T)``; one index
+    of ``index_put``; ``scatter_add``): each sample's values stay in its own places, which the
+    watch took for samples added into an unfollowed tensor (``BatchInteractionError``). The
+    same sums along the samples still mix them."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    index = torch.tensor([0, 2, 2])
+    kept = {
+        "index_add": lambda z: torch.zeros_like(z.T).index_add(0, index, z.T.sin()).T,
+        "index_put": lambda z: (
+            torch.zeros_like(z.T).index_put((index,), z.T.sin(), accumulate=True).T
+        ),
+        "scatter_add": lambda z: (
+            torch.zeros_like(z.T).scatter_add(0, index[:, None].expand(3, len(z)), z.T.sin()).T
+        ),
+    }
+    for name, f in kept.items():
+        alone = [torch.autograd.functional.jacobian(f, r[None])[0, :, 0].trace() for r in x]
+        assert_close(torchdiv.divergence(f, x), torch.stack(alone), msg=name)
+    swap = torch.tensor([1, 0, 2, 3])  # sample 0's values into sample 1's place
+    mixed = lambda z: torch.zeros_like(z.T).index_add(1, swap, z.T.sin()).T  # noqa: E731
+    with pytest.raises(BatchInteractionError):
+        torchdiv.divergence(mixed, x)

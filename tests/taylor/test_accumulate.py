@@ -190,3 +190,49 @@ def test_a_glu_is_propagated(method):
     pieces = lambda z: torch.cat(torch.tensor_split(z.sin(), [1, 3], -1)[::-1], -1)  # noqa: E731
     f = lambda z: pieces(z).cumsum(-1).square().sum(-1)  # noqa: E731
     assert_close(torchdiv.laplacian(f, x[:, 0], method=method), laplacian_alone(f, x[:, 0]))
+
+
+class GatedSums(nn.Module):
+    """Sums within each sample (``index_add``, ``scatter_add`` over its features) gated by a
+    GLU, as a plate-equation network's scalar output: every op now has a Taylor rule, so the
+    biharmonic runs the Taylor engine inside the Taylor engine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.into, self.out = nn.Linear(3, 3).double(), nn.Linear(3, 1).double()
+        self.register_buffer("index", torch.tensor([0, 2, 2]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3) -> (B,)
+        h = torch.tanh(self.into(x))
+        added = torch.zeros_like(h).index_add(1, self.index, h * h)
+        spread = self.index.view(1, 3).expand_as(h)
+        scattered = torch.zeros_like(h).scatter_add(1, spread, torch.sin(h))
+        return self.out(nn.functional.glu(torch.cat([added, scattered], -1), -1)).squeeze(-1)
+
+
+def _biharmonic_alone(f, xb: torch.Tensor) -> torch.Tensor:
+    """``Σ_ij ∂⁴f / ∂x_i² ∂x_j²`` of the scalar ``f`` at one sample ``xb`` alone, by grad of
+    grad twice (plain autograd, ``create_graph`` for the parameter gradients)."""
+    leaf = xb[None].detach().requires_grad_(True)
+
+    def laplacian_of(y: torch.Tensor) -> torch.Tensor:
+        (g,) = torch.autograd.grad(y, leaf, create_graph=True)
+        rows = (torch.autograd.grad(g[0, i], leaf, create_graph=True)[0] for i in range(len(xb)))
+        return sum(row[0, i] for i, row in enumerate(rows))
+
+    return laplacian_of(laplacian_of(f(leaf).sum()))
+
+
+def test_a_biharmonic_through_added_values():
+    """The inner Laplacian's jets, ``(k, B, n)``, added into a zero tensor of their own under
+    ``vmap`` (the rules' ``applied``): the outer recording's watch took that for samples
+    added into an unfollowed tensor, a ``BatchInteractionError`` for a model that keeps
+    them apart. Values and parameter gradients as the per-sample loop's Laplacian of its
+    Laplacian."""
+    net = GatedSums()
+    x = torch.randn(4, 3, dtype=f64)
+    got = torchdiv.biharmonic(net, x)
+    want = torch.stack([_biharmonic_alone(net, xb) for xb in x])
+    assert_close(got, want)
+    assert_same_parameter_gradients(net, got.square().sum(), want.square().sum())

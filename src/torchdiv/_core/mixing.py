@@ -1532,14 +1532,18 @@ def _written(tr: BatchAxes, axis: Axis) -> str:
     return _PUT_WHAT + (f" (samples moved there by {moved})" if moved else "")
 
 
-def _put_axes(tr: BatchAxes, t: torch.Tensor, values: Any, accumulate: bool) -> Axes:
+def _put_axes(
+    tr: BatchAxes, t: torch.Tensor, values: Any, accumulate: bool, along: int | None = None
+) -> Axes:
     """The batch dimensions of ``t``, written (or, ``accumulate``, added) ``values``: its
     own, or, for a tensor nothing tracked of ``x``'s batch shape (``torch.zeros_like(x)``)
     written samples, ``x``'s. Samples added, or moved samples written, into an untracked
-    tensor of another shape are refused (``tr.pending``) unless it is fresh (``_fresh``) and
-    its first dimension could be a flattened batch (``_flattened``): the caller's check that
-    every value lands in a place of its own samples decides, with ``tr.guess`` as the
-    message if not."""
+    tensor of another shape are refused (``tr.pending``) unless ``values`` lands along one
+    dimension ``along`` only, as many dimensions as ``t``, whose batch dimensions lie
+    elsewhere, each as long in ``t`` (``_kept_in_place``: the result holds them there), or
+    ``t`` is fresh (``_fresh``) and its first dimension could be a flattened batch
+    (``_flattened``): the caller's check that every value lands in a place of its own
+    samples decides, with ``tr.guess`` as the message if not."""
     axes = tr.axes(t)
     if axes:
         return axes
@@ -1547,6 +1551,8 @@ def _put_axes(tr: BatchAxes, t: torch.Tensor, values: Any, accumulate: bool) -> 
     batch = tr.x.shape[: tr.batch_dims]
     if (held or tr.picks(values) is not None) and t.shape[: tr.batch_dims] == batch:
         return tr.start
+    if held and _kept_in_place(t, values, held, along):
+        return held
     if held and (accumulate or any(axis.rows for axis in held)):
         # per-cluster sums ``zeros(K, D).index_add(0, cid, x)``: places no longer followed
         what = (
@@ -1559,6 +1565,19 @@ def _put_axes(tr: BatchAxes, t: torch.Tensor, values: Any, accumulate: bool) -> 
             return flat
         tr.pending = tr.message(tr.func, what)
     return ()
+
+
+def _kept_in_place(t: torch.Tensor, values: Any, held: Axes, along: int | None) -> bool:
+    """Whether every value of ``values`` (batch dimensions ``held``) written along the one
+    dimension ``along`` of ``t`` (``index_add``, ``scatter_add``, ``index_put`` with one
+    index) stays at its own place along every other dimension: as many dimensions, none of
+    ``held`` along ``along``, each as long in ``t``. A sum over a layout with the batch
+    elsewhere (``zeros(D, B).index_add(0, i, h.T)``, the directions' ``(k, B, n)`` jets of a
+    Laplacian inside a Laplacian) keeps its samples apart there."""
+    if along is None or not isinstance(values, torch.Tensor) or not 0 < values.dim() == t.dim():
+        return False
+    along %= t.dim()
+    return all(p != along and t.shape[p] == values.shape[p] for p in (a.position for a in held))
 
 
 def _flattened(tr: BatchAxes, t: torch.Tensor) -> Axes:
@@ -1578,12 +1597,18 @@ def _flattened(tr: BatchAxes, t: torch.Tensor) -> Axes:
 
 
 def _put(
-    tr: BatchAxes, t: torch.Tensor, index: list[Any], values: Any, accumulate: bool = False
+    tr: BatchAxes,
+    t: torch.Tensor,
+    index: list[Any],
+    values: Any,
+    accumulate: bool = False,
+    along: int | None = None,
 ) -> Axes:
-    """``t[index] = values`` (``index_put``, ``index_copy``, ``index_add``): each value must
-    land in a place of its own samples (``y[m] = g(x[m])``, ``y[perm] = x[perm]``); else
-    ``tr.pending`` says which op moved samples. Returns ``t``'s batch dimensions."""
-    axes = _put_axes(tr, t, values, accumulate)
+    """``t[index] = values`` (``index_put``, ``index_copy``, ``index_add``; ``along``: the one
+    dimension ``index`` picks places along, if so): each value must land in a place of its
+    own samples (``y[m] = g(x[m])``, ``y[perm] = x[perm]``); else ``tr.pending`` says which
+    op moved samples. Returns ``t``'s batch dimensions."""
+    axes = _put_axes(tr, t, values, accumulate, along)
     if not axes or not isinstance(values, torch.Tensor):
         return axes
     func = tr.func
@@ -1613,7 +1638,9 @@ def _index_put(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None
     if index is None:
         return None
     accumulate = bool(args[3]) if len(args) > 3 else False
-    return [_put(tr, args[0], index, args[2], accumulate) or None]
+    picked = [d for d, i in enumerate(args[1]) if i is not None]
+    one = picked if len(picked) == 1 and args[1][picked[0]].dim() == 1 else [None]
+    return [_put(tr, args[0], index, args[2], accumulate, one[0]) or None]
 
 
 def _index_copy(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -1622,14 +1649,14 @@ def _index_copy(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | Non
     index: list[Any] = [None] * t.dim()
     dim = args[1] % max(t.dim(), 1)
     index[dim] = args[2].reshape(-1).long() % t.shape[dim]
-    return [_put(tr, t, index, args[3], tr.func in _ACCUMULATING) or None]
+    return [_put(tr, t, index, args[3], tr.func in _ACCUMULATING, dim) or None]
 
 
 def _scatter(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
     """``scatter(t, dim, index, src)`` (``scatter_add``, ``scatter_reduce``): ``src[i][j]``
     lands at ``[index[i][j]][j]`` for ``dim=0``; each must be a place of its own samples."""
     t, dim, index, src = args[0], args[1] % max(args[0].dim(), 1), args[2], args[3]
-    axes = _put_axes(tr, t, src, tr.func in _ACCUMULATING)
+    axes = _put_axes(tr, t, src, tr.func in _ACCUMULATING, dim)
     held = tr.axes(src) if isinstance(src, torch.Tensor) else None
     if not axes or not held:
         return [axes or None]
