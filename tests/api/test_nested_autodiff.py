@@ -215,6 +215,17 @@ FUNC_FIELDS = {  # torch.func transforms f opens itself (Hamiltonian and gradien
 }
 
 
+def _jacobian_alone(f, x: torch.Tensor) -> torch.Tensor:
+    """Each sample's Jacobian, ``f`` of that sample alone, rows by ``autograd.grad``."""
+    rows = []
+    for xb in x:
+        leaf = xb[None].requires_grad_(True)
+        y = f(leaf)[0]
+        grads = [torch.autograd.grad(y[i], leaf, retain_graph=True)[0][0] for i in range(len(y))]
+        rows.append(torch.stack(grads))
+    return torch.stack(rows)
+
+
 @pytest.mark.parametrize("fn", ["jacobian", "jacobian_diagonal", "divergence"])
 @pytest.mark.parametrize("make", FUNC_FIELDS.values(), ids=FUNC_FIELDS)
 def test_forward_mode_under_no_grad_through_a_transform_inside_f(make, fn: str) -> None:
@@ -227,16 +238,7 @@ def test_forward_mode_under_no_grad_through_a_transform_inside_f(make, fn: str) 
     energy = tanh_mlp(4, 8, 1)
     f = make(energy, _symplectic(4))
     x = torch.randn(3, 4, dtype=f64)
-    rows = []
-    for xb in x:
-        leaf = xb[None].requires_grad_(True)
-        y = f(leaf)[0]
-        rows.append(
-            torch.stack(
-                [torch.autograd.grad(y[i], leaf, retain_graph=True)[0][0] for i in range(4)]
-            )
-        )
-    jac = torch.stack(rows)
+    jac = _jacobian_alone(f, x)
     want = {
         "jacobian": jac,
         "jacobian_diagonal": jac.diagonal(dim1=1, dim2=2),
@@ -264,16 +266,7 @@ def test_forward_mode_under_no_grad_builds_no_graph_through_a_vmap_inside_f(make
     torch.manual_seed(0)
     f = make(tanh_mlp(4, 8, 1))
     x = torch.randn(3, 4, dtype=f64)
-    rows = []
-    for xb in x:
-        leaf = xb[None].requires_grad_(True)
-        y = f(leaf)[0]
-        rows.append(
-            torch.stack(
-                [torch.autograd.grad(y[i], leaf, retain_graph=True)[0][0] for i in range(4)]
-            )
-        )
-    want = torch.stack(rows).diagonal(dim1=1, dim2=2).sum(-1)
+    want = _jacobian_alone(f, x).diagonal(dim1=1, dim2=2).sum(-1)
     saved = []
     with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(saved.append, lambda t: t):
         got = torchdiv.divergence(f, x, method="forward")
