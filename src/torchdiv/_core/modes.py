@@ -1189,9 +1189,10 @@ def _sinc(a: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     gradients, and the float32 cancellation above the switch costs ``1e-6`` relative in
     second derivatives, ``2e-4`` in fourth). PyTorch's op takes the constant 1 at an exact 0
     (its forward-mode formula masks the slope to 0): second derivatives there were 0 through
-    forward mode and ``nan`` by backward passes (sinc interpolation ``sinc(a (x - k))`` at a grid point); and
-    the derivatives of ``sin(t) / t`` cancel near 0 (the k-th loses ``eps / |t|^(k+1)``: a
-    Laplacian of -8 for -5.56 at ``x = 1e-8`` in float64, 2e9 in float32). The values agree
+    forward mode and ``nan`` by backward passes (sinc interpolation ``sinc(a (x - k))`` at a
+    grid point); and the derivatives of ``sin(t) / t`` cancel near 0 (the k-th loses
+    ``eps / |t|^(k+1)``: a Laplacian of -8 for -5.56 at ``x = 1e-8`` in float64, 2e9 in
+    float32). The values agree
     with PyTorch's to a rounding; PyTorch's op for ``out=`` and inputs that are not floating."""
     if out is not None or not a.is_floating_point():
         return torch.sinc(a, out=out) if out is not None else torch.sinc(a)
