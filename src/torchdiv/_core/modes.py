@@ -1337,8 +1337,8 @@ AT_KINKS = ("PreluKernelBackward",)
 # second derivatives where the exponent is 0, third where it is 1), through forward mode at
 # every negative base
 POW_NODES = ("PowBackward1",)
-# sinc's differ only at an exact 0 (PyTorch takes the constant 1 there: second derivatives 0
-# through forward mode, nan by backward passes)
+# sinc's differ at an exact 0 (PyTorch takes the constant 1 there: second derivatives 0
+# through forward mode, nan by backward passes) and near 0 (sin(t)/t's derivatives cancel)
 AT_ZEROS = ("SincBackward",)
 # ... and those whose PyTorch derivatives are off by a float32 rounding only (in float64)
 ROUNDED = ("CeluBackward",)
