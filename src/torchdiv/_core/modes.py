@@ -583,13 +583,14 @@ def refuse_gradient_hook(func: Any, args: Sequence[Any]) -> None:
     hook) holds the only derivative of the function ``f`` computes (the step's own is the
     one-step "phantom" Jacobian), while a gradient-clipping or scaling hook changes no value
     of ``f``. Hooks of PyTorch's own (FSDP's pre-backward hooks on a module's outputs,
-    ``register_multi_grad_hook``'s) are left alone: they change no gradient."""
+    ``register_multi_grad_hook``'s: ``_PYTORCH_S_HOOKS``) are left alone: they change no
+    gradient."""
     if func is not torch.Tensor.register_hook or not args:
         return
     hook = args[1] if len(args) > 1 else None
     while isinstance(hook, functools.partial):  # (FSDP1's pre-backward hook is one)
         hook = hook.func
-    if (getattr(hook, "__module__", None) or "").startswith("torch."):
+    if (getattr(hook, "__module__", None) or "").startswith(_PYTORCH_S_HOOKS):
         return
     if not _differentiated(args[:1]):
         return
@@ -605,6 +606,12 @@ def refuse_gradient_hook(func: Any, args: Sequence[Any]) -> None:
         "torch.autograd.Function with setup_context, backward and jvp (both from the implicit "
         "function theorem), which method='auto', 'forward' and 'reverse' follow"
     )
+
+
+# the packages whose hooks on tensors computed in a forward change no gradient (the
+# multi-grad hooks, FSDP's pre-backward hooks, DDP's and tensor parallelism's syncs); not all
+# of ``torch.``: ``y.register_hook(F.normalize)`` changes the gradient
+_PYTORCH_S_HOOKS = ("torch.autograd.", "torch.distributed.", "torch.nn.parallel.")
 
 
 def _differentiated(args: Any) -> bool:
