@@ -362,3 +362,22 @@ def test_reading_requires_grad_without_branching_keeps_auto_right() -> None:
     for _ in range(2):
         assert_close(torchdiv.divergence(f, x), want)
         assert_close(torchdiv.laplacian(lambda z: f(z).sum(-1), x), want_laplacian)
+
+
+def test_a_gradient_changing_hook_made_of_a_torch_function_is_refused() -> None:
+    """``y.register_hook(F.normalize)`` (a gradient-normalizing hook) passed as "PyTorch's own"
+    (its ``__module__`` starts with ``torch.``): ``"auto"`` and ``"reverse"`` gave the
+    divergence of the normalized backward pass (2.298 for every sample), forward mode failed
+    in PyTorch. Only the autograd, distributed and data-parallel packages' hooks pass."""
+    w = torch.randn(3, 3, dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    def normalized(z: torch.Tensor) -> torch.Tensor:
+        h = z @ w
+        if h.requires_grad:
+            h.register_hook(torch.nn.functional.normalize)
+        return torch.tanh(h)
+
+    for method in ("auto", "reverse"):
+        with pytest.raises(WrongDerivatives, match=r"gradient hook \(normalize\)"):
+            torchdiv.divergence(normalized, x, method=method)

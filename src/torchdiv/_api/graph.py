@@ -247,9 +247,9 @@ def graph_laplacian(
     return laplacians.reshape(y.shape)
 
 
-# (prelu's, sinc's and a tensor exponent pow's derivatives differ only at an exact 0, the
-# norms' at a zero vector, celu's by a float32 rounding: a graph with them keeps PyTorch's,
-# not refused)
+# (prelu's and a tensor exponent pow's derivatives differ only at an exact 0, sinc's at and
+# near 0 (|pi x| < 1/2, cancelling), the norms' at a zero vector, celu's by a float32
+# rounding: a graph with them keeps PyTorch's, not refused: documented)
 _WRONG_THIRD = tuple(
     n
     for n in changed_nodes(3, forward_mode=False)
