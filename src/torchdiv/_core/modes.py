@@ -1199,8 +1199,8 @@ def _sinc(a: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     forward mode and ``nan`` by backward passes (sinc interpolation ``sinc(a (x - k))`` at a
     grid point); and the derivatives of ``sin(t) / t`` cancel near 0 (the k-th loses
     ``eps / |t|^(k+1)``: a Laplacian of -8 for -5.56 at ``x = 1e-8`` in float64, 2e9 in
-    float32). The values agree
-    with PyTorch's to a rounding; PyTorch's op for ``out=`` and inputs that are not floating."""
+    float32). The values agree with PyTorch's to a rounding; PyTorch's op for ``out=`` and
+    inputs that are not floating."""
     if out is not None or not a.is_floating_point():
         return torch.sinc(a, out=out) if out is not None else torch.sinc(a)
     t = math.pi * a
