@@ -666,10 +666,13 @@ def _finished(
 # pass per output component) instead of the Taylor sweep's first-order terms (one direction
 # per input outside the coordinates) where at least this many inputs per output component lie
 # outside them (``_split``). Scalar tanh MLPs D-64-64-64-1, float32, one thread, forward and
-# backward of a residual loss (/tmp/lo13/vglc.py, 2026-12-05, a loaded 2-core machine): the
-# sweep over the jacobian + Laplacian pair per round, 4 inputs outside 0.7-1.3, 6: 0.85-1.47,
-# 8: 1.0-1.5 (batch 256), 1.3-2.0 (batch 2048), 9: 1.05-1.72, 14: 1.1-1.9, 29: 1.2-5.6; 1
-# outside (k = n - 1): the sweep 0.2-1.0x (kept)
+# backward of a residual loss (2026-12-05, a loaded 2-core machine): the sweep over the
+# jacobian + Laplacian pair per round, 4 inputs outside 0.7-1.3, 6: 0.85-1.47, 8: 1.0-1.5
+# (batch 256), 1.3-2.0 (batch 2048), 9: 1.05-1.72, 14: 1.1-1.9, 29: 1.2-5.6; 1 outside
+# (k = n - 1): the sweep 0.2-1.0x (kept). On a quiet machine (bench/vgl_coordinates.py, the
+# sweep over the split, median of 3 rounds): 8 outside, batch 256, 0.95 frozen and 1.12
+# training, batch 2048 1.8-2.1; 14 outside 0.96 / 1.31; 29 outside 3.6 / 4.5. (Frozen at batch
+# 256, jacobian + laplacian(coordinates=) took 0.75-0.8x either route.)
 SPLIT_OUTSIDE = 8
 
 
