@@ -48,7 +48,6 @@ from torchdiv._core.checks import (
     out_of_memory,
 )
 from torchdiv._core.mixing import (
-    BatchInteractionError,
     check_empty_event,
     checks_empty_event,
     watched,
@@ -492,14 +491,13 @@ def _separately_or_looped(
     run ``g`` (an op without a forward-mode rule), the loop of backward passes from the state
     the first evaluation found (``Once``), remembered, as ``methods.nested``."""
     each = Once(x)
-    try:
-        return _separately(g, x, batch_dims, chunk_size, index, each, watch)
-    except (RuntimeError, ValueError) as error:
-        if out_of_memory(error) or isinstance(error, BatchInteractionError):
-            raise
-    out = _looped(each(g), x, batch_dims, methods.Loop(refused=True), index)
-    methods.remember_loop(g, x, batch_dims)
-    return out
+    return methods.loop_where_forward_fails(
+        lambda: _separately(g, x, batch_dims, chunk_size, index, each, watch),
+        lambda: _looped(each(g), x, batch_dims, methods.Loop(refused=True), index),
+        g,
+        x,
+        batch_dims,
+    )
 
 
 def _looped_or_separately(

@@ -294,21 +294,36 @@ def nested(
     each = Once(x)
     if plan.watch:
         each(lambda z: _watched(f, z, batch_dims))(x)
+    return loop_where_forward_fails(
+        lambda: forward_over_reverse(f, x, batch_dims, chunk_size or plan.chunk, each=each),
+        lambda: looped(each(f), x, batch_dims, chunk_size, Loop(refused=True)),
+        f,
+        x,
+        batch_dims,
+    )
+
+
+def loop_where_forward_fails(
+    forward: Callable[[], T],
+    loop: Callable[[], T],
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+) -> T:
+    """``forward()`` (forward over reverse), or, where forward mode cannot run ``f`` (a
+    ``RuntimeError`` but a lack of memory, or the ``ValueError`` of a torchdiv call inside
+    ``f`` refusing the transforms, as ``loop_unless_rerun``; sample mixing is raised),
+    ``loop()`` (the loop of backward passes), kept as ``"auto"``'s fallback for ``f`` at
+    ``x``: later calls loop without recording ``f`` or trying forward mode again, watched for
+    sample mixing at every call (``_unrecorded``)."""
     try:
-        return forward_over_reverse(f, x, batch_dims, chunk_size or plan.chunk, each=each)
-    except (RuntimeError, ValueError) as error:  # (as ``loop_unless_rerun``)
+        return forward()
+    except (RuntimeError, ValueError) as error:
         if out_of_memory(error) or isinstance(error, BatchInteractionError):
             raise
-    out = looped(each(f), x, batch_dims, chunk_size, Loop(refused=True))
-    remember_loop(f, x, batch_dims)
-    return out
-
-
-def remember_loop(f: Function, x: torch.Tensor, batch_dims: int) -> None:
-    """Keep the loop of backward passes as ``"auto"``'s fallback for ``f`` at ``x``, where
-    forward over reverse could not run it: later calls loop without recording ``f`` or trying
-    forward mode again, watched for sample mixing at every call (``_unrecorded``)."""
+    out = loop()
     _REFUSED.put(_site(f), f, x, batch_dims, Loop(refused=True))
+    return out
 
 
 def _watched(f: Function, x: torch.Tensor, batch_dims: int) -> None:
