@@ -559,6 +559,17 @@ def refuse_underivable(name: str | None, differentiated: bool) -> None:
         )
 
 
+_REQUIRES_GRAD = torch._C.TensorBase.__dict__["requires_grad"]  # (its getter's __self__)
+
+
+def read_requires_grad_false(func: Any, out: Any) -> bool:
+    """Whether the call a ``TorchFunctionMode`` handled (``func``, result ``out``) read a
+    tensor's ``requires_grad`` and got ``False``: forward mode and the recorders read
+    ``False`` where plain autograd reads ``True``, and ``f`` may branch on it (a deep
+    equilibrium model registers its gradient hook only ``if z.requires_grad``)."""
+    return out is False and getattr(func, "__self__", None) is _REQUIRES_GRAD
+
+
 def read_by_torchdiv() -> bool:
     """Whether the tensor attribute a ``TorchFunctionMode`` is handling (``requires_grad``)
     was read by torchdiv's own code (a torchdiv call inside ``f``: ``biharmonic``'s inner

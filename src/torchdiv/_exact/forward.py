@@ -20,7 +20,12 @@ from torch.func import jvp
 
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel
-from torchdiv._core.modes import SafeDerivatives, math_attention, read_by_torchdiv
+from torchdiv._core.modes import (
+    SafeDerivatives,
+    math_attention,
+    read_by_torchdiv,
+    read_requires_grad_false,
+)
 from torchdiv._exact.attributes import transforming
 from torchdiv._taylor.tree import leaves
 
@@ -157,7 +162,7 @@ class Tangents(SafeDerivatives):
             out = super().__torch_function__(func, types, args, kwargs)
         if isinstance(func, _OPS) and _op_name(func).split("::")[0] not in _TRUSTED:
             self._check_tangents(func, (args, kwargs), out)
-        if self.looks and getattr(func, "__self__", None) is _REQUIRES_GRAD and out is False:
+        if self.looks and read_requires_grad_false(func, out):
             self._check_requires_grad(args[0])
         return out
 
@@ -182,9 +187,6 @@ class Tangents(SafeDerivatives):
             f"the custom op {_op_name(func)} in f has no forward-mode derivative "
             f"(torch.func.jvp would take it for a constant); use {self.way_out}"
         )
-
-
-_REQUIRES_GRAD = torch._C.TensorBase.__dict__["requires_grad"]  # (its getter's __self__)
 
 
 def _differentiated_below(level: int) -> bool:

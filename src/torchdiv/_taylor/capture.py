@@ -36,6 +36,7 @@ from torchdiv._core.modes import (
     SafeDerivatives,
     math_attention,
     read_by_torchdiv,
+    read_requires_grad_false,
     refuse_underivable,
 )
 from torchdiv._core.settings import Settings
@@ -506,7 +507,6 @@ READS_REQUIRES_GRAD = (
     "Tensor.requires_grad read on a tensor computed from x (False while recording: f may "
     "branch on it, as a DEQ registering its gradient hook only if z.requires_grad)"
 )
-_REQUIRES_GRAD = torch._C.TensorBase.__dict__["requires_grad"]  # (its getter's __self__)
 
 
 class _InPlaceDetach(TorchFunctionMode):
@@ -528,8 +528,7 @@ class _InPlaceDetach(TorchFunctionMode):
             self.recorder.graph.unsupported.append(IN_PLACE_DETACH)
         out = func(*args, **(kwargs or {}))
         if (
-            getattr(func, "__self__", None) is _REQUIRES_GRAD
-            and out is False
+            read_requires_grad_false(func, out)
             and self.recorder.depends(list(args[:1]))
             and not read_by_torchdiv()
         ):
