@@ -352,6 +352,26 @@ def _global_hooks() -> tuple[Any, ...]:
     return ((*pre, None, *post),) if pre or post else ()
 
 
+class Same:
+    """An object by identity, held weakly: equal only to a ``Same`` of that very object, while
+    it lives (a freed object's ``id`` taken by a new one is another object)."""
+
+    __slots__ = ("_id", "_ref")
+
+    def __init__(self, obj: Any):
+        self._ref = weakref.ref(obj)
+        self._id = id(obj)
+
+    def __hash__(self) -> int:
+        return self._id
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Same) or other._id != self._id:
+            return False
+        obj = self._ref()
+        return obj is not None and obj is other._ref()
+
+
 # the types of the objects a key holds by value: what a branch or an axis in ``f`` reads (a
 # set: ``type(v) in`` it costs half of a tuple's, read for every attribute of every module);
 # a module's own are read without ``int``: a count kept in ``forward`` (``self.nfe += 1``,
@@ -366,7 +386,21 @@ _MODULE_FLAGS = frozenset((bool, str, type(None)))
 _MODULE_FUNCTIONS = frozenset(
     (types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial)
 )
-_MODULE_HELD = _MODULE_FLAGS | _MODULE_FUNCTIONS
+# and the plain tensors it holds as attributes (``_tensor``)
+_MODULE_HELD = _MODULE_FLAGS | _MODULE_FUNCTIONS | {torch.Tensor}
+
+
+def _tensor(t: torch.Tensor) -> Hashable:
+    """A module's buffer or plain tensor attribute in ``_held``'s key: an integer or boolean
+    one (an index, a mask) by identity, weakly (``Same``): one put in place of another,
+    ``net.perm = torch.randperm(n)`` read as ``y[self.perm]``, moves samples along the batch;
+    a floating one by its dtype and shape, its values being values (``weight_norm``'s weight,
+    computed anew before every forward, would make every call a new structure, watched
+    again). Either changed in place stays the same structure (batch norm's running
+    statistics, spectral norm's power iteration)."""
+    if t.is_floating_point() or t.is_complex():
+        return t.dtype, t.shape
+    return Same(t)
 
 
 def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
@@ -453,11 +487,13 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
     come back, on another module), flags (``_MODULE_FLAGS``: the train mode, as
     ``model[0].train()`` alone switches a batch norm to batch statistics, and the switches of
     its ``forward``, ``if self.mix:``), the functions it holds (``_MODULE_FUNCTIONS``: a
-    replaced ``forward``) and forward hooks (one may mix samples), flat, and
-    whether each of their parameters requires grad. The type as a weak reference (equal to
-    another only while its type is alive): held, a class made at every call (a model
-    factory's, each ``torch.fx.GraphModule``'s own) stayed alive with what its methods close
-    over as long as a cache kept the key.
+    replaced ``forward``), its tensors, buffers (``None`` or a tensor) and plain attributes
+    (``_tensor``: ``register_buffer("perm", None)``, then ``net.perm = torch.randperm(n)``
+    read as ``y[self.perm]``, mixed samples unwatched) and forward hooks (one may mix
+    samples), flat, and whether each of their parameters requires grad. The type as a weak
+    reference (equal to another only while its type is alive): held, a class made at every
+    call (a model factory's, each ``torch.fx.GraphModule``'s own) stayed alive with what its
+    methods close over as long as a cache kept the key.
     One walk of the ``_modules`` and ``_parameters`` dictionaries (a ``torch.jit.trace``d
     module's, whose ``__dict__`` has neither, through its attributes), each module once: a key is
     made at every call of a small problem, where ``named_modules`` and ``parameters`` (two
@@ -476,13 +512,20 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
         held.append(i)  # (appended, not a tuple of the three: ~10% of the walk)
         held.append(weakref.ref(type(m)))
         held += [
-            v if type(v) in _MODULE_FLAGS else weakref.ref(v)
+            v
+            if (t := type(v)) in _MODULE_FLAGS
+            else _tensor(v)
+            if t is torch.Tensor
+            else weakref.ref(v)
             for v in attributes.values()
             if type(v) in _MODULE_HELD
         ]
         pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
         if pre or post:  # by their handles' ids (a counter: never reused)
             held.append((*(pre or ()), None, *(post or ())))
+        buffers = attributes.get("_buffers")
+        if buffers:  # (never a hooks' tuple, of ints)
+            held.append(tuple(None if b is None else _tensor(b) for b in buffers.values()))
         parameters, children = attributes.get("_parameters"), attributes.get("_modules")
         if parameters is None or children is None:  # a torch.jit.trace'd module's C++ module
             parameters, children = m._parameters, m._modules  # holds them (KeyError: crashed)

@@ -18,7 +18,7 @@ from torchdiv._core.checks import unwrapped
 from torchdiv._core.mixing import BatchInteractionError, allowed, unnamed
 from torchdiv._core.script import global_names
 from torchdiv._taylor import RULES, capture
-from torchdiv._taylor.cache import PlanCache, structure_key
+from torchdiv._taylor.cache import PlanCache, Same, structure_key
 
 
 def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
@@ -243,9 +243,9 @@ def _part(v: Any, depth: int, values: list[tuple[Hashable, int]]) -> Hashable | 
     if isinstance(v, types.FunctionType) and depth > 1:
         site, held = _identity(v, depth - 1, values)
         if site is not v:
-            return _Same(site), held
+            return Same(site), held
     try:
-        same = _Same(v)
+        same = Same(v)
     except TypeError:  # no weak references
         return None
     if not isinstance(v, torch.Tensor):
@@ -265,23 +265,3 @@ def _part(v: Any, depth: int, values: list[tuple[Hashable, int]]) -> Hashable | 
 # the tensors held by their values (``Held.values``) where floating and dense: a subclass may
 # decide what ``f`` does by state no op reads (an attribute its ``__torch_function__`` uses)
 _LOOSE = frozenset({torch.Tensor, torch.nn.Parameter})
-
-
-class _Same:
-    """An object by identity, held weakly: equal only to a ``_Same`` of that very object, while
-    it lives (a freed object's ``id`` taken by a new one is another object)."""
-
-    __slots__ = ("_id", "_ref")
-
-    def __init__(self, obj: Any):
-        self._ref = weakref.ref(obj)
-        self._id = id(obj)
-
-    def __hash__(self) -> int:
-        return self._id
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _Same) or other._id != self._id:
-            return False
-        obj = self._ref()
-        return obj is not None and obj is other._ref()
