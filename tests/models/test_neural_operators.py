@@ -295,3 +295,30 @@ def test_deeponet_laplacian_in_its_batch_layouts_matches_a_point_loop() -> None:
             grads = torch.autograd.grad((got * weights).sum(), params, materialize_grads=True)
             for g, w in zip(grads, want_grads, strict=True):
                 torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_deeponet_splitting_its_batch_inside_f_is_refused_with_the_batch_dims_way_out() -> None:
+    """Points grouped per function by a reshape inside ``f`` (``z.reshape(B, P, d)``, then an
+    ``einsum`` or ``bmm`` with the branch output): each point stays apart, but the watch cannot
+    follow a batch split inside ``f`` through them, so ``"auto"`` refuses; the message names
+    the way out (``x`` in that shape, ``batch_dims=2``), which gives the per-point Laplacian."""
+    torch.manual_seed(5)
+    net, (b, p, m, d) = DeepONet(), (2, 3, 6, 2)
+    u, y = torch.randn(b, m, dtype=f64), torch.rand(b, p, d, dtype=f64)
+
+    def grouped(z: torch.Tensor) -> torch.Tensor:  # (b, p, d) -> (b, p)
+        return torch.einsum("bk,bqk->bq", net.branch(u), net.trunk(z)) + net.bias
+
+    def batched(z: torch.Tensor) -> torch.Tensor:  # (b * p, d) -> (b * p,)
+        return grouped(z.reshape(b, p, d)).reshape(-1)
+
+    with pytest.raises(BatchInteractionError, match=r"split in order.*batch_dims=2 for \(F, P"):
+        torchdiv.laplacian(batched, y.reshape(-1, d))
+    hessians = [
+        torch.autograd.functional.hessian(lambda yi, i=i: net(u[i], yi), y[i, q])
+        for i in range(b)
+        for q in range(p)
+    ]
+    want = torch.stack([h.diagonal().sum() for h in hessians]).reshape(b, p)
+    got = torchdiv.laplacian(grouped, y, batch_dims=2)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

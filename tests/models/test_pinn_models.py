@@ -4,7 +4,8 @@ with ``prod``, a Chebyshev-KAN layer with ``acos``, an efficient-kan B-spline KA
 comparisons cast to the dtype), and a transformer encoder (trainable, and frozen in eval
 mode, where PyTorch takes its fused fast path); and the second-order operators (the Laplacian
 over space only of ``u(x, y, t)``, ``value_grad_laplacian``, ``weighted_laplacian``,
-``biharmonic``) on the first five, against grad-of-grad loops.
+``biharmonic``) on the first five, against grad-of-grad loops; and linear elasticity's
+residual from a ``jacobian`` of a function that calls ``jacobian`` (the stress).
 
 For each, in float64: ``"auto"`` runs ``"taylor"`` (its fallback is disabled), values match a
 grad-of-grad loop and central finite differences, and the gradient of the Laplacian with
@@ -437,3 +438,51 @@ def test_lbfgs_closure_evaluations_match_a_fresh_reference(name, method):
     for _ in range(2):
         optimiser.step(closure)
     assert len(set(evaluations)) >= 4  # the parameters moved between evaluations
+
+
+@pytest.mark.parametrize(
+    ("inner", "outer"), [("auto", "auto"), ("forward", "reverse"), ("reverse", "forward")]
+)
+def test_linear_elasticity_residual_from_nested_jacobians(inner: str, outer: str) -> None:
+    """The residual ``div sigma + f`` of linear elasticity as a user composes it: the stress
+    ``sigma = λ tr(ε) I + 2μ ε`` of the strain ``ε = sym(∇u)`` from one ``jacobian``, its
+    divergence the trace of the ``jacobian`` of that (a torchdiv call inside ``f``). Values and
+    parameter gradients of ``‖div sigma + f‖²`` against the closed form
+    ``μ Δu + (λ + μ) ∇(∇·u)`` from per-sample Hessians of plain autograd."""
+    torch.manual_seed(7)
+    lam, mu, d = 1.3, 0.7, 2
+    net = nn.Sequential(nn.Linear(d, 16), nn.SiLU(), nn.Linear(16, d)).double()
+
+    def u(x: torch.Tensor) -> torch.Tensor:  # clamped at x_0 = 0 and 1
+        return net(x) * x[..., :1] * (1 - x[..., :1])
+
+    def stress(x: torch.Tensor) -> torch.Tensor:
+        grad_u = torchdiv.jacobian(u, x, method=inner)
+        strain = (grad_u + grad_u.mT) / 2
+        trace = strain.diagonal(dim1=-2, dim2=-1).sum(-1)
+        return lam * trace[:, None, None] * torch.eye(d, dtype=x.dtype) + 2 * mu * strain
+
+    x, force = torch.rand(4, d, dtype=torch.float64), torch.randn(4, d, dtype=torch.float64)
+    hessians = torch.stack(
+        [
+            torch.stack(
+                [
+                    torch.autograd.functional.hessian(lambda z, i=i: u(z)[i], xb, create_graph=True)
+                    for i in range(d)
+                ]
+            )
+            for xb in x
+        ]
+    )  # (B, component, d, d)
+    laplacian = hessians.diagonal(dim1=-2, dim2=-1).sum(-1)
+    want = mu * laplacian + (lam + mu) * torch.einsum("bjji->bi", hessians)
+    got = torch.einsum("bijj->bi", torchdiv.jacobian(stress, x, method=outer))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    params = list(net.parameters())
+    loss = lambda div_stress: (div_stress + force).square().sum(-1).mean()  # noqa: E731
+    for g, w in zip(
+        torch.autograd.grad(loss(got), params),
+        torch.autograd.grad(loss(want), params),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

@@ -48,9 +48,11 @@ those there, so a fresh buffer holds the batch where they were written, and samp
 other samples' places (``y[1:] = g(x)[:-1]``) are moved rows. A reshape that splits the batch
 digit across dimensions (``x.reshape(D, B)``) leaves the samples spread (``BatchAxes.spread``):
 elementwise ops keep them apart and a reshape back follows them again; any other op reading them
-mixes samples. A custom ``autograd.Function``'s ``forward`` runs without grad, like a ``no_grad``
-block, but with forward AD off too: it is followed, its results differentiable if ``apply``
-makes them so (``BatchAxes._settle``).
+mixes samples (a batch split in order, ``x.reshape(F, P, D)`` read by ``einsum``, too: the
+message then names ``batch_dims=2`` with ``x`` in that shape, which is followed). A custom
+``autograd.Function``'s ``forward`` runs without grad, like a ``no_grad`` block, but with
+forward AD off too: it is followed, its results differentiable if ``apply`` makes them so
+(``BatchAxes._settle``).
 
 Each batch dimension of a tensor is recorded as ``(position, size)`` and the batch dimension of
 ``x`` it came from (with ``batch_dims=2`` and a square batch, ``x.transpose(0, 1)`` at the
@@ -471,10 +473,15 @@ class BatchAxes:
             and not any(self.axes(t) for t in tensors)
         ):
             return  # constants may broadcast against them
+        how = (
+            f"{_SPLIT_WHAT}, as x.reshape(F, P, D)"
+            if all(_split_in_order(t, s) for t, s in spread)
+            else "by a reshape to another order, as x.reshape(D, B) for x.T, or an interleaving "
+            "stack"
+        )
         what = (
             f"x's samples spread across the dimensions of a tensor of shape {_shape(spread[0][0])} "
-            "(by a reshape to another order, as x.reshape(D, B) for x.T, or an interleaving "
-            "stack), read by an op other than an elementwise one or a reshape back"
+            f"({how}), read by an op other than an elementwise one or a reshape back"
         )
         self.pending = self.message(func, what)
 
@@ -628,6 +635,14 @@ def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
             "If that dimension belongs to each sample's event, lower batch_dims; if f really "
             "combines samples, per-sample derivatives do not exist."
         )
+        if _SPLIT_WHAT in what:  # x.reshape(F, P, D) inside f, read by einsum or bmm
+            fix += (
+                " Where f splits the batch in order (x.reshape(F, P, D), points grouped per "
+                "function) and keeps each sample apart, pass x in that shape with batch_dims "
+                "set to the number of leading dimensions the batch was split into (batch_dims=2 "
+                "for (F, P, D)): the watch follows batch dimensions through einsum, bmm and "
+                "transposes, but not a batch split inside f."
+            )
         if what.startswith(_PUT_WHAT):  # message passing along dimension 0
             fix += (
                 " A batch of graphs with its nodes along dimension 0 (PyTorch Geometric's "
@@ -1216,6 +1231,19 @@ def _mm(biased: bool) -> Carry:
         return [tuple(sorted(set(found))) if len(found) > 1 else tuple(found)]
 
     return rule
+
+
+_SPLIT_WHAT = "the batch split in order across the leading dimensions"
+
+
+def _split_in_order(t: torch.Tensor, spread: Axes) -> bool:
+    """Whether ``t`` holds the samples spread as ``x.reshape(F, P, D)`` puts them: each spread
+    axis's samples are exactly its leading dimensions, in order (``_span``). Such an ``f``
+    may keep every sample apart through an op the watch cannot follow spread samples through
+    (``einsum``, ``bmm``, a transpose: a DeepONet's points grouped per function), and is then
+    watched exactly when given ``x`` in that shape with as many batch dimensions."""
+    spans = [_span(t, axis) for axis in spread]
+    return all(span is not None and span.start == 0 and len(span) > 1 for span in spans)
 
 
 def _span(t: torch.Tensor, axis: Axis) -> range | None:
