@@ -1673,6 +1673,10 @@ HIDDEN = {  # f of z (B, D): mixing the watch did not follow (every watched meth
         lambda z: LegacyCube.apply(z) - LegacyCube.apply(z).mean(0),
         r"a mean over samples",
     ),
+    "a plane read at the samples' points, centred": (
+        lambda z: z * (_plane_read(z) - _plane_read(z).mean(0)).sum(1, keepdim=True),
+        r"a mean over samples",
+    ),
 }
 
 
@@ -1687,6 +1691,15 @@ def test_mixing_the_watch_did_not_follow_is_refused(case, name, method, shape) -
     of samples, a custom ``autograd.Function``: every watched method returned other
     samples' terms silently."""
     _assert_refused(*HIDDEN[case], name, method, shape)
+
+
+def _plane_read(z: torch.Tensor) -> torch.Tensor:
+    """A tri-plane field's read, ``(B, 2)``: a constant ``(1, 2, 4, 4)`` plane of features
+    sampled by ``grid_sample`` at each sample's first two coordinates, the points along the
+    grid's height (``grid.view(1, -1, 1, 2)``); its result was not followed by the watch."""
+    plane = torch.arange(32, dtype=z.dtype).reshape(1, 2, 4, 4).sin()
+    grid = z[:, :2].tanh().view(1, -1, 1, 2)
+    return F.grid_sample(plane, grid, align_corners=False).view(2, -1).T
 
 
 def _centred_head(padded: torch.Tensor, n: int) -> torch.Tensor:
@@ -1754,6 +1767,7 @@ HIDDEN_KEPT = {  # their per-sample counterparts: not refused
         [z[::2].sin(), z[1::2].exp()], 1
     ).reshape(z.shape),
     "a custom autograd.Function": lambda z: LegacyCube.apply(z) * z,
+    "a plane read at the samples' points": lambda z: z * _plane_read(z).sum(1, keepdim=True),
     "a custom autograd.Function under no_grad, centred": _constant_cube_scale,
 }
 

@@ -2378,7 +2378,8 @@ def _unknown(func: Any) -> Carry:
     argument is followed as holding its samples in place (not of an op that writes in place),
     and a pad's, ``unfold``'s, ``unfold_backward``'s or one of as many dimensions by an op
     along another dimension (``glu``) as holding those along the dimensions it leaves alone
-    (``_left_alone``); the others not."""
+    (``_left_alone``), ``grid_sample``'s as holding its grid's at the places read
+    (``_sampled_at``); the others not."""
     op = _Signature.of(func)
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -2410,6 +2411,7 @@ def _unknown(func: Any) -> Carry:
         return [
             next((axes for _, t, axes in tracked if t.shape == o.shape), None)
             or _left_alone(op, tr, args, o)
+            or _sampled_at(op, tr, args, o)
             if isinstance(o, torch.Tensor)
             else None
             for o in results
@@ -2549,6 +2551,28 @@ def _left_alone(op: _Signature, tr: BatchAxes, args: Sequence[Any], o: torch.Ten
         and o.shape[axis.position] == t.shape[axis.position]
     )
     return kept or None
+
+
+def _sampled_at(op: _Signature, tr: BatchAxes, args: Sequence[Any], o: torch.Tensor) -> Axes | None:
+    """The batch dimensions of ``grid_sample``'s result ``o``, ``(N, C, *places)``: its input's
+    along ``N`` and ``C`` (along a spatial one it combined them: ``_resampled``), its grid's
+    ``(N, *places, 2 or 3)`` along ``N`` and the places, one dimension further on. A tri-plane
+    or K-planes field reads learned planes at every sample's points, which lie along the grid's
+    places (``grid.view(1, -1, 1, 2)``): its result was not followed, so a mean over the
+    samples after it passed unseen."""
+    if op.name not in _GRID_SAMPLERS or len(args) < 2:
+        return None
+    image, grid = args[0], args[1]
+    kept = [
+        axis
+        for axis in tr.axes(image) or ()
+        if axis.position < 2 and o.shape[axis.position] == image.shape[axis.position]
+    ]
+    for axis in tr.axes(grid) or ():
+        at = axis.position + (axis.position > 0)
+        if axis.position < grid.dim() - 1 and o.shape[at] == grid.shape[axis.position]:
+            kept.append(axis._replace(position=at))
+    return tuple(sorted(set(kept))) or None
 
 
 def _overlapped(op: _Signature, tr: BatchAxes, args: Sequence[Any], t: torch.Tensor) -> str | None:

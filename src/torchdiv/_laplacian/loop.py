@@ -247,3 +247,37 @@ def all_finite(t: torch.Tensor) -> bool:
     infinite entry makes the sum NaN or infinite; a finite ``t`` whose sum overflows reads as
     not finite, which only sends the caller to its other exact method."""
     return math.isfinite(t.detach().sum().item())
+
+
+def probed(f: Function, x: torch.Tensor, batch_dims: int, probes: torch.Tensor) -> torch.Tensor:
+    """Hutchinson's ``(1/r) Σ_j v_jᵀ H v_j`` per sample and output component (shape
+    ``f(x).shape``; ``probes``: ``(r,) + x.shape``) by backward passes only: one evaluation of
+    ``f``, per output component its per-sample gradient ``g`` (kept differentiable), then per
+    probe ``∂(g · v_j)/∂x · v_j``: ``1 + m (1 + r)`` passes. For an ``f`` that forward mode
+    cannot run (``grid_sample``), where the Hessian-vector products by forward over reverse
+    raise. ``f`` runs under the loop's modes (``_evaluated``), unwatched: the caller's recording
+    watched it for sample mixing."""
+    outer = torch.is_grad_enabled()
+    with torch.enable_grad():
+        x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+        y = _evaluated(f, x_in, batch_dims, None, safe=True)
+        found = search(y, x_in)
+        refuse_once_differentiable(found, y, x_in)
+        create_graph = outer and found.others
+        samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
+        m = y.shape[batch_dims:].numel()
+        outputs = y.reshape(samples, m)
+        vs = probes.reshape(len(probes), samples, n)
+        columns = []
+        for i in range(m):
+            total = None
+            gradient = _grad(outputs[:, i], x_in, create_graph=True)
+            if gradient is not None:
+                gradient = _flat(gradient, samples, n)
+                for v in vs:
+                    second = _grad(gradient * v, x_in, create_graph)
+                    if second is not None:
+                        total = accumulated(total, (_flat(second, samples, n) * v).sum(-1))
+            columns.append(x.new_zeros(samples) if total is None else total.to(x.dtype))
+    out = torch.stack(columns, 1) if columns else x.new_zeros(samples, 0)
+    return (out / len(probes)).reshape(y.shape)

@@ -36,7 +36,7 @@ from torchdiv._core.tie import tied
 from torchdiv._exact.forward import ForwardJacobian, holds_dual_level, under_tangents
 from torchdiv._exact.plan import WITHOUT_FORWARD_RULE
 from torchdiv._exact.state import Once
-from torchdiv._laplacian.loop import Check, Settings, all_finite, grad_of_grad
+from torchdiv._laplacian.loop import Check, Settings, all_finite, grad_of_grad, probed
 from torchdiv._taylor import (
     RULES,
     Context,
@@ -628,7 +628,10 @@ def hutchinson(
     f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None, probes: torch.Tensor
 ) -> torch.Tensor:
     """``(1/r) sum_j v_j^T H v_j`` per sample and output: collapsed Taylor mode along the probes,
-    or Hessian-vector products dotted with the probes if an op has no Taylor rule."""
+    or Hessian-vector products dotted with the probes if an op has no Taylor rule: by forward
+    over reverse, or, where forward mode cannot run ``f`` (``grid_sample``: it raised for the
+    whole call), by backward passes (``loop.probed``; remembered as ``"auto"``'s fallback,
+    ``loop_where_forward_fails``). Every evaluation starts from the state the first found."""
     r = len(probes)
     pieces = [probes[start:stop] for start, stop in chunks(r, chunk_size or r)]
     if not torch.compiler.is_compiling():  # no recording in a compiled graph: HVPs there
@@ -637,7 +640,7 @@ def hutchinson(
         if out is not None:
             return out
 
-    each = Once(x, len(pieces) > 1)  # f evaluated once per chunk: from one state
+    each = Once(x)  # f evaluated once per chunk, and again by the loop: from one state
 
     def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
         for v in pieces:
@@ -645,8 +648,17 @@ def hutchinson(
             k, _, n_samples, n = products.shape
             yield (products * v.reshape(k, 1, n_samples, n)).sum((0, 3)), y_shape  # (m, N)
 
-    total, y_shape = summed(parts())
-    return (total / r).to(x.dtype).T.reshape(y_shape)
+    def hessian_vector_products() -> torch.Tensor:
+        total, y_shape = summed(parts())
+        return (total / r).to(x.dtype).T.reshape(y_shape)
+
+    return loop_where_forward_fails(
+        hessian_vector_products,
+        lambda: each(lambda z: probed(f, z, batch_dims, probes))(x),
+        f,
+        x,
+        batch_dims,
+    )
 
 
 BY_NAME: dict[str, Callable[[Function, torch.Tensor, int, int | None], torch.Tensor]] = {

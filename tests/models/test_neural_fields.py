@@ -1,0 +1,130 @@
+"""Neural fields read through feature planes, as tri-plane and K-planes codes write them: three
+axis-aligned planes of learned features sampled by ``F.grid_sample`` at each point's pair of
+coordinates (bilinear or bicubic), summed, then a small MLP; and a NeRF-style renderer over the
+samples of each ray, whose transmittance is a cumulative product along them.
+
+PyTorch has no forward-mode rule for ``grid_sample`` (its double backward is right), so the
+Hessian-vector products of the Hutchinson Laplacian, taken by forward over reverse where the
+Taylor engine has no rule, raised for the whole call: the stochastic Laplacian of such a field
+was refused. It now takes them by backward passes there, which must give the per-sample
+grad-of-grad loop's estimate with the same probes, values and parameter gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchdiv
+
+f64 = torch.float64
+
+
+class TriPlane(nn.Module):
+    """Three ``(C, R, R)`` feature planes (xy, xz, yz) sampled at each point's coordinate pair
+    by ``grid_sample`` with the points along the grid's height, features summed over the planes,
+    then a softplus MLP to one value."""
+
+    def __init__(self, mode: str, channels: int = 3, resolution: int = 5) -> None:
+        super().__init__()
+        self.planes = nn.Parameter(0.5 * torch.randn(3, channels, resolution, resolution))
+        self.mode = mode
+        self.mlp = nn.Sequential(nn.Linear(channels, 8), nn.Softplus(beta=10), nn.Linear(8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        points = x.reshape(-1, 3)
+        features = 0
+        for k, pair in enumerate([[0, 1], [0, 2], [1, 2]]):
+            grid = points[:, pair].view(1, -1, 1, 2)
+            plane = self.planes[k : k + 1]
+            sampled = F.grid_sample(plane, grid, mode=self.mode, align_corners=False)
+            features = features + sampled.view(self.planes.shape[1], -1).T
+        return self.mlp(features).reshape(*x.shape[:-1], 1)
+
+
+def _rendered(field: nn.Module, points: torch.Tensor) -> torch.Tensor:
+    """Each ray's colour from its ``S`` samples ``(..., S, 3)``: alpha compositing with the
+    transmittance an exclusive cumulative product of ``1 - alpha`` along the samples."""
+    alpha = 1 - torch.exp(-F.softplus(field(points)[..., 0]) * 0.3)
+    ones = torch.ones_like(alpha[..., :1])
+    transmittance = torch.cumprod(torch.cat([ones, 1 - alpha], -1), -1)[..., :-1]
+    return ((alpha * transmittance)[..., None] * torch.sigmoid(points)).sum(-2)
+
+
+def _probed_loop(f, x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    """``(1/r) Σ_j v_jᵀ ∇²f_i v_j`` one sample at a time by plain autograd, graph kept."""
+    rows = []
+    for b in range(x.shape[0]):
+        xb = x[b : b + 1].detach().requires_grad_(True)
+        y = f(xb).reshape(-1)
+        row = []
+        for i in range(y.numel()):
+            (g,) = torch.autograd.grad(y[i], xb, create_graph=True)
+            total = 0
+            for v in probes[:, b : b + 1]:
+                (hv,) = torch.autograd.grad((g * v).sum(), xb, create_graph=True)
+                total = total + (hv * v).sum()
+            row.append(total / len(probes))
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def _parameter_gradients(out: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=f64).reshape(out.shape)).sum()
+    loss = loss + 0.1 * (out**2).sum()
+    params = list(module.parameters())  # the last bias does not reach a Laplacian: unused
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat(
+        [
+            (torch.zeros_like(p) if g is None else g).reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_hutchinson_laplacian_through_grid_sample(mode):
+    torch.manual_seed(0)
+    field = TriPlane(mode).to(f64)
+    x = torch.rand(4, 3, dtype=f64) * 1.6 - 0.8
+    probes = torch.randn(3, 4, 3, dtype=f64)
+    for chunk_size in (None, 1):
+        out = torchdiv.laplacian(
+            field, x, method="hutchinson", probes=probes, chunk_size=chunk_size
+        )
+        expected = _probed_loop(field, x, probes)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            _parameter_gradients(out, field),
+            _parameter_gradients(expected, field),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+
+
+def test_hutchinson_laplacian_of_a_rendered_ray():
+    """Per ray (``batch_dims=1``): the event is the ray's ``(S, 3)`` sample positions, the
+    output its colour; the cumulative product runs along the event, not the batch."""
+    torch.manual_seed(0)
+    field = TriPlane("bilinear").to(f64)
+    points = torch.rand(3, 4, 3, dtype=f64) * 1.6 - 0.8
+    probes = torch.randn(2, 3, 4, 3, dtype=f64)
+
+    def render(p):
+        return _rendered(field, p)
+
+    out = torchdiv.laplacian(render, points, method="hutchinson", probes=probes)
+    expected = _probed_loop(render, points, probes)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        _parameter_gradients(out, field),
+        _parameter_gradients(expected, field),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torchdiv.laplacian(render, points, method="hutchinson", probes=probes), out.detach()
+        )
