@@ -159,3 +159,16 @@ def test_householder_product_tau_is_a_batch_of_vectors() -> None:
 
     with pytest.raises(torchdiv.BatchInteractionError, match="householder_product"):
         torchdiv.laplacian(mixed, x)
+
+
+@pytest.mark.parametrize("fn", ["divergence", "jacobian", "laplacian", "value_grad_laplacian"])
+def test_complex_input_or_output_is_refused_with_the_way_out(fn: str) -> None:
+    """A complex ``x`` or ``f(x)`` is refused naming the dtype and ``view_as_real``: the
+    message for ``x`` said ``x.float()``, which drops the imaginary part."""
+    op = getattr(torchdiv, fn)
+    z = torch.randn(3, 4, dtype=torch.cdouble)
+    with pytest.raises(TypeError, match=rf"{fn}: x .*complex128.*view_as_real\(x\)") as info:
+        op(torch.exp, z)
+    assert "x.float()" not in str(info.value)
+    with pytest.raises(TypeError, match=rf"{fn}: f\(x\) .*complex128.*view_as_real\(f\(x\)\)"):
+        op(lambda x: torch.exp(1j * x), z.real)
