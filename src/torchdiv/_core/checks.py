@@ -48,6 +48,13 @@ def check_input(fn: str, x: Any, batch_dims: Any, name: str = "x") -> None:
     made by the caller: ``torch.func.jvp``'s wrappers are not refused)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():  # (x.float() would drop the imaginary part: not the way out)
+        raise TypeError(
+            f"{fn}: {name} must have a real floating dtype, got {x.dtype}; pass "
+            f"torch.view_as_real({name}) (real and imaginary parts as a last dimension of 2, "
+            "each a real input) and rebuild the complex number inside f with "
+            "torch.view_as_complex"
+        )
     if not x.is_floating_point():
         raise TypeError(
             f"{fn}: {name} must have a floating dtype (float16/bfloat16/float32/float64), "
@@ -237,6 +244,13 @@ def check_output(fn: str, y: Any, x: torch.Tensor, batch_dims: int, name: str = 
     if not isinstance(y, torch.Tensor):
         hint = _sample_hint(y, "lambda x: unet(x, t).sample")
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(y).__name__}{hint}")
+    if y.is_complex():
+        raise TypeError(
+            f"{fn}: {name} must be a real floating tensor to be differentiated, got {y.dtype}; "
+            f"differentiate torch.view_as_real({name}) instead (real and imaginary parts "
+            "stacked in a last dimension of 2: each part's derivatives, a complex log psi's "
+            "log|psi| and phase), or its .real or .imag"
+        )
     if not y.is_floating_point():
         raise TypeError(
             f"{fn}: {name} must be a floating tensor to be differentiated, got {y.dtype}"

@@ -8,7 +8,15 @@ differences, see ``torchdiv._core.modes``). Here each op is an ``autograd.Functi
 the function itself, ``inv`` and products. With ``M = A^-1``:
 
     d log|det A| [Ȧ] = tr(M Ȧ),     grad_A log|det A| = M^T,
-    d (A^-1 b) [Ȧ, ḃ] = A^-1 (ḃ - Ȧ X),   grad_b = A^-T g,  grad_A = -grad_b X^T.
+    d (A^-1 b) [Ȧ, ḃ] = A^-1 (ḃ - Ȧ X),   grad_b = A^-H g,  grad_A = -grad_b X^H.
+
+A complex ``A`` (a wavefunction's orbitals, ``exp(i k·r)``) has the holomorphic
+``log det A = log|det A| + i θ`` with the same ``d log det A [Ȧ] = tr(M Ȧ)``; its gradient
+in PyTorch's convention (the conjugate Wirtinger derivative) is ``g · M^H``. ``slogdet``
+and ``det`` of a complex ``A`` are then ``(exp(i Im log det), Re log det)`` and
+``exp(log det)``: the sign's phase carries derivatives (the real ``A``'s sign, ±1, has none).
+Until a review found it, a complex ``A`` took the real formulas (``M^T``, a sign without
+derivatives): Laplacians of a complex Slater determinant 240% off.
 
 ``torchdiv._core.modes.SafeDerivatives`` runs ``f`` with these in place of PyTorch's ops. ``det``
 is ``sign * exp(log|det|)`` (a singular ``A`` gives ``nan`` derivatives, as the Taylor rule's
@@ -75,8 +83,8 @@ class _Solve(Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         a, x = ctx.saved_tensors
-        grad_b = _Solve.apply(a.mT, grad)
-        return -grad_b @ x.mT, grad_b
+        grad_b = _Solve.apply(a.mH, grad)  # (mH: PyTorch's convention for complex A, b)
+        return -grad_b @ x.mH, grad_b
 
     @staticmethod
     def jvp(ctx: Any, da: Tensor | None, db: Tensor | None) -> Tensor:  # type: ignore[override]
@@ -85,24 +93,63 @@ class _Solve(Function):
         return _Solve.apply(a, rhs if da is None else rhs - da @ x)
 
 
+class _ComplexLogDet(Function):
+    """``log det A = log|det A| + i θ`` of a complex ``A`` (``θ`` the sign's angle), a
+    holomorphic function: ``jvp`` ``tr(M Ȧ)``, ``backward`` ``g · M^H``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a: Tensor) -> Tensor:  # type: ignore[override]
+        with torch._C.DisableTorchFunction():  # no mode may replace the op again
+            sign, logabs = torch.linalg.slogdet(a)
+            return torch.complex(logabs, torch.angle(sign))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (a,) = ctx.saved_tensors
+        return grad[..., None, None] * inverse(a).mH
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:  # type: ignore[override]
+        (a,) = ctx.saved_tensors
+        return (inverse(a) * tangent.mT).sum((-2, -1))
+
+
 def _sign(a: Tensor) -> Tensor:
     with torch.no_grad(), torch._C.DisableTorchFunction():
         return torch.linalg.slogdet(a).sign
 
 
 def slogdet(a: Tensor) -> Any:
-    """``torch.linalg.slogdet``: ``(sign, log|det A|)``."""
+    """``torch.linalg.slogdet``: ``(sign, log|det A|)``; a complex ``A``'s sign
+    ``exp(i θ)`` differentiable."""
+    if a.is_complex():
+        log_det = _ComplexLogDet.apply(a)
+        sign, logabs = torch.exp(1j * log_det.imag), log_det.real
+    else:
+        sign, logabs = _sign(a), _LogAbsDet.apply(a)
     # torch.return_types.linalg_slogdet exists at run time; torch's stubs omit it
-    return torch.return_types.linalg_slogdet((_sign(a), _LogAbsDet.apply(a)))  # type: ignore[attr-defined]
+    return torch.return_types.linalg_slogdet((sign, logabs))  # type: ignore[attr-defined]
 
 
 def logdet(a: Tensor) -> Tensor:
-    """``torch.logdet``: ``log det A``, ``nan`` where ``det A < 0``."""
+    """``torch.logdet``: ``log det A``, ``nan`` where a real ``det A < 0`` (a complex ``A``:
+    the complex logarithm, as PyTorch's)."""
+    if a.is_complex():
+        return _ComplexLogDet.apply(a)
     return torch.where(_sign(a) < 0, torch.nan, _LogAbsDet.apply(a))
 
 
 def det(a: Tensor) -> Tensor:
     """``torch.linalg.det``."""
+    if a.is_complex():
+        return torch.exp(_ComplexLogDet.apply(a))
     return _sign(a) * torch.exp(_LogAbsDet.apply(a))
 
 
@@ -126,11 +173,11 @@ def solve_ex(a: Tensor, b: Tensor, *, left: bool = True, check_errors: bool = Fa
 
 
 def cholesky_inverse(factor: Tensor, upper: bool = False) -> Tensor:
-    """``torch.cholesky_inverse``: ``(C C^T)^-1`` for a lower ``C`` (``(U^T U)^-1`` if upper),
+    """``torch.cholesky_inverse``: ``(C C^H)^-1`` for a lower ``C`` (``(U^H U)^-1`` if upper),
     reading only that triangle of ``factor``, as PyTorch does."""
     if upper:
-        return torch.linalg.inv(factor.triu().mT @ factor.triu())
-    return torch.linalg.inv(factor.tril() @ factor.tril().mT)
+        return torch.linalg.inv(factor.triu().mH @ factor.triu())
+    return torch.linalg.inv(factor.tril() @ factor.tril().mH)
 
 
 def householder_product(a: Tensor, tau: Tensor, *, out: Any = None) -> Tensor:

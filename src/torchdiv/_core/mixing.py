@@ -2343,6 +2343,8 @@ _GRID_SAMPLERS = frozenset(
     {"grid_sampler_2d", "grid_sampler_3d", "_grid_sampler_2d_cpu_fallback", "cudnn_grid_sampler"}
 )
 _RIGHT_HAND_SIDES = ("B", "b")  # of ``linalg_solve`` and kin: each column solved alone
+# of ``linalg_householder_product``: a batch of vectors, not of matrices
+_VECTOR_ARGUMENTS = ("tau",)
 # solves outside ``torch.linalg``, whose first argument is the right-hand side, and another
 # matrix function there
 _SOLVES = ("cholesky_solve", "triangular_solve")
@@ -2614,7 +2616,9 @@ def _matrices(
     lhs = lhs if isinstance(lhs, torch.Tensor) else None
     for arg, a, axes in tracked:
         matrix = [a.dim() - 2, a.dim() - 1]
-        if arg in _RIGHT_HAND_SIDES or (solve and arg == "self"):
+        if arg in _VECTOR_ARGUMENTS:
+            matrix = [a.dim() - 1]
+        elif arg in _RIGHT_HAND_SIDES or (solve and arg == "self"):
             # (a batch of) vectors, or the rows (left=False: columns)
             left = tr.kwargs.get("left", True)
             vector = a.dim() == 1 or (lhs is not None and a.shape == lhs.shape[:-1])
