@@ -39,8 +39,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench examples docs/_hooks.py
 	$(VENV)/bin/ruff format --check src tests bench examples docs/_hooks.py
 
+# The tests in PYTEST_WORKERS processes (pytest-xdist, one test at a time to the first free one):
+# on the 2-core VM one process left a core to the type checkers' ~40 s and idle the rest of the
+# ~3.5 min; two took the tests' wall time to about 60% of it (make test PYTEST_WORKERS=0: one process).
+PYTEST_WORKERS ?= 2
+
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS)
 
 # The quick benchmark suite: a table here, every figure in DEMO_OUT.json, the picture in DEMO_OUT.png.
 DEMO_OUT := bench/results/demo
