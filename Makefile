@@ -39,9 +39,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench examples docs/_hooks.py
 	$(VENV)/bin/ruff format --check src tests bench examples docs/_hooks.py
 
-# The tests in PYTEST_WORKERS processes (pytest-xdist, one test at a time to the first free one):
-# on the 2-core VM one process left a core to the type checkers' ~40 s and idle the rest of the
-# ~3.5 min; two took the tests' wall time to about 60% of it (make test PYTEST_WORKERS=0: one process).
+# The tests in PYTEST_WORKERS processes (pytest-xdist): one process kept one core busy, the other
+# only for the type checkers' first ~40 s. On the shared 2-core VM, with 3-4 other processes
+# running, two workers took 78-85% of one process's wall time (2026-12-05); on an
+# idle machine they get both cores. `make test PYTEST_WORKERS=0`: one process.
 PYTEST_WORKERS ?= 2
 
 test: lint
