@@ -39,8 +39,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench examples docs/_hooks.py
 	$(VENV)/bin/ruff format --check src tests bench examples docs/_hooks.py
 
+# The tests in PYTEST_WORKERS processes (pytest-xdist): one process kept one core busy, the other
+# only for the type checkers' first ~40 s. On the shared 2-core VM, with 3-4 other processes
+# running, two workers took 78-85% of one process's wall time (2026-12-05); on an
+# idle machine they get both cores. `make test PYTEST_WORKERS=0`: one process.
+PYTEST_WORKERS ?= 2
+
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS)
 
 # The quick benchmark suite: a table here, every figure in DEMO_OUT.json, the picture in DEMO_OUT.png.
 DEMO_OUT := bench/results/demo

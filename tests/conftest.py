@@ -321,7 +321,11 @@ def _slow_seed() -> str:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Let each test module with selected tests start what it runs in other processes
-    (``start_early(config)``, e.g. the type checkers) before the first test runs."""
+    (``start_early(config)``, e.g. the type checkers) before the first test runs. Not in a
+    pytest-xdist worker: every worker collects every test but runs only those it is sent, so
+    each would start them (the test that needs them starts them where it runs)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+        return
     modules = {getattr(item, "module", None) for item in session.items}
     for module in modules:
         start = getattr(module, "start_early", None)

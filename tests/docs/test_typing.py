@@ -4,8 +4,9 @@ the package, on the python examples of the README and of ``docs/`` and on ``type
 
 The two checkers run side by side in processes of their own, started at low priority right
 after collection (``start_early``, called by ``conftest``), so that the rest of the suite runs
-meanwhile; mypy keeps its cache in ``.mypy_cache`` (a cold run takes about half a minute, most
-of it reading torch's annotations).
+meanwhile; under pytest-xdist (``make test``) the test starts them in its worker and waits there
+while the other workers run the rest. mypy keeps its cache in ``.mypy_cache`` (a cold run takes
+about half a minute, most of it reading torch's annotations).
 """
 
 from __future__ import annotations
