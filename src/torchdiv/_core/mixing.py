@@ -1205,6 +1205,23 @@ def _first_like_input(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes
     return [_aligned(args[0], axes, first)] if axes and args[0].dim() == first.dim() else None
 
 
+def _convolved(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """A convolution that ``_convolution`` let pass: the batch dimensions keep their places;
+    samples along the channels (a folded batch, whole groups per sample) hold the output
+    channels of their groups, ``inner`` scaled by output over input channels per group."""
+    t, axes = args[0], tr.axes(args[0])
+    if not axes or t.dim() != out.dim():
+        return None
+    groups = args[8] if len(args) > 8 else 1
+    width_in, width_out = t.shape[1] // groups, out.shape[1] // groups
+    channels = tuple(
+        axis._replace(inner=axis.inner // width_in * width_out)
+        for axis in axes
+        if axis.position == 1 and axis.inner % width_in == 0  # (else refused: mixed)
+    )
+    return [tuple(sorted({*_aligned(t, axes, out), *channels}))]
+
+
 def _complex_view(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
     """``view_as_real`` (a new last dimension: real and imaginary parts) and
     ``view_as_complex`` (those pairs as one number; ``_paired`` refused pairs of samples):
@@ -2785,9 +2802,23 @@ def _layer_norm(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     return None if q is None else f"a layer norm over samples (dimension {q} of shape {_shape(t)})"
 
 
+def _within_runs(tr: BatchAxes, t: Any, width: int) -> bool:
+    """Whether every batch dimension of ``t`` along its channels (dimension 1) holds each
+    sample in runs that consecutive blocks of ``width`` channels never straddle: a batch
+    folded into the channels, ``x.reshape(1, B * C, H, W)``, split into groups of
+    ``width`` channels that each lie inside one sample (``inner`` a multiple of ``width``)."""
+    return all(axis.inner % width == 0 for axis in tr.axes(t) or () if axis.position == 1)
+
+
 def _group_norm(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+    """``native_group_norm(t, weight, bias, N, C, HxW, group, eps)`` normalises each of
+    ``group`` blocks of ``C // group`` channels over them and the positions: samples along
+    the positions are combined, along the channels only where a block holds several (a batch
+    folded into the channels with one group per sample or more is per sample)."""
     t = args[0]
-    q = _batch_at(tr, t, range(1, t.dim()))
+    q = _batch_at(tr, t, range(2, t.dim()))
+    if q is None and not _within_runs(tr, t, max(args[4] // max(args[6], 1), 1)):
+        q = 1
     return None if q is None else f"a group norm over samples (dimension {q} of shape {_shape(t)})"
 
 
@@ -2817,9 +2848,13 @@ def _renorm(tr: BatchAxes, args: Sequence[Any]) -> str | None:
 
 
 def _convolution(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+    """A convolution sums over each group's input channels and the kernel's positions:
+    samples along the channels are combined unless each group's channels lie inside one
+    sample (a batch folded into the channels with ``groups`` a multiple of it: StyleGAN2's
+    modulated convolution)."""
     t, weight = args[0], args[1]
     groups = args[8] if len(args) > 8 else 1
-    mixed = [1] if groups == 1 else []
+    mixed = [] if _within_runs(tr, t, t.shape[1] // groups) else [1]
     mixed += [d for d in range(2, t.dim()) if weight.shape[d] > 1]
     q = _batch_at(tr, t, mixed)
     return (
@@ -2921,7 +2956,7 @@ _CARRY.update(
         aten._native_batch_norm_legit_no_training.default: _first_like_input,
         aten.native_layer_norm.default: _first_like_input,
         aten.native_group_norm.default: _first_like_input,
-        aten.convolution.default: _first_like_input,
+        aten.convolution.default: _convolved,
         # transforms along event dimensions (``_spectral`` refused the batch): the batch
         # dimensions keep their places and sizes
         **dict.fromkeys(_SPECTRAL, _first_like_input),

@@ -1,0 +1,105 @@
+"""A batch folded into the channels, ``x.reshape(1, B * C, H, W)``: grouped convolutions and
+group norms whose groups each lie inside one sample are per sample (StyleGAN2's modulated
+convolution, a per-sample group norm written on the fold); groups that straddle samples mix
+them and must be refused, also after a grouped convolution changed the channel count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import torchdiv
+from torchdiv import BatchInteractionError
+
+B, C_IN, C_OUT, H = 4, 2, 3, 6
+f64 = torch.float64
+
+
+def _weights() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(C_OUT, C_IN, 3, 3, dtype=f64, generator=g)
+    style = torch.randn(B, C_IN, dtype=f64, generator=g)
+    return weight.requires_grad_(), style
+
+
+def modulated(weight: torch.Tensor, style: torch.Tensor, groups_per_sample: float, norm_groups):
+    """StyleGAN2's fused modulated convolution (one weight per sample, the batch folded into
+    the channels, ``groups = B``), then a group norm on the fold with ``norm_groups`` groups;
+    ``groups_per_sample = 0.5`` pairs samples in each convolution group (mixing)."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        w = weight[None] * style[:, None, :, None, None]  # (B, C_OUT, C_IN, 3, 3)
+        w = w * torch.rsqrt(w.square().sum([2, 3, 4], keepdim=True) + 1e-8)
+        groups = int(b * groups_per_sample)
+        w = w.reshape(b * C_OUT, C_IN, 3, 3)
+        if groups < b:  # each group reads the channels of b // groups samples
+            w = w.repeat(1, b // groups, 1, 1)
+        y = F.conv2d(x.reshape(1, b * C_IN, H, H), w, padding=1, groups=groups)
+        if norm_groups is not None:
+            y = F.group_norm(y, norm_groups(b))
+        return torch.tanh(y.reshape(b, C_OUT, H, H)[:, :C_IN])
+
+    return f
+
+
+def per_sample_divergence(f, x: torch.Tensor) -> torch.Tensor:
+    """The trace of each sample's block of the whole batch's Jacobian, by plain autograd."""
+    out = []
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1].detach().requires_grad_()
+        yi = f(torch.cat([x[:i], xi, x[i + 1 :]]))[i].reshape(-1)
+        rows = [torch.autograd.grad(yi[k], xi, create_graph=True)[0] for k in range(yi.numel())]
+        out.append(torch.stack([r.reshape(-1)[k] for k, r in enumerate(rows)]).sum())
+    return torch.stack(out)
+
+
+PER_SAMPLE = {
+    "modulated": (1, None),
+    "modulated, group norm per sample": (1, lambda b: b),
+    "modulated, group norm 3 groups per sample": (1, lambda b: 3 * b),
+}
+MIXING = {
+    "convolution groups straddling samples": (0.5, None),
+    "group norm of the whole fold": (1, lambda b: 1),
+    "group norm of two samples a group": (1, lambda b: b // 2),
+}
+
+
+@pytest.mark.parametrize("case", list(PER_SAMPLE))
+@pytest.mark.parametrize("method", ["auto", "structured", "reverse"])
+def test_groups_inside_samples_are_per_sample(case: str, method: str) -> None:
+    weight, style = _weights()
+    f = modulated(weight, style, *PER_SAMPLE[case])
+    x = torch.randn(B, C_IN, H, H, dtype=f64, generator=torch.Generator().manual_seed(1))
+    got = torchdiv.divergence(f, x, method=method)
+    want = per_sample_divergence(f, x)
+    assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (g_got,) = torch.autograd.grad(got.square().sum(), weight)
+    (g_want,) = torch.autograd.grad(want.square().sum(), weight)
+    assert_close(g_got, g_want, rtol=1e-11, atol=1e-12)
+
+
+def test_a_group_norm_on_the_fold_with_a_group_a_sample_is_not_refused() -> None:
+    """A group norm over ``x`` itself folded, one group per sample (the watch sees ``x``'s
+    samples along the channels, each a run of ``C`` channels)."""
+    x = torch.randn(B, 8, H, H, dtype=f64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(F.group_norm(x.reshape(1, -1, H, H), 2 * x.shape[0]).reshape(x.shape))
+
+    assert_close(torchdiv.divergence(f, x), per_sample_divergence(f, x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", list(MIXING))
+@pytest.mark.parametrize("method", ["auto", "structured", "hutchinson"])
+def test_groups_straddling_samples_are_refused(case: str, method: str) -> None:
+    weight, style = _weights()
+    f = modulated(weight, style, *MIXING[case])
+    x = torch.randn(B, C_IN, H, H, dtype=f64)
+    extra = {"num_probes": 1} if method == "hutchinson" else {}
+    what = "convolution" if "convolution" in case else "group norm"
+    with pytest.raises(BatchInteractionError, match=f"a {what} (across|over) samples"):
+        torchdiv.divergence(f, x, method=method, **extra)
