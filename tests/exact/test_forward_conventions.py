@@ -341,7 +341,7 @@ def test_forward_mode_refuses_a_modules_full_backward_hook_naming_it(returned):
 
     net.a.register_full_backward_hook(hook)
     x = torch.randn(4, 3, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match="a full backward hook(.|\n)*method='auto'"):
+    with pytest.raises(NotImplementedError, match=r"a full backward hook(.|\n)*method='auto'"):
         torchdiv.divergence(net, x, method="forward")
     want = _FROM_JACOBIAN["divergence"](per_sample_jacobians(net, x))
     torch.testing.assert_close(torchdiv.divergence(net, x), want, rtol=1e-12, atol=1e-12)
