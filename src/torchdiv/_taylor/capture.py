@@ -481,9 +481,10 @@ class _Recorder(DispatchMode):
         3); eps[0, 1, 2] = 1; ...``, ``torch.ones(n, n).fill_diagonal_(0)``, a mask's
         ``masked_fill_``): its storage allocated by a call a replay runs again (not a random
         draw's kept output, ``replayed_before``'s condition), or already ``filled``, holding
-        nothing computed from ``x`` (a write under ``no_grad`` there is refused as before). It then joins ``filled``: the calls that read it before
-        read the replayed allocation, those after a copy of what they read (``read``), so
-        any number of writes, through any views, are replayed as ``f`` made them."""
+        nothing computed from ``x`` (a write under ``no_grad`` there is refused as before).
+        It then joins ``filled``: the calls that read it before read the replayed
+        allocation, those after a copy of what they read (``read``), so any number of
+        writes, through any views, are replayed as ``f`` made them."""
         if storage in self.computed:  # (values from x there: a write under no_grad)
             return False
         if storage in self.filled:
