@@ -8,6 +8,7 @@ with only a backward formula is refused by forward mode, not taken for a constan
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -256,3 +257,91 @@ def test_torch_func_refusing_a_custom_op_names_the_way_out(op, method, way):
         RuntimeError, match=rf"(?s)setup_context.*Hint: .*{re.escape(way)}.*, which run"
     ):
         getattr(torchdiv, op)(f, x, method=method)
+
+
+class Gated(torch.nn.Module):
+    """A net doing work only while gradients are tracked (``if h.requires_grad:``, as an
+    implicit layer gates its backward hook, or ``torch.is_grad_enabled() and x.requires_grad``,
+    as memory-saving code gates checkpointing); here the work changes the value, so that the
+    branch taken shows in every derivative. Plain autograd differentiating in ``x`` takes it."""
+
+    def __init__(self, gate: str):
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b, self.gate = torch.nn.Linear(3, 6), torch.nn.Linear(6, 3), gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        if self.gate == "requires_grad" and h.requires_grad:
+            h = h + 0.5 * h**2
+        if self.gate == "grad_mode" and torch.is_grad_enabled() and x.requires_grad:
+            h = 2 * h
+        return self.b(h)
+
+
+def per_sample_jacobians(f, x: torch.Tensor) -> torch.Tensor:
+    """Each sample's ``(3, 3)`` Jacobian by plain autograd, one sample at a time, row by row
+    with ``create_graph=True`` (its parameter gradients are grad-of-grad)."""
+    rows = []
+    for sample in x:
+        leaf = sample[None].clone().requires_grad_(True)
+        y = f(leaf)[0]
+        grads = [torch.autograd.grad(y[i], leaf, create_graph=True)[0][0] for i in range(3)]
+        rows.append(torch.stack(grads))
+    return torch.stack(rows)
+
+
+_FROM_JACOBIAN = {
+    "divergence": lambda j: j.diagonal(dim1=-2, dim2=-1).sum(-1),
+    "jacobian": lambda j: j,
+    "jacobian_diagonal": lambda j: j.diagonal(dim1=-2, dim2=-1),
+}
+
+
+@pytest.mark.parametrize("context", ["train", "frozen", "no_grad"])
+@pytest.mark.parametrize("gate", ["requires_grad", "grad_mode"])
+@pytest.mark.parametrize("op", sorted(_FROM_JACOBIAN))
+def test_forward_mode_reads_requires_grad_as_plain_autograd(op, gate, context):
+    """``method="forward"`` refused an ``f`` reading ``requires_grad`` of a tensor computed from
+    ``x`` (``False`` under ``torch.func.jvp``) while ``"auto"`` ran it; it now reads ``True``,
+    as plain autograd does: values and parameter gradients of the per-sample loop (float64),
+    frozen parameters and the caller's ``no_grad`` included, the second call the same."""
+    net = Gated(gate).double()
+    net.requires_grad_(context == "train")
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with torch.enable_grad():
+        want = _FROM_JACOBIAN[op](per_sample_jacobians(net, x))
+    with torch.no_grad() if context == "no_grad" else contextlib.nullcontext():
+        got = getattr(torchdiv, op)(net, x, method="forward")
+        again = getattr(torchdiv, op)(net, x, method="forward")
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(got, again)
+    if context == "train":
+        params = list(net.parameters())
+        got_grads = torch.autograd.grad(got.square().sum(), params, allow_unused=True)
+        want_grads = torch.autograd.grad(want.square().sum(), params, allow_unused=True)
+        for p, a, b in zip(params, got_grads, want_grads, strict=True):
+            zero = torch.zeros_like(p)  # (the output bias reaches no derivative)
+            torch.testing.assert_close(
+                zero if a is None else a, zero if b is None else b, rtol=1e-12, atol=1e-12
+            )
+
+
+@pytest.mark.parametrize("returned", ["none", "doubled"])
+def test_forward_mode_refuses_a_modules_full_backward_hook_naming_it(returned):
+    """PyTorch's module backward hook reads ``requires_grad`` of the module's inputs to decide
+    whether to wrap them; forward mode never runs the hook, and one returning changed
+    gradients (here doubled: plain autograd's divergence doubles) cannot be told from one
+    returning none, so forward mode refuses both, naming the hook; ``"auto"`` runs it as
+    plain autograd does."""
+    net = Gated("none").double()
+
+    def hook(module, grad_in, grad_out):
+        return None if returned == "none" else tuple(2 * g for g in grad_in)
+
+    net.a.register_full_backward_hook(hook)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match=r"a full backward hook(.|\n)*method='auto'"):
+        torchdiv.divergence(net, x, method="forward")
+    want = _FROM_JACOBIAN["divergence"](per_sample_jacobians(net, x))
+    torch.testing.assert_close(torchdiv.divergence(net, x), want, rtol=1e-12, atol=1e-12)

@@ -104,9 +104,9 @@ def test_boolean_masks_of_multihead_attention_are_recorded(masks, order):
 
 
 def test_constants_written_in_place_inside_f():
-    """A constant ``f`` allocates and writes in place is recorded; a tensor sharing its memory
-    read after the write (which a replay would give its old values) is refused, naming the
-    way out, and ``"auto"`` is right there."""
+    """A constant ``f`` allocates and writes in place is recorded; so is a tensor sharing its
+    memory read after the write (refused until rev-leftovers14: a replay gave it its old
+    values; now the recording reads a copy of its values there)."""
     x = torch.randn(2, 3, dtype=f64, generator=torch.Generator().manual_seed(3))
     keep = torch.tensor([True, False, True])
 
@@ -126,11 +126,12 @@ def test_constants_written_in_place_inside_f():
         torchdiv.laplacian(lambda z: masked(z).sum(1), x, method="taylor"),
         torch.full((2,), 6.0, dtype=f64),
     )
-    torch.testing.assert_close(torchdiv.divergence(stale, x), (2 * x + 1).sum(1))
-    with pytest.raises(NotImplementedError, match=r"memory read after the write.*method='auto'"):
-        torchdiv.divergence(stale, x, method="structured")
-    with pytest.raises(NotImplementedError, match="memory read after the write"):
-        torchdiv.laplacian(lambda z: stale(z).sum(1), x, method="taylor")
+    for method in ("auto", "structured"):
+        torch.testing.assert_close(torchdiv.divergence(stale, x, method=method), (2 * x + 1).sum(1))
+    torch.testing.assert_close(
+        torchdiv.laplacian(lambda z: stale(z).sum(1), x, method="taylor"),
+        torch.full((2,), 6.0, dtype=f64),
+    )
 
 
 def test_graph_laplacian_through_fused_attention_names_the_way_out():
@@ -159,35 +160,87 @@ def test_graph_laplacian_through_fused_attention_names_the_way_out():
     torch.testing.assert_close(torchdiv.graph_laplacian(y, z), want, rtol=1e-10, atol=1e-10)
 
 
-def test_packed_attention_with_a_block_diagonal_mask_is_refused_with_a_way_out():
-    """All samples' tokens in one sequence, a mask keeping each within its sample (PyG-style
-    batching): per sample, but the watch cannot read the mask and refuses it; with
-    ``check_batch_independence`` passing, ``allow_batch_interaction()`` gives every engine's
-    right answer (the divergence of the same attention run per sample)."""
+def _packed(weight: torch.Tensor, mask: torch.Tensor):
+    """All samples' tokens in one sequence (PyG-style batching), attention under ``mask``."""
+
+    def f(z):
+        h = (z @ weight).reshape(1, B * N, D)
+        y = torch.nn.functional.scaled_dot_product_attention(h, h, h, attn_mask=mask)
+        return y.reshape(B, N, D)
+
+    return f
+
+
+def test_packed_attention_with_a_block_diagonal_mask_is_per_sample():
+    """A mask keeping each token within its sample (``batch[:, None] == batch[None, :]``,
+    boolean or additive) was refused as a softmax over samples (the watch did not read the
+    mask): its weights across samples are exactly 0, which the watch now reads once per
+    call; the divergence, the Laplacian and their weight gradients are the per-sample
+    attention's (float64), also through ``nn.MultiheadAttention`` over the packed tokens."""
     weight = torch.randn(D, D, dtype=f64, generator=torch.Generator().manual_seed(6)) / 2
+    weight.requires_grad_(True)
     x = torch.randn(B, N, D, dtype=f64, generator=torch.Generator().manual_seed(7))
     batch = torch.arange(B).repeat_interleave(N)
     block = batch[:, None] == batch[None, :]
-
-    def packed(z):
-        h = (z @ weight).reshape(1, B * N, D)
-        return torch.nn.functional.scaled_dot_product_attention(h, h, h, attn_mask=block)
-
-    def f(z):
-        return packed(z).reshape(B, N, D)
+    additive = torch.zeros(B * N, B * N, dtype=f64).masked_fill(~block, float("-inf"))
 
     def plain(z, b):  # one sample's attention by plain ops
         h = z @ weight
         return torch.softmax(h @ h.transpose(-1, -2) / D**0.5, -1) @ h
 
-    with pytest.raises(torchdiv.BatchInteractionError, match="allow_batch_interaction"):
-        torchdiv.divergence(f, x)
-    torchdiv.check_batch_independence(f, x)
-    want = _loop(plain, x, 1)
-    with torchdiv.allow_batch_interaction():
-        for method in ("auto", "structured", "forward", "reverse"):
+    want, want_laplacian = _loop(plain, x, 1), _loop(plain, x, 2)
+    for mask in (block, additive):
+        f = _packed(weight, mask)
+        for method in ("auto", "structured"):
             got = torchdiv.divergence(f, x, method=method)
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+            assert_same_parameter_gradients(weight, got.square().sum(), want.square().sum())
+        for method in ("auto", "taylor"):
+            got = torchdiv.laplacian(lambda z, f=f: f(z).sum((1, 2)), x, method=method)
+            torch.testing.assert_close(got, want_laplacian, rtol=1e-10, atol=1e-10)
+            assert_same_parameter_gradients(
+                weight, got.square().sum(), want_laplacian.square().sum()
+            )
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(D, 2, batch_first=True).double()
+
+    def packed(z):
+        tokens = z.reshape(1, B * N, D)
+        return attention(tokens, tokens, tokens, attn_mask=~block, need_weights=False)[0]
+
+    alone = _loop(lambda z, b: attention(z, z, z, need_weights=False)[0], x, 1)
+    got = torchdiv.divergence(lambda z: packed(z).reshape(B, N, D), x)
+    torch.testing.assert_close(got, alone, rtol=1e-10, atol=1e-10)
+
+
+def assert_same_parameter_gradients(weight, ours, reference) -> None:
+    (got,) = torch.autograd.grad(ours, weight, retain_graph=True)
+    (want,) = torch.autograd.grad(reference, weight, retain_graph=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["boolean", "additive"])
+def test_packed_attention_with_one_cross_sample_entry_is_refused(kind):
+    """One entry letting a token of sample 0 attend to one of sample 1 mixes them: refused
+    by every watched method, also after the same function over a block-diagonal mask passed
+    (the verdict holds for the mask's values: another mask is watched again)."""
+    weight = torch.randn(D, D, dtype=f64, generator=torch.Generator().manual_seed(6)) / 2
+    x = torch.randn(B, N, D, dtype=f64, generator=torch.Generator().manual_seed(7))
+    batch = torch.arange(B).repeat_interleave(N)
+    block = batch[:, None] == batch[None, :]
+    leak = block.clone()
+    leak[0, N] = True
+    if kind == "additive":
+        block, leak = (
+            torch.zeros(B * N, B * N, dtype=f64).masked_fill(~m, float("-inf"))
+            for m in (block, leak)
+        )
+    torchdiv.divergence(_packed(weight, block), x)
+    for method, probes in (("auto", None), ("structured", None), ("hutchinson", 2)):
+        with pytest.raises(torchdiv.BatchInteractionError, match="softmax over samples"):
+            torchdiv.divergence(_packed(weight, leak), x, method=method, num_probes=probes)
+    with pytest.raises(torchdiv.BatchInteractionError, match="softmax over samples"):
+        torchdiv.laplacian(lambda z: _packed(weight, leak)(z).sum((1, 2)), x)
 
 
 def test_transformer_layer_inside_autocast_in_the_engines_of_backward_passes():

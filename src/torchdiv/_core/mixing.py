@@ -272,6 +272,11 @@ class BatchAxes:
         # whether ``f`` computed with a tensor subclass (``Reads``): its results are then
         # aliases no ATen call made, followed at every op (``follow``)
         self.subclassed = False
+        # id -> (tensor, the samples along its rows, along its keys: its last two dimensions):
+        # attention weights that are exactly 0 wherever the row's sample and the key's differ
+        # (``_softmaxed``), and the softmax of the current op to check so, with its message
+        self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.block_check: tuple[int, int, str] | None = None
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -284,6 +289,7 @@ class BatchAxes:
         e.g. under ``no_grad``, whose results are constants); notes whether ``func`` combines
         samples in a way derivatives see, or reads a result that did."""
         self.pending, self.carried, self.func, self.guess = None, None, func, None
+        self.block_check = None
         self.kwargs = kwargs or {}
         if self.subclassed:  # (under ``torch.func``, the subclass's results come unwrapped)
             for a in tree_leaves(args):
@@ -339,6 +345,8 @@ class BatchAxes:
         if carry is None:
             return
         result = carry(self, args, out)
+        if self.blocks and self.func in _SAME_PLACES:
+            _keep_block(self, args[0], out)
         outs = (out,) if isinstance(out, torch.Tensor) else out
         for i, t in enumerate(outs if isinstance(outs, list | tuple) else ()):
             if isinstance(t, torch.Tensor):
@@ -2743,12 +2751,113 @@ def _masked_scatter(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     return "a masked_scatter, which reads its source across samples"
 
 
+def _attention(op: Any, name: str) -> Mixing:
+    """A softmax over samples: refused, unless its rows hold samples of the same batch
+    dimension too (attention over every sample's tokens packed into one sequence), where
+    ``_softmaxed`` reads its result: weights that are exactly 0 across samples (a
+    block-diagonal mask, ``batch[:, None] == batch[None, :]``, PyG-style) keep them apart."""
+    reduction = _reduction(op, name)
+
+    def rule(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+        message = reduction(tr, args)
+        if message is None:
+            return None
+        t, key = args[0], _batch_at(tr, args[0], _reduced_dims(op, args))
+        axes = tr.axes(t) or ()
+        keys = [a for a in axes if a.position == key]
+        rows = [a for a in axes if a.position != key]
+        if len(keys) != 1 or len(rows) != 1 or rows[0].source != keys[0].source:
+            return message
+        tr.block_check = (rows[0].position, cast(int, key), message)
+        return None
+
+    return rule
+
+
+def _softmaxed(op: Any) -> Carry:
+    """``_reduced``, and for a softmax ``_attention`` let through: its result is marked
+    (``BatchAxes.blocks``) if exactly 0 at every (row, key) of different samples, else it
+    combines samples (``pending``). The verdict holds for these values only (``indexed``,
+    ``values_decide``: a call with another mask is watched again)."""
+    reduced = _reduced(op)
+
+    def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+        result = reduced(tr, args, out)
+        if tr.block_check is not None:
+            row, key, message = tr.block_check
+            tr.indexed = tr.values_decide = True
+            if not _zero_across(tr, args[0], out, row, key):
+                tr.pending = message
+        return result
+
+    return rule
+
+
+def _samples_along(tr: BatchAxes, t: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """The sample at each index of ``t``'s dimension ``dim`` (``None``: none there)."""
+    for axis in tr.axes(t) or ():
+        if axis.position == dim:
+            return axis.samples(torch.arange(t.shape[dim]))
+    return None
+
+
+def _zero_across(tr: BatchAxes, t: torch.Tensor, out: Any, row: int, key: int) -> bool:
+    """Whether ``out`` (shaped as ``t``) is exactly 0 wherever the sample along ``row``
+    differs from the sample along ``key`` (then marked, as weights over its last two
+    dimensions, rows by keys)."""
+    rows, keys = _samples_along(tr, t, row), _samples_along(tr, t, key)
+    if not isinstance(out, torch.Tensor) or out.shape != t.shape or rows is None or keys is None:
+        return False
+    across = (rows[:, None] != keys[None, :]).to(out.device)
+    weights = out.detach().movedim((row, key), (-2, -1))
+    try:
+        zero = bool((weights[..., across] == 0).all())
+    except RuntimeError:  # (values that cannot be read here: refused as before)
+        return False
+    if zero and (row, key) == (t.dim() - 2, t.dim() - 1):
+        tr.blocks[id(out)] = (out, rows, keys)
+    return zero
+
+
+def _keep_block(tr: BatchAxes, t: Any, out: Any) -> None:
+    """A copy, a broadcast or a view of marked weights that keeps their last two dimensions
+    (``expand``, ``view`` merging the heads into the batch of a ``bmm``, ``clone``,
+    ``_to_copy``) holds each matrix of them in the same places: marked alike."""
+    entry = tr.blocks.get(id(t)) if isinstance(t, torch.Tensor) else None
+    if entry is None or entry[0] is not t or not isinstance(out, torch.Tensor):
+        return
+    if out.dim() >= 2 and out.shape[-2:] == t.shape[-2:]:
+        tr.blocks[id(out)] = (out, *entry[1:])
+
+
+def _within_blocks(tr: BatchAxes, a: Any, b: Any) -> bool:
+    """Whether ``a @ b`` sums marked weights ``a`` (rows by keys: its last two dimensions,
+    holding the samples the mark was checked with, and no other) against ``b`` whose summed
+    dimension holds the keys' samples, in order, and no other: each row then sums values of
+    its own sample only (the weights of others are 0, and so are their derivatives)."""
+    entry = tr.blocks.get(id(a)) if isinstance(a, torch.Tensor) else None
+    if entry is None or entry[0] is not a or a.dim() < 2:
+        return False
+    _, rows, keys = entry
+    summed = max(b.dim() - 2, 0)
+    if len(tr.axes(a) or ()) != 2 or len(tr.axes(b) or ()) != 1:
+        return False
+    along = [_samples_along(tr, a, a.dim() - 2), _samples_along(tr, a, a.dim() - 1)]
+    held = _samples_along(tr, b, summed)
+    return all(
+        s is not None and torch.equal(s, want)
+        for s, want in zip((*along, held), (rows, keys, keys), strict=True)
+    )
+
+
 def _contraction(biased: bool) -> Mixing:
     """Matrix products sum over the left operand's last dimension and the right one's second
     to last (a vector's only dimension)."""
 
     def rule(tr: BatchAxes, args: Sequence[Any]) -> str | None:
         a, b = (args[1], args[2]) if biased else (args[0], args[1])
+        if tr.blocks and _within_blocks(tr, a, b):
+            return None
         for t, summed in ((a, a.dim() - 1), (b, max(b.dim() - 2, 0))):
             for q, *_ in tr.axes(t) or ():
                 if q == summed:
@@ -2913,6 +3022,16 @@ _REDUCTIONS = {
     aten.logcumsumexp.default: "cumulative logsumexp",
 }
 _NORMS = {aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim}
+_SOFTMAXES = {aten._softmax.default, aten._safe_softmax.default}  # (``_attention``)
+# ops whose result holds the same values in the same places as their input, if shaped alike
+_SAME_PLACES = {
+    aten.expand.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.alias.default,
+    aten.clone.default,
+    aten._to_copy.default,
+}
 _WHOLE = {
     aten.sum.default: "sum",
     aten.mean.default: "mean",
@@ -2931,6 +3050,7 @@ _BATCH_NORMS = {
 _MIXING: dict[Any, Mixing] = {
     **{op: _contraction(op in _BIASED) for op in _MATRIX_PRODUCTS},
     **{op: _reduction(op, name) for op, name in _REDUCTIONS.items()},
+    **{op: _attention(op, "softmax") for op in _SOFTMAXES},
     **{op: _whole(name) for op, name in _WHOLE.items()},
     **{op: _batch_norm(i) for op, i in _BATCH_NORMS.items()},
     aten.native_layer_norm.default: _layer_norm,
@@ -2952,6 +3072,7 @@ _CARRY.update(
     {
         **{op: _mm(op in _BIASED) for op in _MATRIX_PRODUCTS},
         **{op: _reduced(op) for op in _REDUCTIONS},
+        **{op: _softmaxed(op) for op in _SOFTMAXES},
         **dict.fromkeys(_BATCH_NORMS, _first_like_input),
         aten._native_batch_norm_legit_no_training.default: _first_like_input,
         aten.native_layer_norm.default: _first_like_input,

@@ -573,14 +573,22 @@ def read_requires_grad_false(func: Any, out: Any) -> bool:
 def read_by_torchdiv() -> bool:
     """Whether the tensor attribute a ``TorchFunctionMode`` is handling (``requires_grad``)
     was read by torchdiv's own code (a torchdiv call inside ``f``: ``biharmonic``'s inner
-    Laplacian), not by ``f``: the first frame below the modes' handlers decides (called from
-    a handler, or a helper of one)."""
+    Laplacian), not by ``f`` (called from a handler, or a helper of one: ``reader``)."""
+    return reader_module().startswith("torchdiv.")
+
+
+def reader_module() -> str:
+    """The module (``__name__``) of the code whose call a ``TorchFunctionMode`` is handling:
+    the first frame below the modes' ``__torch_function__`` handlers (called from a handler,
+    or a helper of one; ``""`` if none). ``torch.utils.hooks`` for a module's full backward
+    hook, which reads ``requires_grad`` of the module's inputs to decide whether to wrap them
+    in its ``autograd.Function``."""
     frame = sys._getframe(1)
     while frame is not None and frame.f_code.co_name != "__torch_function__":
         frame = frame.f_back  # type: ignore[assignment]  # (up to the handler)
     while frame is not None and frame.f_code.co_name == "__torch_function__":
         frame = frame.f_back  # type: ignore[assignment]  # (past every mode's handler)
-    return frame is not None and str(frame.f_globals.get("__name__", "")).startswith("torchdiv.")
+    return "" if frame is None else str(frame.f_globals.get("__name__", ""))
 
 
 def refuse_gradient_hook(func: Any, args: Sequence[Any]) -> None:

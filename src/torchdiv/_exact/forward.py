@@ -23,8 +23,8 @@ from torchdiv._core.checks import event_numel
 from torchdiv._core.modes import (
     SafeDerivatives,
     math_attention,
-    read_by_torchdiv,
     read_requires_grad_false,
+    reader_module,
 )
 from torchdiv._exact.attributes import transforming
 from torchdiv._taylor.tree import leaves
@@ -33,6 +33,7 @@ Products = Callable[[torch.Tensor], torch.Tensor]  # tangents -> JVPs
 
 _OPS = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
 _TRUSTED = ("aten", "prims")  # PyTorch's own ops: one without a forward rule raises
+_BACKWARD_HOOKS = "torch.utils.hooks"  # (where a module's full backward hooks read the flag)
 # held around every ``torch.func.jvp``: its nesting count (``JVP_NESTING``) and forward AD's
 # dual levels are the process's, not a thread's, so two threads pushing tangents at once left
 # the second without a level ("no level exists", a thread that exits a level also drops the
@@ -97,9 +98,9 @@ class Tangents(SafeDerivatives):
       custom ``autograd.Function``'s ``forward``, which runs with both off, and its ``jvp``,
       are left as they are);
     - a custom op whose result has no tangent though an input has one is refused
-      (``NoForwardRule``, naming ``way_out``) rather than taken for a constant, and so is
-      ``f`` reading ``requires_grad`` of a tensor with a tangent (``False`` here, ``True``
-      under plain autograd: ``f`` may branch on it, ``_check_requires_grad``);
+      (``NoForwardRule``, naming ``way_out``) rather than taken for a constant;
+    - ``f`` reading ``requires_grad`` of a tensor with a tangent reads ``True``, as under
+      plain autograd (``False`` here: ``f`` may branch on it, ``_requires_grad_read``);
     - ``graph=False`` (the caller's ``torch.no_grad()``): the engine evaluates ``f`` with grad
       on, so that ``f``'s own ``no_grad`` blocks show, and runs each of its other ops under
       ``no_grad``: no graph is built, as the caller asked; not the ops inside a
@@ -162,20 +163,32 @@ class Tangents(SafeDerivatives):
             out = super().__torch_function__(func, types, args, kwargs)
         if isinstance(func, _OPS) and _op_name(func).split("::")[0] not in _TRUSTED:
             self._check_tangents(func, (args, kwargs), out)
-        if self.looks and read_requires_grad_false(func, out):
-            self._check_requires_grad(args[0])
+        if self.looks and read_requires_grad_false(func, out) and _has_tangent(args[0]):
+            return self._requires_grad_read()
         return out
 
-    def _check_requires_grad(self, tensor: Any) -> None:
-        """Refuse a read of ``requires_grad`` (``False`` here) on a tensor with a tangent: plain
-        autograd reads ``True``, and ``f`` may branch on it (a deep equilibrium model
-        registers its gradient hook only then: forward mode gave the one-step Jacobian)."""
-        if _has_tangent(tensor) and not read_by_torchdiv():
+    def _requires_grad_read(self) -> bool:
+        """``requires_grad`` of a tensor with a tangent (``False`` here) as plain autograd reads
+        it where ``x`` requires grad, ``True``, so that ``f`` takes the branch the engines of
+        backward passes take (``if z.requires_grad:`` gating a gradient hook, which
+        ``refuse_gradient_hook`` then refuses, or extra work), as ``method="auto"`` runs it.
+        Left ``False`` where torchdiv's own code inside ``f`` reads it; a module's full
+        backward hook (``torch.utils.hooks`` reads the flag of the module's inputs) is
+        refused: backward passes run it, forward mode never does, and a hook that returns no
+        gradients cannot be told from one that changes them (forward mode gave half of plain
+        autograd's divergence for a hook doubling ``grad_input``)."""
+        reader = reader_module()
+        if reader.startswith("torchdiv."):
+            return False
+        if reader == _BACKWARD_HOOKS:
             raise NoForwardRule(
-                "f reads requires_grad of a tensor computed from x, False in forward mode where "
-                "plain autograd has True: f may take another branch (a deep equilibrium model "
-                f"registers its gradient hook only if z.requires_grad); use {self.way_out}"
+                "f calls a module with a full backward hook (register_full_backward_hook or "
+                "register_full_backward_pre_hook): backward passes run it, forward mode "
+                "never does, so a hook that changes gradients would be left out; register it "
+                "outside the call (or remove it around the call), or use method='auto', which "
+                "runs it as plain autograd does"
             )
+        return True
 
     def _check_tangents(self, func: Any, inputs: Any, out: Any) -> None:
         """Refuse a custom op whose floating results have no tangent though an input has."""

@@ -189,11 +189,54 @@ class _Recorder(DispatchMode):
         # by storage: the nodes whose outputs a replay does not compute but takes as recorded
         # (``Node.kept``: random draws, constant in-place writes), the tensor objects f made
         self.kept: dict[int, list[int]] = {}
+        # storages f allocated and filled in place with constants (``constant_write``): every
+        # later read of them is recorded as a copy of the values it read (``read``)
+        self.filled: set[int] = set()
+        self.copies: dict[tuple[int, int], torch.Tensor] = {}  # (id, version) -> its copy
 
     def ref(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return self.refs.get(id(value), value)
         return value
+
+    def mapped(self, args: Any, kwargs: Any, replayed: bool) -> tuple[Any, Any]:
+        """A call's arguments as its node holds them: ``Ref``s, constants, and, where the
+        call is ``replayed`` from them, copies of tensors ``f`` filled in place (``read``)."""
+        reading = self.read if self.filled and replayed else self.ref
+        return map_leaves(reading, args), map_leaves(reading, kwargs)
+
+    def in_filled(self, outs: list[Any]) -> bool:
+        """Whether every tensor among a call's outputs lives in a storage ``f`` filled in place
+        (a view of it: its node is never read, ``read`` copies it)."""
+        return bool(self.filled) and all(
+            _storage(t) in self.filled for t in outs if isinstance(t, torch.Tensor)
+        )
+
+    def read(self, value: Any) -> Any:
+        """``ref``, except for a tensor in a storage ``f`` filled in place with constants
+        (``filled``): a copy of its values now, the values the call reads (a replay runs the
+        calls that made the storage again, without the writes, which it keeps as their
+        results), taken before the call (a write's own target: its values before the write).
+        A tensor there that a write of values computed from ``x`` made (recorded out of
+        place, ``functional``) is that write's result; one sharing its memory that the write
+        changed is refused (``rewritten``). A copy here, below autograd, has no graph: a
+        tensor that requires grad otherwise (written with a parameter's values) is refused."""
+        if not isinstance(value, torch.Tensor) or _storage(value) not in self.filled:
+            return self.ref(value)
+        ref = self.refs.get(id(value))
+        if ref in self.dependent:  # written there with values computed from x (out of place)
+            return ref
+        if value.requires_grad:
+            self.graph.unsupported.append(
+                "a constant f filled in place, read after a write of values that require grad "
+                "(a parameter's, or computed from x)"
+            )
+        if value.is_inference():  # (no version counter: made under inference_mode)
+            return value.clone()
+        key = (id(value), value._version)  # (a write through any view moves the version)
+        if key not in self.copies:
+            self.copies[key] = value.detach().clone()
+        return self.copies[key]
 
     def functional(self, func: Any, args: Any) -> Any:
         """For an in-place op on its first argument (``relu_``, ``add_``: ``nn.ReLU(inplace=
@@ -275,6 +318,9 @@ class _Recorder(DispatchMode):
             self.mutated = True
             self.before_writes(func, written, depends)
         self.keep_generator(func, kwargs)
+        # a write of values computed from x replays from its target's values before it; a
+        # constant write is kept, not replayed (what it reads does not matter)
+        refs = self.mapped(args, kwargs, depends) if written else None
         out = func(*args, **kwargs)
         if self.axes is not None:
             self.axes.after(carry, args, out)
@@ -289,7 +335,8 @@ class _Recorder(DispatchMode):
         for t in kept or ():
             if isinstance(t, torch.Tensor):
                 self.kept.setdefault(_storage(t), []).append(index)
-        refs = map_leaves(self.ref, args), map_leaves(self.ref, kwargs)
+        if refs is None:  # (a view of a filled constant is never read through its node)
+            refs = self.mapped(args, kwargs, depends or not self.in_filled(outs))
         self.graph.nodes.append(Node(recorded, *refs, depends, kept, torch.is_grad_enabled()))
         for i, leaf in enumerate(outs):
             if isinstance(leaf, torch.Tensor):
@@ -387,6 +434,11 @@ class _Recorder(DispatchMode):
             if storage == self.x_storage:
                 self.graph.unsupported.append(f"{func} writing to x")
                 continue
+            if not depends and self.constant_write(tensor, storage):
+                self.graph.changed.append(Before.of(tensor))
+                self.readers.pop(storage, None)
+                self.written.add(storage)
+                continue
             if depends and id(tensor) in self.refs:  # recorded out of place (``functional``)
                 if storage in self.kept:
                     self.keep_before(func, storage)
@@ -422,6 +474,28 @@ class _Recorder(DispatchMode):
                 node.args, node.kwargs = map_leaves(
                     _replacing(tensor, before), (node.args, node.kwargs)
                 )
+
+    def constant_write(self, tensor: torch.Tensor, storage: int) -> bool:
+        """Whether a write of constants into ``tensor`` is one into a constant ``f`` made
+        itself (a Levi-Civita or Clebsch-Gordan tensor built per call: ``eps = zeros(3, 3,
+        3); eps[0, 1, 2] = 1; ...``, ``torch.ones(n, n).fill_diagonal_(0)``, a mask's
+        ``masked_fill_``): its storage allocated by a call a replay runs again (not a random
+        draw's kept output, ``replayed_before``'s condition), or already ``filled``, holding
+        nothing computed from ``x`` (a write under ``no_grad`` there is refused as before).
+        It then joins ``filled``: the calls that read it before read the replayed
+        allocation, those after a copy of what they read (``read``), so any number of
+        writes, through any views, are replayed as ``f`` made them."""
+        if storage in self.computed:  # (values from x there: a write under no_grad)
+            return False
+        if storage in self.filled:
+            return True
+        made = self.fresh.get(storage)
+        if made is None or storage in self.written or tensor.requires_grad:
+            return False
+        if self.graph.nodes[made].kept is not None:
+            return False
+        self.filled.add(storage)
+        return True
 
     def keep_before(self, func: Any, storage: int) -> None:
         """Before ``func``, a write of values computed from ``x`` recorded out of place, changes
@@ -804,7 +878,7 @@ def capture(
         recorder.graph.indexed = recorder.axes.indexed
         recorder.axes = None  # let go of the tensors it followed
     recorder.untracked(leaves(y))
-    recorder.graph.output = map_leaves(recorder.ref, y)
+    recorder.graph.output = map_leaves(recorder.read if recorder.filled else recorder.ref, y)
     recorder.graph.output_shape = tuple(y.shape)
     recorder.graph.requires_grad = outer_grad and y.requires_grad
     if keep_values and not recorder.mutated:
