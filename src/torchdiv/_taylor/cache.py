@@ -392,19 +392,21 @@ _MODULE_HELD = _MODULE_FLAGS | _MODULE_FUNCTIONS | {torch.Tensor}
 
 def _tensor(t: torch.Tensor) -> Hashable:
     """A module's buffer or plain tensor attribute in ``_held``'s key: an integer or boolean
-    one (an index, a mask) by identity, weakly (``Same``), and its version (writes in place
-    count: ``self.perm.copy_(p)``, ``load_state_dict``, ``idx[0] = 3``): one put in place of
-    another, ``net.perm = torch.randperm(n)`` read as ``y[self.perm]``, or rewritten, moves
-    samples along the batch; a floating one by its dtype and shape, its values being values
-    (``weight_norm``'s weight, computed anew before every forward, would make every call a
-    new structure, watched again; changed in place: batch norm's running statistics,
-    spectral norm's power iteration). An inference tensor keeps no version: its identity."""
+    one (an index, a mask) by identity, weakly (``Same``), and, unless a scalar, its version
+    (writes in place count: ``self.perm.copy_(p)``, ``load_state_dict``, ``idx[0] = 3``): one
+    put in place of another, ``net.perm = torch.randperm(n)`` read as ``y[self.perm]``, or
+    rewritten, moves samples along the batch. A scalar is a count (batch norm's
+    ``num_batches_tracked``, ``self.step += 1`` in ``forward``): by its version, every call
+    would be a new structure, watched again (2.2x the time of a D = 2 divergence through a
+    train-mode batch norm under ``allow_batch_interaction``). A floating one by its dtype and
+    shape, its values being values (``weight_norm``'s weight, computed anew before every
+    forward, would make every call a new structure; changed in place: batch norm's running
+    statistics, spectral norm's power iteration). An inference tensor keeps no version."""
     if t.is_floating_point() or t.is_complex():
         return t.dtype, t.shape
-    try:
-        return Same(t), t._version
-    except RuntimeError:  # an inference tensor (no version counter)
+    if not t.dim() or t.is_inference():
         return Same(t)
+    return Same(t), t._version
 
 
 def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
