@@ -392,15 +392,21 @@ _MODULE_HELD = _MODULE_FLAGS | _MODULE_FUNCTIONS | {torch.Tensor}
 
 def _tensor(t: torch.Tensor) -> Hashable:
     """A module's buffer or plain tensor attribute in ``_held``'s key: an integer or boolean
-    one (an index, a mask) by identity, weakly (``Same``): one put in place of another,
-    ``net.perm = torch.randperm(n)`` read as ``y[self.perm]``, moves samples along the batch;
-    a floating one by its dtype and shape, its values being values (``weight_norm``'s weight,
-    computed anew before every forward, would make every call a new structure, watched
-    again). Either changed in place stays the same structure (batch norm's running
-    statistics, spectral norm's power iteration)."""
+    one (an index, a mask) by identity, weakly (``Same``), and, unless a scalar, its version
+    (writes in place count: ``self.perm.copy_(p)``, ``load_state_dict``, ``idx[0] = 3``): one
+    put in place of another, ``net.perm = torch.randperm(n)`` read as ``y[self.perm]``, or
+    rewritten, moves samples along the batch. A scalar is a count (batch norm's
+    ``num_batches_tracked``, ``self.step += 1`` in ``forward``): by its version, every call
+    would be a new structure, watched again (2.2x the time of a D = 2 divergence through a
+    train-mode batch norm under ``allow_batch_interaction``). A floating one by its dtype and
+    shape, its values being values (``weight_norm``'s weight, computed anew before every
+    forward, would make every call a new structure; changed in place: batch norm's running
+    statistics, spectral norm's power iteration). An inference tensor keeps no version."""
     if t.is_floating_point() or t.is_complex():
         return t.dtype, t.shape
-    return Same(t)
+    if not t.dim() or t.is_inference():
+        return Same(t)
+    return Same(t), t._version
 
 
 def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
@@ -524,11 +530,13 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
         if pre or post:  # by their handles' ids (a counter: never reused)
             held.append((*(pre or ()), None, *(post or ())))
         buffers = attributes.get("_buffers")
-        if buffers:  # (never a hooks' tuple, of ints)
-            held.append(tuple(None if b is None else _tensor(b) for b in buffers.values()))
         parameters, children = attributes.get("_parameters"), attributes.get("_modules")
         if parameters is None or children is None:  # a torch.jit.trace'd module's C++ module
-            parameters, children = m._parameters, m._modules  # holds them (KeyError: crashed)
+            # holds them (KeyError: crashed; its buffers unread, one written in place or
+            # replaced moved samples unwatched)
+            parameters, children, buffers = m._parameters, m._modules, m._buffers
+        if buffers:  # (never a hooks' tuple, of ints)
+            held.append(tuple(None if b is None else _tensor(b) for b in buffers.values()))
         if parameters:
             grads += [p.requires_grad for p in parameters.values() if p is not None]
         if children:
