@@ -1677,6 +1677,10 @@ HIDDEN = {  # f of z (B, D): mixing the watch did not follow (every watched meth
         lambda z: z * (_plane_read(z) - _plane_read(z).mean(0)).sum(1, keepdim=True),
         r"a mean over samples",
     ),
+    "each sample's plane read at every sample's point": (
+        lambda z: z * _planes_read_everywhere(z).sum(1, keepdim=True),
+        r"a sum over samples",
+    ),
 }
 
 
@@ -1691,6 +1695,17 @@ def test_mixing_the_watch_did_not_follow_is_refused(case, name, method, shape) -
     of samples, a custom ``autograd.Function``: every watched method returned other
     samples' terms silently."""
     _assert_refused(*HIDDEN[case], name, method, shape)
+
+
+def _planes_read_everywhere(z: torch.Tensor) -> torch.Tensor:
+    """``(B, B)``: sample ``i``'s own plane (``(1, B, B, 1)``, the samples along its channels)
+    read at sample ``j``'s point (the grid's height). The result had the planes' shape, so
+    the watch took the planes' samples alone and lost the grid's."""
+    b = z.shape[0]
+    heights = torch.linspace(-1, 1, b, dtype=z.dtype).view(1, 1, b, 1)
+    planes = (z[:, :1, None, None] * heights).tanh().permute(1, 0, 2, 3)
+    grid = z[:, :2].tanh().view(1, -1, 1, 2)
+    return F.grid_sample(planes, grid, align_corners=True)[0, :, :, 0]
 
 
 def _plane_read(z: torch.Tensor) -> torch.Tensor:

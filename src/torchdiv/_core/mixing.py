@@ -2410,10 +2410,15 @@ def _unknown(func: Any) -> Carry:
         # a result shaped as a tracked argument holds its samples in place; a pad's or a
         # sliding window's, those along the dimensions it leaves alone
         results = out if isinstance(out, list | tuple) else (out,)
+        # (grid_sample's by its arguments' roles alone: its result shaped as its input holds
+        # the grid's samples too)
         return [
-            next((axes for _, t, axes in tracked if t.shape == o.shape), None)
-            or _left_alone(op, tr, args, o)
-            or _sampled_at(op, tr, args, o)
+            (
+                _sampled_at(op, tr, args, o)
+                if op.name in _GRID_SAMPLERS
+                else next((axes for _, t, axes in tracked if t.shape == o.shape), None)
+                or _left_alone(op, tr, args, o)
+            )
             if isinstance(o, torch.Tensor)
             else None
             for o in results
