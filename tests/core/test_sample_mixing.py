@@ -1677,6 +1677,22 @@ HIDDEN = {  # f of z (B, D): mixing the watch did not follow (every watched meth
         lambda z: z * (_plane_read(z) - _plane_read(z).mean(0)).sum(1, keepdim=True),
         r"a mean over samples",
     ),
+    "a tiled batch, centred": (
+        lambda z: (lambda r: r - r.mean(0))(z.repeat(1, 2))[:, 1 : z.shape[1] + 1],
+        r"a mean over samples",
+    ),
+    "a solve by another sample's matrix": (
+        lambda z: z * torch.linalg.solve(_matrix_of(z).flip(0), z[:, :2]).sum(1, keepdim=True),
+        r"combining different samples",
+    ),
+    "Householder reflectors by another sample's tau": (
+        lambda z: z * _reflected(z, z[:, :2].roll(1, 0)),
+        r"combining different samples",
+    ),
+    "each sample's plane read at every sample's point": (
+        lambda z: z * _planes_read_everywhere(z).sum(1, keepdim=True),
+        r"a sum over samples",
+    ),
 }
 
 
@@ -1691,6 +1707,32 @@ def test_mixing_the_watch_did_not_follow_is_refused(case, name, method, shape) -
     of samples, a custom ``autograd.Function``: every watched method returned other
     samples' terms silently."""
     _assert_refused(*HIDDEN[case], name, method, shape)
+
+
+def _matrix_of(z: torch.Tensor) -> torch.Tensor:
+    """Each sample's invertible ``(2, 2)`` matrix, ``(B, 2, 2)``."""
+    w = torch.tensor([[1.0, -0.5], [0.25, 2.0]], dtype=z.dtype)
+    return (z[:, :2, None] * w).tanh() + 3 * torch.eye(2, dtype=z.dtype)
+
+
+def _reflected(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``(B, 1)``: the sum of ``householder_product(A, 0.3 tanh(tau))`` of each sample's
+    ``(3, 2)`` ``A`` (``tau`` ``(B, 2)``). The watch compared ``A``'s batch dimension with
+    ``tau``'s one dimension apart (aligned at the right), so another sample's ``tau`` passed."""
+    w = torch.linspace(-1, 1, 6, dtype=z.dtype).reshape(3, 2)
+    q = torch.linalg.householder_product((z[:, :3, None] * w).tanh(), 0.3 * tau.tanh())
+    return q.sum((-2, -1))[:, None]
+
+
+def _planes_read_everywhere(z: torch.Tensor) -> torch.Tensor:
+    """``(B, B)``: sample ``i``'s own plane (``(1, B, B, 1)``, the samples along its channels)
+    read at sample ``j``'s point (the grid's height). The result had the planes' shape, so
+    the watch took the planes' samples alone and lost the grid's."""
+    b = z.shape[0]
+    heights = torch.linspace(-1, 1, b, dtype=z.dtype).view(1, 1, b, 1)
+    planes = (z[:, :1, None, None] * heights).tanh().permute(1, 0, 2, 3)
+    grid = z[:, :2].tanh().view(1, -1, 1, 2)
+    return F.grid_sample(planes, grid, align_corners=True)[0, :, :, 0]
 
 
 def _plane_read(z: torch.Tensor) -> torch.Tensor:
@@ -1768,6 +1810,11 @@ HIDDEN_KEPT = {  # their per-sample counterparts: not refused
     ).reshape(z.shape),
     "a custom autograd.Function": lambda z: LegacyCube.apply(z) * z,
     "a plane read at the samples' points": lambda z: z * _plane_read(z).sum(1, keepdim=True),
+    "a tiled batch": lambda z: z * z.repeat(1, 2)[:, 1 : z.shape[1] + 1],
+    "a solve by each sample's matrix": lambda z: (
+        z * torch.linalg.solve(_matrix_of(z), z[:, :2]).sum(1, keepdim=True)
+    ),
+    "Householder reflectors by each sample's tau": lambda z: z * _reflected(z, z[:, :2]),
     "a custom autograd.Function under no_grad, centred": _constant_cube_scale,
 }
 

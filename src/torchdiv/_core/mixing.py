@@ -1003,6 +1003,24 @@ def _picked(
         tr.pick(o, Pick(axis.size, sample, what, axis.source))
 
 
+def _repeated(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+    """``repeat(repeats)`` (``torch.tile``): ``t`` tiled ``repeats[k]`` times along each
+    dimension, new ones in front; a batch dimension tiled whole (a whole number of its
+    periods) holds its samples in the same order again: ``x.repeat(1, 2)``, whose result was
+    not followed, so a mean over samples after it passed unseen."""
+    t, axes = args[0], tr.axes(args[0])
+    if not axes:
+        return None
+    repeats, shift = list(args[1]), len(args[1]) - t.dim()
+    kept = tuple(
+        _moved(axis, shift)
+        for axis in axes
+        if repeats[axis.position + shift] == 1
+        or t.shape[axis.position] % (axis.period * axis.inner) == 0
+    )
+    return [kept or None]
+
+
 def _moved(axis: Axis, shift: int) -> Axis:
     """``axis`` at ``shift`` dimensions further (negative: nearer the front)."""
     return axis._replace(position=axis.position + shift)
@@ -2073,6 +2091,7 @@ _CARRY: dict[Any, Carry] = {
     aten._to_copy.default: _duplicated,
     **dict.fromkeys(_VIEWS, _view),
     aten.permute.default: _permute,
+    aten.repeat.default: _repeated,
     aten.transpose.int: _permute,
     aten.t.default: _permute,
     aten.select.int: _select,
@@ -2435,10 +2454,15 @@ def _unknown(func: Any) -> Carry:
         # a result shaped as a tracked argument holds its samples in place; a pad's or a
         # sliding window's, those along the dimensions it leaves alone
         results = out if isinstance(out, list | tuple) else (out,)
+        # (grid_sample's by its arguments' roles alone: its result shaped as its input holds
+        # the grid's samples too)
         return [
-            next((axes for _, t, axes in tracked if t.shape == o.shape), None)
-            or _left_alone(op, tr, args, o)
-            or _sampled_at(op, tr, args, o)
+            (
+                _sampled_at(op, tr, args, o)
+                if op.name in _GRID_SAMPLERS
+                else next((axes for _, t, axes in tracked if t.shape == o.shape), None)
+                or _left_alone(op, tr, args, o)
+            )
             if isinstance(o, torch.Tensor)
             else None
             for o in results
@@ -2501,8 +2525,11 @@ def _combined(
         )
         if what is not None:
             return what
+    core = (lambda arg, a: 1 if _vector(op, tr, args, arg, a) else 2) if op.linalg else None
     return (
-        _matrices(op, tr, args, tracked) or _attended(op, tracked) or _conflicting(op.name, tracked)
+        _matrices(op, tr, args, tracked)
+        or _attended(op, tracked)
+        or _conflicting(op.name, tracked, core)
     )
 
 
@@ -2636,18 +2663,13 @@ def _matrices(
     solve's right-hand side ``B``, whose columns are solved alone, the rows)."""
     if not op.linalg or not args:
         return None
-    solve = op.name in _SOLVES  # (B, A): cholesky_solve, triangular_solve
-    lhs = args[int(solve)] if len(args) > int(solve) else None  # A
-    lhs = lhs if isinstance(lhs, torch.Tensor) else None
     for arg, a, axes in tracked:
         matrix = [a.dim() - 2, a.dim() - 1]
-        if arg in _VECTOR_ARGUMENTS:
+        if _vector(op, tr, args, arg, a):
             matrix = [a.dim() - 1]
-        elif arg in _RIGHT_HAND_SIDES or (solve and arg == "self"):
-            # (a batch of) vectors, or the rows (left=False: columns)
-            left = tr.kwargs.get("left", True)
-            vector = a.dim() == 1 or (lhs is not None and a.shape == lhs.shape[:-1])
-            matrix = [a.dim() - 1] if vector else [a.dim() - (2 if left else 1)]
+        elif arg in _RIGHT_HAND_SIDES or (op.name in _SOLVES and arg == "self"):
+            # the rows of a right-hand side (left=False: its columns)
+            matrix = [a.dim() - (2 if tr.kwargs.get("left", True) else 1)]
         q = next((q for q, *_ in axes if q in matrix), None)
         if q is not None:
             return (
@@ -2655,6 +2677,19 @@ def _matrices(
                 f"{_shape(a)})"
             )
     return None
+
+
+def _vector(op: _Signature, tr: BatchAxes, args: Sequence[Any], arg: str, a: torch.Tensor) -> bool:
+    """Whether the argument ``arg`` (``a``) of the ``linalg`` function ``op`` is a (batch of)
+    vector(s), its dimensions before the last its batch: ``householder_product``'s ``tau``, a
+    solve's right-hand side of one dimension fewer than its matrix (PyTorch's rule)."""
+    if arg in _VECTOR_ARGUMENTS:
+        return True
+    solve = op.name in _SOLVES  # (B, A): cholesky_solve, triangular_solve
+    if not (arg in _RIGHT_HAND_SIDES or (solve and arg == "self")):
+        return False
+    lhs = args[int(solve)] if len(args) > int(solve) else None  # A
+    return a.dim() == 1 or (isinstance(lhs, torch.Tensor) and a.shape == lhs.shape[:-1])
 
 
 def _attended(op: _Signature, tracked: list[Tracked]) -> str | None:
@@ -2665,16 +2700,22 @@ def _attended(op: _Signature, tracked: list[Tracked]) -> str | None:
     return None
 
 
-def _conflicting(name: str, tracked: list[Tracked]) -> str | None:
+def _conflicting(
+    name: str, tracked: list[Tracked], core: Callable[[str, torch.Tensor], int] | None = None
+) -> str | None:
     """Whether the arguments hold different samples at one place (dimensions aligned at the
-    right), one of them samples an indexing op moved: ``x`` and ``x.flip(0)``."""
+    right; for a ``linalg`` function, the batch dimensions before each argument's ``core``
+    last ones, 2 of a matrix, 1 of a vector: ``solve(A.flip(0), b)``'s ``A`` ``(B, n, n)``
+    and ``b`` ``(B, n)`` were compared one dimension apart, and passed), one of them samples
+    an indexing op moved: ``x`` and ``x.flip(0)``."""
     if not any(axis.rows for *_, axes in tracked for axis in axes):
         return None
     seen: dict[tuple[int, int], tuple[int, ...]] = {}
-    for _, t, axes in tracked:
+    for arg, t, axes in tracked:
+        end = t.dim() - (0 if core is None else core(arg, t))
         for axis in axes:
             held = _held(axis, t.shape[axis.position])
-            key = (axis.position - t.dim(), axis.size)
+            key = (axis.position - end, axis.size)
             other = seen.setdefault(key, held)
             n = min(len(held), len(other))
             if held[:n] != other[:n]:
