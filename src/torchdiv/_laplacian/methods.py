@@ -654,7 +654,7 @@ def hutchinson(
 
     return loop_where_forward_fails(
         hessian_vector_products,
-        lambda: each(lambda z: probed(f, z, batch_dims, probes))(x),
+        lambda: probed(each(f), x, batch_dims, probes),
         f,
         x,
         batch_dims,
