@@ -41,13 +41,18 @@ def inverse(a: Tensor) -> Tensor:
     return torch.linalg.inv_ex(a).inverse
 
 
-class _LogAbsDet(Function):
+class _LogDet(Function):
+    """``log|det A|`` of a real ``A``; of a complex ``A`` the complex ``log det A =
+    log|det A| + i θ`` (``θ`` the sign's angle), a holomorphic function. Both: ``jvp``
+    ``tr(A^-1 Ȧ)``, ``backward`` ``g · A^-H`` (``A^-T`` for a real ``A``)."""
+
     generate_vmap_rule = True
 
     @staticmethod
     def forward(a: Tensor) -> Tensor:  # type: ignore[override]
         with torch._C.DisableTorchFunction():  # no mode may replace the op again
-            return torch.linalg.slogdet(a).logabsdet
+            sign, logabs = torch.linalg.slogdet(a)
+            return torch.complex(logabs, torch.angle(sign)) if a.is_complex() else logabs
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
@@ -57,7 +62,7 @@ class _LogAbsDet(Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
         (a,) = ctx.saved_tensors
-        return grad[..., None, None] * inverse(a).mT
+        return grad[..., None, None] * inverse(a).mH
 
     @staticmethod
     def jvp(ctx: Any, tangent: Tensor) -> Tensor:  # type: ignore[override]
@@ -93,34 +98,6 @@ class _Solve(Function):
         return _Solve.apply(a, rhs if da is None else rhs - da @ x)
 
 
-class _ComplexLogDet(Function):
-    """``log det A = log|det A| + i θ`` of a complex ``A`` (``θ`` the sign's angle), a
-    holomorphic function: ``jvp`` ``tr(M Ȧ)``, ``backward`` ``g · M^H``."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(a: Tensor) -> Tensor:  # type: ignore[override]
-        with torch._C.DisableTorchFunction():  # no mode may replace the op again
-            sign, logabs = torch.linalg.slogdet(a)
-            return torch.complex(logabs, torch.angle(sign))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
-        (a,) = ctx.saved_tensors
-        return grad[..., None, None] * inverse(a).mH
-
-    @staticmethod
-    def jvp(ctx: Any, tangent: Tensor) -> Tensor:  # type: ignore[override]
-        (a,) = ctx.saved_tensors
-        return (inverse(a) * tangent.mT).sum((-2, -1))
-
-
 def _sign(a: Tensor) -> Tensor:
     with torch.no_grad(), torch._C.DisableTorchFunction():
         return torch.linalg.slogdet(a).sign
@@ -130,10 +107,10 @@ def slogdet(a: Tensor) -> Any:
     """``torch.linalg.slogdet``: ``(sign, log|det A|)``; a complex ``A``'s sign
     ``exp(i θ)`` differentiable."""
     if a.is_complex():
-        log_det = _ComplexLogDet.apply(a)
+        log_det = _LogDet.apply(a)
         sign, logabs = torch.exp(1j * log_det.imag), log_det.real
     else:
-        sign, logabs = _sign(a), _LogAbsDet.apply(a)
+        sign, logabs = _sign(a), _LogDet.apply(a)
     # torch.return_types.linalg_slogdet exists at run time; torch's stubs omit it
     return torch.return_types.linalg_slogdet((sign, logabs))  # type: ignore[attr-defined]
 
@@ -142,15 +119,15 @@ def logdet(a: Tensor) -> Tensor:
     """``torch.logdet``: ``log det A``, ``nan`` where a real ``det A < 0`` (a complex ``A``:
     the complex logarithm, as PyTorch's)."""
     if a.is_complex():
-        return _ComplexLogDet.apply(a)
-    return torch.where(_sign(a) < 0, torch.nan, _LogAbsDet.apply(a))
+        return _LogDet.apply(a)
+    return torch.where(_sign(a) < 0, torch.nan, _LogDet.apply(a))
 
 
 def det(a: Tensor) -> Tensor:
     """``torch.linalg.det``."""
     if a.is_complex():
-        return torch.exp(_ComplexLogDet.apply(a))
-    return _sign(a) * torch.exp(_LogAbsDet.apply(a))
+        return torch.exp(_LogDet.apply(a))
+    return _sign(a) * torch.exp(_LogDet.apply(a))
 
 
 def solve(a: Tensor, b: Tensor, *, left: bool = True) -> Tensor:
