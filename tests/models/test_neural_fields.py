@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchdiv
+from tests.conftest import assert_same_parameter_gradients
 
 f64 = torch.float64
 
@@ -71,17 +72,15 @@ def _probed_loop(f, x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _parameter_gradients(out: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=f64).reshape(out.shape)).sum()
-    loss = loss + 0.1 * (out**2).sum()
-    params = list(module.parameters())  # the last bias does not reach a Laplacian: unused
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat(
-        [
-            (torch.zeros_like(p) if g is None else g).reshape(-1)
-            for g, p in zip(grads, params, strict=True)
-        ]
-    )
+def _assert_same_estimate(out: torch.Tensor, expected: torch.Tensor, field: nn.Module) -> None:
+    """Values and the parameter gradients of a loss of them (float64: 1e-10 relative)."""
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=f64).reshape(out.shape)
+
+    def loss(t: torch.Tensor) -> torch.Tensor:
+        return (t * weights).sum() + 0.1 * (t**2).sum()
+
+    assert_same_parameter_gradients(field, loss(out), loss(expected))
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
@@ -95,13 +94,7 @@ def test_hutchinson_laplacian_through_grid_sample(mode):
             field, x, method="hutchinson", probes=probes, chunk_size=chunk_size
         )
         expected = _probed_loop(field, x, probes)
-        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(
-            _parameter_gradients(out, field),
-            _parameter_gradients(expected, field),
-            rtol=1e-10,
-            atol=1e-12,
-        )
+        _assert_same_estimate(out, expected, field)
 
 
 def test_hutchinson_laplacian_of_a_rendered_ray():
@@ -117,13 +110,7 @@ def test_hutchinson_laplacian_of_a_rendered_ray():
 
     out = torchdiv.laplacian(render, points, method="hutchinson", probes=probes)
     expected = _probed_loop(render, points, probes)
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(
-        _parameter_gradients(out, field),
-        _parameter_gradients(expected, field),
-        rtol=1e-10,
-        atol=1e-12,
-    )
+    _assert_same_estimate(out, expected, field)
     with torch.no_grad():
         torch.testing.assert_close(
             torchdiv.laplacian(render, points, method="hutchinson", probes=probes), out.detach()
