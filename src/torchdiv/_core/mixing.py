@@ -149,6 +149,9 @@ def _rows_tensor(rows: tuple[int, ...]) -> torch.Tensor:
 
 
 Axes = tuple[Axis, ...]
+# marked attention weights: (the tensor, the samples along its rows, along its keys, its
+# version when marked: ``BatchAxes.blocks``)
+Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]
 # x's batch dimension -> (a dimension of a tensor, the sample at each index along it, -1 where
 # none was written)
 Lines = dict[int, tuple[int, torch.Tensor]]
@@ -272,10 +275,11 @@ class BatchAxes:
         # whether ``f`` computed with a tensor subclass (``Reads``): its results are then
         # aliases no ATen call made, followed at every op (``follow``)
         self.subclassed = False
-        # id -> (tensor, the samples along its rows, along its keys: its last two dimensions):
-        # attention weights that are exactly 0 wherever the row's sample and the key's differ
-        # (``_softmaxed``), and the softmax of the current op to check so, with its message
-        self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # id -> (tensor, the samples along its rows, along its keys: its last two dimensions,
+        # its version then): attention weights that are exactly 0 wherever the row's sample
+        # and the key's differ (``_softmaxed``), and the softmax of the current op to check
+        # so, with its message
+        self.blocks: dict[int, Block] = {}
         self.block_check: tuple[int, int, str] | None = None
 
     def axes(self, t: Any) -> Axes | None:
@@ -2815,19 +2819,38 @@ def _zero_across(tr: BatchAxes, t: torch.Tensor, out: Any, row: int, key: int) -
     except RuntimeError:  # (values that cannot be read here: refused as before)
         return False
     if zero and (row, key) == (t.dim() - 2, t.dim() - 1):
-        tr.blocks[id(out)] = (out, rows, keys)
+        tr.blocks[id(out)] = (out, rows, keys, _version(out))
     return zero
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (shared by its views; ``None``: none to read, an inference
+    tensor's or a wrapper's)."""
+    try:
+        return int(t._version)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+
+
+def _marked(tr: BatchAxes, t: Any) -> Block | None:
+    """``t``'s mark (``BatchAxes.blocks``) if no write changed it since (its version then:
+    ``w.clone().add_(c)``, an item or a view written, would put values across samples into
+    weights marked exactly 0 there)."""
+    entry = tr.blocks.get(id(t)) if isinstance(t, torch.Tensor) else None
+    if entry is None or entry[0] is not t or entry[3] is None or entry[3] != _version(t):
+        return None
+    return entry
 
 
 def _keep_block(tr: BatchAxes, t: Any, out: Any) -> None:
     """A copy, a broadcast or a view of marked weights that keeps their last two dimensions
     (``expand``, ``view`` merging the heads into the batch of a ``bmm``, ``clone``,
     ``_to_copy``) holds each matrix of them in the same places: marked alike."""
-    entry = tr.blocks.get(id(t)) if isinstance(t, torch.Tensor) else None
-    if entry is None or entry[0] is not t or not isinstance(out, torch.Tensor):
+    entry = _marked(tr, t)
+    if entry is None or not isinstance(out, torch.Tensor):
         return
     if out.dim() >= 2 and out.shape[-2:] == t.shape[-2:]:
-        tr.blocks[id(out)] = (out, *entry[1:])
+        tr.blocks[id(out)] = (out, entry[1], entry[2], _version(out))
 
 
 def _within_blocks(tr: BatchAxes, a: Any, b: Any) -> bool:
@@ -2835,10 +2858,10 @@ def _within_blocks(tr: BatchAxes, a: Any, b: Any) -> bool:
     holding the samples the mark was checked with, and no other) against ``b`` whose summed
     dimension holds the keys' samples, in order, and no other: each row then sums values of
     its own sample only (the weights of others are 0, and so are their derivatives)."""
-    entry = tr.blocks.get(id(a)) if isinstance(a, torch.Tensor) else None
-    if entry is None or entry[0] is not a or a.dim() < 2:
+    entry = _marked(tr, a)
+    if entry is None or a.dim() < 2:
         return False
-    _, rows, keys = entry
+    _, rows, keys, _ = entry
     summed = max(b.dim() - 2, 0)
     if len(tr.axes(a) or ()) != 2 or len(tr.axes(b) or ()) != 1:
         return False
