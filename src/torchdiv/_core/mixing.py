@@ -1222,16 +1222,34 @@ def _convolved(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None
     samples along the channels (a folded batch, whole groups per sample) hold the output
     channels of their groups, ``inner`` scaled by output over input channels per group."""
     t, axes = args[0], tr.axes(args[0])
-    if not axes or t.dim() != out.dim():
-        return None
     groups = args[8] if len(args) > 8 else 1
     width_in, width_out = t.shape[1] // groups, out.shape[1] // groups
+    if not axes and isinstance(out, torch.Tensor):  # (samples only in the weights or bias)
+        return [_channels_from_weights(tr, args, width_in, width_out)]
+    if not axes or t.dim() != out.dim():
+        return None
     channels = tuple(
         axis._replace(inner=axis.inner // width_in * width_out)
         for axis in axes
         if axis.position == 1 and axis.inner % width_in == 0  # (else refused: mixed)
     )
     return [tuple(sorted({*_aligned(t, axes, out), *channels}))]
+
+
+def _channels_from_weights(
+    tr: BatchAxes, args: Sequence[Any], width_in: int, width_out: int
+) -> Axes | None:
+    """The output channels' samples of a convolution of a constant input whose weights or
+    bias hold samples along their first dimension (a hypernetwork's per-sample kernels,
+    ``_conv_parameters`` checked them): the output channels (the input channels of a
+    transposed convolution's weights: ``inner`` scaled as in ``_convolved``)."""
+    weight, bias, transposed = args[1], args[2], bool(args[6])
+    for axis in tr.axes(weight) or ():
+        scale = (axis.inner // width_in * width_out) if transposed else axis.inner
+        return (axis._replace(position=1, inner=scale),)
+    for axis in tr.axes(bias) or ():
+        return (axis._replace(position=1),)
+    return None
 
 
 def _complex_view(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -2989,8 +3007,56 @@ def _convolution(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     mixed = [] if _within_runs(tr, t, t.shape[1] // groups) else [1]
     mixed += [d for d in range(2, t.dim()) if weight.shape[d] > 1]
     q = _batch_at(tr, t, mixed)
+    if q is None and not _conv_parameters(tr, args, groups):
+        return (
+            "a convolution whose weights or bias hold samples other than its input channels' "
+            f"(weights of shape {_shape(weight)}, groups={groups})"
+        )
     return (
         None if q is None else f"a convolution across samples (dimension {q} of shape {_shape(t)})"
+    )
+
+
+def _conv_parameters(tr: BatchAxes, args: Sequence[Any], groups: int) -> bool:
+    """Whether a convolution's weights and bias computed from ``x`` (a hypernetwork's
+    per-sample kernels, ``(B * C_out, C_in // groups, k, k)`` over a batch folded into the
+    channels) keep samples apart: their samples along their first dimension only, one batch
+    dimension each, of the input's source, and every output channel reading one sample: its
+    group's input channels (``_within_runs``), its weights (the input channels' rows of a
+    transposed convolution's) and its bias of the same sample; the input's samples only
+    along its channels (a weight of another sample than a row's input mixes them)."""
+    t, weight, bias, transposed = args[0], args[1], args[2], bool(args[6])
+    held = [(u, tr.axes(u) or ()) for u in (weight, bias) if isinstance(u, torch.Tensor)]
+    if not any(axes for _, axes in held):
+        return True
+    t_axes = tr.axes(t) or ()
+    every = [a for _, axes in held for a in axes] + list(t_axes)
+    if any(len(axes) > 1 for _, axes in held) or len(t_axes) > 1:
+        return False
+    if len({a.source for a in every}) != 1 or any(a.position != 0 for _, ax in held for a in ax):
+        return False
+    if t_axes and t_axes[0].position != 1:
+        return False
+    c_in = t.shape[1]
+    c_out = (weight.shape[1] * groups) if transposed else weight.shape[0]
+    width_in, width_out = c_in // groups, c_out // groups
+
+    def by_group(samples: torch.Tensor) -> torch.Tensor | None:  # input channels -> groups
+        rows = samples.reshape(groups, width_in)
+        if not bool((rows == rows[:, :1]).all()):
+            return None
+        return rows[:, 0].repeat_interleave(width_out)
+
+    lines: list[torch.Tensor | None] = []
+    if t_axes:
+        lines.append(by_group(t_axes[0].samples(torch.arange(c_in))))
+    for u, axes in held:
+        if axes:
+            line = axes[0].samples(torch.arange(u.shape[0]))
+            lines.append(by_group(line) if transposed and u is weight else line)
+    first = lines[0]
+    return first is not None and all(
+        line is not None and torch.equal(line.cpu(), first.cpu()) for line in lines
     )
 
 
