@@ -2969,7 +2969,34 @@ def _group_norm(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     q = _batch_at(tr, t, range(2, t.dim()))
     if q is None and not _within_runs(tr, t, max(args[4] // max(args[6], 1), 1)):
         q = 1
+    if q is None and not _per_channel(tr, t, args[1:3]):
+        return (
+            f"a group norm whose weight or bias hold samples other than its channels' ({_shape(t)})"
+        )
     return None if q is None else f"a group norm over samples (dimension {q} of shape {_shape(t)})"
+
+
+def _per_channel(tr: BatchAxes, t: Any, params: Sequence[Any]) -> bool:
+    """Whether a normalisation's per-channel ``params`` (weight, bias) computed from ``x``
+    (AdaGN's scale and shift as the affine of a group norm over a batch folded into the
+    channels) hold, at each channel, the sample of ``t``'s channel: their one batch
+    dimension along their only dimension, ``t``'s only one along its channels."""
+    held = [tr.axes(u) or () for u in params if isinstance(u, torch.Tensor)]
+    if not any(held):
+        return True
+    t_axes = tr.axes(t) or ()
+    if len(t_axes) != 1 or t_axes[0].position != 1:
+        return False
+    source, channels = t_axes[0].source, torch.arange(t.shape[1])
+    want = t_axes[0].samples(channels)
+    return all(
+        len(axes) == 1
+        and axes[0].position == 0
+        and axes[0].source == source
+        and torch.equal(axes[0].samples(channels).cpu(), want.cpu())
+        for axes in held
+        if axes
+    )
 
 
 def _diagonal(tr: BatchAxes, args: Sequence[Any]) -> str | None:
