@@ -345,3 +345,37 @@ def test_forward_mode_refuses_a_modules_full_backward_hook_naming_it(returned):
         torchdiv.divergence(net, x, method="forward")
     want = _FROM_JACOBIAN["divergence"](per_sample_jacobians(net, x))
     torch.testing.assert_close(torchdiv.divergence(net, x), want, rtol=1e-12, atol=1e-12)
+
+
+class VmappedGate(torch.nn.Module):
+    """A per-sample net ``f`` maps over its batch with ``torch.vmap`` (``vmap(net)(x)``),
+    gating work on ``requires_grad`` inside: plain autograd reads ``False`` there (vmap's
+    batched tensors do not carry the flag), so ``h`` stays as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.a, self.b = torch.nn.Linear(3, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def one(sample: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.a(sample))
+            return self.b(h + 0.5 * h**2 if h.requires_grad else h)
+
+        return torch.vmap(one)(x)
+
+
+@pytest.mark.parametrize("op", sorted(_FROM_JACOBIAN))
+def test_forward_mode_reads_requires_grad_inside_fs_vmap_as_plain_autograd(op):
+    """Inside ``f``'s own ``vmap`` the flag reads ``False`` under plain autograd; forward mode
+    raised "Batching rule not implemented for aten::_unpack_dual" there (checking the
+    tangent), and read as ``True`` would take the other branch (values 0.33 off)."""
+    net = VmappedGate().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    want = _FROM_JACOBIAN[op](per_sample_jacobians(net, x))
+    got = getattr(torchdiv, op)(net, x, method="forward")
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+    params = list(net.a.parameters())
+    got_grads = torch.autograd.grad(got.square().sum(), params)
+    want_grads = torch.autograd.grad(want.square().sum(), params)
+    torch.testing.assert_close(got_grads, want_grads, rtol=1e-12, atol=1e-12)

@@ -281,3 +281,33 @@ def test_transformer_layer_inside_autocast_in_the_engines_of_backward_passes():
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * b.abs().max().item() + 1e-6)
     got = torchdiv.laplacian(energy, x, method="hessian")
     torch.testing.assert_close(got, laplacian, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("write", ["add_", "item", "through a view"])
+def test_packed_attention_weights_written_in_place_after_the_softmax_are_refused(write):
+    """Weights marked exactly 0 across samples at the softmax, then copied (``clone``, which
+    keeps the mark) and written in place (a constant bias added, an item set, a view
+    written): the write puts values across samples, and ``"auto"`` gave them (13% off the
+    per-sample divergence for the bias) until the mark held the version it was read at."""
+    weight = torch.randn(D, D, dtype=f64, generator=torch.Generator().manual_seed(6)) / 2
+    x = torch.randn(B, N, D, dtype=f64, generator=torch.Generator().manual_seed(7))
+    batch = torch.arange(B).repeat_interleave(N)
+    mask = torch.zeros(B * N, B * N, dtype=f64).masked_fill(
+        batch[:, None] != batch[None, :], float("-inf")
+    )
+    bias = torch.full((B * N, B * N), 0.1, dtype=f64)
+
+    def f(z):
+        h = (z @ weight).reshape(B * N, D)
+        w = torch.softmax(h @ h.T / D**0.5 + mask, -1).clone()
+        if write == "add_":
+            w.add_(bias)
+        elif write == "item":
+            w[0, N] = 0.5
+        else:
+            w.view(-1).add_(0.01)
+        return (w @ h).reshape(B, N, D)
+
+    for method in ("auto", "structured"):
+        with pytest.raises(torchdiv.BatchInteractionError, match="summing over samples"):
+            torchdiv.divergence(f, x, method=method)

@@ -149,6 +149,9 @@ def _rows_tensor(rows: tuple[int, ...]) -> torch.Tensor:
 
 
 Axes = tuple[Axis, ...]
+# marked attention weights: (the tensor, the samples along its rows, along its keys, its
+# version when marked: ``BatchAxes.blocks``)
+Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]
 # x's batch dimension -> (a dimension of a tensor, the sample at each index along it, -1 where
 # none was written)
 Lines = dict[int, tuple[int, torch.Tensor]]
@@ -272,10 +275,11 @@ class BatchAxes:
         # whether ``f`` computed with a tensor subclass (``Reads``): its results are then
         # aliases no ATen call made, followed at every op (``follow``)
         self.subclassed = False
-        # id -> (tensor, the samples along its rows, along its keys: its last two dimensions):
-        # attention weights that are exactly 0 wherever the row's sample and the key's differ
-        # (``_softmaxed``), and the softmax of the current op to check so, with its message
-        self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # id -> (tensor, the samples along its rows, along its keys: its last two dimensions,
+        # its version then): attention weights that are exactly 0 wherever the row's sample
+        # and the key's differ (``_softmaxed``), and the softmax of the current op to check
+        # so, with its message
+        self.blocks: dict[int, Block] = {}
         self.block_check: tuple[int, int, str] | None = None
 
     def axes(self, t: Any) -> Axes | None:
@@ -1236,16 +1240,34 @@ def _convolved(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None
     samples along the channels (a folded batch, whole groups per sample) hold the output
     channels of their groups, ``inner`` scaled by output over input channels per group."""
     t, axes = args[0], tr.axes(args[0])
-    if not axes or t.dim() != out.dim():
-        return None
     groups = args[8] if len(args) > 8 else 1
     width_in, width_out = t.shape[1] // groups, out.shape[1] // groups
+    if not axes and isinstance(out, torch.Tensor):  # (samples only in the weights or bias)
+        return [_channels_from_weights(tr, args, width_in, width_out)]
+    if not axes or t.dim() != out.dim():
+        return None
     channels = tuple(
         axis._replace(inner=axis.inner // width_in * width_out)
         for axis in axes
         if axis.position == 1 and axis.inner % width_in == 0  # (else refused: mixed)
     )
     return [tuple(sorted({*_aligned(t, axes, out), *channels}))]
+
+
+def _channels_from_weights(
+    tr: BatchAxes, args: Sequence[Any], width_in: int, width_out: int
+) -> Axes | None:
+    """The output channels' samples of a convolution of a constant input whose weights or
+    bias hold samples along their first dimension (a hypernetwork's per-sample kernels,
+    ``_conv_parameters`` checked them): the output channels (the input channels of a
+    transposed convolution's weights: ``inner`` scaled as in ``_convolved``)."""
+    weight, bias, transposed = args[1], args[2], bool(args[6])
+    for axis in tr.axes(weight) or ():
+        scale = (axis.inner // width_in * width_out) if transposed else axis.inner
+        return (axis._replace(position=1, inner=scale),)
+    for axis in tr.axes(bias) or ():
+        return (axis._replace(position=1),)
+    return None
 
 
 def _complex_view(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -2856,19 +2878,38 @@ def _zero_across(tr: BatchAxes, t: torch.Tensor, out: Any, row: int, key: int) -
     except RuntimeError:  # (values that cannot be read here: refused as before)
         return False
     if zero and (row, key) == (t.dim() - 2, t.dim() - 1):
-        tr.blocks[id(out)] = (out, rows, keys)
+        tr.blocks[id(out)] = (out, rows, keys, _version(out))
     return zero
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (shared by its views; ``None``: none to read, an inference
+    tensor's or a wrapper's)."""
+    try:
+        return int(t._version)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+
+
+def _marked(tr: BatchAxes, t: Any) -> Block | None:
+    """``t``'s mark (``BatchAxes.blocks``) if no write changed it since (its version then:
+    ``w.clone().add_(c)``, an item or a view written, would put values across samples into
+    weights marked exactly 0 there)."""
+    entry = tr.blocks.get(id(t)) if isinstance(t, torch.Tensor) else None
+    if entry is None or entry[0] is not t or entry[3] is None or entry[3] != _version(t):
+        return None
+    return entry
 
 
 def _keep_block(tr: BatchAxes, t: Any, out: Any) -> None:
     """A copy, a broadcast or a view of marked weights that keeps their last two dimensions
     (``expand``, ``view`` merging the heads into the batch of a ``bmm``, ``clone``,
     ``_to_copy``) holds each matrix of them in the same places: marked alike."""
-    entry = tr.blocks.get(id(t)) if isinstance(t, torch.Tensor) else None
-    if entry is None or entry[0] is not t or not isinstance(out, torch.Tensor):
+    entry = _marked(tr, t)
+    if entry is None or not isinstance(out, torch.Tensor):
         return
     if out.dim() >= 2 and out.shape[-2:] == t.shape[-2:]:
-        tr.blocks[id(out)] = (out, *entry[1:])
+        tr.blocks[id(out)] = (out, entry[1], entry[2], _version(out))
 
 
 def _within_blocks(tr: BatchAxes, a: Any, b: Any) -> bool:
@@ -2876,10 +2917,10 @@ def _within_blocks(tr: BatchAxes, a: Any, b: Any) -> bool:
     holding the samples the mark was checked with, and no other) against ``b`` whose summed
     dimension holds the keys' samples, in order, and no other: each row then sums values of
     its own sample only (the weights of others are 0, and so are their derivatives)."""
-    entry = tr.blocks.get(id(a)) if isinstance(a, torch.Tensor) else None
-    if entry is None or entry[0] is not a or a.dim() < 2:
+    entry = _marked(tr, a)
+    if entry is None or a.dim() < 2:
         return False
-    _, rows, keys = entry
+    _, rows, keys, _ = entry
     summed = max(b.dim() - 2, 0)
     if len(tr.axes(a) or ()) != 2 or len(tr.axes(b) or ()) != 1:
         return False
@@ -2969,7 +3010,34 @@ def _group_norm(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     q = _batch_at(tr, t, range(2, t.dim()))
     if q is None and not _within_runs(tr, t, max(args[4] // max(args[6], 1), 1)):
         q = 1
+    if q is None and not _per_channel(tr, t, args[1:3]):
+        return (
+            f"a group norm whose weight or bias hold samples other than its channels' ({_shape(t)})"
+        )
     return None if q is None else f"a group norm over samples (dimension {q} of shape {_shape(t)})"
+
+
+def _per_channel(tr: BatchAxes, t: Any, params: Sequence[Any]) -> bool:
+    """Whether a normalisation's per-channel ``params`` (weight, bias) computed from ``x``
+    (AdaGN's scale and shift as the affine of a group norm over a batch folded into the
+    channels) hold, at each channel, the sample of ``t``'s channel: their one batch
+    dimension along their only dimension, ``t``'s only one along its channels."""
+    held = [tr.axes(u) or () for u in params if isinstance(u, torch.Tensor)]
+    if not any(held):
+        return True
+    t_axes = tr.axes(t) or ()
+    if len(t_axes) != 1 or t_axes[0].position != 1:
+        return False
+    source, channels = t_axes[0].source, torch.arange(t.shape[1])
+    want = t_axes[0].samples(channels)
+    return all(
+        len(axes) == 1
+        and axes[0].position == 0
+        and axes[0].source == source
+        and torch.equal(axes[0].samples(channels).cpu(), want.cpu())
+        for axes in held
+        if axes
+    )
 
 
 def _diagonal(tr: BatchAxes, args: Sequence[Any]) -> str | None:
@@ -3007,8 +3075,56 @@ def _convolution(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     mixed = [] if _within_runs(tr, t, t.shape[1] // groups) else [1]
     mixed += [d for d in range(2, t.dim()) if weight.shape[d] > 1]
     q = _batch_at(tr, t, mixed)
+    if q is None and not _conv_parameters(tr, args, groups):
+        return (
+            "a convolution whose weights or bias hold samples other than its input channels' "
+            f"(weights of shape {_shape(weight)}, groups={groups})"
+        )
     return (
         None if q is None else f"a convolution across samples (dimension {q} of shape {_shape(t)})"
+    )
+
+
+def _conv_parameters(tr: BatchAxes, args: Sequence[Any], groups: int) -> bool:
+    """Whether a convolution's weights and bias computed from ``x`` (a hypernetwork's
+    per-sample kernels, ``(B * C_out, C_in // groups, k, k)`` over a batch folded into the
+    channels) keep samples apart: their samples along their first dimension only, one batch
+    dimension each, of the input's source, and every output channel reading one sample: its
+    group's input channels (``_within_runs``), its weights (the input channels' rows of a
+    transposed convolution's) and its bias of the same sample; the input's samples only
+    along its channels (a weight of another sample than a row's input mixes them)."""
+    t, weight, bias, transposed = args[0], args[1], args[2], bool(args[6])
+    held = [(u, tr.axes(u) or ()) for u in (weight, bias) if isinstance(u, torch.Tensor)]
+    if not any(axes for _, axes in held):
+        return True
+    t_axes = tr.axes(t) or ()
+    every = [a for _, axes in held for a in axes] + list(t_axes)
+    if any(len(axes) > 1 for _, axes in held) or len(t_axes) > 1:
+        return False
+    if len({a.source for a in every}) != 1 or any(a.position != 0 for _, ax in held for a in ax):
+        return False
+    if t_axes and t_axes[0].position != 1:
+        return False
+    c_in = t.shape[1]
+    c_out = (weight.shape[1] * groups) if transposed else weight.shape[0]
+    width_in, width_out = c_in // groups, c_out // groups
+
+    def by_group(samples: torch.Tensor) -> torch.Tensor | None:  # input channels -> groups
+        rows = samples.reshape(groups, width_in)
+        if not bool((rows == rows[:, :1]).all()):
+            return None
+        return rows[:, 0].repeat_interleave(width_out)
+
+    lines: list[torch.Tensor | None] = []
+    if t_axes:
+        lines.append(by_group(t_axes[0].samples(torch.arange(c_in))))
+    for u, axes in held:
+        if axes:
+            line = axes[0].samples(torch.arange(u.shape[0]))
+            lines.append(by_group(line) if transposed and u is weight else line)
+    first = lines[0]
+    return first is not None and all(
+        line is not None and torch.equal(line.cpu(), first.cpu()) for line in lines
     )
 
 

@@ -12,7 +12,12 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 import torch.utils.checkpoint as _checkpoint
 from torch._C._autograd import _top_saved_tensors_default_hooks
-from torch._C._functorch import TransformType, maybe_current_level
+from torch._C._functorch import (
+    TransformType,
+    is_batchedtensor,
+    maybe_current_level,
+    maybe_get_level,
+)
 from torch._functorch import eager_transforms as _eager_transforms
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
@@ -163,9 +168,26 @@ class Tangents(SafeDerivatives):
             out = super().__torch_function__(func, types, args, kwargs)
         if isinstance(func, _OPS) and _op_name(func).split("::")[0] not in _TRUSTED:
             self._check_tangents(func, (args, kwargs), out)
-        if self.looks and read_requires_grad_false(func, out) and _has_tangent(args[0]):
+        if (
+            self.looks
+            and read_requires_grad_false(func, out)
+            and not self._batched_in_f(args[0])
+            and _has_tangent(args[0])
+        ):
             return self._requires_grad_read()
         return out
+
+    def _batched_in_f(self, t: Any) -> bool:
+        """Whether ``t`` is a tensor of a ``torch.vmap`` that ``f`` runs (a batching level
+        deeper than the engine's ``jvp``): plain autograd reads its ``requires_grad`` as
+        ``False`` (vmap's batched tensors do not carry the flag), so forward mode leaves it
+        so (``unpack_dual`` has no batching rule there either)."""
+        return (
+            self.level is not None
+            and isinstance(t, torch.Tensor)
+            and is_batchedtensor(t)
+            and maybe_get_level(t) > self.level
+        )
 
     def _requires_grad_read(self) -> bool:
         """``requires_grad`` of a tensor with a tangent (``False`` here) as plain autograd reads
