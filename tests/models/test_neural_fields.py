@@ -146,3 +146,126 @@ def test_hutchinson_fallback_changes_state_once():
     torchdiv.laplacian(field, x, method="hutchinson", probes=probes)
     assert torch.equal(torch.get_rng_state(), after_plain)
     assert int(field.calls) == 2
+
+
+_EVALUATIONS: list[int] = []  # one entry per evaluation of a _CountedTriPlane (outside the
+# module, whose state torchdiv puts back between its evaluations of one call)
+
+
+class _CountedTriPlane(TriPlane):
+    """A tri-plane field that counts its evaluations."""
+
+    def __init__(self) -> None:
+        super().__init__("bilinear")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _EVALUATIONS.append(1)
+        return super().forward(x)
+
+
+def _evaluations(f, x: torch.Tensor, probes: torch.Tensor, field: nn.Module) -> int:
+    """How many times one Hutchinson call of ``f`` evaluates ``field``; checks its value and
+    parameter gradients against the per-sample loop (float64: both sum the same products)."""
+    before = len(_EVALUATIONS)
+    out = torchdiv.laplacian(f, x, method="hutchinson", probes=probes)
+    evaluations = len(_EVALUATIONS) - before
+    expected = _probed_loop(f, x, probes)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        _parameter_gradients(out, field),
+        _parameter_gradients(expected, field),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    return evaluations
+
+
+def test_hutchinson_fallback_remembered_for_the_structure():
+    """Recording, forward mode's failed attempt and the loop evaluate ``f`` three times; at the
+    same structure later calls go to the loop at once: one evaluation, with the same values and
+    parameter gradients (other probes too), and still watched: the index tensor ``f`` closes
+    over (a value, not structure), changed in place to shuffle the samples, is refused, not
+    read as a per-sample function."""
+    torch.manual_seed(0)
+    field = _CountedTriPlane().to(f64)
+    order = torch.arange(4)
+
+    def f(p: torch.Tensor) -> torch.Tensor:
+        return field(p[order[: len(p)]])  # the per-sample reference evaluates one at a time
+
+    x = torch.rand(4, 3, dtype=f64) * 1.6 - 0.8
+    probes = torch.randn(3, 4, 3, dtype=f64)
+    assert _evaluations(f, x, probes, field) == 3
+    assert _evaluations(f, x, probes, field) == 1
+    assert _evaluations(f, x + 0.1, torch.randn(2, 4, 3, dtype=f64), field) == 1
+    with torch.no_grad():
+        out = torchdiv.laplacian(f, x, method="hutchinson", probes=probes)
+        shifted = x.index_add(0, torch.tensor([2]), x[:1])  # sample 2 moved
+        moved = torchdiv.laplacian(f, shifted, method="hutchinson", probes=probes)
+    torch.testing.assert_close(moved[[0, 1, 3]], out[[0, 1, 3]], rtol=0, atol=0)
+    assert not torch.equal(moved[2], out[2])
+    assert _evaluations(f, x[:3], probes[:, :3], field) == 3  # another shape: recorded again
+    assert _evaluations(field, x, probes, field) == 3  # another f
+    expected = _probed_loop(f, x, probes).detach()
+    for _ in range(2):  # grad mode is part of the structure; the value is the same
+        with torch.no_grad():
+            out = torchdiv.laplacian(f, x, method="hutchinson", probes=probes)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    order.copy_(torch.tensor([1, 0, 2, 3]))
+    with pytest.raises(torchdiv.BatchInteractionError, match="moved samples"):
+        torchdiv.laplacian(f, x, method="hutchinson", probes=probes)
+
+
+def test_hutchinson_fallback_remembered_changes_state_once():
+    """A remembered fallback's one evaluation changes the state as one plain call does."""
+    torch.manual_seed(0)
+    field = _DroppedTriPlane().to(f64)
+    x = torch.rand(4, 3, dtype=f64) * 1.6 - 0.8
+    probes = torch.randn(2, 4, 3, dtype=f64)
+    for calls in (2, 4):
+        start = torch.get_rng_state()
+        field(x)
+        after_plain = torch.get_rng_state()
+        torch.set_rng_state(start)
+        torchdiv.laplacian(field, x, method="hutchinson", probes=probes)
+        assert torch.equal(torch.get_rng_state(), after_plain)
+        assert int(field.calls) == calls
+
+
+class _Encoded(nn.Module):
+    """An MLP over a swappable encoding of the points: a tri-plane's (``grid_sample``), or a
+    smooth one that forward mode runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoding: nn.Module = TriPlane("bilinear")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.encoding(x))
+
+
+def test_hutchinson_fallback_forgotten_when_the_structure_changes(monkeypatch):
+    """The memory is kept by ``f``'s structure: with the ``grid_sample`` encoding swapped for a
+    smooth one, Hutchinson records ``f`` again (and the Taylor engine runs it), and the exact
+    Laplacian ("auto", which the fallback also remembers) stays exact throughout."""
+    from torchdiv._laplacian import methods
+
+    looped = []
+    probed = methods.probed
+    monkeypatch.setattr(methods, "probed", lambda *a, **k: looped.append(1) or probed(*a, **k))
+    torch.manual_seed(0)
+    field = _Encoded().to(f64)
+    x = torch.rand(4, 3, dtype=f64) * 1.6 - 0.8
+    probes = torch.randn(3, 4, 3, dtype=f64)
+    unit = torch.eye(3, dtype=f64)[:, None].expand(3, 4, 3)  # the exact Laplacian's probes
+    for _ in range(2):
+        out = torchdiv.laplacian(field, x, method="hutchinson", probes=probes)
+        torch.testing.assert_close(out, _probed_loop(field, x, probes), rtol=1e-10, atol=1e-12)
+        exact = torchdiv.laplacian(field, x)
+        expected = 3 * _probed_loop(field, x, unit)  # the mean over the 3 unit probes
+        torch.testing.assert_close(exact, expected, rtol=1e-10, atol=1e-12)
+    assert len(looped) == 2
+    field.encoding = nn.Sequential(nn.Linear(3, 3), nn.Softplus(), nn.Linear(3, 1)).to(f64)
+    out = torchdiv.laplacian(field, x, method="hutchinson", probes=probes)
+    torch.testing.assert_close(out, _probed_loop(field, x, probes), rtol=1e-10, atol=1e-12)
+    assert len(looped) == 2

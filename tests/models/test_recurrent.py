@@ -118,6 +118,8 @@ def test_forward_mode_error_names_the_way_out() -> None:
     with pytest.raises(NotImplementedError, match=rf"(?s)Hint: .*'reverse'.*{way}"):
         torchdiv.divergence(lambda s: lstm(s)[0], x, method="forward")
     looped = torchdiv.laplacian(energy, x, method="hutchinson", probes=probes)
+    again = torchdiv.laplacian(energy, x, method="hutchinson", probes=probes)  # remembered
+    torch.testing.assert_close(again, looped, rtol=0, atol=0)  # the same ops in the same order
     before, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
     try:
         estimate = torchdiv.laplacian(energy, x, method="hutchinson", probes=probes)

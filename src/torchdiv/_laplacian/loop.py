@@ -249,18 +249,20 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(t.detach().sum().item())
 
 
-def probed(f: Function, x: torch.Tensor, batch_dims: int, probes: torch.Tensor) -> torch.Tensor:
+def probed(
+    f: Function, x: torch.Tensor, batch_dims: int, probes: torch.Tensor, check: Check = None
+) -> torch.Tensor:
     """Hutchinson's ``(1/r) Σ_j v_jᵀ H v_j`` per sample and output component (shape
     ``f(x).shape``; ``probes``: ``(r,) + x.shape``) by backward passes only: one evaluation of
     ``f``, per output component its per-sample gradient ``g`` (kept differentiable), then per
     probe ``∂(g · v_j)/∂x · v_j``: ``1 + m (1 + r)`` passes. For an ``f`` that forward mode
     cannot run (``grid_sample``), where the Hessian-vector products by forward over reverse
-    raise. ``f`` runs under the loop's modes (``_evaluated``), unwatched: the caller's recording
-    watched it for sample mixing."""
+    raise. ``f`` runs under the loop's modes (``_evaluated``), checked for sample mixing as
+    ``check`` says (``None``: the caller's recording watched it at this call)."""
     outer = torch.is_grad_enabled()
     with torch.enable_grad():
         x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
-        y = _evaluated(f, x_in, batch_dims, None, safe=True)
+        y = _evaluated(f, x_in, batch_dims, check, safe=True)
         found = search(y, x_in)
         refuse_once_differentiable(found, y, x_in)
         create_graph = outer and found.others

@@ -104,6 +104,12 @@ _LOOPING_SITES = cache.PlanCache(256)
 # each with the fallback ``"auto"`` takes there (``fallback``: ``Loop`` or ``Nested``), by
 # ``_site``: later calls take it without recording f, watched for sample mixing at every call
 _REFUSED = cache.Refusals()
+# the structures at which Hutchinson's recording found no rule for an op of f and forward mode
+# then could not run it (``grid_sample``): later Hutchinson calls there take the probes by
+# backward passes (``loop.probed``) straight away, watched for sample mixing at every call. Not
+# ``_REFUSED``: its ``Loop`` there may be "auto"'s choice at few inputs (``fallback``), which
+# says nothing of forward mode
+_PROBED = cache.Refusals()
 
 
 def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) -> torch.Tensor:
@@ -631,9 +637,15 @@ def hutchinson(
     or Hessian-vector products dotted with the probes if an op has no Taylor rule: by forward
     over reverse, or, where forward mode cannot run ``f`` (``grid_sample``: it raised for the
     whole call), by backward passes (``loop.probed``; remembered as ``"auto"``'s fallback,
-    ``loop_where_forward_fails``). Every evaluation starts from the state the first found."""
+    ``loop_where_forward_fails``). Every evaluation starts from the state the first found.
+    Where the recording refused an op, that fallback is remembered for ``f``'s structure
+    (``_PROBED``): a later call there evaluates ``f`` once, watched for sample mixing, instead
+    of three times (recording, forward mode's attempt, the loop)."""
+    if peek_interpreter_stack() is None and _PROBED.get(_site(f), f, x, batch_dims):
+        return probed(f, x, batch_dims, probes, check="watch")
     r = len(probes)
     pieces = [probes[start:stop] for start, stop in chunks(r, chunk_size or r)]
+    graph = None
     if not torch.compiler.is_compiling():  # no recording in a compiled graph: HVPs there
         graph = capture(f, x, RULES, batch_dims=batch_dims)
         out = collapsed_or_none(graph, x, iter(pieces), divisor=r)
@@ -652,13 +664,13 @@ def hutchinson(
         total, y_shape = summed(parts())
         return (total / r).to(x.dtype).T.reshape(y_shape)
 
-    return loop_where_forward_fails(
-        hessian_vector_products,
-        lambda: probed(each(f), x, batch_dims, probes),
-        f,
-        x,
-        batch_dims,
-    )
+    def by_backward_passes() -> torch.Tensor:
+        out = probed(each(f), x, batch_dims, probes)
+        if graph is not None and graph.unsupported:  # a refusal by f's ops, not its values
+            _PROBED.put(_site(f), f, x, batch_dims, True)
+        return out
+
+    return loop_where_forward_fails(hessian_vector_products, by_backward_passes, f, x, batch_dims)
 
 
 BY_NAME: dict[str, Callable[[Function, torch.Tensor, int, int | None], torch.Tensor]] = {
