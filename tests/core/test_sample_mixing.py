@@ -2498,6 +2498,14 @@ _LEADING_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "max_pool1d with indices": lambda z: _F.max_pool1d(
         z[:, None].repeat(1, 1, 2), 2, return_indices=True
     )[0],
+    "det": lambda z: torch.linalg.det(z.diag_embed() + 2),
+    "eigvalsh": lambda z: torch.linalg.eigvalsh(z[:, :, None] * z[:, None, :] + 1),
+    "rot90": lambda z: torch.rot90(z[:, :, None].repeat(1, 1, 2), 1, (1, 2)),
+    "affine_grid": lambda z: _F.affine_grid(
+        torch.cat([z[:, :1], z[:, :1] ** 2, z[:, :1].cos()], 1).repeat(1, 2).view(-1, 2, 3),
+        [len(z), 1, 2, 3],
+        align_corners=False,
+    ),
 }
 
 
@@ -2516,9 +2524,10 @@ def _after(op: Callable[[torch.Tensor], torch.Tensor], g: str) -> Callable:
 
 @pytest.mark.parametrize("name", list(_LEADING_OPS))
 def test_samples_are_followed_through_ops_keeping_the_leading_dimensions(name: str) -> None:
-    """Pools, resamplings, ``pixel_shuffle``, ``im2col``/``col2im``, ``diag_embed`` and
-    ``diagonal`` keep each sample along the leading dimensions of their first argument
-    (``N``, ``C`` of ``(N, C, *spatial)``; the matrices' batch). Their results were not
+    """Pools, resamplings, ``pixel_shuffle``, ``im2col``/``col2im``, ``diag_embed``,
+    ``diagonal``, ``linalg`` functions, ``rot90`` and ``affine_grid`` keep each sample along
+    the leading dimensions of their first argument (``N``, ``C`` of ``(N, C, *spatial)``; the
+    matrices' batch). Their results were not
     followed, so samples mixed after them passed ``"auto"``: now refused, at tiny and larger
     sizes; without the mixing each result is the divergence of each sample alone (float64,
     plain autograd)."""

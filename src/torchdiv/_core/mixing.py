@@ -2406,6 +2406,7 @@ _LEADING_DIMS: dict[str, tuple[str, ...] | int] = {
     "pixel_unshuffle": 3,
     "diag_embed": ("dim1", "dim2"),  # (*, D) -> matrices along dim1, dim2 of the result
     "diagonal": ("dim1", "dim2"),  # dim1, dim2 taken out, the diagonal appended
+    "affine_grid_generator": 2,  # (*, 2, 3) -> (*, H, W, 2)
 }
 
 
@@ -2588,7 +2589,8 @@ def _changed_dims(
     or a resampling (a ``kernel_size``/``output_size`` argument: its spatial dimensions;
     with a ``weight``, the channels too), ``pixel_shuffle``, ``diag_embed`` or ``diagonal``
     (all but the leading dimensions, ``_LEADING_DIMS``: their results were not followed
-    either); ``None`` for any other op."""
+    either), a ``linalg`` function (each matrix: ``det``, ``eigvalsh``) or an op along
+    dimensions ``dims`` keeping their number (``rot90``); ``None`` for any other op."""
     t = args[0]
     if _PADS.match(op.name):
         n = len(op.argument(args, tr.kwargs, "padding")) // 2
@@ -2599,6 +2601,8 @@ def _changed_dims(
             return set(range(max(t.dim() - dims, 0), t.dim()))
         n = o.dim() if op.name == "diag_embed" else t.dim()
         return set(range(min(op.argument(args, tr.kwargs, d) % n for d in dims), t.dim()))
+    if op.linalg:  # a matrix function of each matrix: (*, m, n) -> (*, ...)
+        return set(range(max(t.dim() - 2, 0), t.dim()))
     if op.spatial is not None:  # a pool or a resampling: (N, C, *spatial), the last k changed
         k = op.spatial_dims or len(op.argument(args, tr.kwargs, op.spatial) or ())
         # one with a weight (a convolution's kernel) mixes the channels too
@@ -2608,6 +2612,8 @@ def _changed_dims(
     dim = None if op.dim is None else op.argument(args, tr.kwargs, op.dim)
     if isinstance(dim, int) and t.dim() and o.dim() == t.dim():
         return {dim % t.dim()}
+    if isinstance(dim, list | tuple) and dim and t.dim() and o.dim() == t.dim():  # rot90
+        return {d % t.dim() for d in dim}
     return None
 
 
