@@ -2471,3 +2471,103 @@ def test_sums_into_a_layout_with_the_batch_elsewhere_are_followed() -> None:
     mixed = lambda z: torch.zeros_like(z.T).index_add(1, swap, z.T.sin()).T  # noqa: E731
     with pytest.raises(BatchInteractionError):
         torchdiv.divergence(mixed, x)
+
+
+_F = nn.functional
+# ops that keep each sample along their first argument's leading dimensions and rearrange the
+# others (``torchdiv._core.mixing._changed_dims``): their results were not followed, so a mean
+# over samples or a roll along the batch after them passed "auto" silently wrong
+_LEADING_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "diag_embed": torch.diag_embed,
+    "diagonal": lambda z: (z[:, :, None] * z[:, None, :]).diagonal(dim1=1, dim2=2),
+    "matrix_power of diag_embed": lambda z: torch.linalg.matrix_power(z.diag_embed() + 1, 2),
+    "pixel_shuffle": lambda z: _F.pixel_shuffle(z[:, None, None, :].repeat(1, 4, 2, 1), 2),
+    "pixel_unshuffle": lambda z: _F.pixel_unshuffle(z[:, None, None, :].repeat(1, 1, 2, 2), 2),
+    "F.unfold (im2col)": lambda z: _F.unfold(z[:, None, :, None].repeat(1, 2, 1, 2), (1, 2)),
+    "F.fold (col2im)": lambda z: _F.fold(z[:, :, None].repeat(1, 1, 2), (1, 2), (1, 1)),
+    "interpolate linear": lambda z: _F.interpolate(z[:, None], scale_factor=2, mode="linear"),
+    "interpolate nearest": lambda z: _F.interpolate(z[:, None], size=3),
+    "interpolate bicubic": lambda z: _F.interpolate(
+        z[:, None, :, None].repeat(1, 1, 1, 2), size=(3, 3), mode="bicubic"
+    ),
+    "interpolate trilinear": lambda z: _F.interpolate(
+        z[:, None, :, None, None], size=(3, 2, 2), mode="trilinear"
+    ),
+    "adaptive_avg_pool1d": lambda z: _F.adaptive_avg_pool1d(z[:, None], 3),
+    "adaptive_max_pool1d": lambda z: _F.adaptive_max_pool1d(z[:, None], 3),
+    "max_pool1d with indices": lambda z: _F.max_pool1d(
+        z[:, None].repeat(1, 1, 2), 2, return_indices=True
+    )[0],
+    "det": lambda z: torch.linalg.det(z.diag_embed() + 2),
+    "eigvalsh": lambda z: torch.linalg.eigvalsh(z[:, :, None] * z[:, None, :] + 1),
+    "rot90": lambda z: torch.rot90(z[:, :, None].repeat(1, 1, 2), 1, (1, 2)),
+    "affine_grid": lambda z: _F.affine_grid(
+        torch.cat([z[:, :1], z[:, :1] ** 2, z[:, :1].cos()], 1).repeat(1, 2).view(-1, 2, 3),
+        [len(z), 1, 2, 3],
+        align_corners=False,
+    ),
+}
+
+
+def _after(op: Callable[[torch.Tensor], torch.Tensor], g: str) -> Callable:
+    """``f(z) = z tanh(s)``, ``s`` each sample's sum of ``op(z)`` after ``g``: ``"mean"``
+    subtracts the mean over samples, ``"roll"`` rolls them along the batch (both mix them),
+    ``"none"`` leaves them alone."""
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        y = op(z)
+        y = {"mean": lambda: y - y.mean(0), "roll": lambda: y.roll(1, 0), "none": lambda: y}[g]()
+        return z * y.reshape(len(z), -1).sum(1).tanh()[:, None]
+
+    return f
+
+
+@pytest.mark.parametrize("name", list(_LEADING_OPS))
+def test_samples_are_followed_through_ops_keeping_the_leading_dimensions(name: str) -> None:
+    """Pools, resamplings, ``pixel_shuffle``, ``im2col``/``col2im``, ``diag_embed``,
+    ``diagonal``, ``linalg`` functions, ``rot90`` and ``affine_grid`` keep each sample along
+    the leading dimensions of their first argument (``N``, ``C`` of ``(N, C, *spatial)``; the
+    matrices' batch). Their results were not
+    followed, so samples mixed after them passed ``"auto"``: now refused, at tiny and larger
+    sizes; without the mixing each result is the divergence of each sample alone (float64,
+    plain autograd)."""
+    torch.manual_seed(0)
+    op = _LEADING_OPS[name]
+    for b, d in [(2, 1), (8, 6)]:
+        x = torch.randn(b, d, dtype=f64)
+        for g in ("mean", "roll"):
+            f = _after(op, g)
+            with pytest.raises(BatchInteractionError):
+                torchdiv.divergence(f, x)
+            with pytest.raises(BatchInteractionError):
+                torchdiv.jacobian_diagonal(f, x)
+            with pytest.raises(BatchInteractionError):
+                torchdiv.laplacian(lambda z, f=f: f(z).sum(1), x)
+        f = _after(op, "none")
+        alone = torch.stack(
+            [torch.autograd.functional.jacobian(f, xb[None]).reshape(d, d).trace() for xb in x]
+        )
+        assert_close(torchdiv.divergence(f, x), alone)
+        assert_close(torchdiv.jacobian_diagonal(f, x).sum(1), alone)
+
+
+def test_a_channel_shuffle_of_samples_is_refused() -> None:
+    """``channel_shuffle`` keeps its argument's shape, so its result was followed as holding
+    the samples in place: with the samples along the channels (``x[None, :, :, None]``) it
+    moves them to other samples' places, and ``"auto"`` returned a wrong divergence (sample
+    ``1``'s place held sample ``2``'s). Now refused; a shuffle of each sample's own channels
+    is per sample: the divergence of each sample evaluated alone (float64)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=f64)
+    moved = lambda z: _F.channel_shuffle(z[None, :, :, None], 2)[0, :, :, 0].sin()  # noqa: E731
+    with pytest.raises(BatchInteractionError, match="channel_shuffle moving samples"):
+        torchdiv.divergence(moved, x)
+
+    def own(z: torch.Tensor) -> torch.Tensor:
+        y = _F.channel_shuffle(z[:, :, None, None].repeat(1, 2, 1, 1), 3)
+        return y.reshape(len(z), -1)[:, :3].sin()
+
+    alone = torch.stack(
+        [torch.autograd.functional.jacobian(own, xb[None]).reshape(3, 3).trace() for xb in x]
+    )
+    assert_close(torchdiv.divergence(own, x), alone)

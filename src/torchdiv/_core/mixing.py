@@ -70,7 +70,9 @@ is a ``linalg`` function of matrices whose rows or columns are samples (``det``,
 ``matrix_exp``), its keys are samples (attention), or it reads different samples in one place
 (``linalg_cross(x, x.flip(0))``); a result with no dimension that could hold the samples
 (a scalar ``dist``, ``median()``, a mean loss) depends on all of them; a result shaped as a
-tracked argument holds its samples in place. Anything else
+tracked argument holds its samples in place, and one of an op that rearranges only some
+dimensions (a pad, a pool, ``interpolate``, ``im2col``/``col2im``, ``pixel_shuffle``,
+``diag_embed``, ``diagonal``, ``glu``) holds them along the others. Anything else
 ends the tracking of its result, silently: the analysis does not raise on what it does not
 understand (an op that combines samples without any of those signs, ...), so it misses some
 mixing (``check_batch_independence`` tests any ``f``) but does not flag an independent ``f``
@@ -2418,6 +2420,16 @@ _MATRIX_FUNCTIONS = (*_SOLVES, "cholesky_inverse")
 _PADS = re.compile(r"(reflection|replication)_pad\dd$")  # copies of the edges: the others mix
 # sliding windows: the argument naming the dimension whose places they change
 _WINDOWS = {"unfold": "dimension", "unfold_backward": "dim"}
+# ops that leave their first argument's leading dimensions alone and rearrange the others:
+# the names of the arguments whose smallest (wrapped around the result's or the argument's
+# dimensions) counts those left alone, or a count less than the argument's dimensions
+_LEADING_DIMS: dict[str, tuple[str, ...] | int] = {
+    "pixel_shuffle": 3,  # (*, C r^2, H, W) -> (*, C, H r, W r)
+    "pixel_unshuffle": 3,
+    "diag_embed": ("dim1", "dim2"),  # (*, D) -> matrices along dim1, dim2 of the result
+    "diagonal": ("dim1", "dim2"),  # dim1, dim2 taken out, the diagonal appended
+    "affine_grid_generator": 2,  # (*, 2, 3) -> (*, H, W, 2)
+}
 
 
 def _unknown(func: Any) -> Carry:
@@ -2437,16 +2449,18 @@ def _unknown(func: Any) -> Carry:
     * its ``key`` or ``value`` (attention kernels) has samples along its sequence dimension;
     * two tracked arguments, or one in two ways, hold different samples at one place
       (``linalg_cross(x, x.flip(0))``), samples an indexing op moved among them;
-    * it overlap-adds frames that are samples (``unfold_backward``, ``torch.istft``'s).
+    * it overlap-adds frames that are samples (``unfold_backward``, ``torch.istft``'s);
+    * it shuffles channels that are samples (``channel_shuffle``: ``_shuffled``).
 
     Else only its floating results with no room for a batch dimension of ``t`` (no dimension
     a multiple of its samples: a scalar ``dist``, ``median()``, a mean loss)
     depend on combined samples. Ops that keep the samples in place (fused attention, pooling
     over the event, embeddings, interpolation) pass; a result shaped as a tracked
     argument is followed as holding its samples in place (not of an op that writes in place),
-    and a pad's, ``unfold``'s, ``unfold_backward``'s or one of as many dimensions by an op
-    along another dimension (``glu``) as holding those along the dimensions it leaves alone
-    (``_left_alone``), ``grid_sample``'s as holding its grid's at the places read
+    and a pad's, ``unfold``'s, ``unfold_backward``'s, one of as many dimensions by an op
+    along another dimension (``glu``), a pool's, a resampling's (``interpolate``, ``im2col``,
+    ``col2im``), ``pixel_shuffle``'s or ``diag_embed``'s as holding those along the dimensions
+    it leaves alone (``_left_alone``), ``grid_sample``'s as holding its grid's at the places read
     (``_sampled_at``); the others not."""
     op = _Signature.of(func)
 
@@ -2544,6 +2558,7 @@ def _combined(
             or _resampled(op, tr, args, t, out)
             or _padded(op, tr, args, t)
             or _overlapped(op, tr, args, t)
+            or _shuffled(op, tr, args, t)
         )
         if what is not None:
             return what
@@ -2592,17 +2607,35 @@ def _changed_dims(
     ``len(padding) // 2``), ``unfold`` or ``unfold_backward`` (``torch.stft``'s and
     ``torch.istft``'s frames; ``dim``) changes, or an op along one dimension ``dim`` (not a
     batch one: ``_along``) whose result ``o`` has as many dimensions (``glu``, halving it:
-    its result was not followed, so a mean over samples after a GLU passed unseen);
-    ``None`` for any other op."""
+    its result was not followed, so a mean over samples after a GLU passed unseen), a pool
+    or a resampling (a ``kernel_size``/``output_size`` argument: its spatial dimensions;
+    with a ``weight``, the channels too), ``pixel_shuffle``, ``diag_embed`` or ``diagonal``
+    (all but the leading dimensions, ``_LEADING_DIMS``: their results were not followed
+    either), a ``linalg`` function (each matrix: ``det``, ``eigvalsh``) or an op along
+    dimensions ``dims`` keeping their number (``rot90``); ``None`` for any other op."""
     t = args[0]
     if _PADS.match(op.name):
         n = len(op.argument(args, tr.kwargs, "padding")) // 2
         return set(range(t.dim() - n, t.dim()))
+    if op.name in _LEADING_DIMS:
+        dims = _LEADING_DIMS[op.name]
+        if isinstance(dims, int):
+            return set(range(max(t.dim() - dims, 0), t.dim()))
+        n = o.dim() if op.name == "diag_embed" else t.dim()
+        return set(range(min(op.argument(args, tr.kwargs, d) % n for d in dims), t.dim()))
+    if op.linalg:  # a matrix function of each matrix: (*, m, n) -> (*, ...)
+        return set(range(max(t.dim() - 2, 0), t.dim()))
+    if op.spatial is not None:  # a pool or a resampling: (N, C, *spatial), the last k changed
+        k = op.spatial_dims or len(op.argument(args, tr.kwargs, op.spatial) or ())
+        # one with a weight (a convolution's kernel) mixes the channels too
+        return set(range(1 if "weight" in op.names else max(t.dim() - k, 0), t.dim()))
     if op.name in _WINDOWS:
         return {op.argument(args, tr.kwargs, _WINDOWS[op.name]) % t.dim()}
     dim = None if op.dim is None else op.argument(args, tr.kwargs, op.dim)
     if isinstance(dim, int) and t.dim() and o.dim() == t.dim():
         return {dim % t.dim()}
+    if isinstance(dim, list | tuple) and dim and t.dim() and o.dim() == t.dim():  # rot90
+        return {d % t.dim() for d in dim}
     return None
 
 
@@ -2629,6 +2662,19 @@ def _left_alone(op: _Signature, tr: BatchAxes, args: Sequence[Any], o: torch.Ten
     return kept or None
 
 
+def _leading(func: Any) -> Carry:
+    """The rule of an op with a mixing check of its own (``diagonal``) that leaves its first
+    argument's leading dimensions alone (``_LEADING_DIMS``): their batch dimensions are
+    followed into its result (a diagonal of each sample's matrix, ``x[:, :, None] * x[:, None]``
+    taken along ``dim1=1, dim2=2``, was not followed, so a mean over samples after it passed
+    unseen)."""
+    op = _Signature.of(func)
+    return lambda tr, args, out: [_left_alone(op, tr, args, out)]
+
+
+_CARRY[aten.diagonal.default] = _leading(aten.diagonal.default)
+
+
 def _sampled_at(op: _Signature, tr: BatchAxes, args: Sequence[Any], o: torch.Tensor) -> Axes | None:
     """The batch dimensions of ``grid_sample``'s result ``o``, ``(N, C, *places)``: its input's
     along ``N`` and ``C`` (along a spatial one it combined them: ``_resampled``), its grid's
@@ -2649,6 +2695,18 @@ def _sampled_at(op: _Signature, tr: BatchAxes, args: Sequence[Any], o: torch.Ten
         if axis.position < grid.dim() - 1 and o.shape[at] == grid.shape[axis.position]:
             kept.append(axis._replace(position=at))
     return tuple(sorted(set(kept))) or None
+
+
+def _shuffled(op: _Signature, tr: BatchAxes, args: Sequence[Any], t: torch.Tensor) -> str | None:
+    """``channel_shuffle`` of ``(N, C, *spatial)`` with samples along the channels, in two or
+    more groups of two or more: it moves samples to other samples' places, keeping the shape
+    (followed in place, it passed a per-sample ``f`` of ``x[None, :, :, None]`` silently
+    wrong)."""
+    if op.name not in ("channel_shuffle", "native_channel_shuffle") or t.dim() < 2:
+        return None
+    groups = op.argument(args, tr.kwargs, "groups")
+    q = _batch_at(tr, t, [1]) if 1 < groups < t.shape[1] else None
+    return None if q is None else f"{op.name} moving samples (dimension {q} of {_shape(t)})"
 
 
 def _overlapped(op: _Signature, tr: BatchAxes, args: Sequence[Any], t: torch.Tensor) -> str | None:
