@@ -292,7 +292,7 @@ def test_packed_attention_weights_written_in_place_after_the_softmax_are_refused
     written; ``w.data`` replaced, which keeps the version; the storage written, which keeps
     version and address): the write puts values across samples, and ``"auto"`` gave them
     (13% off the per-sample divergence for the bias; 10% for the last two) until the mark held
-    the version and the address it was read at and the product read the zeros again."""
+    the version it was read at and the product read the zeros again."""
     weight = torch.randn(D, D, dtype=f64, generator=torch.Generator().manual_seed(6)) / 2
     x = torch.randn(B, N, D, dtype=f64, generator=torch.Generator().manual_seed(7))
     batch = torch.arange(B).repeat_interleave(N)

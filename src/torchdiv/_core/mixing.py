@@ -150,8 +150,8 @@ def _rows_tensor(rows: tuple[int, ...]) -> torch.Tensor:
 
 Axes = tuple[Axis, ...]
 # marked attention weights: (the tensor, the samples along its rows, along its keys, its
-# ``_stamp`` when marked: ``BatchAxes.blocks``)
-Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int] | None]
+# version when marked: ``BatchAxes.blocks``)
+Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]
 # x's batch dimension -> (a dimension of a tensor, the sample at each index along it, -1 where
 # none was written)
 Lines = dict[int, tuple[int, torch.Tensor]]
@@ -276,7 +276,7 @@ class BatchAxes:
         # aliases no ATen call made, followed at every op (``follow``)
         self.subclassed = False
         # id -> (tensor, the samples along its rows, along its keys: its last two dimensions,
-        # its ``_stamp`` then): attention weights that are exactly 0 wherever the row's sample
+        # its version then): attention weights that are exactly 0 wherever the row's sample
         # and the key's differ (``_softmaxed``), and the softmax of the current op to check
         # so, with its message
         self.blocks: dict[int, Block] = {}
@@ -2873,7 +2873,7 @@ def _zero_across(tr: BatchAxes, t: torch.Tensor, out: Any, row: int, key: int) -
         return False
     zero = _zeros_across(out.movedim((row, key), (-2, -1)), rows, keys)
     if zero and (row, key) == (t.dim() - 2, t.dim() - 1):
-        tr.blocks[id(out)] = (out, rows, keys, _stamp(out))
+        tr.blocks[id(out)] = (out, rows, keys, _version(out))
     return zero
 
 
@@ -2888,28 +2888,21 @@ def _zeros_across(weights: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor)
         return False
 
 
-def _stamp(t: torch.Tensor) -> tuple[int, int] | None:
-    """``t``'s version counter (shared by its views) and the address of its elements
-    (``w.data = other`` swaps them without a version: no ATen op sees it), ``-1`` where
-    there is none to read; ``None``: no version to read (an inference tensor's, a
-    wrapper's)."""
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (shared by its views; ``None``: none to read, an inference
+    tensor's or a wrapper's)."""
     try:
-        version = int(t._version)
+        return int(t._version)
     except (RuntimeError, NotImplementedError, AttributeError):
         return None
-    try:
-        address = int(t.data_ptr())
-    except (RuntimeError, NotImplementedError, AttributeError):
-        address = -1
-    return version, address
 
 
 def _marked(tr: BatchAxes, t: Any) -> Block | None:
-    """``t``'s mark (``BatchAxes.blocks``) if no write changed it since (its ``_stamp`` then:
-    ``w.clone().add_(c)``, an item or a view written, ``w.data`` replaced, would put values
-    across samples into weights marked exactly 0 there)."""
+    """``t``'s mark (``BatchAxes.blocks``) if no write changed it since (its version then:
+    ``w.clone().add_(c)``, an item or a view written, would put values across samples into
+    weights marked exactly 0 there)."""
     entry = tr.blocks.get(id(t)) if isinstance(t, torch.Tensor) else None
-    if entry is None or entry[0] is not t or entry[3] is None or entry[3] != _stamp(t):
+    if entry is None or entry[0] is not t or entry[3] is None or entry[3] != _version(t):
         return None
     return entry
 
@@ -2922,13 +2915,13 @@ def _keep_block(tr: BatchAxes, t: Any, out: Any) -> None:
     if entry is None or not isinstance(out, torch.Tensor):
         return
     if out.dim() >= 2 and out.shape[-2:] == t.shape[-2:]:
-        tr.blocks[id(out)] = (out, entry[1], entry[2], _stamp(out))
+        tr.blocks[id(out)] = (out, entry[1], entry[2], _version(out))
 
 
 def _within_blocks(tr: BatchAxes, a: Any, b: Any) -> bool:
     """Whether ``a @ b`` sums marked weights ``a`` (rows by keys: its last two dimensions,
     holding the samples the mark was checked with, and no other, still 0 across samples:
-    ``w.untyped_storage()`` written changes neither version nor address) against ``b``
+    ``w.data`` replaced or ``w.untyped_storage()`` written changes no version) against ``b``
     whose summed dimension holds the keys' samples, in order, and no other: each row then
     sums values of its own sample only (the weights of others are 0, and so are their
     derivatives)."""
@@ -2944,7 +2937,7 @@ def _within_blocks(tr: BatchAxes, a: Any, b: Any) -> bool:
     return all(
         s is not None and torch.equal(s, want)
         for s, want in zip((*along, held), (rows, keys, keys), strict=True)
-    ) and _zeros_across(a, rows, keys)  # (read again: a write through the storage has no version)
+    ) and _zeros_across(a, rows, keys)  # (read again: `w.data =`, a storage write: no version)
 
 
 def _contraction(biased: bool) -> Mixing:
