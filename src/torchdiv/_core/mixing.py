@@ -2929,15 +2929,21 @@ def _zero_across(tr: BatchAxes, t: torch.Tensor, out: Any, row: int, key: int) -
     rows, keys = _samples_along(tr, t, row), _samples_along(tr, t, key)
     if not isinstance(out, torch.Tensor) or out.shape != t.shape or rows is None or keys is None:
         return False
-    across = (rows[:, None] != keys[None, :]).to(out.device)
-    weights = out.detach().movedim((row, key), (-2, -1))
-    try:
-        zero = bool((weights[..., across] == 0).all())
-    except RuntimeError:  # (values that cannot be read here: refused as before)
-        return False
+    zero = _zeros_across(out.movedim((row, key), (-2, -1)), rows, keys)
     if zero and (row, key) == (t.dim() - 2, t.dim() - 1):
         tr.blocks[id(out)] = (out, rows, keys, _version(out))
     return zero
+
+
+def _zeros_across(weights: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether ``weights`` (rows by keys: their last two dimensions, holding samples
+    ``rows`` and ``keys``) are exactly 0 wherever the row's sample and the key's differ
+    (``False`` where their values cannot be read here)."""
+    across = (rows[:, None] != keys[None, :]).to(weights.device)
+    try:
+        return bool((weights.detach()[..., across] == 0).all())
+    except RuntimeError:
+        return False
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -2972,9 +2978,11 @@ def _keep_block(tr: BatchAxes, t: Any, out: Any) -> None:
 
 def _within_blocks(tr: BatchAxes, a: Any, b: Any) -> bool:
     """Whether ``a @ b`` sums marked weights ``a`` (rows by keys: its last two dimensions,
-    holding the samples the mark was checked with, and no other) against ``b`` whose summed
-    dimension holds the keys' samples, in order, and no other: each row then sums values of
-    its own sample only (the weights of others are 0, and so are their derivatives)."""
+    holding the samples the mark was checked with, and no other, still 0 across samples:
+    ``w.data`` replaced or ``w.untyped_storage()`` written changes no version) against ``b``
+    whose summed dimension holds the keys' samples, in order, and no other: each row then
+    sums values of its own sample only (the weights of others are 0, and so are their
+    derivatives)."""
     entry = _marked(tr, a)
     if entry is None or a.dim() < 2:
         return False
@@ -2987,7 +2995,7 @@ def _within_blocks(tr: BatchAxes, a: Any, b: Any) -> bool:
     return all(
         s is not None and torch.equal(s, want)
         for s, want in zip((*along, held), (rows, keys, keys), strict=True)
-    )
+    ) and _zeros_across(a, rows, keys)  # (read again: `w.data =`, a storage write: no version)
 
 
 def _contraction(biased: bool) -> Mixing:
