@@ -218,3 +218,28 @@ def test_a_compiled_model_in_float32_matches_float64() -> None:
     expected = _divergence_loop(net.double(), x.double()).detach()
     # float32 products over a width-16 layer: a few ulps of the O(1) values
     torch.testing.assert_close(div.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+class Indexed(torch.nn.Module):
+    """An MLP whose output is read through an index buffer (``y[self.perm]``)."""
+
+    def __init__(self, batch: int, d: int = 3) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(d, d)
+        self.register_buffer("perm", torch.arange(batch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.a(x))[self.perm]
+
+
+def test_an_index_buffer_written_in_place_is_watched_again() -> None:
+    """The identity order passes; the same buffer then written with a permutation (a new
+    version, no new structure) is watched again and refused."""
+    torch.manual_seed(0)
+    net = Indexed(8).double()
+    model = torch.compile(net, backend="aot_eager")
+    x = torch.randn(8, 3, dtype=torch.float64)
+    torch.testing.assert_close(torchdiv.divergence(model, x), torchdiv.divergence(net, x))
+    net.perm.copy_(torch.tensor([1, 0, 2, 3, 4, 5, 6, 7]))
+    with pytest.raises(torchdiv.BatchInteractionError, match="^divergence: "):
+        torchdiv.divergence(model, x)

@@ -6,7 +6,8 @@ the engine, and the watch, a dispatch mode, sees nothing there: a compiled ``f``
 over the batch (``y - y.mean(0)``) or permutes it returned per-sample results that were wrong,
 unrefused. The methods whose eager calls watch ``f`` watch its uncompiled original here, once
 per object and structure (``_taylor.mixing.structure``: the shapes, the modules' train flags,
-hooks and submodules), before the compiled call.
+hooks and submodules, the integer buffers by version: ``y[self.perm]`` with ``perm`` written
+in place is watched again), before the compiled call.
 """
 
 from __future__ import annotations
