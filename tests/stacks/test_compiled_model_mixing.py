@@ -241,5 +241,5 @@ def test_an_index_buffer_written_in_place_is_watched_again() -> None:
     x = torch.randn(8, 3, dtype=torch.float64)
     torch.testing.assert_close(torchdiv.divergence(model, x), torchdiv.divergence(net, x))
     net.perm.copy_(torch.tensor([1, 0, 2, 3, 4, 5, 6, 7]))
-    with pytest.raises(torchdiv.BatchInteractionError, match="^divergence: "):
+    with pytest.raises(torchdiv.BatchInteractionError, match=r"^divergence: "):
         torchdiv.divergence(model, x)
