@@ -243,3 +243,20 @@ def test_an_index_buffer_written_in_place_is_watched_again() -> None:
     net.perm.copy_(torch.tensor([1, 0, 2, 3, 4, 5, 6, 7]))
     with pytest.raises(torchdiv.BatchInteractionError, match=r"^divergence: "):
         torchdiv.divergence(model, x)
+
+
+@pytest.mark.slow  # (compiled vs eager is checked in test_compiled_models.py; here: watched)
+@pytest.mark.parametrize("name", list(CALLS))
+def test_a_watched_compiled_model_gives_eager_values_and_gradients(name: str) -> None:
+    """Watched, then run compiled: values and parameter gradients of the eager call (the
+    eager call is itself checked against per-sample loops elsewhere; float64)."""
+    torch.manual_seed(0)
+    net = Mlp().double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    params = list(net.parameters())
+    results = []
+    for f in (net, torch.compile(net, backend="aot_eager")):
+        value = CALLS[name](f, x)
+        grads = torch.autograd.grad(value.square().sum(), params, materialize_grads=True)
+        results.append((value.detach(), grads))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-10)
