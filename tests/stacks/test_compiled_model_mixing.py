@@ -260,3 +260,20 @@ def test_a_watched_compiled_model_gives_eager_values_and_gradients(name: str) ->
         grads = torch.autograd.grad(value.square().sum(), params, materialize_grads=True)
         results.append((value.detach(), grads))
     torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-10)
+
+
+def test_the_watch_puts_back_the_random_numbers_it_drew() -> None:
+    """A train-mode dropout: the watched first call gives the values and leaves the generator
+    as the same compiled call without the watch (its draws put back)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3)
+    ).double()
+    model = torch.compile(net, backend="aot_eager")
+    x = torch.randn(8, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    with torchdiv.allow_batch_interaction():  # no watch
+        expected = (torchdiv.divergence(model, x), torch.rand(4))
+    torch.manual_seed(1)
+    got = (torchdiv.divergence(model, x), torch.rand(4))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
