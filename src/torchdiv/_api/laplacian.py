@@ -51,6 +51,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from torchdiv._api.compiled import watch_compiled
 from torchdiv._api.reporting import reported
 from torchdiv._core.checks import (
     check_callable,
@@ -101,10 +102,12 @@ def _records_within(
 
 _records = functools.partial(_records_within, TRACED_WORK)
 _records_compiled_f = functools.partial(_records_within, COMPILED_F_WORK)
+# a compiled f's original watched before a compiled call, by the methods whose eager calls watch f
+_watch = functools.partial(watch_compiled, ("auto", "hutchinson"))
 
 
 @eager_when(_records)
-@compiled_like_f(_records_compiled_f)
+@compiled_like_f(_records_compiled_f, watch=_watch)
 @outside_inference_mode
 @reported("laplacian")
 def laplacian(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from torchdiv._api.compiled import watch_compiled
 from torchdiv._api.reporting import reported
 from torchdiv._core.checks import (
     check_callable,
@@ -72,9 +73,12 @@ def _plans_within(
 
 _plans = functools.partial(_plans_within, TRACED_WORK)
 _plans_compiled_f = functools.partial(_plans_within, COMPILED_F_WORK)
+# a compiled f's original watched before a compiled call, by the methods whose eager calls watch f
+_watch = functools.partial(watch_compiled, ("auto", *STOCHASTIC_METHODS))
+_watch_auto = functools.partial(watch_compiled, ("auto",))
 
 
-@compiled_like_f()
+@compiled_like_f(watch=_watch_auto)
 @outside_inference_mode
 @reported("jacobian")
 def jacobian(
@@ -134,7 +138,7 @@ def jacobian(
 
 
 @eager_when(_plans)
-@compiled_like_f(_plans_compiled_f)
+@compiled_like_f(_plans_compiled_f, watch=_watch)
 @outside_inference_mode
 @reported("jacobian_diagonal")
 def jacobian_diagonal(
@@ -211,7 +215,7 @@ def jacobian_diagonal(
 
 
 @eager_when(_plans)
-@compiled_like_f(_plans_compiled_f)
+@compiled_like_f(_plans_compiled_f, watch=_watch)
 @outside_inference_mode
 @reported("divergence")
 def divergence(
@@ -324,7 +328,7 @@ def divergence(
 
 
 @eager_when()
-@compiled_like_f()
+@compiled_like_f(watch=_watch)
 @outside_inference_mode
 @reported("estimate_divergence")
 def estimate_divergence(

@@ -104,7 +104,10 @@ def _normal(value: T) -> T:
 _DRAWS = ("num_probes", "generator", "rtol", "atol")  # options of calls that draw probes
 
 
-def compiled_like_f(records: Callable[..., bool] | None = None) -> Callable[[F], F]:
+def compiled_like_f(
+    records: Callable[..., bool] | None = None,
+    watch: Callable[[str, Any, Any, dict[str, Any]], bool] | None = None,
+) -> Callable[[F], F]:
     """Decorate ``fn(f, x, ...)`` (outside ``outside_inference_mode``) so that a
     ``torch.compile``d ``f`` (module or function) runs compiled where that pays: ``fn`` is
     compiled as ``f`` was (same backend and ``dynamic``) and called with ``f``'s uncompiled
@@ -114,6 +117,10 @@ def compiled_like_f(records: Callable[..., bool] | None = None) -> Callable[[F],
     trace under them); transforms inside a compiled call are traced, so the products run as
     compiled code. ``records(f, x, **options)``: whether the call's engine records ``f``
     when Dynamo traces the call (the predicate of ``eager_when``; ``None``: never).
+    ``watch(name, original, x, options)``: called before a compiled call of ``fn`` (its
+    ``__name__``) with ``f``'s original, it raises where ``f`` mixes samples, or returns
+    ``False`` where the call is to run eagerly instead (``torchdiv._api.compiled``: the
+    dispatch modes that watch ``f`` in an eager call see nothing of a traced one).
     """
 
     def decorate(fn: F) -> F:
@@ -125,6 +132,11 @@ def compiled_like_f(records: Callable[..., bool] | None = None) -> Callable[[F],
             original, backend, dynamic = parts
             if spans_peers() or eager_call(original, x, kwargs, records):
                 return fn(original, x, *args, **kwargs)
+            if watch is not None:
+                with CompiledCodeEager():  # (as an eager call runs f)
+                    passes = watch(fn.__name__, original, x, kwargs)
+                if not passes:  # the watched evaluation failed: the eager call tells why
+                    return fn(original, x, *args, **kwargs)
             return _compiled(fn, backend, dynamic)(original, x, *args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
