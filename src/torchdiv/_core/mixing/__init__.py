@@ -91,8 +91,9 @@ parts may combine samples with zero weights (an interpolation onto its own size)
 
 ``allow_batch_interaction()`` turns the detection off for code that means to mix samples.
 
-The package, each module one concept, imports flowing downward (no cycles; ``BatchAxes`` is
-named by the rules' annotations only, under ``TYPE_CHECKING``):
+The package, each module one concept, listed from the bottom up: a module imports (at run
+time) only from those listed before it (no cycles; the rules name ``BatchAxes`` in annotations
+only, under ``TYPE_CHECKING``):
 
 * ``errors``: ``BatchInteractionError``, its message (``explain``), ``allow_batch_interaction``;
 * ``axes``: ``Axis``, ``Pick`` and the other records, the rule types ``Carry`` and ``Mixing``;

@@ -78,7 +78,8 @@ class Pick(NamedTuple):
     source: int = 0
 
 
+# where batch dimensions go (``after``): ``rule(tr, args, out)`` -> each result's batch
+# dimensions (strings: ``BatchAxes`` is named for type checkers only, its module imports these)
 Carry: TypeAlias = "Callable[[BatchAxes, Sequence[Any], Any], list[Axes | None] | None]"
-
-
+# what combines samples (``before``): ``rule(tr, args)`` -> what the op combined, if anything
 Mixing: TypeAlias = "Callable[[BatchAxes, Sequence[Any]], str | None]"
