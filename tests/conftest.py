@@ -160,17 +160,18 @@ def split_plans(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 @pytest.fixture
 def watches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """One entry per watch for sample mixing started from now on (every watch makes one
-    ``torchdiv._core.mixing.BatchAxes``)."""
-    from torchdiv._core import mixing
+    ``torchdiv._core.mixing.tracker.BatchAxes``, made where ``torchdiv._core.mixing.watch``
+    looks it up)."""
+    from torchdiv._core.mixing import tracker, watch
 
     started: list[int] = []
 
-    class Counted(mixing.BatchAxes):
+    class Counted(tracker.BatchAxes):
         def __init__(self, *args: object, **kwargs: object) -> None:
             started.append(1)
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(mixing, "BatchAxes", Counted)
+    monkeypatch.setattr(watch, "BatchAxes", Counted)
     return started
 
 

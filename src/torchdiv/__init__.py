@@ -12,7 +12,7 @@ from torchdiv._api.second_order import (
     value_grad_laplacian,
     weighted_laplacian,
 )
-from torchdiv._core.mixing import BatchInteractionError, allow_batch_interaction
+from torchdiv._core.mixing.errors import BatchInteractionError, allow_batch_interaction
 from torchdiv._estimators.probes import draw_probes
 from torchdiv._estimators.result import Estimate
 from torchdiv._estimators.trace import estimate_trace

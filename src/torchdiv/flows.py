@@ -74,7 +74,7 @@ from torchdiv._core.checks import (
     check_velocity,
 )
 from torchdiv._core.ddp import one_forward
-from torchdiv._core.mixing import BatchInteractionError
+from torchdiv._core.mixing.errors import BatchInteractionError
 from torchdiv._core.modes import CompiledCodeEager, outside_inference, outside_inference_mode
 from torchdiv._core.script import attribute, forget_plans
 from torchdiv._estimators import stochastic as _stochastic

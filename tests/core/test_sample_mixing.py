@@ -589,7 +589,7 @@ def test_a_remembered_loop_watches_each_object_once(monkeypatch) -> None:
     watch at the structure (recording watches it too); later calls search only its autograd
     graph, which still catches the mixing a later call can bring in without changing the
     structure key: a batch norm switched to train mode."""
-    from torchdiv._core import mixing
+    from torchdiv._core.mixing import watch
     from torchdiv._laplacian import loop, methods
     from torchdiv._taylor import mixing as seen
     from torchdiv._taylor.cache import PlanCache
@@ -597,9 +597,9 @@ def test_a_remembered_loop_watches_each_object_once(monkeypatch) -> None:
     monkeypatch.setattr(methods, "_LOOPS", PlanCache(256))
     monkeypatch.setattr(seen, "_PASSED", PlanCache(256))
     watched, graphs = [], []
-    monkeypatch.setattr(loop, "watched", lambda *a: watched.append(1) or mixing.watched(*a))
+    monkeypatch.setattr(loop, "watched", lambda *a: watched.append(1) or watch.watched(*a))
     monkeypatch.setattr(
-        loop, "check_graph", lambda *a, **k: graphs.append(1) or mixing.check_graph(*a, **k)
+        loop, "check_graph", lambda *a, **k: graphs.append(1) or watch.check_graph(*a, **k)
     )
     torch.manual_seed(6)
     net = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).to(f64)
@@ -1098,7 +1098,7 @@ def test_a_masked_scatter_of_rows_moved_elsewhere_is_refused(shape) -> None:
         torchdiv.divergence(f, x)
 
 
-# ---- ops without a rule of their own (``_core.mixing._unknown``) ----
+# ---- ops without a rule of their own (``_core.mixing.unknown._unknown``) ----
 
 
 def _eye(z: torch.Tensor, n: int = 3) -> torch.Tensor:
@@ -1511,7 +1511,7 @@ def test_a_fused_recurrent_kernel_refuses_samples_along_its_time(op: str, batch_
     ``(B, T, D)``: per sample if ``batch_first`` (the output keeps the batch), else the
     recurrence runs over the samples. The rule is driven directly, as a dispatch mode calls
     it: the kernel needs a GPU."""
-    from torchdiv._core.mixing import BatchAxes
+    from torchdiv._core.mixing.tracker import BatchAxes
 
     x, hx = torch.randn(3, 4, 5, dtype=f64), torch.zeros(1, 3, 5, dtype=f64)
     head = (x, [], 4, None, hx, None, 1, 5, 0, 1) if op == "_cudnn_rnn" else (x, [], 4, hx, None)
@@ -1924,7 +1924,7 @@ _CALLS = {
 def test_a_lambda_over_the_time_of_each_step_is_watched_once(name: str, watches: list[int]) -> None:
     """FFJORD's pattern, ``divergence(lambda z: field(t, z), z)`` at every step of an ODE
     solve, holds a new time tensor at every call: a watch during which no value decided
-    anything (``torchdiv._core.mixing.decides``) holds for every time, so the field is
+    anything (``torchdiv._core.mixing.reads.decides``) holds for every time, so the field is
     watched once, not at every step (2.1x the time of a divergence at 2 inputs). Values
     against the trace of per-sample Jacobians (``torch.autograd.functional.jacobian`` of
     each sample, float64), which depend on ``t``; a time of another shape is watched again."""
@@ -2005,7 +2005,7 @@ _DECIDING = {  # each z * z where the time is 0, a mix of samples where it is 1
     "read out": lambda t: lambda z: z.roll(int(t.item()), 0) ** 2,
     "index cast": lambda t: lambda z: z[(torch.arange(len(z)) + t.long()) % len(z)] ** 2,
     "index compared": lambda t: lambda z: z[(torch.arange(len(z)) + (t > 0.5)) % len(z)] ** 2,
-    # reads the dispatcher does not see (``torchdiv._core.mixing.Reads``)
+    # reads the dispatcher does not see (``torchdiv._core.mixing.reads.Reads``)
     "tolist": lambda t: lambda z: z.roll(int(t.tolist()), 0) ** 2,
     "numpy": lambda t: lambda z: z.roll(int(t.numpy()), 0) ** 2,
     "str": lambda t: lambda z: z.roll(int("1." in str(t)), 0) ** 2,
@@ -2014,7 +2014,7 @@ _DECIDING = {  # each z * z where the time is 0, a mix of samples where it is 1
     # with the dispatch modes turned off
     "f-string": lambda t: lambda z: z.roll(int("1." in f"{t.reshape(1)}"), 0) ** 2,
     "modes off": lambda t: lambda z: z.roll(_read_unseen(t), 0) ** 2,
-    # an op that raises on values (``torchdiv._core.mixing._CHECKS_VALUES``), its error caught
+    # an op that raises on values (``torchdiv._core.mixing.reads._CHECKS_VALUES``), its error caught
     "error caught": lambda t: lambda z: z.roll(_fails(t), 0) ** 2,
 }
 
@@ -2198,7 +2198,7 @@ def test_the_saved_results_nodes_follow_every_write_not_the_count() -> None:
     leave the count as it was, and a table kept by the count missed the new mixed result."""
     from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
-    from torchdiv._core.mixing import BatchAxes
+    from torchdiv._core.mixing.tracker import BatchAxes
 
     x = torch.randn(4, 3, requires_grad=True)
     axes = BatchAxes(x, 1)
@@ -2475,8 +2475,8 @@ def test_sums_into_a_layout_with_the_batch_elsewhere_are_followed() -> None:
 
 _F = nn.functional
 # ops that keep each sample along their first argument's leading dimensions and rearrange the
-# others (``torchdiv._core.mixing._changed_dims``): their results were not followed, so a mean
-# over samples or a roll along the batch after them passed "auto" silently wrong
+# others (``torchdiv._core.mixing.unknown._changed_dims``): their results were not followed, so a
+# mean over samples or a roll along the batch after them passed "auto" silently wrong
 _LEADING_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "diag_embed": torch.diag_embed,
     "diagonal": lambda z: (z[:, :, None] * z[:, None, :]).diagonal(dim1=1, dim2=2),

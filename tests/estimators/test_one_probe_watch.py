@@ -5,7 +5,7 @@ training loss) evaluates ``f`` by plain autograd. It used to search only the aut
 (for a train-mode batch norm), so an ``f`` that combines samples (``f(x) - f(x).mean(0)``)
 gave a silently wrong estimate. Now the first call of each ``f`` object at each structure
 is watched op by op (``torchdiv._taylor.mixing.passed_before``), later calls are not. The
-watch is counted where it starts: every watch makes one ``torchdiv._core.mixing.BatchAxes``.
+watch is counted where it starts: every watch makes one ``torchdiv._core.mixing.tracker.BatchAxes``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from torch import nn
 
 import torchdiv
 from torchdiv import _structured
-from torchdiv._core.mixing import BatchInteractionError
+from torchdiv._core.mixing.errors import BatchInteractionError
 from torchdiv._taylor import cache
 
 DOUBLE = torch.float64

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from torchdiv._core import mixing as _mixing
 from torchdiv._core.basis import chunks
 from torchdiv._core.checks import (
     check_chunk_size,
@@ -29,6 +28,7 @@ from torchdiv._core.checks import (
     check_square,
     event_numel,
 )
+from torchdiv._core.mixing.watch import check_graph
 from torchdiv._core.modes import (
     AT_KINKS,
     AT_ZERO_VECTORS,
@@ -74,7 +74,7 @@ def _engine(
             "tensor you computed y from, not a copy or a reshaped view made afterwards "
             "(reshape x before calling f, and pass the reshaped tensor)"
         )
-    _mixing.check_graph(fn, y, x, batch_dims, empty_event=x.dim() == batch_dims)
+    check_graph(fn, y, x, batch_dims, empty_event=x.dim() == batch_dims)
     engine = GraphJacobian(y, x, batch_dims, create_graph)
     return engine, chunk_size or max(engine.num_basis, 1)
 

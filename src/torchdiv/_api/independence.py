@@ -14,7 +14,7 @@ from torchdiv._core.checks import (
     check_output,
     check_untransformed,
 )
-from torchdiv._core.mixing import BatchInteractionError
+from torchdiv._core.mixing.errors import BatchInteractionError
 from torchdiv._core.modes import outside_inference_mode
 from torchdiv._exact.autograd import GraphJacobian
 from torchdiv._exact.state import Changes

@@ -64,7 +64,7 @@ from torchdiv._core.checks import (
     checked,
 )
 from torchdiv._core.crossover import COMPILED_F_WORK, TRACED_WORK, traceable
-from torchdiv._core.mixing import check_empty_event, checks_empty_event
+from torchdiv._core.mixing.watch import check_empty_event, checks_empty_event
 from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode
 from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace

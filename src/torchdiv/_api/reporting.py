@@ -28,7 +28,7 @@ import torch.utils.checkpoint as _checkpoint
 import torch.utils.hooks as _hooks
 
 from torchdiv._core.checks import mark_final, raised_by_f
-from torchdiv._core.mixing import BatchInteractionError, unnamed
+from torchdiv._core.mixing.errors import BatchInteractionError, unnamed
 from torchdiv._core.modes import WrongDerivatives
 from torchdiv._core.script import attribute
 from torchdiv._exact.attributes import PlainAttributes

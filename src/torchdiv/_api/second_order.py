@@ -47,11 +47,7 @@ from torchdiv._core.checks import (
     event_numel,
     out_of_memory,
 )
-from torchdiv._core.mixing import (
-    check_empty_event,
-    checks_empty_event,
-    watched,
-)
+from torchdiv._core.mixing.watch import check_empty_event, checks_empty_event, watched
 from torchdiv._core.modes import SafeDerivatives, eager_when, outside_inference_mode
 from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace

@@ -19,7 +19,7 @@ import torch
 from torchdiv._bench import operators, suite
 from torchdiv._bench.runner import run_case, steps
 from torchdiv._bench.timing import load_warning
-from torchdiv._core.mixing import BatchInteractionError
+from torchdiv._core.mixing.errors import BatchInteractionError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 EXAMPLES = """examples:

@@ -1081,7 +1081,7 @@ def _batch_norm(
     (exactly PyTorch's update). The fused op on ``a``'s first channel, without statistics or
     parameters, stays in the graph at weight 0, added to ``a``: it makes PyTorch's checks, its
     node is what the checks for sample mixing look for in a graph nobody watched
-    (``_core.mixing.check_graph``), and a watch reads it first (its message names a batch
+    (``_core.mixing.watch.check_graph``), and a watch reads it first (its message names a batch
     norm); it adds nothing at any order. Else the fused op (eval mode: an affine map of
     ``a``, whose derivatives are right), as where a parameter or statistic has another dtype
     than ``a`` (mixed precision: the fused kernel computes in the wider one)."""

@@ -37,7 +37,7 @@ def nodes(root: Any) -> Iterator[Any]:
 @dataclass
 class Found:
     """What ``search`` found in a graph: ``others``, a tensor requiring grad other than the
-    leaf it was given; its batch-norm nodes (for ``_core.mixing.check_graph``) and custom
+    leaf it was given; its batch-norm nodes (for ``_core.mixing.watch.check_graph``) and custom
     ``autograd.Function`` nodes; ``fused``, a fused attention kernel; ``guarded``, a node of
     the ops it was asked about."""
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from torchdiv._core import mixing as _mixing
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.ddp import Peers
+from torchdiv._core.mixing.watch import check_graph
 from torchdiv._core.modes import (
     INNER_ORDER,
     InnerBackwards,
@@ -437,12 +437,12 @@ def unwatched(
 ) -> GraphJacobian:
     """The plain-autograd engine of ``f`` at ``x`` with no dispatch mode watching ``f`` (that
     would cost about 10 us an op): its graph is checked for the sample mixing that shows
-    there (``_mixing.check_graph``: a train-mode batch norm; for an empty event, one signed
+    there (``check_graph``: a train-mode batch norm; for an empty event, one signed
     VJP). For one-product estimates and tiny exact problems, where the watch would be a large
     part of the cost. ``plain``: as in ``GraphJacobian.of_function``."""
     engine = GraphJacobian.of_function(f, x, batch_dims, plain)
     empty = x.dim() == batch_dims
-    _mixing.check_graph(None, engine.y, engine.x, batch_dims, empty, engine.batch_norms)
+    check_graph(None, engine.y, engine.x, batch_dims, empty, engine.batch_norms)
     return engine
 
 

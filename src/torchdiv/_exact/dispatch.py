@@ -17,10 +17,11 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from torchdiv import _structured
-from torchdiv._core import mixing as _mixing
 from torchdiv._core.basis import WHOLE, Share, chunks
 from torchdiv._core.checks import event_numel, out_of_memory, untransformed
-from torchdiv._core.mixing import BatchInteractionError
+from torchdiv._core.mixing.errors import BatchInteractionError, allowed
+from torchdiv._core.mixing.reads import reading
+from torchdiv._core.mixing.watch import check_empty_event, checks_empty_event, tracker
 from torchdiv._core.tie import tied
 from torchdiv._exact import plan as _plan
 from torchdiv._exact import state as _state
@@ -289,11 +290,11 @@ def evaluate(
         )
     x = argument(x)
     # f evaluated by the check, and by forward mode once per chunk of directions
-    check = _mixing.checks_empty_event(x, batch_dims)
+    check = checks_empty_event(x, batch_dims)
     several = method == "forward" and 0 < (chunk_size or 0) < event_numel(x, batch_dims)
     each = _state.Once(x, check or several)
     if check:
-        each(lambda z: _mixing.check_empty_event(f, z, batch_dims))(x)
+        each(lambda z: check_empty_event(f, z, batch_dims))(x)
     if method == "forward":
         engine: Engine = ForwardJacobian(f, x, batch_dims, each)
     else:
@@ -408,7 +409,7 @@ def _engines(
         return [graph, rerun]
     try:
         watch = not compiling and (
-            not tiny or not (seen is not None and (x.dim() > batch_dims or _mixing.allowed()))
+            not tiny or not (seen is not None and (x.dim() > batch_dims or allowed()))
         )
         reverse, sizes = watched_engine(
             lambda: ReverseJacobian(f, x, batch_dims, changes if watch else None),
@@ -499,8 +500,8 @@ def watched_engine(
     chunk is all basis vectors. ``BatchInteractionError`` if the watched ``f`` mixes samples."""
     if not watch:
         return build(), _plan.OpSizes(x.shape[:batch_dims])
-    sizes = _plan.OpSizes(x.shape[:batch_dims], _mixing.tracker(x, batch_dims), changes)
-    with sizes, _mixing.reading(sizes.axes):
+    sizes = _plan.OpSizes(x.shape[:batch_dims], tracker(x, batch_dims), changes)
+    with sizes, reading(sizes.axes):
         engine = build()
         sizes.finish(engine.y)
     return engine, sizes

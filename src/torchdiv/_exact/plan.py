@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-from torchdiv._core.mixing import BatchAxes
+from torchdiv._core.mixing.tracker import BatchAxes
 from torchdiv._core.modes import DispatchMode
 from torchdiv._exact.state import Changes
 

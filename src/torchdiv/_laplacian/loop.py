@@ -38,7 +38,7 @@ import torch
 
 from torchdiv._core.basis import accumulated
 from torchdiv._core.checks import event_numel, out_of_memory
-from torchdiv._core.mixing import check_graph, watched
+from torchdiv._core.mixing.watch import check_graph, watched
 from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
 from torchdiv._core.walk import search, vjp
 from torchdiv._exact.autograd import refuse_once_differentiable
@@ -97,8 +97,8 @@ def value_grad_laplacian(
     ``f(x).shape``), summed over the flat event indices ``coordinates`` only (``None``: all; the
     Jacobian has every column either way). The loop's one evaluation of ``f`` is checked for sample
     mixing (``BatchInteractionError``) as ``check`` says: ``"watch"``, watched op by op
-    (``torchdiv._core.mixing.watched``); ``"graph"``, its autograd graph searched for a train-mode
-    batch norm (``torchdiv._core.mixing.check_graph``); ``None``, not at all.
+    (``torchdiv._core.mixing.watch.watched``); ``"graph"``, its autograd graph searched for a
+    train-mode batch norm (``torchdiv._core.mixing.watch.check_graph``); ``None``, not at all.
 
     They keep a graph exactly when the caller has grad mode on and ``f(x)`` depends on something
     that requires grad (``x`` itself, parameters, closed-over tensors)."""

@@ -29,8 +29,8 @@ from torchdiv._core.basis import (
 )
 from torchdiv._core.checks import event_numel, out_of_memory, unwrapped
 from torchdiv._core.crossover import traced
-from torchdiv._core.mixing import BatchInteractionError
-from torchdiv._core.mixing import watched as mixing_watched
+from torchdiv._core.mixing.errors import BatchInteractionError
+from torchdiv._core.mixing.watch import watched as mixing_watched
 from torchdiv._core.modes import recorded
 from torchdiv._core.tie import tied
 from torchdiv._exact.forward import ForwardJacobian, holds_dual_level, under_tangents
@@ -292,7 +292,7 @@ def nested(
     """``"forward-over-reverse"`` where the Taylor engine cannot run ``f`` (``fallback``),
     ``chunk_size`` (else ``plan.chunk``) directions at a time; where ``plan.watch`` (``f``
     not recorded at this call), one evaluation of ``f`` watched for sample mixing first
-    (``BatchInteractionError``; ``torchdiv._core.mixing.watched``: its ops ~10 us each,
+    (``BatchInteractionError``; ``torchdiv._core.mixing.watch.watched``: its ops ~10 us each,
     against ~50 us to record them). Where forward mode cannot run ``f`` (an op without a
     forward-mode rule: ``grid_sample``; it raised for the whole call), the loop of backward
     passes, remembered for ``f``'s structure. Every evaluation starts from the state the

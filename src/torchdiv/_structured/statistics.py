@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 from torchdiv._core.basis import basis, batched, chunks
 from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.ddp import in_process_group
-from torchdiv._core.mixing import allowed
+from torchdiv._core.mixing.errors import allowed
 from torchdiv._core.modes import SafeDerivatives
 from torchdiv._core.walk import search, vjp
 from torchdiv._structured import colors, forward

@@ -50,8 +50,9 @@ import torch.utils.checkpoint as _checkpoint
 from torch._C._autograd import _top_saved_tensors_default_hooks
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
-from torchdiv._core import mixing as _mixing
 from torchdiv._core.checks import unwrapped
+from torchdiv._core.mixing.errors import allowed
+from torchdiv._core.mixing.reads import VALUE_FREE
 from torchdiv._core.modes import DispatchMode
 from torchdiv._core.script import attribute, cell_contents, global_names
 from torchdiv._taylor.capture import (
@@ -185,7 +186,7 @@ def template(graph: Graph) -> Template | None:
             for a in leaves((n.args, n.kwargs))
         )
         touches = any(isinstance(a, Ref) and (a.node < 0 or calls[a.node].depends) for a in pattern)
-        may_depend = touches and n.func not in _mixing.VALUE_FREE
+        may_depend = touches and n.func not in VALUE_FREE
         outputs = tuple(canonical[Ref(i, j)] for j in range(len(graph.values[i])))
         calls.append(_Call(n.func, pattern, n.depends, touches, may_depend, outputs))
     if any(p is OPAQUE for call in calls for p in call.pattern):
@@ -554,7 +555,7 @@ def key(x: torch.Tensor, batch_dims: int | None) -> Hashable:
         x.requires_grad,
         batch_dims,
         torch.is_grad_enabled(),
-        _mixing.allowed(),
+        allowed(),
     )
 
 
@@ -725,7 +726,7 @@ class _Checker(DispatchMode):
         touches = any(
             isinstance(a, Ref) and (a.node < 0 or self.calls[a.node].depends) for a in pattern
         )
-        depends = touches and func not in _mixing.VALUE_FREE and torch.is_grad_enabled()
+        depends = touches and func not in VALUE_FREE and torch.is_grad_enabled()
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
             with self:
                 return _DECOMPOSITIONS[func](*args, **kwargs)

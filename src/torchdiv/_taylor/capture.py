@@ -29,7 +29,10 @@ from torch._decomp import core_aten_decompositions
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.overrides import TorchFunctionMode
 
-from torchdiv._core.mixing import VALUE_FREE, BatchAxes, BatchInteractionError, reading, tracker
+from torchdiv._core.mixing.errors import BatchInteractionError
+from torchdiv._core.mixing.reads import VALUE_FREE, reading
+from torchdiv._core.mixing.tracker import BatchAxes
+from torchdiv._core.mixing.watch import tracker
 from torchdiv._core.modes import (
     UNDERIVABLE_OPS,
     DispatchMode,
@@ -107,7 +110,7 @@ class Graph:
     requires_grad: bool = False
     output_shape: tuple[int, ...] = ()
     # whether values could have decided what f did, as the watch for sample mixing saw it
-    # (``torchdiv._core.mixing.decides``; so taken where it was not watched)
+    # (``torchdiv._core.mixing.reads.decides``; so taken where it was not watched)
     values_decide: bool = True
     # every node's outputs as f computed them (``capture(..., keep_values=True)``); None if f
     # ran an in-place op, which may have changed a kept tensor after it was recorded

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from torchdiv._core.checks import unwrapped
-from torchdiv._core.mixing import BatchInteractionError, allowed, unnamed
+from torchdiv._core.mixing.errors import BatchInteractionError, allowed, unnamed
 from torchdiv._core.script import global_names
 from torchdiv._taylor import RULES, capture
 from torchdiv._taylor.cache import PlanCache, Same, structure_key
@@ -65,7 +65,7 @@ def passed_before(
     same calls on the same shapes, unless its code branches on state outside the structure;
     the one such state that turns mixing on in practice, a batch norm switched to train mode
     in a submodule, shows in the autograd graph of every call
-    (``torchdiv._core.mixing.check_graph``). With detection off (``allowed``), every ``f``
+    (``torchdiv._core.mixing.watch.check_graph``). With detection off (``allowed``), every ``f``
     has passed.
 
     Example:
@@ -100,7 +100,7 @@ def passed(
     samples; not ``plain``: its evaluation showed an op ``SafeDerivatives`` changes; not
     ``reverse``: ``torch.func``'s reverse mode could not run it (``Passed``). Unless values
     could have decided what it did there (``values_decide``:
-    ``torchdiv._core.mixing.decides``), this holds for any values of the floating tensors it
+    ``torchdiv._core.mixing.reads.decides``), this holds for any values of the floating tensors it
     holds (``Held``)."""
     at = at or structure(f, x, batch_dims)
     found: Passed | None = _PASSED.get(*at)

@@ -1,0 +1,135 @@
+"""The error of the sample-mixing watch, its message, and the switch that turns the watch off.
+
+``BatchInteractionError`` (a ``ValueError``) is raised when ``f`` mixes samples; ``explain``
+writes its message: what mixed them, where (``_module_in_stack``: the innermost running
+``nn.Module``), and the way out (``model.eval()``, a lower ``batch_dims``, a batch split in
+order passed as more batch dimensions, ``allow_batch_interaction()``). ``allowed`` reads the
+switch (this thread's ``allow_batch_interaction()``, or Dynamo tracing the call).
+``_SPLIT_WHAT`` and ``_PUT_WHAT`` start the messages the rules write for the two refusals
+whose way out ``explain`` spells out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
+
+import torch
+
+_state = threading.local()
+
+
+class BatchInteractionError(ValueError):
+    """``f`` mixes samples, so per-sample derivatives of the batched ``f`` would be wrong."""
+
+
+def unnamed(message: str) -> str:
+    """A ``BatchInteractionError`` message without the names of the public calls it passed
+    through (``"laplacian: f mixes samples: ..."`` from a call nested in ``biharmonic``)."""
+    at = message.find("f mixes samples")
+    return message[at:] if at > 0 else message
+
+
+@contextlib.contextmanager
+def allow_batch_interaction() -> Iterator[None]:
+    """Turn off torchdiv's sample-mixing detection inside the ``with`` block (this thread).
+
+    Every operator assumes that sample ``b`` of ``f(x)`` depends only on sample ``b`` of
+    ``x``, and raises ``BatchInteractionError`` when it sees ``f`` combine samples (a
+    train-mode batch norm, a matrix product or reduction over a batch dimension). Inside
+    this block it computes what it computes without looking: the probes of the batched
+    ``f`` then measure cross-sample terms too (e.g. column sums of the whole batch's
+    Jacobian for an empty event), which is what you want only if you know why.
+
+    Examples:
+        >>> import torchdiv
+        >>> bn = torch.nn.BatchNorm1d(3)  # train mode: normalises with batch statistics
+        >>> torchdiv.divergence(bn, torch.randn(4, 3))
+        Traceback (most recent call last):
+        ...
+        torchdiv.BatchInteractionError: divergence: f mixes samples: a batch norm...
+        >>> with torchdiv.allow_batch_interaction():
+        ...     div = torchdiv.divergence(bn, torch.randn(4, 3))
+        >>> div.shape
+        torch.Size([4])
+    """
+    before = allowed()
+    _state.allowed = True
+    try:
+        yield
+    finally:
+        _state.allowed = before
+
+
+def allowed() -> bool:
+    """Whether ``allow_batch_interaction()`` is active in this thread, or Dynamo traces the
+    call (``torch.compile``): detection watches the dispatcher, which a compiled graph has
+    not got."""
+    return getattr(_state, "allowed", False) or torch.compiler.is_compiling()
+
+
+def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
+    """The message of a ``BatchInteractionError``: what mixes samples, and the way out."""
+    b = batch_dims
+    text = (
+        f"f mixes samples: {what}. With batch_dims={b}, dimensions {list(range(b))} of x "
+        f"(shape {tuple(x.shape)}) index samples, and every sample's derivatives are read from "
+        "one probe of the whole batch, so they would silently include other samples' terms. "
+    )
+    if "train mode" in what:
+        fix = (
+            "Call model.eval() before differentiating (batch norm then uses its running "
+            "statistics), or normalise per sample (LayerNorm, GroupNorm)."
+        )
+    elif x.dim() == b:
+        fix = (
+            f"x has no event dimensions: each of its {x.shape[:b].numel()} elements is read as "
+            "one sample of one element. For one unbatched sample pass batch_dims=0 (or x[None] "
+            "with batch_dims=1); if only the first k dimensions index samples, pass batch_dims=k."
+        )
+    else:
+        fix = (
+            "If that dimension belongs to each sample's event, lower batch_dims; if f really "
+            "combines samples, per-sample derivatives do not exist."
+        )
+        if _SPLIT_WHAT in what:  # x.reshape(F, P, D) inside f, read by einsum or bmm
+            fix += (
+                " Where f splits the batch in order (x.reshape(F, P, D), points grouped per "
+                "function) and keeps each sample apart, pass x in that shape with batch_dims "
+                "set to the number of leading dimensions the batch was split into (batch_dims=2 "
+                "for (F, P, D)): the watch follows batch dimensions through einsum, bmm and "
+                "transposes, but not a batch split inside f."
+            )
+        if what.startswith(_PUT_WHAT):  # message passing along dimension 0
+            fix += (
+                " A batch of graphs with its nodes along dimension 0 (PyTorch Geometric's "
+                "batch vector) makes each node a sample: give f a padded batch (B, N, ...) "
+                "with node masks, or sum torchdiv.jacobian_diagonal(f, x, batch_dims=0) over "
+                "each graph's nodes."
+            )
+    return (
+        text + fix + " To compute it anyway, wrap the call in torchdiv.allow_batch_interaction()."
+    )
+
+
+def _module_in_stack() -> str | None:
+    """The innermost ``nn.Module`` whose ``forward`` is running, as ``"Linear"`` or
+    ``"BatchNorm1d in train mode"``: who called the op that mixes samples."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_locals.get("self")
+        if isinstance(module, torch.nn.Module) and frame.f_code.co_name == "forward":
+            name = type(module).__name__
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
+                name += " in train mode"
+            return name
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+_SPLIT_WHAT = "the batch split in order across the leading dimensions"
+
+
+_PUT_WHAT = "values written into other samples' places"

@@ -1,0 +1,473 @@
+"""``BatchAxes``: the state of one watch of ``f``, called around every ATen call.
+
+``carry = before(func, args, kwargs)`` notes whether ``func`` combines samples in a way
+derivatives see (its ``Mixing`` rule), or reads a result that did, picked samples combined with
+others (``_picked_in``), moved rows combined elementwise with others (``_rows_in``) or samples
+a reshape spread (``_spread_in``); ``after(carry, args, out)`` notes the batch dimensions of
+the results (its ``Carry`` rule) and which depend on combined samples; ``finish(y)`` raises
+``BatchInteractionError`` if ``f``'s result depends on such a combination or holds ``x``'s
+samples out of place. Raising at the end, not at the op, lets a combination that only seeds a
+backward pass inside ``f`` pass: ``grad(energy(x).sum(), x)`` is per sample, though the sum is
+not.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from torchdiv._core.checks import _shape
+from torchdiv._core.mixing.axes import Axis
+from torchdiv._core.mixing.carry import (
+    _joined_along_batch,
+    _listed,
+    _pointwise,
+    _span,
+    _split_in_order,
+    _view,
+    _within,
+)
+from torchdiv._core.mixing.combining import _REDUCTIONS, _SAME_PLACES, _keep_block
+from torchdiv._core.mixing.errors import (
+    _SPLIT_WHAT,
+    BatchInteractionError,
+    _module_in_stack,
+    explain,
+)
+from torchdiv._core.mixing.places import _aligned, _held, _reduced_dims
+from torchdiv._core.mixing.reads import VALUE_FREE, _floating, decides
+from torchdiv._core.mixing.tables import (
+    _CARRY,
+    _CATS,
+    _ELEMENTWISE,
+    _IN_PLACE_VIEWS,
+    _JOINS,
+    _MIXING,
+    _PUTS,
+    _in_place_view,
+    _kind,
+    _rules,
+)
+from torchdiv._core.mixing.writes import _writes_first, _writing
+
+if TYPE_CHECKING:
+    from torchdiv._core.mixing.axes import Axes, Block, Carry, Lines, Pick
+
+
+class BatchAxes:
+    """The batch dimensions of every tensor computed from ``x`` by ops it understands, and
+    which tensors depend on a combination of samples.
+
+    ``carry = before(func, args)`` and ``after(carry, args, out)`` are called by a dispatch
+    mode around each ATen call (``Watching`` is that mode on its own); ``finish(y)`` raises
+    ``BatchInteractionError`` if ``f``'s result ``y`` depends on an op that combined samples.
+    Raising at the end, not at the op, lets a combination that only seeds a backward pass
+    inside ``f`` pass: ``grad(energy(x).sum(), x)`` is per sample, though the sum is not.
+    """
+
+    def __init__(self, x: torch.Tensor, batch_dims: int) -> None:
+        self.x, self.batch_dims = x, batch_dims
+        # an empty batch has no samples to mix (and a reshape of its zero elements places
+        # none: merging batch dimensions (2, 0) into one of 0 read as spreading samples)
+        empty = x.shape[:batch_dims].numel() == 0
+        axes = tuple(
+            Axis(d, x.shape[d], 1, (), d) for d in range(batch_dims) if x.shape[d] > 1 and not empty
+        )
+        # id -> (tensor, axes); the tensor is held so that its id stays unique while watched
+        self.known: dict[int, tuple[torch.Tensor, Axes]] = {id(x): (x, axes)} if axes else {}
+        self.start = axes  # x's: those of a tensor of x's batch shape that nothing tracked
+        # id -> tensor: made by a factory (``zeros``, ``new_full``, ``zeros_like``), no values
+        self.fresh: dict[int, torch.Tensor] = {}
+        # the rows of samples moved by an indexing op (``Axis.rows``), with the op's name
+        self.moves: dict[tuple[int, ...], str] = {}
+        # id -> (tensor, message): results that depend on samples combined by some op
+        self.mixed: dict[int, tuple[torch.Tensor, str]] = {}
+        # the same by the autograd node that made them and which of its outputs they are
+        # (``_saved_mixed``), as of ``mixed_writes``: the writes into ``mixed`` (a count of
+        # its entries could come back to the same after a removal and an addition); the graph
+        # task ``f`` is called from, to tell a backward pass inside ``f``
+        self.mixed_nodes: dict[tuple[Any, int], str] = {}
+        self.mixed_writes = 0
+        self.nodes_of = 0
+        self.task = torch._C._current_graph_task_id()
+        # id -> (tensor, pick): results computed from samples picked out of the batch alone
+        self.picked: dict[int, tuple[torch.Tensor, Pick]] = {}
+        self.pending: str | None = None  # the message for the results of the current op
+        # the current op's refusal if the places it puts into, laid out as a guess
+        # (``_flattened``), do not hold the samples put there
+        self.guess: str | None = None
+        self.carried: Pick | None = None  # the pick the results of the current op inherit
+        self.func: Any = None  # the current op
+        self.kwargs: dict[str, Any] = {}  # its keyword arguments (``_unknown`` reads them)
+        # id -> (tensor, its axes then, source -> (dimension, sample at each index, -1 where
+        # none)): tensors whose samples values written through views put in (``_overwrite``)
+        self.lines: dict[int, tuple[torch.Tensor, Axes, Lines]] = {}
+        # id -> tensor: results computed inside a custom ``autograd.Function``'s ``forward``,
+        # not yet known to be differentiable (``_settle``)
+        self.inside: dict[int, torch.Tensor] = {}
+        self.quiet = False  # whether the last op ran under no_grad
+        # id -> (tensor, axes in flat form): batch dimensions a reshape split across dimensions
+        # (``_view``)
+        self.spread: dict[int, tuple[torch.Tensor, Axes]] = {}
+        self.quiet_forward = False  # whether the op before the current forward did
+        # whether an op turned values into something that decides what ``f`` does
+        # (``decides``): until then, the watch holds for any floating values
+        self.values_decide = False
+        # whether a rule read the values of indices along a batch dimension (``x[perm]``, a
+        # mask over the batch, ``gather`` along it): the verdict then holds for those values
+        # only, so a recording is not kept to check later calls by structure
+        # (``torchdiv._taylor.cache.template``: an index changed in place went unwatched)
+        self.indexed = False
+        # whether ``f`` computed with a tensor subclass (``Reads``): its results are then
+        # aliases no ATen call made, followed at every op (``follow``)
+        self.subclassed = False
+        # id -> (tensor, the samples along its rows, along its keys: its last two dimensions,
+        # its version then): attention weights that are exactly 0 wherever the row's sample
+        # and the key's differ (``_softmaxed``), and the softmax of the current op to check
+        # so, with its message
+        self.blocks: dict[int, Block] = {}
+        self.block_check: tuple[int, int, str] | None = None
+
+    def axes(self, t: Any) -> Axes | None:
+        entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0] is t else None
+
+    def before(
+        self, func: Any, args: Sequence[Any], kwargs: dict[str, Any] | None = None
+    ) -> Carry | None:
+        """The rule that ``after`` applies to ``func``'s results (``None``: nothing to note,
+        e.g. under ``no_grad``, whose results are constants); notes whether ``func`` combines
+        samples in a way derivatives see, or reads a result that did."""
+        self.pending, self.carried, self.func, self.guess = None, None, func, None
+        self.block_check = None
+        self.kwargs = kwargs or {}
+        if self.subclassed:  # (under ``torch.func``, the subclass's results come unwrapped)
+            for a in tree_leaves(args):
+                self.follow(a)
+        if not self.known:
+            return None
+        within = not torch.is_grad_enabled()
+        if within and (torch._C._is_fwd_grad_enabled() or torch.is_inference_mode_enabled()):
+            self.quiet = True
+            return None  # a no_grad block: constants
+        # else, without grad, a custom autograd.Function's forward (which turns forward AD off
+        # too): followed, its results differentiable if ``apply`` makes them so (``_settle``)
+        if self.inside and not within:
+            self._settle()
+        elif within and not self.inside:
+            self.quiet_forward = self.quiet
+        self.quiet = False
+        if func in _IN_PLACE_VIEWS:  # the shape changes under the tensor's id: read it now
+            axes = self.axes(args[0])
+            if axes is None:
+                return None
+            moved: list[Axes | None] = [_in_place_view(func, args[0], axes, args)]
+            return lambda tr, a, o: moved
+        rules = _rules.get(func)  # one lookup per op: hashing an OpOverload costs 0.4 us
+        if rules is None:
+            mixing = _MIXING.get(func)
+            carry = _CARRY.get(func) or _kind(func, mixing is None)
+            if _writes_first(func):
+                written = _writing(carry)
+                if carry is _pointwise:
+                    _ELEMENTWISE.add(written)
+                carry = written
+            rules = _rules[func] = (mixing, carry)
+        mixing, carry = rules
+        if self.mixed and func not in VALUE_FREE:
+            self.pending = self._mixed_in(args)
+        if self.pending is None and self.picked and func not in VALUE_FREE and func not in _PUTS:
+            self._picked_in(func, args)
+        if self.pending is None and self.moves and carry in _ELEMENTWISE:
+            self._rows_in(func, args)
+        if self.pending is None and self.spread and carry is not _view and func not in VALUE_FREE:
+            self._spread_in(func, args, carry)
+        if self.pending is None and mixing is not None:
+            what = mixing(self, args)
+            if what is not None:
+                self.pending = self.message(func, what)
+        return functools.partial(_within, carry) if within else carry
+
+    def after(self, carry: Carry | None, args: Sequence[Any], out: Any) -> None:
+        """Note the batch dimensions of the results ``out`` by the rule ``before`` gave (none:
+        not followed further), and whether they depend on combined samples."""
+        self.values_decide = self.values_decide or decides(self.func, (args, self.kwargs), out)
+        if carry is None:
+            return
+        result = carry(self, args, out)
+        if self.blocks and self.func in _SAME_PLACES:
+            _keep_block(self, args[0], out)
+        outs = (out,) if isinstance(out, torch.Tensor) else out
+        for i, t in enumerate(outs if isinstance(outs, list | tuple) else ()):
+            if isinstance(t, torch.Tensor):
+                axes = result[i] if result and i < len(result) else None
+                self._note(t, axes)
+                if self.pending is not None:
+                    self.mixed[id(t)] = (t, self.pending)
+                    self.mixed_writes += 1
+                elif self.carried is not None and not axes:
+                    self.pick(t, self.carried)
+
+    def finish(self, y: Any) -> None:
+        """Raise ``BatchInteractionError`` if ``f``'s result ``y`` (a tensor or a tree of
+        them) depends on samples that an op combined, or holds ``x``'s samples along one of
+        its event dimensions (every output sample then depends on every input sample)."""
+        if self.inside:
+            self._settle()
+        leaves = tree_leaves(y)
+        for t in leaves:
+            self.follow(t)
+        if self.mixed:
+            message = self._mixed_in(leaves)
+            if message is not None:
+                raise BatchInteractionError(message)
+        for t in leaves:
+            what = self._out_of_place(t) or self._misplaced(t) or self._spread_out(t)
+            if what is not None:
+                raise BatchInteractionError(explain(what, self.x, self.batch_dims))
+
+    def _out_of_place(self, t: Any) -> str | None:
+        """What puts ``x``'s samples along another dimension of ``f``'s output ``t``: an event
+        dimension, or another batch dimension (with ``batch_dims=2`` and a square batch)."""
+        for axis in self.axes(t) or ():
+            if axis.position >= self.batch_dims:
+                return (
+                    f"x's samples run along dimension {axis.position} of f's output of shape "
+                    f"{_shape(t)}, an event dimension (a broadcast of the batch against a tensor "
+                    "with a batch dimension of its own, such as z @ A with A of shape (B, n, n)?)"
+                )
+        for axis in self.axes(t) or ():
+            if axis.source != axis.position:
+                return (
+                    f"the samples of x's batch dimension {axis.source} run along batch "
+                    f"dimension {axis.position} of f's output of shape {_shape(t)} "
+                    "(batch dimensions transposed or permuted)"
+                )
+        return None
+
+    def _spread_out(self, t: Any) -> str | None:
+        """What spreads ``x``'s samples across dimensions of ``f``'s output ``t``: a reshape
+        of the batch laid out in another order (``x.T.reshape(B, D)``)."""
+        if self.spreads(t) is None:
+            return None
+        return (
+            f"x's samples spread across the dimensions of f's output of shape {_shape(t)} by a "
+            "reshape of the batch laid out in another order (x.T.reshape(B, D) for x?)"
+        )
+
+    def _misplaced(self, t: Any) -> str | None:
+        """What puts other samples' values in the places of ``f``'s output ``t``: samples an
+        indexing op moved and nothing put back, or one sample picked for all of them."""
+        for axis in self.axes(t) or ():
+            if axis.rows:
+                at = next((i for i, r in enumerate(axis.rows) if r != i % axis.size), None)
+                if at is None:  # the first samples, in order (x[:k])
+                    continue
+                return (
+                    f"{self.moves.get(axis.rows, 'an indexing op')} moved samples along the "
+                    f"batch: place {at} along dimension {axis.position} of f's output of shape "
+                    f"{_shape(t)} holds sample {axis.rows[at]}, and they were not put back "
+                    "(select and write back the same places: y[m] = g(x[m]), or invert the "
+                    "permutation)"
+                )
+        pick = self.picks(t)
+        if pick is not None and pick.sample is not None and t.dim() > 0:
+            return f"every sample of f's output of shape {_shape(t)} is computed from {pick.what}"
+        return None
+
+    def _rows_in(self, func: Any, args: Sequence[Any]) -> None:
+        """An elementwise op combining operands whose samples an indexing op moved: each
+        place must hold the same samples in every operand (``x[perm] * x`` does not)."""
+        tensors = [a for a in args if isinstance(a, torch.Tensor) and self.axes(a)]
+        if len(tensors) < 2:
+            return
+        first = (tensors[0].shape, self.axes(tensors[0]))
+        if all((a.shape, self.axes(a)) == first for a in tensors):
+            return  # the same samples in the same places (``h + tanh(h)``): the usual case
+        shapes = [a.shape for a in args if isinstance(a, torch.Tensor)]
+        shape = torch.broadcast_shapes(*shapes)  # type: ignore[no-untyped-call]
+        seen: dict[int, set[tuple[int, ...]]] = {}
+        rowed: set[int] = set()
+        for a in tensors:
+            held: dict[int, set[tuple[int, ...]]] = {}
+            for axis in _aligned(a, self.axes(a) or (), shape):
+                held.setdefault(axis.position, set()).add(_held(axis, shape[axis.position]))
+                if axis.rows:
+                    rowed.add(axis.position)
+            for q, samples in held.items():
+                if seen.setdefault(q, samples) != samples and q in rowed:
+                    what = self.moves.get(next(iter(samples - seen[q]), ()), "an indexing op")
+                    self.pending = self.message(
+                        func,
+                        f"samples moved by {what}, combined elementwise with others in other "
+                        f"places (along dimension {q} of the result of shape {tuple(shape)})",
+                    )
+                    return
+
+    def spreads(self, t: Any) -> Axes | None:
+        entry = self.spread.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0] is t else None
+
+    def _spread_in(self, func: Any, args: Sequence[Any], carry: Carry) -> None:
+        """An op reading samples a reshape spread across dimensions (``x.reshape(D, B)``):
+        only an elementwise one of same-shaped operands holding them alike keeps each sample's
+        values apart (a reshape back follows them again, ``_view``); any other (a transpose, a
+        reduction) mixes them."""
+        tensors = [t for t in _listed(args) if isinstance(t, torch.Tensor)]
+        spread = [(t, s) for t in tensors if (s := self.spreads(t))]
+        if not spread:
+            return
+        if func in _REDUCTIONS:
+            t, dims = args[0], _reduced_dims(func, args)
+            spans = [_span(t, axis) for axis in self.spreads(t) or ()]
+            if spans and all(span is not None and not set(dims) & set(span) for span in spans):
+                return  # over dimensions that hold none of them (``_spread_reduced``)
+        shapes = [t.shape for t in tensors]
+        shape = torch.broadcast_shapes(*shapes) if carry in _ELEMENTWISE else None  # type: ignore[no-untyped-call]
+        if (
+            shape is not None
+            and all(t.shape == shape for t, _ in spread)
+            and len({s for _, s in spread}) == 1
+            and not any(self.axes(t) for t in tensors)
+        ):
+            return  # constants may broadcast against them
+        how = (
+            f"{_SPLIT_WHAT}, as x.reshape(F, P, D)"
+            if all(_split_in_order(t, s) for t, s in spread)
+            else "by a reshape to another order, as x.reshape(D, B) for x.T, or an interleaving "
+            "stack"
+        )
+        what = (
+            f"x's samples spread across the dimensions of a tensor of shape {_shape(spread[0][0])} "
+            f"({how}), read by an op other than an elementwise one or a reshape back"
+        )
+        self.pending = self.message(func, what)
+
+    def _mixed_in(self, args: Sequence[Any]) -> str | None:
+        backward = torch._C._current_graph_task_id() != self.task  # a backward pass inside f
+        for a in args:
+            for t in a if isinstance(a, list | tuple) else (a,):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                entry = self.mixed.get(id(t))
+                if entry is not None and entry[0] is t:
+                    return entry[1]
+                if backward and t.grad_fn is not None:
+                    message = self._saved_mixed(t)
+                    if message is not None:
+                        return message
+        return None
+
+    def _saved_mixed(self, t: torch.Tensor) -> str | None:
+        """The message of the mixed result that ``t`` is read back as in a backward pass
+        inside ``f`` (``grad(energy(x).logsumexp(0), x)``): autograd unpacks a saved result
+        as a new object with the node that made it and its output number, which an alias
+        made by an op (``detach``) or ``Tensor.data`` (constants) has not got."""
+        if self.nodes_of != self.mixed_writes:  # (nodes are set after ``after`` saw them)
+            self.mixed_nodes = {
+                (m.grad_fn, m.output_nr): message
+                for m, message in self.mixed.values()
+                if m.grad_fn is not None
+            }
+            self.nodes_of = self.mixed_writes
+        return self.mixed_nodes.get((t.grad_fn, t.output_nr))
+
+    def pick(self, t: torch.Tensor, pick: Pick) -> None:
+        """Note that ``t`` holds samples picked out of the batch (its samples' derivatives
+        flow; an integer or boolean tensor carries none)."""
+        if _floating(t):
+            self.picked[id(t)] = (t, pick)
+
+    def picks(self, t: Any) -> Pick | None:
+        entry = self.picked.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0] is t else None
+
+    def _picked_in(self, func: Any, args: Sequence[Any]) -> None:
+        """An op reading picked samples: combined with a batch, or two different picked
+        samples combined, it mixes samples (the pending message); else its results inherit
+        the pick (``carried``). Joining pieces (``cat``, ``stack``) carries a
+        pick only if every piece is one, and not when they are distinct samples (a batch in
+        some order: ``_restacked`` makes one in order the batch again); joined along a batch
+        dimension, a pick only stands beside the samples (padding a batch with its last
+        sample), it is not combined with them."""
+        joins = func in _JOINS
+        pieces = list(args[0]) if joins else args
+        tensors = _listed(pieces)
+        picks = [p for t in tensors if (p := self.picks(t)) is not None]
+        if not picks:
+            return
+        if any(self.axes(t) for t in tensors):
+            if not (func in _CATS and _joined_along_batch(self, args)):
+                self.pending = self.message(func, f"{picks[0].what}, combined with the whole batch")
+            return
+        distinct = {p.sample for p in picks}
+        if joins and (len(picks) < len(tensors) or len(distinct) == len(picks) > 1):
+            return
+        if not joins and len({(p.source, p.sample) for p in picks}) > 1:
+            # a recurrence run over the samples (``nn.GRU`` fed (B, T, D) with batch_first
+            # False: each step reads the state of the sample before)
+            self.pending = self.message(func, f"{picks[0].what}, combined with {picks[-1].what}")
+            return
+        sample = picks[0].sample if len(distinct) == 1 else None
+        self.carried = picks[0]._replace(sample=sample)
+
+    def _settle(self) -> None:
+        """After a custom ``autograd.Function``'s ``forward``: its results that ``apply`` left
+        without grad (called under ``no_grad``, or not returned) are constants. Where ``x``
+        does not require grad (the recorders), none does: those of a forward called right
+        after an op under ``no_grad`` are taken for constants, the others followed."""
+        constant = self.quiet_forward or self.x.requires_grad
+        for t in self.inside.values():
+            if constant and not t.requires_grad:
+                for table in (self.known, self.mixed, self.picked):
+                    table.pop(id(t), None)
+                self.mixed_writes += 1
+        self.inside.clear()
+
+    def follow(self, t: Any) -> None:
+        """Note ``t``, an alias that no ATen call made, as the result it aliases: a tensor
+        subclass's ``__torch_function__`` wraps each result of an op by ``as_subclass`` (as
+        ``f`` may itself: ``y.as_subclass(Sub)``), a view of that result with an ``id`` of
+        its own (under ``torch.func``, unwrapped to a plain view). Unfollowed, a subclass
+        ``f`` held took every result past the watch: ``z.roll(1, 0) ** 2 + 0 * t_sub``
+        returned silently."""
+        base = t._base if isinstance(t, torch.Tensor) else None
+        # (each table's entries hold their tensor first: copied, ``t`` takes its place)
+        tables = cast(
+            "tuple[dict[int, tuple[Any, ...]], ...]",
+            (self.known, self.mixed, self.picked, self.spread, self.lines),
+        )
+        if base is None or any(id(t) in table for table in tables):
+            return
+        found = False
+        for table in tables:
+            entry = next((e for e in table.values() if _alias(e[0], t, base)), None)
+            if entry is not None:
+                table[id(t)] = (t, *entry[1:])
+                found = True
+        self.mixed_writes += found
+
+    def _note(self, t: torch.Tensor, axes: Axes | None) -> None:
+        if axes and _floating(t):  # complex too: an FNO's spectra (``rfft``, ``view_as_real``)
+            self.known[id(t)] = (t, axes)
+        elif id(t) in self.known:
+            del self.known[id(t)]  # an in-place op the analysis cannot follow
+
+    def message(self, func: Any, what: str) -> str:
+        module = _module_in_stack()
+        where = f"in {module}, " if module else ""
+        return explain(f"{what} ({where}ATen op {func})", self.x, self.batch_dims)
+
+
+def _alias(a: torch.Tensor, t: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``a`` and the view ``t`` of ``base`` are the same elements (``BatchAxes.follow``)."""
+    return (
+        (a is base or a._base is base)
+        and a.shape == t.shape
+        and a.stride() == t.stride()
+        and a.storage_offset() == t.storage_offset()  # (not ``data_ptr``: ``Reads`` notes it)
+    )

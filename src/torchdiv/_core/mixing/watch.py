@@ -1,0 +1,160 @@
+"""The watch's entry points: ``Watching`` (a dispatch mode running ``BatchAxes`` alone),
+``watched``/``watch_once``/``check_empty_event`` (evaluate ``f`` watched), ``tracker`` (a
+``BatchAxes`` for a dispatch mode that watches ``f`` anyway), and ``check_graph`` (for a graph
+nobody watched: a train-mode batch norm in it, and for an empty event one signed VJP, exactly
+``J^T (s * u) = s * J^T u`` for independent samples). Each does nothing while
+``allow_batch_interaction()`` is active.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchdiv._core.mixing.errors import BatchInteractionError, allowed, explain
+from torchdiv._core.mixing.reads import reading
+from torchdiv._core.mixing.tracker import BatchAxes
+from torchdiv._core.modes import (
+    UNDERIVABLE_OPS,
+    DispatchMode,
+    refuse_underivable,
+)
+from torchdiv._core.walk import BATCH_NORM_NODES, nodes
+
+
+class Watching(DispatchMode):
+    """Watch ``f`` with ``BatchAxes`` alone: ``with Watching(x, batch_dims): f(x)`` (nothing
+    when ``allow_batch_interaction()`` is active)."""
+
+    def __init__(self, x: torch.Tensor, batch_dims: int) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        self.tracker = None if allowed() else BatchAxes(x, batch_dims)
+
+    def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        if self.tracker is None:
+            return func(*args, **kwargs)
+        # an op PyTorch cannot differentiate, on the way from x (the engines of plain
+        # autograd evaluate f outside SafeDerivatives and would find no trace of it)
+        underivable = UNDERIVABLE_OPS.get(func)
+        if underivable is not None:
+            grad = torch.is_grad_enabled()
+            refuse_underivable(underivable, grad and any(_requires_grad(a) for a in args))
+        carry = self.tracker.before(func, args, kwargs)
+        out = func(*args, **kwargs)
+        self.tracker.after(carry, args, out)
+        return out
+
+    def __exit__(self, *exc: Any) -> None:
+        self.tracker = None  # let go of the tensors it tracked
+        super().__exit__(*exc)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+
+
+def _requires_grad(a: Any) -> bool:
+    return isinstance(a, torch.Tensor) and a.requires_grad
+
+
+def check_empty_event(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) -> None:
+    """For an engine that does not watch ``f``: when ``x`` has no event dimensions (every
+    element a sample), evaluate ``f`` once more, watched by ``Watching`` (with grad enabled,
+    so that ``no_grad`` blocks in ``f`` show as constants). Only an elementwise ``f`` is then
+    batch independent, and the problem is small."""
+    if checks_empty_event(x, batch_dims):
+        watch_once(f, x, batch_dims)
+
+
+def checks_empty_event(x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether ``check_empty_event`` evaluates ``f`` (a caller that evaluates it again then
+    makes the two evaluations compute one function: ``torchdiv._exact.state.once``)."""
+    return x.dim() == batch_dims and x.numel() > 1 and not allowed()
+
+
+def watch_once(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) -> None:
+    """Evaluate ``f`` once, watched by ``Watching`` (with grad enabled, so that ``no_grad``
+    blocks in ``f`` show as constants): ``BatchInteractionError`` if it mixes samples."""
+    if not allowed():
+        with torch.enable_grad():
+            watched(f, x, batch_dims)
+
+
+def watched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) -> Any:
+    """``f(x)``, watched by ``Watching`` unless ``allow_batch_interaction()`` is active:
+    ``BatchInteractionError`` if it mixes samples. For an engine that evaluates ``f`` anyway
+    (with grad enabled, so that ``no_grad`` blocks in ``f`` show as constants), the check
+    costs no extra evaluation, only the mode's few microseconds per op."""
+    if allowed():
+        return f(x)
+    with Watching(x, batch_dims) as mode, reading(mode.tracker):  # (``BatchAxes.follow``)
+        y = f(x)
+        if mode.tracker is not None:
+            mode.tracker.finish(y)
+    return y
+
+
+def check_graph(
+    fn: str | None,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    batch_dims: int,
+    empty_event: bool,
+    batch_norms: list[Any] | None = None,
+) -> None:
+    """For ``y`` computed from ``x`` by a graph nobody watched: raise ``BatchInteractionError``
+    if the graph holds a train-mode batch norm over more than one row, and, with
+    ``empty_event`` (every element of ``x`` a sample), if one VJP with a random sign per
+    sample differs from the signed VJP of ones: for independent samples, exactly
+    ``J^T (s * u) = s * J^T u`` (a sign flip rounds exactly). Walking the graph costs a few
+    microseconds; the signed VJP, one more VJP, is done only for empty events. ``fn``: the
+    public function to name (``None``: its ``reported`` wrapper names it); ``batch_norms``:
+    the graph's batch-norm nodes, if a walk of the caller's found them already."""
+    if allowed() or x.shape[:batch_dims].numel() < 2 or y.grad_fn is None:
+        return
+    found = nodes(y.grad_fn) if batch_norms is None else batch_norms
+    for node in found:
+        if (
+            type(node).__name__ in BATCH_NORM_NODES
+            # saved attributes of the C++ node, absent from torch's stubs
+            and node._saved_training
+            and node._saved_input.shape[0] > 1
+            and _reaches(node, x)  # a batch norm of something computed from x
+        ):
+            what = "a batch norm in train mode, normalising with statistics of the whole batch"
+            raise BatchInteractionError(_named(fn, explain(what, x, batch_dims)))
+    if empty_event:
+        _signed_vjp(fn, y, x, batch_dims)
+
+
+def _reaches(start: torch.autograd.graph.Node, x: torch.Tensor) -> bool:
+    """Whether the graph below ``start`` reaches ``x`` (its ``grad_fn``, or its
+    ``AccumulateGrad`` node for a leaf): depth first, each node once."""
+    return any(node is x.grad_fn or getattr(node, "variable", None) is x for node in nodes(start))
+
+
+def _named(fn: str | None, message: str) -> str:
+    return message if fn is None else f"{fn}: {message}"
+
+
+def _signed_vjp(fn: str | None, y: torch.Tensor, x: torch.Tensor, batch_dims: int) -> None:
+    batch = x.shape[:batch_dims]
+    generator = torch.Generator().manual_seed(0)
+    signs = (torch.randint(0, 2, batch, generator=generator) * 2 - 1).to(y)
+    on_y = signs.reshape(*batch, *[1] * (y.dim() - batch_dims)).expand(y.shape)
+    cotangents = torch.stack([torch.ones_like(y), on_y])
+    (grads,) = torch.autograd.grad(
+        y, x, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
+    )
+    if grads is None:
+        return
+    leak = (grads[1] - grads[0] * signs.reshape(*batch, *[1] * (x.dim() - batch_dims))).abs()
+    if float(leak.max()) > 1e-6 * float(grads.abs().max()):
+        what = (
+            "y's gradient with respect to each element of x depends on the cotangents of other "
+            "elements (a matrix product, reduction or normalisation over the batch)"
+        )
+        raise BatchInteractionError(_named(fn, explain(what, x, batch_dims)))
+
+
+def tracker(x: torch.Tensor, batch_dims: int) -> BatchAxes | None:
+    """A ``BatchAxes`` for a dispatch mode that watches ``f`` anyway, unless detection is off."""
+    return None if allowed() else BatchAxes(x, batch_dims)
