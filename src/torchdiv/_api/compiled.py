@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from torchdiv._core.mixing import BatchInteractionError, allowed, unnamed, watch_once
+from torchdiv._core.mixing.errors import BatchInteractionError, allowed, unnamed
+from torchdiv._core.mixing.watch import watch_once
 from torchdiv._exact.state import Changes
 from torchdiv._taylor.cache import PlanCache
 from torchdiv._taylor.capture import argument
