@@ -155,7 +155,12 @@ class LabelDropout(nn.Module):
 
 @pytest.mark.parametrize("method", ["auto", "reverse", "forward", "structured"])
 @pytest.mark.parametrize("per_sample", [True, False])
-def test_the_guided_field_of_classifier_free_guidance(method: str, per_sample: bool) -> None:
+@pytest.mark.parametrize("doubled", [False, True])
+def test_the_guided_field_of_classifier_free_guidance(
+    method: str, per_sample: bool, doubled: bool
+) -> None:
+    """Also as samplers write it, one forward of the batch doubled (``torch.cat([z, z])``,
+    labels then null labels, ``chunk(2)``): no sample mixing, and not refused."""
     field, _, x, _, t = _setup(FiLMField, 6)
     model = LabelDropout(field, 10).to(f64).eval()
     labels = torch.randint(0, 10, (6,))
@@ -166,8 +171,13 @@ def test_the_guided_field_of_classifier_free_guidance(method: str, per_sample: b
         ws = w[sl] if isinstance(w, torch.Tensor) else w
         return (1 + ws) * model(t[sl], z, labels[sl]) - ws * model(t[sl], z, null[sl])
 
+    def guided_doubled(z: torch.Tensor) -> torch.Tensor:
+        both = model(torch.cat([t, t]), torch.cat([z, z]), torch.cat([labels, null]))
+        conditional, unconditional = both.chunk(2)
+        return (1 + w) * conditional - w * unconditional
+
     want = _loop_jacobian(lambda b, xb: guided(xb, slice(b, b + 1)), x).diagonal(0, -2, -1).sum(-1)
-    got = torchdiv.divergence(guided, x, method=method)
+    got = torchdiv.divergence(guided_doubled if doubled else guided, x, method=method)
     assert_close(got, want, rtol=1e-12, atol=1e-12)
     params = list(model.parameters())
     for g, e in zip(_grads(got.sum(), params), _grads(want.sum(), params), strict=True):
@@ -337,3 +347,40 @@ def test_adjoint_takes_a_module_that_encodes_its_context_itself() -> None:
         _grads(results[1].sum(), params), _grads(results[0].sum(), params), strict=True
     ):
         assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+class HyperField(nn.Module):
+    """A hypernetwork-conditioned field: each sample's weights made from its context
+    (``W1 = w1(c).view(B, D, H)``), applied by ``einsum`` or ``bmm``."""
+
+    def __init__(self, how: str, hidden: int = 8):
+        super().__init__()
+        self.how, self.hidden = how, hidden
+        self.w1, self.b1 = nn.Linear(K, D * hidden), nn.Linear(K, hidden)
+        self.w2 = nn.Linear(K, hidden * D)
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        w1 = self.w1(c).view(batch, D, self.hidden) * (1 + t.view(-1, 1, 1))
+        w2 = self.w2(c).view(batch, self.hidden, D)
+        if self.how == "einsum":
+            h = torch.tanh(torch.einsum("bd,bdh->bh", x, w1) + self.b1(c))
+            return torch.einsum("bh,bhd->bd", h, w2)
+        h = torch.tanh(torch.bmm(x[:, None, :], w1)[:, 0] + self.b1(c))
+        return torch.bmm(h[:, None], w2)[:, 0]
+
+
+@pytest.mark.parametrize("how", ["einsum", "bmm"])
+@pytest.mark.parametrize("method", ["auto", "reverse", "forward", "structured"])
+def test_a_hypernetwork_field_with_weights_per_sample(how: str, method: str) -> None:
+    torch.manual_seed(0)
+    field = HyperField(how).to(f64)
+    x, t = torch.randn(5, D, dtype=f64), torch.rand(5, dtype=f64)
+    c = torch.randn(5, K, dtype=f64, requires_grad=True)
+    params = [*field.parameters(), c]
+    want = _loop_jacobian(lambda b, xb: field(t[b : b + 1], xb, c[b : b + 1]), x)
+    want = want.diagonal(0, -2, -1).sum(-1)
+    got = torchdiv.divergence(lambda z: field(t, z, c), x, method=method)
+    assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, e in zip(_grads(got.sum(), params), _grads(want.sum(), params), strict=True):
+        assert_close(g, e, rtol=1e-11, atol=1e-11)
