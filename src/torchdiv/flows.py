@@ -83,7 +83,7 @@ from torchdiv._estimators.probes import draw
 from torchdiv._estimators.registry import STOCHASTIC_METHODS, num_terms, num_vectors
 from torchdiv._exact import dispatch as _exact
 from torchdiv._exact.autograd import UndifferentiableBackward
-from torchdiv._taylor.cache import site
+from torchdiv._taylor.cache import _attributes, _contents, site
 
 __all__ = ["AugmentedDynamics", "log_likelihood"]
 
@@ -165,32 +165,62 @@ def _module_of(f: object) -> nn.Module | None:
 
 def _lost_to_adjoint(f: object, module: nn.Module) -> list[str]:
     """What ``f`` holds that requires grad through tensors other than ``module``'s parameters,
-    by name: a partial's arguments (zuko hands its velocity on as ``partial(self.f, c=c)``)
-    and the plain tensor attributes (also in lists, tuples, dicts) and buffers of
-    ``module``'s submodules (``self.context =
-    encoder(y)``, a hypernetwork's weights). ``odeint_adjoint`` differentiates with respect
-    to the module's parameters only: such a tensor's gradient, and its sources', would be
-    lost silently. A tensor computed from the module's own parameters alone (the legacy
-    ``weight_norm``'s ``weight``, set by its pre-hook) is not lost; one computed from an
-    input that required grad (an activation a forward kept as ``self.h``) is named too."""
+    by name: a partial's arguments (zuko hands its velocity on as ``partial(self.f, c=c)``),
+    the plain attributes (also in lists, tuples, dicts) and buffers of ``module``'s
+    submodules (``self.context = encoder(y)``, a hypernetwork's weights), and what those and
+    ``f``'s and each submodule class's ``forward`` reach (``_reached``: a context in a
+    ``SimpleNamespace`` or dataclass, a ``forward`` replaced by a closure over it, a global
+    context or encoder the code reads). ``odeint_adjoint`` differentiates with respect to the
+    module's parameters only: such a tensor's gradient, and its sources', would be lost
+    silently; so would the parameters of a module reached that is not a submodule. A tensor
+    computed from the module's own parameters alone (the legacy ``weight_norm``'s ``weight``,
+    set by its pre-hook) is not lost; one computed from an input that required grad (an
+    activation a forward kept as ``self.h``) is named too."""
     own = {id(p) for p in module.parameters()}
+    mine = {id(m) for m in module.modules()}
     held: list[tuple[str, Any]] = []
     while isinstance(f, functools.partial):
         held += [(f"argument {i} of the partial", a) for i, a in enumerate(f.args)]
         held += [(f"keyword {k!r} of the partial", a) for k, a in f.keywords.items()]
         f = f.func
+    if f is not module:  # a bound method: the globals and closure of its function
+        held.append(("what f reads", attribute(f, "__func__") or f))
     for name, m in module.named_modules():
         where = f"{type(m).__name__}{f' ({name})' if name else ''}"
         held += [(f"attribute {k!r} of {where}", v) for k, v in vars(m).items() if k != "_buffers"]
         held += [(f"buffer {k!r} of {where}", v) for k, v in m._buffers.items()]
+        held.append((f"what {type(m).__name__}.forward reads", type(m).forward))
+    seen: set[int] = set()
     return [  # (in a list, tuple or dict too: self.contexts = [encoder(y)])
-        what
-        for what, v in held
-        if any(
-            isinstance(t, torch.Tensor) and t.requires_grad and not _from(t, own)
-            for t in tree_leaves(v)
-        )
+        what for what, v in held if any(_lost(r, own) for r in _reached(v, 2, seen, mine))
     ]
+
+
+def _lost(held: torch.Tensor | nn.Module, own: set[int]) -> bool:
+    """Whether a tensor requires grad through tensors other than ``own`` (by ``id``), or a
+    module has a parameter that requires grad outside ``own``."""
+    if isinstance(held, torch.Tensor):
+        return held.requires_grad and not _from(held, own)
+    return any(p.requires_grad and id(p) not in own for p in held.parameters())
+
+
+def _reached(value: Any, depth: int, seen: set[int], mine: set[int]) -> Iterator[Any]:
+    """The tensors and the modules (other than ``mine``, by ``id``) that ``value`` holds: the
+    leaves of a list, tuple or dict, and, ``depth`` levels down, what a function names (its
+    closure, defaults and the globals its code reads), a partial's function and arguments, a
+    bound method's object and a plain object's attributes (``_contents``, ``_attributes``).
+    Each object once across calls sharing ``seen``; classes and Python modules not looked
+    into."""
+    for leaf in tree_leaves(value):
+        if id(leaf) in seen or isinstance(leaf, (type, ModuleType)):
+            continue
+        seen.add(id(leaf))
+        if isinstance(leaf, torch.Tensor) or (isinstance(leaf, nn.Module) and id(leaf) not in mine):
+            yield leaf
+        elif depth and not isinstance(leaf, nn.Module):
+            inner = _contents(leaf) if callable(leaf) else _attributes(leaf)
+            for v in inner:
+                yield from _reached(v, depth - 1, seen, mine)
 
 
 def _from(t: torch.Tensor, own: set[int]) -> bool:
