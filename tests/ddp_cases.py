@@ -140,6 +140,19 @@ class Flow(nn.Module):
         return self.f(z) * (1 + t)
 
 
+class FirstHead(nn.Module):
+    """The first head of a two-headed module, a module itself: ``log_likelihood(adjoint=True)``
+    differentiates the parameters of ``f``'s module, which a closure over ``model`` would hide
+    (refused: its gradients would be lost)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model(z)[0]
+
+
 def _ode(method: str, adjoint: bool = False) -> Callable:
     """``log_likelihood`` of the flow of ``f``: exact by an adaptive solver (a number of
     evaluations that differs between the ranks' halves; with ``adjoint``, in the backward
@@ -231,12 +244,7 @@ def loss(model: nn.Module, x: torch.Tensor, op_name: str, kind: str) -> torch.Te
         total = op(model, x).square().mean()
         (x_grad,) = torch.autograd.grad(total, x, create_graph=True)
         return total + x_grad.square().sum()
-    if kind == "heads":
-
-        def f(z):
-            return model(z)[0]
-    else:
-        f = model
+    f = FirstHead(model) if kind == "heads" else model
     if op == "graph":
         xg = x.detach().requires_grad_(True)
         out = model(xg)
