@@ -315,6 +315,28 @@ def test_results_are_exact_under_no_grad_and_inference_mode():
         assert_close(torchdiv.laplacian(net, x), expected)
 
 
+@pytest.mark.parametrize("activation", [nn.SiLU, nn.Mish])
+def test_nested_methods_under_no_grad_through_silu_and_mish(activation: type[nn.Module]):
+    """The JVP of ``silu_backward`` (``mish_backward``) has no forward-mode formula of its own:
+    under the caller's ``no_grad`` the explicit ``"forward-over-reverse"``/``"hessian"`` and
+    ``value_grad_laplacian``'s raised PyTorch's "Trying to use forward AD with
+    aten::silu_backward" (grad mode on: right). Now the grad-mode values, no graph."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), activation(), nn.Linear(6, 1)).to(f64)
+    x = torch.randn(4, 3, dtype=f64)
+    expected = reference_laplacian(net, x).detach()
+    for method in EXACT:
+        with torch.no_grad():
+            got = torchdiv.laplacian(net, x, method=method)
+        assert_close(got, expected)
+        assert not got.requires_grad
+    with torch.no_grad():
+        got = torchdiv.value_grad_laplacian(net, x, method="forward-over-reverse")
+    assert_close(got.laplacian, expected)
+    assert not got.laplacian.requires_grad and not got.gradient.requires_grad
+    assert all(p.grad is None for p in net.parameters())
+
+
 def test_degenerate_inputs():
     x = torch.randn(3, 4, dtype=f64)
     for method in EXACT:

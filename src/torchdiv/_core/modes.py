@@ -19,7 +19,7 @@ import torch
 import torch.nn.utils.parametrize as _parametrize
 from torch._C._dynamo.eval_frame import get_eval_frame_callback
 from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
-from torch.autograd.forward_ad import _set_fwd_grad_enabled
+from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -859,8 +859,9 @@ class SafeDerivatives(TorchFunctionMode):
     ) -> Any:
         """A call that ``torch.func``'s transforms refused (``error``) as an in-place write to a
         tensor ``f`` did not make (a buffer), run below the transforms as a plain evaluation of
-        ``f`` runs it (the transforms refuse before writing): where nothing it reads comes from
-        them (a module counting its calls, ``steps += 1``), or under ``no_grad``, where the
+        ``f`` runs it (the transforms refuse before writing): where nothing it reads carries
+        their derivatives (``_carries_derivatives``: a module counting its calls, ``steps +=
+        1``; a fake-quantize observer's range of a frozen weight), or under ``no_grad``, where the
         values it reads are constants (a running mean of activations), unless one is batched.
         A write of a value computed from ``x`` with grad on is refused, naming the way out.
         What it wrote (its first argument, or ``out``) is put back if the evaluation fails."""
@@ -868,20 +869,35 @@ class SafeDerivatives(TorchFunctionMode):
             raise error
         plain = tree_map(_unwrapped, (args, kwargs))
         values, given = tree_leaves(plain), tree_leaves((args, kwargs))
-        if not any(v is _BATCHED for v in values):
-            read = any(v is not t for v, t in zip(values, given, strict=True))  # transformed
-            if not read or not torch.is_grad_enabled():
-                target = plain[0][0] if plain[0] else None  # an in-place method's, or out=
-                written = [t for t in (target, plain[1].get("out")) if isinstance(t, torch.Tensor)]
-                self.written += [(t, t.detach().clone()) for t in written]
-                with torch._C._DisableFuncTorch(), _set_fwd_grad_enabled(False):
-                    return func(*plain[0], **plain[1])
+        if not any(v is _BATCHED for v in values) and (
+            not any(map(_carries_derivatives, given)) or not torch.is_grad_enabled()
+        ):
+            target = plain[0][0] if plain[0] else None  # an in-place method's, or out=
+            written = [t for t in (target, plain[1].get("out")) if isinstance(t, torch.Tensor)]
+            self.written += [(t, t.detach().clone()) for t in written]
+            with torch._C._DisableFuncTorch(), _set_fwd_grad_enabled(False):
+                return func(*plain[0], **plain[1])
         raise RuntimeError(
             f"{getattr(func, '__name__', func)} in f writes in place to a tensor f did not make "
             "(a buffer) a value computed from x, which torch.func's transforms forbid (PyTorch: "
             f"'{_CAPTURED}'); write it under torch.no_grad(), or use method='auto' (plain "
             "autograd runs it)"
         ) from None
+
+
+def _carries_derivatives(t: Any) -> bool:
+    """Whether ``t`` carries a derivative of the transforms: at the innermost (its outermost
+    wrapper) a gradient (``requires_grad`` of ``vjp``'s wrapper) or a tangent (``jvp``'s), at
+    the outer ones a gradient. Every value an op makes under a transform is wrapped, constants
+    too (a fake-quantize observer's range of a frozen weight, ``weight.detach().aminmax()``):
+    wrapped alone does not mean computed from ``x``, and such a write (``min_val.copy_(v)``)
+    was refused by ``"forward"``/``"reverse"``. ``detach()`` cuts every level, as in PyTorch."""
+    innermost = True
+    while isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t):
+        if t.requires_grad or (innermost and unpack_dual(t).tangent is not None):
+            return True
+        innermost, t = False, get_unwrapped(t)
+    return False
 
 
 _CAPTURED = "would mutate a captured Tensor"  # torch.func's refusal of such a write

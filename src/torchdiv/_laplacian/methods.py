@@ -530,7 +530,11 @@ def collapsed_or_none(
 
 class _Gradients:
     """``z -> (m,) + z.shape``: row ``i`` holds every sample's gradient of output ``i``;
-    remembers ``f(z).shape``."""
+    remembers ``f(z).shape``. The pullback runs with grad on: under the caller's ``no_grad``
+    the JVP of a backward op without a forward-mode formula of its own (``silu_backward``,
+    ``mish_backward``: ``nn.SiLU``, ``nn.Mish``) raised PyTorch's "Trying to use forward AD
+    with aten::silu_backward" (with grad on PyTorch differentiates it; the forward engine
+    detaches the result there, ``ForwardJacobian._push``)."""
 
     def __init__(self, f: Function, batch_dims: int):
         self.f, self.batch_dims = f, batch_dims
@@ -541,7 +545,9 @@ class _Gradients:
         y = y_and_pullback[0]
         pullback: Callable[[torch.Tensor], tuple[torch.Tensor]] = y_and_pullback[1]
         self.y_shape = y.shape
-        (rows,) = batched(pullback, basis(0, event_numel(y, self.batch_dims), y, self.batch_dims))
+        vectors = basis(0, event_numel(y, self.batch_dims), y, self.batch_dims)
+        with torch.enable_grad():
+            (rows,) = batched(pullback, vectors)
         return rows
 
 
