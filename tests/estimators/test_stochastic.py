@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import (
     assert_close,
+    assert_same_parameter_gradients,
     conv_net,
     reference_divergence,
     reference_jacobian,
@@ -392,3 +393,37 @@ def test_one_probe_estimates_of_lambdas_made_anew_remember_the_mode_by_their_cod
         f = lambda z: g(z)  # noqa: E731 (a new object at every call, one code)
         torchdiv.divergence(f, x, method="hutchinson", probes=probes)
         assert len(evaluations) == (2 if call == 0 else 1), call
+
+
+@pytest.mark.parametrize(("chunk_size", "pullbacks"), [(None, 1), (3, 3)])
+def test_probes_not_chunked_by_the_event_size(monkeypatch, chunk_size, pullbacks):
+    """More probes than elements per sample (a 2-D CNF's 8-probe Hutchinson) go through one
+    batched pullback, unless the caller's ``chunk_size`` says otherwise: "auto" chunked them
+    by the event's 2 basis vectors (4 pullbacks, 3.3x the hand-written recipe). Values and
+    parameter gradients against a per-sample loop of plain autograd with the same probes."""
+    import torchdiv._exact.reverse as reverse
+
+    calls = []
+
+    def counted(pullback, vectors):
+        calls.append(len(vectors))
+        return batched(pullback, vectors)
+
+    batched = reverse.batched
+    monkeypatch.setattr(reverse, "batched", counted)
+    net = tanh_mlp(2, 16, 2)
+    x = torch.randn(32, 2, dtype=F64)
+    probes = torch.randint(0, 2, (8, 32, 2), dtype=F64) * 2 - 1
+    ours = torchdiv.divergence(net, x, method="hutchinson", probes=probes, chunk_size=chunk_size)
+    assert len(calls) == pullbacks
+    terms = []
+    for b in range(len(x)):
+        z = x[b : b + 1].clone().requires_grad_(True)
+        y = net(z)
+        for v in probes[:, b : b + 1]:
+            (g,) = torch.autograd.grad(y, z, v, create_graph=True)
+            terms.append((g * v).sum())
+    reference = torch.stack(terms).reshape(len(x), len(probes)).mean(1)
+    assert_close(ours, reference)
+    weights = torch.linspace(-1.0, 2.0, len(x), dtype=F64)
+    assert_same_parameter_gradients(net, (weights * ours).sum(), (weights * reference).sum())

@@ -16,7 +16,7 @@ import torch
 from torchdiv._core.checks import event_numel, untransformed
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.probes import draw
-from torchdiv._estimators.registry import Matmat
+from torchdiv._estimators.registry import Matmat, num_vectors
 from torchdiv._estimators.result import Estimate
 from torchdiv._estimators.sketch import Operator
 from torchdiv._exact import dispatch as _exact
@@ -68,7 +68,9 @@ def trace_of_function(
     def consume(engine: _exact.Engine, chunk: int) -> Estimate:
         return _trace.run(s, _operator(engine, s, chunk), x, batch_dims)
 
-    estimate, _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume, s.generator)
+    estimate, _ = _exact.evaluate(
+        f, x, batch_dims, "auto", chunk_size, consume, s.generator, vectors=_vectors(s)
+    )
     return estimate
 
 
@@ -98,7 +100,7 @@ def terms_of_function(
         return _trace.terms(s, _operator(engine, s, chunk), x, batch_dims), _exact.output(engine)
 
     (flat, y), _ = _exact.evaluate(
-        f, x, batch_dims, "auto", chunk_size, consume, s.generator, owner=owner
+        f, x, batch_dims, "auto", chunk_size, consume, s.generator, owner=owner, vectors=_vectors(s)
     )
     return flat.reshape(len(flat), *batch).to(x.dtype), y
 
@@ -182,8 +184,16 @@ def diagonal_of_function(
     def consume(engine: _exact.Engine, chunk: int) -> torch.Tensor:
         return _trace.diagonal(s, _operator(engine, s, chunk), x, batch_dims)
 
-    diag, _ = _exact.evaluate(f, x, batch_dims, "auto", chunk_size, consume, s.generator)
+    diag, _ = _exact.evaluate(
+        f, x, batch_dims, "auto", chunk_size, consume, s.generator, vectors=_vectors(s)
+    )
     return diag
+
+
+def _vectors(s: _trace.Sampling) -> int:
+    """The most vectors one estimate of ``s`` multiplies at once: its random vectors (a
+    block's, with ``rtol``/``atol``), not the engine's basis (``_exact.evaluate``)."""
+    return num_vectors(s.method, s.num_probes)
 
 
 def trace_of_engine(engine: _exact.Engine, s: _trace.Sampling, chunk: int | None) -> Estimate:
