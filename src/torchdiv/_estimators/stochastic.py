@@ -69,7 +69,7 @@ def trace_of_function(
         return _trace.run(s, _operator(engine, s, chunk), x, batch_dims)
 
     estimate, _ = _exact.evaluate(
-        f, x, batch_dims, "auto", chunk_size, consume, s.generator, vectors=_vectors(s)
+        f, x, batch_dims, "auto", chunk_size, consume, s.generator, square=True, vectors=_vectors(s)
     )
     return estimate
 
@@ -100,7 +100,16 @@ def terms_of_function(
         return _trace.terms(s, _operator(engine, s, chunk), x, batch_dims), _exact.output(engine)
 
     (flat, y), _ = _exact.evaluate(
-        f, x, batch_dims, "auto", chunk_size, consume, s.generator, owner=owner, vectors=_vectors(s)
+        f,
+        x,
+        batch_dims,
+        "auto",
+        chunk_size,
+        consume,
+        s.generator,
+        square=True,
+        owner=owner,
+        vectors=_vectors(s),
     )
     return flat.reshape(len(flat), *batch).to(x.dtype), y
 
@@ -185,7 +194,7 @@ def diagonal_of_function(
         return _trace.diagonal(s, _operator(engine, s, chunk), x, batch_dims)
 
     diag, _ = _exact.evaluate(
-        f, x, batch_dims, "auto", chunk_size, consume, s.generator, vectors=_vectors(s)
+        f, x, batch_dims, "auto", chunk_size, consume, s.generator, square=True, vectors=_vectors(s)
     )
     return diag
 
