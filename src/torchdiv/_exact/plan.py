@@ -82,7 +82,8 @@ class OpSizes(DispatchMode):
     D -> 64 -> 64 -> D tanh MLP, D = 64, batch 4, under ``torch.func.vjp``: 0.16 ms unwatched,
     0.36 ms watched by this mode and a ``Changes`` of its own, 0.32 ms by this one alone).
     ``values_decide``: whether the values ``f`` computed with could have decided what it did
-    (``BatchAxes.values_decide``; so taken without ``axes``), known on leaving.
+    (``BatchAxes.values_decide``; so taken without ``axes``), known on leaving; ``indexed``:
+    whether a rule read index values along a batch dimension (``BatchAxes.indexed``).
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class OpSizes(DispatchMode):
         self.changes = changes
         self.forward_rules = True
         self.values_decide = True
+        self.indexed = False
 
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         fresh = self.changes is not None and self.changes.before(func, args, kwargs)
@@ -133,6 +135,7 @@ class OpSizes(DispatchMode):
     ) -> None:
         if self.axes is not None:
             self.values_decide = self.axes.values_decide
+            self.indexed = self.axes.indexed
         self.axes = None  # let go of the tensors it followed
         super().__exit__(kind, error, traceback)
         if self.changes is not None:

@@ -244,7 +244,10 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     plan = Loop(settings=Settings(graph.work_per_call() < BATCHED_WORK, plain=True))
     graph.undo()  # f runs again: what recording it changed is put back first
     at = _remember(site, f, x, batch_dims, at, plan)
-    mixing.passed(f, x, batch_dims, at, values_decide=graph.values_decide)  # recording watched it
+    decide, indexed = graph.values_decide, graph.indexed
+    mixing.passed(
+        f, x, batch_dims, at, values_decide=decide, indexed=indexed
+    )  # recording watched it
     return plan
 
 

@@ -95,13 +95,20 @@ def passed(
     plain: bool = True,
     reverse: bool = True,
     values_decide: bool = True,
+    indexed: bool = False,
 ) -> None:
     """``f`` was watched at the structure of ``x`` (``at``, if made already) and did not mix
     samples; not ``plain``: its evaluation showed an op ``SafeDerivatives`` changes; not
     ``reverse``: ``torch.func``'s reverse mode could not run it (``Passed``). Unless values
     could have decided what it did there (``values_decide``:
-    ``torchdiv._core.mixing.reads.decides``), this holds for any values of the floating tensors it
-    holds (``Held``)."""
+    ``torchdiv._core.mixing.reads.decides``), this holds for any values of the floating
+    tensors it holds (``Held``). Where values could have decided and a rule read index values
+    along a batch dimension (``indexed``: ``BatchAxes.indexed``), nothing is kept: those indices may
+    have been computed from ``x`` (a radius graph built inside ``f`` over a flattened batch,
+    ``nonzero(cdist(p, p) < r)``: within each sample at one call, across samples at the next,
+    unwatched until a review found it), so every call is watched."""
+    if values_decide and indexed:
+        return
     at = at or structure(f, x, batch_dims)
     found: Passed | None = _PASSED.get(*at)
     if found is None:
