@@ -330,11 +330,6 @@ def test_radius_graph_inside_f_is_watched_at_every_call(operator: str) -> None:
         call(near)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.sparse.mm runs aten._sparse_addmm, which the watch does not know (passes "
-    "unseen); fix in _core/mixing.py: NOTES_meshgnn15.md, applied after the split15 split",
-)
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize("layout", ["coo", "csr"])
 def test_sparse_adjacency_across_samples_is_refused(layout: str) -> None:

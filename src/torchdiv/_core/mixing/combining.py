@@ -402,6 +402,7 @@ _SPECTRAL = {aten._fft_r2c.default, aten._fft_c2r.default, aten._fft_c2c.default
 _MATRIX_PRODUCTS = {
     aten.mm.default,
     aten.addmm.default,
+    aten._sparse_addmm.default,  # ``torch.sparse.mm``: ``addmm`` with a sparse ``a``
     aten.bmm.default,
     aten.baddbmm.default,
     aten.mv.default,
@@ -411,7 +412,12 @@ _MATRIX_PRODUCTS = {
 }
 
 
-_BIASED = {aten.addmm.default, aten.baddbmm.default, aten.addmv.default}  # (bias, a, b)
+_BIASED = {  # (bias, a, b)
+    aten.addmm.default,
+    aten._sparse_addmm.default,
+    aten.baddbmm.default,
+    aten.addmv.default,
+}
 
 
 _REDUCTIONS = {
