@@ -86,7 +86,7 @@ class LatentSDE(nn.Module):
 
     def diffusion(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         parts = torch.split(z, 1, dim=1)
-        return torch.cat([g(p) for g, p in zip(self.g_nets, parts)], 1) + 0.1
+        return torch.cat([g(p) for g, p in zip(self.g_nets, parts, strict=True)], 1) + 0.1
 
     def diagonal(self, fn, z: torch.Tensor) -> torch.Tensor:
         if self.method is None:
@@ -157,7 +157,7 @@ def loss_and_gradients(sde, y0, solver, **kwargs):
     loss = (y_end**2).sum() + y_end[:, -1].sum() + log_ratio.sum()
     params = list(sde.parameters())
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    flat = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    flat = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
     return y_end.detach(), torch.cat([g.flatten() for g in flat])
 
 
@@ -209,10 +209,10 @@ def test_gradient_against_central_differences_on_the_same_path():
 
     def loss_at(h: float) -> float:
         with torch.no_grad():
-            for p, d in zip(sde.parameters(), directions):
+            for p, d in zip(sde.parameters(), directions, strict=True):
                 p.add_(h * d)
             y_end, _ = solve(sde, y0, "euler")
-            for p, d in zip(sde.parameters(), directions):
+            for p, d in zip(sde.parameters(), directions, strict=True):
                 p.sub_(h * d)
         return ((y_end**2).sum() + y_end[:, -1].sum()).item()
 
@@ -336,7 +336,7 @@ def test_probability_flow_likelihood_by_torchsde_and_by_flows(method):
     g_sde = torch.autograd.grad(by_sde.square().sum(), params)
     g_flows = torch.autograd.grad(by_flows.square().sum(), params)
     assert_rel(by_flows, by_sde)
-    for a, b in zip(g_flows, g_sde):
+    for a, b in zip(g_flows, g_sde, strict=True):
         assert_rel(a, b)
 
 
@@ -396,7 +396,7 @@ class GeneralNoise(nn.Module):
             for b in range(z.shape[0]):
                 zb = z[b : b + 1] if z.requires_grad else z[b : b + 1].detach().requires_grad_()
                 fb, ab = self.drift(t, zb)[0], self.covariance(zb)[0]
-                d = lambda y, i: torch.autograd.grad(y, zb, create_graph=True)[0][0, i]  # noqa: E731
+                d = lambda y, i, zb=zb: torch.autograd.grad(y, zb, create_graph=True)[0][0, i]  # noqa: E731
                 div = sum(d(fb[i], i) for i in range(D))
                 second = sum(d(d(ab[i, j], j), i) for i in range(D) for j in range(D))
                 out.append(div - 0.5 * second)
@@ -435,3 +435,111 @@ def test_general_noise_fokker_planck_term(method):
     reference, got = run(None), run(method)
     assert_rel(got[0], reference[0])
     assert_rel(got[1], reference[1])
+
+
+class DiffusionOfADiagonal(LatentSDE):
+    """Ito, diagonal noise ``g(y) = 0.1 + sigmoid(diag du/dy)``: torchdiv inside ``g``, which
+    Milstein differentiates again (``g dg/dy`` by autograd), and the adjoint a third time."""
+
+    def __init__(self, method: str | None, context: torch.Tensor):
+        super().__init__("ito", method, context)
+        self.u = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, D))
+
+    def f(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.drift(t, y)
+
+    def g(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.1 + torch.sigmoid(self.diagonal(self.u, y))
+
+
+@pytest.mark.parametrize("method", ["auto", "forward", "structured"])
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_milstein_through_torchdiv_in_the_diffusion(method, adjoint):
+    def model(m):
+        plain, y0 = latent_sde("stratonovich", None)
+        context = plain.context
+        torch.manual_seed(0)
+        return DiffusionOfADiagonal(m, context).to(f64), y0
+
+    reference = loss_and_gradients(*model(None), "milstein", adjoint=adjoint)
+    got = loss_and_gradients(*model(method), "milstein", adjoint=adjoint)
+    assert_rel(got[0], reference[0])
+    assert_rel(got[1], reference[1])
+
+
+class FixedProbes(LatentSDE):
+    """The log-density drift with a Hutchinson divergence, its probes fixed for the solve."""
+
+    probes: torch.Tensor
+
+    def divergence(self, fn, z: torch.Tensor) -> torch.Tensor:
+        return torchdiv.divergence(fn, z, method="hutchinson", probes=self.probes)
+
+
+def test_hutchinson_log_density_is_unbiased_over_all_sign_patterns():
+    """``logp`` is linear in the estimates, so its mean over every Rademacher probe (one per
+    sample; ``v`` and ``-v`` give the same estimate) is the exact solve's."""
+    sde, y0 = latent_sde("logp", "auto")
+    exact = solve(sde, y0, "euler")[0]
+    signs = [torch.tensor([1.0, s], dtype=f64) for s in (1.0, -1.0)]
+    ends = []
+    for pattern in range(2**B):
+        estimated = FixedProbes("logp", "auto", sde.context).to(f64)
+        estimated.load_state_dict(sde.state_dict())
+        estimated.probes = torch.stack([signs[(pattern >> b) & 1] for b in range(B)])[None]
+        ends.append(solve(estimated, y0, "euler")[0].detach())
+    assert not torch.equal(ends[0], ends[-1])
+    assert_rel(torch.stack(ends).mean(0), exact.detach())
+
+
+def adjoint_flow_map_gaps(step: float) -> tuple[float, float]:
+    """Relative gaps between the divergences of ``y0 -> Y_T`` by ``sdeint_adjoint`` (method
+    ``"auto"``) and by backpropagation through ``sdeint``, values and the parameter gradients
+    of their squares, on one Brownian path."""
+    sde, y0 = latent_sde("stratonovich", "auto")
+    params = list(sde.parameters())
+
+    def divergence(adjoint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        def flow_map(y):
+            bm = torchsde.BrownianInterval(t0=0.0, t1=0.5, size=y0.shape, dtype=f64, entropy=7)
+            if adjoint:
+                ys = torchsde.sdeint_adjoint(
+                    sde, y, TS[[0, -1]], bm=bm, method="midpoint", dt=step,
+                    adjoint_params=tuple(params),
+                )  # fmt: skip
+            else:
+                ys = torchsde.sdeint(sde, y, TS[[0, -1]], bm=bm, method="midpoint", dt=step)
+            return ys[-1]
+
+        div = torchdiv.divergence(flow_map, y0, method="auto" if adjoint else "reverse")
+        grads = torch.autograd.grad(div.square().sum(), params, allow_unused=True)
+        grads = [
+            torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)
+        ]
+        return div.detach(), torch.cat([g.flatten() for g in grads])
+
+    (value, grads), (expected, expected_grads) = divergence(True), divergence(False)
+    scale = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    return scale(value, expected), scale(grads, expected_grads)
+
+
+@pytest.mark.slow
+def test_sdeint_adjoint_inside_f_converges_to_backpropagation():
+    """``sdeint_adjoint`` inside ``f``: its backward is an adjoint solve, itself differentiable
+    (torchsde nests its Function), so the divergence's parameter gradients exist; they differ
+    from backpropagation's by the adjoint's discretisation, first order in the step."""
+    coarse, fine = adjoint_flow_map_gaps(0.1), adjoint_flow_map_gaps(0.025)
+    assert 0 < fine[0] < coarse[0] / 3 and coarse[0] < 1e-4
+    assert 0 < fine[1] < coarse[1] / 3 and coarse[1] < 3e-3
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward"])
+def test_sdeint_adjoint_inside_f_under_torch_func_is_refused_with_the_way_out(method):
+    sde, y0 = latent_sde("stratonovich", "auto")
+
+    def flow_map(y):
+        bm = torchsde.BrownianInterval(t0=0.0, t1=0.5, size=y0.shape, dtype=f64, entropy=7)
+        return torchsde.sdeint_adjoint(sde, y, TS[[0, -1]], bm=bm, method="midpoint", dt=0.1)[-1]
+
+    with pytest.raises(RuntimeError, match=r"(?s)setup_context.*method='auto'"):
+        torchdiv.divergence(flow_map, y0, method=method)
