@@ -543,3 +543,61 @@ def test_sdeint_adjoint_inside_f_under_torch_func_is_refused_with_the_way_out(me
 
     with pytest.raises(RuntimeError, match=r"(?s)setup_context.*method='auto'"):
         torchdiv.divergence(flow_map, y0, method=method)
+
+
+class EncodedContext(nn.Module):
+    """torchsde's latent_sde_lorenz layout: an encoder's context ``(T, B, C)`` handed over by
+    ``contextualize((ts, ctx))``, the drift reading ``ctx[i]`` at
+    ``i = min(searchsorted(ts, t, right=True), T - 1)``: what ``f`` reads changes with ``t``
+    between calls of the same structure. State ``[z, logp]``, ``d logp = -div f dt``."""
+
+    sde_type, noise_type = "ito", "diagonal"
+
+    def __init__(self, method: str | None):
+        super().__init__()
+        self.method = method
+        self.f_net = nn.Sequential(nn.Linear(D + 2, 8), nn.Softplus(), nn.Linear(8, D))
+        self.rows = [slice(None)]
+
+    def contextualize(self, ctx: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._ctx = ctx
+
+    def drift(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ts, ctx = self._ctx
+        i = min(torch.searchsorted(ts, t, right=True), len(ts) - 1)
+        return self.f_net(torch.cat((y, ctx[i][self.rows[0]]), dim=1))
+
+    def f(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z, drift = y[:, :D], lambda u: self.drift(t, u)
+        if self.method is None:
+            div = loop_terms(drift, z, self.rows).sum(1)
+        else:
+            div = torchdiv.divergence(drift, z, method=self.method)
+        return torch.cat([drift(z), -div[:, None]], 1)
+
+    def g(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([0.3 * torch.ones_like(y[:, :D]), torch.zeros_like(y[:, D:])], 1)
+
+
+@pytest.mark.parametrize("method", ["auto", "structured"])
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_context_picked_by_time_along_the_solve(method, adjoint):
+    ts = torch.linspace(0, 0.5, 6, dtype=f64)
+    ctx = torch.randn(6, B, 2, dtype=f64, generator=torch.Generator().manual_seed(4))
+    z0 = torch.randn(B, D, dtype=f64, generator=torch.Generator().manual_seed(1))
+    y0 = torch.cat([z0, torch.zeros(B, 1, dtype=f64)], 1)
+
+    def run(m):
+        torch.manual_seed(0)
+        sde = EncodedContext(m).to(f64)
+        sde.contextualize((ts, ctx))
+        bm = torchsde.BrownianInterval(t0=0.0, t1=0.5, size=y0.shape, dtype=f64, entropy=7)
+        kwargs = {"adjoint_params": tuple(sde.parameters())} if adjoint else {}
+        sdeint = torchsde.sdeint_adjoint if adjoint else torchsde.sdeint
+        ys = sdeint(sde, y0, ts, bm=bm, method="euler", dt=0.02, **kwargs)
+        grads = torch.autograd.grad((ys**2).sum(), list(sde.parameters()))
+        return ys.detach(), torch.cat([g.flatten() for g in grads])
+
+    reference, got = run(None), run(method)
+    assert_rel(got[0], reference[0])
+    assert_rel(got[1], reference[1])
