@@ -366,28 +366,27 @@ def test_second_solve_equals_the_first_and_nothing_is_mutated(method):
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in sde.parameters())
 
 
-NOISE = 3
-
-
 class GeneralNoise(nn.Module):
-    """General noise ``g(t, y) -> (B, D + 1, NOISE)`` over the state ``[z, logp]``, with
+    """General noise ``g(t, y) -> (B, D + 1, noise)`` over the state ``[z, logp]`` (scalar
+    noise for ``noise=1``), with
     ``d logp = -(div f - 0.5 sum_ij d_i d_j (g g^T)_ij) dt``: the second term is the
     divergence of ``z -> sum_j d_j (g g^T)_ij``, a trace of ``torchdiv.jacobian``; with
     ``method=None`` both come from a loop of backward passes, one sample at a time."""
 
-    noise_type, sde_type = "general", "ito"
+    sde_type = "ito"
 
-    def __init__(self, method: str | None):
+    def __init__(self, method: str | None, noise: int):
         super().__init__()
-        self.method = method
+        self.method, self.noise = method, noise
+        self.noise_type = "scalar" if noise == 1 else "general"
         self.f_net = nn.Sequential(nn.Linear(D + 1, 8), nn.Tanh(), nn.Linear(8, D))
-        self.g_net = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, D * NOISE))
+        self.g_net = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, D * noise))
 
     def drift(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.f_net(torch.cat([z, torch.ones_like(z[:, :1]) * t], 1))
 
     def covariance(self, z: torch.Tensor) -> torch.Tensor:
-        g = self.g_net(z).view(-1, D, NOISE)
+        g = self.g_net(z).view(-1, D, self.noise)
         return g @ g.transpose(1, 2)
 
     def looped(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -416,18 +415,19 @@ class GeneralNoise(nn.Module):
         return torch.cat([self.drift(t, z), -terms[:, None]], 1)
 
     def g(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        g = self.g_net(y[:, :D]).view(-1, D, NOISE)
+        g = self.g_net(y[:, :D]).view(-1, D, self.noise)
         return torch.cat([g, torch.zeros_like(g[:, :1])], 1)
 
 
 @pytest.mark.parametrize("method", ["auto", "reverse", "forward"])
-def test_general_noise_fokker_planck_term(method):
+@pytest.mark.parametrize("noise", [1, 3])
+def test_general_noise_fokker_planck_term(method, noise):
     def run(m):
         torch.manual_seed(0)
-        sde = GeneralNoise(m).to(f64)
+        sde = GeneralNoise(m, noise).to(f64)
         z0 = torch.randn(B, D, generator=torch.Generator().manual_seed(1), dtype=f64)
         y0 = torch.cat([z0, torch.zeros(B, 1, dtype=f64)], 1)
-        bm = torchsde.BrownianInterval(t0=0.0, t1=0.5, size=(B, NOISE), dtype=f64, entropy=7)
+        bm = torchsde.BrownianInterval(t0=0.0, t1=0.5, size=(B, noise), dtype=f64, entropy=7)
         y_end = torchsde.sdeint(sde, y0, TS, bm=bm, method="euler", dt=STEP)[-1]
         grads = torch.autograd.grad((y_end**2).sum() + y_end[:, -1].sum(), sde.parameters())
         return y_end.detach(), torch.cat([g.flatten() for g in grads])
@@ -477,19 +477,49 @@ class FixedProbes(LatentSDE):
 
 
 def test_hutchinson_log_density_is_unbiased_over_all_sign_patterns():
-    """``logp`` is linear in the estimates, so its mean over every Rademacher probe (one per
-    sample; ``v`` and ``-v`` give the same estimate) is the exact solve's."""
+    """``logp`` is linear in the estimates, and so is ``sum |z_T|^2 + sum logp_T``: their
+    means over every Rademacher probe (one per sample; ``v`` and ``-v`` give the same
+    estimate), values and parameter gradients, are the exact solve's."""
+
+    def solved(sde: LatentSDE) -> tuple[torch.Tensor, torch.Tensor]:
+        y_end, _ = solve(sde, y0, "euler")
+        loss = (y_end[:, :D] ** 2).sum() + y_end[:, -1].sum()
+        grads = torch.autograd.grad(loss, list(sde.parameters()), materialize_grads=True)
+        return y_end.detach(), torch.cat([g.flatten() for g in grads])
+
     sde, y0 = latent_sde("logp", "auto")
-    exact = solve(sde, y0, "euler")[0]
+    exact = solved(sde)
     signs = [torch.tensor([1.0, s], dtype=f64) for s in (1.0, -1.0)]
-    ends = []
+    ends, grads = [], []
     for pattern in range(2**B):
         estimated = FixedProbes("logp", "auto", sde.context).to(f64)
         estimated.load_state_dict(sde.state_dict())
         estimated.probes = torch.stack([signs[(pattern >> b) & 1] for b in range(B)])[None]
-        ends.append(solve(estimated, y0, "euler")[0].detach())
+        end, grad = solved(estimated)
+        ends.append(end)
+        grads.append(grad)
     assert not torch.equal(ends[0], ends[-1])
-    assert_rel(torch.stack(ends).mean(0), exact.detach())
+    assert_rel(torch.stack(ends).mean(0), exact[0])
+    assert_rel(torch.stack(grads).mean(0), exact[1])
+
+
+@pytest.mark.parametrize("method", ["auto", "structured"])
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_training_steps_through_the_solve(method, adjoint):
+    """Three Adam steps through ``sdeint``/``sdeint_adjoint``: parameters changed in place
+    between solves of the same structure (kept plans) end where the loop's training ends."""
+
+    def train(m: str | None) -> torch.Tensor:
+        sde, y0 = latent_sde("logp", m)
+        optimiser = torch.optim.Adam(sde.parameters(), lr=0.05)
+        for _ in range(3):
+            y_end, _ = solve(sde, y0, "euler", adjoint=adjoint)
+            optimiser.zero_grad()
+            ((y_end**2).sum() + y_end[:, -1].sum()).backward()
+            optimiser.step()
+        return torch.cat([p.detach().flatten() for p in sde.parameters()])
+
+    torch.testing.assert_close(train(m=method), train(m=None), rtol=0, atol=1e-14)
 
 
 def adjoint_flow_map_gaps(step: float) -> tuple[float, float]:
