@@ -82,7 +82,9 @@ from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.probes import draw
 from torchdiv._estimators.registry import STOCHASTIC_METHODS, num_terms, num_vectors
 from torchdiv._exact import dispatch as _exact
+from torchdiv._exact.attributes import PlainAttributes
 from torchdiv._exact.autograd import UndifferentiableBackward
+from torchdiv._exact.state import Changes
 from torchdiv._taylor.cache import _attributes, _contents, site
 
 __all__ = ["AugmentedDynamics", "log_likelihood"]
@@ -194,6 +196,36 @@ def _lost_to_adjoint(f: object, module: nn.Module) -> list[str]:
     return [  # (in a list, tuple or dict too: self.contexts = [encoder(y)])
         what for what, v in held if any(_lost(r, own) for r in _reached(v, 2, seen, mine))
     ]
+
+
+def _differentiates_others(
+    f: Any, x: torch.Tensor, times: torch.Tensor, module: nn.Module
+) -> bool | None:
+    """Whether ``f(t, z)``, evaluated at the solve's ends ``times`` (its changes to state put
+    back: buffers, random numbers, its modules' plain values), differentiates into a leaf
+    that requires grad other than ``module``'s parameters and ``z``: what ``odeint_adjoint``
+    would lose. ``_lost_to_adjoint`` names what ``f`` holds that could be; this says whether
+    ``f`` uses it (a frozen feature net read under ``no_grad``, a submodule's back-reference
+    to its parent, an EMA copy kept in a list: held, not differentiated, were refused) and
+    finds what is held deeper than it looks. ``None`` where an evaluation raises (the refusal
+    by what ``f`` holds stands, or the solve reports the error)."""
+    own = {id(p) for p in module.parameters()}
+    z = x.detach().requires_grad_(True)
+    call = PlainAttributes(f)
+    changes = Changes(z)
+    try:
+        with changes, torch.enable_grad():
+            outputs = [f(t, z) for t in times]
+    except Exception:
+        return None
+    finally:
+        changes.undo()
+        call.close()
+    own.add(id(z))
+    return any(
+        not isinstance(y, torch.Tensor) or (y.grad_fn is not None and not _from(y, own))
+        for y in outputs
+    )
 
 
 def _lost(held: torch.Tensor | nn.Module, own: set[int]) -> bool:
@@ -657,7 +689,18 @@ def log_likelihood(
             f"nn.Module or a bound method of one, got {type(f).__name__}; wrap it in a module "
             "or use adjoint=False"
         )
+    if adjoint and module is not None and any(_sharded(p) for p in module.parameters()):
+        raise ValueError(
+            f"{fn}: adjoint=True with parameters sharded by FSDP2 (fully_shard): torchdiffeq's "
+            "adjoint concatenates the parameters with plain tensors, which sharded ones "
+            "refuse; use adjoint=False (backpropagation through the solver)"
+        )
     lost = _lost_to_adjoint(f, module) if adjoint and module is not None else []
+    others = adjoint and module is not None and _differentiates_others(f, x, times, module)
+    if others:
+        lost = lost or ["a tensor its output depends on (found in the autograd graph of f(t, z))"]
+    elif others is not None:  # held, not differentiated: a frozen net under no_grad, a parent
+        lost = []
     if lost:
         raise ValueError(
             f"{fn}: adjoint=True gives gradients to the parameters of f's module "
@@ -666,12 +709,6 @@ def log_likelihood(
             "encoder's output, a hypernetwork's weights): their gradients would be lost "
             "silently; use adjoint=False (backpropagation through the solver), or make them "
             "parameters of the module"
-        )
-    if adjoint and module is not None and any(_sharded(p) for p in module.parameters()):
-        raise ValueError(
-            f"{fn}: adjoint=True with parameters sharded by FSDP2 (fully_shard): torchdiffeq's "
-            "adjoint concatenates the parameters with plain tensors, which sharded ones "
-            "refuse; use adjoint=False (backpropagation through the solver)"
         )
     dynamics = AugmentedDynamics(
         f, x, batch_dims=batch_dims, method=method, probes=None if s is None else s.probes,

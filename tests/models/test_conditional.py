@@ -384,3 +384,71 @@ def test_a_hypernetwork_field_with_weights_per_sample(how: str, method: str) -> 
     assert_close(got, want, rtol=1e-12, atol=1e-12)
     for g, e in zip(_grads(got.sum(), params), _grads(want.sum(), params), strict=True):
         assert_close(g, e, rtol=1e-11, atol=1e-11)
+
+
+# a global pretrained feature net of the condition, read under no_grad (params require grad)
+FROZEN = nn.Linear(KY, K).to(f64)
+
+
+class Reads(nn.Module):
+    """Dynamics that hold a module they do not differentiate: a back-reference to the model
+    that owns them (not a submodule: set past ``nn.Module.__setattr__``), an EMA copy kept in
+    a list, or a global frozen net whose features they read under ``no_grad``."""
+
+    def __init__(self, field: nn.Module, y: torch.Tensor, encoder: nn.Module, how: str):
+        super().__init__()
+        self.field, self.encoder, self.y, self.how = field, encoder, y, how
+        if how == "parent":
+            object.__setattr__(self, "parent", nn.Sequential(nn.Linear(3, 3), self).to(f64))
+        elif how == "ema":
+            self.ema = [nn.Linear(D, D).to(f64)]
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        c = self.encoder(self.y)
+        if self.how == "frozen":
+            with torch.no_grad():
+                c = c + 0.1 * torch.tanh(FROZEN(self.y))
+        return self.field(t, z, c)
+
+
+@pytest.mark.parametrize("how", ["parent", "ema", "frozen"])
+def test_adjoint_takes_dynamics_holding_a_module_they_do_not_differentiate(how: str) -> None:
+    """Refused since the adjoint's walk named every module ``f`` reaches (condflow15): one
+    evaluation of ``f`` at the solve's ends says none of their parameters is differentiated;
+    values and gradients (field and encoder) of the adjoint equal backpropagation's."""
+    pytest.importorskip("torchdiffeq")
+    field, encoder, x, y, _ = _setup(FiLMField, 3)
+    dynamics = Reads(field, y, encoder, how)
+    params = [*field.parameters(), *encoder.parameters()]
+    results = [
+        torchdiv.flows.log_likelihood(
+            dynamics, x, 0.0, 1.0, _normal, rtol=1e-9, atol=1e-9, adjoint=a
+        )
+        for a in (False, True)
+    ]
+    assert_close(results[1], results[0], rtol=1e-7, atol=1e-7)
+    for g, e in zip(
+        _grads(results[1].sum(), params), _grads(results[0].sum(), params), strict=True
+    ):
+        assert_close(g, e, rtol=1e-6, atol=1e-7)
+
+
+def test_adjoint_refuses_a_context_held_deeper_than_the_walk_looks() -> None:
+    """A context three plain objects down (``self.config.inputs.context.c``): the walk of
+    what ``f`` holds stops at two levels and the encoder's gradients were lost silently;
+    the evaluation of ``f`` finds it in its autograd graph."""
+    pytest.importorskip("torchdiffeq")
+    field, encoder, x, y, _ = _setup(FiLMField, 3)
+    ns = types.SimpleNamespace
+    deep = ns(inputs=ns(context=ns(c=encoder(y))))
+
+    class Deep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.field, self.config = field, deep
+
+        def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            return self.field(t, z, self.config.inputs.context.c)
+
+    with pytest.raises(ValueError, match=r"adjoint=True .* autograd graph of f\(t, z\)"):
+        torchdiv.flows.log_likelihood(Deep(), x, 0.0, 1.0, _normal, adjoint=True)

@@ -277,3 +277,47 @@ def test_the_watch_puts_back_the_random_numbers_it_drew() -> None:
     torch.manual_seed(1)
     got = (torchdiv.divergence(model, x), torch.rand(4))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+class ActNorm(torch.nn.Module):
+    """Glow's ActNorm as Glow-PyTorch writes it: its first forward in train mode copies the
+    batch's statistics into its parameters (under ``no_grad``) and sets ``self.inited``."""
+
+    def __init__(self, d: int = 3) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(1, d))
+        self.logs = torch.nn.Parameter(torch.zeros(1, d))
+        self.inited = False
+
+    def initialize_parameters(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            bias = -x.mean(0, keepdim=True)
+            scale = ((x + bias) ** 2).mean(0, keepdim=True).sqrt()
+            self.bias.data.copy_(bias)
+            self.logs.data.copy_(torch.log(1.0 / (scale + 1e-6)))
+        self.inited = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.inited:
+            self.initialize_parameters(x)
+        return torch.tanh((x + self.bias) * torch.exp(self.logs)) ** 2
+
+
+def test_the_watch_puts_back_a_module_s_plain_flags_with_its_tensors() -> None:
+    """The watch's evaluation initialised the ActNorm: its parameters were put back, its
+    ``inited`` flag was not, and the compiled call differentiated the uninitialised layer
+    (0.65 off) and left the model so. Now the call initialises it once, as an eager call
+    does; values against a per-sample grad loop of the initialised layer."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, dtype=torch.float64) * 3 + 1
+    net = ActNorm().double()
+    got = torchdiv.divergence(torch.compile(net, backend="aot_eager"), x)
+    assert net.inited
+    torch.testing.assert_close(net.bias.detach(), -x.mean(0, keepdim=True), rtol=0, atol=1e-12)
+    expected = []
+    for sample in x:
+        z = sample[None].clone().requires_grad_(True)
+        y = net(z)[0]
+        rows = [torch.autograd.grad(y[i], z, retain_graph=True)[0][0, i] for i in range(3)]
+        expected.append(sum(rows))
+    torch.testing.assert_close(got.detach(), torch.stack(expected), rtol=1e-10, atol=1e-10)

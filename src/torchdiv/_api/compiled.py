@@ -18,6 +18,7 @@ import torch
 
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, unnamed
 from torchdiv._core.mixing.watch import watch_once
+from torchdiv._exact.attributes import PlainAttributes
 from torchdiv._exact.state import Changes
 from torchdiv._taylor.cache import PlanCache
 from torchdiv._taylor.capture import argument
@@ -60,6 +61,10 @@ def watch_compiled(
     if _WATCHED.get(*at) is not None or passed_before(f, x, batch_dims, at) is not None:
         return True
     z = argument(x)
+    # as a public call: the plain values of f's modules are put back with its tensors (a
+    # data-dependent initialisation's flag, Glow's ActNorm ``self.inited = True``: left set
+    # with its parameters put back, the compiled call differentiated the uninitialised layer)
+    call = PlainAttributes(f)
     changes = Changes(z)
     try:
         with changes:
@@ -70,5 +75,6 @@ def watch_compiled(
         return False
     finally:
         changes.undo()
+        call.close()
     _WATCHED.put(*at, True)
     return True
