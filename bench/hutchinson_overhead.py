@@ -15,7 +15,9 @@ Every recipe estimates ``tr J`` of every sample as ``(1/m) sum_j v_j^T J^T v_j``
   func-jvp       ``vmap`` of ``torch.func.jvp`` over ``V`` (not the DiT: CPU fused attention
                  has no forward-mode rule)
 
-and the values are checked against ``hand-vjp``'s (float32: rtol 1e-4 of the largest).
+and the values are checked against ``hand-vjp``'s (float32: rtol 1e-4 of the largest),
+torchdiv's at its first call and again after the warm-up (the later calls, timed, take another
+route on small problems).
 ``frozen``: parameters without grad, the estimate only. ``train``: parameters with grad, the
 estimate, then ``loss.backward()`` of its mean (the recipes take ``create_graph=True``; the
 DiT's hand recipes run attention on PyTorch's math backend there, the fused CPU kernel has no
@@ -230,6 +232,11 @@ def run_case(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             for call in timed.values():  # warm-up: plans, caches, allocator
                 call()
                 call()
+            # the timed calls are later calls (torchdiv's plain-autograd route for small
+            # problems, not its first call's engine): their values checked too
+            torch.testing.assert_close(
+                calls["torchdiv"]().detach(), reference, rtol=1e-4, atol=atol
+            )
             wall = time_interleaved(timed, args.rounds, args.min_run_time)
             cpu = {k: [] for k in timed}
             for _ in range(args.rounds):

@@ -495,3 +495,40 @@ def test_sketching_estimates_equal_at_every_call_from_one_generator_state(method
     )
     for estimate in later:
         assert torch.equal(estimate, first)
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_later_calls_by_plain_autograd_keep_chunks_and_probes(monkeypatch, probe):
+    """At later calls (plain autograd, after the watch passed) the caller's ``chunk_size``
+    still bounds the probes multiplied at once (8 probes in chunks of 3, 3 and 2),
+    and the same generator state draws the same probes as at the first call (``torch.func``):
+    values and parameter gradients against the per-sample loop at every call, the generator
+    left where one draw leaves it."""
+    torch.manual_seed(0)
+    net = tanh_mlp(3, 16, 3)
+    x = torch.randn(6, 3, dtype=F64)
+    generator = torch.Generator()
+    probes = torchdiv.draw_probes(x, 8, probe=probe, generator=generator.manual_seed(5))
+    drawn = generator.get_state()
+    reference = probed_loop(net, x, probes)
+    weights = torch.linspace(-1.0, 2.0, len(x), dtype=F64)
+    import torchdiv._exact.autograd as plain
+
+    backward = []
+    vjps = plain.GraphJacobian._vjps
+
+    def counted(self, cotangents):
+        backward.append(len(cotangents))
+        return vjps(self, cotangents)
+
+    monkeypatch.setattr(plain.GraphJacobian, "_vjps", counted)
+    for call in range(3):
+        backward.clear()
+        ours = torchdiv.divergence(
+            net, x, method="hutchinson", num_probes=8, probe=probe, chunk_size=3,
+            generator=generator.manual_seed(5),
+        )  # fmt: skip
+        assert backward == ([] if call == 0 else [3, 3, 2]), call
+        assert torch.equal(generator.get_state(), drawn)
+        assert_close(ours, reference)
+        assert_same_parameter_gradients(net, (weights * ours).sum(), (weights * reference).sum())

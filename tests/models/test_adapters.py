@@ -161,3 +161,62 @@ def test_fake_quantized_frozen_weight_with_its_observer_on(op: str, method: str)
         torch.testing.assert_close(f.state_dict()[k], v, rtol=0, atol=0)
     f.apply(torch.ao.quantization.disable_observer)
     check(f, x, op, method)
+
+
+class CachedScale(nn.Module):
+    """A scale computed from a trainable parameter and cached in a buffer at every evaluation
+    (``self.scale.copy_(1 + g**2)``, as weight-norm-style caches write it), then read by the
+    output: its gradient reaches ``g`` through the buffer, as in a plain evaluation."""
+
+    def __init__(self, d: int, out: int):
+        super().__init__()
+        self.inner, self.outer = nn.Linear(d, 8, dtype=f64), nn.Linear(8, out, dtype=f64)
+        self.g = nn.Parameter(torch.tensor(0.7, dtype=f64))
+        self.register_buffer("scale", torch.zeros((), dtype=f64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.scale.copy_(1 + self.g**2)
+        return self.outer(torch.tanh(self.inner(x))) * self.scale
+
+
+@pytest.mark.parametrize(
+    ("op", "method"),
+    [("divergence", m) for m in ("auto", "forward", "reverse")]
+    + [("laplacian", m) for m in ("auto", "forward-over-reverse", "hessian")],
+)
+def test_buffer_written_from_a_trainable_parameter_and_read_back(op: str, method: str) -> None:
+    """The write reads no derivative of the transforms but the parameter's own graph: run
+    below them with plain autograd on (the ``torch.func`` engines refused it before lora15),
+    values and the parameter gradients through the buffer against grad of grad of one eager
+    evaluation (``f`` keeps samples apart; the per-sample loop rewrites the buffer at each
+    sample, which cuts the earlier samples' graphs to ``g``, eagerly too)."""
+    d = 3
+    torch.manual_seed(0)
+    f = CachedScale(d, d if op == "divergence" else 1)
+    x = torch.randn(4, d, dtype=f64, generator=torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(f)
+    expected = batch_of_grad_of_grad(reference, x, op)
+    w = torch.linspace(0.5, 1.5, x.shape[0], dtype=f64).reshape(expected.shape)
+    # (the output bias has no derivative in x: materialized as zeros)
+    expected_grads = torch.autograd.grad(
+        (expected * w).sum(), list(reference.parameters()), materialize_grads=True
+    )
+    result = getattr(torchdiv, op)(f, x, method=method)
+    torch.testing.assert_close(result, expected, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad((result * w).sum(), list(f.parameters()), materialize_grads=True)
+    torch.testing.assert_close(grads, expected_grads, rtol=1e-10, atol=1e-10)
+    assert grads[0].abs() > 0.1  # (the gradient through the buffer, to g)
+    torch.testing.assert_close(f.scale, (1 + f.g**2).detach(), rtol=0, atol=0)
+    assert all(p.grad is None for p in f.parameters())
+
+
+def batch_of_grad_of_grad(f: nn.Module, x: torch.Tensor, op: str) -> torch.Tensor:
+    """``per_sample``'s operator from one evaluation of ``f`` on the whole batch, by plain
+    autograd: gradients of sums over the batch are per-sample where ``f`` keeps samples apart."""
+    z = x.detach().requires_grad_(True)
+    y = f(z)
+    if op == "laplacian":
+        y = torch.autograd.grad(y.sum(), z, create_graph=True)[0]
+    rows = [torch.autograd.grad(y[:, i].sum(), z, create_graph=True)[0][:, i] for i in range(3)]
+    total = torch.stack(rows).sum(0)
+    return total if op == "divergence" else total[:, None]
