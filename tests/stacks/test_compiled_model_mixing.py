@@ -277,3 +277,28 @@ def test_the_watch_puts_back_the_random_numbers_it_drew() -> None:
     torch.manual_seed(1)
     got = (torchdiv.divergence(model, x), torch.rand(4))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_replaced_orig_mod_is_not_what_the_compiled_module_computes() -> None:
+    """Dynamo binds a compiled module's ``forward`` to the module it was made from: after
+    ``model._orig_mod = other``, ``model(x)`` still computes the first. torchdiv took
+    ``_orig_mod``: the derivatives of ``other`` (0.18 off, parameter gradients into
+    ``other``), and a centring model swapped out for a per-sample one went unrefused."""
+    torch.manual_seed(0)
+    first, other = Mlp().double(), Centred().double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    model = torch.compile(first, backend="aot_eager")
+    model._orig_mod = other
+    torch.testing.assert_close(model(x), first(x), rtol=0, atol=0)  # what f computes
+    params = list(first.parameters())
+    expected = _divergence_loop(first, x)
+    reference = torch.autograd.grad(expected.square().sum(), params, materialize_grads=True)
+    for method in ("auto", "reverse"):
+        div = torchdiv.divergence(model, x, method=method)
+        torch.testing.assert_close(div, expected.detach(), rtol=1e-10, atol=1e-10)
+        grads = torch.autograd.grad(div.square().sum(), params, materialize_grads=True)
+        torch.testing.assert_close(grads, reference, rtol=1e-10, atol=1e-10)
+    centring = torch.compile(Centred().double(), backend="aot_eager")
+    centring._orig_mod = Mlp().double()
+    with pytest.raises(torchdiv.BatchInteractionError, match=r"^divergence: f mixes samples"):
+        torchdiv.divergence(centring, x)

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torchdiv._core import linalg as _linalg
 from torchdiv._core.ddp import in_process_group, one_forward, spans_peers
 from torchdiv._core.power import plain_exponent, power
-from torchdiv._core.script import attribute, cached, call_ended, call_started
+from torchdiv._core.script import attribute, cached, call_ended, call_started, cell_contents
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -189,7 +189,7 @@ def _compiled_parts(f: Any) -> tuple[Callable[..., Any], Any, bool | None] | Non
     if original is None:
         return None
     if isinstance(f, compiled_module):  # the module, whose call runs its hooks, not its forward
-        original = getattr(f, "_orig_mod", original)
+        original = _called_module(f)
     context = getattr(f, "dynamo_ctx", None)  # a compiled module
     cells = getattr(f, "__closure__", None) or ()  # a compiled function's wrapper
     for cell in cells if context is None else ():
@@ -201,6 +201,23 @@ def _compiled_parts(f: Any) -> tuple[Callable[..., Any], Any, bool | None] | Non
     if context is None or backend is None or not callable(original):
         return None
     return original, backend, getattr(context, "_dynamic", None)
+
+
+def _called_module(module: torch.nn.Module) -> Any:
+    """The module whose call a compiled module's call runs (``None`` where that cannot be
+    told): Dynamo binds the wrapper's ``forward`` to its ``_orig_mod``'s call when it makes
+    the wrapper, so a module assigned to ``_orig_mod`` since (``model._orig_mod = other``) is
+    not what ``model(x)`` computes. Differentiating ``_orig_mod`` then gave the derivatives of
+    another model than ``f``, silently."""
+    wrapper = module.__dict__.get("_forward", module.__dict__.get("forward"))  # (lazy: _forward)
+    inner = attribute(wrapper, "_torchdynamo_orig_callable")
+    bound = attribute(inner, "__self__")  # the module's bound __call__
+    if bound is not None:
+        held = [bound]
+    else:  # torch.nn's own modules: a function whose closure holds the module
+        held = cell_contents(inner) if isinstance(inner, types.FunctionType) else []
+    called = [m for m in held if isinstance(m, torch.nn.Module)]
+    return called[0] if len(called) == 1 else None
 
 
 def _own_hooks(module: torch.nn.Module) -> bool:
