@@ -49,6 +49,9 @@ WRAPPERS: dict[str, dict] = {
 }
 # the wrapped model compiled as a whole (torch.compile(DDP(net))), by the aot_eager backend
 COMPILED = ("compiled-ddp", "compiled-fsdp")
+# the model compiled, then wrapped: DDP(torch.compile(net)), and FSDP2 over children compiled
+# in place (``child.compile()``, then ``fully_shard``: torchtitan's order)
+COMPILED_INSIDE = ("ddp-of-compiled", "fsdp-of-compiled")
 
 
 class MLP(nn.Module):
@@ -212,9 +215,13 @@ def operators() -> dict[str, Callable]:
 FSDP_REFUSED = ("log_likelihood/adjoint",)  # a ValueError naming the way out (test_ddp.py)
 
 
-def _runs(wrapper: str, op: str) -> bool:
-    """Whether the case is one to run: FSDP2 refuses the adjoint."""
-    return not (wrapper.startswith("fsdp") and op in FSDP_REFUSED)
+def _runs(wrapper: str, op: str, kind: str) -> bool:
+    """Whether the case is one to run: FSDP2 refuses the adjoint, and every wrapper refuses
+    it where ``f`` is a closure over the model (``"heads"``: ``lambda z: model(z)[0]``; the
+    adjoint's parameters are those of ``f``'s module, here none: the model's gradients were
+    lost, in one process as under DDP)."""
+    closure = op == "log_likelihood/adjoint" and kind == "heads"
+    return not (wrapper.startswith("fsdp") and op in FSDP_REFUSED) and not closure
 
 
 LOSSES = ("alone", "with-f", "heads")
@@ -261,7 +268,7 @@ def configs(wrappers, models, ops=None) -> list[Case]:
     """Every combination (``bench/ddp_matrix.py``)."""
     ops = ops or list(operators())
     cases = [(w, m, o, k) for w in wrappers for m in models for o in ops for k in LOSSES]
-    return [case for case in cases if _runs(case[0], case[2])]
+    return [case for case in cases if _runs(case[0], case[2], case[3])]
 
 
 def sample(second: Callable[[Case], bool] = lambda case: True) -> list[Case]:
@@ -277,11 +284,13 @@ def sample(second: Callable[[Case], bool] = lambda case: True) -> list[Case]:
     models = list(MODELS)
     cases: list[Case] = []
     for k, op in enumerate(operators()):
-        pair = [
-            (wrapper, models[(k + j) % 2], op, LOSSES[(k + j) % len(LOSSES)])
-            for j, wrapper in enumerate((ddp[k % len(ddp)], fsdp[k % len(fsdp)]))
-            if _runs(wrapper, op)
-        ]
+        pair = []
+        for j, wrapper in enumerate((ddp[k % len(ddp)], fsdp[k % len(fsdp)])):
+            # the turn's loss, or where that is refused (the adjoint of a closure) f's own
+            kinds = [kind for kind in (LOSSES[(k + j) % len(LOSSES)], "with-f")
+                     if _runs(wrapper, op, kind)]  # fmt: skip
+            if kinds:
+                pair.append((wrapper, models[(k + j) % 2], op, kinds[0]))
         first = pair[k % len(pair)]
         cases += [case for case in pair if case == first or second(case)]
     static = [("divergence/auto", "with-f"), ("divergence/hutchinson", "with-f"),
@@ -306,12 +315,22 @@ def sample(second: Callable[[Case], bool] = lambda case: True) -> list[Case]:
     # buffer broadcast and FSDP2's sharding (rev-stacks11; right, a guard)
     cases += [("ddp", "poly", "laplacian/auto", "penalty"),
               ("fsdp", "poly", "divergence/forward", "with-f")]  # fmt: skip
+    # the model compiled, then wrapped: DDP(torch.compile(net)), FSDP2 over compiled children
+    # (rev-stacks15; right, a guard)
+    cases += [("ddp-of-compiled", "mlp", "divergence/auto", "with-f"),
+              ("fsdp-of-compiled", "mlp", "laplacian/taylor", "with-f")]  # fmt: skip
     return cases + [("ddp-static", "mlp", op, loss) for op, loss in static]
 
 
 def wrap(model: nn.Module, wrapper: str) -> nn.Module:
     if wrapper in COMPILED:
         return torch.compile(wrap(model, wrapper.removeprefix("compiled-")), backend="aot_eager")
+    if wrapper == "ddp-of-compiled":
+        return nn.parallel.DistributedDataParallel(torch.compile(model, backend="aot_eager"))
+    if wrapper == "fsdp-of-compiled":
+        for child in model.children():
+            child.compile(backend="aot_eager")
+        return wrap(model, "fsdp")
     options = WRAPPERS[wrapper]
     if wrapper.startswith("ddp"):
         return nn.parallel.DistributedDataParallel(model, **options)
@@ -385,7 +404,7 @@ def judge(config, result) -> tuple[str, str]:
     if len(payload) != 2:  # both training steps ran and reported
         return "wrong", f"{len(payload)} steps reported, not 2"
     wrapper, _, op, _ = config
-    options = WRAPPERS.get(wrapper.removeprefix("compiled-"), {})
+    options = WRAPPERS.get(wrapper.removeprefix("compiled-").removesuffix("-of-compiled"), {})
     strict_none = options.get("find_unused_parameters") and op != "graph_divergence/auto"
     grads = reference(config)
     nones = [g is None for g in grads]

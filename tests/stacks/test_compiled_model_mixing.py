@@ -302,3 +302,42 @@ def test_a_replaced_orig_mod_is_not_what_the_compiled_module_computes() -> None:
     centring._orig_mod = Mlp().double()
     with pytest.raises(torchdiv.BatchInteractionError, match=r"^divergence: f mixes samples"):
         torchdiv.divergence(centring, x)
+
+
+class PartlyEager(torch.nn.Module):
+    """An MLP whose activation is a method under ``torch.compiler.disable`` (a graph break)."""
+
+    def __init__(self, d: int = 3, d_out: int = 3) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(d, 16), torch.nn.Linear(16, d_out)
+
+    @torch.compiler.disable
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.activation(self.a(x)))
+
+
+# (raised as errors, these warnings of Dynamo's tracing made it give up: eager, no break)
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not")
+def test_a_compiled_model_that_breaks_the_graph_trains() -> None:
+    """torchdiv compiled its call around the original, which broke the graph at the disabled
+    method: ``"auto"`` then took plain backward passes through ``f`` compiled apart, and the
+    parameter gradients were refused (at ``backward``, naming the function form the caller
+    used). Its traced call is now one graph or none: a break runs the call eagerly."""
+    torch.manual_seed(0)
+    net = PartlyEager().double()
+    model = torch.compile(net, backend="aot_eager")
+    x = torch.randn(6, 3, dtype=torch.float64)  # tiny: plain backward passes first
+    params = list(net.parameters())
+    results = []
+    for _ in range(2):  # (the first call before any eager one)
+        div = torchdiv.divergence(model, x)
+        grads = torch.autograd.grad(div.square().sum(), params, materialize_grads=True)
+        results.append((div.detach(), grads))
+    expected = _divergence_loop(net, x)
+    reference = torch.autograd.grad(expected.square().sum(), params, materialize_grads=True)
+    for result in results:
+        torch.testing.assert_close(result, (expected.detach(), reference), rtol=1e-10, atol=1e-10)

@@ -11,6 +11,7 @@ import math
 import sys
 import threading
 import types
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -137,7 +138,16 @@ def compiled_like_f(
                     passes = watch(fn.__name__, original, x, kwargs)
                 if not passes:  # the watched evaluation failed: the eager call tells why
                     return fn(original, x, *args, **kwargs)
-            return _compiled(fn, backend, dynamic)(original, x, *args, **kwargs)
+            if fn in _BREAKS.get(original, ()):  # its traced call broke before
+                return fn(original, x, *args, **kwargs)
+            from torch._dynamo.exc import FailOnRecompileLimitHit, Unsupported
+
+            try:
+                return _compiled(fn, backend, dynamic)(original, x, *args, **kwargs)
+            except (Unsupported, FailOnRecompileLimitHit) as error:  # tracing: nothing ran
+                if not isinstance(error, FailOnRecompileLimitHit):
+                    _BREAKS.setdefault(original, set()).add(fn)
+                return fn(original, x, *args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
 
@@ -228,6 +238,8 @@ def _own_hooks(module: torch.nn.Module) -> bool:
 
 
 _COMPILED: dict[tuple[Any, int, bool | None], tuple[Any, Callable[..., Any]]] = {}
+# the originals whose traced call (by the torchdiv functions held) broke the graph: run eagerly
+_BREAKS: weakref.WeakKeyDictionary[Any, set[Callable[..., Any]]] = weakref.WeakKeyDictionary()
 
 
 def _compiled(fn: Callable[..., Any], backend: Any, dynamic: bool | None) -> Callable[..., Any]:
@@ -235,7 +247,8 @@ def _compiled(fn: Callable[..., Any], backend: Any, dynamic: bool | None) -> Cal
     key; backends need not be hashable)."""
     key = (fn, id(backend), dynamic)
     if key not in _COMPILED:
-        _COMPILED[key] = backend, torch.compile(fn, backend=backend, dynamic=dynamic)
+        call = torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=True)
+        _COMPILED[key] = backend, call
     return _COMPILED[key][1]
 
 
