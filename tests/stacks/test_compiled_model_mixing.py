@@ -320,13 +320,21 @@ class PartlyEager(torch.nn.Module):
 
 
 # (raised as errors, these warnings of Dynamo's tracing made it give up: eager, no break)
-@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
-@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not")
+TRACING_WARNINGS = (
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
+    pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not"),
+)
+
+
+@TRACING_WARNINGS[0]
+@TRACING_WARNINGS[1]
 def test_a_compiled_model_that_breaks_the_graph_trains() -> None:
-    """torchdiv compiled its call around the original, which broke the graph at the disabled
-    method: ``"auto"`` then took plain backward passes through ``f`` compiled apart, and the
-    parameter gradients were refused (at ``backward``, naming the function form the caller
-    used). Its traced call is now one graph or none: a break runs the call eagerly."""
+    """torchdiv compiles its call around the original, which breaks the graph at the disabled
+    method: ``"auto"`` then takes plain backward passes through ``f`` compiled apart, and the
+    parameter gradients are refused (at ``backward``, naming the function form the caller
+    used): a false refusal, documented. (Tracing the call with ``fullgraph=True`` and running
+    it eagerly at a break fixes it, but a failed compile of a checkpointing model under the
+    transforms then broke the process: see the next test.)"""
     torch.manual_seed(0)
     net = PartlyEager().double()
     model = torch.compile(net, backend="aot_eager")
@@ -338,6 +346,42 @@ def test_a_compiled_model_that_breaks_the_graph_trains() -> None:
         grads = torch.autograd.grad(div.square().sum(), params, materialize_grads=True)
         results.append((div.detach(), grads))
     expected = _divergence_loop(net, x)
+    reference = torch.autograd.grad(expected.square().sum(), params, materialize_grads=True)
+    for result in results:
+        torch.testing.assert_close(result, (expected.detach(), reference), rtol=1e-10, atol=1e-10)
+
+
+class Checkpointed(torch.nn.Module):
+    """An MLP whose activation is recomputed in the backward pass (a non-reentrant checkpoint)."""
+
+    def __init__(self, d: int = 3) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(d, 16), torch.nn.Linear(16, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(torch.tanh, self.a(x), use_reentrant=False)
+        return self.b(h)
+
+
+@TRACING_WARNINGS[0]
+@TRACING_WARNINGS[1]
+def test_a_compiled_checkpointing_model_trains_and_leaves_the_process_working() -> None:
+    """The backend failed to compile torchdiv's traced call ("torch.func ... don't yet support
+    saved tensor hooks", ``BackendCompilerFailed``) and left ``torch.func``'s ban on saved
+    tensor hooks on: every later backward pass through a checkpoint raised, plain autograd's
+    included. Now the ban is put back and the call runs eagerly (``"auto"`` differentiates a
+    non-reentrant checkpoint by plain autograd: right)."""
+    torch.manual_seed(0)
+    net = Checkpointed().double()
+    model = torch.compile(net, backend="aot_eager")
+    x = torch.randn(6, 3, dtype=torch.float64)
+    params = list(net.parameters())
+    results = []
+    for _ in range(2):
+        div = torchdiv.divergence(model, x)
+        grads = torch.autograd.grad(div.square().sum(), params, materialize_grads=True)
+        results.append((div.detach(), grads))
+    expected = _divergence_loop(net, x)  # (plain autograd through the checkpoint)
     reference = torch.autograd.grad(expected.square().sum(), params, materialize_grads=True)
     for result in results:
         torch.testing.assert_close(result, (expected.detach(), reference), rtol=1e-10, atol=1e-10)

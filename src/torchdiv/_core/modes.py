@@ -138,16 +138,9 @@ def compiled_like_f(
                     passes = watch(fn.__name__, original, x, kwargs)
                 if not passes:  # the watched evaluation failed: the eager call tells why
                     return fn(original, x, *args, **kwargs)
-            if fn in _BREAKS.get(original, ()):  # its traced call broke before
+            if fn in _FAILED.get(original, ()):  # its backend failed on the traced call
                 return fn(original, x, *args, **kwargs)
-            from torch._dynamo.exc import FailOnRecompileLimitHit, Unsupported
-
-            try:
-                return _compiled(fn, backend, dynamic)(original, x, *args, **kwargs)
-            except (Unsupported, FailOnRecompileLimitHit) as error:  # tracing: nothing ran
-                if not isinstance(error, FailOnRecompileLimitHit):
-                    _BREAKS.setdefault(original, set()).add(fn)
-                return fn(original, x, *args, **kwargs)
+            return _compiled_or_eager(fn, backend, dynamic, original, x, *args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
 
@@ -238,8 +231,37 @@ def _own_hooks(module: torch.nn.Module) -> bool:
 
 
 _COMPILED: dict[tuple[Any, int, bool | None], tuple[Any, Callable[..., Any]]] = {}
-# the originals whose traced call (by the torchdiv functions held) broke the graph: run eagerly
-_BREAKS: weakref.WeakKeyDictionary[Any, set[Callable[..., Any]]] = weakref.WeakKeyDictionary()
+# the originals whose traced call (of the torchdiv functions held) the backend failed to compile
+_FAILED: weakref.WeakKeyDictionary[Any, set[Callable[..., Any]]] = weakref.WeakKeyDictionary()
+
+
+def _compiled_or_eager(
+    fn: Callable[..., Any],
+    backend: Any,
+    dynamic: bool | None,
+    original: Any,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """``fn(original, *args, **kwargs)`` compiled, or eagerly where the backend fails to compile the
+    traced call (``BackendCompilerFailed``, raised before the graph ran): a model with a
+    non-reentrant checkpoint (``checkpoint(torch.tanh, h, use_reentrant=False)``) under the
+    engines' transforms. PyTorch's failure leaves ``torch.func``'s ban on saved-tensor hooks
+    on: every later backward pass through a checkpoint in the process raised ("torch.func ...
+    don't yet support saved tensor hooks"), plain autograd's included; the ban is put back."""
+    from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, Unsupported
+
+    ban = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
+    try:
+        return _compiled(fn, backend, dynamic)(original, *args, **kwargs)
+    except (BackendCompilerFailed, Unsupported, FailOnRecompileLimitHit) as error:
+        if ban is None:
+            torch._C._autograd._saved_tensors_hooks_enable()
+        else:
+            torch._C._autograd._saved_tensors_hooks_disable(ban)
+        if not isinstance(error, FailOnRecompileLimitHit):  # (a limit of the call's)
+            _FAILED.setdefault(original, set()).add(fn)
+        return fn(original, *args, **kwargs)  # (eagerly: what f cannot do is named as in eager calls)
 
 
 def _compiled(fn: Callable[..., Any], backend: Any, dynamic: bool | None) -> Callable[..., Any]:
