@@ -138,7 +138,7 @@ def compiled_like_f(
                     passes = watch(fn.__name__, original, x, kwargs)
                 if not passes:  # the watched evaluation failed: the eager call tells why
                     return fn(original, x, *args, **kwargs)
-            if fn in _FAILED.get(original, ()):  # its backend failed on the traced call
+            if fn in _FAILED.get(original, ()):  # its traced call broke or failed to compile
                 return fn(original, x, *args, **kwargs)
             return _compiled_or_eager(fn, backend, dynamic, original, x, *args, **kwargs)
 
@@ -231,7 +231,7 @@ def _own_hooks(module: torch.nn.Module) -> bool:
 
 
 _COMPILED: dict[tuple[Any, int, bool | None], tuple[Any, Callable[..., Any]]] = {}
-# the originals whose traced call (of the torchdiv functions held) the backend failed to compile
+# the originals whose traced call (by the torchdiv functions held) broke or failed to compile
 _FAILED: weakref.WeakKeyDictionary[Any, set[Callable[..., Any]]] = weakref.WeakKeyDictionary()
 
 
@@ -243,12 +243,16 @@ def _compiled_or_eager(
     *args: Any,
     **kwargs: Any,
 ) -> Any:
-    """``fn(original, *args, **kwargs)`` compiled, or eagerly where the backend fails to compile the
-    traced call (``BackendCompilerFailed``, raised before the graph ran): a model with a
-    non-reentrant checkpoint (``checkpoint(torch.tanh, h, use_reentrant=False)``) under the
-    engines' transforms. PyTorch's failure leaves ``torch.func``'s ban on saved-tensor hooks
-    on: every later backward pass through a checkpoint in the process raised ("torch.func ...
-    don't yet support saved tensor hooks"), plain autograd's included; the ban is put back."""
+    """``fn(original, *args, **kwargs)`` compiled as one graph (``fullgraph``), or eagerly
+    where that cannot be (raised while compiling, before anything ran), from then on for this
+    ``original`` and ``fn``: where ``f`` breaks the graph (a ``torch.compiler.disable``d part:
+    traced around the break, ``"auto"`` took plain backward passes through ``f``'s parts
+    compiled apart, and refused their parameter gradients) or the backend fails (a model with
+    a non-reentrant checkpoint under the engines' transforms). PyTorch's failed compile left
+    ``torch.func``'s ban on saved-tensor hooks on: every later backward pass through a
+    checkpoint in the process raised ("torch.func ... don't yet support saved tensor hooks"),
+    plain autograd's included; the ban is put back. Past Dynamo's recompile limit: eagerly,
+    this call only."""
     from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, Unsupported
 
     ban = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
@@ -261,12 +265,12 @@ def _compiled_or_eager(
             torch._C._autograd._saved_tensors_hooks_disable(ban)
         if not isinstance(error, FailOnRecompileLimitHit):  # (a limit of the call's)
             _FAILED.setdefault(original, set()).add(fn)
-        return fn(original, *args, **kwargs)  # (eagerly: what f cannot do is named as in eager calls)
+        return fn(original, *args, **kwargs)  # (eagerly: f's errors named as in eager calls)
 
 
 def _compiled(fn: Callable[..., Any], backend: Any, dynamic: bool | None) -> Callable[..., Any]:
-    """One ``torch.compile`` of ``fn`` per backend object (kept alive with it: its id is the
-    key; backends need not be hashable)."""
+    """One ``torch.compile`` of ``fn`` (``fullgraph``: ``_compiled_or_eager``) per backend
+    object (kept alive with it: its id is the key; backends need not be hashable)."""
     key = (fn, id(backend), dynamic)
     if key not in _COMPILED:
         call = torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=True)
