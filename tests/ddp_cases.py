@@ -314,12 +314,24 @@ def sample(second: Callable[[Case], bool] = lambda case: True) -> list[Case]:
     # buffer broadcast and FSDP2's sharding (rev-stacks11; right, a guard)
     cases += [("ddp", "poly", "laplacian/auto", "penalty"),
               ("fsdp", "poly", "divergence/forward", "with-f")]  # fmt: skip
+    # the model compiled, then wrapped: DDP(torch.compile(net)), FSDP2 over compiled children
+    # (rev-stacks15; right, a guard)
+    cases += [("ddp-of-compiled", "mlp", "divergence/auto", "with-f"),
+              ("fsdp-of-compiled", "mlp", "laplacian/taylor", "with-f")]  # fmt: skip
     return cases + [("ddp-static", "mlp", op, loss) for op, loss in static]
 
 
 def wrap(model: nn.Module, wrapper: str) -> nn.Module:
     if wrapper in COMPILED:
         return torch.compile(wrap(model, wrapper.removeprefix("compiled-")), backend="aot_eager")
+    # the model compiled, then wrapped: DDP(torch.compile(net)), and FSDP2 over children
+    # compiled in place (``child.compile()``, then ``fully_shard``: torchtitan's order)
+    if wrapper == "ddp-of-compiled":
+        return nn.parallel.DistributedDataParallel(torch.compile(model, backend="aot_eager"))
+    if wrapper == "fsdp-of-compiled":
+        for child in model.children():
+            child.compile(backend="aot_eager")
+        return wrap(model, "fsdp")
     options = WRAPPERS[wrapper]
     if wrapper.startswith("ddp"):
         return nn.parallel.DistributedDataParallel(model, **options)
@@ -393,7 +405,7 @@ def judge(config, result) -> tuple[str, str]:
     if len(payload) != 2:  # both training steps ran and reported
         return "wrong", f"{len(payload)} steps reported, not 2"
     wrapper, _, op, _ = config
-    options = WRAPPERS.get(wrapper.removeprefix("compiled-"), {})
+    options = WRAPPERS.get(wrapper.removeprefix("compiled-").removesuffix("-of-compiled"), {})
     strict_none = options.get("find_unused_parameters") and op != "graph_divergence/auto"
     grads = reference(config)
     nones = [g is None for g in grads]

@@ -11,6 +11,7 @@ import math
 import sys
 import threading
 import types
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -28,7 +29,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torchdiv._core import linalg as _linalg
 from torchdiv._core.ddp import in_process_group, one_forward, spans_peers
 from torchdiv._core.power import plain_exponent, power
-from torchdiv._core.script import attribute, cached, call_ended, call_started
+from torchdiv._core.script import attribute, cached, call_ended, call_started, cell_contents
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -137,7 +138,9 @@ def compiled_like_f(
                     passes = watch(fn.__name__, original, x, kwargs)
                 if not passes:  # the watched evaluation failed: the eager call tells why
                     return fn(original, x, *args, **kwargs)
-            return _compiled(fn, backend, dynamic)(original, x, *args, **kwargs)
+            if fn in _FAILED.get(original, ()):  # its traced call broke or failed to compile
+                return fn(original, x, *args, **kwargs)
+            return _compiled_or_eager(fn, backend, dynamic, original, x, *args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
 
@@ -189,7 +192,7 @@ def _compiled_parts(f: Any) -> tuple[Callable[..., Any], Any, bool | None] | Non
     if original is None:
         return None
     if isinstance(f, compiled_module):  # the module, whose call runs its hooks, not its forward
-        original = getattr(f, "_orig_mod", original)
+        original = _called_module(f)
     context = getattr(f, "dynamo_ctx", None)  # a compiled module
     cells = getattr(f, "__closure__", None) or ()  # a compiled function's wrapper
     for cell in cells if context is None else ():
@@ -203,6 +206,23 @@ def _compiled_parts(f: Any) -> tuple[Callable[..., Any], Any, bool | None] | Non
     return original, backend, getattr(context, "_dynamic", None)
 
 
+def _called_module(module: torch.nn.Module) -> Any:
+    """The module whose call a compiled module's call runs (``None`` where that cannot be
+    told): Dynamo binds the wrapper's ``forward`` to its ``_orig_mod``'s call when it makes
+    the wrapper, so a module assigned to ``_orig_mod`` since (``model._orig_mod = other``) is
+    not what ``model(x)`` computes. Differentiating ``_orig_mod`` then gave the derivatives of
+    another model than ``f``, silently."""
+    wrapper = module.__dict__.get("_forward", module.__dict__.get("forward"))  # (lazy: _forward)
+    inner = attribute(wrapper, "_torchdynamo_orig_callable")
+    bound = attribute(inner, "__self__")  # the module's bound __call__
+    if bound is not None:
+        held = [bound]
+    else:  # torch.nn's own modules: a function whose closure holds the module
+        held = cell_contents(inner) if isinstance(inner, types.FunctionType) else []
+    called = [m for m in held if isinstance(m, torch.nn.Module)]
+    return called[0] if len(called) == 1 else None
+
+
 def _own_hooks(module: torch.nn.Module) -> bool:
     """Whether hooks are registered on ``module`` itself (a compiled module's wrapper, not the
     module it compiled): its call runs them, its ``_orig_mod``'s does not."""
@@ -211,14 +231,50 @@ def _own_hooks(module: torch.nn.Module) -> bool:
 
 
 _COMPILED: dict[tuple[Any, int, bool | None], tuple[Any, Callable[..., Any]]] = {}
+# the originals whose traced call (by the torchdiv functions held) broke or failed to compile
+_FAILED: weakref.WeakKeyDictionary[Any, set[Callable[..., Any]]] = weakref.WeakKeyDictionary()
+
+
+def _compiled_or_eager(
+    fn: Callable[..., Any],
+    backend: Any,
+    dynamic: bool | None,
+    original: Any,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """``fn(original, *args, **kwargs)`` compiled as one graph (``fullgraph``), or eagerly
+    where that cannot be (raised while compiling, before anything ran), from then on for this
+    ``original`` and ``fn``: where ``f`` breaks the graph (a ``torch.compiler.disable``d part:
+    traced around the break, ``"auto"`` took plain backward passes through ``f``'s parts
+    compiled apart, and refused their parameter gradients) or the backend fails (a model with
+    a non-reentrant checkpoint under the engines' transforms). PyTorch's failed compile left
+    ``torch.func``'s ban on saved-tensor hooks on: every later backward pass through a
+    checkpoint in the process raised ("torch.func ... don't yet support saved tensor hooks"),
+    plain autograd's included; the ban is put back. Past Dynamo's recompile limit: eagerly,
+    this call only."""
+    from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, Unsupported
+
+    ban = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
+    try:
+        return _compiled(fn, backend, dynamic)(original, *args, **kwargs)
+    except (BackendCompilerFailed, Unsupported, FailOnRecompileLimitHit) as error:
+        if ban is None:
+            torch._C._autograd._saved_tensors_hooks_enable()
+        else:
+            torch._C._autograd._saved_tensors_hooks_disable(ban)
+        if not isinstance(error, FailOnRecompileLimitHit):  # (a limit of the call's)
+            _FAILED.setdefault(original, set()).add(fn)
+        return fn(original, *args, **kwargs)  # (eagerly: f's errors named as in eager calls)
 
 
 def _compiled(fn: Callable[..., Any], backend: Any, dynamic: bool | None) -> Callable[..., Any]:
-    """One ``torch.compile`` of ``fn`` per backend object (kept alive with it: its id is the
-    key; backends need not be hashable)."""
+    """One ``torch.compile`` of ``fn`` (``fullgraph``: ``_compiled_or_eager``) per backend
+    object (kept alive with it: its id is the key; backends need not be hashable)."""
     key = (fn, id(backend), dynamic)
     if key not in _COMPILED:
-        _COMPILED[key] = backend, torch.compile(fn, backend=backend, dynamic=dynamic)
+        call = torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=True)
+        _COMPILED[key] = backend, call
     return _COMPILED[key][1]
 
 
