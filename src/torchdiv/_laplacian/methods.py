@@ -33,6 +33,7 @@ from torchdiv._core.mixing.errors import BatchInteractionError
 from torchdiv._core.mixing.watch import watched as mixing_watched
 from torchdiv._core.modes import recorded
 from torchdiv._core.tie import tied
+from torchdiv._exact.attributes import unwrap_between_evaluations
 from torchdiv._exact.forward import ForwardJacobian, holds_dual_level, under_tangents
 from torchdiv._exact.plan import WITHOUT_FORWARD_RULE
 from torchdiv._exact.state import Once
@@ -665,7 +666,15 @@ def hutchinson(
 
     def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
         for v in pieces:
-            products, y_shape = each(products_along(f, batch_dims, v))(x)  # (k, m, N, n)
+            # only f's own evaluation watched, inside the transforms (watching the whole
+            # products cost 10-20% of an estimate): its backward and tangent passes cannot
+            # change state there (torch.func refuses their writes to tensors f did not make,
+            # vmap their random draws, checkpoints' saved-tensor hooks and modules' backward
+            # hooks: forward mode "fails" and the loop runs); a tensor f set as an attribute
+            # under this chunk's transforms, dead after them, unwrapped before the next reads
+            # it (``unwrap_between_evaluations``; inside, it was still alive)
+            products, y_shape = products_along(each(f), batch_dims, v)(x)  # (k, m, N, n)
+            unwrap_between_evaluations()
             k, _, n_samples, n = products.shape
             yield (products * v.reshape(k, 1, n_samples, n)).sum((0, 3)), y_shape  # (m, N)
 
