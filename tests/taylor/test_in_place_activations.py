@@ -1,6 +1,6 @@
 """In-place activations that PyTorch decomposes into their op and a ``copy_``.
 
-``nn.SiLU(inplace=True)`` and eight others reach the recorder as ``silu_`` (or ``elu_``,
+``nn.SiLU(inplace=True)`` and nine others reach the recorder as ``silu_`` (or ``elu_``,
 ``hardtanh_``, ...): the recording engines refused them naming ``aten.copy_`` and
 ``"auto"`` ran the generic engines, 8-12x slower. They are recorded as their out-of-place
 op now (``_Recorder.write_out_of_place``). References: a per-sample grad-of-grad loop of
@@ -29,6 +29,10 @@ ACTIVATIONS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Tensor], t
     "selu": (
         lambda: nn.SELU(inplace=True),
         lambda t: SELU_SCALE * torch.where(t > 0, t, SELU_ALPHA * t.expm1()),
+    ),
+    "celu": (  # (alpha 0.1: PyTorch's celu derivatives round 1 / alpha to float32)
+        lambda: nn.CELU(0.1, inplace=True),
+        lambda t: torch.where(t > 0, t, 0.1 * (t / 0.1).expm1()),
     ),
     "mish": (lambda: nn.Mish(inplace=True), lambda t: t * torch.tanh(F.softplus(t))),
     "leaky_relu": (
@@ -111,6 +115,31 @@ def test_in_place_activation_recorded_right(name: str, op: str) -> None:
         grads = _param_grads(net, (got * weights).sum())
         for g, e in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("op", "method"),
+    [
+        ("divergence", "auto"),
+        ("divergence", "reverse"),
+        ("laplacian", "forward-over-reverse"),
+        ("laplacian", "grad-of-grad"),
+    ],
+)
+def test_celu_in_place_through_the_pullback_engines(op: str, method: str) -> None:
+    """``nn.CELU(inplace=True)``: torchdiv's own ``celu`` (``elu`` with ``1 / alpha`` in
+    double precision) wrote ``elu(a)`` back with ``a.copy_``, overwriting the input ``elu``'s
+    backward reads: every engine that pulls back raised PyTorch's "modified by an inplace
+    operation" (plain autograd ran it)."""
+    net, plain = _nets("celu")
+    x = torch.randn(4, 3, dtype=D, generator=torch.Generator().manual_seed(1))
+    expected = _loop(plain, x, "laplacian" if op == "laplacian" else "diagonal")
+    expected = expected if op == "laplacian" else expected.sum(-1)
+    got = getattr(torchdiv, op)(net, x, method=method)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    grads = _param_grads(net, got.square().sum())
+    for g, e in zip(grads, _param_grads(net, expected.square().sum()), strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
 def _aliased(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:

@@ -259,14 +259,18 @@ class _Recorder(DispatchMode):
         storage = _storage(target)  # (a zero tensor that forward mode made has no memory)
         if self.rewrites is None or torch.Tag.inplace_view in func.tags:
             return functional
+        self.note_write(func, target, storage, len(self.graph.nodes))
+        return functional
+
+    def note_write(self, func: Any, target: torch.Tensor, storage: int, node: int) -> None:
+        """Note (``rewrites``) a write by ``func`` into ``target``, recorded out of place as
+        node ``node``, if other recorded tensors share its memory."""
         shared = any(
             isinstance(t, torch.Tensor) and t is not target and _storage(t) == storage
             for t in leaves(self.alive)
         )
-        if shared:
-            write = (len(self.graph.nodes), strided(target), str(func))
-            self.rewrites.setdefault(storage, []).append(write)
-        return functional
+        if shared and self.rewrites is not None:
+            self.rewrites.setdefault(storage, []).append((node, strided(target), str(func)))
 
     def rewritten(self, a: torch.Tensor) -> str | None:
         """The op of a write noted by ``functional`` that changed some of ``a``'s elements
@@ -383,7 +387,7 @@ class _Recorder(DispatchMode):
         read ``t``'s node, its values before the write, in a replay too; ``f``'s later calls
         read ``t``, now ``r``'s node. Other tensors sharing ``t``'s memory (a view of it,
         its base) would keep their old values in a replay: reading one later is refused
-        (``functional``'s note, ``rewritten``), as are a target from outside ``f`` (a
+        (``note_write``, ``rewritten``), as are a target from outside ``f`` (a
         buffer) and ``x`` (``before_writes``), and a result of another shape or dtype
         than ``t`` (where PyTorch promotes out of place and casts back in place). Watched
         for sample mixing as ``func`` itself."""
@@ -400,14 +404,15 @@ class _Recorder(DispatchMode):
             target.dtype,
         ):
             self.graph.unsupported.append(f"{func} (its result cast back into its argument)")
-        self.functional(func, args)  # notes the write to memory shared with other tensors
+        ref = self.refs.get(id(result))
+        if ref is not None and self.rewrites is not None:  # (the write is the result's node)
+            self.note_write(func, target, _storage(target), ref.node)
         self.mutated = True
         self.before_writes(func, [target], True)
         carry = None if axes is None else axes.before(func, args, kwargs)
         out = func(*args, **kwargs)
         if axes is not None:
             axes.after(carry, args, out)
-        ref = self.refs.get(id(result))
         if ref is None or out is not target:  # (never seen: refused rather than guessed)
             self.graph.unsupported.append(f"{func} (its out-of-place result not recorded)")
         else:
