@@ -365,10 +365,11 @@ class _Recorder(DispatchMode):
         """Whether ``func`` is an in-place op on its first argument without a rule, which
         ``dispatch`` would decompose into its out-of-place op and a ``copy_`` (that the
         recording cannot replay), whose out-of-place op has a rule or a decomposition:
-        ``silu_``, ``elu_``, ``mish_``, ``hardswish_`` (``nn.SiLU(inplace=True)``, ...),
-        also ``selu_`` and ``relu6_``, not decomposed, whose out-of-place ops are. Recorded
-        by ``write_out_of_place``. (``relu_``, ``sigmoid_``: neither, recorded by
-        ``functional``.)"""
+        ``silu_``, ``elu_``, ``mish_``, ``hardtanh_``, ``hardswish_`` (``nn.SiLU``,
+        ``nn.ELU``/``nn.SELU``/``nn.CELU``, ``nn.Mish``, ``nn.ReLU6``, ... with
+        ``inplace=True``), ``addcmul_``, ``lerp_``; also those not decomposed whose
+        out-of-place op is (``aten.selu_``). Recorded by ``write_out_of_place``. (``relu_``,
+        ``sigmoid_``, ``add_``: their out-of-place op by ``functional``.)"""
         if func in self.rules or torch.Tag.inplace_view in func.tags:
             return False
         facts = _facts(func)
@@ -416,8 +417,7 @@ class _Recorder(DispatchMode):
         if ref is None or out is not target:  # (never seen: refused rather than guessed)
             self.graph.unsupported.append(f"{func} (its out-of-place result not recorded)")
         else:
-            self.refs[id(target)] = ref
-        self.alive += [result, out]
+            self.refs[id(target)] = ref  # (both alive: the result as its node's output)
         return out
 
     def refuse(self, func: Any, touches_x: bool) -> None:
