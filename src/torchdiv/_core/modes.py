@@ -1245,8 +1245,9 @@ def _celu(a: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.T
     PyTorch's own op at ``alpha = 0`` (raises its error)."""
     if alpha == 0:
         return torch.celu(a, alpha)
-    out = torch.ops.aten.elu(a, alpha, 1.0, 1.0 / alpha)
-    return a.copy_(out) if inplace else out
+    if inplace:  # (``a.copy_(elu(a))`` overwrote what elu's backward reads: every pullback raised)
+        return torch.ops.aten.elu_(a, alpha, 1.0, 1.0 / alpha)
+    return torch.ops.aten.elu(a, alpha, 1.0, 1.0 / alpha)
 
 
 def _constant_power(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -259,14 +259,18 @@ class _Recorder(DispatchMode):
         storage = _storage(target)  # (a zero tensor that forward mode made has no memory)
         if self.rewrites is None or torch.Tag.inplace_view in func.tags:
             return functional
+        self.note_write(func, target, storage, len(self.graph.nodes))
+        return functional
+
+    def note_write(self, func: Any, target: torch.Tensor, storage: int, node: int) -> None:
+        """Note (``rewrites``) a write by ``func`` into ``target``, recorded out of place as
+        node ``node``, if other recorded tensors share its memory."""
         shared = any(
             isinstance(t, torch.Tensor) and t is not target and _storage(t) == storage
             for t in leaves(self.alive)
         )
-        if shared:
-            write = (len(self.graph.nodes), strided(target), str(func))
-            self.rewrites.setdefault(storage, []).append(write)
-        return functional
+        if shared and self.rewrites is not None:
+            self.rewrites.setdefault(storage, []).append((node, strided(target), str(func)))
 
     def rewritten(self, a: torch.Tensor) -> str | None:
         """The op of a write noted by ``functional`` that changed some of ``a``'s elements
@@ -301,6 +305,8 @@ class _Recorder(DispatchMode):
             grads = touches_x or any(isinstance(a, torch.Tensor) and a.requires_grad for a in flat)
             self.underivable = UNDERIVABLE_OPS[func] if grads else None
         self.untracked(flat)
+        if depends and self.decomposed_in_place(func):
+            return self.write_out_of_place(func, args, kwargs)
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
             # recorded as the ops it decomposes into; watched as itself, as the other
             # engines' watches see it (its parts may combine samples with zero weights:
@@ -353,6 +359,65 @@ class _Recorder(DispatchMode):
             self.graph.dependent_calls += 1
             self.graph.products += _products(func, args, outs)
         self.alive.append(out)
+        return out
+
+    def decomposed_in_place(self, func: Any) -> bool:
+        """Whether ``func`` is an in-place op on its first argument without a rule, which
+        ``dispatch`` would decompose into its out-of-place op and a ``copy_`` (that the
+        recording cannot replay), whose out-of-place op has a rule or a decomposition:
+        ``silu_``, ``elu_``, ``mish_``, ``hardtanh_``, ``hardswish_`` (``nn.SiLU``,
+        ``nn.ELU``/``nn.SELU``/``nn.CELU``, ``nn.Mish``, ``nn.ReLU6``, ... with
+        ``inplace=True``), ``addcmul_``, ``lerp_``; also those not decomposed whose
+        out-of-place op is (``aten.selu_``). Recorded by ``write_out_of_place``. (``relu_``,
+        ``sigmoid_``, ``add_``: their out-of-place op by ``functional``.)"""
+        if func in self.rules or torch.Tag.inplace_view in func.tags:
+            return False
+        facts = _facts(func)
+        functional = facts.functional
+        if not facts.in_place or functional is None or facts.random:  # (one draw, not two)
+            return False
+        if functional in self.rules:
+            return func in _DECOMPOSITIONS
+        return functional in _DECOMPOSITIONS
+
+    def write_out_of_place(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """Record ``func`` (``decomposed_in_place``), a write of values computed from ``x``
+        into its first argument ``t``, as its out-of-place op ``r = op(t, ...)`` (by its rule,
+        or as the ops it decomposes into), then make the write itself, unrecorded, and take
+        ``t`` for ``r`` from here on, as ``functional`` records ``relu_``. The recorded calls
+        read ``t``'s node, its values before the write, in a replay too; ``f``'s later calls
+        read ``t``, now ``r``'s node. Other tensors sharing ``t``'s memory (a view of it,
+        its base) would keep their old values in a replay: reading one later is refused
+        (``note_write``, ``rewritten``), as are a target from outside ``f`` (a
+        buffer) and ``x`` (``before_writes``), and a result of another shape or dtype
+        than ``t`` (where PyTorch promotes out of place and casts back in place). Watched
+        for sample mixing as ``func`` itself."""
+        target = args[0]
+        functional = _facts(func).functional
+        axes, self.axes = self.axes, None
+        try:
+            with self:
+                result = functional(*args, **kwargs)
+        finally:
+            self.axes = axes
+        if not isinstance(result, torch.Tensor) or (result.shape, result.dtype) != (
+            target.shape,
+            target.dtype,
+        ):
+            self.graph.unsupported.append(f"{func} (its result cast back into its argument)")
+        ref = self.refs.get(id(result))
+        if ref is not None and self.rewrites is not None:  # (the write is the result's node)
+            self.note_write(func, target, _storage(target), ref.node)
+        self.mutated = True
+        self.before_writes(func, [target], True)
+        carry = None if axes is None else axes.before(func, args, kwargs)
+        out = func(*args, **kwargs)
+        if axes is not None:
+            axes.after(carry, args, out)
+        if ref is None or out is not target:  # (never seen: refused rather than guessed)
+            self.graph.unsupported.append(f"{func} (its out-of-place result not recorded)")
+        else:
+            self.refs[id(target)] = ref  # (both alive: the result as its node's output)
         return out
 
     def refuse(self, func: Any, touches_x: bool) -> None:
