@@ -149,6 +149,17 @@ def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
 
 
+def _assert_right(got: torch.Tensor, expected: torch.Tensor, weights, params) -> None:
+    """Values and the parameter gradients of a weighted sum equal the reference's."""
+    assert_close(got.detach(), expected.detach())
+    for a, b in zip(
+        _grads((weights * got).sum(), params),
+        _grads((weights * expected).sum(), params),
+        strict=True,
+    ):
+        assert_close(a, b)
+
+
 def _jacobians(g, x: torch.Tensor) -> torch.Tensor:
     """``(B, D, D)``: each sample alone (``g(k, z)``), row by row, with their graphs."""
     out = []
@@ -209,13 +220,7 @@ def test_mesh_graph_net_divergence_and_parameter_gradients(per_sample: bool, met
     kwargs = {"probes": probes} if method == "hutchinson" else {}
     for _ in range(2):
         got = torchdiv.divergence(lambda z: net(z, types, s, r), x, method=method, **kwargs)
-        assert_close(got.detach(), expected.detach())
-        for a, b in zip(
-            _grads((weights * got).sum(), params),
-            _grads((weights * expected).sum(), params),
-            strict=True,
-        ):
-            assert_close(a, b)
+        _assert_right(got, expected, weights, params)
 
 
 @pytest.mark.parametrize(
@@ -247,13 +252,7 @@ def test_mesh_graph_net_potential_laplacian(method: str) -> None:
             got = torchdiv.value_grad_laplacian(potential, x)[2]
         else:
             got = torchdiv.laplacian(potential, x, method=method)
-        assert_close(got.detach(), expected.detach())
-        for a, b in zip(
-            _grads((weights * got).sum(), params),
-            _grads((weights * expected).sum(), params),
-            strict=True,
-        ):
-            assert_close(a, b)
+        _assert_right(got, expected, weights, params)
 
 
 def test_mesh_graph_net_isolation_and_edges_changed_between_calls() -> None:

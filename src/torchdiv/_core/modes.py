@@ -255,14 +255,15 @@ def _compiled_or_eager(
     this call only."""
     from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, Unsupported
 
-    ban = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
+    hooks = torch._C._autograd  # pyright: ignore[reportAttributeAccessIssue]  (not in the stubs)
+    ban = hooks._saved_tensors_hooks_get_disabled_error_message()
     try:
         return _compiled(fn, backend, dynamic)(original, *args, **kwargs)
     except (BackendCompilerFailed, Unsupported, FailOnRecompileLimitHit) as error:
         if ban is None:
-            torch._C._autograd._saved_tensors_hooks_enable()
+            hooks._saved_tensors_hooks_enable()
         else:
-            torch._C._autograd._saved_tensors_hooks_disable(ban)
+            hooks._saved_tensors_hooks_disable(ban)
         if not isinstance(error, FailOnRecompileLimitHit):  # (a limit of the call's)
             _FAILED.setdefault(original, set()).add(fn)
         return fn(original, *args, **kwargs)  # (eagerly: f's errors named as in eager calls)

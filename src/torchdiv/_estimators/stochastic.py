@@ -10,6 +10,7 @@ basis vectors] in ``torchdiv._core.basis``, with probes in place of basis vector
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -23,6 +24,8 @@ from torchdiv._exact import dispatch as _exact
 from torchdiv._exact.autograd import GraphJacobian, unwatched
 from torchdiv._taylor.cache import PlanCache, site
 from torchdiv._taylor.mixing import Structure, passed, passed_before, shape_key, structure
+
+T = TypeVar("T")
 
 
 def jacobian_matmat(engine: _exact.Engine) -> Matmat:
@@ -68,17 +71,7 @@ def trace_of_function(
     def consume(engine: _exact.Engine, chunk: int) -> Estimate:
         return _trace.run(s, _operator(engine, s, chunk), x, batch_dims)
 
-    estimate, _ = _exact.evaluate(
-        f,
-        x,
-        batch_dims,
-        "auto",
-        chunk_size,
-        consume,
-        s.generator,
-        square=_by_rows(s),
-        vectors=_vectors(s),
-    )
+    estimate, _ = _evaluate(f, x, batch_dims, s, chunk_size, consume)
     return estimate
 
 
@@ -107,18 +100,7 @@ def terms_of_function(
     def consume(engine: _exact.Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _trace.terms(s, _operator(engine, s, chunk), x, batch_dims), _exact.output(engine)
 
-    (flat, y), _ = _exact.evaluate(
-        f,
-        x,
-        batch_dims,
-        "auto",
-        chunk_size,
-        consume,
-        s.generator,
-        square=_by_rows(s),
-        owner=owner,
-        vectors=_vectors(s),
-    )
+    (flat, y), _ = _evaluate(f, x, batch_dims, s, chunk_size, consume, owner=owner)
     return flat.reshape(len(flat), *batch).to(x.dtype), y
 
 
@@ -201,7 +183,28 @@ def diagonal_of_function(
     def consume(engine: _exact.Engine, chunk: int) -> torch.Tensor:
         return _trace.diagonal(s, _operator(engine, s, chunk), x, batch_dims)
 
-    diag, _ = _exact.evaluate(
+    diag, _ = _evaluate(f, x, batch_dims, s, chunk_size, consume)
+    return diag
+
+
+def _evaluate(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    s: _trace.Sampling,
+    chunk_size: int | None,
+    consume: Callable[[_exact.Engine, int], T],
+    owner: object = None,
+) -> tuple[T, torch.Size]:
+    """``_exact.evaluate`` by ``"auto"`` for the estimate ``s``: chunks of at most its random
+    vectors (a block's, with ``rtol``/``atol``), not the engine's basis; plain autograd from
+    the second call of a small problem that passed the watch (``square``), for Hutchinson only
+    (a D = 16 CNF, 8 probes: 0.81 -> 0.53 ms, the hand recipe 0.37): its terms change by the
+    engines' rounding (1e-16), while Hutch++'s and XTrace's QR of a sketch that Rademacher
+    probes of a tiny event made rank-deficient turns that rounding into another basis and
+    another estimate (0.015 against 0.140 for one sample of a 3-D MLP): they stay on the
+    engine of their first call, so that the same probes give the same estimate."""
+    return _exact.evaluate(
         f,
         x,
         batch_dims,
@@ -209,27 +212,10 @@ def diagonal_of_function(
         chunk_size,
         consume,
         s.generator,
-        square=_by_rows(s),
-        vectors=_vectors(s),
+        square=s.method == "hutchinson",
+        owner=owner,
+        vectors=num_vectors(s.method, s.num_probes),
     )
-    return diag
-
-
-def _by_rows(s: _trace.Sampling) -> bool:
-    """Whether ``"auto"`` may take plain autograd for ``s`` where an exact divergence would
-    (``_exact.evaluate``'s ``square``: small problems that passed the watch, from their second
-    call; a D = 16 CNF, 8 probes: 0.81 -> 0.53 ms, the hand recipe 0.37). Hutchinson only: its
-    terms change by the engines' rounding (1e-16), while Hutch++'s and XTrace's QR of a sketch
-    that Rademacher probes of a tiny event made rank-deficient turns that rounding into another
-    basis and another estimate (0.015 against 0.140 for one sample of a 3-D MLP): they stay on
-    the engine of their first call, so that the same probes give the same estimate."""
-    return s.method == "hutchinson"
-
-
-def _vectors(s: _trace.Sampling) -> int:
-    """The most vectors one estimate of ``s`` multiplies at once: its random vectors (a
-    block's, with ``rtol``/``atol``), not the engine's basis (``_exact.evaluate``)."""
-    return num_vectors(s.method, s.num_probes)
 
 
 def trace_of_engine(engine: _exact.Engine, s: _trace.Sampling, chunk: int | None) -> Estimate:
