@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, unnamed
-from torchdiv._core.mixing.watch import watch_once
+from torchdiv._core.mixing.watch import verdicts, watch_once
 from torchdiv._exact.attributes import PlainAttributes
 from torchdiv._exact.state import Changes
 from torchdiv._taylor.cache import PlanCache
@@ -67,7 +67,7 @@ def watch_compiled(
     call = PlainAttributes(f)
     changes = Changes(z)
     try:
-        with changes:
+        with changes, verdicts() as seen:
             watch_once(f, z, batch_dims)
     except BatchInteractionError as error:
         raise BatchInteractionError(f"{fn}: {unnamed(str(error))}") from None
@@ -76,5 +76,6 @@ def watch_compiled(
     finally:
         changes.undo()
         call.close()
-    _WATCHED.put(*at, True)
+    if all(seen):  # (values decided and indices read along the batch: watched at every call)
+        _WATCHED.put(*at, True)
     return True

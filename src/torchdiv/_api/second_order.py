@@ -47,7 +47,7 @@ from torchdiv._core.checks import (
     event_numel,
     out_of_memory,
 )
-from torchdiv._core.mixing.watch import check_empty_event, checks_empty_event, watched
+from torchdiv._core.mixing.watch import check_empty_event, checks_empty_event, verdicts, watched
 from torchdiv._core.modes import SafeDerivatives, eager_when, outside_inference_mode
 from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace
@@ -582,10 +582,11 @@ def _looped(
     all); its Laplacian may not be finite (a NaN double backward: see ``laplacian``'s
     ``"auto"``, or a sample that is not finite)."""
     chosen = None if index is None else index.tolist()
-    value, jac, lap = _loop.value_grad_laplacian(
-        f, x, batch_dims, plan.check, plan.settings, chosen
-    )
-    plan.passed()
+    with verdicts() as seen:
+        value, jac, lap = _loop.value_grad_laplacian(
+            f, x, batch_dims, plan.check, plan.settings, chosen
+        )
+    plan.passed(seen)
     shape = (*x.shape[:batch_dims], *value.shape[batch_dims:], *x.shape[batch_dims:])
     return ValueGradLaplacian(value, jac.reshape(shape), lap)
 

@@ -30,6 +30,7 @@ from torchdiv._core.basis import (
 from torchdiv._core.checks import event_numel, out_of_memory, unwrapped
 from torchdiv._core.crossover import traced
 from torchdiv._core.mixing.errors import BatchInteractionError
+from torchdiv._core.mixing.watch import verdicts
 from torchdiv._core.mixing.watch import watched as mixing_watched
 from torchdiv._core.modes import recorded
 from torchdiv._core.tie import tied
@@ -184,9 +185,13 @@ class Loop:
     settings: Settings | None = None
     refused: bool = False
 
-    def passed(self) -> None:
-        """The loop ran: a watched ``f`` does not mix samples at this structure."""
-        if self.watched is not None:
+    def passed(self, seen: list[bool]) -> None:
+        """The loop ran: a watched ``f`` does not mix samples at this structure, for any
+        values unless its watch saw values decide and indices read along the batch (``seen``:
+        ``torchdiv._core.mixing.watch.verdicts`` of the loop's evaluation; such an ``f`` is
+        watched at every call, as ``mixing.passed`` keeps nothing for it: a radius graph
+        built inside ``f`` crossed samples at a third call, unwatched)."""
+        if self.watched is not None and all(seen):
             mixing.passed(*self.watched)
 
 
@@ -379,8 +384,9 @@ def looped(
     cannot run ``f`` (a custom ``autograd.Function`` without ``setup_context``), the loop's
     result stands, as PyTorch's own loop gives it: one sample that is not finite (a nan in
     its ``x``) made the whole batch raise forward mode's error."""
-    out = grad_of_grad(f, x, batch_dims, plan.check, plan.settings)
-    plan.passed()
+    with verdicts() as seen:
+        out = grad_of_grad(f, x, batch_dims, plan.check, plan.settings)
+    plan.passed(seen)
     if all_finite(out):
         return out
     return loop_unless_rerun(out, lambda: forward_over_reverse(f, x, batch_dims, chunk_size))

@@ -8,7 +8,9 @@ nobody watched: a train-mode batch norm in it, and for an empty event one signed
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -22,6 +24,32 @@ from torchdiv._core.modes import (
     refuse_underivable,
 )
 from torchdiv._core.walk import BATCH_NORM_NODES, nodes
+
+# the list ``verdicts`` collects into, while one is open
+_VERDICTS: ContextVar[list[bool] | None] = ContextVar("torchdiv_verdicts", default=None)
+
+
+@contextlib.contextmanager
+def verdicts() -> Iterator[list[bool]]:
+    """Collect, for each evaluation ``watched`` inside that passed, whether its pass holds
+    for other values of ``x`` too: ``False`` where values decided something and a rule read
+    index values along a batch dimension (``BatchAxes.values_decide`` and ``indexed``: a
+    radius graph ``nonzero(cdist(p, p) < r)`` over a flattened batch, within each sample at
+    one call, across samples at the next). For a caller that remembers a pass
+    (``torchdiv._taylor.mixing.passed``) after an evaluation another function watched.
+
+    Example:
+        >>> with verdicts() as seen:
+        ...     _ = watched(torch.sin, torch.randn(4, 2), 1)
+        >>> seen
+        [True]
+    """
+    seen: list[bool] = []
+    token = _VERDICTS.set(seen)
+    try:
+        yield seen
+    finally:
+        _VERDICTS.reset(token)
 
 
 class Watching(DispatchMode):
@@ -89,6 +117,9 @@ def watched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) 
         y = f(x)
         if mode.tracker is not None:
             mode.tracker.finish(y)
+            seen = _VERDICTS.get()
+            if seen is not None:
+                seen.append(not (mode.tracker.values_decide and mode.tracker.indexed))
     return y
 
 
