@@ -253,17 +253,21 @@ def _compiled_or_eager(
     checkpoint in the process raised ("torch.func ... don't yet support saved tensor hooks"),
     plain autograd's included; the ban is put back. Past Dynamo's recompile limit: eagerly,
     this call only."""
+    from torch._C._autograd import (
+        _saved_tensors_hooks_disable,
+        _saved_tensors_hooks_enable,
+        _saved_tensors_hooks_get_disabled_error_message,
+    )
     from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, Unsupported
 
-    hooks = torch._C._autograd  # pyright: ignore[reportAttributeAccessIssue]  (not in the stubs)
-    ban = hooks._saved_tensors_hooks_get_disabled_error_message()
+    ban = _saved_tensors_hooks_get_disabled_error_message()
     try:
         return _compiled(fn, backend, dynamic)(original, *args, **kwargs)
     except (BackendCompilerFailed, Unsupported, FailOnRecompileLimitHit) as error:
         if ban is None:
-            hooks._saved_tensors_hooks_enable()
+            _saved_tensors_hooks_enable()
         else:
-            hooks._saved_tensors_hooks_disable(ban)
+            _saved_tensors_hooks_disable(ban)
         if not isinstance(error, FailOnRecompileLimitHit):  # (a limit of the call's)
             _FAILED.setdefault(original, set()).add(fn)
         return fn(original, *args, **kwargs)  # (eagerly: f's errors named as in eager calls)

@@ -12,8 +12,12 @@ evaluation differentiated the uninitialised layer (a divergence 0.2-0.5 off) and
 model so. ``Settings`` keeps the plain values (``bool``, ``int``, ``float``, ``complex``,
 ``str``, ``None``) of the modules that the public call's ``f`` reaches, as they were when it
 was made, and puts back those ``f`` changed, and removes those it added (a flag set on the
-first forward only). Lists, dictionaries and other objects are not kept (they are not copied:
-a cache ``f`` fills stays filled).
+first forward only). So too the tensors ``f`` assigns (not in place) to an attribute or a
+buffer: kept without them, a counter ``self.n = self.n + 1`` that scaled the output moved
+once per evaluation, and a Hutchinson Laplacian's products (the second evaluation, the fifth
+at four chunks) differentiated ``f`` with ``n = 2`` (or 5) where the call's ``f`` had
+``n = 1`` (0.17-0.61 off; ``"auto"``'s Laplacian 0.12). Lists, dictionaries and other
+objects are not kept (they are not copied: a cache ``f`` fills stays filled).
 
 The public call says which modules ``f`` reaches (``calling``, from
 ``_exact.attributes.PlainAttributes``); outside one (an engine called directly) nothing is
@@ -36,6 +40,8 @@ _MODULES: ContextVar[Callable[[], Iterable[torch.nn.Module]] | None] = ContextVa
     "_MODULES", default=None
 )
 _PLAIN = frozenset((bool, int, float, complex, str, type(None)))
+# ... and tensors (not parameters, which f cannot set to a computed tensor): what is put back
+_KEPT = _PLAIN | {torch.Tensor}
 
 
 def calling(
@@ -70,23 +76,40 @@ class Settings:
         # products: its tracing of the copies failed to compile, and a public call under
         # compile keeps no modules)
         self.kept: list[tuple[weakref.ref[torch.nn.Module], dict[str, object]]] = []
+        self.buffers: list[tuple[dict[str, object], dict[str, object]]] = []  # (its, a copy)
         if not torch.compiler.is_compiling():
             self.kept = [(weakref.ref(module), vars(module).copy()) for module in modules()]
+            self.buffers = [
+                (held, held.copy()) for _, before in self.kept if (held := _buffers(before))
+            ]
 
     def put_back(self) -> None:
-        """Each kept plain value that differs now put back; each plain value added since
-        removed."""
+        """Each kept plain value or tensor (an attribute, a buffer) that differs now put back;
+        each one added since removed."""
         for ref, before in self.kept:
             module = ref()
-            if module is None:
-                continue
-            attributes = vars(module)
-            for name, value in before.items():
-                if type(value) in _PLAIN and attributes.get(name, _MISSING) is not value:
-                    attributes[name] = value
-            for name in attributes.keys() - before.keys():
-                if type(attributes[name]) in _PLAIN:
-                    del attributes[name]
+            if module is not None:
+                _put_back(vars(module), before)
+        for held, before in self.buffers:
+            _put_back(held, before)
+
+
+def _put_back(attributes: dict[str, object], before: dict[str, object]) -> None:
+    """The kept values of ``before`` that differ in ``attributes`` put back; those added
+    since removed."""
+    for name, value in before.items():
+        if type(value) in _KEPT and attributes.get(name, _MISSING) is not value:
+            attributes[name] = value
+    for name in attributes.keys() - before.keys():
+        if type(attributes[name]) in _KEPT:
+            del attributes[name]
+
+
+def _buffers(attributes: dict[str, object]) -> dict[str, object] | None:
+    """A module's own dictionary of buffers (``self.n = t`` for a registered buffer sets
+    it), from its ``__dict__``."""
+    held = attributes.get("_buffers")
+    return held if type(held) is dict else None
 
 
 _MISSING = object()
