@@ -178,6 +178,18 @@ class Once:
     def __call__(self, fn: Callable[[torch.Tensor], T]) -> Callable[[torch.Tensor], T]:
         return fn if self.changes is None else self.changes.again(fn)
 
+    def undoing(self, fn: Callable[[], T]) -> T:
+        """``fn()``: the call's evaluations where ``self`` wraps ``f`` inside the transforms
+        (its backward and tangent passes not watched); if it raises after an evaluation
+        completed (in a backward or tangent pass), the state from before the first is put
+        back, so that a failed call has changed nothing of ``f``'s."""
+        try:
+            return fn()
+        except BaseException:
+            if self.changes is not None:
+                self.changes.undo()
+            raise
+
 
 _FACTS: dict[Any, tuple[bool, bool, bool]] = {}
 

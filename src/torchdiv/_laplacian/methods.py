@@ -608,11 +608,13 @@ def forward_over_reverse(
     def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
         for start, stop in pieces:
             directions = basis(start, stop, x, batch_dims)
-            columns, y_shape = each(products_along(f, batch_dims, directions))(x)
+            # f's own evaluation watched, not its backward and tangent passes (see hutchinson)
+            columns, y_shape = products_along(each(f), batch_dims, directions)(x)
+            unwrap_between_evaluations()
             j = torch.arange(stop - start, device=x.device)
             yield columns[j, :, :, start + j].sum(0), y_shape  # (m, N): entries (start+j, start+j)
 
-    total, y_shape = summed(parts())
+    total, y_shape = each.undoing(lambda: summed(parts()))
     return total.to(x.dtype).T.reshape(y_shape)
 
 
@@ -638,10 +640,14 @@ def hessian(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | Non
     n = event_numel(x, batch_dims)
     pieces = list(chunks(n, chunk_size or n))
     each = Once(x, len(pieces) > 1)  # f evaluated once per chunk: from one state
-    products = [
-        each(products_along(f, batch_dims, basis(start, stop, x, batch_dims)))(x)
-        for start, stop in pieces
-    ]
+
+    def along(start: int, stop: int) -> tuple[torch.Tensor, torch.Size]:
+        # f's own evaluation watched, not its backward and tangent passes (see hutchinson)
+        out = products_along(each(f), batch_dims, basis(start, stop, x, batch_dims))(x)
+        unwrap_between_evaluations()
+        return out
+
+    products = each.undoing(lambda: [along(start, stop) for start, stop in pieces])
     hessians = torch.cat([columns for columns, _ in products]).permute(2, 1, 3, 0)  # (N, m, n, n)
     return hessians.diagonal(dim1=-2, dim2=-1).sum(-1).reshape(products[-1][1])
 
