@@ -247,23 +247,24 @@ def _compiled_or_eager(
     where that cannot be (raised while compiling, before anything ran), from then on for this
     ``original`` and ``fn``: where ``f`` breaks the graph (a ``torch.compiler.disable``d part:
     traced around the break, ``"auto"`` took plain backward passes through ``f``'s parts
-    compiled apart, and refused their parameter gradients) or the backend fails (a model with
-    a non-reentrant checkpoint under the engines' transforms). PyTorch's failed compile left
-    ``torch.func``'s ban on saved-tensor hooks on: every later backward pass through a
-    checkpoint in the process raised ("torch.func ... don't yet support saved tensor hooks"),
-    plain autograd's included; the ban is put back. Past Dynamo's recompile limit: eagerly,
-    this call only."""
+    compiled apart, and refused their parameter gradients), the backend fails (a model with
+    a non-reentrant checkpoint under the engines' transforms) or Dynamo cannot trace ``f``
+    (a radius graph's ``nonzero`` sizes the products: a data-dependent guard). PyTorch's
+    failed compile left ``torch.func``'s ban on saved-tensor hooks on: every later backward
+    pass through a checkpoint in the process raised ("torch.func ... don't yet support saved
+    tensor hooks"), plain autograd's included; the ban is put back. Past Dynamo's recompile
+    limit: eagerly, this call only."""
     from torch._C._autograd import (
         _saved_tensors_hooks_disable,
         _saved_tensors_hooks_enable,
         _saved_tensors_hooks_get_disabled_error_message,
     )
-    from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, Unsupported
+    from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
     ban = _saved_tensors_hooks_get_disabled_error_message()
     try:
         return _compiled(fn, backend, dynamic)(original, *args, **kwargs)
-    except (BackendCompilerFailed, Unsupported, FailOnRecompileLimitHit) as error:
+    except TorchDynamoException as error:  # (fullgraph: raised tracing, before any op ran)
         if ban is None:
             _saved_tensors_hooks_enable()
         else:

@@ -100,7 +100,10 @@ def unwrap_between_evaluations() -> None:
     a buffer ``f`` sets anew on its first forward (normflows' ``ActNorm``:
     ``self.data_dep_init_done = torch.ones(1)``, made under the first evaluation's
     transforms) was read dead by the next, which raised PyTorch's internal assert ("level
-    escaped?")."""
+    escaped?"). Nothing inside a compiled call: its graph holds no wrappers, and Dynamo cannot
+    trace the lookup of the modules (a ``ContextVar``)."""
+    if torch.compiler.is_compiling():
+        return
     for module in settings.modules():
         _unwrap(vars(module))
 

@@ -684,11 +684,9 @@ def hutchinson(
             # vmap their random draws, checkpoints' saved-tensor hooks and modules' backward
             # hooks: forward mode "fails" and the loop runs); a tensor f set as an attribute
             # under this chunk's transforms, dead after them, unwrapped before the next reads
-            # it (``unwrap_between_evaluations``; inside, it was still alive; a compiled
-            # call's graph holds no wrappers, and Dynamo cannot trace the modules' lookup)
+            # it (``unwrap_between_evaluations``; inside, it was still alive)
             products, y_shape = products_along(each(f), batch_dims, v)(x)  # (k, m, N, n)
-            if not torch.compiler.is_compiling():
-                unwrap_between_evaluations()
+            unwrap_between_evaluations()
             k, _, n_samples, n = products.shape
             yield (products * v.reshape(k, 1, n_samples, n)).sum((0, 3)), y_shape  # (m, N)
 
