@@ -476,6 +476,7 @@ class FixedProbes(LatentSDE):
         return torchdiv.divergence(fn, z, method="hutchinson", probes=self.probes)
 
 
+@pytest.mark.slow
 def test_hutchinson_log_density_is_unbiased_over_all_sign_patterns():
     """``logp`` is linear in the estimates, and so is ``sum |z_T|^2 + sum logp_T``: their
     means over every Rademacher probe (one per sample; ``v`` and ``-v`` give the same
@@ -503,6 +504,7 @@ def test_hutchinson_log_density_is_unbiased_over_all_sign_patterns():
     assert_rel(torch.stack(grads).mean(0), exact[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["auto", "structured"])
 @pytest.mark.parametrize("adjoint", [False, True])
 def test_training_steps_through_the_solve(method, adjoint):

@@ -127,6 +127,7 @@ def test_laplacian_auto_refuses_a_compiled_centring_model() -> None:
         torchdiv.laplacian(model, torch.randn(8, 3, dtype=torch.float64))
 
 
+@pytest.mark.slow
 def test_a_switch_to_train_mode_is_watched_again() -> None:
     """Watched once per structure: an eval-mode batch norm passes, and after ``train()`` the
     same compiled model (another structure) is refused."""
