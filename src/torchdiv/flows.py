@@ -82,9 +82,8 @@ from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.probes import draw
 from torchdiv._estimators.registry import STOCHASTIC_METHODS, num_terms, num_vectors
 from torchdiv._exact import dispatch as _exact
-from torchdiv._exact.attributes import PlainAttributes
 from torchdiv._exact.autograd import UndifferentiableBackward
-from torchdiv._exact.state import Changes
+from torchdiv._exact.state import unchanged
 from torchdiv._taylor.cache import _attributes, _contents, site
 
 __all__ = ["AugmentedDynamics", "log_likelihood"]
@@ -211,16 +210,11 @@ def _differentiates_others(
     by what ``f`` holds stands, or the solve reports the error)."""
     own = {id(p) for p in module.parameters()}
     z = x.detach().requires_grad_(True)
-    call = PlainAttributes(f)
-    changes = Changes(z)
     try:
-        with changes, torch.enable_grad():
+        with unchanged(f, z), torch.enable_grad():
             outputs = [f(t, z) for t in times]
     except Exception:
         return None
-    finally:
-        changes.undo()
-        call.close()
     own.add(id(z))
     return any(
         not isinstance(y, torch.Tensor) or (y.grad_fn is not None and not _from(y, own))

@@ -18,8 +18,7 @@ import torch
 
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, unnamed
 from torchdiv._core.mixing.watch import verdicts, watch_once
-from torchdiv._exact.attributes import PlainAttributes
-from torchdiv._exact.state import Changes
+from torchdiv._exact.state import unchanged
 from torchdiv._taylor.cache import PlanCache
 from torchdiv._taylor.capture import argument
 from torchdiv._taylor.mixing import passed_before, structure
@@ -61,21 +60,13 @@ def watch_compiled(
     if _WATCHED.get(*at) is not None or passed_before(f, x, batch_dims, at) is not None:
         return True
     z = argument(x)
-    # as a public call: the plain values of f's modules are put back with its tensors (a
-    # data-dependent initialisation's flag, Glow's ActNorm ``self.inited = True``: left set
-    # with its parameters put back, the compiled call differentiated the uninitialised layer)
-    call = PlainAttributes(f)
-    changes = Changes(z)
-    try:
-        with changes, verdicts() as seen:
+    try:  # (a data-dependent initialisation's flag put back too: Glow's ActNorm ``inited``)
+        with unchanged(f, z), verdicts() as seen:
             watch_once(f, z, batch_dims)
     except BatchInteractionError as error:
         raise BatchInteractionError(f"{fn}: {unnamed(str(error))}") from None
     except Exception:
         return False
-    finally:
-        changes.undo()
-        call.close()
     if all(seen):  # (values decided and indices read along the batch: watched at every call)
         _WATCHED.put(*at, True)
     return True

@@ -13,7 +13,8 @@ changes are made once. (``_taylor.capture``'s ``Graph.undo`` does the same for t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -21,7 +22,7 @@ import torch
 
 from torchdiv._core.modes import DispatchMode
 from torchdiv._core.settings import Settings
-from torchdiv._exact.attributes import unwrap_between_evaluations
+from torchdiv._exact.attributes import PlainAttributes, unwrap_between_evaluations
 from torchdiv._taylor.capture import _BATCH_NORMS, _storage, _written
 from torchdiv._taylor.tree import leaves
 
@@ -215,3 +216,31 @@ def default_generator(device: torch.device) -> torch.Generator:
     if device.type == "cuda":
         return torch.cuda.default_generators[device.index or torch.cuda.current_device()]
     return torch.default_generator
+
+
+@contextlib.contextmanager
+def unchanged(f: Any, z: torch.Tensor) -> Iterator[Changes]:
+    """Evaluations of ``f`` inside as a public call of ``f`` makes them, with what they change
+    put back after (also after an error): the tensors written, the generators drawn from and
+    the plain values of ``f``'s modules (``PlainAttributes`` says which modules ``Changes``'s
+    settings cover: without it, Glow's ActNorm kept its ``inited`` flag). For a check that
+    evaluates ``f`` before the call proper (``torchdiv._api.compiled``, ``torchdiv.flows``).
+
+    Example:
+        >>> counter = torch.zeros(())
+        >>> def f(z):
+        ...     return z + counter.add_(1)
+        >>> with unchanged(f, torch.zeros(2)):
+        ...     f(torch.zeros(2))
+        tensor([1., 1.])
+        >>> counter
+        tensor(0.)
+    """
+    call = PlainAttributes(f)
+    changes = Changes(z)
+    try:
+        with changes:
+            yield changes
+    finally:
+        changes.undo()
+        call.close()
