@@ -292,11 +292,20 @@ def directional_gradient(value: torch.Tensor, params: list[torch.Tensor], direct
     return sum((g * v).sum().item() for g, v in pairs if g is not None)
 
 
-# Slow tests (marked ``slow``: several seconds each) run as a sample in ``make test``: a third
-# of them, chosen by a seed that changes every day, so that every one runs within days while
-# the suite stays under ~3 minutes on 2 cores. ``--slow=all`` (or TORCHDIV_SLOW=all) runs all,
-# ``--slow=none`` none; TORCHDIV_SLOW_SEED fixes the sample (to rerun a failure).
+# Slow tests (marked ``slow``: several seconds each) run as a sample in ``make test``: each is
+# in one of SLOW_SHARE parts (a hash of its name), and the parts take turns day after day, so
+# that every one runs every third day and each day's sample costs about a third of them, while
+# the suite stays under ~3 minutes on 2 cores. (A sample drawn afresh each day by a hash of the
+# day and the name cost 103-350 s across 60 days on the fifteenth session's durations, and left
+# a test unrun up to 22 days running.) ``--slow=all`` (or TORCHDIV_SLOW=all) runs all,
+# ``--slow=none`` none; TORCHDIV_SLOW_SEED fixes the sample (to rerun a failure): a date runs
+# that day's part, another string the part its hash picks.
 SLOW_SHARE = 3
+# Salted hash of the parts: the salt is the one of "", "1:", ..., "39:" whose three parts cost
+# most alike on that run's durations (211, 190, 209 s; unsalted 275, 175, 160 s: the heavy
+# compile tests and examples met in one part). A new slow test of tens of seconds may unbalance
+# them: pick the salt again (the notes of testtime16 hold the script).
+SLOW_SALT = "16:"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -334,12 +343,30 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             start(session.config)
 
 
+def _part(text: str) -> int:
+    """One of ``SLOW_SHARE`` parts by a (salted) hash of ``text``."""
+    return hashlib.sha256(f"{SLOW_SALT}{text}".encode()).digest()[0] % SLOW_SHARE
+
+
+def _todays_part(seed: str) -> int:
+    """The part that runs under ``seed``: for an ISO date, its day number modulo
+    ``SLOW_SHARE`` (consecutive days run the parts in turn), else the part of the string.
+
+    >>> [_todays_part(day) for day in ("2026-12-06", "2026-12-07", "2026-12-08", "2026-12-09")]
+    [0, 1, 2, 0]
+    """
+    try:
+        return datetime.date.fromisoformat(seed).toordinal() % SLOW_SHARE
+    except ValueError:
+        return _part(seed)
+
+
 def in_todays_sample(config: pytest.Config, name: str) -> bool:
     """Whether the slow check ``name`` runs: every one under ``--slow=all``, none under
-    ``--slow=none``, else (the default) one in ``SLOW_SHARE`` by a hash of the day's seed and
-    ``name``. ``name``: a slow test's node id, or a case that a test runs among others (e.g. the DDP
-    matrix's ``"fsdp/mlp/laplacian/auto/alone"``), so that a test can sample its costly cases
-    as the suite samples slow tests.
+    ``--slow=none``, else (the default) those of today's part: ``name``'s part (a hash of it,
+    the same whatever else is selected) is the seed's. ``name``: a slow test's node id, or a
+    case that a test runs among others (e.g. the DDP matrix's ``"fsdp/mlp/laplacian/auto/alone"``),
+    so that a test can sample its costly cases as the suite samples slow tests.
 
     >>> class Config:  # --slow=all
     ...     getoption = staticmethod(lambda name: "all")
@@ -349,8 +376,7 @@ def in_todays_sample(config: pytest.Config, name: str) -> bool:
     mode = config.getoption("--slow")
     if mode != "sample":
         return mode == "all"
-    digest = hashlib.sha256(f"{_slow_seed()}:{name}".encode()).digest()
-    return digest[0] % SLOW_SHARE == 0
+    return _part(name) == _todays_part(_slow_seed())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -55,12 +56,11 @@ def _run_time(tree: ast.AST) -> list[ast.AST]:
     return found
 
 
-def _imports(path: Path, annotations: bool = True) -> set[str]:
-    """The torchdiv modules ``path`` imports (``from torchdiv._x import y``: ``torchdiv._x.y``
-    when ``y`` is a module, else ``torchdiv._x``); ``annotations=False``: those run (not under
-    ``if TYPE_CHECKING:``)."""
+def _imports(tree: ast.AST, annotations: bool = True) -> set[str]:
+    """The torchdiv modules the parsed module ``tree`` imports (``from torchdiv._x import y``:
+    ``torchdiv._x.y`` when ``y`` is a module, else ``torchdiv._x``); ``annotations=False``:
+    those run (not under ``if TYPE_CHECKING:``)."""
     found = set()
-    tree = ast.parse(path.read_text())
     for node in ast.walk(tree) if annotations else _run_time(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("torchdiv"):
             for alias in node.names:
@@ -74,35 +74,46 @@ def _imports(path: Path, annotations: bool = True) -> set[str]:
     return found
 
 
-GRAPH = {_module(p): _imports(p) for p in sorted((SRC / "torchdiv").rglob("*.py"))}
-# the imports that run: a cycle through an ``if TYPE_CHECKING:`` import never executes
-RUN_GRAPH = {
-    _module(p): _imports(p, annotations=False) for p in sorted((SRC / "torchdiv").rglob("*.py"))
-}
+MODULES = {_module(p): p for p in sorted((SRC / "torchdiv").rglob("*.py"))}
 
 
-@pytest.mark.parametrize("module", sorted(GRAPH))
+@functools.cache
+def _graph(annotations: bool = True) -> dict[str, set[str]]:
+    """Each module's imports (``_imports``), every file parsed once per process and only when a
+    test asks (not at collection: each pytest-xdist worker collects the whole suite).
+    ``annotations=False``: the imports that run (a cycle through an ``if TYPE_CHECKING:`` import
+    never executes)."""
+    return {module: _imports(_tree(path), annotations) for module, path in MODULES.items()}
+
+
+@functools.cache
+def _tree(path: Path) -> ast.AST:
+    return ast.parse(path.read_text())
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_point_down_the_layers(module):
     rank, _ = _part(module)
-    upward = [m for m in GRAPH[module] if _part(m)[0] < rank]
+    upward = [m for m in _graph()[module] if _part(m)[0] < rank]
     assert not upward, f"{module} imports {upward} from a layer above it"
 
 
 def test_no_import_cycles():
     state: dict[str, int] = {}  # 1: on the current path, 2: done
+    run_graph = _graph(annotations=False)
 
     def visit(module: str, path: list[str]) -> None:
         state[module] = 1
-        for child in sorted(RUN_GRAPH.get(module, ())):
-            child_package = child if child in RUN_GRAPH else child.rsplit(".", 1)[0]
-            if child_package == module or child_package not in RUN_GRAPH:
+        for child in sorted(run_graph.get(module, ())):
+            child_package = child if child in run_graph else child.rsplit(".", 1)[0]
+            if child_package == module or child_package not in run_graph:
                 continue
             assert state.get(child_package) != 1, " -> ".join([*path, child_package])
             if child_package not in state:
                 visit(child_package, [*path, child_package])
         state[module] = 2
 
-    for module in RUN_GRAPH:
+    for module in run_graph:
         if module not in state:
             visit(module, [module])
 

@@ -6,16 +6,26 @@ DeepXDE's own ``dde.grad.hessian`` sum; skipped where DeepXDE is not installed."
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
 
 import torchdiv
 
-os.environ.setdefault("DDE_BACKEND", "pytorch")
-dde = pytest.importorskip("deepxde")
-if dde.backend.backend_name != "pytorch":
-    pytest.skip("DeepXDE runs another backend here", allow_module_level=True)
+dde: Any = None  # DeepXDE, imported by ``_deepxde`` once a test of this file runs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _deepxde() -> None:
+    """Import DeepXDE when a test of this file runs, not at collection, where every
+    pytest-xdist worker paid over a second for it (SciPy, scikit-learn, matplotlib); skip the
+    file's tests where it cannot be imported or runs another backend."""
+    global dde
+    os.environ.setdefault("DDE_BACKEND", "pytorch")
+    dde = pytest.importorskip("deepxde")
+    if dde.backend.backend_name != "pytorch":
+        pytest.skip("DeepXDE runs another backend here")
 
 
 def _net(n_in: int = 2, n_out: int = 1) -> torch.nn.Module:

@@ -383,7 +383,11 @@ class RadiusGNS(GNS):
 # a UserWarning inside Dynamo's trace of the call, made an error by pytest's filter, ran the
 # engine eagerly (which watches f itself) and hid the fault: as users run it, warnings pass
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("operator", ["divergence", "jacobian_diagonal"])
+# (the compiled-model watch is one for every operator: the divergence always, the diagonal in
+# the daily sample of slow tests; each compiles the model afresh, seconds)
+@pytest.mark.parametrize(
+    "operator", ["divergence", pytest.param("jacobian_diagonal", marks=pytest.mark.slow)]
+)
 def test_compiled_radius_graph_is_watched_at_every_call(operator: str) -> None:
     """A compiled GNS whose radius graph is built inside its forward: the compiled-model
     watch's own memo kept the first call's pass whatever its watch saw, so samples brought

@@ -16,6 +16,7 @@ flow map ``y0 -> Y_T`` (torchdiv around ``sdeint``). float64, 3 samples of 2 dim
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -32,6 +33,7 @@ B, D = 3, 2
 TS = torch.tensor([0.0, 0.25, 0.5], dtype=f64)
 STEP = 0.05
 EXACT = ["auto", "reverse", "forward", "structured"]
+SLOW = pytest.mark.slow
 
 
 def loop_terms(fn, z: torch.Tensor, rows: list[slice]) -> torch.Tensor:
@@ -161,6 +163,21 @@ def loss_and_gradients(sde, y0, solver, **kwargs):
     return y_end.detach(), torch.cat([g.flatten() for g in flat])
 
 
+@functools.cache
+def cached(solve, *args):
+    """``solve(*args)``, computed once per process: the references (``method=None``: terms
+    from the loop) that several tests and methods compare with. Deterministic (seeded weights,
+    a Brownian path of fixed entropy) and read only, so sharing them loses no check."""
+    return solve(*args)
+
+
+def latent_solve(
+    mode: str, method: str | None, solver: str, adjoint: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``loss_and_gradients`` of ``latent_sde(mode, method)`` solved by ``solver``."""
+    return loss_and_gradients(*latent_sde(mode, method), solver, adjoint=adjoint)
+
+
 def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-12) -> None:
     scale = expected.abs().max().clamp_min(1e-300)
     assert ((actual - expected).abs().max() / scale).item() <= tol
@@ -172,15 +189,28 @@ SOLVES = [
     ("logp", "milstein"),
     ("regulariser", "srk"),
 ]
+# every engine runs always on the Stratonovich correction (a Jacobian diagonal) and on the
+# log-density by Euler (a divergence of the drift and of a diagonal); Milstein (the same drift,
+# its diffusion differentiated by autograd) and SRK (the regulariser's squared divergence at
+# every stage, the costliest solve) run "auto" always, the other engines in the daily sample
+DRIFT_CASES = [
+    pytest.param(
+        mode,
+        solver,
+        method,
+        marks=() if "stratonovich" in mode or "euler" in solver or method == "auto" else SLOW,
+    )
+    for mode, solver in SOLVES
+    for method in EXACT
+]
 
 
-@pytest.mark.parametrize("method", EXACT)
-@pytest.mark.parametrize(("mode", "solver"), SOLVES)
+@pytest.mark.parametrize(("mode", "solver", "method"), DRIFT_CASES)
 def test_sdeint_with_torchdiv_in_the_drift(mode, solver, method):
-    reference = loss_and_gradients(*latent_sde(mode, None), solver)
-    got = loss_and_gradients(*latent_sde(mode, method), solver)
-    assert_rel(got[0], reference[0])
-    assert_rel(got[1], reference[1])
+    expected = cached(latent_solve, mode, None, solver)
+    got = latent_solve(mode, method, solver)
+    assert_rel(got[0], expected[0])
+    assert_rel(got[1], expected[1])
 
 
 @pytest.mark.parametrize("method", ["auto", "structured"])
@@ -188,10 +218,10 @@ def test_sdeint_with_torchdiv_in_the_drift(mode, solver, method):
 def test_sdeint_adjoint_with_torchdiv_in_the_drift(mode, solver, method):
     """The adjoint's backward calls ``f`` again (its vector-Jacobian products with
     ``create_graph``): the same gradients as the adjoint with the reference terms."""
-    reference = loss_and_gradients(*latent_sde(mode, None), solver, adjoint=True)
-    got = loss_and_gradients(*latent_sde(mode, method), solver, adjoint=True)
-    assert_rel(got[0], reference[0])
-    assert_rel(got[1], reference[1])
+    expected = cached(latent_solve, mode, None, solver, True)
+    got = latent_solve(mode, method, solver, True)
+    assert_rel(got[0], expected[0])
+    assert_rel(got[1], expected[1])
 
 
 def test_logqp_with_the_stratonovich_correction():
@@ -340,17 +370,24 @@ def test_probability_flow_likelihood_by_torchsde_and_by_flows(method):
         assert_rel(a, b)
 
 
-@pytest.mark.parametrize(("mode", "solver"), SOLVES)
+@pytest.mark.parametrize(
+    ("mode", "solver"),
+    [
+        pytest.param(*solve, marks=SLOW) if solve[1] in ("milstein", "srk") else solve
+        for solve in SOLVES
+    ],
+)
 def test_float32_solve_against_float64(mode, solver):
     """The same weights rounded to float32 (the Brownian increments of these few elements
-    are drawn alike in both dtypes): within 16 float32 eps of the float64 loop's solve."""
-    reference = loss_and_gradients(*latent_sde(mode, None), solver)
+    are drawn alike in both dtypes): within 16 float32 eps of the float64 loop's solve (the
+    Jacobian diagonal and the log-density always, Milstein and SRK in the daily sample)."""
+    expected = cached(latent_solve, mode, None, solver)
     sde, y0 = latent_sde(mode, "auto")
     sde.float()
     sde.context = sde.context.float()
     got = loss_and_gradients(sde, y0.float(), solver)
-    assert_rel(got[0].double(), reference[0], tol=16 * torch.finfo(torch.float32).eps)
-    assert_rel(got[1].double(), reference[1], tol=16 * torch.finfo(torch.float32).eps)
+    assert_rel(got[0].double(), expected[0], tol=16 * torch.finfo(torch.float32).eps)
+    assert_rel(got[1].double(), expected[1], tol=16 * torch.finfo(torch.float32).eps)
 
 
 @pytest.mark.parametrize("method", ["auto", "structured"])
@@ -419,22 +456,26 @@ class GeneralNoise(nn.Module):
         return torch.cat([g, torch.zeros_like(g[:, :1])], 1)
 
 
+def general_noise_solve(method: str | None, noise: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final states of ``GeneralNoise``'s Euler solve and the parameter gradients of
+    ``sum y_T^2 + sum y_T[:, -1]``."""
+    torch.manual_seed(0)
+    sde = GeneralNoise(method, noise).to(f64)
+    z0 = torch.randn(B, D, generator=torch.Generator().manual_seed(1), dtype=f64)
+    y0 = torch.cat([z0, torch.zeros(B, 1, dtype=f64)], 1)
+    bm = torchsde.BrownianInterval(t0=0.0, t1=0.5, size=(B, noise), dtype=f64, entropy=7)
+    y_end = torchsde.sdeint(sde, y0, TS, bm=bm, method="euler", dt=STEP)[-1]
+    grads = torch.autograd.grad((y_end**2).sum() + y_end[:, -1].sum(), sde.parameters())
+    return y_end.detach(), torch.cat([g.flatten() for g in grads])
+
+
 @pytest.mark.parametrize("method", ["auto", "reverse", "forward"])
 @pytest.mark.parametrize("noise", [1, 3])
 def test_general_noise_fokker_planck_term(method, noise):
-    def run(m):
-        torch.manual_seed(0)
-        sde = GeneralNoise(m, noise).to(f64)
-        z0 = torch.randn(B, D, generator=torch.Generator().manual_seed(1), dtype=f64)
-        y0 = torch.cat([z0, torch.zeros(B, 1, dtype=f64)], 1)
-        bm = torchsde.BrownianInterval(t0=0.0, t1=0.5, size=(B, noise), dtype=f64, entropy=7)
-        y_end = torchsde.sdeint(sde, y0, TS, bm=bm, method="euler", dt=STEP)[-1]
-        grads = torch.autograd.grad((y_end**2).sum() + y_end[:, -1].sum(), sde.parameters())
-        return y_end.detach(), torch.cat([g.flatten() for g in grads])
-
-    reference, got = run(None), run(method)
-    assert_rel(got[0], reference[0])
-    assert_rel(got[1], reference[1])
+    expected = cached(general_noise_solve, None, noise)
+    got = general_noise_solve(method, noise)
+    assert_rel(got[0], expected[0])
+    assert_rel(got[1], expected[1])
 
 
 class DiffusionOfADiagonal(LatentSDE):
@@ -452,19 +493,26 @@ class DiffusionOfADiagonal(LatentSDE):
         return 0.1 + torch.sigmoid(self.diagonal(self.u, y))
 
 
-@pytest.mark.parametrize("method", ["auto", "forward", "structured"])
-@pytest.mark.parametrize("adjoint", [False, True])
-def test_milstein_through_torchdiv_in_the_diffusion(method, adjoint):
-    def model(m):
-        plain, y0 = latent_sde("stratonovich", None)
-        context = plain.context
-        torch.manual_seed(0)
-        return DiffusionOfADiagonal(m, context).to(f64), y0
+def milstein_solve(method: str | None, adjoint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``loss_and_gradients`` of ``DiffusionOfADiagonal`` solved by Milstein."""
+    plain, y0 = latent_sde("stratonovich", None)
+    torch.manual_seed(0)
+    sde = DiffusionOfADiagonal(method, plain.context).to(f64)
+    return loss_and_gradients(sde, y0, "milstein", adjoint=adjoint)
 
-    reference = loss_and_gradients(*model(None), "milstein", adjoint=adjoint)
-    got = loss_and_gradients(*model(method), "milstein", adjoint=adjoint)
-    assert_rel(got[0], reference[0])
-    assert_rel(got[1], reference[1])
+
+# the adjoint (a third differentiation) by "auto" always, by the other engines in the sample
+@pytest.mark.parametrize(
+    ("adjoint", "method"),
+    [(False, m) for m in ("auto", "forward", "structured")]
+    + [(True, "auto")]
+    + [pytest.param(True, m, marks=SLOW) for m in ("forward", "structured")],
+)
+def test_milstein_through_torchdiv_in_the_diffusion(method, adjoint):
+    expected = cached(milstein_solve, None, adjoint)
+    got = milstein_solve(method, adjoint)
+    assert_rel(got[0], expected[0])
+    assert_rel(got[1], expected[1])
 
 
 class FixedProbes(LatentSDE):

@@ -581,7 +581,8 @@ def test_parameter_gradients_through_a_batch_norm_by_batch_statistics(fullgraph)
         assert_close(g, e)
 
 
-def test_a_graph_break_in_f_refuses_the_parameter_gradients_auto_cannot_take():
+@pytest.mark.parametrize("method", ["auto", pytest.param("reverse", marks=pytest.mark.slow)])
+def test_a_graph_break_in_f_refuses_the_parameter_gradients_auto_cannot_take(method):
     """``f`` with a graph break in a compiled loss: Dynamo compiles ``f`` apart, and
     ``"auto"``'s plain autograd takes its products through that compiled graph, whose
     backward AOTAutograd cannot differentiate again. torchdiv's refusal of such a result's
@@ -591,7 +592,9 @@ def test_a_graph_break_in_f_refuses_the_parameter_gradients_auto_cannot_take():
     (traced) is right. Under pytest's "error" filter (a user's ``-W error``): the warning
     Dynamo gave at torchdiv's cached helpers (``functools.lru_cache``-wrapped, traced in
     the resumed frames) aborted the compilation (``InternalTorchDynamoError``); they are
-    traced uncached now (``_core.script.cached``), without a warning."""
+    traced uncached now (``_core.script.cached``), without a warning. The refusal always; the
+    way out, ``"reverse"`` compiled and right, in the daily sample of slow tests (Dynamo
+    tracing torchdiv's call takes seconds for each method)."""
     torch.manual_seed(0)
     net = mlp(4, 4, 6)
 
@@ -609,10 +612,11 @@ def test_a_graph_break_in_f_refuses_the_parameter_gradients_auto_cannot_take():
 
     backend = Counting()
     compiled = torch.compile(loss, backend=backend)
-    with pytest.raises(UndifferentiableBackward, match=r"torch\.compile'd graph"):
-        torch.autograd.grad(compiled(x, "auto"), params, **options)
-    runs = backend.runs
-    got = torch.autograd.grad(compiled(x, "reverse"), params, **options)
-    assert runs > 0 and backend.runs > runs, "a loss ran eagerly"
-    for g, e in zip(got, torch.autograd.grad(loss(x, "reverse"), params, **options), strict=True):
-        assert_close(g, e)
+    if method == "auto":
+        with pytest.raises(UndifferentiableBackward, match=r"torch\.compile'd graph"):
+            torch.autograd.grad(compiled(x, method), params, **options)
+    else:
+        got = torch.autograd.grad(compiled(x, method), params, **options)
+        for g, e in zip(got, torch.autograd.grad(loss(x, method), params, **options), strict=True):
+            assert_close(g, e)
+    assert backend.runs > 0, "a loss ran eagerly"
