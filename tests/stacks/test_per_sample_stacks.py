@@ -144,8 +144,9 @@ def test_the_way_out_vmap_of_grad_gives_per_sample_gradients(name: str) -> None:
     "second_order.py, owned by oncesecond16) is in NOTES_rev-functorch16.md",
 )
 def test_value_grad_laplacian_auto_per_sample_under_vmap_of_grad() -> None:
-    """Opacus's functorch mode on a PINN loss of ``value_grad_laplacian`` (each sample a batch
-    of one under ``vmap(grad(...))``): ``"auto"`` raised PyTorch's ``requires_grad_`` error,
+    """An ensemble of models (``vmap`` with ``functional_call``) and Opacus's functorch mode on
+    a PINN loss of ``value_grad_laplacian`` (each sample a batch of one under
+    ``vmap(grad(...))``): ``"auto"`` raised PyTorch's ``requires_grad_`` error,
     and ``"taylor"``'s refusal there names ``"auto"`` as the way out. Reference: each sample's
     loss by plain autograd's grad-of-grad, differentiated in the parameters."""
     torch.manual_seed(0)
@@ -166,6 +167,18 @@ def test_value_grad_laplacian_auto_per_sample_under_vmap_of_grad() -> None:
         )
         return (lap + g.square().sum(-1) + y).square().sum()
 
+    members = [net, _mlp(1)]  # an ensemble of models: each member's gradient
+    stacked, buffers = stack_module_state(members)  # type: ignore[arg-type]
+    got = vmap(
+        lambda p, b: (
+            torchdiv.value_grad_laplacian(
+                lambda z: functional_call(net, (p, b), (z,))[:, 0], x
+            ).gradient
+        )
+    )(stacked, buffers)
+    for i, m in enumerate(members):
+        z = x.detach().requires_grad_(True)
+        assert_close(got[i], torch.autograd.grad(m(z).sum(), z)[0])
     per_sample = vmap(grad(lambda p, xi: loss(p, xi[None])), in_dims=(None, 0))(params, x)
     for b in range(len(x)):
         want = torch.autograd.grad(
@@ -173,3 +186,43 @@ def test_value_grad_laplacian_auto_per_sample_under_vmap_of_grad() -> None:
         )
         for (key, _), w in zip(net.named_parameters(), want, strict=True):
             assert_close(per_sample[key][b], w)
+
+
+class _CentredMLP(torch.nn.Module):
+    """An MLP whose hidden features are centred over the batch: it mixes samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.outer = torch.nn.Linear(3, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inner(x).tanh()
+        return self.outer(h - h.mean(0, keepdim=True))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the sample-mixing watch (src/torchdiv/_core/mixing, owned by mixing16) does not "
+    "follow x's samples under the caller's vmap; see NOTES_rev-functorch16.md",
+)
+@pytest.mark.parametrize("ensemble", ["models", "inputs"])
+def test_sample_mixing_is_seen_under_the_callers_vmap(ensemble: str) -> None:
+    """Outside a transform, ``"auto"`` refuses a model that centres features over the batch
+    (``BatchInteractionError``); inside an ensemble's ``vmap`` (of models by
+    ``functional_call``, or of batches of inputs) it returned the diagonal blocks of the
+    cross-batch Jacobian as per-sample divergences, silently."""
+    torch.manual_seed(0)
+    members = [_CentredMLP().double() for _ in range(2)]
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(torchdiv.BatchInteractionError):
+        torchdiv.divergence(members[0], x)
+    with pytest.raises(torchdiv.BatchInteractionError):
+        if ensemble == "models":
+            params, buffers = stack_module_state(members)  # type: ignore[arg-type]
+            vmap(
+                lambda p, b: torchdiv.divergence(
+                    lambda z: functional_call(members[0], (p, b), (z,)), x
+                )
+            )(params, buffers)
+        else:
+            vmap(lambda xb: torchdiv.divergence(members[0], xb))(torch.stack([x, 2 * x]))
