@@ -226,3 +226,28 @@ def test_sample_mixing_is_seen_under_the_callers_vmap(ensemble: str) -> None:
             )(params, buffers)
         else:
             vmap(lambda xb: torchdiv.divergence(members[0], xb))(torch.stack([x, 2 * x]))
+
+
+@pytest.mark.parametrize("method", ["auto", "hutchinson"])
+def test_a_buffer_written_under_the_callers_vmap_is_named(method: str) -> None:
+    """A train-mode batch norm in an ensemble's ``vmap`` updates its stacked running
+    statistics from ``x``, which the transforms refuse: ``"forward"``/``"reverse"`` named the
+    write, but ``"auto"`` then tried plain autograd, whose leaf copy of ``x`` PyTorch refuses
+    under the caller's transform, and raised that ``requires_grad_`` error instead."""
+    torch.manual_seed(0)
+    members = [
+        torch.nn.Sequential(
+            torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        ).double()
+        for _ in range(2)
+    ]
+    params, buffers = stack_module_state(members)  # type: ignore[arg-type]
+    x = torch.randn(6, 3, dtype=torch.float64)
+    options = {"probes": torch.ones(1, *x.shape, dtype=x.dtype)} if method == "hutchinson" else {}
+
+    def one(p: dict, b: dict) -> torch.Tensor:
+        f = lambda z: functional_call(members[0], (p, b), (z,))  # noqa: E731
+        return torchdiv.divergence(f, x, method=method, **options)
+
+    with pytest.raises(RuntimeError, match=r"^divergence: .*writes in place .*model\.eval\(\)"):
+        vmap(one)(params, buffers)
