@@ -205,12 +205,13 @@ class _CentredMLP(torch.nn.Module):
     reason="the sample-mixing watch (src/torchdiv/_core/mixing, owned by mixing16) does not "
     "follow x's samples under the caller's vmap; see NOTES_rev-functorch16.md",
 )
-@pytest.mark.parametrize("ensemble", ["models", "inputs"])
+@pytest.mark.parametrize("ensemble", ["models", "inputs", "grad"])
 def test_sample_mixing_is_seen_under_the_callers_vmap(ensemble: str) -> None:
     """Outside a transform, ``"auto"`` refuses a model that centres features over the batch
     (``BatchInteractionError``); inside an ensemble's ``vmap`` (of models by
-    ``functional_call``, or of batches of inputs) it returned the diagonal blocks of the
-    cross-batch Jacobian as per-sample divergences, silently."""
+    ``functional_call``, or of batches of inputs), or under ``torch.func.grad`` in the
+    parameters, it returned the diagonal blocks of the cross-batch Jacobian as per-sample
+    divergences, silently."""
     torch.manual_seed(0)
     members = [_CentredMLP().double() for _ in range(2)]
     x = torch.randn(5, 3, dtype=torch.float64)
@@ -224,8 +225,15 @@ def test_sample_mixing_is_seen_under_the_callers_vmap(ensemble: str) -> None:
                     lambda z: functional_call(members[0], (p, b), (z,)), x
                 )
             )(params, buffers)
-        else:
+        elif ensemble == "inputs":
             vmap(lambda xb: torchdiv.divergence(members[0], xb))(torch.stack([x, 2 * x]))
+        else:  # torch.func.grad of a loss in the parameters (a MAML inner step)
+            params = {k: v.detach() for k, v in members[0].named_parameters()}
+            grad(
+                lambda p: torchdiv.divergence(
+                    lambda z: functional_call(members[0], p, (z,)), x
+                ).sum()
+            )(params)
 
 
 @pytest.mark.parametrize("method", ["auto", "hutchinson"])
