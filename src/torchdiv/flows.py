@@ -312,7 +312,7 @@ def _sampling(
     if s.probes is None:  # drawn as draw_probes draws them: at least float32, then x's dtype
         dtype = torch.promote_types(x.dtype, torch.float32)
         count = num_vectors(method, s.num_probes)
-        v = draw(s.probe, count, x, batch_dims, s.generator, dtype).to(x.dtype)
+        v = draw(s.probe, count, x, batch_dims, s.generator, dtype, fn).to(x.dtype)
         s = _trace.Sampling(fn, method, s.num_probes, s.probe, v, None)
     if s.probes is not None and s.probes.is_inference():
         with torch.inference_mode(False):

@@ -229,6 +229,15 @@ def _hint(
     """A likely fix for the usual mistakes (``exc``: the error, whose traceback may show a
     ``torch.utils.checkpoint`` or a module's backward hook; ``method``: the one that raised,
     never named as the way out)."""
+    if "Expanded Weights" in message or (exc is not None and _expanded_weights(exc)):
+        return (
+            "f computes through torch's ExpandedWeights (call_for_per_sample_grads, Opacus's "
+            "grad_sample_mode='ew'): torch.func's transforms and torchdiv's recorders cannot "
+            "run it, and its backward, which writes per-sample gradients into grad_sample, is "
+            "not differentiated again, so no method gives per-sample gradients of a loss built "
+            "on derivatives of f. Take them by torch.func: vmap(grad(loss), in_dims=(None, "
+            "0))(params, x) with each sample as a batch of one (functional_call inside f)."
+        )
     reentrant = None if exc is None else _checkpointed(exc)
     if reentrant:
         return (
@@ -402,6 +411,12 @@ def _backward_hooked(exc: BaseException) -> bool:
 
 
 _HOOKS_FILE = _hooks.__file__
+
+
+def _expanded_weights(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error in its chain) was raised inside an ExpandedWeights layer
+    (``torch.nn.utils._expanded_weights``), read off the traceback."""
+    return any("_expanded_weights" in frame.f_code.co_filename for frame in _frames(exc))
 
 
 def _modules(f: Any) -> list[torch.nn.Module]:

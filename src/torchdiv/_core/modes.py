@@ -943,7 +943,8 @@ class SafeDerivatives(TorchFunctionMode):
             f"{getattr(func, '__name__', func)} in f writes in place to a tensor f did not make "
             "(a buffer) a value computed from x, which torch.func's transforms forbid (PyTorch: "
             f"'{_CAPTURED}'); write it under torch.no_grad(), or use method='auto' (plain "
-            "autograd runs it)"
+            "autograd runs it; not inside your own torch.func transform, which refuses the "
+            "write as well: a batch norm there needs model.eval())"
         ) from None
 
 

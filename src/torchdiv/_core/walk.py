@@ -184,10 +184,26 @@ def once_differentiable_functions(custom: list[Any], y: torch.Tensor, x: torch.T
 
 COMPILED = "torch.compile's CompiledFunction"  # the name of a compiled graph's Function
 ADJOINT = "torchdiffeq's OdeintAdjointMethod (odeint_adjoint)"  # and the adjoint's
+EXPANDED = "torch's ExpandedWeights (call_for_per_sample_grads)"  # and per-sample layers'
 
 
 def _once_differentiable(cls: Any) -> bool:
-    return getattr(cls.backward, "__code__", 0) is _ONCE or _compiled(cls) or _adjoint(cls)
+    return (
+        getattr(cls.backward, "__code__", 0) is _ONCE
+        or _compiled(cls)
+        or _adjoint(cls)
+        or _expanded(cls)
+    )
+
+
+def _expanded(cls: Any) -> bool:
+    """Whether ``cls`` is one of PyTorch's ExpandedWeights ``Function``s (a layer called
+    through ``torch.nn.utils._per_sample_grad.call_for_per_sample_grads``, Opacus's
+    ``grad_sample_mode="ew"``), whose backward writes each pass's per-sample parameter
+    gradients into ``grad_sample`` and is not differentiated again for them: torchdiv's own
+    backward passes filled ``grad_sample``, and a loss built on their products got per-sample
+    gradients 5-300x off (plain autograd's grad-of-grad as well), without an error."""
+    return cls.__module__.startswith("torch.nn.utils._expanded_weights")
 
 
 def _adjoint(cls: Any) -> bool:
@@ -203,4 +219,6 @@ def _compiled(cls: Any) -> bool:
 
 
 def _name(cls: Any) -> str:
+    if _expanded(cls):
+        return EXPANDED
     return COMPILED if _compiled(cls) else ADJOINT if _adjoint(cls) else cls.__qualname__

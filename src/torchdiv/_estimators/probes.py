@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 import torch
+from torch._C._functorch import peek_interpreter_stack
 
 from torchdiv._core.checks import (
     check_generator,
@@ -39,8 +40,37 @@ def draw(
     batch_dims: int,
     generator: torch.Generator | None,
     dtype: torch.dtype,
+    fn: str = "draw_probes",
 ) -> torch.Tensor:
-    """``count`` probe vectors of the distribution ``probe``, shape ``(count,) + like.shape``."""
+    """``count`` probe vectors of the distribution ``probe``, shape ``(count,) + like.shape``.
+
+    Under the caller's ``torch.func.vmap`` with ``randomness="error"`` (its default, and
+    ``jacfwd``'s), whose refusal of the draw led ``"auto"`` on to engines that PyTorch refuses
+    there for another reason (``requires_grad_``), a ``ValueError`` names ``fn`` and the ways
+    out."""
+    try:
+        return _drawn(probe, count, like, batch_dims, generator, dtype)
+    except RuntimeError as exc:
+        if peek_interpreter_stack() is None or "randomness error mode" not in str(exc):
+            raise
+        raise ValueError(
+            f"{fn}: the probes are drawn inside the caller's torch.func.vmap (or jacfwd), "
+            "whose randomness='error' refuses random draws; pass probes= drawn outside the "
+            "transform (torchdiv.draw_probes(x, num_probes)), or vmap(..., "
+            "randomness='different') for independent probes per vmapped call ('same': the "
+            "same probes)"
+        ) from exc
+
+
+def _drawn(
+    probe: str,
+    count: int,
+    like: torch.Tensor,
+    batch_dims: int,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``draw``'s vectors."""
     shape = (count, *like.shape)
     if probe == "rademacher":
         return _rademacher(shape, generator, dtype, like.device)

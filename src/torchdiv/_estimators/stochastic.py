@@ -164,7 +164,7 @@ def _one_probe(engine: GraphJacobian, s: _trace.Sampling) -> torch.Tensor:
         v = s.probes.to(x.dtype)
     else:  # drawn as draw_probes draws: at least float32, then rounded to x's dtype
         dtype = torch.promote_types(x.dtype, torch.float32)
-        v = draw(s.probe, 1, x, engine.batch_dims, s.generator, dtype).to(x.dtype)
+        v = draw(s.probe, 1, x, engine.batch_dims, s.generator, dtype, s.fn).to(x.dtype)
     product = engine.apply(v.reshape(1, *engine.y_shape))  # J^T v: (1,) + x.shape
     n = event_numel(x, engine.batch_dims)
     value = (v.reshape(product.shape) * product).reshape(batch.numel(), n).sum(-1)

@@ -181,7 +181,7 @@ def vectors(s: Sampling, like: torch.Tensor, batch_dims: int) -> torch.Tensor:
     dtype = torch.promote_types(like.dtype, torch.float32)
     r, n = num_vectors(s.method, s.num_probes), event_numel(like, batch_dims)
     if s.probes is None:  # rounded to x's precision, as draw_probes gives them
-        v = draw(s.probe, r, like, batch_dims, s.generator, dtype).to(like.dtype)
+        v = draw(s.probe, r, like, batch_dims, s.generator, dtype, s.fn).to(like.dtype)
     else:
         v = s.probes
     return v.reshape(r, like.shape[:batch_dims].numel(), n).to(dtype)

@@ -31,7 +31,15 @@ from torchdiv._core.modes import (
     math_attention,
 )
 from torchdiv._core.script import cached
-from torchdiv._core.walk import ADJOINT, COMPILED, Found, once_differentiable_functions, search, vjp
+from torchdiv._core.walk import (
+    ADJOINT,
+    COMPILED,
+    EXPANDED,
+    Found,
+    once_differentiable_functions,
+    search,
+    vjp,
+)
 from torchdiv._exact.state import Changes
 
 
@@ -140,6 +148,16 @@ def once_differentiable_error(what: str, names: list[str]) -> str:
             "h[..., None] ** self.powers, which it runs eagerly: raise to Python numbers, "
             "torch.stack([h ** k for k in range(4)], -1))"
         )
+    if EXPANDED in names:
+        return (
+            "torchdiv: f computes through torch's ExpandedWeights (call_for_per_sample_grads, "
+            "Opacus's grad_sample_mode='ew'), whose backward writes each backward pass's "
+            "per-sample gradients into grad_sample and is not differentiated again: torchdiv's "
+            f"own passes would fill grad_sample and {what} would be wrong per sample, so they "
+            "are refused. Take per-sample gradients of the loss by torch.func: "
+            "vmap(grad(loss), in_dims=(None, 0))(params, x) with each sample as a batch of one "
+            "(functional_call inside f; torchdiv's method='auto' runs there)"
+        )
     if ADJOINT in names:
         return (
             f"torchdiv: f solves an ODE by torchdiffeq's odeint_adjoint, whose backward (the "
@@ -244,6 +262,8 @@ class GraphJacobian:
             [] if not create_graph else _custom_functions(y) if custom is None else custom
         )
         self._once = once_differentiable_functions(self._custom, y, x)
+        if EXPANDED in self._once:  # refused before any pass writes grad_sample
+            raise UndifferentiableBackward(once_differentiable_error("their gradients", [EXPANDED]))
         self._walked = False
         self._batches = True  # False once a batched pass raised that it cannot batch y's graph
         self.batch_norms: list[Any] | None = None  # the graph's, if of_function walked it

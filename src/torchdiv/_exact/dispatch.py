@@ -374,7 +374,9 @@ def _engines(
     ``square`` problems that passed start with plain autograd (``_plain_first``), as do
     ``square`` ones up to ``_plan.ROWS_PROBLEM`` whose planned evaluation passed the watch
     without a convolution (CPU convolution backward is the slower side). If ``torch.func``
-    cannot evaluate ``f``, the plain-autograd engine's evaluation is watched instead, on a
+    cannot evaluate ``f``, the plain-autograd engine's evaluation is watched instead (not
+    under the caller's own transform, which refuses its leaf copy of ``x``: there
+    ``torch.func``'s error is raised, a buffer written in an ensemble's ``vmap``), on a
     leaf copy of ``x`` made before the watch starts (``leaf``), so that the watch follows
     the samples into ``f``; a tiny problem then starts there at its later calls
     (``Passed.reverse``): their unwatched evaluation by ``torch.func`` would fail again, after
@@ -439,6 +441,8 @@ def _engines(
         mixing = "captured Tensor" in str(error) and recorded_mixing(f, x, batch_dims)
         if mixing:  # a train-mode batch norm: raised before plain autograd updates it
             raise BatchInteractionError(mixing) from None
+        if not x.requires_grad and not untransformed() and not compiling:
+            raise  # the caller's transform: plain autograd cannot make its leaf copy of x
         return [graph, rerun]
     planned.append(sizes)
     engines: list[Build] = [
