@@ -22,7 +22,6 @@ value, gradient and Laplacian from one sweep.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -47,10 +46,17 @@ from torchdiv._core.checks import (
     event_numel,
     out_of_memory,
 )
-from torchdiv._core.mixing.watch import check_empty_event, checks_empty_event, verdicts, watched
+from torchdiv._core.mixing.watch import (
+    check_empty_event,
+    checks_empty_event,
+    verdicts,
+    watch_once,
+    watched,
+)
 from torchdiv._core.modes import SafeDerivatives, eager_when, outside_inference_mode
 from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace
+from torchdiv._exact.attributes import unwrap_between_evaluations
 from torchdiv._exact.state import Once
 from torchdiv._laplacian import loop as _loop
 from torchdiv._laplacian import methods
@@ -151,12 +157,14 @@ def weighted_laplacian(
     # f evaluated by the check of x's empty event (which the shifted function's event hides),
     # once per part (a sign of A's eigenvalues) or chunk: every time from the same state
     check = checks_empty_event(x, batch_dims)
-    each = Once(x, check or len(factors) > 1 or (mixed and chunk_size is not None))
+    several = check or len(factors) > 1
+    watch = mixed and method in WATCHED and not check  # (the check watched f's evaluation)
+    each = Once(x, several or (mixed and (watch or chunk_size is not None)))
     if check:
         each(lambda z: check_empty_event(g, z, batch_dims))(x)
     if mixed:
         options = (num_probes, generator, probe)
-        return _mixed(fn, g, x, batch_dims, method, chunk_size, matrix, *options, each)
+        return _mixed(fn, g, x, batch_dims, method, chunk_size, matrix, *options, each, watch)
     total = None
     for sign, factor in factors:
         h, z = along(g, x, batch_dims, factor)
@@ -165,7 +173,7 @@ def weighted_laplacian(
             s = _trace.sampling(fn, z, batch_dims, method, num_probes, probe, None, generator)
             probes = _trace.vectors(s, z, batch_dims).reshape(-1, *z.shape).to(x.dtype)
         try:
-            part = each(functools.partial(_part, h, batch_dims, method, chunk_size, probes))(z)
+            part = _part(h, z, batch_dims, method, chunk_size, probes, each if several else None)
         except UnsupportedOp as exc:  # the engines name the Laplacian they run, not this call
             raise (renamed(fn, exc) or exc) from exc
         total = sign * part if total is None else total + sign * part
@@ -175,18 +183,28 @@ def weighted_laplacian(
 
 def _part(
     h: Function,
+    z: torch.Tensor,
     batch_dims: int,
     method: str,
     chunk_size: int | None,
     probes: torch.Tensor | None,
-    z: torch.Tensor,
+    each: Once | None,
 ) -> torch.Tensor:
-    """The Laplacian of ``h`` at ``z`` by ``method`` (``"hutchinson"``: along ``probes``)."""
-    if z.numel() == 0:
-        return methods.zeros_like_output(h, z)
-    if probes is not None:
-        return methods.hutchinson(h, z, batch_dims, chunk_size, probes)
-    return methods.BY_NAME[method](h, z, batch_dims, chunk_size)
+    """The Laplacian of ``h`` at ``z`` by ``method`` (``"hutchinson"``: along ``probes``),
+    its evaluations of ``h`` from the state ``each`` (``None``: this the call's only part)
+    found: ``"forward-over-reverse"``'s own evaluations inside its transforms (not its
+    backward and tangent passes, as the Laplacian's), another method's whole computation."""
+    if method == "forward-over-reverse" and probes is None and z.numel() > 0:
+        return methods.forward_over_reverse(h, z, batch_dims, chunk_size, each=each)
+
+    def run(z: torch.Tensor) -> torch.Tensor:
+        if z.numel() == 0:  # a part without columns: h still evaluated (for its shape)
+            return methods.zeros_like_output(h, z)
+        if probes is not None:
+            return methods.hutchinson(h, z, batch_dims, chunk_size, probes)
+        return methods.BY_NAME[method](h, z, batch_dims, chunk_size)
+
+    return run(z) if each is None else each(run)(z)
 
 
 def _factors(fn: str, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -225,6 +243,11 @@ def _factors(fn: str, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return out
 
 
+# the methods whose engines watch f for sample mixing (BatchInteractionError); a diffusion that
+# requires grad takes Hessian-vector products instead, which watch nothing: f watched first
+# (a mean over the batch ran silently there until a review found it)
+WATCHED = ("auto", "taylor", "hutchinson")
+
 # a diffusion that requires grad takes Hessian-vector products whatever the method: where f
 # holds an op refused through forward mode, the way out is a factor (any method runs along it)
 MIXED_WAY_OUT = (
@@ -246,10 +269,15 @@ def _mixed(
     generator: torch.Generator | None,
     probe: str | None,
     each: Once,
+    watch: bool,
 ) -> torch.Tensor:
     """``Σ_j (A v_j)ᵀ H v_j`` by Hessian-vector products, ``v_j`` the unit vectors (exact) or
     probes (``"hutchinson"``, divided by their number): linear, so differentiable, in ``A``.
-    ``each`` wraps every chunk's evaluation of ``g`` (``Once``)."""
+    ``each`` wraps every chunk's evaluation of ``g`` (``Once``) inside the transforms; a
+    chunk that raises after it (in a backward pass) puts the state back (``Once.undoing``).
+    ``watch``: ``g`` evaluated once first, watched for sample mixing
+    (``BatchInteractionError``), as the engines of ``"auto"``, ``"taylor"`` and
+    ``"hutchinson"`` watch it (the products do not)."""
     n, samples = event_numel(x, batch_dims), x.shape[:batch_dims].numel()
     if x.numel() == 0:
         return methods.zeros_like_output(g, x)
@@ -258,16 +286,26 @@ def _mixed(
         vectors = _trace.vectors(s, x, batch_dims).to(x.dtype)  # (r, N, n)
     else:
         vectors = basis(0, n, x, batch_dims).reshape(n, samples, n)
+    if watch:
+        each(lambda z: watch_once(g, argument(z), batch_dims))(x)
     a = a.reshape(-1, n, n)  # (1 or N, n, n)
-    total, r, y_shape = None, len(vectors), torch.Size()
-    for start, stop in chunks(r, chunk_size or r):
-        v = vectors[start:stop]
-        along_v = methods.products_along(g, batch_dims, v.reshape(-1, *x.shape), MIXED_WAY_OUT)
-        products, y_shape = each(along_v)(x)
-        partners = torch.einsum("bij,kbj->kbi", a, v)  # A v, (k, N, n)
-        part = torch.einsum("kmbi,kbi->mb", products, partners)
-        total = accumulated(total, part)
-    assert total is not None  # r >= 1: n >= 1 unit vectors, or probes
+    r = len(vectors)
+
+    def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
+        for start, stop in chunks(r, chunk_size or r):
+            v = vectors[start:stop]
+            # g's own evaluation watched, not its backward and tangent passes (as the
+            # Laplacian's forward over reverse), a tensor g set as an attribute under this
+            # chunk's transforms unwrapped before the next chunk reads it
+            along_v = methods.products_along(
+                each(g), batch_dims, v.reshape(-1, *x.shape), MIXED_WAY_OUT
+            )
+            products, y_shape = along_v(x)
+            unwrap_between_evaluations()
+            partners = torch.einsum("bij,kbj->kbi", a, v)  # A v, (k, N, n)
+            yield torch.einsum("kmbi,kbi->mb", products, partners), y_shape
+
+    total, y_shape = each.undoing(lambda: methods.summed(parts()))  # r >= 1 vectors
     scale = r if method == "hutchinson" else 1
     return (total / scale).to(x.dtype).T.reshape(y_shape)
 
