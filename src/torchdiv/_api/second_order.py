@@ -587,8 +587,9 @@ def _separately(
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:
         return ValueGradLaplacian(value, gradient, x.new_zeros(value.shape))
-    lap = each(lambda z: _forward_over_reverse(g, z, batch_dims, chunk_size, index))(x)
-    return ValueGradLaplacian(value, gradient, lap)
+    return ValueGradLaplacian(
+        value, gradient, _forward_over_reverse(g, x, batch_dims, chunk_size, index, each)
+    )
 
 
 def _forward_over_reverse(
@@ -597,15 +598,17 @@ def _forward_over_reverse(
     batch_dims: int,
     chunk_size: int | None,
     index: torch.Tensor | None,
+    each: Once,
 ) -> torch.Tensor:
     """The Laplacian by Hessian-vector products, over the flat event indices ``index`` as
-    ``laplacian``'s ``coordinates`` (``None``: all)."""
+    ``laplacian``'s ``coordinates`` (``None``: all), every evaluation of ``g`` (inside the
+    transforms: not their backward and tangent passes) from the state ``each`` found."""
     if index is None:
-        return methods.forward_over_reverse(g, x, batch_dims, chunk_size)
+        return methods.forward_over_reverse(g, x, batch_dims, chunk_size, each=each)
     if len(index) == 0:  # an empty sum
-        return methods.zeros_like_output(g, x)
+        return each(lambda z: methods.zeros_like_output(g, z))(x)
     h, z = along(g, x, batch_dims, unit_columns(index, x, batch_dims))
-    return tied(methods.forward_over_reverse(h, z, batch_dims, chunk_size), x)
+    return tied(methods.forward_over_reverse(h, z, batch_dims, chunk_size, each=each), x)
 
 
 def _looped(
