@@ -160,3 +160,37 @@ def test_a_learned_diffusion_that_fails_in_a_later_pass_changes_nothing(effect, 
     after = state_of(net)
     assert all(torch.equal(after[0][k], v) for k, v in before[0].items())
     assert after[1] == before[1] and torch.equal(after[2], before[2])
+
+
+@pytest.mark.parametrize("call", ["weighted", "value_grad_laplacian"])
+def test_spectral_norm_s_power_iteration_is_differentiated_as_one_evaluation(call):
+    """``spectral_norm`` in train mode updates ``u`` and ``v`` in place at every forward and
+    computes with clones of them: each part and chunk from the state before (the weight of
+    one power iteration), parameter gradients by one backward pass (limitations.md: a
+    buffer computed with in place would raise there)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.utils.parametrizations.spectral_norm(nn.Linear(3, 16)), nn.Tanh(), nn.Linear(16, 1)
+    ).double()
+    plain, x = copy.deepcopy(net), torch.randn(4, 3, dtype=f64)
+    if call == "weighted":
+        got = torchdiv.weighted_laplacian(
+            lambda z: net(z)[:, 0], x, diffusion=_INDEFINITE, method="forward-over-reverse"
+        )
+        expected = _weighted(lambda z: plain(z)[:, 0], x, _INDEFINITE)
+    else:
+        got = torchdiv.value_grad_laplacian(
+            lambda z: net(z)[:, 0], x, method="forward-over-reverse", chunk_size=1
+        ).laplacian
+        expected = _weighted(lambda z: plain(z)[:, 0], x, torch.eye(3, dtype=f64))
+    assert_close(got, expected)
+    for key, value in plain.state_dict().items():  # as after one evaluation
+        assert torch.equal(net.state_dict()[key], value)
+    grads = torch.autograd.grad(got.square().sum(), list(net.parameters()), allow_unused=True)
+    wanted = torch.autograd.grad(
+        expected.square().sum(), list(plain.parameters()), allow_unused=True
+    )
+    for got_grad, want in zip(grads, wanted, strict=True):
+        assert (got_grad is None) == (want is None)
+        if want is not None:
+            assert_close(got_grad, want)

@@ -105,8 +105,9 @@ def weighted_laplacian(
             (a shared one raises ``ValueError``).
             One that requires grad (a learned or state-dependent diffusion, computed from an
             ``x`` that requires grad) is not factored: Hessian-vector products whatever
-            ``method`` says (``"hutchinson"``: along its probes); give ``sigma`` for the
-            other engines.
+            ``method`` says (``"hutchinson"``: along its probes), ``f`` evaluated once more
+            first, watched for sample mixing, under ``"auto"``, ``"taylor"`` and
+            ``"hutchinson"`` (their engines watch it); give ``sigma`` for the other engines.
         sigma: ``S``, shape ``(n, k)`` or ``x.shape[:batch_dims] + (n, k)``.
         batch_dims: as in ``laplacian``.
         method: as in ``laplacian``; ``"hutchinson"`` estimates with probes ``S v``.
@@ -154,8 +155,10 @@ def weighted_laplacian(
     matrix = matrix.to(x.dtype)
     mixed = name == "diffusion" and matrix.requires_grad and torch.is_grad_enabled()
     factors = [] if mixed else _factors(fn, matrix) if name == "diffusion" else [(1, matrix)]
-    # f evaluated by the check of x's empty event (which the shifted function's event hides),
-    # once per part (a sign of A's eigenvalues) or chunk: every time from the same state
+    # f evaluated by the check of x's empty event (which the shifted function's event hides)
+    # or the watch for sample mixing, once per part (a sign of A's eigenvalues) or chunk:
+    # every time from the same state (only f's own evaluations watched by ``each`` where they
+    # run inside the transforms: forward over reverse's, the learned diffusion's products)
     check = checks_empty_event(x, batch_dims)
     several = check or len(factors) > 1
     watch = mixed and method in WATCHED and not check  # (the check watched f's evaluation)
