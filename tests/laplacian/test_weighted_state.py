@@ -107,6 +107,27 @@ def test_a_learned_diffusion_of_independent_samples_is_not_refused(method, chunk
             assert_close(got_grad, want)
 
 
+@pytest.mark.parametrize("method", ["auto", "hutchinson"])
+def test_a_learned_diffusion_under_allow_batch_interaction_is_of_one_evaluation(method):
+    """Inside ``allow_batch_interaction()`` the watch evaluates nothing: ``Once`` must not
+    take that for ``f``'s first evaluation (it did in this branch's first draft: the chunks
+    after it evaluated ``f`` from the state the one before left, 0.43 off, three calls)."""
+    net, x = Stateful(3), torch.randn(4, 3, dtype=f64)
+    once, state = one_state(net, x, seed=4)
+    a = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=f64)).requires_grad_()
+    options = {"num_probes": 2} if method == "hutchinson" else {}
+    torch.manual_seed(4)
+    with torchdiv.allow_batch_interaction():
+        got = torchdiv.weighted_laplacian(
+            lambda z: net(z)[:, 0], x, diffusion=a, method=method, chunk_size=1, **options
+        )
+    if method == "auto":
+        assert_one_state(net, once, state)
+        assert_close(got, _weighted(lambda z: once(z)[:, 0], x, a))
+    else:  # its probes drew from the generator too
+        assert net.calls.item() == 1 and torch.equal(net.u, once.u)
+
+
 @pytest.mark.parametrize("method", ["auto", "forward-over-reverse", "hessian", "grad-of-grad"])
 def test_a_part_without_columns_evaluates_f_from_the_call_s_state(method):
     """A scalar event and ``A = [[-2]]``: the positive part has no columns, yet evaluates

@@ -46,6 +46,7 @@ from torchdiv._core.checks import (
     event_numel,
     out_of_memory,
 )
+from torchdiv._core.mixing.errors import allowed
 from torchdiv._core.mixing.watch import (
     check_empty_event,
     checks_empty_event,
@@ -161,7 +162,8 @@ def weighted_laplacian(
     # run inside the transforms: forward over reverse's, the learned diffusion's products)
     check = checks_empty_event(x, batch_dims)
     several = check or len(factors) > 1
-    watch = mixed and method in WATCHED and not check  # (the check watched f's evaluation)
+    # (the check watched f's evaluation; allowed: no evaluation to make, none made)
+    watch = mixed and method in WATCHED and not check and not allowed()
     each = Once(x, several or (mixed and (watch or chunk_size is not None)))
     if check:
         each(lambda z: check_empty_event(g, z, batch_dims))(x)
