@@ -22,7 +22,6 @@ value, gradient and Laplacian from one sweep.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -47,10 +46,18 @@ from torchdiv._core.checks import (
     event_numel,
     out_of_memory,
 )
-from torchdiv._core.mixing.watch import check_empty_event, checks_empty_event, verdicts, watched
+from torchdiv._core.mixing.errors import allowed
+from torchdiv._core.mixing.watch import (
+    check_empty_event,
+    checks_empty_event,
+    verdicts,
+    watch_once,
+    watched,
+)
 from torchdiv._core.modes import SafeDerivatives, eager_when, outside_inference_mode
 from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace
+from torchdiv._exact.attributes import unwrap_between_evaluations
 from torchdiv._exact.state import Once
 from torchdiv._laplacian import loop as _loop
 from torchdiv._laplacian import methods
@@ -99,8 +106,9 @@ def weighted_laplacian(
             (a shared one raises ``ValueError``).
             One that requires grad (a learned or state-dependent diffusion, computed from an
             ``x`` that requires grad) is not factored: Hessian-vector products whatever
-            ``method`` says (``"hutchinson"``: along its probes); give ``sigma`` for the
-            other engines.
+            ``method`` says (``"hutchinson"``: along its probes), ``f`` evaluated once more
+            first, watched for sample mixing, under ``"auto"``, ``"taylor"`` and
+            ``"hutchinson"`` (their engines watch it); give ``sigma`` for the other engines.
         sigma: ``S``, shape ``(n, k)`` or ``x.shape[:batch_dims] + (n, k)``.
         batch_dims: as in ``laplacian``.
         method: as in ``laplacian``; ``"hutchinson"`` estimates with probes ``S v``.
@@ -148,15 +156,20 @@ def weighted_laplacian(
     matrix = matrix.to(x.dtype)
     mixed = name == "diffusion" and matrix.requires_grad and torch.is_grad_enabled()
     factors = [] if mixed else _factors(fn, matrix) if name == "diffusion" else [(1, matrix)]
-    # f evaluated by the check of x's empty event (which the shifted function's event hides),
-    # once per part (a sign of A's eigenvalues) or chunk: every time from the same state
+    # f evaluated by the check of x's empty event (which the shifted function's event hides)
+    # or the watch for sample mixing, once per part (a sign of A's eigenvalues) or chunk:
+    # every time from the same state (only f's own evaluations watched by ``each`` where they
+    # run inside the transforms: forward over reverse's, the learned diffusion's products)
     check = checks_empty_event(x, batch_dims)
-    each = Once(x, check or len(factors) > 1 or (mixed and chunk_size is not None))
+    several = check or len(factors) > 1
+    # (the check watched f's evaluation; allowed: no evaluation to make, none made)
+    watch = mixed and method in WATCHED and not check and not allowed()
+    each = Once(x, several or (mixed and (watch or chunk_size is not None)))
     if check:
         each(lambda z: check_empty_event(g, z, batch_dims))(x)
     if mixed:
         options = (num_probes, generator, probe)
-        return _mixed(fn, g, x, batch_dims, method, chunk_size, matrix, *options, each)
+        return _mixed(fn, g, x, batch_dims, method, chunk_size, matrix, *options, each, watch)
     total = None
     for sign, factor in factors:
         h, z = along(g, x, batch_dims, factor)
@@ -165,7 +178,7 @@ def weighted_laplacian(
             s = _trace.sampling(fn, z, batch_dims, method, num_probes, probe, None, generator)
             probes = _trace.vectors(s, z, batch_dims).reshape(-1, *z.shape).to(x.dtype)
         try:
-            part = each(functools.partial(_part, h, batch_dims, method, chunk_size, probes))(z)
+            part = _part(h, z, batch_dims, method, chunk_size, probes, each if several else None)
         except UnsupportedOp as exc:  # the engines name the Laplacian they run, not this call
             raise (renamed(fn, exc) or exc) from exc
         total = sign * part if total is None else total + sign * part
@@ -175,18 +188,28 @@ def weighted_laplacian(
 
 def _part(
     h: Function,
+    z: torch.Tensor,
     batch_dims: int,
     method: str,
     chunk_size: int | None,
     probes: torch.Tensor | None,
-    z: torch.Tensor,
+    each: Once | None,
 ) -> torch.Tensor:
-    """The Laplacian of ``h`` at ``z`` by ``method`` (``"hutchinson"``: along ``probes``)."""
-    if z.numel() == 0:
-        return methods.zeros_like_output(h, z)
-    if probes is not None:
-        return methods.hutchinson(h, z, batch_dims, chunk_size, probes)
-    return methods.BY_NAME[method](h, z, batch_dims, chunk_size)
+    """The Laplacian of ``h`` at ``z`` by ``method`` (``"hutchinson"``: along ``probes``),
+    its evaluations of ``h`` from the state ``each`` (``None``: this the call's only part)
+    found: ``"forward-over-reverse"``'s own evaluations inside its transforms (not its
+    backward and tangent passes, as the Laplacian's), another method's whole computation."""
+    if method == "forward-over-reverse" and probes is None and z.numel() > 0:
+        return methods.forward_over_reverse(h, z, batch_dims, chunk_size, each=each)
+
+    def run(z: torch.Tensor) -> torch.Tensor:
+        if z.numel() == 0:  # a part without columns: h still evaluated (for its shape)
+            return methods.zeros_like_output(h, z)
+        if probes is not None:
+            return methods.hutchinson(h, z, batch_dims, chunk_size, probes)
+        return methods.BY_NAME[method](h, z, batch_dims, chunk_size)
+
+    return run(z) if each is None else each(run)(z)
 
 
 def _factors(fn: str, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -225,6 +248,11 @@ def _factors(fn: str, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return out
 
 
+# the methods whose engines watch f for sample mixing (BatchInteractionError); a diffusion that
+# requires grad takes Hessian-vector products instead, which watch nothing: f watched first
+# (a mean over the batch ran silently there until a review found it)
+WATCHED = ("auto", "taylor", "hutchinson")
+
 # a diffusion that requires grad takes Hessian-vector products whatever the method: where f
 # holds an op refused through forward mode, the way out is a factor (any method runs along it)
 MIXED_WAY_OUT = (
@@ -246,10 +274,15 @@ def _mixed(
     generator: torch.Generator | None,
     probe: str | None,
     each: Once,
+    watch: bool,
 ) -> torch.Tensor:
     """``Σ_j (A v_j)ᵀ H v_j`` by Hessian-vector products, ``v_j`` the unit vectors (exact) or
     probes (``"hutchinson"``, divided by their number): linear, so differentiable, in ``A``.
-    ``each`` wraps every chunk's evaluation of ``g`` (``Once``)."""
+    ``each`` wraps every chunk's evaluation of ``g`` (``Once``) inside the transforms; a
+    chunk that raises after it (in a backward pass) puts the state back (``Once.undoing``).
+    ``watch``: ``g`` evaluated once first, watched for sample mixing
+    (``BatchInteractionError``), as the engines of ``"auto"``, ``"taylor"`` and
+    ``"hutchinson"`` watch it (the products do not)."""
     n, samples = event_numel(x, batch_dims), x.shape[:batch_dims].numel()
     if x.numel() == 0:
         return methods.zeros_like_output(g, x)
@@ -258,16 +291,26 @@ def _mixed(
         vectors = _trace.vectors(s, x, batch_dims).to(x.dtype)  # (r, N, n)
     else:
         vectors = basis(0, n, x, batch_dims).reshape(n, samples, n)
+    if watch:
+        each(lambda z: watch_once(g, argument(z), batch_dims))(x)
     a = a.reshape(-1, n, n)  # (1 or N, n, n)
-    total, r, y_shape = None, len(vectors), torch.Size()
-    for start, stop in chunks(r, chunk_size or r):
-        v = vectors[start:stop]
-        along_v = methods.products_along(g, batch_dims, v.reshape(-1, *x.shape), MIXED_WAY_OUT)
-        products, y_shape = each(along_v)(x)
-        partners = torch.einsum("bij,kbj->kbi", a, v)  # A v, (k, N, n)
-        part = torch.einsum("kmbi,kbi->mb", products, partners)
-        total = accumulated(total, part)
-    assert total is not None  # r >= 1: n >= 1 unit vectors, or probes
+    r = len(vectors)
+
+    def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
+        for start, stop in chunks(r, chunk_size or r):
+            v = vectors[start:stop]
+            # g's own evaluation watched, not its backward and tangent passes (as the
+            # Laplacian's forward over reverse), a tensor g set as an attribute under this
+            # chunk's transforms unwrapped before the next chunk reads it
+            along_v = methods.products_along(
+                each(g), batch_dims, v.reshape(-1, *x.shape), MIXED_WAY_OUT
+            )
+            products, y_shape = along_v(x)
+            unwrap_between_evaluations()
+            partners = torch.einsum("bij,kbj->kbi", a, v)  # A v, (k, N, n)
+            yield torch.einsum("kmbi,kbi->mb", products, partners), y_shape
+
+    total, y_shape = each.undoing(lambda: methods.summed(parts()))  # r >= 1 vectors
     scale = r if method == "hutchinson" else 1
     return (total / scale).to(x.dtype).T.reshape(y_shape)
 
@@ -549,8 +592,9 @@ def _separately(
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:
         return ValueGradLaplacian(value, gradient, x.new_zeros(value.shape))
-    lap = each(lambda z: _forward_over_reverse(g, z, batch_dims, chunk_size, index))(x)
-    return ValueGradLaplacian(value, gradient, lap)
+    return ValueGradLaplacian(
+        value, gradient, _forward_over_reverse(g, x, batch_dims, chunk_size, index, each)
+    )
 
 
 def _forward_over_reverse(
@@ -559,15 +603,17 @@ def _forward_over_reverse(
     batch_dims: int,
     chunk_size: int | None,
     index: torch.Tensor | None,
+    each: Once,
 ) -> torch.Tensor:
     """The Laplacian by Hessian-vector products, over the flat event indices ``index`` as
-    ``laplacian``'s ``coordinates`` (``None``: all)."""
+    ``laplacian``'s ``coordinates`` (``None``: all), every evaluation of ``g`` (inside the
+    transforms: not their backward and tangent passes) from the state ``each`` found."""
     if index is None:
-        return methods.forward_over_reverse(g, x, batch_dims, chunk_size)
+        return methods.forward_over_reverse(g, x, batch_dims, chunk_size, each=each)
     if len(index) == 0:  # an empty sum
-        return methods.zeros_like_output(g, x)
+        return each(lambda z: methods.zeros_like_output(g, z))(x)
     h, z = along(g, x, batch_dims, unit_columns(index, x, batch_dims))
-    return tied(methods.forward_over_reverse(h, z, batch_dims, chunk_size), x)
+    return tied(methods.forward_over_reverse(h, z, batch_dims, chunk_size, each=each), x)
 
 
 def _looped(
