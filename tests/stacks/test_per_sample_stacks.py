@@ -137,12 +137,6 @@ def test_the_way_out_vmap_of_grad_gives_per_sample_gradients(name: str) -> None:
             assert_close(per_sample[key][b], w)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="value_grad_laplacian's 'auto' under the caller's vmap takes the loop of backward "
-    "passes, whose requires_grad_ PyTorch refuses there; the fix (src/torchdiv/_api/"
-    "second_order.py, owned by oncesecond16) is in NOTES_rev-functorch16.md",
-)
 def test_value_grad_laplacian_auto_per_sample_under_vmap_of_grad() -> None:
     """An ensemble of models (``vmap`` with ``functional_call``) and Opacus's functorch mode on
     a PINN loss of ``value_grad_laplacian`` (each sample a batch of one under

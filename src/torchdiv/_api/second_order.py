@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
+from torch._C._functorch import peek_interpreter_stack
 
 from torchdiv._api.laplacian import METHODS, RECORDING, laplacian
 from torchdiv._api.operators import jacobian
@@ -470,6 +471,10 @@ def value_grad_laplacian(
     index = None if coordinates is None else check_coordinates(fn, coordinates, x, batch_dims)
     if index is not None and len(index) == event_numel(x, batch_dims):
         index = None  # every coordinate, in some order: the whole Laplacian
+    if method == "auto" and peek_interpreter_stack() is not None:
+        # the caller's vmap or grad: nothing is recorded, and the loop's leaf copy of x is
+        # refused there (requires_grad_): the three separately, as laplacian's "auto"
+        return _separately(g, x, batch_dims, chunk_size, index)
     graph, looped = None, None
     if method == "auto" and x.numel() > 0:
         plan = methods.recorded_or_loop(g, x, batch_dims)
