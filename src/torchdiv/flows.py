@@ -207,12 +207,15 @@ def _differentiates_others(
     ``f`` uses it (a frozen feature net read under ``no_grad``, a submodule's back-reference
     to its parent, an EMA copy kept in a list: held, not differentiated, were refused) and
     finds what is held deeper than it looks. ``None`` where an evaluation raises (the refusal
-    by what ``f`` holds stands, or the solve reports the error)."""
+    by what ``f`` holds stands, or the solve reports the error). The times are detached: the
+    adjoint gives them their gradients (torchdiffeq's time VJPs), so a learned end time
+    (FFJORD's ``train_T``, ``T = sqrt_end_time ** 2``), reached through ``t``, is not lost
+    (it was refused)."""
     own = {id(p) for p in module.parameters()}
     z = x.detach().requires_grad_(True)
     try:
         with unchanged(f, z), torch.enable_grad():
-            outputs = [f(t, z) for t in times]
+            outputs = [f(t, z) for t in times.detach()]
     except Exception:
         return None
     own.add(id(z))

@@ -101,3 +101,54 @@ def test_a_reassigned_counter_in_the_divergence_and_the_value():
     value, _, _ = torchdiv.value_grad_laplacian(net, x)
     assert net.n.item() == 2
     torch.testing.assert_close(value, net.core(x) * 2.0, rtol=1e-12, atol=1e-12)
+
+
+class _Grown(nn.Module):
+    """A tanh layer scaled by a history buffer that its forward grows in place, one entry a
+    call (``resize_``, then the new entry written)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.register_buffer("history", torch.ones(1, dtype=f64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            k = self.history.numel()
+            self.history.resize_(k + 1)
+            self.history[k] = 1.0
+        return torch.tanh(self.a(x)) * self.history.sum()
+
+
+@pytest.mark.parametrize(
+    "op, method",
+    [("divergence", "forward"), ("divergence", "auto"), ("laplacian", "hutchinson")],
+)
+def test_a_buffer_grown_in_place_is_put_back_with_its_size(op, method):
+    """Putting back a buffer ``f`` resized copied its value from before into the grown tensor,
+    broadcast (``[1]`` into ``[1, 1]``): each later evaluation grew it again, so forward mode
+    one direction a chunk differentiated ``f`` scaled by 2, 3 and 4 where one evaluation
+    scales by 2 (rev-lines16), and the call left 4 entries. Reference: a per-sample loop of
+    plain autograd with the call's scale, float64."""
+    torch.manual_seed(0)
+    net = _Grown().to(f64)
+    x = torch.rand(4, 3, dtype=f64)
+    probes = torch.randn(2, 4, 3, dtype=f64)
+    options = {"probes": probes} if method == "hutchinson" else {}
+    out = getattr(torchdiv, op)(net, x, method=method, chunk_size=1, **options)
+    grown = net.history.tolist()
+    rows = []
+    for i in range(4):
+        z = x[i : i + 1].clone().requires_grad_(True)
+        y = torch.tanh(net.a(z))[0] * 2.0
+        jac = torch.stack([torch.autograd.grad(y[k], z, create_graph=True)[0][0] for k in range(3)])
+        if op == "divergence":
+            rows.append(jac.trace())
+        else:  # per output j: the probes' mean of v^T H_j v
+            quad = [
+                [torch.autograd.grad(jac[j] @ v, z, retain_graph=True)[0][0] @ v for j in range(3)]
+                for v in probes[:, i]
+            ]
+            rows.append(torch.tensor(quad, dtype=f64).mean(0))
+    torch.testing.assert_close(out, torch.stack(rows), rtol=1e-10, atol=1e-12)
+    assert grown == [1.0, 1.0]

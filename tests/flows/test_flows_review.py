@@ -517,3 +517,36 @@ def test_adjoint_refuses_a_context_held_in_a_container(where: str) -> None:
 
     with pytest.raises(ValueError, match=rf"^log_likelihood: adjoint=True .*{name}"):
         log_likelihood(f, x, 1.0, 0.0, base, adjoint=True, solver="rk4")
+
+
+class _TimeScaledLinear(nn.Module):
+    """``f(t, z) = t A z``: the flow ``z(T) = exp(T^2 A / 2) z(0)``, in closed form."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        torch.manual_seed(1)
+        self.A = nn.Parameter(0.3 * torch.randn(n, n, dtype=torch.float64))
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return t * z @ self.A.T
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_a_learned_end_time_trains_with_the_adjoint(adjoint: bool) -> None:
+    """FFJORD's ``train_T``: the end time ``T = sqrt_end_time ** 2`` a parameter of the outer
+    model. The adjoint gives the times their gradients (torchdiffeq's time VJPs), yet the
+    check of what ``f`` differentiates (``f`` at the solve's ends) took ``T``'s parameter,
+    reached through ``t``, for a lost context and refused the model (rev-lines16). Values and
+    gradients (``A``, ``sqrt_end_time``) against the closed form, ``log p(x) =
+    log N(exp(-T^2 A / 2) x) - tr(A) T^2 / 2``, in float64."""
+    f = _TimeScaledLinear(3)
+    root = nn.Parameter(torch.tensor(1.1, dtype=torch.float64))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    logp = log_likelihood(f, x, 0.0, root**2, normal, rtol=1e-10, atol=1e-10, adjoint=adjoint)
+    half = root**4 / 2
+    exact = normal(x @ torch.linalg.matrix_exp(-half * f.A).T) - half * f.A.trace()
+    torch.testing.assert_close(logp, exact, rtol=1e-8, atol=1e-8)
+    got = torch.autograd.grad(logp.square().sum(), [f.A, root])
+    want = torch.autograd.grad(exact.square().sum(), [f.A, root])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)

@@ -322,3 +322,35 @@ def test_graph_form_of_a_compiled_model_refuses_second_derivatives(fn: str) -> N
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     with pytest.raises(RuntimeError, match=r"torch\.compile.*function form"):
         (got.square().sum() + y.square().sum()).backward()
+
+
+def test_a_call_past_the_recompile_limit_runs_eagerly():
+    """torchdiv's compiled call is traced with ``fullgraph``, under which Dynamo raises
+    ``FailOnRecompileLimitHit`` past its recompile limit, an ``Exception`` but no
+    ``TorchDynamoException``: the call crashed (rev-lines16) where the training guide says
+    it runs eagerly with the same results (a ninth shape or option set of any public
+    function, whose compiled calls share one entry point). Limit lowered to 2 here; values
+    and parameter gradients against a per-sample loop of plain autograd, float64."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    net = net.double()
+    model = torch.compile(net, backend="aot_eager", dynamic=False)
+    params = [net[0].weight, net[0].bias, net[2].weight]
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for batch in (2, 3, 4, 5):
+            x = torch.randn(batch, 3, dtype=torch.float64)
+            got = torchdiv.divergence(model, x, method="reverse")
+            want = torch.stack([_trace_of_jacobian(net, row) for row in x])
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            grads = torch.autograd.grad(got.square().sum(), params)
+            expected = torch.autograd.grad(want.square().sum(), params)
+            torch.testing.assert_close(grads, expected, rtol=1e-12, atol=1e-12)
+    torch._dynamo.reset()
+
+
+def _trace_of_jacobian(net: torch.nn.Module, row: torch.Tensor) -> torch.Tensor:
+    """``tr J`` of one sample by plain autograd, kept differentiable."""
+    z = row.clone().requires_grad_(True)
+    y = net(z)
+    return sum(torch.autograd.grad(y[k], z, create_graph=True)[0][k] for k in range(len(row)))

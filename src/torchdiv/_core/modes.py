@@ -264,7 +264,9 @@ def _compiled_or_eager(
     ban = _saved_tensors_hooks_get_disabled_error_message()
     try:
         return _compiled(fn, backend, dynamic)(original, *args, **kwargs)
-    except TorchDynamoException as error:  # (fullgraph: raised tracing, before any op ran)
+    # (fullgraph: raised tracing, before any op ran; the recompile limit's is no
+    # TorchDynamoException: it crashed the call)
+    except (TorchDynamoException, FailOnRecompileLimitHit) as error:
         if ban is None:
             _saved_tensors_hooks_enable()
         else:

@@ -144,10 +144,14 @@ class Changes(DispatchMode):
         # the tensors as the dispatcher saw them, under no torch.func layer: written so (a
         # transform around the call, a nested call's, refuses writes to captured tensors);
         # the first noted last, where views overlap (``buf[0]``, then ``buf``): its elements'
-        # earliest value
+        # earliest value; a tensor ``f`` resized (``resize_``, ``set_``: a history grown by one
+        # entry a call) given its size back first: copied into the grown tensor, the value
+        # was broadcast (``[1]`` into ``[1, 1]``) and every evaluation grew it again
         pairs = list(zip(self.written, values, strict=True))
         with torch.no_grad(), torch._C._DisableFuncTorch():
             for (tensor, _), value in reversed(pairs):
+                if tensor.shape != value.shape:
+                    tensor.resize_(value.shape)
                 tensor.copy_(value)
         if before:
             self.settings.put_back()
