@@ -13,6 +13,8 @@ passes over the dense adjacency, float64.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -107,3 +109,52 @@ def test_csr_support_names_the_way_out() -> None:
         torchdiv.divergence(model, x, method="reverse")
     want = _of(_reference(model, dense, x), "divergence")
     torch.testing.assert_close(torchdiv.divergence(model, x), want)
+
+
+def _flattened(
+    adjacency: torch.Tensor, lin: torch.nn.Module
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A GCN layer on the batch flattened to ``(B * N, F)`` by one ``(B N, B N)`` matrix."""
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        h = adjacency @ z.reshape(B * N, F)
+        return torch.tanh(lin(h)).reshape(B, N, F)
+
+    return f
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the sample-mixing watch refuses any matrix product summing over samples; a rule "
+    "reading a constant block-diagonal matrix's zeros (proposed in NOTES_bf16rev16.md for "
+    "src/torchdiv/_core/mixing/, which helper mixing16 owns) would let it through",
+)
+@pytest.mark.parametrize("layout", ["dense", "coo"])
+def test_block_diagonal_adjacency_over_flattened_samples_is_per_sample(layout: str) -> None:
+    """``torch.block_diag(*adj) @ h.reshape(B * N, F)`` (dense, or its COO matrix by
+    ``torch.sparse.mm``): no entry joins two samples, so each sample's divergence is its own
+    graph's, which the watch should let through (it is refused as a product over samples)."""
+    generator = torch.Generator().manual_seed(3)
+    adj = (torch.rand(B, N, N, generator=generator) < 0.4).to(f64)
+    lin = torch.nn.Linear(F, F, dtype=f64)
+    x = torch.randn(B, N, F, dtype=f64, generator=generator)
+    block = torch.block_diag(*adj)
+    matrix = block if layout == "dense" else block.to_sparse()
+    want = torchdiv.divergence(lambda z: torch.tanh(lin(torch.bmm(adj, z))), x)
+    torch.testing.assert_close(torchdiv.divergence(_flattened(matrix, lin), x), want)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the refusal's message (src/torchdiv/_core/mixing/errors.py, helper mixing16's) "
+    "does not name bmm over a (B, N, N) adjacency yet: proposed in NOTES_bf16rev16.md",
+)
+def test_refused_product_over_samples_names_bmm() -> None:
+    """A flattened adjacency with an edge across samples is refused; the message should name
+    the way out for graphs: a ``(B, N, N)`` adjacency through ``torch.bmm``."""
+    adj = torch.eye(B * N, dtype=f64)
+    adj[1, N + 1] = 1.0  # sample 0's node 1 receives sample 1's node 1
+    lin = torch.nn.Linear(F, F, dtype=f64)
+    x = torch.randn(B, N, F, dtype=f64)
+    with pytest.raises(torchdiv.BatchInteractionError, match=r"\(B, N, N\).*torch\.bmm"):
+        torchdiv.divergence(_flattened(adj, lin), x)

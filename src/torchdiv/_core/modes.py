@@ -1219,7 +1219,8 @@ def _batch_norm(
     (``_core.mixing.watch.check_graph``), and a watch reads it first (its message names a batch
     norm); it adds nothing at any order. Else the fused op (eval mode: an affine map of
     ``a``, whose derivatives are right), as where a parameter or statistic has another dtype
-    than ``a`` (mixed precision: the fused kernel computes in the wider one)."""
+    than ``a`` (mixed precision off the CPU: the fused kernel computes in the wider one; on
+    the CPU ``SafeDerivatives`` casts ``a`` to it first, ``_widened_norm``)."""
     stats = (running_mean, running_var)
     given = [t for t in (weight, bias, *stats) if t is not None]
     fused = (not training and None not in stats) or any(t.dtype != a.dtype for t in given)
