@@ -897,7 +897,8 @@ class SafeDerivatives(TorchFunctionMode):
         if func in MIXED_PRECISION_NORMS:
             widened = _widened_norm(args, kwargs)
             if widened is not None:  # (the widened call through this mode's replacements)
-                return self.__torch_function__(func, types, widened, kwargs).to(args[0].dtype)
+                out = self.__torch_function__(func, types, widened, kwargs)
+                return cast(torch.Tensor, out).to(args[0].dtype)
         # ``**``: looked up as ``Tensor.pow`` (Dynamo cannot guard a dict holding the
         # ``functools.wraps`` function ``Tensor.__pow__`` as a key: torch.compile failed)
         entry = REPLACEMENTS.get(torch.Tensor.pow if func is _POW_OPERATOR else func)
