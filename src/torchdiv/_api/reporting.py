@@ -289,6 +289,14 @@ def _hint(
             f"methods 'forward', 'reverse', 'forward-over-reverse', 'hessian') cannot run; use "
             f"{_plain_way(fn, method)}, which differentiates f with plain autograd there."
         )
+    if "Sparse CSR tensors do not have strides" in message:  # torch.func's wrappers
+        return (
+            "f multiplies by a sparse CSR matrix (torch.sparse.mm(adj, h), adj @ h with "
+            "adj.to_sparse_csr()), which torch.func's transforms (the methods 'forward', "
+            "'reverse', 'forward-over-reverse', 'hessian') cannot run; use "
+            f"{_plain_way(fn, method)}, which differentiates f with plain autograd, or a COO "
+            "matrix (adj.to_sparse_coo()), which 'reverse' runs."
+        )
     if "does not require grad" in message and call == "f(x)":  # autograd.grad inside f
         return (
             "f takes a backward pass with respect to what it is given (a score "

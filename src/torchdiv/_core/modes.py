@@ -896,6 +896,11 @@ class SafeDerivatives(TorchFunctionMode):
             return _set_data(func, *args)
         if func in _BATCH_NORMS and not torch.compiler.is_compiling():
             _refuse_statistics_in_transforms(func, args, kwargs)
+        if func in MIXED_PRECISION_NORMS:
+            widened = _widened_norm(args, kwargs)
+            if widened is not None:  # (the widened call through this mode's replacements)
+                out = self.__torch_function__(func, types, widened, kwargs)
+                return cast(torch.Tensor, out).to(args[0].dtype)
         # ``**``: looked up as ``Tensor.pow`` (Dynamo cannot guard a dict holding the
         # ``functools.wraps`` function ``Tensor.__pow__`` as a key: torch.compile failed)
         entry = REPLACEMENTS.get(torch.Tensor.pow if func is _POW_OPERATOR else func)
@@ -1017,6 +1022,59 @@ def _refuse_statistics_in_transforms(func: Any, args: Any, kwargs: dict[str, Any
             f"a batch norm in train mode in f updates its running statistics from x inside "
             f"torch.func's transforms (PyTorch: '{_CAPTURED}'); use method='auto'"
         )
+
+
+# the norms whose CPU kernels take a lower-precision input with wider parameters or running
+# statistics (mixed precision: a model under ``torch.autocast``, whose linear layers and
+# convolutions hand a bfloat16 or float16 input to float32 norms), giving the input's dtype
+MIXED_PRECISION_NORMS = {
+    torch.nn.functional.batch_norm,
+    torch.nn.functional.instance_norm,
+    torch.nn.functional.group_norm,
+    torch.group_norm,
+    torch.nn.functional.layer_norm,
+    torch.layer_norm,
+}
+
+
+def _widened_norm(args: Any, kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The arguments of a call of one of ``MIXED_PRECISION_NORMS`` with its CPU input cast to
+    the one wider dtype of its floating tensors (weight, bias, running statistics), or
+    ``None`` where they are not all of one dtype wider than the input's (a norm of one dtype;
+    PyTorch's error for another mix).
+
+    The mixed kernels compute in the parameters' dtype and round the result to the input's
+    once, as the call on the widened input rounded to the input's dtype does (the same values,
+    up to the order of the wider dtype's sums), but their derivatives under ``torch.func``
+    fail (PyTorch 2.13, CPU, bfloat16 and float16 alike): ``vmap`` over the pullback of the
+    batch and layer norms hands their backward kernels a float32 cotangent with the
+    lower-precision input ("expected scalar type BFloat16 but found Float": an eval-mode
+    ``nn.BatchNorm1d`` under Accelerate's ``mixed_precision="bf16"`` by
+    ``method="reverse"``; plain autograd's batched backward runs), and the forward-mode
+    formulas of the batch, group, instance and layer norms give a float32 tangent to a
+    bfloat16 value, which the next convolution refuses ("Input type (torch.FloatTensor) and
+    weight type (CPUBFloat16Type) should be the same": a group-norm U-Net by ``"forward"``,
+    ``"taylor"``, the forward-over-reverse Laplacian). On the widened input both are
+    PyTorch's float32 derivatives, and the cast's. Not on other devices, where a norm on
+    ``torch.autocast``'s float32 list returns the wider dtype (CUDA's layer and group
+    norms: not measured)."""
+    first = args[0] if args else None
+    if not isinstance(first, torch.Tensor) or first.dtype not in _REDUCED:
+        return None  # (the usual case, read first: a float32 norm pays this line alone)
+    dtypes = {
+        t.dtype
+        for t in tree_leaves((args[1:], kwargs))
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    }
+    if len(dtypes) != 1 or first.device.type != "cpu":
+        return None
+    (wide,) = dtypes
+    if wide == first.dtype or torch.promote_types(first.dtype, wide) != wide:
+        return None
+    return (first.to(wide), *args[1:])
+
+
+_REDUCED = (torch.bfloat16, torch.float16)  # the inputs of PyTorch's mixed-precision norms
 
 
 _BATCHED = object()  # a tensor vmap batches: no one value a plain evaluation would write
@@ -1165,7 +1223,8 @@ def _batch_norm(
     (``_core.mixing.watch.check_graph``), and a watch reads it first (its message names a batch
     norm); it adds nothing at any order. Else the fused op (eval mode: an affine map of
     ``a``, whose derivatives are right), as where a parameter or statistic has another dtype
-    than ``a`` (mixed precision: the fused kernel computes in the wider one)."""
+    than ``a`` (mixed precision off the CPU: the fused kernel computes in the wider one; on
+    the CPU ``SafeDerivatives`` casts ``a`` to it first, ``_widened_norm``)."""
     stats = (running_mean, running_var)
     given = [t for t in (weight, bias, *stats) if t is not None]
     fused = (not training and None not in stats) or any(t.dtype != a.dtype for t in given)

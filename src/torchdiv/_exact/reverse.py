@@ -67,18 +67,30 @@ class ReverseJacobian:
         self.x, self.batch_dims = x, batch_dims
         self.y_shape = self.y.shape
         self.num_basis = event_numel(self.y, batch_dims)
+        self._one_by_one = False  # the pullback's vmap failed on a sparse tensor (``apply``)
 
     def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
         """VJPs: ``(k,) + f(x).shape`` cotangents -> ``(k,) + x.shape`` products.
 
         One cotangent (a one-probe estimate) skips ``vmap``, whose overhead would be a large
-        part of a single VJP.
+        part of a single VJP. Where ``vmap`` cannot run the pullback because of a sparse
+        tensor (PyTorch 2.13 has no batching rule for the backward of a product with a sparse
+        matrix, ``torch.sparse.mm(adj, h)``, ``torch.spmm``, ``adj @ h``, a sparse ``bmm``:
+        "expand is unsupported for Sparse tensors"), the pullback runs once per cotangent,
+        as plain autograd does, for this and every later block of the call.
         """
         if len(cotangents) == 1:
             (out,) = self._pullback(cotangents[0])
             return out[None]
-        (out,) = batched(self._pullback, cotangents)
-        return out
+        if not self._one_by_one:
+            try:
+                (out,) = batched(self._pullback, cotangents)
+                return out
+            except RuntimeError as error:
+                if "sparse" not in str(error).lower():
+                    raise
+                self._one_by_one = True  # (and for the chunks that follow)
+        return torch.stack([self._pullback(c)[0] for c in cotangents])
 
     def block(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``."""
