@@ -311,3 +311,35 @@ def test_every_caller_that_remembers_a_pass_takes_the_verdict() -> None:
                         ]
                         assert used, f"{path}:{item.lineno}: verdicts() collected, never read"
     assert collectors >= 3  # the Laplacian's loop, value_grad_laplacian's, the compiled watch
+
+
+class _Switched(torch.nn.Module):
+    """A module whose floating buffer, written in place between calls, decides through
+    Python (``if``) or through indices along the batch whether it permutes the batch."""
+
+    def __init__(self, through: str) -> None:
+        super().__init__()
+        self.through = through
+        self.register_buffer("scale", torch.tensor(-1.0, dtype=f64))
+        self.register_buffer("order", torch.arange(B, dtype=f64))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.through == "python":
+            return z[PERM] * z if self.scale > 0 else z * z
+        return z[self.order.long()] * z
+
+
+@pytest.mark.parametrize("through", ["python", "indices"])
+def test_a_module_s_floating_buffer_that_decides_is_watched_at_every_call(through: str) -> None:
+    """The structure keys a module's floating buffer by dtype and shape (``weight_norm``'s
+    weight is made anew at every forward): a write in place whose values turn the
+    permutation on is seen at the next call."""
+    net = _Switched(through)
+    x = _small()
+    for _ in range(2):
+        torchdiv.divergence(net, x)
+    with torch.no_grad():
+        net.scale.fill_(1.0)
+        net.order.copy_(PERM.to(f64))
+    with pytest.raises(BatchInteractionError):
+        torchdiv.divergence(net, x)

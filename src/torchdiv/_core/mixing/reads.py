@@ -5,9 +5,11 @@ A watch of ``f`` during which no op turned floating values into something that d
 the code calls next (a Python number, a shape set by values, integers or booleans computed from
 floating values, an op that raises on its argument's values) holds for every floating value
 ``f`` reads (``torchdiv._taylor.mixing.identity``); ``BatchAxes.values_decide`` notes the
-contrary. ``Reads`` is the ``TorchFunctionMode`` that notes reads that bypass the dispatcher
-(``tolist()``, ``numpy()``, ``str()``) and follows the results of tensor subclasses
-(``BatchAxes.follow``).
+contrary. Values that reach Python (``decides``' ``PYTHON``), or indices read along the batch
+after values decided something, make a pass hold for those values of ``x`` only: every call
+is then watched (``Verdict``, what every caller that remembers a pass keeps it by). ``Reads``
+is the ``TorchFunctionMode`` that notes reads that bypass the dispatcher (``tolist()``,
+``numpy()``, ``str()``) and follows the results of tensor subclasses (``BatchAxes.follow``).
 """
 
 from __future__ import annotations
