@@ -343,3 +343,33 @@ def test_a_module_s_floating_buffer_that_decides_is_watched_at_every_call(throug
         net.order.copy_(PERM.to(f64))
     with pytest.raises(BatchInteractionError):
         torchdiv.divergence(net, x)
+
+
+class _Scattered(torch.nn.Module):
+    """Message passing by ``scatter_add`` along the batch alone, to places held in an
+    integer buffer (a graph's receivers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(D, D).to(f64)
+        self.register_buffer("dest", torch.arange(B))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        places = self.dest[:, None].expand(B, D)
+        return torch.zeros_like(z).scatter_add(0, places, torch.tanh(self.lin(z)))
+
+
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_a_scatter_s_places_rewritten_in_place_are_seen(method: str) -> None:
+    """A scatter along the batch reads its index's values (``BatchAxes.read_indices``), as
+    ``index_add`` does: the structured engine's recording is not kept to check later calls
+    by shape, which let a buffer rewritten in place to cross samples pass unwatched."""
+    torch.manual_seed(0)
+    net = _Scattered()
+    x = torch.randn(B, D, dtype=f64)
+    for _ in range(2):
+        torchdiv.divergence(net, x, method=method)
+    with torch.no_grad():
+        net.dest.copy_(PERM)
+    with pytest.raises(BatchInteractionError):
+        torchdiv.divergence(net, x, method=method)
