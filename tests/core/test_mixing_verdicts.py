@@ -185,8 +185,18 @@ def _large() -> torch.Tensor:
     return torch.tensor([[6.0, 6.1], [6.2, 6.0], [6.1, 6.3]], dtype=f64)
 
 
-@pytest.mark.parametrize("call", list(CALLS))
-@pytest.mark.parametrize("way", list(WAYS))
+# the ways every entry point tries in the fast tests (the rest: ``--slow``); divergence, all
+FAST_WAYS = ("nonzero", "python-if", "scatter")
+
+
+@pytest.mark.parametrize(
+    ("way", "call"),
+    [
+        pytest.param(w, c, marks=() if c == "divergence" or w in FAST_WAYS else pytest.mark.slow)
+        for c in CALLS
+        for w in WAYS
+    ],
+)
 def test_indices_from_values_are_watched_at_every_call(way: str, call: str) -> None:
     """Two calls where the samples do not cross (right: the per-sample reference), then one
     where they do: refused, though the first two passed."""
