@@ -383,3 +383,33 @@ def test_a_scatter_s_places_rewritten_in_place_are_seen(method: str) -> None:
         net.dest.copy_(PERM)
     with pytest.raises(BatchInteractionError):
         torchdiv.divergence(net, x, method=method)
+
+
+@pytest.mark.parametrize("draw", ["randperm", "randint"])
+def test_random_indices_along_the_batch_are_watched_at_every_call(draw: str) -> None:
+    """Indices drawn at random inside ``f`` differ at every call as values do: a first call
+    whose draw kept the batch in order passed, and later draws that permute it were served
+    by that verdict (``randperm(2)`` is the identity half the time)."""
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        if draw == "randperm":
+            return z[torch.randperm(2)] * z
+        return z[(torch.arange(2) + torch.randint(0, 2, ())) % 2] * z
+
+    x = torch.randn(2, 3, dtype=f64)
+    seeds = [s for s in range(20) if _draw(draw, s) == [0, 1]][:2]
+    crossing = next(s for s in range(20) if _draw(draw, s) == [1, 0])
+    for seed in seeds:
+        torch.manual_seed(seed)
+        torchdiv.divergence(f, x)
+    torch.manual_seed(crossing)
+    with pytest.raises(BatchInteractionError):
+        torchdiv.divergence(f, x)
+
+
+def _draw(draw: str, seed: int) -> list[int]:
+    """The order of the batch that ``f``'s draw gives after ``manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    if draw == "randperm":
+        return torch.randperm(2).tolist()
+    return ((torch.arange(2) + torch.randint(0, 2, ())) % 2).tolist()

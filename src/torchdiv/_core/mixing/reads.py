@@ -98,7 +98,8 @@ def decides(
     """Whether, and how far, the op ``func`` turned values into something that can decide
     what the code calls next or which samples an index moves: ``0`` not; ``TENSOR``:
     integers or booleans computed from floating values (``x > 0``, ``argmax``, ``.long()``, a
-    sort's indices, ``searchsorted``), which decide only through the tensors computed from
+    sort's indices, ``searchsorted``; or drawn at random, ``randperm``, ``randint``: they
+    differ at every call as values do), which decide only through the tensors computed from
     them; ``PYTHON``: values handed to Python, from which its code may compute anything
     (a number read out, ``item``, a branch on a tensor; a shape set by values, ``nonzero``,
     ``unique``, a boolean mask's ``x[m]``; an op that raises on a floating argument's values,
@@ -118,18 +119,20 @@ def decides(
         >>> decides(aten._local_scalar_dense.default, (x[0],), 1.0)
         2
     """
-    python = _DECIDED.get(func)
-    if python is None:
+    kind = _DECIDED.get(func)
+    if kind is None:
         tagged = any(tag in func.tags for tag in _VALUES_DECIDE)
-        python = _DECIDED[func] = tagged or func in _CHECKS_VALUES
-    if python:
+        seeded = torch.Tag.nondeterministic_seeded in func.tags
+        kind = _READ_OUT if tagged or func in _CHECKS_VALUES else _SEEDED if seeded else 0
+        _DECIDED[func] = kind
+    if kind == _READ_OUT:
         deciding = args[1:] if func in _SHAPED_BY_INDICES else (args, kwargs)
         if decided or func in _CHECKS_VALUES or _any_floating(deciding):
             return PYTHON
     outs = out if isinstance(out, list | tuple) else (out,)
     if all(t is None or (isinstance(t, torch.Tensor) and _floating(t)) for t in outs):
         return 0
-    return TENSOR if _any_floating((args, kwargs)) else 0
+    return TENSOR if kind == _SEEDED or _any_floating((args, kwargs)) else 0
 
 
 def _any_floating(args: Any) -> bool:
@@ -232,7 +235,10 @@ _VALUES_DECIDE = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shap
 _SHAPED_BY_INDICES = frozenset({aten.index.Tensor, aten.masked_select.default})
 
 
-_DECIDED: dict[Any, bool] = {}  # whether each op may hand values to Python, as first met
+# what each op may do by its tags, as first met (``decides``): hand values to Python, draw
+# at random (an integer result then decides as values would), or neither (0)
+_DECIDED: dict[Any, int] = {}
+_SEEDED, _READ_OUT = 1, 2
 
 
 # the ops that raise on the values of a floating argument, where ``f`` may catch the error and
