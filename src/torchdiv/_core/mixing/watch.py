@@ -39,6 +39,7 @@ class Verdicts:
 
     @property
     def verdict(self) -> Verdict:
+        """What the evaluations watched say together (``Verdict.joined``)."""
         return Verdict.joined(self.seen)
 
 
