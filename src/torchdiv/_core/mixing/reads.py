@@ -15,17 +15,17 @@ is the ``TorchFunctionMode`` that notes reads that bypass the dispatcher (``toli
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from torchdiv._core.modes import (
-    refuse_gradient_hook,
-)
+from torchdiv._core.modes import DispatchMode, refuse_gradient_hook
 
 if TYPE_CHECKING:
     from torchdiv._core.mixing.tracker import BatchAxes
@@ -172,7 +172,7 @@ class Reads(TorchFunctionMode):
         self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         refuse_gradient_hook(func, args)  # (a watched plain evaluation: no other mode sees it)
-        if func in _READS:
+        if func in _READS and self._by_f():
             held = args[0] if args else None
             if isinstance(held, torch.Tensor) and (_floating(held) or self.axes.values_decide):
                 self.axes.read_out()
@@ -180,6 +180,19 @@ class Reads(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         self._follow((out,))
         return out
+
+    def _by_f(self) -> bool:
+        """Whether ``f``'s code made the call, not one of torchdiv's dispatch modes handling
+        an op (``DispatchMode.__torch_dispatch__`` on the Python stack): the watch's own rules
+        and state notes (``t.untyped_storage()`` of a write through views, of new memory)
+        read no values for ``f`` (counted, a traced module's every call was watched again).
+        Walks the stack at reads only (a few a call, if any)."""
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code is _HANDLER:
+                return False
+            frame = frame.f_back
+        return True
 
     def _follow(self, values: Sequence[Any]) -> None:
         """``BatchAxes.follow`` each tensor of a subclass among ``values`` (or in a list or
@@ -197,6 +210,9 @@ def reading(axes: BatchAxes | None) -> contextlib.AbstractContextManager[Any]:
     at every ``torch`` call for no one."""
     return contextlib.nullcontext() if axes is None else Reads(axes)
 
+
+# the code of torchdiv's dispatch modes' handler of each op (``Reads._by_f``)
+_HANDLER = DispatchMode.__torch_dispatch__.__code__
 
 # the tensor types whose objects the ATen calls ``BatchAxes`` watches made (``follow``)
 _PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
