@@ -67,6 +67,6 @@ def watch_compiled(
         raise BatchInteractionError(f"{fn}: {unnamed(str(error))}") from None
     except Exception:
         return False
-    if all(seen):  # (values decided and indices read along the batch: watched at every call)
+    if seen.verdict.for_any_x:  # (else watched at every call: ``Verdict``)
         _WATCHED.put(*at, True)
     return True

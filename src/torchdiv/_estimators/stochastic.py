@@ -151,7 +151,7 @@ def _watched_once(
     if passed_before(f, x, batch_dims, at) is not None:
         return unwatched(f, x, batch_dims, plain)
     engine, sizes = _exact.watched_graph(f, x, batch_dims, plain)
-    passed(f, x, batch_dims, at, values_decide=sizes.values_decide, indexed=sizes.indexed)
+    passed(f, x, batch_dims, at, verdict=sizes.verdict)
     return engine
 
 

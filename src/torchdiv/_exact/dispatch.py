@@ -409,8 +409,8 @@ def _engines(
         # (a train-mode batch norm: plain autograd evaluates twice; an f evaluated again at
         # INNER_ORDER: unwatched, it could not start again from the caller's state)
         if tiny and not watched and not built[0].inner_again:
-            plain, decide, indexed = not built[0].guarded, built[1].values_decide, built[1].indexed
-            passed(f, x, batch_dims, at, plain, False, values_decide=decide, indexed=indexed)
+            plain = not built[0].guarded
+            passed(f, x, batch_dims, at, plain, False, verdict=built[1].verdict)
         planned.append(built[1])
         return built
 
@@ -429,10 +429,7 @@ def _engines(
         )
         later = watch and not watched and not reverse.inner_again  # later calls: unwatched
         if later and (tiny or (rows and not sizes.convolves)):
-            decide, indexed = sizes.values_decide, sizes.indexed
-            passed(
-                f, x, batch_dims, at, not reverse.replaced, values_decide=decide, indexed=indexed
-            )
+            passed(f, x, batch_dims, at, not reverse.replaced, verdict=sizes.verdict)
         if tiny:  # watched for sample mixing only: planned as every later call, not at all
             sizes = _plan.OpSizes(x.shape[:batch_dims])
     except Exception as error:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
+from torchdiv._core.mixing.reads import Verdict
 from torchdiv._core.mixing.tracker import BatchAxes
 from torchdiv._core.modes import DispatchMode
 from torchdiv._exact.state import Changes
@@ -81,9 +82,8 @@ class OpSizes(DispatchMode):
     each Python dispatch mode costs a round trip per ATen call, ~7 us on a 2-core CPU (a
     D -> 64 -> 64 -> D tanh MLP, D = 64, batch 4, under ``torch.func.vjp``: 0.16 ms unwatched,
     0.36 ms watched by this mode and a ``Changes`` of its own, 0.32 ms by this one alone).
-    ``values_decide``: whether the values ``f`` computed with could have decided what it did
-    (``BatchAxes.values_decide``; so taken without ``axes``), known on leaving; ``indexed``:
-    whether a rule read index values along a batch dimension (``BatchAxes.indexed``).
+    ``verdict``: for which other calls a pass of its watch holds (``BatchAxes.verdict``;
+    none, ``Verdict()``, without ``axes``), known on leaving.
     """
 
     def __init__(
@@ -99,8 +99,7 @@ class OpSizes(DispatchMode):
         self.axes = axes
         self.changes = changes
         self.forward_rules = True
-        self.values_decide = True
-        self.indexed = False
+        self.verdict = Verdict()
 
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         fresh = self.changes is not None and self.changes.before(func, args, kwargs)
@@ -134,8 +133,7 @@ class OpSizes(DispatchMode):
         traceback: TracebackType | None,
     ) -> None:
         if self.axes is not None:
-            self.values_decide = self.axes.values_decide
-            self.indexed = self.axes.indexed
+            self.verdict = self.axes.verdict()
         self.axes = None  # let go of the tensors it followed
         super().__exit__(kind, error, traceback)
         if self.changes is not None:

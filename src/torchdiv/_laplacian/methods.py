@@ -30,7 +30,7 @@ from torchdiv._core.basis import (
 from torchdiv._core.checks import event_numel, out_of_memory, unwrapped
 from torchdiv._core.crossover import traced
 from torchdiv._core.mixing.errors import BatchInteractionError
-from torchdiv._core.mixing.watch import verdicts
+from torchdiv._core.mixing.watch import Verdicts, verdicts
 from torchdiv._core.mixing.watch import watched as mixing_watched
 from torchdiv._core.modes import recorded
 from torchdiv._core.tie import tied
@@ -185,14 +185,14 @@ class Loop:
     settings: Settings | None = None
     refused: bool = False
 
-    def passed(self, seen: list[bool]) -> None:
-        """The loop ran: a watched ``f`` does not mix samples at this structure, for any
-        values unless its watch saw values decide and indices read along the batch (``seen``:
-        ``torchdiv._core.mixing.watch.verdicts`` of the loop's evaluation; such an ``f`` is
-        watched at every call, as ``mixing.passed`` keeps nothing for it: a radius graph
-        built inside ``f`` crossed samples at a third call, unwatched)."""
-        if self.watched is not None and all(seen):
-            mixing.passed(*self.watched)
+    def passed(self, seen: Verdicts) -> None:
+        """The loop ran: a watched ``f`` does not mix samples at this structure, for the
+        calls its watch's verdict says (``seen``: ``torchdiv._core.mixing.watch.verdicts`` of
+        the loop's evaluation; not where values reached Python or indices were read along
+        the batch after values decided something: without it, a radius graph built inside
+        ``f`` crossed samples at a third call, unwatched)."""
+        if self.watched is not None:
+            mixing.passed(*self.watched, verdict=seen.verdict)
 
 
 @dataclass(frozen=True)
@@ -250,10 +250,7 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     plan = Loop(settings=Settings(graph.work_per_call() < BATCHED_WORK, plain=True))
     graph.undo()  # f runs again: what recording it changed is put back first
     at = _remember(site, f, x, batch_dims, at, plan)
-    decide, indexed = graph.values_decide, graph.indexed
-    mixing.passed(
-        f, x, batch_dims, at, values_decide=decide, indexed=indexed
-    )  # recording watched it
+    mixing.passed(f, x, batch_dims, at, verdict=graph.verdict)  # recording watched it
     return plan
 
 

@@ -30,7 +30,7 @@ from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.overrides import TorchFunctionMode
 
 from torchdiv._core.mixing.errors import BatchInteractionError
-from torchdiv._core.mixing.reads import VALUE_FREE, reading
+from torchdiv._core.mixing.reads import VALUE_FREE, Verdict, reading
 from torchdiv._core.mixing.tracker import BatchAxes
 from torchdiv._core.mixing.watch import tracker
 from torchdiv._core.modes import (
@@ -109,9 +109,9 @@ class Graph:
     # result computed from it is differentiated, in training
     requires_grad: bool = False
     output_shape: tuple[int, ...] = ()
-    # whether values could have decided what f did, as the watch for sample mixing saw it
-    # (``torchdiv._core.mixing.reads.decides``; so taken where it was not watched)
-    values_decide: bool = True
+    # for which other calls the watch for sample mixing's pass holds (``BatchAxes.verdict``;
+    # none, ``Verdict()``, where it was not watched)
+    verdict: Verdict = field(default_factory=Verdict)
     # every node's outputs as f computed them (``capture(..., keep_values=True)``); None if f
     # ran an in-place op, which may have changed a kept tensor after it was recorded
     values: list[list[Any]] | None = None
@@ -942,7 +942,7 @@ def capture(
         except BatchInteractionError:
             recorder.graph.undo()  # a batch norm's statistics and step counter
             raise
-        recorder.graph.values_decide = recorder.axes.values_decide
+        recorder.graph.verdict = recorder.axes.verdict()
         recorder.graph.indexed = recorder.axes.indexed
         recorder.axes = None  # let go of the tensors it followed
     recorder.untracked(leaves(y))

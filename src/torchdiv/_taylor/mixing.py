@@ -16,6 +16,7 @@ import torch
 
 from torchdiv._core.checks import unwrapped
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, unnamed
+from torchdiv._core.mixing.reads import Verdict
 from torchdiv._core.script import global_names
 from torchdiv._taylor import RULES, capture
 from torchdiv._taylor.cache import PlanCache, Same, structure_key
@@ -72,7 +73,7 @@ def passed_before(
         >>> net = torch.nn.Linear(2, 2)
         >>> x = torch.randn(4, 2)
         >>> passed_before(net, x, 1)
-        >>> passed(net, x, 1)
+        >>> passed(net, x, 1, verdict=Verdict(for_any_x=True, for_any_held=True))
         >>> passed_before(net, x, 1), passed_before(net, x[:3], 1)
         (Passed(plain=True, reverse=True), None)
     """
@@ -94,20 +95,21 @@ def passed(
     at: Structure | None = None,
     plain: bool = True,
     reverse: bool = True,
-    values_decide: bool = True,
-    indexed: bool = False,
+    *,
+    verdict: Verdict,
 ) -> None:
     """``f`` was watched at the structure of ``x`` (``at``, if made already) and did not mix
     samples; not ``plain``: its evaluation showed an op ``SafeDerivatives`` changes; not
-    ``reverse``: ``torch.func``'s reverse mode could not run it (``Passed``). Unless values
-    could have decided what it did there (``values_decide``:
-    ``torchdiv._core.mixing.reads.decides``), this holds for any values of the floating
-    tensors it holds (``Held``). Where values could have decided and a rule read index values
-    along a batch dimension (``indexed``: ``BatchAxes.indexed``), nothing is kept: those indices may
-    have been computed from ``x`` (a radius graph built inside ``f`` over a flattened batch,
-    ``nonzero(cdist(p, p) < r)``: within each sample at one call, across samples at the next,
-    unwatched until a review found it), so every call is watched."""
-    if values_decide and indexed:
+    ``reverse``: ``torch.func``'s reverse mode could not run it (``Passed``). ``verdict``,
+    the watch's (``BatchAxes.verdict``, or ``verdicts`` of evaluations another function
+    watched; required, so that no caller keeps a pass its watch said holds for those values
+    only), says for which other calls it holds: none where values reached Python or
+    indices were read along the batch after values decided something (``for_any_x``: those
+    indices may come from ``x``, a radius graph built inside ``f`` over a flattened batch,
+    ``nonzero(cdist(p, p) < r)``, within each sample at one call, across samples at the next,
+    unwatched until a review found it), so every call is watched; any values of the floating
+    tensors ``f`` holds (``Held``) where no value decided anything (``for_any_held``)."""
+    if not verdict.for_any_x:
         return
     at = at or structure(f, x, batch_dims)
     found: Passed | None = _PASSED.get(*at)
@@ -115,7 +117,7 @@ def passed(
         found = Passed(plain, reverse)
         _PASSED.put(*at, found)
     found.plain, found.reverse = found.plain and plain, found.reverse and reverse
-    loose = None if values_decide else _loose(at)
+    loose = _loose(at) if verdict.for_any_held else None
     if loose is not None and _PASSED.get(*loose) is None:
         _PASSED.put(*loose, found)
 
@@ -167,11 +169,11 @@ def identity(f: Any, depth: int = 3) -> tuple[Any, Hashable]:
     inputs), also over a ``device`` or ``dtype`` (by value, ``_VALUES``); one closing over
     anything else (another model, config, index tensor or threshold) is another, except
     where only the floating tensors it holds differ, by values (``Held.values``), and its
-    watch saw no values decide anything (``passed``: a lambda over the time ``t`` of an ODE
-    step). A held object that cannot be told so keeps ``f`` as it is: one without weak
-    references (a list), a tensor without a version (made under ``torch.inference_mode``),
-    a tuple of more than ``TUPLE_ITEMS`` items or nested more than ``depth`` deep (walked at
-    every call).
+    watch saw no values decide anything (``Verdict.for_any_held``: a lambda over the time
+    ``t`` of an ODE step). A held object that cannot be told so keeps ``f`` as it is: one
+    without weak references (a list), a tensor without a version (made under
+    ``torch.inference_mode``), a tuple of more than ``TUPLE_ITEMS`` items or nested more than
+    ``depth`` deep (walked at every call).
 
     Example:
         >>> net = torch.nn.Linear(2, 2)

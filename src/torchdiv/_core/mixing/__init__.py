@@ -97,7 +97,8 @@ only, under ``TYPE_CHECKING``):
 
 * ``errors``: ``BatchInteractionError``, its message (``explain``), ``allow_batch_interaction``;
 * ``axes``: ``Axis``, ``Pick`` and the other records, the rule types ``Carry`` and ``Mixing``;
-* ``reads``: which values decide what ``f`` does (``decides``, ``Reads``, ``VALUE_FREE``);
+* ``reads``: which values decide what ``f`` does (``decides``, ``Reads``, ``VALUE_FREE``) and
+  what a watch that passed says of later calls (``Verdict``);
 * ``places``: where a tracked tensor holds its samples, the helpers the rules share;
 * ``writes``: the rules carrying batch dimensions through writes into views and storage;
 * ``carry``: through elementwise ops, views, permutes, slices, joins, products, reductions;

@@ -84,15 +84,15 @@ def _attention(op: Any, name: str) -> Mixing:
 def _softmaxed(op: Any) -> Carry:
     """``_reduced``, and for a softmax ``_attention`` let through: its result is marked
     (``BatchAxes.blocks``) if exactly 0 at every (row, key) of different samples, else it
-    combines samples (``pending``). The verdict holds for these values only (``indexed``,
-    ``values_decide``: a call with another mask is watched again)."""
+    combines samples (``pending``). The verdict holds for these values only
+    (``BatchAxes.values_read``: a call with another mask is watched again)."""
     reduced = _reduced(op)
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
         result = reduced(tr, args, out)
         if tr.block_check is not None:
             row, key, message = tr.block_check
-            tr.indexed = tr.values_decide = True
+            tr.values_read()
             if not _zero_across(tr, args[0], out, row, key):
                 tr.pending = message
         return result

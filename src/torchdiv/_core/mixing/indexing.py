@@ -74,7 +74,7 @@ def _indexed(
             found.append(axis._replace(position=rank + (len(inner) if rank >= len(front) else 0)))
             continue
         samples = axis.samples(indices[given.index(axis.position)])
-        tr.indexed = True
+        tr.read_indices()
         if len(axes) == 1 and samples.numel() and bool((samples == samples.flatten()[0]).all()):
             sample = int(samples.flatten()[0])
             pick = f"sample {sample} picked out of the batch by {what}"
@@ -132,7 +132,7 @@ def _gather(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
             if index.shape[q] == t.shape[q]:
                 found.append(axis)
             continue
-        tr.indexed = True
+        tr.read_indices()
         held = axis.samples(index % t.shape[dim]).movedim(dim, 0).reshape(index.shape[dim], -1)
         if not bool((held == held[:, :1]).all()):
             tr.pending = tr.message(tr.func, "a gather whose rows read several samples")
@@ -360,6 +360,8 @@ def _scatter(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
     if not axes or not held:
         return [axes or None]
     shape = list(index.shape)
+    if any(axis.position == dim for axis in axes):
+        tr.read_indices()
     places = {
         (
             axis.size,

@@ -5,24 +5,27 @@ A watch of ``f`` during which no op turned floating values into something that d
 the code calls next (a Python number, a shape set by values, integers or booleans computed from
 floating values, an op that raises on its argument's values) holds for every floating value
 ``f`` reads (``torchdiv._taylor.mixing.identity``); ``BatchAxes.values_decide`` notes the
-contrary. ``Reads`` is the ``TorchFunctionMode`` that notes reads that bypass the dispatcher
-(``tolist()``, ``numpy()``, ``str()``) and follows the results of tensor subclasses
-(``BatchAxes.follow``).
+contrary. Values that reach Python (``decides``' ``PYTHON``), or indices read along the batch
+after values decided something, make a pass hold for those values of ``x`` only: every call
+is then watched (``Verdict``, what every caller that remembers a pass keeps it by). ``Reads``
+is the ``TorchFunctionMode`` that notes reads that bypass the dispatcher (``tolist()``,
+``numpy()``, ``str()``) and follows the results of tensor subclasses (``BatchAxes.follow``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from torchdiv._core.modes import (
-    refuse_gradient_hook,
-)
+from torchdiv._core.modes import DispatchMode, refuse_gradient_hook
 
 if TYPE_CHECKING:
     from torchdiv._core.mixing.tracker import BatchAxes
@@ -47,33 +50,92 @@ VALUE_FREE = {
 }
 
 
-def decides(func: Any, args: Sequence[Any], out: Any) -> bool:
-    """Whether the op ``func`` turned values into something that can decide what the code
-    calls next or which samples an index moves: a Python number (``item``, a branch on a
-    tensor), a shape set by values (``nonzero``, ``unique``), or integers or booleans computed
-    from floating values (``x > 0``, ``argmax``, ``.long()``, a sort's indices), or an op that
-    raises on a floating argument's values (``_CHECKS_VALUES``: ``try: bernoulli(p)``, its
-    error caught, decides what ``f`` does next by ``p`` though no result shows it). A watch of
-    ``f`` during which no op did holds for every floating value ``f`` reads, not only
-    those it was watched with (``torchdiv._taylor.mixing.identity``): which ops ran, on
-    which shapes, with which integer indices, followed from ``f``'s code and the rest.
-    (A read that bypasses the dispatcher, ``tolist()``, ``numpy()`` or ``str()``, is noted
-    by ``Reads``.)
+@dataclass(frozen=True)
+class Verdict:
+    """What a watch of ``f`` that passed says of its other calls at the same structure
+    (``torchdiv._taylor.mixing.passed``; ``BatchAxes.verdict`` makes it): ``for_any_x``, it
+    holds for other values of ``x`` too; ``for_any_held``, for other values of the floating
+    tensors ``f`` holds as well (no value decided anything: ``decides``). Not ``for_any_x``
+    where values reached Python (``PYTHON``: its code may do anything after, a branch on
+    ``x.max().item()`` flipping the batch at a later call), where a rule read indices along
+    a batch dimension after values decided something (they may come from ``x``: a radius
+    graph ``nonzero(cdist(p, p) < r)`` over a flattened batch, within each sample at one call,
+    across samples at the next), or where values of attention weights decided the verdict:
+    such an ``f`` is watched at every call. The default keeps nothing; ``joined`` gives the
+    verdict of several watched evaluations, every caller that remembers a pass takes it from
+    one of these.
+
+    Example:
+        >>> Verdict.joined([Verdict(True, True), Verdict(True, False)])
+        Verdict(for_any_x=True, for_any_held=False)
+        >>> Verdict.joined([])  # nothing watched: nothing to keep
+        Verdict(for_any_x=False, for_any_held=False)
+    """
+
+    for_any_x: bool = False
+    for_any_held: bool = False
+
+    @staticmethod
+    def joined(verdicts: Sequence[Verdict]) -> Verdict:
+        """The verdict all of ``verdicts`` make together (none: ``Verdict()``)."""
+        if not verdicts:
+            return Verdict()
+        return Verdict(all(v.for_any_x for v in verdicts), all(v.for_any_held for v in verdicts))
+
+
+# how far ``decides`` found values reach: a tensor of integers or booleans (``x > 0``), or
+# Python itself (a number read out, a shape set by values, an error raised on values)
+TENSOR, PYTHON = 1, 2
+
+
+def decides(
+    func: Any,
+    args: Sequence[Any],
+    out: Any,
+    decided: bool = False,
+    kwargs: dict[str, Any] | None = None,
+) -> int:
+    """Whether, and how far, the op ``func`` turned values into something that can decide
+    what the code calls next or which samples an index moves: ``0`` not; ``TENSOR``:
+    integers or booleans computed from floating values (``x > 0``, ``argmax``, ``.long()``, a
+    sort's indices, ``searchsorted``; or drawn at random, ``randperm``, ``randint``: they
+    differ at every call as values do), which decide only through the tensors computed from
+    them; ``PYTHON``: values handed to Python, from which its code may compute anything
+    (a number read out, ``item``, a branch on a tensor; a shape set by values, ``nonzero``,
+    ``unique``, a boolean mask's ``x[m]``; an op that raises on a floating argument's values,
+    ``_CHECKS_VALUES``: ``try: bernoulli(p)``, its error caught). A number read out of, or a
+    shape set by, an integer or boolean tensor counts where values decided something
+    before (``decided``: that tensor may hold them) or where a floating tensor sets it;
+    ``x[idx]`` with integer ``idx`` decides nothing (its shape is ``idx``'s). A watch of ``f``
+    during which no op decided holds for every floating value ``f`` reads, not only those it
+    was watched with (``torchdiv._taylor.mixing.identity``): which ops ran, on which shapes,
+    with which integer indices, followed from ``f``'s code and the rest. (A read that
+    bypasses the dispatcher, ``tolist()``, ``numpy()`` or ``str()``, is noted by ``Reads``.)
 
     Example:
         >>> x = torch.ones(2)
         >>> decides(aten.gt.Scalar, (x, 0.5), x > 0.5), decides(aten.tanh.default, (x,), x)
-        (True, False)
+        (1, 0)
+        >>> decides(aten._local_scalar_dense.default, (x[0],), 1.0)
+        2
     """
-    decided = _DECIDED.get(func)
-    if decided is None:
+    kind = _DECIDED.get(func)
+    if kind is None:
         tagged = any(tag in func.tags for tag in _VALUES_DECIDE)
-        decided = _DECIDED[func] = tagged or func in _CHECKS_VALUES
-    if decided:
-        return True
+        seeded = torch.Tag.nondeterministic_seeded in func.tags
+        kind = _READ_OUT if tagged or func in _CHECKS_VALUES else _SEEDED if seeded else 0
+        _DECIDED[func] = kind
+    if kind == _READ_OUT:
+        deciding = args[1:] if func in _SHAPED_BY_INDICES else (args, kwargs)
+        if decided or func in _CHECKS_VALUES or _any_floating(deciding):
+            return PYTHON
     outs = out if isinstance(out, list | tuple) else (out,)
     if all(t is None or (isinstance(t, torch.Tensor) and _floating(t)) for t in outs):
-        return False
+        return 0
+    return TENSOR if kind == _SEEDED or _any_floating((args, kwargs)) else 0
+
+
+def _any_floating(args: Any) -> bool:
     return any(isinstance(a, torch.Tensor) and _floating(a) for a in tree_leaves(args))
 
 
@@ -82,8 +144,9 @@ def _floating(t: torch.Tensor) -> bool:
 
 
 class Reads(TorchFunctionMode):
-    """Note in ``axes`` (``BatchAxes.values_decide``) a floating tensor's values read where
-    the dispatcher does not see it, so ``decides`` cannot: ``tolist()``, ``numpy()``,
+    """Note in ``axes`` (``BatchAxes.read_out``) a floating tensor's values read where the
+    dispatcher does not see it, so ``decides`` cannot (an integer or boolean one's too once
+    values decided something: it may hold them): ``tolist()``, ``numpy()``,
     ``np.asarray`` (``__array__``), ``__dlpack__``, ``str``/``repr``/``print``, an f-string or
     ``format`` (``__format__``, inside which this mode does not see ``__repr__``, and ``repr``
     turns the dispatch modes off), its storage or data pointer, ``apply_``/``map_`` (a Python
@@ -97,8 +160,8 @@ class Reads(TorchFunctionMode):
         >>> axes = BatchAxes(torch.ones(2, 1), 1)
         >>> with Reads(axes):
         ...     _ = torch.tensor(0.5).tolist()
-        >>> axes.values_decide
-        True
+        >>> axes.verdict()
+        Verdict(for_any_x=False, for_any_held=False)
     """
 
     def __init__(self, axes: BatchAxes) -> None:
@@ -109,14 +172,27 @@ class Reads(TorchFunctionMode):
         self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         refuse_gradient_hook(func, args)  # (a watched plain evaluation: no other mode sees it)
-        if func in _READS:
+        if func in _READS and self._by_f():
             held = args[0] if args else None
-            if isinstance(held, torch.Tensor) and _floating(held):
-                self.axes.values_decide = True
+            if isinstance(held, torch.Tensor) and (_floating(held) or self.axes.values_decide):
+                self.axes.read_out()
         self._follow(args)  # (a subclass's results: ``BatchAxes.follow``)
         out = func(*args, **(kwargs or {}))
         self._follow((out,))
         return out
+
+    def _by_f(self) -> bool:
+        """Whether ``f``'s code made the call, not one of torchdiv's dispatch modes handling
+        an op (``DispatchMode.__torch_dispatch__`` on the Python stack): the watch's own rules
+        and state notes (``t.untyped_storage()`` of a write through views, of new memory)
+        read no values for ``f`` (counted, a traced module's every call was watched again).
+        Walks the stack at reads only (a few a call, if any)."""
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code is _HANDLER:
+                return False
+            frame = frame.f_back
+        return True
 
     def _follow(self, values: Sequence[Any]) -> None:
         """``BatchAxes.follow`` each tensor of a subclass among ``values`` (or in a list or
@@ -134,6 +210,9 @@ def reading(axes: BatchAxes | None) -> contextlib.AbstractContextManager[Any]:
     at every ``torch`` call for no one."""
     return contextlib.nullcontext() if axes is None else Reads(axes)
 
+
+# the code of torchdiv's dispatch modes' handler of each op (``Reads._by_f``)
+_HANDLER = DispatchMode.__torch_dispatch__.__code__
 
 # the tensor types whose objects the ATen calls ``BatchAxes`` watches made (``follow``)
 _PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
@@ -167,8 +246,15 @@ _READS = frozenset(
 # the ops whose results are values read out or shaped by values (``decides``), by their tags
 _VALUES_DECIDE = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
 
+# the ops among those whose results are shaped by their indices or mask alone (the arguments
+# after the first): ``x[idx]`` with integer ``idx`` is shaped as ``idx``, whatever ``x`` holds
+_SHAPED_BY_INDICES = frozenset({aten.index.Tensor, aten.masked_select.default})
 
-_DECIDED: dict[Any, bool] = {}  # each op's verdict by its tags, as first met
+
+# what each op may do by its tags, as first met (``decides``): hand values to Python, draw
+# at random (an integer result then decides as values would), or neither (0)
+_DECIDED: dict[Any, int] = {}
+_SEEDED, _READ_OUT = 1, 2
 
 
 # the ops that raise on the values of a floating argument, where ``f`` may catch the error and

@@ -39,7 +39,7 @@ from torchdiv._core.mixing.errors import (
     explain,
 )
 from torchdiv._core.mixing.places import _aligned, _held, _reduced_dims
-from torchdiv._core.mixing.reads import VALUE_FREE, _floating, decides
+from torchdiv._core.mixing.reads import PYTHON, VALUE_FREE, Verdict, _floating, decides
 from torchdiv._core.mixing.tables import (
     _CARRY,
     _CATS,
@@ -122,6 +122,9 @@ class BatchAxes:
         # only, so a recording is not kept to check later calls by structure
         # (``torchdiv._taylor.cache.template``: an index changed in place went unwatched)
         self.indexed = False
+        # whether the verdict holds for these values of ``x`` only (``verdict``): values
+        # reached Python, or indices were read along the batch after values decided
+        self.these_values = False
         # whether ``f`` computed with a tensor subclass (``Reads``): its results are then
         # aliases no ATen call made, followed at every op (``follow``)
         self.subclassed = False
@@ -131,6 +134,28 @@ class BatchAxes:
         # so, with its message
         self.blocks: dict[int, Block] = {}
         self.block_check: tuple[int, int, str] | None = None
+
+    def read_indices(self) -> None:
+        """Note that a rule read the values of indices along a batch dimension (``indexed``):
+        after values decided something (``values_decide``), those indices may come from them,
+        so the verdict holds for these values only. Before, nothing computed from values
+        could have reached them (an index from values needs an op that ``decides``)."""
+        self.indexed = True
+        self.these_values |= self.values_decide
+
+    def read_out(self) -> None:
+        """Note values handed to Python where the dispatcher does not see it (``Reads``):
+        its code may do anything after, so the verdict holds for these values only."""
+        self.values_decide = self.these_values = True
+
+    def values_read(self) -> None:
+        """Note a verdict decided by floating values themselves (attention weights exactly 0
+        across samples, ``_softmaxed``): it holds for these values only."""
+        self.values_decide = self.indexed = self.these_values = True
+
+    def verdict(self) -> Verdict:
+        """What this watch, passed, says of other calls at the structure (``Verdict``)."""
+        return Verdict(not self.these_values, not self.values_decide)
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -195,7 +220,10 @@ class BatchAxes:
     def after(self, carry: Carry | None, args: Sequence[Any], out: Any) -> None:
         """Note the batch dimensions of the results ``out`` by the rule ``before`` gave (none:
         not followed further), and whether they depend on combined samples."""
-        self.values_decide = self.values_decide or decides(self.func, (args, self.kwargs), out)
+        decided = decides(self.func, args, out, self.values_decide, self.kwargs)
+        if decided:
+            self.values_decide = True
+            self.these_values |= decided == PYTHON
         if carry is None:
             return
         result = carry(self, args, out)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, explain
-from torchdiv._core.mixing.reads import reading
+from torchdiv._core.mixing.reads import Verdict, reading
 from torchdiv._core.mixing.tracker import BatchAxes
 from torchdiv._core.modes import (
     UNDERIVABLE_OPS,
@@ -26,26 +26,41 @@ from torchdiv._core.modes import (
 from torchdiv._core.walk import BATCH_NORM_NODES, nodes
 
 # the list ``verdicts`` collects into, while one is open
-_VERDICTS: ContextVar[list[bool] | None] = ContextVar("torchdiv_verdicts", default=None)
+_VERDICTS: ContextVar[list[Verdict] | None] = ContextVar("torchdiv_verdicts", default=None)
+
+
+class Verdicts:
+    """The verdicts of the evaluations ``watched`` while ``verdicts`` is open (``seen``),
+    and what they say together (``verdict``: ``Verdict.joined``; nothing watched, nothing
+    to keep)."""
+
+    def __init__(self) -> None:
+        self.seen: list[Verdict] = []
+
+    @property
+    def verdict(self) -> Verdict:
+        """What the evaluations watched say together (``Verdict.joined``)."""
+        return Verdict.joined(self.seen)
 
 
 @contextlib.contextmanager
-def verdicts() -> Iterator[list[bool]]:
-    """Collect, for each evaluation ``watched`` inside that passed, whether its pass holds
-    for other values of ``x`` too: ``False`` where values decided something and a rule read
-    index values along a batch dimension (``BatchAxes.values_decide`` and ``indexed``: a
-    radius graph ``nonzero(cdist(p, p) < r)`` over a flattened batch, within each sample at
-    one call, across samples at the next). For a caller that remembers a pass
-    (``torchdiv._taylor.mixing.passed``) after an evaluation another function watched.
+def verdicts() -> Iterator[Verdicts]:
+    """Collect the ``Verdict`` of each evaluation ``watched`` inside that passed: for a
+    caller that remembers a pass (``torchdiv._taylor.mixing.passed``, the compiled-model
+    watch's memo) after an evaluation another function watched. A pass holds for other
+    values of ``x`` only where each of them does (not where values reached Python, nor where
+    indices were read along the batch after values decided something: a radius graph
+    ``nonzero(cdist(p, p) < r)`` over a flattened batch, within each sample at one call,
+    across samples at the next).
 
     Example:
         >>> with verdicts() as seen:
         ...     _ = watched(torch.sin, torch.randn(4, 2), 1)
-        >>> seen
-        [True]
+        >>> seen.verdict
+        Verdict(for_any_x=True, for_any_held=True)
     """
-    seen: list[bool] = []
-    token = _VERDICTS.set(seen)
+    seen = Verdicts()
+    token = _VERDICTS.set(seen.seen)
     try:
         yield seen
     finally:
@@ -119,7 +134,7 @@ def watched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) 
             mode.tracker.finish(y)
             seen = _VERDICTS.get()
             if seen is not None:
-                seen.append(not (mode.tracker.values_decide and mode.tracker.indexed))
+                seen.append(mode.tracker.verdict())
     return y
 
 
