@@ -663,11 +663,11 @@ def through_view(func: Any, args: Any, refs: dict[int, Ref]) -> torch.Tensor | N
     ``t``'s dtype, sharing its memory; else ``None``. The write is then recorded as its
     out-of-place op and ``b`` as ``scattered`` (``_Recorder.write_out_of_place``): ``b`` read
     later (``h`` returned) sees the write, as in eager PyTorch."""
-    target = args[0] if args else None
-    if not isinstance(target, torch.Tensor) or torch.Tag.inplace_view in func.tags:
-        return None
     facts = _facts(func)
-    if not facts.in_place or facts.random or out_of_place(func) is None:
+    if not facts.in_place or facts.random or torch.Tag.inplace_view in func.tags:
+        return None
+    target = args[0] if args else None
+    if not isinstance(target, torch.Tensor) or out_of_place(func) is None:
         return None
     base = target._base
     if base is None or id(base) not in refs or base.dtype != target.dtype:
