@@ -62,6 +62,7 @@ from torchdiv._taylor.capture import (
     Graph,
     Node,
     Ref,
+    Storages,
     Strided,
     _facts,
     _random_states,
@@ -71,7 +72,6 @@ from torchdiv._taylor.capture import (
     capture,
     decomposed_in_place,
     differentiable,
-    in_storage,
     out_of_place,
     outputs,
     placing,
@@ -674,6 +674,7 @@ class _Checker(DispatchMode):
         # records them (``_Recorder.note_write``, ``overwrite``)
         self.x_storage = _storage(x)
         self.overwritten: set[int] = set()
+        self.storages = Storages(self.values)
         self.rewrites: dict[int, list[tuple[int, Strided, str]]] = {}
 
     def ref(self, value: Any) -> Any:
@@ -819,16 +820,16 @@ class _Checker(DispatchMode):
     def _write(self, func: Any, target: Any, node: int) -> bool:
         """Before ``func`` writes values computed from ``x`` into ``target``, recorded as node
         ``node``: whether ``capture`` would have recorded it (a tensor of ``f``'s own, not in
-        ``x``'s memory); if so, the nodes whose outputs it
-        changes are noted (``overwritten``), and the write too where other tensors share
-        ``target``'s memory (``rewrites``: a later read of one of them is not the template's,
-        as ``capture`` refuses it)."""
+        ``x``'s memory); if so, the nodes whose outputs it changes are noted
+        (``overwritten``), and the write too where other tensors share ``target``'s memory
+        (``rewrites``: a later read of one of them is not the template's, as ``capture``
+        refuses it)."""
         if not isinstance(target, torch.Tensor):
             return False
         storage = _storage(target)
         if id(target) not in self.refs or storage == self.x_storage:
             return False
-        found = in_storage(self.values, storage)
+        found = self.storages.holding(storage)
         self.overwritten.update(found)
         shared = any(
             t is not target and isinstance(t, torch.Tensor) and _storage(t) == storage

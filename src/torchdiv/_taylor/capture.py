@@ -175,6 +175,7 @@ class _Recorder(DispatchMode):
         # tensor recorded out of place, whose earlier values are noted in ``overwritten``
         self.mutated = False
         self.overwritten: set[int] = set()
+        self.storages = Storages(self.alive, skip=1)
         self.task = torch._C._current_graph_task_id()  # a backward pass f is called from
         # the first op without any derivative in PyTorch (``UNDERIVABLE_OPS``) that f applied
         # to a tensor being differentiated: its output is a constant, a recording cannot tell
@@ -550,7 +551,7 @@ class _Recorder(DispatchMode):
         """Note (``overwritten``) the recorded nodes whose outputs live in ``storage``, which
         a write into ``tensor`` of values computed from ``x``, recorded out of place, is
         about to change: their values are no longer those the nodes computed."""
-        self.overwritten.update(in_storage(self.alive[1:], storage))
+        self.overwritten.update(self.storages.holding(storage))
 
     def constant_write(self, tensor: torch.Tensor, storage: int) -> bool:
         """Whether a write of constants into ``tensor`` is one into a constant ``f`` made
@@ -888,14 +889,24 @@ def rewritten_by(
     return None
 
 
-def in_storage(outputs: list[Any], storage: int) -> list[int]:
-    """The positions in ``outputs`` (a list of each node's outputs) of those with a tensor
-    living in ``storage``."""
-    return [
-        i
-        for i, out in enumerate(outputs)
-        if any(isinstance(t, torch.Tensor) and _storage(t) == storage for t in leaves(out))
-    ]
+class Storages:
+    """Which nodes have an output living in a storage, read from ``outputs`` (each node's
+    outputs from position ``skip`` on, a list that grows as ``f`` runs) when asked: each
+    node's storages are found once, so a write costs no walk over every node (a deep net
+    with an in-place activation per layer)."""
+
+    def __init__(self, outputs: list[Any], skip: int = 0) -> None:
+        self.outputs, self.skip, self.done = outputs, skip, skip
+        self.nodes: dict[int, list[int]] = {}
+
+    def holding(self, storage: int) -> list[int]:
+        """The nodes with an output in ``storage``, in order."""
+        for i in range(self.done, len(self.outputs)):
+            found = {_storage(t) for t in leaves(self.outputs[i]) if isinstance(t, torch.Tensor)}
+            for s in found:
+                self.nodes.setdefault(s, []).append(i - self.skip)
+        self.done = len(self.outputs)
+        return self.nodes.get(storage, [])
 
 
 def _spans_meet(a: Strided, b: Strided) -> bool:
