@@ -113,7 +113,8 @@ class Graph:
     # (``torchdiv._core.mixing.reads.decides``; so taken where it was not watched)
     values_decide: bool = True
     # every node's outputs as f computed them (``capture(..., keep_values=True)``); None if f
-    # ran an in-place op, which may have changed a kept tensor after it was recorded
+    # wrote in place other than values computed from x into its own tensors (a buffer, a
+    # constant, a random draw: ``_Recorder.mutated``)
     values: list[list[Any]] | None = None
     # the nodes whose outputs in ``values`` are not as they computed them: changed after them
     # by a write of values computed from x recorded out of place (``relu_``), or the calls
@@ -374,8 +375,10 @@ class _Recorder(DispatchMode):
         its base) would keep their old values in a replay: reading one later is refused
         (``note_write``, ``rewritten``), as are a target from outside ``f`` (a
         buffer) and ``x`` (``before_writes``), and a result of another shape or dtype
-        than ``t`` (where PyTorch promotes out of place and casts back in place). Watched
-        for sample mixing as ``func`` itself."""
+        than ``t`` (where PyTorch promotes out of place and casts back in place). Where ``t``
+        is a view of a contiguous tensor ``f`` made (``through_view``), that tensor is
+        recorded as ``r`` scattered into it and taken for that from here on. Watched for
+        sample mixing as ``func`` itself."""
         target = args[0]
         functional = out_of_place(func)
         axes, self.axes = self.axes, None
@@ -681,14 +684,15 @@ def through_view(func: Any, args: Any, refs: dict[int, Ref]) -> torch.Tensor | N
 def placing(base: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Constants for ``scattered``: the positions in ``base.reshape(-1)`` of the elements of
     ``view`` (a view of the contiguous ``base``, elements in ``view``'s order), a mask of
-    them over ``base``'s elements, and zeros of ``base``'s size and dtype."""
+    them over ``base``'s elements, and zeros of ``base``'s size and dtype (``-0.0``: adding
+    a ``-0.0`` written keeps its sign)."""
     n, device = base.numel(), base.device
     offset = view.storage_offset() - base.storage_offset()
     positions = torch.arange(n, device=device).as_strided(view.shape, view.stride(), offset)
     positions = positions.reshape(-1)
     mask = torch.zeros(n, dtype=torch.bool, device=device)
     mask[positions] = True
-    return positions, mask, torch.zeros(n, dtype=base.dtype, device=device)
+    return positions, mask, torch.full((n,), -0.0, dtype=base.dtype, device=device)
 
 
 def scattered(
