@@ -801,6 +801,7 @@ class _Checker(DispatchMode):
             result.device,
         ) == (target.shape, target.dtype, target.device)
         base = through_view(func, args, self.refs) if fits else None
+        base_after = None
         if base is not None:
             placed = placing(base, target)
             with self:
@@ -811,9 +812,9 @@ class _Checker(DispatchMode):
             self.same = False
             return self._unwatched(func, args, kwargs)
         out = func(*args, **kwargs)
-        self.same = out is target and (base is None or id(base_after) in self.refs)
+        self.same = out is target and (base_after is None or id(base_after) in self.refs)
         self.refs[id(target)] = ref
-        if base is not None and self.same:
+        if base is not None and base_after is not None and self.same:
             self.refs[id(base)] = self.refs[id(base_after)]
         return out
 

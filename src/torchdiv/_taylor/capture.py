@@ -396,6 +396,7 @@ class _Recorder(DispatchMode):
         if not same:
             self.graph.unsupported.append(f"{func} (its result cast back into its argument)")
         base = through_view(func, args, self.refs) if same else None
+        base_after = None
         if base is not None:  # the base f read later sees the write: recorded as a scatter
             placed = placing(base, target)
             self.axes = None
@@ -418,7 +419,7 @@ class _Recorder(DispatchMode):
             self.graph.unsupported.append(f"{func} (its out-of-place result not recorded)")
         else:
             self.refs[id(target)] = ref  # (both alive: the result as its node's output)
-        if base is not None:
+        if base is not None and base_after is not None:
             self.refs[id(base)] = self.refs[id(base_after)]
         return out
 

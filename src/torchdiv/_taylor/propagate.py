@@ -118,8 +118,12 @@ def propagate(
                 jets = any(isinstance(a, _JETS) for a in leaves((args, kwargs)))
             if node.depends and jets:
                 node_ctx = with_jac if index in needs_jac else without_jac
-                reuse = known is not None and index not in overwritten
-                if reuse and node.func in GIVEN and _reusable(known[index], args):
+                if (
+                    known is not None
+                    and index not in overwritten
+                    and node.func in GIVEN
+                    and _reusable(known[index], args)
+                ):
                     env[index] = [_apply(node, node_ctx, args, kwargs, known[index][0])]
                 else:
                     env[index] = leaves(apply(node, node_ctx, args, kwargs))
