@@ -148,5 +148,5 @@ def test_an_f_that_starts_mixing_samples_after_its_refusal_is_still_refused(_fre
 def test_method_structured_still_raises_after_auto_remembered_the_refusal(_fresh):
     net, x = net_and_x()
     torchdiv.divergence(net, x)
-    with pytest.raises(NotImplementedError, match=r"no propagation rule for aten\._fft_r2c"):
+    with pytest.raises(NotImplementedError, match=r"no propagation rule for .*aten\._fft_r2c"):
         torchdiv.divergence(net, x, method="structured")

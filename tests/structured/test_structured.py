@@ -457,7 +457,8 @@ def test_a_no_grad_block_inside_f_is_a_constant_as_in_reverse_mode():
 
 
 def test_in_place_ops_in_f_replay_the_values():
-    """``h`` changes after relu read it: the recorded values are stale and replayed."""
+    """``h`` changes after relu read it: its recorded value is stale (``None``), computed
+    again from the others."""
     torch.manual_seed(15)
     first, last = nn.Linear(5, 8).double(), nn.Linear(8, 5).double()
 
@@ -468,7 +469,9 @@ def test_in_place_ops_in_f_replay_the_values():
         return last(y) + h[:, :5]
 
     x = torch.randn(4, 5, dtype=f64)
-    assert capture(f, x, RULES, keep_values=True).values is None
+    graph = capture(f, x, RULES, keep_values=True)
+    assert graph.values is not None and graph.overwritten
+    assert all(v is None for i in graph.overwritten for v in graph.values[i])
     check(f, x, expected_plan="chain")
 
 

@@ -62,14 +62,26 @@ from torchdiv._taylor.capture import (
     Graph,
     Node,
     Ref,
+    Storages,
+    Strided,
+    _facts,
     _random_states,
+    _storage,
     _written,
     argument,
     capture,
+    decomposed_in_place,
     differentiable,
+    out_of_place,
+    outputs,
+    placing,
     plain,
     put_back,
     recording,
+    rewritten_by,
+    scattered,
+    strided,
+    through_view,
 )
 from torchdiv._taylor.tree import leaves, map_leaves
 
@@ -625,7 +637,8 @@ def checked(found: Template, f: Function, x: torch.Tensor, rules: Container[Any]
             products=products,
             requires_grad=outer_grad and y.requires_grad,
             output_shape=found.output_shape,
-            values=checker.values,
+            values=outputs(checker.values, checker.overwritten),
+            overwritten=frozenset(checker.overwritten),
             template=found,
         )
     checker.undo()
@@ -657,6 +670,12 @@ class _Checker(DispatchMode):
         self.task = torch._C._current_graph_task_id()
         self.changed: list[Before] = []
         self.rng: list[tuple[Callable[[Any], None], Any]] | None = None
+        # in-place writes of values computed from x into f's own tensors, as ``capture``
+        # records them (``_Recorder.note_write``, ``overwrite``)
+        self.x_storage = _storage(x)
+        self.overwritten: set[int] = set()
+        self.storages = Storages(self.values)
+        self.rewrites: dict[int, list[tuple[int, Strided, str]]] = {}
 
     def ref(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -695,7 +714,7 @@ class _Checker(DispatchMode):
         pattern: list[Any] = []
         node_args = self.swapped(args, pattern)
         node_kwargs = self.swapped(kwargs, pattern) if kwargs else {}
-        if not self._same_call(call, pattern):
+        if not self._same_call(call, pattern) or (self.rewrites and self._rewritten(args, kwargs)):
             self.same = False
             return self._unwatched(func, args, kwargs)
         out = func(*args, **kwargs)
@@ -719,9 +738,19 @@ class _Checker(DispatchMode):
 
     def _other(self, func: Any, args: Any, kwargs: Any) -> Any:
         """A call that is not the template's next one: the decomposition ``capture`` would
-        have recorded instead (a dependent op without a rule), or the end of the check."""
+        have recorded instead (a dependent op without a rule), an in-place op it recorded
+        out of place (``_in_place``), or the end of the check."""
         if not self.same:
             return self._unwatched(func, args, kwargs)
+        facts = _facts(func)
+        if facts.in_place and through_view(func, args, self.refs) is not None:
+            return self._out_of_place(func, args, kwargs)
+        if facts.in_place and facts.functional is not None and self.i < len(self.calls):
+            call = self.calls[self.i]
+            if call.depends and call.func is facts.functional:
+                return self._in_place(func, call, args, kwargs)
+            if decomposed_in_place(func, self.rules):
+                return self._out_of_place(func, args, kwargs)
         pattern = [self.ref(a) for a in leaves((args, kwargs))]
         touches = any(
             isinstance(a, Ref) and (a.node < 0 or self.calls[a.node].depends) for a in pattern
@@ -732,6 +761,93 @@ class _Checker(DispatchMode):
                 return _DECOMPOSITIONS[func](*args, **kwargs)
         self.same = False
         return self._unwatched(func, args, kwargs)
+
+    def _in_place(self, func: Any, call: _Call, args: Any, kwargs: Any) -> Any:
+        """An in-place op on its first argument that ``capture`` recorded as its out-of-place
+        op (``relu_`` as ``relu``: ``_Recorder.functional``), the template's next call ``call``:
+        checked as that call, then run in place, its target taken for the call's output."""
+        pattern: list[Any] = []
+        node_args = self.swapped(args, pattern)
+        node_kwargs = self.swapped(kwargs, pattern) if kwargs else {}
+        fits = self._same_call(call, pattern) and not self._rewritten(args, kwargs)
+        if not fits or not self._write(func, args[0], len(self.nodes)):
+            self.same = False
+            return self._unwatched(func, args, kwargs)
+        out = func(*args, **kwargs)
+        self.same = (  # as capture: a write of values computed from x (depends)
+            out is args[0]
+            and call.may_depend
+            and differentiable([out])
+            and torch.is_grad_enabled()
+            and len(call.outputs) == 1
+        )
+        self.nodes.append(Node(call.func, node_args, node_kwargs, True))
+        self.refs[id(out)] = call.outputs[0]
+        self.values.append([out])
+        self.i += 1
+        return out
+
+    def _out_of_place(self, func: Any, args: Any, kwargs: Any) -> Any:
+        """An in-place op that ``capture`` recorded as the calls of its out-of-place op
+        (``silu_``: ``_Recorder.write_out_of_place``): those checked against the template,
+        then the write made, its target taken for their result."""
+        target = args[0]
+        first = len(self.nodes)
+        with self:
+            result = out_of_place(func)(*args, **kwargs)
+        fits = isinstance(result, torch.Tensor) and (
+            result.shape,
+            result.dtype,
+            result.device,
+        ) == (target.shape, target.dtype, target.device)
+        base = through_view(func, args, self.refs) if fits else None
+        base_after = None
+        if base is not None:
+            placed = placing(base, target)
+            with self:
+                base_after = scattered(base, result, *placed)
+        self.overwritten.update(range(first, len(self.nodes)))  # (as capture's: no graph)
+        ref = self.refs.get(id(result))
+        if not (fits and self.same and ref is not None and self._write(func, target, ref.node)):
+            self.same = False
+            return self._unwatched(func, args, kwargs)
+        out = func(*args, **kwargs)
+        self.same = out is target and (base_after is None or id(base_after) in self.refs)
+        self.refs[id(target)] = ref
+        if base is not None and base_after is not None and self.same:
+            self.refs[id(base)] = self.refs[id(base_after)]
+        return out
+
+    def _write(self, func: Any, target: Any, node: int) -> bool:
+        """Before ``func`` writes values computed from ``x`` into ``target``, recorded as node
+        ``node``: whether ``capture`` would have recorded it (a tensor of ``f``'s own, not in
+        ``x``'s memory); if so, the nodes whose outputs it changes are noted
+        (``overwritten``), and the write too where other tensors share ``target``'s memory
+        (``rewrites``: a later read of one of them is not the template's, as ``capture``
+        refuses it)."""
+        if not isinstance(target, torch.Tensor):
+            return False
+        storage = _storage(target)
+        if id(target) not in self.refs or storage == self.x_storage:
+            return False
+        found = self.storages.holding(storage)
+        self.overwritten.update(found)
+        shared = any(
+            t is not target and isinstance(t, torch.Tensor) and _storage(t) == storage
+            for i in found
+            for t in self.values[i]
+        )
+        if shared and torch.Tag.inplace_view not in func.tags:
+            self.rewrites.setdefault(storage, []).append((node, strided(target), str(func)))
+        return True
+
+    def _rewritten(self, args: Any, kwargs: Any) -> bool:
+        """Whether a call reads a tensor whose elements a write noted in ``rewrites`` changed
+        after it was made (``capture`` refuses that)."""
+        return bool(self.rewrites) and any(
+            isinstance(a, torch.Tensor) and rewritten_by(self.rewrites, self.refs, a) is not None
+            for a in leaves((args, kwargs))
+        )
 
     def _same_call(self, call: _Call, pattern: list[Any]) -> bool:
         """Whether this call of ``call.func`` is the template's, before running it. (No

@@ -113,8 +113,14 @@ class Graph:
     # none, ``Verdict()``, where it was not watched)
     verdict: Verdict = field(default_factory=Verdict)
     # every node's outputs as f computed them (``capture(..., keep_values=True)``); None if f
-    # ran an in-place op, which may have changed a kept tensor after it was recorded
+    # wrote in place other than values computed from x into its own tensors (a buffer, a
+    # constant, a random draw: ``_Recorder.mutated``)
     values: list[list[Any]] | None = None
+    # the nodes whose outputs in ``values`` are not as they computed them: changed after them
+    # by a write of values computed from x recorded out of place (``relu_``), or the calls
+    # that write was recorded as (``silu_``: ``write_out_of_place``), made below autograd;
+    # ``None`` each in ``values`` (computed again from the others: ``propagate.values``)
+    overwritten: frozenset[int] = frozenset()
     # state f changed outside its own tensors (``Before`` each write), and the RNG states
     changed: list[Before] = field(default_factory=list)
     rng: list[tuple[Callable[[Any], None], Any]] = field(default_factory=list)
@@ -166,7 +172,11 @@ class _Recorder(DispatchMode):
         self.refs: dict[int, Ref] = {id(x): Ref(-1)}
         self.dependent: set[Ref] = {Ref(-1)}
         self.alive: list[Any] = [x]  # keeps ids unique while recording
+        # whether f wrote in place other than a write of values computed from x into its own
+        # tensor recorded out of place, whose earlier values are noted in ``overwritten``
         self.mutated = False
+        self.overwritten: set[int] = set()
+        self.storages = Storages(self.alive, skip=1)
         self.task = torch._C._current_graph_task_id()  # a backward pass f is called from
         # the first op without any derivative in PyTorch (``UNDERIVABLE_OPS``) that f applied
         # to a tensor being differentiated: its output is a constant, a recording cannot tell
@@ -276,17 +286,10 @@ class _Recorder(DispatchMode):
         """The op of a write noted by ``functional`` that changed some of ``a``'s elements
         through another tensor after ``a`` was made (a replay would read their old values),
         or ``None``."""
-        writes = self.rewrites.get(_storage(a)) if self.rewrites else None
-        if not writes:
-            return None
-        ref = self.refs.get(id(a))
-        made = -1 if ref is None else ref.node
-        here = strided(a)
-        for node, written, op in writes:
-            if node > made and overlapping(written, [here]):
-                self.rewrites = None  # refused: no more to note or check
-                return op
-        return None
+        op = rewritten_by(self.rewrites, self.refs, a) if self.rewrites else None
+        if op is not None:
+            self.rewrites = None  # refused: no more to note or check
+        return op
 
     def depends(self, flat: list[Any]) -> bool:
         """Whether one of the call's arguments (``flat``, their leaves) depends on ``x``."""
@@ -305,7 +308,9 @@ class _Recorder(DispatchMode):
             grads = touches_x or any(isinstance(a, torch.Tensor) and a.requires_grad for a in flat)
             self.underivable = UNDERIVABLE_OPS[func] if grads else None
         self.untracked(flat)
-        if depends and self.decomposed_in_place(func):
+        if depends and (
+            decomposed_in_place(func, self.rules) or through_view(func, args, self.refs) is not None
+        ):
             return self.write_out_of_place(func, args, kwargs)
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
             # recorded as the ops it decomposes into; watched as itself, as the other
@@ -324,7 +329,6 @@ class _Recorder(DispatchMode):
         recorded = self.functional(func, args) if depends else func
         written = _written(func, args, kwargs)
         if written:  # kept, not replayed: what it reads does not matter
-            self.mutated = True
             self.before_writes(func, written, depends)
         self.keep_generator(func, kwargs)
         # a write of values computed from x replays from its target's values before it; a
@@ -361,25 +365,6 @@ class _Recorder(DispatchMode):
         self.alive.append(out)
         return out
 
-    def decomposed_in_place(self, func: Any) -> bool:
-        """Whether ``func`` is an in-place op on its first argument without a rule, which
-        ``dispatch`` would decompose into its out-of-place op and a ``copy_`` (that the
-        recording cannot replay), whose out-of-place op has a rule or a decomposition:
-        ``silu_``, ``elu_``, ``mish_``, ``hardtanh_``, ``hardswish_`` (``nn.SiLU``,
-        ``nn.ELU``/``nn.SELU``/``nn.CELU``, ``nn.Mish``, ``nn.ReLU6``, ... with
-        ``inplace=True``), ``addcmul_``, ``lerp_``; also those not decomposed whose
-        out-of-place op is (``aten.selu_``). Recorded by ``write_out_of_place``. (``relu_``,
-        ``sigmoid_``, ``add_``: their out-of-place op by ``functional``.)"""
-        if func in self.rules or torch.Tag.inplace_view in func.tags:
-            return False
-        facts = _facts(func)
-        functional = facts.functional
-        if not facts.in_place or functional is None or facts.random:  # (one draw, not two)
-            return False
-        if functional in self.rules:
-            return func in _DECOMPOSITIONS
-        return functional in _DECOMPOSITIONS
-
     def write_out_of_place(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         """Record ``func`` (``decomposed_in_place``), a write of values computed from ``x``
         into its first argument ``t``, as its out-of-place op ``r = op(t, ...)`` (by its rule,
@@ -390,25 +375,41 @@ class _Recorder(DispatchMode):
         its base) would keep their old values in a replay: reading one later is refused
         (``note_write``, ``rewritten``), as are a target from outside ``f`` (a
         buffer) and ``x`` (``before_writes``), and a result of another shape or dtype
-        than ``t`` (where PyTorch promotes out of place and casts back in place). Watched
-        for sample mixing as ``func`` itself."""
+        than ``t`` (where PyTorch promotes out of place and casts back in place). Where ``t``
+        is a view of a contiguous tensor ``f`` made (``through_view``), that tensor is
+        recorded as ``r`` scattered into it and taken for that from here on. Watched for
+        sample mixing as ``func`` itself."""
         target = args[0]
-        functional = _facts(func).functional
+        functional = out_of_place(func)
         axes, self.axes = self.axes, None
+        first = len(self.graph.nodes)
         try:
             with self:
                 result = functional(*args, **kwargs)
         finally:
             self.axes = axes
-        if not isinstance(result, torch.Tensor) or (result.shape, result.dtype) != (
-            target.shape,
-            target.dtype,
-        ):
+        same = isinstance(result, torch.Tensor) and (
+            result.shape,
+            result.dtype,
+            result.device,
+        ) == (target.shape, target.dtype, target.device)
+        if not same:
             self.graph.unsupported.append(f"{func} (its result cast back into its argument)")
+        base = through_view(func, args, self.refs) if same else None
+        base_after = None
+        if base is not None:  # the base f read later sees the write: recorded as a scatter
+            placed = placing(base, target)
+            self.axes = None
+            try:
+                with self:
+                    base_after = scattered(base, result, *placed)
+            finally:
+                self.axes = axes
+        # (computed here, below autograd, their outputs carry no graph: computed again)
+        self.overwritten.update(range(first, len(self.graph.nodes)))
         ref = self.refs.get(id(result))
         if ref is not None and self.rewrites is not None:  # (the write is the result's node)
             self.note_write(func, target, _storage(target), ref.node)
-        self.mutated = True
         self.before_writes(func, [target], True)
         carry = None if axes is None else axes.before(func, args, kwargs)
         out = func(*args, **kwargs)
@@ -418,6 +419,8 @@ class _Recorder(DispatchMode):
             self.graph.unsupported.append(f"{func} (its out-of-place result not recorded)")
         else:
             self.refs[id(target)] = ref  # (both alive: the result as its node's output)
+        if base is not None and base_after is not None:
+            self.refs[id(base)] = self.refs[id(base_after)]
         return out
 
     def refuse(self, func: Any, touches_x: bool) -> None:
@@ -499,6 +502,11 @@ class _Recorder(DispatchMode):
         write, a write through a view, a view read later, a write to ``x``) is refused."""
         for tensor in written:
             storage = _storage(tensor)
+            own = depends and id(tensor) in self.refs and storage not in self.kept
+            if own:
+                self.overwrite(tensor, storage)
+            else:
+                self.mutated = True
             if storage == self.x_storage:
                 self.graph.unsupported.append(f"{func} writing to x")
                 continue
@@ -542,6 +550,12 @@ class _Recorder(DispatchMode):
                 node.args, node.kwargs = map_leaves(
                     _replacing(tensor, before), (node.args, node.kwargs)
                 )
+
+    def overwrite(self, tensor: torch.Tensor, storage: int) -> None:
+        """Note (``overwritten``) the recorded nodes whose outputs live in ``storage``, which
+        a write into ``tensor`` of values computed from ``x``, recorded out of place, is
+        about to change: their values are no longer those the nodes computed."""
+        self.overwritten.update(self.storages.holding(storage))
 
     def constant_write(self, tensor: torch.Tensor, storage: int) -> bool:
         """Whether a write of constants into ``tensor`` is one into a constant ``f`` made
@@ -622,6 +636,112 @@ class _Recorder(DispatchMode):
             and all(restore != generator.set_state for restore, _ in self.graph.rng)
         ):
             self.graph.rng.append((generator.set_state, generator.get_state()))
+
+
+def decomposed_in_place(func: Any, rules: Container[Any]) -> bool:
+    """Whether ``func`` is an in-place op on its first argument without a rule, which
+    ``dispatch`` would decompose into its out-of-place op and a ``copy_`` (that the
+    recording cannot replay), whose out-of-place op has a rule or a decomposition:
+    ``silu_``, ``elu_``, ``mish_``, ``hardtanh_``, ``hardswish_`` (``nn.SiLU``,
+    ``nn.ELU``/``nn.SELU``/``nn.CELU``, ``nn.Mish``, ``nn.ReLU6``, ... with
+    ``inplace=True``), ``addcmul_``, ``lerp_``; also those not decomposed whose
+    out-of-place op is (``aten.selu_``), and ``copy_``, ``fill_``, ``zero_`` (``_WRITTEN_AS``).
+    Recorded by ``write_out_of_place``. (``relu_``, ``sigmoid_``, ``add_``: their out-of-place
+    op by ``functional``.)"""
+    if func in rules or torch.Tag.inplace_view in func.tags:
+        return False
+    if func in _WRITTEN_AS:
+        return True
+    facts = _facts(func)
+    functional = facts.functional
+    if not facts.in_place or functional is None or facts.random:  # (one draw, not two)
+        return False
+    if functional in rules:
+        return func in _DECOMPOSITIONS
+    return functional in _DECOMPOSITIONS
+
+
+def through_view(func: Any, args: Any, refs: dict[int, Ref]) -> torch.Tensor | None:
+    """For an in-place op on its first argument ``t`` (``h[:, 0] = v``: ``copy_`` on a
+    ``select`` of ``h``; ``h[:, :2].mul_(2)``), ``t``'s base ``b`` where a replay can give
+    ``b`` the write: ``t`` a view (``t._base``) of ``b``, a contiguous tensor ``f`` made of
+    ``t``'s dtype, sharing its memory; else ``None``. The write is then recorded as its
+    out-of-place op and ``b`` as ``scattered`` (``_Recorder.write_out_of_place``): ``b`` read
+    later (``h`` returned) sees the write, as in eager PyTorch."""
+    facts = _facts(func)
+    if not facts.in_place or facts.random or torch.Tag.inplace_view in func.tags:
+        return None
+    target = args[0] if args else None
+    if not isinstance(target, torch.Tensor) or out_of_place(func) is None:
+        return None
+    base = target._base
+    if base is None or id(base) not in refs or base.dtype != target.dtype:
+        return None
+    if not base.is_contiguous() or _storage(base) != _storage(target):
+        return None
+    return base
+
+
+def placing(base: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Constants for ``scattered``: the positions in ``base.reshape(-1)`` of the elements of
+    ``view`` (a view of the contiguous ``base``, elements in ``view``'s order), a mask of
+    them over ``base``'s elements, and zeros of ``base``'s size and dtype (``-0.0``: adding
+    a ``-0.0`` written keeps its sign)."""
+    n, device = base.numel(), base.device
+    offset = view.storage_offset() - base.storage_offset()
+    positions = torch.arange(n, device=device).as_strided(view.shape, view.stride(), offset)
+    positions = positions.reshape(-1)
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    mask[positions] = True
+    return positions, mask, torch.full((n,), -0.0, dtype=base.dtype, device=device)
+
+
+def scattered(
+    base: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor,
+    zeros: torch.Tensor,
+) -> torch.Tensor:
+    """``base`` with the elements of its view written replaced by ``values`` (of the view's
+    shape; ``placing`` gave the rest), in ops with rules: ``where(mask, put, base)`` with
+    ``put`` the values placed by ``index_put(..., accumulate=True)`` into zeros (each place
+    once), flat; ``where``, not ``mask * put + ...``: ``base`` may hold ``inf`` or ``nan``
+    there (``torch.empty``)."""
+    flat = aten.view.default(base, [-1])
+    put = aten.index_put.default(zeros, [positions], aten.reshape.default(values, [-1]), True)
+    return aten.view.default(aten.where.self(mask, put, flat), list(base.shape))
+
+
+def _copied(target: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    """``target.copy_(src)`` out of place: ``src`` broadcast to ``target``'s shape, in its
+    dtype (``torch.sinc_``'s replacement, ``SafeDerivatives``, writes ``_sinc(a)`` back so;
+    ``torch.empty_like(h).copy_(v)``)."""
+    out = src if src.shape == target.shape else aten.expand.default(src, list(target.shape))
+    if out.dtype != target.dtype:
+        return aten._to_copy.default(out, dtype=target.dtype)
+    return aten.clone.default(out)
+
+
+def _full(target: torch.Tensor, value: Any = 0) -> torch.Tensor:
+    """``target.fill_(value)`` (``h[:, 0] = 0.5``), ``target.zero_()`` out of place: a constant."""
+    return aten.full.default(list(target.shape), value, dtype=target.dtype, device=target.device)
+
+
+# in-place ops on their first argument recorded as a function of their arguments where their
+# out-of-place op has no rule (``aten.copy`` has no decomposition either, ``aten.fill``'s
+# is a ``copy``)
+_WRITTEN_AS: dict[Any, Callable[..., torch.Tensor]] = {
+    aten.copy_.default: _copied,
+    aten.fill_.Tensor: _copied,
+    aten.fill_.Scalar: _full,
+    aten.zero_.default: _full,
+}
+
+
+def out_of_place(func: Any) -> Callable[..., Any]:
+    """What ``write_out_of_place`` records for the in-place ``func`` (``decomposed_in_place``)."""
+    return _WRITTEN_AS.get(func) or _facts(func).functional
 
 
 _CONTRACTIONS = {  # op -> the argument whose last dimension is summed over
@@ -755,6 +875,45 @@ def overlapping(target: Strided, others: list[Strided]) -> list[Strided]:
     ]
 
 
+def rewritten_by(
+    rewrites: dict[int, list[tuple[int, Strided, str]]], refs: dict[int, Ref], a: torch.Tensor
+) -> str | None:
+    """The op of a write in ``rewrites`` (by storage: the node recording it, the elements it
+    wrote, the op; ``_Recorder.note_write``) that changed some of ``a``'s elements after
+    ``a`` was made (by the node of its ``Ref`` in ``refs``), or ``None``: a replay would give
+    ``a`` its values from before the write."""
+    writes = rewrites.get(_storage(a))
+    if not writes:
+        return None
+    ref = refs.get(id(a))
+    made = -1 if ref is None else ref.node
+    here = strided(a)
+    for node, written, op in writes:
+        if node > made and overlapping(written, [here]):
+            return op
+    return None
+
+
+class Storages:
+    """Which nodes have an output living in a storage, read from ``outputs`` (each node's
+    outputs from position ``skip`` on, a list that grows as ``f`` runs) when asked: each
+    node's storages are found once, so a write costs no walk over every node (a deep net
+    with an in-place activation per layer)."""
+
+    def __init__(self, outputs: list[Any], skip: int = 0) -> None:
+        self.outputs, self.skip, self.done = outputs, skip, skip
+        self.nodes: dict[int, list[int]] = {}
+
+    def holding(self, storage: int) -> list[int]:
+        """The nodes with an output in ``storage``, in order."""
+        for i in range(self.done, len(self.outputs)):
+            found = {_storage(t) for t in leaves(self.outputs[i]) if isinstance(t, torch.Tensor)}
+            for s in found:
+                self.nodes.setdefault(s, []).append(i - self.skip)
+        self.done = len(self.outputs)
+        return self.nodes.get(storage, [])
+
+
 def _spans_meet(a: Strided, b: Strided) -> bool:
     (a_low, a_high), (b_low, b_high) = a.span, b.span
     return a_low <= b_high and b_low <= a_high
@@ -886,6 +1045,15 @@ def argument(x: torch.Tensor) -> torch.Tensor:
         return x.view_as(x)
 
 
+def outputs(made: list[Any], overwritten: set[int]) -> list[list[Any]]:
+    """Every node's outputs (``made``, as each call returned them) for ``Graph.values``, those
+    of the ``overwritten`` nodes as ``None`` each."""
+    values = [leaves(out) for out in made]
+    for i in overwritten:
+        values[i] = [None] * len(values[i])
+    return values
+
+
 @contextlib.contextmanager
 def recording() -> Iterator[None]:
     """The modes ``f`` runs under while it is recorded (or checked, ``torchdiv._taylor.cache``):
@@ -950,5 +1118,6 @@ def capture(
     recorder.graph.output_shape = tuple(y.shape)
     recorder.graph.requires_grad = outer_grad and y.requires_grad
     if keep_values and not recorder.mutated:
-        recorder.graph.values = [leaves(out) for out in recorder.alive[1:]]
+        recorder.graph.values = outputs(recorder.alive[1:], recorder.overwritten)
+        recorder.graph.overwritten = frozenset(recorder.overwritten)
     return recorder.graph

@@ -85,7 +85,8 @@ def propagate(
     jets, ``sparse.per_particle``) stays sparse where the ops allow; the output is a dense ``Jet``.
     ``known``: every node's outputs at ``x.value`` as ``f`` computed them (``Graph.values``);
     ops with a ``GIVEN`` rule (elementwise functions, matrix products) and ops without a jet
-    then take them instead of computing them again (a dense ``x`` only).
+    then take them instead of computing them again (a dense ``x`` only), but for the nodes
+    whose outputs ``f`` wrote over in place after them (``Graph.overwritten``).
     """
     constants = {} if constants is None else constants
     plan = graph.plan = graph.plan or Plan(graph)
@@ -94,6 +95,7 @@ def propagate(
     apply = _applied if isinstance(x, Sparse) else _apply
     if isinstance(x, Sparse):
         known = None
+    overwritten = graph.overwritten
     env: dict[int, list[Any]] = {-1: [x]}
 
     def resolve(a: Any) -> Any:
@@ -116,11 +118,20 @@ def propagate(
                 jets = any(isinstance(a, _JETS) for a in leaves((args, kwargs)))
             if node.depends and jets:
                 node_ctx = with_jac if index in needs_jac else without_jac
-                if known is not None and node.func in GIVEN and _reusable(known[index], args):
+                if (
+                    known is not None
+                    and index not in overwritten
+                    and node.func in GIVEN
+                    and _reusable(known[index], args)
+                ):
                     env[index] = [_apply(node, node_ctx, args, kwargs, known[index][0])]
                 else:
                     env[index] = leaves(apply(node, node_ctx, args, kwargs))
-            elif known is not None and (not node.grad or _reusable(known[index], args)):
+            elif (
+                known is not None
+                and index not in overwritten
+                and (not node.grad or _reusable(known[index], args))
+            ):
                 env[index] = constants[index] = known[index]
             else:
                 with torch.set_grad_enabled(node.grad and torch.is_grad_enabled()):
@@ -191,24 +202,28 @@ class Plan:
 
 
 def values(graph: Graph, x: torch.Tensor) -> list[list[Any]]:
-    """Every node's outputs at ``x``: as captured if kept, else recomputed (random and
-    mutating calls keep their recorded outputs, as in ``propagate``)."""
-    if graph.values is not None:
-        return graph.values
+    """Every node's outputs at ``x``: as captured if kept (those ``f`` wrote over in place
+    after them, ``Graph.overwritten``, computed again from the others), else recomputed
+    (random and mutating calls keep their recorded outputs, as in ``propagate``)."""
+    kept = graph.values
+    if kept is not None and not graph.overwritten:
+        return kept
     env: list[list[Any]] = []
 
     def resolve(a: Any) -> Any:
         return (x if a.node < 0 else env[a.node][a.leaf]) if isinstance(a, Ref) else a
 
-    for node in graph.nodes:
-        if node.kept is not None:
+    for index, node in enumerate(graph.nodes):
+        if kept is not None and index not in graph.overwritten:
+            env.append(kept[index])
+        elif node.kept is not None:
             env.append(node.kept)
         else:
-            env.append(
-                leaves(
-                    node.func(*map_leaves(resolve, node.args), **map_leaves(resolve, node.kwargs))
-                )
-            )
+            with torch.set_grad_enabled(node.grad and torch.is_grad_enabled()):
+                out = node.func(*map_leaves(resolve, node.args), **map_leaves(resolve, node.kwargs))
+            env.append(leaves(out))
+    if kept is not None:
+        graph.values, graph.overwritten = env, frozenset()
     return env
 
 
