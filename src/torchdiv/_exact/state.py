@@ -57,7 +57,9 @@ class View(NamedTuple):
             return
         extent = 1 + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
         extent = self.offset + extent if all(self.size) else 0
-        tensor.as_strided_((0,), (1,), 0).resize_(extent)  # (a storage never shrinks)
+        if tensor.untyped_storage().nbytes() < extent * tensor.element_size():
+            # (resize_, which a parameter refuses, only where the storage is too small)
+            tensor.as_strided_((0,), (1,), 0).resize_(extent)
         tensor.as_strided_(self.size, self.stride, self.offset)
 
 
