@@ -38,7 +38,7 @@ class View(NamedTuple):
 
     @staticmethod
     def of(tensor: torch.Tensor) -> View:
-        return View(tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+        return View(tuple(tensor.shape), tuple(tensor.stride()), int(tensor.storage_offset()))
 
     def put(self, tensor: torch.Tensor) -> None:
         """Give ``tensor`` (resized in place by ``f``: ``resize_``, ``set_``) this geometry
@@ -177,7 +177,8 @@ class Changes(DispatchMode):
         self._put(before=True)
 
     def _put(self, before: bool, generators: bool = True) -> None:
-        values = [b for _, b in self.written] if before or self.after is None else self.after
+        after = None if before else self.after
+        values = [b for _, b in self.written] if after is None else after
         # the tensors as the dispatcher saw them, under no torch.func layer: written so (a
         # transform around the call, a nested call's, refuses writes to captured tensors);
         # the first noted last, where views overlap (``buf[0]``, then ``buf``): its elements'
@@ -186,7 +187,10 @@ class Changes(DispatchMode):
         triples = list(zip(self.written, self.views, values, strict=True))
         with torch.no_grad(), torch._C._DisableFuncTorch():
             for (tensor, _), view, value in reversed(triples):
-                view.put(tensor)
+                if after is None:
+                    view.put(tensor)
+                elif tensor.shape != value.shape:  # (the values after: their size)
+                    tensor.resize_(value.shape)
                 tensor.copy_(value)
         if before:
             self.settings.put_back()
