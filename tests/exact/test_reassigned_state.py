@@ -152,3 +152,50 @@ def test_a_buffer_grown_in_place_is_put_back_with_its_size(op, method):
             rows.append(torch.tensor(quad, dtype=f64).mean(0))
     torch.testing.assert_close(out, torch.stack(rows), rtol=1e-10, atol=1e-12)
     assert grown == [1.0, 1.0]
+
+
+class _GrownTransposed(nn.Module):
+    """A tanh layer scaled by ``history[0, 1]``, a buffer kept transposed (strides ``(1, 2)``)
+    that its forward grows in place by a row (``resize_``: the grown tensor reads the storage
+    row-major, so that the scale is ``2`` after one call from ``[[1, 3], [2, 4]]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.register_buffer("history", torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=f64).t())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            k = self.history.shape[0]
+            self.history.resize_(k + 1, 2)
+            self.history[k] = 1.0
+        return torch.tanh(self.a(x)) * self.history[0, 1]
+
+
+@pytest.mark.parametrize("op", ["divergence", "jacobian_diagonal"])
+def test_a_transposed_buffer_grown_in_place_is_put_back_with_its_strides(op):
+    """Put back with its size only, a transposed buffer came back row-major (its values
+    right, its strides not), so that each later evaluation's ``resize_`` read its storage
+    otherwise: the scale ``3`` where one evaluation's is ``2`` (forward mode one direction a
+    chunk: 0.24 off), and the call left another buffer than one evaluation. Reference: a
+    per-sample loop of plain autograd with one call's scale and buffer, float64."""
+    torch.manual_seed(0)
+    plain = _GrownTransposed().to(f64)
+    net = _GrownTransposed().to(f64)
+    net.load_state_dict(plain.state_dict())
+    x = torch.rand(4, 3, dtype=f64)
+    with torch.no_grad():
+        plain(x[:1])  # one evaluation: its scale and the buffer it leaves
+    out = getattr(torchdiv, op)(net, x, method="forward", chunk_size=1)
+    rows = []
+    for i in range(4):
+        z = x[i : i + 1].clone().requires_grad_(True)
+        y = torch.tanh(net.a(z))[0] * plain.history[0, 1]
+        jac = torch.stack([torch.autograd.grad(y[k], z, retain_graph=True)[0][0] for k in range(3)])
+        rows.append(jac.diagonal())
+    want = torch.stack(rows)
+    torch.testing.assert_close(
+        out, want.sum(-1) if op == "divergence" else want, rtol=1e-10, atol=1e-12
+    )
+    assert torch.equal(net.history, plain.history)
+    assert net.history.stride() == plain.history.stride()

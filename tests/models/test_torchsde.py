@@ -164,11 +164,16 @@ def loss_and_gradients(sde, y0, solver, **kwargs):
 
 
 @functools.cache
+def _solved(solve, *args):
+    return solve(*args)
+
+
 def cached(solve, *args):
     """``solve(*args)``, computed once per process: the references (``method=None``: terms
     from the loop) that several tests and methods compare with. Deterministic (seeded weights,
-    a Brownian path of fixed entropy) and read only, so sharing them loses no check."""
-    return solve(*args)
+    a Brownian path of fixed entropy); each caller gets copies, so that a test writing into
+    its reference cannot change another's (sharing them loses no check)."""
+    return tuple(t.clone() for t in _solved(solve, *args))
 
 
 def latent_solve(

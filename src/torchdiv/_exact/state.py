@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -27,6 +27,40 @@ from torchdiv._taylor.capture import _BATCH_NORMS, _storage, _written
 from torchdiv._taylor.tree import leaves
 
 T = TypeVar("T")
+
+
+class View(NamedTuple):
+    """A tensor's geometry on its storage: ``size``, ``stride`` and ``storage_offset``."""
+
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    @staticmethod
+    def of(tensor: torch.Tensor) -> View:
+        return View(tuple(tensor.shape), tuple(tensor.stride()), int(tensor.storage_offset()))
+
+    def put(self, tensor: torch.Tensor) -> None:
+        """Give ``tensor`` (resized in place by ``f``: ``resize_``, ``set_``) this geometry
+        back, its storage grown to hold it where ``f`` swapped in a smaller one. Its size alone
+        was not enough: copied into the grown tensor, the value was broadcast (``[1]`` into
+        ``[1, 1]``), and a transposed buffer came back row-major, so that the next
+        ``resize_`` read its storage otherwise (a scale 3 where one evaluation's is 2).
+
+        >>> buffer = torch.arange(4.0).reshape(2, 2).t()
+        >>> view = View.of(buffer)
+        >>> _ = buffer.resize_(3, 2)
+        >>> view.put(buffer); buffer.stride()
+        (1, 2)
+        """
+        if View.of(tensor) == self:
+            return
+        extent = 1 + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
+        extent = self.offset + extent if all(self.size) else 0
+        if tensor.untyped_storage().nbytes() < extent * tensor.element_size():
+            # (resize_, which a parameter refuses, only where the storage is too small)
+            tensor.as_strided_((0,), (1,), 0).resize_(extent)
+        tensor.as_strided_(self.size, self.stride, self.offset)
 
 
 class Changes(DispatchMode):
@@ -40,6 +74,7 @@ class Changes(DispatchMode):
         super().__init__()
         self.device = x.device
         self.written: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, value before)
+        self.views: list[View] = []  # the geometry of each tensor in ``written`` before
         self.after: list[torch.Tensor] | None = None  # their values after a complete evaluation
         self.generators: dict[torch.Generator, torch.Tensor] = {}  # state before f drew
         self._made: set[int] = set()  # storages of tensors f made
@@ -68,6 +103,7 @@ class Changes(DispatchMode):
                 if storage not in self._made and view not in self._noted:
                     self._noted.add(view)
                     self.written.append((tensor, tensor.detach().clone()))
+                    self.views.append(View.of(tensor))
         if random:
             for generator in self._drawn_from(kwargs.get("generator")):
                 self.generators.setdefault(generator, generator.get_state())
@@ -98,6 +134,7 @@ class Changes(DispatchMode):
             return
         self._put(before=True)
         self.written, self.generators, self._made, self._noted = [], {}, set(), set()
+        self.views = []
 
     def again(self, f: Callable[[torch.Tensor], T]) -> Callable[[torch.Tensor], T]:
         """``f``, evaluated from the state before the first evaluation (watched until one
@@ -140,17 +177,19 @@ class Changes(DispatchMode):
         self._put(before=True)
 
     def _put(self, before: bool, generators: bool = True) -> None:
-        values = [b for _, b in self.written] if before or self.after is None else self.after
+        after = None if before else self.after
+        values = [b for _, b in self.written] if after is None else after
         # the tensors as the dispatcher saw them, under no torch.func layer: written so (a
         # transform around the call, a nested call's, refuses writes to captured tensors);
         # the first noted last, where views overlap (``buf[0]``, then ``buf``): its elements'
         # earliest value; a tensor ``f`` resized (``resize_``, ``set_``: a history grown by one
-        # entry a call) given its size back first: copied into the grown tensor, the value
-        # was broadcast (``[1]`` into ``[1, 1]``) and every evaluation grew it again
-        pairs = list(zip(self.written, values, strict=True))
+        # entry a call) given its size, strides and offset back first (``View.put``)
+        triples = list(zip(self.written, self.views, values, strict=True))
         with torch.no_grad(), torch._C._DisableFuncTorch():
-            for (tensor, _), value in reversed(pairs):
-                if tensor.shape != value.shape:
+            for (tensor, _), view, value in reversed(triples):
+                if after is None:
+                    view.put(tensor)
+                elif tensor.shape != value.shape:  # (the values after: their size)
                     tensor.resize_(value.shape)
                 tensor.copy_(value)
         if before:
