@@ -319,6 +319,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: several seconds; make test runs a daily sample")
+    # the day fixed once, in the process that starts the run (pytest-xdist's workers inherit
+    # it): a run across midnight would otherwise sample by two days (collection and test
+    # time, one worker and another), and the header's seed would not rerun what ran
+    os.environ.setdefault("TORCHDIV_SLOW_SEED", datetime.date.today().isoformat())
 
 
 def pytest_report_header(config: pytest.Config) -> str:
