@@ -8,7 +8,8 @@ for an index tensor ``f``'s key holds (a closure cell, a default, a global: by i
 version; a module's attribute), not for one reached otherwise: a neighbour list recomputed
 outside ``f`` (a simulator's ``self.edges`` rebuilt every few steps from the positions, over
 the flattened batch without its ``batch`` vector) crosses samples at a later call of the
-same shape, and that call was served by the first verdict (refused before mixing16).
+same shape, and that call was served by the first verdict (refused before mixing16 for
+``p[senders]``; for ``p.index_select(0, senders)``, PyG's way, served before too).
 The reference: the full Jacobian of the flattened batch (``torch.autograd.functional``,
 float64) has nonzero blocks across samples there (checked), so no per-sample value exists
 and the call must be refused.
@@ -45,31 +46,38 @@ torch.manual_seed(0)
 _LIN = torch.nn.Linear(2, 2).to(f64)
 
 
-def _gns(z: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """One message-passing step of a GNS over the flattened batch."""
+def _gns(z: torch.Tensor, edges: torch.Tensor, gather: str) -> torch.Tensor:
+    """One message-passing step of a GNS over the flattened batch, its nodes gathered by
+    ``p[senders]`` or by ``p.index_select(0, senders)`` (PyG's ``MessagePassing``)."""
     p = z.reshape(B * N, 2)
     senders, receivers = edges
-    messages = torch.tanh(_LIN(p[senders] - p[receivers]))
+    if gather == "index":
+        messages = torch.tanh(_LIN(p[senders] - p[receivers]))
+    else:
+        messages = torch.tanh(_LIN(p.index_select(0, senders) - p.index_select(0, receivers)))
     return (p + torch.zeros_like(p).index_add(0, receivers, messages)).reshape(B, N * 2)
 
 
 class _Simulator:
     """A neighbour list kept on a plain object and rebuilt outside ``f``."""
 
-    def __init__(self) -> None:
-        self.edges = _within()
+    def __init__(self, gather: str) -> None:
+        self.edges, self.gather = _within(), gather
 
     def dynamics(self, z: torch.Tensor) -> torch.Tensor:
-        return _gns(z, self.edges)
+        return _gns(z, self.edges, self.gather)
 
 
-def _holders() -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], None]]]:
+Holders = dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], None]]]
+
+
+def _holders(gather: str) -> Holders:
     """Each way: ``f`` and what replaces its edges by crossing ones."""
-    sim = _Simulator()
+    sim = _Simulator(gather)
     store = {"edges": _within()}
     return {
         "bound-method": (sim.dynamics, lambda: setattr(sim, "edges", _across())),
-        "dict": (lambda z: _gns(z, store["edges"]), lambda: store.update(edges=_across())),
+        "dict": (lambda z: _gns(z, store["edges"], gather), lambda: store.update(edges=_across())),
     }
 
 
@@ -84,15 +92,16 @@ CALLS = {"divergence": torchdiv.divergence, "one-probe": _one_probe}
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="mixing16's x[integer idx] narrowing remembers a pass for an index tensor the "
-    "key does not hold (fix in src/torchdiv/_core/mixing/, owned by mixdiffs16: see "
-    "NOTES_rev-merges16b.md)",
+    reason="a pass is remembered for an index tensor read along the batch that the key does "
+    "not hold (index_select: before too; x[idx]: since mixing16's narrowing); the fix "
+    "belongs in src/torchdiv/_core/mixing/ (mixdiffs16): see NOTES_rev-merges16b.md",
 )
+@pytest.mark.parametrize("gather", ["index", "index_select"])
 @pytest.mark.parametrize("call", list(CALLS))
 @pytest.mark.parametrize("way", ["bound-method", "dict"])
-def test_edges_replaced_outside_f_are_watched_again(way: str, call: str) -> None:
+def test_edges_replaced_outside_f_are_watched_again(way: str, call: str, gather: str) -> None:
     x = torch.randn(B, N * 2, dtype=f64)
-    f, replace = _holders()[way]
+    f, replace = _holders(gather)[way]
     for _ in range(2):
         CALLS[call](f, x)
     replace()
