@@ -113,3 +113,29 @@ def test_edges_replaced_outside_f_are_watched_again(way: str, call: str, gather:
     except BatchInteractionError:
         return
     raise AssertionError(f"{way}: a call whose edges cross samples was served unwatched")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="a PyG Data's edge_index set anew on the same object is not in the key (see "
+    "NOTES_rev-merges16b.md)",
+)
+def test_a_pyg_data_s_edges_replaced_are_watched_again() -> None:
+    """The same, with the edges on a ``torch_geometric.data.Data`` (set anew on one object, as
+    a training loop reusing its batch object would)."""
+    data_module = pytest.importorskip("torch_geometric.data")
+    data = data_module.Data(edge_index=_within())
+    x = torch.randn(B, N * 2, dtype=f64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return _gns(z, data.edge_index, "index_select")
+
+    for _ in range(2):
+        torchdiv.divergence(f, x)
+    data.edge_index = _across()
+    try:
+        torchdiv.divergence(f, x)
+    except BatchInteractionError:
+        return
+    raise AssertionError("a call whose edges cross samples was served unwatched")
