@@ -89,13 +89,6 @@ def _one_probe(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> to
 CALLS = {"divergence": torchdiv.divergence, "one-probe": _one_probe}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a pass is remembered for an index tensor read along the batch that the key does "
-    "not hold (index_select: before too; x[idx]: since mixing16's narrowing); the fix "
-    "belongs in src/torchdiv/_core/mixing/ (mixdiffs16): see NOTES_rev-merges16b.md",
-)
 @pytest.mark.parametrize("gather", ["index", "index_select"])
 @pytest.mark.parametrize("call", list(CALLS))
 @pytest.mark.parametrize("way", ["bound-method", "dict"])
@@ -115,12 +108,6 @@ def test_edges_replaced_outside_f_are_watched_again(way: str, call: str, gather:
     raise AssertionError(f"{way}: a call whose edges cross samples was served unwatched")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a PyG Data's edge_index set anew on the same object is not in the key (see "
-    "NOTES_rev-merges16b.md)",
-)
 def test_a_pyg_data_s_edges_replaced_are_watched_again() -> None:
     """The same, with the edges on a ``torch_geometric.data.Data`` (set anew on one object, as
     a training loop reusing its batch object would)."""

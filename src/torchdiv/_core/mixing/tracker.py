@@ -137,11 +137,12 @@ class BatchAxes:
 
     def read_indices(self) -> None:
         """Note that a rule read the values of indices along a batch dimension (``indexed``):
-        after values decided something (``values_decide``), those indices may come from them,
-        so the verdict holds for these values only. Before, nothing computed from values
-        could have reached them (an index from values needs an op that ``decides``)."""
-        self.indexed = True
-        self.these_values |= self.values_decide
+        the verdict holds for these values only. After values decided something
+        (``values_decide``), those indices may come from them; before, they may come from a
+        tensor ``f`` reaches where the structure's key does not hold it (a neighbour list
+        kept on a plain object, ``self.edges``, rebuilt outside ``f`` over the flattened
+        batch: within each sample at one call, across samples at the next)."""
+        self.indexed = self.these_values = True
 
     def read_out(self) -> None:
         """Note values handed to Python where the dispatcher does not see it (``Reads``):
