@@ -403,6 +403,9 @@ _MATRIX_PRODUCTS = {
     aten.mm.default,
     aten.addmm.default,
     aten._sparse_addmm.default,  # ``torch.sparse.mm``: ``addmm`` with a sparse ``a``
+    # ``torch.sparse.mm(a, b, reduce)`` (PyG's mean/max aggregation over a sparse ``adj_t``):
+    # ``(out, argout)``, the rows carried by ``out``; ``argout``'s integers untracked
+    aten._sparse_mm_reduce_impl.default,
     aten.bmm.default,
     aten.baddbmm.default,
     aten.mv.default,
