@@ -277,6 +277,32 @@ def test_mean_aggregation_over_a_sparse_adjacency_across_samples_is_refused(aggr
             torchdiv.divergence(field, x, method=method, num_probes=probes)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse (invariant checks|CSR tensor support):UserWarning")
+@pytest.mark.parametrize("aggr", ["mean", "max"])
+def test_mean_aggregation_over_a_block_diagonal_sparse_adjacency_is_per_sample(aggr: str) -> None:
+    """The same ``SAGEConv`` over a block-diagonal CSR ``adj_t`` (no edge across samples):
+    each row reduces its own sample's nodes, so ``"auto"`` gives each graph's own divergence
+    (refused as a product over samples before mixdiffs16), twice; the same adjacency joined
+    across samples in place after those calls is refused at the next. PyTorch has no second
+    derivative of ``_sparse_mm_reduce_impl`` (parameter gradients raise its error), so values
+    only."""
+    torch.manual_seed(1)
+    b, n, d = 3, 5, 2
+    net = pyg_nn.SAGEConv(d, d, aggr=aggr).to(f64)
+    adj_t = pyg_utils.to_torch_csr_tensor(_offset(_ring(n), b, n).flip(0), size=(b * n, b * n)).to(
+        f64
+    )
+    field = lambda p: net(torch.tanh(p.reshape(-1, d)), adj_t).reshape(p.shape)  # noqa: E731
+    one = pyg_utils.to_torch_csr_tensor(_ring(n).flip(0), size=(n, n)).to(f64)
+    x = torch.randn(b, n, d, dtype=f64)
+    expected = _traces(lambda p: net(torch.tanh(p), one), x).detach()
+    for _ in range(2):
+        assert_close(torchdiv.divergence(field, x).detach(), expected)
+    adj_t.col_indices()[0] = n + 1  # node 0's first neighbour: sample 1's node 1
+    with pytest.raises(BatchInteractionError, match="_sparse_mm_reduce_impl"):
+        torchdiv.divergence(field, x)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="a write without accumulation of samples into a fresh buffer at computed places "
