@@ -242,7 +242,9 @@ def _put_axes(
     elsewhere, each as long in ``t`` (``_kept_in_place``: the result holds them there), or
     ``t`` is fresh (``_fresh``) and its first dimension could be a flattened batch
     (``_flattened``): the caller's check that every value lands in a place of its own
-    samples decides, with ``tr.guess`` as the message if not."""
+    samples decides, with ``tr.guess`` as the message if not. Samples written (not added,
+    not moved) into such a fresh tensor are checked so too (a dense batch of graphs,
+    ``out[idx] = h``); into any other tensor, its places are not followed."""
     axes = tr.axes(t)
     if axes:
         return axes
@@ -252,16 +254,20 @@ def _put_axes(
         return tr.start
     if held and _kept_in_place(t, values, held, along):
         return held
-    if held and (accumulate or any(axis.rows for axis in held)):
-        # per-cluster sums ``zeros(K, D).index_add(0, cid, x)``: places no longer followed
-        what = (
-            f"samples {'added' if accumulate else 'moved'} into a tensor of shape "
-            f"{_shape(t)}, not x's batch shape, whose places are not followed"
-        )
-        flat = _flattened(tr, t) if tr.fresh.get(id(t)) is t else ()
-        if flat:
-            tr.guess = tr.message(tr.func, f"{what} (nor those of a flattened batch)")
-            return flat
+    if not held:
+        return ()
+    # per-cluster sums ``zeros(K, D).index_add(0, cid, x)``: places no longer followed;
+    # samples written (PyG's ``to_dense_batch``: ``out[idx] = h`` into ``(B * N_max, F)``)
+    moved = accumulate or any(axis.rows for axis in held)
+    what = (
+        f"samples {'added' if accumulate else 'moved' if moved else 'written'} into a tensor "
+        f"of shape {_shape(t)}, not x's batch shape, whose places are not followed"
+    )
+    flat = _flattened(tr, t) if tr.fresh.get(id(t)) is t else ()
+    if flat:
+        tr.guess = tr.message(tr.func, f"{what} (nor those of a flattened batch)")
+        return flat
+    if moved:
         tr.pending = tr.message(tr.func, what)
     return ()
 
