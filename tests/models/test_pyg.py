@@ -327,21 +327,36 @@ def test_a_dense_batch_readout_within_samples_is_per_sample() -> None:
             _assert_values_and_grads(got, expected, [weight])
 
 
-@pytest.mark.parametrize(
-    "form",
-    [
-        "hand-written",
-        pytest.param(
-            "to_dense_batch",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="PyG's to_dense_batch writes into B * N_max + 1 rows (a trash slot) of a "
-                "repeated fill, sliced [:B * N_max]: not followed as a flattened batch, so the "
-                "readout across samples passes (the hand-written B * (N + 1) form is refused)",
-            ),
-        ),
-    ],
-)
+def test_pyg_dense_batch_readout_of_padded_samples_is_per_sample() -> None:
+    """PyG's own ``to_dense_batch`` (a repeated fill of ``B * N_max + 1`` rows, the nodes
+    written at computed places, the trash slot sliced off) over graphs of 2, 4 and 3 of each
+    sample's 4 nodes: followed as a flattened batch (with its spare row), not refused, each
+    sample's Laplacian and parameter gradients its own, twice. (Truncating by a smaller
+    ``max_num_nodes`` writes other samples' nodes into the trash slot, sample 0's place by
+    the layout's period: refused, documented.)"""
+    b, n, d = 3, 4, 2
+    weight = torch.randn(d, d, dtype=f64, generator=torch.Generator().manual_seed(0))
+    weight.requires_grad_(True)
+    sizes = [2, 4, 3]
+    keep = torch.cat([torch.arange(s) + g * n for g, s in enumerate(sizes)])
+    batch = torch.repeat_interleave(torch.arange(b), torch.tensor(sizes))
+
+    def energy(p: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(p.reshape(-1, d)[keep] @ weight)
+        return (pyg_utils.to_dense_batch(h, batch, batch_size=b)[0].sum(1) ** 2).sum(-1)
+
+    x = torch.randn(b, n, d, dtype=f64)
+    expected = torch.cat(
+        [
+            _laplacians(lambda p, s=s: (torch.tanh(p[:s] @ weight).sum(0) ** 2).sum(), x[g : g + 1])
+            for g, s in enumerate(sizes)
+        ]
+    )
+    for _ in range(2):
+        _assert_values_and_grads(torchdiv.laplacian(energy, x), expected, [weight])
+
+
+@pytest.mark.parametrize("form", ["hand-written", "to_dense_batch"])
 def test_a_dense_batch_readout_across_samples_is_refused(form: str) -> None:
     """A readout through PyG's dense layout (``to_dense_batch``, as ``SortAggregation``,
     ``LSTMAggregation`` and ``GraphMultisetTransformer`` pool) with a ``batch`` vector that

@@ -203,8 +203,11 @@ def _repeated(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None]
     """``repeat(repeats)`` (``torch.tile``): ``t`` tiled ``repeats[k]`` times along each
     dimension, new ones in front; a batch dimension tiled whole (a whole number of its
     periods) holds its samples in the same order again: ``x.repeat(1, 2)``, whose result was
-    not followed, so a mean over samples after it passed unseen."""
+    not followed, so a mean over samples after it passed unseen. A fresh tensor's tiles stay
+    fresh (PyG's ``to_dense_batch`` fills its buffer by ``as_tensor(fill).repeat(size)``)."""
     t, axes = args[0], tr.axes(args[0])
+    if tr.fresh.get(id(t)) is t:
+        _fresh(tr, args, out)
     if not axes:
         return None
     repeats, shift = list(args[1]), len(args[1]) - t.dim()

@@ -289,10 +289,13 @@ def _flattened(tr: BatchAxes, t: torch.Tensor) -> Axes:
     """``x``'s batch dimensions in ``t`` if its first dimension has ``k * n`` places (``n``:
     the batch's size, all its dimensions) laid out as ``x.reshape(n * k, ...)`` would hold
     them: samples outermost, ``k`` places each (a message-passing net's ``(B * N, F)`` nodes,
-    a mixture of experts' ``(B * T, D)`` tokens); none otherwise."""
+    a mixture of experts' ``(B * T, D)`` tokens), also with one spare row after them (PyG's
+    ``to_dense_batch`` writes ``B * N_max + 1`` rows, the last a trash slot it slices off),
+    which the samples' period wraps onto: it is sample 0's place (``Axis.samples``), so values
+    of other samples written there are refused; none otherwise."""
     batch = tr.x.shape[: tr.batch_dims]
     n = math.prod(batch)
-    if t.dim() == 0 or t.shape[0] % n:
+    if t.dim() == 0 or t.shape[0] < n or t.shape[0] % n > 1:
         return ()
     k = t.shape[0] // n
     return tuple(
