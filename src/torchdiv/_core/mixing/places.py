@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from torchdiv._core.mixing.axes import Axis
 
@@ -156,7 +157,7 @@ def constant_blocks(tr: BatchAxes, a: Any, b: Any) -> bool:
         return False
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != a.shape[1] or tr.axes(a):
         return False
-    if a.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(a):
+    if a.requires_grad or is_functorch_wrapped_tensor(a):
         return False
     axes = tr.axes(b) or ()
     held = _samples_along(tr, b, 0) if len(axes) == 1 else None
