@@ -257,22 +257,18 @@ def test_gat_with_an_edge_across_samples_is_refused_after_a_passing_call() -> No
 
 
 @pytest.mark.filterwarnings("ignore:Sparse (invariant checks|CSR tensor support):UserWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="aten._sparse_mm_reduce_impl (torch.sparse.mm(adj, h, reduce='mean'|'max')) has no "
-    "watch rule: its (N, F) result is read as holding the samples in place; fix for "
-    "_core/mixing/combining.py in NOTES_rev-pyg16.md",
-)
-def test_mean_aggregation_over_a_sparse_adjacency_across_samples_is_refused() -> None:
-    """PyG's ``SAGEConv`` (mean aggregation) given a ``torch.sparse`` CSR adjacency
+@pytest.mark.parametrize("aggr", ["mean", "max"])
+def test_mean_aggregation_over_a_sparse_adjacency_across_samples_is_refused(aggr: str) -> None:
+    """PyG's ``SAGEConv`` (mean or max aggregation: ``torch.sparse.mm(adj, h, reduce)``,
+    ATen ``_sparse_mm_reduce_impl``) given a ``torch.sparse`` CSR adjacency
     (``to_torch_csr_tensor``) over the flattened nodes with an edge from sample 1 into
     sample 0: ``"auto"`` returned sample 1's divergence 1.573 against 1.613 of its own
-    block, one-probe Hutchinson 3.184 against 2.964, silently."""
+    block, one-probe Hutchinson 3.184 against 2.964, silently (mean; before mixdiffs16)."""
     torch.manual_seed(1)
     b, n, d = 3, 5, 2
     edges = _offset(_ring(n), b, n)
     edges[0, 0] = n + 1
-    net = pyg_nn.SAGEConv(d, d).to(f64)
+    net = pyg_nn.SAGEConv(d, d, aggr=aggr).to(f64)
     adj_t = pyg_utils.to_torch_csr_tensor(edges.flip(0), size=(b * n, b * n)).to(f64)
     field = lambda p: net(p.reshape(-1, d), adj_t).reshape(p.shape)  # noqa: E731
     x = torch.randn(b, n, d, dtype=f64)
@@ -281,12 +277,85 @@ def test_mean_aggregation_over_a_sparse_adjacency_across_samples_is_refused() ->
             torchdiv.divergence(field, x, method=method, num_probes=probes)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a write without accumulation of samples into a fresh buffer at computed places "
-    "(out[idx] = h, PyG's to_dense_batch) ends the watch's tracking: the readout across "
-    "samples passes; partial fix (hand-written form) for _core/mixing in NOTES_rev-pyg16.md",
-)
+@pytest.mark.filterwarnings("ignore:Sparse (invariant checks|CSR tensor support):UserWarning")
+@pytest.mark.parametrize("aggr", ["mean", "max"])
+def test_mean_aggregation_over_a_block_diagonal_sparse_adjacency_is_per_sample(aggr: str) -> None:
+    """The same ``SAGEConv`` over a block-diagonal CSR ``adj_t`` (no edge across samples):
+    each row reduces its own sample's nodes, so ``"auto"`` gives each graph's own divergence
+    (refused as a product over samples before mixdiffs16), twice; the same adjacency joined
+    across samples in place after those calls is refused at the next. PyTorch has no second
+    derivative of ``_sparse_mm_reduce_impl`` (parameter gradients raise its error), so values
+    only."""
+    torch.manual_seed(1)
+    b, n, d = 3, 5, 2
+    net = pyg_nn.SAGEConv(d, d, aggr=aggr).to(f64)
+    adj_t = pyg_utils.to_torch_csr_tensor(_offset(_ring(n), b, n).flip(0), size=(b * n, b * n)).to(
+        f64
+    )
+    field = lambda p: net(torch.tanh(p.reshape(-1, d)), adj_t).reshape(p.shape)  # noqa: E731
+    one = pyg_utils.to_torch_csr_tensor(_ring(n).flip(0), size=(n, n)).to(f64)
+    x = torch.randn(b, n, d, dtype=f64)
+    expected = _traces(lambda p: net(torch.tanh(p), one), x).detach()
+    for _ in range(2):
+        assert_close(torchdiv.divergence(field, x).detach(), expected)
+    adj_t.col_indices()[0] = n + 1  # node 0's first neighbour: sample 1's node 1
+    with pytest.raises(BatchInteractionError, match="_sparse_mm_reduce_impl"):
+        torchdiv.divergence(field, x)
+
+
+def test_a_dense_batch_readout_within_samples_is_per_sample() -> None:
+    """The hand-written dense layout of the test below with the right ``batch`` (each graph's
+    nodes written into its own ``N + 1`` rows of a fresh buffer): followed as a flattened
+    batch, not refused, each sample's Laplacian and parameter gradients its own, twice."""
+    b, n, d = 3, 4, 2
+    weight = torch.randn(d, d, dtype=f64, generator=torch.Generator().manual_seed(0))
+    weight.requires_grad_(True)
+    batch = torch.arange(b).repeat_interleave(n)
+
+    def energy(p: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(p.reshape(-1, d) @ weight)
+        slot = torch.arange(len(batch)) + batch  # graph g's nodes at rows g * (n + 1) + i
+        dense = h.new_zeros(len(batch) // n * (n + 1), d)
+        dense[slot] = h
+        return (dense.view(-1, n + 1, d).sum(1) ** 2).sum(-1)
+
+    x = torch.randn(b, n, d, dtype=f64)
+    expected = _laplacians(lambda p: ((torch.tanh(p @ weight).sum(0)) ** 2).sum(), x)
+    for method, probes in (("auto", None), ("auto", None), ("hutchinson", 1)):
+        got = torchdiv.laplacian(energy, x, method=method, num_probes=probes)
+        if probes is None:
+            _assert_values_and_grads(got, expected, [weight])
+
+
+def test_pyg_dense_batch_readout_of_padded_samples_is_per_sample() -> None:
+    """PyG's own ``to_dense_batch`` (a repeated fill of ``B * N_max + 1`` rows, the nodes
+    written at computed places, the trash slot sliced off) over graphs of 2, 4 and 3 of each
+    sample's 4 nodes: followed as a flattened batch (with its spare row), not refused, each
+    sample's Laplacian and parameter gradients its own, twice. (Truncating by a smaller
+    ``max_num_nodes`` writes other samples' nodes into the trash slot, sample 0's place by
+    the layout's period: refused, documented.)"""
+    b, n, d = 3, 4, 2
+    weight = torch.randn(d, d, dtype=f64, generator=torch.Generator().manual_seed(0))
+    weight.requires_grad_(True)
+    sizes = [2, 4, 3]
+    keep = torch.cat([torch.arange(s) + g * n for g, s in enumerate(sizes)])
+    batch = torch.repeat_interleave(torch.arange(b), torch.tensor(sizes))
+
+    def energy(p: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(p.reshape(-1, d)[keep] @ weight)
+        return (pyg_utils.to_dense_batch(h, batch, batch_size=b)[0].sum(1) ** 2).sum(-1)
+
+    x = torch.randn(b, n, d, dtype=f64)
+    expected = torch.cat(
+        [
+            _laplacians(lambda p, s=s: (torch.tanh(p[:s] @ weight).sum(0) ** 2).sum(), x[g : g + 1])
+            for g, s in enumerate(sizes)
+        ]
+    )
+    for _ in range(2):
+        _assert_values_and_grads(torchdiv.laplacian(energy, x), expected, [weight])
+
+
 @pytest.mark.parametrize("form", ["hand-written", "to_dense_batch"])
 def test_a_dense_batch_readout_across_samples_is_refused(form: str) -> None:
     """A readout through PyG's dense layout (``to_dense_batch``, as ``SortAggregation``,

@@ -123,17 +123,13 @@ def _flattened(
     return f
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the sample-mixing watch refuses any matrix product summing over samples; a rule "
-    "reading a constant block-diagonal matrix's zeros (proposed in NOTES_bf16rev16.md for "
-    "src/torchdiv/_core/mixing/, which helper mixing16 owns) would let it through",
-)
 @pytest.mark.parametrize("layout", ["dense", "coo"])
 def test_block_diagonal_adjacency_over_flattened_samples_is_per_sample(layout: str) -> None:
     """``torch.block_diag(*adj) @ h.reshape(B * N, F)`` (dense, or its COO matrix by
     ``torch.sparse.mm``): no entry joins two samples, so each sample's divergence is its own
-    graph's, which the watch should let through (it is refused as a product over samples)."""
+    graph's, which the watch lets through (refused as a product over samples before
+    mixdiffs16), at every call; joined across samples in place after a passing call, the
+    adjacency is refused at the next (its zeros were read: the pass holds for them only)."""
     generator = torch.Generator().manual_seed(3)
     adj = (torch.rand(B, N, N, generator=generator) < 0.4).to(f64)
     lin = torch.nn.Linear(F, F, dtype=f64)
@@ -141,14 +137,16 @@ def test_block_diagonal_adjacency_over_flattened_samples_is_per_sample(layout: s
     block = torch.block_diag(*adj)
     matrix = block if layout == "dense" else block.to_sparse()
     want = torchdiv.divergence(lambda z: torch.tanh(lin(torch.bmm(adj, z))), x)
-    torch.testing.assert_close(torchdiv.divergence(_flattened(matrix, lin), x), want)
+    for _ in range(2):
+        torch.testing.assert_close(torchdiv.divergence(_flattened(matrix, lin), x), want)
+    if layout == "dense":
+        matrix[1, N + 1] = 1.0  # sample 0's node 1 receives sample 1's node 1
+    else:
+        matrix._indices()[1, 0] += N  # an entry of sample 0 moved across samples
+    with pytest.raises(torchdiv.BatchInteractionError, match="summing over samples"):
+        torchdiv.divergence(_flattened(matrix, lin), x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the refusal's message (src/torchdiv/_core/mixing/errors.py, helper mixing16's) "
-    "does not name bmm over a (B, N, N) adjacency yet: proposed in NOTES_bf16rev16.md",
-)
 def test_refused_product_over_samples_names_bmm() -> None:
     """A flattened adjacency with an edge across samples is refused; the message should name
     the way out for graphs: a ``(B, N, N)`` adjacency through ``torch.bmm``."""

@@ -24,7 +24,13 @@ from torch.utils._pytree import tree_leaves
 
 from torchdiv._core.checks import _shape
 from torchdiv._core.mixing.axes import Axis, Pick
-from torchdiv._core.mixing.places import _aligned, _indices, _reduced_dims, _rows
+from torchdiv._core.mixing.places import (
+    _aligned,
+    _indices,
+    _reduced_dims,
+    _rows,
+    constant_blocks,
+)
 from torchdiv._core.mixing.reads import _floating
 from torchdiv._core.mixing.writes import _along_line
 
@@ -197,8 +203,11 @@ def _repeated(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None]
     """``repeat(repeats)`` (``torch.tile``): ``t`` tiled ``repeats[k]`` times along each
     dimension, new ones in front; a batch dimension tiled whole (a whole number of its
     periods) holds its samples in the same order again: ``x.repeat(1, 2)``, whose result was
-    not followed, so a mean over samples after it passed unseen."""
+    not followed, so a mean over samples after it passed unseen. A fresh tensor's tiles stay
+    fresh (PyG's ``to_dense_batch`` fills its buffer by ``as_tensor(fill).repeat(size)``)."""
     t, axes = args[0], tr.axes(args[0])
+    if tr.fresh.get(id(t)) is t:
+        _fresh(tr, args, out)
     if not axes:
         return None
     repeats, shift = list(args[1]), len(args[1]) - t.dim()
@@ -464,7 +473,9 @@ def _complex_view(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | N
 
 def _mm(biased: bool) -> Carry:
     """``(n, k) @ (k, m)`` (after a bias for ``addmm``), batched over dimension 0 for ``bmm``:
-    the left operand's row dimensions and the right one's column dimension carry over."""
+    the left operand's row dimensions and the right one's column dimension carry over; a
+    constant block-diagonal ``a`` over ``b``'s rows of samples (``constant_blocks``) carries
+    ``b``'s rows over too."""
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
         a, b = (args[1], args[2]) if biased else (args[0], args[1])
@@ -475,6 +486,8 @@ def _mm(biased: bool) -> Carry:
             found += [axis for axis in axes if axis.position < a.dim() - 1]
         if axes := tr.axes(b):
             found += [axis for axis in axes if axis.position in (b.dim() - 1, *range(b.dim() - 2))]
+            if constant_blocks(tr, a, b):  # (rows of one sample: the same places as b's)
+                found += list(axes)
         return [tuple(sorted(set(found))) if len(found) > 1 else tuple(found)]
 
     return rule

@@ -2,7 +2,8 @@
 the op combined across samples (for the message), ``None`` if nothing.
 
 Matrix products contracting a batch dimension (``_contraction``; not within marked attention
-blocks, ``_within_blocks``), reductions over one (``_reduction``, ``_whole``; a softmax whose
+blocks, ``_within_blocks``, nor by a constant block-diagonal matrix over a flattened batch's
+rows, ``places.constant_blocks``), reductions over one (``_reduction``, ``_whole``; a softmax whose
 keys are samples, ``_attention``, with its weights marked where they are exactly 0 across
 samples, ``_softmaxed``), train-mode batch norms, layer and group norms over batch dimensions,
 convolutions with a batch dimension among the channels or spatial dimensions
@@ -22,8 +23,16 @@ import torch
 
 from torchdiv._core.checks import _shape
 from torchdiv._core.mixing.carry import _reduced
+from torchdiv._core.mixing.errors import _PRODUCT_WHAT
 from torchdiv._core.mixing.indexing import _one_per_place
-from torchdiv._core.mixing.places import _batch_at, _dims, _reduced_dims
+from torchdiv._core.mixing.places import (
+    _batch_at,
+    _dims,
+    _reduced_dims,
+    _samples_along,
+    _zeros_across,
+    constant_blocks,
+)
 
 if TYPE_CHECKING:
     from torchdiv._core.mixing.axes import Axes, Block, Carry, Mixing
@@ -100,14 +109,6 @@ def _softmaxed(op: Any) -> Carry:
     return rule
 
 
-def _samples_along(tr: BatchAxes, t: torch.Tensor, dim: int) -> torch.Tensor | None:
-    """The sample at each index of ``t``'s dimension ``dim`` (``None``: none there)."""
-    for axis in tr.axes(t) or ():
-        if axis.position == dim:
-            return axis.samples(torch.arange(t.shape[dim]))
-    return None
-
-
 def _zero_across(tr: BatchAxes, t: torch.Tensor, out: Any, row: int, key: int) -> bool:
     """Whether ``out`` (shaped as ``t``) is exactly 0 wherever the sample along ``row``
     differs from the sample along ``key`` (then marked, as weights over its last two
@@ -119,17 +120,6 @@ def _zero_across(tr: BatchAxes, t: torch.Tensor, out: Any, row: int, key: int) -
     if zero and (row, key) == (t.dim() - 2, t.dim() - 1):
         tr.blocks[id(out)] = (out, rows, keys, _version(out))
     return zero
-
-
-def _zeros_across(weights: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether ``weights`` (rows by keys: their last two dimensions, holding samples
-    ``rows`` and ``keys``) are exactly 0 wherever the row's sample and the key's differ
-    (``False`` where their values cannot be read here)."""
-    across = (rows[:, None] != keys[None, :]).to(weights.device)
-    try:
-        return bool((weights.detach()[..., across] == 0).all())
-    except RuntimeError:
-        return False
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -190,15 +180,12 @@ def _contraction(biased: bool) -> Mixing:
 
     def rule(tr: BatchAxes, args: Sequence[Any]) -> str | None:
         a, b = (args[1], args[2]) if biased else (args[0], args[1])
-        if tr.blocks and _within_blocks(tr, a, b):
+        if (tr.blocks and _within_blocks(tr, a, b)) or constant_blocks(tr, a, b):
             return None
         for t, summed in ((a, a.dim() - 1), (b, max(b.dim() - 2, 0))):
             for q, *_ in tr.axes(t) or ():
                 if q == summed:
-                    return (
-                        f"a matrix product summing over samples (dimension {q} of an operand "
-                        f"of shape {_shape(t)})"
-                    )
+                    return f"{_PRODUCT_WHAT} (dimension {q} of an operand of shape {_shape(t)})"
         return None
 
     return rule
@@ -403,6 +390,9 @@ _MATRIX_PRODUCTS = {
     aten.mm.default,
     aten.addmm.default,
     aten._sparse_addmm.default,  # ``torch.sparse.mm``: ``addmm`` with a sparse ``a``
+    # ``torch.sparse.mm(a, b, reduce)`` (PyG's mean/max aggregation over a sparse ``adj_t``):
+    # ``(out, argout)``, the rows carried by ``out``; ``argout``'s integers untracked
+    aten._sparse_mm_reduce_impl.default,
     aten.bmm.default,
     aten.baddbmm.default,
     aten.mv.default,

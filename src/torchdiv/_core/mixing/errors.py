@@ -5,8 +5,9 @@ writes its message: what mixed them, where (``_module_in_stack``: the innermost 
 ``nn.Module``), and the way out (``model.eval()``, a lower ``batch_dims``, a batch split in
 order passed as more batch dimensions, ``allow_batch_interaction()``). ``allowed`` reads the
 switch (this thread's ``allow_batch_interaction()``, or Dynamo tracing the call).
-``_SPLIT_WHAT`` and ``_PUT_WHAT`` start the messages the rules write for the two refusals
-whose way out ``explain`` spells out.
+``_SPLIT_WHAT``, ``_PUT_WHAT`` and ``_PRODUCT_WHAT`` start the messages the rules write for
+the three refusals whose way out ``explain`` spells out (a product over a flattened graph
+batch: ``torch.bmm`` over a ``(B, N, N)`` adjacency).
 """
 
 from __future__ import annotations
@@ -109,6 +110,13 @@ def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
                 "with node masks, or sum torchdiv.jacobian_diagonal(f, x, batch_dims=0) over "
                 "each graph's nodes."
             )
+        if what.startswith(_PRODUCT_WHAT):  # a graph's adjacency over flattened samples
+            fix += (
+                " A graph net over a batch flattened to (B * N, F) with one adjacency "
+                "(torch.block_diag(*adj) @ h, torch.sparse.mm(adj, h)) sums over samples "
+                "wherever an entry joins two: give f the per-sample adjacency as (B, N, N) and "
+                "use torch.bmm(adj, h) or torch.einsum('bij,bjf->bif', adj, h), per sample."
+            )
     return (
         text + fix + " To compute it anyway, wrap the call in torchdiv.allow_batch_interaction()."
     )
@@ -133,3 +141,6 @@ _SPLIT_WHAT = "the batch split in order across the leading dimensions"
 
 
 _PUT_WHAT = "values written into other samples' places"
+
+
+_PRODUCT_WHAT = "a matrix product summing over samples"  # (combining._contraction's)

@@ -242,7 +242,9 @@ def _put_axes(
     elsewhere, each as long in ``t`` (``_kept_in_place``: the result holds them there), or
     ``t`` is fresh (``_fresh``) and its first dimension could be a flattened batch
     (``_flattened``): the caller's check that every value lands in a place of its own
-    samples decides, with ``tr.guess`` as the message if not."""
+    samples decides, with ``tr.guess`` as the message if not. Samples written (not added,
+    not moved) into such a fresh tensor are checked so too (a dense batch of graphs,
+    ``out[idx] = h``); into any other tensor, its places are not followed."""
     axes = tr.axes(t)
     if axes:
         return axes
@@ -252,16 +254,20 @@ def _put_axes(
         return tr.start
     if held and _kept_in_place(t, values, held, along):
         return held
-    if held and (accumulate or any(axis.rows for axis in held)):
-        # per-cluster sums ``zeros(K, D).index_add(0, cid, x)``: places no longer followed
-        what = (
-            f"samples {'added' if accumulate else 'moved'} into a tensor of shape "
-            f"{_shape(t)}, not x's batch shape, whose places are not followed"
-        )
-        flat = _flattened(tr, t) if tr.fresh.get(id(t)) is t else ()
-        if flat:
-            tr.guess = tr.message(tr.func, f"{what} (nor those of a flattened batch)")
-            return flat
+    if not held:
+        return ()
+    # per-cluster sums ``zeros(K, D).index_add(0, cid, x)``: places no longer followed;
+    # samples written (PyG's ``to_dense_batch``: ``out[idx] = h`` into ``(B * N_max, F)``)
+    moved = accumulate or any(axis.rows for axis in held)
+    what = (
+        f"samples {'added' if accumulate else 'moved' if moved else 'written'} into a tensor "
+        f"of shape {_shape(t)}, not x's batch shape, whose places are not followed"
+    )
+    flat = _flattened(tr, t) if tr.fresh.get(id(t)) is t else ()
+    if flat:
+        tr.guess = tr.message(tr.func, f"{what} (nor those of a flattened batch)")
+        return flat
+    if moved:
         tr.pending = tr.message(tr.func, what)
     return ()
 
@@ -283,10 +289,13 @@ def _flattened(tr: BatchAxes, t: torch.Tensor) -> Axes:
     """``x``'s batch dimensions in ``t`` if its first dimension has ``k * n`` places (``n``:
     the batch's size, all its dimensions) laid out as ``x.reshape(n * k, ...)`` would hold
     them: samples outermost, ``k`` places each (a message-passing net's ``(B * N, F)`` nodes,
-    a mixture of experts' ``(B * T, D)`` tokens); none otherwise."""
+    a mixture of experts' ``(B * T, D)`` tokens), also with one spare row after them (PyG's
+    ``to_dense_batch`` writes ``B * N_max + 1`` rows, the last a trash slot it slices off),
+    which the samples' period wraps onto: it is sample 0's place (``Axis.samples``), so values
+    of other samples written there are refused; none otherwise."""
     batch = tr.x.shape[: tr.batch_dims]
     n = math.prod(batch)
-    if t.dim() == 0 or t.shape[0] % n:
+    if t.dim() == 0 or t.shape[0] < n or t.shape[0] % n > 1:
         return ()
     k = t.shape[0] // n
     return tuple(

@@ -6,7 +6,9 @@ dimensions after broadcasting to a shape; ``_rows``: a batch dimension holding g
 one per index (moved rows noted in ``BatchAxes.moves``); ``_line``: the one dimension an
 index's samples vary along; ``_grid``/``_indices``: index tensors; ``_dims``/``_reduced_dims``:
 the dimensions a reduction reduces (``_NORMS``: ``norm(t, ord, dim)``); ``_batch_at``: a
-dimension among some where a tensor has samples.
+dimension among some where a tensor has samples; ``_samples_along``: the sample at each index
+of a dimension; ``_zeros_across``: weights exactly 0 across samples; ``constant_blocks``: a
+constant block-diagonal matrix over a flattened batch's rows (per sample).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from torchdiv._core.mixing.axes import Axis
 
@@ -115,3 +118,59 @@ def _batch_at(tr: BatchAxes, t: Any, dims: Sequence[int]) -> int | None:
 
 
 _NORMS = {aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim}
+
+
+def _samples_along(tr: BatchAxes, t: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """The sample at each index of ``t``'s dimension ``dim`` (``None``: none there)."""
+    for axis in tr.axes(t) or ():
+        if axis.position == dim:
+            return axis.samples(torch.arange(t.shape[dim]))
+    return None
+
+
+def _zeros_across(weights: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether ``weights`` (rows by keys: their last two dimensions, holding samples
+    ``rows`` and ``keys``) are exactly 0 wherever the row's sample and the key's differ
+    (``False`` where their values cannot be read here)."""
+    across = (rows[:, None] != keys[None, :]).to(weights.device)
+    try:
+        return bool((weights.detach()[..., across] == 0).all())
+    except RuntimeError:
+        return False
+
+
+def constant_blocks(tr: BatchAxes, a: Any, b: Any) -> bool:
+    """Whether ``a @ b`` keeps the samples of ``b``'s rows apart because ``a`` is a constant
+    block-diagonal matrix: ``a`` square, 2-D, nothing differentiates it (no batch axes, no
+    grad, no transform's wrapper), ``b`` 2-D with its one batch axis along dimension 0 (a
+    batch flattened to ``(B * N, F)``), and ``a`` exactly 0 (dense) or without an entry
+    (sparse COO or CSR) wherever the row's sample and the column's differ (a graph's
+    adjacency built per sample: ``torch.block_diag(*adj)``). Row ``i`` of the product then
+    sums rows of ``i``'s own sample only, and the result holds the samples as ``b``'s rows.
+    ``a``'s values decide it: the verdict holds for these values only
+    (``BatchAxes.values_read``), so an adjacency later changed in place to join two samples
+    is watched, and refused, at that call.
+
+    Example: ``torch.block_diag(*adj) @ h.reshape(B * N, F)`` with ``adj`` of shape
+    ``(B, N, N)`` is per sample, as ``torch.bmm(adj, h)`` is."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != a.shape[1] or tr.axes(a):
+        return False
+    if a.requires_grad or is_functorch_wrapped_tensor(a):
+        return False
+    axes = tr.axes(b) or ()
+    held = _samples_along(tr, b, 0) if len(axes) == 1 else None
+    if held is None:
+        return False
+    tr.values_read()
+    if a.layout == torch.strided:
+        return _zeros_across(a, held, held)
+    if a.layout == torch.sparse_coo:
+        rows, columns = a._indices().cpu()
+    elif a.layout == torch.sparse_csr:
+        crow, columns = a.crow_indices().cpu(), a.col_indices().cpu()
+        rows = torch.repeat_interleave(torch.arange(len(crow) - 1), crow.diff())
+    else:
+        return False
+    return bool((held[rows] == held[columns]).all())

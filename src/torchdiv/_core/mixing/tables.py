@@ -97,7 +97,6 @@ _POINTWISE_EXTRA = {
     aten.alias.default,
     aten.native_dropout.default,
     aten.expand.default,
-    aten.lift_fresh.default,
     aten.masked_fill.Scalar,
     aten.masked_fill.Tensor,
     aten.where.self,
@@ -248,6 +247,7 @@ _FRESH = {
     aten.new_zeros.default,
     aten.new_full.default,
     aten.new_empty.default,
+    aten.lift_fresh.default,  # ``torch.tensor(data)``, ``as_tensor(number)``: Python's data
 }
 
 
