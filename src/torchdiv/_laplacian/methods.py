@@ -30,6 +30,7 @@ from torchdiv._core.basis import (
 from torchdiv._core.checks import event_numel, out_of_memory, unwrapped
 from torchdiv._core.crossover import traced
 from torchdiv._core.mixing.errors import BatchInteractionError
+from torchdiv._core.mixing.transformed import check_transformed
 from torchdiv._core.mixing.watch import verdicts
 from torchdiv._core.mixing.watch import watched as mixing_watched
 from torchdiv._core.modes import recorded
@@ -119,6 +120,7 @@ def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) 
     # transform (an ensemble of models), where nothing is recorded and the loop's
     # requires_grad_ on x is refused
     if traced(f, x, batch_dims) or peek_interpreter_stack() is not None:
+        check_transformed(f, x, batch_dims)  # (the caller's transform: no watch sees f)
         return forward_over_reverse(f, x, batch_dims, chunk_size)
     return _recorded_auto(f, x, batch_dims, chunk_size)
 
@@ -665,6 +667,7 @@ def hutchinson(
     of three times (recording, forward mode's attempt, the loop)."""
     if peek_interpreter_stack() is None and _PROBED.get(_site(f), f, x, batch_dims):
         return probed(f, x, batch_dims, probes, check="watch")
+    check_transformed(f, x, batch_dims)  # (the caller's transform: no watch sees f)
     r = len(probes)
     pieces = [probes[start:stop] for start, stop in chunks(r, chunk_size or r)]
     graph = None
