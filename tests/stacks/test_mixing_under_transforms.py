@@ -246,3 +246,26 @@ def test_the_check_leaves_the_members_draws_alone() -> None:
         unchecked = call()
     assert_close(checked[0], unchecked[0])
     assert_close(checked[1], unchecked[1])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="biharmonic's 'auto' takes nested forward over reverse (unwatched) under a "
+    "transform; the one-line fix is in src/torchdiv/_api/second_order.py (owned by "
+    "oncesecond16): see NOTES_vmapwatch16.md",
+)
+@pytest.mark.parametrize("ensemble", ["models", "inputs", "grad", "jacrev"])
+def test_biharmonic_sample_mixing_is_refused_under_the_callers_transform(ensemble: str) -> None:
+    """``biharmonic``'s ``"auto"`` records (and watches) ``f`` outside a transform; inside one
+    it took nested forward over reverse, unwatched: the diagonal blocks, silently."""
+    torch.manual_seed(0)
+    members = [_Centred().double() for _ in range(2)]
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def op(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        return torchdiv.biharmonic(_first(f), z)
+
+    with pytest.raises(torchdiv.BatchInteractionError, match="biharmonic"):
+        op(members[0], x)
+    with pytest.raises(torchdiv.BatchInteractionError, match=r"^biharmonic: .*torch\.func"):
+        _under(ensemble, op, members, x)
