@@ -338,7 +338,8 @@ def _first_that_runs(
     ``num_basis``), fewer where the plan's sizes say so (``OpSizes.chunk``): a 2-D CNF's
     8-probe Hutchinson took 4 pullbacks of 2 probes each, 3.3x the hand-written recipe.
     """
-    check_transformed(f, x, batch_dims)  # (the caller's transform: the watch sees nothing)
+    # (the caller's transform: the watch sees nothing there)
+    check_transformed(f, x, batch_dims, lambda: _state.unchanged(f, x))
     failure: Exception | None = None
     for build in _engines(f, x, batch_dims, square, owner, watched):
         drawn = None

@@ -21,7 +21,7 @@ anything).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -42,7 +42,7 @@ def public_call() -> Iterator[None]:
     evaluate under their own transforms (``biharmonic``'s inner ``laplacian``, a
     ``divergence`` inside ``f``): the outermost call checks (or watches) the ``f`` they are
     part of, and such a call outside any transform of the caller's costs nothing more."""
-    if _ENTRY.get() is not None:
+    if _ENTRY.get() is not None or torch.compiler.is_compiling():  # (Dynamo: no checks)
         yield
         return
     token = _ENTRY.set(_level())
@@ -58,7 +58,10 @@ def _level() -> int:
 
 
 def check_transformed(
-    f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int, fn: str | None = None
+    f: Callable[[torch.Tensor], Any],
+    x: torch.Tensor,
+    batch_dims: int,
+    keep: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> None:
     """Under a ``torch.func`` transform around the call, raise ``BatchInteractionError`` if
     the VJP of ``f`` at ``x`` carries cotangents across samples: for independent samples,
@@ -68,9 +71,11 @@ def check_transformed(
     ``allow_batch_interaction()`` is active, for fewer than two samples, or where
     ``torch.func.vjp`` cannot evaluate ``f`` (a ``RuntimeError``: the engines then raise
     theirs, naming what), nor in a call nested in ``f`` under the engines' own transforms
-    (``public_call``). Random generators ``f`` draws from are put back after, so that the
-    engines' evaluation draws what it would have drawn. ``fn``: the public function to name
-    (``None``: its ``reported`` wrapper names it).
+    (``public_call``). What the check's evaluation changes is put back after, so that the
+    engines' evaluation starts from the caller's state: inside ``keep()`` (the engines'
+    ``_exact.state.unchanged``: buffers ``f`` writes, as a spectral norm's power iteration
+    under a ``vmap`` over inputs, and generators), else the default generators. The public
+    function's ``reported`` wrapper names it in the error.
 
     Example:
         >>> from torch.func import vmap
@@ -86,7 +91,7 @@ def check_transformed(
     entry = _ENTRY.get()
     if entry is not None and entry != _level():  # in f, under the engines' own transforms
         return
-    with _generators_kept(x.device):
+    with _generators_kept(x.device) if keep is None else keep():
         try:
             y, pullback = torch.func.vjp(f, x)  # type: ignore[misc]  # (no aux: two values)
         except RuntimeError:
@@ -107,11 +112,11 @@ def check_transformed(
             "carries each sample's cotangent into other samples' gradients (a reduction, "
             "normalisation or matrix product over the batch)"
         )
-        message = explain(what, x, batch_dims) + (
-            " Outside the transform (on one member of an ensemble) the same call names the op "
+        raise BatchInteractionError(
+            explain(what, x, batch_dims)
+            + " Outside the transform (on one member of an ensemble) the same call names the op "
             "that mixes them, and torchdiv.check_batch_independence(f, x) tests f."
         )
-        raise BatchInteractionError(message if fn is None else f"{fn}: {message}")
 
 
 def _draws(
