@@ -42,7 +42,8 @@ def public_call() -> Iterator[None]:
     evaluate under their own transforms (``biharmonic``'s inner ``laplacian``, a
     ``divergence`` inside ``f``): the outermost call checks (or watches) the ``f`` they are
     part of, and such a call outside any transform of the caller's costs nothing more."""
-    if _ENTRY.get() is not None or torch.compiler.is_compiling():  # (Dynamo: no checks)
+    # (Dynamo traces no checks, nor a context variable: is_compiling first)
+    if torch.compiler.is_compiling() or _ENTRY.get() is not None:
         yield
         return
     token = _ENTRY.set(_level())
