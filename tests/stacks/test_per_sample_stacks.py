@@ -194,18 +194,14 @@ class _CentredMLP(torch.nn.Module):
         return self.outer(h - h.mean(0, keepdim=True))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the sample-mixing watch (src/torchdiv/_core/mixing, owned by mixing16) does not "
-    "follow x's samples under the caller's vmap; see NOTES_rev-functorch16.md",
-)
 @pytest.mark.parametrize("ensemble", ["models", "inputs", "grad"])
 def test_sample_mixing_is_seen_under_the_callers_vmap(ensemble: str) -> None:
     """Outside a transform, ``"auto"`` refuses a model that centres features over the batch
     (``BatchInteractionError``); inside an ensemble's ``vmap`` (of models by
     ``functional_call``, or of batches of inputs), or under ``torch.func.grad`` in the
     parameters, it returned the diagonal blocks of the cross-batch Jacobian as per-sample
-    divergences, silently."""
+    divergences, silently; now checked there by two VJPs (``torchdiv._core.mixing.transformed``;
+    every operator: ``tests/stacks/test_mixing_under_transforms.py``)."""
     torch.manual_seed(0)
     members = [_CentredMLP().double() for _ in range(2)]
     x = torch.randn(5, 3, dtype=torch.float64)

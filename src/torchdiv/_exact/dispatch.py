@@ -21,6 +21,7 @@ from torchdiv._core.basis import WHOLE, Share, chunks
 from torchdiv._core.checks import event_numel, out_of_memory, untransformed
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed
 from torchdiv._core.mixing.reads import reading
+from torchdiv._core.mixing.transformed import check_transformed
 from torchdiv._core.mixing.watch import check_empty_event, checks_empty_event, tracker
 from torchdiv._core.tie import tied
 from torchdiv._exact import plan as _plan
@@ -337,6 +338,8 @@ def _first_that_runs(
     ``num_basis``), fewer where the plan's sizes say so (``OpSizes.chunk``): a 2-D CNF's
     8-probe Hutchinson took 4 pullbacks of 2 probes each, 3.3x the hand-written recipe.
     """
+    # (the caller's transform: the watch sees nothing there)
+    check_transformed(f, x, batch_dims, lambda: _state.unchanged(f, x))
     failure: Exception | None = None
     for build in _engines(f, x, batch_dims, square, owner, watched):
         drawn = None

@@ -30,6 +30,7 @@ from torchdiv._core.basis import (
 from torchdiv._core.checks import event_numel, out_of_memory, unwrapped
 from torchdiv._core.crossover import traced
 from torchdiv._core.mixing.errors import BatchInteractionError
+from torchdiv._core.mixing.transformed import check_transformed
 from torchdiv._core.mixing.watch import Verdicts, verdicts
 from torchdiv._core.mixing.watch import watched as mixing_watched
 from torchdiv._core.modes import recorded
@@ -37,7 +38,7 @@ from torchdiv._core.tie import tied
 from torchdiv._exact.attributes import unwrap_between_evaluations
 from torchdiv._exact.forward import ForwardJacobian, holds_dual_level, under_tangents
 from torchdiv._exact.plan import WITHOUT_FORWARD_RULE
-from torchdiv._exact.state import Once
+from torchdiv._exact.state import Once, unchanged
 from torchdiv._laplacian.loop import Check, Settings, all_finite, grad_of_grad, probed
 from torchdiv._taylor import (
     RULES,
@@ -119,6 +120,7 @@ def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) 
     # transform (an ensemble of models), where nothing is recorded and the loop's
     # requires_grad_ on x is refused
     if traced(f, x, batch_dims) or peek_interpreter_stack() is not None:
+        check_transformed(f, x, batch_dims, lambda: unchanged(f, x))  # (no watch sees f there)
         return forward_over_reverse(f, x, batch_dims, chunk_size)
     return _recorded_auto(f, x, batch_dims, chunk_size)
 
@@ -662,6 +664,7 @@ def hutchinson(
     of three times (recording, forward mode's attempt, the loop)."""
     if peek_interpreter_stack() is None and _PROBED.get(_site(f), f, x, batch_dims):
         return probed(f, x, batch_dims, probes, check="watch")
+    check_transformed(f, x, batch_dims, lambda: unchanged(f, x))  # (no watch sees f there)
     r = len(probes)
     pieces = [probes[start:stop] for start, stop in chunks(r, chunk_size or r)]
     graph = None

@@ -18,6 +18,7 @@ import torch
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, explain
 from torchdiv._core.mixing.reads import Verdict, reading
 from torchdiv._core.mixing.tracker import BatchAxes
+from torchdiv._core.mixing.transformed import check_transformed
 from torchdiv._core.modes import (
     UNDERIVABLE_OPS,
     DispatchMode,
@@ -128,6 +129,7 @@ def watched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) 
     costs no extra evaluation, only the mode's few microseconds per op."""
     if allowed():
         return f(x)
+    check_transformed(f, x, batch_dims)  # (where Watching sees physical tensors only)
     with Watching(x, batch_dims) as mode, reading(mode.tracker):  # (``BatchAxes.follow``)
         y = f(x)
         if mode.tracker is not None:

@@ -1,0 +1,178 @@
+"""The sample-mixing check under a ``torch.func`` transform around the call, where the watch
+cannot see ``f``'s tensors.
+
+``Watching`` and the recorders are dispatch modes, below ``torch.func``'s layers: under the
+caller's ``vmap`` (an ensemble of models by ``functional_call``, or of batches of inputs),
+``grad`` in the parameters or ``jacrev`` in ``x``, they see physical tensors (a member
+dimension in front, the caller's ``x`` never seen at all), so ``BatchAxes`` follows nothing,
+and a model centring its features over the batch (``h - h.mean(0)``) gave the diagonal blocks
+of the cross-batch Jacobian as per-sample derivatives, silently. ``check_transformed`` tests
+the logical ``f`` numerically instead, with ``torch.func.vjp`` (which composes with the
+caller's transforms): with a cotangent ``v`` (one Gaussian event vector for all samples) and
+a Gaussian weight ``s_b`` per sample, a block-diagonal Jacobian gives
+``J^T (s * v) = s * J^T v``, while a cross-sample block ``J_cb`` adds
+``sum_c (s_c - s_b) J_cb^T v_c`` to sample ``b``, non-zero with probability 1. A coupling
+with zero derivative (statistics of the batch under ``torch.no_grad()`` or ``detach()``) is
+not seen: its values are those batched autograd gives, as outside the transform. Costs one
+evaluation of ``f`` and two VJPs, under a transform only (outside one it returns before
+anything).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor, peek_interpreter_stack
+
+from torchdiv._core.mixing.errors import BatchInteractionError, allowed, explain
+
+# the level of the innermost torch.func transform (0: none) where the outermost public call in
+# flight started; unset outside any public call (``public_call``)
+_ENTRY: ContextVar[int | None] = ContextVar("torchdiv_entry_level", default=None)
+
+
+@contextmanager
+def public_call() -> Iterator[None]:
+    """Around a public call: the outermost one in flight notes the transform level it starts
+    at, so that ``check_transformed`` leaves alone the calls nested in ``f`` that the engines
+    evaluate under their own transforms (``biharmonic``'s inner ``laplacian``, a
+    ``divergence`` inside ``f``): the outermost call checks (or watches) the ``f`` they are
+    part of, and such a call outside any transform of the caller's costs nothing more."""
+    # (Dynamo traces no checks, nor a context variable: is_compiling first)
+    if torch.compiler.is_compiling() or _ENTRY.get() is not None:
+        yield
+        return
+    token = _ENTRY.set(_level())
+    try:
+        yield
+    finally:
+        _ENTRY.reset(token)
+
+
+def _level() -> int:
+    interpreter = peek_interpreter_stack()
+    return 0 if interpreter is None else interpreter.level()
+
+
+def check_transformed(
+    f: Callable[[torch.Tensor], Any],
+    x: torch.Tensor,
+    batch_dims: int,
+    keep: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> None:
+    """Under a ``torch.func`` transform around the call, raise ``BatchInteractionError`` if
+    the VJP of ``f`` at ``x`` carries cotangents across samples: for independent samples,
+    ``J^T (s * v) = s * J^T v`` up to round-off (``_tolerance``: ``sqrt(eps)`` of the largest
+    element; round-off of the VJPs is a few ``eps`` of it, while a coupling through a batch
+    mean leaks its share of it, whatever ``B``). Nothing outside a transform, while
+    ``allow_batch_interaction()`` is active, for fewer than two samples, or where
+    ``torch.func.vjp`` cannot evaluate ``f`` (a ``RuntimeError``: the engines then raise
+    theirs, naming what), nor in a call nested in ``f`` under the engines' own transforms
+    (``public_call``). What the check's evaluation changes is put back after, so that the
+    engines' evaluation starts from the caller's state: inside ``keep()`` (the engines'
+    ``_exact.state.unchanged``: buffers ``f`` writes, as a spectral norm's power iteration
+    under a ``vmap`` over inputs, and generators), else the default generators. The public
+    function's ``reported`` wrapper names it in the error.
+
+    Example:
+        >>> from torch.func import vmap
+        >>> centred = lambda z: z - z.mean(0)  # mixes samples
+        >>> vmap(lambda z: check_transformed(centred, z, 1) or z)(torch.randn(2, 4, 3))
+        Traceback (most recent call last):
+        ...
+        torchdiv.BatchInteractionError: f mixes samples: ...
+    """
+    batch = x.shape[:batch_dims]
+    if peek_interpreter_stack() is None or allowed() or batch.numel() < 2:
+        return
+    entry = _ENTRY.get()
+    if entry is not None and entry != _level():  # in f, under the engines' own transforms
+        return
+    with _generators_kept(x.device) if keep is None else keep():
+        try:
+            y, pullback = torch.func.vjp(f, x)  # type: ignore[misc]  # (no aux: two values)
+        except RuntimeError:
+            return
+        if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+            return
+        v, s = _draws(y.shape, batch, y.dtype, y.device)
+        on_y = s.reshape(*batch, *[1] * (y.dim() - batch_dims))
+        # the two VJPs in one batched backward pass (a vmap of the pullback)
+        (both,) = torch.func.vmap(pullback)(torch.stack([v, on_y * v]))
+        plain, weighted = both[0], both[1]
+    scaled = s.reshape(*batch, *[1] * (x.dim() - batch_dims)) * plain
+    leak = _physical((weighted - scaled).abs()).max()
+    scale = torch.maximum(_physical(weighted.abs()).max(), _physical(scaled.abs()).max())
+    if float(leak) > _tolerance(y.dtype, y.device) * float(scale):
+        what = (
+            "under a torch.func transform around the call (vmap, grad, jacrev), the VJP of f "
+            "carries each sample's cotangent into other samples' gradients (a reduction, "
+            "normalisation or matrix product over the batch)"
+        )
+        raise BatchInteractionError(
+            explain(what, x, batch_dims)
+            + " Outside the transform (on one member of an ensemble) the same call names the op "
+            "that mixes them, and torchdiv.check_batch_independence(f, x) tests f."
+        )
+
+
+def _draws(
+    shape: torch.Size, batch: torch.Size, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cotangent of ``shape``, one Gaussian event vector ``u`` for every sample, and a
+    Gaussian weight per sample, from a generator of their own seeded alike at every call:
+    drawn below the transforms, as plain constants (``vmap``'s ``randomness="error"`` refuses
+    any draw above them). ``u`` shared by the samples, as the engines' probes are: sample
+    ``b`` leaks ``sum_c (s_c - s_b) J_cb^T u``, which for a coupling through a batch mean
+    (``J_cb = K / B``) is ``(mean(s) - s_b) K^T u``, not ``1/sqrt(B)`` of it as independent
+    cotangents would leave (a ``1e-3`` share of the mean in float32 at ``B=1024`` was below
+    round-off then)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch._C._DisableFuncTorch():
+        u = torch.randn(shape[len(batch) :], generator=generator, device=device, dtype=dtype)
+        s = torch.randn(batch, generator=generator, device=device, dtype=dtype)
+    return u.expand(shape), s
+
+
+def _tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    """``sqrt(eps)`` of the precision the VJPs run at: ``dtype``'s, or TensorFloat-32's
+    (``2**-10``) for float32 on a GPU whose matrix products or convolutions may use it
+    (``s * v`` then rounds otherwise than ``v``, a few of its ``eps`` off). Measured on CPU:
+    round-off at most ``1e-6`` of the largest element in float32 (a 9-layer tanh MLP, a conv
+    net with group norm, dropout; ``2e-15`` in float64), against ``sqrt(eps)`` =
+    ``3.5e-4`` (``1.5e-8``)."""
+    eps = torch.finfo(dtype).eps
+    tf32 = (
+        torch.backends.cuda.matmul.allow_tf32
+        or torch.backends.cudnn.allow_tf32
+        or torch.get_float32_matmul_precision() != "highest"
+    )
+    if dtype == torch.float32 and device.type == "cuda" and tf32:
+        eps = 2.0**-10
+    return float(eps**0.5)
+
+
+def _physical(t: torch.Tensor) -> torch.Tensor:
+    """``t`` under every ``torch.func`` wrapper: all members of a ``vmap`` together."""
+    while is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t.detach()
+
+
+@contextmanager
+def _generators_kept(device: torch.device) -> Iterator[None]:
+    """Put back the default generators (CPU and ``device``'s) after the check's evaluation."""
+    generators: list[Any] = [torch.default_generator]
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        generators.append(torch.cuda.default_generators[index])
+    states = [g.get_state() for g in generators]
+    try:
+        yield
+    finally:
+        for g, state in zip(generators, states, strict=True):
+            g.set_state(state)
