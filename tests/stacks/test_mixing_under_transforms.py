@@ -273,12 +273,6 @@ def test_the_check_leaves_the_buffers_f_writes_alone(name: str) -> None:
         assert torch.equal(state[key], value), key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="biharmonic's 'auto' takes nested forward over reverse (unwatched) under a "
-    "transform; the one-line fix is in src/torchdiv/_api/second_order.py (owned by "
-    "oncesecond16): see NOTES_vmapwatch16.md",
-)
 @pytest.mark.parametrize("ensemble", ["models", "inputs", "grad", "jacrev"])
 def test_biharmonic_sample_mixing_is_refused_under_the_callers_transform(ensemble: str) -> None:
     """``biharmonic``'s ``"auto"`` records (and watches) ``f`` outside a transform; inside one

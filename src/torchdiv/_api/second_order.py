@@ -48,6 +48,7 @@ from torchdiv._core.checks import (
     out_of_memory,
 )
 from torchdiv._core.mixing.errors import allowed
+from torchdiv._core.mixing.transformed import check_transformed
 from torchdiv._core.mixing.watch import (
     check_empty_event,
     checks_empty_event,
@@ -363,6 +364,7 @@ def biharmonic(
     g = checked(fn, f, x, batch_dims, square=False)
     if method == "forward-over-reverse":
         return _nested_laplacian(g, x, batch_dims, method, chunk_size)
+    check_transformed(g, x, batch_dims)  # (the caller's transform: Taylor records nothing)
     try:
         return _nested_laplacian(g, x, batch_dims, "taylor", chunk_size)
     except UnsupportedOp as exc:

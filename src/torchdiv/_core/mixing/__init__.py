@@ -96,6 +96,8 @@ time) only from those listed before it (no cycles; the rules name ``BatchAxes`` 
 only, under ``TYPE_CHECKING``):
 
 * ``errors``: ``BatchInteractionError``, its message (``explain``), ``allow_batch_interaction``;
+* ``transformed``: the numerical check under a caller's ``torch.func`` transform, where the
+  dispatch modes see physical tensors only (``check_transformed``, ``public_call``);
 * ``axes``: ``Axis``, ``Pick`` and the other records, the rule types ``Carry`` and ``Mixing``;
 * ``reads``: which values decide what ``f`` does (``decides``, ``Reads``, ``VALUE_FREE``) and
   what a watch that passed says of later calls (``Verdict``);
