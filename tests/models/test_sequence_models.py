@@ -293,3 +293,31 @@ def test_tokens_written_into_a_time_major_buffer_are_per_sample() -> None:
         torch.testing.assert_close(grad, want)
     with pytest.raises(BatchInteractionError, match="divergence"):
         torchdiv.divergence(lambda z: _time_major_write(z, weight, 1), x)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=BatchInteractionError,
+    reason="a fresh buffer written from moved values is guessed sample-major only "
+    "(indexing._flattened): sequence-first tokens sorted by a router and put back in place "
+    "are falsely refused (NOTES_rev-merges16c.md)",
+)
+def test_sequence_first_tokens_routed_and_put_back_are_per_sample() -> None:
+    """A router sorting sequence-first ``(T * B, F)`` tokens, each token's expert output
+    written back to its own row of ``empty_like`` (as fairseq's mixture of experts un-sorts):
+    per sample (each sample's rows ``t * B + b``), values those of each token alone."""
+    b, t, d = 3, 4, 2
+    weight = torch.randn(d, d, dtype=f64, generator=torch.Generator().manual_seed(0))
+
+    def routed(z: torch.Tensor) -> torch.Tensor:
+        tokens = z.transpose(0, 1).reshape(t * b, d)
+        order = torch.argsort(tokens.detach()[:, 0])
+        out = torch.empty_like(tokens)
+        out[order] = torch.tanh(tokens[order] @ weight)
+        return out.reshape(t, b, d).transpose(0, 1)
+
+    x = torch.randn(b, t, d, dtype=f64)
+    slope = 1 - torch.tanh(x @ weight) ** 2  # d tanh(x W)_i / d x_i = (1 - tanh^2) W_ii
+    torch.testing.assert_close(
+        torchdiv.divergence(routed, x), (slope * weight.diagonal()).sum((1, 2))
+    )
