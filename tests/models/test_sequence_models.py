@@ -249,3 +249,75 @@ def test_expert_capacity_across_the_batch() -> None:
     div, _ = batch_blocks(dispatched, x)
     with torchdiv.allow_batch_interaction():
         assert_trains_alike(dispatched, torchdiv.divergence(dispatched, x), div)
+
+
+def _time_major_write(x: torch.Tensor, weight: torch.Tensor, shift: int) -> torch.Tensor:
+    """Sequence-first code (``(T, B, F)``, fairseq's layout) writing its tokens, flattened to
+    ``(T * B, F)`` rows ``t * B + b``, into a fresh buffer at rows moved by ``shift`` steps
+    of time (``shift`` rows: one step of another sample, the batch then mixed)."""
+    b, t, d = x.shape
+    h = torch.tanh(x.transpose(0, 1).reshape(t * b, d) @ weight)
+    rows = (torch.arange(t * b) + shift) % (t * b)
+    out = h.new_zeros(t * b, d)
+    out[rows] = h
+    return out.reshape(t, b, d).transpose(0, 1)
+
+
+def test_tokens_written_into_a_time_major_buffer_are_per_sample() -> None:
+    """Tokens of a ``(T, B, F)`` layout written into a fresh ``(T * B, F)`` buffer, each at
+    its own sample's rows (rolled by ``B`` rows: one step of time): not refused (it was, as
+    "samples written into a tensor of shape (12, 2)": only the ``(B * T, F)`` layout was
+    followed), values and parameter gradients those of each sample alone, twice; rolled by
+    one row (into the next sample's places): refused."""
+    b, t, d = 3, 4, 2
+    weight = torch.randn(d, d, dtype=f64, generator=torch.Generator().manual_seed(0))
+    weight.requires_grad_(True)
+    x = torch.randn(b, t, d, dtype=f64)
+
+    def alone(xb: torch.Tensor) -> torch.Tensor:  # one sample, (T, F): rolled one step
+        return torch.tanh(xb @ weight).roll(1, 0)
+
+    expected = []
+    for xb in x:
+        leaf = xb.clone().requires_grad_(True)
+        y = alone(leaf).reshape(-1)
+        rows = [torch.autograd.grad(y[i], leaf, create_graph=True)[0] for i in range(len(y))]
+        expected.append(sum(row.reshape(-1)[i] for i, row in enumerate(rows)))
+    expected_t = torch.stack(expected)
+    weights = torch.randn(b, dtype=f64, generator=torch.Generator().manual_seed(1))
+    (want,) = torch.autograd.grad((weights * expected_t).sum(), weight)
+    for _ in range(2):
+        got = torchdiv.divergence(lambda z: _time_major_write(z, weight, b), x)
+        torch.testing.assert_close(got, expected_t)
+        (grad,) = torch.autograd.grad((weights * got).sum(), weight)
+        torch.testing.assert_close(grad, want)
+    with pytest.raises(BatchInteractionError, match="divergence"):
+        torchdiv.divergence(lambda z: _time_major_write(z, weight, 1), x)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=BatchInteractionError,
+    reason="a fresh buffer written from moved values is guessed sample-major only "
+    "(indexing._flattened): sequence-first tokens sorted by a router and put back in place "
+    "are falsely refused (NOTES_rev-merges16c.md)",
+)
+def test_sequence_first_tokens_routed_and_put_back_are_per_sample() -> None:
+    """A router sorting sequence-first ``(T * B, F)`` tokens, each token's expert output
+    written back to its own row of ``empty_like`` (as fairseq's mixture of experts un-sorts):
+    per sample (each sample's rows ``t * B + b``), values those of each token alone."""
+    b, t, d = 3, 4, 2
+    weight = torch.randn(d, d, dtype=f64, generator=torch.Generator().manual_seed(0))
+
+    def routed(z: torch.Tensor) -> torch.Tensor:
+        tokens = z.transpose(0, 1).reshape(t * b, d)
+        order = torch.argsort(tokens.detach()[:, 0])
+        out = torch.empty_like(tokens)
+        out[order] = torch.tanh(tokens[order] @ weight)
+        return out.reshape(t, b, d).transpose(0, 1)
+
+    x = torch.randn(b, t, d, dtype=f64)
+    slope = 1 - torch.tanh(x @ weight) ** 2  # d tanh(x W)_i / d x_i = (1 - tanh^2) W_ii
+    torch.testing.assert_close(
+        torchdiv.divergence(routed, x), (slope * weight.diagonal()).sum((1, 2))
+    )

@@ -7,8 +7,9 @@ advanced indexing, the broadcast indices replacing the dimensions they index), `
 ``index_put`` (``y[m] = g(x[m])``), ``index_copy``, ``index_add``, ``scatter`` or
 ``masked_scatter`` must land in places of their own samples (``_put_axes``); samples added into
 a fresh tensor whose first dimension has ``k`` places per sample are checked as a flattened
-batch (``x.reshape(B * k, ...)``'s layout, ``_flattened``: a message-passing net's
-``(B * N, F)`` nodes), else refused with ``_PUT_WHAT``. Indices with two or more dimensions
+batch (``x.reshape(B * k, ...)``'s layout, or the written values' own in-order one, as a
+sequence-first ``(T * B, F)``; ``_flattened``: a message-passing net's ``(B * N, F)`` nodes),
+else refused with ``_PUT_WHAT``. Indices with two or more dimensions
 along the batch are refused if their result reaches the output.
 """
 
@@ -263,7 +264,7 @@ def _put_axes(
         f"samples {'added' if accumulate else 'moved' if moved else 'written'} into a tensor "
         f"of shape {_shape(t)}, not x's batch shape, whose places are not followed"
     )
-    flat = _flattened(tr, t) if tr.fresh.get(id(t)) is t else ()
+    flat = _flattened(tr, t, values, held) if tr.fresh.get(id(t)) is t else ()
     if flat:
         tr.guess = tr.message(tr.func, f"{what} (nor those of a flattened batch)")
         return flat
@@ -285,18 +286,26 @@ def _kept_in_place(t: torch.Tensor, values: Any, held: Axes, along: int | None) 
     return all(p != along and t.shape[p] == values.shape[p] for p in (a.position for a in held))
 
 
-def _flattened(tr: BatchAxes, t: torch.Tensor) -> Axes:
+def _flattened(tr: BatchAxes, t: torch.Tensor, values: Any, held: Axes) -> Axes:
     """``x``'s batch dimensions in ``t`` if its first dimension has ``k * n`` places (``n``:
-    the batch's size, all its dimensions) laid out as ``x.reshape(n * k, ...)`` would hold
-    them: samples outermost, ``k`` places each (a message-passing net's ``(B * N, F)`` nodes,
-    a mixture of experts' ``(B * T, D)`` tokens), also with one spare row after them (PyG's
-    ``to_dense_batch`` writes ``B * N_max + 1`` rows, the last a trash slot it slices off),
-    which the samples' period wraps onto: it is sample 0's place (``Axis.samples``), so values
-    of other samples written there are refused; none otherwise."""
+    the batch's size, all its dimensions) laid out as the ``values`` written into it hold
+    them, where those are as many rows, in order (``held`` all along their first dimension,
+    none moved: a sequence-first ``(T * B, F)`` layout, row ``t * B + b`` sample ``b``'s),
+    else as ``x.reshape(n * k, ...)`` would: samples outermost, ``k`` places each (a
+    message-passing net's ``(B * N, F)`` nodes, a mixture of experts' ``(B * T, D)``
+    tokens), also with one spare row after them (PyG's ``to_dense_batch`` writes
+    ``B * N_max + 1`` rows, the last a trash slot it slices off), which the samples' period
+    wraps onto: it is sample 0's place (``Axis.samples``), so values of other samples written
+    there are refused; none otherwise. Only a guess: the caller checks that every value lands
+    in a place of its own samples in it."""
     batch = tr.x.shape[: tr.batch_dims]
     n = math.prod(batch)
     if t.dim() == 0 or t.shape[0] < n or t.shape[0] % n > 1:
         return ()
+    alike = isinstance(values, torch.Tensor) and values.dim() == t.dim() > 0
+    in_order = len(held) == len(tr.start) and all(a.position == 0 and not a.rows for a in held)
+    if alike and in_order and values.shape[0] == t.shape[0]:
+        return held
     k = t.shape[0] // n
     return tuple(
         Axis(0, axis.size, k * math.prod(batch[axis.source + 1 :]), (), axis.source)
