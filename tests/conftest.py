@@ -446,3 +446,16 @@ def assert_one_state(net: Stateful, once: Stateful, state: torch.Tensor) -> None
     assert net.calls.item() == once.calls.item() == 1
     assert torch.equal(net.u, once.u)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class CentredMLP(torch.nn.Module):
+    """An MLP ``3 -> 8 -> 3`` whose hidden features are centred over the batch
+    (``h - h.mean(0)``): it mixes samples, which every watch must refuse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.outer = torch.nn.Linear(3, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inner(x).tanh()
+        return self.outer(h - h.mean(0, keepdim=True))

@@ -16,7 +16,7 @@ import torch
 from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
 
 import torchdiv
-from tests.conftest import assert_close
+from tests.conftest import CentredMLP, assert_close
 
 Op = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
 
@@ -52,18 +52,6 @@ _OPS: dict[str, Op] = {  # every path that watches f outside a transform
         _first(f), x, diffusion=torch.eye(3, dtype=x.dtype)
     ),
 }
-
-
-class _Centred(torch.nn.Module):
-    """An MLP whose hidden features are centred over the batch: it mixes samples."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner, self.outer = torch.nn.Linear(3, 8), torch.nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inner(x).tanh()
-        return self.outer(h - h.mean(0, keepdim=True))
 
 
 class _Normed(torch.nn.Module):
@@ -107,7 +95,7 @@ def test_sample_mixing_is_refused_under_the_callers_transform(name: str, ensembl
     """Refused outside a transform, and now inside one too (it returned the diagonal blocks
     of the cross-batch Jacobian, silently, under every ensemble)."""
     torch.manual_seed(0)
-    members = [_Centred().double() for _ in range(2)]
+    members = [CentredMLP().double() for _ in range(2)]
     x = torch.randn(5, 3, dtype=torch.float64)
     with pytest.raises(torchdiv.BatchInteractionError, match=name.split()[0]):
         _OPS[name](members[0], x)
@@ -118,7 +106,7 @@ def test_sample_mixing_is_refused_under_the_callers_transform(name: str, ensembl
 def test_allowed_interaction_is_computed_under_the_callers_transform() -> None:
     """The error's way out: ``allow_batch_interaction()`` turns the check off as the watch."""
     torch.manual_seed(0)
-    members = [_Centred().double() for _ in range(2)]
+    members = [CentredMLP().double() for _ in range(2)]
     x = torch.randn(5, 3, dtype=torch.float64)
     with torchdiv.allow_batch_interaction():
         got = _under("models", _OPS["divergence"], members, x)
@@ -205,7 +193,7 @@ def test_one_sample_per_batch_is_not_checked() -> None:
     centring of a batch of one is per sample (nothing to check, nothing refused); per-sample
     gradients against each sample's loss alone."""
     torch.manual_seed(0)
-    net = _Centred().double()
+    net = CentredMLP().double()
     params = {k: v.detach() for k, v in net.named_parameters()}
     x = torch.randn(4, 3, dtype=torch.float64)
 
@@ -278,7 +266,7 @@ def test_biharmonic_sample_mixing_is_refused_under_the_callers_transform(ensembl
     """``biharmonic``'s ``"auto"`` records (and watches) ``f`` outside a transform; inside one
     it took nested forward over reverse, unwatched: the diagonal blocks, silently."""
     torch.manual_seed(0)
-    members = [_Centred().double() for _ in range(2)]
+    members = [CentredMLP().double() for _ in range(2)]
     x = torch.randn(5, 3, dtype=torch.float64)
 
     def op(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
 
 import torchdiv
-from tests.conftest import assert_close
+from tests.conftest import CentredMLP, assert_close
 
 
 def _mlp(d_out: int = 3) -> torch.nn.Module:
@@ -182,18 +182,6 @@ def test_value_grad_laplacian_auto_per_sample_under_vmap_of_grad() -> None:
             assert_close(per_sample[key][b], w)
 
 
-class _CentredMLP(torch.nn.Module):
-    """An MLP whose hidden features are centred over the batch: it mixes samples."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner, self.outer = torch.nn.Linear(3, 8), torch.nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inner(x).tanh()
-        return self.outer(h - h.mean(0, keepdim=True))
-
-
 @pytest.mark.parametrize("ensemble", ["models", "inputs", "grad"])
 def test_sample_mixing_is_seen_under_the_callers_vmap(ensemble: str) -> None:
     """Outside a transform, ``"auto"`` refuses a model that centres features over the batch
@@ -203,7 +191,7 @@ def test_sample_mixing_is_seen_under_the_callers_vmap(ensemble: str) -> None:
     divergences, silently; now checked there by two VJPs (``torchdiv._core.mixing.transformed``;
     every operator: ``tests/stacks/test_mixing_under_transforms.py``)."""
     torch.manual_seed(0)
-    members = [_CentredMLP().double() for _ in range(2)]
+    members = [CentredMLP().double() for _ in range(2)]
     x = torch.randn(5, 3, dtype=torch.float64)
     with pytest.raises(torchdiv.BatchInteractionError):
         torchdiv.divergence(members[0], x)
