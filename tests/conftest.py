@@ -285,6 +285,16 @@ def assert_same_parameter_gradients(
         assert_close(zero if a is None else a, zero if b is None else b)
 
 
+def parameter_gradients(model: torch.nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
+    """The gradient of ``loss`` with respect to every parameter of ``model``, zeros where one
+    is unused or where ``loss`` has no graph (a piecewise-linear net's Laplacian of 0)."""
+    params = list(model.parameters())
+    if not loss.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
 def directional_gradient(value: torch.Tensor, params: list[torch.Tensor], directions) -> float:
     """``sum_p <d value.sum() / d p, v_p>`` by one backward pass (unused parameters: 0)."""
     grads = torch.autograd.grad(value.sum(), params, allow_unused=True)

@@ -188,6 +188,13 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-12)
     assert ((actual - expected).abs().max() / scale).item() <= tol
 
 
+def assert_solved_alike(got: tuple, expected: tuple, tol: float = 1e-12) -> None:
+    """Two ``loss_and_gradients`` results: the solves' values and the parameter gradients
+    each within ``tol`` of the reference's largest element."""
+    assert_rel(got[0].double(), expected[0], tol)
+    assert_rel(got[1].double(), expected[1], tol)
+
+
 SOLVES = [
     ("stratonovich", "midpoint"),
     ("logp", "euler"),
@@ -214,8 +221,7 @@ DRIFT_CASES = [
 def test_sdeint_with_torchdiv_in_the_drift(mode, solver, method):
     expected = cached(latent_solve, mode, None, solver)
     got = latent_solve(mode, method, solver)
-    assert_rel(got[0], expected[0])
-    assert_rel(got[1], expected[1])
+    assert_solved_alike(got, expected)
 
 
 @pytest.mark.parametrize("method", ["auto", "structured"])
@@ -225,15 +231,13 @@ def test_sdeint_adjoint_with_torchdiv_in_the_drift(mode, solver, method):
     ``create_graph``): the same gradients as the adjoint with the reference terms."""
     expected = cached(latent_solve, mode, None, solver, True)
     got = latent_solve(mode, method, solver, True)
-    assert_rel(got[0], expected[0])
-    assert_rel(got[1], expected[1])
+    assert_solved_alike(got, expected)
 
 
 def test_logqp_with_the_stratonovich_correction():
     reference = loss_and_gradients(*latent_sde("stratonovich", None), "euler_heun", logqp=True)
     got = loss_and_gradients(*latent_sde("stratonovich", "auto"), "euler_heun", logqp=True)
-    assert_rel(got[0], reference[0])
-    assert_rel(got[1], reference[1])
+    assert_solved_alike(got, reference)
 
 
 def test_gradient_against_central_differences_on_the_same_path():
@@ -391,8 +395,7 @@ def test_float32_solve_against_float64(mode, solver):
     sde.float()
     sde.context = sde.context.float()
     got = loss_and_gradients(sde, y0.float(), solver)
-    assert_rel(got[0].double(), expected[0], tol=16 * torch.finfo(torch.float32).eps)
-    assert_rel(got[1].double(), expected[1], tol=16 * torch.finfo(torch.float32).eps)
+    assert_solved_alike(got, expected, tol=16 * torch.finfo(torch.float32).eps)
 
 
 @pytest.mark.parametrize("method", ["auto", "structured"])
@@ -479,8 +482,7 @@ def general_noise_solve(method: str | None, noise: int) -> tuple[torch.Tensor, t
 def test_general_noise_fokker_planck_term(method, noise):
     expected = cached(general_noise_solve, None, noise)
     got = general_noise_solve(method, noise)
-    assert_rel(got[0], expected[0])
-    assert_rel(got[1], expected[1])
+    assert_solved_alike(got, expected)
 
 
 class DiffusionOfADiagonal(LatentSDE):
@@ -516,8 +518,7 @@ def milstein_solve(method: str | None, adjoint: bool) -> tuple[torch.Tensor, tor
 def test_milstein_through_torchdiv_in_the_diffusion(method, adjoint):
     expected = cached(milstein_solve, None, adjoint)
     got = milstein_solve(method, adjoint)
-    assert_rel(got[0], expected[0])
-    assert_rel(got[1], expected[1])
+    assert_solved_alike(got, expected)
 
 
 class FixedProbes(LatentSDE):
@@ -684,5 +685,4 @@ def test_context_picked_by_time_along_the_solve(method, adjoint):
         return ys.detach(), torch.cat([g.flatten() for g in grads])
 
     reference, got = run(None), run(method)
-    assert_rel(got[0], reference[0])
-    assert_rel(got[1], reference[1])
+    assert_solved_alike(got, reference)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchdiv
+from tests.conftest import parameter_gradients
 from torchdiv._taylor.jet import UnsupportedOp
 
 D = torch.float64
@@ -75,14 +76,6 @@ def _loop(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, op: str) -
     return torch.stack(rows)
 
 
-def _param_grads(net: nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
-    params = list(net.parameters())
-    if not loss.requires_grad:  # (piecewise-linear nets: a Laplacian of 0 without a graph)
-        return [torch.zeros_like(p) for p in params]
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-
-
 OPS = ["divergence", "jacobian_diagonal", "laplacian", "value_grad_laplacian"]
 RECORDING = {"divergence": "structured", "jacobian_diagonal": "structured"}
 
@@ -103,7 +96,7 @@ def test_in_place_activation_recorded_right(name: str, op: str) -> None:
         expected = _loop(plain, x, "diagonal")
         expected = expected.sum(-1) if op == "divergence" else expected
         weights = weights[:, 0] if op == "divergence" else weights
-    expected_grads = _param_grads(net, (expected * weights).sum())
+    expected_grads = parameter_gradients(net, (expected * weights).sum())
     method = RECORDING.get(op, "taylor")
     for _ in range(2):  # (the second call: a plan or template kept from the first)
         if op == "value_grad_laplacian":
@@ -112,7 +105,7 @@ def test_in_place_activation_recorded_right(name: str, op: str) -> None:
         else:
             got = getattr(torchdiv, op)(net, x, method=method)
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
-        grads = _param_grads(net, (got * weights).sum())
+        grads = parameter_gradients(net, (got * weights).sum())
         for g, e in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
@@ -137,8 +130,8 @@ def test_celu_in_place_through_the_pullback_engines(op: str, method: str) -> Non
     expected = expected if op == "laplacian" else expected.sum(-1)
     got = getattr(torchdiv, op)(net, x, method=method)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
-    grads = _param_grads(net, got.square().sum())
-    for g, e in zip(grads, _param_grads(net, expected.square().sum()), strict=True):
+    grads = parameter_gradients(net, got.square().sum())
+    for g, e in zip(grads, parameter_gradients(net, expected.square().sum()), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 

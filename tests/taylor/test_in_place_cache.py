@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchdiv
+from tests.conftest import parameter_gradients
 from torchdiv._taylor import cache
 from torchdiv._taylor.jet import UnsupportedOp
 
@@ -94,23 +95,15 @@ def _loop(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, op: str) -
     return torch.stack(rows)  # type: ignore[arg-type]
 
 
-def _param_grads(net: nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
-    params = list(net.parameters())
-    if not loss.requires_grad:  # (piecewise-linear nets: a Laplacian of 0 without a graph)
-        return [torch.zeros_like(p) for p in params]
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-
-
 def _check(net: nn.Module, x: torch.Tensor, op: str, method: str, calls: int = 3) -> None:
     """``op`` by ``method`` equals the loop, values and parameter gradients, ``calls`` times."""
     expected = _loop(net, x, op)
     weights = torch.randn(expected.shape, dtype=D, generator=torch.Generator().manual_seed(2))
-    expected_grads = _param_grads(net, (expected * weights).sum())
+    expected_grads = parameter_gradients(net, (expected * weights).sum())
     for _ in range(calls):
         got = getattr(torchdiv, op)(net, x, method=method)
         torch.testing.assert_close(got, expected, **TOL)
-        grads = _param_grads(net, (got * weights).sum())
+        grads = parameter_gradients(net, (got * weights).sum())
         for g, e in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(g, e, **TOL)
 
@@ -297,11 +290,11 @@ def test_in_place_writes_recorded_right(
     tolerance = {"rtol": 1e-9, "atol": 1e-9} if name == "sinc_" else TOL
     expected = _loop(net, x, op)
     weights = torch.randn(expected.shape, dtype=D, generator=torch.Generator().manual_seed(2))
-    expected_grads = _param_grads(net, (expected * weights).sum())
+    expected_grads = parameter_gradients(net, (expected * weights).sum())
     for _ in range(3):
         got = getattr(torchdiv, op)(net, x, method=method)
         torch.testing.assert_close(got, expected, **tolerance)
-        grads = _param_grads(net, (got * weights).sum())
+        grads = parameter_gradients(net, (got * weights).sum())
         for g, e in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(g, e, **tolerance)
     if method == "structured":  # (sinc_: once more, by the modes that replace sinc)
