@@ -73,8 +73,8 @@ class Changes(DispatchMode):
     def __init__(self, x: torch.Tensor) -> None:
         super().__init__()
         self.device = x.device
-        self.written: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, value before)
-        self.views: list[View] = []  # the geometry of each tensor in ``written`` before
+        # (tensor, its value and its geometry before)
+        self.written: list[tuple[torch.Tensor, torch.Tensor, View]] = []
         self.after: list[torch.Tensor] | None = None  # their values after a complete evaluation
         self.generators: dict[torch.Generator, torch.Tensor] = {}  # state before f drew
         self._made: set[int] = set()  # storages of tensors f made
@@ -102,8 +102,7 @@ class Changes(DispatchMode):
                 view = (storage, tensor.storage_offset(), tensor.shape, tensor.stride())
                 if storage not in self._made and view not in self._noted:
                     self._noted.add(view)
-                    self.written.append((tensor, tensor.detach().clone()))
-                    self.views.append(View.of(tensor))
+                    self.written.append((tensor, tensor.detach().clone(), View.of(tensor)))
         if random:
             for generator in self._drawn_from(kwargs.get("generator")):
                 self.generators.setdefault(generator, generator.get_state())
@@ -130,11 +129,10 @@ class Changes(DispatchMode):
         its draws stand as one evaluation's (kept, they were put back after it as well, and
         the call left the generator as if ``f`` had drawn nothing)."""
         if error is None:
-            self.after = [tensor.detach().clone() for tensor, _ in self.written]
+            self.after = [tensor.detach().clone() for tensor, _, _ in self.written]
             return
         self._put(before=True)
         self.written, self.generators, self._made, self._noted = [], {}, set(), set()
-        self.views = []
 
     def again(self, f: Callable[[torch.Tensor], T]) -> Callable[[torch.Tensor], T]:
         """``f``, evaluated from the state before the first evaluation (watched until one
@@ -178,15 +176,15 @@ class Changes(DispatchMode):
 
     def _put(self, before: bool, generators: bool = True) -> None:
         after = None if before else self.after
-        values = [b for _, b in self.written] if after is None else after
+        values = [b for _, b, _ in self.written] if after is None else after
         # the tensors as the dispatcher saw them, under no torch.func layer: written so (a
         # transform around the call, a nested call's, refuses writes to captured tensors);
         # the first noted last, where views overlap (``buf[0]``, then ``buf``): its elements'
         # earliest value; a tensor ``f`` resized (``resize_``, ``set_``: a history grown by one
         # entry a call) given its size, strides and offset back first (``View.put``)
-        triples = list(zip(self.written, self.views, values, strict=True))
+        pairs = list(zip(self.written, values, strict=True))
         with torch.no_grad(), torch._C._DisableFuncTorch():
-            for (tensor, _), view, value in reversed(triples):
+            for (tensor, _, view), value in reversed(pairs):
                 if after is None:
                     view.put(tensor)
                 elif tensor.shape != value.shape:  # (the values after: their size)
