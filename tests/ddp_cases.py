@@ -276,7 +276,8 @@ def sample(second: Callable[[Case], bool] = lambda case: True) -> list[Case]:
     """The test suite's share of ``configs``: every operator/method under one DDP option and
     one FSDP2 setting, which turn with the operator's position, as do the model and the loss
     (every wrapper meets several operators, every operator both families), and the cases
-    ``static_graph=True`` once got silently wrong. ``second(case)``: whether to keep an
+    ``static_graph=True`` once got silently wrong (with the other faults' cases: those in
+    ``SECOND_CASES`` by ``second``). ``second(case)``: whether to keep an
     operator's case in its second family (the families alternate with the operator's
     position; the adjoint's only family is DDP), e.g. a day's sample of them: every operator
     still runs under one family, every wrapper and both families still meet operators."""
@@ -292,6 +293,7 @@ def sample(second: Callable[[Case], bool] = lambda case: True) -> list[Case]:
         ]
         first = pair[k % len(pair)]
         cases += [case for case in pair if case == first or second(case)]
+    families = len(cases)  # then the cases of faults found once, each kept always or by second
     static = [("divergence/auto", "with-f"), ("divergence/hutchinson", "with-f"),
               ("graph_divergence/auto", "alone")]  # fmt: skip
     # the adjoint's solves under DDP's buffer broadcast (hung); the divergence alone with
@@ -318,7 +320,26 @@ def sample(second: Callable[[Case], bool] = lambda case: True) -> list[Case]:
     # (rev-stacks15; right, a guard)
     cases += [("ddp-of-compiled", "mlp", "divergence/auto", "with-f"),
               ("fsdp-of-compiled", "mlp", "laplacian/taylor", "with-f")]  # fmt: skip
-    return cases + [("ddp-static", "mlp", op, loss) for op, loss in static]
+    cases += [("ddp-static", "mlp", op, loss) for op, loss in static]
+    return cases[:families] + [
+        case for case in cases[families:] if case not in SECOND_CASES or second(case)
+    ]
+
+
+# the fault cases kept by ``sample``'s ``second`` only (a day's sample): each fault's other
+# cases run always (static_graph: the divergence by auto; a compiled DDP module: reverse; the
+# layer norm's third order: the Laplacian; a ReLU's recordings tied to x: the structured
+# divergence)
+SECOND_CASES = {
+    ("ddp-static", "mlp", "divergence/hutchinson", "with-f"),
+    ("ddp-static", "mlp", "graph_divergence/auto", "alone"),
+    ("compiled-ddp", "mlp", "laplacian/forward-over-reverse", "with-f"),
+    ("ddp", "layernorm", "divergence/reverse", "penalty"),
+    ("ddp", "layernorm", "divergence/forward", "penalty"),
+    ("ddp", "layernorm", "value_grad_laplacian/auto", "penalty"),
+    ("ddp-unused", "relu", "laplacian/taylor", "penalty"),
+    ("ddp-unused", "relu", "jacobian_diagonal/structured", "penalty"),
+}
 
 
 def wrap(model: nn.Module, wrapper: str) -> nn.Module:

@@ -430,7 +430,9 @@ def test_compiled_nearest_neighbour_is_watched_at_every_call() -> None:
     no longer guards this: its radius graph's ``nonzero`` runs the call eagerly, which
     watches ``f`` itself (rev-merges16a)."""
     torch.manual_seed(0)
-    model = torch.compile(NearestNeighbour().to(f64), backend="aot_eager", dynamic=True)
+    # static shapes (every call the same): 2.6 s against dynamic=True's 3.8 s of CPU, and it
+    # fails alike with the memo's verdict check removed (testtime17)
+    model = torch.compile(NearestNeighbour().to(f64), backend="aot_eager")
     far = torch.randn(3, 5, 2, dtype=f64) * 0.2 + 10 * torch.arange(3, dtype=f64)[:, None, None]
     near = torch.randn(3, 5, 2, dtype=f64) * 0.2
     torchdiv.divergence(model, far)

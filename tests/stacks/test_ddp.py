@@ -17,8 +17,10 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no
 
 
 def test_every_operator_under_ddp_and_fsdp_equals_one_process(pytestconfig):
-    """Each operator's case in its second family is sampled as slow tests are (``--slow=all``
-    runs all 72 cases; one pair of processes runs them one after another)."""
+    """Each operator's case in its second family, and the fault cases of
+    ``ddp_cases.SECOND_CASES`` (one case of each fault always runs), are sampled as slow
+    tests are (``--slow=all`` runs all 74 cases; one pair of processes runs them one after
+    another)."""
     cases = ddp_cases.sample(lambda case: in_todays_sample(pytestconfig, "/".join(case)))
     outcomes = ddp_cases.run_pairs(list(enumerate(cases)))
     verdicts = {cases[i]: ddp_cases.judge(cases[i], outcome) for i, outcome in outcomes.items()}
