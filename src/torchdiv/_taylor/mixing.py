@@ -9,7 +9,7 @@ import inspect
 import types
 import weakref
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -52,10 +52,21 @@ class Passed:
     """This very ``f`` passed a watch for sample mixing at a structure; ``plain``: no
     evaluation of it there has shown an op that ``SafeDerivatives`` changes, so the next
     may run outside the mode (``torchdiv._exact.autograd.GraphJacobian.of_function``);
-    ``reverse``: ``torch.func``'s reverse mode ran it there (``torchdiv._exact.dispatch``)."""
+    ``reverse``: ``torch.func``'s reverse mode ran it there (``torchdiv._exact.dispatch``);
+    ``held``: the parameters (weak references) and versions it holds at
+    (``Verdict.while_held``; ``()``: any), ``current`` where each is alive at its version."""
 
     plain: bool = True
     reverse: bool = True
+    held: tuple[tuple[Any, int], ...] = field(default=(), repr=False)
+
+    def current(self) -> bool:
+        """Whether every parameter the pass holds at is alive at its version then."""
+        for ref, version in self.held:
+            t = ref()
+            if t is None or t._version != version:
+                return False
+        return True
 
 
 def passed_before(
@@ -85,7 +96,7 @@ def passed_before(
     if found is None and allowed():
         found = Passed()
         _PASSED.put(*at, found)
-    return found
+    return found if found is None or found.current() else None
 
 
 def passed(
@@ -108,8 +119,11 @@ def passed(
     indices may come from ``x``, a radius graph built inside ``f`` over a flattened batch,
     ``nonzero(cdist(p, p) < r)``, within each sample at one call, across samples at the next,
     unwatched until a review found it), so every call is watched; any values of the floating
-    tensors ``f`` holds (``Held``) where no value decided anything (``for_any_held``)."""
-    if not verdict.for_any_x:
+    tensors ``f`` holds (``Held``) where no value decided anything (``for_any_held``); any
+    ``x`` while the parameters whose values alone reached Python stay as they were
+    (``Verdict.while_held``: ``passed_before`` finds the pass only then)."""
+    held = verdict.kept()
+    if held is None:
         return
     at = at or structure(f, x, batch_dims)
     found: Passed | None = _PASSED.get(*at)
@@ -117,6 +131,7 @@ def passed(
         found = Passed(plain, reverse)
         _PASSED.put(*at, found)
     found.plain, found.reverse = found.plain and plain, found.reverse and reverse
+    found.held = held  # (this watch's: one made at stale versions found no pass)
     loose = _loose(at) if verdict.for_any_held else None
     if loose is not None and _PASSED.get(*loose) is None:
         _PASSED.put(*loose, found)
