@@ -138,6 +138,10 @@ class BatchAxes:
         # the parameters whose values alone reached Python, through an op that raises on them
         # (``_held_read``), each as a weak reference and its version then
         self.held_reads: list[tuple[Any, int]] = []
+        # id -> (tensor, its version then): the integer tensors a rule read indices along the
+        # batch from, before values decided anything (``read_indices``)
+        self.index_roots: dict[int, tuple[torch.Tensor, int]] = {}
+        self.args: Sequence[Any] = ()  # the current op's arguments (``read_indices``)
         # whether ``f`` computed with a tensor subclass (``Reads``): its results are then
         # aliases no ATen call made, followed at every op (``follow``)
         self.subclassed = False
@@ -149,13 +153,26 @@ class BatchAxes:
         self.block_check: tuple[int, int, str] | None = None
 
     def read_indices(self) -> None:
-        """Note that a rule read the values of indices along a batch dimension (``indexed``):
-        the verdict holds for these values only. After values decided something
-        (``values_decide``), those indices may come from them; before, they may come from a
-        tensor ``f`` reaches where the structure's key does not hold it (a neighbour list
-        kept on a plain object, ``self.edges``, rebuilt outside ``f`` over the flattened
-        batch: within each sample at one call, across samples at the next)."""
-        self.indexed = self.these_values = True
+        """Note that a rule read the values of indices along a batch dimension (``indexed``),
+        those of the current op's integer or boolean arguments: after values decided
+        something (``values_decide``), they may come from them, and the verdict holds for
+        these values only. Before, they hold the same values at any ``x`` where each is (a
+        view of) a tensor ``f``'s structure key holds by identity and version (a closure's
+        or module's edges, ``p[senders]`` of a message-passing net over a flattened batch:
+        ``index_roots``, kept by ``torchdiv._taylor.mixing.passed`` only where the key holds
+        them); one it reaches otherwise (a neighbour list on a plain object, ``self.edges``
+        through a bound method, a dict's entry, PyG's ``Data``, rebuilt outside ``f`` over the
+        flattened batch: within each sample at one call, across samples at the next), or
+        one ``f`` computed, keeps the pass for these values only too."""
+        self.indexed = True
+        if self.values_decide:
+            self.these_values = True
+            return
+        for a in tree_leaves(self.args):
+            if isinstance(a, torch.Tensor) and not _floating(a) and self.axes(a) is None:
+                if a.dim() == 0 or a.is_inference():  # (held by identity alone, if at all)
+                    self.these_values = True
+                self.index_roots.setdefault(id(a), (a, a._version))
 
     def read_out(self) -> None:
         """Note values handed to Python where the dispatcher does not see it (``Reads``):
@@ -196,9 +213,12 @@ class BatchAxes:
 
     def verdict(self) -> Verdict:
         """What this watch, passed, says of other calls at the structure (``Verdict``)."""
-        if self.held_reads and not self.these_values:
-            return Verdict(False, not self.values_decide, tuple(self.held_reads))
-        return Verdict(not self.these_values, not self.values_decide)
+        if self.these_values:
+            return Verdict(False, not self.values_decide)
+        if self.held_reads or self.index_roots:
+            roots = tuple((weakref.ref(t), v) for t, v in self.index_roots.values())
+            return Verdict(False, not self.values_decide, tuple(self.held_reads), roots)
+        return Verdict(True, not self.values_decide)
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -211,7 +231,7 @@ class BatchAxes:
         e.g. under ``no_grad``, whose results are constants); notes whether ``func`` combines
         samples in a way derivatives see, or reads a result that did."""
         self.pending, self.carried, self.func, self.guess = None, None, func, None
-        self.layouts = ()
+        self.layouts, self.args = (), args
         self.block_check = None
         self.kwargs = kwargs or {}
         if self.subclassed:  # (under ``torch.func``, the subclass's results come unwrapped)
