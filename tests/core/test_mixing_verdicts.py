@@ -246,8 +246,12 @@ def _back(t: torch.Tensor) -> torch.Tensor:
     ("f", "expected"),
     [
         pytest.param(lambda z: z.sin(), Verdict(True, True), id="nothing-decides"),
-        pytest.param(_back, Verdict(False, True), id="constant-index"),
-        pytest.param(lambda z: (y := _back(z)) * (y > 0), Verdict(False, False), id="then-compare"),
+        pytest.param(_back, Verdict(False, True, (), ((EDGES, 0),)), id="constant-index"),
+        pytest.param(
+            lambda z: (y := _back(z)) * (y > 0),
+            Verdict(False, False, (), ((EDGES, 0),)),
+            id="then-compare",
+        ),
         pytest.param(lambda z: _back(z * (z > 0)), Verdict(False, False), id="compare-then-index"),
         pytest.param(lambda z: _back(z) + 0 * z.sum().item(), Verdict(False, False), id="item"),
         pytest.param(lambda z: z + 0 * len(z[z > 0]), Verdict(False, False), id="shape-by-values"),
@@ -260,23 +264,82 @@ def test_the_verdict_of_a_watch(f, expected: Verdict) -> None:
     values only (after values decided, they may come from them; before, from a tensor the
     structure's key does not hold, as ``test_mixing_held_indices`` replaces); a number read
     out (or a shape set by values) hands values to Python, whose code may do anything after;
-    a number read out of a constant integer tensor reads no value of ``x``."""
-    assert _verdict(f, torch.randn(3, 2, dtype=f64)) == expected
+    a number read out of a constant integer tensor reads no value of ``x``. An index read
+    before any value decided names its tensor (``indexed_by``, weakly): the pass is kept
+    where the structure's key holds it (a global here)."""
+    seen = _verdict(f, torch.randn(3, 2, dtype=f64))
+    indexed = tuple(ref() for ref, _ in seen.indexed_by)
+    assert (seen.for_any_x, seen.for_any_held, seen.kept(), indexed) == (
+        expected.for_any_x,
+        expected.for_any_held,
+        expected.kept(),
+        tuple(t for t, _ in expected.indexed_by),
+    )
 
 
-def test_a_flattened_graph_is_watched_at_every_call(watches: list[int]) -> None:
-    """A GNS-style message passing over the flattened batch with edges offset per sample
-    (no value decides: ``x[senders]`` with integer indices shapes its result by them) is
-    watched at every call: the edges' values decide which samples meet, and a holder the
-    structure's key does not see may replace them between calls."""
-    n = 3
-    local = torch.tensor([[0, 1], [1, 2], [2, 0]])
-    senders, receivers = (local[None] + n * torch.arange(B)[:, None, None]).reshape(-1, 2).T
+def _gns(senders: torch.Tensor, receivers: torch.Tensor, n: int):
+    """A GNS-style message passing over the flattened batch of ``B`` graphs of ``n`` nodes
+    (no value decides: ``x[senders]`` with integer indices shapes its result by them)."""
 
     def f(z: torch.Tensor) -> torch.Tensor:
         p = z.reshape(B * n, 2)
         m = torch.tanh(p[senders] - p[receivers])
         return (p + torch.zeros_like(p).index_add(0, receivers, m)).reshape(B, n * 2)
+
+    return f
+
+
+class _GNS(torch.nn.Module):
+    """The same as a module whose edges are a buffer (PyG's ``radius_graph`` output kept
+    with ``register_buffer``, an MGN's mesh edges)."""
+
+    def __init__(self, edges: torch.Tensor, n: int) -> None:
+        super().__init__()
+        self.register_buffer("edges", edges)
+        self.n = n
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return _gns(self.edges[0], self.edges[1], self.n)(z)
+
+
+def test_a_flattened_graph_with_edges_the_key_holds_is_watched_once(watches: list[int]) -> None:
+    """Edges offset per sample in a closure (``f`` made anew at every call, as a training
+    loop's lambda) or a module's buffer: watched at the first call only, as any per-sample
+    ``f`` (the key holds the edges by identity and version: written in place, or replaced,
+    watched again, and edges crossing samples then refused). Values: the traces of the
+    float64 full Jacobian's diagonal blocks."""
+    n = 3
+    local = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    edges = (local[None] + n * torch.arange(B)[:, None, None]).reshape(-1, 2).T.contiguous()
+    x = torch.randn(B, n * 2, dtype=f64)
+    net = _GNS(edges.clone(), n)
+    senders, receivers = edges
+    for make in (lambda: _gns(senders, receivers, n), lambda: net):
+        watches.clear()
+        for _ in range(3):
+            f = make()
+            full = torch.autograd.functional.jacobian(
+                lambda z, f=f: f(z).reshape(-1), x.reshape(-1)
+            )
+            blocks = full.reshape(B, n * 2, B, n * 2).diagonal(0, 0, 2)
+            torch.testing.assert_close(torchdiv.divergence(f, x), blocks.diagonal(0, 0, 1).sum(-1))
+        assert len(watches) == 1
+    net.edges[0, 0] = net.edges[0, -1]  # (a sender of sample B - 1 in sample 0's graph)
+    with pytest.raises(BatchInteractionError, match="mixes samples"):
+        torchdiv.divergence(net, x)
+
+
+def test_a_flattened_graph_with_computed_edges_is_watched_at_every_call(
+    watches: list[int],
+) -> None:
+    """Edges ``f`` computes itself at every call (from constants, the key holds no tensor of
+    them) are watched at every call: only a tensor the key holds keeps the pass."""
+    n = 3
+    local = torch.tensor([[0, 1], [1, 2], [2, 0]])
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        senders, receivers = (local[None] + n * torch.arange(B)[:, None, None]).reshape(-1, 2).T
+        return _gns(senders, receivers, n)(z)
 
     x = torch.randn(B, n * 2, dtype=f64)
     for _ in range(3):
@@ -415,3 +478,22 @@ def _draw(draw: str, seed: int) -> list[int]:
     if draw == "randperm":
         return torch.randperm(2).tolist()
     return ((torch.arange(2) + torch.randint(0, 2, ())) % 2).tolist()
+
+
+def test_an_index_written_after_it_was_read_keeps_no_pass() -> None:
+    """An index tensor the key holds, written by ``f`` after the watch read it (its next
+    values may come from ``x``): a key made after the call (``passed`` without ``at``)
+    holds the new version, which the read did not see, so nothing is kept."""
+    perm = torch.arange(B)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        y = z[perm] * 2
+        perm.copy_(perm.flip(0))  # (after the read)
+        return y
+
+    x = torch.randn(B, D, dtype=f64)
+    with verdicts() as seen:
+        watched(f, x, 1)
+    perm.copy_(torch.arange(B))  # (as at the read, but written since: another version)
+    mixing.passed(f, x, 1, verdict=seen.verdict)
+    assert mixing.passed_before(f, x, 1) is None

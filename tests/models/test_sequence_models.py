@@ -295,13 +295,6 @@ def test_tokens_written_into_a_time_major_buffer_are_per_sample() -> None:
         torchdiv.divergence(lambda z: _time_major_write(z, weight, 1), x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BatchInteractionError,
-    reason="a fresh buffer written from moved values is guessed sample-major only "
-    "(indexing._flattened): sequence-first tokens sorted by a router and put back in place "
-    "are falsely refused (NOTES_rev-merges16c.md)",
-)
 def test_sequence_first_tokens_routed_and_put_back_are_per_sample() -> None:
     """A router sorting sequence-first ``(T * B, F)`` tokens, each token's expert output
     written back to its own row of ``empty_like`` (as fairseq's mixture of experts un-sorts):
@@ -321,3 +314,35 @@ def test_sequence_first_tokens_routed_and_put_back_are_per_sample() -> None:
     torch.testing.assert_close(
         torchdiv.divergence(routed, x), (slope * weight.diagonal()).sum((1, 2))
     )
+
+
+def test_sequence_first_tokens_put_back_into_other_samples_rows_are_refused() -> None:
+    """The same put-back (``out[order] = h[source]``) with the expert outputs read from the
+    rows ``source``: the second layout tried for the fresh buffer lets no crossing through.
+    Two calls with ``source`` the rows themselves (per sample: values and the weight's
+    gradient those of each token alone), then ``source`` rolled by one row in place (token
+    ``r - 1`` written into row ``r``: another sample's in either layout), refused."""
+    b, t, d = 3, 4, 2
+    weight = torch.randn(d, d, dtype=f64, generator=torch.Generator().manual_seed(1))
+    weight.requires_grad_(True)
+    order = torch.arange(t * b).flip(0)
+    source = order.clone()
+
+    def routed(z: torch.Tensor) -> torch.Tensor:
+        tokens = z.transpose(0, 1).reshape(t * b, d)
+        out = torch.empty_like(tokens)
+        out[order] = torch.tanh(tokens[source] @ weight)
+        return out.reshape(t, b, d).transpose(0, 1)
+
+    for _ in range(2):
+        x = torch.randn(b, t, d, dtype=f64)
+        got = torchdiv.divergence(routed, x)
+        slope = 1 - torch.tanh(x @ weight) ** 2
+        want = (slope * weight.diagonal()).sum((1, 2))
+        torch.testing.assert_close(got, want)
+        (g,) = torch.autograd.grad((got**2).sum(), weight)
+        (w,) = torch.autograd.grad((want**2).sum(), weight)
+        torch.testing.assert_close(g, w)
+    source.copy_(order.roll(1))
+    with pytest.raises(BatchInteractionError, match="divergence"):
+        torchdiv.divergence(routed, x)

@@ -9,7 +9,7 @@ import inspect
 import types
 import weakref
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -19,7 +19,7 @@ from torchdiv._core.mixing.errors import BatchInteractionError, allowed, unnamed
 from torchdiv._core.mixing.reads import Verdict
 from torchdiv._core.script import global_names
 from torchdiv._taylor import RULES, capture
-from torchdiv._taylor.cache import PlanCache, Same, structure_key
+from torchdiv._taylor.cache import PlanCache, Same, named, structure_key
 
 
 def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
@@ -52,10 +52,21 @@ class Passed:
     """This very ``f`` passed a watch for sample mixing at a structure; ``plain``: no
     evaluation of it there has shown an op that ``SafeDerivatives`` changes, so the next
     may run outside the mode (``torchdiv._exact.autograd.GraphJacobian.of_function``);
-    ``reverse``: ``torch.func``'s reverse mode ran it there (``torchdiv._exact.dispatch``)."""
+    ``reverse``: ``torch.func``'s reverse mode ran it there (``torchdiv._exact.dispatch``);
+    ``held``: the parameters (weak references) and versions it holds at
+    (``Verdict.while_held``; ``()``: any), ``current`` where each is alive at its version."""
 
     plain: bool = True
     reverse: bool = True
+    held: tuple[tuple[Any, int], ...] = field(default=(), repr=False)
+
+    def current(self) -> bool:
+        """Whether every parameter the pass holds at is alive at its version then."""
+        for ref, version in self.held:
+            t = ref()
+            if t is None or t._version != version:
+                return False
+        return True
 
 
 def passed_before(
@@ -85,7 +96,7 @@ def passed_before(
     if found is None and allowed():
         found = Passed()
         _PASSED.put(*at, found)
-    return found
+    return found if found is None or found.current() else None
 
 
 def passed(
@@ -108,8 +119,12 @@ def passed(
     indices may come from ``x``, a radius graph built inside ``f`` over a flattened batch,
     ``nonzero(cdist(p, p) < r)``, within each sample at one call, across samples at the next,
     unwatched until a review found it), so every call is watched; any values of the floating
-    tensors ``f`` holds (``Held``) where no value decided anything (``for_any_held``)."""
-    if not verdict.for_any_x:
+    tensors ``f`` holds (``Held``) where no value decided anything (``for_any_held``); any
+    ``x`` while the parameters whose values alone reached Python stay as they were
+    (``Verdict.while_held``: ``passed_before`` finds the pass only then); indices read along
+    the batch only where the key holds each of them (``Verdict.indexed_by``, ``_holds``)."""
+    held = verdict.kept()
+    if held is None or not _holds(f, verdict.indexed_by):
         return
     at = at or structure(f, x, batch_dims)
     found: Passed | None = _PASSED.get(*at)
@@ -117,9 +132,42 @@ def passed(
         found = Passed(plain, reverse)
         _PASSED.put(*at, found)
     found.plain, found.reverse = found.plain and plain, found.reverse and reverse
+    found.held = held  # (this watch's: one made at stale versions found no pass)
     loose = _loose(at) if verdict.for_any_held else None
     if loose is not None and _PASSED.get(*loose) is None:
         _PASSED.put(*loose, found)
+
+
+def _holds(f: Any, indices: tuple[tuple[Any, int], ...]) -> bool:
+    """Whether ``f``'s structure key (``structure``) holds each of ``indices`` (weak
+    references to integer tensors, at the version they were read at: one ``f`` wrote after
+    reading it is not), or the tensor it is a view of (``edges[0]`` of a buffer
+    ``edges``: the view's place in it follows from ``f``'s code), by identity and version
+    (a view shares its base's): one its ``identity`` tells so (a
+    closure cell's, default's or global's, in tuples and nested functions), or a buffer or
+    plain tensor attribute of a module it reaches (``cache.named``; ``cache._tensor``). A
+    neighbour list elsewhere (a plain object's ``self.edges``, a dict's entry, PyG's
+    ``Data``) may be rebuilt across samples at the same shapes, unseen by the key: ``f`` is
+    then watched at every call."""
+    if not indices:
+        return True
+    found: set[int] = set()
+    f = unwrapped(f)
+    if not inspect.ismethod(f):
+        values: list[tuple[Hashable, int]] = []
+        if _identity(f, 3, values, found)[0] is f:
+            found.clear()  # (not told by what it holds: none of it is in the key)
+    for held in [f] if isinstance(f, torch.nn.Module) else named(f):
+        if isinstance(held, torch.nn.Module):
+            for m in held.modules():
+                tensors = [*m._buffers.values(), *vars(m).values()]
+                found |= {id(t) for t in tensors if type(t) is torch.Tensor}
+    return all(
+        (t := ref()) is not None
+        and t._version == version
+        and (id(t) in found or id(t._base) in found)
+        for ref, version in indices
+    )
 
 
 def _loose(at: Structure) -> Structure | None:
@@ -207,15 +255,18 @@ class Held(NamedTuple):
     values: tuple[Hashable, ...]
 
 
-def _identity(f: Any, depth: int, values: list[tuple[Hashable, int]]) -> tuple[Any, Hashable]:
-    """``identity`` without ``Held``: the floating tensors' identities go to ``values``."""
+def _identity(
+    f: Any, depth: int, values: list[tuple[Hashable, int]], others: set[int] | None = None
+) -> tuple[Any, Hashable]:
+    """``identity`` without ``Held``: the floating tensors' identities go to ``values``, the
+    ids of the others it tells by identity and version to ``others`` (``_holds``)."""
     if not isinstance(f, types.FunctionType) or depth == 0:
         return f, ()
     names, keywords = f.__globals__, f.__kwdefaults__ or {}
     found = tuple(n for n in global_names(f.__code__) if n in names)
     held: list[Any] = [_cell(c) for c in f.__closure__ or ()]
     held += [*(f.__defaults__ or ()), *keywords.values(), *(names[n] for n in found)]
-    parts = tuple(_part(v, depth, values) for v in held)
+    parts = tuple(_part(v, depth, values, others) for v in held)
     if any(p is None for p in parts):
         return f, ()
     return f.__code__, (found, tuple(keywords), parts)
@@ -240,17 +291,19 @@ def _cell(cell: Any) -> Any:
         return _EMPTY
 
 
-def _part(v: Any, depth: int, values: list[tuple[Hashable, int]]) -> Hashable | None:
+def _part(
+    v: Any, depth: int, values: list[tuple[Hashable, int]], others: set[int] | None = None
+) -> Hashable | None:
     """How ``identity`` tells one held object: ``None`` where it cannot."""
     if type(v) in _VALUES:
         return type(v), v
     if isinstance(v, tuple):
         if depth == 0 or len(v) > TUPLE_ITEMS:  # (a chain of 5000 nested ones: RecursionError)
             return None
-        parts = tuple(_part(u, depth - 1, values) for u in v)
+        parts = tuple(_part(u, depth - 1, values, others) for u in v)
         return None if any(p is None for p in parts) else (tuple, parts)
     if isinstance(v, types.FunctionType) and depth > 1:
-        site, held = _identity(v, depth - 1, values)
+        site, held = _identity(v, depth - 1, values, others)
         if site is not v:
             return Same(site), held
     try:
@@ -266,6 +319,8 @@ def _part(v: Any, depth: int, values: list[tuple[Hashable, int]]) -> Hashable | 
         # ``t.shift = 1``, may decide)
         return same, v._version
     if not (v.is_floating_point() or v.is_complex()):
+        if others is not None:
+            others.add(id(v))
         return same, v._version
     values.append((same, v._version))  # (strides: a branch on is_contiguous() reads no value)
     return type(v), v.dtype, v.shape, v.stride(), v.device, v.requires_grad

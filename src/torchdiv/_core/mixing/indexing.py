@@ -264,10 +264,11 @@ def _put_axes(
         f"samples {'added' if accumulate else 'moved' if moved else 'written'} into a tensor "
         f"of shape {_shape(t)}, not x's batch shape, whose places are not followed"
     )
-    flat = _flattened(tr, t, values, held) if tr.fresh.get(id(t)) is t else ()
+    flat = _flattened(tr, t, values, held) if tr.fresh.get(id(t)) is t else []
     if flat:
         tr.guess = tr.message(tr.func, f"{what} (nor those of a flattened batch)")
-        return flat
+        tr.layouts = tuple(flat[1:])
+        return flat[0]
     if moved:
         tr.pending = tr.message(tr.func, what)
     return ()
@@ -286,31 +287,37 @@ def _kept_in_place(t: torch.Tensor, values: Any, held: Axes, along: int | None) 
     return all(p != along and t.shape[p] == values.shape[p] for p in (a.position for a in held))
 
 
-def _flattened(tr: BatchAxes, t: torch.Tensor, values: Any, held: Axes) -> Axes:
-    """``x``'s batch dimensions in ``t`` if its first dimension has ``k * n`` places (``n``:
-    the batch's size, all its dimensions) laid out as the ``values`` written into it hold
-    them, where those are as many rows, in order (``held`` all along their first dimension,
-    none moved: a sequence-first ``(T * B, F)`` layout, row ``t * B + b`` sample ``b``'s),
-    else as ``x.reshape(n * k, ...)`` would: samples outermost, ``k`` places each (a
-    message-passing net's ``(B * N, F)`` nodes, a mixture of experts' ``(B * T, D)``
-    tokens), also with one spare row after them (PyG's ``to_dense_batch`` writes
-    ``B * N_max + 1`` rows, the last a trash slot it slices off), which the samples' period
-    wraps onto: it is sample 0's place (``Axis.samples``), so values of other samples written
-    there are refused; none otherwise. Only a guess: the caller checks that every value lands
-    in a place of its own samples in it."""
+def _flattened(tr: BatchAxes, t: torch.Tensor, values: Any, held: Axes) -> list[Axes]:
+    """The layouts ``x``'s batch dimensions may have in ``t`` if its first dimension has
+    ``k * n`` places (``n``: the batch's size, all its dimensions): first, where the
+    ``values`` written into it are as many rows with ``held`` all along their first
+    dimension, theirs (before any move: a sequence-first ``(T * B, F)`` layout, row
+    ``t * B + b`` sample ``b``'s, its tokens written in order or sorted by a router and put
+    back, ``out[order] = h[order]``); then as ``x.reshape(n * k, ...)`` would: samples
+    outermost, ``k`` places each (a message-passing net's ``(B * N, F)`` nodes, a mixture of
+    experts' ``(B * T, D)`` tokens), also with one spare row after them (PyG's
+    ``to_dense_batch`` writes ``B * N_max + 1`` rows, the last a trash slot it slices off),
+    which the samples' period wraps onto: it is sample 0's place (``Axis.samples``), so values
+    of other samples written there are refused; none otherwise. Only guesses: the caller
+    keeps the first under which every value lands in a place of its own samples (``t`` is
+    fresh, none of its places holds a sample yet, so any layout they all fit is one its
+    samples have; later ops follow that one), and refuses the write if none."""
     batch = tr.x.shape[: tr.batch_dims]
     n = math.prod(batch)
     if t.dim() == 0 or t.shape[0] < n or t.shape[0] % n > 1:
-        return ()
+        return []
     alike = isinstance(values, torch.Tensor) and values.dim() == t.dim() > 0
-    in_order = len(held) == len(tr.start) and all(a.position == 0 and not a.rows for a in held)
-    if alike and in_order and values.shape[0] == t.shape[0]:
-        return held
+    along = len(held) == len(tr.start) and all(a.position == 0 for a in held)
+    own = [tuple(a._replace(rows=()) for a in held)] if alike and along else []
+    if own and values.shape[0] == t.shape[0] and not any(a.rows for a in held):
+        return own  # (in order: the values' own rows)
+    own = own if own and values.shape[0] == t.shape[0] else []
     k = t.shape[0] // n
-    return tuple(
+    major = tuple(
         Axis(0, axis.size, k * math.prod(batch[axis.source + 1 :]), (), axis.source)
         for axis in tr.start
     )
+    return [*own, major] if major not in own else own
 
 
 def _put(
@@ -324,29 +331,46 @@ def _put(
     """``t[index] = values`` (``index_put``, ``index_copy``, ``index_add``; ``along``: the one
     dimension ``index`` picks places along, if so): each value must land in a place of its
     own samples (``y[m] = g(x[m])``, ``y[perm] = x[perm]``); else ``tr.pending`` says which
-    op moved samples. Returns ``t``'s batch dimensions."""
+    op moved samples. Returns ``t``'s batch dimensions: of a fresh flattened buffer, the
+    first layout guessed (``_flattened``, ``tr.layouts``) under which they all do."""
     axes = _put_axes(tr, t, values, accumulate, along)
     if not axes or not isinstance(values, torch.Tensor):
         return axes
+    before = tr.pending
+    found = _misput(tr, t, axes, index, values)
+    first = tr.pending  # (``_indexed``'s own refusal, under the first layout)
+    for layout in tr.layouts if found is not None else ():
+        tr.pending = before
+        if _misput(tr, t, layout, index, values) is None and tr.pending is before:
+            return layout
+    tr.pending = first if found is None else found
+    return axes
+
+
+def _misput(
+    tr: BatchAxes, t: torch.Tensor, axes: Axes, index: list[Any], values: torch.Tensor
+) -> str | None:
+    """The refusal of ``t[index] = values`` with ``t``'s batch dimensions ``axes`` (``_put``),
+    or ``None`` where every value lands in a place of its own samples."""
     func = tr.func
     shape, places, pick = _indexed(tr, t, axes, index, str(func))
     carried, held = tr.picks(values), tr.axes(values)
     if carried is not None and carried.sample is not None:
         wrong = places or (pick is not None and pick.sample != carried.sample)
-        if wrong:
-            tr.pending = tr.message(func, f"{carried.what}, written into other samples' places")
-        return axes
+        return (
+            tr.message(func, f"{carried.what}, written into other samples' places")
+            if wrong
+            else None
+        )
     if held and pick is not None:
-        tr.pending = tr.guess or tr.message(func, f"{_PUT_WHAT} (the places all hold {pick.what})")
-        return axes
+        return tr.guess or tr.message(func, f"{_PUT_WHAT} (the places all hold {pick.what})")
     expected: dict[int, set[tuple[int, ...]]] = {}
     for axis in places:
         expected.setdefault(axis.position, set()).add(_held(axis, shape[axis.position]))
     for axis in _aligned(values, held or (), shape):
         if _held(axis, shape[axis.position]) not in expected.get(axis.position, set()):
-            tr.pending = tr.guess or tr.message(func, _written(tr, axis))
-            break
-    return axes
+            return tr.guess or tr.message(func, _written(tr, axis))
+    return None
 
 
 def _index_put(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:

@@ -65,22 +65,49 @@ class Verdict:
     verdict of several watched evaluations, every caller that remembers a pass takes it from
     one of these.
 
+    ``while_held``: the values that reached Python were only those of parameters ``f`` held
+    before the call, through an op that raises on them (``_CHECKS_VALUES``: the singular
+    values of a weight, ``W / matrix_norm(W, 2)``), each as a weak reference and its version
+    then: the pass holds for any ``x`` while each of them is alive at that version (``kept``).
+    ``indexed_by``: the integer tensors (weak references) a rule read indices along the batch
+    from, before values decided anything, with their versions then: the pass holds for any
+    ``x`` only where ``f``'s structure key holds each of them by identity and version, and
+    ``f`` did not write one after reading it (``passed`` looks). With
+    either, ``for_any_x`` stays ``False`` for a caller that looks at neither.
+
     Example:
         >>> Verdict.joined([Verdict(True, True), Verdict(True, False)])
-        Verdict(for_any_x=True, for_any_held=False)
+        Verdict(for_any_x=True, for_any_held=False, while_held=None, indexed_by=())
         >>> Verdict.joined([])  # nothing watched: nothing to keep
-        Verdict(for_any_x=False, for_any_held=False)
+        Verdict(for_any_x=False, for_any_held=False, while_held=None, indexed_by=())
+        >>> Verdict(False, False, ()).kept(), Verdict().kept()
+        ((), None)
     """
 
     for_any_x: bool = False
     for_any_held: bool = False
+    while_held: tuple[tuple[Any, int], ...] | None = None
+    indexed_by: tuple[tuple[Any, int], ...] = ()
+
+    def kept(self) -> tuple[tuple[Any, int], ...] | None:
+        """The held parameters (weak references) and versions the pass holds for any ``x``
+        at (``()``: at any; ``indexed_by`` aside), or ``None`` if it holds for these values
+        of ``x`` only."""
+        return () if self.for_any_x else self.while_held
 
     @staticmethod
     def joined(verdicts: Sequence[Verdict]) -> Verdict:
         """The verdict all of ``verdicts`` make together (none: ``Verdict()``)."""
         if not verdicts:
             return Verdict()
-        return Verdict(all(v.for_any_x for v in verdicts), all(v.for_any_held for v in verdicts))
+        held = all(v.for_any_held for v in verdicts)
+        kept = [v.kept() for v in verdicts]
+        indexed = tuple(r for v in verdicts for r in v.indexed_by)
+        if all(k == () for k in kept) and not indexed:
+            return Verdict(True, held)
+        if any(k is None for k in kept):
+            return Verdict(False, held)
+        return Verdict(False, held, tuple(t for k in kept for t in k or ()), indexed)
 
 
 # how far ``decides`` found values reach: a tensor of integers or booleans (``x > 0``), or
@@ -161,7 +188,7 @@ class Reads(TorchFunctionMode):
         >>> with Reads(axes):
         ...     _ = torch.tensor(0.5).tolist()
         >>> axes.verdict()
-        Verdict(for_any_x=False, for_any_held=False)
+        Verdict(for_any_x=False, for_any_held=False, while_held=None, indexed_by=())
     """
 
     def __init__(self, axes: BatchAxes) -> None:

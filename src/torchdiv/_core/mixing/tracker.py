@@ -14,6 +14,7 @@ not.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -39,7 +40,14 @@ from torchdiv._core.mixing.errors import (
     explain,
 )
 from torchdiv._core.mixing.places import _aligned, _held, _reduced_dims
-from torchdiv._core.mixing.reads import PYTHON, VALUE_FREE, Verdict, _floating, decides
+from torchdiv._core.mixing.reads import (
+    _CHECKS_VALUES,
+    PYTHON,
+    VALUE_FREE,
+    Verdict,
+    _floating,
+    decides,
+)
 from torchdiv._core.mixing.tables import (
     _CARRY,
     _CATS,
@@ -100,6 +108,8 @@ class BatchAxes:
         # the current op's refusal if the places it puts into, laid out as a guess
         # (``_flattened``), do not hold the samples put there
         self.guess: str | None = None
+        # the other layouts such a fresh tensor may have (``_flattened``), tried in turn
+        self.layouts: tuple[Axes, ...] = ()
         self.carried: Pick | None = None  # the pick the results of the current op inherit
         self.func: Any = None  # the current op
         self.kwargs: dict[str, Any] = {}  # its keyword arguments (``_unknown`` reads them)
@@ -125,6 +135,13 @@ class BatchAxes:
         # whether the verdict holds for these values of ``x`` only (``verdict``): values
         # reached Python, or indices were read along the batch after values decided
         self.these_values = False
+        # the parameters whose values alone reached Python, through an op that raises on them
+        # (``_held_read``), each as a weak reference and its version then
+        self.held_reads: list[tuple[Any, int]] = []
+        # id -> (tensor, its version then): the integer tensors a rule read indices along the
+        # batch from, before values decided anything (``read_indices``)
+        self.index_roots: dict[int, tuple[torch.Tensor, int]] = {}
+        self.args: Sequence[Any] = ()  # the current op's arguments (``read_indices``)
         # whether ``f`` computed with a tensor subclass (``Reads``): its results are then
         # aliases no ATen call made, followed at every op (``follow``)
         self.subclassed = False
@@ -136,13 +153,26 @@ class BatchAxes:
         self.block_check: tuple[int, int, str] | None = None
 
     def read_indices(self) -> None:
-        """Note that a rule read the values of indices along a batch dimension (``indexed``):
-        the verdict holds for these values only. After values decided something
-        (``values_decide``), those indices may come from them; before, they may come from a
-        tensor ``f`` reaches where the structure's key does not hold it (a neighbour list
-        kept on a plain object, ``self.edges``, rebuilt outside ``f`` over the flattened
-        batch: within each sample at one call, across samples at the next)."""
-        self.indexed = self.these_values = True
+        """Note that a rule read the values of indices along a batch dimension (``indexed``),
+        those of the current op's integer or boolean arguments: after values decided
+        something (``values_decide``), they may come from them, and the verdict holds for
+        these values only. Before, they hold the same values at any ``x`` where each is (a
+        view of) a tensor ``f``'s structure key holds by identity and version (a closure's
+        or module's edges, ``p[senders]`` of a message-passing net over a flattened batch:
+        ``index_roots``, kept by ``torchdiv._taylor.mixing.passed`` only where the key holds
+        them); one it reaches otherwise (a neighbour list on a plain object, ``self.edges``
+        through a bound method, a dict's entry, PyG's ``Data``, rebuilt outside ``f`` over the
+        flattened batch: within each sample at one call, across samples at the next), or
+        one ``f`` computed, keeps the pass for these values only too."""
+        self.indexed = True
+        if self.values_decide:
+            self.these_values = True
+            return
+        for a in tree_leaves(self.args):
+            if isinstance(a, torch.Tensor) and not _floating(a) and self.axes(a) is None:
+                if a.dim() == 0 or a.is_inference():  # (held by identity alone, if at all)
+                    self.these_values = True
+                self.index_roots.setdefault(id(a), (a, a._version))
 
     def read_out(self) -> None:
         """Note values handed to Python where the dispatcher does not see it (``Reads``):
@@ -154,9 +184,41 @@ class BatchAxes:
         across samples, ``_softmaxed``): it holds for these values only."""
         self.values_decide = self.indexed = self.these_values = True
 
+    def _held_read(self, args: Sequence[Any]) -> bool:
+        """Whether the current op, one that raises on its arguments' values
+        (``_CHECKS_VALUES``: a factorization that fails to converge), read only parameters
+        ``f`` held before the call (``nn.Parameter``, or views of one, that no watched op
+        gave batch axes), which it then notes with their versions (``held_reads``). Such an
+        op on weights alone, ``W / matrix_norm(W, 2)``, cannot route one sample's values
+        into another's, and whether it raises (a ``try:`` whose ``except`` branch mixes
+        samples) follows from the weights' values alone, which this call's ``x`` did not
+        set: the pass holds for any ``x`` while each weight is the same at the same version
+        (``Verdict.while_held``; training's step writes it: watched again). An argument
+        computed from ``x`` (a per-sample Kabsch alignment's ``svd``, even under
+        ``no_grad``, where it is no parameter) keeps the pass for these values only."""
+        if self.func not in _CHECKS_VALUES:
+            return False
+        held = []
+        for a in tree_leaves(args):
+            if not isinstance(a, torch.Tensor) or not _floating(a):
+                continue
+            root = a if a._base is None else a._base
+            if type(root) is not torch.nn.Parameter or self.axes(a) or self.axes(root):
+                return False
+            held.append(root)
+        if not held:
+            return False
+        self.held_reads += [(weakref.ref(t), t._version) for t in held]
+        return True
+
     def verdict(self) -> Verdict:
         """What this watch, passed, says of other calls at the structure (``Verdict``)."""
-        return Verdict(not self.these_values, not self.values_decide)
+        if self.these_values:
+            return Verdict(False, not self.values_decide)
+        if self.held_reads or self.index_roots:
+            roots = tuple((weakref.ref(t), v) for t, v in self.index_roots.values())
+            return Verdict(False, not self.values_decide, tuple(self.held_reads), roots)
+        return Verdict(True, not self.values_decide)
 
     def axes(self, t: Any) -> Axes | None:
         entry = self.known.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -169,6 +231,7 @@ class BatchAxes:
         e.g. under ``no_grad``, whose results are constants); notes whether ``func`` combines
         samples in a way derivatives see, or reads a result that did."""
         self.pending, self.carried, self.func, self.guess = None, None, func, None
+        self.layouts, self.args = (), args
         self.block_check = None
         self.kwargs = kwargs or {}
         if self.subclassed:  # (under ``torch.func``, the subclass's results come unwrapped)
@@ -224,7 +287,8 @@ class BatchAxes:
         decided = decides(self.func, args, out, self.values_decide, self.kwargs)
         if decided:
             self.values_decide = True
-            self.these_values |= decided == PYTHON
+            if decided == PYTHON and not self._held_read(args):
+                self.these_values = True
         if carry is None:
             return
         result = carry(self, args, out)
