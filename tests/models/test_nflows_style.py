@@ -406,3 +406,85 @@ def test_zukos_unaf_values_and_its_refused_parameter_gradients() -> None:
     assert_close(log_det, transform.call_and_ladj(x)[1])
     with pytest.raises(RuntimeError, match="once_differentiable"):
         log_det.sum().backward()
+
+
+class _DepthCat(nn.Module):
+    """torchdyn's ``DepthCat``: the time, set on the module from outside, as one more channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t: torch.Tensor | float | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.t * torch.ones(x.shape[0], 1).to(x)], 1)
+
+
+class _DEFunc(nn.Module):
+    """torchdyn's ``DEFunc``: writes ``t`` onto every submodule that has a ``t``, then runs
+    the field (the layout of torchdyn's CNFs, whose own tests skip without torchcde)."""
+
+    def __init__(self, field: nn.Module) -> None:
+        super().__init__()
+        self.vf = field
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        for _, module in self.vf.named_modules():
+            if hasattr(module, "t"):
+                module.t = t
+        return self.vf(x)
+
+
+def _log_likelihood_alone(velocity, x: torch.Tensor, base) -> torch.Tensor:
+    """One sample at a time: rk4 from ``t = 1`` to ``0`` on ``(z, -int tr)``, the trace by
+    autograd row by row (torchdiffeq, no torchdiv)."""
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    d = x.shape[1]
+
+    def augmented(t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            z = state[:, :d] if state.requires_grad else state[:, :d].requires_grad_(True)
+            v = velocity(t, z)
+            rows = [torch.autograd.grad(v[0, i], z, create_graph=True)[0][0, i] for i in range(d)]
+        return torch.cat([v, -sum(rows).view(1, 1)], 1)
+
+    out = []
+    for b in range(len(x)):
+        start = torch.cat([x[b : b + 1], torch.zeros(1, 1, dtype=x.dtype)], 1)
+        end = torchdiffeq.odeint(
+            augmented,
+            start,
+            torch.tensor([1.0, 0.0], dtype=x.dtype),
+            method="rk4",
+            options={"step_size": 0.25},
+        )[-1]
+        out.append(base(end[:, :d]) - end[:, d])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("method", ["auto", "reverse", "forward", "structured"])
+def test_a_torchdyn_depthcat_field_log_likelihood_and_its_gradients(method: str) -> None:
+    """A field whose time is written onto its ``DepthCat`` layers before each evaluation:
+    ``flows.log_likelihood`` (rk4, data at ``t = 1``) and its parameter gradients equal a
+    per-sample solve with the trace by autograd, on two calls."""
+    pytest.importorskip("torchdiffeq")
+    from torchdiv.flows import log_likelihood
+
+    torch.manual_seed(0)
+    field = nn.Sequential(
+        _DepthCat(),
+        nn.Linear(4, 16, dtype=f64),
+        nn.Tanh(),
+        _DepthCat(),
+        nn.Linear(17, 3, dtype=f64),
+    )
+    velocity = _DEFunc(field)
+    base = lambda z: -0.5 * z.square().sum(-1) - 1.5 * math.log(2 * math.pi)  # noqa: E731
+    x = torch.randn(5, 3, dtype=f64, generator=torch.Generator().manual_seed(11))
+    want = _log_likelihood_alone(velocity, x, base)
+    weights = torch.linspace(0.5, 1.5, 5, dtype=f64)
+    for _ in range(2):
+        got = log_likelihood(
+            velocity, x, 0.0, 1.0, base, method=method, solver="rk4", options={"step_size": 0.25}
+        )
+        assert_close(got, want)
+        assert_same_parameter_gradients(field, (weights * got).sum(), (weights * want).sum())
