@@ -19,6 +19,13 @@ loss only (``loss``), each against the same eager step:
   once);
 - ``torchdiv behind disable``: the same lambda behind ``torch.compiler.disable``: the break at
   the user's call, no frame of torchdiv's or of the lambda;
+- ``loss term behind disable``: the whole loss term, ``op(f, x).square().mean()``, behind one
+  ``torch.compiler.disable`` (the training guide's advice): no graph of the loss's last ops
+  after the break (its ``loss`` column is the eager loss inside a compiled nothing);
+- ``eager against itself``: the recording method's eager step timed against a second copy
+  of itself in both columns, a control: what the timing reports for two equal steps (this
+  machine's noise and the order of the steps within a round), the least difference the
+  other rows resolve;
 - ``stand-in, break``: an operator of almost no work, ``f(x).sum(-1)``, behind
   ``torch.compiler.disable``: the break alone;
 - ``stand-in, torchdiv's entry``: the same operator behind torchdiv's entry wrapper
@@ -63,6 +70,8 @@ def operators(case: str) -> dict[str, Op]:
     return {
         "torchdiv": recorded,
         "torchdiv behind disable": torch.compiler.disable(recorded),
+        "loss term behind disable": recorded,
+        "eager against itself": recorded,
         "stand-in, break": torch.compiler.disable(stand_in),
         "stand-in, torchdiv's entry": eager_when(lambda *_, **__: True)(stand_in),
         "stand-in, traced": stand_in,
@@ -77,8 +86,10 @@ def run_case(case: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
         torch._dynamo.reset()
         eager_op = stand_in if name.startswith("stand-in") else operators(case)["torchdiv"]
         steps = {"eager": training_step(copy.deepcopy(net), eager_op)}
+        whole = name == "loss term behind disable"
         for mode in ("step", "loss"):
-            steps[mode] = training_step(copy.deepcopy(net), op, mode)
+            compiled = "eager" if name == "eager against itself" else mode
+            steps[mode] = training_step(copy.deepcopy(net), op, compiled, whole)
         calls = {k: functools.partial(step, x) for k, step in steps.items()}
         times = cpu_interleaved_ms(calls, rounds, min_run_time)
         row: dict[str, Any] = {"case": case, "operator": name}

@@ -69,16 +69,24 @@ MODES = ("model", "loss", "step")  # what is compiled; "eager": nothing
 
 
 def training_step(
-    net: torch.nn.Module, op: Callable[..., torch.Tensor], mode: str = "eager"
+    net: torch.nn.Module,
+    op: Callable[..., torch.Tensor],
+    mode: str = "eager",
+    loss_behind_disable: bool = False,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """One SGD step on ``op(f, x).square().mean()``, with ``mode`` compiled: ``"model"``,
     ``f = torch.compile(net)``; ``"loss"``, the loss function; ``"step"``, the whole step;
-    ``"eager"``, nothing."""
+    ``"eager"``, nothing. ``loss_behind_disable``: that loss term behind one
+    ``torch.compiler.disable`` (the training guide's advice for the recording methods: no
+    graph of the loss's last ops after the break)."""
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
     f = torch.compile(net) if mode == "model" else net
 
     def loss_of(x: torch.Tensor) -> torch.Tensor:
         return op(f, x).square().mean()
+
+    if loss_behind_disable:
+        loss_of = torch.compiler.disable(loss_of)
 
     loss_fn = torch.compile(loss_of) if mode == "loss" else loss_of
 
