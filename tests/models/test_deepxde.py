@@ -117,3 +117,70 @@ def test_biharmonic_and_weighted_laplacian_match_nested_dde_hessians() -> None:
     expected = torch.autograd.grad(want.sum(), params, materialize_grads=True)
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_lbfgs_training_with_the_graph_form_and_a_gpinn_term_matches_dde_grad() -> None:
+    """An Allen-Cahn-like ``TimePDE`` on ``(x, t)`` with a hard initial condition, trained by
+    DeepXDE's L-BFGS (strong Wolfe; 3 calls of 5 iterations) in float64, the residual's
+    ``u_xx`` from ``graph_laplacian(y, x, coordinates=[0])`` on the ``y`` DeepXDE passes, or
+    from ``value_grad_laplacian`` of the network, with a gPINN term (``dde.grad.jacobian`` of
+    the residual: third derivatives): every loss and the final parameters as with
+    ``dde.grad.hessian``. (DeepXDE sets L-BFGS's iterations per call at import, so
+    ``set_LBFGS_options(maxiter=...)`` alone runs 1000 per call: set them here.)"""
+
+    def train(second) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        dde.config.set_random_seed(0)
+        net = dde.nn.FNN([3] + [16] * 2 + [1], "tanh", "Glorot normal")
+        net.apply_feature_transform(
+            lambda x: torch.cat([x[:, :1], torch.sin(torch.pi * x[:, :1]), x[:, 1:]], 1)
+        )
+        net.apply_output_transform(
+            lambda x, y: torch.sin(torch.pi * x[:, :1]) + x[:, 1:] * x[:, :1] * (1 - x[:, :1]) * y
+        )
+        geom = dde.geometry.GeometryXTime(
+            dde.geometry.Interval(0, 1), dde.geometry.TimeDomain(0, 1)
+        )
+
+        def pde(x, y):
+            u_t, u_xx = second(net, x, y)
+            residual = u_t - 0.1 * u_xx + 5 * y**3 - 5 * y
+            return [residual, dde.grad.jacobian(residual, x, i=0, j=0)]
+
+        data = dde.data.TimePDE(geom, pde, [], num_domain=24, train_distribution="pseudo")
+        model = dde.Model(data, net)
+        dde.optimizers.config.set_LBFGS_options(maxiter=15)
+        dde.optimizers.config.LBFGS_options.update(iter_per_step=5, fun_per_step=8)
+        model.compile("L-BFGS", loss_weights=[1, 0.1])
+        losses, _ = model.train(display_every=1, verbose=0)
+        dde.grad.clear()
+        got = [[float(v) for v in loss] for loss in losses.loss_train]
+        return torch.tensor(got), [p.detach() for p in net.parameters()]
+
+    def by_dde(net, x, y):
+        return dde.grad.jacobian(y, x, i=0, j=1), dde.grad.hessian(y, x, i=0, j=0)
+
+    def by_graph(net, x, y):
+        u_xx = torchdiv.graph_laplacian(y, x, create_graph=True, coordinates=[0])
+        return dde.grad.jacobian(y, x, i=0, j=1), u_xx
+
+    def by_function(net, x, y):
+        out = torchdiv.value_grad_laplacian(net, x, coordinates=[0])
+        return out.gradient[:, :, 1], out.laplacian
+
+    options = dict(dde.optimizers.config.LBFGS_options)
+    dtype = torch.get_default_dtype()
+    dde.config.set_default_float("float64")
+    try:
+        want, want_params = train(by_dde)
+        for second in (by_graph, by_function):
+            got, params = train(second)
+            assert got.shape == want.shape == (4, 2)  # the initial loss and 3 L-BFGS calls
+            # (15 iterations amplify round-off: measured 5e-12 relative)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(params, want_params, rtol=1e-8, atol=1e-10)
+    finally:
+        dde.config.set_default_float("float32")
+        torch.set_default_dtype(dtype)
+        dde.optimizers.config.LBFGS_options.clear()
+        dde.optimizers.config.LBFGS_options.update(options)
