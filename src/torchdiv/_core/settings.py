@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 # the modules the public call's f reaches, found on demand
 _MODULES: ContextVar[Callable[[], Iterable[torch.nn.Module]] | None] = ContextVar(
@@ -131,18 +132,28 @@ def _buffers(attributes: dict[str, object]) -> dict[str, object] | None:
 def _tensors(attributes: dict[str, object]) -> Iterator[torch.Tensor]:
     """A module's own parameters and buffers, from its ``__dict__``: plain tensors and
     parameters only (a lazy module's ``UninitializedParameter`` gets its data on the first
-    forward, for good; a tensor subclass may hold no storage of its own)."""
+    forward, for good; a tensor subclass, or one ``f`` set anew under ``torch.func``'s
+    transforms (an outer call's, around a nested one), may hold no storage of its own)."""
     for name in ("_parameters", "_buffers"):
         held = attributes.get(name)
         for tensor in held.values() if type(held) is dict else ():
-            if type(tensor) in _PLAIN_TENSORS and tensor.layout is torch.strided:
+            if (
+                type(tensor) in _PLAIN_TENSORS
+                and tensor.layout is torch.strided
+                and not is_functorch_wrapped_tensor(tensor)  # (set anew under a transform)
+            ):
                 yield tensor
 
 
-def _where(tensor: torch.Tensor) -> tuple[object, ...]:
+def _where(tensor: torch.Tensor) -> tuple[object, ...] | None:
     """Where ``tensor``'s elements are: its first element's address, its geometry and dtype
-    (``.data`` replaced changes one of them)."""
-    return (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+    (``.data`` replaced changes one of them); ``None`` for data without storage of its own
+    (a ``torch.func`` transform's wrapper, which a nested call's evaluation may have set)."""
+    try:
+        address = tensor.data_ptr()
+    except RuntimeError:
+        return None
+    return (address, tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
 
 
 _PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
 import torch
+from torch._C._autograd import _unsafe_set_version_counter
 
 from torchdiv._core.modes import DispatchMode
 from torchdiv._core.settings import Settings
@@ -233,7 +234,7 @@ def _versions(noted: list[tuple[torch.Tensor, int]]) -> None:
     """
     if noted:
         tensors, versions = zip(*reversed(noted), strict=True)
-        torch._C._autograd._unsafe_set_version_counter(tensors, versions)
+        _unsafe_set_version_counter(tensors, versions)
 
 
 class Once:
