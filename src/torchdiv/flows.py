@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from types import ModuleType
@@ -54,6 +56,8 @@ from typing import Any, Literal, overload
 
 import torch
 from torch import nn
+from torch._C._functorch import TransformType, peek_interpreter_stack
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.utils._pytree import tree_leaves
 
 from torchdiv._api.reporting import final_error, reported
@@ -269,6 +273,58 @@ def _from(t: torch.Tensor, own: set[int]) -> bool:
             return False
         todo += [n for n, _ in node.next_functions]
     return True
+
+
+def _solver_under_transform(fn: str, error: RuntimeError) -> ValueError | None:
+    """The error to raise for ``error``, raised by torchdiffeq's own code (not ``f``'s) inside
+    the caller's ``torch.func`` transform; ``None`` elsewhere.
+
+    Inside ``vmap`` (an ensemble of flows by ``functional_call`` over stacked parameters, or
+    a ``vmap`` over stacks of inputs) every solver failed at its first write, the initial
+    state into a solution tensor made unbatched (``solution[0] = y0``): PyTorch's "vmap:
+    inplace arithmetic ... is not possible", which names no way out. Inside ``grad`` or
+    ``jacrev`` the fixed-grid solvers (``"rk4"``, ``"euler"``, ``"midpoint"``) run, with the
+    gradients of backpropagation through them; the adaptive ones failed in torchdiffeq's
+    ``autograd.Function`` without ``setup_context``.
+
+    >>> _solver_under_transform("log_likelihood", RuntimeError("f's own")) is None
+    True
+    """
+    if peek_interpreter_stack() is None or not _raised_in_torchdiffeq(error):
+        return None
+    return _under_transform(fn, "PyTorch: '" + str(error).splitlines()[0].split(". ")[0] + "'")
+
+
+def _under_transform(fn: str, why: str) -> ValueError:
+    """The refusal of a solve inside the caller's ``torch.func`` transform, ``why`` said:
+    under ``vmap`` what runs instead (a batch dimension more, a loop), under the others the
+    fixed-grid solvers without the adjoint (whose ``requires_grad_`` they refuse)."""
+    if any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters()):
+        return ValueError(
+            f"{fn}: torchdiffeq's solvers cannot run inside torch.func.vmap: they write the "
+            f"states into a solution tensor they make unbatched ({why}); for one f over "
+            "stacks of inputs, pass the stack as one more batch dimension (batch_dims=2, or "
+            "the stack flattened into the batch), and for an ensemble of flows, call it for "
+            "each member in a Python loop"
+        )
+    return ValueError(
+        f"{fn}: inside a torch.func transform (grad, jacrev, jvp) torchdiffeq runs only its "
+        "fixed-grid solvers (solver='rk4', 'euler' or 'midpoint' with options={'step_size': "
+        "...}) with adjoint=False: its adaptive solvers use an autograd.Function without "
+        f"setup_context, and the adjoint calls requires_grad_ ({why}); or take the gradients "
+        "with torch.autograd outside the transform"
+    )
+
+
+def _raised_in_torchdiffeq(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback outside PyTorch is torchdiffeq's
+    (its solver, not ``f`` it evaluates)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    outside = [f.filename for f in frames if not f.filename.startswith(_TORCH_DIR)]
+    return bool(outside) and f"{os.sep}torchdiffeq{os.sep}" in outside[-1]
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 def _torchdiffeq(fn: str) -> tuple[ModuleType, tuple[str, ...]]:
@@ -692,6 +748,8 @@ def log_likelihood(
             "adjoint concatenates the parameters with plain tensors, which sharded ones "
             "refuse; use adjoint=False (backpropagation through the solver)"
         )
+    if adjoint and peek_interpreter_stack() is not None:
+        raise _under_transform(fn, "adjoint=True")
     lost = _lost_to_adjoint(f, module) if adjoint and module is not None else []
     others = adjoint and module is not None and _differentiates_others(f, x, times, module)
     if others:
@@ -723,6 +781,11 @@ def log_likelihood(
             if diverged is None:
                 raise
             raise diverged from error
+        except RuntimeError as error:  # torchdiffeq's own code under the caller's torch.func
+            transformed = _solver_under_transform(fn, error)
+            if transformed is None:
+                raise
+            raise transformed from error
         state = z[-1], delta[-1]
     base = base_log_prob(state[0])
     check_log_prob(fn, base, x, batch_dims)

@@ -20,7 +20,14 @@ at four chunks) differentiated ``f`` with ``n = 2`` (or 5) where the call's ``f`
 torch.full(...)`` at each forward and scales its output by the last one's read it unset in
 the first chunk of an exact Laplacian and set in the next (0.38 where it is 0.20). Lists,
 dictionaries and other objects are not kept (they are not copied: a cache ``f`` fills stays
-filled).
+filled). So too a parameter's or buffer's ``.data`` that ``f`` replaces (``self.u.data =
+l2normalize(w.mv(self.v.data))``, the power iteration of the spectral norm GAN code
+written before ``torch.nn.utils.spectral_norm``; ``w.data = w.data.clamp(...)``): no op of
+the dispatcher, so that nothing else saw it, and each evaluation of one call started from
+the one before's (forward mode one direction a chunk differentiated ``f`` with a counter
+``n.data = n.data + 1`` at ``n = 1, 2, 3``, 0.10-0.49 off; the spectral norm GAN's layer
+0.01-0.03, its parameter gradients 0.05-0.37): it gets its data from before back (the
+tensor that held it, kept).
 
 The public call says which modules ``f`` reaches (``calling``, from
 ``_exact.attributes.PlainAttributes``); outside one (an engine called directly) nothing is
@@ -33,10 +40,11 @@ holds them: one call.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 # the modules the public call's f reaches, found on demand
 _MODULES: ContextVar[Callable[[], Iterable[torch.nn.Module]] | None] = ContextVar(
@@ -80,11 +88,14 @@ class Settings:
         # compile keeps no modules)
         self.kept: list[tuple[weakref.ref[torch.nn.Module], dict[str, object]]] = []
         self.buffers: list[tuple[dict[str, object], dict[str, object]]] = []  # (its, a copy)
+        # (a parameter or buffer, its ``.data``: an alias of its storage as now)
+        self.data: list[tuple[torch.Tensor, torch.Tensor]] = []
         if not torch.compiler.is_compiling():
             self.kept = [(weakref.ref(module), vars(module).copy()) for module in modules()]
             self.buffers = [
                 (held, held.copy()) for _, before in self.kept if (held := _buffers(before))
             ]
+            self.data = [(t, t.data) for _, before in self.kept for t in _tensors(before)]
 
     def put_back(self) -> None:
         """Each kept plain value or tensor (an attribute, a buffer) that differs now put back;
@@ -95,6 +106,9 @@ class Settings:
                 _put_back(vars(module), before)
         for held, before in self.buffers:
             _put_back(held, before)
+        for tensor, data in self.data:
+            if _where(tensor) != _where(data):
+                tensor.data = data
 
 
 def _put_back(attributes: dict[str, object], before: dict[str, object]) -> None:
@@ -115,4 +129,32 @@ def _buffers(attributes: dict[str, object]) -> dict[str, object] | None:
     return held if type(held) is dict else None
 
 
+def _tensors(attributes: dict[str, object]) -> Iterator[torch.Tensor]:
+    """A module's own parameters and buffers, from its ``__dict__``: plain tensors and
+    parameters only (a lazy module's ``UninitializedParameter`` gets its data on the first
+    forward, for good; a tensor subclass, or one ``f`` set anew under ``torch.func``'s
+    transforms (an outer call's, around a nested one), may hold no storage of its own)."""
+    for name in ("_parameters", "_buffers"):
+        held = attributes.get(name)
+        for tensor in held.values() if type(held) is dict else ():
+            if (
+                type(tensor) in _PLAIN_TENSORS
+                and tensor.layout is torch.strided
+                and not is_functorch_wrapped_tensor(tensor)  # (set anew under a transform)
+            ):
+                yield tensor
+
+
+def _where(tensor: torch.Tensor) -> tuple[object, ...] | None:
+    """Where ``tensor``'s elements are: its first element's address, its geometry and dtype
+    (``.data`` replaced changes one of them); ``None`` for data without storage of its own
+    (a ``torch.func`` transform's wrapper, which a nested call's evaluation may have set)."""
+    try:
+        address = tensor.data_ptr()
+    except RuntimeError:
+        return None
+    return (address, tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+
+
+_PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
 _MISSING = object()

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
 import torch
+from torch._C._autograd import _unsafe_set_version_counter
 
 from torchdiv._core.modes import DispatchMode
 from torchdiv._core.settings import Settings
@@ -76,6 +77,8 @@ class Changes(DispatchMode):
         # (tensor, its value and its geometry before)
         self.written: list[tuple[torch.Tensor, torch.Tensor, View]] = []
         self.after: list[torch.Tensor] | None = None  # their values after a complete evaluation
+        # (tensor, its version counter before): put back with its value (``_versions``)
+        self.versions: list[tuple[torch.Tensor, int]] = []
         self.generators: dict[torch.Generator, torch.Tensor] = {}  # state before f drew
         self._made: set[int] = set()  # storages of tensors f made
         self._noted: set[tuple[Any, ...]] = set()  # views of other storages in ``written``
@@ -103,6 +106,8 @@ class Changes(DispatchMode):
                 if storage not in self._made and view not in self._noted:
                     self._noted.add(view)
                     self.written.append((tensor, tensor.detach().clone(), View.of(tensor)))
+                    if not tensor.is_inference():  # (which keeps no version counter)
+                        self.versions.append((tensor, tensor._version))
         if random:
             for generator in self._drawn_from(kwargs.get("generator")):
                 self.generators.setdefault(generator, generator.get_state())
@@ -132,7 +137,8 @@ class Changes(DispatchMode):
             self.after = [tensor.detach().clone() for tensor, _, _ in self.written]
             return
         self._put(before=True)
-        self.written, self.generators, self._made, self._noted = [], {}, set(), set()
+        self.written, self.versions, self.generators = [], [], {}
+        self._made, self._noted = set(), set()
 
     def again(self, f: Callable[[torch.Tensor], T]) -> Callable[[torch.Tensor], T]:
         """``f``, evaluated from the state before the first evaluation (watched until one
@@ -182,6 +188,10 @@ class Changes(DispatchMode):
         # the first noted last, where views overlap (``buf[0]``, then ``buf``): its elements'
         # earliest value; a tensor ``f`` resized (``resize_``, ``set_``: a history grown by one
         # entry a call) given its size, strides and offset back first (``View.put``)
+        # (the plain values and the tensors' ``.data`` first: a write noted on a parameter
+        # whose ``.data`` ``f`` then replaced goes back into its storage from before)
+        if before:
+            self.settings.put_back()
         pairs = list(zip(self.written, values, strict=True))
         with torch.no_grad(), torch._C._DisableFuncTorch():
             for (tensor, _, view), value in reversed(pairs):
@@ -190,8 +200,8 @@ class Changes(DispatchMode):
                 elif tensor.shape != value.shape:  # (the values after: their size)
                     tensor.resize_(value.shape)
                 tensor.copy_(value)
-        if before:
-            self.settings.put_back()
+            if after is None:
+                _versions(self.versions)
         for generator, state in self.generators.items() if generators else ():
             generator.set_state(state)
 
@@ -200,6 +210,31 @@ class Changes(DispatchMode):
         if generator is not None:
             return [generator]
         return list({torch.default_generator, default_generator(self.device)})
+
+
+def _versions(noted: list[tuple[torch.Tensor, int]]) -> None:
+    """Each noted tensor's version counter set back to its number before ``f`` wrote to it,
+    with its value (the first noted last, as the values: a storage's views share one counter).
+
+    A buffer ``f`` writes in place and then computes with (``self.count += 1; h *
+    self.count``) is saved by autograd at the version after the write. Its value put back
+    moved its counter on (``copy_``), and the next evaluation's write once more, so that the
+    backward pass of the first evaluation's graph (a loss's parameter gradients after a
+    call that evaluates ``f`` twice) raised PyTorch's "modified by an inplace operation"
+    where every evaluation had read the same value. With the counter back, each evaluation
+    writes the same values at the same versions, and a graph saved at a version reads the
+    value it saved: a counter still raises where the value differs (the tensor written by
+    something else in between).
+
+    >>> count = torch.zeros(())
+    >>> _ = count.add_(1); count._version
+    1
+    >>> _versions([(count, 0)]); count._version
+    0
+    """
+    if noted:
+        tensors, versions = zip(*reversed(noted), strict=True)
+        _unsafe_set_version_counter(tensors, versions)
 
 
 class Once:
