@@ -161,6 +161,7 @@ class Changes(DispatchMode):
                         out = f(x)
                 else:
                     out = f(x)
+                    self._wrote_alike()
             except BaseException:
                 self._put(before=True)
                 raise
@@ -170,6 +171,25 @@ class Changes(DispatchMode):
             return out
 
         return f_again
+
+    def _wrote_alike(self) -> None:
+        """Check that a later evaluation wrote what the first did (to within rounding: a
+        kernel's reduction order). Each starts from the same state, so only state no
+        put-back covers (a Python list outside ``f``'s modules) makes them differ: then the
+        evaluations computed different functions, and an earlier one's graph, which saved a
+        written tensor at the version put back with it (``_versions``), would read the later
+        value in its backward pass (silently wrong parameter gradients)."""
+        with torch.no_grad(), torch._C._DisableFuncTorch():
+            for (tensor, _, _), first in zip(self.written, self.after or (), strict=True):
+                if not _alike(tensor, first):
+                    raise ValueError(
+                        f"f wrote other values into a tensor of shape {tuple(first.shape)} "
+                        "at two evaluations of one call: its evaluations compute different "
+                        "functions (state outside its modules, such as a Python list or a "
+                        "global, decides what it writes). Keep that state in a module's "
+                        "attribute or buffer, which torchdiv puts back between evaluations, "
+                        "or write the tensor outside f."
+                    )
 
     def undo_writes(self) -> None:
         """Put back the tensors written to, not the generators: for an evaluation made once
@@ -210,6 +230,18 @@ class Changes(DispatchMode):
         if generator is not None:
             return [generator]
         return list({torch.default_generator, default_generator(self.device)})
+
+
+def _alike(now: torch.Tensor, first: torch.Tensor) -> bool:
+    """Whether ``now`` holds ``first``'s values: exactly for integers and booleans, to within
+    a few rounding errors of their dtype for floating and complex tensors (``nan`` as
+    ``nan``)."""
+    if now.shape != first.shape or now.dtype != first.dtype:
+        return False
+    if not (now.is_floating_point() or now.is_complex()):
+        return torch.equal(now, first)
+    eps = torch.finfo(now.dtype).eps
+    return torch.allclose(now, first, rtol=64 * eps, atol=64 * eps, equal_nan=True)
 
 
 def _versions(noted: list[tuple[torch.Tensor, int]]) -> None:
