@@ -667,8 +667,9 @@ def written_out_of_place(
     base = through_view(func, args, refs)
     if base is None:
         return OutOfPlace(result, None, None)
+    placed = placing(base, target)  # (constants, outside the mode)
     with mode:
-        return OutOfPlace(result, base, scattered(base, result, *placing(base, target)))
+        return OutOfPlace(result, base, scattered(base, result, *placed))
 
 
 def note_rewrite(
@@ -716,12 +717,16 @@ def through_view(func: Any, args: Any, refs: dict[int, Ref]) -> torch.Tensor | N
 
 
 def _apart(t: torch.Tensor) -> bool:
-    """Whether each element of ``t`` has a place in memory of its own (no stride 0 over a
-    dimension of more than one element, no other overlap): a contiguous tensor, or one
-    permuted, sliced, or computed elementwise from such (which keeps the strides)."""
-    if t.is_contiguous():
-        return True
-    return bool(torch._debug_has_internal_overlap(t) == 0)  # (0: none; 2: too hard to tell)
+    """Whether each element of ``t`` has a place in memory of its own: its dimensions of
+    more than one element, by increasing stride, each step past the span of those before
+    (a contiguous tensor, or one permuted, sliced, or computed elementwise from such, which
+    keeps the strides; not an ``expand``, stride 0)."""
+    reach = 1
+    for stride, size in sorted((k, n) for n, k in zip(t.shape, t.stride(), strict=True) if n > 1):
+        if stride < reach:
+            return False
+        reach = stride * size
+    return True
 
 
 def placing(base: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, ...]:
