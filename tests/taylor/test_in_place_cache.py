@@ -252,7 +252,38 @@ def _constants(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def _index_copy(h: torch.Tensor) -> torch.Tensor:
+    h = h.sin()
+    return h.index_copy_(1, torch.tensor([3, 0]), h[:, 1:3].tanh())  # (distinct places)
+
+
+def _index_setitem(h: torch.Tensor) -> torch.Tensor:
+    h = h.sin()
+    h[:, torch.tensor([2, -4])] = h[:, 1:3].tanh()  # (index_put_ without accumulate)
+    return h
+
+
+def _transposed_base(h: torch.Tensor) -> torch.Tensor:
+    """Writes into a tensor that is not contiguous (``h.t() * 1`` keeps ``h.t()``'s
+    strides), read after through a view made after the write."""
+    r = h.sin().t() * 1
+    r[1] = r[0].tanh()  # (copy_ into a select of r)
+    r[::2] += r[1::2].tanh()  # (add_ into a strided slice)
+    r.t()[:, 3] = h[:, 0].cos()  # (through a view of a view)
+    return r.t()
+
+
+def _transposed_diagonal(h: torch.Tensor) -> torch.Tensor:
+    a = (h[:, :, None] * h[:, None, :]).transpose(1, 2) * 1.0
+    a.diagonal(dim1=1, dim2=2).copy_(h.sin())
+    return a.sum(-1)
+
+
 WRITES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "index_copy_": _index_copy,
+    "index_setitem": _index_setitem,
+    "transposed_base": _transposed_base,
+    "transposed_diagonal": _transposed_diagonal,
     "sinc_": lambda h: h.sinc_(),  # (torchdiv's sinc writes back with copy_)
     "copy_": lambda h: torch.empty_like(h).copy_(h[:, :1].sin()) * h,  # (broadcast)
     "setitem": _setitem,
@@ -280,9 +311,11 @@ def test_in_place_writes_recorded_right(
     name: str, op: str, method: str, recordings: list[int]
 ) -> None:
     """``copy_``, ``fill_``, ``zero_`` and writes through views of a tensor ``f`` reads later
-    (``h[:, 0] = ...``, ``h[:, 1:].mul_(2)``): the recording engines refused them (naming
-    ``aten.copy_``, or the write into shared memory). Recorded now, the base as the values
-    scattered into it, right at every call, recorded once."""
+    (``h[:, 0] = ...``, ``h[:, 1:].mul_(2)``), also of one that is not contiguous, and
+    ``index_copy_``/``h[:, idx] = v`` at distinct places: the recording engines refused them
+    (naming ``aten.copy_``, the write into shared memory, or ``index_put`` without
+    accumulate). Recorded now, the base as the values scattered into it, right at every
+    call, recorded once."""
     torch.manual_seed(0)
     net = Between(WRITES[name]).to(D)
     x = torch.randn(4, 3, dtype=D, generator=torch.Generator().manual_seed(1))
@@ -315,3 +348,34 @@ def test_view_made_before_a_write_read_after_refused_or_right() -> None:
         torchdiv.laplacian(net, x, method="taylor")
     for _ in range(2):
         torch.testing.assert_close(torchdiv.laplacian(net, x), _loop(net, x, "laplacian"), **TOL)
+
+
+class Indexed(nn.Module):
+    """``index_copy_`` at places held in a buffer (a channel permutation the caller sets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 3)
+        self.register_buffer("index", torch.tensor([3, 0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l1(x)
+        h = h.index_copy_(1, self.index, h[:, 1:3].tanh() * x[:, :2])
+        return self.l2(h * 1.0)
+
+
+@pytest.mark.parametrize(("op", "method"), [CASES[0], CASES[4]])
+def test_index_copy_follows_its_index_at_every_call(op: str, method: str) -> None:
+    """The index's values decide which places are written: the kept recording is right after
+    they change (the propagation reads each call's index), and a call where they name a place
+    twice (PyTorch keeps one of the two writes) is refused naming it; ``"auto"`` right."""
+    torch.manual_seed(0)
+    net = Indexed().to(D)
+    x = torch.randn(4, 3, dtype=D, generator=torch.Generator().manual_seed(1))
+    for index in ([3, 0], [1, 2], [0, 3]):
+        net.index.copy_(torch.tensor(index))
+        _check(net, x, op, method, calls=2)
+    net.index.copy_(torch.tensor([2, 2]))
+    with pytest.raises(UnsupportedOp, match="index_put without accumulate writing a place twice"):
+        getattr(torchdiv, op)(net, x, method=method)
+    torch.testing.assert_close(getattr(torchdiv, op)(net, x), _loop(net, x, op), **TOL)

@@ -72,16 +72,14 @@ from torchdiv._taylor.capture import (
     capture,
     decomposed_in_place,
     differentiable,
-    out_of_place,
+    note_rewrite,
     outputs,
-    placing,
     plain,
     put_back,
     recording,
     rewritten_by,
-    scattered,
-    strided,
     through_view,
+    written_out_of_place,
 )
 from torchdiv._taylor.tree import leaves, map_leaves
 
@@ -793,22 +791,10 @@ class _Checker(DispatchMode):
         then the write made, its target taken for their result."""
         target = args[0]
         first = len(self.nodes)
-        with self:
-            result = out_of_place(func)(*args, **kwargs)
-        fits = isinstance(result, torch.Tensor) and (
-            result.shape,
-            result.dtype,
-            result.device,
-        ) == (target.shape, target.dtype, target.device)
-        base = through_view(func, args, self.refs) if fits else None
-        base_after = None
-        if base is not None:
-            placed = placing(base, target)
-            with self:
-                base_after = scattered(base, result, *placed)
+        result, base, base_after = written_out_of_place(self, func, args, kwargs, self.refs)
         self.overwritten.update(range(first, len(self.nodes)))  # (as capture's: no graph)
-        ref = self.refs.get(id(result))
-        if not (fits and self.same and ref is not None and self._write(func, target, ref.node)):
+        ref = None if result is None else self.refs.get(id(result))
+        if not (self.same and ref is not None and self._write(func, target, ref.node)):
             self.same = False
             return self._unwatched(func, args, kwargs)
         out = func(*args, **kwargs)
@@ -832,13 +818,7 @@ class _Checker(DispatchMode):
             return False
         found = self.storages.holding(storage)
         self.overwritten.update(found)
-        shared = any(
-            t is not target and isinstance(t, torch.Tensor) and _storage(t) == storage
-            for i in found
-            for t in self.values[i]
-        )
-        if shared and torch.Tag.inplace_view not in func.tags:
-            self.rewrites.setdefault(storage, []).append((node, strided(target), str(func)))
+        note_rewrite(self.rewrites, func, target, node, (t for i in found for t in self.values[i]))
         return True
 
     def _rewritten(self, args: Any, kwargs: Any) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -265,22 +265,14 @@ class _Recorder(DispatchMode):
         functional = facts.functional
         if not facts.in_place or functional is None:
             return func
-        target = args[0]
-        storage = _storage(target)  # (a zero tensor that forward mode made has no memory)
-        if self.rewrites is None or torch.Tag.inplace_view in func.tags:
-            return functional
-        self.note_write(func, target, storage, len(self.graph.nodes))
+        self.note_write(func, args[0], len(self.graph.nodes))
         return functional
 
-    def note_write(self, func: Any, target: torch.Tensor, storage: int, node: int) -> None:
+    def note_write(self, func: Any, target: torch.Tensor, node: int) -> None:
         """Note (``rewrites``) a write by ``func`` into ``target``, recorded out of place as
         node ``node``, if other recorded tensors share its memory."""
-        shared = any(
-            isinstance(t, torch.Tensor) and t is not target and _storage(t) == storage
-            for t in leaves(self.alive)
-        )
-        if shared and self.rewrites is not None:
-            self.rewrites.setdefault(storage, []).append((node, strided(target), str(func)))
+        if self.rewrites is not None:
+            note_rewrite(self.rewrites, func, target, node, leaves(self.alive))
 
     def rewritten(self, a: torch.Tensor) -> str | None:
         """The op of a write noted by ``functional`` that changed some of ``a``'s elements
@@ -380,36 +372,19 @@ class _Recorder(DispatchMode):
         recorded as ``r`` scattered into it and taken for that from here on. Watched for
         sample mixing as ``func`` itself."""
         target = args[0]
-        functional = out_of_place(func)
         axes, self.axes = self.axes, None
         first = len(self.graph.nodes)
         try:
-            with self:
-                result = functional(*args, **kwargs)
+            result, base, base_after = written_out_of_place(self, func, args, kwargs, self.refs)
         finally:
             self.axes = axes
-        same = isinstance(result, torch.Tensor) and (
-            result.shape,
-            result.dtype,
-            result.device,
-        ) == (target.shape, target.dtype, target.device)
-        if not same:
+        if result is None:
             self.graph.unsupported.append(f"{func} (its result cast back into its argument)")
-        base = through_view(func, args, self.refs) if same else None
-        base_after = None
-        if base is not None:  # the base f read later sees the write: recorded as a scatter
-            placed = placing(base, target)
-            self.axes = None
-            try:
-                with self:
-                    base_after = scattered(base, result, *placed)
-            finally:
-                self.axes = axes
         # (computed here, below autograd, their outputs carry no graph: computed again)
         self.overwritten.update(range(first, len(self.graph.nodes)))
         ref = self.refs.get(id(result))
-        if ref is not None and self.rewrites is not None:  # (the write is the result's node)
-            self.note_write(func, target, _storage(target), ref.node)
+        if ref is not None:  # (the write is the result's node)
+            self.note_write(func, target, ref.node)
         self.before_writes(func, [target], True)
         carry = None if axes is None else axes.before(func, args, kwargs)
         out = func(*args, **kwargs)
@@ -661,13 +636,72 @@ def decomposed_in_place(func: Any, rules: Container[Any]) -> bool:
     return functional in _DECOMPOSITIONS
 
 
+class OutOfPlace(NamedTuple):
+    """An in-place write as ``written_out_of_place`` records it: the out-of-place op's
+    ``result`` (``None`` where it does not fit the target: PyTorch promotes out of place and
+    casts back in place), and where the target is a view (``through_view``), its ``base``
+    and that base with ``result`` scattered into it (``base_after``)."""
+
+    result: torch.Tensor | None
+    base: torch.Tensor | None
+    base_after: torch.Tensor | None
+
+
+def written_out_of_place(
+    mode: DispatchMode, func: Any, args: Any, kwargs: Any, refs: dict[int, Ref]
+) -> OutOfPlace:
+    """Under ``mode`` (the recorder, or the template check that must see the same calls):
+    the calls that stand for the in-place ``func`` on its first argument ``t``
+    (``decomposed_in_place``, ``through_view``): ``r = op(t, ...)`` (``out_of_place``), and,
+    where ``t`` is a view of a tensor ``f`` made (``refs``), that tensor with ``r``
+    ``scattered`` into it. The write itself is left to the caller."""
+    target = args[0]
+    with mode:
+        result = out_of_place(func)(*args, **kwargs)
+    if not isinstance(result, torch.Tensor) or (result.shape, result.dtype, result.device) != (
+        target.shape,
+        target.dtype,
+        target.device,
+    ):
+        return OutOfPlace(None, None, None)
+    base = through_view(func, args, refs)
+    if base is None:
+        return OutOfPlace(result, None, None)
+    placed = placing(base, target)  # (constants, outside the mode)
+    with mode:
+        return OutOfPlace(result, base, scattered(base, result, *placed))
+
+
+def note_rewrite(
+    rewrites: dict[int, list[tuple[int, Strided, str]]],
+    func: Any,
+    target: torch.Tensor,
+    node: int,
+    others: Iterable[Any],
+) -> None:
+    """Note in ``rewrites`` (by storage) a write by ``func`` into ``target``, recorded out of
+    place as node ``node``, where another tensor among ``others`` shares ``target``'s memory
+    (a replay would leave its elements as they were: ``rewritten_by`` finds a later read of
+    one). In-place view ops (``transpose_``) change no elements. The recorder's
+    (``_Recorder.note_write``) and the template check's (``cache._Checker._write``)."""
+    storage = _storage(target)
+    if torch.Tag.inplace_view in func.tags:
+        return
+    if any(
+        isinstance(t, torch.Tensor) and t is not target and _storage(t) == storage for t in others
+    ):
+        rewrites.setdefault(storage, []).append((node, strided(target), str(func)))
+
+
 def through_view(func: Any, args: Any, refs: dict[int, Ref]) -> torch.Tensor | None:
     """For an in-place op on its first argument ``t`` (``h[:, 0] = v``: ``copy_`` on a
     ``select`` of ``h``; ``h[:, :2].mul_(2)``), ``t``'s base ``b`` where a replay can give
-    ``b`` the write: ``t`` a view (``t._base``) of ``b``, a contiguous tensor ``f`` made of
-    ``t``'s dtype, sharing its memory; else ``None``. The write is then recorded as its
-    out-of-place op and ``b`` as ``scattered`` (``_Recorder.write_out_of_place``): ``b`` read
-    later (``h`` returned) sees the write, as in eager PyTorch."""
+    ``b`` the write: ``t`` a view (``t._base``) of ``b``, a tensor ``f`` made of ``t``'s
+    dtype whose elements lie apart in memory (contiguous or not: ``(h.t() * 2)`` keeps
+    ``h.t()``'s strides; not an ``expand``), sharing its memory; else ``None``. The write is
+    then recorded as its out-of-place op and ``b`` as ``scattered``
+    (``_Recorder.write_out_of_place``): ``b`` read later (``h`` returned) sees the write, as
+    in eager PyTorch."""
     facts = _facts(func)
     if not facts.in_place or facts.random or torch.Tag.inplace_view in func.tags:
         return None
@@ -677,20 +711,42 @@ def through_view(func: Any, args: Any, refs: dict[int, Ref]) -> torch.Tensor | N
     base = target._base
     if base is None or id(base) not in refs or base.dtype != target.dtype:
         return None
-    if not base.is_contiguous() or _storage(base) != _storage(target):
+    if _storage(base) != _storage(target) or not _apart(base):
         return None
     return base
 
 
+def _apart(t: torch.Tensor) -> bool:
+    """Whether each element of ``t`` has a place in memory of its own: its dimensions of
+    more than one element, by increasing stride, each step past the span of those before
+    (a contiguous tensor, or one permuted, sliced, or computed elementwise from such, which
+    keeps the strides; not an ``expand``, stride 0)."""
+    reach = 1
+    for stride, size in sorted((k, n) for n, k in zip(t.shape, t.stride(), strict=True) if n > 1):
+        if stride < reach:
+            return False
+        reach = stride * size
+    return True
+
+
 def placing(base: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Constants for ``scattered``: the positions in ``base.reshape(-1)`` of the elements of
-    ``view`` (a view of the contiguous ``base``, elements in ``view``'s order), a mask of
-    them over ``base``'s elements, and zeros of ``base``'s size and dtype (``-0.0``: adding
-    a ``-0.0`` written keeps its sign)."""
+    ``view`` (a view of ``base``, whose elements lie apart in memory: ``through_view``;
+    elements in ``view``'s order), a mask of them over ``base``'s elements, and zeros of
+    ``base``'s size and dtype (``-0.0``: adding a ``-0.0`` written keeps its sign).
+    The positions: ``base``'s element order written into ``base``'s places of a scratch
+    memory (``as_strided`` with ``base``'s strides), read at ``view``'s places."""
     n, device = base.numel(), base.device
     offset = view.storage_offset() - base.storage_offset()
-    positions = torch.arange(n, device=device).as_strided(view.shape, view.stride(), offset)
-    positions = positions.reshape(-1)
+    order = torch.arange(n, device=device)
+    if base.is_contiguous():
+        memory = order
+    else:
+        sizes, strides = base.shape, base.stride()
+        span = 1 + sum(max(size - 1, 0) * step for size, step in zip(sizes, strides, strict=True))
+        memory = torch.empty(span, dtype=order.dtype, device=device)
+        memory.as_strided(sizes, strides).copy_(order.view(sizes))
+    positions = memory.as_strided(view.shape, view.stride(), offset).reshape(-1)
     mask = torch.zeros(n, dtype=torch.bool, device=device)
     mask[positions] = True
     return positions, mask, torch.full((n,), -0.0, dtype=base.dtype, device=device)
@@ -708,7 +764,7 @@ def scattered(
     ``put`` the values placed by ``index_put(..., accumulate=True)`` into zeros (each place
     once), flat; ``where``, not ``mask * put + ...``: ``base`` may hold ``inf`` or ``nan``
     there (``torch.empty``)."""
-    flat = aten.view.default(base, [-1])
+    flat = aten.reshape.default(base, [-1])  # (a copy where base is not contiguous)
     put = aten.index_put.default(zeros, [positions], aten.reshape.default(values, [-1]), True)
     return aten.view.default(aten.where.self(mask, put, flat), list(base.shape))
 

@@ -38,7 +38,15 @@ Tensor = torch.Tensor
 
 
 def _normalize(ctx: Context, a: Jet, dims: tuple[int, ...], eps: float) -> tuple[Jet, Jet, Jet]:
-    """``(a - mean) * rstd`` over ``dims``, with the mean and ``rstd = (var + eps)^-1/2``."""
+    """``(a - mean) * rstd`` over ``dims``, with the mean and ``rstd = (var + eps)^-1/2``.
+    A half-precision ``a`` (float16, bfloat16) is normalised in float32 and the three cast
+    back, as PyTorch's kernels compute: in float16 the squares of the centred directions
+    and their derivatives overflow (``nan`` parameter gradients of a squared group-norm
+    Laplacian of about 2e4 where float16 reaches 65504)."""
+    dtype = a.value.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        wide = _normalize(ctx, _cast(a, torch.float32), dims, eps)
+        return _cast(wide[0], dtype), _cast(wide[1], dtype), _cast(wide[2], dtype)
     ctx = inner(ctx)
     mean = linear(ctx, torch.mean, a, dims, keepdim=True)
     centred = add(a, mean, -1)
@@ -46,6 +54,12 @@ def _normalize(ctx: Context, a: Jet, dims: tuple[int, ...], eps: float) -> tuple
     var = linear(ctx, torch.mean, square, dims, keepdim=True)
     rstd = ELEMENTWISE[aten.rsqrt.default](ctx, add(var, eps))
     return product(ctx, torch.mul, centred, rstd), mean, rstd
+
+
+def _cast(a: Jet, dtype: torch.dtype) -> Jet:
+    """``a`` (value and derivatives) in ``dtype``."""
+    jac, lap = (None if t is None else t.to(dtype) for t in (a.jac, a.lap))
+    return Jet(a.value.to(dtype), jac, lap)
 
 
 def _variance(

@@ -248,12 +248,16 @@ def _accumulated(op: Callable[..., Tensor], source: int) -> Callable[..., Jet]:
     of experts' dispatch), linear in the two together: ``jac`` (by ``torch.vmap`` over the
     directions) and ``lap`` go through the same op, the other arguments (indices, ``dim``,
     ``alpha``) as they are. ``source`` is its position among the arguments; either tensor may
-    be a constant (zero derivatives). ``index_put`` without ``accumulate`` picks one of several
-    writes to one place, which the jets could not follow: the rule refuses it."""
+    be a constant (zero derivatives). ``index_put`` without ``accumulate`` (``h[idx] = v``,
+    ``index_copy_``) writes ``source`` over those places instead, also linear in the two where
+    its indices name each place once (``_distinct``, checked on the indices of every call);
+    where they name one twice, PyTorch keeps one of the writes, which the jets could not
+    follow: the rule refuses it."""
 
     def rule(ctx: Context, *args: Any, **kwargs: Any) -> Jet:
-        if op is aten.index_put.default and not (args[3:4] or [kwargs.get("accumulate")])[0]:
-            raise UnsupportedOp("index_put without accumulate (a write, not a sum)")
+        written = op is aten.index_put.default and not (args[3:4] or [kwargs.get("accumulate")])[0]
+        if written and not _distinct(value_of(args[0]).shape, args[1]):
+            raise UnsupportedOp("index_put without accumulate writing a place twice")
         jets = [a if isinstance(a, Jet) else Jet(a, None, None) for a in (args[0], args[source])]
 
         def applied(into: Tensor, added: Tensor) -> Tensor:
@@ -267,6 +271,36 @@ def _accumulated(op: Callable[..., Tensor], source: int) -> Callable[..., Jet]:
         return Jet(value, jac, lap)
 
     return rule
+
+
+def _distinct(shape: Sequence[int], indices: Sequence[Tensor | None]) -> bool:
+    """Whether ``index_put``'s ``indices`` into a tensor of ``shape`` name each place once:
+    a boolean mask over ``k`` dimensions stands for its ``nonzero()``'s ``k`` columns, each
+    index is taken modulo its dimension's size (``-1`` is the last), all are broadcast
+    together (as PyTorch does), and the places they name (a ``None``: every element of its
+    dimension, the same for all) differ where their flat offsets over the indexed dimensions
+    differ. ``h[[0, 2], 1] = v``: distinct; ``h[[0, 0]] = v``: not."""
+    columns: list[Tensor] = []
+    sizes: list[int] = []
+    dim = 0
+    for index in indices:
+        if index is None:
+            dim += 1
+        elif index.dtype in (torch.bool, torch.uint8):
+            columns += index.nonzero().unbind(1)
+            sizes += shape[dim : dim + index.dim()]
+            dim += index.dim()
+        else:
+            columns.append(index)
+            sizes.append(shape[dim])
+            dim += 1
+    if not columns:
+        return True
+    flat = torch.zeros((), dtype=torch.long, device=columns[0].device)
+    for column, size in zip(torch.broadcast_tensors(*columns), sizes, strict=True):
+        flat = flat * size + column.long() % size
+    flat = flat.reshape(-1)
+    return bool(flat.unique().numel() == flat.numel())
 
 
 def _max_pool(op: Callable[..., tuple[Tensor, Tensor]], n: int) -> Callable[..., Any]:
