@@ -80,17 +80,32 @@ def test_a_spectrally_normalised_net_is_watched_once_while_its_weights_stay(
     assert len(watches) == 2
 
 
-def test_a_fallback_when_a_weights_factorization_fails_is_refused() -> None:
+def _nan_in_place(w: torch.nn.Parameter) -> None:
+    with torch.no_grad():
+        w.fill_(float("nan"))
+
+
+def _nan_through_data(w: torch.nn.Parameter) -> None:
+    w.data.fill_(float("nan"))  # (a hand-written step, ``p.data -= lr * g``: no version)
+
+
+def _nan_data_assigned(w: torch.nn.Parameter) -> None:
+    w.data = torch.full_like(w, float("nan"))  # (as ``module._apply`` sets converted weights)
+
+
+@pytest.mark.parametrize("write", [_nan_in_place, _nan_through_data, _nan_data_assigned])
+def test_a_fallback_when_a_weights_factorization_fails_is_refused(write) -> None:
     """``try: matrix_norm(W, 2) except: <centre the batch>``: two passing calls, then the
-    weight turns non-finite in place (LAPACK raises): the fallback's call is watched and
-    refused, not served by the first calls' pass."""
+    weight turns non-finite (LAPACK raises): the fallback's call is watched and refused, not
+    served by the first calls' pass. Written in place, or through ``.data`` (its version
+    unchanged: served unwatched, the divergence 0 where the full Jacobian's off-diagonal
+    blocks are 0.2, until rev-merges17a)."""
     torch.manual_seed(1)
     net = SpectralMLP(3, 8, fallback=True).to(f64)
     x = torch.randn(5, 3, dtype=f64)
     for _ in range(2):
         torchdiv.divergence(net, x)
-    with torch.no_grad():
-        net.l1.weight.fill_(float("nan"))
+    write(net.l1.weight)
     with pytest.raises(BatchInteractionError, match="mixes samples"):
         torchdiv.divergence(net, x)
 
@@ -129,15 +144,16 @@ def test_a_per_sample_factorization_holds_for_those_values_only(quiet: bool) -> 
 
 def test_a_factorization_of_weights_keeps_them_and_their_versions() -> None:
     """The verdict of a watch whose only values read are a parameter's singular values names
-    that parameter at its version; a plain held tensor (not a parameter) keeps nothing."""
+    that parameter at its version and values; a plain held tensor (not a parameter) keeps
+    nothing."""
     net = SpectralMLP(3, 4).to(f64)
     x = torch.randn(2, 3, dtype=f64)
     with verdicts() as seen:
         watched(net, x, 1)
     kept = seen.verdict.kept()
     assert kept is not None and not seen.verdict.for_any_x
-    assert {id(ref()) for ref, _ in kept} == {id(net.l1.weight), id(net.l2.weight)}
-    assert all(v == ref()._version for ref, v in kept)
+    assert {id(k.ref()) for k in kept} == {id(net.l1.weight), id(net.l2.weight)}
+    assert all(k.version == k.ref()._version and k.current() for k in kept)
     w = torch.randn(3, 3, dtype=f64)
     with verdicts() as seen:
         watched(lambda z: z / torch.linalg.matrix_norm(w, 2), x, 1)

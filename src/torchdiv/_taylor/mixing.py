@@ -16,7 +16,7 @@ import torch
 
 from torchdiv._core.checks import unwrapped
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, unnamed
-from torchdiv._core.mixing.reads import Verdict
+from torchdiv._core.mixing.reads import Kept, Verdict
 from torchdiv._core.script import global_names
 from torchdiv._taylor import RULES, capture
 from torchdiv._taylor.cache import PlanCache, Same, named, structure_key
@@ -53,20 +53,17 @@ class Passed:
     evaluation of it there has shown an op that ``SafeDerivatives`` changes, so the next
     may run outside the mode (``torchdiv._exact.autograd.GraphJacobian.of_function``);
     ``reverse``: ``torch.func``'s reverse mode ran it there (``torchdiv._exact.dispatch``);
-    ``held``: the parameters (weak references) and versions it holds at
-    (``Verdict.while_held``; ``()``: any), ``current`` where each is alive at its version."""
+    ``held``: the parameters and index tensors it holds at (``Verdict.while_held``, those
+    of ``Verdict.indexed_by`` the key holds; ``()``: any), ``current`` where each is alive
+    at its version and values then (``Kept``)."""
 
     plain: bool = True
     reverse: bool = True
-    held: tuple[tuple[Any, int], ...] = field(default=(), repr=False)
+    held: tuple[Kept, ...] = field(default=(), repr=False)
 
     def current(self) -> bool:
-        """Whether every parameter the pass holds at is alive at its version then."""
-        for ref, version in self.held:
-            t = ref()
-            if t is None or t._version != version:
-                return False
-        return True
+        """Whether every tensor the pass holds at is alive at its version and values then."""
+        return all(kept.current() for kept in self.held)
 
 
 def passed_before(
@@ -124,7 +121,8 @@ def passed(
     (``Verdict.while_held``: ``passed_before`` finds the pass only then); indices read along
     the batch only where the key holds each of them (``Verdict.indexed_by``, ``_holds``)."""
     held = verdict.kept()
-    if held is None or not _holds(f, verdict.indexed_by):
+    indices = _holds(f, verdict.indexed_by)
+    if held is None or indices is None:
         return
     at = at or structure(f, x, batch_dims)
     found: Passed | None = _PASSED.get(*at)
@@ -132,25 +130,25 @@ def passed(
         found = Passed(plain, reverse)
         _PASSED.put(*at, found)
     found.plain, found.reverse = found.plain and plain, found.reverse and reverse
-    found.held = held  # (this watch's: one made at stale versions found no pass)
+    found.held = held + indices  # (this watch's: one made at stale versions found no pass)
     loose = _loose(at) if verdict.for_any_held else None
     if loose is not None and _PASSED.get(*loose) is None:
         _PASSED.put(*loose, found)
 
 
-def _holds(f: Any, indices: tuple[tuple[Any, int], ...]) -> bool:
-    """Whether ``f``'s structure key (``structure``) holds each of ``indices`` (weak
-    references to integer tensors, at the version they were read at: one ``f`` wrote after
-    reading it is not), or the tensor it is a view of (``edges[0]`` of a buffer
-    ``edges``: the view's place in it follows from ``f``'s code), by identity and version
-    (a view shares its base's): one its ``identity`` tells so (a
-    closure cell's, default's or global's, in tuples and nested functions), or a buffer or
-    plain tensor attribute of a module it reaches (``cache.named``; ``cache._tensor``). A
-    neighbour list elsewhere (a plain object's ``self.edges``, a dict's entry, PyG's
+def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept, ...] | None:
+    """Those of ``indices`` (integer tensors as they were read, each with the tensor it is a
+    view of: ``Verdict.indexed_by``) that ``f``'s structure key (``structure``) holds by
+    identity, each still as it was read (one ``f`` wrote after reading it is not), or else
+    the tensor it is a view of (``edges[0]`` of a buffer ``edges``: the view's place in it
+    follows from ``f``'s code): one its ``identity`` tells (a closure cell's, default's or
+    global's, in tuples and nested functions), or a buffer or plain tensor attribute of a
+    module it reaches (``cache.named``; ``cache._tensor``); ``None`` if one is held neither
+    way. A neighbour list elsewhere (a plain object's ``self.edges``, a dict's entry, PyG's
     ``Data``) may be rebuilt across samples at the same shapes, unseen by the key: ``f`` is
-    then watched at every call."""
+    then watched at every call. The pass keeps the ones returned (``Passed.current``)."""
     if not indices:
-        return True
+        return ()
     found: set[int] = set()
     f = unwrapped(f)
     if not inspect.ismethod(f):
@@ -162,12 +160,15 @@ def _holds(f: Any, indices: tuple[tuple[Any, int], ...]) -> bool:
             for m in held.modules():
                 tensors = [*m._buffers.values(), *vars(m).values()]
                 found |= {id(t) for t in tensors if type(t) is torch.Tensor}
-    return all(
-        (t := ref()) is not None
-        and t._version == version
-        and (id(t) in found or id(t._base) in found)
-        for ref, version in indices
-    )
+    kept: list[Kept] = []
+    for index, base in indices:
+        for one in (index, base):
+            if one is not None and one.current() and id(one.ref()) in found:
+                kept.append(one)
+                break
+        else:
+            return None
+    return tuple(kept)
 
 
 def _loose(at: Structure) -> Structure | None:
