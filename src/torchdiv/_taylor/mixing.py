@@ -53,17 +53,40 @@ class Passed:
     evaluation of it there has shown an op that ``SafeDerivatives`` changes, so the next
     may run outside the mode (``torchdiv._exact.autograd.GraphJacobian.of_function``);
     ``reverse``: ``torch.func``'s reverse mode ran it there (``torchdiv._exact.dispatch``);
-    ``held``: the parameters and index tensors it holds at (``Verdict.while_held``, those
-    of ``Verdict.indexed_by`` the key holds; ``()``: any), ``current`` where each is alive
-    at its version and values then (``Kept``)."""
+    ``held``: the parameters and index tensors it holds at (``Verdict.while_held``, where
+    ``f``'s modules hold them: ``Owned``; those of ``Verdict.indexed_by`` the key holds;
+    ``()``: any), ``current`` where each is alive at its version and values then, in its
+    places."""
 
     plain: bool = True
     reverse: bool = True
-    held: tuple[Kept, ...] = field(default=(), repr=False)
+    held: tuple[Kept | Owned, ...] = field(default=(), repr=False)
 
     def current(self) -> bool:
-        """Whether every tensor the pass holds at is alive at its version and values then."""
+        """Whether every tensor the pass holds at is alive at its version and values then,
+        in its places."""
         return all(kept.current() for kept in self.held)
+
+
+class Owned(NamedTuple):
+    """A parameter a pass holds at (``kept``) and the places ``f``'s modules hold it in
+    (weak references to the modules, and names): ``current`` while each still holds that
+    very parameter there, at its version and values. The structure's key does not tell a
+    module's parameters apart: a weight replaced by another ``nn.Parameter`` object, the old
+    one kept alive by an optimizer, was served by the old one's pass (its factorization
+    failing, ``f``'s ``except`` branch mixing samples unwatched) until rev-merges17a."""
+
+    places: tuple[tuple[Any, str], ...]
+    kept: Kept
+
+    def current(self) -> bool:
+        """Whether each place holds the parameter, alive at its version and values then."""
+        t = self.kept.ref()
+        for ref, name in self.places:
+            module = ref()
+            if module is None or module._parameters.get(name) is not t:
+                return False
+        return self.kept.current()
 
 
 def passed_before(
@@ -120,7 +143,7 @@ def passed(
     ``x`` while the parameters whose values alone reached Python stay as they were
     (``Verdict.while_held``: ``passed_before`` finds the pass only then); indices read along
     the batch only where the key holds each of them (``Verdict.indexed_by``, ``_holds``)."""
-    held = verdict.kept()
+    held = _owned(f, verdict.kept())
     indices = _holds(f, verdict.indexed_by)
     if held is None or indices is None:
         return
@@ -134,6 +157,38 @@ def passed(
     loose = _loose(at) if verdict.for_any_held else None
     if loose is not None and _PASSED.get(*loose) is None:
         _PASSED.put(*loose, found)
+
+
+def _owned(f: Any, held: tuple[Kept, ...] | None) -> tuple[Kept | Owned, ...] | None:
+    """``held`` (``Verdict.kept``: parameters a factorization read), each with the places the
+    modules ``f`` reaches hold it in (``Owned``), or as itself where ``f``'s ``identity``
+    holds it by identity instead (a closure cell's, default's or global's: replaced, another
+    structure); ``None`` (no pass for other ``x``) if ``held`` is, or where one is held
+    neither way (a replacement would go unseen)."""
+    if not held:
+        return held
+    f = unwrapped(f)
+    keyed: set[int] = set()
+    if not inspect.ismethod(f):
+        values: list[tuple[Hashable, int]] = []
+        if _identity(f, 3, values)[0] is not f:
+            keyed = {hash(same) for same, _ in values}  # (``Same``: its object's id)
+    places: dict[int, list[tuple[Any, str]]] = {}
+    for reached in [f] if isinstance(f, torch.nn.Module) else named(f):
+        if isinstance(reached, torch.nn.Module):
+            for m in reached.modules():
+                for name, p in m._parameters.items():
+                    places.setdefault(id(p), []).append((weakref.ref(m), name))
+    found: list[Kept | Owned] = []
+    for kept in held:
+        t = kept.ref()
+        if t is not None and id(t) in places:
+            found.append(Owned(tuple(places[id(t)]), kept))
+        elif t is not None and id(t) in keyed:
+            found.append(kept)
+        else:
+            return None
+    return tuple(found)
 
 
 def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept, ...] | None:
