@@ -21,6 +21,7 @@ import inspect
 import pathlib
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -268,7 +269,7 @@ def test_the_verdict_of_a_watch(f, expected: Verdict) -> None:
     before any value decided names its tensor (``indexed_by``, weakly): the pass is kept
     where the structure's key holds it (a global here)."""
     seen = _verdict(f, torch.randn(3, 2, dtype=f64))
-    indexed = tuple(ref() for ref, _ in seen.indexed_by)
+    indexed = tuple(kept.ref() for kept, _ in seen.indexed_by)
     assert (seen.for_any_x, seen.for_any_held, seen.kept(), indexed) == (
         expected.for_any_x,
         expected.for_any_held,
@@ -327,6 +328,58 @@ def test_a_flattened_graph_with_edges_the_key_holds_is_watched_once(watches: lis
     net.edges[0, 0] = net.edges[0, -1]  # (a sender of sample B - 1 in sample 0's graph)
     with pytest.raises(BatchInteractionError, match="mixes samples"):
         torchdiv.divergence(net, x)
+
+
+# Writes of a sender of sample B - 1 into sample 0's graph that no version counts: into the
+# edges ``arr`` holds (a ``torch.from_numpy`` tensor) or, ``.data =``, the tensor ``f`` reads
+# (``held``: the edges themselves, or the senders' view a closure holds).
+
+
+def _through_data(edges: torch.Tensor, held: torch.Tensor, arr: np.ndarray) -> None:
+    edges.data[0, 0] = int(edges[0, -1])
+
+
+def _through_numpy(edges: torch.Tensor, held: torch.Tensor, arr: np.ndarray) -> None:
+    arr[0, 0] = arr[0, -1]
+
+
+def _through_storage(edges: torch.Tensor, held: torch.Tensor, arr: np.ndarray) -> None:
+    alias = torch.empty(0, dtype=edges.dtype).set_(edges.untyped_storage())
+    alias[0] = int(edges[0, -1])  # (another tensor over its storage: its own version)
+
+
+def _data_assigned(edges: torch.Tensor, held: torch.Tensor, arr: np.ndarray) -> None:
+    crossing = held.clone()
+    crossing.view(-1)[0] = int(edges[0, -1])
+    held.data = crossing
+
+
+@pytest.mark.parametrize("write", [_through_data, _through_numpy, _through_storage, _data_assigned])
+@pytest.mark.parametrize("held", ["closure", "buffer"])
+def test_edges_the_key_holds_written_unseen_by_their_version_are_watched_again(
+    held: str, write
+) -> None:
+    """Edges the key holds, written so that their version does not count (``.data``, NumPy's
+    array of ``torch.from_numpy``, another tensor over their storage, ``.data =``) to
+    cross samples after three passing calls: the next call is watched and refused. The
+    first three calls' pass served it, the divergence silently per-sample-wrong (the full
+    Jacobian's off-diagonal blocks 0.9), until rev-merges17a."""
+    n = 3
+    local = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    arr = (local[None] + n * torch.arange(B)[:, None, None]).reshape(-1, 2).T.numpy().copy()
+    edges = torch.from_numpy(arr)
+    x = torch.randn(B, n * 2, dtype=f64)
+    net = _GNS(edges, n)
+    senders, receivers = edges
+    make = (lambda: _gns(senders, receivers, n)) if held == "closure" else (lambda: net)
+    for _ in range(3):
+        torchdiv.divergence(make(), x)
+    write(edges, senders if held == "closure" else edges, arr)
+    f = make()
+    full = torch.autograd.functional.jacobian(lambda z: f(z).reshape(-1), x.reshape(-1))
+    assert full.reshape(B, n * 2, B, n * 2)[0, :, B - 1].abs().max() > 0.1  # (it mixes)
+    with pytest.raises(BatchInteractionError, match="mixes samples"):
+        torchdiv.divergence(f, x)
 
 
 def test_a_flattened_graph_with_computed_edges_is_watched_at_every_call(

@@ -80,19 +80,47 @@ def test_a_spectrally_normalised_net_is_watched_once_while_its_weights_stay(
     assert len(watches) == 2
 
 
-def test_a_fallback_when_a_weights_factorization_fails_is_refused() -> None:
+def _nan_in_place(layer: torch.nn.Linear) -> object:
+    with torch.no_grad():
+        layer.weight.fill_(float("nan"))
+    return None
+
+
+def _nan_through_data(layer: torch.nn.Linear) -> object:
+    layer.weight.data.fill_(float("nan"))  # (a hand-written step, ``p.data -= lr * g``)
+    return None
+
+
+def _nan_data_assigned(layer: torch.nn.Linear) -> object:
+    layer.weight.data = torch.full_like(layer.weight, float("nan"))  # (as ``_apply`` sets)
+    return None
+
+
+def _nan_parameter_replaced(layer: torch.nn.Linear) -> object:
+    old = layer.weight  # (kept alive, unchanged: as an optimizer's list holds it)
+    layer.weight = torch.nn.Parameter(torch.full_like(old, float("nan")))
+    return old
+
+
+@pytest.mark.parametrize(
+    "write", [_nan_in_place, _nan_through_data, _nan_data_assigned, _nan_parameter_replaced]
+)
+def test_a_fallback_when_a_weights_factorization_fails_is_refused(write) -> None:
     """``try: matrix_norm(W, 2) except: <centre the batch>``: two passing calls, then the
-    weight turns non-finite in place (LAPACK raises): the fallback's call is watched and
-    refused, not served by the first calls' pass."""
+    weight turns non-finite (LAPACK raises): the fallback's call is watched and refused, not
+    served by the first calls' pass. Written in place; through ``.data`` (its version
+    unchanged) or replaced by another parameter while the old one lives: served unwatched,
+    the divergence 0 where the full Jacobian's off-diagonal blocks are 0.06-0.2, until
+    rev-merges17a."""
     torch.manual_seed(1)
     net = SpectralMLP(3, 8, fallback=True).to(f64)
     x = torch.randn(5, 3, dtype=f64)
     for _ in range(2):
         torchdiv.divergence(net, x)
-    with torch.no_grad():
-        net.l1.weight.fill_(float("nan"))
+    kept = write(net.l1)
     with pytest.raises(BatchInteractionError, match="mixes samples"):
         torchdiv.divergence(net, x)
+    del kept
 
 
 def _kabsch(x: torch.Tensor, *, quiet: bool = False) -> torch.Tensor:
@@ -129,16 +157,35 @@ def test_a_per_sample_factorization_holds_for_those_values_only(quiet: bool) -> 
 
 def test_a_factorization_of_weights_keeps_them_and_their_versions() -> None:
     """The verdict of a watch whose only values read are a parameter's singular values names
-    that parameter at its version; a plain held tensor (not a parameter) keeps nothing."""
+    that parameter at its version and values; a plain held tensor (not a parameter) keeps
+    nothing."""
     net = SpectralMLP(3, 4).to(f64)
     x = torch.randn(2, 3, dtype=f64)
     with verdicts() as seen:
         watched(net, x, 1)
     kept = seen.verdict.kept()
     assert kept is not None and not seen.verdict.for_any_x
-    assert {id(ref()) for ref, _ in kept} == {id(net.l1.weight), id(net.l2.weight)}
-    assert all(v == ref()._version for ref, v in kept)
+    assert {id(k.ref()) for k in kept} == {id(net.l1.weight), id(net.l2.weight)}
+    assert all(k.version == k.ref()._version and k.current() for k in kept)
     w = torch.randn(3, 3, dtype=f64)
     with verdicts() as seen:
         watched(lambda z: z / torch.linalg.matrix_norm(w, 2), x, 1)
     assert seen.verdict.kept() is None
+
+
+def test_a_factorization_of_weights_a_function_holds_is_watched_once(watches: list[int]) -> None:
+    """The pass keeps each weight where ``f`` holds it: a lambda over the module (the
+    module's parameter places) or over the weight itself (the key holds it by identity),
+    each made anew at every call as in a training loop: watched once each."""
+    torch.manual_seed(2)
+    net = SpectralMLP(3, 8).to(f64)
+    weight = torch.nn.Parameter(torch.randn(3, 3, dtype=f64))
+    makers = (
+        lambda: lambda z: net(z),
+        lambda: lambda z: z @ (weight / torch.linalg.matrix_norm(weight, 2)),
+    )
+    for make in makers:
+        watches.clear()
+        for _ in range(3):
+            torchdiv.divergence(make(), torch.randn(4, 3, dtype=f64))
+        assert len(watches) == 1

@@ -16,7 +16,7 @@ import torch
 
 from torchdiv._core.checks import unwrapped
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, unnamed
-from torchdiv._core.mixing.reads import Verdict
+from torchdiv._core.mixing.reads import Kept, Verdict
 from torchdiv._core.script import global_names
 from torchdiv._taylor import RULES, capture
 from torchdiv._taylor.cache import PlanCache, Same, named, structure_key
@@ -53,20 +53,40 @@ class Passed:
     evaluation of it there has shown an op that ``SafeDerivatives`` changes, so the next
     may run outside the mode (``torchdiv._exact.autograd.GraphJacobian.of_function``);
     ``reverse``: ``torch.func``'s reverse mode ran it there (``torchdiv._exact.dispatch``);
-    ``held``: the parameters (weak references) and versions it holds at
-    (``Verdict.while_held``; ``()``: any), ``current`` where each is alive at its version."""
+    ``held``: the parameters and index tensors it holds at (``Verdict.while_held``, where
+    ``f``'s modules hold them: ``Owned``; those of ``Verdict.indexed_by`` the key holds;
+    ``()``: any), ``current`` where each is alive at its version and values then, in its
+    places."""
 
     plain: bool = True
     reverse: bool = True
-    held: tuple[tuple[Any, int], ...] = field(default=(), repr=False)
+    held: tuple[Kept | Owned, ...] = field(default=(), repr=False)
 
     def current(self) -> bool:
-        """Whether every parameter the pass holds at is alive at its version then."""
-        for ref, version in self.held:
-            t = ref()
-            if t is None or t._version != version:
+        """Whether every tensor the pass holds at is alive at its version and values then,
+        in its places."""
+        return all(kept.current() for kept in self.held)
+
+
+class Owned(NamedTuple):
+    """A parameter a pass holds at (``kept``) and the places ``f``'s modules hold it in
+    (weak references to the modules, and names): ``current`` while each still holds that
+    very parameter there, at its version and values. The structure's key does not tell a
+    module's parameters apart: a weight replaced by another ``nn.Parameter`` object, the old
+    one kept alive by an optimizer, was served by the old one's pass (its factorization
+    failing, ``f``'s ``except`` branch mixing samples unwatched) until rev-merges17a."""
+
+    places: tuple[tuple[Any, str], ...]
+    kept: Kept
+
+    def current(self) -> bool:
+        """Whether each place holds the parameter, alive at its version and values then."""
+        t = self.kept.ref()
+        for ref, name in self.places:
+            module = ref()
+            if module is None or module._parameters.get(name) is not t:
                 return False
-        return True
+        return self.kept.current()
 
 
 def passed_before(
@@ -123,8 +143,9 @@ def passed(
     ``x`` while the parameters whose values alone reached Python stay as they were
     (``Verdict.while_held``: ``passed_before`` finds the pass only then); indices read along
     the batch only where the key holds each of them (``Verdict.indexed_by``, ``_holds``)."""
-    held = verdict.kept()
-    if held is None or not _holds(f, verdict.indexed_by):
+    held = _owned(f, verdict.kept())
+    indices = _holds(f, verdict.indexed_by)
+    if held is None or indices is None:
         return
     at = at or structure(f, x, batch_dims)
     found: Passed | None = _PASSED.get(*at)
@@ -132,25 +153,57 @@ def passed(
         found = Passed(plain, reverse)
         _PASSED.put(*at, found)
     found.plain, found.reverse = found.plain and plain, found.reverse and reverse
-    found.held = held  # (this watch's: one made at stale versions found no pass)
+    found.held = held + indices  # (this watch's: one made at stale versions found no pass)
     loose = _loose(at) if verdict.for_any_held else None
     if loose is not None and _PASSED.get(*loose) is None:
         _PASSED.put(*loose, found)
 
 
-def _holds(f: Any, indices: tuple[tuple[Any, int], ...]) -> bool:
-    """Whether ``f``'s structure key (``structure``) holds each of ``indices`` (weak
-    references to integer tensors, at the version they were read at: one ``f`` wrote after
-    reading it is not), or the tensor it is a view of (``edges[0]`` of a buffer
-    ``edges``: the view's place in it follows from ``f``'s code), by identity and version
-    (a view shares its base's): one its ``identity`` tells so (a
-    closure cell's, default's or global's, in tuples and nested functions), or a buffer or
-    plain tensor attribute of a module it reaches (``cache.named``; ``cache._tensor``). A
-    neighbour list elsewhere (a plain object's ``self.edges``, a dict's entry, PyG's
+def _owned(f: Any, held: tuple[Kept, ...] | None) -> tuple[Kept | Owned, ...] | None:
+    """``held`` (``Verdict.kept``: parameters a factorization read), each with the places the
+    modules ``f`` reaches hold it in (``Owned``), or as itself where ``f``'s ``identity``
+    holds it by identity instead (a closure cell's, default's or global's: replaced, another
+    structure); ``None`` (no pass for other ``x``) if ``held`` is, or where one is held
+    neither way (a replacement would go unseen)."""
+    if not held:
+        return held
+    f = unwrapped(f)
+    keyed: set[int] = set()
+    if not inspect.ismethod(f):
+        values: list[tuple[Hashable, int]] = []
+        if _identity(f, 3, values)[0] is not f:
+            keyed = {hash(same) for same, _ in values}  # (``Same``: its object's id)
+    places: dict[int, list[tuple[Any, str]]] = {}
+    for reached in [f] if isinstance(f, torch.nn.Module) else named(f):
+        if isinstance(reached, torch.nn.Module):
+            for m in reached.modules():
+                for name, p in m._parameters.items():
+                    places.setdefault(id(p), []).append((weakref.ref(m), name))
+    found: list[Kept | Owned] = []
+    for kept in held:
+        t = kept.ref()
+        if t is not None and id(t) in places:
+            found.append(Owned(tuple(places[id(t)]), kept))
+        elif t is not None and id(t) in keyed:
+            found.append(kept)
+        else:
+            return None
+    return tuple(found)
+
+
+def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept, ...] | None:
+    """Those of ``indices`` (integer tensors as they were read, each with the tensor it is a
+    view of: ``Verdict.indexed_by``) that ``f``'s structure key (``structure``) holds by
+    identity, each still as it was read (one ``f`` wrote after reading it is not), or else
+    the tensor it is a view of (``edges[0]`` of a buffer ``edges``: the view's place in it
+    follows from ``f``'s code): one its ``identity`` tells (a closure cell's, default's or
+    global's, in tuples and nested functions), or a buffer or plain tensor attribute of a
+    module it reaches (``cache.named``; ``cache._tensor``); ``None`` if one is held neither
+    way. A neighbour list elsewhere (a plain object's ``self.edges``, a dict's entry, PyG's
     ``Data``) may be rebuilt across samples at the same shapes, unseen by the key: ``f`` is
-    then watched at every call."""
+    then watched at every call. The pass keeps the ones returned (``Passed.current``)."""
     if not indices:
-        return True
+        return ()
     found: set[int] = set()
     f = unwrapped(f)
     if not inspect.ismethod(f):
@@ -162,12 +215,15 @@ def _holds(f: Any, indices: tuple[tuple[Any, int], ...]) -> bool:
             for m in held.modules():
                 tensors = [*m._buffers.values(), *vars(m).values()]
                 found |= {id(t) for t in tensors if type(t) is torch.Tensor}
-    return all(
-        (t := ref()) is not None
-        and t._version == version
-        and (id(t) in found or id(t._base) in found)
-        for ref, version in indices
-    )
+    kept: list[Kept] = []
+    for index, base in indices:
+        for one in (index, base):
+            if one is not None and one.current() and id(one.ref()) in found:
+                kept.append(one)
+                break
+        else:
+            return None
+    return tuple(kept)
 
 
 def _loose(at: Structure) -> Structure | None:

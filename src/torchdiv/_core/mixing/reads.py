@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -50,6 +51,43 @@ VALUE_FREE = {
 }
 
 
+class Kept(NamedTuple):
+    """A tensor a pass holds at (``ref``, weakly), its version and a copy of its values then
+    (``Verdict.while_held``, ``Verdict.indexed_by``).
+
+    ``current`` compares the values too: a write its version does not count (through
+    ``.data``, ``.data =``, NumPy's array of ``torch.from_numpy``, another tensor ``set_``
+    over its storage) turned a held index into edges across samples, or a held weight into
+    one a factorization fails on, unwatched until rev-merges17a.
+
+    Example:
+        >>> edges = torch.tensor([0, 1, 2])
+        >>> kept = Kept.of(edges)
+        >>> edges.data[0] = 2  # (its version unchanged)
+        >>> kept.current()
+        False
+    """
+
+    ref: Any
+    version: int
+    values: torch.Tensor
+
+    @staticmethod
+    def of(t: torch.Tensor) -> Kept:
+        """``t`` now: a weak reference, its version and a copy of its values."""
+        return Kept(weakref.ref(t), t._version, t.detach().clone())
+
+    def current(self) -> bool:
+        """Whether the tensor is alive at its version and values then (``torch.equal``: a
+        ``nan`` is never current)."""
+        t, values = self.ref(), self.values
+        if t is None or t._version != self.version:
+            return False
+        with torch._C.DisableTorchFunction():
+            alike = (t.shape, t.dtype, t.device) == (values.shape, values.dtype, values.device)
+            return alike and torch.equal(t.detach(), values)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What a watch of ``f`` that passed says of its other calls at the same structure
@@ -67,12 +105,13 @@ class Verdict:
 
     ``while_held``: the values that reached Python were only those of parameters ``f`` held
     before the call, through an op that raises on them (``_CHECKS_VALUES``: the singular
-    values of a weight, ``W / matrix_norm(W, 2)``), each as a weak reference and its version
-    then: the pass holds for any ``x`` while each of them is alive at that version (``kept``).
-    ``indexed_by``: the integer tensors (weak references) a rule read indices along the batch
-    from, before values decided anything, with their versions then: the pass holds for any
-    ``x`` only where ``f``'s structure key holds each of them by identity and version, and
-    ``f`` did not write one after reading it (``passed`` looks). With
+    values of a weight, ``W / matrix_norm(W, 2)``), each ``Kept`` then: the pass holds for
+    any ``x`` while each of them is alive at that version and values (``kept``).
+    ``indexed_by``: the integer tensors a rule read indices along the batch from, before
+    values decided anything, each ``Kept`` then with the tensor it is a view of (or
+    ``None``): the pass holds for any ``x`` only where ``f``'s structure key holds each of
+    them (or its base) by identity, and it stays at its version and values (``passed``
+    looks; ``f`` wrote none after reading it). With
     either, ``for_any_x`` stays ``False`` for a caller that looks at neither.
 
     Example:
@@ -86,13 +125,12 @@ class Verdict:
 
     for_any_x: bool = False
     for_any_held: bool = False
-    while_held: tuple[tuple[Any, int], ...] | None = None
-    indexed_by: tuple[tuple[Any, int], ...] = ()
+    while_held: tuple[Kept, ...] | None = None
+    indexed_by: tuple[tuple[Kept, Kept | None], ...] = ()
 
-    def kept(self) -> tuple[tuple[Any, int], ...] | None:
-        """The held parameters (weak references) and versions the pass holds for any ``x``
-        at (``()``: at any; ``indexed_by`` aside), or ``None`` if it holds for these values
-        of ``x`` only."""
+    def kept(self) -> tuple[Kept, ...] | None:
+        """The held parameters the pass holds for any ``x`` at (``Kept``; ``()``: at any;
+        ``indexed_by`` aside), or ``None`` if it holds for these values of ``x`` only."""
         return () if self.for_any_x else self.while_held
 
     @staticmethod

@@ -14,7 +14,6 @@ not.
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -44,6 +43,7 @@ from torchdiv._core.mixing.reads import (
     _CHECKS_VALUES,
     PYTHON,
     VALUE_FREE,
+    Kept,
     Verdict,
     _floating,
     decides,
@@ -136,11 +136,12 @@ class BatchAxes:
         # reached Python, or indices were read along the batch after values decided
         self.these_values = False
         # the parameters whose values alone reached Python, through an op that raises on them
-        # (``_held_read``), each as a weak reference and its version then
-        self.held_reads: list[tuple[Any, int]] = []
-        # id -> (tensor, its version then): the integer tensors a rule read indices along the
-        # batch from, before values decided anything (``read_indices``)
-        self.index_roots: dict[int, tuple[torch.Tensor, int]] = {}
+        # (``_held_read``), each as it was then
+        self.held_reads: list[Kept] = []
+        # id -> (tensor, it and the tensor it is a view of as they were then): the integer
+        # tensors a rule read indices along the batch from, before values decided anything
+        # (``read_indices``)
+        self.index_roots: dict[int, tuple[torch.Tensor, Kept, Kept | None]] = {}
         self.args: Sequence[Any] = ()  # the current op's arguments (``read_indices``)
         # whether ``f`` computed with a tensor subclass (``Reads``): its results are then
         # aliases no ATen call made, followed at every op (``follow``)
@@ -172,7 +173,9 @@ class BatchAxes:
             if isinstance(a, torch.Tensor) and not _floating(a) and self.axes(a) is None:
                 if a.dim() == 0 or a.is_inference():  # (held by identity alone, if at all)
                     self.these_values = True
-                self.index_roots.setdefault(id(a), (a, a._version))
+                if id(a) not in self.index_roots:
+                    base = None if a._base is None else Kept.of(a._base)
+                    self.index_roots[id(a)] = (a, Kept.of(a), base)
 
     def read_out(self) -> None:
         """Note values handed to Python where the dispatcher does not see it (``Reads``):
@@ -188,12 +191,12 @@ class BatchAxes:
         """Whether the current op, one that raises on its arguments' values
         (``_CHECKS_VALUES``: a factorization that fails to converge), read only parameters
         ``f`` held before the call (``nn.Parameter``, or views of one, that no watched op
-        gave batch axes), which it then notes with their versions (``held_reads``). Such an
+        gave batch axes), which it then notes as they are (``held_reads``, ``Kept``). Such an
         op on weights alone, ``W / matrix_norm(W, 2)``, cannot route one sample's values
         into another's, and whether it raises (a ``try:`` whose ``except`` branch mixes
         samples) follows from the weights' values alone, which this call's ``x`` did not
         set: the pass holds for any ``x`` while each weight is the same at the same version
-        (``Verdict.while_held``; training's step writes it: watched again). An argument
+        and values (``Verdict.while_held``; training's step writes it: watched again). An argument
         computed from ``x`` (a per-sample Kabsch alignment's ``svd``, even under
         ``no_grad``, where it is no parameter) keeps the pass for these values only."""
         if self.func not in _CHECKS_VALUES:
@@ -208,7 +211,7 @@ class BatchAxes:
             held.append(root)
         if not held:
             return False
-        self.held_reads += [(weakref.ref(t), t._version) for t in held]
+        self.held_reads += [Kept.of(t) for t in held]
         return True
 
     def verdict(self) -> Verdict:
@@ -216,7 +219,7 @@ class BatchAxes:
         if self.these_values:
             return Verdict(False, not self.values_decide)
         if self.held_reads or self.index_roots:
-            roots = tuple((weakref.ref(t), v) for t, v in self.index_roots.values())
+            roots = tuple((kept, base) for _, kept, base in self.index_roots.values())
             return Verdict(False, not self.values_decide, tuple(self.held_reads), roots)
         return Verdict(True, not self.values_decide)
 
