@@ -184,3 +184,101 @@ def test_lbfgs_training_with_the_graph_form_and_a_gpinn_term_matches_dde_grad() 
         torch.set_default_dtype(dtype)
         dde.optimizers.config.LBFGS_options.clear()
         dde.optimizers.config.LBFGS_options.update(options)
+
+
+def _point_laplacians(f, points: torch.Tensor) -> torch.Tensor:
+    """``f: (P, d) -> (P, F)``, evaluated on the whole batch; the Laplacian of entry ``[q, k]``
+    with respect to row ``q`` alone, by a grad-of-grad loop: ``(P, F)``."""
+    leaf = points.clone().requires_grad_(True)
+    out = f(leaf)
+    rows = []
+    for q in range(out.shape[0]):
+        row = []
+        for k in range(out.shape[1]):
+            (g,) = torch.autograd.grad(out[q, k], leaf, create_graph=True)
+            terms = [
+                torch.autograd.grad(g[q, i], leaf, create_graph=True)[0][q, i]
+                for i in range(points.shape[1])
+            ]
+            row.append(sum(terms))
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def test_cartesian_product_deeponet_and_mionet_laplacians_over_the_trunk_points() -> None:
+    """``DeepONetCartesianProd`` and ``MIONetCartesianProd`` map ``F`` functions and ``P``
+    shared points to ``(F, P)``: the points are the samples, so the call is
+    ``laplacian(lambda y: net((u, y)).T, y)`` (``(P, F)``), and in ``pde`` the graph form on
+    one function's column. Every method's values and branch and trunk parameter gradients
+    against a per-point grad-of-grad loop in float64; without the ``.T`` (``F == P``, the
+    shapes fit) ``"auto"`` refuses."""
+    torch.manual_seed(2)
+    f_count, p_count = 3, 4
+    u, v = (
+        torch.randn(f_count, 5, dtype=torch.float64),
+        torch.randn(f_count, 3, dtype=torch.float64),
+    )
+    deeponet = dde.nn.DeepONetCartesianProd([5, 12, 12], [2, 12, 12], "tanh", "Glorot normal")
+    mionet = dde.nn.MIONetCartesianProd([5, 12], [3, 12], [2, 12, 12], "tanh", "Glorot normal")
+    points = torch.rand(p_count, 2, dtype=torch.float64)
+    for net, inputs in [(deeponet.double(), (u,)), (mionet.double(), (u, v))]:
+        on_points = lambda y, net=net, inputs=inputs: net((*inputs, y)).T  # noqa: E731
+        want = _point_laplacians(on_points, points)
+        weights = torch.randn_like(want)
+        params = list(net.parameters())
+        want_grads = torch.autograd.grad((want * weights).sum(), params, materialize_grads=True)
+        for method in ("auto", "taylor", "forward-over-reverse", "grad-of-grad", "hessian"):
+            got = torchdiv.laplacian(on_points, points, method=method)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+            grads = torch.autograd.grad((got * weights).sum(), params, materialize_grads=True)
+            for g, w in zip(grads, want_grads, strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        leaf = points.clone().requires_grad_(True)
+        outputs = net((*inputs, leaf))
+        for i in range(
+            f_count
+        ):  # what PDEOperatorCartesianProd passes pde: (x, outputs[i][:, None])
+            got = torchdiv.graph_laplacian(outputs[i][:, None], leaf, create_graph=True)
+            torch.testing.assert_close(got, want[:, i : i + 1], rtol=1e-10, atol=1e-12)
+    square = torch.randn(p_count, 5, dtype=torch.float64)
+    with pytest.raises(torchdiv.BatchInteractionError, match="dimension 1 of f's output"):
+        torchdiv.laplacian(lambda y: deeponet((square, y)), points)
+
+
+@pytest.mark.slow
+def test_pde_operator_cartesian_prod_trains_the_same_with_torchdiv() -> None:
+    """PI-DeepONet for ``-u'' = v`` on ``[0, 1]`` (DeepXDE's ``PDEOperatorCartesianProd``, 8
+    Adam steps in float32): ``dde.grad.hessian`` in ``pde``, ``graph_laplacian`` on the column
+    DeepXDE passes, and, with DeepXDE's forward-mode autodiff, ``laplacian`` of the
+    ``forward_call`` it passes, transposed: the same losses to float32 round-off."""
+
+    def train(residual, autodiff: str = "reverse") -> list[float]:
+        dde.config.set_default_autodiff(autodiff)
+        try:
+            dde.config.set_random_seed(0)
+            geom = dde.geometry.Interval(0, 1)
+            pde = dde.data.PDE(
+                geom,
+                lambda x, y, v: residual(x, y) - v,
+                dde.icbc.DirichletBC(geom, lambda _: 0, lambda _, on_boundary: on_boundary),
+                num_domain=24,
+                num_boundary=2,
+            )
+            sensors = geom.uniform_points(8, boundary=True)
+            data = dde.data.PDEOperatorCartesianProd(
+                pde, dde.data.PowerSeries(N=4), sensors, num_function=12, num_test=4, batch_size=6
+            )
+            net = dde.nn.DeepONetCartesianProd([8, 16, 16], [1, 16, 16], "tanh", "Glorot normal")
+            model = dde.Model(data, net)
+            model.compile("adam", lr=1e-3)
+            losses, _ = model.train(iterations=8, display_every=4, verbose=0)
+        finally:
+            dde.config.set_default_autodiff("reverse")
+        return [float(v) for loss in losses.loss_train for v in loss]
+
+    want = train(lambda x, y: -dde.grad.hessian(y, x))
+    graph = train(lambda x, y: -torchdiv.graph_laplacian(y, x, create_graph=True))
+    forward = train(lambda x, y: -torchdiv.laplacian(lambda t: y[1](t).T, x).T, "forward")
+    assert len(want) == 6
+    for got in (graph, forward):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-7)

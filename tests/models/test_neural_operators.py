@@ -322,3 +322,52 @@ def test_deeponet_splitting_its_batch_inside_f_is_refused_with_the_batch_dims_wa
     want = torch.stack([h.diagonal().sum() for h in hessians]).reshape(b, p)
     got = torchdiv.laplacian(grouped, y, batch_dims=2)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_deeponet_batch_norm_is_refused_only_where_it_crosses_the_points() -> None:
+    """A train-mode batch norm in the branch net normalises over the *functions* (sensor
+    values closed over, not ``x``): per point in the trunk coordinates, so neither the aligned
+    layout nor the shared points ``(P, d) -> (P, F)`` are refused, the branch's running
+    statistics move once as in one forward, and values and gradients match a point loop. In
+    the trunk net it normalises over the points, and with ``u`` concatenated into ``x``
+    (``coordinates=``) over ``x``'s samples: both refused, ``BatchInteractionError``."""
+    torch.manual_seed(6)
+    net, (n, m, d) = DeepONet(), (4, 6, 2)
+    net.branch.insert(1, nn.BatchNorm1d(8, dtype=f64))
+    u, y = torch.randn(n, m, dtype=f64), torch.rand(n, d, dtype=f64)
+    params = list(net.parameters())
+
+    def point_loop(f, z: torch.Tensor) -> torch.Tensor:  # row q's Laplacian, batch evaluated
+        leaf = z.clone().requires_grad_(True)
+        out = f(leaf)
+        rows = []
+        for q in range(len(z)):
+            comps = []
+            for k in range(out[q].numel()):
+                (g,) = torch.autograd.grad(out[q].reshape(-1)[k], leaf, create_graph=True)
+                hess = [torch.autograd.grad(g[q, i], leaf, create_graph=True)[0] for i in range(d)]
+                comps.append(sum(h[q, i] for i, h in enumerate(hess)))
+            rows.append(torch.stack(comps).reshape(out[q].shape))
+        return torch.stack(rows)
+
+    aligned = lambda z: net(u, z)  # noqa: E731
+    shared = lambda z: (net.branch(u) @ net.trunk(z).T).T + net.bias  # noqa: E731
+    for f in (aligned, shared):
+        want = point_loop(f, y)
+        weights = torch.randn_like(want)
+        want_grads = torch.autograd.grad((want * weights).sum(), params, materialize_grads=True)
+        for method in ("auto", "taylor", "grad-of-grad"):
+            tracked = int(net.branch[1].num_batches_tracked)
+            got = torchdiv.laplacian(f, y, method=method)
+            assert int(net.branch[1].num_batches_tracked) == tracked + 1
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+            grads = torch.autograd.grad((got * weights).sum(), params, materialize_grads=True)
+            for g, w in zip(grads, want_grads, strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    concatenated = lambda z: net(z[:, :m], z[:, m:])  # noqa: E731
+    with pytest.raises(BatchInteractionError, match="batch norm in train mode"):
+        torchdiv.laplacian(concatenated, torch.cat([u, y], 1), coordinates=[m, m + 1])
+    net.trunk.insert(1, nn.BatchNorm1d(8, dtype=f64))
+    for f in (aligned, shared):
+        with pytest.raises(BatchInteractionError, match="batch norm in train mode"):
+            torchdiv.laplacian(f, y)
