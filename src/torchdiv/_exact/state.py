@@ -179,17 +179,12 @@ class Changes(DispatchMode):
         evaluations computed different functions, and an earlier one's graph, which saved a
         written tensor at the version put back with it (``_versions``), would read the later
         value in its backward pass (silently wrong parameter gradients)."""
-        with torch.no_grad(), torch._C._DisableFuncTorch():
-            for (tensor, _, _), first in zip(self.written, self.after or (), strict=True):
-                if not _alike(tensor, first):
-                    raise ValueError(
-                        f"f wrote other values into a tensor of shape {tuple(first.shape)} "
-                        "at two evaluations of one call: its evaluations compute different "
-                        "functions (state outside its modules, such as a Python list or a "
-                        "global, decides what it writes). Keep that state in a module's "
-                        "attribute or buffer, which torchdiv puts back between evaluations, "
-                        "or write the tensor outside f."
-                    )
+        wrote_alike(
+            [
+                (tensor, first)
+                for (tensor, _, _), first in zip(self.written, self.after or (), strict=True)
+            ]
+        )
 
     def undo_writes(self) -> None:
         """Put back the tensors written to, not the generators: for an evaluation made once
@@ -230,6 +225,23 @@ class Changes(DispatchMode):
         if generator is not None:
             return [generator]
         return list({torch.default_generator, default_generator(self.device)})
+
+
+def wrote_alike(written: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Raise unless each tensor of ``written`` holds the value paired with it (``_alike``):
+    what an earlier evaluation of ``f`` (the first watched, or a recording) wrote into it,
+    which a later evaluation from the same state must write again."""
+    with torch.no_grad(), torch._C._DisableFuncTorch():
+        for tensor, first in written:
+            if not _alike(tensor, first):
+                raise ValueError(
+                    f"f wrote other values into a tensor of shape {tuple(first.shape)} "
+                    "at two evaluations of one call: its evaluations compute different "
+                    "functions (state outside its modules, such as a Python list or a "
+                    "global, decides what it writes). Keep that state in a module's "
+                    "attribute or buffer, which torchdiv puts back between evaluations, "
+                    "or write the tensor outside f."
+                )
 
 
 def _alike(now: torch.Tensor, first: torch.Tensor) -> bool:

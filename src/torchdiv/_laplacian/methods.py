@@ -38,7 +38,7 @@ from torchdiv._core.tie import tied
 from torchdiv._exact.attributes import unwrap_between_evaluations
 from torchdiv._exact.forward import ForwardJacobian, holds_dual_level, under_tangents
 from torchdiv._exact.plan import WITHOUT_FORWARD_RULE
-from torchdiv._exact.state import Once, unchanged
+from torchdiv._exact.state import Once, unchanged, wrote_alike
 from torchdiv._laplacian.loop import Check, Settings, all_finite, grad_of_grad, probed
 from torchdiv._taylor import (
     RULES,
@@ -135,7 +135,23 @@ def _recorded_auto(
         out = collapsed_or_none(plan, x, unit_directions(x, batch_dims, chunk))
         if out is not None:
             return out
+        recording = plan
         plan, chunk_size = at_this_call(fallback(plan, x, batch_dims, chunk)), chunk
+        out = _fallen_back(f, x, batch_dims, chunk_size, plan)
+        try:  # the recording was evaluation one: the fallback's must write what it wrote
+            wrote_alike(recording.wrote or [])
+        except ValueError:
+            recording.undo()  # (a refused call leaves f's tensors as they were)
+            raise
+        return out
+    return _fallen_back(f, x, batch_dims, chunk_size, plan)
+
+
+def _fallen_back(
+    f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None, plan: Loop | Nested
+) -> torch.Tensor:
+    """``"auto"``'s Laplacian by ``plan``: the loop of backward passes, or forward over
+    reverse."""
     if isinstance(plan, Loop):
         return looped(f, x, batch_dims, chunk_size, plan)
     return nested(f, x, batch_dims, chunk_size, plan)

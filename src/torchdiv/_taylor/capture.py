@@ -134,11 +134,24 @@ class Graph:
     # whether the watch for sample mixing read index values along the batch (``BatchAxes.
     # indexed``): its verdict holds for them only, so the graph is never kept as a template
     indexed: bool = False
+    # the written parameters and buffers of f's modules (of ``changed``: not the tensors f
+    # made, a dropout mask drawn anew at each evaluation) and their values after the
+    # recording, kept by the first ``undo``: a fallback's evaluations must write them again
+    # (``_exact.state.wrote_alike``)
+    wrote: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
     def undo(self) -> None:
         """Put back what recording ``f`` changed outside it (buffers it updated in place, the
         random number generators), for a caller that falls back to evaluating ``f`` again: a
-        training-mode batch norm's statistics then move once, not twice."""
+        training-mode batch norm's statistics then move once, not twice. The first undo keeps
+        the values the recording wrote (``wrote``)."""
+        if self.wrote is None:
+            held = {_storage(t) for t, _ in self.settings.data} if self.settings else set()
+            self.wrote = [
+                (b.tensor, b.tensor.detach().clone())
+                for b in self.changed
+                if _storage(b.tensor) in held
+            ]
         put_back(self.changed)
         for restore, state in self.rng:
             restore(state)
