@@ -56,6 +56,26 @@ def test_import_leaves_dynamo_unimported() -> None:
     assert out.strip() == "ok"
 
 
+def test_dynamo_imported_first_marks_at_once() -> None:
+    """Dynamo imported before torchdiv: every mark is applied as torchdiv is imported, and the
+    module-level disabled functions stay rebound (the ``def`` bound the plain function over
+    the rebinding: ``_refused``'s refusal of a compiled graph's gradients was traced, and
+    lost, in a compiled loss)."""
+    out = _python(
+        "-c",
+        "import torch._dynamo, torchdiv\n"
+        "from torchdiv._core import checks, modes\n"
+        "from torchdiv._exact import autograd\n"
+        "from torchdiv._structured import products\n"
+        "for fn in (modes._without_dynamo, autograd._refused, products._Product.backward):\n"
+        "    assert getattr(fn, '_torchdynamo_disable', False), fn\n"
+        "for fn in (modes._materialized_zero_tangents, checks._lazy_in):\n"
+        "    assert fn._dynamo_marked_constant, fn\n"
+        "print('ok')\n",
+    )
+    assert out.strip() == "ok"
+
+
 def _compiled_run(order: str) -> dict[str, object]:
     result: dict[str, object] = json.loads(_python(CASE, order))
     breaks = result["breaks"]

@@ -68,8 +68,13 @@ def compiler_disabled(fn: F) -> F:
     namespace = fn.__globals__  # type: ignore[attr-defined]
     if fn.__qualname__ != fn.__name__:
         raise TypeError(f"compiler_disabled: {fn.__qualname__} is not a module-level function")
-    disable_later(fn, lambda disabled: namespace.__setitem__(fn.__name__, disabled))
-    return fn
+    bound = [fn]  # what the decorated ``def`` binds: disabled already where Dynamo is imported
+
+    def put(disabled: F) -> None:
+        bound[0] = namespace[fn.__name__] = disabled
+
+    disable_later(fn, put)
+    return bound[0]
 
 
 def constant_when_traced(fn: F) -> F:
