@@ -21,6 +21,7 @@ import torch
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.ddp import Peers
+from torchdiv._core.dynamo import compiler_disabled
 from torchdiv._core.mixing.watch import check_graph
 from torchdiv._core.modes import (
     INNER_ORDER,
@@ -117,7 +118,7 @@ class _DifferentiableBackwards:
         return _refused(out, message)
 
 
-@torch.compiler.disable(recursive=True)
+@compiler_disabled
 def _refused(out: torch.Tensor, message: str, *reached: torch.Tensor) -> torch.Tensor:
     """``out`` (on the graph of ``reached`` too) whose backward pass raises
     ``UndifferentiableBackward(message)``; run eagerly where Dynamo traces the call: traced,
