@@ -30,11 +30,6 @@ def _python(*args: str) -> str:
     return done.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/torchdiv/_structured/products.py (recorders17's) still applies "
-    "torch.compiler.disable at import: the diff in NOTES_lazyimport17.md",
-)
 def test_import_leaves_dynamo_unimported() -> None:
     """Without Dynamo imported nothing is marked yet; importing it marks everything (the
     disabled versions rebound, the constants marked)."""
@@ -93,7 +88,7 @@ def test_first_call_inside_compiled_loss_breaks_as_before() -> None:
     the eager call's. Without the import hook the trace recursed into ``eager_when``'s
     wrapper (``RecursionError`` inside Dynamo)."""
     lazy, first = _compiled_run("torchdiv-first"), _compiled_run("dynamo-first")
-    assert first["imported"]  # (and lazy["imported"] not, once products.py defers too)
+    assert first["imported"] and not lazy["imported"]
     assert lazy["breaks"] == first["breaks"] and lazy["graphs"] == first["graphs"]
     runs = lazy["runs"]
     assert isinstance(runs, list) and runs == first["runs"]
