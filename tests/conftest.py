@@ -375,6 +375,16 @@ def _todays_part(seed: str) -> int:
         return _part(seed)
 
 
+def sampled_daily(names, daily: set[str]) -> list:
+    """``names`` as parameters, those in ``daily`` marked slow: in the daily sample of slow
+    tests (a family that keeps one always-run case per fault it guards).
+
+    >>> [getattr(p, "marks", ()) != () for p in sampled_daily(["a", "b"], {"b"})]
+    [False, True]
+    """
+    return [pytest.param(n, marks=pytest.mark.slow) if n in daily else n for n in names]
+
+
 def in_todays_sample(config: pytest.Config, name: str) -> bool:
     """Whether the slow check ``name`` runs: every one under ``--slow=all``, none under
     ``--slow=none``, else (the default) those of today's part: ``name``'s part (a hash of it,

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from conftest import sampled_daily
 
 import torchdiv
 
@@ -71,10 +72,7 @@ SAMPLED_CALLS = {
 
 @pytest.mark.parametrize(
     "call",
-    [
-        pytest.param(name, marks=pytest.mark.slow) if name in SAMPLED_CALLS else name
-        for name in CALLS
-    ],
+    sampled_daily(CALLS, SAMPLED_CALLS),
 )
 def test_a_call_leaves_no_tensor_in_a_reference_cycle(
     call: str, no_cycle_collection: list[object]

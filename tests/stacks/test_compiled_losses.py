@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
-from conftest import assert_close
+from conftest import assert_close, sampled_daily
 from torch.func import jacrev, vmap
 
 import torchdiv
@@ -158,10 +158,7 @@ SAMPLED_FULLGRAPH = {
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(name, marks=pytest.mark.slow) if name in SAMPLED_FULLGRAPH else name
-        for name in FULLGRAPH
-    ],
+    sampled_daily(FULLGRAPH, SAMPLED_FULLGRAPH),
 )
 def test_fullgraph_matches_eager(name):
     make, shape, op = FULLGRAPH[name]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import sampled_daily
 
 import torchdiv
 from torchdiv import flows
@@ -91,10 +92,7 @@ SAMPLED_CALLS = {"divergence auto", "divergence reverse", "divergence forward"}
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(name, marks=pytest.mark.slow) if name in SAMPLED_CALLS else name
-        for name in CALLS
-    ],
+    sampled_daily(CALLS, SAMPLED_CALLS),
 )
 def test_compiled_model_stays_compiled(compiled, name):
     net, model, backend = compiled
