@@ -4,17 +4,11 @@ torchdiv calls are the first ones of the process, torchdiv imported before or af
 ``import torchdiv``, Dynamo's graph-break reasons and graph count, the losses and the parameter
 gradients (two calls, two more after ``torch._dynamo.reset()``, then the eager call)."""
 
+import importlib
 import json
 import sys
 
 import torch
-
-if sys.argv[1] == "dynamo-first":
-    import torch._dynamo
-
-import torchdiv
-
-imported = "torch._dynamo" in sys.modules
 
 
 class Net(torch.nn.Module):
@@ -30,45 +24,55 @@ class Net(torch.nn.Module):
         return self.b(torch.tanh(self.a(x))) ** self.k
 
 
-torch.manual_seed(0)
-net = Net()
-x = torch.randn(4, 3, dtype=torch.float64)
-generator = torch.Generator()
+def main(order: str) -> None:
+    """The compiled loss's runs, torchdiv imported before Dynamo (``"torchdiv-first"``) or
+    after it (``"dynamo-first"``); prints them as JSON."""
+    if order == "dynamo-first":
+        importlib.import_module("torch._dynamo")  # (an import statement would bind torch here)
+    import torchdiv
 
+    imported = "torch._dynamo" in sys.modules
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    generator = torch.Generator()
 
-def loss(x: torch.Tensor) -> torch.Tensor:
-    exact = torchdiv.divergence(net, x, method="forward")  # traced: zero tangents constant
-    drawn = torchdiv.divergence(  # a generator: eagerly as a whole (eager_when)
-        net, x, method="hutchinson", num_probes=2, generator=generator
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        exact = torchdiv.divergence(net, x, method="forward")  # traced: zero tangents constant
+        drawn = torchdiv.divergence(  # a generator: eagerly as a whole (eager_when)
+            net, x, method="hutchinson", num_probes=2, generator=generator
+        )
+        return exact.square().sum() + drawn.sum()
+
+    step = torch.compile(loss, backend="eager")
+    from torch._dynamo.utils import counters
+
+    runs = []
+    for reset in (False, True):
+        if reset:
+            torch._dynamo.reset()
+        for _ in range(2):
+            net.zero_grad()
+            generator.manual_seed(1)
+            value = step(x)
+            value.backward()
+            runs.append([value.item(), [p.grad.tolist() for p in net.parameters()]])
+    net.zero_grad()
+    generator.manual_seed(1)
+    eager = loss(x)  # the eager call, after the compiled ones (Dynamo imported by then)
+    eager.backward()
+    runs.append([eager.item(), [p.grad.tolist() for p in net.parameters()]])
+    print(
+        json.dumps(
+            {
+                "imported": imported,
+                "breaks": sorted(counters["graph_break"]),
+                "graphs": counters["stats"]["unique_graphs"],
+                "runs": runs,
+            }
+        )
     )
-    return exact.square().sum() + drawn.sum()
 
 
-step = torch.compile(loss, backend="eager")
-from torch._dynamo.utils import counters  # noqa: E402
-
-runs = []
-for reset in (False, True):
-    if reset:
-        torch._dynamo.reset()
-    for _ in range(2):
-        net.zero_grad()
-        generator.manual_seed(1)
-        value = step(x)
-        value.backward()
-        runs.append([value.item(), [p.grad.tolist() for p in net.parameters()]])
-net.zero_grad()
-generator.manual_seed(1)
-eager = loss(x)  # the eager call, after the compiled ones (Dynamo imported by then)
-eager.backward()
-runs.append([eager.item(), [p.grad.tolist() for p in net.parameters()]])
-print(
-    json.dumps(
-        {
-            "imported": imported,
-            "breaks": sorted(counters["graph_break"]),
-            "graphs": counters["stats"]["unique_graphs"],
-            "runs": runs,
-        }
-    )
-)
+if __name__ == "__main__":  # (not when pytest imports it for its doctests)
+    main(sys.argv[1])
