@@ -20,7 +20,6 @@ from torch._C._functorch import is_functorch_wrapped_tensor, peek_interpreter_st
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-from torchdiv._core.dynamo import constant_when_traced
 from torchdiv._core.modes import DispatchMode, WrongDerivatives
 from torchdiv._core.script import attribute, initialized, scripted
 
@@ -360,7 +359,7 @@ def _refuse_lazy(fn: str, m: torch.nn.Module) -> None:
     )
 
 
-@constant_when_traced
+@torch.compiler.assume_constant_result
 def _lazy_in(fn: str, f: Any) -> bool:
     """``check_initialized`` of a function while Dynamo traces the call: the walk of its
     defaults and globals (``script.scripted``) run by Dynamo at trace time, not traced (Dynamo

@@ -28,7 +28,6 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from torchdiv._core import linalg as _linalg
 from torchdiv._core.ddp import in_process_group, one_forward, spans_peers
-from torchdiv._core.dynamo import compiler_disabled, constant_when_traced, disable_later
 from torchdiv._core.power import plain_exponent, power
 from torchdiv._core.script import attribute, cached, call_ended, call_started, cell_contents
 
@@ -71,13 +70,7 @@ def outside_inference_mode(fn: F) -> F:
         finally:
             call_ended(started)
 
-    eager: Callable[..., Any] = wrapper  # torch.compiler.disable(wrapper) (_core.dynamo)
-
-    def put(disabled: Callable[..., Any]) -> None:
-        nonlocal eager
-        eager = disabled
-
-    disable_later(wrapper, put)
+    eager = cast(Callable[..., Any], torch.compiler.disable(wrapper))  # untyped in torch
     return wrapper  # type: ignore[return-value]
 
 
@@ -293,7 +286,7 @@ def _compiled(fn: Callable[..., Any], backend: Any, dynamic: bool | None) -> Cal
     return _COMPILED[key][1]
 
 
-@constant_when_traced  # Dynamo runs it when tracing, instead of tracing it
+@torch.compiler.assume_constant_result  # Dynamo runs it when tracing, instead of tracing it
 def _materialized_zero_tangents() -> bool:
     """Have inductor build the zeros that forward-mode formulas use for tensors without a
     tangent (a model's parameters) as ordinary tensors (``aten._efficientzerotensor``).
@@ -487,13 +480,7 @@ def eager_when(records: Callable[..., bool] | None = None) -> Callable[[F], F]:
     eager call (batch-interaction detection included)."""
 
     def decorate(fn: F) -> F:
-        eager: Callable[..., Any] = fn  # torch.compiler.disable(fn) (_core.dynamo)
-
-        def put(disabled: Callable[..., Any]) -> None:
-            nonlocal eager
-            eager = disabled
-
-        disable_later(fn, put)
+        eager = cast(Callable[..., Any], torch.compiler.disable(fn))  # untyped in torch
 
         @functools.wraps(fn)
         def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -513,13 +500,7 @@ def recorded(fn: F) -> F:
     """Run ``fn`` eagerly when Dynamo traces its caller: an engine that records ``f``'s ops and
     plans from them (structured, Taylor) or differentiates a graph already built
     (``autograd.grad``) is one graph break inside a compiled region, not a failed trace."""
-    eager: Callable[..., Any] = fn  # torch.compiler.disable(fn) (_core.dynamo)
-
-    def put(disabled: Callable[..., Any]) -> None:
-        nonlocal eager
-        eager = disabled
-
-    disable_later(fn, put)
+    eager = torch.compiler.disable(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -596,7 +577,7 @@ class DispatchMode(TorchDispatchMode):
         raise NotImplementedError
 
 
-@compiler_disabled
+@torch.compiler.disable(recursive=True)
 def _without_dynamo(dispatch: Callable[..., Any], *args: Any) -> Any:
     return dispatch(*args)
 
@@ -1362,13 +1343,7 @@ def _constant_power(func: Callable[..., Any]) -> Callable[..., Any]:
                     return power(a, exponent)
         return func(*args, **kwargs)
 
-    eager: Callable[..., Any] = run  # torch.compiler.disable(run, reason=...) (_core.dynamo)
-
-    def put(disabled: Callable[..., Any]) -> None:
-        nonlocal eager
-        eager = disabled
-
-    disable_later(run, put, reason=_EAGER_POWER)
+    eager = torch.compiler.disable(run, reason=_EAGER_POWER)
     return run
 
 

@@ -21,7 +21,6 @@ import torch
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.ddp import Peers
-from torchdiv._core.dynamo import compiler_disabled
 from torchdiv._core.mixing.watch import check_graph
 from torchdiv._core.modes import (
     INNER_ORDER,
@@ -118,7 +117,7 @@ class _DifferentiableBackwards:
         return _refused(out, message)
 
 
-@compiler_disabled
+@torch.compiler.disable(recursive=True)
 def _refused(out: torch.Tensor, message: str, *reached: torch.Tensor) -> torch.Tensor:
     """``out`` (on the graph of ``reached`` too) whose backward pass raises
     ``UndifferentiableBackward(message)``; run eagerly where Dynamo traces the call: traced,

@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 
-from torchdiv._core.dynamo import disable_later
-
 Tensor = torch.Tensor
 SIZE = 8
 MAX_FACTOR_ELEMENTS = 1 << 20  # larger factors are not copied: at most ~100 MB kept in float32
@@ -112,6 +110,7 @@ class _Product(torch.autograd.Function):
         return result.detach()  # a new tensor object: never the kept one itself
 
     @staticmethod
+    @torch.compiler.disable
     def backward(  # type: ignore[override]
         ctx: Any, grad: Tensor
     ) -> tuple[None, Tensor | None, Tensor | None, None]:
@@ -120,10 +119,6 @@ class _Product(torch.autograd.Function):
         grad_a = ctx.op.grad_a(b, grad) if need_a else None
         grad_b = ctx.op.grad_b(a, grad) if need_b else None
         return None, grad_a, grad_b, None
-
-
-# torch.compiler.disable(backward) (_core.dynamo: when Dynamo is imported)
-disable_later(_Product.backward, lambda eager: setattr(_Product, "backward", staticmethod(eager)))
 
 
 def _copy(t: Tensor) -> Tensor:
