@@ -8,7 +8,7 @@ import contextlib
 import inspect
 import types
 import weakref
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -174,11 +174,9 @@ def _owned(f: Any, held: tuple[Kept, ...] | None) -> tuple[Kept | Owned, ...] | 
         if _identity(f, 3, values)[0] is not f:
             keyed = {hash(same) for same, _ in values}  # (``Same``: its object's id)
     places: dict[int, list[tuple[Any, str]]] = {}
-    for reached in [f] if isinstance(f, torch.nn.Module) else named(f):
-        if isinstance(reached, torch.nn.Module):
-            for m in reached.modules():
-                for name, p in m._parameters.items():
-                    places.setdefault(id(p), []).append((weakref.ref(m), name))
+    for m in _modules(f):
+        for name, p in m._parameters.items():
+            places.setdefault(id(p), []).append((weakref.ref(m), name))
     found: list[Kept | Owned] = []
     for kept in held:
         t = kept.ref()
@@ -210,11 +208,9 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
         values: list[tuple[Hashable, int]] = []
         if _identity(f, 3, values, found)[0] is f:
             found.clear()  # (not told by what it holds: none of it is in the key)
-    for held in [f] if isinstance(f, torch.nn.Module) else named(f):
-        if isinstance(held, torch.nn.Module):
-            for m in held.modules():
-                tensors = [*m._buffers.values(), *vars(m).values()]
-                found |= {id(t) for t in tensors if type(t) is torch.Tensor}
+    for m in _modules(f):
+        tensors = [*m._buffers.values(), *vars(m).values()]
+        found |= {id(t) for t in tensors if type(t) is torch.Tensor}
     kept: list[Kept] = []
     for index, base in indices:
         for one in (index, base):
@@ -224,6 +220,14 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
         else:
             return None
     return tuple(kept)
+
+
+def _modules(f: Any) -> Iterator[torch.nn.Module]:
+    """Every module under those ``f``'s structure key holds: ``f`` itself, or what it reaches
+    (``cache.named``), with their submodules (a module reached twice: twice)."""
+    for reached in [f] if isinstance(f, torch.nn.Module) else named(f):
+        if isinstance(reached, torch.nn.Module):
+            yield from reached.modules()
 
 
 def _loose(at: Structure) -> Structure | None:
