@@ -37,6 +37,7 @@ from conftest import (
     reference_laplacian,
 )
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import torchdiv
 
@@ -106,8 +107,10 @@ def _guided(net: Denoiser, t, labels, text, scale: float = 3.0):
 
 def _check_divergence_and_diagonal(f, x, net, method: str) -> None:
     """Divergence and Jacobian diagonal against rows by ``autograd.grad``, and the parameter
-    gradients of a loss of the divergence against the rows' own (``create_graph``)."""
-    want = loop_diagonal(f, x, create_graph=True)
+    gradients of a loss of the divergence against the rows' own (``create_graph``; the rows
+    through the math attention kernel: the fused CPU one has no double backward)."""
+    with sdpa_kernel([SDPBackend.MATH]):
+        want = loop_diagonal(f, x, create_graph=True)
     got = torchdiv.divergence(f, x, method=method)
     assert_close(got, want.flatten(1).sum(1), scale=10)
     assert_close(torchdiv.jacobian_diagonal(f, x, method=method), want.detach(), scale=10)
@@ -426,3 +429,43 @@ def test_probability_flow_likelihood_against_a_hand_written_loop(method):
     want = _rk4_log_likelihood(divergence, velocity, x.detach().requires_grad_(True), 1.0, 0.25, 2)
     assert_close(got, want, scale=100)
     assert_same_parameter_gradients(net, got.sum(), want.sum())
+
+
+@pytest.mark.slow  # importing diffusers takes seconds
+def test_diffusers_unet_guided_v_prediction_thresholded_by_its_scheduler():
+    """diffusers' own pieces: a tiny class-conditional ``UNet2DModel`` (attention blocks,
+    ``t`` of shape ``(B,)``), guidance by the doubled batch, ``x0 = sqrt(abar) x - sqrt(1 -
+    abar) v`` and ``DDPMScheduler._threshold_sample``: divergence (``"structured"`` refused
+    the thresholding's ``clamp`` before) and parameter gradients against the rows."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=4,
+        in_channels=2,
+        out_channels=2,
+        block_out_channels=(4, 4),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=2,
+        num_class_embeds=4,
+        attention_head_dim=2,
+    ).double()
+    scheduler = diffusers.DDPMScheduler(
+        thresholding=True, dynamic_thresholding_ratio=0.75, prediction_type="v_prediction"
+    )
+    x = torch.randn(B, 2, 4, 4, dtype=f64, generator=torch.Generator().manual_seed(1))
+    labels, steps = torch.tensor([0, 2, 1]), torch.tensor([10, 500, 900])
+    abar = scheduler.alphas_cumprod.double()[steps]
+    a, s = _append_dims(abar.sqrt(), 4), _append_dims((1 - abar).sqrt(), 4)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        both = unet(
+            torch.cat([z, z]),
+            torch.cat([steps, steps]),
+            class_labels=torch.cat([torch.full_like(labels, 3), labels]),
+        ).sample
+        uncond, cond = both.chunk(2)
+        return scheduler._threshold_sample(a * z - s * (uncond + 3.0 * (cond - uncond)))
+
+    _check_divergence_and_diagonal(f, x, unet, "structured")
