@@ -233,6 +233,26 @@ def _extremum(ctx: Context, a: Operand, b: Operand, larger: bool) -> Jet:
     return Jet(picked.value, mean.jac, mean.lap)
 
 
+def _clamp_tensor(
+    ctx: Context, a: Operand, low: Operand | None = None, high: Operand | None = None
+) -> Jet:
+    """``clamp`` between tensors (``torch.clamp(x, -s, s)``: dynamic thresholding, with ``s``
+    a per-sample quantile of ``|x|``): piecewise a selection of ``a``, ``low`` or ``high``,
+    at the edges as autograd has it: ``a``'s derivatives on ``[low, high]``, ``low``'s below
+    it, ``high``'s above it and wherever ``high < low`` (then the value is ``high``)."""
+    out: Operand = a
+    va = value_of(a)
+    lo = None if low is None else value_of(low)
+    hi = None if high is None else value_of(high)
+    if lo is not None:
+        below = va < lo if hi is None else (va < lo) & (lo < hi)
+        out = _where(ctx, below, low, out)
+    if hi is not None:
+        above = va > hi if lo is None else (va > hi) | (hi < lo)
+        out = _where(ctx, above, high, out)
+    return out if isinstance(out, Jet) else Jet(out, None, None)
+
+
 def _halved(ctx: Context, a: Operand, b: Operand) -> Jet:
     """``(a + b) / 2`` as a jet (the derivatives at a tie of ``maximum``)."""
     ja, jb = (t if isinstance(t, Jet) else Jet(t, None, None) for t in (a, b))
@@ -444,4 +464,5 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten.index_put.default: _accumulated(aten.index_put.default, 2),
     aten.maximum.default: lambda ctx, a, b: _extremum(ctx, a, b, True),
     aten.minimum.default: lambda ctx, a, b: _extremum(ctx, a, b, False),
+    aten.clamp.Tensor: _clamp_tensor,
 }

@@ -52,6 +52,7 @@ _LAP_FROM_LAP = {
     aten.leaky_relu.default,
     aten.hardtanh.default,
     aten.clamp.default,
+    aten.clamp.Tensor,
     aten.abs.default,
     aten.max_pool2d_with_indices.default,
     aten.max_pool3d_with_indices.default,

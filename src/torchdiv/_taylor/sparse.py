@@ -335,6 +335,7 @@ _ELEMENTWISE = {
     aten.where.self,
     aten.maximum.default,
     aten.minimum.default,
+    aten.clamp.Tensor,
 }
 _COPIES = {aten.clone.default, aten.alias.default, aten._to_copy.default, aten.to.dtype}
 _VIEWS = {aten.view.default, aten._unsafe_view.default}
