@@ -1,0 +1,172 @@
+"""rev-watch18's attacks on the sample-mixing watch's remembered passes (mixfast17's
+factorizations of parameters alone, index tensors the structure key holds, and their value
+checks of rev-merges17a).
+
+Each ``f`` takes a branch that mixes samples (``h * h.mean(0)``) only at a later call, where
+an ``except`` catches a factorization's error or an index buffer holds other edges: the
+watch must see that call (``BatchInteractionError``), not serve it by the first call's pass.
+Faults found: the ``*_ex`` factorizations behind ``cholesky``, ``inv``, ``solve``,
+``lu_factor`` and ``ldl_factor`` (their ``info`` raised on by ``_linalg_check_errors``) read
+as deciding nothing; a weight or index buffer ``f`` writes before reading it (from a schedule
+no put-back covers) kept its pass, compared at the next call's start, before that call's
+write. The guard: a Cholesky factor of a parameter alone is still watched once, with the
+per-sample float64 values and parameter gradients (1e-12).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import torchdiv
+from torchdiv import BatchInteractionError
+
+f64 = torch.float64
+
+# factorizations that raise on a singular or indefinite matrix through ``_linalg_check_errors``
+_FACTORIZATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "cholesky": torch.linalg.cholesky,
+    "inv": torch.linalg.inv,
+    "solve": lambda a: torch.linalg.solve(a, torch.ones_like(a)),
+    "lu_factor": lambda a: torch.linalg.lu_factor(a)[0],
+    "ldl_factor": lambda a: torch.linalg.ldl_factor(a)[0],
+    "cholesky_ex": lambda a: torch.linalg.cholesky_ex(a, check_errors=True)[0],
+}
+
+
+class Factorized(torch.nn.Module):
+    """``tanh(lin(x)) @ factor(A)``, or where the factorization fails, a fallback that
+    scales each sample by the batch mean (mixes samples). ``schedule``: values ``forward``
+    writes into ``A`` first (``how``: ``.data =``, ``.data.copy_`` or ``copy_`` under
+    ``no_grad``), one per call."""
+
+    def __init__(
+        self,
+        factor: Callable[[torch.Tensor], torch.Tensor],
+        schedule: list[float] | None = None,
+        how: str = "",
+    ) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3).to(f64)
+        self.A = torch.nn.Parameter(2 * torch.eye(3, dtype=f64))
+        self.factor, self.schedule, self.how = factor, schedule, how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.schedule is not None:
+            value = torch.eye(3, dtype=f64) * self.schedule.pop(0)
+            if self.how == "data":
+                self.A.data = value
+            elif self.how == "data_copy":
+                self.A.data.copy_(value)
+            else:
+                with torch.no_grad():
+                    self.A.copy_(value)
+        h = torch.tanh(self.lin(x))
+        try:
+            return h @ self.factor(self.A)
+        except RuntimeError:
+            return h * h.mean(0)
+
+
+def _spectral(a: torch.Tensor) -> torch.Tensor:
+    """``A / ||A||_2`` by its singular values (a spectrally normalised layer's)."""
+    return a / torch.linalg.svdvals(a)[0]
+
+
+@pytest.mark.parametrize("name", list(_FACTORIZATIONS))
+def test_a_weight_made_singular_after_a_passed_call_is_watched_again(name: str) -> None:
+    """An optimizer's step (here a write under ``no_grad``) makes ``A`` indefinite and
+    singular: the factorization raises, the fallback mixes samples."""
+    torch.manual_seed(0)
+    net, x = Factorized(_FACTORIZATIONS[name]), torch.randn(4, 3, dtype=f64)
+    torchdiv.divergence(net, x)
+    with torch.no_grad():
+        net.A.copy_(torch.diag(torch.tensor([1.0, -1.0, 0.0], dtype=f64)))
+    with pytest.raises(BatchInteractionError):
+        torchdiv.divergence(net, x)
+
+
+def test_a_factorization_of_values_from_x_is_watched_at_every_call() -> None:
+    """``cholesky`` of a per-sample matrix from ``x`` (a Gaussian layer's covariance): the
+    next ``x`` makes one indefinite."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        cov = torch.eye(3, dtype=f64) + x[:, :, None] * x[:, None, :] * x[:, :1, None]
+        try:
+            return (torch.linalg.cholesky(cov) @ x[:, :, None])[..., 0]
+        except RuntimeError:
+            return x * x.mean(0)
+
+    x = torch.rand(4, 3, dtype=f64) * 0.1
+    torchdiv.divergence(f, x)
+    with pytest.raises(BatchInteractionError):
+        torchdiv.divergence(f, torch.cat([x[:3], -torch.ones(1, 3, dtype=f64) * 2]))
+
+
+@pytest.mark.parametrize("how", ["data", "data_copy", "copy"])
+def test_a_weight_written_before_its_factorization_is_watched_again(how: str) -> None:
+    """``forward`` writes ``A`` from a schedule first: at each call's start ``A`` holds the
+    last call's value, the one the pass kept; the fourth call's write makes it ``nan``."""
+    torch.manual_seed(0)
+    net = Factorized(_spectral, [1.0] * 3 + [float("nan")], how)
+    x = torch.randn(4, 3, dtype=f64)
+    for _ in range(3):
+        torchdiv.divergence(net, x)
+    with pytest.raises(BatchInteractionError):
+        torchdiv.divergence(net, x)
+
+
+class Messages(torch.nn.Module):
+    """A message-passing step over a flattened batch of 2-node graphs, ``edges`` a buffer
+    ``forward`` sets from a schedule (``.data =``): within each sample, then across."""
+
+    def __init__(self, schedule: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2).to(f64)
+        self.register_buffer("edges", schedule[0].clone())
+        self.schedule = schedule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.edges.data = self.schedule.pop(0).clone()
+        h = torch.tanh(self.lin(x)).reshape(-1, 2)
+        senders, receivers = self.edges
+        return h.index_add(0, receivers, h[senders] ** 2).reshape(x.shape)
+
+
+def test_an_index_buffer_written_before_it_is_read_is_watched_again() -> None:
+    within, across = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2]]), torch.tensor([[0, 1], [2, 3]])
+    net = Messages([within] * 3 + [across.repeat(1, 2)])
+    x = torch.randn(2, 2, 2, dtype=f64)
+    for _ in range(3):
+        torchdiv.divergence(net, x)
+    with pytest.raises(BatchInteractionError):
+        torchdiv.divergence(net, x)
+
+
+def test_a_cholesky_factor_of_a_parameter_is_watched_once(watches: list[int]) -> None:
+    """No false refusal: ``x @ cholesky(A)`` keeps its pass over new ``x`` (per-sample float64
+    divergences and parameter gradients), and is watched again after a step writes ``A``."""
+    torch.manual_seed(0)
+    net = Factorized(torch.linalg.cholesky)
+    for _ in range(3):
+        x = torch.randn(4, 3, dtype=f64)
+        div = torchdiv.divergence(net, x)
+        want = torch.stack(
+            [
+                torch.autograd.functional.jacobian(net, s[None], create_graph=True)[0, :, 0].trace()
+                for s in x
+            ]
+        )
+        params = list(net.parameters())
+        got = torch.autograd.grad(div.square().sum(), params)
+        grads = torch.autograd.grad(want.square().sum(), params)
+        torch.testing.assert_close(div.detach(), want.detach(), rtol=1e-12, atol=1e-12)
+        for g, w in zip(got, grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert len(watches) == 1
+    with torch.no_grad():
+        net.A.mul_(1.5)
+    torchdiv.divergence(net, x)
+    assert len(watches) == 2
