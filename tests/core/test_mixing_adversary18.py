@@ -170,3 +170,51 @@ def test_a_cholesky_factor_of_a_parameter_is_watched_once(watches: list[int]) ->
         net.A.mul_(1.5)
     torchdiv.divergence(net, x)
     assert len(watches) == 2
+
+
+class ExpertChoice(torch.nn.Module):
+    """A mixture of experts in Megatron-LM's sequence-first layout (``x`` given ``(B, T, F)``,
+    its tokens ``(T * B, F)``, row ``t * B + b``): each expert takes the ``capacity`` tokens
+    of the whole batch that score highest for it (expert-choice routing), the others get
+    nothing from it (dropped: the residual alone), and puts its outputs back in their rows
+    (``put``: ``index_put`` into zeros, or ``index_add``)."""
+
+    def __init__(self, features: int, experts: int, capacity: int, put: str) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(features, experts, bias=False).to(f64)
+        self.experts = torch.nn.ModuleList(
+            torch.nn.Linear(features, features).to(f64) for _ in range(experts)
+        )
+        self.capacity, self.put = capacity, put
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        tokens = x.transpose(0, 1).reshape(t * b, d)
+        scores = torch.softmax(self.gate(tokens), -1)
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            rows = scores[:, e].topk(self.capacity).indices
+            y = scores[rows, e, None] * torch.tanh(expert(tokens[rows]))
+            if self.put == "index_put":
+                part = torch.zeros_like(tokens)
+                part[rows] = y
+                out = out + part
+            else:
+                out = out.index_add(0, rows, y)
+        return (tokens + out).reshape(t, b, d).transpose(0, 1)
+
+
+@pytest.mark.parametrize("put", ["index_put", "index_add"])
+def test_sequence_first_tokens_dropped_by_capacity_are_followed(put: str) -> None:
+    """No false refusal (was: 'samples moved into a tensor of shape (12, 2)', the tokens'
+    own layout tried only where as many rows as the buffer were put back). Reference: the
+    diagonal blocks' traces of the whole batch's float64 Jacobian, whose blocks across
+    samples are zero (which tokens an expert takes depends on the batch, not derivatives)."""
+    torch.manual_seed(0)
+    net, x = ExpertChoice(2, 2, 5, put), torch.randn(3, 4, 2, dtype=f64)
+    div = torchdiv.divergence(net, x)
+    jac = torch.autograd.functional.jacobian(net, x).reshape(3, 8, 3, 8)
+    for b in range(3):
+        torch.testing.assert_close(div[b], jac[b, :, b].trace(), rtol=1e-12, atol=1e-12)
+        for c in set(range(3)) - {b}:
+            assert not jac[b, :, c].any()
