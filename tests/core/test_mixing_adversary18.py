@@ -75,6 +75,13 @@ def _spectral(a: torch.Tensor) -> torch.Tensor:
     return a / torch.linalg.svdvals(a)[0]
 
 
+def _per_sample(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The divergence of ``net`` at each sample of ``x`` alone (``(B, D)``), by autograd's
+    Jacobian of a batch of one, with its graph (for parameter gradients)."""
+    jacobians = [torch.autograd.functional.jacobian(net, s[None], create_graph=True) for s in x]
+    return torch.stack([j[0, :, 0].trace() for j in jacobians])
+
+
 @pytest.mark.parametrize("name", list(_FACTORIZATIONS))
 def test_a_weight_made_singular_after_a_passed_call_is_watched_again(name: str) -> None:
     """An optimizer's step (here a write under ``no_grad``) makes ``A`` indefinite and
@@ -153,12 +160,7 @@ def test_a_cholesky_factor_of_a_parameter_is_watched_once(watches: list[int]) ->
     for _ in range(3):
         x = torch.randn(4, 3, dtype=f64)
         div = torchdiv.divergence(net, x)
-        want = torch.stack(
-            [
-                torch.autograd.functional.jacobian(net, s[None], create_graph=True)[0, :, 0].trace()
-                for s in x
-            ]
-        )
+        want = _per_sample(net, x)
         params = list(net.parameters())
         got = torch.autograd.grad(div.square().sum(), params)
         grads = torch.autograd.grad(want.square().sum(), params)
@@ -218,3 +220,28 @@ def test_sequence_first_tokens_dropped_by_capacity_are_followed(put: str) -> Non
         torch.testing.assert_close(div[b], jac[b, :, b].trace(), rtol=1e-12, atol=1e-12)
         for c in set(range(3)) - {b}:
             assert not jac[b, :, c].any()
+
+
+class Solved(torch.nn.Module):
+    """``tanh(A^{-1} x)`` per sample, by ``linalg.solve`` with ``x``'s rows as right-hand
+    sides (an implicit linear layer's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.A = torch.nn.Parameter(2 * torch.eye(3, dtype=f64) + 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(torch.linalg.solve(self.A, x.T).T)
+
+
+def test_a_solve_with_a_weight_is_watched_once(watches: list[int]) -> None:
+    """Whether a solve raises follows from ``A`` alone, not from the right-hand sides that
+    ``x`` sets: watched once over new ``x`` (not at every call since its ``*_ex`` op counts
+    as raising on values), with the per-sample float64 divergences."""
+    torch.manual_seed(0)
+    net = Solved()
+    for _ in range(3):
+        x = torch.randn(4, 3, dtype=f64)
+        want = _per_sample(net, x).detach()
+        torch.testing.assert_close(torchdiv.divergence(net, x), want, rtol=1e-12, atol=1e-12)
+    assert len(watches) == 1

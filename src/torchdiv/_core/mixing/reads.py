@@ -278,6 +278,18 @@ def reading(axes: BatchAxes | None) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext() if axes is None else Reads(axes)
 
 
+# those of ``_CHECKS_VALUES`` that raise on their first argument's values alone: a solve
+# fails on a singular ``A`` whatever its right-hand side holds (``solve(W, x.T)`` of a weight
+# ``W`` keeps its pass for any ``x``: ``BatchAxes._held_read``)
+RAISES_ON_FIRST = frozenset(
+    getattr(getattr(aten, packet), overload)
+    for packet, overloads in {
+        "linalg_solve_ex": ("default", "out"),
+        "_linalg_solve_ex": ("default", "result"),
+    }.items()
+    for overload in overloads
+)
+
 # ``t.data = v`` as ``Reads`` sees it
 _SET_DATA = torch._C.TensorBase.data.__set__
 

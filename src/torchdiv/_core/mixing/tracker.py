@@ -42,6 +42,7 @@ from torchdiv._core.mixing.places import _aligned, _held, _reduced_dims
 from torchdiv._core.mixing.reads import (
     _CHECKS_VALUES,
     PYTHON,
+    RAISES_ON_FIRST,
     VALUE_FREE,
     Kept,
     Verdict,
@@ -214,11 +215,12 @@ class BatchAxes:
         set: the pass holds for any ``x`` while each weight is the same at the same version
         and values (``Verdict.while_held``; training's step writes it: watched again). An argument
         computed from ``x`` (a per-sample Kabsch alignment's ``svd``, even under
-        ``no_grad``, where it is no parameter) keeps the pass for these values only."""
+        ``no_grad``, where it is no parameter) keeps the pass for these values only; a
+        solve's right-hand side is no such argument (``RAISES_ON_FIRST``)."""
         if self.func not in _CHECKS_VALUES:
             return False
         held = []
-        for a in tree_leaves(args):
+        for a in tree_leaves(args[:1] if self.func in RAISES_ON_FIRST else args):
             if not isinstance(a, torch.Tensor) or not _floating(a):
                 continue
             root = a if a._base is None else a._base
