@@ -290,8 +290,8 @@ RAISES_ON_FIRST = frozenset(
     for overload in overloads
 )
 
-# ``t.data = v`` as ``Reads`` sees it
-_SET_DATA = torch._C.TensorBase.data.__set__
+# ``t.data = v`` as ``Reads`` sees it (the descriptor's setter; stubs type ``data`` a Tensor)
+_SET_DATA = vars(torch._C.TensorBase)["data"].__set__
 
 # the code of torchdiv's dispatch modes' handler of each op (``Reads._by_f``)
 _HANDLER = DispatchMode.__torch_dispatch__.__code__
