@@ -290,12 +290,14 @@ def _kept_in_place(t: torch.Tensor, values: Any, held: Axes, along: int | None) 
 def _flattened(tr: BatchAxes, t: torch.Tensor, values: Any, held: Axes) -> list[Axes]:
     """The layouts ``x``'s batch dimensions may have in ``t`` if its first dimension has
     ``k * n`` places (``n``: the batch's size, all its dimensions): first, where the
-    ``values`` written into it are as many rows with ``held`` all along their first
-    dimension, theirs (before any move: a sequence-first ``(T * B, F)`` layout, row
-    ``t * B + b`` sample ``b``'s, its tokens written in order or sorted by a router and put
-    back, ``out[order] = h[order]``); then as ``x.reshape(n * k, ...)`` would: samples
-    outermost, ``k`` places each (a message-passing net's ``(B * N, F)`` nodes, a mixture of
-    experts' ``(B * T, D)`` tokens), also with one spare row after them (PyG's
+    ``values`` written into it have ``held`` all along their first dimension and no more
+    rows, theirs (before any move: a sequence-first ``(T * B, F)`` layout, row ``t * B + b``
+    sample ``b``'s, its tokens written in order or sorted by a router and put back,
+    ``out[order] = h[order]``, all of them or those an expert's capacity kept: with fewer
+    rows, Megatron-style expert-choice routing was refused before rev-watch18); then as
+    ``x.reshape(n * k, ...)`` would: samples outermost, ``k`` places each (a message-passing
+    net's ``(B * N, F)`` nodes, a mixture of experts' ``(B * T, D)`` tokens), also with one
+    spare row after them (PyG's
     ``to_dense_batch`` writes ``B * N_max + 1`` rows, the last a trash slot it slices off),
     which the samples' period wraps onto: it is sample 0's place (``Axis.samples``), so values
     of other samples written there are refused; none otherwise. Only guesses: the caller
@@ -311,7 +313,7 @@ def _flattened(tr: BatchAxes, t: torch.Tensor, values: Any, held: Axes) -> list[
     own = [tuple(a._replace(rows=()) for a in held)] if alike and along else []
     if own and values.shape[0] == t.shape[0] and not any(a.rows for a in held):
         return own  # (in order: the values' own rows)
-    own = own if own and values.shape[0] == t.shape[0] else []
+    own = own if own and values.shape[0] <= t.shape[0] else []
     k = t.shape[0] // n
     major = tuple(
         Axis(0, axis.size, k * math.prod(batch[axis.source + 1 :]), (), axis.source)

@@ -243,6 +243,8 @@ class Reads(TorchFunctionMode):
                 self.axes.read_out()
         self._follow(args)  # (a subclass's results: ``BatchAxes.follow``)
         out = func(*args, **(kwargs or {}))
+        if func == _SET_DATA and args:  # (``t.data = v``: no op the dispatcher sees)
+            self.axes.wrote(args[0])
         self._follow((out,))
         return out
 
@@ -275,6 +277,21 @@ def reading(axes: BatchAxes | None) -> contextlib.AbstractContextManager[Any]:
     at every ``torch`` call for no one."""
     return contextlib.nullcontext() if axes is None else Reads(axes)
 
+
+# those of ``_CHECKS_VALUES`` that raise on their first argument's values alone: a solve
+# fails on a singular ``A`` whatever its right-hand side holds (``solve(W, x.T)`` of a weight
+# ``W`` keeps its pass for any ``x``: ``BatchAxes._held_read``)
+RAISES_ON_FIRST = frozenset(
+    getattr(getattr(aten, packet), overload)
+    for packet, overloads in {
+        "linalg_solve_ex": ("default", "out"),
+        "_linalg_solve_ex": ("default", "result"),
+    }.items()
+    for overload in overloads
+)
+
+# ``t.data = v`` as ``Reads`` sees it (the descriptor's setter; stubs type ``data`` a Tensor)
+_SET_DATA = vars(torch._C.TensorBase)["data"].__set__
 
 # the code of torchdiv's dispatch modes' handler of each op (``Reads._by_f``)
 _HANDLER = DispatchMode.__torch_dispatch__.__code__
@@ -326,7 +343,11 @@ _SEEDED, _READ_OUT = 1, 2
 # do something else (nothing they return shows it): bernoulli's ``p`` or a binary cross
 # entropy's input outside [0, 1], normal's negative ``std``, poisson's negative rate, histc's
 # or histogram's infinite range, an assert on a value, LAPACK failing to converge (``svd``,
-# ``eig``, ``eigh``, ``pinv``; the ``*_ex`` factorizations return their integer ``info``)
+# ``eig``, ``eigh``, ``pinv``, ``lstsq``; the ``*_ex`` factorizations behind ``cholesky``,
+# ``inv``, ``solve``, ``lu_factor``, ``ldl_factor``, whose integer ``info`` the op
+# ``_linalg_check_errors`` then raises on: read before rev-watch18 as deciding nothing, a
+# ``try: cholesky(W)`` whose ``except`` branch mixes samples was served by a pass once ``W``
+# or ``x`` made it fail)
 _CHECKS_VALUES = frozenset(
     getattr(getattr(aten, packet), overload)
     for packet, overloads in {
@@ -344,6 +365,15 @@ _CHECKS_VALUES = frozenset(
         "linalg_eigvals": ("default", "out"),
         "_linalg_eigh": ("default", "eigenvalues"),
         "linalg_pinv": ("default", "atol_rtol_float", "atol_rtol_tensor", "rcond_tensor"),
+        "linalg_lstsq": ("default", "out"),
+        "cholesky": ("default", "out"),
+        "linalg_cholesky_ex": ("default", "L"),
+        "linalg_inv_ex": ("default", "inverse"),
+        "linalg_solve_ex": ("default", "out"),
+        "_linalg_solve_ex": ("default", "result"),
+        "linalg_lu_factor_ex": ("default", "out"),
+        "linalg_ldl_factor_ex": ("default", "out"),
+        "_lu_with_info": ("default",),
     }.items()
     for overload in overloads
 )

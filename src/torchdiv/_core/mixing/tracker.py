@@ -42,6 +42,7 @@ from torchdiv._core.mixing.places import _aligned, _held, _reduced_dims
 from torchdiv._core.mixing.reads import (
     _CHECKS_VALUES,
     PYTHON,
+    RAISES_ON_FIRST,
     VALUE_FREE,
     Kept,
     Verdict,
@@ -142,6 +143,10 @@ class BatchAxes:
         # tensors a rule read indices along the batch from, before values decided anything
         # (``read_indices``)
         self.index_roots: dict[int, tuple[torch.Tensor, Kept, Kept | None]] = {}
+        # the storages (by address) ``f`` wrote during the watch (``wrote``): a held weight or
+        # index tensor written before it was read holds, at the next call's start, what
+        # this call's writes left, not what that call's writes will (``_held_read``)
+        self.written: set[int] = set()
         self.args: Sequence[Any] = ()  # the current op's arguments (``read_indices``)
         # whether ``f`` computed with a tensor subclass (``Reads``): its results are then
         # aliases no ATen call made, followed at every op (``follow``)
@@ -171,11 +176,23 @@ class BatchAxes:
             return
         for a in tree_leaves(self.args):
             if isinstance(a, torch.Tensor) and not _floating(a) and self.axes(a) is None:
-                if a.dim() == 0 or a.is_inference():  # (held by identity alone, if at all)
+                if a.dim() == 0 or a.is_inference() or self._written(a):
+                    # (held by identity alone, if at all; or written before this read, from
+                    # state the key may not hold: the next call may write other edges)
                     self.these_values = True
                 if id(a) not in self.index_roots:
                     base = None if a._base is None else Kept.of(a._base)
                     self.index_roots[id(a)] = (a, Kept.of(a), base)
+
+    def wrote(self, t: Any) -> None:
+        """Note that ``f`` wrote into ``t``'s storage (an in-place op, through a view or
+        ``.data``; ``t.data = v``: ``Reads``), whatever its version says."""
+        if isinstance(t, torch.Tensor):
+            self.written.add(_storage(t))
+
+    def _written(self, t: torch.Tensor | None) -> bool:
+        """Whether ``f`` wrote into ``t``'s storage earlier in the watch (``wrote``)."""
+        return t is not None and _storage(t) in self.written - {0}
 
     def read_out(self) -> None:
         """Note values handed to Python where the dispatcher does not see it (``Reads``):
@@ -198,15 +215,18 @@ class BatchAxes:
         set: the pass holds for any ``x`` while each weight is the same at the same version
         and values (``Verdict.while_held``; training's step writes it: watched again). An argument
         computed from ``x`` (a per-sample Kabsch alignment's ``svd``, even under
-        ``no_grad``, where it is no parameter) keeps the pass for these values only."""
+        ``no_grad``, where it is no parameter) keeps the pass for these values only; a
+        solve's right-hand side is no such argument (``RAISES_ON_FIRST``)."""
         if self.func not in _CHECKS_VALUES:
             return False
         held = []
-        for a in tree_leaves(args):
+        for a in tree_leaves(args[:1] if self.func in RAISES_ON_FIRST else args):
             if not isinstance(a, torch.Tensor) or not _floating(a):
                 continue
             root = a if a._base is None else a._base
             if type(root) is not torch.nn.Parameter or self.axes(a) or self.axes(root):
+                return False
+            if self._written(root):  # (``f`` set it first: from a list, a counter, ``x``)
                 return False
             held.append(root)
         if not held:
@@ -287,6 +307,8 @@ class BatchAxes:
     def after(self, carry: Carry | None, args: Sequence[Any], out: Any) -> None:
         """Note the batch dimensions of the results ``out`` by the rule ``before`` gave (none:
         not followed further), and whether they depend on combined samples."""
+        if _writes(self.func):
+            self.wrote(args[0])
         decided = decides(self.func, args, out, self.values_decide, self.kwargs)
         if decided:
             self.values_decide = True
@@ -567,3 +589,22 @@ def _alias(a: torch.Tensor, t: torch.Tensor, base: torch.Tensor) -> bool:
         and a.stride() == t.stride()
         and a.storage_offset() == t.storage_offset()  # (not ``data_ptr``: ``Reads`` notes it)
     )
+
+
+def _storage(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage (``0``: none, a transform's wrapper or an empty one)."""
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+# whether each op met writes into its first argument (``BatchAxes.wrote``)
+_WRITES: dict[Any, bool] = {}
+
+
+def _writes(func: Any) -> bool:
+    found = _WRITES.get(func)
+    if found is None:
+        found = _WRITES[func] = _writes_first(func)
+    return found
