@@ -216,8 +216,20 @@ def _check_calls(
 MLP_OPERATORS = list(_operators(torch.sin, torch.sin))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("operator", MLP_OPERATORS)
+# every operator and every layout always run once (the pairs on a cyclic diagonal), the other
+# pairs in the daily sample of slow tests
+OPERATOR_LAYOUTS = [
+    pytest.param(
+        operator,
+        layout,
+        marks=[] if i % len(LAYOUTS) == j % len(MLP_OPERATORS) else pytest.mark.slow,
+    )
+    for i, operator in enumerate(MLP_OPERATORS)
+    for j, layout in enumerate(LAYOUTS)
+]
+
+
+@pytest.mark.parametrize("operator,layout", OPERATOR_LAYOUTS)
 def test_every_operator_on_every_layout_of_x(operator, layout):
     """An MLP on ``(4, 3)``: values and parameter gradients against per-sample loops, twice
     in a row and around a call on a contiguous ``x`` of other values."""
@@ -233,18 +245,19 @@ def test_every_operator_on_every_layout_of_x(operator, layout):
     _check_calls(call, x, other, want, nn.ModuleList([net, field]))
 
 
-# one always-run case per engine; the rest in the daily sample of slow tests (several seconds
+# one always-run case; the rest in the daily sample of slow tests (several seconds
 # each: the row-by-row references of a conv net's second derivatives)
 IMAGE_CASES = [
-    pytest.param(operator, dims, marks=[] if dims == 2 and fast else pytest.mark.slow)
-    for operator, fast in (
-        ("divergence auto", False),
-        ("divergence structured", True),
-        ("jacobian_diagonal auto", False),
-        ("laplacian auto", True),
-        ("laplacian taylor", False),
+    pytest.param(operator, dims, marks=[] if (operator, dims) == fast else pytest.mark.slow)
+    for operator in (
+        "divergence auto",
+        "divergence structured",
+        "jacobian_diagonal auto",
+        "laplacian auto",
+        "laplacian taylor",
     )
     for dims in (2, 3)
+    for fast in [("divergence structured", 2)]
 ]
 
 
@@ -321,7 +334,12 @@ GRAPH_LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", GRAPH_LAYOUTS)
+# the conv net's channels-last graphs (seconds each: row-by-row second derivatives) in the daily
+# sample of slow tests
+@pytest.mark.parametrize(
+    "layout",
+    [pytest.param(k, marks=pytest.mark.slow) if k == "channels_last" else k for k in GRAPH_LAYOUTS],
+)
 @pytest.mark.parametrize("form", GRAPH_FORMS)
 def test_graph_forms_on_every_layout_with_gradients_to_x(form, layout):
     """The graph forms on an existing graph (an MLP's; a conv net's for channels-last):
@@ -345,9 +363,16 @@ def test_graph_forms_on_every_layout_with_gradients_to_x(form, layout):
         assert leaf.grad is None and all(p.grad is None for p in net.parameters())
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "batch_transposed", "expanded_batch"])
+# each estimator and each layout always run once, the other pairs in the daily sample
 @pytest.mark.parametrize(
-    "method,probe", [("hutchinson", "rademacher"), ("hutch++", "gaussian"), ("xtrace", "gaussian")]
+    "method,probe,layout",
+    [
+        pytest.param(method, probe, layout, marks=[] if i == j else pytest.mark.slow)
+        for i, (method, probe) in enumerate(
+            [("hutchinson", "rademacher"), ("hutch++", "gaussian"), ("xtrace", "gaussian")]
+        )
+        for j, layout in enumerate(["channels_last", "batch_transposed", "expanded_batch"])
+    ],
 )
 def test_estimates_do_not_depend_on_the_layout_of_x(method, probe, layout):
     """The same generator state on the same values gives the same estimate whatever x's
@@ -387,8 +412,15 @@ def test_x_and_parameters_of_different_float_dtypes_is_f_s_error(name, x_dtype):
         MIXED[name](net, _energy(net), x)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("operator", MLP_OPERATORS)
+# every operator always run in one half dtype (alternating), the other in the daily sample
+@pytest.mark.parametrize(
+    "operator,dtype",
+    [
+        pytest.param(operator, dtype, marks=[] if i % 2 == j else pytest.mark.slow)
+        for i, operator in enumerate(MLP_OPERATORS)
+        for j, dtype in enumerate([torch.float16, torch.bfloat16])
+    ],
+)
 def test_half_precision_x_on_cpu(operator, dtype):
     """float16/bfloat16 ``x`` and parameters on the CPU: the result keeps the dtype and
     agrees with float64 on the same (rounded) weights and inputs to a few hundred ulps
