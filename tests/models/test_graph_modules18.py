@@ -260,6 +260,7 @@ class _ConvNet(torch.nn.Module):
         return self.head(torch.tanh(self.bn(self.conv(x))))
 
 
+@pytest.mark.slow  # the references' double backward through convolutions: about 1 s
 @pytest.mark.parametrize("how", ["fx fuse", "nn.utils.fusion"])
 def test_conv_batch_norm_fused_for_inference(how: str) -> None:
     """An eval-mode conv net whose batch norm is folded into its convolution, by the fx pass
@@ -286,6 +287,57 @@ def test_conv_batch_norm_fused_for_inference(how: str) -> None:
         got = torchdiv.divergence(fused, x, method=method)
         assert_close(got, want.detach())
         assert_same_parameter_gradients(fused, got.sum(), want.sum())
+
+
+class _FoldedBatch(torch.nn.Module):
+    """A batch folded into the channels of one convolution with ``groups=1``: mixes samples."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2 * batch, 2 * batch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return torch.tanh(self.conv(x.reshape(1, b * c, h, w))).reshape(b, c, h, w)
+
+
+class _ScalarConvNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Conv2d(3, 1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x))).flatten(1).sum(1)
+
+
+def test_traced_convolution_across_samples_is_refused() -> None:
+    """Fails without the fix: ``torch.jit.trace`` records ``nn.Conv2d`` as
+    ``aten._convolution``, which the mixing watch did not know: a batch folded into the
+    channels passed ``"auto"`` and Hutchinson unrefused. It now has ``aten.convolution``'s
+    rules (the same first nine arguments)."""
+    x = torch.randn(3, 2, 4, 4, dtype=f64)
+    folded = torch.jit.trace(_FoldedBatch(3).double(), x)
+    for options in [{}, {"method": "structured"}, {"method": "hutchinson", "num_probes": 2}]:
+        with pytest.raises(torchdiv.BatchInteractionError, match="convolution across samples"):
+            torchdiv.divergence(folded, x, **options)
+
+
+@pytest.mark.slow  # the references' double backward through convolutions: about 1 s
+def test_traced_conv_net_in_the_recording_engines() -> None:
+    """Failed before the fix with ``UnsupportedOp`` (``aten._convolution`` had no rule): the
+    structured divergence and the Taylor Laplacian of traced conv nets, now recorded as
+    ``aten.convolution``; values and parameter gradients as the eager nets'."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 3, 3, dtype=f64)
+    net, scalar = _ConvNet().double().eval(), _ScalarConvNet().double()
+    traced, traced1 = torch.jit.trace(net, x), torch.jit.trace(scalar, x)
+    want, lap = _divergence_alone(net, x), laplacian_alone(scalar, x)
+    got = torchdiv.divergence(traced, x, method="structured")
+    assert_close(got, want.detach())
+    _assert_gradients_as(traced, got.sum(), net, want.sum())
+    got = torchdiv.laplacian(traced1, x, method="taylor")
+    assert_close(got, lap.detach())
+    _assert_gradients_as(traced1, got.sum(), scalar, lap.sum())
 
 
 class _QuantNet(torch.nn.Module):
