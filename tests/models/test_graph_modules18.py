@@ -250,6 +250,46 @@ def test_model_that_centres_over_the_batch_is_refused(how: str, op: str) -> None
             getattr(torchdiv, op)(f, x, **options)
 
 
+def _batch_norm_mlp() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_exported_train_mode_batch_norm_is_refused_by_every_method(decomposed: bool) -> None:
+    """Fails without the fix: an exported train-mode model calls ``aten.batch_norm`` (after
+    ``run_decompositions``, ``aten._native_batch_norm_legit_functional``) directly, not
+    ``F.batch_norm``, whose call inside ``torch.func``'s transforms torchdiv refuses: the
+    explicit ``"forward"`` returned zeros, ``"reverse"`` the batch-coupled diagonal. Now the
+    ATen batch norms are refused there too; ``"auto"`` refused already."""
+    x = torch.randn(4, 3, dtype=f64)
+    program = torch.export.export(_batch_norm_mlp().train(), (x,))
+    model = (program.run_decompositions() if decomposed else program).module()
+    for method in ["forward", "reverse", "auto"]:
+        with pytest.raises(torchdiv.BatchInteractionError, match="batch norm in train mode"):
+            torchdiv.divergence(model, x, method=method)
+    for method in ["forward-over-reverse", "hessian"]:
+        with pytest.raises(torchdiv.BatchInteractionError, match="batch norm in train mode"):
+            torchdiv.laplacian(lambda z: model(z)[:, 0], x, method=method)
+
+
+def test_exported_eval_mode_batch_norm() -> None:
+    """The same model exported in eval mode (running statistics): every method, values and
+    parameter gradients as the eager model's."""
+    net = _batch_norm_mlp().eval()
+    with torch.no_grad():
+        net[1].running_mean.normal_(), net[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 3, dtype=f64)
+    model = torch.export.export(copy.deepcopy(net), (x,)).module()
+    want = _divergence_alone(net, x)
+    for method in _DIVERGENCES:
+        got = torchdiv.divergence(model, x, method=method)
+        assert_close(got, want.detach())
+        _assert_gradients_as(model, got.sum(), net, want.sum())
+
+
 class _ConvNet(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
