@@ -275,6 +275,7 @@ def test_exported_train_mode_batch_norm_is_refused_by_every_method(decomposed: b
             torchdiv.laplacian(lambda z: model(z)[:, 0], x, method=method)
 
 
+@pytest.mark.slow  # torch.export and four methods: about 0.5 s
 def test_exported_eval_mode_batch_norm() -> None:
     """The same model exported in eval mode (running statistics): every method, values and
     parameter gradients as the eager model's."""
