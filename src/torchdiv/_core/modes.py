@@ -998,8 +998,30 @@ def _set_data(set_data: Any, tensor: torch.Tensor, value: Any) -> None:
     return set_data(tensor, plain)
 
 
-_BATCH_NORMS = {torch.nn.functional.batch_norm}
+_aten = torch.ops.aten
+# the ATen batch norms an exported or fx-traced graph calls directly (``torch.export`` of a
+# train-mode model: ``aten.batch_norm``; after ``run_decompositions``, the functional one), as
+# ``F.batch_norm``: in train mode (``_batch_norm_with_update``: always) they update running
+# statistics from their input
+_ATEN_BATCH_NORMS = {
+    _aten.batch_norm.default,
+    _aten.native_batch_norm.default,
+    _aten._native_batch_norm_legit.default,
+    _aten._native_batch_norm_legit_functional.default,
+    _aten._batch_norm_with_update.default,
+    _aten._batch_norm_with_update_functional.default,
+}
+_BATCH_NORMS = {torch.nn.functional.batch_norm, *_ATEN_BATCH_NORMS}
 _BATCH_NORM = inspect.signature(torch.nn.functional.batch_norm)
+
+
+def _batch_norm_arguments(func: Any, args: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a call of ``F.batch_norm`` or of an ATen batch norm by name
+    (``training`` true for ``_batch_norm_with_update``, which has none)."""
+    if func not in _ATEN_BATCH_NORMS:
+        return _BATCH_NORM.bind(*args, **kwargs).arguments
+    names = [a.name for a in func._schema.arguments]
+    return {"training": True, **dict(zip(names, args, strict=False)), **kwargs}
 
 
 def _refuse_statistics_in_transforms(func: Any, args: Any, kwargs: dict[str, Any]) -> None:
@@ -1016,7 +1038,7 @@ def _refuse_statistics_in_transforms(func: Any, args: Any, kwargs: dict[str, Any
     first = args[0] if args else kwargs.get("input")
     if not (isinstance(first, torch.Tensor) and is_functorch_wrapped_tensor(first)):
         return  # (no transform: the signature is not bound, which costs microseconds)
-    bound = _BATCH_NORM.bind(*args, **kwargs).arguments
+    bound = _batch_norm_arguments(func, args, kwargs)
     if bound.get("training") and isinstance(bound.get("running_mean"), torch.Tensor):
         raise RuntimeError(
             f"a batch norm in train mode in f updates its running statistics from x inside "

@@ -46,7 +46,16 @@ from torchdiv._core.settings import Settings
 from torchdiv._taylor.tree import leaves, map_leaves
 
 aten = torch.ops.aten
-_DECOMPOSITIONS = core_aten_decompositions()
+
+
+def _as_convolution(*args: Any) -> torch.Tensor:
+    """``aten._convolution`` (what ``torch.jit.trace`` records for ``nn.Conv2d``) as the
+    ``aten.convolution`` it computes: its first nine arguments are that op's; the rest
+    (``benchmark``, ``deterministic``, ``cudnn_enabled``, ``allow_tf32``) pick kernels."""
+    return aten.convolution.default(*args[:9])
+
+
+_DECOMPOSITIONS = {**core_aten_decompositions(), aten._convolution.default: _as_convolution}
 
 
 class Before(NamedTuple):

@@ -281,6 +281,7 @@ _MIXING: dict[Any, Mixing] = {
     aten.native_layer_norm.default: _layer_norm,
     aten.native_group_norm.default: _group_norm,
     aten.convolution.default: _convolution,
+    aten._convolution.default: _convolution,  # (torch.jit.trace's; the same first 9 arguments)
     aten.diagonal.default: _diagonal,
     **dict.fromkeys(_MASKED_SCATTERS, _masked_scatter),
     aten.trace.default: _diagonal,  # the sum of the diagonal (0, 1): one kernel on CPU
@@ -305,6 +306,7 @@ _CARRY.update(
         aten.native_layer_norm.default: _first_like_input,
         aten.native_group_norm.default: _first_like_input,
         aten.convolution.default: _convolved,
+        aten._convolution.default: _convolved,
         # transforms along event dimensions (``_spectral`` refused the batch): the batch
         # dimensions keep their places and sizes
         **dict.fromkeys(_SPECTRAL, _first_like_input),
