@@ -337,3 +337,35 @@ def test_a_maml_step_on_the_batch_itself_is_refused(op: str, method: str) -> Non
     kw = {"num_probes": 2} if method == "hutchinson" else {}
     with pytest.raises(torchdiv.BatchInteractionError, match="mixes samples"):
         getattr(torchdiv, op)(model, x, method=method, **kw)
+
+
+@pytest.mark.parametrize("method", ["auto", "structured", "forward", "hutchinson"])
+def test_log_likelihood_of_a_hypernode_flow(method: str) -> None:
+    """A CNF whose field's weights a network of ``t`` makes: the batch's log-likelihoods and
+    their parameter gradients against one solve per sample (a batch of one, plain reverse
+    mode; the same fixed-step RK4 grid, so only round-off separates them)."""
+    pytest.importorskip("torchdiffeq")
+    torch.manual_seed(0)
+    node = HyperNODE().to(f64)
+
+    def field(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return node(z, t.expand(len(z)))
+
+    def base(z: torch.Tensor) -> torch.Tensor:
+        return -0.5 * z.square().sum(-1)
+
+    z = torch.randn(B, D, dtype=f64, generator=torch.Generator().manual_seed(2))
+    kw = {"solver": "rk4", "options": {"step_size": 0.25}}
+    probes = torchdiv.draw_probes(z, 2, generator=torch.Generator().manual_seed(3))
+    given = {"probes": probes} if method == "hutchinson" else {}
+    result = torchdiv.flows.log_likelihood(field, z, 0.0, 1.0, base, method=method, **kw, **given)
+    expected = []
+    for b in range(B):
+        one = {"probes": probes[:, b : b + 1]} if method == "hutchinson" else {}
+        alone = "hutchinson" if method == "hutchinson" else "reverse"
+        expected.append(
+            torchdiv.flows.log_likelihood(
+                field, z[b : b + 1], 0.0, 1.0, base, method=alone, **kw, **one
+            )
+        )
+    _check(node, result, torch.cat(expected))
