@@ -300,13 +300,7 @@ def _hint(
             "matrix (adj.to_sparse_coo()), which 'reverse' runs."
         )
     if "does not require grad" in message and call == "f(x)":  # autograd.grad inside f
-        return (
-            "f takes a backward pass with respect to what it is given (a score "
-            "torch.autograd.grad(E(x).sum(), x)), which does not require grad there: pass x "
-            "with requires_grad=True, or let f make it so (with torch.enable_grad(): x = x if "
-            "x.requires_grad else x.requires_grad_(True)). method='forward' cannot run a "
-            "backward pass inside f: use 'auto' or 'reverse'."
-        )
+        return _backward_inside_hint(fn, method)
     if "requires_grad_()" in message and "functorch transform" in message:
         way = _plain_way(fn).replace("'auto' or ", "")
         return (
@@ -345,6 +339,25 @@ def _hint(
             "t.expand(z.shape[0])[:, None] or t * torch.ones_like(z[:, :1])."
         )
     return None
+
+
+def _backward_inside_hint(fn: str, method: object) -> str:
+    """The way out for a backward pass ``f`` takes inside (``torch.autograd.grad``) whose
+    input does not require grad under the transforms of ``method``: with respect to ``x``
+    (a score model), or to tensors ``f`` closes over (a MAML inner step on parameters, which
+    no ``torch.func`` transform runs: only plain autograd)."""
+    score_way = "'auto'" if method == "reverse" else "'auto' or 'reverse'"
+    return (
+        "f takes a backward pass inside (torch.autograd.grad) whose input does not require "
+        "grad there. With respect to what f is given (a score torch.autograd.grad(E(x).sum(), "
+        "x)): pass x with requires_grad=True, or let f make it so (with torch.enable_grad(): "
+        "x = x if x.requires_grad else x.requires_grad_(True)); method='forward' cannot run "
+        f"a backward pass inside f: use {score_way}. With respect to tensors f closes over "
+        "(parameters: a MAML inner step, torch.autograd.grad(loss, params)): torch.func's "
+        "transforms (the methods 'forward', 'reverse', 'forward-over-reverse', 'hessian') "
+        f"cannot run it; use {_plain_way(fn, method)}, which differentiates f with plain "
+        "autograd (an inner loss over the batch x itself mixes samples, which 'auto' refuses)."
+    )
 
 
 def _forward_ad_hint(fn: str, message: str) -> str:
