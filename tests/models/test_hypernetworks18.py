@@ -251,8 +251,22 @@ REFUSED = {("maml_support", "structured")}
 TORCH_FUNC = ("forward", "reverse", "forward-over-reverse", "hessian")
 
 
-@pytest.mark.parametrize(("op", "method"), FIRST_ORDER)
-@pytest.mark.parametrize("name", list(CASES))
+def _sampled(names: list[str], methods: list) -> list:
+    """``(name, *method)`` pairs: always run for the MAML step (the hint it guards), for the
+    first method of every model and for one model of every method (a cyclic diagonal); the
+    other pairs in the daily sample of slow tests."""
+    return [
+        pytest.param(
+            name,
+            *(method if isinstance(method, tuple) else (method,)),
+            marks=[] if name.startswith("maml") or j in (0, i % len(methods)) else pytest.mark.slow,
+        )
+        for i, name in enumerate(names)
+        for j, method in enumerate(methods)
+    ]
+
+
+@pytest.mark.parametrize(("name", "op", "method"), _sampled(list(CASES), FIRST_ORDER))
 def test_first_order_operators_and_parameter_gradients(name: str, op: str, method: str) -> None:
     model, f, one, x = _setup(name)
     probes = torchdiv.draw_probes(x, 2, generator=torch.Generator().manual_seed(3))
@@ -283,10 +297,10 @@ def test_first_order_operators_and_parameter_gradients(name: str, op: str, metho
     _check(model, result, expected)
 
 
-@pytest.mark.parametrize(
-    "method", ["auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad", "hutchinson"]
-)
-@pytest.mark.parametrize("name", list(CASES))
+LAPLACIANS = ["auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad", "hutchinson"]
+
+
+@pytest.mark.parametrize(("name", "method"), _sampled(list(CASES), LAPLACIANS))
 def test_laplacian_and_parameter_gradients(name: str, method: str) -> None:
     """Of the energy ``u = |f(x)|^2 / 2`` per sample (one output: the loop stays short)."""
     model, field, one_field, x = _setup(name)
