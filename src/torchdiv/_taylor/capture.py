@@ -134,10 +134,12 @@ class Graph:
     # whether the watch for sample mixing read index values along the batch (``BatchAxes.
     # indexed``): its verdict holds for them only, so the graph is never kept as a template
     indexed: bool = False
-    # the written parameters and buffers of f's modules (of ``changed``: not the tensors f
-    # made, a dropout mask drawn anew at each evaluation) and their values after the
-    # recording, kept by the first ``undo``: a fallback's evaluations must write them again
-    # (``_exact.state.wrote_alike``)
+    # the storages of ``changed`` that f did not make (its modules' parameters and buffers,
+    # a closure's tensor; not a dropout mask f drew into a tensor of its own, anew at each
+    # evaluation)
+    outside: set[int] = field(default_factory=set, repr=False)
+    # those tensors and their values after the recording, kept by the first ``undo``: a
+    # fallback's evaluations must write them again (``_exact.state.wrote_alike``)
     wrote: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
     def undo(self) -> None:
@@ -146,11 +148,10 @@ class Graph:
         training-mode batch norm's statistics then move once, not twice. The first undo keeps
         the values the recording wrote (``wrote``)."""
         if self.wrote is None:
-            held = {_storage(t) for t, _ in self.settings.data} if self.settings else set()
             self.wrote = [
                 (b.tensor, b.tensor.detach().clone())
                 for b in self.changed
-                if _storage(b.tensor) in held
+                if _storage(b.tensor) in self.outside
             ]
         put_back(self.changed)
         for restore, state in self.rng:
@@ -498,6 +499,8 @@ class _Recorder(DispatchMode):
             if storage == self.x_storage:
                 self.graph.unsupported.append(f"{func} writing to x")
                 continue
+            if storage not in self.fresh:
+                self.graph.outside.add(storage)
             if not depends and self.constant_write(tensor, storage):
                 self.graph.changed.append(Before.of(tensor))
                 self.readers.pop(storage, None)
