@@ -302,7 +302,8 @@ class DroppedCounter(InPlaceCounter):
 
 def test_a_mask_drawn_in_f_is_not_a_differing_write():
     """``"auto"``'s Laplacian falls back after recording (``lgamma``): only the modules'
-    tensors are compared with the recording's writes (a mask ``f`` drew was refused)."""
+    tensors are compared with the recording's writes (a mask ``f`` drew was refused); since
+    leftovers18 every tensor ``f`` did not make (a closure's too)."""
     torch.manual_seed(0)
     model = DroppedCounter().to(f64)
     x = torch.rand(3, D, dtype=f64)

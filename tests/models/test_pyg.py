@@ -327,12 +327,15 @@ def test_a_dense_batch_readout_within_samples_is_per_sample() -> None:
             _assert_values_and_grads(got, expected, [weight])
 
 
-def test_pyg_dense_batch_readout_of_padded_samples_is_per_sample() -> None:
+@pytest.mark.parametrize("max_nodes", [None, 2, 3])
+def test_pyg_dense_batch_readout_of_padded_samples_is_per_sample(max_nodes: int | None) -> None:
     """PyG's own ``to_dense_batch`` (a repeated fill of ``B * N_max + 1`` rows, the nodes
     written at computed places, the trash slot sliced off) over graphs of 2, 4 and 3 of each
     sample's 4 nodes: followed as a flattened batch (with its spare row), not refused, each
-    sample's Laplacian and parameter gradients its own, twice. (Truncating by a smaller
-    ``max_num_nodes``: the test below.)"""
+    sample's Laplacian and parameter gradients its own, twice. A ``max_num_nodes`` smaller
+    than some graphs sends the nodes it cuts off, of several samples, to the trash slot:
+    refused as samples written into sample 0's place until leftovers18; each sample's
+    derivatives are those of its first ``max_nodes`` nodes."""
     b, n, d = 3, 4, 2
     weight = torch.randn(d, d, dtype=f64, generator=torch.Generator().manual_seed(0))
     weight.requires_grad_(True)
@@ -342,13 +345,15 @@ def test_pyg_dense_batch_readout_of_padded_samples_is_per_sample() -> None:
 
     def energy(p: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(p.reshape(-1, d)[keep] @ weight)
-        return (pyg_utils.to_dense_batch(h, batch, batch_size=b)[0].sum(1) ** 2).sum(-1)
+        dense = pyg_utils.to_dense_batch(h, batch, batch_size=b, max_num_nodes=max_nodes)[0]
+        return (dense.sum(1) ** 2).sum(-1)
 
     x = torch.randn(b, n, d, dtype=f64)
+    kept = [min(s, max_nodes or s) for s in sizes]
     expected = torch.cat(
         [
             _laplacians(lambda p, s=s: (torch.tanh(p[:s] @ weight).sum(0) ** 2).sum(), x[g : g + 1])
-            for g, s in enumerate(sizes)
+            for g, s in enumerate(kept)
         ]
     )
     for _ in range(2):
@@ -442,36 +447,6 @@ def test_a_median_across_samples_is_refused(form: str) -> None:
 
     with pytest.raises(BatchInteractionError, match="sort along samples"):
         torchdiv.laplacian(energy, torch.randn(b, n, d, dtype=f64))
-
-
-@pytest.mark.parametrize("max_nodes", [2, 3])
-def test_a_truncating_dense_batch_readout_is_per_sample(max_nodes: int) -> None:
-    """``to_dense_batch`` with a ``max_num_nodes`` smaller than some graphs (of 2, 4 and 3
-    nodes) sends the nodes it cuts off, of several samples, to its trash slot, the spare
-    row it slices off: refused as samples written into sample 0's place; followed, each
-    sample's Laplacian and parameter gradients those of its first ``max_nodes`` nodes."""
-    b, n, d = 3, 4, 2
-    weight = torch.randn(d, d, dtype=f64, generator=torch.Generator().manual_seed(0))
-    weight.requires_grad_(True)
-    sizes = [2, 4, 3]
-    keep = torch.cat([torch.arange(s) + g * n for g, s in enumerate(sizes)])
-    batch = torch.repeat_interleave(torch.arange(b), torch.tensor(sizes))
-
-    def energy(p: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(p.reshape(-1, d)[keep] @ weight)
-        dense = pyg_utils.to_dense_batch(h, batch, batch_size=b, max_num_nodes=max_nodes)[0]
-        return (dense.sum(1) ** 2).sum(-1)
-
-    x = torch.randn(b, n, d, dtype=f64)
-    kept = [min(s, max_nodes) for s in sizes]
-    expected = torch.cat(
-        [
-            _laplacians(lambda p, s=s: (torch.tanh(p[:s] @ weight).sum(0) ** 2).sum(), x[g : g + 1])
-            for g, s in enumerate(kept)
-        ]
-    )
-    for _ in range(2):
-        _assert_values_and_grads(torchdiv.laplacian(energy, x), expected, [weight])
 
 
 @pytest.mark.parametrize("form", ["spare row read", "graph across samples"])

@@ -99,6 +99,12 @@ class Graph:
     nodes: list[Node] = field(default_factory=list)
     output: Any = None
     unsupported: list[str] = field(default_factory=list)
+    # whether f wrote in place, with other arguments computed from x, into a tensor computed
+    # from x that an op read before (``b.mul_(torch.tanh(b))``, through views too): forward
+    # mode's tangent formulas save the tangent read and then write it in place, so the
+    # parameter gradients of forward-mode derivatives raise PyTorch's "modified by an
+    # inplace operation" (``torch.func.jvp`` alike); ``"auto"`` falls back to backward passes
+    reads_written: bool = False
     widest: int = 1  # elements of the largest tensor computed from x (all samples)
     # the work of the calls computed from x: how many, their output elements, and the
     # multiply-adds of the matrix products and convolutions among them (``_work``)
@@ -314,6 +320,10 @@ class _Recorder(DispatchMode):
             grads = touches_x or any(isinstance(a, torch.Tensor) and a.requires_grad for a in flat)
             self.underivable = UNDERIVABLE_OPS[func] if grads else None
         self.untracked(flat)
+        written = _written(func, args, kwargs)
+        if written and depends and any(self.readers.get(_storage(t)) for t in written):
+            others = [a for a in flat if not any(a is t for t in written)]
+            self.graph.reads_written = self.graph.reads_written or self.depends(others)
         if depends and (
             decomposed_in_place(func, self.rules) or through_view(func, args, self.refs) is not None
         ):
@@ -333,7 +343,6 @@ class _Recorder(DispatchMode):
             return out
         carry = None if self.axes is None else self.axes.before(func, args, kwargs)
         recorded = self.functional(func, args) if depends else func
-        written = _written(func, args, kwargs)
         if written:  # kept, not replayed: what it reads does not matter
             self.before_writes(func, written, depends)
         self.keep_generator(func, kwargs)
