@@ -892,8 +892,8 @@ class SafeDerivatives(TorchFunctionMode):
         kwargs = kwargs or {}
         self.backward_inside = self.backward_inside or inner_backward(func, args, kwargs)
         refuse_gradient_hook(func, args)
-        if type(func) is _METHOD_WRAPPER and func.__self__ is _DATA and func.__name__ == "__set__":
-            return _set_data(func, *args)
+        if type(func) is _METHOD_WRAPPER and func.__self__ is _DATA:
+            return _data(func, *args)
         if func in _BATCH_NORMS and not torch.compiler.is_compiling():
             _refuse_statistics_in_transforms(func, args, kwargs)
         if func in MIXED_PRECISION_NORMS:
@@ -973,6 +973,23 @@ def _carries_derivatives(t: Any) -> bool:
 _CAPTURED = "would mutate a captured Tensor"  # torch.func's refusal of such a write
 _DATA = vars(torch._C.TensorBase)["data"]  # ``Tensor.data``: its ``__set__`` is ``t.data = v``
 _METHOD_WRAPPER = type(_DATA.__set__)
+
+
+def _data(method: Any, tensor: torch.Tensor, *value: Any) -> Any:
+    """``tensor.data`` (``method``: ``Tensor.data.__get__``) or ``tensor.data = value``
+    (``__set__``: ``_set_data``) in ``f``. A tensor ``f`` did not make (a parameter) gets its
+    ``.data`` below ``torch.func``'s transforms: a plain alias with a version counter of its
+    own, as in a plain evaluation. Under the transforms and a dispatch mode (``Changes``
+    watching the first of several evaluations), PyTorch made it a wrapper whose in-place
+    writes (``p.data.clamp_()``) moved the parameter's own counter, at that evaluation
+    only: its graph, saved at the version after, raised "modified by an inplace operation"
+    on the parameter gradients once the others ran."""
+    if method.__name__ == "__set__":
+        return _set_data(method, tensor, *value)
+    if method.__name__ == "__get__" and not is_functorch_wrapped_tensor(tensor):
+        with torch._C._DisableFuncTorch():
+            return method(tensor, *value)
+    return method(tensor, *value)
 
 
 def _set_data(set_data: Any, tensor: torch.Tensor, value: Any) -> None:

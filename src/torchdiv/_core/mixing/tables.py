@@ -76,6 +76,7 @@ from torchdiv._core.mixing.indexing import (
     _masked_select,
     _reordered,
     _scatter,
+    _sorted,
 )
 from torchdiv._core.mixing.reads import VALUE_FREE
 from torchdiv._core.mixing.unknown import _leading, _unknown
@@ -270,6 +271,9 @@ def _kind(func: Any, unknown: bool) -> Carry:
 
 
 _CARRY[aten.diagonal.default] = _leading(aten.diagonal.default)
+
+
+_CARRY.update({op: _sorted(_unknown(op)) for op in (aten.sort.default, aten.sort.stable)})
 
 
 _MIXING: dict[Any, Mixing] = {

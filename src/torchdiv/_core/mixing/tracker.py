@@ -38,6 +38,7 @@ from torchdiv._core.mixing.errors import (
     _module_in_stack,
     explain,
 )
+from torchdiv._core.mixing.indexing import _cut_off, _unsorted
 from torchdiv._core.mixing.places import _aligned, _held, _reduced_dims
 from torchdiv._core.mixing.reads import (
     _CHECKS_VALUES,
@@ -62,6 +63,8 @@ from torchdiv._core.mixing.tables import (
     _rules,
 )
 from torchdiv._core.mixing.writes import _writes_first, _writing
+
+aten = torch.ops.aten
 
 if TYPE_CHECKING:
     from torchdiv._core.mixing.axes import Axes, Block, Carry, Lines, Pick
@@ -157,6 +160,13 @@ class BatchAxes:
         # so, with its message
         self.blocks: dict[int, Block] = {}
         self.block_check: tuple[int, int, str] | None = None
+        # id -> (values of a sort along samples, their version then, the dimension sorted,
+        # its batch dimension, the sample at each place: ``_sorted``), mixed unless a gather
+        # puts each sample back into rows of its own (``_unsorted``)
+        self.sorted: dict[int, tuple[torch.Tensor, int, int, Axis, torch.Tensor]] = {}
+        # id -> (tensor, the row): a fresh tensor's spare last row that values of several
+        # samples were written into (``_spared``), mixed until a slice cuts it off
+        self.spare: dict[int, tuple[torch.Tensor, int]] = {}
 
     def read_indices(self) -> None:
         """Note that a rule read the values of indices along a batch dimension (``indexed``),
@@ -292,6 +302,13 @@ class BatchAxes:
         mixing, carry = rules
         if self.mixed and func not in VALUE_FREE:
             self.pending = self._mixed_in(args)
+            if self.pending is not None and self.sorted and func is aten.gather.default:
+                unsorted = _unsorted(self, args)
+                if unsorted is not None:
+                    self.pending = None
+                    return lambda tr, a, o: [unsorted]
+            if self.pending is not None and self.spare and _cut_off(self, func, args):
+                self.pending = None
         if self.pending is None and self.picked and func not in VALUE_FREE and func not in _PUTS:
             self._picked_in(func, args)
         if self.pending is None and self.moves and carry in _ELEMENTWISE:
