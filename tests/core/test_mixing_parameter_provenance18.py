@@ -15,7 +15,8 @@ branch refused, not served by the first call's pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -81,7 +82,8 @@ class Regularised(torch.nn.Module):
         self.W = torch.nn.Parameter(torch.randn(3, 3, dtype=f64))
         self.register_buffer("M", torch.eye(3, dtype=f64))
         self.eps, self.scale, self.matrix = 1e-3, 1, matrix
-        self.schedule: list[float] = []
+        self.config = types.SimpleNamespace(eps=0.0)
+        self.schedule: Iterator[float] = iter(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(x)
@@ -162,30 +164,36 @@ def test_a_matrix_built_from_parameters_and_x_is_watched_at_every_call(
         torchdiv.divergence(net, torch.cat([x[:3], -2 * torch.ones(1, 3, dtype=f64)]))
 
 
-@pytest.mark.parametrize("number", ["eps", "scale"])
+@pytest.mark.parametrize("number", ["eps", "scale", "config"])
 def test_a_module_s_number_that_changes_is_watched_again(number: str) -> None:
-    """``cholesky(W W^T + eps I)`` with ``eps`` a module's ``float`` (or ``scale * I`` with
-    ``scale`` its ``int``), which the structure key does not hold: set negative after a
-    passed call, the fallback is refused, not served by the pass."""
-    matrix = lambda net, x: net.W @ net.W.T + (net.eps + net.scale) * torch.eye(3, dtype=f64)  # noqa: E731
+    """``cholesky(W W^T + eps I)`` with ``eps`` a module's ``float`` (or ``scale`` its
+    ``int``, or a configuration object's ``eps``), which the structure key does not hold:
+    set negative after a passed call, the fallback is refused, not served by the pass."""
+
+    def matrix(net: Regularised, x: torch.Tensor) -> torch.Tensor:
+        eps = net.eps + net.scale + net.config.eps
+        return net.W @ net.W.T + eps * torch.eye(3, dtype=f64)
+
     torch.manual_seed(4)
     net = Regularised(matrix)
     x = torch.randn(4, 3, dtype=f64)
     torchdiv.divergence(net, x)
-    setattr(net, number, -100.0 if number == "eps" else -100)
+    if number == "config":
+        net.config.eps = -100.0
+    else:
+        setattr(net, number, -100.0 if number == "eps" else -100)
     with pytest.raises(BatchInteractionError):
         torchdiv.divergence(net, x)
 
 
 def _written_buffer(net: Regularised, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        net.M.copy_(torch.eye(3, dtype=f64) * net.schedule.pop(0))
+    net.M.data = torch.eye(3, dtype=f64) * next(net.schedule)  # (no version counts it)
     return net.W @ net.W.T + net.M
 
 
 def _written_view(net: Regularised, x: torch.Tensor) -> torch.Tensor:
     m = net.W @ net.W.T + torch.eye(3, dtype=f64)
-    m.diagonal().copy_(torch.tensor(net.schedule.pop(0), dtype=f64).expand(3))
+    m.diagonal().copy_(torch.tensor(next(net.schedule), dtype=f64).expand(3))
     return m
 
 
@@ -193,14 +201,14 @@ def _written_view(net: Regularised, x: torch.Tensor) -> torch.Tensor:
 def test_a_matrix_written_in_place_by_f_is_watched_again(
     matrix: Callable[[Regularised, torch.Tensor], torch.Tensor],
 ) -> None:
-    """``f`` writes the buffer ``M`` (from a schedule, under ``no_grad``) before building
+    """``f`` writes the buffer ``M`` (from a schedule, through ``.data =``) before building
     ``W W^T + M``, or writes the built matrix's diagonal from a Python number: at each call's
     start the buffer holds the last call's value; the third call's write makes the matrix
     indefinite."""
     torch.manual_seed(5)
     net = Regularised(matrix)
     net.W.data = 0.1 * torch.eye(3, dtype=f64)
-    net.schedule = [1.0, 1.0, -100.0]
+    net.schedule = iter([1.0, 1.0, -100.0])  # (state no key or pass holds)
     x = torch.randn(4, 3, dtype=f64)
     for _ in range(2):
         torchdiv.divergence(net, x)
@@ -213,7 +221,7 @@ def _drawn(net: Regularised, x: torch.Tensor) -> torch.Tensor:
 
 
 def _made_without_an_op(net: Regularised, x: torch.Tensor) -> torch.Tensor:
-    return net.W @ net.W.T + torch.tensor(net.schedule, dtype=f64).diag()
+    return net.W @ net.W.T + torch.tensor([1.0, 2.0, 3.0], dtype=f64).diag()
 
 
 @pytest.mark.parametrize("matrix", [_drawn, _made_without_an_op], ids=["randn", "tensor"])
@@ -224,7 +232,6 @@ def test_a_matrix_built_from_values_no_held_tensor_holds_is_watched_at_every_cal
     key does not hold) in the matrix: watched at every call."""
     torch.manual_seed(6)
     net = Regularised(matrix)
-    net.schedule = [1.0, 2.0, 3.0]
     x = torch.randn(4, 3, dtype=f64)
     for _ in range(3):
         torchdiv.divergence(net, x)

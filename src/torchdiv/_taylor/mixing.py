@@ -94,8 +94,9 @@ class Owned(NamedTuple):
 
 class Numbers(NamedTuple):
     """The Python numbers (``int``, ``float``, ``complex``) each module ``f`` reaches holds
-    as attributes (weak references to the modules, and their numbers by name), which the
-    structure's key does not hold (a time, a count): kept with a pass where a factorization
+    as attributes, in a short list or tuple, or in a plain object it holds (weak references
+    to the modules, and their numbers by name: ``_numbers``), which the structure's key does
+    not hold (a time, a count, a configuration): kept with a pass where a factorization
     read a tensor built from held ones with numbers its ops took (``Verdict.numbers``:
     ``cholesky(W @ W.T + self.eps * I)``; ``self.eps`` set negative, the next call's
     ``except`` branch would mix samples unwatched). ``current`` while each is alive and
@@ -127,12 +128,26 @@ class Numbers(NamedTuple):
         return True
 
 
-def _numbers(m: torch.nn.Module) -> tuple[tuple[str, Any], ...]:
-    """The ``int``, ``float`` and ``complex`` attributes of ``m``, by name (``Numbers``)."""
-    return tuple((k, v) for k, v in vars(m).items() if type(v) in _NUMBERS)
+def _numbers(m: Any, depth: int = 1) -> tuple[tuple[str, Any], ...]:
+    """The ``int``, ``float`` and ``complex`` attributes of ``m``, by name, with those of a
+    list or tuple of at most ``TUPLE_ITEMS`` items (``self.eps = (1e-3, 1e-2)``) and, ``depth``
+    levels down, those of a plain object it holds (a configuration's ``self.cfg.eps``: not a
+    module, tensor or callable) (``Numbers``)."""
+    found: list[tuple[str, Any]] = []
+    for k, v in vars(m).items():
+        kind = type(v)
+        if kind in _NUMBERS:
+            found.append((k, v))
+        elif (kind is list or kind is tuple) and len(v) <= TUPLE_ITEMS:
+            found.append((k, tuple(u for u in v if type(u) in _NUMBERS)))
+        elif depth and not callable(v) and not isinstance(v, _NOT_PLAIN):
+            with contextlib.suppress(TypeError):  # (no ``__dict__``)
+                found.append((k, _numbers(v, depth - 1)))
+    return tuple(found)
 
 
 _NUMBERS = frozenset((int, float, complex))
+_NOT_PLAIN = (torch.Tensor, torch.nn.Module, dict)  # (a module's hooks: dictionaries)
 
 
 def passed_before(
