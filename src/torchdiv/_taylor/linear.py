@@ -239,13 +239,15 @@ def _clamp_tensor(
     """``clamp`` between tensors (``torch.clamp(x, -s, s)``: dynamic thresholding, with ``s``
     a per-sample quantile of ``|x|``): piecewise a selection of ``a``, ``low`` or ``high``,
     at the edges as autograd has it: ``a``'s derivatives on ``[low, high]``, ``low``'s below
-    it, ``high``'s above it and wherever ``high < low`` (then the value is ``high``)."""
+    it, ``high``'s above it and wherever ``high < low`` (then the value is ``high``). Below
+    ``low == high`` the value is ``low``, with ``low``'s derivatives, as PyTorch's forward
+    mode has them (``clamp(x, b, b) = b``; its backward passes nothing to either bound)."""
     out: Operand = a
     va = value_of(a)
     lo = None if low is None else value_of(low)
     hi = None if high is None else value_of(high)
     if lo is not None:
-        below = va < lo if hi is None else (va < lo) & (lo < hi)
+        below = va < lo if hi is None else (va < lo) & (lo <= hi)
         out = _where(ctx, below, low, out)
     if hi is not None:
         above = va > hi if lo is None else (va > hi) | (hi < lo)
