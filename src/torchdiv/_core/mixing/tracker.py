@@ -186,9 +186,11 @@ class BatchAxes:
 
     def wrote(self, t: Any) -> None:
         """Note that ``f`` wrote into ``t``'s storage (an in-place op, through a view or
-        ``.data``; ``t.data = v``: ``Reads``), whatever its version says."""
-        if isinstance(t, torch.Tensor):
-            self.written.add(_storage(t))
+        ``.data``; ``t.data = v``: ``Reads``; an ``out=`` tensor; a list: ``_foreach_copy_``),
+        whatever its version says."""
+        for a in t if isinstance(t, list | tuple) else (t,):
+            if isinstance(a, torch.Tensor):
+                self.written.add(_storage(a))
 
     def _written(self, t: torch.Tensor | None) -> bool:
         """Whether ``f`` wrote into ``t``'s storage earlier in the watch (``wrote``)."""
@@ -307,8 +309,9 @@ class BatchAxes:
     def after(self, carry: Carry | None, args: Sequence[Any], out: Any) -> None:
         """Note the batch dimensions of the results ``out`` by the rule ``before`` gave (none:
         not followed further), and whether they depend on combined samples."""
-        if _writes(self.func):
-            self.wrote(args[0])
+        for at in _writes(self.func):
+            if isinstance(at, str) or at < len(args):
+                self.wrote(self.kwargs.get(at) if isinstance(at, str) else args[at])
         decided = decides(self.func, args, out, self.values_decide, self.kwargs)
         if decided:
             self.values_decide = True
@@ -599,12 +602,19 @@ def _storage(t: torch.Tensor) -> int:
         return 0
 
 
-# whether each op met writes into its first argument (``BatchAxes.wrote``)
-_WRITES: dict[Any, bool] = {}
+# the arguments each op met writes into (``_writes``)
+_WRITES: dict[Any, tuple[int | str, ...]] = {}
 
 
-def _writes(func: Any) -> bool:
+def _writes(func: Any) -> tuple[int | str, ...]:
+    """The arguments ``func`` writes into (``BatchAxes.wrote``): by position (``copy_``'s
+    ``self``, ``_foreach_lerp_``'s list), or by name where keyword-only (an ``out=``
+    overload's ``out``: ``torch.mul(v, 1, out=W)``, missed while only the first was read)."""
     found = _WRITES.get(func)
     if found is None:
-        found = _WRITES[func] = _writes_first(func)
+        found = _WRITES[func] = tuple(
+            a.name if a.kwarg_only else i
+            for i, a in enumerate(func._schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write
+        )
     return found
