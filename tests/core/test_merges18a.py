@@ -11,6 +11,7 @@ import torch
 from conftest import (
     assert_close,
     laplacian_alone,
+    loop_diagonal,
     parameter_gradients,
 )
 
@@ -38,6 +39,24 @@ def test_clamp_between_equal_tensor_bounds_is_the_bound():
         assert_close(torchdiv.jacobian_diagonal(f, x, method=method), diagonal)
     assert_close(torchdiv.divergence(f, x, method="structured"), diagonal.sum(1))
     assert_close(torchdiv.laplacian(f, x, method="taylor"), torch.ones_like(x))
+
+
+def test_clamp_with_a_nan_bound_is_nan():
+    """A ``nan`` bound (a diverged sample's quantile) makes ``clamp`` ``nan`` there, as
+    ``f(x)`` is: the rule took ``x``'s value (its comparisons with ``nan`` are false), and
+    ``"structured"`` read a finite divergence for a sample whose ``f`` is ``nan``. Reference:
+    autograd's rows, ``nan`` in the same samples (autograd passes nothing to any argument
+    where the value is ``nan``; the finite samples exactly)."""
+    x = torch.tensor([[0.5, 2.0, -1.0], [-1.0, 0.2, 0.3], [2.0, -0.5, 0.1]], dtype=f64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        low = torch.where(z[:, :1] > 0, float("nan"), -0.5)  # samples 0 and 2: nan
+        return torch.clamp(2 * z, low, z[:, 1:2] + 0.5) * z.sum(1, keepdim=True)
+
+    want = loop_diagonal(f, x)
+    assert want[[0, 2]].isnan().all() and not want[1].isnan().any()
+    got = torchdiv.jacobian_diagonal(f, x, method="structured")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, equal_nan=True)
 
 
 class Clamped(torch.nn.Module):
