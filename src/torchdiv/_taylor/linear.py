@@ -247,10 +247,10 @@ def _clamp_tensor(
     va = value_of(a)
     lo = None if low is None else value_of(low)
     hi = None if high is None else value_of(high)
-    if lo is not None:
+    if low is not None and lo is not None:  # (both: mypy narrows each name alone)
         below = va < lo if hi is None else (va < lo) & (lo <= hi)
         out = _where(ctx, below, low, out)
-    if hi is not None:
+    if high is not None and hi is not None:
         above = va > hi if lo is None else (va > hi) | (hi < lo)
         out = _where(ctx, above, high, out)
     value = torch.clamp(va, lo, hi)  # (every comparison with a ``nan`` bound is false)
