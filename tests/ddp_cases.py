@@ -545,6 +545,7 @@ SHARDED_THREE = [
     ("laplacian", "auto", "mlp2", "none"),
     *[("divergence", m, "relu2", "none") for m in ("structured", "auto", "hutchinson-2")],
 ]
+SHARDED_ROUND_OFF = {"rtol": 1e-12, "atol": 1e-12}  # float64: partial sums added in another order
 HUTCHINSON_PROBES = 5  # not a multiple of the ranks: shares of 2 and 3 (or "hutchinson-k")
 
 
@@ -601,6 +602,31 @@ def run_sharded(case, rank: int) -> tuple[str, object]:
     flags = [None] * world
     dist.all_gather_object(flags, result[0])
     return result
+
+
+def run_either(item: tuple[str, Any], rank: int) -> tuple[str, object]:
+    """``run_sharded`` for ``("sharded", case)``, else ``run_config`` for ``("ddp", config)``:
+    the DDP test's cases and the sharded ones on one pair of processes (spawning a pair costs
+    ~6 s of CPU: two imports of torch)."""
+    kind, case = item
+    return run_sharded(case, rank) if kind == "sharded" else run_config(case, rank)
+
+
+def assert_sharded_equal_one_process(case, outcome, world: int) -> None:
+    """``run_sharded``'s ``outcome`` of ``case``: every rank's value and x-gradient, and the
+    rank-averaged parameter gradients, equal one process's (``sharded_reference``)."""
+    status, payload = outcome
+    assert status == "ok", (case, payload)
+    outputs, grads = payload
+    value, x_grad, expected_grads = sharded_reference(case)
+    assert len(outputs) == world
+    for rank_value, rank_x_grad in outputs:  # the same on every rank
+        for got, expected in ((rank_value, value), (rank_x_grad, x_grad)):
+            got = torch.tensor(got, dtype=torch.float64)
+            torch.testing.assert_close(got, expected, **SHARDED_ROUND_OFF, msg=str(case))
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        got = torch.tensor(grad, dtype=torch.float64)
+        torch.testing.assert_close(got, expected, **SHARDED_ROUND_OFF, msg=str(case))
 
 
 def sharded_reference(case) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

@@ -124,7 +124,18 @@ class DecayedInForward(_Core):
         return self.core(self.a(x))
 
 
-MODELS = [DataCounter, ShrunkWeight, PowerIterated, InPlaceCounter, AveragedWeight]
+class ClampedData(_Core):
+    """A weight clipped in place through ``.data`` (WGAN's critic clipping, written into
+    ``forward``): under ``torch.func`` the first, watched evaluation's ``.data`` shared the
+    weight's version counter, the others' did not, and the parameter gradients of a call
+    that evaluates ``f`` several times raised "modified by an inplace operation"."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.a.weight.data.clamp_(-0.3, 0.3)
+        return self.core(self.a(x))
+
+
+MODELS = [DataCounter, ShrunkWeight, PowerIterated, InPlaceCounter, AveragedWeight, ClampedData]
 # calls that evaluate f more than once (one chunk a direction, products, fallbacks)
 CALLS = [
     ("divergence", "forward"),
@@ -291,9 +302,64 @@ class DroppedCounter(InPlaceCounter):
 
 def test_a_mask_drawn_in_f_is_not_a_differing_write():
     """``"auto"``'s Laplacian falls back after recording (``lgamma``): only the modules'
-    tensors are compared with the recording's writes (a mask ``f`` drew was refused)."""
+    tensors are compared with the recording's writes (a mask ``f`` drew was refused); since
+    leftovers18 every tensor ``f`` did not make (a closure's too)."""
     torch.manual_seed(0)
     model = DroppedCounter().to(f64)
     x = torch.rand(3, D, dtype=f64)
     out = torchdiv.laplacian(model, x, method="auto")
     assert torch.isfinite(out).all() and model.count.item() == 2.0
+
+
+class _Closure:
+    """``f`` a function of a model, computing with a tensor held outside any module (a
+    closure's), written in place at each evaluation: the same value (``count += 1``), or one
+    from Python state no put-back covers (``differing``: a list's length)."""
+
+    def __init__(self, differing: bool) -> None:
+        self.model = _Core().to(f64)
+        self.scale = torch.ones((), dtype=f64)
+        self.seen: list[None] = []
+        self.differing = differing
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(None)
+        if self.differing:
+            self.scale.fill_(float(len(self.seen)))
+        else:
+            self.scale.add_(1.0)
+        return self.model.core(self.model.a(x)) * self.scale
+
+
+@pytest.mark.parametrize("op, method", CALLS[:4], ids=[f"{o}-{m}" for o, m in CALLS[:4]])
+def test_a_closure_write_that_differs_between_evaluations_is_refused(op, method):
+    """The test above with the tensor held outside the modules: ``"auto"``'s Laplacian
+    compared only the modules' tensors with the recording's writes, so its fallback's
+    evaluations (2 for 1) returned the Laplacian of ``f`` with the later value (2x one
+    evaluation's), silently: refused, the tensor put back."""
+    torch.manual_seed(0)
+    f = _Closure(differing=True)
+    x = torch.rand(3, D, dtype=f64)
+    probes = torch.randn(2, 3, D, dtype=f64)
+    with pytest.raises((ValueError, RuntimeError), match="wrote other values"):
+        _gradients(f.model, _call(f, x, op, method, probes))
+    assert f.scale.item() == 1.0
+
+
+@pytest.mark.parametrize("op, method", CALLS[3:5], ids=[f"{o}-{m}" for o, m in CALLS[3:5]])
+def test_a_closure_counter_is_of_one_evaluation(op, method):
+    """A closure's tensor that every evaluation writes alike (``count += 1``) then computes
+    with: the values and parameter gradients of one evaluation, the tensor left as one
+    evaluation leaves it (``"auto"``'s Laplacian records ``f``, then falls back)."""
+    torch.manual_seed(0)
+    f = _Closure(differing=False)
+    x = torch.rand(3, D, dtype=f64)
+    reference = _Closure(differing=False)
+    reference.model = _copy(f.model)
+    out = _call(f, x, op, method, torch.empty(0))
+    ref = _reference(reference, x, op, None)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    got = _gradients(f.model, out)
+    for name, value in _gradients(reference.model, ref).items():
+        torch.testing.assert_close(got[name], value, rtol=1e-9, atol=1e-11, msg=name)
+    assert f.scale.item() == reference.scale.item() == 2.0

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LegacyCube, assert_close, loop_diagonal
+from conftest import (
+    LegacyCube,
+    assert_close,
+    assert_same_parameter_gradients,
+    laplacian_by_grad_of_grad,
+    loop_diagonal,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from unets import Recompute
 
@@ -233,3 +239,43 @@ def test_a_batched_pass_that_failed_after_a_backward_freed_its_state_hands_over(
         ]
     )
     assert_close(div.detach(), want.detach())
+
+
+class _SelfScaled(torch.nn.Module):
+    """An MLP whose hidden features are scaled in place by a function of themselves (a gate
+    written ``h.mul_(torch.tanh(h))``), whole or through views of a transposed copy (rows
+    2-3 of ``h.t()``); ``lgamma`` has no Taylor rule, so ``"auto"``'s Laplacian falls back."""
+
+    def __init__(self, view: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.view = torch.nn.Linear(4, 6), torch.nn.Linear(6, 4), view
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.view:
+            h = h.t() * 1
+            gate = h[2:4]
+            gate.mul_(torch.tanh(gate))
+            h = h.t()
+        else:
+            h = h * 1
+            h.mul_(torch.tanh(h))
+        return self.b(torch.lgamma(h.abs() + 1.5))
+
+
+@pytest.mark.parametrize("view", [False, True], ids=["whole", "views"])
+def test_auto_falls_back_to_backward_passes_for_a_write_reading_itself(view: bool):
+    """Forward mode's tangent formulas save the tangent of the tensor read, then write it in
+    place: forward over reverse (``"auto"``'s fallback at this size) gave the right values,
+    but the parameter gradients raised PyTorch's "modified by an inplace operation"
+    (``torch.func.jvp`` alike). ``"auto"`` now takes the loop of backward passes there:
+    values and parameter gradients of grad of grad (float64)."""
+    torch.manual_seed(0)
+    net = _SelfScaled(view).double()
+    x = torch.rand(3, 4, dtype=torch.float64)
+    got = torchdiv.laplacian(net, x)  # (4 inputs times 4 outputs: above the loop's 10)
+    expected = torch.stack(
+        [laplacian_by_grad_of_grad(lambda z, k=k: net(z)[:, k], x) for k in range(4)], 1
+    )
+    assert_close(got, expected)
+    assert_same_parameter_gradients(net, got.square().sum(), expected.square().sum())

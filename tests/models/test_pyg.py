@@ -327,13 +327,15 @@ def test_a_dense_batch_readout_within_samples_is_per_sample() -> None:
             _assert_values_and_grads(got, expected, [weight])
 
 
-def test_pyg_dense_batch_readout_of_padded_samples_is_per_sample() -> None:
+@pytest.mark.parametrize("max_nodes", [None, 2, 3])
+def test_pyg_dense_batch_readout_of_padded_samples_is_per_sample(max_nodes: int | None) -> None:
     """PyG's own ``to_dense_batch`` (a repeated fill of ``B * N_max + 1`` rows, the nodes
     written at computed places, the trash slot sliced off) over graphs of 2, 4 and 3 of each
     sample's 4 nodes: followed as a flattened batch (with its spare row), not refused, each
-    sample's Laplacian and parameter gradients its own, twice. (Truncating by a smaller
-    ``max_num_nodes`` writes other samples' nodes into the trash slot, sample 0's place by
-    the layout's period: refused, documented.)"""
+    sample's Laplacian and parameter gradients its own, twice. A ``max_num_nodes`` smaller
+    than some graphs sends the nodes it cuts off, of several samples, to the trash slot:
+    refused as samples written into sample 0's place until leftovers18; each sample's
+    derivatives are those of its first ``max_nodes`` nodes."""
     b, n, d = 3, 4, 2
     weight = torch.randn(d, d, dtype=f64, generator=torch.Generator().manual_seed(0))
     weight.requires_grad_(True)
@@ -343,13 +345,15 @@ def test_pyg_dense_batch_readout_of_padded_samples_is_per_sample() -> None:
 
     def energy(p: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(p.reshape(-1, d)[keep] @ weight)
-        return (pyg_utils.to_dense_batch(h, batch, batch_size=b)[0].sum(1) ** 2).sum(-1)
+        dense = pyg_utils.to_dense_batch(h, batch, batch_size=b, max_num_nodes=max_nodes)[0]
+        return (dense.sum(1) ** 2).sum(-1)
 
     x = torch.randn(b, n, d, dtype=f64)
+    kept = [min(s, max_nodes or s) for s in sizes]
     expected = torch.cat(
         [
             _laplacians(lambda p, s=s: (torch.tanh(p[:s] @ weight).sum(0) ** 2).sum(), x[g : g + 1])
-            for g, s in enumerate(sizes)
+            for g, s in enumerate(kept)
         ]
     )
     for _ in range(2):
@@ -384,3 +388,89 @@ def test_a_dense_batch_readout_across_samples_is_refused(form: str) -> None:
     for method, probes in (("auto", None), ("hutchinson", 1)):
         with pytest.raises(BatchInteractionError, match="laplacian"):
             torchdiv.laplacian(energy, x, method=method, num_probes=probes)
+
+
+_QUANTILES = {  # (q exact in float32, as PyG keeps it: the interpolation points exact)
+    "median": lambda: pyg_nn.aggr.MedianAggregation(),
+    "quantile": lambda: pyg_nn.aggr.QuantileAggregation([0.375, 0.625]),
+}
+
+
+@pytest.mark.parametrize("kind", list(_QUANTILES))
+def test_a_median_readout_within_samples_is_per_sample(kind: str) -> None:
+    """PyG's ``MedianAggregation``/``QuantileAggregation`` readout over a flattened batch
+    (it sorts all nodes by value, then stably by graph, and gathers back: each graph's
+    sorted nodes in rows of their own) was refused as a sort along samples; followed, each
+    sample's Laplacian and parameter gradients its own (its graph alone, by grad of grad),
+    twice."""
+    b, n, d = 3, 5, 2
+    weight = torch.randn(d, d, dtype=f64, generator=torch.Generator().manual_seed(0))
+    weight.requires_grad_(True)
+    pool = _QUANTILES[kind]()
+    batch = torch.arange(b).repeat_interleave(n)
+
+    def energy(p: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(p.reshape(-1, d) @ weight)
+        return (pool(h, batch, dim_size=b).reshape(b, -1) ** 2).sum(-1)
+
+    def alone(p: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(p.reshape(-1, d) @ weight)
+        return (pool(h, torch.zeros(n, dtype=torch.long), dim_size=1) ** 2).sum()
+
+    x = torch.randn(b, n, d, dtype=f64)
+    expected = _laplacians(alone, x)
+    for _ in range(2):
+        _assert_values_and_grads(torchdiv.laplacian(energy, x), expected, [weight])
+
+
+@pytest.mark.parametrize("form", ["one graph", "graph across samples", "sorted values"])
+def test_a_median_across_samples_is_refused(form: str) -> None:
+    """The same readout's sort with samples that do mix: the median of all nodes of the
+    batch as one graph, a ``batch`` vector putting sample 1's first node into graph 0, and
+    a row of the values sorted along the batch (each sample's energy then depends on
+    others): refused."""
+    b, n, d = 3, 5, 2
+    weight = torch.randn(d, d, dtype=f64, generator=torch.Generator().manual_seed(0))
+    pool = pyg_nn.aggr.MedianAggregation()
+    batch = torch.arange(b).repeat_interleave(n)
+    batch[n] = 0
+
+    def energy(p: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(p.reshape(-1, d) @ weight)
+        if form == "one graph":
+            out = h.reshape(b, n, d) - pool(h, torch.zeros_like(batch), dim_size=1)
+        elif form == "graph across samples":
+            out = pool(h, batch, dim_size=b)
+        else:
+            out = h.sort(0).values.reshape(b, n, d)
+        return (out.reshape(b, -1) ** 2).sum(-1)
+
+    with pytest.raises(BatchInteractionError, match="sort along samples"):
+        torchdiv.laplacian(energy, torch.randn(b, n, d, dtype=f64))
+
+
+@pytest.mark.parametrize("form", ["spare row read", "graph across samples"])
+def test_a_truncating_dense_batch_across_samples_is_refused(form: str) -> None:
+    """The truncating layout's spare row, holding several samples' nodes, read (added to
+    every sample's rows), and ``to_dense_batch`` truncating to 3 nodes with a ``batch`` that
+    puts sample 0's last node first into graph 1 (kept there): refused."""
+    b, n, d = 3, 4, 2
+    weight = torch.randn(d, d, dtype=f64, generator=torch.Generator().manual_seed(0))
+    batch = torch.arange(b).repeat_interleave(n)
+    if form == "graph across samples":
+        batch[n - 1] = 1
+
+    def energy(p: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(p.reshape(-1, d) @ weight)
+        if form == "spare row read":  # (to_dense_batch's own write, the trash slot kept)
+            slot = torch.arange(b * n) % n + batch * 2
+            dense = h.new_zeros(b * 2 + 1, d)
+            dense[torch.where(torch.arange(b * n) % n < 2, slot, b * 2)] = h
+            dense = dense[:-1].reshape(b, 2, d) + dense[-1]
+        else:
+            dense = pyg_utils.to_dense_batch(h, batch, batch_size=b, max_num_nodes=3)[0]
+        return (dense.sum(1) ** 2).sum(-1)
+
+    match = "spare last row" if form == "spare row read" else "laplacian"
+    with pytest.raises(BatchInteractionError, match=match):
+        torchdiv.laplacian(energy, torch.randn(b, n, d, dtype=f64))

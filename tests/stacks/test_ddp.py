@@ -20,13 +20,18 @@ def test_every_operator_under_ddp_and_fsdp_equals_one_process(pytestconfig):
     """Each operator's case in its second family, and the fault cases of
     ``ddp_cases.SECOND_CASES`` (one case of each fault always runs), are sampled as slow
     tests are (``--slow=all`` runs all 74 cases; one pair of processes runs them one after
-    another)."""
+    another). The same pair then runs ``torchdiv.distributed``'s two-rank cases
+    (``ddp_cases.SHARDED``, all of them: ``test_distributed.py`` says what they check): one
+    spawn, ~6 s of CPU, for both."""
     cases = ddp_cases.sample(lambda case: in_todays_sample(pytestconfig, "/".join(case)))
-    outcomes = ddp_cases.run_pairs(list(enumerate(cases)))
-    verdicts = {cases[i]: ddp_cases.judge(cases[i], outcome) for i, outcome in outcomes.items()}
-    assert len(verdicts) == len(cases)
+    todo = [("ddp", case) for case in cases] + [("sharded", case) for case in ddp_cases.SHARDED]
+    outcomes = ddp_cases.run_pairs(list(enumerate(todo)), ddp_cases.run_either)
+    assert sorted(outcomes) == list(range(len(todo)))
+    verdicts = {cases[i]: ddp_cases.judge(cases[i], outcomes[i]) for i in range(len(cases))}
     failed = {"/".join(case): v for case, v in verdicts.items() if v[0] != "right"}
     assert not failed
+    for i, case in enumerate(ddp_cases.SHARDED, start=len(cases)):
+        ddp_cases.assert_sharded_equal_one_process(case, outcomes[i], 2)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import torch.utils.hooks as _hooks
 
 from torchdiv._core.checks import mark_final, raised_by_f
 from torchdiv._core.mixing.errors import BatchInteractionError, unnamed
-from torchdiv._core.mixing.transformed import public_call
+from torchdiv._core.mixing.transformed import public_call, public_call_ended
 from torchdiv._core.modes import WrongDerivatives
 from torchdiv._core.script import attribute
 from torchdiv._exact.attributes import PlainAttributes
@@ -50,8 +50,11 @@ def reported(fn: str, call: str = "f(x)") -> Callable[[F], F]:
             # tensors f set on its modules under the engines' transforms, left plain
             attributes = PlainAttributes(args[0] if args else kwargs.get("f"))
             try:
-                with public_call():  # (the level a caller's transform left: mixing.transformed)
+                entry = public_call()  # (the level a caller's transform left: mixing.transformed)
+                try:
                     return function(*args, **kwargs)
+                finally:
+                    public_call_ended(entry)
             except Exception as exc:
                 try:
                     bound = signature.bind(*args, **kwargs)
@@ -300,13 +303,7 @@ def _hint(
             "matrix (adj.to_sparse_coo()), which 'reverse' runs."
         )
     if "does not require grad" in message and call == "f(x)":  # autograd.grad inside f
-        return (
-            "f takes a backward pass with respect to what it is given (a score "
-            "torch.autograd.grad(E(x).sum(), x)), which does not require grad there: pass x "
-            "with requires_grad=True, or let f make it so (with torch.enable_grad(): x = x if "
-            "x.requires_grad else x.requires_grad_(True)). method='forward' cannot run a "
-            "backward pass inside f: use 'auto' or 'reverse'."
-        )
+        return _backward_inside_hint(fn, method)
     if "requires_grad_()" in message and "functorch transform" in message:
         way = _plain_way(fn).replace("'auto' or ", "")
         return (
@@ -345,6 +342,25 @@ def _hint(
             "t.expand(z.shape[0])[:, None] or t * torch.ones_like(z[:, :1])."
         )
     return None
+
+
+def _backward_inside_hint(fn: str, method: object) -> str:
+    """The way out for a backward pass ``f`` takes inside (``torch.autograd.grad``) whose
+    input does not require grad under the transforms of ``method``: with respect to ``x``
+    (a score model), or to tensors ``f`` closes over (a MAML inner step on parameters, which
+    no ``torch.func`` transform runs: only plain autograd)."""
+    score_way = "'auto'" if method == "reverse" else "'auto' or 'reverse'"
+    return (
+        "f takes a backward pass inside (torch.autograd.grad) whose input does not require "
+        "grad there. With respect to what f is given (a score torch.autograd.grad(E(x).sum(), "
+        "x)): pass x with requires_grad=True, or let f make it so (with torch.enable_grad(): "
+        "x = x if x.requires_grad else x.requires_grad_(True)); method='forward' cannot run "
+        f"a backward pass inside f: use {score_way}. With respect to tensors f closes over "
+        "(parameters: a MAML inner step, torch.autograd.grad(loss, params)): torch.func's "
+        "transforms (the methods 'forward', 'reverse', 'forward-over-reverse', 'hessian') "
+        f"cannot run it; use {_plain_way(fn, method)}, which differentiates f with plain "
+        "autograd (an inner loss over the batch x itself mixes samples, which 'auto' refuses)."
+    )
 
 
 def _forward_ad_hint(fn: str, message: str) -> str:

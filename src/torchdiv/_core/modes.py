@@ -50,7 +50,6 @@ def outside_inference_mode(fn: F) -> F:
     autograd's fallback gave a compiled loss the divergence's value but none of its parameter
     gradients.
     """
-    outside = functools.partial(outside_inference, fn)
 
     @functools.wraps(fn)
     def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -59,19 +58,53 @@ def outside_inference_mode(fn: F) -> F:
                 return eager(f, x, *args, **kwargs)
             _materialized_zero_tangents()
             return fn(f, x, *args, **kwargs)
-        started = call_started(f)  # TorchScript in f: run as written (with the flag below)
-        try:
-            with CompiledCodeEager():
-                if not spans_peers():  # no process group (or an outer call's): nothing to share
-                    return outside(f, x, *args, **kwargs)
-                with one_forward() as call:
-                    result = outside(f, x, *args, **kwargs)
-                    return result if call is None else call.finish(result)
-        finally:
-            call_ended(started)
+        return _eager_call(fn, f, x, args, kwargs)
 
     eager = cast(Callable[..., Any], torch.compiler.disable(wrapper))  # untyped in torch
     return wrapper  # type: ignore[return-value]
+
+
+def _eager_call(
+    fn: Callable[..., T], f: Any, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> T:
+    """``outside_inference_mode``'s call of ``fn(f, x, *args, **kwargs)`` outside a region
+    Dynamo traces."""
+    started = call_started(f)  # TorchScript in f: run as written (with the flag below)
+    try:
+        with CompiledCodeEager():
+            if not spans_peers():  # no process group (or an outer call's): nothing to share
+                return outside_inference(fn, f, x, *args, **kwargs)
+            with one_forward() as call:
+                result = outside_inference(fn, f, x, *args, **kwargs)
+                return result if call is None else call.finish(result)
+    finally:
+        call_ended(started)
+
+
+def entry(*outer: Callable[[F], F]) -> Callable[[F], F]:
+    """Decorate a public ``fn(f, x, *, **options)`` with ``outside_inference_mode`` and above
+    it the decorators ``outer`` (outermost first: ``eager_when``, ``compiled_like_f``), in one
+    Python frame where the call is eager and ``f`` is not ``torch.compile``d: there each of
+    ``outer`` only passes the call on (``is_compiling`` false, ``_compiled_parts`` ``None``),
+    so the call goes straight to what ``outside_inference_mode`` runs eagerly. Elsewhere the
+    whole chain runs, as stacked. Three wrappers and two ``is_compiling`` checks (each two
+    Python calls) fewer in every eager call: a tiny problem's call is mostly Python, run
+    with its objects out of the caches by ``f``'s kernels (issue 19)."""
+
+    def decorate(fn: F) -> F:
+        chain: Callable[..., Any] = outside_inference_mode(fn)
+        for decorator in reversed(outer):
+            chain = decorator(chain)
+
+        @functools.wraps(fn)
+        def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling() or _compiled_parts(f) is not None:
+                return chain(f, x, *args, **kwargs)
+            return _eager_call(fn, f, x, args, kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def outside_inference(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -84,9 +117,10 @@ def outside_inference(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     drawn once under ``torch.inference_mode()`` (an evaluation loop's) and passed to a
     training call as ``probes=``, or a ``sigma=`` made there, raised PyTorch's "Inference
     tensors cannot be saved for backward"."""
-    values = (*args, *kwargs.values())
-    inference = any(isinstance(v, torch.Tensor) and v.is_inference() for v in values)
-    if not torch.is_inference_mode_enabled() and not inference:
+    inference = torch.is_inference_mode_enabled()
+    for value in (*args, *kwargs.values()):  # (a loop: a generator is three frames more)
+        inference = inference or (isinstance(value, torch.Tensor) and value.is_inference())
+    if not inference:
         return fn(*args, **kwargs)  # the usual case
     grad_mode = torch.is_grad_enabled()
     with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
@@ -892,8 +926,8 @@ class SafeDerivatives(TorchFunctionMode):
         kwargs = kwargs or {}
         self.backward_inside = self.backward_inside or inner_backward(func, args, kwargs)
         refuse_gradient_hook(func, args)
-        if type(func) is _METHOD_WRAPPER and func.__self__ is _DATA and func.__name__ == "__set__":
-            return _set_data(func, *args)
+        if type(func) is _METHOD_WRAPPER and func.__self__ is _DATA:
+            return _data(func, *args)
         if func in _BATCH_NORMS and not torch.compiler.is_compiling():
             _refuse_statistics_in_transforms(func, args, kwargs)
         if func in MIXED_PRECISION_NORMS:
@@ -975,6 +1009,23 @@ _DATA = vars(torch._C.TensorBase)["data"]  # ``Tensor.data``: its ``__set__`` is
 _METHOD_WRAPPER = type(_DATA.__set__)
 
 
+def _data(method: Any, tensor: torch.Tensor, *value: Any) -> Any:
+    """``tensor.data`` (``method``: ``Tensor.data.__get__``) or ``tensor.data = value``
+    (``__set__``: ``_set_data``) in ``f``. A tensor ``f`` did not make (a parameter) gets its
+    ``.data`` below ``torch.func``'s transforms: a plain alias with a version counter of its
+    own, as in a plain evaluation. Under the transforms and a dispatch mode (``Changes``
+    watching the first of several evaluations), PyTorch made it a wrapper whose in-place
+    writes (``p.data.clamp_()``) moved the parameter's own counter, at that evaluation
+    only: its graph, saved at the version after, raised "modified by an inplace operation"
+    on the parameter gradients once the others ran."""
+    if method.__name__ == "__set__":
+        return _set_data(method, tensor, *value)
+    if method.__name__ == "__get__" and not is_functorch_wrapped_tensor(tensor):
+        with torch._C._DisableFuncTorch():
+            return method(tensor, *value)
+    return method(tensor, *value)
+
+
 def _set_data(set_data: Any, tensor: torch.Tensor, value: Any) -> None:
     """``tensor.data = value`` in ``f``, set below ``torch.func``'s transforms.
 
@@ -998,8 +1049,30 @@ def _set_data(set_data: Any, tensor: torch.Tensor, value: Any) -> None:
     return set_data(tensor, plain)
 
 
-_BATCH_NORMS = {torch.nn.functional.batch_norm}
+_aten = torch.ops.aten
+# the ATen batch norms an exported or fx-traced graph calls directly (``torch.export`` of a
+# train-mode model: ``aten.batch_norm``; after ``run_decompositions``, the functional one), as
+# ``F.batch_norm``: in train mode (``_batch_norm_with_update``: always) they update running
+# statistics from their input
+_ATEN_BATCH_NORMS = {
+    _aten.batch_norm.default,
+    _aten.native_batch_norm.default,
+    _aten._native_batch_norm_legit.default,
+    _aten._native_batch_norm_legit_functional.default,
+    _aten._batch_norm_with_update.default,
+    _aten._batch_norm_with_update_functional.default,
+}
+_BATCH_NORMS = {torch.nn.functional.batch_norm, *_ATEN_BATCH_NORMS}
 _BATCH_NORM = inspect.signature(torch.nn.functional.batch_norm)
+
+
+def _batch_norm_arguments(func: Any, args: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a call of ``F.batch_norm`` or of an ATen batch norm by name
+    (``training`` true for ``_batch_norm_with_update``, which has none)."""
+    if func not in _ATEN_BATCH_NORMS:
+        return _BATCH_NORM.bind(*args, **kwargs).arguments
+    names = [a.name for a in func._schema.arguments]
+    return {"training": True, **dict(zip(names, args, strict=False)), **kwargs}
 
 
 def _refuse_statistics_in_transforms(func: Any, args: Any, kwargs: dict[str, Any]) -> None:
@@ -1016,7 +1089,7 @@ def _refuse_statistics_in_transforms(func: Any, args: Any, kwargs: dict[str, Any
     first = args[0] if args else kwargs.get("input")
     if not (isinstance(first, torch.Tensor) and is_functorch_wrapped_tensor(first)):
         return  # (no transform: the signature is not bound, which costs microseconds)
-    bound = _BATCH_NORM.bind(*args, **kwargs).arguments
+    bound = _batch_norm_arguments(func, args, kwargs)
     if bound.get("training") and isinstance(bound.get("running_mean"), torch.Tensor):
         raise RuntimeError(
             f"a batch norm in train mode in f updates its running statistics from x inside "

@@ -181,10 +181,16 @@ def _backward_passes_only(graph: Graph) -> bool:
     outside ``aten`` (a ``torch.library`` custom op without a forward-mode rule, which
     ``torch.func`` cannot run at all where it has only ``register_autograd``), an ATen op
     without one (``WITHOUT_FORWARD_RULE``: ``nn.LSTM`` in float32 on the CPU runs oneDNN's
-    ``mkldnn_rnn_layer``; packed sequences), or a ``Tensor.detach_`` of a tensor computed
-    from ``x``, which forward mode ignores."""
-    return IN_PLACE_DETACH in graph.unsupported or any(
-        node.func.namespace != "aten" or node.func in WITHOUT_FORWARD_RULE for node in graph.nodes
+    ``mkldnn_rnn_layer``; packed sequences), a ``Tensor.detach_`` of a tensor computed
+    from ``x``, which forward mode ignores, or an in-place write reading the tensor it writes
+    (``Graph.reads_written``: forward mode's parameter gradients raise)."""
+    return (
+        graph.reads_written
+        or IN_PLACE_DETACH in graph.unsupported
+        or any(
+            node.func.namespace != "aten" or node.func in WITHOUT_FORWARD_RULE
+            for node in graph.nodes
+        )
     )
 
 

@@ -46,7 +46,16 @@ from torchdiv._core.settings import Settings
 from torchdiv._taylor.tree import leaves, map_leaves
 
 aten = torch.ops.aten
-_DECOMPOSITIONS = core_aten_decompositions()
+
+
+def _as_convolution(*args: Any) -> torch.Tensor:
+    """``aten._convolution`` (what ``torch.jit.trace`` records for ``nn.Conv2d``) as the
+    ``aten.convolution`` it computes: its first nine arguments are that op's; the rest
+    (``benchmark``, ``deterministic``, ``cudnn_enabled``, ``allow_tf32``) pick kernels."""
+    return aten.convolution.default(*args[:9])
+
+
+_DECOMPOSITIONS = {**core_aten_decompositions(), aten._convolution.default: _as_convolution}
 
 
 class Before(NamedTuple):
@@ -99,6 +108,12 @@ class Graph:
     nodes: list[Node] = field(default_factory=list)
     output: Any = None
     unsupported: list[str] = field(default_factory=list)
+    # whether f wrote in place, with other arguments computed from x, into a tensor computed
+    # from x that an op read before (``b.mul_(torch.tanh(b))``, through views too): forward
+    # mode's tangent formulas save the tangent read and then write it in place, so the
+    # parameter gradients of forward-mode derivatives raise PyTorch's "modified by an
+    # inplace operation" (``torch.func.jvp`` alike); ``"auto"`` falls back to backward passes
+    reads_written: bool = False
     widest: int = 1  # elements of the largest tensor computed from x (all samples)
     # the work of the calls computed from x: how many, their output elements, and the
     # multiply-adds of the matrix products and convolutions among them (``_work``)
@@ -134,10 +149,12 @@ class Graph:
     # whether the watch for sample mixing read index values along the batch (``BatchAxes.
     # indexed``): its verdict holds for them only, so the graph is never kept as a template
     indexed: bool = False
-    # the written parameters and buffers of f's modules (of ``changed``: not the tensors f
-    # made, a dropout mask drawn anew at each evaluation) and their values after the
-    # recording, kept by the first ``undo``: a fallback's evaluations must write them again
-    # (``_exact.state.wrote_alike``)
+    # the storages of ``changed`` that f did not make (its modules' parameters and buffers,
+    # a closure's tensor; not a dropout mask f drew into a tensor of its own, anew at each
+    # evaluation)
+    outside: set[int] = field(default_factory=set, repr=False)
+    # those tensors and their values after the recording, kept by the first ``undo``: a
+    # fallback's evaluations must write them again (``_exact.state.wrote_alike``)
     wrote: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
     def undo(self) -> None:
@@ -146,11 +163,10 @@ class Graph:
         training-mode batch norm's statistics then move once, not twice. The first undo keeps
         the values the recording wrote (``wrote``)."""
         if self.wrote is None:
-            held = {_storage(t) for t, _ in self.settings.data} if self.settings else set()
             self.wrote = [
                 (b.tensor, b.tensor.detach().clone())
                 for b in self.changed
-                if _storage(b.tensor) in held
+                if _storage(b.tensor) in self.outside
             ]
         put_back(self.changed)
         for restore, state in self.rng:
@@ -313,6 +329,10 @@ class _Recorder(DispatchMode):
             grads = touches_x or any(isinstance(a, torch.Tensor) and a.requires_grad for a in flat)
             self.underivable = UNDERIVABLE_OPS[func] if grads else None
         self.untracked(flat)
+        written = _written(func, args, kwargs)
+        if written and depends and any(self.readers.get(_storage(t)) for t in written):
+            others = [a for a in flat if not any(a is t for t in written)]
+            self.graph.reads_written = self.graph.reads_written or self.depends(others)
         if depends and (
             decomposed_in_place(func, self.rules) or through_view(func, args, self.refs) is not None
         ):
@@ -332,7 +352,6 @@ class _Recorder(DispatchMode):
             return out
         carry = None if self.axes is None else self.axes.before(func, args, kwargs)
         recorded = self.functional(func, args) if depends else func
-        written = _written(func, args, kwargs)
         if written:  # kept, not replayed: what it reads does not matter
             self.before_writes(func, written, depends)
         self.keep_generator(func, kwargs)
@@ -498,6 +517,8 @@ class _Recorder(DispatchMode):
             if storage == self.x_storage:
                 self.graph.unsupported.append(f"{func} writing to x")
                 continue
+            if storage not in self.fresh:
+                self.graph.outside.add(storage)
             if not depends and self.constant_write(tensor, storage):
                 self.graph.changed.append(Before.of(tensor))
                 self.readers.pop(storage, None)

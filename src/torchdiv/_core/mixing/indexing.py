@@ -27,7 +27,7 @@ from torchdiv._core.mixing.errors import _PUT_WHAT
 from torchdiv._core.mixing.places import _aligned, _grid, _held, _line, _rows
 
 if TYPE_CHECKING:
-    from torchdiv._core.mixing.axes import Axes
+    from torchdiv._core.mixing.axes import Axes, Carry
     from torchdiv._core.mixing.tracker import BatchAxes
 
 aten = torch.ops.aten
@@ -145,6 +145,59 @@ def _gather(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
         if held.numel():
             found.append(_rows(tr, dim, axis, held[:, 0], str(tr.func)))
     return [tuple(sorted(found))]
+
+
+def _sorted(rule: Carry) -> Carry:
+    """``sort(t, dim)`` (``stable`` too) by ``rule`` (``_unknown``'s: along a batch dimension
+    it mixes samples, its values marked so), noting for a sort along ``t``'s one batch
+    dimension the sample at each place of its values (``BatchAxes.sorted``): a gather that
+    puts every sample's values back into rows of their own (``_unsorted``) follows them again.
+    Its order is decided by the values, so a pass holds for these values only."""
+
+    def rule_sorted(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
+        result = rule(tr, args, out)
+        t, axes = args[0], tr.axes(args[0])
+        values, indices = out
+        if axes is None or len(axes) != 1 or id(values) not in tr.mixed or not t.dim():
+            return result
+        dim = tr.kwargs.get("dim", args[1] if len(args) > 1 else -1) % t.dim()
+        if axes[0].position == dim:
+            tr.values_read()
+            samples = axes[0].samples(indices)
+            tr.sorted[id(values)] = (values, values._version, dim, axes[0], samples)
+        return result
+
+    return rule_sorted
+
+
+def _unsorted(tr: BatchAxes, args: Sequence[Any]) -> Axes | None:
+    """The batch dimension of ``gather(t, dim, index)`` (``take_along_dim``: of ``t``
+    expanded to its own shape) where ``t`` holds the values of a sort along samples
+    (``_sorted``), unchanged since, gathered along the sorted dimension so that each row of
+    the result holds one sample (PyG's ``MedianAggregation``: sorted by value, then stably by
+    segment); ``None`` else (the rows mix samples: a median over the batch)."""
+    t, dim, index = args[0], args[1], args[2]
+    entry = tr.sorted.get(id(t)) or tr.sorted.get(id(t._base))
+    if entry is None or not (entry[0] is t or _same_view(entry[0], t)):
+        return None
+    values, version, along, axis, samples = entry
+    if values._version != version or dim % max(t.dim(), 1) != along:
+        return None
+    held = samples.gather(along, index).movedim(along, 0).reshape(index.shape[along], -1)
+    if not held.numel() or not bool((held == held[:, :1]).all()):
+        return None
+    return (_rows(tr, along, axis, held[:, 0], "a sort along samples and a gather"),)
+
+
+def _same_view(base: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether ``t`` is a view of ``base`` with its elements in its places (``expand`` to
+    its own shape)."""
+    return (
+        t._base is base
+        and t.shape == base.shape
+        and t.stride() == base.stride()
+        and t.storage_offset() == base.storage_offset()
+    )
 
 
 def _masked_select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -345,8 +398,65 @@ def _put(
         tr.pending = before
         if _misput(tr, t, layout, index, values) is None and tr.pending is before:
             return layout
+    spared = _spared(tr, t, index, values) if found is not None else None
+    if spared is not None:
+        tr.pending = before
+        return spared
     tr.pending = first if found is None else found
     return axes
+
+
+def _spared(tr: BatchAxes, t: torch.Tensor, index: list[Any], values: Any) -> Axes | None:
+    """The batch dimension of a fresh ``t`` of ``n * k + 1`` rows (``n`` samples) written
+    ``t[i] = values`` (rows of one batch dimension) where each value lands in the ``k``
+    places of its own sample (``x.reshape(n * k, ...)``'s layout) or in the spare last row:
+    PyG's ``to_dense_batch`` with ``max_num_nodes`` smaller than a graph sends the nodes it
+    cuts off, any sample's, there (its trash slot). That row then mixes samples
+    (``BatchAxes.spare``): ``t`` is marked mixed, which a slice cutting the row off clears
+    (``_cut_off``); ``None`` where the write is not of that form."""
+    n, held = len(tr.x) if tr.batch_dims == 1 else 0, tr.axes(values)
+    i = index[0] if index else None
+    if (
+        tr.fresh.get(id(t)) is not t
+        or not isinstance(values, torch.Tensor)
+        or not isinstance(i, torch.Tensor)
+        or n < 2
+        or t.dim() == 0
+        or t.shape[0] % n != 1
+        or any(j is not None for j in index[1:])
+        or held is None
+        or len(held) != 1
+        or held[0].position != 0
+        or i.dim() != 1
+        or values.dim() == 0
+        or len(i) != values.shape[0]
+    ):
+        return None
+    k, at = t.shape[0] // n, i.long() % t.shape[0]
+    keep = at != n * k
+    tr.read_indices()
+    samples = held[0].samples(torch.arange(values.shape[0]))
+    if not bool((torch.div(at, k, rounding_mode="floor") == samples)[keep].all()):
+        return None
+    what = (
+        f"values of several samples written into the spare last row of a tensor of shape "
+        f"{_shape(t)}, read (cut it off: t[:-1])"
+    )
+    tr.spare[id(t)] = (t, n * k)
+    tr.mixed[id(t)] = (t, tr.message(tr.func, what))
+    tr.mixed_writes += 1
+    return (Axis(0, n, k, (), 0),)
+
+
+def _cut_off(tr: BatchAxes, func: Any, args: Sequence[Any]) -> bool:
+    """Whether ``func(*args)`` slices the spare row off a tensor ``_spared`` noted."""
+    entry = tr.spare.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
+    if func is not aten.slice.Tensor or entry is None or entry[0] is not args[0]:
+        return False
+    dim, end, step = (*args[1:2], 0)[0], (*args[3:4], None)[0], (*args[4:5], 1)[0]
+    if end is not None and end < 0:
+        end += args[0].shape[0]
+    return dim % args[0].dim() == 0 and end is not None and 0 <= end <= entry[1] and step > 0
 
 
 def _misput(

@@ -76,6 +76,7 @@ from torchdiv._core.mixing.indexing import (
     _masked_select,
     _reordered,
     _scatter,
+    _sorted,
 )
 from torchdiv._core.mixing.reads import VALUE_FREE
 from torchdiv._core.mixing.unknown import _leading, _unknown
@@ -272,6 +273,9 @@ def _kind(func: Any, unknown: bool) -> Carry:
 _CARRY[aten.diagonal.default] = _leading(aten.diagonal.default)
 
 
+_CARRY.update({op: _sorted(_unknown(op)) for op in (aten.sort.default, aten.sort.stable)})
+
+
 _MIXING: dict[Any, Mixing] = {
     **{op: _contraction(op in _BIASED) for op in _MATRIX_PRODUCTS},
     **{op: _reduction(op, name) for op, name in _REDUCTIONS.items()},
@@ -281,6 +285,7 @@ _MIXING: dict[Any, Mixing] = {
     aten.native_layer_norm.default: _layer_norm,
     aten.native_group_norm.default: _group_norm,
     aten.convolution.default: _convolution,
+    aten._convolution.default: _convolution,  # (torch.jit.trace's; the same first 9 arguments)
     aten.diagonal.default: _diagonal,
     **dict.fromkeys(_MASKED_SCATTERS, _masked_scatter),
     aten.trace.default: _diagonal,  # the sum of the diagonal (0, 1): one kernel on CPU
@@ -305,6 +310,7 @@ _CARRY.update(
         aten.native_layer_norm.default: _first_like_input,
         aten.native_group_norm.default: _first_like_input,
         aten.convolution.default: _convolved,
+        aten._convolution.default: _convolved,
         # transforms along event dimensions (``_spectral`` refused the batch): the batch
         # dimensions keep their places and sizes
         **dict.fromkeys(_SPECTRAL, _first_like_input),

@@ -101,7 +101,9 @@ def _unknown(func: Any) -> Carry:
     a multiple of its samples: a scalar ``dist``, ``median()``, a mean loss)
     depend on combined samples. Ops that keep the samples in place (fused attention, pooling
     over the event, embeddings, interpolation) pass; a result shaped as a tracked
-    argument is followed as holding its samples in place (not of an op that writes in place),
+    argument is followed as holding its samples in place (not one that is an argument the op
+    writes, as an in-place op returns it; a fresh one is, beside arguments written: a fused
+    fake-quantize's output beside its observer's statistics, ``rrelu_with_noise``'s),
     and a pad's, ``unfold``'s, ``unfold_backward``'s, one of as many dimensions by an op
     along another dimension (``glu``), a pool's, a resampling's (``interpolate``, ``im2col``,
     ``col2im``), ``pixel_shuffle``'s or ``diag_embed``'s as holding those along the dimensions
@@ -130,7 +132,7 @@ def _unknown(func: Any) -> Carry:
             lost = what or _no_room(op.name, tracked, o)
             if lost is not None:
                 tr.mixed[id(o)] = (o, tr.message(tr.func, lost))
-        if op.mutable or what is not None:
+        if what is not None:
             return None
         # a result shaped as a tracked argument holds its samples in place; a pad's or a
         # sliding window's, those along the dimensions it leaves alone
@@ -144,9 +146,9 @@ def _unknown(func: Any) -> Carry:
                 else next((axes for _, t, axes in tracked if t.shape == o.shape), None)
                 or _left_alone(op, tr, args, o)
             )
-            if isinstance(o, torch.Tensor)
+            if isinstance(o, torch.Tensor) and not written
             else None
-            for o in results
+            for o, written in zip(results, op.written or (False,) * len(results), strict=False)
         ]
 
     return rule
@@ -162,7 +164,10 @@ class _Signature(NamedTuple):
     spatial: str | None  # its ``kernel_size`` or ``output_size`` argument, likewise
     spatial_dims: int | None  # from its name: ``avg_pool2d``, 2
     linalg: bool  # a ``linalg`` function of matrices (no ``dim``)
-    mutable: bool
+    # per result of an op that writes in place, whether it is (a view of) an argument written:
+    # not followed; its fresh results are (``aten._fused_moving_avg_obs_fq_helper``'s output
+    # beside the observer statistics it writes, ``rrelu_with_noise``'s); empty if none written
+    written: tuple[bool, ...]
 
     @classmethod
     def of(cls, func: Any) -> _Signature:
@@ -181,7 +186,7 @@ class _Signature(NamedTuple):
             next((n for n in _SPATIAL_ARGUMENTS if n in names), None) if first else None,
             int(digits[-1]) if digits else None,
             (name.startswith(("linalg_", "_linalg_")) and dim is None) or name in _MATRIX_FUNCTIONS,
-            schema.is_mutable,
+            tuple(r.alias_info is not None for r in schema.returns) if schema.is_mutable else (),
         )
 
     def argument(self, args: Sequence[Any], kwargs: dict[str, Any], arg: str) -> Any:
