@@ -718,7 +718,8 @@ _WRITES: dict[Any, tuple[tuple[int, str], ...]] = {}
 
 def _written_args(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """The tensors ``func`` writes into among ``args`` and ``kwargs`` (``BatchAxes.wrote``):
-    its first argument's (``copy_``, ``add_``), an ``out=``'s."""
+    its first argument's (``copy_``, ``add_``), an ``out=``'s, those of a ``_foreach_*_``'s
+    list (an EMA's ``_foreach_lerp_``: dropped, as not a tensor, until rev-merges18a)."""
     places = _WRITES.get(func)
     if places is None:
         arguments = func._schema.arguments
@@ -730,7 +731,7 @@ def _written_args(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> lis
     if not places:
         return []
     found = [args[i] if i < len(args) else kwargs.get(name) for i, name in places]
-    return [t for t in found if isinstance(t, torch.Tensor)]
+    return [t for t in tree_leaves(found) if isinstance(t, torch.Tensor)]
 
 
 # whether each op met builds nothing from held tensors (``BatchAxes._build``): drawn at
