@@ -411,7 +411,12 @@ def test_a_compiled_checkpointing_model_trains_and_leaves_the_process_working() 
     saved tensor hooks", ``BackendCompilerFailed``) and left ``torch.func``'s ban on saved
     tensor hooks on: every later backward pass through a checkpoint raised, plain autograd's
     included. Now the ban is put back and the call runs eagerly (``"auto"`` differentiates a
-    non-reentrant checkpoint by plain autograd: right)."""
+    non-reentrant checkpoint by plain autograd: right). The failed compile also left the
+    math-only attention backends on (every later fused-attention call in the process ran the
+    math kernel): put back too."""
+    from torch.nn.attention import _cur_sdpa_kernel_backends
+
+    backends, fastpath = _cur_sdpa_kernel_backends(), torch.backends.mha.get_fastpath_enabled()
     torch.manual_seed(0)
     net = Checkpointed().double()
     model = torch.compile(net, backend="aot_eager")
@@ -426,3 +431,5 @@ def test_a_compiled_checkpointing_model_trains_and_leaves_the_process_working() 
     reference = torch.autograd.grad(expected.square().sum(), params, materialize_grads=True)
     for result in results:
         torch.testing.assert_close(result, (expected.detach(), reference), rtol=1e-10, atol=1e-10)
+    assert _cur_sdpa_kernel_backends() == backends
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath

@@ -286,28 +286,48 @@ def _compiled_or_eager(
     (a radius graph's ``nonzero`` sizes the products: a data-dependent guard). PyTorch's
     failed compile left ``torch.func``'s ban on saved-tensor hooks on: every later backward
     pass through a checkpoint in the process raised ("torch.func ... don't yet support saved
-    tensor hooks"), plain autograd's included; the ban is put back. Past Dynamo's recompile
-    limit: eagerly, this call only."""
-    from torch._C._autograd import (
-        _saved_tensors_hooks_disable,
-        _saved_tensors_hooks_enable,
-        _saved_tensors_hooks_get_disabled_error_message,
-    )
+    tensor hooks"), plain autograd's included, and ``attention_as_primitives``'s math-only
+    attention backends on (every later fused-attention call in the process ran the math
+    kernel); both are put back. Past Dynamo's recompile limit: eagerly, this call only."""
     from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
-    ban = _saved_tensors_hooks_get_disabled_error_message()
+    put_back = _process_settings()
     try:
         return _compiled(fn, backend, dynamic)(original, *args, **kwargs)
     # (fullgraph: raised tracing, before any op ran; the recompile limit's is no
     # TorchDynamoException: it crashed the call)
     except (TorchDynamoException, FailOnRecompileLimitHit) as error:
+        put_back()
+        if not isinstance(error, FailOnRecompileLimitHit):  # (a limit of the call's)
+            _FAILED.setdefault(original, set()).add(fn)
+        return fn(original, *args, **kwargs)  # (eagerly: f's errors named as in eager calls)
+
+
+def _process_settings() -> Callable[[], None]:
+    """A function that puts back the process-wide settings a traced call changes and a
+    failed compile leaves changed: ``torch.func``'s ban on saved-tensor hooks, the enabled
+    attention backends and their priority order, and the fast path of ``nn``'s attention."""
+    from torch._C._autograd import (
+        _saved_tensors_hooks_disable,
+        _saved_tensors_hooks_enable,
+        _saved_tensors_hooks_get_disabled_error_message,
+    )
+    from torch.nn.attention import _cur_sdpa_kernel_backends, _sdpa_kernel
+
+    ban = _saved_tensors_hooks_get_disabled_error_message()
+    backends, order = _cur_sdpa_kernel_backends(), torch._C._get_sdp_priority_order()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+
+    def put_back() -> None:
         if ban is None:
             _saved_tensors_hooks_enable()
         else:
             _saved_tensors_hooks_disable(ban)
-        if not isinstance(error, FailOnRecompileLimitHit):  # (a limit of the call's)
-            _FAILED.setdefault(original, set()).add(fn)
-        return fn(original, *args, **kwargs)  # (eagerly: f's errors named as in eager calls)
+        _sdpa_kernel(backends)
+        torch._C._set_sdp_priority_order(order)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+    return put_back
 
 
 def _compiled(fn: Callable[..., Any], backend: Any, dynamic: bool | None) -> Callable[..., Any]:
