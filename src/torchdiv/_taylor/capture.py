@@ -214,6 +214,10 @@ class _Recorder(DispatchMode):
         # it was made or it was written before; writes to x's storage are refused
         self.readers: dict[int, list[tuple[int, int]]] = {}
         self.viewed: set[int] = set()
+        # storages whose values a recorded call read (not only made a view of them:
+        # ``buf[idx] = v`` slices a fresh spectrum before writing into it, neuraloperator's
+        # ``SpectralConv``), for ``Graph.reads_written``
+        self.values_read: set[int] = set()
         self.written: set[int] = set()
         self.x_storage = _storage(x)
         self.computed: set[int] = set()  # storages of tensors computed from x
@@ -330,7 +334,7 @@ class _Recorder(DispatchMode):
             self.underivable = UNDERIVABLE_OPS[func] if grads else None
         self.untracked(flat)
         written = _written(func, args, kwargs)
-        if written and depends and any(self.readers.get(_storage(t)) for t in written):
+        if written and depends and any(_storage(t) in self.values_read for t in written):
             others = [a for a in flat if not any(a is t for t in written)]
             self.graph.reads_written = self.graph.reads_written or self.depends(others)
         if depends and (
@@ -495,6 +499,8 @@ class _Recorder(DispatchMode):
                 if storage in made:
                     self.viewed.add(storage)
                     made.discard(storage)
+                else:
+                    self.values_read.add(storage)
         for storage in made:
             self.fresh.setdefault(storage, index)
         for storage, ident in results:
