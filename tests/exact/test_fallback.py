@@ -279,3 +279,32 @@ def test_auto_falls_back_to_backward_passes_for_a_write_reading_itself(view: boo
     )
     assert_close(got, expected)
     assert_same_parameter_gradients(net, got.square().sum(), expected.square().sum())
+
+
+def test_a_write_into_a_fresh_buffer_through_a_slice_keeps_forward_over_reverse(monkeypatch):
+    """A spectral convolution written as neuraloperator's ``SpectralConv`` writes it (a fresh
+    zero spectrum, ``out[:, :k] = ...``: a slice of it made, then written): the slice is no
+    read of the values written, so ``"auto"``'s Laplacian (no Taylor rule for FFTs) keeps
+    forward over reverse (16 inputs: above the loop's 10) instead of the loop of backward
+    passes (3.4x slower on an FNO)."""
+    from torchdiv._laplacian import methods as laplacian_methods
+
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(16, 16, dtype=torch.float64, generator=gen) / 3
+    modes = torch.randn(4, dtype=torch.complex128, generator=gen)
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.fft.rfft(torch.tanh(u @ weight))
+        out = torch.zeros(len(u), 9, dtype=spectrum.dtype)
+        out[:, :4] = spectrum[:, :4] * modes
+        return torch.fft.irfft(out, n=16).square().sum(1)
+
+    loops = []
+    loop = laplacian_methods.grad_of_grad
+    monkeypatch.setattr(
+        laplacian_methods, "grad_of_grad", lambda *a, **k: loops.append(1) or loop(*a, **k)
+    )
+    x = torch.randn(3, 16, dtype=torch.float64, generator=gen)
+    got = torchdiv.laplacian(f, x)
+    assert not loops
+    assert_close(got, laplacian_by_grad_of_grad(f, x))
