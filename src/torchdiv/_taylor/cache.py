@@ -51,6 +51,7 @@ from torch._C._autograd import _top_saved_tensors_default_hooks
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from torchdiv._core.checks import unwrapped
+from torchdiv._core.ddp import enter_fsdp
 from torchdiv._core.mixing.errors import allowed
 from torchdiv._core.mixing.reads import VALUE_FREE
 from torchdiv._core.modes import DispatchMode
@@ -358,8 +359,10 @@ def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
 
 def _global_hooks() -> tuple[Any, ...]:
     """The forward hooks registered for every module (``register_module_forward_hook``, its
-    pre-hook too), by their handles' ids; ``()`` without any."""
+    pre-hook too), by their handles' ids; ``()`` without any. Not torchdiv's own, which a
+    call under a process group registers (``_core.ddp.enter_fsdp``)."""
     pre, post = _module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks
+    pre = [key for key, hook in pre.items() if hook is not enter_fsdp]
     return ((*pre, None, *post),) if pre or post else ()
 
 
