@@ -74,15 +74,19 @@ def test_fsdp1_and_an_fsdp2_adjoint_solve_are_refused_with_the_way_out(one_proce
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("method", ["auto", "structured"])
 @pytest.mark.parametrize("wrapper", ["none", "ddp", "fsdp"])
-def test_calls_in_a_process_group_are_watched_once(one_process_group, watches, wrapper):
+def test_calls_in_a_process_group_are_watched_once(one_process_group, watches, wrapper, method):
     """Under a process group every call was watched for sample mixing again: each call
     registered a global forward pre-hook of its own, which the structure key holds (a new
     structure at every call, any module, wrapped or not); and a watch saw FSDP2's unshard
     (``untyped_storage().size()`` of parameters resharded after the last forward) as values
-    read by Python, so the pass held for those values only. Four calls: one watch, each
+    read by Python, so the pass held for those values only; ``"structured"`` recorded
+    every call again (FSDP2's hooks' profiler handles, compared by nothing, kept it from a
+    template: ``_taylor.cache.Handle``). Four calls: one watch (or recording), each
     value the trace of the float64 Jacobian of the module unwrapped (Glow's LU map); DDP's
-    second call too (its first forward sets ``_lazy_init_ran``: another structure, once)."""
+    second call by "auto" too (its first forward sets ``_lazy_init_ran``: another structure key,
+    once)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -97,8 +101,9 @@ def test_calls_in_a_process_group_are_watched_once(one_process_group, watches, w
     one = torch.func.jacrev(lambda z: plain(z[None])[0])
     want = torch.stack([one(z).trace() for z in x])
     for _ in range(4):
-        torch.testing.assert_close(torchdiv.divergence(model, x), want, rtol=1e-12, atol=1e-12)
-    assert len(watches) == (2 if wrapper == "ddp" else 1)
+        got = torchdiv.divergence(model, x, method=method)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert len(watches) == (2 if (wrapper, method) == ("ddp", "auto") else 1)
 
 
 # Dynamo reads .grad of the non-leaf tensors it resumes with after the graph break at the call

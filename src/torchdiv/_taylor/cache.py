@@ -142,12 +142,28 @@ class Opaque:
 
 
 OPAQUE = Opaque()
+
+
+class Handle:
+    """A profiler's record-function handle (``torch.profiler.record_function``'s, FSDP2's
+    hooks' ``FSDP::pre_forward``), ``_record_function_exit``'s argument: compared by type, as
+    it carries no values (compared by nothing, every call of an ``f`` with one, any FSDP2
+    module's, was recorded again)."""
+
+
+HANDLE = Handle()
+_HANDLES = frozenset(
+    (torch.ops.profiler._record_function_exit.default,
+     torch.ops.profiler._record_function_exit._RecordFunction)
+)  # fmt: skip
 # arguments compared by value (type and ``==``): structure
 _PLAIN: tuple[type, ...] = (int, bool, str, type(None), torch.dtype, torch.device)
 _PLAIN += (torch.layout, torch.memory_format, torch.Size, Ref)
 
 
-def _pattern(leaf: Any) -> Any:
+def _pattern(leaf: Any, func: Any = None) -> Any:
+    if func in _HANDLES and isinstance(leaf, torch.ScriptObject):
+        return HANDLE
     if isinstance(leaf, torch.Tensor):
         return Outside(leaf.shape, leaf.dtype, leaf.device, leaf.requires_grad)
     if type(leaf) is float or type(leaf) is complex:
@@ -168,6 +184,8 @@ def _same(want: Any, have: Any) -> bool:
         )
     if want is VALUE:
         return type(have) is float or type(have) is complex
+    if want is HANDLE:
+        return isinstance(have, torch.ScriptObject)
     return type(want) is type(have) and bool(want == have)  # want is plain (no OPAQUE)
 
 
@@ -193,7 +211,7 @@ def template(graph: Graph) -> Template | None:
     calls: list[_Call] = []
     for i, n in enumerate(graph.nodes):
         pattern = tuple(
-            canonical.get(a, a) if isinstance(a, Ref) else _pattern(a)
+            canonical.get(a, a) if isinstance(a, Ref) else _pattern(a, n.func)
             for a in leaves((n.args, n.kwargs))
         )
         touches = any(isinstance(a, Ref) and (a.node < 0 or calls[a.node].depends) for a in pattern)
