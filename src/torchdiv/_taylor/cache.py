@@ -380,8 +380,8 @@ def _global_hooks() -> tuple[Any, ...]:
     pre-hook too), by their handles' ids; ``()`` without any. Not torchdiv's own, which a
     call under a process group registers (``_core.ddp.enter_fsdp``)."""
     pre, post = _module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks
-    pre = [key for key, hook in pre.items() if hook is not enter_fsdp]
-    return ((*pre, None, *post),) if pre or post else ()
+    users = [key for key, hook in pre.items() if hook is not enter_fsdp]
+    return ((*users, None, *post),) if users or post else ()
 
 
 class Same:
