@@ -101,6 +101,108 @@ TINY = {
 }
 
 
+class NormedMLP(nn.Module):
+    """A batch-normalized MLP in eval mode, its running statistics set (DDP broadcasts them
+    before every forward: a write of buffers the forward then reads)."""
+
+    def __init__(self, heads: bool, d: int = 4, width: int = 12) -> None:
+        super().__init__()
+        self.inp, self.norm, self.out = (
+            nn.Linear(d, width),
+            nn.BatchNorm1d(width),
+            nn.Linear(width, d),
+        )
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-0.5, 0.5)
+            self.norm.running_var.uniform_(0.5, 2.0)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.norm(self.inp(x))))
+
+
+class SpectralMLP(nn.Module):
+    """Spectrally normalized layers in train mode (a power iteration writes ``_u``/``_v`` at
+    every forward, then reads them)."""
+
+    def __init__(self, heads: bool, d: int = 4, width: int = 12) -> None:
+        super().__init__()
+        normed = nn.utils.parametrizations.spectral_norm
+        self.inp, self.out = normed(nn.Linear(d, width)), normed(nn.Linear(width, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.inp(x)))
+
+
+class EMALinear(nn.Linear):
+    """A linear map plus one by an exponential moving average of its weight, updated at every
+    forward before it is read (a mean-teacher's EMA, kept in the layer; from zeros, so that
+    it moves without optimizer steps)."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__(d_in, d_out)
+        self.register_buffer("ema", torch.zeros(d_out, d_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.ema.lerp_(self.weight, 0.25)
+        return super().forward(x) + x @ self.ema.clone().T
+
+
+class Interactions(nn.Module):
+    """A GNS-style interaction network on 5 particles per sample: messages on the held edges
+    (buffers ``senders``/``receivers``) summed into their receivers, then a node update."""
+
+    def __init__(self, heads: bool, hidden: int = 8) -> None:
+        super().__init__()
+        self.register_buffer("senders", torch.tensor([0, 1, 2, 3, 4, 0, 2, 1]))
+        self.register_buffer("receivers", torch.tensor([1, 2, 3, 4, 0, 2, 4, 3]))
+        self.edge = nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
+        self.node = nn.Sequential(nn.Linear(2 + hidden, hidden), nn.Tanh(), nn.Linear(hidden, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 5, 2)
+        sent, received = x[:, self.senders], x[:, self.receivers]
+        messages = self.edge(torch.cat([sent, received, sent - received], -1))
+        summed = x.new_zeros(*x.shape[:2], messages.shape[-1])
+        summed = summed.index_add(1, self.receivers, messages)
+        return self.node(torch.cat([x, summed], -1))
+
+
+class InvertibleLU(nn.Module):
+    """Glow's LU-parametrised invertible 1x1 map ``W = P L (U + diag(sign * exp(log_s)))``
+    (``inverse``: ``x W^-1``), then an MLP."""
+
+    def __init__(self, heads: bool, d: int = 4, width: int = 12, inverse: bool = False) -> None:
+        super().__init__()
+        p, lower, upper = torch.linalg.lu(torch.linalg.qr(torch.randn(d, d))[0])
+        s = upper.diagonal()
+        self.register_buffer("p", p)
+        self.register_buffer("sign", s.sign())
+        self.register_buffer("mask", torch.ones(d, d).tril(-1))
+        self.lower, self.upper = nn.Parameter(lower), nn.Parameter(upper.triu(1))
+        self.log_s = nn.Parameter(s.abs().log())
+        self.net = nn.Sequential(nn.Linear(d, width), nn.Tanh(), nn.Linear(width, d))
+        self.inverse = inverse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(len(self.mask), dtype=x.dtype)
+        upper = self.upper * self.mask.T + torch.diag(self.sign * self.log_s.exp())
+        w = self.p @ (self.lower * self.mask + eye) @ upper
+        return self.net(x @ (torch.inverse(w) if self.inverse else w.T))
+
+
+# models whose forward writes state before reading it (DDP's buffer broadcast, FSDP2's
+# unshard, their own updates), or holds indices (rev-ddp18)
+WRITERS = {
+    "normed": (NormedMLP, (4,)),
+    "spectral": (SpectralMLP, (4,)),
+    "ema": (lambda heads: nn.Sequential(EMALinear(4, 12), nn.Tanh(), nn.Linear(12, 4)), (4,)),
+    "gns": (Interactions, (5, 2)),
+    "glow": (InvertibleLU, (4,)),
+    "glow-inverse": (functools.partial(InvertibleLU, inverse=True), (4,)),
+}
+
+
 class _PowerFeatures(nn.Module):
     """``sum_k c_k tanh(h)^k`` for ``k = 0..3``, the powers a buffer (DDP broadcasts it)."""
 
@@ -119,12 +221,12 @@ def _normed_tanh() -> nn.Module:
 
 def make_model(name: str, heads: bool) -> nn.Module:
     torch.manual_seed(0)
-    return {**MODELS, **TINY}[name][0](heads).double()
+    return {**MODELS, **TINY, **WRITERS}[name][0](heads).double()
 
 
 def batch(name: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    event = {**MODELS, **TINY}[name][1]
+    event = {**MODELS, **TINY, **WRITERS}[name][1]
     return torch.randn(2 * WORLD, *event, generator=g, dtype=torch.float64)
 
 
@@ -321,6 +423,15 @@ def sample(second: Callable[[Case], bool] = lambda case: True) -> list[Case]:
     cases += [("ddp-of-compiled", "mlp", "divergence/auto", "with-f"),
               ("fsdp-of-compiled", "mlp", "laplacian/taylor", "with-f")]  # fmt: skip
     cases += [("ddp-static", "mlp", op, loss) for op, loss in static]
+    # state written before it is read in every forward (rev-ddp18; right, guards): DDP's
+    # buffer broadcast into a batch norm's statistics, a spectral norm's power iteration, an
+    # EMA, FSDP2's unshard; a GNS's held edges; Glow's LU map and its inverse
+    cases += [("ddp", "normed", "divergence/auto", "with-f"),
+              ("fsdp", "spectral", "laplacian/taylor", "with-f"),
+              ("ddp", "ema", "divergence/hutchinson", "alone"),
+              ("fsdp", "gns", "divergence/structured", "with-f"),
+              ("ddp", "glow", "log_likelihood/hutchinson", "with-f"),
+              ("fsdp-keep", "glow-inverse", "laplacian/auto", "alone")]  # fmt: skip
     return cases[:families] + [
         case for case in cases[families:] if case not in SECOND_CASES or second(case)
     ]
@@ -399,20 +510,37 @@ def run_config(config, rank: int) -> tuple[str, object]:
     return result
 
 
-def reference(config) -> list[torch.Tensor | None]:
-    """One process's gradients: the mean of the halves' (``None`` where both have none)."""
-    _, model_name, op, kind = config
+def reference(config) -> list[list[torch.Tensor | None]]:
+    """One process's gradients at each of the two steps: the mean of the halves' (``None``
+    where both have none), each half from the buffers its rank holds: its own, as its last
+    step left them (a spectral norm's power iteration, an EMA, each of an adaptive solve's
+    evaluations advances them: the halves one after another would share them), or rank 0's
+    at the step's start where DDP broadcasts them (it does at every forward: an adaptive
+    solve that takes more evaluations on one rank than the other, of a model that advances
+    its buffers, leaves them apart until the next forward; no case here is such a one)."""
+    wrapper, model_name, op, kind = config
     model = make_model(model_name, kind == "heads")
-    halves = []
-    for x in batch(model_name).chunk(WORLD):
-        model.zero_grad(set_to_none=True)
-        loss(model, x, op, kind).backward()
-        halves.append([p.grad for p in model.parameters()])
-    grads = zip(*halves, strict=True)
-    return [
-        None if all(g is None for g in half) else sum(g for g in half if g is not None) / WORLD
-        for half in grads
-    ]
+    ddp = wrapper.removeprefix("compiled-").removesuffix("-of-compiled")
+    broadcast = ddp.startswith("ddp") and WRAPPERS.get(ddp, {}).get("broadcast_buffers", True)
+    held = [[b.clone() for b in model.buffers()] for _ in range(WORLD)]
+    steps = []
+    for _ in range(2):
+        halves, first = [], held[0]
+        for rank, x in enumerate(batch(model_name).chunk(WORLD)):
+            with torch.no_grad():
+                for b, value in zip(
+                    model.buffers(), first if broadcast else held[rank], strict=True
+                ):
+                    b.copy_(value)
+            model.zero_grad(set_to_none=True)
+            loss(model, x, op, kind).backward()
+            halves.append([p.grad for p in model.parameters()])
+            held[rank] = [b.clone() for b in model.buffers()]
+        steps.append([
+            None if all(g is None for g in half) else sum(g for g in half if g is not None) / WORLD
+            for half in zip(*halves, strict=True)
+        ])  # fmt: skip
+    return steps
 
 
 def judge(config, result) -> tuple[str, str]:
@@ -428,12 +556,13 @@ def judge(config, result) -> tuple[str, str]:
     wrapper, _, op, _ = config
     options = WRAPPERS.get(wrapper.removeprefix("compiled-").removesuffix("-of-compiled"), {})
     strict_none = options.get("find_unused_parameters") and op != "graph_divergence/auto"
-    grads = reference(config)
-    nones = [g is None for g in grads]
-    params = make_model(config[1], config[3] == "heads").parameters()
-    expected = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+    params = list(make_model(config[1], config[3] == "heads").parameters())
     worst = 0.0
-    for step in payload:
+    for step, grads in zip(payload, reference(config), strict=True):
+        nones = [g is None for g in grads]
+        expected = [
+            torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
+        ]
         if strict_none and [got is None for got in step] != nones:
             return "wrong", f"gradients None: {[got is None for got in step]}, not {nones}"
         for got, ref in zip(step, expected, strict=True):

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no
 def test_every_operator_under_ddp_and_fsdp_equals_one_process(pytestconfig):
     """Each operator's case in its second family, and the fault cases of
     ``ddp_cases.SECOND_CASES`` (one case of each fault always runs), are sampled as slow
-    tests are (``--slow=all`` runs all 74 cases; one pair of processes runs them one after
+    tests are (``--slow=all`` runs all 80 cases; one pair of processes runs them one after
     another). The same pair then runs ``torchdiv.distributed``'s two-rank cases
     (``ddp_cases.SHARDED``, all of them: ``test_distributed.py`` says what they check): one
     spawn, ~6 s of CPU, for both."""
@@ -71,6 +71,39 @@ def test_fsdp1_and_an_fsdp2_adjoint_solve_are_refused_with_the_way_out(one_proce
     normal = torch.distributions.Normal(0.0, 1.0)
     with pytest.raises(ValueError, match="log_likelihood: adjoint=True with parameters sharded"):
         log_likelihood(sharded, x, 0.0, 1.0, lambda z: normal.log_prob(z).sum(-1), adjoint=True)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("method", ["auto", "structured"])
+@pytest.mark.parametrize("wrapper", ["none", "ddp", "fsdp"])
+def test_calls_in_a_process_group_are_watched_once(one_process_group, watches, wrapper, method):
+    """Under a process group every call was watched for sample mixing again: each call
+    registered a global forward pre-hook of its own, which the structure key holds (a new
+    structure at every call, any module, wrapped or not); and a watch saw FSDP2's unshard
+    (``untyped_storage().size()`` of parameters resharded after the last forward) as values
+    read by Python, so the pass held for those values only; ``"structured"`` recorded
+    every call again (FSDP2's hooks' profiler handles, compared by nothing, kept it from a
+    template: ``_taylor.cache.Handle``). Four calls: one watch (or recording), each
+    value the trace of the float64 Jacobian of the module unwrapped (Glow's LU map); DDP's
+    second call by "auto" too (its first forward sets ``_lazy_init_ran``: another structure key,
+    once)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    plain, model = ddp_cases.make_model("glow", False), ddp_cases.make_model("glow", False)
+    if wrapper == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    elif wrapper == "fsdp":
+        mesh = init_device_mesh("cpu", (1,))
+        fully_shard(model.net, mesh=mesh, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    x = ddp_cases.batch("glow")
+    one = torch.func.jacrev(lambda z: plain(z[None])[0])
+    want = torch.stack([one(z).trace() for z in x])
+    for _ in range(4):
+        got = torchdiv.divergence(model, x, method=method)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert len(watches) == (2 if (wrapper, method) == ("ddp", "auto") else 1)
 
 
 # Dynamo reads .grad of the non-leaf tensors it resumes with after the graph break at the call

@@ -26,11 +26,15 @@ def mlp(d: int = 3, h: int = 8, act: type[nn.Module] = nn.Tanh) -> nn.Module:
 
 
 def same_values(a, b) -> None:
-    """Two graphs of the same calls computed the same values."""
+    """Two graphs of the same calls computed the same values (a profiler's handle: of the
+    same type)."""
     assert len(a.values) == len(b.values)
     for va, vb in zip(a.values, b.values, strict=True):
         for ta, tb in zip(va, vb, strict=True):
-            torch.testing.assert_close(ta, tb, rtol=0, atol=0)
+            if isinstance(ta, torch.ScriptObject):
+                assert type(tb) is torch.ScriptObject
+            else:
+                torch.testing.assert_close(ta, tb, rtol=0, atol=0)
 
 
 def record(f, x, where):
@@ -309,3 +313,28 @@ def test_a_call_inside_a_non_reentrant_checkpoint_recomputes_what_it_saved(metho
     torch.testing.assert_close(got, expected)
     for grad, want in zip(grads, wanted, strict=True):
         torch.testing.assert_close(grad, want)
+
+
+class Profiled(nn.Module):
+    """An MLP whose forward is a profiler range (``torch.profiler.record_function``, as
+    FSDP2's hooks open ``FSDP::pre_forward`` around every forward of a sharded module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.profiler.record_function("block"):
+            return self.net(x)
+
+
+def test_a_profiler_range_in_f_is_checked_not_recorded_again():
+    """The range's handle, an argument compared by nothing, kept the graph from a template:
+    every call was recorded again. Compared by type (it carries no values), the second call
+    is a hit with a fresh capture's values."""
+    net, x = Profiled(), torch.randn(5, 3, dtype=torch.float64)
+    _, hit = record(net, x, net)
+    assert not hit
+    again, hit = record(net, x, net)
+    assert hit
+    same_values(again, capture(net, x, RULES, keep_values=True, batch_dims=1))

@@ -174,6 +174,7 @@ _CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
 )
 _LOCK = threading.Lock()
 _IN_FLIGHT = [0]  # calls (all threads) while DistributedDataParallel.forward is replaced
+_HOOK: list[Any] = []  # the handle of enter_fsdp, registered while calls are in flight
 _ORIGINAL: list[Callable[..., Any]] = []  # DistributedDataParallel.forward (kept: a thread
 # may call the replacement just after it is put back)
 
@@ -211,28 +212,45 @@ def one_forward(bare: bool = False) -> Iterator[Call | None]:
         if _IN_FLIGHT[0] == 0:
             _ORIGINAL[:] = [DistributedDataParallel.forward]
             DistributedDataParallel.forward = _ddp_forward  # type: ignore[method-assign]
+            _HOOK[:] = [torch.nn.modules.module.register_module_forward_pre_hook(enter_fsdp)]
         _IN_FLIGHT[0] += 1
     call = Call(bare)
     token = _CURRENT.set(call)
-    hook = torch.nn.modules.module.register_module_forward_pre_hook(call.enter_fsdp)
     try:
         yield call
     except BaseException:
         call.abandon()
         raise
     finally:
-        hook.remove()
         _CURRENT.reset(token)
         with _LOCK:
             _IN_FLIGHT[0] -= 1
             if _IN_FLIGHT[0] == 0:
                 DistributedDataParallel.forward = _ORIGINAL[0]  # type: ignore[method-assign]
+                _HOOK.pop().remove()
+
+
+def enter_fsdp(module: torch.nn.Module, inputs: Any) -> None:
+    """The global forward pre-hook while public calls are in flight: ``Call.enter_fsdp`` of
+    this thread's call. One function, registered once, not a hook per call: the structure key
+    leaves it out (``_taylor.cache._global_hooks``); a new hook of every call, in the key,
+    made each call under a process group a new structure, watched and recorded again."""
+    call = _CURRENT.get()
+    if call is not None:
+        call.enter_fsdp(module, inputs)
 
 
 @contextlib.contextmanager
 def _plain_level() -> Iterator[None]:
-    """Leave every ``torch.func`` transform and dispatch mode for the block."""
-    with temporarily_clear_interpreter_stack(), _disable_current_modes():
+    """Leave every ``torch.func`` transform, dispatch mode and ``__torch_function__`` mode
+    for the block: FSDP2's unshard (``untyped_storage().size()``, the storage resized and
+    ``set_``) seen by a watch's ``Reads`` counted as values read by Python and writes, and
+    the watch's pass held for these values only: every call under FSDP2 was watched."""
+    with (
+        temporarily_clear_interpreter_stack(),
+        _disable_current_modes(),
+        torch._C.DisableTorchFunction(),
+    ):
         yield
 
 

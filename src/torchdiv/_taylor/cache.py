@@ -51,6 +51,7 @@ from torch._C._autograd import _top_saved_tensors_default_hooks
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from torchdiv._core.checks import unwrapped
+from torchdiv._core.ddp import enter_fsdp
 from torchdiv._core.mixing.errors import allowed
 from torchdiv._core.mixing.reads import VALUE_FREE
 from torchdiv._core.modes import DispatchMode
@@ -141,12 +142,28 @@ class Opaque:
 
 
 OPAQUE = Opaque()
+
+
+class Handle:
+    """A profiler's record-function handle (``torch.profiler.record_function``'s, FSDP2's
+    hooks' ``FSDP::pre_forward``), ``_record_function_exit``'s argument: compared by type, as
+    it carries no values (compared by nothing, every call of an ``f`` with one, any FSDP2
+    module's, was recorded again)."""
+
+
+HANDLE = Handle()
+_HANDLES = frozenset(
+    (torch.ops.profiler._record_function_exit.default,
+     torch.ops.profiler._record_function_exit._RecordFunction)
+)  # fmt: skip
 # arguments compared by value (type and ``==``): structure
 _PLAIN: tuple[type, ...] = (int, bool, str, type(None), torch.dtype, torch.device)
 _PLAIN += (torch.layout, torch.memory_format, torch.Size, Ref)
 
 
-def _pattern(leaf: Any) -> Any:
+def _pattern(leaf: Any, func: Any = None) -> Any:
+    if func in _HANDLES and isinstance(leaf, torch.ScriptObject):
+        return HANDLE
     if isinstance(leaf, torch.Tensor):
         return Outside(leaf.shape, leaf.dtype, leaf.device, leaf.requires_grad)
     if type(leaf) is float or type(leaf) is complex:
@@ -167,6 +184,8 @@ def _same(want: Any, have: Any) -> bool:
         )
     if want is VALUE:
         return type(have) is float or type(have) is complex
+    if want is HANDLE:
+        return isinstance(have, torch.ScriptObject)
     return type(want) is type(have) and bool(want == have)  # want is plain (no OPAQUE)
 
 
@@ -192,7 +211,7 @@ def template(graph: Graph) -> Template | None:
     calls: list[_Call] = []
     for i, n in enumerate(graph.nodes):
         pattern = tuple(
-            canonical.get(a, a) if isinstance(a, Ref) else _pattern(a)
+            canonical.get(a, a) if isinstance(a, Ref) else _pattern(a, n.func)
             for a in leaves((n.args, n.kwargs))
         )
         touches = any(isinstance(a, Ref) and (a.node < 0 or calls[a.node].depends) for a in pattern)
@@ -358,9 +377,11 @@ def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
 
 def _global_hooks() -> tuple[Any, ...]:
     """The forward hooks registered for every module (``register_module_forward_hook``, its
-    pre-hook too), by their handles' ids; ``()`` without any."""
+    pre-hook too), by their handles' ids; ``()`` without any. Not torchdiv's own, which a
+    call under a process group registers (``_core.ddp.enter_fsdp``)."""
     pre, post = _module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks
-    return ((*pre, None, *post),) if pre or post else ()
+    users = [key for key, hook in pre.items() if hook is not enter_fsdp]
+    return ((*users, None, *post),) if users or post else ()
 
 
 class Same:
