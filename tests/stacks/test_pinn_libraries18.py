@@ -228,3 +228,187 @@ def test_subclass_x_first_call_watched(coordinates: list[int] | None) -> None:
     for _ in range(2):
         with pytest.raises(torchdiv.BatchInteractionError, match="mixes samples"):
             torchdiv.laplacian(f, x, coordinates=coordinates)
+
+
+def _torchphysics() -> Any:
+    tp = pytest.importorskip("torchphysics")
+    return tp
+
+
+def test_torchphysics_operators() -> None:
+    """torchphysics' ``laplacian`` and ``div`` of an FCN in ``(x, t)`` (``x`` in R², each
+    variable its own leaf as torchphysics makes them) against ``graph_laplacian`` and
+    ``graph_divergence`` on the same output, and a float64 Hessian; values and parameter
+    gradients. In float32: torchphysics' ``laplacian`` sums into float32 zeros whatever the
+    dtype of its input."""
+    tp = _torchphysics()
+    space = tp.spaces.R2("x") * tp.spaces.R1("t")
+    torch.manual_seed(0)
+    model = tp.models.FCN(input_space=space, output_space=tp.spaces.R2("u"), hidden=(16, 16))
+    x = torch.rand(8, 2).requires_grad_(True)
+    t = torch.rand(8, 1).requires_grad_(True)
+    u = model(tp.spaces.Points(torch.cat([x, t], 1), space)).as_tensor
+    ours = torchdiv.graph_laplacian(u[:, :1], x, create_graph=True)
+    assert_close(ours, tp.utils.laplacian(u[:, :1], x))
+    assert_close(torchdiv.graph_divergence(u, x, create_graph=True)[:, None], tp.utils.div(u, x))
+    net = model.double()
+    plain = x.detach().double()
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        points = tp.spaces.Points(torch.cat([z, t.detach().double()], 1), space)
+        return net(points).as_tensor[:, :1]
+
+    expected = reference_laplacian(f, plain)
+    assert_close(ours.double(), expected, scale=1e5)  # float32 against float64
+    leaf = plain.clone().requires_grad_(True)
+    mine = parameter_gradients(
+        net, torchdiv.graph_laplacian(f(leaf), leaf, create_graph=True).sum()
+    )
+    theirs = parameter_gradients(net, expected.sum())
+    for a, b in zip(mine, theirs, strict=True):
+        assert_close(a, b)
+
+
+def _torchphysics_heat_losses(laplacian: Callable[[torch.Tensor, torch.Tensor], Any]) -> list:
+    """Four steps of torchphysics' Lightning ``Solver`` (Adam) on the heat equation
+    ``u_t = Δ_x u`` in ``x`` in the unit square, the residual's Laplacian ``laplacian(u, x)``."""
+    import pytorch_lightning as pl
+
+    tp = _torchphysics()
+    space_x, space_t = tp.spaces.R2("x"), tp.spaces.R1("t")
+    domain = tp.domains.Parallelogram(space_x, [0, 0], [1, 0], [0, 1])
+    domain = domain * tp.domains.Interval(space_t, 0, 1)
+    torch.manual_seed(0)
+    sampler = tp.samplers.RandomUniformSampler(domain, n_points=32).make_static()
+    model = tp.models.FCN(input_space=space_x * space_t, output_space=tp.spaces.R1("u"))
+
+    def residual(u: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return tp.utils.grad(u, t) - laplacian(u, x)
+
+    condition = tp.conditions.PINNCondition(module=model, sampler=sampler, residual_fn=residual)
+    setting = tp.OptimizerSetting(torch.optim.Adam, lr=1e-2)
+    solver = tp.solver.Solver([condition], optimizer_setting=setting)
+    losses: list[float] = []
+
+    class Record(pl.Callback):  # type: ignore[misc]
+        def on_train_batch_end(self, trainer, module, outputs, batch, index) -> None:
+            losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+    trainer = pl.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[Record()],
+    )
+    trainer.fit(solver)
+    return losses
+
+
+@pytest.mark.filterwarnings("ignore")  # Lightning's advice
+def test_torchphysics_solver_trajectory() -> None:
+    """torchphysics' Lightning loop on the heat equation, the residual's Laplacian by
+    ``graph_laplacian`` (on ``x``, a column view torchphysics slices out of its points, a leaf)
+    or by torchphysics' own: the same losses step by step."""
+    tp = _torchphysics()
+    expected = _torchphysics_heat_losses(tp.utils.laplacian)
+    got = _torchphysics_heat_losses(lambda u, x: torchdiv.graph_laplacian(u, x, create_graph=True))
+    assert len(got) == len(expected) == 4
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=2e-5, atol=2e-5)
+
+
+def _neuromancer() -> Any:
+    """NeuroMANCER, imported with an empty ``wandb`` module where Weights & Biases is not
+    installed (``neuromancer.trainer`` imports it at import time; nothing here logs)."""
+    import importlib.util
+    import sys
+    import types
+
+    if "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
+        sys.modules.setdefault("wandb", types.ModuleType("wandb"))
+    return pytest.importorskip("neuromancer")
+
+
+class _XT(torch.nn.Module):
+    """NeuroMANCER's PINN tutorials' net: an ``MLP`` block on ``[x, t]``."""
+
+    def __init__(self, insize: int = 3) -> None:
+        super().__init__()
+        from neuromancer.modules import blocks
+
+        torch.manual_seed(0)
+        self.net = blocks.MLP(insize=insize, outsize=1, hsizes=[16, 16], nonlin=torch.nn.Tanh)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, t], -1))
+
+
+def _neuromancer_heat_losses(ours: bool) -> list[float]:
+    """Four Adam steps on NeuroMANCER's ``Problem`` (a ``Node``, symbolic ``variable``s, a
+    ``PenaltyLoss``) for the heat equation ``u_t = 0.1 u_xx`` (its tutorial's); ``u_xx`` by
+    NeuroMANCER's ``variable.grad`` twice, or by ``graph_laplacian`` in a ``variable``."""
+    _neuromancer()
+    from neuromancer.constraint import variable
+    from neuromancer.dataset import DictDataset
+    from neuromancer.loss import PenaltyLoss
+    from neuromancer.problem import Problem
+    from neuromancer.system import Node
+
+    torch.manual_seed(1)
+    x, t = torch.rand(16, 1).requires_grad_(True), torch.rand(16, 1).requires_grad_(True)
+    data = DictDataset({"x": x, "t": t}, name="train")
+    batch = data.collate_fn([data[i] for i in range(len(data))])
+    node = Node(_XT(insize=2), ["x", "t"], ["u"], name="net")
+    u, xv, tv = variable("u"), variable("x"), variable("t")
+    if ours:
+        lap = variable([u, xv], lambda y, z: torchdiv.graph_laplacian(y, z, create_graph=True))
+    else:  # as NeuroMANCER's tutorials write u_xx
+        lap = u.grad(xv).grad(xv)
+    pde = (u.grad(tv) - 0.1 * lap == 0.0) ^ 2
+    pde.name = "pde"
+    problem = Problem([node], PenaltyLoss([pde], []))
+    optimizer = torch.optim.Adam(problem.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = problem(batch)["train_loss"]
+        losses.append(float(loss))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return losses
+
+
+@pytest.mark.slow  # importing NeuroMANCER: 10-50 s (numba, CasADi, Lightning)
+@pytest.mark.filterwarnings("ignore")
+def test_neuromancer_problem_trajectory() -> None:
+    """The same losses step by step with either Laplacian in NeuroMANCER's ``Problem``."""
+    expected = _neuromancer_heat_losses(ours=False)
+    got = _neuromancer_heat_losses(ours=True)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=2e-5, atol=2e-7)
+
+
+@pytest.mark.slow  # importing NeuroMANCER
+def test_neuromancer_gradient_utility() -> None:
+    """NeuroMANCER's ``gradients.gradient`` twice (its tutorials' second derivatives) against
+    ``laplacian`` and ``graph_laplacian`` on the block's output, in float64; parameter
+    gradients of the squared Laplacian against a float64 Hessian's."""
+    _neuromancer()
+    from neuromancer.gradients import gradient
+
+    model = _XT().double()
+    torch.manual_seed(2)
+    x = torch.rand(6, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(6, 1, dtype=torch.float64)
+    u = model(x, t)
+    g = gradient(u, x)
+    theirs = gradient(g[:, :1], x)[:, :1] + gradient(g[:, 1:], x)[:, 1:]
+    assert_close(torchdiv.graph_laplacian(u, x, create_graph=True), theirs)
+    ours = torchdiv.laplacian(lambda z: model(z, t), x)
+    expected = reference_laplacian(lambda z: model(z, t), x.detach())
+    assert_close(ours, theirs)
+    assert_close(ours, expected)
+    mine = parameter_gradients(model, ours.square().sum())
+    for a, b in zip(mine, parameter_gradients(model, expected.square().sum()), strict=True):
+        assert_close(a, b)
