@@ -167,23 +167,30 @@ def _pina_poisson_losses(residual: Callable[[Any, Any], torch.Tensor]) -> list[f
     solver = PhysicsInformedSingleModelSolver(problem=problem, model=model)
     losses: list[float] = []
 
-    class Record(lightning.pytorch.Callback):  # type: ignore[misc]
-        def on_train_batch_end(self, trainer, module, outputs, batch, index) -> None:
-            losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
-
     trainer = Trainer(
-        solver,
-        max_epochs=3,
-        accelerator="cpu",
-        batch_size=None,
-        logger=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        callbacks=[Record()],
+        solver, max_epochs=3, batch_size=None, **_quiet(lightning.pytorch.Callback, losses)
     )
     trainer.train()
     return losses
+
+
+def _quiet(callback: type, losses: list[float]) -> dict[str, Any]:
+    """A Lightning trainer's options on the CPU, without logs, progress bars or checkpoints, a
+    callback (of the Lightning package's ``Callback`` the library uses) appending each step's
+    loss to ``losses``."""
+
+    class Record(callback):  # type: ignore[misc, valid-type]
+        def on_train_batch_end(self, trainer, module, outputs, batch, index) -> None:
+            losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+    return {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": False,
+        "enable_checkpointing": False,
+        "callbacks": [Record()],
+    }
 
 
 def _forcing(pts: Any) -> torch.Tensor:
@@ -290,19 +297,7 @@ def _torchphysics_heat_losses(laplacian: Callable[[torch.Tensor, torch.Tensor], 
     solver = tp.solver.Solver([condition], optimizer_setting=setting)
     losses: list[float] = []
 
-    class Record(pl.Callback):  # type: ignore[misc]
-        def on_train_batch_end(self, trainer, module, outputs, batch, index) -> None:
-            losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
-
-    trainer = pl.Trainer(
-        max_steps=4,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[Record()],
-    )
+    trainer = pl.Trainer(max_steps=4, **_quiet(pl.Callback, losses))
     trainer.fit(solver)
     return losses
 
