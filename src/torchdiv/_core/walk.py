@@ -12,6 +12,8 @@ from torch.autograd.function import BackwardCFunction, once_differentiable
 from torch.autograd.graph import _engine_run_backward
 from torch.overrides import has_torch_function
 
+from torchdiv._core.subclass import plain_tensor
+
 BATCH_NORM_NODES = {  # their backward nodes' type names
     "NativeBatchNormBackward0",
     "CudnnBatchNormBackward0",
@@ -136,7 +138,7 @@ def vjp(
     (out,) = torch.autograd.grad(
         y, x, cotangent, retain_graph=True, create_graph=create_graph, allow_unused=True
     )
-    return out
+    return plain_tensor(out)
 
 
 def towards(y: torch.Tensor, x: torch.Tensor) -> list[Any]:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from torchdiv._core.checks import wrapping
+from torchdiv._core.subclass import attributes_of
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 
@@ -42,10 +43,15 @@ def along(
 
     def g(z: torch.Tensor) -> torch.Tensor:
         if sigma.dim() == 2:  # one op, x + z Sᵀ: its graph is part of every backward pass
-            return f(_shaped(torch.addmm(_shaped(x, flat), _shaped(z, (flat[0], k)), sigma.T), x))
-        return f(x + (sigma @ z.unsqueeze(-1)).squeeze(-1).reshape(x.shape))
+            shifted = _shaped(torch.addmm(_shaped(x, flat), _shaped(z, (flat[0], k)), sigma.T), x)
+        else:
+            shifted = x + (sigma @ z.unsqueeze(-1)).squeeze(-1).reshape(x.shape)
+        return f(attributes_of(x, shifted))  # a subclass's labels kept (PINA's LabelTensor)
 
-    return wrapping(g, f), x.new_zeros((*x.shape[:batch_dims], k))
+    # of x's subclass, as x's new_zeros would be, so that "auto" takes the engines that serve
+    # subclasses (a TorchDispatchMode's recording breaks PINA's LabelTensor construction)
+    zero = torch.zeros((*x.shape[:batch_dims], k), dtype=x.dtype, device=x.device)
+    return wrapping(g, f), zero if type(x) is torch.Tensor else zero.as_subclass(type(x))
 
 
 def _shaped(t: torch.Tensor, like: torch.Tensor | tuple[int, int]) -> torch.Tensor:

@@ -40,6 +40,7 @@ from torchdiv._core.basis import accumulated
 from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.mixing.watch import check_graph, watched
 from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
+from torchdiv._core.subclass import attributes_of
 from torchdiv._core.walk import search, vjp
 from torchdiv._exact.autograd import refuse_once_differentiable
 from torchdiv._exact.state import Once
@@ -123,7 +124,12 @@ def _looped(
     the Laplacian (over ``coordinates``, ``None``: all) and whether they keep a graph."""
     outer = torch.is_grad_enabled()
     with torch.enable_grad():
-        x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+        # torch.Tensor's own methods, not a subclass's overrides (PINA's LabelTensor's read
+        # labels that its tensors made by ops lack); x's attributes given back to the view
+        if x.requires_grad:
+            x_in = attributes_of(x, torch.Tensor.view_as(x, x))
+        else:
+            x_in = attributes_of(x, torch.Tensor.requires_grad_(torch.Tensor.detach(x), True))
         once = Once(x, several=settings.plain and not settings.tried)
         y = _evaluated(once(f), x_in, batch_dims, check, safe=not settings.plain)
         found = search(y, x_in, GUARDED if settings.plain else ())

@@ -163,11 +163,15 @@ def fallback(graph: Graph, x: torch.Tensor, batch_dims: int, chunk: int) -> Loop
     are at most ``LOOP_FALLBACK`` (its ``1 + m (1 + n)`` passes), or at any size where ``f``
     runs an op that only the loop differentiates right (``_backward_passes_only``); forward
     over reverse, ``chunk`` directions at a time (the Taylor engine's planned chunk), otherwise.
-    Kept for ``f``'s structure where the recording refused an op (``_REFUSED``)."""
+    Kept for ``f``'s structure where the recording refused an op (``_REFUSED``). Watched for
+    sample mixing where the recording refused ``x`` itself, a tensor subclass, before evaluating
+    ``f``: until a review found it, such a first call's ``f`` went unwatched (a mean over the
+    batch inside ``f`` gave a Laplacian, the second call ``BatchInteractionError``)."""
+    unwatched = type(x) is torch.Tensor  # the recording evaluated f, watched
     outputs = math.prod(graph.output_shape[batch_dims:])
     if event_numel(x, batch_dims) * outputs <= LOOP_FALLBACK or _backward_passes_only(graph):
-        return Loop(refused=True)
-    return Nested(chunk)
+        return Loop(refused=True) if unwatched else Loop("watch", refused=True)
+    return Nested(chunk, watch=not unwatched)
 
 
 def at_this_call(plan: Loop | Nested) -> Loop | Nested:

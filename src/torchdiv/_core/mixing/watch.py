@@ -130,14 +130,26 @@ def watched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) 
     if allowed():
         return f(x)
     check_transformed(f, x, batch_dims)  # (where Watching sees physical tensors only)
-    with Watching(x, batch_dims) as mode, reading(mode.tracker):  # (``BatchAxes.follow``)
+    try:
+        with Watching(x, batch_dims) as mode, reading(mode.tracker):  # (``BatchAxes.follow``)
+            y = f(x)
+            if mode.tracker is not None:
+                mode.tracker.finish(y)
+                seen = _VERDICTS.get()
+                if seen is not None:
+                    seen.append(mode.tracker.verdict())
+    except RuntimeError as exc:
+        if not str(exc).startswith(_NO_SUBCLASS):
+            raise
+        # PyTorch makes no tensor subclass of an op's result under a TorchDispatchMode (PINA's
+        # LabelTensor(x[:, [i]], labels) in x.extract): f again, unwatched, its graph searched
         y = f(x)
-        if mode.tracker is not None:
-            mode.tracker.finish(y)
-            seen = _VERDICTS.get()
-            if seen is not None:
-                seen.append(mode.tracker.verdict())
+        check_graph(None, y, x, batch_dims, x.dim() == batch_dims)
     return y
+
+
+# the start of PyTorch's message (torch/csrc/autograd/python_variable.cpp)
+_NO_SUBCLASS = "Creating a new Tensor subclass"
 
 
 def check_graph(
