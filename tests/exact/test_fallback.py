@@ -279,3 +279,46 @@ def test_auto_falls_back_to_backward_passes_for_a_write_reading_itself(view: boo
     )
     assert_close(got, expected)
     assert_same_parameter_gradients(net, got.square().sum(), expected.square().sum())
+
+
+class _SpectralConv(torch.nn.Module):
+    """An FNO layer as neural operators write it: ``rfft2``, the lowest modes times complex
+    weights written into a slice of a zeros tensor (``out[..., :m, :m] = ...``), ``irfft2``,
+    plus a pointwise convolution, GELU."""
+
+    def __init__(self, channels: int = 2, modes: int = 2) -> None:
+        super().__init__()
+        self.modes = modes
+        w = torch.randn(channels, channels, modes, modes, dtype=torch.complex128) / channels
+        self.w = torch.nn.Parameter(w)
+        self.skip = torch.nn.Conv2d(channels, channels, 1).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f, m = torch.fft.rfft2(x), self.modes
+        out = torch.zeros_like(f)
+        out[..., :m, :m] = torch.einsum("bixy,ioxy->boxy", f[..., :m, :m], self.w)
+        y = torch.fft.irfft2(out, s=x.shape[-2:]) + self.skip(x)
+        return torch.nn.functional.gelu(y).square().sum((1, 2, 3))
+
+
+def test_a_write_into_a_slice_of_a_fresh_tensor_keeps_forward_mode(monkeypatch) -> None:
+    """A slice made of a tensor reads none of its values: writing values computed from ``x``
+    into it (an FNO's spectral weights) is no write reading what it writes, and ``"auto"``'s
+    Laplacian keeps its forward-mode engines (it took the loop of backward passes, 11x
+    slower on an FNO layer: ``bench/watch_regressions.py``); values and parameter gradients
+    against grad of grad (float64)."""
+    from torchdiv._laplacian import methods
+
+    taken: list[bool] = []
+    loop_only = methods._backward_passes_only
+    monkeypatch.setattr(
+        methods, "_backward_passes_only", lambda g: taken.append(loop_only(g)) or taken[-1]
+    )
+    torch.manual_seed(0)
+    net = _SpectralConv()
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    got = torchdiv.laplacian(net, x)
+    expected = laplacian_by_grad_of_grad(net, x)
+    assert taken and not any(taken)
+    assert_close(got, expected)
+    assert_same_parameter_gradients(net, got.square().sum(), expected.square().sum())

@@ -214,6 +214,9 @@ class _Recorder(DispatchMode):
         # it was made or it was written before; writes to x's storage are refused
         self.readers: dict[int, list[tuple[int, int]]] = {}
         self.viewed: set[int] = set()
+        # (node, storage): the recorded call only made a view of it, reading no values
+        # (``reads_values``)
+        self.aliasing: set[tuple[int, int]] = set()
         self.written: set[int] = set()
         self.x_storage = _storage(x)
         self.computed: set[int] = set()  # storages of tensors computed from x
@@ -330,7 +333,7 @@ class _Recorder(DispatchMode):
             self.underivable = UNDERIVABLE_OPS[func] if grads else None
         self.untracked(flat)
         written = _written(func, args, kwargs)
-        if written and depends and any(self.readers.get(_storage(t)) for t in written):
+        if written and depends and any(self.reads_values(_storage(t)) for t in written):
             others = [a for a in flat if not any(a is t for t in written)]
             self.graph.reads_written = self.graph.reads_written or self.depends(others)
         if depends and (
@@ -494,12 +497,21 @@ class _Recorder(DispatchMode):
                 self.readers.setdefault(storage, []).append((index, id(a)))
                 if storage in made:
                     self.viewed.add(storage)
+                    self.aliasing.add((index, storage))
                     made.discard(storage)
         for storage in made:
             self.fresh.setdefault(storage, index)
         for storage, ident in results:
             if storage in self.fresh:
                 self.sharing.setdefault(storage, []).append(ident)
+
+    def reads_values(self, storage: int) -> bool:
+        """Whether a recorded call read the values in ``storage``, not only made a view of it
+        (a slice saves no tensor for the derivatives: an FNO's ``out = zeros_like(f);
+        out[..., :m, :m] = mixed`` reads nothing it writes, ``Graph.reads_written``)."""
+        return any(
+            (index, storage) not in self.aliasing for index, _ in self.readers.get(storage, ())
+        )
 
     def before_writes(self, func: Any, written: list[torch.Tensor], depends: bool) -> None:
         """Before ``func`` writes in place: keep each written tensor's value for
