@@ -322,3 +322,17 @@ def test_a_write_into_a_slice_of_a_fresh_tensor_keeps_forward_mode(monkeypatch) 
     assert taken and not any(taken)
     assert_close(got, expected)
     assert_same_parameter_gradients(net, got.square().sum(), expected.square().sum())
+
+
+def test_a_write_reading_a_view_of_what_it_writes_still_falls_back() -> None:
+    """A view of the written tensor read by the write itself (``h.mul_(h[:, :1])``: only a
+    slice read ``h`` before) reads what it writes: recorded as such (forward mode's
+    parameter gradients would raise)."""
+    from torchdiv._taylor import RULES, capture
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(z) * 1
+        h.mul_(h[:, :1])
+        return h.sum(1)
+
+    assert capture(f, torch.randn(3, 4, dtype=torch.float64), RULES).reads_written
