@@ -11,8 +11,11 @@ other round, and counts the watches (``watch.BatchAxes`` made, as ``tests/confte
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \\
         python bench/watch_regressions.py --old ../perfcheck18-base --new .
 
-Prints a markdown table: each tree's median ms per call (and the spread of the round
-medians), new/old, and the watches in ``--calls`` calls after the first, old/new.
+Prints a markdown table: each tree's median over the rounds of a call's CPU time (ms; the
+spread: max - min over the rounds), new/old, and the watches (first call + the ``--calls``
+calls after it), old and new. The operators run in the table's order on each model, so a
+pass the divergence's watch remembered "for any x" serves the Jacobian diagonal's calls too
+(its "0+0"); the Laplacian records ``f`` at every call, its watch riding along ("1+10").
 """
 
 from __future__ import annotations
@@ -74,22 +77,20 @@ def _models() -> dict[str, tuple[Any, Any]]:
             return self.net(x)
 
     class Glow(nn.Module):
-        """Glow's LU-decomposed invertible 1x1 map, inverse direction: x @ inverse(P L U)."""
+        """Glow's LU-decomposed invertible 1x1 map run inverse, ``x @ inverse(P L U)`` (P a
+        buffer, L and U parameters), then an MLP (rev-watch18's case: d = 8, B = 16)."""
 
-        def __init__(self) -> None:
+        def __init__(self, d: int = 8) -> None:
             super().__init__()
-            p, lower, upper = torch.linalg.lu(torch.linalg.qr(torch.randn(D, D))[0])
+            p, lower, upper = torch.linalg.lu(torch.linalg.qr(torch.randn(d, d))[0])
             self.register_buffer("p", p)
-            self.register_buffer("mask", torch.tril(torch.ones(D, D), -1))
-            self.lower = nn.Parameter(lower)
-            self.upper = nn.Parameter(torch.triu(upper, 1))
-            self.log_s = nn.Parameter(upper.diagonal().abs().log())
-            self.register_buffer("sign", upper.diagonal().sign())
+            self.lower, self.upper = nn.Parameter(lower), nn.Parameter(upper)
+            self.net = nn.Sequential(nn.Linear(d, W), nn.Tanh(), nn.Linear(W, d))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            lower = self.lower * self.mask + torch.eye(D)
-            upper = self.upper * self.mask.T + torch.diag(self.sign * self.log_s.exp())
-            return x @ torch.inverse(self.p @ lower @ upper)
+            eye = torch.eye(len(self.lower))
+            w = self.p @ (self.lower.tril(-1) + eye) @ self.upper.triu()
+            return self.net(x @ torch.inverse(w))
 
     class Block(nn.Module):
         """A pre-norm transformer block on (B, T, d) tokens (LayerNorm, attention, MLP)."""
@@ -200,8 +201,12 @@ def _models() -> dict[str, tuple[Any, Any]]:
         "LayerNorm transformer block": (Block(), torch.randn(8, 8, 16)),
         "GNS message passing": (Gns(), torch.randn(16, 8, 4)),
         "PyG GCN": (Gcn(), torch.randn(16, 8, 4)),
-        "Glow LU 1x1 inverse": (Glow(), x),
+        "Glow LU 1x1 inverse": (Glow(), torch.randn(16, 8)),
         "orthogonal cayley": (mlp(P.orthogonal(nn.Linear(D, D), orthogonal_map="cayley"), w=D), x),
+        "orthogonal cayley d=8 B=16": (
+            nn.Sequential(P.orthogonal(nn.Linear(8, 8), orthogonal_map="cayley"), nn.Tanh()),
+            torch.randn(16, 8),
+        ),
         "orthogonal matrix_exp": (
             mlp(P.orthogonal(nn.Linear(D, D), orthogonal_map="matrix_exp"), w=D),
             x,
@@ -231,10 +236,12 @@ def _energy(f: Any, event: int) -> Any:
 
 
 def _worker(calls: int, min_run_time: float) -> None:
-    """Serve "case|operator" lines from stdin: time the call (median ms of a
-    ``blocked_autorange``) and count the watches its first timing's calls started."""
+    """Serve "case|operator" lines from stdin: time the call (the 20% quantile of its
+    thread CPU times over ``min_run_time`` s of calls: ``_common.cpu_quantile_ms``, which a
+    loaded machine's waits do not lengthen) and count the watches of ``calls`` calls after
+    the first (once per case)."""
     import torch
-    import torch.utils.benchmark as benchmark
+    from _common import cpu_quantile_ms
 
     import torchdiv
     from torchdiv._core.mixing import watch
@@ -270,8 +277,7 @@ def _worker(calls: int, min_run_time: float) -> None:
                 for _ in range(calls):
                     f()
                 watched[name, op] = f"{first}+{len(started)}"
-            timer = benchmark.Timer("f()", globals={"f": f}, num_threads=1)
-            out["ms"] = timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+            out["ms"] = cpu_quantile_ms(f, min_run_time)
             out["watched"] = watched[name, op]
         except Exception as e:
             out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
@@ -305,7 +311,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=10, help="calls whose watches are counted")
     parser.add_argument("--min-run-time", type=float, default=0.2)
-    parser.add_argument("--only", default="", help="cases whose name contains this")
+    parser.add_argument("--only", default="", help="cases whose name contains one of these (a,b)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -313,7 +319,7 @@ def main() -> None:
     if args.old is None:
         parser.error("--old is required")
     procs = {"old": _start(args.old, args), "new": _start(args.new, args)}
-    names = [n for n in _case_names() if args.only in n]
+    names = [n for n in _case_names() if any(o in n for o in args.only.split(","))]
     rows = []
     for name in names:
         for op in OPERATORS:
@@ -343,7 +349,7 @@ def _case_names() -> list[str]:
 
 
 def _row(name: str, op: str, got: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """The table's row: median (spread: max - min of the round medians) and the ratio."""
+    """The table's row: median over the rounds (spread: max - min) and the ratio."""
     cells, medians = [name, op], {}
     for side in ("old", "new"):
         errors = [g["error"] for g in got[side] if "error" in g]
