@@ -4,6 +4,7 @@ samples (for errors that do not say so), and the objects ``f`` already watched a
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import types
@@ -138,6 +139,8 @@ def _numbers(m: Any, depth: int = 1) -> tuple[tuple[str, Any], ...]:
     found: list[tuple[str, Any]] = []
     for k, v in vars(m).items():
         kind = type(v)
+        if kind in _NONE_HELD:
+            continue
         if kind in _NUMBERS:
             found.append((k, v))
         elif (kind is list or kind is tuple) and len(v) <= TUPLE_ITEMS:
@@ -154,6 +157,11 @@ def _numbers(m: Any, depth: int = 1) -> tuple[tuple[str, Any], ...]:
 
 _NUMBERS = frozenset((int, float, complex))
 _NOT_PLAIN = (torch.Tensor, torch.nn.Module, dict)  # (a module's hooks: dictionaries)
+# the types of most of a module's own attributes (its hooks, parameters, buffers, submodules,
+# ``training``, ``_is_full_backward_hook``, ``_non_persistent_buffers_set``), exactly: neither
+# numbers nor a plain object holding some: ``_numbers`` skips them before its checks, each a
+# Python call (``Numbers.current`` of cayley's six modules, timeit: 81 -> 13 us)
+_NONE_HELD = frozenset((dict, collections.OrderedDict, bool, type(None), set, str))
 
 
 def passed_before(
