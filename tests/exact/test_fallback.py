@@ -281,30 +281,58 @@ def test_auto_falls_back_to_backward_passes_for_a_write_reading_itself(view: boo
     assert_same_parameter_gradients(net, got.square().sum(), expected.square().sum())
 
 
-def test_a_write_into_a_fresh_buffer_through_a_slice_keeps_forward_over_reverse(monkeypatch):
-    """A spectral convolution written as neuraloperator's ``SpectralConv`` writes it (a fresh
-    zero spectrum, ``out[:, :k] = ...``: a slice of it made, then written): the slice is no
-    read of the values written, so ``"auto"``'s Laplacian (no Taylor rule for FFTs) keeps
-    forward over reverse (16 inputs: above the loop's 10) instead of the loop of backward
-    passes (3.4x slower on an FNO)."""
-    from torchdiv._laplacian import methods as laplacian_methods
+class _SpectralConv(torch.nn.Module):
+    """An FNO layer as neural operators write it: ``rfft2``, the lowest modes times complex
+    weights written into a slice of a zeros tensor (``out[..., :m, :m] = ...``), ``irfft2``,
+    plus a pointwise convolution, GELU."""
 
-    gen = torch.Generator().manual_seed(6)
-    weight = torch.randn(16, 16, dtype=torch.float64, generator=gen) / 3
-    modes = torch.randn(4, dtype=torch.complex128, generator=gen)
+    def __init__(self, channels: int = 2, modes: int = 2) -> None:
+        super().__init__()
+        self.modes = modes
+        w = torch.randn(channels, channels, modes, modes, dtype=torch.complex128) / channels
+        self.w = torch.nn.Parameter(w)
+        self.skip = torch.nn.Conv2d(channels, channels, 1).double()
 
-    def f(u: torch.Tensor) -> torch.Tensor:
-        spectrum = torch.fft.rfft(torch.tanh(u @ weight))
-        out = torch.zeros(len(u), 9, dtype=spectrum.dtype)
-        out[:, :4] = spectrum[:, :4] * modes
-        return torch.fft.irfft(out, n=16).square().sum(1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f, m = torch.fft.rfft2(x), self.modes
+        out = torch.zeros_like(f)
+        out[..., :m, :m] = torch.einsum("bixy,ioxy->boxy", f[..., :m, :m], self.w)
+        y = torch.fft.irfft2(out, s=x.shape[-2:]) + self.skip(x)
+        return torch.nn.functional.gelu(y).square().sum((1, 2, 3))
 
-    loops = []
-    loop = laplacian_methods.grad_of_grad
+
+def test_a_write_into_a_slice_of_a_fresh_tensor_keeps_forward_mode(monkeypatch) -> None:
+    """A slice made of a tensor reads none of its values: writing values computed from ``x``
+    into it (an FNO's spectral weights) is no write reading what it writes, and ``"auto"``'s
+    Laplacian keeps its forward-mode engines (it took the loop of backward passes, 11x
+    slower on an FNO layer: ``bench/watch_regressions.py``); values and parameter gradients
+    against grad of grad (float64)."""
+    from torchdiv._laplacian import methods
+
+    taken: list[bool] = []
+    loop_only = methods._backward_passes_only
     monkeypatch.setattr(
-        laplacian_methods, "grad_of_grad", lambda *a, **k: loops.append(1) or loop(*a, **k)
+        methods, "_backward_passes_only", lambda g: taken.append(loop_only(g)) or taken[-1]
     )
-    x = torch.randn(3, 16, dtype=torch.float64, generator=gen)
-    got = torchdiv.laplacian(f, x)
-    assert not loops
-    assert_close(got, laplacian_by_grad_of_grad(f, x))
+    torch.manual_seed(0)
+    net = _SpectralConv(channels=1)
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    got = torchdiv.laplacian(net, x)
+    expected = laplacian_by_grad_of_grad(net, x)
+    assert taken and not any(taken)
+    assert_close(got, expected)
+    assert_same_parameter_gradients(net, got.square().sum(), expected.square().sum())
+
+
+def test_a_write_reading_a_view_of_what_it_writes_still_falls_back() -> None:
+    """A view of the written tensor read by the write itself (``h.mul_(h[:, :1])``: only a
+    slice read ``h`` before) reads what it writes: recorded as such (forward mode's
+    parameter gradients would raise)."""
+    from torchdiv._taylor import RULES, capture
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(z) * 1
+        h.mul_(h[:, :1])
+        return h.sum(1)
+
+    assert capture(f, torch.randn(3, 4, dtype=torch.float64), RULES).reads_written

@@ -214,10 +214,9 @@ class _Recorder(DispatchMode):
         # it was made or it was written before; writes to x's storage are refused
         self.readers: dict[int, list[tuple[int, int]]] = {}
         self.viewed: set[int] = set()
-        # storages whose values a recorded call read (not only made a view of them:
-        # ``buf[idx] = v`` slices a fresh spectrum before writing into it, neuraloperator's
-        # ``SpectralConv``), for ``Graph.reads_written``
-        self.values_read: set[int] = set()
+        # (node, storage): the recorded call only made a view of it, reading no values
+        # (``reads_written``)
+        self.aliasing: set[tuple[int, int]] = set()
         self.written: set[int] = set()
         self.x_storage = _storage(x)
         self.computed: set[int] = set()  # storages of tensors computed from x
@@ -334,9 +333,8 @@ class _Recorder(DispatchMode):
             self.underivable = UNDERIVABLE_OPS[func] if grads else None
         self.untracked(flat)
         written = _written(func, args, kwargs)
-        if written and depends and any(_storage(t) in self.values_read for t in written):
-            others = [a for a in flat if not any(a is t for t in written)]
-            self.graph.reads_written = self.graph.reads_written or self.depends(others)
+        if written and depends and not self.graph.reads_written:
+            self.graph.reads_written = self.reads_written(written, flat)
         if depends and (
             decomposed_in_place(func, self.rules) or through_view(func, args, self.refs) is not None
         ):
@@ -498,14 +496,29 @@ class _Recorder(DispatchMode):
                 self.readers.setdefault(storage, []).append((index, id(a)))
                 if storage in made:
                     self.viewed.add(storage)
+                    self.aliasing.add((index, storage))
                     made.discard(storage)
-                else:
-                    self.values_read.add(storage)
         for storage in made:
             self.fresh.setdefault(storage, index)
         for storage, ident in results:
             if storage in self.fresh:
                 self.sharing.setdefault(storage, []).append(ident)
+
+    def reads_written(self, written: list[torch.Tensor], flat: list[Any]) -> bool:
+        """Whether a call writing values computed from ``x`` into ``written`` (its arguments'
+        leaves ``flat``) reads what it writes (``Graph.reads_written``): its other arguments
+        depend on ``x``, and a recorded call read the values of a written storage before, or
+        one of them lives there (``b.mul_(b[:2])``). A call that only made a view of it (a
+        slice saves no tensor for the derivatives) read none: an FNO's ``out =
+        zeros_like(f); out[..., :m, :m] = mixed`` writes nothing it read."""
+        stores = {_storage(t) for t in written}
+        others = [a for a in flat if not any(a is t for t in written)]
+        read = any(
+            (index, storage) not in self.aliasing
+            for storage in stores
+            for index, _ in self.readers.get(storage, ())
+        ) or any(isinstance(a, torch.Tensor) and _storage(a) in stores for a in others)
+        return read and self.depends(others)
 
     def before_writes(self, func: Any, written: list[torch.Tensor], depends: bool) -> None:
         """Before ``func`` writes in place: keep each written tensor's value for

@@ -4,6 +4,7 @@ samples (for errors that do not say so), and the objects ``f`` already watched a
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import types
@@ -132,22 +133,35 @@ def _numbers(m: Any, depth: int = 1) -> tuple[tuple[str, Any], ...]:
     """The ``int``, ``float`` and ``complex`` attributes of ``m``, by name, with those of a
     list or tuple of at most ``TUPLE_ITEMS`` items (``self.eps = (1e-3, 1e-2)``) and, ``depth``
     levels down, those of a plain object it holds (a configuration's ``self.cfg.eps``: not a
-    module, tensor or callable) (``Numbers``)."""
+    module, tensor or callable, and with a ``__dict__``: a module's ``training``, ``None``
+    hooks and sets have none, skipped without raising ``vars``' ``TypeError``, which cost
+    ~40 us of every call a pass with numbers served) (``Numbers``)."""
     found: list[tuple[str, Any]] = []
     for k, v in vars(m).items():
         kind = type(v)
+        if kind in _NONE_HELD:
+            continue
         if kind in _NUMBERS:
             found.append((k, v))
         elif (kind is list or kind is tuple) and len(v) <= TUPLE_ITEMS:
             found.append((k, tuple(u for u in v if type(u) in _NUMBERS)))
-        elif depth and not callable(v) and not isinstance(v, _NOT_PLAIN):
-            with contextlib.suppress(TypeError):  # (no ``__dict__``)
-                found.append((k, _numbers(v, depth - 1)))
+        elif (
+            depth
+            and not callable(v)
+            and not isinstance(v, _NOT_PLAIN)
+            and isinstance(getattr(v, "__dict__", None), dict)  # (what ``vars`` reads)
+        ):
+            found.append((k, _numbers(v, depth - 1)))
     return tuple(found)
 
 
 _NUMBERS = frozenset((int, float, complex))
 _NOT_PLAIN = (torch.Tensor, torch.nn.Module, dict)  # (a module's hooks: dictionaries)
+# the types of most of a module's own attributes (its hooks, parameters, buffers, submodules,
+# ``training``, ``_is_full_backward_hook``, ``_non_persistent_buffers_set``), exactly: neither
+# numbers nor a plain object holding some: ``_numbers`` skips them before its checks, each a
+# Python call (``Numbers.current`` of cayley's six modules, timeit: 81 -> 13 us)
+_NONE_HELD = frozenset((dict, collections.OrderedDict, bool, type(None), set, str))
 
 
 def passed_before(
