@@ -1,0 +1,103 @@
+"""The watch's relaxations merged in the eighteenth session, attacked (rev-merges18b).
+
+A truncating dense batch (PyG's ``to_dense_batch`` with ``max_num_nodes`` below a graph's
+size: ``B * k + 1`` rows, the nodes cut off sent to the last, spare row, sliced off after)
+is followed since leftovers18: the buffer is marked mixed by its spare row until a slice
+cuts that row off, which then cleared the mark whatever else had made the buffer mixed.
+Samples combined into it before or after that write went unrefused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchdiv
+from torchdiv import BatchInteractionError
+
+f64 = torch.float64
+B, N, D, K = 3, 4, 2, 2  # samples, nodes a sample, features, places kept a sample
+
+
+def _dense(h: torch.Tensor, form: str) -> torch.Tensor:
+    """``to_dense_batch``'s truncating write of each sample's ``N`` nodes ``h`` (``(B * N,
+    D)``) into ``K`` places each (sample 2 keeps only its first node, so its second place is
+    never written), the others into the spare row, which is then sliced off; ``form``: how
+    the buffer also gets values of several samples (a sum over the batch, or sample 1's node
+    in sample 0's place), before or after that write."""
+    node = torch.arange(B * N) % N
+    at = torch.where(node < K, node + torch.arange(B).repeat_interleave(N) * K, B * K)
+    at[2 * N + 1] = B * K
+    dense = h.new_zeros(B * K + 1, D)
+    if form == "sum before":
+        dense[2 * K + 1] = h.sum(0)
+    dense[at] = h
+    if form == "sum after":
+        dense[0] = h.sum(0)
+    elif form == "other sample after":
+        dense[1] = h[N]
+    elif form == "other sample after, indexed":
+        dense[torch.tensor([1])] = h[N : N + 1]
+    return dense[:-1].reshape(B, K, D)
+
+
+def _energy(form: str):
+    weight = torch.randn(D, D, dtype=f64, generator=torch.Generator().manual_seed(0))
+
+    def energy(p: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(p.reshape(-1, D) @ weight)
+        return (_dense(h, form).sum(1) ** 2).sum(-1)
+
+    return energy
+
+
+_FORMS = ["sum before", "sum after", "other sample after", "other sample after, indexed"]
+
+
+@pytest.mark.parametrize("form", _FORMS)
+def test_samples_combined_into_a_truncating_dense_batch_are_refused(form: str) -> None:
+    """Failed before the fix (each sample's Laplacian silently of the batch's function): the
+    slice cutting the spare row off cleared the buffer's mark, though a sum over the batch or
+    another sample's node was written into a row kept."""
+    x = torch.randn(B, N, D, dtype=f64)
+    for method, probes in (("auto", None), ("hutchinson", 1)):
+        with pytest.raises(BatchInteractionError, match="laplacian"):
+            torchdiv.laplacian(_energy(form), x, method=method, num_probes=probes)
+
+
+def test_a_truncating_dense_batch_alone_is_followed() -> None:
+    """The same write with nothing else in the buffer: not refused (leftovers18's case)."""
+    x = torch.randn(B, N, D, dtype=f64)
+    assert torchdiv.laplacian(_energy("alone"), x).shape == (B,)
+
+
+def _unsorted_energy(form: str):
+    """Each sample's ``N`` nodes ``h`` (``(B * N, D)``) with another sample's node written
+    into sample 0's first row or added to every row (``form``), sorted along the batch and
+    gathered back into place (the identity, as PyG's median does it): mixed as before."""
+    weight = torch.randn(D, D, dtype=f64, generator=torch.Generator().manual_seed(0))
+
+    def energy(p: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(p.reshape(-1, D) @ weight)
+        if form == "written in":
+            mixed = h.clone()
+            mixed[0] = h[N]
+        else:
+            mixed = h + h[N]
+        values, order = mixed.sort(0)
+        back = values.gather(0, order.argsort(0)).reshape(B, N, D)
+        return (back.sum(1) ** 2).sum(-1)
+
+    return energy
+
+
+@pytest.mark.parametrize("form", ["written in", "added"])
+def test_samples_combined_before_a_sort_and_gather_back_are_refused(form: str) -> None:
+    """Failed before the fix: a sort along samples of a tensor that already mixed them was
+    noted as one whose gather back holds each sample's own values (``_sorted``), and the
+    gather cleared the mark of the earlier mixing (the same ``f`` without the sort is
+    refused)."""
+    x = torch.randn(B, N, D, dtype=f64)
+    for method, probes in (("auto", None), ("hutchinson", 1)):
+        with pytest.raises(BatchInteractionError, match="picked out of the batch"):
+            torchdiv.laplacian(_unsorted_energy(form), x, method=method, num_probes=probes)
