@@ -5,12 +5,20 @@ size: ``B * k + 1`` rows, the nodes cut off sent to the last, spare row, sliced 
 is followed since leftovers18: the buffer is marked mixed by its spare row until a slice
 cuts that row off, which then cleared the mark whatever else had made the buffer mixed.
 Samples combined into it before or after that write went unrefused.
+
+A tensor ``f`` builds from Python data (``torch.tensor([...])``) and then writes in place
+was taken for state outside ``f`` (its storage made by no ATen op: ``lift_fresh`` aliases
+it), compared between evaluations and refused as "wrote other values": on the paths that
+evaluate ``f`` several times, and since leftovers18 on ``"auto"``'s recording then fallback.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from conftest import assert_close, assert_same_parameter_gradients, laplacian_by_grad_of_grad
+from torch import nn
 
 import torchdiv
 from torchdiv import BatchInteractionError
@@ -101,3 +109,56 @@ def test_samples_combined_before_a_sort_and_gather_back_are_refused(form: str) -
     for method, probes in (("auto", None), ("hutchinson", 1)):
         with pytest.raises(BatchInteractionError, match="picked out of the batch"):
             torchdiv.laplacian(_unsorted_energy(form), x, method=method, num_probes=probes)
+
+
+class _Shifted(nn.Module):
+    """An ``lgamma`` MLP (no Taylor rule: ``"auto"``'s Laplacian records, then falls back)
+    whose input is shifted by a constant built from a Python list and scaled in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shift = torch.tensor([0.5, -0.25, 0.125], dtype=x.dtype)
+        shift.mul_(0.1)
+        return self.b(torch.lgamma(self.a(x + shift).abs() + 1.5))
+
+
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse"])
+def test_a_tensor_built_from_python_data_and_written_in_f_is_its_own(method: str) -> None:
+    """Failed before the fix ("wrote other values"): values and parameter gradients of the
+    Laplacian against grad of grad, float64."""
+    torch.manual_seed(0)
+    net = _Shifted().double()
+    x = torch.rand(3, 3, dtype=f64)
+    got = torchdiv.laplacian(net, x, method=method, chunk_size=1)
+    want = torch.stack(
+        [laplacian_by_grad_of_grad(lambda z, k=k: net(z)[:, k], x) for k in range(3)], 1
+    )
+    assert_close(got, want)
+    assert_same_parameter_gradients(net, got.square().sum(), want.square().sum())
+
+
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse"])
+def test_an_array_outside_f_written_through_from_numpy_is_put_back(method: str) -> None:
+    """``torch.from_numpy`` also lifts (``lift_fresh``) memory, an array's, which may be
+    state outside ``f`` (here a counter): still put back between evaluations, so each is
+    one evaluation's (taking it for ``f``'s own, as ``torch.tensor``'s, gave a Laplacian off
+    by 4e-3 with forward over reverse, the counter at 3)."""
+    torch.manual_seed(0)
+    net, counter = _Shifted().double(), np.zeros(3)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        shift = torch.from_numpy(counter)
+        shift.add_(1.0)
+        return net.b(torch.lgamma(net.a(z + shift).abs() + 1.5))
+
+    x = torch.rand(3, 3, dtype=f64)
+    got = torchdiv.laplacian(f, x, method=method, chunk_size=1)
+    once = lambda z: net.b(torch.lgamma(net.a(z + 1.0).abs() + 1.5))  # noqa: E731
+    want = torch.stack(
+        [laplacian_by_grad_of_grad(lambda z, k=k: once(z)[:, k], x) for k in range(3)], 1
+    )
+    assert_close(got, want)
+    assert counter.tolist() == [1.0, 1.0, 1.0]
