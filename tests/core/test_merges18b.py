@@ -162,3 +162,25 @@ def test_an_array_outside_f_written_through_from_numpy_is_put_back(method: str) 
     )
     assert_close(got, want)
     assert counter.tolist() == [1.0, 1.0, 1.0]
+
+
+def _score(energy: nn.Module):
+    """A score model written for inputs that require grad: ``grad(E(x).sum(), x)``."""
+    return lambda x: torch.autograd.grad(energy(x).sum(), x, create_graph=True)[0]
+
+
+def test_the_hint_for_a_score_in_a_laplacian_names_no_method_it_lacks() -> None:
+    """Failed before the fix: ``laplacian(score, x)`` (``"auto"``; ``x`` without grad) was
+    told "method='forward' cannot run a backward pass inside f: use 'auto' or 'reverse'",
+    the method that had just raised and one the Laplacian has not. The way out named is the
+    one that works (then ``"auto"`` runs)."""
+    torch.manual_seed(0)
+    score = _score(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double())
+    x = torch.rand(4, 3, dtype=f64)
+    with pytest.raises(RuntimeError, match="pass x with requires_grad=True") as info:
+        torchdiv.laplacian(score, x)
+    assert "use 'auto' or 'reverse'" not in str(info.value)
+    assert "method='forward'" not in str(info.value)
+    assert torchdiv.laplacian(score, x.requires_grad_(True)).shape == (4, 3)
+    with pytest.raises(RuntimeError, match="method='forward' cannot run a backward pass"):
+        torchdiv.divergence(score, x.detach(), method="forward")
