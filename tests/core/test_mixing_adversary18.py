@@ -39,8 +39,8 @@ _FACTORIZATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class Factorized(torch.nn.Module):
     """``tanh(lin(x)) @ factor(A)``, or where the factorization fails, a fallback that
     scales each sample by the batch mean (mixes samples). ``schedule``: values ``forward``
-    writes into ``A`` first (``how``: ``.data =``, ``.data.copy_`` or ``copy_`` under
-    ``no_grad``), one per call."""
+    writes into ``A`` first (``how``: ``.data =``, ``.data.copy_``, ``out=A``,
+    ``_foreach_lerp_([A], ...)`` or ``copy_`` under ``no_grad``), one per call."""
 
     def __init__(
         self,
@@ -60,6 +60,12 @@ class Factorized(torch.nn.Module):
                 self.A.data = value
             elif self.how == "data_copy":
                 self.A.data.copy_(value)
+            elif self.how == "out":  # (an ``out=`` overload: ``W`` keyword-only)
+                with torch.no_grad():
+                    torch.mul(value, 1.0, out=self.A)
+            elif self.how == "foreach":  # (a list written: an EMA's ``_foreach_lerp_``)
+                with torch.no_grad():
+                    torch._foreach_lerp_([self.A], [value], 1.0)
             else:
                 with torch.no_grad():
                     self.A.copy_(value)
@@ -112,10 +118,12 @@ def test_a_factorization_of_values_from_x_is_watched_at_every_call() -> None:
         torchdiv.divergence(f, torch.cat([x[:3], -torch.ones(1, 3, dtype=f64) * 2]))
 
 
-@pytest.mark.parametrize("how", ["data", "data_copy", "copy"])
+@pytest.mark.parametrize("how", ["data", "data_copy", "copy", "out", "foreach"])
 def test_a_weight_written_before_its_factorization_is_watched_again(how: str) -> None:
     """``forward`` writes ``A`` from a schedule first: at each call's start ``A`` holds the
-    last call's value, the one the pass kept; the fourth call's write makes it ``nan``."""
+    last call's value, the one the pass kept; the fourth call's write makes it ``nan``.
+    (``out`` and ``foreach`` were served until rev-merges18a: only an op's first argument,
+    and only a tensor there, was noted as written.)"""
     torch.manual_seed(0)
     net = Factorized(_spectral, [1.0] * 3 + [float("nan")], how)
     x = torch.randn(4, 3, dtype=f64)

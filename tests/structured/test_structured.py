@@ -548,3 +548,49 @@ def test_cycle_trace_of_the_identity_path_is_the_event_size():
     x = torch.zeros(4, 2, 3, dtype=f64)
     assert_close(cycle.trace([Path(2.0, ())], x, 4, None), torch.full((4,), 12.0, dtype=f64))
     assert_close(cycle.diagonal([Path(2.0, ())], x, 4, None), torch.full((4, 6), 2.0, dtype=f64))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_auto_leaves_small_trained_diagonals_to_plain_autograd(monkeypatch, train):
+    """``"auto"``'s diagonal of a module whose parameters require grad, up to
+    ``TRAINED_DIAGONAL`` unit vectors x elements, goes to the generic engines (one batched
+    backward pass beat the structured engine's columns carried with their graph); frozen, and
+    any trace, is planned. Values and parameter gradients as the float64 loop's."""
+    from conftest import assert_same_parameter_gradients, loop_diagonal, tanh_mlp
+
+    planned: list[bool] = []
+    plan = _structured.plan
+    monkeypatch.setattr(_structured, "plan", lambda *a, **k: planned.append(True) or plan(*a, **k))
+    net = tanh_mlp(8, 16, 8).requires_grad_(train)
+    x = torch.randn(128, 8, dtype=f64)  # 8 x 1024: above TINY_PROBLEM, within TRAINED_DIAGONAL
+    assert _structured.TINY_PROBLEM < 8 * x.numel() <= _structured.TRAINED_DIAGONAL
+    diagonal = torchdiv.jacobian_diagonal(net, x)
+    assert planned == ([] if train else [True])
+    expected = loop_diagonal(net, x, create_graph=train)
+    assert_close(diagonal, expected)
+    if train:
+        assert_same_parameter_gradients(net, diagonal.square().sum(), expected.square().sum())
+    planned.clear()
+    torchdiv.divergence(net, x)
+    assert planned == [True]
+
+
+def test_small_trained_diagonals_left_to_plain_autograd_are_watched_for_mixing():
+    """An ``f`` that centres its features over the batch, at the size where a trained
+    diagonal skips the structured engine: the generic engines' watch refuses it, at the first
+    call and at the next."""
+
+    class Centred(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 8, dtype=f64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.linear(x)
+            return torch.tanh(h - h.mean(0))
+
+    net, x = Centred(), torch.randn(128, 8, dtype=f64)
+    assert _structured.TINY_PROBLEM < 8 * x.numel() <= _structured.TRAINED_DIAGONAL
+    for _ in range(2):
+        with pytest.raises(torchdiv.BatchInteractionError):
+            torchdiv.jacobian_diagonal(net, x)

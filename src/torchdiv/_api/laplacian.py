@@ -65,7 +65,7 @@ from torchdiv._core.checks import (
 )
 from torchdiv._core.crossover import COMPILED_F_WORK, TRACED_WORK, traceable
 from torchdiv._core.mixing.watch import check_empty_event, checks_empty_event
-from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode
+from torchdiv._core.modes import compiled_like_f, eager_when, entry
 from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace
 from torchdiv._exact.state import Once
@@ -106,9 +106,7 @@ _records_compiled_f = functools.partial(_records_within, COMPILED_F_WORK)
 _watch = functools.partial(watch_compiled, ("auto", "hutchinson"))
 
 
-@eager_when(_records)
-@compiled_like_f(_records_compiled_f, watch=_watch)
-@outside_inference_mode
+@entry(eager_when(_records), compiled_like_f(_records_compiled_f, watch=_watch))
 @reported("laplacian")
 def laplacian(
     f: Function,

@@ -18,7 +18,7 @@ from torchdiv._core.checks import (
     checked,
 )
 from torchdiv._core.crossover import COMPILED_F_WORK, TRACED_WORK, traceable
-from torchdiv._core.modes import compiled_like_f, eager_when, outside_inference_mode
+from torchdiv._core.modes import compiled_like_f, eager_when, entry, outside_inference_mode
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.registry import STOCHASTIC_METHODS
@@ -78,8 +78,7 @@ _watch = functools.partial(watch_compiled, ("auto", *STOCHASTIC_METHODS))
 _watch_auto = functools.partial(watch_compiled, ("auto",))
 
 
-@compiled_like_f(watch=_watch_auto)
-@outside_inference_mode
+@entry(compiled_like_f(watch=_watch_auto))
 @reported("jacobian")
 def jacobian(
     f: Function,
@@ -137,9 +136,7 @@ def jacobian(
     return _shaped(jac, shape, x.dtype)
 
 
-@eager_when(_plans)
-@compiled_like_f(_plans_compiled_f, watch=_watch)
-@outside_inference_mode
+@entry(eager_when(_plans), compiled_like_f(_plans_compiled_f, watch=_watch))
 @reported("jacobian_diagonal")
 def jacobian_diagonal(
     f: Function,
@@ -159,7 +156,9 @@ def jacobian_diagonal(
     the same JVP (or VJP) blocks as the dense Jacobian, but only the diagonal of each block is
     kept, so memory stays at one chunk.
 
-    ``"structured"`` (``"auto"``'s first choice, see ``divergence``) propagates the columns
+    ``"structured"`` (``"auto"``'s first choice, see ``divergence``, but for a module whose
+    parameters require grad up to ``2**14`` unit vectors x elements of ``x``, where plain
+    autograd's one batched backward pass is faster) propagates the columns
     forward from unit vectors stored once for the batch, summed by colour when the graph is
     local (a conv net: each output reads a small window of the input; with group norms, local
     once their statistics are held, whose part is then added exactly).
@@ -214,9 +213,7 @@ def jacobian_diagonal(
     return _shaped(diag, x.shape, x.dtype)
 
 
-@eager_when(_plans)
-@compiled_like_f(_plans_compiled_f, watch=_watch)
-@outside_inference_mode
+@entry(eager_when(_plans), compiled_like_f(_plans_compiled_f, watch=_watch))
 @reported("divergence")
 def divergence(
     f: Function,

@@ -29,7 +29,7 @@ import torch.utils.hooks as _hooks
 
 from torchdiv._core.checks import mark_final, raised_by_f
 from torchdiv._core.mixing.errors import BatchInteractionError, unnamed
-from torchdiv._core.mixing.transformed import public_call
+from torchdiv._core.mixing.transformed import public_call, public_call_ended
 from torchdiv._core.modes import WrongDerivatives
 from torchdiv._core.script import attribute
 from torchdiv._exact.attributes import PlainAttributes
@@ -50,8 +50,11 @@ def reported(fn: str, call: str = "f(x)") -> Callable[[F], F]:
             # tensors f set on its modules under the engines' transforms, left plain
             attributes = PlainAttributes(args[0] if args else kwargs.get("f"))
             try:
-                with public_call():  # (the level a caller's transform left: mixing.transformed)
+                entry = public_call()  # (the level a caller's transform left: mixing.transformed)
+                try:
                     return function(*args, **kwargs)
+                finally:
+                    public_call_ended(entry)
             except Exception as exc:
                 try:
                     bound = signature.bind(*args, **kwargs)

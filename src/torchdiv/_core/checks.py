@@ -462,8 +462,12 @@ class Unwritten:
         self.fn, self.f, self.x = fn, f, x
         self.version = x._version
         self.backup: torch.Tensor | None = None
-        with contextlib.suppress(RuntimeError):  # a device without copy-on-write: no backup
-            self.backup = torch._lazy_clone(x.detach())  # pyright: ignore[reportPrivateImportUsage]
+        # (``detach`` only where ``x`` has a graph: one dispatched op fewer; ``try``, not
+        # ``contextlib.suppress``: three Python calls fewer in every public call)
+        try:  # noqa: SIM105  # a device without copy-on-write: no backup
+            self.backup = torch._lazy_clone(x.detach() if x.requires_grad else x)  # pyright: ignore[reportPrivateImportUsage]
+        except RuntimeError:
+            pass
 
     def check(self, z: torch.Tensor, version: int, error: Exception | None = None) -> None:
         """Raise the ``ValueError`` if the evaluation of ``f`` at ``z`` (whose version was

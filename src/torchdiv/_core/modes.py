@@ -50,7 +50,6 @@ def outside_inference_mode(fn: F) -> F:
     autograd's fallback gave a compiled loss the divergence's value but none of its parameter
     gradients.
     """
-    outside = functools.partial(outside_inference, fn)
 
     @functools.wraps(fn)
     def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -59,19 +58,53 @@ def outside_inference_mode(fn: F) -> F:
                 return eager(f, x, *args, **kwargs)
             _materialized_zero_tangents()
             return fn(f, x, *args, **kwargs)
-        started = call_started(f)  # TorchScript in f: run as written (with the flag below)
-        try:
-            with CompiledCodeEager():
-                if not spans_peers():  # no process group (or an outer call's): nothing to share
-                    return outside(f, x, *args, **kwargs)
-                with one_forward() as call:
-                    result = outside(f, x, *args, **kwargs)
-                    return result if call is None else call.finish(result)
-        finally:
-            call_ended(started)
+        return _eager_call(fn, f, x, args, kwargs)
 
     eager = cast(Callable[..., Any], torch.compiler.disable(wrapper))  # untyped in torch
     return wrapper  # type: ignore[return-value]
+
+
+def _eager_call(
+    fn: Callable[..., T], f: Any, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> T:
+    """``outside_inference_mode``'s call of ``fn(f, x, *args, **kwargs)`` outside a region
+    Dynamo traces."""
+    started = call_started(f)  # TorchScript in f: run as written (with the flag below)
+    try:
+        with CompiledCodeEager():
+            if not spans_peers():  # no process group (or an outer call's): nothing to share
+                return outside_inference(fn, f, x, *args, **kwargs)
+            with one_forward() as call:
+                result = outside_inference(fn, f, x, *args, **kwargs)
+                return result if call is None else call.finish(result)
+    finally:
+        call_ended(started)
+
+
+def entry(*outer: Callable[[F], F]) -> Callable[[F], F]:
+    """Decorate a public ``fn(f, x, *, **options)`` with ``outside_inference_mode`` and above
+    it the decorators ``outer`` (outermost first: ``eager_when``, ``compiled_like_f``), in one
+    Python frame where the call is eager and ``f`` is not ``torch.compile``d: there each of
+    ``outer`` only passes the call on (``is_compiling`` false, ``_compiled_parts`` ``None``),
+    so the call goes straight to what ``outside_inference_mode`` runs eagerly. Elsewhere the
+    whole chain runs, as stacked. Three wrappers and two ``is_compiling`` checks (each two
+    Python calls) fewer in every eager call: a tiny problem's call is mostly Python, run
+    with its objects out of the caches by ``f``'s kernels (issue 19)."""
+
+    def decorate(fn: F) -> F:
+        chain: Callable[..., Any] = outside_inference_mode(fn)
+        for decorator in reversed(outer):
+            chain = decorator(chain)
+
+        @functools.wraps(fn)
+        def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling() or _compiled_parts(f) is not None:
+                return chain(f, x, *args, **kwargs)
+            return _eager_call(fn, f, x, args, kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def outside_inference(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -84,9 +117,10 @@ def outside_inference(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     drawn once under ``torch.inference_mode()`` (an evaluation loop's) and passed to a
     training call as ``probes=``, or a ``sigma=`` made there, raised PyTorch's "Inference
     tensors cannot be saved for backward"."""
-    values = (*args, *kwargs.values())
-    inference = any(isinstance(v, torch.Tensor) and v.is_inference() for v in values)
-    if not torch.is_inference_mode_enabled() and not inference:
+    inference = torch.is_inference_mode_enabled()
+    for value in (*args, *kwargs.values()):  # (a loop: a generator is three frames more)
+        inference = inference or (isinstance(value, torch.Tensor) and value.is_inference())
+    if not inference:
         return fn(*args, **kwargs)  # the usual case
     grad_mode = torch.is_grad_enabled()
     with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):

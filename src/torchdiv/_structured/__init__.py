@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from torchdiv._core.basis import WHOLE, Share
-from torchdiv._core.checks import out_of_memory, raised_by_f
+from torchdiv._core.checks import out_of_memory, raised_by_f, unwrapped
 from torchdiv._core.crossover import traced
 from torchdiv._core.modes import recorded
 from torchdiv._structured import colors, cycle, factors, forward, statistics
@@ -51,6 +51,15 @@ TINY_PROBLEM = 1 << 12
 _REFUSED = _cache.Refusals()
 
 
+# "auto" leaves Jacobian diagonals (not traces) up to this many (unit vectors x elements of x)
+# of a module whose parameters require grad, under grad mode, to the generic engines: the
+# structured engine then carries its columns with their graph, which cost more than plain
+# autograd's one batched backward pass (a tanh MLP 8 -> 64 -> 64 -> 8, B = 256: 0.82-0.91 ms
+# against 0.71-0.78 ms, two runs; from D = 16 or B = 4096 on it was as fast or faster:
+# bench/entry_cpu.py --matrix, issue 19)
+TRAINED_DIAGONAL = 1 << 14
+
+
 def chosen(method: str, f: Function, x: torch.Tensor, batch_dims: int) -> bool:
     """Whether ``method`` plans ``f`` at ``x``: ``"structured"`` always, ``"auto"`` unless the
     problem is tiny (see ``TINY_PROBLEM``), or, when Dynamo traces the call, small for ``f``
@@ -60,6 +69,21 @@ def chosen(method: str, f: Function, x: torch.Tensor, batch_dims: int) -> bool:
     if torch.compiler.is_compiling():
         return not traced(f, x, batch_dims)
     return math.prod(x.shape[batch_dims:]) * x.numel() > TINY_PROBLEM
+
+
+def trained_diagonal(f: Function, x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether ``"auto"``'s diagonal of ``f`` at ``x`` goes to the generic engines though
+    ``chosen``: at most ``TRAINED_DIAGONAL`` unit vectors x elements, ``f`` a module (or one's
+    bound method, through torchdiv's wrapper: ``checks.unwrapped``) with a parameter that
+    requires grad, under grad mode (eager only)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return False
+    if math.prod(x.shape[batch_dims:]) * x.numel() > TRAINED_DIAGONAL:
+        return False
+    module = unwrapped(f)
+    if not isinstance(module, torch.nn.Module):  # (a module's missing attribute: an exception)
+        module = getattr(module, "__self__", module)
+    return isinstance(module, torch.nn.Module) and any(p.requires_grad for p in module.parameters())
 
 
 def refused_before(where: Any, f: Function, x: torch.Tensor, batch_dims: int) -> bool:

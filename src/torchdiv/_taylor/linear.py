@@ -239,18 +239,22 @@ def _clamp_tensor(
     """``clamp`` between tensors (``torch.clamp(x, -s, s)``: dynamic thresholding, with ``s``
     a per-sample quantile of ``|x|``): piecewise a selection of ``a``, ``low`` or ``high``,
     at the edges as autograd has it: ``a``'s derivatives on ``[low, high]``, ``low``'s below
-    it, ``high``'s above it and wherever ``high < low`` (then the value is ``high``)."""
+    it, ``high``'s above it and wherever ``high < low`` (then the value is ``high``). Below
+    ``low == high`` the value is ``low``, with ``low``'s derivatives, as PyTorch's forward
+    mode has them (``clamp(x, b, b) = b``; its backward passes nothing to either bound).
+    Where a bound or ``a`` is ``nan``, so is the value, with no derivatives (autograd's)."""
     out: Operand = a
     va = value_of(a)
     lo = None if low is None else value_of(low)
     hi = None if high is None else value_of(high)
-    if lo is not None:
-        below = va < lo if hi is None else (va < lo) & (lo < hi)
+    if low is not None and lo is not None:  # (both: mypy narrows each name alone)
+        below = va < lo if hi is None else (va < lo) & (lo <= hi)
         out = _where(ctx, below, low, out)
-    if hi is not None:
+    if high is not None and hi is not None:
         above = va > hi if lo is None else (va > hi) | (hi < lo)
         out = _where(ctx, above, high, out)
-    return out if isinstance(out, Jet) else Jet(out, None, None)
+    value = torch.clamp(va, lo, hi)  # (every comparison with a ``nan`` bound is false)
+    return _where(ctx, value.isnan(), value, out)
 
 
 def _halved(ctx: Context, a: Operand, b: Operand) -> Jet:

@@ -8,7 +8,7 @@ import contextlib
 import inspect
 import types
 import weakref
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -60,7 +60,7 @@ class Passed:
 
     plain: bool = True
     reverse: bool = True
-    held: tuple[Kept | Owned, ...] = field(default=(), repr=False)
+    held: tuple[Kept | Owned | Numbers, ...] = field(default=(), repr=False)
 
     def current(self) -> bool:
         """Whether every tensor the pass holds at is alive at its version and values then,
@@ -69,24 +69,85 @@ class Passed:
 
 
 class Owned(NamedTuple):
-    """A parameter a pass holds at (``kept``) and the places ``f``'s modules hold it in
-    (weak references to the modules, and names): ``current`` while each still holds that
-    very parameter there, at its version and values. The structure's key does not tell a
-    module's parameters apart: a weight replaced by another ``nn.Parameter`` object, the old
-    one kept alive by an optimizer, was served by the old one's pass (its factorization
-    failing, ``f``'s ``except`` branch mixing samples unwatched) until rev-merges17a."""
+    """A parameter (or buffer, or plain tensor attribute) a pass holds at (``kept``) and the
+    places ``f``'s modules hold it in (weak references to the modules, the dictionary:
+    ``_parameters``, ``_buffers`` or ``""``, the module's own, and names): ``current`` while
+    each still holds that very tensor there, at its version and values. The structure's key
+    does not tell a module's parameters apart: a weight replaced by another ``nn.Parameter``
+    object, the old one kept alive by an optimizer, was served by the old one's pass (its
+    factorization failing, ``f``'s ``except`` branch mixing samples unwatched) until
+    rev-merges17a."""
 
-    places: tuple[tuple[Any, str], ...]
+    places: tuple[tuple[Any, str, str], ...]
     kept: Kept
 
     def current(self) -> bool:
-        """Whether each place holds the parameter, alive at its version and values then."""
+        """Whether each place holds the tensor, alive at its version and values then."""
         t = self.kept.ref()
-        for ref, name in self.places:
+        for ref, where, name in self.places:
             module = ref()
-            if module is None or module._parameters.get(name) is not t:
+            own = None if module is None else vars(module)
+            if own is None or (own.get(where, {}) if where else own).get(name) is not t:
                 return False
         return self.kept.current()
+
+
+class Numbers(NamedTuple):
+    """The Python numbers (``int``, ``float``, ``complex``) each module ``f`` reaches holds
+    as attributes, in a short list or tuple, or in a plain object it holds (weak references
+    to the modules, and their numbers by name: ``_numbers``), which the structure's key does
+    not hold (a time, a count, a configuration): kept with a pass where a factorization
+    read a tensor built from held ones with numbers its ops took (``Verdict.numbers``:
+    ``cholesky(W @ W.T + self.eps * I)``; ``self.eps`` set negative, the next call's
+    ``except`` branch would mix samples unwatched). ``current`` while each is alive and
+    holds the same numbers (a count kept in ``forward``, ``self.nfe += 1``: watched at
+    every call, as without the pass).
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> net.eps = 1e-3
+        >>> numbers = Numbers.of([net])
+        >>> net.eps = -1.0
+        >>> numbers.current()
+        False
+    """
+
+    modules: tuple[tuple[Any, tuple[tuple[str, Any], ...]], ...]
+
+    @staticmethod
+    def of(modules: Iterable[torch.nn.Module]) -> Numbers:
+        """The numbers each of ``modules`` holds now."""
+        return Numbers(tuple((weakref.ref(m), _numbers(m)) for m in modules))
+
+    def current(self) -> bool:
+        """Whether each module is alive and holds the same numbers."""
+        for ref, numbers in self.modules:
+            module = ref()
+            if module is None or _numbers(module) != numbers:
+                return False
+        return True
+
+
+def _numbers(m: Any, depth: int = 1) -> tuple[tuple[str, Any], ...]:
+    """The ``int``, ``float`` and ``complex`` attributes of ``m``, by name, with those of a
+    list or tuple of at most ``TUPLE_ITEMS`` items (``self.eps = (1e-3, 1e-2)``) and, ``depth``
+    levels down, those of a plain object it holds (a configuration's ``self.cfg.eps``: not a
+    module, tensor or callable) (``Numbers``)."""
+    found: list[tuple[str, Any]] = []
+    for k, v in vars(m).items():
+        kind = type(v)
+        if kind in _NUMBERS:
+            found.append((k, v))
+        elif (kind is list or kind is tuple) and len(v) <= TUPLE_ITEMS:
+            found.append((k, tuple(u for u in v if type(u) in _NUMBERS)))
+        elif depth and not callable(v) and not isinstance(v, _NOT_PLAIN):
+            with contextlib.suppress(TypeError):  # (no ``__dict__``)
+                found.append((k, _numbers(v, depth - 1)))
+    return tuple(found)
+
+
+_NUMBERS = frozenset((int, float, complex))
+_NOT_PLAIN = (torch.Tensor, torch.nn.Module, dict)  # (a module's hooks: dictionaries)
 
 
 def passed_before(
@@ -147,6 +208,8 @@ def passed(
     indices = _holds(f, verdict.indexed_by)
     if held is None or indices is None:
         return
+    if verdict.numbers:
+        held += (Numbers.of(_modules(f)),)
     at = at or structure(f, x, batch_dims)
     found: Passed | None = _PASSED.get(*at)
     if found is None:
@@ -159,25 +222,31 @@ def passed(
         _PASSED.put(*loose, found)
 
 
-def _owned(f: Any, held: tuple[Kept, ...] | None) -> tuple[Kept | Owned, ...] | None:
-    """``held`` (``Verdict.kept``: parameters a factorization read), each with the places the
-    modules ``f`` reaches hold it in (``Owned``), or as itself where ``f``'s ``identity``
-    holds it by identity instead (a closure cell's, default's or global's: replaced, another
-    structure); ``None`` (no pass for other ``x``) if ``held`` is, or where one is held
-    neither way (a replacement would go unseen)."""
+def _owned(f: Any, held: tuple[Kept, ...] | None) -> tuple[Kept | Owned | Numbers, ...] | None:
+    """``held`` (``Verdict.kept``: tensors held before the call a factorization read, or the
+    tensor it read was built from), each with the places the modules ``f`` reaches hold it
+    in (``Owned``: a parameter, buffer or plain tensor attribute), or as itself where
+    ``f``'s ``identity`` holds it by identity instead (a closure cell's, default's or
+    global's: replaced, another structure); ``None`` (no pass for other ``x``) if ``held``
+    is, or where one is held neither way (a replacement would go unseen: a plain object's
+    attribute, a tensor made in ``f`` without an op, ``torch.tensor(...)``)."""
     if not held:
         return held
     f = unwrapped(f)
     keyed: set[int] = set()
     if not inspect.ismethod(f):
         values: list[tuple[Hashable, int]] = []
-        if _identity(f, 3, values)[0] is not f:
-            keyed = {hash(same) for same, _ in values}  # (``Same``: its object's id)
-    places: dict[int, list[tuple[Any, str]]] = {}
+        others: set[int] = set()
+        if _identity(f, 3, values, others)[0] is not f:
+            keyed = {hash(same) for same, _ in values} | others  # (``Same``: its object's id)
+    places: dict[int, list[tuple[Any, str, str]]] = {}
     for m in _modules(f):
-        for name, p in m._parameters.items():
-            places.setdefault(id(p), []).append((weakref.ref(m), name))
-    found: list[Kept | Owned] = []
+        own = vars(m)
+        for where, tensors in (("_parameters", m._parameters), ("_buffers", m._buffers), ("", own)):
+            for name, t in tensors.items():
+                if isinstance(t, torch.Tensor) and (where or type(t) is torch.Tensor):
+                    places.setdefault(id(t), []).append((weakref.ref(m), where, name))
+    found: list[Kept | Owned | Numbers] = []
     for kept in held:
         t = kept.ref()
         if t is not None and id(t) in places:

@@ -112,13 +112,17 @@ class Verdict:
     ``None``): the pass holds for any ``x`` only where ``f``'s structure key holds each of
     them (or its base) by identity, and it stays at its version and values (``passed``
     looks; ``f`` wrote none after reading it). With
-    either, ``for_any_x`` stays ``False`` for a caller that looks at neither.
+    either, ``for_any_x`` stays ``False`` for a caller that looks at neither. ``numbers``:
+    one of those ops read a tensor built from held ones (``BatchAxes.built``: ``inv(P @ L @
+    U)`` of a Glow layer's parameters and buffers), with Python numbers its ops took
+    (``W @ W.T + eps * I``) that a module's attribute may hold, which the structure key does
+    not: the pass holds only while the modules ``f`` reaches hold the same numbers too.
 
     Example:
         >>> Verdict.joined([Verdict(True, True), Verdict(True, False)])
-        Verdict(for_any_x=True, for_any_held=False, while_held=None, indexed_by=())
+        Verdict(for_any_x=True, for_any_held=False, while_held=None, indexed_by=(), numbers=False)
         >>> Verdict.joined([])  # nothing watched: nothing to keep
-        Verdict(for_any_x=False, for_any_held=False, while_held=None, indexed_by=())
+        Verdict(for_any_x=False, for_any_held=False, while_held=None, indexed_by=(), numbers=False)
         >>> Verdict(False, False, ()).kept(), Verdict().kept()
         ((), None)
     """
@@ -127,6 +131,7 @@ class Verdict:
     for_any_held: bool = False
     while_held: tuple[Kept, ...] | None = None
     indexed_by: tuple[tuple[Kept, Kept | None], ...] = ()
+    numbers: bool = False
 
     def kept(self) -> tuple[Kept, ...] | None:
         """The held parameters the pass holds for any ``x`` at (``Kept``; ``()``: at any;
@@ -145,7 +150,8 @@ class Verdict:
             return Verdict(True, held)
         if any(k is None for k in kept):
             return Verdict(False, held)
-        return Verdict(False, held, tuple(t for k in kept for t in k or ()), indexed)
+        numbers = any(v.numbers for v in verdicts)
+        return Verdict(False, held, tuple(t for k in kept for t in k or ()), indexed, numbers)
 
 
 # how far ``decides`` found values reach: a tensor of integers or booleans (``x > 0``), or
@@ -226,7 +232,7 @@ class Reads(TorchFunctionMode):
         >>> with Reads(axes):
         ...     _ = torch.tensor(0.5).tolist()
         >>> axes.verdict()
-        Verdict(for_any_x=False, for_any_held=False, while_held=None, indexed_by=())
+        Verdict(for_any_x=False, for_any_held=False, while_held=None, indexed_by=(), numbers=False)
     """
 
     def __init__(self, axes: BatchAxes) -> None:

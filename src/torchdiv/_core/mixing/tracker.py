@@ -150,6 +150,20 @@ class BatchAxes:
         # index tensor written before it was read holds, at the next call's start, what
         # this call's writes left, not what that call's writes will (``_held_read``)
         self.written: set[int] = set()
+        # id -> (tensor, the tensors ``f`` held before the call it was computed from): the
+        # results of deterministic ops that read only such tensors, others of these and
+        # Python numbers (``W @ W.T + eps * I``, a Glow layer's ``P @ L @ U``: ``_build``);
+        # the storages written with such values, with their tensors (a view written), or
+        # with others (``dirty``: a value from ``x`` or one no op made); the ids of every
+        # tensor an op made during the watch (never one held before the call, alive all
+        # along; a tensor made without an op at a freed one's id is taken for made: the
+        # pass is then not kept, never kept wrongly)
+        self.built: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+        self.built_into: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.dirty: set[int] = set()
+        self.made: set[int] = set()
+        # whether a held read went through a built tensor (``Verdict.numbers``)
+        self.numbers = False
         self.args: Sequence[Any] = ()  # the current op's arguments (``read_indices``)
         # whether ``f`` computed with a tensor subclass (``Reads``): its results are then
         # aliases no ATen call made, followed at every op (``follow``)
@@ -201,6 +215,7 @@ class BatchAxes:
         if isinstance(t, torch.Tensor):
             storage = _storage(t)
             self.written.add(storage)
+            self.built.pop(id(t), None)  # (``_build`` notes it again where built so)
             if self.spare:  # (any values written into the rows kept: no longer only its own)
                 self.spare = {k: e for k, e in self.spare.items() if _storage(e[0]) != storage}
 
@@ -220,33 +235,111 @@ class BatchAxes:
 
     def _held_read(self, args: Sequence[Any]) -> bool:
         """Whether the current op, one that raises on its arguments' values
-        (``_CHECKS_VALUES``: a factorization that fails to converge), read only parameters
-        ``f`` held before the call (``nn.Parameter``, or views of one, that no watched op
-        gave batch axes), which it then notes as they are (``held_reads``, ``Kept``). Such an
-        op on weights alone, ``W / matrix_norm(W, 2)``, cannot route one sample's values
+        (``_CHECKS_VALUES``: a factorization that fails to converge), read only tensors
+        ``f`` held before the call (parameters, buffers, or views of one, that no watched op
+        gave batch axes and ``f`` did not write), or tensors built from such alone
+        (``built``: ``inv(P @ L @ U)``), which it then notes as they are (``held_reads``,
+        ``Kept``; a built one's by the held tensors it was built from, and ``numbers``). Such
+        an op on weights alone, ``W / matrix_norm(W, 2)``, cannot route one sample's values
         into another's, and whether it raises (a ``try:`` whose ``except`` branch mixes
-        samples) follows from the weights' values alone, which this call's ``x`` did not
-        set: the pass holds for any ``x`` while each weight is the same at the same version
-        and values (``Verdict.while_held``; training's step writes it: watched again). An argument
-        computed from ``x`` (a per-sample Kabsch alignment's ``svd``, even under
-        ``no_grad``, where it is no parameter) keeps the pass for these values only; a
-        solve's right-hand side is no such argument (``RAISES_ON_FIRST``)."""
+        samples) follows from the weights' values alone (and the numbers the ops building
+        its argument took), which this call's ``x`` did not set: the pass holds for any
+        ``x`` while each weight is the same at the same version and values
+        (``Verdict.while_held``; training's step writes it: watched again; ``passed`` keeps
+        it only where the key holds each of them). An argument computed from ``x`` (a
+        per-sample Kabsch alignment's ``svd``, even under ``no_grad``) keeps the pass for
+        these values only; a solve's right-hand side is no such argument
+        (``RAISES_ON_FIRST``)."""
         if self.func not in _CHECKS_VALUES:
             return False
-        held = []
+        held: dict[int, torch.Tensor] = {}
         for a in tree_leaves(args[:1] if self.func in RAISES_ON_FIRST else args):
             if not isinstance(a, torch.Tensor) or not _floating(a):
                 continue
-            root = a if a._base is None else a._base
-            if type(root) is not torch.nn.Parameter or self.axes(a) or self.axes(root):
+            roots = self._roots(a)
+            if roots is None:
                 return False
-            if self._written(root):  # (``f`` set it first: from a list, a counter, ``x``)
-                return False
-            held.append(root)
+            held.update((id(t), t) for t in roots)
         if not held:
             return False
-        self.held_reads += [Kept.of(t) for t in held]
+        for t in held.values():
+            if self.axes(t) or self._written(t):  # (``f`` set it: from a list, ``x``)
+                return False
+        self.held_reads += [Kept.of(t) for t in held.values()]
         return True
+
+    def _roots(self, a: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The tensors ``f`` held before the call that ``a`` is, is a view of or was built
+        from (``built``, and the tensors built into its storage, which ``f`` wrote nothing
+        else into: ``dirty``), or ``None`` if none such (``x``'s values, or a tensor some
+        op made otherwise)."""
+        root = a if a._base is None else a._base
+        if self._held_before(root):
+            return (root,)
+        entry = self.built.get(id(a))
+        if entry is None or entry[0] is not a:
+            return None
+        storage = _storage(a)
+        if storage in self.dirty or not storage:
+            return None
+        self.numbers = True
+        leaves = (*entry[1], *self.built_into.get(storage, ()))
+        return tuple(t if t._base is None else t._base for t in leaves)
+
+    def _held_before(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is a tensor ``f`` held before the call: no op made it during the
+        watch, and it is not ``x`` nor holds its samples (``passed`` keeps the pass only
+        where ``f``'s structure key holds it)."""
+        return id(t) not in self.made and t is not self.x and not self.axes(t)
+
+    def _build(self, args: Sequence[Any], written: list[torch.Tensor], out: Any) -> None:
+        """Note which results of the current op are ``built``: those of a deterministic op
+        (not drawn at random, not ``empty``'s memory) whose tensor arguments (``args``: its
+        positional and keyword ones) are all held before the call or built; the storages it
+        wrote (``written``) as ``built_into`` or ``dirty``; and every result as ``made``. An
+        op on ``x`` or on values no op made (``torch.tensor(...)``'s, ``from_numpy``'s)
+        builds nothing. (Run at every watched op: ~1 us.)"""
+        leaves = self._leaves(args, written)
+        if leaves is not None and _unbuilt(self.func):
+            leaves = None
+        for t in written:
+            storage = _storage(t)
+            if leaves is None:
+                self.dirty.add(storage)
+            else:
+                self.built_into[storage] = (*self.built_into.get(storage, ()), *leaves.values())
+        for t in out if type(out) is tuple or type(out) is list else (out,):
+            if isinstance(t, torch.Tensor):
+                if leaves is not None:
+                    self.built[id(t)] = (t, tuple(leaves.values()))
+                elif self.built:
+                    self.built.pop(id(t), None)
+                if not written or not any(t is w for w in written):
+                    self.made.add(id(t))
+
+    def _leaves(
+        self, args: Sequence[Any], written: list[torch.Tensor]
+    ) -> dict[int, torch.Tensor] | None:
+        """The tensors held before the call (by id; or views of them) that the tensors among
+        ``args`` (and in their lists) are or were built from, or ``None`` if one is none
+        such (``_build``; one the op writes is not: ``f`` sets its values)."""
+        leaves: dict[int, torch.Tensor] = {}
+        built, known, made = self.built, self.known, self.made
+        for arg in args:
+            for a in arg if type(arg) is list or type(arg) is tuple else (arg,):
+                if not isinstance(a, torch.Tensor):
+                    continue
+                i = id(a)
+                if i in known or i in made or a is self.x:  # (a result; ``x`` or from it)
+                    entry = built.get(i)
+                    if entry is None or entry[0] is not a:
+                        return None
+                    leaves.update((id(t), t) for t in entry[1])
+                elif written and any(a is w for w in written):
+                    return None
+                else:  # (its root read at a held read only: ``_base`` costs 6 us in ``Reads``)
+                    leaves[i] = a
+        return leaves
 
     def verdict(self) -> Verdict:
         """What this watch, passed, says of other calls at the structure (``Verdict``)."""
@@ -254,7 +347,8 @@ class BatchAxes:
             return Verdict(False, not self.values_decide)
         if self.held_reads or self.index_roots:
             roots = tuple((kept, base) for _, kept, base in self.index_roots.values())
-            return Verdict(False, not self.values_decide, tuple(self.held_reads), roots)
+            held = tuple(self.held_reads)
+            return Verdict(False, not self.values_decide, held, roots, self.numbers)
         return Verdict(True, not self.values_decide)
 
     def axes(self, t: Any) -> Axes | None:
@@ -328,8 +422,10 @@ class BatchAxes:
     def after(self, carry: Carry | None, args: Sequence[Any], out: Any) -> None:
         """Note the batch dimensions of the results ``out`` by the rule ``before`` gave (none:
         not followed further), and whether they depend on combined samples."""
-        if _writes(self.func):
-            self.wrote(args[0])
+        written = _written_args(self.func, args, self.kwargs)
+        for t in written:
+            self.wrote(t)
+        self._build((*args, *self.kwargs.values()) if self.kwargs else args, written, out)
         decided = decides(self.func, args, out, self.values_decide, self.kwargs)
         if decided:
             self.values_decide = True
@@ -620,12 +716,37 @@ def _storage(t: torch.Tensor) -> int:
         return 0
 
 
-# whether each op met writes into its first argument (``BatchAxes.wrote``)
-_WRITES: dict[Any, bool] = {}
+# the arguments each op met writes into, by place or keyword (``_written_args``)
+_WRITES: dict[Any, tuple[tuple[int, str], ...]] = {}
 
 
-def _writes(func: Any) -> bool:
-    found = _WRITES.get(func)
+def _written_args(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors ``func`` writes into among ``args`` and ``kwargs`` (``BatchAxes.wrote``):
+    its first argument's (``copy_``, ``add_``), an ``out=``'s, those of a ``_foreach_*_``'s
+    list (an EMA's ``_foreach_lerp_``: dropped, as not a tensor, until rev-merges18a)."""
+    places = _WRITES.get(func)
+    if places is None:
+        arguments = func._schema.arguments
+        places = _WRITES[func] = tuple(
+            (i, a.name)
+            for i, a in enumerate(arguments)
+            if a.alias_info is not None and a.alias_info.is_write
+        )
+    if not places:
+        return []
+    found = [args[i] if i < len(args) else kwargs.get(name) for i, name in places]
+    return [t for t in tree_leaves(found) if isinstance(t, torch.Tensor)]
+
+
+# whether each op met builds nothing from held tensors (``BatchAxes._build``): drawn at
+# random (``randn``, ``dropout``: other values at every call) or ``empty``'s memory
+_UNBUILT: dict[Any, bool] = {}
+_EMPTY = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
+
+
+def _unbuilt(func: Any) -> bool:
+    found = _UNBUILT.get(func)
     if found is None:
-        found = _WRITES[func] = _writes_first(func)
+        seeded = torch.Tag.nondeterministic_seeded in func.tags
+        found = _UNBUILT[func] = seeded or func._schema.name.split("::")[-1] in _EMPTY
     return found

@@ -58,7 +58,7 @@ def verdicts() -> Iterator[Verdicts]:
         >>> with verdicts() as seen:
         ...     _ = watched(torch.sin, torch.randn(4, 2), 1)
         >>> seen.verdict
-        Verdict(for_any_x=True, for_any_held=True, while_held=None, indexed_by=())
+        Verdict(for_any_x=True, for_any_held=True, while_held=None, indexed_by=(), numbers=False)
     """
     seen = Verdicts()
     token = _VERDICTS.set(seen.seen)
