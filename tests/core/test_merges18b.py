@@ -10,6 +10,8 @@ A tensor ``f`` builds from Python data (``torch.tensor([...])``) and then writes
 was taken for state outside ``f`` (its storage made by no ATen op: ``lift_fresh`` aliases
 it), compared between evaluations and refused as "wrote other values": on the paths that
 evaluate ``f`` several times, and since leftovers18 on ``"auto"``'s recording then fallback.
+Written with values computed from ``x``, its recorded ``lift_fresh`` replayed the written
+memory: the Taylor Laplacian (``"auto"``'s plan) silently off.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, assert_same_parameter_gradients, laplacian_by_grad_of_grad
+from conftest import (
+    assert_close,
+    assert_same_parameter_gradients,
+    laplacian_alone,
+    laplacian_by_grad_of_grad,
+)
 from torch import nn
 
 import torchdiv
@@ -184,3 +191,32 @@ def test_the_hint_for_a_score_in_a_laplacian_names_no_method_it_lacks() -> None:
     assert torchdiv.laplacian(score, x.requires_grad_(True)).shape == (4, 3)
     with pytest.raises(RuntimeError, match="method='forward' cannot run a backward pass"):
         torchdiv.divergence(score, x.detach(), method="forward")
+
+
+def _gated(net: nn.Module):
+    """``net``'s output scaled by a table built from a Python list, written in place with
+    values computed from ``x`` (a gate) before use."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        table = torch.tensor([[1.0, 2.0, 3.0]] * x.shape[0], dtype=x.dtype)
+        table.mul_(torch.tanh(x))
+        table[:, 1] += x[:, 0] ** 2
+        return net(x) * table
+
+    return f
+
+
+@pytest.mark.parametrize("method", ["auto", "taylor"])
+def test_a_tensor_built_from_python_data_written_from_x_is_replayed_as_built(method: str):
+    """Failed before the fix (0.84 off, on c53e7f7 too): the recording's ``lift_fresh``
+    node read the tensor ``f`` then wrote in place, so its replays started from the written
+    values. Values and parameter gradients against each sample alone by grad of grad."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.rand(4, 3, dtype=f64)
+    f = _gated(net)
+    want = torch.stack([laplacian_alone(lambda z, k=k: f(z)[:, k], x) for k in range(3)], 1)
+    for _ in range(2):
+        got = torchdiv.laplacian(f, x, method=method)
+        assert_close(got, want)
+        assert_same_parameter_gradients(net, got.square().sum(), want.square().sum())

@@ -359,11 +359,13 @@ class _Recorder(DispatchMode):
         # constant write is kept, not replayed (what it reads does not matter)
         refs = self.mapped(args, kwargs, depends) if written else None
         out = func(*args, **kwargs)
+        if lifted(func, args):  # (f writes into a copy: the node's constant keeps its values)
+            out = out.clone()
         if self.axes is not None:
             self.axes.after(carry, args, out)
         outs = leaves(out)
         if not written:
-            self.note_reads([] if lifted(func, args) else flat, outs)
+            self.note_reads(flat, outs)
         depends = depends and differentiable(outs)
         if depends and (recorded not in self.rules or recorded._schema.is_mutable):
             self.graph.unsupported.append(str(func))
