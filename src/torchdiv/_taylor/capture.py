@@ -222,7 +222,6 @@ class _Recorder(DispatchMode):
         # through another tensor sharing their memory (``_Recorder.replayed_before``)
         self.fresh: dict[int, int] = {}
         self.sharing: dict[int, list[int]] = {}  # fresh storage -> the tensors made there
-        self.lifted: set[int] = set()  # storages of ``torch.tensor(data)`` in f (``lifted``)
         self.stale: set[int] = set()
         # by storage: the in-place writes recorded out of place (``functional``) into a tensor
         # sharing it with others (node, the written elements, the op): a replay would give
@@ -360,10 +359,8 @@ class _Recorder(DispatchMode):
         # constant write is kept, not replayed (what it reads does not matter)
         refs = self.mapped(args, kwargs, depends) if written else None
         out = func(*args, **kwargs)
-        if lifted(func, args):  # replayed as a copy of its values now (f may write into it)
-            self.lifted.add(_storage(out))
-            with torch._C._DisableTorchDispatch():
-                args, recorded = (args[0].clone(),), aten.clone.default
+        if lifted(func, args):  # (f writes into a copy: the node's constant keeps its values)
+            out = out.clone()
         if self.axes is not None:
             self.axes.after(carry, args, out)
         outs = leaves(out)
@@ -522,7 +519,7 @@ class _Recorder(DispatchMode):
             if storage == self.x_storage:
                 self.graph.unsupported.append(f"{func} writing to x")
                 continue
-            if storage not in self.fresh and storage not in self.lifted:
+            if storage not in self.fresh:
                 self.graph.outside.add(storage)
             if not depends and self.constant_write(tensor, storage):
                 self.graph.changed.append(Before.of(tensor))
