@@ -348,14 +348,19 @@ def _backward_inside_hint(fn: str, method: object) -> str:
     """The way out for a backward pass ``f`` takes inside (``torch.autograd.grad``) whose
     input does not require grad under the transforms of ``method``: with respect to ``x``
     (a score model), or to tensors ``f`` closes over (a MAML inner step on parameters, which
-    no ``torch.func`` transform runs: only plain autograd)."""
-    score_way = "'auto'" if method == "reverse" else "'auto' or 'reverse'"
+    no ``torch.func`` transform runs: only plain autograd). Only ``method='forward'`` is
+    told of the methods a score runs under (another method's functions have none)."""
+    forward = (
+        "; method='forward' cannot run a backward pass inside f: use 'auto' or 'reverse'"
+        if method == "forward"
+        else ""
+    )
     return (
         "f takes a backward pass inside (torch.autograd.grad) whose input does not require "
         "grad there. With respect to what f is given (a score torch.autograd.grad(E(x).sum(), "
         "x)): pass x with requires_grad=True, or let f make it so (with torch.enable_grad(): "
-        "x = x if x.requires_grad else x.requires_grad_(True)); method='forward' cannot run "
-        f"a backward pass inside f: use {score_way}. With respect to tensors f closes over "
+        f"x = x if x.requires_grad else x.requires_grad_(True)){forward}. With respect to "
+        "tensors f closes over "
         "(parameters: a MAML inner step, torch.autograd.grad(loss, params)): torch.func's "
         "transforms (the methods 'forward', 'reverse', 'forward-over-reverse', 'hessian') "
         f"cannot run it; use {_plain_way(fn, method)}, which differentiates f with plain "

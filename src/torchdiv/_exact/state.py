@@ -24,7 +24,7 @@ from torch._C._autograd import _unsafe_set_version_counter
 from torchdiv._core.modes import DispatchMode
 from torchdiv._core.settings import Settings
 from torchdiv._exact.attributes import PlainAttributes, unwrap_between_evaluations
-from torchdiv._taylor.capture import _BATCH_NORMS, _storage, _written
+from torchdiv._taylor.capture import _BATCH_NORMS, _storage, _written, lifted
 from torchdiv._taylor.tree import leaves
 
 T = TypeVar("T")
@@ -111,7 +111,7 @@ class Changes(DispatchMode):
         if random:
             for generator in self._drawn_from(kwargs.get("generator")):
                 self.generators.setdefault(generator, generator.get_state())
-        return fresh
+        return fresh or lifted(func, args)
 
     def made(self, out: Any) -> None:
         """Note the results ``out`` of an op that returns new memory: ``f``'s own (a view or an

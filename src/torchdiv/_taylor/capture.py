@@ -361,6 +361,8 @@ class _Recorder(DispatchMode):
         # constant write is kept, not replayed (what it reads does not matter)
         refs = self.mapped(args, kwargs, depends) if written else None
         out = func(*args, **kwargs)
+        if lifted(func, args):  # (f writes into a copy: the node's constant keeps its values)
+            out = out.clone()
         if self.axes is not None:
             self.axes.after(carry, args, out)
         outs = leaves(out)
@@ -1026,6 +1028,19 @@ class Storages:
 def _spans_meet(a: Strided, b: Strided) -> bool:
     (a_low, a_high), (b_low, b_high) = a.span, b.span
     return a_low <= b_high and b_low <= a_high
+
+
+def lifted(func: Any, args: Any) -> bool:
+    """Whether ``func(*args)`` is the ``lift_fresh`` of memory PyTorch allocated just before:
+    ``torch.tensor(data)``'s copy of Python data, new memory of ``f``'s as a factory's. (It
+    aliases its argument; ``torch.from_numpy(a)``/``as_tensor(a)`` lift an array's memory,
+    which is not resizable: maybe a global, state outside ``f``.)"""
+    if func is not aten.lift_fresh.default:
+        return False
+    try:
+        return bool(args[0].untyped_storage().resizable())
+    except (RuntimeError, NotImplementedError):  # (a transform's wrapper: no storage)
+        return False
 
 
 def _storage(t: torch.Tensor) -> int:

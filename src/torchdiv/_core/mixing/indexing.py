@@ -158,7 +158,13 @@ def _sorted(rule: Carry) -> Carry:
         result = rule(tr, args, out)
         t, axes = args[0], tr.axes(args[0])
         values, indices = out
-        if axes is None or len(axes) != 1 or id(values) not in tr.mixed or not t.dim():
+        if (
+            axes is None
+            or len(axes) != 1
+            or tr.pending is not None  # (``t`` mixed already: that stays, unsorted or not)
+            or id(values) not in tr.mixed
+            or not t.dim()
+        ):
             return result
         dim = tr.kwargs.get("dim", args[1] if len(args) > 1 else -1) % t.dim()
         if axes[0].position == dim:
@@ -398,7 +404,8 @@ def _put(
         tr.pending = before
         if _misput(tr, t, layout, index, values) is None and tr.pending is before:
             return layout
-    spared = _spared(tr, t, index, values) if found is not None else None
+    # (a write reading nothing mixed: ``t`` marked so already would lose that mark)
+    spared = _spared(tr, t, index, values) if found is not None and before is None else None
     if spared is not None:
         tr.pending = before
         return spared
@@ -413,7 +420,8 @@ def _spared(tr: BatchAxes, t: torch.Tensor, index: list[Any], values: Any) -> Ax
     PyG's ``to_dense_batch`` with ``max_num_nodes`` smaller than a graph sends the nodes it
     cuts off, any sample's, there (its trash slot). That row then mixes samples
     (``BatchAxes.spare``): ``t`` is marked mixed, which a slice cutting the row off clears
-    (``_cut_off``); ``None`` where the write is not of that form."""
+    (``_cut_off``) unless ``f`` wrote into ``t`` again (``BatchAxes.wrote``); ``None`` where
+    the write is not of that form or reads a mixed tensor."""
     n, held = len(tr.x) if tr.batch_dims == 1 else 0, tr.axes(values)
     i = index[0] if index else None
     if (

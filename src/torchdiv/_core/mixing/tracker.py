@@ -179,7 +179,8 @@ class BatchAxes:
         # puts each sample back into rows of its own (``_unsorted``)
         self.sorted: dict[int, tuple[torch.Tensor, int, int, Axis, torch.Tensor]] = {}
         # id -> (tensor, the row): a fresh tensor's spare last row that values of several
-        # samples were written into (``_spared``), mixed until a slice cuts it off
+        # samples were written into (``_spared``), mixed until a slice cuts it off; dropped
+        # at any later write into its storage (``wrote``)
         self.spare: dict[int, tuple[torch.Tensor, int]] = {}
 
     def read_indices(self) -> None:
@@ -212,8 +213,11 @@ class BatchAxes:
         """Note that ``f`` wrote into ``t``'s storage (an in-place op, through a view or
         ``.data``; ``t.data = v``: ``Reads``), whatever its version says."""
         if isinstance(t, torch.Tensor):
-            self.written.add(_storage(t))
+            storage = _storage(t)
+            self.written.add(storage)
             self.built.pop(id(t), None)  # (``_build`` notes it again where built so)
+            if self.spare:  # (any values written into the rows kept: no longer only its own)
+                self.spare = {k: e for k, e in self.spare.items() if _storage(e[0]) != storage}
 
     def _written(self, t: torch.Tensor | None) -> bool:
         """Whether ``f`` wrote into ``t``'s storage earlier in the watch (``wrote``)."""
