@@ -462,10 +462,11 @@ class Unwritten:
         self.fn, self.f, self.x = fn, f, x
         self.version = x._version
         self.backup: torch.Tensor | None = None
-        # (``detach`` only where ``x`` has a graph: one dispatched op fewer; ``try``, not
-        # ``contextlib.suppress``: three Python calls fewer in every public call)
+        # (``detach`` always: inside a recording of an outer call, as the biharmonic's nested
+        # Laplacian makes, the recorder follows ``x`` and would record the clone as one of
+        # ``f``'s ops; ``try``, not ``contextlib.suppress``: three Python calls fewer a call)
         try:  # noqa: SIM105  # a device without copy-on-write: no backup
-            self.backup = torch._lazy_clone(x.detach() if x.requires_grad else x)  # pyright: ignore[reportPrivateImportUsage]
+            self.backup = torch._lazy_clone(x.detach())  # pyright: ignore[reportPrivateImportUsage]
         except RuntimeError:
             pass
 
