@@ -10,6 +10,7 @@ import types
 import weakref
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
+from numbers import Number
 from typing import Any, NamedTuple
 
 import torch
@@ -115,12 +116,16 @@ class Numbers(NamedTuple):
     modules: tuple[tuple[Any, tuple[tuple[str, Any], ...]], ...]
 
     @staticmethod
-    def of(modules: Iterable[torch.nn.Module]) -> Numbers:
-        """The numbers each of ``modules`` holds now."""
-        return Numbers(tuple((weakref.ref(m), _numbers(m)) for m in modules))
+    def of(modules: Iterable[Any]) -> Numbers | None:
+        """The numbers each of ``modules`` (or plain objects a function names, ``_objects``)
+        holds now; ``None`` where one has no weak references (not told: no pass)."""
+        try:
+            return Numbers(tuple((weakref.ref(m), _numbers(m)) for m in modules))
+        except TypeError:
+            return None
 
     def current(self) -> bool:
-        """Whether each module is alive and holds the same numbers."""
+        """Whether each module (or object) is alive and holds the same numbers."""
         for ref, numbers in self.modules:
             module = ref()
             if module is None or _numbers(module) != numbers:
@@ -129,24 +134,54 @@ class Numbers(NamedTuple):
 
 
 def _numbers(m: Any, depth: int = 1) -> tuple[tuple[str, Any], ...]:
-    """The ``int``, ``float`` and ``complex`` attributes of ``m``, by name, with those of a
-    list or tuple of at most ``TUPLE_ITEMS`` items (``self.eps = (1e-3, 1e-2)``) and, ``depth``
-    levels down, those of a plain object it holds (a configuration's ``self.cfg.eps``: not a
-    module, tensor or callable) (``Numbers``)."""
+    """The numbers (``int``, ``float``, ``complex``, ``bool``, a NumPy scalar: any
+    ``numbers.Number``) ``m`` holds as attributes (``_fields``), by name, with those of a list
+    or tuple of at most ``TUPLE_ITEMS`` items (``self.eps = (1e-3, 1e-2)``) and, ``depth``
+    levels down, those of a plain object it holds (a configuration's ``self.cfg.eps``, also
+    a ``dataclass(slots=True)``'s: not a module, tensor or callable) (``Numbers``)."""
     found: list[tuple[str, Any]] = []
-    for k, v in vars(m).items():
+    for k, v in _fields(m).items():
         kind = type(v)
-        if kind in _NUMBERS:
+        if isinstance(v, Number):
             found.append((k, v))
         elif (kind is list or kind is tuple) and len(v) <= TUPLE_ITEMS:
-            found.append((k, tuple(u for u in v if type(u) in _NUMBERS)))
+            found.append((k, tuple(u for u in v if isinstance(u, Number))))
         elif depth and not callable(v) and not isinstance(v, _NOT_PLAIN):
-            with contextlib.suppress(TypeError):  # (no ``__dict__``)
-                found.append((k, _numbers(v, depth - 1)))
+            found.append((k, _numbers(v, depth - 1)))
     return tuple(found)
 
 
-_NUMBERS = frozenset((int, float, complex))
+def _fields(m: Any) -> dict[str, Any]:
+    """``m``'s attributes: its ``__dict__``'s and its classes' ``__slots__``' (read without
+    ``getattr``'s fallbacks: a proxy's ``__getattr__``; an empty slot: not there)."""
+    found = dict(getattr(m, "__dict__", None) or {})
+    for kind in type(m).__mro__[:-1]:
+        slots = kind.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            slot = kind.__dict__.get(name)
+            if isinstance(slot, types.MemberDescriptorType):
+                with contextlib.suppress(AttributeError):
+                    found[name] = slot.__get__(m, kind)
+    return found
+
+
+def _objects(f: Any) -> list[Any]:
+    """The plain objects (a configuration: no module, tensor, callable, dictionary or value
+    ``identity`` tells by value) a plain function ``f`` names (``_named``), whose numbers
+    ``Numbers`` holds: ``identity`` holds them by identity only."""
+    f = unwrapped(f)
+    if not isinstance(f, types.FunctionType):
+        return []
+    return [
+        v
+        for v in _named(f)[1]
+        if type(v) not in _VALUES
+        and not callable(v)
+        and not isinstance(v, (*_NOT_PLAIN, tuple, list, types.ModuleType))
+        and v is not _EMPTY
+    ]
+
+
 _NOT_PLAIN = (torch.Tensor, torch.nn.Module, dict)  # (a module's hooks: dictionaries)
 
 
@@ -209,7 +244,10 @@ def passed(
     if held is None or indices is None:
         return
     if verdict.numbers:
-        held += (Numbers.of(_modules(f)),)
+        numbers = Numbers.of([*_modules(f), *_objects(f)])
+        if numbers is None:
+            return
+        held += (numbers,)
     at = at or structure(f, x, batch_dims)
     found: Passed | None = _PASSED.get(*at)
     if found is None:
@@ -391,14 +429,21 @@ def _identity(
     ids of the others it tells by identity and version to ``others`` (``_holds``)."""
     if not isinstance(f, types.FunctionType) or depth == 0:
         return f, ()
-    names, keywords = f.__globals__, f.__kwdefaults__ or {}
-    found = tuple(n for n in global_names(f.__code__) if n in names)
-    held: list[Any] = [_cell(c) for c in f.__closure__ or ()]
-    held += [*(f.__defaults__ or ()), *keywords.values(), *(names[n] for n in found)]
+    found, held = _named(f)
     parts = tuple(_part(v, depth, values, others) for v in held)
     if any(p is None for p in parts):
         return f, ()
-    return f.__code__, (found, tuple(keywords), parts)
+    return f.__code__, (found, tuple(f.__kwdefaults__ or {}), parts)
+
+
+def _named(f: types.FunctionType) -> tuple[tuple[str, ...], list[Any]]:
+    """The globals ``f``'s code names (those bound), and what ``f`` holds: its closure
+    cells' contents, its default arguments and those globals' values (``_identity``)."""
+    names = f.__globals__
+    found = tuple(n for n in global_names(f.__code__) if n in names)
+    held: list[Any] = [_cell(c) for c in f.__closure__ or ()]
+    held += [*(f.__defaults__ or ()), *(f.__kwdefaults__ or {}).values()]
+    return found, held + [names[n] for n in found]
 
 
 _EMPTY = object()  # an empty closure cell (a name bound later)

@@ -1,0 +1,96 @@
+"""rev-merges18c: numbers a provenance pass (paramonly18) must hold that it did not.
+
+A factorization of a matrix built from parameters and Python numbers keeps the watch's pass
+while ``Numbers`` finds the same numbers at each call. It held only numbers of the exact types
+``int``/``float``/``complex``, in a plain object with a ``__dict__``, of the modules ``f``
+reaches: a NumPy scalar (``np.float64(1e-3)``, a configuration read with NumPy), a
+``dataclass(slots=True)`` configuration, or a configuration object a plain function names
+(not a module's), set so the factorization fails, was served by the first call's pass while
+``f``'s ``except`` branch mixed samples (divergences off by the cross-sample terms).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import torchdiv
+from tests.core.test_mixing_parameter_provenance18 import Regularised
+from torchdiv import BatchInteractionError
+
+f64 = torch.float64
+
+
+@dataclasses.dataclass(slots=True)
+class SlotsConfig:
+    """A configuration without a ``__dict__`` (``dataclass(slots=True)``)."""
+
+    eps: float = 1.0
+
+
+def _numpy_scalar(net: Regularised) -> Callable[[], None]:
+    net.eps = np.float64(1.0)  # type: ignore[assignment]
+
+    def change() -> None:
+        net.eps = np.float64(-100.0)  # type: ignore[assignment]
+
+    return change
+
+
+def _slots_config(net: Regularised) -> Callable[[], None]:
+    net.config = SlotsConfig()  # type: ignore[assignment]
+    net.eps = 0.0
+
+    def change() -> None:
+        net.config.eps = -100.0
+
+    return change
+
+
+@pytest.mark.parametrize("number", [_numpy_scalar, _slots_config], ids=["numpy", "slots"])
+def test_a_module_s_number_of_another_kind_that_changes_is_watched_again(
+    number: Callable[[Regularised], Callable[[], None]],
+) -> None:
+    """``cholesky(W W^T + eps I)``, ``eps`` a NumPy scalar or a slotted configuration's:
+    set negative after a passed call, the fallback (mixing samples) is refused."""
+
+    def matrix(net: Regularised, x: torch.Tensor) -> torch.Tensor:
+        eps = float(net.eps) + net.config.eps
+        return net.W @ net.W.T + eps * torch.eye(3, dtype=f64)
+
+    torch.manual_seed(4)
+    net = Regularised(matrix)
+    change = number(net)
+    x = torch.randn(4, 3, dtype=f64)
+    torchdiv.divergence(net, x)
+    change()
+    with pytest.raises(BatchInteractionError):
+        torchdiv.divergence(net, x)
+
+
+def test_a_plain_function_s_configuration_that_changes_is_watched_again() -> None:
+    """A function over a module and a configuration object (no module): the configuration's
+    ``eps`` set negative after a passed call, the fallback is refused."""
+    torch.manual_seed(4)
+    net = Regularised(lambda net, x: net.W)
+    config = types.SimpleNamespace(eps=1.0)
+
+    def f(x: torch.Tensor) -> Any:
+        h = torch.tanh(x)
+        try:
+            m = net.W @ net.W.T + config.eps * torch.eye(3, dtype=f64)
+            return h @ torch.linalg.cholesky(m)
+        except RuntimeError:
+            return h * h.mean(0)
+
+    x = torch.randn(4, 3, dtype=f64)
+    torchdiv.divergence(f, x)
+    config.eps = -100.0
+    with pytest.raises(BatchInteractionError):
+        torchdiv.divergence(f, x)
