@@ -94,3 +94,24 @@ def test_a_plain_function_s_configuration_that_changes_is_watched_again() -> Non
     config.eps = -100.0
     with pytest.raises(BatchInteractionError):
         torchdiv.divergence(f, x)
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["view", "built"])
+def test_a_view_attribute_rebound_is_watched_again(built: bool) -> None:
+    """The module holds a view of its weight as a plain attribute (``self.Wv = self.W[:]``)
+    and factorizes it (or ``Wv + I``): the pass held only the view's base, ``W``, still in
+    its place after ``Wv`` was rebound to a matrix the factorization fails on, so the next
+    call's fallback (mixing samples) was served by the pass."""
+
+    def matrix(net: Regularised, x: torch.Tensor) -> torch.Tensor:
+        return net.Wv + torch.eye(3, dtype=f64) if built else net.Wv
+
+    torch.manual_seed(4)
+    net = Regularised(matrix)
+    net.W.data = torch.eye(3, dtype=f64)
+    net.Wv = net.W[:, :]
+    x = torch.randn(4, 3, dtype=f64)
+    torchdiv.divergence(net, x)
+    net.Wv = -100 * torch.eye(3, dtype=f64)
+    with pytest.raises(BatchInteractionError):
+        torchdiv.divergence(net, x)
