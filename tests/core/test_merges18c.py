@@ -115,3 +115,34 @@ def test_a_view_attribute_rebound_is_watched_again(built: bool) -> None:
     net.Wv = -100 * torch.eye(3, dtype=f64)
     with pytest.raises(BatchInteractionError):
         torchdiv.divergence(net, x)
+
+
+class NearlySingular(torch.nn.Module):
+    """``tanh(x) @ chol(W W^T + 1e-4 I)`` (float32) with ``W = 10 u u^T + 0.1 I``: the
+    smallest eigenvalue, 0.01, is below bfloat16's rounding of ``W W^T`` (entries ~6400),
+    so under ``torch.autocast`` the factorization fails; its fallback mixes samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        u = torch.randn(8, 1)
+        self.W = torch.nn.Parameter(10 * u @ u.T + 0.1 * torch.eye(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(x)
+        try:
+            m = self.W @ self.W.T + 1e-4 * torch.eye(8)
+            return h @ torch.linalg.cholesky(m.float())
+        except RuntimeError:
+            return h * h.mean(0)
+
+
+def test_a_pass_built_outside_autocast_is_not_served_inside() -> None:
+    """A pass kept outside ``torch.autocast`` (the built matrix factorized in float32), the
+    next call under bfloat16 autocast (its ``W @ W.T`` rounded: the fallback) is refused,
+    as it is on a fresh model, not served per sample (values off by the batch mean's terms)."""
+    torch.manual_seed(0)
+    net = NearlySingular()
+    x = torch.randn(4, 8)
+    torchdiv.divergence(net, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(BatchInteractionError):
+        torchdiv.divergence(net, x)

@@ -94,15 +94,16 @@ class Owned(NamedTuple):
 
 
 class Numbers(NamedTuple):
-    """The Python numbers (``int``, ``float``, ``complex``) each module ``f`` reaches holds
-    as attributes, in a short list or tuple, or in a plain object it holds (weak references
-    to the modules, and their numbers by name: ``_numbers``), which the structure's key does
-    not hold (a time, a count, a configuration): kept with a pass where a factorization
-    read a tensor built from held ones with numbers its ops took (``Verdict.numbers``:
-    ``cholesky(W @ W.T + self.eps * I)``; ``self.eps`` set negative, the next call's
-    ``except`` branch would mix samples unwatched). ``current`` while each is alive and
-    holds the same numbers (a count kept in ``forward``, ``self.nfe += 1``: watched at
-    every call, as without the pass).
+    """The Python numbers (``numbers.Number``: NumPy's scalars too) each module ``f``
+    reaches (and each plain object a function ``f`` names) holds as attributes, in a short
+    list or tuple, or in a plain object it holds (weak references to the modules, and their
+    numbers by name: ``_numbers``), and the modes (``_modes``: autocast's), which the
+    structure's key does not hold (a time, a count, a configuration): kept with a pass
+    where a factorization read a tensor built from held ones with numbers its ops took
+    (``Verdict.numbers``: ``cholesky(W @ W.T + self.eps * I)``; ``self.eps`` set negative,
+    the next call's ``except`` branch would mix samples unwatched). ``current`` while each
+    is alive and holds the same numbers, under the same modes (a count kept in ``forward``,
+    ``self.nfe += 1``: watched at every call, as without the pass).
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
@@ -114,23 +115,41 @@ class Numbers(NamedTuple):
     """
 
     modules: tuple[tuple[Any, tuple[tuple[str, Any], ...]], ...]
+    modes: Hashable = None
 
     @staticmethod
     def of(modules: Iterable[Any]) -> Numbers | None:
         """The numbers each of ``modules`` (or plain objects a function names, ``_objects``)
-        holds now; ``None`` where one has no weak references (not told: no pass)."""
+        holds now, and the modes now (``_modes``); ``None`` where one has no weak
+        references (not told: no pass)."""
         try:
-            return Numbers(tuple((weakref.ref(m), _numbers(m)) for m in modules))
+            return Numbers(tuple((weakref.ref(m), _numbers(m)) for m in modules), _modes())
         except TypeError:
             return None
 
     def current(self) -> bool:
-        """Whether each module (or object) is alive and holds the same numbers."""
+        """Whether each module (or object) is alive and holds the same numbers, under the
+        same modes."""
+        if _modes() != self.modes:
+            return False
         for ref, numbers in self.modules:
             module = ref()
             if module is None or _numbers(module) != numbers:
                 return False
         return True
+
+
+def _modes() -> Hashable:
+    """What sets a built tensor's values besides its tensors and numbers, which the structure
+    key does not hold (``Numbers``): the default dtype (``torch.eye(3)``'s) and, for each
+    device type, the autocast dtype where autocast is on (``W @ W.T`` in bfloat16: a
+    Cholesky factorization that passed in float32 fails, rev-merges18c)."""
+    return torch.get_default_dtype(), tuple(
+        torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None for d in _DEVICES
+    )
+
+
+_DEVICES = ("cpu", "cuda", "xpu", "mps")  # (the device types autocast runs on)
 
 
 def _numbers(m: Any, depth: int = 1) -> tuple[tuple[str, Any], ...]:
