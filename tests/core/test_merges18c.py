@@ -146,3 +146,46 @@ def test_a_pass_built_outside_autocast_is_not_served_inside() -> None:
     torchdiv.divergence(net, x)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(BatchInteractionError):
         torchdiv.divergence(net, x)
+
+
+class Regularise:
+    """A callable object (no module) over a model and its own ``eps``: ``tanh(x) @
+    chol(W W^T + eps I)``, or the fallback that mixes samples."""
+
+    def __init__(self, net: Regularised, eps: Any) -> None:
+        self.net, self.eps = net, eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _regularised(x, self.net, self.eps)
+
+
+def _regularised(x: torch.Tensor, net: Regularised, eps: Any) -> torch.Tensor:
+    h = torch.tanh(x)
+    try:
+        eps = eps[0] if isinstance(eps, list) else eps
+        return h @ torch.linalg.cholesky(net.W @ net.W.T + eps * torch.eye(3, dtype=f64))
+    except RuntimeError:
+        return h * h.mean(0)
+
+
+@pytest.mark.parametrize("how", ["object", "partial", "list"])
+def test_a_callable_s_own_number_that_changes_is_watched_again(how: str) -> None:
+    """``eps`` held by a callable object, in a list a ``functools.partial`` holds, or in a
+    list a function closes over: set negative after a passed call, the fallback is refused."""
+    import functools
+
+    torch.manual_seed(4)
+    net = Regularised(lambda net, x: net.W)
+    eps = [1.0]
+    f: Any = Regularise(net, 1.0)
+    if how == "partial":
+        f = functools.partial(_regularised, net=net, eps=eps)
+    elif how == "list":
+        f = lambda x: _regularised(x, net, eps)  # noqa: E731
+    x = torch.randn(4, 3, dtype=f64)
+    torchdiv.divergence(f, x)
+    if how == "object":
+        f.eps = -100.0
+    eps[0] = -100.0
+    with pytest.raises(BatchInteractionError):
+        torchdiv.divergence(f, x)

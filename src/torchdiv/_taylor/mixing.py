@@ -5,6 +5,7 @@ samples (for errors that do not say so), and the objects ``f`` already watched a
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import types
 import weakref
@@ -184,21 +185,30 @@ def _fields(m: Any) -> dict[str, Any]:
     return found
 
 
-def _objects(f: Any) -> list[Any]:
-    """The plain objects (a configuration: no module, tensor, callable, dictionary or value
-    ``identity`` tells by value) a plain function ``f`` names (``_named``), whose numbers
-    ``Numbers`` holds: ``identity`` holds them by identity only."""
+def _objects(f: Any) -> list[Any] | None:
+    """The objects besides modules whose numbers ``Numbers`` holds for ``f``: the plain
+    objects (a configuration: no module, tensor, callable or value ``identity`` tells by
+    value) a plain function names (``_named``, also in a tuple), a bound method's object, a
+    callable object itself (``identity`` holds each by identity only); ``None`` where ``f``
+    holds numbers no weak reference follows (a list's, a dictionary's, a ``partial``'s
+    arguments, a callable without attributes): no pass."""
     f = unwrapped(f)
-    if not isinstance(f, types.FunctionType):
+    if isinstance(f, torch.nn.Module):
         return []
-    return [
-        v
-        for v in _named(f)[1]
-        if type(v) not in _VALUES
-        and not callable(v)
-        and not isinstance(v, (*_NOT_PLAIN, tuple, list, types.ModuleType))
-        and v is not _EMPTY
-    ]
+    if isinstance(f, types.MethodType):
+        return [] if isinstance(f.__self__, torch.nn.Module) else [f.__self__]
+    if not isinstance(f, types.FunctionType):
+        return None if isinstance(f, functools.partial) or not hasattr(f, "__dict__") else [f]
+    found = []
+    for v in _named(f)[1]:
+        for u in v if type(v) is tuple else (v,):
+            if isinstance(u, (list, dict)):
+                return None
+            if not (type(u) in _VALUES or callable(u) or u is _EMPTY) and not isinstance(
+                u, (torch.Tensor, torch.nn.Module, types.ModuleType)
+            ):
+                found.append(u)
+    return found
 
 
 _NOT_PLAIN = (torch.Tensor, torch.nn.Module, dict)  # (a module's hooks: dictionaries)
@@ -263,7 +273,8 @@ def passed(
     if held is None or indices is None:
         return
     if verdict.numbers:
-        numbers = Numbers.of([*_modules(f), *_objects(f)])
+        objects = _objects(f)
+        numbers = None if objects is None else Numbers.of([*_modules(f), *objects])
         if numbers is None:
             return
         held += (numbers,)
