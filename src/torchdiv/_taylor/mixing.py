@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import inspect
 import types
 import weakref
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
+from numbers import Number
 from typing import Any, NamedTuple
 
 import torch
@@ -94,15 +96,16 @@ class Owned(NamedTuple):
 
 
 class Numbers(NamedTuple):
-    """The Python numbers (``int``, ``float``, ``complex``) each module ``f`` reaches holds
-    as attributes, in a short list or tuple, or in a plain object it holds (weak references
-    to the modules, and their numbers by name: ``_numbers``), which the structure's key does
-    not hold (a time, a count, a configuration): kept with a pass where a factorization
-    read a tensor built from held ones with numbers its ops took (``Verdict.numbers``:
-    ``cholesky(W @ W.T + self.eps * I)``; ``self.eps`` set negative, the next call's
-    ``except`` branch would mix samples unwatched). ``current`` while each is alive and
-    holds the same numbers (a count kept in ``forward``, ``self.nfe += 1``: watched at
-    every call, as without the pass).
+    """The Python numbers (``numbers.Number``: NumPy's scalars too) each module ``f``
+    reaches (and each plain object a function ``f`` names) holds as attributes, in a short
+    list or tuple, or in a plain object it holds (weak references to the modules, and their
+    numbers by name: ``_numbers``), and the modes (``_modes``: autocast's), which the
+    structure's key does not hold (a time, a count, a configuration): kept with a pass
+    where a factorization read a tensor built from held ones with numbers its ops took
+    (``Verdict.numbers``: ``cholesky(W @ W.T + self.eps * I)``; ``self.eps`` set negative,
+    the next call's ``except`` branch would mix samples unwatched). ``current`` while each
+    is alive and holds the same numbers, under the same modes (a count kept in ``forward``,
+    ``self.nfe += 1``: watched at every call, as without the pass).
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
@@ -114,14 +117,23 @@ class Numbers(NamedTuple):
     """
 
     modules: tuple[tuple[Any, tuple[tuple[str, Any], ...]], ...]
+    modes: Hashable = None
 
     @staticmethod
-    def of(modules: Iterable[torch.nn.Module]) -> Numbers:
-        """The numbers each of ``modules`` holds now."""
-        return Numbers(tuple((weakref.ref(m), _numbers(m)) for m in modules))
+    def of(modules: Iterable[Any]) -> Numbers | None:
+        """The numbers each of ``modules`` (or plain objects a function names, ``_objects``)
+        holds now, and the modes now (``_modes``); ``None`` where one has no weak
+        references (not told: no pass)."""
+        try:
+            return Numbers(tuple((weakref.ref(m), _numbers(m)) for m in modules), _modes())
+        except TypeError:
+            return None
 
     def current(self) -> bool:
-        """Whether each module is alive and holds the same numbers."""
+        """Whether each module (or object) is alive and holds the same numbers, under the
+        same modes."""
+        if _modes() != self.modes:
+            return False
         for ref, numbers in self.modules:
             module = ref()
             if module is None or _numbers(module) != numbers:
@@ -129,39 +141,86 @@ class Numbers(NamedTuple):
         return True
 
 
+def _modes() -> Hashable:
+    """What sets a built tensor's values besides its tensors and numbers, which the structure
+    key does not hold (``Numbers``): the default dtype (``torch.eye(3)``'s) and, for each
+    device type, the autocast dtype where autocast is on (``W @ W.T`` in bfloat16: a
+    Cholesky factorization that passed in float32 fails, rev-merges18c)."""
+    return torch.get_default_dtype(), tuple(
+        torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None for d in _DEVICES
+    )
+
+
+_DEVICES = ("cpu", "cuda", "xpu", "mps")  # (the device types autocast runs on)
+
+
 def _numbers(m: Any, depth: int = 1) -> tuple[tuple[str, Any], ...]:
-    """The ``int``, ``float`` and ``complex`` attributes of ``m``, by name, with those of a
-    list or tuple of at most ``TUPLE_ITEMS`` items (``self.eps = (1e-3, 1e-2)``) and, ``depth``
-    levels down, those of a plain object it holds (a configuration's ``self.cfg.eps``: not a
-    module, tensor or callable, and with a ``__dict__``: a module's ``training``, ``None``
-    hooks and sets have none, skipped without raising ``vars``' ``TypeError``, which cost
-    ~40 us of every call a pass with numbers served) (``Numbers``)."""
+    """The numbers (``int``, ``float``, ``complex``, ``bool``, a NumPy scalar: any
+    ``numbers.Number``) ``m`` holds as attributes (``_fields``), by name, with those of a list
+    or tuple of at most ``TUPLE_ITEMS`` items (``self.eps = (1e-3, 1e-2)``) and, ``depth``
+    levels down, those of a plain object it holds (a configuration's ``self.cfg.eps``, also
+    a ``dataclass(slots=True)``'s: not a module, tensor or callable) (``Numbers``). A module's
+    own hooks, ``None``s, sets and names are skipped first by type (``_NONE_HELD``)."""
     found: list[tuple[str, Any]] = []
-    for k, v in vars(m).items():
+    for k, v in _fields(m).items():
         kind = type(v)
         if kind in _NONE_HELD:
             continue
-        if kind in _NUMBERS:
+        if isinstance(v, Number):
             found.append((k, v))
         elif (kind is list or kind is tuple) and len(v) <= TUPLE_ITEMS:
-            found.append((k, tuple(u for u in v if type(u) in _NUMBERS)))
-        elif (
-            depth
-            and not callable(v)
-            and not isinstance(v, _NOT_PLAIN)
-            and isinstance(getattr(v, "__dict__", None), dict)  # (what ``vars`` reads)
-        ):
+            found.append((k, tuple(u for u in v if isinstance(u, Number))))
+        elif depth and not callable(v) and not isinstance(v, _NOT_PLAIN):
             found.append((k, _numbers(v, depth - 1)))
     return tuple(found)
 
 
-_NUMBERS = frozenset((int, float, complex))
+def _fields(m: Any) -> dict[str, Any]:
+    """``m``'s attributes: its ``__dict__``'s and its classes' ``__slots__``' (read without
+    ``getattr``'s fallbacks: a proxy's ``__getattr__``; an empty slot: not there)."""
+    found = dict(getattr(m, "__dict__", None) or {})
+    for kind in type(m).__mro__[:-1]:
+        slots = kind.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            slot = kind.__dict__.get(name)
+            if isinstance(slot, types.MemberDescriptorType):
+                with contextlib.suppress(AttributeError):
+                    found[name] = slot.__get__(m, kind)
+    return found
+
+
+def _objects(f: Any) -> list[Any] | None:
+    """The objects besides modules whose numbers ``Numbers`` holds for ``f``: the plain
+    objects (a configuration: no module, tensor, callable or value ``identity`` tells by
+    value) a plain function names (``_named``, also in a tuple), a bound method's object, a
+    callable object itself (``identity`` holds each by identity only); ``None`` where ``f``
+    holds numbers no weak reference follows (a list's, a dictionary's, a ``partial``'s
+    arguments, a callable without attributes): no pass."""
+    f = unwrapped(f)
+    if isinstance(f, torch.nn.Module):
+        return []
+    if isinstance(f, types.MethodType):
+        return [] if isinstance(f.__self__, torch.nn.Module) else [f.__self__]
+    if not isinstance(f, types.FunctionType):
+        return None if isinstance(f, functools.partial) or not hasattr(f, "__dict__") else [f]
+    found = []
+    for v in _named(f)[1]:
+        for u in v if type(v) is tuple else (v,):
+            if isinstance(u, (list, dict)):
+                return None
+            if not (type(u) in _VALUES or callable(u) or u is _EMPTY) and not isinstance(
+                u, (torch.Tensor, torch.nn.Module, types.ModuleType)
+            ):
+                found.append(u)
+    return found
+
+
 _NOT_PLAIN = (torch.Tensor, torch.nn.Module, dict)  # (a module's hooks: dictionaries)
 # the types of most of a module's own attributes (its hooks, parameters, buffers, submodules,
-# ``training``, ``_is_full_backward_hook``, ``_non_persistent_buffers_set``), exactly: neither
-# numbers nor a plain object holding some: ``_numbers`` skips them before its checks, each a
-# Python call (``Numbers.current`` of cayley's six modules, timeit: 81 -> 13 us)
-_NONE_HELD = frozenset((dict, collections.OrderedDict, bool, type(None), set, str))
+# ``_non_persistent_buffers_set``), exactly: neither numbers nor a plain object holding some
+# (``bool``s are numbers: ``training`` is held): ``_numbers`` skips them before its checks,
+# each a Python call (``Numbers.current`` of cayley's six modules, timeit: 81 -> 13 us)
+_NONE_HELD = frozenset((dict, collections.OrderedDict, type(None), set, str))
 
 
 def passed_before(
@@ -223,7 +282,11 @@ def passed(
     if held is None or indices is None:
         return
     if verdict.numbers:
-        held += (Numbers.of(_modules(f)),)
+        objects = _objects(f)
+        numbers = None if objects is None else Numbers.of([*_modules(f), *objects])
+        if numbers is None:
+            return
+        held += (numbers,)
     at = at or structure(f, x, batch_dims)
     found: Passed | None = _PASSED.get(*at)
     if found is None:
@@ -405,14 +468,21 @@ def _identity(
     ids of the others it tells by identity and version to ``others`` (``_holds``)."""
     if not isinstance(f, types.FunctionType) or depth == 0:
         return f, ()
-    names, keywords = f.__globals__, f.__kwdefaults__ or {}
-    found = tuple(n for n in global_names(f.__code__) if n in names)
-    held: list[Any] = [_cell(c) for c in f.__closure__ or ()]
-    held += [*(f.__defaults__ or ()), *keywords.values(), *(names[n] for n in found)]
+    found, held = _named(f)
     parts = tuple(_part(v, depth, values, others) for v in held)
     if any(p is None for p in parts):
         return f, ()
-    return f.__code__, (found, tuple(keywords), parts)
+    return f.__code__, (found, tuple(f.__kwdefaults__ or {}), parts)
+
+
+def _named(f: types.FunctionType) -> tuple[tuple[str, ...], list[Any]]:
+    """The globals ``f``'s code names (those bound), and what ``f`` holds: its closure
+    cells' contents, its default arguments and those globals' values (``_identity``)."""
+    names = f.__globals__
+    found = tuple(n for n in global_names(f.__code__) if n in names)
+    held: list[Any] = [_cell(c) for c in f.__closure__ or ()]
+    held += [*(f.__defaults__ or ()), *(f.__kwdefaults__ or {}).values()]
+    return found, held + [names[n] for n in found]
 
 
 _EMPTY = object()  # an empty closure cell (a name bound later)

@@ -272,10 +272,12 @@ class BatchAxes:
         """The tensors ``f`` held before the call that ``a`` is, is a view of or was built
         from (``built``, and the tensors built into its storage, which ``f`` wrote nothing
         else into: ``dirty``), or ``None`` if none such (``x``'s values, or a tensor some
-        op made otherwise)."""
+        op made otherwise). A view held before the call (``self.Wv = self.W[:]``) comes
+        with its base: ``passed`` then holds it where ``f`` reads it from too (rebound, the
+        base still in its place: watched again)."""
         root = a if a._base is None else a._base
         if self._held_before(root):
-            return (root,)
+            return (root,) if root is a or id(a) in self.made else (root, a)
         entry = self.built.get(id(a))
         if entry is None or entry[0] is not a:
             return None
@@ -283,8 +285,8 @@ class BatchAxes:
         if storage in self.dirty or not storage:
             return None
         self.numbers = True
-        leaves = (*entry[1], *self.built_into.get(storage, ()))
-        return tuple(t if t._base is None else t._base for t in leaves)
+        leaves = (*entry[1], *self.built_into.get(storage, ()))  # (each held before)
+        return tuple(u for t in leaves for u in ((t,) if t._base is None else (t._base, t)))
 
     def _held_before(self, t: torch.Tensor) -> bool:
         """Whether ``t`` is a tensor ``f`` held before the call: no op made it during the
