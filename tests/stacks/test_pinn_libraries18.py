@@ -329,6 +329,19 @@ def test_subclass_built_in_f_per_sample(dtype: torch.dtype) -> None:
         assert_close(torchdiv.laplacian(_per_sample, x), expected)
 
 
+def test_subclass_built_in_f_value_grad_laplacian_hint() -> None:
+    """``value_grad_laplacian`` evaluates ``f`` under the dispatch mode that keeps its state
+    changes to one evaluation, where ``extract`` cannot run: PyTorch's error, with a hint to
+    the calls that serve its parts (docs/guide/limitations.md); they do, rightly."""
+    x = _Columns(torch.rand(6, 2, dtype=torch.float64), ["a", "b"])
+    with pytest.raises(RuntimeError, match=r"torchdiv\.laplacian and torchdiv\.jacobian run such"):
+        torchdiv.value_grad_laplacian(_per_sample, x)
+    plain = x.as_subclass(torch.Tensor)
+    expected = torch.func.vmap(torch.func.jacrev(lambda z: _per_sample(z[None])[0]))(plain)
+    assert_close(torchdiv.jacobian(_per_sample, x), expected)
+    assert_close(torchdiv.laplacian(_per_sample, x), reference_laplacian(_per_sample, plain))
+
+
 def _torchphysics() -> Any:
     tp = pytest.importorskip("torchphysics")
     return tp
