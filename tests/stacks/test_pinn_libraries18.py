@@ -123,6 +123,23 @@ def test_pina_label_tensor_inputs(op: str, fourier: bool, requires_grad: bool) -
     assert pts.labels == ["x", "y", "t"] and pts.requires_grad == requires_grad
 
 
+@pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "nograd"])
+def test_pina_mixing_model_refused(requires_grad: bool) -> None:
+    """PINA's hard-constraint model with its features centred over the batch (``h - h.mean(0)``):
+    ``extract`` cannot run watched, and the unwatched evaluation after looked for a train-mode
+    batch norm only, so the Laplacian was served silently wrong until a review found it."""
+    model = HardPoisson(fourier=False)
+    pts = _points(requires_grad)
+
+    def centred(z: torch.Tensor) -> torch.Tensor:
+        h = model(z)
+        return h - h.mean(0)
+
+    for _ in range(2):
+        with pytest.raises(torchdiv.BatchInteractionError, match="mixes samples"):
+            torchdiv.laplacian(centred, pts)
+
+
 def test_pina_extracted_columns() -> None:
     """``x`` extracted from a bigger ``LabelTensor`` (``pts.extract(['x', 'y'])`` of ``x, y, t,
     mu``), the model reading labels of the extracted tensor: the Laplacian of each."""
@@ -235,6 +252,94 @@ def test_subclass_x_first_call_watched(coordinates: list[int] | None) -> None:
     for _ in range(2):
         with pytest.raises(torchdiv.BatchInteractionError, match="mixes samples"):
             torchdiv.laplacian(f, x, coordinates=coordinates)
+
+
+class _Columns(torch.Tensor):
+    """A ``torch.Tensor`` subclass with column names whose ``extract`` builds a new instance
+    from a slice, as PINA's ``LabelTensor(t[:, [i]], labels)`` does: PyTorch refuses that
+    under the watch's ``TorchDispatchMode`` ("Creating a new Tensor subclass")."""
+
+    @staticmethod
+    def __new__(cls, t: torch.Tensor, names: list[str]) -> _Columns:
+        return super().__new__(cls, t)  # type: ignore[call-arg]  # (an alias of t)
+
+    def __init__(self, t: torch.Tensor, names: list[str]) -> None:
+        self.names = names
+
+    def extract(self, name: str) -> _Columns:
+        """The column ``name``, a new ``_Columns`` (on ``self``'s autograd graph)."""
+        i = self.names.index(name)
+        return _Columns(self.as_subclass(torch.Tensor)[:, [i]], [name])
+
+
+def _columns(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z``'s columns ``a`` and ``b`` (``extract`` where ``z`` is a ``_Columns``)."""
+    if isinstance(z, _Columns):
+        return z.extract("a").as_subclass(torch.Tensor), z.extract("b").as_subclass(torch.Tensor)
+    return z[:, :1], z[:, 1:]
+
+
+def _per_sample(z: torch.Tensor) -> torch.Tensor:
+    a, b = _columns(z)
+    return torch.sin(a) * b**2 + a**3
+
+
+_MIXING: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mean": lambda z: _per_sample(z) - _per_sample(z).mean(0),
+    "softmax": lambda z: torch.softmax(_per_sample(z), 0),
+    "sort": lambda z: torch.sort(_per_sample(z), 0).values,
+}
+
+
+@pytest.mark.parametrize("mixing", list(_MIXING))
+def test_subclass_built_in_f_mixing_refused(mixing: str) -> None:
+    """``f`` builds a new instance of ``x``'s subclass (``extract``), which PyTorch refuses
+    under the watch: ``f`` ran again unwatched and only a train-mode batch norm was looked for,
+    so an ``f`` mixing samples by a mean, a softmax or a sort over the batch was served the
+    diagonal blocks of the cross-sample Hessian, silently, until a review found it."""
+    x = _Columns(torch.rand(6, 2, dtype=torch.float64), ["a", "b"])
+    for _ in range(2):  # (the first call and a later one)
+        with pytest.raises(torchdiv.BatchInteractionError, match="mixes samples"):
+            torchdiv.laplacian(_MIXING[mixing], x)
+
+
+def test_subclass_built_in_f_pass_not_remembered() -> None:
+    """A sort along the batch of values already in order is, at that ``x``, of one sample at a
+    time (a right Laplacian); the numerical check's pass holds there only, so the next call, at
+    values out of order, is checked again and refused."""
+    a = torch.linspace(0.1, 0.9, 6, dtype=torch.float64)[:, None]
+    ordered = torch.cat([a, torch.full_like(a, 0.5)], 1)
+    f = _MIXING["sort"]
+    got = torchdiv.laplacian(f, _Columns(ordered, ["a", "b"]))
+    assert_close(got, reference_laplacian(_per_sample, ordered))
+    with pytest.raises(torchdiv.BatchInteractionError, match="mixes samples"):
+        torchdiv.laplacian(f, _Columns(ordered.flip(0), ["a", "b"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_subclass_built_in_f_per_sample(dtype: torch.dtype) -> None:
+    """The same ``extract`` in an ``f`` of one sample at a time: passed (the numerical check's
+    round-off well inside its tolerance in float32 too), the Laplacian right at each call (the
+    float64 reference on plain tensors)."""
+    torch.manual_seed(0)
+    for _ in range(3):
+        x = _Columns(torch.rand(64, 2, dtype=dtype), ["a", "b"])
+        plain = x.as_subclass(torch.Tensor).double()
+        expected = reference_laplacian(_per_sample, plain).to(dtype)
+        assert_close(torchdiv.laplacian(_per_sample, x), expected)
+
+
+def test_subclass_built_in_f_value_grad_laplacian_hint() -> None:
+    """``value_grad_laplacian`` evaluates ``f`` under the dispatch mode that keeps its state
+    changes to one evaluation, where ``extract`` cannot run: PyTorch's error, with a hint to
+    the calls that serve its parts (docs/guide/limitations.md); they do, rightly."""
+    x = _Columns(torch.rand(6, 2, dtype=torch.float64), ["a", "b"])
+    with pytest.raises(RuntimeError, match=r"torchdiv\.laplacian and torchdiv\.jacobian run such"):
+        torchdiv.value_grad_laplacian(_per_sample, x)
+    plain = x.as_subclass(torch.Tensor)
+    expected = torch.func.vmap(torch.func.jacrev(lambda z: _per_sample(z[None])[0]))(plain)
+    assert_close(torchdiv.jacobian(_per_sample, x), expected)
+    assert_close(torchdiv.laplacian(_per_sample, x), reference_laplacian(_per_sample, plain))
 
 
 def _torchphysics() -> Any:

@@ -285,6 +285,15 @@ def _hint(
             "op with register_autograd), which torch.func's transforms cannot run; use "
             f"{_plain_way(fn, method)}, which runs it by plain autograd."
         )
+    if message.startswith("Creating a new Tensor subclass"):  # refused under a dispatch mode
+        return (
+            "f builds a torch.Tensor subclass from an op's result (PINA's LabelTensor in "
+            "x.extract), which PyTorch refuses under a TorchDispatchMode; this call evaluates f "
+            "under one (value_grad_laplacian: to keep f's buffer updates and random draws to one "
+            "evaluation). torchdiv.laplacian and torchdiv.jacobian run such an f (the parts of "
+            "value_grad_laplacian, separately); or read the columns by position on "
+            "x.as_subclass(torch.Tensor)."
+        )
     if "Trying to use forward AD with" in message:  # an op without a forward-mode rule
         return _forward_ad_hint(fn, message)
     if "doesn't have storage" in message:  # an op reading memory under torch.func's wrappers

@@ -102,15 +102,8 @@ def check_transformed(
             return
         if not isinstance(y, torch.Tensor) or not y.is_floating_point():
             return
-        v, s = _draws(y.shape, batch, y.dtype, y.device)
-        on_y = s.reshape(*batch, *[1] * (y.dim() - batch_dims))
-        # the two VJPs in one batched backward pass (a vmap of the pullback)
-        (both,) = torch.func.vmap(pullback)(torch.stack([v, on_y * v]))
-        plain, weighted = both[0], both[1]
-    scaled = s.reshape(*batch, *[1] * (x.dim() - batch_dims)) * plain
-    leak = _physical((weighted - scaled).abs()).max()
-    scale = torch.maximum(_physical(weighted.abs()).max(), _physical(scaled.abs()).max())
-    if float(leak) > _tolerance(y.dtype, y.device) * float(scale):
+        (plain, weighted), s = scaled_vjps(lambda c: torch.func.vmap(pullback)(c)[0], y, batch)
+    if leaks(plain, weighted, s, y.dtype, y.device):
         what = (
             "under a torch.func transform around the call (vmap, grad, jacrev), the VJP of f "
             "carries each sample's cotangent into other samples' gradients (a reduction, "
@@ -121,6 +114,32 @@ def check_transformed(
             + " Outside the transform (on one member of an ensemble) the same call names the op "
             "that mixes them, and torchdiv.check_batch_independence(f, x) tests f."
         )
+
+
+def scaled_vjps(
+    vjps: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, batch: torch.Size
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(J^T v, J^T (s * v))`` stacked, and ``s`` (of shape ``batch``): ``v`` and ``s`` drawn
+    by ``_draws``, ``vjps`` given both cotangents stacked (``(2, *y.shape)``) and returning
+    both VJPs stacked (one batched backward pass)."""
+    v, s = _draws(y.shape, batch, y.dtype, y.device)
+    on_y = s.reshape(*batch, *[1] * (y.dim() - len(batch)))
+    return vjps(torch.stack([v, on_y * v])), s
+
+
+def leaks(
+    plain: torch.Tensor,
+    weighted: torch.Tensor,
+    s: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> bool:
+    """Whether ``weighted = J^T (s * v)`` differs from ``s * plain`` (``plain = J^T v``) by more
+    than ``_tolerance`` of the largest of either: a cotangent carried across samples."""
+    scaled = s.reshape(*s.shape, *[1] * (plain.dim() - s.dim())) * plain
+    leak = _physical((weighted - scaled).abs()).max()
+    scale = torch.maximum(_physical(weighted.abs()).max(), _physical(scaled.abs()).max())
+    return float(leak) > _tolerance(dtype, device) * float(scale)
 
 
 def _draws(

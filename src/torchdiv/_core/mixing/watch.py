@@ -18,12 +18,13 @@ import torch
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, explain
 from torchdiv._core.mixing.reads import Verdict, reading
 from torchdiv._core.mixing.tracker import BatchAxes
-from torchdiv._core.mixing.transformed import check_transformed
+from torchdiv._core.mixing.transformed import check_transformed, leaks, scaled_vjps
 from torchdiv._core.modes import (
     UNDERIVABLE_OPS,
     DispatchMode,
     refuse_underivable,
 )
+from torchdiv._core.subclass import attributes_of
 from torchdiv._core.walk import BATCH_NORM_NODES, nodes
 
 # the list ``verdicts`` collects into, while one is open
@@ -142,10 +143,58 @@ def watched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) 
         if not str(exc).startswith(_NO_SUBCLASS):
             raise
         # PyTorch makes no tensor subclass of an op's result under a TorchDispatchMode (PINA's
-        # LabelTensor(x[:, [i]], labels) in x.extract): f again, unwatched, its graph searched
-        y = f(x)
-        check_graph(None, y, x, batch_dims, x.dim() == batch_dims)
+        # LabelTensor(x[:, [i]], labels) in x.extract): f again, unwatched, checked by its VJPs
+        y = _unwatched(f, x, batch_dims)
     return y
+
+
+def _unwatched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) -> Any:
+    """``f(x)`` for an ``f`` that cannot run watched (it builds a tensor subclass), checked
+    numerically: ``BatchInteractionError`` for a train-mode batch norm in its graph
+    (``check_graph``), or where ``J^T (s * v) = s * J^T v`` fails (``v`` one Gaussian event
+    vector for all samples, ``s`` a Gaussian weight per sample; ``check_transformed``'s
+    argument: a cross-sample block leaks with probability 1, a per-sample ``f`` only round-off).
+    Evaluated (grad on) at ``x`` where it requires grad, else at a leaf alias of it (of its
+    subclass, its attributes kept), so that the VJPs reach it. The check holds at this ``x``
+    only (a sort along the batch may leave it in order), so the pass is not remembered: a
+    ``Verdict()`` that keeps nothing joins the open ``verdicts``, and later calls check
+    again. A coupling with zero derivative (statistics under ``no_grad``) goes unseen, as
+    under a transform."""
+    z = x
+    if not x.requires_grad:
+        z = attributes_of(x, torch.Tensor.requires_grad_(torch.Tensor.detach(x), True))
+    with torch.enable_grad():
+        y = f(z)
+    seen = _VERDICTS.get()
+    if seen is not None:
+        seen.append(Verdict())
+    check_graph(None, y, z, batch_dims, False)
+    if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.grad_fn is None:
+        return y
+    batch = x.shape[:batch_dims]
+    if batch.numel() < 2:
+        return y
+    (plain, weighted), s = scaled_vjps(lambda c: _vjps(y, z, c), y, batch)
+    if leaks(plain, weighted, s, y.dtype, y.device):
+        what = (
+            "f builds a tensor subclass, which PyTorch refuses under the watch, and its VJP "
+            "carries each sample's cotangent into other samples' gradients (a reduction, "
+            "normalisation, sort or matrix product over the batch)"
+        )
+        raise BatchInteractionError(explain(what, x, batch_dims))
+    return y
+
+
+def _vjps(y: torch.Tensor, z: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
+    """The VJPs of ``y`` at ``z`` for each of the stacked ``cotangents`` (zeros where ``y``
+    does not depend on ``z``), plain tensors, ``y``'s graph kept: one backward pass each, not
+    ``is_grads_batched``'s vmap, which a custom ``autograd.Function`` may not support."""
+    out = []
+    for v in cotangents:
+        (g,) = torch.autograd.grad(y, z, v, retain_graph=True, allow_unused=True)
+        # (plain: PINA's detach reads labels a gradient lacks)
+        out.append(v.new_zeros(z.shape) if g is None else g.as_subclass(torch.Tensor))
+    return torch.stack(out)
 
 
 # the start of PyTorch's message (torch/csrc/autograd/python_variable.cpp)
