@@ -11,8 +11,9 @@ the mode rule counts alike (``_exact.plan.OpSizes``): ``pointwise`` (a channel M
 kernel-size-1 ``Conv2d``\\ s, 1-16-16-1, tanh, the way FNO lifts and projects) and
 ``conv3x3`` (the same with 3 x 3 kernels, padding 1), float32 on (4, 1, 16, 16), where
 ``auto`` runs the structured engine and
-the explicit methods compare the generic engines. Wall times on a loaded machine scatter;
-thread CPU times (``_common.cpu_interleaved_ms``) gave the numbers in the limitations guide.
+the explicit methods compare the generic engines. Wall times on a loaded machine scatter, so
+each case is also timed by thread CPU time (``_common.cpu_interleaved_ms``, needs one thread),
+which gave the numbers in the limitations guide.
 
 Methods: ``auto`` and the explicit ``reverse`` and ``forward``, checked against ``reverse``
 (dtype tolerance), timed round-robin (``torch.utils.benchmark``, median and IQR); the ratio
@@ -24,11 +25,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import statistics
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import compare, markdown, script
+from _common import compare, cpu_interleaved_ms, markdown, script
 from torch import nn
 
 import torchdiv
@@ -82,9 +84,16 @@ def run_case(name: str, rounds: int, min_run_time: float) -> list[dict[str, Any]
     }
     rtol = 1e-4 if x.dtype == torch.float32 else 1e-6  # (the spectrum stays complex64: notes)
     best = lambda t: min(t["reverse"]["median_ms"], t["forward"]["median_ms"])  # noqa: E731
-    return compare(
+    rows = compare(
         {"case": name}, calls, calls["reverse"](), rtol, rounds, min_run_time, ("x_best", best)
     )
+    rounds_ms = cpu_interleaved_ms(calls, rounds, min_run_time)
+    cpu = {k: statistics.median(v) for k, v in rounds_ms.items()}
+    for row in rows:
+        row["cpu_ms"] = cpu[row["method"]]
+        row["cpu_x_best"] = cpu[row["method"]] / min(cpu["reverse"], cpu["forward"])
+    print(name, "thread CPU ms:", {k: round(v, 2) for k, v in cpu.items()}, flush=True)
+    return rows
 
 
 def tables(rows: list[dict[str, Any]]) -> None:
@@ -92,10 +101,14 @@ def tables(rows: list[dict[str, Any]]) -> None:
     by_case: dict[str, dict[str, Any]] = {}
     for row in rows:
         by_case.setdefault(row["case"], {"case": row["case"]})[row["method"]] = row.get("median_ms")
+        by_case[row["case"]][f"cpu_{row['method']}"] = row.get("cpu_ms")
         if row["method"] == "auto":
             by_case[row["case"]]["x_best"] = row.get("x_best")
+            by_case[row["case"]]["cpu_x_best"] = row.get("cpu_x_best")
     columns = [("case", "case"), ("auto", "auto ms"), ("reverse", "reverse ms")]
     columns += [("forward", "forward ms"), ("x_best", "auto / best")]
+    columns += [(f"cpu_{m}", f"{m} CPU ms") for m in ("auto", "reverse", "forward")]
+    columns += [("cpu_x_best", "auto / best, CPU")]
     print(markdown(list(by_case.values()), columns))
 
 
