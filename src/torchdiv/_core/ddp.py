@@ -131,6 +131,7 @@ class Call:
         if self.fsdp_states and differentiable:  # FSDP2 hooks views only with a warning
             result = _rebuild(result, iter([_owned(t) for t in _tensors(result)]))
         for state in reversed(self.fsdp_states):
+            keep_writes(state)
             outputs = tuple(_tensors(result)) if differentiable else ()
             tensors = state._post_forward(state._modules[0], (), outputs)
             if differentiable:
@@ -144,6 +145,48 @@ class Call:
                 tensors = [used(t, params) for t in tensors]
             result = _rebuild(result, iter(ddp._post_forward(tuple(tensors))))
         return result
+
+
+def keep_writes(state: Any) -> None:
+    """Values ``f`` wrote into the unsharded parameters of an FSDP2 module that reshards
+    after forward (WGAN's clipping ``self.weight.data.clamp_(-c, c)`` in ``forward``), copied
+    into this rank's shard, where they differ, before the reshard.
+
+    FSDP2 keeps the shard as the parameter and all-gathers it into the unsharded storage;
+    a write there is lost on the reshard, and the caller's backward gathers the shards again:
+    torchdiv's graphs, which read the weights in the backward pass (the Jacobian in a
+    divergence's derivative), then read the values from before the write (parameter gradients
+    2-30% off). Written back, the backward reads what the evaluations read, and the parameter
+    holds the written values, as an unwrapped module's does. Each rank writes its own shard
+    from the same gathered values: no collective. Element-wise,
+    ``shard[i] = unsharded[offset + i]`` where ``unsharded[offset + i] != shard[i]`` in the
+    unsharded (compute) dtype; ``offset``: the shard's place in the full parameter."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    pairs: list[tuple[DTensor, torch.Tensor]] = []  # (this rank's shard, its values)
+    for group in state._fsdp_param_groups:
+        if not group._reshard_after_forward:
+            continue  # (kept unsharded until the backward, as written)
+        for fsdp_param in group.fsdp_params:
+            sharded, full = fsdp_param.sharded_param, fsdp_param.unsharded_param
+            if isinstance(full, DTensor) or full.untyped_storage().size() == 0:
+                continue  # (tensor parallel inside, or not gathered: nothing to compare)
+            shape, offset = compute_local_shape_and_global_offset(
+                sharded.shape, sharded.device_mesh, sharded.placements
+            )
+            index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+            pairs.append((sharded, full.detach()[index]))
+    with torch.no_grad():
+        shards = [sharded.to_local() for sharded, _ in pairs]
+        written = [
+            mine.to(local.device) != local.to(mine.dtype)
+            for local, (_, mine) in zip(shards, pairs, strict=True)
+        ]
+        if not written or not bool(torch.stack([w.any() for w in written]).any()):
+            return  # (one synchronisation: the usual case writes nothing)
+        for local, (_, mine), mask in zip(shards, pairs, written, strict=True):
+            local.copy_(torch.where(mask, mine.to(local.device, local.dtype), local))
 
 
 def _finds_unused(ddp: Any) -> bool:
