@@ -9,7 +9,7 @@ from __future__ import annotations
 import ddp_cases
 import pytest
 import torch
-from conftest import in_todays_sample
+from conftest import in_todays_sample, laplacian_by_grad_of_grad, loop_diagonal
 
 import torchdiv
 
@@ -134,3 +134,77 @@ def test_a_ddp_module_in_a_compiled_loss_equals_one_process(one_process_group, m
     assert backend.frame_count > 0, "the loss ran eagerly: eager compared with eager"
     for g, want in zip(got, expected, strict=True):
         torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
+
+
+class ClipLinear(torch.nn.Linear):
+    """WGAN's weight clipping, written in ``forward``: ``.data`` clamped in place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.weight.data.clamp_(-0.3, 0.3)
+        return super().forward(x)
+
+
+class Critic(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.clipped, self.out = (
+            torch.nn.Linear(4, 4),
+            ClipLinear(4, 12),
+            torch.nn.Linear(12, 4),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.clipped(torch.tanh(self.pre(x)))))
+
+
+def _hutchinson_loop(f, x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    """``mean_k v_k^T J(x_b) v_k`` per sample: one ``autograd.grad`` per probe, a graph kept."""
+    leaf = x.detach().requires_grad_(True)
+    y = f(leaf)
+    rows = [(torch.autograd.grad(y, leaf, v, create_graph=True)[0] * v).sum(-1) for v in probes]
+    return torch.stack(rows).mean(0)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("operator", ["divergence-auto", "divergence-hutchinson", "laplacian"])
+def test_a_weight_clipped_in_forward_under_fsdp2_gives_the_unwrapped_gradients(
+    one_process_group, operator
+):
+    """A ``.data`` write in ``forward`` under FSDP2 resharding after forward: the write hit
+    the unsharded copy only, and the caller's backward gathered the shard again, unclipped;
+    torchdiv's graphs read the weights there (parameter gradients 2-30% off, values right).
+    Values, parameter gradients and the parameters after the call equal the module
+    unwrapped (float64, per-sample grad-of-grad loops)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    plain = Critic().double()
+    with torch.no_grad():
+        plain.clipped.weight.mul_(3.0)  # (most entries outside the clip)
+    model = Critic().double()
+    model.load_state_dict(plain.state_dict())
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model.children():
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    probes = torchdiv.draw_probes(x, 3)
+    if operator == "divergence-auto":
+        got = torchdiv.divergence(model, x)
+        want = loop_diagonal(plain, x, create_graph=True).sum(-1)
+    elif operator == "divergence-hutchinson":
+        got = torchdiv.divergence(model, x, method="hutchinson", probes=probes)
+        want = _hutchinson_loop(plain, x, probes)
+    else:
+        got = torchdiv.laplacian(lambda z: model(z).sum(-1), x)
+        want = laplacian_by_grad_of_grad(lambda z: plain(z).sum(-1), x)
+    got.square().mean().backward()
+    want.square().mean().backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for mine, theirs in zip(model.parameters(), plain.parameters(), strict=True):
+        zero = torch.zeros_like(theirs)
+        grad = zero if mine.grad is None else mine.grad.full_tensor()
+        want_grad = zero if theirs.grad is None else theirs.grad
+        torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(mine.full_tensor(), theirs, rtol=0, atol=0)

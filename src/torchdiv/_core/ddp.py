@@ -130,6 +130,7 @@ class Call:
         differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(result))
         if self.fsdp_states and differentiable:  # FSDP2 hooks views only with a warning
             result = _rebuild(result, iter([_owned(t) for t in _tensors(result)]))
+        keep_writes(self.fsdp_states)
         for state in reversed(self.fsdp_states):
             outputs = tuple(_tensors(result)) if differentiable else ()
             tensors = state._post_forward(state._modules[0], (), outputs)
@@ -144,6 +145,44 @@ class Call:
                 tensors = [used(t, params) for t in tensors]
             result = _rebuild(result, iter(ddp._post_forward(tuple(tensors))))
         return result
+
+
+def keep_writes(states: list[Any]) -> None:
+    """Values ``f`` wrote into the unsharded parameters of an FSDP2 module that reshards
+    after forward (WGAN's clipping ``self.weight.data.clamp_(-c, c)`` in ``forward``), copied
+    into this rank's shard, where they differ, before the reshard (``states``: FSDP2's).
+
+    FSDP2 keeps the shard as the parameter and all-gathers it into the unsharded storage;
+    a write there is lost on the reshard, and the caller's backward gathers the shards again:
+    torchdiv's graphs, which read the weights in the backward pass (the Jacobian in a
+    divergence's derivative), then read the values from before the write (parameter gradients
+    2-30% off). Written back, the backward reads what the evaluations read, and the parameter
+    holds the written values, as an unwrapped module's does. Each rank writes its own shard
+    from the same gathered values: no collective. Element-wise,
+    ``shard[i] = unsharded[offset + i]`` where ``unsharded[offset + i] != shard[i]`` in the
+    unsharded (compute) dtype; ``offset``: the shard's place in the full parameter (along
+    the shard dimension, the rank times the first chunk's length)."""
+    from torch.distributed.tensor import DTensor
+
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (this rank's shard, its values)
+    for group in (group for state in states for group in state._fsdp_param_groups):
+        if not group._reshard_after_forward:
+            continue  # (kept unsharded until the backward, as written)
+        for fsdp_param in group.fsdp_params:
+            full = fsdp_param.unsharded_param
+            if isinstance(full, DTensor) or full.untyped_storage().size() == 0:
+                continue  # (tensor parallelism inside, or not gathered: nothing to compare)
+            local = fsdp_param._sharded_local_tensor  # (a plain tensor: no DTensor dispatch)
+            dim = fsdp_param.fsdp_placement.dim  # FSDP2's chunks: all as long as the first
+            start = fsdp_param.mesh_info.shard_mesh_rank * fsdp_param.padded_sharded_param_size[dim]
+            mine = full.detach().narrow(dim, min(start, full.size(dim)), local.size(dim))
+            pairs.append((local, mine.to(local.device)))
+    with torch.no_grad():
+        written = [mine != local.to(mine.dtype) for local, mine in pairs]
+        if not written or not bool(torch.stack([w.any() for w in written]).any()):
+            return  # (one synchronisation: the usual call writes nothing)
+        for (local, mine), mask in zip(pairs, written, strict=True):
+            local.copy_(torch.where(mask, mine.to(local.dtype), local))
 
 
 def _finds_unused(ddp: Any) -> bool:
