@@ -167,14 +167,18 @@ def _hutchinson_loop(f, x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 @pytest.mark.parametrize("operator", ["divergence-auto", "divergence-hutchinson", "laplacian"])
+@pytest.mark.parametrize("wrap", ["layers", "root"])
 def test_a_weight_clipped_in_forward_under_fsdp2_gives_the_unwrapped_gradients(
-    one_process_group, operator
+    one_process_group, operator, wrap
 ):
     """A ``.data`` write in ``forward`` under FSDP2 resharding after forward: the write hit
     the unsharded copy only, and the caller's backward gathered the shard again, unclipped;
     torchdiv's graphs read the weights there (parameter gradients 2-30% off, values right).
-    Values, parameter gradients and the parameters after the call equal the module
-    unwrapped (float64, per-sample grad-of-grad loops)."""
+    Without resharding (``wrap="root"``: ``fully_shard(model)`` alone, FSDP2's default root)
+    the backward read the write, but the reshard after it dropped it: the parameter after
+    the call was unclipped (the next step's values 0.5% off). Values, parameter gradients and
+    the parameters after the call equal the module unwrapped (float64, per-sample
+    grad-of-grad loops)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -185,9 +189,12 @@ def test_a_weight_clipped_in_forward_under_fsdp2_gives_the_unwrapped_gradients(
     model = Critic().double()
     model.load_state_dict(plain.state_dict())
     mesh = init_device_mesh("cpu", (1,))
-    for layer in model.children():
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    if wrap == "layers":
+        for layer in model.children():
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    else:
+        fully_shard(model, mesh=mesh)
     x = torch.randn(6, 4, dtype=torch.float64)
     probes = torchdiv.draw_probes(x, 3)
     if operator == "divergence-auto":

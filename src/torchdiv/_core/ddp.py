@@ -148,15 +148,17 @@ class Call:
 
 
 def keep_writes(states: list[Any]) -> None:
-    """Values ``f`` wrote into the unsharded parameters of an FSDP2 module that reshards
-    after forward (WGAN's clipping ``self.weight.data.clamp_(-c, c)`` in ``forward``), copied
-    into this rank's shard, where they differ, before the reshard (``states``: FSDP2's).
+    """Values ``f`` wrote into the unsharded parameters of FSDP2 modules (WGAN's clipping
+    ``self.weight.data.clamp_(-c, c)`` in ``forward``), copied into this rank's shard, where
+    they differ, before the reshard (``states``: FSDP2's).
 
     FSDP2 keeps the shard as the parameter and all-gathers it into the unsharded storage;
-    a write there is lost on the reshard, and the caller's backward gathers the shards again:
-    torchdiv's graphs, which read the weights in the backward pass (the Jacobian in a
-    divergence's derivative), then read the values from before the write (parameter gradients
-    2-30% off). Written back, the backward reads what the evaluations read, and the parameter
+    a write there is lost on the reshard. After forward, the caller's backward gathers the
+    shards again: torchdiv's graphs, which read the weights in the backward pass (the Jacobian
+    in a divergence's derivative), then read the values from before the write (parameter
+    gradients 2-30% off). Without resharding after forward (FSDP2's root by default) the
+    backward reads the write, and the reshard after it drops it (the next step's values 0.5%
+    off). Written back, the backward reads what the evaluations read, and the parameter
     holds the written values, as an unwrapped module's does. Each rank writes its own shard
     from the same gathered values: no collective. Element-wise,
     ``shard[i] = unsharded[offset + i]`` where ``unsharded[offset + i] != shard[i]`` in the
@@ -166,8 +168,6 @@ def keep_writes(states: list[Any]) -> None:
 
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (this rank's shard, its values)
     for group in (group for state in states for group in state._fsdp_param_groups):
-        if not group._reshard_after_forward:
-            continue  # (kept unsharded until the backward, as written)
         for fsdp_param in group.fsdp_params:
             full = fsdp_param.unsharded_param
             if isinstance(full, DTensor) or full.untyped_storage().size() == 0:
