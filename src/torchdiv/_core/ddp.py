@@ -84,26 +84,31 @@ class Call:
             self.ddps.append(ddp)
 
     def enter_fsdp(self, module: Any, inputs: Any) -> None:
-        """A global forward pre-hook: the first FSDP2 module ``f`` calls (its root) unshards
+        """A global forward pre-hook: each FSDP2 root ``f`` calls (the first module of a tree;
+        a sharded child called without its root is a root of its own) unshards
         every module of its tree outside the transforms and modes, as its forward would, and
         their post-forward hooks (which would reshard and hook the inner outputs) pass for
         the rest of the call. The modules' own pre-forward hooks then find them unsharded in
         the forward state and do nothing."""
         if isinstance(module, _fsdp1()[0]):
             raise TypeError(_FSDP1)
-        if self.fsdp_states or _CURRENT.get() is not self:
+        if _CURRENT.get() is not self:
             return
         get_state = getattr(module, "_get_fsdp_state", None)
         if get_state is None:
             return
         root = get_state()
+        if any(root is known for known in self.fsdp_states):
+            return
         with _plain_level():
             root._pre_forward(module, (), {})
-            self.fsdp_states = list(root._state_ctx.all_states)
-            for state in self.fsdp_states:
+            known = self.fsdp_states
+            new = [s for s in root._state_ctx.all_states if not any(s is k for k in known)]
+            for state in new:
                 if state is not root:
                     state._pre_forward(state._modules[0], (), {})
-        for state in self.fsdp_states:
+        self.fsdp_states.extend(new)
+        for state in new:
             handle = state._post_forward_hook_handle  # a group's: one pre and post per module
             for one in getattr(handle, "handles", (handle,)):
                 hooks = one.hooks_dict_ref()
