@@ -167,14 +167,20 @@ def _hutchinson_loop(f, x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 @pytest.mark.parametrize("operator", ["divergence-auto", "divergence-hutchinson", "laplacian"])
+@pytest.mark.parametrize("wrap", ["layers", "root", "children"])
 def test_a_weight_clipped_in_forward_under_fsdp2_gives_the_unwrapped_gradients(
-    one_process_group, operator
+    one_process_group, operator, wrap
 ):
     """A ``.data`` write in ``forward`` under FSDP2 resharding after forward: the write hit
     the unsharded copy only, and the caller's backward gathered the shard again, unclipped;
     torchdiv's graphs read the weights there (parameter gradients 2-30% off, values right).
-    Values, parameter gradients and the parameters after the call equal the module
-    unwrapped (float64, per-sample grad-of-grad loops)."""
+    Without resharding (``wrap="root"``: ``fully_shard(model)`` alone, FSDP2's default root)
+    the backward read the write, but the reshard after it dropped it: the parameter after
+    the call was unclipped (the next step's values 0.5% off). ``wrap="children"``: ``f`` calls
+    the sharded children, never the root; each became a root of its own, and only the first
+    was unsharded for the call ("setStorage ... storage of size 0" in the caller's backward,
+    clipped or not). Values, parameter gradients and the parameters after the call equal
+    the module unwrapped (float64, per-sample grad-of-grad loops)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -185,19 +191,23 @@ def test_a_weight_clipped_in_forward_under_fsdp2_gives_the_unwrapped_gradients(
     model = Critic().double()
     model.load_state_dict(plain.state_dict())
     mesh = init_device_mesh("cpu", (1,))
-    for layer in model.children():
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    if wrap == "root":
+        fully_shard(model, mesh=mesh)
+    else:
+        for layer in model.children():
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    f = Critic.forward.__get__(model) if wrap == "children" else model  # (model's __call__ unused)
     x = torch.randn(6, 4, dtype=torch.float64)
     probes = torchdiv.draw_probes(x, 3)
     if operator == "divergence-auto":
-        got = torchdiv.divergence(model, x)
+        got = torchdiv.divergence(f, x)
         want = loop_diagonal(plain, x, create_graph=True).sum(-1)
     elif operator == "divergence-hutchinson":
-        got = torchdiv.divergence(model, x, method="hutchinson", probes=probes)
+        got = torchdiv.divergence(f, x, method="hutchinson", probes=probes)
         want = _hutchinson_loop(plain, x, probes)
     else:
-        got = torchdiv.laplacian(lambda z: model(z).sum(-1), x)
+        got = torchdiv.laplacian(lambda z: f(z).sum(-1), x)
         want = laplacian_by_grad_of_grad(lambda z: plain(z).sum(-1), x)
     got.square().mean().backward()
     want.square().mean().backward()

@@ -84,26 +84,31 @@ class Call:
             self.ddps.append(ddp)
 
     def enter_fsdp(self, module: Any, inputs: Any) -> None:
-        """A global forward pre-hook: the first FSDP2 module ``f`` calls (its root) unshards
+        """A global forward pre-hook: each FSDP2 root ``f`` calls (the first module of a tree;
+        a sharded child called without its root is a root of its own) unshards
         every module of its tree outside the transforms and modes, as its forward would, and
         their post-forward hooks (which would reshard and hook the inner outputs) pass for
         the rest of the call. The modules' own pre-forward hooks then find them unsharded in
         the forward state and do nothing."""
         if isinstance(module, _fsdp1()[0]):
             raise TypeError(_FSDP1)
-        if self.fsdp_states or _CURRENT.get() is not self:
+        if _CURRENT.get() is not self:
             return
         get_state = getattr(module, "_get_fsdp_state", None)
         if get_state is None:
             return
         root = get_state()
+        if any(root is known for known in self.fsdp_states):
+            return
         with _plain_level():
             root._pre_forward(module, (), {})
-            self.fsdp_states = list(root._state_ctx.all_states)
-            for state in self.fsdp_states:
+            known = self.fsdp_states
+            new = [s for s in root._state_ctx.all_states if not any(s is k for k in known)]
+            for state in new:
                 if state is not root:
                     state._pre_forward(state._modules[0], (), {})
-        for state in self.fsdp_states:
+        self.fsdp_states.extend(new)
+        for state in new:
             handle = state._post_forward_hook_handle  # a group's: one pre and post per module
             for one in getattr(handle, "handles", (handle,)):
                 hooks = one.hooks_dict_ref()
@@ -148,15 +153,17 @@ class Call:
 
 
 def keep_writes(states: list[Any]) -> None:
-    """Values ``f`` wrote into the unsharded parameters of an FSDP2 module that reshards
-    after forward (WGAN's clipping ``self.weight.data.clamp_(-c, c)`` in ``forward``), copied
-    into this rank's shard, where they differ, before the reshard (``states``: FSDP2's).
+    """Values ``f`` wrote into the unsharded parameters of FSDP2 modules (WGAN's clipping
+    ``self.weight.data.clamp_(-c, c)`` in ``forward``), copied into this rank's shard, where
+    they differ, before the reshard (``states``: FSDP2's).
 
     FSDP2 keeps the shard as the parameter and all-gathers it into the unsharded storage;
-    a write there is lost on the reshard, and the caller's backward gathers the shards again:
-    torchdiv's graphs, which read the weights in the backward pass (the Jacobian in a
-    divergence's derivative), then read the values from before the write (parameter gradients
-    2-30% off). Written back, the backward reads what the evaluations read, and the parameter
+    a write there is lost on the reshard. After forward, the caller's backward gathers the
+    shards again: torchdiv's graphs, which read the weights in the backward pass (the Jacobian
+    in a divergence's derivative), then read the values from before the write (parameter
+    gradients 2-30% off). Without resharding after forward (FSDP2's root by default) the
+    backward reads the write, and the reshard after it drops it (the next step's values 0.5%
+    off). Written back, the backward reads what the evaluations read, and the parameter
     holds the written values, as an unwrapped module's does. Each rank writes its own shard
     from the same gathered values: no collective. Element-wise,
     ``shard[i] = unsharded[offset + i]`` where ``unsharded[offset + i] != shard[i]`` in the
@@ -166,8 +173,6 @@ def keep_writes(states: list[Any]) -> None:
 
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (this rank's shard, its values)
     for group in (group for state in states for group in state._fsdp_param_groups):
-        if not group._reshard_after_forward:
-            continue  # (kept unsharded until the backward, as written)
         for fsdp_param in group.fsdp_params:
             full = fsdp_param.unsharded_param
             if isinstance(full, DTensor) or full.untyped_storage().size() == 0:
