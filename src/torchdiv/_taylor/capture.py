@@ -33,6 +33,7 @@ from torchdiv._core.mixing.errors import BatchInteractionError
 from torchdiv._core.mixing.reads import VALUE_FREE, Verdict, reading
 from torchdiv._core.mixing.tracker import BatchAxes
 from torchdiv._core.mixing.watch import tracker
+from torchdiv._core.mixing.writes import written_arguments
 from torchdiv._core.modes import (
     UNDERIVABLE_OPS,
     DispatchMode,
@@ -1059,12 +1060,11 @@ def _kept(func: Any, leaves: list[Any], writes: bool) -> list[Any] | None:
 
 class _Facts(NamedTuple):
     """What recording needs from an op's schema and tags, read once per op (reading them
-    took a fifth of a small network's recording): whether it is random, which arguments it
-    writes (position, name), and whether it is in place on its first argument, with the
-    out-of-place op of the same overload (``None`` if there is none)."""
+    took a fifth of a small network's recording): whether it is random and whether it is in
+    place on its first argument, with the out-of-place op of the same overload (``None`` if
+    there is none); the arguments it writes: ``written_arguments``."""
 
     random: bool
-    writes: tuple[tuple[int, str], ...]
     in_place: bool
     functional: Any
 
@@ -1082,14 +1082,8 @@ def _facts(func: Any) -> _Facts:
             name.endswith("_") and not name.startswith("_") and first is not None and first.is_write
         )
         packet = getattr(torch.ops.aten, name[:-1], None) if in_place else None
-        writes = tuple(
-            (i, argument.name)
-            for i, argument in enumerate(schema.arguments)
-            if argument.alias_info is not None and argument.alias_info.is_write
-        )
         facts = _FACTS[func] = _Facts(
             torch.Tag.nondeterministic_seeded in func.tags,
-            writes,
             in_place,
             _out_of_place(func, packet) if packet is not None else None,
         )
@@ -1126,10 +1120,7 @@ def _written(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
     out = []
     if func in _BATCH_NORMS and len(args) > 5 and args[5]:
         out += [t for t in args[3:5] if isinstance(t, torch.Tensor)]
-    for i, name in _facts(func).writes:
-        value = args[i] if i < len(args) else kwargs.get(name)
-        out += [t for t in leaves(value) if isinstance(t, torch.Tensor)]
-    return out
+    return out + written_arguments(func, args, kwargs)
 
 
 def _random_states(x: torch.Tensor) -> list[tuple[Callable[[Any], None], Any]]:

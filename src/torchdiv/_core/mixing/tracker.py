@@ -62,7 +62,7 @@ from torchdiv._core.mixing.tables import (
     _kind,
     _rules,
 )
-from torchdiv._core.mixing.writes import _writes_first, _writing
+from torchdiv._core.mixing.writes import _writes_first, _writing, written_arguments
 
 aten = torch.ops.aten
 
@@ -424,7 +424,7 @@ class BatchAxes:
     def after(self, carry: Carry | None, args: Sequence[Any], out: Any) -> None:
         """Note the batch dimensions of the results ``out`` by the rule ``before`` gave (none:
         not followed further), and whether they depend on combined samples."""
-        written = _written_args(self.func, args, self.kwargs)
+        written = written_arguments(self.func, args, self.kwargs)
         for t in written:
             self.wrote(t)
         self._build((*args, *self.kwargs.values()) if self.kwargs else args, written, out)
@@ -716,28 +716,6 @@ def _storage(t: torch.Tensor) -> int:
         return int(t.untyped_storage().data_ptr())
     except (RuntimeError, NotImplementedError):
         return 0
-
-
-# the arguments each op met writes into, by place or keyword (``_written_args``)
-_WRITES: dict[Any, tuple[tuple[int, str], ...]] = {}
-
-
-def _written_args(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    """The tensors ``func`` writes into among ``args`` and ``kwargs`` (``BatchAxes.wrote``):
-    its first argument's (``copy_``, ``add_``), an ``out=``'s, those of a ``_foreach_*_``'s
-    list (an EMA's ``_foreach_lerp_``: dropped, as not a tensor, until rev-merges18a)."""
-    places = _WRITES.get(func)
-    if places is None:
-        arguments = func._schema.arguments
-        places = _WRITES[func] = tuple(
-            (i, a.name)
-            for i, a in enumerate(arguments)
-            if a.alias_info is not None and a.alias_info.is_write
-        )
-    if not places:
-        return []
-    found = [args[i] if i < len(args) else kwargs.get(name) for i, name in places]
-    return [t for t in tree_leaves(found) if isinstance(t, torch.Tensor)]
 
 
 # whether each op met builds nothing from held tensors (``BatchAxes._build``): drawn at

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from torchdiv._core.checks import _shape
 from torchdiv._core.mixing.axes import Axis, Pick
@@ -196,6 +197,29 @@ def _writing(carry: Carry) -> Carry:
         return result
 
     return rule
+
+
+# the arguments each op met writes into, by place and name, as its schema marks them
+# (``written_arguments``)
+_WRITES: dict[Any, tuple[tuple[int, str], ...]] = {}
+
+
+def written_arguments(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors the ATen call ``func(*args, **kwargs)`` writes into, as its schema marks
+    them: its first argument's (``copy_``, ``add_``), an ``out=``'s, those of a
+    ``_foreach_*_``'s list (an EMA's ``_foreach_lerp_``) (the watch's ``BatchAxes.wrote``,
+    the Taylor recorder's writes)."""
+    places = _WRITES.get(func)
+    if places is None:
+        places = _WRITES[func] = tuple(
+            (i, a.name)
+            for i, a in enumerate(func._schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write
+        )
+    if not places:
+        return []
+    found = [args[i] if i < len(args) else kwargs.get(name) for i, name in places]
+    return [t for t in tree_leaves(found) if isinstance(t, torch.Tensor)]
 
 
 def _writes_first(func: Any) -> bool:
