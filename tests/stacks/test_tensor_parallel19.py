@@ -24,10 +24,10 @@ import ddp_cases
 import pytest
 import torch
 from conftest import (
+    laplacian_by_grad_of_grad,
     reference_diagonal,
     reference_divergence,
     reference_jacobian,
-    reference_laplacian,
     tanh_mlp,
 )
 from torch import nn
@@ -105,6 +105,16 @@ def _parallel(model: str, layout: str) -> tuple[nn.Module, nn.Module, torch.Tens
     return net, plain, x, mesh
 
 
+def _laplacian(f: Callable, x: torch.Tensor) -> torch.Tensor:
+    """Each output's Laplacian by grad of grad (``conftest``'s loop, per output), shape
+    ``f(x).shape``: backward passes only (``torch.func.hessian``'s forward mode loads its
+    decompositions, ~1 s, in every worker)."""
+    outputs = f(x).shape[1]
+    return torch.stack(
+        [laplacian_by_grad_of_grad(lambda z, i=i: f(z)[:, i], x) for i in range(outputs)], 1
+    )
+
+
 def _hutchinson_divergence(f: Callable, x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
     """``(1/k) sum_j v_j^T J v_j`` per sample, from the per-sample Jacobians."""
     samples, n = len(x), x[0].numel()
@@ -128,10 +138,10 @@ def _operators(probes: torch.Tensor) -> dict[str, tuple[Callable, Callable]]:
     return {
         "divergence": (torchdiv.divergence, reference_divergence),
         "jacobian_diagonal": (torchdiv.jacobian_diagonal, reference_diagonal),
-        "laplacian": (torchdiv.laplacian, reference_laplacian),
+        "laplacian": (torchdiv.laplacian, _laplacian),
         "laplacian/grad-of-grad": (
             lambda f, x: torchdiv.laplacian(f, x, method="grad-of-grad"),
-            reference_laplacian,
+            _laplacian,
         ),
         "laplacian/hutchinson": (
             lambda f, x: torchdiv.laplacian(f, x, method="hutchinson", probes=probes),
@@ -184,12 +194,11 @@ def run_case(case: tuple[str, str, str], rank: int) -> list[str]:
     failures = []
     for name, (op, reference) in _operators(probes).items():
         if given != "plain" and name in STOCHASTIC_OR_GRAPH:
-            continue  # (DTensor x: see test_stochastic_and_graph_forms_of_a_dtensor_x)
+            continue  # (refused by name: test_what_cannot_take_a_dtensor_is_refused_by_name)
         if model == "block" and name.startswith(("laplacian", "graph")):
             # the block's Laplacian: slow to refer to; its graph_divergence in a loss with a data
             # term raises PyTorch's "mixed torch.Tensor and DTensor" in the backward
             continue
-        want = reference(plain, _full(x))
         if refused and name.startswith("laplacian"):
             try:
                 op(net, x)
@@ -197,6 +206,7 @@ def run_case(case: tuple[str, str, str], rank: int) -> list[str]:
             except UndifferentiableBackward as error:
                 failures += [] if REFUSED in str(error) else [f"{name}: {error}"]
             continue
+        want = reference(plain, _full(x))
         if refused:
             value = _full(op(net, x))
             failures += _compare(f"{name} value", value, want)
@@ -225,11 +235,7 @@ def test_a_megatron_mlp_in_a_training_loss_is_right_or_refused():
     """Plain ``x``: values right, the divergence's gradients and the Laplacian refused
     (they were silently wrong); ``x`` split over the ranks as a DTensor (``Shard(0)``): values
     and gradients of every exact operator equal one process's. One pair of processes."""
-    cases = [
-        ("mlp", "megatron", "plain"),
-        ("mlp", "megatron", "shard"),
-        ("mlp", "rowwise", "plain"),
-    ]
+    cases = [("mlp", "megatron", "plain"), ("mlp", "megatron", "shard")]
     outcomes = _run(cases)
     assert outcomes == {case: [] for case in cases}
 
@@ -237,8 +243,8 @@ def test_a_megatron_mlp_in_a_training_loss_is_right_or_refused():
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_fsdp2_with_tensor_parallelism_and_an_attention_block():
-    """A Rowwise-only plan (no placement change in backward) is not refused; the Megatron MLP
-    inside FSDP2 on a (1, 2) mesh (torchdiv's FSDP2 handling meets DTensor
+    """A Rowwise-only plan (no placement change in backward): not refused, and right. The
+    Megatron MLP inside FSDP2 on a (1, 2) mesh (torchdiv's FSDP2 handling meets DTensor
     parameters: no misfire), with ``x`` plain and split; ``x`` replicated as a DTensor; an
     attention block whose heads are split (plain ``x``: values right, gradients refused)."""
     cases = [
@@ -250,3 +256,53 @@ def test_fsdp2_with_tensor_parallelism_and_an_attention_block():
     ]
     outcomes = _run(cases)
     assert outcomes == {case: [] for case in cases}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_what_cannot_take_a_dtensor_is_refused_by_name(one_process_group):
+    """On a mesh of one rank, in this process. ``f`` returning a DTensor (the last layer's
+    ``use_local_output=False``: loss_parallel's layout) raised ``AttributeError: 'Tensor'
+    object has no attribute '_local_tensor'`` from DTensor's backward, given torchdiv's plain
+    vectors; a DTensor ``x`` met Hutchinson's probes and the graph form's vectors as plain
+    tensors ("got mixed torch.Tensor and DTensor"). Each is a ``TypeError`` naming DTensor and
+    the way out now. The engines that run ``f`` under ``torch.func`` or a recording raise."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (1,))
+    plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+    net = parallelize_module(tanh_mlp(4, 8, 4), mesh, plan)
+    sharded_out = parallelize_module(
+        tanh_mlp(4, 8, 4), mesh, plan | {"4": ColwiseParallel(use_local_output=False)}
+    )
+    x = torch.randn(6, 4, dtype=torch.float64)
+    way_out = r"is a DTensor .*full_tensor\(\)"
+    for op in (torchdiv.divergence, torchdiv.jacobian_diagonal, torchdiv.laplacian):
+        with pytest.raises(TypeError, match=rf"{op.__name__}: f\(x\) {way_out}"):
+            op(sharded_out, x)
+    z = x.clone().requires_grad_(True)
+    with pytest.raises(TypeError, match=rf"graph_divergence: y {way_out}"):
+        torchdiv.graph_divergence(sharded_out(z), z)
+
+    dx = distribute_tensor(x, mesh, [Replicate()])
+    probes = distribute_tensor(torch.randn(2, 6, 4, dtype=torch.float64), mesh, [Replicate()])
+    way_out = r"x is a DTensor, which {} cannot take.*method='auto'.*x.full_tensor\(\)"
+    for call in (
+        lambda: torchdiv.divergence(net, dx, method="hutchinson", num_probes=2),
+        lambda: torchdiv.divergence(net, dx, method="hutch++", probes=probes.repeat(3, 1, 1)),
+        lambda: torchdiv.laplacian(net, dx, method="hutchinson", probes=probes),
+    ):
+        with pytest.raises(TypeError, match=way_out.format("method='(hutchinson|hutch\\+\\+)'")):
+            call()
+    dz = dx.detach().requires_grad_(True)
+    with pytest.raises(TypeError, match=way_out.format("the graph form")):
+        torchdiv.graph_divergence(net(dz), dz, create_graph=True)
+
+    for method in ("forward", "reverse", "structured"):
+        with pytest.raises((RuntimeError, NotImplementedError), match="divergence: "):
+            torchdiv.divergence(net, x, method=method)
