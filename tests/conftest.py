@@ -481,3 +481,17 @@ class CentredMLP(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inner(x).tanh()
         return self.outer(h - h.mean(0, keepdim=True))
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo group of one process (this one), destroyed afterwards (DDP, FSDP2 and tensor
+    parallelism on a mesh of one rank, without spawning)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -34,19 +34,6 @@ def test_every_operator_under_ddp_and_fsdp_equals_one_process(pytestconfig):
         ddp_cases.assert_sharded_equal_one_process(case, outcomes[i], 2)
 
 
-@pytest.fixture
-def one_process_group(tmp_path):
-    """A gloo group of one process (this one), destroyed afterwards."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)  # fmt: skip
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 def test_fsdp1_and_an_fsdp2_adjoint_solve_are_refused_with_the_way_out(one_process_group):
     """FSDP1 crashed inside its own hooks (``_all_handles``, ``setStorage``) in both forms;

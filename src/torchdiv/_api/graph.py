@@ -24,6 +24,7 @@ from torchdiv._core.checks import (
     check_flag,
     check_input,
     check_method,
+    check_not_dtensor,
     check_output,
     check_square,
     event_numel,
@@ -57,6 +58,7 @@ def _engine(
     square: bool,
 ) -> tuple[GraphJacobian, int]:
     check_input(fn, x, batch_dims)
+    check_not_dtensor(fn, x, "the graph form")
     check_output(fn, y, x, batch_dims, name="y")
     check_chunk_size(fn, chunk_size)
     check_flag(fn, "create_graph", create_graph)

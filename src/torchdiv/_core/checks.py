@@ -244,6 +244,12 @@ def check_output(fn: str, y: Any, x: torch.Tensor, batch_dims: int, name: str = 
     if not isinstance(y, torch.Tensor):
         hint = _sample_hint(y, "lambda x: unet(x, t).sample")
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(y).__name__}{hint}")
+    if _dtensor(y):  # (its ops' backward passes take DTensor gradients, not torchdiv's vectors)
+        raise TypeError(
+            f"{fn}: {name} is a DTensor (placements {tuple(y.placements)}), which torchdiv's "
+            f"products cannot differentiate; return a plain tensor: {name}.full_tensor(), or "
+            "the last parallel style's use_local_output=True"
+        )
     if y.is_complex():
         raise TypeError(
             f"{fn}: {name} must be a real floating tensor to be differentiated, got {y.dtype}; "
@@ -261,6 +267,28 @@ def check_output(fn: str, y: Any, x: torch.Tensor, batch_dims: int, name: str = 
             f"{_shape(x)}, so their first batch_dims={batch_dims} dimensions "
             f"{_shape(y)[:batch_dims]} != {_shape(x)[:batch_dims]}. Samples must map to samples; "
             f"check batch_dims{_packed_hint(y, x, batch_dims)}"
+        )
+
+
+def _dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (tensor parallelism's; looked up for subclasses only)."""
+    if type(t) is torch.Tensor or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def check_not_dtensor(fn: str, x: torch.Tensor, what: str, name: str = "x") -> None:
+    """Refuse a ``DTensor`` ``x`` where ``what`` (a method, a form) meets it with plain tensors
+    (its probes, the caller's graph): PyTorch raises "got mixed torch.Tensor and DTensor" from
+    inside torchdiv's passes, which names neither the argument nor the way out."""
+    if _dtensor(x):
+        raise TypeError(
+            f"{fn}: {name} is a DTensor, which {what} cannot take (torchdiv's vectors are plain "
+            f"tensors); use the function form's exact methods (method='auto'), which take it, "
+            f"or pass a plain tensor ({name}.full_tensor(), or {name}.to_local() for this rank's "
+            "samples)"
         )
 
 
@@ -431,6 +459,7 @@ def checked(
             shape is None
             or shape[:batch_dims] != batch
             or (square and math.prod(shape[batch_dims:]) != n)
+            or _dtensor(y)
         ):
             try:
                 check_output(fn, y, x, batch_dims)

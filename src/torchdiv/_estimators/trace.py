@@ -25,6 +25,7 @@ from torchdiv._core.checks import (
     check_generator,
     check_input,
     check_method,
+    check_not_dtensor,
     check_num_probes,
     check_probe,
     check_probes,
@@ -78,6 +79,7 @@ def sampling(
     """Check the stochastic options of ``fn`` together; fill in the defaults."""
     check_method(fn, method, methods)
     check_generator(fn, generator)
+    check_not_dtensor(fn, like, f"method={method!r}", name)
     spec = ESTIMATORS[method]
     adaptive = rtol is not None or atol is not None
     if probes is not None:

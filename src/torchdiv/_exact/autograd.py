@@ -59,6 +59,12 @@ class UndifferentiableBackward(RuntimeError):
     (with respect to the parameters, in a training loss)."""
 
 
+SECOND_DERIVATIVES = "a Laplacian's second derivatives"  # what the Laplacian's refusals name
+# the culprit's name (its node's, less "Backward") of DTensor.from_local, which tensor parallelism
+# calls on every sharded module's input: see ``_DifferentiableBackwards.message``
+DTENSOR_INPUT = "_FromTorchTensor"
+
+
 class _DifferentiableBackwards:
     """While torchdiv's products are built with ``create_graph=True``, watch every custom
     ``autograd.Function`` that ``y`` was computed through, and note (``culprits``) each whose
@@ -99,22 +105,50 @@ class _DifferentiableBackwards:
         own, ``autograd.grad(loss, params, allow_unused=True)`` never reached it and gave
         zeros."""
         if once:
-            reached = [] if out.requires_grad else _reached_leaves(y)
-            held = out if out.requires_grad or reached else out.detach().requires_grad_(True)
             message = once_differentiable_error("gradients of this result", once)
-            return _refused(held, message, *reached)
-        if not self.culprits:
+        elif self.culprits:
+            message = self.message("the gradients of this result (its values are right)")
+        else:
             return out
+        reached = [] if out.requires_grad else _reached_leaves(y)
+        held = out if out.requires_grad or reached else out.detach().requires_grad_(True)
+        return _refused(held, message, *reached)
+
+    def message(self, what: str) -> str:
+        """Why ``what`` (derivatives through the ``culprits``) is refused, and the way out."""
+        if DTENSOR_INPUT in self.culprits:
+            return (
+                "torchdiv: f computes through DTensor.from_local (tensor parallelism: "
+                "parallelize_module's ColwiseParallel, RowwiseParallel or SequenceParallel), "
+                "whose backward drops the graph of the gradient where it changes its placement "
+                "(a Partial gradient made Replicate: PyTorch's _FromTorchTensor.backward): "
+                f"{what} would silently miss its part, so they are refused. Pass x as a DTensor "
+                "on the module's mesh (distribute_tensor(x, mesh, [Replicate()]), or [Shard(0)]) "
+                "where f's modules all take DTensors: they then redistribute it, which is "
+                "differentiable twice; or run f's modules unsharded (DistributedDataParallel, "
+                "FSDP2's fully_shard without tensor parallelism)"
+            )
         names = ", ".join(sorted(set(self.culprits)))
-        message = (
+        return (
             f"torchdiv: f computes through the custom autograd.Function {names}, whose "
             "backward returns gradients without a graph (as legacy gradient checkpoints do, "
-            "calling autograd.grad without create_graph): the gradients of this result would "
-            "silently miss its part, so they are refused (its values are right). Use "
-            "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) or no checkpoint, or "
-            "make its backward differentiable"
+            f"calling autograd.grad without create_graph): {what} would silently miss its "
+            "part, so they are refused. Use torch.utils.checkpoint.checkpoint(..., "
+            "use_reentrant=False) or no checkpoint, or make its backward differentiable"
         )
-        return _refused(out, message)
+
+
+@contextlib.contextmanager
+def graphs_kept(custom: list[Any], what: str) -> Iterator[None]:
+    """Raise ``UndifferentiableBackward`` after the block if a custom ``autograd.Function``
+    among ``custom`` (``Found.custom``) dropped the graph of gradients it was given in the
+    block's backward passes (``_DifferentiableBackwards``): ``what``, the derivatives built on
+    them, would be wrong (a Laplacian's second derivatives through DTensor.from_local were
+    zero: values 0.2 off)."""
+    with _DifferentiableBackwards(custom) as watch:
+        yield
+    if watch.culprits:
+        raise UndifferentiableBackward(watch.message(what))
 
 
 @torch.compiler.disable(recursive=True)
@@ -180,9 +214,7 @@ def refuse_once_differentiable(found: Found, y: torch.Tensor, x: torch.Tensor) -
     walked when it holds no custom ``Function``)."""
     names = once_differentiable_functions(found.custom, y, x)
     if names:
-        raise UndifferentiableBackward(
-            once_differentiable_error("a Laplacian's second derivatives", names)
-        )
+        raise UndifferentiableBackward(once_differentiable_error(SECOND_DERIVATIVES, names))
 
 
 class _Refused(torch.autograd.Function):

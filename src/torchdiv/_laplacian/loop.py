@@ -42,7 +42,11 @@ from torchdiv._core.mixing.watch import check_graph, watched
 from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
 from torchdiv._core.subclass import attributes_of
 from torchdiv._core.walk import search, vjp
-from torchdiv._exact.autograd import refuse_once_differentiable
+from torchdiv._exact.autograd import (
+    SECOND_DERIVATIVES,
+    graphs_kept,
+    refuse_once_differentiable,
+)
 from torchdiv._exact.state import Once
 
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -143,7 +147,9 @@ def _looped(
             empty = x.dim() == batch_dims
             check_graph(None, y, x_in, batch_dims, empty, found.batch_norms)
         create_graph = outer and found.others
-        rows, laplacian = _loop(y, x_in, batch_dims, create_graph, settings.batched, coordinates)
+        batched = settings.batched
+        with graphs_kept(found.custom, SECOND_DERIVATIVES):
+            rows, laplacian = _loop(y, x_in, batch_dims, create_graph, batched, coordinates)
     return y, rows, laplacian, create_graph
 
 
@@ -279,7 +285,8 @@ def probed(
         columns = []
         for i in range(m):
             total = None
-            gradient = _grad(outputs[:, i], x_in, create_graph=True)
+            with graphs_kept(found.custom, SECOND_DERIVATIVES):
+                gradient = _grad(outputs[:, i], x_in, create_graph=True)
             if gradient is not None:
                 gradient = _flat(gradient, samples, n)
                 for v in vs:
