@@ -291,3 +291,32 @@ def test_a_normflows_residual_block_divergence_parameter_gradients() -> None:
     loss = div.square().mean() - lean.inverse(x)[1].mean()
     with pytest.raises(UndifferentiableBackward, match="MemoryEfficientLogDetEstimator"):
         loss.backward()
+
+
+def test_a_normflows_residual_block_drawing_from_numpy() -> None:
+    """In train mode (no ``n_power_series``) ``iResBlock`` draws its power series' length from
+    NumPy's global generator (``np.random.geometric``) and writes it into a buffer: every
+    evaluation of a call draws the same and the call leaves NumPy's generator, torch's and the
+    buffers as one evaluation does (with ``reduce_memory``, normflows' default, it was refused:
+    "f wrote other values ... at two evaluations", the draws differing)."""
+    np = pytest.importorskip("numpy")
+    x = _inputs()
+    flow = _residual(reduce_memory=True, train=True)
+    flow.iresblock.n_power_series = None
+    once = copy.deepcopy(flow)
+    # the same x + g(x) without reduce_memory (a backward of MemoryEfficientLogDetEstimator's
+    # can run once: its reference Jacobian cannot be taken row by row)
+    plain = _residual(reduce_memory=False, train=True)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    once.inverse(x)
+    states = np.random.get_state()[1], torch.get_rng_state()
+    theirs = {name: value.clone() for name, value in once.state_dict().items()}
+    np.random.seed(3)
+    torch.manual_seed(3)
+    div = torchdiv.divergence(lambda z: flow.inverse(z)[0], x)
+    assert np.array_equal(np.random.get_state()[1], states[0])
+    assert torch.equal(torch.get_rng_state(), states[1])
+    for name, mine in flow.state_dict().items():
+        assert torch.equal(mine, theirs[name]), name
+    assert_close(div, torch.diagonal(_blocks(lambda z: plain.inverse(z)[0], x), 0, 1, 2).sum(1))
