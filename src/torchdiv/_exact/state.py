@@ -166,7 +166,9 @@ class Changes(DispatchMode):
         whose evaluations ``Changes`` then watches whole."""
 
         def f_again(x: torch.Tensor) -> T:
-            current = {g: g.get_state() for g in self.generators}
+            # (not the global ones, which no probe draws from: an evaluation from the state
+            # before leaves them as the first did)
+            current = {g: g.get_state() for g in self.generators if g not in GLOBALS}
             self._put(before=True)
             try:
                 if self.after is None:
