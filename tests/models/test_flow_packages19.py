@@ -65,6 +65,17 @@ def _inputs(batch: int = 5, dtype: torch.dtype = f64, seed: int = 0) -> torch.Te
     return 1.8 * torch.randn(batch, D, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
+def _assert_jacobian_log_det(flow: torch.nn.Module, method: str) -> None:
+    """``flow``'s Jacobian (of ``x -> flow(x)[0]``) is the batch's blocks; its ``slogdet`` is
+    the flow's own log-det ``flow(x)[1]``, with its parameter gradients."""
+    x = _inputs()
+    jac = torchdiv.jacobian(lambda z: flow(z)[0], x, method=method)
+    assert_close(jac, _blocks(lambda z: flow(z)[0], x))
+    log_det, own = torch.linalg.slogdet(jac)[1], flow(x)[1]
+    assert_close(log_det, own)
+    assert_same_parameter_gradients(flow, log_det.square().sum(), own.square().sum())
+
+
 _CONTEXT = torch.randn(5, 3, dtype=f64, generator=torch.Generator().manual_seed(11))
 
 
@@ -142,12 +153,7 @@ def test_an_nflows_composite_jacobian_log_det(method: str) -> None:
         ]
     )
     flow = _perturbed(flow.double()).eval()
-    x = _inputs()
-    jac = torchdiv.jacobian(lambda z: flow(z)[0], x, method=method)
-    assert_close(jac, _blocks(lambda z: flow(z)[0], x))
-    log_det, own = torch.linalg.slogdet(jac)[1], flow(x)[1]
-    assert_close(log_det, own)
-    assert_same_parameter_gradients(flow, log_det.square().sum(), own.square().sum())
+    _assert_jacobian_log_det(flow, method)
 
 
 def test_nflows_batch_norms_in_train_mode_are_refused() -> None:
@@ -229,12 +235,7 @@ def test_a_normflows_flow_jacobian_log_det(name: str, method: str) -> None:
     its parameter gradients."""
     torch.manual_seed(0)
     flow = _perturbed(_NORMFLOWS[name]().double())
-    x = _inputs()
-    jac = torchdiv.jacobian(lambda z: flow(z)[0], x, method=method)
-    assert_close(jac, _blocks(lambda z: flow(z)[0], x))
-    log_det, own = torch.linalg.slogdet(jac)[1], flow(x)[1]
-    assert_close(log_det, own)
-    assert_same_parameter_gradients(flow, log_det.square().sum(), own.square().sum())
+    _assert_jacobian_log_det(flow, method)
 
 
 @pytest.mark.filterwarnings("ignore:torch.lu is deprecated")  # (normflows' LU set-up)
