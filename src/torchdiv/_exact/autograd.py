@@ -71,7 +71,8 @@ class _DifferentiableBackwards:
     ``backward`` receives gradients that carry a graph but returns some without one (a legacy
     gradient checkpoint that re-runs its block and calls ``autograd.grad`` without
     ``create_graph``). A ``backward`` given constant gradients is not judged: nothing tells a
-    constant answer from a dropped graph there."""
+    constant answer from a dropped graph there; ``GraphJacobian`` gives every one gradients
+    with a graph (``_marked`` cotangents)."""
 
     def __init__(self, nodes: list[Any]) -> None:
         self.nodes = nodes
@@ -160,6 +161,25 @@ def _refused(out: torch.Tensor, message: str, *reached: torch.Tensor) -> torch.T
     error)."""
     refused: torch.Tensor = _Refused.apply(out, message, *reached)
     return refused
+
+
+def _marked(cotangents: torch.Tensor) -> torch.Tensor:
+    """``cotangents`` with a graph (a leaf of their own), so that every custom ``Function``'s
+    ``backward`` receives gradients that carry one and ``_DifferentiableBackwards`` judges it:
+    given constant cotangents, one right at ``y`` went unjudged (normflows' residual block,
+    ``x + g(x)`` with ``g`` from ``MemoryEfficientLogDetEstimator``, whose backward calls
+    ``autograd.grad`` without ``create_graph``: the divergence came back without a graph and
+    a loss's parameter gradients silently missed its part). Cotangents with a graph already
+    (the caller's) are kept."""
+    return cotangents if cotangents.requires_grad else cotangents.detach().requires_grad_(True)
+
+
+def _unmarked(out: torch.Tensor, marker: torch.Tensor) -> torch.Tensor:
+    """``out`` computed from ``_marked`` cotangents ``marker``, detached where its graph reaches
+    no other leaf (a Jacobian that depends on no parameter comes back without a graph, as
+    unmarked cotangents left it); the edge to ``marker`` is otherwise harmless."""
+    others = any(getattr(node, "variable", marker) is not marker for node, _ in _graph_edges(out))
+    return out if others else out.detach()
 
 
 def _reached_leaves(y: torch.Tensor) -> list[torch.Tensor]:
@@ -371,8 +391,11 @@ class GraphJacobian:
         if self.y.requires_grad and not self._custom and self._peers.inert:  # (the usual case)
             out = self._vjps(cotangents)
         elif self.y.requires_grad:
+            marked = _marked(cotangents) if self._custom else cotangents
             with self._peers.inner_backward(), watch:
-                out = self._vjps(cotangents)
+                out = self._vjps(marked)
+            if out is not None and marked is not cotangents:
+                out = _unmarked(out, marked)
         if out is None:  # y does not depend on x: the Jacobian is zero
             return self.x.new_zeros((cotangents.shape[0], *self.x.shape), dtype=self.y.dtype)
         return self._peers.attach(watch.guarded(out, self._once, self.y))

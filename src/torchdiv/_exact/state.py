@@ -6,7 +6,8 @@ move a training-mode batch norm's running statistics (or any buffer ``f`` update
 once more, and draw a new dropout mask, so that the engines would differentiate different
 functions. ``Changes`` watches evaluations of ``f`` (a ``TorchDispatchMode``) until one
 completes, noting every tensor ``f`` wrote to that it did not make itself, with its value
-before, and the state of every random number generator ``f`` drew from; ``again(f)`` then
+before, and the state of every random number generator ``f`` drew from (and of Python's and
+NumPy's global ones, whose draws it cannot see: ``GLOBALS``); ``again(f)`` then
 evaluates ``f`` from that state, so that every evaluation computes the same function and the
 changes are made once. (``_taylor.capture``'s ``Graph.undo`` does the same for the Laplacian.)
 """
@@ -14,6 +15,8 @@ changes are made once. (``_taylor.capture``'s ``Graph.undo`` does the same for t
 from __future__ import annotations
 
 import contextlib
+import random
+import sys
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
@@ -79,10 +82,20 @@ class Changes(DispatchMode):
         self.after: list[torch.Tensor] | None = None  # their values after a complete evaluation
         # (tensor, its version counter before): put back with its value (``_versions``)
         self.versions: list[tuple[torch.Tensor, int]] = []
-        self.generators: dict[torch.Generator, torch.Tensor] = {}  # state before f drew
+        self.generators: dict[Any, Any] = {}  # state before f drew (torch's, ``GLOBALS``)
         self._made: set[int] = set()  # storages of tensors f made
         self._noted: set[tuple[Any, ...]] = set()  # views of other storages in ``written``
         self.settings = Settings()  # the plain values of f's modules, put back with ``written``
+
+    def __enter__(self) -> Changes:
+        """Watch an evaluation; before the first that completes, note the global generators
+        of Python and NumPy, whose draws no dispatch mode sees (``GLOBALS``)."""
+        if self.after is None:
+            for generator in GLOBALS:
+                if generator.present():
+                    self.generators.setdefault(generator, generator.get_state())
+        super().__enter__()
+        return self
 
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         fresh = self.before(func, args, kwargs)
@@ -153,7 +166,9 @@ class Changes(DispatchMode):
         whose evaluations ``Changes`` then watches whole."""
 
         def f_again(x: torch.Tensor) -> T:
-            current = {g: g.get_state() for g in self.generators}
+            # (not the global ones, which no probe draws from: an evaluation from the state
+            # before leaves them as the first did)
+            current = {g: g.get_state() for g in self.generators if g not in GLOBALS}
             self._put(before=True)
             try:
                 if self.after is None:
@@ -225,6 +240,37 @@ class Changes(DispatchMode):
         if generator is not None:
             return [generator]
         return list({torch.default_generator, default_generator(self.device)})
+
+
+class GlobalGenerator(NamedTuple):
+    """A module-level generator outside torch that ``f`` may draw from (normflows' residual
+    block draws its power series' length by ``np.random.geometric``), put back between
+    evaluations as torch's generators are; ``present``: whether its module is imported."""
+
+    module: str
+    get: Callable[[], Any]
+    set: Callable[[Any], Any]
+
+    def present(self) -> bool:
+        return self.module in sys.modules
+
+    def get_state(self) -> Any:
+        return self.get()
+
+    def set_state(self, state: Any) -> None:
+        self.set(state)
+
+
+# Python's ``random`` and NumPy's legacy global ``np.random`` (not a generator object ``f``
+# holds, ``np.random.default_rng()``: no call shows it)
+GLOBALS = (
+    GlobalGenerator("random", random.getstate, random.setstate),
+    GlobalGenerator(
+        "numpy",
+        lambda: sys.modules["numpy"].random.get_state(),
+        lambda state: sys.modules["numpy"].random.set_state(state),
+    ),
+)
 
 
 def wrote_alike(written: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
