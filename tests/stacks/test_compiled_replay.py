@@ -138,3 +138,25 @@ def test_sample_mixing_is_still_refused():
     loss = torch.compile(lambda x: OPS["divergence"](Centred(), x).sum(), backend="aot_eager")
     with pytest.raises(torchdiv.BatchInteractionError):
         loss(torch.randn(5, 3, dtype=torch.float64))
+
+
+def test_a_module_made_or_changed_in_the_compiled_code_is_not_replayed():
+    """Dynamo applies what the traced code did to the real objects only after the graph: a
+    recording while tracing saw a module made there blank (its divergence 3.2 off, without a
+    gradient) and a layer swapped there as it was before (0.08 off). Such calls run eagerly."""
+    net, x = mlp(), torch.randn(5, 3, dtype=torch.float64)
+
+    def made(x: torch.Tensor) -> torch.Tensor:
+        return OPS["divergence"](torch.nn.Sequential(net[0], torch.nn.ReLU(), net[4]), x)
+
+    want = made(x)
+    got = torch.compile(made, backend="aot_eager")(x)
+    assert_close(got, want)
+    assert got.requires_grad
+
+    def swapped(x: torch.Tensor) -> torch.Tensor:
+        net[1] = torch.nn.Sigmoid()
+        return OPS["divergence"](net, x)
+
+    got = torch.compile(swapped, backend="aot_eager")(x)
+    assert_close(got, OPS["divergence"](net, x))

@@ -144,6 +144,8 @@ def _recorded(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, grad: bool) 
     now; ``-1`` where it has none (anything ``f`` raises included: the eager call reports
     it)."""
     try:
+        if _changed_while_traced(f):
+            return -1
         with torch.set_grad_enabled(grad):
             plan = _plan(f, x.detach(), batch_dims)
     except Exception:
@@ -155,6 +157,23 @@ def _recorded(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, grad: bool) 
     for old in list(_PLANS)[:-SIZE]:  # (each key is read only by the trace that made it)
         del _PLANS[old]
     return key
+
+
+def _changed_while_traced(f: torch.nn.Module) -> bool:
+    """Whether the code Dynamo traced before the call made ``f`` or changed one of its
+    modules or what they hold (``net[1] = nn.ReLU()``, a hook added): Dynamo applies such
+    changes to the real objects after the graph, so a recording now would see the module as
+    it was (a module made in the compiled function was blank: its divergence 3.23 off, with
+    no gradient). From Dynamo's record of side effects (private: any failure to read it
+    counts as a change)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    effects = InstructionTranslator.current_tx().output.side_effects
+    changed = {i for i, v in effects.id_to_variable.items() if effects.is_modified(v)}
+    if not changed:
+        return False
+    held = [m for module in f.modules() for m in (module, *vars(module).values())]
+    return any(id(obj) in changed for obj in held)
 
 
 def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int) -> Replay | None:
