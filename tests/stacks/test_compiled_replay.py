@@ -160,3 +160,43 @@ def test_a_module_made_or_changed_in_the_compiled_code_is_not_replayed():
 
     got = torch.compile(swapped, backend="aot_eager")(x)
     assert_close(got, OPS["divergence"](net, x))
+
+
+class Permuted(torch.nn.Module):
+    """An MLP on permuted features, the permutation a buffer (index values, not structure)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+        self.register_buffer("perm", torch.tensor([2, 0, 1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x[:, self.perm])
+
+
+class Branching(torch.nn.Module):
+    """A branch on a value of the batch: Dynamo breaks the graph inside ``f`` there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return torch.tanh(y) if y.sum() > 0 else torch.sigmoid(y)
+
+
+@pytest.mark.parametrize("make", [Permuted, Branching])
+def test_plans_read_from_values_are_not_replayed(make):
+    """A factor whose index map is read from index values (a permutation buffer changed in
+    place: no guard sees it) and a plan made under one branch of ``f`` must not serve the
+    next call: both run eagerly, right after the values change."""
+    f, x = make(), torch.randn(5, 3, dtype=torch.float64)
+    loss = torch.compile(lambda x: OPS["divergence"](f, x), backend="aot_eager")
+    for flip in (False, True):
+        if flip and make is Permuted:
+            f.perm.copy_(torch.tensor([1, 2, 0]))
+        if flip and make is Branching:  # the other branch
+            with torch.no_grad():
+                f.net[4].bias.sub_(2 * f.net(x).mean())  # (the sum's sign flipped)
+        assert_close(loss(x), OPS["divergence"](f, x))
