@@ -115,8 +115,10 @@ def replayed(trace: bool, f: Any, x: Any, *args: Any, **options: Any) -> torch.T
         return None
     f(x)  # unused: Dynamo's guards on f become this graph's (module docstring)
     if trace:
-        return tied(cycle.trace(chain, x, n, chunk), x).reshape(x.shape[:batch_dims])
-    return tied(cycle.diagonal(chain, x, n, chunk), x).reshape(x.shape)
+        out = tied(cycle.trace(chain, x, n, chunk), x).reshape(x.shape[:batch_dims])
+    else:
+        out = tied(cycle.diagonal(chain, x, n, chunk), x).reshape(x.shape)
+    return out.to(x.dtype)  # (as the public functions: a float64 f of a float32 x)
 
 
 def _replay(plan: Replay, f: torch.nn.Module, x: torch.Tensor) -> tuple[Graph, list[list[Any]]]:
