@@ -65,13 +65,16 @@ class Held:
 @dataclass(frozen=True)
 class Replay:
     """What a traced call replays: ``f``'s calls (``Held`` for its tensors), where ``f(x)``
-    is among their outputs, the chain's routes, and ``x``'s shape where the calls hold
-    integers (``None``: any shape)."""
+    is among their outputs, the chain's routes, ``x``'s shape where the calls hold
+    integers (``None``: any shape), and the columns carried at once where the caller gives no
+    ``chunk_size`` (``cycle``'s block size at the recording's batch: made from the traced batch
+    size, it was a guard on it, one graph per batch size under ``dynamic=True``)."""
 
     nodes: tuple[Node, ...]
     output: Ref
     routes: tuple[factors.Route, ...]
     shape: tuple[int, ...] | None
+    chunk: int
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ def replayed(trace: bool, f: Any, x: Any, *args: Any, **options: Any) -> torch.T
     plan = _PLANS[key]
     if plan.shape is not None and tuple(x.shape) != plan.shape:  # (a guard on the shape)
         return None
-    n = x.shape[:batch_dims].numel()
+    n, chunk = x.shape[:batch_dims].numel(), plan.chunk if chunk is None else chunk
     graph, kept = _replay(plan, f, x)
     chain = factors.followed(list(plan.routes), graph, kept, x, n)
     if chain is None:  # (the routes were made from this very structure)
@@ -184,8 +187,8 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int) -> Replay | None
     if template(graph) is None or tuple(graph.output_shape) != tuple(x.shape):
         graph.undo()
         return None
-    kept = values(graph, x)
-    found = factors.paths(graph, kept, x, x.shape[:batch_dims].numel())
+    kept, n = values(graph, x), x.shape[:batch_dims].numel()
+    found = factors.paths(graph, kept, x, n)
     if found is None or any(k not in KINDS for route in found[1] for k in route.kinds):
         return None
     if not all(isinstance(v, torch.Tensor) for out in kept for v in out):  # a host read
@@ -208,5 +211,12 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int) -> Replay | None
         nodes.append(
             replace(node, args=map_leaves(held, node.args), kwargs=map_leaves(held, node.kwargs))
         )
+    widest = max(
+        v.numel() // n
+        for node, out in zip(graph.nodes, kept, strict=True)
+        if node.depends
+        for v in out
+    )
+    chunk = max(1, cycle.BLOCK_ELEMENTS // (n * max(widest, 1)))
     output = cast(Ref, graph.output)
-    return Replay(tuple(nodes), output, tuple(found[1]), tuple(x.shape) if shaped else None)
+    return Replay(tuple(nodes), output, tuple(found[1]), tuple(x.shape) if shaped else None, chunk)
