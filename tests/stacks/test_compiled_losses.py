@@ -315,39 +315,46 @@ def test_recording_engines_dynamic_batch_no_recompilation(name):
     assert dynamic.compiled == 1 and dynamic.runs == 3
 
 
-# (net, x's shape, operator, traced): "auto" follows n x B x the multiply-adds of f per sample
-# (parameters x applications of the first weight per sample), not n x the elements of x
-AUTO_CHOICES: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op, bool]] = {
+# (net, x's shape, operator, path): "auto" follows n x B x the multiply-adds of f per sample
+# (parameters x applications of the first weight per sample), not n x the elements of x;
+# recorded, a chain is replayed traced (``_structured.replay``), other plans run eagerly
+AUTO_CHOICES: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op, str]] = {
     "conv net, 4 images of 2 x 6 x 6 (72 x 4 x 5400 = 1.6M): traced": (
         conv,
         (4, 2, 6, 6),
         lambda f, x, p: torchdiv.divergence(f, x),
-        True,
+        "traced",
     ),
-    "MLP 3-256-256-3, 64 samples (3 x 64 x 68k = 13M): recorded": (
+    "MLP 3-256-256-3, 64 samples (3 x 64 x 68k = 13M): recorded, a chain replayed": (
         lambda: wide(3, 3),
         (64, 3),
         lambda f, x, p: torchdiv.jacobian_diagonal(f, x),
-        False,
+        "replayed",
     ),
     "PINN 2-256-256-1, 128 samples (2 x 128 x 67k = 17M): recorded": (
         lambda: wide(2, 1),
         (128, 2),
         lambda f, x, p: torchdiv.laplacian(f, x),
-        False,
+        "recorded",
     ),
 }
 
 
 @pytest.mark.parametrize("name", list(AUTO_CHOICES))
-def test_auto_in_a_compiled_region_follows_the_work_of_f(name):
+def test_auto_in_a_compiled_region_follows_the_work_of_f(name, monkeypatch):
     """``fullgraph=True`` traces ``"auto"`` where ``f``'s work is small (a conv net whose
     event x elements of x, 20736, exceeded the shape rule's 2**14) and refuses it where ``f``
-    records (wide MLPs whose shapes alone, 576 and 512, said trace)."""
-    make, shape, op, traces = AUTO_CHOICES[name]
+    records (wide MLPs whose shapes alone, 576 and 512, said trace), unless the recording is
+    a chain, replayed in the graph."""
+    from torchdiv._structured import replay
+
+    make, shape, op, path = AUTO_CHOICES[name]
     net, x = make(), torch.randn(shape, dtype=torch.float64)
-    if traces:
+    if path != "recorded":
+        plans: dict[int, Any] = {}
+        monkeypatch.setattr(replay, "_PLANS", plans)
         assert_compiled_matches(net, op, x, fullgraph=True)
+        assert bool(plans) == (path == "replayed")
         return
     loss = torch.compile(lambda x: op(net, x, x).sum(), backend="aot_eager", fullgraph=True)
     with pytest.raises(torch._dynamo.exc.Unsupported, match="disable"):

@@ -24,6 +24,7 @@ from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.registry import STOCHASTIC_METHODS
 from torchdiv._estimators.result import Estimate
 from torchdiv._exact import dispatch as _exact
+from torchdiv._structured.replay import replayed
 from torchdiv._taylor.cache import site
 
 DIVERGENCE_METHODS = (*_exact.EXACT_METHODS, "structured", *STOCHASTIC_METHODS)
@@ -136,7 +137,10 @@ def jacobian(
     return _shaped(jac, shape, x.dtype)
 
 
-@entry(eager_when(_plans), compiled_like_f(_plans_compiled_f, watch=_watch))
+@entry(
+    eager_when(_plans, functools.partial(replayed, False)),
+    compiled_like_f(_plans_compiled_f, watch=_watch),
+)
 @reported("jacobian_diagonal")
 def jacobian_diagonal(
     f: Function,
@@ -213,7 +217,10 @@ def jacobian_diagonal(
     return _shaped(diag, x.shape, x.dtype)
 
 
-@entry(eager_when(_plans), compiled_like_f(_plans_compiled_f, watch=_watch))
+@entry(
+    eager_when(_plans, functools.partial(replayed, True)),
+    compiled_like_f(_plans_compiled_f, watch=_watch),
+)
 @reported("divergence")
 def divergence(
     f: Function,

@@ -517,11 +517,16 @@ def _force_eager(frames: Any) -> Any:
     return frames.DynamoStance("force_eager")
 
 
-def eager_when(records: Callable[..., bool] | None = None) -> Callable[[F], F]:
+def eager_when(
+    records: Callable[..., bool] | None = None,
+    replayed: Callable[..., Any] | None = None,
+) -> Callable[[F], F]:
     """Decorate a public ``fn(f, x, *, **options)`` (outermost, over ``compiled_like_f``) so
     that a call Dynamo traces runs eagerly as a whole where
     ``records(f, x, **options)`` says its engine is ``recorded`` (runs eagerly anyway; ``None``:
-    never), or where it draws probes from the caller's ``generator``: Dynamo cannot trace a
+    never) and ``replayed(f, x, **options)`` gives no traceable replay of its plan (``None``;
+    ``_structured.replay``: the call's result, traced, the step then one graph), or where it
+    draws probes from the caller's ``generator``: Dynamo cannot trace a
     generator (a graph break inside the batched products, whose resumed frame the backend
     failed on), and "same generator state, same estimate" holds only eagerly. The one
     graph break is then at the caller's call of ``fn``, not deep inside it.
@@ -538,11 +543,13 @@ def eager_when(records: Callable[..., bool] | None = None) -> Callable[[F], F]:
 
         @functools.wraps(fn)
         def wrapper(f: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-            if torch.compiler.is_compiling() and (
-                kwargs.get("generator") is not None
-                or (records is not None and records(f, x, **kwargs))
-            ):
+            if not torch.compiler.is_compiling():
+                return fn(f, x, *args, **kwargs)
+            if kwargs.get("generator") is not None:
                 return eager(f, x, *args, **kwargs)
+            if records is not None and records(f, x, **kwargs):
+                result = None if replayed is None else replayed(f, x, *args, **kwargs)
+                return eager(f, x, *args, **kwargs) if result is None else result
             return fn(f, x, *args, **kwargs)
 
         return wrapper  # type: ignore[return-value]

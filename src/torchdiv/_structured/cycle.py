@@ -105,7 +105,8 @@ def _cheaper_cycle(factors: list[Factor]) -> list[Factor]:
     ends_are_matrices = isinstance(factors[0], Shared) and isinstance(factors[-1], Shared)
     if len(closed) == len(factors) or len(closed) == 1 or not ends_are_matrices:
         return closed
-    return min(closed, factors, key=lambda c: _rotation(_matrices(c))[0])
+    opened = _rotation(_matrices(factors))[0] < _rotation(_matrices(closed))[0]
+    return factors if opened else closed  # (not ``min(key=)``: Dynamo cannot trace it)
 
 
 def _matrices(cycle: list[Factor]) -> list[Tensor]:
@@ -126,7 +127,7 @@ def _rotation(shared: list[Tensor]) -> tuple[int, int]:
     aside), and the matrix to open the cycle before (``n >= 3``)."""
     if len(shared) <= 2:
         return shared[-1].shape[0] if len(shared) == 1 else shared[-1].numel(), 0
-    return min((_cost(shared[r:] + shared[:r]), r) for r in range(len(shared)))
+    return min([(_cost(shared[r:] + shared[:r]), r) for r in range(len(shared))])
 
 
 def _cycle_trace(cycle: list[Factor], chunk: int | None) -> Tensor:

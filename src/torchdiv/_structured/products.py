@@ -73,7 +73,8 @@ def join(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _product(op: _Op, a: Tensor, b: Tensor, worth: bool) -> Tensor:
-    if not worth or a.numel() + b.numel() > MAX_FACTOR_ELEMENTS:
+    # (traced by Dynamo, ``_structured.replay``: a graph computes the product at every call)
+    if not worth or a.numel() + b.numel() > MAX_FACTOR_ELEMENTS or torch.compiler.is_compiling():
         return op.run(a, b)
     result = _found(op, a, b)
     if result is None:
