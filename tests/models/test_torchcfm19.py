@@ -1,0 +1,227 @@
+"""torchcfm's flow-matching trainers and models, then the learned CNF's likelihood through
+torchdyn's ``NeuralODE`` and torchdiffeq on the augmented state ``(x, log p)`` whose dynamics
+call ``torchdiv.divergence``, as the users of those libraries write it.
+
+Not a project extra: every test skips without ``torchcfm`` (installed here ``--no-deps`` with
+``POT``, which its ``optimal_transport`` imports) or ``torchdyn``; both are imported by
+``pytest.importorskip`` before anything of theirs.
+
+References: float64 ``vmap(jacrev)`` per sample (each sample alone, ``t`` its own) for the MLP
+fields, the same ODE solved with that divergence for log-likelihoods and their parameter
+gradients (``conftest.tolerances``: 1e-10). torchcfm's U-Net runs in float32 only (its
+``GroupNorm32`` and time embedding cast to float32): there the reference is the same
+``vmap(jacrev)`` in float32, values to 2e-5 and parameter gradients to 2e-5 of their largest
+entry (measured 1e-6-6e-6: biases before a group norm have a zero true gradient, so entrywise
+relative errors are meaningless there).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import assert_close, assert_same_parameter_gradients
+from torch import nn
+from torch.func import jacrev, vmap
+
+import torchdiv
+
+cfm = pytest.importorskip("torchcfm")
+cfm_models = pytest.importorskip("torchcfm.models")
+cfm_unet = pytest.importorskip("torchcfm.models.unet")
+dyn_core = pytest.importorskip("torchdyn.core")
+
+f64 = torch.float64
+pytestmark = pytest.mark.filterwarnings("ignore:Setting tolerances has no effect:UserWarning")
+
+
+class TorchWrapper(nn.Module):
+    """torchcfm's ``torch_wrapper`` (``torchcfm.utils``): ``model(cat([x, t repeated]))`` with
+    ``t`` a 0-dim tensor, torchdyn's call signature ``(t, x, *args, **kwargs)``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, t, x, *args, **kwargs):
+        return self.model(torch.cat([x, t.repeat(x.shape[0])[:, None]], 1))
+
+
+def per_sample_divergence(field, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``tr d field(t, x_b) / d x_b`` for each sample alone: ``vmap(jacrev)`` over the batch,
+    ``t`` the solve's 0-dim time."""
+    jac = vmap(jacrev(lambda xb: field(t, xb[None])[0]))(x)
+    return jac.reshape(len(x), x[0].numel(), -1).diagonal(dim1=1, dim2=2).sum(-1)
+
+
+class Likelihood(nn.Module):
+    """The augmented dynamics of torchcfm's likelihood notebooks: state ``[x, delta]`` with
+    ``d delta / dt = -div v(t, x)``, the divergence by ``divergence(t, x)``."""
+
+    def __init__(self, field: nn.Module, divergence):
+        super().__init__()
+        self.field, self.divergence = field, divergence
+
+    def forward(self, t, state, *args, **kwargs):
+        x = state[:, :-1]
+        return torch.cat([self.field(t, x), -self.divergence(t, x)[:, None]], 1)
+
+
+def train(matcher, model: nn.Module, steps: int = 3, score: nn.Module | None = None) -> None:
+    """torchcfm's training loop: ``(t, xt, ut)`` from the matcher, the FM loss (plus the score
+    loss for the Schrödinger bridge's ``[SF]2M``), a few Adam steps."""
+    gen = torch.Generator().manual_seed(0)
+    params = list(model.parameters()) + ([] if score is None else list(score.parameters()))
+    opt = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(steps):
+        x0 = torch.randn(32, 2, dtype=f64, generator=gen)
+        x1 = torch.randn(32, 2, dtype=f64, generator=gen) * 0.3 + 2.0
+        if score is None:
+            t, xt, ut = matcher.sample_location_and_conditional_flow(x0, x1)
+        else:
+            t, xt, ut, eps = matcher.sample_location_and_conditional_flow(
+                x0, x1, return_noise=True
+            )
+        vt = model(torch.cat([xt, t[:, None]], -1))
+        loss = (vt - ut).square().mean()
+        if score is not None:
+            lam = matcher.compute_lambda(t)[:, None]
+            st = score(torch.cat([xt, t[:, None]], -1))
+            loss = loss + (lam * st + eps).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def trained_field(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = cfm_models.MLP(dim=2, w=16, time_varying=True).to(f64)
+    if kind == "sb":
+        score = cfm_models.MLP(dim=2, w=16, time_varying=True).to(f64)
+        train(cfm.SchrodingerBridgeConditionalFlowMatcher(sigma=0.5), model, score=score)
+    elif kind == "ot":
+        train(cfm.ExactOptimalTransportConditionalFlowMatcher(sigma=0.1), model)
+    else:
+        train(cfm.ConditionalFlowMatcher(sigma=0.1), model)
+    return TorchWrapper(model)
+
+
+def log_p(node, x: torch.Tensor) -> torch.Tensor:
+    """``log p_1(x)``: the augmented state from data (t = 1) back to the base (t = 0),
+    rk4 in 8 steps, standard normal base."""
+    state = torch.cat([x, torch.zeros(len(x), 1, dtype=x.dtype)], 1)
+    _, trajectory = node(state, torch.linspace(1, 0, 9, dtype=x.dtype))
+    z, delta = trajectory[-1][:, :-1], trajectory[-1][:, -1]
+    return -0.5 * z.square().sum(1) - math.log(2 * math.pi) - delta
+
+
+@pytest.mark.parametrize("kind", ["cfm", "ot", "sb"])
+@pytest.mark.parametrize("sensitivity", ["autograd", "adjoint"])
+def test_trained_field_likelihood_through_torchdyn(kind, sensitivity):
+    """torchdiv's exact divergence in torchdyn's ``NeuralODE`` on a field trained by each
+    torchcfm matcher: log-likelihoods and their parameter gradients (maximum likelihood) equal
+    the same solve with the per-sample ``jacrev`` divergence."""
+    field = trained_field(kind)
+    x = torch.randn(5, 2, dtype=f64, generator=torch.Generator().manual_seed(1)) + 1.0
+
+    def ours(t, x):
+        return torchdiv.divergence(lambda z: field(t, z), x)
+
+    results = []
+    for divergence in (ours, lambda t, x: per_sample_divergence(field, t, x)):
+        node = dyn_core.NeuralODE(Likelihood(field, divergence), "rk4", sensitivity=sensitivity)
+        value = log_p(node, x)
+        results.append((value, torch.autograd.grad(-value.mean(), list(field.parameters()))))
+    (got, grads), (want, expected) = results
+    assert_close(got, want)
+    for g, e in zip(grads, expected, strict=True):
+        assert_close(g, e)
+
+
+def probe_divergence(field, probes: torch.Tensor):
+    """``mean_k v_k^T J v_k`` per sample with ``J`` from ``per_sample_divergence``'s
+    ``vmap(jacrev)``: Hutchinson's estimate for the given probes ``(K, B, D)``."""
+
+    def divergence(t, x):
+        jac = vmap(jacrev(lambda xb: field(t, xb[None])[0]))(x)
+        return torch.einsum("kbi,bij,kbj->b", probes, jac, probes) / len(probes)
+
+    return divergence
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_hutchinson_with_given_probes_in_torchdyn(batch):
+    """The FFJORD estimator with probes fixed for the solve (torchcfm's notebooks draw them
+    once): equal to the ``jacrev`` quadratic forms in the same solve, with the gradients."""
+    field = trained_field("cfm")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, 2, dtype=f64, generator=gen)
+    probes = torch.randn(3, batch, 2, dtype=f64, generator=gen)
+
+    def ours(t, x):
+        return torchdiv.divergence(lambda z: field(t, z), x, method="hutchinson", probes=probes)
+
+    results = []
+    for divergence in (ours, probe_divergence(field, probes)):
+        node = dyn_core.NeuralODE(Likelihood(field, divergence), "rk4")
+        value = log_p(node, x)
+        results.append((value, torch.autograd.grad(value.sum(), list(field.parameters()))))
+    (got, grads), (want, expected) = results
+    assert_close(got, want)
+    for g, e in zip(grads, expected, strict=True):
+        assert_close(g, e)
+
+
+def test_log_likelihood_of_the_wrapped_field():
+    """``torchdiv.flows.log_likelihood`` on the ``torch_wrapper`` field itself (t a 0-dim
+    tensor, as torchdiffeq passes it) and torchdiffeq's ``odeint`` of the augmented state with
+    the ``jacrev`` divergence: the same rk4 steps (torchdiffeq's, the 3/8 rule: torchdyn's
+    ``"rk4"`` is the classic one), the same log-likelihood and parameter gradients."""
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    from torchdiv.flows import log_likelihood
+
+    field = trained_field("ot")
+    x = torch.randn(4, 2, dtype=f64, generator=torch.Generator().manual_seed(4))
+    params = list(field.parameters())
+    got = log_likelihood(
+        field,
+        x,
+        0.0,
+        1.0,
+        lambda z: -0.5 * z.square().sum(1) - math.log(2 * math.pi),
+        solver="rk4",
+        options={"step_size": 0.125},
+    )
+    dynamics = Likelihood(field, lambda t, x: per_sample_divergence(field, t, x))
+    state = torch.cat([x, torch.zeros(len(x), 1, dtype=f64)], 1)
+    end = torchdiffeq.odeint(dynamics, state, torch.linspace(1, 0, 9, dtype=f64), method="rk4")[-1]
+    want = -0.5 * end[:, :-1].square().sum(1) - math.log(2 * math.pi) - end[:, -1]
+    assert_close(got, want)
+    for g, e in zip(
+        torch.autograd.grad(got.sum(), params), torch.autograd.grad(want.sum(), params), strict=True
+    ):
+        assert_close(g, e)
+
+
+@pytest.mark.parametrize("time", ["float", "0-dim", "(B,)", "(B, 1)"])
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+def test_time_as_the_users_pass_it(time, method):
+    """The MLP with time input called with ``t`` as a Python float, a 0-dim tensor, a ``(B,)``
+    tensor of per-sample times and a ``(B, 1)`` column, concatenated inside ``f``."""
+    torch.manual_seed(0)
+    model = cfm_models.MLP(dim=3, w=16, time_varying=True).to(f64).train()
+    x = torch.randn(4, 3, dtype=f64)
+    times = torch.rand(4, dtype=f64)
+    t = {"float": 0.3, "0-dim": times[0], "(B,)": times, "(B, 1)": times[:, None]}[time]
+
+    def f(z):
+        column = torch.as_tensor(t, dtype=z.dtype).reshape(-1, 1).expand(len(z), 1)
+        return model(torch.cat([z, column], 1))
+
+    got = torchdiv.divergence(f, x, method=method)
+    per_time = torch.as_tensor(t, dtype=f64).reshape(-1).expand(4)
+    jac = vmap(jacrev(lambda xb, tb: model(torch.cat([xb, tb[None]])[None])[0]))(x, per_time)
+    want = jac.diagonal(dim1=1, dim2=2).sum(-1)
+    assert_close(got, want)
+    assert_same_parameter_gradients(model, got.square().sum(), want.square().sum())
