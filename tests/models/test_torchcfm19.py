@@ -80,9 +80,7 @@ def train(matcher, model: nn.Module, steps: int = 3, score: nn.Module | None = N
         if score is None:
             t, xt, ut = matcher.sample_location_and_conditional_flow(x0, x1)
         else:
-            t, xt, ut, eps = matcher.sample_location_and_conditional_flow(
-                x0, x1, return_noise=True
-            )
+            t, xt, ut, eps = matcher.sample_location_and_conditional_flow(x0, x1, return_noise=True)
         vt = model(torch.cat([xt, t[:, None]], -1))
         loss = (vt - ut).square().mean()
         if score is not None:
@@ -225,3 +223,112 @@ def test_time_as_the_users_pass_it(time, method):
     want = jac.diagonal(dim1=1, dim2=2).sum(-1)
     assert_close(got, want)
     assert_same_parameter_gradients(model, got.square().sum(), want.square().sum())
+
+
+UNETS = {
+    "attention": {},
+    "scale-shift, new attention order, up/down res-blocks": {
+        "use_scale_shift_norm": True,
+        "use_new_attention_order": True,
+        "resblock_updown": True,
+    },
+    "odd 3x3": {"dim": (1, 3, 3), "channel_mult": (1,), "attention_resolutions": "3"},
+    "class-conditional, two channels": {"dim": (2, 4, 4), "class_cond": True, "num_classes": 3},
+}
+
+
+def unet(**options) -> nn.Module:
+    """torchcfm's ``UNetModel`` (the wrapper taking ``dim=(C, H, W)``), small: 4x4 images,
+    32 channels (its group norms take 32 groups), one res-block per level, attention at the
+    2x2 level;
+    the zero-initialised output convolutions (``zero_module``) drawn afresh, else every
+    Jacobian would be 0."""
+    torch.manual_seed(0)
+    args = {
+        "dim": (1, 4, 4),
+        "num_channels": 32,
+        "num_res_blocks": 1,
+        "channel_mult": (1, 2),
+        "attention_resolutions": "2",
+        "num_heads": 2,
+    }
+    model = cfm_unet.UNetModel(**{**args, **options})
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0, 0.05)
+    return model
+
+
+def unet_reference(model, t: torch.Tensor, x: torch.Tensor, y=None) -> torch.Tensor:
+    """Each sample's divergence alone: ``vmap(jacrev)`` over ``(x_b, t_b, y_b)``."""
+
+    def one(xb, tb, yb):
+        return model(tb[None], xb[None], None if yb is None else yb[None])[0]
+
+    jac = vmap(jacrev(one), in_dims=(0, 0, None if y is None else 0))(x, t, y)
+    return jac.reshape(len(x), x[0].numel(), -1).diagonal(dim1=1, dim2=2).sum(-1)
+
+
+def assert_close_to_largest(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    """Float32 gradients agree to 2e-5 of the largest reference entry (see the docstring)."""
+    scale = max(w.abs().max() for w in want)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("name", list(UNETS))
+@pytest.mark.parametrize(("batch", "time"), [(1, "0-dim"), (3, "(B,)")])
+def test_unet_auto_divergence(name, batch, time):
+    """``"auto"`` on torchcfm's U-Net (group norms, attention over positions, the sinusoidal
+    time embedding, skip concatenations) with ``t`` 0-dim (repeated inside) or per sample,
+    batch of 1 or 3, train mode (dropout 0): per-sample values and parameter gradients."""
+    model = unet(**UNETS[name]).train()
+    gen = torch.Generator().manual_seed(1)
+    c, h, w = UNETS[name].get("dim", (1, 4, 4))
+    x = torch.randn(batch, c, h, w, generator=gen)
+    times = torch.rand(batch, generator=gen)
+    t = times[0] if time == "0-dim" else times
+    y = torch.arange(batch) % 3 if UNETS[name].get("class_cond") else None
+    got = torchdiv.divergence(lambda z: model(t, z, y), x)
+    want = unet_reference(model, t.expand(batch), x, y)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    params = list(model.parameters())
+    grads = [parameter_grads(d.square().sum(), params) for d in (got, want)]
+    assert_close_to_largest(*grads)
+
+
+def parameter_grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def test_unet_dropout_in_train_mode_is_one_mask():
+    """Dropout in train mode: the divergence of the function with the call's one dropout mask
+    (each Jacobian row by a backward pass of a forward under the same seed)."""
+    model = unet(dim=(1, 4, 4), channel_mult=(1,), dropout=0.3).train()
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.2, 0.7])
+    leaf = x.clone().requires_grad_(True)
+    want = torch.zeros(2)
+    for i in range(16):
+        torch.manual_seed(5)
+        out = model(t, leaf).reshape(2, -1)
+        want += torch.autograd.grad(out[:, i].sum(), leaf)[0].reshape(2, -1)[:, i]
+    torch.manual_seed(5)
+    got = torchdiv.divergence(lambda z: model(t, z), x)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_unet_gradient_checkpoint_values_and_refused_gradients():
+    """``use_checkpoint=True`` runs guided diffusion's ``CheckpointFunction``, whose backward
+    calls ``autograd.grad`` without a graph: the divergence's value is right, its parameter
+    gradient would miss the blocks' part, so differentiating it raises."""
+    plain, checkpointed = unet(), unet(use_checkpoint=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.2, 0.7])
+    got = torchdiv.divergence(lambda z: checkpointed(t, z), x)
+    torch.testing.assert_close(got, unet_reference(plain, t, x), rtol=2e-5, atol=2e-5)
+    with pytest.raises(RuntimeError, match="CheckpointFunction"):
+        got.sum().backward()
