@@ -18,6 +18,7 @@ relative errors are meaningless there).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -384,3 +385,47 @@ def test_unet_gradient_checkpoint_values_and_refused_gradients():
     torch.testing.assert_close(got, unet_reference(plain, t, x), rtol=2e-5, atol=2e-5)
     with pytest.raises(RuntimeError, match="CheckpointFunction"):
         got.sum().backward()
+
+
+class GraphTraceDynamics(nn.Module):
+    """The augmented dynamics of CNF notebooks that sample under ``no_grad``: the state made
+    to require grad inside ``set_grad_enabled(True)``, the velocity computed once, its trace
+    read from that graph (``torchdiv.graph_divergence``)."""
+
+    def __init__(self, field: nn.Module):
+        super().__init__()
+        self.field = field
+
+    def forward(self, t, state, *args, **kwargs):
+        x = state[:, :-1]
+        with torch.set_grad_enabled(True):
+            x.requires_grad_(True)
+            v = self.field(t, x)
+            divergence = torchdiv.graph_divergence(v, x)
+        return torch.cat([v, -divergence[:, None]], 1)
+
+
+def test_graph_trace_under_inference_mode_names_it():
+    """Under ``no_grad`` the graph form works as in training; under ``torch.inference_mode()``
+    no graph is recorded even inside ``set_grad_enabled(True)``: the error names inference
+    mode and the function form (which works there), not a ``y`` computed from a copy of
+    ``x`` as it did."""
+    field = trained_field("cfm")
+    x = torch.randn(3, 2, dtype=f64, generator=torch.Generator().manual_seed(6))
+    node = dyn_core.NeuralODE(GraphTraceDynamics(field), "rk4")
+    with torch.no_grad():
+        got = log_p(node, x)
+    want = log_p(
+        dyn_core.NeuralODE(Likelihood(field, partial(per_sample_divergence, field)), "rk4"), x
+    )
+    assert_close(got, want)
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"inference_mode.*\(f, x\)"):
+        log_p(node, x)
+    with torch.inference_mode():
+        function_form = log_p(
+            dyn_core.NeuralODE(
+                Likelihood(field, lambda t, x: torchdiv.divergence(partial(field, t), x)), "rk4"
+            ),
+            x,
+        )
+    assert_close(function_form, want)

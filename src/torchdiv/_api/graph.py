@@ -68,6 +68,13 @@ def _engine(
             "x.requires_grad_(True) before computing y = f(x), or use the function form "
             f"torchdiv.{fn.removeprefix('graph_')}(f, x)"
         )
+    if not y.requires_grad and y.is_inference():
+        raise ValueError(
+            f"{fn}: y has no autograd graph: it was computed under torch.inference_mode(), "
+            "which records none even inside torch.enable_grad(); compute y outside inference "
+            "mode, or use the function form "
+            f"torchdiv.{fn.removeprefix('graph_')}(f, x), which runs under inference mode"
+        )
     if not depends_on(y, x):
         raise ValueError(
             f"{fn}: y was not computed from x (its autograd graph does not reach x); pass the "
