@@ -409,7 +409,7 @@ def test_graph_trace_under_inference_mode_names_it():
     """Under ``no_grad`` the graph form works as in training; under ``torch.inference_mode()``
     no graph is recorded even inside ``set_grad_enabled(True)``: the error names inference
     mode and the function form (which works there), not a ``y`` computed from a copy of
-    ``x`` as it did."""
+    ``x`` as it did; so does the error where ``y`` was computed under ``no_grad``."""
     field = trained_field("cfm")
     x = torch.randn(3, 2, dtype=f64, generator=torch.Generator().manual_seed(6))
     node = dyn_core.NeuralODE(GraphTraceDynamics(field), "rk4")
@@ -421,6 +421,14 @@ def test_graph_trace_under_inference_mode_names_it():
     assert_close(got, want)
     with torch.inference_mode(), pytest.raises(ValueError, match=r"inference_mode.*\(f, x\)"):
         log_p(node, x)
+
+    def graph_trace(t, x):  # without set_grad_enabled(True): under no_grad, no graph
+        x.requires_grad_(True)
+        return torchdiv.graph_divergence(field(t, x), x)
+
+    without_grad = dyn_core.NeuralODE(Likelihood(field, graph_trace), "rk4")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"no_grad.*enable_grad.*\(f, x\)"):
+        log_p(without_grad, x)
     with torch.inference_mode():
         function_form = log_p(
             dyn_core.NeuralODE(
