@@ -70,6 +70,20 @@ def _engine(
             "x.requires_grad_(True) before computing y = f(x), or use the function form "
             f"torchdiv.{fn.removeprefix('graph_')}(f, x)"
         )
+    if not y.requires_grad and y.is_inference():
+        raise ValueError(
+            f"{fn}: y has no autograd graph: it was computed under torch.inference_mode(), "
+            "which records none even inside torch.enable_grad(); compute y outside inference "
+            "mode, or use the function form "
+            f"torchdiv.{fn.removeprefix('graph_')}(f, x), which runs under inference mode"
+        )
+    if not y.requires_grad and not torch.is_grad_enabled():
+        raise ValueError(
+            f"{fn}: y has no autograd graph: gradients are disabled here (torch.no_grad()), "
+            "so computing y recorded none; compute y and call this inside "
+            "torch.enable_grad(), or use the function form "
+            f"torchdiv.{fn.removeprefix('graph_')}(f, x), which runs under no_grad"
+        )
     if not depends_on(y, x):
         raise ValueError(
             f"{fn}: y was not computed from x (its autograd graph does not reach x); pass the "
