@@ -316,3 +316,33 @@ def test_grad_scaler_skips_a_step_whose_operators_overflow() -> None:
     loss, _, scaler = _step_gradients(torch.float16, x, "auto", "auto")
     assert not bool(loss.isfinite())
     assert scaler.get_scale() == 2.0**15
+
+
+def test_log_likelihood_under_autocast_names_the_cast_that_runs() -> None:
+    """A CNF's velocity under ``torch.autocast`` returns the autocast dtype, which the ODE's
+    float32 state refuses; the error's hint named only ``model.to(x.dtype)``, which changes
+    nothing there. The way out it names now (the output cast) gives the float64 likelihood
+    within the dtype's round-off of the divergence's share."""
+    pytest.importorskip("torchdiffeq")
+    from torchdiv import flows
+
+    torch.manual_seed(0)
+    net = tanh_mlp(4, 16, 3, torch.float32)
+    wide = copy.deepcopy(net).double()
+
+    def velocity(model: torch.nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+        return lambda t, z: model(torch.cat([z, t.expand(len(z), 1)], 1))
+
+    def base(z: Tensor) -> Tensor:
+        return -0.5 * z.square().sum(-1)
+
+    x = torch.randn(5, 3)
+    fixed: dict = {"solver": "euler", "options": {"step_size": 0.5}}  # the same steps in both
+    want = flows.log_likelihood(velocity(wide), x.double(), 0.0, 1.0, base, **fixed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match=r"f\(t, z\)\.to\(z\.dtype\)"):
+            flows.log_likelihood(velocity(net), x, 0.0, 1.0, base, **fixed)
+        f = velocity(net)
+        got = flows.log_likelihood(lambda t, z: f(t, z).to(z.dtype), x, 0.0, 1.0, base, **fixed)
+    assert got.dtype == torch.float32
+    _close(got, want, torch.bfloat16, units=2.0)

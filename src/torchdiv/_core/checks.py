@@ -615,7 +615,8 @@ def check_velocity(fn: str, v: Any, z: torch.Tensor) -> None:
     if v.dtype != z.dtype:
         raise TypeError(
             f"{fn}: f(t, z) must return z's dtype {z.dtype}, got {v.dtype}; cast the model "
-            "or x (e.g. model.to(x.dtype))"
+            "or x (e.g. model.to(x.dtype)), or, where torch.autocast runs f in another dtype, "
+            "its output (lambda t, z: f(t, z).to(z.dtype))"
         )
 
 
