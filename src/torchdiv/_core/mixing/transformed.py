@@ -29,6 +29,7 @@ import torch
 from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor, peek_interpreter_stack
 
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, explain
+from torchdiv._core.precision import float32_eps
 
 # the level of the innermost torch.func transform (0: none) where the outermost public call in
 # flight started; unset outside any public call (``public_call``)
@@ -163,45 +164,14 @@ def _draws(
 def _tolerance(dtype: torch.dtype, device: torch.device) -> float:
     """``sqrt(eps)`` of the precision the VJPs run at: ``dtype``'s, or for float32 that of
     the reduced precision the device's matrix products, convolutions or recurrent layers are
-    set to (``_float32_eps``: ``s * v`` then rounds otherwise than ``v``, a few of its
-    ``eps`` off). Measured on CPU: round-off at most ``1e-6`` of the largest element in
+    set to (``torchdiv._core.precision``: ``s * v`` then rounds otherwise than ``v``, a few
+    of its ``eps`` off). Measured on CPU: round-off at most ``1e-6`` of the largest element in
     float32 (a 9-layer tanh MLP, a conv net with group norm, dropout; ``2e-15`` in float64),
     against ``sqrt(eps)`` = ``3.5e-4`` (``1.5e-8``)."""
     eps = torch.finfo(dtype).eps
     if dtype == torch.float32:
-        eps = max(eps, _float32_eps(device))
+        eps = max(eps, float32_eps(device))
     return float(eps**0.5)
-
-
-# the unit roundoff of the reduced precisions float32 products may run at: TensorFloat-32
-# keeps 10 bits of the mantissa, bfloat16 7
-_REDUCED = {"tf32": 2.0**-10, "bf16": 2.0**-7}
-# the backends that run float32 matrix products, convolutions and recurrent layers, by device
-_FP32_BACKENDS = {"cuda": ("cuda", "cudnn"), "cpu": ("mkldnn",)}
-
-
-def _float32_eps(device: torch.device) -> float:
-    """The coarsest unit roundoff among ``device``'s float32 products, as PyTorch's
-    ``fp32_precision`` settings give it (``"tf32"``, ``"bf16"``, or full precision):
-    ``torch.set_float32_matmul_precision("medium")`` makes oneDNN's CPU matrix products
-    bfloat16 ones where the CPU has them (AMX, AVX512-BF16: 0.19 off for 256 x 256 Gaussian
-    factors, against ``4e-5``), and cuDNN's convolutions are TensorFloat-32 by default. The
-    legacy flags (``allow_tf32``, ``torch.get_float32_matmul_precision()``) raise
-    ``RuntimeError`` once the new settings have been used (``torch.backends.cuda.matmul
-    .fp32_precision = "tf32"``); PyTorch before 2.9 has only those."""
-    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # PyTorch < 2.9
-        legacy = (
-            torch.backends.cuda.matmul.allow_tf32
-            or torch.backends.cudnn.allow_tf32
-            or torch.get_float32_matmul_precision() != "highest"
-        )
-        return _REDUCED["tf32"] if device.type == "cuda" and legacy else 0.0
-    precisions = (
-        getattr(getattr(getattr(torch.backends, backend), op, None), "fp32_precision", None)
-        for backend in _FP32_BACKENDS.get(device.type, ())
-        for op in ("matmul", "conv", "rnn")
-    )
-    return max((_REDUCED.get(str(p), 0.0) for p in precisions), default=0.0)
 
 
 def _physical(t: torch.Tensor) -> torch.Tensor:
