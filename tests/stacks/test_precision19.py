@@ -15,6 +15,8 @@ Faults found by the review rev-amp19, each a test here:
   float32's round-off where ``torch.set_float32_matmul_precision("medium")`` makes oneDNN's
   CPU matrix products bfloat16 ones (AMX, AVX512-BF16): independent ensembles were refused
   with ``BatchInteractionError``;
+* the structured engine's kept ``W_1 W_L`` was served across that setting: computed under
+  ``"medium"``, served after ``"highest"`` was set again (7e-4 off, float32 2.5e-7);
 * ``estimate_trace`` of a ``matmat`` returning complex products cast them to the probes'
   real dtype: the imaginary part of the trace was dropped (with PyTorch's warning only).
 
@@ -229,6 +231,22 @@ def test_a_mixing_ensemble_is_still_refused_under_reduced_precision() -> None:
     ):
         torch.set_float32_matmul_precision("medium")
         _under_vmap(members, torch.randn(8, 3))  # type: ignore[arg-type]
+
+
+def test_a_product_kept_at_reduced_precision_is_not_served_at_full_precision() -> None:
+    """The structured engine keeps ``W_1 W_L`` across calls; computed under ``"medium"``
+    (bfloat16 products on a CPU with them) it was served after ``"highest"`` was set again:
+    7e-4 off where float32 gives 2.5e-7. (On a CPU without bfloat16 products both calls
+    run in float32, and this passes either way.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64))
+    x = torch.randn(8, 64)
+    want = reference_divergence(copy.deepcopy(model).double(), x.double())
+    with _fp32_precision_kept():
+        torch.set_float32_matmul_precision("medium")
+        _close(torchdiv.divergence(model, x, method="structured"), want, torch.bfloat16)
+        torch.set_float32_matmul_precision("highest")
+        _close(torchdiv.divergence(model, x, method="structured"), want, torch.float32, units=64)
 
 
 # ------------------------------------------------------------------- complex operators
