@@ -20,26 +20,32 @@ import torch
 _REDUCED = {"tf32": 2.0**-10, "bf16": 2.0**-7}
 # the backends that run float32 matrix products, convolutions and recurrent layers, by device
 _BACKENDS = {"cuda": ("cuda", "cudnn"), "cpu": ("mkldnn",)}
+_OPS = ("matmul", "conv", "rnn")
+_NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")  # PyTorch >= 2.9
 
 
-def float32_eps(device: torch.device) -> float:
-    """The coarsest unit roundoff among ``device``'s float32 matrix products, convolutions
-    and recurrent layers: ``_REDUCED``'s where one is set to a reduced precision, else 0.
+def _setting(backend: str, op: str) -> str:
+    """``torch.backends.<backend>.<op>.fp32_precision`` (about 5 us)."""
+    return str(getattr(getattr(getattr(torch.backends, backend), op, None), "fp32_precision", ""))
+
+
+def float32_eps(device: torch.device, ops: tuple[str, ...] = _OPS) -> float:
+    """The coarsest unit roundoff among ``device``'s float32 ``ops`` (matrix products,
+    convolutions, recurrent layers): ``_REDUCED``'s where one is set to a reduced precision,
+    else 0.
 
     Example:
         >>> float32_eps(torch.device("cpu"))
         0.0
     """
-    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # PyTorch < 2.9
+    if not _NEW_API:
         legacy = (
             torch.backends.cuda.matmul.allow_tf32
             or torch.backends.cudnn.allow_tf32
             or torch.get_float32_matmul_precision() != "highest"
         )
         return _REDUCED["tf32"] if device.type == "cuda" and legacy else 0.0
-    precisions = (
-        getattr(getattr(getattr(torch.backends, backend), op, None), "fp32_precision", None)
-        for backend in _BACKENDS.get(device.type, ())
-        for op in ("matmul", "conv", "rnn")
+    return max(
+        (_REDUCED.get(_setting(b, op), 0.0) for b in _BACKENDS.get(device.type, ()) for op in ops),
+        default=0.0,
     )
-    return max((_REDUCED.get(str(p), 0.0) for p in precisions), default=0.0)

@@ -59,7 +59,7 @@ class _Kept:
     a: Tensor
     b: Tensor
     result: Tensor
-    precision: float  # float32_eps of the device when it was computed
+    precision: float  # float32_eps of the device's matrix products when it was computed
 
 
 _kept: list[_Kept] = []
@@ -83,7 +83,7 @@ def join(a: Tensor, b: Tensor) -> Tensor:
 def _product(op: _Op, a: Tensor, b: Tensor, worth: bool) -> Tensor:
     if not worth or a.numel() + b.numel() > MAX_FACTOR_ELEMENTS:
         return op.run(a, b)
-    precision = float32_eps(a.device)
+    precision = float32_eps(a.device, ("matmul",)) if a.dtype == torch.float32 else 0.0
     result = _found(op, a, b, precision)
     if result is None:
         result = op.run(a.detach(), b.detach())
