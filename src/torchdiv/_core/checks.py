@@ -211,13 +211,19 @@ def check_probes(
 
 
 def check_products(fn: str, out: Any, vectors: torch.Tensor) -> None:
-    """``matmat(V)`` must return a tensor shaped like ``V``: the operator is square."""
+    """``matmat(V)`` must return a real tensor shaped like ``V``: the operator is square."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{fn}: matmat(V) must return a torch.Tensor, got {type(out).__name__}")
     if out.shape != vectors.shape:
         raise ValueError(
             f"{fn}: matmat(V) must return a tensor shaped like V (k probe vectors, each shaped "
             f"like `like`): V has shape {_shape(vectors)} but matmat(V) has shape {_shape(out)}"
+        )
+    if out.is_complex():  # cast to the probes' real dtype, it lost its imaginary part
+        raise TypeError(
+            f"{fn}: matmat(V) must return a real tensor, got {out.dtype}; the trace is linear: "
+            "estimate those of the real and imaginary parts apart (lambda V: matmat(V).real, "
+            "then .imag, for real probes V) and add them as re + 1j * im"
         )
 
 
@@ -638,7 +644,8 @@ def check_velocity(fn: str, v: Any, z: torch.Tensor) -> None:
     if v.dtype != z.dtype:
         raise TypeError(
             f"{fn}: f(t, z) must return z's dtype {z.dtype}, got {v.dtype}; cast the model "
-            "or x (e.g. model.to(x.dtype))"
+            "or x (e.g. model.to(x.dtype)), or, where torch.autocast runs f in another dtype, "
+            "its output (lambda t, z: f(t, z).to(z.dtype))"
         )
 
 

@@ -58,15 +58,34 @@ def trace(paths: list[Path], x: Tensor, n_samples: int, chunk: int | None) -> Te
 
 
 def _merged(factors: tuple[Factor, ...]) -> list[Factor]:
-    """Adjacent factors multiplied where that costs nothing per sample."""
+    """Adjacent factors multiplied where that costs nothing per sample, all in the dtype
+    their product promotes to (a float64 constant scaling a float32 layer's output, a
+    float32 buffer after a bfloat16 layer: ``f`` promotes there, and a matrix product of the
+    two dtypes would fail)."""
+    dtype = _promoted(factors)
     out: list[Factor] = []
-    for f in factors:
+    for f in (_cast(f, dtype) for f in factors):
         joined = _join(out[-1], f) if out else None
         if joined is None:
             out.append(f)
         else:
             out[-1] = joined
     return out
+
+
+def _promoted(factors: tuple[Factor, ...]) -> torch.dtype:
+    """The dtype that products of all ``factors`` promote to."""
+    tensors = [f.matrix if isinstance(f, Shared) else f.scale for f in factors]
+    dtype = tensors[0].dtype if tensors else torch.float32
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _cast(factor: Factor, dtype: torch.dtype) -> Factor:
+    if isinstance(factor, Shared):
+        return factor if factor.matrix.dtype == dtype else Shared(factor.matrix.to(dtype))
+    return factor if factor.scale.dtype == dtype else Diagonal(factor.scale.to(dtype))
 
 
 def _join(first: Factor, then: Factor) -> Factor | None:

@@ -29,6 +29,7 @@ import torch
 from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor, peek_interpreter_stack
 
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, explain
+from torchdiv._core.precision import float32_eps
 
 # the level of the innermost torch.func transform (0: none) where the outermost public call in
 # flight started; unset outside any public call (``public_call``)
@@ -161,20 +162,15 @@ def _draws(
 
 
 def _tolerance(dtype: torch.dtype, device: torch.device) -> float:
-    """``sqrt(eps)`` of the precision the VJPs run at: ``dtype``'s, or TensorFloat-32's
-    (``2**-10``) for float32 on a GPU whose matrix products or convolutions may use it
-    (``s * v`` then rounds otherwise than ``v``, a few of its ``eps`` off). Measured on CPU:
-    round-off at most ``1e-6`` of the largest element in float32 (a 9-layer tanh MLP, a conv
-    net with group norm, dropout; ``2e-15`` in float64), against ``sqrt(eps)`` =
-    ``3.5e-4`` (``1.5e-8``)."""
+    """``sqrt(eps)`` of the precision the VJPs run at: ``dtype``'s, or for float32 that of
+    the reduced precision the device's matrix products, convolutions or recurrent layers are
+    set to (``torchdiv._core.precision``: ``s * v`` then rounds otherwise than ``v``, a few
+    of its ``eps`` off). Measured on CPU: round-off at most ``1e-6`` of the largest element in
+    float32 (a 9-layer tanh MLP, a conv net with group norm, dropout; ``2e-15`` in float64),
+    against ``sqrt(eps)`` = ``3.5e-4`` (``1.5e-8``)."""
     eps = torch.finfo(dtype).eps
-    tf32 = (
-        torch.backends.cuda.matmul.allow_tf32
-        or torch.backends.cudnn.allow_tf32
-        or torch.get_float32_matmul_precision() != "highest"
-    )
-    if dtype == torch.float32 and device.type == "cuda" and tf32:
-        eps = 2.0**-10
+    if dtype == torch.float32:
+        eps = max(eps, float32_eps(device))
     return float(eps**0.5)
 
 
