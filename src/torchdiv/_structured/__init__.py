@@ -60,12 +60,13 @@ _REFUSED = _cache.Refusals()
 # sample, the structured engine's diagonal of a chain costs ~0.55-0.65x the rows' backward
 # passes, but each call also checks its recording and builds the chain's factors (~0.3 ms of
 # Python at any size, one thread): the rows win below the work where the two meet.
-# Structured / rows, tanh MLPs D -> w -> w -> D, thread CPU time, one thread (bench/diagonal_choice.py, medians of 5 rounds, a loaded 2-core machine),
-# work in units of 2**20: frozen, w = 64: 1.15 at 5.1 (D = 8, B = 128), 1.12 at 10.3 (B =
-# 256), 1.10 at 12.3 (D = 16, B = 128), 1.05 at 15.4 (D = 8, B = 384), 0.95 at 20.5 (B = 512)
-# and 24.6 (D = 16, B = 256), 0.53 at 164 (D = 8, B = 4096); w = 256: 1.11 at 16.6 (D = 4,
-# B = 64), 1.04-1.06 at 33-34, 0.94-1.00 from 66 on. Trained, w = 64: 1.23 at 5.1, 1.14 at
-# 10.3, 1.06 at 20.5 and 24.6, 0.95 at 32.6 (D = 32, B = 128), 0.85-0.90 from 36.8 on.
+# Structured / rows, tanh MLPs D -> w -> w -> D, thread CPU time, one thread
+# (bench/diagonal_choice.py, medians of 5 rounds, a loaded 2-core machine), work in units of
+# 2**20: frozen, w = 64: 1.15 at 5.1 (D = 8, B = 128), 1.12 at 10.3 (B = 256), 1.10 at 12.3
+# (D = 16, B = 128), 1.05 at 15.4 (D = 8, B = 384), 0.95 at 20.5 (B = 512) and 24.6 (D = 16,
+# B = 256), 0.53 at 164 (D = 8, B = 4096); w = 256: 1.11 at 16.6 (D = 4, B = 64), 1.04-1.06
+# at 33-34, 0.94-1.00 from 66 on. Trained, w = 64: 1.23 at 5.1, 1.14 at 10.3, 1.06 at 20.5
+# and 24.6, 0.95 at 32.6 (D = 32, B = 128), 0.85-0.90 from 36.8 on.
 ROWS_DIAGONAL_WORK = 20 << 20
 ROWS_DIAGONAL_WORK_TRAINED = 28 << 20
 
