@@ -69,7 +69,7 @@ def work(f: Any, x: torch.Tensor, batch_dims: int, found: Held | str | None = "r
 class Held(NamedTuple):
     """What a module's parameters tell of its work (``held``)."""
 
-    count: int  # elements of all parameters
+    elements: int  # of all parameters
     width: int  # the first weight's input width (its second dimension)
     kernel: bool  # a parameter of more than 2 dimensions: a convolution's kernel
     grad: bool  # a parameter requires grad
@@ -119,4 +119,4 @@ def work_per_sample(f: Any, n: int, found: Held | str | None = "read") -> int:
     seen = held(f) if isinstance(found, str) else found
     if seen is None:
         return UNSEEN_WORK_PER_ELEMENT * n
-    return seen.count * max(1, n // max(seen.width, 1))
+    return seen.elements * max(1, n // max(seen.width, 1))
