@@ -12,6 +12,8 @@ from torch import nn
 from torch._C._dynamo.eval_frame import get_eval_frame_callback, set_eval_frame
 
 import torchdiv
+from torchdiv import _structured
+from torchdiv._core import crossover
 from torchdiv._structured import products
 from torchdiv._taylor import cache
 from torchdiv.flows import log_likelihood
@@ -44,8 +46,9 @@ def mlp(d: int = 6, h: int = 32) -> nn.Module:
 
 @pytest.mark.parametrize("op", ["divergence", "jacobian_diagonal"])
 def test_reused_plans_give_the_values_and_parameter_gradients_of_fresh_ones(op):
-    # (above TRAINED_DIAGONAL: a smaller trained diagonal goes to plain autograd, unplanned)
-    net, x = mlp(), torch.randn(700, 6, dtype=DOUBLE)
+    # (past ROWS_DIAGONAL_WORK_TRAINED: a smaller diagonal goes to plain autograd, unplanned)
+    net, x = mlp(h=96), torch.randn(700, 6, dtype=DOUBLE)
+    assert crossover.work(net, x, 1) > _structured.ROWS_DIAGONAL_WORK_TRAINED
     fn = getattr(torchdiv, op)
     fn(net, x)  # kept
     assert len(cache.RECORDINGS._entries) == 1

@@ -78,7 +78,7 @@ def closed_form(net: Spectral, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("op", ["divergence", "jacobian_diagonal"])
 def test_a_refusal_is_remembered_with_the_values_and_gradients_of_a_closed_form(_fresh, op):
-    # (32 x 768 > TRAINED_DIAGONAL: a smaller trained diagonal is never recorded)
+    # (a convolution: "auto" records its diagonal, never left to plain autograd's rows)
     net, x = net_and_x(batch=24)
     fn = getattr(torchdiv, op)
     want = closed_form(net, x)

@@ -19,6 +19,8 @@ from torch import nn
 
 import torchdiv
 from torchdiv import _structured
+from torchdiv._core import crossover
+from torchdiv._exact.plan import ROWS_PROBLEM
 from torchdiv._structured import colors, cycle, factors
 from torchdiv._structured.factors import Diagonal, Path, Shared
 from torchdiv._taylor import RULES, UnsupportedOp, capture, values
@@ -551,33 +553,112 @@ def test_cycle_trace_of_the_identity_path_is_the_event_size():
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_auto_leaves_small_trained_diagonals_to_plain_autograd(monkeypatch, train):
-    """``"auto"``'s diagonal of a module whose parameters require grad, up to
-    ``TRAINED_DIAGONAL`` unit vectors x elements, goes to the generic engines (one batched
-    backward pass beat the structured engine's columns carried with their graph); frozen, and
-    any trace, is planned. Values and parameter gradients as the float64 loop's."""
+def test_auto_leaves_small_diagonals_to_plain_autograd(monkeypatch, train):
+    """``"auto"``'s diagonal where plain autograd's rows cost less than the structured
+    engine (``rows_diagonal``: work ``n x B x W`` within ``ROWS_DIAGONAL_WORK``, frozen or
+    trained) goes to the generic engines; any trace is planned. Values and parameter
+    gradients as the float64 loop's."""
     from conftest import assert_same_parameter_gradients, loop_diagonal, tanh_mlp
 
     planned: list[bool] = []
     plan = _structured.plan
     monkeypatch.setattr(_structured, "plan", lambda *a, **k: planned.append(True) or plan(*a, **k))
     net = tanh_mlp(8, 16, 8).requires_grad_(train)
-    x = torch.randn(128, 8, dtype=f64)  # 8 x 1024: above TINY_PROBLEM, within TRAINED_DIAGONAL
-    assert _structured.TINY_PROBLEM < 8 * x.numel() <= _structured.TRAINED_DIAGONAL
+    x = torch.randn(128, 8, dtype=f64)  # 8 x 1024: above TINY_PROBLEM
+    assert 8 * x.numel() > _structured.TINY_PROBLEM
+    assert crossover.work(net, x, 1) <= _structured.ROWS_DIAGONAL_WORK
     diagonal = torchdiv.jacobian_diagonal(net, x)
-    assert planned == ([] if train else [True])
+    assert planned == []
     expected = loop_diagonal(net, x, create_graph=train)
     assert_close(diagonal, expected)
     if train:
         assert_same_parameter_gradients(net, diagonal.square().sum(), expected.square().sum())
-    planned.clear()
     torchdiv.divergence(net, x)
     assert planned == [True]
 
 
-def test_small_trained_diagonals_left_to_plain_autograd_are_watched_for_mixing():
-    """An ``f`` that centres its features over the batch, at the size where a trained
-    diagonal skips the structured engine: the generic engines' watch refuses it, at the first
+def _issue_mlp(d: int) -> nn.Module:
+    """The tanh MLP of issue 19's cells, D -> 64 -> 64 -> D (float32, as benchmarked)."""
+    from conftest import tanh_mlp
+
+    return tanh_mlp(d, 64, d, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("d", "batch", "train", "rows"),
+    [
+        (8, 256, False, True),  # rows 0.61 ms, structured 0.69 (bench/diagonal_choice.py)
+        (8, 256, True, True),
+        (16, 256, False, False),  # even
+        (8, 4096, False, False),  # structured 5.1 ms, rows 8.5
+        (8, 4096, True, False),
+        (64, 256, False, False),  # past ROWS_PROBLEM
+    ],
+)
+def test_rows_diagonal_at_issue_19s_cells(d, batch, train, rows):
+    """The choice ``"auto"`` makes for the Jacobian diagonal at the measured cells."""
+    net, x = _issue_mlp(d).requires_grad_(train), torch.zeros(batch, d)
+    assert _structured.chosen("auto", net, x, 1)
+    assert _structured.rows_diagonal(net, x, 1) is rows
+
+
+def test_rows_diagonal_turns_at_its_work_limits(monkeypatch):
+    """The rows up to the work limit of the scenario, the structured engine one multiply-add
+    past it; the trained limit only for a module with a parameter that requires grad, under
+    grad mode."""
+    net, x = _issue_mlp(8).requires_grad_(False), torch.zeros(256, 8)
+    work = crossover.work(net, x, 1)
+    monkeypatch.setattr(_structured, "ROWS_DIAGONAL_WORK_TRAINED", 2 * work)
+    monkeypatch.setattr(_structured, "ROWS_DIAGONAL_WORK", work)
+    assert _structured.rows_diagonal(net, x, 1)
+    monkeypatch.setattr(_structured, "ROWS_DIAGONAL_WORK", work - 1)
+    assert not _structured.rows_diagonal(net, x, 1)  # frozen: not the trained limit
+    net.requires_grad_(True)
+    assert _structured.rows_diagonal(net, x, 1)
+    with torch.no_grad():
+        assert not _structured.rows_diagonal(net, x, 1)
+    monkeypatch.setattr(_structured, "ROWS_DIAGONAL_WORK_TRAINED", work)
+    assert _structured.rows_diagonal(net, x, 1)
+    monkeypatch.setattr(_structured, "ROWS_DIAGONAL_WORK_TRAINED", work - 1)
+    assert not _structured.rows_diagonal(net, x, 1)
+
+
+def test_rows_diagonal_only_where_the_generic_engines_take_rows():
+    """Past ``ROWS_PROBLEM`` unit vectors x elements the generic engines run ``torch.func``'s
+    reverse mode, slower than the structured engine: not chosen however little ``f`` does."""
+
+    class Scaled(nn.Module):  # one parameter: W = n, the work of a 64-element event tiny
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.scale * x)
+
+    net, x = Scaled(), torch.zeros(128, 64)
+    assert crossover.work(net, x, 1) <= _structured.ROWS_DIAGONAL_WORK
+    assert 64 * x.numel() > ROWS_PROBLEM
+    assert not _structured.rows_diagonal(net, x, 1)
+    assert _structured.rows_diagonal(net, x[: ROWS_PROBLEM // 64 // 64], 1)
+
+
+def test_rows_diagonal_never_for_a_function_or_a_convolution():
+    """A function's work and ops are not seen (a closure over a conv net with in-place ops
+    that autograd refuses, ``test_statistics_training``), a conv net's rows would run forward
+    mode: both stay with the structured engine, however small."""
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 1, 3, padding=1))
+    x = torch.zeros(2, 1, 4, 4)
+    assert crossover.work(conv, x, 1) <= _structured.ROWS_DIAGONAL_WORK
+    assert not _structured.rows_diagonal(conv, x, 1)
+    net, x = _issue_mlp(8), torch.zeros(256, 8)
+    assert _structured.rows_diagonal(net, x, 1)
+    assert not _structured.rows_diagonal(lambda z: net(z), x, 1)
+    assert _structured.rows_diagonal(net.forward, x, 1)  # a module's bound method is seen
+
+
+def test_small_diagonals_left_to_plain_autograd_are_watched_for_mixing():
+    """An ``f`` that centres its features over the batch, at a size where a diagonal skips
+    the structured engine: the generic engines' watch refuses it, at the first
     call and at the next."""
 
     class Centred(nn.Module):
@@ -590,7 +671,7 @@ def test_small_trained_diagonals_left_to_plain_autograd_are_watched_for_mixing()
             return torch.tanh(h - h.mean(0))
 
     net, x = Centred(), torch.randn(128, 8, dtype=f64)
-    assert _structured.TINY_PROBLEM < 8 * x.numel() <= _structured.TRAINED_DIAGONAL
+    assert 8 * x.numel() > _structured.TINY_PROBLEM and _structured.rows_diagonal(net, x, 1)
     for _ in range(2):
         with pytest.raises(torchdiv.BatchInteractionError):
             torchdiv.jacobian_diagonal(net, x)

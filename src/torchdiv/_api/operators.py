@@ -160,9 +160,9 @@ def jacobian_diagonal(
     the same JVP (or VJP) blocks as the dense Jacobian, but only the diagonal of each block is
     kept, so memory stays at one chunk.
 
-    ``"structured"`` (``"auto"``'s first choice, see ``divergence``, but for a module whose
-    parameters require grad up to ``2**14`` unit vectors x elements of ``x``, where plain
-    autograd's one batched backward pass is faster) propagates the columns
+    ``"structured"`` (``"auto"``'s first choice, see ``divergence``, but where plain
+    autograd's one batched backward pass is faster: small work ``n x B x W``,
+    ``torchdiv._structured.rows_diagonal``) propagates the columns
     forward from unit vectors stored once for the batch, summed by colour when the graph is
     local (a conv net: each output reads a small window of the input; with group norms, local
     once their statistics are held, whose part is then added exactly).

@@ -14,7 +14,7 @@ Both choices give the same values and derivatives; the rule only decides which i
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -55,27 +55,68 @@ def traceable(f: Any, x: torch.Tensor, batch_dims: int, limit: int = TRACED_WORK
     traced the call. Asked outside a compiled region of a ``torch.compile``d ``f`` with
     ``COMPILED_F_WORK`` (``modes.compiled_like_f``: such a call runs compiled or eagerly as a
     whole; where it runs compiled, ``traced`` holds inside, ``COMPILED_F_WORK`` being lower)."""
+    return work(f, x, batch_dims) <= limit
+
+
+def work(f: Any, x: torch.Tensor, batch_dims: int, found: Held | str | None = "read") -> int:
+    """``n x B x W``: the multiply-adds of one product per input element over the batch (the
+    generic engines' work for a divergence, diagonal or Jacobian; ``W``: ``work_per_sample``),
+    for ``n`` elements per sample and ``B`` samples; ``found``: ``held(f)``, if read already."""
     n = math.prod(x.shape[batch_dims:])
-    return n * math.prod(x.shape[:batch_dims]) * work_per_sample(f, n) <= limit
+    return n * math.prod(x.shape[:batch_dims]) * work_per_sample(f, n, found)
 
 
-def work_per_sample(f: Any, n: int) -> int:
-    """Multiply-adds of ``f`` per sample of ``n`` elements, estimated from its parameters:
-    their number times how often the first weight is applied per sample (``n`` over its
-    input width: 1 for an MLP, the pixels of a conv net's input; each weight is used once per
-    output position, so later layers that downsample are counted high). ``f`` a module or a
-    module's bound method; anything else: ``UNSEEN_WORK_PER_ELEMENT x n``. Read while Dynamo
-    traces: parameter shapes are static (Dynamo guards them: a swapped parameter of another
-    shape recompiles), nothing is computed on a tensor."""
+class Held(NamedTuple):
+    """What a module's parameters tell of its work (``held``)."""
+
+    elements: int  # of all parameters
+    width: int  # the first weight's input width (its second dimension)
+    kernel: bool  # a parameter of more than 2 dimensions: a convolution's kernel
+    grad: bool  # a parameter requires grad
+
+
+def held(f: Any) -> Held | None:
+    """``Held`` of ``f`` a module or a module's bound method (through torchdiv's wrapper,
+    ``checks.unwrapped``) with parameters; ``None`` for anything else. One walk of the
+    submodules' ``_parameters`` (a third of the time of ``parameters()``' generators,
+    4-14 us for a 3-layer MLP; read at every eager call of ``"auto"``'s diagonal:
+    ``_structured.rows_diagonal``); a parameter held by several submodules counts once per
+    holder (each applies it), a submodule held twice once, as ``modules()`` gives it."""
     module = unwrapped(f)
-    module = getattr(module, "__self__", module)  # a bound method such as net.forward
+    if not isinstance(module, torch.nn.Module):  # (a module's missing attribute: an exception)
+        module = getattr(module, "__self__", module)  # a bound method such as net.forward
     if not isinstance(module, torch.nn.Module):
+        return None
+    count, width, kernel, grad = 0, 0, False, False
+    todo, seen = [module], set()  # ``modules()``' order (depth first), without its generators
+    while todo:
+        m = todo.pop()
+        if id(m) in seen:  # (held twice, or a cycle)
+            continue
+        seen.add(id(m))
+        for p in m._parameters.values():
+            if p is None:
+                continue
+            count += p.numel()
+            dims = p.dim()
+            if width == 0 and dims >= 2:
+                width = p.shape[1]  # Linear's in_features, ConvNd's in_channels (per group)
+            kernel = kernel or dims > 2
+            grad = grad or p.requires_grad
+        todo.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return Held(count, width, kernel, grad) if count else None
+
+
+def work_per_sample(f: Any, n: int, found: Held | str | None = "read") -> int:
+    """Multiply-adds of ``f`` per sample of ``n`` elements, estimated from its parameters
+    (``held``, unless ``found`` gives it): their number times how often the first weight is
+    applied per sample (``n`` over its input width: 1 for an MLP, the pixels of a conv net's
+    input; each weight is used once per output position, so later layers that downsample
+    are counted high). ``f`` a module or a module's bound method; anything else:
+    ``UNSEEN_WORK_PER_ELEMENT x n``. Read while Dynamo traces: parameter shapes are static
+    (Dynamo guards them: a swapped parameter of another shape recompiles), nothing is
+    computed on a tensor."""
+    seen = held(f) if isinstance(found, str) else found
+    if seen is None:
         return UNSEEN_WORK_PER_ELEMENT * n
-    count, width = 0, 0
-    for p in module.parameters():
-        count += p.numel()
-        if width == 0 and p.dim() >= 2:
-            width = p.shape[1]  # Linear's in_features, ConvNd's in_channels (per group)
-    if count == 0:
-        return UNSEEN_WORK_PER_ELEMENT * n
-    return count * max(1, n // max(width, 1))
+    return seen.elements * max(1, n // max(seen.width, 1))

@@ -196,8 +196,8 @@ def diagonal_and_output(
         strict = method == "structured"
         refused = not strict and _structured.refused_before(where, f, x, batch_dims)
         planned = None
-        # (a small trained diagonal: the generic engines, watched as after a refusal if so)
-        if not refused and (strict or trace or not _structured.trained_diagonal(f, x, batch_dims)):
+        # (a small diagonal: the generic engines' rows, watched as after a refusal if so)
+        if not refused and (strict or trace or not _structured.rows_diagonal(f, x, batch_dims)):
             planned = _structured.plan(
                 fn, f, x, batch_dims, chunk_size, strict, trace, share, where
             )

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from torchdiv._core.basis import WHOLE, Share
-from torchdiv._core.checks import out_of_memory, raised_by_f, unwrapped
-from torchdiv._core.crossover import traced
+from torchdiv._core.checks import out_of_memory, raised_by_f
+from torchdiv._core.crossover import held, traced, work
 from torchdiv._core.modes import recorded
+from torchdiv._exact.plan import ROWS_PROBLEM
 from torchdiv._structured import colors, cycle, factors, forward, statistics
 from torchdiv._taylor import RULES, Graph, UnsupportedOp, capture, values
 from torchdiv._taylor import cache as _cache
@@ -51,13 +52,23 @@ TINY_PROBLEM = 1 << 12
 _REFUSED = _cache.Refusals()
 
 
-# "auto" leaves Jacobian diagonals (not traces) up to this many (unit vectors x elements of x)
-# of a module whose parameters require grad, under grad mode, to the generic engines: the
-# structured engine then carries its columns with their graph, which cost more than plain
-# autograd's one batched backward pass (a tanh MLP 8 -> 64 -> 64 -> 8, B = 256: 0.82-0.91 ms
-# against 0.71-0.78 ms, two runs; from D = 16 or B = 4096 on it was as fast or faster:
-# bench/entry_cpu.py --matrix, issue 19)
-TRAINED_DIAGONAL = 1 << 14
+# "auto" leaves a Jacobian diagonal (not a trace) to the generic engines' plain-autograd rows
+# (one batched backward pass, ``_exact.dispatch._plain_first``, up to ``_exact.plan.
+# ROWS_PROBLEM``) where their work ``n x B x W`` (``crossover.work``) is at most this (frozen)
+# or ``ROWS_DIAGONAL_WORK_TRAINED`` (parameters that require grad, under grad mode: the
+# columns then carry their graph), for a module without convolutions (``rows_diagonal``). Per
+# sample, the structured engine's diagonal of a chain costs ~0.55-0.65x the rows' backward
+# passes, but each call also checks its recording and builds the chain's factors (~0.3 ms of
+# Python at any size, one thread): the rows win below the work where the two meet.
+# Structured / rows, tanh MLPs D -> w -> w -> D, thread CPU time, one thread
+# (bench/diagonal_choice.py, medians of 5 rounds, a loaded 2-core machine), work in units of
+# 2**20: frozen, w = 64: 1.15 at 5.1 (D = 8, B = 128), 1.12 at 10.3 (B = 256), 1.10 at 12.3
+# (D = 16, B = 128), 1.05 at 15.4 (D = 8, B = 384), 0.95 at 20.5 (B = 512) and 24.6 (D = 16,
+# B = 256), 0.53 at 164 (D = 8, B = 4096); w = 256: 1.11 at 16.6 (D = 4, B = 64), 1.04-1.06
+# at 33-34, 0.94-1.00 from 66 on. Trained, w = 64: 1.23 at 5.1, 1.14 at 10.3, 1.06 at 20.5
+# and 24.6, 0.95 at 32.6 (D = 32, B = 128), 0.85-0.90 from 36.8 on.
+ROWS_DIAGONAL_WORK = 20 << 20
+ROWS_DIAGONAL_WORK_TRAINED = 28 << 20
 
 
 def chosen(method: str, f: Function, x: torch.Tensor, batch_dims: int) -> bool:
@@ -71,19 +82,26 @@ def chosen(method: str, f: Function, x: torch.Tensor, batch_dims: int) -> bool:
     return math.prod(x.shape[batch_dims:]) * x.numel() > TINY_PROBLEM
 
 
-def trained_diagonal(f: Function, x: torch.Tensor, batch_dims: int) -> bool:
+def rows_diagonal(f: Function, x: torch.Tensor, batch_dims: int) -> bool:
     """Whether ``"auto"``'s diagonal of ``f`` at ``x`` goes to the generic engines though
-    ``chosen``: at most ``TRAINED_DIAGONAL`` unit vectors x elements, ``f`` a module (or one's
-    bound method, through torchdiv's wrapper: ``checks.unwrapped``) with a parameter that
-    requires grad, under grad mode (eager only)."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+    ``chosen``: their plain-autograd rows are the cheaper engine there (``ROWS_DIAGONAL_WORK``;
+    ``ROWS_DIAGONAL_WORK_TRAINED`` with a parameter that requires grad, under grad mode). Eager
+    only, for ``f`` a module or one's bound method (``crossover.held``: a function's work and
+    convolutions are not seen), and only where the generic engines take rows: at most
+    ``ROWS_PROBLEM`` unit vectors x elements of ``x`` (beyond, ``torch.func``'s reverse mode
+    is slower) and no convolution's kernel among the parameters (there they take forward
+    mode, and the structured engine's colours are cheaper)."""
+    if torch.compiler.is_compiling():
         return False
-    if math.prod(x.shape[batch_dims:]) * x.numel() > TRAINED_DIAGONAL:
+    if math.prod(x.shape[batch_dims:]) * x.numel() > ROWS_PROBLEM:
         return False
-    module = unwrapped(f)
-    if not isinstance(module, torch.nn.Module):  # (a module's missing attribute: an exception)
-        module = getattr(module, "__self__", module)
-    return isinstance(module, torch.nn.Module) and any(p.requires_grad for p in module.parameters())
+    found = held(f)
+    if found is None or found.kernel:
+        return False
+    trained = found.grad and torch.is_grad_enabled()
+    return work(f, x, batch_dims, found) <= (
+        ROWS_DIAGONAL_WORK_TRAINED if trained else ROWS_DIAGONAL_WORK
+    )
 
 
 def refused_before(where: Any, f: Function, x: torch.Tensor, batch_dims: int) -> bool:
