@@ -16,6 +16,7 @@ from conftest import (
 )
 
 import torchdiv
+from torchdiv._core import crossover
 from torchdiv._exact import plan as _plan
 from torchdiv._exact.autograd import LOOP_ROWS, GraphJacobian
 from torchdiv._exact.dispatch import evaluate
@@ -124,7 +125,7 @@ def test_square_problems_up_to_rows_problem_take_rows_once_a_planned_watch_passe
     nor a larger problem, nor a function that mixes samples (its watch raises every time)."""
     net = tanh_mlp(16, 8, 16)
     x = torch.randn(256, 16, dtype=torch.float64)
-    assert _plan.TINY_PROBLEM < 16 * x.numel() <= _plan.ROWS_PROBLEM
+    assert _plan.TINY_PROBLEM < 16 * x.numel() <= crossover.ROWS_PROBLEM
 
     def run(f, z):
         return type(evaluate(f, z, 1, "auto", None, lambda e, c: (e, c), square=True)[0][0])
@@ -135,7 +136,7 @@ def test_square_problems_up_to_rows_problem_take_rows_once_a_planned_watch_passe
     assert run(net, torch.randn(512, 16, dtype=torch.float64)) is ReverseJacobian  # larger
     conv = torch.nn.Conv2d(1, 1, 3, padding=1).double()
     image = torch.randn(16, 1, 8, 8, dtype=torch.float64)
-    assert _plan.TINY_PROBLEM < 64 * image.numel() <= _plan.ROWS_PROBLEM
+    assert _plan.TINY_PROBLEM < 64 * image.numel() <= crossover.ROWS_PROBLEM
     assert [run(conv, image) for _ in range(2)] == [ForwardJacobian] * 2
     mixes = lambda z: net(z - z.mean(0))  # noqa: E731
     for _ in range(2):

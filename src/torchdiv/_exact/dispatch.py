@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from torchdiv import _structured
+from torchdiv._core import crossover
 from torchdiv._core.basis import WHOLE, Share, chunks
 from torchdiv._core.checks import event_numel, out_of_memory, untransformed
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed
@@ -376,7 +377,7 @@ def _engines(
     (``passed_before``), and always
     when the event is empty, where any op but an elementwise one mixes samples. Tiny
     ``square`` problems that passed start with plain autograd (``_plain_first``), as do
-    ``square`` ones up to ``_plan.ROWS_PROBLEM`` whose planned evaluation passed the watch
+    ``square`` ones up to ``crossover.ROWS_PROBLEM`` whose planned evaluation passed the watch
     without a convolution (CPU convolution backward is the slower side). If ``torch.func``
     cannot evaluate ``f``, the plain-autograd engine's evaluation is watched instead (not
     under the caller's own transform, which refuses its leaf copy of ``x``: there
@@ -390,7 +391,7 @@ def _engines(
     """
     num_inputs = event_numel(x, batch_dims)
     tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
-    rows = square and x.dim() > batch_dims and num_inputs * x.numel() <= _plan.ROWS_PROBLEM
+    rows = square and x.dim() > batch_dims and num_inputs * x.numel() <= crossover.ROWS_PROBLEM
     compiling = torch.compiler.is_compiling()
     at = (
         structure(f if owner is None else owner, x, batch_dims)
