@@ -121,3 +121,22 @@ def test_the_guard_on_the_leaves_stays_on_the_result():
     del out, net
     gc.collect()
     assert held() is None
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+def test_estimate_trace_takes_a_dtensor_template(one_process_group, method):
+    """``like`` only shapes the probes: a DTensor ``like`` with a ``matmat`` on plain tensors
+    gives the plain ``like``'s estimate (it did before the merge's DTensor checks refused it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    a = torch.randn(4, 6, 6, dtype=torch.float64)
+    matmat = lambda v: torch.einsum("bij,kbj->kbi", a, v)  # noqa: E731
+    like = torch.zeros(4, 6, dtype=torch.float64)
+    shared = distribute_tensor(like, init_device_mesh("cpu", (1,)), [Replicate()])
+    estimates = [
+        torchdiv.estimate_trace(matmat, t, method=method, num_probes=6, generator=torch.Generator())
+        for t in (shared, like)
+    ]
+    torch.testing.assert_close(estimates[0].value, estimates[1].value, rtol=0, atol=0)
