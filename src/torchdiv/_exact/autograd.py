@@ -72,7 +72,10 @@ class _DifferentiableBackwards:
     gradient checkpoint that re-runs its block and calls ``autograd.grad`` without
     ``create_graph``). A ``backward`` given constant gradients is not judged: nothing tells a
     constant answer from a dropped graph there; ``GraphJacobian`` gives every one gradients
-    with a graph (``_marked`` cotangents)."""
+    with a graph (``_marked`` cotangents). Nor is a zero answer: a piecewise-constant
+    op's (a step, a rounding ``Function`` whose ``backward`` returns ``zeros_like``), whose
+    gradient's derivative is zero too (refused, its Laplacian and the gradients of its
+    divergence were right: 0 and the rest)."""
 
     def __init__(self, nodes: list[Any]) -> None:
         self.nodes = nodes
@@ -86,9 +89,10 @@ class _DifferentiableBackwards:
 
     def _hook(self, node: Any) -> Callable[..., None]:
         def check(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> None:
-            given = any(isinstance(g, torch.Tensor) and g.requires_grad for g in grad_outputs)
-            dropped = any(isinstance(g, torch.Tensor) and not g.requires_grad for g in grad_inputs)
-            if given and dropped:
+            if any(isinstance(g, torch.Tensor) and g.requires_grad for g in grad_outputs) and any(
+                isinstance(g, torch.Tensor) and not g.requires_grad and bool(g.any())
+                for g in grad_inputs
+            ):
                 self.culprits.append(node.name().removesuffix("Backward"))
 
         return check
@@ -139,13 +143,21 @@ class _DifferentiableBackwards:
         )
 
 
-@contextlib.contextmanager
-def graphs_kept(custom: list[Any], what: str) -> Iterator[None]:
+_UNWATCHED = contextlib.nullcontext()
+
+
+def graphs_kept(custom: list[Any], what: str) -> contextlib.AbstractContextManager[None]:
     """Raise ``UndifferentiableBackward`` after the block if a custom ``autograd.Function``
     among ``custom`` (``Found.custom``) dropped the graph of gradients it was given in the
     block's backward passes (``_DifferentiableBackwards``): ``what``, the derivatives built on
     them, would be wrong (a Laplacian's second derivatives through DTensor.from_local were
-    zero: values 0.2 off)."""
+    zero: values 0.2 off). Without any (the usual case), a context that does nothing: the
+    watch's cost 1-3 us a call, once per output in ``probed``'s loop."""
+    return _graphs_kept(custom, what) if custom else _UNWATCHED
+
+
+@contextlib.contextmanager
+def _graphs_kept(custom: list[Any], what: str) -> Iterator[None]:
     with _DifferentiableBackwards(custom) as watch:
         yield
     if watch.culprits:
@@ -407,13 +419,23 @@ class GraphJacobian:
         or when the batched passes raised that they cannot batch ``y``'s graph (an op of its
         backward that ``vmap`` does not support: ``GroupNorm``'s on a channels-last tensor,
         ``NYI: querying is_contiguous inside of vmap``; then for every later call too), else
-        one batched pass."""
+        one batched pass. Where custom ``Function``s are watched, the first product takes a
+        pass of its own before the batched one: the watch's hooks see no graph on a batched
+        pass's gradients (``is_grads_batched``'s legacy batched tensors report
+        ``requires_grad=False``), so a ``backward`` that dropped it went unseen (the
+        gradients of a divergence at D = 3 through one computed under ``no_grad``: 50% off)."""
+        products: list[torch.Tensor] = []
         if cotangents.shape[0] > LOOP_ROWS and self._batches:  # (``len``: Tensor.__len__'s Python)
+            if self._custom:
+                first = self._vjp(cotangents[0], batched=False)
+                if first is None:
+                    return None
+                products, cotangents = [first], cotangents[1:]
             try:
-                return self._vjp(cotangents, batched=True)
+                out = self._vjp(cotangents, batched=True)
+                return out if out is None or not products else torch.cat([first[None], out])
             except _Unbatchable:  # (its custom backwards may have freed what they need)
                 self._batches, self._walked = False, True
-        products = []
         for v in cotangents.unbind():
             product = self._vjp(v, batched=False)
             if product is None:
