@@ -23,23 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import cpu_interleaved_ms
+from _common import cpu_interleaved_ms, watches_in
 
 import torchdiv
-from torchdiv._core.mixing import tracker, watch
-
-
-def _counting() -> list[int]:
-    """Count every watch started from now on (one ``BatchAxes`` each)."""
-    started: list[int] = []
-
-    class Counted(tracker.BatchAxes):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            started.append(1)
-            super().__init__(*args, **kwargs)
-
-    watch.BatchAxes = Counted  # type: ignore[misc]
-    return started
 
 
 def _field(net: torch.nn.Module, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -89,13 +75,7 @@ def main() -> None:
             return torchdiv.divergence(kept, xs[next(at) % len(xs)])
 
         calls[f"{name} anew"], calls[f"{name} kept"] = anew, same
-    watches = _counting()
-    counts = {}
-    for name, fn in calls.items():
-        before = len(watches)
-        for _ in range(10):
-            fn()
-        counts[name] = len(watches) - before
+    counts = watches_in(calls)
     times = cpu_interleaved_ms(calls, args.rounds, args.seconds)
     print(f"d={args.d} B={args.batch}, torch {torch.__version__}, thread CPU time a call")
     for name, t in times.items():
