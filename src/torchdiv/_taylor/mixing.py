@@ -531,9 +531,8 @@ def _part(
     if isinstance(v, tuple) or kind is list or kind is dict:
         if depth == 0 or len(v) > TUPLE_ITEMS:  # (a chain of 5000 nested ones: RecursionError)
             return None
-        keys = tuple(v) if kind is dict else ()  # (a dictionary's: by value, see below)
-        items = v.values() if kind is dict else v
-        parts = tuple(_part(u, depth - 1, values, others) for u in (*keys, *items))
+        items = [*v, *v.values()] if isinstance(v, dict) else v  # (a dictionary's keys too)
+        parts = tuple(_part(u, depth - 1, values, others) for u in items)
         return None if any(p is None for p in parts) else (kind, parts)
     if (isinstance(v, types.FunctionType) or type(v) is functools.partial) and depth > 1:
         site, held = _identity(v, depth - 1, values, others)
