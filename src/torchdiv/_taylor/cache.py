@@ -479,12 +479,13 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
         if id(fn) in seen:
             continue
         seen.add(id(fn))
-        for held in _items(fn) if type(fn) in _CONTAINERS else _contents(fn):
+        items = type(fn) in _CONTAINERS  # (its flags: see _CONTAINERS)
+        for held in _items(fn) if items else _contents(fn):
             if type(held) in _FLAGS:
-                yield held
+                if not items:
+                    yield held
             elif type(held) in _CONTAINERS:
                 if left and len(held) <= TUPLE_ITEMS:
-                    yield len(held)  # ([a, a] and [a]: each module is given once)
                     todo.append((held, left - 1))
             elif isinstance(held, torch.nn.Module):
                 if id(held) not in seen:
@@ -496,10 +497,13 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
                     todo.append((held, left - 1))
 
 
-# the containers ``named`` looks into (exactly these types: a subclass may compute its items),
-# of at most ``TUPLE_ITEMS`` items: an ODE function's list of layers, a dictionary of modules or
-# of tensors, a partial's list argument (a module swapped into one, a flag set in one: its
-# mixing went unwatched until leftovers19)
+# the containers ``named`` looks into for modules and callables (exactly these types: a
+# subclass may compute its items), of at most ``TUPLE_ITEMS`` items: an ODE function's list of
+# layers, a dictionary of modules, a partial's list argument (a mixing module swapped into one,
+# a flag set on a module in one: served by the first call's pass until leftovers19). Not their
+# numbers, strings or length (``mixing.identity`` tells those by value, where it tells ``f``):
+# a list ``f`` appends to at every call (``calls.append(...)``) would make every call another
+# refusal key (``refusal_key``), recorded again only to be refused again
 _CONTAINERS = frozenset((tuple, list, dict))
 # the longest container ``named`` and ``mixing.identity`` tell by their items (each ~0.8 us at
 # every call: a lambda naming a global tuple of 10k integers spent 7.8 ms a call telling it)
