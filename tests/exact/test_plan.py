@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from conftest import (
@@ -252,17 +254,19 @@ def test_cotangents_written_in_place_or_results_aliasing_them_never_reach_the_ne
 
 
 def test_jacobian_remembers_a_square_output_and_survives_a_stale_guess(monkeypatch):
-    scale = {"wide": False}
+    # (a plain object's attribute, which the structure key does not hold: a dictionary's
+    # entry is held since leftovers19, a new structure watched again, not a stale guess)
+    scale = types.SimpleNamespace(wide=False)
 
     def f(x):  # the same code object (site) with an output that changes size
-        return torch.cat([x.sin(), x.cos()], -1) if scale["wide"] else x.sin()
+        return torch.cat([x.sin(), x.cos()], -1) if scale.wide else x.sin()
 
     x = torch.randn(8, 2, dtype=torch.float64)
     assert_close(torchdiv.jacobian(f, x), reference_jacobian(f, x))
     # from the second call on, plain autograd rows: torch.func's engines are not built
     monkeypatch.setattr(ReverseJacobian, "__init__", lambda *a: pytest.fail("reverse mode"))
     assert_close(torchdiv.jacobian(f, x), reference_jacobian(f, x))
-    scale["wide"] = True  # a stale guess: rows of a larger output, still exact
+    scale.wide = True  # a stale guess: rows of a larger output, still exact
     assert_close(torchdiv.jacobian(f, x), reference_jacobian(f, x))
 
 
