@@ -101,3 +101,24 @@ def test_a_float_made_from_the_shape_is_not_replayed_at_another_shape():
         x = torch.randn(n, 3, dtype=torch.float64)
         assert_close(compiled(x), _divergence(f, x))
     assert backend.runs == 2
+
+
+def test_two_calls_in_one_compiled_loss_are_one_graph():
+    """Dynamo read the dict of replays once per trace, the second call's key recorded after:
+    a loss with two calls (here at two point sets, as a PINN's interior and boundary terms)
+    raised ``Unsupported`` under ``fullgraph=True`` (a ``KeyError`` while tracing)."""
+    net, backend = mlp(), Counting()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (
+            _divergence(net, x).square().mean()
+            + torchdiv.jacobian_diagonal(net, y, method="structured").mean()
+        )
+
+    value, grads = loss_and_grads(torch.compile(loss, backend=backend, fullgraph=True), net, x, y)
+    want, want_grads = loss_and_grads(loss, net, x, y)
+    assert_close(value, want)
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert_close(got, expected)
+    assert backend.compiled == 1

@@ -89,9 +89,16 @@ class _Calls:
     nodes: list[Node]
 
 
-# by the key ``_recorded`` gave the trace (read while tracing): the replay and that trace
+# by the key ``_recorded`` gave the trace: the replay and that trace (read eagerly)
 _PLANS: dict[int, tuple[Replay, weakref.ref[Any]]] = {}
 _KEYS = itertools.count()
+
+
+class _Read:
+    """``_PLANS``'s replays as attributes ``k<key>``, for the trace to read: Dynamo reads a
+    dict's keys once per trace, so a second call's key, recorded after the first call read
+    the dict, was missing (two calls in one compiled loss: ``Unsupported`` under
+    ``fullgraph=True``); a class attribute is looked up where it is read."""
 
 
 def replayed(trace: bool, f: Any, x: Any, *args: Any, **options: Any) -> torch.Tensor | None:
@@ -113,7 +120,7 @@ def replayed(trace: bool, f: Any, x: Any, *args: Any, **options: Any) -> torch.T
     key = _recorded(f, x, batch_dims, torch.is_grad_enabled())
     if key < 0:
         return None
-    plan = _PLANS[key][0]
+    plan: Replay = getattr(_Read, f"k{key}")
     if plan.shape is not None and tuple(x.shape) != plan.shape:  # (a guard on the shape)
         return None
     n, chunk = x.shape[:batch_dims].numel(), plan.chunk if chunk is None else chunk
@@ -166,8 +173,10 @@ def _recorded(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, grad: bool) 
         return -1
     key = next(_KEYS)
     _PLANS[key] = plan, weakref.ref(_tracer())
+    setattr(_Read, f"k{key}", plan)
     for old in list(_PLANS)[:-SIZE]:  # (each key is read only by the trace that made it)
         del _PLANS[old]
+        delattr(_Read, f"k{old}")
     return key
 
 
