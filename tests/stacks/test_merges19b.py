@@ -122,3 +122,38 @@ def test_two_calls_in_one_compiled_loss_are_one_graph():
     for got, expected in zip(grads, want_grads, strict=True):
         assert_close(got, expected)
     assert backend.compiled == 1
+
+
+class Config:
+    """A training configuration read by the model (a global object, not a module)."""
+
+    temperature = 1.0
+
+
+CONFIG = Config()
+
+
+class Tempered(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(x) / CONFIG.temperature)
+
+
+def test_a_setting_changed_in_the_compiled_code_before_the_call_is_read(monkeypatch):
+    """Dynamo sets what the traced code changed only after the graph: the recording saw the
+    temperature as it was before the step (the previous one: 0.07 off, for every step after
+    that set the same temperature). Such calls run eagerly."""
+    monkeypatch.setattr(CONFIG, "temperature", 1.0)  # (put back after the test)
+    f, x = Tempered(), torch.randn(5, 3, dtype=torch.float64)
+
+    def step(x: torch.Tensor, temperature: float) -> torch.Tensor:
+        CONFIG.temperature = temperature
+        return _divergence(f, x)
+
+    compiled = torch.compile(step, backend="aot_eager")
+    for temperature in (2.0, 3.0, 3.0):
+        got = compiled(x, temperature)
+        assert_close(got, step(x, temperature))

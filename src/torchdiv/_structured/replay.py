@@ -210,16 +210,21 @@ def _apart() -> bool:
 
 
 def _changed_while_traced(f: torch.nn.Module) -> bool:
-    """Whether the code Dynamo traced before the call made ``f`` or changed one of its
-    modules or what they hold (``net[1] = nn.ReLU()``, a hook added): Dynamo applies such
-    changes to the real objects after the graph, so a recording now would see the module as
-    it was (a module made in the compiled function was blank: its divergence 3.23 off, with
-    no gradient). From Dynamo's record of side effects (private: any failure to read it
-    counts as a change)."""
+    """Whether the code Dynamo traced before the call changed an object that existed before
+    it (a global, a config object's attribute, a closure's cell: ``f`` may read it), or made
+    ``f`` or one of its modules or what they hold (``net[1] = nn.ReLU()``, a hook added):
+    Dynamo applies such changes to the real objects after the graph, so a recording now would
+    see them as they were (a module made in the compiled function was blank: its divergence
+    3.23 off, with no gradient; a temperature set in a global config object before the call
+    was the previous one, 0.07 off). From Dynamo's record of side effects (private: any
+    failure to read it counts as a change)."""
+    from torch._dynamo.variables.base import AttributeMutationNew, ValueMutationNew
+
     effects = _tracer().output.side_effects
-    changed = {i for i, v in effects.id_to_variable.items() if effects.is_modified(v)}
-    if not changed:
-        return False
+    changed = {i: v for i, v in effects.id_to_variable.items() if effects.is_modified(v)}
+    new = (AttributeMutationNew, ValueMutationNew)
+    if any(not isinstance(v.mutation_type, new) for v in changed.values()):
+        return True
     held = [m for module in f.modules() for m in (module, *vars(module).values())]
     return any(id(obj) in changed for obj in held)
 
