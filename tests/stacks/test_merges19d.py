@@ -106,3 +106,38 @@ def test_an_independent_ensemble_passes_under_inherited_bfloat16() -> None:
         finally:
             torch.backends.fp32_precision = saved
     assert out.shape == (2, 32)
+
+
+# ------------------------------------------- graph_* where y requires no grad (rev-cfm19)
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def test_graph_form_on_a_y_made_under_no_grad_names_it_outside_no_grad() -> None:
+    """``y`` computed in a ``no_grad`` block, ``graph_divergence`` called after it with
+    gradients on: the error blamed a copy of ``x`` ("pass the tensor you computed y from"),
+    which ``y`` was computed from."""
+    net, x = _net(), torch.randn(4, 3, requires_grad=True)
+    with torch.no_grad():
+        y = net(x)
+    with pytest.raises(ValueError, match=r"no_grad.*enable_grad.*\(f, x\)"):
+        torchdiv.graph_divergence(y, x)
+
+
+def test_graph_form_under_no_grad_on_a_y_from_a_detached_copy_names_both_causes() -> None:
+    """``y`` computed with gradients on, but from ``x.detach()`` (a parameter-free field),
+    and the call under ``no_grad`` (an evaluation loop): the error named ``no_grad`` alone,
+    and told to call inside ``enable_grad``, which changes nothing (the graph form runs
+    under ``no_grad`` when ``y`` has a graph: checked here against ``jacrev``)."""
+    net, x = _net(), torch.randn(4, 3, requires_grad=True)
+    y = torch.sin(x.detach())
+    with torch.no_grad(), pytest.raises(ValueError, match=r"detached copy of x"):
+        torchdiv.graph_divergence(y, x)
+    y = net(x)
+    with torch.no_grad():
+        got = torchdiv.graph_divergence(y, x)
+    want = vmap(torch.func.jacrev(net))(x.detach()).diagonal(dim1=-2, dim2=-1).sum(-1)
+    torch.testing.assert_close(got, want)

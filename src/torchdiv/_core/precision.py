@@ -32,13 +32,13 @@ def _setting(backend: str, op: str) -> str:
     return str(getattr(getattr(getattr(torch.backends, backend), op, None), "fp32_precision", ""))
 
 
-def float32_eps(device: torch.device, ops: tuple[str, ...] = _OPS) -> float:
+def float32_eps(device: torch.device, ops: tuple[str, ...]) -> float:
     """The coarsest unit roundoff among ``device``'s float32 ``ops`` (matrix products,
     convolutions, recurrent layers): ``_REDUCED``'s where one is set to a reduced precision,
     else 0.
 
     Example:
-        >>> float32_eps(torch.device("cpu"))
+        >>> float32_eps(torch.device("cpu"), ("matmul",))
         0.0
     """
     if not _NEW_API:
