@@ -2,7 +2,7 @@
 check under a caller's ``torch.func`` transform, kept structured products, mixed-dtype
 chains) and rev-cfm19 (``graph_*`` naming inference mode / ``no_grad``).
 
-Fault found, a test here:
+Faults found, each a test here:
 
 * the mixing check under a caller's transform took bfloat16's ``sqrt(eps)`` (0.088 of the
   largest element) as its tolerance wherever float32 matrix products were set to
@@ -10,7 +10,10 @@ Fault found, a test here:
   (leaking 0.027 and 0.083 of the largest element), its per-sample divergences returned
   silently, where bfloat16's own round-off in the check's VJPs was 0.003-0.019 and under
   ``"highest"`` everything from ``1e-3`` up was refused. The check now evaluates its VJPs
-  with float32 products at full precision, so float32's tolerance holds under every setting.
+  with float32 products at full precision, so float32's tolerance holds under every setting;
+* ``graph_*`` on a ``y`` that requires no grad named the wrong cause: made in a ``no_grad``
+  block before a call with gradients on, it blamed a copy of ``x``; made from ``x.detach()``
+  with the call under ``no_grad``, it blamed ``no_grad`` alone.
 """
 
 from __future__ import annotations
