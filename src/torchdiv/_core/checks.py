@@ -12,7 +12,7 @@ import math
 import numbers
 import types
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -252,9 +252,9 @@ def check_output(fn: str, y: Any, x: torch.Tensor, batch_dims: int, name: str = 
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(y).__name__}{hint}")
     if _dtensor(y):  # (its ops' backward passes take DTensor gradients, not torchdiv's vectors)
         raise TypeError(
-            f"{fn}: {name} is a DTensor (placements {tuple(y.placements)}), which torchdiv's "
-            f"products cannot differentiate; return a plain tensor: {name}.full_tensor(), or "
-            "the last parallel style's use_local_output=True"
+            f"{fn}: {name} is a DTensor (placements {tuple(cast(Any, y).placements)}), which "
+            f"torchdiv's products cannot differentiate; return a plain tensor: "
+            f"{name}.full_tensor(), or the last parallel style's use_local_output=True"
         )
     if y.is_complex():
         raise TypeError(
