@@ -129,9 +129,11 @@ class _DifferentiableBackwards:
                 "(a Partial gradient made Replicate: PyTorch's _FromTorchTensor.backward): "
                 f"{what} would silently miss its part, so they are refused. Pass x as a DTensor "
                 "on the module's mesh (distribute_tensor(x, mesh, [Replicate()]), or [Shard(0)]) "
-                "where f's modules all take DTensors: they then redistribute it, which is "
-                "differentiable twice; or run f's modules unsharded (DistributedDataParallel, "
-                "FSDP2's fully_shard without tensor parallelism)"
+                "to the function form's exact methods (method='auto'; the stochastic methods "
+                "and the graph form take plain tensors only) where f's modules all take "
+                "DTensors: they then redistribute it, which is differentiable twice; or run "
+                "f's modules unsharded (DistributedDataParallel, FSDP2's fully_shard without "
+                "tensor parallelism)"
             )
         names = ", ".join(sorted(set(self.culprits)))
         return (
