@@ -76,3 +76,24 @@ def test_a_plain_tensor_for_a_stochastic_method_says_its_gradients_are_refused(m
     assert "ColwiseParallel" in str(named.value)
     with pytest.raises(UndifferentiableBackward, match=r"DTensor\.from_local"):
         _backward(torchdiv.divergence(net, xd.full_tensor(), method="hutchinson", num_probes=2))
+
+
+@pytest.mark.parametrize("plain_x", [False, True])
+def test_the_recording_methods_name_no_plain_x_for_a_dtensor(megatron, plain_x) -> None:
+    """``"structured"`` and ``"taylor"`` refuse the DTensors that tensor-parallel modules
+    make from any ``x``: their error named ``x.as_subclass(torch.Tensor)``, which refuses the
+    same; ``method='auto'``, which it names too, runs."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    net, plain, x, mesh = megatron
+    x_in = x if plain_x else distribute_tensor(x, mesh, [Replicate()])
+    for call in (
+        lambda z: torchdiv.divergence(net, z, method="structured"),
+        lambda z: torchdiv.laplacian(net, z, method="taylor"),
+    ):
+        with pytest.raises(NotImplementedError, match="subclass DTensor") as refused:
+            call(x_in)
+        assert "as_subclass" not in str(refused.value)
+        assert "method='auto'" in str(refused.value)
+    want = torchdiv.divergence(plain, x, method="reverse")
+    torch.testing.assert_close(_full(torchdiv.divergence(net, x_in, method="auto")), want)
