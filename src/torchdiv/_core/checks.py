@@ -295,7 +295,8 @@ def check_not_dtensor(fn: str, x: torch.Tensor, what: str, name: str = "x") -> N
             f"{fn}: {name} is a DTensor, which {what} cannot take (torchdiv's vectors are plain "
             f"tensors); use the function form's exact methods (method='auto'), which take it, "
             f"or pass a plain tensor ({name}.full_tensor(), or {name}.to_local() for this rank's "
-            "samples)"
+            "samples), whose gradients are refused where f's tensor-parallel modules change "
+            "placements in backward (ColwiseParallel: DTensor.from_local)"
         )
 
 

@@ -129,9 +129,11 @@ class _DifferentiableBackwards:
                 "(a Partial gradient made Replicate: PyTorch's _FromTorchTensor.backward): "
                 f"{what} would silently miss its part, so they are refused. Pass x as a DTensor "
                 "on the module's mesh (distribute_tensor(x, mesh, [Replicate()]), or [Shard(0)]) "
-                "where f's modules all take DTensors: they then redistribute it, which is "
-                "differentiable twice; or run f's modules unsharded (DistributedDataParallel, "
-                "FSDP2's fully_shard without tensor parallelism)"
+                "to the function form's exact methods (method='auto'; the stochastic methods "
+                "and the graph form take plain tensors only) where f's modules all take "
+                "DTensors: they then redistribute it, which is differentiable twice; or run "
+                "f's modules unsharded (DistributedDataParallel, FSDP2's fully_shard without "
+                "tensor parallelism)"
             )
         names = ", ".join(sorted(set(self.culprits)))
         return (
@@ -433,7 +435,7 @@ class GraphJacobian:
                 products, cotangents = [first], cotangents[1:]
             try:
                 out = self._vjp(cotangents, batched=True)
-                return out if out is None or not products else torch.cat([first[None], out])
+                return out if out is None or not products else torch.cat([products[0][None], out])
             except _Unbatchable:  # (its custom backwards may have freed what they need)
                 self._batches, self._walked = False, True
         for v in cotangents.unbind():

@@ -1137,10 +1137,12 @@ def _random_states(x: torch.Tensor) -> list[tuple[Callable[[Any], None], Any]]:
 
 
 def subclass(kind: type) -> str:
-    """What ``UnsupportedOp`` says of a ``torch.Tensor`` subclass met while recording."""
+    """What ``UnsupportedOp`` says of a ``torch.Tensor`` subclass met while recording (a
+    ``DTensor`` is made by tensor parallelism's modules whatever ``x`` is: no plain ``x``)."""
+    way = "" if kind.__qualname__ == "DTensor" else "; a plain tensor: x.as_subclass(torch.Tensor)"
     return (
         f"the torch.Tensor subclass {kind.__qualname__} (recording cannot follow the tensors "
-        "its __torch_function__ makes; a plain tensor: x.as_subclass(torch.Tensor))"
+        f"its __torch_function__ makes{way})"
     )
 
 
