@@ -1,0 +1,105 @@
+"""rev-merges19c: the merges of rev-nflows19 and diagchoice19, attacked.
+
+Python's and NumPy's global generators (``_core.generators.GLOBALS``) were noted only when
+``Changes`` itself was entered, not when ``plan.OpSizes`` watched an evaluation for it: where
+``torch.func`` failed on ``f`` (a custom ``Function`` without ``setup_context``, as normflows'
+residual block has) and ``"auto"`` went on with plain autograd, the call left them two draws
+on where a plain ``f(x)`` leaves them one (a training loop's NumPy sequence shifted). A call
+refused for mixing samples drew once more in the recording that names the cause.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import torchdiv
+from torchdiv import BatchInteractionError
+
+f64 = torch.float64
+
+
+class _Square(torch.autograd.Function):
+    """``a * a`` as a custom Function in the old style (no ``setup_context``: ``torch.func``
+    refuses it, ``"auto"`` goes on with plain autograd)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        return a * a
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        return 2 * a * grad
+
+
+def _globals() -> tuple[Any, ...]:
+    """Python's and NumPy's global generator states, comparable with ``==``."""
+    kind, keys, pos, gauss, cached = np.random.get_state()
+    return random.getstate(), kind, keys.tolist(), pos, gauss, cached
+
+
+def _drawing(net: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``net`` scaled by one draw of NumPy's and one of Python's global generator."""
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        scale = float(np.random.uniform(0.5, 1.5)) * random.uniform(0.9, 1.1)
+        return _Square.apply(net(z)) * scale
+
+    return f
+
+
+def _seeded_effect(f: Callable[[], object]) -> tuple[Any, ...]:
+    """The global generators' states after ``f()`` from a fixed seed."""
+    np.random.seed(7)
+    random.seed(7)
+    f()
+    return _globals()
+
+
+@pytest.mark.parametrize("operator", ["divergence", "jacobian_diagonal"])
+def test_a_torch_func_failure_then_plain_autograd_draws_globals_as_one_evaluation(operator):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    net = net.to(f64)
+    x = torch.randn(5, 3, dtype=f64)
+    f = _drawing(net)
+    plain = _seeded_effect(lambda: f(x))
+    np.random.seed(7)
+    random.seed(7)
+    scale = float(np.random.uniform(0.5, 1.5)) * random.uniform(0.9, 1.1)
+    got = _seeded_effect(lambda: getattr(torchdiv, operator)(f, x))
+    assert got == plain
+    # and the value is the one evaluation's function: 2 h h' scale, by plain autograd
+    np.random.seed(7)
+    random.seed(7)
+    out = getattr(torchdiv, operator)(f, x)
+    jac = torch.func.vmap(torch.func.jacrev(lambda z: net(z) ** 2 * scale))(x)
+    diag = jac.diagonal(dim1=-2, dim2=-1)
+    expected = diag.sum(-1) if operator == "divergence" else diag
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward"])
+def test_a_refused_call_leaves_the_global_generators_as_one_evaluation(method):
+    """A batch norm in train mode: refused after one evaluation (whose draws stand, as
+    torch's generator's do); the recording that names the cause evaluated f once more and
+    its draws stood too (two draws on)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh())
+    net = net.to(f64)
+    x = torch.randn(6, 3, dtype=f64)
+    f = _drawing(net)
+    plain = _seeded_effect(lambda: f(x))
+
+    def refused() -> None:
+        with pytest.raises(BatchInteractionError):
+            torchdiv.divergence(f, x, method=method)
+
+    assert _seeded_effect(refused) == plain
