@@ -6,6 +6,14 @@ Python's and NumPy's global generators (``_core.generators.GLOBALS``) were noted
 residual block has) and ``"auto"`` went on with plain autograd, the call left them two draws
 on where a plain ``f(x)`` leaves them one (a training loop's NumPy sequence shifted). A call
 refused for mixing samples drew once more in the recording that names the cause.
+
+The custom ``Function`` watch (``_DifferentiableBackwards``), now given cotangents with a
+graph so that a ``Function`` right at ``y`` is judged, judged nothing in a batched pass (more
+than ``LOOP_ROWS`` cotangents: ``is_grads_batched`` hands backwards gradients that show no
+graph): a backward computed under ``no_grad`` at ``y`` still gave silently wrong parameter
+gradients for D >= 3 or 3 probes. Where it did judge (D <= 2), it refused backwards that are
+right: zeros returned for an input that needs no gradient (``torch.zeros_like(mask)``) and a
+zero gradient (a quantiser's ``torch.zeros_like(grad)``).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 
 import torchdiv
 from torchdiv import BatchInteractionError
+from torchdiv._exact.autograd import UndifferentiableBackward
 
 f64 = torch.float64
 
@@ -103,3 +112,88 @@ def test_a_refused_call_leaves_the_global_generators_as_one_evaluation(method):
             torchdiv.divergence(f, x, method=method)
 
     assert _seeded_effect(refused) == plain
+
+
+class _SquareUnderNoGrad(torch.autograd.Function):
+    """``a * a`` whose backward drops the graph (computed under ``no_grad``)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        return a * a
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        with torch.no_grad():
+            return 2 * a * grad
+
+
+class _Masked(torch.autograd.Function):
+    """``a * a * mask``; the mask's gradient returned as zeros, not ``None``."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, mask)
+        return a * a * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, mask = ctx.saved_tensors
+        return 2 * a * mask * grad, torch.zeros_like(mask)
+
+
+class _Rounded(torch.autograd.Function):
+    """``round(a)`` with its zero gradient written out."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor) -> torch.Tensor:
+        return torch.round(a)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(grad)
+
+
+@pytest.mark.parametrize("width", [2, 4])
+@pytest.mark.parametrize("operator", ["divergence", "estimate_divergence", "jacobian_diagonal"])
+def test_a_function_at_y_whose_backward_drops_the_graph_is_refused_at_every_width(operator, width):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(width, width).to(f64)
+    x = torch.randn(5, width, dtype=f64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return _SquareUnderNoGrad.apply(lin(z))
+
+    if operator == "estimate_divergence":
+        out = torchdiv.estimate_divergence(f, x, num_probes=3).value
+    else:
+        out = getattr(torchdiv, operator)(f, x)
+    with pytest.raises(UndifferentiableBackward, match="_SquareUnderNoGrad"):
+        out.square().sum().backward()
+
+
+@pytest.mark.parametrize("width", [2, 4])
+@pytest.mark.parametrize("custom", ["mask", "round"])
+def test_backwards_that_return_zeros_rightly_are_not_refused(custom, width):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(width, width).to(f64)
+    x = torch.randn(5, width, dtype=f64)
+    mask = (torch.rand(5, width) > 0.3).to(f64)
+
+    def f(z: torch.Tensor, plain: bool = False) -> torch.Tensor:
+        h = lin(z)
+        if custom == "mask":
+            return h * h * mask if plain else _Masked.apply(h, mask)
+        return (torch.round(h) if plain else _Rounded.apply(h)) + h * h
+
+    div = torchdiv.divergence(f, x)
+    (got,) = torch.autograd.grad(div.square().sum(), lin.weight)
+    z = x.clone().requires_grad_(True)
+    y = f(z, plain=True)
+    ref = sum(
+        torch.autograd.grad(y[:, i].sum(), z, create_graph=True)[0][:, i] for i in range(width)
+    )
+    (expected,) = torch.autograd.grad(ref.square().sum(), lin.weight)
+    torch.testing.assert_close(div, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -87,8 +87,8 @@ class _DifferentiableBackwards:
     def _hook(self, node: Any) -> Callable[..., None]:
         def check(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> None:
             given = any(isinstance(g, torch.Tensor) and g.requires_grad for g in grad_outputs)
-            dropped = any(isinstance(g, torch.Tensor) and not g.requires_grad for g in grad_inputs)
-            if given and dropped:
+            edges = [edge for edge, _ in node.next_functions]  # (one per gradient it returns)
+            if given and any(map(_dropped, grad_inputs, edges)):
                 self.culprits.append(node.name().removesuffix("Backward"))
 
         return check
@@ -137,6 +137,20 @@ class _DifferentiableBackwards:
             "part, so they are refused. Use torch.utils.checkpoint.checkpoint(..., "
             "use_reentrant=False) or no checkpoint, or make its backward differentiable"
         )
+
+
+def _dropped(grad: Any, edge: Any) -> bool:
+    """Whether a custom ``backward``'s gradient ``grad`` for the input behind ``edge`` (its
+    node's next function) came without a graph where it was given one: not for an input that
+    needs no gradient (``edge`` ``None``: a ``torch.zeros_like(mask)`` returned for a mask),
+    nor for zeros (a gradient that ignores what it is given is right only as zero: a
+    quantiser's backward ``torch.zeros_like(grad)``, whose derivatives are zero too)."""
+    return (
+        isinstance(grad, torch.Tensor)
+        and not grad.requires_grad
+        and edge is not None
+        and bool(grad.any())
+    )
 
 
 @contextlib.contextmanager
@@ -407,10 +421,16 @@ class GraphJacobian:
         or when the batched passes raised that they cannot batch ``y``'s graph (an op of its
         backward that ``vmap`` does not support: ``GroupNorm``'s on a channels-last tensor,
         ``NYI: querying is_contiguous inside of vmap``; then for every later call too), else
-        one batched pass."""
+        one batched pass. A custom ``Function``'s backward inside a batched pass is given
+        gradients that show no graph (``is_grads_batched``), so ``_DifferentiableBackwards``
+        could not judge it there: the first row goes on a pass of its own, where it can."""
         if cotangents.shape[0] > LOOP_ROWS and self._batches:  # (``len``: Tensor.__len__'s Python)
             try:
-                return self._vjp(cotangents, batched=True)
+                if not self._custom:
+                    return self._vjp(cotangents, batched=True)
+                first = self._vjp(cotangents[0], batched=False)
+                rest = self._vjp(cotangents[1:], batched=True)
+                return None if first is None or rest is None else torch.cat((first[None], rest))
             except _Unbatchable:  # (its custom backwards may have freed what they need)
                 self._batches, self._walked = False, True
         products = []
