@@ -114,19 +114,13 @@ def test_a_refused_call_leaves_the_global_generators_as_one_evaluation(method):
     assert _seeded_effect(refused) == plain
 
 
-class _SquareUnderNoGrad(torch.autograd.Function):
+class _SquareUnderNoGrad(_Square):
     """``a * a`` whose backward drops the graph (computed under ``no_grad``)."""
 
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(a)
-        return a * a
-
-    @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (a,) = ctx.saved_tensors
         with torch.no_grad():
-            return 2 * a * grad
+            return _Square.backward(ctx, grad)
 
 
 class _Masked(torch.autograd.Function):
@@ -197,3 +191,35 @@ def test_backwards_that_return_zeros_rightly_are_not_refused(custom, width):
     (expected,) = torch.autograd.grad(ref.square().sum(), lin.weight)
     torch.testing.assert_close(div, ref.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_a_laplacian_through_a_backward_that_drops_the_graph_is_refused(trained):
+    """The loop's first passes give a Function right at y constant ones: its backward, under
+    no_grad, left the gradient without a graph and the Laplacian came out zero (2 Σ_j W_ij²)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3).to(f64).requires_grad_(trained)
+    x = torch.randn(5, 3, dtype=f64)
+    with pytest.raises(UndifferentiableBackward, match="_SquareUnderNoGrad"):
+        torchdiv.laplacian(lambda z: _SquareUnderNoGrad.apply(lin(z)), x)
+
+
+@pytest.mark.parametrize("custom", ["square", "mask", "round"])
+def test_a_laplacian_through_right_backwards_is_not_refused(custom):
+    """Closed form: Δ_z (Wz + b)_i² = 2 Σ_j W_ij² (times the mask; round adds 0 a.e.)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3).to(f64)
+    x = torch.randn(5, 3, dtype=f64)
+    mask = (torch.rand(5, 3) > 0.3).to(f64)
+    functions = {
+        "square": lambda h: _Square.apply(h),
+        "mask": lambda h: _Masked.apply(h, mask),
+        "round": lambda h: _Rounded.apply(h) + h * h,
+    }
+    got = torchdiv.laplacian(lambda z: functions[custom](lin(z)), x)
+    expected = 2 * lin.weight.square().sum(1) * (mask if custom == "mask" else 1.0)
+    expected = expected.expand_as(got)
+    (g,) = torch.autograd.grad(got.sum(), lin.weight)
+    (g_ref,) = torch.autograd.grad(expected.sum(), lin.weight)
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
