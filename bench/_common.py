@@ -30,6 +30,7 @@ __all__ = [
     "add_output_options",
     "output_path",
     "compare",
+    "watches_in",
     "cpu_quantile_ms",
     "alike_rounds",
     "machine",
@@ -229,3 +230,26 @@ def script(
         write_json(path, rows)
         print(f"wrote {path}")
     tables(rows)
+
+
+def watches_in(calls: dict[str, Callable[[], Any]], n: int = 10) -> dict[str, int]:
+    """How many watches for sample mixing ``n`` calls of each of ``calls`` start (one
+    ``torchdiv._core.mixing.tracker.BatchAxes`` each, counted where ``watch`` makes it; the
+    count stays on for the rest of the process)."""
+    from torchdiv._core.mixing import tracker, watch
+
+    started: list[int] = []
+
+    class Counted(tracker.BatchAxes):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            started.append(1)
+            super().__init__(*args, **kwargs)
+
+    watch.BatchAxes = Counted  # type: ignore[misc]
+    counts = {}
+    for name, call in calls.items():
+        before = len(started)
+        for _ in range(n):
+            call()
+        counts[name] = len(started) - before
+    return counts

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
-from _common import time_interleaved
+from _common import time_interleaved, watches_in
 
 import torchdiv
-from torchdiv._core.mixing import tracker, watch
+from torchdiv._core.mixing import tracker
 
 
 class InvertibleLU(torch.nn.Module):
@@ -70,19 +69,6 @@ def _unbuilt() -> Iterator[None]:
         tracker.BatchAxes._leaves = leaves  # type: ignore[method-assign]
 
 
-def _counting() -> list[int]:
-    """Count every watch started from now on (one ``BatchAxes`` each)."""
-    started: list[int] = []
-
-    class Counted(tracker.BatchAxes):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            started.append(1)
-            super().__init__(*args, **kwargs)
-
-    watch.BatchAxes = Counted  # type: ignore[misc]
-    return started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--d", type=int, default=8)
@@ -102,17 +88,11 @@ def main() -> None:
         return run
 
     calls = {"built": call(built, False), "unbuilt": call(unbuilt, True)}
-    watches = _counting()
     for x in xs:
         with _unbuilt():
             want = torchdiv.divergence(unbuilt, x)
         torch.testing.assert_close(torchdiv.divergence(built, x), want, rtol=1e-5, atol=1e-5)
-    counts = {}
-    for name, fn in calls.items():
-        before = len(watches)
-        for _ in range(10):
-            fn()
-        counts[name] = len(watches) - before
+    counts = watches_in(calls)
     times = time_interleaved(calls, args.rounds, args.min_run_time)
     print(f"Glow LU inverse d={args.d} B={args.batch}, torch {torch.__version__}")
     for name, t in times.items():

@@ -1,5 +1,5 @@
 """Where ``"auto"`` switches from a watched, planned evaluation to plain autograd rows
-(``torchdiv._exact.plan.ROWS_PROBLEM``): the same call timed at two thresholds, alternated round
+(``torchdiv._core.crossover.ROWS_PROBLEM``): the same call timed at two thresholds, alternated round
 by round in one process, against the recipes of ``small_events.py``.
 
 Run:  flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
@@ -22,7 +22,7 @@ import small_events
 import torch
 
 import torchdiv
-from torchdiv._exact import plan
+from torchdiv._core import crossover
 
 
 def cpu_ms(call: Callable[[], object], n: int = 30) -> float:
@@ -55,7 +55,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in [*calls, *recipes]}
     for _ in range(args.rounds):
         for name, exponent in calls.items():
-            plan.ROWS_PROBLEM = 1 << exponent
+            crossover.ROWS_PROBLEM = 1 << exponent
             times[name].append(cpu_ms(lambda: op(net, x)))
         for name, recipe in recipes.items():
             times[name].append(cpu_ms(lambda recipe=recipe: recipe(net, x)))

@@ -167,6 +167,24 @@ def _mixing_cases() -> dict[str, Callable[[], tuple[Any, Callable[[], None]]]]:
 
         return m, lambda: m.lin.register_forward_hook(centred, with_kwargs=True)
 
+    def flag_written_into_the_dict():
+        m = _head()
+        m.post = _Flagged()
+        return m, lambda: m.post.__dict__.update(mix=True)  # (no __setattr__)
+
+    def flag_set_by_object_setattr():
+        m = _head()
+        m.post = _Flagged()
+        return m, lambda: object.__setattr__(m.post, "mix", True)
+
+    def class_swapped_on_the_instance():
+        m = _head()
+
+        def change() -> None:
+            m.post.__class__ = _Centre  # (not in the instance's __dict__: no write to it)
+
+        return m, change
+
     def flag_of_a_module_another_f_shares():
         inner = _Flagged()
         torch.manual_seed(0)
@@ -237,6 +255,9 @@ def _mixing_cases() -> dict[str, Callable[[], tuple[Any, Callable[[], None]]]]:
         "function attribute swapped": function_attribute_swapped,
         "forward hook with keywords": forward_hook_with_keywords,
         "flag of a module shared with another f": flag_of_a_module_another_f_shares,
+        "flag written into __dict__": flag_written_into_the_dict,
+        "flag set by object.__setattr__": flag_set_by_object_setattr,
+        "__class__ swapped on the instance": class_swapped_on_the_instance,
     }
 
 
@@ -539,3 +560,66 @@ def test_a_count_kept_in_an_integer_scalar_keeps_the_structure() -> None:
     x = torch.randn(4, 3, dtype=f64)
     torchdiv.divergence(net, x)
     assert passed_before(net, x, 1) is not None
+
+
+def _activations() -> nn.Sequential:
+    """Layers whose floats decide their values: a leaky ReLU's slope (some pre-activations
+    negative: seeded), a layer norm's ``eps``, an ELU's ``alpha`` and a softplus' ``beta``
+    and ``threshold``."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(3, 3),
+        nn.LeakyReLU(0.1),
+        nn.Linear(3, 3),
+        nn.LayerNorm(3, eps=1e-5),
+        nn.ELU(0.5),
+        nn.Softplus(beta=1.0, threshold=20.0),
+        nn.Linear(3, 3, bias=False),  # (a last bias has no divergence: no gradient)
+    ).double()
+
+
+def _hyperparameter_changes() -> dict[str, Callable[[nn.Sequential], None]]:
+    """Changes of a float hyperparameter of one layer of ``_activations()``: values, not
+    structure (``structure_key`` reads no float), so the next call must compute with the
+    new value, whatever was kept from the calls before."""
+
+    def slope(net: nn.Sequential) -> None:
+        net[1].negative_slope = 0.7
+
+    def eps(net: nn.Sequential) -> None:
+        net[3].eps = 0.5
+
+    def alpha(net: nn.Sequential) -> None:
+        net[4].alpha = 3.0
+
+    def beta(net: nn.Sequential) -> None:
+        net[5].beta, net[5].threshold = 4.0, 0.5
+
+    return {
+        "LeakyReLU negative_slope": slope,
+        "LayerNorm eps": eps,
+        "ELU alpha": alpha,
+        "Softplus beta and threshold": beta,
+    }
+
+
+@pytest.mark.parametrize("method", ["auto", "reverse", "structured"])
+@pytest.mark.parametrize("change", _hyperparameter_changes())
+def test_a_float_hyperparameter_changed_gives_the_new_values(change: str, method: str) -> None:
+    """Two calls, a float hyperparameter changed, a third call: its divergence and the
+    parameter gradients of a weighted sum of it are those of the changed module (per-sample
+    reference); the value really moved (a result kept from before would fail)."""
+    net = _activations()
+    x = torch.randn(4, 3, dtype=f64)
+    for _ in range(2):
+        before = torchdiv.divergence(net, x, method=method)
+    _hyperparameter_changes()[change](net)
+    params = list(net.parameters())
+    expected, expected_loss = _reference(net, x)
+    assert not torch.allclose(before, expected)
+    expected_grads = torch.autograd.grad(expected_loss, params)
+    got = torchdiv.divergence(net, x, method=method)
+    torch.testing.assert_close(got, expected, **TOL)
+    loss = (got * torch.arange(1.0, len(x) + 1, dtype=f64)).sum()
+    for g, e in zip(torch.autograd.grad(loss, params), expected_grads, strict=True):
+        torch.testing.assert_close(g, e, **TOL)

@@ -13,7 +13,9 @@ than ``LOOP_ROWS`` cotangents: ``is_grads_batched`` hands backwards gradients th
 graph): a backward computed under ``no_grad`` at ``y`` still gave silently wrong parameter
 gradients for D >= 3 or 3 probes. Where it did judge (D <= 2), it refused backwards that are
 right: zeros returned for an input that needs no gradient (``torch.zeros_like(mask)``) and a
-zero gradient (a quantiser's ``torch.zeros_like(grad)``).
+zero gradient (a quantiser's ``torch.zeros_like(grad)``). (rev-merges19d fixed both on main
+meanwhile, the same way; these tests stay as its cases at the Jacobian diagonal and probes.)
+The Laplacian's loop gave such a Function constant ones and came out zero, silently.
 """
 
 from __future__ import annotations

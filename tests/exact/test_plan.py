@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from conftest import (
@@ -16,6 +18,7 @@ from conftest import (
 )
 
 import torchdiv
+from torchdiv._core import crossover
 from torchdiv._exact import plan as _plan
 from torchdiv._exact.autograd import LOOP_ROWS, GraphJacobian
 from torchdiv._exact.dispatch import evaluate
@@ -124,7 +127,7 @@ def test_square_problems_up_to_rows_problem_take_rows_once_a_planned_watch_passe
     nor a larger problem, nor a function that mixes samples (its watch raises every time)."""
     net = tanh_mlp(16, 8, 16)
     x = torch.randn(256, 16, dtype=torch.float64)
-    assert _plan.TINY_PROBLEM < 16 * x.numel() <= _plan.ROWS_PROBLEM
+    assert _plan.TINY_PROBLEM < 16 * x.numel() <= crossover.ROWS_PROBLEM
 
     def run(f, z):
         return type(evaluate(f, z, 1, "auto", None, lambda e, c: (e, c), square=True)[0][0])
@@ -135,7 +138,7 @@ def test_square_problems_up_to_rows_problem_take_rows_once_a_planned_watch_passe
     assert run(net, torch.randn(512, 16, dtype=torch.float64)) is ReverseJacobian  # larger
     conv = torch.nn.Conv2d(1, 1, 3, padding=1).double()
     image = torch.randn(16, 1, 8, 8, dtype=torch.float64)
-    assert _plan.TINY_PROBLEM < 64 * image.numel() <= _plan.ROWS_PROBLEM
+    assert _plan.TINY_PROBLEM < 64 * image.numel() <= crossover.ROWS_PROBLEM
     assert [run(conv, image) for _ in range(2)] == [ForwardJacobian] * 2
     mixes = lambda z: net(z - z.mean(0))  # noqa: E731
     for _ in range(2):
@@ -251,17 +254,19 @@ def test_cotangents_written_in_place_or_results_aliasing_them_never_reach_the_ne
 
 
 def test_jacobian_remembers_a_square_output_and_survives_a_stale_guess(monkeypatch):
-    scale = {"wide": False}
+    # (a plain object's attribute, which the structure key does not hold: a dictionary's
+    # entry is held since leftovers19, a new structure watched again, not a stale guess)
+    scale = types.SimpleNamespace(wide=False)
 
     def f(x):  # the same code object (site) with an output that changes size
-        return torch.cat([x.sin(), x.cos()], -1) if scale["wide"] else x.sin()
+        return torch.cat([x.sin(), x.cos()], -1) if scale.wide else x.sin()
 
     x = torch.randn(8, 2, dtype=torch.float64)
     assert_close(torchdiv.jacobian(f, x), reference_jacobian(f, x))
     # from the second call on, plain autograd rows: torch.func's engines are not built
     monkeypatch.setattr(ReverseJacobian, "__init__", lambda *a: pytest.fail("reverse mode"))
     assert_close(torchdiv.jacobian(f, x), reference_jacobian(f, x))
-    scale["wide"] = True  # a stale guess: rows of a larger output, still exact
+    scale.wide = True  # a stale guess: rows of a larger output, still exact
     assert_close(torchdiv.jacobian(f, x), reference_jacobian(f, x))
 
 

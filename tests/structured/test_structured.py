@@ -20,7 +20,7 @@ from torch import nn
 import torchdiv
 from torchdiv import _structured
 from torchdiv._core import crossover
-from torchdiv._exact.plan import ROWS_PROBLEM
+from torchdiv._core.crossover import ROWS_PROBLEM
 from torchdiv._structured import colors, cycle, factors
 from torchdiv._structured.factors import Diagonal, Path, Shared
 from torchdiv._taylor import RULES, UnsupportedOp, capture, values

@@ -77,12 +77,14 @@ def _engine(
             "mode, or use the function form "
             f"torchdiv.{fn.removeprefix('graph_')}(f, x), which runs under inference mode"
         )
-    if not y.requires_grad and not torch.is_grad_enabled():
+    if not y.requires_grad:  # (under no_grad now or not: a y made in a no_grad block before)
+        here = " (as they are here)" if not torch.is_grad_enabled() else ""
         raise ValueError(
-            f"{fn}: y has no autograd graph: gradients are disabled here (torch.no_grad()), "
-            "so computing y recorded none; compute y and call this inside "
-            "torch.enable_grad(), or use the function form "
-            f"torchdiv.{fn.removeprefix('graph_')}(f, x), which runs under no_grad"
+            f"{fn}: y requires no grad, so it has no autograd graph: it was computed with "
+            f"gradients disabled (torch.no_grad(){here}) or from a detached copy of x; compute "
+            "y = f(x) from x itself inside torch.enable_grad() (this call may then run under "
+            f"no_grad), or use the function form torchdiv.{fn.removeprefix('graph_')}(f, x), "
+            "which runs under no_grad"
         )
     if not depends_on(y, x):
         raise ValueError(

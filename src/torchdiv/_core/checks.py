@@ -251,8 +251,9 @@ def check_output(fn: str, y: Any, x: torch.Tensor, batch_dims: int, name: str = 
         hint = _sample_hint(y, "lambda x: unet(x, t).sample")
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(y).__name__}{hint}")
     if _dtensor(y):  # (its ops' backward passes take DTensor gradients, not torchdiv's vectors)
+        placements = tuple(getattr(y, "placements", ()))  # (a DTensor's: mypy sees a Tensor)
         raise TypeError(
-            f"{fn}: {name} is a DTensor (placements {tuple(y.placements)}), which torchdiv's "
+            f"{fn}: {name} is a DTensor (placements {placements}), which torchdiv's "
             f"products cannot differentiate; return a plain tensor: {name}.full_tensor(), or "
             "the last parallel style's use_local_output=True"
         )

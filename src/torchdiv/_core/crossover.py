@@ -36,6 +36,15 @@ TRACED_WORK = 10 << 20
 # (the PINN at n = 8), more beyond; the conv net on 4 x 4 images (6.3M, 0.91x) and the
 # width-256 MLP at n = 2 (8.6M, 0.81x) gained from tracing, and record here (1.01-1.02x)
 COMPILED_F_WORK = 4 << 20
+# Square problems (traces, diagonals, Jacobians as large as their input) up to this size go
+# by plain autograd rows once a watched evaluation of this very ``f`` at the structure of
+# ``x`` passed without a convolution (``_exact.dispatch._engines``; for
+# diagonals, below a work too: ``_structured.rows_diagonal``): a D = 16 tanh MLP at
+# batch 256 (2**16) took 2.0 ms by rows against 3.0 ms watched and planned, one thread; at
+# D = 32 (2**18) the divergences and diagonals of a net the structured engine cannot plan were
+# even (rows 0.95-0.99x), and the dense Jacobian took 3.1 ms by rows against 3.5 ms watched
+# and planned (the recipes 3.0-3.1 ms; ``bench/rows_threshold.py``).
+ROWS_PROBLEM = 1 << 18
 # W assumed for an ``f`` whose parameters are not seen (a function, a module without
 # parameters), per element of a sample: the rule on shapes alone is then n x (elements of x)
 # <= 2**14, as before f's work was read (a width-64 MLP's W per input element at n = 16: 390)

@@ -13,6 +13,9 @@ directly; before 2.9 only the legacy flags exist.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 # the unit roundoff of the reduced precisions float32 products may run at: TensorFloat-32
@@ -29,13 +32,13 @@ def _setting(backend: str, op: str) -> str:
     return str(getattr(getattr(getattr(torch.backends, backend), op, None), "fp32_precision", ""))
 
 
-def float32_eps(device: torch.device, ops: tuple[str, ...] = _OPS) -> float:
+def float32_eps(device: torch.device, ops: tuple[str, ...]) -> float:
     """The coarsest unit roundoff among ``device``'s float32 ``ops`` (matrix products,
     convolutions, recurrent layers): ``_REDUCED``'s where one is set to a reduced precision,
     else 0.
 
     Example:
-        >>> float32_eps(torch.device("cpu"))
+        >>> float32_eps(torch.device("cpu"), ("matmul",))
         0.0
     """
     if not _NEW_API:
@@ -49,3 +52,39 @@ def float32_eps(device: torch.device, ops: tuple[str, ...] = _OPS) -> float:
         (_REDUCED.get(_setting(b, op), 0.0) for b in _BACKENDS.get(device.type, ()) for op in ops),
         default=0.0,
     )
+
+
+@contextmanager
+def full_float32(device: torch.device) -> Iterator[None]:
+    """Run ``device``'s float32 matrix products, convolutions and recurrent layers at full
+    precision inside, putting back the settings after: for evaluations whose round-off
+    must be float32's (the mixing check's VJPs: at bfloat16's a coupling of ``0.1`` of the
+    batch mean is round-off). Only the settings reduced now are written (about 15 us read)."""
+    if not _NEW_API:
+        flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        legacy = torch.get_float32_matmul_precision()
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+            torch.set_float32_matmul_precision(legacy)
+        return
+    leaves = [
+        getattr(getattr(torch.backends, b), op, None)
+        for b in _BACKENDS.get(device.type, ())
+        for op in _OPS
+    ]
+    reduced = [
+        (leaf, leaf.fp32_precision)
+        for leaf in leaves
+        if leaf is not None and str(getattr(leaf, "fp32_precision", "")) in _REDUCED
+    ]
+    for leaf, _ in reduced:
+        leaf.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for leaf, value in reduced:
+            leaf.fp32_precision = value

@@ -75,11 +75,16 @@ def sampling(
     max_probes: int = MAX_PROBES,
     methods: tuple[str, ...] = STOCHASTIC_METHODS,
     name: str = "x",
+    template: bool = False,
 ) -> Sampling:
-    """Check the stochastic options of ``fn`` together; fill in the defaults."""
+    """Check the stochastic options of ``fn`` together; fill in the defaults. ``template``:
+    ``like`` only gives the probes' shape, dtype and device (``estimate_trace``'s, whose
+    ``matmat`` may take plain probes), a DTensor too; else it is the ``x`` that ``f`` and the
+    probes meet, which cannot be one."""
     check_method(fn, method, methods)
     check_generator(fn, generator)
-    check_not_dtensor(fn, like, f"method={method!r}", name)
+    if not template:
+        check_not_dtensor(fn, like, f"method={method!r}", name)
     spec = ESTIMATORS[method]
     adaptive = rtol is not None or atol is not None
     if probes is not None:
@@ -357,5 +362,6 @@ def estimate_trace(
         atol,
         max_probes,
         name="like",
+        template=True,
     )
     return run(s, flat_operator(fn, matmat, like, batch_dims, chunk_size), like, batch_dims)

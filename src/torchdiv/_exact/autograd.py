@@ -72,7 +72,10 @@ class _DifferentiableBackwards:
     gradient checkpoint that re-runs its block and calls ``autograd.grad`` without
     ``create_graph``). A ``backward`` given constant gradients is not judged: nothing tells a
     constant answer from a dropped graph there; ``GraphJacobian`` gives every one gradients
-    with a graph (``_marked`` cotangents)."""
+    with a graph (``_marked`` cotangents). Nor is a zero answer: a piecewise-constant
+    op's (a step, a rounding ``Function`` whose ``backward`` returns ``zeros_like``), whose
+    gradient's derivative is zero too (refused, its Laplacian and the gradients of its
+    divergence were right: 0 and the rest)."""
 
     def __init__(self, nodes: list[Any]) -> None:
         self.nodes = nodes
@@ -86,9 +89,10 @@ class _DifferentiableBackwards:
 
     def _hook(self, node: Any) -> Callable[..., None]:
         def check(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> None:
-            given = any(isinstance(g, torch.Tensor) and g.requires_grad for g in grad_outputs)
-            edges = [edge for edge, _ in node.next_functions]  # (one per gradient it returns)
-            if given and any(map(_dropped, grad_inputs, edges)):
+            if any(isinstance(g, torch.Tensor) and g.requires_grad for g in grad_outputs) and any(
+                isinstance(g, torch.Tensor) and not g.requires_grad and bool(g.any())
+                for g in grad_inputs
+            ):
                 self.culprits.append(node.name().removesuffix("Backward"))
 
         return check
@@ -139,27 +143,21 @@ class _DifferentiableBackwards:
         )
 
 
-def _dropped(grad: Any, edge: Any) -> bool:
-    """Whether a custom ``backward``'s gradient ``grad`` for the input behind ``edge`` (its
-    node's next function) came without a graph where it was given one: not for an input that
-    needs no gradient (``edge`` ``None``: a ``torch.zeros_like(mask)`` returned for a mask),
-    nor for zeros (a gradient that ignores what it is given is right only as zero: a
-    quantiser's backward ``torch.zeros_like(grad)``, whose derivatives are zero too)."""
-    return (
-        isinstance(grad, torch.Tensor)
-        and not grad.requires_grad
-        and edge is not None
-        and bool(grad.any())
-    )
+_UNWATCHED = contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def graphs_kept(custom: list[Any], what: str) -> Iterator[None]:
+def graphs_kept(custom: list[Any], what: str) -> contextlib.AbstractContextManager[None]:
     """Raise ``UndifferentiableBackward`` after the block if a custom ``autograd.Function``
     among ``custom`` (``Found.custom``) dropped the graph of gradients it was given in the
     block's backward passes (``_DifferentiableBackwards``): ``what``, the derivatives built on
     them, would be wrong (a Laplacian's second derivatives through DTensor.from_local were
-    zero: values 0.2 off)."""
+    zero: values 0.2 off). Without any (the usual case), a context that does nothing: the
+    watch's cost 1-3 us a call, once per output in ``probed``'s loop."""
+    return _graphs_kept(custom, what) if custom else _UNWATCHED
+
+
+@contextlib.contextmanager
+def _graphs_kept(custom: list[Any], what: str) -> Iterator[None]:
     with _DifferentiableBackwards(custom) as watch:
         yield
     if watch.culprits:
@@ -427,19 +425,23 @@ class GraphJacobian:
         or when the batched passes raised that they cannot batch ``y``'s graph (an op of its
         backward that ``vmap`` does not support: ``GroupNorm``'s on a channels-last tensor,
         ``NYI: querying is_contiguous inside of vmap``; then for every later call too), else
-        one batched pass. A custom ``Function``'s backward inside a batched pass is given
-        gradients that show no graph (``is_grads_batched``), so ``_DifferentiableBackwards``
-        could not judge it there: the first row goes on a pass of its own, where it can."""
+        one batched pass. Where custom ``Function``s are watched, the first product takes a
+        pass of its own before the batched one: the watch's hooks see no graph on a batched
+        pass's gradients (``is_grads_batched``'s legacy batched tensors report
+        ``requires_grad=False``), so a ``backward`` that dropped it went unseen (the
+        gradients of a divergence at D = 3 through one computed under ``no_grad``: 50% off)."""
+        products: list[torch.Tensor] = []
         if cotangents.shape[0] > LOOP_ROWS and self._batches:  # (``len``: Tensor.__len__'s Python)
-            try:
-                if not self._custom:
-                    return self._vjp(cotangents, batched=True)
+            if self._custom:
                 first = self._vjp(cotangents[0], batched=False)
-                rest = self._vjp(cotangents[1:], batched=True)
-                return None if first is None or rest is None else torch.cat((first[None], rest))
+                if first is None:
+                    return None
+                products, cotangents = [first], cotangents[1:]
+            try:
+                out = self._vjp(cotangents, batched=True)
+                return out if out is None or not products else torch.cat([first[None], out])
             except _Unbatchable:  # (its custom backwards may have freed what they need)
                 self._batches, self._walked = False, True
-        products = []
         for v in cotangents.unbind():
             product = self._vjp(v, batched=False)
             if product is None:

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from torchdiv import _structured
+from torchdiv._core import crossover
 from torchdiv._core.basis import WHOLE, Share, chunks
 from torchdiv._core.checks import event_numel, out_of_memory, untransformed
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed
@@ -201,6 +202,8 @@ def diagonal_and_output(
             planned = _structured.plan(
                 fn, f, x, batch_dims, chunk_size, strict, trace, share, where
             )
+            # (refused just now: this call's watch may pass for the later ones)
+            refused = planned is None and _structured.refused_before(where, f, x, batch_dims)
         if planned is not None:  # tied: on x's graph where f is piecewise linear in x (not a
             # share: torchdiv.distributed tells a rank's part without a graph by requires_grad)
             return (tied(planned[0], x) if share == WHOLE else planned[0]), planned[1]
@@ -376,7 +379,7 @@ def _engines(
     (``passed_before``), and always
     when the event is empty, where any op but an elementwise one mixes samples. Tiny
     ``square`` problems that passed start with plain autograd (``_plain_first``), as do
-    ``square`` ones up to ``_plan.ROWS_PROBLEM`` whose planned evaluation passed the watch
+    ``square`` ones up to ``crossover.ROWS_PROBLEM`` whose planned evaluation passed the watch
     without a convolution (CPU convolution backward is the slower side). If ``torch.func``
     cannot evaluate ``f``, the plain-autograd engine's evaluation is watched instead (not
     under the caller's own transform, which refuses its leaf copy of ``x``: there
@@ -390,15 +393,17 @@ def _engines(
     """
     num_inputs = event_numel(x, batch_dims)
     tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
-    rows = square and x.dim() > batch_dims and num_inputs * x.numel() <= _plan.ROWS_PROBLEM
+    rows = square and x.dim() > batch_dims and num_inputs * x.numel() <= crossover.ROWS_PROBLEM
     compiling = torch.compiler.is_compiling()
     at = (
         structure(f if owner is None else owner, x, batch_dims)
-        if (tiny or rows) and not compiling and not watched
+        if (tiny or rows or watched) and not compiling
         else None
     )
     seen = None if at is None else passed_before(f, x, batch_dims, at)
-    if rows and seen is not None:
+    # (after a refusal: the sizes of the watch that passed, which plan the engines unwatched)
+    kept = _REFUSED_SIZES.get(*at) if watched and seen is not None and at is not None else None
+    if rows and seen is not None and not (kept is not None and kept[2]):
         return _plain_first(f, x, batch_dims, seen)
     x = argument(x)  # (see evaluate)
     changes = _state.Changes(x)
@@ -420,6 +425,16 @@ def _engines(
 
     if tiny and seen is not None and not seen.reverse:  # (unwatched, it could not put back)
         return [graph, rerun]
+    if kept is not None:  # passed after a refusal: the engines its watch planned, unwatched
+        sizes, forward, _ = kept
+        planned.append(sizes)
+        engines: list[Build] = [
+            lambda: (ReverseJacobian(f, x, batch_dims), sizes),
+            lambda: (GraphJacobian.of_function(again, x, batch_dims), sizes),
+            rerun,
+        ]
+        first = lambda: (ForwardJacobian(f, x, batch_dims, changes.again), sizes)  # noqa: E731
+        return [first, *engines] if forward else engines
     try:
         watch = not compiling and (
             not tiny or not (seen is not None and (x.dim() > batch_dims or allowed()))
@@ -431,11 +446,15 @@ def _engines(
             watch,
             changes,
         )
-        later = watch and not watched and not reverse.inner_again  # later calls: unwatched
-        if later and (tiny or (rows and not sizes.convolves)):
+        later = watch and not reverse.inner_again  # later calls: unwatched
+        if later and (watched or tiny or (rows and not sizes.convolves)):
             passed(f, x, batch_dims, at, not reverse.replaced, verdict=sizes.verdict)
+        convolves = sizes.convolves
         if tiny:  # watched for sample mixing only: planned as every later call, not at all
             sizes = _plan.OpSizes(x.shape[:batch_dims])
+        forward = (reverse.num_basis > num_inputs or sizes.convolves) and sizes.forward_rules
+        if later and watched and at is not None:
+            _REFUSED_SIZES.put(*at, (_planned(sizes), forward, convolves))
     except Exception as error:
         if not _cannot_run(error):
             raise
@@ -446,14 +465,31 @@ def _engines(
             raise  # the caller's transform: plain autograd cannot make its leaf copy of x
         return [graph, rerun]
     planned.append(sizes)
-    engines: list[Build] = [
+    engines = [
         lambda: (reverse, sizes),
         lambda: (GraphJacobian.of_function(again, x, batch_dims), sizes),
         rerun,
     ]
-    if (reverse.num_basis > num_inputs or sizes.convolves) and sizes.forward_rules:
+    if forward:
         engines.insert(0, lambda: (ForwardJacobian(f, x, batch_dims, changes.again), sizes))
     return engines
+
+
+# what planned the engines at a watched evaluation that passed after the structured engine's
+# refusal, by structure (``structure``): its sizes (``_plan.OpSizes``, the widest tensor;
+# unplanned for a tiny problem), whether forward mode went first, and whether an op convolved
+# (plain autograd does not go first then: ``_plain_first``). A later call there that finds the
+# pass (``passed_before``) runs those engines unwatched (neuraloperator's FNO at 8 x 8: watched
+# at every call until leftovers19, 1.4-1.7x ``"reverse"``)
+_REFUSED_SIZES = PlanCache(256)
+
+
+def _planned(sizes: _plan.OpSizes) -> _plan.OpSizes:
+    """What of ``sizes`` plans the engines (``_REFUSED_SIZES``), without the watch's state."""
+    kept = _plan.OpSizes(sizes.batch_shape)
+    kept.widest, kept.convolves = sizes.widest, sizes.convolves
+    kept.forward_rules = sizes.forward_rules
+    return kept
 
 
 def _plain_first(

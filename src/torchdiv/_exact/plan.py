@@ -37,14 +37,6 @@ CHUNK_ELEMENTS = 1 << 21
 # millisecond; watching their ops would cost 10-25% (measured on the demo's 16-64-64-16 MLP),
 # so they are not watched: reverse mode (forward if the output is larger), one chunk.
 TINY_PROBLEM = 1 << 15
-# Square problems (traces, diagonals, Jacobians as large as their input) up to this size go
-# by plain autograd rows once a watched evaluation of this very ``f`` at the structure of
-# ``x`` passed without a convolution (``_exact.dispatch._engines``): a D = 16 tanh MLP at
-# batch 256 (2**16) took 2.0 ms by rows against 3.0 ms watched and planned, one thread; at
-# D = 32 (2**18) the divergences and diagonals of a net the structured engine cannot plan were
-# even (rows 0.95-0.99x), and the dense Jacobian took 3.1 ms by rows against 3.5 ms watched
-# and planned (the recipes 3.0-3.1 ms; ``bench/rows_threshold.py``).
-ROWS_PROBLEM = 1 << 18
 
 # ATen ops that PyTorch gives no forward-mode derivative (checked on CPU; the engines that run
 # after forward mode fails cover any others): CPU fused attention, the oneDNN LSTM layer

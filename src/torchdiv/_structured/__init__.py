@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
+from torchdiv._core import crossover
 from torchdiv._core.basis import WHOLE, Share
 from torchdiv._core.checks import out_of_memory, raised_by_f
 from torchdiv._core.crossover import held, traced, work
 from torchdiv._core.modes import recorded
-from torchdiv._exact.plan import ROWS_PROBLEM
 from torchdiv._structured import colors, cycle, factors, forward, statistics
 from torchdiv._taylor import RULES, Graph, UnsupportedOp, capture, values
 from torchdiv._taylor import cache as _cache
@@ -53,7 +53,7 @@ _REFUSED = _cache.Refusals()
 
 
 # "auto" leaves a Jacobian diagonal (not a trace) to the generic engines' plain-autograd rows
-# (one batched backward pass, ``_exact.dispatch._plain_first``, up to ``_exact.plan.
+# (one batched backward pass, ``_exact.dispatch._plain_first``, up to ``_core.crossover.
 # ROWS_PROBLEM``) where their work ``n x B x W`` (``crossover.work``) is at most this (frozen)
 # or ``ROWS_DIAGONAL_WORK_TRAINED`` (parameters that require grad, under grad mode: the
 # columns then carry their graph), for a module without convolutions (``rows_diagonal``). Per
@@ -93,7 +93,7 @@ def rows_diagonal(f: Function, x: torch.Tensor, batch_dims: int) -> bool:
     mode, and the structured engine's colours are cheaper)."""
     if torch.compiler.is_compiling():
         return False
-    if math.prod(x.shape[batch_dims:]) * x.numel() > ROWS_PROBLEM:
+    if math.prod(x.shape[batch_dims:]) * x.numel() > crossover.ROWS_PROBLEM:
         return False
     found = held(f)
     if found is None or found.kernel:

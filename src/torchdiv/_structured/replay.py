@@ -24,13 +24,16 @@ Not replayed (the call then runs eagerly, as before): ``f`` not a module; a tens
 reads that is not its parameter or buffer (a closure's: it could be rebound unseen); what an
 eager template would not keep (writes, random draws, ops without rules); calls that read
 values on the host; plans other than a chain (colourings, columns), or a chain through a
-data-movement factor (its index map is made on the host). Integer arguments in the calls
-(view shapes) hold for ``x``'s shape only: such a replay guards on that shape.
+data-movement factor (its index map is made on the host); ``f`` whose forward breaks the
+graph (a call Dynamo does not trace): ``f(x)`` is then traced apart, its guards not the
+replay's. Numbers in the calls (view shapes, a float made from the batch size) hold for ``x``'s
+shape only: such a replay guards on that shape.
 """
 
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -45,8 +48,9 @@ from torchdiv._taylor.tree import leaves, map_leaves
 
 # the factor rules a traced replay runs (``factors._Walker``; ``_movement`` plans on the host)
 KINDS = frozenset({"_first", "_derivative", "_matmul", "_pointwise"})
-# non-tensor arguments of a recorded call that do not depend on x's shape
-_PLAIN = (type(None), bool, float, complex, str, torch.dtype, torch.device, torch.layout)
+# non-tensor arguments of a recorded call that do not depend on x's shape (a number can:
+# ``3.0 / x.shape[0]``, a float ``dynamic=True`` leaves unguarded)
+_PLAIN = (type(None), bool, str, torch.dtype, torch.device, torch.layout)
 OPTIONS = frozenset({"method", "batch_dims", "chunk_size"})
 SIZE = 256
 
@@ -85,8 +89,16 @@ class _Calls:
     nodes: list[Node]
 
 
-_PLANS: dict[int, Replay] = {}  # by the key ``_recorded`` gave the trace (read while tracing)
+# by the key ``_recorded`` gave the trace: the replay and that trace (read eagerly)
+_PLANS: dict[int, tuple[Replay, weakref.ref[Any]]] = {}
 _KEYS = itertools.count()
+
+
+class _Read:
+    """``_PLANS``'s replays as attributes ``k<key>``, for the trace to read: Dynamo reads a
+    dict's keys once per trace, so a second call's key, recorded after the first call read
+    the dict, was missing (two calls in one compiled loss: ``Unsupported`` under
+    ``fullgraph=True``); a class attribute is looked up where it is read."""
 
 
 def replayed(trace: bool, f: Any, x: Any, *args: Any, **options: Any) -> torch.Tensor | None:
@@ -108,7 +120,7 @@ def replayed(trace: bool, f: Any, x: Any, *args: Any, **options: Any) -> torch.T
     key = _recorded(f, x, batch_dims, torch.is_grad_enabled())
     if key < 0:
         return None
-    plan = _PLANS[key]
+    plan: Replay = getattr(_Read, f"k{key}")
     if plan.shape is not None and tuple(x.shape) != plan.shape:  # (a guard on the shape)
         return None
     n, chunk = x.shape[:batch_dims].numel(), plan.chunk if chunk is None else chunk
@@ -117,6 +129,8 @@ def replayed(trace: bool, f: Any, x: Any, *args: Any, **options: Any) -> torch.T
     if chain is None:  # (the routes were made from this very structure)
         return None
     f(x)  # unused: Dynamo's guards on f become this graph's (module docstring)
+    if not _traced_with(key):  # (f(x) broke the graph: its guards are not this graph's)
+        return None
     if trace:
         out = tied(cycle.trace(chain, x, n, chunk), x).reshape(x.shape[:batch_dims])
     else:
@@ -149,7 +163,7 @@ def _recorded(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, grad: bool) 
     now; ``-1`` where it has none (anything ``f`` raises included: the eager call reports
     it)."""
     try:
-        if _changed_while_traced(f):
+        if _apart() or _changed_while_traced(f):
             return -1
         with torch.set_grad_enabled(grad):
             plan = _plan(f, x.detach(), batch_dims)
@@ -158,25 +172,59 @@ def _recorded(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, grad: bool) 
     if plan is None:
         return -1
     key = next(_KEYS)
-    _PLANS[key] = plan
+    _PLANS[key] = plan, weakref.ref(_tracer())
+    setattr(_Read, f"k{key}", plan)
     for old in list(_PLANS)[:-SIZE]:  # (each key is read only by the trace that made it)
         del _PLANS[old]
+        delattr(_Read, f"k{old}")
     return key
 
 
-def _changed_while_traced(f: torch.nn.Module) -> bool:
-    """Whether the code Dynamo traced before the call made ``f`` or changed one of its
-    modules or what they hold (``net[1] = nn.ReLU()``, a hook added): Dynamo applies such
-    changes to the real objects after the graph, so a recording now would see the module as
-    it was (a module made in the compiled function was blank: its divergence 3.23 off, with
-    no gradient). From Dynamo's record of side effects (private: any failure to read it
-    counts as a change)."""
+@torch.compiler.assume_constant_result
+def _traced_with(key: int) -> bool:
+    """Whether the trace that recorded ``key`` is the one tracing now, ``f(x)`` traced in
+    between: broken inside ``f(x)``, the code after it is traced apart (a resumed frame),
+    which ``_apart`` does not see where Dynamo resumes nested frames in the caller's."""
+    try:
+        return bool(_PLANS[key][1]() is _tracer())
+    except Exception:
+        return False
+
+
+def _tracer() -> Any:
+    """The translator of the frame Dynamo traces now (private API: callers take any failure
+    as a refusal)."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
-    effects = InstructionTranslator.current_tx().output.side_effects
-    changed = {i for i, v in effects.id_to_variable.items() if effects.is_modified(v)}
-    if not changed:
-        return False
+    return InstructionTranslator.current_tx()
+
+
+def _apart() -> bool:
+    """Whether Dynamo traces a frame of this module on its own: the graph broke inside this
+    module's code, as inside ``f(x)`` (a call Dynamo does not trace in ``f``'s forward).
+    Dynamo then broke at the caller's call and compiles the frames below apart: a replay
+    here would be in a graph without Dynamo's guards on ``f`` (those are ``f(x)``'s frame's),
+    and kept its plan after ``f`` changed (a changed slope, a swapped layer: values 0.19 off).
+    (Private: as ``_changed_while_traced``.)"""
+    return bool(_tracer().f_code.co_filename == __file__)
+
+
+def _changed_while_traced(f: torch.nn.Module) -> bool:
+    """Whether the code Dynamo traced before the call changed an object that existed before
+    it (a global, a config object's attribute, a closure's cell: ``f`` may read it), or made
+    ``f`` or one of its modules or what they hold (``net[1] = nn.ReLU()``, a hook added):
+    Dynamo applies such changes to the real objects after the graph, so a recording now would
+    see them as they were (a module made in the compiled function was blank: its divergence
+    3.23 off, with no gradient; a temperature set in a global config object before the call
+    was the previous one, 0.07 off). From Dynamo's record of side effects (private: any
+    failure to read it counts as a change)."""
+    from torch._dynamo.variables.base import AttributeMutationNew, ValueMutationNew
+
+    effects = _tracer().output.side_effects
+    changed = {i: v for i, v in effects.id_to_variable.items() if effects.is_modified(v)}
+    new = (AttributeMutationNew, ValueMutationNew)
+    if any(not isinstance(v.mutation_type, new) for v in changed.values()):
+        return True
     held = [m for module in f.modules() for m in (module, *vars(module).values())]
     return any(id(obj) in changed for obj in held)
 

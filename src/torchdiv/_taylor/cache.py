@@ -472,16 +472,21 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
     Only functions, partials, methods and callable objects are looked into, by their
     ``__dict__`` (never ``getattr``: a config whose ``__getattr__`` raises, a proxy);
     modules by ``_held``."""
-    seen: set[int] = set()  # callables and modules already given
+    seen: set[int] = set()  # callables, containers and modules already given
     todo = [(f, depth)]
     while todo:
         fn, left = todo.pop()
         if id(fn) in seen:
             continue
         seen.add(id(fn))
-        for held in _contents(fn):
+        items = type(fn) in _CONTAINERS  # (its flags: see _CONTAINERS)
+        for held in _items(fn) if items else _contents(fn):
             if type(held) in _FLAGS:
-                yield held
+                if not items:
+                    yield held
+            elif type(held) in _CONTAINERS:
+                if left and len(held) <= TUPLE_ITEMS:
+                    todo.append((held, left - 1))
             elif isinstance(held, torch.nn.Module):
                 if id(held) not in seen:
                     seen.add(id(held))
@@ -490,6 +495,24 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
                 yield held
                 if left and not isinstance(held, type):
                     todo.append((held, left - 1))
+
+
+# the containers ``named`` looks into for modules and callables (exactly these types: a
+# subclass may compute its items), of at most ``TUPLE_ITEMS`` items: an ODE function's list of
+# layers, a dictionary of modules, a partial's list argument (a mixing module swapped into one,
+# a flag set on a module in one: served by the first call's pass until leftovers19). Not their
+# numbers, strings or length (``mixing.identity`` tells those by value, where it tells ``f``):
+# a list ``f`` appends to at every call (``calls.append(...)``) would make every call another
+# refusal key (``refusal_key``), recorded again only to be refused again
+_CONTAINERS = frozenset((tuple, list, dict))
+# the longest container ``named`` and ``mixing.identity`` tell by their items (each ~0.8 us at
+# every call: a lambda naming a global tuple of 10k integers spent 7.8 ms a call telling it)
+TUPLE_ITEMS = 32
+
+
+def _items(container: tuple[Any, ...] | list[Any] | dict[Any, Any]) -> list[Any]:
+    """What a container holds (``named``): a dictionary's keys and values."""
+    return [*container.keys(), *container.values()] if type(container) is dict else [*container]
 
 
 def _contents(fn: Any) -> list[Any]:

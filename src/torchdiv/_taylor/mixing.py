@@ -22,7 +22,7 @@ from torchdiv._core.mixing.errors import BatchInteractionError, allowed, unnamed
 from torchdiv._core.mixing.reads import Kept, Verdict
 from torchdiv._core.script import global_names
 from torchdiv._taylor import RULES, capture
-from torchdiv._taylor.cache import PlanCache, Same, named, structure_key
+from torchdiv._taylor.cache import TUPLE_ITEMS, PlanCache, Same, named, structure_key
 
 
 def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
@@ -466,6 +466,8 @@ def _identity(
 ) -> tuple[Any, Hashable]:
     """``identity`` without ``Held``: the floating tensors' identities go to ``values``, the
     ids of the others it tells by identity and version to ``others`` (``_holds``)."""
+    if type(f) is functools.partial and depth:
+        return _partial(f, depth, values, others)
     if not isinstance(f, types.FunctionType) or depth == 0:
         return f, ()
     found, held = _named(f)
@@ -473,6 +475,24 @@ def _identity(
     if any(p is None for p in parts):
         return f, ()
     return f.__code__, (found, tuple(f.__kwdefaults__ or {}), parts)
+
+
+def _partial(
+    f: functools.partial[Any],
+    depth: int,
+    values: list[tuple[Hashable, int]],
+    others: set[int] | None,
+) -> tuple[Any, Hashable]:
+    """``_identity`` of a ``functools.partial`` (``partial(model, t=t)`` made anew at every
+    step was watched at every call until leftovers19): the site of its function (a module,
+    a function's code, or the function itself where it cannot be told by what it holds) and,
+    as the key, that function's key and its arguments' (``_part``; keywords by name)."""
+    site, held = _identity(f.func, depth, values, others)
+    args = tuple(_part(v, depth, values, others) for v in f.args)
+    keywords = tuple(_part(v, depth, values, others) for v in f.keywords.values())
+    if any(p is None for p in (*args, *keywords)):
+        return f, ()
+    return site, (functools.partial, held, args, tuple(f.keywords), keywords)
 
 
 def _named(f: types.FunctionType) -> tuple[tuple[str, ...], list[Any]]:
@@ -492,9 +512,6 @@ _EMPTY = object()  # an empty closure cell (a name bound later)
 _VALUES = frozenset(
     (bool, int, float, complex, str, bytes, type(None), type(Ellipsis), range, torch.dtype)
 ) | {torch.device, torch.layout, torch.memory_format}
-# the longest tuple ``identity`` tells by its items (each ~0.8 us at every call: a lambda
-# naming a global tuple of 10k integers spent 7.8 ms a call telling it)
-TUPLE_ITEMS = 32
 
 
 def _cell(cell: Any) -> Any:
@@ -510,12 +527,14 @@ def _part(
     """How ``identity`` tells one held object: ``None`` where it cannot."""
     if type(v) in _VALUES:
         return type(v), v
-    if isinstance(v, tuple):
+    kind = type(v)
+    if isinstance(v, tuple) or kind is list or kind is dict:
         if depth == 0 or len(v) > TUPLE_ITEMS:  # (a chain of 5000 nested ones: RecursionError)
             return None
-        parts = tuple(_part(u, depth - 1, values, others) for u in v)
-        return None if any(p is None for p in parts) else (tuple, parts)
-    if isinstance(v, types.FunctionType) and depth > 1:
+        items = [*v, *v.values()] if isinstance(v, dict) else v  # (a dictionary's keys too)
+        parts = tuple(_part(u, depth - 1, values, others) for u in items)
+        return None if any(p is None for p in parts) else (kind, parts)
+    if (isinstance(v, types.FunctionType) or type(v) is functools.partial) and depth > 1:
         site, held = _identity(v, depth - 1, values, others)
         if site is not v:
             return Same(site), held

@@ -370,15 +370,23 @@ def _flattened(tr: BatchAxes, t: torch.Tensor, values: Any, held: Axes) -> list[
     alike = isinstance(values, torch.Tensor) and values.dim() == t.dim() > 0
     along = len(held) == len(tr.start) and all(a.position == 0 for a in held)
     own = [tuple(a._replace(rows=()) for a in held)] if alike and along else []
-    if own and values.shape[0] == t.shape[0] and not any(a.rows for a in held):
+    moved = any(a.rows for a in held)
+    if own and values.shape[0] == t.shape[0] and not moved:
         return own  # (in order: the values' own rows)
-    own = own if own and values.shape[0] <= t.shape[0] else []
     k = t.shape[0] // n
-    major = tuple(
-        Axis(0, axis.size, k * math.prod(batch[axis.source + 1 :]), (), axis.source)
-        for axis in tr.start
-    )
-    return [*own, major] if major not in own else own
+    runs = [
+        tuple(
+            Axis(0, axis.size, d * math.prod(batch[axis.source + 1 :]), (), axis.source)
+            for axis in tr.start
+        )
+        for d in (1, k, *(d for d in range(2, k) if k % d == 0))
+    ]
+    # moved rows (``rows``, each at ``inner`` 1) were in samples-innermost order before the
+    # move (``runs[0]``; with ``batch_dims=2`` their own ``inner``s, 1, were not: refused
+    # until leftovers19), and ``d`` rows of each sample may repeat every ``n * d`` rows
+    # (``out.reshape(2, B, T, F)[1]``: sample-major values in the second half, ``d = T``)
+    own = ([runs[0]] if moved else own) if own and values.shape[0] <= t.shape[0] else []
+    return [*own, *(r for r in runs[1:] if r not in own)]
 
 
 def _put(

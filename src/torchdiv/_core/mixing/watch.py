@@ -175,7 +175,7 @@ def _unwatched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: in
     if batch.numel() < 2:
         return y
     (plain, weighted), s = scaled_vjps(lambda c: _vjps(y, z, c), y, batch)
-    if leaks(plain, weighted, s, y.dtype, y.device):
+    if leaks(plain, weighted, s, y.dtype):
         what = (
             "f builds a tensor subclass, which PyTorch refuses under the watch, and its VJP "
             "carries each sample's cotangent into other samples' gradients (a reduction, "
