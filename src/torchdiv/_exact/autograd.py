@@ -439,7 +439,7 @@ class GraphJacobian:
                 products, cotangents = [first], cotangents[1:]
             try:
                 out = self._vjp(cotangents, batched=True)
-                return out if out is None or not products else torch.cat([first[None], out])
+                return out if out is None or not products else torch.cat([products[0][None], out])
             except _Unbatchable:  # (its custom backwards may have freed what they need)
                 self._batches, self._walked = False, True
         for v in cotangents.unbind():
