@@ -245,10 +245,16 @@ def refuse_once_differentiable(found: Found, y: torch.Tensor, x: torch.Tensor) -
     """Raise ``UndifferentiableBackward`` if a second derivative of ``y`` with respect to ``x``
     would go through a custom ``autograd.Function`` whose ``backward`` is
     ``@once_differentiable`` (``found``: ``search``'s walk of ``y``'s graph; nothing more is
-    walked when it holds no custom ``Function``)."""
+    walked when it holds no custom ``Function``), or whose ``backward`` drops the graph of
+    the gradients it is given (``graphs_kept``, judged on one pass with ``_marked`` ones: the
+    loop's first passes give a ``Function`` right at ``y`` constant ones, and the Laplacian
+    through a backward computed under ``no_grad`` came out zero, silently)."""
     names = once_differentiable_functions(found.custom, y, x)
     if names:
         raise UndifferentiableBackward(once_differentiable_error(SECOND_DERIVATIVES, names))
+    if found.custom and y.requires_grad:
+        with graphs_kept(found.custom, SECOND_DERIVATIVES):
+            vjp(y, x, _marked(torch.ones_like(y)), create_graph=True)
 
 
 class _Refused(torch.autograd.Function):

@@ -112,6 +112,12 @@ class OpSizes(DispatchMode):
                 self.widest = max(self.widest, leaf.numel())
         return out
 
+    def __enter__(self) -> OpSizes:
+        if self.changes is not None:
+            self.changes.started()
+        super().__enter__()
+        return self
+
     def finish(self, y: Any) -> None:
         """Raise ``BatchInteractionError`` if ``f``'s result ``y`` depends on combined
         samples (``BatchAxes.finish``)."""

@@ -15,8 +15,6 @@ changes are made once. (``_taylor.capture``'s ``Graph.undo`` does the same for t
 from __future__ import annotations
 
 import contextlib
-import random
-import sys
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
@@ -24,6 +22,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 from torch._C._autograd import _unsafe_set_version_counter
 
+from torchdiv._core.generators import GLOBALS
 from torchdiv._core.modes import DispatchMode
 from torchdiv._core.settings import Settings
 from torchdiv._exact.attributes import PlainAttributes, unwrap_between_evaluations
@@ -88,14 +87,20 @@ class Changes(DispatchMode):
         self.settings = Settings()  # the plain values of f's modules, put back with ``written``
 
     def __enter__(self) -> Changes:
-        """Watch an evaluation; before the first that completes, note the global generators
-        of Python and NumPy, whose draws no dispatch mode sees (``GLOBALS``)."""
-        if self.after is None:
-            for generator in GLOBALS:
-                if generator.present():
-                    self.generators.setdefault(generator, generator.get_state())
+        """Watch an evaluation (``started``)."""
+        self.started()
         super().__enter__()
         return self
+
+    def started(self) -> None:
+        """An evaluation starts: before the first that completes, note the global generators
+        of Python and NumPy, whose draws no dispatch mode sees (``GLOBALS``). Called by every
+        mode that watches for ``Changes`` (``plan.OpSizes`` as well: a ``torch.func`` engine
+        that failed there, then plain autograd, left them two draws on)."""
+        if self.after is None:  # (a get of NumPy's state costs 70-90 us: once a call)
+            for generator in GLOBALS:
+                if generator not in self.generators and generator.present():
+                    self.generators[generator] = generator.get_state()
 
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         fresh = self.before(func, args, kwargs)
@@ -240,37 +245,6 @@ class Changes(DispatchMode):
         if generator is not None:
             return [generator]
         return list({torch.default_generator, default_generator(self.device)})
-
-
-class GlobalGenerator(NamedTuple):
-    """A module-level generator outside torch that ``f`` may draw from (normflows' residual
-    block draws its power series' length by ``np.random.geometric``), put back between
-    evaluations as torch's generators are; ``present``: whether its module is imported."""
-
-    module: str
-    get: Callable[[], Any]
-    set: Callable[[Any], Any]
-
-    def present(self) -> bool:
-        return self.module in sys.modules
-
-    def get_state(self) -> Any:
-        return self.get()
-
-    def set_state(self, state: Any) -> None:
-        self.set(state)
-
-
-# Python's ``random`` and NumPy's legacy global ``np.random`` (not a generator object ``f``
-# holds, ``np.random.default_rng()``: no call shows it)
-GLOBALS = (
-    GlobalGenerator("random", random.getstate, random.setstate),
-    GlobalGenerator(
-        "numpy",
-        lambda: sys.modules["numpy"].random.get_state(),
-        lambda state: sys.modules["numpy"].random.set_state(state),
-    ),
-)
 
 
 def wrote_alike(written: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -29,6 +29,7 @@ from torch._decomp import core_aten_decompositions
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.overrides import TorchFunctionMode
 
+from torchdiv._core.generators import GLOBALS
 from torchdiv._core.mixing.errors import BatchInteractionError
 from torchdiv._core.mixing.reads import VALUE_FREE, Verdict, reading
 from torchdiv._core.mixing.tracker import BatchAxes
@@ -1124,10 +1125,12 @@ def _written(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
 
 
 def _random_states(x: torch.Tensor) -> list[tuple[Callable[[Any], None], Any]]:
-    """Ways to put back the random number generators ``f`` may draw from."""
+    """Ways to put back the random number generators ``f`` may draw from (Python's and
+    NumPy's global ones as well: ``GLOBALS``)."""
     states: list[tuple[Callable[[Any], None], Any]] = [
         (torch.random.set_rng_state, torch.random.get_rng_state())
     ]
+    states += [(g.set_state, g.get_state()) for g in GLOBALS if g.present()]
     if x.is_cuda:
         device = x.device
         states.append(
