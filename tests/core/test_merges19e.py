@@ -206,3 +206,33 @@ def test_a_frozenset_of_names_is_told_by_identity(watches: list[int]) -> None:
     for _ in range(3):
         torchdiv.divergence(lambda z: torch.tanh(net(z)) if "tanh" in names else net(z), x)
     assert len(watches) == 1
+
+
+def _interleaved(x: torch.Tensor) -> torch.Tensor:
+    """Each sample's row and its double interleaved, the first ``B`` rows kept: row ``j``
+    holds sample ``j // 2`` (mixes samples)."""
+    h = torch.tanh(x)
+    return torch.stack([h, 2 * h], 1).reshape(2 * len(x), -1)[: len(x)]
+
+
+def _interleaved_written(x: torch.Tensor) -> torch.Tensor:
+    """The same through a buffer written in place (``buf[:, 0] = h``)."""
+    h = torch.tanh(x)
+    buf = x.new_zeros(len(x), 2, x.shape[1])
+    buf[:, 0] = h
+    return buf.reshape(2 * len(x), -1)[: len(x)] * 1
+
+
+@pytest.mark.parametrize("f", [_interleaved, _interleaved_written])
+@pytest.mark.parametrize("size", [(4, 6), (16, 64)])
+def test_rows_repeated_in_the_first_places_are_refused(f: Callable[..., Any], size: Any) -> None:
+    """A slice of the batch interleaved with another tensor, ``[:B]`` of ``2B`` rows, holds
+    samples ``0, 0, 1, 1, ...``: its batch axis has rows ``(0, 1, ...)`` at ``inner`` 2, taken
+    for the first samples in order (``x[:k]``), served silently (the divergence off by up to
+    4), older than leftovers19. Refused, as is every engine's call; ``[::2]`` of the same
+    rows, the samples in their own places, is exact."""
+    x = torch.randn(*size, dtype=f64)
+    with pytest.raises(BatchInteractionError, match="place 1 along dimension 0"):
+        torchdiv.divergence(f, x)
+    every_other = lambda z: torch.stack([torch.tanh(z), z], 1).reshape(2 * len(z), -1)[::2]  # noqa: E731
+    assert_close(torchdiv.divergence(every_other, x), reference_divergence(every_other, x))
