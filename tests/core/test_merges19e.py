@@ -27,23 +27,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_close, reference_divergence
+from test_mixing_containers19 import Centre
 from torch import nn
 
 import torchdiv
 from torchdiv import BatchInteractionError
 
 f64 = torch.float64
-
-
-class Centre(nn.Module):
-    """``z - z.mean(0)`` where ``mix`` is set (mixes samples), else ``2 z``."""
-
-    def __init__(self, mix: bool = False) -> None:
-        super().__init__()
-        self.mix = mix
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z - z.mean(0) if self.mix else 2 * z
 
 
 def _centre_if(on: Any, z: torch.Tensor) -> torch.Tensor:
@@ -83,12 +73,12 @@ def _cases() -> dict[str, Case]:
         return (lambda: f), lambda: flags.__setitem__(0, True)
 
     def kept_deep_list() -> tuple[Callable[[], Any], Callable[[], None]]:
-        deep = [[[[Centre()]]]]
+        deep = [[[[Centre(mix=False)]]]]
         f = lambda z: deep[0][0][0][0](z)  # noqa: E731
         return (lambda: f), lambda: setattr(deep[0][0][0][0], "mix", True)
 
     def kept_long_list_module() -> tuple[Callable[[], Any], Callable[[], None]]:
-        held: list[Any] = [Centre(), *[0.0] * 40]
+        held: list[Any] = [Centre(mix=False), *[0.0] * 40]
         f = lambda z: held[0](z)  # noqa: E731
         return (lambda: f), lambda: held.__setitem__(0, Centre(mix=True))
 
@@ -107,16 +97,16 @@ def _cases() -> dict[str, Case]:
         return (lambda: lambda z: _centre_if("mix" in on, z)), lambda: on.add("mix")
 
     def a_deque() -> tuple[Callable[[], Any], Callable[[], None]]:
-        held = collections.deque([Centre()])
+        held = collections.deque([Centre(mix=False)])
         return (lambda: lambda z: held[0](z)), lambda: held.__setitem__(0, Centre(mix=True))
 
     def an_ordered_dict() -> tuple[Callable[[], Any], Callable[[], None]]:
-        held = collections.OrderedDict(net=Centre())
+        held = collections.OrderedDict(net=Centre(mix=False))
         change = lambda: held.__setitem__("net", Centre(mix=True))  # noqa: E731
         return (lambda: lambda z: held["net"](z)), change
 
     def a_list_subclass() -> tuple[Callable[[], Any], Callable[[], None]]:
-        held = Layers([Centre()])
+        held = Layers([Centre(mix=False)])
         return (lambda: lambda z: held[0](z)), lambda: held.__setitem__(0, Centre(mix=True))
 
     def numpy_in_list() -> tuple[Callable[[], Any], Callable[[], None]]:
@@ -125,12 +115,12 @@ def _cases() -> dict[str, Case]:
         return f, lambda: shift[0].__setitem__(0, 1)
 
     def frozenset_module() -> tuple[Callable[[], Any], Callable[[], None]]:
-        held = frozenset([Centre()])
+        held = frozenset([Centre(mix=False)])
         (net,) = held
         return (lambda: lambda z: next(iter(held))(z)), lambda: setattr(net, "mix", True)
 
     def named_tuple_module() -> tuple[Callable[[], Any], Callable[[], None]]:
-        held = Held(Centre())
+        held = Held(Centre(mix=False))
         return (lambda: lambda z: held.net(z)), lambda: setattr(held.net, "mix", True)
 
     def object_dict_flag() -> tuple[Callable[[], Any], Callable[[], None]]:
@@ -186,8 +176,8 @@ def test_what_the_key_tells_is_still_watched_once(watches: list[int]) -> None:
     """The sound cases stay cheap: a lambda made anew over a short list of modules, a named
     tuple and a callable object over a dictionary of flags are each watched once."""
     torch.manual_seed(0)
-    layers = [nn.Linear(3, 3).to(f64), Centre()]
-    held = Held(Centre())
+    layers = [nn.Linear(3, 3).to(f64), Centre(mix=False)]
+    held = Held(Centre(mix=False))
     options = Options({"mix": False}, "mix")
     x = torch.randn(8, 3, dtype=f64)
     for make in (lambda: lambda z: layers[1](layers[0](z)), lambda: lambda z: held.net(z)):

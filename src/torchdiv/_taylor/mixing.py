@@ -540,8 +540,8 @@ def _part(
             return None
         items = [*v, *v.values()] if kind is dict else v  # (a dictionary's keys too)
         parts = tuple(_part(u, depth - 1, values, others) for u in items)
-        kind = kind if kind in (tuple, list, dict) else Same(kind)  # (a named tuple's class)
-        return None if any(p is None for p in parts) else (kind, parts)
+        told = kind if kind in (tuple, list, dict) else Same(kind)  # (a named tuple's class)
+        return None if any(p is None for p in parts) else (told, parts)
     if _untold(v):
         return None
     if (isinstance(v, types.FunctionType) or type(v) is functools.partial) and depth > 1:
