@@ -572,7 +572,9 @@ def _untold(v: Any) -> bool:
     until rev-merges19e held by identity, what it came to hold served by a stale pass."""
     if not isinstance(v, _UNTOLD) and not hasattr(type(v), "__array_interface__"):
         return False
-    return type(v) is not frozenset or not all(type(u) in _VALUES for u in v)
+    if type(v) is not frozenset or len(v) > TUPLE_ITEMS:  # (walked at every call)
+        return True
+    return not all(type(u) in _VALUES for u in v)
 
 
 # mutable containers ``_part`` cannot tell by their items (``cache.by_items``: exactly a
