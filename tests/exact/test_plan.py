@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 from conftest import (
@@ -253,10 +251,18 @@ def test_cotangents_written_in_place_or_results_aliasing_them_never_reach_the_ne
         assert_close(torchdiv.divergence(g, x), reference_divergence(g, x))
 
 
+class _Switch:
+    """A plain object (weakly referenced: ``identity`` holds it by identity alone)."""
+
+    wide = False
+
+
 def test_jacobian_remembers_a_square_output_and_survives_a_stale_guess(monkeypatch):
     # (a plain object's attribute, which the structure key does not hold: a dictionary's
-    # entry is held since leftovers19, a new structure watched again, not a stale guess)
-    scale = types.SimpleNamespace(wide=False)
+    # entry is held since leftovers19, a new structure watched again, not a stale guess; an
+    # object without weak references, a ``SimpleNamespace``, since rev-merges19e: ``f`` is
+    # not told by what it holds, watched at every call)
+    scale = _Switch()
 
     def f(x):  # the same code object (site) with an output that changes size
         return torch.cat([x.sin(), x.cos()], -1) if scale.wide else x.sin()

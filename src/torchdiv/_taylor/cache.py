@@ -473,20 +473,22 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
     ``__dict__`` (never ``getattr``: a config whose ``__getattr__`` raises, a proxy);
     modules by ``_held``."""
     seen: set[int] = set()  # callables, containers and modules already given
-    todo = [(f, depth)]
+    todo = [(f, depth, False)]  # (what, levels left, a container an object holds)
     while todo:
-        fn, left = todo.pop()
+        fn, left, owned = todo.pop()
         if id(fn) in seen:
             continue
         seen.add(id(fn))
-        items = type(fn) in _CONTAINERS  # (its flags: see _CONTAINERS)
+        items = by_items(fn)  # (its flags: see _CONTAINERS)
+        # (an object's containers: none of its own in ``identity``'s key, see _CONTAINERS)
+        owned = owned if items else not isinstance(fn, (types.FunctionType, functools.partial))
         for held in _items(fn) if items else _contents(fn):
             if type(held) in _FLAGS:
-                if not items:
+                if not items or (owned and type(held) in _MODULE_FLAGS):
                     yield held
-            elif type(held) in _CONTAINERS:
+            elif by_items(held):
                 if left and len(held) <= TUPLE_ITEMS:
-                    todo.append((held, left - 1))
+                    todo.append((held, left - 1, owned))
             elif isinstance(held, torch.nn.Module):
                 if id(held) not in seen:
                     seen.add(id(held))
@@ -494,7 +496,7 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
             elif callable(held):  # a class too, by its id, not looked into
                 yield held
                 if left and not isinstance(held, type):
-                    todo.append((held, left - 1))
+                    todo.append((held, left - 1, False))
 
 
 # the containers ``named`` looks into for modules and callables (exactly these types: a
@@ -503,11 +505,24 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
 # a flag set on a module in one: served by the first call's pass until leftovers19). Not their
 # numbers, strings or length (``mixing.identity`` tells those by value, where it tells ``f``):
 # a list ``f`` appends to at every call (``calls.append(...)``) would make every call another
-# refusal key (``refusal_key``), recorded again only to be refused again
+# refusal key (``refusal_key``), recorded again only to be refused again. But the ``bool``,
+# ``str`` and ``None`` items (``_MODULE_FLAGS``) of those a callable object or a bound
+# method's object holds: ``identity`` holds such an ``f`` by itself, so its key is this one
+# alone (a switch set in ``self.opts = {"mix": False}`` was served by the first call's pass
+# until rev-merges19e; its integers are left out as its own integer attributes are)
 _CONTAINERS = frozenset((tuple, list, dict))
 # the longest container ``named`` and ``mixing.identity`` tell by their items (each ~0.8 us at
 # every call: a lambda naming a global tuple of 10k integers spent 7.8 ms a call telling it)
 TUPLE_ITEMS = 32
+
+
+def by_items(v: Any) -> bool:
+    """Whether ``named`` and ``mixing.identity`` tell ``v`` by its items: a tuple, list or
+    dictionary exactly (``_CONTAINERS``), or a named tuple (a tuple subclass iterated as one;
+    a named tuple's module set to mix was served by the first call's pass, its flags unread,
+    until rev-merges19e)."""
+    kind = type(v)
+    return kind in _CONTAINERS or (isinstance(v, tuple) and kind.__iter__ is tuple.__iter__)
 
 
 def _items(container: tuple[Any, ...] | list[Any] | dict[Any, Any]) -> list[Any]:

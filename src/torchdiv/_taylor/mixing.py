@@ -22,7 +22,7 @@ from torchdiv._core.mixing.errors import BatchInteractionError, allowed, unnamed
 from torchdiv._core.mixing.reads import Kept, Verdict
 from torchdiv._core.script import global_names
 from torchdiv._taylor import RULES, capture
-from torchdiv._taylor.cache import TUPLE_ITEMS, PlanCache, Same, named, structure_key
+from torchdiv._taylor.cache import TUPLE_ITEMS, PlanCache, Same, by_items, named, structure_key
 
 
 def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
@@ -398,6 +398,12 @@ def structure(f: Any, x: torch.Tensor, batch_dims: int) -> Structure:
             func = weakref.ref(func)
         return f.__self__, (func, structure_key(f, x, batch_dims))
     site, held = identity(f)
+    if site is f and isinstance(f, (types.FunctionType, functools.partial)):
+        # what it holds is not told (``identity``: a list of more than ``TUPLE_ITEMS`` items,
+        # nested too deep, a set): no site, nothing kept for it (a kept ``f`` was served by
+        # its pass whatever such a list came to hold, ``structure_key`` holding none of its
+        # items, until rev-merges19e), so it is watched at every call
+        site = None
     return site, (held, structure_key(f, x, batch_dims))
 
 
@@ -490,7 +496,8 @@ def _partial(
     site, held = _identity(f.func, depth, values, others)
     args = tuple(_part(v, depth, values, others) for v in f.args)
     keywords = tuple(_part(v, depth, values, others) for v in f.keywords.values())
-    if any(p is None for p in (*args, *keywords)):
+    untold = site is f.func and isinstance(site, (types.FunctionType, functools.partial))
+    if untold or any(p is None for p in (*args, *keywords)):
         return f, ()
     return site, (functools.partial, held, args, tuple(f.keywords), keywords)
 
@@ -528,16 +535,18 @@ def _part(
     if type(v) in _VALUES:
         return type(v), v
     kind = type(v)
-    if isinstance(v, tuple) or kind is list or kind is dict:
+    if by_items(v):
         if depth == 0 or len(v) > TUPLE_ITEMS:  # (a chain of 5000 nested ones: RecursionError)
             return None
-        items = [*v, *v.values()] if isinstance(v, dict) else v  # (a dictionary's keys too)
+        items = [*v, *v.values()] if kind is dict else v  # (a dictionary's keys too)
         parts = tuple(_part(u, depth - 1, values, others) for u in items)
-        return None if any(p is None for p in parts) else (kind, parts)
+        told = kind if kind in (tuple, list, dict) else Same(kind)  # (a named tuple's class)
+        return None if any(p is None for p in parts) else (told, parts)
+    if _untold(v):
+        return None
     if (isinstance(v, types.FunctionType) or type(v) is functools.partial) and depth > 1:
         site, held = _identity(v, depth - 1, values, others)
-        if site is not v:
-            return Same(site), held
+        return None if site is v else (Same(site), held)  # (not told: neither is ``f``)
     try:
         same = Same(v)
     except TypeError:  # no weak references
@@ -557,6 +566,24 @@ def _part(
     values.append((same, v._version))  # (strides: a branch on is_contiguous() reads no value)
     return type(v), v.dtype, v.shape, v.stride(), v.device, v.requires_grad
 
+
+def _untold(v: Any) -> bool:
+    """Whether ``v`` (not told by its items) may change unseen by its identity (``_UNTOLD``):
+    until rev-merges19e held by identity, what it came to hold served by a stale pass."""
+    if not isinstance(v, _UNTOLD) and not hasattr(type(v), "__array_interface__"):
+        return False
+    if type(v) is not frozenset or len(v) > TUPLE_ITEMS:  # (walked at every call)
+        return True
+    return not all(type(u) in _VALUES for u in v)
+
+
+# mutable containers ``_part`` cannot tell by their items (``cache.by_items``: exactly a
+# tuple, list or dictionary, or a named tuple) and by identity would not see changed: a set of
+# switches, a deque or ``OrderedDict`` of modules, a user's list type, a NumPy array (also in
+# a list: leftovers19 made such a list tellable), a frozenset's modules (``cache.named`` does
+# not walk it for their flags; one of values alone, ``{"relu", "tanh"}``, by identity):
+# ``f`` is not told, watched at every call
+_UNTOLD = (tuple, list, dict, set, frozenset, collections.deque)
 
 # the tensors held by their values (``Held.values``) where floating and dense: a subclass may
 # decide what ``f`` does by state no op reads (an attribute its ``__torch_function__`` uses)

@@ -501,13 +501,17 @@ class BatchAxes:
         indexing op moved and nothing put back, or one sample picked for all of them."""
         for axis in self.axes(t) or ():
             if axis.rows:
-                at = next((i for i, r in enumerate(axis.rows) if r != i % axis.size), None)
+                # (place ``p`` holds sample ``rows[p // inner]``: rows ``(0, 1)`` at ``inner``
+                # 2, ``stack([h, 2 * h], 1).reshape(2 * B, D)[:B]``, hold samples 0, 0, 1, 1,
+                # taken for the first samples in order until rev-merges19e: served)
+                held = [r for r in axis.rows for _ in range(axis.inner)]
+                at = next((p for p, r in enumerate(held) if r != p % axis.size), None)
                 if at is None:  # the first samples, in order (x[:k])
                     continue
                 return (
                     f"{self.moves.get(axis.rows, 'an indexing op')} moved samples along the "
                     f"batch: place {at} along dimension {axis.position} of f's output of shape "
-                    f"{_shape(t)} holds sample {axis.rows[at]}, and they were not put back "
+                    f"{_shape(t)} holds sample {held[at]}, and they were not put back "
                     "(select and write back the same places: y[m] = g(x[m]), or invert the "
                     "permutation)"
                 )
