@@ -1,8 +1,9 @@
 """``method="auto"`` remembers where the structured engine found no rule for an op of ``f``
 (``torchdiv._structured.refused_before``): later calls at that structure go to the generic
 engines without recording ``f`` again, with the values and parameter gradients of a float64
-closed form, every call still watched for sample mixing, and a recording made afresh
-whenever ``f``, its parameters, its modules' modes or ``x``'s shape or dtype change."""
+closed form, watched for sample mixing once per structure (as any ``f``: the watch's pass is
+kept with the refusal), and a recording made afresh whenever ``f``, its parameters, its
+modules' modes or flags or ``x``'s shape or dtype change."""
 
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ DOUBLE = torch.float64
 class Spectral(nn.Module):
     """One Fourier layer of an FNO (Li et al. 2021) on a 1-D grid: the lowest ``modes``
     frequencies mixed across channels by complex weights, plus a pointwise convolution;
-    ``shift`` (an integer, not part of any structure key) rolls the batch when set."""
+    ``mix`` (a flag, part of the structure key) rolls the batch by one when set."""
 
     def __init__(self, width: int = 4, modes: int = 3) -> None:
         super().__init__()
-        self.modes, self.shift = modes, 0
+        self.modes, self.mix = modes, False
         scale = 1 / (width * width)
         self.weights = nn.Parameter(scale * torch.rand(width, width, modes, dtype=torch.cdouble))
         self.w = nn.Conv1d(width, width, 1).double()
@@ -41,8 +42,8 @@ class Spectral(nn.Module):
         return torch.fft.irfft(out_ft, n=x.shape[-1]) + self.w(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shift:
-            x = x.roll(self.shift, 0)
+        if self.mix:
+            x = x.roll(1, 0)
         return torch.nn.functional.gelu(self.linear(x))
 
 
@@ -133,13 +134,14 @@ def test_a_lambda_made_anew_finds_the_refusal_but_another_module_does_not(_fresh
 
 
 def test_an_f_that_starts_mixing_samples_after_its_refusal_is_still_refused(_fresh):
-    """The refusal's calls are watched by the generic engines at every call, as the
-    recording did: an integer attribute (no part of the structure) that turns on a roll
-    along the batch is caught, never a silently wrong divergence."""
+    """The pass kept with the refusal is the structure's: a flag that turns on a roll along
+    the batch makes a new structure, watched again and refused, never a silently wrong
+    divergence. (A module's integer attribute is no part of the key, for a refused structure
+    as for any: docs/guide/limitations.md.)"""
     net, x = net_and_x()
     torchdiv.divergence(net, x)
     torchdiv.divergence(net, x)
-    net.shift = 1
+    net.mix = True
     with pytest.raises(BatchInteractionError):
         torchdiv.divergence(net, x)
     with pytest.raises(BatchInteractionError):
