@@ -26,8 +26,10 @@ eager template would not keep (writes, random draws, ops without rules); calls t
 values on the host; plans other than a chain (colourings, columns), or a chain through a
 data-movement factor (its index map is made on the host); ``f`` whose forward breaks the
 graph (a call Dynamo does not trace): ``f(x)`` is then traced apart, its guards not the
-replay's. Numbers in the calls (view shapes, a float made from the batch size) hold for ``x``'s
-shape only: such a replay guards on that shape.
+replay's. Inside ``torch.inference_mode()`` entered in the compiled code (the replay's
+graph failed the backend there and left PyTorch's dispatcher state broken for the process).
+Numbers in the calls (view shapes, a float made from the batch size) hold for ``x``'s shape
+only: such a replay guards on that shape.
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ def replayed(trace: bool, f: Any, x: Any, *args: Any, **options: Any) -> torch.T
     if type(batch_dims) is not int or not 1 <= batch_dims < x.dim() or not x.is_floating_point():
         return None
     if chunk is not None and (type(chunk) is not int or chunk < 1):
+        return None
+    if torch.is_inference_mode_enabled():  # (entered in the compiled code: module docstring)
         return None
     key = _recorded(f, x, batch_dims, torch.is_grad_enabled())
     if key < 0:
