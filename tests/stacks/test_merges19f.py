@@ -21,7 +21,8 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_inference_mode_inside_the_compiled_code_runs_eagerly():
+@pytest.mark.parametrize("nested", [False, True], ids=["", "in_a_helper"])
+def test_inference_mode_inside_the_compiled_code_runs_eagerly(nested):
     """``torch.inference_mode()`` entered inside the compiled function: the replay's graph
     failed the backend (``aot_eager``: "Cannot set version_counter for inference tensor") where
     eager serves, and left the process broken: every later dispatch, ``x @ x.T`` included,
@@ -33,6 +34,9 @@ def test_inference_mode_inside_the_compiled_code_runs_eagerly():
         with torch.inference_mode():
             return torchdiv.divergence(net, x, method="structured")
 
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return inferred(x * 1.0) if nested else inferred(x)
+
     want = inferred(x)
-    assert_close(torch.compile(inferred, backend="aot_eager")(x), want)
+    assert_close(torch.compile(step, backend="aot_eager")(x), want)
     assert_close(torchdiv.divergence(net, x, method="structured"), want)
