@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch._dynamo
 from conftest import assert_close
 from test_compiled_losses import mlp
+from test_merges19b import _fresh_dynamo  # noqa: F401 (autouse: Dynamo reset around each test)
 
 import torchdiv
 
 pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["", "in_a_helper"])
