@@ -26,8 +26,10 @@ eager template would not keep (writes, random draws, ops without rules); calls t
 values on the host; plans other than a chain (colourings, columns), or a chain through a
 data-movement factor (its index map is made on the host); ``f`` whose forward breaks the
 graph (a call Dynamo does not trace): ``f(x)`` is then traced apart, its guards not the
-replay's. Numbers in the calls (view shapes, a float made from the batch size) hold for ``x``'s
-shape only: such a replay guards on that shape.
+replay's. Inside ``torch.inference_mode()`` entered in the compiled code (the replay's
+graph failed the backend there and left PyTorch's dispatcher state broken for the process).
+Numbers in the calls (view shapes, a float made from the batch size) hold for ``x``'s shape
+only: such a replay guards on that shape.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
+from torch.autograd import grad_mode as _grad_mode
 
 from torchdiv._core.tie import tied
 from torchdiv._structured import cycle, factors
@@ -163,7 +166,7 @@ def _recorded(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, grad: bool) 
     now; ``-1`` where it has none (anything ``f`` raises included: the eager call reports
     it)."""
     try:
-        if _apart() or _changed_while_traced(f):
+        if _apart() or _changed_while_traced(f) or _inferred():
             return -1
         with torch.set_grad_enabled(grad):
             plan = _plan(f, x.detach(), batch_dims)
@@ -207,6 +210,19 @@ def _apart() -> bool:
     and kept its plan after ``f`` changed (a changed slope, a swapped layer: values 0.19 off).
     (Private: as ``_changed_while_traced``.)"""
     return bool(_tracer().f_code.co_filename == __file__)
+
+
+def _inferred() -> bool:
+    """Whether the traced code is inside ``torch.inference_mode()`` entered in it (Dynamo
+    keeps it off while tracing and enters it in the graph): the replay's graph failed the
+    backend there ("Cannot set version_counter for inference tensor", where eager serves) and
+    left PyTorch's dispatcher state broken (every later op of the process raised an INTERNAL
+    ASSERT). From the graph made so far: an entry not yet exited (private: as
+    ``_changed_while_traced``)."""
+    enter, leave = _grad_mode._enter_inference_mode, _grad_mode._exit_inference_mode
+    nodes = list(_tracer().output.graph.nodes)
+    left = {node.args[0] for node in nodes if node.target is leave}
+    return any(node.target is enter and node.args[0] and node not in left for node in nodes)
 
 
 def _changed_while_traced(f: torch.nn.Module) -> bool:
