@@ -97,11 +97,16 @@ def test_a_torch_func_failure_then_plain_autograd_draws_globals_as_one_evaluatio
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="the recording that names the cause is not given Python's and NumPy's global "
+    "generators back: reading NumPy's state cost 4-9% of every small Laplacian (perfcheck19)",
+)
 @pytest.mark.parametrize("method", ["reverse", "forward"])
 def test_a_refused_call_leaves_the_global_generators_as_one_evaluation(method):
     """A batch norm in train mode: refused after one evaluation (whose draws stand, as
-    torch's generator's do); the recording that names the cause evaluated f once more and
-    its draws stood too (two draws on)."""
+    torch's generator's do); the recording that names the cause evaluates f once more and
+    its draws stand too (two draws on: known, see the mark)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh())
     net = net.to(f64)
