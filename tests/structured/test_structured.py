@@ -656,6 +656,21 @@ def test_rows_diagonal_never_for_a_function_or_a_convolution():
     assert _structured.rows_diagonal(net.forward, x, 1)  # a module's bound method is seen
 
 
+def test_rows_diagonal_reads_a_weight_normed_layers_width():
+    """``weight_norm``'s parametrization holds ``g`` (64, 1) before ``v`` (64, 16): the first
+    weight's width was read as 1, the work 16x too high, and the diagonal (1.31x slower by the
+    structured engine, ``bench/watch_regressions.py``) no longer left to the rows."""
+    from torch.nn.utils import parametrizations
+
+    plain = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 16))
+    normed = nn.Sequential(parametrizations.weight_norm(nn.Linear(16, 64)), *plain[1:])
+    x = torch.zeros(32, 16)
+    found = crossover.held(normed)
+    assert found is not None and found.width == 16
+    assert crossover.work(normed, x, 1) < 2 * crossover.work(plain, x, 1)
+    assert _structured.rows_diagonal(normed, x, 1) and _structured.rows_diagonal(plain, x, 1)
+
+
 def test_small_diagonals_left_to_plain_autograd_are_watched_for_mixing():
     """An ``f`` that centres its features over the batch, at a size where a diagonal skips
     the structured engine: the generic engines' watch refuses it, at the first
