@@ -71,20 +71,21 @@ def full_float32(device: torch.device) -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
             torch.set_float32_matmul_precision(legacy)
         return
-    leaves = [
-        getattr(getattr(torch.backends, b), op, None)
-        for b in _BACKENDS.get(device.type, ())
-        for op in _OPS
-    ]
-    reduced = [
-        (leaf, leaf.fp32_precision)
-        for leaf in leaves
-        if leaf is not None and str(getattr(leaf, "fp32_precision", "")) in _REDUCED
-    ]
+    reduced = []  # (leaf, the value to put back: "none" where it inherited its backend's)
+    for b in _BACKENDS.get(device.type, ()):
+        backend = getattr(torch.backends, b)
+        for op in _OPS:
+            leaf = getattr(backend, op, None)
+            value = str(getattr(leaf, "fp32_precision", ""))
+            if value in _REDUCED:
+                inherited = value == str(getattr(backend, "fp32_precision", ""))
+                reduced.append((leaf, "none" if inherited else value))
     for leaf, _ in reduced:
         leaf.fp32_precision = "ieee"
     try:
         yield
     finally:
+        # (a leaf reads its backend's value where it is "none": written back as read, it
+        # kept bfloat16 after the caller set torch.backends.fp32_precision back to "none")
         for leaf, value in reduced:
             leaf.fp32_precision = value
