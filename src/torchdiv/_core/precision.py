@@ -77,7 +77,7 @@ def full_float32(device: torch.device) -> Iterator[None]:
         for op in _OPS:
             leaf = getattr(backend, op, None)
             value = str(getattr(leaf, "fp32_precision", ""))
-            if value in _REDUCED:
+            if leaf is not None and value in _REDUCED:
                 inherited = value == str(getattr(backend, "fp32_precision", ""))
                 reduced.append((leaf, "none" if inherited else value))
     for leaf, _ in reduced:
