@@ -13,20 +13,15 @@ from typing import Any, NamedTuple
 class GlobalGenerator(NamedTuple):
     """A module-level generator outside torch that ``f`` may draw from (normflows' residual
     block draws its power series' length by ``np.random.geometric``), put back between
-    evaluations as torch's generators are; ``present``: whether its module is imported."""
+    evaluations as torch's generators are (the same ``get_state``/``set_state``);
+    ``present``: whether its module is imported."""
 
     module: str
-    get: Callable[[], Any]
-    set: Callable[[Any], Any]
+    get_state: Callable[[], Any]
+    set_state: Callable[[Any], Any]
 
     def present(self) -> bool:
         return self.module in sys.modules
-
-    def get_state(self) -> Any:
-        return self.get()
-
-    def set_state(self, state: Any) -> None:
-        self.set(state)
 
 
 # Python's ``random`` and NumPy's legacy global ``np.random`` (not a generator object ``f``
