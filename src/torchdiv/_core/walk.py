@@ -84,16 +84,24 @@ def search(y: torch.Tensor, x_leaf: torch.Tensor, guarded: tuple[str, ...] = ())
     ``_KINDS``): it runs at every call of a small problem and every one-probe estimate,
     where 10 us are 1-2% of the cost (a trained MLP's graph of 30 nodes: 25 us of string
     tests on a 2-core CPU without the table).
+
+    Not below ``x_leaf`` where it is a view of an ``x`` that requires grad: that is ``x``'s
+    history (``others``: it requires grad), not ``f``'s; in a solve differentiated through
+    its steps it is every earlier step's graph, walked at every step until rev-scoresde20.
     """
     found = Found()
     seen: set[Any] = set()
     stack: list[Any] = [y.grad_fn]  # autograd nodes (``variable``: not in torch's stubs)
     kinds = _KINDS
+    history = x_leaf.grad_fn  # where ``x_leaf`` is ``x.view_as(x)`` of an ``x`` requiring grad
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        if node is history:  # ``x``'s history (an ODE solve's earlier steps), not ``f``'s:
+            found.others = True  # not walked (it made every step's walk longer)
+            continue
         cls = type(node)
         kind = kinds.get((cls, guarded))
         if kind is None:
