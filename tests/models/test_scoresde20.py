@@ -66,11 +66,11 @@ def vp_drift(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor
 
 
 def _per_sample_traces(fn, x: torch.Tensor) -> torch.Tensor:
-    """The reference: the trace of each sample's Jacobian by ``jacrev``."""
-    n = x[0].numel()
-    one = lambda i: lambda xi: fn(i, xi[None])[0]  # noqa: E731
-    traces = [torch.func.jacrev(one(i))(x[i]).reshape(n, n).trace() for i in range(len(x))]
-    return torch.stack(traces)
+    """The reference: the traces of the diagonal blocks of the whole batch's Jacobian
+    (``jacrev``), each sample's own Jacobian."""
+    b, n = x.shape[0], x[0].numel()
+    blocks = torch.func.jacrev(fn)(x).reshape(b, n, b, n).diagonal(0, 0, 2)  # (n, n, b)
+    return blocks.diagonal(0, 0, 1).sum(-1)
 
 
 def _solve_ivp_log_likelihood(divergence, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
@@ -90,7 +90,7 @@ def _solve_ivp_log_likelihood(divergence, x: torch.Tensor, model: nn.Module) -> 
         return np.concatenate([drift.numpy().reshape(-1), div.numpy().reshape(-1)])
 
     init = np.concatenate([x.numpy().reshape(-1).astype(np.float64), np.zeros(b)])
-    solution = integrate.solve_ivp(ode_func, (1e-3, 1.0), init, rtol=1e-5, atol=1e-5)
+    solution = integrate.solve_ivp(ode_func, (1e-3, 1.0), init, rtol=1e-4, atol=1e-4)
     z, delta = solution.y[:-b, -1].reshape(b, -1), solution.y[-b:, -1]
     prior = -0.5 * z.shape[1] * math.log(2 * math.pi) - 0.5 * (z**2).sum(1)
     return torch.from_numpy(prior + delta)
@@ -115,9 +115,8 @@ def test_score_sde_solve_ivp_likelihood_against_float64_jacrev(method, watches):
 
     def want(fn, sample, vec_t):
         sample, t = sample.to(f64), vec_t.to(f64)
-        field = lambda i, xi: vp_drift(double, xi, t[i : i + 1])  # noqa: E731
         if method == "auto":
-            return _per_sample_traces(field, sample).float()
+            return _per_sample_traces(lambda z: vp_drift(double, z, t), sample).float()
         e = epsilon.to(f64)
         _, vjp = torch.func.vjp(lambda z: vp_drift(double, z, t), sample)
         return (vjp(e)[0] * e).sum(1).float()
@@ -314,7 +313,7 @@ def _k_diffusion_log_likelihood(model, x, divergence, **solve) -> torch.Tensor:
 
 @pytest.mark.parametrize("method", [pytest.param("auto", marks=pytest.mark.slow), "hutchinson"])
 def test_k_diffusion_dopri5_likelihood_and_parameter_gradients(method, watches):
-    """The EDM denoiser's likelihood by dopri5 (tolerances 1e-6), backpropagated through the
+    """The EDM denoiser's likelihood by dopri5 (tolerances 1e-5), backpropagated through the
     solver to every parameter: the same as with per-sample ``jacrev`` traces (or the
     quadratic forms of k-diffusion's fixed Rademacher ``v``) to 1e-9; watched at most twice."""
     pytest.importorskip("torchdiffeq")
@@ -331,12 +330,51 @@ def test_k_diffusion_dopri5_likelihood_and_parameter_gradients(method, watches):
         if method == "hutchinson":
             _, vjp = torch.func.vjp(fn, z)
             return (vjp(v)[0] * v).flatten(1).sum(1)
-        return _per_sample_traces(lambda i, zi: fn(zi.expand_as(z))[i : i + 1], z)
+        return _per_sample_traces(fn, z)
 
-    solve = {"method": "dopri5", "rtol": 1e-6, "atol": 1e-6}
+    solve = {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5}
     params = list(model.parameters())
     values = [_k_diffusion_log_likelihood(model, x, d, **solve) for d in (got, want)]
     grads = [torch.autograd.grad(value.sum(), params) for value in values]
     torch.testing.assert_close(values[0], values[1], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-9)
     assert len(watches) <= 2
+
+
+class _BatchNormScore(nn.Module):
+    """An NCSN-style conv score net normalised by ``BatchNorm2d`` (as early NCSN variants
+    were), divided by each sample's noise level."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_in, self.conv_out = nn.Conv2d(2, 6, 3, padding=1), nn.Conv2d(6, 2, 3, padding=1)
+        self.norm = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.elu(self.norm(self.conv_in(x)))) / sigma[:, None, None, None]
+
+
+@pytest.mark.parametrize("method", ["auto", "hutchinson"])
+def test_a_train_mode_batch_norm_in_the_score_net_is_refused(method):
+    """In train mode the batch norm normalises with the whole batch's statistics: the
+    divergence and the likelihood are refused, naming it; in eval mode they are the
+    per-sample Jacobians' traces (float64)."""
+    pytest.importorskip("torchdiffeq")
+    from torchdiv import BatchInteractionError
+    from torchdiv.flows import log_likelihood
+
+    torch.manual_seed(0)
+    net = _BatchNormScore().to(f64)
+    x = torch.randn(3, 2, 4, 4, dtype=f64)
+    sigma = torch.tensor([0.5, 1.0, 2.0], dtype=f64)
+    options = {"num_probes": 1} if method == "hutchinson" else {}
+    velocity = lambda t, z: net(z, sigma * (1 + t))  # noqa: E731
+    normal = lambda z: -0.5 * z.square().flatten(1).sum(1)  # noqa: E731
+    with pytest.raises(BatchInteractionError, match="batch norm in train mode"):
+        torchdiv.divergence(lambda z: net(z, sigma), x, method=method, **options)
+    with pytest.raises(BatchInteractionError, match="batch norm in train mode"):
+        log_likelihood(velocity, x, 1.0, 0.0, normal, method=method, solver="rk4", **options)
+    net.eval()
+    got = torchdiv.divergence(lambda z: net(z, sigma), x)
+    want = _per_sample_traces(lambda z: net(z, sigma), x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
