@@ -23,9 +23,10 @@ BATCH_NORM_NODES = {  # their backward nodes' type names
 FUSED_ATTENTION = ("ScaledDotProduct",)
 
 
-def nodes(root: Any) -> Iterator[Any]:
+def nodes(root: Any, stop: Any = None) -> Iterator[Any]:
     """Every node of the autograd graph below ``root`` (a ``grad_fn``; itself included), each
-    once, depth first; nothing for ``None`` (a tensor that does not require grad)."""
+    once, depth first; nothing for ``None`` (a tensor that does not require grad). ``stop``
+    (``x.grad_fn``: below it lies ``x``'s history) is yielded, not walked below."""
     seen, stack = set(), [root]
     while stack:
         node = stack.pop()
@@ -33,7 +34,8 @@ def nodes(root: Any) -> Iterator[Any]:
             continue
         seen.add(node)
         yield node
-        stack.extend(child for child, _ in node.next_functions)
+        if node is not stop:
+            stack.extend(child for child, _ in node.next_functions)
 
 
 @dataclass
