@@ -164,7 +164,8 @@ def towards(y: torch.Tensor, x: torch.Tensor) -> list[Any]:
         elif node is not None and node not in seen:
             seen.add(node)
             stack.append((node, True))
-            stack += [(child, False) for child, _ in node.next_functions]
+            if node is not x.grad_fn:  # (below it, ``x``'s history: none of it reaches ``x``)
+                stack += [(child, False) for child, _ in node.next_functions]
     reaches: dict[Any, bool] = {}
     for node in order:  # (every child before its parents)
         own = node is x.grad_fn if x.grad_fn is not None else getattr(node, "variable", None) is x
