@@ -485,3 +485,23 @@ def test_ffjord_graph_form_does_not_walk_the_solve_s_history(create_graph, monke
         params = list(model.parameters())
         grads = torch.autograd.grad(got.sum(), params)
         torch.testing.assert_close(grads, torch.autograd.grad(want.sum(), params))
+
+
+def test_numpy_scalar_end_times_are_taken():
+    """score_sde's ``eps`` and ``sde.T`` read from a NumPy-typed config (``np.float32``):
+    ``log_likelihood`` refused them ("t0 must be a float or a 0-dim tensor, got float32");
+    they give the Python floats' result. A boolean is still refused."""
+    pytest.importorskip("torchdiffeq")
+    np = pytest.importorskip("numpy")
+    from torchdiv.flows import log_likelihood
+
+    torch.manual_seed(0)
+    model = ScoreMLP().to(f64)
+    x = torch.randn(4, 3, dtype=f64)
+    normal = lambda z: -0.5 * z.square().sum(-1)  # noqa: E731
+    solve = {"solver": "rk4", "options": {"step_size": 0.25}}
+    want = log_likelihood(_vp_velocity(model), x, 1.0, 0.25, normal, **solve)
+    got = log_likelihood(_vp_velocity(model), x, np.float32(1.0), np.float64(0.25), normal, **solve)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="t0 must be"):
+        log_likelihood(_vp_velocity(model), x, True, 0.25, normal, **solve)
