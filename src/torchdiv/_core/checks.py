@@ -589,8 +589,9 @@ def unwrapped(f: Any) -> Any:
 
 
 def check_time(fn: str, name: str, t: Any, x: torch.Tensor) -> torch.Tensor:
-    """A finite time given as a float or a 0-dim real tensor -> 0-dim, dtype/device of ``x``."""
-    if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
+    """A finite time given as a real number (also NumPy's: ``np.float32(1.0)`` from a config,
+    which was refused) or a 0-dim real tensor -> 0-dim, dtype/device of ``x``."""
+    if isinstance(t, bool) or not isinstance(t, (numbers.Real, torch.Tensor)):
         raise TypeError(f"{fn}: {name} must be a float or a 0-dim tensor, got {type(t).__name__}")
     if isinstance(t, torch.Tensor):
         if t.dim() != 0:

@@ -23,9 +23,10 @@ BATCH_NORM_NODES = {  # their backward nodes' type names
 FUSED_ATTENTION = ("ScaledDotProduct",)
 
 
-def nodes(root: Any) -> Iterator[Any]:
+def nodes(root: Any, stop: Any = None) -> Iterator[Any]:
     """Every node of the autograd graph below ``root`` (a ``grad_fn``; itself included), each
-    once, depth first; nothing for ``None`` (a tensor that does not require grad)."""
+    once, depth first; nothing for ``None`` (a tensor that does not require grad). ``stop``
+    (``x.grad_fn``: below it lies ``x``'s history) is yielded, not walked below."""
     seen, stack = set(), [root]
     while stack:
         node = stack.pop()
@@ -33,7 +34,8 @@ def nodes(root: Any) -> Iterator[Any]:
             continue
         seen.add(node)
         yield node
-        stack.extend(child for child, _ in node.next_functions)
+        if node is not stop:
+            stack.extend(child for child, _ in node.next_functions)
 
 
 @dataclass
@@ -84,16 +86,24 @@ def search(y: torch.Tensor, x_leaf: torch.Tensor, guarded: tuple[str, ...] = ())
     ``_KINDS``): it runs at every call of a small problem and every one-probe estimate,
     where 10 us are 1-2% of the cost (a trained MLP's graph of 30 nodes: 25 us of string
     tests on a 2-core CPU without the table).
+
+    Not below ``x_leaf`` where it is a view of an ``x`` that requires grad: that is ``x``'s
+    history (``others``: it requires grad), not ``f``'s; in a solve differentiated through
+    its steps it is every earlier step's graph, walked at every step until rev-scoresde20.
     """
     found = Found()
     seen: set[Any] = set()
     stack: list[Any] = [y.grad_fn]  # autograd nodes (``variable``: not in torch's stubs)
     kinds = _KINDS
+    history = x_leaf.grad_fn  # where ``x_leaf`` is ``x.view_as(x)`` of an ``x`` requiring grad
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        if node is history:  # ``x``'s history (an ODE solve's earlier steps), not ``f``'s:
+            found.others = True  # not walked (it made every step's walk longer)
+            continue
         cls = type(node)
         kind = kinds.get((cls, guarded))
         if kind is None:
@@ -154,7 +164,8 @@ def towards(y: torch.Tensor, x: torch.Tensor) -> list[Any]:
         elif node is not None and node not in seen:
             seen.add(node)
             stack.append((node, True))
-            stack += [(child, False) for child, _ in node.next_functions]
+            if node is not x.grad_fn:  # (below it, ``x``'s history: none of it reaches ``x``)
+                stack += [(child, False) for child, _ in node.next_functions]
     reaches: dict[Any, bool] = {}
     for node in order:  # (every child before its parents)
         own = node is x.grad_fn if x.grad_fn is not None else getattr(node, "variable", None) is x

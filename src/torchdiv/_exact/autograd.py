@@ -36,6 +36,7 @@ from torchdiv._core.walk import (
     COMPILED,
     EXPANDED,
     Found,
+    nodes,
     once_differentiable_functions,
     search,
     vjp,
@@ -270,12 +271,14 @@ class _Refused(torch.autograd.Function):
         raise UndifferentiableBackward(ctx.message)
 
 
-def _custom_functions(y: torch.Tensor) -> list[Any]:
-    """The custom ``autograd.Function`` nodes of ``y``'s graph."""
+def _custom_functions(y: torch.Tensor, x: torch.Tensor) -> list[Any]:
+    """The custom ``autograd.Function`` nodes of ``y``'s graph above ``x`` (not ``x``'s
+    producer nor its history, which the products never pass through: the graph forms walked
+    an ODE solve's every earlier step at every evaluation until rev-scoresde20)."""
     return [
         node
-        for node, _ in _graph_edges(y)
-        if isinstance(node, torch.autograd.function.BackwardCFunction)
+        for node in nodes(y.grad_fn, x.grad_fn)
+        if isinstance(node, torch.autograd.function.BackwardCFunction) and node is not x.grad_fn
     ]
 
 
@@ -331,7 +334,7 @@ class GraphJacobian:
         self.y_shape = y.shape
         self._peers = Peers(y)  # DDP or FSDP2 in the graph: see torchdiv._core.ddp
         self._custom = (
-            [] if not create_graph else _custom_functions(y) if custom is None else custom
+            [] if not create_graph else _custom_functions(y, x) if custom is None else custom
         )
         self._once = once_differentiable_functions(self._custom, y, x)
         if EXPANDED in self._once:  # refused before any pass writes grad_sample

@@ -219,10 +219,13 @@ def check_graph(
     the graph's batch-norm nodes, if a walk of the caller's found them already."""
     if allowed() or x.shape[:batch_dims].numel() < 2 or y.grad_fn is None:
         return
-    found = nodes(y.grad_fn) if batch_norms is None else batch_norms
+    # not ``x``'s producer nor its history (an ODE solve's earlier steps), which are not f's:
+    # the graph forms refused an ``x`` made by a train-mode batch norm until rev-scoresde20
+    found = nodes(y.grad_fn, x.grad_fn) if batch_norms is None else batch_norms
     for node in found:
         if (
-            type(node).__name__ in BATCH_NORM_NODES
+            node is not x.grad_fn
+            and type(node).__name__ in BATCH_NORM_NODES
             # saved attributes of the C++ node, absent from torch's stubs
             and node._saved_training
             and node._saved_input.shape[0] > 1
@@ -237,7 +240,8 @@ def check_graph(
 def _reaches(start: torch.autograd.graph.Node, x: torch.Tensor) -> bool:
     """Whether the graph below ``start`` reaches ``x`` (its ``grad_fn``, or its
     ``AccumulateGrad`` node for a leaf): depth first, each node once."""
-    return any(node is x.grad_fn or getattr(node, "variable", None) is x for node in nodes(start))
+    found = nodes(start, x.grad_fn)  # (nothing below ``x.grad_fn`` reaches ``x``)
+    return any(node is x.grad_fn or getattr(node, "variable", None) is x for node in found)
 
 
 def _named(fn: str | None, message: str) -> str:
