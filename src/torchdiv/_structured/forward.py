@@ -27,11 +27,12 @@ CHUNK_ELEMENTS = 2**24
 @dataclass(frozen=True)
 class Readout:
     """Where ``diagonal`` reads each entry, planned on the host from the colours alone (a
-    function of ``f``'s structure and ``x``'s shape, never of values): ``colors`` (``(n,)``,
-    the elements' colours), the chunks of colours carried at once (``pieces``: ``start``,
-    ``stop``, and the chunk's entries as ``rows`` (colour - ``start``) and ``elements``, on
-    ``x``'s device), and ``back`` (``x``'s device), the permutation from colour order to
-    element order (``None`` for a share: colour order kept)."""
+    function of ``f``'s structure and ``x``'s shape, never of values; kept by a compiled
+    replay, ``replay``): ``colors`` (``(n,)``, the elements' colours), the chunks of colours
+    carried at once (``pieces``: ``start``, ``stop``, and the chunk's entries as ``rows``
+    (colour - ``start``) and ``elements``), and ``back``, the permutation from colour order
+    to element order (``None`` for a share: colour order kept); tensors on ``x``'s device
+    (a copy to the device is no op Dynamo traces)."""
 
     colors: torch.Tensor
     pieces: tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]
@@ -74,7 +75,7 @@ def readout(
             rows = to_device(colors[mine] - start, x.device)
             pieces.append((start, stop, rows, to_device(mine, x.device)))
         back = to_device(torch.argsort(order), x.device) if share == WHOLE else None
-    return Readout(colors, tuple(pieces), back)
+    return Readout(to_device(colors, x.device), tuple(pieces), back)
 
 
 def read(graph: Graph, x: torch.Tensor, batch_dims: int, plan: Readout) -> torch.Tensor:
@@ -103,7 +104,7 @@ def columns(
 ) -> torch.Tensor:
     """``J v_g`` for the colours ``g`` in ``[start, stop)``, flat ``(k, N, n)``."""
     k, n_samples = stop - start, x.shape[:batch_dims].numel()
-    picked = colors[None, :] == torch.arange(start, stop)[:, None]
+    picked = colors[None, :] == torch.arange(start, stop, device=colors.device)[:, None]
     directions = to_device(picked, x.device).to(x.dtype)
     directions = directions.reshape(k, *[1] * batch_dims, *x.shape[batch_dims:])
     out = propagate(graph, Jet(x, directions, None), Context(k, False), constants)

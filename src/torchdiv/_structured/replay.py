@@ -390,28 +390,35 @@ def _indices_fixed(nodes: list[Node]) -> bool:
 
 def _batch_free(graph: Graph, f: torch.nn.Module, x: torch.Tensor, batch_dims: int) -> bool:
     """Whether the numbers in ``graph``'s calls (a view's shape, a convolution's padding, a
-    scale ``1 / N``) hold for every batch size: ``f`` recorded again at one more sample makes
-    the same calls with the same numbers. A replay whose numbers may depend on the batch
-    size guards on ``x``'s shape (``dynamic=True``: one graph per batch size); one whose
-    numbers hold for any batch guards on the event's shape only (the numbers may depend on
-    it: a reshape to the event's)."""
-    numbers = [a for n in graph.nodes for a in leaves((n.args, n.kwargs)) if not _plain(a)]
+    scale ``1 / N``) hold for every batch size: ``f`` recorded again at ``N + 1`` and at
+    ``2 N + 1`` samples makes the same calls with the same numbers (two sizes: a number
+    such as ``N // 2`` is the same at ``N = 2`` and ``3``). A replay whose numbers may depend
+    on the batch size guards on ``x``'s shape (``dynamic=True``: one graph per batch size);
+    one whose numbers hold for any batch guards on the event's shape only (the numbers may
+    depend on it: a reshape to the event's)."""
+    numbers = _numbers(graph)
     if not numbers:
         return True
-    try:
-        other = capture(f, torch.cat([x, x[:1]]), RULES, keep_values=False, batch_dims=batch_dims)
-    except Exception:
-        return False
-    other.undo()
-    again = [a for n in other.nodes for a in leaves((n.args, n.kwargs)) if not _plain(a)]
-    funcs = [n.func for n in graph.nodes] == [n.func for n in other.nodes]
-    return (
-        funcs
-        and len(again) == len(numbers)
-        and all(type(a) is type(b) and a == b for a, b in zip(numbers, again, strict=True))
-    )
+    for more in (x[:1], torch.cat([x, x[:1]])):
+        try:
+            other = capture(f, torch.cat([x, more]), RULES, batch_dims=batch_dims)
+        except Exception:
+            return False
+        other.undo()
+        same = [n.func for n in graph.nodes] == [n.func for n in other.nodes]
+        again = _numbers(other)
+        if not same or len(again) != len(numbers):
+            return False
+        if not all(type(a) is type(b) and a == b for a, b in zip(numbers, again, strict=True)):
+            return False
+    return True
 
 
-def _plain(a: Any) -> bool:
-    """Whether a leaf of a recorded call's arguments holds no number (``_PLAIN``)."""
-    return isinstance(a, (torch.Tensor, Ref, *_PLAIN))
+def _numbers(graph: Graph) -> list[Any]:
+    """The leaves of ``graph``'s calls' arguments that hold numbers (not ``_PLAIN``)."""
+    return [
+        a
+        for n in graph.nodes
+        for a in leaves((n.args, n.kwargs))
+        if not isinstance(a, (torch.Tensor, Ref, *_PLAIN))
+    ]
