@@ -1,35 +1,41 @@
-"""A chain plan traced by Dynamo: a compiled training step of the structured engine in one graph.
+"""Structured plans traced by Dynamo: a compiled training step of the structured engine, one graph.
 
 The structured engine records ``f`` (a dispatch mode), which Dynamo cannot trace, so a call
 Dynamo traces ran eagerly: one graph break, the user's compiled step split into three graphs
 whose guards, wrappers and frame switches cost ~0.2 ms a step (compiled/eager 1.3-1.4 on a
-small MLP, issue 14). Here, where ``f`` is a module whose plan is a *chain*
-(``factors``: shared matrices and per-sample diagonals), the call is traced instead:
+small MLP, issue 14). Here, where ``f`` is a module, the call is traced instead:
 
 1. While Dynamo traces, ``_recorded`` runs eagerly (``assume_constant_result``: Dynamo calls
    it with the real ``f`` and ``x`` and bakes its result, a key, into the graph): it records
-   ``f`` at ``x`` as an eager call would and keeps what a replay needs (``Replay``): the
-   recorded ATen calls, with ``f``'s parameters and buffers named instead of held, and the
-   routes of the chain.
+   ``f`` at ``x`` as an eager call would (watching for sample mixing, as eagerly) and keeps
+   what a replay needs (``Replay``): the recorded ATen calls, with ``f``'s parameters and
+   buffers named instead of held, and what the eager plan computes on the host from the
+   recording, a function of ``f``'s structure and ``x``'s shape: a *chain*'s routes
+   (``factors``: shared matrices and per-sample diagonals) with its data-movement matrices
+   (``factors.moved``), or else the *colours* (conv nets; every element its own colour
+   where the graph is not local: *columns*) with the index tensors that read the diagonal
+   (``forward.Readout``).
 2. The traced code replays those calls on ``x`` and the parameters read from ``f`` by name
    (graph inputs read at every call: a parameter replaced by another object is the one
-   used), makes the chain's factors along the routes (``factors.followed``) and takes the
-   trace or the diagonal (``cycle``): plain tensor ops, one graph with the step around it.
+   used): it makes the chain's factors along the routes (``factors.followed``) and takes the
+   trace or the diagonal (``cycle``), or propagates the colours' directions through the
+   calls and reads the diagonal (``forward.read``): plain tensor ops, one graph with the step
+   around it; the kept tensors are graph inputs too, never traced again.
 3. It also calls ``f(x)``, whose result is unused (removed from the graph): Dynamo's guards
    on ``f`` (its submodules, flags, hooks, code, as for any compiled model) are then this
    graph's, so that a change of ``f`` recompiles, which records ``f`` again. A replay never
-   outlives the structure it was recorded from.
+   outlives the structure it was recorded from. It also guards on ``x``'s event shape, and
+   on its whole shape where numbers in the calls change with the batch size (``_batch_free``).
 
 Not replayed (the call then runs eagerly, as before): ``f`` not a module; a tensor ``f``
 reads that is not its parameter or buffer (a closure's: it could be rebound unseen); what an
 eager template would not keep (writes, random draws, ops without rules); calls that read
-values on the host; plans other than a chain (colourings, columns), or a chain through a
-data-movement factor (its index map is made on the host); ``f`` whose forward breaks the
-graph (a call Dynamo does not trace): ``f(x)`` is then traced apart, its guards not the
-replay's. Inside ``torch.inference_mode()`` entered in the compiled code (the replay's
-graph failed the backend there and left PyTorch's dispatcher state broken for the process).
-Numbers in the calls (view shapes, a float made from the batch size) hold for ``x``'s shape
-only: such a replay guards on that shape.
+values on the host; a movement or colouring made from index values (a gather's index that is
+a parameter or buffer, or computed from ``x``: ``_indices_fixed``); the group norms' split
+(``statistics``); ``f`` whose forward breaks the graph (a call Dynamo does not trace):
+``f(x)`` is then traced apart, its guards not the replay's. Inside
+``torch.inference_mode()`` entered in the compiled code (the replay's graph failed the
+backend there and left PyTorch's dispatcher state broken for the process).
 """
 
 from __future__ import annotations
@@ -52,8 +58,10 @@ from torchdiv._taylor.jet import Context
 from torchdiv._taylor.propagate import Plan
 from torchdiv._taylor.tree import leaves, map_leaves
 
-# the factor rules a traced replay runs (``factors._Walker``; ``_movement`` plans on the host)
+# the factor rules a traced replay runs (``factors._Walker``); ``_movement``'s matrices are
+# made on the host, while recording (``factors.moved``), and kept with the replay
 KINDS = frozenset({"_first", "_derivative", "_matmul", "_pointwise"})
+MOVED = KINDS | {"_movement"}
 # non-tensor arguments of a recorded call that do not depend on x's shape (a number can:
 # ``3.0 / x.shape[0]``, a float ``dynamic=True`` leaves unguarded)
 _PLAIN = (type(None), bool, str, torch.dtype, torch.device, torch.layout)
@@ -90,6 +98,7 @@ class Replay:
     readout: forward.Readout | None = None
     propagation: Plan | None = None
     event: tuple[int, ...] = ()  # x's event shape (guarded)
+    moved: tuple[tuple[Ref, tuple[factors.Factor, ...]], ...] = ()  # (``factors.moved``)
 
 
 @dataclass
@@ -153,7 +162,7 @@ def replayed(trace: bool, f: Any, x: Any, *args: Any, **options: Any) -> torch.T
         return _coloured(trace, plan, plan.readout, f, x, batch_dims, key)
     n, chunk = x.shape[:batch_dims].numel(), plan.chunk if chunk is None else chunk
     graph, kept = _replay(plan, f, x)
-    chain = factors.followed(list(plan.routes), graph, kept, x, n)
+    chain = factors.followed(list(plan.routes), graph, kept, x, n, dict(plan.moved))
     if chain is None:  # (the routes were made from this very structure)
         return None
     f(x)  # unused: Dynamo's guards on f become this graph's (module docstring)
@@ -308,13 +317,15 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | Non
     if not all(isinstance(v, torch.Tensor) for out in kept for v in out):  # a host read
         return None
     found = factors.paths(graph, kept, x, n)
-    readout = None
+    readout, moved = None, None
     if found is None:
         readout = _readout(f, graph, kept, x, batch_dims, chunk)
         if readout is None:
             return None
     elif any(k not in KINDS for route in found[1] for k in route.kinds):
-        return None
+        moved = factors.moved(found[1], graph, kept, x, n)
+        if moved is None or any(k not in MOVED for route in found[1] for k in route.kinds):
+            return None
     names = {id(t): Held(name, False) for name, t in f.named_parameters(remove_duplicate=False)}
     names.update((id(t), Held(name, True)) for name, t in f.named_buffers(remove_duplicate=False))
 
@@ -331,7 +342,7 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | Non
         nodes.append(
             replace(node, args=map_leaves(held, node.args), kwargs=map_leaves(held, node.kwargs))
         )
-    if readout is not None and not _indices_fixed(nodes):
+    if (readout is not None or moved is not None) and not _indices_fixed(nodes):
         return None
     shape = None if _batch_free(graph, f, x, batch_dims) else tuple(x.shape)
     output, event = cast(Ref, graph.output), tuple(x.shape[batch_dims:])
@@ -346,7 +357,8 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | Non
         for v in out
     )
     chunk = max(1, cycle.BLOCK_ELEMENTS // (n * max(widest, 1)))
-    return Replay(tuple(nodes), output, tuple(found[1]), shape, chunk, event=event)
+    movements = () if moved is None else tuple(moved.items())
+    return Replay(tuple(nodes), output, tuple(found[1]), shape, chunk, event=event, moved=movements)
 
 
 def _readout(
