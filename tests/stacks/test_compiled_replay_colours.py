@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import assert_close
-from test_compiled_losses import Counting, assert_compiled_matches, conv
-from test_compiled_replay import _step_matches
+from test_compiled_losses import assert_compiled_matches, conv
+from test_compiled_replay import Centred, _step_matches, assert_steps_compile_once
 from torch._dynamo.utils import counters
 
 import torchdiv
@@ -80,21 +80,7 @@ def test_colours_in_float32():
 def test_a_compiled_step_is_not_recompiled():
     """Fixed shapes: the first graph serves every step, parameters updated in place (the
     readout's index tensors are read as the same graph inputs each call)."""
-    net, backend = conv(), Counting()
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-
-    def loss(x: torch.Tensor) -> torch.Tensor:
-        return structured(net, x).square().mean()
-
-    compiled = torch.compile(loss, backend=backend)
-    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
-    for _ in range(3):
-        opt.zero_grad()
-        value = compiled(x)
-        value.backward()
-        assert_close(value, loss(x))
-        opt.step()
-    assert backend.compiled == 1 and backend.runs == 3
+    assert_steps_compile_once(conv(), torch.randn(3, 2, 6, 6, dtype=torch.float64))
 
 
 class Upsampled(torch.nn.Module):
@@ -185,22 +171,10 @@ def test_a_conv_net_made_or_changed_in_the_compiled_code_is_not_replayed():
     assert_close(got, structured(net, x))
 
 
-class Centred(torch.nn.Module):
-    """A conv net centred over the batch: it mixes samples."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = conv()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.net(x)
-        return y - y.mean(0)
-
-
 def test_sample_mixing_is_still_refused():
     """The recording while tracing watches for sample mixing (detection is off while Dynamo
     traces, and the replay's graph watches nothing: the centred net was replayed)."""
-    loss = torch.compile(lambda x: structured(Centred(), x).sum(), backend="aot_eager")
+    loss = torch.compile(lambda x: structured(Centred(conv()), x).sum(), backend="aot_eager")
     with pytest.raises(torchdiv.BatchInteractionError):
         loss(torch.randn(3, 2, 6, 6, dtype=torch.float64))
 

@@ -189,7 +189,10 @@ def _coloured(
     through the recorded calls with ``f``'s tensors of this run."""
     if plan.propagation is None:
         return None
-    nodes = [Node(n.func, *_held_by(f, (n.args, n.kwargs)), n.depends) for n in plan.nodes]
+    nodes = []
+    for node in plan.nodes:
+        args, kwargs = _held_by(f, (node.args, node.kwargs))
+        nodes.append(Node(node.func, args, kwargs, node.depends))
     graph = _Columns(nodes, plan.output, tuple(x.shape), plan.propagation)
     diag = forward.read(cast(Graph, graph), x, batch_dims, readout)
     f(x)  # unused: Dynamo's guards on f become this graph's (module docstring)
@@ -317,14 +320,15 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | Non
     if not all(isinstance(v, torch.Tensor) for out in kept for v in out):  # a host read
         return None
     found = factors.paths(graph, kept, x, n)
+    routes = [] if found is None else found[1]
     readout, moved = None, None
     if found is None:
         readout = _readout(f, graph, kept, x, batch_dims, chunk)
         if readout is None:
             return None
-    elif any(k not in KINDS for route in found[1] for k in route.kinds):
-        moved = factors.moved(found[1], graph, kept, x, n)
-        if moved is None or any(k not in MOVED for route in found[1] for k in route.kinds):
+    elif any(k not in KINDS for route in routes for k in route.kinds):
+        moved = factors.moved(routes, graph, kept, x, n)
+        if moved is None or any(k not in MOVED for route in routes for k in route.kinds):
             return None
     names = {id(t): Held(name, False) for name, t in f.named_parameters(remove_duplicate=False)}
     names.update((id(t), Held(name, True)) for name, t in f.named_buffers(remove_duplicate=False))
@@ -358,7 +362,7 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | Non
     )
     chunk = max(1, cycle.BLOCK_ELEMENTS // (n * max(widest, 1)))
     movements = () if moved is None else tuple(moved.items())
-    return Replay(tuple(nodes), output, tuple(found[1]), shape, chunk, event=event, moved=movements)
+    return Replay(tuple(nodes), output, tuple(routes), shape, chunk, event=event, moved=movements)
 
 
 def _readout(
