@@ -41,16 +41,16 @@ def test_a_chain_is_one_graph(name):
     assert backend.compiled == 1
 
 
-def test_a_compiled_step_is_not_recompiled():
-    """Fixed shapes: the first graph serves every step, parameters updated in place."""
-    net, backend = mlp(), Counting()
+def assert_steps_compile_once(net: torch.nn.Module, x: torch.Tensor) -> None:
+    """Three SGD steps on a compiled loss ``OPS["divergence"](net, x)**2`` averaged: each
+    step's loss equals eager's, and the first graph serves every step."""
+    backend = Counting()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         return OPS["divergence"](net, x).square().mean()
 
     compiled = torch.compile(loss, backend=backend)
-    x = torch.randn(6, 3, dtype=torch.float64)
     for _ in range(3):
         opt.zero_grad()
         value = compiled(x)
@@ -58,6 +58,11 @@ def test_a_compiled_step_is_not_recompiled():
         assert_close(value, loss(x))
         opt.step()
     assert backend.compiled == 1 and backend.runs == 3
+
+
+def test_a_compiled_step_is_not_recompiled():
+    """Fixed shapes: the first graph serves every step, parameters updated in place."""
+    assert_steps_compile_once(mlp(), torch.randn(6, 3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("fn", [torchdiv.divergence, torchdiv.jacobian_diagonal])
@@ -128,9 +133,11 @@ def test_a_tensor_outside_the_parameters_is_not_replayed():
 
 
 class Centred(torch.nn.Module):
-    def __init__(self) -> None:
+    """``net`` (an MLP by default) centred over the batch: it mixes samples."""
+
+    def __init__(self, net: torch.nn.Module | None = None) -> None:
         super().__init__()
-        self.net = mlp()
+        self.net = mlp() if net is None else net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.net(x)
@@ -203,3 +210,59 @@ def test_plans_read_from_values_are_not_replayed(make):
             with torch.no_grad():
                 f.net[4].bias.sub_(2 * f.net(x).mean())  # (the sum's sign flipped)
         assert_close(loss(x), OPS["divergence"](f, x))
+
+
+class Flipped(torch.nn.Module):
+    """An MLP on reversed features: a data-movement factor (a permutation matrix)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flip(-1))
+
+
+# (net, x's shape, batch_dims): chains through data-movement factors, made while recording
+MOVED: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], int]] = {
+    "flip": (Flipped, (5, 3), 1),
+    "tokens (a Linear's views of 3-D input)": (mlp, (4, 5, 3), 2),
+}
+
+
+@pytest.mark.parametrize("name", list(MOVED))
+def test_a_chain_through_data_movement_is_one_graph(name):
+    """The movement's 0/1 matrix is made on the host from shapes: made while recording and
+    kept with the replay (before, such a chain ran eagerly behind a break)."""
+    make, shape, batch_dims = MOVED[name]
+
+    def op(f: torch.nn.Module, x: torch.Tensor, p: object) -> torch.Tensor:
+        return torchdiv.divergence(f, x, method="structured", batch_dims=batch_dims)
+
+    backend = assert_compiled_matches(
+        make(), op, torch.randn(shape, dtype=torch.float64), fullgraph=True
+    )
+    assert backend.compiled == 1
+
+
+class Selected(torch.nn.Module):
+    """An MLP on features picked by ``index_select`` with a buffer: a movement factor whose
+    matrix is made from the buffer's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+        self.register_buffer("perm", torch.tensor([2, 0, 1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.index_select(x, 1, self.perm))
+
+
+def test_a_movement_read_from_a_buffer_is_not_replayed():
+    """No guard sees a buffer's values: the matrix of the old permutation, kept, was wrong
+    after the buffer changed in place. Such a chain runs eagerly."""
+    f, x = Selected(), torch.randn(5, 3, dtype=torch.float64)
+    loss = torch.compile(lambda x: OPS["divergence"](f, x), backend="aot_eager")
+    assert_close(loss(x), OPS["divergence"](f, x))
+    f.perm.copy_(torch.tensor([1, 2, 0]))
+    assert_close(loss(x), OPS["divergence"](f, x))

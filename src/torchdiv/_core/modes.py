@@ -1586,7 +1586,7 @@ def host_planning() -> Any:
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A plan's CPU tensor on ``device`` without making the host wait: to a GPU, copied
     asynchronously from pinned memory (a copy from ordinary memory synchronises)."""
-    if device.type != "cuda":
+    if device.type != "cuda" or t.is_cuda:
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

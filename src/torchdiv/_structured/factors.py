@@ -107,14 +107,20 @@ def paths(
 
 
 def followed(
-    routes: list[Route], graph: Graph, values: list[list[Any]], x: Tensor, n_samples: int
+    routes: list[Route],
+    graph: Graph,
+    values: list[list[Any]],
+    x: Tensor,
+    n_samples: int,
+    given: dict[Ref, tuple[Factor, ...]] | None = None,
 ) -> list[Path] | None:
     """The paths along ``routes`` found by ``paths`` on a graph of the same structure (a
     recording checked against the same template), with this graph's values: the factors of
     the same calls, without the walk; ``None`` if a call no longer gives the factors it gave
-    (an index map that reads index values), and the caller walks again."""
+    (an index map that reads index values), and the caller walks again. ``given``: factors
+    already made, by their call's output (``moved``'s)."""
     walker = _Walker(graph, values, x, n_samples)
-    made: dict[Ref, tuple[Factor, ...] | None] = {}
+    made: dict[Ref, tuple[Factor, ...] | None] = dict(given or {})
     found = []
     for route in routes:
         coefficient = 1.0
@@ -129,6 +135,23 @@ def followed(
                 return None
             factors += step
         found.append(Path(coefficient, tuple(factors)))
+    return found
+
+
+def moved(
+    routes: list[Route], graph: Graph, values: list[list[Any]], x: Tensor, n_samples: int
+) -> dict[Ref, tuple[Factor, ...]] | None:
+    """The data-movement factors along ``routes`` (``_Walker._movement``: 0/1 matrices made
+    on the host from shapes, and from the index values of ``index_select``), by their call's
+    output, for ``followed``'s ``given``; ``None`` if one no longer applies."""
+    walker, found = _Walker(graph, values, x, n_samples), {}
+    for route in routes:
+        for (out, source), kind in zip(route.steps, route.kinds, strict=True):
+            if kind == "_movement" and out not in found:
+                made = walker.made_by(kind, graph.nodes[out.node], out, source)
+                if made is None:
+                    return None
+                found[out] = made
     return found
 
 

@@ -1,35 +1,41 @@
-"""A chain plan traced by Dynamo: a compiled training step of the structured engine in one graph.
+"""Structured plans traced by Dynamo: a compiled training step of the structured engine, one graph.
 
 The structured engine records ``f`` (a dispatch mode), which Dynamo cannot trace, so a call
 Dynamo traces ran eagerly: one graph break, the user's compiled step split into three graphs
 whose guards, wrappers and frame switches cost ~0.2 ms a step (compiled/eager 1.3-1.4 on a
-small MLP, issue 14). Here, where ``f`` is a module whose plan is a *chain*
-(``factors``: shared matrices and per-sample diagonals), the call is traced instead:
+small MLP, issue 14). Here, where ``f`` is a module, the call is traced instead:
 
 1. While Dynamo traces, ``_recorded`` runs eagerly (``assume_constant_result``: Dynamo calls
    it with the real ``f`` and ``x`` and bakes its result, a key, into the graph): it records
-   ``f`` at ``x`` as an eager call would and keeps what a replay needs (``Replay``): the
-   recorded ATen calls, with ``f``'s parameters and buffers named instead of held, and the
-   routes of the chain.
+   ``f`` at ``x`` as an eager call would (watching for sample mixing, as eagerly) and keeps
+   what a replay needs (``Replay``): the recorded ATen calls, with ``f``'s parameters and
+   buffers named instead of held, and what the eager plan computes on the host from the
+   recording, a function of ``f``'s structure and ``x``'s shape: a *chain*'s routes
+   (``factors``: shared matrices and per-sample diagonals) with its data-movement matrices
+   (``factors.moved``), or else the *colours* (conv nets; every element its own colour
+   where the graph is not local: *columns*) with the index tensors that read the diagonal
+   (``forward.Readout``).
 2. The traced code replays those calls on ``x`` and the parameters read from ``f`` by name
    (graph inputs read at every call: a parameter replaced by another object is the one
-   used), makes the chain's factors along the routes (``factors.followed``) and takes the
-   trace or the diagonal (``cycle``): plain tensor ops, one graph with the step around it.
+   used): it makes the chain's factors along the routes (``factors.followed``) and takes the
+   trace or the diagonal (``cycle``), or propagates the colours' directions through the
+   calls and reads the diagonal (``forward.read``): plain tensor ops, one graph with the step
+   around it; the kept tensors are graph inputs too, never traced again.
 3. It also calls ``f(x)``, whose result is unused (removed from the graph): Dynamo's guards
    on ``f`` (its submodules, flags, hooks, code, as for any compiled model) are then this
    graph's, so that a change of ``f`` recompiles, which records ``f`` again. A replay never
-   outlives the structure it was recorded from.
+   outlives the structure it was recorded from. It also guards on ``x``'s event shape, and
+   on its whole shape where numbers in the calls change with the batch size (``_batch_free``).
 
 Not replayed (the call then runs eagerly, as before): ``f`` not a module; a tensor ``f``
 reads that is not its parameter or buffer (a closure's: it could be rebound unseen); what an
 eager template would not keep (writes, random draws, ops without rules); calls that read
-values on the host; plans other than a chain (colourings, columns), or a chain through a
-data-movement factor (its index map is made on the host); ``f`` whose forward breaks the
-graph (a call Dynamo does not trace): ``f(x)`` is then traced apart, its guards not the
-replay's. Inside ``torch.inference_mode()`` entered in the compiled code (the replay's
-graph failed the backend there and left PyTorch's dispatcher state broken for the process).
-Numbers in the calls (view shapes, a float made from the batch size) hold for ``x``'s shape
-only: such a replay guards on that shape.
+values on the host; a movement or colouring made from index values (a gather's index that is
+a parameter or buffer, or computed from ``x``: ``_indices_fixed``); the group norms' split
+(``statistics``); ``f`` whose forward breaks the graph (a call Dynamo does not trace):
+``f(x)`` is then traced apart, its guards not the replay's. Inside
+``torch.inference_mode()`` entered in the compiled code (the replay's graph failed the
+backend there and left PyTorch's dispatcher state broken for the process).
 """
 
 from __future__ import annotations
@@ -42,18 +48,25 @@ from typing import Any, cast
 import torch
 from torch.autograd import grad_mode as _grad_mode
 
+from torchdiv._core.mixing.errors import watched
 from torchdiv._core.tie import tied
-from torchdiv._structured import cycle, factors
+from torchdiv._structured import colors, cycle, factors, forward, statistics
 from torchdiv._taylor import RULES, Graph, capture, values
 from torchdiv._taylor.cache import template
 from torchdiv._taylor.capture import Node, Ref
+from torchdiv._taylor.jet import Context
+from torchdiv._taylor.propagate import Plan
 from torchdiv._taylor.tree import leaves, map_leaves
 
-# the factor rules a traced replay runs (``factors._Walker``; ``_movement`` plans on the host)
+# the factor rules a traced replay runs (``factors._Walker``); ``_movement``'s matrices are
+# made on the host, while recording (``factors.moved``), and kept with the replay
 KINDS = frozenset({"_first", "_derivative", "_matmul", "_pointwise"})
+MOVED = KINDS | {"_movement"}
 # non-tensor arguments of a recorded call that do not depend on x's shape (a number can:
 # ``3.0 / x.shape[0]``, a float ``dynamic=True`` leaves unguarded)
 _PLAIN = (type(None), bool, str, torch.dtype, torch.device, torch.layout)
+# the gathers whose index values a colouring reads (``locality``)
+_GATHERS = frozenset({torch.ops.aten.index.Tensor, torch.ops.aten.index_select.default})
 OPTIONS = frozenset({"method", "batch_dims", "chunk_size"})
 SIZE = 256
 
@@ -82,6 +95,23 @@ class Replay:
     routes: tuple[factors.Route, ...]
     shape: tuple[int, ...] | None
     chunk: int
+    readout: forward.Readout | None = None
+    propagation: Plan | None = None
+    event: tuple[int, ...] = ()  # x's event shape (guarded)
+    moved: tuple[tuple[Ref, tuple[factors.Factor, ...]], ...] = ()  # (``factors.moved``)
+
+
+@dataclass
+class _Columns:
+    """What ``propagate`` reads of a ``Graph`` (a ``Graph`` made while tracing made its
+    ``Verdict``, which Dynamo cannot trace), for a plan of colours: the calls with this
+    run's tensors, and the ``propagate.Plan`` made while recording."""
+
+    nodes: list[Node]
+    output: Ref
+    output_shape: tuple[int, ...]
+    plan: Plan | None = None
+    overwritten: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -120,15 +150,19 @@ def replayed(trace: bool, f: Any, x: Any, *args: Any, **options: Any) -> torch.T
         return None
     if chunk is not None and (type(chunk) is not int or chunk < 1):
         return None
-    key = _recorded(f, x, batch_dims, torch.is_grad_enabled())
+    key = _recorded(f, x, batch_dims, chunk, torch.is_grad_enabled())
     if key < 0:
         return None
     plan: Replay = getattr(_Read, f"k{key}")
-    if plan.shape is not None and tuple(x.shape) != plan.shape:  # (a guard on the shape)
+    if plan.shape is not None and tuple(x.shape) != plan.shape:  # (guards on the shape)
         return None
+    if tuple(x.shape[batch_dims:]) != plan.event:
+        return None
+    if plan.readout is not None:
+        return _coloured(trace, plan, plan.readout, f, x, batch_dims, key)
     n, chunk = x.shape[:batch_dims].numel(), plan.chunk if chunk is None else chunk
     graph, kept = _replay(plan, f, x)
-    chain = factors.followed(list(plan.routes), graph, kept, x, n)
+    chain = factors.followed(list(plan.routes), graph, kept, x, n, dict(plan.moved))
     if chain is None:  # (the routes were made from this very structure)
         return None
     f(x)  # unused: Dynamo's guards on f become this graph's (module docstring)
@@ -141,35 +175,66 @@ def replayed(trace: bool, f: Any, x: Any, *args: Any, **options: Any) -> torch.T
     return out.to(x.dtype)  # (as the public functions: a float64 f of a float32 x)
 
 
+def _coloured(
+    trace: bool,
+    plan: Replay,
+    readout: forward.Readout,
+    f: torch.nn.Module,
+    x: torch.Tensor,
+    batch_dims: int,
+    key: int,
+) -> torch.Tensor | None:
+    """``replayed`` for a plan of colours (or columns: each element its own colour):
+    ``forward.read`` along the ``readout`` made while recording (constant index tensors),
+    through the recorded calls with ``f``'s tensors of this run."""
+    if plan.propagation is None:
+        return None
+    nodes = []
+    for node in plan.nodes:
+        args, kwargs = _held_by(f, (node.args, node.kwargs))
+        nodes.append(Node(node.func, args, kwargs, node.depends))
+    graph = _Columns(nodes, plan.output, tuple(x.shape), plan.propagation)
+    diag = forward.read(cast(Graph, graph), x, batch_dims, readout)
+    f(x)  # unused: Dynamo's guards on f become this graph's (module docstring)
+    if not _traced_with(key):  # (f(x) broke the graph: its guards are not this graph's)
+        return None
+    out = diag.sum(-1).reshape(x.shape[:batch_dims]) if trace else diag.reshape(x.shape)
+    return tied(out, x).to(x.dtype)
+
+
+def _held_by(f: torch.nn.Module, tree: Any) -> Any:
+    """``tree`` with ``f``'s tensors of this run for its ``Held``."""
+    return map_leaves(lambda a: a.of(f) if isinstance(a, Held) else a, tree)
+
+
 def _replay(plan: Replay, f: torch.nn.Module, x: torch.Tensor) -> tuple[Graph, list[list[Any]]]:
     """The recorded calls run again on ``x`` and ``f``'s tensors: the graph (its calls with
     this run's tensors) and every call's outputs."""
     kept: list[list[Any]] = []
-
-    def tensor(a: Any) -> Any:
-        return a.of(f) if isinstance(a, Held) else a
 
     def value(a: Any) -> Any:
         return (x if a.node < 0 else kept[a.node][a.leaf]) if isinstance(a, Ref) else a
 
     nodes = []
     for node in plan.nodes:
-        args, kwargs = map_leaves(tensor, node.args), map_leaves(tensor, node.kwargs)
+        args, kwargs = _held_by(f, (node.args, node.kwargs))
         kept.append(leaves(node.func(*map_leaves(value, args), **map_leaves(value, kwargs))))
         nodes.append(Node(node.func, args, kwargs, node.depends))
     return cast(Graph, _Calls(nodes)), kept
 
 
 @torch.compiler.assume_constant_result  # run by Dynamo while tracing, with the real f and x
-def _recorded(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, grad: bool) -> int:
-    """The key in ``_PLANS`` of ``f``'s replay at ``x`` under grad mode ``grad``, recorded
-    now; ``-1`` where it has none (anything ``f`` raises included: the eager call reports
-    it)."""
+def _recorded(
+    f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | None, grad: bool
+) -> int:
+    """The key in ``_PLANS`` of ``f``'s replay at ``x`` under grad mode ``grad`` (``chunk``:
+    the caller's ``chunk_size``), recorded now; ``-1`` where it has none (anything ``f``
+    raises included: the eager call reports it)."""
     try:
         if _apart() or _changed_while_traced(f) or _inferred():
             return -1
-        with torch.set_grad_enabled(grad):
-            plan = _plan(f, x.detach(), batch_dims)
+        with torch.set_grad_enabled(grad), watched():  # (f mixes samples: the eager call says)
+            plan = _plan(f, x.detach(), batch_dims, chunk)
     except Exception:
         return -1
     if plan is None:
@@ -245,36 +310,50 @@ def _changed_while_traced(f: torch.nn.Module) -> bool:
     return any(id(obj) in changed for obj in held)
 
 
-def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int) -> Replay | None:
+def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | None) -> Replay | None:
     """``f``'s recording at ``x`` as a ``Replay``, if it is one (module docstring)."""
     graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
     if template(graph) is None or tuple(graph.output_shape) != tuple(x.shape):
         graph.undo()
         return None
     kept, n = values(graph, x), x.shape[:batch_dims].numel()
-    found = factors.paths(graph, kept, x, n)
-    if found is None or any(k not in KINDS for route in found[1] for k in route.kinds):
-        return None
     if not all(isinstance(v, torch.Tensor) for out in kept for v in out):  # a host read
         return None
+    found = factors.paths(graph, kept, x, n)
+    routes = [] if found is None else found[1]
+    readout, moved = None, None
+    if found is None:
+        readout = _readout(f, graph, kept, x, batch_dims, chunk)
+        if readout is None:
+            return None
+    elif any(k not in KINDS for route in routes for k in route.kinds):
+        moved = factors.moved(routes, graph, kept, x, n)
+        if moved is None or any(k not in MOVED for route in routes for k in route.kinds):
+            return None
     names = {id(t): Held(name, False) for name, t in f.named_parameters(remove_duplicate=False)}
     names.update((id(t), Held(name, True)) for name, t in f.named_buffers(remove_duplicate=False))
 
     def held(a: Any) -> Any:
         return names[id(a)] if isinstance(a, torch.Tensor) else a
 
-    shaped = False
     nodes = []
     for node in graph.nodes:
-        for a in leaves((node.args, node.kwargs)):
-            if isinstance(a, torch.Tensor) and id(a) not in names:
-                return None  # a closure's tensor (or one f made outside the recording)
-            shaped |= not isinstance(a, (torch.Tensor, Ref, *_PLAIN))
-        if not node.grad:
-            return None
+        if not node.grad or any(
+            isinstance(a, torch.Tensor) and id(a) not in names
+            for a in leaves((node.args, node.kwargs))
+        ):
+            return None  # a closure's tensor (or one f made outside the recording)
         nodes.append(
             replace(node, args=map_leaves(held, node.args), kwargs=map_leaves(held, node.kwargs))
         )
+    if (readout is not None or moved is not None) and not _indices_fixed(nodes):
+        return None
+    shape = None if _batch_free(graph, f, x, batch_dims) else tuple(x.shape)
+    output, event = cast(Ref, graph.output), tuple(x.shape[batch_dims:])
+    if readout is not None:
+        propagation = Plan(cast(Graph, _Columns(nodes, output, tuple(x.shape))))
+        propagation.needs_jac(Context(1, second_order=False))  # (made now, not traced)
+        return Replay(tuple(nodes), output, (), shape, 0, readout, propagation, event)
     widest = max(
         v.numel() // n
         for node, out in zip(graph.nodes, kept, strict=True)
@@ -282,5 +361,80 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int) -> Replay | None
         for v in out
     )
     chunk = max(1, cycle.BLOCK_ELEMENTS // (n * max(widest, 1)))
-    output = cast(Ref, graph.output)
-    return Replay(tuple(nodes), output, tuple(found[1]), tuple(x.shape) if shaped else None, chunk)
+    movements = () if moved is None else tuple(moved.items())
+    return Replay(tuple(nodes), output, tuple(routes), shape, chunk, event=event, moved=movements)
+
+
+def _readout(
+    f: torch.nn.Module,
+    graph: Graph,
+    kept: list[list[Any]],
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk: int | None,
+) -> forward.Readout | None:
+    """The eager plan's readout of ``f``'s Jacobian diagonal where it is not a chain: by its
+    colours, or by columns (``None``: where the eager plan splits group norms' statistics
+    instead, ``statistics``)."""
+    coloring = colors.colors(graph, kept, x, batch_dims)
+    if coloring is None and statistics.planned(f, graph, kept, x, batch_dims) is not None:
+        return None
+    return forward.readout(graph, x, batch_dims, chunk, coloring)
+
+
+def _indices_fixed(nodes: list[Node]) -> bool:
+    """Whether every index a gather reads (``index``, ``index_select``: their windows are
+    part of the colouring, ``locality``) is made by ``f`` from constants alone (reflect
+    padding's ``arange``), not read from a parameter or buffer (``Held``: changed in place,
+    unseen by any guard, it left a colouring of its old values) or computed from ``x``."""
+    fixed: list[bool] = []
+    for node in nodes:
+        inputs = leaves((node.args, node.kwargs))
+        fixed.append(
+            not node.depends
+            and not any(isinstance(a, Held) for a in inputs)
+            and all(fixed[a.node] for a in inputs if isinstance(a, Ref) and a.node >= 0)
+            and not any(isinstance(a, Ref) and a.node < 0 for a in inputs)
+        )
+        if node.func in _GATHERS and not all(
+            fixed[a.node] if isinstance(a, Ref) and a.node >= 0 else not isinstance(a, (Held, Ref))
+            for a in leaves(node.args[1:])
+        ):
+            return False
+    return True
+
+
+def _batch_free(graph: Graph, f: torch.nn.Module, x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether the numbers in ``graph``'s calls (a view's shape, a convolution's padding, a
+    scale ``1 / N``) hold for every batch size: ``f`` recorded again at ``N + 1`` and at
+    ``2 N + 1`` samples makes the same calls with the same numbers (two sizes: a number
+    such as ``N // 2`` is the same at ``N = 2`` and ``3``). A replay whose numbers may depend
+    on the batch size guards on ``x``'s shape (``dynamic=True``: one graph per batch size);
+    one whose numbers hold for any batch guards on the event's shape only (the numbers may
+    depend on it: a reshape to the event's)."""
+    numbers = _numbers(graph)
+    if not numbers:
+        return True
+    for more in (x[:1], torch.cat([x, x[:1]])):
+        try:
+            other = capture(f, torch.cat([x, more]), RULES, batch_dims=batch_dims)
+        except Exception:
+            return False
+        other.undo()
+        same = [n.func for n in graph.nodes] == [n.func for n in other.nodes]
+        again = _numbers(other)
+        if not same or len(again) != len(numbers):
+            return False
+        if not all(type(a) is type(b) and a == b for a, b in zip(numbers, again, strict=True)):
+            return False
+    return True
+
+
+def _numbers(graph: Graph) -> list[Any]:
+    """The leaves of ``graph``'s calls' arguments that hold numbers (not ``_PLAIN``)."""
+    return [
+        a
+        for n in graph.nodes
+        for a in leaves((n.args, n.kwargs))
+        if not isinstance(a, (torch.Tensor, Ref, *_PLAIN))
+    ]

@@ -66,9 +66,24 @@ def allow_batch_interaction() -> Iterator[None]:
 
 def allowed() -> bool:
     """Whether ``allow_batch_interaction()`` is active in this thread, or Dynamo traces the
-    call (``torch.compile``): detection watches the dispatcher, which a compiled graph has
-    not got."""
-    return getattr(_state, "allowed", False) or torch.compiler.is_compiling()
+    call (``torch.compile``) outside ``watched``: detection watches the dispatcher, which a
+    compiled graph has not got."""
+    if getattr(_state, "allowed", False):
+        return True
+    return torch.compiler.is_compiling() and not getattr(_state, "watched", False)
+
+
+@contextlib.contextmanager
+def watched() -> Iterator[None]:
+    """Watch for sample mixing while Dynamo traces too (this thread), unless
+    ``allow_batch_interaction()`` is active: for a recording made eagerly during tracing
+    whose plan the compiled graph then replays unwatched (``torchdiv._structured.replay``)."""
+    before = getattr(_state, "watched", False)
+    _state.watched = True
+    try:
+        yield
+    finally:
+        _state.watched = before
 
 
 def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
