@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch._dynamo
-from conftest import assert_close
+from conftest import assert_close, sampled_daily
 from test_compiled_losses import assert_compiled_matches, conv
 from test_compiled_replay import Centred, _step_matches, assert_steps_compile_once
 from torch._dynamo.utils import counters
@@ -61,7 +61,10 @@ CASES: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(
+    "name",
+    sampled_daily(CASES, {"diagonal structured, colours in chunks", "divergence auto, colours"}),
+)
 def test_colours_are_one_graph(name):
     """``fullgraph=True`` holds (on main the call ran eagerly behind a break: it raised)."""
     make, shape, op = CASES[name]
@@ -127,7 +130,9 @@ CHANGES: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Modul
 }
 
 
-@pytest.mark.parametrize("change", list(CHANGES))
+# (dilation always: a wider reach from the same shapes; the others daily, Dynamo's guards
+# on the module catch them too)
+@pytest.mark.parametrize("change", sampled_daily(CHANGES, set(CHANGES) - {"dilation"}))
 def test_a_changed_convolution_is_recorded_again(change):
     """A change of the structure recompiles (Dynamo's guards on ``f``, whose forward the
     replay traces) and the new trace records the new structure and colours; the old
@@ -212,7 +217,10 @@ class Averaged(torch.nn.Module):
         return self.net(x) * (4.0 / x.shape[0])
 
 
-@pytest.mark.parametrize("make", [conv, Averaged])
+@pytest.mark.parametrize(
+    "make",
+    [pytest.param(conv, marks=pytest.mark.slow, id="conv"), pytest.param(Averaged, id="Averaged")],
+)
 def test_dynamic_batch(make):
     """``dynamic=True``: one graph for every batch size, but where a number in ``f``'s calls
     changes with it (``4 / N``, baked into the replay: stale at the next size): then one
