@@ -557,3 +557,79 @@ def test_fabric_bf16_module_in_every_engine(call):
     fabric.backward(got.square().sum())
     assert field[0].weight.grad is not None or scalar[0].weight.grad is not None
     assert torchdiv.check_batch_independence(m, x) is None
+
+
+# ``strategy="ddp_spawn"`` pickles the module to the processes it spawns: its class must be
+# importable there, so the run is a script of its own (its ``__main__`` is the processes'),
+# which writes each rank's steps where the test reads them
+_SPAWNED = """
+import sys, warnings
+sys.path[:0] = {paths!r}
+warnings.filterwarnings("ignore")
+import lightning, torch
+import test_lightning20 as T
+
+
+class Spawned(lightning.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = T._net("cnf")
+        self.steps, self.shares = [], []
+
+    def training_step(self, batch, index):
+        idx, x = batch
+        if not self.shares:
+            self.start = T._snapshot(self.net)
+        self.shares.append(idx.tolist())
+        return T._loss("cnf", self.net, x, idx, {method!r})
+
+    def on_before_optimizer_step(self, optimizer):
+        self.steps.append((self.start, self.shares, T._grads(self.net)))
+        self.shares = []
+
+    def on_train_end(self):
+        torch.save(self.steps, f"{out}/rank{{self.global_rank}}.pt")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=T.LR)
+
+
+if __name__ == "__main__":
+    strategy = lightning.pytorch.strategies.DDPStrategy(
+        start_method="spawn", process_group_backend="gloo", timeout=T.datetime.timedelta(seconds=30)
+    )
+    trainer = T._trainer(devices=2, strategy=strategy, max_epochs=1, limit_val_batches=0,
+                         accumulate_grad_batches=2)
+    trainer.fit(Spawned(), T._loader())
+"""
+
+
+@pytest.mark.slow
+def test_lightning_ddp_spawn_accumulated_steps(tmp_path):
+    """``Trainer(strategy="ddp_spawn", devices=2, accumulate_grad_batches=2)`` (gloo): both
+    ranks take each step with the float64 average over both ranks' micro-batches. A script
+    run in a session of its own, killed with the processes it spawned after 120 s (~15 s of
+    CPU)."""
+    import signal
+    import subprocess
+    import sys
+
+    pytest.importorskip("lightning")
+    here = os.path.dirname(__file__)
+    paths = [here, os.path.dirname(here), *sys.path]
+    script = tmp_path / "spawned.py"
+    script.write_text(_SPAWNED.format(paths=paths, method="auto", out=str(tmp_path)))
+    run = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE,
+                           stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        _, errors = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 0, errors.decode()[-2000:]
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert len(first) == len(second) >= 1
+    for (start, own, grads), (_, other, theirs) in zip(first, second, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(grads, theirs, strict=True))
+        _assert_steps_right("cnf", [(start, own + other, grads)], TOL["32-true"])
