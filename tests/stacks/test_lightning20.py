@@ -362,6 +362,16 @@ STACKS = [
     ("fabric-fsdp2", "pinn", "auto", {}),
     ("accelerate", "hutchinson", "auto", {}),
     ("accelerate", "cnf", "structured", {}),
+    ("accelerate", "pinn", "auto", {"mixed_precision": "bf16"}),
+    # (static_graph under accumulate_grad_batches: PyTorch's reducer assert "expect_autograd_
+    # hooks_", with a plain loss too)
+    ("lightning-ddp", "diagonal", "auto", {"ddp": {"static_graph": True}}),
+    (
+        "lightning-ddp",
+        "pinn",
+        "auto",
+        {"accumulate_grad_batches": 2, "ddp": {"find_unused_parameters": True}},
+    ),
 ]
 
 
@@ -399,6 +409,7 @@ def _stack_steps(item: tuple, rank: int) -> list:
         strategy = pytest.importorskip("lightning.pytorch.strategies").DDPStrategy(
             process_group_backend="gloo",
             timeout=datetime.timedelta(seconds=ddp_cases.COLLECTIVE_TIMEOUT_S),
+            **options.pop("ddp", {}),
         )
         trainer = _trainer(devices=2, strategy=strategy, max_epochs=1, limit_val_batches=0,
                            **options)  # fmt: skip
@@ -409,7 +420,7 @@ def _stack_steps(item: tuple, rank: int) -> list:
         accelerate = pytest.importorskip("accelerate")
         accelerate.state.AcceleratorState._reset_state(True)
         accelerate.state.GradientState._reset_state()
-        accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+        accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2, **options)
         model, opt = accelerator.prepare(net, torch.optim.SGD(net.parameters(), lr=LR))
 
         def backward(loss: torch.Tensor, accumulating: bool):
@@ -482,7 +493,11 @@ def test_two_process_stacks_average_both_ranks_samples():
         for (start, own, grads), (_, other, theirs) in zip(first, second, strict=True):
             assert grads == theirs, f"{framework}: the ranks step apart"
             shares = [s for pair in zip(own, other, strict=True) for s in pair]
-            tol = TOL[options.get("precision", "32-true")]
+            tol = TOL[
+                options.get(
+                    "precision", "bf16-mixed" if options.get("mixed_precision") else "32-true"
+                )
+            ]
             try:
                 _assert_steps_right(kind, [(start, shares, grads)], tol)
             except AssertionError as error:
