@@ -262,6 +262,10 @@ def _recording_module(kind: str, method: str = "auto", manual: bool = False, acc
             div = torchdiv.divergence(self.net, x, method=method)
             self.validated.append((idx, div, _snapshot(self.net)))
 
+        def configure_model(self) -> None:
+            if self.trainer.strategy.__class__.__name__ == "ModelParallelStrategy":
+                _shard(self.net, self.device_mesh)
+
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=LR)
 
@@ -363,6 +367,7 @@ STACKS = [
     ("accelerate", "hutchinson", "auto", {}),
     ("accelerate", "cnf", "structured", {}),
     ("accelerate", "pinn", "auto", {"mixed_precision": "bf16"}),
+    ("lightning-fsdp2", "cnf", "auto", {"accumulate_grad_batches": 2}),
     # (static_graph under accumulate_grad_batches: PyTorch's reducer assert "expect_autograd_
     # hooks_", with a plain loss too)
     ("lightning-ddp", "diagonal", "auto", {"ddp": {"static_graph": True}}),
@@ -386,16 +391,18 @@ def _fabric_strategy(name: str):
     timeout = datetime.timedelta(seconds=ddp_cases.COLLECTIVE_TIMEOUT_S)
     if name == "fabric-ddp":
         return strategies.DDPStrategy(process_group_backend="gloo", timeout=timeout)
+    return strategies.ModelParallelStrategy(parallelize_fn=_shard, data_parallel_size=2,
+                                            tensor_parallel_size=1, timeout=timeout)  # fmt: skip
+
+
+def _shard(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """FSDP2 as its tutorials write it: each linear layer, then the whole."""
     from torch.distributed.fsdp import fully_shard
 
-    def shard(model: torch.nn.Module, mesh) -> torch.nn.Module:
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh["data_parallel"])
-        return fully_shard(model, mesh=mesh["data_parallel"])
-
-    return strategies.ModelParallelStrategy(parallelize_fn=shard, data_parallel_size=2,
-                                            tensor_parallel_size=1, timeout=timeout)  # fmt: skip
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh["data_parallel"])
+    return fully_shard(model, mesh=mesh["data_parallel"])
 
 
 def _stack_steps(item: tuple, rank: int) -> list:
@@ -406,11 +413,15 @@ def _stack_steps(item: tuple, rank: int) -> list:
     if framework.startswith("lightning"):
         manual = framework.endswith("manual")
         module = _recording_module(kind, method, manual, options.pop("accumulate", 1))
-        strategy = pytest.importorskip("lightning.pytorch.strategies").DDPStrategy(
-            process_group_backend="gloo",
-            timeout=datetime.timedelta(seconds=ddp_cases.COLLECTIVE_TIMEOUT_S),
-            **options.pop("ddp", {}),
-        )
+        strategies = pytest.importorskip("lightning.pytorch.strategies")
+        timeout = datetime.timedelta(seconds=ddp_cases.COLLECTIVE_TIMEOUT_S)
+        if framework == "lightning-fsdp2":
+            strategy = strategies.ModelParallelStrategy(
+                data_parallel_size=2, tensor_parallel_size=1, timeout=timeout
+            )
+        else:
+            strategy = strategies.DDPStrategy(process_group_backend="gloo", timeout=timeout,
+                                              **options.pop("ddp", {}))  # fmt: skip
         trainer = _trainer(devices=2, strategy=strategy, max_epochs=1, limit_val_batches=0,
                            **options)  # fmt: skip
         trainer.fit(module, _loader())
