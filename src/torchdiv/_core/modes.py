@@ -81,7 +81,8 @@ def _eager_call(
                 return result if call is None else call.finish(result)
     finally:
         call_ended(started)
-        _fabric_guards_on(guards)
+        if guards:
+            _fabric_guards_on(guards)
 
 
 # Lightning Fabric's module wrapper (either package) hooks every output of a module set up
@@ -97,13 +98,19 @@ def _fabric_guards_off() -> list[Any]:
     outputs are not the caller's loss backward the guard checks (they raised Fabric's
     "requires you to call fabric.backward(loss)"). A guard registered in a plain evaluation
     of the call stays on the result's graph: it guards the caller's backward pass."""
+    modules = sys.modules
+    if _FABRIC_WRAPPERS[0] not in modules and _FABRIC_WRAPPERS[1] not in modules:
+        return _NO_GUARDS  # the usual case: 0.2 us a call (0.4 us by the loop; 0.7 us with it)
     off: list[Any] = []
     for name in _FABRIC_WRAPPERS:
-        wrappers: Any = sys.modules.get(name)
+        wrappers: Any = modules.get(name)
         if wrappers is not None and getattr(wrappers, "_in_fabric_backward", True) is False:
             wrappers._in_fabric_backward = True
             off.append(wrappers)
     return off
+
+
+_NO_GUARDS: list[Any] = []  # (never appended to)
 
 
 def _fabric_guards_on(off: list[Any]) -> None:
