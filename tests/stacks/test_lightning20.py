@@ -577,6 +577,8 @@ def test_fabric_bf16_module_in_every_engine(call):
     x = _data()[:B]
     ours, reference = _BF16_CALLS[call]
     got = ours(m, lambda z: s(z).squeeze(-1), x)
+    params = [*field.parameters(), *scalar.parameters()]
+    assert all(p.grad is None and p.requires_grad for p in params) and field.training
     plain = _net("cnf", torch.float64), _net("pinn", torch.float64)
     want = reference(plain[0], plain[1], x.double())
     torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-2)
