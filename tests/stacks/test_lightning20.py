@@ -661,3 +661,33 @@ def test_lightning_ddp_spawn_accumulated_steps(tmp_path):
     for (start, own, grads), (_, other, theirs) in zip(first, second, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(grads, theirs, strict=True))
         _assert_steps_right("cnf", [(start, own + other, grads)], TOL["32-true"])
+
+
+class _Scaled(torch.nn.Module):
+    """A gradient-scaling hook of the model's own in ``forward``: it changes derivatives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net("cnf")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        if y.requires_grad:
+            y.register_hook(lambda g: 2 * g)
+        return y
+
+
+@pytest.mark.parametrize("method", ["auto", "reverse", "forward"])
+def test_fabric_module_with_a_hook_of_its_own_is_still_refused(method):
+    """Only Fabric's guard is let through: a hook of the model's own inside a Fabric module is
+    refused as before, and the guard is back on after the refusal."""
+    from torchdiv._core.modes import WrongDerivatives
+
+    fabric = pytest.importorskip("lightning.fabric").Fabric(
+        accelerator="cpu", devices=1, precision="bf16-mixed"
+    )
+    model = fabric.setup_module(_Scaled())
+    with pytest.raises(WrongDerivatives, match="register_hook"):
+        torchdiv.divergence(model, _data()[:B], method=method)
+    with pytest.raises(RuntimeError, match=r"fabric\.backward"):
+        model(_data()[:B]).sum().backward()
