@@ -37,6 +37,7 @@ from torchdiv._core.modes import (
     POW_NODES,
     ROUNDED,
     changed_nodes,
+    fabric_guards_off,
 )
 from torchdiv._core.walk import towards
 from torchdiv._estimators import stochastic as _stochastic
@@ -97,6 +98,7 @@ def _engine(
     return engine, chunk_size or max(engine.num_basis, 1)
 
 
+@fabric_guards_off
 def graph_jacobian(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -138,6 +140,7 @@ def graph_jacobian(
     return jac.reshape(x.shape[:batch_dims] + y.shape[batch_dims:] + x.shape[batch_dims:])
 
 
+@fabric_guards_off
 def graph_divergence(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -196,6 +199,7 @@ def graph_divergence(
     return _exact.diagonal(engine, chunk).sum(-1).reshape(x.shape[:batch_dims])
 
 
+@fabric_guards_off
 def graph_laplacian(
     y: torch.Tensor,
     x: torch.Tensor,

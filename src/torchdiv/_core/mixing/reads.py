@@ -26,7 +26,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from torchdiv._core.modes import DispatchMode, refuse_gradient_hook
+from torchdiv._core.modes import DispatchMode, dropped_hook, refuse_gradient_hook
 
 if TYPE_CHECKING:
     from torchdiv._core.mixing.tracker import BatchAxes
@@ -242,7 +242,8 @@ class Reads(TorchFunctionMode):
     def __torch_function__(
         self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
-        refuse_gradient_hook(func, args)  # (a watched plain evaluation: no other mode sees it)
+        if refuse_gradient_hook(func, args):  # (a watched plain evaluation: no other mode sees it)
+            return dropped_hook()
         if func in _READS and self._by_f():
             held = args[0] if args else None
             if isinstance(held, torch.Tensor) and (_floating(held) or self.axes.values_decide):
