@@ -272,3 +272,24 @@ def test_a_write_to_a_buffer_is_put_back_and_refused():
     loss(x)
     loss(x)
     assert f.calls.item() == 2
+
+
+class Centred(torch.nn.Module):
+    """A PINN centred over the batch: it mixes samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = pinn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return y - y.mean(0)
+
+
+@pytest.mark.parametrize("name", ["laplacian taylor", "value_grad_laplacian taylor"])
+def test_sample_mixing_is_still_refused(name):
+    """The recordings watch ``f`` as the eager call does: refused, the call runs eagerly."""
+    op = OPS[name][1]
+    loss = torch.compile(lambda x: op(Centred(), x).sum(), backend="aot_eager")
+    with pytest.raises(torchdiv.BatchInteractionError):
+        loss(_x(pinn))
