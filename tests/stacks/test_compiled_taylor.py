@@ -12,7 +12,14 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import assert_close, sampled_daily
-from test_compiled_losses import Counting, assert_compiled_matches, mlp, pinn
+from test_compiled_losses import (
+    Counting,
+    _fresh_dynamo,  # noqa: F401  (autouse: Dynamo reset per test)
+    assert_compiled_matches,
+    mlp,
+    pinn,
+)
+from test_compiled_replay import Branching, Centred, Scaled
 
 import torchdiv
 from torchdiv._laplacian import traced
@@ -54,13 +61,6 @@ OPS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[..., torch.Tensor]]
     "value_grad_laplacian taylor": (Heat, _sweep(method="taylor")),
     "value_grad_laplacian auto, coordinates": (Heat, _sweep(coordinates=[0, 1])),
 }
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _x(make: Callable[[], torch.nn.Module], n: int = 6) -> torch.Tensor:
@@ -155,29 +155,17 @@ def test_a_changed_module_is_recorded_again():
     _matches(net, loss, x)
 
 
-class Scaled(torch.nn.Module):
-    """A PINN times a tensor that is not a parameter or buffer (a plain attribute)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = pinn()
-        self.scale = torch.tensor(2.0, dtype=torch.float64)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x) * self.scale
-
-
 def test_a_tensor_outside_the_parameters_is_not_replayed():
     """A replay would hold the attribute's tensor of the recording: rebound, it would be
     stale. The call runs eagerly instead (no full graph), right after the rebinding."""
-    f, x = Scaled(), _x(pinn)
+    f, x = Scaled(), _x(Heat)
     op = OPS["laplacian taylor"][1]
     full = torch.compile(lambda x: op(f, x).sum(), backend="aot_eager", fullgraph=True)
     with pytest.raises(torch._dynamo.exc.Unsupported, match="disable"):
         full(x)
     loss = torch.compile(lambda x: op(f, x).sum(), backend="aot_eager")
     loss(x)
-    f.scale = torch.tensor(-1.0, dtype=torch.float64)
+    f.scale = torch.full((3,), -1.0, dtype=torch.float64)
     assert_close(loss(x), op(f, x).sum())
 
 
@@ -205,28 +193,16 @@ def test_a_module_made_or_changed_in_the_compiled_code_is_not_replayed():
     assert_close(got, op(net, x))
 
 
-class Branching(torch.nn.Module):
-    """A branch on a value of the batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = pinn()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.net(x)
-        return torch.tanh(y) if y.sum() > 0 else torch.sin(y)
-
-
 def test_a_plan_read_from_values_is_not_replayed():
     """A recording under one branch of ``f`` must not serve the next call: it runs eagerly,
     right after the branch flips."""
-    f, x = Branching(), _x(pinn)
+    f, x = Branching(), _x(Heat)
     op = OPS["laplacian taylor"][1]
     loss = torch.compile(lambda x: op(f, x), backend="aot_eager")
     for flip in (False, True):
         if flip:
             with torch.no_grad():
-                f.net[0][4].bias.sub_(2 * f.net(x).mean())  # (the sum's sign flipped)
+                f.net[4].bias.sub_(2 * f.net(x).mean())  # (the sum's sign flipped)
         assert_close(loss(x), op(f, x))
 
 
@@ -274,22 +250,10 @@ def test_a_write_to_a_buffer_is_put_back_and_refused():
     assert f.calls.item() == 2
 
 
-class Centred(torch.nn.Module):
-    """A PINN centred over the batch: it mixes samples."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = pinn()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.net(x)
-        return y - y.mean(0)
-
-
 @pytest.mark.parametrize("name", ["laplacian taylor", "value_grad_laplacian taylor"])
 def test_sample_mixing_is_still_refused(name):
     """The recordings watch ``f`` as the eager call does: refused, the call runs eagerly."""
     op = OPS[name][1]
     loss = torch.compile(lambda x: op(Centred(), x).sum(), backend="aot_eager")
     with pytest.raises(torchdiv.BatchInteractionError):
-        loss(_x(pinn))
+        loss(_x(Heat))
