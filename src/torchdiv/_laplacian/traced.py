@@ -255,8 +255,9 @@ def _recording(
     finally:
         put_back(recorder.changed)
     kind = type(result) if isinstance(result, tuple) and type(result) is not tuple else None
-    outputs = list(result) if kind is not None else [result]  # (a NamedTuple, or a tensor)
-    if recorder.refused or not all(isinstance(t, torch.Tensor) for t in outputs):
+    results: list[Any] = list(result) if kind is not None else [result]  # (a NamedTuple)
+    outputs = [t for t in results if isinstance(t, torch.Tensor)]
+    if recorder.refused or len(outputs) != len(results):
         return None
     trained = torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in f.parameters())
@@ -375,25 +376,26 @@ def _merged(programs: list[Program], sizes: list[int], event: tuple[int, ...]) -
         return None
     if any(leaves(p.output) != leaves(first.output) for p in programs):
         return None
+    numbers: list[Any] = []
+
+    def numbered(a: Any) -> Any:
+        if isinstance(a, Constant):
+            numbers.append(a.values)
+            return Constant(len(numbers) - 1, a.dtype, a.device)
+        if type(a) is float:
+            numbers.append(a)
+            return Number(len(numbers) - 1)
+        return a
+
     calls = []
     for same in zip(*(p.calls for p in programs), strict=True):
         if any(c.func != same[0].func or c.grad != same[0].grad for c in same):
             return None
-        trees = [(c.args, c.kwargs) for c in same]
-        merged = _merged_leaves(trees, sizes)
+        merged = _merged_leaves([(c.args, c.kwargs) for c in same], sizes)
         if merged is None:
             return None
-        calls.append(Call(same[0].func, *merged, same[0].grad))
-    numbers: list[Any] = []
-
-    def numbered(a: Any) -> Any:
-        if type(a) is float or isinstance(a, Constant):
-            numbers.append(a if type(a) is float else a.values)
-            index = len(numbers) - 1
-            return Number(index) if type(a) is float else Constant(index, a.dtype, a.device)
-        return a
-
-    calls = [Call(c.func, *map_leaves(numbered, (c.args, c.kwargs)), c.grad) for c in calls]
+        args, kwargs = map_leaves(numbered, merged)
+        calls.append(Call(same[0].func, args, kwargs, same[0].grad))
     return Program(tuple(calls), first.output, first.kind, event, tuple(numbers))
 
 
