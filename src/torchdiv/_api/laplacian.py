@@ -69,7 +69,7 @@ from torchdiv._core.modes import compiled_like_f, eager_when, entry
 from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace
 from torchdiv._exact.state import Once
-from torchdiv._laplacian import methods
+from torchdiv._laplacian import methods, traced
 from torchdiv._laplacian.along import along, unit_columns
 
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -106,7 +106,12 @@ _records_compiled_f = functools.partial(_records_within, COMPILED_F_WORK)
 _watch = functools.partial(watch_compiled, ("auto", "hutchinson"))
 
 
-@entry(eager_when(_records), compiled_like_f(_records_compiled_f, watch=_watch))
+def _replayed(f: object, x: object, *args: object, **options: object) -> torch.Tensor | None:
+    """``laplacian`` replayed in a compiled graph where it records (``_laplacian.traced``)."""
+    return traced.replayed(laplacian, f, x, *args, **options)  # type: ignore[no-any-return]
+
+
+@entry(eager_when(_records, _replayed), compiled_like_f(_records_compiled_f, watch=_watch))
 @reported("laplacian")
 def laplacian(
     f: Function,

@@ -62,7 +62,7 @@ from torchdiv._estimators import trace as _trace
 from torchdiv._exact.attributes import unwrap_between_evaluations
 from torchdiv._exact.state import Once
 from torchdiv._laplacian import loop as _loop
-from torchdiv._laplacian import methods
+from torchdiv._laplacian import methods, traced
 from torchdiv._laplacian.along import along, unit_columns
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
 from torchdiv._taylor.capture import argument
@@ -391,7 +391,13 @@ class ValueGradLaplacian(NamedTuple):
     laplacian: torch.Tensor
 
 
-@eager_when(lambda f, x, *, method="auto", **_: method in RECORDING)
+def _replayed(f: object, x: object, *args: object, **options: object) -> ValueGradLaplacian | None:
+    """``value_grad_laplacian`` replayed in a compiled graph where it records
+    (``_laplacian.traced``)."""
+    return traced.replayed(value_grad_laplacian, f, x, *args, **options)  # type: ignore[no-any-return]
+
+
+@eager_when(lambda f, x, *, method="auto", **_: method in RECORDING, _replayed)
 @outside_inference_mode
 @reported("value_grad_laplacian")
 def value_grad_laplacian(

@@ -237,8 +237,12 @@ def _recorded(
             plan = _plan(f, x.detach(), batch_dims, chunk)
     except Exception:
         return -1
-    if plan is None:
-        return -1
+    return -1 if plan is None else keep(plan)
+
+
+def keep(plan: Any) -> int:
+    """``plan``'s key, kept now for the trace that made it (``_PLANS``, ``_Read``; the
+    Taylor engine's replay keeps its plans here too)."""
     key = next(_KEYS)
     _PLANS[key] = plan, weakref.ref(_tracer())
     setattr(_Read, f"k{key}", plan)
@@ -267,14 +271,15 @@ def _tracer() -> Any:
     return InstructionTranslator.current_tx()
 
 
-def _apart() -> bool:
+def _apart(file: str = __file__) -> bool:
     """Whether Dynamo traces a frame of this module on its own: the graph broke inside this
     module's code, as inside ``f(x)`` (a call Dynamo does not trace in ``f``'s forward).
     Dynamo then broke at the caller's call and compiles the frames below apart: a replay
     here would be in a graph without Dynamo's guards on ``f`` (those are ``f(x)``'s frame's),
     and kept its plan after ``f`` changed (a changed slope, a swapped layer: values 0.19 off).
+    ``file``: the module whose frames count (the Taylor engine's replay asks for its own).
     (Private: as ``_changed_while_traced``.)"""
-    return bool(_tracer().f_code.co_filename == __file__)
+    return bool(_tracer().f_code.co_filename == file)
 
 
 def _inferred() -> bool:
