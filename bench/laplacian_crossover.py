@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import time
 from collections.abc import Callable
 
 import laplacian_small
 import torch
 from _common import alike_rounds
+from entry_cpu import cpu_ms
 from torch import nn
 
 import torchdiv
@@ -80,17 +80,6 @@ def pair(net: nn.Module, x: torch.Tensor, train: bool) -> dict[str, Callable[[],
         "loop": functools.partial(step, looping, True),
         "taylor": functools.partial(step, taylor, False),
     }
-
-
-def cpu_ms(call: Callable[[], object], budget_ns: int) -> float:
-    """Thread CPU time per call in ms, over calls adding up to ``budget_ns`` (at least one)."""
-    reps, spent = 0, 0
-    while spent < budget_ns:
-        start = time.thread_time_ns()
-        call()
-        spent += time.thread_time_ns() - start
-        reps += 1
-    return spent / reps / 1e6
 
 
 def main() -> None:
