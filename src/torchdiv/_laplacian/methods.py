@@ -77,7 +77,8 @@ CHUNK_ELEMENTS = 2**24
 #   64 at D = 2 0.61 / 0.82 / 1.01 / 1.09 at batch 256 / 1024 / 2048 / 4096 (w 24k-379k), at
 #   D = 3 0.73 / 0.98 / 1.14 / 1.33; width 32 at 1024 (38k) 0.67 / 0.81 (D = 2 / 3), width
 #   128 (264k) 1.03 / 1.25; the KAN at D = 2 0.46 / 0.71 / 0.87 / 1.12 (w 5.5k-87k), at
-#   D = 3 0.51 / 0.90 / 1.11 / 1.24: the rule puts every case where it measured faster;
+#   D = 3 0.51 / 0.90 / 1.11 / 1.24: the rule puts each case on its faster side but those
+#   within 3% of even (the FNN at D = 2, B = 2048 loops: 1.01 here, 0.93 in an A/B run);
 # - differentiated (training; limit LOOP_WORK_TRAINED_ONE_THREAD, tilt 1): the FNN at D = 2
 #   0.93 at 256 (24k), 1.35 at 1024, width 32 at 1024 (38k) 1.09; at D = 3 1.15 at 256; the
 #   KAN at D = 2 0.75 / 1.02 at 256 / 1024, at D = 3 0.82 / 1.29.
