@@ -9,6 +9,7 @@ from conftest import (
     Stateful,
     assert_close,
     assert_one_state,
+    assert_same_parameter_gradients,
     laplacian_by_grad_of_grad,
     one_state,
     tanh_mlp,
@@ -785,13 +786,95 @@ def test_frozen_loops_on_more_arithmetic_with_one_thread():
         torch.set_num_threads(threads)
 
 
+def _pinn(d: int, width: int = 64) -> nn.Module:
+    """A DeepXDE-style PINN: ``d -> width x 3 (tanh) -> 1``."""
+    layers: list[nn.Module] = [nn.Linear(d, width), nn.Tanh()]
+    for _ in range(2):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, 1)).to(f64)
+
+
+def _kan(d: int) -> nn.Module:
+    return nn.Sequential(_Chebyshev(d, 8), _Chebyshev(8, 8), _Chebyshev(8, 1))
+
+
+@pytest.mark.parametrize(
+    "make, d, batch, trained, loops",
+    [
+        # frozen: the FNN loops up to batch 2048 at two inputs (n x work 379k: its work is
+        # matrix products), the KAN, all elementwise, not at a third of that (248k)
+        (_pinn, 2, 2048, False, True),
+        (_pinn, 2, 4096, False, False),
+        (_pinn, 3, 1024, False, True),
+        (_pinn, 3, 2048, False, False),
+        (_kan, 2, 4096, False, True),
+        (_kan, 2, 8192, False, False),
+        # trained: the FNN loops at two inputs and batch 256, not at three; the KAN at three
+        (_pinn, 2, 256, True, True),
+        (_pinn, 3, 256, True, False),
+        (_pinn, 2, 1024, True, False),
+        (_kan, 3, 256, True, True),
+        (_kan, 3, 1024, True, False),
+    ],
+)
+def test_one_thread_loops_by_work_and_its_share_of_products(make, d, batch, trained, loops):
+    """On one thread ``"auto"``'s choice between the loop and the Taylor engine is fitted to
+    ``bench/laplacian_crossover.py``'s measurements (``loops_for``): the loop's limit on
+    ``n x work`` grows with the share of matrix products in the work, which the loop runs as
+    well as the Taylor engine (a tanh FNN), not with elementwise ops (a Chebyshev KAN).
+    Before, the FNN at D = 2, B = 2048 frozen (1.1x the loop) and at B = 256 trained (1.2x
+    DeepXDE's loop), the KAN at D = 2, B = 2048 frozen (1.16x) took the Taylor engine."""
+    from torchdiv._laplacian import methods as _laplacian
+    from torchdiv._taylor import RULES, capture
+
+    torch.manual_seed(0)
+    net = make(d).requires_grad_(trained)
+    x = torch.randn(batch, d, dtype=f64)
+    graph = capture(net, x, RULES, batch_dims=1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _laplacian.loops_for(graph, x, 1) == loops
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_one_thread_trained_loop_gives_the_reference_values_and_gradients(monkeypatch):
+    """The trained FNN at D = 2, B = 256 on one thread: ``"auto"`` runs the loop (its new
+    choice), and the Laplacian and its parameter gradients are the float64 grad-of-grad
+    loop's (``laplacian_by_grad_of_grad``, its own code)."""
+    from torchdiv._laplacian import methods as _laplacian
+    from torchdiv._taylor.cache import PlanCache
+
+    monkeypatch.setattr(_laplacian, "_LOOPS", PlanCache(256))
+    looped, grad_of_grad = [], _laplacian.grad_of_grad
+    monkeypatch.setattr(_laplacian, "grad_of_grad", lambda *a: looped.append(1) or grad_of_grad(*a))
+    torch.manual_seed(0)
+    net, x = _pinn(2), torch.randn(256, 2, dtype=f64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for _ in range(2):  # decided, then remembered
+            looped.clear()
+            got = torchdiv.laplacian(net, x).reshape(len(x))
+            assert looped
+            want = laplacian_by_grad_of_grad(net, x)
+            assert_close(got, want)
+            assert_same_parameter_gradients(net, got.square().sum(), want.square().sum())
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch):
     """The rule: the loop at one input and a small batch (f not recorded); where the recorded
     graph does little arithmetic per call at up to three inputs (two if the result is
     differentiated), remembered per structure, so that a second call does not record f; the
-    Taylor engine otherwise."""
+    Taylor engine otherwise. The rule on two threads (one thread's:
+    ``test_one_thread_loops_by_work_and_its_share_of_products``)."""
     from torchdiv._laplacian import methods as _laplacian
     from torchdiv._taylor.cache import PlanCache
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
 
     calls, recorded = [], []
     monkeypatch.setattr(_laplacian, "grad_of_grad", lambda *a: calls.append(a) or 0 * a[1][:, 0])
@@ -833,10 +916,12 @@ def test_auto_makes_a_structure_key_only_for_a_function_that_loops(monkeypatch):
     """At 2-3 inputs a call the Taylor engine runs makes no structure key for ``f`` (~50 us of
     Python per call, issue 18) unless ``f`` looped at some structure before: then the key is
     made before recording, and a remembered loop is found without recording. Values: the
-    loop of backward passes (float64, independent of both engines)."""
+    loop of backward passes (float64, independent of both engines). Two threads' rule."""
     from torchdiv._laplacian import methods as _laplacian
     from torchdiv._taylor import mixing
     from torchdiv._taylor.cache import PlanCache
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
 
     monkeypatch.setattr(_laplacian, "_LOOPS", PlanCache(256))
     monkeypatch.setattr(_laplacian, "_LOOPING_SITES", PlanCache(256), raising=False)

@@ -66,25 +66,34 @@ CHUNK_ELEMENTS = 2**24
 # it, a rule in Python: 50-100 us) then outweighs what its n + 2 jets save against the loop's
 # 2n + 3 backward passes; and where the Taylor engine cannot run f, at up to LOOP_FALLBACK
 # inputs times output components per sample (``fallback``).
-# The loop's share grows when its result is not differentiated (no third-order backward pass):
-# - differentiated (training): at up to 2 inputs below LOOP_WORK_TRAINED per call (a KAN at
-#   batch 256, 5.5k per call: the loop ~1.1-1.3x faster; the FNN at 256, 24k: the loop
-#   recipe was 1.0-1.36x faster than Taylor on 2026-12-03, but since the replay reuses the
-#   values f computed (``reused_values``), Taylor is 0.85-0.95x the recipe and "auto" by
-#   Taylor 0.89x "auto" by the loop (one thread, 15 alternated rounds, 2026-12-04); a KAN
-#   at 2048, 44k, and the FNN at 2048: Taylor, 1.3x);
-# - not: at up to LOOP_INPUTS = 3 inputs below LOOP_WORK * 2 / n per call (the FNN at batch
-#   256 loops at 2 inputs, 1.0-1.3x, not at 3; a KAN at batch 256 loops at 2 and 3 inputs,
-#   1.2-1.3x; a KAN at 2048, 44k per call: Taylor, 1.1-1.2x); with one thread below
-#   LOOP_WORK_ONE_THREAD * 2 / n: the Taylor engine's n + 2 times wider ops are what a
-#   second thread speeds up, the loop's small ones gain little from it (the FNN at 256 and 3
-#   inputs, 24k per call: the loop 1.3-1.45x faster on one thread, Taylor 1.1-1.2x on two);
-#   read when a structure is first decided (``_LOOPS`` keeps the decision).
+# On one thread (``bench/laplacian_crossover.py``, "auto" forced to each engine, 7 alternated
+# rounds, 2026-12-06; loop / Taylor at work per call w, products' share s below): the loop
+# while n x w < 2 x limit x (1 + tilt x s), n <= LOOP_INPUTS, where s is the share of the
+# graph's work in matrix products (``_products_share``): a tanh FNN's large ops are products
+# (s = 0.26 / 0.41 / 0.57 at widths 32 / 64 / 128), which the loop's backward passes run as
+# well as the Taylor engine's wider ones, a Chebyshev KAN's are elementwise (s = 0.02), whose
+# second-order Taylor rules are cheaper than their double backward passes:
+# - not differentiated (frozen; limit LOOP_WORK_ONE_THREAD, tilt LOOP_TILT): the FNN of width
+#   64 at D = 2 0.61 / 0.82 / 1.01 / 1.09 at batch 256 / 1024 / 2048 / 4096 (w 24k-379k), at
+#   D = 3 0.73 / 0.98 / 1.14 / 1.33; width 32 at 1024 (38k) 0.67 / 0.81 (D = 2 / 3), width
+#   128 (264k) 1.03 / 1.25; the KAN at D = 2 0.46 / 0.71 / 0.87 / 1.12 (w 5.5k-87k), at
+#   D = 3 0.51 / 0.90 / 1.11 / 1.24: the rule puts each case on its faster side but those
+#   within 3% of even (the FNN at D = 2, B = 2048 loops: 1.01 here, 0.93 in an A/B run);
+# - differentiated (training; limit LOOP_WORK_TRAINED_ONE_THREAD, tilt 1): the FNN at D = 2
+#   0.93 at 256 (24k), 1.35 at 1024, width 32 at 1024 (38k) 1.09; at D = 3 1.15 at 256; the
+#   KAN at D = 2 0.75 / 1.02 at 256 / 1024, at D = 3 0.82 / 1.29.
+# With more threads (not measured again): frozen while n x w < 2 x LOOP_WORK (the FNN at
+# batch 256 loops at 2 inputs, 1.0-1.3x, not at 3: Taylor 1.1-1.2x faster on two threads, its
+# n + 2 times wider ops are what a second thread speeds up), trained at up to 2 inputs while
+# w < LOOP_WORK_TRAINED (a KAN at batch 256, 5.5k: the loop ~1.1-1.3x faster).
+# Read when a structure is first decided (``_LOOPS`` keeps the decision).
 LOOP_INPUTS = 3
 LOOP_ELEMENTS = 1024
 LOOP_WORK = 32768
-LOOP_WORK_ONE_THREAD = 40960
+LOOP_WORK_ONE_THREAD = 57344
+LOOP_TILT = 6
 LOOP_WORK_TRAINED = 16384
+LOOP_WORK_TRAINED_ONE_THREAD = 20480
 # The loop's 1 + m (1 + n) passes against forward over reverse's n batched products of m rows
 # (an FFT net and an S4D layer, float64, batch 64, one thread, /tmp/lo13/cross.py, 2026-12-05):
 # at m = 1 the loop 0.46-0.71x at 4 inputs, 0.84-1.0x at 10 (frozen); n = 4, m = 2 even
@@ -382,12 +391,27 @@ def loops(x: torch.Tensor, batch_dims: int) -> bool:
 
 
 def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
-    """Whether ``"auto"`` runs the loop of backward passes for ``f`` recorded as ``graph``."""
+    """Whether ``"auto"`` runs the loop of backward passes for ``f`` recorded as ``graph``:
+    at up to ``LOOP_INPUTS`` inputs ``n`` while ``n x work`` is below a limit that depends on
+    whether the result is differentiated (``graph.requires_grad``), on the threads and, on
+    one thread, on the share of matrix products in the work (the constants' comment)."""
     n, work = event_numel(x, batch_dims), graph.work_per_call()
+    if torch.get_num_threads() > 1:
+        if graph.requires_grad:
+            return n <= 2 and work < LOOP_WORK_TRAINED
+        return n <= LOOP_INPUTS and work * n < 2 * LOOP_WORK
     if graph.requires_grad:
-        return n <= 2 and work < LOOP_WORK_TRAINED
-    limit = LOOP_WORK_ONE_THREAD if torch.get_num_threads() == 1 else LOOP_WORK
-    return n <= LOOP_INPUTS and work * n < 2 * limit
+        limit, tilt = LOOP_WORK_TRAINED_ONE_THREAD, 1
+    else:
+        limit, tilt = LOOP_WORK_ONE_THREAD, LOOP_TILT
+    return n <= LOOP_INPUTS and work * n < 2 * limit * (1 + tilt * _products_share(graph))
+
+
+def _products_share(graph: Graph) -> float:
+    """The share of matrix products in ``graph``'s work (``Graph.work_per_call``: elements
+    plus multiply-adds / 32), 0 for a graph without work."""
+    products = graph.products / 32
+    return products / max(graph.elements + products, 1)
 
 
 def _site(f: Function) -> Any:

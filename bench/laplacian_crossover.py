@@ -1,0 +1,124 @@
+"""Where ``"auto"``'s Laplacian should loop over backward passes rather than run the Taylor
+engine, at two and three inputs (issue 18): ``"auto"`` forced to each choice, thread CPU time,
+one thread, with the recorded graph's work estimates (``Graph.work_per_call``, the share of matrix
+products in it) and the rule's choice (``_laplacian.methods.loops_for``) beside the ratio.
+
+    flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
+        PYTHONPATH=src .venv/bin/python bench/laplacian_crossover.py [--rounds 9] [--only NAME]
+
+Cases: ``laplacian_small.py``'s tanh FNN (width 64, 3 hidden layers; also widths 32 and 128)
+and Chebyshev KAN (D -> 8 -> 8 -> 1) at D = 2, 3 and batches 256 to 4096, frozen (the
+Laplacian alone) and trained (with its backward pass to the parameters). Each case runs two
+functions of their own call sites (``_laplacian.methods._site``) through ``"auto"``: one
+whose first call was decided to loop (the decision is remembered for its structure), one
+that never loops (``loops_for`` patched to ``False`` for its calls): the loop as ``"auto"``
+runs it (its settings, checks and per-call Python) against the Taylor engine as ``"auto"``
+runs it. Rounds as ``entry_cpu.py`` (``_common.alike_rounds``); "loop / taylor" is the median
+of the per-round ratios, with its interquartile range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+from collections.abc import Callable
+
+import laplacian_small
+import torch
+from _common import alike_rounds
+from entry_cpu import cpu_ms
+from torch import nn
+
+import torchdiv
+from torchdiv._laplacian import methods
+from torchdiv._taylor import RULES, capture
+
+CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
+    **{
+        f"fnn{d}-w{w}-{b}": functools.partial(
+            lambda d, w, b: (laplacian_small.fnn(d, w), torch.randn(b, d)), d, w, b
+        )
+        for d in (2, 3)
+        for w, batches in ((64, (256, 1024, 2048, 4096)), (32, (1024,)), (128, (1024,)))
+        for b in batches
+    },
+    **{
+        f"kan{d}-{b}": functools.partial(
+            lambda d, b: (laplacian_small.kan(d), torch.rand(b, d) * 2 - 1), d, b
+        )
+        for d in (2, 3)
+        for b in (256, 1024, 2048, 4096)
+    },
+}
+
+_LOOPING = [False]  # what the patched ``loops_for`` answers
+
+
+def _forced(graph: object, x: torch.Tensor, batch_dims: int) -> bool:
+    return _LOOPING[0]
+
+
+def pair(net: nn.Module, x: torch.Tensor, train: bool) -> dict[str, Callable[[], object]]:
+    """``"auto"`` by the loop and by the Taylor engine, each one training step (``train``) or
+    one Laplacian."""
+
+    def looping(z: torch.Tensor) -> torch.Tensor:
+        return net(z)
+
+    def taylor(z: torch.Tensor) -> torch.Tensor:
+        return net(z)
+
+    def step(f: Callable[[torch.Tensor], torch.Tensor], loop: bool) -> object:
+        _LOOPING[0] = loop
+        lap = torchdiv.laplacian(f, x).reshape(len(x))
+        if train:
+            torch.autograd.grad(lap.square().sum(), list(net.parameters()), allow_unused=True)
+        return lap.detach()
+
+    return {
+        "loop": functools.partial(step, looping, True),
+        "taylor": functools.partial(step, taylor, False),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--only", default="", help="run the cases whose name holds this")
+    parser.add_argument("--budget-ms", type=float, default=30)
+    args = parser.parse_args()
+    rule = methods.loops_for
+    methods.loops_for = _forced
+    print(f"threads {torch.get_num_threads()}")
+    print(
+        "case                 scenario  work/call  products' share  rule  loop ms  taylor ms  "
+        "loop/taylor [IQR]"
+    )
+    for name, make in CASES.items():
+        if args.only not in name:
+            continue
+        for train in (False, True):
+            torch.manual_seed(0)
+            net, x = make()
+            net.requires_grad_(train)
+            graph = capture(net, x, RULES, batch_dims=1)
+            choice = "loop" if rule(graph, x, 1) else "taylor"
+            calls = pair(net, x, train)
+            for call in calls.values():
+                call(), call()
+            budget = int(args.budget_ms * 1e6)
+            times = alike_rounds(calls, args.rounds, functools.partial(cpu_ms, budget_ns=budget))
+            ratios = [a / b for a, b in zip(times["loop"], times["taylor"], strict=True)]
+            q1, med, q3 = statistics.quantiles(ratios, n=4)
+            loop, taylor = statistics.median(times["loop"]), statistics.median(times["taylor"])
+            print(
+                f"{name:20} {'train' if train else 'frozen':8} {graph.work_per_call():9.0f}  "
+                f"{methods._products_share(graph):15.3f}  {choice:6}  {loop:7.3f}  "
+                f"{taylor:9.3f}  {med:.3f} [{q1:.3f}-{q3:.3f}]",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
