@@ -152,6 +152,25 @@ class SharesAFactor(Case):
         return self.net(x) * kept
 
 
+class BatchNormOfASibling(Case):
+    """``x, z = enc(raw).split(3, 1)`` (one node, ``x.grad_fn``, makes both) and
+    ``y = net(x) + bn(z)``: the batch norm reaches ``x.grad_fn`` through ``z``'s edge, not
+    ``x``'s. The graph forms refused it as a batch norm of ``x`` (``_reaches``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = _net(1, D, 2 * D)
+        self.bn = torch.nn.BatchNorm1d(D).double()
+        self.params = [*self.enc.parameters(), *self.net.parameters(), *self.bn.parameters()]
+
+    def history(self):
+        x, z = self.enc(self.raw).split(D, 1)
+        return x, z
+
+    def f(self, x, kept):
+        return self.net(x) + self.bn(kept)
+
+
 CASES = [
     ClosesOverACustomFunction,
     AddsAFunctionOfAnAncestor,
@@ -159,6 +178,7 @@ CASES = [
     MadeByABatchNorm,
     BatchNormOfAnAncestor,
     SharesAFactor,
+    BatchNormOfASibling,
 ]
 
 
@@ -211,6 +231,48 @@ def test_what_the_walks_look_for_in_x_s_history_and_f_s_graph(case, call):
     ours, want = case(), case()
     got = CALLS[call](ours)
     expected = _reference(want)
+    assert_close(got, expected)
+    for a, b in zip(_gradients(ours, got), _gradients(want, expected), strict=True):
+        assert_close(a, b)
+
+
+def _laplacian_reference(case: Case) -> torch.Tensor:
+    """Each sample's Laplacian of every output, by ``autograd.grad`` of each gradient entry."""
+    x, kept = case.history()
+    y = case.f(x, kept)
+    out = []
+    for b in range(B):
+        for i in range(D):
+            (g,) = torch.autograd.grad(y[b, i], x, create_graph=True)
+            seconds = [
+                torch.autograd.grad(g[b, j], x, create_graph=True)[0][b, j] for j in range(D)
+            ]
+            out.append(torch.stack(seconds).sum())
+    return torch.stack(out).reshape(B, D)
+
+
+def _laplacian(case: Case) -> torch.Tensor:
+    x, kept = case.history()
+    return torchdiv.laplacian(lambda z: case.f(z, kept), x, method="grad-of-grad")
+
+
+def _graph_laplacian(case: Case) -> torch.Tensor:
+    x, kept = case.history()
+    return torchdiv.graph_laplacian(case.f(x, kept), x, create_graph=True)
+
+
+@pytest.mark.parametrize("call", [_laplacian, _graph_laplacian], ids=lambda c: c.__name__[1:])
+@pytest.mark.parametrize(
+    "case",
+    [ClosesOverACustomFunction, MadeByABatchNorm, BatchNormOfASibling],
+    ids=lambda c: c.__name__,
+)
+def test_laplacians_through_the_stopped_walks(case, call):
+    """The same for the Laplacian's loop (``_laplacian.loop``'s ``search``) and graph form
+    (``towards``, ``_custom_functions`` of the gradients' graph)."""
+    ours, want = case(), case()
+    got = call(ours)
+    expected = _laplacian_reference(want)
     assert_close(got, expected)
     for a, b in zip(_gradients(ours, got), _gradients(want, expected), strict=True):
         assert_close(a, b)
