@@ -59,7 +59,8 @@ class Case:
         seeded = torch.Generator().manual_seed(3)
         self.raw = torch.randn(B, D, dtype=torch.float64, generator=seeded)
         self.enc, self.net = _net(1), _net(2)
-        self.params = [*self.enc.parameters(), *self.net.parameters()]
+        self.bn = torch.nn.BatchNorm1d(D).double()  # (train mode, where a case uses it)
+        self.params = [*self.enc.parameters(), *self.net.parameters(), *self.bn.parameters()]
 
     def history(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -111,11 +112,6 @@ class MadeByABatchNorm(Case):
     """``x = bn(h)``, a train-mode batch norm (``x.grad_fn``: it mixes the history's samples,
     not ``f``'s), and ``f`` closes over its input: ``f(x) = net(x) * h ** 2``."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.bn = torch.nn.BatchNorm1d(D).double()
-        self.params += list(self.bn.parameters())
-
     def history(self):
         h = self.enc(self.raw)
         return self.bn(h), h
@@ -127,11 +123,6 @@ class MadeByABatchNorm(Case):
 class BatchNormOfAnAncestor(Case):
     """``x = tanh(h)``; ``y = net(x) + bn(h)``: a train-mode batch norm on ``f``'s graph
     whose input is an ancestor of ``x``, not ``x``: per sample in ``x``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bn = torch.nn.BatchNorm1d(D).double()
-        self.params += list(self.bn.parameters())
 
     def history(self):
         h = self.enc(self.raw)
@@ -160,7 +151,6 @@ class BatchNormOfASibling(Case):
     def __init__(self) -> None:
         super().__init__()
         self.enc = _net(1, D, 2 * D)
-        self.bn = torch.nn.BatchNorm1d(D).double()
         self.params = [*self.enc.parameters(), *self.net.parameters(), *self.bn.parameters()]
 
     def history(self):
