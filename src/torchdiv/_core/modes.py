@@ -81,8 +81,7 @@ def _eager_call(
                 return result if call is None else call.finish(result)
     finally:
         call_ended(started)
-        if guards:
-            _fabric_guards_on(guards)
+        _fabric_guards_on(guards)
 
 
 # Lightning Fabric's module wrapper (either package) hooks every output of a module set up
@@ -92,29 +91,41 @@ def _eager_call(
 _FABRIC_WRAPPERS = ("lightning.fabric.wrappers", "lightning_fabric.wrappers")
 
 
-def _fabric_guards_off() -> list[Any]:
-    """Fabric's wrapper modules whose guard this call switched off (``_in_fabric_backward``
-    set, until the call ends): torchdiv's own backward passes through a Fabric module's
-    outputs are not the caller's loss backward the guard checks (they raised Fabric's
-    "requires you to call fabric.backward(loss)"). A guard registered in a plain evaluation
-    of the call stays on the result's graph: it guards the caller's backward pass."""
+def _fabric_guards_off() -> bool:
+    """Switch Fabric's guards off (``_in_fabric_backward`` set) while this call, or a call of
+    another thread that overlaps it, is inside (``_FABRIC``); whether the call holds them off
+    (``_fabric_guards_on`` puts them back). torchdiv's own backward passes through a Fabric
+    module's outputs are not the caller's loss backward the guard checks (they raised
+    Fabric's "requires you to call fabric.backward(loss)"). A guard registered in a plain
+    evaluation of the call stays on the result's graph: it guards the caller's backward
+    pass. Held by a count, not by each call: the first of two threads' calls to end switched
+    the guards back on under the other's backward passes, which raised Fabric's error."""
     modules = sys.modules
     if _FABRIC_WRAPPERS[0] not in modules and _FABRIC_WRAPPERS[1] not in modules:
-        return _NO_GUARDS  # the usual case: 0.2 us a call (0.4 us by the loop; 0.7 us with it)
+        return False  # the usual case: 0.2 us a call (0.4 us by the loop; 0.7 us with it)
+    _FABRIC.enter(_switched_off)
+    return True
+
+
+def _switched_off() -> list[Any]:
+    """Fabric's wrapper modules (either package's) whose guard flag was off, now set."""
     off: list[Any] = []
     for name in _FABRIC_WRAPPERS:
-        wrappers: Any = modules.get(name)
+        wrappers: Any = sys.modules.get(name)
         if wrappers is not None and getattr(wrappers, "_in_fabric_backward", True) is False:
             wrappers._in_fabric_backward = True
             off.append(wrappers)
     return off
 
 
-_NO_GUARDS: list[Any] = []  # (never appended to)
+def _fabric_guards_on(held: bool) -> None:
+    """Where the call held Fabric's guards off (``_fabric_guards_off``), let go: the last
+    call to leave switches back on those the first switched off."""
+    if held:
+        _FABRIC.exit(_switched_on)
 
 
-def _fabric_guards_on(off: list[Any]) -> None:
-    """Switch the guards ``_fabric_guards_off`` switched off back on."""
+def _switched_on(off: list[Any]) -> None:
     for wrappers in off:
         wrappers._in_fabric_backward = False
 
@@ -450,6 +461,7 @@ _PARAMETRIZE = _Held()
 _FASTPATH = _Held()  # nn.MultiheadAttention's fast path, off while torchdiv runs f
 # scaled_dot_product_attention's backends (process-wide flags), the math one alone meanwhile
 _SDPA = _Held()
+_FABRIC = _Held()  # Lightning Fabric's guards (``_fabric_guards_off``), off while torchdiv runs
 
 
 class CompiledCodeEager(contextlib.ContextDecorator):

@@ -152,8 +152,9 @@ def vjp(
 
 
 def towards(y: torch.Tensor, x: torch.Tensor) -> list[Any]:
-    """The nodes of ``y``'s graph on a path to ``x``'s node (its ``grad_fn``, which is left
-    out with ``x``'s own history, or a leaf's ``AccumulateGrad``), children first."""
+    """The nodes of ``y``'s graph on a path to ``x``: to the edge into its ``grad_fn`` at its
+    ``output_nr`` (not through another output of that node; the node is left out with ``x``'s
+    own history), or to a leaf's ``AccumulateGrad``; children first."""
     order: list[Any] = []
     seen: set[Any] = set()
     stack: list[tuple[Any, bool]] = [(y.grad_fn, False)]
@@ -167,9 +168,16 @@ def towards(y: torch.Tensor, x: torch.Tensor) -> list[Any]:
             if node is not x.grad_fn:  # (below it, ``x``'s history: none of it reaches ``x``)
                 stack += [(child, False) for child, _ in node.next_functions]
     reaches: dict[Any, bool] = {}
+    edge = x.grad_fn, x.output_nr  # (not another output of x's node: ``x, z = h.split(...)``)
     for node in order:  # (every child before its parents)
-        own = node is x.grad_fn if x.grad_fn is not None else getattr(node, "variable", None) is x
-        reaches[node] = own or any(reaches.get(c, False) for c, _ in node.next_functions)
+        if x.grad_fn is None:
+            own = getattr(node, "variable", None) is x
+            reaches[node] = own or any(reaches.get(c, False) for c, _ in node.next_functions)
+        else:
+            reaches[node] = any(
+                nr == edge[1] if c is edge[0] else reaches.get(c, False)
+                for c, nr in node.next_functions
+            )
     return [node for node in order if reaches[node] and node is not x.grad_fn]
 
 

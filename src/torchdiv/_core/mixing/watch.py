@@ -238,10 +238,17 @@ def check_graph(
 
 
 def _reaches(start: torch.autograd.graph.Node, x: torch.Tensor) -> bool:
-    """Whether the graph below ``start`` reaches ``x`` (its ``grad_fn``, or its
-    ``AccumulateGrad`` node for a leaf): depth first, each node once."""
+    """Whether the graph below ``start`` reaches ``x``: the edge into ``x.grad_fn`` at
+    ``x.output_nr``, not another of its outputs (``x, z = h.split(...)``: a batch norm of ``z``
+    was taken for one of ``x``, refused), or a leaf's ``AccumulateGrad`` node; depth first,
+    each node once."""
+    if x.grad_fn is None:
+        return any(getattr(node, "variable", None) is x for node in nodes(start))
+    edge = (x.grad_fn, x.output_nr)
     found = nodes(start, x.grad_fn)  # (nothing below ``x.grad_fn`` reaches ``x``)
-    return any(node is x.grad_fn or getattr(node, "variable", None) is x for node in found)
+    return any(
+        child is edge[0] and nr == edge[1] for node in found for child, nr in node.next_functions
+    )
 
 
 def _named(fn: str | None, message: str) -> str:
