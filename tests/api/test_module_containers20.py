@@ -1,0 +1,354 @@
+"""A module's own plain containers (keyattrs20): what a module (``f`` or any submodule) holds
+in a list, tuple, dictionary, ``functools.partial`` or ``SimpleNamespace`` of its
+``__dict__`` (functions, modules, flags, integers, tensors) is part of the structure key, so
+a change there that turns mixing on is watched again, not served by the first calls' pass.
+
+Until keyattrs20 the key (``torchdiv._taylor.cache._held``) read a module's flags, functions,
+tensors and submodules, but no container it held: ``self.ops = [torch.tanh, torch.sin]``
+with ``ops[1]`` swapped to ``lambda h: h.roll(1, 0)`` after three calls was served mixed
+(every ``"auto"`` operator at 4 and 256 samples, silently wrong: a divergence where the exact
+one is 0). Where the key cannot tell an item (a list of more than 32 items, a plain object in
+a list), the module is watched at every call instead.
+
+Each case: three calls (values against the per-sample Jacobians, float64, ``jacrev`` of the
+whole batch's diagonal blocks), then the change after which ``f`` mixes samples: the next
+call is watched and refused (``BatchInteractionError``).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    assert_close,
+    reference_divergence,
+    reference_jacobian,
+    reference_laplacian,
+    sampled_daily,
+)
+from torch import nn
+
+import torchdiv
+from torchdiv import BatchInteractionError
+
+f64 = torch.float64
+_SWAP = [1, 0, 3, 2, 5, 4, 7, 6]  # swaps neighbouring samples
+
+
+def _rolled(h: torch.Tensor) -> torch.Tensor:
+    """Each sample's row moved to the next sample's place (mixes samples)."""
+    return h.roll(1, 0)
+
+
+class _Flagged(nn.Module):
+    """Subtracts the batch mean (mixes samples) where ``mix`` is set."""
+
+    def __init__(self, mix: bool = False) -> None:
+        super().__init__()
+        self.mix = mix
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h - h.mean(0) if self.mix else h
+
+
+class _Ops(nn.Module):
+    """A linear layer, then the functions of a plain list, as an ODE function or a KAN's basis
+    may keep them (``self.ops = [torch.tanh, torch.sin]``, not modules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.ops: list[Callable[[torch.Tensor], torch.Tensor]] = [torch.tanh, torch.sin]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.lin(z)
+        for op in self.ops:
+            h = op(h)
+        return h
+
+
+class _Configured(nn.Module):
+    """A linear layer and ``tanh``, configured by a dictionary (``cfg``: ``"act"``, a function;
+    ``"centre"``, a flag; ``"shift"``, an integer roll of the batch; ``"blocks"``, a list of
+    modules not registered), a ``SimpleNamespace`` (``opts.centre``), a partial (``post``) and
+    an optional index tensor in a tuple (``order``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.cfg: dict[str, Any] = {"act": torch.tanh, "centre": False, "shift": 0, "blocks": []}
+        self.opts = types.SimpleNamespace(centre=False, scale=0.5)
+        self.post = functools.partial(torch.roll, shifts=0, dims=0)
+        self.order: tuple[torch.Tensor, ...] = ()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.cfg["act"](self.lin(z)) * (1 + self.opts.scale)
+        for block in self.cfg["blocks"]:
+            h = block(h)
+        if self.cfg["centre"] or self.opts.centre:
+            h = h - h.mean(0)
+        h = self.post(h.roll(self.cfg["shift"], 0))
+        return h[self.order[0]] if self.order else h
+
+
+class _Listed(nn.Module):
+    """``tanh(lin(z))`` through the modules of a plain list (not a ``ModuleList``: held so
+    that they are not its submodules, a trick for shared or parent modules)."""
+
+    def __init__(self, held: list[Any]) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.held = held
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(z))
+        for block in self.held:
+            h = block(h)
+        return h
+
+
+class _Settings:
+    """A plain configuration object (no weak references to its items: the key cannot tell it)."""
+
+    def __init__(self) -> None:
+        self.centre = False
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return h - h.mean(0) if self.centre else h
+
+
+Case = Callable[[], tuple[nn.Module, Callable[[], None]]]
+
+
+def _cases() -> dict[str, Case]:
+    """Each: a module and the change after which it mixes samples."""
+
+    def ops() -> _Ops:
+        torch.manual_seed(0)
+        return _Ops().double().eval()
+
+    def configured() -> _Configured:
+        torch.manual_seed(0)
+        return _Configured().double().eval()
+
+    def listed(held: list[Any]) -> _Listed:
+        torch.manual_seed(0)
+        return _Listed(held).double().eval()
+
+    def list_function_swapped():
+        m = ops()
+        return m, lambda: m.ops.__setitem__(1, _rolled)
+
+    def list_function_appended():
+        m = ops()
+        return m, lambda: m.ops.append(torch.flipud)
+
+    def tuple_rebound():
+        m = ops()
+        return m, lambda: setattr(m, "ops", (torch.tanh, torch.flipud))
+
+    def submodule_s_list():
+        torch.manual_seed(0)
+        inner = ops()
+        m = nn.Sequential(nn.Linear(3, 3), inner).double().eval()
+        return m, lambda: inner.ops.__setitem__(1, _rolled)
+
+    def dict_function():
+        m = configured()
+        return m, lambda: m.cfg.__setitem__("act", torch.flipud)
+
+    def dict_flag():
+        m = configured()
+        return m, lambda: m.cfg.__setitem__("centre", True)
+
+    def dict_integer():
+        m = configured()
+        return m, lambda: m.cfg.__setitem__("shift", 1)
+
+    def dict_list_module():
+        m = configured()
+        return m, lambda: m.cfg["blocks"].append(_Flagged(mix=True))
+
+    def namespace_flag():
+        m = configured()
+        return m, lambda: setattr(m.opts, "centre", True)
+
+    def partial_keyword():
+        m = configured()
+        return m, lambda: m.post.keywords.__setitem__("shifts", 1)
+
+    def tuple_index():
+        m = configured()
+        order = torch.arange(8)
+        m.order = (order,)
+
+        def change() -> None:
+            order.copy_(torch.tensor(_SWAP))
+
+        return m, change
+
+    def listed_module_flag():
+        block = _Flagged()
+        return listed([block]), lambda: setattr(block, "mix", True)
+
+    def listed_module_replaced():
+        m = listed([_Flagged()])
+        return m, lambda: m.held.__setitem__(0, _Flagged(mix=True))
+
+    def long_list():
+        m = listed([nn.Identity() for _ in range(40)])
+        return m, lambda: m.held.__setitem__(39, _Flagged(mix=True))
+
+    def plain_object():
+        settings = _Settings()
+        return listed([settings]), lambda: setattr(settings, "centre", True)
+
+    return {
+        "list: a function swapped for a roll": list_function_swapped,
+        "list: a batch flip appended": list_function_appended,
+        "tuple: rebound with a batch flip": tuple_rebound,
+        "a submodule's list: a function swapped": submodule_s_list,
+        "dict: a function swapped": dict_function,
+        "dict: a flag set": dict_flag,
+        "dict: an integer shift set": dict_integer,
+        "dict: a mixing module appended to its list": dict_list_module,
+        "SimpleNamespace: a flag set": namespace_flag,
+        "partial: a keyword written": partial_keyword,
+        "tuple: an index written in place": tuple_index,
+        "list: a module's flag set": listed_module_flag,
+        "list: a module replaced": listed_module_replaced,
+        "a 40-item list: a module replaced": long_list,
+        "list: a plain object's flag set": plain_object,
+    }
+
+
+CASES = _cases()
+
+
+def _diagonal(jac: torch.Tensor) -> torch.Tensor:
+    return jac.diagonal(dim1=-2, dim2=-1)
+
+
+CALLS: dict[str, tuple[Callable[[Any, torch.Tensor], torch.Tensor], Callable[..., Any]]] = {
+    "divergence": (torchdiv.divergence, reference_divergence),
+    "jacobian_diagonal": (torchdiv.jacobian_diagonal, lambda f, x: _diagonal(reference_jacobian(f, x))),
+    "jacobian": (torchdiv.jacobian, reference_jacobian),
+    "laplacian": (torchdiv.laplacian, reference_laplacian),
+    "one-probe hutchinson": (
+        lambda f, x: torchdiv.divergence(f, x, method="hutchinson", num_probes=1),
+        None,
+    ),
+}
+
+
+def _served_then_refused(case: str, call: str, batch: int) -> None:
+    """Three calls of ``call`` (values against the reference), the change, a fourth call:
+    refused."""
+    m, change = CASES[case]()
+    torch.manual_seed(1)
+    x = torch.randn(batch, 3, dtype=f64)
+    op, reference = CALLS[call]
+    for _ in range(3):
+        got = op(m, x)
+        if reference is not None:
+            assert_close(got, reference(m, x))
+    change()
+    with pytest.raises(BatchInteractionError, match="mixes samples"):
+        op(m, x)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_container_change_that_turns_mixing_on_is_refused(case: str) -> None:
+    """Every case through ``divergence``, 8 samples (a tiny problem: watched until passed)."""
+    _served_then_refused(case, "divergence", 8)
+
+
+@pytest.mark.parametrize("batch", [8, 256])
+@pytest.mark.parametrize("call", list(CALLS))
+def test_a_listed_function_swapped_for_a_roll_is_refused_by_every_operator(
+    call: str, batch: int
+) -> None:
+    """The case of the limitations guide (closing19): every ``"auto"`` operator, and a
+    one-probe estimate, at 8 samples and at 256 (frozen diagonals on the generic rows)."""
+    _served_then_refused("list: a function swapped for a roll", call, batch)
+
+
+_OTHER_CALLS = [c for c in CALLS if c != "divergence"]
+
+
+@pytest.mark.parametrize("call", sampled_daily(_OTHER_CALLS, set(_OTHER_CALLS)))
+@pytest.mark.parametrize("case", [c for c in CASES if "roll" not in c])
+def test_every_operator_refuses_every_container_change(case: str, call: str) -> None:
+    """The other cases through the other operators (the daily sample)."""
+    _served_then_refused(case, call, 8)
+
+
+def _common_modules() -> dict[str, Callable[[], nn.Module]]:
+    """Modules with containers that never change: each must keep its pass."""
+
+    class _Stacked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(3, 3), nn.Tanh()])
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                z = layer(z)
+            return z
+
+    class _Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.scales = [0.5, 1.0, 2.0]
+            self.names = ("a", "b")
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.lin(z)) * self.scales[1]
+
+    return {
+        "MLP": lambda: nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)),
+        "ModuleList": _Stacked,
+        "list of floats": _Scaled,
+        "list of functions": _Ops,
+        "dict, namespace and partial": _Configured,
+        "module in a list": lambda: _Listed([_Flagged()]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_common_modules()))
+def test_unchanged_containers_keep_the_pass(name: str, watches: list[int]) -> None:
+    """Three divergences of a module whose containers stay as they are: watched once."""
+    torch.manual_seed(0)
+    m = _common_modules()[name]().double().eval()
+    x = torch.randn(8, 3, dtype=f64)
+    for _ in range(3):
+        assert_close(torchdiv.divergence(m, x), reference_divergence(m, x))
+    assert len(watches) == 1
+
+
+def test_a_float_in_a_list_is_a_value(watches: list[int]) -> None:
+    """A float a module keeps in a list or a namespace (a scale, a time) is a value, as its
+    own float attributes are: changed between calls, the pass is kept and the values follow."""
+    torch.manual_seed(0)
+    m = _Configured().double().eval()
+    x = torch.randn(8, 3, dtype=f64)
+    for scale in (0.5, 1.5, -2.0):
+        m.opts.scale = scale
+        assert_close(torchdiv.divergence(m, x), reference_divergence(m, x))
+    assert len(watches) == 1
+
+
+def test_an_untold_item_watches_every_call(watches: list[int]) -> None:
+    """A module holding what the key cannot tell (a plain object in its list) is watched at
+    every call, not served."""
+    m = _Listed([_Settings()]).double()
+    x = torch.randn(8, 3, dtype=f64)
+    for _ in range(3):
+        torchdiv.divergence(m, x)
+    assert len(watches) == 3
