@@ -22,7 +22,15 @@ from torchdiv._core.mixing.errors import BatchInteractionError, allowed, unnamed
 from torchdiv._core.mixing.reads import Kept, Verdict
 from torchdiv._core.script import global_names
 from torchdiv._taylor import RULES, capture
-from torchdiv._taylor.cache import TUPLE_ITEMS, PlanCache, Same, by_items, named, structure_key
+from torchdiv._taylor.cache import (
+    TUPLE_ITEMS,
+    UNTOLD,
+    PlanCache,
+    Same,
+    by_items,
+    named,
+    structure_key,
+)
 
 
 def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
@@ -392,19 +400,21 @@ def structure(f: Any, x: torch.Tensor, batch_dims: int) -> Structure:
     kept). Only torchdiv's own wrappers are unwrapped (``checks.unwrapped``): two wrappers of
     one function (``functools.wraps``) may compute different things."""
     f = unwrapped(f)
+    key = structure_key(f, x, batch_dims)
     if inspect.ismethod(f):
         func = f.__func__
         with contextlib.suppress(TypeError):  # (an object without weak references: as it is)
             func = weakref.ref(func)
-        return f.__self__, (func, structure_key(f, x, batch_dims))
+        return None if key[0] is UNTOLD else f.__self__, (func, key)
     site, held = identity(f)
-    if site is f and isinstance(f, (types.FunctionType, functools.partial)):
+    if key[0] is UNTOLD or (site is f and isinstance(f, (types.FunctionType, functools.partial))):
         # what it holds is not told (``identity``: a list of more than ``TUPLE_ITEMS`` items,
-        # nested too deep, a set): no site, nothing kept for it (a kept ``f`` was served by
-        # its pass whatever such a list came to hold, ``structure_key`` holding none of its
-        # items, until rev-merges19e), so it is watched at every call
+        # nested too deep, a set; ``structure_key``: such an item in a module's container):
+        # no site, nothing kept for it (a kept ``f`` was served by its pass whatever such a
+        # list came to hold, ``structure_key`` holding none of its items, until
+        # rev-merges19e; a module's, until keyattrs20), so it is watched at every call
         site = None
-    return site, (held, structure_key(f, x, batch_dims))
+    return site, (held, key)
 
 
 def shape_key(at: Structure) -> Hashable:
