@@ -361,3 +361,70 @@ def test_an_untold_item_watches_every_call(watches: list[int]) -> None:
     for _ in range(3):
         torchdiv.divergence(m, x)
     assert len(watches) == 3
+
+
+class _Eps(nn.Module):
+    """Holds a regularisation ``eps`` (a module kept in a plain list, not a submodule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eps = 1e-3
+
+
+_EPS_READS: dict[str, Callable[[Any], float]] = {
+    "a dictionary's entry": lambda m: m.cfg["eps"],
+    "a listed module's float": lambda m: m.helpers[0].eps,
+    "a list in a list": lambda m: m.nested[0][0],
+    "a SimpleNamespace in a list": lambda m: m.spaces[0].eps,
+}
+
+
+class _Regularised(nn.Module):
+    """``tanh(x) @ chol(W W^T + eps I)`` with ``eps`` read from one of its containers
+    (``_EPS_READS``), or, where the factorization fails, a fallback that scales each sample by
+    the batch mean (mixes samples): the watch passes it for any ``x`` while the numbers it
+    holds stay (``mixing.Numbers``)."""
+
+    def __init__(self, read: str) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(3, 3, dtype=f64))
+        self.read = read
+        self.cfg = {"eps": 1e-3}
+        self.helpers = [_Eps()]
+        self.nested = [[1e-3]]
+        self.spaces = [types.SimpleNamespace(eps=1e-3)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = _EPS_READS[self.read](self)
+        h = torch.tanh(x)
+        try:
+            chol = torch.linalg.cholesky(self.W @ self.W.T + eps * torch.eye(3, dtype=f64))
+        except RuntimeError:
+            return h * h.mean(0)
+        return h @ chol
+
+
+@pytest.mark.parametrize("read", list(_EPS_READS))
+def test_a_float_in_a_container_that_breaks_a_factorization_is_watched_again(
+    read: str, watches: list[int]
+) -> None:
+    """Two calls, watched once; ``eps`` set negative in the container: the factorization
+    fails and the fallback mixes samples; refused, not served by the pass (its numbers,
+    ``Numbers``, held only a module's own attributes, its short lists and tuples and a plain
+    object's)."""
+    torch.manual_seed(0)
+    m = _Regularised(read)
+    x = torch.randn(8, 3, dtype=f64)
+    for _ in range(2):
+        assert_close(torchdiv.divergence(m, x), reference_divergence(m, x))
+    assert len(watches) == 1
+    if read == "a dictionary's entry":
+        m.cfg["eps"] = -100.0
+    elif read == "a listed module's float":
+        m.helpers[0].eps = -100.0
+    elif read == "a list in a list":
+        m.nested[0][0] = -100.0
+    else:
+        m.spaces[0].eps = -100.0
+    with pytest.raises(BatchInteractionError, match="mixes samples"):
+        torchdiv.divergence(m, x)

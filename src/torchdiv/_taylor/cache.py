@@ -659,14 +659,14 @@ VALUE_ITEMS = 1024
 
 def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> Hashable:
     """A container a module holds (``_MODULE_CONTAINERS``: ``_held``), or one inside it, in
-    the key, by its type and items (``_items_of``: tuples, lists, dictionaries with their keys,
+    the key, by its type and items (``items_of``: tuples, lists, dictionaries with their keys,
     named tuples, ``SimpleNamespace``s, ``functools.partial``s), ``depth`` levels down, each
     item as ``_item`` tells it; ``None`` with a note in ``untold`` where it holds more than
     ``TUPLE_ITEMS`` items or is nested deeper. One of values alone (``_ITEM_VALUES``: a
     convolution's sizes, an LSTM's weight names, a ``torch.fx`` module's line numbers) is
     told without a call per item, up to ``VALUE_ITEMS`` of them."""
     kind = type(v)
-    found = _items_of(v)
+    found = items_of(v)
     if found is None or not depth:
         return _told(untold)
     n, items = found
@@ -692,6 +692,24 @@ def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> 
             for u in items
         ]
     )
+
+
+def walked(root: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Every module ``_held`` walks under ``root`` (``root`` too), each once: its submodules
+    and the modules its and their containers hold (``_contained``: a module in a plain list,
+    a bound method's)."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        yield m
+        stack += [c for c in m._modules.values() if c is not None]
+        for v in vars(m).values():
+            if type(v) in _MODULE_CONTAINERS:
+                _contained(v, stack, [])
 
 
 def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Hashable:
@@ -738,7 +756,7 @@ def _told(untold: list[bool]) -> None:
     untold.append(True)
 
 
-def _items_of(v: Any) -> tuple[int, Any] | None:
+def items_of(v: Any) -> tuple[int, Any] | None:
     """How many entries ``v`` holds and what ``_contained`` tells it by (``None``: not a
     container it reads): a tuple's or list's items; a dictionary's keys and values, as a
     ``SimpleNamespace``'s; a partial's function, the number of its positional arguments, its

@@ -28,8 +28,10 @@ from torchdiv._taylor.cache import (
     PlanCache,
     Same,
     by_items,
+    items_of,
     named,
     structure_key,
+    walked,
 )
 
 
@@ -172,15 +174,27 @@ def _numbers(m: Any, depth: int = 1) -> tuple[tuple[str, Any], ...]:
     found: list[tuple[str, Any]] = []
     for k, v in _fields(m).items():
         kind = type(v)
-        if kind in _NONE_HELD:
+        if kind in _NONE_HELD or (kind is dict and k in _MODULE_DICTS):
             continue
         if isinstance(v, Number):
             found.append((k, v))
-        elif (kind is list or kind is tuple) and len(v) <= TUPLE_ITEMS:
-            found.append((k, tuple(u for u in v if isinstance(u, Number))))
+        elif kind is list or kind is tuple or kind is dict or by_items(v):
+            found.append((k, _contained_numbers(v)))
         elif depth and not callable(v) and not isinstance(v, _NOT_PLAIN):
             found.append((k, _numbers(v, depth - 1)))
     return tuple(found)
+
+
+def _contained_numbers(v: Any, depth: int = 3) -> tuple[Any, ...]:
+    """The numbers in a list, tuple, dictionary (its keys too), named tuple, ``SimpleNamespace``
+    or partial a module holds, and in those it holds, ``depth`` levels down, each container
+    of up to ``TUPLE_ITEMS`` entries, as the structure key walks them (``cache.items_of``),
+    which holds their floats as values (``self.cfg = {"eps": 1e-3}``, ``self.eps = [[1e-3]]``,
+    set negative: served by the pass until keyattrs20)."""
+    found = items_of(v)
+    if found is None or not depth or found[0] > TUPLE_ITEMS:
+        return ()
+    return tuple(u if isinstance(u, Number) else _contained_numbers(u, depth - 1) for u in found[1])
 
 
 def _fields(m: Any) -> dict[str, Any]:
@@ -228,7 +242,8 @@ _NOT_PLAIN = (torch.Tensor, torch.nn.Module, dict)  # (a module's hooks: diction
 # ``_non_persistent_buffers_set``), exactly: neither numbers nor a plain object holding some
 # (``bool``s are numbers: ``training`` is held): ``_numbers`` skips them before its checks,
 # each a Python call (``Numbers.current`` of cayley's six modules, timeit: 81 -> 13 us)
-_NONE_HELD = frozenset((dict, collections.OrderedDict, type(None), set, str))
+_NONE_HELD = frozenset((collections.OrderedDict, type(None), set, str))
+_MODULE_DICTS = frozenset(("_parameters", "_buffers", "_modules"))  # (a module's own)
 
 
 def passed_before(
@@ -378,10 +393,12 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
 
 def _modules(f: Any) -> Iterator[torch.nn.Module]:
     """Every module under those ``f``'s structure key holds: ``f`` itself, or what it reaches
-    (``cache.named``), with their submodules (a module reached twice: twice)."""
+    (``cache.named``), with their submodules and the modules their containers hold
+    (``cache.walked``: a module in a plain list, whose numbers ``Numbers`` holds too; a
+    module reached twice: twice)."""
     for reached in [f] if isinstance(f, torch.nn.Module) else named(f):
         if isinstance(reached, torch.nn.Module):
-            yield from reached.modules()
+            yield from walked(reached)
 
 
 def _loose(at: Structure) -> Structure | None:
