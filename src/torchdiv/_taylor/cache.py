@@ -359,7 +359,7 @@ def site(f: Any) -> Any:
     return f if code is None else code
 
 
-def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
+def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> tuple[Hashable, ...]:
     """``key`` of ``x`` and, for a module ``f``, which submodules it holds (a swapped one is
     another object), each one's flags (its train mode, ``if self.mix:``: ``_held``), the
     functions it holds (a replaced ``forward``) and
@@ -370,7 +370,8 @@ def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
     which object each other callable it reaches is (a rebound closure, ``torch.tanh`` for
     ``torch.flipud``), and the value of each flag it reaches (``_FLAGS``: ``if mix:``,
     ``mean(dim)``). Floats (a time, a scale) and tensors are values, not structure; so are
-    the integers an object holds (``_MODULE_FLAGS``)."""
+    the integers an object holds (``_MODULE_FLAGS``), but not those of a module's containers
+    (``_contained``). Led by ``UNTOLD`` where such a container holds what it cannot tell."""
     hooks = _global_hooks()
     if isinstance(f, torch.nn.Module):
         return (*_held(f), *hooks, key(x, batch_dims))
@@ -567,15 +568,17 @@ def _attributes(obj: Any) -> list[Any]:
     return [v for v in attributes.values() if type(v) is not int]
 
 
-def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
+def _held(f: torch.nn.Module) -> tuple[Any, ...]:
     """Every module under ``f`` (``f`` included) as its id, type (a freed submodule's id may
     come back, on another module), flags (``_MODULE_FLAGS``: the train mode, as
     ``model[0].train()`` alone switches a batch norm to batch statistics, and the switches of
     its ``forward``, ``if self.mix:``), the functions it holds (``_MODULE_FUNCTIONS``: a
     replaced ``forward``), its tensors, buffers (``None`` or a tensor) and plain attributes
     (``_tensor``: ``register_buffer("perm", None)``, then ``net.perm = torch.randperm(n)``
-    read as ``y[self.perm]``, mixed samples unwatched) and forward hooks (one may mix
-    samples), flat, and whether each of their parameters requires grad. The type as a weak
+    read as ``y[self.perm]``, mixed samples unwatched), its containers by their items
+    (``_contained``; the modules they hold walked as its submodules) and forward hooks (one
+    may mix samples), flat, and whether each of their parameters requires grad; ``UNTOLD``
+    first where a container held an item ``_contained`` cannot tell. The type as a weak
     reference (equal to another only while its type is alive): held, a class made at every
     call (a model factory's, each ``torch.fx.GraphModule``'s own) stayed alive with what its
     methods close over as long as a cache kept the key.
@@ -657,7 +660,7 @@ _VALUE_TUPLES_KEPT = 4096
 VALUE_ITEMS = 1024
 
 
-def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> Hashable:
+def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> Any:
     """A container a module holds (``_MODULE_CONTAINERS``: ``_held``), or one inside it, in
     the key, by its type and items (``items_of``: tuples, lists, dictionaries with their keys,
     named tuples, ``SimpleNamespace``s, ``functools.partial``s), ``depth`` levels down, each
@@ -712,7 +715,7 @@ def walked(root: torch.nn.Module) -> Iterator[torch.nn.Module]:
                 _contained(v, stack, [])
 
 
-def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Hashable:
+def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
     """An item of a container a module holds (``_contained``): integers, flags, enumerations
     and other immutable values by value (``_ITEM_VALUES``); floats and complex numbers as
     values (by type: a scale, a time, as a module's own); tensors as a module's (``_tensor``);
@@ -751,9 +754,10 @@ def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Hashable:
     return _told(untold)
 
 
-def _told(untold: list[bool]) -> None:
-    """A container or item ``_contained`` cannot tell: noted in ``untold``."""
+def _told(untold: list[bool]) -> Hashable:
+    """A container or item ``_contained`` cannot tell: noted in ``untold``; ``None``."""
     untold.append(True)
+    return None
 
 
 def items_of(v: Any) -> tuple[int, Any] | None:
