@@ -320,8 +320,17 @@ def _common_modules() -> dict[str, Callable[[], nn.Module]]:
         def forward(self, z: torch.Tensor) -> torch.Tensor:
             return torch.tanh(self.lin(z)) * self.scales[1]
 
+    class _Tracked(_Stacked):
+        """Keeps a plain list of its 40 parameters, as ``DistributedDataParallel`` does."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(3, 3) for _ in range(20)])
+            self.tracked = list(self.parameters())
+
     return {
         "MLP": lambda: nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)),
+        "40 parameters in a list": _Tracked,
         "ModuleList": _Stacked,
         "list of floats": _Scaled,
         "list of functions": _Ops,

@@ -649,6 +649,7 @@ _ITEM_VALUES = frozenset(
     (bool, int, str, bytes, type(None), type(Ellipsis), range, torch.dtype, torch.Size)
 ) | {torch.device, torch.layout, torch.memory_format}
 _ITEM_FUNCTIONS = _MODULE_FUNCTIONS | {type}  # (by identity, weakly)
+_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
 # the tuples of values (``_ITEM_VALUES``) ``_contained`` met, by id, each kept alive (so that
@@ -667,7 +668,8 @@ def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> 
     item as ``_item`` tells it; ``None`` with a note in ``untold`` where it holds more than
     ``TUPLE_ITEMS`` items or is nested deeper. One of values alone (``_ITEM_VALUES``: a
     convolution's sizes, an LSTM's weight names, a ``torch.fx`` module's line numbers) is
-    told without a call per item, up to ``VALUE_ITEMS`` of them."""
+    told without a call per item, up to ``VALUE_ITEMS`` of them, as is one of tensors alone
+    (``_tensor`` each)."""
     kind = type(v)
     found = items_of(v)
     if found is None or not depth:
@@ -683,6 +685,9 @@ def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> 
             _VALUE_TUPLES.clear()
         _VALUE_TUPLES[id(v)] = v
         return v
+    if _TENSORS.issuperset(map(type, items)) and n <= VALUE_ITEMS:
+        # (``DistributedDataParallel``'s list of its module's parameters, often more than 32)
+        return told, tuple([_tensor(u) for u in items])
     if n > TUPLE_ITEMS:
         return _told(untold)
     return told, tuple(
