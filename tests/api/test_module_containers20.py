@@ -32,6 +32,7 @@ from conftest import (
     reference_laplacian,
     sampled_daily,
 )
+from test_module_changes import _Stack
 from torch import nn
 
 import torchdiv
@@ -300,16 +301,6 @@ def test_every_operator_refuses_every_container_change(case: str, call: str) -> 
 def _common_modules() -> dict[str, Callable[[], nn.Module]]:
     """Modules with containers that never change: each must keep its pass."""
 
-    class _Stacked(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layers = nn.ModuleList([nn.Linear(3, 3), nn.Tanh()])
-
-        def forward(self, z: torch.Tensor) -> torch.Tensor:
-            for layer in self.layers:
-                z = layer(z)
-            return z
-
     class _Scaled(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -320,7 +311,7 @@ def _common_modules() -> dict[str, Callable[[], nn.Module]]:
         def forward(self, z: torch.Tensor) -> torch.Tensor:
             return torch.tanh(self.lin(z)) * self.scales[1]
 
-    class _Tracked(_Stacked):
+    class _Tracked(_Stack):
         """Keeps a plain list of its 40 parameters, as ``DistributedDataParallel`` does."""
 
         def __init__(self) -> None:
@@ -331,7 +322,7 @@ def _common_modules() -> dict[str, Callable[[], nn.Module]]:
     return {
         "MLP": lambda: nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)),
         "40 parameters in a list": _Tracked,
-        "ModuleList": _Stacked,
+        "ModuleList": _Stack,
         "list of floats": _Scaled,
         "list of functions": _Ops,
         "dict, namespace and partial": _Configured,
