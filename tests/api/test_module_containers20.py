@@ -288,6 +288,20 @@ def test_a_listed_function_swapped_for_a_roll_is_refused_by_every_operator(name:
     _served_then_refused("list: a function swapped for a roll", call, batch, d)
 
 
+@pytest.mark.parametrize("wrap", ["a lambda made anew", "its bound forward"])
+def test_a_function_over_the_module_sees_its_containers(wrap: str) -> None:
+    """``lambda z: m(z)`` made at every call, or ``m.forward``: the key of what a function
+    reaches (``cache._reached``) holds the module's containers too (both served on main)."""
+    m, change = CASES["list: a batch flip appended"]()
+    make = (lambda: lambda z: m(z)) if wrap == "a lambda made anew" else (lambda: m.forward)
+    x = torch.randn(8, 3, dtype=f64)
+    for _ in range(3):
+        assert_close(torchdiv.jacobian_diagonal(make(), x), reference_diagonal(m, x))
+    change()
+    with pytest.raises(BatchInteractionError, match="mixes samples"):
+        torchdiv.jacobian_diagonal(make(), x)
+
+
 _OTHER_CALLS = [c for c in CALLS if c != "divergence"]
 
 
