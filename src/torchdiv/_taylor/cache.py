@@ -734,6 +734,8 @@ def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
         return v
     if kind is float or kind is complex:
         return kind
+    if kind is weakref.ref:
+        return kind, _item(v(), stack, untold, depth)
     if isinstance(v, torch.Tensor):
         return _tensor(v)
     if kind in _ITEM_FUNCTIONS:
@@ -744,8 +746,6 @@ def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
     if isinstance(v, torch.nn.Module):
         stack.append(v)
         return id(v)
-    if kind is weakref.ref:
-        return kind, _item(v(), stack, untold, depth)
     if kind in _MODULE_CONTAINERS or by_items(v):
         return _contained(v, stack, untold, depth)
     if isinstance(v, Enum) or (kind is frozenset and _ITEM_VALUES.issuperset(map(type, v))):
