@@ -442,3 +442,20 @@ def test_a_float_in_a_container_that_breaks_a_factorization_is_watched_again(
         m.spaces[0].eps = -100.0
     with pytest.raises(BatchInteractionError, match="mixes samples"):
         torchdiv.divergence(m, x)
+
+
+def test_an_index_in_a_module_s_tuple_keeps_the_pass(watches: list[int]) -> None:
+    """Indices read along the batch from a tensor in a module's tuple (``self.order =
+    (perm,)``), which the key holds by identity and version: watched once over three calls
+    (at every call before keyattrs20), watched again and refused once written across samples
+    (``tuple: an index written in place`` above), and again once replaced."""
+    torch.manual_seed(0)
+    m = _Configured().double().eval()
+    m.order = (torch.arange(8),)
+    x = torch.randn(8, 3, dtype=f64)
+    for _ in range(3):
+        assert_close(torchdiv.divergence(m, x), reference_divergence(m, x))
+    assert len(watches) == 1
+    m.order = (torch.tensor(_SWAP),)
+    with pytest.raises(BatchInteractionError, match="mixes samples"):
+        torchdiv.divergence(m, x)

@@ -720,6 +720,25 @@ def walked(root: torch.nn.Module) -> Iterator[torch.nn.Module]:
                 _contained(v, stack, [])
 
 
+def contained_tensors(m: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors in the containers ``m`` holds (``_contained`` holds each in the key, an
+    integer one by identity and version, or the key is led by ``UNTOLD``): an index tensor
+    kept in ``self.edges = (senders, receivers)``."""
+    found: list[torch.Tensor] = []
+    todo = [(v, 3) for v in vars(m).values() if type(v) in _MODULE_CONTAINERS]
+    while todo:
+        v, depth = todo.pop()
+        items = items_of(v)
+        if items is None or not depth:
+            continue
+        for u in items[1]:
+            if isinstance(u, torch.Tensor):
+                found.append(u)
+            elif items_of(u) is not None:
+                todo.append((u, depth - 1))
+    return found
+
+
 def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
     """An item of a container a module holds (``_contained``): integers, flags, enumerations
     and other immutable values by value (``_ITEM_VALUES``); floats and complex numbers as

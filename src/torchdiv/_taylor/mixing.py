@@ -28,6 +28,7 @@ from torchdiv._taylor.cache import (
     PlanCache,
     Same,
     by_items,
+    contained_tensors,
     items_of,
     named,
     structure_key,
@@ -364,11 +365,13 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
     identity, each still as it was read (one ``f`` wrote after reading it is not), or else
     the tensor it is a view of (``edges[0]`` of a buffer ``edges``: the view's place in it
     follows from ``f``'s code): one its ``identity`` tells (a closure cell's, default's or
-    global's, in tuples and nested functions), or a buffer or plain tensor attribute of a
-    module it reaches (``cache.named``; ``cache._tensor``); ``None`` if one is held neither
-    way. A neighbour list elsewhere (a plain object's ``self.edges``, a dict's entry, PyG's
-    ``Data``) may be rebuilt across samples at the same shapes, unseen by the key: ``f`` is
-    then watched at every call. The pass keeps the ones returned (``Passed.current``)."""
+    global's, in tuples and nested functions), or a buffer, plain tensor attribute or
+    tensor in a container (``cache.contained_tensors``: ``self.edges = (senders,
+    receivers)``) of a module it reaches (``cache.named``; ``cache._tensor``); ``None`` if
+    one is held neither way. A neighbour list elsewhere (a plain object's ``self.edges``, a
+    closure dict's entry, PyG's ``Data``) may be rebuilt across samples at the same shapes,
+    unseen by the key: ``f`` is then watched at every call. The pass keeps the ones returned
+    (``Passed.current``)."""
     if not indices:
         return ()
     found: set[int] = set()
@@ -378,7 +381,7 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
         if _identity(f, 3, values, found)[0] is f:
             found.clear()  # (not told by what it holds: none of it is in the key)
     for m in _modules(f):
-        tensors = [*m._buffers.values(), *vars(m).values()]
+        tensors = [*m._buffers.values(), *vars(m).values(), *contained_tensors(m)]
         found |= {id(t) for t in tensors if type(t) is torch.Tensor}
     kept: list[Kept] = []
     for index, base in indices:
