@@ -8,6 +8,8 @@ blocks["out"](tanh(blocks["in"](z)))`` over a dictionary of modules. ``anew``: a
 object at every call; ``kept``: one object kept across calls (watched once before and since),
 timed alternately in one process (``cpu_interleaved_ms``: the 0.2 quantile of one thread's
 CPU time a call, per round; median and range of the rounds), each with its watches in 10 calls.
+And modules kept across calls (keyattrs20): the MLP as a ``Sequential``, in a ``ModuleList``,
+and with plain lists of floats and functions (each container in the structure key).
 Run it against the tree before (``PYTHONPATH`` of the older ``src``) for the "before" numbers.
 
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \\
@@ -54,6 +56,43 @@ def _makers(d: int, width: int) -> dict[str, Callable[[int], Callable[[torch.Ten
     }
 
 
+class _Stack(torch.nn.Module):
+    """The MLP's layers in a ``ModuleList``."""
+
+    def __init__(self, layers: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return _run(list(self.layers), z)
+
+
+class _Scaled(_Stack):
+    """The same with a plain list of floats (per-layer scales) and one of functions."""
+
+    def __init__(self, layers: list[torch.nn.Module]) -> None:
+        super().__init__(layers)
+        self.scales = [1.0, 0.5, 1.0]
+        self.acts: list[Callable[[torch.Tensor], torch.Tensor]] = [torch.tanh]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for layer, scale in zip(self.layers, self.scales, strict=True):
+            z = layer(z) * scale
+        return self.acts[0](z)
+
+
+def _modules(d: int, width: int) -> dict[str, torch.nn.Module]:
+    """Modules kept across calls (keyattrs20: a module's own containers in the key): the MLP
+    as a ``Sequential``, in a ``ModuleList``, and with plain lists of floats and functions."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(d, width), torch.nn.Tanh(), torch.nn.Linear(width, d)]
+    return {
+        "module MLP": torch.nn.Sequential(*layers),
+        "module list": _Stack(layers),
+        "module floats": _Scaled(layers),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--d", type=int, default=4)
@@ -75,12 +114,14 @@ def main() -> None:
             return torchdiv.divergence(kept, xs[next(at) % len(xs)])
 
         calls[f"{name} anew"], calls[f"{name} kept"] = anew, same
+    for name, module in _modules(args.d, 32).items():
+        calls[name] = lambda m=module: torchdiv.divergence(m, xs[next(at) % len(xs)])
     counts = watches_in(calls)
     times = cpu_interleaved_ms(calls, args.rounds, args.seconds)
     print(f"d={args.d} B={args.batch}, torch {torch.__version__}, thread CPU time a call")
     for name, t in times.items():
         print(
-            f"{name:13s} median {statistics.median(t):.3f} ms  range {min(t):.3f}-{max(t):.3f} ms"
+            f"{name:14s} median {statistics.median(t):.3f} ms  range {min(t):.3f}-{max(t):.3f} ms"
             f"  watches in 10 calls: {counts[name]}"
         )
 

@@ -42,6 +42,8 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Container, Hashable, Iterator
 from dataclasses import dataclass, field, replace
+from enum import Enum
+from numbers import Integral, Number
 from typing import Any
 
 import torch
@@ -357,7 +359,7 @@ def site(f: Any) -> Any:
     return f if code is None else code
 
 
-def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
+def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> tuple[Hashable, ...]:
     """``key`` of ``x`` and, for a module ``f``, which submodules it holds (a swapped one is
     another object), each one's flags (its train mode, ``if self.mix:``: ``_held``), the
     functions it holds (a replaced ``forward``) and
@@ -368,7 +370,8 @@ def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> Hashable:
     which object each other callable it reaches is (a rebound closure, ``torch.tanh`` for
     ``torch.flipud``), and the value of each flag it reaches (``_FLAGS``: ``if mix:``,
     ``mean(dim)``). Floats (a time, a scale) and tensors are values, not structure; so are
-    the integers an object holds (``_MODULE_FLAGS``)."""
+    the integers an object holds (``_MODULE_FLAGS``), but not those of a module's containers
+    (``_contained``). Led by ``UNTOLD`` where such a container holds what it cannot tell."""
     hooks = _global_hooks()
     if isinstance(f, torch.nn.Module):
         return (*_held(f), *hooks, key(x, batch_dims))
@@ -415,11 +418,15 @@ _MODULE_FLAGS = frozenset((bool, str, type(None)))
 # method (``net.forward = g``: a forward that mixes samples went unwatched) or held as one
 # (``self.act = torch.tanh``, swapped for ``torch.flipud``); with the flags, what ``_held``
 # keeps of a module's own attributes
-_MODULE_FUNCTIONS = frozenset(
-    (types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial)
-)
+_MODULE_FUNCTIONS = frozenset((types.FunctionType, types.MethodType, types.BuiltinFunctionType))
 # and the plain tensors it holds as attributes (``_tensor``)
 _MODULE_HELD = _MODULE_FLAGS | _MODULE_FUNCTIONS | {torch.Tensor}
+# and the containers it holds, told by their items (``_contained``; a ``functools.partial``
+# too, by its function and arguments): ``self.ops = [torch.tanh, torch.sin]`` with a function
+# swapped for a roll of the batch, a flag set in ``self.cfg = {"centre": False}``, a module
+# held in a plain list set to mix were served by the first call's pass until keyattrs20
+_MODULE_CONTAINERS = frozenset((list, tuple, dict, types.SimpleNamespace, functools.partial))
+_MODULE_KEYED = _MODULE_HELD | _MODULE_CONTAINERS
 
 
 def _tensor(t: torch.Tensor) -> Hashable:
@@ -448,17 +455,20 @@ def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
     cell run again, took the ``id`` of one freed before, and a key that held the ``id`` found
     the old one's entries: its sample mixing went unwatched), the others by ``id``."""
     out: list[Any] = []
+    untold = False
     for held in named(f, depth):
         if isinstance(held, torch.nn.Module):
             with contextlib.suppress(Exception):  # (a stand-in that is not one)
-                out += _held(held)
+                found = _held(held)
+                untold = untold or found[0] is UNTOLD
+                out += found
         elif type(held) in _FLAGS:
             out.append(held)
         elif isinstance(held, _WEAKLY):
             out.append(weakref.ref(held))
         else:
             out.append(id(held))
-    return tuple(out)
+    return (UNTOLD, *out) if untold else tuple(out)
 
 
 _WEAKLY = (types.FunctionType, type)  # hashed and compared by identity, weakly referenced
@@ -558,15 +568,17 @@ def _attributes(obj: Any) -> list[Any]:
     return [v for v in attributes.values() if type(v) is not int]
 
 
-def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
+def _held(f: torch.nn.Module) -> tuple[Any, ...]:
     """Every module under ``f`` (``f`` included) as its id, type (a freed submodule's id may
     come back, on another module), flags (``_MODULE_FLAGS``: the train mode, as
     ``model[0].train()`` alone switches a batch norm to batch statistics, and the switches of
     its ``forward``, ``if self.mix:``), the functions it holds (``_MODULE_FUNCTIONS``: a
     replaced ``forward``), its tensors, buffers (``None`` or a tensor) and plain attributes
     (``_tensor``: ``register_buffer("perm", None)``, then ``net.perm = torch.randperm(n)``
-    read as ``y[self.perm]``, mixed samples unwatched) and forward hooks (one may mix
-    samples), flat, and whether each of their parameters requires grad. The type as a weak
+    read as ``y[self.perm]``, mixed samples unwatched), its containers by their items
+    (``_contained``; the modules they hold walked as its submodules) and forward hooks (one
+    may mix samples), flat, and whether each of their parameters requires grad; ``UNTOLD``
+    first where a container held an item ``_contained`` cannot tell. The type as a weak
     reference (equal to another only while its type is alive): held, a class made at every
     call (a model factory's, each ``torch.fx.GraphModule``'s own) stayed alive with what its
     methods close over as long as a cache kept the key.
@@ -578,6 +590,7 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
     grads: list[bool] = []
     seen: set[int] = set()
     stack = [f]
+    untold: list[bool] = []  # (an item ``_contained`` cannot tell: one entry)
     while stack:
         m = stack.pop()
         i = id(m)
@@ -587,20 +600,26 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
         attributes = m.__dict__
         held.append(i)  # (appended, not a tuple of the three: ~10% of the walk)
         held.append(weakref.ref(type(m)))
+        buffers = attributes.get("_buffers")
+        parameters, children = attributes.get("_parameters"), attributes.get("_modules")
         held += [
             v
-            if (t := type(v)) in _MODULE_FLAGS
+            if t in _MODULE_FLAGS
             else _tensor(v)
             if t is torch.Tensor
             else weakref.ref(v)
+            if t in _MODULE_FUNCTIONS
+            else v
+            if t is tuple and _VALUE_TUPLES.get(id(v)) is v
+            else _contained(v, stack, untold)
             for v in attributes.values()
-            if type(v) in _MODULE_HELD
+            # (its own dictionaries of parameters, buffers and submodules: read below)
+            if (t := type(v)) in _MODULE_KEYED
+            and (t is not dict or (v is not parameters and v is not buffers and v is not children))
         ]
         pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
         if pre or post:  # by their handles' ids (a counter: never reused)
             held.append((*(pre or ()), None, *(post or ())))
-        buffers = attributes.get("_buffers")
-        parameters, children = attributes.get("_parameters"), attributes.get("_modules")
         if parameters is None or children is None:  # a torch.jit.trace'd module's C++ module
             # holds them (KeyError: crashed; its buffers unread, one written in place or
             # replaced moved samples unwatched)
@@ -611,7 +630,175 @@ def _held(f: torch.nn.Module) -> tuple[tuple[Any, ...], tuple[bool, ...]]:
             grads += [p.requires_grad for p in parameters.values() if p is not None]
         if children:
             stack += [c for c in children.values() if c is not None]
-    return tuple(held), tuple(grads)
+    return (tuple(held), tuple(grads)) if not untold else (UNTOLD, tuple(held), tuple(grads))
+
+
+class Untold:
+    """Leads a structure key (``structure_key``) where a module held an item ``_contained``
+    cannot tell: no pass is kept for such an ``f`` (``mixing.structure``), so every call of
+    it is watched."""
+
+
+UNTOLD = Untold()
+
+# the items of a module's containers told by value (``_contained``): immutable, equal only
+# where they compute alike (an integer too: ``h.roll(self.cfg["shift"], 0)``; counts are
+# rarer in containers than as a module's own attributes, and one kept there, ``calls[0] += 1``,
+# makes every call another structure, watched again)
+_ITEM_VALUES = frozenset(
+    (bool, int, str, bytes, type(None), type(Ellipsis), range, torch.dtype, torch.Size)
+) | {torch.device, torch.layout, torch.memory_format}
+_ITEM_FUNCTIONS = _MODULE_FUNCTIONS | {type}  # (by identity, weakly)
+_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
+# the tuples of values (``_ITEM_VALUES``) ``_contained`` met, by id, each kept alive (so that
+# its id is its own): a tuple cannot change, so ``_held`` holds one found here as it is,
+# without a call (a convolution's five tuples of sizes: ~3 us a call otherwise)
+_VALUE_TUPLES: dict[int, tuple[Any, ...]] = {}
+_VALUE_TUPLES_KEPT = 4096
+# the longest container of values alone ``_contained`` tells (in C: ~2 us for 1024 integers)
+VALUE_ITEMS = 1024
+
+
+def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> Any:
+    """A container a module holds (``_MODULE_CONTAINERS``: ``_held``), or one inside it, in
+    the key, by its type and items (``items_of``: tuples, lists, dictionaries with their keys,
+    named tuples, ``SimpleNamespace``s, ``functools.partial``s), ``depth`` levels down, each
+    item as ``_item`` tells it; ``None`` with a note in ``untold`` where it holds more than
+    ``TUPLE_ITEMS`` items or is nested deeper. One of values alone (``_ITEM_VALUES``: a
+    convolution's sizes, an LSTM's weight names, a ``torch.fx`` module's line numbers) is
+    told without a call per item, up to ``VALUE_ITEMS`` of them, as is one of tensors alone
+    (``_tensor`` each)."""
+    kind = type(v)
+    found = items_of(v)
+    if found is None or not depth:
+        return _told(untold)
+    n, items = found
+    told = kind if kind in _MODULE_CONTAINERS else weakref.ref(kind)  # (a named tuple's class)
+    if _ITEM_VALUES.issuperset(map(type, items)):
+        if n > VALUE_ITEMS:
+            return _told(untold)
+        if kind is not tuple:
+            return told, tuple(items)
+        if len(_VALUE_TUPLES) >= _VALUE_TUPLES_KEPT:
+            _VALUE_TUPLES.clear()
+        _VALUE_TUPLES[id(v)] = v
+        return v
+    if _TENSORS.issuperset(map(type, items)) and n <= VALUE_ITEMS:
+        # (``DistributedDataParallel``'s list of its module's parameters, often more than 32)
+        return told, tuple([_tensor(u) for u in items])
+    if n > TUPLE_ITEMS:
+        return _told(untold)
+    return told, tuple(
+        [
+            u
+            if (t := type(u)) in _ITEM_VALUES
+            else _tensor(u)
+            if t is torch.nn.Parameter or t is torch.Tensor
+            else _item(u, stack, untold, depth - 1)
+            for u in items
+        ]
+    )
+
+
+def walked(root: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Every module ``_held`` walks under ``root`` (``root`` too), each once: its submodules
+    and the modules its and their containers hold (``_contained``: a module in a plain list,
+    a bound method's)."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        yield m
+        stack += [c for c in m._modules.values() if c is not None]
+        for v in vars(m).values():
+            if type(v) in _MODULE_CONTAINERS:
+                _contained(v, stack, [])
+
+
+def contained_tensors(m: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors in the containers ``m`` holds (``_contained`` holds each in the key, an
+    integer one by identity and version, or the key is led by ``UNTOLD``): an index tensor
+    kept in ``self.edges = (senders, receivers)``."""
+    found: list[torch.Tensor] = []
+    todo = [(v, 3) for v in vars(m).values() if type(v) in _MODULE_CONTAINERS]
+    while todo:
+        v, depth = todo.pop()
+        items = items_of(v)
+        if items is None or not depth:
+            continue
+        for u in items[1]:
+            if isinstance(u, torch.Tensor):
+                found.append(u)
+            elif items_of(u) is not None:
+                todo.append((u, depth - 1))
+    return found
+
+
+def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
+    """An item of a container a module holds (``_contained``): integers, flags, enumerations
+    and other immutable values by value (``_ITEM_VALUES``); floats and complex numbers as
+    values (by type: a scale, a time, as a module's own); tensors as a module's (``_tensor``);
+    functions, bound methods and classes by identity, weakly; a module by its id, put on
+    ``stack`` (its flags, submodules and hooks join the key), as is a bound method's module;
+    a weak reference by what it refers to (``nn.LSTM``'s to its weights); a container by
+    ``_contained``. Anything else (a plain object, a set) is noted in ``untold``: the key
+    cannot see it change."""
+    kind = type(v)
+    if kind in _ITEM_VALUES:
+        return v
+    if kind is float or kind is complex:
+        return kind
+    if kind is weakref.ref:
+        return kind, _item(v(), stack, untold, depth)
+    if isinstance(v, torch.Tensor):
+        return _tensor(v)
+    if kind in _ITEM_FUNCTIONS:
+        own = getattr(v, "__self__", None) if kind is types.MethodType else None
+        if isinstance(own, torch.nn.Module):
+            stack.append(own)
+        return weakref.ref(v)
+    if isinstance(v, torch.nn.Module):
+        stack.append(v)
+        return id(v)
+    if kind in _MODULE_CONTAINERS or by_items(v):
+        return _contained(v, stack, untold, depth)
+    if isinstance(v, Enum) or (kind is frozenset and _ITEM_VALUES.issuperset(map(type, v))):
+        return v
+    if kind is slice and _ITEM_VALUES.issuperset(map(type, (v.start, v.stop, v.step))):
+        return kind, v.start, v.stop, v.step  # (e3nn's weight slices)
+    if isinstance(v, Integral):  # (a NumPy integer)
+        return kind, int(v)
+    if isinstance(v, Number):
+        return kind
+    return _told(untold)
+
+
+def _told(untold: list[bool]) -> Hashable:
+    """A container or item ``_contained`` cannot tell: noted in ``untold``; ``None``."""
+    untold.append(True)
+    return None
+
+
+def items_of(v: Any) -> tuple[int, Any] | None:
+    """How many entries ``v`` holds and what ``_contained`` tells it by (``None``: not a
+    container it reads): a tuple's or list's items; a dictionary's keys and values, as a
+    ``SimpleNamespace``'s; a partial's function, the number of its positional arguments, its
+    arguments and keyword names (``partial(g, 1)`` is not ``partial(g, x=1)``)."""
+    kind = type(v)
+    if kind is tuple or kind is list or by_items(v):
+        return (len(v), v) if kind is not dict else (len(v), [*v, *v.values()])
+    if kind is types.SimpleNamespace:
+        own = vars(v)
+        return len(own), [*own, *own.values()]
+    if kind is functools.partial:
+        n, keywords = len(v.args), v.keywords
+        return n + len(keywords), [v.func, n, *v.args, *keywords, *keywords.values()]
+    return None
 
 
 def key(x: torch.Tensor, batch_dims: int | None) -> Hashable:

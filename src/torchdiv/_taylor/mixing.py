@@ -22,7 +22,18 @@ from torchdiv._core.mixing.errors import BatchInteractionError, allowed, unnamed
 from torchdiv._core.mixing.reads import Kept, Verdict
 from torchdiv._core.script import global_names
 from torchdiv._taylor import RULES, capture
-from torchdiv._taylor.cache import TUPLE_ITEMS, PlanCache, Same, by_items, named, structure_key
+from torchdiv._taylor.cache import (
+    TUPLE_ITEMS,
+    UNTOLD,
+    PlanCache,
+    Same,
+    by_items,
+    contained_tensors,
+    items_of,
+    named,
+    structure_key,
+    walked,
+)
 
 
 def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
@@ -164,15 +175,27 @@ def _numbers(m: Any, depth: int = 1) -> tuple[tuple[str, Any], ...]:
     found: list[tuple[str, Any]] = []
     for k, v in _fields(m).items():
         kind = type(v)
-        if kind in _NONE_HELD:
+        if kind in _NONE_HELD or (kind is dict and k in _MODULE_DICTS):
             continue
         if isinstance(v, Number):
             found.append((k, v))
-        elif (kind is list or kind is tuple) and len(v) <= TUPLE_ITEMS:
-            found.append((k, tuple(u for u in v if isinstance(u, Number))))
+        elif kind is list or kind is tuple or kind is dict or by_items(v):
+            found.append((k, _contained_numbers(v)))
         elif depth and not callable(v) and not isinstance(v, _NOT_PLAIN):
             found.append((k, _numbers(v, depth - 1)))
     return tuple(found)
+
+
+def _contained_numbers(v: Any, depth: int = 3) -> tuple[Any, ...]:
+    """The numbers in a list, tuple, dictionary (its keys too), named tuple, ``SimpleNamespace``
+    or partial a module holds, and in those it holds, ``depth`` levels down, each container
+    of up to ``TUPLE_ITEMS`` entries, as the structure key walks them (``cache.items_of``),
+    which holds their floats as values (``self.cfg = {"eps": 1e-3}``, ``self.eps = [[1e-3]]``,
+    set negative: served by the pass until keyattrs20)."""
+    found = items_of(v)
+    if found is None or not depth or found[0] > TUPLE_ITEMS:
+        return ()
+    return tuple(u if isinstance(u, Number) else _contained_numbers(u, depth - 1) for u in found[1])
 
 
 def _fields(m: Any) -> dict[str, Any]:
@@ -220,7 +243,8 @@ _NOT_PLAIN = (torch.Tensor, torch.nn.Module, dict)  # (a module's hooks: diction
 # ``_non_persistent_buffers_set``), exactly: neither numbers nor a plain object holding some
 # (``bool``s are numbers: ``training`` is held): ``_numbers`` skips them before its checks,
 # each a Python call (``Numbers.current`` of cayley's six modules, timeit: 81 -> 13 us)
-_NONE_HELD = frozenset((dict, collections.OrderedDict, type(None), set, str))
+_NONE_HELD = frozenset((collections.OrderedDict, type(None), set, str))
+_MODULE_DICTS = frozenset(("_parameters", "_buffers", "_modules"))  # (a module's own)
 
 
 def passed_before(
@@ -341,11 +365,13 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
     identity, each still as it was read (one ``f`` wrote after reading it is not), or else
     the tensor it is a view of (``edges[0]`` of a buffer ``edges``: the view's place in it
     follows from ``f``'s code): one its ``identity`` tells (a closure cell's, default's or
-    global's, in tuples and nested functions), or a buffer or plain tensor attribute of a
-    module it reaches (``cache.named``; ``cache._tensor``); ``None`` if one is held neither
-    way. A neighbour list elsewhere (a plain object's ``self.edges``, a dict's entry, PyG's
-    ``Data``) may be rebuilt across samples at the same shapes, unseen by the key: ``f`` is
-    then watched at every call. The pass keeps the ones returned (``Passed.current``)."""
+    global's, in tuples and nested functions), or a buffer, plain tensor attribute or
+    tensor in a container (``cache.contained_tensors``: ``self.edges = (senders,
+    receivers)``) of a module it reaches (``cache.named``; ``cache._tensor``); ``None`` if
+    one is held neither way. A neighbour list elsewhere (a plain object's ``self.edges``, a
+    closure dict's entry, PyG's ``Data``) may be rebuilt across samples at the same shapes,
+    unseen by the key: ``f`` is then watched at every call. The pass keeps the ones returned
+    (``Passed.current``)."""
     if not indices:
         return ()
     found: set[int] = set()
@@ -355,7 +381,7 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
         if _identity(f, 3, values, found)[0] is f:
             found.clear()  # (not told by what it holds: none of it is in the key)
     for m in _modules(f):
-        tensors = [*m._buffers.values(), *vars(m).values()]
+        tensors = [*m._buffers.values(), *vars(m).values(), *contained_tensors(m)]
         found |= {id(t) for t in tensors if type(t) is torch.Tensor}
     kept: list[Kept] = []
     for index, base in indices:
@@ -370,10 +396,12 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
 
 def _modules(f: Any) -> Iterator[torch.nn.Module]:
     """Every module under those ``f``'s structure key holds: ``f`` itself, or what it reaches
-    (``cache.named``), with their submodules (a module reached twice: twice)."""
+    (``cache.named``), with their submodules and the modules their containers hold
+    (``cache.walked``: a module in a plain list, whose numbers ``Numbers`` holds too; a
+    module reached twice: twice)."""
     for reached in [f] if isinstance(f, torch.nn.Module) else named(f):
         if isinstance(reached, torch.nn.Module):
-            yield from reached.modules()
+            yield from walked(reached)
 
 
 def _loose(at: Structure) -> Structure | None:
@@ -392,19 +420,21 @@ def structure(f: Any, x: torch.Tensor, batch_dims: int) -> Structure:
     kept). Only torchdiv's own wrappers are unwrapped (``checks.unwrapped``): two wrappers of
     one function (``functools.wraps``) may compute different things."""
     f = unwrapped(f)
+    key = structure_key(f, x, batch_dims)
     if inspect.ismethod(f):
         func = f.__func__
         with contextlib.suppress(TypeError):  # (an object without weak references: as it is)
             func = weakref.ref(func)
-        return f.__self__, (func, structure_key(f, x, batch_dims))
+        return None if key[0] is UNTOLD else f.__self__, (func, key)
     site, held = identity(f)
-    if site is f and isinstance(f, (types.FunctionType, functools.partial)):
+    if key[0] is UNTOLD or (site is f and isinstance(f, (types.FunctionType, functools.partial))):
         # what it holds is not told (``identity``: a list of more than ``TUPLE_ITEMS`` items,
-        # nested too deep, a set): no site, nothing kept for it (a kept ``f`` was served by
-        # its pass whatever such a list came to hold, ``structure_key`` holding none of its
-        # items, until rev-merges19e), so it is watched at every call
+        # nested too deep, a set; ``structure_key``: such an item in a module's container):
+        # no site, nothing kept for it (a kept ``f`` was served by its pass whatever such a
+        # list came to hold, ``structure_key`` holding none of its items, until
+        # rev-merges19e; a module's, until keyattrs20), so it is watched at every call
         site = None
-    return site, (held, structure_key(f, x, batch_dims))
+    return site, (held, key)
 
 
 def shape_key(at: Structure) -> Hashable:
