@@ -231,3 +231,23 @@ def test_parameter_gradients_of_functional_styles(name: str) -> None:
     theirs = torch.autograd.grad((want * weights).sum(), owned, materialize_grads=True)
     for a, b in zip(ours, theirs, strict=True):
         assert_close(a, b)
+
+
+@pytest.mark.xfail(strict=True, reason="limitations.md: an index f reads that is also a buffer")
+def test_buffers_of_the_module_kept_in_a_train_state() -> None:
+    """``torch.func``'s idiom, ``buffers = dict(model.named_buffers())`` passed to
+    ``functional_call`` from a ``TrainState``: at the first call the index ``f`` reads is the
+    module's own buffer, which the key holds (a module's buffers are in it), so the pass is
+    kept for it; ``state.buffers`` replaced by a dictionary whose ``order`` moves samples is
+    unseen by the key (``state``: by identity) and served by that pass, silently (the traces
+    of the unmoved layer where each sample's own is 0). Documented in limitations.md."""
+    torch.manual_seed(0)
+    model = _Reordered(3, 4).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    state = TrainState(dict(model.named_buffers()))
+    f = lambda z: functional_call(model, (params, state.buffers), (z,))  # noqa: E731
+    x = torch.randn(4, 3, dtype=f64)
+    assert_close(torchdiv.divergence(f, x), reference_divergence(f, x))
+    state.buffers = {"order": torch.tensor([1, 2, 3, 0])}
+    with pytest.raises(torchdiv.BatchInteractionError):
+        torchdiv.divergence(f, x)
