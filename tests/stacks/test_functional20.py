@@ -233,14 +233,14 @@ def test_parameter_gradients_of_functional_styles(name: str) -> None:
         assert_close(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason="limitations.md: an index f reads that is also a buffer")
 def test_buffers_of_the_module_kept_in_a_train_state() -> None:
     """``torch.func``'s idiom, ``buffers = dict(model.named_buffers())`` passed to
     ``functional_call`` from a ``TrainState``: at the first call the index ``f`` reads is the
-    module's own buffer, which the key holds (a module's buffers are in it), so the pass is
-    kept for it; ``state.buffers`` replaced by a dictionary whose ``order`` moves samples is
+    module's own buffer, which the key holds (a module's buffers are in it), so the pass was
+    kept for it; ``state.buffers`` replaced by a dictionary whose ``order`` moves samples was
     unseen by the key (``state``: by identity) and served by that pass, silently (the traces
-    of the unmoved layer where each sample's own is 0). Documented in limitations.md."""
+    of the unmoved layer where each sample's own is 0). A module's buffer no longer vouches
+    for an index where ``f`` names a plain object."""
     torch.manual_seed(0)
     model = _Reordered(3, 4).double()
     params = {k: v.detach() for k, v in model.named_parameters()}

@@ -208,11 +208,41 @@ def _objects(f: Any) -> list[Any] | None:
         for u in v if type(v) is tuple else (v,):
             if isinstance(u, (list, dict)):
                 return None
-            if not (type(u) in _VALUES or callable(u) or u is _EMPTY) and not isinstance(
-                u, (torch.Tensor, torch.nn.Module, types.ModuleType)
-            ):
+            if _plain(u):
                 found.append(u)
     return found
+
+
+def _plain(u: Any) -> bool:
+    """Whether ``u`` is a plain object (a configuration, a ``TrainState``): no module, tensor,
+    callable, Python module or value ``identity`` tells by value. ``identity`` holds it by
+    identity alone, whatever its attributes come to hold."""
+    return not (type(u) in _VALUES or callable(u) or u is _EMPTY) and not isinstance(
+        u, (torch.Tensor, torch.nn.Module, types.ModuleType)
+    )
+
+
+def _names_plain(f: Any) -> bool:
+    """Whether the function (or ``functools.partial``) ``f`` names a plain object
+    (``_plain``) in its closure cells, defaults, globals or arguments, or in a tuple, list or
+    dictionary of them: an index ``f`` reads may be one of its attributes, the same tensor as
+    a module's buffer at one call (``torch.func``'s ``dict(model.named_buffers())`` kept in a
+    ``TrainState`` for ``functional_call``) and another at the next, unseen by the key (a
+    pass kept for that buffer served edges that cross samples until rev-functional20)."""
+    if isinstance(f, types.FunctionType):
+        todo = [(u, 2) for u in _named(f)[1]]
+    elif type(f) is functools.partial:
+        todo = [(u, 2) for u in (*f.args, *f.keywords.values())]
+    else:
+        return False
+    while todo:
+        u, depth = todo.pop()
+        if by_items(u):
+            if depth:
+                todo += [(v, depth - 1) for v in (u.values() if type(u) is dict else u)]
+        elif _plain(u):
+            return True
+    return False
 
 
 _NOT_PLAIN = (torch.Tensor, torch.nn.Module, dict)  # (a module's hooks: dictionaries)
@@ -342,10 +372,11 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
     the tensor it is a view of (``edges[0]`` of a buffer ``edges``: the view's place in it
     follows from ``f``'s code): one its ``identity`` tells (a closure cell's, default's or
     global's, in tuples and nested functions), or a buffer or plain tensor attribute of a
-    module it reaches (``cache.named``; ``cache._tensor``); ``None`` if one is held neither
-    way. A neighbour list elsewhere (a plain object's ``self.edges``, a dict's entry, PyG's
-    ``Data``) may be rebuilt across samples at the same shapes, unseen by the key: ``f`` is
-    then watched at every call. The pass keeps the ones returned (``Passed.current``)."""
+    module it reaches (``cache.named``; ``cache._tensor``) unless ``f`` names a plain object
+    (``_names_plain``); ``None`` if one is held neither way. A neighbour list elsewhere (a
+    plain object's ``self.edges``, a dict's entry, PyG's ``Data``) may be rebuilt across
+    samples at the same shapes, unseen by the key: ``f`` is then watched at every call. The
+    pass keeps the ones returned (``Passed.current``)."""
     if not indices:
         return ()
     found: set[int] = set()
@@ -354,7 +385,7 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
         values: list[tuple[Hashable, int]] = []
         if _identity(f, 3, values, found)[0] is f:
             found.clear()  # (not told by what it holds: none of it is in the key)
-    for m in _modules(f):
+    for m in () if _names_plain(f) else _modules(f):  # (an index it reads elsewhere: no)
         tensors = [*m._buffers.values(), *vars(m).values()]
         found |= {id(t) for t in tensors if type(t) is torch.Tensor}
     kept: list[Kept] = []
