@@ -18,6 +18,7 @@ from torch.func import functional_call, jacrev, vmap
 
 import torchdiv
 from tests.conftest import assert_close, laplacian_alone, reference_divergence
+from tests.core.test_mixing_weight_factorizations import SpectralMLP
 
 f64 = torch.float64
 
@@ -42,9 +43,11 @@ class _Reordered(torch.nn.Module):
 
 @dataclasses.dataclass
 class TrainState:
-    """What a JAX port trains with (flax's ``TrainState``, mutable here): its buffers."""
+    """What a JAX port trains with (flax's ``TrainState``, mutable here): its buffers and
+    parameters."""
 
-    buffers: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    params: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 # a script's module-level state, as JAX ports keep it: the buffers it started from, and the
@@ -249,5 +252,25 @@ def test_buffers_of_the_module_kept_in_a_train_state() -> None:
     x = torch.randn(4, 3, dtype=f64)
     assert_close(torchdiv.divergence(f, x), reference_divergence(f, x))
     state.buffers = {"order": torch.tensor([1, 2, 3, 0])}
+    with pytest.raises(torchdiv.BatchInteractionError):
+        torchdiv.divergence(f, x)
+
+
+def test_parameters_of_the_module_kept_in_a_train_state() -> None:
+    """The same for a weight a factorization reads (``try: W / matrix_norm(W, 2) except:
+    <centre the batch>``): ``dict(model.named_parameters())`` in a ``TrainState``, so the
+    first calls' weight is the module's own parameter, which the pass was kept for (while
+    the module holds it there, unchanged); ``state.params`` replaced by a dictionary whose
+    weight is non-finite (LAPACK raises: the fallback mixes samples) was served by that
+    pass, 0 for every sample. A module's parameter no longer vouches for a weight where
+    ``f`` names a plain object."""
+    torch.manual_seed(1)
+    net = SpectralMLP(3, 8, fallback=True).double()
+    state = TrainState(params=dict(net.named_parameters()))
+    f = lambda z: functional_call(net, state.params, (z,))  # noqa: E731
+    x = torch.randn(5, 3, dtype=f64)
+    for _ in range(2):
+        assert_close(torchdiv.divergence(f, x).detach(), _per_sample_divergence(f, x))
+    state.params = {**state.params, "l1.weight": torch.full_like(net.l1.weight, float("nan"))}
     with pytest.raises(torchdiv.BatchInteractionError):
         torchdiv.divergence(f, x)

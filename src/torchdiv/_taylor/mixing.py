@@ -336,7 +336,8 @@ def _owned(f: Any, held: tuple[Kept, ...] | None) -> tuple[Kept | Owned | Number
     ``f``'s ``identity`` holds it by identity instead (a closure cell's, default's or
     global's: replaced, another structure); ``None`` (no pass for other ``x``) if ``held``
     is, or where one is held neither way (a replacement would go unseen: a plain object's
-    attribute, a tensor made in ``f`` without an op, ``torch.tensor(...)``)."""
+    attribute, a tensor made in ``f`` without an op, ``torch.tensor(...)``), and where ``f``
+    names a plain object that may hold a weight its modules hold too (``_names_plain``)."""
     if not held:
         return held
     f = unwrapped(f)
@@ -347,7 +348,7 @@ def _owned(f: Any, held: tuple[Kept, ...] | None) -> tuple[Kept | Owned | Number
         if _identity(f, 3, values, others)[0] is not f:
             keyed = {hash(same) for same, _ in values} | others  # (``Same``: its object's id)
     places: dict[int, list[tuple[Any, str, str]]] = {}
-    for m in _modules(f):
+    for m in () if _names_plain(f) else _modules(f):  # (a weight it reads elsewhere: no)
         own = vars(m)
         for where, tensors in (("_parameters", m._parameters), ("_buffers", m._buffers), ("", own)):
             for name, t in tensors.items():
