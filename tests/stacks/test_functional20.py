@@ -236,19 +236,25 @@ def test_parameter_gradients_of_functional_styles(name: str) -> None:
         assert_close(a, b)
 
 
-def test_buffers_of_the_module_kept_in_a_train_state() -> None:
+@pytest.mark.parametrize("named", ["by f", "by a function f calls"])
+def test_buffers_of_the_module_kept_in_a_train_state(named: str) -> None:
     """``torch.func``'s idiom, ``buffers = dict(model.named_buffers())`` passed to
-    ``functional_call`` from a ``TrainState``: at the first call the index ``f`` reads is the
-    module's own buffer, which the key holds (a module's buffers are in it), so the pass was
-    kept for it; ``state.buffers`` replaced by a dictionary whose ``order`` moves samples was
-    unseen by the key (``state``: by identity) and served by that pass, silently (the traces
-    of the unmoved layer where each sample's own is 0). A module's buffer no longer vouches
-    for an index where ``f`` names a plain object."""
+    ``functional_call`` from a ``TrainState`` (named by ``f``, or by the step function ``f``
+    calls): at the first call the index ``f`` reads is the module's own buffer, which the key
+    holds (a module's buffers are in it), so the pass was kept for it; ``state.buffers``
+    replaced by a dictionary whose ``order`` moves samples was unseen by the key (``state``:
+    by identity) and served by that pass, silently (the traces of the unmoved layer where
+    each sample's own is 0). A module's buffer no longer vouches for an index where ``f``
+    names a plain object."""
     torch.manual_seed(0)
     model = _Reordered(3, 4).double()
     params = {k: v.detach() for k, v in model.named_parameters()}
     state = TrainState(dict(model.named_buffers()))
-    f = lambda z: functional_call(model, (params, state.buffers), (z,))  # noqa: E731
+
+    def step(z: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, (params, state.buffers), (z,))
+
+    f = step if named == "by f" else lambda z: step(z)
     x = torch.randn(4, 3, dtype=f64)
     assert_close(torchdiv.divergence(f, x), reference_divergence(f, x))
     state.buffers = {"order": torch.tensor([1, 2, 3, 0])}

@@ -222,26 +222,33 @@ def _plain(u: Any) -> bool:
     )
 
 
-def _names_plain(f: Any) -> bool:
+def _names_plain(f: Any, depth: int = 3) -> bool:
     """Whether the function (or ``functools.partial``) ``f`` names a plain object
-    (``_plain``) in its closure cells, defaults, globals or arguments, or in a tuple, list or
-    dictionary of them: an index ``f`` reads may be one of its attributes, the same tensor as
-    a module's buffer at one call (``torch.func``'s ``dict(model.named_buffers())`` kept in a
-    ``TrainState`` for ``functional_call``) and another at the next, unseen by the key (a
-    pass kept for that buffer served edges that cross samples until rev-functional20)."""
-    if isinstance(f, types.FunctionType):
-        todo = [(u, 2) for u in _named(f)[1]]
-    elif type(f) is functools.partial:
-        todo = [(u, 2) for u in (*f.args, *f.keywords.values())]
-    else:
-        return False
+    (``_plain``) in its closure cells, defaults, globals or arguments, in a tuple, list or
+    dictionary of them, or in the functions it names, ``depth`` levels down as ``identity``
+    tells them (``lambda z: step(z)``, ``step`` reading ``state.buffers``): an index ``f``
+    reads may be one of its attributes, the same tensor as a module's buffer at one call
+    (``torch.func``'s ``dict(model.named_buffers())`` kept in a ``TrainState`` for
+    ``functional_call``) and another at the next, unseen by the key (a pass kept for that
+    buffer served edges that cross samples until rev-functional20)."""
+    todo, seen = [(f, depth)], set()
     while todo:
-        u, depth = todo.pop()
-        if by_items(u):
-            if depth:
-                todo += [(v, depth - 1) for v in (u.values() if type(u) is dict else u)]
+        u, left = todo.pop()
+        if id(u) in seen:
+            continue
+        seen.add(id(u))
+        if isinstance(u, types.FunctionType):
+            held = _named(u)[1]
+        elif type(u) is functools.partial:
+            held = [u.func, *u.args, *u.keywords.values()]
+        elif by_items(u):
+            held = [*(u.values() if type(u) is dict else u)]
         elif _plain(u):
             return True
+        else:
+            continue
+        if left:
+            todo += [(v, left - 1) for v in held]
     return False
 
 
