@@ -280,3 +280,22 @@ def test_parameters_of_the_module_kept_in_a_train_state() -> None:
     state.params = {**state.params, "l1.weight": torch.full_like(net.l1.weight, float("nan"))}
     with pytest.raises(torchdiv.BatchInteractionError):
         torchdiv.divergence(f, x)
+
+
+@dataclasses.dataclass
+class _Config:
+    scale: float = 0.5
+
+
+def test_a_config_beside_a_factorized_weight_is_watched_once(watches: list[int]) -> None:
+    """A plain object ``f`` names that holds none of the modules' tensors (a configuration)
+    leaves them vouching for themselves: a spectrally normalised net's weights keep the
+    pass, ``f`` watched at its first call only (values against each sample's ``jacrev``)."""
+    torch.manual_seed(1)
+    net = SpectralMLP(3, 8).double()
+    config = _Config()
+    f = lambda z: net(z) * config.scale  # noqa: E731
+    for _ in range(3):
+        x = torch.randn(5, 3, dtype=f64)
+        assert_close(torchdiv.divergence(f, x).detach(), _per_sample_divergence(f, x))
+    assert len(watches) == 1

@@ -222,34 +222,39 @@ def _plain(u: Any) -> bool:
     )
 
 
-def _names_plain(f: Any, depth: int = 3) -> bool:
-    """Whether the function (or ``functools.partial``) ``f`` names a plain object
-    (``_plain``) in its closure cells, defaults, globals or arguments, in a tuple, list or
-    dictionary of them, or in the functions it names, ``depth`` levels down as ``identity``
-    tells them (``lambda z: step(z)``, ``step`` reading ``state.buffers``): an index ``f``
-    reads may be one of its attributes, the same tensor as a module's buffer at one call
-    (``torch.func``'s ``dict(model.named_buffers())`` kept in a ``TrainState`` for
-    ``functional_call``) and another at the next, unseen by the key (a pass kept for that
-    buffer served edges that cross samples until rev-functional20)."""
-    todo, seen = [(f, depth)], set()
+def _aliased(f: Any, depth: int = 3) -> set[int]:
+    """The ids of the tensors the plain objects (``_plain``) that the function (or
+    ``functools.partial``) ``f`` names hold: in their attributes, and in the tuples, lists
+    and dictionaries there (``state.buffers["order"]``); ``f``'s plain objects looked for as
+    ``identity`` tells it, ``depth`` levels down, through the functions it names too (``lambda
+    z: step(z)``, ``step`` reading ``state.buffers``). A module's tensor among them does not
+    vouch for itself (``_holds``, ``_owned``): ``f`` may read it from that object, which may
+    hold another at the next call unseen by the key (``torch.func``'s
+    ``dict(model.named_buffers())`` kept in a ``TrainState`` for ``functional_call``: a pass
+    kept for the module's buffer served edges that cross samples until rev-functional20)."""
+    todo: list[tuple[Any, int, bool]] = [(f, depth, False)]  # (what, levels left, in an object)
+    seen: set[tuple[int, bool]] = set()  # (a dictionary f names and its state holds: both)
+    found: set[int] = set()
     while todo:
-        u, left = todo.pop()
-        if id(u) in seen:
+        u, left, inside = todo.pop()
+        if (id(u), inside) in seen:
             continue
-        seen.add(id(u))
-        if isinstance(u, types.FunctionType):
-            held = _named(u)[1]
-        elif type(u) is functools.partial:
-            held = [u.func, *u.args, *u.keywords.values()]
+        seen.add((id(u), inside))
+        held: list[Any] = []
+        if isinstance(u, torch.Tensor):
+            if inside:
+                found.add(id(u))
+        elif isinstance(u, types.FunctionType):
+            held = [] if inside else _named(u)[1]
+        elif isinstance(u, functools.partial):
+            held = [] if inside else [u.func, *u.args, *u.keywords.values()]
         elif by_items(u):
             held = [*(u.values() if type(u) is dict else u)]
-        elif _plain(u):
-            return True
-        else:
-            continue
+        elif _plain(u) and not inside:  # (its attributes, and their items: 2 levels)
+            held, inside, left = list(_fields(u).values()), True, 2
         if left:
-            todo += [(v, left - 1) for v in held]
-    return False
+            todo += [(v, left - 1, inside) for v in held]
+    return found
 
 
 _NOT_PLAIN = (torch.Tensor, torch.nn.Module, dict)  # (a module's hooks: dictionaries)
@@ -344,7 +349,7 @@ def _owned(f: Any, held: tuple[Kept, ...] | None) -> tuple[Kept | Owned | Number
     global's: replaced, another structure); ``None`` (no pass for other ``x``) if ``held``
     is, or where one is held neither way (a replacement would go unseen: a plain object's
     attribute, a tensor made in ``f`` without an op, ``torch.tensor(...)``), and where ``f``
-    names a plain object that may hold a weight its modules hold too (``_names_plain``)."""
+    names a plain object that holds a weight its modules hold too (``_aliased``)."""
     if not held:
         return held
     f = unwrapped(f)
@@ -355,11 +360,13 @@ def _owned(f: Any, held: tuple[Kept, ...] | None) -> tuple[Kept | Owned | Number
         if _identity(f, 3, values, others)[0] is not f:
             keyed = {hash(same) for same, _ in values} | others  # (``Same``: its object's id)
     places: dict[int, list[tuple[Any, str, str]]] = {}
-    for m in () if _names_plain(f) else _modules(f):  # (a weight it reads elsewhere: no)
+    aliased = _aliased(f)  # (tensors a plain object f names holds: read from there, maybe)
+    for m in _modules(f):
         own = vars(m)
         for where, tensors in (("_parameters", m._parameters), ("_buffers", m._buffers), ("", own)):
             for name, t in tensors.items():
-                if isinstance(t, torch.Tensor) and (where or type(t) is torch.Tensor):
+                told = where or type(t) is torch.Tensor
+                if isinstance(t, torch.Tensor) and told and id(t) not in aliased:
                     places.setdefault(id(t), []).append((weakref.ref(m), where, name))
     found: list[Kept | Owned | Numbers] = []
     for kept in held:
@@ -380,11 +387,11 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
     the tensor it is a view of (``edges[0]`` of a buffer ``edges``: the view's place in it
     follows from ``f``'s code): one its ``identity`` tells (a closure cell's, default's or
     global's, in tuples and nested functions), or a buffer or plain tensor attribute of a
-    module it reaches (``cache.named``; ``cache._tensor``) unless ``f`` names a plain object
-    (``_names_plain``); ``None`` if one is held neither way. A neighbour list elsewhere (a
-    plain object's ``self.edges``, a dict's entry, PyG's ``Data``) may be rebuilt across
-    samples at the same shapes, unseen by the key: ``f`` is then watched at every call. The
-    pass keeps the ones returned (``Passed.current``)."""
+    module it reaches (``cache.named``; ``cache._tensor``) but one a plain object ``f``
+    names holds too (``_aliased``); ``None`` if one is held neither way. A neighbour list
+    elsewhere (a plain object's ``self.edges``, a dict's entry, PyG's ``Data``) may be
+    rebuilt across samples at the same shapes, unseen by the key: ``f`` is then watched at
+    every call. The pass keeps the ones returned (``Passed.current``)."""
     if not indices:
         return ()
     found: set[int] = set()
@@ -393,9 +400,10 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
         values: list[tuple[Hashable, int]] = []
         if _identity(f, 3, values, found)[0] is f:
             found.clear()  # (not told by what it holds: none of it is in the key)
-    for m in () if _names_plain(f) else _modules(f):  # (an index it reads elsewhere: no)
+    aliased = _aliased(f)  # (tensors a plain object f names holds: read from there, maybe)
+    for m in _modules(f):
         tensors = [*m._buffers.values(), *vars(m).values()]
-        found |= {id(t) for t in tensors if type(t) is torch.Tensor}
+        found |= {id(t) for t in tensors if type(t) is torch.Tensor and id(t) not in aliased}
     kept: list[Kept] = []
     for index, base in indices:
         for one in (index, base):
