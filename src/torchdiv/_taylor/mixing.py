@@ -619,7 +619,7 @@ def _part(
 
 # the longest container of tensors ``_part`` tells by its items (``_tensors``): a parameter
 # dictionary (``functional_call(model, params, (x,))``) or a JAX-style list of ``(W, b)``
-# layers holds as many as the model has (ResNet-50: 161; its state dictionary 320). Telling
+# layers holds as many as the model has (a 6-layer ``nn.TransformerEncoder``: 72). Telling
 # one costs ~2-7 us a tensor at every call, a watch at every call of an ``f`` not told more
 # (a 16-layer MLP's 36 tensors: 3.2 ms of a 4.6 ms divergence at 16 samples of 4 elements;
 # ``TUPLE_ITEMS`` bounds the other containers, whose items ``f`` may not read at all)
