@@ -48,7 +48,7 @@ from typing import Any, cast
 import torch
 from torch.autograd import grad_mode as _grad_mode
 
-from torchdiv._core.mixing.errors import watched
+from torchdiv._core.mixing.errors import switched_off, watched
 from torchdiv._core.tie import tied
 from torchdiv._structured import colors, cycle, factors, forward, statistics
 from torchdiv._taylor import RULES, Graph, capture, values
@@ -231,8 +231,10 @@ def _recorded(
     the caller's ``chunk_size``), recorded now; ``-1`` where it has none (anything ``f``
     raises included: the eager call reports it)."""
     try:
-        if _apart() or _changed_while_traced(f) or _inferred():
-            return -1
+        if _apart() or _changed_while_traced(f) or _inferred() or switched_off():
+            return -1  # (switched off: a plan of a net that mixes samples, served unguarded)
+        if any(d >= batch_dims for d in getattr(x, "_dynamo_dynamic_indices", ())):
+            return -1  # (``mark_dynamic`` on the event: its guard raised Dynamo's error)
         with torch.set_grad_enabled(grad), watched():  # (f mixes samples: the eager call says)
             plan = _plan(f, x.detach(), batch_dims, chunk)
     except Exception:
@@ -406,18 +408,20 @@ def _indices_fixed(nodes: list[Node]) -> bool:
 
 def _batch_free(graph: Graph, f: torch.nn.Module, x: torch.Tensor, batch_dims: int) -> bool:
     """Whether the numbers in ``graph``'s calls (a view's shape, a convolution's padding, a
-    scale ``1 / N``) hold for every batch size: ``f`` recorded again at ``N + 1`` and at
-    ``2 N + 1`` samples makes the same calls with the same numbers (two sizes: a number
-    such as ``N // 2`` is the same at ``N = 2`` and ``3``). A replay whose numbers may depend
+    scale ``1 / N``) hold for every batch size: ``f`` recorded again at ``2``, ``N + 1`` and
+    ``2 N + 1`` samples makes the same calls with the same numbers (a number such as
+    ``N // 2`` is the same at ``N = 2`` and ``3``; ``min(N, 4)`` at ``4``, ``5`` and ``9``,
+    Dynamo's trace of ``f`` guarding on neither). A replay whose numbers may depend
     on the batch size guards on ``x``'s shape (``dynamic=True``: one graph per batch size);
     one whose numbers hold for any batch guards on the event's shape only (the numbers may
     depend on it: a reshape to the event's)."""
     numbers = _numbers(graph)
     if not numbers:
         return True
-    for more in (x[:1], torch.cat([x, x[:1]])):
+    sizes = [torch.cat([x[:1], x[:1]])] if x.shape[0] != 2 else []  # (1: Dynamo specialises)
+    for other_x in [*sizes, torch.cat([x, x[:1]]), torch.cat([x, x, x[:1]])]:
         try:
-            other = capture(f, torch.cat([x, more]), RULES, batch_dims=batch_dims)
+            other = capture(f, other_x, RULES, batch_dims=batch_dims)
         except Exception:
             return False
         other.undo()

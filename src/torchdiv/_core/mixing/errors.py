@@ -68,9 +68,15 @@ def allowed() -> bool:
     """Whether ``allow_batch_interaction()`` is active in this thread, or Dynamo traces the
     call (``torch.compile``) outside ``watched``: detection watches the dispatcher, which a
     compiled graph has not got."""
-    if getattr(_state, "allowed", False):
+    if switched_off():
         return True
     return torch.compiler.is_compiling() and not getattr(_state, "watched", False)
+
+
+def switched_off() -> bool:
+    """Whether ``allow_batch_interaction()`` is active in this thread (whether Dynamo traces
+    or not)."""
+    return getattr(_state, "allowed", False)
 
 
 @contextlib.contextmanager
