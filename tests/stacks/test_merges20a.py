@@ -42,6 +42,7 @@ class Capped(torch.nn.Module):
         return self.net(x) * min(x.shape[0], 4)
 
 
+@pytest.mark.slow  # (two dynamic compiles of a conv net: ~10 s)
 def test_a_batch_number_equal_at_the_sizes_tried_is_not_baked_in():
     """``dynamic=True``: recorded at 4 samples, the replay of ``* 4`` served 3 samples
     (Dynamo's trace of ``min(s0, 4)`` guards on nothing): divergences 1.3x eager's."""
@@ -99,3 +100,30 @@ def test_two_nets_alternately_and_padding_modes():
     compiled = torch.compile(lambda f, x: structured(f, x), backend="aot_eager")
     for f in (a, b, a, b):
         assert_close(compiled(f, x), structured(f, x))
+
+
+class PerStep(torch.nn.Module):
+    """A pointwise layer scaled by ``1 / T``, ``T`` the second of two batch dimensions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x * self.w) * (4.0 / x.shape[1])
+
+
+def test_a_number_made_from_the_second_batch_dimension_is_not_baked_in():
+    """``batch_dims=2``, ``dynamic=True``: the numbers were compared at other sizes of the
+    first batch dimension only, so the replay's ``4 / 5`` (the second size, the first
+    dynamic graph) served ``T = 7``: 0.68 off."""
+    net = PerStep()
+
+    def div(x: torch.Tensor) -> torch.Tensor:
+        return torchdiv.divergence(net, x, method="structured", batch_dims=2)
+
+    compiled = torch.compile(div, backend="aot_eager", dynamic=True)
+    for t in (3, 5, 7):
+        x = torch.randn(2, t, 3, dtype=torch.float64)
+        assert_close(compiled(x), div(x))

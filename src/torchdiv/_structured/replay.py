@@ -409,29 +409,38 @@ def _indices_fixed(nodes: list[Node]) -> bool:
 def _batch_free(graph: Graph, f: torch.nn.Module, x: torch.Tensor, batch_dims: int) -> bool:
     """Whether the numbers in ``graph``'s calls (a view's shape, a convolution's padding, a
     scale ``1 / N``) hold for every batch size: ``f`` recorded again at ``2``, ``N + 1`` and
-    ``2 N + 1`` samples makes the same calls with the same numbers (a number such as
-    ``N // 2`` is the same at ``N = 2`` and ``3``; ``min(N, 4)`` at ``4``, ``5`` and ``9``,
-    Dynamo's trace of ``f`` guarding on neither). A replay whose numbers may depend
+    ``2 N + 1`` along each batch dimension makes the same calls with the same numbers (a
+    number such as ``N // 2`` is the same at ``N = 2`` and ``3``; ``min(N, 4)`` at ``4``,
+    ``5`` and ``9``, Dynamo's trace of ``f`` guarding on neither; ``1 / T`` with ``T`` the
+    second of two batch dimensions at any size of the first). A replay whose numbers may depend
     on the batch size guards on ``x``'s shape (``dynamic=True``: one graph per batch size);
     one whose numbers hold for any batch guards on the event's shape only (the numbers may
     depend on it: a reshape to the event's)."""
     numbers = _numbers(graph)
     if not numbers:
         return True
-    sizes = [torch.cat([x[:1], x[:1]])] if x.shape[0] != 2 else []  # (1: Dynamo specialises)
-    for other_x in [*sizes, torch.cat([x, x[:1]]), torch.cat([x, x, x[:1]])]:
-        try:
-            other = capture(f, other_x, RULES, batch_dims=batch_dims)
-        except Exception:
-            return False
-        other.undo()
-        same = [n.func for n in graph.nodes] == [n.func for n in other.nodes]
-        again = _numbers(other)
-        if not same or len(again) != len(numbers):
-            return False
-        if not all(type(a) is type(b) and a == b for a, b in zip(numbers, again, strict=True)):
-            return False
+    for dim in range(batch_dims):
+        one = x.narrow(dim, 0, 1)
+        sizes = [torch.cat([one, one], dim)] if x.shape[dim] != 2 else []  # (1: specialised)
+        for other_x in [*sizes, torch.cat([x, one], dim), torch.cat([x, x, one], dim)]:
+            if not _same_numbers(graph, numbers, f, other_x, batch_dims):
+                return False
     return True
+
+
+def _same_numbers(
+    graph: Graph, numbers: list[Any], f: torch.nn.Module, x: torch.Tensor, batch_dims: int
+) -> bool:
+    """Whether ``f`` recorded at ``x`` makes ``graph``'s calls with its ``numbers``."""
+    try:
+        other = capture(f, x, RULES, batch_dims=batch_dims)
+    except Exception:
+        return False
+    other.undo()
+    again = _numbers(other)
+    if [n.func for n in graph.nodes] != [n.func for n in other.nodes] or len(again) != len(numbers):
+        return False
+    return all(type(a) is type(b) and a == b for a, b in zip(numbers, again, strict=True))
 
 
 def _numbers(graph: Graph) -> list[Any]:
