@@ -64,6 +64,14 @@ def test_a_replay_recorded_with_detection_off_is_not_served_with_it_on():
     with pytest.raises(torchdiv.BatchInteractionError):
         compiled(x)
     assert not getattr(errors._state, "watched", False)
+    plain = conv()  # (no mixing: still replayed inside the block, one graph)
+    counters.clear()
+    compiled = torch.compile(lambda x: structured(plain, x), backend="aot_eager", fullgraph=True)
+    with torchdiv.allow_batch_interaction():
+        assert_close(compiled(x), structured(plain, x))
+        assert errors.allowed()
+    assert_close(compiled(x), structured(plain, x))
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_a_recording_that_raises_leaves_the_watch_as_it_was():

@@ -48,7 +48,7 @@ from typing import Any, cast
 import torch
 from torch.autograd import grad_mode as _grad_mode
 
-from torchdiv._core.mixing.errors import switched_off, watched
+from torchdiv._core.mixing.errors import watched
 from torchdiv._core.tie import tied
 from torchdiv._structured import colors, cycle, factors, forward, statistics
 from torchdiv._taylor import RULES, Graph, capture, values
@@ -231,11 +231,11 @@ def _recorded(
     the caller's ``chunk_size``), recorded now; ``-1`` where it has none (anything ``f``
     raises included: the eager call reports it)."""
     try:
-        if _apart() or _changed_while_traced(f) or _inferred() or switched_off():
-            return -1  # (switched off: a plan of a net that mixes samples, served unguarded)
+        if _apart() or _changed_while_traced(f) or _inferred():
+            return -1
         if any(d >= batch_dims for d in getattr(x, "_dynamo_dynamic_indices", ())):
             return -1  # (``mark_dynamic`` on the event: its guard raised Dynamo's error)
-        with torch.set_grad_enabled(grad), watched():  # (f mixes samples: the eager call says)
+        with torch.set_grad_enabled(grad), watched():  # (f mixes samples: eager says, or computes)
             plan = _plan(f, x.detach(), batch_dims, chunk)
     except Exception:
         return -1

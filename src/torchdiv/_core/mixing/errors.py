@@ -68,28 +68,24 @@ def allowed() -> bool:
     """Whether ``allow_batch_interaction()`` is active in this thread, or Dynamo traces the
     call (``torch.compile``) outside ``watched``: detection watches the dispatcher, which a
     compiled graph has not got."""
-    if switched_off():
+    if getattr(_state, "allowed", False):
         return True
     return torch.compiler.is_compiling() and not getattr(_state, "watched", False)
 
 
-def switched_off() -> bool:
-    """Whether ``allow_batch_interaction()`` is active in this thread (whether Dynamo traces
-    or not)."""
-    return getattr(_state, "allowed", False)
-
-
 @contextlib.contextmanager
 def watched() -> Iterator[None]:
-    """Watch for sample mixing while Dynamo traces too (this thread), unless
-    ``allow_batch_interaction()`` is active: for a recording made eagerly during tracing
-    whose plan the compiled graph then replays unwatched (``torchdiv._structured.replay``)."""
-    before = getattr(_state, "watched", False)
-    _state.watched = True
+    """Watch for sample mixing while Dynamo traces too (this thread), even inside
+    ``allow_batch_interaction()``: for a recording made eagerly during tracing whose plan
+    the compiled graph then replays unwatched and unguarded by the switch
+    (``torchdiv._structured.replay``: a plan recorded inside the block was served outside it
+    to a net that mixes samples, where the eager call raises)."""
+    before = getattr(_state, "watched", False), getattr(_state, "allowed", False)
+    _state.watched, _state.allowed = True, False
     try:
         yield
     finally:
-        _state.watched = before
+        _state.watched, _state.allowed = before
 
 
 def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
