@@ -12,6 +12,7 @@ import torch._dynamo
 from conftest import assert_close
 from test_compiled_losses import conv
 from test_compiled_replay import Centred
+from test_compiled_replay_colours import Averaged
 from torch._dynamo.utils import counters
 
 import torchdiv
@@ -84,15 +85,24 @@ def test_a_recording_that_raises_leaves_the_watch_as_it_was():
     assert not errors.allowed()
 
 
-def test_mark_dynamic_on_an_image_dimension():
-    """The replay's event guard specialised a dimension marked dynamic: Dynamo raised
+MARKED = {
+    "image height": (conv, lambda f, x: structured(f, x), 2),
+    "image height of x * 2": (conv, lambda f, x: structured(f, x * 2.0), 2),
+    "batch, numbers of N": (Averaged, lambda f, x: structured(f, x), 0),
+}
+
+
+@pytest.mark.parametrize("name", MARKED)
+def test_mark_dynamic(name):
+    """The replay's guards on ``x``'s event (or whole shape, where numbers change with the
+    batch) specialised a dimension marked dynamic: Dynamo raised
     ``ConstraintViolationError`` (before the merge the call ran eagerly and served)."""
-    net = conv()
-    compiled = torch.compile(lambda x: structured(net, x), backend="aot_eager")
-    for h in (6, 8):
-        x = torch.randn(3, 2, h, 6, dtype=torch.float64)
-        torch._dynamo.mark_dynamic(x, 2)
-        assert_close(compiled(x), structured(net, x))
+    make, loss, dim = MARKED[name]
+    net = make()
+    compiled = torch.compile(lambda x: loss(net, x), backend="aot_eager")
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    torch._dynamo.mark_dynamic(x, dim)
+    assert_close(compiled(x), loss(net, x))
 
 
 @pytest.mark.slow

@@ -233,13 +233,11 @@ def _recorded(
     try:
         if _apart() or _changed_while_traced(f) or _inferred():
             return -1
-        if any(d >= batch_dims for d in getattr(x, "_dynamo_dynamic_indices", ())):
-            return -1  # (``mark_dynamic`` on the event: its guard raised Dynamo's error)
         with torch.set_grad_enabled(grad), watched():  # (f mixes samples: eager says, or computes)
             plan = _plan(f, x.detach(), batch_dims, chunk)
+        if plan is None or _marked(plan.shape is None):
+            return -1
     except Exception:
-        return -1
-    if plan is None:
         return -1
     key = next(_KEYS)
     _PLANS[key] = plan, weakref.ref(_tracer())
@@ -267,6 +265,20 @@ def _tracer() -> Any:
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     return InstructionTranslator.current_tx()
+
+
+def _marked(batch_free: bool) -> bool:
+    """Whether an input of the traced frame has a dimension marked dynamic
+    (``torch._dynamo.mark_dynamic``) that the replay's guards on ``x``'s shape could
+    specialise (Dynamo then raised ``ConstraintViolationError`` where the eager call serves):
+    any but a first dimension (``x``'s event may be one, or made from one: ``x * 2``), or any
+    where the replay guards on ``x``'s whole shape (``batch_free`` false). (Private: as
+    ``_changed_while_traced``.)"""
+    for tracked in _tracer().output.tracked_fakes:
+        sizes = getattr(tracked.symbolic_context, "constraint_sizes", None) or ()
+        if any(c is not None and (d > 0 or not batch_free) for d, c in enumerate(sizes)):
+            return True
+    return False
 
 
 def _apart() -> bool:
