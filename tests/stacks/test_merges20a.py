@@ -1,8 +1,9 @@
 """Review of compile20-conv's replay of conv nets' plans inside a compiled loss
 (``_structured.replay``): a replay must never be served where the eager call would compute
 something else or refuse. A number made from the batch size that agrees at the sizes the
-recording tries, a replay recorded under ``allow_batch_interaction()`` served outside it, and
-``mark_dynamic`` on an image dimension (its event guard raised Dynamo's error)."""
+recording tries (or made from a second batch dimension), a replay recorded under
+``allow_batch_interaction()`` served outside it, and ``mark_dynamic`` on an image dimension
+(its event guard raised Dynamo's error)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,15 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import assert_close
-from test_compiled_losses import conv
+from test_compiled_losses import _fresh_dynamo, conv  # noqa: F401 (autouse: Dynamo reset)
 from test_compiled_replay import Centred
-from test_compiled_replay_colours import Averaged
+from test_compiled_replay_colours import Averaged, structured
 from torch._dynamo.utils import counters
 
 import torchdiv
 from torchdiv._core.mixing import errors
 
 pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def structured(f: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return torchdiv.divergence(f, x, method="structured")
 
 
 class Capped(torch.nn.Module):

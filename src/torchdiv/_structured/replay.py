@@ -276,8 +276,9 @@ def _marked(batch_free: bool) -> bool:
     ``_changed_while_traced``.)"""
     for tracked in _tracer().output.tracked_fakes:
         sizes = getattr(tracked.symbolic_context, "constraint_sizes", None) or ()
-        if any(c is not None and (d > 0 or not batch_free) for d, c in enumerate(sizes)):
-            return True
+        for dim, constraint in enumerate(sizes):  # (``dynamic=True``'s: warn only)
+            if constraint is not None and not constraint.warn_only and (dim or not batch_free):
+                return True
     return False
 
 
