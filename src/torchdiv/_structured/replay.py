@@ -233,11 +233,13 @@ def _recorded(
     try:
         if _apart() or _changed_while_traced(f) or _inferred():
             return -1
-        with torch.set_grad_enabled(grad), watched():  # (f mixes samples: the eager call says)
+        with torch.set_grad_enabled(grad), watched():  # (f mixes samples: eager says, or computes)
             plan = _plan(f, x.detach(), batch_dims, chunk)
+        if plan is None or _marked(plan.shape is None):
+            return -1
     except Exception:
         return -1
-    return -1 if plan is None else keep(plan)
+    return keep(plan)
 
 
 def keep(plan: Any) -> int:
@@ -269,6 +271,21 @@ def _tracer() -> Any:
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     return InstructionTranslator.current_tx()
+
+
+def _marked(batch_free: bool) -> bool:
+    """Whether an input of the traced frame has a dimension marked dynamic
+    (``torch._dynamo.mark_dynamic``) that the replay's guards on ``x``'s shape could
+    specialise (Dynamo then raised ``ConstraintViolationError`` where the eager call serves):
+    any but a first dimension (``x``'s event may be one, or made from one: ``x * 2``), or any
+    where the replay guards on ``x``'s whole shape (``batch_free`` false). (Private: as
+    ``_changed_while_traced``.)"""
+    for tracked in _tracer().output.tracked_fakes:
+        sizes = getattr(tracked.symbolic_context, "constraint_sizes", None) or ()
+        for dim, constraint in enumerate(sizes):  # (``dynamic=True``'s: warn only)
+            if constraint is not None and not constraint.warn_only and (dim or not batch_free):
+                return True
+    return False
 
 
 def _apart(file: str = __file__) -> bool:
@@ -411,28 +428,39 @@ def _indices_fixed(nodes: list[Node]) -> bool:
 
 def _batch_free(graph: Graph, f: torch.nn.Module, x: torch.Tensor, batch_dims: int) -> bool:
     """Whether the numbers in ``graph``'s calls (a view's shape, a convolution's padding, a
-    scale ``1 / N``) hold for every batch size: ``f`` recorded again at ``N + 1`` and at
-    ``2 N + 1`` samples makes the same calls with the same numbers (two sizes: a number
-    such as ``N // 2`` is the same at ``N = 2`` and ``3``). A replay whose numbers may depend
+    scale ``1 / N``) hold for every batch size: ``f`` recorded again at ``2``, ``N + 1`` and
+    ``2 N + 1`` along each batch dimension makes the same calls with the same numbers (a
+    number such as ``N // 2`` is the same at ``N = 2`` and ``3``; ``min(N, 4)`` at ``4``,
+    ``5`` and ``9``, Dynamo's trace of ``f`` guarding on neither; ``1 / T`` with ``T`` the
+    second of two batch dimensions at any size of the first). A replay whose numbers may depend
     on the batch size guards on ``x``'s shape (``dynamic=True``: one graph per batch size);
     one whose numbers hold for any batch guards on the event's shape only (the numbers may
     depend on it: a reshape to the event's)."""
     numbers = _numbers(graph)
     if not numbers:
         return True
-    for more in (x[:1], torch.cat([x, x[:1]])):
-        try:
-            other = capture(f, torch.cat([x, more]), RULES, batch_dims=batch_dims)
-        except Exception:
-            return False
-        other.undo()
-        same = [n.func for n in graph.nodes] == [n.func for n in other.nodes]
-        again = _numbers(other)
-        if not same or len(again) != len(numbers):
-            return False
-        if not all(type(a) is type(b) and a == b for a, b in zip(numbers, again, strict=True)):
-            return False
+    for dim in range(batch_dims):
+        one = x.narrow(dim, 0, 1)
+        sizes = [torch.cat([one, one], dim)] if x.shape[dim] != 2 else []  # (1: specialised)
+        for other_x in [*sizes, torch.cat([x, one], dim), torch.cat([x, x, one], dim)]:
+            if not _same_numbers(graph, numbers, f, other_x, batch_dims):
+                return False
     return True
+
+
+def _same_numbers(
+    graph: Graph, numbers: list[Any], f: torch.nn.Module, x: torch.Tensor, batch_dims: int
+) -> bool:
+    """Whether ``f`` recorded at ``x`` makes ``graph``'s calls with its ``numbers``."""
+    try:
+        other = capture(f, x, RULES, batch_dims=batch_dims)
+    except Exception:
+        return False
+    other.undo()
+    again = _numbers(other)
+    if [n.func for n in graph.nodes] != [n.func for n in other.nodes] or len(again) != len(numbers):
+        return False
+    return all(type(a) is type(b) and a == b for a, b in zip(numbers, again, strict=True))
 
 
 def _numbers(graph: Graph) -> list[Any]:
