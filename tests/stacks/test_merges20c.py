@@ -1,0 +1,49 @@
+"""Review of compile20-taylor (the Taylor engine's call replayed in a compiled graph) and
+lapchoice20 (the Laplacian's auto choice on one thread): compiled losses against eager and
+independent references, where a replay could be stale or wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from conftest import assert_close, tanh_mlp
+from test_compiled_losses import _fresh_dynamo  # noqa: F401  (autouse: Dynamo reset per test)
+
+import torchdiv
+
+pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not")
+
+
+class BatchScaled(torch.nn.Module):
+    """A PINN whose output is scaled by a Python integer made from the batch size, the way
+    code that normalises by groups of samples reads ``x.shape[0]`` (``rule``)."""
+
+    def __init__(self, rule) -> None:
+        super().__init__()
+        self.net, self.rule = tanh_mlp(2, 8, 1), rule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1) * self.rule(x.shape[0])
+
+
+@pytest.mark.parametrize(
+    ("rule", "sizes"),
+    [
+        (lambda n: n // 4, (4, 8, 12)),  # 1 at 4, 5 and 6: baked, 0.08 off at 8
+        (lambda n: max(n, 5), (6, 3, 4)),  # n at 6, 7 and 8: replayed from n, 0.2 off at 3
+    ],
+    ids=["n // 4", "max(n, 5)"],
+)
+def test_an_integer_that_follows_the_batch_size_at_some_sizes_is_not_baked(rule, sizes):
+    """Under ``dynamic=True`` one graph served every batch size: an integer of ``f``'s equal
+    (or affine) at the three recorded sizes but not at others was replayed wrong there."""
+    f = BatchScaled(rule)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return torchdiv.laplacian(f, x, method="taylor")
+
+    compiled = torch.compile(loss, backend="aot_eager", dynamic=True)
+    for n in sizes:
+        x = torch.randn(n, 2, dtype=torch.float64)
+        assert_close(compiled(x), loss(x))
