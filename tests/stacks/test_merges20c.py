@@ -47,3 +47,49 @@ def test_an_integer_that_follows_the_batch_size_at_some_sizes_is_not_baked(rule,
     for n in sizes:
         x = torch.randn(n, 2, dtype=torch.float64)
         assert_close(compiled(x), loss(x))
+
+
+class Capped(torch.nn.Module):
+    """A field of samples scaled by a number made from the batch's size, elementwise: the
+    structured engine's chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x * self.w) * min(x.shape[0], 6)
+
+
+class Steps(Capped):
+    """Tokens ``(B, T, d)`` scaled by a number made from ``T``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x * self.w) * (x.shape[1] // 4)
+
+
+# (a batch_dims read from a closure's cell is not replayed at all: a literal here)
+STRUCTURED = {
+    "min(N, 6)": (  # 6 at 8, 9 and 17 samples: served at 3, 0.58-6.6 off
+        Capped,
+        lambda f, x: torchdiv.divergence(f, x, method="structured"),
+        ((8, 3), (3, 3), (4, 3)),
+    ),
+    "T // 4, batch_dims=2": (  # T never varied by the recordings: 0.7-2.1 off at T = 8
+        Steps,
+        lambda f, x: torchdiv.divergence(f, x, method="structured", batch_dims=2),
+        ((3, 4, 3), (3, 8, 3), (3, 5, 3)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(STRUCTURED))
+def test_the_structured_replay_serves_only_the_batch_sizes_it_recorded(name):
+    """``_structured.replay`` checked its numbers at ``N + 1`` and ``2N + 1`` samples along
+    the first dimension and then served every size of every batch dimension."""
+    make, op, shapes = STRUCTURED[name]
+    f = make()
+    compiled = torch.compile(lambda x: op(f, x), backend="aot_eager", dynamic=True)
+    for shape in shapes:
+        x = torch.randn(shape, dtype=torch.float64)
+        assert_close(compiled(x), op(f, x))
