@@ -31,7 +31,9 @@ class BatchScaled(torch.nn.Module):
     ("rule", "sizes"),
     [
         (lambda n: n // 4, (4, 8, 12)),  # 1 at 4, 5 and 6: baked, 0.08 off at 8
-        (lambda n: max(n, 5), (6, 3, 4)),  # n at 6, 7 and 8: replayed from n, 0.2 off at 3
+        pytest.param(  # n at 6, 7 and 8: replayed from n, 0.2 off at 3 (4 s: three graphs)
+            lambda n: max(n, 5), (6, 3, 4), marks=pytest.mark.slow
+        ),
     ],
     ids=["n // 4", "max(n, 5)"],
 )
@@ -69,7 +71,7 @@ class Steps(Capped):
 
 
 # (a batch_dims read from a closure's cell is not replayed at all: a literal here)
-STRUCTURED = {
+STRUCTURED = {  # (the first 3.5 s: three graphs, slow)
     "min(N, 6)": (  # 6 at 8, 9 and 17 samples: served at 3, 0.58-6.6 off
         Capped,
         lambda f, x: torchdiv.divergence(f, x, method="structured"),
@@ -83,7 +85,9 @@ STRUCTURED = {
 }
 
 
-@pytest.mark.parametrize("name", list(STRUCTURED))
+@pytest.mark.parametrize(
+    "name", [pytest.param("min(N, 6)", marks=pytest.mark.slow), "T // 4, batch_dims=2"]
+)
 def test_the_structured_replay_serves_only_the_batch_sizes_it_recorded(name):
     """``_structured.replay`` checked its numbers at ``N + 1`` and ``2N + 1`` samples along
     the first dimension and then served every size of every batch dimension."""
