@@ -48,6 +48,7 @@ import torch
 from torch._C._functorch import is_functorch_wrapped_tensor, peek_interpreter_stack
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from torchdiv._core.mixing.errors import watched
 from torchdiv._structured import replay
 from torchdiv._structured.replay import Held
 from torchdiv._taylor.capture import Before, Ref, put_back
@@ -199,10 +200,14 @@ def _recorded(
     try:
         if replay._apart(__file__) or replay._changed_while_traced(f) or replay._inferred():
             return -1
-        program = _planned(public, f, x.detach().requires_grad_(x.requires_grad), options, grad)
+        with watched():  # (f mixes samples: eager says; in allow_batch_interaction too)
+            z = x.detach().requires_grad_(x.requires_grad)
+            program = _planned(public, f, z, options, grad)
+        if program is None or replay._marked(batch_free=True):  # (the event's shape: guarded)
+            return -1
     except Exception:
         return -1
-    return -1 if program is None else replay.keep(program)
+    return replay.keep(program)
 
 
 def _planned(
