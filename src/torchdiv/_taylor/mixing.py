@@ -31,6 +31,7 @@ from torchdiv._taylor.cache import (
     contained_tensors,
     items_of,
     named,
+    size,
     structure_key,
     walked,
 )
@@ -566,7 +567,7 @@ def _part(
         return type(v), v
     kind = type(v)
     if by_items(v):
-        if depth == 0 or len(v) > TUPLE_ITEMS:  # (a chain of 5000 nested ones: RecursionError)
+        if depth == 0 or size(v) > TUPLE_ITEMS:  # (a chain of 5000 nested ones: RecursionError)
             return None
         items = [*v, *v.values()] if kind is dict else v  # (a dictionary's keys too)
         parts = tuple(_part(u, depth - 1, values, others) for u in items)
