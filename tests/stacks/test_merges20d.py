@@ -102,3 +102,40 @@ def test_a_plain_object_s_bound_method_in_a_list_is_watched(call: str) -> None:
     m.helper.shift = 1
     with pytest.raises(BatchInteractionError, match="mixes samples"):
         op(m, x)
+
+
+class _Normed(nn.Module):
+    """A linear layer and ``tanh``, then, unless ``cfg["norm"] is True`` (per sample), the
+    batch mean subtracted: a setting that is a flag or a count, as configurations write
+    ``norm: bool | int``."""
+
+    def __init__(self, cfg: list[object] | tuple[object, ...]) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.cfg = cfg
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(z))
+        return h if self.cfg[0] is True else h - h.mean(0)
+
+
+@pytest.mark.parametrize(
+    "held",
+    ["a list of values", "a tuple of values", "a list with a function"],
+)
+def test_a_flag_set_to_an_equal_integer_is_watched(held: str) -> None:
+    """``True`` set to ``1`` (equal, same hash) in a module's container: refused (the key held
+    both as equal values, served mixed after keyattrs20)."""
+    torch.manual_seed(0)
+    cfg: list[object] | tuple[object, ...] = {
+        "a list of values": [True],
+        "a tuple of values": (True,),
+        "a list with a function": [True, torch.tanh],
+    }[held]
+    m = _Normed(cfg).double()
+    x = torch.randn(8, 3, dtype=f64)
+    for _ in range(3):
+        assert_close(torchdiv.divergence(m, x), reference_divergence(m, x))
+    m.cfg = (1,) if isinstance(cfg, tuple) else [1, *cfg[1:]]
+    with pytest.raises(BatchInteractionError, match="mixes samples"):
+        torchdiv.divergence(m, x)

@@ -687,9 +687,12 @@ def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> 
         return _told(untold)
     n, items = found
     told = kind if kind in _MODULE_CONTAINERS else weakref.ref(kind)  # (a named tuple's class)
-    if _ITEM_VALUES.issuperset(map(type, items)):  # (at any depth: nothing below to walk)
+    kinds = set(map(type, items))
+    if _ITEM_VALUES.issuperset(kinds):  # (at any depth: nothing below to walk)
         if n > VALUE_ITEMS:
             return _told(untold)
+        if bool in kinds:  # (``True == 1``: ``if cfg[0] is True:``, set to 1, was served mixed)
+            return told, tuple(iter(items)), tuple(map(type, items))
         if kind is not tuple:
             return told, tuple(iter(items))  # (not ``len``: ``items_of``)
         if len(_VALUE_TUPLES) >= _VALUE_TUPLES_KEPT:
@@ -698,7 +701,7 @@ def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> 
         return v
     if not depth:  # (e3nn's ``Irreps`` in a tuple, its ``(mul, (l, p))`` items 4 deep, kept)
         return _told(untold)
-    if _TENSORS.issuperset(map(type, items)) and n <= VALUE_ITEMS:
+    if _TENSORS.issuperset(kinds) and n <= VALUE_ITEMS:
         # (``DistributedDataParallel``'s list of its module's parameters, often more than 32)
         return told, tuple([_tensor(u) for u in items])
     if n > TUPLE_ITEMS:
@@ -706,7 +709,7 @@ def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> 
     return told, tuple(
         [
             u
-            if (t := type(u)) in _ITEM_VALUES
+            if (t := type(u)) in _ITEM_VALUES and t is not bool
             else _tensor(u)
             if t is torch.nn.Parameter or t is torch.Tensor
             else _item(u, stack, untold, depth - 1)
@@ -763,7 +766,7 @@ def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
     cannot see it change."""
     kind = type(v)
     if kind in _ITEM_VALUES:
-        return v
+        return v if kind is not bool else (kind, v)  # (``True == 1``: told apart)
     if kind is float or kind is complex:
         return kind
     if kind is weakref.ref:
@@ -785,7 +788,7 @@ def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
     if kind in _MODULE_CONTAINERS or by_items(v):
         return _contained(v, stack, untold, depth)
     if isinstance(v, Enum) or (kind is frozenset and _ITEM_VALUES.issuperset(map(type, v))):
-        return v
+        return kind, v  # (an ``IntEnum`` member equals its integer)
     if kind is slice and _ITEM_VALUES.issuperset(map(type, (v.start, v.stop, v.step))):
         return kind, v.start, v.stop, v.step  # (e3nn's weight slices)
     if isinstance(v, Integral):  # (a NumPy integer)
