@@ -497,7 +497,7 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
                 if not items or (owned and type(held) in _MODULE_FLAGS):
                     yield held
             elif by_items(held):
-                if left and len(held) <= TUPLE_ITEMS:
+                if left and size(held) <= TUPLE_ITEMS:
                     todo.append((held, left - 1, owned))
             elif isinstance(held, torch.nn.Module):
                 if id(held) not in seen:
@@ -535,9 +535,20 @@ def by_items(v: Any) -> bool:
     return kind in _CONTAINERS or (isinstance(v, tuple) and kind.__iter__ is tuple.__iter__)
 
 
+def size(v: tuple[Any, ...] | list[Any] | dict[Any, Any]) -> int:
+    """How many items a container ``by_items`` accepts holds: a tuple subclass's by
+    ``tuple.__len__``, as its own ``__len__`` may raise (e3nn's ``Irrep`` and ``Irreps``: a
+    Gate, or a function closing over irreps, crashed with ``NotImplementedError`` until
+    rev-merges20d)."""
+    return tuple.__len__(v) if isinstance(v, tuple) else len(v)
+
+
 def _items(container: tuple[Any, ...] | list[Any] | dict[Any, Any]) -> list[Any]:
-    """What a container holds (``named``): a dictionary's keys and values."""
-    return [*container.keys(), *container.values()] if type(container) is dict else [*container]
+    """What a container holds (``named``): a dictionary's keys and values (a tuple subclass's
+    items by its iterator: ``size``)."""
+    if type(container) is dict:
+        return [*container.keys(), *container.values()]
+    return [*iter(container)]
 
 
 def _contents(fn: Any) -> list[Any]:
@@ -672,20 +683,25 @@ def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> 
     (``_tensor`` each)."""
     kind = type(v)
     found = items_of(v)
-    if found is None or not depth:
+    if found is None:
         return _told(untold)
     n, items = found
     told = kind if kind in _MODULE_CONTAINERS else weakref.ref(kind)  # (a named tuple's class)
-    if _ITEM_VALUES.issuperset(map(type, items)):
+    kinds = set(map(type, items))
+    if _ITEM_VALUES.issuperset(kinds):  # (at any depth: nothing below to walk)
         if n > VALUE_ITEMS:
             return _told(untold)
+        if bool in kinds:  # (``True == 1``: ``if cfg[0] is True:``, set to 1, was served mixed)
+            return told, tuple(iter(items)), tuple(map(type, items))
         if kind is not tuple:
-            return told, tuple(items)
+            return told, tuple(iter(items))  # (not ``len``: ``items_of``)
         if len(_VALUE_TUPLES) >= _VALUE_TUPLES_KEPT:
             _VALUE_TUPLES.clear()
         _VALUE_TUPLES[id(v)] = v
         return v
-    if _TENSORS.issuperset(map(type, items)) and n <= VALUE_ITEMS:
+    if not depth:  # (e3nn's ``Irreps`` in a tuple, its ``(mul, (l, p))`` items 4 deep, kept)
+        return _told(untold)
+    if _TENSORS.issuperset(kinds) and n <= VALUE_ITEMS:
         # (``DistributedDataParallel``'s list of its module's parameters, often more than 32)
         return told, tuple([_tensor(u) for u in items])
     if n > TUPLE_ITEMS:
@@ -693,7 +709,7 @@ def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> 
     return told, tuple(
         [
             u
-            if (t := type(u)) in _ITEM_VALUES
+            if (t := type(u)) in _ITEM_VALUES and t is not bool
             else _tensor(u)
             if t is torch.nn.Parameter or t is torch.Tensor
             else _item(u, stack, untold, depth - 1)
@@ -750,7 +766,7 @@ def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
     cannot see it change."""
     kind = type(v)
     if kind in _ITEM_VALUES:
-        return v
+        return v if kind is not bool else (kind, v)  # (``True == 1``: told apart)
     if kind is float or kind is complex:
         return kind
     if kind is weakref.ref:
@@ -761,6 +777,10 @@ def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
         own = getattr(v, "__self__", None) if kind is types.MethodType else None
         if isinstance(own, torch.nn.Module):
             stack.append(own)
+        elif own is not None and not isinstance(own, type):
+            # a plain object's bound method reads that object's state, unseen, as a plain
+            # object in the list would (served mixed until rev-merges20d)
+            return _told(untold)
         return weakref.ref(v)
     if isinstance(v, torch.nn.Module):
         stack.append(v)
@@ -768,7 +788,7 @@ def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
     if kind in _MODULE_CONTAINERS or by_items(v):
         return _contained(v, stack, untold, depth)
     if isinstance(v, Enum) or (kind is frozenset and _ITEM_VALUES.issuperset(map(type, v))):
-        return v
+        return kind, v  # (an ``IntEnum`` member equals its integer)
     if kind is slice and _ITEM_VALUES.issuperset(map(type, (v.start, v.stop, v.step))):
         return kind, v.start, v.stop, v.step  # (e3nn's weight slices)
     if isinstance(v, Integral):  # (a NumPy integer)
@@ -790,8 +810,12 @@ def items_of(v: Any) -> tuple[int, Any] | None:
     ``SimpleNamespace``'s; a partial's function, the number of its positional arguments, its
     arguments and keyword names (``partial(g, 1)`` is not ``partial(g, x=1)``)."""
     kind = type(v)
-    if kind is tuple or kind is list or by_items(v):
-        return (len(v), v) if kind is not dict else (len(v), [*v, *v.values()])
+    if kind is tuple or kind is list:
+        return len(v), v
+    if kind is dict:
+        return len(v), [*v, *v.values()]
+    if by_items(v):  # a named tuple (``size``: its own ``__len__`` may raise)
+        return size(v), v
     if kind is types.SimpleNamespace:
         own = vars(v)
         return len(own), [*own, *own.values()]

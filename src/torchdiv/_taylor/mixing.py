@@ -31,6 +31,7 @@ from torchdiv._taylor.cache import (
     contained_tensors,
     items_of,
     named,
+    size,
     structure_key,
     walked,
 )
@@ -612,7 +613,7 @@ def _part(
         return type(v), v
     kind = type(v)
     if by_items(v):
-        if len(v) > TUPLE_ITEMS and not _tensors(v):
+        if size(v) > TUPLE_ITEMS and not _tensors(v):
             return None
         items = [*v, *v.values()] if kind is dict else v  # (a dictionary's keys too)
         told = kind if kind in (tuple, list, dict) else Same(kind)  # (a named tuple's class)
@@ -664,7 +665,7 @@ def _tensors(v: Any) -> bool:
         >>> _tensors({f"{i}.weight": torch.ones(2) for i in range(40)}), _tensors([0] * 40)
         (True, False)
     """
-    if len(v) > TENSOR_ITEMS:
+    if size(v) > TENSOR_ITEMS:
         return False
     if type(v) is dict:
         if not all(type(k) is str for k in v):
