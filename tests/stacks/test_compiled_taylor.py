@@ -257,3 +257,26 @@ def test_sample_mixing_is_still_refused(name):
     loss = torch.compile(lambda x: op(Centred(), x).sum(), backend="aot_eager")
     with pytest.raises(torchdiv.BatchInteractionError):
         loss(_x(Heat))
+
+
+def test_a_replay_recorded_inside_allow_batch_interaction_is_not_served_outside():
+    """Compiled inside ``allow_batch_interaction()``, the recordings still watch (a mixing
+    ``f`` then runs eagerly): a replay recorded unwatched there served the call outside the
+    block, where the eager call raises (a Laplacian of 0 returned, lead's review)."""
+    f, op = Centred(mlp(3, 1)), OPS["laplacian taylor"][1]
+    loss = torch.compile(lambda x: op(f, x).sum(), backend="aot_eager")
+    x = _x(Heat)
+    with torchdiv.allow_batch_interaction():
+        assert_close(loss(x), op(f, x).sum())
+    with pytest.raises(torchdiv.BatchInteractionError):
+        loss(x)
+
+
+def test_an_event_dimension_marked_dynamic_is_not_replayed():
+    """The replay guards on the event's shape; a dimension the caller marked dynamic
+    (``mark_dynamic``) made Dynamo raise ``ConstraintViolationError``: run eagerly instead."""
+    f, op = pinn(), OPS["laplacian taylor"][1]
+    loss = torch.compile(lambda x: op(f, x).square().mean(), backend="aot_eager")
+    x = _x(pinn)
+    torch._dynamo.mark_dynamic(x, 1)
+    assert_close(loss(x), op(f, x).square().mean())

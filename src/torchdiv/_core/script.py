@@ -13,6 +13,7 @@ torchdiv profile and optimize it again (about 4 ms for a small MLP, once per tor
 from __future__ import annotations
 
 import contextlib
+import dis
 import functools
 import types
 import weakref
@@ -225,12 +226,27 @@ def _named(fn: types.FunctionType) -> list[Any]:
     return cell_contents(fn) + held
 
 
+# the instructions that read a global name (a class body's ``LOAD_NAME`` may; Python 3.12's
+# ``LOAD_FROM_DICT_OR_GLOBALS`` in one with annotations)
+_GLOBAL_READS = frozenset(("LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"))
+
+
 @cached(maxsize=4096)  # per code object (one never changes), bounded
 def global_names(code: types.CodeType) -> tuple[str, ...]:
-    """The global names ``code`` and the code objects defined in it (an inner lambda) use:
-    ``lambda z: (lambda w: m(w))(z)`` names the global ``m`` in its inner code only."""
+    """The global names ``code`` and the code objects defined in it (an inner lambda) read:
+    ``lambda z: (lambda w: m(w))(z)`` names the global ``m`` in its inner code only. Not the
+    attributes it reads, which ``co_names`` holds too: ``lambda z: net(z)[state.order]``
+    beside a global ``order`` (the one ``state.order`` was set from) held that global, and
+    the watch's key took the index tensor in it for the one ``f`` reads, a pass kept for it
+    serving calls after ``state.order`` was replaced (rev-functional20).
+
+    Example:
+        >>> global_names((lambda z: net(z)[state.order]).__code__)
+        ('net', 'state')
+    """
+    own = (i.argval for i in dis.get_instructions(code) if i.opname in _GLOBAL_READS)
     inner = (global_names(c) for c in code.co_consts if isinstance(c, types.CodeType))
-    return tuple(dict.fromkeys(code.co_names + sum(inner, ())))
+    return tuple(dict.fromkeys((*own, *sum(inner, ()))))
 
 
 def _own(kind: type) -> bool:

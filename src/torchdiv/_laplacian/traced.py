@@ -13,10 +13,12 @@ tensors. So, as ``_structured.replay`` does for the structured engine's chains:
    recording, the engine's sweep, its checks. Each tensor a call reads is ``x``, the output of
    an earlier call, ``f``'s parameter or buffer (by name, ``replay.Held``), or a constant the
    call made from Python numbers (``torch.tensor``); anything else refuses.
-2. It runs the call twice more, at one and two more samples (``x``'s first row repeated) with
-   every value scaled: the three recordings must make the same calls, integers in them
-   affine in the batch size (``Sized``: view shapes, ``expand`` sizes) and everything else
-   equal. A plan that depends on the batch size in any other way, or on values, refuses.
+2. It runs the call again at one and two more samples and at ``2N + 5`` (``x``'s rows
+   cycled, ``_sizes``) with every value scaled: the recordings must make the same calls,
+   integers in them affine in the batch size (``Sized``: view shapes, ``expand`` sizes) and
+   everything else equal. A plan that depends on the batch size in any other way, or on
+   values, refuses. The graph serves the batch sizes from ``N`` to ``2N + 5`` (a guard;
+   another size compiles again and records there).
 3. The traced code replays the calls (``_run``) on ``x`` and ``f``'s tensors of this run,
    each under the grad mode it was made in: plain tensor ops, one graph with the step around
    it, derivatives by autograd through the same ATen calls as the eager call's (``_Recorder``
@@ -46,6 +48,7 @@ import torch
 from torch._C._functorch import is_functorch_wrapped_tensor, peek_interpreter_stack
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from torchdiv._core.mixing.errors import watched
 from torchdiv._structured import replay
 from torchdiv._structured.replay import Held
 from torchdiv._taylor.capture import Before, Ref, put_back
@@ -102,13 +105,15 @@ class Program:
     ``NamedTuple`` of type ``kind`` where the function returns one), ``x``'s event shape,
     and the floats of the calls (``Number``, ``Constant``): read by the trace from
     ``_numbers`` as constants (read from the plan, ``dynamic=True`` made each a symbol,
-    which restarted the trace, which recorded again under a new key: without end)."""
+    which restarted the trace, which recorded again under a new key: without end), and the
+    least and most batch sizes recorded (the sizes the replay serves, ``_sizes``)."""
 
     calls: tuple[Call, ...]
     output: Any
     kind: type | None
     event: tuple[int, ...] = ()
     numbers: tuple[Any, ...] = ()
+    sizes: tuple[int, int] = (0, 0)
 
 
 def replayed(public: Callable[..., Any], f: Any, x: Any, *args: Any, **options: Any) -> Any:
@@ -132,6 +137,8 @@ def replayed(public: Callable[..., Any], f: Any, x: Any, *args: Any, **options: 
         return None
     program: Program = getattr(replay._Read, f"k{key}")
     if tuple(x.shape[1:]) != program.event:  # (a guard on the event's shape)
+        return None
+    if not program.sizes[0] <= x.shape[0] <= program.sizes[1]:  # (guards: ``_sizes``)
         return None
     out = _run(program, _numbers(key), f, x)
     f(x)  # unused: Dynamo's guards on f become this graph's (module docstring)
@@ -193,10 +200,14 @@ def _recorded(
     try:
         if replay._apart(__file__) or replay._changed_while_traced(f) or replay._inferred():
             return -1
-        program = _planned(public, f, x.detach().requires_grad_(x.requires_grad), options, grad)
+        with watched():  # (f mixes samples: eager says; in allow_batch_interaction too)
+            z = x.detach().requires_grad_(x.requires_grad)
+            program = _planned(public, f, z, options, grad)
+        if program is None or replay._marked(batch_free=True):  # (the event's shape: guarded)
+            return -1
     except Exception:
         return -1
-    return -1 if program is None else replay.keep(program)
+    return replay.keep(program)
 
 
 def _planned(
@@ -206,11 +217,11 @@ def _planned(
     options: tuple[tuple[str, Any], ...],
     grad: bool,
 ) -> Program | None:
-    """The ``Program`` of the three recordings (module docstring), or ``None``."""
+    """The ``Program`` of the recordings at ``_sizes`` (module docstring), or ``None``."""
     scaled = [x]
-    for extra in (1, 2):
-        more = torch.cat([x.detach(), x.detach()[:1].expand(extra, *x.shape[1:])])
-        scaled.append((more * (1 + extra / 16)).requires_grad_(x.requires_grad))
+    for k, size in enumerate(_sizes(x.shape[0])[1:], 1):
+        more = x.detach()[torch.arange(size, device=x.device) % x.shape[0]]
+        scaled.append((more * (1 + k / 16)).requires_grad_(x.requires_grad))
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in options}
     names = {id(t): Held(name, False) for name, t in f.named_parameters(remove_duplicate=False)}
     names.update((id(t), Held(name, True)) for name, t in f.named_buffers(remove_duplicate=False))
@@ -222,6 +233,16 @@ def _planned(
                 return None
             recordings.append(program)
     return _merged(recordings, [z.shape[0] for z in scaled], tuple(x.shape[1:]))
+
+
+def _sizes(n: int) -> list[int]:
+    """The batch sizes recorded for a batch of ``n``: ``n``, ``n + 1``, ``n + 2``, whose
+    integers fit ``Sized``, and ``2n + 5``, where an integer of ``f``'s that follows ``n``
+    only at some sizes (``n // 4``, ``min(n, 8)`` at ``n = 4``: equal at ``n``, ``n + 1``,
+    ``n + 2``) leaves the fit. The replay serves the sizes from ``n`` to ``2n + 5`` only
+    (``Program.sizes``, guarded: ``max(n, 3)`` at ``n = 4`` fits above ``n``, not below);
+    under ``dynamic=True`` it served every size, such an integer baked wrong at most."""
+    return [n, n + 1, n + 2, 2 * n + 5]
 
 
 @contextlib.contextmanager
@@ -396,7 +417,8 @@ def _merged(programs: list[Program], sizes: list[int], event: tuple[int, ...]) -
             return None
         args, kwargs = map_leaves(numbered, merged)
         calls.append(Call(same[0].func, args, kwargs, same[0].grad))
-    return Program(tuple(calls), first.output, first.kind, event, tuple(numbers))
+    bounds = (min(sizes), max(sizes))
+    return Program(tuple(calls), first.output, first.kind, event, tuple(numbers), bounds)
 
 
 def _merged_leaves(trees: list[Any], sizes: list[int]) -> Any:

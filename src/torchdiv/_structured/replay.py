@@ -24,8 +24,9 @@ small MLP, issue 14). Here, where ``f`` is a module, the call is traced instead:
 3. It also calls ``f(x)``, whose result is unused (removed from the graph): Dynamo's guards
    on ``f`` (its submodules, flags, hooks, code, as for any compiled model) are then this
    graph's, so that a change of ``f`` recompiles, which records ``f`` again. A replay never
-   outlives the structure it was recorded from. It also guards on ``x``'s event shape, and
-   on its whole shape where numbers in the calls change with the batch size (``_batch_free``).
+   outlives the structure it was recorded from. It also guards on ``x``'s shape after its
+   first dimension and on that one's sizes recorded (``_rows``), and on its whole shape
+   where numbers in the calls change with the batch size (``_batch_free``).
 
 Not replayed (the call then runs eagerly, as before): ``f`` not a module; a tensor ``f``
 reads that is not its parameter or buffer (a closure's: it could be rebound unseen); what an
@@ -97,7 +98,8 @@ class Replay:
     chunk: int
     readout: forward.Readout | None = None
     propagation: Plan | None = None
-    event: tuple[int, ...] = ()  # x's event shape (guarded)
+    event: tuple[int, ...] = ()  # x's shape after its first dimension (guarded)
+    rows: tuple[int, int] = (0, 0)  # the sizes of x's first dimension served (``_batch_free``)
     moved: tuple[tuple[Ref, tuple[factors.Factor, ...]], ...] = ()  # (``factors.moved``)
 
 
@@ -156,7 +158,9 @@ def replayed(trace: bool, f: Any, x: Any, *args: Any, **options: Any) -> torch.T
     plan: Replay = getattr(_Read, f"k{key}")
     if plan.shape is not None and tuple(x.shape) != plan.shape:  # (guards on the shape)
         return None
-    if tuple(x.shape[batch_dims:]) != plan.event:
+    if tuple(x.shape[1:]) != plan.event:  # (the served sizes are the first dimension's: ``_rows``)
+        return None
+    if not plan.rows[0] <= x.shape[0] <= plan.rows[1]:  # (guards: ``_batch_free``)
         return None
     if plan.readout is not None:
         return _coloured(trace, plan, plan.readout, f, x, batch_dims, key)
@@ -233,11 +237,13 @@ def _recorded(
     try:
         if _apart() or _changed_while_traced(f) or _inferred():
             return -1
-        with torch.set_grad_enabled(grad), watched():  # (f mixes samples: the eager call says)
+        with torch.set_grad_enabled(grad), watched():  # (f mixes samples: eager says, or computes)
             plan = _plan(f, x.detach(), batch_dims, chunk)
+        if plan is None or _marked(plan.shape is None):
+            return -1
     except Exception:
         return -1
-    return -1 if plan is None else keep(plan)
+    return keep(plan)
 
 
 def keep(plan: Any) -> int:
@@ -269,6 +275,21 @@ def _tracer() -> Any:
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     return InstructionTranslator.current_tx()
+
+
+def _marked(batch_free: bool) -> bool:
+    """Whether an input of the traced frame has a dimension marked dynamic
+    (``torch._dynamo.mark_dynamic``) that the replay's guards on ``x``'s shape could
+    specialise (Dynamo then raised ``ConstraintViolationError`` where the eager call serves):
+    any but a first dimension (``x``'s event may be one, or made from one: ``x * 2``), or any
+    where the replay guards on ``x``'s whole shape (``batch_free`` false). (Private: as
+    ``_changed_while_traced``.)"""
+    for tracked in _tracer().output.tracked_fakes:
+        sizes = getattr(tracked.symbolic_context, "constraint_sizes", None) or ()
+        for dim, constraint in enumerate(sizes):  # (``dynamic=True``'s: warn only)
+            if constraint is not None and not constraint.warn_only and (dim or not batch_free):
+                return True
+    return False
 
 
 def _apart(file: str = __file__) -> bool:
@@ -354,11 +375,11 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | Non
     if (readout is not None or moved is not None) and not _indices_fixed(nodes):
         return None
     shape = None if _batch_free(graph, f, x, batch_dims) else tuple(x.shape)
-    output, event = cast(Ref, graph.output), tuple(x.shape[batch_dims:])
+    output, event, rows = cast(Ref, graph.output), tuple(x.shape[1:]), _rows(x.shape[0])
     if readout is not None:
         propagation = Plan(cast(Graph, _Columns(nodes, output, tuple(x.shape))))
         propagation.needs_jac(Context(1, second_order=False))  # (made now, not traced)
-        return Replay(tuple(nodes), output, (), shape, 0, readout, propagation, event)
+        return Replay(tuple(nodes), output, (), shape, 0, readout, propagation, event, rows=rows)
     widest = max(
         v.numel() // n
         for node, out in zip(graph.nodes, kept, strict=True)
@@ -367,7 +388,9 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | Non
     )
     chunk = max(1, cycle.BLOCK_ELEMENTS // (n * max(widest, 1)))
     movements = () if moved is None else tuple(moved.items())
-    return Replay(tuple(nodes), output, tuple(routes), shape, chunk, event=event, moved=movements)
+    return Replay(
+        tuple(nodes), output, tuple(routes), shape, chunk, event=event, moved=movements, rows=rows
+    )
 
 
 def _readout(
@@ -411,28 +434,46 @@ def _indices_fixed(nodes: list[Node]) -> bool:
 
 def _batch_free(graph: Graph, f: torch.nn.Module, x: torch.Tensor, batch_dims: int) -> bool:
     """Whether the numbers in ``graph``'s calls (a view's shape, a convolution's padding, a
-    scale ``1 / N``) hold for every batch size: ``f`` recorded again at ``N + 1`` and at
-    ``2 N + 1`` samples makes the same calls with the same numbers (two sizes: a number
-    such as ``N // 2`` is the same at ``N = 2`` and ``3``). A replay whose numbers may depend
+    scale ``1 / N``) hold for every batch size: ``f`` recorded again at ``2``, ``N + 1`` and
+    ``2 N + 1`` along each batch dimension makes the same calls with the same numbers (a
+    number such as ``N // 2`` is the same at ``N = 2`` and ``3``; ``min(N, 4)`` at ``4``,
+    ``5`` and ``9``, Dynamo's trace of ``f`` guarding on neither; ``1 / T`` with ``T`` the
+    second of two batch dimensions at any size of the first). A replay whose numbers may depend
     on the batch size guards on ``x``'s shape (``dynamic=True``: one graph per batch size);
     one whose numbers hold for any batch guards on the event's shape only (the numbers may
     depend on it: a reshape to the event's)."""
     numbers = _numbers(graph)
     if not numbers:
         return True
-    for more in (x[:1], torch.cat([x, x[:1]])):
-        try:
-            other = capture(f, torch.cat([x, more]), RULES, batch_dims=batch_dims)
-        except Exception:
-            return False
-        other.undo()
-        same = [n.func for n in graph.nodes] == [n.func for n in other.nodes]
-        again = _numbers(other)
-        if not same or len(again) != len(numbers):
-            return False
-        if not all(type(a) is type(b) and a == b for a, b in zip(numbers, again, strict=True)):
-            return False
+    for dim in range(batch_dims):
+        one = x.narrow(dim, 0, 1)
+        sizes = [torch.cat([one, one], dim)] if x.shape[dim] != 2 else []  # (1: specialised)
+        for other_x in [*sizes, torch.cat([x, one], dim), torch.cat([x, x, one], dim)]:
+            if not _same_numbers(graph, numbers, f, other_x, batch_dims):
+                return False
     return True
+
+
+def _same_numbers(
+    graph: Graph, numbers: list[Any], f: torch.nn.Module, x: torch.Tensor, batch_dims: int
+) -> bool:
+    """Whether ``f`` recorded at ``x`` makes ``graph``'s calls with its ``numbers``."""
+    try:
+        other = capture(f, x, RULES, batch_dims=batch_dims)
+    except Exception:
+        return False
+    other.undo()
+    again = _numbers(other)
+    if [n.func for n in graph.nodes] != [n.func for n in other.nodes] or len(again) != len(numbers):
+        return False
+    return all(type(a) is type(b) and a == b for a, b in zip(numbers, again, strict=True))
+
+
+def _rows(n: int) -> tuple[int, int]:
+    """The sizes of ``x``'s first dimension a replay recorded at ``n`` serves: those
+    ``_batch_free`` recorded, ``n`` to ``2n + 1``. A number of ``f``'s equal there may differ
+    outside (``min(N, 6)`` at ``N = 8``: served at 3, 0.58 off under ``dynamic=True``)."""
+    return n, 2 * n + 1
 
 
 def _numbers(graph: Graph) -> list[Any]:

@@ -231,10 +231,52 @@ def _objects(f: Any) -> list[Any] | None:
         for u in v if type(v) is tuple else (v,):
             if isinstance(u, (list, dict)):
                 return None
-            if not (type(u) in _VALUES or callable(u) or u is _EMPTY) and not isinstance(
-                u, (torch.Tensor, torch.nn.Module, types.ModuleType)
-            ):
+            if _plain(u):
                 found.append(u)
+    return found
+
+
+def _plain(u: Any) -> bool:
+    """Whether ``u`` is a plain object (a configuration, a ``TrainState``): no module, tensor,
+    callable, Python module or value ``identity`` tells by value. ``identity`` holds it by
+    identity alone, whatever its attributes come to hold."""
+    return not (type(u) in _VALUES or callable(u) or u is _EMPTY) and not isinstance(
+        u, (torch.Tensor, torch.nn.Module, types.ModuleType)
+    )
+
+
+def _aliased(f: Any, depth: int = 3) -> set[int]:
+    """The ids of the tensors the plain objects (``_plain``) that the function (or
+    ``functools.partial``) ``f`` names hold: in their attributes, and in the tuples, lists
+    and dictionaries there (``state.buffers["order"]``); ``f``'s plain objects looked for as
+    ``identity`` tells it, ``depth`` levels down, through the functions it names too (``lambda
+    z: step(z)``, ``step`` reading ``state.buffers``). A module's tensor among them does not
+    vouch for itself (``_holds``, ``_owned``): ``f`` may read it from that object, which may
+    hold another at the next call unseen by the key (``torch.func``'s
+    ``dict(model.named_buffers())`` kept in a ``TrainState`` for ``functional_call``: a pass
+    kept for the module's buffer served edges that cross samples until rev-functional20)."""
+    todo: list[tuple[Any, int, bool]] = [(f, depth, False)]  # (what, levels left, in an object)
+    seen: set[tuple[int, bool]] = set()  # (a dictionary f names and its state holds: both)
+    found: set[int] = set()
+    while todo:
+        u, left, inside = todo.pop()
+        if (id(u), inside) in seen:
+            continue
+        seen.add((id(u), inside))
+        held: list[Any] = []
+        if isinstance(u, torch.Tensor):
+            if inside:
+                found.add(id(u))
+        elif isinstance(u, types.FunctionType):
+            held = [] if inside else _named(u)[1]
+        elif isinstance(u, functools.partial):
+            held = [] if inside else [u.func, *u.args, *u.keywords.values()]
+        elif by_items(u):
+            held = [*(u.values() if type(u) is dict else u)]
+        elif _plain(u) and not inside:  # (its attributes, and their items: 2 levels)
+            held, inside, left = list(_fields(u).values()), True, 2
+        if left:
+            todo += [(v, left - 1, inside) for v in held]
     return found
 
 
@@ -330,7 +372,8 @@ def _owned(f: Any, held: tuple[Kept, ...] | None) -> tuple[Kept | Owned | Number
     ``f``'s ``identity`` holds it by identity instead (a closure cell's, default's or
     global's: replaced, another structure); ``None`` (no pass for other ``x``) if ``held``
     is, or where one is held neither way (a replacement would go unseen: a plain object's
-    attribute, a tensor made in ``f`` without an op, ``torch.tensor(...)``)."""
+    attribute, a tensor made in ``f`` without an op, ``torch.tensor(...)``), and where ``f``
+    names a plain object that holds a weight its modules hold too (``_aliased``)."""
     if not held:
         return held
     f = unwrapped(f)
@@ -341,11 +384,13 @@ def _owned(f: Any, held: tuple[Kept, ...] | None) -> tuple[Kept | Owned | Number
         if _identity(f, 3, values, others)[0] is not f:
             keyed = {hash(same) for same, _ in values} | others  # (``Same``: its object's id)
     places: dict[int, list[tuple[Any, str, str]]] = {}
+    aliased = _aliased(f)  # (tensors a plain object f names holds: read from there, maybe)
     for m in _modules(f):
         own = vars(m)
         for where, tensors in (("_parameters", m._parameters), ("_buffers", m._buffers), ("", own)):
             for name, t in tensors.items():
-                if isinstance(t, torch.Tensor) and (where or type(t) is torch.Tensor):
+                told = where or type(t) is torch.Tensor
+                if isinstance(t, torch.Tensor) and told and id(t) not in aliased:
                     places.setdefault(id(t), []).append((weakref.ref(m), where, name))
     found: list[Kept | Owned | Numbers] = []
     for kept in held:
@@ -367,11 +412,11 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
     follows from ``f``'s code): one its ``identity`` tells (a closure cell's, default's or
     global's, in tuples and nested functions), or a buffer, plain tensor attribute or
     tensor in a container (``cache.contained_tensors``: ``self.edges = (senders,
-    receivers)``) of a module it reaches (``cache.named``; ``cache._tensor``); ``None`` if
-    one is held neither way. A neighbour list elsewhere (a plain object's ``self.edges``, a
-    closure dict's entry, PyG's ``Data``) may be rebuilt across samples at the same shapes,
-    unseen by the key: ``f`` is then watched at every call. The pass keeps the ones returned
-    (``Passed.current``)."""
+    receivers)``) of a module it reaches (``cache.named``; ``cache._tensor``) but one a plain
+    object ``f`` names holds too (``_aliased``); ``None`` if one is held neither way. A
+    neighbour list elsewhere (a plain object's ``self.edges``, a closure dict's entry, PyG's
+    ``Data``) may be rebuilt across samples at the same shapes, unseen by the key: ``f`` is
+    then watched at every call. The pass keeps the ones returned (``Passed.current``)."""
     if not indices:
         return ()
     found: set[int] = set()
@@ -380,9 +425,10 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
         values: list[tuple[Hashable, int]] = []
         if _identity(f, 3, values, found)[0] is f:
             found.clear()  # (not told by what it holds: none of it is in the key)
+    aliased = _aliased(f)  # (tensors a plain object f names holds: read from there, maybe)
     for m in _modules(f):
         tensors = [*m._buffers.values(), *vars(m).values(), *contained_tensors(m)]
-        found |= {id(t) for t in tensors if type(t) is torch.Tensor}
+        found |= {id(t) for t in tensors if type(t) is torch.Tensor and id(t) not in aliased}
     kept: list[Kept] = []
     for index, base in indices:
         for one in (index, base):
@@ -566,11 +612,14 @@ def _part(
         return type(v), v
     kind = type(v)
     if by_items(v):
-        if depth == 0 or len(v) > TUPLE_ITEMS:  # (a chain of 5000 nested ones: RecursionError)
+        if len(v) > TUPLE_ITEMS and not _tensors(v):
             return None
         items = [*v, *v.values()] if kind is dict else v  # (a dictionary's keys too)
-        parts = tuple(_part(u, depth - 1, values, others) for u in items)
         told = kind if kind in (tuple, list, dict) else Same(kind)  # (a named tuple's class)
+        if depth == 0:  # (a chain of 5000 nested ones: RecursionError) but for values alone
+            flat = all(type(u) in _VALUES for u in items)  # (a shape: ``(name, p.shape)``)
+            return (told, tuple((type(u), u) for u in items)) if flat else None
+        parts = tuple(_part(u, depth - 1, values, others) for u in items)
         return None if any(p is None for p in parts) else (told, parts)
     if _untold(v):
         return None
@@ -595,6 +644,42 @@ def _part(
         return same, v._version
     values.append((same, v._version))  # (strides: a branch on is_contiguous() reads no value)
     return type(v), v.dtype, v.shape, v.stride(), v.device, v.requires_grad
+
+
+# the longest container of tensors ``_part`` tells by its items (``_tensors``): a parameter
+# dictionary (``functional_call(model, params, (x,))``) or a JAX-style list of ``(W, b)``
+# layers holds as many as the model has (a 6-layer ``nn.TransformerEncoder``: 72). Telling
+# one costs ~2-7 us a tensor at every call, a watch at every call of an ``f`` not told more
+# (a 16-layer MLP's 36 tensors: 3.2 ms of a 4.6 ms divergence at 16 samples of 4 elements;
+# ``TUPLE_ITEMS`` bounds the other containers, whose items ``f`` may not read at all)
+TENSOR_ITEMS = 1024
+
+
+def _tensors(v: Any) -> bool:
+    """Whether ``v`` (a container ``by_items``) holds at most ``TENSOR_ITEMS`` items, each a
+    tensor or a tuple or list of at most ``TUPLE_ITEMS`` tensors (a layer's ``(W, b)``), a
+    dictionary's keys strings: ``_part`` tells such a one by its items however long.
+
+    Example:
+        >>> _tensors({f"{i}.weight": torch.ones(2) for i in range(40)}), _tensors([0] * 40)
+        (True, False)
+    """
+    if len(v) > TENSOR_ITEMS:
+        return False
+    if type(v) is dict:
+        if not all(type(k) is str for k in v):
+            return False
+        v = v.values()
+    return all(isinstance(u, torch.Tensor) or _layer(u) for u in v)
+
+
+def _layer(u: Any) -> bool:
+    """Whether ``u`` is a tuple or list of at most ``TUPLE_ITEMS`` tensors (``(W, b)``)."""
+    return (
+        type(u) in (tuple, list)
+        and len(u) <= TUPLE_ITEMS
+        and all(isinstance(t, torch.Tensor) for t in u)
+    )
 
 
 def _untold(v: Any) -> bool:

@@ -75,15 +75,17 @@ def allowed() -> bool:
 
 @contextlib.contextmanager
 def watched() -> Iterator[None]:
-    """Watch for sample mixing while Dynamo traces too (this thread), unless
-    ``allow_batch_interaction()`` is active: for a recording made eagerly during tracing
-    whose plan the compiled graph then replays unwatched (``torchdiv._structured.replay``)."""
-    before = getattr(_state, "watched", False)
-    _state.watched = True
+    """Watch for sample mixing while Dynamo traces too (this thread), even inside
+    ``allow_batch_interaction()``: for a recording made eagerly during tracing whose plan
+    the compiled graph then replays unwatched and unguarded by the switch
+    (``torchdiv._structured.replay``: a plan recorded inside the block was served outside it
+    to a net that mixes samples, where the eager call raises)."""
+    before = getattr(_state, "watched", False), getattr(_state, "allowed", False)
+    _state.watched, _state.allowed = True, False
     try:
         yield
     finally:
-        _state.watched = before
+        _state.watched, _state.allowed = before
 
 
 def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
