@@ -35,29 +35,47 @@ class Scaled(torch.nn.Module):
         return torch.tanh(x * self.w) * self.rule(x.shape[0])
 
 
-def _divergences(f: torch.nn.Module, sizes: tuple[int, ...], **compile_options) -> Counting:
-    """The compiled structured divergence of ``f`` at batches of ``sizes``, each equal to
-    eager's (values and parameter gradients); the backend, which counted the graphs."""
+class PerStep(Scaled):
+    """Tokens ``(B, T, d)`` scaled by ``4 / T``, ``T`` the second of two batch dimensions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x * self.w) * (4.0 / x.shape[1])
+
+
+def _divergences(f: Scaled, shapes: list[tuple[int, ...]], batch_dims: int = 1) -> Counting:
+    """The compiled structured divergence of ``f`` (``dynamic=True``) at batches of
+    ``shapes``, each equal to eager's (values and parameter gradients); the backend, which
+    counted the graphs."""
     backend = Counting()
 
-    def loss(x: torch.Tensor) -> torch.Tensor:
-        return torchdiv.divergence(f, x, method="structured").square().sum()
+    def loss(x: torch.Tensor) -> torch.Tensor:  # (literals: a closure's batch_dims is not replayed)
+        if batch_dims == 1:
+            return torchdiv.divergence(f, x, method="structured").square().sum()
+        return torchdiv.divergence(f, x, method="structured", batch_dims=2).square().sum()
 
-    compiled = torch.compile(loss, backend=backend, **compile_options)
-    for n in sizes:
-        x = torch.randn(n, 3, dtype=f64)
+    compiled = torch.compile(loss, backend=backend, dynamic=True)
+    for shape in shapes:
+        x = torch.randn(shape, dtype=f64)
         got, want = compiled(x), loss(x)
         assert_close(got, want)
         assert_close(torch.autograd.grad(got, f.w)[0], torch.autograd.grad(want, f.w)[0])
     return backend
 
 
-def test_a_number_differing_only_below_the_served_rows_keeps_one_graph():
+def test_a_number_differing_only_outside_the_served_rows_keeps_one_graph():
     """``min(N, 3)`` recorded at 4 is 3 at every size served (4 to 9), but the recording at 2
     (left from rev-merges20a, before rev-merges20c served only ``N..2N + 1``) saw 2: the
     replay then guarded ``x``'s whole shape, one graph per batch size under ``dynamic=True``
     (Dynamo's recompile limit then ran the call eagerly)."""
-    backend = _divergences(Scaled(lambda n: min(n, 3)), (4, 5, 6), dynamic=True)
+    backend = _divergences(Scaled(lambda n: min(n, 3)), [(4, 3), (5, 3), (6, 3)])
+    assert backend.compiled == 1
+
+
+def test_a_number_of_the_second_batch_dimension_keeps_one_graph():
+    """``4 / T`` with ``batch_dims=2``: ``T`` is guarded with the event (rev-merges20c), but the
+    recordings along it (rev-merges20a) saw other numbers, so the whole shape was guarded:
+    one graph per size of the first batch dimension."""
+    backend = _divergences(PerStep(lambda n: 1), [(4, 5, 3), (5, 5, 3), (6, 5, 3)], 2)
     assert backend.compiled == 1
 
 
