@@ -434,23 +434,21 @@ def _indices_fixed(nodes: list[Node]) -> bool:
 
 def _batch_free(graph: Graph, f: torch.nn.Module, x: torch.Tensor, batch_dims: int) -> bool:
     """Whether the numbers in ``graph``'s calls (a view's shape, a convolution's padding, a
-    scale ``1 / N``) hold for every batch size: ``f`` recorded again at ``2``, ``N + 1`` and
-    ``2 N + 1`` along each batch dimension makes the same calls with the same numbers (a
-    number such as ``N // 2`` is the same at ``N = 2`` and ``3``; ``min(N, 4)`` at ``4``,
-    ``5`` and ``9``, Dynamo's trace of ``f`` guarding on neither; ``1 / T`` with ``T`` the
-    second of two batch dimensions at any size of the first). A replay whose numbers may depend
-    on the batch size guards on ``x``'s shape (``dynamic=True``: one graph per batch size);
-    one whose numbers hold for any batch guards on the event's shape only (the numbers may
-    depend on it: a reshape to the event's)."""
+    scale ``1 / N``) hold for the batch sizes served (``_rows``; the other dimensions of ``x``
+    are guarded whole): ``f`` recorded again at ``N + 1`` and ``2 N + 1`` samples makes the
+    same calls with the same numbers (``min(N, 4)`` differs at ``9``, Dynamo's trace of ``f``
+    guarding on it not). A replay whose numbers may depend on the batch size guards on ``x``'s
+    shape (``dynamic=True``: one graph per batch size); one whose numbers hold guards on the
+    event's shape and the rows served only. Sizes outside ``_rows`` are not recorded: a number
+    differing only there (``min(N, 3)`` at ``2``) guarded the whole shape, one graph per size
+    until rev-merges20e."""
     numbers = _numbers(graph)
     if not numbers:
         return True
-    for dim in range(batch_dims):
-        one = x.narrow(dim, 0, 1)
-        sizes = [torch.cat([one, one], dim)] if x.shape[dim] != 2 else []  # (1: specialised)
-        for other_x in [*sizes, torch.cat([x, one], dim), torch.cat([x, x, one], dim)]:
-            if not _same_numbers(graph, numbers, f, other_x, batch_dims):
-                return False
+    one = x.narrow(0, 0, 1)
+    for other_x in (torch.cat([x, one]), torch.cat([x, x, one])):
+        if not _same_numbers(graph, numbers, f, other_x, batch_dims):
+            return False
     return True
 
 
