@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import sampled_daily
 from torch import nn
 
 import torchdiv
@@ -311,7 +312,8 @@ def _k_diffusion_log_likelihood(model, x, divergence, **solve) -> torch.Tensor:
     return prior + delta[-1]
 
 
-@pytest.mark.parametrize("method", [pytest.param("auto", marks=pytest.mark.slow), "hutchinson"])
+# (16-31 s each: both in the daily sample of slow tests; the scipy solve above runs always)
+@pytest.mark.parametrize("method", sampled_daily(["auto", "hutchinson"], {"auto", "hutchinson"}))
 def test_k_diffusion_dopri5_likelihood_and_parameter_gradients(method, watches):
     """The EDM denoiser's likelihood by dopri5 (tolerances 1e-5), backpropagated through the
     solver to every parameter: the same as with per-sample ``jacrev`` traces (or the
@@ -420,7 +422,7 @@ class _Tagged(torch.autograd.Function):
         return grad.clone()
 
 
-@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("create_graph", sampled_daily([False, True], {True}))
 def test_ffjord_graph_form_does_not_walk_the_solve_s_history(create_graph, monkeypatch):
     """FFJORD's dynamics backpropagated through the solver: ``z.requires_grad_(True)`` (a
     no-op on a state that already requires grad), ``dz = f(t, z)``, then
