@@ -41,14 +41,17 @@ def test_a_chain_is_one_graph(name):
     assert backend.compiled == 1
 
 
-def assert_steps_compile_once(net: torch.nn.Module, x: torch.Tensor) -> None:
-    """Three SGD steps on a compiled loss ``OPS["divergence"](net, x)**2`` averaged: each
-    step's loss equals eager's, and the first graph serves every step."""
+def assert_steps_compile_once(
+    net: torch.nn.Module, x: torch.Tensor, op: Callable[..., torch.Tensor] = OPS["divergence"]
+) -> None:
+    """Three SGD steps on a compiled loss ``op(net, x)**2`` averaged: each step's loss equals
+    eager's, and the first graph serves every step (the parameters updated in place: read by
+    name at every call)."""
     backend = Counting()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
 
     def loss(x: torch.Tensor) -> torch.Tensor:
-        return OPS["divergence"](net, x).square().mean()
+        return op(net, x).square().mean()
 
     compiled = torch.compile(loss, backend=backend)
     for _ in range(3):

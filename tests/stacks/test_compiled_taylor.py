@@ -19,7 +19,7 @@ from test_compiled_losses import (
     mlp,
     pinn,
 )
-from test_compiled_replay import Branching, Centred, Scaled
+from test_compiled_replay import Branching, Centred, Scaled, assert_steps_compile_once
 
 import torchdiv
 from torchdiv._laplacian import traced
@@ -91,21 +91,7 @@ def test_float32_equal_to_eager():
 def test_a_compiled_step_is_not_recompiled():
     """Fixed shapes: the first graph serves every SGD step, the parameters updated in place
     (read by name at every call: the values of this step)."""
-    net, backend = pinn(), Counting()
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-
-    def loss(x: torch.Tensor) -> torch.Tensor:
-        return torchdiv.laplacian(net, x, method="taylor").square().mean()
-
-    compiled = torch.compile(loss, backend=backend)
-    x = _x(pinn)
-    for _ in range(3):
-        opt.zero_grad()
-        value = compiled(x)
-        value.backward()
-        assert_close(value, loss(x))
-        opt.step()
-    assert backend.compiled == 1 and backend.runs == 3
+    assert_steps_compile_once(pinn(), _x(pinn), OPS["laplacian taylor"][1])
 
 
 @pytest.mark.parametrize(("sizes", "graphs"), [((3, 5, 7), 1), ((2, 3, 5), 2)])
