@@ -199,3 +199,53 @@ def test_a_covariance_across_the_q_points_stays_refused():
         rows(x)
     with pytest.raises(torchdiv.BatchInteractionError):
         torchdiv.jacobian(rows, x, batch_dims=2)
+
+
+def test_divergence_of_a_derivative_gp_s_gradient_field():
+    """A GP with derivative observations (``RBFKernelGrad``, GPyTorch's example): its
+    posterior mean is ``(value, gradient)`` per point, interleaved by the kernel's reshapes.
+    The divergence of the gradient part is the Laplacian of the value part, both per point."""
+
+    class GPWithDerivatives(gpytorch.models.ExactGP):
+        def __init__(self, train_x, train_y, likelihood):
+            super().__init__(train_x, train_y, likelihood)
+            self.mean_module = gpytorch.means.ConstantMeanGrad()
+            kernel = gpytorch.kernels.RBFKernelGrad(ard_num_dims=2)
+            self.covar_module = gpytorch.kernels.ScaleKernel(kernel)
+
+        def forward(self, x):
+            mean, covar = self.mean_module(x), self.covar_module(x)
+            return gpytorch.distributions.MultitaskMultivariateNormal(mean, covar)
+
+    train_x = points(6, 2)
+    train_y = torch.cat([torch.sin(3 * train_x).sum(-1, keepdim=True), torch.cos(3 * train_x)], 1)
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=3).to(f64)
+    model = GPWithDerivatives(train_x, train_y, likelihood).to(f64).eval()
+    x = points(4, 2) * 0.8 + 0.1
+    mean = lambda z: model(z.unsqueeze(-2)).mean.squeeze(-2)  # noqa: E731
+    mean(x)
+    gradient, value = (lambda z: mean(z)[:, 1:]), (lambda z: mean(z)[:, 0])
+    want = torch.cat([laplacian_by_grad_of_grad(value, x[i : i + 1]) for i in range(4)]).detach()
+    assert_close(torchdiv.divergence(gradient, x), want)
+    assert_close(torchdiv.laplacian(value, x), want)
+
+
+def test_new_training_data_is_not_served_stale():
+    """GPyTorch keeps its prediction cache on the model between calls; ``set_train_data``
+    drops it. A second call at the same structure (one watch and recording choice kept per
+    ``f``) reads the new data, as a fresh model does."""
+    model, x = single_task_gp(), points(4, 2)
+    f = per_point_mean(model)
+    before = torchdiv.laplacian(f, x)
+    train_x = points(8, 2).flip(0) * 0.9
+    train_y = torch.cos(2 * train_x).sum(-1)
+    model.set_train_data(train_x, train_y, strict=False)
+    fresh = models.SingleTaskGP(train_x, train_y[:, None])
+    fresh.load_state_dict(model.state_dict())
+    fresh.set_train_data(train_x, train_y, strict=False)
+    fresh.eval()
+    want = torch.cat(
+        [laplacian_by_grad_of_grad(per_point_mean(fresh), x[i : i + 1]) for i in range(4)]
+    )
+    assert_close(torchdiv.laplacian(f, x), want.detach())
+    assert (want - before).abs().min() > 0.1
