@@ -7,7 +7,8 @@ order passed as more batch dimensions, ``allow_batch_interaction()``). ``allowed
 switch (this thread's ``allow_batch_interaction()``, or Dynamo tracing the call).
 ``_SPLIT_WHAT``, ``_PUT_WHAT`` and ``_PRODUCT_WHAT`` start the messages the rules write for
 the three refusals whose way out ``explain`` spells out (a product over a flattened graph
-batch: ``torch.bmm`` over a ``(B, N, N)`` adjacency).
+batch: ``torch.bmm`` over a ``(B, N, N)`` adjacency); ``_KERNEL_WHAT`` marks an op inside a
+GPyTorch kernel, whose centring by the points' mean is a false refusal for per-point outputs.
 """
 
 from __future__ import annotations
@@ -127,6 +128,15 @@ def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
                 "with node masks, or sum torchdiv.jacobian_diagonal(f, x, batch_dims=0) over "
                 "each graph's nodes."
             )
+        if _KERNEL_WHAT in what:  # sq_dist's and MaternKernel's x1 - x1.mean(-2)
+            fix += (
+                " GPyTorch's kernels subtract the mean of their first input over the points "
+                "(dimension -2) before taking distances, which cancel it: a posterior mean or "
+                "variance of each point is per sample all the same. Give each point its own GP "
+                "batch of one, f = lambda z: model.posterior(z.unsqueeze(-2)).mean.squeeze(-2) "
+                "(BoTorch's (b, q, d) candidates: (b, q, 1, d)); a covariance or joint samples "
+                "across the points have no per-sample derivatives."
+            )
         if what.startswith(_PRODUCT_WHAT):  # a graph's adjacency over flattened samples
             fix += (
                 " A graph net over a batch flattened to (B * N, F) with one adjacency "
@@ -149,9 +159,22 @@ def _module_in_stack() -> str | None:
             name = type(module).__name__
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
                 name += " in train mode"
+            if _gpytorch_kernel(module):
+                name += _KERNEL_WHAT
             return name
         frame = frame.f_back  # type: ignore[assignment]
     return None
+
+
+def _gpytorch_kernel(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a ``gpytorch.kernels.Kernel`` (told without importing GPyTorch)."""
+    return any(
+        c.__name__ == "Kernel" and c.__module__ == "gpytorch.kernels.kernel"
+        for c in type(module).__mro__
+    )
+
+
+_KERNEL_WHAT = ", a GPyTorch kernel"
 
 
 _SPLIT_WHAT = "the batch split in order across the leading dimensions"
