@@ -103,3 +103,98 @@ def test_a_solve_s_history_is_not_walked_under_a_process_group(
     grads = torch.autograd.grad(got.sum(), list(field.parameters()))
     expected = torch.autograd.grad(want.sum(), list(plain.parameters()))
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+
+
+class CrossRankBatchNorm(nn.Module):
+    """A batch norm whose statistics are those of every rank's batch, as code without
+    ``SyncBatchNorm`` (CPU) writes it: ``torch.distributed.nn.functional.all_gather``, which
+    backpropagates into each rank's share; ``detached``: the statistics all-reduced as
+    constants (no derivative flows through them)."""
+
+    def __init__(self, width: int, detached: bool = False) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(width)), nn.Parameter(torch.zeros(width))
+        self.detached = detached
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_gather
+
+        if self.detached:
+            moments = torch.stack([h.sum(0), h.square().sum(0)]).detach()
+            dist.all_reduce(moments)
+            mean, square = moments / (len(h) * dist.get_world_size())
+            var = square - mean**2
+        else:
+            gathered = torch.cat(all_gather(h))
+            mean, var = gathered.mean(0), gathered.var(0, unbiased=False)
+        return (h - mean) / (var + 1e-5).sqrt() * self.weight + self.bias
+
+
+def _normed(detached: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    layers = (nn.Linear(3, 8), CrossRankBatchNorm(8, detached), nn.Tanh(), nn.Linear(8, 3))
+    return nn.Sequential(*layers).to(f64)
+
+
+CALLS = {
+    "divergence auto": lambda f, x: torchdiv.divergence(f, x),
+    "divergence structured": lambda f, x: torchdiv.divergence(f, x, method="structured"),
+    "divergence hutchinson": lambda f, x: torchdiv.divergence(
+        f, x, method="hutchinson", num_probes=2, generator=torch.Generator().manual_seed(0)
+    ),
+    "laplacian auto": lambda f, x: torchdiv.laplacian(lambda z: f(z).sum(-1), x),
+    "laplacian taylor": lambda f, x: torchdiv.laplacian(lambda z: f(z).sum(-1), x, method="taylor"),
+    "value_grad_laplacian": lambda f, x: (
+        torchdiv.value_grad_laplacian(lambda z: f(z).sum(-1), x).laplacian
+    ),
+}
+
+
+# the legacy differentiable collectives, as older training code calls them
+LEGACY = "ignore:torch.distributed.nn.functional.all_gather is deprecated:FutureWarning"
+
+
+@pytest.mark.filterwarnings(LEGACY)
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("wrapper", ["none", "ddp"])
+def test_statistics_gathered_from_every_rank_are_refused(one_process_group, call, wrapper):
+    """``torch.cat(all_gather(h)).mean(0)`` combines the samples of every rank (and of this
+    one): the gathered tensors, filled in place by ``c10d.allgather_`` inside the gather's
+    ``autograd.Function``, were untracked, so "auto" and Hutchinson served the mixing net as
+    sample-wise (the Laplacian by "auto" was 0 for every sample, the divergence had the
+    cross-sample terms), where the same net with ``h.mean(0)`` is refused."""
+    model = _normed()
+    if wrapper == "ddp":
+        model = nn.parallel.DistributedDataParallel(model)
+    x = torch.randn(6, 3, dtype=f64)
+    with pytest.raises(torchdiv.BatchInteractionError, match="collective over the ranks"):
+        CALLS[call](model, x)
+
+
+@pytest.mark.parametrize("call", ["divergence auto", "laplacian taylor"])
+def test_statistics_all_reduced_as_constants_are_served(one_process_group, call):
+    """Statistics all-reduced under ``detach`` (no derivative through them, as a ``no_grad``
+    block's) stay constants: values equal ``jacrev`` with the batch's statistics fixed."""
+    model, x = _normed(detached=True), torch.randn(6, 3, dtype=f64)
+    norm = model[1]
+    h = model[0](x).detach()
+    mean, var = h.mean(0), h.var(0, unbiased=False)
+    fixed = nn.Sequential(model[0], _Affine(mean, var, norm.weight, norm.bias), *model[2:])
+    if call == "divergence auto":
+        want = _traces(fixed, x)
+    else:
+        hessian = torch.func.hessian(lambda v: fixed(v[None])[0].sum())
+        want = torch.stack([hessian(v).trace() for v in x])
+    torch.testing.assert_close(CALLS[call](model, x), want, rtol=1e-10, atol=1e-12)
+
+
+class _Affine(nn.Module):
+    """``(h - mean) / sqrt(var + eps) * weight + bias`` with fixed statistics."""
+
+    def __init__(self, mean, var, weight, bias) -> None:
+        super().__init__()
+        self.mean, self.var, self.weight, self.bias = mean, var, weight, bias
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return (h - self.mean) / (self.var + 1e-5).sqrt() * self.weight + self.bias
