@@ -733,18 +733,19 @@ _UNBUILT: dict[Any, bool] = {}
 
 
 def _collective(func: Any) -> Mixing | None:
-    """The rule of a collective over a process group's ranks (``None`` for other ops). Inside
-    a custom ``autograd.Function``'s ``forward`` (``torch.distributed.nn.functional``'s
-    ``all_gather``/``all_reduce``, ``SyncBatchNorm``'s statistics; ``c10d``'s ops), or
-    differentiable itself (``_c10d_functional_autograd``), it combines this rank's samples
-    with the other ranks' in results derivatives see: every rank's batch is one batch
-    (``torch.cat(all_gather(h)).mean(0)`` was served as no mixing: the gathered tensors,
-    filled in place by an op its schema does not mark as writing, were untracked; "auto"'s
-    Laplacian was 0). ``c10d``'s ops elsewhere give constants (no derivative: as ``detach``);
-    DTensor's (``_c10d_functional``, tensor parallelism: other ranks' features of the same
-    samples) are not collectives over samples."""
+    """The rule of a collective over a process group's ranks (``None`` for other ops): on a
+    tensor of ``x``'s samples it combines them with the other ranks' in results derivatives
+    see (every rank's batch one batch). ``c10d``'s ops inside a custom ``autograd.Function``'s
+    ``forward`` (``torch.distributed.nn.functional``'s ``all_gather``/``all_reduce``,
+    ``SyncBatchNorm``'s statistics), elsewhere constants (no derivative: as ``detach``); the
+    functional ones (``torch.distributed._functional_collectives``, differentiable) anywhere.
+    ``torch.cat(all_gather(h)).mean(0)`` was served as sample-wise: the gathered tensors,
+    filled by an op its schema does not mark as writing, or shaped unlike ``h``, were
+    untracked ("auto"'s Laplacian 0; the functional gather's results read before their wait:
+    values of 1e250). DTensor's collectives (tensor parallelism: other ranks' features of the
+    same samples) run inside its dispatch, where the watch does not see them."""
     namespace = getattr(func, "namespace", None)
-    if namespace == "_c10d_functional_autograd":
+    if namespace in ("_c10d_functional", "_c10d_functional_autograd"):
         return _gathered
     return _gathered_within if namespace == "c10d" else None
 
