@@ -262,6 +262,25 @@ def _ffjord_step(model: nn.Module, x: torch.Tensor, form: str) -> list:
     return [[_full(p.grad) for p in model.parameters()]]
 
 
+def _encoded() -> nn.Sequential:
+    """An encoder (its output the ``x`` of the graph form) and a field on its features."""
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    return nn.Sequential(encoder, nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))).to(
+        f64
+    )
+
+
+def _encoded_step(encoder: nn.Module, field: nn.Module, raw: torch.Tensor) -> list:
+    """``div`` of the field at the encoder's output by the graph form: the walks stop at that
+    ``x``, below which lie the encoder's DDP hooks (``static_graph``'s delayed all-reduce)."""
+    x = encoder(raw)
+    y = field(x)
+    loss = torchdiv.graph_divergence(y, x, create_graph=True).square().mean()
+    (loss + y.square().mean()).backward()
+    return [[_full(p.grad) for p in (*encoder.parameters(), *field.parameters())]]
+
+
 def _normed_step(model: nn.Module, x: torch.Tensor) -> list:
     model.zero_grad(set_to_none=True)
     torchdiv.divergence(model, x).square().mean().backward()
@@ -284,6 +303,9 @@ def run_rank(item: tuple[str, str], rank: int) -> tuple[str, object]:
             steps = _ffjord_step(ddp_cases.wrap(_field(), wrapper), x, "graph")
         elif case == "detached":
             steps = _normed_step(ddp_cases.wrap(_normed(detached=True), wrapper), x)
+        elif case == "encoded":
+            encoder, field = (ddp_cases.wrap(part, wrapper) for part in _encoded())
+            steps = _encoded_step(encoder, field, x)
         else:  # a gather over every rank's batch: refused on every rank, no collective left
             model = ddp_cases.wrap(_normed(functional=case == "functional"), wrapper)
             try:
@@ -321,6 +343,8 @@ def _reference(case: str) -> list:
             halves.append(_pipeline_steps(model, model, half))
         elif case == "ffjord":
             halves.append(_ffjord_step(_field(), half, "reference"))
+        elif case == "encoded":
+            halves.append(_encoded_step(*_encoded(), half))
         else:
             model = _normed(detached=True)
             fixed = _fixed(model, x)
@@ -348,6 +372,8 @@ STACKS = [
     ("pipeline", "fsdp-keep"),
     ("ffjord", "ddp"),
     ("detached", "ddp"),
+    ("encoded", "ddp-static"),
+    ("encoded", "fsdp"),
     ("legacy", "ddp"),
     ("functional", "ddp"),
     ("functional", "fsdp"),
@@ -360,7 +386,8 @@ def test_two_ranks_agree_with_one_process_and_refuse_a_gather_over_their_samples
     """Two gloo ranks, each with half of a float64 batch (each case bounded by
     ``ddp_cases.run_pairs``' timeout: no hang). A module's containers changed between steps
     (an activation swapped, a scale set), under DDP and FSDP2 resharding or not, then changed
-    to mix samples; FFJORD's graph-form solve under DDP; statistics all-reduced as
+    to mix samples; FFJORD's graph-form solve under DDP; the graph form at a wrapped
+    encoder's output (``static_graph``, FSDP2: their hooks below ``x``); statistics all-reduced as
     constants; statistics gathered from both ranks (legacy and functional collectives, whose
     results were served on world sizes above one: the functional gather's unwaited buffers,
     values of 1e250). Both ranks' gradients equal each other and one process's (1e-10);
