@@ -78,7 +78,7 @@ def _eager_call(
                 return outside_inference(fn, f, x, *args, **kwargs)
             with one_forward() as call:
                 result = outside_inference(fn, f, x, *args, **kwargs)
-                return result if call is None else call.finish(result)
+                return result if call is None else call.finish(result, getattr(x, "grad_fn", None))
     finally:
         call_ended(started)
         _fabric_guards_on(guards)

@@ -332,7 +332,7 @@ class GraphJacobian:
         self.y, self.x, self.batch_dims, self.create_graph = y, x, batch_dims, create_graph
         self.num_basis = event_numel(y, batch_dims)
         self.y_shape = y.shape
-        self._peers = Peers(y)  # DDP or FSDP2 in the graph: see torchdiv._core.ddp
+        self._peers = Peers(y, x.grad_fn)  # DDP or FSDP2 above x: see torchdiv._core.ddp
         self._custom = (
             [] if not create_graph else _custom_functions(y, x) if custom is None else custom
         )

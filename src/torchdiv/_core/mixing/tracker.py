@@ -67,7 +67,7 @@ from torchdiv._core.mixing.writes import _writes_first, _writing, written_argume
 aten = torch.ops.aten
 
 if TYPE_CHECKING:
-    from torchdiv._core.mixing.axes import Axes, Block, Carry, Lines, Pick
+    from torchdiv._core.mixing.axes import Axes, Block, Carry, Lines, Mixing, Pick
 
 
 class BatchAxes:
@@ -391,7 +391,7 @@ class BatchAxes:
             return lambda tr, a, o: moved
         rules = _rules.get(func)  # one lookup per op: hashing an OpOverload costs 0.4 us
         if rules is None:
-            mixing = _MIXING.get(func)
+            mixing = _MIXING.get(func) or _collective(func)
             carry = _CARRY.get(func) or _kind(func, mixing is None)
             if _writes_first(func):
                 written = _writing(carry)
@@ -427,6 +427,11 @@ class BatchAxes:
         written = written_arguments(self.func, args, self.kwargs)
         for t in written:
             self.wrote(t)
+        if self.pending is not None and _collective(self.func) is not None:
+            for t in tree_leaves(out):  # (the tensors it filled: unmarked in its schema)
+                if isinstance(t, torch.Tensor):
+                    self.mixed[id(t)] = (t, self.pending)
+                    self.mixed_writes += 1
         self._build((*args, *self.kwargs.values()) if self.kwargs else args, written, out)
         decided = decides(self.func, args, out, self.values_decide, self.kwargs)
         if decided:
@@ -725,6 +730,39 @@ def _storage(t: torch.Tensor) -> int:
 # whether each op met builds nothing from held tensors (``BatchAxes._build``): drawn at
 # random (``randn``, ``dropout``: other values at every call) or ``empty``'s memory
 _UNBUILT: dict[Any, bool] = {}
+
+
+def _collective(func: Any) -> Mixing | None:
+    """The rule of a collective over a process group's ranks (``None`` for other ops): on a
+    tensor of ``x``'s samples it combines them with the other ranks' in results derivatives
+    see (every rank's batch one batch). ``c10d``'s ops inside a custom ``autograd.Function``'s
+    ``forward`` (``torch.distributed.nn.functional``'s ``all_gather``/``all_reduce``,
+    ``SyncBatchNorm``'s statistics), elsewhere constants (no derivative: as ``detach``); the
+    functional ones (``torch.distributed._functional_collectives``, differentiable) anywhere.
+    ``torch.cat(all_gather(h)).mean(0)`` was served as sample-wise: the gathered tensors,
+    filled by an op its schema does not mark as writing, or shaped unlike ``h``, were
+    untracked ("auto"'s Laplacian 0; the functional gather's results read before their wait:
+    values of 1e250). DTensor's collectives (tensor parallelism: other ranks' features of the
+    same samples) run inside its dispatch, where the watch does not see them."""
+    namespace = getattr(func, "namespace", None)
+    if namespace in ("_c10d_functional", "_c10d_functional_autograd"):
+        return _gathered
+    return _gathered_within if namespace == "c10d" else None
+
+
+def _gathered(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+    tracked = [t for t in tree_leaves(args) if tr.axes(t) is not None]
+    return (
+        "a collective over the ranks' samples (every rank's batch taken as one)"
+        if tracked
+        else None
+    )
+
+
+def _gathered_within(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+    return None if torch.is_grad_enabled() else _gathered(tr, args)
+
+
 _EMPTY = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
 
 
