@@ -1,0 +1,48 @@
+"""A new user's first commands, as the README and ``--help`` write them: ``python -m torchdiv
+bench --family cnf`` (issue 19's small CNFs) runs the nets it names under the operators that
+apply to them, and a family no named operator applies to fails before any timing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from torchdiv.__main__ import main
+
+TINY = ["--batch", "2", "--width", "4", "--repeats", "1", "--min-run-time", "0.001"]
+
+
+@pytest.mark.parametrize(
+    ("families", "expected"),
+    [
+        ("cnf", {("divergence", "small CNF (ELU)")}),
+        ("mlp,scalar", {("divergence", "tanh MLP"), ("laplacian", "tanh MLP to a scalar")}),
+    ],
+)
+def test_family_alone_runs_under_the_default_operators_that_apply_to_it(
+    tmp_path, families, expected
+):
+    """The defaults are divergence and laplacian; ``--family cnf`` ran the CNFs' divergence,
+    then exited on the Laplacian (a vector field) with no table and no JSON."""
+    out = tmp_path / "b.json"
+    argv = ["bench", "--family", families, "--dims", "2", "--methods", "auto", *TINY]
+    assert main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["operator"], r["family"]) for r in rows} == expected
+
+
+@pytest.mark.parametrize(
+    ("operator", "family", "message"),
+    [
+        ("divergence,laplacian", "cnf", "laplacian's baselines need one output per sample"),
+        ("divergence", "mlp,scalar", "--family scalar has one output per sample"),
+    ],
+)
+def test_a_family_a_named_operator_does_not_apply_to_fails_before_timing(
+    capsys, operator, family, message
+):
+    argv = ["bench", "--operator", operator, "--family", family, "--dims", "2", *TINY]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
