@@ -85,7 +85,7 @@ def add_parser(commands: Any) -> None:
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes, short timing (default)")
-    size.add_argument("--full", action="store_true", help="the README's sizes, longer timing")
+    size.add_argument("--full", action="store_true", help="sizes up to D=512, longer timing")
     ops = ", ".join(f"{op.name} ({op.summary})" for op in operators.OPERATORS.values())
     p.add_argument(
         "--operator",
