@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from torchdiv import distributed
 from torchdiv.__main__ import main
 
 TINY = ["--batch", "2", "--width", "4", "--repeats", "1", "--min-run-time", "0.001"]
@@ -46,3 +48,18 @@ def test_a_family_a_named_operator_does_not_apply_to_fails_before_timing(
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda f, x: distributed.divergence(f, x, method="foo"), "unknown method 'foo'"),
+        (lambda f, x: distributed.divergence(f, x, chunk_size=0), "chunk_size must be at least"),
+        (lambda f, x: distributed.laplacian(f, x, batch_dims=3), "batch_dims must be in"),
+    ],
+)
+def test_distributed_names_a_bad_argument_before_the_missing_process_group(call, message):
+    """A bad argument was reported as ``torch.distributed is not initialised`` (a
+    RuntimeError) until a process group existed; it is a ValueError naming the argument."""
+    with pytest.raises(ValueError, match=message):
+        call(torch.nn.Linear(3, 3), torch.randn(4, 3))
