@@ -1,6 +1,8 @@
 """A new user's first commands, as the README and ``--help`` write them: ``python -m torchdiv
 bench --family cnf`` (issue 19's small CNFs) runs the nets it names under the operators that
-apply to them, and a family no named operator applies to fails before any timing."""
+apply to them, a family no named operator applies to fails before any timing, the bench's
+torchdyn baseline is torchdyn's own trace, and the public functions name a bad argument
+before anything else goes wrong."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 
 from torchdiv import distributed
 from torchdiv.__main__ import main
+from torchdiv._bench import recipes
 
 TINY = ["--batch", "2", "--width", "4", "--repeats", "1", "--min-run-time", "0.001"]
 
@@ -63,3 +66,17 @@ def test_distributed_names_a_bad_argument_before_the_missing_process_group(call,
     RuntimeError) until a process group existed; it is a ValueError naming the argument."""
     with pytest.raises(ValueError, match=message):
         call(torch.nn.Linear(3, 3), torch.randn(4, 3))
+
+
+@pytest.mark.slow  # torchdyn's import (lightning): seconds
+def test_the_bench_torchdyn_baseline_is_torchdyns_own_trace():
+    """The bench times a copy of torchdyn's ``autograd_trace`` (it cannot call it on ``f``);
+    the copy computes what torchdyn's does, a graph kept for training included."""
+    cnf = pytest.importorskip("torchdyn.models.cnf")
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ELU(), torch.nn.Linear(8, 3))
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    net = net.double()
+    ours = recipes.torchdyn_trace(net, x)
+    theirs = cnf.autograd_trace(net(x), x)
+    assert ours.requires_grad and theirs.requires_grad
+    assert torch.equal(ours, theirs)
