@@ -130,11 +130,11 @@ def divergence(
         >>> dist.destroy_process_group()
     """
     fn = "distributed.divergence"
-    share = _share(fn, group)
     check_callable(fn, f)
     check_input(fn, x, batch_dims)
     check_method(fn, method, DIVERGENCE_METHODS)
     check_chunk_size(fn, chunk_size)
+    share = _share(fn, group)  # after the arguments: a bad one is named, group or none
     g = checked(fn, f, x, batch_dims, square=True)
     x = _replicated(x, group)
     if method == "hutchinson":
@@ -194,10 +194,10 @@ def laplacian(
         >>> dist.destroy_process_group()
     """
     fn = "distributed.laplacian"
-    share = _share(fn, group)
     check_callable(fn, f)
     check_input(fn, x, batch_dims)
     check_chunk_size(fn, chunk_size)
+    share = _share(fn, group)  # after the arguments: a bad one is named, group or none
     g = checked(fn, f, x, batch_dims, square=False)
     x = _replicated(x, group)
     if x.numel() == 0:  # nothing to add on any rank; they all still reduce

@@ -85,7 +85,7 @@ def add_parser(commands: Any) -> None:
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes, short timing (default)")
-    size.add_argument("--full", action="store_true", help="the README's sizes, longer timing")
+    size.add_argument("--full", action="store_true", help="sizes up to D=512, longer timing")
     ops = ", ".join(f"{op.name} ({op.summary})" for op in operators.OPERATORS.values())
     p.add_argument(
         "--operator",
@@ -148,6 +148,10 @@ def _check(args: argparse.Namespace) -> None:
             fail(f"--family {name!r} is unknown; choose from {', '.join(suite.FAMILIES)}")
     if args.model is not None and args.family is not None:
         fail("--family picks built-in nets; --model runs yours")
+    for op in _operators(args) if args.operator else ():  # before minutes of other cases
+        for name in args.family or ():
+            if not _fits(op, name):
+                fail(_misfit(op, name))
     device = torch.device(args.device) if _is_device(args.device) else None
     if device is None or device.type not in ("cpu", "cuda"):
         fail(f"--device must be cpu or cuda[:N], got {args.device!r}")
@@ -192,12 +196,40 @@ def _is_device(text: str) -> bool:
     return True
 
 
+def _fits(operator: operators.Operator, family: str) -> bool:
+    """Whether ``operator`` applies to the built-in net ``family``, known before it is built
+    (``runner.check_shapes`` finds the same from ``f(x)``): square operators take the vector
+    fields, the Laplacian's baselines the nets with one output per sample, the Jacobian both."""
+    one = family in suite.ONE_OUTPUT
+    return not one if operator.square else one or operator.name != "laplacian"
+
+
+def _misfit(operator: operators.Operator, family: str) -> str:
+    """Why ``--family family`` cannot run under ``--operator operator`` and what can."""
+    if operator.square:
+        return (
+            f"--family {family} has one output per sample, but --operator {operator.name} "
+            "needs as many outputs as inputs; run it under --operator jacobian or laplacian"
+        )
+    return (
+        f"--family {family} is a vector field, but --operator {operator.name}'s baselines "
+        f"need one output per sample: --family {','.join(suite.ONE_OUTPUT)}"
+    )
+
+
 def _operators(args: argparse.Namespace) -> list[operators.Operator]:
+    """The operators asked for, else the defaults: a user's model is a vector field unless
+    they ask for the Laplacian, and ``--family`` runs each built-in net under the default
+    operators that apply to it (``--family cnf`` alone is the divergence, not an error after
+    the divergence's timings)."""
+    defaults = [operators.OPERATORS[n] for n in operators.DEFAULT_OPERATORS]
     if args.operator:
-        names = args.operator
-    else:  # a user's model is a vector field unless they ask for the Laplacian
-        names = ("divergence",) if args.model is not None else operators.DEFAULT_OPERATORS
-    return [operators.OPERATORS[n] for n in names]
+        return [operators.OPERATORS[n] for n in args.operator]
+    if args.model is not None:
+        return [operators.DIVERGENCE]
+    if args.family:
+        return [op for op in defaults if any(_fits(op, f) for f in args.family)]
+    return defaults
 
 
 def _cases(
@@ -210,7 +242,8 @@ def _cases(
     batch = {f: args.batch or b for f, b in preset.batch.items()}
     width = {f: args.width or w for f, w in preset.width.items()}
     dims = args.dims or preset.dims
-    families = args.family or operator.families
+    fitting = tuple(f for f in args.family or () if _fits(operator, f))
+    families = fitting if args.family else operator.families
     own = args.dims is None  # the small CNFs keep their sizes unless --dims is given
     return suite.builtin_cases(families, dims, batch, width, dtype, device, own)
 

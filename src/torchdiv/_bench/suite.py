@@ -201,6 +201,8 @@ FAMILIES: dict[str, tuple[str, Callable[[int, int], tuple[torch.nn.Module, tuple
     "unet-noattn": ("U-Net without attention", functools.partial(unet, attention=False)),
     "cnf": ("small CNF (ELU)", small_cnf),
 }
+# the built-in nets with one output per sample (the others are vector fields, D -> D)
+ONE_OUTPUT = ("scalar",)
 
 
 def make_problem(
