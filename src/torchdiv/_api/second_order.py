@@ -761,9 +761,9 @@ def _swept_and_jacobian(
 def _chosen_first(index: torch.Tensor, n: int) -> torch.Tensor:
     """The flat event indices ``0..n-1``, those of ``index`` first (in its order), then the
     others in increasing order."""
-    rest = torch.ones(n, dtype=torch.bool, device=index.device)
-    rest[index] = False
-    return torch.cat([index, rest.nonzero().squeeze(1)])
+    rest = torch.ones(n, dtype=torch.uint8, device=index.device)
+    rest[index] = 0
+    return torch.cat([index, rest.argsort(stable=True)[len(index) :]])
 
 
 def _directions(

@@ -57,6 +57,8 @@ from torchdiv._taylor.tree import leaves, map_leaves
 aten = torch.ops.aten
 # calls that make a tensor from Python numbers (``torch.tensor``): their argument is a constant
 _FRESH = frozenset({aten.lift_fresh.default, aten.lift_fresh_copy.default})
+# what a tensor the recorder does not know is recorded as (a closure's): refused
+_FOREIGN = object()
 # forward-mode calls: a replay outside the dual level they were made in would not run them
 _DUAL = frozenset({aten._make_dual.default, aten._unpack_dual.default})
 # a constant made from Python numbers is kept as numbers up to this many elements
@@ -337,7 +339,7 @@ class _Recorder(TorchDispatchMode):
             call_kwargs: Any = {}
         else:
             call_args, call_kwargs = map_leaves(self._arg, (args, kwargs))
-        if any(a is None for a in leaves((call_args, call_kwargs))):
+        if any(a is _FOREIGN for a in leaves((call_args, call_kwargs))):
             self.refused = True  # (a tensor it does not know: a closure's)
             return out
         self.calls.append(Call(func, call_args, call_kwargs, torch.is_grad_enabled()))
@@ -350,8 +352,9 @@ class _Recorder(TorchDispatchMode):
         return out
 
     def _arg(self, a: Any) -> Any:
-        """A recorded argument: a tensor's ``Ref`` or ``Held`` (``None``: unknown)."""
-        return self.refs.get(id(a)) if isinstance(a, torch.Tensor) else a
+        """A recorded argument: a tensor's ``Ref`` or ``Held`` (``_FOREIGN``: unknown; a
+        ``None`` argument, as ``x[:, i]``'s index list holds, is kept)."""
+        return self.refs.get(id(a), _FOREIGN) if isinstance(a, torch.Tensor) else a
 
     def _refuses(self, func: Any, args: Any, kwargs: Any) -> bool:
         """Whether the call cannot be replayed: random, forward mode, inside a backward
