@@ -360,3 +360,147 @@ def test_odeint_adjoint_watch_catches_mixing(method: str) -> None:
             torch.tensor([0.0, 1.0], dtype=f64),
             adjoint_params=tuple(field.parameters()),
         )
+
+
+def antiderivative_tanh(x: torch.Tensor) -> torch.Tensor:
+    """OT-Flow's activation ``log(2 cosh x)``, the antiderivative of ``tanh``, written as their
+    repository does to stay finite: ``|x| + log(1 + exp(-2 |x|))``."""
+    return x.abs() + torch.log1p(torch.exp(-2 * x.abs()))
+
+
+class OTFlowPotential(nn.Module):
+    """OT-Flow's potential ``Phi(s) = w^T N(s) + s^T A^T A s / 2 + c^T s + c_0`` of
+    ``s = (x, t)``, ``N`` their two-layer ResNet with step 1/2 (Onken et al. 2021)."""
+
+    def __init__(self, dim: int = D, width: int = 8, rank: int = 3):
+        super().__init__()
+        generator = torch.Generator().manual_seed(8)
+        self.opening, self.layer = nn.Linear(dim + 1, width), nn.Linear(width, width)
+        self.w = nn.Parameter(torch.randn(width, generator=generator) / width)
+        self.A = nn.Parameter(torch.randn(rank, dim + 1, generator=generator) / 10)
+        self.c = nn.Linear(dim + 1, 1)
+        self.to(f64)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        u = antiderivative_tanh(self.opening(s))
+        u = u + 0.5 * antiderivative_tanh(self.layer(u))
+        return u @ self.w + 0.5 * (s @ self.A.T).square().sum(-1) + self.c(s)[..., 0]
+
+
+def otflow_dynamics(potential: OTFlowPotential, method: str | None):
+    """OT-Flow's dynamics on ``[x, l, L, R]`` with the time shared by the batch:
+    ``dx/dt = -grad_x Phi``, ``dl/dt = -Delta_x Phi``, the transport cost
+    ``dL/dt = |grad_x Phi|^2 / 2`` and the HJB penalty ``dR/dt = |d_t Phi - |grad_x Phi|^2 / 2|``
+    from ``value_grad_laplacian`` over ``s = (x, t)`` with the Laplacian over ``x`` only
+    (``coordinates``), or (``method=None``) from the per-sample ``vmap(hessian)``."""
+
+    def dynamics(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s = torch.cat([y[:, :D], t.expand(len(y), 1)], 1)
+        if method is None:
+            gradient = vmap(torch.func.grad(lambda sb: potential(sb[None])[0]))(s)
+            hessians = vmap(torch.func.hessian(lambda sb: potential(sb[None])[0]))(s)
+            trace = hessians[:, :D, :D].diagonal(dim1=1, dim2=2).sum(-1)
+        else:
+            out = torchdiv.value_grad_laplacian(potential, s, coordinates=range(D), method=method)
+            gradient, trace = out.gradient, out.laplacian
+        cost = gradient[:, :D].square().sum(1) / 2
+        hjb = (gradient[:, D] - cost).abs()
+        return torch.cat([-gradient[:, :D], -trace[:, None], cost[:, None], hjb[:, None]], 1)
+
+    return dynamics
+
+
+@pytest.mark.parametrize("method", ["auto", "taylor", "forward-over-reverse"])
+def test_otflow_exact_hessian_trace_in_rk4(method: str) -> None:
+    """OT-Flow's training loss (negative log-likelihood, transport cost, HJB penalty) through
+    RK4 with 4 steps, as their repository integrates: values and parameter gradients from
+    ``value_grad_laplacian`` (the Laplacian over ``x`` only) equal the per-sample Hessian's."""
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    generator = torch.Generator().manual_seed(13)
+    potential = OTFlowPotential()
+    y0 = torch.cat(
+        [torch.randn(B, D, generator=generator, dtype=f64), torch.zeros(B, 3, dtype=f64)], 1
+    )
+    times = torch.tensor([0.0, 1.0], dtype=f64)
+
+    def solve(method: str | None) -> torch.Tensor:
+        dynamics = otflow_dynamics(potential, method)
+        return torchdiffeq.odeint(dynamics, y0, times, method="rk4", options={"step_size": 0.25})[
+            -1
+        ]
+
+    def loss(state: torch.Tensor) -> torch.Tensor:
+        return likelihood_loss(state[:, : D + 1]) + state[:, D + 1 :].mean(0) @ torch.tensor(
+            [5.0, 1.0], dtype=f64
+        )
+
+    state, expected = solve(method), solve(None)
+    assert_close(state, expected)
+    assert_same_parameter_gradients(potential, loss(state), loss(expected))
+
+
+@pytest.mark.parametrize("method", ["auto", "reverse", "hutchinson"])
+def test_otflow_divergence_of_the_gradient_field(method: str) -> None:
+    """The velocity ``-grad_x Phi`` written with ``autograd.grad`` inside ``f`` (its seed sum is
+    not mixing): its divergence is ``-Delta_x Phi`` (probes: the scaled basis, exact)."""
+    generator = torch.Generator().manual_seed(14)
+    potential = OTFlowPotential()
+    x = torch.randn(B, D, generator=generator, dtype=f64)
+    t = torch.rand(B, 1, generator=generator, dtype=f64)
+
+    def velocity(x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x if x.requires_grad else x.requires_grad_()
+            value = potential(torch.cat([x, t], 1))
+            return -torch.autograd.grad(value.sum(), x, create_graph=True)[0]
+
+    options = {}
+    if method == "hutchinson":
+        options["probes"] = torch.eye(D, dtype=f64)[:, None].expand(D, B, D) * math.sqrt(D)
+    hessians = vmap(torch.func.hessian(lambda sb: potential(sb[None])[0]))(torch.cat([x, t], 1))
+    expected = -hessians[:, :D, :D].diagonal(dim1=1, dim2=2).sum(-1)
+    assert_close(torchdiv.divergence(velocity, x, method=method, **options), expected)
+
+
+class AnyBatchDynamics(nn.Module):
+    """torchode dynamics that also run per sample: ``BacksolveAdjoint``'s backward pass calls
+    ``functional_call`` of this module under ``torch.func.vmap`` over the batch, so ``y`` is
+    then one sample's ``(D + 1,)`` and ``t`` 0-dim: ``batch_dims = y.dim() - 1``."""
+
+    def __init__(self, field: nn.Module, method: str):
+        super().__init__()
+        self.field, self.method = field, method
+
+    def velocity(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.field(t, x) if x.dim() == 2 else self.field(t[None], x[None])[0]
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = y[..., :-1]
+        div = torchdiv.divergence(
+            lambda x: self.velocity(t, x), x, batch_dims=y.dim() - 1, method=self.method
+        )
+        return torch.cat([self.velocity(t, x), -div[..., None]], -1)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward"])
+def test_torchode_backsolve_adjoint_runs_the_divergence_under_vmap(problem, method: str) -> None:
+    """torchode's ``BacksolveAdjoint`` (the adjoint ODE per sample under ``vmap``, parameter
+    gradients by ``torch.func.vjp``): the divergence with ``batch_dims=0`` there gives the
+    parameter gradients of backpropagation through the per-sample-trace solve (to 1e-8 of the
+    largest: the two solves' error at tolerance 1e-10)."""
+    to = pytest.importorskip("torchode")
+    field, y0, t_end, _ = problem
+    term = to.ODETerm(AnyBatchDynamics(field, method))
+    controller = to.IntegralController(atol=1e-10, rtol=1e-10, term=term)
+    solver = to.BacksolveAdjoint(term, to.Dopri5(term=term), controller)
+    start = torch.zeros_like(t_end)
+    state = solver.solve(to.InitialValueProblem(y0=y0, t_start=start, t_end=t_end)).ys[:, -1]
+    expected, _ = torchode_solve(
+        cnf_dynamics(field, lambda t, x: trace_loop(field, t, x)), y0, t_end
+    )
+    assert_close(state, expected)
+    ours = torch.autograd.grad(likelihood_loss(state), list(field.parameters()))
+    direct = torch.autograd.grad(likelihood_loss(expected), list(field.parameters()))
+    largest = max(g.abs().max() for g in direct)
+    for got, want in zip(ours, direct, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-8 * largest)
