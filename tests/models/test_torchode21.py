@@ -504,3 +504,48 @@ def test_torchode_backsolve_adjoint_runs_the_divergence_under_vmap(problem, meth
     largest = max(g.abs().max() for g in direct)
     for got, want in zip(ours, direct, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-8 * largest)
+
+
+def total_derivative(dynamics, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """TayNODE's second Taylor coefficient (Kelly et al. 2020), up to 1/2: ``d^2 y/dt^2 =
+    d_t g + (dg/dy) g`` of the augmented dynamics ``g`` along its own trajectory, by one
+    ``torch.func.jvp`` with tangent ``(1, g(t, y))``."""
+    velocity = dynamics(t, y)
+    return torch.func.jvp(dynamics, (t, y), (torch.ones_like(t), velocity))[1]
+
+
+@pytest.mark.parametrize("method", ["auto", "reverse", "hutchinson"])
+def test_taynode_regulariser_through_the_divergence(problem, method: str) -> None:
+    """The TayNODE regulariser ``|d^2 [x, delta] / dt^2|^2`` of a CNF's augmented dynamics
+    takes forward-mode AD through the divergence: its value (against the per-sample trace's,
+    itself against central differences along the trajectory) and parameter gradients."""
+    field, y0, _, generator = problem
+    t = torch.rand(B, generator=generator, dtype=f64)
+    probes = torch.randn(1, B, D, generator=generator, dtype=f64)
+    options = {"probes": probes} if method == "hutchinson" else {}
+    ours = lambda t, x: torchdiv.divergence(lambda x: field(t, x), x, method=method, **options)  # noqa: E731
+
+    def reference(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if method != "hutchinson":
+            return trace_loop(field, t, x)
+        _, vjp = torch.func.vjp(lambda x: field(t, x), x)
+        return (vjp(probes[0])[0] * probes[0]).sum(1)
+
+    value = total_derivative(cnf_dynamics(field, ours), t, y0)
+    expected_dynamics = cnf_dynamics(field, reference)
+    expected = total_derivative(expected_dynamics, t, y0)
+    assert_close(value, expected)
+    h, velocity = 1e-5, expected_dynamics(t, y0).detach()
+    ahead, behind = (expected_dynamics(t + s * h, y0 + s * h * velocity) for s in (1, -1))
+    torch.testing.assert_close(expected, (ahead - behind) / (2 * h), rtol=1e-7, atol=1e-7)
+    assert_same_parameter_gradients(field, value.square().sum(), expected.square().sum())
+
+
+def test_taynode_structured_refuses_clearly(problem) -> None:
+    """``method="structured"`` inside ``torch.func.jvp`` refuses (``UnsupportedOp``, a
+    ``NotImplementedError``) naming the transform and ``"auto"``."""
+    field, y0, _, _ = problem
+    t = torch.zeros(B, dtype=f64)
+    ours = lambda t, x: torchdiv.divergence(lambda x: field(t, x), x, method="structured")  # noqa: E731
+    with pytest.raises(NotImplementedError, match=r"torch\.func transform.*method='auto'"):
+        total_derivative(cnf_dynamics(field, ours), t, y0)
