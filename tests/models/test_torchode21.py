@@ -549,3 +549,22 @@ def test_taynode_structured_refuses_clearly(problem) -> None:
     ours = lambda t, x: torchdiv.divergence(lambda x: field(t, x), x, method="structured")  # noqa: E731
     with pytest.raises(NotImplementedError, match=r"torch\.func transform.*method='auto'"):
         total_derivative(cnf_dynamics(field, ours), t, y0)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+@pytest.mark.filterwarnings("ignore:`torch._prims_common.check` is deprecated:FutureWarning")
+def test_torchode_with_compiled_dynamics(problem) -> None:
+    """The dynamics compiled (``torch.compile(dynamics)`` as the term's ``f``; torchode's
+    README compiles the solver module, whose ``solve`` then runs eagerly: ``OptimizedModule``
+    compiles ``forward`` only), the divergence traced into the graph: values and parameter
+    gradients as the eager per-sample-trace solve (sample mixing is not watched inside a
+    compiled region: the training guide)."""
+    field, y0, t_end, _ = problem
+    ours = lambda t, x: torchdiv.divergence(lambda x: field(t, x), x)  # noqa: E731
+    loop = lambda t, x: trace_loop(field, t, x)  # noqa: E731
+    state, _ = torchode_solve(torch.compile(cnf_dynamics(field, ours)), y0, t_end, tol=1e-8)
+    expected, _ = torchode_solve(cnf_dynamics(field, loop), y0, t_end, tol=1e-8)
+    assert_close(state, expected)
+    assert_same_parameter_gradients(field, likelihood_loss(state), likelihood_loss(expected))
