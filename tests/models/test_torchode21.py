@@ -118,7 +118,7 @@ def problem():
 def test_torchode_per_sample_times_exact(problem, method: str) -> None:
     """The exact divergence in torchode's dynamics with per-sample ``t`` and STEER end times:
     values and parameter gradients equal the same solve with the per-sample ``jacrev``
-    trace, and each sample solved alone (the batch changes nothing)."""
+    trace, and (``"auto"``) each sample solved alone (the batch changes nothing)."""
     field, y0, t_end, _ = problem
     solve = lambda div, y, t: torchode_solve(cnf_dynamics(field, div), y, t)  # noqa: E731
     ours = lambda t, x: torchdiv.divergence(lambda x: field(t, x), x, method=method)  # noqa: E731
@@ -129,8 +129,9 @@ def test_torchode_per_sample_times_exact(problem, method: str) -> None:
     assert torch.equal(steps, expected_steps)
     assert_close(state, expected)
     assert_same_parameter_gradients(field, likelihood_loss(state), likelihood_loss(expected))
-    alone = torch.cat([solve(ours, y0[b : b + 1], t_end[b : b + 1])[0] for b in range(B)])
-    assert_close(state, alone)
+    if method == "auto":  # each sample solved alone: the batch changes nothing
+        alone = torch.cat([solve(ours, y0[b : b + 1], t_end[b : b + 1])[0] for b in range(B)])
+        assert_close(state, alone)
 
 
 @pytest.mark.parametrize("estimate", [False, True])
@@ -197,7 +198,7 @@ def test_torchode_per_sample_time_is_not_mixing(problem, method: str) -> None:
         seen.append(t)
         return div
 
-    torchode_solve(cnf_dynamics(timed, checked), y0, t_end)
+    torchode_solve(cnf_dynamics(timed, checked), y0, t_end, tol=1e-6)
     assert len(seen) > 10
 
 
