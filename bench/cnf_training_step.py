@@ -34,28 +34,13 @@ from collections.abc import Callable
 
 import torch
 from _common import time_interleaved
+from divergence_exact import ConcatSquash
 from torch import nn
 from torchdiffeq import odeint
 
 import torchdiv
 
 B, HIDDEN, STEPS = 256, 64, 8
-
-
-class ConcatSquash(nn.Module):
-    """FFJORD's ``ConcatSquashLinear``: ``W x * sigmoid(g t + c) + h t``."""
-
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__()
-        self.layer, self.gate, self.bias = (
-            nn.Linear(d_in, d_out),
-            nn.Linear(1, d_out),
-            nn.Linear(1, d_out, bias=False),
-        )
-
-    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(1, 1)
-        return self.layer(x) * torch.sigmoid(self.gate(t)) + self.bias(t)
 
 
 class Field(nn.Module):
