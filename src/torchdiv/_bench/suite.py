@@ -32,6 +32,9 @@ Function = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class Problem:
+    """A net and its input as timed (``f``, ``x``: the case's dtype) and as checked (``f64``,
+    ``x64``: float64 copies, for the exact reference)."""
+
     f: Function
     x: torch.Tensor
     f64: Function
