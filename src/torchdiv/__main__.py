@@ -10,6 +10,8 @@ from torchdiv._bench import cli
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m torchdiv COMMAND ...``: parse ``argv`` (default ``sys.argv``), run the
+    command, return its exit status."""
     parser = argparse.ArgumentParser(prog="python -m torchdiv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     cli.add_parser(commands)

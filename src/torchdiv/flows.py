@@ -81,6 +81,7 @@ from torchdiv._core.ddp import one_forward
 from torchdiv._core.mixing.errors import BatchInteractionError
 from torchdiv._core.modes import CompiledCodeEager, outside_inference, outside_inference_mode
 from torchdiv._core.script import attribute, forget_plans
+from torchdiv._core.walk import nodes
 from torchdiv._estimators import stochastic as _stochastic
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.probes import draw
@@ -261,18 +262,8 @@ def _from(t: torch.Tensor, own: set[int]) -> bool:
     among the tensors ``own`` (by ``id``)."""
     if t.grad_fn is None:
         return id(t) in own
-    todo: list[torch.autograd.graph.Node | None] = [t.grad_fn]
-    seen = set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf that requires grad
-        if leaf is not None and id(leaf) not in own:
-            return False
-        todo += [n for n, _ in node.next_functions]
-    return True
+    leaves = (getattr(node, "variable", None) for node in nodes(t.grad_fn))  # AccumulateGrad's
+    return all(leaf is None or id(leaf) in own for leaf in leaves)
 
 
 def _solver_under_transform(fn: str, error: RuntimeError) -> ValueError | None:

@@ -138,8 +138,8 @@ def test_no_batching_rule_warning_from_rows():
 
 def test_quiet_batching_leaves_other_filters_and_nests():
     before = list(warnings.filters)
-    with quiet_batching():
-        with quiet_batching():
+    with quiet_batching:
+        with quiet_batching:
             inside = list(warnings.filters)
         warnings.filterwarnings("ignore", "a filter of the caller.s")  # meanwhile
         mine = warnings.filters[0]

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from torchdiv._bench import operators, suite
+from torchdiv._bench import operators, plot, report, suite
 from torchdiv._bench.runner import run_case, steps
 from torchdiv._bench.timing import load_warning
 from torchdiv._core.mixing.errors import BatchInteractionError
@@ -252,8 +252,6 @@ def run(args: argparse.Namespace) -> int:
     """Check the arguments, run every case with a progress bar, print tables, write files."""
     _check(args)
     from rich.console import Console
-
-    from torchdiv._bench import plot, report
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

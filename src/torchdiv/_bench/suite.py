@@ -32,6 +32,9 @@ Function = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class Problem:
+    """A net and its input as timed (``f``, ``x``: the case's dtype) and as checked (``f64``,
+    ``x64``: float64 copies, for the exact reference)."""
+
     f: Function
     x: torch.Tensor
     f64: Function
@@ -119,16 +122,24 @@ FULL = Preset(
 OWN_DIMS = {"cnf": (2, 8, 16)}
 
 
-def tanh_mlp(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
-    """``D -> width -> width -> D`` with tanh: the shape of a CNF / score-model vector field."""
+def _mlp(
+    dim: int, width: int, out: int, activation: Callable[[], torch.nn.Module]
+) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """``dim -> width -> width -> out``, ``activation`` after each hidden layer; events
+    ``(dim,)``."""
     net = torch.nn.Sequential(
         torch.nn.Linear(dim, width),
-        torch.nn.Tanh(),
+        activation(),
         torch.nn.Linear(width, width),
-        torch.nn.Tanh(),
-        torch.nn.Linear(width, dim),
+        activation(),
+        torch.nn.Linear(width, out),
     )
     return net, (dim,)
+
+
+def tanh_mlp(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """``D -> width -> width -> D`` with tanh: the shape of a CNF / score-model vector field."""
+    return _mlp(dim, width, dim, torch.nn.Tanh)
 
 
 def conv_net(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -144,14 +155,7 @@ def conv_net(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
 
 def scalar_mlp(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """``D -> width -> width -> 1`` with tanh: a PINN solution or a VMC wave function."""
-    net = torch.nn.Sequential(
-        torch.nn.Linear(dim, width),
-        torch.nn.Tanh(),
-        torch.nn.Linear(width, width),
-        torch.nn.Tanh(),
-        torch.nn.Linear(width, 1),
-    )
-    return net, (dim,)
+    return _mlp(dim, width, 1, torch.nn.Tanh)
 
 
 def ffjord_odenet(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -181,14 +185,7 @@ def unet(dim: int, width: int, attention: bool = True) -> tuple[torch.nn.Module,
 def small_cnf(dim: int, width: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """``D -> width -> width -> D`` with ELU: zuko's default CNF velocity (hidden features
     (64, 64), ELU), the 2-16-D flows of its and torchdyn's tutorials."""
-    net = torch.nn.Sequential(
-        torch.nn.Linear(dim, width),
-        torch.nn.ELU(),
-        torch.nn.Linear(width, width),
-        torch.nn.ELU(),
-        torch.nn.Linear(width, dim),
-    )
-    return net, (dim,)
+    return _mlp(dim, width, dim, torch.nn.ELU)
 
 
 FAMILIES: dict[str, tuple[str, Callable[[int, int], tuple[torch.nn.Module, tuple[int, ...]]]]] = {

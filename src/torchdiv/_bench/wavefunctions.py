@@ -30,6 +30,8 @@ def pair_distances(r: Tensor) -> Tensor:
 
 
 class SlaterJastrow(nn.Module):
+    """``log|det phi_j(r_i)| + sum_{i<j} a r_ij / (1 + b r_ij)``: ``(B, N, 3) -> (B,)``."""
+
     def __init__(self, electrons: int, hidden: int = 32):
         super().__init__()
         self.orbitals = nn.Sequential(
@@ -48,6 +50,8 @@ class SlaterJastrow(nn.Module):
 
 
 class FermiNetLike(nn.Module):
+    """``log|sum_k w_k det_k|`` over FermiNet-style mixed streams: ``(B, N, 3) -> (B,)``."""
+
     def __init__(self, electrons: int, hidden: int = 16, pair: int = 8, layers: int = 2):
         super().__init__()
         self.electrons, self.dets = electrons, 2

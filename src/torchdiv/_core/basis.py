@@ -196,10 +196,24 @@ _IGNORE = ("ignore", re.compile(_SLOW_BATCHING, re.I), UserWarning, None, 0)
 
 
 class _Quiet:
-    """``quiet_batching``'s context manager: how many threads are inside, and meanwhile its
-    filter (``None``: the caller's equal one was there) and the list it was put in. A class,
-    not a generator function: ``batched`` enters it at every call of a small problem, where
-    ``contextlib``'s generator and copies of the filter list cost 5-6 us."""
+    """``with quiet_batching:`` around torchdiv's own ``vmap`` calls (``batched``): PyTorch's
+    warning that an op has no batching rule (the result is right, only slower; the caller can
+    do nothing about torchdiv's batching) is not shown. Not for a region Dynamo traces (it
+    enters no lock).
+
+    One ``ignore`` filter for that message is put in front of ``warnings.filters`` while any
+    thread is inside, and taken out, by identity, when the last one leaves: the caller's
+    filters, set before or meanwhile, stay as they are (``warnings.catch_warnings`` would
+    restore a snapshot of the list, undoing another thread's changes; where another thread's
+    ``catch_warnings`` swapped the list meanwhile, the filter leaves both lists). A caller's
+    own filter equal to it stays. Other threads' warnings of that message are not shown
+    meanwhile.
+
+    The one instance holds how many threads are inside, and meanwhile its filter (``None``:
+    the caller's equal one was there) and the list it was put in. A class, not a generator
+    function: ``batched`` enters it at every call of a small problem, where ``contextlib``'s
+    generator and copies of the filter list cost 5-6 us.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -228,23 +242,7 @@ class _Quiet:
                 self.filter, self.filters = None, []
 
 
-_QUIET = _Quiet()
-
-
-def quiet_batching() -> _Quiet:
-    """Around torchdiv's own ``vmap`` calls (``batched``): PyTorch's warning that an op has no
-    batching rule (the result is right, only slower; the caller can do nothing about
-    torchdiv's batching) is not shown. Not for a region Dynamo traces (it enters no lock).
-
-    One ``ignore`` filter for that message is put in front of ``warnings.filters`` while any
-    thread is inside, and taken out, by identity, when the last one leaves: the caller's
-    filters, set before or meanwhile, stay as they are (``warnings.catch_warnings`` would
-    restore a snapshot of the list, undoing another thread's changes; where another thread's
-    ``catch_warnings`` swapped the list meanwhile, the filter leaves both lists). A caller's
-    own filter equal to it stays. Other threads' warnings of that message are not shown
-    meanwhile.
-    """
-    return _QUIET
+quiet_batching = _Quiet()
 
 
 def _filters() -> list[Any]:
@@ -285,7 +283,7 @@ def batched(
     if not _LOADED.is_set():
         _vmap_module.lazy_load_decompositions()  # pyright: ignore[reportPrivateImportUsage]
         _LOADED.set()
-    with _QUIET:
+    with quiet_batching:
         k = vectors.shape[0]
         level = _vmap_increment_nesting(k, randomness)
         try:

@@ -36,6 +36,7 @@ def event_numel(t: torch.Tensor, batch_dims: int) -> int:
 
 
 def check_callable(fn: str, f: Any, name: str = "f") -> None:
+    """``f`` (the argument ``name`` of the public call ``fn``) must be callable."""
     if not callable(f):
         raise TypeError(
             f"{fn}: {name} must be callable (a function or nn.Module), got {type(f).__name__}"
@@ -88,6 +89,7 @@ def _dual(x: torch.Tensor) -> bool:
 
 
 def check_chunk_size(fn: str, chunk_size: Any) -> None:
+    """``chunk_size`` must be ``None`` (all at once) or an ``int >= 1``."""
     if chunk_size is None:
         return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
@@ -97,11 +99,13 @@ def check_chunk_size(fn: str, chunk_size: Any) -> None:
 
 
 def check_flag(fn: str, name: str, value: Any) -> None:
+    """The argument ``name`` must be ``True`` or ``False`` (not a truthy value)."""
     if not isinstance(value, bool):
         raise TypeError(f"{fn}: {name} must be True or False, got {value!r}")
 
 
 def check_generator(fn: str, generator: Any) -> None:
+    """``generator`` must be a ``torch.Generator`` or ``None``."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
             f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}"
@@ -109,6 +113,7 @@ def check_generator(fn: str, generator: Any) -> None:
 
 
 def check_method(fn: str, method: Any, valid: Sequence[str]) -> None:
+    """``method`` must be one of ``valid``."""
     _check_choice(fn, "method", method, valid)
 
 
@@ -167,6 +172,7 @@ def check_num_probes(fn: str, method: str, num_probes: Any, spec: Any) -> int:
 
 
 def check_probe(fn: str, probe: Any, valid: Sequence[str]) -> None:
+    """``probe`` (a distribution's name) must be one of ``valid``."""
     _check_choice(fn, "probe", probe, valid)
 
 
@@ -617,10 +623,12 @@ def check_positive(fn: str, name: str, value: Any) -> None:
 
 
 def check_solver(fn: str, solver: Any, valid: Sequence[str]) -> None:
+    """``solver`` (an ODE solver's name) must be one of ``valid``."""
     _check_choice(fn, "solver", solver, valid)
 
 
 def check_options(fn: str, options: Any) -> None:
+    """``options`` (the ODE solver's) must be a ``dict`` or ``None``."""
     if options is not None and not isinstance(options, dict):
         raise TypeError(
             f"{fn}: options must be a dict of solver options or None, got {type(options).__name__}"

@@ -19,6 +19,12 @@ class Estimate:
             where a single term gives no spread to measure (Hutchinson with one probe,
             Hutch++ with 3 products, XTrace with 2).
         num_probes: operator products (Jacobian-vector products) spent per sample.
+
+    Examples:
+        >>> import torch, torchdiv
+        >>> x = torch.randn(4, 3)  # Rademacher probes: exact for a diagonal Jacobian, 2 I
+        >>> torchdiv.estimate_divergence(lambda z: 2 * z, x, num_probes=8)
+        Estimate(value=tensor([6., 6., 6., 6.]), stderr=tensor([0., 0., 0., 0.]), num_probes=8)
     """
 
     value: torch.Tensor

@@ -37,12 +37,25 @@ class UnsupportedOp(NotImplementedError):
 
 @dataclass
 class Jet:
+    """One intermediate ``v(x)`` of shape ``S`` pushed along ``K`` directions ``u_k``:
+    ``value`` is ``v``, ``jac[k] = D v [u_k]`` (shape ``(K,) + S``, or broadcastable to it;
+    ``None``: zero) and ``lap = sum_k D^2 v [u_k, u_k]`` (shape ``S`` or broadcastable;
+    ``None``: zero).
+
+        >>> x = torch.tensor([[1.0, 2.0]])  # one sample, directions e_1, e_2 stored once
+        >>> a = Jet(x, torch.eye(2).reshape(2, 1, 2), None)
+        >>> b = product(Context(2, second_order=True), torch.mul, a, a)  # v = x * x
+        >>> b.jac.shape, b.lap  # d(x_i^2)/dx_k = 2 x_i [i = k]; sum_k d^2/dx_k^2 = 2 [i = k]
+        (torch.Size([2, 1, 2]), tensor([[2., 2.]]))
+    """
+
     value: torch.Tensor
     jac: torch.Tensor | None
     lap: torch.Tensor | None
 
     @property
     def shape(self) -> torch.Size:
+        """``value``'s shape ``S``."""
         return self.value.shape
 
 
@@ -69,6 +82,7 @@ def full_jac(ctx: Context, a: Jet) -> torch.Tensor:
 
 
 def full_lap(a: Jet) -> torch.Tensor:
+    """``a.lap`` expanded to ``a.shape`` (a zero tensor for ``None``)."""
     return a.value.new_zeros(()).expand(a.shape) if a.lap is None else a.lap.expand(a.shape)
 
 
@@ -211,6 +225,7 @@ def value_of(a: Jet | torch.Tensor) -> torch.Tensor: ...
 @overload
 def value_of(a: float) -> float: ...
 def value_of(a: Jet | torch.Tensor | float) -> torch.Tensor | float:
+    """A jet's value; a constant (tensor or number) as it is."""
     return a.value if isinstance(a, Jet) else a
 
 
@@ -225,4 +240,5 @@ def aligned_jac(a: Jet | torch.Tensor | float, ndim: int) -> torch.Tensor | None
 
 
 def lap_of(a: Jet | torch.Tensor | float) -> torch.Tensor | None:
+    """A jet's ``lap``; ``None`` (zero) for a constant."""
     return a.lap if isinstance(a, Jet) else None
