@@ -177,3 +177,11 @@ def test_served_leaves_f_s_buffers_and_a_host_read_to_the_recorded_size():
     x = torch.randn(8, 2, dtype=f64)
     assert served(counting, x, True) == (8, 8) and counted.item() == 0
     assert served(lambda z: z * z.sum().item(), x, True) == (8, 8)
+
+
+def test_an_upsampling_serves_every_size():
+    """Without PyTorch's Python dispatcher (on while Dynamo traces) the fake kernel of
+    ``upsample_nearest2d`` specialised the batch size: the recorded size only, where Dynamo
+    itself serves every size (one graph per batch size under ``dynamic=True``)."""
+    f = torch.nn.Sequential(torch.nn.AvgPool2d(2), torch.nn.Upsample(scale_factor=2))
+    assert served(f, torch.randn(8, 2, 4, 4, dtype=f64), False) == (2, UNBOUNDED)

@@ -84,7 +84,10 @@ def _symbolic(
     f: Callable[[torch.Tensor], Any], x: torch.Tensor
 ) -> tuple[list[Any], Any, sympy.Symbol] | None:
     """``f`` run on a fake ``x`` whose first dimension is a symbol: the numbers its ATen calls
-    hold, the ``ShapeEnv`` (its guards, the symbol's range) and the symbol."""
+    hold, the ``ShapeEnv`` (its guards, the symbol's range) and the symbol. With PyTorch's
+    Python dispatcher on, as Dynamo traces (its meta functions: without them an upsampling's
+    fake kernel specialised the batch size)."""
+    from torch._dispatch.python import enable_python_dispatcher
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import (
         DimDynamic,
@@ -102,7 +105,7 @@ def _symbolic(
         return None
     (symbol,) = size.node.expr.free_symbols
     numbers = _Numbers()
-    with mode, numbers, torch.random.fork_rng([]):
+    with enable_python_dispatcher(), mode, numbers, torch.random.fork_rng([]):
         f(fake.requires_grad_(x.requires_grad))
     return numbers.found, env, symbol
 
