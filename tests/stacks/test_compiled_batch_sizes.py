@@ -185,3 +185,22 @@ def test_an_upsampling_serves_every_size():
     itself serves every size (one graph per batch size under ``dynamic=True``)."""
     f = torch.nn.Sequential(torch.nn.AvgPool2d(2), torch.nn.Upsample(scale_factor=2))
     assert served(f, torch.randn(8, 2, 4, 4, dtype=f64), False) == (2, UNBOUNDED)
+
+
+@pytest.mark.parametrize("method", sampled_daily(["taylor", "auto"], {"taylor", "auto"}))  # 10-15 s
+def test_biharmonic_is_replayed_in_one_graph(method):
+    """``biharmonic`` (Taylor in Taylor) ran eagerly behind graph breaks inside its nested
+    Laplacians (``fullgraph=True`` raised); now replayed as the Laplacian is: one graph,
+    loss and gradients equal to eager's."""
+    torch.manual_seed(0)
+    f = torch.nn.Sequential(tanh_mlp(2, 4, 1), torch.nn.Flatten(0))
+
+    def loss(f: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return torchdiv.biharmonic(f, x, method=method).square().mean()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    counters.clear()
+    x = torch.randn(3, 2, dtype=f64)
+    for got, want in zip(_step(f, compiled, x), _step(f, loss, x), strict=True):
+        assert_close(got, want)
+    assert counters["stats"]["unique_graphs"] == 1
