@@ -317,6 +317,15 @@ def _mixed(
     return (total / scale).to(x.dtype).T.reshape(y_shape)
 
 
+def _biharmonic_replayed(
+    f: object, x: object, *args: object, **options: object
+) -> torch.Tensor | None:
+    """``biharmonic`` replayed in a compiled graph where it records (``_laplacian.traced``:
+    the Taylor sweep in the Taylor sweep is plain ATen calls too)."""
+    return traced.replayed(biharmonic, f, x, *args, **options)  # type: ignore[no-any-return]
+
+
+@eager_when(lambda f, x, *, method="auto", **_: method in RECORDING, _biharmonic_replayed)
 @outside_inference_mode
 @reported("biharmonic")
 def biharmonic(

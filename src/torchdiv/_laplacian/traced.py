@@ -13,12 +13,15 @@ tensors. So, as ``_structured.replay`` does for the structured engine's chains:
    recording, the engine's sweep, its checks. Each tensor a call reads is ``x``, the output of
    an earlier call, ``f``'s parameter or buffer (by name, ``replay.Held``), or a constant the
    call made from Python numbers (``torch.tensor``); anything else refuses.
-2. It runs the call again at one and two more samples and at ``2N + 5`` (``x``'s rows
-   cycled, ``_sizes``) with every value scaled: the recordings must make the same calls,
-   integers in them affine in the batch size (``Sized``: view shapes, ``expand`` sizes) and
+2. It runs ``f`` with a symbolic batch size (``batch_sizes.served``): the sizes over which
+   ``f``'s numbers are those at ``N`` or affine in it (every size, usually), else ``N``
+   alone. Where more than ``N``, it runs the call again at the sizes of
+   ``batch_sizes.others`` (``N + 1``, ``N + 2``, ``2N + 5``, ``x``'s rows cycled), else once
+   more at ``N``, with every value scaled: the recordings must make the same calls, integers
+   in them affine in the batch size (``Sized``: view shapes, ``expand`` sizes) and
    everything else equal. A plan that depends on the batch size in any other way, or on
-   values, refuses. The graph serves the batch sizes from ``N`` to ``2N + 5`` (a guard;
-   another size compiles again and records there).
+   values, refuses. The graph serves the sizes ``served`` gave (a guard; another size
+   compiles again and records there).
 3. The traced code replays the calls (``_run``) on ``x`` and ``f``'s tensors of this run,
    each under the grad mode it was made in: plain tensor ops, one graph with the step around
    it, derivatives by autograd through the same ATen calls as the eager call's (``_Recorder``
@@ -39,6 +42,7 @@ dispatched op (``tolist``) makes a constant that differs between the recordings.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,6 +52,7 @@ import torch
 from torch._C._functorch import is_functorch_wrapped_tensor, peek_interpreter_stack
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from torchdiv._core import batch_sizes
 from torchdiv._core.mixing.errors import watched
 from torchdiv._structured import replay
 from torchdiv._structured.replay import Held
@@ -108,7 +113,7 @@ class Program:
     and the floats of the calls (``Number``, ``Constant``): read by the trace from
     ``_numbers`` as constants (read from the plan, ``dynamic=True`` made each a symbol,
     which restarted the trace, which recorded again under a new key: without end), and the
-    least and most batch sizes recorded (the sizes the replay serves, ``_sizes``)."""
+    least and most batch sizes the replay serves (``batch_sizes.served``)."""
 
     calls: tuple[Call, ...]
     output: Any
@@ -140,7 +145,7 @@ def replayed(public: Callable[..., Any], f: Any, x: Any, *args: Any, **options: 
     program: Program = getattr(replay._Read, f"k{key}")
     if tuple(x.shape[1:]) != program.event:  # (a guard on the event's shape)
         return None
-    if not program.sizes[0] <= x.shape[0] <= program.sizes[1]:  # (guards: ``_sizes``)
+    if not batch_sizes.serves(program.sizes, x.shape[0]):  # (guards: ``batch_sizes.served``)
         return None
     out = _run(program, _numbers(key), f, x)
     f(x)  # unused: Dynamo's guards on f become this graph's (module docstring)
@@ -205,7 +210,7 @@ def _recorded(
         with watched():  # (f mixes samples: eager says; in allow_batch_interaction too)
             z = x.detach().requires_grad_(x.requires_grad)
             program = _planned(public, f, z, options, grad)
-        if program is None or replay._marked(batch_free=True):  # (the event's shape: guarded)
+        if program is None or replay._marked(program.sizes[0] < program.sizes[1]):
             return -1
     except Exception:
         return -1
@@ -219,32 +224,24 @@ def _planned(
     options: tuple[tuple[str, Any], ...],
     grad: bool,
 ) -> Program | None:
-    """The ``Program`` of the recordings at ``_sizes`` (module docstring), or ``None``."""
-    scaled = [x]
-    for k, size in enumerate(_sizes(x.shape[0])[1:], 1):
-        more = x.detach()[torch.arange(size, device=x.device) % x.shape[0]]
-        scaled.append((more * (1 + k / 16)).requires_grad_(x.requires_grad))
+    """The ``Program`` of the recordings (module docstring), or ``None``."""
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in options}
     names = {id(t): Held(name, False) for name, t in f.named_parameters(remove_duplicate=False)}
     names.update((id(t), Held(name, True)) for name, t in f.named_buffers(remove_duplicate=False))
-    recordings = []
+    recordings, n = [], x.shape[0]
     with _eagerly(x), torch.set_grad_enabled(grad):
+        sizes = batch_sizes.served(f, x, affine=True)
+        more = [x.detach()] if sizes == (n, n) else batch_sizes.others(x)
+        scaled = [x] + [
+            (z * (1 + k / 16)).requires_grad_(x.requires_grad) for k, z in enumerate(more, 1)
+        ]
         for z in scaled:
             program = _recording(public, f, z, kwargs, names)
             if program is None:
                 return None
             recordings.append(program)
-    return _merged(recordings, [z.shape[0] for z in scaled], tuple(x.shape[1:]))
-
-
-def _sizes(n: int) -> list[int]:
-    """The batch sizes recorded for a batch of ``n``: ``n``, ``n + 1``, ``n + 2``, whose
-    integers fit ``Sized``, and ``2n + 5``, where an integer of ``f``'s that follows ``n``
-    only at some sizes (``n // 4``, ``min(n, 8)`` at ``n = 4``: equal at ``n``, ``n + 1``,
-    ``n + 2``) leaves the fit. The replay serves the sizes from ``n`` to ``2n + 5`` only
-    (``Program.sizes``, guarded: ``max(n, 3)`` at ``n = 4`` fits above ``n``, not below);
-    under ``dynamic=True`` it served every size, such an integer baked wrong at most."""
-    return [n, n + 1, n + 2, 2 * n + 5]
+    merged = _merged(recordings, [z.shape[0] for z in scaled], tuple(x.shape[1:]))
+    return None if merged is None else dataclasses.replace(merged, sizes=sizes)
 
 
 @contextlib.contextmanager
@@ -420,8 +417,7 @@ def _merged(programs: list[Program], sizes: list[int], event: tuple[int, ...]) -
             return None
         args, kwargs = map_leaves(numbered, merged)
         calls.append(Call(same[0].func, args, kwargs, same[0].grad))
-    bounds = (min(sizes), max(sizes))
-    return Program(tuple(calls), first.output, first.kind, event, tuple(numbers), bounds)
+    return Program(tuple(calls), first.output, first.kind, event, tuple(numbers))
 
 
 def _merged_leaves(trees: list[Any], sizes: list[int]) -> Any:
@@ -434,8 +430,8 @@ def _merged_leaves(trees: list[Any], sizes: list[int]) -> Any:
     for values in zip(*columns, strict=True):
         first = values[0]
         if type(first) is int and any(v != first for v in values):
-            if any(type(v) is not int for v in values):
-                return None
+            if any(type(v) is not int for v in values) or sizes[1] == sizes[0]:
+                return None  # (at one size: made from values)
             scale = (values[1] - first) // (sizes[1] - sizes[0])
             offset = first - scale * sizes[0]
             if any(scale * s + offset != v for s, v in zip(sizes, values, strict=True)):

@@ -25,8 +25,8 @@ small MLP, issue 14). Here, where ``f`` is a module, the call is traced instead:
    on ``f`` (its submodules, flags, hooks, code, as for any compiled model) are then this
    graph's, so that a change of ``f`` recompiles, which records ``f`` again. A replay never
    outlives the structure it was recorded from. It also guards on ``x``'s shape after its
-   first dimension and on that one's sizes recorded (``_rows``), and on its whole shape
-   where numbers in the calls change with the batch size (``_batch_free``).
+   first dimension and on the sizes of that one it serves (``_served``: every size where
+   no number in the calls is made from the batch size, else the recorded one).
 
 Not replayed (the call then runs eagerly, as before): ``f`` not a module; a tensor ``f``
 reads that is not its parameter or buffer (a closure's: it could be rebound unseen); what an
@@ -49,6 +49,7 @@ from typing import Any, cast
 import torch
 from torch.autograd import grad_mode as _grad_mode
 
+from torchdiv._core import batch_sizes
 from torchdiv._core.mixing.errors import watched
 from torchdiv._core.tie import tied
 from torchdiv._structured import colors, cycle, factors, forward, statistics
@@ -86,20 +87,19 @@ class Held:
 @dataclass(frozen=True)
 class Replay:
     """What a traced call replays: ``f``'s calls (``Held`` for its tensors), where ``f(x)``
-    is among their outputs, the chain's routes, ``x``'s shape where the calls hold
-    integers (``None``: any shape), and the columns carried at once where the caller gives no
-    ``chunk_size`` (``cycle``'s block size at the recording's batch: made from the traced batch
-    size, it was a guard on it, one graph per batch size under ``dynamic=True``)."""
+    is among their outputs, the chain's routes, and the columns carried at once where the
+    caller gives no ``chunk_size`` (``cycle``'s block size at the recording's batch: made from
+    the traced batch size, it was a guard on it, one graph per batch size under
+    ``dynamic=True``)."""
 
     nodes: tuple[Node, ...]
     output: Ref
     routes: tuple[factors.Route, ...]
-    shape: tuple[int, ...] | None
     chunk: int
     readout: forward.Readout | None = None
     propagation: Plan | None = None
     event: tuple[int, ...] = ()  # x's shape after its first dimension (guarded)
-    rows: tuple[int, int] = (0, 0)  # the sizes of x's first dimension served (``_batch_free``)
+    rows: tuple[int, int] = (0, 0)  # the sizes of x's first dimension served (``_served``)
     moved: tuple[tuple[Ref, tuple[factors.Factor, ...]], ...] = ()  # (``factors.moved``)
 
 
@@ -156,11 +156,9 @@ def replayed(trace: bool, f: Any, x: Any, *args: Any, **options: Any) -> torch.T
     if key < 0:
         return None
     plan: Replay = getattr(_Read, f"k{key}")
-    if plan.shape is not None and tuple(x.shape) != plan.shape:  # (guards on the shape)
+    if tuple(x.shape[1:]) != plan.event:  # (the served sizes are the first dimension's)
         return None
-    if tuple(x.shape[1:]) != plan.event:  # (the served sizes are the first dimension's: ``_rows``)
-        return None
-    if not plan.rows[0] <= x.shape[0] <= plan.rows[1]:  # (guards: ``_batch_free``)
+    if not batch_sizes.serves(plan.rows, x.shape[0]):  # (guards: ``_served``)
         return None
     if plan.readout is not None:
         return _coloured(trace, plan, plan.readout, f, x, batch_dims, key)
@@ -239,7 +237,7 @@ def _recorded(
             return -1
         with torch.set_grad_enabled(grad), watched():  # (f mixes samples: eager says, or computes)
             plan = _plan(f, x.detach(), batch_dims, chunk)
-        if plan is None or _marked(plan.shape is None):
+        if plan is None or _marked(plan.rows[0] < plan.rows[1]):
             return -1
     except Exception:
         return -1
@@ -374,12 +372,12 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | Non
         )
     if (readout is not None or moved is not None) and not _indices_fixed(nodes):
         return None
-    shape = None if _batch_free(graph, f, x, batch_dims) else tuple(x.shape)
-    output, event, rows = cast(Ref, graph.output), tuple(x.shape[1:]), _rows(x.shape[0])
+    output, event = cast(Ref, graph.output), tuple(x.shape[1:])
+    rows = _served(graph, f, x, batch_dims)
     if readout is not None:
         propagation = Plan(cast(Graph, _Columns(nodes, output, tuple(x.shape))))
         propagation.needs_jac(Context(1, second_order=False))  # (made now, not traced)
-        return Replay(tuple(nodes), output, (), shape, 0, readout, propagation, event, rows=rows)
+        return Replay(tuple(nodes), output, (), 0, readout, propagation, event, rows=rows)
     widest = max(
         v.numel() // n
         for node, out in zip(graph.nodes, kept, strict=True)
@@ -389,7 +387,7 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | Non
     chunk = max(1, cycle.BLOCK_ELEMENTS // (n * max(widest, 1)))
     movements = () if moved is None else tuple(moved.items())
     return Replay(
-        tuple(nodes), output, tuple(routes), shape, chunk, event=event, moved=movements, rows=rows
+        tuple(nodes), output, tuple(routes), chunk, event=event, moved=movements, rows=rows
     )
 
 
@@ -432,24 +430,22 @@ def _indices_fixed(nodes: list[Node]) -> bool:
     return True
 
 
-def _batch_free(graph: Graph, f: torch.nn.Module, x: torch.Tensor, batch_dims: int) -> bool:
-    """Whether the numbers in ``graph``'s calls (a view's shape, a convolution's padding, a
-    scale ``1 / N``) hold for the batch sizes served (``_rows``; the other dimensions of ``x``
-    are guarded whole): ``f`` recorded again at ``N + 1`` and ``2 N + 1`` samples makes the
-    same calls with the same numbers (``min(N, 4)`` differs at ``9``, Dynamo's trace of ``f``
-    guarding on it not). A replay whose numbers may depend on the batch size guards on ``x``'s
-    shape (``dynamic=True``: one graph per batch size); one whose numbers hold guards on the
-    event's shape and the rows served only. Sizes outside ``_rows`` are not recorded: a number
-    differing only there (``min(N, 3)`` at ``2``) guarded the whole shape, one graph per size
-    until rev-merges20e."""
-    numbers = _numbers(graph)
-    if not numbers:
-        return True
-    one = x.narrow(0, 0, 1)
-    for other_x in (torch.cat([x, one]), torch.cat([x, x, one])):
-        if not _same_numbers(graph, numbers, f, other_x, batch_dims):
-            return False
-    return True
+def _served(graph: Graph, f: torch.nn.Module, x: torch.Tensor, batch_dims: int) -> tuple[int, int]:
+    """The sizes of ``x``'s first dimension the replay of ``graph`` serves: those over which
+    ``f``'s calls hold the numbers they hold at ``x`` (``batch_sizes.served``: ``f`` run with
+    a symbolic batch size; every size for a conv net's padding, a linear layer; the recorded
+    one for ``x * (4.0 / N)``, ``view(N, -1)``, ``N // 2 - N // 3``), where the engine's
+    recording holds the same numbers at the sizes of ``batch_sizes.others`` too (a
+    decomposition of one of ``f``'s calls made from the batch size); the recorded size alone
+    where not (a guard on ``x``'s whole shape: one graph per size under ``dynamic=True``)."""
+    n, numbers = x.shape[0], _numbers(graph)
+    sizes = batch_sizes.served(f, x, affine=False)
+    if sizes == (n, n) or not numbers:
+        return sizes
+    for other in batch_sizes.others(x):
+        if not _same_numbers(graph, numbers, f, other, batch_dims):
+            return n, n
+    return sizes
 
 
 def _same_numbers(
@@ -465,13 +461,6 @@ def _same_numbers(
     if [n.func for n in graph.nodes] != [n.func for n in other.nodes] or len(again) != len(numbers):
         return False
     return all(type(a) is type(b) and a == b for a, b in zip(numbers, again, strict=True))
-
-
-def _rows(n: int) -> tuple[int, int]:
-    """The sizes of ``x``'s first dimension a replay recorded at ``n`` serves: those
-    ``_batch_free`` recorded, ``n`` to ``2n + 1``. A number of ``f``'s equal there may differ
-    outside (``min(N, 6)`` at ``N = 8``: served at 3, 0.58 off under ``dynamic=True``)."""
-    return n, 2 * n + 1
 
 
 def _numbers(graph: Graph) -> list[Any]:
