@@ -41,6 +41,7 @@ from torchdiv._core.walk import (
     search,
     vjp,
 )
+from torchdiv._exact.chain import chain, products
 from torchdiv._exact.state import Changes
 
 
@@ -412,7 +413,11 @@ class GraphJacobian:
         out = None
         watch = _DifferentiableBackwards(self._custom)
         if self.y.requires_grad and not self._custom and self._peers.inert:  # (the usual case)
-            out = self._vjps(cotangents)
+            steps = chain(self.y, self.x)  # (an MLP: its formulas, no engine)
+            if steps:
+                out = products(steps, cotangents, self.create_graph)
+            else:
+                out = self._vjps(cotangents)
         elif self.y.requires_grad:
             marked = _marked(cotangents) if self._custom else cotangents
             with self._peers.inner_backward(), watch:
@@ -530,8 +535,13 @@ class GraphJacobian:
         ):
             return None
         samples, n = self.x.shape[: self.batch_dims].numel(), event_numel(self.x, self.batch_dims)
+        vectors = basis(start, stop, self.y, self.batch_dims)
+        steps = chain(self.y, self.x)
+        if steps:  # every row in one go, without the engine (``_exact.chain``)
+            rows = products(steps, vectors, self.create_graph)
+            return [row[:, i] for i, row in enumerate(rows.unbind(), start)]
         out = []
-        for i, v in enumerate(basis(start, stop, self.y, self.batch_dims).unbind(), start):
+        for i, v in enumerate(vectors.unbind(), start):
             product = self._vjp(v, batched=False)
             if product is None:  # y does not depend on x: the general path's zeros
                 return None
