@@ -29,10 +29,11 @@ ACTIVATIONS = {
 
 
 def _mlp(d: int, activation) -> torch.nn.Module:
+    """``d -> 8 -> 8 -> d``, the middle layer without bias (an ``mm`` node, not ``addmm``)."""
     return torch.nn.Sequential(
         torch.nn.Linear(d, 8),
         activation(),
-        torch.nn.Linear(8, 8),
+        torch.nn.Linear(8, 8, bias=False),
         activation(),
         torch.nn.Linear(8, d),
     ).double()

@@ -36,6 +36,11 @@ aten = torch.ops.aten
 Step = Callable[[torch.Tensor, Any], torch.Tensor]
 
 
+def _mm(g: torch.Tensor, node: Any) -> torch.Tensor:
+    """``mm(self, mat2)``'s product for ``self`` (a ``Linear`` without bias): ``g @ mat2^T``."""
+    return torch.matmul(g, node._saved_mat2.t())
+
+
 def _addmm(g: torch.Tensor, node: Any) -> torch.Tensor:
     """``addmm(b, mat1, mat2, beta, alpha)``'s product for ``mat1``: ``alpha * g @ mat2^T``."""
     out = torch.matmul(g, node._saved_mat2.t())
@@ -48,6 +53,7 @@ def _addmm(g: torch.Tensor, node: Any) -> torch.Tensor:
 # SiLU's or Mish's, whose nodes call another function under grad mode, not an ATen op)
 _FORMULAS: dict[str, Step] = {
     "AddmmBackward0": _addmm,
+    "MmBackward0": _mm,
     "TanhBackward0": lambda g, n: aten.tanh_backward(g, n._saved_result),
     "SigmoidBackward0": lambda g, n: aten.sigmoid_backward(g, n._saved_result),
     "ReluBackward0": lambda g, n: aten.threshold_backward(g, n._saved_result, 0),
