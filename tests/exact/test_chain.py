@@ -50,7 +50,7 @@ def chained(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(1)
         return products(*args, **kwargs)
 
-    monkeypatch.setattr(autograd, "products", spy)
+    monkeypatch.setattr(autograd, "chain_products", spy)
     return calls
 
 

@@ -41,7 +41,8 @@ from torchdiv._core.walk import (
     search,
     vjp,
 )
-from torchdiv._exact.chain import chain, products
+from torchdiv._exact.chain import chain
+from torchdiv._exact.chain import products as chain_products
 from torchdiv._exact.state import Changes
 
 
@@ -413,11 +414,7 @@ class GraphJacobian:
         out = None
         watch = _DifferentiableBackwards(self._custom)
         if self.y.requires_grad and not self._custom and self._peers.inert:  # (the usual case)
-            steps = chain(self.y, self.x)  # (an MLP: its formulas, no engine)
-            if steps:
-                out = products(steps, cotangents, self.create_graph)
-            else:
-                out = self._vjps(cotangents)
+            out = self._vjps(cotangents)
         elif self.y.requires_grad:
             marked = _marked(cotangents) if self._custom else cotangents
             with self._peers.inner_backward(), watch:
@@ -439,7 +436,13 @@ class GraphJacobian:
         pass of its own before the batched one: the watch's hooks see no graph on a batched
         pass's gradients (``is_grads_batched``'s legacy batched tensors report
         ``requires_grad=False``), so a ``backward`` that dropped it went unseen (the
-        gradients of a divergence at D = 3 through one computed under ``no_grad``: 50% off)."""
+        gradients of a divergence at D = 3 through one computed under ``no_grad``: 50% off).
+        Where nothing is watched or wrapped and ``y``'s graph is a chain (an MLP), all the
+        products at once by its formulas instead, without the engine (``_exact.chain``)."""
+        if not self._custom and self._peers.inert:
+            steps = chain(self.y, self.x)
+            if steps:
+                return chain_products(steps, cotangents, self.create_graph)
         products: list[torch.Tensor] = []
         if cotangents.shape[0] > LOOP_ROWS and self._batches:  # (``len``: Tensor.__len__'s Python)
             if self._custom:
@@ -538,7 +541,7 @@ class GraphJacobian:
         vectors = basis(start, stop, self.y, self.batch_dims)
         steps = chain(self.y, self.x)
         if steps:  # every row in one go, without the engine (``_exact.chain``)
-            rows = products(steps, vectors, self.create_graph)
+            rows = chain_products(steps, vectors, self.create_graph)
             return [row[:, i] for i, row in enumerate(rows.unbind(), start)]
         out = []
         for i, v in enumerate(vectors.unbind(), start):
