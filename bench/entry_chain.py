@@ -2,7 +2,9 @@
 process: the D = 2, B = 256 cells of ``entry_cpu.py`` (and ``--dims``), ``"auto"`` with the
 chain, ``"auto"`` with it switched off (``chain`` patched to find none: the engine's passes,
 as before), and the best recipe, called in turn call by call, thread CPU time per call, one
-thread; medians, IQR, and the ratio of the medians over the recipe's.
+thread; medians, IQR, and the ratio of the medians over the recipe's. Then the Laplacian's
+``fnn2-256`` and ``fnn3-256`` cells (issue 18), whose loop's first level takes the chain,
+against DeepXDE's Hessian sum written out (``laplacian_small``'s "loop of grad-of-grad").
 
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
         PYTHONPATH=src .venv/bin/python bench/entry_chain.py [--calls 600] [--dims 2 3]
@@ -11,15 +13,18 @@ thread; medians, IQR, and the ratio of the medians over the recipe's.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
 
+import laplacian_small
 import small_events
 import torch
 
 import torchdiv
 from torchdiv._exact import autograd
+from torchdiv._laplacian import loop
 
 
 def _timed(call: Callable[[], object]) -> int:
@@ -28,13 +33,45 @@ def _timed(call: Callable[[], object]) -> int:
     return time.thread_time_ns() - start
 
 
+def _compared(name: str, auto: Callable[[], object], recipe: Callable[[], object], n: int) -> None:
+    """Time ``auto`` with the chain, without it and ``recipe``, in turn; print one line."""
+
+    def engine() -> object:
+        autograd.chain = loop.chain = lambda y, x: None
+        try:
+            return auto()
+        finally:
+            autograd.chain = loop.chain = CHAIN
+
+    calls = {"chain": auto, "engine": engine, "recipe": recipe}
+    for _ in range(20):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for i in range(n):
+        for k in list(calls) if i % 2 else list(calls)[::-1]:
+            times[k].append(_timed(calls[k]) / 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    spread = {k: statistics.quantiles(v, n=4) for k, v in times.items()}
+    cells = "  ".join(
+        f"{k} {med[k]:6.1f} us [{spread[k][0]:.0f}-{spread[k][2]:.0f}]" for k in calls
+    )
+    print(
+        f"{name:30s} {cells}  chain/recipe {med['chain'] / med['recipe']:.3f}  "
+        f"engine/recipe {med['engine'] / med['recipe']:.3f}",
+        flush=True,
+    )
+
+
+CHAIN = autograd.chain
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=600, help="calls of each, in turn")
     parser.add_argument("--dims", type=int, nargs="+", default=[2])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    chain = autograd.chain
     for d in args.dims:
         for op in ("divergence", "jacobian_diagonal", "jacobian"):
             for train in (False, True):
@@ -43,38 +80,25 @@ def main() -> None:
                 x = torch.randn(256, d)
                 name = "loop of autograd.grad" if op != "jacobian" else "is_grads_batched (zuko)"
                 recipe, operator = small_events.recipes(op, train)[name], getattr(torchdiv, op)
-
-                def engine(operator=operator, net=net, x=x):
-                    autograd.chain = lambda y, x: None
-                    try:
-                        return operator(net, x)
-                    finally:
-                        autograd.chain = chain
-
-                calls = {
-                    "chain": lambda operator=operator, net=net, x=x: operator(net, x),
-                    "engine": engine,
-                    "recipe": lambda recipe=recipe, net=net, x=x: recipe(net, x),
-                }
-                for _ in range(20):
-                    for call in calls.values():
-                        call()
-                times: dict[str, list[float]] = {k: [] for k in calls}
-                for i in range(args.calls):
-                    order = list(calls) if i % 2 else list(calls)[::-1]
-                    for k in order:
-                        times[k].append(_timed(calls[k]) / 1e3)
-                med = {k: statistics.median(v) for k, v in times.items()}
-                spread = {k: statistics.quantiles(v, n=4) for k, v in times.items()}
-                cells = "  ".join(
-                    f"{k} {med[k]:6.1f} us [{spread[k][0]:.0f}-{spread[k][2]:.0f}]" for k in calls
+                _compared(
+                    f"{op} D{d} {'train' if train else 'frozen'}",
+                    functools.partial(operator, net, x),
+                    functools.partial(recipe, net, x),
+                    args.calls,
                 )
-                print(
-                    f"{op:18s} D{d} {'train' if train else 'frozen':6s} {cells}  "
-                    f"chain/recipe {med['chain'] / med['recipe']:.3f}  "
-                    f"engine/recipe {med['engine'] / med['recipe']:.3f}",
-                    flush=True,
-                )
+    for case in ("fnn2-256", "fnn3-256"):
+        for train in (False, True):
+            methods = laplacian_small.methods(train)
+            torch.manual_seed(0)
+            net, x = laplacian_small.CASES[case]()
+            net.requires_grad_(train)
+            step = functools.partial(laplacian_small._step, net=net, x=x, train=train)
+            _compared(
+                f"lap-{case} {'train' if train else 'frozen'}",
+                functools.partial(step, methods["torchdiv auto"]),
+                functools.partial(step, methods["loop of grad-of-grad"]),
+                args.calls,
+            )
 
 
 if __name__ == "__main__":
