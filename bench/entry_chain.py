@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
 import time
 from collections.abc import Callable
+
+os.environ.setdefault("DDE_BACKEND", "pytorch")
 
 import laplacian_small
 import small_events
