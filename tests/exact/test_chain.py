@@ -177,3 +177,19 @@ def test_the_laplacian_s_first_level_goes_through_the_chain(monkeypatch, train):
         if train:
             assert_same_parameter_gradients(net, got.sum(), want.sum())
     assert calls
+
+
+def test_the_graph_form_runs_the_caller_s_hooks(chained):
+    """A caller's graph (``graph_divergence``) may hold gradient hooks torchdiv never saw
+    registered (here one halving the gradient through the hidden layer): the engine runs
+    them, as the graph form always did, and the chain is not taken."""
+    torch.manual_seed(0)
+    net = _mlp(2, torch.nn.Tanh)
+    x = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    y = net(x)
+    hidden = net[:2](x)
+    hidden.register_hook(lambda g: g / 2)
+    y = net[2:](hidden)
+    rows = [torch.autograd.grad(y[:, i].sum(), x, retain_graph=True)[0][:, i] for i in range(2)]
+    assert_close(torchdiv.graph_divergence(y, x), sum(rows))
+    assert not chained
