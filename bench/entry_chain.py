@@ -1,31 +1,25 @@
 """The chain's products (``torchdiv._exact.chain``) against the autograd engine's passes, in one
-process: the D = 2, B = 256 cells of ``entry_cpu.py`` (and ``--dims``), ``"auto"`` with the
+process: the D = 2, B = 256 cells of ``entry_cpu.py``, ``"auto"`` with the
 chain, ``"auto"`` with it switched off (``chain`` patched to find none: the engine's passes,
 as before), and the best recipe, called in turn call by call, thread CPU time per call, one
 thread; medians, IQR, and the ratio of the medians over the recipe's. Then the Laplacian's
 ``fnn2-256`` and ``fnn3-256`` cells (issue 18), whose loop's first level takes the chain,
-against DeepXDE's Hessian sum written out (``laplacian_small``'s "loop of grad-of-grad").
+against the grad-of-grad loop (``laplacian_small``'s "loop of grad-of-grad").
 
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
-        PYTHONPATH=src .venv/bin/python bench/entry_chain.py [--calls 600] [--dims 2 3]
+        PYTHONPATH=src .venv/bin/python bench/entry_chain.py [--calls 600] [--only NAME]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import os
 import statistics
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("DDE_BACKEND", "pytorch")
-
-import laplacian_small
-import small_events
+import entry_cpu
 import torch
 
-import torchdiv
 from torchdiv._exact import autograd
 from torchdiv._laplacian import loop
 
@@ -67,41 +61,21 @@ def _compared(name: str, auto: Callable[[], object], recipe: Callable[[], object
 
 
 CHAIN = autograd.chain
+# the recipe timed against, per case: the loop of ``autograd.grad`` (diagonals), zuko's batched
+# rows (the Jacobian), the grad-of-grad loop (the Laplacian)
+RECIPES = ("loop of autograd.grad", "is_grads_batched (zuko)", "loop of grad-of-grad")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=600, help="calls of each, in turn")
-    parser.add_argument("--dims", type=int, nargs="+", default=[2])
+    parser.add_argument("--only", default="", help="run the cases whose name holds this")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    for d in args.dims:
-        for op in ("divergence", "jacobian_diagonal", "jacobian"):
-            for train in (False, True):
-                torch.manual_seed(0)
-                net = small_events.mlp(d, torch.nn.Tanh).requires_grad_(train)
-                x = torch.randn(256, d)
-                name = "loop of autograd.grad" if op != "jacobian" else "is_grads_batched (zuko)"
-                recipe, operator = small_events.recipes(op, train)[name], getattr(torchdiv, op)
-                _compared(
-                    f"{op} D{d} {'train' if train else 'frozen'}",
-                    functools.partial(operator, net, x),
-                    functools.partial(recipe, net, x),
-                    args.calls,
-                )
-    for case in ("fnn2-256", "fnn3-256"):
-        for train in (False, True):
-            methods = laplacian_small.methods(train)
-            torch.manual_seed(0)
-            net, x = laplacian_small.CASES[case]()
-            net.requires_grad_(train)
-            step = functools.partial(laplacian_small._step, net=net, x=x, train=train)
-            _compared(
-                f"lap-{case} {'train' if train else 'frozen'}",
-                functools.partial(step, methods["torchdiv auto"]),
-                functools.partial(step, methods["loop of grad-of-grad"]),
-                args.calls,
-            )
+    for name, calls in entry_cpu.cases():
+        recipe = next(c for k, c in calls.items() if k in RECIPES)
+        if args.only in name and not name.startswith("lap-kan"):
+            _compared(name, calls["auto"], recipe, args.calls)
 
 
 if __name__ == "__main__":
