@@ -2,9 +2,9 @@
 process: the D = 2, B = 256 cells of ``entry_cpu.py``, ``"auto"`` with the
 chain, ``"auto"`` with it switched off (``chain`` patched to find none: the engine's passes,
 as before), and the best recipe, called in turn call by call, thread CPU time per call, one
-thread; medians, IQR, and the ratio of the medians over the recipe's. Then the Laplacian's
-``fnn2-256`` and ``fnn3-256`` cells (issue 18), whose loop's first level takes the chain,
-against the grad-of-grad loop (``laplacian_small``'s "loop of grad-of-grad").
+thread; medians, IQR, and the ratio of the medians over the recipe's. (The Laplacian's loop
+took the chain for its first level too, for a while: the same time as the engine's pass in
+the ``fnn2-256`` and ``fnn3-256`` cells, one pass's set-up in 1-3 ms; not kept.)
 
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
         PYTHONPATH=src .venv/bin/python bench/entry_chain.py [--calls 600] [--only NAME]
@@ -21,7 +21,6 @@ import entry_cpu
 import torch
 
 from torchdiv._exact import autograd
-from torchdiv._laplacian import loop
 
 
 def _timed(call: Callable[[], object]) -> int:
@@ -34,11 +33,11 @@ def _compared(name: str, auto: Callable[[], object], recipe: Callable[[], object
     """Time ``auto`` with the chain, without it and ``recipe``, in turn; print one line."""
 
     def engine() -> object:
-        autograd.chain = loop.chain = lambda y, x: None
+        autograd.chain = lambda y, x: None
         try:
             return auto()
         finally:
-            autograd.chain = loop.chain = CHAIN
+            autograd.chain = CHAIN
 
     calls = {"chain": auto, "engine": engine, "recipe": recipe}
     for _ in range(20):
@@ -62,8 +61,8 @@ def _compared(name: str, auto: Callable[[], object], recipe: Callable[[], object
 
 CHAIN = autograd.chain
 # the recipe timed against, per case: the loop of ``autograd.grad`` (diagonals), zuko's batched
-# rows (the Jacobian), the grad-of-grad loop (the Laplacian)
-RECIPES = ("loop of autograd.grad", "is_grads_batched (zuko)", "loop of grad-of-grad")
+# rows (the Jacobian)
+RECIPES = ("loop of autograd.grad", "is_grads_batched (zuko)")
 
 
 def main() -> None:
@@ -74,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(1)
     for name, calls in entry_cpu.cases():
         recipe = next(c for k, c in calls.items() if k in RECIPES)
-        if args.only in name and not name.startswith("lap-kan"):
+        if args.only in name and not name.startswith("lap-"):
             _compared(name, calls["auto"], recipe, args.calls)
 
 

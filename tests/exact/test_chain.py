@@ -11,7 +11,6 @@ from conftest import (
     assert_same_parameter_gradients,
     loop_diagonal,
     reference_jacobian,
-    reference_laplacian,
 )
 
 import torchdiv
@@ -144,39 +143,6 @@ def test_nodes_not_listed_take_the_engine(chained, activation):
         assert_close(got, want)
     assert_same_parameter_gradients(net, got.sum(), want.sum())
     assert not chained
-
-
-@pytest.mark.parametrize("train", [False, True], ids=["frozen", "train"])
-def test_the_laplacian_s_first_level_goes_through_the_chain(monkeypatch, train):
-    """The grad-of-grad loop's gradient by the chain, with the graph its second level walks:
-    the Laplacian of a scalar MLP at D = 2 and its parameter gradients against
-    ``torch.func.hessian``, float64, ``"auto"`` and ``"grad-of-grad"``."""
-    from torchdiv._laplacian import loop
-
-    calls: list[int] = []
-    products = chain.products
-    monkeypatch.setattr(loop, "products", lambda *a: calls.append(1) or products(*a))
-    torch.manual_seed(0)
-    net = (
-        torch.nn.Sequential(
-            torch.nn.Linear(2, 8),
-            torch.nn.Softplus(),
-            torch.nn.Linear(8, 8),
-            torch.nn.Tanh(),
-            torch.nn.Linear(8, 1),
-        )
-        .double()
-        .requires_grad_(train)
-    )
-    x = torch.randn(16, 2, dtype=torch.float64)
-    want = reference_laplacian(net, x)
-    for method in ("auto", "grad-of-grad"):
-        for _ in range(2):
-            got = torchdiv.laplacian(net, x, method=method)
-        assert_close(got, want)
-        if train:
-            assert_same_parameter_gradients(net, got.sum(), want.sum())
-    assert calls
 
 
 def test_the_graph_form_runs_the_caller_s_hooks(chained):

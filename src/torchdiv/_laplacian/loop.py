@@ -47,7 +47,6 @@ from torchdiv._exact.autograd import (
     graphs_kept,
     refuse_once_differentiable,
 )
-from torchdiv._exact.chain import chain, products
 from torchdiv._exact.state import Once
 
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -183,7 +182,7 @@ def _loop(
     outputs = y if m == 1 else y.reshape(samples, m)
     rows, columns = [], []
     for i in range(m):
-        gradient = _gradient(outputs if m == 1 else outputs[:, i], x)
+        gradient = _grad(outputs if m == 1 else outputs[:, i], x, create_graph=True)
         if gradient is None:
             rows.append(x.new_zeros(samples, n))
             columns.append(x.new_zeros(samples))
@@ -245,16 +244,6 @@ def _batched_trace(
 def _flat(t: torch.Tensor, samples: int, n: int) -> torch.Tensor:
     """``t`` as ``(samples, n)``, itself if it has that shape already."""
     return t if t.shape == (samples, n) else t.reshape(samples, n)
-
-
-def _gradient(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """The first level, ``∂(Σ out)/∂x`` with a graph: by the formulas of the chain ``out``'s
-    graph is, if it is one (an MLP: ``_exact.chain``, without the engine's set-up), else by
-    a backward pass; ``None`` where ``out`` does not depend on ``x``."""
-    steps = chain(out, x) if out.requires_grad else None
-    if steps:
-        return products(steps, torch.ones_like(out), True)
-    return _grad(out, x, create_graph=True)
 
 
 def _grad(out: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor | None:
