@@ -41,6 +41,8 @@ from torchdiv._core.walk import (
     search,
     vjp,
 )
+from torchdiv._exact.chain import chain
+from torchdiv._exact.chain import products as chain_products
 from torchdiv._exact.state import Changes
 
 
@@ -346,6 +348,10 @@ class GraphJacobian:
         # of_function: f took a backward pass with a graph under the caller's no_grad and was
         # evaluated again (``_evaluated``): "auto" keeps watching it (not ``Passed``)
         self.inner_again = False
+        # of_function: torchdiv evaluated f itself, so a gradient hook f registers on a tensor
+        # is refused (``refuse_gradient_hook``), and the chain may stand in for the engine
+        # (``_exact.chain``); a caller's graph (the graph form) may hold hooks: the engine
+        self.evaluated = False
 
     @classmethod
     def of_function(
@@ -405,6 +411,7 @@ class GraphJacobian:
         engine.batch_norms = found.batch_norms
         engine.guarded = guarded
         engine.inner_again = inner
+        engine.evaluated = True
         return engine
 
     def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
@@ -434,7 +441,14 @@ class GraphJacobian:
         pass of its own before the batched one: the watch's hooks see no graph on a batched
         pass's gradients (``is_grads_batched``'s legacy batched tensors report
         ``requires_grad=False``), so a ``backward`` that dropped it went unseen (the
-        gradients of a divergence at D = 3 through one computed under ``no_grad``: 50% off)."""
+        gradients of a divergence at D = 3 through one computed under ``no_grad``: 50% off).
+        Where torchdiv evaluated ``f`` itself, nothing is watched or wrapped and ``y``'s graph
+        is a chain (an MLP), all the products at once by its formulas instead, without the
+        engine (``_exact.chain``)."""
+        if self.evaluated and not self._custom and self._peers.inert:
+            steps = chain(self.y, self.x)
+            if steps:
+                return chain_products(steps, cotangents, self.create_graph)
         products: list[torch.Tensor] = []
         if cotangents.shape[0] > LOOP_ROWS and self._batches:  # (``len``: Tensor.__len__'s Python)
             if self._custom:
@@ -530,8 +544,13 @@ class GraphJacobian:
         ):
             return None
         samples, n = self.x.shape[: self.batch_dims].numel(), event_numel(self.x, self.batch_dims)
+        vectors = basis(start, stop, self.y, self.batch_dims)
+        steps = chain(self.y, self.x) if self.evaluated else None
+        if steps:  # every row in one go, without the engine (``_exact.chain``)
+            rows = chain_products(steps, vectors, self.create_graph)
+            return [row[:, i] for i, row in enumerate(rows.unbind(), start)]
         out = []
-        for i, v in enumerate(basis(start, stop, self.y, self.batch_dims).unbind(), start):
+        for i, v in enumerate(vectors.unbind(), start):
             product = self._vjp(v, batched=False)
             if product is None:  # y does not depend on x: the general path's zeros
                 return None

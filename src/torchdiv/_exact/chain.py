@@ -1,0 +1,135 @@
+"""Backward passes of a chain graph without the autograd engine: an MLP's VJPs as flat ops.
+
+``autograd.grad`` pays the engine's set-up at every pass (a graph task, the dependencies of
+every node, the nodes it must run: ~20-30 us on a 2-core CPU), once per cotangent where the
+passes are not batched; a D = 2 divergence of a tanh MLP D -> 64 -> 64 -> D at batch 256
+takes two such passes, about 135 us of the recipe's ~200 us. Where ``y``'s graph down to
+``x`` is a *chain* (each node has one input on the way to ``x``; every other input is a
+parameter's leaf, its transpose, or nothing) of nodes whose backward formulas are listed
+here (``_FORMULAS``: ``addmm`` and the usual activations), the products for all ``k``
+cotangents ``(k,) + y.shape`` are that chain's formulas applied in turn to the whole
+``(k, N, m)`` block: the same ATen backward calls the engine's nodes make, on the tensors
+the nodes saved in this call (nothing is kept between calls), with a graph exactly where the
+engine's ``create_graph`` would record one, so parameter gradients and higher derivatives go
+through the same formulas (``tanh_backward``'s own, and so on).
+
+Used by ``GraphJacobian`` in its usual case only (no custom ``Function``, no DDP/FSDP2 hook,
+not compiling, no tensor subclass, anomaly detection off, real floating dtypes), and only
+where every node is listed: anything else (a residual sum, a view, a batch norm, a module's
+backward hook's node) takes the engine as before. What the engine would run and this does
+not: hooks on the graph's nodes. ``f``'s own gradient hooks on tensors are refused before
+(``_core.modes.refuse_gradient_hook``); PyTorch's own on tensors ``f`` computes
+(``register_multi_grad_hook``) and hooks put on a ``grad_fn`` are not run here (they change
+no gradient, or are not caught by any method: ``docs/guide/limitations.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.overrides import has_torch_function
+
+aten = torch.ops.aten
+
+Step = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+def _mm(g: torch.Tensor, node: Any) -> torch.Tensor:
+    """``mm(self, mat2)``'s product for ``self`` (a ``Linear`` without bias): ``g @ mat2^T``."""
+    return torch.matmul(g, node._saved_mat2.t())
+
+
+def _addmm(g: torch.Tensor, node: Any) -> torch.Tensor:
+    """``addmm(b, mat1, mat2, beta, alpha)``'s product for ``mat1``: ``alpha * g @ mat2^T``."""
+    out = torch.matmul(g, node._saved_mat2.t())
+    alpha = node._saved_alpha
+    return out if alpha == 1 else out * alpha
+
+
+# per node type name: the product for the input on the chain, from the node's saved tensors
+# (derivatives.yaml's formulas, each the ATen call the node itself makes at every order; not
+# SiLU's or Mish's, whose nodes call another function under grad mode, not an ATen op)
+_FORMULAS: dict[str, Step] = {
+    "AddmmBackward0": _addmm,
+    "MmBackward0": _mm,
+    "TanhBackward0": lambda g, n: aten.tanh_backward(g, n._saved_result),
+    "SigmoidBackward0": lambda g, n: aten.sigmoid_backward(g, n._saved_result),
+    "ReluBackward0": lambda g, n: aten.threshold_backward(g, n._saved_result, 0),
+    "GeluBackward0": lambda g, n: aten.gelu_backward(
+        g, n._saved_self, approximate=n._saved_approximate
+    ),
+    "EluBackward0": lambda g, n: aten.elu_backward(
+        g, n._saved_alpha, n._saved_scale, n._saved_input_scale, False, n._saved_self
+    ),
+    "SoftplusBackward0": lambda g, n: aten.softplus_backward(
+        g, n._saved_self, n._saved_beta, n._saved_threshold
+    ),
+    "LeakyReluBackward0": lambda g, n: aten.leaky_relu_backward(
+        g, n._saved_self, n._saved_negative_slope, False
+    ),
+}
+# which input of each listed node is on the chain (``addmm``'s ``mat1``; the others have one)
+_ON_CHAIN = {"AddmmBackward0": 1}
+_DTYPES = (torch.float32, torch.float64)
+_LEAF = "torch::autograd::AccumulateGrad"
+
+
+def _off_chain(node: Any, x: torch.Tensor) -> bool:
+    """Whether an input of a chain node that is not on the chain surely does not reach ``x``:
+    nothing, a leaf other than ``x``, or the transpose of one (``Linear``'s weight)."""
+    if node is None:
+        return True
+    name = node.name()
+    if name == "TBackward0":
+        ((node, _),) = node.next_functions
+        if node is None:
+            return True
+        name = node.name()
+    return name == _LEAF and node.variable is not x
+
+
+def chain(y: torch.Tensor, x: torch.Tensor) -> list[tuple[Step, Any]] | None:
+    """The steps from ``y`` down to ``x`` (each a formula and the node whose saved tensors it
+    reads), or ``None`` where ``y``'s graph is not such a chain or the engine must run (a
+    tensor subclass, anomaly detection, another dtype, compiling). ``x`` is the engine's input:
+    a leaf (its ``AccumulateGrad`` ends the chain) or a view of the caller's ``x`` (its
+    ``grad_fn``, at its output, ends it: what lies below is ``x``'s history)."""
+    if (
+        y.dtype not in _DTYPES
+        or x.dtype != y.dtype
+        or has_torch_function((y, x))
+        or torch.is_anomaly_enabled()
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    steps: list[tuple[Step, Any]] = []
+    end, at = x.grad_fn, x.output_nr
+    node, nr = y.grad_fn, y.output_nr
+    while node is not None:
+        if node is end:
+            return steps if nr == at and steps else None
+        name = node.name()
+        step = _FORMULAS.get(name)
+        if step is None:
+            return steps if steps and name == _LEAF and node.variable is x else None
+        on = _ON_CHAIN.get(name, 0)
+        edges = node.next_functions
+        if not all(_off_chain(n, x) for i, (n, _) in enumerate(edges) if i != on):
+            return None
+        steps.append((step, node))
+        node, nr = edges[on]
+    return None
+
+
+def products(
+    steps: list[tuple[Step, Any]], cotangents: torch.Tensor, create_graph: bool
+) -> torch.Tensor:
+    """``(k,) + y.shape`` cotangents -> ``(k,) + x.shape`` products along the chain, with a
+    graph only where ``create_graph`` (as the engine records one)."""
+    with torch.set_grad_enabled(create_graph):
+        g = cotangents
+        for step, node in steps:
+            g = step(g, node)
+    return g

@@ -1,0 +1,161 @@
+"""Backward passes of a chain graph without the autograd engine (``_exact.chain``): values,
+parameter gradients and second derivatives against float64 per-sample loops of
+``autograd.grad``, and the graphs it must leave to the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    assert_close,
+    assert_same_parameter_gradients,
+    loop_diagonal,
+    reference_jacobian,
+)
+
+import torchdiv
+from torchdiv._exact import autograd, chain
+
+ACTIVATIONS = {
+    "tanh": torch.nn.Tanh,
+    "sigmoid": torch.nn.Sigmoid,
+    "relu": torch.nn.ReLU,
+    "gelu": torch.nn.GELU,
+    "gelu-tanh": lambda: torch.nn.GELU("tanh"),
+    "elu": lambda: torch.nn.ELU(0.7),
+    "softplus": lambda: torch.nn.Softplus(2.0, 3.0),
+    "leaky-relu": lambda: torch.nn.LeakyReLU(0.2),
+}
+
+
+def _mlp(d: int, activation) -> torch.nn.Module:
+    """``d -> 8 -> 8 -> d``, the middle layer without bias (an ``mm`` node, not ``addmm``)."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(d, 8),
+        activation(),
+        torch.nn.Linear(8, 8, bias=False),
+        activation(),
+        torch.nn.Linear(8, d),
+    ).double()
+
+
+@pytest.fixture
+def chained(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times ``GraphJacobian`` took the chain's products (one entry per time)."""
+    calls: list[int] = []
+    products = chain.products
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return products(*args, **kwargs)
+
+    monkeypatch.setattr(autograd, "chain_products", spy)
+    return calls
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["frozen", "train"])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_chain_gives_the_loop_s_values_and_parameter_gradients(chained, activation, train):
+    """The three operators at D = 2 (one pass per row before) and D = 3 (batched passes), on
+    a later call (the first is watched for sample mixing): the chain is taken, and values and
+    parameter gradients equal a loop of ``autograd.grad`` per row (diagonals) and
+    ``jacrev`` of the whole batch (the Jacobian), float64."""
+    for d in (2, 3):
+        torch.manual_seed(0)
+        net = _mlp(d, ACTIVATIONS[activation]).requires_grad_(train)
+        x = torch.randn(16, d, dtype=torch.float64)
+        want = loop_diagonal(net, x, create_graph=train)
+        want_jac = reference_jacobian(net, x)
+        for operator in ("divergence", "jacobian_diagonal", "jacobian"):
+            getattr(torchdiv, operator)(net, x)
+        del chained[:]
+        got = {op: getattr(torchdiv, op)(net, x) for op in ("divergence", "jacobian_diagonal")}
+        got_jac = torchdiv.jacobian(net, x)
+        assert len(chained) == 3, (d, chained)
+        assert_close(got["divergence"], want.sum(-1))
+        assert_close(got["jacobian_diagonal"], want)
+        assert_close(got_jac, want_jac)
+        if train:
+            weights = torch.randn_like(want)
+            for ours, theirs in (
+                (got["divergence"], want.sum(-1)),
+                (got["jacobian_diagonal"] * weights, want * weights),
+                (got_jac.diagonal(dim1=1, dim2=2) * weights, want * weights),
+                (got_jac[:, 0, 1], want_jac[:, 0, 1]),
+            ):
+                assert_same_parameter_gradients(net, ours.sum(), theirs.sum())
+
+
+def test_second_derivatives_go_through_the_chain(chained):
+    """With ``x`` requiring grad the products keep their graph in ``x`` as the engine's do:
+    the gradient of the divergence in ``x`` and in the parameters equals that of the loop
+    (a third derivative of ``f``), float64."""
+    torch.manual_seed(0)
+    net = _mlp(3, torch.nn.Tanh)
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    torchdiv.divergence(net, x)
+    del chained[:]
+    ours = torchdiv.divergence(net, x)
+    assert chained
+    z = x.view_as(x)  # the loop on x's own graph, so that its products depend on x
+    y = net(z)
+    rows = [torch.autograd.grad(y[:, i].sum(), z, create_graph=True)[0][:, i] for i in range(3)]
+    theirs = sum(rows)
+    params = [x, *net.parameters()]
+    for a, b in zip(
+        torch.autograd.grad(ours.sum(), params, allow_unused=True),
+        torch.autograd.grad(theirs.sum(), params, allow_unused=True),
+        strict=True,
+    ):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close(a, b)
+
+
+def test_an_off_chain_input_that_reaches_x_takes_the_engine(chained):
+    """``addmm``'s bias computed from ``x`` (``sin(x) + x @ W``, Jacobian ``W^T + diag(cos
+    x)``): the walk along ``mat1`` alone would miss ``diag(cos x)``; the engine runs."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 3, dtype=torch.float64)
+
+    def f(z):
+        return torch.addmm(torch.sin(z), z, w)
+
+    x = torch.randn(8, 3, dtype=torch.float64)
+    want = w.t().expand(8, 3, 3) + torch.diag_embed(torch.cos(x))
+    for _ in range(2):
+        assert_close(torchdiv.jacobian(f, x), want)
+        assert_close(torchdiv.divergence(f, x), want.diagonal(dim1=1, dim2=2).sum(-1))
+    assert not chained
+
+
+@pytest.mark.parametrize("activation", [torch.nn.SiLU, torch.nn.Mish])
+def test_nodes_not_listed_take_the_engine(chained, activation):
+    """SiLU's and Mish's nodes call another function under grad mode than ``silu_backward``
+    (which has no derivative): not listed, the engine runs them, values and parameter
+    gradients right."""
+    torch.manual_seed(0)
+    net = _mlp(2, activation)
+    x = torch.randn(8, 2, dtype=torch.float64)
+    want = loop_diagonal(net, x, create_graph=True)
+    for _ in range(2):
+        got = torchdiv.jacobian_diagonal(net, x)
+        assert_close(got, want)
+    assert_same_parameter_gradients(net, got.sum(), want.sum())
+    assert not chained
+
+
+def test_the_graph_form_runs_the_caller_s_hooks(chained):
+    """A caller's graph (``graph_divergence``) may hold gradient hooks torchdiv never saw
+    registered (here one halving the gradient through the hidden layer): the engine runs
+    them, as the graph form always did, and the chain is not taken."""
+    torch.manual_seed(0)
+    net = _mlp(2, torch.nn.Tanh)
+    x = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    y = net(x)
+    hidden = net[:2](x)
+    hidden.register_hook(lambda g: g / 2)
+    y = net[2:](hidden)
+    rows = [torch.autograd.grad(y[:, i].sum(), x, retain_graph=True)[0][:, i] for i in range(2)]
+    assert_close(torchdiv.graph_divergence(y, x), sum(rows))
+    assert not chained
