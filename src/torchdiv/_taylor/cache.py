@@ -728,17 +728,28 @@ def _class_state(ref: Any) -> tuple[Any, ...]:
     ``_item`` tells them, functions weakly, containers by their items (by identity where
     they hold what ``_item`` cannot tell: a class's list of patterns), other objects (a
     property, a ``staticmethod``) by identity."""
+    return ref, *[
+        v
+        if (t := type(v)) in _CLASS_VALUES
+        else weakref.ref(v)
+        if t is types.FunctionType
+        else _class_item(v)
+        for v in ref().__dict__.values()
+    ]
+
+
+_CLASS_VALUES = frozenset((str, type(None)))  # (its name and documentation: a fast path)
+
+
+def _class_item(v: Any) -> Any:
+    """An attribute of a module's class (``_class_state``): values, functions and containers
+    as ``_item`` tells them, anything else (a property, a ``staticmethod``, a container
+    holding what ``_item`` cannot tell) by identity."""
+    if type(v) not in _ITEM_VALUES and type(v) not in _MODULE_CONTAINERS:
+        return id(v)
     untold: list[bool] = []
-    out: list[Any] = [ref]
-    for v in ref().__dict__.values():
-        t = type(v)
-        if t in _ITEM_VALUES or t in _PLAIN_FUNCTIONS or t in _MODULE_CONTAINERS:
-            told = _item(v, [], untold, 3)
-            out.append(id(v) if untold else told)
-            untold.clear()
-        else:
-            out.append(id(v))
-    return tuple(out)
+    told = _item(v, [], untold, 3)
+    return id(v) if untold else told
 
 
 class Untold:
@@ -810,6 +821,8 @@ def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> 
         [
             u
             if (t := type(u)) in _ITEM_VALUES and t not in _TYPED
+            else (t, u)
+            if t in _TYPED
             else _tensor(u)
             if t is torch.nn.Parameter or t is torch.Tensor
             else _item(u, stack, untold, depth - 1)
