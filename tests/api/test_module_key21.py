@@ -98,6 +98,18 @@ class _Centred(nn.Module):
         return h - h.mean(0) if self.cfg["centre"] else h
 
 
+class _FrozenDict(collections.OrderedDict):
+    """A configuration type as diffusers writes one (``FrozenDict``: an ``OrderedDict``)."""
+
+
+def _long_config() -> _FrozenDict:
+    """``centre`` among 60 entries, with tuples of block types (a UNet's configuration: more
+    than the key's 32 mixed items, told as values)."""
+    cfg = _FrozenDict((f"option_{i}", (i, f"Block{i}") if i % 3 else i * 0.5) for i in range(59))
+    cfg["centre"] = False
+    return cfg
+
+
 Case = Callable[[int], tuple[nn.Module, Callable[[], None]]]
 
 
@@ -140,6 +152,10 @@ def _cases() -> dict[str, Case]:
         m = _made(_Centred(d, collections.defaultdict(bool, centre=False)))
         return m, lambda: m.cfg.__setitem__("centre", True)
 
+    def long_config(d: int):
+        m = _made(_Centred(d, _long_config()))
+        return m, lambda: m.cfg.__setitem__("centre", True)
+
     def class_attribute(d: int):
         kind = type("Rolled", (_Rolled,), {"cls_shift": 0})  # (its own class: set below)
         m = _made(kind(d, read="class"))
@@ -168,6 +184,7 @@ def _cases() -> dict[str, Case]:
         "a plain object's bound method": bound_method,
         "an OrderedDict's flag": ordered_dict,
         "a defaultdict's flag": defaultdict,
+        "a 60-entry configuration's flag": long_config,
         "a class attribute": class_attribute,
         "a base class's attribute": base_class_attribute,
         "a forward set on the class": forward_on_the_class,
@@ -276,6 +293,7 @@ def _kept() -> dict[str, Callable[[], nn.Module]]:
         "MLP": lambda: nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)),
         "a float and an integer": lambda: _Thresholded(3),
         "an OrderedDict": lambda: _Centred(3, collections.OrderedDict(centre=False)),
+        "a 60-entry configuration": lambda: _Centred(3, _long_config()),
         "a class attribute": lambda: _Rolled(3, read="class"),
         "a plain object's bound method": lambda: _Acting(3, _Helper().apply),
         "an LSTM": lambda: nn.LSTM(3, 3),

@@ -769,6 +769,10 @@ _ITEM_VALUES = frozenset(
 ) | {torch.device, torch.layout, torch.memory_format, torch.Size}
 # those told with their type: equal to others of other types (``True == 1 == 1.0``)
 _TYPED = frozenset((bool, float, complex))
+# the items of a configuration told however many (up to ``VALUE_ITEMS``): values and tuples or
+# lists (diffusers' ``UNet2DConditionModel`` config, ~100 keys and values with its block types:
+# past ``TUPLE_ITEMS``, untold, the model would be watched at every call)
+_CONFIGURATION = _ITEM_VALUES | {tuple, list}
 _ITEM_FUNCTIONS = _MODULE_FUNCTIONS | {type}  # (by identity, weakly)
 _TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
 
@@ -815,7 +819,7 @@ def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> 
     if _TENSORS.issuperset(kinds) and n <= VALUE_ITEMS:
         # (``DistributedDataParallel``'s list of its module's parameters, often more than 32)
         return told, tuple([_tensor(u) for u in items])
-    if n > TUPLE_ITEMS:
+    if n > TUPLE_ITEMS and (n > VALUE_ITEMS or not _CONFIGURATION.issuperset(kinds)):
         return _told(untold)
     return told, tuple(
         [
