@@ -713,7 +713,7 @@ def _classes(kind: Any) -> tuple[Any, ...]:
         weakref.ref(c)
         for c in kind().__mro__
         if c is not object
-        and not (c.__module__ or "").startswith(("torch.", "builtins"))
+        and not str(c.__dict__.get("__module__", "")).startswith(("torch.", "builtins"))
         and len(c.__dict__) <= CLASS_ITEMS
     )
     _CLASSES[kind] = found
