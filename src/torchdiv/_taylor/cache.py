@@ -651,7 +651,7 @@ def _held(f: torch.nn.Module) -> tuple[Any, ...]:
             and (t is not dict or (v is not parameters and v is not buffers and v is not children))
         ]
         if len(attributes) - (len(held) - before) != len(_MODULE_OWN):
-            held += _others(attributes, stack, untold)
+            held += _others(attributes, stack)
         pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
         if pre or post:  # by their handles' ids (a counter: never reused)
             held.append((*(pre or ()), None, *(post or ())))
@@ -677,14 +677,17 @@ _MODULE_OWN = frozenset(
 )
 
 
-def _others(attributes: dict[str, Any], stack: list[Any], untold: list[bool]) -> list[Any]:
+def _others(attributes: dict[str, Any], stack: list[Any]) -> list[Any]:
     """What ``_held`` tells of a module's attributes besides those of ``_MODULE_KEYED``'s types
     (``attributes``: its ``__dict__``): a dictionary of another type (an ``OrderedDict``, a
     ``defaultdict``, diffusers' ``FrozenDict`` configuration, Lightning's ``AttributeDict``
     hyperparameters: served by the pass of their old items until keyleft21) or a set, by
-    their items (``_item``). Not a plain object (an HF configuration: documented)."""
+    their items (``_item``). Not a plain object (an HF configuration: documented), nor one in
+    such a dictionary (torch's composable API keeps FSDP2's state so, an ``OrderedDict`` of
+    ``FSDPState``: a ``None`` in its place, not ``UNTOLD``, as for a plain object held)."""
+    unread: list[bool] = []  # (``untold`` of such an item: not read, as a plain object held)
     return [
-        (name, _item(v, stack, untold, 3))
+        (name, _item(v, stack, unread, 3))
         for name, v in attributes.items()
         if name not in _MODULE_OWN
         and type(v) not in _MODULE_KEYED
