@@ -233,18 +233,25 @@ def test_every_operator_refuses_it(case: str, call: str) -> None:
     _served_then_refused(*CASES[case](3), call, _x(8, 3))
 
 
-@pytest.mark.parametrize("frozen", [False, True])
-@pytest.mark.parametrize(
-    "case", ["a float that sets a roll", "an integer that sets a roll", "a class attribute"]
-)
-def test_a_large_diagonal_refuses_it(case: str, frozen: bool) -> None:
-    """Above ``TINY_PROBLEM`` (2048 x 8: the generic rows), trained and frozen."""
+_LARGE = [
+    f"{case}, {kind}"
+    for case in ("a float that sets a roll", "an integer that sets a roll", "a class attribute")
+    for kind in ("trained", "frozen")
+]
+
+
+@pytest.mark.parametrize("name", sampled_daily(_LARGE, set(_LARGE[1:])))
+def test_a_large_diagonal_refuses_it(name: str) -> None:
+    """Above ``TINY_PROBLEM`` (2048 x 8: the generic rows), trained and frozen (~0.4 s each:
+    one always, the others in the daily sample)."""
+    case, kind = name.split(", ")
     torch.manual_seed(0)
     m, change = CASES[case](8)
-    m.requires_grad_(not frozen)
+    m.requires_grad_(kind == "trained")
     _served_then_refused(m, change, "jacobian_diagonal", _x(2048, 8))
 
 
+@pytest.mark.slow  # (diffusers' import: ~2 s; the OrderedDict cases always run)
 def test_a_diffusers_config_is_read() -> None:
     """diffusers' ``@register_to_config`` keeps the configuration in a ``FrozenDict``
     (``self._internal_dict``), replaced by ``register_to_config``; ``forward`` reads
@@ -269,6 +276,7 @@ def test_a_diffusers_config_is_read() -> None:
     _served_then_refused(m, lambda: m.register_to_config(centre=True), "divergence", _x(8, 3))
 
 
+@pytest.mark.slow  # (Lightning's import: ~6 s; the dict subclass cases always run)
 def test_lightning_hyperparameters_are_read() -> None:
     """Lightning's ``save_hyperparameters`` keeps them in an ``AttributeDict``
     (``self._hparams``), written in place (``self.hparams.centre = True``)."""
