@@ -414,13 +414,22 @@ class Same:
 # (1.4-1.9x the time of a tiny call)
 _FLAGS = frozenset((bool, int, str, type(None)))
 _MODULE_FLAGS = frozenset((bool, str, type(None)))
+# but a module's own numbers, by type and value (``True == 1 == 1.0``): an integer or a float
+# that sets an index or a branch (``h.roll(int(self.shift), 0)``, ``h.mean(self.dim)``, ``if
+# self.alpha > 0.5:``), changed, was served by the pass of the old value until keyleft21; a
+# count kept in ``forward`` (``self.nfe += 1``) or a time set on the module at every call
+# makes every call another structure, watched again
+_MODULE_NUMBERS = frozenset((int, float, complex))
 # the functions a module holds as attributes, by identity (weakly): one put in place of its
 # method (``net.forward = g``: a forward that mixes samples went unwatched) or held as one
 # (``self.act = torch.tanh``, swapped for ``torch.flipud``); with the flags, what ``_held``
 # keeps of a module's own attributes
 _MODULE_FUNCTIONS = frozenset((types.FunctionType, types.MethodType, types.BuiltinFunctionType))
+# (a bound method by what it is bound to too, ``_item``: another module's, a plain object's,
+# ``self.act = helper.apply``, whose ``helper.shift`` set went unseen until keyleft21)
+_PLAIN_FUNCTIONS = frozenset((types.FunctionType, types.BuiltinFunctionType))
 # and the plain tensors it holds as attributes (``_tensor``)
-_MODULE_HELD = _MODULE_FLAGS | _MODULE_FUNCTIONS | {torch.Tensor}
+_MODULE_HELD = _MODULE_FLAGS | _MODULE_NUMBERS | _MODULE_FUNCTIONS | {torch.Tensor}
 # and the containers it holds, told by their items (``_contained``; a ``functools.partial``
 # too, by its function and arguments): ``self.ops = [torch.tanh, torch.sin]`` with a function
 # swapped for a roll of the batch, a flag set in ``self.cfg = {"centre": False}``, a module
@@ -602,6 +611,7 @@ def _held(f: torch.nn.Module) -> tuple[Any, ...]:
     seen: set[int] = set()
     stack = [f]
     untold: list[bool] = []  # (an item ``_contained`` cannot tell: one entry)
+    walked_classes: set[Any] = set()  # (each class's state once: ``_class_state``)
     while stack:
         m = stack.pop()
         i = id(m)
@@ -610,24 +620,38 @@ def _held(f: torch.nn.Module) -> tuple[Any, ...]:
         seen.add(i)
         attributes = m.__dict__
         held.append(i)  # (appended, not a tuple of the three: ~10% of the walk)
-        held.append(weakref.ref(type(m)))
+        kind = weakref.ref(type(m))
+        held.append(kind)
+        classes = _CLASSES.get(kind)
+        if classes is None:
+            classes = _classes(kind)
+        if classes:  # (a class of torch's own: none)
+            held += [_class_state(c) for c in classes if c not in walked_classes]
+            walked_classes.update(classes)
         buffers = attributes.get("_buffers")
         parameters, children = attributes.get("_parameters"), attributes.get("_modules")
+        before = len(held)
         held += [
             v
             if t in _MODULE_FLAGS
+            else (t, v)
+            if t in _MODULE_NUMBERS
             else _tensor(v)
             if t is torch.Tensor
             else weakref.ref(v)
-            if t in _MODULE_FUNCTIONS
+            if t in _PLAIN_FUNCTIONS
             else v
             if t is tuple and _VALUE_TUPLES.get(id(v)) is v
+            else _item(v, stack, untold, 3)
+            if t is types.MethodType
             else _contained(v, stack, untold)
             for v in attributes.values()
             # (its own dictionaries of parameters, buffers and submodules: read below)
             if (t := type(v)) in _MODULE_KEYED
             and (t is not dict or (v is not parameters and v is not buffers and v is not children))
         ]
+        if len(attributes) - (len(held) - before) != len(_MODULE_OWN):
+            held += _others(attributes, stack)
         pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
         if pre or post:  # by their handles' ids (a counter: never reused)
             held.append((*(pre or ()), None, *(post or ())))
@@ -644,6 +668,93 @@ def _held(f: torch.nn.Module) -> tuple[Any, ...]:
     return (tuple(held), tuple(grads)) if not untold else (UNTOLD, tuple(held), tuple(grads))
 
 
+# the attributes every module holds that ``_held``'s comprehension does not (its dictionaries of
+# parameters, buffers and submodules, its hooks' ``OrderedDict``s, its set of non-persistent
+# buffers): a module holding as many attributes besides those told holds nothing else, so the
+# others (``_others``) are looked for only where it holds more (or fewer: a traced module)
+_MODULE_OWN = frozenset(
+    name for name, v in vars(torch.nn.Module()).items() if type(v) not in _MODULE_HELD
+)
+
+
+def _others(attributes: dict[str, Any], stack: list[Any]) -> list[Any]:
+    """What ``_held`` tells of a module's attributes besides those of ``_MODULE_KEYED``'s types
+    (``attributes``: its ``__dict__``): a dictionary of another type (an ``OrderedDict``, a
+    ``defaultdict``, diffusers' ``FrozenDict`` configuration, Lightning's ``AttributeDict``
+    hyperparameters: served by the pass of their old items until keyleft21) or a set, by
+    their items (``_item``). Not a plain object (an HF configuration: documented), nor one in
+    such a dictionary (torch's composable API keeps FSDP2's state so, an ``OrderedDict`` of
+    ``FSDPState``: a ``None`` in its place, not ``UNTOLD``, as for a plain object held)."""
+    unread: list[bool] = []  # (``untold`` of such an item: not read, as a plain object held)
+    return [
+        (name, _item(v, stack, unread, 3))
+        for name, v in attributes.items()
+        if name not in _MODULE_OWN
+        and type(v) not in _MODULE_KEYED
+        and (isinstance(v, dict) or type(v) is set)
+    ]
+
+
+# the classes of a module's type (by a weak reference to it) whose attributes ``_held`` reads
+# (``_classes``, weakly: a class made at every call must be freed with its module), kept until
+# ``_CLASSES_KEPT`` types; ``()`` for torch's own
+_CLASSES: dict[Any, tuple[Any, ...]] = {}
+_CLASSES_KEPT = 4096
+# a class of more attributes is a library's base class (HF's ``PreTrainedModel``, Lightning's
+# ``LightningModule``: a few hundred); its attributes are not read (documented)
+CLASS_ITEMS = 64
+
+
+def _classes(kind: Any) -> tuple[Any, ...]:
+    """The classes of a module's type (``kind``: a weak reference to it) whose attributes
+    ``_class_state`` tells, kept in ``_CLASSES`` (as weak references): those of its method
+    resolution order but torch's own, ``object`` and those of more than ``CLASS_ITEMS``
+    attributes."""
+    if len(_CLASSES) >= _CLASSES_KEPT:
+        _CLASSES.clear()
+    found = tuple(
+        weakref.ref(c)
+        for c in kind().__mro__
+        if c is not object
+        and not str(c.__dict__.get("__module__", "")).startswith(("torch.", "builtins"))
+        and len(c.__dict__) <= CLASS_ITEMS
+    )
+    _CLASSES[kind] = found
+    return found
+
+
+def _class_state(ref: Any) -> tuple[Any, ...]:
+    """The attributes of a module's class (``ref``: a weak reference to it, ``_classes``), for
+    ``_held``: what its
+    ``forward`` may read as ``type(self).shift`` or ``self.shift``, and its methods
+    (``Net.forward = g``): served by the pass of the old ones until keyleft21. Values as
+    ``_item`` tells them, functions weakly, containers by their items (by identity where
+    they hold what ``_item`` cannot tell: a class's list of patterns), other objects (a
+    property, a ``staticmethod``) by identity."""
+    return ref, *[
+        v
+        if (t := type(v)) in _CLASS_VALUES
+        else weakref.ref(v)
+        if t is types.FunctionType
+        else _class_item(v)
+        for v in ref().__dict__.values()
+    ]
+
+
+_CLASS_VALUES = frozenset((str, type(None)))  # (its name and documentation: a fast path)
+
+
+def _class_item(v: Any) -> Any:
+    """An attribute of a module's class (``_class_state``): values, functions and containers
+    as ``_item`` tells them, anything else (a property, a ``staticmethod``, a container
+    holding what ``_item`` cannot tell) by identity."""
+    if type(v) not in _ITEM_VALUES and type(v) not in _MODULE_CONTAINERS:
+        return id(v)
+    untold: list[bool] = []
+    told = _item(v, [], untold, 3)
+    return id(v) if untold else told
+
+
 class Untold:
     """Leads a structure key (``structure_key``) where a module held an item ``_contained``
     cannot tell: no pass is kept for such an ``f`` (``mixing.structure``), so every call of
@@ -657,8 +768,14 @@ UNTOLD = Untold()
 # rarer in containers than as a module's own attributes, and one kept there, ``calls[0] += 1``,
 # makes every call another structure, watched again)
 _ITEM_VALUES = frozenset(
-    (bool, int, str, bytes, type(None), type(Ellipsis), range, torch.dtype, torch.Size)
-) | {torch.device, torch.layout, torch.memory_format}
+    (bool, int, float, complex, str, bytes, type(None), type(Ellipsis), range, torch.dtype)
+) | {torch.device, torch.layout, torch.memory_format, torch.Size}
+# those told with their type: equal to others of other types (``True == 1 == 1.0``)
+_TYPED = frozenset((bool, float, complex))
+# the items of a configuration told however many (up to ``VALUE_ITEMS``): values and tuples or
+# lists (diffusers' ``UNet2DConditionModel`` config, ~100 keys and values with its block types:
+# past ``TUPLE_ITEMS``, untold, the model would be watched at every call)
+_CONFIGURATION = _ITEM_VALUES | {tuple, list}
 _ITEM_FUNCTIONS = _MODULE_FUNCTIONS | {type}  # (by identity, weakly)
 _TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
 
@@ -691,7 +808,8 @@ def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> 
     if _ITEM_VALUES.issuperset(kinds):  # (at any depth: nothing below to walk)
         if n > VALUE_ITEMS:
             return _told(untold)
-        if bool in kinds:  # (``True == 1``: ``if cfg[0] is True:``, set to 1, was served mixed)
+        if not _TYPED.isdisjoint(kinds):
+            # (``True == 1``: ``if cfg[0] is True:``, set to 1, was served mixed)
             return told, tuple(iter(items)), tuple(map(type, items))
         if kind is not tuple:
             return told, tuple(iter(items))  # (not ``len``: ``items_of``)
@@ -704,12 +822,14 @@ def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> 
     if _TENSORS.issuperset(kinds) and n <= VALUE_ITEMS:
         # (``DistributedDataParallel``'s list of its module's parameters, often more than 32)
         return told, tuple([_tensor(u) for u in items])
-    if n > TUPLE_ITEMS:
+    if n > TUPLE_ITEMS and (n > VALUE_ITEMS or not _CONFIGURATION.issuperset(kinds)):
         return _told(untold)
     return told, tuple(
         [
             u
-            if (t := type(u)) in _ITEM_VALUES and t is not bool
+            if (t := type(u)) in _ITEM_VALUES and t not in _TYPED
+            else (t, u)
+            if t in _TYPED
             else _tensor(u)
             if t is torch.nn.Parameter or t is torch.Tensor
             else _item(u, stack, untold, depth - 1)
@@ -766,9 +886,7 @@ def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
     cannot see it change."""
     kind = type(v)
     if kind in _ITEM_VALUES:
-        return v if kind is not bool else (kind, v)  # (``True == 1``: told apart)
-    if kind is float or kind is complex:
-        return kind
+        return v if kind not in _TYPED else (kind, v)  # (``True == 1 == 1.0``: told apart)
     if kind is weakref.ref:
         return kind, _item(v(), stack, untold, depth)
     if isinstance(v, torch.Tensor):
@@ -778,23 +896,31 @@ def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
         if isinstance(own, torch.nn.Module):
             stack.append(own)
         elif own is not None and not isinstance(own, type):
-            # a plain object's bound method reads that object's state, unseen, as a plain
-            # object in the list would (served mixed until rev-merges20d)
-            return _told(untold)
+            # a plain object's bound method reads that object's state: by its class and
+            # attributes (``self.steps = [torch.tanh, helper.apply]`` or ``self.act =
+            # helper.apply``, ``helper.shift`` set: served mixed until rev-merges20d and
+            # keyleft21), or not told where it has no ``__dict__``
+            state = getattr(own, "__dict__", None)
+            if type(state) is not dict:
+                return _told(untold)
+            told = _contained(state, stack, untold, depth)
+            return weakref.ref(v), weakref.ref(type(own)), told
         return weakref.ref(v)
     if isinstance(v, torch.nn.Module):
         stack.append(v)
         return id(v)
-    if kind in _MODULE_CONTAINERS or by_items(v):
+    if kind in _MODULE_CONTAINERS or by_items(v) or isinstance(v, dict):
         return _contained(v, stack, untold, depth)
     if isinstance(v, Enum) or (kind is frozenset and _ITEM_VALUES.issuperset(map(type, v))):
         return kind, v  # (an ``IntEnum`` member equals its integer)
+    if kind is set and len(v) <= VALUE_ITEMS and _ITEM_VALUES.issuperset(map(type, v)):
+        return kind, frozenset(v)  # (HF attention's ``self.pruned_heads = set()``)
     if kind is slice and _ITEM_VALUES.issuperset(map(type, (v.start, v.stop, v.step))):
         return kind, v.start, v.stop, v.step  # (e3nn's weight slices)
     if isinstance(v, Integral):  # (a NumPy integer)
         return kind, int(v)
-    if isinstance(v, Number):
-        return kind
+    if isinstance(v, Number):  # (a NumPy float)
+        return kind, v
     return _told(untold)
 
 
@@ -822,6 +948,8 @@ def items_of(v: Any) -> tuple[int, Any] | None:
     if kind is functools.partial:
         n, keywords = len(v.args), v.keywords
         return n + len(keywords), [v.func, n, *v.args, *keywords, *keywords.values()]
+    if isinstance(v, dict):  # (another type of dictionary, read as a dictionary: ``_others``)
+        return len(v), [*dict.keys(v), *dict.values(v)]
     return None
 
 

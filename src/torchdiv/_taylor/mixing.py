@@ -246,17 +246,20 @@ def _plain(u: Any) -> bool:
     )
 
 
-def _aliased(f: Any, depth: int = 3) -> set[int]:
+def _aliased(f: Any, depth: int = 3) -> set[int] | None:
     """The ids of the tensors the plain objects (``_plain``) that the function (or
-    ``functools.partial``) ``f`` names hold: in their attributes, and in the tuples, lists
-    and dictionaries there (``state.buffers["order"]``); ``f``'s plain objects looked for as
-    ``identity`` tells it, ``depth`` levels down, through the functions it names too (``lambda
-    z: step(z)``, ``step`` reading ``state.buffers``). A module's tensor among them does not
-    vouch for itself (``_holds``, ``_owned``): ``f`` may read it from that object, which may
-    hold another at the next call unseen by the key (``torch.func``'s
+    ``functools.partial``) ``f`` names, or the modules ``f`` reaches hold as attributes,
+    hold: in their attributes, the plain objects and tuples, lists and dictionaries there
+    (``state.buffers["order"]``, ``self.state.inner.buffers``), ``depth`` levels down,
+    through the functions ``f`` names too (``lambda z: step(z)``, ``step`` reading
+    ``state.buffers``); ``None`` where one lies deeper (not looked for). A module's tensor
+    among them does not vouch for itself (``_holds``, ``_owned``): ``f`` may read it from
+    that object, which may hold another at the next call unseen by the key (``torch.func``'s
     ``dict(model.named_buffers())`` kept in a ``TrainState`` for ``functional_call``: a pass
-    kept for the module's buffer served edges that cross samples until rev-functional20)."""
+    kept for the module's buffer served edges that cross samples until rev-functional20,
+    one in a state in a state, held by a module or four functions down until keyleft21)."""
     todo: list[tuple[Any, int, bool]] = [(f, depth, False)]  # (what, levels left, in an object)
+    todo += [(v, depth, False) for m in _modules(f) for v in vars(m).values() if _plain(v)]
     seen: set[tuple[int, bool]] = set()  # (a dictionary f names and its state holds: both)
     found: set[int] = set()
     while todo:
@@ -265,19 +268,25 @@ def _aliased(f: Any, depth: int = 3) -> set[int]:
             continue
         seen.add((id(u), inside))
         held: list[Any] = []
-        if isinstance(u, torch.Tensor):
-            if inside:
-                found.add(id(u))
-        elif isinstance(u, types.FunctionType):
-            held = [] if inside else _named(u)[1]
+        if isinstance(u, types.FunctionType):  # (not torch's own: ``functional_call``)
+            own = inside or (u.__module__ or "").startswith("torch")
+            held = [] if own else _named(u)[1]
         elif isinstance(u, functools.partial):
             held = [] if inside else [u.func, *u.args, *u.keywords.values()]
         elif by_items(u):
             held = [*(u.values() if type(u) is dict else u)]
-        elif _plain(u) and not inside:  # (its attributes, and their items: 2 levels)
-            held, inside, left = list(_fields(u).values()), True, 2
-        if left:
-            todo += [(v, left - 1, inside) for v in held]
+        elif _plain(u):  # (its attributes, and their items and objects)
+            held, inside = list(_fields(u).values()), True
+        for v in held:
+            if isinstance(v, torch.Tensor):
+                if inside:
+                    found.add(id(v))
+            elif left and isinstance(v, (types.FunctionType, functools.partial)):
+                todo.append((v, left - 1, inside))  # (deeper: "three functions below f")
+            elif by_items(v) or _plain(v):
+                if not left:
+                    return None  # (an object deeper: what it holds is not known)
+                todo.append((v, left - 1, inside))
     return found
 
 
@@ -386,6 +395,8 @@ def _owned(f: Any, held: tuple[Kept, ...] | None) -> tuple[Kept | Owned | Number
             keyed = {hash(same) for same, _ in values} | others  # (``Same``: its object's id)
     places: dict[int, list[tuple[Any, str, str]]] = {}
     aliased = _aliased(f)  # (tensors a plain object f names holds: read from there, maybe)
+    if aliased is None:  # (an object deeper: any tensor may be read from there)
+        return None
     for m in _modules(f):
         own = vars(m)
         for where, tensors in (("_parameters", m._parameters), ("_buffers", m._buffers), ("", own)):
@@ -427,6 +438,8 @@ def _holds(f: Any, indices: tuple[tuple[Kept, Kept | None], ...]) -> tuple[Kept,
         if _identity(f, 3, values, found)[0] is f:
             found.clear()  # (not told by what it holds: none of it is in the key)
     aliased = _aliased(f)  # (tensors a plain object f names holds: read from there, maybe)
+    if aliased is None:  # (an object deeper: any index may be read from there)
+        return None
     for m in _modules(f):
         tensors = [*m._buffers.values(), *vars(m).values(), *contained_tensors(m)]
         found |= {id(t) for t in tensors if type(t) is torch.Tensor and id(t) not in aliased}
