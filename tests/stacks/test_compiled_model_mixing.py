@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_compiled_losses import _fresh_dynamo  # noqa: F401  (autouse: Dynamo reset per test)
 
 import torchdiv
 from torchdiv._api import compiled as _compiled
@@ -90,13 +91,6 @@ CALLS = {
     ),
     "estimate_divergence": lambda f, x: torchdiv.estimate_divergence(f, x, probes=_probes(x)).value,
 }
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("model", [Centred, Normed, AcrossBatch, Shuffled])

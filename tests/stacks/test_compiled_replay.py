@@ -11,7 +11,13 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import assert_close
-from test_compiled_losses import Counting, assert_compiled_matches, loss_and_grads, mlp
+from test_compiled_losses import (
+    Counting,
+    _fresh_dynamo,  # noqa: F401  (autouse: Dynamo reset per test)
+    assert_compiled_matches,
+    loss_and_grads,
+    mlp,
+)
 
 import torchdiv
 
@@ -23,13 +29,6 @@ OPS: dict[str, Callable[..., torch.Tensor]] = {
         f, x, method="structured", chunk_size=2
     ),
 }
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("name", list(OPS))

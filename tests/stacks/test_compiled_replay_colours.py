@@ -13,7 +13,11 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import assert_close, sampled_daily
-from test_compiled_losses import assert_compiled_matches, conv
+from test_compiled_losses import (
+    _fresh_dynamo,  # noqa: F401  (autouse: Dynamo reset per test)
+    assert_compiled_matches,
+    conv,
+)
 from test_compiled_replay import Centred, _step_matches, assert_steps_compile_once
 from torch._dynamo.utils import counters
 
@@ -22,13 +26,6 @@ import torchdiv
 pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not")
 
 Op = Callable[..., torch.Tensor]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def structured(f: torch.nn.Module, x: torch.Tensor, p: object = None) -> torch.Tensor:

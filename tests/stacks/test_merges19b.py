@@ -10,18 +10,16 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import assert_close
-from test_compiled_losses import Counting, loss_and_grads, mlp
+from test_compiled_losses import (
+    Counting,
+    _fresh_dynamo,  # noqa: F401  (autouse: Dynamo reset per test)
+    loss_and_grads,
+    mlp,
+)
 
 import torchdiv
 
 pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _divergence(f: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
