@@ -333,6 +333,8 @@ class _Recorder(DispatchMode):
             grads = touches_x or any(isinstance(a, torch.Tensor) and a.requires_grad for a in flat)
             self.underivable = UNDERIVABLE_OPS[func] if grads else None
         self.untracked(flat)
+        if depends and restrided(func, args):
+            return func(*args, **kwargs)  # (the same values: its node stands)
         written = _written(func, args, kwargs)
         if written and depends and not self.graph.reads_written:
             self.graph.reads_written = self.reads_written(written, flat)
@@ -770,6 +772,20 @@ def through_view(func: Any, args: Any, refs: dict[int, Ref]) -> torch.Tensor | N
     if _storage(base) != _storage(target) or not _apart(base):
         return None
     return base
+
+
+def restrided(func: Any, args: Any) -> bool:
+    """Whether ``func`` is an ``as_strided_`` that keeps its tensor's shape, offset and the
+    strides of every dimension of more than one element (only those of size-1 dimensions
+    change): each element stays where it was, its value too. ``adaptive_avg_pool2d`` to
+    ``1 x 1`` of a channels-last input (torchvision's Swin and ConvNeXt pool a permuted
+    ``(B, H, W, C)`` tensor) takes the mean and gives it channels-last strides so."""
+    if func is not aten.as_strided_.default:
+        return False
+    t, size, stride, *offset = args
+    if tuple(size) != tuple(t.shape) or (offset and offset[0] not in (None, t.storage_offset())):
+        return False
+    return all(n == 1 or a == b for n, a, b in zip(t.shape, t.stride(), stride, strict=True))
 
 
 def _apart(t: torch.Tensor) -> bool:
