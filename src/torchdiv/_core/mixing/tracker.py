@@ -33,6 +33,7 @@ from torchdiv._core.mixing.carry import (
 )
 from torchdiv._core.mixing.combining import _REDUCTIONS, _SAME_PLACES, _keep_block
 from torchdiv._core.mixing.errors import (
+    _COLLECTIVE_WHAT,
     _SPLIT_WHAT,
     BatchInteractionError,
     _module_in_stack,
@@ -428,7 +429,11 @@ class BatchAxes:
         for t in written:
             self.wrote(t)
         if self.pending is not None and _collective(self.func) is not None:
-            for t in tree_leaves(out):  # (the tensors it filled: unmarked in its schema)
+            # (what it filled, unmarked in its schema, and what the custom Function's forward
+            # made before it: a gather leaves other ranks' outputs unfilled, and a rank that
+            # served what another refused would wait for it at the backward's collective)
+            filled = (out, _filled(self.func, args), list(self.inside.values()))
+            for t in tree_leaves(filled):
                 if isinstance(t, torch.Tensor):
                     self.mixed[id(t)] = (t, self.pending)
                     self.mixed_writes += 1
@@ -750,13 +755,23 @@ def _collective(func: Any) -> Mixing | None:
     return _gathered_within if namespace == "c10d" else None
 
 
+def _filled(func: Any, args: Sequence[Any]) -> Any:
+    """The tensors a ``c10d`` op fills in place, its first argument (``reduce_``, ``gather_``
+    and ``alltoall_base_``, behind ``torch.distributed.nn.functional``'s ``reduce``, ``gather``
+    and ``all_to_all_single``, return only a ``Work``: their results were served as
+    sample-wise, ``h - torch.cat(gather(h, 0)).mean(0)`` where ``h - h.mean(0)`` is refused);
+    none for ``send`` and the barriers, which fill nothing."""
+    if func.namespace != "c10d" or not args or func._opname in _FILLS_NOTHING:
+        return ()
+    return args[0]
+
+
+_FILLS_NOTHING = frozenset({"send", "barrier", "monitored_barrier_", "check_for_nan"})
+
+
 def _gathered(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     tracked = [t for t in tree_leaves(args) if tr.axes(t) is not None]
-    return (
-        "a collective over the ranks' samples (every rank's batch taken as one)"
-        if tracked
-        else None
-    )
+    return f"{_COLLECTIVE_WHAT} (every rank's batch taken as one)" if tracked else None
 
 
 def _gathered_within(tr: BatchAxes, args: Sequence[Any]) -> str | None:
