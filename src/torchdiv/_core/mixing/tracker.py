@@ -748,25 +748,25 @@ def _collective(func: Any) -> Mixing | None:
     filled by an op its schema does not mark as writing, or shaped unlike ``h``, were
     untracked ("auto"'s Laplacian 0; the functional gather's results read before their wait:
     values of 1e250). DTensor's collectives (tensor parallelism: other ranks' features of the
-    same samples) run inside its dispatch, where the watch does not see them."""
+    same samples) run inside its dispatch, where the watch does not see them. ``send`` and
+    the barriers combine nothing here (a ``send`` of ``h`` inside a Function's forward marked
+    what it had made: ``after``)."""
     namespace = getattr(func, "namespace", None)
     if namespace in ("_c10d_functional", "_c10d_functional_autograd"):
         return _gathered
-    return _gathered_within if namespace == "c10d" else None
+    local = namespace != "c10d" or func._opname in _COMBINES_NOTHING
+    return None if local else _gathered_within
 
 
 def _filled(func: Any, args: Sequence[Any]) -> Any:
     """The tensors a ``c10d`` op fills in place, its first argument (``reduce_``, ``gather_``
     and ``alltoall_base_``, behind ``torch.distributed.nn.functional``'s ``reduce``, ``gather``
     and ``all_to_all_single``, return only a ``Work``: their results were served as
-    sample-wise, ``h - torch.cat(gather(h, 0)).mean(0)`` where ``h - h.mean(0)`` is refused);
-    none for ``send`` and the barriers, which fill nothing."""
-    if func.namespace != "c10d" or not args or func._opname in _FILLS_NOTHING:
-        return ()
-    return args[0]
+    sample-wise, ``h - torch.cat(gather(h, 0)).mean(0)`` where ``h - h.mean(0)`` is refused)."""
+    return args[0] if func.namespace == "c10d" and args else ()
 
 
-_FILLS_NOTHING = frozenset({"send", "barrier", "monitored_barrier_", "check_for_nan"})
+_COMBINES_NOTHING = frozenset({"send", "barrier", "monitored_barrier_", "check_for_nan"})
 
 
 def _gathered(tr: BatchAxes, args: Sequence[Any]) -> str | None:
