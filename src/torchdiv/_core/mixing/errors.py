@@ -5,10 +5,12 @@ writes its message: what mixed them, where (``_module_in_stack``: the innermost 
 ``nn.Module``), and the way out (``model.eval()``, a lower ``batch_dims``, a batch split in
 order passed as more batch dimensions, ``allow_batch_interaction()``). ``allowed`` reads the
 switch (this thread's ``allow_batch_interaction()``, or Dynamo tracing the call).
-``_SPLIT_WHAT``, ``_PUT_WHAT`` and ``_PRODUCT_WHAT`` start the messages the rules write for
-the three refusals whose way out ``explain`` spells out (a product over a flattened graph
-batch: ``torch.bmm`` over a ``(B, N, N)`` adjacency); ``_KERNEL_WHAT`` marks an op inside a
-GPyTorch kernel, whose centring by the points' mean is a false refusal for per-point outputs.
+``_SPLIT_WHAT``, ``_PUT_WHAT``, ``_PRODUCT_WHAT`` and ``_COLLECTIVE_WHAT`` start the
+messages the rules write for the four refusals whose way out ``explain`` spells out (a
+product over a flattened graph batch: ``torch.bmm`` over a ``(B, N, N)`` adjacency; a
+collective over the ranks: ``allow_batch_interaction()`` under tensor parallelism);
+``_KERNEL_WHAT`` marks an op inside a GPyTorch kernel, whose centring by the points' mean is a
+false refusal for per-point outputs.
 """
 
 from __future__ import annotations
@@ -137,6 +139,15 @@ def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
                 "(BoTorch's (b, q, d) candidates: (b, q, 1, d)); a covariance or joint samples "
                 "across the points have no per-sample derivatives."
             )
+        if what.startswith(_COLLECTIVE_WHAT):  # c10d's or the functional collectives
+            fix += (
+                " Under tensor parallelism every rank holds the same samples and a collective "
+                "combines the features of each (Megatron-style autograd.Functions that "
+                "all-reduce a row-parallel layer's partial sums or gather a column-parallel "
+                "layer's outputs): f is per sample there, and its backward gives each rank the "
+                "derivatives; call it inside torchdiv.allow_batch_interaction(). Under data "
+                "parallelism (other samples on other ranks) it has none."
+            )
         if what.startswith(_PRODUCT_WHAT):  # a graph's adjacency over flattened samples
             fix += (
                 " A graph net over a batch flattened to (B * N, F) with one adjacency "
@@ -176,6 +187,8 @@ def _gpytorch_kernel(module: torch.nn.Module) -> bool:
 
 _KERNEL_WHAT = ", a GPyTorch kernel"
 
+
+_COLLECTIVE_WHAT = "a collective over the ranks' samples"
 
 _SPLIT_WHAT = "the batch split in order across the leading dimensions"
 

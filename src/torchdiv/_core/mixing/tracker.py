@@ -33,6 +33,7 @@ from torchdiv._core.mixing.carry import (
 )
 from torchdiv._core.mixing.combining import _REDUCTIONS, _SAME_PLACES, _keep_block
 from torchdiv._core.mixing.errors import (
+    _COLLECTIVE_WHAT,
     _SPLIT_WHAT,
     BatchInteractionError,
     _module_in_stack,
@@ -428,7 +429,11 @@ class BatchAxes:
         for t in written:
             self.wrote(t)
         if self.pending is not None and _collective(self.func) is not None:
-            for t in tree_leaves(out):  # (the tensors it filled: unmarked in its schema)
+            # (what it filled, unmarked in its schema, and what the custom Function's forward
+            # made before it: a gather leaves other ranks' outputs unfilled, and a rank that
+            # served what another refused would wait for it at the backward's collective)
+            filled = (out, _filled(self.func, args), list(self.inside.values()))
+            for t in tree_leaves(filled):
                 if isinstance(t, torch.Tensor):
                     self.mixed[id(t)] = (t, self.pending)
                     self.mixed_writes += 1
@@ -743,20 +748,30 @@ def _collective(func: Any) -> Mixing | None:
     filled by an op its schema does not mark as writing, or shaped unlike ``h``, were
     untracked ("auto"'s Laplacian 0; the functional gather's results read before their wait:
     values of 1e250). DTensor's collectives (tensor parallelism: other ranks' features of the
-    same samples) run inside its dispatch, where the watch does not see them."""
+    same samples) run inside its dispatch, where the watch does not see them. ``send`` and
+    the barriers combine nothing here (a ``send`` of ``h`` inside a Function's forward marked
+    what it had made: ``after``)."""
     namespace = getattr(func, "namespace", None)
     if namespace in ("_c10d_functional", "_c10d_functional_autograd"):
         return _gathered
-    return _gathered_within if namespace == "c10d" else None
+    local = namespace != "c10d" or func._opname in _COMBINES_NOTHING
+    return None if local else _gathered_within
+
+
+def _filled(func: Any, args: Sequence[Any]) -> Any:
+    """The tensors a ``c10d`` op fills in place, its first argument (``reduce_``, ``gather_``
+    and ``alltoall_base_``, behind ``torch.distributed.nn.functional``'s ``reduce``, ``gather``
+    and ``all_to_all_single``, return only a ``Work``: their results were served as
+    sample-wise, ``h - torch.cat(gather(h, 0)).mean(0)`` where ``h - h.mean(0)`` is refused)."""
+    return args[0] if func.namespace == "c10d" and args else ()
+
+
+_COMBINES_NOTHING = frozenset({"send", "barrier", "monitored_barrier_", "check_for_nan"})
 
 
 def _gathered(tr: BatchAxes, args: Sequence[Any]) -> str | None:
     tracked = [t for t in tree_leaves(args) if tr.axes(t) is not None]
-    return (
-        "a collective over the ranks' samples (every rank's batch taken as one)"
-        if tracked
-        else None
-    )
+    return f"{_COLLECTIVE_WHAT} (every rank's batch taken as one)" if tracked else None
 
 
 def _gathered_within(tr: BatchAxes, args: Sequence[Any]) -> str | None:
