@@ -94,7 +94,7 @@ def terms_of_function(
     generic engines."""
     batch = x.shape[:batch_dims]
     if s.num_probes == 1 and untransformed():  # watched once as ``owner``
-        engine = _watched_once(f, x, batch_dims, structure(owner, x, batch_dims), False)
+        engine = _one_product(f, x, batch_dims, owner)
         return _one_probe(engine, s)[None], _exact.output(engine)
 
     def consume(engine: _exact.Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +112,10 @@ _GUARDED = PlanCache(256)
 
 
 def _one_product(
-    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    owner: object = None,
 ) -> GraphJacobian:
     """The plain-autograd engine of a one-product estimate, ``f`` evaluated outside
     ``SafeDerivatives``, whose dispatch costs 13 us to enter and 2-4 us per op of ``f`` (a
@@ -128,8 +131,10 @@ def _one_product(
     the watch's ~10 us an op would be a large part of the estimate), their graph searched
     for a train-mode batch norm. A lambda made anew over the same objects is the same ``f``
     (``torchdiv._taylor.mixing.identity``); one over other objects is watched again.
-    Eager calls only (``trace_of_function``)."""
-    at = structure(f, x, batch_dims)
+    ``owner``: what ``f`` evaluates, watched and remembered in its place (a flow's velocity
+    ``f(t, z)`` behind the closure made at every step: ``terms_of_function``); ``f`` itself if
+    ``None``. Eager calls only (``trace_of_function``)."""
+    at = structure(f if owner is None else owner, x, batch_dims)
     where = site(at[0])  # a lambda made anew over other objects: its code, found again
     plain = _GUARDED.get(where, shape_key(at)) is None
     engine = _watched_once(f, x, batch_dims, at, plain)
