@@ -329,3 +329,26 @@ def test_live_cache_grows_once_per_call():
         got = torchdiv.divergence(lambda z: model(inputs_embeds=z, cache=cache)[0], x)  # noqa: B023
         assert cache.get_seq_length() == 2 + L
         assert_close(got, want)
+
+
+@pytest.mark.slow
+def test_train_mode_dropout_is_one_evaluation():
+    """BERT in train mode (dropout 0.1 on attention and hidden states): the divergence of the
+    function one evaluation drew, as plain autograd rows of one ``f(x)`` give it, and the
+    generator left where that evaluation left it. (``jacrev`` draws other masks under its
+    transform: not a reference here.)"""
+    torch.manual_seed(8)
+    model = _bert("eager").train()
+    x = torch.randn(B, L, E, dtype=f64)
+    f = _embedded(model, _mask())
+    torch.manual_seed(11)
+    leaf = x.clone().requires_grad_(True)
+    y = f(leaf).reshape(B, -1)
+    state = torch.get_rng_state()
+    rows = (torch.autograd.grad(y[:, i].sum(), leaf, retain_graph=True)[0] for i in range(L * E))
+    want = sum(row.reshape(B, -1)[:, i] for i, row in enumerate(rows))
+    for method in ("auto", "structured"):
+        torch.manual_seed(11)
+        assert_close(torchdiv.divergence(f, x, method=method), want)
+        assert torch.equal(torch.get_rng_state(), state)
+    assert model.training
