@@ -140,7 +140,7 @@ def test_structured_cat_skips_a_legacy_empty_operand():
     assert_close(torchdiv.laplacian(g, x, method="taylor"), want)
 
 
-@pytest.mark.parametrize("impl", sampled_daily(["eager", "sdpa"], {"eager"}))
+@pytest.mark.parametrize("impl", sampled_daily(["eager", "sdpa"], {"eager", "sdpa"}))
 def test_gpt2_decoder_every_method(impl: str):
     """Causal mask and a padding mask per sample; the default ``use_cache=True`` builds a
     ``DynamicCache`` in each forward (its first concatenation the case above)."""
@@ -352,3 +352,43 @@ def test_train_mode_dropout_is_one_evaluation():
         assert_close(torchdiv.divergence(f, x, method=method), want)
         assert torch.equal(torch.get_rng_state(), state)
     assert model.training
+
+
+@pytest.mark.parametrize("name", sampled_daily(["TimeSeriesTransformer", "Informer"], {"TimeSeriesTransformer", "Informer"}))
+def test_forecasters_std_scaling_is_per_sample(name: str):
+    """``TimeSeriesTransformerModel`` and ``InformerModel`` (lags, time features, a
+    ``StdScaler`` over each sample's observed past): the decoder's states as ``f`` of the past
+    values (its first ``past`` entries, for a square Jacobian), not refused."""
+    torch.manual_seed(9)
+    config = getattr(transformers, name + "Config")(
+        prediction_length=3,
+        context_length=5,
+        lags_sequence=[1, 2],
+        num_time_features=1,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        scaling="std",
+    )
+    model = getattr(transformers, name + "Model")(config).to(f64).eval()
+    past = 5 + 2  # context and the largest lag
+    times = torch.arange(past + 3, dtype=f64).expand(B, -1)[..., None] / 10
+    future = torch.randn(B, 3, dtype=f64)
+    level = torch.tensor([0.0, 2.0, -1.0], dtype=f64)[:, None]
+    x = level + torch.tensor([1.0, 4.0, 0.3], dtype=f64)[:, None] * torch.randn(B, past, dtype=f64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        out = model(
+            past_values=z,
+            past_time_features=times[:, :past],
+            past_observed_mask=torch.ones_like(z),
+            future_values=future,
+            future_time_features=times[:, past:],
+        )
+        return out.last_hidden_state.reshape(B, -1)[:, :past]
+
+    _check_all(f, x)
