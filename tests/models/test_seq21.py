@@ -354,7 +354,10 @@ def test_train_mode_dropout_is_one_evaluation():
     assert model.training
 
 
-@pytest.mark.parametrize("name", sampled_daily(["TimeSeriesTransformer", "Informer"], {"TimeSeriesTransformer", "Informer"}))
+FORECASTERS = ("TimeSeriesTransformer", "Informer")
+
+
+@pytest.mark.parametrize("name", sampled_daily(FORECASTERS, set(FORECASTERS)))
 def test_forecasters_std_scaling_is_per_sample(name: str):
     """``TimeSeriesTransformerModel`` and ``InformerModel`` (lags, time features, a
     ``StdScaler`` over each sample's observed past): the decoder's states as ``f`` of the past
