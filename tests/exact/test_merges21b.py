@@ -3,6 +3,7 @@ where reading the nodes' saved tensors outside a backward pass differs from the 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import assert_close, assert_same_parameter_gradients, loop_diagonal, tanh_mlp
 from torch.utils.checkpoint import checkpoint
@@ -37,3 +38,21 @@ def test_a_checkpointed_chain_is_recomputed_once_per_pass_not_per_saved_tensor(m
         assert_close(got, want.sum(-1))
         assert_same_parameter_gradients(net, got.sum(), want.sum())
     assert counted[0] <= counted[1], counted
+
+
+@pytest.mark.parametrize(
+    ("shape", "batch_dims"), [((3, 4, 2), 2), ((5, 1, 2), 1), ((2,), 0)], ids=str
+)
+def test_an_elementwise_chain_reads_entries_of_any_event_shape(chained, shape, batch_dims):
+    """A chain of activations alone (``f = tanh``) on an ``x`` that is not ``(N, D)``: the
+    chain's rows keep ``x``'s shape, and the diagonal entries were read as ``row[:, i]`` of
+    ``(k,) + x.shape`` rather than of ``(k, N, D)`` as the engine's: batch_dims=2, an event
+    ``(1, 2)`` and batch_dims=0 raised (an ``IndexError`` or a bad reshape). Closed form
+    ``1 - tanh(x)^2``."""
+    x = torch.randn(*shape, dtype=torch.float64)
+    want = 1 - torch.tanh(x) ** 2
+    for _ in range(2):  # (the second call: the chain)
+        assert_close(torchdiv.jacobian_diagonal(torch.tanh, x, batch_dims=batch_dims), want)
+        got = torchdiv.divergence(torch.tanh, x, batch_dims=batch_dims)
+        assert_close(got, want.flatten(batch_dims).sum(-1))
+    assert chained
