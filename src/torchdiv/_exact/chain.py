@@ -16,8 +16,9 @@ through the same formulas (``tanh_backward``'s own, and so on).
 Used by ``GraphJacobian`` in its usual case only (no custom ``Function``, no DDP/FSDP2 hook,
 not compiling, no tensor subclass, anomaly detection off, real floating dtypes), and only
 where every node is listed: anything else (a residual sum, a view, a batch norm, a module's
-backward hook's node) takes the engine as before. What the engine would run and this does
-not: hooks on the graph's nodes. ``f``'s own gradient hooks on tensors are refused before
+full backward hook's node) takes the engine as before. What the engine would run and this does
+not: hooks on the graph's nodes (a module's legacy ``register_backward_hook`` too: "auto" runs
+it on a structure's first call only). ``f``'s own gradient hooks on tensors are refused before
 (``_core.modes.refuse_gradient_hook``); PyTorch's own on tensors ``f`` computes
 (``register_multi_grad_hook``) and hooks put on a ``grad_fn`` are not run here (they change
 no gradient, or are not caught by any method: ``docs/guide/limitations.md``).
