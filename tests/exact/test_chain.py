@@ -14,7 +14,6 @@ from conftest import (
 )
 
 import torchdiv
-from torchdiv._exact import autograd, chain
 
 ACTIVATIONS = {
     "tanh": torch.nn.Tanh,
@@ -37,20 +36,6 @@ def _mlp(d: int, activation) -> torch.nn.Module:
         activation(),
         torch.nn.Linear(8, d),
     ).double()
-
-
-@pytest.fixture
-def chained(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many times ``GraphJacobian`` took the chain's products (one entry per time)."""
-    calls: list[int] = []
-    products = chain.products
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return products(*args, **kwargs)
-
-    monkeypatch.setattr(autograd, "chain_products", spy)
-    return calls
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["frozen", "train"])
