@@ -23,7 +23,9 @@ engine's sweep) is checked by recording again at the sizes of ``others`` (the re
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import sympy
@@ -105,9 +107,31 @@ def _symbolic(
         return None
     (symbol,) = size.node.expr.free_symbols
     numbers = _Numbers()
-    with enable_python_dispatcher(), mode, numbers, torch.random.fork_rng([]):
+    with _restored(f), enable_python_dispatcher(), mode, numbers, torch.random.fork_rng([]):
         f(fake.requires_grad_(x.requires_grad))
     return numbers.found, env, symbol
+
+
+@contextlib.contextmanager
+def _restored(f: Callable[[torch.Tensor], Any]) -> Iterator[None]:
+    """Run with ``f``'s modules' state put back after: each module's attributes and the
+    lists, dicts and sets they hold, as they were (the symbolic run's ``f`` counts a call,
+    appends ``x.shape[0]`` or an activation to a log, replaces a buffer: a symbol or fake
+    tensor left in ``f`` broke its next call, eager or recorded). A closure's or a global's
+    state is not seen (``docs/guide/limitations.md``)."""
+    modules = list(f.modules()) if isinstance(f, torch.nn.Module) else []
+    held = [vars(m) for m in modules]
+    held += [v for d in held for v in d.values() if isinstance(v, (list, dict, set))]
+    saved = [copy.copy(v) for v in held]
+    try:
+        yield
+    finally:
+        for now, was in zip(held, saved, strict=True):
+            now.clear()
+            if isinstance(now, list):
+                now.extend(was)
+            else:
+                now.update(was)
 
 
 class _Numbers(torch.utils._python_dispatch.TorchDispatchMode):

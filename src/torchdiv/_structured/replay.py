@@ -41,8 +41,10 @@ backend there and left PyTorch's dispatcher state broken for the process).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -225,7 +227,66 @@ def _replay(plan: Replay, f: torch.nn.Module, x: torch.Tensor) -> tuple[Graph, l
     return cast(Graph, _Calls(nodes)), kept
 
 
+# the keys the first attempt of the compilation now under way gave, in call order, with their
+# arguments (``restarted``); the attempts after it read them
+_FIRST: dict[Any, list[tuple[Any, int]]] = {}
+_AGAIN: dict[Any, int] = {}  # (the calls read so far by each later attempt)
+
+
+def restarted(record: Callable[..., int]) -> Callable[..., int]:
+    """``record`` (a ``_recorded``) giving each attempt of a compilation after its first the
+    keys the first gave, call by call (the plans again, now for this attempt's trace): Dynamo
+    traces a frame again after a graph break and needs every constant as it was, where a
+    second recording could differ (``f`` caching a tensor it made, ``functools.lru_cache`` on
+    the batch size: its recording reads a tensor made before it and refuses, and Dynamo
+    raised ``SpeculationLogDivergence`` at every batch size, where the eager call serves).
+    (Private: ``CompileContext``; anything else records as before.)"""
+
+    @functools.wraps(record)
+    def wrapper(*args: Any) -> int:
+        from torch._guards import CompileContext
+
+        trace, called = CompileContext.current_trace_id(), _called(args)
+        if trace is None or called is None:
+            return record(*args)
+        if trace.attempt == 0:
+            if trace.compile_id not in _FIRST:
+                _FIRST.clear()
+                _AGAIN.clear()
+            key = record(*args)
+            _FIRST.setdefault(trace.compile_id, []).append((called, key))
+            return key
+        done = _AGAIN.get(trace, 0)
+        first = _FIRST.get(trace.compile_id, [])
+        _AGAIN[trace] = done + 1
+        if done >= len(first) or first[done][0] != called or first[done][1] not in _PLANS:
+            return record(*args)
+        key = first[done][1]
+        _PLANS[key] = _PLANS[key][0], weakref.ref(_tracer())
+        return key
+
+    return wrapper
+
+
+def _called(args: tuple[Any, ...]) -> Any:
+    """What identifies a call of ``_recorded`` (hashable), or ``None``."""
+    kept = tuple(
+        (tuple(a.shape), a.dtype, a.device, a.requires_grad)
+        if isinstance(a, torch.Tensor)
+        else ("id", id(a))
+        if isinstance(a, torch.nn.Module)
+        else a
+        for a in args
+    )
+    try:
+        hash(kept)
+    except TypeError:
+        return None
+    return kept
+
+
 @torch.compiler.assume_constant_result  # run by Dynamo while tracing, with the real f and x
+@restarted
 def _recorded(
     f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | None, grad: bool
 ) -> int:

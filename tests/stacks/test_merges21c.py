@@ -1,0 +1,117 @@
+"""Adversarial review of replays21 (``torchdiv._core.batch_sizes``): ``f``'s Python runs once
+more while Dynamo traces, on a fake ``x`` with a symbolic batch size. What that run leaves in
+``f`` (a size log, an activation log, a buffer replaced out of place) must not outlive it; and
+a recording that differs on Dynamo's restart of a trace (``f`` caching a tensor by batch
+size) must not fail the compile. Compiled with ``aot_eager`` in float64, values and parameter
+gradients against the eager calls (themselves against independent references in their own
+tests)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import assert_close
+from test_compiled_losses import _fresh_dynamo  # noqa: F401  (autouse: Dynamo reset per test)
+from torch._subclasses.fake_tensor import FakeTensor
+
+import torchdiv
+
+pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not")
+f64 = torch.float64
+ENGINES = {
+    "structured": (2, lambda f, x: torchdiv.divergence(f, x, method="structured")),
+    "taylor": (1, lambda f, x: torchdiv.laplacian(f, x, method="taylor")),
+}
+
+
+class Logged(torch.nn.Module):
+    """An MLP that logs what it saw the way training code does: the batch sizes and hidden
+    activations in lists, the last size on ``self``, and (``counted``) a call count in a
+    buffer replaced out of place (``self.calls = self.calls + 1``, as running statistics are
+    often kept)."""
+
+    def __init__(self, d_out: int, counted: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = torch.nn.Linear(2, 8, dtype=f64)
+        self.outer = torch.nn.Linear(8, d_out, dtype=f64)
+        self.register_buffer("calls", torch.zeros((), dtype=f64))
+        self.sizes: list[int] = []
+        self.hidden: list[torch.Tensor] = []
+        self.last, self.counted = 0, counted
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.counted:
+            self.calls = self.calls + 1
+        self.sizes.append(x.shape[0])
+        self.last = x.shape[0]
+        h = torch.tanh(self.inner(x))
+        self.hidden.append(h.detach())
+        return self.outer(h)
+
+
+def _loss_and_grads(f: torch.nn.Module, loss, x: torch.Tensor) -> list[torch.Tensor]:
+    """The loss and its parameter gradients (zero where it does not read one)."""
+    value = loss(f, x).square().sum()
+    grads = torch.autograd.grad(value, list(f.parameters()), materialize_grads=True)
+    return [value.detach(), *grads]
+
+
+@pytest.mark.parametrize("counted", [False, True])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_symbolic_run_leaves_no_symbol_or_fake_tensor_in_f(engine, counted):
+    """Before: the symbolic run appended a ``SymInt`` and a ``FakeTensor`` to ``f``'s logs and
+    (Taylor: it runs before the recording) left a ``FakeTensor`` as ``f``'s buffer, so the
+    compiled step raised (``UnsupportedOp ... FakeTensor``) and every later call of ``f``,
+    eager too, failed. Now each entry is a real tensor or int and the step equals eager's."""
+    d_out, call = ENGINES[engine]
+    f = Logged(d_out, counted)
+    compiled = torch.compile(lambda f, x: call(f, x), backend="aot_eager", dynamic=True)
+    for n in (5, 9):
+        x = torch.randn(n, 2, dtype=f64)
+        for got, want in zip(
+            _loss_and_grads(f, compiled, x), _loss_and_grads(f, call, x), strict=True
+        ):
+            assert_close(got, want)
+    assert type(f.calls) is torch.Tensor and type(f.last) is int
+    assert all(type(n) is int for n in f.sizes)
+    assert not any(isinstance(h, FakeTensor) for h in f.hidden)
+
+
+@functools.lru_cache
+def _weights(n: int) -> torch.Tensor:
+    """Per-sample weights for a batch of ``n``, made once per size (a cache keyed by it)."""
+    return torch.linspace(0.5, 1.5, n, dtype=f64)
+
+
+class Weighted(torch.nn.Module):
+    """An MLP whose output is weighted per sample by a cached ramp over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(2, 8, dtype=f64), torch.nn.Tanh(), torch.nn.Linear(8, 2, dtype=f64)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * _weights(x.shape[0])[:, None]
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_a_tensor_cached_by_batch_size_compiles():
+    """Before: Dynamo restarted the trace (the cache breaks it), the second recording read the
+    ramp the first had cached and refused where the first had replayed: every batch size
+    raised ``SpeculationLogDivergence`` (one size before replays21). Now each restart is given
+    the first attempt's plan; values and gradients equal eager's at 4 and 8."""
+    _, call = ENGINES["structured"]
+    f = Weighted()
+    compiled = torch.compile(lambda f, x: call(f, x), backend="aot_eager", dynamic=True)
+    for n in (4, 8):
+        x = torch.randn(n, 2, dtype=f64)
+        for got, want in zip(
+            _loss_and_grads(f, compiled, x), _loss_and_grads(f, call, x), strict=True
+        ):
+            assert_close(got, want)
