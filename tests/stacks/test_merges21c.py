@@ -17,6 +17,7 @@ from test_compiled_losses import _fresh_dynamo  # noqa: F401  (autouse: Dynamo r
 from torch._subclasses.fake_tensor import FakeTensor
 
 import torchdiv
+from torchdiv._core.batch_sizes import served
 
 pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not")
 f64 = torch.float64
@@ -115,3 +116,28 @@ def test_a_tensor_cached_by_batch_size_compiles():
             _loss_and_grads(f, compiled, x), _loss_and_grads(f, call, x), strict=True
         ):
             assert_close(got, want)
+
+
+class Counted(torch.nn.Module):
+    """A field scaled by a count read from a buffer's values (``rule``): ``item`` or the
+    number of a mask's nonzero entries, a number of the values, not of the batch size."""
+
+    def __init__(self, rule: str) -> None:
+        super().__init__()
+        self.rule, self.net = rule, torch.nn.Linear(2, 1, dtype=f64)
+        self.register_buffer("mask", torch.tensor([1.0, 0.0, 1.0], dtype=f64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rule == "item":
+            return self.net(x) * self.mask.long().sum().item()
+        return self.net(x) * self.mask.nonzero().shape[0]
+
+
+@pytest.mark.parametrize("rule", ["item", "nonzero"])
+def test_a_number_read_from_values_serves_the_recorded_size_only(rule):
+    """``served``'s contract: a value read on the host gives the recorded size. Before, with
+    ``affine`` (the Taylor replay's) such a number, an unbacked symbol of the fake run,
+    counted as an integer coefficient of ``N``'s polynomial: every size (the Taylor replay's
+    recordings at other sizes caught it, by chance of the values)."""
+    x = torch.randn(5, 2, dtype=f64)
+    assert served(Counted(rule), x, affine=True) == (5, 5)

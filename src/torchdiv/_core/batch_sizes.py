@@ -161,6 +161,8 @@ def _held(a: Any, symbol: sympy.Symbol, affine: bool) -> bool:
     expr = a.node.expr
     if not expr.free_symbols:
         return True
+    if expr.free_symbols != {symbol}:  # (an unbacked one: read from values, ``item``)
+        return False
     if not affine or not isinstance(a, torch.SymInt) or not expr.is_polynomial(symbol):
         return False
     poly = sympy.Poly(expr, symbol)
