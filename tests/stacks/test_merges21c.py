@@ -141,3 +141,23 @@ def test_a_number_read_from_values_serves_the_recorded_size_only(rule):
     recordings at other sizes caught it, by chance of the values)."""
     x = torch.randn(5, 2, dtype=f64)
     assert served(Counted(rule), x, affine=True) == (5, 5)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_lazy_module_is_refused_as_eagerly_and_left_uninitialized(engine):
+    """The eager call refuses a lazy module not yet called (``ValueError``: call ``f(x)``
+    first). Before, compiled with the Taylor engine, the symbolic run materialized its
+    parameters on the fake ``x``, without data: the step raised ``Cannot copy out of meta
+    tensor`` and ``f`` was broken for good, its eager call too. Now the step raises the eager
+    call's error, and once ``f`` is called the compiled step equals eager's."""
+    d_out, call = ENGINES[engine]
+    torch.manual_seed(0)
+    f = torch.nn.Sequential(
+        torch.nn.LazyLinear(8, dtype=f64), torch.nn.Tanh(), torch.nn.Linear(8, d_out, dtype=f64)
+    )
+    compiled = torch.compile(lambda f, x: call(f, x), backend="aot_eager", dynamic=True)
+    x = torch.randn(5, 2, dtype=f64)
+    with pytest.raises(ValueError, match="uninitialized parameters"):
+        compiled(f, x)
+    f(x)
+    assert_close(compiled(f, x), call(f, x))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,7 +47,7 @@ def served(f: Callable[[torch.Tensor], Any], x: torch.Tensor, affine: bool) -> t
     the batch size it traces). ``(N, N)`` where ``f`` cannot be run on a fake ``x`` (a value
     read on the host, ``item``) or fails."""
     n = x.shape[0]
-    if n < 2:  # (Dynamo specialises sizes 0 and 1: no symbol)
+    if n < 2 or _lazy(f):  # (Dynamo specialises sizes 0 and 1: no symbol)
         return n, n
     try:
         found = _symbolic(f, x)
@@ -62,6 +63,16 @@ def served(f: Callable[[torch.Tensor], Any], x: torch.Tensor, affine: bool) -> t
         return n, n
     hi = bounds.upper
     return int(bounds.lower), int(hi) if isinstance(hi, sympy.Integer) else UNBOUNDED
+
+
+def _lazy(f: Callable[[torch.Tensor], Any]) -> bool:
+    """Whether ``f`` holds a lazy module's uninitialized parameter or buffer: run on a fake
+    ``x``, it would be materialized there, without data (``f`` broken for every later call,
+    eager too; the eager call refuses it)."""
+    if not isinstance(f, torch.nn.Module):
+        return False
+    held = itertools.chain(f.parameters(), f.buffers())
+    return any(torch.nn.parameter.is_lazy(t) for t in held)
 
 
 def serves(sizes: tuple[int, int], n: Any) -> bool:
