@@ -161,3 +161,32 @@ def test_a_lazy_module_is_refused_as_eagerly_and_left_uninitialized(engine):
         compiled(f, x)
     f(x)
     assert_close(compiled(f, x), call(f, x))
+
+
+def test_a_chain_replayed_at_a_larger_batch_carries_a_block_as_eagerly(monkeypatch):
+    """The replay's column block (``chunk``) is made at the recorded batch size. Before,
+    recorded at 2 samples, a 32-wide MLP's replay served 3000 with all 32 columns at once,
+    a block of 3.1M elements where the eager call carries 1M (10 columns; 64 wide at 4000:
+    16.4M, 16x): memory growing with the batch, unbounded. Now a size whose block would
+    pass twice ``BLOCK_ELEMENTS`` records again; values equal eager's."""
+    from torchdiv._structured import cycle
+
+    carried: list[int] = []
+    chunks = cycle.chunks
+
+    def spy(width: int, chunk: int):
+        carried.append(min(width, chunk))
+        return chunks(width, chunk)
+
+    monkeypatch.setattr(cycle, "chunks", spy)
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(32, 32, dtype=f64) for _ in range(4)]
+    f = torch.nn.Sequential(*(m for layer in layers for m in (layer, torch.nn.Tanh())))[:-1]
+    _, call = ENGINES["structured"]
+    compiled = torch.compile(lambda f, x: call(f, x), backend="aot_eager", dynamic=True)
+    for n in (2, 3000):
+        x = torch.randn(n, 32, dtype=f64)
+        carried.clear()
+        got = compiled(f, x)
+        assert carried and n * max(carried) * 32 <= 2 * cycle.BLOCK_ELEMENTS
+        assert_close(got, call(f, x))

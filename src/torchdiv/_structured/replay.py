@@ -447,9 +447,23 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | Non
     )
     chunk = max(1, cycle.BLOCK_ELEMENTS // (n * max(widest, 1)))
     movements = () if moved is None else tuple(moved.items())
+    rows = _carried(rows, min(chunk, widest), widest * (n // x.shape[0]))
     return Replay(
         tuple(nodes), output, tuple(routes), chunk, event=event, moved=movements, rows=rows
     )
+
+
+def _carried(rows: tuple[int, int], columns: int, per_column: int) -> tuple[int, int]:
+    """``rows`` up to the size where the ``columns`` the replay carries at once (its
+    ``chunk``, made at the recorded size), ``per_column`` elements each per row of ``x``'s
+    first dimension, hold ``2 * cycle.BLOCK_ELEMENTS`` (the eager call at a larger size
+    carries fewer: recorded at 2 samples, a 64-wide MLP carried 16x the block at 4000 where
+    eager carried 1x, memory growing with the batch). No bound where one column is carried
+    (as eagerly at large sizes)."""
+    lo, hi = rows
+    if columns <= 1 or per_column <= 0:
+        return rows
+    return lo, min(hi, max(lo, 2 * cycle.BLOCK_ELEMENTS // (columns * per_column)))
 
 
 def _readout(
