@@ -190,3 +190,49 @@ def test_a_chain_replayed_at_a_larger_batch_carries_a_block_as_eagerly(monkeypat
         got = compiled(f, x)
         assert carried and n * max(carried) * 32 <= 2 * cycle.BLOCK_ELEMENTS
         assert_close(got, call(f, x))
+
+
+class Pooled(torch.nn.Module):
+    """A conv block with a global average added back (as squeeze-excitation blocks do):
+    every element reads the whole sample, so the structured plan reads one colour per
+    element (columns), with no number made from the batch size (every size served)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = torch.nn.Conv2d(1, 2, 3, padding=1, dtype=f64)
+        self.outer = torch.nn.Conv2d(2, 1, 3, padding=1, dtype=f64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inner(x))
+        return self.outer(h) + h.mean((1, 2, 3), keepdim=True)
+
+
+@pytest.mark.slow  # (5-13 s: the small budget makes 4 pieces, each traced)
+def test_colours_replayed_at_a_larger_batch_are_carried_as_eagerly(monkeypatch):
+    """As for the chain's block: the colours a replay carries at once are made at the
+    recorded size (``forward.readout``, budget ``CHUNK_ELEMENTS``, here made small). Before,
+    recorded at 2, 64 columns at once were carried at 6 samples where the eager call carries
+    16, memory growing with the batch; now the compiled call reads as the eager call."""
+    from torchdiv._structured import forward
+
+    monkeypatch.setattr(forward, "CHUNK_ELEMENTS", 1 << 14)
+    widths: list[int] = []
+    read = forward.read
+
+    def spy(graph, x, batch_dims, plan):
+        widths.append(max(stop - start for start, stop, *_ in plan.pieces))
+        return read(graph, x, batch_dims, plan)
+
+    monkeypatch.setattr(forward, "read", spy)
+    f = Pooled()
+    call = lambda f, x: torchdiv.jacobian_diagonal(f, x, method="structured")  # noqa: E731
+    compiled = torch.compile(call, backend="aot_eager", dynamic=True)
+    for n in (2, 6):
+        x = torch.randn(n, 1, 8, 8, dtype=f64)
+        widths.clear()
+        got = compiled(f, x)
+        compiled_widths = list(widths)
+        widths.clear()
+        assert_close(got, call(f, x))
+        assert compiled_widths == widths

@@ -436,6 +436,9 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | Non
     output, event = cast(Ref, graph.output), tuple(x.shape[1:])
     rows = _served(graph, f, x, batch_dims)
     if readout is not None:
+        colours = max((stop - start for start, stop, *_ in readout.pieces), default=0)
+        per_colour = graph.widest // x.shape[0]
+        rows = _carried(rows, colours, per_colour, least=8, block=forward.CHUNK_ELEMENTS)
         propagation = Plan(cast(Graph, _Columns(nodes, output, tuple(x.shape))))
         propagation.needs_jac(Context(1, second_order=False))  # (made now, not traced)
         return Replay(tuple(nodes), output, (), 0, readout, propagation, event, rows=rows)
@@ -447,23 +450,26 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | Non
     )
     chunk = max(1, cycle.BLOCK_ELEMENTS // (n * max(widest, 1)))
     movements = () if moved is None else tuple(moved.items())
-    rows = _carried(rows, min(chunk, widest), widest * (n // x.shape[0]))
+    columns, per_column = min(chunk, widest), widest * (n // x.shape[0])
+    rows = _carried(rows, columns, per_column, least=1, block=cycle.BLOCK_ELEMENTS)
     return Replay(
         tuple(nodes), output, tuple(routes), chunk, event=event, moved=movements, rows=rows
     )
 
 
-def _carried(rows: tuple[int, int], columns: int, per_column: int) -> tuple[int, int]:
-    """``rows`` up to the size where the ``columns`` the replay carries at once (its
-    ``chunk``, made at the recorded size), ``per_column`` elements each per row of ``x``'s
-    first dimension, hold ``2 * cycle.BLOCK_ELEMENTS`` (the eager call at a larger size
-    carries fewer: recorded at 2 samples, a 64-wide MLP carried 16x the block at 4000 where
-    eager carried 1x, memory growing with the batch). No bound where one column is carried
-    (as eagerly at large sizes)."""
+def _carried(
+    rows: tuple[int, int], columns: int, per_column: int, least: int, block: int
+) -> tuple[int, int]:
+    """``rows`` up to the size where the ``columns`` the replay carries at once (the chain's
+    ``chunk``, the colours of a ``Readout`` piece: made at the recorded size), ``per_column``
+    elements each per row of ``x``'s first dimension, hold ``2 * block`` (the eager call at
+    a larger size carries fewer: recorded at 2 samples, a 32-wide MLP carried 3x the block
+    at 3000 and a 64-wide one 16x at 4000 where eager carried 1x, memory growing with the
+    batch). No bound where ``least`` columns are carried (eagerly the fewest, at any size)."""
     lo, hi = rows
-    if columns <= 1 or per_column <= 0:
+    if columns <= least or per_column <= 0:
         return rows
-    return lo, min(hi, max(lo, 2 * cycle.BLOCK_ELEMENTS // (columns * per_column)))
+    return lo, min(hi, max(lo, 2 * block // (columns * per_column)))
 
 
 def _readout(
