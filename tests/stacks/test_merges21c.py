@@ -53,6 +53,18 @@ class Logged(torch.nn.Module):
         return self.outer(h)
 
 
+def _assert_steps_as_eagerly(f: torch.nn.Module, call, sizes: tuple[int, ...]) -> None:
+    """``call``'s loss and parameter gradients compiled (``dynamic=True``) equal eager's at
+    batches of ``sizes`` (event ``(2,)``)."""
+    compiled = torch.compile(lambda f, x: call(f, x), backend="aot_eager", dynamic=True)
+    for n in sizes:
+        x = torch.randn(n, 2, dtype=f64)
+        for got, want in zip(
+            _loss_and_grads(f, compiled, x), _loss_and_grads(f, call, x), strict=True
+        ):
+            assert_close(got, want)
+
+
 def _loss_and_grads(f: torch.nn.Module, loss, x: torch.Tensor) -> list[torch.Tensor]:
     """The loss and its parameter gradients (zero where it does not read one)."""
     value = loss(f, x).square().sum()
@@ -69,13 +81,7 @@ def test_the_symbolic_run_leaves_no_symbol_or_fake_tensor_in_f(engine, counted):
     eager too, failed. Now each entry is a real tensor or int and the step equals eager's."""
     d_out, call = ENGINES[engine]
     f = Logged(d_out, counted)
-    compiled = torch.compile(lambda f, x: call(f, x), backend="aot_eager", dynamic=True)
-    for n in (5, 9):
-        x = torch.randn(n, 2, dtype=f64)
-        for got, want in zip(
-            _loss_and_grads(f, compiled, x), _loss_and_grads(f, call, x), strict=True
-        ):
-            assert_close(got, want)
+    _assert_steps_as_eagerly(f, call, (5, 9))
     assert type(f.calls) is torch.Tensor and type(f.last) is int
     assert all(type(n) is int for n in f.sizes)
     assert not any(isinstance(h, FakeTensor) for h in f.hidden)
@@ -109,13 +115,7 @@ def test_a_tensor_cached_by_batch_size_compiles():
     the first attempt's plan; values and gradients equal eager's at 4 and 8."""
     _, call = ENGINES["structured"]
     f = Weighted()
-    compiled = torch.compile(lambda f, x: call(f, x), backend="aot_eager", dynamic=True)
-    for n in (4, 8):
-        x = torch.randn(n, 2, dtype=f64)
-        for got, want in zip(
-            _loss_and_grads(f, compiled, x), _loss_and_grads(f, call, x), strict=True
-        ):
-            assert_close(got, want)
+    _assert_steps_as_eagerly(f, call, (4, 8))
 
 
 class Counted(torch.nn.Module):
