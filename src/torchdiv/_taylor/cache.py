@@ -809,7 +809,7 @@ def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> 
     told without a call per item, up to ``VALUE_ITEMS`` of them, as is one of tensors alone
     (``_tensor`` each)."""
     kind = type(v)
-    if isinstance(v, dict) and dict.__len__(v) > VALUE_ITEMS:  # (not copied: ``items_of``)
+    if issubclass(kind, dict) and dict.__len__(v) > VALUE_ITEMS:  # (not copied: ``items_of``)
         return _told(untold)
     found = items_of(v)
     if found is None or found[0] > VALUE_ITEMS:  # (none longer is told: not a walk of its
