@@ -693,12 +693,16 @@ def _others(attributes: dict[str, Any], stack: list[Any]) -> list[Any]:
         (name, _item(v, stack, unread, 3))
         for name, v in attributes.items()
         if name not in _MODULE_OWN
-        and type(v) not in _MODULE_KEYED
-        and (isinstance(v, _OTHER_VALUES) or type(v) is set)
+        and (t := type(v)) not in _MODULE_KEYED
+        # (by its type: ``isinstance`` reads an HF configuration's ``__class__`` through its
+        # ``__getattribute__``, in Python)
+        and (issubclass(t, _OTHER_VALUES) or (issubclass(t, tuple) and hasattr(t, "_fields")))
     ]
 
 
-_OTHER_VALUES = (dict, tuple, frozenset, range, slice, Enum, Number)  # (``_others``)
+# (and named tuples: not other tuple subclasses, e3nn's ``Irreps`` nested three deep, whose
+# walk at every call doubled a ``Gate``'s key)
+_OTHER_VALUES = (dict, set, frozenset, range, slice, Enum, Number)  # (``_others``)
 
 
 # the classes of a module's type (by a weak reference to it) whose attributes ``_held`` reads
@@ -756,7 +760,7 @@ def _class_item(v: Any, stack: list[Any]) -> Any:
     ``stack``: ``act = helper.apply`` or ``act = Rolled()`` on the class, its ``shift`` set,
     served by the old pass until rev-merges21d), anything else (a property, a
     ``staticmethod``, a container holding what ``_item`` cannot tell) by identity."""
-    if type(v) not in _CLASS_TOLD and not isinstance(v, torch.nn.Module):
+    if type(v) not in _CLASS_TOLD and not issubclass(type(v), torch.nn.Module):
         return id(v)
     untold: list[bool] = []
     told = _item(v, stack, untold, 3)
