@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_close, reference_divergence
-from test_module_key21 import _Acting, _Helper, _made, _served_then_refused, _x
+from test_module_key21 import _Acting, _Centred, _Helper, _made, _served_then_refused, _x
 from torch import nn
 
 import torchdiv
@@ -51,19 +51,6 @@ class _LazyConfig(dict):
 
     def __len__(self) -> int:
         raise RuntimeError("not loaded")
-
-
-class _Centred(nn.Module):
-    """Centres the batch (mixes samples) where ``cfg["centre"]``."""
-
-    def __init__(self, d: int, cfg: dict[str, Any]) -> None:
-        super().__init__()
-        self.lin = nn.Linear(d, d)
-        self.cfg = cfg
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.lin(z))
-        return h - h.mean(0) if dict.__getitem__(self.cfg, "centre") else h
 
 
 @pytest.mark.parametrize(
