@@ -4,7 +4,7 @@ RNODE repositories, inside the same fixed-step solve.
 Run (one thread, alone on the machine's benchmark lock):
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \\
         PYTHONPATH=src .venv/bin/python bench/cnf_training_step.py [--rounds 3]
-        [--min-run-time 0.5] [--dims 2,16]
+        [--min-run-time 0.5] [--dims 2,16] [--pairs auto,hutch,flows,rnode]
 
 The step: FFJORD's ConcatSquash tanh MLP (D-64-64-D, the time gating every layer), the
 augmented state ``(x, delta)`` (RNODE: ``(x, delta, E, F)``) through torchdiffeq's RK4 with
@@ -17,6 +17,9 @@ augmented state ``(x, delta)`` (RNODE: ``(x, delta, E, F)``) through torchdiffeq
   hutch           ``torchdiv.divergence(f, x, method="hutchinson", probes=e)``, one probe
                   per sample drawn once per solve
   hutch-recipe    FFJORD's ``divergence_approx``: one VJP ``e^T J``, dotted with ``e``
+  flows           ``torchdiv.flows.AugmentedDynamics(field, x, method="hutchinson",
+                  probes=e)`` as the dynamics: ``f`` and the estimate from one evaluation
+                  (``hutch`` evaluates ``f`` once more for the velocity)
   rnode           ``hutch`` plus the Frobenius term ``estimate_trace`` of ``J J^T`` with the
                   same probe (a VJP and a JVP) and the kinetic energy
   rnode-recipe    RNODE's: divergence and Frobenius term from one VJP ``e^T J``
@@ -122,8 +125,15 @@ def step_call(dim: int, recipe: str, x: torch.Tensor) -> Callable[[], torch.Tens
     def step() -> torch.Tensor:
         dynamics.probes = torch.randn((1, *x.shape), generator=generator, dtype=x.dtype)
         state = (x, zeros, *([zeros] * extra))
-        out = odeint(dynamics, state, times, method="rk4", options={"step_size": 1 / STEPS})
+        ode: Callable[..., tuple[torch.Tensor, ...]] = dynamics
+        if recipe == "flows":  # terms (1, B): one probe
+            ode = torchdiv.flows.AugmentedDynamics(
+                field, x, method="hutchinson", probes=dynamics.probes
+            )
+            state = (x, zeros[None])
+        out = odeint(ode, state, times, method="rk4", options={"step_size": 1 / STEPS})
         z, delta, *regularisers = (s[-1] for s in out)
+        delta = delta.reshape(B)
         logp = -0.5 * z.square().sum(1) - 0.5 * dim * math.log(2 * math.pi) - delta
         loss = -logp.mean() + 0.1 * sum(r.mean() for r in regularisers)
         optimizer.zero_grad()
@@ -134,7 +144,12 @@ def step_call(dim: int, recipe: str, x: torch.Tensor) -> Callable[[], torch.Tens
     return step
 
 
-PAIRS = {"auto": "ffjord-bf", "hutch": "hutch-recipe", "rnode": "rnode-recipe"}
+PAIRS = {
+    "auto": "ffjord-bf",
+    "hutch": "hutch-recipe",
+    "flows": "hutch-recipe",
+    "rnode": "rnode-recipe",
+}
 
 
 def main() -> None:
@@ -142,16 +157,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-run-time", type=float, default=0.5)
     parser.add_argument("--dims", default="2,16")
+    parser.add_argument("--pairs", default=",".join(PAIRS), help="which of ours to time")
     args = parser.parse_args()
+    pairs = {ours: PAIRS[ours] for ours in args.pairs.split(",")}
     for dim in map(int, args.dims.split(",")):
         x = torch.randn(B, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-        for ours, recipe in PAIRS.items():  # the first step's loss, float64
+        for ours, recipe in pairs.items():  # the first step's loss, float64
             first = step_call(dim, ours, x)(), step_call(dim, recipe, x)()
             assert torch.allclose(*first, rtol=1e-9), (dim, ours, first)
         x = x.float()
-        calls = {name: step_call(dim, name, x) for pair in PAIRS.items() for name in pair}
+        calls = {name: step_call(dim, name, x) for pair in pairs.items() for name in pair}
         times = time_interleaved(calls, args.rounds, args.min_run_time)
-        for ours, recipe in PAIRS.items():
+        for ours, recipe in pairs.items():
             for name in (ours, recipe):
                 t = times[name]
                 ratio = t["median_ms"] / times[recipe]["median_ms"]

@@ -495,3 +495,20 @@ def one_process_group(tmp_path):
         yield
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def chained(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times ``GraphJacobian`` took the chain's products (``_exact.chain``: one
+    entry per time)."""
+    from torchdiv._exact import autograd, chain
+
+    calls: list[int] = []
+    products = chain.products
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return products(*args, **kwargs)
+
+    monkeypatch.setattr(autograd, "chain_products", spy)
+    return calls

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import assert_close, reference_jacobian, tanh_mlp
+from conftest import assert_close, assert_same_parameter_gradients, reference_jacobian, tanh_mlp
 
 import torchdiv
 from torchdiv import BatchInteractionError
@@ -182,3 +182,134 @@ def test_a_lambda_over_a_device_and_a_dtype_is_watched_once(watches: list[int]) 
             lambda z: net(z.to(device, dtype)), x, method="hutchinson", num_probes=1
         )
     assert len(watches) == 1
+
+
+def test_a_flow_with_one_probe_leaves_safe_derivatives(monkeypatch) -> None:
+    """``log_likelihood``'s one-probe terms evaluate the velocity outside ``SafeDerivatives``
+    (as ``divergence`` does) once a solve found no op the mode changes: every evaluation of
+    the solve entered the mode before (its dispatch over every op of ``f``: a 2-D CNF
+    evaluation 2.0x FFJORD's hand recipe, 1.7x without it)."""
+    from torchdiv._core import modes
+
+    net = tanh_mlp(4, 8, 4)
+    x = torch.randn(6, 4, dtype=F64)
+    _solve(lambda t, z: net(z) * (1 + t), x)  # the watched first steps
+    entered: list[int] = []
+    enter = modes.SafeDerivatives.__enter__
+    monkeypatch.setattr(modes.SafeDerivatives, "__enter__", lambda s: entered.append(1) or enter(s))
+    _solve(lambda t, z: net(z) * (1 + t), x)
+    assert not entered
+
+
+def test_a_flow_with_one_probe_evaluates_a_guarded_velocity_under_the_mode() -> None:
+    """A velocity with an op ``SafeDerivatives`` changes under grad mode (layer norm): the
+    first evaluation's plain graph is discarded and made again under the mode, later steps
+    (other times, other states) start there, one evaluation each. Terms: ``-v^T J v`` with
+    the probes given, as the per-sample Jacobian gives them."""
+    torch.manual_seed(0)
+    net = tanh_mlp(4, 8, 4)
+    evaluations: list[int] = []
+    net.register_forward_pre_hook(lambda module, args: evaluations.append(1))
+
+    def velocity(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(net(z), (4,)) * t
+
+    x = torch.randn(6, 4, dtype=F64)
+    probes = torchdiv.draw_probes(x, 1, generator=torch.Generator().manual_seed(1))
+    dynamics = torchdiv.flows.AugmentedDynamics(velocity, x, method="hutchinson", probes=probes)
+    for step, t in enumerate(torch.tensor([0.1, 0.2, 0.3], dtype=F64)):
+        z = x + step
+        evaluations.clear()
+        _, terms = dynamics(t, dynamics.initial_state(z))
+        assert len(evaluations) == (2 if step == 0 else 1), step
+        jac = reference_jacobian(lambda z, t=t: velocity(t, z), z)
+        assert_close(terms, -torch.einsum("bi,bij,bj->b", probes[0], jac, probes[0])[None])
+
+
+class _Flagged(torch.nn.Module):
+    """A velocity field that subtracts the batch mean when its flag says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tanh_mlp(4, 8, 4)
+        self.mix = False
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = self.net(z) * (1 + t)
+        return y - y.mean(0) if self.mix else y
+
+
+def _changes() -> dict[str, Callable[[_Flagged], object]]:
+    """Changes after which a ``_Flagged`` field mixes samples."""
+    return {
+        "flag set": lambda m: setattr(m, "mix", True),
+        "submodule replaced": lambda m: setattr(
+            m.net, "2", torch.nn.BatchNorm1d(8, dtype=F64).train()
+        ),
+        "forward hook": lambda m: m.register_forward_hook(lambda _, a, out: out - out.mean(0)),
+    }
+
+
+ONE_PROBE_CALLS: dict[str, Callable[[_Flagged, torch.Tensor], object]] = {
+    "divergence": lambda m, x: torchdiv.divergence(
+        lambda z: m(torch.tensor(0.5, dtype=F64), z), x, method="hutchinson", num_probes=1
+    ),
+    "log_likelihood": lambda m, x: _solve(m, x),
+}
+
+
+@pytest.mark.parametrize("call", list(ONE_PROBE_CALLS))
+@pytest.mark.parametrize("change", list(_changes()))
+def test_a_field_changed_to_mix_between_calls_is_refused(call: str, change: str) -> None:
+    """Two calls of a per-sample field (watched once, then served from that watch), a change
+    that makes it mix samples, and the next call raises: the lean path's watch is kept per
+    structure, and the change is another structure."""
+    torch.manual_seed(0)
+    m, x = _Flagged(), torch.randn(6, 4, dtype=F64)
+    for _ in range(2):
+        ONE_PROBE_CALLS[call](m, x)
+    _changes()[change](m)
+    with pytest.raises(BatchInteractionError, match="mix"):
+        ONE_PROBE_CALLS[call](m, x)
+
+
+def test_a_one_probe_cnf_solve_equals_ffjord_s_recipe() -> None:
+    """A float64 CNF solve with one probe (RK4, 4 steps, later steps on the lean path) and
+    FFJORD's ``divergence_approx`` dynamics (``e^T J`` by one ``autograd.grad`` with
+    ``create_graph``, dotted with ``e``) with the same probe: the same log-density terms and
+    parameter gradients, to round-off."""
+    from torchdiffeq import odeint
+
+    torch.manual_seed(0)
+    net = tanh_mlp(4, 8, 4)
+    x = torch.randn(6, 4, dtype=F64)
+    probes = torchdiv.draw_probes(x, 1, generator=torch.Generator().manual_seed(3))
+    e = probes[0]
+
+    def velocity(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return net(z) * (1 + t)
+
+    def recipe(t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        with torch.enable_grad():
+            z = state[0].requires_grad_(True)
+            v = velocity(t, z)
+            (e_dzdx,) = torch.autograd.grad(v, z, e, create_graph=True)
+        return v, -(e_dzdx * e).sum(1)[None]
+
+    ours = torchdiv.flows.AugmentedDynamics(velocity, x, method="hutchinson", probes=probes)
+    times = torch.tensor([0.0, 1.0], dtype=F64)
+    losses = []
+    for dynamics in (ours, recipe):
+        z, delta = (
+            s[-1]
+            for s in odeint(
+                dynamics,
+                (x, torch.zeros(1, 6, dtype=F64)),
+                times,
+                method="rk4",
+                options={"step_size": 0.25},
+            )
+        )
+        losses.append((z.square().sum(1) + delta[0] * torch.linspace(1, 2, 6, dtype=F64)).sum())
+    assert_close(*losses)
+    assert_same_parameter_gradients(net, *losses)

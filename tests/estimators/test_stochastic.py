@@ -62,7 +62,7 @@ def test_image_shaped_x_conv_net():
     )
 
 
-@pytest.mark.parametrize("shape", [(3, 6), (2, 3, 6), (2, 1, 2, 3)])
+@pytest.mark.parametrize("shape", [(6,), (3, 6), (2, 3, 6), (2, 1, 2, 3)])
 def test_one_probe_path_on_other_shapes(shape):
     """One product: the lean path, any batch and event shape, a non-square-shaped event."""
     batch_dims = len(shape) - 1 if len(shape) < 4 else 1

@@ -39,20 +39,6 @@ def _mlp(d: int, activation) -> torch.nn.Module:
     ).double()
 
 
-@pytest.fixture
-def chained(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many times ``GraphJacobian`` took the chain's products (one entry per time)."""
-    calls: list[int] = []
-    products = chain.products
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return products(*args, **kwargs)
-
-    monkeypatch.setattr(autograd, "chain_products", spy)
-    return calls
-
-
 @pytest.mark.parametrize("train", [False, True], ids=["frozen", "train"])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 def test_chain_gives_the_loop_s_values_and_parameter_gradients(chained, activation, train):

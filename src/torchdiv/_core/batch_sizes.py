@@ -23,7 +23,10 @@ engine's sweep) is checked by recording again at the sizes of ``others`` (the re
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import copy
+import itertools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import sympy
@@ -44,7 +47,7 @@ def served(f: Callable[[torch.Tensor], Any], x: torch.Tensor, affine: bool) -> t
     the batch size it traces). ``(N, N)`` where ``f`` cannot be run on a fake ``x`` (a value
     read on the host, ``item``) or fails."""
     n = x.shape[0]
-    if n < 2:  # (Dynamo specialises sizes 0 and 1: no symbol)
+    if n < 2 or _lazy(f):  # (Dynamo specialises sizes 0 and 1: no symbol)
         return n, n
     try:
         found = _symbolic(f, x)
@@ -60,6 +63,16 @@ def served(f: Callable[[torch.Tensor], Any], x: torch.Tensor, affine: bool) -> t
         return n, n
     hi = bounds.upper
     return int(bounds.lower), int(hi) if isinstance(hi, sympy.Integer) else UNBOUNDED
+
+
+def _lazy(f: Callable[[torch.Tensor], Any]) -> bool:
+    """Whether ``f`` holds a lazy module's uninitialized parameter or buffer: run on a fake
+    ``x``, it would be materialized there, without data (``f`` broken for every later call,
+    eager too; the eager call refuses it)."""
+    if not isinstance(f, torch.nn.Module):
+        return False
+    held = itertools.chain(f.parameters(), f.buffers())
+    return any(torch.nn.parameter.is_lazy(t) for t in held)
 
 
 def serves(sizes: tuple[int, int], n: Any) -> bool:
@@ -105,9 +118,31 @@ def _symbolic(
         return None
     (symbol,) = size.node.expr.free_symbols
     numbers = _Numbers()
-    with enable_python_dispatcher(), mode, numbers, torch.random.fork_rng([]):
+    with _restored(f), enable_python_dispatcher(), mode, numbers, torch.random.fork_rng([]):
         f(fake.requires_grad_(x.requires_grad))
     return numbers.found, env, symbol
+
+
+@contextlib.contextmanager
+def _restored(f: Callable[[torch.Tensor], Any]) -> Iterator[None]:
+    """Run with ``f``'s modules' state put back after: each module's attributes and the
+    lists, dicts and sets they hold, as they were (the symbolic run's ``f`` counts a call,
+    appends ``x.shape[0]`` or an activation to a log, replaces a buffer: a symbol or fake
+    tensor left in ``f`` broke its next call, eager or recorded). A closure's or a global's
+    state is not seen (``docs/guide/limitations.md``)."""
+    modules = list(f.modules()) if isinstance(f, torch.nn.Module) else []
+    held = [vars(m) for m in modules]
+    held += [v for d in held for v in d.values() if isinstance(v, (list, dict, set))]
+    saved = [copy.copy(v) for v in held]
+    try:
+        yield
+    finally:
+        for now, was in zip(held, saved, strict=True):
+            now.clear()
+            if isinstance(now, list):
+                now.extend(was)
+            else:
+                now.update(was)
 
 
 class _Numbers(torch.utils._python_dispatch.TorchDispatchMode):
@@ -137,6 +172,8 @@ def _held(a: Any, symbol: sympy.Symbol, affine: bool) -> bool:
     expr = a.node.expr
     if not expr.free_symbols:
         return True
+    if expr.free_symbols != {symbol}:  # (an unbacked one: read from values, ``item``)
+        return False
     if not affine or not isinstance(a, torch.SymInt) or not expr.is_polynomial(symbol):
         return False
     poly = sympy.Poly(expr, symbol)

@@ -9,12 +9,13 @@ basis vectors] in ``torchdiv._core.basis``, with probes in place of basis vector
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 
-from torchdiv._core.checks import event_numel, untransformed
+from torchdiv._core.checks import untransformed
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.probes import draw
 from torchdiv._estimators.registry import Matmat, num_vectors
@@ -65,8 +66,8 @@ def trace_of_function(
     the caller's ``torch.func`` transform (``untransformed``: the leaf copy of ``x`` raised).
     """
     if s.num_probes == 1 and untransformed():
-        value, stderr = _trace.summary(_one_probe(_one_product(f, x, batch_dims), s)[None])
-        return Estimate(value, stderr, 1)
+        value = _one_probe(_one_product(f, x, batch_dims), s)
+        return Estimate(value, torch.full_like(value.detach(), math.nan), 1)
 
     def consume(engine: _exact.Engine, chunk: int) -> Estimate:
         return _trace.run(s, _operator(engine, s, chunk), x, batch_dims)
@@ -94,8 +95,8 @@ def terms_of_function(
     generic engines."""
     batch = x.shape[:batch_dims]
     if s.num_probes == 1 and untransformed():  # watched once as ``owner``
-        engine = _watched_once(f, x, batch_dims, structure(owner, x, batch_dims), False)
-        return _one_probe(engine, s)[None], _exact.output(engine)
+        engine = _one_product(f, x, batch_dims, owner)
+        return _one_probe(engine, s, terms=True), _exact.output(engine)
 
     def consume(engine: _exact.Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _trace.terms(s, _operator(engine, s, chunk), x, batch_dims), _exact.output(engine)
@@ -112,7 +113,10 @@ _GUARDED = PlanCache(256)
 
 
 def _one_product(
-    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    owner: object = None,
 ) -> GraphJacobian:
     """The plain-autograd engine of a one-product estimate, ``f`` evaluated outside
     ``SafeDerivatives``, whose dispatch costs 13 us to enter and 2-4 us per op of ``f`` (a
@@ -128,8 +132,10 @@ def _one_product(
     the watch's ~10 us an op would be a large part of the estimate), their graph searched
     for a train-mode batch norm. A lambda made anew over the same objects is the same ``f``
     (``torchdiv._taylor.mixing.identity``); one over other objects is watched again.
-    Eager calls only (``trace_of_function``)."""
-    at = structure(f, x, batch_dims)
+    ``owner``: what ``f`` evaluates, watched and remembered in its place (a flow's velocity
+    ``f(t, z)`` behind the closure made at every step: ``terms_of_function``); ``f`` itself if
+    ``None``. Eager calls only (``trace_of_function``)."""
+    at = structure(f if owner is None else owner, x, batch_dims)
     where = site(at[0])  # a lambda made anew over other objects: its code, found again
     plain = _GUARDED.get(where, shape_key(at)) is None
     engine = _watched_once(f, x, batch_dims, at, plain)
@@ -155,20 +161,25 @@ def _watched_once(
     return engine
 
 
-def _one_probe(engine: GraphJacobian, s: _trace.Sampling) -> torch.Tensor:
-    """Hutchinson with one product, ``v^T J^T v`` of every sample (shape batch), with as few
-    tensor ops as it takes: at one forward pass of 0.3 ms (B=128, D=256 MLP) every op of the
-    general path's reshapes, casts and spreads costs 2-3% of the estimate."""
-    x, batch = engine.x, engine.x.shape[: engine.batch_dims]
+def _one_probe(engine: GraphJacobian, s: _trace.Sampling, terms: bool = False) -> torch.Tensor:
+    """Hutchinson with one product, ``v^T J^T v`` of every sample: shape batch, or with
+    ``terms`` the one term ``(1,) + batch``; with as few tensor ops as it takes (two: a
+    product and one sum over the probe and event dimensions). At one forward pass of 0.3 ms
+    (B=128, D=256 MLP) every op of the general path's reshapes, casts and spreads costs 2-3%
+    of the estimate, in training an autograd node more each (a D = 2 CNF evaluation: six
+    nodes after the VJP here before, FFJORD's recipe two)."""
+    x, batch_dims = engine.x, engine.batch_dims
     if s.probes is not None:
-        v = s.probes.to(x.dtype)
+        v = s.probes if s.probes.dtype == x.dtype else s.probes.to(x.dtype)
     else:  # drawn as draw_probes draws: at least float32, then rounded to x's dtype
         dtype = torch.promote_types(x.dtype, torch.float32)
-        v = draw(s.probe, 1, x, engine.batch_dims, s.generator, dtype, s.fn).to(x.dtype)
+        v = draw(s.probe, 1, x, batch_dims, s.generator, dtype, s.fn).to(x.dtype)
     product = engine.apply(v.reshape(1, *engine.y_shape))  # J^T v: (1,) + x.shape
-    n = event_numel(x, engine.batch_dims)
-    value = (v.reshape(product.shape) * product).reshape(batch.numel(), n).sum(-1)
-    return value.reshape(batch)
+    v = v if v.shape == product.shape else v.reshape(product.shape)
+    dims = tuple(range(1 + batch_dims, product.dim()))  # the event's
+    if not terms:
+        return (v * product).sum((0, *dims))
+    return (v * product).sum(dims) if dims else v * product
 
 
 def diagonal_of_function(

@@ -547,9 +547,10 @@ class GraphJacobian:
         samples, n = self.x.shape[: self.batch_dims].numel(), event_numel(self.x, self.batch_dims)
         vectors = basis(start, stop, self.y, self.batch_dims)
         steps = chain(self.y, self.x) if self.chained else None
-        if steps:  # every row in one go, without the engine (``_exact.chain``)
+        if steps:  # every row in one go, without the engine (``_exact.chain``), as (k, N, n)
             rows = chain_products(steps, vectors, self.create_graph)
-            return [row[:, i] for i, row in enumerate(rows.unbind(), start)]
+            flat = rows if rows.shape[1:] == (samples, n) else rows.reshape(-1, samples, n)
+            return [row[:, i] for i, row in enumerate(flat.unbind(), start)]
         out = []
         for i, v in enumerate(vectors.unbind(), start):
             product = self._vjp(v, batched=False)

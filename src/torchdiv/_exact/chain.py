@@ -16,8 +16,9 @@ through the same formulas (``tanh_backward``'s own, and so on).
 Used by ``GraphJacobian`` in its usual case only (no custom ``Function``, no DDP/FSDP2 hook,
 not compiling, no tensor subclass, anomaly detection off, real floating dtypes), and only
 where every node is listed: anything else (a residual sum, a view, a batch norm, a module's
-backward hook's node) takes the engine as before. What the engine would run and this does
-not: hooks on the graph's nodes. ``f``'s own gradient hooks on tensors are refused before
+full backward hook's node) takes the engine as before. What the engine would run and this does
+not: hooks on the graph's nodes (a module's legacy ``register_backward_hook`` too: "auto" runs
+it on a structure's first call only). ``f``'s own gradient hooks on tensors are refused before
 (``_core.modes.refuse_gradient_hook``); PyTorch's own on tensors ``f`` computes
 (``register_multi_grad_hook``) and hooks put on a ``grad_fn`` are not run here (they change
 no gradient, or are not caught by any method: ``docs/guide/limitations.md``).
@@ -72,6 +73,10 @@ _FORMULAS: dict[str, Step] = {
 }
 # which input of each listed node is on the chain (``addmm``'s ``mat1``; the others have one)
 _ON_CHAIN = {"AddmmBackward0": 1}
+# the saved tensor each formula reads (``_raw_saved_*``: its ``SavedTensor``, hooks readable)
+_SAVED = dict.fromkeys(("AddmmBackward0", "MmBackward0"), "_raw_saved_mat2") | dict.fromkeys(
+    ("TanhBackward0", "SigmoidBackward0", "ReluBackward0"), "_raw_saved_result"
+)
 _DTYPES = (torch.float32, torch.float64)
 _LEAF = "torch::autograd::AccumulateGrad"
 
@@ -95,7 +100,10 @@ def chain(y: torch.Tensor, x: torch.Tensor) -> list[tuple[Step, Any]] | None:
     reads), or ``None`` where ``y``'s graph is not such a chain or the engine must run (a
     tensor subclass, anomaly detection, another dtype, compiling). ``x`` is the engine's input:
     a leaf (its ``AccumulateGrad`` ends the chain) or a view of the caller's ``x`` (its
-    ``grad_fn``, at its output, ends it: what lies below is ``x``'s history)."""
+    ``grad_fn``, at its output, ends it: what lies below is ``x``'s history). A saved tensor
+    with hooks (``saved_tensors_hooks``, ``save_on_cpu``, a non-reentrant ``checkpoint``) takes
+    the engine: a checkpoint recomputes its region at every read outside a backward pass (a
+    3-layer MLP's 5 times for one D = 2 divergence), the engine once per pass (twice)."""
     if (
         y.dtype not in _DTYPES
         or x.dtype != y.dtype
@@ -114,6 +122,8 @@ def chain(y: torch.Tensor, x: torch.Tensor) -> list[tuple[Step, Any]] | None:
         step = _FORMULAS.get(name)
         if step is None:
             return steps if steps and name == _LEAF and node.variable is x else None
+        if getattr(node, _SAVED.get(name, "_raw_saved_self")).unpack_hook is not None:
+            return None  # (a checkpoint's: each read outside a pass would recompute its region)
         on = _ON_CHAIN.get(name, 0)
         edges = node.next_functions
         if not all(_off_chain(n, x) for i, (n, _) in enumerate(edges) if i != on):

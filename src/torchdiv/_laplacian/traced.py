@@ -194,6 +194,7 @@ def _run(program: Program, numbers: tuple[Any, ...], f: torch.nn.Module, x: torc
 
 
 @torch.compiler.assume_constant_result  # run by Dynamo while tracing, with the real f and x
+@replay.restarted
 def _recorded(
     public: Callable[..., Any],
     f: torch.nn.Module,

@@ -41,8 +41,10 @@ backend there and left PyTorch's dispatcher state broken for the process).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -225,7 +227,66 @@ def _replay(plan: Replay, f: torch.nn.Module, x: torch.Tensor) -> tuple[Graph, l
     return cast(Graph, _Calls(nodes)), kept
 
 
+# the keys the first attempt of the compilation now under way gave, in call order, with their
+# arguments (``restarted``); the attempts after it read them
+_FIRST: dict[Any, list[tuple[Any, int]]] = {}
+_AGAIN: dict[Any, int] = {}  # (the calls read so far by each later attempt)
+
+
+def restarted(record: Callable[..., int]) -> Callable[..., int]:
+    """``record`` (a ``_recorded``) giving each attempt of a compilation after its first the
+    keys the first gave, call by call (the plans again, now for this attempt's trace): Dynamo
+    traces a frame again after a graph break and needs every constant as it was, where a
+    second recording could differ (``f`` caching a tensor it made, ``functools.lru_cache`` on
+    the batch size: its recording reads a tensor made before it and refuses, and Dynamo
+    raised ``SpeculationLogDivergence`` at every batch size, where the eager call serves).
+    (Private: ``CompileContext``; anything else records as before.)"""
+
+    @functools.wraps(record)
+    def wrapper(*args: Any) -> int:
+        from torch._guards import CompileContext
+
+        trace, called = CompileContext.current_trace_id(), _called(args)
+        if trace is None or called is None:
+            return record(*args)
+        if trace.attempt == 0:
+            if trace.compile_id not in _FIRST:
+                _FIRST.clear()
+                _AGAIN.clear()
+            key = record(*args)
+            _FIRST.setdefault(trace.compile_id, []).append((called, key))
+            return key
+        done = _AGAIN.get(trace, 0)
+        first = _FIRST.get(trace.compile_id, [])
+        _AGAIN[trace] = done + 1
+        if done >= len(first) or first[done][0] != called or first[done][1] not in _PLANS:
+            return record(*args)
+        key = first[done][1]
+        _PLANS[key] = _PLANS[key][0], weakref.ref(_tracer())
+        return key
+
+    return wrapper
+
+
+def _called(args: tuple[Any, ...]) -> Any:
+    """What identifies a call of ``_recorded`` (hashable), or ``None``."""
+    kept = tuple(
+        (tuple(a.shape), a.dtype, a.device, a.requires_grad)
+        if isinstance(a, torch.Tensor)
+        else ("id", id(a))
+        if isinstance(a, torch.nn.Module)
+        else a
+        for a in args
+    )
+    try:
+        hash(kept)
+    except TypeError:
+        return None
+    return kept
+
+
 @torch.compiler.assume_constant_result  # run by Dynamo while tracing, with the real f and x
+@restarted
 def _recorded(
     f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | None, grad: bool
 ) -> int:
@@ -375,6 +436,9 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | Non
     output, event = cast(Ref, graph.output), tuple(x.shape[1:])
     rows = _served(graph, f, x, batch_dims)
     if readout is not None:
+        colours = max((stop - start for start, stop, *_ in readout.pieces), default=0)
+        per_colour = graph.widest // x.shape[0]
+        rows = _carried(rows, colours, per_colour, least=8, block=forward.CHUNK_ELEMENTS)
         propagation = Plan(cast(Graph, _Columns(nodes, output, tuple(x.shape))))
         propagation.needs_jac(Context(1, second_order=False))  # (made now, not traced)
         return Replay(tuple(nodes), output, (), 0, readout, propagation, event, rows=rows)
@@ -386,9 +450,26 @@ def _plan(f: torch.nn.Module, x: torch.Tensor, batch_dims: int, chunk: int | Non
     )
     chunk = max(1, cycle.BLOCK_ELEMENTS // (n * max(widest, 1)))
     movements = () if moved is None else tuple(moved.items())
+    columns, per_column = min(chunk, widest), widest * (n // x.shape[0])
+    rows = _carried(rows, columns, per_column, least=1, block=cycle.BLOCK_ELEMENTS)
     return Replay(
         tuple(nodes), output, tuple(routes), chunk, event=event, moved=movements, rows=rows
     )
+
+
+def _carried(
+    rows: tuple[int, int], columns: int, per_column: int, least: int, block: int
+) -> tuple[int, int]:
+    """``rows`` up to the size where the ``columns`` the replay carries at once (the chain's
+    ``chunk``, the colours of a ``Readout`` piece: made at the recorded size), ``per_column``
+    elements each per row of ``x``'s first dimension, hold ``2 * block`` (the eager call at
+    a larger size carries fewer: recorded at 2 samples, a 32-wide MLP carried 3x the block
+    at 3000 and a 64-wide one 16x at 4000 where eager carried 1x, memory growing with the
+    batch). No bound where ``least`` columns are carried (eagerly the fewest, at any size)."""
+    lo, hi = rows
+    if columns <= least or per_column <= 0:
+        return rows
+    return lo, min(hi, max(lo, 2 * block // (columns * per_column)))
 
 
 def _readout(

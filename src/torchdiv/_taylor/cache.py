@@ -626,7 +626,7 @@ def _held(f: torch.nn.Module) -> tuple[Any, ...]:
         if classes is None:
             classes = _classes(kind)
         if classes:  # (a class of torch's own: none)
-            held += [_class_state(c) for c in classes if c not in walked_classes]
+            held += [_class_state(c, stack) for c in classes if c not in walked_classes]
             walked_classes.update(classes)
         buffers = attributes.get("_buffers")
         parameters, children = attributes.get("_parameters"), attributes.get("_modules")
@@ -682,7 +682,10 @@ def _others(attributes: dict[str, Any], stack: list[Any]) -> list[Any]:
     (``attributes``: its ``__dict__``): a dictionary of another type (an ``OrderedDict``, a
     ``defaultdict``, diffusers' ``FrozenDict`` configuration, Lightning's ``AttributeDict``
     hyperparameters: served by the pass of their old items until keyleft21) or a set, by
-    their items (``_item``). Not a plain object (an HF configuration: documented), nor one in
+    their items (``_item``), and as ``_item`` tells them the values of other types
+    (``_OTHER_VALUES``: a named tuple, a ``frozenset``, an ``Enum`` member, an ``IntEnum``, a
+    NumPy float; ``h.roll(self.cfg.shift, 0)`` served by the old value's pass until
+    rev-merges21d). Not a plain object (an HF configuration: documented), nor one in
     such a dictionary (torch's composable API keeps FSDP2's state so, an ``OrderedDict`` of
     ``FSDPState``: a ``None`` in its place, not ``UNTOLD``, as for a plain object held)."""
     unread: list[bool] = []  # (``untold`` of such an item: not read, as a plain object held)
@@ -690,9 +693,16 @@ def _others(attributes: dict[str, Any], stack: list[Any]) -> list[Any]:
         (name, _item(v, stack, unread, 3))
         for name, v in attributes.items()
         if name not in _MODULE_OWN
-        and type(v) not in _MODULE_KEYED
-        and (isinstance(v, dict) or type(v) is set)
+        and (t := type(v)) not in _MODULE_KEYED
+        # (by its type: ``isinstance`` reads an HF configuration's ``__class__`` through its
+        # ``__getattribute__``, in Python)
+        and (issubclass(t, _OTHER_VALUES) or (issubclass(t, tuple) and hasattr(t, "_fields")))
     ]
+
+
+# (and named tuples: not other tuple subclasses, e3nn's ``Irreps`` nested three deep, whose
+# walk at every call doubled a ``Gate``'s key)
+_OTHER_VALUES = (dict, set, frozenset, range, slice, Enum, Number)  # (``_others``)
 
 
 # the classes of a module's type (by a weak reference to it) whose attributes ``_held`` reads
@@ -723,9 +733,9 @@ def _classes(kind: Any) -> tuple[Any, ...]:
     return found
 
 
-def _class_state(ref: Any) -> tuple[Any, ...]:
+def _class_state(ref: Any, stack: list[Any]) -> tuple[Any, ...]:
     """The attributes of a module's class (``ref``: a weak reference to it, ``_classes``), for
-    ``_held``: what its
+    ``_held`` (``stack``: its walk's): what its
     ``forward`` may read as ``type(self).shift`` or ``self.shift``, and its methods
     (``Net.forward = g``): served by the pass of the old ones until keyleft21. Values as
     ``_item`` tells them, functions weakly, containers by their items (by identity where
@@ -736,7 +746,7 @@ def _class_state(ref: Any) -> tuple[Any, ...]:
         if (t := type(v)) in _CLASS_VALUES
         else weakref.ref(v)
         if t is types.FunctionType
-        else _class_item(v)
+        else _class_item(v, stack)
         for v in ref().__dict__.values()
     ]
 
@@ -744,14 +754,16 @@ def _class_state(ref: Any) -> tuple[Any, ...]:
 _CLASS_VALUES = frozenset((str, type(None)))  # (its name and documentation: a fast path)
 
 
-def _class_item(v: Any) -> Any:
-    """An attribute of a module's class (``_class_state``): values, functions and containers
-    as ``_item`` tells them, anything else (a property, a ``staticmethod``, a container
-    holding what ``_item`` cannot tell) by identity."""
-    if type(v) not in _ITEM_VALUES and type(v) not in _MODULE_CONTAINERS:
+def _class_item(v: Any, stack: list[Any]) -> Any:
+    """An attribute of a module's class (``_class_state``): values, containers, bound methods
+    and modules as ``_item`` tells them (a module, or a bound method's, walked from
+    ``stack``: ``act = helper.apply`` or ``act = Rolled()`` on the class, its ``shift`` set,
+    served by the old pass until rev-merges21d), anything else (a property, a
+    ``staticmethod``, a container holding what ``_item`` cannot tell) by identity."""
+    if type(v) not in _CLASS_TOLD and not issubclass(type(v), torch.nn.Module):
         return id(v)
     untold: list[bool] = []
-    told = _item(v, [], untold, 3)
+    told = _item(v, stack, untold, 3)
     return id(v) if untold else told
 
 
@@ -778,6 +790,8 @@ _TYPED = frozenset((bool, float, complex))
 _CONFIGURATION = _ITEM_VALUES | {tuple, list}
 _ITEM_FUNCTIONS = _MODULE_FUNCTIONS | {type}  # (by identity, weakly)
 _TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
+# the attributes of a class ``_class_item`` tells through ``_item`` (modules too)
+_CLASS_TOLD = _ITEM_VALUES | _MODULE_CONTAINERS | {types.MethodType}
 
 
 # the tuples of values (``_ITEM_VALUES``) ``_contained`` met, by id, each kept alive (so that
@@ -799,8 +813,12 @@ def _contained(v: Any, stack: list[Any], untold: list[bool], depth: int = 3) -> 
     told without a call per item, up to ``VALUE_ITEMS`` of them, as is one of tensors alone
     (``_tensor`` each)."""
     kind = type(v)
+    if issubclass(kind, dict) and dict.__len__(v) > VALUE_ITEMS:  # (not copied: ``items_of``)
+        return _told(untold)
     found = items_of(v)
-    if found is None:
+    if found is None or found[0] > VALUE_ITEMS:  # (none longer is told: not a walk of its
+        # items' types at every call, 10 ms for a class's table of 100k integers, 6 ms for
+        # an ``OrderedDict`` vocabulary of 100k, until rev-merges21d)
         return _told(untold)
     n, items = found
     told = kind if kind in _MODULE_CONTAINERS else weakref.ref(kind)  # (a named tuple's class)
@@ -900,7 +918,9 @@ def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
             # attributes (``self.steps = [torch.tanh, helper.apply]`` or ``self.act =
             # helper.apply``, ``helper.shift`` set: served mixed until rev-merges20d and
             # keyleft21), or not told where it has no ``__dict__``
-            state = getattr(own, "__dict__", None)
+            state = None
+            with contextlib.suppress(Exception):  # (a ``__slots__`` class whose
+                state = own.__dict__  # ``__getattr__`` raises: crashed until rev-merges21d)
             if type(state) is not dict:
                 return _told(untold)
             told = _contained(state, stack, untold, depth)
@@ -948,8 +968,9 @@ def items_of(v: Any) -> tuple[int, Any] | None:
     if kind is functools.partial:
         n, keywords = len(v.args), v.keywords
         return n + len(keywords), [v.func, n, *v.args, *keywords, *keywords.values()]
-    if isinstance(v, dict):  # (another type of dictionary, read as a dictionary: ``_others``)
-        return len(v), [*dict.keys(v), *dict.values(v)]
+    if isinstance(v, dict):  # (another type of dictionary, read as a dictionary: ``_others``;
+        # its own ``__len__`` may compute or raise: crashed until rev-merges21d)
+        return dict.__len__(v), [*dict.keys(v), *dict.values(v)]
     return None
 
 

@@ -154,8 +154,14 @@ def _pad(ctx: Context, a: Jet, pad: list[int], value: float = 0.0) -> Jet:
 
 
 def _cat(ctx: Context, tensors: list[Operand], dim: int = 0) -> Jet:
-    jets = [t if isinstance(t, Jet) else Jet(t, None, None) for t in tensors]
-    value = torch.cat([j.value for j in jets], dim)
+    """``torch.cat`` of jets. ``cat`` skips the legacy empty 1-D operands of shape ``(0,)``
+    (key/value caches start as ``torch.tensor([])``): so do the derivatives."""
+    value = torch.cat([value_of(t) for t in tensors], dim)
+    jets = [
+        t if isinstance(t, Jet) else Jet(t, None, None)
+        for t in tensors
+        if value.dim() == 1 or value_of(t).shape != (0,)
+    ]
     d = dim % value.dim()
     jac = torch.cat([full_jac(ctx, j) for j in jets], d + 1)
     lap = torch.cat([full_lap(j) for j in jets], d) if ctx.second_order else None
