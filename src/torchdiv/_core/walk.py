@@ -50,10 +50,30 @@ class Found:
     custom: list[Any] = field(default_factory=list)
     fused: bool = False
     guarded: bool = False
+    # a node type ``_exact.chain`` has no formula for (``CHAIN_NODES``): that chain check fails,
+    # so it is skipped (its walk makes the fresh graph's Python node objects: ~15 us a call)
+    unchained: bool = False
 
 
 # what ``search`` looks for, by node type (bits of ``_kind``)
-_LEAF, _CUSTOM, _BATCH_NORM, _FUSED, _GUARDED = 1, 2, 4, 8, 16
+_LEAF, _CUSTOM, _BATCH_NORM, _FUSED, _GUARDED, _UNCHAINED = 1, 2, 4, 8, 16, 32
+# the node types a chain graph (``_exact.chain``) may hold: its formulas' nodes, the leaves and
+# a weight's transpose (``tests/exact/test_chain.py`` checks them against ``_FORMULAS``)
+CHAIN_NODES = frozenset(
+    {
+        "AccumulateGrad",
+        "TBackward0",
+        "AddmmBackward0",
+        "MmBackward0",
+        "TanhBackward0",
+        "SigmoidBackward0",
+        "ReluBackward0",
+        "GeluBackward0",
+        "EluBackward0",
+        "SoftplusBackward0",
+        "LeakyReluBackward0",
+    }
+)
 # ``_kind`` of the C++ node types met so far, per tuple of guarded prefixes (a fixed set of
 # types: PyTorch's; custom ``autograd.Function`` nodes, one type per user class, are not kept)
 _KINDS: dict[tuple[type, tuple[str, ...]], int] = {}
@@ -74,6 +94,8 @@ def _kind(cls: type, guarded: tuple[str, ...]) -> int:
         kind = _FUSED
     if guarded and name.startswith(guarded):  # a batch norm's node too (instance norm)
         kind |= _GUARDED
+    if name not in CHAIN_NODES:  # (a custom Function's node too)
+        kind |= _UNCHAINED
     return kind
 
 
@@ -110,7 +132,10 @@ def search(y: torch.Tensor, x_leaf: torch.Tensor, guarded: tuple[str, ...] = ())
             kind = _kind(cls, guarded)
             if not kind & _CUSTOM:
                 kinds[cls, guarded] = kind
-        if kind:
+        if kind == _UNCHAINED:  # (most nodes of a graph that is not an MLP's)
+            found.unchained = True
+        elif kind:
+            found.unchained = found.unchained or bool(kind & _UNCHAINED)
             if kind & _LEAF:
                 found.others = found.others or node.variable is not x_leaf
             elif kind & _CUSTOM:

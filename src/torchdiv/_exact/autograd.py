@@ -349,9 +349,10 @@ class GraphJacobian:
         # evaluated again (``_evaluated``): "auto" keeps watching it (not ``Passed``)
         self.inner_again = False
         # of_function: torchdiv evaluated f itself, so a gradient hook f registers on a tensor
-        # is refused (``refuse_gradient_hook``), and the chain may stand in for the engine
-        # (``_exact.chain``); a caller's graph (the graph form) may hold hooks: the engine
-        self.evaluated = False
+        # is refused (``refuse_gradient_hook``), and search met only node types a chain may
+        # hold (``walk.CHAIN_NODES``): the chain may stand in for the engine (``_exact.chain``);
+        # a caller's graph (the graph form) may hold hooks: the engine
+        self.chained = False
 
     @classmethod
     def of_function(
@@ -411,7 +412,7 @@ class GraphJacobian:
         engine.batch_norms = found.batch_norms
         engine.guarded = guarded
         engine.inner_again = inner
-        engine.evaluated = True
+        engine.chained = not found.unchained
         return engine
 
     def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
@@ -445,7 +446,7 @@ class GraphJacobian:
         Where torchdiv evaluated ``f`` itself, nothing is watched or wrapped and ``y``'s graph
         is a chain (an MLP), all the products at once by its formulas instead, without the
         engine (``_exact.chain``)."""
-        if self.evaluated and not self._custom and self._peers.inert:
+        if self.chained and not self._custom and self._peers.inert:
             steps = chain(self.y, self.x)
             if steps:
                 return chain_products(steps, cotangents, self.create_graph)
@@ -545,7 +546,7 @@ class GraphJacobian:
             return None
         samples, n = self.x.shape[: self.batch_dims].numel(), event_numel(self.x, self.batch_dims)
         vectors = basis(start, stop, self.y, self.batch_dims)
-        steps = chain(self.y, self.x) if self.evaluated else None
+        steps = chain(self.y, self.x) if self.chained else None
         if steps:  # every row in one go, without the engine (``_exact.chain``), as (k, N, n)
             rows = chain_products(steps, vectors, self.create_graph)
             flat = rows if rows.shape[1:] == (samples, n) else rows.reshape(-1, samples, n)
