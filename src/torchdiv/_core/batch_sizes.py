@@ -29,8 +29,10 @@ import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import sympy
+import sympy  # type: ignore[import-untyped]
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchdiv._core.mixing.writes import written_arguments
 
@@ -111,7 +113,7 @@ def _symbolic(
     env = ShapeEnv()
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
     static = [DimDynamic.STATIC] * (x.dim() - 1)
-    context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, *static])
+    context: Any = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, *static])
     fake = mode.from_tensor(x.detach(), symbolic_context=context)
     size = fake.shape[0]
     if not isinstance(size, torch.SymInt):
@@ -131,7 +133,7 @@ def _restored(f: Callable[[torch.Tensor], Any]) -> Iterator[None]:
     tensor left in ``f`` broke its next call, eager or recorded). A closure's or a global's
     state is not seen (``docs/guide/limitations.md``)."""
     modules = list(f.modules()) if isinstance(f, torch.nn.Module) else []
-    held = [vars(m) for m in modules]
+    held: list[Any] = [vars(m) for m in modules]
     held += [v for d in held for v in d.values() if isinstance(v, (list, dict, set))]
     saved = [copy.copy(v) for v in held]
     try:
@@ -145,7 +147,7 @@ def _restored(f: Callable[[torch.Tensor], Any]) -> Iterator[None]:
                 now.update(was)
 
 
-class _Numbers(torch.utils._python_dispatch.TorchDispatchMode):
+class _Numbers(TorchDispatchMode):
     """The non-tensor arguments of every ATen call; raises at a write into a real tensor
     (``f``'s buffer: the fake mode runs a call on real tensors alone as it is, so the write
     would count once more; the replays refuse such an ``f`` anyway)."""
@@ -160,7 +162,7 @@ class _Numbers(torch.utils._python_dispatch.TorchDispatchMode):
         kwargs = kwargs or {}
         if not all(isinstance(t, FakeTensor) for t in written_arguments(func, args, kwargs)):
             raise RuntimeError(f"{func} writes into a tensor f holds")
-        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        leaves = pytree.tree_leaves((args, kwargs))
         self.found += [a for a in leaves if not isinstance(a, torch.Tensor)]
         return func(*args, **kwargs)
 

@@ -74,9 +74,13 @@ _FORMULAS: dict[str, Step] = {
 # which input of each listed node is on the chain (``addmm``'s ``mat1``; the others have one)
 _ON_CHAIN = {"AddmmBackward0": 1}
 # the saved tensor each formula reads (``_raw_saved_*``: its ``SavedTensor``, hooks readable)
-_SAVED = dict.fromkeys(("AddmmBackward0", "MmBackward0"), "_raw_saved_mat2") | dict.fromkeys(
-    ("TanhBackward0", "SigmoidBackward0", "ReluBackward0"), "_raw_saved_result"
-)
+_SAVED: dict[str, str] = {
+    "AddmmBackward0": "_raw_saved_mat2",
+    "MmBackward0": "_raw_saved_mat2",
+    "TanhBackward0": "_raw_saved_result",
+    "SigmoidBackward0": "_raw_saved_result",
+    "ReluBackward0": "_raw_saved_result",
+}
 _DTYPES = (torch.float32, torch.float64)
 _LEAF = "torch::autograd::AccumulateGrad"
 
@@ -121,7 +125,9 @@ def chain(y: torch.Tensor, x: torch.Tensor) -> list[tuple[Step, Any]] | None:
         name = node.name()
         step = _FORMULAS.get(name)
         if step is None:
-            return steps if steps and name == _LEAF and node.variable is x else None
+            return (
+                steps if steps and name == _LEAF and getattr(node, "variable", None) is x else None
+            )
         if getattr(node, _SAVED.get(name, "_raw_saved_self")).unpack_hook is not None:
             return None  # (a checkpoint's: each read outside a pass would recompute its region)
         on = _ON_CHAIN.get(name, 0)
