@@ -396,3 +396,16 @@ def test_buffers_read_from_a_deeper_plain_object_are_watched(case: str) -> None:
     held.buffers = {"order": torch.tensor([1, 2, 3, 0])}
     with pytest.raises(BatchInteractionError, match="mixes samples"):
         torchdiv.divergence(f, x)
+
+
+def test_an_installed_library_s_classes_are_not_read_the_caller_s_are():
+    """The key reads the attributes of the caller's own classes, not of installed libraries'
+    (their modules' files under ``site-packages``: a BERT call read 18 classes, 87 -> 167 us a
+    key, rev-merges21d)."""
+    from torchdiv._taylor.cache import _installed
+
+    class Own(torch.nn.Module):
+        pass
+
+    assert _installed(pytest.MonkeyPatch)
+    assert not _installed(Own)

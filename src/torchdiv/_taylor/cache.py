@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import pathlib
+import sys
 import threading
 import types
 import weakref
@@ -728,9 +730,24 @@ def _classes(kind: Any) -> tuple[Any, ...]:
         if c is not object
         and not str(c.__dict__.get("__module__", "")).startswith(("torch.", "builtins"))
         and len(c.__dict__) <= CLASS_ITEMS
+        and not _installed(c)
     )
     _CLASSES[kind] = found
     return found
+
+
+_INSTALLED = ("site-packages", "dist-packages")
+
+
+def _installed(c: type) -> bool:
+    """Whether ``c`` is an installed library's class (its module's file under
+    ``site-packages``): its attributes are not read, as torch's are not (HF's BERT layers,
+    diffusers' blocks, e3nn's: 18 classes and 130 attributes a BERT call, 87 -> 167 us a
+    key, rev-merges21d); the caller's own classes, in a script, a notebook or a repository
+    (an editable install too), are."""
+    module = sys.modules.get(str(c.__dict__.get("__module__", "")))
+    path = str(getattr(module, "__file__", None) or "")
+    return any(part in _INSTALLED for part in pathlib.PurePath(path).parts)
 
 
 def _class_state(ref: Any, stack: list[Any]) -> tuple[Any, ...]:
