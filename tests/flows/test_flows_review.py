@@ -19,18 +19,21 @@ def normal(z: torch.Tensor) -> torch.Tensor:
 
 class Counted(nn.Module):
     """A tanh MLP field that refuses to be evaluated more than ``limit`` times (a stalled
-    adaptive solve would otherwise run until memory runs out)."""
+    adaptive solve would otherwise run until memory runs out). Its count is a buffer: a
+    Python number is part of the field's structure, watched again at every evaluation where
+    it changes (keyleft21; docs/guide/flows.md)."""
 
     def __init__(self, n: int, limit: int = 1500):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(n + 1, 16), nn.Tanh(), nn.Linear(16, n)).double()
-        self.nfe, self.limit = 0, limit
+        self.register_buffer("nfe", torch.zeros((), dtype=torch.int64))
+        self.limit = limit
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         if self.nfe > self.limit:
-            raise RuntimeError(f"solve stalled: {self.nfe} evaluations, t={float(t)}")
+            raise RuntimeError(f"solve stalled: {int(self.nfe)} evaluations, t={float(t)}")
         return self.net(torch.cat([z, t.expand(*z.shape[:-1], 1)], -1))
 
 
