@@ -632,6 +632,7 @@ def _held(f: torch.nn.Module) -> tuple[Any, ...]:
             walked_classes.update(classes)
         buffers = attributes.get("_buffers")
         parameters, children = attributes.get("_parameters"), attributes.get("_modules")
+        compiled_with = attributes.get(_COMPILE_KWARGS)
         before = len(held)
         held += [
             v
@@ -648,11 +649,21 @@ def _held(f: torch.nn.Module) -> tuple[Any, ...]:
             if t is types.MethodType
             else _contained(v, stack, untold)
             for v in attributes.values()
-            # (its own dictionaries of parameters, buffers and submodules: read below)
+            # (its own dictionaries of parameters, buffers and submodules: read below; and
+            # Lightning's record of ``torch.compile``'s arguments, ``_COMPILE_KWARGS``)
             if (t := type(v)) in _MODULE_KEYED
-            and (t is not dict or (v is not parameters and v is not buffers and v is not children))
+            and (
+                t is not dict
+                or (
+                    v is not parameters
+                    and v is not buffers
+                    and v is not children
+                    and v is not compiled_with
+                )
+            )
         ]
-        if len(attributes) - (len(held) - before) != len(_MODULE_OWN):
+        told = len(held) - before + (compiled_with is not None)
+        if len(attributes) - told != len(_MODULE_OWN):
             held += _others(attributes, stack)
         pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
         if pre or post:  # by their handles' ids (a counter: never reused)
@@ -669,6 +680,14 @@ def _held(f: torch.nn.Module) -> tuple[Any, ...]:
             stack += [c for c in children.values() if c is not None]
     return (tuple(held), tuple(grads)) if not untold else (UNTOLD, tuple(held), tuple(grads))
 
+
+# Lightning (imported, it wraps ``torch.compile``) keeps the arguments of ``torch.compile(net,
+# **kwargs)`` on ``net`` as ``_compile_kwargs``, a deep copy read only to compile again: a
+# backend object there (``backend=Counting()``: a plain object, not told) made every call of
+# such a model a structure without a pass kept, watched again (a test's compiled
+# model watched twice once another test had imported Lightning, twenty-second session). Not
+# part of the key.
+_COMPILE_KWARGS = "_compile_kwargs"
 
 # the attributes every module holds that ``_held``'s comprehension does not (its dictionaries of
 # parameters, buffers and submodules, its hooks' ``OrderedDict``s, its set of non-persistent
