@@ -512,3 +512,17 @@ def chained(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(autograd, "chain_products", spy)
     return calls
+
+
+def jacobian_alone(f, x: torch.Tensor) -> torch.Tensor:
+    """Each sample's Jacobian ``(B, m, n)``, ``f`` evaluated on that sample alone (a batch of
+    one), row by row by ``autograd.grad`` with ``create_graph`` (differentiable in what ``f``
+    closes over): a reference that cannot see other samples, whatever ``f`` does with them
+    (a branch on a batch statistic takes each sample's own branch)."""
+    out = []
+    for xb in x:
+        leaf = xb[None].detach().requires_grad_(True)
+        y = f(leaf).flatten()
+        rows = [torch.autograd.grad(y_i, leaf, create_graph=True)[0].flatten() for y_i in y]
+        out.append(torch.stack(rows))
+    return torch.stack(out)

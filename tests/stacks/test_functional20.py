@@ -17,7 +17,12 @@ import torch
 from torch.func import functional_call, jacrev, vmap
 
 import torchdiv
-from tests.conftest import assert_close, laplacian_alone, reference_divergence
+from tests.conftest import (
+    assert_close,
+    jacobian_alone,
+    laplacian_alone,
+    reference_divergence,
+)
 from tests.core.test_mixing_weight_factorizations import SpectralMLP
 
 f64 = torch.float64
@@ -153,18 +158,6 @@ def test_a_flat_vector_unflattened_by_its_shapes_is_watched_once(watches: list[i
     assert len(watches) == 1
 
 
-def _jacobian_alone(f, x: torch.Tensor) -> torch.Tensor:
-    """Each sample's Jacobian ``(B, m, n)``, evaluated on that sample alone, row by row by
-    ``autograd.grad`` with ``create_graph`` (differentiable in what ``f`` closes over)."""
-    out = []
-    for xb in x:
-        leaf = xb[None].detach().requires_grad_(True)
-        y = f(leaf).flatten()
-        rows = [torch.autograd.grad(y_i, leaf, create_graph=True)[0].flatten() for y_i in y]
-        out.append(torch.stack(rows))
-    return torch.stack(out)
-
-
 _PROBES = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(5), dtype=f64)
 
 # each operator and method, with its reference on each sample alone (``f``: ``(B, 3) -> (B, 3)``
@@ -172,21 +165,21 @@ _PROBES = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(5), dtype
 _CALLS = {
     "divergence structured": (
         lambda f, x: torchdiv.divergence(f, x, method="structured"),
-        lambda f, x: _jacobian_alone(f, x).diagonal(dim1=1, dim2=2).sum(-1),
+        lambda f, x: jacobian_alone(f, x).diagonal(dim1=1, dim2=2).sum(-1),
     ),
     "divergence forward": (
         lambda f, x: torchdiv.divergence(f, x, method="forward"),
-        lambda f, x: _jacobian_alone(f, x).diagonal(dim1=1, dim2=2).sum(-1),
+        lambda f, x: jacobian_alone(f, x).diagonal(dim1=1, dim2=2).sum(-1),
     ),
     "divergence hutchinson": (
         lambda f, x: torchdiv.divergence(f, x, method="hutchinson", probes=_PROBES),
-        lambda f, x: torch.einsum("rbi,bij,rbj->b", _PROBES, _jacobian_alone(f, x), _PROBES) / 2,
+        lambda f, x: torch.einsum("rbi,bij,rbj->b", _PROBES, jacobian_alone(f, x), _PROBES) / 2,
     ),
     "jacobian_diagonal reverse": (
         lambda f, x: torchdiv.jacobian_diagonal(f, x, method="reverse"),
-        lambda f, x: _jacobian_alone(f, x).diagonal(dim1=1, dim2=2),
+        lambda f, x: jacobian_alone(f, x).diagonal(dim1=1, dim2=2),
     ),
-    "jacobian auto": (lambda f, x: torchdiv.jacobian(f, x), _jacobian_alone),
+    "jacobian auto": (lambda f, x: torchdiv.jacobian(f, x), jacobian_alone),
     "laplacian taylor": (
         lambda f, x: torchdiv.laplacian(lambda z: f(z)[:, 0], x, method="taylor"),
         lambda f, x: laplacian_alone(lambda z: f(z)[:, 0], x),

@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, TypeVar
 
 import torch
+import torch._higher_order_ops
 import torch.utils.checkpoint as _checkpoint
 import torch.utils.hooks as _hooks
 
@@ -92,9 +94,9 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
         return named
     nested = getattr(exc, "_torchdiv_context", False)  # a public call inside this one's
     if not raised_by_f(exc) and not nested:
-        if _checkpointed(exc) is None:
+        if _checkpointed(exc) is None and not _control_flow(exc):
             return None
-        # a reentrant checkpoint's backward refused torchdiv's own autograd.grad
+        # a reentrant checkpoint's (or torch.cond's) backward refused torchdiv's autograd.grad
         return in_context(fn, "a backward pass through f(x)", exc, options)
     if "captured Tensor" in str(exc):  # a transform refused an update f makes
         evaluate = options.get("evaluate", options["f"])
@@ -221,6 +223,21 @@ def _frames(exc: BaseException) -> Iterator[FrameType]:
 
 _CHECKPOINT_FILE = _checkpoint.__file__
 
+# the eager implementations of torch.cond and torch.while_loop (``_control_flow``)
+_CONTROL_FLOW_FILES = frozenset(
+    os.path.join(os.path.dirname(torch._higher_order_ops.__file__), name)
+    for name in ("cond.py", "while_loop.py")
+)
+
+
+def _control_flow(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error in its chain) was raised inside ``torch.cond`` or
+    ``torch.while_loop``, read off the traceback: their eager forms run under plain
+    autograd's first derivatives only, and fail under ``torch.func``'s transforms, torchdiv's
+    dispatch modes or a second backward pass with PyTorch's internal errors (``KeyError:
+    <TransformType.Grad: 2>``, "no rule registered for HigherOrderOperator cond")."""
+    return any(frame.f_code.co_filename in _CONTROL_FLOW_FILES for frame in _frames(exc))
+
 
 def _hint(
     fn: str,
@@ -242,6 +259,16 @@ def _hint(
             "not differentiated again, so no method gives per-sample gradients of a loss built "
             "on derivatives of f. Take them by torch.func: vmap(grad(loss), in_dims=(None, "
             "0))(params, x) with each sample as a batch of one (functional_call inside f)."
+        )
+    if exc is not None and _control_flow(exc):
+        return (
+            "f calls torch.cond (or torch.while_loop), which PyTorch runs outside torch.compile "
+            "under plain autograd's first derivatives only: not under torch.func's transforms "
+            "or torchdiv's dispatch modes (every method evaluates f under one), nor twice "
+            "differentiated. Write the branch as torch.where(pred, true_fn(x), false_fn(x)) "
+            "(both branches evaluated; a pred that combines samples, x.abs().max() > 1, is "
+            "refused as sample mixing: take one per sample, x.abs().amax(-1, keepdim=True) > "
+            "1) or as a Python if (watched for sample mixing at every call)."
         )
     reentrant = None if exc is None else _checkpointed(exc)
     if reentrant:

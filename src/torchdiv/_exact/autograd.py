@@ -35,6 +35,7 @@ from torchdiv._core.walk import (
     ADJOINT,
     COMPILED,
     EXPANDED,
+    WHILE_LOOP,
     Found,
     nodes,
     once_differentiable_functions,
@@ -228,6 +229,14 @@ def once_differentiable_error(what: str, names: list[str]) -> str:
             "are refused. Take per-sample gradients of the loss by torch.func: "
             "vmap(grad(loss), in_dims=(None, 0))(params, x) with each sample as a batch of one "
             "(functional_call inside f; torchdiv's method='auto' runs there)"
+        )
+    if WHILE_LOOP in names:
+        return (
+            f"torchdiv: f runs torch.while_loop, whose backward (outside torch.compile) "
+            f"differentiates its steps again without the forward's carries' graph: {what} would "
+            "silently miss their part, so they are refused. Write the loop as a Python loop "
+            "(for or while over its steps: differentiated through, and its Python condition "
+            "watched for sample mixing at every call)"
         )
     if ADJOINT in names:
         return (
