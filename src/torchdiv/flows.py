@@ -230,6 +230,44 @@ def _differentiates_others(
     )
 
 
+def _check_adjoint(fn: str, f: Any, x: torch.Tensor, times: torch.Tensor) -> None:
+    """Refuse ``adjoint=True`` where torchdiffeq's adjoint would fail or be wrong: ``f`` not a
+    module or a bound method of one, parameters sharded by FSDP2, under the caller's
+    ``torch.func`` transform, or ``f`` differentiating into tensors other than its module's
+    parameters (``_lost_to_adjoint``, ``_differentiates_others``: their gradients would be
+    lost silently)."""
+    module = _module_of(f)
+    if module is None:
+        raise TypeError(
+            f"{fn}: adjoint=True computes gradients for the parameters of f, so f must be an "
+            f"nn.Module or a bound method of one, got {type(f).__name__}; wrap it in a module "
+            "or use adjoint=False"
+        )
+    if any(_sharded(p) for p in module.parameters()):
+        raise ValueError(
+            f"{fn}: adjoint=True with parameters sharded by FSDP2 (fully_shard): torchdiffeq's "
+            "adjoint concatenates the parameters with plain tensors, which sharded ones "
+            "refuse; use adjoint=False (backpropagation through the solver)"
+        )
+    if peek_interpreter_stack() is not None:
+        raise _under_transform(fn, "adjoint=True")
+    lost = _lost_to_adjoint(f, module)
+    others = _differentiates_others(f, x, times, module)
+    if others:
+        lost = lost or ["a tensor its output depends on (found in the autograd graph of f(t, z))"]
+    elif others is not None:  # held, not differentiated: a frozen net under no_grad, a parent
+        lost = []
+    if lost:
+        raise ValueError(
+            f"{fn}: adjoint=True gives gradients to the parameters of f's module "
+            f"({type(module).__name__}) only (torchdiffeq's adjoint_params), but f also reads "
+            f"{', '.join(lost)}, which requires grad through other tensors (a context "
+            "encoder's output, a hypernetwork's weights): their gradients would be lost "
+            "silently; use adjoint=False (backpropagation through the solver), or make them "
+            "parameters of the module"
+        )
+
+
 def _lost(held: torch.Tensor | nn.Module, own: set[int]) -> bool:
     """Whether a tensor requires grad through tensors other than ``own`` (by ``id``), or a
     module has a parameter that requires grad outside ``own``."""
@@ -726,36 +764,8 @@ def log_likelihood(
     check_flag(fn, "return_stderr", return_stderr)
     check_flag(fn, "adjoint", adjoint)
     check_options(fn, options)
-    module = _module_of(f)
-    if adjoint and module is None:
-        raise TypeError(
-            f"{fn}: adjoint=True computes gradients for the parameters of f, so f must be an "
-            f"nn.Module or a bound method of one, got {type(f).__name__}; wrap it in a module "
-            "or use adjoint=False"
-        )
-    if adjoint and module is not None and any(_sharded(p) for p in module.parameters()):
-        raise ValueError(
-            f"{fn}: adjoint=True with parameters sharded by FSDP2 (fully_shard): torchdiffeq's "
-            "adjoint concatenates the parameters with plain tensors, which sharded ones "
-            "refuse; use adjoint=False (backpropagation through the solver)"
-        )
-    if adjoint and peek_interpreter_stack() is not None:
-        raise _under_transform(fn, "adjoint=True")
-    lost = _lost_to_adjoint(f, module) if adjoint and module is not None else []
-    others = adjoint and module is not None and _differentiates_others(f, x, times, module)
-    if others:
-        lost = lost or ["a tensor its output depends on (found in the autograd graph of f(t, z))"]
-    elif others is not None:  # held, not differentiated: a frozen net under no_grad, a parent
-        lost = []
-    if lost:
-        raise ValueError(
-            f"{fn}: adjoint=True gives gradients to the parameters of f's module "
-            f"({type(module).__name__}) only (torchdiffeq's adjoint_params), but f also reads "
-            f"{', '.join(lost)}, which requires grad through other tensors (a context "
-            "encoder's output, a hypernetwork's weights): their gradients would be lost "
-            "silently; use adjoint=False (backpropagation through the solver), or make them "
-            "parameters of the module"
-        )
+    if adjoint:
+        _check_adjoint(fn, f, x, times)
     dynamics = AugmentedDynamics(
         f, x, batch_dims=batch_dims, method=method, probes=None if s is None else s.probes,
         chunk_size=chunk_size,

@@ -250,7 +250,18 @@ def _hint(
 ) -> str | None:
     """A likely fix for the usual mistakes (``exc``: the error, whose traceback may show a
     ``torch.utils.checkpoint`` or a module's backward hook; ``method``: the one that raised,
-    never named as the way out)."""
+    never named as the way out); the first of these kinds that knows the error, in turn."""
+    return (
+        _traceback_hint(message, exc)
+        or _transform_hint(fn, message, x, exc, method)
+        or _plain_autograd_hint(fn, message, call, method)
+        or _dtype_hint(message, f, x)
+        or _call_hint(message, call)
+    )
+
+
+def _traceback_hint(message: str, exc: BaseException | None) -> str | None:
+    """``_hint`` for what the traceback of ``exc`` shows: ExpandedWeights, a checkpoint."""
     if "Expanded Weights" in message or (exc is not None and _expanded_weights(exc)):
         return (
             "f computes through torch's ExpandedWeights (call_for_per_sample_grads, Opacus's "
@@ -285,6 +296,15 @@ def _hint(
             "saved-tensor hooks, or, in forward mode, its recomputation. Use method='auto', "
             "which differentiates f with plain autograd there."
         )
+    return None
+
+
+def _transform_hint(
+    fn: str, message: str, x: torch.Tensor, exc: BaseException | None, method: object
+) -> str | None:
+    """``_hint`` for what ``torch.func``'s transforms and dispatch modes refuse in ``f``:
+    random draws under vmap, an ``autograd.Function`` without ``setup_context``, a tensor
+    subclass made under a mode, an op without a forward-mode rule."""
     if "random operation" in message and "vmap" in message:
         way = _RANDOM_WAYS.get(fn.rpartition(".")[2], "method='reverse'")
         return (
@@ -323,6 +343,13 @@ def _hint(
         )
     if "Trying to use forward AD with" in message:  # an op without a forward-mode rule
         return _forward_ad_hint(fn, message)
+    return None
+
+
+def _plain_autograd_hint(fn: str, message: str, call: str, method: object) -> str | None:
+    """``_hint`` for what plain autograd runs and ``torch.func``'s wrappers do not: an op
+    reading memory directly, a sparse CSR product, a backward pass or ``requires_grad_``
+    inside ``f``."""
     if "doesn't have storage" in message:  # an op reading memory under torch.func's wrappers
         return (
             "an op of f reads its input's memory directly (a packed sequence's "
@@ -349,6 +376,11 @@ def _hint(
             "x.requires_grad else x.requires_grad_(True) runs under 'reverse' too (but not "
             "'forward', which cannot run a backward pass inside f)."
         )
+    return None
+
+
+def _dtype_hint(message: str, f: Any, x: torch.Tensor) -> str | None:
+    """``_hint`` for a dtype mismatch: which of ``f``'s parameters and ``x`` differ."""
     if "dtype" in message or "scalar type" in message:
         params = [p for m in _modules(f) for p in m.parameters()]
         other = [p.dtype for p in params if p.is_floating_point() and p.dtype != x.dtype]
@@ -364,6 +396,12 @@ def _hint(
             f"{what} but x is {x.dtype}: convert one to the other, e.g. model.to(x.dtype) or "
             f"x.to({other[0] if other else 'the model dtype'})."
         )
+    return None
+
+
+def _call_hint(message: str, call: str) -> str | None:
+    """``_hint`` for the way torchdiv calls ``f`` (``call``): ``f(x)``, or ``f(t, z)`` with a
+    0-dim ``t``."""
     if "positional argument" in message and call == "f(x)":
         return (
             "torchdiv calls f(x) with the batch alone; for a function of (t, x) pass "

@@ -392,8 +392,25 @@ def _nested_laplacian(
 
 
 class ValueGradLaplacian(NamedTuple):
-    """What ``value_grad_laplacian`` returns: ``f(x)``, its per-sample gradient (Jacobian),
-    its Laplacian."""
+    r"""What ``value_grad_laplacian`` returns for ``y = f(x)``, with ``B = x.shape[:batch_dims]``
+    and the events ``y_event = y.shape[batch_dims:]``, ``x_event = x.shape[batch_dims:]``.
+
+    Fields:
+        value: ``y`` as ``f`` returns it, shape ``y.shape``.
+        gradient: every sample's Jacobian ``∂y_{b,i} / ∂x_{b,j}``, shape
+            ``B + y_event + x_event`` (``x.shape`` for one scalar per sample).
+        laplacian: every sample's Laplacian ``Σ_j ∂²y_{b,i} / ∂x_{b,j}²`` (over
+            ``coordinates`` only, where given), shape ``B + y_event``.
+
+    Example:
+        >>> import torch, torchdiv  # (run from torchdiv's namespace: the class's module)
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> value, gradient, laplacian = torchdiv.value_grad_laplacian(lambda x: x.pow(3), x)
+        >>> value.shape, gradient.shape, laplacian.shape
+        (torch.Size([4, 3]), torch.Size([4, 3, 3]), torch.Size([4, 3]))
+        >>> torch.allclose(gradient, torch.diag_embed(3 * x**2)), torch.allclose(laplacian, 6 * x)
+        (True, True)
+    """
 
     value: torch.Tensor
     gradient: torch.Tensor

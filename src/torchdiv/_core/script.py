@@ -105,19 +105,23 @@ def initialized(f: Any) -> bool:
     return True
 
 
-def scripted(f: Any, depth: int = 3, lazy: list[Any] | None = None) -> list[Any]:
+# how many functions deep ``scripted`` follows what a function names (its callees' callees...)
+_FUNCTION_DEPTH = 3
+
+
+def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     """The ``torch.jit.ScriptModule``s and ``ScriptFunction``s ``f`` is or reaches: through
     submodules (not into a scripted one: its calls are inlined in its own graph) and their
     classes' ``forward``, the functions a module holds as attributes (``self.act =
     torch.jit.script(fn)``), bound methods, partials and the arguments they bind, callable
     objects (their class's ``__call__`` and the functions they hold), and a function's
     closure cells, default arguments and the globals its code and the functions defined in
-    it name (a scripted activation), ``depth`` functions deep. Each object's kind
+    it name (a scripted activation), ``_FUNCTION_DEPTH`` functions deep. Each object's kind
     is read from its type once per type (``_kind``): about 1 us per module. ``lazy``: the
     modules met with uninitialized parameters (lazy modules) are appended to it."""
     out: list[Any] = []
     seen: set[int] = set()
-    todo = [(f, depth)]
+    todo = [(f, _FUNCTION_DEPTH)]
     while todo:
         obj, left = todo.pop()
         kind = _KINDS.get(id(type(obj))) or _kind(type(obj))

@@ -196,13 +196,14 @@ def _unmarked(out: torch.Tensor, marker: torch.Tensor) -> torch.Tensor:
     """``out`` computed from ``_marked`` cotangents ``marker``, detached where its graph reaches
     no other leaf (a Jacobian that depends on no parameter comes back without a graph, as
     unmarked cotangents left it); the edge to ``marker`` is otherwise harmless."""
-    others = any(getattr(node, "variable", marker) is not marker for node, _ in _graph_edges(out))
+    others = any(getattr(node, "variable", marker) is not marker for node in nodes(out.grad_fn))
     return out if others else out.detach()
 
 
 def _reached_leaves(y: torch.Tensor) -> list[torch.Tensor]:
-    """The leaves requiring grad that ``y``'s graph reaches (its ``AccumulateGrad`` nodes')."""
-    return [node.variable for node, _ in _graph_edges(y) if hasattr(node, "variable")]
+    """The leaves requiring grad that ``y``'s graph reaches (its ``AccumulateGrad`` nodes'),
+    each once."""
+    return [node.variable for node in nodes(y.grad_fn) if hasattr(node, "variable")]
 
 
 def once_differentiable_error(what: str, names: list[str]) -> str:
@@ -611,18 +612,10 @@ class RerunJacobian(GraphJacobian):
 
 def _graph_edges(y: torch.Tensor) -> Iterator[tuple[Any, int]]:
     """Every ``(node, output_nr)`` that ``y`` was computed through, starting with ``y``'s own;
-    each node is expanded once."""
+    each node (``walk.nodes``) is expanded once."""
     yield y.grad_fn, y.output_nr
-    seen: set[Any] = set()
-    stack = [y.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        for child, nr in node.next_functions:
-            yield child, nr
-            stack.append(child)
+    for node in nodes(y.grad_fn):
+        yield from node.next_functions
 
 
 def leaf(x: torch.Tensor) -> torch.Tensor:

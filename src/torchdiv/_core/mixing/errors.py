@@ -115,49 +115,58 @@ def explain(what: str, x: torch.Tensor, batch_dims: int) -> str:
             "If that dimension belongs to each sample's event, lower batch_dims; if f really "
             "combines samples, per-sample derivatives do not exist."
         )
-        if _SPLIT_WHAT in what:  # x.reshape(F, P, D) inside f, read by einsum or bmm
-            fix += (
-                " Where f splits the batch in order (x.reshape(F, P, D), points grouped per "
-                "function) and keeps each sample apart, pass x in that shape with batch_dims "
-                "set to the number of leading dimensions the batch was split into (batch_dims=2 "
-                "for (F, P, D)): the watch follows batch dimensions through einsum, bmm and "
-                "transposes, but not a batch split inside f."
-            )
-        if what.startswith(_PUT_WHAT):  # message passing along dimension 0
-            fix += (
-                " A batch of graphs with its nodes along dimension 0 (PyTorch Geometric's "
-                "batch vector) makes each node a sample: give f a padded batch (B, N, ...) "
-                "with node masks, or sum torchdiv.jacobian_diagonal(f, x, batch_dims=0) over "
-                "each graph's nodes."
-            )
-        if _KERNEL_WHAT in what:  # sq_dist's and MaternKernel's x1 - x1.mean(-2)
-            fix += (
-                " GPyTorch's kernels subtract the mean of their first input over the points "
-                "(dimension -2) before taking distances, which cancel it: a posterior mean or "
-                "variance of each point is per sample all the same. Give each point its own GP "
-                "batch of one, f = lambda z: model.posterior(z.unsqueeze(-2)).mean.squeeze(-2) "
-                "(BoTorch's (b, q, d) candidates: (b, q, 1, d)); a covariance or joint samples "
-                "across the points have no per-sample derivatives."
-            )
-        if what.startswith(_COLLECTIVE_WHAT):  # c10d's or the functional collectives
-            fix += (
-                " Under tensor parallelism every rank holds the same samples and a collective "
-                "combines the features of each (Megatron-style autograd.Functions that "
-                "all-reduce a row-parallel layer's partial sums or gather a column-parallel "
-                "layer's outputs): f is per sample there, and its backward gives each rank the "
-                "derivatives; call it inside torchdiv.allow_batch_interaction(). Under data "
-                "parallelism (other samples on other ranks) it has none."
-            )
-        if what.startswith(_PRODUCT_WHAT):  # a graph's adjacency over flattened samples
-            fix += (
-                " A graph net over a batch flattened to (B * N, F) with one adjacency "
-                "(torch.block_diag(*adj) @ h, torch.sparse.mm(adj, h)) sums over samples "
-                "wherever an entry joins two: give f the per-sample adjacency as (B, N, N) and "
-                "use torch.bmm(adj, h) or torch.einsum('bij,bjf->bif', adj, h), per sample."
-            )
+        fix += _model_hints(what)
     return (
         text + fix + " To compute it anyway, wrap the call in torchdiv.allow_batch_interaction()."
     )
+
+
+def _model_hints(what: str) -> str:
+    """The ways out ``explain`` adds for the models whose mixing ``what`` names: a batch split
+    inside ``f``, message passing along dimension 0, a GPyTorch kernel, a collective, a graph
+    net's adjacency over flattened samples ("" for none)."""
+    hints = ""
+    if _SPLIT_WHAT in what:  # x.reshape(F, P, D) inside f, read by einsum or bmm
+        hints += (
+            " Where f splits the batch in order (x.reshape(F, P, D), points grouped per "
+            "function) and keeps each sample apart, pass x in that shape with batch_dims "
+            "set to the number of leading dimensions the batch was split into (batch_dims=2 "
+            "for (F, P, D)): the watch follows batch dimensions through einsum, bmm and "
+            "transposes, but not a batch split inside f."
+        )
+    if what.startswith(_PUT_WHAT):  # message passing along dimension 0
+        hints += (
+            " A batch of graphs with its nodes along dimension 0 (PyTorch Geometric's "
+            "batch vector) makes each node a sample: give f a padded batch (B, N, ...) "
+            "with node masks, or sum torchdiv.jacobian_diagonal(f, x, batch_dims=0) over "
+            "each graph's nodes."
+        )
+    if _KERNEL_WHAT in what:  # sq_dist's and MaternKernel's x1 - x1.mean(-2)
+        hints += (
+            " GPyTorch's kernels subtract the mean of their first input over the points "
+            "(dimension -2) before taking distances, which cancel it: a posterior mean or "
+            "variance of each point is per sample all the same. Give each point its own GP "
+            "batch of one, f = lambda z: model.posterior(z.unsqueeze(-2)).mean.squeeze(-2) "
+            "(BoTorch's (b, q, d) candidates: (b, q, 1, d)); a covariance or joint samples "
+            "across the points have no per-sample derivatives."
+        )
+    if what.startswith(_COLLECTIVE_WHAT):  # c10d's or the functional collectives
+        hints += (
+            " Under tensor parallelism every rank holds the same samples and a collective "
+            "combines the features of each (Megatron-style autograd.Functions that "
+            "all-reduce a row-parallel layer's partial sums or gather a column-parallel "
+            "layer's outputs): f is per sample there, and its backward gives each rank the "
+            "derivatives; call it inside torchdiv.allow_batch_interaction(). Under data "
+            "parallelism (other samples on other ranks) it has none."
+        )
+    if what.startswith(_PRODUCT_WHAT):  # a graph's adjacency over flattened samples
+        hints += (
+            " A graph net over a batch flattened to (B * N, F) with one adjacency "
+            "(torch.block_diag(*adj) @ h, torch.sparse.mm(adj, h)) sums over samples "
+            "wherever an entry joins two: give f the per-sample adjacency as (B, N, N) and "
+            "use torch.bmm(adj, h) or torch.einsum('bij,bjf->bif', adj, h), per sample."
+        )
+    return hints
 
 
 def _module_in_stack() -> str | None:
