@@ -23,6 +23,7 @@ from torch._C._dynamo.eval_frame import get_eval_frame_callback
 from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules import module as _module_hooks
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves, tree_map
@@ -72,6 +73,7 @@ def _eager_call(
     Dynamo traces."""
     started = call_started(f)  # TorchScript in f: run as written (with the flag below)
     guards = _fabric_guards_off()
+    trackers = _trackers_off()
     try:
         with CompiledCodeEager():
             if not spans_peers():  # no process group (or an outer call's): nothing to share
@@ -82,6 +84,61 @@ def _eager_call(
     finally:
         call_ended(started)
         _fabric_guards_on(guards)
+        _trackers_on(trackers)
+
+
+# PyTorch's module tracker (``torch.utils.module_tracker.ModuleTracker``, which
+# ``torch.utils.flop_counter.FlopCounterMode`` enters) hooks, by global forward hooks, every
+# module input and output that requires grad with a hook of all their gradients: at the first
+# of them in an ``autograd.grad`` pass it asks the engine which of them it will reach, which
+# PyTorch refuses for a leaf (``x``'s, ``torch.func``'s inputs: "A leaf node was passed to
+# _will_engine_execute_node", pytorch#131753), and its ``requires_grad`` reads stopped the
+# recording engines
+_TRACKER_MODULE = "torch.utils.module_tracker"
+
+
+def _trackers_off() -> bool:
+    """Switch off the forward hooks of every module tracker (``FlopCounterMode``'s) while this
+    call, or an overlapping call of another thread, is inside (``_TRACKERS``); whether the call
+    holds them off (``_trackers_on`` puts them back). The tracker's dispatch mode still sees
+    every op the call runs: a FLOP counter counts them, under the modules around the call
+    rather than ``f``'s own."""
+    if not _module_hooks._global_forward_pre_hooks or _TRACKER_MODULE not in sys.modules:
+        return False  # the usual case: no global hooks
+    _TRACKERS.enter(_untracked)
+    return True
+
+
+def _untracked() -> list[tuple[dict[int, Any], int, Any]]:
+    """The module trackers' global forward hooks (their dictionary, key and hook), each
+    replaced in place by ``_no_hook`` (the dictionaries' order kept)."""
+    tracker = sys.modules[_TRACKER_MODULE].ModuleTracker
+    found = [
+        (hooks, key, hook)
+        for hooks in (_module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks)
+        for key, hook in hooks.items()
+        if isinstance(getattr(hook, "__self__", None), tracker)
+    ]
+    for hooks, key, _ in found:
+        hooks[key] = _no_hook
+    return found
+
+
+def _no_hook(*_: Any) -> None:
+    """A module tracker's hook while a call holds it off."""
+
+
+def _trackers_on(held: bool) -> None:
+    """Where the call held the module trackers off (``_trackers_off``), let go: the last call
+    to leave puts back those the first switched off (unless removed meanwhile)."""
+    if held:
+        _TRACKERS.exit(_tracked)
+
+
+def _tracked(found: list[tuple[dict[int, Any], int, Any]]) -> None:
+    for hooks, key, hook in found:
+        if key in hooks:
+            hooks[key] = hook
 
 
 # Lightning Fabric's module wrapper (either package) hooks every output of a module set up
@@ -462,6 +519,7 @@ _FASTPATH = _Held()  # nn.MultiheadAttention's fast path, off while torchdiv run
 # scaled_dot_product_attention's backends (process-wide flags), the math one alone meanwhile
 _SDPA = _Held()
 _FABRIC = _Held()  # Lightning Fabric's guards (``_fabric_guards_off``), off while torchdiv runs
+_TRACKERS = _Held()  # module trackers' forward hooks (``_trackers_off``), off while torchdiv runs
 
 
 class CompiledCodeEager(contextlib.ContextDecorator):
