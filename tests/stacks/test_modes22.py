@@ -115,3 +115,48 @@ def test_the_watch_still_refuses_a_mixing_f_under_a_flop_counter():
         with pytest.raises(torchdiv.BatchInteractionError):
             torchdiv.divergence(lambda z: net(z - z.mean(0)), x)
         torchdiv.divergence(lambda z: net(z), x)  # per sample: not refused
+
+
+# activation offloading around the step: torch.func's reverse mode refuses saved-tensor hooks
+REFUSED = {
+    "divergence-reverse": lambda net, u, x: torchdiv.divergence(net, x, method="reverse"),
+    "jacobian-reverse": lambda net, u, x: torchdiv.jacobian(net, x, method="reverse"),
+    "laplacian-hessian": lambda net, u, x: torchdiv.laplacian(u, x, method="hessian"),
+    "biharmonic-forward-over-reverse": lambda net, u, x: torchdiv.biharmonic(
+        u, x, method="forward-over-reverse"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_method_torch_func_refuses_under_save_on_cpu_names_the_way_out(case):
+    net, x = tanh_mlp(3, 8, 3), torch.randn(4, 3, dtype=f64)
+
+    def u(z: torch.Tensor) -> torch.Tensor:
+        return net(z).sum(-1)
+
+    fn = case.partition("-")[0]
+    with torch.autograd.graph.save_on_cpu(), pytest.raises(RuntimeError) as error:
+        REFUSED[case](net, u, x)
+    assert str(error.value).startswith(f"{fn}: method=")
+    assert "method='auto'" in str(error.value) and "save_on_cpu" in str(error.value)
+
+
+def test_auto_under_offloading_hooks_is_right_and_offloads():
+    net, x = tanh_mlp(3, 8, 1), torch.randn(4, 3, dtype=f64)
+
+    def u(z: torch.Tensor) -> torch.Tensor:
+        return net(z).squeeze(-1)
+
+    packed = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(t.shape)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = torchdiv.laplacian(u, x)
+    assert packed
+    want = laplacian_alone(u, x)
+    assert_close(got, want)
+    assert_same_parameter_gradients(net, got.sum(), want.sum())
