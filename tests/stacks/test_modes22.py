@@ -46,8 +46,17 @@ SCALAR = {
 }
 
 
-def _hooks() -> tuple[dict, dict]:
-    return dict(nn_module._global_forward_pre_hooks), dict(nn_module._global_forward_hooks)
+def _hooks() -> list[list]:
+    """Every global module hook, in order."""
+    return [
+        list(hooks.items())
+        for hooks in (
+            nn_module._global_forward_pre_hooks,
+            nn_module._global_forward_hooks,
+            nn_module._global_backward_pre_hooks,
+            nn_module._global_backward_hooks,
+        )
+    ]
 
 
 @pytest.mark.parametrize("case", VECTOR)
@@ -97,6 +106,23 @@ def test_a_flop_counter_counts_what_the_call_runs_and_keeps_its_hooks_after_an_e
         with pytest.raises(ValueError, match="inside f"):
             torchdiv.divergence(failing, x, method="forward")
         assert _hooks() == hooks
+
+
+def test_a_step_under_comm_debug_mode_is_right_and_its_hooks_stay():
+    """``CommDebugMode`` (DTensor's debugging of collectives) tracks modules by a
+    ``ModTracker`` and a global full backward pre-hook, which ``torch.func`` refused."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    net, x = tanh_mlp(3, 8, 3), torch.randn(4, 3, dtype=f64)
+    with CommDebugMode():
+        hooks = _hooks()
+        got = torchdiv.divergence(net, x, method="reverse")
+        lap = torchdiv.laplacian(lambda z: net(z)[:, 0], x, method="taylor")
+        assert _hooks() == hooks
+    want = reference_divergence(net, x)
+    assert_close(got, want)
+    assert_same_parameter_gradients(net, got.sum(), want.sum())
+    assert_close(lap, laplacian_alone(lambda z: net(z)[:, 0], x))
 
 
 def test_a_call_outside_the_flop_counter_after_one_inside_is_right():

@@ -87,58 +87,78 @@ def _eager_call(
         _trackers_on(trackers)
 
 
-# PyTorch's module tracker (``torch.utils.module_tracker.ModuleTracker``, which
-# ``torch.utils.flop_counter.FlopCounterMode`` enters) hooks, by global forward hooks, every
+# PyTorch's module trackers (``torch.utils.module_tracker.ModuleTracker``, which
+# ``torch.utils.flop_counter.FlopCounterMode`` enters; ``torch.distributed._tools.mod_tracker.
+# ModTracker``, ``CommDebugMode``'s and ``MemTracker``'s) hook, by global forward hooks, every
 # module input and output that requires grad with a hook of all their gradients: at the first
 # of them in an ``autograd.grad`` pass it asks the engine which of them it will reach, which
 # PyTorch refuses for a leaf (``x``'s, ``torch.func``'s inputs: "A leaf node was passed to
-# _will_engine_execute_node", pytorch#131753), and its ``requires_grad`` reads stopped the
-# recording engines
-_TRACKER_MODULE = "torch.utils.module_tracker"
+# _will_engine_execute_node", pytorch#131753); their ``requires_grad`` reads stopped the
+# recording engines, and ``CommDebugMode``'s global full backward pre-hook (an
+# ``autograd.Function`` around every module) the transforms
+_TRACKERS_BY_MODULE = {
+    "torch.utils.module_tracker": "ModuleTracker",
+    "torch.distributed._tools.mod_tracker": "ModTracker",
+}
+
+
+_GLOBAL_HOOKS = (
+    _module_hooks._global_forward_pre_hooks,
+    _module_hooks._global_forward_hooks,
+    _module_hooks._global_backward_pre_hooks,
+    _module_hooks._global_backward_hooks,
+)
 
 
 def _trackers_off() -> bool:
-    """Switch off the forward hooks of every module tracker (``FlopCounterMode``'s) while this
+    """Switch off the module hooks of every module tracker (``FlopCounterMode``'s) while this
     call, or an overlapping call of another thread, is inside (``_TRACKERS``); whether the call
     holds them off (``_trackers_on`` puts them back). The tracker's dispatch mode still sees
     every op the call runs: a FLOP counter counts them, under the modules around the call
     rather than ``f``'s own."""
-    if not _module_hooks._global_forward_pre_hooks or _TRACKER_MODULE not in sys.modules:
+    if not _module_hooks._global_forward_pre_hooks:
         return False  # the usual case: no global hooks
     _TRACKERS.enter(_untracked)
     return True
 
 
-def _untracked() -> list[tuple[dict[int, Any], int, Any]]:
-    """The module trackers' global forward hooks (their dictionary, key and hook), each
-    replaced in place by ``_no_hook`` (the dictionaries' order kept)."""
-    tracker = sys.modules[_TRACKER_MODULE].ModuleTracker
-    found = [
-        (hooks, key, hook)
-        for hooks in (_module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks)
-        for key, hook in hooks.items()
-        if isinstance(getattr(hook, "__self__", None), tracker)
-    ]
-    for hooks, key, _ in found:
-        hooks[key] = _no_hook
+def _untracked() -> list[tuple[dict[int, Any], list[tuple[int, Any]], set[int]]]:
+    """Remove the module trackers' global module hooks: for each dictionary of them, its
+    items before and the keys removed. Removed, not replaced: a module takes its slow path,
+    and wraps itself in a full backward hook (an ``autograd.Function`` that ``torch.func``
+    refuses), wherever such a dictionary is not empty."""
+    modules = sys.modules
+    trackers = tuple(
+        getattr(modules[name], cls) for name, cls in _TRACKERS_BY_MODULE.items() if name in modules
+    )
+    found = []
+    for hooks in _GLOBAL_HOOKS:
+        before = list(hooks.items())
+        removed = {k for k, hook in before if isinstance(getattr(hook, "__self__", None), trackers)}
+        for key in removed:
+            del hooks[key]
+        if removed:
+            found.append((hooks, before, removed))
     return found
-
-
-def _no_hook(*_: Any) -> None:
-    """A module tracker's hook while a call holds it off."""
 
 
 def _trackers_on(held: bool) -> None:
     """Where the call held the module trackers off (``_trackers_off``), let go: the last call
-    to leave puts back those the first switched off (unless removed meanwhile)."""
+    to leave puts back those the first switched off."""
     if held:
         _TRACKERS.exit(_tracked)
 
 
-def _tracked(found: list[tuple[dict[int, Any], int, Any]]) -> None:
-    for hooks, key, hook in found:
-        if key in hooks:
-            hooks[key] = hook
+def _tracked(found: list[tuple[dict[int, Any], list[tuple[int, Any]], set[int]]]) -> None:
+    """Put the trackers' hooks back in their places among the hooks there now (those
+    registered meanwhile last, those removed meanwhile left out)."""
+    for hooks, before, removed in found:
+        now = dict(hooks)
+        hooks.clear()
+        for key, hook in before:
+            if key in removed or key in now:
+                hooks[key] = now.pop(key, hook)
+        hooks.update(now)
 
 
 # Lightning Fabric's module wrapper (either package) hooks every output of a module set up
