@@ -186,3 +186,17 @@ def test_auto_under_offloading_hooks_is_right_and_offloads():
     want = laplacian_alone(u, x)
     assert_close(got, want)
     assert_same_parameter_gradients(net, got.sum(), want.sum())
+
+
+def test_a_compiled_model_under_a_flop_counter_runs_eagerly_and_right():
+    """Dynamo skips every frame under a dispatch mode that does not ignore compile internals:
+    torchdiv's call compiled like ``f`` (``fullgraph``) raised "found no compiled frames",
+    where the compiled model alone runs eagerly there."""
+    net, x = tanh_mlp(3, 8, 3), torch.randn(4, 3, dtype=f64)
+    compiled = torch.compile(net, backend="eager")
+    with FlopCounterMode(display=False) as counter:
+        got = torchdiv.divergence(compiled, x, method="reverse")
+    assert counter.get_total_flops() > 0
+    want = reference_divergence(net, x)
+    assert_close(got, want)
+    assert_same_parameter_gradients(net, got.sum(), want.sum())

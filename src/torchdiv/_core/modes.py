@@ -25,7 +25,12 @@ from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules import module as _module_hooks
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _disable_current_modes,
+    any_torch_dispatch_mode_on_stack,
+    is_in_any_mode_without_ignore_compile_internals,
+)
 from torch.utils._pytree import tree_leaves, tree_map
 
 from torchdiv._core import linalg as _linalg
@@ -322,6 +327,18 @@ def compiled_like_f(
     return decorate
 
 
+def _modes_skip_dynamo() -> bool:
+    """Whether Dynamo skips every frame here, as it decides: a dispatch mode is on that does
+    not ignore compile internals (``FlopCounterMode``, a user's ``TorchDispatchMode``). The
+    call compiled with ``fullgraph`` then raised "torch.compile with fullgraph=True found no
+    compiled frames", where the compiled ``f`` called alone runs eagerly."""
+    from torch._dynamo import config
+
+    if config.inline_torch_dispatch_torch_compile:
+        return any_torch_dispatch_mode_on_stack()
+    return is_in_any_mode_without_ignore_compile_internals()
+
+
 def eager_call(
     f: Any, x: Any, options: dict[str, Any], records: Callable[..., bool] | None
 ) -> bool:
@@ -339,9 +356,13 @@ def eager_call(
       grad-of-grad), which runs eagerly by design. Compiled, the call would still be entered
       and guarded at every call and break the graph at the engine, around an eager engine:
       1.04-1.14x the same call with the uncompiled model, now 0.97-1.04x
-      (bench/compile_model_call.py).
+      (bench/compile_model_call.py);
+    - under a dispatch mode Dynamo does not trace under (``FlopCounterMode``, a logging
+      mode: ``_modes_skip_dynamo``), where ``f`` itself runs eagerly.
     """
     if torch.is_inference_mode_enabled() or (isinstance(x, torch.Tensor) and x.is_inference()):
+        return True
+    if _modes_skip_dynamo():
         return True
     if any(options.get(name) is not None for name in _DRAWS):
         return True
