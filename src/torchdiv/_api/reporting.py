@@ -28,6 +28,7 @@ import torch
 import torch._higher_order_ops
 import torch.utils.checkpoint as _checkpoint
 import torch.utils.hooks as _hooks
+from torch._C._autograd import _top_saved_tensors_default_hooks
 
 from torchdiv._core.checks import mark_final, raised_by_f
 from torchdiv._core.mixing.errors import BatchInteractionError, unnamed
@@ -92,6 +93,9 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
         named.named = True
         named._torchdiv_context = True  # type: ignore[attr-defined]  # (a caller renames it)
         return named
+    refused = _HOOKS_REFUSED in str(exc) or isinstance(exc, HooksRefused)  # (a nested call's)
+    if refused and _top_saved_tensors_default_hooks(True) is not None:
+        return HooksRefused(_hooks_refused(fn, options.get("method")))
     nested = getattr(exc, "_torchdiv_context", False)  # a public call inside this one's
     if not raised_by_f(exc) and not nested:
         if _checkpointed(exc) is None and not _control_flow(exc):
@@ -110,6 +114,36 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
         return renamed(fn, exc)
     method = options.get("method")
     return renamed(fn, exc, _hint(fn, str(cause), options["f"], options["x"], call, cause, method))
+
+
+# torch.func's refusal of the caller's saved-tensor hooks (its vjp, jacrev, hessian)
+_HOOKS_REFUSED = "don't yet support saved tensor hooks"
+# the methods that take no torch.func reverse-mode product, by public function
+_WITHOUT_VJP = {
+    "divergence": "'auto' or 'forward'",
+    "jacobian": "'auto' or 'forward'",
+    "jacobian_diagonal": "'auto' or 'forward'",
+    "biharmonic": "'auto' or 'taylor'",
+    "value_grad_laplacian": "'auto' or 'taylor'",
+}
+
+
+class HooksRefused(RuntimeError):
+    """``torch.func``'s refusal of the caller's saved-tensor hooks, named by torchdiv."""
+
+
+def _hooks_refused(fn: str, method: object) -> str:
+    """The message of ``fn``'s ``method`` refused by ``torch.func`` under the caller's
+    saved-tensor hooks (``save_on_cpu``'s activation offloading, a non-reentrant checkpoint
+    around the call), which PyTorch's own error ("Please open an issue") does not name."""
+    ways = _WITHOUT_VJP.get(fn, "'auto', 'taylor' or 'grad-of-grad'")
+    return (
+        f"{fn}: method={method!r} takes torch.func's reverse-mode products, which refuse the "
+        "saved-tensor hooks around the call (torch.autograd.graph.saved_tensors_hooks, "
+        f"save_on_cpu, a non-reentrant torch.utils.checkpoint); use method={ways} (the hooks "
+        "then apply to what the call saves), or make the call outside the hooks (a checkpoint: "
+        "around f instead)"
+    )
 
 
 def renamed(fn: str, exc: Exception, hint: str | None = None) -> Exception | None:

@@ -23,8 +23,14 @@ from torch._C._dynamo.eval_frame import get_eval_frame_callback
 from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules import module as _module_hooks
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _disable_current_modes,
+    any_torch_dispatch_mode_on_stack,
+    is_in_any_mode_without_ignore_compile_internals,
+)
 from torch.utils._pytree import tree_leaves, tree_map
 
 from torchdiv._core import linalg as _linalg
@@ -72,6 +78,7 @@ def _eager_call(
     Dynamo traces."""
     started = call_started(f)  # TorchScript in f: run as written (with the flag below)
     guards = _fabric_guards_off()
+    trackers = _trackers_off()
     try:
         with CompiledCodeEager():
             if not spans_peers():  # no process group (or an outer call's): nothing to share
@@ -82,6 +89,81 @@ def _eager_call(
     finally:
         call_ended(started)
         _fabric_guards_on(guards)
+        _trackers_on(trackers)
+
+
+# PyTorch's module trackers (``torch.utils.module_tracker.ModuleTracker``, which
+# ``torch.utils.flop_counter.FlopCounterMode`` enters; ``torch.distributed._tools.mod_tracker.
+# ModTracker``, ``CommDebugMode``'s and ``MemTracker``'s) hook, by global forward hooks, every
+# module input and output that requires grad with a hook of all their gradients: at the first
+# of them in an ``autograd.grad`` pass it asks the engine which of them it will reach, which
+# PyTorch refuses for a leaf (``x``'s, ``torch.func``'s inputs: "A leaf node was passed to
+# _will_engine_execute_node", pytorch#131753); their ``requires_grad`` reads stopped the
+# recording engines, and ``CommDebugMode``'s global full backward pre-hook (an
+# ``autograd.Function`` around every module) the transforms
+_TRACKERS_BY_MODULE = {
+    "torch.utils.module_tracker": "ModuleTracker",
+    "torch.distributed._tools.mod_tracker": "ModTracker",
+}
+
+
+_GLOBAL_HOOKS = (
+    _module_hooks._global_forward_pre_hooks,
+    _module_hooks._global_forward_hooks,
+    _module_hooks._global_backward_pre_hooks,
+    _module_hooks._global_backward_hooks,
+)
+
+
+def _trackers_off() -> bool:
+    """Switch off the module hooks of every module tracker (``FlopCounterMode``'s) while this
+    call, or an overlapping call of another thread, is inside (``_TRACKERS``); whether the call
+    holds them off (``_trackers_on`` puts them back). The tracker's dispatch mode still sees
+    every op the call runs: a FLOP counter counts them, under the modules around the call
+    rather than ``f``'s own."""
+    if not _module_hooks._global_forward_pre_hooks:
+        return False  # the usual case: no global hooks
+    _TRACKERS.enter(_untracked)
+    return True
+
+
+def _untracked() -> list[tuple[dict[int, Any], list[tuple[int, Any]], set[int]]]:
+    """Remove the module trackers' global module hooks: for each dictionary of them, its
+    items before and the keys removed. Removed, not replaced: a module takes its slow path,
+    and wraps itself in a full backward hook (an ``autograd.Function`` that ``torch.func``
+    refuses), wherever such a dictionary is not empty."""
+    modules = sys.modules
+    trackers = tuple(
+        getattr(modules[name], cls) for name, cls in _TRACKERS_BY_MODULE.items() if name in modules
+    )
+    found = []
+    for hooks in _GLOBAL_HOOKS:
+        before = list(hooks.items())
+        removed = {k for k, hook in before if isinstance(getattr(hook, "__self__", None), trackers)}
+        for key in removed:
+            del hooks[key]
+        if removed:
+            found.append((hooks, before, removed))
+    return found
+
+
+def _trackers_on(held: bool) -> None:
+    """Where the call held the module trackers off (``_trackers_off``), let go: the last call
+    to leave puts back those the first switched off."""
+    if held:
+        _TRACKERS.exit(_tracked)
+
+
+def _tracked(found: list[tuple[dict[int, Any], list[tuple[int, Any]], set[int]]]) -> None:
+    """Put the trackers' hooks back in their places among the hooks there now (those
+    registered meanwhile last, those removed meanwhile left out)."""
+    for hooks, before, removed in found:
+        now = dict(hooks)
+        hooks.clear()
+        for key, hook in before:
+            if key in removed or key in now:
+                hooks[key] = now.pop(key, hook)
+        hooks.update(now)
 
 
 # Lightning Fabric's module wrapper (either package) hooks every output of a module set up
@@ -245,6 +327,18 @@ def compiled_like_f(
     return decorate
 
 
+def _modes_skip_dynamo() -> bool:
+    """Whether Dynamo skips every frame here, as it decides: a dispatch mode is on that does
+    not ignore compile internals (``FlopCounterMode``, a user's ``TorchDispatchMode``). The
+    call compiled with ``fullgraph`` then raised "torch.compile with fullgraph=True found no
+    compiled frames", where the compiled ``f`` called alone runs eagerly."""
+    from torch._dynamo import config
+
+    if config.inline_torch_dispatch_torch_compile:
+        return any_torch_dispatch_mode_on_stack()
+    return is_in_any_mode_without_ignore_compile_internals()
+
+
 def eager_call(
     f: Any, x: Any, options: dict[str, Any], records: Callable[..., bool] | None
 ) -> bool:
@@ -262,9 +356,13 @@ def eager_call(
       grad-of-grad), which runs eagerly by design. Compiled, the call would still be entered
       and guarded at every call and break the graph at the engine, around an eager engine:
       1.04-1.14x the same call with the uncompiled model, now 0.97-1.04x
-      (bench/compile_model_call.py).
+      (bench/compile_model_call.py);
+    - under a dispatch mode Dynamo does not trace under (``FlopCounterMode``, a logging
+      mode: ``_modes_skip_dynamo``), where ``f`` itself runs eagerly.
     """
     if torch.is_inference_mode_enabled() or (isinstance(x, torch.Tensor) and x.is_inference()):
+        return True
+    if _modes_skip_dynamo():
         return True
     if any(options.get(name) is not None for name in _DRAWS):
         return True
@@ -462,6 +560,7 @@ _FASTPATH = _Held()  # nn.MultiheadAttention's fast path, off while torchdiv run
 # scaled_dot_product_attention's backends (process-wide flags), the math one alone meanwhile
 _SDPA = _Held()
 _FABRIC = _Held()  # Lightning Fabric's guards (``_fabric_guards_off``), off while torchdiv runs
+_TRACKERS = _Held()  # module trackers' forward hooks (``_trackers_off``), off while torchdiv runs
 
 
 class CompiledCodeEager(contextlib.ContextDecorator):
