@@ -80,6 +80,27 @@ class Wrapped(fm_utils.ModelWrapper):
         return self.model(x, t, **extras)
 
 
+class Flow(nn.Module):
+    """The CNF notebook's (moons) velocity: ELU MLP on ``cat((t, x_t), -1)``."""
+
+    def __init__(self, dim: int = 2, h: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim + 1, h), nn.ELU(), nn.Linear(h, h), nn.ELU(), nn.Linear(h, dim)
+        )
+
+    def forward(self, t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat((t, x_t), -1))
+
+
+class TimeFirst(fm_utils.ModelWrapper):
+    """The CNF notebook's wrapper: the solver's 0-dim ``t`` viewed as ``(1, 1)`` and expanded
+    to ``(B, 1)``, passed first."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **extras) -> torch.Tensor:
+        return self.model(t.view(1, 1).expand(x.shape[0], 1), x)
+
+
 class Conditional(nn.Module):
     """A class-conditional field: ``t`` (a float, a 0-dim, ``(B,)`` or ``(B, 1)`` tensor)
     made a ``(B, 1)`` column and concatenated, label embedded, SiLU MLP."""
@@ -125,11 +146,13 @@ def brute_force_log_likelihood(model, x: torch.Tensor, options: dict, **extras) 
     return log_p0(z[-1]) - delta[-1]
 
 
-def test_exact_log_likelihood_equals_the_library_and_a_jacobian_trace():
-    """The notebook's MLP in its ``ModelWrapper``: ``compute_likelihood`` with the library's
+@pytest.mark.parametrize("notebook", ["flow matching", "CNF"])
+def test_exact_log_likelihood_equals_the_library_and_a_jacobian_trace(notebook):
+    """The notebooks' MLPs in their ``ModelWrapper``: ``compute_likelihood`` with the library's
     exact divergence, torchdiv's ``log_likelihood`` (noise at ``t0 = 0``, data at ``t1 = 1``)
-    and the brute-force trace agree; so do the parameter gradients of the NLL."""
-    model = Wrapped(MLP()).to(f64)
+    and the brute-force trace agree; so do the parameter gradients of the NLL (the CNF
+    notebook's maximum-likelihood loss)."""
+    model = (Wrapped(MLP()) if notebook == "flow matching" else TimeFirst(Flow())).to(f64)
     x = torch.randn(4, 2, dtype=f64)
     times = torch.tensor([1.0, 0.0], dtype=f64)
     solver = fm_solver.ODESolver(velocity_model=model)
