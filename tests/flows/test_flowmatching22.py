@@ -359,13 +359,14 @@ class Attention(nn.Module):
 
 class UNet(nn.Module):
     """The image example's U-Net at toy size: ``forward(x, timesteps, extra)`` with the label
-    in ``extra`` (absent: unconditional), one down and one up level, attention in the middle."""
+    in ``extra`` (absent: unconditional; label ``classes``: the null class of a doubled-batch
+    guidance), one down and one up level, attention in the middle."""
 
     def __init__(self, channels: int = 2, width: int = 8, classes: int = 3):
         super().__init__()
         self.width, emb = width, 4 * width
         self.time_embed = nn.Sequential(nn.Linear(width, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.label_emb = nn.Embedding(classes, emb)
+        self.label_emb = nn.Embedding(classes + 1, emb)
         self.inp = nn.Conv2d(channels, width, 3, padding=1)
         self.down_block, self.down = ResBlock(width, emb), nn.Conv2d(width, width, 3, 2, 1)
         self.middle, self.attention = ResBlock(width, emb), Attention(width)
@@ -399,11 +400,30 @@ class Guided(fm_utils.ModelWrapper):
         return (1.0 + cfg_scale) * conditional - cfg_scale * free
 
 
-@pytest.mark.parametrize("cfg_scale", sampled_daily([0.0, 0.5], {0.0}))
-def test_unet_guided_divergence(cfg_scale):
-    """The toy U-Net behind the guidance wrapper, label by closure: every exact method and the
-    brute-force trace agree (float64), as do the parameter gradients of ``"auto"``."""
-    model = Guided(UNet()).to(f64)
+class DoubledGuided(fm_utils.ModelWrapper):
+    """Guidance as diffusers pipelines write it: conditional and unconditional (null label)
+    passes in one doubled batch, ``chunk(2)`` after: per sample, not a mixing of samples."""
+
+    def forward(self, x, t, cfg_scale: float, label: torch.Tensor) -> torch.Tensor:
+        t = torch.zeros(x.shape[0], dtype=x.dtype) + t
+        null = torch.full_like(label, 3)
+        both = self.model(torch.cat([x, x]), torch.cat([t, t]), {"label": torch.cat([label, null])})
+        conditional, free = both.chunk(2)
+        return (1.0 + cfg_scale) * conditional - cfg_scale * free
+
+
+GUIDANCE = {"two passes": (Guided, 0.5), "doubled batch": (DoubledGuided, 0.5)}
+GUIDANCE["conditional only"] = (Guided, 0.0)
+
+
+@pytest.mark.parametrize(
+    "guidance", sampled_daily(list(GUIDANCE), {"conditional only", "two passes"})
+)
+def test_unet_guided_divergence(guidance):
+    """The toy U-Net behind a guidance wrapper, label by closure: ``"auto"`` (no refusal of the
+    doubled batch) and the brute-force trace agree (float64), as do the parameter gradients."""
+    wrapper, cfg_scale = GUIDANCE[guidance]
+    model = wrapper(UNet()).to(f64)
     x, label = torch.randn(2, 2, 4, 4, dtype=f64), torch.tensor([2, 0])
     t = torch.tensor(0.4, dtype=f64)
     field = lambda z: model(z, t, cfg_scale=cfg_scale, label=label)  # noqa: E731
