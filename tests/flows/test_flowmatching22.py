@@ -475,3 +475,51 @@ def test_unet_log_likelihood_and_hutchinson():
         **options,
     )
     assert ((estimate - ours).abs() <= 4 * stderr).all()
+
+
+class SamplingGuided(fm_utils.ModelWrapper):
+    """The image example's ``CFGScaledModel`` as it is written for sampling: both passes
+    under ``torch.no_grad()`` (``"inference"``: a ``@torch.inference_mode()`` guidance method
+    instead), with a Python evaluation counter."""
+
+    def __init__(self, model: nn.Module, stop: str):
+        super().__init__(model)
+        self.stop, self.nfe_counter = stop, 0
+
+    def forward(self, x, t, cfg_scale: float, label: torch.Tensor) -> torch.Tensor:
+        t = torch.zeros(x.shape[0], dtype=x.dtype) + t
+        block = torch.no_grad() if self.stop == "no_grad" else torch.inference_mode()
+        with block:
+            conditional = self.model(x, t, label)
+            free = self.model(x, t, torch.zeros_like(label))
+        self.nfe_counter += 1
+        return (1.0 + cfg_scale) * conditional - cfg_scale * free
+
+
+@pytest.mark.parametrize("method", ["auto", "hutchinson"])
+@pytest.mark.parametrize("stop", ["no_grad", "inference"])
+def test_a_sampling_wrapper_s_stopped_field_is_refused(stop, method):
+    """Every method takes a value computed under ``no_grad``/``inference_mode`` for a constant,
+    so this field's divergence is 0: the log-likelihood was the base density of the
+    transported points, silently (the library's ``compute_likelihood`` raises). Now an error
+    naming the cause, under the caller's grad, ``no_grad`` and inference mode alike."""
+    model = SamplingGuided(Conditional(), stop).to(f64)
+    x, label = torch.randn(3, 2, dtype=f64), torch.tensor([0, 2, 1])
+    options = {"num_probes": 1} if method == "hutchinson" else {}
+    field = lambda t, z: model(z, t, cfg_scale=0.5, label=label)  # noqa: E731
+    for mode in (torch.enable_grad(), torch.no_grad()):
+        with mode, pytest.raises(ValueError, match=r"no_grad.*inference_mode"):
+            log_likelihood(field, x, 0.0, 1.0, log_p0, method=method, **options, **MIDPOINT)
+
+
+def test_fields_constant_in_z_or_divergence_free_pass():
+    """The library's own constant example (``ones_like(x) * 3 t**2``) and a rotation (trace
+    exactly 0 at every evaluation) are not stopped fields: their log-likelihoods come back."""
+    x = torch.randn(3, 2, dtype=f64)
+    rotation = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=f64)
+    constant = log_likelihood(lambda t, z: torch.ones_like(z) * 3 * t**2, x, 0.0, 1.0, log_p0)
+    tight = {"rtol": 1e-8, "atol": 1e-8}
+    turned = log_likelihood(lambda t, z: z @ rotation.T, x, 0.0, 1.0, log_p0, **tight)
+    assert_close(constant, log_p0(x - 1.0))  # z(0) = x - integral of 3 t^2 over [0, 1]
+    # a rotation keeps the standard normal's density (dopri5 at 1e-8: 1e-6 is its error)
+    torch.testing.assert_close(turned, log_p0(x), rtol=0, atol=1e-6)
