@@ -803,16 +803,16 @@ def log_likelihood(
                 raise
             raise transformed from error
         state = z[-1], delta[-1]
-    # every term exactly 0 (one synchronisation per solve): a stop-gradient field's look
-    if x.numel() and not bool(state[1].detach().ne(0).any()) and _stopped(f, x, times[0]):
-        raise ValueError(
-            f"{fn}: f(t, z) does not depend on z through autograd (its output was computed "
-            "under torch.no_grad() or torch.inference_mode(), or detached), though its values "
-            "change with z: every method takes such a value for a constant, so the divergence "
-            "came out 0 and log p(x) would be base_log_prob of the transported points alone. "
-            "Evaluate the model with grad enabled in f (a sampling wrapper such as "
-            "flow_matching's CFGScaledModel runs it under no_grad: write the guidance without)"
-        )
+        # every term exactly 0 (one synchronisation per solve): a stop-gradient field's look
+        if not bool(state[1].detach().ne(0).any()) and _stopped(f, x, times[0]):
+            raise ValueError(
+                f"{fn}: f(t, z) does not depend on z through autograd (its output was computed "
+                "under torch.no_grad() or torch.inference_mode(), or detached), though its values "
+                "change with z: every method takes such a value for a constant, so the divergence "
+                "came out 0 and log p(x) would be base_log_prob of the transported points alone. "
+                "Evaluate the model with grad enabled in f (a sampling wrapper such as "
+                "flow_matching's CFGScaledModel runs it under no_grad: write the guidance without)"
+            )
     base = base_log_prob(state[0])
     check_log_prob(fn, base, x, batch_dims)
     value, stderr = _trace.summary(state[1])

@@ -502,7 +502,7 @@ def test_a_sampling_wrapper_s_stopped_field_is_refused(stop, method):
     """Every method takes a value computed under ``no_grad``/``inference_mode`` for a constant,
     so this field's divergence is 0: the log-likelihood was the base density of the
     transported points, silently (the library's ``compute_likelihood`` raises). Now an error
-    naming the cause, under the caller's grad, ``no_grad`` and inference mode alike."""
+    naming the cause, under the caller's grad and ``no_grad`` alike; not where nothing moves."""
     model = SamplingGuided(Conditional(), stop).to(f64)
     x, label = torch.randn(3, 2, dtype=f64), torch.tensor([0, 2, 1])
     options = {"num_probes": 1} if method == "hutchinson" else {}
@@ -510,6 +510,8 @@ def test_a_sampling_wrapper_s_stopped_field_is_refused(stop, method):
     for mode in (torch.enable_grad(), torch.no_grad()):
         with mode, pytest.raises(ValueError, match=r"no_grad.*inference_mode"):
             log_likelihood(field, x, 0.0, 1.0, log_p0, method=method, **options, **MIDPOINT)
+    # no motion (t0 == t1): log p(x) is the base density, right whatever f
+    assert_close(log_likelihood(field, x, 1.0, 1.0, log_p0, method=method, **options), log_p0(x))
 
 
 def test_fields_constant_in_z_or_divergence_free_pass():
