@@ -268,6 +268,29 @@ def _check_adjoint(fn: str, f: Any, x: torch.Tensor, times: torch.Tensor) -> Non
         )
 
 
+def _stopped(f: Any, x: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether ``f(t, z)`` at ``z = x`` has no autograd path from ``z`` although its values
+    change with ``z`` (at ``z = x + 1``): computed under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (a sampling wrapper, flow_matching's ``CFGScaledModel``) or
+    detached, which every method takes for a constant (divergence 0). A field constant in
+    ``z`` (``ones_like(z) * t``) is not stopped. Evaluated with its changes to state put
+    back; ``False`` where an evaluation raises (the solve ran it: not this check's error)."""
+    z = x.detach().clone().requires_grad_(True)
+    try:
+        with unchanged(f, z), torch.inference_mode(False), torch.enable_grad():
+            v = f(t, z)
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                return False
+            if v.requires_grad and (
+                torch.autograd.grad(v.sum(), z, allow_unused=True)[0] is not None
+            ):
+                return False
+            moved = f(t, z.detach() + 1)
+    except Exception:
+        return False
+    return isinstance(moved, torch.Tensor) and not torch.equal(v.detach(), moved.detach())
+
+
 def _lost(held: torch.Tensor | nn.Module, own: set[int]) -> bool:
     """Whether a tensor requires grad through tensors other than ``own`` (by ``id``), or a
     module has a parameter that requires grad outside ``own``."""
@@ -740,7 +763,9 @@ def log_likelihood(
     Raises:
         ImportError: ``torchdiffeq`` is not installed (``pip install 'torchdiv[ode]'``).
         TypeError, ValueError: bad arguments (named, with shapes), ``f(t, z)`` not shaped
-            like ``z``, ``base_log_prob(z)`` not of shape ``x.shape[:batch_dims]``.
+            like ``z``, ``base_log_prob(z)`` not of shape ``x.shape[:batch_dims]``; ``f``'s
+            output computed from ``z`` under ``no_grad``/``inference_mode`` (no autograd path
+            from ``z``: every divergence 0; checked where a solve's terms are all exactly 0).
         BatchInteractionError: ``f`` mixes samples (see ``torchdiv.jacobian``).
 
     Examples:
@@ -788,6 +813,16 @@ def log_likelihood(
                 raise
             raise transformed from error
         state = z[-1], delta[-1]
+        # every term exactly 0 (one synchronisation per solve): a stop-gradient field's look
+        if not bool(state[1].detach().ne(0).any()) and _stopped(f, x, times[0]):
+            raise ValueError(
+                f"{fn}: f(t, z) does not depend on z through autograd (its output was computed "
+                "under torch.no_grad() or torch.inference_mode(), or detached), though its values "
+                "change with z: every method takes such a value for a constant, so the divergence "
+                "came out 0 and log p(x) would be base_log_prob of the transported points alone. "
+                "Evaluate the model with grad enabled in f (a sampling wrapper such as "
+                "flow_matching's CFGScaledModel runs it under no_grad: write the guidance without)"
+            )
     base = base_log_prob(state[0])
     check_log_prob(fn, base, x, batch_dims)
     value, stderr = _trace.summary(state[1])
