@@ -26,6 +26,7 @@ import torch
 from conftest import (
     CentredMLP,
     assert_close,
+    assert_gradients_as,
     laplacian_alone,
     loop_diagonal,
     reference_jacobian,
@@ -75,18 +76,6 @@ def test_a_dynamic_batch_export_keeps_its_pass(watches: list[int]) -> None:
     assert_close(torchdiv.jacobian_diagonal(model, x6), loop_diagonal(net, x6))
 
 
-def _assert_gradients_as(model, ours, eager, reference) -> None:
-    """The gradients of ``ours`` with respect to ``model``'s parameters equal those of
-    ``reference`` with respect to ``eager``'s (its copy's), parameter by parameter."""
-    got = torch.autograd.grad(ours, list(model.parameters()), allow_unused=True)
-    want = torch.autograd.grad(
-        reference, list(eager.parameters()), retain_graph=True, allow_unused=True
-    )
-    for p, a, b in zip(eager.parameters(), got, want, strict=True):
-        zero = torch.zeros_like(p)
-        assert_close(zero if a is None else a, zero if b is None else b)
-
-
 _DIAGONALS = ["auto", "structured", "forward", "reverse"]
 _LAPLACIANS = ["auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad"]
 
@@ -109,7 +98,7 @@ def test_exported_models_every_method(how: str) -> None:
             for _ in range(2):
                 got = torchdiv.divergence(model, z, method=method)
                 assert_close(got, diagonal.sum(1).detach())
-                _assert_gradients_as(model, got.sum(), net, diagonal.sum())
+                assert_gradients_as(model, got.sum(), net, diagonal.sum())
                 got = torchdiv.jacobian_diagonal(model, z, method=method)
                 assert_close(got, diagonal.detach())
         assert_close(torchdiv.jacobian(model, z), reference_jacobian(net, z))
@@ -117,7 +106,7 @@ def test_exported_models_every_method(how: str) -> None:
             for _ in range(2):
                 got = torchdiv.laplacian(model1, z, method=method)[:, 0]
                 assert_close(got, lap.detach())
-                _assert_gradients_as(model1, got.sum(), scalar, lap.sum())
+                assert_gradients_as(model1, got.sum(), scalar, lap.sum())
 
 
 class _OutCentred(torch.nn.Module):
@@ -200,11 +189,11 @@ def test_inductor_compiled_models(options: dict) -> None:
         diagonal = loop_diagonal(net, z, create_graph=True)
         got = torchdiv.divergence(model, z)
         assert_close(got, diagonal.sum(1).detach())
-        _assert_gradients_as(net, got.sum(), net, diagonal.sum())
+        assert_gradients_as(net, got.sum(), net, diagonal.sum())
         lap = laplacian_alone(lambda u: scalar(u)[:, 0], z)
         got = torchdiv.laplacian(model1, z)[:, 0]
         assert_close(got, lap.detach())
-        _assert_gradients_as(scalar, got.sum(), scalar, lap.sum())
+        assert_gradients_as(scalar, got.sum(), scalar, lap.sum())
     mixing = torch.compile(_OutCentred().double(), **options)
     with pytest.raises(torchdiv.BatchInteractionError, match=r"^divergence: f mixes samples"):
         torchdiv.divergence(mixing, torch.randn(4, 3, dtype=f64))
