@@ -526,3 +526,16 @@ def jacobian_alone(f, x: torch.Tensor) -> torch.Tensor:
         rows = [torch.autograd.grad(y_i, leaf, create_graph=True)[0].flatten() for y_i in y]
         out.append(torch.stack(rows))
     return torch.stack(out)
+
+
+def assert_gradients_as(model, ours, eager, reference) -> None:
+    """The gradients of ``ours`` with respect to ``model``'s parameters equal those of
+    ``reference`` with respect to ``eager``'s, its copy's (an exported or scripted module's),
+    parameter by parameter (zero where one is unused)."""
+    got = torch.autograd.grad(ours, list(model.parameters()), allow_unused=True)
+    want = torch.autograd.grad(
+        reference, list(eager.parameters()), retain_graph=True, allow_unused=True
+    )
+    for p, a, b in zip(eager.parameters(), got, want, strict=True):
+        zero = torch.zeros_like(p)
+        assert_close(zero if a is None else a, zero if b is None else b)

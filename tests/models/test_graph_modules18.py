@@ -35,6 +35,7 @@ import torchdiv
 from tests.conftest import (
     CentredMLP,
     assert_close,
+    assert_gradients_as,
     assert_same_parameter_gradients,
     laplacian_alone,
     laplacian_by_grad_of_grad,
@@ -215,24 +216,12 @@ def test_scripted_exported_and_loaded_models(how: str) -> None:
         got = torchdiv.divergence(model, x, method=method)
         assert_close(got, want.detach())
         if params:
-            _assert_gradients_as(model, got.sum(), net, want.sum())
+            assert_gradients_as(model, got.sum(), net, want.sum())
     for method in _LAPLACIANS:
         got = torchdiv.laplacian(model1, x, method=method)[:, 0]
         assert_close(got, lap.detach())
         if params:
-            _assert_gradients_as(model1, got.sum(), scalar, lap.sum())
-
-
-def _assert_gradients_as(model, ours, eager, reference) -> None:
-    """The gradients of ``ours`` with respect to ``model``'s parameters equal those of
-    ``reference`` with respect to ``eager``'s, its copy's, parameter by parameter."""
-    got = torch.autograd.grad(ours, list(model.parameters()), allow_unused=True)
-    want = torch.autograd.grad(
-        reference, list(eager.parameters()), retain_graph=True, allow_unused=True
-    )
-    for p, a, b in zip(eager.parameters(), got, want, strict=True):
-        zero = torch.zeros_like(p)
-        assert_close(zero if a is None else a, zero if b is None else b)
+            assert_gradients_as(model1, got.sum(), scalar, lap.sum())
 
 
 @pytest.mark.parametrize("how", ["fx", *_HOWS])
@@ -288,7 +277,7 @@ def test_exported_eval_mode_batch_norm() -> None:
     for method in _DIVERGENCES:
         got = torchdiv.divergence(model, x, method=method)
         assert_close(got, want.detach())
-        _assert_gradients_as(model, got.sum(), net, want.sum())
+        assert_gradients_as(model, got.sum(), net, want.sum())
 
 
 class _ConvNet(torch.nn.Module):
@@ -375,10 +364,10 @@ def test_traced_conv_net_in_the_recording_engines() -> None:
     want, lap = _divergence_alone(net, x), laplacian_alone(scalar, x)
     got = torchdiv.divergence(traced, x, method="structured")
     assert_close(got, want.detach())
-    _assert_gradients_as(traced, got.sum(), net, want.sum())
+    assert_gradients_as(traced, got.sum(), net, want.sum())
     got = torchdiv.laplacian(traced1, x, method="taylor")
     assert_close(got, lap.detach())
-    _assert_gradients_as(traced1, got.sum(), scalar, lap.sum())
+    assert_gradients_as(traced1, got.sum(), scalar, lap.sum())
 
 
 class _QuantNet(torch.nn.Module):
@@ -542,7 +531,7 @@ def test_e3nn_potential_laplacian_and_force_divergence(scripted: bool) -> None:
     for method in ["auto", "taylor", "forward-over-reverse"]:
         got = torchdiv.laplacian(model, pos, method=method)
         assert_close(got, want.detach(), scale=1e3)  # |E''| ~ 1e3: float64 round-off
-        _assert_gradients_as(model, got.sum(), model, want.sum())
+        assert_gradients_as(model, got.sum(), model, want.sum())
 
     def forces(p: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
@@ -553,7 +542,7 @@ def test_e3nn_potential_laplacian_and_force_divergence(scripted: bool) -> None:
     for method in ["auto", "reverse"]:
         got = torchdiv.divergence(forces, pos, method=method)
         assert_close(got, -want.detach(), scale=1e3)
-        _assert_gradients_as(model, -got.sum(), model, want.sum())
+        assert_gradients_as(model, -got.sum(), model, want.sum())
     with pytest.raises(torchdiv.BatchInteractionError, match=r"^laplacian: f mixes samples"):
         torchdiv.laplacian(lambda p: model(p - p.mean(0)), pos)
     centred = lambda p: model(p - p.mean(1, keepdim=True))  # noqa: E731
