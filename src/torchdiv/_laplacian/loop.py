@@ -48,6 +48,7 @@ from torchdiv._exact.autograd import (
     refuse_once_differentiable,
 )
 from torchdiv._exact.state import Once
+from torchdiv._laplacian.chain import chain_laplacian
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 Check = Literal["watch", "graph"] | None  # how the loop checks f for sample mixing
@@ -71,6 +72,7 @@ class Settings:
     batched: bool = False
     plain: bool = False
     tried: bool = False
+    chain: bool = False
 
 
 # the autograd nodes of the ops whose derivatives the loop's SafeDerivatives changes (those of
@@ -87,7 +89,7 @@ def grad_of_grad(
     settings: Settings | None = None,
 ) -> torch.Tensor:
     """Every sample's Laplacian of every output component, shape ``f(x).shape``."""
-    return _looped(f, x, batch_dims, check, settings or Settings())[2]
+    return _looped(f, x, batch_dims, check, settings or Settings(), jacobian=False)[2]
 
 
 def value_grad_laplacian(
@@ -123,9 +125,11 @@ def _looped(
     check: Check,
     settings: Settings,
     coordinates: list[int] | None = None,
+    jacobian: bool = True,
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, bool]:
-    """``f(x)``, the rows of every sample's Jacobian ``(N, n)``, one per output component,
-    the Laplacian (over ``coordinates``, ``None``: all) and whether they keep a graph."""
+    """``f(x)``, the rows of every sample's Jacobian ``(N, n)``, one per output component
+    (none unless ``jacobian``), the Laplacian (over ``coordinates``, ``None``: all) and whether
+    they keep a graph."""
     outer = torch.is_grad_enabled()
     with torch.enable_grad():
         # torch.Tensor's own methods, not a subclass's overrides (PINA's LabelTensor's read
@@ -147,6 +151,10 @@ def _looped(
             empty = x.dim() == batch_dims
             check_graph(None, y, x_in, batch_dims, empty, found.batch_norms)
         create_graph = outer and found.others
+        if settings.chain and not jacobian and coordinates is None and not found.unchained:
+            laplacian = chain_laplacian(y, x_in, create_graph)
+            if laplacian is not None:
+                return y, [], laplacian.to(x.dtype).reshape(y.shape), create_graph
         batched = settings.batched
         with graphs_kept(found.custom, SECOND_DERIVATIVES):
             rows, laplacian = _loop(y, x_in, batch_dims, create_graph, batched, coordinates)
