@@ -10,9 +10,9 @@ sample, the ``n`` first derivatives ``J`` (``(n, N, h)``) and the Laplacian ``L`
 of each node's output,
 
     product ``z = a M``:       ``J' = J M``,            ``L' = L M``
-    activation ``u = σ(z)``:   ``J' = σ'(z) J``,        ``L' = σ'(z) L + σ''(z) Σ_k J_k²``
+    activation ``u = phi(z)``:   ``J' = phi'(z) J``,        ``L' = phi'(z) L + phi''(z) Σ_k J_k²``
 
-from the tensors the nodes saved at this call (``σ'`` by the node's own backward call,
+from the tensors the nodes saved at this call (``phi'`` by the node's own backward call,
 ``tanh_backward`` and so on; nothing is kept between calls, so nothing of ``f`` is baked in).
 With ``create_graph`` the ops record their graph as the loop's passes would: parameter
 gradients and derivatives in ``x`` go through them. Activations without a closed second
@@ -31,7 +31,7 @@ from torchdiv._exact.chain import chain
 aten = torch.ops.aten
 
 # per activation node type: what its formulas read off the node (read once: each read makes a
-# new Python tensor), ``σ'(z) g`` and ``σ''(z) g`` for a tangent ``g`` (``None`` for the
+# new Python tensor), ``phi'(z) g`` and ``phi''(z) g`` for a tangent ``g`` (``None`` for the
 # second: zero almost everywhere, as the loop's double backward gives it)
 Saved = tuple[Any, ...]
 Rule = tuple[
@@ -47,7 +47,7 @@ def _tanh_second(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _sigmoid_second(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``σ''(z) g = σ'(z) (1 - 2s) g`` from ``s = σ(z)``."""
+    """``phi''(z) g = phi'(z) (1 - 2s) g`` from ``s = phi(z)``."""
     return aten.sigmoid_backward(g, s) * (1 - 2 * s)
 
 

@@ -67,7 +67,11 @@ class Settings:
     watched (``_exact.state.Once``), so that one run again starts from the state it found: the
     same function (dropout masks, buffers), and ``f``'s state changed once. Later ones are not
     (a watch costs ~10 us an op): an op that shows only at a later call (``f`` branching on
-    ``x``'s values) makes ``f`` run twice, its state changed twice."""
+    ``x``'s values) makes ``f`` run twice, its state changed twice. ``chain``: a Laplacian
+    alone (no Jacobian, every coordinate) is taken by the forward Laplacian along ``f``'s
+    graph where that is a chain of products and listed activations (``_laplacian.chain``,
+    read at every call; 0.7-0.85x the recipe's passes at two or three inputs, batch 256)
+    instead of the backward passes."""
 
     batched: bool = False
     plain: bool = False
