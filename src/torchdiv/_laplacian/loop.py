@@ -155,7 +155,8 @@ def _looped(
             empty = x.dim() == batch_dims
             check_graph(None, y, x_in, batch_dims, empty, found.batch_norms)
         create_graph = outer and found.others
-        if settings.chain and not jacobian and coordinates is None and not found.unchained:
+        one_axis = batch_dims == 1 and coordinates is None  # (chain_laplacian: x is (N, n))
+        if settings.chain and one_axis and not jacobian and not found.unchained:
             laplacian = chain_laplacian(y, x_in, create_graph)
             if laplacian is not None:
                 return y, [], laplacian.to(x.dtype).reshape(y.shape), create_graph
