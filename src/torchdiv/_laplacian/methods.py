@@ -284,7 +284,7 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
         return graph
     if not few or not loops_for(graph, x, batch_dims):
         return graph
-    plan = Loop(settings=Settings(graph.work_per_call() < BATCHED_WORK, plain=True))
+    plan = Loop(settings=Settings(graph.work_per_call() < BATCHED_WORK, plain=True, chain=True))
     graph.undo()  # f runs again: what recording it changed is put back first
     at = _remember(site, f, x, batch_dims, at, plan)
     mixing.passed(f, x, batch_dims, at, verdict=graph.verdict)  # recording watched it
