@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.autograd.function import BackwardCFunction
 from torch.overrides import has_torch_function
 
 aten = torch.ops.aten
@@ -82,7 +83,31 @@ _SAVED: dict[str, str] = {
     "ReluBackward0": "_raw_saved_result",
 }
 _DTYPES = (torch.float32, torch.float64)
-_LEAF = "torch::autograd::AccumulateGrad"
+_LEAF, _TRANSPOSE, _OTHER = "AccumulateGrad", "TBackward0", None  # (kinds of nodes besides steps)
+Kind = tuple[Step, str, int] | str | None
+# each PyTorch node type's kind for ``chain``, by the type (one C++ class per op): a step (its
+# formula, the attribute of the saved tensor it reads, its input on the chain), a leaf, a
+# transpose or another node; read by type, not by ``node.name()`` and three look-ups of the
+# new string at every node (a tiny problem's every call walks its chain)
+_KINDS: dict[type, Kind] = {}
+
+
+def _kind(cls: type) -> Kind:
+    """The kind of a node of type ``cls`` (``_KINDS``); a custom ``autograd.Function``'s node,
+    whose class the user names (and which is freed with its class: not kept), is another."""
+    kind = _KINDS.get(cls, _OTHER)
+    if kind is not _OTHER or cls in _KINDS:
+        return kind
+    if issubclass(cls, BackwardCFunction):
+        return _OTHER
+    name = cls.__name__
+    step = _FORMULAS.get(name)
+    if step is not None:
+        kind = step, _SAVED.get(name, "_raw_saved_self"), _ON_CHAIN.get(name, 0)
+    elif name in (_LEAF, _TRANSPOSE):
+        kind = _LEAF if name == _LEAF else _TRANSPOSE  # (these very strings: ``is`` below)
+    _KINDS[cls] = kind
+    return kind
 
 
 def _off_chain(node: Any, x: torch.Tensor) -> bool:
@@ -90,13 +115,13 @@ def _off_chain(node: Any, x: torch.Tensor) -> bool:
     nothing, a leaf other than ``x``, or the transpose of one (``Linear``'s weight)."""
     if node is None:
         return True
-    name = node.name()
-    if name == "TBackward0":
+    kind = _kind(type(node))
+    if kind is _TRANSPOSE:
         ((node, _),) = node.next_functions
         if node is None:
             return True
-        name = node.name()
-    return name == _LEAF and node.variable is not x
+        kind = _kind(type(node))
+    return kind is _LEAF and node.variable is not x
 
 
 def chain(y: torch.Tensor, x: torch.Tensor) -> list[tuple[Step, Any]] | None:
@@ -122,18 +147,16 @@ def chain(y: torch.Tensor, x: torch.Tensor) -> list[tuple[Step, Any]] | None:
     while node is not None:
         if node is end:
             return steps if nr == at and steps else None
-        name = node.name()
-        step = _FORMULAS.get(name)
-        if step is None:
-            return (
-                steps if steps and name == _LEAF and getattr(node, "variable", None) is x else None
-            )
-        if getattr(node, _SAVED.get(name, "_raw_saved_self")).unpack_hook is not None:
+        kind = _kind(type(node))
+        if type(kind) is not tuple:
+            return steps if steps and kind is _LEAF and node.variable is x else None
+        step, saved, on = kind
+        if getattr(node, saved).unpack_hook is not None:
             return None  # (a checkpoint's: each read outside a pass would recompute its region)
-        on = _ON_CHAIN.get(name, 0)
         edges = node.next_functions
-        if not all(_off_chain(n, x) for i, (n, _) in enumerate(edges) if i != on):
-            return None
+        for i, (other, _) in enumerate(edges):
+            if i != on and not _off_chain(other, x):
+                return None
         steps.append((step, node))
         node, nr = edges[on]
     return None
