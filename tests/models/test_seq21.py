@@ -306,14 +306,14 @@ def test_nothing_of_the_caller_changes():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="a live cache (not copied) is other state: limitations")
 def test_live_cache_grows_once_per_call():
     """A ``DynamicCache`` passed to every evaluation as it is (``update`` rebinds its
     ``keys`` to a longer tensor: no module's attribute, no in-place write) is grown by each
-    evaluation. From the second call of a structure on, SDPA's model has its recording
-    checked by one evaluation, which fails (another cache), and recorded again by a second
-    from the grown cache: the divergence of an 8-key attention where the call's ``f`` had 5
-    keys, the cache grown twice (the eager model: once, right)."""
+    evaluation. SDPA's model had, from the second call of a structure on, its recording
+    checked by one evaluation, which failed (a lean check: fused attention), and recorded
+    again by a second from the grown cache: the divergence of an 8-key attention where the
+    call's ``f`` had 5 keys, the cache grown twice. Now a recording with attention is checked
+    under capture's modes, and a check that misses records from its own evaluation."""
     torch.manual_seed(7)
     model = _gpt2("sdpa")
     x = torch.randn(B, L, E, dtype=f64)
