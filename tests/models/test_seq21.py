@@ -332,6 +332,44 @@ def test_live_cache_grows_once_per_call():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_a_live_cache_kept_across_calls_grows_once_per_call(method):
+    """One ``DynamicCache`` passed as it is to every call (generation's loop): each call
+    evaluates ``f`` once, grows the cache by ``L`` keys once, and gives the divergence and
+    parameter gradients of the cache it found (a check that misses, the cache longer than
+    the kept recording's, records from its own evaluation; before livecache22 the cache grew
+    twice from the second call on, the divergence 0.1-0.3 off)."""
+    torch.manual_seed(7)
+    model = _gpt2("sdpa")
+    x = torch.randn(B, L, E, dtype=f64)
+    with torch.no_grad():
+        cache = model(inputs_embeds=torch.randn(B, 2, E, dtype=f64)).cache
+    empty = copy.deepcopy(cache)  # (a cache grown with grad is no graph leaf: not copied)
+    evaluations = []
+
+    def f(z):
+        evaluations.append(1)
+        return model(inputs_embeds=z, cache=cache)[0]
+
+    for call in range(3):
+        found = [(layer.keys, layer.values) for layer in cache.layers]  # (graphs kept)
+
+        def fresh(z, found=found):
+            copied = copy.deepcopy(empty)
+            for layer, (keys, values) in zip(copied.layers, found, strict=True):
+                layer.keys, layer.values = keys, values
+            return model(inputs_embeds=z, cache=copied)[0]
+
+        evaluations.clear()
+        got = torchdiv.divergence(f, x, method=method)
+        assert (len(evaluations), cache.get_seq_length()) == (1, 2 + L * (call + 1))
+        want = reference_jacobian(fresh, x).reshape(B, L * E, L * E).diagonal(0, 1, 2).sum(1)
+        assert_close(got, want)
+        w = torch.randn(B, dtype=f64)
+        assert_same_parameter_gradients(model, (w * got).sum(), (w * want).sum())
+
+
+@pytest.mark.slow
 def test_train_mode_dropout_is_one_evaluation():
     """BERT in train mode (dropout 0.1 on attention and hidden states): the divergence of the
     function one evaluation drew, as plain autograd rows of one ``f(x)`` give it, and the

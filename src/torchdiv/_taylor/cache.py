@@ -12,10 +12,14 @@ that compares each call with the template as it runs; if everything matches, it 
 ``Graph`` that ``capture`` would have given, with this evaluation's own arguments and values
 (parameters, times, activations: nothing is reused but the structure). On the first
 difference (another op, a write to a buffer, a random draw, a changed shape, ``no_grad``
-inside ``f``, train mode switching a batch norm to batch statistics) the check stops, ``f``
-runs on to its end unwatched, what it changed outside itself is put back (the buffers it wrote,
-the random generators), and the caller records ``f`` again: a structure change costs one more
-evaluation, and never gives a stale plan.
+inside ``f``, train mode switching a batch norm to batch statistics) the check hands over to
+a recorder, which takes the calls matched so far as recorded and records the rest of this
+evaluation (``_Checker.hand_off``): a structure change costs no second evaluation, so state
+outside the modules that ``f`` changes (a key/value cache it grows) changes once per call,
+and never gives a stale plan. Where no recorder can take over (a lean check while ``f``
+runs; an in-place write among the calls matched), ``f`` runs on to its end unwatched, what
+it changed outside itself is put back (the buffers it wrote, the random generators), and
+the caller records ``f`` again.
 
 What a template certifies is what ``capture``'s analysis derived from structure alone: no
 unsupported op, no writes or random draws (graphs with those are never kept), and no mixing of
@@ -142,7 +146,9 @@ class Template:
     output_shape: tuple[int, ...]
     widest: int
     work: tuple[int, int, int]  # the graph's dependent calls, elements and products
-    lean: bool = True  # checked without the modes that only change ops (``checked``)
+    # checked without the modes that only change ops (``checked``): the recording called
+    # none of the functions they change (``Graph.lean``) and no check missed at its site
+    lean: bool = True
     derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -1048,12 +1054,12 @@ def recorded(
     if graph is None:  # (a check that could not record its own evaluation: f once more)
         graph = capture(f, x, rules, keep_values=True, batch_dims=batch_dims)
     kept = None if where is None else template(graph)
-    if kept is not None and found is not None and found.lean:
-        # a lean check missed: f computed the template's calls under other modes than
-        # capture's (an op they replace that the recording did not show), or other calls (a
-        # changed branch, a cache f grows), which it may change again; the next checks run
-        # under all of capture's modes, so that a miss is recorded from the check's own
-        # evaluation (``_Checker.hand_off``): f evaluated once, not twice
+    if kept is not None and found is not None:
+        # a check missed: f computed the template's calls under other modes than capture's
+        # (an op they replace that the recording did not show), or other calls (a changed
+        # branch, a cache f grows), which it may change again; the next checks run under
+        # all of capture's modes, so that a miss is recorded from the check's own evaluation
+        # (``_Checker.hand_off``, which a lean check cannot while f runs): f evaluated once
         kept = replace(kept, lean=False)
     if kept is not None:
         RECORDINGS.put(where, k, kept)
