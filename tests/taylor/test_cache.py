@@ -452,3 +452,34 @@ def test_every_call_evaluates_f_once(api, method, frozen):
         getattr(torchdiv, api)(f, x, method=method)
         counts.append(len(evaluations))
     assert counts == [1, 1, 1]
+
+
+def test_a_miss_inside_a_decomposed_call_is_recorded_from_the_same_evaluation():
+    """A full check (``cdist``: a replaced op) meets its first difference inside a call it
+    checks as its decomposition (``addcmul``, no rule), whose weight ``f`` takes from state
+    it changes at every evaluation (``(1,)`` and ``(d,)`` by turns): the recorder takes over
+    after that call, making it again (it writes nothing); one evaluation per call, the
+    divergence and its parameter gradients those of the weight the call found."""
+    torch.manual_seed(0)
+    lin, x = nn.Linear(3, 3).double(), torch.randn(4, 3, dtype=torch.float64)
+    evaluations = []
+
+    def weight(n: int) -> torch.Tensor:
+        return torch.full((1,), 0.5) if n % 2 else torch.linspace(0.1, 0.3, 3)
+
+    def g(z, n):
+        h = lin(z)
+        distances = torch.cdist(z.unsqueeze(1), z.unsqueeze(1)).reshape(4, 1)
+        return torch.addcmul(h, torch.tanh(h), weight(n).double()) + 0.1 * distances
+
+    def f(z):
+        evaluations.append(1)
+        return g(z, len(evaluations))
+
+    for _ in range(3):
+        before = len(evaluations)
+        got = torchdiv.divergence(f, x, method="structured")
+        assert len(evaluations) == before + 1
+        want = reference_divergence(lambda z: g(z, before + 1), x)  # noqa: B023
+        assert_close(got, want)
+        assert_same_parameter_gradients(lin, got.sum(), want.sum())

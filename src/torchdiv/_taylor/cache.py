@@ -1164,7 +1164,7 @@ class _Checker(DispatchMode):
         super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         self.found, self.x, self.rules, self.batch_dims = found, x, rules, batch_dims
         # each call matched so far as ``_Recorder.adopt`` takes it (func, args, kwargs, its
-        # result, grad mode), while it can (``adoptable``: no in-place write, no decomposition)
+        # result, grad mode), while it can (``adoptable``: no in-place write among them)
         self.made: list[Adopted] = []
         self.adoptable = True
         # the recorder ``f`` runs under after the first difference (``hand_off``), once tried;
