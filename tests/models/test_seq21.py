@@ -306,14 +306,14 @@ def test_nothing_of_the_caller_changes():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="a live cache (not copied) is other state: limitations")
 def test_live_cache_grows_once_per_call():
     """A ``DynamicCache`` passed to every evaluation as it is (``update`` rebinds its
     ``keys`` to a longer tensor: no module's attribute, no in-place write) is grown by each
-    evaluation. From the second call of a structure on, SDPA's model has its recording
-    checked by one evaluation, which fails (another cache), and recorded again by a second
-    from the grown cache: the divergence of an 8-key attention where the call's ``f`` had 5
-    keys, the cache grown twice (the eager model: once, right)."""
+    evaluation. SDPA's model had, from the second call of a structure on, its recording
+    checked by one evaluation, which failed (a lean check: fused attention), and recorded
+    again by a second from the grown cache: the divergence of an 8-key attention where the
+    call's ``f`` had 5 keys, the cache grown twice. Now a recording with attention is checked
+    under capture's modes, and a check that misses records from its own evaluation."""
     torch.manual_seed(7)
     model = _gpt2("sdpa")
     x = torch.randn(B, L, E, dtype=f64)
@@ -329,6 +329,44 @@ def test_live_cache_grows_once_per_call():
         got = torchdiv.divergence(lambda z: model(inputs_embeds=z, cache=cache)[0], x)  # noqa: B023
         assert cache.get_seq_length() == 2 + L
         assert_close(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_a_live_cache_kept_across_calls_grows_once_per_call(method):
+    """One ``DynamicCache`` passed as it is to every call (generation's loop): each call
+    evaluates ``f`` once, grows the cache by ``L`` keys once, and gives the divergence and
+    parameter gradients of the cache it found (a check that misses, the cache longer than
+    the kept recording's, records from its own evaluation; before livecache22 the cache grew
+    twice from the second call on, the divergence 0.1-0.3 off)."""
+    torch.manual_seed(7)
+    model = _gpt2("sdpa")
+    x = torch.randn(B, L, E, dtype=f64)
+    with torch.no_grad():
+        cache = model(inputs_embeds=torch.randn(B, 2, E, dtype=f64)).cache
+    empty = copy.deepcopy(cache)  # (a cache grown with grad is no graph leaf: not copied)
+    evaluations = []
+
+    def f(z):
+        evaluations.append(1)
+        return model(inputs_embeds=z, cache=cache)[0]
+
+    for call in range(3):
+        found = [(layer.keys, layer.values) for layer in cache.layers]  # (graphs kept)
+
+        def fresh(z, found=found):
+            copied = copy.deepcopy(empty)
+            for layer, (keys, values) in zip(copied.layers, found, strict=True):
+                layer.keys, layer.values = keys, values
+            return model(inputs_embeds=z, cache=copied)[0]
+
+        evaluations.clear()
+        got = torchdiv.divergence(f, x, method=method)
+        assert (len(evaluations), cache.get_seq_length()) == (1, 2 + L * (call + 1))
+        want = reference_jacobian(fresh, x).reshape(B, L * E, L * E).diagonal(0, 1, 2).sum(1)
+        assert_close(got, want)
+        w = torch.randn(B, dtype=f64)
+        assert_same_parameter_gradients(model, (w * got).sum(), (w * want).sum())
 
 
 @pytest.mark.slow

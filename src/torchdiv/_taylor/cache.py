@@ -12,10 +12,14 @@ that compares each call with the template as it runs; if everything matches, it 
 ``Graph`` that ``capture`` would have given, with this evaluation's own arguments and values
 (parameters, times, activations: nothing is reused but the structure). On the first
 difference (another op, a write to a buffer, a random draw, a changed shape, ``no_grad``
-inside ``f``, train mode switching a batch norm to batch statistics) the check stops, ``f``
-runs on to its end unwatched, what it changed outside itself is put back (the buffers it wrote,
-the random generators), and the caller records ``f`` again: a structure change costs one more
-evaluation, and never gives a stale plan.
+inside ``f``, train mode switching a batch norm to batch statistics) the check hands over to
+a recorder, which takes the calls matched so far as recorded and records the rest of this
+evaluation (``_Checker.hand_off``): a structure change costs no second evaluation, so state
+outside the modules that ``f`` changes (a key/value cache it grows) changes once per call,
+and never gives a stale plan. Where no recorder can take over (a lean check while ``f``
+runs; an in-place write among the calls matched), ``f`` runs on to its end unwatched, what
+it changed outside itself is put back (the buffers it wrote, the random generators), and
+the caller records ``f`` again.
 
 What a template certifies is what ``capture``'s analysis derived from structure alone: no
 unsupported op, no writes or random draws (graphs with those are never kept), and no mixing of
@@ -52,6 +56,7 @@ import torch
 import torch.nn.modules.module as _module_hooks
 import torch.utils.checkpoint as _checkpoint
 from torch._C._autograd import _top_saved_tensors_default_hooks
+from torch._C._functorch import peek_interpreter_stack
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from torchdiv._core.checks import unwrapped
@@ -63,6 +68,7 @@ from torchdiv._core.script import attribute, cell_contents, global_names
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
     _DECOMPOSITIONS,
+    Adopted,
     Before,
     Graph,
     Node,
@@ -71,19 +77,23 @@ from torchdiv._taylor.capture import (
     Strided,
     _facts,
     _random_states,
+    _Recorder,
     _storage,
     _written,
     argument,
     capture,
     decomposed_in_place,
     differentiable,
+    finished,
     note_rewrite,
     outputs,
     plain,
     put_back,
+    recorder_at,
     recording,
     rewritten_by,
     through_view,
+    watching,
     written_out_of_place,
 )
 from torchdiv._taylor.tree import leaves, map_leaves
@@ -136,7 +146,9 @@ class Template:
     output_shape: tuple[int, ...]
     widest: int
     work: tuple[int, int, int]  # the graph's dependent calls, elements and products
-    lean: bool = True  # checked without the modes that only change ops (``checked``)
+    # checked without the modes that only change ops (``checked``): the recording called
+    # none of the functions they change (``Graph.lean``) and no check missed at its site
+    lean: bool = True
     derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -226,7 +238,7 @@ def template(graph: Graph) -> Template | None:
         return None
     work = (graph.dependent_calls, graph.elements, graph.products)
     output = canonical.get(graph.output, graph.output)
-    return Template(tuple(calls), output, graph.output_shape, graph.widest, work)
+    return Template(tuple(calls), output, graph.output_shape, graph.widest, work, lean=graph.lean)
 
 
 class PlanCache:
@@ -1052,16 +1064,18 @@ def recorded(
     calls again; a recording that can be checked is kept for the next call."""
     k = key(x, batch_dims)
     found = None if where is None else RECORDINGS.get(where, k)
-    graph = None if found is None else checked(found, f, x, rules)
-    if graph is not None:
+    graph = None if found is None else checked(found, f, x, rules, batch_dims)
+    if graph is not None and graph.template is found:
         return graph
-    graph = capture(f, x, rules, keep_values=True, batch_dims=batch_dims)
+    if graph is None:  # (a check that could not record its own evaluation: f once more)
+        graph = capture(f, x, rules, keep_values=True, batch_dims=batch_dims)
     kept = None if where is None else template(graph)
-    if kept is not None and found is not None and found.lean and _same_structure(kept, found):
-        # a lean check failed where f computed the template's calls again: f takes an op
-        # that capture's modes replace (cdist, attention), which no lean check can match, so
-        # the next checks run under all of them. A miss from a changed structure (another
-        # branch, a swapped layer) leaves the new template lean.
+    if kept is not None and found is not None:
+        # a check missed: f computed the template's calls under other modes than capture's
+        # (an op they replace that the recording did not show), or other calls (a changed
+        # branch, a cache f grows), which it may change again; the next checks run under
+        # all of capture's modes, so that a miss is recorded from the check's own evaluation
+        # (``_Checker.hand_off``, which a lean check cannot while f runs): f evaluated once
         kept = replace(kept, lean=False)
     if kept is not None:
         RECORDINGS.put(where, k, kept)
@@ -1069,14 +1083,21 @@ def recorded(
     return graph
 
 
-def _same_structure(a: Template, b: Template) -> bool:
-    """Whether two templates hold the same calls and output (what a check compares)."""
-    return a.output == b.output and a.output_shape == b.output_shape and a.calls == b.calls
-
-
-def checked(found: Template, f: Function, x: torch.Tensor, rules: Container[Any]) -> Graph | None:
+def checked(
+    found: Template,
+    f: Function,
+    x: torch.Tensor,
+    rules: Container[Any],
+    batch_dims: int | None = None,
+) -> Graph | None:
     """Evaluate ``f(x)`` comparing each call with ``found``: the ``Graph`` of this evaluation
-    if all match, else ``None`` with what ``f`` changed put back (the caller records again).
+    if all match (``template`` is ``found``); else, from its first difference on, recorded as
+    ``capture(f, x, rules, keep_values=True, batch_dims=batch_dims)`` would record it
+    (``_Checker.hand_off``: the calls before it taken as recorded), a new recording; else
+    (``hand_off`` cannot take over) ``None`` with what ``f`` changed put back, and the caller
+    records again. So a call evaluates ``f`` once: state outside ``f``'s modules that
+    ``f`` changes (a key/value cache it grows, a list it appends to), which nothing puts back,
+    is changed once, and the result is that of this evaluation.
 
     A ``lean`` template is checked with grad and forward-mode AD on, as ``capture`` runs
     ``f``, but without its modes that only choose which ops run (attention on the math
@@ -1085,33 +1106,58 @@ def checked(found: Template, f: Function, x: torch.Tensor, rules: Container[Any]
     if not plain(x):  # recorded again: capture names the subclass
         return None
     z = argument(x)  # (capture's: a closure over the caller's x is a constant)
-    checker = _Checker(found, z, rules)
+    checker = _Checker(found, z, rules, batch_dims)
     outer_grad = torch.is_grad_enabled()
-    if found.lean:
-        with torch.enable_grad(), _set_fwd_grad_enabled(True), checker:
-            y = f(z)
-    else:
-        with recording(), checker:
-            y = f(z)
-    out = leaves(map_leaves(checker.ref, y))
-    complete = checker.same and checker.i == len(found.calls)
-    if complete and out == [found.output] and tuple(y.shape) == found.output_shape:
-        calls, elements, products = found.work
-        return Graph(
-            checker.nodes,
-            found.output,
-            widest=found.widest,
-            dependent_calls=calls,
-            elements=elements,
-            products=products,
-            requires_grad=outer_grad and y.requires_grad,
-            output_shape=found.output_shape,
-            values=outputs(checker.values, checker.overwritten),
-            overwritten=frozenset(checker.overwritten),
-            template=found,
-        )
+    checker.outer = torch._C._len_torch_function_stack()
+    try:
+        if found.lean:
+            with torch.enable_grad(), _set_fwd_grad_enabled(True), checker:
+                checker.inner = checker.outer
+                y = f(z)
+        else:
+            with recording(), checker:
+                checker.inner = torch._C._len_torch_function_stack()
+                y = f(z)
+    except Exception:  # f's own error: as capture's
+        checker.modes.close()
+        if checker.recorder is not None:
+            checker.recorder.graph.undo()
+        raise
+    checker.modes.close()
+    if checker.recorder is None and not checker.tried and checker.same and _ends(checker, y):
+        return _graph(checker, y, outer_grad)
+    recorder = checker.recorder or (None if checker.tried else checker.hand_off(ahead=False))
+    if recorder is not None:
+        return finished(recorder, y, outer_grad, keep_values=True)
     checker.undo()
     return None
+
+
+def _ends(checker: _Checker, y: Any) -> bool:
+    """Whether ``f`` returned ``y`` where the template it was checked against ends."""
+    found = checker.found
+    if checker.i != len(found.calls) or tuple(y.shape) != found.output_shape:
+        return False
+    return leaves(map_leaves(checker.ref, y)) == [found.output]
+
+
+def _graph(checker: _Checker, y: torch.Tensor, outer_grad: bool) -> Graph:
+    """The ``Graph`` of an evaluation that matched ``checker.found`` throughout."""
+    found = checker.found
+    calls, elements, products = found.work
+    return Graph(
+        checker.nodes,
+        found.output,
+        widest=found.widest,
+        dependent_calls=calls,
+        elements=elements,
+        products=products,
+        requires_grad=outer_grad and y.requires_grad,
+        output_shape=found.output_shape,
+        values=outputs(checker.values, checker.overwritten),
+        overwritten=frozenset(checker.overwritten),
+        template=found,
+    )
 
 
 _WRITES: dict[Any, bool] = {}  # whether an op writes to an argument, by its schema
@@ -1128,9 +1174,23 @@ def _changes_state(func: Any, args: Any, kwargs: Any) -> bool:
 
 
 class _Checker(DispatchMode):
-    def __init__(self, found: Template, x: torch.Tensor, rules: Container[Any]) -> None:
+    def __init__(
+        self, found: Template, x: torch.Tensor, rules: Container[Any], batch_dims: int | None
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
-        self.found, self.x, self.rules = found, x, rules
+        self.found, self.x, self.rules, self.batch_dims = found, x, rules, batch_dims
+        # each call matched so far as ``_Recorder.adopt`` takes it (func, args, kwargs, its
+        # result, grad mode), while it can (``adoptable``: no in-place write among them)
+        self.made: list[Adopted] = []
+        self.adoptable = True
+        # the recorder ``f`` runs under after the first difference (``hand_off``), once tried;
+        # the modes entered for it (closed after the check's own); the torch-function modes
+        # around the check and inside it (``hand_off``)
+        self.recorder: _Recorder | None = None
+        self.tried = False
+        self.modes = contextlib.ExitStack()
+        self.outer = self.inner = 0
+        self.depth = 0  # decompositions being checked (``_decomposed``)
         self.calls = found.calls
         self.refs: dict[int, Ref] = {id(x): X}
         self.nodes: list[Node] = []
@@ -1202,6 +1262,7 @@ class _Checker(DispatchMode):
             if isinstance(leaf, torch.Tensor):
                 refs[id(leaf)] = ref
         self.values.append(outs)  # (keeps them alive: ids stay unique while checking)
+        self.made.append(Adopted(func, args, kwargs, out, torch.is_grad_enabled()))
         self.i = i + 1
         return out
 
@@ -1226,15 +1287,41 @@ class _Checker(DispatchMode):
         )
         depends = touches and func not in VALUE_FREE and torch.is_grad_enabled()
         if depends and func not in self.rules and func in _DECOMPOSITIONS:
-            with self:
-                return _DECOMPOSITIONS[func](*args, **kwargs)
+            return self._decomposed(func, args, kwargs)
         self.same = False
         return self._unwatched(func, args, kwargs)
+
+    def _decomposed(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """A call checked as the calls it decomposes into, as ``capture`` records it, kept for
+        ``hand_off`` as one call with its parts (a recorder watches it as itself). Where a
+        difference comes inside it, the decomposition runs on unrecorded and, where
+        ``hand_off`` takes over after it, the recorder makes the call again (as a template's
+        calls, its parts write nothing; where one did, nothing takes over)."""
+        first = len(self.made)
+        self.depth += 1
+        try:
+            with self:
+                out = _DECOMPOSITIONS[func](*args, **kwargs)
+        finally:
+            self.depth -= 1
+        parts = self.made[first:]
+        del self.made[first:]
+        if self.same:
+            self.made.append(Adopted(func, args, kwargs, out, torch.is_grad_enabled(), parts))
+            return out
+        if self.depth or self.tried:
+            return out
+        if self.changed or self.rng is not None:
+            self.tried = True
+            return out
+        recorder = self.hand_off()
+        return out if recorder is None else recorder.dispatch(func, args, kwargs)
 
     def _in_place(self, func: Any, call: _Call, args: Any, kwargs: Any) -> Any:
         """An in-place op on its first argument that ``capture`` recorded as its out-of-place
         op (``relu_`` as ``relu``: ``_Recorder.functional``), the template's next call ``call``:
         checked as that call, then run in place, its target taken for the call's output."""
+        self.adoptable = False
         pattern: list[Any] = []
         node_args = self.swapped(args, pattern)
         node_kwargs = self.swapped(kwargs, pattern) if kwargs else {}
@@ -1260,6 +1347,7 @@ class _Checker(DispatchMode):
         """An in-place op that ``capture`` recorded as the calls of its out-of-place op
         (``silu_``: ``_Recorder.write_out_of_place``): those checked against the template,
         then the write made, its target taken for their result."""
+        self.adoptable = False
         target = args[0]
         first = len(self.nodes)
         result, base, base_after = written_out_of_place(self, func, args, kwargs, self.refs)
@@ -1316,8 +1404,42 @@ class _Checker(DispatchMode):
                 return False
         return True
 
+    def hand_off(self, ahead: bool = True) -> _Recorder | None:
+        """After the first difference: a recorder of ``f`` as ``capture`` makes it, with the
+        calls matched so far adopted (``_Recorder.adopt``), and, if ``f`` runs on (``ahead``),
+        the torch-function modes ``capture`` runs it under that the check did not enter;
+        ``None`` (tried once) where it cannot take over: a call matched as an in-place write
+        (a recorder sees it otherwise), a ``torch.func`` transform, a torch-function mode
+        ``f`` entered and has not left (the modes entered here would leave before it), a
+        ``lean`` check with ``f`` still running (under no ``SafeDerivatives``: the call in
+        progress may be one it replaces, out of reach now).
+
+        The calls matched so far are the template's: those ``capture`` recorded, under its
+        modes, and watched for sample mixing (adopted, they are watched again); a value read
+        outside the dispatcher among them (``Reads``: ``tolist()``) is not seen again.
+        """
+        self.tried = True
+        depth = torch._C._len_torch_function_stack()  # (modes whose calls run are popped)
+        if not self.adoptable or peek_interpreter_stack() is not None:
+            return None
+        if ahead and (self.found.lean or not self.outer <= depth <= self.inner):
+            return None
+        recorder = recorder_at(self.x, self.rules, self.batch_dims)
+        recorder.task = self.task
+        recorder.graph.lean = self.found.lean  # (the calls adopted ran under its modes or not)
+        for call in self.made:
+            recorder.adopt(call)
+        if ahead:
+            self.modes.enter_context(watching(recorder))
+        self.recorder = recorder
+        return recorder
+
     def _unwatched(self, func: Any, args: Any, kwargs: Any) -> Any:
-        """After the first difference: run the call, keeping what it changes for ``undo``."""
+        """After the first difference: recorded (``hand_off``), or else run, keeping what it
+        changes for ``undo``."""
+        recorder = self.recorder if self.tried or self.depth else self.hand_off()
+        if recorder is not None:
+            return recorder.dispatch(func, args, kwargs)
         if torch.Tag.nondeterministic_seeded in func.tags and self.rng is None:
             self.rng = _random_states(self.x)
             generator = kwargs.get("generator")

@@ -35,6 +35,7 @@ from torchdiv._core.mixing.tracker import BatchAxes
 from torchdiv._core.mixing.watch import tracker
 from torchdiv._core.mixing.writes import written_arguments
 from torchdiv._core.modes import (
+    REPLACEMENTS,
     UNDERIVABLE_OPS,
     DispatchMode,
     SafeDerivatives,
@@ -147,6 +148,10 @@ class Graph:
     # the ``cache.Template`` this graph was checked against or kept as (plans made from the
     # structure alone are kept with it); None if it is not kept
     template: Any = field(default=None, repr=False, compare=False)
+    # whether a check without ``replacing()``'s modes can match the calls recorded: ``f``
+    # called no function those modes change (attention, a ``SafeDerivatives`` replacement;
+    # ``_InPlaceDetach``): ``cache.Template.lean``
+    lean: bool = True
     # whether the watch for sample mixing read index values along the batch (``BatchAxes.
     # indexed``): its verdict holds for them only, so the graph is never kept as a template
     indexed: bool = False
@@ -195,6 +200,22 @@ def _replacing(old: torch.Tensor, new: torch.Tensor) -> Callable[[Any], Any]:
     return lambda a: new if a is old else a
 
 
+_UNSET = object()  # (``_Recorder.given`` when no call is adopted)
+
+
+class Adopted(NamedTuple):
+    """A call ``f`` made that a ``_Recorder`` takes as recorded (``_Recorder.adopt``): its
+    arguments, its result, the grad mode it ran under, and, for a call decomposed, the calls
+    of its decomposition (``None`` otherwise)."""
+
+    func: Any
+    args: Any
+    kwargs: dict[str, Any]
+    out: Any
+    grad: bool
+    parts: list[Adopted] | None = None
+
+
 class _Recorder(DispatchMode):
     def __init__(self, x: torch.Tensor, rules: Container[Any], axes: BatchAxes | None = None):
         super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
@@ -239,11 +260,39 @@ class _Recorder(DispatchMode):
         # later read of them is recorded as a copy of the values it read (``read``)
         self.filled: set[int] = set()
         self.copies: dict[tuple[int, int], torch.Tensor] = {}  # (id, version) -> its copy
+        self.given: Any = _UNSET  # the result of a call ``adopt``ed, made before
 
     def ref(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return self.refs.get(id(value), value)
         return value
+
+    def adopt(self, call: Adopted) -> None:
+        """Record a call ``f`` made before this recorder watched it as ``dispatch`` would have
+        recorded it: a call of a template check before its first difference
+        (``torchdiv._taylor.cache``), which writes nothing and draws no random numbers, made
+        on the recorder's ``x``."""
+        self.given = (call.out, call.parts)
+        try:
+            with torch.set_grad_enabled(call.grad):
+                self.dispatch(call.func, call.args, call.kwargs)
+        finally:
+            self.given = _UNSET
+
+    def decomposed(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """``func``'s decomposition, recorded (run under this recorder), or, for a call
+        adopted (``adopt``), its result, its parts adopted."""
+        if self.given is _UNSET:
+            with self:
+                return _DECOMPOSITIONS[func](*args, **kwargs)
+        out, parts = self.given
+        if parts is None:  # (checked as one call where this recorder decomposes it)
+            self.graph.unsupported.append(f"{func} (not decomposed where it was checked)")
+            return out
+        self.given = _UNSET
+        for part in parts:
+            self.adopt(part)
+        return out
 
     def mapped(self, args: Any, kwargs: Any, replayed: bool) -> tuple[Any, Any]:
         """A call's arguments as its node holds them: ``Ref``s, constants, and, where the
@@ -348,8 +397,7 @@ class _Recorder(DispatchMode):
             # the interpolation of a size onto itself)
             axes, self.axes = self.axes, None
             try:
-                with self:
-                    out = _DECOMPOSITIONS[func](*args, **kwargs)
+                out = self.decomposed(func, args, kwargs)
             finally:
                 self.axes = axes
             if axes is not None:
@@ -363,9 +411,14 @@ class _Recorder(DispatchMode):
         # a write of values computed from x replays from its target's values before it; a
         # constant write is kept, not replayed (what it reads does not matter)
         refs = self.mapped(args, kwargs, depends) if written else None
-        out = func(*args, **kwargs)
-        if lifted(func, args):  # (f writes into a copy: the node's constant keeps its values)
-            out = out.clone()
+        if self.given is _UNSET:
+            out = func(*args, **kwargs)
+            if lifted(func, args):  # (f writes into a copy: the node's constant keeps its values)
+                out = out.clone()
+        else:  # (adopted: a check's call, which a template holds, so never written later)
+            out, parts = self.given
+            if parts is not None:  # (a check's decomposition, where this recorder has none)
+                self.graph.unsupported.append(f"{func} (decomposed where it was checked)")
         if self.axes is not None:
             self.axes.after(carry, args, out)
         outs = leaves(out)
@@ -914,6 +967,8 @@ class _InPlaceDetach(TorchFunctionMode):
     def __torch_function__(
         self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
+        if self.recorder.graph.lean and replaced(func):
+            self.recorder.graph.lean = False
         if func is torch.Tensor.detach_ and self.recorder.depends(list(args[:1])):
             self.recorder.graph.unsupported.append(IN_PLACE_DETACH)
         out = func(*args, **(kwargs or {}))
@@ -924,6 +979,13 @@ class _InPlaceDetach(TorchFunctionMode):
         ):
             self.recorder.graph.unsupported.append(READS_REQUIRES_GRAD)
         return out
+
+
+def replaced(func: Any) -> bool:
+    """Whether ``replacing()`` changes the calls ``func`` makes: attention (on the math
+    backend), a ``SafeDerivatives(1)`` replacement (as its ``__torch_function__`` chooses)."""
+    entry = REPLACEMENTS.get(func)
+    return entry is not None and (entry.applies(1, True) or func is torch.cosine_similarity)
 
 
 def _products(func: Any, args: Any, outs: list[Any]) -> int:
@@ -1195,8 +1257,15 @@ def recording() -> Iterator[None]:
     """The modes ``f`` runs under while it is recorded (or checked, ``torchdiv._taylor.cache``):
     grad mode on (its own ``no_grad`` blocks show) and forward-mode AD on (a custom
     ``autograd.Function``'s ``forward`` shows), attention as primitives, ``SafeDerivatives(1)``."""
-    safe = SafeDerivatives(1, "method='auto'", recording=True)
-    with torch.enable_grad(), _set_fwd_grad_enabled(True), math_attention(), safe:
+    with torch.enable_grad(), _set_fwd_grad_enabled(True), replacing():
+        yield
+
+
+@contextlib.contextmanager
+def replacing() -> Iterator[None]:
+    """``recording()``'s modes that choose which ops ``f`` runs: attention as primitives,
+    ``SafeDerivatives(1)``."""
+    with math_attention(), SafeDerivatives(1, "method='auto'", recording=True):
         yield
 
 
@@ -1226,17 +1295,40 @@ def capture(
     if not plain(x):  # nothing evaluated: each result of f would be a new, unlinked object
         return Graph(unsupported=[subclass(type(x))])
     z = argument(x)
-    axes = None if batch_dims is None else tracker(z, batch_dims)
-    recorder = _Recorder(z, rules, axes)
-    recorder.graph.rng = _random_states(x)
-    recorder.graph.settings = Settings()
+    recorder = recorder_at(z, rules, batch_dims)
     outer_grad = torch.is_grad_enabled()
     try:
-        with recording(), recorder, _InPlaceDetach(recorder), reading(axes):
+        with recording(), recorder, watching(recorder):
             y = f(z)
     except Exception:  # f's own error (or a refusal): what f changed so far is put back, as
         recorder.graph.undo()  # after a mixing refusal; a caller that goes on evaluates f again
         raise
+    return finished(recorder, y, outer_grad, keep_values)
+
+
+def recorder_at(z: torch.Tensor, rules: Container[Any], batch_dims: int | None) -> _Recorder:
+    """A recorder of ``f(z)`` (``z``: ``argument(x)``), watching it for sample mixing with
+    ``batch_dims``, with what ``Graph.undo`` puts back as it is now."""
+    recorder = _Recorder(z, rules, None if batch_dims is None else tracker(z, batch_dims))
+    recorder.graph.rng = _random_states(z)
+    recorder.graph.settings = Settings()
+    return recorder
+
+
+def watching(recorder: _Recorder) -> contextlib.ExitStack:
+    """The torch-function modes a recording runs under besides ``recording()``'s: in-place
+    ``detach_`` and ``requires_grad`` reads (``_InPlaceDetach``), values read outside the
+    dispatcher for the mixing watch (``reading``)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(_InPlaceDetach(recorder))
+    stack.enter_context(reading(recorder.axes))
+    return stack
+
+
+def finished(recorder: _Recorder, y: Any, outer_grad: bool, keep_values: bool) -> Graph:
+    """The ``Graph`` of ``recorder`` once ``f`` returned ``y`` (``outer_grad``: grad mode
+    around the call): refusals of underivable ops and sample mixing (with what ``f`` changed
+    put back), the output and, if ``keep_values``, every call's outputs."""
     if recorder.underivable is not None:
         recorder.graph.undo()  # (as for sample mixing, below)
         refuse_underivable(recorder.underivable, True)
