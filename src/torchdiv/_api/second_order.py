@@ -402,7 +402,7 @@ class ValueGradLaplacian(NamedTuple):
         laplacian: every sample's Laplacian ``Σ_j ∂²y_{b,i} / ∂x_{b,j}²`` (over
             ``coordinates`` only, where given), shape ``B + y_event``.
 
-    Example:
+    Examples:
         >>> import torch, torchdiv  # (run from torchdiv's namespace: the class's module)
         >>> x = torch.randn(4, 3, dtype=torch.float64)
         >>> value, gradient, laplacian = torchdiv.value_grad_laplacian(lambda x: x.pow(3), x)
