@@ -100,6 +100,8 @@ def _forward_laplacian(nodes: list[tuple[Any, str]], n: int) -> torch.Tensor | N
         if name in _PRODUCTS:
             mat2 = node._saved_mat2
             if rows is None:  # a product of x itself: the rows of mat2, alike for every sample
+                if mat2.layout != torch.strided:  # (a sparse weight: no sparse activation rules)
+                    return None
                 rows = torch.cat([mat2, mat2.new_zeros(1, mat2.shape[1])]).unsqueeze(1)
             else:
                 rows = torch.matmul(rows, mat2)
