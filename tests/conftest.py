@@ -539,3 +539,34 @@ def assert_gradients_as(model, ours, eager, reference) -> None:
     for p, a, b in zip(eager.parameters(), got, want, strict=True):
         zero = torch.zeros_like(p)
         assert_close(zero if a is None else a, zero if b is None else b)
+
+
+@pytest.fixture
+def laplacian_chained(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """``"auto"``'s Laplacian loops at every structure (its decisions forgotten first); one
+    entry per ``_laplacian.chain.chain_laplacian`` call: whether it gave the Laplacian."""
+    from torchdiv._laplacian import loop
+    from torchdiv._laplacian import methods as _laplacian
+    from torchdiv._laplacian.chain import chain_laplacian
+    from torchdiv._taylor.cache import PlanCache
+
+    monkeypatch.setattr(_laplacian, "_LOOPS", PlanCache(256))
+    monkeypatch.setattr(_laplacian, "loops_for", lambda *_: True)
+    calls: list[bool] = []
+
+    def spy(*args):
+        out = chain_laplacian(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(loop, "chain_laplacian", spy)
+    return calls
+
+
+def laplacians_by_grad_of_grad(f, x: torch.Tensor) -> torch.Tensor:
+    """Every output component's Laplacian by ``laplacian_by_grad_of_grad``, ``(N, m)`` for
+    ``f``: ``(N, n) -> (N, m)``."""
+    m = f(x[:1]).shape[1]
+    return torch.stack(
+        [laplacian_by_grad_of_grad(lambda z, i=i: f(z)[:, i], x) for i in range(m)], 1
+    )

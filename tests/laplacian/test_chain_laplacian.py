@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, assert_same_parameter_gradients, laplacian_by_grad_of_grad
+from conftest import (
+    assert_close,
+    assert_same_parameter_gradients,
+    laplacian_by_grad_of_grad,
+    laplacians_by_grad_of_grad,
+)
 
 import torchdiv
-from torchdiv._laplacian import loop
-from torchdiv._laplacian import methods as _laplacian
 from torchdiv._laplacian.chain import chain_laplacian
-from torchdiv._taylor.cache import PlanCache
 
 f64 = torch.float64
 ACTIVATIONS = {
@@ -33,47 +35,22 @@ def _mlp(d: int, activation, outputs: int = 2) -> torch.nn.Module:
     ).to(f64)
 
 
-@pytest.fixture
-def chained(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """``"auto"`` loops at every structure (its decision forgotten first); one entry per
-    ``chain_laplacian`` call: whether it gave the Laplacian."""
-    monkeypatch.setattr(_laplacian, "_LOOPS", PlanCache(256))
-    monkeypatch.setattr(_laplacian, "loops_for", lambda *_: True)
-    calls: list[bool] = []
-
-    def spy(*args):
-        out = chain_laplacian(*args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(loop, "chain_laplacian", spy)
-    return calls
-
-
-def _reference(f, x: torch.Tensor) -> torch.Tensor:
-    """Every output component's Laplacian by the float64 grad-of-grad loop, ``(N, m)``."""
-    m = f(x[:1]).shape[1]
-    return torch.stack(
-        [laplacian_by_grad_of_grad(lambda z, i=i: f(z)[:, i], x) for i in range(m)], 1
-    )
-
-
 @pytest.mark.parametrize("train", [False, True], ids=["frozen", "train"])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("d", [2, 3])
 def test_auto_s_loop_takes_the_chain_with_the_loop_s_values_and_gradients(
-    chained, activation, train, d
+    laplacian_chained, activation, train, d
 ):
     """Decided, then remembered: both calls take the chain, and values and parameter
     gradients equal the float64 loop's, two output components."""
     torch.manual_seed(0)
     net = _mlp(d, ACTIVATIONS[activation]).requires_grad_(train)
     x = torch.randn(16, d, dtype=f64)
-    want = _reference(net, x)
+    want = laplacians_by_grad_of_grad(net, x)
     for _ in range(2):
-        chained.clear()
+        laplacian_chained.clear()
         got = torchdiv.laplacian(net, x)
-        assert chained == [True]
+        assert laplacian_chained == [True]
         assert_close(got, want)
         assert got.requires_grad == train
         if train:
@@ -81,14 +58,14 @@ def test_auto_s_loop_takes_the_chain_with_the_loop_s_values_and_gradients(
             assert_same_parameter_gradients(net, (got * weights).sum(), (want * weights).sum())
 
 
-def test_the_chain_keeps_the_graph_in_x(chained):
+def test_the_chain_keeps_the_graph_in_x(laplacian_chained):
     """With ``x`` requiring grad the Laplacian's gradient in ``x`` (a third derivative of
     ``f``) and in the parameters equals the loop's."""
     torch.manual_seed(0)
     net = _mlp(3, torch.nn.Tanh, outputs=1)
     x = torch.randn(16, 3, dtype=f64, requires_grad=True)
     got = torchdiv.laplacian(net, x).reshape(-1)
-    assert chained == [True]
+    assert laplacian_chained == [True]
     want = laplacian_by_grad_of_grad(net, x)
     assert_close(got, want)
     (got_x,) = torch.autograd.grad(got.square().sum(), x, retain_graph=True)
@@ -111,7 +88,7 @@ def test_scaled_products_of_tensors_that_require_no_grad():
     leaf = x.clone().requires_grad_(True)
     got = chain_laplacian(f(leaf), leaf, create_graph=False)
     assert got is not None and not got.requires_grad
-    assert_close(got, _reference(f, x))
+    assert_close(got, laplacians_by_grad_of_grad(f, x))
 
 
 @pytest.mark.parametrize(
@@ -123,7 +100,7 @@ def test_scaled_products_of_tensors_that_require_no_grad():
     ],
     ids=["relu-piecewise-linear", "gelu-not-listed", "activation-of-x-first"],
 )
-def test_other_graphs_are_left_to_the_loop(chained, make):
+def test_other_graphs_are_left_to_the_loop(laplacian_chained, make):
     """A piecewise-linear net (its Laplacian's graph is the loop's), an activation without a
     second derivative here, a chain not starting with a product of ``x``: no chain, and
     ``"auto"``'s loop gives the reference."""
@@ -131,11 +108,11 @@ def test_other_graphs_are_left_to_the_loop(chained, make):
     net = make().to(f64)
     x = torch.randn(16, 2, dtype=f64)
     got = torchdiv.laplacian(net, x).reshape(-1)
-    assert chained == [False]
+    assert laplacian_chained == [False]
     assert_close(got, laplacian_by_grad_of_grad(net, x))
 
 
-def test_a_residual_graph_is_not_a_chain(chained):
+def test_a_residual_graph_is_not_a_chain(laplacian_chained):
     """``x`` reached twice (a skip connection): the loop."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(2, 2).to(f64)
@@ -145,5 +122,5 @@ def test_a_residual_graph_is_not_a_chain(chained):
 
     x = torch.randn(16, 2, dtype=f64)
     got = torchdiv.laplacian(f, x)
-    assert not any(chained)
-    assert_close(got, _reference(f, x))
+    assert not any(laplacian_chained)
+    assert_close(got, laplacians_by_grad_of_grad(f, x))
