@@ -674,7 +674,9 @@ def _held(f: torch.nn.Module) -> tuple[Any, ...]:
                 )
             )
         ]
-        told = len(held) - before + (compiled_with is not None)
+        # (Lightning's dictionary, left out above; an attribute of that name of another type
+        # is told above: counted twice, it hid the module's others, rev-merges22b)
+        told = len(held) - before + (type(compiled_with) is dict)
         if len(attributes) - told != len(_MODULE_OWN):
             held += _others(attributes, stack)
         pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
