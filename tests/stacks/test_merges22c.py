@@ -19,7 +19,12 @@ from torch.nn.modules import module as nn_module
 from torch.utils.flop_counter import FlopCounterMode
 
 import torchdiv
-from tests.conftest import assert_close, assert_same_parameter_gradients, tanh_mlp
+from tests.conftest import (
+    assert_close,
+    assert_same_parameter_gradients,
+    reference_divergence,
+    tanh_mlp,
+)
 from torchdiv.flows import log_likelihood
 
 odeint = pytest.importorskip("torchdiffeq").odeint
@@ -155,3 +160,23 @@ def test_a_stopped_field_is_still_refused(stop):
     net, x = tanh_mlp(2, 8, 2), torch.randn(3, 2, dtype=f64)
     with pytest.raises(ValueError, match="does not depend on z through autograd"):
         log_likelihood(lambda t, z: STOPS[stop](net, z), x, 0.0, 1.0, log_p0, solver="euler")
+
+
+def _three_sin_steps(z: torch.Tensor) -> torch.Tensor:
+    _, y = torch.while_loop(lambda i, y: i < 3, lambda i, y: (i + 1, y.sin()), (torch.tensor(0), z))
+    return y
+
+
+def test_torch_while_loop_s_hint_names_it_and_a_loop_s_way_out():
+    """Every method fails inside ``torch.while_loop`` (torch.func's ``KeyError``): the hint
+    said "torch.cond (or torch.while_loop)" and gave a branch's way out (``torch.where``).
+    The graph forms' first derivatives, which it now names, are right."""
+    x = torch.randn(4, 3, dtype=f64)
+    with pytest.raises(KeyError) as raised:
+        torchdiv.divergence(_three_sin_steps, x)
+    hint = str(raised.value).partition("Hint: ")[2]
+    assert "f calls torch.while_loop," in hint and "Python loop" in hint
+    assert "torch.where" not in hint and "torch.cond" not in hint
+    leaf = x.clone().requires_grad_(True)
+    ours = torchdiv.graph_divergence(_three_sin_steps(leaf), leaf)
+    assert_close(ours, reference_divergence(lambda z: z.sin().sin().sin(), x))
