@@ -299,7 +299,7 @@ def _stopped(f: Any, x: torch.Tensor, t: torch.Tensor) -> bool:
 _OFF_GRAPH = {
     torch.Tensor.detach,
     torch.detach,
-    torch.Tensor.data.__get__,
+    torch.Tensor.data.__get__,  # type: ignore[attr-defined]  # (a property read off the class)
     torch.Tensor.item,
     torch.Tensor.tolist,
 }

@@ -134,7 +134,7 @@ class LiftedHook:
     """A tracker's global forward (pre-)hook, skipped in the threads inside a call, under its
     key: a tracker that exits meanwhile (another thread's counter) removes it by its key."""
 
-    def __init__(self, hook: Callable[..., Any]) -> None:
+    def __init__(self, hook: Any) -> None:  # (a bound method)
         self.hook = hook
 
     def __call__(self, *args: Any) -> Any:
@@ -183,7 +183,7 @@ def _tracked(lifted: _Lifted) -> None:
     putting its hooks back kept a dead tracker hooking every module for good (a later plain
     ``autograd.grad`` of a module raised pytorch#131753's error)."""
     stand_ins, removed = lifted
-    live = set()
+    live: set[int] = set()
     for hooks in _FORWARD_HOOKS:
         for key, hook in list(hooks.items()):
             if isinstance(hook, LiftedHook) and hook in stand_ins:
