@@ -58,6 +58,7 @@ import torch
 from torch import nn
 from torch._C._functorch import TransformType, peek_interpreter_stack
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from torchdiv._api.reporting import final_error, reported
@@ -269,17 +270,20 @@ def _check_adjoint(fn: str, f: Any, x: torch.Tensor, times: torch.Tensor) -> Non
 
 
 def _stopped(f: Any, x: torch.Tensor, t: torch.Tensor) -> bool:
-    """Whether ``f(t, z)`` at ``z = x`` has no autograd path from ``z`` although its values
-    change with ``z`` (at ``z = x + 1``): computed under ``torch.no_grad()`` or
-    ``torch.inference_mode()`` (a sampling wrapper, flow_matching's ``CFGScaledModel``) or
-    detached, which every method takes for a constant (divergence 0). A field constant in
-    ``z`` (``ones_like(z) * t``) is not stopped. Evaluated with its changes to state put
+    """Whether ``f(t, z)`` at ``z = x`` has no autograd path from ``z`` because ``f`` stops it
+    (``_Stops``: computed under ``torch.no_grad()`` or ``torch.inference_mode()``, a sampling
+    wrapper's, flow_matching's ``CFGScaledModel``, or detached), although its values change
+    with ``z`` (at ``z = x + 1``): every method takes such a value for a constant (divergence
+    0). A field constant in ``z`` (``ones_like(z) * t``) is not stopped, nor a piecewise
+    constant one made by comparisons, integer casts or quantisation under grad (``(z > 0)
+    .to(z.dtype)``: divergence 0 is right there). Evaluated with its changes to state put
     back; ``False`` where an evaluation raises (the solve ran it: not this check's error)."""
     z = x.detach().clone().requires_grad_(True)
     try:
         with unchanged(f, z), torch.inference_mode(False), torch.enable_grad():
-            v = f(t, z)
-            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            with _Stops() as stops:
+                v = f(t, z)
+            if not stops.seen or not isinstance(v, torch.Tensor) or not v.is_floating_point():
                 return False
             if v.requires_grad and (
                 torch.autograd.grad(v.sum(), z, allow_unused=True)[0] is not None
@@ -289,6 +293,34 @@ def _stopped(f: Any, x: torch.Tensor, t: torch.Tensor) -> bool:
     except Exception:
         return False
     return isinstance(moved, torch.Tensor) and not torch.equal(v.detach(), moved.detach())
+
+
+# the ops that read a tensor off its autograd graph
+_OFF_GRAPH = {
+    torch.Tensor.detach,
+    torch.detach,
+    torch.Tensor.data.__get__,  # type: ignore[attr-defined]  # (a property read off the class)
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+}
+
+
+class _Stops(TorchFunctionMode):
+    """Notes whether ``f`` stops the gradient of a tensor that requires grad (``seen``): an op
+    on one under ``torch.no_grad()`` or ``torch.inference_mode()``, or one of ``_OFF_GRAPH``.
+    An op under grad that has no derivative (a comparison, an integer cast, ``bucketize``,
+    ``quantize_per_tensor``) is not a stop: its value is piecewise constant in ``z``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if not self.seen and (not torch.is_grad_enabled() or func in _OFF_GRAPH):
+            leaves = tree_leaves((args, kwargs))
+            self.seen = any(isinstance(a, torch.Tensor) and a.requires_grad for a in leaves)
+        return func(*args, **kwargs)
 
 
 def _lost(held: torch.Tensor | nn.Module, own: set[int]) -> bool:

@@ -98,7 +98,7 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
         return HooksRefused(_hooks_refused(fn, options.get("method")))
     nested = getattr(exc, "_torchdiv_context", False)  # a public call inside this one's
     if not raised_by_f(exc) and not nested:
-        if _checkpointed(exc) is None and not _control_flow(exc):
+        if _checkpointed(exc) is None and _control_flow(exc) is None:
             return None
         # a reentrant checkpoint's (or torch.cond's) backward refused torchdiv's autograd.grad
         return in_context(fn, "a backward pass through f(x)", exc, options)
@@ -257,20 +257,22 @@ def _frames(exc: BaseException) -> Iterator[FrameType]:
 
 _CHECKPOINT_FILE = _checkpoint.__file__
 
-# the eager implementations of torch.cond and torch.while_loop (``_control_flow``)
-_CONTROL_FLOW_FILES = frozenset(
-    os.path.join(os.path.dirname(torch._higher_order_ops.__file__), name)
-    for name in ("cond.py", "while_loop.py")
-)
+# the eager implementations of torch.cond and torch.while_loop (``_control_flow``), by file
+_CONTROL_FLOW_FILES = {
+    os.path.join(os.path.dirname(torch._higher_order_ops.__file__), f"{name}.py"): f"torch.{name}"
+    for name in ("cond", "while_loop")
+}
 
 
-def _control_flow(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an error in its chain) was raised inside ``torch.cond`` or
-    ``torch.while_loop``, read off the traceback: their eager forms run under plain
-    autograd's first derivatives only, and fail under ``torch.func``'s transforms, torchdiv's
-    dispatch modes or a second backward pass with PyTorch's internal errors (``KeyError:
-    <TransformType.Grad: 2>``, "no rule registered for HigherOrderOperator cond")."""
-    return any(frame.f_code.co_filename in _CONTROL_FLOW_FILES for frame in _frames(exc))
+def _control_flow(exc: BaseException) -> str | None:
+    """The control-flow op (``"torch.cond"``, ``"torch.while_loop"``) inside which ``exc`` (or
+    an error in its chain) was raised, read off the traceback, or ``None``: their eager forms
+    run under plain autograd's first derivatives only, and fail under ``torch.func``'s
+    transforms, torchdiv's dispatch modes or a second backward pass with PyTorch's internal
+    errors (``KeyError: <TransformType.Grad: 2>``, "no rule registered for
+    HigherOrderOperator cond")."""
+    names = (frame.f_code.co_filename for frame in _frames(exc))
+    return next((_CONTROL_FLOW_FILES[n] for n in names if n in _CONTROL_FLOW_FILES), None)
 
 
 def _hint(
@@ -294,6 +296,19 @@ def _hint(
     )
 
 
+_COND_WAY = (
+    "Write the branch as torch.where(pred, true_fn(x), false_fn(x)) (both branches evaluated; "
+    "a pred that combines samples, x.abs().max() > 1, is refused as sample mixing: take one "
+    "per sample, x.abs().amax(-1, keepdim=True) > 1) or as a Python if (watched for sample "
+    "mixing at every call)."
+)
+_WHILE_LOOP_WAY = (
+    "Write the loop as a Python loop over its steps (a per-sample stopping rule: mask the "
+    "samples done, while active.any()); graph_divergence or graph_jacobian of its output "
+    "(without create_graph) take its first derivatives as it is."
+)
+
+
 def _traceback_hint(message: str, exc: BaseException | None) -> str | None:
     """``_hint`` for what the traceback of ``exc`` shows: ExpandedWeights, a checkpoint."""
     if "Expanded Weights" in message or (exc is not None and _expanded_weights(exc)):
@@ -305,15 +320,13 @@ def _traceback_hint(message: str, exc: BaseException | None) -> str | None:
             "on derivatives of f. Take them by torch.func: vmap(grad(loss), in_dims=(None, "
             "0))(params, x) with each sample as a batch of one (functional_call inside f)."
         )
-    if exc is not None and _control_flow(exc):
+    op = None if exc is None else _control_flow(exc)
+    if op is not None:
         return (
-            "f calls torch.cond (or torch.while_loop), which PyTorch runs outside torch.compile "
-            "under plain autograd's first derivatives only: not under torch.func's transforms "
-            "or torchdiv's dispatch modes (every method evaluates f under one), nor twice "
-            "differentiated. Write the branch as torch.where(pred, true_fn(x), false_fn(x)) "
-            "(both branches evaluated; a pred that combines samples, x.abs().max() > 1, is "
-            "refused as sample mixing: take one per sample, x.abs().amax(-1, keepdim=True) > "
-            "1) or as a Python if (watched for sample mixing at every call)."
+            f"f calls {op}, which PyTorch runs outside torch.compile under plain autograd's "
+            "first derivatives only: not under torch.func's transforms or torchdiv's dispatch "
+            "modes (every method evaluates f under one), nor twice differentiated. "
+            + (_WHILE_LOOP_WAY if op == "torch.while_loop" else _COND_WAY)
         )
     reentrant = None if exc is None else _checkpointed(exc)
     if reentrant:

@@ -107,61 +107,93 @@ _TRACKERS_BY_MODULE = {
 }
 
 
-_GLOBAL_HOOKS = (
-    _module_hooks._global_forward_pre_hooks,
-    _module_hooks._global_forward_hooks,
-    _module_hooks._global_backward_pre_hooks,
-    _module_hooks._global_backward_hooks,
-)
+_FORWARD_HOOKS = (_module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks)
+_BACKWARD_HOOKS = (_module_hooks._global_backward_pre_hooks, _module_hooks._global_backward_hooks)
+_INSIDE = threading.local()  # ``depth``: this thread's calls inside with the trackers lifted
+
+# what ``_untracked`` lifted: the forward hooks' stand-ins, each backward dictionary's items
+# before and the keys removed from it
+_Lifted = tuple[list["LiftedHook"], list[tuple[dict[int, Any], list[tuple[int, Any]], set[int]]]]
 
 
 def _trackers_off() -> bool:
-    """Switch off the module hooks of every module tracker (``FlopCounterMode``'s) while this
-    call, or an overlapping call of another thread, is inside (``_TRACKERS``); whether the call
-    holds them off (``_trackers_on`` puts them back). The tracker's dispatch mode still sees
-    every op the call runs: a FLOP counter counts them, under the modules around the call
-    rather than ``f``'s own."""
+    """Lift the module hooks of every module tracker (``FlopCounterMode``'s) for the threads
+    inside a call (``_TRACKERS`` counts the calls of every thread); whether this call holds
+    them (``_trackers_on`` lets go). Another thread's modules stay tracked meanwhile (its
+    counter's module breakdown was lost, or kept a module its forward entered before the
+    lift and left during it). The tracker's dispatch mode still sees every op the call runs:
+    a FLOP counter counts them, under the modules around the call rather than ``f``'s own."""
     if not _module_hooks._global_forward_pre_hooks:
         return False  # the usual case: no global hooks
     _TRACKERS.enter(_untracked)
+    _INSIDE.depth = getattr(_INSIDE, "depth", 0) + 1
     return True
 
 
-def _untracked() -> list[tuple[dict[int, Any], list[tuple[int, Any]], set[int]]]:
-    """Remove the module trackers' global module hooks: for each dictionary of them, its
-    items before and the keys removed. Removed, not replaced: a module takes its slow path,
-    and wraps itself in a full backward hook (an ``autograd.Function`` that ``torch.func``
-    refuses), wherever such a dictionary is not empty."""
+class LiftedHook:
+    """A tracker's global forward (pre-)hook, skipped in the threads inside a call, under its
+    key: a tracker that exits meanwhile (another thread's counter) removes it by its key."""
+
+    def __init__(self, hook: Any) -> None:  # (a bound method)
+        self.hook = hook
+
+    def __call__(self, *args: Any) -> Any:
+        return None if getattr(_INSIDE, "depth", 0) else self.hook(*args)
+
+
+def _untracked() -> _Lifted:
+    """Replace each module tracker's global forward hooks by ``LiftedHook`` stand-ins, and
+    remove its backward ones (``CommDebugMode``'s): a non-empty dictionary of those wraps
+    every module in a full backward hook (an ``autograd.Function`` that ``torch.func``
+    refuses), so they are off in every thread meanwhile."""
     modules = sys.modules
     trackers = tuple(
         getattr(modules[name], cls) for name, cls in _TRACKERS_BY_MODULE.items() if name in modules
     )
-    found = []
-    for hooks in _GLOBAL_HOOKS:
+    stand_ins = []
+    for hooks in _FORWARD_HOOKS:
+        for key, hook in list(hooks.items()):
+            if isinstance(getattr(hook, "__self__", None), trackers):
+                hooks[key] = stand_in = LiftedHook(hook)  # (same keys: no resize under a reader)
+                stand_ins.append(stand_in)
+    removed = []
+    for hooks in _BACKWARD_HOOKS:
         before = list(hooks.items())
-        removed = {k for k, hook in before if isinstance(getattr(hook, "__self__", None), trackers)}
-        for key in removed:
+        keys = {k for k, hook in before if isinstance(getattr(hook, "__self__", None), trackers)}
+        for key in keys:
             del hooks[key]
-        if removed:
-            found.append((hooks, before, removed))
-    return found
+        if keys:
+            removed.append((hooks, before, keys))
+    return stand_ins, removed
 
 
 def _trackers_on(held: bool) -> None:
-    """Where the call held the module trackers off (``_trackers_off``), let go: the last call
-    to leave puts back those the first switched off."""
+    """Where the call held the module trackers lifted (``_trackers_off``), let go: the last
+    call to leave puts back those the first lifted."""
     if held:
+        _INSIDE.depth -= 1
         _TRACKERS.exit(_tracked)
 
 
-def _tracked(found: list[tuple[dict[int, Any], list[tuple[int, Any]], set[int]]]) -> None:
-    """Put the trackers' hooks back in their places among the hooks there now (those
-    registered meanwhile last, those removed meanwhile left out)."""
-    for hooks, before, removed in found:
+def _tracked(lifted: _Lifted) -> None:
+    """Put the trackers' hooks back: a forward hook where its stand-in still is, a backward
+    one in its place among the hooks there now (those registered meanwhile last, those
+    removed meanwhile left out) where its tracker's forward hooks are still there. A tracker
+    that exited meanwhile (another thread's ``with FlopCounterMode()``) removed its stand-ins:
+    putting its hooks back kept a dead tracker hooking every module for good (a later plain
+    ``autograd.grad`` of a module raised pytorch#131753's error)."""
+    stand_ins, removed = lifted
+    live: set[int] = set()
+    for hooks in _FORWARD_HOOKS:
+        for key, hook in list(hooks.items()):
+            if isinstance(hook, LiftedHook) and hook in stand_ins:
+                hooks[key] = hook.hook
+                live.add(id(hook.hook.__self__))
+    for hooks, before, keys in removed:
         now = dict(hooks)
         hooks.clear()
         for key, hook in before:
-            if key in removed or key in now:
+            if key in now or (key in keys and id(hook.__self__) in live):
                 hooks[key] = now.pop(key, hook)
         hooks.update(now)
 

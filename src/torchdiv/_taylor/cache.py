@@ -63,7 +63,7 @@ from torchdiv._core.checks import unwrapped
 from torchdiv._core.ddp import enter_fsdp
 from torchdiv._core.mixing.errors import allowed
 from torchdiv._core.mixing.reads import VALUE_FREE
-from torchdiv._core.modes import DispatchMode
+from torchdiv._core.modes import DispatchMode, LiftedHook
 from torchdiv._core.script import attribute, cell_contents, global_names
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
@@ -395,10 +395,18 @@ def structure_key(f: Any, x: torch.Tensor, batch_dims: int) -> tuple[Hashable, .
 def _global_hooks() -> tuple[Any, ...]:
     """The forward hooks registered for every module (``register_module_forward_hook``, its
     pre-hook too), by their handles' ids; ``()`` without any. Not torchdiv's own, which a
-    call under a process group registers (``_core.ddp.enter_fsdp``)."""
+    call under a process group registers (``_core.ddp.enter_fsdp``), nor a module tracker's
+    lifted while a call runs (``_core.modes.LiftedHook``: each ``FlopCounterMode`` entered
+    was another structure, watched again)."""
     pre, post = _module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks
-    users = [key for key, hook in pre.items() if hook is not enter_fsdp]
-    return ((*users, None, *post),) if users or post else ()
+    users = [k for k, hook in pre.items() if hook is not enter_fsdp and not _lifted(hook)]
+    after = [k for k, hook in post.items() if not _lifted(hook)]
+    return ((*users, None, *after),) if users or after else ()
+
+
+def _lifted(hook: Any) -> bool:
+    """Whether a global module hook is a tracker's, lifted while a call runs."""
+    return isinstance(hook, LiftedHook)
 
 
 class Same:
