@@ -143,7 +143,8 @@ def chain(y: torch.Tensor, x: torch.Tensor) -> list[tuple[Step, Any]] | None:
         return None
     steps: list[tuple[Step, Any]] = []
     end, at = x.grad_fn, x.output_nr
-    node, nr = y.grad_fn, y.output_nr
+    node: Any = y.grad_fn  # (a leaf's node has ``variable``, which its stub lacks)
+    nr = y.output_nr
     while node is not None:
         if node is end:
             return steps if nr == at and steps else None
