@@ -242,33 +242,3 @@ def test_hutchinson_is_unbiased_on_sbis_field() -> None:
     z = (est.value - exact) / est.stderr
     assert z.abs().max() < 4, z
     assert (est.stderr > 0).all()
-
-
-def test_auto_leaves_dense_traces_to_reverse_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    """sbi's nets have dense Jacobians: the structured engine finds no colouring and propagated
-    the D columns through its Taylor rules of GELU, layer norm and AdaLN's modulation, 1.9-3.6x
-    the time of reverse mode and of sbi's own batched VJPs (D = 3, B = 1000, float32, sbi's
-    default nets; NOTES_rev-sbi22.md). Above the tiny size (500 samples of 3), "auto" now hands
-    such a trace to the generic engines, and no longer records ``f`` at later calls."""
-    from torchdiv._structured import forward
-
-    propagated: list[int] = []
-    columns = forward.diagonal
-
-    def counted(*args, **kwargs):
-        propagated.append(1)
-        return columns(*args, **kwargs)
-
-    monkeypatch.setattr(forward, "diagonal", counted)
-    estimator = _estimator("flow", "mlp")
-    x_o = _observation()
-    theta = torch.randn(500, 3, dtype=f64)
-    t = torch.tensor(0.4, dtype=f64)
-
-    def field(z: torch.Tensor) -> torch.Tensor:
-        return estimator.ode_fn(z, x_o, t)
-
-    want = torchdiv.divergence(field, theta, method="reverse")
-    for _ in range(2):
-        assert_close(torchdiv.divergence(field, theta), want, rtol=1e-12, atol=1e-12)
-    assert not propagated

@@ -165,13 +165,6 @@ def plan(
         if split is not None and diag is not None:
             y = _output(split.fixed, values(split.fixed, x), x)
             return (diag.sum(-1) if trace else diag), y
-        # a dense trace (no colours, no chain, no split): reverse mode's fused kernels beat
-        # the Taylor rules' D columns (sbi's GELU/layer-norm nets: 1.9-3.6x); remembered as a
-        # refusal, so later calls skip the recording and are watched instead
-        if coloring is None and trace and not strict and share == WHOLE and where is not None:
-            _remember_refusal(where, f, x, batch_dims)
-            graph.undo()
-            return None
         diag = forward.diagonal(graph, x, batch_dims, chunk_size, coloring, share)
         return (diag.sum(-1) if trace else diag), _output(graph, kept, x)
     except (RuntimeError, TypeError) as exc:  # UnsupportedOp included
