@@ -107,7 +107,11 @@ class Heat(torch.nn.Module):
         return self.net(x).squeeze(-1)
 
 
-@pytest.mark.parametrize("allowed", [False, True], ids=["watched", "allow_batch_interaction"])
+@pytest.mark.parametrize(  # (1.3 s each: detection off in the daily sample)
+    "allowed",
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["watched", "allow_batch_interaction"],
+)
 def test_the_taylor_replay_of_a_non_mixing_f_and_a_batch_marked_dynamic(allowed):
     """f3f2583 records under ``watched()`` and refuses dimensions marked dynamic but the
     first: a PINN that does not mix samples, inside ``allow_batch_interaction()`` or not, with
