@@ -25,7 +25,10 @@ Methods (one signature each, in ``BY_NAME``):
   many small ops, such as a Chebyshev KAN; decided once per structure of ``f`` and ``x``), and
   if an op has no Taylor rule, at up to ``LOOP_FALLBACK`` inputs times output components per
   sample and where forward mode cannot run ``f`` (``_laplacian.methods.fallback``; kept per
-  structure of ``f``, its parameters and ``x``, so later calls do not record ``f``).
+  structure of ``f``, its parameters and ``x``, so later calls do not record ``f``). Where
+  that loop runs on a chain of linear layers and tanh, sigmoid, ReLU or LeakyReLU, its result
+  comes from the tensors the call's autograd graph saved, without backward passes
+  (``_laplacian.chain``: the same values and derivatives, graph kept alike).
   Inside a region ``torch.compile`` traces, problems where ``f``'s work is small (inputs x
   samples x ``f``'s multiply-adds per sample, estimated from its parameters, at most
   ``10 x 2**20``: ``torchdiv._core.crossover``) take ``"forward-over-reverse"`` traced into the
