@@ -27,6 +27,11 @@ f64 = torch.float64
 D = 3
 
 
+def _layers() -> tuple[torch.nn.Linear, torch.nn.Linear, torch.nn.Linear]:
+    """``D -> 8``, ``8 -> 8``, ``8 -> D``."""
+    return torch.nn.Linear(D, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, D)
+
+
 class TiedAutoencoder(torch.nn.Module):
     """A decoder that reuses the encoder's weight transposed (``F.linear(h, W.t())``)."""
 
@@ -44,11 +49,7 @@ class SharedHidden(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.inp, self.hidden, self.out = (
-            torch.nn.Linear(D, 8),
-            torch.nn.Linear(8, 8),
-            torch.nn.Linear(8, D),
-        )
+        self.inp, self.hidden, self.out = _layers()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.inp(x))
@@ -74,11 +75,7 @@ class InPlaceChain(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.l1, self.l2, self.l3 = (
-            torch.nn.Linear(D, 8),
-            torch.nn.Linear(8, 8),
-            torch.nn.Linear(8, D),
-        )
+        self.l1, self.l2, self.l3 = _layers()
         self.relu = torch.nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -322,11 +319,7 @@ class MaxNormAfterUse(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.l1, self.l2, self.l3 = (
-            torch.nn.Linear(D, 8),
-            torch.nn.Linear(8, 8),
-            torch.nn.Linear(8, D),
-        )
+        self.l1, self.l2, self.l3 = _layers()
         self.constrain = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
