@@ -212,3 +212,101 @@ def test_taylor_still_refuses_a_whole_batch_max_in_the_output():
     net, x = tanh_mlp(3, 8, 1), torch.randn(5, 3, dtype=f64)
     with pytest.raises(torchdiv.BatchInteractionError, match=r"aten\.max\.default"):
         torchdiv.laplacian(lambda z: net(z) * z.max(), x, method="taylor")
+
+
+# --- log_likelihood's stopped-field check ---------------------------------------------------
+
+odeint = pytest.importorskip("torchdiffeq").odeint
+EULER = {"solver": "euler", "options": {"step_size": 0.25}}
+TIMES = torch.tensor([1.0, 0.0], dtype=f64)  # log_likelihood(f, x, 0, 1): from t1 back to t0
+
+
+def log_p0(z: torch.Tensor) -> torch.Tensor:
+    return -0.5 * z.square().sum(-1)
+
+
+def _solved(field, x: torch.Tensor) -> torch.Tensor:
+    """``log p0(z(t0)) - ∫ div f`` by torchdiffeq's Euler steps (as ``log_likelihood``'s),
+    each divergence a per-sample grad loop of the field in float64."""
+
+    def augmented(t, state):
+        z = state[0]
+        with torch.enable_grad():
+            leaf = z if z.requires_grad else z.detach().requires_grad_(True)
+            v = field(t, leaf)
+            div = sum(
+                torch.autograd.grad(v[:, i].sum(), leaf, create_graph=True)[0][:, i]
+                for i in range(v.shape[1])
+            )
+        return v, -div
+
+    z, delta = odeint(
+        augmented, (x, x.new_zeros(len(x))), TIMES, method="euler", options=EULER["options"]
+    )
+    return log_p0(z[-1]) - delta[-1]
+
+
+def test_the_check_leaves_a_closure_counter_as_the_solve_left_it():
+    """A rotation's divergence is exactly 0 at every step, so the stopped-field check runs:
+    its evaluation counted in the caller's ``nonlocal`` counter (5 for 4 Euler steps)."""
+    rotation = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=f64)
+    calls = 0
+
+    def turned(t, z):
+        nonlocal calls
+        calls += 1
+        return z @ rotation.T
+
+    x = torch.randn(3, 2, dtype=f64)
+    ours = torchdiv.flows.log_likelihood(turned, x, 0.0, 1.0, log_p0, **EULER)
+    assert calls == 4
+    assert_close(ours, _solved(turned, x))
+
+
+def _under_no_grad(net, z):
+    with torch.no_grad():
+        return net(z)
+
+
+PARTLY = {
+    "no_grad": lambda net, z: torch.cat([net(z)[:, :1], _under_no_grad(net, z)[:, 1:]], -1),
+    "detach": lambda net, z: torch.cat([net(z)[:, :1], net(z.detach())[:, 1:]], -1),
+}
+
+
+@pytest.mark.parametrize("method", ["auto", "reverse", "hutchinson"])
+@pytest.mark.parametrize("stop", PARTLY)
+def test_a_partly_stopped_field_is_refused(stop, method):
+    """One component under ``no_grad`` (or detached): its term of the divergence is left out,
+    the others are not, so the sum is not 0 and the check did not run: log p(x) was off by
+    that term's integral, silently. Now refused, naming the component."""
+    net, x = tanh_mlp(2, 8, 2), torch.randn(3, 2, dtype=f64)
+    options = {"num_probes": 2} if method == "hutchinson" else {}
+    with pytest.raises(ValueError, match=r"components \[1\] of f\(t, z\)"):
+        torchdiv.flows.log_likelihood(
+            lambda t, z: PARTLY[stop](net, z),
+            x,
+            0.0,
+            1.0,
+            log_p0,
+            method=method,
+            **options,
+            **EULER,
+        )
+
+
+def test_a_stop_beside_a_piecewise_constant_component_is_not_refused():
+    """A value read off the graph for logging (``.item()``) and a component piecewise constant
+    in z (a comparison: derivative 0 is right): its values do not move at a small step, so the
+    field is not stopped. Values and parameter gradients against the per-sample solve."""
+    net, x = tanh_mlp(2, 8, 1), torch.randn(3, 2, dtype=f64)
+    seen = []
+
+    def field(t, z):
+        seen.append(z.detach().abs().max().item() + z.norm().item())
+        return torch.cat([net(z) * t, (z[:, 1:] > 0).to(z.dtype)], -1)
+
+    ours = torchdiv.flows.log_likelihood(field, x, 0.0, 1.0, log_p0, **EULER)
+    expected = _solved(field, x)
+    assert_close(ours, expected)
+    assert_same_parameter_gradients(net, ours.sum(), expected.sum())
