@@ -269,31 +269,80 @@ def _check_adjoint(fn: str, f: Any, x: torch.Tensor, times: torch.Tensor) -> Non
         )
 
 
-def _stopped(f: Any, x: torch.Tensor, t: torch.Tensor) -> bool:
-    """Whether ``f(t, z)`` at ``z = x`` has no autograd path from ``z`` because ``f`` stops it
-    (``_Stops``: computed under ``torch.no_grad()`` or ``torch.inference_mode()``, a sampling
-    wrapper's, flow_matching's ``CFGScaledModel``, or detached), although its values change
-    with ``z`` (at ``z = x + 1``): every method takes such a value for a constant (divergence
-    0). A field constant in ``z`` (``ones_like(z) * t``) is not stopped, nor a piecewise
-    constant one made by comparisons, integer casts or quantisation under grad (``(z > 0)
-    .to(z.dtype)``: divergence 0 is right there). Evaluated with its changes to state put
-    back; ``False`` where an evaluation raises (the solve ran it: not this check's error)."""
+def _stopped(f: Any, x: torch.Tensor, t: torch.Tensor, batch_dims: int) -> list[int]:
+    """The components of ``f(t, z)`` at ``z = x`` (indices into the flattened event) that have
+    no autograd path from ``z`` because ``f`` stops it (``_Stops``: computed under
+    ``torch.no_grad()`` or ``torch.inference_mode()``, a sampling wrapper's, flow_matching's
+    ``CFGScaledModel``, or detached), although their values change with ``z`` (at ``z + h
+    u``, a small random step): every method takes such a value for a constant (its terms of
+    the divergence 0). A component constant in ``z`` (``ones_like(z) * t``) is not stopped,
+    nor a piecewise constant one made by comparisons, integer casts or quantisation under
+    grad (``(z > 0).to(z.dtype)``: derivative 0 is right there, and its values stay at a
+    small step). Autograd's derivative along ``u`` (``J u``, by a reverse pass of a reverse
+    pass) is 0 at every sample for a stopped component. Evaluated with its changes to state
+    put back, numbers in ``f``'s closure too (an evaluation counter, ``nonlocal nfe``);
+    none where an evaluation raises (the solve ran it: not this check's error)."""
     z = x.detach().clone().requires_grad_(True)
+    counters = _closure_numbers(f)
     try:
         with unchanged(f, z), torch.inference_mode(False), torch.enable_grad():
             with _Stops() as stops:
                 v = f(t, z)
-            if not stops.seen or not isinstance(v, torch.Tensor) or not v.is_floating_point():
-                return False
-            if v.requires_grad and (
-                torch.autograd.grad(v.sum(), z, allow_unused=True)[0] is not None
-            ):
-                return False
-            moved = f(t, z.detach() + 1)
+            if not stops.seen or not isinstance(v, torch.Tensor) or v.shape != z.shape:
+                return []
+            if not v.is_floating_point():
+                return []
+            u = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(z)
+            dead = (_along(v, z, u) == 0).flatten(batch_dims).flatten(0, -2).all(0)
+            if not bool(dead.any()):
+                return []
+            step = 1e-3 * (1 + float(z.detach().abs().max()))
+            moved = f(t, z.detach() + step * u)
+            if not isinstance(moved, torch.Tensor) or moved.shape != v.shape:
+                return []
+            changed = (moved.detach() != v.detach()).flatten(batch_dims).flatten(0, -2).any(0)
     except Exception:
-        return False
-    return isinstance(moved, torch.Tensor) and not torch.equal(v.detach(), moved.detach())
+        return []
+    finally:
+        for cell, number in counters:
+            cell.cell_contents = number
+    return (dead & changed).nonzero().flatten().tolist()
 
+
+def _along(v: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Autograd's derivative of ``v`` along ``u`` (``J u``, shaped like ``v``): the reverse
+    pass of the reverse pass ``J^T r`` with respect to ``r``: 0 where a stop cut the path."""
+    none = torch.zeros_like(v)
+    if not v.requires_grad:
+        return none
+    r = torch.zeros_like(v, requires_grad=True)
+    (back,) = torch.autograd.grad(v, z, r, create_graph=True, allow_unused=True)
+    if back is None or not back.requires_grad:
+        return none
+    (along,) = torch.autograd.grad(back, r, u, allow_unused=True)
+    return none if along is None else along
+
+
+def _closure_numbers(f: Any) -> list[tuple[Any, Any]]:
+    """The cells of ``f``'s closure (a partial's or bound method's function's) holding a
+    number, with it: an evaluation counter the check's evaluations must not move."""
+    f = getattr(f, "func", f)
+    f = getattr(f, "__func__", f)
+    cells = getattr(f, "__closure__", None) or ()
+    out = []
+    for cell in cells:
+        try:
+            value = cell.cell_contents
+        except ValueError:  # (an empty cell)
+            continue
+        if isinstance(value, int | float):
+            out.append((cell, value))
+    return out
+
+
+# the dynamics' evaluations watched for a stop (a recording engine's first one runs f on a
+# tensor that requires no grad, where a ``detach`` stops nothing)
+_WATCHED = 2
 
 # the ops that read a tensor off its autograd graph
 _OFF_GRAPH = {
@@ -546,6 +595,9 @@ class AugmentedDynamics(nn.Module):
         self.announced = False
         s = self.sampling
         self.num_terms = 1 if s is None else num_terms(method, s.num_probes)
+        # whether one of f's first ``_WATCHED`` evaluations stopped a gradient (``_Stops``:
+        # ``log_likelihood`` then checks which components of f it left without one)
+        self.stops, self._watched = False, 0
 
     def _register_owner_parameters(self) -> None:
         """Registers the parameters the bound method's module has now as ``owner_0``,
@@ -592,7 +644,11 @@ class AugmentedDynamics(nn.Module):
 
     def _evaluated(self, t: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def velocity(z: torch.Tensor) -> torch.Tensor:
-            v: torch.Tensor = call_f(self.f, t, z)  # check_velocity raises if it is not
+            watched = self._watched < _WATCHED and not self.stops
+            with _Stops() if watched else contextlib.nullcontext() as stops:
+                v: torch.Tensor = call_f(self.f, t, z)  # check_velocity raises if it is not
+            if stops is not None:
+                self._watched, self.stops = self._watched + 1, stops.seen
             check_velocity(self.fn, v, z)
             return v
 
@@ -845,8 +901,19 @@ def log_likelihood(
                 raise
             raise transformed from error
         state = z[-1], delta[-1]
-        # every term exactly 0 (one synchronisation per solve): a stop-gradient field's look
-        if not bool(state[1].detach().ne(0).any()) and _stopped(f, x, times[0]):
+        # every term exactly 0 (one synchronisation per solve): a stop-gradient field's look;
+        # or a stop met in the solve's first evaluations (a component under no_grad)
+        zero = not bool(state[1].detach().ne(0).any())
+        stopped = _stopped(f, x, times[0], batch_dims) if zero or dynamics.stops else []
+        if stopped and not zero:
+            raise ValueError(
+                f"{fn}: components {stopped[:8]} of f(t, z) (indices into its flattened event) "
+                "do not depend on z through autograd (computed under torch.no_grad() or "
+                "torch.inference_mode(), or detached), though their values change with z: every "
+                "method takes them for constants, so their terms of the divergence were left "
+                "out of log p(x). Evaluate them with grad enabled in f"
+            )
+        if stopped:
             raise ValueError(
                 f"{fn}: f(t, z) does not depend on z through autograd (its output was computed "
                 "under torch.no_grad() or torch.inference_mode(), or detached), though its values "

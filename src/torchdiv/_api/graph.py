@@ -11,8 +11,9 @@ function once if unsure.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -46,7 +47,37 @@ from torchdiv._estimators.registry import STOCHASTIC_METHODS
 from torchdiv._exact import dispatch as _exact
 from torchdiv._exact.autograd import GraphJacobian, depends_on
 
+F = TypeVar("F", bound=Callable[..., torch.Tensor])
+
 GRAPH_METHODS = ("auto", "reverse", *STOCHASTIC_METHODS)
+
+
+# PyTorch's refusal of a module tracker's hook on a leaf x in autograd.grad (pytorch#131753)
+_TRACKED_LEAF = "A leaf node was passed to _will_engine_execute_node"
+
+
+def _trackers_named(form: F) -> F:
+    """``form`` (a graph form), whose refusal of ``y``'s graph made under a module tracker
+    (``FlopCounterMode``; ``ModTracker``'s ``CommDebugMode``, ``MemTracker``) names it: the
+    tracker hooked the leaf ``x`` in the caller's forward, which PyTorch refuses in every
+    ``autograd.grad`` to ``x`` (it came out as a graph that "cannot be walked twice")."""
+
+    @functools.wraps(form)
+    def named(y: Any, x: Any, **options: Any) -> torch.Tensor:
+        try:
+            return form(y, x, **options)
+        except RuntimeError as exc:
+            if _TRACKED_LEAF not in str(exc):
+                raise
+            raise RuntimeError(
+                f"{form.__name__}: y was computed under a module tracker (FlopCounterMode, "
+                "CommDebugMode, MemTracker) that hooked the leaf x, which PyTorch refuses in "
+                "autograd.grad (pytorch#131753; torch.autograd.grad(y, x) raises the same): "
+                "compute y from a non-leaf x (x = x0.view_as(x0), x0 requiring grad) or outside "
+                f"the tracker, or use the function form torchdiv.{form.__name__[6:]}(f, x)"
+            ) from exc
+
+    return named  # type: ignore[return-value]
 
 
 def _engine(
@@ -99,6 +130,7 @@ def _engine(
 
 
 @fabric_guards_off
+@_trackers_named
 def graph_jacobian(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -141,6 +173,7 @@ def graph_jacobian(
 
 
 @fabric_guards_off
+@_trackers_named
 def graph_divergence(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -200,6 +233,7 @@ def graph_divergence(
 
 
 @fabric_guards_off
+@_trackers_named
 def graph_laplacian(
     y: torch.Tensor,
     x: torch.Tensor,

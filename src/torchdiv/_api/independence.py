@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from torchdiv._api.reporting import control_flow, in_context
 from torchdiv._core.checks import (
     check_callable,
     check_generator,
@@ -103,6 +104,12 @@ def check_batch_independence(
         if num < 2 or not y.requires_grad:
             return
         leak, scale = _leaks(y, x_in, batch_dims, generator or torch.Generator().manual_seed(0))
+    except Exception as exc:
+        if control_flow(exc) is None:
+            raise
+        # torch.cond / torch.while_loop refuse the dispatch mode that undoes f's changes:
+        # named with the way out, as the operators name them
+        raise in_context(fn, "f(x)", exc, {"f": f, "x": x, "batch_dims": batch_dims}) from exc
     finally:  # after the backward pass, which may need the statistics as f left them
         changes.undo()
     receivers = (leak > rtol * scale).nonzero().flatten().tolist()

@@ -98,7 +98,7 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
         return HooksRefused(_hooks_refused(fn, options.get("method")))
     nested = getattr(exc, "_torchdiv_context", False)  # a public call inside this one's
     if not raised_by_f(exc) and not nested:
-        if _checkpointed(exc) is None and _control_flow(exc) is None:
+        if _checkpointed(exc) is None and control_flow(exc) is None:
             return None
         # a reentrant checkpoint's (or torch.cond's) backward refused torchdiv's autograd.grad
         return in_context(fn, "a backward pass through f(x)", exc, options)
@@ -257,14 +257,14 @@ def _frames(exc: BaseException) -> Iterator[FrameType]:
 
 _CHECKPOINT_FILE = _checkpoint.__file__
 
-# the eager implementations of torch.cond and torch.while_loop (``_control_flow``), by file
+# the eager implementations of torch.cond and torch.while_loop (``control_flow``), by file
 _CONTROL_FLOW_FILES = {
     os.path.join(os.path.dirname(torch._higher_order_ops.__file__), f"{name}.py"): f"torch.{name}"
     for name in ("cond", "while_loop")
 }
 
 
-def _control_flow(exc: BaseException) -> str | None:
+def control_flow(exc: BaseException) -> str | None:
     """The control-flow op (``"torch.cond"``, ``"torch.while_loop"``) inside which ``exc`` (or
     an error in its chain) was raised, read off the traceback, or ``None``: their eager forms
     run under plain autograd's first derivatives only, and fail under ``torch.func``'s
@@ -320,7 +320,7 @@ def _traceback_hint(message: str, exc: BaseException | None) -> str | None:
             "on derivatives of f. Take them by torch.func: vmap(grad(loss), in_dims=(None, "
             "0))(params, x) with each sample as a batch of one (functional_call inside f)."
         )
-    op = None if exc is None else _control_flow(exc)
+    op = None if exc is None else control_flow(exc)
     if op is not None:
         return (
             f"f calls {op}, which PyTorch runs outside torch.compile under plain autograd's "

@@ -57,6 +57,7 @@ from torchdiv._core.mixing.watch import (
     watched,
 )
 from torchdiv._core.modes import SafeDerivatives, eager_when, outside_inference_mode
+from torchdiv._core.script import faking
 from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace
 from torchdiv._exact.attributes import unwrap_between_evaluations
@@ -372,6 +373,7 @@ def biharmonic(
     check_chunk_size(fn, chunk_size)
     g = checked(fn, f, x, batch_dims, square=False)
     if method == "forward-over-reverse":
+        _refuse_faking(fn)
         return _nested_laplacian(g, x, batch_dims, method, chunk_size)
     check_transformed(g, x, batch_dims)  # (the caller's transform: Taylor records nothing)
     try:
@@ -379,7 +381,21 @@ def biharmonic(
     except UnsupportedOp as exc:
         if method == "taylor":
             raise UnsupportedOp(f"{fn}: {exc}".replace("laplacian: ", "", 1)) from exc
+    _refuse_faking(fn)
     return _nested_laplacian(g, x, batch_dims, "forward-over-reverse", chunk_size)
+
+
+def _refuse_faking(fn: str) -> None:
+    """Refuse forward over reverse twice nested under ``FakeTensorMode``: PyTorch's backward
+    there meets a meta tensor that is not fake, and the fake mode's error, formatting a dual
+    tensor, left autograd's dispatch keys excluded in the thread (PyTorch 2.13: every later
+    ``requires_grad`` result came out without a graph)."""
+    if faking():
+        raise RuntimeError(
+            f"{fn}: method='forward-over-reverse' (and 'auto', the recording refused there) "
+            "cannot run under FakeTensorMode (PyTorch's nested forward-over-reverse meets a "
+            "tensor that is not fake); trace it on meta tensors: model.to('meta'), x.to('meta')"
+        )
 
 
 def _nested_laplacian(

@@ -36,8 +36,10 @@ def cached(maxsize: int | None = None) -> Callable[[Callable[..., R]], Callable[
     ``functools.lru_cache``-wrapped function"); under a warnings-as-errors filter (``-W
     error``, pytest's ``filterwarnings = ["error"]``) that warning aborted the compilation
     (``InternalTorchDynamoError``). Tracing the function itself is the same graph, silently;
-    it also keeps a value made under a tracer's fake tensors out of the cache. For pure
-    functions of hashable arguments only.
+    it also keeps a value made under a tracer's fake tensors out of the cache, as under the
+    caller's ``FakeTensorMode`` (shape-only tracing: a cached fake tensor met in the next
+    fake mode raised PyTorch's "Mixing fake modes NYI"). For pure functions of hashable
+    arguments only.
 
     >>> @cached()
     ... def square(n: int) -> int:
@@ -51,13 +53,19 @@ def cached(maxsize: int | None = None) -> Callable[[Callable[..., R]], Callable[
 
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> R:
-            compiling = torch.compiler.is_compiling()
-            return fn(*args, **kwargs) if compiling else cache(*args, **kwargs)
+            if torch.compiler.is_compiling() or faking():
+                return fn(*args, **kwargs)
+            return cache(*args, **kwargs)
 
         call.cache_info = cache.cache_info  # type: ignore[attr-defined]
         return call
 
     return decorate
+
+
+def faking() -> bool:
+    """Whether a ``FakeTensorMode`` is active: tensors made now hold no values."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
 def forget_plans(f: Any) -> bool:

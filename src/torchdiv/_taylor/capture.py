@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch._C._functorch import peek_interpreter_stack
 from torch._decomp import core_aten_decompositions
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.overrides import TorchFunctionMode
 
@@ -1123,8 +1124,12 @@ def lifted(func: Any, args: Any) -> bool:
 
 
 def _storage(t: torch.Tensor) -> int:
-    """Where ``t``'s elements live (views share it); a tensor without storage is its own."""
+    """Where ``t``'s elements live (views share it); a tensor without storage is its own. A
+    meta or ``FakeTensorMode`` tensor has no memory (its ``data_ptr`` is 0, deprecated for a
+    fake one): its storage object stands for it."""
     try:
+        if isinstance(t, FakeTensor) or t.is_meta:
+            return t.untyped_storage()._cdata
         return t.untyped_storage().data_ptr() or id(t)
     except (RuntimeError, NotImplementedError):  # sparse, nested, ...
         return id(t)
@@ -1220,6 +1225,12 @@ def _random_states(x: torch.Tensor) -> list[tuple[Callable[[Any], None], Any]]:
 def subclass(kind: type) -> str:
     """What ``UnsupportedOp`` says of a ``torch.Tensor`` subclass met while recording (a
     ``DTensor`` is made by tensor parallelism's modules whatever ``x`` is: no plain ``x``)."""
+    if kind.__qualname__ == "FakeTensor":
+        return (
+            "FakeTensorMode's tensors (shape-only tracing: recording cannot follow a fake "
+            "tensor; it runs on meta tensors, model.to('meta') and x.to('meta'), or use "
+            "method='auto')"
+        )
     way = "" if kind.__qualname__ == "DTensor" else "; a plain tensor: x.as_subclass(torch.Tensor)"
     return (
         f"the torch.Tensor subclass {kind.__qualname__} (recording cannot follow the tensors "

@@ -469,6 +469,7 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten.max_pool3d_with_indices.default: _max_pool(aten.max_pool3d_with_indices, 3),
     aten.max.dim: _max_dim,
     aten.amax.default: _amax,
+    aten.max.default: _amax,  # (every dimension: its derivative spreads over ties, as amax's)
     aten.index_add.default: _accumulated(aten.index_add.default, 3),
     aten.scatter_add.default: _accumulated(aten.scatter_add.default, 3),
     aten.index_put.default: _accumulated(aten.index_put.default, 2),

@@ -155,6 +155,12 @@ def _amin(
     return tied(ctx, a, torch.amin(a.value, dims, keepdim=True), dims, keepdim)
 
 
+def _median(ctx: Context, a: Jet) -> Jet:
+    """``median()`` of every element: PyTorch spreads its derivative evenly over the elements
+    equal to it, as ``amin``'s over ties (``evenly_distribute_backward``)."""
+    return tied(ctx, a, torch.median(a.value).reshape((1,) * a.value.dim()), (), False)
+
+
 RULES: dict[Any, Callable[..., Any]] = {
     aten.prod.default: _prod,
     aten.prod.dim_int: _prod_dim,
@@ -166,6 +172,8 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten.kthvalue.default: _kthvalue,
     aten.min.dim: _min_dim,
     aten.amin.default: _amin,
+    aten.min.default: _amin,  # (every dimension)
+    aten.median.default: _median,
 }
 # piecewise selections: their ``lap`` needs only the input's ``lap`` (``propagate``)
 SELECTIONS = {
@@ -175,4 +183,6 @@ SELECTIONS = {
     aten.topk.default,
     aten.kthvalue.default,
     aten.min.dim,
+    aten.min.default,
+    aten.median.default,
 }
