@@ -200,7 +200,10 @@ def _picked(
     if one:
         what = f"sample {sample} picked out of the batch (dimension {dim} of {_shape(t)})"
         pick = Pick(axis.size, sample, what, axis.source)
-        tr.pick_partial(o, pick) if partial else tr.pick(o, pick)
+        if partial:
+            tr.pick_partial(o, pick)
+        else:
+            tr.pick(o, pick)
 
 
 def _repeated(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
