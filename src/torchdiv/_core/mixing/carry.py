@@ -170,9 +170,10 @@ def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
         return None
     dim = args[1] % t.dim()
     kept = tuple(_moved(axis, -(axis.position > dim)) for axis in axes if axis.position != dim)
-    if not kept:
+    cut = [axis for axis in axes if axis.position == dim]
+    if len(cut) == 1 or not kept:
         at = args[2] % t.shape[dim]
-        _picked(tr, t, axes[0], dim, range(at, at + 1), out)
+        _picked(tr, t, cut[0] if cut else axes[0], dim, range(at, at + 1), out, bool(kept))
     return [kept]
 
 
@@ -183,9 +184,11 @@ def _picked(
     dim: int,
     span: range,
     o: Any,
+    partial: bool = False,
 ) -> None:
     """Note ``o``, indices ``span`` of ``t`` along ``dim``, as one picked sample if they fall
-    in one sample of ``axis`` (``t``'s only batch dimension)."""
+    in one sample of ``axis`` (``t``'s only batch dimension; ``partial``: one of several, the
+    others kept in ``o``: ``x[:, :1]`` of a ``(T, X, d)`` grid with ``batch_dims=2``)."""
     if axis.position != dim or not isinstance(o, torch.Tensor) or not span:
         return
     if axis.rows:
@@ -196,7 +199,11 @@ def _picked(
         sample %= axis.size
     if one:
         what = f"sample {sample} picked out of the batch (dimension {dim} of {_shape(t)})"
-        tr.pick(o, Pick(axis.size, sample, what, axis.source))
+        pick = Pick(axis.size, sample, what, axis.source)
+        if partial:
+            tr.pick_partial(o, pick)
+        else:
+            tr.pick(o, pick)
 
 
 def _repeated(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
@@ -252,8 +259,8 @@ def _cut(position: int, spans: Spans) -> Carry:
         for i, o in enumerate(outs):
             shift = int(o.dim() < t.dim())
             found = [_moved(a, -(a.position > dim) * shift) for a in kept]
-            if i < len(pieces) and not kept:
-                _picked(tr, t, axes[0], dim, pieces[i], o)
+            if i < len(pieces) and (not kept or len(cut) == 1):
+                _picked(tr, t, cut[0] if cut else axes[0], dim, pieces[i], o, bool(kept))
             if i < len(pieces) and not shift:
                 found += _spanned(tr, cut, pieces[i])
             result.append(tuple(sorted(found)))

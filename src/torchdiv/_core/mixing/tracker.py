@@ -109,6 +109,10 @@ class BatchAxes:
         self.task = torch._C._current_graph_task_id()
         # id -> (tensor, pick): results computed from samples picked out of the batch alone
         self.picked: dict[int, tuple[torch.Tensor, Pick]] = {}
+        # the same for a sample picked along one of several batch dimensions, the others kept
+        # (``x[:, :1]`` with ``batch_dims=2``): combined with a tensor that holds that batch
+        # dimension's samples, it mixes them
+        self.partial: dict[int, tuple[torch.Tensor, Pick]] = {}
         self.pending: str | None = None  # the message for the results of the current op
         # the current op's refusal if the places it puts into, laid out as a guess
         # (``_flattened``), do not hold the samples put there
@@ -116,6 +120,7 @@ class BatchAxes:
         # the other layouts such a fresh tensor may have (``_flattened``), tried in turn
         self.layouts: tuple[Axes, ...] = ()
         self.carried: Pick | None = None  # the pick the results of the current op inherit
+        self.carried_partial: Pick | None = None  # and the partial one (``partial``)
         self.func: Any = None  # the current op
         self.kwargs: dict[str, Any] = {}  # its keyword arguments (``_unknown`` reads them)
         # id -> (tensor, its axes then, source -> (dimension, sample at each index, -1 where
@@ -365,6 +370,7 @@ class BatchAxes:
         e.g. under ``no_grad``, whose results are constants); notes whether ``func`` combines
         samples in a way derivatives see, or reads a result that did."""
         self.pending, self.carried, self.func, self.guess = None, None, func, None
+        self.carried_partial = None
         self.layouts, self.args = (), args
         self.block_check = None
         self.kwargs = kwargs or {}
@@ -412,6 +418,8 @@ class BatchAxes:
                 self.pending = None
         if self.pending is None and self.picked and func not in VALUE_FREE and func not in _PUTS:
             self._picked_in(func, args)
+        if self.pending is None and self.partial and func not in VALUE_FREE and func not in _PUTS:
+            self._partial_in(func, args)
         if self.pending is None and self.moves and carry in _ELEMENTWISE:
             self._rows_in(func, args)
         if self.pending is None and self.spread and carry is not _view and func not in VALUE_FREE:
@@ -458,6 +466,9 @@ class BatchAxes:
                     self.mixed_writes += 1
                 elif self.carried is not None and not axes:
                     self.pick(t, self.carried)
+                partial = self.carried_partial
+                if partial is not None and all(a.source != partial.source for a in axes or ()):
+                    self.pick_partial(t, partial)
 
     def finish(self, y: Any) -> None:
         """Raise ``BatchInteractionError`` if ``f``'s result ``y`` (a tensor or a tree of
@@ -637,6 +648,34 @@ class BatchAxes:
         entry = self.picked.get(id(t)) if isinstance(t, torch.Tensor) else None
         return entry[1] if entry is not None and entry[0] is t else None
 
+    def pick_partial(self, t: torch.Tensor, pick: Pick) -> None:
+        """Note that ``t`` holds one sample of ``x``'s batch dimension ``pick.source`` beside
+        the samples of its other batch dimensions (``partial``)."""
+        if _floating(t):
+            self.partial[id(t)] = (t, pick)
+
+    def _partial_in(self, func: Any, args: Sequence[Any]) -> None:
+        """An op reading a sample picked along one of several batch dimensions: combined
+        with a tensor that holds that dimension's samples (``u0(x[:, :1]) + t * net(x)`` on
+        a ``(T, X, d)`` grid), or with another such pick, it mixes samples; joined with others
+        (a restack) it is left; else its results inherit the pick (``carried_partial``)."""
+        joins = func in _JOINS
+        tensors = _listed(list(args[0]) if joins else args)
+        picks = [e[1] for t in tensors if (e := self.partial.get(id(t))) is not None and e[0] is t]
+        if not picks:
+            return
+        sources = {p.source for p in picks}
+        if any(a.source in sources for t in tensors for a in self.axes(t) or ()):
+            if not (func in _CATS and _joined_along_batch(self, args)):
+                self.pending = self.message(func, f"{picks[0].what}, combined with the whole batch")
+            return
+        if joins and (len(picks) < len(tensors) or len({p.sample for p in picks}) > 1):
+            return
+        if len({(p.source, p.sample) for p in picks}) > 1:
+            self.pending = self.message(func, f"{picks[0].what}, combined with {picks[-1].what}")
+            return
+        self.carried_partial = picks[0]
+
     def _picked_in(self, func: Any, args: Sequence[Any]) -> None:
         """An op reading picked samples: combined with a batch, or two different picked
         samples combined, it mixes samples (the pending message); else its results inherit
@@ -674,7 +713,7 @@ class BatchAxes:
         constant = self.quiet_forward or self.x.requires_grad
         for t in self.inside.values():
             if constant and not t.requires_grad:
-                for table in (self.known, self.mixed, self.picked):
+                for table in (self.known, self.mixed, self.picked, self.partial):
                     table.pop(id(t), None)
                 self.mixed_writes += 1
         self.inside.clear()
@@ -690,7 +729,7 @@ class BatchAxes:
         # (each table's entries hold their tensor first: copied, ``t`` takes its place)
         tables = cast(
             "tuple[dict[int, tuple[Any, ...]], ...]",
-            (self.known, self.mixed, self.picked, self.spread, self.lines),
+            (self.known, self.mixed, self.picked, self.partial, self.spread, self.lines),
         )
         if base is None or any(id(t) in table for table in tables):
             return
