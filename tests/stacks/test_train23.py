@@ -136,3 +136,24 @@ def test_a_model_in_a_state_a_callable_object_holds_is_watched_again() -> None:
     model.train()
     with pytest.raises(BatchInteractionError):
         torchdiv.divergence(f, x)
+
+
+class _Config:
+    """A script's configuration object (an ``argparse.Namespace``-like plain class)."""
+
+    def __init__(self) -> None:
+        self.centre = False
+
+
+def test_a_flag_on_a_configuration_a_lambda_names_is_watched_again() -> None:
+    """``if cfg.centre:`` read by the lambda, set after calls that passed: refused (it
+    returned 0 for every sample, the centred batch's divergence, unrefused)."""
+    cfg = _Config()
+    model = _model().eval()
+    f = lambda z: (lambda y: y - y.mean(0) if cfg.centre else y)(model(z))  # noqa: E731
+    x = torch.randn(4, 2, dtype=f64)
+    for _ in range(2):
+        torchdiv.divergence(f, x)
+    cfg.centre = True
+    with pytest.raises(BatchInteractionError):
+        torchdiv.divergence(f, x)

@@ -596,23 +596,29 @@ def _contents(fn: Any) -> list[Any]:
     if isinstance(fn, types.MethodType):
         own = fn.__self__
         return [own] if isinstance(own, torch.nn.Module) else [fn.__func__, *_attributes(own)]
-    if not callable(fn):  # a plain object (``_plain_object``): its modules and containers
-        return [v for v in _attributes(fn) if isinstance(v, torch.nn.Module) or by_items(v)]
+    if not callable(fn):  # a plain object (``_plain_object``): its flags, modules, containers
+        return [v for v in _attributes(fn) if type(v) in _FLAGS or _holding(v)]
     call = type(fn).__call__  # a callable object's, if in Python
     return [call, *_attributes(fn)] if isinstance(call, types.FunctionType) else []
 
 
+def _holding(v: Any) -> bool:
+    """Whether ``v`` is a module or a container ``named`` looks into for modules."""
+    return isinstance(v, torch.nn.Module) or by_items(v)
+
+
 def _plain_object(v: Any) -> bool:
-    """Whether ``named`` looks into ``v``, not callable, for the modules its attributes and
-    their tuples, lists and dictionaries hold (``self.nets = [generator, critic]``): an
+    """Whether ``named`` looks into ``v``, not callable, for the flags and modules its
+    attributes and their tuples, lists and dictionaries hold (``self.nets = [g, d]``): an
     object with a ``__dict__`` (a training loop's ``self``, a ``TrainState``, a config), not
-    a tensor or a Python module. Those modules are ``f``'s as much as a callable object's:
-    ``lambda z: self.model(z)`` in a trainer's method, the model switched to training mode (a
+    a tensor or a Python module. They are ``f``'s as much as a callable object's: ``lambda
+    z: self.model(z)`` in a trainer's method, the model switched to training mode (a
     hand-written batch norm centring over the batch), hooked or rebound after eval calls had
-    passed, was served their pass unwatched until rev-train23. Not its flags, functions or
-    the plain objects it holds (a trainer's optimizer and data loader, with their hooks,
-    samplers and the globals of their functions: 8 -> 62 us a key; with its modules alone
-    8 -> 24, as a lambda over the model itself)."""
+    passed, was served their pass unwatched until rev-train23, as was ``if cfg.centre:``
+    set on a configuration a lambda names. Not its functions or the plain objects it holds
+    (a trainer's optimizer and data loader, their hooks, samplers and the globals of their
+    functions: 8 -> 62 us a key; with its modules alone 8 -> 24, as a lambda over the model
+    itself)."""
     return type(v).__dictoffset__ != 0 and not isinstance(v, (torch.Tensor, types.ModuleType))
 
 
