@@ -510,9 +510,9 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
     the globals its code names; a partial's function and arguments; a bound method's object;
     a callable object's attributes), and what the callables among those reach, ``depth``
     levels down: the modules (each once), the other callables and the flags (``_FLAGS``).
-    Only functions, partials, methods and callable objects are looked into, by their
-    ``__dict__`` (never ``getattr``: a config whose ``__getattr__`` raises, a proxy);
-    modules by ``_held``."""
+    Only functions, partials, methods, callable objects and plain objects (``_plain_object``)
+    are looked into, by their ``__dict__`` (never ``getattr``: a config whose
+    ``__getattr__`` raises, a proxy); modules by ``_held``."""
     seen: set[int] = set()  # callables, containers and modules already given
     todo = [(f, depth, False)]  # (what, levels left, a container an object holds)
     while todo:
@@ -538,6 +538,8 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
                 yield held
                 if left and not isinstance(held, type):
                     todo.append((held, left - 1, False))
+            elif left and _plain_object(held):  # (a trainer's ``self``, a ``TrainState``)
+                todo.append((held, left - 1, False))
 
 
 # the containers ``named`` looks into for modules and callables (exactly these types: a
@@ -594,8 +596,30 @@ def _contents(fn: Any) -> list[Any]:
     if isinstance(fn, types.MethodType):
         own = fn.__self__
         return [own] if isinstance(own, torch.nn.Module) else [fn.__func__, *_attributes(own)]
-    call = type(fn).__call__ if callable(fn) else None  # a callable object's, if in Python
+    if not callable(fn):  # a plain object (``_plain_object``): its flags, modules, containers
+        return [v for v in _attributes(fn) if type(v) in _FLAGS or _holding(v)]
+    call = type(fn).__call__  # a callable object's, if in Python
     return [call, *_attributes(fn)] if isinstance(call, types.FunctionType) else []
+
+
+def _holding(v: Any) -> bool:
+    """Whether ``v`` is a module or a container ``named`` looks into for modules."""
+    return isinstance(v, torch.nn.Module) or by_items(v)
+
+
+def _plain_object(v: Any) -> bool:
+    """Whether ``named`` looks into ``v``, not callable, for the flags and modules its
+    attributes and their tuples, lists and dictionaries hold (``self.nets = [g, d]``): an
+    object with a ``__dict__`` (a training loop's ``self``, a ``TrainState``, a config), not
+    a tensor or a Python module. They are ``f``'s as much as a callable object's: ``lambda
+    z: self.model(z)`` in a trainer's method, the model switched to training mode (a
+    hand-written batch norm centring over the batch), hooked or rebound after eval calls had
+    passed, was served their pass unwatched until rev-train23, as was ``if cfg.centre:``
+    set on a configuration a lambda names. Not its functions or the plain objects it holds
+    (a trainer's optimizer and data loader, their hooks, samplers and the globals of their
+    functions: 8 -> 62 us a key; with its modules alone 8 -> 24, as a lambda over the model
+    itself)."""
+    return type(v).__dictoffset__ != 0 and not isinstance(v, (torch.Tensor, types.ModuleType))
 
 
 def _attributes(obj: Any) -> list[Any]:
