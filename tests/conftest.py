@@ -572,3 +572,21 @@ def laplacians_by_grad_of_grad(f, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(
         [laplacian_by_grad_of_grad(lambda z, i=i: f(z)[:, i], x) for i in range(m)], 1
     )
+
+
+@pytest.fixture
+def chain_traced(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """One entry per ``GraphJacobian.trace`` that walked a chain (``_exact.chain.trace``):
+    whether the trace came by the chain's cyclicity (``False``: more than two activations)."""
+    from torchdiv._exact import autograd, chain
+
+    calls: list[bool] = []
+    trace = chain.trace
+
+    def spy(*args):
+        out = trace(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(autograd, "chain_trace", spy)
+    return calls

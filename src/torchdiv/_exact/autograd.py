@@ -44,6 +44,7 @@ from torchdiv._core.walk import (
 )
 from torchdiv._exact.chain import chain
 from torchdiv._exact.chain import products as chain_products
+from torchdiv._exact.chain import trace as chain_trace
 from torchdiv._exact.state import Changes
 
 
@@ -536,6 +537,29 @@ class GraphJacobian:
         """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``."""
         out = self.apply(basis(start, stop, self.y, self.batch_dims))
         return as_blocks(out, self.batch_dims)
+
+    def trace(self) -> torch.Tensor | None:
+        """Every sample's trace, ``(N,)``, by the chain's cyclicity (``_exact.chain.trace``:
+        one product for all rows, no basis) where ``y``'s graph is a chain of at most two
+        activations above an ``(N, n)`` ``x`` (``n >= 2``: one row costs as much), in the
+        usual case of ``entries``; else ``None``."""
+        if (
+            type(self) is not GraphJacobian
+            or not self.chained
+            or self._custom
+            or not self._peers.inert
+            or not self.y.requires_grad
+            or self.batch_dims != 1
+            or self.x.dim() != 2
+            or self.x.shape[1] < 2
+            or self.y.shape != self.x.shape
+        ):
+            return None
+        steps = chain(self.y, self.x)
+        if not steps:
+            return None
+        with torch.set_grad_enabled(self.create_graph):
+            return chain_trace(steps, self.y)
 
     def entries(self, start: int, stop: int) -> list[torch.Tensor] | None:
         """Entry ``(i, i)`` of every sample's square Jacobian for ``i`` in ``start..stop-1``,
