@@ -11,7 +11,9 @@ cotangents ``(k,) + y.shape`` are that chain's formulas applied in turn to the w
 ``(k, N, m)`` block: the same ATen backward calls the engine's nodes make, on the tensors
 the nodes saved in this call (nothing is kept between calls), with a graph exactly where the
 engine's ``create_graph`` would record one, so parameter gradients and higher derivatives go
-through the same formulas (``tanh_backward``'s own, and so on).
+through the same formulas (``tanh_backward``'s own, and so on). A trace (``trace``) takes
+the trace's cyclicity instead where the chain holds at most two activations: one product for
+all ``k`` rows, not ``k``.
 
 Used by ``GraphJacobian`` in its usual case only (no custom ``Function``, no DDP/FSDP2 hook,
 not compiling, no tensor subclass, anomaly detection off, real floating dtypes), and only
@@ -27,7 +29,7 @@ no gradient, or are not caught by any method: ``docs/guide/limitations.md``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.autograd.function import BackwardCFunction
@@ -169,10 +171,7 @@ def products(
     """``(k,) + y.shape`` cotangents -> ``(k,) + x.shape`` products along the chain, with a
     graph only where ``create_graph`` (as the engine records one)."""
     with torch.set_grad_enabled(create_graph):
-        g = cotangents
-        for step, node in steps:
-            g = step(g, node)
-    return g
+        return _applied(steps, cotangents)
 
 
 def trace(steps: list[tuple[Step, Any]], y: torch.Tensor) -> torch.Tensor | None:
@@ -183,47 +182,55 @@ def trace(steps: list[tuple[Step, Any]], y: torch.Tensor) -> torch.Tensor | None
     ``products`` would record one: the same saved tensors, the same derivative formulas).
 
     Top first, the Jacobian is ``J = A D2 M D1 B``: ``D1 = diag(d1)``, ``D2 = diag(d2)`` the
-    activations' derivatives (each node's formula applied to ones), ``M``, ``A`` and ``B``
+    activations' derivatives (``d2``: their formulas applied to ones), ``M``, ``A`` and ``B``
     products of the linear steps' matrices (``A``, ``B`` maybe absent: identities). So
-    ``tr J = tr(D2 M D1 K) = sum_ab d2_a M_ab d1_b K_ba`` with ``K = B A``, ``(h1, h2)``:
+    ``tr J = tr(D2 M D1 K) = sum_b d1_b (d2 @ (M o K^T))_b`` with ``K = B A``, ``(h1, h2)``:
     one ``(N, h2) @ (h2, h1)`` product for all ``n`` diagonal entries, where ``products``
     takes ``n`` such and a basis (a D -> 64 -> 64 -> D MLP at D = 2: half the flops of its
-    largest step). With one activation, ``tr J = d1 . diag(B A)``."""
+    largest step), ``D1`` applied by its formulas to that product. With one activation,
+    ``tr J = sum_b d1_b diag(B A)_b``."""
     if y.dim() != 2:
         return None
-    factors: list[torch.Tensor] = []  # top first: matrices (out, in), derivatives (N, h)
-    linear: list[bool] = []
+    # top first: the matrix (out, in) of adjacent linear steps, or adjacent activations with
+    # their width
+    factors: list[torch.Tensor | tuple[int, list[tuple[Step, Any]]]] = []
     width = y.shape[1]
     for step, node in steps:
-        is_linear = step is _addmm or step is _mm
-        if is_linear:
+        last = factors[-1] if factors else None
+        if step is _addmm or step is _mm:
             mat2 = node._saved_mat2  # (in, out)
-            factor = mat2.t()
+            matrix = mat2.t()
             if step is _addmm and node._saved_alpha != 1:
-                factor = factor * node._saved_alpha
+                matrix = matrix * node._saved_alpha
             width = mat2.shape[0]
+            if isinstance(last, torch.Tensor):
+                factors[-1] = last @ matrix
+            else:
+                factors.append(matrix)
+        elif isinstance(last, tuple):
+            last[1].append((step, node))
         else:
-            factor = step(y.new_ones(()).expand(y.shape[0], width), node)
-        if linear and linear[-1] == is_linear:  # (adjacent: one factor)
-            factors[-1] = factors[-1] @ factor if is_linear else factors[-1] * factor
-        else:
-            factors.append(factor)
-            linear.append(is_linear)
-    a = factors[0] if linear[0] else None
-    b = factors[-1] if linear[-1] else None
+            factors.append((width, [(step, node)]))
+    a, b = factors[0], factors[-1]
+    a = a if isinstance(a, torch.Tensor) else None
+    b = b if isinstance(b, torch.Tensor) else None
     inner = factors[a is not None : len(factors) - (b is not None)]
     if len(inner) not in (1, 3):
         return None
-    d1 = inner[-1]
     k = b @ a if a is not None and b is not None else a if b is None else b
-    if k is None:
-        k = _eye(d1, d1.shape[1])
+    h1, first = cast(tuple[int, list[tuple[Step, Any]]], inner[-1])
+    ones = y.new_ones(())
     if len(inner) == 1:
-        return (d1 * k.diagonal()).sum(-1)
-    d2, m = inner[0], inner[1]
-    return ((d2 @ (m * k.t())) * d1).sum(-1)
+        g = (ones if k is None else k.diagonal()).expand(y.shape[0], h1)
+    else:
+        (h2, second), m = cast(tuple[int, list[tuple[Step, Any]]], inner[0]), inner[1]
+        d2 = _applied(second, ones.expand(y.shape[0], h2))
+        g = d2 * m.diagonal() if k is None else d2 @ (cast(torch.Tensor, m) * k.t())
+    return _applied(first, g).sum(-1)
 
 
-def _eye(like: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``(n, n)`` identity in ``like``'s dtype and device."""
-    return torch.eye(n, dtype=like.dtype, device=like.device)
+def _applied(steps: list[tuple[Step, Any]], g: torch.Tensor) -> torch.Tensor:
+    """``g`` through ``steps``' formulas in turn."""
+    for step, node in steps:
+        g = step(g, node)
+    return g
