@@ -590,3 +590,21 @@ def chain_traced(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
     monkeypatch.setattr(autograd, "chain_trace", spy)
     return calls
+
+
+@pytest.fixture
+def unit_rows(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """One entry per ``_exact.chain.unit_products`` call from ``GraphJacobian.entries``:
+    whether the rows came from the top linear step's matrix (no basis)."""
+    from torchdiv._exact import autograd, chain
+
+    calls: list[bool] = []
+    products = chain.unit_products
+
+    def spy(*args):
+        out = products(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(autograd, "unit_products", spy)
+    return calls

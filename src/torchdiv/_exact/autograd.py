@@ -42,7 +42,7 @@ from torchdiv._core.walk import (
     search,
     vjp,
 )
-from torchdiv._exact.chain import chain
+from torchdiv._exact.chain import chain, unit_products
 from torchdiv._exact.chain import products as chain_products
 from torchdiv._exact.chain import trace as chain_trace
 from torchdiv._exact.state import Changes
@@ -579,13 +579,16 @@ class GraphJacobian:
         ):
             return None
         samples, n = self.x.shape[: self.batch_dims].numel(), event_numel(self.x, self.batch_dims)
-        vectors = basis(start, stop, self.y, self.batch_dims)
         steps = chain(self.y, self.x) if self.chained else None
         if steps:  # every row in one go, without the engine (``_exact.chain``), as (k, N, n)
-            rows = chain_products(steps, vectors, self.create_graph)
+            rows = unit_products(steps, start, stop, self.y, self.create_graph)
+            if rows is None:
+                vectors = basis(start, stop, self.y, self.batch_dims)
+                rows = chain_products(steps, vectors, self.create_graph)
             flat = rows if rows.shape[1:] == (samples, n) else rows.reshape(-1, samples, n)
             return [row[:, i] for i, row in enumerate(flat.unbind(), start)]
         out = []
+        vectors = basis(start, stop, self.y, self.batch_dims)
         for i, v in enumerate(vectors.unbind(), start):
             product = self._vjp(v, batched=False)
             if product is None:  # y does not depend on x: the general path's zeros

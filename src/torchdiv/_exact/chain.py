@@ -234,3 +234,22 @@ def _applied(steps: list[tuple[Step, Any]], g: torch.Tensor) -> torch.Tensor:
     for step, node in steps:
         g = step(g, node)
     return g
+
+
+def unit_products(
+    steps: list[tuple[Step, Any]], start: int, stop: int, y: torch.Tensor, create_graph: bool
+) -> torch.Tensor | None:
+    """``products`` of the unit cotangents ``e_start .. e_{stop-1}`` of an ``(N, m)`` ``y``,
+    ``(k, N, n)``, where the top step is linear and an activation follows it: that step's
+    products are its matrix's rows, expanded over the samples (no basis, no product with
+    it); the activation's formula makes them a tensor of their own. Else ``None``."""
+    if y.dim() != 2 or len(steps) < 2 or steps[1][0] in (_addmm, _mm):
+        return None
+    step, node = steps[0]
+    if step is not _addmm and step is not _mm:
+        return None
+    with torch.set_grad_enabled(create_graph):
+        rows = node._saved_mat2.t()[start:stop]  # (k, h): row i of the (out, in) matrix
+        if step is _addmm and node._saved_alpha != 1:
+            rows = rows * node._saved_alpha
+        return _applied(steps[1:], rows[:, None].expand(-1, y.shape[0], -1))
