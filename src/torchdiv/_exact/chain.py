@@ -174,6 +174,10 @@ def products(
         return _applied(steps, cotangents)
 
 
+# adjacent activations of a chain with their width (``trace``)
+Group = tuple[int, list[tuple[Step, Any]]]
+
+
 def trace(steps: list[tuple[Step, Any]], y: torch.Tensor) -> torch.Tensor | None:
     """Every sample's trace of the chain's Jacobian, ``(N,)``, by the trace's cyclicity, or
     ``None`` where the chain holds more than two activations once adjacent ones are merged,
@@ -193,7 +197,7 @@ def trace(steps: list[tuple[Step, Any]], y: torch.Tensor) -> torch.Tensor | None
         return None
     # top first: the matrix (out, in) of adjacent linear steps, or adjacent activations with
     # their width
-    factors: list[torch.Tensor | tuple[int, list[tuple[Step, Any]]]] = []
+    factors: list[torch.Tensor | Group] = []
     width = y.shape[1]
     for step, node in steps:
         last = factors[-1] if factors else None
@@ -211,21 +215,21 @@ def trace(steps: list[tuple[Step, Any]], y: torch.Tensor) -> torch.Tensor | None
             last[1].append((step, node))
         else:
             factors.append((width, [(step, node)]))
-    a, b = factors[0], factors[-1]
-    a = a if isinstance(a, torch.Tensor) else None
-    b = b if isinstance(b, torch.Tensor) else None
+    top, bottom = factors[0], factors[-1]
+    a = top if isinstance(top, torch.Tensor) else None
+    b = bottom if isinstance(bottom, torch.Tensor) else None
     inner = factors[a is not None : len(factors) - (b is not None)]
     if len(inner) not in (1, 3):
         return None
     k = b @ a if a is not None and b is not None else a if b is None else b
-    h1, first = cast(tuple[int, list[tuple[Step, Any]]], inner[-1])
+    h1, first = cast(Group, inner[-1])
     ones = y.new_ones(())
     if len(inner) == 1:
         g = (ones if k is None else k.diagonal()).expand(y.shape[0], h1)
     else:
-        (h2, second), m = cast(tuple[int, list[tuple[Step, Any]]], inner[0]), inner[1]
+        (h2, second), m = cast(Group, inner[0]), cast(torch.Tensor, inner[1])
         d2 = _applied(second, ones.expand(y.shape[0], h2))
-        g = d2 * m.diagonal() if k is None else d2 @ (cast(torch.Tensor, m) * k.t())
+        g = d2 * m.diagonal() if k is None else d2 @ (m * k.t())
     return _applied(first, g).sum(-1)
 
 
