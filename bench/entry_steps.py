@@ -5,13 +5,14 @@ variants in random order), thread CPU time per call, one thread; the median of e
 and what leaving its step out saved against the whole call.
 
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
-        .venv/bin/python bench/entry_steps.py [--calls 600] [--train]
+        .venv/bin/python bench/entry_steps.py [--calls 600] [--train] [--block 1]
 
 Steps: the argument checks, ``check_initialized``, ``Unwritten`` (the backup of ``x``), the
 structure key with the look-up of the passed watch, the graph's batch-norm check,
 ``PlainAttributes`` and ``settings``, ``CompiledCodeEager``, ``forget_plans``'s walk, and
 all four decorators (the undecorated function). Pieces timed alone in a loop cost 2-4 times
-less than in place, where ``f``'s passes have pushed torchdiv's objects out of the caches.
+less than in place, where ``f``'s passes have pushed torchdiv's objects out of the caches;
+``--block 20`` times 20 calls in a row instead (warm caches, as ``entry_cpu.py``'s budget loops).
 """
 
 from __future__ import annotations
@@ -83,10 +84,25 @@ def variants(net: torch.nn.Module, x: torch.Tensor) -> dict[str, list[tuple[Any,
     }
 
 
+def _timed(call: Callable[[], object], block: int) -> float:
+    """Thread CPU time of ``call`` in ns, the mean of ``block`` calls in a row."""
+    start = time.thread_time_ns()
+    for _ in range(block):
+        call()
+    return (time.thread_time_ns() - start) / block
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=600, help="timed calls of each variant")
     parser.add_argument("--train", action="store_true", help="parameters require grad")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="calls in a row per measurement (their mean): >1 times warm caches, as "
+        "entry_cpu.py's budget loops do, instead of each call after a recipe call",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -110,7 +126,7 @@ def main() -> None:
     def recipe() -> object:
         return recipes.loop_grad(net, x, args.train)
 
-    times: dict[str, list[int]] = {name: [] for name in [*calls, "recipe"]}
+    times: dict[str, list[float]] = {name: [] for name in [*calls, "recipe"]}
     for name in calls:
         use(name)
         for _ in range(20):
@@ -120,12 +136,8 @@ def main() -> None:
             for name in random.sample(list(calls), len(calls)):
                 use(name)
                 recipe()
-                start = time.thread_time_ns()
-                recipe()
-                times["recipe"].append(time.thread_time_ns() - start)
-                start = time.thread_time_ns()
-                calls[name]()
-                times[name].append(time.thread_time_ns() - start)
+                times["recipe"].append(_timed(recipe, args.block))
+                times[name].append(_timed(calls[name], args.block))
     finally:
         use("whole call")
 

@@ -572,3 +572,36 @@ def laplacians_by_grad_of_grad(f, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(
         [laplacian_by_grad_of_grad(lambda z, i=i: f(z)[:, i], x) for i in range(m)], 1
     )
+
+
+def _answers(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[bool]:
+    """One entry per call of ``module.name`` (patched with a spy): whether it answered (not
+    ``None``)."""
+    calls: list[bool] = []
+    original = getattr(module, name)
+
+    def spy(*args):
+        out = original(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.fixture
+def chain_traced(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """One entry per ``GraphJacobian.trace`` that walked a chain (``_exact.chain.trace``):
+    whether the trace came by the chain's cyclicity (``False``: more than two activations)."""
+    from torchdiv._exact import autograd
+
+    return _answers(monkeypatch, autograd, "chain_trace")
+
+
+@pytest.fixture
+def unit_rows(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """One entry per ``_exact.chain.unit_products`` call from ``GraphJacobian.entries``:
+    whether the rows came from the top linear step's matrix (no basis)."""
+    from torchdiv._exact import autograd
+
+    return _answers(monkeypatch, autograd, "unit_products")

@@ -41,11 +41,14 @@ def _mlp(d: int, activation) -> torch.nn.Module:
 
 @pytest.mark.parametrize("train", [False, True], ids=["frozen", "train"])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-def test_chain_gives_the_loop_s_values_and_parameter_gradients(chained, activation, train):
+def test_chain_gives_the_loop_s_values_and_parameter_gradients(
+    chained, chain_traced, unit_rows, activation, train
+):
     """The three operators at D = 2 (one pass per row before) and D = 3 (batched passes), on
-    a later call (the first is watched for sample mixing): the chain is taken, and values and
-    parameter gradients equal a loop of ``autograd.grad`` per row (diagonals) and
-    ``jacrev`` of the whole batch (the Jacobian), float64."""
+    a later call (the first is watched for sample mixing): the chain is taken (the
+    divergence by its cyclicity: two activations; D = 2's diagonal from the top layer's
+    rows, no basis), and values and parameter gradients equal a loop of ``autograd.grad``
+    per row (diagonals) and ``jacrev`` of the whole batch (the Jacobian), float64."""
     for d in (2, 3):
         torch.manual_seed(0)
         net = _mlp(d, ACTIVATIONS[activation]).requires_grad_(train)
@@ -54,10 +57,11 @@ def test_chain_gives_the_loop_s_values_and_parameter_gradients(chained, activati
         want_jac = reference_jacobian(net, x)
         for operator in ("divergence", "jacobian_diagonal", "jacobian"):
             getattr(torchdiv, operator)(net, x)
-        del chained[:]
+        del chained[:], chain_traced[:], unit_rows[:]
         got = {op: getattr(torchdiv, op)(net, x) for op in ("divergence", "jacobian_diagonal")}
         got_jac = torchdiv.jacobian(net, x)
-        assert len(chained) == 3, (d, chained)
+        assert chain_traced == [True] and unit_rows == [True] * (d == 2), (d, chain_traced)
+        assert len(chained) == 1 + (d == 3), (d, chained)
         assert_close(got["divergence"], want.sum(-1))
         assert_close(got["jacobian_diagonal"], want)
         assert_close(got_jac, want_jac)
@@ -72,17 +76,18 @@ def test_chain_gives_the_loop_s_values_and_parameter_gradients(chained, activati
                 assert_same_parameter_gradients(net, ours.sum(), theirs.sum())
 
 
-def test_second_derivatives_go_through_the_chain(chained):
-    """With ``x`` requiring grad the products keep their graph in ``x`` as the engine's do:
-    the gradient of the divergence in ``x`` and in the parameters equals that of the loop
-    (a third derivative of ``f``), float64."""
+@pytest.mark.parametrize("operator", ["divergence", "jacobian_diagonal"])
+def test_second_derivatives_go_through_the_chain(chained, chain_traced, operator):
+    """With ``x`` requiring grad the products (and the trace by cyclicity) keep their graph
+    in ``x`` as the engine's do: the gradient of the divergence (the diagonal's sum) in ``x``
+    and in the parameters equals that of the loop (a third derivative of ``f``), float64."""
     torch.manual_seed(0)
     net = _mlp(3, torch.nn.Tanh)
     x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
-    torchdiv.divergence(net, x)
-    del chained[:]
-    ours = torchdiv.divergence(net, x)
-    assert chained
+    getattr(torchdiv, operator)(net, x)
+    del chained[:], chain_traced[:]
+    ours = getattr(torchdiv, operator)(net, x).reshape(8, -1).sum(-1)
+    assert chain_traced == [True] if operator == "divergence" else chained  # (D = 3: a block)
     z = x.view_as(x)  # the loop on x's own graph, so that its products depend on x
     y = net(z)
     rows = [torch.autograd.grad(y[:, i].sum(), z, create_graph=True)[0][:, i] for i in range(3)]
@@ -96,6 +101,74 @@ def test_second_derivatives_go_through_the_chain(chained):
         assert (a is None) == (b is None)
         if a is not None:
             assert_close(a, b)
+
+
+class _ScaledLinear(torch.nn.Linear):
+    """A linear layer as ``addmm(bias, h, W^T, alpha=0.5)``: a step whose ``alpha`` is not 1."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, h, self.weight.t(), alpha=0.5)
+
+
+_L, _T, _S = torch.nn.Linear, torch.nn.Tanh, torch.nn.Sigmoid
+# chains of linear steps and activations, D -> ... -> D; whether the trace comes by cyclicity
+# (at most two activations once adjacent ones are merged, adjacent linears too)
+TRACE_LAYOUTS = {
+    "one activation": (lambda d: [_L(d, 8), _T(), _L(8, d)], True),
+    "two, alpha": (lambda d: [_L(d, 8), torch.nn.ELU(), _ScaledLinear(8, 8), _T(), _L(8, d)], True),
+    "adjacent activations": (
+        lambda d: [_L(d, 8), _T(), _S(), _L(8, 8, bias=False), torch.nn.Softplus(), _L(8, d)],
+        True,
+    ),
+    "adjacent linears": (
+        lambda d: [_L(d, 8), _L(8, 8), _T(), _L(8, 8, bias=False), _T(), _L(8, 5), _L(5, d)],
+        True,
+    ),
+    "activations at both ends": (lambda d: [_T(), _L(d, d), _S()], True),
+    "activation on top": (lambda d: [_L(d, 8), _L(8, d), _T()], True),
+    "activation alone": (lambda d: [_T()], True),
+    "alpha on top": (lambda d: [_L(d, 8), _T(), _ScaledLinear(8, d)], True),
+    "three activations": (
+        lambda d: [_L(d, 8), _T(), _L(8, 8), _T(), _L(8, 8), _T(), _L(8, d)],
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["frozen", "train"])
+@pytest.mark.parametrize("layout", list(TRACE_LAYOUTS))
+def test_the_trace_by_cyclicity_gives_the_loop_s_values_and_parameter_gradients(
+    chained, chain_traced, unit_rows, layout, train
+):
+    """``tr(A D2 M D1 B) = sum_ab d2_a M_ab d1_b (BA)_ba`` (``_exact.chain.trace``) for every
+    arrangement of linear steps and activations it takes (adjacent ones merged, either end
+    without a linear step, ``addmm``'s ``alpha``), at D = 2 and 3 on a later call: values and
+    parameter gradients equal the float64 loop of ``autograd.grad``; three activations take
+    the rows (``products``) instead. The diagonal too, at D = 2 from the top linear step's
+    rows where an activation follows it (``unit_products``), else from a basis."""
+    build, traced = TRACE_LAYOUTS[layout]
+    for d in (2, 3):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(*build(d)).double().requires_grad_(train)
+        x = torch.randn(16, d, dtype=torch.float64)
+        want = loop_diagonal(net, x, create_graph=train)
+        torchdiv.divergence(net, x)
+        torchdiv.jacobian_diagonal(net, x)
+        top = isinstance(net[-1], torch.nn.Linear) and not isinstance(net[-2], torch.nn.Linear)
+        rows = [top] if d == 2 else []  # (D = 3: a block of rows, from a basis)
+        del chained[:], chain_traced[:], unit_rows[:]
+        got = torchdiv.divergence(net, x)
+        assert chain_traced == [traced] and unit_rows == ([] if traced else rows)
+        got_diagonal = torchdiv.jacobian_diagonal(net, x)
+        assert unit_rows == ([] if traced else rows) + rows, (d, unit_rows)
+        from_basis = not (top and d == 2)  # (rows by ``products``: one each)
+        assert len(chained) == (not traced and from_basis) + from_basis, (d, chained)
+        assert_close(got, want.sum(-1))
+        assert_close(got_diagonal, want)
+        if train and list(net.parameters()):
+            weights = torch.randn_like(want)
+            for ours, theirs in ((got, want.sum(-1)), (got_diagonal * weights, want * weights)):
+                assert_same_parameter_gradients(net, ours.square().sum(), theirs.square().sum())
 
 
 def test_an_off_chain_input_that_reaches_x_takes_the_engine(chained):

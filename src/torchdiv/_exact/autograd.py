@@ -42,8 +42,9 @@ from torchdiv._core.walk import (
     search,
     vjp,
 )
-from torchdiv._exact.chain import chain
+from torchdiv._exact.chain import chain, unit_products
 from torchdiv._exact.chain import products as chain_products
+from torchdiv._exact.chain import trace as chain_trace
 from torchdiv._exact.state import Changes
 
 
@@ -537,6 +538,29 @@ class GraphJacobian:
         out = self.apply(basis(start, stop, self.y, self.batch_dims))
         return as_blocks(out, self.batch_dims)
 
+    def trace(self) -> torch.Tensor | None:
+        """Every sample's trace, ``(N,)``, by the chain's cyclicity (``_exact.chain.trace``:
+        one product for all rows, no basis) where ``y``'s graph is a chain of at most two
+        activations above an ``(N, n)`` ``x`` (``n >= 2``: one row costs as much), in the
+        usual case of ``entries``; else ``None``."""
+        if (
+            type(self) is not GraphJacobian
+            or not self.chained
+            or self._custom
+            or not self._peers.inert
+            or not self.y.requires_grad
+            or self.batch_dims != 1
+            or self.x.dim() != 2
+            or self.x.shape[1] < 2
+            or self.y.shape != self.x.shape
+        ):
+            return None
+        steps = chain(self.y, self.x)
+        if not steps:
+            return None
+        with torch.set_grad_enabled(self.create_graph):
+            return chain_trace(steps, self.y)
+
     def entries(self, start: int, stop: int) -> list[torch.Tensor] | None:
         """Entry ``(i, i)`` of every sample's square Jacobian for ``i`` in ``start..stop-1``,
         each ``(N,)``, or ``None`` where ``apply`` takes its general path.
@@ -555,13 +579,16 @@ class GraphJacobian:
         ):
             return None
         samples, n = self.x.shape[: self.batch_dims].numel(), event_numel(self.x, self.batch_dims)
-        vectors = basis(start, stop, self.y, self.batch_dims)
         steps = chain(self.y, self.x) if self.chained else None
         if steps:  # every row in one go, without the engine (``_exact.chain``), as (k, N, n)
-            rows = chain_products(steps, vectors, self.create_graph)
+            rows = unit_products(steps, start, stop, self.y, self.create_graph)
+            if rows is None:
+                vectors = basis(start, stop, self.y, self.batch_dims)
+                rows = chain_products(steps, vectors, self.create_graph)
             flat = rows if rows.shape[1:] == (samples, n) else rows.reshape(-1, samples, n)
             return [row[:, i] for i, row in enumerate(flat.unbind(), start)]
         out = []
+        vectors = basis(start, stop, self.y, self.batch_dims)
         for i, v in enumerate(vectors.unbind(), start):
             product = self._vjp(v, batched=False)
             if product is None:  # y does not depend on x: the general path's zeros

@@ -11,7 +11,9 @@ cotangents ``(k,) + y.shape`` are that chain's formulas applied in turn to the w
 ``(k, N, m)`` block: the same ATen backward calls the engine's nodes make, on the tensors
 the nodes saved in this call (nothing is kept between calls), with a graph exactly where the
 engine's ``create_graph`` would record one, so parameter gradients and higher derivatives go
-through the same formulas (``tanh_backward``'s own, and so on).
+through the same formulas (``tanh_backward``'s own, and so on). A trace (``trace``) takes
+the trace's cyclicity instead where the chain holds at most two activations: one product for
+all ``k`` rows, not ``k``.
 
 Used by ``GraphJacobian`` in its usual case only (no custom ``Function``, no DDP/FSDP2 hook,
 not compiling, no tensor subclass, anomaly detection off, real floating dtypes), and only
@@ -27,7 +29,7 @@ no gradient, or are not caught by any method: ``docs/guide/limitations.md``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.autograd.function import BackwardCFunction
@@ -169,7 +171,89 @@ def products(
     """``(k,) + y.shape`` cotangents -> ``(k,) + x.shape`` products along the chain, with a
     graph only where ``create_graph`` (as the engine records one)."""
     with torch.set_grad_enabled(create_graph):
-        g = cotangents
-        for step, node in steps:
-            g = step(g, node)
+        return _applied(steps, cotangents)
+
+
+# adjacent activations of a chain with their width (``trace``)
+Group = tuple[int, list[tuple[Step, Any]]]
+
+
+def trace(steps: list[tuple[Step, Any]], y: torch.Tensor) -> torch.Tensor | None:
+    """Every sample's trace of the chain's Jacobian, ``(N,)``, by the trace's cyclicity, or
+    ``None`` where the chain holds more than two activations once adjacent ones are merged,
+    or none. ``steps`` as ``chain`` gives them for an ``(N, n)`` ``x`` and ``y`` (each
+    ``addmm``'s rows are the samples); under the caller's grad mode (with a graph where
+    ``products`` would record one: the same saved tensors, the same derivative formulas).
+
+    Top first, the Jacobian is ``J = A D2 M D1 B``: ``D1 = diag(d1)``, ``D2 = diag(d2)`` the
+    activations' derivatives (``d2``: their formulas applied to ones), ``M``, ``A`` and ``B``
+    products of the linear steps' matrices (``A``, ``B`` maybe absent: identities). So
+    ``tr J = tr(D2 M D1 K) = sum_b d1_b (d2 @ (M o K^T))_b`` with ``K = B A``, ``(h1, h2)``:
+    one ``(N, h2) @ (h2, h1)`` product for all ``n`` diagonal entries, where ``products``
+    takes ``n`` such and a basis (a D -> 64 -> 64 -> D MLP at D = 2: half the flops of its
+    largest step), ``D1`` applied by its formulas to that product. With one activation,
+    ``tr J = sum_b d1_b diag(B A)_b``."""
+    if y.dim() != 2:
+        return None
+    # top first: the matrix (out, in) of adjacent linear steps, or adjacent activations with
+    # their width
+    factors: list[torch.Tensor | Group] = []
+    width = y.shape[1]
+    for step, node in steps:
+        last = factors[-1] if factors else None
+        if step is _addmm or step is _mm:
+            mat2 = node._saved_mat2  # (in, out)
+            matrix = mat2.t()
+            if step is _addmm and node._saved_alpha != 1:
+                matrix = matrix * node._saved_alpha
+            width = mat2.shape[0]
+            if isinstance(last, torch.Tensor):
+                factors[-1] = last @ matrix
+            else:
+                factors.append(matrix)
+        elif isinstance(last, tuple):
+            last[1].append((step, node))
+        else:
+            factors.append((width, [(step, node)]))
+    top, bottom = factors[0], factors[-1]
+    a = top if isinstance(top, torch.Tensor) else None
+    b = bottom if isinstance(bottom, torch.Tensor) else None
+    inner = factors[a is not None : len(factors) - (b is not None)]
+    if len(inner) not in (1, 3):
+        return None
+    k = b @ a if a is not None and b is not None else a if b is None else b
+    h1, first = cast(Group, inner[-1])
+    ones = y.new_ones(())
+    if len(inner) == 1:
+        g = (ones if k is None else k.diagonal()).expand(y.shape[0], h1)
+    else:
+        (h2, second), m = cast(Group, inner[0]), cast(torch.Tensor, inner[1])
+        d2 = _applied(second, ones.expand(y.shape[0], h2))
+        g = d2 * m.diagonal() if k is None else d2 @ (m * k.t())
+    return _applied(first, g).sum(-1)
+
+
+def _applied(steps: list[tuple[Step, Any]], g: torch.Tensor) -> torch.Tensor:
+    """``g`` through ``steps``' formulas in turn."""
+    for step, node in steps:
+        g = step(g, node)
     return g
+
+
+def unit_products(
+    steps: list[tuple[Step, Any]], start: int, stop: int, y: torch.Tensor, create_graph: bool
+) -> torch.Tensor | None:
+    """``products`` of the unit cotangents ``e_start .. e_{stop-1}`` of an ``(N, m)`` ``y``,
+    ``(k, N, n)``, where the top step is linear and an activation follows it: that step's
+    products are its matrix's rows, expanded over the samples (no basis, no product with
+    it); the activation's formula makes them a tensor of their own. Else ``None``."""
+    if y.dim() != 2 or len(steps) < 2 or steps[1][0] in (_addmm, _mm):
+        return None
+    step, node = steps[0]
+    if step is not _addmm and step is not _mm:
+        return None
+    with torch.set_grad_enabled(create_graph):
+        rows = node._saved_mat2.t()[start:stop]  # (k, h): row i of the (out, in) matrix
+        if step is _addmm and node._saved_alpha != 1:
+            rows = rows * node._saved_alpha
+        return _applied(steps[1:], rows[:, None].expand(-1, y.shape[0], -1))

@@ -210,12 +210,14 @@ def diagonal_and_output(
     generic = "auto" if method == "structured" else method
 
     def consume(engine: Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        entries = None
-        if isinstance(engine, GraphJacobian):  # plain autograd: a few rows' entries, if so
-            entries = engine.entries(*share.of(engine.num_basis))
+        entries = diag = None
+        if isinstance(engine, GraphJacobian):  # plain autograd: a chain's trace, or a few
+            # rows' entries, if so
+            diag = engine.trace() if trace and share == WHOLE else None
+            entries = None if diag is not None else engine.entries(*share.of(engine.num_basis))
         if entries:  # a few rows, one backward pass each: their entries, not a block
             diag = _summed(entries) if trace else torch.stack(entries, -1)
-        else:
+        elif diag is None:
             diag = diagonal(engine, chunk, share)
             # (one chunk's diagonal is a view of its (k, N, n) block: handed out as it is,
             # it kept the block alive with it, n times its own size, and torch.save wrote that)
