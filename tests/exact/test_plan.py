@@ -254,11 +254,12 @@ def test_cotangents_written_in_place_or_results_aliasing_them_never_reach_the_ne
 class _Switch:
     """A plain object (weakly referenced: ``identity`` holds it by identity alone)."""
 
-    wide = False
+    wide = 0
 
 
 def test_jacobian_remembers_a_square_output_and_survives_a_stale_guess(monkeypatch):
-    # (a plain object's attribute, which the structure key does not hold: a dictionary's
+    # (a plain object's int attribute, which the structure key does not hold: its bool, str
+    # and None attributes are held since rev-train23; a dictionary's
     # entry is held since leftovers19, a new structure watched again, not a stale guess; an
     # object without weak references, a ``SimpleNamespace``, since rev-merges19e: ``f`` is
     # not told by what it holds, watched at every call)
@@ -272,7 +273,7 @@ def test_jacobian_remembers_a_square_output_and_survives_a_stale_guess(monkeypat
     # from the second call on, plain autograd rows: torch.func's engines are not built
     monkeypatch.setattr(ReverseJacobian, "__init__", lambda *a: pytest.fail("reverse mode"))
     assert_close(torchdiv.jacobian(f, x), reference_jacobian(f, x))
-    scale.wide = True  # a stale guess: rows of a larger output, still exact
+    scale.wide = 1  # a stale guess: rows of a larger output, still exact
     assert_close(torchdiv.jacobian(f, x), reference_jacobian(f, x))
 
 
