@@ -288,7 +288,7 @@ def test_training_steps_under_ddp_and_fsdp_equal_one_process_in_float64():
                 error = (torch.tensor(g, dtype=f64) - e.flatten()).norm() / e.norm()
                 assert error <= tol, (TRAINING[index], error.item())
         if wrapper != "fsdp-mixed":
-            for rank_status, (_, counts, _) in ranks:
+            for _, (_, counts, _) in ranks:
                 for kind in chains:
                     chains[kind] += counts[kind]
     assert chains["jacobian"] > 0 and chains["laplacian"] > 0, chains
