@@ -8,8 +8,8 @@ changes, on small MLPs at D = 2-3 where the saved-tensor chains are taken (``_ex
   computing in float32), three SGD steps of a loss holding ``divergence``,
   ``jacobian_diagonal``, ``laplacian`` or ``value_grad_laplacian`` and ``f(x)``: every rank's
   gradients equal the float64 gradients of the whole batch in one process, by ``torch.func``
-  per sample (independent of torchdiv), and the ranks agree; ``CommDebugMode`` around a DDP
-  step counts the one all-reduce of a plain step.
+  per sample (independent of torchdiv), and the ranks agree; ``CommDebugMode`` around a step
+  counts the collectives of a plain step.
 - Collectives inside ``f``: a batch mean over every rank's samples switched on after two
   served calls, and each sample added to the other rank's sample at its position (a
   differentiable ``all_reduce``), are refused on both ranks; an ``all_reduce`` of detached
@@ -21,7 +21,10 @@ changes, on small MLPs at D = 2-3 where the saved-tensor chains are taken (``_ex
   take the chains) with a gradient penalty: values, ``x``-gradients and rank-averaged
   parameter gradients against ``torch.func`` in float64.
 
-No fault was found (``NOTES_rev-dist23.md``): these are guards, all slow (a spawn each).
+One fault: ``CommDebugMode`` around a step missed the collectives of DDP's and FSDP2's
+pre-forward work in a call (``_core.ddp._plain_level`` left the caller's dispatch modes too):
+its always-run guard runs in one process; everything else is a guard of what was right,
+slow (a spawn each). ``NOTES_rev-dist23.md``.
 """
 
 from __future__ import annotations
