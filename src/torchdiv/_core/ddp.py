@@ -56,7 +56,12 @@ from typing import Any
 
 import torch
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
-from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._python_dispatch import (
+    _disable_current_modes,
+    _get_current_dispatch_mode_stack,
+    _pop_mode,
+    _push_mode,
+)
 
 from torchdiv._core.walk import nodes
 
@@ -72,6 +77,9 @@ class Call:
 
     def __init__(self, bare: bool = False) -> None:
         self.bare = bare
+        # the caller's dispatch modes (a CommDebugMode counting a step's collectives): DDP's
+        # and FSDP2's pre-forward work runs under them, as in the caller's own forward
+        self.modes = _get_current_dispatch_mode_stack()
         self.ddps: list[Any] = []
         self.fsdp_states: list[Any] = []
         self._swapped: list[tuple[dict[int, Any], int, Any]] = []
@@ -79,7 +87,7 @@ class Call:
     def enter_ddp(self, ddp: Any) -> None:
         """The first call of ``ddp``: its pre-forward work, outside transforms and modes."""
         if not self.bare and not any(known is ddp for known in self.ddps):
-            with _plain_level():
+            with _plain_level(self.modes):
                 ddp._pre_forward()
             self.ddps.append(ddp)
 
@@ -100,7 +108,7 @@ class Call:
         root = get_state()
         if any(root is known for known in self.fsdp_states):
             return
-        with _plain_level():
+        with _plain_level(self.modes):
             root._pre_forward(module, (), {})
             known = self.fsdp_states
             new = [s for s in root._state_ctx.all_states if not any(s is k for k in known)]
@@ -285,17 +293,25 @@ def enter_fsdp(module: torch.nn.Module, inputs: Any) -> None:
 
 
 @contextlib.contextmanager
-def _plain_level() -> Iterator[None]:
+def _plain_level(modes: list[Any]) -> Iterator[None]:
     """Leave every ``torch.func`` transform, dispatch mode and ``__torch_function__`` mode
     for the block: FSDP2's unshard (``untyped_storage().size()``, the storage resized and
     ``set_``) seen by a watch's ``Reads`` counted as values read by Python and writes, and
-    the watch's pass held for these values only: every call under FSDP2 was watched."""
+    the watch's pass held for these values only: every call under FSDP2 was watched. Then
+    enter ``modes`` again, the caller's (``Call.modes``): a ``CommDebugMode`` around the
+    step missed DDP's buffer broadcasts and FSDP2's forward all-gathers."""
     with (
         temporarily_clear_interpreter_stack(),
         _disable_current_modes(),
         torch._C.DisableTorchFunction(),
     ):
-        yield
+        for mode in modes:
+            _push_mode(mode)
+        try:
+            yield
+        finally:
+            for _ in modes:
+                _pop_mode()
 
 
 class Peers:
