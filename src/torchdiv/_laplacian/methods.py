@@ -245,17 +245,18 @@ class Nested:
 
 def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | Loop | Nested:
     """``f`` recorded at ``x`` for the Taylor engine, or ``Loop`` where ``"auto"`` loops over
-    backward passes instead (``loops``, ``loops_for``; what recording changed is undone). A
-    decision to loop is remembered per ``_site`` and structure: the next such call records
-    nothing. So is the fallback (``fallback``: the loop, or ``Nested``, forward over
-    reverse) of a refused recording (an op without a Taylor rule, a backward pass inside
-    ``f``: a write through a view whose base is read after it, a curvature ``div(grad f /
-    |grad f|)``, an FFT), kept by ``refusal_key`` (``f``'s structure and its parameters'
-    identities, ``_REFUSED``), which recorded ``f`` again at every call (1.1-1.5x the loop's
-    own time): that call still gets the refused graph, for its caller's fallback. Only a
-    site remembered to loop at some structure (``_LOOPING_SITES``) has its structure key made
-    before recording, and only one with a refusal its refusal key; any other call records
-    ``f`` straight away.
+    backward passes instead (``loops``, ``loops_for``). A decision to loop is remembered per
+    ``_site`` and structure: the next such call records nothing; the call that decides it
+    gets its recording (the Taylor engine runs from it: looping there evaluated ``f`` a
+    second time, ``test_every_call_evaluates_f_once``). The fallback (``fallback``: the loop,
+    or ``Nested``, forward over reverse) of a refused recording (an op without a Taylor rule,
+    a backward pass inside ``f``: a write through a view whose base is read after it, a
+    curvature ``div(grad f / |grad f|)``, an FFT) is remembered too, by ``refusal_key``
+    (``f``'s structure and its parameters' identities, ``_REFUSED``; before, ``f`` was
+    recorded again at every call: 1.1-1.5x the loop's own time); that call still gets the
+    refused graph, for its caller's fallback. Only a site remembered to loop at some
+    structure (``_LOOPING_SITES``) has its structure key made before recording, and only one
+    with a refusal its refusal key; any other call records ``f`` straight away.
 
     Sample mixing (``torchdiv._core.mixing``): recording watches ``f``. A call that does not
     record it watches the loop's own evaluation of ``f`` (~10 us per op, no extra
@@ -285,10 +286,9 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     if not few or not loops_for(graph, x, batch_dims):
         return graph
     plan = Loop(settings=Settings(graph.work_per_call() < BATCHED_WORK, plain=True, chain=True))
-    graph.undo()  # f runs again: what recording it changed is put back first
     at = _remember(site, f, x, batch_dims, at, plan)
     mixing.passed(f, x, batch_dims, at, verdict=graph.verdict)  # recording watched it
-    return plan
+    return graph  # this call: the recording's evaluation, not a second one for the loop
 
 
 def _remember(
