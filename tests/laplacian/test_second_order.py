@@ -883,6 +883,7 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
         _laplacian, "capture", lambda *a, **k: recorded.append(1) or capture(*a, **k)
     )
     monkeypatch.setattr(_laplacian, "_LOOPS", PlanCache(256))
+    monkeypatch.setattr(_laplacian, "CHAIN_INPUTS", 0)  # (a frozen chain's plan: its own tests)
     wide = tanh_mlp(2, 64, 1)  # trained: the Laplacian is differentiated
     narrow = tanh_mlp(2, 16, 1)  # trained, little arithmetic per call
     frozen = tanh_mlp(2, 64, 1).requires_grad_(False)

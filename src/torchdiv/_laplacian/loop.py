@@ -74,12 +74,15 @@ class Settings:
     alone (no Jacobian, every coordinate) is taken by the forward Laplacian along ``f``'s
     graph where that is a chain of products and listed activations (``_laplacian.chain``,
     read at every call; 0.7-0.85x the recipe's passes at two or three inputs, batch 256)
-    instead of the backward passes."""
+    instead of the backward passes. ``chain_only``: the loop was remembered for that chain
+    alone (a frozen chain beyond ``"auto"``'s loop rule, ``_laplacian.methods.chained``): where
+    it gives way, ``chain`` is turned off, and later calls take the Taylor engine again."""
 
     batched: bool = False
     plain: bool = False
     tried: bool = False
     chain: bool = False
+    chain_only: bool = False
 
 
 # the autograd nodes of the ops whose derivatives the loop's SafeDerivatives changes (those of
@@ -163,6 +166,8 @@ def _looped(
             laplacian = chain_laplacian(y, x_in, create_graph)
             if laplacian is not None:
                 return y, [], laplacian.to(x.dtype).reshape(y.shape), create_graph
+        if settings.chain_only:  # the chain gave way: later calls take the Taylor engine
+            settings.chain = False
         batched = settings.batched
         with graphs_kept(found.custom, SECOND_DERIVATIVES):
             rows, laplacian = _loop(y, x_in, batch_dims, create_graph, batched, coordinates)

@@ -51,7 +51,7 @@ from torchdiv._taylor import (
     mixing,
     propagate,
 )
-from torchdiv._taylor.capture import IN_PLACE_DETACH, argument
+from torchdiv._taylor.capture import IN_PLACE_DETACH, Ref, argument
 from torchdiv._taylor.sparse import Sparse, per_particle
 from torchdiv._taylor.tree import leaves
 
@@ -94,6 +94,14 @@ LOOP_WORK_ONE_THREAD = 57344
 LOOP_TILT = 6
 LOOP_WORK_TRAINED = 16384
 LOOP_WORK_TRAINED_ONE_THREAD = 20480
+# Beyond that rule, a frozen f whose recording is a chain (``chained``: a tanh / sigmoid MLP)
+# at up to CHAIN_INPUTS inputs loops too, for the forward Laplacian along its chain
+# (``_laplacian.chain``, from the loop's evaluation), where its ``(n + 1) x widest`` block
+# would not make the Taylor engine chunk (CHUNK_ELEMENTS). One thread, "auto" forced to each,
+# 7 alternated rounds, load 6-8 (kanlap23), chain / Taylor for the FNN of width 64: D = 3,
+# B = 2048 0.72; D = 10 0.51 / 0.88 at B = 256 / 2048; D = 100 0.94 / 0.95. Differentiated it
+# is 1.5-1.9x slower at B = 2048 or D = 10 (its block's graph), so frozen only.
+CHAIN_INPUTS = 100
 # The loop's 1 + m (1 + n) passes against forward over reverse's n batched products of m rows
 # (an FFT net and an S4D layer, float64, batch 64, one thread, /tmp/lo13/cross.py, 2026-12-05):
 # at m = 1 the loop 0.46-0.71x at 4 inputs, 0.84-1.0x at 10 (frozen); n = 4, m = 2 even
@@ -103,7 +111,7 @@ LOOP_FALLBACK = 10
 # work per call: a KAN at batch 256 (5.5k) 10-25% faster, frozen or trained, at 2 and 3
 # inputs; the FNN at 256 (24k) from 8% slower to 10% faster by the threads: it keeps n passes
 BATCHED_WORK = 16384
-# the ``Loop`` "auto" decided on for a structure it recorded at up to LOOP_INPUTS inputs, by
+# the ``Loop`` "auto" decided on for a structure it recorded (``loops_for``, ``_chains``), by
 # ``_site`` and structure key (``mixing.shape_key``: a lambda made anew over another time or
 # tensor finds it too): a later call with the same structure loops without recording f
 _LOOPS = cache.PlanCache(256)
@@ -138,7 +146,7 @@ def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) 
 def _recorded_auto(
     f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None
 ) -> torch.Tensor:
-    plan = recorded_or_loop(f, x, batch_dims)
+    plan = recorded_or_loop(f, x, batch_dims, chain=True)
     if isinstance(plan, Graph):
         chunk = chunk_size or plan.chunk(event_numel(x, batch_dims), CHUNK_ELEMENTS)
         out = collapsed_or_none(plan, x, unit_directions(x, batch_dims, chunk))
@@ -243,7 +251,9 @@ class Nested:
     watch: bool = False
 
 
-def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | Loop | Nested:
+def recorded_or_loop(
+    f: Function, x: torch.Tensor, batch_dims: int, chain: bool = False
+) -> Graph | Loop | Nested:
     """``f`` recorded at ``x`` for the Taylor engine, or ``Loop`` where ``"auto"`` loops over
     backward passes instead (``loops``, ``loops_for``). A decision to loop is remembered per
     ``_site`` and structure: the next such call records nothing; the call that decides it
@@ -273,19 +283,27 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     refused = _REFUSED.get(site, f, x, batch_dims)
     if refused is not None:
         return _unrecorded(f, x, batch_dims, at_this_call(refused))
-    few = event_numel(x, batch_dims) <= LOOP_INPUTS
-    at = mixing.structure(f, x, batch_dims) if few and _LOOPING_SITES.get(site, None) else None
-    remembered = None if at is None else _LOOPS.get(site, mixing.shape_key(at))
-    if remembered:
+    n = event_numel(x, batch_dims)
+    at = mixing.structure(f, x, batch_dims) if _LOOPING_SITES.get(site, None) else None
+    remembered: Loop | None = None if at is None else _LOOPS.get(site, mixing.shape_key(at))
+    settings = None if remembered is None else remembered.settings
+    if settings is not None and (not settings.chain_only or (chain and settings.chain)):
         return _unrecorded(f, x, batch_dims, remembered, at)
     graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
     if graph.unsupported:  # as the callers fall back (``fallback``), at the planned chunk
-        chunk = graph.chunk(event_numel(x, batch_dims), CHUNK_ELEMENTS)
+        chunk = graph.chunk(n, CHUNK_ELEMENTS)
         _REFUSED.put(site, f, x, batch_dims, fallback(graph, x, batch_dims, chunk))
         return graph
-    if not few or not loops_for(graph, x, batch_dims):
+    if remembered:  # a chain's plan not for this caller, or one whose chain gave way
         return graph
-    plan = Loop(settings=Settings(graph.work_per_call() < BATCHED_WORK, plain=True, chain=True))
+    if n <= LOOP_INPUTS and loops_for(graph, x, batch_dims):
+        chain_only = False
+    elif chain and _chains(graph, x, batch_dims):
+        chain_only = True
+    else:
+        return graph
+    batched = graph.work_per_call() < BATCHED_WORK
+    plan = Loop(settings=Settings(batched, plain=True, chain=True, chain_only=chain_only))
     at = _remember(site, f, x, batch_dims, at, plan)
     mixing.passed(f, x, batch_dims, at, verdict=graph.verdict)  # recording watched it
     return graph  # this call: the recording's evaluation, not a second one for the loop
@@ -405,6 +423,62 @@ def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
     else:
         limit, tilt = LOOP_WORK_ONE_THREAD, LOOP_TILT
     return n <= LOOP_INPUTS and work * n < 2 * limit * (1 + tilt * _products_share(graph))
+
+
+aten = torch.ops.aten
+# the recorded calls of a chain that ``_laplacian.chain`` takes, each with the position of
+# its argument computed from ``x`` (a product's left factor, an activation's input); the
+# curved activations, without which the chain gives way (a piecewise-linear ``f``)
+_CHAIN_CALLS = {
+    aten.mm.default: 0,
+    aten.addmm.default: 1,
+    aten.tanh.default: 0,
+    aten.sigmoid.default: 0,
+    aten.relu.default: 0,
+    aten.leaky_relu.default: 0,
+}
+_CURVED = frozenset((aten.tanh.default, aten.sigmoid.default))
+_PRODUCTS_RECORDED = frozenset((aten.mm.default, aten.addmm.default))
+
+
+def _chains(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether ``"auto"`` loops for the chain alone beyond ``loops_for`` (CHAIN_INPUTS): a
+    frozen ``f`` (its result not differentiated) of ``x`` ``(N, n)`` recorded as a chain, at
+    up to CHAIN_INPUTS inputs, whose block the Taylor engine would not chunk."""
+    n = event_numel(x, batch_dims)
+    return (
+        batch_dims == 1
+        and x.dim() == 2
+        and n <= CHAIN_INPUTS
+        and (n + 1) * graph.widest <= CHUNK_ELEMENTS
+        and not graph.requires_grad
+        and chained(graph)
+    )
+
+
+def chained(graph: Graph) -> bool:
+    """Whether ``f``'s recording looks like a chain that ``_laplacian.chain`` takes: its calls
+    computed from ``x`` are products and listed activations, each reading the one before
+    (``x`` first, a product's left factor) and nothing else computed from ``x``, a curved
+    activation among them, and ``f``'s result the last. A prediction only: the chain is
+    read off each call's autograd graph again (``_laplacian.loop``)."""
+    last, curved = -1, False
+    for i, node in enumerate(graph.nodes):
+        if not node.depends:
+            continue
+        position = _CHAIN_CALLS.get(node.func)
+        if position is None or (last == -1 and node.func not in _PRODUCTS_RECORDED):
+            return False
+        arguments = [*node.args, *node.kwargs.values()]
+        computed = [
+            k
+            for k, a in enumerate(arguments)
+            if isinstance(a, Ref) and (a.node == -1 or graph.nodes[a.node].depends)
+        ]
+        if computed != [position] or arguments[position] != Ref(last):
+            return False
+        last, curved = i, curved or node.func in _CURVED
+    return curved and graph.output == Ref(last)
 
 
 def _products_share(graph: Graph) -> float:
