@@ -180,13 +180,13 @@ def test_a_frozen_chain_beyond_the_loop_rule_takes_the_chain(monkeypatch, d):
 def test_other_functions_beyond_the_loop_rule_keep_the_taylor_engine(monkeypatch, case):
     """Not a frozen chain of listed products and curved activations at 4 inputs (the result
     differentiated, a piecewise-linear or unlisted activation, ``x`` reached twice, ``x``
-    itself activated first), or a chain whose block the Taylor engine would split into
-    chunks: every call records ``f`` (the Taylor engine), nothing looped."""
+    itself activated first), or a chain whose block is too large (CHAIN_ELEMENTS): every
+    call records ``f`` (the Taylor engine), nothing looped."""
     from torchdiv._laplacian import methods as _laplacian
 
     chained, recorded = _calls(monkeypatch)
     if case == "chunked":  # the (n + 1, 8, 8) block: 320 elements
-        monkeypatch.setattr(_laplacian, "CHUNK_ELEMENTS", 256)
+        monkeypatch.setattr(_laplacian, "CHAIN_ELEMENTS", 256)
     torch.manual_seed(0)
     net = _mlp(4, torch.nn.GELU if case == "gelu" else torch.nn.Tanh, outputs=1)
     if case == "relu":  # (ReLU alone: _mlp's first activation is a tanh)

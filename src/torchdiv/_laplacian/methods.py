@@ -96,12 +96,14 @@ LOOP_WORK_TRAINED = 16384
 LOOP_WORK_TRAINED_ONE_THREAD = 20480
 # Beyond that rule, a frozen f whose recording is a chain (``chained``: a tanh / sigmoid MLP)
 # at up to CHAIN_INPUTS inputs loops too, for the forward Laplacian along its chain
-# (``_laplacian.chain``, from the loop's evaluation), where its ``(n + 1) x widest`` block
-# would not make the Taylor engine chunk (CHUNK_ELEMENTS). One thread, "auto" forced to each,
-# 7 alternated rounds, load 6-8 (kanlap23), chain / Taylor for the FNN of width 64: D = 3,
-# B = 2048 0.72; D = 10 0.51 / 0.88 at B = 256 / 2048; D = 100 0.94 / 0.95. Differentiated it
-# is 1.5-1.9x slower at B = 2048 or D = 10 (its block's graph), so frozen only.
-CHAIN_INPUTS = 100
+# (``_laplacian.chain``, from the loop's evaluation), while its ``(n + 1) x widest`` block has
+# at most CHAIN_ELEMENTS elements. One thread, thread CPU time (kanlap23, load 6-9), chain /
+# Taylor for the FNN of width 64: D = 3, B = 2048 (0.5M) 0.68-0.72; D = 10, B = 256 (0.2M)
+# 0.51-0.58; larger blocks even or slower: D = 10, B = 2048 (1.4M) 0.88 in one run, 1.37 in
+# the matrix; D = 100, B = 256 (1.7M) 0.94-1.0. Differentiated it is 1.5-1.9x slower at
+# B = 2048 or D = 10 (its block's graph), so frozen only.
+CHAIN_INPUTS = 10
+CHAIN_ELEMENTS = 2**20
 # The loop's 1 + m (1 + n) passes against forward over reverse's n batched products of m rows
 # (an FFT net and an S4D layer, float64, batch 64, one thread, /tmp/lo13/cross.py, 2026-12-05):
 # at m = 1 the loop 0.46-0.71x at 4 inputs, 0.84-1.0x at 10 (frozen); n = 4, m = 2 even
@@ -442,15 +444,15 @@ _PRODUCTS_RECORDED = frozenset((aten.mm.default, aten.addmm.default))
 
 
 def _chains(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
-    """Whether ``"auto"`` loops for the chain alone beyond ``loops_for`` (CHAIN_INPUTS): a
-    frozen ``f`` (its result not differentiated) of ``x`` ``(N, n)`` recorded as a chain, at
-    up to CHAIN_INPUTS inputs, whose block the Taylor engine would not chunk."""
+    """Whether ``"auto"`` loops for the chain alone beyond ``loops_for``: a frozen ``f`` (its
+    result not differentiated) of ``x`` ``(N, n)`` recorded as a chain, at up to
+    CHAIN_INPUTS inputs, its block within CHAIN_ELEMENTS."""
     n = event_numel(x, batch_dims)
     return (
         batch_dims == 1
         and x.dim() == 2
         and n <= CHAIN_INPUTS
-        and (n + 1) * graph.widest <= CHUNK_ELEMENTS
+        and (n + 1) * graph.widest <= CHAIN_ELEMENTS
         and not graph.requires_grad
         and chained(graph)
     )
