@@ -267,8 +267,9 @@ def recorded_or_loop(
     (``f``'s structure and its parameters' identities, ``_REFUSED``; before, ``f`` was
     recorded again at every call: 1.1-1.5x the loop's own time); that call still gets the
     refused graph, for its caller's fallback. Only a site remembered to loop at some
-    structure (``_LOOPING_SITES``) has its structure key made before recording, and only one
-    with a refusal its refusal key; any other call records ``f`` straight away.
+    structure (``_LOOPING_SITES``) has its structure key made before recording (at up to
+    LOOP_INPUTS inputs, CHAIN_INPUTS for ``"auto"``'s chain: where a plan may be kept), and
+    only one with a refusal its refusal key; any other call records ``f`` straight away.
 
     Sample mixing (``torchdiv._core.mixing``): recording watches ``f``. A call that does not
     record it watches the loop's own evaluation of ``f`` (~10 us per op, no extra
@@ -286,7 +287,8 @@ def recorded_or_loop(
     if refused is not None:
         return _unrecorded(f, x, batch_dims, at_this_call(refused))
     n = event_numel(x, batch_dims)
-    at = mixing.structure(f, x, batch_dims) if _LOOPING_SITES.get(site, None) else None
+    kept = n <= LOOP_INPUTS or (chain and n <= CHAIN_INPUTS)  # (where a plan may be kept)
+    at = mixing.structure(f, x, batch_dims) if kept and _LOOPING_SITES.get(site, None) else None
     remembered: Loop | None = None if at is None else _LOOPS.get(site, mixing.shape_key(at))
     settings = None if remembered is None else remembered.settings
     if settings is not None and (not settings.chain_only or (chain and settings.chain)):
