@@ -421,12 +421,9 @@ def test_a_cache_f_grows_is_grown_once_per_call_by_its_one_evaluation():
 
 EXACT = [("auto", "reverse", "forward", "structured")] * 2 + [("auto", "reverse", "forward")]
 LAPLACIAN = ("auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad")
-# a frozen net's first Laplacian: recorded, then looped (grad-of-grad) on a second
-# evaluation (``_laplacian/methods.py::_fallen_back``; limitations); later calls loop at once
-KNOWN = {("laplacian", "auto", 1): pytest.mark.xfail(strict=True, reason="twice at the first call")}
 APIS = ("divergence", "jacobian_diagonal", "jacobian", "laplacian")
 CALLS = [
-    pytest.param(api, method, frozen, marks=KNOWN.get((api, method, frozen), ()))
+    (api, method, frozen)
     for api, methods in zip(APIS, [*EXACT, LAPLACIAN], strict=True)
     for method in methods
     for frozen in (0, 1)

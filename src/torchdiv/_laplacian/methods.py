@@ -51,7 +51,7 @@ from torchdiv._taylor import (
     mixing,
     propagate,
 )
-from torchdiv._taylor.capture import IN_PLACE_DETACH, argument
+from torchdiv._taylor.capture import IN_PLACE_DETACH, Ref, argument
 from torchdiv._taylor.sparse import Sparse, per_particle
 from torchdiv._taylor.tree import leaves
 
@@ -94,6 +94,16 @@ LOOP_WORK_ONE_THREAD = 57344
 LOOP_TILT = 6
 LOOP_WORK_TRAINED = 16384
 LOOP_WORK_TRAINED_ONE_THREAD = 20480
+# Beyond that rule, a frozen f whose recording is a chain (``chained``: a tanh / sigmoid MLP)
+# at up to CHAIN_INPUTS inputs loops too, for the forward Laplacian along its chain
+# (``_laplacian.chain``, from the loop's evaluation), while its ``(n + 1) x widest`` block has
+# at most CHAIN_ELEMENTS elements. One thread, thread CPU time (kanlap23, load 6-9), chain /
+# Taylor for the FNN of width 64: D = 3, B = 2048 (0.5M) 0.68-0.72; D = 10, B = 256 (0.2M)
+# 0.51-0.58; larger blocks even or slower: D = 10, B = 2048 (1.4M) 0.88 in one run, 1.37 in
+# the matrix; D = 100, B = 256 (1.7M) 0.94-1.0. Differentiated it is 1.5-1.9x slower at
+# B = 2048 or D = 10 (its block's graph), so frozen only.
+CHAIN_INPUTS = 10
+CHAIN_ELEMENTS = 2**20
 # The loop's 1 + m (1 + n) passes against forward over reverse's n batched products of m rows
 # (an FFT net and an S4D layer, float64, batch 64, one thread, /tmp/lo13/cross.py, 2026-12-05):
 # at m = 1 the loop 0.46-0.71x at 4 inputs, 0.84-1.0x at 10 (frozen); n = 4, m = 2 even
@@ -103,7 +113,7 @@ LOOP_FALLBACK = 10
 # work per call: a KAN at batch 256 (5.5k) 10-25% faster, frozen or trained, at 2 and 3
 # inputs; the FNN at 256 (24k) from 8% slower to 10% faster by the threads: it keeps n passes
 BATCHED_WORK = 16384
-# the ``Loop`` "auto" decided on for a structure it recorded at up to LOOP_INPUTS inputs, by
+# the ``Loop`` "auto" decided on for a structure it recorded (``loops_for``, ``_chains``), by
 # ``_site`` and structure key (``mixing.shape_key``: a lambda made anew over another time or
 # tensor finds it too): a later call with the same structure loops without recording f
 _LOOPS = cache.PlanCache(256)
@@ -138,7 +148,7 @@ def auto(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None) 
 def _recorded_auto(
     f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None
 ) -> torch.Tensor:
-    plan = recorded_or_loop(f, x, batch_dims)
+    plan = recorded_or_loop(f, x, batch_dims, chain=True)
     if isinstance(plan, Graph):
         chunk = chunk_size or plan.chunk(event_numel(x, batch_dims), CHUNK_ELEMENTS)
         out = collapsed_or_none(plan, x, unit_directions(x, batch_dims, chunk))
@@ -243,19 +253,23 @@ class Nested:
     watch: bool = False
 
 
-def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | Loop | Nested:
+def recorded_or_loop(
+    f: Function, x: torch.Tensor, batch_dims: int, chain: bool = False
+) -> Graph | Loop | Nested:
     """``f`` recorded at ``x`` for the Taylor engine, or ``Loop`` where ``"auto"`` loops over
-    backward passes instead (``loops``, ``loops_for``; what recording changed is undone). A
-    decision to loop is remembered per ``_site`` and structure: the next such call records
-    nothing. So is the fallback (``fallback``: the loop, or ``Nested``, forward over
-    reverse) of a refused recording (an op without a Taylor rule, a backward pass inside
-    ``f``: a write through a view whose base is read after it, a curvature ``div(grad f /
-    |grad f|)``, an FFT), kept by ``refusal_key`` (``f``'s structure and its parameters'
-    identities, ``_REFUSED``), which recorded ``f`` again at every call (1.1-1.5x the loop's
-    own time): that call still gets the refused graph, for its caller's fallback. Only a
-    site remembered to loop at some structure (``_LOOPING_SITES``) has its structure key made
-    before recording, and only one with a refusal its refusal key; any other call records
-    ``f`` straight away.
+    backward passes instead (``loops``, ``loops_for``). A decision to loop is remembered per
+    ``_site`` and structure: the next such call records nothing; the call that decides it
+    gets its recording (the Taylor engine runs from it: looping there evaluated ``f`` a
+    second time, ``test_every_call_evaluates_f_once``). The fallback (``fallback``: the loop,
+    or ``Nested``, forward over reverse) of a refused recording (an op without a Taylor rule,
+    a backward pass inside ``f``: a write through a view whose base is read after it, a
+    curvature ``div(grad f / |grad f|)``, an FFT) is remembered too, by ``refusal_key``
+    (``f``'s structure and its parameters' identities, ``_REFUSED``; before, ``f`` was
+    recorded again at every call: 1.1-1.5x the loop's own time); that call still gets the
+    refused graph, for its caller's fallback. Only a site remembered to loop at some
+    structure (``_LOOPING_SITES``) has its structure key made before recording (at up to
+    LOOP_INPUTS inputs, CHAIN_INPUTS for ``"auto"``'s chain: where a plan may be kept), and
+    only one with a refusal its refusal key; any other call records ``f`` straight away.
 
     Sample mixing (``torchdiv._core.mixing``): recording watches ``f``. A call that does not
     record it watches the loop's own evaluation of ``f`` (~10 us per op, no extra
@@ -272,23 +286,31 @@ def recorded_or_loop(f: Function, x: torch.Tensor, batch_dims: int) -> Graph | L
     refused = _REFUSED.get(site, f, x, batch_dims)
     if refused is not None:
         return _unrecorded(f, x, batch_dims, at_this_call(refused))
-    few = event_numel(x, batch_dims) <= LOOP_INPUTS
-    at = mixing.structure(f, x, batch_dims) if few and _LOOPING_SITES.get(site, None) else None
-    remembered = None if at is None else _LOOPS.get(site, mixing.shape_key(at))
-    if remembered:
+    n = event_numel(x, batch_dims)
+    kept = n <= LOOP_INPUTS or (chain and n <= CHAIN_INPUTS)  # (where a plan may be kept)
+    at = mixing.structure(f, x, batch_dims) if kept and _LOOPING_SITES.get(site, None) else None
+    remembered: Loop | None = None if at is None else _LOOPS.get(site, mixing.shape_key(at))
+    settings = None if remembered is None else remembered.settings
+    if settings is not None and (not settings.chain_only or (chain and settings.chain)):
         return _unrecorded(f, x, batch_dims, remembered, at)
     graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
     if graph.unsupported:  # as the callers fall back (``fallback``), at the planned chunk
-        chunk = graph.chunk(event_numel(x, batch_dims), CHUNK_ELEMENTS)
+        chunk = graph.chunk(n, CHUNK_ELEMENTS)
         _REFUSED.put(site, f, x, batch_dims, fallback(graph, x, batch_dims, chunk))
         return graph
-    if not few or not loops_for(graph, x, batch_dims):
+    if remembered:  # a chain's plan not for this caller, or one whose chain gave way
         return graph
-    plan = Loop(settings=Settings(graph.work_per_call() < BATCHED_WORK, plain=True, chain=True))
-    graph.undo()  # f runs again: what recording it changed is put back first
+    if n <= LOOP_INPUTS and loops_for(graph, x, batch_dims):
+        chain_only = False
+    elif chain and _chains(graph, x, batch_dims):
+        chain_only = True
+    else:
+        return graph
+    batched = graph.work_per_call() < BATCHED_WORK
+    plan = Loop(settings=Settings(batched, plain=True, chain=True, chain_only=chain_only))
     at = _remember(site, f, x, batch_dims, at, plan)
     mixing.passed(f, x, batch_dims, at, verdict=graph.verdict)  # recording watched it
-    return plan
+    return graph  # this call: the recording's evaluation, not a second one for the loop
 
 
 def _remember(
@@ -405,6 +427,62 @@ def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
     else:
         limit, tilt = LOOP_WORK_ONE_THREAD, LOOP_TILT
     return n <= LOOP_INPUTS and work * n < 2 * limit * (1 + tilt * _products_share(graph))
+
+
+aten = torch.ops.aten
+# the recorded calls of a chain that ``_laplacian.chain`` takes, each with the position of
+# its argument computed from ``x`` (a product's left factor, an activation's input); the
+# curved activations, without which the chain gives way (a piecewise-linear ``f``)
+_CHAIN_CALLS = {
+    aten.mm.default: 0,
+    aten.addmm.default: 1,
+    aten.tanh.default: 0,
+    aten.sigmoid.default: 0,
+    aten.relu.default: 0,
+    aten.leaky_relu.default: 0,
+}
+_CURVED = frozenset((aten.tanh.default, aten.sigmoid.default))
+_PRODUCTS_RECORDED = frozenset((aten.mm.default, aten.addmm.default))
+
+
+def _chains(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
+    """Whether ``"auto"`` loops for the chain alone beyond ``loops_for``: a frozen ``f`` (its
+    result not differentiated) of ``x`` ``(N, n)`` recorded as a chain, at up to
+    CHAIN_INPUTS inputs, its block within CHAIN_ELEMENTS."""
+    n = event_numel(x, batch_dims)
+    return (
+        batch_dims == 1
+        and x.dim() == 2
+        and n <= CHAIN_INPUTS
+        and (n + 1) * graph.widest <= CHAIN_ELEMENTS
+        and not graph.requires_grad
+        and chained(graph)
+    )
+
+
+def chained(graph: Graph) -> bool:
+    """Whether ``f``'s recording looks like a chain that ``_laplacian.chain`` takes: its calls
+    computed from ``x`` are products and listed activations, each reading the one before
+    (``x`` first, a product's left factor) and nothing else computed from ``x``, a curved
+    activation among them, and ``f``'s result the last. A prediction only: the chain is
+    read off each call's autograd graph again (``_laplacian.loop``)."""
+    last, curved = -1, False
+    for i, node in enumerate(graph.nodes):
+        if not node.depends:
+            continue
+        position = _CHAIN_CALLS.get(node.func)
+        if position is None or (last == -1 and node.func not in _PRODUCTS_RECORDED):
+            return False
+        arguments = [*node.args, *node.kwargs.values()]
+        computed = [
+            k
+            for k, a in enumerate(arguments)
+            if isinstance(a, Ref) and (a.node == -1 or graph.nodes[a.node].depends)
+        ]
+        if computed != [position] or arguments[position] != Ref(last):
+            return False
+        last, curved = i, curved or node.func in _CURVED
+    return curved and graph.output == Ref(last)
 
 
 def _products_share(graph: Graph) -> float:
