@@ -581,7 +581,9 @@ class GraphJacobian:
         samples, n = self.x.shape[: self.batch_dims].numel(), event_numel(self.x, self.batch_dims)
         steps = chain(self.y, self.x) if self.chained else None
         if steps:  # every row in one go, without the engine (``_exact.chain``), as (k, N, n)
-            rows = unit_products(steps, start, stop, self.y, self.create_graph)
+            rows = None  # (the top layer's rows are an event's only with one batch dimension)
+            if self.batch_dims == 1:
+                rows = unit_products(steps, start, stop, self.y, self.create_graph)
             if rows is None:
                 vectors = basis(start, stop, self.y, self.batch_dims)
                 rows = chain_products(steps, vectors, self.create_graph)
