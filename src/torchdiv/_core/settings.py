@@ -45,6 +45,7 @@ from contextvars import ContextVar, Token
 
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 # the modules the public call's f reaches, found on demand
 _MODULES: ContextVar[Callable[[], Iterable[torch.nn.Module]] | None] = ContextVar(
@@ -95,7 +96,10 @@ class Settings:
             self.buffers = [
                 (held, held.copy()) for _, before in self.kept if (held := _buffers(before))
             ]
-            self.data = [(t, t.data) for _, before in self.kept for t in _tensors(before)]
+            # (read outside a ``FakeTensorMode``: there a real parameter's ``.data`` is a fake
+            # tensor, which ``put_back`` set as its data: the caller's weights became meta)
+            with unset_fake_temporarily():
+                self.data = [(t, t.data) for _, before in self.kept for t in _tensors(before)]
 
     def put_back(self) -> None:
         """Each kept plain value or tensor (an attribute, a buffer) that differs now put back;
