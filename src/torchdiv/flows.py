@@ -304,7 +304,7 @@ def _stopped(f: Any, x: torch.Tensor, t: torch.Tensor, batch_dims: int) -> list[
             if not all(isinstance(m, torch.Tensor) and m.shape == v.shape for m in (ahead, behind)):
                 return []
             rise, fall = ahead.detach() - v.detach(), v.detach() - behind.detach()
-            moves = (rise != 0) & ((rise - fall).abs() <= (rise + fall).abs() / 4)
+            moves: torch.Tensor = (rise != 0) & ((rise - fall).abs() <= (rise + fall).abs() / 4)
             changed = moves.flatten(batch_dims).flatten(0, -2).any(0)
     except Exception:
         return []
