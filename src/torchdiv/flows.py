@@ -360,7 +360,9 @@ _OFF_GRAPH = {
 
 class _Stops(TorchFunctionMode):
     """Notes whether ``f`` stops the gradient of a tensor that requires grad (``seen``): an op
-    on one under ``torch.no_grad()`` or ``torch.inference_mode()``, or one of ``_OFF_GRAPH``.
+    on one under ``torch.no_grad()`` or ``torch.inference_mode()``, or one of ``_OFF_GRAPH``
+    on any floating tensor (forward mode's state, and an adjoint's forward solve, require no
+    grad: a ``z.detach()`` there was not seen; ``_stopped`` then looks with grad).
     An op under grad that has no derivative (a comparison, an integer cast, ``bucketize``,
     ``quantize_per_tensor``) is not a stop: its value is piecewise constant in ``z``."""
 
@@ -370,9 +372,13 @@ class _Stops(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if not self.seen and (not torch.is_grad_enabled() or func in _OFF_GRAPH):
+        off = func in _OFF_GRAPH
+        if not self.seen and (not torch.is_grad_enabled() or off):
             leaves = tree_leaves((args, kwargs))
-            self.seen = any(isinstance(a, torch.Tensor) and a.requires_grad for a in leaves)
+            self.seen = any(
+                isinstance(a, torch.Tensor) and (a.requires_grad or (off and a.is_floating_point()))
+                for a in leaves
+            )
         return func(*args, **kwargs)
 
 

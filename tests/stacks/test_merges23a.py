@@ -94,3 +94,28 @@ def test_a_fake_call_on_a_real_model_leaves_its_weights(call):
         assert not p.is_meta
         assert torch.equal(p.detach(), before)
     assert_close(torchdiv.value_grad_laplacian(net, x).laplacian, laplacian_alone(net, x)[:, None])
+
+
+class _Detached(torch.nn.Module):
+    """A field whose second component reads ``z.detach()`` (its term of the divergence lost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tanh_mlp(2, 8, 2)
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.net(z)[:, :1], self.net(z.detach())[:, 1:]], -1)
+
+
+@pytest.mark.parametrize(
+    ("method", "adjoint"), [("forward", False), ("forward", True), ("structured", True)]
+)
+def test_a_detach_is_seen_where_the_state_requires_no_grad(method, adjoint):
+    """Forward mode's state, and the adjoint's forward solve under a recording method, require
+    no grad: a ``detach`` there was not taken for a stop, and log p(x) lost the component's
+    term silently. A detach of a floating tensor now sends the solve to the check."""
+    x = torch.randn(3, 2, dtype=f64)
+    with pytest.raises(ValueError, match=r"components \[1\] of f\(t, z\)"):
+        torchdiv.flows.log_likelihood(
+            _Detached(), x, 0.0, 1.0, left23.log_p0, method=method, adjoint=adjoint, **left23.EULER
+        )
