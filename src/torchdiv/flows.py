@@ -277,13 +277,16 @@ def _stopped(f: Any, x: torch.Tensor, t: torch.Tensor, batch_dims: int) -> list[
     u``, a small random step): every method takes such a value for a constant (its terms of
     the divergence 0). A component constant in ``z`` (``ones_like(z) * t``) is not stopped,
     nor a piecewise constant one made by comparisons, integer casts or quantisation under
-    grad (``(z > 0).to(z.dtype)``: derivative 0 is right there, and its values stay at a
-    small step). Autograd's derivative along ``u`` (``J u``, by a reverse pass of a reverse
-    pass) is 0 at every sample for a stopped component. Evaluated with its changes to state
-    put back, numbers in ``f``'s closure too (an evaluation counter, ``nonlocal nfe``);
-    none where an evaluation raises (the solve ran it: not this check's error)."""
+    grad (``(z > 0).to(z.dtype)``: derivative 0 is right there): a stopped value moves
+    about equally at ``z + h u`` and ``z - h u`` (``v(z + h u) - v ≈ v - v(z - h u) ≠ 0``, a
+    first-order change) at some sample, a piecewise constant one jumps on one side only
+    (a sample near a boundary: 0 elsewhere). Autograd's derivative along ``u`` (``J u``, by
+    a reverse pass of a reverse pass) is 0 at every sample for a stopped component.
+    Evaluated with its changes to state put back, the bindings of ``f``'s closure too (an
+    evaluation counter, ``nonlocal nfe``, a number or a tensor); none where an evaluation
+    raises (the solve ran it: not this check's error)."""
     z = x.detach().clone().requires_grad_(True)
-    counters = _closure_numbers(f)
+    cells = _closure_cells(f)
     try:
         with unchanged(f, z), torch.inference_mode(False), torch.enable_grad():
             with _Stops() as stops:
@@ -297,15 +300,17 @@ def _stopped(f: Any, x: torch.Tensor, t: torch.Tensor, batch_dims: int) -> list[
             if not bool(dead.any()):
                 return []
             step = 1e-3 * (1 + float(z.detach().abs().max()))
-            moved = f(t, z.detach() + step * u)
-            if not isinstance(moved, torch.Tensor) or moved.shape != v.shape:
+            ahead, behind = f(t, z.detach() + step * u), f(t, z.detach() - step * u)
+            if not all(isinstance(m, torch.Tensor) and m.shape == v.shape for m in (ahead, behind)):
                 return []
-            changed = (moved.detach() != v.detach()).flatten(batch_dims).flatten(0, -2).any(0)
+            rise, fall = ahead.detach() - v.detach(), v.detach() - behind.detach()
+            moves: torch.Tensor = (rise != 0) & ((rise - fall).abs() <= (rise + fall).abs() / 4)
+            changed = moves.flatten(batch_dims).flatten(0, -2).any(0)
     except Exception:
         return []
     finally:
-        for cell, number in counters:
-            cell.cell_contents = number
+        for cell, value in cells:
+            cell.cell_contents = value
     return (dead & changed).nonzero().flatten().tolist()
 
 
@@ -323,9 +328,9 @@ def _along(v: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return none if along is None else along
 
 
-def _closure_numbers(f: Any) -> list[tuple[Any, Any]]:
-    """The cells of ``f``'s closure (a partial's or bound method's function's) holding a
-    number, with it: an evaluation counter the check's evaluations must not move."""
+def _closure_cells(f: Any) -> list[tuple[Any, Any]]:
+    """The cells of ``f``'s closure (a partial's or bound method's function's) with what
+    they hold: an evaluation counter (a number or a tensor) the check's evaluations rebind."""
     f = getattr(f, "func", f)
     f = getattr(f, "__func__", f)
     cells = getattr(f, "__closure__", None) or ()
@@ -335,8 +340,7 @@ def _closure_numbers(f: Any) -> list[tuple[Any, Any]]:
             value = cell.cell_contents
         except ValueError:  # (an empty cell)
             continue
-        if isinstance(value, int | float):
-            out.append((cell, value))
+        out.append((cell, value))
     return out
 
 
@@ -356,7 +360,9 @@ _OFF_GRAPH = {
 
 class _Stops(TorchFunctionMode):
     """Notes whether ``f`` stops the gradient of a tensor that requires grad (``seen``): an op
-    on one under ``torch.no_grad()`` or ``torch.inference_mode()``, or one of ``_OFF_GRAPH``.
+    on one under ``torch.no_grad()`` or ``torch.inference_mode()``, or one of ``_OFF_GRAPH``
+    on any floating tensor (forward mode's state, and an adjoint's forward solve, require no
+    grad: a ``z.detach()`` there was not seen; ``_stopped`` then looks with grad).
     An op under grad that has no derivative (a comparison, an integer cast, ``bucketize``,
     ``quantize_per_tensor``) is not a stop: its value is piecewise constant in ``z``."""
 
@@ -366,9 +372,13 @@ class _Stops(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if not self.seen and (not torch.is_grad_enabled() or func in _OFF_GRAPH):
+        off = func in _OFF_GRAPH
+        if not self.seen and (not torch.is_grad_enabled() or off):
             leaves = tree_leaves((args, kwargs))
-            self.seen = any(isinstance(a, torch.Tensor) and a.requires_grad for a in leaves)
+            self.seen = any(
+                isinstance(a, torch.Tensor) and (a.requires_grad or (off and a.is_floating_point()))
+                for a in leaves
+            )
         return func(*args, **kwargs)
 
 

@@ -45,6 +45,9 @@ from contextvars import ContextVar, Token
 
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from torchdiv._core.script import faking
 
 # the modules the public call's f reaches, found on demand
 _MODULES: ContextVar[Callable[[], Iterable[torch.nn.Module]] | None] = ContextVar(
@@ -95,7 +98,7 @@ class Settings:
             self.buffers = [
                 (held, held.copy()) for _, before in self.kept if (held := _buffers(before))
             ]
-            self.data = [(t, t.data) for _, before in self.kept for t in _tensors(before)]
+            self.data = _aliases(self.kept)
 
     def put_back(self) -> None:
         """Each kept plain value or tensor (an attribute, a buffer) that differs now put back;
@@ -109,6 +112,18 @@ class Settings:
         for tensor, data in self.data:
             if _where(tensor) != _where(data):
                 tensor.data = data
+
+
+def _aliases(
+    kept: list[tuple[weakref.ref[torch.nn.Module], dict[str, object]]],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each parameter and buffer of the kept modules with its ``.data`` (an alias of its
+    storage as now), read outside a ``FakeTensorMode``: there a real parameter's ``.data`` is
+    a fake tensor, which ``put_back`` then set as its data (the caller's weights were meta)."""
+    if faking():
+        with unset_fake_temporarily():
+            return _aliases(kept)
+    return [(t, t.data) for _, before in kept for t in _tensors(before)]
 
 
 def _put_back(attributes: dict[str, object], before: dict[str, object]) -> None:
