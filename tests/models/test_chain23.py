@@ -27,6 +27,29 @@ f64 = torch.float64
 D = 3
 
 
+@pytest.fixture
+def chained(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per time the MLP chain answered (``_exact.chain``: its products, a divergence's
+    trace by cyclicity, a diagonal's rows from the top layer's weights): conftest's spy counts
+    the products alone, which a divergence skips since percall23."""
+    from torchdiv._exact import autograd
+
+    calls: list[int] = []
+
+    def spied(original):
+        def spy(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if out is not None:
+                calls.append(1)
+            return out
+
+        return spy
+
+    for name in ("chain_products", "chain_trace", "unit_products"):
+        monkeypatch.setattr(autograd, name, spied(getattr(autograd, name)))
+    return calls
+
+
 def _layers() -> tuple[torch.nn.Linear, torch.nn.Linear, torch.nn.Linear]:
     """``D -> 8``, ``8 -> 8``, ``8 -> D``."""
     return torch.nn.Linear(D, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, D)
