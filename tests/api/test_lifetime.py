@@ -60,9 +60,11 @@ def no_cycle_collection() -> Iterator[list[object]]:
         gc.enable()
 
 
-# always: the two engines whose cycles were found (forward mode, Taylor) and "auto"; the
-# other engines (three full cycle collections a case, ~0.6 s) in the daily sample of slow tests
+# always: the two engines whose cycles were found (forward mode, Taylor); "auto" and the
+# other engines (three full cycle collections a case, ~0.6 s alone, 5-6 s in the full suite's
+# heap on a loaded run) in the daily sample of slow tests
 SAMPLED_CALLS = {
+    "divergence-auto",
     "jacobian-forward",
     "hutchinson",
     "laplacian-hessian",

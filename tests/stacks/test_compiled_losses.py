@@ -167,17 +167,25 @@ def test_fullgraph_matches_eager(name):
     assert_compiled_matches(make(), op, x, fullgraph=True)
 
 
-@pytest.mark.parametrize("field", [False, True], ids=["mlp", "jacrev inside f"])
-# the faults showed under the "eager" backend (always); "aot_eager" in the daily sample
-@pytest.mark.parametrize("backend", ["eager", pytest.param("aot_eager", marks=pytest.mark.slow)])
-def test_forward_mode_compiled_under_no_grad(backend: str, field: bool) -> None:
+# the faults showed under the "eager" backend (always, with the gradient field: grad mode after
+# the call and the field's value; 8 s a case on a loaded run); the plain MLP and "aot_eager"
+# in the daily sample
+@pytest.mark.parametrize(
+    "case",
+    sampled_daily(
+        ["eager, jacrev inside f", "eager, mlp", "aot_eager, mlp", "aot_eager, jacrev inside f"],
+        {"eager, mlp", "aot_eager, mlp", "aot_eager, jacrev inside f"},
+    ),
+)
+def test_forward_mode_compiled_under_no_grad(case: str) -> None:
     """The forward engine under the caller's ``no_grad`` switches grad mode off around each
     op of ``f`` but those inside ``f``'s own ``torch.func`` transforms (a gradient field
     ``vmap(jacrev(phi))``), which it tells by their level (``Tangents``). Traced by Dynamo,
     that look left grad mode on after the call (``eager`` backend), and without it the field's
     divergence was 0: there no op is switched, and the results are detached."""
+    backend, field = case.split(", ")
     torch._dynamo.reset()
-    net = mlp(d_out=1) if field else mlp()
+    net = mlp(d_out=1) if field != "mlp" else mlp()
     f = (lambda z: vmap(jacrev(lambda p: net(p)[0]))(z)) if field else net
     x = torch.randn(5, 3, dtype=torch.float64)
     want = torchdiv.divergence(f, x, method="reverse").detach()
@@ -264,7 +272,9 @@ RECORDING: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], Op]] 
 }
 
 
-@pytest.mark.parametrize("name", list(RECORDING))
+# (the Taylor engine called by name in the daily sample, 9 s on a loaded run: "auto"'s wide PINN
+# records with it always)
+@pytest.mark.parametrize("name", sampled_daily(list(RECORDING), {"laplacian taylor"}))
 def test_recording_engines_break_the_graph_once(name):
     """The whole public call runs eagerly, between the graph before it (empty here) and the
     one after it: nothing of torchdiv's own is compiled as a graph of its own (broken inside

@@ -85,8 +85,9 @@ COMPILED_INSIDE = {
 }
 
 
-# in the daily sample of slow tests: the divergences that test_compiled_model_as_f_gradients_
-# equal_eager checks always (compiled inside, stays compiled, float64); the others always
+# in the daily sample of slow tests: the divergences (reverse checked always by
+# test_compiled_model_as_f_gradients_equal_eager; auto and forward mode always here through the
+# Laplacian's auto and forward-over-reverse); the others always
 SAMPLED_CALLS = {"divergence auto", "divergence reverse", "divergence forward"}
 
 
@@ -239,8 +240,11 @@ def _loss_and_grads(op, f, net: torch.nn.Module, x: torch.Tensor, probes: torch.
     return [loss] + [torch.zeros_like(i) if g is None else g for i, g in pairs]
 
 
-# compiling takes 1-3 s a case: float32, and float64 of the Laplacian's traced methods, slow
-FAST = {name for name in METHODS if name.startswith("divergence") or name in RECORDING}
+# compiling takes 1-3 s a case (4-13 s on a loaded run): float32, float64 of the Laplacian's
+# traced methods and of the divergence's auto, forward and hutchinson, slow; always: the
+# recording engines (the fault: compiled around their eager engine) and one traced engine
+# (reverse; forward mode through a compiled model: stays_compiled's forward-over-reverse)
+FAST = RECORDING | {"divergence reverse"}
 CASES = [
     pytest.param(name, dtype, marks=() if fast else pytest.mark.slow, id=f"{name}-{dtype}")
     for name in METHODS
