@@ -1,0 +1,98 @@
+"""Review of rev-pinn23's merge (rev-merges23b): the watch follows a sample picked along one of
+several batch dimensions (``x[:, 0]`` or ``x[:, 0:1]`` of a ``(T, X, 2)`` grid taken with
+``batch_dims=2``: grid column 0 beside every time slice) and refuses it where combined with
+that dimension's samples. Two ways such a pick still reached the output of ``f`` in place of
+other samples passed ``"auto"``, ``"taylor"`` and ``"hutchinson"`` (Taylor's Laplacian silently
+another; with ``batch_dims=1`` both were refused): the pick broadcast along its dimension
+(``expand``, ``repeat``, a ``stack`` of it alone) and a pick written into another column's
+place of a fresh buffer (``y[:, i] = net(x[:, i + 1])``). The per-column and per-time-slice
+codes that write each column or slice to its own place keep their grad-of-grad values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import laplacian_by_grad_of_grad, sampled_daily
+
+import torchdiv
+
+f64 = torch.float64
+T, X = 3, 4
+
+Grid = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _net() -> Callable[[torch.Tensor], torch.Tensor]:
+    """A model written for ``(N, 2)`` rows of ``(x, t)`` points: ``(..., 2) -> (..., 1)``."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(
+        f64
+    )
+
+
+def _columns(net, order: list[int], select: bool) -> Grid:
+    """Column ``i`` of a fresh buffer written from column ``order[i]`` of the grid (a select
+    ``x[:, j]`` or a slice ``x[:, j:j + 1]``), as a per-column loop writes it."""
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        y = z.new_zeros(T, X, 1)
+        for i, j in enumerate(order):
+            if select:
+                y[:, i] = net(z[:, j])
+            else:
+                y[:, i : i + 1] = net(z[:, j : j + 1])
+        return y
+
+    return f
+
+
+MIXING: dict[str, Callable[..., Grid]] = {
+    "expand": lambda net: lambda z: net(z[:, 0:1].expand(T, X, 2)),
+    "repeat": lambda net: lambda z: net(z[:, :1].repeat(1, X, 1)),
+    "stack_of_one": lambda net: lambda z: torch.stack([net(z[:, 0])] * X, 1),
+    "cat_of_one": lambda net: lambda z: torch.cat([net(z[:, -1:])] * X, 1),
+    "shifted_columns": lambda net: _columns(net, [1, 2, 3, 0], True),
+    "swapped_slices": lambda net: _columns(net, [1, 0, 2, 3], False),
+}
+
+PER_SAMPLE: dict[str, Callable[..., Grid]] = {
+    "columns_in_place": lambda net: _columns(net, [0, 1, 2, 3], True),
+    "slices_in_place": lambda net: _columns(net, [0, 1, 2, 3], False),
+    "stack_of_columns": lambda net: lambda z: torch.stack([net(z[:, i]) for i in range(X)], 1),
+    "boundary_column": lambda net: lambda z: torch.cat([torch.sin(z[:, :1, :1]), net(z[:, 1:])], 1),
+}
+
+
+def _laplacian(f: Grid, x: torch.Tensor, method: str) -> torch.Tensor:
+    probes = torch.randn(3, *x.shape, dtype=f64) if method == "hutchinson" else None
+    return torchdiv.laplacian(f, x, batch_dims=2, method=method, probes=probes)
+
+
+@pytest.mark.parametrize(
+    "name", sampled_daily(sorted(MIXING), set(MIXING) - {"expand", "shifted_columns"})
+)
+def test_one_column_put_in_other_columns_places_is_refused(name: str) -> None:
+    """Grid column ``j`` feeding the output at column ``i != j`` is refused, naming it, by
+    every method that watches."""
+    f = MIXING[name](_net())
+    x = torch.randn(T, X, 2, dtype=f64)
+    for method in ("auto", "taylor", "hutchinson"):
+        with pytest.raises(torchdiv.BatchInteractionError, match="picked out of the batch"):
+            _laplacian(f, x, method)
+
+
+@pytest.mark.parametrize(
+    "name", sampled_daily(sorted(PER_SAMPLE), set(PER_SAMPLE) - {"columns_in_place"})
+)
+def test_each_column_in_its_own_place_keeps_its_laplacian(name: str) -> None:
+    """Per-column codes: the grad-of-grad loop's Laplacians on the flattened points, by every
+    method."""
+    f = PER_SAMPLE[name](_net())
+    x = torch.randn(T, X, 2, dtype=f64)
+    want = laplacian_by_grad_of_grad(lambda p: f(p.reshape(T, X, 2)).reshape(-1), x.reshape(-1, 2))
+    for method in ("auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad"):
+        got = _laplacian(f, x, method)
+        torch.testing.assert_close(got, want.reshape(T, X, 1), rtol=1e-10, atol=1e-10)
