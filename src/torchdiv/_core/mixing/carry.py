@@ -335,7 +335,7 @@ def _rejoined(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int) -> list[
     the constants' indices)."""
     pieces, axis = [], None
     for t in tensors:
-        pick, axes = tr.picks(t), tr.axes(t) or ()
+        pick, axes = _sample_of(tr, t), tr.axes(t) or ()
         held = [a for a in axes if a.position == dim]
         if len(held) == 1 and pick is None:
             axis = held[0]
@@ -346,7 +346,7 @@ def _rejoined(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int) -> list[
             pieces.append(torch.full((t.shape[dim],), -1))
         else:
             return []
-    sizes = {(p.size, p.source) for t in tensors if (p := tr.picks(t)) is not None}
+    sizes = {(p.size, p.source) for t in tensors if (p := _sample_of(tr, t)) is not None}
     if axis is None or not sizes <= {(axis.size, axis.source)}:
         return []
     line = torch.cat(pieces)
@@ -407,10 +407,17 @@ def _interleaved(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int, out: 
     return True
 
 
+def _sample_of(tr: BatchAxes, t: torch.Tensor) -> Pick | None:
+    """The sample ``t`` was picked out of, along ``x``'s only batch dimension or along one of
+    several (``BatchAxes.partial``: ``g(x[:, i])``, restacked over ``i``, holds that batch
+    dimension again, which a mean over it afterwards mixes)."""
+    return tr.picks(t) or tr.partial_pick(t)
+
+
 def _restacked(tr: BatchAxes, tensors: Sequence[torch.Tensor]) -> Pick | None:
     """The first pick, if ``tensors`` are the samples of a batch dimension, each picked out
     alone, in order."""
-    picks = [tr.picks(t) for t in tensors]
+    picks = [_sample_of(tr, t) for t in tensors]
     first = picks[0] if picks else None
     if first is None or len(picks) != first.size:
         return None
