@@ -347,9 +347,12 @@ def _rejoined(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int) -> list[
         else:
             return []
     sizes = {(p.size, p.source) for t in tensors if (p := _sample_of(tr, t)) is not None}
+    line = torch.cat(pieces)
+    if axis is None and len(sizes) == 1 and bool((line >= 0).all()):  # samples picked alone
+        size, source = sizes.pop()  # (in another order: ``cat([g(x[1:2]), g(x[0:1])])``)
+        axis = Axis(dim, size, 1, (), source)
     if axis is None or not sizes <= {(axis.size, axis.source)}:
         return []
-    line = torch.cat(pieces)
     if bool((line < 0).any()):
         found = _along_line(tr, dim, line, axis.size, axis.source, (), f"padding ({tr.func})")
         return [] if found is None else [found]
@@ -376,7 +379,22 @@ def _stack(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | 
     pick = _restacked(tr, tensors)
     if pick is not None:
         found.add(Axis(dim, pick.size, 1, (), pick.source))
+    else:
+        found.update(_reordered(tr, tensors, dim))
     return [tuple(sorted(found))]
+
+
+def _reordered(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int) -> list[Axis]:
+    """The batch dimension along the new ``dim`` of ``stack(tensors, dim)``, each a sample of
+    one batch dimension picked out alone, not in order (``stack([g(x[1]), g(x[0])])``): its
+    rows, moved samples that must be put back."""
+    picks = [_sample_of(tr, t) for t in tensors]
+    kinds = {(p.size, p.source) if p is not None and p.sample is not None else None for p in picks}
+    if len(kinds) != 1 or None in kinds:
+        return []
+    size, source = kinds.pop()
+    line = torch.tensor([p.sample for p in picks if p is not None])
+    return [_rows(tr, dim, Axis(dim, size, 1, (), source), line, str(tr.func))]
 
 
 def _listed(args: Sequence[Any]) -> list[Any]:
