@@ -171,10 +171,18 @@ def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
     dim = args[1] % t.dim()
     kept = tuple(_moved(axis, -(axis.position > dim)) for axis in axes if axis.position != dim)
     cut = [axis for axis in axes if axis.position == dim]
-    if len(cut) == 1 or not kept:
+    if _one_of(cut, kept):
         at = args[2] % t.shape[dim]
         _picked(tr, t, cut[0] if cut else axes[0], dim, range(at, at + 1), out, bool(kept))
     return [kept]
+
+
+def _one_of(cut: Sequence[Axis], kept: Sequence[Axis]) -> bool:
+    """Whether a piece along the batch dimensions ``cut`` may hold one sample of them: they
+    are the only ones, or one beside batch dimensions of other sources of ``x`` (not its own
+    samples along another dimension: ``w[0]`` of ``w = softmax(h @ h.T)`` cuts a row of
+    pairs of samples)."""
+    return not kept or (len(cut) == 1 and all(a.source != cut[0].source for a in kept))
 
 
 def _picked(
@@ -259,7 +267,7 @@ def _cut(position: int, spans: Spans) -> Carry:
         for i, o in enumerate(outs):
             shift = int(o.dim() < t.dim())
             found = [_moved(a, -(a.position > dim) * shift) for a in kept]
-            if i < len(pieces) and (not kept or len(cut) == 1):
+            if i < len(pieces) and _one_of(cut, kept):
                 _picked(tr, t, cut[0] if cut else axes[0], dim, pieces[i], o, bool(kept))
             if i < len(pieces) and not shift:
                 found += _spanned(tr, cut, pieces[i])
