@@ -14,6 +14,7 @@ alone and joined in another order (any ``batch_dims``) were not followed at all.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -179,3 +180,22 @@ def test_samples_restacked_in_another_order_are_put_back_or_refused(name: str) -
     flat = x.reshape(-1, 2)
     want = laplacian_by_grad_of_grad(lambda p: back(p.reshape(x.shape)).reshape(-1), flat)
     torch.testing.assert_close(got, want.reshape(got.shape), rtol=1e-10, atol=1e-10)
+
+
+def test_a_row_of_a_matrix_over_pairs_of_samples_is_no_pick() -> None:
+    """``w[0, 1] = 0.5`` into packed attention weights ``(B N, B N)`` (the batch along both
+    dimensions, zero across samples): its row ``w[0]`` is no sample beside other batch
+    dimensions; the refusal names the write across samples (the merge took the row for a
+    partial pick and named that)."""
+    weight = torch.randn(2, 2, dtype=f64)
+    batch = torch.arange(3).repeat_interleave(2)
+    mask = torch.zeros(6, 6, dtype=f64).masked_fill(batch[:, None] != batch[None, :], -math.inf)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        h = (z @ weight).reshape(6, 2)
+        w = torch.softmax(h @ h.T + mask, -1).clone()
+        w[0, 2] = 0.5
+        return (w @ h).reshape(3, 2, 2)
+
+    with pytest.raises(torchdiv.BatchInteractionError, match="summing over samples"):
+        torchdiv.divergence(f, torch.randn(3, 2, 2, dtype=f64))
