@@ -171,10 +171,18 @@ def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] |
     dim = args[1] % t.dim()
     kept = tuple(_moved(axis, -(axis.position > dim)) for axis in axes if axis.position != dim)
     cut = [axis for axis in axes if axis.position == dim]
-    if len(cut) == 1 or not kept:
+    if _one_of(cut, kept):
         at = args[2] % t.shape[dim]
         _picked(tr, t, cut[0] if cut else axes[0], dim, range(at, at + 1), out, bool(kept))
     return [kept]
+
+
+def _one_of(cut: Sequence[Axis], kept: Sequence[Axis]) -> bool:
+    """Whether a piece along the batch dimensions ``cut`` may hold one sample of them: they
+    are the only ones, or one beside batch dimensions of other sources of ``x`` (not its own
+    samples along another dimension: ``w[0]`` of ``w = softmax(h @ h.T)`` cuts a row of
+    pairs of samples)."""
+    return not kept or (len(cut) == 1 and all(a.source != cut[0].source for a in kept))
 
 
 def _picked(
@@ -259,7 +267,7 @@ def _cut(position: int, spans: Spans) -> Carry:
         for i, o in enumerate(outs):
             shift = int(o.dim() < t.dim())
             found = [_moved(a, -(a.position > dim) * shift) for a in kept]
-            if i < len(pieces) and (not kept or len(cut) == 1):
+            if i < len(pieces) and _one_of(cut, kept):
                 _picked(tr, t, cut[0] if cut else axes[0], dim, pieces[i], o, bool(kept))
             if i < len(pieces) and not shift:
                 found += _spanned(tr, cut, pieces[i])
@@ -335,7 +343,7 @@ def _rejoined(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int) -> list[
     the constants' indices)."""
     pieces, axis = [], None
     for t in tensors:
-        pick, axes = tr.picks(t), tr.axes(t) or ()
+        pick, axes = _sample_of(tr, t), tr.axes(t) or ()
         held = [a for a in axes if a.position == dim]
         if len(held) == 1 and pick is None:
             axis = held[0]
@@ -346,10 +354,13 @@ def _rejoined(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int) -> list[
             pieces.append(torch.full((t.shape[dim],), -1))
         else:
             return []
-    sizes = {(p.size, p.source) for t in tensors if (p := tr.picks(t)) is not None}
+    sizes = {(p.size, p.source) for t in tensors if (p := _sample_of(tr, t)) is not None}
+    line = torch.cat(pieces)
+    if axis is None and len(sizes) == 1 and bool((line >= 0).all()):  # samples picked alone
+        size, source = sizes.pop()  # (in another order: ``cat([g(x[1:2]), g(x[0:1])])``)
+        axis = Axis(dim, size, 1, (), source)
     if axis is None or not sizes <= {(axis.size, axis.source)}:
         return []
-    line = torch.cat(pieces)
     if bool((line < 0).any()):
         found = _along_line(tr, dim, line, axis.size, axis.source, (), f"padding ({tr.func})")
         return [] if found is None else [found]
@@ -376,7 +387,22 @@ def _stack(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | 
     pick = _restacked(tr, tensors)
     if pick is not None:
         found.add(Axis(dim, pick.size, 1, (), pick.source))
+    else:
+        found.update(_reordered(tr, tensors, dim))
     return [tuple(sorted(found))]
+
+
+def _reordered(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int) -> list[Axis]:
+    """The batch dimension along the new ``dim`` of ``stack(tensors, dim)``, each a sample of
+    one batch dimension picked out alone, not in order (``stack([g(x[1]), g(x[0])])``): its
+    rows, moved samples that must be put back."""
+    picks = [_sample_of(tr, t) for t in tensors]
+    kinds = {(p.size, p.source) if p is not None and p.sample is not None else None for p in picks}
+    if len(kinds) != 1 or None in kinds:
+        return []
+    size, source = kinds.pop()
+    line = torch.tensor([p.sample for p in picks if p is not None])
+    return [_rows(tr, dim, Axis(dim, size, 1, (), source), line, str(tr.func))]
 
 
 def _listed(args: Sequence[Any]) -> list[Any]:
@@ -407,10 +433,17 @@ def _interleaved(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int, out: 
     return True
 
 
+def _sample_of(tr: BatchAxes, t: torch.Tensor) -> Pick | None:
+    """The sample ``t`` was picked out of, along ``x``'s only batch dimension or along one of
+    several (``BatchAxes.partial``: ``g(x[:, i])``, restacked over ``i``, holds that batch
+    dimension again, which a mean over it afterwards mixes)."""
+    return tr.picks(t) or tr.partial_pick(t)
+
+
 def _restacked(tr: BatchAxes, tensors: Sequence[torch.Tensor]) -> Pick | None:
     """The first pick, if ``tensors`` are the samples of a batch dimension, each picked out
     alone, in order."""
-    picks = [tr.picks(t) for t in tensors]
+    picks = [_sample_of(tr, t) for t in tensors]
     first = picks[0] if picks else None
     if first is None or len(picks) != first.size:
         return None

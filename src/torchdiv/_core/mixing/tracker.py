@@ -519,7 +519,8 @@ class BatchAxes:
 
     def _misplaced(self, t: Any) -> str | None:
         """What puts other samples' values in the places of ``f``'s output ``t``: samples an
-        indexing op moved and nothing put back, or one sample picked for all of them."""
+        indexing op moved and nothing put back, or one sample picked for all of them (of
+        ``x``'s only batch dimension, or of one of several: ``partial``)."""
         for axis in self.axes(t) or ():
             if axis.rows:
                 # (place ``p`` holds sample ``rows[p // inner]``: rows ``(0, 1)`` at ``inner``
@@ -539,6 +540,12 @@ class BatchAxes:
         pick = self.picks(t)
         if pick is not None and pick.sample is not None and t.dim() > 0:
             return f"every sample of f's output of shape {_shape(t)} is computed from {pick.what}"
+        partial = self.partial_pick(t)  # (``net(x[:, :1]).expand(T, X, 1)``: one for all)
+        if partial is not None and partial.size > 1:
+            return (
+                f"every sample along dimension {partial.source} of f's output of shape "
+                f"{_shape(t)} is computed from {partial.what}"
+            )
         return None
 
     def _rows_in(self, func: Any, args: Sequence[Any]) -> None:
@@ -654,6 +661,10 @@ class BatchAxes:
         if _floating(t):
             self.partial[id(t)] = (t, pick)
 
+    def partial_pick(self, t: Any) -> Pick | None:
+        entry = self.partial.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0] is t else None
+
     def _partial_in(self, func: Any, args: Sequence[Any]) -> None:
         """An op reading a sample picked along one of several batch dimensions: combined
         with a tensor that holds that dimension's samples (``u0(x[:, :1]) + t * net(x)`` on
@@ -661,7 +672,7 @@ class BatchAxes:
         (a restack) it is left; else its results inherit the pick (``carried_partial``)."""
         joins = func in _JOINS
         tensors = _listed(list(args[0]) if joins else args)
-        picks = [e[1] for t in tensors if (e := self.partial.get(id(t))) is not None and e[0] is t]
+        picks = [p for t in tensors if (p := self.partial_pick(t)) is not None]
         if not picks:
             return
         sources = {p.source for p in picks}

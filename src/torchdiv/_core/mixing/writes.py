@@ -114,7 +114,7 @@ def _overwrite(
             return None
         written[axis.source] = (q, axis.samples(torch.arange(view.shape[axis.position])))
     batch = tr.x.shape[: tr.batch_dims]
-    if pick is not None and pick.sample is not None and not axes:
+    if pick is not None and pick.sample is not None and pick.source not in {a.source for a in axes}:
         source = pick.source
         q = lines[source][0] if source in lines else source
         if source not in lines and root.shape[: tr.batch_dims] != batch:
@@ -184,7 +184,7 @@ def _writing(carry: Carry) -> Carry:
         if root is None or not _floating(root):
             return result
         axes = (result[0] if result else None) or ()
-        pick = tr.carried if not axes else None
+        pick = tr.carried if not axes else tr.carried_partial  # (``y[:, i] = g(x[:, j])``)
         if tr.pending is not None:
             tr.mixed[id(root)] = (root, tr.pending)
         elif axes or pick is not None:
@@ -273,7 +273,7 @@ def _scattered_into(make_view: Callable[[torch.Tensor, Sequence[Any]], torch.Ten
 
     def rule(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:
         t, src = args[0], args[1]
-        axes, pick = tr.axes(src) or (), tr.picks(src)
+        axes, pick = tr.axes(src) or (), tr.picks(src) or tr.partial_pick(src)
         if not axes and pick is None:
             return [tr.axes(t)]
         view = make_view(out, args)
