@@ -530,7 +530,7 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
             elif by_items(held):
                 if left and size(held) <= TUPLE_ITEMS:
                     todo.append((held, left - 1, owned))
-            elif isinstance(held, torch.nn.Module):
+            elif _module(held):
                 if id(held) not in seen:
                     seen.add(id(held))
                     yield held
@@ -565,7 +565,7 @@ def by_items(v: Any) -> bool:
     a named tuple's module set to mix was served by the first call's pass, its flags unread,
     until rev-merges19e)."""
     kind = type(v)
-    return kind in _CONTAINERS or (isinstance(v, tuple) and kind.__iter__ is tuple.__iter__)
+    return kind in _CONTAINERS or (issubclass(kind, tuple) and kind.__iter__ is tuple.__iter__)
 
 
 def size(v: tuple[Any, ...] | list[Any] | dict[Any, Any]) -> int:
@@ -604,7 +604,17 @@ def _contents(fn: Any) -> list[Any]:
 
 def _holding(v: Any) -> bool:
     """Whether ``v`` is a module or a container ``named`` looks into for modules."""
-    return isinstance(v, torch.nn.Module) or by_items(v)
+    return _module(v) or by_items(v)
+
+
+def _module(v: Any) -> bool:
+    """Whether ``v`` is a module (a proxy of one too); not where reading its ``__class__``
+    raises: a ``weakref.proxy`` whose object is gone, held by a trainer's ``self``, made
+    every call through it raise ``ReferenceError`` until rev-merges23c."""
+    try:
+        return isinstance(v, torch.nn.Module)
+    except Exception:
+        return False
 
 
 def _plain_object(v: Any) -> bool:
@@ -619,7 +629,8 @@ def _plain_object(v: Any) -> bool:
     (a trainer's optimizer and data loader, their hooks, samplers and the globals of their
     functions: 8 -> 62 us a key; with its modules alone 8 -> 24, as a lambda over the model
     itself)."""
-    return type(v).__dictoffset__ != 0 and not isinstance(v, (torch.Tensor, types.ModuleType))
+    kind = type(v)
+    return kind.__dictoffset__ != 0 and not issubclass(kind, (torch.Tensor, types.ModuleType))
 
 
 def _attributes(obj: Any) -> list[Any]:

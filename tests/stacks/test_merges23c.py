@@ -1,0 +1,53 @@
+"""Review of rev-train23's merge: the structure key looks into the plain objects ``f``
+reaches (a trainer's ``self`` in ``lambda z: self.model(z)``) for their modules, flags and
+small containers (``torchdiv._taylor.cache.named``).
+
+- A trainer holding a ``weakref.proxy`` whose object is gone (a parent, a callback) made
+  every call through it raise ``ReferenceError`` from the key's ``isinstance`` (reading the
+  proxy's ``__class__``); before the merge such an object was never read.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from conftest import reference_divergence, tanh_mlp
+from torch import nn
+
+import torchdiv
+from torchdiv import BatchInteractionError
+
+f64 = torch.float64
+
+
+class _Gone:
+    """What a proxy stands for (a parent trainer, a callback), freed."""
+
+
+class _Trainer:
+    """A training loop's own class: the model, a proxy of an object that is gone, and the
+    same in its list of callbacks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        gone = _Gone()
+        self.parent = weakref.proxy(gone)
+        self.callbacks = [weakref.proxy(gone)]
+        del gone
+        gc.collect()
+
+
+def test_a_dead_proxy_on_a_trainer_is_not_read() -> None:
+    """The divergence through the trainer is the float64 loop's (it raised
+    ``ReferenceError``), and the model set to mix after a pass is still refused."""
+    torch.manual_seed(0)
+    trainer = _Trainer(tanh_mlp(2, 8, 2))
+    x = torch.randn(4, 2, dtype=f64)
+    f = lambda z: trainer.model(z)  # noqa: E731
+    torch.testing.assert_close(torchdiv.divergence(f, x), reference_divergence(f, x))
+    trainer.model.register_forward_hook(lambda m, a, out: out - out.mean(0))
+    with pytest.raises(BatchInteractionError):
+        torchdiv.divergence(f, x)
