@@ -51,3 +51,30 @@ def test_a_dead_proxy_on_a_trainer_is_not_read() -> None:
     trainer.model.register_forward_hook(lambda m, a, out: out - out.mean(0))
     with pytest.raises(BatchInteractionError):
         torchdiv.divergence(f, x)
+
+
+class _Callback:
+    """A callback a trainer lists (a callable object)."""
+
+    def __call__(self, step: int) -> None:
+        pass
+
+
+def _on_step(step: int) -> None:
+    """A callback a trainer lists (a function)."""
+
+
+@pytest.mark.parametrize("callback", ["dead object", "live function"])
+def test_a_proxy_of_a_callback_a_trainer_lists_is_not_read(callback: str) -> None:
+    """``self.callbacks = [weakref.proxy(cb)]``: a dead one raised ``ReferenceError``, one of
+    a live function ``TypeError`` (no weak reference to a proxy) from every call through the
+    trainer; the divergence is the float64 loop's."""
+    torch.manual_seed(0)
+    trainer = _Trainer(tanh_mlp(2, 8, 2))
+    held = _Callback() if callback == "dead object" else _on_step
+    trainer.callbacks = [weakref.proxy(held)]
+    del held
+    gc.collect()
+    x = torch.randn(4, 2, dtype=f64)
+    f = lambda z: trainer.model(z)  # noqa: E731
+    torch.testing.assert_close(torchdiv.divergence(f, x), reference_divergence(f, x))

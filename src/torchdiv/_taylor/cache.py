@@ -534,6 +534,8 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
                 if id(held) not in seen:
                     seen.add(id(held))
                     yield held
+            elif type(held) in weakref.ProxyTypes:  # (not a module's: ``_module``)
+                continue  # (dead: ``ReferenceError``; a function's: no weak reference to it)
             elif callable(held):  # a class too, by its id, not looked into
                 yield held
                 if left and not isinstance(held, type):
