@@ -599,7 +599,9 @@ def _contents(fn: Any) -> list[Any]:
         own = fn.__self__
         return [own] if isinstance(own, torch.nn.Module) else [fn.__func__, *_attributes(own)]
     if not callable(fn):  # a plain object (``_plain_object``): its flags, modules, containers
-        return [v for v in _attributes(fn) if type(v) in _FLAGS or _holding(v)]
+        own = _attributes(fn)  # (and the modules of the plain objects it holds)
+        inner = [v for o in own if _plain_object(o) for v in _attributes(o) if _module(v)]
+        return [v for v in own if type(v) in _FLAGS or _holding(v)] + inner
     call = type(fn).__call__  # a callable object's, if in Python
     return [call, *_attributes(fn)] if isinstance(call, types.FunctionType) else []
 
@@ -627,10 +629,12 @@ def _plain_object(v: Any) -> bool:
     z: self.model(z)`` in a trainer's method, the model switched to training mode (a
     hand-written batch norm centring over the batch), hooked or rebound after eval calls had
     passed, was served their pass unwatched until rev-train23, as was ``if cfg.centre:``
-    set on a configuration a lambda names. Not its functions or the plain objects it holds
+    set on a configuration a lambda names. Not its functions, nor the plain objects it holds
     (a trainer's optimizer and data loader, their hooks, samplers and the globals of their
     functions: 8 -> 62 us a key; with its modules alone 8 -> 24, as a lambda over the model
-    itself)."""
+    itself) but for their modules (``self.state.model`` set to mix after a pass was served
+    it until rev-merges23c; not their flags: a progress bar's postfix set at every step
+    would make every call another structure, watched again)."""
     kind = type(v)
     return kind.__dictoffset__ != 0 and not issubclass(kind, (torch.Tensor, types.ModuleType))
 
