@@ -92,10 +92,11 @@ def test_a_proxy_of_a_callback_a_trainer_lists_is_not_read(callback: str) -> Non
 
 
 class _State:
-    """A ``TrainState`` a trainer holds, holding the model."""
+    """A ``TrainState`` a trainer holds, holding the model and a proxy of an object gone."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.parent = _Trainer(model).parent
 
 
 class _Loop:
