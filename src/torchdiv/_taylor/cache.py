@@ -530,10 +530,12 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
             elif by_items(held):
                 if left and size(held) <= TUPLE_ITEMS:
                     todo.append((held, left - 1, owned))
-            elif isinstance(held, torch.nn.Module):
+            elif _module(held):
                 if id(held) not in seen:
                     seen.add(id(held))
                     yield held
+            elif type(held) in weakref.ProxyTypes:  # (not a module's: ``_module``)
+                continue  # (dead: ``ReferenceError``; a function's: no weak reference to it)
             elif callable(held):  # a class too, by its id, not looked into
                 yield held
                 if left and not isinstance(held, type):
@@ -565,7 +567,7 @@ def by_items(v: Any) -> bool:
     a named tuple's module set to mix was served by the first call's pass, its flags unread,
     until rev-merges19e)."""
     kind = type(v)
-    return kind in _CONTAINERS or (isinstance(v, tuple) and kind.__iter__ is tuple.__iter__)
+    return kind in _CONTAINERS or (issubclass(kind, tuple) and kind.__iter__ is tuple.__iter__)
 
 
 def size(v: tuple[Any, ...] | list[Any] | dict[Any, Any]) -> int:
@@ -597,14 +599,38 @@ def _contents(fn: Any) -> list[Any]:
         own = fn.__self__
         return [own] if isinstance(own, torch.nn.Module) else [fn.__func__, *_attributes(own)]
     if not callable(fn):  # a plain object (``_plain_object``): its flags, modules, containers
-        return [v for v in _attributes(fn) if type(v) in _FLAGS or _holding(v)]
+        own = _attributes(fn)  # (and the modules of the plain objects it holds)
+        inner = [v for o in own if _plain_object(o) for v in _modules_in(o)]
+        return [v for v in own if type(v) in _FLAGS or _holding(v)] + inner
     call = type(fn).__call__  # a callable object's, if in Python
     return [call, *_attributes(fn)] if isinstance(call, types.FunctionType) else []
 
 
 def _holding(v: Any) -> bool:
     """Whether ``v`` is a module or a container ``named`` looks into for modules."""
-    return isinstance(v, torch.nn.Module) or by_items(v)
+    return _module(v) or by_items(v)
+
+
+def _module(v: Any) -> bool:
+    """Whether ``v`` is a module (a proxy of one too); not where reading its ``__class__``
+    raises: a ``weakref.proxy`` whose object is gone, held by a trainer's ``self``, made
+    every call through it raise ``ReferenceError`` until rev-merges23c."""
+    try:
+        return isinstance(v, torch.nn.Module)
+    except Exception:
+        return False
+
+
+def _modules_in(obj: Any) -> list[Any]:
+    """The modules among the attributes of ``obj``, a plain object a plain object holds
+    (``self.state.model``); none of a module's own (``_held`` reads those)."""
+    if isinstance(obj, torch.nn.Module):
+        return []
+    values = _attributes(obj)
+    try:  # (one call, not ``_module`` per attribute: ~25 us a key with a trainer's state)
+        return [v for v in values if isinstance(v, torch.nn.Module)]
+    except Exception:  # (a dead ``weakref.proxy`` among them)
+        return [v for v in values if _module(v)]
 
 
 def _plain_object(v: Any) -> bool:
@@ -615,11 +641,14 @@ def _plain_object(v: Any) -> bool:
     z: self.model(z)`` in a trainer's method, the model switched to training mode (a
     hand-written batch norm centring over the batch), hooked or rebound after eval calls had
     passed, was served their pass unwatched until rev-train23, as was ``if cfg.centre:``
-    set on a configuration a lambda names. Not its functions or the plain objects it holds
+    set on a configuration a lambda names. Not its functions, nor the plain objects it holds
     (a trainer's optimizer and data loader, their hooks, samplers and the globals of their
     functions: 8 -> 62 us a key; with its modules alone 8 -> 24, as a lambda over the model
-    itself)."""
-    return type(v).__dictoffset__ != 0 and not isinstance(v, (torch.Tensor, types.ModuleType))
+    itself) but for their modules (``self.state.model`` set to mix after a pass was served
+    it until rev-merges23c; not their flags: a progress bar's postfix set at every step
+    would make every call another structure, watched again)."""
+    kind = type(v)
+    return kind.__dictoffset__ != 0 and not issubclass(kind, (torch.Tensor, types.ModuleType))
 
 
 def _attributes(obj: Any) -> list[Any]:
