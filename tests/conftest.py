@@ -372,7 +372,7 @@ def _todays_part(seed: str) -> int:
     ``SLOW_SHARE`` (consecutive days run the parts in turn), else the part of the string.
 
     >>> [_todays_part(day) for day in ("2026-12-06", "2026-12-07", "2026-12-08", "2026-12-10")]
-    [0, 1, 2, 4]
+    [6, 7, 8, 0]
     """
     try:
         return datetime.date.fromisoformat(seed).toordinal() % SLOW_SHARE
