@@ -1,0 +1,140 @@
+"""``"auto"``'s choice between the loop of backward passes and the Taylor engine counts the
+coordinates the second derivatives run along (``value_grad_laplacian``'s ``coordinates``), not
+every input: a heat residual ``u_t - Δ_x u`` of ``u(x, t)`` at batch 1024 took the Taylor
+sweep for two inputs where the loop at one was 1.5-2.9x faster (rev-pinn23). Values and
+parameter gradients against float64 per-sample grad-of-grad loops; the choice by spies
+(``LOOP_ELEMENTS`` made small: small batches)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close, assert_same_parameter_gradients
+
+import torchdiv
+from torchdiv._api import second_order
+from torchdiv._laplacian import methods
+from torchdiv._taylor.cache import PlanCache
+
+f64 = torch.float64
+
+
+def _net(d: int, outputs: int = 1) -> torch.nn.Module:
+    """A PINN's tanh MLP ``(x, t) -> u``, trained (its parameters require grad)."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(d, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, outputs),
+    ).to(f64)
+
+
+def _reference(u: torch.nn.Module, x: torch.Tensor, coordinates: list[int]):
+    """The user's loop, per output: its gradient, then one pass per chosen coordinate:
+    ``(N, m, n)`` gradients and ``(N, m)`` Laplacians over ``coordinates``."""
+    z = x.detach().requires_grad_(True)
+    y = u(z)
+    grads, laps = [], []
+    for i in range(y.shape[1]):
+        (g,) = torch.autograd.grad(y[:, i].sum(), z, create_graph=True)
+        passes = [torch.autograd.grad(g[:, j].sum(), z, create_graph=True)[0] for j in coordinates]
+        grads.append(g)
+        laps.append(sum(p[:, j] for p, j in zip(passes, coordinates, strict=True)))
+    return torch.stack(grads, 1), torch.stack(laps, 1)
+
+
+@pytest.fixture
+def calls(monkeypatch) -> dict[str, list[object]]:
+    """``"auto"``'s decisions forgotten; per kind, one entry per call: ``"recorded"`` (``f``
+    recorded for the Taylor engine), ``"looped"`` (``value_grad_laplacian``'s loop, with its
+    coordinates) and ``"rule"`` (the coordinates ``loops_for`` counted)."""
+    monkeypatch.setattr(methods, "_LOOPS", PlanCache(256))
+    monkeypatch.setattr(methods, "LOOP_ELEMENTS", 64)  # (the one-input rule's batch: small tests)
+    monkeypatch.setattr(methods, "_LOOPING_SITES", PlanCache(256))
+    seen: dict[str, list[object]] = {"recorded": [], "looped": [], "rule": []}
+    for module in (methods, second_order):
+        capture = module.capture
+        monkeypatch.setattr(
+            module,
+            "capture",
+            lambda *a, capture=capture, **k: seen["recorded"].append(1) or capture(*a, **k),
+        )
+    looped = second_order._looped
+    monkeypatch.setattr(
+        second_order,
+        "_looped",
+        lambda f, x, b, plan, index: seen["looped"].append(index) or looped(f, x, b, plan, index),
+    )
+    return seen
+
+
+def _residual(u: torch.nn.Module, x: torch.Tensor, coordinates: list[int] | None):
+    """``value_grad_laplacian``'s gradient and Laplacian, and a heat residual's loss."""
+    out = torchdiv.value_grad_laplacian(u, x, coordinates=coordinates)
+    loss = (out.gradient[..., -1] - 0.1 * out.laplacian).square().mean()
+    return out, loss
+
+
+def test_the_heat_residual_loops_at_one_coordinate(calls):
+    """``Δ_x u`` of ``u(x, t)`` within the one-input rule's batch: the loop over the one
+    chosen coordinate, ``f`` not recorded (the rule for one input, counting the chosen
+    coordinates: it recorded and took the Taylor sweep), at every call; values and parameter
+    gradients right."""
+    torch.manual_seed(0)
+    u, x = _net(2), torch.rand(64, 2, dtype=f64)
+    grads, laps = _reference(u, x, [0])
+    for _ in range(2):
+        out, loss = _residual(u, x, [0])
+        assert_close(out.gradient, grads)
+        assert_close(out.laplacian, laps)
+    assert calls["recorded"] == [] and len(calls["looped"]) == 2
+    assert_same_parameter_gradients(u, loss, (grads[..., -1] - 0.1 * laps).square().mean())
+
+
+def test_a_plan_kept_for_some_coordinates_is_not_taken_for_others(calls, monkeypatch):
+    """The rule counts the chosen coordinates and a loop decided at one coordinate (by a
+    call that runs the Taylor engine from its recording) is kept for that many: at the same
+    ``f`` and ``x`` (recorded: batch beyond the one-input rule), every coordinate, two, and
+    the whole Laplacian decide again (the Taylor engine here), while one coordinate, the same
+    or another, takes the kept loop without recording; values and parameter gradients right
+    at each call."""
+    monkeypatch.setattr(
+        methods,
+        "loops_for",
+        lambda graph, x, batch_dims, chosen=None: calls["rule"].append(chosen) or chosen == 1,
+    )
+    torch.manual_seed(1)
+    u, x = _net(3, outputs=2), torch.rand(100, 3, dtype=f64)
+    steps = [([0], 1, False), ([0], 0, True), (None, 1, False), ([2], 0, True), ([0, 1], 1, False)]
+    for coordinates, recorded, looped in steps:
+        calls["recorded"].clear(), calls["looped"].clear()
+        chosen = [0, 1, 2] if coordinates is None else coordinates
+        grads, laps = _reference(u, x, chosen)
+        out, loss = _residual(u, x, coordinates)
+        assert (len(calls["recorded"]), bool(calls["looped"])) == (recorded, looped), coordinates
+        assert_close(out.gradient, grads)
+        assert_close(out.laplacian, laps)
+        assert_same_parameter_gradients(u, loss, (grads[..., -1] - 0.1 * laps).square().mean())
+    assert calls["rule"] == [1, 3, 2]
+    calls["recorded"].clear()
+    assert_close(torchdiv.laplacian(u, x), _reference(u, x, [0, 1, 2])[1])
+    assert calls["recorded"] == [1]  # (the whole Laplacian: its own decision, not the loop's)
+
+
+@pytest.mark.parametrize("operator", ["laplacian", "weighted"])
+def test_the_partial_and_low_rank_operators_count_their_directions(calls, operator):
+    """``laplacian(coordinates=[0])`` and ``weighted_laplacian(sigma=S)`` with one column run
+    on the shifted function of one input: within the one-input rule's batch the loop, not
+    recorded; values and parameter gradients right."""
+    torch.manual_seed(2)
+    u, x = _net(3), torch.rand(64, 3, dtype=f64)
+    if operator == "laplacian":
+        got = torchdiv.laplacian(u, x, coordinates=[0])
+    else:
+        sigma = torch.eye(3, dtype=f64)[:, :1]
+        got = torchdiv.weighted_laplacian(u, x, sigma=sigma)
+    want = _reference(u, x, [0])[1]
+    assert calls["recorded"] == []
+    assert_close(got, want)
+    assert_same_parameter_gradients(u, got.square().mean(), want.square().mean())
