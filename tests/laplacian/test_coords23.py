@@ -138,3 +138,34 @@ def test_the_partial_and_low_rank_operators_count_their_directions(calls, operat
     assert calls["recorded"] == []
     assert_close(got, want)
     assert_same_parameter_gradients(u, got.square().mean(), want.square().mean())
+
+
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("way", ["coordinates", "sigma", "x requires grad"])
+def test_the_chain_gives_the_partial_and_low_rank_laplacian(laplacian_chained, trained, way):
+    """Where ``"auto"``'s loop runs (forced here) on a chain MLP, the Laplacian over chosen
+    coordinates or along ``weighted_laplacian``'s ``sigma`` (the shift ``x + z Sᵀ`` is one
+    more product of the chain, ``x`` its bias) comes from the chain, also where ``x``
+    requires grad (then the result's gradient in ``x`` goes through the saved activations).
+    Values, parameter gradients and the gradient in ``x`` against the float64 loop on the
+    shifted function written in plain torch."""
+    torch.manual_seed(3)
+    u, x = _net(3, outputs=2), torch.rand(32, 3, dtype=f64)
+    u.requires_grad_(trained)
+    sigma = torch.randn(3, 2, dtype=f64) if way == "sigma" else torch.eye(3, dtype=f64)[:, 1:]
+    if way == "x requires grad":
+        x.requires_grad_(True)
+    for _ in range(2):  # the deciding call and the remembered plan
+        if way == "sigma":
+            got = torchdiv.weighted_laplacian(u, x, sigma=sigma)
+        else:
+            got = torchdiv.laplacian(u, x, coordinates=[1, 2])
+    assert laplacian_chained[-1]
+    z = torch.zeros(32, 2, dtype=f64)
+    want = _reference(lambda z: u(x + z @ sigma.T), z, [0, 1])[1]
+    assert_close(got, want)
+    if trained:
+        assert_same_parameter_gradients(u, got.square().mean(), want.square().mean())
+    if way == "x requires grad":
+        (dx,) = torch.autograd.grad(got.sum(), x, retain_graph=True)
+        assert_close(dx, torch.autograd.grad(want.sum(), x)[0])
