@@ -16,7 +16,7 @@ import torch
 import torchdiv
 import torchdiv._structured as structured
 from torchdiv._api import second_order
-from torchdiv._laplacian import methods
+from torchdiv._laplacian import loop, methods
 
 CPU = "[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you "
 CPU += "tried to allocate 123 bytes. Error code 12 (Cannot allocate memory)"
@@ -95,17 +95,17 @@ def test_the_laplacian_loops_batched_passes_let_a_lack_of_memory_through(kind, m
     """ "auto" loops over backward passes at two inputs and batches the second-level passes of
     small nets, taking them one by one where that pass cannot be batched: a lack of memory is
     not such a pass. (A GELU net: a tanh chain's Laplacian runs no backward pass,
-    ``_laplacian/chain.py``.)"""
-    plain = torch.autograd.grad
+    ``_laplacian/chain.py``; the call that decides to loop runs the Taylor engine from its
+    recording, so the loop starts at the second call.)"""
 
-    def grad(*args, **kwargs):
-        if kwargs.get("is_grads_batched"):
-            raise _lack(kind)
-        return plain(*args, **kwargs)
+    def batched(*args, **kwargs):  # the batched pass (the engine under PyTorch's batching)
+        raise _lack(kind)
 
-    monkeypatch.setattr(torch.autograd, "grad", grad)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    net = net.double()
     x = torch.randn(8, 2, dtype=torch.float64)
+    torchdiv.laplacian(net, x)
+    monkeypatch.setattr(loop, "_batched_vjp", batched)
     with pytest.raises(RuntimeError, match=LACK):
-        torchdiv.laplacian(net.double(), x)
+        torchdiv.laplacian(net, x)

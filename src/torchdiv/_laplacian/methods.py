@@ -298,7 +298,11 @@ def recorded_or_loop(
     at = mixing.structure(f, x, batch_dims) if kept and _LOOPING_SITES.get(site, None) else None
     remembered: Loop | None = None if at is None else _LOOPS.get(site, _plan_key(at, n, k))
     settings = None if remembered is None else remembered.settings
-    if settings is not None and (not settings.chain_only or (chain and settings.chain)):
+    if (
+        remembered is not None
+        and settings is not None
+        and (not settings.chain_only or (chain and settings.chain))
+    ):
         return _unrecorded(f, x, batch_dims, remembered, at)
     graph = capture(f, x, RULES, keep_values=True, batch_dims=batch_dims)
     if graph.unsupported:  # as the callers fall back (``fallback``), at the planned chunk
