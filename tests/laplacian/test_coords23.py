@@ -76,20 +76,23 @@ def _residual(u: torch.nn.Module, x: torch.Tensor, coordinates: list[int] | None
     return out, loss
 
 
-def test_the_heat_residual_loops_at_one_coordinate(calls):
-    """``Δ_x u`` of ``u(x, t)`` within the one-input rule's batch: the loop over the one
-    chosen coordinate, ``f`` not recorded (the rule for one input, counting the chosen
-    coordinates: it recorded and took the Taylor sweep), at every call; values and parameter
-    gradients right."""
+def test_the_heat_residual_loops_at_one_coordinate(calls, monkeypatch):
+    """``Δ_x u`` of ``u(x, t)`` where the one-thread rule for trained functions loops at one
+    input and not at two (its limit scaled down with the batch: B = 128): the deciding call
+    runs the Taylor engine from its recording, later ones the loop over the one chosen
+    coordinate without recording ``f`` (counting both inputs, every call took the Taylor
+    sweep); values and parameter gradients right at each call."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(methods, "LOOP_WORK_TRAINED_ONE_THREAD", 1280)
     torch.manual_seed(0)
-    u, x = _net(2), torch.rand(64, 2, dtype=f64)
+    u, x = _net(2), torch.rand(128, 2, dtype=f64)
     grads, laps = _reference(u, x, [0])
-    for _ in range(2):
+    for _ in range(3):
         out, loss = _residual(u, x, [0])
         assert_close(out.gradient, grads)
         assert_close(out.laplacian, laps)
-    assert calls["recorded"] == [] and len(calls["looped"]) == 2
-    assert_same_parameter_gradients(u, loss, (grads[..., -1] - 0.1 * laps).square().mean())
+        assert_same_parameter_gradients(u, loss, (grads[..., -1] - 0.1 * laps).square().mean())
+    assert len(calls["recorded"]) == 1 and len(calls["looped"]) == 2
 
 
 def test_a_plan_kept_for_some_coordinates_is_not_taken_for_others(calls, monkeypatch):
