@@ -161,7 +161,7 @@ def test_heat_residual_terms_and_parameter_gradients(name: str, laplacian_chaine
     model = _model(name)
     x = torch.rand(6, 2, dtype=f64, generator=torch.Generator().manual_seed(1))
     want = laplacians_by_grad_of_grad(model, x)
-    torchdiv.laplacian(model, x)  # (the call that decides to loop runs Taylor: kanlap23)
+    torchdiv.laplacian(model, x)  # "auto"'s deciding call runs Taylor, the later ones loop
     for method in ("auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad"):
         _assert_gradients(model, torchdiv.laplacian(model, x, method=method), want)
     assert (True in laplacian_chained) == (name == "tanh")  # ("auto" loops: the fixture)

@@ -19,16 +19,23 @@ Methods (one signature each, in ``BY_NAME``):
 - ``"auto"``: ``"taylor"``, in as few equal chunks of directions as keep the widest ``jac``
   tensor (directions x elements) within ``CHUNK_ELEMENTS``; ``"forward-over-reverse"`` with the
   same chunks if an op has no Taylor rule. ``"grad-of-grad"`` where the Taylor engine's fixed
-  cost per call does not pay back: at one input and at most ``LOOP_ELEMENTS`` elements of
-  ``x`` (``f`` is not recorded), at up to three inputs where ``f``'s recorded graph does
-  little arithmetic per call (``_laplacian.methods.loops_for``: a small batch of a network of
-  many small ops, such as a Chebyshev KAN; decided once per structure of ``f`` and ``x``), and
-  if an op has no Taylor rule, at up to ``LOOP_FALLBACK`` inputs times output components per
-  sample and where forward mode cannot run ``f`` (``_laplacian.methods.fallback``; kept per
-  structure of ``f``, its parameters and ``x``, so later calls do not record ``f``). Where
-  that loop runs on a chain of linear layers and tanh, sigmoid, ReLU or LeakyReLU, its result
-  comes from the tensors the call's autograd graph saved, without backward passes
-  (``_laplacian.chain``: the same values and derivatives, graph kept alike).
+  cost per call does not pay back: at one input and at most ``LOOP_ELEMENTS`` samples (``f``
+  is not recorded), at up to three inputs where ``f``'s recorded graph does little arithmetic
+  per call (``_laplacian.methods.loops_for``: a small batch of a network of many small ops,
+  such as a Chebyshev KAN), and if an op has no Taylor rule, at up to ``LOOP_FALLBACK``
+  inputs times output components per sample and where forward mode cannot run ``f``
+  (``_laplacian.methods.fallback``; kept per structure of ``f``, its parameters and ``x``,
+  so later calls do not record ``f``). The inputs counted are those the second derivatives
+  run along: with ``coordinates`` (or ``weighted_laplacian``'s ``sigma``) the chosen ones,
+  the columns of ``S``. A decision to loop is kept per structure of ``f`` and ``x`` (and
+  number of coordinates): the call that makes it runs the Taylor engine from its recording
+  (``f`` evaluated once), later calls loop without recording ``f``. Where that loop runs on
+  a chain of linear layers and tanh, sigmoid, ReLU or LeakyReLU, its result comes from the
+  tensors the call's autograd graph saved, without backward passes (``_laplacian.chain``:
+  the same values and derivatives, graph kept alike); a frozen tanh or sigmoid MLP (no
+  parameter requires grad, nor ``x``) is taken that way at up to ``CHAIN_INPUTS = 10``
+  inputs, beyond the loop's rule, while its ``(n + 1) x widest`` block stays within
+  ``CHAIN_ELEMENTS`` (the Taylor engine at its deciding call, the chain from its second).
   Inside a region ``torch.compile`` traces, problems where ``f``'s work is small (inputs x
   samples x ``f``'s multiply-adds per sample, estimated from its parameters, at most
   ``10 x 2**20``: ``torchdiv._core.crossover``) take ``"forward-over-reverse"`` traced into the

@@ -478,10 +478,10 @@ def value_grad_laplacian(
         x: as in ``laplacian``.
         batch_dims: as in ``laplacian``.
         method: ``"auto"`` (the Taylor engine; the loop of backward passes at few inputs
-            and little arithmetic per call, and where an op has no Taylor rule at up to ten
-            inputs times outputs or where forward mode cannot run ``f``, as ``laplacian``,
-            which keeps that choice per structure; otherwise, or
-            where that loop's Laplacian is not finite, ``f(x)``, ``jacobian`` and
+            (the chosen ``coordinates``) and little arithmetic per call, and where an op
+            has no Taylor rule at up to ten inputs times outputs or where forward mode
+            cannot run ``f``, as ``laplacian``, which keeps that choice per structure;
+            otherwise, or where that loop's Laplacian is not finite, ``f(x)``, ``jacobian`` and
             ``"forward-over-reverse"`` separately; each evaluation from the state the first
             found: one function, a stateful ``f``'s buffers and random draws changed once),
             ``"taylor"`` or ``"forward-over-reverse"``.
@@ -527,7 +527,8 @@ def value_grad_laplacian(
         return _separately(g, x, batch_dims, chunk_size, index)
     graph, looped = None, None
     if method == "auto" and x.numel() > 0:
-        plan = methods.recorded_or_loop(g, x, batch_dims)
+        chosen = None if index is None else len(index)  # (the loop's second-level passes)
+        plan = methods.recorded_or_loop(g, x, batch_dims, chosen=chosen)
         if isinstance(plan, methods.Loop) and plan.refused:
             return _looped_or_separately(g, x, batch_dims, chunk_size, index, plan)
         if isinstance(plan, methods.Nested):  # refused before: f watched, then the three

@@ -10,7 +10,7 @@ directions as given. Arguments are checked by the public functions (``torchdiv._
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn, TypeVar
 
@@ -254,7 +254,7 @@ class Nested:
 
 
 def recorded_or_loop(
-    f: Function, x: torch.Tensor, batch_dims: int, chain: bool = False
+    f: Function, x: torch.Tensor, batch_dims: int, chain: bool = False, chosen: int | None = None
 ) -> Graph | Loop | Nested:
     """``f`` recorded at ``x`` for the Taylor engine, or ``Loop`` where ``"auto"`` loops over
     backward passes instead (``loops``, ``loops_for``). A decision to loop is remembered per
@@ -279,17 +279,24 @@ def recorded_or_loop(
     over other objects (another module: ``mixing.identity``) is watched. An empty event
     (every element a sample) is always watched. A remembered loop shares one
     ``loop.Settings`` across its calls: second-level passes batched below ``BATCHED_WORK``,
-    ``f`` evaluated outside the modes unless its graph needed them."""
+    ``f`` evaluated outside the modes unless its graph needed them.
+
+    ``chosen``: the number of coordinates the second derivatives run along
+    (``value_grad_laplacian``'s ``coordinates``; ``None``: all), which the loop's rules
+    count (its second-level passes) and its plans are kept by: a heat residual's
+    ``Δ_x u`` of ``u(x, t)`` took the Taylor sweep at batch 1024 for two inputs where the
+    loop at one was 1.5-2.9x faster (rev-pinn23)."""
+    n = event_numel(x, batch_dims)
+    k = n if chosen is None else chosen
     if loops(x, batch_dims):
         return _unrecorded(f, x, batch_dims, Loop())
     site = _site(f)
     refused = _REFUSED.get(site, f, x, batch_dims)
     if refused is not None:
         return _unrecorded(f, x, batch_dims, at_this_call(refused))
-    n = event_numel(x, batch_dims)
-    kept = n <= LOOP_INPUTS or (chain and n <= CHAIN_INPUTS)  # (where a plan may be kept)
+    kept = k <= LOOP_INPUTS or (chain and k <= CHAIN_INPUTS)  # (where a plan may be kept)
     at = mixing.structure(f, x, batch_dims) if kept and _LOOPING_SITES.get(site, None) else None
-    remembered: Loop | None = None if at is None else _LOOPS.get(site, mixing.shape_key(at))
+    remembered: Loop | None = None if at is None else _LOOPS.get(site, _plan_key(at, n, k))
     settings = None if remembered is None else remembered.settings
     if (
         remembered is not None
@@ -304,15 +311,15 @@ def recorded_or_loop(
         return graph
     if remembered:  # a chain's plan not for this caller, or one whose chain gave way
         return graph
-    if n <= LOOP_INPUTS and loops_for(graph, x, batch_dims):
+    if k <= LOOP_INPUTS and loops_for(graph, x, batch_dims, k):
         chain_only = False
-    elif chain and _chains(graph, x, batch_dims):
+    elif chain and k == n and _chains(graph, x, batch_dims):
         chain_only = True
     else:
         return graph
     batched = graph.work_per_call() < BATCHED_WORK
     plan = Loop(settings=Settings(batched, plain=True, chain=True, chain_only=chain_only))
-    at = _remember(site, f, x, batch_dims, at, plan)
+    at = _remember(site, f, x, batch_dims, at, plan, k)
     mixing.passed(f, x, batch_dims, at, verdict=graph.verdict)  # recording watched it
     return graph  # this call: the recording's evaluation, not a second one for the loop
 
@@ -324,14 +331,24 @@ def _remember(
     batch_dims: int,
     at: mixing.Structure | None,
     plan: Loop,
+    chosen: int,
 ) -> mixing.Structure:
     """Keep ``plan`` for ``site`` at the structure of ``f`` and ``x`` (``at``, if made
-    already), which it returns."""
+    already), which it returns, and ``chosen`` coordinates (``_plan_key``)."""
     if at is None:
         at = mixing.structure(f, x, batch_dims)
-    _LOOPS.put(site, mixing.shape_key(at), plan)
+    _LOOPS.put(site, _plan_key(at, event_numel(x, batch_dims), chosen), plan)
     _LOOPING_SITES.put(site, None, True)
     return at
+
+
+def _plan_key(at: mixing.Structure, n: int, chosen: int) -> Hashable:
+    """``_LOOPS``' key for the structure ``at`` with second derivatives along ``chosen`` of
+    the ``n`` inputs: the structure's alone for all of them, else with their number (the
+    choice counts them: a plan decided at one coordinate would loop at all of them, where the
+    Taylor engine may be faster)."""
+    key = mixing.shape_key(at)
+    return key if chosen == n else (key, chosen)
 
 
 def _unrecorded(
@@ -412,16 +429,21 @@ def _watched(f: Function, x: torch.Tensor, batch_dims: int) -> None:
 
 def loops(x: torch.Tensor, batch_dims: int) -> bool:
     """Whether ``"auto"`` runs the loop of backward passes without recording ``f``: one input
-    and a small batch."""
+    and a small batch. (Not one chosen coordinate of several: that loop, not kept, would run
+    with the defaults, ``f`` under the modes and its passes not batched, where a remembered
+    plan, ``loops_for``, runs it plain: 1.1x slower at B = 256, one of two inputs.)"""
     return event_numel(x, batch_dims) == 1 and x.numel() <= LOOP_ELEMENTS
 
 
-def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int) -> bool:
+def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int, chosen: int | None = None) -> bool:
     """Whether ``"auto"`` runs the loop of backward passes for ``f`` recorded as ``graph``:
-    at up to ``LOOP_INPUTS`` inputs ``n`` while ``n x work`` is below a limit that depends on
-    whether the result is differentiated (``graph.requires_grad``), on the threads and, on
-    one thread, on the share of matrix products in the work (the constants' comment)."""
-    n, work = event_numel(x, batch_dims), graph.work_per_call()
+    at up to ``LOOP_INPUTS`` coordinates ``n`` to take second derivatives along (``chosen``;
+    ``None``: all inputs; the loop's second-level passes) while ``n x work`` is below a
+    limit that depends on whether the result is differentiated (``graph.requires_grad``), on
+    the threads and, on one thread, on the share of matrix products in the work (the
+    constants' comment)."""
+    n = event_numel(x, batch_dims) if chosen is None else chosen
+    work = graph.work_per_call()
     if torch.get_num_threads() > 1:
         if graph.requires_grad:
             return n <= 2 and work < LOOP_WORK_TRAINED
