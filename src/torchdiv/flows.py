@@ -58,6 +58,7 @@ import torch
 from torch import nn
 from torch._C._functorch import TransformType, peek_interpreter_stack
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd.function import BackwardCFunction
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -296,7 +297,10 @@ def _stopped(f: Any, x: torch.Tensor, t: torch.Tensor, batch_dims: int) -> list[
             if not v.is_floating_point():
                 return []
             u = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(z)
-            dead = (_along(v, z, u) == 0).flatten(batch_dims).flatten(0, -2).all(0)
+            along = _along(v, z, u)
+            if along is None:  # a backward pass that is not differentiable: cannot tell
+                return []
+            dead = (along == 0).flatten(batch_dims).flatten(0, -2).all(0)
             if not bool(dead.any()):
                 return []
             step = 1e-3 * (1 + float(z.detach().abs().max()))
@@ -314,12 +318,17 @@ def _stopped(f: Any, x: torch.Tensor, t: torch.Tensor, batch_dims: int) -> list[
     return (dead & changed).nonzero().flatten().tolist()
 
 
-def _along(v: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _along(v: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
     """Autograd's derivative of ``v`` along ``u`` (``J u``, shaped like ``v``): the reverse
-    pass of the reverse pass ``J^T r`` with respect to ``r``: 0 where a stop cut the path."""
+    pass of the reverse pass ``J^T r`` with respect to ``r``: 0 where a stop cut the path.
+    ``None`` where ``v``'s graph holds a custom ``autograd.Function``, whose backward pass
+    need not be differentiable (guided-diffusion's legacy checkpoint recomputes its block
+    and returns gradients without a graph: ``J u`` silently lacks that path): unknown."""
     none = torch.zeros_like(v)
     if not v.requires_grad:
         return none
+    if any(isinstance(node, BackwardCFunction) for node in nodes(v.grad_fn)):
+        return None
     r = torch.zeros_like(v, requires_grad=True)
     (back,) = torch.autograd.grad(v, z, r, create_graph=True, allow_unused=True)
     if back is None or not back.requires_grad:
