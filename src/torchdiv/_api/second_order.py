@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch._C._functorch import peek_interpreter_stack
+from torch._guards import CompileContext
 
 from torchdiv._api.laplacian import METHODS, RECORDING, laplacian
 from torchdiv._api.operators import jacobian
@@ -527,7 +528,10 @@ def value_grad_laplacian(
         return _separately(g, x, batch_dims, chunk_size, index)
     graph, looped = None, None
     if method == "auto" and x.numel() > 0:
-        chosen = None if index is None else len(index)  # (the loop's second-level passes)
+        # (the loop's second-level passes; counted as all inputs while Dynamo traces, which
+        # replays the Taylor sweep in its graph and a loop not at all: a graph break)
+        traced = CompileContext.current_trace_id() is not None
+        chosen = None if index is None or traced else len(index)
         plan = methods.recorded_or_loop(g, x, batch_dims, chosen=chosen)
         if isinstance(plan, methods.Loop) and plan.refused:
             return _looped_or_separately(g, x, batch_dims, chunk_size, index, plan)

@@ -397,11 +397,11 @@ def _reordered(tr: BatchAxes, tensors: Sequence[torch.Tensor], dim: int) -> list
     one batch dimension picked out alone, not in order (``stack([g(x[1]), g(x[0])])``): its
     rows, moved samples that must be put back."""
     picks = [_sample_of(tr, t) for t in tensors]
-    kinds = {(p.size, p.source) if p is not None and p.sample is not None else None for p in picks}
-    if len(kinds) != 1 or None in kinds:
+    found = [p for p in picks if p is not None and p.sample is not None]
+    if len(found) != len(picks) or len({(p.size, p.source) for p in found}) != 1:
         return []
-    size, source = kinds.pop()
-    line = torch.tensor([p.sample for p in picks if p is not None])
+    size, source = found[0].size, found[0].source
+    line = torch.tensor([p.sample for p in found])
     return [_rows(tr, dim, Axis(dim, size, 1, (), source), line, str(tr.func))]
 
 
