@@ -1,7 +1,7 @@
 """Review of kanlap23's merge (rev-merges23e): ``"auto"``'s deciding Laplacian call runs the
 Taylor engine from its recording (``f`` evaluated once), a frozen tanh / sigmoid MLP chain takes
 ``_laplacian.chain`` from its second call at up to 10 inputs, and the loop's batched second
-level goes to PyTorch's engine under its legacy ``_vmap`` (``loop._batched_vjp``). No fault was
+level goes to PyTorch's engine under its legacy ``_vmap`` (``walk.batched_vjp``). No fault was
 found; these pin what the review checked against float64 grad-of-grad references."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from conftest import (
 )
 
 import torchdiv
-from torchdiv._laplacian import loop
+from torchdiv._core import walk
 from torchdiv._laplacian import methods as _laplacian
 from torchdiv._taylor.cache import PlanCache
 
@@ -149,14 +149,14 @@ def test_the_chain_stops_at_ten_inputs(recorded, d):
 
 @pytest.mark.parametrize("create_graph", [False, True])
 def test_the_batched_pass_equals_autograd_grad(create_graph):
-    """``loop._batched_vjp`` (PyTorch's engine under its legacy ``_vmap``, private APIs) gives
+    """``walk.batched_vjp`` (PyTorch's engine under its legacy ``_vmap``, private APIs) gives
     ``autograd.grad(..., is_grads_batched=True)``'s rows, a graph in ``x`` with
     ``create_graph``, and ``None`` for an ``x`` the output does not depend on."""
     torch.manual_seed(0)
     x = torch.randn(5, 3, dtype=f64, requires_grad=True)
     (gradient,) = torch.autograd.grad(torch.tanh(x).pow(3).sum(), x, create_graph=True)
     eye = torch.eye(3, dtype=f64).unsqueeze(1).expand(3, 5, 3)
-    got = loop._batched_vjp(gradient, x, eye, create_graph)
+    got = walk.batched_vjp(gradient, x, eye, create_graph)
     (want,) = torch.autograd.grad(
         gradient, x, eye, retain_graph=True, create_graph=create_graph, is_grads_batched=True
     )
@@ -166,4 +166,4 @@ def test_the_batched_pass_equals_autograd_grad(create_graph):
         got_x, want_x = (torch.autograd.grad(t.sum(), x, retain_graph=True)[0] for t in (got, want))
         assert_close(got_x, want_x)
     unused = torch.randn(5, 3, dtype=f64, requires_grad=True)
-    assert loop._batched_vjp(gradient, unused, eye, create_graph) is None
+    assert walk.batched_vjp(gradient, unused, eye, create_graph) is None

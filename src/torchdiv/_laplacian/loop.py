@@ -36,16 +36,13 @@ from typing import Literal
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
-from torch._vmap_internals import _vmap
-from torch.autograd.graph import _engine_run_backward
-from torch.overrides import has_torch_function
 
 from torchdiv._core.basis import accumulated
 from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.mixing.watch import check_graph, watched
 from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
 from torchdiv._core.subclass import attributes_of
-from torchdiv._core.walk import search, vjp
+from torchdiv._core.walk import batched_vjp, search, vjp
 from torchdiv._exact.autograd import (
     SECOND_DERIVATIVES,
     graphs_kept,
@@ -245,7 +242,7 @@ def _batched_trace(
         eye = eye[coordinates]
     k = len(eye)
     try:
-        second = _batched_vjp(gradient, x, eye.unsqueeze(1).expand(k, samples, n), create_graph)
+        second = batched_vjp(gradient, x, eye.unsqueeze(1).expand(k, samples, n), create_graph)
     except RuntimeError as error:  # an op without a batching rule for its backward
         if out_of_memory(error):
             raise
@@ -256,38 +253,6 @@ def _batched_trace(
     if coordinates is not None:  # (k, samples, k): entry (c, b, c) is ∂²/∂x_j² at j = c's
         second = second[..., coordinates]
     return second.diagonal(dim1=0, dim2=2).sum(-1)
-
-
-def _batched_vjp(
-    y: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor, create_graph: bool
-) -> torch.Tensor | None:
-    """``torch.autograd.grad(y, x, cotangents, retain_graph=True, create_graph=create_graph,
-    allow_unused=True, is_grads_batched=True)[0]``: ``(k,) + x.shape``, one backward pass for
-    the ``k`` cotangents ``(k,) + y.shape``, ``None`` where ``y`` does not depend on ``x``.
-    Where nothing overrides torch functions and the cotangents match ``y`` (all that
-    ``autograd.grad``'s checks would change), the pass goes to the engine under PyTorch's
-    batching as ``autograd.grad`` sends it, without its Python layer (~25 us of a 1.65 ms
-    Laplacian of a Chebyshev KAN at two inputs, batch 256, one thread; ``walk.vjp``)."""
-    plain = not has_torch_function((y, x, cotangents))
-    if plain and cotangents.shape[1:] == y.shape and cotangents.dtype == y.dtype:
-
-        def pass_(cotangent: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            return _engine_run_backward(
-                (y,), (cotangent,), True, create_graph, (x,), True, accumulate_grad=False
-            )
-
-        (out,) = _vmap(pass_, 0, 0, allow_none_pass_through=True)(cotangents)
-        return out
-    (out,) = torch.autograd.grad(
-        y,
-        x,
-        cotangents,
-        retain_graph=True,
-        create_graph=create_graph,
-        allow_unused=True,
-        is_grads_batched=True,
-    )
-    return out
 
 
 def _flat(t: torch.Tensor, samples: int, n: int) -> torch.Tensor:
