@@ -69,7 +69,7 @@ def _gelu(x: Tensor, y: Tensor, approximate: str = "none") -> tuple[Tensor, Tens
         # sech^2 u from cosh, not 1 - t^2: that cancels where |u| > 3 (|x| > 2.5), in
         # float32 to ~1e-3 of itself, 10x autograd's double backward's error (0 past
         # cosh's overflow, as it should be)
-        sech2 = torch.cosh(u).square().reciprocal()
+        sech2 = torch.cosh(u).reciprocal().square()
         d1 = 0.5 * (1 + t) + 0.5 * x * sech2 * du
         return d1, sech2 * du + 0.5 * x * sech2 * (ddu - 2 * t * du * du)
     density = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
