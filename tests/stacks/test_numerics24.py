@@ -83,3 +83,48 @@ def test_gelu_tanh_laplacian_taylor_within_the_loops_error() -> None:
     ):
         assert ours.dtype == torch.float32
         assert _per_sample_error(ours.detach(), truth) <= 2 * loop
+
+
+class _Bottleneck(torch.nn.Module):
+    """``b(tanh(a x))`` through 4 units: a rank-4 Jacobian whose singular values spread over
+    two decades (a low-rank flow layer, an autoencoder's bottleneck)."""
+
+    def __init__(self, n: int = 16, rank: int = 4) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(n, rank), torch.nn.Linear(rank, n)
+        with torch.no_grad():
+            spread = torch.logspace(0, 2, rank)
+            self.a.weight.mul_(spread[:, None].sqrt())
+            self.b.weight.mul_(3 * spread.sqrt())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _trace_by_loop(net: torch.nn.Module, x: Tensor) -> Tensor:
+    """Each sample's divergence by a backward pass per output element (the loop users write)."""
+    leaf = x.detach().requires_grad_(True)
+    y = net(leaf)
+    rows = [
+        torch.autograd.grad(y[:, i].sum(), leaf, retain_graph=True)[0][:, i]
+        for i in range(y.shape[1])
+    ]
+    return torch.stack(rows).sum(0)
+
+
+def test_xtrace_exact_for_a_low_rank_jacobian_in_float32() -> None:
+    """XTrace with a sketch of 10 (``num_probes=20``) is exact for a rank-4 Jacobian: in
+    float32 within 30x the loop's error of the largest trace (measured 1-10x). Its rank test
+    took genuine directions 3e-6 of the largest for round-off (``eps^(2/3)``) and its 100 k
+    margin over round-off made every sketch column independent: 1e-2-1e-1 off, 1e5x."""
+    torch.manual_seed(0)
+    net = _Bottleneck()
+    x = torch.randn(32, 16)
+    truth = _trace_by_loop(copy.deepcopy(net).double(), x.double()).detach()
+    scale = truth.abs().max()
+    loop = (_trace_by_loop(net, x).double() - truth).abs().max() / scale
+    est = torchdiv.estimate_divergence(
+        net, x, method="xtrace", num_probes=20, generator=torch.Generator().manual_seed(0)
+    )
+    assert est.value.dtype == torch.float32
+    assert (est.value.detach().double() - truth).abs().max() / scale <= 30 * loop
