@@ -128,3 +128,14 @@ def test_xtrace_exact_for_a_low_rank_jacobian_in_float32() -> None:
     )
     assert est.value.dtype == torch.float32
     assert (est.value.detach().double() - truth).abs().max() / scale <= 30 * loop
+
+
+def test_gelu_tanh_rule_differentiable_where_tanh_saturates() -> None:
+    """The rule's ``gelu'`` and ``gelu''`` have finite derivatives in ``x`` (what parameter
+    gradients of a Laplacian go through) at any ``|x|``: ``1 / cosh^2`` overflowed past
+    ``|x| ~ 13`` in float32 and its derivative was ``nan`` there."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.linspace(-100, 100, 401, dtype=dtype, requires_grad=True)
+        d1, d2 = _gelu(x, F.gelu(x, approximate="tanh"), "tanh")
+        (grad,) = torch.autograd.grad((d1 + d2).sum(), x)
+        assert torch.isfinite(grad).all()
