@@ -11,7 +11,16 @@ ratios). A path is at fault where its error is many times the loop's. Faults fou
   cancels where ``|u| > 3``: its second derivative on ``2.5 < |x| < 6`` was ~10x less
   accurate than autograd's double backward, and Laplacians of a GELU(tanh) net with large
   pre-activations (``method="taylor"``, ``"auto"``, ``value_grad_laplacian``) 5-9x the
-  loop's error per sample.
+  loop's error per sample; its first form, ``1 / cosh^2``, overflowed past ``|x| ~ 13`` and
+  made the rule's derivative (parameter gradients) ``nan``;
+* XTrace's rank test in float32: singular values below ``eps^(2/3)`` (200 ulps) of the
+  largest were taken for round-off, and a column's part in the null space had to exceed
+  ``100 k`` round-offs over the gap, more than 1 in float32: every column of a rank-deficient
+  sketch passed for independent and each left-out sketch dropped a direction it spans (a
+  rank-4 Jacobian's "exact" estimate 1e3-1e5x the loop's error);
+* the Taylor rule of ``det`` went through ``log|det|``: ``det (lap log|det| + sum_k (tr
+  M_k)^2)`` cancels terms ``1/sigma_min^2`` larger than the result, 6-1300x the loop's error
+  for a Slater determinant near a node (now the adjugate's grouping, PyTorch's own).
 
 Tolerances: a multiple of the float32 loop's own error on the same rounded weights and
 inputs (the level users accept), never an absolute guess.
