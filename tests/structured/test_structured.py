@@ -587,6 +587,8 @@ def _issue_mlp(d: int) -> nn.Module:
 @pytest.mark.parametrize(
     ("d", "batch", "train", "rows"),
     [
+        (2, 4096, False, True),  # a pass per row at any work: rows 1.8 ms, structured 2.9
+        (2, 4096, True, True),  # rows 2.0 ms, structured 2.6 (percall24)
         (8, 256, False, True),  # rows 0.61 ms, structured 0.69 (bench/diagonal_choice.py)
         (8, 256, True, True),
         (16, 256, False, False),  # even
@@ -600,6 +602,28 @@ def test_rows_diagonal_at_issue_19s_cells(d, batch, train, rows):
     net, x = _issue_mlp(d).requires_grad_(train), torch.zeros(batch, d)
     assert _structured.chosen("auto", net, x, 1)
     assert _structured.rows_diagonal(net, x, 1) is rows
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_two_entry_diagonal_takes_the_rows_past_the_work_limit(monkeypatch, train):
+    """At most ``LOOP_ROWS`` entries per sample the rows (one pass each, a chain's from its
+    top layer) go at any work: issue 19's D = 2, B = 4096 cell, past ``ROWS_DIAGONAL_WORK``,
+    is not planned; values and parameter gradients as the float64 loop's."""
+    from conftest import assert_same_parameter_gradients, loop_diagonal
+
+    planned: list[bool] = []
+    plan = _structured.plan
+    monkeypatch.setattr(_structured, "plan", lambda *a, **k: planned.append(True) or plan(*a, **k))
+    net = _issue_mlp(2).double().requires_grad_(train)
+    x = torch.randn(4096, 2, dtype=f64)
+    assert crossover.work(net, x, 1) > _structured.ROWS_DIAGONAL_WORK_TRAINED
+    for _ in range(2):  # (watched, then unwatched)
+        diagonal = torchdiv.jacobian_diagonal(net, x)
+    assert planned == []
+    expected = loop_diagonal(net, x, create_graph=train)
+    assert_close(diagonal, expected)
+    if train:
+        assert_same_parameter_gradients(net, diagonal.square().sum(), expected.square().sum())
 
 
 def test_rows_diagonal_turns_at_its_work_limits(monkeypatch):

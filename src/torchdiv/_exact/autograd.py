@@ -20,6 +20,7 @@ import torch
 
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel, out_of_memory
+from torchdiv._core.crossover import LOOP_ROWS
 from torchdiv._core.ddp import Peers
 from torchdiv._core.mixing.watch import check_graph
 from torchdiv._core.modes import (
@@ -315,12 +316,6 @@ def _input_statistics(batch_norms: list[Any]) -> bool:
     if not batch_norms or _BATCH_NORM not in changed_nodes(*backward_passes_order()):
         return False
     return any(node._saved_training or node._saved_running_mean is None for node in batch_norms)
-
-
-# at most this many cotangents go by one backward pass each rather than one batched pass
-# (2-core CPU, D -> 64 -> 64 -> D tanh MLP, rows of a D = 2 event: 0.74-0.86x the time of the
-# batched pass at batch 256 and 4096; at D = 3-4 about even at batch 256)
-LOOP_ROWS = 2
 
 
 class GraphJacobian:
