@@ -607,16 +607,19 @@ def test_rows_diagonal_at_issue_19s_cells(d, batch, train, rows):
 @pytest.mark.parametrize("train", [False, True])
 def test_a_two_entry_diagonal_takes_the_rows_past_the_work_limit(monkeypatch, train):
     """At most ``LOOP_ROWS`` entries per sample the rows (one pass each, a chain's from its
-    top layer) go at any work: issue 19's D = 2, B = 4096 cell, past ``ROWS_DIAGONAL_WORK``,
-    is not planned; values and parameter gradients as the float64 loop's."""
-    from conftest import assert_same_parameter_gradients, loop_diagonal
+    top layer) go at any work (issue 19's D = 2, B = 4096 cell is past ``ROWS_DIAGONAL_WORK``;
+    here the limits are lowered under a small net's work): not planned; values and parameter
+    gradients as the float64 loop's."""
+    from conftest import assert_same_parameter_gradients, loop_diagonal, tanh_mlp
 
     planned: list[bool] = []
     plan = _structured.plan
     monkeypatch.setattr(_structured, "plan", lambda *a, **k: planned.append(True) or plan(*a, **k))
-    net = _issue_mlp(2).double().requires_grad_(train)
-    x = torch.randn(4096, 2, dtype=f64)
-    assert crossover.work(net, x, 1) > _structured.ROWS_DIAGONAL_WORK_TRAINED
+    monkeypatch.setattr(_structured, "ROWS_DIAGONAL_WORK", 1)
+    monkeypatch.setattr(_structured, "ROWS_DIAGONAL_WORK_TRAINED", 1)
+    net = tanh_mlp(2, 8, 2).requires_grad_(train)
+    x = torch.randn(1100, 2, dtype=f64)  # (2 x 2200: above TINY_PROBLEM)
+    assert _structured.chosen("auto", net, x, 1)
     for _ in range(2):  # (watched, then unwatched)
         diagonal = torchdiv.jacobian_diagonal(net, x)
     assert planned == []
