@@ -552,22 +552,29 @@ def test_cycle_trace_of_the_identity_path_is_the_event_size():
     assert_close(cycle.diagonal([Path(2.0, ())], x, 4, None), torch.full((4, 6), 2.0, dtype=f64))
 
 
+@pytest.mark.parametrize("two", [False, True], ids=["work", "two-entries"])
 @pytest.mark.parametrize("train", [False, True])
-def test_auto_leaves_small_diagonals_to_plain_autograd(monkeypatch, train):
+def test_auto_leaves_small_diagonals_to_plain_autograd(monkeypatch, train, two):
     """``"auto"``'s diagonal where plain autograd's rows cost less than the structured
     engine (``rows_diagonal``: work ``n x B x W`` within ``ROWS_DIAGONAL_WORK``, frozen or
-    trained) goes to the generic engines; any trace is planned. Values and parameter
-    gradients as the float64 loop's."""
+    trained; at most ``LOOP_ROWS`` entries per sample at any work, ``two``: issue 19's D = 2,
+    B = 4096 is past the limit, here lowered under a small net's work) goes to the generic
+    engines; any trace is planned. Values and parameter gradients as the float64 loop's."""
     from conftest import assert_same_parameter_gradients, loop_diagonal, tanh_mlp
 
     planned: list[bool] = []
     plan = _structured.plan
     monkeypatch.setattr(_structured, "plan", lambda *a, **k: planned.append(True) or plan(*a, **k))
-    net = tanh_mlp(8, 16, 8).requires_grad_(train)
-    x = torch.randn(128, 8, dtype=f64)  # 8 x 1024: above TINY_PROBLEM
-    assert 8 * x.numel() > _structured.TINY_PROBLEM
-    assert crossover.work(net, x, 1) <= _structured.ROWS_DIAGONAL_WORK
-    diagonal = torchdiv.jacobian_diagonal(net, x)
+    if two:
+        monkeypatch.setattr(_structured, "ROWS_DIAGONAL_WORK", 1)
+        monkeypatch.setattr(_structured, "ROWS_DIAGONAL_WORK_TRAINED", 1)
+    d, batch = (2, 1100) if two else (8, 128)
+    net = tanh_mlp(d, 16, d).requires_grad_(train)
+    x = torch.randn(batch, d, dtype=f64)  # 2 x 2200 or 8 x 1024: above TINY_PROBLEM
+    assert d * x.numel() > _structured.TINY_PROBLEM
+    assert (crossover.work(net, x, 1) <= _structured.ROWS_DIAGONAL_WORK) is not two
+    for _ in range(2):  # (watched, then unwatched)
+        diagonal = torchdiv.jacobian_diagonal(net, x)
     assert planned == []
     expected = loop_diagonal(net, x, create_graph=train)
     assert_close(diagonal, expected)
@@ -602,31 +609,6 @@ def test_rows_diagonal_at_issue_19s_cells(d, batch, train, rows):
     net, x = _issue_mlp(d).requires_grad_(train), torch.zeros(batch, d)
     assert _structured.chosen("auto", net, x, 1)
     assert _structured.rows_diagonal(net, x, 1) is rows
-
-
-@pytest.mark.parametrize("train", [False, True])
-def test_a_two_entry_diagonal_takes_the_rows_past_the_work_limit(monkeypatch, train):
-    """At most ``LOOP_ROWS`` entries per sample the rows (one pass each, a chain's from its
-    top layer) go at any work (issue 19's D = 2, B = 4096 cell is past ``ROWS_DIAGONAL_WORK``;
-    here the limits are lowered under a small net's work): not planned; values and parameter
-    gradients as the float64 loop's."""
-    from conftest import assert_same_parameter_gradients, loop_diagonal, tanh_mlp
-
-    planned: list[bool] = []
-    plan = _structured.plan
-    monkeypatch.setattr(_structured, "plan", lambda *a, **k: planned.append(True) or plan(*a, **k))
-    monkeypatch.setattr(_structured, "ROWS_DIAGONAL_WORK", 1)
-    monkeypatch.setattr(_structured, "ROWS_DIAGONAL_WORK_TRAINED", 1)
-    net = tanh_mlp(2, 8, 2).requires_grad_(train)
-    x = torch.randn(1100, 2, dtype=f64)  # (2 x 2200: above TINY_PROBLEM)
-    assert _structured.chosen("auto", net, x, 1)
-    for _ in range(2):  # (watched, then unwatched)
-        diagonal = torchdiv.jacobian_diagonal(net, x)
-    assert planned == []
-    expected = loop_diagonal(net, x, create_graph=train)
-    assert_close(diagonal, expected)
-    if train:
-        assert_same_parameter_gradients(net, diagonal.square().sum(), expected.square().sum())
 
 
 def test_rows_diagonal_turns_at_its_work_limits(monkeypatch):
