@@ -246,3 +246,29 @@ def test_a_graph_search_saw_is_no_chain_is_not_walked_again(monkeypatch, op):
     for _ in range(2):
         getattr(torchdiv, op)(net, x)
     assert not walks
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["frozen", "train"])
+def test_each_share_s_part_of_a_chain_s_trace_is_its_own_rows_entries(unit_rows, train):
+    """A share of the rows (``torchdiv.distributed``: one rank's unit vectors) at D = 2 takes
+    the chain's rows from the top layer (``unit_products``, not the whole trace): rank ``i``'s
+    part is entry ``(i, i)`` of every sample's Jacobian, read off its one row's block at the
+    share's offset (entry ``(0, 0)`` twice made the parts' sum ``2 J_00``); values and
+    parameter gradients of each part equal the float64 loop's."""
+    from torchdiv._core.basis import Share
+    from torchdiv._exact.dispatch import diagonal_and_output
+
+    torch.manual_seed(0)
+    net = _mlp(2, torch.nn.Tanh).requires_grad_(train)
+    x = torch.randn(16, 2, dtype=torch.float64)
+    want = loop_diagonal(net, x, create_graph=train)
+    torchdiv.divergence(net, x)  # (the first call: watched)
+    del unit_rows[:]
+    for i in range(2):
+        part = diagonal_and_output("divergence", net, x, 1, "auto", None, True, Share(i, 2))[0]
+        assert_close(part, want[:, i])
+        if train:
+            weights = torch.randn_like(part)
+            theirs = (want[:, i] * weights).sum()
+            assert_same_parameter_gradients(net, (part * weights).sum(), theirs)
+    assert unit_rows == [True, True]

@@ -552,22 +552,29 @@ def test_cycle_trace_of_the_identity_path_is_the_event_size():
     assert_close(cycle.diagonal([Path(2.0, ())], x, 4, None), torch.full((4, 6), 2.0, dtype=f64))
 
 
+@pytest.mark.parametrize("two", [False, True], ids=["work", "two-entries"])
 @pytest.mark.parametrize("train", [False, True])
-def test_auto_leaves_small_diagonals_to_plain_autograd(monkeypatch, train):
+def test_auto_leaves_small_diagonals_to_plain_autograd(monkeypatch, train, two):
     """``"auto"``'s diagonal where plain autograd's rows cost less than the structured
     engine (``rows_diagonal``: work ``n x B x W`` within ``ROWS_DIAGONAL_WORK``, frozen or
-    trained) goes to the generic engines; any trace is planned. Values and parameter
-    gradients as the float64 loop's."""
+    trained; at most ``LOOP_ROWS`` entries per sample at any work, ``two``: issue 19's D = 2,
+    B = 4096 is past the limit, here lowered under a small net's work) goes to the generic
+    engines; any trace is planned. Values and parameter gradients as the float64 loop's."""
     from conftest import assert_same_parameter_gradients, loop_diagonal, tanh_mlp
 
     planned: list[bool] = []
     plan = _structured.plan
     monkeypatch.setattr(_structured, "plan", lambda *a, **k: planned.append(True) or plan(*a, **k))
-    net = tanh_mlp(8, 16, 8).requires_grad_(train)
-    x = torch.randn(128, 8, dtype=f64)  # 8 x 1024: above TINY_PROBLEM
-    assert 8 * x.numel() > _structured.TINY_PROBLEM
-    assert crossover.work(net, x, 1) <= _structured.ROWS_DIAGONAL_WORK
-    diagonal = torchdiv.jacobian_diagonal(net, x)
+    if two:
+        monkeypatch.setattr(_structured, "ROWS_DIAGONAL_WORK", 1)
+        monkeypatch.setattr(_structured, "ROWS_DIAGONAL_WORK_TRAINED", 1)
+    d, batch = (2, 1100) if two else (8, 128)
+    net = tanh_mlp(d, 16, d).requires_grad_(train)
+    x = torch.randn(batch, d, dtype=f64)  # 2 x 2200 or 8 x 1024: above TINY_PROBLEM
+    assert d * x.numel() > _structured.TINY_PROBLEM
+    assert (crossover.work(net, x, 1) <= _structured.ROWS_DIAGONAL_WORK) is not two
+    for _ in range(2):  # (watched, then unwatched)
+        diagonal = torchdiv.jacobian_diagonal(net, x)
     assert planned == []
     expected = loop_diagonal(net, x, create_graph=train)
     assert_close(diagonal, expected)
@@ -587,6 +594,8 @@ def _issue_mlp(d: int) -> nn.Module:
 @pytest.mark.parametrize(
     ("d", "batch", "train", "rows"),
     [
+        (2, 4096, False, True),  # a pass per row at any work: rows 1.8 ms, structured 2.9
+        (2, 4096, True, True),  # rows 2.0 ms, structured 2.6 (percall24)
         (8, 256, False, True),  # rows 0.61 ms, structured 0.69 (bench/diagonal_choice.py)
         (8, 256, True, True),
         (16, 256, False, False),  # even

@@ -161,8 +161,8 @@ def jacobian_diagonal(
     kept, so memory stays at one chunk.
 
     ``"structured"`` (``"auto"``'s first choice, see ``divergence``, but where plain
-    autograd's one batched backward pass is faster: small work ``n x B x W``,
-    ``torchdiv._structured.rows_diagonal``) propagates the columns
+    autograd's one batched backward pass is faster: small work ``n x B x W``, or at most two
+    elements per sample, ``torchdiv._structured.rows_diagonal``) propagates the columns
     forward from unit vectors stored once for the batch, summed by colour when the graph is
     local (a conv net: each output reads a small window of the input; with group norms, local
     once their statistics are held, whose part is then added exactly).

@@ -46,6 +46,12 @@ COMPILED_F_WORK = 4 << 20
 # even (rows 0.95-0.99x), and the dense Jacobian took 3.1 ms by rows against 3.5 ms watched
 # and planned (the recipes 3.0-3.1 ms; ``bench/rows_threshold.py``).
 ROWS_PROBLEM = 1 << 18
+# at most this many cotangents go by one backward pass each rather than one batched pass
+# (2-core CPU, D -> 64 -> 64 -> D tanh MLP, rows of a D = 2 event: 0.74-0.86x the time of the
+# batched pass at batch 256 and 4096; at D = 3-4 about even at batch 256), a chain's by its
+# formulas from the top layer's rows (``_exact.chain.unit_products``); a diagonal of at most
+# this many entries per sample goes by them at any work (``_structured.rows_diagonal``)
+LOOP_ROWS = 2
 # W assumed for an ``f`` whose parameters are not seen (a function, a module without
 # parameters), per element of a sample: the rule on shapes alone is then n x (elements of x)
 # <= 2**14, as before f's work was read (a width-64 MLP's W per input element at n = 16: 390)

@@ -20,6 +20,7 @@ import torch
 
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel, out_of_memory
+from torchdiv._core.crossover import LOOP_ROWS
 from torchdiv._core.ddp import Peers
 from torchdiv._core.mixing.watch import check_graph
 from torchdiv._core.modes import (
@@ -317,12 +318,6 @@ def _input_statistics(batch_norms: list[Any]) -> bool:
     return any(node._saved_training or node._saved_running_mean is None for node in batch_norms)
 
 
-# at most this many cotangents go by one backward pass each rather than one batched pass
-# (2-core CPU, D -> 64 -> 64 -> D tanh MLP, rows of a D = 2 event: 0.74-0.86x the time of the
-# batched pass at batch 256 and 4096; at D = 3-4 about even at batch 256)
-LOOP_ROWS = 2
-
-
 class GraphJacobian:
     """``U @ J`` for ``y`` computed from ``x``, by ``autograd.grad`` batched over the vectors.
 
@@ -561,17 +556,19 @@ class GraphJacobian:
         with torch.set_grad_enabled(self.create_graph):
             return chain_trace(steps, self.y)
 
-    def entries(self, start: int, stop: int) -> list[torch.Tensor] | None:
-        """Entry ``(i, i)`` of every sample's square Jacobian for ``i`` in ``start..stop-1``,
-        each ``(N,)``, or ``None`` where ``apply`` takes its general path.
+    def entries(self, start: int, stop: int, summed: bool) -> torch.Tensor | None:
+        """Entries ``(i, i)`` of every sample's square Jacobian for ``i`` in ``start..stop-1``,
+        ``(N, k)`` (``summed``: their sum, ``(N,)``), a new tensor, or ``None`` where ``apply``
+        takes its general path.
 
         Where ``apply`` takes one backward pass per row anyway (at most ``LOOP_ROWS`` rows,
         nothing to watch or wrap: its usual case), each row's entry is read off its product:
         a 2-D event's trace is then two passes, two reads and a sum, without the stack,
         reshapes and diagonal of the ``(k, N, n)`` block (each an autograd node in
-        training: 10-15 us of a 0.5 ms call)."""
+        training: 10-15 us of a 0.5 ms call). A chain's rows come as one ``(k, N, n)`` block:
+        its diagonal, one copy (not ``k`` reads and a stack: 8 ops of a D = 2 call's 86)."""
         if (
-            stop - start > LOOP_ROWS
+            not 0 < stop - start <= LOOP_ROWS
             or type(self) is not GraphJacobian
             or self._custom
             or not self._peers.inert
@@ -588,7 +585,8 @@ class GraphJacobian:
                 vectors = basis(start, stop, self.y, self.batch_dims)
                 rows = chain_products(steps, vectors, self.create_graph)
             flat = rows if rows.shape[1:] == (samples, n) else rows.reshape(-1, samples, n)
-            return [row[:, i] for i, row in enumerate(flat.unbind(), start)]
+            entries = flat.diagonal(start, dim1=0, dim2=2)  # (N, k): entry (start+j, start+j)
+            return entries.sum(-1) if summed else entries.contiguous()
         out = []
         vectors = basis(start, stop, self.y, self.batch_dims)
         for i, v in enumerate(vectors.unbind(), start):
@@ -597,7 +595,9 @@ class GraphJacobian:
                 return None
             flat = product if product.shape == (samples, n) else product.reshape(samples, n)
             out.append(self._peers.attach(flat[:, i]))
-        return out
+        if summed:  # (a new tensor: no view of a product handed out)
+            return out[0].clone() if len(out) == 1 else sum(out[1:], out[0])
+        return torch.stack(out, -1)
 
 
 def unwatched(

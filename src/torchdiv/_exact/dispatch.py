@@ -210,14 +210,13 @@ def diagonal_and_output(
     generic = "auto" if method == "structured" else method
 
     def consume(engine: Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        entries = diag = None
+        diag = None
         if isinstance(engine, GraphJacobian):  # plain autograd: a chain's trace, or a few
             # rows' entries, if so
             diag = engine.trace() if trace and share == WHOLE else None
-            entries = None if diag is not None else engine.entries(*share.of(engine.num_basis))
-        if entries:  # a few rows, one backward pass each: their entries, not a block
-            diag = _summed(entries) if trace else torch.stack(entries, -1)
-        elif diag is None:
+            if diag is None:  # (a few rows, one backward pass each: their entries, no block)
+                diag = engine.entries(*share.of(engine.num_basis), trace)
+        if diag is None:
             diag = diagonal(engine, chunk, share)
             # (one chunk's diagonal is a view of its (k, N, n) block: handed out as it is,
             # it kept the block alive with it, n times its own size, and torch.save wrote that)
@@ -229,11 +228,6 @@ def diagonal_and_output(
         f, x, batch_dims, generic, chunk_size, consume, square=True, draws=False, watched=refused
     )
     return result
-
-
-def _summed(parts: list[torch.Tensor]) -> torch.Tensor:
-    """The sum of ``parts`` (at least one), a new tensor: no view of a product handed out."""
-    return parts[0].clone() if len(parts) == 1 else sum(parts[1:], parts[0])
 
 
 def output(engine: Engine) -> torch.Tensor:
