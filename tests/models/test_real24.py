@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, assert_same_parameter_gradients
+from conftest import assert_close, assert_same_parameter_gradients, sampled_daily
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import (
@@ -28,6 +28,7 @@ from torch.utils.checkpoint import (
 )
 
 import torchdiv
+from torchdiv import BatchInteractionError
 
 einops = pytest.importorskip("einops")
 from einops import rearrange, reduce, repeat  # noqa: E402
@@ -495,3 +496,56 @@ def test_checkpointed_blocks_on_the_math_backend(ckpt: str) -> None:
         same_with_gradients(model, torchdiv.divergence(f, x), traces(jac))
         ours = torchdiv.divergence(f, x, method="hutchinson", probes=probes)
         same_with_gradients(model, ours, hutchinson)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sample-mixing watch
+
+
+def mixing_calls(f, x: torch.Tensor) -> list:
+    """The calls that watch ``f`` for mixed samples."""
+    return [
+        lambda: torchdiv.divergence(f, x),
+        lambda: torchdiv.divergence(f, x, method="structured"),
+        lambda: torchdiv.divergence(f, x, method="hutchinson", num_probes=1),
+        lambda: torchdiv.jacobian_diagonal(f, x),
+        lambda: torchdiv.laplacian(f, x),
+        lambda: torchdiv.check_batch_independence(f, x),
+    ]
+
+
+@pytest.mark.parametrize("ckpt", sampled_daily(["none", "plain"], {"plain"}))
+def test_attention_across_the_batch_refused(ckpt: str) -> None:
+    """The wrong rearrange ``"b n d -> n b d"`` before attention attends across the batch:
+    every watched method refuses it, inside a checkpointed block too (on the math backend:
+    with the fused kernel the checkpoint is refused first)."""
+    torch.manual_seed(0)
+    x, t = torch.randn(3, 4, 2, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    model = TokenFlow(channels=2, length=4, cached=False, mixing=True, ckpt=ckpt).double()
+    with sdpa_kernel([SDPBackend.MATH]):
+        for call in mixing_calls(lambda z: model(z, t), x):
+            with pytest.raises(BatchInteractionError):
+                call()
+
+
+def test_tokens_as_samples() -> None:
+    """``batch_dims=2`` (each token a sample): the per-token flow is accepted, the token
+    flow, whose attention mixes tokens, refused."""
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 4, 4, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    per_token = PerTokenFlow().double()
+    torchdiv.check_batch_independence(lambda z: per_token(z, t), x, batch_dims=2)
+    mixing = TokenFlow(channels=4, length=4).double()
+    for method in ("auto", "structured"):
+        with pytest.raises(BatchInteractionError, match="softmax over samples"):
+            torchdiv.divergence(lambda z: mixing(z, t), x, batch_dims=2, method=method)
+
+
+def test_per_sample_models_accepted() -> None:
+    """Group norms, ``Rearrange`` folds of positions into channels, weight standardisation,
+    einops reductions over a sample's tokens: per sample, not refused."""
+    torch.manual_seed(0)
+    t = torch.rand(3, dtype=torch.float64)
+    unet, tokens = UNet1d().double(), TokenFlow(channels=2, length=4).double()
+    torchdiv.check_batch_independence(lambda z: unet(z, t), torch.randn(3, 2, 8).double())
+    torchdiv.check_batch_independence(lambda z: tokens(z, t), torch.randn(3, 4, 2).double())
