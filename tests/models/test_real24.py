@@ -673,6 +673,32 @@ def test_offloading_inside_f_right() -> None:
     each_with_gradients(model, [torchdiv.laplacian(f, x, method=m) for m in methods], laplacians)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_dims", [1, 2])
+def test_token_log_likelihood(batch_dims: int) -> None:
+    """``log p`` of token sequences: the token flow (attention, a sequence a sample) and the
+    per-token flow (``batch_dims=2``, a token a sample), against Euler steps of grad loops."""
+    torch.manual_seed(0)
+    model = (TokenFlow(channels=2, length=4) if batch_dims == 1 else PerTokenFlow()).double()
+    x = torch.randn(2, 4, 2 if batch_dims == 1 else 4, dtype=torch.float64)
+
+    def divergence(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return traces(reference_jacobians(model, z, s.expand(len(z)), batch_dims))
+
+    ours = torchdiv.flows.log_likelihood(
+        lambda s, z: model(z, s.expand(len(z))),
+        x,
+        0.0,
+        1.0,
+        lambda z: standard_normal(z, batch_dims),
+        batch_dims=batch_dims,
+        solver="euler",
+        options={"step_size": 0.25},
+    )
+    reference = euler_log_likelihood(model, x, batch_dims, 4, divergence)
+    same_with_gradients(model, ours, reference)
+
+
 # ---------------------------------------------------------------------------------------------
 # a 1-D U-Net and tokens as samples: exact, stochastic and second-order methods
 
