@@ -445,6 +445,20 @@ def gradients(model: nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
 
 
+def exact_methods_right(model, f, x: torch.Tensor, jac: torch.Tensor, batch_dims: int = 1) -> None:
+    """Divergence and diagonal of ``f`` at ``x`` by each exact method against the reference
+    Jacobians ``jac``, values and parameter gradients."""
+    methods = ("auto", "forward", "reverse", "structured")
+    kinds = [(torchdiv.divergence, traces(jac)), (torchdiv.jacobian_diagonal, diagonal_of(jac, x))]
+    for operator, reference in kinds:
+        ours = [operator(f, x, batch_dims=batch_dims, method=method) for method in methods]
+        each_with_gradients(model, ours, reference)
+
+
+def diagonal_of(jac: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return jac.diagonal(dim1=-2, dim2=-1).reshape(x.shape)
+
+
 def token_flow(**kwargs) -> tuple[TokenFlow, torch.Tensor, torch.Tensor]:
     """A two-head token flow, 2 sequences of 4 tokens of 2 channels (8 inputs each), ``t``."""
     torch.manual_seed(0)
@@ -472,11 +486,7 @@ def test_token_flow_exact(variant: str) -> None:
     model, x, t = token_flow(**VARIANTS[variant])
     jac = reference_jacobians(model, x, t)
     f = lambda z: model(z, t)  # noqa: E731
-    methods = ("auto", "forward", "reverse", "structured")
-    divergences = [torchdiv.divergence(f, x, method=method) for method in methods]
-    each_with_gradients(model, divergences, traces(jac))
-    diagonals = [torchdiv.jacobian_diagonal(f, x, method=method) for method in methods]
-    each_with_gradients(model, diagonals, jac.diagonal(dim1=-2, dim2=-1).reshape(x.shape))
+    exact_methods_right(model, f, x, jac)
     same_with_gradients(model, torchdiv.jacobian(f, x).reshape(jac.shape), jac)
 
 
@@ -496,6 +506,16 @@ def test_checkpointed_fused_attention_named(ckpt: str) -> None:
         RuntimeError, match=r"divergence: .*checkpoint.*sdpa_kernel\(SDPBackend.MATH\)"
     ):
         torchdiv.divergence(lambda z: model(z, t), x)
+
+
+def test_checkpointed_attention_upstream_of_x() -> None:
+    """A checkpointed fused attention that made ``x`` (an encoder upstream, in ``x``'s
+    history) is not ``f``'s: ``f``, the flow without checkpoints, is differentiated, right."""
+    model, x, t = token_flow()
+    encoder = Attention(2, 1, 4, mask="none", cached=True, mixing=False).double()
+    h = checkpoint(encoder, x.requires_grad_(True), use_reentrant=False)
+    ours = torchdiv.divergence(lambda z: model(z, t), h)
+    assert_close(ours, traces(reference_jacobians(model, h.detach(), t)).detach())
 
 
 @pytest.mark.slow
@@ -722,11 +742,7 @@ def test_unet1d() -> None:
     )
     jac = reference_jacobians(model, x, t)
     f = lambda z: model(z, t)  # noqa: E731
-    methods = ("auto", "forward", "reverse", "structured")
-    divergences = [torchdiv.divergence(f, x, method=method) for method in methods]
-    each_with_gradients(model, divergences, traces(jac))
-    diagonals = [torchdiv.jacobian_diagonal(f, x, method=method) for method in methods]
-    each_with_gradients(model, diagonals, jac.diagonal(dim1=-2, dim2=-1).reshape(x.shape))
+    exact_methods_right(model, f, x, jac)
     probes = torch.randn(3, *x.shape, dtype=x.dtype)
     ours = torchdiv.divergence(f, x, method="hutchinson", probes=probes)
     same_with_gradients(model, ours, hutchinson_reference(jac, probes))
@@ -744,11 +760,7 @@ def test_per_token_flow_batch_dims_2() -> None:
     )
     jac = reference_jacobians(model, x, t, batch_dims=2)
     f = lambda z: model(z, t)  # noqa: E731
-    methods = ("auto", "forward", "reverse", "structured")
-    divergences = [torchdiv.divergence(f, x, batch_dims=2, method=method) for method in methods]
-    each_with_gradients(model, divergences, traces(jac))
-    diagonals = [torchdiv.jacobian_diagonal(f, x, batch_dims=2, method=m) for m in methods]
-    each_with_gradients(model, diagonals, jac.diagonal(dim1=-2, dim2=-1).reshape(x.shape))
+    exact_methods_right(model, f, x, jac, batch_dims=2)
     probes = torch.randn(3, *x.shape, dtype=x.dtype)
     ours = torchdiv.divergence(f, x, batch_dims=2, method="hutchinson", probes=probes)
     same_with_gradients(model, ours, hutchinson_reference(jac, probes))
