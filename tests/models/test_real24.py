@@ -490,6 +490,39 @@ def test_token_flow_exact(variant: str) -> None:
     same_with_gradients(model, torchdiv.jacobian(f, x).reshape(jac.shape), jac)
 
 
+class PaddedAttention(nn.Module):
+    """Attention over padded sequences: each sample's key-padding mask ``(B, N)`` (closed
+    over, from its length) as ``rearrange("b n -> b 1 1 n")``, a custom ``scale``; ``t``
+    scales the output per sample."""
+
+    def __init__(self, dim: int = 4, heads: int = 2):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        mask = rearrange(keep, "b n -> b 1 1 n")
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.7)
+        return self.out(rearrange(h, "b h n d -> b n (h d)")) * t[:, None, None]
+
+
+@pytest.mark.slow
+def test_per_sample_padding_masks() -> None:
+    """A key-padding mask per sample reaches each sample's own attention: every exact method
+    right, values and parameter gradients (the reference slices the mask with the sample)."""
+    torch.manual_seed(0)
+    model, x, t = PaddedAttention().double(), torch.randn(3, 4, 4).double(), torch.rand(3).double()
+    keep = torch.arange(4)[None, :] < torch.tensor([4, 2, 3])[:, None]
+    per_sample = [
+        reference_jacobians(
+            functools.partial(model, keep=keep[b : b + 1]), x[b : b + 1], t[b : b + 1]
+        )
+        for b in range(3)
+    ]
+    jac = torch.cat(per_sample)
+    exact_methods_right(model, lambda z: model(z, t, keep), x, jac)
+
+
 # ---------------------------------------------------------------------------------------------
 # activation checkpointing and offloading inside f
 
