@@ -869,3 +869,39 @@ def test_sketched_estimates(method: str) -> None:
     forward, transposed = of(jac), of(jac.transpose(-1, -2))
     close = torch.allclose(ours, forward, rtol=1e-10, atol=1e-10)
     same_with_gradients(model, ours, forward if close else transposed)
+
+
+def hutchinson_laplacians(model, x, t, probes: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """``mean_k v_k . H_i v_k`` per sample and output ``i``: Hessian-vector products of each
+    sample alone by grad of grad, kept differentiable."""
+    out = []
+    vectors = probes.reshape(len(probes), -1, x[(0,) * batch_dims].numel())
+    for index, (xs, ts) in enumerate(samples(x, t, batch_dims)):
+        leaf = xs.detach().requires_grad_(True)
+        y = model(leaf, ts).reshape(-1)
+        values = []
+        for i in range(len(y)):
+            g = torch.autograd.grad(y[i], leaf, create_graph=True)[0].reshape(-1)
+            quadratic = (
+                torch.autograd.grad(g @ v, leaf, create_graph=True)[0].reshape(-1) @ v
+                for v in vectors[:, index]
+            )
+            values.append(sum(quadratic) / len(probes))
+        out.append(torch.stack(values))
+    return torch.stack(out).reshape(*x.shape[:batch_dims], -1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_dims", [1, 2])
+def test_hutchinson_laplacian(batch_dims: int) -> None:
+    """The Hutchinson Laplacian with shared probes of the 2-D rectified flow and of the
+    per-token flow (``batch_dims=2``): values and parameter gradients."""
+    torch.manual_seed(0)
+    if batch_dims == 1:
+        model, x, t = FourierFlow2d().double(), torch.randn(3, 2).double(), torch.rand(3).double()
+    else:
+        model, x, t = PerTokenFlow().double(), torch.randn(2, 2, 4).double(), torch.rand(2).double()
+    probes = torch.randn(3, *x.shape, dtype=x.dtype)
+    f = lambda z: model(z, t)  # noqa: E731
+    ours = torchdiv.laplacian(f, x, batch_dims=batch_dims, method="hutchinson", probes=probes)
+    same_with_gradients(model, ours, hutchinson_laplacians(model, x, t, probes, batch_dims))
