@@ -351,7 +351,15 @@ def _transform_hint(
 ) -> str | None:
     """``_hint`` for what ``torch.func``'s transforms and dispatch modes refuse in ``f``:
     random draws under vmap, an ``autograd.Function`` without ``setup_context``, a tensor
-    subclass made under a mode, an op without a forward-mode rule."""
+    subclass made under a mode, an op without a forward-mode rule, saved-tensor hooks set
+    inside ``f`` (``save_on_cpu`` around a block; around the call: ``_hooks_refused``)."""
+    if _HOOKS_REFUSED in message:
+        ways = _WITHOUT_VJP.get(fn.rpartition(".")[2], "'auto', 'taylor' or 'grad-of-grad'")
+        return (
+            "f sets saved-tensor hooks (torch.autograd.graph.save_on_cpu, saved_tensors_hooks) "
+            f"around part of its forward, which torch.func's reverse-mode products (method="
+            f"{method!r}) refuse; use method={ways}, which run them"
+        )
     if "random operation" in message and "vmap" in message:
         way = _RANDOM_WAYS.get(fn.rpartition(".")[2], "method='reverse'")
         return (

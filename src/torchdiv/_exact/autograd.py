@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.utils.checkpoint as _checkpoint
 
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel, out_of_memory
@@ -36,6 +37,7 @@ from torchdiv._core.walk import (
     ADJOINT,
     COMPILED,
     EXPANDED,
+    FUSED_ATTENTION,
     WHILE_LOOP,
     Found,
     nodes,
@@ -403,6 +405,8 @@ class GraphJacobian:
         found = search(y, x_in, _changed(*backward_passes_order()) if plain else ())
         guarded = found.guarded or (plain and _input_statistics(found.batch_norms))
         fused = found.fused and outer_grad and found.others
+        if fused and _checkpointed_attention(y, x_in):
+            raise UndifferentiableBackward(CHECKPOINTED_ATTENTION)
         if guarded or fused:  # (fused attention kernels have no double backward)
             attention = math_attention() if fused else contextlib.nullcontext()
             if guarded and changes is not None:
@@ -637,6 +641,30 @@ class RerunJacobian(GraphJacobian):
             fresh = GraphJacobian.of_function(self.f, self.x_given, self.batch_dims)
             products.append(fresh.apply(v[None]))
         return torch.cat(products) if products else self.x.new_zeros((0, *self.x.shape))
+
+
+CHECKPOINTED_ATTENTION = (
+    "torchdiv: f runs F.scaled_dot_product_attention's fused kernel inside a non-reentrant "
+    "torch.utils.checkpoint. Derivatives that stay differentiable (parameter gradients of a "
+    "divergence) need attention on PyTorch's math backend, which torchdiv sets for its own "
+    "evaluation, but the checkpoint recomputes its region in each backward pass (torchdiv's, "
+    "then yours) on the backend set there, the fused kernel (PyTorch's CheckpointError). Make "
+    "the call and your backward pass inside torch.nn.attention.sdpa_kernel(SDPBackend.MATH), "
+    "or (divergences, diagonals) use method='structured'"
+)
+
+
+def _checkpointed_attention(y: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a fused attention node of ``f``'s graph from ``x`` to ``y`` (not ``x``'s
+    history) saved its query through a non-reentrant checkpoint's hooks (plain or selective):
+    its recomputation runs under the backend of the backward pass that unpacks it."""
+    history = x.grad_fn
+    for node in nodes(y.grad_fn, history):
+        if node is not history and type(node).__name__.startswith(FUSED_ATTENTION):
+            hook = getattr(getattr(node, "_raw_saved_query", None), "unpack_hook", None)
+            if getattr(hook, "__module__", None) == _checkpoint.__name__:
+                return True
+    return False
 
 
 def _graph_edges(y: torch.Tensor) -> Iterator[tuple[Any, int]]:
