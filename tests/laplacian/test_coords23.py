@@ -14,6 +14,7 @@ from conftest import assert_close, assert_same_parameter_gradients
 import torchdiv
 from torchdiv._api import second_order
 from torchdiv._laplacian import methods
+from torchdiv._taylor import RULES, capture
 from torchdiv._taylor.cache import PlanCache
 
 f64 = torch.float64
@@ -172,3 +173,70 @@ def test_the_chain_gives_the_partial_and_low_rank_laplacian(laplacian_chained, t
     if way == "x requires grad":
         (dx,) = torch.autograd.grad(got.sum(), x, retain_graph=True)
         assert_close(dx, torch.autograd.grad(want.sum(), x)[0])
+
+
+# lapcall24: the rule for value_grad_laplacian along some of the inputs of a scalar u, fitted
+# by bench/laplacian_crossover.py --vgl (the loop 0.4-0.9x the Taylor sweep at one coordinate)
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_one_coordinate_of_a_scalar_loops_whatever_the_work(calls, monkeypatch, trained):
+    """``Δ_x u`` of a scalar ``u(x, t)`` on one thread: with every work limit at 0 (every
+    Laplacian would record), the deciding call runs the Taylor engine from its recording and
+    the next two loop over the one coordinate without recording ``f``: the loop's three passes
+    beat the Taylor sweep's two sweeps at every measured size (batch 1024 to 32768, 0.4-0.9x).
+    Values and parameter gradients right at each call."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    for limit in ("LOOP_WORK_TRAINED_ONE_THREAD", "LOOP_WORK_ONE_THREAD", "LOOP_WORK_PARTIAL"):
+        monkeypatch.setattr(methods, limit, 0)
+    torch.manual_seed(4)
+    u, x = _net(2), torch.rand(128, 2, dtype=f64)
+    u.requires_grad_(trained)
+    grads, laps = _reference(u, x, [0])
+    for _ in range(3):
+        out, loss = _residual(u, x, [0])
+        assert_close(out.gradient, grads)
+        assert_close(out.laplacian, laps)
+        if trained:
+            reference = (grads[..., -1] - 0.1 * laps).square().mean()
+            assert_same_parameter_gradients(u, loss, reference)
+    assert len(calls["recorded"]) == 1 and len(calls["looped"]) == 2
+
+
+@pytest.mark.parametrize("over", [False, True])
+def test_two_coordinates_of_a_scalar_loop_by_their_square_times_the_work(calls, monkeypatch, over):
+    """Two coordinates of three, trained, one thread: the loop while ``k² x work`` is below
+    ``2 x LOOP_WORK_PARTIAL x (1 + LOOP_TILT_PARTIAL x share)`` (the limit put 10% on either
+    side of this net's work; the Laplacian's own limit at 0): the kept loop below, the Taylor
+    sweep at every call above. Values and parameter gradients right at each call."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(methods, "LOOP_WORK_TRAINED_ONE_THREAD", 0)
+    torch.manual_seed(5)
+    u, x = _net(3), torch.rand(128, 3, dtype=f64)
+    graph = capture(u, x, RULES, batch_dims=1)
+    tilt = 1 + methods.LOOP_TILT_PARTIAL * methods._products_share(graph)
+    limit = 4 * graph.work_per_call() / (2 * tilt)
+    monkeypatch.setattr(methods, "LOOP_WORK_PARTIAL", limit * (0.9 if over else 1.1))
+    grads, laps = _reference(u, x, [0, 1])
+    for _ in range(3):
+        out, loss = _residual(u, x, [0, 1])
+        assert_close(out.gradient, grads)
+        assert_close(out.laplacian, laps)
+        assert_same_parameter_gradients(u, loss, (grads[..., -1] - 0.1 * laps).square().mean())
+    assert (len(calls["recorded"]), len(calls["looped"])) == ((3, 0) if over else (1, 2))
+
+
+def test_one_coordinate_of_several_outputs_keeps_the_laplacians_rule(calls, monkeypatch):
+    """With several output components (Navier-Stokes' ``(u, v, p)``: the loop takes
+    ``1 + m (1 + k)`` passes, the Taylor sweep one) one coordinate is counted as the
+    Laplacian's rule counts it: with that rule's limit at 0, every call records."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(methods, "LOOP_WORK_TRAINED_ONE_THREAD", 0)
+    torch.manual_seed(6)
+    u, x = _net(2, outputs=2), torch.rand(128, 2, dtype=f64)
+    grads, laps = _reference(u, x, [0])
+    for _ in range(2):
+        out, _ = _residual(u, x, [0])
+        assert_close(out.gradient, grads)
+        assert_close(out.laplacian, laps)
+    assert (len(calls["recorded"]), len(calls["looped"])) == (2, 0)

@@ -1051,30 +1051,33 @@ def test_batched_loop_matches_the_plain_loop_values_and_gradients(batch_dims, ou
     assert_close(loop.grad_of_grad(net, x, batch_dims, settings=loop.Settings(True)), want)
 
 
+@pytest.mark.parametrize("inputs", [2, 1])
 @pytest.mark.parametrize("op", ["layer_norm", "cdist"])
-def test_the_remembered_loop_evaluates_f_under_its_modes_where_the_graph_needs_them(op):
+def test_the_remembered_loop_evaluates_f_under_its_modes_where_the_graph_needs_them(op, inputs):
     """A small ``f`` with a layer norm (its third derivative is wrong in PyTorch) or ``cdist``
     (no double backward): ``"auto"`` loops; its plain evaluation shows the op, ``f`` is
     evaluated again under the modes, and later calls start there: values and parameter
-    gradients as the Taylor engine's (float64) at every call."""
+    gradients as the Taylor engine's (float64) at every call. At one input (a plan kept
+    without recording) the first call loops too."""
     from torchdiv._laplacian import methods
     from torchdiv._taylor.cache import PlanCache
 
     torch.manual_seed(0)
-    lin = torch.nn.Linear(2, 3).double()
+    lin = torch.nn.Linear(inputs, 3).double()
     centres = torch.randn(4, 2, dtype=f64)
     if op == "layer_norm":
         f = lambda z: torch.nn.functional.layer_norm(lin(z), (3,)).square().sum(-1)  # noqa: E731
     else:
         f = lambda z: torch.cdist(lin(z)[:, :2], centres).square().sum(-1)  # noqa: E731
-    x = torch.randn(6, 2, dtype=f64, requires_grad=True)
+    x = torch.randn(6, inputs, dtype=f64, requires_grad=True)
     cache = PlanCache(256)
     methods._LOOPS, saved = cache, methods._LOOPS
     try:
         for call in range(3):  # decided (the Taylor engine from its recording), remembered
             got = torchdiv.laplacian(f, x)
             (plan,) = [v for _, v in cache._entries.values()]
-            assert plan and plan.settings.plain == (call == 0), call  # looped, under the modes
+            plain = call == 0 and inputs == 2  # (the deciding call ran the Taylor engine)
+            assert plan and plan.settings.plain == plain, call  # looped, under the modes
             want = torchdiv.laplacian(f, x, method="taylor")
             params = [x, *lin.parameters()]
             for a, b in zip(_grads(got.sum(), params), _grads(want.sum(), params), strict=True):
@@ -1203,3 +1206,35 @@ def test_biharmonic_of_a_stateful_f_is_of_one_evaluation(method, chunk_size):
     frozen = lambda z: once(z)[:, 0]  # noqa: E731
     assert_close(got, laplacian_by_grad_of_grad(lambda z: laplacian_by_grad_of_grad(frozen, z), x))
     assert_one_state(net, once, state)
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_the_one_input_loop_runs_f_plain_and_takes_the_chain_frozen(monkeypatch, trained):
+    """At one input and a small batch (a 1-D Poisson residual) ``"auto"`` loops without
+    recording ``f``, by a plan kept for its structure: ``f`` evaluated outside the modes (they
+    ran at every call: 1.3-1.4x the user's loop) and, frozen, the chain's forward Laplacian
+    (0.6-0.75x); trained, the loop's two passes (the chain's graph is 1.1x slower there).
+    Values and parameter gradients as the float64 grad-of-grad loop at each call."""
+    from torchdiv._laplacian import loop, methods
+    from torchdiv._taylor.cache import PlanCache
+
+    monkeypatch.setattr(methods, "_LOOPS", PlanCache(256))
+    modes, chained = [], []
+    evaluated, chain = loop._evaluated, loop.chain_laplacian
+    monkeypatch.setattr(
+        loop, "_evaluated", lambda *a, safe: modes.append(safe) or evaluated(*a, safe=safe)
+    )
+    monkeypatch.setattr(
+        loop, "chain_laplacian", lambda *a: chained.append(chain(*a) is not None) or chain(*a)
+    )
+    torch.manual_seed(7)
+    net = tanh_mlp(1, 16, 1).requires_grad_(trained)
+    x = torch.rand(64, 1, dtype=f64)
+    want = laplacian_by_grad_of_grad(net, x)
+    for _ in range(3):
+        got = torchdiv.laplacian(net, x)[:, 0]
+        assert_close(got, want)
+        if trained:
+            assert_same_parameter_gradients(net, got.square().mean(), want.square().mean())
+    assert modes == [False] * 3
+    assert chained == ([] if trained else [True] * 3)

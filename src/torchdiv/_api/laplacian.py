@@ -20,10 +20,12 @@ Methods (one signature each, in ``BY_NAME``):
   tensor (directions x elements) within ``CHUNK_ELEMENTS``; ``"forward-over-reverse"`` with the
   same chunks if an op has no Taylor rule. ``"grad-of-grad"`` where the Taylor engine's fixed
   cost per call does not pay back: at one input and at most ``LOOP_ELEMENTS`` samples (``f``
-  is not recorded), at up to three inputs where ``f``'s recorded graph does little arithmetic
-  per call (``_laplacian.methods.loops_for``: a small batch of a network of many small ops,
-  such as a Chebyshev KAN), and if an op has no Taylor rule, at up to ``LOOP_FALLBACK``
-  inputs times output components per sample and where forward mode cannot run ``f``
+  is not recorded; a plan kept per structure evaluates it outside the modes where its graph
+  allows, by the chain below where the call keeps no graph), at up to three inputs where
+  ``f``'s recorded graph does little arithmetic per call (``_laplacian.methods.loops_for``:
+  a small batch of a network of many small ops, such as a Chebyshev KAN), and if an op has
+  no Taylor rule, at up to ``LOOP_FALLBACK`` inputs times output components per sample and
+  where forward mode cannot run ``f``
   (``_laplacian.methods.fallback``; kept per structure of ``f``, its parameters and ``x``,
   so later calls do not record ``f``). The inputs counted are those the second derivatives
   run along: with ``coordinates`` (or ``weighted_laplacian``'s ``sigma``) the chosen ones,

@@ -479,7 +479,9 @@ def value_grad_laplacian(
         x: as in ``laplacian``.
         batch_dims: as in ``laplacian``.
         method: ``"auto"`` (the Taylor engine; the loop of backward passes at few inputs
-            (the chosen ``coordinates``) and little arithmetic per call, and where an op
+            (the chosen ``coordinates``) and little arithmetic per call, at one chosen
+            coordinate of several for a scalar ``f`` at any size on one thread (its three
+            passes against the sweep's two sweeps), and where an op
             has no Taylor rule at up to ten inputs times outputs or where forward mode
             cannot run ``f``, as ``laplacian``, which keeps that choice per structure;
             otherwise, or where that loop's Laplacian is not finite, ``f(x)``, ``jacobian`` and

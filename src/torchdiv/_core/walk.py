@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch._vmap_internals import _vmap
 from torch.autograd.function import BackwardCFunction, once_differentiable
 from torch.autograd.graph import _engine_run_backward
 from torch.overrides import has_torch_function
@@ -183,15 +182,21 @@ def batched_vjp(
     As ``vjp``, where nothing overrides torch functions and the cotangents match ``y``, the
     pass goes to the engine under PyTorch's batching as ``autograd.grad`` sends it, without
     its Python layer (~25 us of a 1.65 ms Laplacian of a Chebyshev KAN at two inputs, batch
-    256, one thread: the Laplacian loop's batched second level)."""
+    256, one thread: the Laplacian loop's batched second level), nor that of the legacy
+    ``_vmap`` it calls (pytree in and out dims, a wrapper made per call: another ~90 us
+    there): the batch dimension added and removed at a vmap level of its own, as ``_vmap``
+    does."""
     plain = not has_torch_function((y, x, cotangents))
     if plain and cotangents.shape[1:] == y.shape and cotangents.dtype == y.dtype:
-
-        def pass_(cotangent: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            return _engine_pass(y, x, cotangent, create_graph)
-
-        (out,) = _vmap(pass_, 0, 0, allow_none_pass_through=True)(cotangents)
-        return out
+        level = torch._C._vmapmode_increment_nesting()
+        try:
+            batched = torch._add_batch_dim(cotangents, 0, level)  # type: ignore[attr-defined]
+            (out,) = _engine_pass(y, x, batched, create_graph)
+            if out is None:
+                return None
+            return torch._remove_batch_dim(out, level, len(cotangents), 0)  # type: ignore[attr-defined]
+        finally:
+            torch._C._vmapmode_decrement_nesting()
     (out,) = torch.autograd.grad(
         y,
         x,

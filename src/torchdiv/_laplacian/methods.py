@@ -94,6 +94,23 @@ LOOP_WORK_ONE_THREAD = 57344
 LOOP_TILT = 6
 LOOP_WORK_TRAINED = 16384
 LOOP_WORK_TRAINED_ONE_THREAD = 20480
+# ``value_grad_laplacian`` along k of its n inputs (``coordinates``, k < n) of one output per
+# sample (a heat residual's ``Δ_x u`` of ``u(x, t)``), one thread: the loop takes 2 + k
+# passes, while the Taylor sweep carries the n - k other first-order directions in a sweep of
+# their own, so the loop reaches further than for the Laplacian: at k = 1 always, at more
+# while k² x w < 2 x limit x (1 + LOOP_TILT_PARTIAL x s), limit LOOP_WORK_PARTIAL if
+# differentiated, 4 x that if not. ``bench/laplacian_crossover.py --vgl [--frozen]`` (a heat
+# step or its residual alone, "auto" forced to each engine, 7 alternated rounds, 2026-12-06),
+# loop / Taylor, trained: k = 1 of 2, 3 or 10, the width-32 tanh / LAAF / RFF nets (s
+# 0.16-0.25) 0.43-0.64 at batch 1024 (w 31k-35k), 0.62-0.83 at 8192, 0.69-0.82 at 32768 (1.1M),
+# the width-64 FNN (s 0.41) 0.56-0.67 at 1024 (95k), 0.73-0.89 at 8192, 0.82 at 32768 (3M);
+# k = 2 of 3 or 10: width 32 0.57-0.83 at 1024, 0.95-1.09 at 4096 (125k-141k), 1.03-1.31 at
+# 8192, width 64 0.78-0.93 at 1024, 0.96-1.03 at 2048 (190k), 1.08 at 4096; k = 3 of 4: width
+# 32 0.84 at 1024, 1.02 at 2048 (68k), width 64 1.07 at 1024. Frozen: k = 1 0.42-0.61 (1024 to
+# 32768), k = 2 of 3 0.52-0.76 (width 32, 1024 to 8192), 0.61-0.83 (width 64). With more
+# output components (Navier-Stokes' three: the loop's 1 + m (1 + k) passes), the rules above.
+LOOP_WORK_PARTIAL = 147456
+LOOP_TILT_PARTIAL = 4
 # Beyond that rule, a frozen f whose recording is a chain (``chained``: a tanh / sigmoid MLP)
 # at up to CHAIN_INPUTS inputs loops too, for the forward Laplacian along its chain
 # (``_laplacian.chain``, from the loop's evaluation), while its ``(n + 1) x widest`` block has
@@ -289,7 +306,7 @@ def recorded_or_loop(
     n = event_numel(x, batch_dims)
     k = n if chosen is None else chosen
     if loops(x, batch_dims):
-        return _unrecorded(f, x, batch_dims, Loop())
+        return _one_input(f, x, batch_dims)
     site = _site(f)
     refused = _REFUSED.get(site, f, x, batch_dims)
     if refused is not None:
@@ -322,6 +339,23 @@ def recorded_or_loop(
     at = _remember(site, f, x, batch_dims, at, plan, k)
     mixing.passed(f, x, batch_dims, at, verdict=graph.verdict)  # recording watched it
     return graph  # this call: the recording's evaluation, not a second one for the loop
+
+
+def _one_input(f: Function, x: torch.Tensor, batch_dims: int) -> Loop | Nested:
+    """The loop at one input and a small batch (``loops``), by the plan kept for ``f``'s site
+    and structure (made for the watch's look-up anyway): ``f`` evaluated plain, and the
+    forward Laplacian where ``f`` is a chain (``loop.Settings``), as a remembered loop runs.
+    With the defaults at every call, ``f`` ran under the modes and the chain was not taken:
+    a 1-D Poisson residual's training step took 1.3-1.4x the user's loop (issue 18). Inside
+    a non-reentrant checkpoint, where no plan is kept, the defaults (its forward and its
+    recomputation take the same path)."""
+    site, at = _site(f), mixing.structure(f, x, batch_dims)
+    key = mixing.shape_key(at)
+    plan: Loop | None = _LOOPS.get(site, key)
+    if plan is None and not cache.checkpointed():
+        plan = Loop(settings=Settings(plain=True, chain=True))
+        _LOOPS.put(site, key, plan)
+    return _unrecorded(f, x, batch_dims, plan or Loop(), at)
 
 
 def _remember(
@@ -440,19 +474,31 @@ def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int, chosen: int | None
     at up to ``LOOP_INPUTS`` coordinates ``n`` to take second derivatives along (``chosen``;
     ``None``: all inputs; the loop's second-level passes) while ``n x work`` is below a
     limit that depends on whether the result is differentiated (``graph.requires_grad``), on
-    the threads and, on one thread, on the share of matrix products in the work (the
-    constants' comment)."""
+    the threads and, on one thread, on the share of matrix products in the work; on one
+    thread, ``value_grad_laplacian`` along some of the inputs of a scalar ``f``
+    (``_partial``) loops at one coordinate, and at more by ``n² x work``: the constants'
+    comments."""
     n = event_numel(x, batch_dims) if chosen is None else chosen
     work = graph.work_per_call()
     if torch.get_num_threads() > 1:
         if graph.requires_grad:
             return n <= 2 and work < LOOP_WORK_TRAINED
         return n <= LOOP_INPUTS and work * n < 2 * LOOP_WORK
+    if _partial(graph, x, batch_dims, n):
+        limit = LOOP_WORK_PARTIAL * (1 if graph.requires_grad else 4)
+        share = 1 + LOOP_TILT_PARTIAL * _products_share(graph)
+        return n == 1 or (n <= LOOP_INPUTS and work * n * n < 2 * limit * share)
     if graph.requires_grad:
         limit, tilt = LOOP_WORK_TRAINED_ONE_THREAD, 1
     else:
         limit, tilt = LOOP_WORK_ONE_THREAD, LOOP_TILT
     return n <= LOOP_INPUTS and work * n < 2 * limit * (1 + tilt * _products_share(graph))
+
+
+def _partial(graph: Graph, x: torch.Tensor, batch_dims: int, chosen: int) -> bool:
+    """Whether the second derivatives run along ``chosen`` of more inputs (the Taylor sweep
+    then carries the others in a sweep of their own) of one output component per sample."""
+    return chosen < event_numel(x, batch_dims) and math.prod(graph.output_shape[batch_dims:]) == 1
 
 
 aten = torch.ops.aten
