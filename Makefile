@@ -5,7 +5,7 @@
 # Both install the `dev`, `bench`, `ode` and `models` extras: the CLI tests run the benchmark
 # (rich, matplotlib), the flows tests and examples solve ODEs (torchdiffeq), the type checks need
 # mypy and basedpyright, the U-Net tests and the diffusion example build diffusers models,
-# the flow tests zuko's CNF, the torchsde tests torchsde's solvers.
+# the flow tests zuko's CNF, the torchsde tests torchsde's solvers, the einops models einops.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
