@@ -9,6 +9,7 @@ read before ``f`` ran: read after it, it holds what ``f`` set while it ran.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +45,15 @@ LOOPED: dict[str, tuple[int, Callable[[Any, torch.Tensor], Any]]] = {
     "laplacian, one input": (1, lambda f, x: torchdiv.laplacian(f, x)),
     "laplacian, two inputs": (2, lambda f, x: torchdiv.laplacian(f, x)),
     "value_grad_laplacian": (2, lambda f, x: torchdiv.value_grad_laplacian(f, x)),
+    # (a partial is no lasting site: its first call makes no key, the next call is watched)
+    "laplacian of a partial": (2, lambda f, x: torchdiv.laplacian(_partial(f), x)),
 }
+_PARTIALS: dict[int, Any] = {}
+
+
+def _partial(model: nn.Module) -> Any:
+    """One ``functools.partial(model.forward)`` per model, the same object at every call."""
+    return _PARTIALS.setdefault(id(model), functools.partial(model.forward))
 
 
 @pytest.mark.parametrize("case", list(LOOPED))
