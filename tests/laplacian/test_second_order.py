@@ -919,9 +919,11 @@ def test_auto_loops_where_the_graph_does_little_arithmetic_per_call(monkeypatch)
 
 def test_auto_makes_a_structure_key_only_for_a_function_that_loops(monkeypatch):
     """At 2-3 inputs a call the Taylor engine runs makes no structure key for ``f`` (~50 us of
-    Python per call, issue 18) unless ``f`` looped at some structure before: then the key is
-    made before recording, and a remembered loop is found without recording. Values: the
-    loop of backward passes (float64, independent of both engines). Two threads' rule."""
+    Python per call, issue 18) unless ``f`` looped at some structure before, or it is the
+    site's first call (the key before ``f`` runs, where a loop decided marks its pass): then
+    the key is made before recording, and a remembered loop is found without recording.
+    Values: the loop of backward passes (float64, independent of both engines). Two
+    threads' rule."""
     from torchdiv._laplacian import methods as _laplacian
     from torchdiv._taylor import mixing
     from torchdiv._taylor.cache import PlanCache
@@ -939,7 +941,7 @@ def test_auto_makes_a_structure_key_only_for_a_function_that_loops(monkeypatch):
     torch.manual_seed(0)
     wide = tanh_mlp(2, 64, 1).to(f64)  # trained, 20k per call: the Taylor engine
     cases = [  # f, shape, (structure keys, recordings) at the first and the second call
-        (wide, (256, 2), [(0, 1), (0, 1)]),
+        (wide, (256, 2), [(1, 1), (0, 1)]),  # (a new site: its first call makes the key)
         (gaussian, (512, 2), [(1, 1), (1, 0)]),  # loops: the key made once decided, then found
         (gaussian, (64 * 1024, 2), [(1, 1), (1, 1)]),  # the Taylor engine, for a looping site
     ]

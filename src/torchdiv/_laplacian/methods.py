@@ -10,6 +10,7 @@ directions as given. Arguments are checked by the public functions (``torchdiv._
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn, TypeVar
@@ -137,7 +138,10 @@ _LOOPS = cache.PlanCache(256)
 # True for each ``_site`` with a structure in ``_LOOPS``: only such a site's calls make their
 # structure key (``mixing.structure``) to look it up, ~50 us of Python per call otherwise spent
 # by every call the Taylor engine runs at 2-3 inputs (2-4% of a trained FNN's Laplacian at
-# batch 256, issue 18)
+# batch 256, issue 18); False for one recorded that did not loop. A module's or a function
+# code's first call makes it too, before ``f`` runs: the call that decides to loop marks ``f``
+# passed there, and a key made after ``f`` ran holds what ``f`` set (a flag that centres its
+# later calls' batch)
 _LOOPING_SITES = cache.PlanCache(256)
 # the structures at which the Taylor engine found no rule for an op of f (``Graph.unsupported``),
 # each with the fallback ``"auto"`` takes there (``fallback``: ``Loop`` or ``Nested``), by
@@ -284,9 +288,12 @@ def recorded_or_loop(
     (``f``'s structure and its parameters' identities, ``_REFUSED``; before, ``f`` was
     recorded again at every call: 1.1-1.5x the loop's own time); that call still gets the
     refused graph, for its caller's fallback. Only a site remembered to loop at some
-    structure (``_LOOPING_SITES``) has its structure key made before recording (at up to
-    LOOP_INPUTS inputs, CHAIN_INPUTS for ``"auto"``'s chain: where a plan may be kept), and
-    only one with a refusal its refusal key; any other call records ``f`` straight away.
+    structure (``_LOOPING_SITES``), or a module or function code seen for the first time,
+    has its structure key made before recording (at up to LOOP_INPUTS inputs, CHAIN_INPUTS
+    for ``"auto"``'s chain: where a plan may be kept), and only one with a refusal its
+    refusal key; any other call records ``f`` straight away. A call that decides to loop
+    without that key leaves ``f`` unmarked (the next call watches it): a key made after
+    ``f`` ran holds what ``f`` set.
 
     Sample mixing (``torchdiv._core.mixing``): recording watches ``f``. A call that does not
     record it watches the loop's own evaluation of ``f`` (~10 us per op, no extra
@@ -312,7 +319,11 @@ def recorded_or_loop(
     if refused is not None:
         return _unrecorded(f, x, batch_dims, at_this_call(refused))
     kept = k <= LOOP_INPUTS or (chain and k <= CHAIN_INPUTS)  # (where a plan may be kept)
-    at = mixing.structure(f, x, batch_dims) if kept and _LOOPING_SITES.get(site, None) else None
+    looping = _LOOPING_SITES.get(site, None)
+    # (a lasting site's first call: a module, a function's code; not a partial or a callable
+    # object, which may be a new site at every call, each call then paying for a key)
+    fresh = looping is None and isinstance(site, (types.CodeType, torch.nn.Module))
+    at = mixing.structure(f, x, batch_dims) if kept and (looping or fresh) else None
     remembered: Loop | None = None if at is None else _LOOPS.get(site, _plan_key(at, n, k))
     settings = None if remembered is None else remembered.settings
     if (
@@ -333,11 +344,14 @@ def recorded_or_loop(
     elif chain and k == n and _chains(graph, x, batch_dims):
         chain_only = True
     else:
+        if fresh:
+            _LOOPING_SITES.put(site, None, False)
         return graph
     batched = graph.work_per_call() < BATCHED_WORK
     plan = Loop(settings=Settings(batched, plain=True, chain=True, chain_only=chain_only))
-    at = _remember(site, f, x, batch_dims, at, plan, k)
-    mixing.passed(f, x, batch_dims, at, verdict=graph.verdict)  # recording watched it
+    if at is not None:  # recording watched f at the structure made before it ran
+        mixing.passed(f, x, batch_dims, at, verdict=graph.verdict)
+    _remember(site, f, x, batch_dims, at, plan, k)
     return graph  # this call: the recording's evaluation, not a second one for the loop
 
 
@@ -366,14 +380,13 @@ def _remember(
     at: mixing.Structure | None,
     plan: Loop,
     chosen: int,
-) -> mixing.Structure:
+) -> None:
     """Keep ``plan`` for ``site`` at the structure of ``f`` and ``x`` (``at``, if made
-    already), which it returns, and ``chosen`` coordinates (``_plan_key``)."""
+    already) and ``chosen`` coordinates (``_plan_key``)."""
     if at is None:
         at = mixing.structure(f, x, batch_dims)
     _LOOPS.put(site, _plan_key(at, event_numel(x, batch_dims), chosen), plan)
     _LOOPING_SITES.put(site, None, True)
-    return at
 
 
 def _plan_key(at: mixing.Structure, n: int, chosen: int) -> Hashable:
@@ -403,6 +416,8 @@ def _unrecorded(
     # warm, 15-20 after the loop's kernels, of a 1.5 ms call at D = 3, B = 256; issue 18)
     if plan.refused:
         return Loop("watch", None, plan.settings, refused=True)
+    if at is None:  # (made before the loop runs f: made after, it holds what f set)
+        at = mixing.structure(f, x, batch_dims)
     if x.dim() > batch_dims and mixing.passed_before(f, x, batch_dims, at) is not None:
         return Loop("graph", None, plan.settings, plan.refused)
     return Loop("watch", (f, x, batch_dims, at), plan.settings, plan.refused)
