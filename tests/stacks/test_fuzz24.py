@@ -1012,6 +1012,41 @@ def test_elu_family_gradients_at_large_inputs(act: nn.Module) -> None:
     assert not _laplacians(f, x, 1, [0, 1, 2], calls)
 
 
+def _finite_gradients(out: torch.Tensor, f: nn.Module) -> bool:
+    grads = torch.autograd.grad(out.sum(), list(f.parameters()), materialize_grads=True)
+    return bool(out.isfinite().all()) and all(bool(g.isfinite().all()) for g in grads)
+
+
+_PYTORCHS = "PyTorch's formula (not replaced in _core.modes yet: NOTES_rev-fuzz24.md)"
+
+
+@pytest.mark.xfail(strict=True, reason=_PYTORCHS)
+@pytest.mark.parametrize("method", ["auto", "grad-of-grad", "forward-over-reverse", "hessian"])
+def test_gelu_tanh_laplacian_gradients_at_large_inputs(method: str) -> None:
+    """``gelu(approximate="tanh")``'s third derivative by PyTorch's formulas is ``nan`` from
+    ``|x| >= 13`` in float32 (27 in float64): the parameter gradients of Laplacians by every
+    engine of PyTorch's derivatives were ``nan``, ``"auto"``'s too where it takes the loop
+    (one input here; ``value_grad_laplacian``'s up to three). The Taylor rule is right."""
+    f = _dense(nn.GELU(approximate="tanh"), 1, 1, 20.0).float()
+    x = torch.linspace(-1, 1, 4)[:, None]
+    assert float(f.blocks[0](x).detach().abs().amax()) > 13
+    assert _finite_gradients(torchdiv.laplacian(f, x, method="taylor"), f)
+    assert _finite_gradients(torchdiv.laplacian(f, x, method=method), f)
+
+
+@pytest.mark.xfail(strict=True, reason=_PYTORCHS)
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+def test_mish_divergence_gradients_at_large_inputs(method: str) -> None:
+    """``mish``'s second derivative by PyTorch's formulas is ``nan`` from ``x >= 88.8`` in
+    float32: the parameter gradients of exact divergences (and forward-over-reverse, Hessian
+    and loop Laplacians' values) were ``nan``; the Taylor and structured rules are right."""
+    f = _dense(nn.Mish(), 2, 2, 150.0).float()
+    x = torch.linspace(-1, 1, 6).reshape(3, 2)
+    assert float(f.blocks[0](x).detach().amax()) > 89
+    assert _finite_gradients(torchdiv.divergence(f, x, method="structured"), f)
+    assert _finite_gradients(torchdiv.divergence(f, x, method=method), f)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("first", [0, 100])
 def test_many_programs(first: int) -> None:
