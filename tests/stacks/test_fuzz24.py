@@ -147,6 +147,14 @@ def plain_activation(a: nn.Module, h: torch.Tensor) -> torch.Tensor:
     raise AssertionError(f"no plain form of {a!r}")
 
 
+def _plain_std(s: Block, h: torch.Tensor) -> torch.Tensor:
+    """``h.std(-1, keepdim=True)``, every derivative 0 at a zero variance (PyTorch's first
+    one is; its second is ``nan`` there)."""
+    var = h.var(-1, keepdim=True)
+    positive = var > 0
+    return torch.where(positive, torch.where(positive, var, 1).sqrt(), 0)
+
+
 def _plain_layer_norm(s: Block, h: torch.Tensor) -> torch.Tensor:
     c = h - h.mean(-1, keepdim=True)
     out = c / torch.sqrt(c.square().mean(-1, keepdim=True) + s.m.eps)
@@ -355,7 +363,9 @@ def _more_block(
     if kind == 25 and k >= 2:
         name = _pick(g, ["var", "std"])
         return Block(
-            f"h.{name}(-1, keepdim=True)", lambda s, h: getattr(h, name)(-1, keepdim=True)
+            f"h.{name}(-1, keepdim=True)",
+            lambda s, h: getattr(h, name)(-1, keepdim=True),
+            _plain_std if name == "std" else None,
         ), 1
     if kind == 26:
         return Block("F.normalize(h, dim=-1)", lambda s, h: nn.functional.normalize(h, dim=-1)), k
@@ -1008,6 +1018,26 @@ def test_elu_family_gradients_at_large_inputs(act: nn.Module) -> None:
     calls = {k: c for k, c in square_calls(x, 1).items() if "structured" in k}
     assert not _square(f, x, 1, [0, 1, 2], calls)
     f = _dense(act, 2, 1, 2000.0)
+    calls = {k: c for k, c in laplacian_calls(x, 1).items() if k.endswith(("/taylor", "/auto"))}
+    assert not _laplacians(f, x, 1, [0, 1, 2], calls)
+
+
+def test_std_of_equal_entries() -> None:
+    """``std`` where the entries are equal (zero variance, a constant): the recorders took it as
+    ``sqrt(var)`` with ``sqrt``'s rule, infinite at 0, so ``"taylor"``/``"auto"`` Laplacians
+    and ``"structured"`` divergences were ``nan`` where PyTorch's derivatives (every other
+    engine) are 0. Found by seed 20947."""
+    g = torch.Generator().manual_seed(0)
+    f = Program(
+        [
+            Block("h.expand(*h.shape[:-1], 2)", lambda s, h: h.expand(*h.shape[:-1], 2)),
+            Block("h.std(-1, keepdim=True)", lambda s, h: h.std(-1, keepdim=True), _plain_std),
+            Block("h * p(1) + q(1)", lambda s, h: h * s.p + s.q, p=_param(g, 1), q=_param(g, 1)),
+        ]
+    )
+    x = torch.randn(3, 1, generator=g, dtype=f64)
+    calls = {k: c for k, c in square_calls(x, 1).items() if "structured" in k}
+    assert not _square(f, x, 1, [0, 1, 2], calls)
     calls = {k: c for k, c in laplacian_calls(x, 1).items() if k.endswith(("/taylor", "/auto"))}
     assert not _laplacians(f, x, 1, [0, 1, 2], calls)
 

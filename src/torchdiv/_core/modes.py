@@ -1117,6 +1117,12 @@ class SafeDerivatives(TorchFunctionMode):
     - ``cosine_similarity`` clamps its norms in place under ``no_grad``, a write no replay
       reproduces: the recorders (``recording=True``) run its composite at any order, so the
       Taylor and structured engines record it (they refused it, ``"auto"`` fell back).
+      ``std`` and ``std_mean`` too: recorded as ``sqrt(var)``, their rule was ``sqrt``'s,
+      infinite at a zero variance (equal entries), so the Taylor engine's Laplacians and the
+      structured divergences were ``nan`` where PyTorch's first derivatives are 0 (the root
+      of ``var`` masked there, ``_std``); by backward passes PyTorch's second derivatives of
+      ``std`` are ``nan`` there (the loop's Laplacian gradients, ``"auto"`` at one input):
+      replaced from the second order too, as the 2-norm (rev-fuzz24).
     - ``scaled_dot_product_attention`` inside ``torch.autocast``: on the math backend
       (``math_attention``) below ``torch.func.vjp`` its pullback raised a dtype mismatch
       (bfloat16 on CPU), so every engine of backward passes refused a valid ``f``; run as
@@ -1177,7 +1183,7 @@ class SafeDerivatives(TorchFunctionMode):
             entry is None
             or not (
                 entry.applies(self.order, self.forward_mode)
-                or (self.recording and func is torch.cosine_similarity)
+                or (self.recording and func in _RECORDED_AS_REPLACED)
             )
             or _underived(args, kwargs)
         ):
@@ -1815,6 +1821,8 @@ def _name(func: Any) -> str:
     return f"{module}.{func.__name__}".replace("linalg_", "linalg.")
 
 
+# replaced at any order where the Taylor and structured engines record ``f`` (module docstring)
+_RECORDED_AS_REPLACED = (torch.cosine_similarity, torch.std, torch.Tensor.std, torch.std_mean)
 # the nodes of the replacements whose PyTorch derivatives differ only at a kink (an exact 0):
 # a graph the caller built with them is not refused (``_api.graph``)
 AT_KINKS = ("PreluKernelBackward",)
@@ -1834,7 +1842,7 @@ _NORM = ("LinalgVectorNormBackward",)  # every norm over vector_norm, cosine sim
 # the nodes whose PyTorch derivatives by backward passes differ only at a zero vector (the
 # 2-norm's second ones are nan there: a dense distance matrix's diagonal; replaced from the
 # second order, a graph the caller built with them is not refused)
-AT_ZERO_VECTORS = (*_NORM, "NormBackward")
+AT_ZERO_VECTORS = (*_NORM, "NormBackward", "StdBackward", "StdMeanBackward")  # std: variance 0
 _POW_OPERATOR = torch.Tensor.__pow__  # ``a ** e``: run by ``Tensor.pow``'s entry
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
 
@@ -1926,8 +1934,8 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((3, 2), _linalg.pairwise_distance, "", ("NormBackward",), torch.pairwise_distance),
     **_table((3, None), _linalg.dist, "", ("DistBackward",), torch.dist, torch.Tensor.dist),
     **_table((3, None), _linalg.renorm, "", ("RenormBackward",), torch.renorm, torch.Tensor.renorm),
-    **_table((3, None), _std, "", ("StdBackward",), torch.std, torch.Tensor.std),
-    **_table((3, None), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
+    **_table((3, 2), _std, "", ("StdBackward",), torch.std, torch.Tensor.std),
+    **_table((3, 2), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
     **_table((2, 2), _hardsigmoid, "", ("HardsigmoidBackward",), torch.nn.functional.hardsigmoid),
     **_table((2, None), _glu, "", ("GluBackward",), torch.nn.functional.glu),
     **_table((2, 2), _constant_power(torch.pow), "", POW_NODES, torch.pow),
