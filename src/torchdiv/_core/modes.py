@@ -1067,7 +1067,10 @@ class SafeDerivatives(TorchFunctionMode):
       reverse, the Hessian or Hutchinson's products raised "modified by an inplace
       operation" (values right). Replaced by ``_core.linalg.vector_norm`` (elementwise powers,
       a sum, a root; 0 derivatives at a zero entry and a zero vector, as PyTorch's first ones)
-      and the ops over it, ``std`` by the root of ``var``.
+      and the ops over it, ``std`` by the root of ``var``. The 2-norm's from the second order
+      through forward mode too: at a zero vector that depends on the parameters (``(x @ w) *
+      0``, a padding atom's features) its JVP's derivative is ``0 / 0``, so the forward
+      engine's parameter gradients were ``nan`` (rev-fuzz24).
     - ``copysign``: its backward divides by the input, so second derivatives are ``nan`` where
       an entry is 0, by reverse mode too (the reverse engine's divergence gradients, a second
       derivative taken under ``SafeDerivatives(1)``): replaced by ``|a|`` signed by ``other``
@@ -1924,14 +1927,14 @@ REPLACEMENTS: dict[Any, Replacement] = {
     # evaluation outside the mode (the engines of backward passes) computed the same
     **_table((1, None), _group_norm, "", (), torch.group_norm),
     **_table((1, None), _functional_group_norm, "", (), torch.nn.functional.group_norm),
-    **_table((3, 2), _linalg.vector_norm, "", _NORM, torch.linalg.vector_norm),
-    **_table((3, 2), _linalg.norm, "", _NORM, torch.norm),
-    **_table((3, 2), _linalg.tensor_norm, "", _NORM, torch.Tensor.norm),
-    **_table((3, 2), _linalg.linalg_norm, "", _NORM, torch.linalg.norm),
-    **_table((3, 2), _linalg.matrix_norm, "", _NORM, torch.linalg.matrix_norm),
-    **_table((3, 2), _linalg.normalize, "", _NORM, torch.nn.functional.normalize),
-    **_table((3, 2), _linalg.cosine_similarity, "", _NORM, torch.cosine_similarity),
-    **_table((3, 2), _linalg.pairwise_distance, "", ("NormBackward",), torch.pairwise_distance),
+    **_table((2, 2), _linalg.vector_norm, "", _NORM, torch.linalg.vector_norm),
+    **_table((2, 2), _linalg.norm, "", _NORM, torch.norm),
+    **_table((2, 2), _linalg.tensor_norm, "", _NORM, torch.Tensor.norm),
+    **_table((2, 2), _linalg.linalg_norm, "", _NORM, torch.linalg.norm),
+    **_table((2, 2), _linalg.matrix_norm, "", _NORM, torch.linalg.matrix_norm),
+    **_table((2, 2), _linalg.normalize, "", _NORM, torch.nn.functional.normalize),
+    **_table((2, 2), _linalg.cosine_similarity, "", _NORM, torch.cosine_similarity),
+    **_table((2, 2), _linalg.pairwise_distance, "", ("NormBackward",), torch.pairwise_distance),
     **_table((3, None), _linalg.dist, "", ("DistBackward",), torch.dist, torch.Tensor.dist),
     **_table((3, None), _linalg.renorm, "", ("RenormBackward",), torch.renorm, torch.Tensor.renorm),
     **_table((3, 2), _std, "", ("StdBackward",), torch.std, torch.Tensor.std),
