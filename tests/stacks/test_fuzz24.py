@@ -887,26 +887,20 @@ def _laplacians(
 
 MIXERS = {
     "h - h.mean(0)": lambda s, h: h - h.mean(0, keepdim=True),
-    "BatchNorm1d (train)": lambda s, h: s.m(h.reshape(-1, h.shape[-1])).reshape(h.shape),
+    "nn.BatchNorm1d (train mode)": lambda s, h: s.m(h.reshape(-1, h.shape[-1])).reshape(h.shape),
     "torch.roll(h, 1, 0)": lambda s, h: torch.roll(h, 1, 0),
 }
 
 
-def mixed(f: Program, where: int, mixer: str) -> Program:
-    """``f`` with the batch-mixing ``mixer`` spliced in before block ``where``."""
+def mixed(f: Program, where: int, mixer: str, x: torch.Tensor) -> Program:
+    """``f`` with the batch-mixing ``mixer`` spliced in before block ``where`` (``x``: an input,
+    for the width there)."""
     blocks = list(f.blocks)
-    extra = {}
-    if mixer.startswith("BatchNorm"):
-        extra["m"] = _LazyBatchNorm()
-    blocks.insert(where, Block(mixer, MIXERS[mixer], **extra))
+    with torch.no_grad():
+        width = Program(blocks[:where])(x).shape[-1]
+    norm = nn.BatchNorm1d(width, dtype=f64) if "BatchNorm" in mixer else None
+    blocks.insert(where, Block(mixer, MIXERS[mixer], **({} if norm is None else {"m": norm})))
     return Program(blocks, f.scalar)
-
-
-class _LazyBatchNorm(nn.Module):
-    """Train-mode batch norm over whatever width reaches it."""
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return nn.functional.batch_norm(h, None, None, training=True)
 
 
 def _mixes(f: Program, x: torch.Tensor, batch_dims: int) -> bool:
@@ -963,7 +957,7 @@ def watch_one(seed: int) -> list[str]:
         except Exception as exc:
             faults.append(f"{op} refused the per-sample program: {_said(exc)}\n{f!r}")
         f = program(seed, d, d, x.shape[:batch_dims])
-        m = mixed(f, _int(g, 0, len(f.blocks) - 1), mixer)
+        m = mixed(f, _int(g, 0, len(f.blocks) - 1), mixer, x)
         if not _mixes(m, x, batch_dims):
             continue  # the mixing washed out (a norm over one feature after it): nothing to see
         try:
