@@ -662,43 +662,25 @@ def square_calls(x: torch.Tensor, batch_dims: int) -> dict[str, Callable]:
         "diag",
         _no_grad(torchdiv.jacobian_diagonal, f, x, **kw),
     )
-    calls["divergence/hutchinson/basis"] = lambda f: (
-        "div",
-        torchdiv.divergence(f, x, method="hutchinson", probes=_basis_probes(x, batch_dims), **kw),
-    )
-    calls["divergence/hutch++/3n"] = lambda f: (
-        "div",
-        torchdiv.divergence(
-            f,
-            x,
-            method="hutch++",
-            num_probes=3 * n,
-            generator=torch.Generator().manual_seed(1),
-            **kw,
-        ),
-    )
+
+    def exact(method: str) -> dict:
+        """The options of ``method``'s exact mode: the scaled basis, or ``3n`` Hutch++ probes."""
+        if method == "hutchinson":
+            return {"probes": _basis_probes(x, batch_dims)}
+        return {"num_probes": 3 * n, "generator": torch.Generator().manual_seed(1)}
+
+    for m, mode in (("hutchinson", "basis"), ("hutch++", "3n")):
+        calls[f"divergence/{m}/{mode}"] = lambda f, m=m: (
+            "div",
+            torchdiv.divergence(f, x, method=m, **exact(m), **kw),
+        )
+        calls[f"estimate_divergence/{m}/{mode}"] = lambda f, m=m: (
+            "div",
+            torchdiv.estimate_divergence(f, x, method=m, **exact(m), **kw).value,
+        )
     calls["jacobian_diagonal/hutchinson/basis"] = lambda f: (
         "diag",
-        torchdiv.jacobian_diagonal(
-            f, x, method="hutchinson", probes=_basis_probes(x, batch_dims), **kw
-        ),
-    )
-    calls["estimate_divergence/hutchinson/basis"] = lambda f: (
-        "div",
-        torchdiv.estimate_divergence(
-            f, x, method="hutchinson", probes=_basis_probes(x, batch_dims), **kw
-        ).value,
-    )
-    calls["estimate_divergence/hutch++/3n"] = lambda f: (
-        "div",
-        torchdiv.estimate_divergence(
-            f,
-            x,
-            method="hutch++",
-            num_probes=3 * n,
-            generator=torch.Generator().manual_seed(2),
-            **kw,
-        ).value,
+        torchdiv.jacobian_diagonal(f, x, method="hutchinson", **exact("hutchinson"), **kw),
     )
     return calls
 
