@@ -1067,7 +1067,10 @@ class SafeDerivatives(TorchFunctionMode):
       reverse, the Hessian or Hutchinson's products raised "modified by an inplace
       operation" (values right). Replaced by ``_core.linalg.vector_norm`` (elementwise powers,
       a sum, a root; 0 derivatives at a zero entry and a zero vector, as PyTorch's first ones)
-      and the ops over it, ``std`` by the root of ``var``.
+      and the ops over it, ``std`` by the root of ``var``. The 2-norm's from the second order
+      through forward mode too: at a zero vector that depends on the parameters (``(x @ w) *
+      0``, a padding atom's features) its JVP's derivative is ``0 / 0``, so the forward
+      engine's parameter gradients were ``nan`` (rev-fuzz24).
     - ``copysign``: its backward divides by the input, so second derivatives are ``nan`` where
       an entry is 0, by reverse mode too (the reverse engine's divergence gradients, a second
       derivative taken under ``SafeDerivatives(1)``): replaced by ``|a|`` signed by ``other``
@@ -1095,6 +1098,10 @@ class SafeDerivatives(TorchFunctionMode):
       were off by ~1e-8 relative in every engine of PyTorch's derivatives (1.5e-8 at
       TorchANI's ``alpha = 0.1``: its Laplacians by forward over reverse, divergences and
       Jacobians by both modes); replaced by ``elu(a, alpha, 1, 1 / alpha)`` from order 1.
+    - ``mish``: its second derivative is ``nan`` from ``a >= 88.8`` in float32 (709.8 in
+      float64), through forward mode and by backward passes (exact divergences' parameter
+      gradients, the nested Laplacians' values); replaced by ``a tanh(softplus(a))`` from order
+      2 (rev-fuzz24).
     - The ``torch.special`` functions of ``UNDERIVABLE_NAMES`` have no derivative at all
       (autograd returns their output as a constant: every engine gave 0 through them):
       refused (``refuse_underivable``) at any order where an argument is being differentiated;
@@ -1117,6 +1124,12 @@ class SafeDerivatives(TorchFunctionMode):
     - ``cosine_similarity`` clamps its norms in place under ``no_grad``, a write no replay
       reproduces: the recorders (``recording=True``) run its composite at any order, so the
       Taylor and structured engines record it (they refused it, ``"auto"`` fell back).
+      ``std`` and ``std_mean`` too: recorded as ``sqrt(var)``, their rule was ``sqrt``'s,
+      infinite at a zero variance (equal entries), so the Taylor engine's Laplacians and the
+      structured divergences were ``nan`` where PyTorch's first derivatives are 0 (the root
+      of ``var`` masked there, ``_std``); by backward passes PyTorch's second derivatives of
+      ``std`` are ``nan`` there (the loop's Laplacian gradients, ``"auto"`` at one input):
+      replaced from the second order too, as the 2-norm (rev-fuzz24).
     - ``scaled_dot_product_attention`` inside ``torch.autocast``: on the math backend
       (``math_attention``) below ``torch.func.vjp`` its pullback raised a dtype mismatch
       (bfloat16 on CPU), so every engine of backward passes refused a valid ``f``; run as
@@ -1177,7 +1190,7 @@ class SafeDerivatives(TorchFunctionMode):
             entry is None
             or not (
                 entry.applies(self.order, self.forward_mode)
-                or (self.recording and func is torch.cosine_similarity)
+                or (self.recording and func in _RECORDED_AS_REPLACED)
             )
             or _underived(args, kwargs)
         ):
@@ -1611,6 +1624,15 @@ def _hardsigmoid(a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return a.copy_(out) if inplace else out
 
 
+def _mish(a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``F.mish``: ``a tanh(softplus(a))``, the same values; PyTorch's second derivative of
+    ``mish`` is ``nan`` from ``a >= 88.8`` in float32 (709.8 in float64), those of ``tanh`` and
+    ``softplus`` are right at every order."""
+    b = a.clone() if inplace else a  # (the product saves its factor: not the one written)
+    out = b * torch.tanh(torch.nn.functional.softplus(b))
+    return a.copy_(out) if inplace else out
+
+
 def _celu(a: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.Tensor:
     """``F.celu``: ``elu(a, alpha, 1, 1 / alpha)``, the op PyTorch's ``celu`` computes, with
     the reciprocal in double precision; PyTorch's derivatives of ``celu`` round it to float32
@@ -1815,6 +1837,8 @@ def _name(func: Any) -> str:
     return f"{module}.{func.__name__}".replace("linalg_", "linalg.")
 
 
+# replaced at any order where the Taylor and structured engines record ``f`` (module docstring)
+_RECORDED_AS_REPLACED = (torch.cosine_similarity, torch.std, torch.Tensor.std, torch.std_mean)
 # the nodes of the replacements whose PyTorch derivatives differ only at a kink (an exact 0):
 # a graph the caller built with them is not refused (``_api.graph``)
 AT_KINKS = ("PreluKernelBackward",)
@@ -1827,6 +1851,8 @@ POW_NODES = ("PowBackward1",)
 AT_ZEROS = ("SincBackward",)
 # ... and those whose PyTorch derivatives are off by a float32 rounding only (in float64)
 ROUNDED = ("CeluBackward",)
+# ... and those whose PyTorch derivatives are nan only at large inputs (mish: x >= 88.8 in float32)
+AT_LARGE = ("MishBackward",)
 _SLOGDET = ("LinalgSlogdetBackward",)  # logdet too
 _SOLVE = ("LinalgSolveExBackward",)  # solve, solve_ex, tensorsolve
 _EIGHN = ("LinalgEighBackward",)  # eigh and eigvalsh
@@ -1834,7 +1860,7 @@ _NORM = ("LinalgVectorNormBackward",)  # every norm over vector_norm, cosine sim
 # the nodes whose PyTorch derivatives by backward passes differ only at a zero vector (the
 # 2-norm's second ones are nan there: a dense distance matrix's diagonal; replaced from the
 # second order, a graph the caller built with them is not refused)
-AT_ZERO_VECTORS = (*_NORM, "NormBackward")
+AT_ZERO_VECTORS = (*_NORM, "NormBackward", "StdBackward", "StdMeanBackward")  # std: variance 0
 _POW_OPERATOR = torch.Tensor.__pow__  # ``a ** e``: run by ``Tensor.pow``'s entry
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
 
@@ -1916,23 +1942,24 @@ REPLACEMENTS: dict[Any, Replacement] = {
     # evaluation outside the mode (the engines of backward passes) computed the same
     **_table((1, None), _group_norm, "", (), torch.group_norm),
     **_table((1, None), _functional_group_norm, "", (), torch.nn.functional.group_norm),
-    **_table((3, 2), _linalg.vector_norm, "", _NORM, torch.linalg.vector_norm),
-    **_table((3, 2), _linalg.norm, "", _NORM, torch.norm),
-    **_table((3, 2), _linalg.tensor_norm, "", _NORM, torch.Tensor.norm),
-    **_table((3, 2), _linalg.linalg_norm, "", _NORM, torch.linalg.norm),
-    **_table((3, 2), _linalg.matrix_norm, "", _NORM, torch.linalg.matrix_norm),
-    **_table((3, 2), _linalg.normalize, "", _NORM, torch.nn.functional.normalize),
-    **_table((3, 2), _linalg.cosine_similarity, "", _NORM, torch.cosine_similarity),
-    **_table((3, 2), _linalg.pairwise_distance, "", ("NormBackward",), torch.pairwise_distance),
+    **_table((2, 2), _linalg.vector_norm, "", _NORM, torch.linalg.vector_norm),
+    **_table((2, 2), _linalg.norm, "", _NORM, torch.norm),
+    **_table((2, 2), _linalg.tensor_norm, "", _NORM, torch.Tensor.norm),
+    **_table((2, 2), _linalg.linalg_norm, "", _NORM, torch.linalg.norm),
+    **_table((2, 2), _linalg.matrix_norm, "", _NORM, torch.linalg.matrix_norm),
+    **_table((2, 2), _linalg.normalize, "", _NORM, torch.nn.functional.normalize),
+    **_table((2, 2), _linalg.cosine_similarity, "", _NORM, torch.cosine_similarity),
+    **_table((2, 2), _linalg.pairwise_distance, "", ("NormBackward",), torch.pairwise_distance),
     **_table((3, None), _linalg.dist, "", ("DistBackward",), torch.dist, torch.Tensor.dist),
     **_table((3, None), _linalg.renorm, "", ("RenormBackward",), torch.renorm, torch.Tensor.renorm),
-    **_table((3, None), _std, "", ("StdBackward",), torch.std, torch.Tensor.std),
-    **_table((3, None), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
+    **_table((3, 2), _std, "", ("StdBackward",), torch.std, torch.Tensor.std),
+    **_table((3, 2), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
     **_table((2, 2), _hardsigmoid, "", ("HardsigmoidBackward",), torch.nn.functional.hardsigmoid),
     **_table((2, None), _glu, "", ("GluBackward",), torch.nn.functional.glu),
     **_table((2, 2), _constant_power(torch.pow), "", POW_NODES, torch.pow),
     **_table((2, 2), _constant_power(torch.Tensor.pow), "", POW_NODES, torch.Tensor.pow),
     **_table((1, 1), _celu, "", ROUNDED, torch.nn.functional.celu, torch.celu),
+    **_table((2, 2), _mish, "", AT_LARGE, torch.nn.functional.mish),
     **_table((1, 1), _celu_, "", ROUNDED, torch.celu_),
     **_table((1, 2), _sinc, "", AT_ZEROS, torch.sinc, torch.special.sinc, torch.Tensor.sinc),
     **_table((1, 2), _sinc_, "", AT_ZEROS, torch.sinc_, torch.Tensor.sinc_),

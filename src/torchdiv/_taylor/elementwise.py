@@ -90,7 +90,9 @@ def _softplus(x: Tensor, y: Tensor, beta: float = 1.0, threshold: float = 20.0):
 
 
 def _elu(x: Tensor, y: Tensor, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0):  # type: ignore[no-untyped-def]
-    d1_neg = scale * alpha * input_scale * torch.exp(input_scale * x)
+    # the exponential of the negative side only: exp(input_scale * x) overflows at a large
+    # positive x (88.7 / input_scale in float32) and where's backward gives 0 * inf = nan there
+    d1_neg = scale * alpha * input_scale * torch.exp(input_scale * x.clamp(max=0))
     positive = x > 0
     d1 = torch.where(positive, torch.full_like(x, scale), d1_neg)
     return d1, torch.where(positive, torch.zeros_like(x), d1_neg * input_scale)
