@@ -33,7 +33,6 @@ from torchdiv._core.checks import (
 from torchdiv._core.mixing.watch import check_graph
 from torchdiv._core.modes import (
     AT_KINKS,
-    AT_LARGE,
     AT_ZERO_VECTORS,
     AT_ZEROS,
     POW_NODES,
@@ -306,11 +305,11 @@ def graph_laplacian(
 
 # (prelu's and a tensor exponent pow's derivatives differ only at an exact 0, sinc's at and
 # near 0 (|pi x| < 1/2, cancelling), the norms' at a zero vector, celu's by a float32
-# rounding, mish's at large inputs: a graph with them keeps PyTorch's, not refused: documented)
+# rounding: a graph with them keeps PyTorch's, not refused: documented)
 _WRONG_THIRD = tuple(
     n
     for n in changed_nodes(3, forward_mode=False)
-    if n not in (*AT_KINKS, *AT_ZEROS, *AT_ZERO_VECTORS, *POW_NODES, *ROUNDED, *AT_LARGE)
+    if n not in (*AT_KINKS, *AT_ZEROS, *AT_ZERO_VECTORS, *POW_NODES, *ROUNDED)
 )
 
 

@@ -1098,10 +1098,6 @@ class SafeDerivatives(TorchFunctionMode):
       were off by ~1e-8 relative in every engine of PyTorch's derivatives (1.5e-8 at
       TorchANI's ``alpha = 0.1``: its Laplacians by forward over reverse, divergences and
       Jacobians by both modes); replaced by ``elu(a, alpha, 1, 1 / alpha)`` from order 1.
-    - ``mish``: its second derivative is ``nan`` from ``a >= 88.8`` in float32 (709.8 in
-      float64), through forward mode and by backward passes (exact divergences' parameter
-      gradients, the nested Laplacians' values); replaced by ``a tanh(softplus(a))`` from order
-      2 (rev-fuzz24).
     - The ``torch.special`` functions of ``UNDERIVABLE_NAMES`` have no derivative at all
       (autograd returns their output as a constant: every engine gave 0 through them):
       refused (``refuse_underivable``) at any order where an argument is being differentiated;
@@ -1624,15 +1620,6 @@ def _hardsigmoid(a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return a.copy_(out) if inplace else out
 
 
-def _mish(a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """``F.mish``: ``a tanh(softplus(a))``, the same values; PyTorch's second derivative of
-    ``mish`` is ``nan`` from ``a >= 88.8`` in float32 (709.8 in float64), those of ``tanh`` and
-    ``softplus`` are right at every order."""
-    b = a.clone() if inplace else a  # (the product saves its factor: not the one written)
-    out = b * torch.tanh(torch.nn.functional.softplus(b))
-    return a.copy_(out) if inplace else out
-
-
 def _celu(a: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.Tensor:
     """``F.celu``: ``elu(a, alpha, 1, 1 / alpha)``, the op PyTorch's ``celu`` computes, with
     the reciprocal in double precision; PyTorch's derivatives of ``celu`` round it to float32
@@ -1851,8 +1838,6 @@ POW_NODES = ("PowBackward1",)
 AT_ZEROS = ("SincBackward",)
 # ... and those whose PyTorch derivatives are off by a float32 rounding only (in float64)
 ROUNDED = ("CeluBackward",)
-# ... and those whose PyTorch derivatives are nan only at large inputs (mish: x >= 88.8 in float32)
-AT_LARGE = ("MishBackward",)
 _SLOGDET = ("LinalgSlogdetBackward",)  # logdet too
 _SOLVE = ("LinalgSolveExBackward",)  # solve, solve_ex, tensorsolve
 _EIGHN = ("LinalgEighBackward",)  # eigh and eigvalsh
@@ -1959,7 +1944,6 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((2, 2), _constant_power(torch.pow), "", POW_NODES, torch.pow),
     **_table((2, 2), _constant_power(torch.Tensor.pow), "", POW_NODES, torch.Tensor.pow),
     **_table((1, 1), _celu, "", ROUNDED, torch.nn.functional.celu, torch.celu),
-    **_table((2, 2), _mish, "", AT_LARGE, torch.nn.functional.mish),
     **_table((1, 1), _celu_, "", ROUNDED, torch.celu_),
     **_table((1, 2), _sinc, "", AT_ZEROS, torch.sinc, torch.special.sinc, torch.Tensor.sinc),
     **_table((1, 2), _sinc_, "", AT_ZEROS, torch.sinc_, torch.Tensor.sinc_),
