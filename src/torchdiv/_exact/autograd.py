@@ -37,7 +37,6 @@ from torchdiv._core.walk import (
     ADJOINT,
     COMPILED,
     EXPANDED,
-    FUSED_ATTENTION,
     WHILE_LOOP,
     Found,
     nodes,
@@ -405,7 +404,7 @@ class GraphJacobian:
         found = search(y, x_in, _changed(*backward_passes_order()) if plain else ())
         guarded = found.guarded or (plain and _input_statistics(found.batch_norms))
         fused = found.fused and outer_grad and found.others
-        if fused and _checkpointed_attention(y, x_in):
+        if fused and _checkpointed_attention(found.attention):
             raise UndifferentiableBackward(CHECKPOINTED_ATTENTION)
         if guarded or fused:  # (fused attention kernels have no double backward)
             attention = math_attention() if fused else contextlib.nullcontext()
@@ -654,16 +653,16 @@ CHECKPOINTED_ATTENTION = (
 )
 
 
-def _checkpointed_attention(y: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether a fused attention node of ``f``'s graph from ``x`` to ``y`` (not ``x``'s
-    history) saved its query through a non-reentrant checkpoint's hooks (plain or selective):
-    its recomputation runs under the backend of the backward pass that unpacks it."""
-    history = x.grad_fn
-    for node in nodes(y.grad_fn, history):
-        if node is not history and type(node).__name__.startswith(FUSED_ATTENTION):
-            hook = getattr(getattr(node, "_raw_saved_query", None), "unpack_hook", None)
-            if getattr(hook, "__module__", None) == _checkpoint.__name__:
-                return True
+def _checkpointed_attention(attention: list[Any]) -> bool:
+    """Whether a fused attention node of ``f``'s graph (``attention``: ``search``'s, from ``x``
+    to ``y``, not ``x``'s history) saved its query through a non-reentrant checkpoint's hooks
+    (plain or selective): its recomputation runs under the backend of the backward pass that
+    unpacks it. (Read off the search's walk: a second walk of a transformer block's graph was
+    +535 Python calls, +24 %, of a ``jacobian_diagonal`` call.)"""
+    for node in attention:
+        hook = getattr(getattr(node, "_raw_saved_query", None), "unpack_hook", None)
+        if getattr(hook, "__module__", None) == _checkpoint.__name__:
+            return True
     return False
 
 
