@@ -405,7 +405,7 @@ class GraphJacobian:
         found = search(y, x_in, _changed(*backward_passes_order()) if plain else ())
         guarded = found.guarded or (plain and _input_statistics(found.batch_norms))
         fused = found.fused and outer_grad and found.others
-        checkpointed = _checkpointed_attention(y, x_in) if fused else set()
+        checkpointed = _checkpointed_attention(y, x_in) if fused else None
         if guarded or fused:  # (fused attention kernels have no double backward)
             attention = math_attention() if fused else contextlib.nullcontext()
             if guarded and changes is not None:
