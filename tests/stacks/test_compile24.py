@@ -198,7 +198,7 @@ def test_taylor_serves_every_batch_size_of_a_one_input_pinn():
             x = torch.rand(n, 1, dtype=f64)
             assert_close(step(x), _laplacians(net, x).square().mean())
         counters.append(counter.frame_count)
-    assert counters == [1, 6]  # (the second: PyTorch 2.13's; fewer would be welcome)
+    assert counters[0] == 1 and counters[1] <= 6  # (PyTorch 2.13: 6; fewer welcome)
 
 
 @pytest.mark.slow
