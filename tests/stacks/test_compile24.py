@@ -5,8 +5,11 @@ _one_input``), ``value_grad_laplacian``'s loop at one chosen coordinate, and
 
 - DDP and FSDP2 (gloo, two ranks on localhost: ``ddp_cases.run_pairs`` with
   ``test_dist23.run_steps``), three SGD steps of a loss holding ``laplacian`` or
-  ``value_grad_laplacian`` of a D = 1 tanh MLP (the one-input loop's plan at every call):
-  every rank's gradients equal the float64 one-process gradients by ``torch.func``.
+  ``value_grad_laplacian`` of a D = 1 tanh MLP (the one-input loop's plan at every call),
+  and of one with a fused layer norm (the first call's plain evaluation of the DDP or FSDP2
+  module discarded, ``f`` run again under the modes: two forwards before one backward):
+  every rank's gradients equal the float64 one-process gradients by ``torch.func`` (of the
+  layer norm by its formula).
 - A compiled PINN step (``aot_eager``, float64) with ``laplacian`` at D = 1 and
   ``value_grad_laplacian`` along one chosen coordinate, ``fullgraph=True`` and resampled
   batch sizes: loss and parameter gradients against per-sample grad-of-grad loops; the
@@ -41,14 +44,32 @@ import torchdiv
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")]
 
 f64 = torch.float64
-# a D = 1 MLP for test_dist23's runner (imported by the spawned processes too)
-test_dist23.MODELS.setdefault("tanh1", (1, torch.tanh))
+
+
+def _normed_tanh(h: torch.Tensor) -> torch.Tensor:
+    """``tanh`` of a layer norm (PyTorch's fused kernel: the loop's plain evaluation of ``f``
+    is discarded and ``f`` evaluated again under the modes, ``loop.Settings``)."""
+    return torch.tanh(torch.nn.functional.layer_norm(h, h.shape[-1:]))
+
+
+def _normed_tanh_composite(h: torch.Tensor) -> torch.Tensor:
+    """``_normed_tanh`` by its formula (plain autograd's third derivative through the fused
+    layer norm is wrong: the reference's)."""
+    centred = h - h.mean(-1, keepdim=True)
+    return torch.tanh(centred / (centred.square().mean(-1, keepdim=True) + 1e-5).sqrt())
+
+
+# D = 1 MLPs for test_dist23's runner (imported by the spawned processes too)
+test_dist23.MODELS.update(
+    tanh1=(1, torch.tanh), normed1=(1, _normed_tanh), normed1_ref=(1, _normed_tanh_composite)
+)
+REFERENCE = {"normed1": "normed1_ref"}  # the model whose one-process steps are the reference
 
 ONE_INPUT = [
-    (w, "tanh1", op, "steps")
-    for w in ("ddp", "ddp-static", "fsdp")
-    for op in ("laplacian", "value_grad_laplacian")
-]
+    *[(w, "tanh1", op, "steps") for w in ("ddp", "ddp-static", "fsdp")
+      for op in ("laplacian", "value_grad_laplacian")],
+    *[(w, "normed1", "laplacian", "steps") for w in ("ddp-static", "ddp-unused", "fsdp")],
+]  # fmt: skip
 
 
 def run_one_input(item: tuple[str, str, str, str], rank: int) -> tuple[str, Any]:
@@ -68,7 +89,7 @@ def test_one_input_loop_under_ddp_and_fsdp_equals_one_process():
         status, ranks = outcomes[index]
         assert status == "ok", (ONE_INPUT[index], ranks)
         assert [r[0] for r in ranks] == ["ok"] * ddp_cases.WORLD, (ONE_INPUT[index], ranks)
-        want = test_dist23._reference_steps(name, op, 1)
+        want = test_dist23._reference_steps(REFERENCE.get(name, name), op, 1)
         (steps, *_), (other, *_) = ranks[0][1], ranks[1][1]
         assert steps == other, f"{ONE_INPUT[index]}: the ranks step apart"
         for got, expected in zip(steps, want, strict=True):
