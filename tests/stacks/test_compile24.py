@@ -20,7 +20,11 @@ _one_input``), ``value_grad_laplacian``'s loop at one chosen coordinate, and
   kept), then ``torch.func.grad`` and ``vmap`` around the call (an ensemble of parameters by
   ``functional_call``): values and parameter gradients against per-sample loops.
 
-No fault found: every test here guards what was right, slow (a compile or a spawn).
+One fault, a graph break: ``value_grad_laplacian`` at D = 1 (at most 1024 samples) in a
+compiled step took the loop (``methods.loops``) while Dynamo's replay recorded it, which the
+replay refuses: ``fullgraph=True`` raised, the step ran in pieces, where ``laplacian`` and D >= 2
+were one graph; recorded for the Taylor engine there now. Its always-run guard:
+``test_value_grad_laplacian_at_one_input_is_one_graph``; the rest guards what was right, slow.
 """
 
 from __future__ import annotations
@@ -264,3 +268,29 @@ def test_transforms_around_a_kan_whose_loop_is_batched(monkeypatch):
             target.copy_(1.1 * source)
     assert_close(got[0, :, 0], want.detach())
     assert_close(got[1, :, 0], _laplacians(scaled, x).detach())
+
+
+def test_value_grad_laplacian_at_one_input_is_one_graph():
+    """A D = 1 PINN residual by ``value_grad_laplacian`` in a ``fullgraph=True`` step
+    (``aot_eager``), twice: one graph (the Taylor engine's replay; the loop there broke the
+    graph), loss and parameter gradients equal to the per-sample loop's."""
+    net = FNN(1)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        out = torchdiv.value_grad_laplacian(net, x)
+        return (out.laplacian[:, 0] + out.value[:, 0] * out.gradient[:, 0, 0]).square().mean()
+
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(loss, backend=counter, fullgraph=True)
+    x = torch.linspace(-1, 1, 6, dtype=f64)[:, None]
+    z = x.clone().requires_grad_(True)
+    u = net(z)
+    (du,) = torch.autograd.grad(u.sum(), z, create_graph=True)
+    want = (_laplacians(net, x) + u[:, 0] * du[:, 0]).square().mean()
+    want_grads = _gradients(net, want)
+    for _ in range(2):
+        got = step(x)
+        assert_close(got, want.detach())
+        for g, e in zip(_gradients(net, got), want_grads, strict=True):
+            assert_close(g, e)
+    assert counter.frame_count == 1
