@@ -1572,14 +1572,21 @@ def _functional_group_norm(a: torch.Tensor, num_groups: int, *args: Any, **kwarg
     return _group_norm(a, num_groups, *args, **kwargs)
 
 
-def _std(*args: Any, **kwargs: Any) -> torch.Tensor:
+def _std(a: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``torch.std`` (any overload) as the root of ``torch.var`` (same arguments), derivatives
-    0 where the variance is 0, as PyTorch's first ones."""
-    return _linalg.root(torch.var(*args, **kwargs), 2)
+    0 where the variance is 0, as PyTorch's first ones; a float16 or bfloat16 ``a`` in float32,
+    rounded once, as PyTorch's (a float16 variance overflows from 65504: a std of 256)."""
+    if a.dtype in _REDUCED:
+        return _std(a.float(), *args, **kwargs).to(a.dtype)
+    return _linalg.root(torch.var(a, *args, **kwargs), 2)
 
 
-def _std_mean(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    var, mean = torch.var_mean(*args, **kwargs)
+def _std_mean(a: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.std_mean`` as ``_std`` with ``torch.var_mean``."""
+    if a.dtype in _REDUCED:
+        std, mean = _std_mean(a.float(), *args, **kwargs)
+        return std.to(a.dtype), mean.to(a.dtype)
+    var, mean = torch.var_mean(a, *args, **kwargs)
     return _linalg.root(var, 2), mean
 
 
