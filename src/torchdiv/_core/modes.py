@@ -1125,7 +1125,9 @@ class SafeDerivatives(TorchFunctionMode):
       structured divergences were ``nan`` where PyTorch's first derivatives are 0 (the root
       of ``var`` masked there, ``_std``); by backward passes PyTorch's second derivatives of
       ``std`` are ``nan`` there (the loop's Laplacian gradients, ``"auto"`` at one input):
-      replaced from the second order too, as the 2-norm (rev-fuzz24).
+      replaced from the second order too, as the 2-norm (rev-fuzz24), and through forward mode
+      (its JVP's derivative at a zero variance that depends on the parameters is ``0 / 0``:
+      the forward engine's parameter gradients were ``nan``, rev-merges24d).
     - ``scaled_dot_product_attention`` inside ``torch.autocast``: on the math backend
       (``math_attention``) below ``torch.func.vjp`` its pullback raised a dtype mismatch
       (bfloat16 on CPU), so every engine of backward passes refused a valid ``f``; run as
@@ -1944,8 +1946,8 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((2, 2), _linalg.pairwise_distance, "", ("NormBackward",), torch.pairwise_distance),
     **_table((3, None), _linalg.dist, "", ("DistBackward",), torch.dist, torch.Tensor.dist),
     **_table((3, None), _linalg.renorm, "", ("RenormBackward",), torch.renorm, torch.Tensor.renorm),
-    **_table((3, 2), _std, "", ("StdBackward",), torch.std, torch.Tensor.std),
-    **_table((3, 2), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
+    **_table((2, 2), _std, "", ("StdBackward",), torch.std, torch.Tensor.std),
+    **_table((2, 2), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
     **_table((2, 2), _hardsigmoid, "", ("HardsigmoidBackward",), torch.nn.functional.hardsigmoid),
     **_table((2, None), _glu, "", ("GluBackward",), torch.nn.functional.glu),
     **_table((2, 2), _constant_power(torch.pow), "", POW_NODES, torch.pow),
