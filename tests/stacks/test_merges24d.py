@@ -15,10 +15,18 @@ were ``nan`` (the norms' fault rev-fuzz24 fixed; ``std`` was left at the third o
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, assert_same_parameter_gradients, jacobian_alone, loop_diagonal
+from conftest import (
+    assert_close,
+    assert_same_parameter_gradients,
+    jacobian_alone,
+    laplacians_by_grad_of_grad,
+    loop_diagonal,
+)
 from torch import nn
 
 import torchdiv
@@ -96,3 +104,26 @@ def test_std_of_a_zero_vector_by_forward_mode(operator):
     got = getattr(torchdiv, operator)(f, x, method="forward")
     assert_close(got, want[operator])
     assert_same_parameter_gradients(net, got.square().sum(), want[operator].square().sum())
+
+
+@pytest.mark.parametrize("method", ["taylor", "auto"])
+def test_float16_taylor_norm_of_large_entries(method):
+    """The Taylor rule of ``linalg.vector_norm`` squared a float16 input in float16: the sum
+    of squares ``inf`` from 65504, so ``laplacian`` by ``"taylor"`` and ``"auto"`` was ``inf``
+    where PyTorch's norm (in float32, rounded once) is finite. Against the float32 loop of
+    the same weights, within float16's rounding (a few ops deep: 2e-2 of the largest)."""
+    layer = _half_net(20.0)
+    with torch.no_grad():
+        layer.bias.fill_(150.0)  # entries ~150: squares finite, their sum past 65504
+    wide = copy.deepcopy(layer).float()
+
+    def f(z, layer=layer):
+        h = layer(z)
+        return h * torch.linalg.vector_norm(h, dim=-1, keepdim=True) / 1e4
+
+    x = torch.randn(3, 4).to(f16)
+    assert float(layer(x).detach().float().square().sum(-1).min()) > 65504
+    want = laplacians_by_grad_of_grad(lambda z: f(z, wide), x.float())
+    got = torchdiv.laplacian(f, x, method=method)
+    scale = float(want.detach().abs().max())
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2 * scale)
