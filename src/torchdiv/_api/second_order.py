@@ -534,7 +534,13 @@ def value_grad_laplacian(
         # replays the Taylor sweep in its graph and a loop not at all: a graph break)
         traced = CompileContext.current_trace_id() is not None
         chosen = None if index is None or traced else len(index)
-        plan = methods.recorded_or_loop(g, x, batch_dims, chosen=chosen)
+        # (while Dynamo traces, f recorded: the loop's one-input rule, ``methods.loops``, left
+        # a D = 1 call to the loop, which the replay refuses: a graph break)
+        plan = (
+            capture(g, x, RULES, keep_values=True, batch_dims=batch_dims)
+            if traced and methods.loops(x, batch_dims)
+            else methods.recorded_or_loop(g, x, batch_dims, chosen=chosen)
+        )
         if isinstance(plan, methods.Loop) and plan.refused:
             return _looped_or_separately(g, x, batch_dims, chunk_size, index, plan)
         if isinstance(plan, methods.Nested):  # refused before: f watched, then the three

@@ -210,7 +210,8 @@ def vector_norm(
     """``torch.linalg.vector_norm``: ``(sum |a_i|^p)^(1/p)`` over ``dim`` (all if ``None``)
     for ``0 < p < inf``, ``max |a_i|`` (``min``) for ``p = inf`` (``-inf``): selections whose
     derivatives are PyTorch's (ties share them equally), with Taylor rules; PyTorch's op for
-    ``p = 0``, negative ``p`` and empty ``a`` (counts and reciprocals, right)."""
+    ``p = 0``, negative ``p`` and empty ``a`` (counts and reciprocals, right). A float16 or
+    bfloat16 ``a`` in float32, rounded once, as PyTorch's."""
     a = a if dtype is None else a.to(dtype)
     p = float(ord)
     if abs(p) == math.inf and a.numel() > 0:
@@ -218,6 +219,8 @@ def vector_norm(
         return extreme(a.abs(), () if dim is None else dim, keepdim)
     if not 0 < p < math.inf:
         return torch.linalg.vector_norm(a, ord, dim, keepdim)
+    if a.dtype in (torch.float16, torch.bfloat16):  # (|a|^2 overflowed float16 from |a| = 256)
+        return vector_norm(a.float(), p, dim, keepdim).to(a.dtype)
     return root(_powers(a, p).sum(dim, keepdim), p)
 
 

@@ -1125,7 +1125,9 @@ class SafeDerivatives(TorchFunctionMode):
       structured divergences were ``nan`` where PyTorch's first derivatives are 0 (the root
       of ``var`` masked there, ``_std``); by backward passes PyTorch's second derivatives of
       ``std`` are ``nan`` there (the loop's Laplacian gradients, ``"auto"`` at one input):
-      replaced from the second order too, as the 2-norm (rev-fuzz24).
+      replaced from the second order too, as the 2-norm (rev-fuzz24), and through forward mode
+      (its JVP's derivative at a zero variance that depends on the parameters is ``0 / 0``:
+      the forward engine's parameter gradients were ``nan``, rev-merges24d).
     - ``scaled_dot_product_attention`` inside ``torch.autocast``: on the math backend
       (``math_attention``) below ``torch.func.vjp`` its pullback raised a dtype mismatch
       (bfloat16 on CPU), so every engine of backward passes refused a valid ``f``; run as
@@ -1572,14 +1574,21 @@ def _functional_group_norm(a: torch.Tensor, num_groups: int, *args: Any, **kwarg
     return _group_norm(a, num_groups, *args, **kwargs)
 
 
-def _std(*args: Any, **kwargs: Any) -> torch.Tensor:
+def _std(a: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``torch.std`` (any overload) as the root of ``torch.var`` (same arguments), derivatives
-    0 where the variance is 0, as PyTorch's first ones."""
-    return _linalg.root(torch.var(*args, **kwargs), 2)
+    0 where the variance is 0, as PyTorch's first ones; a float16 or bfloat16 ``a`` in float32,
+    rounded once, as PyTorch's (a float16 variance overflows from 65504: a std of 256)."""
+    if a.dtype in _REDUCED:
+        return _std(a.float(), *args, **kwargs).to(a.dtype)
+    return _linalg.root(torch.var(a, *args, **kwargs), 2)
 
 
-def _std_mean(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    var, mean = torch.var_mean(*args, **kwargs)
+def _std_mean(a: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.std_mean`` as ``_std`` with ``torch.var_mean``."""
+    if a.dtype in _REDUCED:
+        std, mean = _std_mean(a.float(), *args, **kwargs)
+        return std.to(a.dtype), mean.to(a.dtype)
+    var, mean = torch.var_mean(a, *args, **kwargs)
     return _linalg.root(var, 2), mean
 
 
@@ -1937,8 +1946,8 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((2, 2), _linalg.pairwise_distance, "", ("NormBackward",), torch.pairwise_distance),
     **_table((3, None), _linalg.dist, "", ("DistBackward",), torch.dist, torch.Tensor.dist),
     **_table((3, None), _linalg.renorm, "", ("RenormBackward",), torch.renorm, torch.Tensor.renorm),
-    **_table((3, 2), _std, "", ("StdBackward",), torch.std, torch.Tensor.std),
-    **_table((3, 2), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
+    **_table((2, 2), _std, "", ("StdBackward",), torch.std, torch.Tensor.std),
+    **_table((2, 2), _std_mean, "", ("StdMeanBackward",), torch.std_mean),
     **_table((2, 2), _hardsigmoid, "", ("HardsigmoidBackward",), torch.nn.functional.hardsigmoid),
     **_table((2, None), _glu, "", ("GluBackward",), torch.nn.functional.glu),
     **_table((2, 2), _constant_power(torch.pow), "", POW_NODES, torch.pow),

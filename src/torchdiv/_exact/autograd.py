@@ -404,8 +404,7 @@ class GraphJacobian:
         found = search(y, x_in, _changed(*backward_passes_order()) if plain else ())
         guarded = found.guarded or (plain and _input_statistics(found.batch_norms))
         fused = found.fused and outer_grad and found.others
-        if fused and _checkpointed_attention(found.attention):
-            raise UndifferentiableBackward(CHECKPOINTED_ATTENTION)
+        checkpointed = _checkpointed_attention(found.attention) if fused else None
         if guarded or fused:  # (fused attention kernels have no double backward)
             attention = math_attention() if fused else contextlib.nullcontext()
             if guarded and changes is not None:
@@ -415,6 +414,8 @@ class GraphJacobian:
                 y, x_in, again_inner = _evaluated(f, x, attention, safe=True, own=own)
             inner = inner or again_inner
             found = search(y, x_in)
+            if checkpointed and checkpointed - set(found.attention):  # (f's: made anew)
+                raise UndifferentiableBackward(CHECKPOINTED_ATTENTION)
         elif not plain:
             guarded = _input_statistics(found.batch_norms)
         engine = cls(y, x_in, batch_dims, outer_grad and found.others, found.custom)
@@ -653,17 +654,21 @@ CHECKPOINTED_ATTENTION = (
 )
 
 
-def _checkpointed_attention(attention: list[Any]) -> bool:
-    """Whether a fused attention node of ``f``'s graph (``attention``: ``search``'s, from ``x``
-    to ``y``, not ``x``'s history) saved its query through a non-reentrant checkpoint's hooks
-    (plain or selective): its recomputation runs under the backend of the backward pass that
-    unpacks it. (Read off the search's walk: a second walk of a transformer block's graph was
-    +535 Python calls, +24 %, of a ``jacobian_diagonal`` call.)"""
+def _checkpointed_attention(attention: list[Any]) -> set[Any]:
+    """The fused attention nodes of ``f``'s graph (``attention``: ``search``'s, not ``x``'s
+    history) that saved their query through a non-reentrant checkpoint's hooks (plain or
+    selective): the recomputation of one that ``f`` made runs under the backend of the
+    backward pass that unpacks it. One made before the call (a checkpointed text encoder whose
+    output ``f`` closes over) is in the graph of ``f``'s evaluation on the math backend too:
+    not ``f``'s, its recomputation runs on the backend it was made on. (Read off ``search``'s
+    walks: a walk of its own cost a transformer block's ``jacobian_diagonal`` +535 Python
+    calls, +24 %.)"""
+    found = set()
     for node in attention:
         hook = getattr(getattr(node, "_raw_saved_query", None), "unpack_hook", None)
         if getattr(hook, "__module__", None) == _checkpoint.__name__:
-            return True
-    return False
+            found.add(node)
+    return found
 
 
 def _graph_edges(y: torch.Tensor) -> Iterator[tuple[Any, int]]:

@@ -99,6 +99,9 @@ def _vector_norm(
 ) -> Jet:
     if order != 2:
         raise UnsupportedOp(f"aten.linalg_vector_norm with ord={order} (only 2 has a rule)")
+    if a.value.dtype in (torch.float16, torch.bfloat16):  # in float32, as PyTorch's kernel:
+        wide = _vector_norm(ctx, _cast(a, torch.float32), order, dims, keepdim)  # |a|^2
+        return _cast(wide, a.value.dtype)  # overflowed float16 from |a| = 256 (inf Laplacians)
     square = ELEMENTWISE[aten.pow.Tensor_Scalar](inner(ctx), a, 2)
     total = linear(inner(ctx), torch.sum, square, dims, keepdim=keepdim)
     # a zero vector's norm is not differentiable: zero derivatives there, as PyTorch's

@@ -71,8 +71,9 @@ def _gelu(x: Tensor, y: Tensor, approximate: str = "none") -> tuple[Tensor, Tens
         # error; nor 1 / cosh^2, whose overflow made parameter gradients nan at |x| > 13
         a = torch.exp(-2 * u.abs())
         sech2 = 4 * a / (1 + a).square()
-        d1 = 0.5 * (1 + t) + 0.5 * x * sech2 * du
-        return d1, sech2 * du + 0.5 * x * sech2 * (ddu - 2 * t * du * du)
+        s = sech2 * du  # (first: du^2 overflows float16 from |x| = 41, 0 * inf was nan)
+        d1 = 0.5 * (1 + t) + 0.5 * x * s
+        return d1, s + 0.5 * x * (sech2 * ddu - 2 * t * s * du)
     density = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
     return cdf + x * density, density * (2 - x * x)
