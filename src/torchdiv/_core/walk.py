@@ -42,13 +42,14 @@ def nodes(root: Any, stop: Any = None) -> Iterator[Any]:
 class Found:
     """What ``search`` found in a graph: ``others``, a tensor requiring grad other than the
     leaf it was given; its batch-norm nodes (for ``_core.mixing.watch.check_graph``) and custom
-    ``autograd.Function`` nodes; ``fused``, a fused attention kernel; ``guarded``, a node of
-    the ops it was asked about."""
+    ``autograd.Function`` nodes; ``fused``, a fused attention kernel (``attention``: its
+    nodes); ``guarded``, a node of the ops it was asked about."""
 
     others: bool = False
     batch_norms: list[Any] = field(default_factory=list)
     custom: list[Any] = field(default_factory=list)
     fused: bool = False
+    attention: list[Any] = field(default_factory=list)
     guarded: bool = False
     # a node type ``_exact.chain`` has no formula for (``CHAIN_NODES``): that chain check fails,
     # so it is skipped (its walk makes the fresh graph's Python node objects: ~15 us a call)
@@ -144,6 +145,7 @@ def search(y: torch.Tensor, x_leaf: torch.Tensor, guarded: tuple[str, ...] = ())
                 found.batch_norms.append(node)
             elif kind & _FUSED:
                 found.fused = True
+                found.attention.append(node)
             if kind & _GUARDED:
                 found.guarded = True
         stack += [child for child, _ in node.next_functions]
