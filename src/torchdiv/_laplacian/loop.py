@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch._C._autograd import _top_saved_tensors_default_hooks
 from torch._subclasses.fake_tensor import FakeTensor
 
 from torchdiv._core.basis import accumulated
@@ -170,12 +171,22 @@ def _looped(
             laplacian = chain_laplacian(y, x_in, create_graph)
             if laplacian is not None:
                 return y, [], laplacian.to(x.dtype).reshape(y.shape), create_graph
-        if settings.chain_only:  # the chain gave way: later calls take the Taylor engine
-            settings.chain = False
+        if settings.chain_only and not _debugging(x):  # the chain gave way for f itself:
+            settings.chain = False  # later calls take the Taylor engine
         batched = settings.batched
         with graphs_kept(found.custom, SECOND_DERIVATIVES):
             rows, laplacian = _loop(y, x_in, batch_dims, create_graph, batched, coordinates)
     return y, rows, laplacian, create_graph
+
+
+def _debugging(x: torch.Tensor) -> bool:
+    """Whether this call runs under a mode the chain gives way to whatever ``f`` is (anomaly
+    detection, saved-tensor hooks, autocast): a later call without it takes the chain again
+    (until rev-left24 one such call turned the chain off for good at that structure)."""
+    hooks = _top_saved_tensors_default_hooks(True)
+    return (
+        torch.is_anomaly_enabled() or hooks is not None or torch.is_autocast_enabled(x.device.type)
+    )
 
 
 def _evaluated(

@@ -56,12 +56,16 @@ def _indexed(
     dimensions they index, in place if those are adjacent, else in front), its batch
     dimensions (``t``'s ``axes``; one indexed gives the samples at the indices, as rows), and
     the sample it holds if ``t``'s only batch dimension, indexed, gives one sample
-    throughout. An indexed batch dimension under indices of two or more dimensions is not
-    followed: ``tr.pending`` says so."""
+    throughout; where that one is indexed beside the others of other sources, kept, the
+    sample is a partial pick (``x[:, [i]]`` of a ``(T, X, d)`` grid with ``batch_dims=2``, as
+    ``x[:, i:i + 1]``: ``carry._picked``), not a dimension of one row. An indexed batch
+    dimension under indices of two or more dimensions is not followed: ``tr.pending`` says
+    so."""
     given = [d for d, i in enumerate(index) if i is not None]
     if not given:
         return list(t.shape), axes, None
     indices = torch.broadcast_tensors(*(i for i in index if i is not None))  # type: ignore[no-untyped-call]
+    partial: Pick | None = None
     inner = list(indices[0].shape)
     adjacent = given == list(range(given[0], given[-1] + 1))
     at = given[0] if adjacent else 0
@@ -76,21 +80,29 @@ def _indexed(
             continue
         samples = axis.samples(indices[given.index(axis.position)])
         tr.read_indices()
-        if len(axes) == 1 and samples.numel() and bool((samples == samples.flatten()[0]).all()):
+        others = [a for a in axes if a is not axis]
+        alone = all(a.position in kept and a.source != axis.source for a in others)
+        if alone and samples.numel() and bool((samples == samples.flatten()[0]).all()):
             sample = int(samples.flatten()[0])
             pick = f"sample {sample} picked out of the batch by {what}"
-            return shape, (), Pick(axis.size, sample, pick, axis.source)
+            partial = Pick(axis.size, sample, pick, axis.source)
+            if not others:
+                return shape, (), partial
+            continue
         line = _line(samples) if samples.numel() else None
         if line is not None:
             found.append(_rows(tr, at + line[0], axis, line[1], what))
         elif samples.numel():
             tr.pending = tr.message(tr.func, "samples moved by indices of two or more dimensions")
-    return shape, tuple(sorted(found)), None
+    return shape, tuple(sorted(found)), partial
 
 
 def _noted(tr: BatchAxes, axes: Axes, pick: Pick | None) -> list[Axes | None]:
-    """The result's batch dimensions, or the sample it holds (``tr.carried``)."""
-    if pick is not None:
+    """The result's batch dimensions, and the sample it holds (``tr.carried``; beside
+    ``axes``: a partial pick, ``tr.carried_partial``)."""
+    if pick is not None and axes:
+        tr.carried_partial = pick
+    elif pick is not None:
         tr.carried = pick
     return [axes]
 
@@ -490,7 +502,15 @@ def _misput(
             if wrong
             else None
         )
-    if held and pick is not None:
+    partial = tr.partial_pick(values)
+    if pick is not None and places:  # one sample of one of several batch dimensions
+        if any(a.source == pick.source for a in held or ()):
+            return tr.guess or tr.message(func, f"{_PUT_WHAT} (the places all hold {pick.what})")
+        pick = None if partial is None else pick
+    if partial is not None:  # values of one sample there: into places of that sample only
+        if pick is None or (pick.source, pick.sample) != (partial.source, partial.sample):
+            return tr.message(func, f"{partial.what}, written into other samples' places")
+    elif held and pick is not None:
         return tr.guess or tr.message(func, f"{_PUT_WHAT} (the places all hold {pick.what})")
     expected: dict[int, set[tuple[int, ...]]] = {}
     for axis in places:
