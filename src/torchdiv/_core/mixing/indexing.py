@@ -571,6 +571,13 @@ def _scatter(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
         if (axis.size, samples) not in places:
             tr.pending = tr.guess or tr.message(tr.func, _written(tr, axis))
             break
+    partial = tr.partial_pick(src)  # one sample of a batch dimension: into its places only
+    if partial is None or partial.sample is None or not index.numel():
+        return [axes]
+    for axis in (a for a in axes if a.source == partial.source):
+        at = index % t.shape[dim] if axis.position == dim else _grid(shape, axis.position)
+        if not bool(axis.samples(at).eq(partial.sample).all()):
+            tr.pending = tr.message(tr.func, f"{partial.what}, written into other samples' places")
     return [axes]
 
 
