@@ -39,6 +39,17 @@ MIXING = {
     ),
     "first_batch_dim": lambda net, z: net(z).scatter(0, _at((1, X, 1), 1), net(z[[0]])),
 }
+# with batch_dims=1, on (T * X, 2) points: x[[i]] is a whole pick (``tr.picks``), not followed
+# by the scatter's check before (accepted before rev-left24 too)
+MIXING_1 = {
+    "row_into_other_row": lambda net, z: net(z).scatter(0, _at((1, 1), 2), net(z[[0]])),
+    "row_into_zeros": lambda net, z: torch.zeros(T * X, 1, dtype=f64).scatter(
+        0, _at((1, 1), 5), net(z[[1]])
+    ),
+}
+PER_SAMPLE_1 = {
+    "row_into_own_row": lambda net, z: net(z).scatter(0, _at((1, 1), 2), net(z[[2]])),
+}
 PER_SAMPLE = {
     "list_into_own_column": lambda net, z: net(z).scatter(1, _at((T, 1, 1), 0), net(z[:, [0]])),
     "slice_into_own_column": lambda net, z: net(z).scatter(1, _at((T, 1, 1), 1), net(z[:, 1:2])),
@@ -66,12 +77,28 @@ def test_a_picked_sample_scattered_into_other_places_is_refused(name: str, metho
         torchdiv.laplacian(f, x, batch_dims=2, method=method, **extra)
 
 
-@pytest.mark.parametrize("name", sorted(PER_SAMPLE))
+@pytest.mark.parametrize("method", ["auto", "hutchinson"])
+@pytest.mark.parametrize("name", sorted(MIXING_1))
+def test_a_picked_row_scattered_into_other_rows_is_refused(name: str, method: str) -> None:
+    """``u.scatter(0, [[2]], g(x[[0]]))`` with ``batch_dims=1``: row 2's output is row 0's."""
+    net, x = _point_net(), _grid().reshape(-1, 2)
+    f = lambda z: MIXING_1[name](net, z)  # noqa: E731
+    with pytest.raises(torchdiv.BatchInteractionError):
+        torchdiv.check_batch_independence(f, x)
+    extra = {"num_probes": 4} if method == "hutchinson" else {}
+    with pytest.raises(torchdiv.BatchInteractionError):
+        torchdiv.laplacian(f, x, method=method, **extra)
+
+
+@pytest.mark.parametrize("name", sorted(PER_SAMPLE) + sorted(PER_SAMPLE_1))
 def test_a_picked_sample_scattered_into_its_own_places_is_kept(name: str) -> None:
     """The same puts into the picked sample's own places are per point: values and parameter
     gradients equal the float64 per-point loop's."""
     net, x = _point_net(), _grid()
-    got = torchdiv.laplacian(lambda z: PER_SAMPLE[name](net, z), x, batch_dims=2)
+    if name in PER_SAMPLE_1:
+        got = torchdiv.laplacian(lambda z: PER_SAMPLE_1[name](net, z), x.reshape(-1, 2))
+    else:
+        got = torchdiv.laplacian(lambda z: PER_SAMPLE[name](net, z), x, batch_dims=2)
     want = laplacians_by_grad_of_grad(net, x.reshape(-1, 2)).reshape(got.shape)
     assert_close(got, want)
     assert_same_parameter_gradients(net, (got**2).sum(), (want**2).sum())
