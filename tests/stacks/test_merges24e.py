@@ -38,6 +38,7 @@ MIXING = {
         1, _at((T, 1, 1), 3), net(z[:, [-4]])
     ),
     "first_batch_dim": lambda net, z: net(z).scatter(0, _at((1, X, 1), 1), net(z[[0]])),
+    "along_the_features": lambda net, z: net(z).scatter(2, _at((T, 1, 1), 0), net(z[:, [1]])),
 }
 # with batch_dims=1, on (T * X, 2) points: x[[i]] is a whole pick (``tr.picks``), not followed
 # by the scatter's check before (accepted before rev-left24 too)
