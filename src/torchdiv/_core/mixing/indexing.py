@@ -547,6 +547,7 @@ def _scatter(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
     t, dim, index, src = args[0], args[1] % max(args[0].dim(), 1), args[2], args[3]
     axes = _put_axes(tr, t, src, tr.func in _ACCUMULATING, dim)
     held = tr.axes(src) if isinstance(src, torch.Tensor) else None
+    _scattered_pick(tr, t, axes, dim, index, src)
     if not axes or not held:
         return [axes or None]
     shape = list(index.shape)
@@ -572,6 +573,23 @@ def _scatter(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
             tr.pending = tr.guess or tr.message(tr.func, _written(tr, axis))
             break
     return [axes]
+
+
+def _scattered_pick(
+    tr: BatchAxes, t: torch.Tensor, axes: Axes, dim: int, index: Any, src: Any
+) -> None:
+    """``scatter(t, dim, index, src)`` of one sample picked out of a batch dimension (``src``
+    from ``x[[i]]``; beside the others, a partial pick: ``x[:, [i]]``, ``x[:, i:i + 1]``):
+    every place it lands in along that dimension must be sample ``i``'s, else
+    ``tr.pending``. ``axes``: the result's batch dimensions (``_put_axes``)."""
+    pick = tr.picks(src) or tr.partial_pick(src)
+    if pick is None or pick.sample is None or not isinstance(index, torch.Tensor):
+        return
+    for axis in (a for a in axes if a.source == pick.source and index.numel()):
+        q = axis.position
+        at = index % t.shape[dim] if q == dim else _grid(list(index.shape), q)
+        if not bool(axis.samples(at).eq(pick.sample).all()):
+            tr.pending = tr.message(tr.func, f"{pick.what}, written into other samples' places")
 
 
 _ROLLS = {aten.roll.default}
