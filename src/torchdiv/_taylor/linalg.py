@@ -125,7 +125,7 @@ def _det(ctx: Context, a: Jet) -> tuple[Jet, Tensor, Tensor]:
     det, lu, pivots = aten._linalg_det(a.value)
     value = _wide(a.value)
     inv = inverse(value)
-    wide_det = aten._linalg_det(value)[0]
+    wide_det = det if value is a.value else aten._linalg_det(value)[0]  # (float64 in: f's own)
     adj = wide_det[..., None, None] * inv
     jac = aligned_jac(a, a.value.dim())
     jac = None if jac is None else _wide(jac)
