@@ -68,12 +68,21 @@ def _variance(
     """``(var, mean)`` over ``dims`` (all if ``None``), with ``correction`` (Bessel's = 1).
     The sum of squares is divided by ``max(0, count - correction)``, as PyTorch divides it:
     by zero (``nan`` or ``inf``, with PyTorch's warning) where no degree of freedom is left,
-    such as one element with Bessel's correction (a Python division by zero raised there)."""
+    such as one element with Bessel's correction (a Python division by zero raised there).
+    A complex ``a`` has a real variance, of ``|a - mean|^2 = re^2 + im^2`` (its square was
+    taken: a complex "variance", and the Laplacians and divergences of ``"taylor"``,
+    ``"structured"`` and ``"auto"`` silently off)."""
     ctx = inner(ctx)
     dims = tuple(dims) if dims else tuple(range(a.value.dim()))  # None or []: every dim
     count = math.prod(a.shape[d] for d in dims)
     mean = linear(ctx, torch.mean, a, dims, keepdim=True)
-    square = ELEMENTWISE[aten.pow.Tensor_Scalar](ctx, add(a, mean, -1), 2)
+    centred = add(a, mean, -1)
+    power = ELEMENTWISE[aten.pow.Tensor_Scalar]
+    if a.value.is_complex():
+        real, imag = linear(ctx, torch.real, centred), linear(ctx, torch.imag, centred)
+        square = add(power(ctx, real, 2), power(ctx, imag, 2))
+    else:
+        square = power(ctx, centred, 2)
     freedom = max(0, count - (1 if correction is None else correction))
     var = scale(
         linear(ctx, torch.sum, square, dims, keepdim=keepdim),
