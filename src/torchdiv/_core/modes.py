@@ -1120,14 +1120,14 @@ class SafeDerivatives(TorchFunctionMode):
     - ``cosine_similarity`` clamps its norms in place under ``no_grad``, a write no replay
       reproduces: the recorders (``recording=True``) run its composite at any order, so the
       Taylor and structured engines record it (they refused it, ``"auto"`` fell back).
-      ``std`` and ``std_mean`` too: recorded as ``sqrt(var)``, their rule was ``sqrt``'s,
-      infinite at a zero variance (equal entries), so the Taylor engine's Laplacians and the
-      structured divergences were ``nan`` where PyTorch's first derivatives are 0 (the root
-      of ``var`` masked there, ``_std``); by backward passes PyTorch's second derivatives of
-      ``std`` are ``nan`` there (the loop's Laplacian gradients, ``"auto"`` at one input):
-      replaced from the second order too, as the 2-norm (rev-fuzz24), and through forward mode
-      (its JVP's derivative at a zero variance that depends on the parameters is ``0 / 0``:
-      the forward engine's parameter gradients were ``nan``, rev-merges24d).
+    - ``std`` and ``std_mean`` at a zero variance (equal entries): PyTorch's first derivatives
+      are 0 there (the root of ``var`` masked, ``_std``), its second ones by backward passes
+      ``nan`` (the loop's Laplacian gradients, ``"auto"`` at one input): replaced from the
+      second order, as the 2-norm (rev-fuzz24), and through forward mode (its JVP's
+      derivative at a zero variance that depends on the parameters is ``0 / 0``: the forward
+      engine's parameter gradients were ``nan``, rev-merges24d). The recorders record
+      PyTorch's op, whose Taylor rule masks the root as ``_std`` (``_taylor.composite``; as
+      ``sqrt(var)``, ``sqrt``'s rule was infinite there: ``nan`` Laplacians).
     - ``scaled_dot_product_attention`` inside ``torch.autocast``: on the math backend
       (``math_attention``) below ``torch.func.vjp`` its pullback raised a dtype mismatch
       (bfloat16 on CPU), so every engine of backward passes refused a valid ``f``; run as
@@ -1834,7 +1834,7 @@ def _name(func: Any) -> str:
 
 
 # replaced at any order where the Taylor and structured engines record ``f`` (module docstring)
-_RECORDED_AS_REPLACED = (torch.cosine_similarity, torch.std, torch.Tensor.std, torch.std_mean)
+_RECORDED_AS_REPLACED = (torch.cosine_similarity,)
 # the nodes of the replacements whose PyTorch derivatives differ only at a kink (an exact 0):
 # a graph the caller built with them is not refused (``_api.graph``)
 AT_KINKS = ("PreluKernelBackward",)
