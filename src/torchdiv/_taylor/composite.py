@@ -76,19 +76,23 @@ def _variance(
     dims = tuple(dims) if dims else tuple(range(a.value.dim()))  # None or []: every dim
     count = math.prod(a.shape[d] for d in dims)
     mean = linear(ctx, torch.mean, a, dims, keepdim=True)
-    centred = add(a, mean, -1)
-    power = ELEMENTWISE[aten.pow.Tensor_Scalar]
-    if a.value.is_complex():
-        real, imag = linear(ctx, torch.real, centred), linear(ctx, torch.imag, centred)
-        square = add(power(ctx, real, 2), power(ctx, imag, 2))
-    else:
-        square = power(ctx, centred, 2)
+    square = _squared_modulus(ctx, add(a, mean, -1))
     freedom = max(0, count - (1 if correction is None else correction))
     var = scale(
         linear(ctx, torch.sum, square, dims, keepdim=keepdim),
         1 / freedom if freedom else math.inf,
     )
     return var, mean if keepdim else linear(ctx, torch.squeeze, mean, dims)
+
+
+def _squared_modulus(ctx: Context, a: Jet) -> Jet:
+    """``|a|^2`` elementwise, real: ``a^2``, or ``re^2 + im^2`` for a complex ``a`` (its
+    square is complex; ``torch.real``/``torch.imag`` are linear)."""
+    power = ELEMENTWISE[aten.pow.Tensor_Scalar]
+    if not a.value.is_complex():
+        return power(ctx, a, 2)
+    real, imag = linear(ctx, torch.real, a), linear(ctx, torch.imag, a)
+    return add(power(ctx, real, 2), power(ctx, imag, 2))
 
 
 def _var(
@@ -152,7 +156,7 @@ def _vector_norm(
     if a.value.dtype in (torch.float16, torch.bfloat16):  # in float32, as PyTorch's kernel:
         wide = _vector_norm(ctx, _cast(a, torch.float32), order, dims, keepdim)  # |a|^2
         return _cast(wide, a.value.dtype)  # overflowed float16 from |a| = 256 (inf Laplacians)
-    square = ELEMENTWISE[aten.pow.Tensor_Scalar](inner(ctx), a, 2)
+    square = _squared_modulus(inner(ctx), a)  # (a complex total was a complex "norm")
     total = linear(inner(ctx), torch.sum, square, dims, keepdim=keepdim)
     return _masked_root(ctx, total)  # a zero vector's norm: 0, derivatives 0, as PyTorch's
 
