@@ -15,6 +15,8 @@ the norm away from a zero vector), values and parameter gradients, float64 toler
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import (
@@ -62,3 +64,33 @@ def test_complex_two_norm_is_of_the_modulus(norm):
         want = div if method == "structured" else lap
         assert_close(value, want)
         assert_same_parameter_gradients(layer, value.square().sum(), want.square().sum())
+
+
+@pytest.mark.parametrize(
+    "root",
+    [
+        lambda h: h.std(-1, keepdim=True),
+        lambda h: torch.std_mean(h, -1, keepdim=True)[0],
+        lambda h: torch.linalg.vector_norm(h, dim=-1, keepdim=True),
+    ],
+    ids=["std", "std_mean", "vector_norm"],
+)
+def test_float32_root_of_a_tiny_total(root):
+    """A float32 ``std`` (2-norm) of features ~1e-15 (a variance ~1e-30, far from 0 in
+    float32: PyTorch's loop and forward over reverse are right to its round-off). The masked
+    root's ``d2 = -1 / (4 t^1.5)`` overflowed to ``-inf`` from ``t ~ 1e-26`` and met a
+    ``sum_k jac_k^2`` that underflowed to 0: ``nan`` Laplacians by ``"taylor"`` and
+    ``"auto"``, now ``-sum_k (d1 jac_k)^2 / sqrt(t)``. Against the float64 loop on the same
+    weights, float32 tolerances (a few ops: 1e-5 of the largest)."""
+    torch.manual_seed(0)
+    narrow = nn.Linear(D, H)
+    wide = copy.deepcopy(narrow).double()  # the same weights
+
+    def f(z, layer=narrow):
+        return root(torch.tanh(layer(z)) * 1e-15) * z.cos()
+
+    want = laplacians_by_grad_of_grad(lambda z: f(z, wide), X)
+    for method in ("taylor", "auto"):
+        got = torchdiv.laplacian(f, X.float(), method=method)
+        scale = float(want.detach().abs().max())
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * scale)

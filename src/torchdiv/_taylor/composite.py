@@ -24,7 +24,6 @@ from torchdiv._taylor.jet import (
     Jet,
     UnsupportedOp,
     add,
-    chain,
     full_jac,
     full_lap,
     inner,
@@ -137,15 +136,23 @@ def _masked_root(ctx: Context, total: Jet) -> Jet:
     (exact for a total that is 0 at every x, ``r_i - r_i``). The value is taken from the
     guarded root too: ``sqrt(0)``'s backward, ``0 / 0``, made the parameter gradients nan
     where the zero total depends on them (PaiNN's vector features of a padding atom). A
-    ``nan`` total stays ``nan``.
+    ``nan`` total stays ``nan``. The second-order term is taken from the new ``jac``,
 
-        d1 = 1 / (2 sqrt(t)),   d2 = -d1 / (2 t)
+        jac' = d1 jac,   lap' = d1 lap - sum_k jac'_k^2 / sqrt(t),   d1 = 1 / (2 sqrt(t)),
+
+    as ``d2 = -1 / (4 t^1.5)`` overflowed float32 from ``t ~ 1e-26`` (``-inf`` times a
+    ``sum_k jac_k^2`` underflowed to 0: ``nan`` Laplacians of a std of ~1e-15).
     """
     nonzero = total.value != 0
     root = torch.sqrt(torch.where(nonzero, total.value, torch.ones_like(total.value)))
     d1 = torch.where(nonzero, 0.5 / root, torch.zeros_like(root))
     value = torch.where(nonzero, root, torch.zeros_like(root))
-    return chain(ctx, total, value, d1, -d1 / (2 * root * root))
+    jac = None if total.jac is None else d1 * total.jac
+    lap = None if total.lap is None else d1 * total.lap
+    if jac is not None and ctx.second_order:
+        bend = jac.square().sum(0) / root
+        lap = -bend if lap is None else lap - bend
+    return Jet(value, jac if ctx.jac else None, lap)
 
 
 def _vector_norm(
