@@ -24,7 +24,6 @@ from torchdiv._taylor.jet import (
     Jet,
     UnsupportedOp,
     add,
-    chain,
     full_jac,
     full_lap,
     inner,
@@ -76,19 +75,23 @@ def _variance(
     dims = tuple(dims) if dims else tuple(range(a.value.dim()))  # None or []: every dim
     count = math.prod(a.shape[d] for d in dims)
     mean = linear(ctx, torch.mean, a, dims, keepdim=True)
-    centred = add(a, mean, -1)
-    power = ELEMENTWISE[aten.pow.Tensor_Scalar]
-    if a.value.is_complex():
-        real, imag = linear(ctx, torch.real, centred), linear(ctx, torch.imag, centred)
-        square = add(power(ctx, real, 2), power(ctx, imag, 2))
-    else:
-        square = power(ctx, centred, 2)
+    square = _squared_modulus(ctx, add(a, mean, -1))
     freedom = max(0, count - (1 if correction is None else correction))
     var = scale(
         linear(ctx, torch.sum, square, dims, keepdim=keepdim),
         1 / freedom if freedom else math.inf,
     )
     return var, mean if keepdim else linear(ctx, torch.squeeze, mean, dims)
+
+
+def _squared_modulus(ctx: Context, a: Jet) -> Jet:
+    """``|a|^2`` elementwise, real: ``a^2``, or ``re^2 + im^2`` for a complex ``a`` (its
+    square is complex; ``torch.real``/``torch.imag`` are linear)."""
+    power = ELEMENTWISE[aten.pow.Tensor_Scalar]
+    if not a.value.is_complex():
+        return power(ctx, a, 2)
+    real, imag = linear(ctx, torch.real, a), linear(ctx, torch.imag, a)
+    return add(power(ctx, real, 2), power(ctx, imag, 2))
 
 
 def _var(
@@ -133,15 +136,23 @@ def _masked_root(ctx: Context, total: Jet) -> Jet:
     (exact for a total that is 0 at every x, ``r_i - r_i``). The value is taken from the
     guarded root too: ``sqrt(0)``'s backward, ``0 / 0``, made the parameter gradients nan
     where the zero total depends on them (PaiNN's vector features of a padding atom). A
-    ``nan`` total stays ``nan``.
+    ``nan`` total stays ``nan``. The second-order term is taken from the new ``jac``,
 
-        d1 = 1 / (2 sqrt(t)),   d2 = -d1 / (2 t)
+        jac' = d1 jac,   lap' = d1 lap - sum_k jac'_k^2 / sqrt(t),   d1 = 1 / (2 sqrt(t)),
+
+    as ``d2 = -1 / (4 t^1.5)`` overflowed float32 from ``t ~ 1e-26`` (``-inf`` times a
+    ``sum_k jac_k^2`` underflowed to 0: ``nan`` Laplacians of a std of ~1e-15).
     """
     nonzero = total.value != 0
     root = torch.sqrt(torch.where(nonzero, total.value, torch.ones_like(total.value)))
     d1 = torch.where(nonzero, 0.5 / root, torch.zeros_like(root))
     value = torch.where(nonzero, root, torch.zeros_like(root))
-    return chain(ctx, total, value, d1, -d1 / (2 * root * root))
+    jac = None if total.jac is None else d1 * total.jac
+    lap = None if total.lap is None else d1 * total.lap
+    if jac is not None and ctx.second_order:
+        bend = jac.square().sum(0) / root
+        lap = -bend if lap is None else lap - bend
+    return Jet(value, jac if ctx.jac else None, lap)
 
 
 def _vector_norm(
@@ -152,7 +163,7 @@ def _vector_norm(
     if a.value.dtype in (torch.float16, torch.bfloat16):  # in float32, as PyTorch's kernel:
         wide = _vector_norm(ctx, _cast(a, torch.float32), order, dims, keepdim)  # |a|^2
         return _cast(wide, a.value.dtype)  # overflowed float16 from |a| = 256 (inf Laplacians)
-    square = ELEMENTWISE[aten.pow.Tensor_Scalar](inner(ctx), a, 2)
+    square = _squared_modulus(inner(ctx), a)  # (a complex total was a complex "norm")
     total = linear(inner(ctx), torch.sum, square, dims, keepdim=keepdim)
     return _masked_root(ctx, total)  # a zero vector's norm: 0, derivatives 0, as PyTorch's
 
