@@ -7,8 +7,9 @@ products in it) and the rule's choice (``_laplacian.methods.loops_for``) beside 
         PYTHONPATH=src .venv/bin/python bench/laplacian_crossover.py [--rounds 9] [--only NAME]
 
 Cases: ``laplacian_small.py``'s tanh FNN (width 64, 3 hidden layers; also widths 32 and 128)
-and Chebyshev KAN (D -> 8 -> 8 -> 1) at D = 2, 3 and batches 256 to 4096, frozen (the
-Laplacian alone) and trained (with its backward pass to the parameters). Each case runs two
+and Chebyshev KAN (D -> 8 -> 8 -> 1) at D = 2, 3 and batches 256 to 4096; several output
+components (``-m2``, ``-m3``: the FNN, ``pinn23_idioms.py``'s tanh / LAAF / RFF nets); frozen
+(the Laplacian alone) and trained (with its backward pass to the parameters). Each case runs two
 functions of their own call sites (``_laplacian.methods._site``) through ``"auto"``: one
 whose first call was decided to loop (the decision is remembered for its structure), one
 that never loops (``loops_for`` patched to ``False`` for its calls): the loop as ``"auto"``
@@ -50,6 +51,28 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
         for w, batches in ((64, (256, 1024, 2048, 4096)), (32, (1024,)), (128, (1024,)))
         for b in batches
     },
+    **{  # several output components per sample (a Navier-Stokes net's u, v, p)
+        f"fnn{d}-m{m}-w{w}-{b}": functools.partial(
+            lambda d, w, m, b: (laplacian_small.fnn(d, w, outputs=m), torch.randn(b, d)), d, w, m, b
+        )
+        for d in (2, 3)
+        for m in (2, 3)
+        for w in (32, 64)
+        for b in (256, 1024, 2048)
+    },
+    **{  # pinn23_idioms' Navier-Stokes nets (u, v, p), whose graphs are not chains
+        f"{kind}{d}-m{m}-{b}": functools.partial(
+            lambda kind, d, m, b: (pinn23_idioms.net(kind, d, out=m), torch.randn(b, d)),
+            kind,
+            d,
+            m,
+            b,
+        )
+        for kind in ("tanh", "laaf", "rff")
+        for d in (2, 3)
+        for m in (1, 2, 3)
+        for b in (256, 1024, 2048)
+    },
     **{
         f"kan{d}-{b}": functools.partial(
             lambda d, b: (laplacian_small.kan(d), torch.rand(b, d) * 2 - 1), d, b
@@ -82,7 +105,7 @@ def pair(net: nn.Module, x: torch.Tensor, train: bool) -> dict[str, Callable[[],
 
     def step(f: Callable[[torch.Tensor], torch.Tensor], loop: bool) -> object:
         _LOOPING[0] = loop
-        lap = torchdiv.laplacian(f, x).reshape(len(x))
+        lap = torchdiv.laplacian(f, x).reshape(len(x), -1)
         if train:
             torch.autograd.grad(lap.square().sum(), list(net.parameters()), allow_unused=True)
         return lap.detach()

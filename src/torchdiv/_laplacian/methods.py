@@ -112,6 +112,19 @@ LOOP_WORK_TRAINED_ONE_THREAD = 20480
 # output components (Navier-Stokes' three: the loop's 1 + m (1 + k) passes), the rules above.
 LOOP_WORK_PARTIAL = 147456
 LOOP_TILT_PARTIAL = 4
+# Several output components m per sample (a Navier-Stokes net's u, v, p), one thread, an f
+# whose recording is not a chain (``chained``: the chain's forward Laplacian takes all of them
+# at once, a tanh MLP's loop costing the same at m = 1, 2 and 3): the loop's passes grow with m
+# (its 1 + m (1 + n)), the Taylor engine's do not. ``bench/laplacian_crossover.py --only=-m``
+# (pinn23_idioms' width-32 LAAF and random-Fourier-feature nets, n = 2, 3, m = 1-3, batch 256 to
+# 2048, 7 alternated rounds, 2026-12-07), loop / Taylor: frozen at m = 2 0.74 / 0.80 (LAAF,
+# n = 2 / 3, batch 256; m n w 34k / 51k), 0.90 / 0.97 (RFF, 31k / 47k), 0.97 at batch 1024
+# (LAAF, n = 2, 134k), 1.17-1.55 beyond; at m = 3 0.97 (LAAF, n = 2, 256), 1.06-2.6 otherwise
+# (the rule for one component looped at all of them but batch 2048); trained 1.24-2.3 at m = 2
+# and 1.65-2.3 at m = 3 already at batch 256 (it looped there). So: frozen only, while
+# m (1 + n) <= LOOP_PASSES_OUTPUTS and m n w < 2 x LOOP_WORK_OUTPUTS.
+LOOP_PASSES_OUTPUTS = 8
+LOOP_WORK_OUTPUTS = 26624
 # Beyond that rule, a frozen f whose recording is a chain (``chained``: a tanh / sigmoid MLP)
 # at up to CHAIN_INPUTS inputs loops too, for the forward Laplacian along its chain
 # (``_laplacian.chain``, from the loop's evaluation), while its ``(n + 1) x widest`` block has
@@ -491,8 +504,9 @@ def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int, chosen: int | None
     limit that depends on whether the result is differentiated (``graph.requires_grad``), on
     the threads and, on one thread, on the share of matrix products in the work; on one
     thread, ``value_grad_laplacian`` along some of the inputs of a scalar ``f``
-    (``_partial``) loops at one coordinate, and at more by ``n² x work``: the constants'
-    comments."""
+    (``_partial``) loops at one coordinate, and at more by ``n² x work``; an ``f`` of ``m > 1``
+    output components per sample that is not a chain (``chained``) loops only frozen, by
+    ``m (1 + n)`` passes and ``m x n x work``: the constants' comments."""
     n = event_numel(x, batch_dims) if chosen is None else chosen
     work = graph.work_per_call()
     if torch.get_num_threads() > 1:
@@ -503,6 +517,13 @@ def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int, chosen: int | None
         limit = LOOP_WORK_PARTIAL * (1 if graph.requires_grad else 4)
         share = 1 + LOOP_TILT_PARTIAL * _products_share(graph)
         return n == 1 or (n <= LOOP_INPUTS and work * n * n < 2 * limit * share)
+    m = math.prod(graph.output_shape[batch_dims:])
+    if m > 1 and not chained(graph):
+        return (
+            not graph.requires_grad
+            and m * (1 + n) <= LOOP_PASSES_OUTPUTS
+            and m * n * work < 2 * LOOP_WORK_OUTPUTS
+        )
     if graph.requires_grad:
         limit, tilt = LOOP_WORK_TRAINED_ONE_THREAD, 1
     else:
