@@ -89,7 +89,7 @@ HEADER = (
 _LOOPING = [False]  # what the patched ``loops_for`` answers
 
 
-def _forced(graph: object, x: torch.Tensor, batch_dims: int, chosen: int | None = None) -> bool:
+def _forced(graph: object, x: torch.Tensor, batch_dims: int, *_: object, **__: object) -> bool:
     return _LOOPING[0]
 
 
@@ -132,11 +132,20 @@ VGL_CASES = {
         for b in (1024, 2048, 4096, 8192)
     },
     **{f"{kind}2-k1-{b}": (kind, 2, 1, b) for kind in ("tanh", "w64") for b in (16384, 32768)},
+    **{  # the whole sweep of nets whose graphs are not chains
+        f"{kind}{d}-k{d}-{b}": (kind, d, d, b)
+        for kind in ("laaf", "rff", "kan")
+        for d in (2, 3)
+        for b in (2048, 4096, 8192)
+    },
 }
 
 
 def vgl_model(kind: str, d: int) -> nn.Module:
-    """``pinn23_idioms``' width-32 nets, or ``laplacian_small``'s width-64 tanh FNN (``w64``)."""
+    """``pinn23_idioms``' width-32 nets, or ``laplacian_small``'s width-64 tanh FNN (``w64``)
+    or Chebyshev KAN (``kan``)."""
+    if kind == "kan":
+        return laplacian_small.kan(d)
     return laplacian_small.fnn(d, 64) if kind == "w64" else pinn23_idioms.net(kind, d)
 
 
@@ -179,7 +188,7 @@ def vgl_main(args: argparse.Namespace, rule: Callable[..., bool]) -> None:
             torch.manual_seed(0)
             net, x = vgl_model(kind, d).requires_grad_(train), torch.rand(b, d)
             graph = capture(net, x, RULES, batch_dims=1)
-            choice = "loop" if rule(graph, x, 1, k) else "taylor"
+            choice = "loop" if rule(graph, x, 1, k, gradient=True) else "taylor"
             calls = vgl_pair(net, x, k, train)
             for call in calls.values():
                 call(), call()

@@ -94,3 +94,57 @@ def test_three_components_take_the_taylor_engine_with_reference_values(
         assert_close(got, want)
         if trained:
             assert_same_parameter_gradients(net, got.square().sum(), want.square().sum())
+
+
+def _tanh_net(d: int, outputs: int = 1, width: int = 32) -> nn.Module:
+    """``pinn23``'s plain tanh PINN ``d -> width -> width -> outputs`` (a chain)."""
+    return _net(d, outputs, adaptive=False, width=width)
+
+
+@pytest.mark.parametrize(
+    "batch, outputs, gradient, loops",
+    [
+        (4096, 1, True, True),  # the whole sweep: the loop 0.86x (it took Taylor)
+        (8192, 1, True, False),  # 0.98: even
+        (4096, 1, False, False),  # the Laplacian alone: its chain's rule, unchanged
+        (256, 2, True, True),  # two components: counted (no chain for the gradient)
+        (1024, 2, True, False),
+    ],
+)
+def test_whole_sweep_rule_frozen(one_thread, batch, outputs, gradient, loops):
+    """``value_grad_laplacian`` over every coordinate, frozen, one thread (``gradient``): the
+    loop while ``n² w < 2 LOOP_WORK_SWEEP (1 + LOOP_TILT s)``, its output components counted
+    as the Laplacian's for an ``f`` that is not a chain; the Laplacian's rule unchanged."""
+    torch.manual_seed(0)
+    net = _tanh_net(2, outputs).requires_grad_(False)
+    x = torch.randn(batch, 2, dtype=f64)
+    graph = capture(net, x, RULES, batch_dims=1)
+    assert methods.loops_for(graph, x, 1, None, gradient) == loops
+
+
+def test_whole_sweep_plan_not_taken_by_the_laplacian(one_thread, monkeypatch):
+    """The frozen whole sweep decided to loop at one structure (its rule: the limit patched so
+    that the Laplacian's does not loop there, batch 64) keeps its plan under a key of its own:
+    a Laplacian at the same ``f`` and ``x`` records ``f`` (its own rule), while later sweeps
+    loop without recording; values, gradients and Laplacians the float64 references'."""
+    monkeypatch.setattr(methods, "_LOOPS", PlanCache(256))
+    monkeypatch.setattr(methods, "_LOOPING_SITES", PlanCache(256))
+    monkeypatch.setattr(methods, "LOOP_WORK_ONE_THREAD", 0)
+    monkeypatch.setattr(methods, "CHAIN_INPUTS", 0)  # (the Laplacian's chain plan: its own tests)
+    recorded, capture_ = [], methods.capture
+    monkeypatch.setattr(methods, "capture", lambda *a, **k: recorded.append(1) or capture_(*a, **k))
+    torch.manual_seed(0)
+    net = _tanh_net(2).requires_grad_(False)
+    x = torch.randn(64, 2, dtype=f64)
+    z = x.detach().requires_grad_(True)
+    (want_grad,) = torch.autograd.grad(net(z).sum(), z)
+    want_lap = laplacian_by_grad_of_grad(lambda v: net(v)[:, 0], x)
+    for call, records in ((0, True), (1, False), (2, True), (3, False)):
+        recorded.clear()
+        if call == 2:
+            assert_close(torchdiv.laplacian(net, x)[:, 0], want_lap)
+        else:
+            out = torchdiv.value_grad_laplacian(net, x)
+            assert_close(out.gradient[:, 0], want_grad)
+            assert_close(out.laplacian[:, 0], want_lap)
+        assert bool(recorded) == records, call
