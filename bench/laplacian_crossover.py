@@ -7,8 +7,9 @@ products in it) and the rule's choice (``_laplacian.methods.loops_for``) beside 
         PYTHONPATH=src .venv/bin/python bench/laplacian_crossover.py [--rounds 9] [--only NAME]
 
 Cases: ``laplacian_small.py``'s tanh FNN (width 64, 3 hidden layers; also widths 32 and 128)
-and Chebyshev KAN (D -> 8 -> 8 -> 1) at D = 2, 3 and batches 256 to 4096, frozen (the
-Laplacian alone) and trained (with its backward pass to the parameters). Each case runs two
+and Chebyshev KAN (D -> 8 -> 8 -> 1) at D = 2, 3 and batches 256 to 4096; several output
+components (``-m2``, ``-m3``: the FNN, ``pinn23_idioms.py``'s tanh / LAAF / RFF nets); frozen
+(the Laplacian alone) and trained (with its backward pass to the parameters). Each case runs two
 functions of their own call sites (``_laplacian.methods._site``) through ``"auto"``: one
 whose first call was decided to loop (the decision is remembered for its structure), one
 that never loops (``loops_for`` patched to ``False`` for its calls): the loop as ``"auto"``
@@ -50,6 +51,28 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
         for w, batches in ((64, (256, 1024, 2048, 4096)), (32, (1024,)), (128, (1024,)))
         for b in batches
     },
+    **{  # several output components per sample (a Navier-Stokes net's u, v, p)
+        f"fnn{d}-m{m}-w{w}-{b}": functools.partial(
+            lambda d, w, m, b: (laplacian_small.fnn(d, w, outputs=m), torch.randn(b, d)), d, w, m, b
+        )
+        for d in (2, 3)
+        for m in (2, 3)
+        for w in (32, 64)
+        for b in (256, 1024, 2048)
+    },
+    **{  # pinn23_idioms' Navier-Stokes nets (u, v, p), whose graphs are not chains
+        f"{kind}{d}-m{m}-{b}": functools.partial(
+            lambda kind, d, m, b: (pinn23_idioms.net(kind, d, out=m), torch.randn(b, d)),
+            kind,
+            d,
+            m,
+            b,
+        )
+        for kind in ("tanh", "laaf", "rff")
+        for d in (2, 3)
+        for m in (1, 2, 3)
+        for b in (256, 1024, 2048)
+    },
     **{
         f"kan{d}-{b}": functools.partial(
             lambda d, b: (laplacian_small.kan(d), torch.rand(b, d) * 2 - 1), d, b
@@ -66,7 +89,7 @@ HEADER = (
 _LOOPING = [False]  # what the patched ``loops_for`` answers
 
 
-def _forced(graph: object, x: torch.Tensor, batch_dims: int, chosen: int | None = None) -> bool:
+def _forced(graph: object, x: torch.Tensor, batch_dims: int, *_: object, **__: object) -> bool:
     return _LOOPING[0]
 
 
@@ -82,7 +105,7 @@ def pair(net: nn.Module, x: torch.Tensor, train: bool) -> dict[str, Callable[[],
 
     def step(f: Callable[[torch.Tensor], torch.Tensor], loop: bool) -> object:
         _LOOPING[0] = loop
-        lap = torchdiv.laplacian(f, x).reshape(len(x))
+        lap = torchdiv.laplacian(f, x).reshape(len(x), -1)
         if train:
             torch.autograd.grad(lap.square().sum(), list(net.parameters()), allow_unused=True)
         return lap.detach()
@@ -109,11 +132,20 @@ VGL_CASES = {
         for b in (1024, 2048, 4096, 8192)
     },
     **{f"{kind}2-k1-{b}": (kind, 2, 1, b) for kind in ("tanh", "w64") for b in (16384, 32768)},
+    **{  # the whole sweep of nets whose graphs are not chains
+        f"{kind}{d}-k{d}-{b}": (kind, d, d, b)
+        for kind in ("laaf", "rff", "kan")
+        for d in (2, 3)
+        for b in (2048, 4096, 8192)
+    },
 }
 
 
 def vgl_model(kind: str, d: int) -> nn.Module:
-    """``pinn23_idioms``' width-32 nets, or ``laplacian_small``'s width-64 tanh FNN (``w64``)."""
+    """``pinn23_idioms``' width-32 nets, or ``laplacian_small``'s width-64 tanh FNN (``w64``)
+    or Chebyshev KAN (``kan``)."""
+    if kind == "kan":
+        return laplacian_small.kan(d)
     return laplacian_small.fnn(d, 64) if kind == "w64" else pinn23_idioms.net(kind, d)
 
 
@@ -156,7 +188,7 @@ def vgl_main(args: argparse.Namespace, rule: Callable[..., bool]) -> None:
             torch.manual_seed(0)
             net, x = vgl_model(kind, d).requires_grad_(train), torch.rand(b, d)
             graph = capture(net, x, RULES, batch_dims=1)
-            choice = "loop" if rule(graph, x, 1, k) else "taylor"
+            choice = "loop" if rule(graph, x, 1, k, gradient=True) else "taylor"
             calls = vgl_pair(net, x, k, train)
             for call in calls.values():
                 call(), call()

@@ -43,8 +43,8 @@ except ImportError as exc:
 torch.set_default_dtype(torch.float32)  # DeepXDE may have changed it
 
 
-def fnn(d: int, width: int = 64, depth: int = 3) -> nn.Module:
-    widths = (d, *[width] * depth, 1)
+def fnn(d: int, width: int = 64, depth: int = 3, outputs: int = 1) -> nn.Module:
+    widths = (d, *[width] * depth, outputs)
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers += [nn.Linear(a, b), nn.Tanh()] if i < len(widths) - 2 else [nn.Linear(a, b)]

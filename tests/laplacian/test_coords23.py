@@ -106,7 +106,9 @@ def test_a_plan_kept_for_some_coordinates_is_not_taken_for_others(calls, monkeyp
     monkeypatch.setattr(
         methods,
         "loops_for",
-        lambda graph, x, batch_dims, chosen=None: calls["rule"].append(chosen) or chosen == 1,
+        lambda graph, x, batch_dims, chosen=None, gradient=False: (
+            calls["rule"].append(chosen) or chosen == 1
+        ),
     )
     torch.manual_seed(1)
     u, x = _net(3, outputs=2), torch.rand(100, 3, dtype=f64)

@@ -539,7 +539,7 @@ def value_grad_laplacian(
         plan = (
             capture(g, x, RULES, keep_values=True, batch_dims=batch_dims)
             if traced and methods.loops(x, batch_dims)
-            else methods.recorded_or_loop(g, x, batch_dims, chosen=chosen)
+            else methods.recorded_or_loop(g, x, batch_dims, chosen=chosen, gradient=True)
         )
         if isinstance(plan, methods.Loop) and plan.refused:
             return _looped_or_separately(g, x, batch_dims, chunk_size, index, plan)

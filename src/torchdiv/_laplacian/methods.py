@@ -112,6 +112,30 @@ LOOP_WORK_TRAINED_ONE_THREAD = 20480
 # output components (Navier-Stokes' three: the loop's 1 + m (1 + k) passes), the rules above.
 LOOP_WORK_PARTIAL = 147456
 LOOP_TILT_PARTIAL = 4
+# Several output components m per sample (a Navier-Stokes net's u, v, p), one thread, an f
+# whose recording is not a chain (``chained``: the chain's forward Laplacian takes all of them
+# at once, a tanh MLP's loop costing the same at m = 1, 2 and 3): the loop's passes grow with m
+# (its 1 + m (1 + n)), the Taylor engine's do not. ``bench/laplacian_crossover.py --only=-m``
+# (pinn23_idioms' width-32 LAAF and random-Fourier-feature nets, n = 2, 3, m = 1-3, batch 256 to
+# 2048, 7 alternated rounds, 2026-12-07), loop / Taylor: frozen at m = 2 0.74 / 0.80 (LAAF,
+# n = 2 / 3, batch 256; m n w 34k / 51k), 0.90 / 0.97 (RFF, 31k / 47k), 0.97 at batch 1024
+# (LAAF, n = 2, 134k), 1.17-1.55 beyond; at m = 3 0.97 (LAAF, n = 2, 256), 1.06-2.6 otherwise
+# (the rule for one component looped at all of them but batch 2048); trained 1.24-2.3 at m = 2
+# and 1.65-2.3 at m = 3 already at batch 256 (it looped there). So: frozen only, while
+# m (1 + n) <= LOOP_PASSES_OUTPUTS and m n w < 2 x LOOP_WORK_OUTPUTS.
+LOOP_PASSES_OUTPUTS = 8
+LOOP_WORK_OUTPUTS = 26624
+# ``value_grad_laplacian``'s whole sweep (every coordinate) not differentiated, one thread: the
+# loop's gradient is its first pass, the Taylor sweep's an extra output, and the chain never
+# runs there (the Jacobian), so the Laplacian's rule took the Taylor sweep where the loop was
+# faster. ``bench/laplacian_crossover.py --vgl --frozen --only=2-k2-`` (and ``3-k3-``, 7
+# alternated rounds, 2026-12-07, load 9), loop / Taylor: width-32 tanh D = 2 0.65 / 0.75 /
+# 0.86 / 0.98 at batch 1024 / 2048 / 4096 / 8192 (it took Taylor from 4096), width 64 0.78 /
+# 0.90 / 1.02 / 1.18; D = 3 width 32 0.74 / 0.87 / 1.01 / 1.21, width 64 0.93 / 1.05 / 1.25 /
+# 1.36. The loop while n² x w < 2 x LOOP_WORK_SWEEP x (1 + LOOP_TILT x s) puts each on its
+# faster side or within 5% of even; with several output components, as the Laplacian's
+# (``LOOP_WORK_OUTPUTS``: the chain, which made m free, is not taken).
+LOOP_WORK_SWEEP = 196608
 # Beyond that rule, a frozen f whose recording is a chain (``chained``: a tanh / sigmoid MLP)
 # at up to CHAIN_INPUTS inputs loops too, for the forward Laplacian along its chain
 # (``_laplacian.chain``, from the loop's evaluation), while its ``(n + 1) x widest`` block has
@@ -275,7 +299,12 @@ class Nested:
 
 
 def recorded_or_loop(
-    f: Function, x: torch.Tensor, batch_dims: int, chain: bool = False, chosen: int | None = None
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    chain: bool = False,
+    chosen: int | None = None,
+    gradient: bool = False,
 ) -> Graph | Loop | Nested:
     """``f`` recorded at ``x`` for the Taylor engine, or ``Loop`` where ``"auto"`` loops over
     backward passes instead (``loops``, ``loops_for``). A decision to loop is remembered per
@@ -309,7 +338,9 @@ def recorded_or_loop(
     (``value_grad_laplacian``'s ``coordinates``; ``None``: all), which the loop's rules
     count (its second-level passes) and its plans are kept by: a heat residual's
     ``Δ_x u`` of ``u(x, t)`` took the Taylor sweep at batch 1024 for two inputs where the
-    loop at one was 1.5-2.9x faster (rev-pinn23)."""
+    loop at one was 1.5-2.9x faster (rev-pinn23). ``gradient``: the caller takes the gradient
+    too (``value_grad_laplacian``: the loop's first pass), which the rules (``loops_for``) and
+    the plans' keys count."""
     n = event_numel(x, batch_dims)
     k = n if chosen is None else chosen
     if loops(x, batch_dims):
@@ -324,7 +355,8 @@ def recorded_or_loop(
     # object, which may be a new site at every call, each call then paying for a key)
     fresh = looping is None and isinstance(site, (types.CodeType, torch.nn.Module))
     at = mixing.structure(f, x, batch_dims) if kept and (looping or fresh) else None
-    remembered: Loop | None = None if at is None else _LOOPS.get(site, _plan_key(at, n, k))
+    key = None if at is None else _plan_key(at, n, k, gradient)
+    remembered: Loop | None = None if key is None else _LOOPS.get(site, key)
     settings = None if remembered is None else remembered.settings
     if (
         remembered is not None
@@ -339,7 +371,7 @@ def recorded_or_loop(
         return graph
     if remembered:  # a chain's plan not for this caller, or one whose chain gave way
         return graph
-    if k <= LOOP_INPUTS and loops_for(graph, x, batch_dims, k):
+    if k <= LOOP_INPUTS and loops_for(graph, x, batch_dims, k, gradient):
         chain_only = False
     elif chain and k == n and _chains(graph, x, batch_dims):
         chain_only = True
@@ -351,7 +383,7 @@ def recorded_or_loop(
     plan = Loop(settings=Settings(batched, plain=True, chain=True, chain_only=chain_only))
     if at is not None:  # recording watched f at the structure made before it ran
         mixing.passed(f, x, batch_dims, at, verdict=graph.verdict)
-    _remember(site, f, x, batch_dims, at, plan, k)
+    _remember(site, f, x, batch_dims, at, plan, k, gradient)
     return graph  # this call: the recording's evaluation, not a second one for the loop
 
 
@@ -380,22 +412,26 @@ def _remember(
     at: mixing.Structure | None,
     plan: Loop,
     chosen: int,
+    gradient: bool = False,
 ) -> None:
     """Keep ``plan`` for ``site`` at the structure of ``f`` and ``x`` (``at``, if made
-    already) and ``chosen`` coordinates (``_plan_key``)."""
+    already), ``chosen`` coordinates and ``gradient`` (``_plan_key``)."""
     if at is None:
         at = mixing.structure(f, x, batch_dims)
-    _LOOPS.put(site, _plan_key(at, event_numel(x, batch_dims), chosen), plan)
+    _LOOPS.put(site, _plan_key(at, event_numel(x, batch_dims), chosen, gradient), plan)
     _LOOPING_SITES.put(site, None, True)
 
 
-def _plan_key(at: mixing.Structure, n: int, chosen: int) -> Hashable:
+def _plan_key(at: mixing.Structure, n: int, chosen: int, gradient: bool = False) -> Hashable:
     """``_LOOPS``' key for the structure ``at`` with second derivatives along ``chosen`` of
     the ``n`` inputs: the structure's alone for all of them, else with their number (the
     choice counts them: a plan decided at one coordinate would loop at all of them, where the
-    Taylor engine may be faster)."""
+    Taylor engine may be faster); for a caller that takes the ``gradient`` too along all of
+    them, with a mark of it (its rule differs: the Laplacian's calls do not take its plan)."""
     key = mixing.shape_key(at)
-    return key if chosen == n else (key, chosen)
+    if chosen != n:
+        return (key, chosen)
+    return (key, "gradient") if gradient else key
 
 
 def _unrecorded(
@@ -484,15 +520,24 @@ def loops(x: torch.Tensor, batch_dims: int) -> bool:
     return event_numel(x, batch_dims) == 1 and x.numel() <= LOOP_ELEMENTS
 
 
-def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int, chosen: int | None = None) -> bool:
+def loops_for(
+    graph: Graph,
+    x: torch.Tensor,
+    batch_dims: int,
+    chosen: int | None = None,
+    gradient: bool = False,
+) -> bool:
     """Whether ``"auto"`` runs the loop of backward passes for ``f`` recorded as ``graph``:
     at up to ``LOOP_INPUTS`` coordinates ``n`` to take second derivatives along (``chosen``;
     ``None``: all inputs; the loop's second-level passes) while ``n x work`` is below a
     limit that depends on whether the result is differentiated (``graph.requires_grad``), on
     the threads and, on one thread, on the share of matrix products in the work; on one
     thread, ``value_grad_laplacian`` along some of the inputs of a scalar ``f``
-    (``_partial``) loops at one coordinate, and at more by ``n² x work``: the constants'
-    comments."""
+    (``_partial``) loops at one coordinate, and at more by ``n² x work``; an ``f`` of ``m > 1``
+    output components per sample that is not a chain (``chained``), or any such ``f`` where the
+    caller takes the ``gradient`` too (``value_grad_laplacian``: no chain), loops only frozen,
+    by ``m (1 + n)`` passes and ``m x n x work``; the ``gradient`` with every coordinate,
+    frozen, by ``n² x work``: the constants' comments."""
     n = event_numel(x, batch_dims) if chosen is None else chosen
     work = graph.work_per_call()
     if torch.get_num_threads() > 1:
@@ -503,6 +548,16 @@ def loops_for(graph: Graph, x: torch.Tensor, batch_dims: int, chosen: int | None
         limit = LOOP_WORK_PARTIAL * (1 if graph.requires_grad else 4)
         share = 1 + LOOP_TILT_PARTIAL * _products_share(graph)
         return n == 1 or (n <= LOOP_INPUTS and work * n * n < 2 * limit * share)
+    m = math.prod(graph.output_shape[batch_dims:])
+    if m > 1 and (gradient or not chained(graph)):
+        return (
+            not graph.requires_grad
+            and m * (1 + n) <= LOOP_PASSES_OUTPUTS
+            and m * n * work < 2 * LOOP_WORK_OUTPUTS
+        )
+    if gradient and not graph.requires_grad:
+        share = 1 + LOOP_TILT * _products_share(graph)
+        return n <= LOOP_INPUTS and work * n * n < 2 * LOOP_WORK_SWEEP * share
     if graph.requires_grad:
         limit, tilt = LOOP_WORK_TRAINED_ONE_THREAD, 1
     else:
