@@ -470,10 +470,13 @@ def _tensor(t: torch.Tensor) -> Hashable:
     train-mode batch norm under ``allow_batch_interaction``). A floating one by its dtype and
     shape, its values being values (``weight_norm``'s weight, computed anew before every
     forward, would make every call a new structure; changed in place: batch norm's running
-    statistics, spectral norm's power iteration). An inference tensor keeps no version."""
+    statistics, spectral norm's power iteration). An inference tensor keeps no version. A
+    boolean scalar is a switch, not a count (``register_buffer("centre", torch.tensor(False))``
+    loaded by ``load_state_dict``: served by its old value's pass until rev-merges25b): by
+    its version."""
     if t.is_floating_point() or t.is_complex():
         return t.dtype, t.shape
-    if not t.dim() or t.is_inference():
+    if (not t.dim() and t.dtype is not torch.bool) or t.is_inference():
         return Same(t)
     return Same(t), t._version
 
