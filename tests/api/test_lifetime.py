@@ -127,6 +127,7 @@ def _an_earlier_test_s_error() -> None:
     failing()
 
 
+@pytest.mark.slow  # (three full cycle collections: 1-3 s in a large heap)
 def test_an_earlier_test_s_error_is_not_counted(
     _an_earlier_test_s_error: None, no_cycle_collection: list[object]
 ) -> None:
