@@ -12,12 +12,15 @@ before the merge and after it alike:
   torch.tensor(False))``) written in place (``load_state_dict``, ``fill_``) was held by
   identity alone, as a count is: the pass of its old value served the call that now mixes
   samples.
+- A flag read from a NumPy array or data frame (a ``numpy.bool_``, not a ``numbers.Number``
+  as NumPy's other scalars) was not read at all: set to mix samples, served by the old pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close, reference_diagonal, reference_divergence
@@ -70,4 +73,37 @@ def test_a_boolean_buffer_written_in_place_is_refused(write: str, call: str) -> 
         "load_state_dict": lambda: m.load_state_dict(state),
         "fill_": lambda: m.centre.fill_(True),
     }[write]
+    _served_then_refused(m, change, call)
+
+
+class _Flagged(nn.Module):
+    """Centres the batch where its ``centre`` flag, read from a NumPy array or data frame (a
+    ``numpy.bool_``), is set, as its own attribute or in its ``cfg`` dictionary."""
+
+    def __init__(self, d: int, where: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        if where == "own":
+            self.centre = np.bool_(False)
+        else:
+            self.cfg = {"centre": np.bool_(False)}
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(z))
+        centre = self.cfg["centre"] if hasattr(self, "cfg") else self.centre
+        return h - h.mean(0) if centre else h
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+@pytest.mark.parametrize("where", ["own", "cfg"])
+def test_a_numpy_boolean_flag_set_is_refused(where: str, call: str) -> None:
+    """The flag set to ``numpy.True_``: the next call refused (its own attribute, on main:
+    ``DID NOT RAISE``; in its dictionary, an item the key could not tell: watched at every
+    call, refused on main too, a guard)."""
+    torch.manual_seed(0)
+    m = _Flagged(3, where).double().eval()
+    change = {
+        "own": lambda: setattr(m, "centre", np.bool_(True)),
+        "cfg": lambda: m.cfg.__setitem__("centre", np.bool_(True)),
+    }[where]
     _served_then_refused(m, change, call)

@@ -737,7 +737,11 @@ def _held(f: torch.nn.Module) -> tuple[Any, ...]:
                     held.append(_contained(v, stack, untold))
             # (by its type: ``isinstance`` reads an HF configuration's ``__class__`` through
             # its ``__getattribute__``, in Python)
-            elif issubclass(t, _OTHER_VALUES) or (issubclass(t, tuple) and hasattr(t, "_fields")):
+            elif (
+                issubclass(t, _OTHER_VALUES)
+                or (issubclass(t, tuple) and hasattr(t, "_fields"))
+                or _numpy_bool(t)
+            ):
                 held.append((name, _item(v, stack, unread, 3)))
         pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
         if pre or post:  # by their handles' ids (a counter: never reused)
@@ -1036,9 +1040,20 @@ def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
         return kind, int(v)
     if isinstance(v, Number):  # (a NumPy float)
         return kind, v
+    if _numpy_bool(kind):
+        return kind, bool(v)
     if _symbolic(kind):  # (an exported module's ``range_constraints``: ``{s0: VR[0, int_oo]}``)
         return kind, v
     return _told(untold)
+
+
+def _numpy_bool(kind: type) -> bool:
+    """Whether ``kind`` is NumPy's boolean, not a ``numbers.Number`` as its other scalars are:
+    a flag read from an array or a data frame (``self.centre = cfg["centre"]``), set to mix
+    samples, was served by the pass of its old value until rev-merges25b. NumPy is not
+    imported here: where it is not loaded, no such value exists."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and kind is numpy.bool_
 
 
 def _symbolic(kind: type) -> bool:
