@@ -470,10 +470,13 @@ def _tensor(t: torch.Tensor) -> Hashable:
     train-mode batch norm under ``allow_batch_interaction``). A floating one by its dtype and
     shape, its values being values (``weight_norm``'s weight, computed anew before every
     forward, would make every call a new structure; changed in place: batch norm's running
-    statistics, spectral norm's power iteration). An inference tensor keeps no version."""
+    statistics, spectral norm's power iteration). An inference tensor keeps no version. A
+    boolean scalar is a switch, not a count (``register_buffer("centre", torch.tensor(False))``
+    loaded by ``load_state_dict``: served by its old value's pass until rev-merges25b): by
+    its version."""
     if t.is_floating_point() or t.is_complex():
         return t.dtype, t.shape
-    if not t.dim() or t.is_inference():
+    if (not t.dim() and t.dtype is not torch.bool) or t.is_inference():
         return Same(t)
     return Same(t), t._version
 
@@ -734,7 +737,11 @@ def _held(f: torch.nn.Module) -> tuple[Any, ...]:
                     held.append(_contained(v, stack, untold))
             # (by its type: ``isinstance`` reads an HF configuration's ``__class__`` through
             # its ``__getattribute__``, in Python)
-            elif issubclass(t, _OTHER_VALUES) or (issubclass(t, tuple) and hasattr(t, "_fields")):
+            elif (
+                issubclass(t, _OTHER_VALUES)
+                or (issubclass(t, tuple) and hasattr(t, "_fields"))
+                or _numpy_bool(t)
+            ):
                 held.append((name, _item(v, stack, unread, 3)))
         pre, post = attributes.get("_forward_pre_hooks"), attributes.get("_forward_hooks")
         if pre or post:  # by their handles' ids (a counter: never reused)
@@ -1033,9 +1040,20 @@ def _item(v: Any, stack: list[Any], untold: list[bool], depth: int) -> Any:
         return kind, int(v)
     if isinstance(v, Number):  # (a NumPy float)
         return kind, v
+    if _numpy_bool(kind):
+        return kind, bool(v)
     if _symbolic(kind):  # (an exported module's ``range_constraints``: ``{s0: VR[0, int_oo]}``)
         return kind, v
     return _told(untold)
+
+
+def _numpy_bool(kind: type) -> bool:
+    """Whether ``kind`` is NumPy's boolean, not a ``numbers.Number`` as its other scalars are:
+    a flag read from an array or a data frame (``self.centre = cfg["centre"]``), set to mix
+    samples, was served by the pass of its old value until rev-merges25b. NumPy is not
+    imported here: where it is not loaded, no such value exists."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and kind is numpy.bool_
 
 
 def _symbolic(kind: type) -> bool:
