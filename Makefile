@@ -1,6 +1,6 @@
 # Two entry points: `make demo` (the main job) and `make test` (ruff, pytest with the type checks,
 # doctests). Each creates .venv if missing and installs the CPU build of torch==2.13.0 first, so a
-# plain `torch` requirement never pulls a multi-GB CUDA build; the package itself asks for torch>=2.4.
+# plain `torch` requirement never pulls a multi-GB CUDA build; the package itself asks for torch>=2.13.
 # `make docs` builds the documentation site into site/ (CI runs it after `make test`).
 # Both install the `dev`, `bench`, `ode` and `models` extras: the CLI tests run the benchmark
 # (rich, matplotlib), the flows tests and examples solve ODEs (torchdiffeq), the type checks need

@@ -1,6 +1,7 @@
 """torchdiv: per-sample divergence, Jacobians, their diagonals and Laplacians of batched functions,
 exact or estimated."""
 
+import torchdiv._core.versions  # noqa: F401  # first: an old PyTorch refused by name
 from torchdiv import distributed, flows
 from torchdiv._api.graph import graph_divergence, graph_jacobian, graph_laplacian
 from torchdiv._api.independence import check_batch_independence
