@@ -4,7 +4,7 @@ torchdiv reads PyTorch internals that older releases lack or spell differently (
 hooks stack, Dynamo's dispatch-mode checks, FSDP2's pre-backward function, ...): on torch 2.4
 to 2.10 ``import torchdiv`` failed deep inside with an ``ImportError`` on a private name, and
 on 2.11 and 2.12 ``torch.compile`` around a call, FSDP2 modules and DTensors failed
-(``NOTES_compat-old25.md``). ``pyproject.toml`` asks for ``MINIMUM``; a build installed beside
+(``docs/guide/limitations.md``). ``pyproject.toml`` asks for ``MINIMUM``; a build installed beside
 it (``--no-deps``, conda) is refused here by name, at import.
 """
 
