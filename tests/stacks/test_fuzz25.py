@@ -32,6 +32,7 @@ from tests.stacks.test_fuzz24 import (
     _activations,
     _block,
     _blows_up,
+    _finite_gradients,
     _grads,
     _int,
     _linear,
@@ -620,18 +621,44 @@ def second_order_calls(
 
 # --- one seed ------------------------------------------------------------------------------------
 
+# fourth derivatives (fifth for parameter gradients) by nested differentiation: each level
+# multiplies the rounding by the condition of a derivative, so two digits more than check's 1e-8
+BIHARMONIC_TOLERANCE = 1e-6
 BIHARMONIC_MAX = 6  # inputs per sample up to which biharmonics are checked (the reference: n² VJPs)
 
 
+REFUSALS = ("UnsupportedOp", "NotImplementedError", "NestedForward")
+# PyTorch's own faults, named in the notes (NOTES_rev-fuzz24.md, NOTES_rev-fuzz25.md): a
+# disagreement that matches is counted apart, not failed
+KNOWN: dict[str, Callable[[str], bool]] = {
+    # complex abs's derivatives at the fifth order write a saved tensor in place
+    "complex abs, fifth order": lambda m: (
+        "modified by an inplace operation" in m and "Complex" in m
+    ),
+    # mish's second derivative nan from x >= 709.8 (float64): limitations.md
+    "mish at large inputs": lambda m: "Mish()" in m and "max error nan" in m,
+    # det's third derivative by backward passes nan under a dispatch mode (weighted_laplacian
+    # with an indefinite A evaluates f under one: _exact.state.Once)
+    "det under a dispatch mode": lambda m: (
+        "linalg.det" in m and "indefinite grad" in m and "max error nan" in m
+    ),
+}
+
+
 def _split(found: list[str]) -> tuple[list[str], list[str]]:
-    """``(faults, refusals)``: a ``NotImplementedError`` is a refusal (named, counted), not a
-    wrong answer; every other disagreement or error is a fault."""
-    refusals = [m for m in found if "raised UnsupportedOp" in m or "raised NotImpl" in m]
-    return [m for m in found if m not in refusals], refusals
+    """``(faults, named)``: a ``NotImplementedError`` is a refusal that names the op and one of
+    ``KNOWN`` is PyTorch's (both counted, not failed); every other disagreement or error is a
+    fault."""
+    named = [
+        m
+        for m in found
+        if any(f"raised {e}" in m for e in REFUSALS) or any(k(m) for k in KNOWN.values())
+    ]
+    return [m for m in found if m not in named], named
 
 
 def fuzz_one(seed: int, which: str = "all") -> tuple[list[str], list[str]]:
-    """``(faults, refusals)`` on the programs of ``seed`` (``which``: ``"square"``,
+    """``(faults, named)`` (``_split``) on the programs of ``seed`` (``which``: ``"square"``,
     ``"second"`` order or ``"all"``), each prefixed by the program's text."""
     family, x, batch_dims, samples = problem(seed)
     n = x[(0,) * batch_dims].numel()
@@ -668,9 +695,12 @@ def fuzz_one(seed: int, which: str = "all") -> tuple[list[str], list[str]]:
             reference_biharmonic(f, x, batch_dims, samples).reshape(len(samples), *event)
         ]
     if not _blows_up(*[r for v in refs.values() for r in v]):
+        fourth = {k: c for k, c in calls.items() if k.startswith("biharmonic")}
+        second = {k: c for k, c in calls.items() if k not in fourth}
         found += [
             f"{where} (second order)\n{f!r}\n  {m}"
-            for m in check(f, x, batch_dims, samples, calls, refs)
+            for m in check(f, x, batch_dims, samples, second, refs)
+            + check(f, x, batch_dims, samples, fourth, refs, BIHARMONIC_TOLERANCE)
         ]
     return _split(found)
 
@@ -853,7 +883,12 @@ def estimators_one(seed: int) -> list[str]:
         f"divergence/{m}/{p}": (
             "div",
             lambda gen, m=m, p=p: torchdiv.divergence(
-                f, x, method=m, num_probes=6, probe=p, generator=gen
+                f,
+                x,
+                method=m,
+                num_probes=2 * min(3, n) if m == "xtrace" else 6,
+                probe=p,
+                generator=gen,
             ),
         )
         for m in ("hutchinson", "hutch++", "xtrace")
@@ -907,10 +942,15 @@ def _todays_seed() -> int:
 
 
 def test_todays_program() -> None:
-    """One program a day (its seed from the date), every operator and method: the square
-    ones on even days, the second-order ones on odd days."""
-    which = ("square", "second")[datetime.date.today().toordinal() % 2]
-    faults, _ = fuzz_one(_todays_seed(), which)
+    """One program a day (its seed from the date), every square operator and method (0.1-0.6 s
+    warm; the second-order ones, 0.2-7 s, in the slow test below)."""
+    faults, _ = fuzz_one(_todays_seed(), "square")
+    assert not faults, "\n\n".join(faults)
+
+
+@pytest.mark.slow
+def test_todays_second_order_program() -> None:
+    faults, _ = fuzz_one(_todays_seed(), "second")
     assert not faults, "\n\n".join(faults)
 
 
@@ -1018,6 +1058,27 @@ def test_biharmonic_of_log_softmax_through_a_matmul() -> None:
     assert not check(f, x, 1, [0, 1], calls, refs)
 
 
+@pytest.mark.xfail(strict=True, reason="PyTorch's det backward under a dispatch mode (notes)")
+def test_weighted_laplacian_of_a_determinant_with_an_indefinite_diffusion() -> None:
+    """``weighted_laplacian`` with an indefinite ``A`` (two parts, ``f`` evaluated under
+    ``_exact.state.Once``'s dispatch mode) by backward passes (``"auto"`` where the Taylor
+    engine refuses an op, ``"grad-of-grad"``): PyTorch's third derivative of ``det`` by
+    backward passes is ``nan`` under any ``TorchDispatchMode`` (right without one), so the
+    parameter gradients were ``nan``; a positive definite ``A`` (one part) is right. Found by
+    seed 193."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, generator=g, dtype=f64)
+    lin = _init(g, nn.Linear(4, 2, bias=False))
+    ones = torch.ones(2, dtype=f64)
+
+    def f(h: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.det(torch.eye(2, dtype=f64) + lin(h)[..., None] * ones)
+
+    sym = torch.randn(4, 4, generator=g, dtype=f64)
+    out = torchdiv.weighted_laplacian(f, x, diffusion=sym + sym.mT, method="grad-of-grad")
+    assert _finite_gradients(out, lin)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("first", [0, 100])
 def test_many_programs(first: int) -> None:
@@ -1048,7 +1109,7 @@ if __name__ == "__main__":
     mode = sys.argv[3] if len(sys.argv) > 3 else "ops"
     runs = {
         "ops": lambda s: fuzz_one(s)[0],
-        "refusals": lambda s: fuzz_one(s)[1],
+        "named": lambda s: fuzz_one(s)[1],
         "watch": watch_one,
         "float32": float32_one,
         "estimators": estimators_one,
