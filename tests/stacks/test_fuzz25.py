@@ -1058,6 +1058,25 @@ def test_biharmonic_of_log_softmax_through_a_matmul() -> None:
     assert not check(f, x, 1, [0, 1], calls, refs)
 
 
+def test_biharmonic_of_a_causal_convolution_by_taylor() -> None:
+    """``biharmonic(method="taylor")`` of ``softplus`` after a causal ``Conv1d`` whose output
+    is a transposed view (``conv(pad(h.mT)).mT``): the inner sweep's softplus rule
+    (``masked_fill`` of that view) recorded ``aten.contiguous``, which the outer sweep had no
+    rule for: a false refusal naming it (``"auto"`` fell back to forward over reverse). Found
+    by seed 444."""
+    g = torch.Generator().manual_seed(0)
+    conv = _init(g, nn.Conv1d(2, 2, 2))
+    f = _one_block(
+        "softplus(conv(pad(h.mT, (1, 0))).mT, 0.5, 1.5)",
+        lambda s, h: F.softplus(s.m(F.pad(h.mT, (1, 0))).mT, 0.5, 1.5),
+        m=conv,
+    )
+    x = torch.randn(2, 2, 2, generator=g, dtype=f64)
+    refs = {"bih": [reference_biharmonic(f, x, 1, [0, 1]).reshape(2, 2, 2)]}
+    calls = {"biharmonic/taylor": lambda f: ("bih", torchdiv.biharmonic(f, x, method="taylor"))}
+    assert not check(f, x, 1, [0, 1], calls, refs, BIHARMONIC_TOLERANCE)
+
+
 @pytest.mark.xfail(strict=True, reason="PyTorch's det backward under a dispatch mode (notes)")
 def test_weighted_laplacian_of_a_determinant_with_an_indefinite_diffusion() -> None:
     """``weighted_laplacian`` with an indefinite ``A`` (two parts, ``f`` evaluated under
