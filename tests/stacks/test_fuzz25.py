@@ -9,7 +9,7 @@ values and parameter gradients; the sample-mixing watch on the same programs, wi
 native to each family spliced in.
 
 Run many programs by hand:
-``PYTHONPATH=src:. python tests/stacks/test_fuzz25.py FIRST COUNT [ops|watch|float32|estimators]``.
+``PYTHONPATH=src:. python tests/stacks/test_fuzz25.py FIRST COUNT [ops|named|watch|float32|estimators]``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def _lead(event_dims: int, fn: Callable) -> Callable:
     return run
 
 
-def _act_block(g: torch.Generator, event_dims: int) -> Block:
+def _act_block(g: torch.Generator) -> Block:
+    """A random activation of ``test_fuzz24``'s, elementwise (any event shape)."""
     act = _pick(g, _activations(g))()
     return Block(repr(act), lambda s, h: s.a(h), lambda s, h: plain_activation(s.a, h), a=act)
 
@@ -117,7 +118,7 @@ def _image_block(g: torch.Generator, c: int, hw: tuple[int, int]) -> tuple[Block
             f"F.avg_pool2d({conv!r}(h), 2)", _lead(3, lambda s, h: F.avg_pool2d(s.m(h), 2)), m=conv
         ), c2
     if kind in (4, 5):
-        return _act_block(g, 3), c
+        return _act_block(g), c
     if kind == 6:
         groups = _pick(g, [d for d in range(1, c + 1) if c % d == 0])
         norm = _init(g, nn.GroupNorm(groups, c))
@@ -302,7 +303,7 @@ def _sequence_block(
         return Block("h + h.mean(-2, keepdim=True)", lambda s, h: h + h.mean(-2, keepdim=True)), k
     if kind == 8:
         return Block("h.flip(-2) * h.roll(1, -2)", lambda s, h: h.flip(-2) * h.roll(1, -2)), k
-    return _act_block(g, 2), k
+    return _act_block(g), k
 
 
 def _with_mask(block: Block, mask: torch.Tensor | None) -> Block:
@@ -452,7 +453,7 @@ def _feature_block(g: torch.Generator, k: int, batch: tuple[int, ...]) -> tuple[
             r=_param(g, k, 2, scale=0.7),
         ), k
     if kind == 11:
-        return _act_block(g, 1), k
+        return _act_block(g), k
     return _feature_block(g, k, batch)
 
 
