@@ -8,8 +8,8 @@ grad-of-grad loops (``torch.autograd.grad`` per sample, output and input: ``test
 values and parameter gradients; the sample-mixing watch on the same programs, with mixing ops
 native to each family spliced in.
 
-Run many programs by hand:
-``PYTHONPATH=src:. python tests/stacks/test_fuzz25.py FIRST COUNT [ops|named|watch|float32|estimators]``.
+Run many programs by hand (the last argument: ``ops``, ``named``, ``watch``, ``float32`` or
+``estimators``): ``PYTHONPATH=src:. python tests/stacks/test_fuzz25.py FIRST COUNT [ops]``.
 """
 
 from __future__ import annotations
