@@ -1034,9 +1034,7 @@ class SafeDerivatives(TorchFunctionMode):
       derivatives of the forward-mode formula wrong (forward engine: parameter and ``x``
       gradients of ``jacobian``/``divergence``, off by 2-240%; forward-over-reverse, hessian
       and Hutchinson by HVPs: gradients of the Laplacian, off by 2-90%). Reverse over reverse
-      is right, but ``det``'s third derivative by backward passes is ``nan`` (or off) under
-      any ``TorchDispatchMode`` (``_exact.state.Once``'s: ``weighted_laplacian`` with an
-      indefinite ``A``): ``det`` replaced from there too. Replaced by ``torchdiv._core.linalg``.
+      is right. Replaced by ``torchdiv._core.linalg``.
     - ``cholesky_inverse``: even its first forward-mode derivative is wrong (Jacobians by the
       forward engine off by 6%, Laplacian values by 200%). Replaced by ``inv(C C^T)``.
     - ``eigvalsh``: gradients of the Laplacian by forward over reverse are ``nan``; ``eigh``
@@ -1983,7 +1981,7 @@ REPLACEMENTS: dict[Any, Replacement] = {
     ),
     **_table((2, None), _linalg.logdet, "", _SLOGDET, torch.logdet, torch.Tensor.logdet),
     **_table(
-        (2, 3),  # by backward passes: the third derivative under a dispatch mode (the notes)
+        (2, None),
         _linalg.det,
         "",
         ("LinalgDetBackward",),
