@@ -125,6 +125,8 @@ def _engine(
             "(reshape x before calling f, and pass the reshaped tensor)"
         )
     check_graph(fn, y, x, batch_dims, empty_event=x.dim() == batch_dims)
+    if create_graph:  # (a differentiable result: the kernel's backward differentiated)
+        _check_fused_attention(fn, towards(y, x))
     engine = GraphJacobian(y, x, batch_dims, create_graph)
     return engine, chunk_size or max(engine.num_basis, 1)
 
@@ -160,6 +162,8 @@ def graph_jacobian(
         TypeError: ``x`` or ``y`` not a floating tensor.
         BatchInteractionError: the graph holds a train-mode batch norm, or ``x`` has no event
             dimensions and ``y``'s samples depend on each other (module docstring).
+        NotImplementedError: ``create_graph`` and ``y`` computed through a fused attention
+            kernel (as ``graph_laplacian``).
 
     Examples:
         >>> x = torch.randn(4, 3, requires_grad=True)
@@ -213,7 +217,7 @@ def graph_divergence(
     Raises:
         ValueError, TypeError: as ``graph_jacobian``; also an unknown ``method`` and a
             non-square per-sample Jacobian.
-        BatchInteractionError: as ``graph_jacobian``.
+        BatchInteractionError, NotImplementedError: as ``graph_jacobian``.
 
     Examples:
         >>> x = torch.randn(5, 3, requires_grad=True)
@@ -282,7 +286,6 @@ def graph_laplacian(
     check_flag(fn, "create_graph", create_graph)
     engine, chunk = _engine(fn, y, x, batch_dims, True, chunk_size, False)
     nodes = towards(y, x)
-    _check_fused_attention(fn, nodes)
     if create_graph:
         _check_third_derivatives(fn, nodes)
     n, batch = event_numel(x, batch_dims), x.shape[:batch_dims]
@@ -317,15 +320,16 @@ def _check_fused_attention(fn: str, nodes: list[Any]) -> None:
     """Refuse a graph holding a fused ``scaled_dot_product_attention`` kernel on a path from
     ``y`` to ``x`` (``ScaledDotProductFlashAttentionForCpuBackward0``, the efficient, flash
     and cuDNN ones): PyTorch has no derivative of their backward, which a Laplacian needs, so
-    its error came out as a graph that "cannot be walked twice". The math backend builds
+    its error came out as a graph that "cannot be walked twice" (and a ``create_graph``
+    divergence or Jacobian's gradient as "derivative ... not implemented"). The math backend builds
     attention from ``bmm`` and ``softmax``, which it differentiates twice."""
     fused = sorted({n for node in nodes if (n := type(node).__name__).startswith(_FUSED)})
     if fused:
         raise NotImplementedError(
             f"{fn}: y's graph holds PyTorch's fused attention ({', '.join(fused)}), which has "
             "no second derivative; compute y under torch.nn.attention.sdpa_kernel("
-            "SDPBackend.MATH), or use the function form torchdiv.laplacian(f, x), which runs "
-            "attention on the math backend"
+            f"SDPBackend.MATH), or use the function form torchdiv.{fn.removeprefix('graph_')}"
+            "(f, x), which runs attention on the math backend"
         )
 
 

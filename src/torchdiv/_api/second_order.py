@@ -58,6 +58,7 @@ from torchdiv._core.mixing.watch import (
     watched,
 )
 from torchdiv._core.modes import SafeDerivatives, eager_when, outside_inference_mode
+from torchdiv._core.nested import NestedForward
 from torchdiv._core.script import faking
 from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace
@@ -383,7 +384,12 @@ def biharmonic(
         if method == "taylor":
             raise UnsupportedOp(f"{fn}: {exc}".replace("laplacian: ", "", 1)) from exc
     _refuse_faking(fn)
-    return _nested_laplacian(g, x, batch_dims, "forward-over-reverse", chunk_size)
+    try:
+        return _nested_laplacian(g, x, batch_dims, "forward-over-reverse", chunk_size)
+    except NestedForward:  # a replacement's jvp in a jvp: the outer Laplacian by backward passes
+        return _nested_laplacian(
+            g, x, batch_dims, "forward-over-reverse", chunk_size, "grad-of-grad"
+        )
 
 
 def _refuse_faking(fn: str) -> None:
@@ -400,12 +406,20 @@ def _refuse_faking(fn: str) -> None:
 
 
 def _nested_laplacian(
-    f: Function, x: torch.Tensor, batch_dims: int, method: str, chunk_size: int | None
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    method: str,
+    chunk_size: int | None,
+    outer: str | None = None,
 ) -> torch.Tensor:
+    """``Δ(Δf)``, the inner Laplacian by ``method``, the outer by ``outer`` (``None``: the same)."""
+
     def inner(z: torch.Tensor) -> torch.Tensor:
         return laplacian(f, z, batch_dims=batch_dims, method=method, chunk_size=chunk_size)
 
-    return laplacian(inner, x, batch_dims=batch_dims, method=method, chunk_size=chunk_size)
+    outer = outer or method
+    return laplacian(inner, x, batch_dims=batch_dims, method=outer, chunk_size=chunk_size)
 
 
 class ValueGradLaplacian(NamedTuple):

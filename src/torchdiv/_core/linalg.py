@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch.autograd import Function
 
+from torchdiv._core.nested import refuse_nested_forward
+
 Tensor = torch.Tensor
 
 
@@ -66,6 +68,7 @@ class _LogDet(Function):
 
     @staticmethod
     def jvp(ctx: Any, tangent: Tensor) -> Tensor:  # type: ignore[override]
+        refuse_nested_forward("det/slogdet/logdet")
         (a,) = ctx.saved_tensors
         return (inverse(a) * tangent.mT).sum((-2, -1))
 
@@ -93,6 +96,7 @@ class _Solve(Function):
 
     @staticmethod
     def jvp(ctx: Any, da: Tensor | None, db: Tensor | None) -> Tensor:  # type: ignore[override]
+        refuse_nested_forward("solve")
         a, x = ctx.saved_tensors
         rhs = torch.zeros_like(x) if db is None else db
         return _Solve.apply(a, rhs if da is None else rhs - da @ x)

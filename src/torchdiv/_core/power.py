@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from torchdiv._core.nested import refuse_nested_forward
+
 
 class _Power(torch.autograd.Function):
     """``a ** e`` for an ``e`` not differentiated; the derivatives with respect to ``a`` only."""
@@ -47,6 +49,7 @@ class _Power(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, tangent: torch.Tensor, _: Any) -> torch.Tensor:  # type: ignore[override]
+        refuse_nested_forward("a ** e (a tensor exponent)")
         a, e = ctx.saved_tensors
         return tangent * _slope(a, e)
 

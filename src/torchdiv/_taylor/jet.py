@@ -188,7 +188,9 @@ def product(
         )
     if not ctx.second_order:
         return Jet(value, jac, None)
-    la, lb = lap_of(a), lap_of(b)
+    # (full shapes: a lap may be broadcast, e.g. a constant minus a keepdim sum, and
+    # ``matmul`` does not broadcast its last axes)
+    la, lb = (None if lap_of(t) is None else full_lap(t) for t in (a, b))  # type: ignore[arg-type]
     lap = _add(
         None if la is None else op(la, value_of(b), **kw),
         None if lb is None else op(value_of(a), lb, **kw),

@@ -390,6 +390,7 @@ LINEAR_OPS = [
     aten.slice.Tensor,
     aten.select.int,
     aten.clone.default,
+    aten.contiguous.default,  # (in an inner sweep's recording: masked_fill of a transposed view)
     aten.alias.default,
     aten._to_copy.default,
     aten.flip.default,
