@@ -1553,8 +1553,33 @@ def _batch_norm(
         with torch.no_grad():
             torch.nn.functional.batch_norm(a.detach(), *stats, None, None, True, momentum, eps)
     dims = (0, *range(2, a.dim()))
-    out = _normalized(a + marker * 0, dims, eps)  # (the marker read first: a watch names it)
+    out = _normalized(a + _Unread.apply(marker), dims, eps)  # (read first: a watch names it)
     return _channel_affine(out, weight, bias)
+
+
+class _Unread(torch.autograd.Function):
+    """``0 * t`` with no derivative at all: autograd never runs the backward of the op that
+    made ``t``, which ``0 * t`` ran at every order (from torch 2.14 on, a batch norm's third
+    derivative with respect to its input raises; ``_batch_norm``'s marker made every third
+    derivative through a replaced batch norm raise)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(t: torch.Tensor) -> torch.Tensor:
+        return t * 0
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> None:  # type: ignore[override]
+        return None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return tangent * 0
 
 
 def _group_norm(a: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
