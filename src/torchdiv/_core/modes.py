@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import functools
 import inspect
 import math
@@ -800,15 +801,18 @@ def _fastpath_off() -> bool:
     return prior
 
 
-def _math_backend() -> contextlib.AbstractContextManager[Any]:
-    """``sdpa_kernel([SDPBackend.MATH])`` entered; it holds the prior backends."""
-    kernel = sdpa_kernel([SDPBackend.MATH])
-    kernel.__enter__()
-    return kernel
+def _math_backend() -> tuple[contextvars.Context, contextlib.AbstractContextManager[Any]]:
+    """``sdpa_kernel([SDPBackend.MATH])`` entered in a context of its own, where
+    ``_put_backends`` exits it, from whichever thread leaves last (torch 2.15's resets a
+    ``ContextVar``, which raises in any other context); it holds the prior backends."""
+    kernel, context = sdpa_kernel([SDPBackend.MATH]), contextvars.copy_context()
+    context.run(kernel.__enter__)
+    return context, kernel
 
 
-def _put_backends(kernel: contextlib.AbstractContextManager[Any]) -> None:
-    kernel.__exit__(None, None, None)
+def _put_backends(held: tuple[contextvars.Context, contextlib.AbstractContextManager[Any]]) -> None:
+    context, kernel = held
+    context.run(kernel.__exit__, None, None, None)
 
 
 class DispatchMode(TorchDispatchMode):
