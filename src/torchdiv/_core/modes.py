@@ -855,8 +855,9 @@ class WrongDerivatives(NotImplementedError):
 # torch.special's functions that have no derivative in PyTorch (2.13) at all: autograd returns
 # their output as a constant (no grad_fn) and torch.func's transforms as one without tangents,
 # so every engine of PyTorch derivatives would give 0 through them, silently
-UNDERIVABLE_NAMES = (
-    "airy_ai",
+# torch 2.15 differentiates these (checked against their recurrences in float64: first and
+# second derivatives, forward and reverse mode, right to round-off)
+_DERIVED_FROM_2_15 = (
     "bessel_j0",
     "bessel_j1",
     "bessel_y0",
@@ -865,6 +866,10 @@ UNDERIVABLE_NAMES = (
     "modified_bessel_i1",
     "modified_bessel_k0",
     "modified_bessel_k1",
+)
+UNDERIVABLE_NAMES = (
+    "airy_ai",
+    *(_DERIVED_FROM_2_15 if torch.torch_version.TorchVersion(torch.__version__) < (2, 15) else ()),
     "scaled_modified_bessel_k0",
     "scaled_modified_bessel_k1",
     "spherical_bessel_j0",
