@@ -804,8 +804,9 @@ def _fastpath_off() -> bool:
 def _math_backend() -> tuple[contextvars.Context, contextlib.AbstractContextManager[Any]]:
     """``sdpa_kernel([SDPBackend.MATH])`` entered in a context of its own, where
     ``_put_backends`` exits it, from whichever thread leaves last (torch 2.15's resets a
-    ``ContextVar``, which raises in any other context); it holds the prior backends."""
-    kernel, context = sdpa_kernel([SDPBackend.MATH]), contextvars.copy_context()
+    ``ContextVar``, which raises in any other context); it holds the prior backends. An empty
+    context: a copy of the caller's would keep what its variables hold alive."""
+    kernel, context = sdpa_kernel([SDPBackend.MATH]), contextvars.Context()
     context.run(kernel.__enter__)
     return context, kernel
 
