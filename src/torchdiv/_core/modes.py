@@ -1563,7 +1563,10 @@ def _batch_norm(
         with torch.no_grad():
             torch.nn.functional.batch_norm(a.detach(), *stats, None, None, True, momentum, eps)
     dims = (0, *range(2, a.dim()))
-    out = _normalized(a + _Unread.apply(marker), dims, eps)  # (read first: a watch names it)
+    # (read first: a watch names it; compiled, a custom Function would leave a backward that
+    # AOTAutograd cannot differentiate again)
+    unread = marker * 0 if torch.compiler.is_compiling() else _Unread.apply(marker)
+    out = _normalized(a + unread, dims, eps)
     return _channel_affine(out, weight, bias)
 
 
