@@ -608,3 +608,14 @@ def unit_rows(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     from torchdiv._exact import autograd
 
     return _answers(monkeypatch, autograd, "unit_products")
+
+
+def torch_from(version: str, reason: str) -> pytest.MarkDecorator:
+    """Skip where the running torch is older than ``version``, which brought what the test
+    checks (``reason``); the suite pins one torch, other releases run it too (compat-new25).
+
+    >>> torch_from("2.0", "anything").args
+    (False,)
+    """
+    older = torch.torch_version.TorchVersion(torch.__version__) < version
+    return pytest.mark.skipif(older, reason=f"torch < {version}: {reason}")

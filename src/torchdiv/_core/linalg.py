@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch.autograd import Function
+from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from torchdiv._core.nested import refuse_nested_forward
 
@@ -103,7 +104,9 @@ class _Solve(Function):
 
 
 def _sign(a: Tensor) -> Tensor:
-    with torch.no_grad(), torch._C.DisableTorchFunction():
+    """The sign of ``det A``, without derivatives of either mode (forward mode's would be 0,
+    and from torch 2.15 on its formula raises where ``A`` is singular)."""
+    with torch.no_grad(), _set_fwd_grad_enabled(False), torch._C.DisableTorchFunction():
         return torch.linalg.slogdet(a).sign
 
 

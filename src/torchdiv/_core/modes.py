@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import functools
 import inspect
 import math
@@ -800,15 +801,19 @@ def _fastpath_off() -> bool:
     return prior
 
 
-def _math_backend() -> contextlib.AbstractContextManager[Any]:
-    """``sdpa_kernel([SDPBackend.MATH])`` entered; it holds the prior backends."""
-    kernel = sdpa_kernel([SDPBackend.MATH])
-    kernel.__enter__()
-    return kernel
+def _math_backend() -> tuple[contextvars.Context, contextlib.AbstractContextManager[Any]]:
+    """``sdpa_kernel([SDPBackend.MATH])`` entered in a context of its own, where
+    ``_put_backends`` exits it, from whichever thread leaves last (torch 2.15's resets a
+    ``ContextVar``, which raises in any other context); it holds the prior backends. An empty
+    context: a copy of the caller's would keep what its variables hold alive."""
+    kernel, context = sdpa_kernel([SDPBackend.MATH]), contextvars.Context()
+    context.run(kernel.__enter__)
+    return context, kernel
 
 
-def _put_backends(kernel: contextlib.AbstractContextManager[Any]) -> None:
-    kernel.__exit__(None, None, None)
+def _put_backends(held: tuple[contextvars.Context, contextlib.AbstractContextManager[Any]]) -> None:
+    context, kernel = held
+    context.run(kernel.__exit__, None, None, None)
 
 
 class DispatchMode(TorchDispatchMode):
@@ -851,8 +856,9 @@ class WrongDerivatives(NotImplementedError):
 # torch.special's functions that have no derivative in PyTorch (2.13) at all: autograd returns
 # their output as a constant (no grad_fn) and torch.func's transforms as one without tangents,
 # so every engine of PyTorch derivatives would give 0 through them, silently
-UNDERIVABLE_NAMES = (
-    "airy_ai",
+# torch 2.15 differentiates these (checked against their recurrences in float64: first and
+# second derivatives, forward and reverse mode, right to round-off)
+_DERIVED_FROM_2_15 = (
     "bessel_j0",
     "bessel_j1",
     "bessel_y0",
@@ -861,6 +867,10 @@ UNDERIVABLE_NAMES = (
     "modified_bessel_i1",
     "modified_bessel_k0",
     "modified_bessel_k1",
+)
+UNDERIVABLE_NAMES = (
+    "airy_ai",
+    *(_DERIVED_FROM_2_15 if torch.torch_version.TorchVersion(torch.__version__) < (2, 15) else ()),
     "scaled_modified_bessel_k0",
     "scaled_modified_bessel_k1",
     "spherical_bessel_j0",
@@ -1553,8 +1563,36 @@ def _batch_norm(
         with torch.no_grad():
             torch.nn.functional.batch_norm(a.detach(), *stats, None, None, True, momentum, eps)
     dims = (0, *range(2, a.dim()))
-    out = _normalized(a + marker * 0, dims, eps)  # (the marker read first: a watch names it)
+    # (read first: a watch names it; compiled, a custom Function would leave a backward that
+    # AOTAutograd cannot differentiate again)
+    unread = marker * 0 if torch.compiler.is_compiling() else _Unread.apply(marker)
+    out = _normalized(a + unread, dims, eps)
     return _channel_affine(out, weight, bias)
+
+
+class _Unread(torch.autograd.Function):
+    """``0 * t`` with no derivative at all: autograd never runs the backward of the op that
+    made ``t``, which ``0 * t`` ran at every order (from torch 2.14 on, a batch norm's third
+    derivative with respect to its input raises; ``_batch_norm``'s marker made every third
+    derivative through a replaced batch norm raise)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(t: torch.Tensor) -> torch.Tensor:
+        return t * 0
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> None:  # type: ignore[override]
+        return None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return tangent * 0
 
 
 def _group_norm(a: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

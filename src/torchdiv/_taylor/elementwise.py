@@ -111,13 +111,20 @@ def _pow(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
     return p * x ** (p - 1), (p * (p - 1) * x ** (p - 2) if p != 2 else torch.full_like(x, 2.0))
 
 
+# torch 2.14 moved clamp's derivatives at its edges: number bounds pass nothing there (as
+# ``hardtanh``), tensor bounds half to ``x`` and half to the bound (as ``maximum``'s ties)
+CLAMP_EDGES_SPLIT = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+
+
 def _clamp(x: Tensor, y: Tensor, low: Any = None, high: Any = None) -> tuple[Tensor, None]:
-    """``clamp``: slope 1 on ``[low, high]``, edges included, as autograd's backward has it."""
+    """``clamp``: slope 1 on ``[low, high]``, edges included, as autograd's backward has it
+    (on ``(low, high)`` from torch 2.14 on: ``CLAMP_EDGES_SPLIT``)."""
+    above, below = (torch.gt, torch.lt) if CLAMP_EDGES_SPLIT else (torch.ge, torch.le)
     inside = torch.ones_like(x, dtype=torch.bool)
     if low is not None:
-        inside &= x >= low
+        inside &= above(x, low)
     if high is not None:
-        inside &= x <= high
+        inside &= below(x, high)
     return inside.to(x.dtype), None
 
 

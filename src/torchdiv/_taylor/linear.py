@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch._decomp import core_aten_decompositions
 
+from torchdiv._taylor.elementwise import CLAMP_EDGES_SPLIT
 from torchdiv._taylor.jet import (
     Context,
     Jet,
@@ -248,11 +249,17 @@ def _clamp_tensor(
     it, ``high``'s above it and wherever ``high < low`` (then the value is ``high``). Below
     ``low == high`` the value is ``low``, with ``low``'s derivatives, as PyTorch's forward
     mode has them (``clamp(x, b, b) = b``; its backward passes nothing to either bound).
-    Where a bound or ``a`` is ``nan``, so is the value, with no derivatives (autograd's)."""
+    Where a bound or ``a`` is ``nan``, so is the value, with no derivatives (autograd's).
+    From torch 2.14 on (``CLAMP_EDGES_SPLIT``), ``a`` at one edge of ``low < high`` has the
+    mean of its and that bound's derivatives."""
     out: Operand = a
     va = value_of(a)
     lo = None if low is None else value_of(low)
     hi = None if high is None else value_of(high)
+    for bound, edge in ((low, lo), (high, hi)) if CLAMP_EDGES_SPLIT else ():
+        if bound is not None and edge is not None:
+            apart = True if lo is None or hi is None else lo < hi
+            out = _where(ctx, (va == edge) & apart, _halved(ctx, a, bound), out)
     if low is not None and lo is not None:  # (both: mypy narrows each name alone)
         below = va < lo if hi is None else (va < lo) & (lo <= hi)
         out = _where(ctx, below, low, out)
