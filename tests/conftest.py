@@ -18,6 +18,8 @@ import torch
 from torch.func import hessian, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from torchdiv._core.versions import at_least
+
 
 def tolerances(dtype: torch.dtype) -> dict[str, float]:
     """rtol/atol for comparing two ways of computing the same derivative.
@@ -617,5 +619,5 @@ def torch_from(version: str, reason: str) -> pytest.MarkDecorator:
     >>> torch_from("2.0", "anything").args
     (False,)
     """
-    older = torch.torch_version.TorchVersion(torch.__version__) < version
+    older = not at_least(*map(int, version.split(".")))
     return pytest.mark.skipif(older, reason=f"torch < {version}: {reason}")

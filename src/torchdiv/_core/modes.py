@@ -38,6 +38,7 @@ from torchdiv._core import linalg as _linalg
 from torchdiv._core.ddp import in_process_group, one_forward, spans_peers
 from torchdiv._core.power import plain_exponent, power
 from torchdiv._core.script import attribute, cached, call_ended, call_started, cell_contents
+from torchdiv._core.versions import at_least
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -870,7 +871,7 @@ _DERIVED_FROM_2_15 = (
 )
 UNDERIVABLE_NAMES = (
     "airy_ai",
-    *(_DERIVED_FROM_2_15 if torch.torch_version.TorchVersion(torch.__version__) < (2, 15) else ()),
+    *(() if at_least(2, 15) else _DERIVED_FROM_2_15),
     "scaled_modified_bessel_k0",
     "scaled_modified_bessel_k1",
     "spherical_bessel_j0",

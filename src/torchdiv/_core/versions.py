@@ -30,6 +30,17 @@ def release(version: str) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
+def at_least(major: int, minor: int) -> bool:
+    """Whether the running PyTorch is release ``major.minor`` or newer (a nightly counts as its
+    release: it was built after the previous release's branch cut).
+
+    Example:
+        >>> at_least(*MINIMUM)
+        True
+    """
+    return release(torch.__version__) >= (major, minor)
+
+
 def check_torch(version: str = torch.__version__) -> None:
     """Raise ``ImportError`` where ``version`` is older than ``MINIMUM``.
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from torchdiv._core.versions import at_least
 from torchdiv._taylor.jet import (
     Context,
     Jet,
@@ -113,7 +114,7 @@ def _pow(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
 
 # torch 2.14 moved clamp's derivatives at its edges: number bounds pass nothing there (as
 # ``hardtanh``), tensor bounds half to ``x`` and half to the bound (as ``maximum``'s ties)
-CLAMP_EDGES_SPLIT = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+CLAMP_EDGES_SPLIT = at_least(2, 14)
 
 
 def _clamp(x: Tensor, y: Tensor, low: Any = None, high: Any = None) -> tuple[Tensor, None]:
