@@ -1,0 +1,80 @@
+"""Complex numbers through every engine (rev-complex25): real per-sample maps ``R^D -> R^D``
+that pass through complex intermediates (complex weights, ``conj``, ``abs``, norms, FFTs,
+determinants, inverses), against the float64/complex128 per-sample loop of ``autograd.grad``
+(``jacobian_alone``, ``laplacians_by_grad_of_grad``: PyTorch's complex autograd), values and
+parameter gradients (the complex weight's too, PyTorch's conjugate Wirtinger convention),
+float64 tolerances (``assert_close``: 1e-10).
+
+Fault found: PyTorch (2.4-2.15) runs an ATen kernel called from inside a
+``TorchDispatchMode`` with the ``Conjugate`` and ``Negative`` keys excluded, so a kernel that
+conjugates by a view inside itself takes the view for the plain tensor: the complex
+``linalg_pinv`` kernel (``Vh.mH() * S^+``) returned ``conj(V) S^+ U^H``, not
+``V S^+ U^H``, under any mode (values 100 % off). ``"auto"``'s watch for sample mixing is such
+a mode: Jacobians, diagonals and divergences of ``f`` with a complex ``pinv`` were wrong,
+silently, while ``"forward"``/``"reverse"`` (unwatched) were right. Now torchdiv's modes run
+that kernel with both keys back (``_core.modes.DispatchMode``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close, assert_same_parameter_gradients, jacobian_alone
+from torch import nn
+
+import torchdiv
+from torchdiv._core.modes import DispatchMode
+
+D, H = 3, 4
+X = torch.tensor([[0.3, -0.5, 0.9], [-0.7, 0.2, 0.4], [1.1, 0.6, -0.2]], dtype=torch.float64)
+
+
+class _Plain(DispatchMode):
+    """A mode that runs every call as it is."""
+
+    def dispatch(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("hermitian", [False, True])
+def test_complex_pinv_under_a_mode(hermitian):
+    """``torch.linalg.pinv`` of a complex matrix under a torchdiv mode is PyTorch's without."""
+    a = torch.randn(2, 3, 3, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
+    a = a @ a.mH if hermitian else a
+    with _Plain():
+        got = torch.linalg.pinv(a, hermitian=hermitian)
+    assert_close(got, torch.linalg.pinv(a, hermitian=hermitian))
+
+
+class ComplexPinv(nn.Module):
+    """Features ``h`` as a complex 2x2 matrix per sample (complex weights), its pseudo-inverse
+    applied to a complex feature vector, the real and imaginary parts read out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(D, H).double()
+        self.w = nn.Parameter(torch.tensor([1 + 0.5j, 0.3 - 0.8j], dtype=torch.complex128))
+        self.out = nn.Linear(H, D).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inner(x))
+        c = h * self.w[0] + torch.sin(h) * self.w[1]
+        m = c.unflatten(-1, (2, 2)) + 1.5 * torch.eye(2)
+        p = torch.linalg.pinv(m) @ c[:, :2, None]
+        return self.out(torch.cat([p.real, p.imag], 1)[..., 0])
+
+
+@pytest.mark.parametrize("fn", ["jacobian", "jacobian_diagonal", "divergence"])
+def test_auto_through_a_complex_pinv(fn):
+    """``"auto"`` (watched) as the loop, values and gradients of every parameter."""
+    torch.manual_seed(0)
+    net = ComplexPinv()
+    jac = jacobian_alone(net, X)
+    want = {
+        "jacobian": jac,
+        "jacobian_diagonal": jac.diagonal(0, 1, 2),
+        "divergence": jac.diagonal(0, 1, 2).sum(-1),
+    }[fn]
+    got = getattr(torchdiv, fn)(net, X)
+    assert_close(got, want)
+    assert_same_parameter_gradients(net, got.square().sum(), want.square().sum())
