@@ -131,6 +131,7 @@ def test_complex_slogdet(read):
         assert_same_parameter_gradients(net, value.square().sum(), want.square().sum())
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="nested forward over reverse through det/solve: open")
 @pytest.mark.parametrize("op", ["det", "solve"])
 def test_biharmonic_forward_over_reverse_through_det(op):
