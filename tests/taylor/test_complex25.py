@@ -137,8 +137,9 @@ def test_complex_slogdet(read):
 def test_biharmonic_forward_over_reverse_through_det(op):
     """Found by this sweep, real matrices alike: ``biharmonic`` by nested forward over reverse
     through ``det``/``solve`` is 30-220 % off the nested grad-of-grad loop (which matches
-    central differences of its Laplacian to 5e-10); ``"taylor"`` is right. Documented in
-    limitations.md until fixed."""
+    central differences of its Laplacian to 5e-10); ``"taylor"`` is right. PyTorch's forward
+    over forward mode through a custom ``autograd.Function`` (``_core.linalg``'s) drops terms.
+    Documented in limitations.md until fixed."""
     x = X[:2]
 
     def f(z):
