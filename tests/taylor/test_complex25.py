@@ -31,7 +31,7 @@ import torchdiv
 from torchdiv._core.modes import DispatchMode
 
 D, H = 3, 4
-X = torch.tensor([[0.3, -0.5, 0.9], [-0.7, 0.2, 0.4], [1.1, 0.6, -0.2]], dtype=torch.float64)
+X = torch.tensor([[0.4, -0.6, 0.8], [-0.5, 0.1, 0.3], [0.9, 0.7, -0.3]], dtype=torch.float64)
 
 
 class _Plain(DispatchMode):
