@@ -832,12 +832,36 @@ class DispatchMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if getattr(func, "_overloadpacket", None) is _PINV and args[0].is_complex():
+            with _conjugating():
+                return self._dispatch(func, args, kwargs)
+        return self._dispatch(func, args, kwargs)
+
+    def _dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         if get_eval_frame_callback() is not None:  # Dynamo on: it must not compile the mode
             return _without_dynamo(self.dispatch, func, args, kwargs)
         return self.dispatch(func, args, kwargs)
 
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         raise NotImplementedError
+
+
+# PyTorch runs a kernel called from a TorchDispatchMode with the ``Conjugate`` and
+# ``Negative`` keys excluded: a conjugate view made inside the kernel is read as the plain
+# tensor. The complex ``linalg_pinv`` kernel's ``Vh.mH() * S^+`` gave ``conj(V) S^+ U^H``
+# (values 100 % off; ``"auto"``'s watched Jacobians, rev-complex25); no other kernel found
+_PINV = torch.ops.aten.linalg_pinv
+_CONJUGATE_KEYS = (torch._C.DispatchKey.Conjugate, torch._C.DispatchKey.Negative)
+
+
+@contextlib.contextmanager
+def _conjugating() -> Iterator[None]:
+    """The ``Conjugate`` and ``Negative`` keys back in the thread's dispatch (see ``_PINV``)."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for key in _CONJUGATE_KEYS:
+        excluded = excluded.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded):
+        yield
 
 
 @torch.compiler.disable(recursive=True)
