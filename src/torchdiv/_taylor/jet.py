@@ -163,6 +163,7 @@ def scaled_jac(ctx: Context, d: torch.Tensor, jac: torch.Tensor) -> torch.Tensor
     block fewer (issue 18: a 50 MiB one, mapped and faulted afresh at every call)."""
     if (
         ctx.overwrite
+        and isinstance(d, torch.Tensor)
         and torch.broadcast_shapes(d.shape, jac.shape) == jac.shape
         and torch.result_type(d, jac) == jac.dtype
         and jac.is_contiguous()
