@@ -28,6 +28,7 @@ from torchdiv._taylor.jet import (
     chain2,
     inner,
     product,
+    scaled_jac,
     sum_squares,
     value_of,
 )
@@ -339,8 +340,8 @@ def _tanh_given(ctx: Context, y: Tensor, a: Jet) -> Jet:
     if not ctx.second_order:
         return chain(ctx, a, y, _tanh_first(a.value, y), None)
     d1 = _tanh_first(a.value, y)
-    jac = None if a.jac is None or not ctx.jac else d1 * a.jac
-    squares = sum_squares(ctx, a)
+    squares = sum_squares(ctx, a)  # (before jac may be overwritten)
+    jac = None if a.jac is None or not ctx.jac else scaled_jac(ctx, d1, a.jac)
     if squares is None:
         inside = a.lap
     elif a.lap is None:
@@ -355,6 +356,8 @@ def _tanh_given(ctx: Context, y: Tensor, a: Jet) -> Jet:
 GIVEN: dict[Any, Given] = {op: _given(op, d) for op, d in DERIVATIVES.items()}
 GIVEN[aten.tanh.default] = _tanh_given
 GIVEN.update({op: _binary(op, partials) for op, partials in BINARY.items()})
+# ops whose rules (``chain``, ``_tanh_given``) may write ``jac'`` into their argument's ``jac``
+OVERWRITES = frozenset(DERIVATIVES)
 RULES = {op: _computing(op, given) for op, given in GIVEN.items()}
 RULES[aten.pow.Scalar] = _scalar_pow
 RULES[aten.div.Tensor] = _div

@@ -61,12 +61,15 @@ class Jet:
 
 @dataclass(frozen=True)
 class Context:
-    """What a rule may ask: the number of directions, whether ``lap`` is wanted, and whether
-    the result's ``jac`` is (a rule may skip it when ``jac=False``: no later op reads it)."""
+    """What a rule may ask: the number of directions, whether ``lap`` is wanted, whether the
+    result's ``jac`` is (a rule may skip it when ``jac=False``: no later op reads it), and
+    whether the first argument's ``jac`` may be overwritten (``overwrite``: nothing reads it
+    after the rule, no graph records it; ``propagate`` tells, for ``OVERWRITES``' ops)."""
 
     num_directions: int
     second_order: bool
     jac: bool = True
+    overwrite: bool = False
 
 
 def inner(ctx: Context) -> Context:
@@ -116,18 +119,57 @@ def sum_squares(ctx: Context, a: Jet) -> torch.Tensor | None:
     """``sum_k jac[k] ** 2`` (``None`` if ``jac`` is zero or no second order is wanted)."""
     if a.jac is None or not ctx.second_order:
         return None
-    return a.jac.square().sum(0)
+    return square_sum(a.jac)
+
+
+# elements of one direction from which ``square_sum`` accumulates direction by direction
+ACCUMULATED_NUMEL = 8192
+
+
+def square_sum(jac: torch.Tensor) -> torch.Tensor:
+    """``sum_k jac[k] ** 2`` along dimension 0. Where no graph records it (``jac`` needs no
+    gradient or grad mode is off) and a direction holds ``ACCUMULATED_NUMEL`` elements or
+    more, summed into one ``jac[0]``-sized accumulator by ``addcmul_``, without ``jac ** 2``:
+    at 100 directions, batch 2048, width 64 that temporary was 50 MiB, above glibc's largest
+    ``mmap`` threshold, so mapped, page-faulted and zeroed at every call (issue 18: 2.5 ms
+    for the loop against 22 ms, one thread). Below, the two kernels of ``square().sum(0)``
+    (at 32 x 64 per direction 40 us against the loop's 300)."""
+    if (
+        len(jac) < 2
+        or jac[0].numel() < ACCUMULATED_NUMEL
+        or (jac.requires_grad and torch.is_grad_enabled())
+    ):
+        return jac.square().sum(0)
+    total = jac[0].square()
+    for k in range(1, len(jac)):
+        total.addcmul_(jac[k], jac[k])
+    return total
 
 
 def chain(ctx: Context, a: Jet, y: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor | None) -> Jet:
     """``phi(a)`` for an elementwise ``phi`` with ``y = phi(a.value)``, ``d1 = phi'``,
     ``d2 = phi''`` (``None`` if zero): ``jac' = d1 jac``, ``lap' = d1 lap + d2 sum_k jac_k^2``."""
-    jac = None if a.jac is None or not ctx.jac else d1 * a.jac
+    squares = None if d2 is None else sum_squares(ctx, a)  # (before jac may be overwritten)
+    jac = None if a.jac is None or not ctx.jac else scaled_jac(ctx, d1, a.jac)
     lap = None if a.lap is None else d1 * a.lap
-    if d2 is not None:
-        squares = sum_squares(ctx, a)
-        lap = _add(lap, None if squares is None else d2 * squares)
+    if squares is not None:
+        lap = _add(lap, d2 * squares)
     return Jet(y, jac, lap)
+
+
+def scaled_jac(ctx: Context, d: torch.Tensor, jac: torch.Tensor) -> torch.Tensor:
+    """``d * jac`` (``d`` broadcasting over ``jac``'s directions), written into ``jac`` where
+    ``ctx.overwrite`` allows and the product has ``jac``'s shape and dtype: one ``jac``-sized
+    block fewer (issue 18: a 50 MiB one, mapped and faulted afresh at every call)."""
+    if (
+        ctx.overwrite
+        and isinstance(d, torch.Tensor)
+        and torch.broadcast_shapes(d.shape, jac.shape) == jac.shape
+        and torch.result_type(d, jac) == jac.dtype
+        and jac.is_contiguous()
+    ):
+        return jac.mul_(d)
+    return d * jac
 
 
 def chain2(
@@ -154,9 +196,9 @@ def chain2(
     la, lb = lap_of(a), lap_of(b)
     lap = _add(None if la is None else da * la, None if lb is None else db * lb)
     if ja is not None:
-        lap = _add(lap, daa * ja.square().sum(0))
+        lap = _add(lap, daa * square_sum(ja))
     if jb is not None:
-        lap = _add(lap, dbb * jb.square().sum(0))
+        lap = _add(lap, dbb * square_sum(jb))
     if ja is not None and jb is not None:
         lap = _add(lap, 2 * dab * (ja * jb).sum(0))
     return Jet(y, jac, lap)

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from torch._C._functorch import peek_interpreter_stack
 
 from torchdiv._taylor import composite, elementwise, linalg, linear, reductions, sparse
 from torchdiv._taylor.capture import Graph, Node, Ref
@@ -98,6 +99,13 @@ def propagate(
         known = None
     overwritten = graph.overwritten
     env: dict[int, list[Any]] = {-1: [x]}
+    # overwrite a dying jet's jac (``Context.overwrite``): unknown until a candidate comes, then
+    # whether nothing can record a graph; never with a sparse input, in Dynamo or functorch
+    recordless: bool | None = (
+        False
+        if isinstance(x, Sparse) or torch.compiler.is_compiling() or peek_interpreter_stack()
+        else None
+    )
 
     def resolve(a: Any) -> Any:
         return env[a.node][a.leaf] if isinstance(a, Ref) else a
@@ -119,6 +127,15 @@ def propagate(
                 jets = any(isinstance(a, _JETS) for a in leaves((args, kwargs)))
             if node.depends and jets:
                 node_ctx = with_jac if index in needs_jac else without_jac
+                if (
+                    recordless is not False
+                    and node.func in elementwise.OVERWRITES
+                    and _dying(env, plan, index, x)
+                ):
+                    if recordless is None:
+                        recordless = _records_nothing(graph, x, known)
+                    if recordless:
+                        node_ctx = replace(node_ctx, overwrite=True)
                 if (
                     known is not None
                     and index not in overwritten
@@ -200,6 +217,53 @@ class Plan:
             if producer not in keep:
                 by_user.setdefault(user, []).append(producer)
         return by_user
+
+
+# elements of a jac from which ``propagate`` lets a rule overwrite it where it dies: below, a
+# new block comes from the allocator's free lists at no fault (issue 18's were 5-50 MiB)
+OVERWRITE_NUMEL = 1 << 18
+
+
+def _dying(env: dict[int, list[Any]], plan: Plan, index: int, x: Jet) -> bool:
+    """Whether node ``index``'s one jet argument is a large ``jac`` that nothing reads after
+    it: computed in this replay, last read here, and sharing its storage with no other live
+    value nor the caller's input jet ``x`` (views, or a jet passing its argument's ``jac`` on
+    as it is, such as ``x + c``'s, share it)."""
+    refs = plan.inputs[index]
+    if len(refs) != 1 or refs[0].node < 0 or refs[0].node not in plan.last_use.get(index, ()):
+        return False
+    jet = env[refs[0].node][refs[0].leaf]
+    if not isinstance(jet, Jet) or jet.jac is None or jet.jac.numel() < OVERWRITE_NUMEL:
+        return False
+    storage = jet.jac.untyped_storage().data_ptr()
+    holders = sum(
+        t.untyped_storage().data_ptr() == storage
+        for outs in (*env.values(), [x])
+        for out in outs
+        for t in _tensors(out)
+    )
+    return holders == 1
+
+
+def _tensors(out: Any) -> tuple[torch.Tensor, ...]:
+    """The tensors a node's output holds (a jet's value, jac and lap)."""
+    if isinstance(out, _JETS):
+        parts = (out.value, out.jac, out.lap, getattr(out, "owner", None))
+        return tuple(t for t in parts if t is not None)
+    return (out,) if isinstance(out, torch.Tensor) else ()
+
+
+def _records_nothing(graph: Graph, x: Jet, known: list[list[Any]] | None) -> bool:
+    """Whether no op of a replay of ``graph`` at ``x`` records a graph, so that no tensor it
+    computes is saved for a backward pass (overwriting one would corrupt it): grad mode off,
+    or nothing it reads (``x``'s jet, the tensors the nodes hold, ``f``'s values) requires
+    grad."""
+    if not torch.is_grad_enabled():
+        return True
+    read = [_tensors(x), *(leaves((node.args, node.kwargs, node.kept)) for node in graph.nodes)]
+    if known is not None:
+        read += known
+    return not any(isinstance(t, torch.Tensor) and t.requires_grad for ts in read for t in ts)
 
 
 def values(graph: Graph, x: torch.Tensor) -> list[list[Any]]:
