@@ -1147,7 +1147,7 @@ UNKNOWN = {  # f of z (B, D), D >= 3: an op no table knows combines samples -> w
         lambda z: z * torch.logdet(z[:3] @ z[:3].T + _eye(z)),
         r"_linalg_slogdet of matrices whose rows or columns are samples",
     ),
-    "det": (lambda z: z * torch.linalg.det(z[:3, :3]), r"_linalg_det of matrices whose rows"),
+    "det": (lambda z: z * torch.linalg.det(z[:3, :3]), r"_linalg_(slog)?det of matrices"),
     "matrix_exp": (
         lambda z: z * torch.linalg.matrix_exp(z[:3, :3]).sum(),
         r"linalg_matrix_exp of matrices whose rows",

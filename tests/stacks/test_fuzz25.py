@@ -1080,15 +1080,13 @@ def test_biharmonic_of_a_causal_convolution_by_taylor() -> None:
     assert not check(f, x, 1, [0, 1], calls, refs, BIHARMONIC_TOLERANCE)
 
 
-@pytest.mark.xfail(strict=True, reason="PyTorch's det under a dispatch mode: the notes")
 def test_weighted_laplacian_of_a_determinant_with_an_indefinite_diffusion() -> None:
     """``weighted_laplacian`` with an indefinite ``A`` (two parts, ``f`` evaluated under
     ``_exact.state.Once``'s dispatch mode) by backward passes (``"grad-of-grad"``, and
     ``"auto"`` where it takes the loop): PyTorch's third derivative of ``det`` by backward
     passes is ``nan`` or wrong under any ``TorchDispatchMode`` (right without one), so the
-    parameter gradients were ``nan`` (seed 193) or 1.5% off, silently (seed 826). Replacing
-    ``det`` from the third order by backward passes fixes it, but the sample-mixing watch
-    then misses mixing through ``det`` (``tests/core/test_sample_mixing.py``): not done."""
+    parameter gradients were ``nan`` (seed 193) or 1.5% off, silently (seed 826). ``det`` is
+    now replaced from the third order by backward passes too (det25)."""
     g = torch.Generator().manual_seed(0)
     lin = _init(g, nn.Linear(3, 9))
     f = _one_block(

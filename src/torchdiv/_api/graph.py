@@ -37,6 +37,7 @@ from torchdiv._core.modes import (
     AT_ZEROS,
     POW_NODES,
     ROUNDED,
+    UNDER_MODES,
     changed_nodes,
     fabric_guards_off,
 )
@@ -308,11 +309,12 @@ def graph_laplacian(
 
 # (prelu's and a tensor exponent pow's derivatives differ only at an exact 0, sinc's at and
 # near 0 (|pi x| < 1/2, cancelling), the norms' at a zero vector, celu's by a float32
-# rounding: a graph with them keeps PyTorch's, not refused: documented)
+# rounding, det's under a dispatch mode only: a graph with them keeps PyTorch's, not refused:
+# documented)
 _WRONG_THIRD = tuple(
     n
     for n in changed_nodes(3, forward_mode=False)
-    if n not in (*AT_KINKS, *AT_ZEROS, *AT_ZERO_VECTORS, *POW_NODES, *ROUNDED)
+    if n not in (*AT_KINKS, *AT_ZEROS, *AT_ZERO_VECTORS, *POW_NODES, *ROUNDED, *UNDER_MODES)
 )
 
 

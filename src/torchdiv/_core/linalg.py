@@ -104,8 +104,12 @@ class _Solve(Function):
 
 
 def _sign(a: Tensor) -> Tensor:
-    """The sign of ``det A``, without derivatives of either mode (forward mode's would be 0,
-    and from torch 2.15 on its formula raises where ``A`` is singular)."""
+    """The sign of ``det A``, a constant without derivatives of either mode (forward mode's
+    would be 0, and from torch 2.15 on its formula raises where ``A`` is singular), taken after
+    ``_LogDet.apply(a)`` (``logdet``: an op with grad on between): the sample-mixing watch takes
+    the results of a custom Function's ``forward`` run right after an op under ``no_grad`` for
+    constants (``BatchAxes._settle``), and so missed ``det``/``slogdet`` of matrices across
+    samples (det25)."""
     with torch.no_grad(), _set_fwd_grad_enabled(False), torch._C.DisableTorchFunction():
         return torch.linalg.slogdet(a).sign
 
@@ -117,7 +121,8 @@ def slogdet(a: Tensor) -> Any:
         log_det = _LogDet.apply(a)
         sign, logabs = torch.exp(1j * log_det.imag), log_det.real
     else:
-        sign, logabs = _sign(a), _LogDet.apply(a)
+        logabs = _LogDet.apply(a)
+        sign = _sign(a)
     # torch.return_types.linalg_slogdet exists at run time; torch's stubs omit it
     return torch.return_types.linalg_slogdet((sign, logabs))  # type: ignore[attr-defined]
 
@@ -134,7 +139,8 @@ def det(a: Tensor) -> Tensor:
     """``torch.linalg.det``."""
     if a.is_complex():
         return torch.exp(_LogDet.apply(a))
-    return _sign(a) * torch.exp(_LogDet.apply(a))
+    logabs = _LogDet.apply(a)
+    return _sign(a) * torch.exp(logabs)
 
 
 def solve(a: Tensor, b: Tensor, *, left: bool = True) -> Tensor:

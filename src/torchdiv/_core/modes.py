@@ -1069,7 +1069,11 @@ class SafeDerivatives(TorchFunctionMode):
       derivatives of the forward-mode formula wrong (forward engine: parameter and ``x``
       gradients of ``jacobian``/``divergence``, off by 2-240%; forward-over-reverse, hessian
       and Hutchinson by HVPs: gradients of the Laplacian, off by 2-90%). Reverse over reverse
-      is right. Replaced by ``torchdiv._core.linalg``.
+      is right, but ``det``'s third derivative by backward passes is ``nan`` under any
+      ``TorchDispatchMode`` and ``torch.func`` (PyTorch's formula for tensor subclasses;
+      ``weighted_laplacian``'s parameter gradients with an indefinite ``diffusion``, whose
+      ``f`` runs under ``_exact.state.Once``'s mode): ``det`` from the third order by backward
+      passes too (det25). Replaced by ``torchdiv._core.linalg``.
     - ``cholesky_inverse``: even its first forward-mode derivative is wrong (Jacobians by the
       forward engine off by 6%, Laplacian values by 200%). Replaced by ``inv(C C^T)``.
     - ``eigvalsh``: gradients of the Laplacian by forward over reverse are ``nan``; ``eigh``
@@ -1910,6 +1914,9 @@ POW_NODES = ("PowBackward1",)
 AT_ZEROS = ("SincBackward",)
 # ... and those whose PyTorch derivatives are off by a float32 rounding only (in float64)
 ROUNDED = ("CeluBackward",)
+# det's, whose PyTorch third derivative by backward passes is wrong only under a dispatch mode
+# or torch.func (its formula for tensor subclasses): a graph the caller built is not refused
+UNDER_MODES = ("LinalgDetBackward",)
 _SLOGDET = ("LinalgSlogdetBackward",)  # logdet too
 _SOLVE = ("LinalgSolveExBackward",)  # solve, solve_ex, tensorsolve
 _EIGHN = ("LinalgEighBackward",)  # eigh and eigvalsh
@@ -2044,10 +2051,10 @@ REPLACEMENTS: dict[Any, Replacement] = {
     ),
     **_table((2, None), _linalg.logdet, "", _SLOGDET, torch.logdet, torch.Tensor.logdet),
     **_table(
-        (2, None),
+        (2, 3),
         _linalg.det,
         "",
-        ("LinalgDetBackward",),
+        UNDER_MODES,
         torch.linalg.det,
         torch.det,
         torch.Tensor.det,
