@@ -232,3 +232,16 @@ def test_differentiable_graph_forms_take_fused_attention_before_x() -> None:
         got = form(y, x, create_graph=True)
         (grad,) = torch.autograd.grad(got.sum(), z)
         assert grad.isfinite().all()
+
+
+def test_biharmonic_under_a_callers_vmap_names_the_determinant() -> None:
+    """``biharmonic`` ("auto") of a determinant wavefunction under the caller's ``vmap`` (an
+    ensemble): the Taylor engine records nothing there, forward over reverse twice is refused
+    (rev-fuzz25; silently wrong before), and the fallback rev-fuzz25 added, backward passes
+    for the outer Laplacian, is refused by PyTorch there too: the error read "laplacian:
+    method='grad-of-grad' ... use method='auto' or 'forward-over-reverse'", a method the
+    caller never named and two that fail. Now it names the replacement and the way out."""
+    psi = _Orbitals()
+    x = torch.randn(1, 2, D, dtype=f64, generator=torch.Generator().manual_seed(7))
+    with pytest.raises(NotImplementedError, match=r"biharmonic: .*det.*outside the transform"):
+        torch.vmap(lambda z: torchdiv.biharmonic(psi, z))(x)
