@@ -386,7 +386,14 @@ def biharmonic(
     _refuse_faking(fn)
     try:
         return _nested_laplacian(g, x, batch_dims, "forward-over-reverse", chunk_size)
-    except NestedForward:  # a replacement's jvp in a jvp: the outer Laplacian by backward passes
+    except NestedForward as exc:  # a replacement's jvp in a jvp: the outer one by backward passes
+        if peek_interpreter_stack() is not None:  # (which the caller's transform refuses)
+            raise NestedForward(
+                f"{fn}: f holds torchdiv's replacement of det/slogdet/logdet, solve or a tensor "
+                "exponent, which forward over reverse twice gets wrong, and the caller's "
+                "torch.func transform (vmap, grad, jvp) around the call refuses the Taylor "
+                f"engine and backward passes; call {fn} outside the transform (per model)"
+            ) from exc
         return _nested_laplacian(
             g, x, batch_dims, "forward-over-reverse", chunk_size, "grad-of-grad"
         )

@@ -29,5 +29,6 @@ def refuse_nested_forward(op: str) -> None:
             "forward mode nested in forward mode: PyTorch takes a custom autograd.Function's "
             "jvp as a constant at the outer level, so the result would be wrong; use "
             "biharmonic(method='taylor') or method='auto', or backward passes for the outer "
-            "derivative"
+            "derivative (around a torchdiv call: torch.func.vjp or jacrev, not jvp or jacfwd; "
+            "divergence or jacobian of one: method='reverse')"
         )
