@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from torchdiv._core.versions import at_least, slope
 from torchdiv._taylor import elementwise
@@ -45,7 +46,10 @@ def test_the_clamp_rule_is_the_running_torchs_whatever_its_version_string(
 
 def test_slope_reads_the_running_torchs_backward() -> None:
     """``slope``: the derivative PyTorch's backward gives, ``None`` where it has none (a
-    Bessel function below torch 2.15), inside ``no_grad`` and ``inference_mode`` too."""
+    Bessel function below torch 2.15), inside ``no_grad``, ``inference_mode`` and a fake
+    tensor mode too (``import torchdiv`` there raised, the probe's ``item()`` refused)."""
+    with FakeTensorMode():
+        assert slope(lambda t: t.clamp(max=1.0), 0.0) == 1.0
     with torch.inference_mode():
         assert slope(torch.tanh, 0.0) == 1.0
         assert slope(lambda t: t.clamp(max=1.0), 1.0) in (0.0, 1.0)
