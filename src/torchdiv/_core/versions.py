@@ -11,8 +11,10 @@ it (``--no-deps``, conda) is refused here by name, at import.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 MINIMUM = (2, 13)  # keep pyproject.toml's ``torch>=`` the same
 
@@ -39,6 +41,28 @@ def at_least(major: int, minor: int) -> bool:
         True
     """
     return release(torch.__version__) >= (major, minor)
+
+
+def slope(op: Callable[[torch.Tensor], torch.Tensor], at: float) -> float | None:
+    """``op``'s derivative at ``at`` by the running PyTorch's backward (``None``: it has none).
+    For what a release changed, where ``at_least`` cannot tell: a nightly or source build
+    (``2.15.0.dev...``, ``2.15.0a0+git...``) names its coming release, with or without the
+    change. Run outside any mode of the caller's (``import torchdiv`` under a fake tensor
+    mode).
+
+    Example:
+        >>> slope(torch.sin, 0.0), slope(torch.special.airy_ai, 0.0)
+        (1.0, None)
+    """
+    with (
+        _disable_current_modes(),
+        torch._C.DisableTorchFunction(),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+    ):
+        x = torch.tensor(at, dtype=torch.float64, requires_grad=True)
+        y = op(x)
+        return None if y.grad_fn is None else torch.autograd.grad(y, x)[0].item()
 
 
 def check_torch(version: str = torch.__version__) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from torchdiv._core.versions import at_least
+from torchdiv._core.versions import slope
 from torchdiv._taylor.jet import (
     Context,
     Jet,
@@ -114,8 +114,9 @@ def _pow(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
 
 
 # torch 2.14 moved clamp's derivatives at its edges: number bounds pass nothing there (as
-# ``hardtanh``), tensor bounds half to ``x`` and half to the bound (as ``maximum``'s ties)
-CLAMP_EDGES_SPLIT = at_least(2, 14)
+# ``hardtanh``), tensor bounds half to ``x`` and half to the bound (as ``maximum``'s ties);
+# asked of the running torch, whose version does not say it (a 2.14 nightly from before)
+CLAMP_EDGES_SPLIT = slope(lambda t: t.clamp(max=1.0), 1.0) == 0
 
 
 def _clamp(x: Tensor, y: Tensor, low: Any = None, high: Any = None) -> tuple[Tensor, None]:
