@@ -152,7 +152,7 @@ def chain(ctx: Context, a: Jet, y: torch.Tensor, d1: torch.Tensor, d2: torch.Ten
     squares = None if d2 is None else sum_squares(ctx, a)  # (before jac may be overwritten)
     jac = None if a.jac is None or not ctx.jac else scaled_jac(ctx, d1, a.jac)
     lap = None if a.lap is None else d1 * a.lap
-    if squares is not None:
+    if d2 is not None and squares is not None:
         lap = _add(lap, d2 * squares)
     return Jet(y, jac, lap)
 

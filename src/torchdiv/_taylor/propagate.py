@@ -224,7 +224,7 @@ class Plan:
 OVERWRITE_NUMEL = 1 << 18
 
 
-def _dying(env: dict[int, list[Any]], plan: Plan, index: int, x: Jet) -> bool:
+def _dying(env: dict[int, list[Any]], plan: Plan, index: int, x: Jet | Sparse) -> bool:
     """Whether node ``index``'s one jet argument is a large ``jac`` that nothing reads after
     it: computed in this replay, last read here, and sharing its storage with no other live
     value nor the caller's input jet ``x`` (views, or a jet passing its argument's ``jac`` on
@@ -253,7 +253,7 @@ def _tensors(out: Any) -> tuple[torch.Tensor, ...]:
     return (out,) if isinstance(out, torch.Tensor) else ()
 
 
-def _records_nothing(graph: Graph, x: Jet, known: list[list[Any]] | None) -> bool:
+def _records_nothing(graph: Graph, x: Jet | Sparse, known: list[list[Any]] | None) -> bool:
     """Whether no op of a replay of ``graph`` at ``x`` records a graph, so that no tensor it
     computes is saved for a backward pass (overwriting one would corrupt it): grad mode off,
     or nothing it reads (``x``'s jet, the tensors the nodes hold, ``f``'s values) requires
