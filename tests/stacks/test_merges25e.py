@@ -4,12 +4,18 @@ networks take them."""
 
 from __future__ import annotations
 
+import copy
+import importlib
+
 import pytest
 import torch
+from conftest import assert_close, laplacian_by_grad_of_grad
 from torch import nn
 
 import torchdiv
 from torchdiv._taylor import jet
+
+replay = importlib.import_module("torchdiv._taylor.propagate")  # (the package names its function)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -31,3 +37,45 @@ def test_half_square_sums_keep_float_accumulation(monkeypatch, dtype: torch.dtyp
     expected = (w2 * -2 * t * (1 - t**2) * w1.square().sum(1)).sum(1)
     error = (out.double() - expected).norm() / expected.norm()
     assert error < torch.finfo(dtype).eps
+
+
+class _Aliased(nn.Module):
+    """Jets sharing storage the ways networks make them: a residual stream, one layer applied
+    twice, ``chunk``/``unbind``/``narrow`` views of one jac read by different ops, ``x`` read
+    twice (``x * 1`` passes its jac on), ``h + shift`` (passes ``h``'s jac on) dying at ``tanh``
+    while ``h`` lives on, a ``view`` of ``h`` likewise."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(d, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+        self.register_buffer("shift", torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x * 1.0)) + torch.sin(x).sum(-1, keepdim=True)
+        h = h + torch.tanh(self.mid(h))
+        h = torch.tanh(self.mid(h)) + torch.tanh(h + self.shift) * torch.sigmoid(h - self.shift)
+        h = torch.sin(h.view(-1, 2, 4)).flatten(1) * torch.tanh(h)
+        p, q = h.chunk(2, -1)
+        first = h.unbind(-1)[0]
+        h = torch.cat([torch.tanh(p) * torch.sin(q), torch.exp(q)], -1) + first.unsqueeze(-1)
+        return self.out(torch.tanh(h) + torch.cos(h.narrow(-1, 1, 1))).squeeze(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode, torch.enable_grad])
+def test_shared_jets_not_written_over(monkeypatch, mode, chunk_size: int | None) -> None:
+    """Every jet written in place where it dies (thresholds 1), trained parameters under
+    ``no_grad``/``inference_mode``: values = the float64 loop's, and ``x``, parameters and
+    buffers bit-identical after the call."""
+    monkeypatch.setattr(replay, "OVERWRITE_NUMEL", 1)
+    monkeypatch.setattr(jet, "ACCUMULATED_NUMEL", 1)
+    torch.manual_seed(3)
+    net, x = _Aliased(), torch.randn(5, 4)
+    kept = x.clone(), {k: t.clone() for k, t in net.state_dict().items()}
+    with mode():
+        out = torchdiv.laplacian(net, x, method="taylor", chunk_size=chunk_size)
+    expected = laplacian_by_grad_of_grad(copy.deepcopy(net).double(), x.double())
+    assert_close(out.detach(), expected.detach().float())
+    torch.testing.assert_close(x, kept[0], rtol=0, atol=0)
+    for k, t in net.state_dict().items():
+        torch.testing.assert_close(t, kept[1][k], rtol=0, atol=0)
