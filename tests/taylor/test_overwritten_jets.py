@@ -34,6 +34,7 @@ def overwrites(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(replay, "OVERWRITE_NUMEL", 1)
     monkeypatch.setattr(jet, "ACCUMULATED_NUMEL", 1)
+    monkeypatch.setattr(jet, "ACCUMULATED_TOTAL", 1)
     monkeypatch.setattr(jet, "scaled_jac", spy)
     monkeypatch.setattr(elementwise, "scaled_jac", spy)
     return seen

@@ -8,6 +8,7 @@ stays differentiable with respect to the parameters ``f`` reads.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from typing import Any
 
@@ -260,9 +261,9 @@ def _records_nothing(graph: Graph, x: Jet | Sparse, known: list[list[Any]] | Non
     grad."""
     if not torch.is_grad_enabled():
         return True
-    read = [_tensors(x), *(leaves((node.args, node.kwargs, node.kept)) for node in graph.nodes)]
-    if known is not None:
-        read += known
+    # (lazily: the first tensor that requires grad ends the walk, often a first layer's weight)
+    nodes = (leaves((node.args, node.kwargs, node.kept)) for node in graph.nodes)
+    read = itertools.chain((_tensors(x),), nodes, known or ())
     return not any(isinstance(t, torch.Tensor) and t.requires_grad for ts in read for t in ts)
 
 
