@@ -26,6 +26,7 @@ def test_half_square_sums_keep_float_accumulation(monkeypatch, dtype: torch.dtyp
     Reference: the closed form ``sum_j w2_j tanh''(z_j) |W1_j|^2`` in float64 at the same
     16-bit weights and inputs; tolerance: the dtype's ``eps`` (2^-7, 2^-10), relative."""
     monkeypatch.setattr(jet, "ACCUMULATED_NUMEL", 1)
+    monkeypatch.setattr(jet, "ACCUMULATED_TOTAL", 1)
     torch.manual_seed(0)
     d = 512
     net = nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, 1), nn.Flatten(0))
