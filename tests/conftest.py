@@ -18,7 +18,7 @@ import torch
 from torch.func import hessian, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from torchdiv._core.versions import at_least
+from torchdiv._core.versions import release
 
 
 def tolerances(dtype: torch.dtype) -> dict[str, float]:
@@ -610,6 +610,16 @@ def unit_rows(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     from torchdiv._exact import autograd
 
     return _answers(monkeypatch, autograd, "unit_products")
+
+
+def at_least(major: int, minor: int) -> bool:
+    """Whether the running torch is release ``major.minor`` or newer (a nightly counts as the
+    release it names).
+
+    >>> at_least(2, 0)
+    True
+    """
+    return release(torch.__version__) >= (major, minor)
 
 
 def torch_from(version: str, reason: str) -> pytest.MarkDecorator:

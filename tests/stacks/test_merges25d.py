@@ -1,4 +1,4 @@
-"""Review of the compat-new25 merge and ``versions.at_least`` (rev-merges25d).
+"""Review of the compat-new25 merge and the version checks (rev-merges25d).
 
 torchdiv follows two changes of PyTorch's derivatives: ``clamp``'s at its edges (torch 2.14)
 and the Bessel functions' (torch 2.15). Gated on the version's number, a nightly or source
@@ -17,9 +17,10 @@ import sys
 
 import pytest
 import torch
+from conftest import at_least
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from torchdiv._core.versions import at_least, slope
+from torchdiv._core.versions import slope
 from torchdiv._taylor import elementwise
 
 # version strings of releases on either side of the clamp change, as builds name them

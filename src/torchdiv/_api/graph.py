@@ -89,7 +89,9 @@ def _engine(
     create_graph: bool,
     chunk_size: int | None,
     square: bool,
-) -> tuple[GraphJacobian, int]:
+) -> tuple[GraphJacobian, int, list[Any]]:
+    """The engine of ``y``'s graph, its chunk size and, where ``create_graph``, the nodes on
+    a path from ``y`` to ``x`` (walked once, for the checks of a differentiated backward)."""
     check_input(fn, x, batch_dims)
     check_not_dtensor(fn, x, "the graph form")
     check_output(fn, y, x, batch_dims, name="y")
@@ -126,10 +128,11 @@ def _engine(
             "(reshape x before calling f, and pass the reshaped tensor)"
         )
     check_graph(fn, y, x, batch_dims, empty_event=x.dim() == batch_dims)
-    if create_graph:  # (a differentiable result: the kernel's backward differentiated)
-        _check_fused_attention(fn, towards(y, x))
+    # (a differentiable result: the fused attention kernel's backward differentiated)
+    nodes = towards(y, x) if create_graph else []
+    _check_fused_attention(fn, nodes)
     engine = GraphJacobian(y, x, batch_dims, create_graph)
-    return engine, chunk_size or max(engine.num_basis, 1)
+    return engine, chunk_size or max(engine.num_basis, 1), nodes
 
 
 @fabric_guards_off
@@ -172,7 +175,7 @@ def graph_jacobian(
         >>> torch.allclose(graph_jacobian(y, x)[0], torch.diag(x[0].cos()))
         True
     """
-    engine, chunk = _engine("graph_jacobian", y, x, batch_dims, create_graph, chunk_size, False)
+    engine, chunk, _ = _engine("graph_jacobian", y, x, batch_dims, create_graph, chunk_size, False)
     jac = _exact.dense(engine, chunk)
     return jac.reshape(x.shape[:batch_dims] + y.shape[batch_dims:] + x.shape[batch_dims:])
 
@@ -230,10 +233,10 @@ def graph_divergence(
     if method in STOCHASTIC_METHODS:
         check_input(fn, x, batch_dims)
         s = _trace.sampling(fn, x, batch_dims, method, num_probes, probe, probes, generator)
-        engine, _ = _engine(fn, y, x, batch_dims, create_graph, chunk_size, True)
+        engine, _, _ = _engine(fn, y, x, batch_dims, create_graph, chunk_size, True)
         return _stochastic.trace_of_engine(engine, s, chunk_size).value
     check_exact_options(fn, method, num_probes, generator, probe, probes)
-    engine, chunk = _engine(fn, y, x, batch_dims, create_graph, chunk_size, True)
+    engine, chunk, _ = _engine(fn, y, x, batch_dims, create_graph, chunk_size, True)
     return _exact.diagonal(engine, chunk).sum(-1).reshape(x.shape[:batch_dims])
 
 
@@ -285,8 +288,7 @@ def graph_laplacian(
     """
     fn = "graph_laplacian"
     check_flag(fn, "create_graph", create_graph)
-    engine, chunk = _engine(fn, y, x, batch_dims, True, chunk_size, False)
-    nodes = towards(y, x)
+    engine, chunk, nodes = _engine(fn, y, x, batch_dims, True, chunk_size, False)
     if create_graph:
         _check_third_derivatives(fn, nodes)
     n, batch = event_numel(x, batch_dims), x.shape[:batch_dims]

@@ -32,20 +32,9 @@ def release(version: str) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def at_least(major: int, minor: int) -> bool:
-    """Whether the running PyTorch is release ``major.minor`` or newer (a nightly counts as its
-    release: it was built after the previous release's branch cut).
-
-    Example:
-        >>> at_least(*MINIMUM)
-        True
-    """
-    return release(torch.__version__) >= (major, minor)
-
-
 def slope(op: Callable[[torch.Tensor], torch.Tensor], at: float) -> float | None:
     """``op``'s derivative at ``at`` by the running PyTorch's backward (``None``: it has none).
-    For what a release changed, where ``at_least`` cannot tell: a nightly or source build
+    For what a release changed, where its version cannot tell: a nightly or source build
     (``2.15.0.dev...``, ``2.15.0a0+git...``) names its coming release, with or without the
     change. Run outside any mode of the caller's (``import torchdiv`` under a fake tensor
     mode).

@@ -30,6 +30,7 @@ from torchdiv._taylor.jet import (
     linear,
     product,
     scale,
+    square_sum,
 )
 
 aten = torch.ops.aten
@@ -150,7 +151,7 @@ def _masked_root(ctx: Context, total: Jet) -> Jet:
     jac = None if total.jac is None else d1 * total.jac
     lap = None if total.lap is None else d1 * total.lap
     if jac is not None and ctx.second_order:
-        bend = jac.square().sum(0) / root
+        bend = square_sum(jac) / root
         lap = -bend if lap is None else lap - bend
     return Jet(value, jac if ctx.jac else None, lap)
 
