@@ -14,6 +14,7 @@ from conftest import (
 )
 
 import torchdiv
+from torchdiv._core import walk
 from torchdiv._exact import autograd, chain
 
 ACTIVATIONS = {
@@ -222,30 +223,39 @@ def test_the_graph_form_runs_the_caller_s_hooks(chained):
 
 def test_search_tells_every_chain_node() -> None:
     """``walk.CHAIN_NODES`` (search's skip of the chain check) names every formula's node."""
-    from torchdiv._core import walk
-
     assert set(chain._FORMULAS) | {"AccumulateGrad", "TBackward0"} == walk.CHAIN_NODES
 
 
 @pytest.mark.parametrize("op", ["divergence", "jacobian_diagonal"])
-def test_a_graph_search_saw_is_no_chain_is_not_walked_again(monkeypatch, op):
+def test_a_graph_that_is_no_chain_is_walked_once(monkeypatch, op):
     """perfcheck21: the chain's walk of a graph that is not a chain (here a layer norm) cost
-    15-20 us a call on a ~350 us call (the fresh graph's Python node objects); ``search``
-    already saw a node type no chain holds, so the check is not made."""
-    walks: list[int] = []
-    check = chain.chain
+    15-20 us a call on a ~350 us call (the fresh graph's Python node objects), after
+    ``search`` had seen it. The chain's walk now comes first (it finds what the search would
+    where it holds), and stops at the first node no chain holds: the layer norm's last op,
+    below the top layer's node, bias, weight and transpose (5 types looked up, none below
+    it); the search then walks the graph once."""
+    looked_up: list[type] = []
+    searched: list[int] = []
+    kind, search = chain._kind, autograd.search
 
-    def spy(y, x):
-        walks.append(1)
-        return check(y, x)
+    def spy_kind(cls):
+        looked_up.append(cls)
+        return kind(cls)
 
-    monkeypatch.setattr(autograd, "chain", spy)
+    def spy_search(*args):
+        searched.append(1)
+        return search(*args)
+
+    monkeypatch.setattr(chain, "_kind", spy_kind)
+    monkeypatch.setattr(autograd, "search", spy_search)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
     x = torch.randn(8, 2)
-    for _ in range(2):
-        getattr(torchdiv, op)(net, x)
-    assert not walks
+    getattr(torchdiv, op)(net, x)  # (the first call: watched)
+    del looked_up[:], searched[:]
+    getattr(torchdiv, op)(net, x)
+    assert searched == [1]
+    assert len(looked_up) <= 5 and looked_up[-1].__name__ not in walk.CHAIN_NODES
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["frozen", "train"])
@@ -272,3 +282,22 @@ def test_each_share_s_part_of_a_chain_s_trace_is_its_own_rows_entries(unit_rows,
             theirs = (want[:, i] * weights).sum()
             assert_same_parameter_gradients(net, (part * weights).sum(), theirs)
     assert unit_rows == [True, True]
+
+
+@pytest.mark.parametrize("guarded", [(), ("TanhBackward",), ("AccumulateGrad",), ("TBackward",)])
+@pytest.mark.parametrize("x_grad", [False, True], ids=["leaf", "view"])
+@pytest.mark.parametrize("train", [False, True], ids=["frozen", "train"])
+def test_a_chain_s_walk_finds_what_the_search_finds(guarded, x_grad, train):
+    """``GraphJacobian.of_function`` takes the chain's walk for ``walk.search`` where the graph
+    is a chain: what it notes (a leaf other than ``x``, ``x``'s history below the view the
+    engine differentiates by, nodes of the guarded types, the weight's transpose and the
+    leaves included) equals the search's ``Found`` field by field."""
+    torch.manual_seed(0)
+    net = _mlp(3, torch.nn.Tanh).requires_grad_(train)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=x_grad)
+    x_in = x.view_as(x) if x_grad else x.detach().requires_grad_(True)
+    y = net(x_in)
+    found = walk.Found()
+    assert chain.chain(y, x_in, found, guarded)
+    assert found == walk.search(y, x_in, guarded)
+    assert found.others == (train or x_grad)

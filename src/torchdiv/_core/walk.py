@@ -82,7 +82,8 @@ _KINDS: dict[tuple[type, tuple[str, ...]], int] = {}
 
 def _kind(cls: type, guarded: tuple[str, ...]) -> int:
     """What a node of type ``cls`` is to ``search``, as the bits above; told by the type's
-    name, not by ``getattr`` (an exception raised and caught at every other node)."""
+    name, not by ``getattr`` (an exception raised and caught at every other node). Kept in
+    ``_KINDS`` but for a custom ``Function``'s node."""
     name = cls.__name__
     kind = 0
     if name == "AccumulateGrad":  # leaves: the only nodes with a ``variable``
@@ -97,7 +98,15 @@ def _kind(cls: type, guarded: tuple[str, ...]) -> int:
         kind |= _GUARDED
     if name not in CHAIN_NODES:  # (a custom Function's node too)
         kind |= _UNCHAINED
+    if not kind & _CUSTOM:
+        _KINDS[cls, guarded] = kind
     return kind
+
+
+def is_guarded(cls: type, guarded: tuple[str, ...]) -> bool:
+    """Whether ``search(..., guarded)`` finds a node of type ``cls`` ``guarded``."""
+    kind = _KINDS.get((cls, guarded))
+    return bool((_kind(cls, guarded) if kind is None else kind) & _GUARDED)
 
 
 def search(y: torch.Tensor, x_leaf: torch.Tensor, guarded: tuple[str, ...] = ()) -> Found:
@@ -131,8 +140,6 @@ def search(y: torch.Tensor, x_leaf: torch.Tensor, guarded: tuple[str, ...] = ())
         kind = kinds.get((cls, guarded))
         if kind is None:
             kind = _kind(cls, guarded)
-            if not kind & _CUSTOM:
-                kinds[cls, guarded] = kind
         if kind == _UNCHAINED:  # (most nodes of a graph that is not an MLP's)
             found.unchained = True
         elif kind:

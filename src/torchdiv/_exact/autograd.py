@@ -44,7 +44,7 @@ from torchdiv._core.walk import (
     search,
     vjp,
 )
-from torchdiv._exact.chain import chain, unit_products
+from torchdiv._exact.chain import Step, chain, unit_products
 from torchdiv._exact.chain import products as chain_products
 from torchdiv._exact.chain import trace as chain_trace
 from torchdiv._exact.state import Changes
@@ -300,6 +300,17 @@ def _custom_functions(y: torch.Tensor, x: torch.Tensor) -> list[Any]:
 _BATCH_NORM = "NativeBatchNormBackward"  # instance norm's node, a batch norm's
 
 
+def _searched(
+    y: torch.Tensor, x_in: torch.Tensor, guarded: tuple[str, ...] = ()
+) -> tuple[Found, list[tuple[Step, Any]] | None]:
+    """``walk.search(y, x_in, guarded)``, and the steps of ``y``'s graph where it is a chain
+    (``_exact.chain``), whose walk then finds what the search would (an MLP's graph walked
+    once, not twice, at every call of a small problem)."""
+    found = Found()
+    steps = chain(y, x_in, found, guarded)
+    return (found, steps) if steps else (search(y, x_in, guarded), None)
+
+
 @cached()
 def _changed(order: int, forward_mode: bool) -> tuple[str, ...]:
     """The nodes of the ops ``SafeDerivatives`` changes at ``backward_passes_order``, searched
@@ -356,10 +367,10 @@ class GraphJacobian:
         # evaluated again (``_evaluated``): "auto" keeps watching it (not ``Passed``)
         self.inner_again = False
         # of_function: torchdiv evaluated f itself, so a gradient hook f registers on a tensor
-        # is refused (``refuse_gradient_hook``), and search met only node types a chain may
-        # hold (``walk.CHAIN_NODES``): the chain may stand in for the engine (``_exact.chain``);
-        # a caller's graph (the graph form) may hold hooks: the engine
-        self.chained = False
+        # is refused (``refuse_gradient_hook``), and y's graph is a chain: its steps, which may
+        # stand in for the engine (``_exact.chain``); a caller's graph (the graph form) may
+        # hold hooks: the engine
+        self.steps: list[tuple[Step, Any]] | None = None
 
     @classmethod
     def of_function(
@@ -401,7 +412,7 @@ class GraphJacobian:
         """
         outer_grad = torch.is_grad_enabled()
         y, x_in, inner = _evaluated(f, x, contextlib.nullcontext(), not plain, own, changes)
-        found = search(y, x_in, _changed(*backward_passes_order()) if plain else ())
+        found, steps = _searched(y, x_in, _changed(*backward_passes_order()) if plain else ())
         guarded = found.guarded or (plain and _input_statistics(found.batch_norms))
         fused = found.fused and outer_grad and found.others
         checkpointed = _checkpointed_attention(found.attention) if fused else None
@@ -413,7 +424,7 @@ class GraphJacobian:
             with written_once(x) if again else contextlib.nullcontext():
                 y, x_in, again_inner = _evaluated(f, x, attention, safe=True, own=own)
             inner = inner or again_inner
-            found = search(y, x_in)
+            found, steps = _searched(y, x_in)
             if checkpointed and checkpointed - set(found.attention):  # (f's: made anew)
                 raise UndifferentiableBackward(CHECKPOINTED_ATTENTION)
         elif not plain:
@@ -422,7 +433,7 @@ class GraphJacobian:
         engine.batch_norms = found.batch_norms
         engine.guarded = guarded
         engine.inner_again = inner
-        engine.chained = not found.unchained
+        engine.steps = steps
         return engine
 
     def apply(self, cotangents: torch.Tensor) -> torch.Tensor:
@@ -456,10 +467,8 @@ class GraphJacobian:
         Where torchdiv evaluated ``f`` itself, nothing is watched or wrapped and ``y``'s graph
         is a chain (an MLP), all the products at once by its formulas instead, without the
         engine (``_exact.chain``)."""
-        if self.chained and not self._custom and self._peers.inert:
-            steps = chain(self.y, self.x)
-            if steps:
-                return chain_products(steps, cotangents, self.create_graph)
+        if self.steps and not self._custom and self._peers.inert:
+            return chain_products(self.steps, cotangents, self.create_graph)
         products: list[torch.Tensor] = []
         if cotangents.shape[0] > LOOP_ROWS and self._batches:  # (``len``: Tensor.__len__'s Python)
             if self._custom:
@@ -544,7 +553,7 @@ class GraphJacobian:
         usual case of ``entries``; else ``None``."""
         if (
             type(self) is not GraphJacobian
-            or not self.chained
+            or not self.steps
             or self._custom
             or not self._peers.inert
             or not self.y.requires_grad
@@ -554,11 +563,8 @@ class GraphJacobian:
             or self.y.shape != self.x.shape
         ):
             return None
-        steps = chain(self.y, self.x)
-        if not steps:
-            return None
         with torch.set_grad_enabled(self.create_graph):
-            return chain_trace(steps, self.y)
+            return chain_trace(self.steps, self.y)
 
     def entries(self, start: int, stop: int, summed: bool) -> torch.Tensor | None:
         """Entries ``(i, i)`` of every sample's square Jacobian for ``i`` in ``start..stop-1``,
@@ -580,7 +586,7 @@ class GraphJacobian:
         ):
             return None
         samples, n = self.x.shape[: self.batch_dims].numel(), event_numel(self.x, self.batch_dims)
-        steps = chain(self.y, self.x) if self.chained else None
+        steps = self.steps
         if steps:  # every row in one go, without the engine (``_exact.chain``), as (k, N, n)
             rows = None  # (the top layer's rows are an event's only with one batch dimension)
             if self.batch_dims == 1:

@@ -35,6 +35,8 @@ import torch
 from torch.autograd.function import BackwardCFunction
 from torch.overrides import has_torch_function
 
+from torchdiv._core.walk import Found, is_guarded
+
 aten = torch.ops.aten
 
 Step = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -112,21 +114,28 @@ def _kind(cls: type) -> Kind:
     return kind
 
 
-def _off_chain(node: Any, x: torch.Tensor) -> bool:
+def _off_chain(node: Any, x: torch.Tensor, met: set[type]) -> bool:
     """Whether an input of a chain node that is not on the chain surely does not reach ``x``:
-    nothing, a leaf other than ``x``, or the transpose of one (``Linear``'s weight)."""
+    nothing, a leaf other than ``x``, or the transpose of one (``Linear``'s weight); the types
+    of the nodes met added to ``met``."""
     if node is None:
         return True
-    kind = _kind(type(node))
+    cls = type(node)
+    kind = _kind(cls)
     if kind is _TRANSPOSE:
+        met.add(cls)
         ((node, _),) = node.next_functions
         if node is None:
             return True
-        kind = _kind(type(node))
+        cls = type(node)
+        kind = _kind(cls)
+    met.add(cls)
     return kind is _LEAF and node.variable is not x
 
 
-def chain(y: torch.Tensor, x: torch.Tensor) -> list[tuple[Step, Any]] | None:
+def chain(
+    y: torch.Tensor, x: torch.Tensor, found: Found | None = None, guarded: tuple[str, ...] = ()
+) -> list[tuple[Step, Any]] | None:
     """The steps from ``y`` down to ``x`` (each a formula and the node whose saved tensors it
     reads), or ``None`` where ``y``'s graph is not such a chain or the engine must run (a
     tensor subclass, anomaly detection, another dtype, compiling). ``x`` is the engine's input:
@@ -134,7 +143,13 @@ def chain(y: torch.Tensor, x: torch.Tensor) -> list[tuple[Step, Any]] | None:
     ``grad_fn``, at its output, ends it: what lies below is ``x``'s history). A saved tensor
     with hooks (``saved_tensors_hooks``, ``save_on_cpu``, a non-reentrant ``checkpoint``) takes
     the engine: a checkpoint recomputes its region at every read outside a backward pass (a
-    3-layer MLP's 5 times for one D = 2 divergence), the engine once per pass (twice)."""
+    3-layer MLP's 5 times for one D = 2 divergence), the engine once per pass (twice).
+
+    ``found`` (a new ``walk.Found``), where the steps are returned: what ``walk.search(y, x,
+    guarded)`` finds in that graph, which holds nothing else than the steps, leaves and
+    transposes met here (so no batch norm, custom ``Function`` or attention): ``others``, a
+    leaf other than ``x`` or ``x``'s history, and ``guarded`` (``GraphJacobian.of_function``
+    walks a chain once, not twice: ~4 us, 3-4 % of a D = 2 diagonal's call)."""
     if (
         y.dtype not in _DTYPES
         or x.dtype != y.dtype
@@ -144,25 +159,49 @@ def chain(y: torch.Tensor, x: torch.Tensor) -> list[tuple[Step, Any]] | None:
     ):
         return None
     steps: list[tuple[Step, Any]] = []
+    met: set[type] = set()  # the types of the nodes met below y's, but the steps'
     end, at = x.grad_fn, x.output_nr
     node: Any = y.grad_fn  # (a leaf's node has ``variable``, which its stub lacks)
     nr = y.output_nr
     while node is not None:
         if node is end:
-            return steps if nr == at and steps else None
+            if not (nr == at and steps):
+                return None
+            return _found(steps, met, True, found, guarded)  # (x's history: others)
         kind = _kind(type(node))
         if type(kind) is not tuple:
-            return steps if steps and kind is _LEAF and node.variable is x else None
+            if not (steps and kind is _LEAF and node.variable is x):
+                return None
+            others = any(_kind(t) is _LEAF for t in met)  # (a parameter's leaf, before x's)
+            met.add(type(node))
+            return _found(steps, met, others, found, guarded)
         step, saved, on = kind
         if getattr(node, saved).unpack_hook is not None:
             return None  # (a checkpoint's: each read outside a pass would recompute its region)
         edges = node.next_functions
         for i, (other, _) in enumerate(edges):
-            if i != on and not _off_chain(other, x):
+            if i != on and not _off_chain(other, x, met):
                 return None
         steps.append((step, node))
         node, nr = edges[on]
     return None
+
+
+def _found(
+    steps: list[tuple[Step, Any]],
+    met: set[type],
+    others: bool,
+    found: Found | None,
+    guarded: tuple[str, ...],
+) -> list[tuple[Step, Any]]:
+    """``steps``, with ``found`` (if any) told what ``walk.search`` finds in their graph:
+    ``others`` (a leaf besides ``x``'s, or ``x``'s history) and whether a node of the steps'
+    or ``met``'s types is ``guarded`` (each type looked up once)."""
+    if found is not None:
+        found.others = others
+        types = met.union(type(node) for _, node in steps)
+        found.guarded = bool(guarded) and any(is_guarded(t, guarded) for t in types)
+    return steps
 
 
 def products(
