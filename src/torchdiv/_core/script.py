@@ -130,16 +130,19 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     out: list[Any] = []
     seen: set[int] = set()
     todo = [(f, _FUNCTION_DEPTH)]
+    kinds = _KINDS
     while todo:
         obj, left = todo.pop()
-        kind = _KINDS.get(id(type(obj))) or _kind(type(obj))
+        kind = kinds.get(id(type(obj))) or _kind(type(obj))
         if kind is _OTHER or id(obj) in seen:
             continue
         seen.add(id(obj))
         if kind is _SCRIPT:
             out.append(obj)
         elif kind is _MODULE or kind is _OWN_MODULE:  # its submodules, what its forward names
-            todo += [(m, left) for m in obj._modules.values()]  # (a helper) and holds
+            children = obj._modules  # (a helper) and holds; (most have none: no list made)
+            if children:
+                todo += [(m, left) for m in children.values()]
             if lazy is not None and isinstance(obj, LazyModuleMixin):
                 held: Any = obj  # (torch types the lazy mixin's self as a protocol)
                 if held.has_uninitialized_params():

@@ -306,7 +306,7 @@ def evaluate(
     return consume(engine, chunk_size or max(engine.num_basis, 1)), engine.y_shape
 
 
-Build = Callable[[], tuple[Engine, _plan.OpSizes]]  # an engine and the sizes that plan its chunks
+Build = Callable[[], tuple[Engine, _plan.Sizes]]  # an engine and the sizes that plan its chunks
 
 
 def _first_that_runs(
@@ -335,7 +335,7 @@ def _first_that_runs(
     at once; if no engine runs ``f``, the last engine's error does. ``generator``: ``None``
     when ``consume`` draws nothing, or inside a compiled region (Dynamo cannot trace
     generator states). Chunks hold up to ``vectors`` vectors (``None``: the engine's basis,
-    ``num_basis``), fewer where the plan's sizes say so (``OpSizes.chunk``): a 2-D CNF's
+    ``num_basis``), fewer where the plan's sizes say so (``Sizes.chunk``): a 2-D CNF's
     8-probe Hutchinson took 4 pullbacks of 2 probes each, 3.3x the hand-written recipe.
     """
     # (the caller's transform: the watch sees nothing there)
@@ -404,12 +404,12 @@ def _engines(
     x = argument(x)  # (see evaluate)
     changes = _state.Changes(x)
     again = changes.again(f)
-    planned = [_plan.OpSizes(x.shape[:batch_dims])]  # the last watched evaluation's sizes
+    planned = [_plan.Sizes(x.shape[:batch_dims])]  # the last watched evaluation's sizes
 
-    def rerun() -> tuple[Engine, _plan.OpSizes]:
+    def rerun() -> tuple[Engine, _plan.Sizes]:
         return RerunJacobian(again, x, batch_dims), planned[-1]
 
-    def graph() -> tuple[Engine, _plan.OpSizes]:
+    def graph() -> tuple[Engine, _plan.Sizes]:
         built = watched_graph(again, x, batch_dims)
         # (a train-mode batch norm: plain autograd evaluates twice; an f evaluated again at
         # INNER_ORDER: unwatched, it could not start again from the caller's state)
@@ -447,7 +447,7 @@ def _engines(
             passed(f, x, batch_dims, at, not reverse.replaced, verdict=sizes.verdict)
         convolves = sizes.convolves
         if tiny:  # watched for sample mixing only: planned as every later call, not at all
-            sizes = _plan.OpSizes(x.shape[:batch_dims])
+            sizes = _plan.Sizes(x.shape[:batch_dims])
         forward = (reverse.num_basis > num_inputs or sizes.convolves) and sizes.forward_rules
         if later and watched and at is not None:
             _REFUSED_SIZES.put(*at, (_planned(sizes), forward, convolves))
@@ -472,7 +472,7 @@ def _engines(
 
 
 # what planned the engines at a watched evaluation that passed after the structured engine's
-# refusal, by structure (``structure``): its sizes (``_plan.OpSizes``, the widest tensor;
+# refusal, by structure (``structure``): its sizes (``_plan.Sizes``, the widest tensor;
 # unplanned for a tiny problem), whether forward mode went first, and whether an op convolved
 # (plain autograd does not go first then: ``_plain_first``). A later call there that finds the
 # pass (``passed_before``) runs those engines unwatched (neuraloperator's FNO at 8 x 8: watched
@@ -480,9 +480,9 @@ def _engines(
 _REFUSED_SIZES = PlanCache(256)
 
 
-def _planned(sizes: _plan.OpSizes) -> _plan.OpSizes:
+def _planned(sizes: _plan.Sizes) -> _plan.Sizes:
     """What of ``sizes`` plans the engines (``_REFUSED_SIZES``), without the watch's state."""
-    kept = _plan.OpSizes(sizes.batch_shape)
+    kept = _plan.Sizes(sizes.batch_shape)
     kept.widest, kept.convolves = sizes.widest, sizes.convolves
     kept.forward_rules = sizes.forward_rules
     return kept
@@ -507,7 +507,7 @@ def _plain_first(
     ``x`` is the caller's: plain autograd evaluates ``f`` on a new alias or leaf copy of its
     own (``_evaluated``), the engines after it on a new alias made if it fails (``evaluate``).
     """
-    sizes = _plan.OpSizes(x.shape[:batch_dims])  # unwatched: one chunk
+    sizes = _plan.Sizes(x.shape[:batch_dims])  # unwatched: one chunk
     made: list[Any] = []  # (the alias, f putting back its changes) if plain autograd fails
 
     def alias() -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
@@ -516,17 +516,17 @@ def _plain_first(
             made.extend((z, _state.Changes(z).again(f)))
         return made[0], made[1]
 
-    def plain() -> tuple[Engine, _plan.OpSizes]:
+    def plain() -> tuple[Engine, _plan.Sizes]:
         engine = unwatched(f, x, batch_dims, seen.plain)
         seen.plain = seen.plain and not engine.guarded
         sizes.widest = engine.y.numel()  # one chunk, unless the output is far larger than x
         return engine, sizes
 
-    def reverse() -> tuple[Engine, _plan.OpSizes]:
+    def reverse() -> tuple[Engine, _plan.Sizes]:
         z, again = alias()
         return ReverseJacobian(again, z, batch_dims), sizes
 
-    def rerun() -> tuple[Engine, _plan.OpSizes]:
+    def rerun() -> tuple[Engine, _plan.Sizes]:
         z, again = alias()
         return RerunJacobian(again, z, batch_dims), sizes
 
@@ -539,13 +539,13 @@ def watched_engine(
     batch_dims: int,
     watch: bool = True,
     changes: _state.Changes | None = None,
-) -> tuple[E, _plan.OpSizes]:
+) -> tuple[E, _plan.Sizes]:
     """Build an engine (which evaluates ``f`` once), with ``OpSizes`` watching the ops (and the
     batch dimensions, starting from ``x``: the very tensor ``f`` gets) and, in the same mode,
     ``changes`` the state ``f`` changes, if ``watch``; unwatched sizes record nothing, so their
     chunk is all basis vectors. ``BatchInteractionError`` if the watched ``f`` mixes samples."""
     if not watch:
-        return build(), _plan.OpSizes(x.shape[:batch_dims])
+        return build(), _plan.Sizes(x.shape[:batch_dims])
     sizes = _plan.OpSizes(x.shape[:batch_dims], tracker(x, batch_dims), changes)
     with sizes, reading(sizes.axes):
         engine = build()
@@ -555,7 +555,7 @@ def watched_engine(
 
 def watched_graph(
     f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int, plain: bool = False
-) -> tuple[GraphJacobian, _plan.OpSizes]:
+) -> tuple[GraphJacobian, _plan.Sizes]:
     """Plain autograd's engine (``GraphJacobian.of_function``), its evaluation of ``f``
     watched (``watched_engine``) on a leaf copy of ``x`` made before the watch starts
     (``leaf``), so that the watch follows the samples into ``f``."""
