@@ -22,7 +22,17 @@ from collections.abc import Iterator
 
 import torch
 
-_state = threading.local()
+
+class _State(threading.local):
+    """This thread's switches, ``False`` until set (class defaults: a plain ``threading.local``
+    read with ``getattr(..., False)`` raised and caught an ``AttributeError`` inside, ~0.7 us,
+    two or three times a call)."""
+
+    allowed = False  # allow_batch_interaction() is active
+    watched = False  # watched(): detection on while Dynamo traces
+
+
+_state = _State()
 
 
 class BatchInteractionError(ValueError):
@@ -71,9 +81,9 @@ def allowed() -> bool:
     """Whether ``allow_batch_interaction()`` is active in this thread, or Dynamo traces the
     call (``torch.compile``) outside ``watched``: detection watches the dispatcher, which a
     compiled graph has not got."""
-    if getattr(_state, "allowed", False):
+    if _state.allowed:
         return True
-    return torch.compiler.is_compiling() and not getattr(_state, "watched", False)
+    return torch.compiler.is_compiling() and not _state.watched
 
 
 @contextlib.contextmanager
@@ -83,7 +93,7 @@ def watched() -> Iterator[None]:
     the compiled graph then replays unwatched and unguarded by the switch
     (``torchdiv._structured.replay``: a plan recorded inside the block was served outside it
     to a net that mixes samples, where the eager call raises)."""
-    before = getattr(_state, "watched", False), getattr(_state, "allowed", False)
+    before = _state.watched, _state.allowed
     _state.watched, _state.allowed = True, False
     try:
         yield
