@@ -595,8 +595,9 @@ class GraphJacobian:
                 vectors = basis(start, stop, self.y, self.batch_dims)
                 rows = chain_products(steps, vectors, self.create_graph)
             flat = rows if rows.shape[1:] == (samples, n) else rows.reshape(-1, samples, n)
-            entries = flat.diagonal(start, dim1=0, dim2=2)  # (N, k): entry (start+j, start+j)
-            return entries.sum(-1) if summed else entries.contiguous()
+            if summed:  # (N, k) entries (start+j, start+j), summed, or copied (one op)
+                return flat.diagonal(start, dim1=0, dim2=2).sum(-1)
+            return torch.diagonal_copy(flat, start, 0, 2)
         out = []
         vectors = basis(start, stop, self.y, self.batch_dims)
         for i, v in enumerate(vectors.unbind(), start):
