@@ -41,7 +41,12 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torchdiv._core.basis import accumulated
 from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.mixing.watch import check_graph, watched
-from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
+from torchdiv._core.modes import (
+    SafeDerivatives,
+    changed_nodes,
+    math_attention,
+    plain_derivatives,
+)
 from torchdiv._core.subclass import attributes_of
 from torchdiv._core.walk import batched_vjp, search, vjp
 from torchdiv._exact.autograd import (
@@ -86,8 +91,20 @@ class Settings:
 
 # the autograd nodes of the ops whose derivatives the loop's SafeDerivatives changes (those of
 # REPLACEMENTS right in reverse over reverse are left alone); the fused attention kernels that
-# math_attention avoids show as ``fused``
+# math_attention avoids show as ``fused``. ``GUARDED_PLAIN``: where its passes take PyTorch's
+# derivatives as for plain tensors (``_guarded``), without det's, which the mode leaves there
 GUARDED = changed_nodes(3, forward_mode=False)
+GUARDED_PLAIN = changed_nodes(3, forward_mode=False, plain=True)
+
+
+def _guarded(x: torch.Tensor) -> tuple[str, ...]:
+    """The nodes that send a plain evaluation of ``f`` at ``x`` to ``SafeDerivatives``:
+    ``GUARDED_PLAIN`` where the loop's backward passes take PyTorch's derivatives as for plain
+    tensors, as ``SafeDerivatives`` then keeps ``det`` (no dispatch mode on the stack, ``x``
+    no tensor subclass: ``plain_derivatives``; the loop never runs inside ``torch.func``'s
+    transforms, which refuse its ``requires_grad_``), else ``GUARDED``: under a caller's
+    dispatch mode, a plain evaluation's ``det`` had a ``nan`` third derivative."""
+    return GUARDED_PLAIN if plain_derivatives(x) else GUARDED
 
 
 def grad_of_grad(
@@ -149,7 +166,7 @@ def _looped(
             x_in = attributes_of(x, torch.Tensor.requires_grad_(torch.Tensor.detach(x), True))
         once = Once(x, several=settings.plain and not settings.tried)
         y = _evaluated(once(f), x_in, batch_dims, check, safe=not settings.plain)
-        found = search(y, x_in, GUARDED if settings.plain else ())
+        found = search(y, x_in, _guarded(x_in) if settings.plain else ())
         settings.tried = True
         if found.guarded or (settings.plain and found.fused):
             settings.plain = False
