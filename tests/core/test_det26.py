@@ -141,3 +141,24 @@ def test_a_graph_with_det_is_refused_under_a_dispatch_mode() -> None:
     y = _slater(m, x)
     with _Passing(), pytest.raises(ValueError, match=r"LinalgDetBackward0.*function form"):
         torchdiv.graph_laplacian(y, x, create_graph=True)
+
+
+def test_third_derivative_of_a_tensor_subclass() -> None:
+    """A ``__torch_dispatch__`` tensor subclass (PyTorch's test ``TwoTensor``, as a DTensor)
+    outside any mode: PyTorch's third derivative of ``det`` is ``nan`` there too, so
+    ``SafeDerivatives(3)`` by backward passes replaces it: the central difference."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+
+    def third() -> torch.Tensor:
+        t = two_tensor.TwoTensor(torch.tensor(0.3, dtype=f64), torch.tensor(0.3, dtype=f64))
+        y = _DET(t.requires_grad_(True))
+        for _ in range(3):
+            (y,) = torch.autograd.grad(y, t, create_graph=True)
+        return y
+
+    assert torch.isnan(third().a)
+    expected = central_difference(lambda h: _derivative(_DET, 0.3 + h, 2).detach())
+    with SafeDerivatives(3, "another method", forward_mode=False):
+        got = third()
+    assert_close(got.a.detach(), expected, scale=1e3)
+    assert_close(got.b.detach(), expected, scale=1e3)

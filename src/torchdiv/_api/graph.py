@@ -351,7 +351,7 @@ def _check_third_derivatives(fn: str, nodes: list[Any]) -> None:
     count: the rest (a branch of conditioning inputs, ``x``'s own history) is differentiated
     at most once by the Laplacian's gradient. ``det``'s counts under a dispatch mode (its
     third derivative was ``nan`` where the Laplacian's passes ran under one, det26)."""
-    names = _WRONG_THIRD if plain_derivatives(()) else _WRONG_THIRD_UNDER_MODES
+    names = _WRONG_THIRD if plain_derivatives() else _WRONG_THIRD_UNDER_MODES
     wrong = sorted(
         {
             name
