@@ -162,3 +162,28 @@ def test_third_derivative_of_a_tensor_subclass() -> None:
         got = third()
     assert_close(got.a.detach(), expected, scale=1e3)
     assert_close(got.b.detach(), expected, scale=1e3)
+
+
+def test_batched_second_level_passes() -> None:
+    """The loop with its second-level passes batched (``Settings.batched``, ``"auto"``'s at up
+    to three inputs), float32: PyTorch's ``det`` backward there takes its form for tensor
+    subclasses, whose derivative gave ``nan`` parameter gradients of the Laplacian (float32,
+    two electrons 0.1 to 1e-6 apart; none in float64 there, nor at random positions), so
+    ``det`` is replaced (a plain evaluation is made again under ``SafeDerivatives``): values
+    and gradients those of the float64 per-sample loop to float32 round-off."""
+    torch.manual_seed(3)
+    net = _SlaterDeterminant()
+    net64 = copy.deepcopy(net).double()
+    torch.manual_seed(100)
+    x = torch.randn(4, 12)
+    x[:, 3:6] = x[:, 0:3] + 0.1 * torch.randn(4, 3)  # electrons 0 and 1 0.1 apart
+    want = laplacian_alone(net64, x.double())
+    want_grads = torch.autograd.grad(want.sum(), list(net64.parameters()))
+    for plain in (False, True):
+        settings = loop.Settings(batched=True, plain=plain)
+        ours = loop.grad_of_grad(net, x, 1, None, settings)
+        grads = torch.autograd.grad(ours.sum(), list(net.parameters()))
+        assert not settings.plain
+        assert_close(ours.detach(), want.detach().float())
+        for got, ref in zip(grads, want_grads, strict=True):
+            assert_close(got, ref.float())

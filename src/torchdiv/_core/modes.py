@@ -1040,11 +1040,16 @@ def plain_derivatives(*tensors: Any) -> bool:
     for plain tensors: no dispatch mode on the stack (torchdiv's own included), none of
     ``tensors`` a ``torch.func`` wrapper or a tensor subclass, no Dynamo tracing. Else
     its backward formulas take their forms for tensor subclasses (``isTensorSubclassLike``),
-    whose third derivative of ``det`` is ``nan`` where the first two backward passes run so
-    (``UNDER_MODES``). Checked when the op runs, for the backward passes after it: torchdiv's
-    passes of one call run under the modes its evaluation of ``f`` ran under (a caller's mode
-    around the call, ``Once``'s around a whole part) or inside the same transforms; a mode
-    entered around the caller's own later pass alone leaves the third derivative right.
+    whose third derivative of ``det`` is ``nan`` where the second backward pass, or the
+    first two, run so (``UNDER_MODES``). Checked when the op runs, for the backward passes
+    after it: torchdiv's passes of one call run under the modes its evaluation of ``f`` ran
+    under (a caller's mode around the call, ``Once``'s around a whole part) or inside the same
+    transforms, but batched second-level passes (``SafeDerivatives``' ``batched``), which
+    count too. Measured
+    (``tests/core/test_det26.py``): ``nan`` where the second pass runs so, at some matrices
+    (float32 Slater determinants with two electrons 0.1 to 1e-6 apart), always where the
+    first runs so too; a first pass run so alone (a batched VJP), or the caller's third
+    alone under a mode, left it right.
     About 0.5 us for one plain tensor."""
     if torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling():
         return False
@@ -1107,13 +1112,15 @@ class SafeDerivatives(TorchFunctionMode):
       derivatives of the forward-mode formula wrong (forward engine: parameter and ``x``
       gradients of ``jacobian``/``divergence``, off by 2-240%; forward-over-reverse, hessian
       and Hutchinson by HVPs: gradients of the Laplacian, off by 2-90%). Reverse over reverse
-      is right, but ``det``'s third derivative by backward passes is ``nan`` where its first
-      two run under any ``TorchDispatchMode`` or ``torch.func`` (PyTorch's formula for tensor
-      subclasses; ``weighted_laplacian``'s parameter gradients with an indefinite
-      ``diffusion``, whose whole part runs under ``_exact.state.Once``'s mode): ``det`` from
-      the third order by backward passes too, but only there (``plain_derivatives``, det26:
-      elsewhere PyTorch's, whose float32 Laplacian near a node of a Slater determinant is 6-180x
-      more accurate than ``sign * exp(log|det|)``'s). Replaced by ``torchdiv._core.linalg``.
+      is right, but ``det``'s third derivative by backward passes is ``nan`` where its second
+      (at some float32 matrices) or its first two run under any ``TorchDispatchMode``, inside
+      ``torch.func`` or batched (PyTorch's formula for tensor subclasses;
+      ``weighted_laplacian``'s parameter gradients with an indefinite ``diffusion``, whose
+      whole part runs under ``_exact.state.Once``'s mode; the loop's batched second-level
+      passes): ``det`` from the third order by backward passes too, but only there
+      (``plain_derivatives``, ``batched``; det26: elsewhere PyTorch's, whose float32
+      Laplacian near a node of a Slater determinant is 6-180x more accurate than
+      ``sign * exp(log|det|)``'s). Replaced by ``torchdiv._core.linalg``.
     - ``cholesky_inverse``: even its first forward-mode derivative is wrong (Jacobians by the
       forward engine off by 6%, Laplacian values by 200%). Replaced by ``inv(C C^T)``.
     - ``eigvalsh``: gradients of the Laplacian by forward over reverse are ``nan``; ``eigh``
@@ -1219,10 +1226,19 @@ class SafeDerivatives(TorchFunctionMode):
     """
 
     def __init__(
-        self, order: int, way_out: str, forward_mode: bool = True, recording: bool = False
+        self,
+        order: int,
+        way_out: str,
+        forward_mode: bool = True,
+        recording: bool = False,
+        batched: bool = False,
     ):
         super().__init__()
         self.order, self.way_out, self.forward_mode = order, way_out, forward_mode
+        # the engine's second backward pass batches its cotangents (``is_grads_batched``, the
+        # loop's ``Settings.batched``): PyTorch's formulas take them as tensor subclasses
+        # there, as under a dispatch mode (``plain_derivatives``)
+        self.batched = batched
         # the recorders' evaluation (``torchdiv._taylor.capture.recording``): the ops of
         # ``RECORDED`` are replaced at any order
         self.recording = recording
@@ -1269,7 +1285,9 @@ class SafeDerivatives(TorchFunctionMode):
                 entry.applies(
                     self.order,
                     self.forward_mode,
-                    entry.subclasses_only and plain_derivatives(*args, *kwargs.values()),
+                    entry.subclasses_only
+                    and not self.batched
+                    and plain_derivatives(*args, *kwargs.values()),
                 )
                 or (self.recording and func in _RECORDED_AS_REPLACED)
             )
