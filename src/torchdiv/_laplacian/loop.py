@@ -167,12 +167,12 @@ def _looped(
             x_in = attributes_of(x, torch.Tensor.requires_grad_(torch.Tensor.detach(x), True))
         once = Once(x, several=settings.plain and not settings.tried)
         batched = settings.batched
-        y = _evaluated(once(f), x_in, batch_dims, check, not settings.plain, batched)
+        y = _evaluated(once(f), x_in, batch_dims, check, safe=not settings.plain, batched=batched)
         found = search(y, x_in, _guarded(x_in, batched) if settings.plain else ())
         settings.tried = True
         if found.guarded or (settings.plain and found.fused):
             settings.plain = False
-            y = _evaluated(once(f), x_in, batch_dims, check, True, batched)
+            y = _evaluated(once(f), x_in, batch_dims, check, safe=True, batched=batched)
             found = search(y, x_in)
         refuse_once_differentiable(found, y, x_in)
         if check == "graph":
