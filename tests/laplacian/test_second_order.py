@@ -1224,7 +1224,9 @@ def test_the_one_input_loop_runs_f_plain_and_takes_the_chain_frozen(monkeypatch,
     modes, chained = [], []
     evaluated, chain = loop._evaluated, loop.chain_laplacian
     monkeypatch.setattr(
-        loop, "_evaluated", lambda *a, safe: modes.append(safe) or evaluated(*a, safe=safe)
+        loop,
+        "_evaluated",
+        lambda *a, safe, **k: modes.append(safe) or evaluated(*a, safe=safe, **k),
     )
     monkeypatch.setattr(
         loop, "chain_laplacian", lambda *a: chained.append(chain(*a) is not None) or chain(*a)

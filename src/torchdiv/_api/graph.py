@@ -40,6 +40,7 @@ from torchdiv._core.modes import (
     UNDER_MODES,
     changed_nodes,
     fabric_guards_off,
+    plain_derivatives,
 )
 from torchdiv._core.walk import towards
 from torchdiv._estimators import stochastic as _stochastic
@@ -311,13 +312,14 @@ def graph_laplacian(
 
 # (prelu's and a tensor exponent pow's derivatives differ only at an exact 0, sinc's at and
 # near 0 (|pi x| < 1/2, cancelling), the norms' at a zero vector, celu's by a float32
-# rounding, det's under a dispatch mode only: a graph with them keeps PyTorch's, not refused:
-# documented)
+# rounding: a graph with them keeps PyTorch's, not refused: documented); det's are wrong only
+# where the Laplacian's passes run under a dispatch mode (``_WRONG_THIRD_UNDER_MODES``)
 _WRONG_THIRD = tuple(
     n
     for n in changed_nodes(3, forward_mode=False)
     if n not in (*AT_KINKS, *AT_ZEROS, *AT_ZERO_VECTORS, *POW_NODES, *ROUNDED, *UNDER_MODES)
 )
+_WRONG_THIRD_UNDER_MODES = (*_WRONG_THIRD, *UNDER_MODES)
 
 
 def _check_fused_attention(fn: str, nodes: list[Any]) -> None:
@@ -347,12 +349,14 @@ def _check_third_derivatives(fn: str, nodes: list[Any]) -> None:
     counts where it normalises by the input's statistics (``instance_norm``); in eval mode
     it is affine, and its derivatives are right. Only nodes on a path from ``y`` to ``x``
     count: the rest (a branch of conditioning inputs, ``x``'s own history) is differentiated
-    at most once by the Laplacian's gradient."""
+    at most once by the Laplacian's gradient. ``det``'s counts under a dispatch mode (its
+    third derivative was ``nan`` where the Laplacian's passes ran under one, det26)."""
+    names = _WRONG_THIRD if plain_derivatives() else _WRONG_THIRD_UNDER_MODES
     wrong = sorted(
         {
             name
             for node in nodes
-            if (name := type(node).__name__).startswith(_WRONG_THIRD)
+            if (name := type(node).__name__).startswith(names)
             and getattr(node, "_saved_training", True)
         }
     )

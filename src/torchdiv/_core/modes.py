@@ -1020,13 +1020,51 @@ def _differentiated(args: Any) -> bool:
     )
 
 
+_PYTHON_KEY = torch._C.DispatchKey.Python
+
+
+def _subclass_like(t: Any) -> bool:
+    """Whether PyTorch's derivative formulas take ``t`` for a tensor subclass beside the
+    dispatch modes (``isTensorSubclassLike``): a ``torch.func`` wrapper (``functionalize``'s
+    too) or a ``__torch_dispatch__`` subclass (DTensor, ``torch.export``'s functional
+    tensors). 0.2 us for a plain tensor."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    if is_functorch_wrapped_tensor(t):
+        return True
+    return type(t) is not torch.Tensor and torch._C._dispatch_keys(t).has(_PYTHON_KEY)
+
+
+def plain_derivatives(*tensors: Any) -> bool:
+    """Whether PyTorch takes the derivatives of an op on ``tensors`` run here by its formulas
+    for plain tensors: no dispatch mode on the stack (torchdiv's own included), none of
+    ``tensors`` a ``torch.func`` wrapper or a tensor subclass, no Dynamo tracing. Else
+    its backward formulas take their forms for tensor subclasses (``isTensorSubclassLike``),
+    whose third derivative of ``det`` is ``nan`` where the second backward pass, or the
+    first two, run so (``UNDER_MODES``). Checked when the op runs, for the backward passes
+    after it: torchdiv's passes of one call run under the modes its evaluation of ``f`` ran
+    under (a caller's mode around the call, ``Once``'s around a whole part) or inside the same
+    transforms, but batched second-level passes (``SafeDerivatives``' ``batched``), which
+    count too. Measured
+    (``tests/core/test_det26.py``): ``nan`` where the second pass runs so, at some matrices
+    (float32 Slater determinants with two electrons 0.1 to 1e-6 apart), always where the
+    first runs so too; a first pass run so alone (a batched VJP), or the caller's third
+    alone under a mode, left it right.
+    About 0.5 us for one plain tensor."""
+    if torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling():
+        return False
+    return not any(_subclass_like(t) for t in tensors)
+
+
 @dataclass(frozen=True)
 class Replacement:
     """What ``SafeDerivatives`` does with an op whose PyTorch derivatives are wrong: run
     ``run`` instead (same values, derivatives right at every order), or, if ``None``, refuse
     it with ``why``. ``forward``: the lowest derivative order that is wrong for an engine
     taking any derivative through forward mode (forward over reverse: measured as such);
-    ``reverse``: for one of backward passes only; ``None``: right at every order measured."""
+    ``reverse``: for one of backward passes only; ``None``: right at every order measured.
+    ``subclasses_only``: ``reverse`` is wrong only where PyTorch takes the op's derivatives
+    as for tensor subclasses (``plain_derivatives`` false: ``det``'s third, ``UNDER_MODES``)."""
 
     name: str
     forward: int | None
@@ -1034,12 +1072,16 @@ class Replacement:
     run: Callable[..., Any] | None
     why: str = ""
     nodes: tuple[str, ...] = ()  # the autograd nodes it leaves (type names, without the 0)
+    subclasses_only: bool = False
 
-    def applies(self, order: int, forward_mode: bool) -> bool:
+    def applies(self, order: int, forward_mode: bool, plain: bool = False) -> bool:
         """Whether an engine taking derivatives up to ``order`` (through forward mode or
-        not) must not use PyTorch's own."""
+        not) must not use PyTorch's own; ``plain``: where its derivatives are taken as for
+        plain tensors (``plain_derivatives``; ``False``: the row's widest reach)."""
         first = self.forward if forward_mode else self.reverse
-        return first is not None and first <= order
+        if first is None or first > order:
+            return False
+        return forward_mode or not (plain and self.subclasses_only)
 
 
 class SafeDerivatives(TorchFunctionMode):
@@ -1070,11 +1112,15 @@ class SafeDerivatives(TorchFunctionMode):
       derivatives of the forward-mode formula wrong (forward engine: parameter and ``x``
       gradients of ``jacobian``/``divergence``, off by 2-240%; forward-over-reverse, hessian
       and Hutchinson by HVPs: gradients of the Laplacian, off by 2-90%). Reverse over reverse
-      is right, but ``det``'s third derivative by backward passes is ``nan`` under any
-      ``TorchDispatchMode`` and ``torch.func`` (PyTorch's formula for tensor subclasses;
+      is right, but ``det``'s third derivative by backward passes is ``nan`` where its second
+      (at some float32 matrices) or its first two run under any ``TorchDispatchMode``, inside
+      ``torch.func`` or batched (PyTorch's formula for tensor subclasses;
       ``weighted_laplacian``'s parameter gradients with an indefinite ``diffusion``, whose
-      ``f`` runs under ``_exact.state.Once``'s mode): ``det`` from the third order by backward
-      passes too (det25). Replaced by ``torchdiv._core.linalg``.
+      whole part runs under ``_exact.state.Once``'s mode; the loop's batched second-level
+      passes): ``det`` from the third order by backward passes too, but only there
+      (``plain_derivatives``, ``batched``; det26: elsewhere PyTorch's, whose float32
+      Laplacian near a node of a Slater determinant is 6-180x more accurate than
+      ``sign * exp(log|det|)``'s). Replaced by ``torchdiv._core.linalg``.
     - ``cholesky_inverse``: even its first forward-mode derivative is wrong (Jacobians by the
       forward engine off by 6%, Laplacian values by 200%). Replaced by ``inv(C C^T)``.
     - ``eigvalsh``: gradients of the Laplacian by forward over reverse are ``nan``; ``eigh``
@@ -1180,10 +1226,19 @@ class SafeDerivatives(TorchFunctionMode):
     """
 
     def __init__(
-        self, order: int, way_out: str, forward_mode: bool = True, recording: bool = False
+        self,
+        order: int,
+        way_out: str,
+        forward_mode: bool = True,
+        recording: bool = False,
+        batched: bool = False,
     ):
         super().__init__()
         self.order, self.way_out, self.forward_mode = order, way_out, forward_mode
+        # the engine's second backward pass batches its cotangents (``is_grads_batched``, the
+        # loop's ``Settings.batched``): PyTorch's formulas take them as tensor subclasses
+        # there, as under a dispatch mode (``plain_derivatives``)
+        self.batched = batched
         # the recorders' evaluation (``torchdiv._taylor.capture.recording``): the ops of
         # ``RECORDED`` are replaced at any order
         self.recording = recording
@@ -1227,7 +1282,13 @@ class SafeDerivatives(TorchFunctionMode):
         if (
             entry is None
             or not (
-                entry.applies(self.order, self.forward_mode)
+                entry.applies(
+                    self.order,
+                    self.forward_mode,
+                    entry.subclasses_only
+                    and not self.batched
+                    and plain_derivatives(*args, *kwargs.values()),
+                )
                 or (self.recording and func in _RECORDED_AS_REPLACED)
             )
             or _underived(args, kwargs)
@@ -1890,8 +1951,11 @@ def _table(
     nodes: tuple[str, ...],
     *funcs: Any,
 ) -> dict[Any, Replacement]:
-    """``wrong``: the first wrong order through forward mode and by backward passes only."""
-    return {f: Replacement(_name(f), *wrong, run, why, nodes) for f in funcs}
+    """``wrong``: the first wrong order through forward mode and by backward passes only
+    (where PyTorch's derivatives are taken as for tensor subclasses only, if ``nodes`` is
+    ``UNDER_MODES``)."""
+    under = nodes is UNDER_MODES
+    return {f: Replacement(_name(f), *wrong, run, why, nodes, under) for f in funcs}
 
 
 def _name(func: Any) -> str:
@@ -1916,7 +1980,8 @@ AT_ZEROS = ("SincBackward",)
 # ... and those whose PyTorch derivatives are off by a float32 rounding only (in float64)
 ROUNDED = ("CeluBackward",)
 # det's, whose PyTorch third derivative by backward passes is wrong only under a dispatch mode
-# or torch.func (its formula for tensor subclasses): a graph the caller built is not refused
+# or torch.func (its formula for tensor subclasses): replaced by backward passes only where
+# ``plain_derivatives`` is false; a graph the caller built is not refused
 UNDER_MODES = ("LinalgDetBackward",)
 _SLOGDET = ("LinalgSlogdetBackward",)  # logdet too
 _SOLVE = ("LinalgSolveExBackward",)  # solve, solve_ex, tensorsolve
@@ -2156,20 +2221,21 @@ def backward_passes_order() -> tuple[int, bool]:
 
 
 @cached()
-def changed_nodes(order: int, forward_mode: bool = True) -> tuple[str, ...]:
+def changed_nodes(order: int, forward_mode: bool = True, plain: bool = False) -> tuple[str, ...]:
     """The autograd nodes (type-name prefixes) of the ops ``SafeDerivatives(order, ...,
-    forward_mode)`` changes. An op whose inputs require grad leaves its node in the graph of
-    every result computed from it; one whose inputs do not is never differentiated, and its
-    value is the same in the mode. So an evaluation of ``f`` outside the mode whose graph holds
-    none of these nodes computed what the mode would have, with the same derivatives of every
-    order: engines that evaluate ``f`` outside it search the graph (``_core.walk.search``) and
-    evaluate ``f`` again under it only where one shows (``tests/core/test_modes.py``: every
-    op of ``REPLACEMENTS`` leaves its nodes)."""
+    forward_mode)`` changes (``plain``: where PyTorch takes derivatives as for plain tensors,
+    ``plain_derivatives``; not ``det``'s by backward passes there). An op whose inputs require
+    grad leaves its node in the graph of every result computed from it; one whose inputs do
+    not is never differentiated, and its value is the same in the mode. So an evaluation of
+    ``f`` outside the mode whose graph holds none of these nodes computed what the mode would
+    have, with the same derivatives of every order: engines that evaluate ``f`` outside it
+    search the graph (``_core.walk.search``) and evaluate ``f`` again under it only where one
+    shows (``tests/core/test_modes.py``: every op of ``REPLACEMENTS`` leaves its nodes)."""
     return tuple(
         dict.fromkeys(
             node
             for entry in REPLACEMENTS.values()
-            if entry.applies(order, forward_mode)
+            if entry.applies(order, forward_mode, plain)
             for node in entry.nodes
         )
     )

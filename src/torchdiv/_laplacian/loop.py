@@ -41,7 +41,12 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torchdiv._core.basis import accumulated
 from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.mixing.watch import check_graph, watched
-from torchdiv._core.modes import SafeDerivatives, changed_nodes, math_attention
+from torchdiv._core.modes import (
+    SafeDerivatives,
+    changed_nodes,
+    math_attention,
+    plain_derivatives,
+)
 from torchdiv._core.subclass import attributes_of
 from torchdiv._core.walk import batched_vjp, search, vjp
 from torchdiv._exact.autograd import (
@@ -86,8 +91,21 @@ class Settings:
 
 # the autograd nodes of the ops whose derivatives the loop's SafeDerivatives changes (those of
 # REPLACEMENTS right in reverse over reverse are left alone); the fused attention kernels that
-# math_attention avoids show as ``fused``
+# math_attention avoids show as ``fused``. ``GUARDED_PLAIN``: where its passes take PyTorch's
+# derivatives as for plain tensors (``_guarded``), without det's, which the mode leaves there
 GUARDED = changed_nodes(3, forward_mode=False)
+GUARDED_PLAIN = changed_nodes(3, forward_mode=False, plain=True)
+
+
+def _guarded(x: torch.Tensor, batched: bool) -> tuple[str, ...]:
+    """The nodes that send a plain evaluation of ``f`` at ``x`` to ``SafeDerivatives``:
+    ``GUARDED_PLAIN`` where the loop's backward passes take PyTorch's derivatives as for plain
+    tensors, as ``SafeDerivatives`` then keeps ``det`` (second-level passes not ``batched``,
+    no dispatch mode on the stack, ``x`` no tensor subclass: ``plain_derivatives``; the loop
+    never runs inside ``torch.func``'s transforms, which refuse its ``requires_grad_``), else
+    ``GUARDED``: under a caller's dispatch mode, or batched, a plain evaluation's ``det`` had
+    ``nan`` third derivatives (parameter gradients of the Laplacian)."""
+    return GUARDED if batched or not plain_derivatives(x) else GUARDED_PLAIN
 
 
 def grad_of_grad(
@@ -148,12 +166,13 @@ def _looped(
         else:
             x_in = attributes_of(x, torch.Tensor.requires_grad_(torch.Tensor.detach(x), True))
         once = Once(x, several=settings.plain and not settings.tried)
-        y = _evaluated(once(f), x_in, batch_dims, check, safe=not settings.plain)
-        found = search(y, x_in, GUARDED if settings.plain else ())
+        batched = settings.batched
+        y = _evaluated(once(f), x_in, batch_dims, check, safe=not settings.plain, batched=batched)
+        found = search(y, x_in, _guarded(x_in, batched) if settings.plain else ())
         settings.tried = True
         if found.guarded or (settings.plain and found.fused):
             settings.plain = False
-            y = _evaluated(once(f), x_in, batch_dims, check, safe=True)
+            y = _evaluated(once(f), x_in, batch_dims, check, safe=True, batched=batched)
             found = search(y, x_in)
         refuse_once_differentiable(found, y, x_in)
         if check == "graph":
@@ -173,7 +192,6 @@ def _looped(
                 return y, [], laplacian.to(x.dtype).reshape(y.shape), create_graph
         if settings.chain_only and not _debugging(x):  # the chain gave way for f itself:
             settings.chain = False  # later calls take the Taylor engine
-        batched = settings.batched
         with graphs_kept(found.custom, SECOND_DERIVATIVES):
             rows, laplacian = _loop(y, x_in, batch_dims, create_graph, batched, coordinates)
     return y, rows, laplacian, create_graph
@@ -190,12 +208,13 @@ def _debugging(x: torch.Tensor) -> bool:
 
 
 def _evaluated(
-    f: Function, x: torch.Tensor, batch_dims: int, check: Check, safe: bool
+    f: Function, x: torch.Tensor, batch_dims: int, check: Check, safe: bool, batched: bool = False
 ) -> torch.Tensor:
-    """``f(x)``, watched for sample mixing if ``check`` says so, under the modes if ``safe``."""
+    """``f(x)``, watched for sample mixing if ``check`` says so, under the modes if ``safe``
+    (``batched``: for second-level passes batched, ``SafeDerivatives``')."""
     if not safe:
         return watched(f, x, batch_dims) if check == "watch" else f(x)
-    with math_attention(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
+    with math_attention(), SafeDerivatives(3, "method='taylor'", False, batched=batched):
         return watched(f, x, batch_dims) if check == "watch" else f(x)
 
 
