@@ -24,12 +24,15 @@ import torch
 
 
 class _State(threading.local):
-    """This thread's switches, ``False`` until set (class defaults: a plain ``threading.local``
-    read with ``getattr(..., False)`` raised and caught an ``AttributeError`` inside, ~0.7 us,
-    two or three times a call)."""
+    """This thread's switches, ``False`` until set (set in each thread's ``__init__``: a plain
+    ``threading.local`` read with ``getattr(..., False)`` raised and caught an
+    ``AttributeError`` inside, ~0.7 us, two or three times a call; class defaults, read
+    while absent from the instance, made Dynamo guard on their absence, which the first
+    ``watched()`` or ``allow_batch_interaction()`` of a trace ended: an ``AssertionError``)."""
 
-    allowed = False  # allow_batch_interaction() is active
-    watched = False  # watched(): detection on while Dynamo traces
+    def __init__(self) -> None:
+        self.allowed = False  # allow_batch_interaction() is active
+        self.watched = False  # watched(): detection on while Dynamo traces
 
 
 _state = _State()
@@ -69,7 +72,7 @@ def allow_batch_interaction() -> Iterator[None]:
         >>> div.shape
         torch.Size([4])
     """
-    before = allowed()
+    before = _state.allowed  # (not allowed(): True while Dynamo traces, kept after the block)
     _state.allowed = True
     try:
         yield
