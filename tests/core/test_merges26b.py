@@ -11,8 +11,10 @@ are a subclass (``f``'s output), though ``det``'s argument is plain.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import threading
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from torch import nn
 
 import torchdiv
 from tests.conftest import assert_close, laplacian_alone
-from tests.core.test_det25 import _slater
+from tests.core.test_det25 import _Passing, _slater
 from torchdiv._laplacian import loop
 
 f64 = torch.float64
@@ -145,3 +147,32 @@ def test_a_tensor_subclass_after_det(method: str) -> None:
     for got, ref in zip(grads, want_grads, strict=True):
         assert_close(got.a, ref)
         assert_close(got.b, ref)
+
+
+def test_threads_with_and_without_a_dispatch_mode() -> None:
+    """Two threads at once, one under a dispatch mode (``det`` replaced there), one plain
+    (PyTorch's kept): the modes and the lookup's choice are per thread and per call (the
+    cached ``changed_nodes`` are pure), so both give the float64 loop's parameter gradients."""
+    torch.manual_seed(2)
+    m = nn.Linear(3, 9).double()
+    x = torch.randn(3, 3, dtype=f64)
+    want = laplacian_alone(lambda z: _slater(m, z), x)
+    want_grads = torch.autograd.grad(want.sum(), list(m.parameters()))
+    barrier, got = threading.Barrier(2), []
+
+    def run(under_mode: bool) -> None:
+        for _ in range(3):
+            barrier.wait()
+            with _Passing() if under_mode else contextlib.nullcontext():
+                ours = torchdiv.laplacian(lambda z: _slater(m, z), x, method="grad-of-grad")
+                got.append(torch.autograd.grad(ours.sum(), list(m.parameters())))
+
+    threads = [threading.Thread(target=run, args=(mode,)) for mode in (True, False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got) == 6
+    for grads in got:
+        for g, w in zip(grads, want_grads, strict=True):
+            assert_close(g, w)
