@@ -1023,7 +1023,7 @@ def _differentiated(args: Any) -> bool:
 _PYTHON_KEY = torch._C.DispatchKey.Python
 
 
-def _subclass_like(t: Any) -> bool:
+def subclass_like(t: Any) -> bool:
     """Whether PyTorch's derivative formulas take ``t`` for a tensor subclass beside the
     dispatch modes (``isTensorSubclassLike``): a ``torch.func`` wrapper (``functionalize``'s
     too) or a ``__torch_dispatch__`` subclass (DTensor, ``torch.export``'s functional
@@ -1053,7 +1053,30 @@ def plain_derivatives(*tensors: Any) -> bool:
     About 0.5 us for one plain tensor."""
     if torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling():
         return False
-    return not any(_subclass_like(t) for t in tensors)
+    return not any(subclass_like(t) for t in tensors)
+
+
+def svd_formula_unstable(a: torch.Tensor, det: torch.Tensor) -> bool:
+    """Whether PyTorch's derivatives of ``det = det(a)`` (``a``: ``(..., n, n)``) by backward
+    passes are off for plain tensors: with grad mode on its backward takes its SVD formula
+    where ``|det| < 100 eps`` of the dtype (``linalg_det_backward``), whose derivatives divide
+    by ``s_i^2 - s_j^2``: ``nan`` at two equal singular values (``det(s^2 I)`` of an isotropic
+    covariance in float32 for ``s < 0.15``), 2.4e-3 and 1.3e-2 off (parameter gradients of a
+    float32 Laplacian) at relative gaps of 5e-5 and 4e-6, where ``sign * exp(log|det|)`` was
+    within 2e-6 (``tests/core/test_merges26b.py``). Its error grows as ``1 / gap``,
+    ``sign * exp(log|det|)``'s with the condition number ``s_max / s_min`` (near a node of a
+    Slater determinant: gaps >= 0.01, ``s_min / s_max`` <= 2e-3, where PyTorch's was 6-180x
+    more accurate, det26): so true where a matrix below the threshold has a gap, relative to
+    ``s_max``, under ``s_min / s_max``, i.e. ``min_i (s_i - s_i+1) < s_min``. One comparison
+    per call; ``svdvals`` of the matrices below the threshold only."""
+    if a.shape[-1] < 2:
+        return False
+    with torch.no_grad():
+        small = det.abs() < 100 * torch.finfo(det.dtype).eps
+        if not bool(small.any()):
+            return False
+        s = torch.linalg.svdvals(a.detach()[small])  # (k, n), descending
+        return bool(((s[:, :-1] - s[:, 1:]).amin(-1) < s[:, -1]).any())
 
 
 @dataclass(frozen=True)
@@ -1236,8 +1259,9 @@ class SafeDerivatives(TorchFunctionMode):
         super().__init__()
         self.order, self.way_out, self.forward_mode = order, way_out, forward_mode
         # the engine's second backward pass batches its cotangents (``is_grads_batched``, the
-        # loop's ``Settings.batched``): PyTorch's formulas take them as tensor subclasses
-        # there, as under a dispatch mode (``plain_derivatives``)
+        # loop's ``Settings.batched``), or its cotangents are a tensor subclass (``f``'s
+        # output): PyTorch's formulas take them as tensor subclasses there, as under a
+        # dispatch mode (``plain_derivatives``)
         self.batched = batched
         # the recorders' evaluation (``torchdiv._taylor.capture.recording``): the ops of
         # ``RECORDED`` are replaced at any order
@@ -1279,24 +1303,31 @@ class SafeDerivatives(TorchFunctionMode):
         entry = REPLACEMENTS.get(torch.Tensor.pow if func is _POW_OPERATOR else func)
         if entry is None and func in _UNDERIVABLE:
             refuse_underivable(_UNDERIVABLE[func], _differentiated((args, kwargs)))
+        plain = (
+            entry is not None
+            and entry.subclasses_only
+            and not self.batched
+            and plain_derivatives(*args, *kwargs.values())
+        )
         if (
             entry is None
             or not (
-                entry.applies(
-                    self.order,
-                    self.forward_mode,
-                    entry.subclasses_only
-                    and not self.batched
-                    and plain_derivatives(*args, *kwargs.values()),
-                )
+                entry.applies(self.order, self.forward_mode, plain)
                 or (self.recording and func in _RECORDED_AS_REPLACED)
             )
             or _underived(args, kwargs)
         ):
             try:
-                return func(*args, **kwargs)
+                out = func(*args, **kwargs)
             except RuntimeError as error:
                 return self._written_below_transforms(func, args, kwargs, error)
+            if not (
+                plain  # (det's, kept: not where PyTorch's SVD formula is off, below)
+                and entry.applies(self.order, self.forward_mode)
+                and not _underived(args, kwargs)
+                and svd_formula_unstable((*args, *kwargs.values())[0], out)
+            ):
+                return out
         if entry.run is None:
             raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {self.way_out}")
         self.replaced = self.replaced or bool(entry.nodes)  # (no nodes: a plain one is right)

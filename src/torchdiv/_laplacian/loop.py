@@ -42,13 +42,16 @@ from torchdiv._core.basis import accumulated
 from torchdiv._core.checks import event_numel, out_of_memory
 from torchdiv._core.mixing.watch import check_graph, watched
 from torchdiv._core.modes import (
+    UNDER_MODES,
     SafeDerivatives,
     changed_nodes,
     math_attention,
     plain_derivatives,
+    subclass_like,
+    svd_formula_unstable,
 )
 from torchdiv._core.subclass import attributes_of
-from torchdiv._core.walk import batched_vjp, search, vjp
+from torchdiv._core.walk import Found, batched_vjp, nodes, search, vjp
 from torchdiv._exact.autograd import (
     SECOND_DERIVATIVES,
     graphs_kept,
@@ -92,20 +95,38 @@ class Settings:
 # the autograd nodes of the ops whose derivatives the loop's SafeDerivatives changes (those of
 # REPLACEMENTS right in reverse over reverse are left alone); the fused attention kernels that
 # math_attention avoids show as ``fused``. ``GUARDED_PLAIN``: where its passes take PyTorch's
-# derivatives as for plain tensors (``_guarded``), without det's, which the mode leaves there
+# derivatives as for plain tensors (``_lookup``), without det's, which the mode leaves there
 GUARDED = changed_nodes(3, forward_mode=False)
 GUARDED_PLAIN = changed_nodes(3, forward_mode=False, plain=True)
 
 
-def _guarded(x: torch.Tensor, batched: bool) -> tuple[str, ...]:
-    """The nodes that send a plain evaluation of ``f`` at ``x`` to ``SafeDerivatives``:
-    ``GUARDED_PLAIN`` where the loop's backward passes take PyTorch's derivatives as for plain
-    tensors, as ``SafeDerivatives`` then keeps ``det`` (second-level passes not ``batched``,
-    no dispatch mode on the stack, ``x`` no tensor subclass: ``plain_derivatives``; the loop
-    never runs inside ``torch.func``'s transforms, which refuse its ``requires_grad_``), else
-    ``GUARDED``: under a caller's dispatch mode, or batched, a plain evaluation's ``det`` had
-    ``nan`` third derivatives (parameter gradients of the Laplacian)."""
-    return GUARDED if batched or not plain_derivatives(x) else GUARDED_PLAIN
+def _lookup(y: torch.Tensor, x: torch.Tensor, batched: bool, plain: bool) -> Found:
+    """``search`` of ``y = f(x)``'s graph; for a ``plain`` evaluation, for the nodes that send
+    it to ``SafeDerivatives``: ``GUARDED``, but not ``det``'s where ``SafeDerivatives`` would
+    keep it: the loop's backward passes take PyTorch's derivatives as for plain tensors
+    (second-level passes not ``batched``, no dispatch mode on the stack, ``x`` no tensor
+    subclass: ``plain_derivatives``; the loop never runs inside ``torch.func``'s transforms,
+    which refuse its ``requires_grad_``) and PyTorch's SVD formula is not off at its matrices
+    (``svd_formula_unstable``). Under a caller's dispatch mode, or batched, a plain
+    evaluation's ``det`` had ``nan`` third derivatives (parameter gradients of the Laplacian);
+    at equal singular values below ``100 eps``, ``nan`` second ones (rev-merges26b). A second
+    and third walk only where ``GUARDED`` shows."""
+    if not plain:
+        return search(y, x)
+    found = search(y, x, GUARDED)
+    if found.guarded and not batched and plain_derivatives(x) and not _unstable_det(y, x):
+        return search(y, x, GUARDED_PLAIN)
+    return found
+
+
+def _unstable_det(y: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a ``det`` node of ``f``'s graph (``y``'s, down to ``x``) is at a matrix where
+    PyTorch's own derivatives are off (``svd_formula_unstable``)."""
+    return any(
+        type(node).__name__.startswith(UNDER_MODES)
+        and svd_formula_unstable(node._saved_A, node._saved_result)
+        for node in nodes(y.grad_fn, x.grad_fn)
+    )
 
 
 def grad_of_grad(
@@ -168,11 +189,14 @@ def _looped(
         once = Once(x, several=settings.plain and not settings.tried)
         batched = settings.batched
         y = _evaluated(once(f), x_in, batch_dims, check, safe=not settings.plain, batched=batched)
-        found = search(y, x_in, _guarded(x_in, batched) if settings.plain else ())
+        # a tensor subclass y (a DTensor): the passes' cotangents are too, and PyTorch takes
+        # det's formula for subclasses from them (its argument plain: kept under the modes)
+        subclass = not batched and subclass_like(y)
+        found = _lookup(y, x_in, batched or subclass, settings.plain or subclass)
         settings.tried = True
         if found.guarded or (settings.plain and found.fused):
             settings.plain = False
-            y = _evaluated(once(f), x_in, batch_dims, check, safe=True, batched=batched)
+            y = _evaluated(once(f), x_in, batch_dims, check, True, batched or subclass)
             found = search(y, x_in)
         refuse_once_differentiable(found, y, x_in)
         if check == "graph":
@@ -211,7 +235,8 @@ def _evaluated(
     f: Function, x: torch.Tensor, batch_dims: int, check: Check, safe: bool, batched: bool = False
 ) -> torch.Tensor:
     """``f(x)``, watched for sample mixing if ``check`` says so, under the modes if ``safe``
-    (``batched``: for second-level passes batched, ``SafeDerivatives``')."""
+    (``batched``: for second-level passes batched, or cotangents a tensor subclass,
+    ``SafeDerivatives``')."""
     if not safe:
         return watched(f, x, batch_dims) if check == "watch" else f(x)
     with math_attention(), SafeDerivatives(3, "method='taylor'", False, batched=batched):
