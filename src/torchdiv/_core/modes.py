@@ -1323,11 +1323,13 @@ class SafeDerivatives(TorchFunctionMode):
                 return self._written_below_transforms(func, args, kwargs, error)
             if not (
                 plain  # (det's, kept: not where PyTorch's SVD formula is off, below)
+                and entry is not None
                 and entry.applies(self.order, self.forward_mode)
                 and not _underived(args, kwargs)
                 and svd_formula_unstable((*args, *kwargs.values())[0], out)
             ):
                 return out
+        assert entry is not None  # (None returned above)
         if entry.run is None:
             raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {self.way_out}")
         self.replaced = self.replaced or bool(entry.nodes)  # (no nodes: a plain one is right)
