@@ -239,11 +239,12 @@ def _differentiated_below(level: int) -> bool:
 
 @torch.compiler.assume_constant_result
 def _op_name(func: Any) -> str:
-    """``namespace::name`` of an op overload or packet (``torch.ops.aten.add.Tensor`` and
-    ``torch.ops.aten.add``: ``aten::add``). A constant to Dynamo, which cannot trace a method
-    of the name it reads (``str.split``; on torch 2.15 ``x.T`` reaches the mode as the packet
-    ``aten.numpy_T``, and every ``torch.ops`` call in ``f`` did on 2.13 already)."""
-    return func._schema.name if isinstance(func, torch._ops.OpOverload) else func._qualified_op_name
+    """``namespace::name[.overload]`` of an op overload or packet (``torch.ops.aten.add.Tensor``:
+    ``aten::add.Tensor``, ``torch.ops.aten.add``: ``aten::add``), read from plain attributes. A
+    constant to Dynamo, which cannot trace a method of the name (``str.split``; on torch 2.15
+    ``x.T`` reaches the mode as the packet ``aten.numpy_T``, and every ``torch.ops`` call in
+    ``f`` did on 2.13 already)."""
+    return func._name if isinstance(func, torch._ops.OpOverload) else func._qualified_op_name
 
 
 @torch.compiler.assume_constant_result
