@@ -166,7 +166,7 @@ class Tangents(SafeDerivatives):
                 torch._C._set_grad_enabled(True)
         else:
             out = super().__torch_function__(func, types, args, kwargs)
-        if isinstance(func, _OPS) and _op_name(func).split("::")[0] not in _TRUSTED:
+        if isinstance(func, _OPS) and _namespace(func) not in _TRUSTED:
             self._check_tangents(func, (args, kwargs), out)
         if (
             self.looks
@@ -237,9 +237,21 @@ def _differentiated_below(level: int) -> bool:
     )
 
 
+@torch.compiler.assume_constant_result
 def _op_name(func: Any) -> str:
-    """``namespace::name`` of an op overload or packet."""
-    return func._schema.name if isinstance(func, torch._ops.OpOverload) else func._qualified_op_name
+    """``namespace::name[.overload]`` of an op overload or packet (``torch.ops.aten.add.Tensor``:
+    ``aten::add.Tensor``, ``torch.ops.aten.add``: ``aten::add``), read from plain attributes. A
+    constant to Dynamo, which cannot trace a method of the name (``str.split``; on torch 2.15
+    ``x.T`` reaches the mode as the packet ``aten.numpy_T``, and every ``torch.ops`` call in
+    ``f`` did on 2.13 already)."""
+    return func._name if isinstance(func, torch._ops.OpOverload) else func._qualified_op_name
+
+
+@torch.compiler.assume_constant_result
+def _namespace(func: Any) -> str:
+    """The namespace of an op overload or packet (``aten``, ``prims``, a custom op's library),
+    a constant to Dynamo (``_op_name``)."""
+    return _op_name(func).partition("::")[0]
 
 
 def _has_tangent(t: Any) -> bool:
