@@ -18,6 +18,8 @@ from torch._C._functorch import (
     maybe_current_level,
     maybe_get_level,
 )
+from torch._dynamo.eval_frame import set_code_exec_strategy
+from torch._dynamo.types import FrameAction, FrameExecStrategy
 from torch._functorch import eager_transforms as _eager_transforms
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
@@ -222,6 +224,17 @@ class Tangents(SafeDerivatives):
             f"the custom op {_op_name(func)} in f has no forward-mode derivative "
             f"(torch.func.jvp would take it for a constant); use {self.way_out}"
         )
+
+
+# Dynamo runs the mode's frames eagerly where it would compile them on their own (after a graph
+# break), and still inlines them into the frames it traces: a frame compiled on its own was kept
+# for tensor arguments of the same dtype, shape and dispatch keys, with or without a tangent
+# (no guard on it, torch 2.13 to 2.15), so the check compiled for a custom op of a constant (no
+# input tangent) passed the same op of x (products of 0), and one compiled for a refused op
+# refused an op with a forward rule (tests/exact/test_merges26c.py)
+set_code_exec_strategy(
+    Tangents.__torch_function__.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
+)
 
 
 def _differentiated_below(level: int) -> bool:
