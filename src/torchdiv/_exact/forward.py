@@ -12,14 +12,13 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 import torch.utils.checkpoint as _checkpoint
 from torch._C._autograd import _top_saved_tensors_default_hooks
+from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
 from torch._C._functorch import (
     TransformType,
     is_batchedtensor,
     maybe_current_level,
     maybe_get_level,
 )
-from torch._dynamo.eval_frame import set_code_exec_strategy
-from torch._dynamo.types import FrameAction, FrameExecStrategy
 from torch._functorch import eager_transforms as _eager_transforms
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
@@ -233,7 +232,7 @@ class Tangents(SafeDerivatives):
 # input tangent) passed the same op of x (products of 0), and one compiled for a refused op
 # refused an op with a forward rule (tests/exact/test_merges26c.py)
 set_code_exec_strategy(
-    Tangents.__torch_function__.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
+    Tangents.__torch_function__.__code__, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP)
 )
 
 
