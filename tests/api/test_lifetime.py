@@ -216,7 +216,7 @@ def _tensors_alive() -> int:
 
 
 @pytest.mark.parametrize(
-    ("operator", "train"), [("jacobian_diagonal", False), ("divergence", True), ("jacobian", False)]
+    ("operator", "train"), [("jacobian_diagonal", False), ("divergence", True)]
 )
 def test_later_calls_of_a_small_problem_keep_no_tensor(operator: str, train: bool) -> None:
     """The calls after the first (unwatched: plain autograd and the chain's walk, the path of
