@@ -605,8 +605,9 @@ def chain_traced(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
 @pytest.fixture
 def unit_rows(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """One entry per ``_exact.chain.unit_products`` call from ``GraphJacobian.entries``:
-    whether the rows came from the top linear step's matrix (no basis)."""
+    """One entry per ``_exact.chain.unit_products`` call from ``GraphJacobian.unit_rows``
+    (the diagonal's entries, a block's rows): whether the rows came from the top linear
+    step's matrix (no basis)."""
     from torchdiv._exact import autograd
 
     return _answers(monkeypatch, autograd, "unit_products")

@@ -47,9 +47,10 @@ def test_chain_gives_the_loop_s_values_and_parameter_gradients(
 ):
     """The three operators at D = 2 (one pass per row before) and D = 3 (batched passes), on
     a later call (the first is watched for sample mixing): the chain is taken (the
-    divergence by its cyclicity: two activations; D = 2's diagonal from the top layer's
-    rows, no basis), and values and parameter gradients equal a loop of ``autograd.grad``
-    per row (diagonals) and ``jacrev`` of the whole batch (the Jacobian), float64."""
+    divergence by its cyclicity: two activations; the diagonal and the Jacobian from the top
+    layer's rows, no basis, no products of one), and values and parameter gradients equal a
+    loop of ``autograd.grad`` per row (diagonals) and ``jacrev`` of the whole batch (the
+    Jacobian), float64."""
     for d in (2, 3):
         torch.manual_seed(0)
         net = _mlp(d, ACTIVATIONS[activation]).requires_grad_(train)
@@ -61,8 +62,8 @@ def test_chain_gives_the_loop_s_values_and_parameter_gradients(
         del chained[:], chain_traced[:], unit_rows[:]
         got = {op: getattr(torchdiv, op)(net, x) for op in ("divergence", "jacobian_diagonal")}
         got_jac = torchdiv.jacobian(net, x)
-        assert chain_traced == [True] and unit_rows == [True] * (d == 2), (d, chain_traced)
-        assert len(chained) == 1 + (d == 3), (d, chained)
+        assert chain_traced == [True] and unit_rows == [True, True], (d, unit_rows)
+        assert not chained, (d, chained)
         assert_close(got["divergence"], want.sum(-1))
         assert_close(got["jacobian_diagonal"], want)
         assert_close(got_jac, want_jac)
@@ -78,7 +79,7 @@ def test_chain_gives_the_loop_s_values_and_parameter_gradients(
 
 
 @pytest.mark.parametrize("operator", ["divergence", "jacobian_diagonal"])
-def test_second_derivatives_go_through_the_chain(chained, chain_traced, operator):
+def test_second_derivatives_go_through_the_chain(chain_traced, unit_rows, operator):
     """With ``x`` requiring grad the products (and the trace by cyclicity) keep their graph
     in ``x`` as the engine's do: the gradient of the divergence (the diagonal's sum) in ``x``
     and in the parameters equals that of the loop (a third derivative of ``f``), float64."""
@@ -86,9 +87,10 @@ def test_second_derivatives_go_through_the_chain(chained, chain_traced, operator
     net = _mlp(3, torch.nn.Tanh)
     x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
     getattr(torchdiv, operator)(net, x)
-    del chained[:], chain_traced[:]
+    del chain_traced[:], unit_rows[:]
     ours = getattr(torchdiv, operator)(net, x).reshape(8, -1).sum(-1)
-    assert chain_traced == [True] if operator == "divergence" else chained  # (D = 3: a block)
+    # (the diagonal at D = 3: a block of rows from the top layer's)
+    assert chain_traced == [True] if operator == "divergence" else unit_rows == [True]
     z = x.view_as(x)  # the loop on x's own graph, so that its products depend on x
     y = net(z)
     rows = [torch.autograd.grad(y[:, i].sum(), z, create_graph=True)[0][:, i] for i in range(3)]
@@ -145,8 +147,8 @@ def test_the_trace_by_cyclicity_gives_the_loop_s_values_and_parameter_gradients(
     arrangement of linear steps and activations it takes (adjacent ones merged, either end
     without a linear step, ``addmm``'s ``alpha``), at D = 2 and 3 on a later call: values and
     parameter gradients equal the float64 loop of ``autograd.grad``; three activations take
-    the rows (``products``) instead. The diagonal too, at D = 2 from the top linear step's
-    rows where an activation follows it (``unit_products``), else from a basis."""
+    the rows instead. The diagonal too; rows from the top linear step's rows where an
+    activation follows it (``unit_products``), else from a basis (``products``)."""
     build, traced = TRACE_LAYOUTS[layout]
     for d in (2, 3):
         torch.manual_seed(0)
@@ -156,13 +158,13 @@ def test_the_trace_by_cyclicity_gives_the_loop_s_values_and_parameter_gradients(
         torchdiv.divergence(net, x)
         torchdiv.jacobian_diagonal(net, x)
         top = isinstance(net[-1], torch.nn.Linear) and not isinstance(net[-2], torch.nn.Linear)
-        rows = [top] if d == 2 else []  # (D = 3: a block of rows, from a basis)
+        rows = [top]  # (whether unit_products gave the rows: D = 2's entries, D = 3's block)
         del chained[:], chain_traced[:], unit_rows[:]
         got = torchdiv.divergence(net, x)
         assert chain_traced == [traced] and unit_rows == ([] if traced else rows)
         got_diagonal = torchdiv.jacobian_diagonal(net, x)
         assert unit_rows == ([] if traced else rows) + rows, (d, unit_rows)
-        from_basis = not (top and d == 2)  # (rows by ``products``: one each)
+        from_basis = not top  # (rows by ``products``: one each)
         assert len(chained) == (not traced and from_basis) + from_basis, (d, chained)
         assert_close(got, want.sum(-1))
         assert_close(got_diagonal, want)
@@ -301,3 +303,79 @@ def test_a_chain_s_walk_finds_what_the_search_finds(guarded, x_grad, train):
     assert chain.chain(y, x_in, found, guarded)
     assert found == walk.search(y, x_in, guarded)
     assert found.others == (train or x_grad)
+
+
+def _tanh_mlp_jacobian(net: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Every sample's Jacobian of ``Linear, Tanh, Linear, Tanh, Linear`` in closed form:
+    ``W3 diag(1 - h2^2) W2 diag(1 - h1^2) W1``, ``(N, D, D)``."""
+    w1, w2, w3 = net[0].weight, net[2].weight, net[4].weight
+    h1 = torch.tanh(x @ w1.t() + net[0].bias)
+    h2 = torch.tanh(h1 @ w2.t() + net[2].bias)
+    return w3 @ ((1 - h2**2)[:, :, None] * w2) @ ((1 - h1**2)[:, :, None] * w1)
+
+
+@pytest.mark.parametrize(
+    ("width", "train"),
+    [(8, False), (8, True), (512, False), pytest.param(512, True, marks=pytest.mark.slow)],
+    ids=["8-frozen", "8-train", "512-frozen", "512-train"],
+)
+def test_a_larger_chain_goes_by_the_top_layer_s_rows_after_its_first_call(unit_rows, width, train):
+    """A square problem above ``crossover.ROWS_PROBLEM`` (D = 64, N = 128: 2**19) whose graph is
+    a chain: the first two calls are watched (``torch.func``'s reverse mode, no rows: the
+    first tells the call site that the output is square, the second's watch passes), the
+    later ones go by the chain's rows from the top layer's (``unit_products``), in chunks
+    where a layer is wide (width 512: 32 rows at once, ``_plan.CHUNK_ELEMENTS``); values and
+    parameter gradients equal the closed form, float64."""
+    from torchdiv._core import crossover
+
+    d, n = 64, 128
+    assert crossover.ROWS_PROBLEM < d * n * d <= crossover.CHAIN_ROWS_PROBLEM
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(d, width), torch.nn.Tanh(), torch.nn.Linear(width, width), torch.nn.Tanh(),
+        torch.nn.Linear(width, d),
+    ).double().requires_grad_(train)  # fmt: skip
+    x = torch.randn(n, d, dtype=torch.float64)
+    want = _tanh_mlp_jacobian(net, x)
+    for _ in range(2):
+        assert_close(torchdiv.jacobian(net, x), want)
+    assert not unit_rows
+    got = torchdiv.jacobian(net, x)
+    assert unit_rows == [True] * (1 if width == 8 else 2)
+    assert_close(got, want)
+    if train:
+        weights = torch.randn_like(want)
+        assert_same_parameter_gradients(net, (got * weights).sum(), (want * weights).sum())
+
+
+def test_a_larger_graph_that_is_not_a_chain_goes_by_rows_once(monkeypatch):
+    """A residual MLP (``x + net(x)``: not a chain) above ``crossover.ROWS_PROBLEM``: its third
+    call (the first after a watch passed) tries plain autograd's rows, finds no chain and
+    tells the structure's pass (``Passed.chain``); the later calls are planned and watched as
+    before (no plain evaluation); every call's values equal the closed form ``I + J``,
+    float64."""
+    from torchdiv._exact import dispatch
+
+    plain: list[int] = []
+    unwatched = dispatch.unwatched
+
+    def spy(*args, **kwargs):
+        plain.append(1)
+        return unwatched(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "unwatched", spy)
+    torch.manual_seed(0)
+    d, n = 64, 128
+    net = torch.nn.Sequential(
+        torch.nn.Linear(d, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+        torch.nn.Linear(8, d),
+    ).double()  # fmt: skip
+
+    def f(z):
+        return z + net(z)
+
+    x = torch.randn(n, d, dtype=torch.float64)
+    want = _tanh_mlp_jacobian(net, x) + torch.eye(d, dtype=torch.float64)
+    for count in (0, 0, 1, 1, 1):
+        assert_close(torchdiv.jacobian(f, x), want)
+        assert len(plain) == count

@@ -46,6 +46,16 @@ COMPILED_F_WORK = 4 << 20
 # even (rows 0.95-0.99x), and the dense Jacobian took 3.1 ms by rows against 3.5 ms watched
 # and planned (the recipes 3.0-3.1 ms; ``bench/rows_threshold.py``).
 ROWS_PROBLEM = 1 << 18
+# Square problems up to this size whose graph is a chain (an MLP: ``_exact.chain``) go by plain
+# autograd's rows too, from the top layer's rows (``unit_products``: a third of a
+# D -> 64 -> 64 -> D MLP's flops saved), once a watched evaluation passed and until a plain one
+# shows another graph (``Passed.chain``). Dense Jacobians of a tanh MLP of width 64, frozen, one
+# thread, thread CPU time (a loaded machine): D = 64, B = 256 (2**20) 2.8 ms by the chain's
+# rows against 5.7-7.3 ms by ``torch.func``'s reverse mode (``is_grads_batched`` 5.7); D = 16,
+# B = 4096 (2**20) 12.8 against 19.1; at 2**22 the rows won at D = 64, B = 1024 (16.7 against
+# 31.6) and lost at D = 32, B = 4096 (54 against 50: the whole (k, N, W) block at once, where
+# reverse mode chunks it); at 2**24 even
+CHAIN_ROWS_PROBLEM = 1 << 20
 # at most this many cotangents go by one backward pass each rather than one batched pass
 # (2-core CPU, D -> 64 -> 64 -> D tanh MLP, rows of a D = 2 event: 0.74-0.86x the time of the
 # batched pass at batch 256 and 4096; at D = 3-4 about even at batch 256), a chain's by its

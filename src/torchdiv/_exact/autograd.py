@@ -542,9 +542,30 @@ class GraphJacobian:
         return () if out is None else (out,)
 
     def block(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``."""
-        out = self.apply(basis(start, stop, self.y, self.batch_dims))
-        return as_blocks(out, self.batch_dims)
+        """Rows ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, n)``: a chain's
+        from its top layer's rows where ``unit_rows`` can, else the products of a basis."""
+        rows = self.unit_rows(start, stop)
+        if rows is None:
+            rows = self.apply(basis(start, stop, self.y, self.batch_dims))
+        return as_blocks(rows, self.batch_dims)
+
+    def unit_rows(self, start: int, stop: int) -> torch.Tensor | None:
+        """The products of the unit cotangents ``e_start .. e_{stop-1}``, ``(k, N, n)``, by
+        the chain's formulas from its top layer's rows (``_exact.chain.unit_products``: no
+        basis, and no product with it, a third of a D -> 64 -> 64 -> D MLP's flops), where
+        ``apply`` would take the chain too (torchdiv evaluated ``f``: nothing watched or
+        wrapped) and the top layer's rows are an event's (one batch dimension); else
+        ``None``."""
+        if (
+            not self.steps
+            or self.batch_dims != 1
+            or type(self) is not GraphJacobian
+            or self._custom
+            or not self._peers.inert
+            or not self.y.requires_grad
+        ):
+            return None
+        return unit_products(self.steps, start, stop, self.y, self.create_graph)
 
     def trace(self) -> torch.Tensor | None:
         """Every sample's trace, ``(N,)``, by the chain's cyclicity (``_exact.chain.trace``:
@@ -588,9 +609,7 @@ class GraphJacobian:
         samples, n = self.x.shape[: self.batch_dims].numel(), event_numel(self.x, self.batch_dims)
         steps = self.steps
         if steps:  # every row in one go, without the engine (``_exact.chain``), as (k, N, n)
-            rows = None  # (the top layer's rows are an event's only with one batch dimension)
-            if self.batch_dims == 1:
-                rows = unit_products(steps, start, stop, self.y, self.create_graph)
+            rows = self.unit_rows(start, stop)
             if rows is None:
                 vectors = basis(start, stop, self.y, self.batch_dims)
                 rows = chain_products(steps, vectors, self.create_graph)

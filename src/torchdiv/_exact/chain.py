@@ -272,6 +272,14 @@ def trace(steps: list[tuple[Step, Any]], y: torch.Tensor) -> torch.Tensor | None
     return _applied(first, g).sum(-1)
 
 
+def widest(steps: list[tuple[Step, Any]], y: torch.Tensor) -> int:
+    """The most elements of a product along the chain per cotangent (``_plan.Sizes.widest``,
+    which plans how many go at once): ``y``'s, or ``N x in`` of a linear step's ``(in, out)``
+    matrix (an activation's product is as large as the one it gets)."""
+    inputs = (node._saved_mat2.shape[0] for step, node in steps if step is _addmm or step is _mm)
+    return max(y.numel(), y.shape[0] * max(inputs, default=0))
+
+
 def _applied(steps: list[tuple[Step, Any]], g: torch.Tensor) -> torch.Tensor:
     """``g`` through ``steps``' formulas in turn."""
     for step, node in steps:

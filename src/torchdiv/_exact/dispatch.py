@@ -33,6 +33,7 @@ from torchdiv._exact.autograd import (
     leaf,
     unwatched,
 )
+from torchdiv._exact.chain import widest as chain_widest
 from torchdiv._exact.forward import ForwardJacobian
 from torchdiv._exact.reverse import ReverseJacobian
 from torchdiv._taylor.cache import PlanCache, key
@@ -376,7 +377,9 @@ def _engines(
     when the event is empty, where any op but an elementwise one mixes samples. Tiny
     ``square`` problems that passed start with plain autograd (``_plain_first``), as do
     ``square`` ones up to ``crossover.ROWS_PROBLEM`` whose planned evaluation passed the watch
-    without a convolution (CPU convolution backward is the slower side). If ``torch.func``
+    without a convolution (CPU convolution backward is the slower side), and up to
+    ``crossover.CHAIN_ROWS_PROBLEM`` while no plain evaluation there has shown a graph that
+    is not a chain (``Passed.chain``: an MLP's rows from its top layer's). If ``torch.func``
     cannot evaluate ``f``, the plain-autograd engine's evaluation is watched instead (not
     under the caller's own transform, which refuses its leaf copy of ``x``: there
     ``torch.func``'s error is raised, a buffer written in an ensemble's ``vmap``), on a
@@ -388,19 +391,23 @@ def _engines(
     before is looked up or marked, and reverse mode's evaluation is watched.
     """
     num_inputs = event_numel(x, batch_dims)
-    tiny = num_inputs * x.numel() <= _plan.TINY_PROBLEM
-    rows = square and x.dim() > batch_dims and num_inputs * x.numel() <= crossover.ROWS_PROBLEM
+    size = num_inputs * x.numel()
+    tiny = size <= _plan.TINY_PROBLEM
+    by_rows = square and x.dim() > batch_dims
+    rows = by_rows and size <= crossover.ROWS_PROBLEM
+    chain_rows = by_rows and not rows and size <= crossover.CHAIN_ROWS_PROBLEM
     compiling = torch.compiler.is_compiling()
     at = (
         structure(f if owner is None else owner, x, batch_dims)
-        if (tiny or rows or watched) and not compiling
+        if (tiny or rows or chain_rows or watched) and not compiling
         else None
     )
     seen = None if at is None else passed_before(f, x, batch_dims, at)
     # (after a refusal: the sizes of the watch that passed, which plan the engines unwatched)
     kept = _REFUSED_SIZES.get(*at) if watched and seen is not None and at is not None else None
-    if rows and seen is not None and not (kept is not None and kept[2]):
-        return _plain_first(f, x, batch_dims, seen)
+    plain_rows = rows or (chain_rows and seen is not None and seen.chain)
+    if plain_rows and seen is not None and not (kept is not None and kept[2]):
+        return _plain_first(f, x, batch_dims, seen, chain_rows)
     x = argument(x)  # (see evaluate)
     changes = _state.Changes(x)
     again = changes.again(f)
@@ -443,7 +450,7 @@ def _engines(
             changes,
         )
         later = watch and not reverse.inner_again  # later calls: unwatched
-        if later and (watched or tiny or (rows and not sizes.convolves)):
+        if later and (watched or tiny or ((rows or chain_rows) and not sizes.convolves)):
             passed(f, x, batch_dims, at, not reverse.replaced, verdict=sizes.verdict)
         convolves = sizes.convolves
         if tiny:  # watched for sample mixing only: planned as every later call, not at all
@@ -489,11 +496,18 @@ def _planned(sizes: _plan.Sizes) -> _plan.Sizes:
 
 
 def _plain_first(
-    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_dims: int, seen: Passed
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_dims: int,
+    seen: Passed,
+    chain_only: bool = False,
 ) -> list[Build]:
     """Tiny square problems: plain autograd first (one backward pass for all rows, batched
     by ``vmap``, ``GraphJacobian._batched_vjp``; the graph checked for what mixes samples
-    there), then reverse mode and ``f`` re-run per vector.
+    there), then reverse mode and ``f`` re-run per vector. ``chain_only``: a larger problem
+    that goes so only where ``f``'s graph is a chain (``crossover.CHAIN_ROWS_PROBLEM``): one
+    that is not takes this call's plain rows, and the planned engines from the next call on
+    (``Passed.chain``).
 
     ``torch.func``'s wrapping of ``f`` and of its pullback costs more than the whole
     computation here (D=2, B=256 MLP: about 0.5 ms against 0.7 ms for plain autograd); the
@@ -519,7 +533,10 @@ def _plain_first(
     def plain() -> tuple[Engine, _plan.Sizes]:
         engine = unwatched(f, x, batch_dims, seen.plain)
         seen.plain = seen.plain and not engine.guarded
+        seen.chain = seen.chain and not (chain_only and not engine.steps)
         sizes.widest = engine.y.numel()  # one chunk, unless the output is far larger than x
+        if chain_only and engine.steps:  # (or a layer far wider: the rows in chunks)
+            sizes.widest = chain_widest(engine.steps, engine.y)
         return engine, sizes
 
     def reverse() -> tuple[Engine, _plan.Sizes]:

@@ -68,6 +68,9 @@ class Passed:
     evaluation of it there has shown an op that ``SafeDerivatives`` changes, so the next
     may run outside the mode (``torchdiv._exact.autograd.GraphJacobian.of_function``);
     ``reverse``: ``torch.func``'s reverse mode ran it there (``torchdiv._exact.dispatch``);
+    ``chain``: no plain evaluation there has shown a graph that is not a chain
+    (``torchdiv._exact.chain``: a square problem larger than ``crossover.ROWS_PROBLEM`` goes
+    by plain autograd's rows only while this holds, ``torchdiv._exact.dispatch._engines``);
     ``held``: the parameters and index tensors it holds at (``Verdict.while_held``, where
     ``f``'s modules hold them: ``Owned``; those of ``Verdict.indexed_by`` the key holds;
     ``()``: any), ``current`` where each is alive at its version and values then, in its
@@ -75,6 +78,7 @@ class Passed:
 
     plain: bool = True
     reverse: bool = True
+    chain: bool = True
     held: tuple[Kept | Owned | Numbers, ...] = field(default=(), repr=False)
 
     def current(self) -> bool:
@@ -316,7 +320,7 @@ def passed_before(
         >>> passed_before(net, x, 1)
         >>> passed(net, x, 1, verdict=Verdict(for_any_x=True, for_any_held=True))
         >>> passed_before(net, x, 1), passed_before(net, x[:3], 1)
-        (Passed(plain=True, reverse=True), None)
+        (Passed(plain=True, reverse=True, chain=True), None)
     """
     at = at or structure(f, x, batch_dims)
     found: Passed | None = _PASSED.get(*at)
