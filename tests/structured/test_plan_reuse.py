@@ -313,3 +313,43 @@ def test_the_recorder_and_the_check_turn_dynamo_off_only_where_it_is_on():
     finally:
         set_eval_frame(prior)
     assert seen and all(callback is None for callback in seen)
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["time input", "index"])
+def test_data_movement_matrices_kept_only_where_shapes_alone_move_the_elements(
+    monkeypatch, indexed
+):
+    """A time input's ``cat`` and an output's slice (zuko's CNF velocity): their 0/1 matrices
+    depend on shapes alone, made at one call and kept for the next (``factors._kept_moved``:
+    none made at the later calls, whatever time); an ``index_select`` by an index that changes
+    between calls makes its matrix at every call. Each call's divergence equals ``jacrev``'s
+    of the same ``f``, float64."""
+    from torchdiv._structured import factors
+
+    made: list[int] = []
+    moved = factors._moved
+
+    def spy(*args, **kwargs):
+        made.append(1)
+        return moved(*args, **kwargs)
+
+    monkeypatch.setattr(factors, "_moved", spy)
+    torch.manual_seed(0)
+    net = mlp(9, 16)
+    state = {"t": torch.zeros(1, 2, dtype=DOUBLE), "order": torch.arange(7)}
+
+    def f(x):
+        t = state["t"].expand(x.shape[0], 2)
+        h = torch.cat([t, x], 1)
+        if indexed:
+            h = h.index_select(1, torch.cat([state["order"], torch.tensor([7, 8])]))
+        return net(h)[:, :7]
+
+    x = torch.randn(100, 7, dtype=DOUBLE)
+    for call, t in enumerate((0.0, 0.5, -1.5)):
+        state["t"], state["order"] = torch.full((1, 2), t, dtype=DOUBLE), torch.randperm(7)
+        made.clear()
+        value = torchdiv.divergence(f, x, method="structured")
+        torch.testing.assert_close(value, _reference_divergence(f, x))
+        if call:  # (the first call's may have been kept by an earlier test)
+            assert bool(made) == indexed, (call, made)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from torchdiv._core.modes import host_planning, to_device
+from torchdiv._core.script import cached
 from torchdiv._taylor import RULES, Context, Graph, Jet
 from torchdiv._taylor.capture import Node, Ref
 from torchdiv._taylor.elementwise import DERIVATIVES, FIRST
@@ -316,36 +317,132 @@ class _Walker:
         return (Shared(weight if alpha == 1 else alpha * weight),)
 
     def _movement(self, node: Node, out: Ref, source: Ref) -> tuple[Shared, ...] | None:
-        """A data-movement op as a 0/1 matrix, found by moving element indices through it on
-        the CPU (a plan never waits for the device): floating constants become ``-1``
-        (padding too), so every output element names its source or none."""
+        """A data-movement op as a 0/1 matrix (``_moved``); where its arguments hold no
+        integer tensor (an index, whose values move the elements), the matrix depends on
+        shapes alone and is kept for the next call of that shape (``_kept_moved``: a time
+        input's ``cat`` and ``expand`` in every call of a CNF's velocity, ~0.1 ms each)."""
         a, y = self.value(source), self.value(out)
         w_in, w_out = a.numel() // self.n, y.numel() // self.n
         if w_in * w_out > MAX_MATRIX:
             return None
+        key = _shape_key((node.args, node.kwargs), source, self.value)
+        if key is not None and w_in * w_out <= KEPT_MATRIX:
+            return _kept_moved(node.func, key, a.shape, self.n, w_out, a.dtype, a.device)
+        arguments = map_leaves(lambda v: _index(v, source, self.value, a.shape), node.args)
+        keywords = map_leaves(lambda v: _index(v, source, self.value, a.shape), node.kwargs)
+        return _moved(node.func, arguments, keywords, a.shape, self.n, w_out, a.dtype, a.device)
 
-        def indices(v: Any) -> Any:
-            if _is(v, source):
-                return torch.arange(a.numel()).reshape(a.shape)
-            v = self.value(v)
-            if not isinstance(v, Tensor):
-                return v
-            return torch.full(v.shape, -1) if v.is_floating_point() else v.cpu()  # an index
 
-        with host_planning():
-            args = map_leaves(indices, node.args)
-            if node.func == aten.constant_pad_nd.default:
-                args = (*args[:2], -1)
-            moved = node.func(*args, **map_leaves(indices, node.kwargs)).reshape(self.n, w_out)
-            samples = torch.arange(self.n)[:, None]
-            if not bool(((moved < 0) | (moved // w_in == samples)).all()):
-                return None  # an element moved to another sample
-            source_index, kept = moved[0] % w_in, moved[0] >= 0
-            if w_in == w_out and bool(kept.all()) and torch.equal(source_index, torch.arange(w_in)):
-                return ()  # the identity on every sample's flattened event (a reshape, a copy)
-            matrix = torch.zeros(w_out, w_in, dtype=a.dtype)
-            matrix[torch.arange(w_out)[kept], source_index[kept]] = 1
-        return (Shared(to_device(matrix, a.device)),)
+KEPT_MATRIX = 1 << 16  # elements of a data-movement matrix kept across calls (``_kept_moved``)
+
+
+class _Mark:
+    """``_shape_key``'s mark of ``x``'s tensor (``SOURCE``) or of a floating constant's shape
+    (``FLOAT``, first of a pair): an object of its own, equal to no argument."""
+
+
+_SOURCE, _FLOAT = _Mark(), _Mark()
+
+
+def _index(v: Any, source: Ref, value: Any, shape: torch.Size) -> Any:
+    """An argument of a data-movement op as element indices: ``source``'s (``shape``) their
+    positions, a floating constant ``-1`` (no source), an integer tensor (an index) itself."""
+    if _is(v, source):
+        return torch.arange(shape.numel()).reshape(shape)
+    v = value(v)
+    if not isinstance(v, Tensor):
+        return v
+    return torch.full(v.shape, -1) if v.is_floating_point() else v.cpu()
+
+
+def _shape_key(v: Any, source: Ref, value: Any) -> Any:
+    """A data-movement op's arguments as a hashable key of what moves the elements: ``source``
+    and floating constants by their shapes, lists as tuples; ``None`` where an integer tensor
+    (an index) or an unhashable value is among them."""
+    if isinstance(v, (list, tuple)):
+        items = [_shape_key(item, source, value) for item in v]
+        return None if any(item is None for item in items) else tuple(items)
+    if isinstance(v, dict):
+        return _shape_key(tuple(v.items()), source, value)
+    if _is(v, source):
+        return _SOURCE
+    v = value(v)
+    if isinstance(v, Tensor):
+        return (_FLOAT, tuple(v.shape)) if v.is_floating_point() else None
+    try:
+        hash(v)
+    except TypeError:
+        return None
+    return v
+
+
+def _unkeyed(v: Any, shape: torch.Size) -> Any:
+    """``_shape_key``'s key back to index arguments (``_index``): tuples stay tuples (ATen
+    takes them for lists), the pairs of a dictionary's key are read by ``_kept_moved``."""
+    if v is _SOURCE:
+        return torch.arange(shape.numel()).reshape(shape)
+    if isinstance(v, tuple) and len(v) == 2 and v[0] is _FLOAT:
+        return torch.full(v[1], -1)
+    if isinstance(v, tuple):
+        return tuple(_unkeyed(item, shape) for item in v)
+    return v
+
+
+@cached(64)
+def _kept_moved(
+    func: Any,
+    key: Any,
+    shape: torch.Size,
+    n: int,
+    w_out: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Shared, ...] | None:
+    """``_moved`` of arguments that ``_shape_key`` gave ``key``: the same for every call of
+    those shapes (kept; its matrix is never written to)."""
+    arguments, keywords = key
+    return _moved(
+        func,
+        _unkeyed(arguments, shape),
+        {name: _unkeyed(v, shape) for name, v in keywords},
+        shape,
+        n,
+        w_out,
+        dtype,
+        device,
+    )
+
+
+def _moved(
+    func: Any,
+    arguments: Any,
+    keywords: dict[str, Any],
+    shape: torch.Size,
+    n: int,
+    w_out: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Shared, ...] | None:
+    """A data-movement op as a 0/1 matrix ``(w_out, w_in)``, found by moving element indices
+    through it on the CPU (a plan never waits for the device): its arguments as ``_index``
+    gives them, where floating constants are ``-1`` (padding too), so every output element
+    names its source in ``x``'s tensor (``shape``, ``n`` samples) or none. ``()`` for the
+    identity on every sample's flattened event (a reshape, a copy); ``None`` where an element
+    moves to another sample."""
+    w_in = shape.numel() // n
+    with host_planning():
+        if func == aten.constant_pad_nd.default:
+            arguments = (*arguments[:2], -1)
+        moved = func(*arguments, **keywords).reshape(n, w_out)
+        samples = torch.arange(n)[:, None]
+        if not bool(((moved < 0) | (moved // w_in == samples)).all()):
+            return None  # an element moved to another sample
+        source_index, kept = moved[0] % w_in, moved[0] >= 0
+        if w_in == w_out and bool(kept.all()) and torch.equal(source_index, torch.arange(w_in)):
+            return ()
+        matrix = torch.zeros(w_out, w_in, dtype=dtype)
+        matrix[torch.arange(w_out)[kept], source_index[kept]] = 1
+    return (Shared(to_device(matrix, device)),)
 
 
 def _is(v: Any, ref: Ref) -> bool:
