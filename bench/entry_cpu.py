@@ -22,7 +22,8 @@ trained; 1.00 and 0.99 timed alike (issue 18).
 
 ``--matrix`` times every cell of the issues' targets instead (issue 19: D = 2, 8, 16, 32, 64 x
 batch 256, 4096; issue 18: tanh FNNs at D = 2, 3, 10, 100 x batch 256, 2048 and KANs at
-D = 2, 3), a few minutes at ``--rounds 3 --budget-ms 20``.
+D = 2, 3), a few minutes at ``--rounds 3 --budget-ms 20``, and the divergence of zuko's own
+CNF velocity at D = 2, 8, 16 (``zuko-cnf-``, where zuko is installed).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def cases(matrix: bool = False) -> list[tuple[str, Calls]]:
             recipes = small_events.recipes(op, train).items()
             calls |= {k: functools.partial(r, net, x) for k, r in recipes}
             out.append((f"{op}-D{d}-B{b}-{'train' if train else 'frozen'}", calls))
+    if matrix:
+        out += _zuko_cases()
     names = [c for c in laplacian_small.CASES if not c.startswith("biharmonic")]
     for name in names if matrix else ("fnn2-256", "fnn3-256", "kan2-256"):
         for train in (False, True):
@@ -83,6 +86,27 @@ def cases(matrix: bool = False) -> list[tuple[str, Calls]]:
                 k: functools.partial(step, methods[k]) for k in LAPLACIAN_BASELINES if k in methods
             }
             out.append((f"lap-{name}-{'train' if train else 'frozen'}", calls))
+    return out
+
+
+def _zuko_cases() -> list[tuple[str, Calls]]:
+    """The divergence of zuko's own CNF velocity (``FFJTransform.f`` at a fixed time: the
+    time's features concatenated to ``x``, an ELU MLP of two hidden layers of 64), which the
+    tanh MLP of issue 19's cells stands for, at D = 2, 8, 16, batch 256; none without zuko."""
+    try:
+        from zuko.flows.continuous import FFJTransform
+    except ImportError:
+        return []
+    out = []
+    for d, train in itertools.product((2, 8, 16), (False, True)):
+        torch.manual_seed(0)
+        transform = FFJTransform(d).requires_grad_(train)
+        velocity = functools.partial(transform.f, torch.tensor(0.3))
+        x = torch.randn(256, d)
+        calls = {"auto": functools.partial(torchdiv.divergence, velocity, x)}
+        recipes = small_events.recipes("divergence", train).items()
+        calls |= {k: functools.partial(r, velocity, x) for k, r in recipes}
+        out.append((f"zuko-cnf-divergence-D{d}-B256-{'train' if train else 'frozen'}", calls))
     return out
 
 

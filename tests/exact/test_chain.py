@@ -4,6 +4,8 @@ parameter gradients and second derivatives against float64 per-sample loops of
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from conftest import (
@@ -62,7 +64,7 @@ def test_chain_gives_the_loop_s_values_and_parameter_gradients(
         del chained[:], chain_traced[:], unit_rows[:]
         got = {op: getattr(torchdiv, op)(net, x) for op in ("divergence", "jacobian_diagonal")}
         got_jac = torchdiv.jacobian(net, x)
-        assert chain_traced == [True] and unit_rows == [True, True], (d, unit_rows)
+        assert chain_traced == [True] and unit_rows == [True, True], (d, chain_traced, unit_rows)
         assert not chained, (d, chained)
         assert_close(got["divergence"], want.sum(-1))
         assert_close(got["jacobian_diagonal"], want)
@@ -225,7 +227,8 @@ def test_the_graph_form_runs_the_caller_s_hooks(chained):
 
 def test_search_tells_every_chain_node() -> None:
     """``walk.CHAIN_NODES`` (search's skip of the chain check) names every formula's node."""
-    assert set(chain._FORMULAS) | {"AccumulateGrad", "TBackward0"} == walk.CHAIN_NODES
+    nodes = {"AccumulateGrad", "TBackward0", "CatBackward0", "ExpandBackward0"}
+    assert set(chain._FORMULAS) | nodes == walk.CHAIN_NODES
 
 
 @pytest.mark.parametrize("op", ["divergence", "jacobian_diagonal"])
@@ -379,3 +382,114 @@ def test_a_larger_graph_that_is_not_a_chain_goes_by_rows_once(monkeypatch):
     for count in (0, 0, 1, 1, 1):
         assert_close(torchdiv.jacobian(f, x), want)
         assert len(plain) == count
+
+
+class _TimeFirst(torch.nn.Module):
+    """FFJORD's ``ConcatLinear`` at every layer: ``Linear(cat([t, h]))``, the time first."""
+
+    def __init__(self, d: int, width: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            [torch.nn.Linear(1 + d, width), torch.nn.Linear(1 + width, d)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.full_like(x[:, :1], 0.3)
+        h = torch.tanh(self.layers[0](torch.cat([t, x], 1)))
+        return self.layers[1](torch.cat([t[:, :1].expand(len(h), 1), h], -1))
+
+
+class _TimeLast(torch.nn.Module):
+    """torchdyn's ``DepthCat``: ``cat([x, t])`` (the time last, a learned embedding of it:
+    a parameter's leaf beside ``x``), then an MLP."""
+
+    def __init__(self, d: int, width: int) -> None:
+        super().__init__()
+        self.time = torch.nn.Parameter(torch.randn(1, 2))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(d + 2, width), torch.nn.Softplus(), torch.nn.Linear(width, d)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, self.time.expand(len(x), 2)], 1))
+
+
+def _zuko_velocity(d: int) -> tuple[torch.nn.Module, Callable]:
+    zuko = pytest.importorskip("zuko")
+    transform = zuko.flows.continuous.FFJTransform(d).double()
+    return transform, lambda z: transform.f(torch.tensor(0.3, dtype=torch.float64), z)
+
+
+TIME_INPUTS = {
+    "zuko": _zuko_velocity,
+    "time first": lambda d: (net := _TimeFirst(d, 8).double(), net),
+    "time last": lambda d: (net := _TimeLast(d, 8).double(), net),
+}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["frozen", "train"])
+@pytest.mark.parametrize("case", list(TIME_INPUTS))
+def test_a_time_input_concatenated_to_x_keeps_the_chain(chain_traced, unit_rows, case, train):
+    """A time input's features concatenated beside ``x`` (zuko's CNF velocity, FFJORD's
+    ``ConcatLinear``, torchdyn's ``DepthCat``; zuko broadcasts ``x`` to its own shape first):
+    the chain holds the concatenation as a slice of its products, so the divergence comes by
+    the trace's cyclicity and the rows from the top layer's; divergence, diagonal and
+    Jacobian at D = 2 and 3 equal the float64 loop of ``autograd.grad`` and ``jacrev``, and
+    so do their parameter gradients."""
+    for d in (2, 3):
+        torch.manual_seed(0)
+        module, f = TIME_INPUTS[case](d)
+        module.requires_grad_(train)
+        x = torch.randn(16, d, dtype=torch.float64)
+        want = loop_diagonal(f, x, create_graph=train)
+        want_jac = reference_jacobian(f, x)
+        for operator in ("divergence", "jacobian_diagonal", "jacobian"):
+            getattr(torchdiv, operator)(f, x)
+        del chain_traced[:], unit_rows[:]
+        got = torchdiv.divergence(f, x)
+        got_diagonal = torchdiv.jacobian_diagonal(f, x)
+        got_jac = torchdiv.jacobian(f, x)
+        assert chain_traced == [True] and unit_rows == [True, True], (d, chain_traced, unit_rows)
+        assert_close(got, want.sum(-1))
+        assert_close(got_diagonal, want)
+        assert_close(got_jac, want_jac)
+        if train:
+            weights = torch.randn_like(want)
+            for ours, theirs in (
+                (got, want.sum(-1)),
+                (got_diagonal * weights, want * weights),
+                (got_jac[:, -1, 0], want_jac[:, -1, 0]),
+            ):
+                assert_same_parameter_gradients(module, ours.square().sum(), theirs.square().sum())
+
+
+NOT_CHAINS = {  # a concatenation or expand the chain cannot place, and x's event size
+    "x in the middle": (lambda z: torch.cat([z[:, :1].detach(), z, z[:, :1].detach()], 1), 2),
+    "two in a row": (lambda z: torch.cat([torch.cat([z, z.detach()], 1)], 1), 2),
+    "x twice": (lambda z: torch.cat([z, z], 1), 2),
+    "expanded from one column": (lambda z: z.expand(len(z), 4), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_CHAINS))
+def test_a_concatenation_the_chain_cannot_place_takes_the_engine(chain_traced, case):
+    """``x`` between two constants (the inputs' sizes are not on the node), a concatenation
+    of a concatenation, ``x`` twice, and an expand that grows a column of ``x``: not a chain
+    (the trace by cyclicity never ran: the engine did), below an MLP; values equal the
+    float64 loop of ``autograd.grad``."""
+    inputs, d = NOT_CHAINS[case]
+    torch.manual_seed(0)
+    x = torch.randn(16, d, dtype=torch.float64)
+    width = inputs(x).shape[1]
+    net = torch.nn.Sequential(
+        torch.nn.Linear(width, 8), torch.nn.Tanh(), torch.nn.Linear(8, d)
+    ).double()
+
+    def f(z):
+        return net(inputs(z))
+
+    want = loop_diagonal(f, x)
+    for _ in range(2):
+        assert_close(torchdiv.divergence(f, x), want.sum(-1))
+        assert_close(torchdiv.jacobian_diagonal(f, x), want)
+    assert not chain_traced, chain_traced

@@ -64,6 +64,8 @@ CHAIN_NODES = frozenset(
     {
         "AccumulateGrad",
         "TBackward0",
+        "CatBackward0",
+        "ExpandBackward0",
         "AddmmBackward0",
         "MmBackward0",
         "TanhBackward0",

@@ -29,7 +29,7 @@ no gradient, or are not caught by any method: ``docs/guide/limitations.md``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch.autograd.function import BackwardCFunction
@@ -87,7 +87,10 @@ _SAVED: dict[str, str] = {
     "ReluBackward0": "_raw_saved_result",
 }
 _DTYPES = (torch.float32, torch.float64)
-_LEAF, _TRANSPOSE, _OTHER = "AccumulateGrad", "TBackward0", None  # (kinds of nodes besides steps)
+# (kinds of nodes besides steps; a concatenation is a step whose slice the walk works out, an
+# expand of x to its own shape none)
+_LEAF, _TRANSPOSE, _OTHER = "AccumulateGrad", "TBackward0", None
+_CAT, _EXPAND = "CatBackward0", "ExpandBackward0"
 Kind = tuple[Step, str, int] | str | None
 # each PyTorch node type's kind for ``chain``, by the type (one C++ class per op): a step (its
 # formula, the attribute of the saved tensor it reads, its input on the chain), a leaf, a
@@ -108,21 +111,22 @@ def _kind(cls: type) -> Kind:
     step = _FORMULAS.get(name)
     if step is not None:
         kind = step, _SAVED.get(name, "_raw_saved_self"), _ON_CHAIN.get(name, 0)
-    elif name in (_LEAF, _TRANSPOSE):
-        kind = _LEAF if name == _LEAF else _TRANSPOSE  # (these very strings: ``is`` below)
+    else:  # (these very strings: ``is`` below)
+        kind = next((k for k in (_LEAF, _TRANSPOSE, _CAT, _EXPAND) if k == name), _OTHER)
     _KINDS[cls] = kind
     return kind
 
 
 def _off_chain(node: Any, x: torch.Tensor, met: set[type]) -> bool:
     """Whether an input of a chain node that is not on the chain surely does not reach ``x``:
-    nothing, a leaf other than ``x``, or the transpose of one (``Linear``'s weight); the types
+    nothing, a leaf other than ``x``, or the transpose of one (``Linear``'s weight) or an
+    expand of one (a time embedding's parameter beside ``x``); the types
     of the nodes met added to ``met``."""
     if node is None:
         return True
     cls = type(node)
     kind = _kind(cls)
-    if kind is _TRANSPOSE:
+    if kind is _TRANSPOSE or kind is _EXPAND:  # (a time embedding's parameter, expanded)
         met.add(cls)
         ((node, _),) = node.next_functions
         if node is None:
@@ -167,14 +171,31 @@ def chain(
         if node is end:
             if not (nr == at and steps):
                 return None
-            return _found(steps, met, True, found, guarded)  # (x's history: others)
+            sliced = _sliced(steps, y, x)
+            return None if sliced is None else _found(sliced, met, True, found, guarded)
         kind = _kind(type(node))
+        if kind is _CAT:  # (its slice once the walk is done: ``_sliced``)
+            on = _cat_input(node, x, met)
+            if on is None:
+                return None
+            steps.append((_narrow, on))
+            node, nr = node.next_functions[on]
+            continue
+        if kind is _EXPAND:  # (x broadcast to its own shape: zuko's time input beside it)
+            if not _unexpanded(node, x, y):
+                return None
+            met.add(type(node))
+            ((node, nr),) = node.next_functions
+            if node is not end and not (node is not None and getattr(node, "variable", None) is x):
+                return None  # (only x itself: no other tensor's shape is known here)
+            continue
         if type(kind) is not tuple:
             if not (steps and kind is _LEAF and node.variable is x):
                 return None
             others = any(_kind(t) is _LEAF for t in met)  # (a parameter's leaf, before x's)
             met.add(type(node))
-            return _found(steps, met, others, found, guarded)
+            sliced = _sliced(steps, y, x)
+            return None if sliced is None else _found(sliced, met, others, found, guarded)
         step, saved, on = kind
         if getattr(node, saved).unpack_hook is not None:
             return None  # (a checkpoint's: each read outside a pass would recompute its region)
@@ -185,6 +206,80 @@ def chain(
         steps.append((step, node))
         node, nr = edges[on]
     return None
+
+
+def _cat_input(node: Any, x: torch.Tensor, met: set[type]) -> int | None:
+    """The one input of a concatenation (``CatBackward0``) on the chain, where it is its first
+    or last and the concatenation runs along the last dimension (a time input's features
+    beside ``x``: zuko's, FFJORD's ``ConcatLinear``, torchdyn's ``DepthCat``): the others
+    surely do not reach ``x`` (``_off_chain``). ``None`` otherwise. The inputs' sizes are not
+    kept on the node: only the first or the last one's place follows from its size."""
+    dim = node._saved_dim  # (an int64 read as unsigned: -1 is 2**64 - 1)
+    last = x.dim() - 1
+    if last < 1 or (dim - (1 << 64) if dim >= 1 << 63 else dim) % x.dim() != last:
+        return None
+    edges = node.next_functions
+    met.add(type(node))
+    on = [i for i, (other, _) in enumerate(edges) if not _off_chain(other, x, met)]
+    if len(on) != 1 or on[0] not in (0, len(edges) - 1):
+        return None
+    return -1 if on[0] and len(edges) > 1 else 0  # (which end: resolved by ``_sliced``)
+
+
+def _unexpanded(node: Any, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether an ``expand`` (``ExpandBackward0``) of ``x`` leaves it as it is: from ``x``'s
+    shape, none of whose sizes is 1 (a size-1 dimension could grow: its product a sum), to as
+    many dimensions (``y`` has ``x``'s: the chain's steps keep them), so to ``x``'s shape."""
+    return (
+        y.dim() == x.dim()
+        and min(x.shape, default=0) > 1
+        and tuple(node._saved_self_sym_sizes) == tuple(x.shape)
+    )
+
+
+class _Slice(NamedTuple):
+    """A concatenation's product for its input on the chain: ``g[..., start:start + width]``."""
+
+    start: int
+    width: int
+
+
+def _narrow(g: torch.Tensor, at: _Slice) -> torch.Tensor:
+    return g.narrow(-1, at.start, at.width)
+
+
+def _sliced(
+    steps: list[tuple[Step, Any]], y: torch.Tensor, x: torch.Tensor
+) -> list[tuple[Step, Any]] | None:
+    """``steps`` with each concatenation's end (``_cat_input``: ``0`` first, ``-1`` last) made
+    its ``_Slice``: the width reaching it from ``y`` down, the width it passes on from ``x``
+    up (a linear step's ``(in, out)`` matrix turns one into the other; activations keep it).
+    ``None`` where a width cannot be told (two concatenations in a row)."""
+    if all(step is not _narrow for step, _ in steps):
+        return steps
+    shapes = [node._saved_mat2.shape if step in (_addmm, _mm) else None for step, node in steps]
+    n = len(steps)
+    reaching: list[int | None] = [None] * n  # the width of the products reaching each step
+    width: int | None = y.shape[-1]
+    for i, (step, _) in enumerate(steps):
+        reaching[i] = width
+        matrix = shapes[i]
+        width = matrix[0] if matrix is not None else None if step is _narrow else width
+    passed: list[int | None] = [None] * n  # the width of those it passes on
+    width = x.shape[-1]
+    for i in range(n - 1, -1, -1):
+        passed[i] = width
+        matrix = shapes[i]
+        width = matrix[1] if matrix is not None else None if steps[i][0] is _narrow else width
+    out = list(steps)
+    for i, (step, end) in enumerate(steps):
+        total, part = reaching[i], passed[i]
+        if step is not _narrow:
+            continue
+        if total is None or part is None or part > total:
+            return None
+        out[i] = (_narrow, _Slice(0 if end == 0 else total - part, part))
+    return out
 
 
 def _found(
@@ -199,7 +294,7 @@ def _found(
     or ``met``'s types is ``guarded`` (each type looked up once)."""
     if found is not None:
         found.others = others
-        types = met.union(type(node) for _, node in steps)
+        types = met.union(type(node) for step, node in steps if step is not _narrow)
         found.guarded = bool(guarded) and any(is_guarded(t, guarded) for t in types)
     return steps
 
@@ -240,7 +335,14 @@ def trace(steps: list[tuple[Step, Any]], y: torch.Tensor) -> torch.Tensor | None
     width = y.shape[1]
     for step, node in steps:
         last = factors[-1] if factors else None
-        if step is _addmm or step is _mm:
+        if step is _narrow:  # (a concatenation: the columns of x's part, an (out, in) matrix)
+            columns = slice(node.start, node.start + node.width)
+            if isinstance(last, torch.Tensor):
+                factors[-1] = last[:, columns]
+            else:
+                factors.append(torch.eye(width, dtype=y.dtype, device=y.device)[:, columns])
+            width = node.width
+        elif step is _addmm or step is _mm:
             mat2 = node._saved_mat2  # (in, out)
             matrix = mat2.t()
             if step is _addmm and node._saved_alpha != 1:
@@ -295,8 +397,14 @@ def unit_products(
     products are its matrix's rows, the same for every sample (no basis, no product with
     it); the activation's formula, an elementwise ATen op of the rows ``(k, 1, h)`` and its
     saved ``(N, h)`` tensor, broadcasts them to a tensor of their own (each view op of an
-    ``expand`` costs ~1 us: 4 of a D = 2 diagonal's call). Else ``None``."""
-    if y.dim() != 2 or len(steps) < 2 or steps[1][0] in (_addmm, _mm):
+    ``expand`` costs ~1 us: 4 of a D = 2 diagonal's call); a concatenation's slice between
+    them (a time input beside the activation's output) keeps the rows' part. Else ``None``."""
+    if y.dim() != 2 or len(steps) < 2:
+        return None
+    below = steps[1][0]
+    if below is _narrow:
+        below = next((step for step, _ in steps[2:] if step is not _narrow), None)
+    if below is None or below is _addmm or below is _mm:
         return None
     step, node = steps[0]
     if step is not _addmm and step is not _mm:
