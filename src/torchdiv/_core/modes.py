@@ -588,7 +588,8 @@ class _Held:
 
 
 _STANCE = _Held()  # Dynamo's stance, "force_eager" while torchdiv runs f
-# ``torch.nn.utils.parametrize.cached()``'s cache, off while torchdiv runs f (``_uncached``)
+# ``torch.nn.utils.parametrize.cached()``'s cache, read-only while torchdiv runs f
+# (``_uncached``)
 _PARAMETRIZE = _Held()
 _FASTPATH = _Held()  # nn.MultiheadAttention's fast path, off while torchdiv runs f
 # scaled_dot_product_attention's backends (process-wide flags), the math one alone meanwhile
@@ -617,7 +618,7 @@ class CompiledCodeEager(contextlib.ContextDecorator):
     leave, in whatever order they leave (``_Unoptimized``); an executor that optimized its plan
     already ignores it (``torchdiv._core.script.forget_plans``).
 
-    ``torch.nn.utils.parametrize.cached()``'s cache is off too (``_uncached``).
+    ``torch.nn.utils.parametrize.cached()``'s cache is read-only too (``_uncached``).
     """
 
     def _recreate_cm(self) -> CompiledCodeEager:  # a decorated function: one per call
@@ -682,26 +683,58 @@ _executor_optimizes = torch._C._get_graph_executor_optimize
 _set_executor_optimizes = torch._C._set_graph_executor_optimize
 
 
-def _uncached() -> int:
-    """Turn ``parametrize.cached()``'s cache off; return how many blocks had it on.
+class _ReadOnly(dict[tuple[int, str], Any]):
+    """``parametrize.cached()``'s cache while torchdiv runs ``f`` (``_uncached``): the weights
+    cached before the call are read; one ``f`` computes is kept aside (``made``, the first
+    evaluation's), not read by a later evaluation."""
+
+    def __init__(self, cache: dict[tuple[int, str], Any]) -> None:
+        super().__init__(cache)
+        self.made: dict[tuple[int, str], Any] = {}
+
+    def __setitem__(self, key: tuple[int, str], value: Any) -> None:
+        self.made.setdefault(key, value)
+
+
+def _uncached() -> dict[tuple[int, str], Any]:
+    """Make ``parametrize.cached()``'s cache read-only; return the cache itself.
 
     A parametrized weight (``weight_norm``, ``orthogonal``) first computed inside the
     engines' ``torch.func`` transforms was kept there, a transform's wrapper: a later
     evaluation's nested transforms (forward over reverse, a chunk or a call later) failed
-    PyTorch's internal assert ("level <= current_level"). With the cache off, each evaluation
-    computes its weights, as without ``cached()``. The blocks are counted off, not set to 0, so
-    that a block left meanwhile (``f``'s own, another thread's) counts right when put back."""
-    blocks = int(_parametrize._cache_enabled)
-    _parametrize._cache_enabled -= blocks
-    return blocks
+    PyTorch's internal assert ("level <= current_level"). So a weight ``f`` computes inside
+    the call is not read by its later evaluations: each computes it, as without
+    ``cached()``, from the state the first found (``_exact.state``). One cached before the
+    call is read, as a plain evaluation inside the block reads it, and one the call computed
+    is cached after it (``_recached``) for the block's later forwards: with the cache off
+    (until optim27), a training step that ran the model's forward and torchdiv in one block
+    differentiated two weights where computing one changes state (a train-mode
+    ``parametrizations.spectral_norm`` ran its power iteration once more: a divergence 8e-7
+    off, parameter gradients 2e-5, ``u`` and ``v`` 2e-3, in either order)."""
+    cache = _parametrize._cache
+    _parametrize._cache = _ReadOnly(cache)
+    return cache
 
 
-def _recached(blocks: int) -> None:
-    """Put ``_uncached``'s blocks back; an empty count clears the cache, as ``cached()``
-    does when its last block leaves."""
-    _parametrize._cache_enabled += blocks
+def _recached(cache: dict[tuple[int, str], Any]) -> None:
+    """Put ``_uncached``'s cache back (unless the last ``cached()`` block left meanwhile,
+    another thread's, which emptied it), with the weights the call computed that it lacks,
+    as a plain evaluation would have cached them: what the transforms' dead wrappers wrap
+    (one that cannot be told, a ``vmap``'s, is left out: the next forward computes it);
+    detached under the caller's ``no_grad``."""
+    held = _parametrize._cache
+    if type(held) is not _ReadOnly:
+        return
     if not _parametrize._cache_enabled:
         _parametrize._cache = {}
+        return
+    from torchdiv._exact.attributes import plain  # (which imports this module)
+
+    for key, value in held.made.items():
+        value = plain(value) if isinstance(value, torch.Tensor) else None
+        if key not in cache and value is not None:
+            cache[key] = value if torch.is_grad_enabled() else value.detach()
+    _parametrize._cache = cache
 
 
 def _put_stance(prior: Any) -> None:
