@@ -147,3 +147,18 @@ def test_a_weight_cached_by_a_call_under_no_grad_is_detached():
         with torch.no_grad():
             torchdiv.divergence(net, x)
         assert parametrize._cache and not any(t.requires_grad for t in parametrize._cache.values())
+
+
+def test_a_check_caches_no_weight_its_state_contradicts():
+    """``check_batch_independence`` puts ``f``'s state back (the vectors as before): the
+    block's next forward runs the power iteration itself, as after no call at all."""
+    net, once = _model(), _model()
+    x = torch.randn(B, D, dtype=f64)
+    with parametrize.cached():
+        torchdiv.check_batch_independence(net, x)
+        y = net(x)
+    with parametrize.cached():
+        y_want = once(x)
+    assert_close(y, y_want)
+    for name, buffer in once.named_buffers():
+        assert torch.equal(net.get_buffer(name), buffer), name

@@ -716,6 +716,16 @@ def _uncached() -> dict[tuple[int, str], Any]:
     return cache
 
 
+def forget_computed_weights() -> None:
+    """The parametrized weights this call's evaluations computed are not cached after it: their
+    state was put back (``_exact.state.Changes.undo``; ``check_batch_independence`` leaves
+    ``f``'s state as before, a spectral norm's vectors too, which a weight cached from its
+    evaluation would contradict); a later evaluation computes them again."""
+    held = _parametrize._cache
+    if type(held) is _ReadOnly:
+        held.made.clear()
+
+
 def _recached(cache: dict[tuple[int, str], Any]) -> None:
     """Put ``_uncached``'s cache back (unless the last ``cached()`` block left meanwhile,
     another thread's, which emptied it), with the weights the call computed that it lacks,

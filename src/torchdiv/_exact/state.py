@@ -23,7 +23,7 @@ import torch
 from torch._C._autograd import _unsafe_set_version_counter
 
 from torchdiv._core.generators import GLOBALS
-from torchdiv._core.modes import DispatchMode
+from torchdiv._core.modes import DispatchMode, forget_computed_weights
 from torchdiv._core.settings import Settings
 from torchdiv._exact.attributes import PlainAttributes, unwrap_between_evaluations
 from torchdiv._taylor.capture import _BATCH_NORMS, _storage, _written, lifted
@@ -212,8 +212,10 @@ class Changes(DispatchMode):
         self._put(before=True, generators=False)
 
     def undo(self) -> None:
-        """Put back the state from before the first watched evaluation."""
+        """Put back the state from before the first watched evaluation (and forget the
+        parametrized weights computed from it: ``forget_computed_weights``)."""
         self._put(before=True)
+        forget_computed_weights()
 
     def _put(self, before: bool, generators: bool = True) -> None:
         after = None if before else self.after
