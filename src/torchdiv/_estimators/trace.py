@@ -316,7 +316,8 @@ def estimate_trace(
     forward; a dropout), every call starts from the state the first found, as ``f``'s
     evaluations do in ``divergence``: each sees one operator (the same power iteration, the
     same dropout mask), and the call leaves the buffers, the random generators and the
-    plain values of the modules ``matmat`` reaches as one evaluation did (each call ran
+    plain values of the modules ``matmat`` reaches as one evaluation did (a count of products
+    kept on such a module, ``self.calls += 1``, moves once per estimate; each call ran
     ``g``'s power iteration once more until optim27: chunks of one estimate saw different
     operators, 2-14% off).
 
