@@ -162,3 +162,50 @@ def test_a_check_caches_no_weight_its_state_contradicts():
     assert_close(y, y_want)
     for name, buffer in once.named_buffers():
         assert torch.equal(net.get_buffer(name), buffer), name
+
+
+class _Recurrent(nn.Module):
+    """A recurrent cell whose recurrent weight has a train-mode spectral norm, applied three
+    times inside its own ``cached()`` block (the weight, and its power iteration, once per
+    forward), as RNNs with parametrized weights are written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.rec, self.out = nn.Linear(D, 8), nn.Linear(8, 8, bias=False), nn.Linear(8, D)
+        nn.utils.parametrizations.spectral_norm(self.rec)
+        self.to(f64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with parametrize.cached():
+            h = torch.tanh(self.inp(x))
+            for _ in range(3):
+                h = torch.tanh(self.rec(h) + self.inp(x))
+            return self.out(h)
+
+
+@pytest.mark.parametrize("case", ["divergence-auto", "divergence-forward", "divergence-reverse"])
+@pytest.mark.parametrize("first", [True, False])
+def test_f_s_own_cached_block_inside_the_caller_s(case: str, first: bool):
+    """``f``'s own block inside the caller's: each evaluation computes the recurrent weight
+    once and reads it at every step (with the writes dropped, every step ran the power
+    iteration again; with the cache off, as before optim27, the block's forward and the
+    call computed two weights: 5e-3 off in the parameters after four Adam steps)."""
+    _, call, reference = CASES[case]
+    x = torch.randn(B, D, dtype=f64, generator=torch.Generator().manual_seed(1))
+    out = []
+    for operator in (call, reference):
+        net = _Recurrent()
+        with parametrize.cached():
+            y = net(x) if first else None
+            value = operator(net, x)
+            y = net(x) if y is None else y
+            loss = value.square().sum() + y.square().sum()
+            grads = torch.autograd.grad(loss, list(net.parameters()))
+        out.append((value.detach(), grads, {k: v.clone() for k, v in net.named_buffers()}))
+    (value, grads, buffers), (want, want_grads, want_buffers) = out
+    assert_close(value, want)
+    for a, b in zip(grads, want_grads, strict=True):
+        assert_close(a, b)
+    for name, buffer in want_buffers.items():
+        assert torch.equal(buffers[name], buffer), name

@@ -21,7 +21,12 @@ from typing import Any, TypeVar, cast
 import torch
 import torch.nn.utils.parametrize as _parametrize
 from torch._C._dynamo.eval_frame import get_eval_frame_callback
-from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
+from torch._C._functorch import (
+    get_unwrapped,
+    is_batchedtensor,
+    is_functorch_wrapped_tensor,
+    maybe_get_level,
+)
 from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules import module as _module_hooks
@@ -685,15 +690,25 @@ _set_executor_optimizes = torch._C._set_graph_executor_optimize
 
 class _ReadOnly(dict[tuple[int, str], Any]):
     """``parametrize.cached()``'s cache while torchdiv runs ``f`` (``_uncached``): the weights
-    cached before the call are read; one ``f`` computes is kept aside (``made``, the first
-    evaluation's), not read by a later evaluation."""
+    cached before the call, read; and those ``f``'s evaluations compute (``made``), read by
+    the same evaluation (``f``'s own ``cached()`` block: an RNN's recurrent weight, once per
+    forward) until ``f``'s state is put back for another evaluation
+    (``forget_computed_weights``), never as a transform's dead wrapper."""
 
     def __init__(self, cache: dict[tuple[int, str], Any]) -> None:
         super().__init__(cache)
         self.made: dict[tuple[int, str], Any] = {}
 
+    def get(self, key: tuple[int, str], default: Any = None) -> Any:  # type: ignore[override]
+        if key in self:
+            return self[key]
+        made = self.made.get(key)
+        if made is None or maybe_get_level(made) == -2:  # (a transform's that has ended)
+            return default
+        return made
+
     def __setitem__(self, key: tuple[int, str], value: Any) -> None:
-        self.made.setdefault(key, value)
+        self.made[key] = value
 
 
 def _uncached() -> dict[tuple[int, str], Any]:
@@ -703,10 +718,10 @@ def _uncached() -> dict[tuple[int, str], Any]:
     engines' ``torch.func`` transforms was kept there, a transform's wrapper: a later
     evaluation's nested transforms (forward over reverse, a chunk or a call later) failed
     PyTorch's internal assert ("level <= current_level"). So a weight ``f`` computes inside
-    the call is not read by its later evaluations: each computes it, as without
-    ``cached()``, from the state the first found (``_exact.state``). One cached before the
-    call is read, as a plain evaluation inside the block reads it, and one the call computed
-    is cached after it (``_recached``) for the block's later forwards: with the cache off
+    the call is read by that evaluation alone: each evaluation computes it from the state
+    the first found (``_exact.state``). One cached before the call is read, as a plain
+    evaluation inside the block reads it, and one the call computed is cached after it
+    (``_recached``) for the block's later forwards: with the cache off
     (until optim27), a training step that ran the model's forward and torchdiv in one block
     differentiated two weights where computing one changes state (a train-mode
     ``parametrizations.spectral_norm`` ran its power iteration once more: a divergence 8e-7
@@ -717,10 +732,12 @@ def _uncached() -> dict[tuple[int, str], Any]:
 
 
 def forget_computed_weights() -> None:
-    """The parametrized weights this call's evaluations computed are not cached after it: their
-    state was put back (``_exact.state.Changes.undo``; ``check_batch_independence`` leaves
-    ``f``'s state as before, a spectral norm's vectors too, which a weight cached from its
-    evaluation would contradict); a later evaluation computes them again."""
+    """The parametrized weights the call's evaluations computed so far are forgotten: the
+    state they were computed from was put back (``_exact.state.Changes``, the recording's
+    ``put_back``), for another evaluation, which computes them again (it read them: its
+    power iteration did not run, and it left ``u``, ``v`` as they were put back), or for
+    good (``check_batch_independence`` leaves ``f``'s state as before, which a weight cached
+    after the call would contradict)."""
     held = _parametrize._cache
     if type(held) is _ReadOnly:
         held.made.clear()
@@ -728,8 +745,9 @@ def forget_computed_weights() -> None:
 
 def _recached(cache: dict[tuple[int, str], Any]) -> None:
     """Put ``_uncached``'s cache back (unless the last ``cached()`` block left meanwhile,
-    another thread's, which emptied it), with the weights the call computed that it lacks,
-    as a plain evaluation would have cached them: what the transforms' dead wrappers wrap
+    another thread's, which emptied it), with the weights the call's last evaluation
+    computed that it lacks, as a plain evaluation would have cached them (the state after
+    the call is the last evaluation's): what the transforms' dead wrappers wrap
     (one that cannot be told, a ``vmap``'s, is left out: the next forward computes it);
     detached under the caller's ``no_grad``."""
     held = _parametrize._cache

@@ -212,10 +212,8 @@ class Changes(DispatchMode):
         self._put(before=True, generators=False)
 
     def undo(self) -> None:
-        """Put back the state from before the first watched evaluation (and forget the
-        parametrized weights computed from it: ``forget_computed_weights``)."""
+        """Put back the state from before the first watched evaluation."""
         self._put(before=True)
-        forget_computed_weights()
 
     def _put(self, before: bool, generators: bool = True) -> None:
         after = None if before else self.after
@@ -229,6 +227,7 @@ class Changes(DispatchMode):
         # whose ``.data`` ``f`` then replaced goes back into its storage from before)
         if before:
             self.settings.put_back()
+            forget_computed_weights()  # (computed from the state put back)
         pairs = list(zip(self.written, values, strict=True))
         with torch.no_grad(), torch._C._DisableFuncTorch():
             for (tensor, _, view), value in reversed(pairs):
