@@ -149,3 +149,27 @@ def test_the_tolerance_mode_s_blocks_see_one_operator():
     assert_close(est.value, want.value)
     for name, buffer in once.named_buffers():
         assert_close(g.get_buffer(name), buffer)
+
+
+def test_a_functional_power_series_inside_parametrize_cached():
+    """Inside ``parametrize.cached()`` with a train-mode ``parametrizations.spectral_norm``:
+    the second ``matmat`` call read the weight the first cached, skipped the power iteration
+    and was refused ("f wrote other values"); now every call computes it from the state the
+    first found, the estimate is the hand sum on one evaluation in the block, and the weight
+    is cached for the block's next forward."""
+    x, probes = _inputs()
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(D, 16), nn.ELU(), nn.Linear(16, D)).to(f64).train()
+    nn.utils.parametrizations.spectral_norm(g[0])
+    once = copy.deepcopy(g)
+    with nn.utils.parametrize.cached():
+        est = torchdiv.estimate_trace(_functional(g, x), x, probes=probes, chunk_size=2)
+        y = g(x)
+    with nn.utils.parametrize.cached():
+        z = x.detach().requires_grad_(True)
+        want = (_series(once(z), z, probes) * probes).sum(-1).mean(0)
+        y_want = once(x)
+    assert_close(est.value, want)
+    assert_close(y, y_want)
+    for name, buffer in once.named_buffers():
+        assert torch.equal(g.get_buffer(name), buffer), name

@@ -765,6 +765,24 @@ def _recached(cache: dict[tuple[int, str], Any]) -> None:
     _parametrize._cache = cache
 
 
+@contextlib.contextmanager
+def cache_read_only() -> Iterator[None]:
+    """``parametrize.cached()``'s cache read-only (``_uncached``), as inside a public call of
+    ``f``, for a function torchdiv calls several times outside one (``estimate_trace``'s
+    ``matmat``): each call starts from the state the first found, so one that read the
+    weight the first computed (its power iteration skipped) wrote other values than the
+    first and was refused ("f wrote other values")."""
+    held = bool(_parametrize._cache_enabled or _PARAMETRIZE.count)
+    held = held and not torch.compiler.is_compiling()
+    if held:
+        _PARAMETRIZE.enter(_uncached)
+    try:
+        yield
+    finally:
+        if held:
+            _PARAMETRIZE.exit(_recached)
+
+
 def _put_stance(prior: Any) -> None:
     frames: Any = sys.modules["torch._dynamo.eval_frame"]
     frames._stance = prior

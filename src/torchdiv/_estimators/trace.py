@@ -9,6 +9,7 @@ vectors are ``(k, N, n)`` (see ``torchdiv._estimators.sketch``), in at least flo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -33,6 +34,7 @@ from torchdiv._core.checks import (
     check_tolerance,
     event_numel,
 )
+from torchdiv._core.modes import cache_read_only
 from torchdiv._estimators import bekas as _bekas
 from torchdiv._estimators.probes import PROBES, draw
 from torchdiv._estimators.registry import ESTIMATORS, STOCHASTIC_METHODS, Matmat, num_vectors
@@ -390,7 +392,8 @@ def estimate_trace(
     once = Once(like, several=several)
     try:
         op = flat_operator(fn, once(matmat), like, batch_dims, chunk_size)
-        return once.undoing(lambda: run(s, op, like, batch_dims))
+        with cache_read_only() if several else contextlib.nullcontext():
+            return once.undoing(lambda: run(s, op, like, batch_dims))
     finally:
         calls.close()
 
