@@ -331,7 +331,7 @@ CALLS: list[tuple[str, str, str, Callable[..., Any]]] = [
 ]
 
 GRAPH = {"graph_divergence", "graph_jacobian", "graph_laplacian"}
-MANY = {"flows.log_likelihood", "estimate_trace"}  # evaluate f many times by design
+MANY = {"flows.log_likelihood"}  # evaluates f many times by design
 
 
 def make_x(variant: str, x_rg: bool) -> torch.Tensor:

@@ -783,7 +783,9 @@ def test_parametrized_weights_inside_parametrize_cached(method, chunk_size):
     first computed under the engines' transforms was cached as a transform's wrapper, and
     the next chunk's or call's nested transforms failed PyTorch's internal assert ("level <=
     current_level"). Values and parameter gradients of two calls against the grad-of-grad
-    loop; the block's own forward after them, and its gradients, as a plain one's."""
+    loop; the block's own forward after them, and its gradients, as a plain one's. The block
+    computes the weight once (the first call's, cached since optim27, as a plain forward's):
+    each backward pass but the last through it retains its graph, as plain code must."""
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.utils.parametrizations.weight_norm(nn.Linear(3, 8)), nn.Tanh(), nn.Linear(8, 1)
@@ -798,7 +800,7 @@ def test_parametrized_weights_inside_parametrize_cached(method, chunk_size):
             lap = torchdiv.laplacian(net, x, method=method, chunk_size=chunk_size)[:, 0]
             assert_close(lap, want)
             grads = torch.autograd.grad(
-                lap.sum(), params, allow_unused=True, materialize_grads=True
+                lap.sum(), params, allow_unused=True, materialize_grads=True, retain_graph=True
             )
             for a, b in zip(grads, want_grads, strict=True):
                 assert_close(a, b)

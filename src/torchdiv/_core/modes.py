@@ -21,7 +21,12 @@ from typing import Any, TypeVar, cast
 import torch
 import torch.nn.utils.parametrize as _parametrize
 from torch._C._dynamo.eval_frame import get_eval_frame_callback
-from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
+from torch._C._functorch import (
+    get_unwrapped,
+    is_batchedtensor,
+    is_functorch_wrapped_tensor,
+    maybe_get_level,
+)
 from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules import module as _module_hooks
@@ -588,7 +593,8 @@ class _Held:
 
 
 _STANCE = _Held()  # Dynamo's stance, "force_eager" while torchdiv runs f
-# ``torch.nn.utils.parametrize.cached()``'s cache, off while torchdiv runs f (``_uncached``)
+# ``torch.nn.utils.parametrize.cached()``'s cache, read-only while torchdiv runs f
+# (``_uncached``)
 _PARAMETRIZE = _Held()
 _FASTPATH = _Held()  # nn.MultiheadAttention's fast path, off while torchdiv runs f
 # scaled_dot_product_attention's backends (process-wide flags), the math one alone meanwhile
@@ -617,7 +623,7 @@ class CompiledCodeEager(contextlib.ContextDecorator):
     leave, in whatever order they leave (``_Unoptimized``); an executor that optimized its plan
     already ignores it (``torchdiv._core.script.forget_plans``).
 
-    ``torch.nn.utils.parametrize.cached()``'s cache is off too (``_uncached``).
+    ``torch.nn.utils.parametrize.cached()``'s cache is read-only too (``_uncached``).
     """
 
     def _recreate_cm(self) -> CompiledCodeEager:  # a decorated function: one per call
@@ -682,26 +688,99 @@ _executor_optimizes = torch._C._get_graph_executor_optimize
 _set_executor_optimizes = torch._C._set_graph_executor_optimize
 
 
-def _uncached() -> int:
-    """Turn ``parametrize.cached()``'s cache off; return how many blocks had it on.
+class _ReadOnly(dict[tuple[int, str], Any]):
+    """``parametrize.cached()``'s cache while torchdiv runs ``f`` (``_uncached``): the weights
+    cached before the call, read; and those ``f``'s evaluations compute (``made``), read by
+    the same evaluation (``f``'s own ``cached()`` block: an RNN's recurrent weight, once per
+    forward) until ``f``'s state is put back for another evaluation
+    (``forget_computed_weights``), never as a transform's dead wrapper."""
+
+    def __init__(self, cache: dict[tuple[int, str], Any]) -> None:
+        super().__init__(cache)
+        self.made: dict[tuple[int, str], Any] = {}
+
+    def get(self, key: tuple[int, str], default: Any = None) -> Any:  # type: ignore[override]
+        if key in self:
+            return self[key]
+        made = self.made.get(key)
+        if made is None or maybe_get_level(made) == -2:  # (a transform's that has ended)
+            return default
+        return made
+
+    def __setitem__(self, key: tuple[int, str], value: Any) -> None:
+        self.made[key] = value
+
+
+def _uncached() -> dict[tuple[int, str], Any]:
+    """Make ``parametrize.cached()``'s cache read-only; return the cache itself.
 
     A parametrized weight (``weight_norm``, ``orthogonal``) first computed inside the
     engines' ``torch.func`` transforms was kept there, a transform's wrapper: a later
     evaluation's nested transforms (forward over reverse, a chunk or a call later) failed
-    PyTorch's internal assert ("level <= current_level"). With the cache off, each evaluation
-    computes its weights, as without ``cached()``. The blocks are counted off, not set to 0, so
-    that a block left meanwhile (``f``'s own, another thread's) counts right when put back."""
-    blocks = int(_parametrize._cache_enabled)
-    _parametrize._cache_enabled -= blocks
-    return blocks
+    PyTorch's internal assert ("level <= current_level"). So a weight ``f`` computes inside
+    the call is read by that evaluation alone: each evaluation computes it from the state
+    the first found (``_exact.state``). One cached before the call is read, as a plain
+    evaluation inside the block reads it, and one the call computed is cached after it
+    (``_recached``) for the block's later forwards: with the cache off
+    (until optim27), a training step that ran the model's forward and torchdiv in one block
+    differentiated two weights where computing one changes state (a train-mode
+    ``parametrizations.spectral_norm`` ran its power iteration once more: a divergence 8e-7
+    off, parameter gradients 2e-5, ``u`` and ``v`` 2e-3, in either order)."""
+    cache = _parametrize._cache
+    _parametrize._cache = _ReadOnly(cache)
+    return cache
 
 
-def _recached(blocks: int) -> None:
-    """Put ``_uncached``'s blocks back; an empty count clears the cache, as ``cached()``
-    does when its last block leaves."""
-    _parametrize._cache_enabled += blocks
+def forget_computed_weights() -> None:
+    """The parametrized weights the call's evaluations computed so far are forgotten: the
+    state they were computed from was put back (``_exact.state.Changes``, the recording's
+    ``put_back``), for another evaluation, which computes them again (it read them: its
+    power iteration did not run, and it left ``u``, ``v`` as they were put back), or for
+    good (``check_batch_independence`` leaves ``f``'s state as before, which a weight cached
+    after the call would contradict)."""
+    held = _parametrize._cache
+    if type(held) is _ReadOnly:
+        held.made.clear()
+
+
+def _recached(cache: dict[tuple[int, str], Any]) -> None:
+    """Put ``_uncached``'s cache back (unless the last ``cached()`` block left meanwhile,
+    another thread's, which emptied it), with the weights the call's last evaluation
+    computed that it lacks, as a plain evaluation would have cached them (the state after
+    the call is the last evaluation's): what the transforms' dead wrappers wrap
+    (one that cannot be told, a ``vmap``'s, is left out: the next forward computes it);
+    detached under the caller's ``no_grad``."""
+    held = _parametrize._cache
+    if type(held) is not _ReadOnly:
+        return
     if not _parametrize._cache_enabled:
         _parametrize._cache = {}
+        return
+    from torchdiv._exact.attributes import plain  # (which imports this module)
+
+    for key, value in held.made.items():
+        value = plain(value) if isinstance(value, torch.Tensor) else None
+        if key not in cache and value is not None:
+            cache[key] = value if torch.is_grad_enabled() else value.detach()
+    _parametrize._cache = cache
+
+
+@contextlib.contextmanager
+def cache_read_only() -> Iterator[None]:
+    """``parametrize.cached()``'s cache read-only (``_uncached``), as inside a public call of
+    ``f``, for a function torchdiv calls several times outside one (``estimate_trace``'s
+    ``matmat``): each call starts from the state the first found, so one that read the
+    weight the first computed (its power iteration skipped) wrote other values than the
+    first and was refused ("f wrote other values")."""
+    held = bool(_parametrize._cache_enabled or _PARAMETRIZE.count)
+    held = held and not torch.compiler.is_compiling()
+    if held:
+        _PARAMETRIZE.enter(_uncached)
+    try:
+        yield
+    finally:
+        if held:
+            _PARAMETRIZE.exit(_recached)
 
 
 def _put_stance(prior: Any) -> None:

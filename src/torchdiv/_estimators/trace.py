@@ -9,6 +9,7 @@ vectors are ``(k, N, n)`` (see ``torchdiv._estimators.sketch``), in at least flo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -33,11 +34,14 @@ from torchdiv._core.checks import (
     check_tolerance,
     event_numel,
 )
+from torchdiv._core.modes import cache_read_only
 from torchdiv._estimators import bekas as _bekas
 from torchdiv._estimators.probes import PROBES, draw
 from torchdiv._estimators.registry import ESTIMATORS, STOCHASTIC_METHODS, Matmat, num_vectors
 from torchdiv._estimators.result import Estimate
 from torchdiv._estimators.sketch import Operator, Reduce, standard_error
+from torchdiv._exact.attributes import PlainAttributes, modules_of
+from torchdiv._exact.state import Once
 
 MAX_PROBES = 1000
 
@@ -306,6 +310,19 @@ def estimate_trace(
     6 x 6 matrix at ``rtol=0.1``, +1.4% of the trace over 1500 calls, a seventh of the
     target error). Give ``num_probes`` alone where unbiasedness matters (a training loss).
 
+    ``matmat`` is called once per chunk of vectors, twice or more by Hutch++ and XTrace (the
+    sketch, then the residual probes) and once per block in the tolerance mode. Where it
+    evaluates a module it reaches (through its closure, default arguments or globals, as
+    ``divergence``'s ``f`` does: an i-ResNet's power series ``sum_k c_k (J_g^T)^k V`` by VJPs
+    through ``g``, whose train-mode spectral norm updates its buffers ``u``, ``v`` at every
+    forward; a dropout), every call starts from the state the first found, as ``f``'s
+    evaluations do in ``divergence``: each sees one operator (the same power iteration, the
+    same dropout mask), and the call leaves the buffers, the random generators and the
+    plain values of the modules ``matmat`` reaches as one evaluation did (a count of products
+    kept on such a module, ``self.calls += 1``, moves once per estimate; each call ran
+    ``g``'s power iteration once more until optim27: chunks of one estimate saw different
+    operators, 2-14% off).
+
     Args:
         matmat: ``V -> A V`` on ``(k,) + like.shape`` tensors (``k`` at most ``chunk_size``).
         like: a tensor with the batch and event shape, dtype and device of the probes.
@@ -364,4 +381,27 @@ def estimate_trace(
         name="like",
         template=True,
     )
-    return run(s, flat_operator(fn, matmat, like, batch_dims, chunk_size), like, batch_dims)
+    # each call of matmat (a chunk, Hutch++'s and XTrace's two passes, a tolerance block)
+    # from the state the first found: a matmat that evaluates a module itself (an i-ResNet's
+    # power series of VJPs through a train-mode spectral norm, whose power iteration moves its
+    # buffers at every forward) estimated a different operator per call, silently
+    # (not a matmat that reaches no module, the products of a graph kept outside it, where the
+    # watch of its first call would cost 1-4 ms of Python an estimate and find nothing)
+    calls = PlainAttributes(matmat)  # (the plain values of the modules matmat reaches too)
+    several = _several(s, like, batch_dims, chunk_size) and any(True for _ in modules_of(matmat))
+    once = Once(like, several=several)
+    try:
+        op = flat_operator(fn, once(matmat), like, batch_dims, chunk_size)
+        with cache_read_only() if several else contextlib.nullcontext():
+            return once.undoing(lambda: run(s, op, like, batch_dims))
+    finally:
+        calls.close()
+
+
+def _several(s: Sampling, like: torch.Tensor, batch_dims: int, chunk_size: int | None) -> bool:
+    """Whether ``estimate_trace`` of ``s`` may call ``matmat`` more than once: in chunks, in
+    Hutch++'s and XTrace's passes, in the tolerance mode's blocks."""
+    if s.adaptive or s.method != "hutchinson":
+        return True
+    r = num_vectors(s.method, s.num_probes)
+    return chunk_size is not None and chunk_size < r and event_numel(like, batch_dims) > 0

@@ -240,3 +240,11 @@ def _plain(value: Any) -> Any:
     ):
         value = get_unwrapped(value)
     return value
+
+
+def plain(value: torch.Tensor) -> torch.Tensor | None:
+    """``value`` under the dead wrappers around it, if that is a plain tensor (not a wrapper
+    of a transform, live or dead, that ``_plain`` cannot take off: a ``vmap``'s); else
+    ``None``."""
+    value = _plain(value)
+    return value if maybe_get_level(value) == -1 else None

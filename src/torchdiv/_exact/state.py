@@ -23,7 +23,7 @@ import torch
 from torch._C._autograd import _unsafe_set_version_counter
 
 from torchdiv._core.generators import GLOBALS
-from torchdiv._core.modes import DispatchMode
+from torchdiv._core.modes import DispatchMode, forget_computed_weights
 from torchdiv._core.settings import Settings
 from torchdiv._exact.attributes import PlainAttributes, unwrap_between_evaluations
 from torchdiv._taylor.capture import _BATCH_NORMS, _storage, _written, lifted
@@ -227,6 +227,7 @@ class Changes(DispatchMode):
         # whose ``.data`` ``f`` then replaced goes back into its storage from before)
         if before:
             self.settings.put_back()
+            forget_computed_weights()  # (computed from the state put back)
         pairs = list(zip(self.written, values, strict=True))
         with torch.no_grad(), torch._C._DisableFuncTorch():
             for (tensor, _, view), value in reversed(pairs):

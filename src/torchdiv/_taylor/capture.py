@@ -40,6 +40,7 @@ from torchdiv._core.modes import (
     UNDERIVABLE_OPS,
     DispatchMode,
     SafeDerivatives,
+    forget_computed_weights,
     math_attention,
     read_by_torchdiv,
     read_requires_grad_false,
@@ -76,7 +77,9 @@ class Before(NamedTuple):
 
 
 def put_back(changed: list[Before]) -> None:
-    """Undo the writes ``changed`` kept, the last first: each tensor's view, then its values."""
+    """Undo the writes ``changed`` kept, the last first: each tensor's view, then its values
+    (and forget the parametrized weights computed from them: ``forget_computed_weights``)."""
+    forget_computed_weights()
     with torch.no_grad():
         for tensor, value, (size, stride, offset) in reversed(changed):
             if (tensor.shape, tensor.stride(), tensor.storage_offset()) != (size, stride, offset):
