@@ -270,3 +270,27 @@ def test_kept_movement_matrices_follow_python_ints_and_dtypes():
         got = torchdiv.divergence(net, x.float(), method="structured")
         assert got.dtype == torch.float32
         assert_close(got, want.float())
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_an_integer_tensor_concatenated_as_data_is_no_index(d):
+    """``method="structured"``: an integer column concatenated beside ``x`` (a sample's index,
+    scaled by the event size: ``cat`` promotes it to ``x``'s dtype, it is data) was read as
+    the indices of ``x``'s elements that the column copies (``factors._index``), so the
+    divergence took ``x[:, 0]``'s path through the column too (6 % off at d = 3); only
+    ``index_select``'s index moves the elements. Equals the float64 loop of
+    ``autograd.grad``."""
+    torch.manual_seed(4)
+    n = 40
+    net = torch.nn.Sequential(
+        torch.nn.Linear(d + 1, 16), torch.nn.Tanh(), torch.nn.Linear(16, d)
+    ).double()
+    column = torch.arange(n)[:, None] * d  # (sample b's value: b * d, x[b, 0]'s flat index)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return net(torch.cat([z, column], 1))
+
+    x = torch.randn(n, d, dtype=DOUBLE)
+    want = _rows(f, x).diagonal(0, 1, 2).sum(-1).detach()
+    for _ in range(2):
+        assert_close(torchdiv.divergence(f, x, method="structured"), want)
