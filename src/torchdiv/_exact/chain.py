@@ -401,7 +401,7 @@ def unit_products(
     them (a time input beside the activation's output) keeps the rows' part. Else ``None``."""
     if y.dim() != 2 or len(steps) < 2:
         return None
-    below = steps[1][0]
+    below: Step | None = steps[1][0]
     if below is _narrow:
         below = next((step for step, _ in steps[2:] if step is not _narrow), None)
     if below is None or below is _addmm or below is _mm:
