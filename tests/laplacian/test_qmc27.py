@@ -123,3 +123,43 @@ def test_local_energy_by_hessian_products_near_a_node(transformed: bool) -> None
     else:
         ours = list(torch.autograd.grad(loss(dict(net.named_parameters())), net.parameters()))
     assert _relative(ours, truth) <= 2 * _relative(plain, truth)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied before and after a compile test."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_local_energy_through_tensor_norm() -> None:
+    """``torch.compile`` of a loss whose ``log|psi|`` takes electron-nucleus distances by the
+    method ``r.norm(dim=-1)`` (a Slater-type envelope ``exp(-|r|)``), by
+    ``value_grad_laplacian(method="forward-over-reverse")``: Dynamo raised its
+    ``AssertionError`` ("Guard failed on the same frame it was created") on
+    ``SafeDerivatives``' lookup of ``Tensor.norm`` in its table (so did every forward engine:
+    ``jacobian``, ``"hessian"``); now the local energy and its parameter gradients are the
+    eager per-walker loop's (float64 round-off)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+    def log_psi(r: torch.Tensor) -> torch.Tensor:
+        return net(r).sum((1, 2)) - r.norm(dim=-1).sum(-1)
+
+    def energy(r: torch.Tensor) -> torch.Tensor:
+        out = torchdiv.value_grad_laplacian(log_psi, r, method="forward-over-reverse")
+        return -0.5 * (out.laplacian + out.gradient.square().sum((1, 2)))
+
+    r = torch.randn(4, 2, 3, dtype=f64)
+    ours = torch.compile(energy, backend="aot_eager")(r)
+    leaf = r.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(log_psi(leaf).sum(), leaf, create_graph=True)
+    want = -0.5 * (laplacian_alone(log_psi, r) + g.square().sum((1, 2)))
+    torch.testing.assert_close(ours, want)
+    params = list(net.parameters())[:3]  # (the last bias leaves the derivatives)
+    got = torch.autograd.grad(ours.sum(), params)
+    expected = torch.autograd.grad(want.sum(), params)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
