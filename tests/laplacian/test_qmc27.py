@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import CheckpointError, checkpoint
 
 import torchdiv
 from tests.conftest import laplacian_alone
@@ -163,3 +164,33 @@ def test_compiled_local_energy_through_tensor_norm() -> None:
     expected = torch.autograd.grad(want.sum(), params)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_checkpointed_region_with_a_replaced_op() -> None:
+    """A non-reentrant ``checkpoint`` inside ``log|psi|`` around orbitals, a norm and ``det``:
+    the loop (``"grad-of-grad"``) evaluates ``f`` with the norm replaced, the checkpoint
+    recomputes the region in its backward passes with PyTorch's: PyTorch's ``CheckpointError``
+    now names the way out; ``"auto"`` and ``"taylor"`` give the float64 loop's values and
+    parameter gradients (1e-12: round-off)."""
+    torch.manual_seed(0)
+    orbitals = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+    def body(x: torch.Tensor) -> torch.Tensor:
+        r = x.reshape(-1, 3, 3)
+        phi = orbitals(r) * torch.exp(-r.norm(dim=-1, keepdim=True))
+        return torch.log(torch.linalg.det(phi).abs())
+
+    def log_psi(x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(body, x, use_reentrant=False)
+
+    x = torch.randn(3, 9, dtype=f64)
+    with pytest.raises(CheckpointError, match=r"checkpoint.*method='taylor'"):
+        torchdiv.laplacian(log_psi, x, method="grad-of-grad")
+    want = laplacian_alone(body, x)
+    params = list(orbitals.parameters())[:3]  # (the last bias leaves the Laplacian)
+    expected = torch.autograd.grad(want.sum(), params)
+    for method in ("auto", "taylor"):
+        ours = torchdiv.laplacian(log_psi, x, method=method)
+        torch.testing.assert_close(ours, want, rtol=1e-12, atol=0)
+        for a, b in zip(torch.autograd.grad(ours.sum(), params), expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
