@@ -1379,7 +1379,14 @@ class SafeDerivatives(TorchFunctionMode):
                 return cast(torch.Tensor, out).to(args[0].dtype)
         # ``**``: looked up as ``Tensor.pow`` (Dynamo cannot guard a dict holding the
         # ``functools.wraps`` function ``Tensor.__pow__`` as a key: torch.compile failed)
-        entry = REPLACEMENTS.get(torch.Tensor.pow if func is _POW_OPERATOR else func)
+        # ``Tensor.norm`` by identity: Dynamo's guard on it as a key of the dict failed on
+        # the frame that made it (``AssertionError``: torch.compile of every forward engine
+        # through ``x.norm()`` failed, qmc27)
+        entry = (
+            _TENSOR_NORM_ENTRY
+            if func is _TENSOR_NORM
+            else REPLACEMENTS.get(torch.Tensor.pow if func is _POW_OPERATOR else func)
+        )
         if entry is None and func in _UNDERIVABLE:
             refuse_underivable(_UNDERIVABLE[func], _differentiated((args, kwargs)))
         plain = (
@@ -2104,6 +2111,7 @@ _NORM = ("LinalgVectorNormBackward",)  # every norm over vector_norm, cosine sim
 # second order, a graph the caller built with them is not refused)
 AT_ZERO_VECTORS = (*_NORM, "NormBackward", "StdBackward", "StdMeanBackward")  # std: variance 0
 _POW_OPERATOR = torch.Tensor.__pow__  # ``a ** e``: run by ``Tensor.pow``'s entry
+_TENSOR_NORM = torch.Tensor.norm  # looked up by identity (``SafeDerivatives``)
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
 
 
@@ -2280,6 +2288,7 @@ REPLACEMENTS: dict[Any, Replacement] = {
         torch.linalg.tensorsolve,
     ),
 }
+_TENSOR_NORM_ENTRY = REPLACEMENTS[_TENSOR_NORM]
 
 
 def inner_backward(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
