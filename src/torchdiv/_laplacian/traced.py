@@ -52,7 +52,7 @@ import torch
 from torch._C._functorch import is_functorch_wrapped_tensor, peek_interpreter_stack
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchdiv._core import batch_sizes
+from torchdiv._core import batch_sizes, walk
 from torchdiv._core.mixing.errors import watched
 from torchdiv._structured import replay
 from torchdiv._structured.replay import Held
@@ -297,11 +297,14 @@ def _custom(node: Any, seen: set[int]) -> bool:
     """Whether the autograd graph below ``node`` holds a custom ``autograd.Function``, whose
     backward a replay of its forward's ATen calls would not run."""
     stack = [node]
+    bound: float = walk._FLOOR
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
+        if len(seen) > bound:  # (``walk.walked``)
+            bound = walk.walked(len(seen))
         if isinstance(node, torch.autograd.function.BackwardCFunction):
             return True
         stack.extend(next_node for next_node, _ in node.next_functions)
