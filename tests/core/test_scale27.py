@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -95,6 +96,36 @@ def test_the_graph_form_refuses_past_the_bound(small_stack: int) -> None:
     torch.testing.assert_close(
         torchdiv.divergence(net, x.detach(), method="reverse"), _reference(net, x)
     )
+
+
+def _laplacian_reference(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """The Laplacian of scalar ``f`` by a float64 per-sample loop of ``autograd.grad`` twice."""
+    out = []
+    for b in range(len(x)):
+        xb = x[b].detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(xb[None])[0], xb, create_graph=True)
+        out.append(sum(torch.autograd.grad(g[i], xb, retain_graph=True)[0][i] for i in range(3)))
+    return torch.stack(out)
+
+
+def test_the_laplacian_s_loop_gives_way_past_the_bound(small_stack: int) -> None:
+    """``"auto"`` loops over backward passes where the Taylor engine cannot run ``f`` (an FFT)
+    and the event is small: the loop's walk stops, forward over reverse (no walk) takes over
+    at every call; ``"grad-of-grad"`` itself refuses, naming the methods that walk nothing."""
+    net = _loop(64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.fft.fft(net(z)).real.sum(-1)
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    expected = _laplacian_reference(f, x)
+    for _ in range(3):
+        # float64: rounding only, through 64 steps
+        torch.testing.assert_close(torchdiv.laplacian(f, x), expected, rtol=1e-10, atol=1e-10)
+    with pytest.raises(walk.GraphTooDeep, match="method='taylor' or 'forward-over-reverse'"):
+        torchdiv.laplacian(f, x, method="grad-of-grad")
 
 
 @pytest.mark.slow

@@ -60,15 +60,16 @@ def walked(count: int) -> float:
     stack = _stack_bytes()
     bound = float("inf") if stack is None else max(stack // _BYTES_PER_NODE, _FLOOR)
     if count > bound:
-        mib = stack / 2**20 if stack is not None else 0.0
+        mib = stack / 2**20 if stack is not None else 0.0  # (MiB, one decimal)
         raise GraphTooDeep(
             f"torchdiv: the autograd graph to walk has more than {int(bound)} nodes, more than "
             "torchdiv walks in Python: PyTorch frees a graph whose nodes Python has touched "
             f"recursively (~210 bytes of C stack a node), and past ~{int(bound)} nodes on this "
-            f"thread's {mib:.0f} MiB stack that would crash the process (a segmentation fault) "
+            f"thread's {mib:.1f} MiB stack that would crash the process (a segmentation fault) "
             "when the graph is freed. Use method='reverse' or method='forward' (no walk of "
             "f's graph; with torchdiv.divergence, jacobian or jacobian_diagonal and f, not "
-            "graph_divergence or graph_jacobian), or raise the stack limit before Python "
+            "graph_divergence or graph_jacobian; for a Laplacian, method='taylor' or "
+            "'forward-over-reverse'), or raise the stack limit before Python "
             "starts (`ulimit -s unlimited`; in a thread, threading.stack_size(...) before "
             "starting it): the bound is the stack's size / "
             f"{_BYTES_PER_NODE} bytes"
