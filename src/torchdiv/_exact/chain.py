@@ -185,8 +185,8 @@ def chain(
             if i != on and not _off_chain(other, x, met):
                 return None
         steps.append((step, node))
-        if 3 * len(steps) > bound:  # (``walk.walked``; a step's transpose and leaves beside)
-            bound = walk.walked(3 * len(steps))
+        if 2 * len(steps) > bound:  # (``walk.walked``: the step's node and its transpose)
+            bound = walk.walked(2 * len(steps))
         node, nr = edges[on]
     return None
 

@@ -297,17 +297,20 @@ def _custom(node: Any, seen: set[int]) -> bool:
     """Whether the autograd graph below ``node`` holds a custom ``autograd.Function``, whose
     backward a replay of its forward's ATen calls would not run."""
     stack = [node]
-    bound: float = walk._FLOOR
+    inner, bound = 0, float(walk._FLOOR)  # (nodes expanded: ``walk.walked``)
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if len(seen) > bound:  # (``walk.walked``)
-            bound = walk.walked(len(seen))
         if isinstance(node, torch.autograd.function.BackwardCFunction):
             return True
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        children = node.next_functions
+        if children:
+            inner += 1
+            if inner > bound:
+                bound = walk.walked(inner)
+            stack.extend(next_node for next_node, _ in children)
     return False
 
 
