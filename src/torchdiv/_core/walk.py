@@ -313,11 +313,12 @@ def towards(y: torch.Tensor, x: torch.Tensor) -> list[Any]:
         elif node is not None and node not in seen:
             seen.add(node)
             stack.append((node, True))
-            if node is not x.grad_fn:  # (below it, ``x``'s history: none of it reaches ``x``)
+            children = node.next_functions if node is not x.grad_fn else ()
+            if children:  # (below ``x.grad_fn``, ``x``'s history: none of it reaches ``x``)
                 inner += 1
                 if inner > bound:
                     bound = walked(inner)
-                stack += [(child, False) for child, _ in node.next_functions]
+                stack += [(child, False) for child, _ in children]
     reaches: dict[Any, bool] = {}
     edge = x.grad_fn, x.output_nr  # (not another output of x's node: ``x, z = h.split(...)``)
     for node in order:  # (every child before its parents)
