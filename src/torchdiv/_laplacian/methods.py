@@ -36,6 +36,7 @@ from torchdiv._core.mixing.watch import Verdicts, verdicts
 from torchdiv._core.mixing.watch import watched as mixing_watched
 from torchdiv._core.modes import recorded
 from torchdiv._core.tie import tied
+from torchdiv._core.walk import GraphTooDeep
 from torchdiv._exact.attributes import unwrap_between_evaluations
 from torchdiv._exact.forward import ForwardJacobian, holds_dual_level, under_tangents
 from torchdiv._exact.plan import WITHOUT_FORWARD_RULE
@@ -215,9 +216,15 @@ def _fallen_back(
     f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None, plan: Loop | Nested
 ) -> torch.Tensor:
     """``"auto"``'s Laplacian by ``plan``: the loop of backward passes, or forward over
-    reverse."""
+    reverse; forward over reverse too where the loop's walk of ``f``'s graph stopped
+    (``walk.GraphTooDeep``: a graph too deep to free once walked, an ODE solve of thousands
+    of steps), which walks nothing (its own fallback, the loop, raises that again)."""
     if isinstance(plan, Loop):
-        return looped(f, x, batch_dims, chunk_size, plan)
+        try:
+            return looped(f, x, batch_dims, chunk_size, plan)
+        except GraphTooDeep:
+            deep = Nested(event_numel(x, batch_dims), watch=plan.check == "watch")
+            return nested(f, x, batch_dims, chunk_size, deep)
     return nested(f, x, batch_dims, chunk_size, plan)
 
 
