@@ -823,13 +823,40 @@ def fuzz_one(seed: int, near: bool | None = None, only: str | None = None) -> li
 
 # --- tests ---------------------------------------------------------------------------------------
 
-FAST_SEEDS = list(range(6))
+# seeds whose cases take every path of the chain between them (``PATHS``): float32 and
+# float64, frozen, trained and x requiring grad, near-chains (a bias from x: 145), D = 2 and 52
+# (~4 s in all)
+FAST_SEEDS = [19, 40, 4, 11, 73, 145]
+# what GraphJacobian and the Laplacian's loop call where y's graph is a chain
+PATHS = {
+    "products": (exact_autograd, "chain_products"),
+    "trace": (exact_autograd, "chain_trace"),
+    "unit rows": (exact_autograd, "unit_products"),
+    "forward Laplacian": (laplacian_chain, "_forward_laplacian"),
+}
 
 
-@pytest.mark.parametrize("seed", FAST_SEEDS)
-def test_fuzz_fixed_seeds(seed: int) -> None:
-    faults = fuzz_one(seed)
+def test_fuzz_fixed_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixed seeds agree with their references, and took each path of the chain: a seed
+    list that stops reaching one (a change of the generator or of "auto"'s rules) fails here
+    rather than checks less."""
+    taken: set[str] = set()
+
+    def spied(name: str, fn: Callable) -> Callable:
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            if out is not None:
+                taken.add(name)
+            return out
+
+        return spy
+
+    for name, (module, attribute) in PATHS.items():
+        monkeypatch.setattr(module, attribute, spied(name, getattr(module, attribute)))
+    faults = [m for seed in FAST_SEEDS for m in fuzz_one(seed)]
     assert not faults, "\n\n".join(faults[:5])
+    assert taken == set(PATHS), taken
+    assert any(Case(seed).near for seed in FAST_SEEDS)
 
 
 @pytest.mark.parametrize("method", ["auto", "taylor", "forward-over-reverse"])
@@ -853,6 +880,32 @@ def test_empty_batch_in_place_on_a_view(method: str) -> None:
     sum(t.sum() for t in out if t.requires_grad).backward()
     for p in lin.parameters():  # (an empty sum: zero, where PyTorch gives any at all)
         assert p.grad is None or not p.grad.any()
+
+
+@pytest.mark.parametrize("op", ["addmm", "addmv", "addr"])
+def test_beta_of_a_bias_without_tangent_in_forward_mode(op: str) -> None:
+    """``torch.addmm(b, h, W.t(), beta=0.7)`` (and ``addmv``, ``addr``: the same formula)
+    wider than its input, so that ``"auto"`` takes forward mode: from the second call on
+    (the first is not watched so) the process died with SIGSEGV. Forward mode's formula
+    multiplies the bias's tangent, an efficient zero tensor, by ``beta``; called from
+    torchdiv's dispatch modes PyTorch ran the dense kernel on its null data
+    (``_core.modes._zero_times_scalar``). Found by seed 1131. Closed forms: the Jacobian is
+    ``alpha W`` (``addmm``), ``alpha v w^T``'s derivative in ``v`` (``addr``), float64."""
+    g = torch.Generator().manual_seed(0)
+    w, b = _randn(g, 3, 2), _randn(g, 3)
+    fs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "addmm": lambda h: torch.addmm(b, h, w.t(), beta=0.7, alpha=0.5),
+        "addmv": lambda h: torch.addmv(b, w, h[0], beta=0.7, alpha=0.5)[None],
+        "addr": lambda h: torch.addr(w.t(), h[0], b, beta=0.7, alpha=0.5).flatten()[None],
+    }
+    f = fs[op]
+    for _ in range(3):
+        x = _randn(g, 1, 2)
+        got = torchdiv.jacobian(f, x)
+        want = torch.func.jacrev(f)(x).reshape(got.shape)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if op == "addmm":
+        torch.testing.assert_close(got[0], 0.5 * w, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.slow
