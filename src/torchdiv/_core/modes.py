@@ -866,6 +866,8 @@ def _zero_times_scalar(zero: torch.Tensor, scalar: Any) -> torch.Tensor:
     ``jacobian`` of a layer ``torch.addmm(b, h, W.t(), beta=0.7)`` wider than its input)."""
     dtype = torch.result_type(zero, scalar)
     return torch._efficientzerotensor(zero.shape, dtype=dtype, device=zero.device)
+
+
 _CONJUGATE_KEYS = (torch._C.DispatchKey.Conjugate, torch._C.DispatchKey.Negative)
 
 
