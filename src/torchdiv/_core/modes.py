@@ -865,7 +865,10 @@ def _zero_times_scalar(zero: torch.Tensor, scalar: Any) -> torch.Tensor:
     added tensor has no tangent (a bias), under any watch of ``f``'s ops (a later
     ``jacobian`` of a layer ``torch.addmm(b, h, W.t(), beta=0.7)`` wider than its input)."""
     dtype = torch.result_type(zero, scalar)
-    return torch._efficientzerotensor(zero.shape, dtype=dtype, device=zero.device)
+    out: torch.Tensor = torch.ops.aten._efficientzerotensor.default(
+        list(zero.shape), dtype=dtype, device=zero.device
+    )
+    return out
 
 
 _CONJUGATE_KEYS = (torch._C.DispatchKey.Conjugate, torch._C.DispatchKey.Negative)
