@@ -17,11 +17,14 @@ value and in the gradients of a weighted sum of its result (``.backward()``, the
 parameter's ``.grad``, and ``x.grad`` where ``x`` requires grad: a second or third derivative
 of ``f``) against a float64 per-sample loop of ``torch.autograd.grad`` on a float64 copy of
 the model whose activations are written in elementary ops (``test_fuzz24.plain_activation``).
-Each model is called again after its weights move in place (an optimiser step) and at another
-batch size, frozen (no parameter requires grad) and trained. Near-chains must not take the
-chain (a spy on ``_exact.chain.chain``).
+Each model is called again after its weights move in place (an optimiser step) at another
+batch size, with its parameters' and ``x``'s ``requires_grad`` flipped (frozen and trained),
+through ``torch.func.functional_call`` with a dict whose values are then replaced, and at an
+``x`` computed from a parameter (``fuzz_one``). Near-chains must not take the chain (a spy on
+``_exact.chain.chain``).
 
-Run many by hand: ``PYTHONPATH=src python tests/stacks/test_fuzz27.py FIRST COUNT``.
+Run many by hand: ``PYTHONPATH=src:tests/stacks:tests python tests/stacks/test_fuzz27.py FIRST
+COUNT`` (``NOTES_fuzz27.md``: what ran, what it found).
 """
 
 from __future__ import annotations
