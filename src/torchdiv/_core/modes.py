@@ -911,6 +911,8 @@ class DispatchMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if func is _MUL_SCALAR and args[0]._is_zerotensor():
+            return _zero_times_scalar(*args)
         if getattr(func, "_overloadpacket", None) is _PINV and args[0].is_complex():
             with _conjugating():
                 return self._dispatch(func, args, kwargs)
@@ -930,6 +932,24 @@ class DispatchMode(TorchDispatchMode):
 # tensor. The complex ``linalg_pinv`` kernel's ``Vh.mH() * S^+`` gave ``conj(V) S^+ U^H``
 # (values 100 % off; ``"auto"``'s watched Jacobians, rev-complex25); no other kernel found
 _PINV = torch.ops.aten.linalg_pinv
+_MUL_SCALAR = torch.ops.aten.mul.Scalar
+
+
+def _zero_times_scalar(zero: torch.Tensor, scalar: Any) -> torch.Tensor:
+    """``mul.Scalar`` of an efficient zero tensor (forward mode's tangent of a tensor without
+    one): another, as PyTorch's ``ZeroTensor`` kernel gives it. Called from a
+    ``TorchDispatchMode``, the dense kernel ran on its null data instead and the process
+    died (SIGSEGV): the forward-mode formula of ``addmm``, ``addmv``, ``addbmm``,
+    ``baddbmm`` and ``addr`` with ``beta != 1`` (``maybe_multiply(self_t, beta)``) where the
+    added tensor has no tangent (a bias), under any watch of ``f``'s ops (a later
+    ``jacobian`` of a layer ``torch.addmm(b, h, W.t(), beta=0.7)`` wider than its input)."""
+    dtype = torch.result_type(zero, scalar)
+    out: torch.Tensor = torch.ops.aten._efficientzerotensor.default(
+        list(zero.shape), dtype=dtype, device=zero.device
+    )
+    return out
+
+
 _CONJUGATE_KEYS = (torch._C.DispatchKey.Conjugate, torch._C.DispatchKey.Negative)
 
 
