@@ -107,6 +107,7 @@ def test_a_matmat_s_state_outside_reached_modules_moves_once(case: str, method: 
 
     z = x.detach().requires_grad_(True)
     gx = kept(z)
+
     def options() -> dict:  # (a fresh generator for each estimate: the same probes)
         if method == "hutchinson":
             return dict(probes=probes, chunk_size=2)
