@@ -693,11 +693,19 @@ class _ReadOnly(dict[tuple[int, str], Any]):
     cached before the call, read; and those ``f``'s evaluations compute (``made``), read by
     the same evaluation (``f``'s own ``cached()`` block: an RNN's recurrent weight, once per
     forward) until ``f``'s state is put back for another evaluation
-    (``forget_computed_weights``), never as a transform's dead wrapper."""
+    (``forget_computed_weights``), never as a transform's dead wrapper. Each thread's apart
+    (PyTorch's cache is one for the process): another thread's plain block, running meanwhile
+    on its own model, lost its weights at the call's next put-back and computed them again
+    (a train-mode spectral norm's power iteration twice in one block, until rev-optim27)."""
 
     def __init__(self, cache: dict[tuple[int, str], Any]) -> None:
         super().__init__(cache)
-        self.made: dict[tuple[int, str], Any] = {}
+        self.threads: dict[int, dict[tuple[int, str], Any]] = {}  # ``made`` of each thread
+
+    @property
+    def made(self) -> dict[tuple[int, str], Any]:
+        """The weights this thread computed (``threading.get_ident``)."""
+        return self.threads.setdefault(threading.get_ident(), {})
 
     def get(self, key: tuple[int, str], default: Any = None) -> Any:  # type: ignore[override]
         if key in self:
@@ -749,7 +757,8 @@ def _recached(cache: dict[tuple[int, str], Any]) -> None:
     computed that it lacks, as a plain evaluation would have cached them (the state after
     the call is the last evaluation's): what the transforms' dead wrappers wrap
     (one that cannot be told, a ``vmap``'s, is left out: the next forward computes it);
-    detached under the caller's ``no_grad``."""
+    detached under the caller's ``no_grad``. Those another thread's plain block computed
+    meanwhile are kept as they are (computed under that thread's grad mode)."""
     held = _parametrize._cache
     if type(held) is not _ReadOnly:
         return
@@ -758,10 +767,14 @@ def _recached(cache: dict[tuple[int, str], Any]) -> None:
         return
     from torchdiv._exact.attributes import plain  # (which imports this module)
 
-    for key, value in held.made.items():
-        value = plain(value) if isinstance(value, torch.Tensor) else None
-        if key not in cache and value is not None:
-            cache[key] = value if torch.is_grad_enabled() else value.detach()
+    ours = threading.get_ident()
+    # (copied whole first: another thread may add to them meanwhile)
+    for thread, made in list(held.threads.items()):
+        for key, value in list(made.items()):
+            value = plain(value) if isinstance(value, torch.Tensor) else None
+            if key not in cache and value is not None:
+                detach = thread == ours and not torch.is_grad_enabled()
+                cache[key] = value.detach() if detach else value
     _parametrize._cache = cache
 
 
