@@ -579,7 +579,7 @@ def laplacians_by_grad_of_grad(f, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _answers(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[bool]:
+def answers(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[bool]:
     """One entry per call of ``module.name`` (patched with a spy): whether it answered (not
     ``None``)."""
     calls: list[bool] = []
@@ -600,7 +600,7 @@ def chain_traced(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     whether the trace came by the chain's cyclicity (``False``: more than two activations)."""
     from torchdiv._exact import autograd
 
-    return _answers(monkeypatch, autograd, "chain_trace")
+    return answers(monkeypatch, autograd, "chain_trace")
 
 
 @pytest.fixture
@@ -610,7 +610,7 @@ def unit_rows(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     step's matrix (no basis)."""
     from torchdiv._exact import autograd
 
-    return _answers(monkeypatch, autograd, "unit_products")
+    return answers(monkeypatch, autograd, "unit_products")
 
 
 def at_least(major: int, minor: int) -> bool:

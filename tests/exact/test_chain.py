@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import (
+    answers,
     assert_close,
     assert_same_parameter_gradients,
     loop_diagonal,
@@ -359,14 +360,7 @@ def test_a_larger_graph_that_is_not_a_chain_goes_by_rows_once(monkeypatch):
     float64."""
     from torchdiv._exact import dispatch
 
-    plain: list[int] = []
-    unwatched = dispatch.unwatched
-
-    def spy(*args, **kwargs):
-        plain.append(1)
-        return unwatched(*args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "unwatched", spy)
+    plain = answers(monkeypatch, dispatch, "unwatched")  # (one entry per plain evaluation)
     torch.manual_seed(0)
     d, n = 64, 128
     net = torch.nn.Sequential(

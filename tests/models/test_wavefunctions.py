@@ -263,12 +263,13 @@ def test_a_jastrow_over_pdist_in_every_method(method):
 
 @pytest.mark.parametrize(
     ("method", "evaluations"),
-    [("auto", 1), ("taylor", 1), ("forward-over-reverse", 3)],
+    [("auto", 1), ("taylor", 1), ("forward-over-reverse", 2)],
 )
 def test_kfac_forward_hooks_see_the_whole_batch_once_per_evaluation(method, evaluations):
     """What docs/guide/limitations.md tells a K-FAC user: a forward pre-hook that accumulates
-    the covariance of a layer's inputs runs once per evaluation of ``f`` (three under
-    ``value_grad_laplacian``'s forward over reverse: value, Jacobian, Laplacian), always on the
+    the covariance of a layer's inputs runs once per evaluation of ``f`` (two under
+    ``value_grad_laplacian``'s forward over reverse: value, then the Hessian products with
+    the gradient their primal; three until qmc27), always on the
     whole batch, with the values of a plain forward (first and later calls alike)."""
     torch.manual_seed(0)
     model, r = _problem("ferminet-like", 4, 5)

@@ -8,6 +8,7 @@ import importlib
 
 import pytest
 import torch
+from conftest import answers
 from torch import nn
 from torch._C._dynamo.eval_frame import get_eval_frame_callback, set_eval_frame
 
@@ -326,14 +327,7 @@ def test_data_movement_matrices_kept_only_where_shapes_alone_move_the_elements(
     of the same ``f``, float64."""
     from torchdiv._structured import factors
 
-    made: list[int] = []
-    moved = factors._moved
-
-    def spy(*args, **kwargs):
-        made.append(1)
-        return moved(*args, **kwargs)
-
-    monkeypatch.setattr(factors, "_moved", spy)
+    made = answers(monkeypatch, factors, "_moved")  # (one entry per matrix made)
     torch.manual_seed(0)
     net = mlp(9, 16)
     state = {"t": torch.zeros(1, 2, dtype=DOUBLE), "order": torch.arange(7)}

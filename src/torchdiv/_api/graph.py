@@ -259,7 +259,10 @@ def graph_laplacian(
     of its own (one VJP per output component), then one VJP of it per output component and
     coordinate, keeping the diagonal entries. Assumes sample ``b`` of ``y`` depends only on
     sample ``b`` of ``x``. The function form ``laplacian(f, x)`` is faster from a few inputs
-    on (it needs no second backward pass); this one spares a second forward pass.
+    on (it needs no second backward pass); this one spares a second forward pass. With
+    ``create_graph`` and a ``det`` on the graph the passes run one product at a time: batched
+    ones (``vmap``) take PyTorch's ``det`` backward for tensor subclasses, whose derivative is
+    ``nan`` near a node (a float32 Slater determinant, electrons 1e-2 apart).
 
     Args:
         y: tensor computed from ``x``, ``y.shape[:batch_dims] == x.shape[:batch_dims]``.
@@ -292,6 +295,10 @@ def graph_laplacian(
     engine, chunk, nodes = _engine(fn, y, x, batch_dims, True, chunk_size, False)
     if create_graph:
         _check_third_derivatives(fn, nodes)
+    # det's third derivative through batched passes (vmap: PyTorch's formula for tensor
+    # subclasses) was nan near a node: one pass per product there (UNDER_MODES, qmc27)
+    batches = not any(type(node).__name__.startswith(UNDER_MODES) for node in nodes)
+    engine = engine if batches else GraphJacobian(y, x, batch_dims, True, batches=False)
     n, batch = event_numel(x, batch_dims), x.shape[:batch_dims]
     with torch.inference_mode(False), torch.enable_grad():  # (whatever the caller's mode)
         index = torch.arange(n, device=x.device)
@@ -299,7 +306,9 @@ def graph_laplacian(
             index = check_coordinates(fn, coordinates, x, batch_dims)
         gradients = _exact.dense(engine, chunk)[..., index]  # (N, m, k): ∂y_i/∂x_j, j chosen
         samples, m, k = gradients.shape
-        second = GraphJacobian(gradients.reshape(*batch, m * k), x, batch_dims, create_graph)
+        second = GraphJacobian(
+            gradients.reshape(*batch, m * k), x, batch_dims, create_graph, batches=batches
+        )
     parts = []
     for start, stop in chunks(m * k, chunk_size or max(m * k, 1)):
         rows = second.block(start, stop)  # (r, N, n): row (i, j) of ∂(∂y_i/∂x_j)/∂x

@@ -63,7 +63,7 @@ from torchdiv._core.script import faking
 from torchdiv._core.tie import tied
 from torchdiv._estimators import trace as _trace
 from torchdiv._exact.attributes import unwrap_between_evaluations
-from torchdiv._exact.state import Once
+from torchdiv._exact.state import Once, unchanged
 from torchdiv._laplacian import loop as _loop
 from torchdiv._laplacian import methods, traced
 from torchdiv._laplacian.along import along, unit_columns
@@ -505,10 +505,11 @@ def value_grad_laplacian(
             passes against the sweep's two sweeps), and where an op
             has no Taylor rule at up to ten inputs times outputs or where forward mode
             cannot run ``f``, as ``laplacian``, which keeps that choice per structure;
-            otherwise, or where that loop's Laplacian is not finite, ``f(x)``, ``jacobian`` and
-            ``"forward-over-reverse"`` separately; each evaluation from the state the first
-            found: one function, a stateful ``f``'s buffers and random draws changed once),
-            ``"taylor"`` or ``"forward-over-reverse"``.
+            otherwise, or where that loop's Laplacian is not finite, ``f(x)`` and
+            ``"forward-over-reverse"`` separately (the gradient the Hessian products'
+            own: with ``coordinates``, ``jacobian``'s); each evaluation from the state the
+            first found: one function, a stateful ``f``'s buffers and random draws changed
+            once), ``"taylor"`` or ``"forward-over-reverse"``.
         chunk_size: at most this many directions in flight (``None``: as ``laplacian``).
         coordinates: as in ``laplacian`` (flat event indices, negative from the end, no
             repeats, or a boolean mask of the event's shape; ``None``: all): the Laplacian
@@ -662,12 +663,15 @@ def _separately(
     each: Once | None = None,
     watch: bool = False,
 ) -> ValueGradLaplacian:
-    """``g(x)``, ``jacobian`` and ``"forward-over-reverse"`` (along the flat event indices ``index``
-    only, as ``laplacian``'s ``coordinates``; ``None``: all): three evaluations of ``g`` (and one a
-    chunk), each from the state the first found (``Once``; ``each``: one that watched an evaluation
-    before), so that the three are of one function (the same dropout mask) and ``g``'s buffers and
-    random draws change once. ``g(x)`` is evaluated on an alias (``g``'s own ``x.requires_grad_()``
-    leaves the caller's ``x``) with grad on, as the other two evaluate it (a score's
+    """``g(x)``, the gradient and ``"forward-over-reverse"`` (along the flat event indices
+    ``index`` only, as ``laplacian``'s ``coordinates``; ``None``: all), the gradient the
+    Hessian products' primal (the pullback they differentiate: near a node the ``1 / r²`` errors
+    of ``|∇ log ψ|²`` and ``Δ log ψ`` then cancel in a local energy, as the loop's do), with
+    ``index``, ``jacobian``'s: evaluations of ``g`` (one a chunk), each from the state the first
+    found (``Once``; ``each``: one that watched an evaluation before), so that they are of one
+    function (the same dropout mask) and ``g``'s buffers and random draws change once.
+    ``g(x)`` is evaluated on an alias (``g``'s own ``x.requires_grad_()`` leaves the caller's
+    ``x``) with grad on, as the others evaluate it (a score's
     ``autograd.grad`` inside), and kept without a graph under the caller's ``no_grad``, under
     ``SafeDerivatives`` as the loop evaluates it: the value's parameter gradients (a VMC loss's)
     were PyTorch's, whose ``celu`` derivative is float32-rounded; with ``watch``, watched for
@@ -678,6 +682,19 @@ def _separately(
     with torch.enable_grad(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
         value = each(evaluate)(argument(x))
     value = value if outer else value.detach()
+    if index is None and x.numel() > 0 and x.dim() > batch_dims:  # (jacobian: empty events)
+        # (jacobian's gradient: a float32 local energy's parameter gradients 5-68000x the
+        # loop's error near a node, electrons 0.1-1e-3 apart, qmc27)
+        if peek_interpreter_stack() is not None:  # (jacobian's check: no watch there)
+            each(lambda z: check_transformed(g, z, batch_dims, lambda: unchanged(g, z)))(x)
+        rows: list[torch.Tensor] = []
+        laplacian = methods.forward_over_reverse(
+            g, x, batch_dims, chunk_size, each=each, gradients=rows
+        )
+        batch, event = x.shape[:batch_dims], x.shape[batch_dims:]
+        gradient = rows[0].reshape(-1, *batch, *event).movedim(0, batch_dims)
+        shape = (*batch, *value.shape[batch_dims:], *event)
+        return ValueGradLaplacian(value, gradient.reshape(shape).to(x.dtype), laplacian)
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:
         return ValueGradLaplacian(value, gradient, x.new_zeros(value.shape))

@@ -693,11 +693,19 @@ class _ReadOnly(dict[tuple[int, str], Any]):
     cached before the call, read; and those ``f``'s evaluations compute (``made``), read by
     the same evaluation (``f``'s own ``cached()`` block: an RNN's recurrent weight, once per
     forward) until ``f``'s state is put back for another evaluation
-    (``forget_computed_weights``), never as a transform's dead wrapper."""
+    (``forget_computed_weights``), never as a transform's dead wrapper. Each thread's apart
+    (PyTorch's cache is one for the process): another thread's plain block, running meanwhile
+    on its own model, lost its weights at the call's next put-back and computed them again
+    (a train-mode spectral norm's power iteration twice in one block, until rev-optim27)."""
 
     def __init__(self, cache: dict[tuple[int, str], Any]) -> None:
         super().__init__(cache)
-        self.made: dict[tuple[int, str], Any] = {}
+        self.threads: dict[int, dict[tuple[int, str], Any]] = {}  # ``made`` of each thread
+
+    @property
+    def made(self) -> dict[tuple[int, str], Any]:
+        """The weights this thread computed (``threading.get_ident``)."""
+        return self.threads.setdefault(threading.get_ident(), {})
 
     def get(self, key: tuple[int, str], default: Any = None) -> Any:  # type: ignore[override]
         if key in self:
@@ -749,7 +757,8 @@ def _recached(cache: dict[tuple[int, str], Any]) -> None:
     computed that it lacks, as a plain evaluation would have cached them (the state after
     the call is the last evaluation's): what the transforms' dead wrappers wrap
     (one that cannot be told, a ``vmap``'s, is left out: the next forward computes it);
-    detached under the caller's ``no_grad``."""
+    detached under the caller's ``no_grad``. Those another thread's plain block computed
+    meanwhile are kept as they are (computed under that thread's grad mode)."""
     held = _parametrize._cache
     if type(held) is not _ReadOnly:
         return
@@ -758,10 +767,14 @@ def _recached(cache: dict[tuple[int, str], Any]) -> None:
         return
     from torchdiv._exact.attributes import plain  # (which imports this module)
 
-    for key, value in held.made.items():
-        value = plain(value) if isinstance(value, torch.Tensor) else None
-        if key not in cache and value is not None:
-            cache[key] = value if torch.is_grad_enabled() else value.detach()
+    ours = threading.get_ident()
+    # (copied whole first: another thread may add to them meanwhile)
+    for thread, made in list(held.threads.items()):
+        for key, value in list(made.items()):
+            value = plain(value) if isinstance(value, torch.Tensor) else None
+            if key not in cache and value is not None:
+                detach = thread == ours and not torch.is_grad_enabled()
+                cache[key] = value.detach() if detach else value
     _parametrize._cache = cache
 
 
@@ -911,6 +924,8 @@ class DispatchMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if func is _MUL_SCALAR and args[0]._is_zerotensor():
+            return _zero_times_scalar(*args)
         if getattr(func, "_overloadpacket", None) is _PINV and args[0].is_complex():
             with _conjugating():
                 return self._dispatch(func, args, kwargs)
@@ -930,6 +945,24 @@ class DispatchMode(TorchDispatchMode):
 # tensor. The complex ``linalg_pinv`` kernel's ``Vh.mH() * S^+`` gave ``conj(V) S^+ U^H``
 # (values 100 % off; ``"auto"``'s watched Jacobians, rev-complex25); no other kernel found
 _PINV = torch.ops.aten.linalg_pinv
+_MUL_SCALAR = torch.ops.aten.mul.Scalar
+
+
+def _zero_times_scalar(zero: torch.Tensor, scalar: Any) -> torch.Tensor:
+    """``mul.Scalar`` of an efficient zero tensor (forward mode's tangent of a tensor without
+    one): another, as PyTorch's ``ZeroTensor`` kernel gives it. Called from a
+    ``TorchDispatchMode``, the dense kernel ran on its null data instead and the process
+    died (SIGSEGV): the forward-mode formula of ``addmm``, ``addmv``, ``addbmm``,
+    ``baddbmm`` and ``addr`` with ``beta != 1`` (``maybe_multiply(self_t, beta)``) where the
+    added tensor has no tangent (a bias), under any watch of ``f``'s ops (a later
+    ``jacobian`` of a layer ``torch.addmm(b, h, W.t(), beta=0.7)`` wider than its input)."""
+    dtype = torch.result_type(zero, scalar)
+    out: torch.Tensor = torch.ops.aten._efficientzerotensor.default(
+        list(zero.shape), dtype=dtype, device=zero.device
+    )
+    return out
+
+
 _CONJUGATE_KEYS = (torch._C.DispatchKey.Conjugate, torch._C.DispatchKey.Negative)
 
 
@@ -1379,7 +1412,14 @@ class SafeDerivatives(TorchFunctionMode):
                 return cast(torch.Tensor, out).to(args[0].dtype)
         # ``**``: looked up as ``Tensor.pow`` (Dynamo cannot guard a dict holding the
         # ``functools.wraps`` function ``Tensor.__pow__`` as a key: torch.compile failed)
-        entry = REPLACEMENTS.get(torch.Tensor.pow if func is _POW_OPERATOR else func)
+        # ``Tensor.norm`` by identity: Dynamo's guard on it as a key of the dict failed on
+        # the frame that made it (``AssertionError``: torch.compile of every forward engine
+        # through ``x.norm()`` failed, qmc27)
+        entry = (
+            _TENSOR_NORM_ENTRY
+            if func is _TENSOR_NORM
+            else REPLACEMENTS.get(torch.Tensor.pow if func is _POW_OPERATOR else func)
+        )
         if entry is None and func in _UNDERIVABLE:
             refuse_underivable(_UNDERIVABLE[func], _differentiated((args, kwargs)))
         plain = (
@@ -2104,6 +2144,7 @@ _NORM = ("LinalgVectorNormBackward",)  # every norm over vector_norm, cosine sim
 # second order, a graph the caller built with them is not refused)
 AT_ZERO_VECTORS = (*_NORM, "NormBackward", "StdBackward", "StdMeanBackward")  # std: variance 0
 _POW_OPERATOR = torch.Tensor.__pow__  # ``a ** e``: run by ``Tensor.pow``'s entry
+_TENSOR_NORM = torch.Tensor.norm  # looked up by identity (``SafeDerivatives``)
 _EIGH = "PyTorch's derivatives of it through forward mode are nan at this order"
 
 
@@ -2280,6 +2321,7 @@ REPLACEMENTS: dict[Any, Replacement] = {
         torch.linalg.tensorsolve,
     ),
 }
+_TENSOR_NORM_ENTRY = REPLACEMENTS[_TENSOR_NORM]
 
 
 def inner_backward(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:

@@ -40,7 +40,7 @@ from torchdiv._estimators.probes import PROBES, draw
 from torchdiv._estimators.registry import ESTIMATORS, STOCHASTIC_METHODS, Matmat, num_vectors
 from torchdiv._estimators.result import Estimate
 from torchdiv._estimators.sketch import Operator, Reduce, standard_error
-from torchdiv._exact.attributes import PlainAttributes, modules_of
+from torchdiv._exact.attributes import PlainAttributes
 from torchdiv._exact.state import Once
 
 MAX_PROBES = 1000
@@ -312,16 +312,18 @@ def estimate_trace(
 
     ``matmat`` is called once per chunk of vectors, twice or more by Hutch++ and XTrace (the
     sketch, then the residual probes) and once per block in the tolerance mode. Where it
-    evaluates a module it reaches (through its closure, default arguments or globals, as
-    ``divergence``'s ``f`` does: an i-ResNet's power series ``sum_k c_k (J_g^T)^k V`` by VJPs
-    through ``g``, whose train-mode spectral norm updates its buffers ``u``, ``v`` at every
-    forward; a dropout), every call starts from the state the first found, as ``f``'s
-    evaluations do in ``divergence``: each sees one operator (the same power iteration, the
-    same dropout mask), and the call leaves the buffers, the random generators and the
-    plain values of the modules ``matmat`` reaches as one evaluation did (a count of products
-    kept on such a module, ``self.calls += 1``, moves once per estimate; each call ran
-    ``g``'s power iteration once more until optim27: chunks of one estimate saw different
-    operators, 2-14% off).
+    evaluates something that changes state (an i-ResNet's power series
+    ``sum_k c_k (J_g^T)^k V`` by VJPs through ``g``, whose train-mode spectral norm updates its
+    buffers ``u``, ``v`` at every forward; a power iteration on a plain tensor; a dropout),
+    every call starts from the state the first found, as ``f``'s evaluations do in
+    ``divergence``: each sees one operator (the same power iteration, the same dropout mask),
+    and the call leaves the tensors ``matmat`` writes, the random generators and the plain
+    values of the modules it reaches (through its closure, default arguments or globals) as
+    one evaluation did (a count of products kept on such a module, ``self.calls += 1``, moves
+    once per estimate; each call ran ``g``'s power iteration once more until optim27, and
+    until rev-optim27 where ``matmat`` reached no module: chunks of one estimate saw
+    different operators, 2-14% off). A ``matmat`` over a graph kept outside it changes
+    nothing; its first call is watched all the same (~1 ms of Python an estimate).
 
     Args:
         matmat: ``V -> A V`` on ``(k,) + like.shape`` tensors (``k`` at most ``chunk_size``).
@@ -384,11 +386,13 @@ def estimate_trace(
     # each call of matmat (a chunk, Hutch++'s and XTrace's two passes, a tolerance block)
     # from the state the first found: a matmat that evaluates a module itself (an i-ResNet's
     # power series of VJPs through a train-mode spectral norm, whose power iteration moves its
-    # buffers at every forward) estimated a different operator per call, silently
-    # (not a matmat that reaches no module, the products of a graph kept outside it, where the
-    # watch of its first call would cost 1-4 ms of Python an estimate and find nothing)
+    # buffers at every forward) estimated a different operator per call, silently. Watched
+    # whatever it reaches, as divergence watches f: gated on a module found in its closure
+    # (optim27), a power iteration on a plain tensor, a functional dropout or a module three
+    # objects down ran once per chunk (0.36 off at 6 probes in chunks of 2); a matmat over a
+    # graph kept outside it pays for the watch of its first call (~1 ms, rev-optim27)
     calls = PlainAttributes(matmat)  # (the plain values of the modules matmat reaches too)
-    several = _several(s, like, batch_dims, chunk_size) and any(True for _ in modules_of(matmat))
+    several = _several(s, like, batch_dims, chunk_size)
     once = Once(like, several=several)
     try:
         op = flat_operator(fn, once(matmat), like, batch_dims, chunk_size)

@@ -346,9 +346,10 @@ class GraphJacobian:
         batch_dims: int,
         create_graph: bool,
         custom: list[Any] | None = None,
+        batches: bool = True,
     ):
         """``custom``: the custom ``autograd.Function`` nodes of ``y``'s graph, if a walk of
-        the caller's found them already."""
+        the caller's found them already; ``batches=False``: one backward pass per product."""
         self.y, self.x, self.batch_dims, self.create_graph = y, x, batch_dims, create_graph
         self.num_basis = event_numel(y, batch_dims)
         self.y_shape = y.shape
@@ -360,7 +361,8 @@ class GraphJacobian:
         if EXPANDED in self._once:  # refused before any pass writes grad_sample
             raise UndifferentiableBackward(once_differentiable_error("their gradients", [EXPANDED]))
         self._walked = False
-        self._batches = True  # False once a batched pass raised that it cannot batch y's graph
+        # False once a batched pass raised that it cannot batch y's graph, or if not ``batches``
+        self._batches = batches
         self.batch_norms: list[Any] | None = None  # the graph's, if of_function walked it
         self.guarded = False  # of_function: a plain evaluation shows (would) an op the mode changes
         # of_function: f took a backward pass with a graph under the caller's no_grad and was

@@ -35,6 +35,7 @@ import torch
 from torch.autograd.function import BackwardCFunction
 from torch.overrides import has_torch_function
 
+from torchdiv._core import walk
 from torchdiv._core.walk import Found, is_guarded
 
 aten = torch.ops.aten
@@ -167,6 +168,7 @@ def chain(
     end, at = x.grad_fn, x.output_nr
     node: Any = y.grad_fn  # (a leaf's node has ``variable``, which its stub lacks)
     nr = y.output_nr
+    bound: float = walk._FLOOR
     while node is not None:
         if node is end:
             if not (nr == at and steps):
@@ -204,6 +206,8 @@ def chain(
             if i != on and not _off_chain(other, x, met):
                 return None
         steps.append((step, node))
+        if 2 * len(steps) > bound:  # (``walk.walked``: the step's node and its transpose)
+            bound = walk.walked(2 * len(steps))
         node, nr = edges[on]
     return None
 

@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 from torch._C._autograd import _top_saved_tensors_default_hooks
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils.checkpoint import CheckpointError
 
 from torchdiv._core.basis import accumulated
 from torchdiv._core.checks import event_numel, out_of_memory
@@ -216,9 +217,25 @@ def _looped(
                 return y, [], laplacian.to(x.dtype).reshape(y.shape), create_graph
         if settings.chain_only and not _debugging(x):  # the chain gave way for f itself:
             settings.chain = False  # later calls take the Taylor engine
-        with graphs_kept(found.custom, SECOND_DERIVATIVES):
-            rows, laplacian = _loop(y, x_in, batch_dims, create_graph, batched, coordinates)
+        try:
+            with graphs_kept(found.custom, SECOND_DERIVATIVES):
+                rows, laplacian = _loop(y, x_in, batch_dims, create_graph, batched, coordinates)
+        except CheckpointError as error:
+            if settings.plain:  # (f evaluated as the checkpoint recomputes it: not ours)
+                raise
+            raise CheckpointError(f"{CHECKPOINTED_REPLACEMENT} ({error})") from error
     return y, rows, laplacian, create_graph
+
+
+# f evaluated under SafeDerivatives, a non-reentrant checkpoint in it recomputing its region in
+# the backward passes with PyTorch's ops: another number of saved tensors (qmc27)
+CHECKPOINTED_REPLACEMENT = (
+    "torchdiv: f runs an op that the loop of backward passes evaluates by its own equivalent "
+    "(a norm, layer_norm, det, attention on the math backend: PyTorch's derivatives of it are "
+    "wrong at the order taken, or missing) inside a "
+    "non-reentrant torch.utils.checkpoint, which recomputes its region in the backward passes "
+    "with PyTorch's op; use method='taylor' (or 'auto'), or take the op out of the checkpoint"
+)
 
 
 def _debugging(x: torch.Tensor) -> bool:

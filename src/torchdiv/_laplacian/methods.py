@@ -36,6 +36,7 @@ from torchdiv._core.mixing.watch import Verdicts, verdicts
 from torchdiv._core.mixing.watch import watched as mixing_watched
 from torchdiv._core.modes import recorded
 from torchdiv._core.tie import tied
+from torchdiv._core.walk import GraphTooDeep
 from torchdiv._exact.attributes import unwrap_between_evaluations
 from torchdiv._exact.forward import ForwardJacobian, holds_dual_level, under_tangents
 from torchdiv._exact.plan import WITHOUT_FORWARD_RULE
@@ -215,9 +216,15 @@ def _fallen_back(
     f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None, plan: Loop | Nested
 ) -> torch.Tensor:
     """``"auto"``'s Laplacian by ``plan``: the loop of backward passes, or forward over
-    reverse."""
+    reverse; forward over reverse too where the loop's walk of ``f``'s graph stopped
+    (``walk.GraphTooDeep``: a graph too deep to free once walked, an ODE solve of thousands
+    of steps), which walks nothing (its own fallback, the loop, raises that again)."""
     if isinstance(plan, Loop):
-        return looped(f, x, batch_dims, chunk_size, plan)
+        try:
+            return looped(f, x, batch_dims, chunk_size, plan)
+        except GraphTooDeep:
+            deep = Nested(event_numel(x, batch_dims), watch=plan.check == "watch")
+            return nested(f, x, batch_dims, chunk_size, deep)
     return nested(f, x, batch_dims, chunk_size, plan)
 
 
@@ -841,24 +848,33 @@ def hessian_products(
     batch_dims: int,
     directions: torch.Tensor,
     way_out: str = NESTED_WAY_OUT,
+    gradients: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Size]:
     """``H_{b,i} v_j`` for every sample ``b``, output ``i`` and direction ``v_j`` (``(k,) +
     x.shape``), shape ``(k, m, N, n)``, and ``f(x).shape``: JVPs of the per-sample gradients.
     ``way_out``: what the error for an op whose derivatives through forward mode are refused
-    (``WrongDerivatives``) tells the caller to use instead."""
+    (``WrongDerivatives``) tells the caller to use instead. ``gradients``: a list to which the
+    gradients themselves (the JVPs' primal, ``(m,) + x.shape``) are appended."""
     grads = _Gradients(under_tangents(f, 3, way_out), batch_dims)
-    columns = ForwardJacobian(grads, x, batch_dims, order=None).apply(directions)
+    engine = ForwardJacobian(grads, x, batch_dims, order=None)
+    columns = engine.apply(directions)
+    if gradients is not None:
+        gradients.append(engine.y)
     k, m = columns.shape[:2]
     n_samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
     return columns.reshape(k, m, n_samples, n), grads.y_shape
 
 
 def products_along(
-    f: Function, batch_dims: int, directions: torch.Tensor, way_out: str = NESTED_WAY_OUT
+    f: Function,
+    batch_dims: int,
+    directions: torch.Tensor,
+    way_out: str = NESTED_WAY_OUT,
+    gradients: list[torch.Tensor] | None = None,
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Size]]:
-    """``x -> hessian_products(f, x, batch_dims, directions, way_out)``, for ``Once`` to
-    wrap."""
-    return lambda x: hessian_products(f, x, batch_dims, directions, way_out)
+    """``x -> hessian_products(f, x, batch_dims, directions, way_out, gradients)``, for
+    ``Once`` to wrap."""
+    return lambda x: hessian_products(f, x, batch_dims, directions, way_out, gradients)
 
 
 def forward_over_reverse(
@@ -868,10 +884,13 @@ def forward_over_reverse(
     chunk_size: int | None,
     share: Share = WHOLE,
     each: Once | None = None,
+    gradients: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The Laplacian (the part of a ``share`` of the directions, which must not be empty) by
     Hessian columns, JVPs of the per-sample gradients, keeping only the diagonal entries.
-    ``each``: the caller's ``Once``, whose evaluations of ``f`` every chunk's starts from."""
+    ``each``: the caller's ``Once``, whose evaluations of ``f`` every chunk's starts from.
+    ``gradients``: a list to which the first chunk's gradients (``(m,) + x.shape``, the JVPs'
+    primal: the pullback the Laplacian differentiates) are appended."""
     n = event_numel(x, batch_dims)
     pieces = list(share.chunks(n, chunk_size or n))
     each = each or Once(x, len(pieces) > 1)  # f evaluated once per chunk: from one state
@@ -879,8 +898,9 @@ def forward_over_reverse(
     def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
         for start, stop in pieces:
             directions = basis(start, stop, x, batch_dims)
+            kept = gradients if gradients is not None and not gradients else None
             # f's own evaluation watched, not its backward and tangent passes (see hutchinson)
-            columns, y_shape = products_along(each(f), batch_dims, directions)(x)
+            columns, y_shape = products_along(each(f), batch_dims, directions, gradients=kept)(x)
             unwrap_between_evaluations()
             j = torch.arange(stop - start, device=x.device)
             yield columns[j, :, :, start + j].sum(0), y_shape  # (m, N): entries (start+j, start+j)

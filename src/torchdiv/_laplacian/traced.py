@@ -52,7 +52,7 @@ import torch
 from torch._C._functorch import is_functorch_wrapped_tensor, peek_interpreter_stack
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchdiv._core import batch_sizes
+from torchdiv._core import batch_sizes, walk
 from torchdiv._core.mixing.errors import watched
 from torchdiv._structured import replay
 from torchdiv._structured.replay import Held
@@ -297,6 +297,7 @@ def _custom(node: Any, seen: set[int]) -> bool:
     """Whether the autograd graph below ``node`` holds a custom ``autograd.Function``, whose
     backward a replay of its forward's ATen calls would not run."""
     stack = [node]
+    inner, bound = 0, float(walk._FLOOR)  # (nodes expanded: ``walk.walked``)
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
@@ -304,7 +305,12 @@ def _custom(node: Any, seen: set[int]) -> bool:
         seen.add(id(node))
         if isinstance(node, torch.autograd.function.BackwardCFunction):
             return True
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        children = node.next_functions
+        if children:
+            inner += 1
+            if inner > bound:
+                bound = walk.walked(inner)
+            stack.extend(next_node for next_node, _ in children)
     return False
 
 

@@ -26,7 +26,7 @@ a graph of the same structure (a later call of ``f``) along them, without walkin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -325,16 +325,17 @@ class _Walker:
         w_in, w_out = a.numel() // self.n, y.numel() // self.n
         if w_in * w_out > MAX_MATRIX:
             return None
+        at = _Moving(a.shape, self.n, w_out, a.dtype, a.device)
         key = _shape_key((node.args, node.kwargs), source, self.value)
         if key is not None and w_in * w_out <= KEPT_MATRIX:
-            return _kept_moved(node.func, key, a.shape, self.n, w_out, a.dtype, a.device)
+            return _kept_moved(node.func, key, at)
         indexed = node.func in _INDEXED
 
         def index(v: Any) -> Any:
             return _index(v, source, self.value, a.shape, indexed)
 
         arguments, keywords = map_leaves(index, node.args), map_leaves(index, node.kwargs)
-        return _moved(node.func, arguments, keywords, a.shape, self.n, w_out, a.dtype, a.device)
+        return _moved(node.func, arguments, keywords, at)
 
 
 KEPT_MATRIX = 1 << 16  # elements of a data-movement matrix kept across calls (``_kept_moved``)
@@ -398,47 +399,35 @@ def _unkeyed(v: Any, shape: torch.Size) -> Any:
     return v
 
 
+class _Moving(NamedTuple):
+    """Where a data-movement op moves elements: ``x``'s tensor (``shape``, ``n`` samples) to
+    ``w_out`` elements per sample, and the matrix's ``dtype`` and ``device``."""
+
+    shape: torch.Size
+    n: int
+    w_out: int
+    dtype: torch.dtype
+    device: torch.device
+
+
 @cached(64)
-def _kept_moved(
-    func: Any,
-    key: Any,
-    shape: torch.Size,
-    n: int,
-    w_out: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> tuple[Shared, ...] | None:
+def _kept_moved(func: Any, key: Any, at: _Moving) -> tuple[Shared, ...] | None:
     """``_moved`` of arguments that ``_shape_key`` gave ``key``: the same for every call of
     those shapes (kept; its matrix is never written to)."""
     arguments, keywords = key
-    return _moved(
-        func,
-        _unkeyed(arguments, shape),
-        {name: _unkeyed(v, shape) for name, v in keywords},
-        shape,
-        n,
-        w_out,
-        dtype,
-        device,
-    )
+    unkeyed = {name: _unkeyed(v, at.shape) for name, v in keywords}
+    return _moved(func, _unkeyed(arguments, at.shape), unkeyed, at)
 
 
 def _moved(
-    func: Any,
-    arguments: Any,
-    keywords: dict[str, Any],
-    shape: torch.Size,
-    n: int,
-    w_out: int,
-    dtype: torch.dtype,
-    device: torch.device,
+    func: Any, arguments: Any, keywords: dict[str, Any], at: _Moving
 ) -> tuple[Shared, ...] | None:
     """A data-movement op as a 0/1 matrix ``(w_out, w_in)``, found by moving element indices
     through it on the CPU (a plan never waits for the device): its arguments as ``_index``
     gives them, where floating constants are ``-1`` (padding too), so every output element
-    names its source in ``x``'s tensor (``shape``, ``n`` samples) or none. ``()`` for the
-    identity on every sample's flattened event (a reshape, a copy); ``None`` where an element
-    moves to another sample."""
+    names its source in ``x``'s tensor or none. ``()`` for the identity on every sample's
+    flattened event (a reshape, a copy); ``None`` where an element moves to another sample."""
+    shape, n, w_out = at.shape, at.n, at.w_out
     w_in = shape.numel() // n
     with host_planning():
         if func == aten.constant_pad_nd.default:
@@ -450,9 +439,9 @@ def _moved(
         source_index, kept = moved[0] % w_in, moved[0] >= 0
         if w_in == w_out and bool(kept.all()) and torch.equal(source_index, torch.arange(w_in)):
             return ()
-        matrix = torch.zeros(w_out, w_in, dtype=dtype)
+        matrix = torch.zeros(w_out, w_in, dtype=at.dtype)
         matrix[torch.arange(w_out)[kept], source_index[kept]] = 1
-    return (Shared(to_device(matrix, device)),)
+    return (Shared(to_device(matrix, at.device)),)
 
 
 def _is(v: Any, ref: Ref) -> bool:

@@ -1128,14 +1128,18 @@ def lifted(func: Any, args: Any) -> bool:
 
 def _storage(t: torch.Tensor) -> int:
     """Where ``t``'s elements live (views share it); a tensor without storage is its own. A
-    meta or ``FakeTensorMode`` tensor has no memory (its ``data_ptr`` is 0, deprecated for a
-    fake one): its storage object stands for it. (A plain tensor's type is tested first: the
-    ``FakeTensor`` test cost ~5 us a watched call, 39 of these, perfcheck23.)"""
+    meta or ``FakeTensorMode`` tensor, or an empty one, has no memory (its ``data_ptr`` is 0,
+    deprecated for a fake one): its storage object stands for it, which its views share (the
+    Python tensor did before: a view of an empty tensor ``f`` made, written in place, was a
+    write to another storage, outside ``f``, whose version counter ``_exact.state.Changes``
+    set back between evaluations; the first's graph then raised "modified by an inplace
+    operation"). (A plain tensor's type is tested first: the ``FakeTensor`` test cost ~5 us
+    a watched call, 39 of these, perfcheck23.)"""
     try:
         if type(t) is not torch.Tensor and isinstance(t, FakeTensor):
             return t.untyped_storage()._cdata
         storage = t.untyped_storage()
-        return storage.data_ptr() or (storage._cdata if t.is_meta else id(t))
+        return storage.data_ptr() or storage._cdata
     except (RuntimeError, NotImplementedError):  # sparse, nested, ...
         return id(t)
 

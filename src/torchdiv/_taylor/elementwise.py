@@ -58,8 +58,18 @@ def _sigmoid(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return d1, d1 * (1 - 2 * y)
 
 
+def _step(t: Tensor) -> Tensor:
+    """``1`` where ``t > 0``, else ``0`` (``nan`` at ``nan``), in ``t``'s dtype, by two
+    arithmetic ops: on the CPU a comparison, a cast and ``where`` or ``masked_fill`` each took
+    3-20x an ``exp`` of the same tensor (a (256, 64) float32 tensor, one thread: ``x > 0``
+    13-17 us, ``torch.where`` 70-85 us, ``masked_fill`` 78 us, ``clamp`` then ``sign`` 6 us;
+    ELU's first and second derivatives 205 -> ~30 us, a quarter of the structured engine's
+    D = 8 divergence of zuko's CNF velocity)."""
+    return t.clamp(min=0).sign()
+
+
 def _relu(x: Tensor, y: Tensor) -> tuple[Tensor, None]:
-    return (x > 0).to(x.dtype), None
+    return _step(x), None
 
 
 def _gelu(x: Tensor, y: Tensor, approximate: str = "none") -> tuple[Tensor, Tensor]:
@@ -87,22 +97,22 @@ def _silu(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _softplus(x: Tensor, y: Tensor, beta: float = 1.0, threshold: float = 20.0):  # type: ignore[no-untyped-def]
-    linear = x * beta > threshold
+    linear = _step(x * beta - threshold)  # (exact near the threshold: Sterbenz)
     s = torch.sigmoid(beta * x)
-    return s.masked_fill(linear, 1), (beta * s * (1 - s)).masked_fill(linear, 0)
+    return s + (1 - s) * linear, beta * s * (1 - s) * (1 - linear)
 
 
 def _elu(x: Tensor, y: Tensor, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0):  # type: ignore[no-untyped-def]
     # the exponential of the negative side only: exp(input_scale * x) overflows at a large
     # positive x (88.7 / input_scale in float32) and where's backward gives 0 * inf = nan there
     d1_neg = scale * alpha * input_scale * torch.exp(input_scale * x.clamp(max=0))
-    positive = x > 0
-    d1 = torch.where(positive, torch.full_like(x, scale), d1_neg)
-    return d1, torch.where(positive, torch.zeros_like(x), d1_neg * input_scale)
+    positive = _step(x)
+    negative = d1_neg * (1 - positive)
+    return scale * positive + negative, negative * input_scale
 
 
 def _leaky_relu(x: Tensor, y: Tensor, slope: float = 0.01) -> tuple[Tensor, None]:
-    return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope)), None
+    return slope + (1 - slope) * _step(x), None
 
 
 def _pow(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
