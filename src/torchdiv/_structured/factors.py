@@ -329,8 +329,12 @@ class _Walker:
         key = _shape_key((node.args, node.kwargs), source, self.value)
         if key is not None and w_in * w_out <= KEPT_MATRIX:
             return _kept_moved(node.func, key, at)
-        arguments = map_leaves(lambda v: _index(v, source, self.value, a.shape), node.args)
-        keywords = map_leaves(lambda v: _index(v, source, self.value, a.shape), node.kwargs)
+        indexed = node.func in _INDEXED
+
+        def index(v: Any) -> Any:
+            return _index(v, source, self.value, a.shape, indexed)
+
+        arguments, keywords = map_leaves(index, node.args), map_leaves(index, node.kwargs)
         return _moved(node.func, arguments, keywords, at)
 
 
@@ -345,15 +349,21 @@ class _Mark:
 _SOURCE, _FLOAT = _Mark(), _Mark()
 
 
-def _index(v: Any, source: Ref, value: Any, shape: torch.Size) -> Any:
+# the data-movement ops whose integer tensor argument is an index (its values move the
+# elements); elsewhere one is data (``cat`` promotes an integer column beside ``x``)
+_INDEXED = frozenset({aten.index_select.default})
+
+
+def _index(v: Any, source: Ref, value: Any, shape: torch.Size, indexed: bool) -> Any:
     """An argument of a data-movement op as element indices: ``source``'s (``shape``) their
-    positions, a floating constant ``-1`` (no source), an integer tensor (an index) itself."""
+    positions, another tensor ``-1`` (a constant: no source), but an integer tensor of an
+    ``indexed`` op (an index) itself."""
     if _is(v, source):
         return torch.arange(shape.numel()).reshape(shape)
     v = value(v)
     if not isinstance(v, Tensor):
         return v
-    return torch.full(v.shape, -1) if v.is_floating_point() else v.cpu()
+    return v.cpu() if indexed and not v.is_floating_point() else torch.full(v.shape, -1)
 
 
 def _shape_key(v: Any, source: Ref, value: Any) -> Any:
