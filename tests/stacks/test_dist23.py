@@ -146,25 +146,27 @@ def _reference_steps(name: str, op: str, micro: int) -> list[list[torch.Tensor]]
 
 
 def _count_chains() -> dict[str, int]:
-    """This process's count of the chains taken (``_exact.chain`` products,
-    ``_laplacian.chain`` Laplacians given), from now on."""
+    """This process's count of the chains taken (``_exact.chain`` products, rows from the top
+    layer's or traces by cyclicity given; ``_laplacian.chain`` Laplacians given), from now
+    on."""
     from torchdiv._exact import autograd
     from torchdiv._laplacian import loop
 
     counts = {"jacobian": 0, "laplacian": 0}
-    products, laplacian = autograd.chain_products, loop.chain_laplacian
 
-    def counted_products(*args: Any, **kwargs: Any) -> torch.Tensor:
-        counts["jacobian"] += 1
-        return products(*args, **kwargs)
+    def counted(module: Any, name: str, kind: str) -> None:
+        original = getattr(module, name)
 
-    def counted_laplacian(*args: Any) -> torch.Tensor | None:
-        out = laplacian(*args)
-        counts["laplacian"] += out is not None
-        return out
+        def call(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+            out = original(*args, **kwargs)
+            counts[kind] += out is not None
+            return out
 
-    autograd.chain_products = counted_products
-    loop.chain_laplacian = counted_laplacian
+        setattr(module, name, call)
+
+    for name in ("chain_products", "unit_products", "chain_trace"):
+        counted(autograd, name, "jacobian")
+    counted(loop, "chain_laplacian", "laplacian")
     return counts
 
 
