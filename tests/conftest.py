@@ -521,6 +521,19 @@ def chained(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+@pytest.fixture
+def chain_taken(monkeypatch: pytest.MonkeyPatch) -> Callable[[], bool]:
+    """Whether ``GraphJacobian`` has taken a result from the chain (``_exact.chain``) since
+    the fixture was made, in any of its ways: products of a basis, rows from the top layer's,
+    a trace by cyclicity (``False``: the engine ran instead)."""
+    from torchdiv._exact import autograd
+
+    rows = answers(monkeypatch, autograd, "unit_products")
+    traces = answers(monkeypatch, autograd, "chain_trace")
+    products = answers(monkeypatch, autograd, "chain_products")
+    return lambda: any(rows) or any(traces) or any(products)
+
+
 def jacobian_alone(f, x: torch.Tensor) -> torch.Tensor:
     """Each sample's Jacobian ``(B, m, n)``, ``f`` evaluated on that sample alone (a batch of
     one), row by row by ``autograd.grad`` with ``create_graph`` (differentiable in what ``f``

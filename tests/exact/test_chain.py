@@ -177,7 +177,7 @@ def test_the_trace_by_cyclicity_gives_the_loop_s_values_and_parameter_gradients(
                 assert_same_parameter_gradients(net, ours.square().sum(), theirs.square().sum())
 
 
-def test_an_off_chain_input_that_reaches_x_takes_the_engine(chained):
+def test_an_off_chain_input_that_reaches_x_takes_the_engine(chain_taken):
     """``addmm``'s bias computed from ``x`` (``sin(x) + x @ W``, Jacobian ``W^T + diag(cos
     x)``): the walk along ``mat1`` alone would miss ``diag(cos x)``; the engine runs."""
     torch.manual_seed(0)
@@ -191,11 +191,11 @@ def test_an_off_chain_input_that_reaches_x_takes_the_engine(chained):
     for _ in range(2):
         assert_close(torchdiv.jacobian(f, x), want)
         assert_close(torchdiv.divergence(f, x), want.diagonal(dim1=1, dim2=2).sum(-1))
-    assert not chained
+    assert not chain_taken()
 
 
 @pytest.mark.parametrize("activation", [torch.nn.SiLU, torch.nn.Mish])
-def test_nodes_not_listed_take_the_engine(chained, activation):
+def test_nodes_not_listed_take_the_engine(chain_taken, activation):
     """SiLU's and Mish's nodes call another function under grad mode than ``silu_backward``
     (which has no derivative): not listed, the engine runs them, values and parameter
     gradients right."""
@@ -207,10 +207,10 @@ def test_nodes_not_listed_take_the_engine(chained, activation):
         got = torchdiv.jacobian_diagonal(net, x)
         assert_close(got, want)
     assert_same_parameter_gradients(net, got.sum(), want.sum())
-    assert not chained
+    assert not chain_taken()
 
 
-def test_the_graph_form_runs_the_caller_s_hooks(chained):
+def test_the_graph_form_runs_the_caller_s_hooks(chain_taken):
     """A caller's graph (``graph_divergence``) may hold gradient hooks torchdiv never saw
     registered (here one halving the gradient through the hidden layer): the engine runs
     them, as the graph form always did, and the chain is not taken."""
@@ -223,7 +223,7 @@ def test_the_graph_form_runs_the_caller_s_hooks(chained):
     y = net[2:](hidden)
     rows = [torch.autograd.grad(y[:, i].sum(), x, retain_graph=True)[0][:, i] for i in range(2)]
     assert_close(torchdiv.graph_divergence(y, x), sum(rows))
-    assert not chained
+    assert not chain_taken()
 
 
 def test_search_tells_every_chain_node() -> None:

@@ -113,7 +113,7 @@ def test_node_kinds_by_type_are_those_by_name_or_none() -> None:
 
 
 @pytest.mark.parametrize("how", ["function", "t_copy"])
-def test_nodes_that_look_like_steps_give_the_loop_s_values_and_gradients(chained, how) -> None:
+def test_nodes_that_look_like_steps_give_the_loop_s_values_and_gradients(chain_taken, how) -> None:
     """A straight-through ``Function`` (the chain's tanh formula would differ) and a
     ``t_copy`` weight: divergence on a later call (the first is watched) and its parameter
     gradients as the float64 loop of ``autograd.grad`` (the custom backward's identity)."""
@@ -126,7 +126,7 @@ def test_nodes_that_look_like_steps_give_the_loop_s_values_and_gradients(chained
     assert_close(got, want)
     assert_gradients_as(net, got.square().sum(), net, want.square().sum())
     if how == "function":
-        assert not chained  # (a custom Function's node: never a step)
+        assert not chain_taken()  # (a custom Function's node: never a step)
 
 
 # --- rev-export22: SymPy values in the key -----------------------------------------------
