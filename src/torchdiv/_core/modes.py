@@ -43,6 +43,7 @@ from torchdiv._core import linalg as _linalg
 from torchdiv._core.ddp import in_process_group, one_forward, spans_peers
 from torchdiv._core.power import plain_exponent, power
 from torchdiv._core.script import attribute, cached, call_ended, call_started, cell_contents
+from torchdiv._core.subclass import plain_unwrapped
 from torchdiv._core.versions import slope
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -765,13 +766,11 @@ def _recached(cache: dict[tuple[int, str], Any]) -> None:
     if not _parametrize._cache_enabled:
         _parametrize._cache = {}
         return
-    from torchdiv._exact.attributes import plain  # (which imports this module)
-
     ours = threading.get_ident()
     # (copied whole first: another thread may add to them meanwhile)
     for thread, made in list(held.threads.items()):
         for key, value in list(made.items()):
-            value = plain(value) if isinstance(value, torch.Tensor) else None
+            value = plain_unwrapped(value) if isinstance(value, torch.Tensor) else None
             if key not in cache and value is not None:
                 detach = thread == ours and not torch.is_grad_enabled()
                 cache[key] = value.detach() if detach else value

@@ -11,7 +11,12 @@ the caller's ``x`` before ``f`` sees it (a view, a shifted point) gets ``x``'s a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch._C._functorch import get_unwrapped, is_gradtrackingtensor, maybe_get_level
+
+DEAD_LEVEL = -2  # maybe_get_level of a torch.func wrapper whose transform has ended
 
 
 def plain_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -33,3 +38,23 @@ def attributes_of(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not hasattr(t, name):
             setattr(t, name, value)
     return t
+
+
+def dead_unwrapped(value: Any) -> Any:
+    """``value`` under the ``torch.func`` wrappers around it whose transforms have ended
+    (``value`` itself if there is none)."""
+    while (
+        type(value) is torch.Tensor
+        and is_gradtrackingtensor(value)
+        and maybe_get_level(value) == DEAD_LEVEL
+    ):
+        value = get_unwrapped(value)
+    return value
+
+
+def plain_unwrapped(value: torch.Tensor) -> torch.Tensor | None:
+    """``value`` under the dead wrappers around it (``dead_unwrapped``), if that is a plain
+    tensor (not a wrapper of a transform, live or dead, that cannot be taken off: a
+    ``vmap``'s); else ``None``."""
+    value = dead_unwrapped(value)
+    return value if maybe_get_level(value) == -1 else None

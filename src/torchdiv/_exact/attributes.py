@@ -30,12 +30,13 @@ from itertools import islice
 from typing import Any
 
 import torch
-from torch._C._functorch import get_unwrapped, is_gradtrackingtensor, maybe_get_level
+from torch._C._functorch import maybe_get_level
 
 from torchdiv._core import settings
+from torchdiv._core.subclass import DEAD_LEVEL as _DEAD
+from torchdiv._core.subclass import dead_unwrapped as _plain
 from torchdiv._taylor.cache import named
 
-_DEAD = -2  # maybe_get_level of a wrapper whose transform has ended
 # [whether an engine evaluated f under torch.func transforms] of the public call in flight
 _TRANSFORMED: ContextVar[list[bool] | None] = ContextVar("_TRANSFORMED", default=None)
 
@@ -229,22 +230,3 @@ def _unwrap_values(held: dict[str, Any] | list[Any]) -> None:
     for key, value in held.items() if isinstance(held, dict) else enumerate(held):
         if type(value) is torch.Tensor and maybe_get_level(value) == _DEAD:
             held[key] = _plain(value)  # type: ignore[index]  # (same key: the size stays)
-
-
-def _plain(value: Any) -> Any:
-    """``value`` under the dead wrappers around it (``value`` itself if it is none)."""
-    while (
-        type(value) is torch.Tensor
-        and is_gradtrackingtensor(value)
-        and maybe_get_level(value) == _DEAD
-    ):
-        value = get_unwrapped(value)
-    return value
-
-
-def plain(value: torch.Tensor) -> torch.Tensor | None:
-    """``value`` under the dead wrappers around it, if that is a plain tensor (not a wrapper
-    of a transform, live or dead, that ``_plain`` cannot take off: a ``vmap``'s); else
-    ``None``."""
-    value = _plain(value)
-    return value if maybe_get_level(value) == -1 else None
