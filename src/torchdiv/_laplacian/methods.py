@@ -202,7 +202,7 @@ def _recorded_auto(
             return out
         recording = plan
         plan, chunk_size = at_this_call(fallback(plan, x, batch_dims, chunk)), chunk
-        out = _fallen_back(f, x, batch_dims, chunk_size, plan)
+        out = _fallen_back(f, x, batch_dims, chunk_size, plan, recording.undo)
         try:  # the recording was evaluation one: the fallback's must write what it wrote
             wrote_alike(recording.wrote or [])
         except ValueError:
@@ -213,16 +213,32 @@ def _recorded_auto(
 
 
 def _fallen_back(
-    f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None, plan: Loop | Nested
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    plan: Loop | Nested,
+    undo: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """``"auto"``'s Laplacian by ``plan``: the loop of backward passes, or forward over
     reverse; forward over reverse too where the loop's walk of ``f``'s graph stopped
     (``walk.GraphTooDeep``: a graph too deep to free once walked, an ODE solve of thousands
-    of steps), which walks nothing (its own fallback, the loop, raises that again)."""
+    of steps), which walks nothing (its own fallback, the loop, raises that again). ``undo``:
+    puts back the state from before a recording of ``f`` (``Graph.undo``), which the loop's
+    evaluation then changed as the recording did: called before forward over reverse
+    evaluates ``f`` again there (without it a buffer written in place moved twice, refused
+    by ``wrote_alike``, and a dropout's generator was drawn from twice, rev-merges27). That
+    fallback is remembered for ``f``'s structure (``_REFUSED``): a later call that looped
+    first, unrecorded, moved its buffers twice (a running average at every call)."""
     if isinstance(plan, Loop):
         try:
             return looped(f, x, batch_dims, chunk_size, plan)
         except GraphTooDeep:
+            if undo is not None:
+                undo()
+            # later calls at f's structure: forward over reverse straight away, whose
+            # evaluations start from one state (here the loop's had changed it already)
+            _REFUSED.put(_site(f), f, x, batch_dims, Nested(event_numel(x, batch_dims)))
             deep = Nested(event_numel(x, batch_dims), watch=plan.check == "watch")
             return nested(f, x, batch_dims, chunk_size, deep)
     return nested(f, x, batch_dims, chunk_size, plan)
