@@ -148,3 +148,32 @@ def test_past_the_bound_the_laplacian_draws_once(small_stack: None) -> None:
         torch.manual_seed(3)
         net(x)
         assert torch.equal(after, torch.rand(4)), call
+
+
+class _DeepField(_Deep):
+    """``_Deep`` without the FFT: a square field (divergence, diagonal) of 64 steps."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        h = self.drop(z)
+        for _ in range(64):
+            h = h + 0.01 * torch.tanh(self.lin(h))
+        return h
+
+
+@pytest.mark.parametrize("operator", ["divergence", "jacobian_diagonal", "laplacian"])
+def test_past_the_bound_later_calls_change_buffers_once(small_stack: None, operator: str) -> None:
+    """Later calls evaluate f unwatched first (plain autograd's rows; the Laplacian's loop,
+    remembered as faster at 3 inputs), whose walk stops: the engine after it evaluated f
+    again, its buffer moved twice a call (silently: a running average one step ahead)."""
+    torch.manual_seed(0)
+    net, x = _DeepField(), torch.randn(5, 3, dtype=torch.float64)
+    calls = {
+        "divergence": lambda: torchdiv.divergence(net, x),
+        "jacobian_diagonal": lambda: torchdiv.jacobian_diagonal(net, x),
+        "laplacian": lambda: torchdiv.laplacian(lambda z: net(z).sum(-1), x),
+    }
+    for call in range(4):
+        net.count.zero_()
+        calls[operator]()
+        assert net.count.item() == 1, call
