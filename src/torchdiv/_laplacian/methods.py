@@ -38,6 +38,7 @@ from torchdiv._core.modes import recorded
 from torchdiv._core.tie import tied
 from torchdiv._core.walk import GraphTooDeep
 from torchdiv._exact.attributes import unwrap_between_evaluations
+from torchdiv._exact.autograd import written_once
 from torchdiv._exact.forward import ForwardJacobian, holds_dual_level, under_tangents
 from torchdiv._exact.plan import WITHOUT_FORWARD_RULE
 from torchdiv._exact.state import Once, unchanged, wrote_alike
@@ -229,18 +230,23 @@ def _fallen_back(
     evaluates ``f`` again there (without it a buffer written in place moved twice, refused
     by ``wrote_alike``, and a dropout's generator was drawn from twice, rev-merges27). That
     fallback is remembered for ``f``'s structure (``_REFUSED``): a later call that looped
-    first, unrecorded, moved its buffers twice (a running average at every call)."""
+    first, unrecorded, moved its buffers twice (a running average at every call). A call
+    without a recording (a loop remembered for speed, past the bound only now) has forward
+    over reverse's writes put back after it (``written_once``: buffers move once; its
+    evaluations read the loop's, and the generators are drawn from twice there)."""
     if isinstance(plan, Loop):
         try:
             return looped(f, x, batch_dims, chunk_size, plan)
         except GraphTooDeep:
-            if undo is not None:
-                undo()
             # later calls at f's structure: forward over reverse straight away, whose
             # evaluations start from one state (here the loop's had changed it already)
             _REFUSED.put(_site(f), f, x, batch_dims, Nested(event_numel(x, batch_dims)))
             deep = Nested(event_numel(x, batch_dims), watch=plan.check == "watch")
-            return nested(f, x, batch_dims, chunk_size, deep)
+            if undo is not None:
+                undo()
+                return nested(f, x, batch_dims, chunk_size, deep)
+            with written_once(x):  # (unrecorded: its writes put back after, as the loop's)
+                return nested(f, x, batch_dims, chunk_size, deep)
     return nested(f, x, batch_dims, chunk_size, plan)
 
 
