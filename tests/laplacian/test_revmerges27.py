@@ -177,3 +177,31 @@ def test_past_the_bound_later_calls_change_buffers_once(small_stack: None, opera
         net.count.zero_()
         calls[operator]()
         assert net.count.item() == 1, call
+
+
+@pytest.mark.parametrize("fft", [False, True])
+def test_past_the_bound_value_grad_laplacian_auto(small_stack: None, fft: bool) -> None:
+    """``"auto"``'s loop (remembered as faster, or the Taylor engine's fallback at an FFT)
+    raised ``GraphTooDeep`` at every later call: the three separately now, right, ``f``'s
+    buffer moved once a call."""
+    torch.manual_seed(0)
+    net, x = (_Deep() if fft else _DeepField()), torch.randn(5, 3, dtype=torch.float64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return net(z) if fft else net(z).sum(-1)
+
+    gradients, laplacians = [], []
+    for b in range(len(x)):  # float64 per-sample loop of autograd.grad twice
+        xb = x[b].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(xb[None])[0], xb, create_graph=True)
+        gradients.append(g.detach())
+        laplacians.append(
+            sum(torch.autograd.grad(g[i], xb, retain_graph=True)[0][i] for i in range(3))
+        )
+    for call in range(3):
+        net.count.zero_()
+        out = torchdiv.value_grad_laplacian(f, x)
+        assert net.count.item() == 1, call
+        # float64: rounding only, through 64 steps
+        torch.testing.assert_close(out.gradient, torch.stack(gradients), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out.laplacian, torch.stack(laplacians), rtol=1e-10, atol=1e-10)
