@@ -238,9 +238,7 @@ def _fallen_back(
         try:
             return looped(f, x, batch_dims, chunk_size, plan)
         except GraphTooDeep:
-            # later calls at f's structure: forward over reverse straight away, whose
-            # evaluations start from one state (here the loop's had changed it already)
-            _REFUSED.put(_site(f), f, x, batch_dims, Nested(event_numel(x, batch_dims)))
+            too_deep(f, x, batch_dims)
             deep = Nested(event_numel(x, batch_dims), watch=plan.check == "watch")
             if undo is not None:
                 undo()
@@ -248,6 +246,14 @@ def _fallen_back(
             with written_once(x):  # (unrecorded: its writes put back after, as the loop's)
                 return nested(f, x, batch_dims, chunk_size, deep)
     return nested(f, x, batch_dims, chunk_size, plan)
+
+
+def too_deep(f: Function, x: torch.Tensor, batch_dims: int) -> None:
+    """Remember that the loop's walk of ``f``'s graph stopped (``GraphTooDeep``) at ``f``'s
+    structure: later calls there take forward over reverse straight away (``_REFUSED``),
+    whose evaluations start from one state, not the loop's unwatched evaluation first, whose
+    writes and draws nothing could put back (rev-merges27)."""
+    _REFUSED.put(_site(f), f, x, batch_dims, Nested(event_numel(x, batch_dims)))
 
 
 def fallback(graph: Graph, x: torch.Tensor, batch_dims: int, chunk: int) -> Loop | Nested:
