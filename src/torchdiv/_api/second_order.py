@@ -61,8 +61,10 @@ from torchdiv._core.modes import SafeDerivatives, eager_when, outside_inference_
 from torchdiv._core.nested import NestedForward
 from torchdiv._core.script import faking
 from torchdiv._core.tie import tied
+from torchdiv._core.walk import GraphTooDeep
 from torchdiv._estimators import trace as _trace
 from torchdiv._exact.attributes import unwrap_between_evaluations
+from torchdiv._exact.autograd import written_once
 from torchdiv._exact.state import Once, unchanged
 from torchdiv._laplacian import loop as _loop
 from torchdiv._laplacian import methods, traced
@@ -568,7 +570,12 @@ def value_grad_laplacian(
         if isinstance(plan, methods.Nested):  # refused before: f watched, then the three
             return _separately_or_looped(g, x, batch_dims, chunk_size or plan.chunk, index)
         if isinstance(plan, methods.Loop):
-            looped = _looped(g, x, batch_dims, plan, index)
+            try:
+                looped = _looped(g, x, batch_dims, plan, index)
+            except GraphTooDeep:  # (its evaluation unwatched: its writes put back after)
+                methods.too_deep(g, x, batch_dims)
+                with written_once(x):
+                    return _separately(g, x, batch_dims, chunk_size, index, watch=True)
             if _loop.all_finite(looped.laplacian):
                 return looped
             # not finite: the Taylor engine, or the three separately, or else the loop's
@@ -644,9 +651,15 @@ def _looped_or_separately(
     loop's evaluation is watched), or, where its
     Laplacian is not finite, ``_separately`` from the state the loop's evaluation found
     (``Once``): ``g``'s state changes once; the loop's where forward mode cannot run ``g``
-    (``methods.loop_unless_rerun``)."""
+    (``methods.loop_unless_rerun``). Where the loop's walk of ``g``'s graph stops
+    (``GraphTooDeep``), ``_separately`` from that state as well, remembered for ``g``'s
+    structure (``methods.too_deep``), as the Laplacian's ``"auto"``."""
     each = Once(x)
-    out = _looped(each(g), x, batch_dims, plan or methods.Loop(), index)
+    try:
+        out = _looped(each(g), x, batch_dims, plan or methods.Loop(), index)
+    except GraphTooDeep:  # the loop's walk stopped: the three separately, from one state
+        methods.too_deep(g, x, batch_dims)
+        return _separately(g, x, batch_dims, chunk_size, index, each, watch=True)
     if _loop.all_finite(out.laplacian):
         return out
     return methods.loop_unless_rerun(

@@ -25,6 +25,7 @@ from torchdiv._core.mixing.reads import reading
 from torchdiv._core.mixing.transformed import check_transformed
 from torchdiv._core.mixing.watch import check_empty_event, checks_empty_event, tracker
 from torchdiv._core.tie import tied
+from torchdiv._core.walk import GraphTooDeep
 from torchdiv._exact import plan as _plan
 from torchdiv._exact import state as _state
 from torchdiv._exact.autograd import (
@@ -522,16 +523,22 @@ def _plain_first(
     own (``_evaluated``), the engines after it on a new alias made if it fails (``evaluate``).
     """
     sizes = _plan.Sizes(x.shape[:batch_dims])  # unwatched: one chunk
-    made: list[Any] = []  # (the alias, f putting back its changes) if plain autograd fails
+    made: list[Any] = []  # (the alias, f putting back its changes, those) if plain autograd fails
+    evaluated: list[bool] = []  # plain autograd evaluated f, then its walk stopped (scale27)
 
     def alias() -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         if not made:
             z = argument(x)
-            made.extend((z, _state.Changes(z).again(f)))
+            changes = _state.Changes(z)
+            made.extend((z, changes.again(f), changes))
         return made[0], made[1]
 
     def plain() -> tuple[Engine, _plan.Sizes]:
-        engine = unwatched(f, x, batch_dims, seen.plain)
+        try:
+            engine = unwatched(f, x, batch_dims, seen.plain)
+        except GraphTooDeep:  # (raised by the walk of the graph f's evaluation made)
+            evaluated.append(True)
+            raise
         seen.plain = seen.plain and not engine.guarded
         seen.chain = seen.chain and not (chain_only and not engine.steps)
         sizes.widest = engine.y.numel()  # one chunk, unless the output is far larger than x
@@ -541,7 +548,10 @@ def _plain_first(
 
     def reverse() -> tuple[Engine, _plan.Sizes]:
         z, again = alias()
-        return ReverseJacobian(again, z, batch_dims), sizes
+        engine = ReverseJacobian(again, z, batch_dims)
+        if evaluated:  # (its writes put back, as ``written_once``: f's buffers move once)
+            made[2].undo_writes()
+        return engine, sizes
 
     def rerun() -> tuple[Engine, _plan.Sizes]:
         z, again = alias()

@@ -38,6 +38,7 @@ from torchdiv._core.modes import recorded
 from torchdiv._core.tie import tied
 from torchdiv._core.walk import GraphTooDeep
 from torchdiv._exact.attributes import unwrap_between_evaluations
+from torchdiv._exact.autograd import written_once
 from torchdiv._exact.forward import ForwardJacobian, holds_dual_level, under_tangents
 from torchdiv._exact.plan import WITHOUT_FORWARD_RULE
 from torchdiv._exact.state import Once, unchanged, wrote_alike
@@ -202,7 +203,7 @@ def _recorded_auto(
             return out
         recording = plan
         plan, chunk_size = at_this_call(fallback(plan, x, batch_dims, chunk)), chunk
-        out = _fallen_back(f, x, batch_dims, chunk_size, plan)
+        out = _fallen_back(f, x, batch_dims, chunk_size, plan, recording.undo)
         try:  # the recording was evaluation one: the fallback's must write what it wrote
             wrote_alike(recording.wrote or [])
         except ValueError:
@@ -213,19 +214,46 @@ def _recorded_auto(
 
 
 def _fallen_back(
-    f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None, plan: Loop | Nested
+    f: Function,
+    x: torch.Tensor,
+    batch_dims: int,
+    chunk_size: int | None,
+    plan: Loop | Nested,
+    undo: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """``"auto"``'s Laplacian by ``plan``: the loop of backward passes, or forward over
     reverse; forward over reverse too where the loop's walk of ``f``'s graph stopped
     (``walk.GraphTooDeep``: a graph too deep to free once walked, an ODE solve of thousands
-    of steps), which walks nothing (its own fallback, the loop, raises that again)."""
+    of steps), which walks nothing (its own fallback, the loop, raises that again). ``undo``:
+    puts back the state from before a recording of ``f`` (``Graph.undo``), which the loop's
+    evaluation then changed as the recording did: called before forward over reverse
+    evaluates ``f`` again there (without it a buffer written in place moved twice, refused
+    by ``wrote_alike``, and a dropout's generator was drawn from twice, rev-merges27). That
+    fallback is remembered for ``f``'s structure (``_REFUSED``): a later call that looped
+    first, unrecorded, moved its buffers twice (a running average at every call). A call
+    without a recording (a loop remembered for speed, past the bound only now) has forward
+    over reverse's writes put back after it (``written_once``: buffers move once; its
+    evaluations read the loop's, and the generators are drawn from twice there)."""
     if isinstance(plan, Loop):
         try:
             return looped(f, x, batch_dims, chunk_size, plan)
         except GraphTooDeep:
+            too_deep(f, x, batch_dims)
             deep = Nested(event_numel(x, batch_dims), watch=plan.check == "watch")
-            return nested(f, x, batch_dims, chunk_size, deep)
+            if undo is not None:
+                undo()
+                return nested(f, x, batch_dims, chunk_size, deep)
+            with written_once(x):  # (unrecorded: its writes put back after, as the loop's)
+                return nested(f, x, batch_dims, chunk_size, deep)
     return nested(f, x, batch_dims, chunk_size, plan)
+
+
+def too_deep(f: Function, x: torch.Tensor, batch_dims: int) -> None:
+    """Remember that the loop's walk of ``f``'s graph stopped (``GraphTooDeep``) at ``f``'s
+    structure: later calls there take forward over reverse straight away (``_REFUSED``),
+    whose evaluations start from one state, not the loop's unwatched evaluation first, whose
+    writes and draws nothing could put back (rev-merges27)."""
+    _REFUSED.put(_site(f), f, x, batch_dims, Nested(event_numel(x, batch_dims)))
 
 
 def fallback(graph: Graph, x: torch.Tensor, batch_dims: int, chunk: int) -> Loop | Nested:
