@@ -45,10 +45,15 @@ def _branch(dropout: bool = False) -> nn.Module:
     return g.train()
 
 
-def _series(gx: torch.Tensor, z: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+def _series(
+    gx: torch.Tensor,
+    z: torch.Tensor,
+    probes: torch.Tensor,
+    coefficients: tuple[float, ...] = COEFFICIENTS,
+) -> torch.Tensor:
     """``sum_k c_k (J^T)^k V`` for a stack of probes ``V`` (batched VJPs on ``gx``'s graph)."""
     out, w = torch.zeros_like(probes), probes
-    for c in COEFFICIENTS:
+    for c in coefficients:
         (w,) = torch.autograd.grad(gx, z, w, create_graph=True, is_grads_batched=True)
         out = out + c * w
     return out

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 import torchdiv
 from tests.conftest import assert_close
+from tests.estimators.test_optim27_matmat import _series as power_series
 
 f64 = torch.float64
 D, B, K = 4, 5, 6
@@ -32,12 +33,8 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _series(gx: torch.Tensor, z: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
-    """``sum_k c_k (J^T)^k V`` for a stack of probes ``V`` (batched VJPs on ``gx``'s graph)."""
-    out, w = torch.zeros_like(probes), probes
-    for c in COEFFICIENTS:
-        (w,) = torch.autograd.grad(gx, z, w, create_graph=True, is_grads_batched=True)
-        out = out + c * w
-    return out
+    """optim27's power series of VJPs with these coefficients."""
+    return power_series(gx, z, probes, COEFFICIENTS)
 
 
 class _Functional:
