@@ -558,16 +558,20 @@ class GraphJacobian:
         ``apply`` would take the chain too (torchdiv evaluated ``f``: nothing watched or
         wrapped) and the top layer's rows are an event's (one batch dimension); else
         ``None``."""
-        if (
-            not self.steps
-            or self.batch_dims != 1
-            or type(self) is not GraphJacobian
-            or self._custom
-            or not self._peers.inert
-            or not self.y.requires_grad
-        ):
+        if not (self.steps and self.batch_dims == 1 and self._usual()):
             return None
         return unit_products(self.steps, start, stop, self.y, self.create_graph)
+
+    def _usual(self) -> bool:
+        """Whether ``apply`` takes its usual case: this very engine (not one that re-runs
+        ``f``), no custom ``Function`` watched, no DDP/FSDP2 peers, ``y`` depending on ``x``
+        (nothing to watch or wrap)."""
+        return (
+            type(self) is GraphJacobian
+            and not self._custom
+            and self._peers.inert
+            and self.y.requires_grad
+        )
 
     def trace(self) -> torch.Tensor | None:
         """Every sample's trace, ``(N,)``, by the chain's cyclicity (``_exact.chain.trace``:
@@ -575,12 +579,7 @@ class GraphJacobian:
         activations above an ``(N, n)`` ``x`` (``n >= 2``: one row costs as much), in the
         usual case of ``entries``; else ``None``."""
         if (
-            type(self) is not GraphJacobian
-            or not self.steps
-            or self._custom
-            or not self._peers.inert
-            or not self.y.requires_grad
-            or self.batch_dims != 1
+            not (self.steps and self.batch_dims == 1 and self._usual())
             or self.x.dim() != 2
             or self.x.shape[1] < 2
             or self.y.shape != self.x.shape
@@ -600,13 +599,7 @@ class GraphJacobian:
         reshapes and diagonal of the ``(k, N, n)`` block (each an autograd node in
         training: 10-15 us of a 0.5 ms call). A chain's rows come as one ``(k, N, n)`` block:
         its diagonal, one copy (not ``k`` reads and a stack: 8 ops of a D = 2 call's 86)."""
-        if (
-            not 0 < stop - start <= LOOP_ROWS
-            or type(self) is not GraphJacobian
-            or self._custom
-            or not self._peers.inert
-            or not self.y.requires_grad
-        ):
+        if not 0 < stop - start <= LOOP_ROWS or not self._usual():
             return None
         samples, n = self.x.shape[: self.batch_dims].numel(), event_numel(self.x, self.batch_dims)
         steps = self.steps
