@@ -43,7 +43,7 @@ from torchdiv._core import linalg as _linalg
 from torchdiv._core.ddp import in_process_group, one_forward, spans_peers
 from torchdiv._core.power import plain_exponent, power
 from torchdiv._core.script import attribute, cached, call_ended, call_started, cell_contents
-from torchdiv._core.subclass import plain_unwrapped
+from torchdiv._core.subclass import DEAD_LEVEL, plain_unwrapped
 from torchdiv._core.versions import slope
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -712,7 +712,7 @@ class _ReadOnly(dict[tuple[int, str], Any]):
         if key in self:
             return self[key]
         made = self.made.get(key)
-        if made is None or maybe_get_level(made) == -2:  # (a transform's that has ended)
+        if made is None or maybe_get_level(made) == DEAD_LEVEL:  # (a transform that has ended)
             return default
         return made
 
