@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import (
@@ -385,15 +387,29 @@ def test_a_function_closing_over_a_lazy_module_is_refused(method):
     torchdiv.divergence(lambda z: net(z), x, method=method)
 
 
-@pytest.mark.parametrize("bound", [False, True])
-def test_a_lazy_module_added_after_a_call_is_refused(bound):
+@pytest.mark.parametrize("kind", ["module", "bound", "partial", "object"])
+def test_a_lazy_module_added_after_a_call_is_refused(kind):
     """The walk at the start of a call (``_core.script.call_started``) stands in for
     ``check_initialized``'s own: it is made at every call, so a lazy module added to ``f``'s
     tree after calls that passed (which a cache of the first call's finding would miss) is
-    refused, also through a bound method of the module."""
+    refused, also through a bound method of the module, a partial (zuko's velocity at a time:
+    ``partial(transform.f, t)``) and a callable object holding it."""
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
     x = torch.randn(3, 2)
-    f = net.forward if bound else net
+
+    class Velocity:
+        def __init__(self, net):
+            self.net = net
+
+        def __call__(self, z):
+            return self.net(z)
+
+    f = {
+        "module": net,
+        "bound": net.forward,
+        "partial": functools.partial(lambda t, z: net(z) * t, 2.0),
+        "object": Velocity(net),
+    }[kind]
     torchdiv.divergence(f, x), torchdiv.jacobian_diagonal(f, x)
     net.append(torch.nn.Sequential(torch.nn.LazyLinear(2)))
     with pytest.raises(ValueError, match=r"^divergence: f has uninitialized .*LazyLinear"):
@@ -416,9 +432,16 @@ def test_the_walk_at_the_start_of_a_call_is_read_once_for_that_f(monkeypatch):
         return read[-1][1]
 
     monkeypatch.setattr(checks, "initialized", spy)
+
+    class Velocity:  # a callable object of the user's
+        def __call__(self, z):
+            return net(z)
+
     torchdiv.divergence(net, torch.randn(3, 2))
     torchdiv.divergence(lambda z: net(z), torch.randn(3, 2))
-    assert [found for _, found in read] == [True, True]
+    torchdiv.divergence(functools.partial(lambda t, z: net(z) * t, 2.0), torch.randn(3, 2))
+    torchdiv.divergence(Velocity(), torch.randn(3, 2))
+    assert [found for _, found in read] == [True] * 4
     token = script.call_started(net)
     try:
         assert script.initialized(net) and not script.initialized(net)

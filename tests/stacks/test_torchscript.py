@@ -249,3 +249,39 @@ def test_a_scripted_function_given_as_an_argument_is_run_as_written(where: str) 
         want = loop_diagonal(eager, x, create_graph=True).sum(-1)
         expected = _grads(want, net)
         _checked(torchdiv.divergence(f, x, method="reverse"), want.detach(), net, expected)
+
+
+def _run(net: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    return net(z)
+
+
+class _Keeps:
+    """A callable object (not a module) holding a module."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net = net
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+@pytest.mark.parametrize("where", ["partial's argument", "callable object"])
+@pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
+def test_a_module_given_as_an_argument_is_walked_for_scripted_code(where: str, method: str):
+    """An eager module holding a scripted submodule, bound by ``functools.partial``
+    (``partial(run, net)``) or held by a callable object: the walk followed only functions
+    there, not modules, so the executor's optimized plan ran: forward mode's divergence was 0
+    and no engine's result carried parameter gradients."""
+    import functools
+
+    torch.manual_seed(0)
+    net, scripted = _scripted(3)
+    holder = torch.nn.Sequential(scripted)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    want = loop_diagonal(net, x, create_graph=True).sum(-1)
+    expected = _grads(want, net)
+    f = {"partial's argument": functools.partial(_run, holder), "callable object": _Keeps(holder)}
+    holder(x), holder(x), holder(x)  # the executor's profiled runs, outside torchdiv
+    for _ in range(3):
+        result = torchdiv.divergence(f[where], x, method=method)
+        _checked(result, want.detach(), scripted, expected)

@@ -70,18 +70,19 @@ def faking() -> bool:
 
 def forget_plans(f: Any) -> bool:
     """Drop the executor plans of every scripted module and function ``f`` reaches (see
-    ``scripted``); nothing else is changed. Returns whether ``f`` is a module, a bound method
-    or a Python function and no module the same walk met holds uninitialized parameters (a
-    lazy module): the walk meets every module of ``f``'s tree (or its object's, or those its
-    closure, defaults and globals reach: the walk ``checks.check_initialized`` makes of a
-    function), so that check need not walk it again before ``f`` runs (``initialized``)."""
+    ``scripted``); nothing else is changed. Returns whether no module the walk met holds
+    uninitialized parameters (a lazy module): the walk meets every module of ``f``'s tree (or
+    its object's, or those its closure, defaults and globals reach, through a partial's
+    function and arguments and a callable object's attributes: the walk
+    ``checks.check_initialized`` makes of anything but a module or its method), so that check
+    need not walk it again before ``f`` runs (``initialized``)."""
     lazy: list[Any] = []
     for found in scripted(f, lazy=lazy):
         method = found if isinstance(found, torch.jit.ScriptFunction) else found.forward
         flush = getattr(method, "_debug_flush_compilation_cache", None)
         if flush is not None:
             flush()
-    return not lazy and isinstance(f, (torch.nn.Module, types.MethodType, types.FunctionType))
+    return not lazy
 
 
 # [the ``f`` whose walk found no lazy module] of the public call in flight (``initialized``)
@@ -150,17 +151,17 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 obj = held  # (not narrowed below: the module's own forward is read)
             if kind is _OWN_MODULE:  # a class of the user's: its forward, its attributes
                 todo.append((type(obj).forward, left))
-                todo += [(v, left) for v in obj.__dict__.values() if _callable(v)]
+                todo += [(v, left) for v in obj.__dict__.values() if _followed(v)]
         elif kind is _METHOD:
             todo += [(obj.__self__, left), (obj.__func__, left)]
         elif kind is _PARTIAL:  # its function and the arguments it binds
             todo.append((obj.func, left))
-            todo += [(v, left) for v in (*obj.args, *obj.keywords.values()) if _callable(v)]
+            todo += [(v, left) for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
         elif kind is _OBJECT:  # its class's __call__ and what it holds that is followed
             held = attribute(obj, "__dict__")
             todo.append((type(obj).__call__, left))
             if isinstance(held, dict):
-                todo += [(v, left) for v in held.values() if _callable(v)]
+                todo += [(v, left) for v in held.values() if _followed(v)]
         elif left > 0:  # a function
             todo += [(held, left - 1) for held in _named(obj)]
     return out
@@ -219,11 +220,12 @@ def cell_contents(fn: Any) -> list[Any]:
     return out
 
 
-def _callable(v: Any) -> bool:
-    """Whether a module attribute's value is one ``scripted`` follows other than a module (its
-    submodules are followed through ``_modules``): a function, method, partial or script."""
-    kind = _KINDS.get(id(type(v))) or _kind(type(v))
-    return kind is not _OTHER and kind is not _MODULE and kind is not _OWN_MODULE
+def _followed(v: Any) -> bool:
+    """Whether ``scripted`` follows a value a module, partial or callable object holds: a
+    module (a partial's argument, ``partial(run, net)``, or an object's attribute: a holder's
+    scripted submodule ran its optimized plan, forward mode's divergence 0 and parameter
+    gradients gone), a function, method, partial or script."""
+    return (_KINDS.get(id(type(v))) or _kind(type(v))) is not _OTHER
 
 
 def _named(fn: types.FunctionType) -> list[Any]:
