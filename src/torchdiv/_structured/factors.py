@@ -254,10 +254,7 @@ class _Walker:
         if not _per_sample(self.value(source), self.n):
             return None
         if node.func in DERIVATIVES and _is(node.args[0], source):  # phi(a): phi'(a)
-            first = FIRST.get(node.func)
-            if first is not None and len(node.args) == 1 and not node.kwargs:
-                return "_first"
-            return "_derivative"
+            return "_first" if node.func in FIRST else "_derivative"
         if torch.Tag.pointwise in node.func.tags and node.func in RULES:
             return "_pointwise"
         if node.func in (aten.mm.default, aten.addmm.default):
@@ -267,9 +264,10 @@ class _Walker:
         return None
 
     def _first(self, node: Node, out: Ref, source: Ref) -> tuple[Diagonal]:
-        """``phi(a)``: ``phi'(a)``, from ``a`` and ``y`` alone."""
+        """``phi(a, *rest)``: ``phi'(a)`` alone (``FIRST``), without the second derivative."""
+        rest, kwargs = map_leaves(self.value, (node.args[1:], node.kwargs))
         y = self.value(out)
-        return (self._diagonal(FIRST[node.func](self.value(source), y), y),)
+        return (self._diagonal(FIRST[node.func](self.value(source), y, *rest, **kwargs), y),)
 
     def _derivative(self, node: Node, out: Ref, source: Ref) -> tuple[Diagonal]:
         """``phi(a, *rest)``: its derivative in ``a``."""
