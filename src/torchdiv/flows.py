@@ -537,8 +537,11 @@ class AugmentedDynamics(nn.Module):
     The state is the tuple ``(z, Delta)``: ``z`` shaped like ``x``, ``Delta`` of shape
     ``(num_terms,) + x.shape[:batch_dims]``, one row per divergence term (one for the exact
     methods; for the estimators, the terms whose mean is the estimate: see the module
-    docstring). The probes are drawn once, here, and every evaluation uses them, so one
-    instance is one solve's noise; draw new ones (a new instance) for the next solve.
+    docstring); with one term, ``Delta`` may also be shaped like the batch or the batch and a
+    trailing 1 (FFJORD's ``(B, 1)``); other shapes raise (``torchdiffeq`` would cut the terms
+    by them and hand each sample others' terms). The probes are drawn once, here, and every
+    evaluation uses them, so one instance is one solve's noise; draw new ones (a new
+    instance) for the next solve.
     ``f`` is registered as a submodule when it is an ``nn.Module``; the parameters of the
     module of a bound method (``flow.transform.f``, also inside ``functools.partial``) are the
     dynamics' ``parameters()`` too, read from the module at every call: ``odeint_adjoint``
@@ -561,7 +564,8 @@ class AugmentedDynamics(nn.Module):
 
     Raises:
         TypeError, ValueError: as ``torchdiv.divergence`` for the options; when called, if
-            ``f(t, z)`` is not a tensor shaped like ``z`` with its dtype.
+            ``f(t, z)`` is not a tensor shaped like ``z`` with its dtype, or the state is not
+            the pair ``(z, Delta)`` with ``Delta`` shaped as above.
 
     Examples:
         >>> from torchdiffeq import odeint
@@ -659,7 +663,38 @@ class AugmentedDynamics(nn.Module):
         ``torchdiv.divergence`` (``outside_inference``): the engines that hand over to plain
         autograd found no graph there, and gave a zero divergence."""
         forget_plans(self.f)  # TorchScript in f: run as written (``_core.script``)
-        return outside_inference(self._evaluated, t, state[0])
+        z, shape = self._state(state)
+        v, terms = outside_inference(self._evaluated, t, z)
+        return v, terms if terms.shape == shape else terms.reshape(shape)
+
+    def _state(self, state: Any) -> tuple[torch.Tensor, torch.Size]:
+        """``z`` and the shape of ``Delta`` the terms are returned in: ``initial_state``'s
+        ``(num_terms,) + batch``, or for one term the batch's alone or with a trailing 1
+        (FFJORD's ``(B, 1)``). Another shape is refused: ``torchdiffeq`` flattens a tuple
+        state and cuts the outputs by its shapes, so a ``(B, m)`` ``Delta`` where the terms are
+        ``(m, B)`` gave each sample a mean of other samples' terms, silently."""
+        pair = isinstance(state, (tuple, list)) and len(state) == 2
+        if not pair or not all(isinstance(s, torch.Tensor) for s in state):
+            got = type(state).__name__
+            got = f"a {got} of {len(state)}" if isinstance(state, (tuple, list)) else got
+            raise TypeError(
+                f"{self.fn}: the state must be the pair (z, Delta) of tensors that "
+                f"initial_state(x) makes, got {got}"
+            )
+        z, delta = state
+        batch = z.shape[: self.batch_dims]
+        shape = torch.Size((self.num_terms, *batch))
+        if delta.shape == shape or (
+            self.num_terms == 1 and delta.shape in (batch, torch.Size((*batch, 1)))
+        ):
+            return z, delta.shape
+        raise ValueError(
+            f"{self.fn}: Delta (the state's second tensor) must have the shape of "
+            f"initial_state(x)[1], (num_terms,) + z.shape[:batch_dims] = {tuple(shape)}, got "
+            f"{tuple(delta.shape)}: torchdiffeq would cut the terms by Delta's shape and give "
+            "each sample other samples' terms; start from dynamics.initial_state(x) and "
+            "average Delta over its first dimension"
+        )
 
     def _evaluated(self, t: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def velocity(z: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""flows28: continuous normalizing flows end to end, the faults found.
+
+References: float64, the same ODE (same solver, steps and tolerances) integrated with the
+divergence from a per-sample loop of ``torch.autograd.grad`` (each sample's own rows), and the
+closed form where one exists.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchdiffeq import odeint
+
+import torchdiv
+from torchdiv.flows import AugmentedDynamics
+
+f64 = torch.float64
+RK4 = {"method": "rk4", "options": {"step_size": 0.25}}
+
+
+def normal(z: torch.Tensor) -> torch.Tensor:
+    flat = z.flatten(1)
+    return -0.5 * flat.square().sum(-1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
+
+
+class Sinusoidal(nn.Module):
+    """A time-dependent field: a sinusoidal embedding of ``t`` added to the hidden layer."""
+
+    def __init__(self, d: int = 3, hidden: int = 16, k: int = 4):
+        super().__init__()
+        self.k = k
+        self.emb, self.a = nn.Linear(2 * k, hidden), nn.Linear(d, hidden)
+        self.b = nn.Linear(hidden, d)
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        freqs = torch.exp(-torch.arange(self.k, dtype=z.dtype))
+        tt = (torch.zeros(z.shape[0], dtype=z.dtype) + t)[:, None] * freqs
+        e = torch.cat([tt.sin(), tt.cos()], 1)
+        return self.b(nn.functional.silu(self.a(z) + self.emb(e)))
+
+
+def field() -> nn.Module:
+    torch.manual_seed(0)
+    return Sinusoidal().to(f64)
+
+
+class HutchinsonLoop(nn.Module):
+    """``(f, -mean_j e_j^T J e_j)`` per sample by ``autograd.grad`` of ``(f * e_j).sum()``
+    (samples independent: the gradient's rows are each sample's own ``J^T e_j``)."""
+
+    def __init__(self, f: nn.Module, probes: torch.Tensor):
+        super().__init__()
+        self.f, self.probes = f, probes
+
+    def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        z = state[0].detach().requires_grad_(True)
+        with torch.enable_grad():
+            v = self.f(t, z)
+            terms = [
+                (torch.autograd.grad((v * e).sum(), z, retain_graph=True)[0] * e).flatten(1).sum(1)
+                for e in self.probes
+            ]
+        return v.detach(), -torch.stack(terms).mean(0)
+
+
+def test_a_delta_state_of_another_shape_is_refused_where_it_would_mix_terms() -> None:
+    """torchdiffeq flattens a tuple state and cuts ``f``'s outputs by the state's shapes: a
+    ``Delta`` of FFJORD's ``(B, m)`` where the dynamics give ``(m, B)`` took the terms of other
+    samples (each sample's estimate a mean of others' terms, silently)."""
+    f, x = field(), torch.randn(4, 3, dtype=f64)
+    g = torch.Generator().manual_seed(1)
+    probes = torchdiv.draw_probes(x, 3, method="hutchinson", generator=g)
+    dynamics = AugmentedDynamics(f, x, method="hutchinson", probes=probes)
+    times = torch.tensor([1.0, 0.0], dtype=f64)
+    _, delta = odeint(dynamics, dynamics.initial_state(x), times, **RK4)
+    _, want = odeint(HutchinsonLoop(f, probes), (x, x.new_zeros(4)), times, **RK4)
+    torch.testing.assert_close(delta[-1].mean(0), want[-1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"initial_state.*\(3, 4\).*\(4, 3\)"):
+        odeint(dynamics, (x, x.new_zeros(4, 3)), times, **RK4)
+    with pytest.raises(ValueError, match=r"initial_state.*\(3, 4\).*\(12,\)"):
+        odeint(dynamics, (x, x.new_zeros(12)), times, **RK4)
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (4,), (4, 1)])
+def test_one_term_in_the_shapes_users_give_it_is_each_sample_s(shape: tuple[int, ...]) -> None:
+    """One term per sample (exact methods): ``(B,)`` and FFJORD's ``(B, 1)`` are each sample's
+    own integral, returned in the state's shape."""
+    f, x = field(), torch.randn(4, 3, dtype=f64)
+    dynamics = AugmentedDynamics(f, x, method="reverse")
+    times = torch.tensor([1.0, 0.0], dtype=f64)
+    _, want = odeint(dynamics, dynamics.initial_state(x), times, **RK4)
+    _, delta = odeint(dynamics, (x, x.new_zeros(shape)), times, **RK4)
+    assert delta.shape[1:] == shape
+    torch.testing.assert_close(delta[-1].reshape(-1), want[-1].reshape(-1), rtol=0, atol=0)
+    v, d = dynamics(times[0], (x, x.new_zeros(shape)))
+    assert v.shape == x.shape and d.shape == shape
+
+
+def test_a_state_that_is_not_the_pair_is_named() -> None:
+    f, x = field(), torch.randn(4, 3, dtype=f64)
+    dynamics = AugmentedDynamics(f, x)
+    with pytest.raises(TypeError, match=r"\(z, Delta\).*initial_state.*Tensor"):
+        dynamics(torch.tensor(0.5, dtype=f64), x)
