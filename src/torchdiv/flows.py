@@ -867,7 +867,8 @@ def log_likelihood(
             event shape (vectors, images ``(B, C, H, W)``, ...).
         t0: the base time (of ``base_log_prob``): a float or a 0-dim tensor.
         t1: the data time (of ``x``): a float or a 0-dim tensor (``t1 == t0`` gives
-            ``base_log_prob(x)``).
+            ``base_log_prob(x)``; times that require grad, learned, their derivatives
+            there too, ``d/dt1 log p = -grad base_log_prob(x) . f(t1, x) - div f(t1, x)``).
         base_log_prob: ``z -> log p_{t0}(z)`` per sample, shape ``x.shape[:batch_dims]``.
         batch_dims: number of leading batch dimensions of ``x``.
         method: ``"auto"``, ``"structured"``, ``"forward"``, ``"reverse"`` (exact
@@ -976,6 +977,12 @@ def log_likelihood(
                 "Evaluate the model with grad enabled in f (a sampling wrapper such as "
                 "flow_matching's CFGScaledModel runs it under no_grad: write the guidance without)"
             )
+    elif x.numel() and times.requires_grad and torch.is_grad_enabled():
+        # no interval, but a learned time has a derivative there: one Euler step of zero
+        # length (value x, 0) gives it, d/dt1 log p = -grad base . f(t1, x) - div f(t1, x)
+        step = times[1] - times[0]
+        velocity, change = dynamics(times[0].detach(), state)
+        state = x + step * velocity, step * change
     base = base_log_prob(state[0])
     check_log_prob(fn, base, x, batch_dims)
     value, stderr = _trace.summary(state[1])
