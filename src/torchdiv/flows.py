@@ -682,6 +682,13 @@ class AugmentedDynamics(nn.Module):
                 f"initial_state(x) makes, got {got}"
             )
         z, delta = state
+        probes = None if self.sampling is None else self.sampling.probes
+        if probes is not None and z.shape != probes.shape[1:]:
+            raise ValueError(
+                f"{self.fn}: the probes were drawn for x of shape {tuple(probes.shape[1:])}, "
+                f"but the state z has shape {tuple(z.shape)}; make the dynamics with an x "
+                "shaped like the state (one probe set per sample)"
+            )
         batch = z.shape[: self.batch_dims]
         shape = torch.Size((self.num_terms, *batch))
         if delta.shape == shape or (

@@ -99,11 +99,16 @@ def test_one_term_in_the_shapes_users_give_it_is_each_sample_s(shape: tuple[int,
     assert v.shape == x.shape and d.shape == shape
 
 
-def test_a_state_that_is_not_the_pair_is_named() -> None:
+def test_a_state_that_is_not_the_pair_or_not_the_probes_shape_is_named() -> None:
+    """A bare ``z`` was taken for the pair (``z[0]`` the state: "z has shape (3,)"); a state of
+    another batch than the probes' ``x`` failed in a reshape ("shape '[2, 4, 3]' is invalid")."""
     f, x = field(), torch.randn(4, 3, dtype=f64)
-    dynamics = AugmentedDynamics(f, x)
+    t = torch.tensor(0.5, dtype=f64)
     with pytest.raises(TypeError, match=r"\(z, Delta\).*initial_state.*Tensor"):
-        dynamics(torch.tensor(0.5, dtype=f64), x)
+        AugmentedDynamics(f, x)(t, x)
+    dynamics = AugmentedDynamics(f, x[:1], method="hutchinson", num_probes=2)
+    with pytest.raises(ValueError, match=r"probes were drawn for x of shape \(1, 3\).*\(4, 3\)"):
+        dynamics(t, (x, x.new_zeros(2, 4)))
 
 
 class Autonomous(nn.Module):
