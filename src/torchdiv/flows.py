@@ -127,6 +127,35 @@ class _FirstOrderOnly(torch.autograd.Function):
         return grad_outputs[0]
 
 
+class _NoGradients(torch.autograd.Function):
+    """The identity on the end state of a ``solver="scipy_solver"`` solve, tied to what
+    requires grad among ``x`` and the tensors and modules ``f`` holds, whose backward raises:
+    torchdiffeq runs SciPy on NumPy copies under ``no_grad``, so the solve has no graph, and a
+    loss through it (a learnable base density's) trained the rest while ``x`` and ``f``'s
+    parameters silently got no gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, delta: torch.Tensor, *inputs: torch.Tensor) -> Any:
+        return z.clone(), delta.clone()
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> Any:
+        raise RuntimeError(
+            "log_likelihood: solver='scipy_solver' gives no gradients (torchdiffeq runs SciPy on "
+            "NumPy copies of the state), so x and the parameters of f would silently get none; "
+            "use a torchdiffeq solver ('dopri5', 'rk4', ...) to train, scipy_solver for values"
+        )
+
+
+def _held_inputs(f: object, x: torch.Tensor) -> list[torch.Tensor]:
+    """``x`` and the tensors and module parameters ``f`` holds (``_reached``) that require
+    grad: what a solve's gradients reach."""
+    found: list[torch.Tensor] = [x]
+    for held in _reached(f, 2, set(), set()):
+        found += [held] if isinstance(held, torch.Tensor) else list(held.parameters())
+    return [t for t in found if t.requires_grad]
+
+
 def _diverged(
     fn: str, solver: str, x: torch.Tensor, batch_dims: int, error: AssertionError
 ) -> ValueError | None:
@@ -963,6 +992,9 @@ def log_likelihood(
                 raise
             raise transformed from error
         state = z[-1], delta[-1]
+        held = _held_inputs(f, x) if solver == "scipy_solver" and torch.is_grad_enabled() else []
+        if held:  # no graph: a backward pass through it raises (_NoGradients)
+            state = _NoGradients.apply(*state, *held)
         # every term exactly 0 (one synchronisation per solve): a stop-gradient field's look;
         # or a stop met in the solve's first evaluations (a component under no_grad)
         zero = not bool(state[1].detach().ne(0).any())

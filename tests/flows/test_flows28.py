@@ -148,3 +148,22 @@ def test_a_learned_end_time_at_the_base_time_keeps_its_gradient(adjoint: bool, m
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     else:  # 2000 Rademacher probes of a 3x3 trace: standard error below 0.05 for this A
         torch.testing.assert_close(got, want, rtol=0, atol=0.25)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_scipy_solver_values_and_no_silent_gradients() -> None:
+    """``solver="scipy_solver"`` (torchdiffeq's wrapper of SciPy) solves on NumPy copies: the
+    value is right, but the result had no graph to ``x`` or ``f``'s parameters, and a loss
+    with a learnable base density trained the base alone, silently. Now the value stands and
+    a backward pass through the solve raises."""
+    f, x = field(), torch.randn(4, 3, dtype=f64)
+    mu = nn.Parameter(torch.zeros(3, dtype=f64))
+    scipy = {"solver": "scipy_solver", "options": {"solver": "RK45"}, "rtol": 1e-10, "atol": 1e-10}
+    logp = log_likelihood(f, x, 0.0, 1.0, lambda z: normal(z - mu), **scipy)
+    want = log_likelihood(f, x, 0.0, 1.0, lambda z: normal(z - mu), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(logp, want, rtol=1e-7, atol=1e-7)  # two solvers at 1e-10
+    with pytest.raises(RuntimeError, match=r"scipy_solver.*no gradients"):
+        (-logp.mean()).backward()
+    with torch.no_grad():  # evaluation
+        again = log_likelihood(f, x, 0.0, 1.0, lambda z: normal(z - mu), **scipy)
+    torch.testing.assert_close(again, logp.detach(), rtol=0, atol=0)
