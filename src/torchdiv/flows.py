@@ -132,7 +132,8 @@ class _NoGradients(torch.autograd.Function):
     requires grad among ``x`` and the tensors and modules ``f`` holds, whose backward raises:
     torchdiffeq runs SciPy on NumPy copies under ``no_grad``, so the solve has no graph, and a
     loss through it (a learnable base density's) trained the rest while ``x`` and ``f``'s
-    parameters silently got no gradient."""
+    parameters silently got no gradient. (``adjoint=True`` differentiates by its own solves,
+    evaluating the dynamics with grad: right there.)"""
 
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor, delta: torch.Tensor, *inputs: torch.Tensor) -> Any:
@@ -143,7 +144,8 @@ class _NoGradients(torch.autograd.Function):
         raise RuntimeError(
             "log_likelihood: solver='scipy_solver' gives no gradients (torchdiffeq runs SciPy on "
             "NumPy copies of the state), so x and the parameters of f would silently get none; "
-            "use a torchdiffeq solver ('dopri5', 'rk4', ...) to train, scipy_solver for values"
+            "use adjoint=True (its backward solves evaluate the dynamics with grad) or a "
+            "torchdiffeq solver ('dopri5', 'rk4', ...) to train"
         )
 
 
@@ -992,8 +994,9 @@ def log_likelihood(
                 raise
             raise transformed from error
         state = z[-1], delta[-1]
-        held = _held_inputs(f, x) if solver == "scipy_solver" and torch.is_grad_enabled() else []
-        if held:  # no graph: a backward pass through it raises (_NoGradients)
+        graphless = solver == "scipy_solver" and not adjoint and torch.is_grad_enabled()
+        held = _held_inputs(f, x) if graphless else []
+        if held:  # no graph: a backward pass through it raises (the adjoint's has its own)
             state = _NoGradients.apply(*state, *held)
         # every term exactly 0 (one synchronisation per solve): a stop-gradient field's look;
         # or a stop met in the solve's first evaluations (a component under no_grad)

@@ -167,3 +167,10 @@ def test_scipy_solver_values_and_no_silent_gradients() -> None:
     with torch.no_grad():  # evaluation
         again = log_likelihood(f, x, 0.0, 1.0, lambda z: normal(z - mu), **scipy)
     torch.testing.assert_close(again, logp.detach(), rtol=0, atol=0)
+    # the adjoint's backward solves evaluate the dynamics with grad: its gradients are right
+    params = list(f.parameters())
+    logp = log_likelihood(f, x, 0.0, 1.0, normal, adjoint=True, **scipy)
+    grads = torch.autograd.grad(logp.sum(), params)
+    want = log_likelihood(f, x, 0.0, 1.0, normal, rtol=1e-10, atol=1e-10)
+    for g, w in zip(grads, torch.autograd.grad(want.sum(), params), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)  # adjoint's error at 1e-10
