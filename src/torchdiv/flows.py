@@ -997,7 +997,7 @@ def log_likelihood(
         graphless = solver == "scipy_solver" and not adjoint and torch.is_grad_enabled()
         held = _held_inputs(f, x) if graphless else []
         if held:  # no graph: a backward pass through it raises (the adjoint's has its own)
-            state = _NoGradients.apply(*state, *held)
+            state = _NoGradients.apply(*state, *held)  # type: ignore[no-untyped-call]
         # every term exactly 0 (one synchronisation per solve): a stop-gradient field's look;
         # or a stop met in the solve's first evaluations (a component under no_grad)
         zero = not bool(state[1].detach().ne(0).any())
