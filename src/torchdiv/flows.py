@@ -905,8 +905,9 @@ def log_likelihood(
             event shape (vectors, images ``(B, C, H, W)``, ...).
         t0: the base time (of ``base_log_prob``): a float or a 0-dim tensor.
         t1: the data time (of ``x``): a float or a 0-dim tensor (``t1 == t0`` gives
-            ``base_log_prob(x)``; times that require grad, learned, their derivatives
-            there too, ``d/dt1 log p = -grad base_log_prob(x) . f(t1, x) - div f(t1, x)``).
+            ``base_log_prob(x)``; times that require grad, learned, their first
+            derivatives there too, ``d/dt1 log p = -grad base_log_prob(x) . f(t1, x) -
+            div f(t1, x)``, by one Euler step of length 0: second ones in the times, not).
         base_log_prob: ``z -> log p_{t0}(z)`` per sample, shape ``x.shape[:batch_dims]``.
         batch_dims: number of leading batch dimensions of ``x``.
         method: ``"auto"``, ``"structured"``, ``"forward"``, ``"reverse"`` (exact
