@@ -149,10 +149,10 @@ class _NoGradients(torch.autograd.Function):
         )
 
 
-def _held_inputs(f: object, x: torch.Tensor) -> list[torch.Tensor]:
-    """``x`` and the tensors and module parameters ``f`` holds (``_reached``) that require
-    grad: what a solve's gradients reach."""
-    found: list[torch.Tensor] = [x]
+def _held_inputs(f: object, x: torch.Tensor, times: torch.Tensor) -> list[torch.Tensor]:
+    """``x``, the times and the tensors and module parameters ``f`` holds (``_reached``) that
+    require grad: what a solve's gradients reach."""
+    found: list[torch.Tensor] = [x, times]
     for held in _reached(f, 2, set(), set()):
         found += [held] if isinstance(held, torch.Tensor) else list(held.parameters())
     return [t for t in found if t.requires_grad]
@@ -996,7 +996,7 @@ def log_likelihood(
             raise transformed from error
         state = z[-1], delta[-1]
         graphless = solver == "scipy_solver" and not adjoint and torch.is_grad_enabled()
-        held = _held_inputs(f, x) if graphless else []
+        held = _held_inputs(f, x, times) if graphless else []
         if held:  # no graph: a backward pass through it raises (the adjoint's has its own)
             state = _NoGradients.apply(*state, *held)  # type: ignore[no-untyped-call]
         # every term exactly 0 (one synchronisation per solve): a stop-gradient field's look;

@@ -164,6 +164,11 @@ def test_scipy_solver_values_and_no_silent_gradients() -> None:
     torch.testing.assert_close(logp, want, rtol=1e-7, atol=1e-7)  # two solvers at 1e-10
     with pytest.raises(RuntimeError, match=r"scipy_solver.*no gradients"):
         (-logp.mean()).backward()
+    t1 = torch.tensor(1.0, dtype=f64, requires_grad=True)  # a learned end time, f frozen
+    logp = log_likelihood(field().requires_grad_(False), x, 0.0, t1, lambda z: normal(z - mu),
+                          **scipy)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"scipy_solver.*no gradients"):
+        torch.autograd.grad(logp.sum(), [t1, mu])
     with torch.no_grad():  # evaluation
         again = log_likelihood(f, x, 0.0, 1.0, lambda z: normal(z - mu), **scipy)
     torch.testing.assert_close(again, logp.detach(), rtol=0, atol=0)
