@@ -127,6 +127,37 @@ class _FirstOrderOnly(torch.autograd.Function):
         return grad_outputs[0]
 
 
+class _NoGradients(torch.autograd.Function):
+    """The identity on the end state of a ``solver="scipy_solver"`` solve, tied to what
+    requires grad among ``x`` and the tensors and modules ``f`` holds, whose backward raises:
+    torchdiffeq runs SciPy on NumPy copies under ``no_grad``, so the solve has no graph, and a
+    loss through it (a learnable base density's) trained the rest while ``x`` and ``f``'s
+    parameters silently got no gradient. (``adjoint=True`` differentiates by its own solves,
+    evaluating the dynamics with grad: right there.)"""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, delta: torch.Tensor, *inputs: torch.Tensor) -> Any:
+        return z.clone(), delta.clone()
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> Any:
+        raise RuntimeError(
+            "log_likelihood: solver='scipy_solver' gives no gradients (torchdiffeq runs SciPy on "
+            "NumPy copies of the state), so x and the parameters of f would silently get none; "
+            "use adjoint=True (its backward solves evaluate the dynamics with grad) or a "
+            "torchdiffeq solver ('dopri5', 'rk4', ...) to train"
+        )
+
+
+def _held_inputs(f: object, x: torch.Tensor, times: torch.Tensor) -> list[torch.Tensor]:
+    """``x``, the times and the tensors and module parameters ``f`` holds (``_reached``) that
+    require grad: what a solve's gradients reach."""
+    found: list[torch.Tensor] = [x, times]
+    for held in _reached(f, 2, set(), set()):
+        found += [held] if isinstance(held, torch.Tensor) else list(held.parameters())
+    return [t for t in found if t.requires_grad]
+
+
 def _diverged(
     fn: str, solver: str, x: torch.Tensor, batch_dims: int, error: AssertionError
 ) -> ValueError | None:
@@ -537,8 +568,11 @@ class AugmentedDynamics(nn.Module):
     The state is the tuple ``(z, Delta)``: ``z`` shaped like ``x``, ``Delta`` of shape
     ``(num_terms,) + x.shape[:batch_dims]``, one row per divergence term (one for the exact
     methods; for the estimators, the terms whose mean is the estimate: see the module
-    docstring). The probes are drawn once, here, and every evaluation uses them, so one
-    instance is one solve's noise; draw new ones (a new instance) for the next solve.
+    docstring); with one term, ``Delta`` may also be shaped like the batch or the batch and a
+    trailing 1 (FFJORD's ``(B, 1)``); other shapes raise (``torchdiffeq`` would cut the terms
+    by them and hand each sample others' terms). The probes are drawn once, here, and every
+    evaluation uses them, so one instance is one solve's noise; draw new ones (a new
+    instance) for the next solve.
     ``f`` is registered as a submodule when it is an ``nn.Module``; the parameters of the
     module of a bound method (``flow.transform.f``, also inside ``functools.partial``) are the
     dynamics' ``parameters()`` too, read from the module at every call: ``odeint_adjoint``
@@ -561,7 +595,8 @@ class AugmentedDynamics(nn.Module):
 
     Raises:
         TypeError, ValueError: as ``torchdiv.divergence`` for the options; when called, if
-            ``f(t, z)`` is not a tensor shaped like ``z`` with its dtype.
+            ``f(t, z)`` is not a tensor shaped like ``z`` with its dtype, or the state is not
+            the pair ``(z, Delta)`` with ``Delta`` shaped as above.
 
     Examples:
         >>> from torchdiffeq import odeint
@@ -659,7 +694,45 @@ class AugmentedDynamics(nn.Module):
         ``torchdiv.divergence`` (``outside_inference``): the engines that hand over to plain
         autograd found no graph there, and gave a zero divergence."""
         forget_plans(self.f)  # TorchScript in f: run as written (``_core.script``)
-        return outside_inference(self._evaluated, t, state[0])
+        z, shape = self._state(state)
+        v, terms = outside_inference(self._evaluated, t, z)
+        return v, terms if terms.shape == shape else terms.reshape(shape)
+
+    def _state(self, state: Any) -> tuple[torch.Tensor, torch.Size]:
+        """``z`` and the shape of ``Delta`` the terms are returned in: ``initial_state``'s
+        ``(num_terms,) + batch``, or for one term the batch's alone or with a trailing 1
+        (FFJORD's ``(B, 1)``). Another shape is refused: ``torchdiffeq`` flattens a tuple
+        state and cuts the outputs by its shapes, so a ``(B, m)`` ``Delta`` where the terms are
+        ``(m, B)`` gave each sample a mean of other samples' terms, silently."""
+        pair = isinstance(state, (tuple, list)) and len(state) == 2
+        if not pair or not all(isinstance(s, torch.Tensor) for s in state):
+            got = type(state).__name__
+            got = f"a {got} of {len(state)}" if isinstance(state, (tuple, list)) else got
+            raise TypeError(
+                f"{self.fn}: the state must be the pair (z, Delta) of tensors that "
+                f"initial_state(x) makes, got {got}"
+            )
+        z, delta = state
+        probes = None if self.sampling is None else self.sampling.probes
+        if probes is not None and z.shape != probes.shape[1:]:
+            raise ValueError(
+                f"{self.fn}: the probes were drawn for x of shape {tuple(probes.shape[1:])}, "
+                f"but the state z has shape {tuple(z.shape)}; make the dynamics with an x "
+                "shaped like the state (one probe set per sample)"
+            )
+        batch = z.shape[: self.batch_dims]
+        shape = torch.Size((self.num_terms, *batch))
+        if delta.shape == shape or (
+            self.num_terms == 1 and delta.shape in (batch, torch.Size((*batch, 1)))
+        ):
+            return z, delta.shape
+        raise ValueError(
+            f"{self.fn}: Delta (the state's second tensor) must have the shape of "
+            f"initial_state(x)[1], (num_terms,) + z.shape[:batch_dims] = {tuple(shape)}, got "
+            f"{tuple(delta.shape)}: torchdiffeq would cut the terms by Delta's shape and give "
+            "each sample other samples' terms; start from dynamics.initial_state(x) and "
+            "average Delta over its first dimension"
+        )
 
     def _evaluated(self, t: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def velocity(z: torch.Tensor) -> torch.Tensor:
@@ -832,7 +905,9 @@ def log_likelihood(
             event shape (vectors, images ``(B, C, H, W)``, ...).
         t0: the base time (of ``base_log_prob``): a float or a 0-dim tensor.
         t1: the data time (of ``x``): a float or a 0-dim tensor (``t1 == t0`` gives
-            ``base_log_prob(x)``).
+            ``base_log_prob(x)``; times that require grad, learned, their first
+            derivatives there too, ``d/dt1 log p = -grad base_log_prob(x) . f(t1, x) -
+            div f(t1, x)``, by one Euler step of length 0: second ones in the times, not).
         base_log_prob: ``z -> log p_{t0}(z)`` per sample, shape ``x.shape[:batch_dims]``.
         batch_dims: number of leading batch dimensions of ``x``.
         method: ``"auto"``, ``"structured"``, ``"forward"``, ``"reverse"`` (exact
@@ -920,6 +995,10 @@ def log_likelihood(
                 raise
             raise transformed from error
         state = z[-1], delta[-1]
+        graphless = solver == "scipy_solver" and not adjoint and torch.is_grad_enabled()
+        held = _held_inputs(f, x, times) if graphless else []
+        if held:  # no graph: a backward pass through it raises (the adjoint's has its own)
+            state = _NoGradients.apply(*state, *held)  # type: ignore[no-untyped-call]
         # every term exactly 0 (one synchronisation per solve): a stop-gradient field's look;
         # or a stop met in the solve's first evaluations (a component under no_grad)
         zero = not bool(state[1].detach().ne(0).any())
@@ -941,6 +1020,12 @@ def log_likelihood(
                 "Evaluate the model with grad enabled in f (a sampling wrapper such as "
                 "flow_matching's CFGScaledModel runs it under no_grad: write the guidance without)"
             )
+    elif x.numel() and times.requires_grad and torch.is_grad_enabled():
+        # no interval, but a learned time has a derivative there: one Euler step of zero
+        # length (value x, 0) gives it, d/dt1 log p = -grad base . f(t1, x) - div f(t1, x)
+        step = times[1] - times[0]
+        velocity, change = dynamics(times[0].detach(), state)
+        state = x + step * velocity, step * change
     base = base_log_prob(state[0])
     check_log_prob(fn, base, x, batch_dims)
     value, stderr = _trace.summary(state[1])
