@@ -20,6 +20,8 @@ from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.utils.parametrize as _parametrize
+import torch.utils.checkpoint as _checkpoint
+from torch._C._autograd import _top_saved_tensors_default_hooks
 from torch._C._dynamo.eval_frame import get_eval_frame_callback
 from torch._C._functorch import (
     get_unwrapped,
@@ -87,6 +89,7 @@ def _eager_call(
     started = call_started(f)  # TorchScript in f: run as written (with the flag below)
     guards = _fabric_guards_off()
     trackers = _trackers_off()
+    apart = _saved_apart()
     try:
         with CompiledCodeEager():
             if not spans_peers():  # no process group (or an outer call's): nothing to share
@@ -95,9 +98,52 @@ def _eager_call(
                 result = outside_inference(fn, f, x, *args, **kwargs)
                 return result if call is None else call.finish(result, getattr(x, "grad_fn", None))
     finally:
+        if apart is not None:
+            apart.__exit__(None, None, None)
         call_ended(started)
         _fabric_guards_on(guards)
         _trackers_on(trackers)
+
+
+def _kept(t: torch.Tensor) -> torch.Tensor:
+    return t.detach()  # (not ``t``: the saved output's node would hold itself, a cycle)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _saved_apart() -> torch.autograd.graph.saved_tensors_hooks | None:
+    """Inside the caller's non-reentrant ``torch.utils.checkpoint`` region: saved-tensor hooks
+    of the call's own, entered, that keep what the call saves as it is (``None`` elsewhere).
+
+    The checkpoint's hooks hand a saved tensor back only by recomputing the whole region, so
+    every backward pass the call takes inside it (plain autograd's rows, the estimators') set
+    off that recomputation in the middle of the region's forward (PyTorch's ``CheckpointError``
+    or its internal "early_stop is set" assertion: ``"auto"``, Hutch++, XTrace), and a call
+    taking another path at the recomputation saved other tensors (a watched first call, a
+    plan kept). Kept apart, the call's saves are its own (kept as without the checkpoint) and
+    the checkpoint's are those of the rest of the region, the same in both passes."""
+    hooks = _top_saved_tensors_default_hooks(True)
+    if hooks is None or getattr(hooks[0], "__module__", None) != _checkpoint.__name__:
+        return None
+    apart = torch.autograd.graph.saved_tensors_hooks(_kept, _same)
+    apart.__enter__()
+    return apart
+
+
+def checkpointed() -> bool:
+    """Whether the call runs inside ``torch.utils.checkpoint(..., use_reentrant=False)`` (its
+    forward, or its recomputation in the backward pass; the call's own saves kept apart:
+    ``_saved_apart``). There no plan is read or kept (``PlanCache``): the first call at a
+    structure recorded ``f`` (or watched it) and its recomputation found the recording kept
+    and took another path. Not while Dynamo traces."""
+    if torch.compiler.is_compiling():
+        return False
+    hooks = _top_saved_tensors_default_hooks(True)
+    return hooks is not None and (
+        hooks[0] is _kept or getattr(hooks[0], "__module__", None) == _checkpoint.__name__
+    )
 
 
 # PyTorch's module trackers (``torch.utils.module_tracker.ModuleTracker``, which

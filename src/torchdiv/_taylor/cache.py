@@ -54,8 +54,6 @@ from typing import Any
 
 import torch
 import torch.nn.modules.module as _module_hooks
-import torch.utils.checkpoint as _checkpoint
-from torch._C._autograd import _top_saved_tensors_default_hooks
 from torch._C._functorch import peek_interpreter_stack
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
@@ -63,7 +61,7 @@ from torchdiv._core.checks import unwrapped
 from torchdiv._core.ddp import enter_fsdp
 from torchdiv._core.mixing.errors import allowed
 from torchdiv._core.mixing.reads import VALUE_FREE
-from torchdiv._core.modes import DispatchMode, LiftedHook
+from torchdiv._core.modes import DispatchMode, LiftedHook, checkpointed
 from torchdiv._core.script import attribute, cell_contents, global_names
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
@@ -346,19 +344,6 @@ def refusal_key(f: Function, x: torch.Tensor, batch_dims: int) -> Hashable:
         modules = [m for m in named(f) if isinstance(m, torch.nn.Module)]
     parameters = tuple((id(p), p.dtype) for m in modules for p in m.parameters())
     return structure_key(f, x, batch_dims), parameters
-
-
-def checkpointed() -> bool:
-    """Whether the call runs inside ``torch.utils.checkpoint(..., use_reentrant=False)``: its
-    forward, or its recomputation in the backward pass, which must save the tensors the
-    forward saved. There no plan is read or kept (``PlanCache``): the first call at a
-    structure recorded ``f`` (or watched it) and its recomputation found the recording kept
-    and took another path (``CheckpointError``: tensors of other metadata, or another number
-    of them); without the caches both take the first call's. Not while Dynamo traces."""
-    if torch.compiler.is_compiling():
-        return False
-    hooks = _top_saved_tensors_default_hooks(True)
-    return hooks is not None and getattr(hooks[0], "__module__", None) == _checkpoint.__name__
 
 
 RECORDINGS = PlanCache(64)
