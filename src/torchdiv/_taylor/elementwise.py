@@ -111,12 +111,12 @@ def _softplus(x: Tensor, y: Tensor, beta: float = 1.0, threshold: float = 20.0):
     below it only (strictly: 0 at ``beta x == threshold``, here too, and in the graph of the
     first derivative, which the structured engine's parameter gradients differentiate)."""
     z = x * beta
-    linear = _step(z - threshold)  # (exact near the threshold: Sterbenz)
-    under = _below(z, threshold)
-    s = torch.sigmoid(under)  # (above the threshold not read: linear)
-    inside = (threshold - under).sign()  # 1 where beta x < threshold, else 0
+    edge = z - threshold  # (exact near the threshold: Sterbenz)
+    linear = _step(edge)  # 1 where beta x > threshold, else 0
+    below = edge.clamp(max=0).sign()  # -1 where beta x < threshold, else 0
+    s = torch.sigmoid(_below(z, threshold))  # (above the threshold not read: linear)
     rest = 1 - s
-    return torch.addcmul(s, rest, linear), beta * s * rest * inside
+    return torch.addcmul(s, rest, linear), -beta * s * rest * below
 
 
 def _elu(x: Tensor, y: Tensor, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0):  # type: ignore[no-untyped-def]
