@@ -93,3 +93,30 @@ def test_structured_parameter_gradients_at_the_kink_are_the_loops(name: str, ope
     want = torch.autograd.grad((expected * cotangent).sum(), weights)
     for a, b in zip(torch.autograd.grad((got * cotangent).sum(), weights), want, strict=True):
         assert_close(a, b)
+
+
+# logsigmoid is smooth, but PyTorch's decomposition of it, min(x, 0) - log1p(exp(-|x|)), has
+# a kink at 0 in each part: through ``abs``'s derivative sign(0) = 0 the Laplacian lost the
+# second derivative -1/4 at x == 0 (and the structured engine's parameter gradients there)
+def test_logsigmoid_at_zero_has_its_second_derivative() -> None:
+    f, weights = _net(F.logsigmoid)
+
+    def g(z: torch.Tensor) -> torch.Tensor:
+        return (f(z) ** 2).sum(-1)
+
+    assert ((X @ W1.t()) == 0).any(-1).sum() >= 2
+    expected = laplacian_by_grad_of_grad(g, X)
+    cotangent = torch.linspace(-1.0, 2.0, len(X), dtype=f64)
+    want = torch.autograd.grad(expected @ cotangent, weights)
+    for method in ("taylor", "auto"):
+        got = torchdiv.laplacian(g, X, method=method)
+        assert_close(got, expected)
+        for a, b in zip(torch.autograd.grad(got @ cotangent, weights), want, strict=True):
+            assert_close(a, b)
+    expected = loop_diagonal(f, X, create_graph=True)
+    got = torchdiv.jacobian_diagonal(f, X, method="structured")
+    assert_close(got, expected)
+    cotangent = torch.linspace(-1.0, 2.0, expected.numel(), dtype=f64).reshape(expected.shape)
+    want = torch.autograd.grad((expected * cotangent).sum(), weights)
+    for a, b in zip(torch.autograd.grad((got * cotangent).sum(), weights), want, strict=True):
+        assert_close(a, b)
