@@ -137,6 +137,21 @@ def _leaky_relu(x: Tensor, y: Tensor, slope: float = 0.01) -> tuple[Tensor, None
     return slope + (1 - slope) * _step(x), None
 
 
+def _log_sigmoid_first(x: Tensor, y: Tensor) -> Tensor:
+    """``logsigmoid' = sigmoid(-x)``."""
+    return torch.sigmoid(-x)
+
+
+def _log_sigmoid(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``logsigmoid(x) = -log(1 + e^-x)``, smooth: ``phi' = s = sigmoid(-x)``,
+    ``phi'' = -s (1 - s)``. A rule of its own: PyTorch's decomposition, ``min(x, 0) -
+    log1p(exp(-|x|))``, has a kink at 0 in each part, whose second derivatives there (``abs``'s
+    ``sign(0) = 0``) lost the -1/4 at ``x == 0``. (``log_sigmoid_forward``'s output is
+    ``(y, buffer)``: ``y``'s rule here, its ``RULES`` entry below.)"""
+    s = torch.sigmoid(-x)
+    return s, s * (s - 1)
+
+
 def _pow(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
     if p == 0:
         return torch.zeros_like(x), None
@@ -205,6 +220,7 @@ DERIVATIVES: dict[Any, Derivatives] = {
     aten.softplus.default: _softplus,
     aten.elu.default: _elu,
     aten.leaky_relu.default: _leaky_relu,
+    aten.log_sigmoid_forward.default: _log_sigmoid,
     aten.hardtanh.default: _hardtanh,
     aten.hardsigmoid.default: _hardsigmoid,
     aten.hardswish.default: _hardswish,
@@ -264,6 +280,7 @@ DERIVATIVES: dict[Any, Derivatives] = {
 FIRST: dict[Any, Callable[[Tensor, Tensor], Tensor]] = {
     aten.tanh.default: _tanh_first,
     aten.sigmoid.default: _sigmoid_first,
+    aten.log_sigmoid_forward.default: _log_sigmoid_first,
 }
 
 
@@ -393,6 +410,16 @@ GIVEN.update({op: _binary(op, partials) for op, partials in BINARY.items()})
 OVERWRITES = frozenset(DERIVATIVES)
 RULES = {op: _computing(op, given) for op, given in GIVEN.items()}
 RULES[aten.pow.Scalar] = _scalar_pow
+
+
+def _log_sigmoid_forward(ctx: Context, a: Jet) -> tuple[Jet, Tensor]:
+    """``log_sigmoid_forward``: ``(logsigmoid(a), buffer)``, the buffer (read by its backward
+    alone) without a jet; ``GIVEN``'s entry gives ``y``'s alone (what ``f`` reads)."""
+    y, buffer = aten.log_sigmoid_forward(a.value)
+    return GIVEN[aten.log_sigmoid_forward.default](ctx, y, a), buffer
+
+
+RULES[aten.log_sigmoid_forward.default] = _log_sigmoid_forward
 RULES[aten.div.Tensor] = _div
 
 
