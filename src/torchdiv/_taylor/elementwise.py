@@ -408,7 +408,8 @@ GIVEN[aten.tanh.default] = _tanh_given
 GIVEN.update({op: _binary(op, partials) for op, partials in BINARY.items()})
 # ops whose rules (``chain``, ``_tanh_given``) may write ``jac'`` into their argument's ``jac``
 OVERWRITES = frozenset(DERIVATIVES)
-RULES = {op: _computing(op, given) for op, given in GIVEN.items()}
+# (a rule returns its op's outputs: a jet, or a tuple of them and tensors, log_sigmoid_forward's)
+RULES: dict[Any, Callable[..., Any]] = {op: _computing(op, given) for op, given in GIVEN.items()}
 RULES[aten.pow.Scalar] = _scalar_pow
 
 
