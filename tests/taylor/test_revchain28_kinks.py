@@ -120,3 +120,42 @@ def test_logsigmoid_at_zero_has_its_second_derivative() -> None:
     want = torch.autograd.grad((expected * cotangent).sum(), weights)
     for a, b in zip(torch.autograd.grad((got * cotangent).sum(), weights), want, strict=True):
         assert_close(a, b)
+
+
+# xlogy(a, b) = a log(b) (and xlog1py: a log(1 + b)) has the derivative log(b) in a at a == 0
+# (0 there only where b <= 0, autograd's); PyTorch's decomposition where(a == 0, 0, a log(b))
+# gave 0 at every a == 0: the first derivative itself
+X_LOG = {
+    "xlogy": lambda z: torch.xlogy(z, 2.0 + z * z),
+    "xlogy, a number": lambda z: torch.xlogy(z, 3.0),
+    "xlog1py": lambda z: torch.special.xlog1py(z, 1.0 + z),
+    "xlog1py, a number": lambda z: torch.special.xlog1py(z, 0.5),
+}
+ZEROS = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, -0.5], [0.5, 2.0, 0.0]], dtype=f64)
+
+
+@pytest.mark.parametrize("name", X_LOG)
+def test_xlogy_at_zero_has_the_derivative_log_b(name: str) -> None:
+    lin = torch.nn.Linear(3, 3, dtype=f64)
+    with torch.no_grad():  # (the identity: x's zeros stay exact)
+        lin.weight.copy_(torch.eye(3, dtype=f64))
+        lin.bias.zero_()
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return X_LOG[name](lin(z))
+
+    expected = loop_diagonal(f, ZEROS, create_graph=True)
+    got = torchdiv.jacobian_diagonal(f, ZEROS, method="structured")
+    assert_close(got, expected)
+    want = torch.autograd.grad((expected * ZEROS.cos()).sum(), lin.weight)[0]
+    assert_close(torch.autograd.grad((got * ZEROS.cos()).sum(), lin.weight)[0], want)
+
+    def g(z: torch.Tensor) -> torch.Tensor:
+        return (f(z) ** 2).sum(-1)
+
+    expected = laplacian_by_grad_of_grad(g, ZEROS)
+    for method in ("taylor", "auto"):
+        got = torchdiv.laplacian(g, ZEROS, method=method)
+        assert_close(got, expected)
+        want = torch.autograd.grad(expected.sum(), lin.weight, retain_graph=True)[0]
+        assert_close(torch.autograd.grad(got.sum(), lin.weight)[0], want)
