@@ -152,6 +152,20 @@ def _log_sigmoid(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return s, s * (s - 1)
 
 
+def _x_log_number(log: Callable[[Tensor], Tensor], shift: float) -> Derivatives:
+    """``x log(b + shift)`` for a number ``b`` (``xlogy.Scalar_Other``,
+    ``special_xlog1py.other_scalar``): ``phi' = log(b + shift)`` (0 where ``x == 0`` if
+    ``b + shift <= 0``), ``phi'' = 0``."""
+
+    def derivatives(x: Tensor, y: Tensor, b: float) -> tuple[Tensor, None]:
+        first = log(x.new_full((), b)).expand_as(x)
+        if b + shift > 0:
+            return first, None
+        return torch.where(x == 0, torch.zeros_like(x), first), None
+
+    return derivatives
+
+
 def _pow(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
     if p == 0:
         return torch.zeros_like(x), None
@@ -221,6 +235,8 @@ DERIVATIVES: dict[Any, Derivatives] = {
     aten.elu.default: _elu,
     aten.leaky_relu.default: _leaky_relu,
     aten.log_sigmoid_forward.default: _log_sigmoid,
+    aten.xlogy.Scalar_Other: _x_log_number(torch.log, 0.0),
+    aten.special_xlog1py.other_scalar: _x_log_number(torch.log1p, 1.0),
     aten.hardtanh.default: _hardtanh,
     aten.hardsigmoid.default: _hardsigmoid,
     aten.hardswish.default: _hardswish,
@@ -327,7 +343,29 @@ def _wrapped(mode: str) -> Callable[[Tensor, Tensor, Tensor], Partials]:
     return partials
 
 
+def _x_log(
+    log: Callable[[Tensor], Tensor], shift: float
+) -> Callable[[Tensor, Tensor, Tensor], Partials]:
+    """``a log(b + shift)`` (``xlogy``: ``log``, 0; ``xlog1py``: ``log1p``, 1), with ``c = b +
+    shift``: ``phi_a = log(c)``, 0 where ``a == 0`` and ``c <= 0`` (autograd's, the value 0
+    there), ``phi_b = a / c``, ``phi_aa = 0``, ``phi_ab = 1 / c``, ``phi_bb = -a / c^2``. A
+    rule of its own: PyTorch's decomposition ``where(a == 0, 0, a log(b))`` gave ``phi_a = 0``
+    at every ``a == 0``."""
+
+    def partials(a: Tensor, b: Tensor, y: Tensor) -> Partials:
+        zero = torch.zeros_like(y)
+        c = b + shift if shift else b
+        inverse = 1 / c + zero  # (broadcast like y)
+        ratio = a * inverse
+        first = torch.where((a == 0) & (c <= 0), zero, log(b) + zero)
+        return (first, ratio), (zero, inverse, -ratio * inverse)
+
+    return partials
+
+
 BINARY: dict[Any, Callable[[Tensor, Tensor, Tensor], Partials]] = {
+    aten.xlogy.Tensor: _x_log(torch.log, 0.0),
+    aten.special_xlog1py.default: _x_log(torch.log1p, 1.0),
     aten.atan2.default: _atan2,
     aten.hypot.default: _hypot,
     aten.logaddexp.default: _logaddexp,
