@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from torchdiv._core.versions import slope
 from torchdiv._taylor.jet import (
@@ -59,7 +60,8 @@ def _sigmoid(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _step(t: Tensor) -> Tensor:
-    """``1`` where ``t > 0``, else ``0`` (``nan`` at ``nan``), in ``t``'s dtype, by two
+    """``1`` where ``t > 0``, else ``0`` (``0`` at ``nan`` too: ``sign(nan)`` is ``0``; where
+    ``f``'s output is ``nan`` anyway), in ``t``'s dtype, by two
     arithmetic ops: on the CPU a comparison, a cast and ``where`` or ``masked_fill`` each took
     3-20x an ``exp`` of the same tensor (a (256, 64) float32 tensor, one thread: ``x > 0``
     13-17 us, ``torch.where`` 70-85 us, ``masked_fill`` 78 us, ``clamp`` then ``sign`` 6 us;
@@ -96,23 +98,72 @@ def _silu(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return s * (1 + x * (1 - s)), s * (1 - s) * (2 + x * (1 - 2 * s))
 
 
+def _below(t: Tensor, edge: float) -> Tensor:
+    """``min(t, edge)`` with slope 1 only where ``t < edge``, 0 at ``edge`` itself (at every
+    torch: ``hardtanh``'s backward, where ``clamp``'s passes there up to torch 2.13): the
+    input of a branch whose derivatives autograd's double backward takes on ``t < edge``."""
+    return F.hardtanh(t, -math.inf, edge)
+
+
 def _softplus(x: Tensor, y: Tensor, beta: float = 1.0, threshold: float = 20.0):  # type: ignore[no-untyped-def]
-    linear = _step(x * beta - threshold)  # (exact near the threshold: Sterbenz)
-    s = torch.sigmoid(beta * x)
-    return s + (1 - s) * linear, beta * s * (1 - s) * (1 - linear)
+    """``log(1 + e^(beta x)) / beta``, ``x`` from ``beta x > threshold`` on: autograd's first
+    derivative ``sigmoid(beta x)`` up to the threshold, its double backward ``beta s (1 - s)``
+    below it only (strictly: 0 at ``beta x == threshold``, here too, and in the graph of the
+    first derivative, which the structured engine's parameter gradients differentiate)."""
+    z = x * beta
+    edge = z - threshold  # (exact near the threshold: Sterbenz)
+    linear = _step(edge)  # 1 where beta x > threshold, else 0
+    below = edge.clamp(max=0).sign()  # -1 where beta x < threshold, else 0
+    s = torch.sigmoid(_below(z, threshold))  # (above the threshold not read: linear)
+    rest = 1 - s
+    return torch.addcmul(s, rest, linear), -beta * s * rest * below
 
 
 def _elu(x: Tensor, y: Tensor, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0):  # type: ignore[no-untyped-def]
+    """``scale x`` for ``x > 0``, else ``scale alpha (e^(input_scale x) - 1)`` (``selu``,
+    ``celu``): autograd's first derivative takes the negative side at ``x <= 0``, its double
+    backward at ``x < 0`` only (0 at ``x == 0``, here too, and in the first derivative's
+    graph: ``_below``)."""
     # the exponential of the negative side only: exp(input_scale * x) overflows at a large
     # positive x (88.7 / input_scale in float32) and where's backward gives 0 * inf = nan there
-    d1_neg = scale * alpha * input_scale * torch.exp(input_scale * x.clamp(max=0))
+    low = _below(x, 0.0)
+    d1_neg = scale * alpha * input_scale * torch.exp(low if input_scale == 1 else input_scale * low)
     positive = _step(x)
     negative = d1_neg * (1 - positive)
-    return scale * positive + negative, negative * input_scale
+    return torch.add(negative, positive, alpha=scale), negative * (low.sign() * -input_scale)
 
 
 def _leaky_relu(x: Tensor, y: Tensor, slope: float = 0.01) -> tuple[Tensor, None]:
     return slope + (1 - slope) * _step(x), None
+
+
+def _log_sigmoid_first(x: Tensor, y: Tensor) -> Tensor:
+    """``logsigmoid' = sigmoid(-x)``."""
+    return torch.sigmoid(-x)
+
+
+def _log_sigmoid(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``logsigmoid(x) = -log(1 + e^-x)``, smooth: ``phi' = s = sigmoid(-x)``,
+    ``phi'' = -s (1 - s)``. A rule of its own: PyTorch's decomposition, ``min(x, 0) -
+    log1p(exp(-|x|))``, has a kink at 0 in each part, whose second derivatives there (``abs``'s
+    ``sign(0) = 0``) lost the -1/4 at ``x == 0``. (``log_sigmoid_forward``'s output is
+    ``(y, buffer)``: ``y``'s rule here, its ``RULES`` entry below.)"""
+    s = torch.sigmoid(-x)
+    return s, s * (s - 1)
+
+
+def _x_log_number(log: Callable[[Tensor], Tensor], shift: float) -> Derivatives:
+    """``x log(b + shift)`` for a number ``b`` (``xlogy.Scalar_Other``,
+    ``special_xlog1py.other_scalar``): ``phi' = log(b + shift)`` (0 where ``x == 0`` if
+    ``b + shift <= 0``), ``phi'' = 0``."""
+
+    def derivatives(x: Tensor, y: Tensor, b: float) -> tuple[Tensor, None]:
+        first = log(x.new_full((), b)).expand_as(x)
+        if b + shift > 0:
+            return first, None
+        return torch.where(x == 0, torch.zeros_like(x), first), None
+
+    return derivatives
 
 
 def _pow(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
@@ -183,6 +234,9 @@ DERIVATIVES: dict[Any, Derivatives] = {
     aten.softplus.default: _softplus,
     aten.elu.default: _elu,
     aten.leaky_relu.default: _leaky_relu,
+    aten.log_sigmoid_forward.default: _log_sigmoid,
+    aten.xlogy.Scalar_Other: _x_log_number(torch.log, 0.0),
+    aten.special_xlog1py.other_scalar: _x_log_number(torch.log1p, 1.0),
     aten.hardtanh.default: _hardtanh,
     aten.hardsigmoid.default: _hardsigmoid,
     aten.hardswish.default: _hardswish,
@@ -275,6 +329,7 @@ FIRST: dict[Any, Callable[..., Tensor]] = {
     aten.gelu.default: _gelu_first,
     aten.softplus.default: _softplus_first,
     aten.silu.default: _silu_first,
+    aten.log_sigmoid_forward.default: _log_sigmoid_first,
 }
 
 
@@ -321,7 +376,29 @@ def _wrapped(mode: str) -> Callable[[Tensor, Tensor, Tensor], Partials]:
     return partials
 
 
+def _x_log(
+    log: Callable[[Tensor], Tensor], shift: float
+) -> Callable[[Tensor, Tensor, Tensor], Partials]:
+    """``a log(b + shift)`` (``xlogy``: ``log``, 0; ``xlog1py``: ``log1p``, 1), with ``c = b +
+    shift``: ``phi_a = log(c)``, 0 where ``a == 0`` and ``c <= 0`` (autograd's, the value 0
+    there), ``phi_b = a / c``, ``phi_aa = 0``, ``phi_ab = 1 / c``, ``phi_bb = -a / c^2``. A
+    rule of its own: PyTorch's decomposition ``where(a == 0, 0, a log(b))`` gave ``phi_a = 0``
+    at every ``a == 0``."""
+
+    def partials(a: Tensor, b: Tensor, y: Tensor) -> Partials:
+        zero = torch.zeros_like(y)
+        c = b + shift if shift else b
+        inverse = 1 / c + zero  # (broadcast like y)
+        ratio = a * inverse
+        first = torch.where((a == 0) & (c <= 0), zero, log(b) + zero)
+        return (first, ratio), (zero, inverse, -ratio * inverse)
+
+    return partials
+
+
 BINARY: dict[Any, Callable[[Tensor, Tensor, Tensor], Partials]] = {
+    aten.xlogy.Tensor: _x_log(torch.log, 0.0),
+    aten.special_xlog1py.default: _x_log(torch.log1p, 1.0),
     aten.atan2.default: _atan2,
     aten.hypot.default: _hypot,
     aten.logaddexp.default: _logaddexp,
@@ -402,8 +479,19 @@ GIVEN[aten.tanh.default] = _tanh_given
 GIVEN.update({op: _binary(op, partials) for op, partials in BINARY.items()})
 # ops whose rules (``chain``, ``_tanh_given``) may write ``jac'`` into their argument's ``jac``
 OVERWRITES = frozenset(DERIVATIVES)
-RULES = {op: _computing(op, given) for op, given in GIVEN.items()}
+# (a rule returns its op's outputs: a jet, or a tuple of them and tensors, log_sigmoid_forward's)
+RULES: dict[Any, Callable[..., Any]] = {op: _computing(op, given) for op, given in GIVEN.items()}
 RULES[aten.pow.Scalar] = _scalar_pow
+
+
+def _log_sigmoid_forward(ctx: Context, a: Jet) -> tuple[Jet, Tensor]:
+    """``log_sigmoid_forward``: ``(logsigmoid(a), buffer)``, the buffer (read by its backward
+    alone) without a jet; ``GIVEN``'s entry gives ``y``'s alone (what ``f`` reads)."""
+    y, buffer = aten.log_sigmoid_forward(a.value)
+    return GIVEN[aten.log_sigmoid_forward.default](ctx, y, a), buffer
+
+
+RULES[aten.log_sigmoid_forward.default] = _log_sigmoid_forward
 RULES[aten.div.Tensor] = _div
 
 
