@@ -18,8 +18,9 @@ def _net(act: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), act, nn.Linear(6, 4)).double()
 
 
+@pytest.mark.parametrize("op", ["divergence", "jacobian_diagonal"])
 @pytest.mark.parametrize("transform", ["grad", "jvp"])
-def test_a_kept_recording_is_not_checked_under_a_transform(transform: str) -> None:
+def test_a_kept_recording_is_not_checked_under_a_transform(transform: str, op: str) -> None:
     """A recording kept at a site (the second structure called there: the first call's
     template missed, the second's kept) was checked, not captured, under ``torch.func.grad``
     around the call: the checker's dispatch mode sees the transform's unwrapped tensors, so
@@ -30,7 +31,7 @@ def test_a_kept_recording_is_not_checked_under_a_transform(transform: str) -> No
     first, second = _net(nn.Tanh()), _net(nn.SiLU())
 
     def loss(n: nn.Module, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        div = torchdiv.divergence(lambda z: functional_call(n, p, (z,)), x, method="structured")
+        div = getattr(torchdiv, op)(lambda z: functional_call(n, p, (z,)), x, method="structured")
         return div.pow(2).sum()
 
     for n in (first, second):  # the same site (the lambda's code), two structures
