@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import assert_close, loop_diagonal
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad, jvp, stack_module_state, vmap
 
 import torchdiv
 from torchdiv._taylor.jet import UnsupportedOp
@@ -68,3 +68,24 @@ def test_auto_under_grad_after_kept_recordings_is_the_loop() -> None:
     )
     for g, w in zip(got.values(), want, strict=True):
         assert_close(g, torch.zeros_like(g) if w is None else w)  # float64 tolerances
+
+
+def test_an_ensemble_by_vmap_over_parameters_after_a_kept_recording() -> None:
+    """``vmap`` over stacked parameters (an ensemble by ``functional_call``) at a site whose
+    recording was kept: the check ran on the unwrapped parameters, and every member's
+    divergence came out wrong (0.18 off), silently; refused now, as ``capture`` refuses."""
+    x = torch.randn(5, 4, dtype=torch.float64)
+    first, second = _net(nn.Tanh()), _net(nn.SiLU())
+
+    def div(n: nn.Module, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torchdiv.divergence(lambda z: functional_call(n, p, (z,)), x, method="structured")
+
+    for n in (first, second):
+        div(n, dict(n.named_parameters()))
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(nn.Sequential(nn.Linear(4, 6), nn.SiLU(), nn.Linear(6, 4)).double())
+    params, _ = stack_module_state(members)
+    with pytest.raises(UnsupportedOp, match=r"torch\.func transform"):
+        vmap(lambda p: div(second, p))(params)
