@@ -68,7 +68,7 @@ def trace_of_function(
     loss's backward raised), the traced engines' ``torch.func`` products it can; nor under
     the caller's ``torch.func`` transform (``untransformed``: the leaf copy of ``x`` raised).
     """
-    deep = _Deep()
+    deep = _GENERIC
     if s.num_probes == 1 and untransformed():
         one = _one_product(f, x, batch_dims)
         if isinstance(one, GraphJacobian):
@@ -102,7 +102,7 @@ def terms_of_function(
     not. Where Dynamo traces the call or under a transform, as ``trace_of_function``: by the
     generic engines."""
     batch = x.shape[:batch_dims]
-    deep = _Deep()
+    deep = _GENERIC
     if s.num_probes == 1 and untransformed():  # watched once as ``owner``
         one = _one_product(f, x, batch_dims, owner)
         if isinstance(one, GraphJacobian):
@@ -140,6 +140,9 @@ class _Deep:
     method: str = "auto"
 
 
+_GENERIC = _Deep()  # (the generic engines' own call: ``"auto"``, no context)
+
+
 def _one_product(
     f: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -175,7 +178,7 @@ def _one_product(
         engine = _watched_once(f, x, batch_dims, at, plain, watch)
     except GraphTooDeep:  # (raised by the walk of the graph f's evaluation made)
         # (a plain watched evaluation's changes were put back by its watch's ``Changes``)
-        return _Deep() if watch and plain else _Deep(written_once(x), "reverse")
+        return _GENERIC if watch and plain else _Deep(written_once(x), "reverse")
     if engine.guarded:
         _GUARDED.put(where, shape_key(at), True)
     return engine
