@@ -704,7 +704,7 @@ def _separately(
         laplacian = methods.forward_over_reverse(
             g, x, batch_dims, chunk_size, each=each, gradients=rows
         )
-        batch, event = x.shape[:batch_dims], x.shape[batch_dims:]
+        batch, event = x.shape[:batch_dims], x.shape[batch_dims:]  # (rows: flat events)
         gradient = rows[0].reshape(-1, *batch, *event).movedim(0, batch_dims)
         shape = (*batch, *value.shape[batch_dims:], *event)
         return ValueGradLaplacian(value, gradient.reshape(shape).to(x.dtype), laplacian)
