@@ -177,8 +177,10 @@ def _one_product(
     try:
         engine = _watched_once(f, x, batch_dims, at, plain, watch)
     except GraphTooDeep:  # (raised by the walk of the graph f's evaluation made)
+        if not watch:
+            return _Deep(written_once(x), "reverse")
         # (a plain watched evaluation's changes were put back by its watch's ``Changes``)
-        return _GENERIC if watch and plain else _Deep(written_once(x), "reverse")
+        return _GENERIC if plain else _Deep(written_once(x))
     if engine.guarded:
         _GUARDED.put(where, shape_key(at), True)
     return engine
