@@ -44,7 +44,7 @@ from torchdiv import _structured
 from torchdiv._structured import colors, cycle, factors, forward
 
 f64 = torch.float64
-BMAX = 8  # the most samples a round uses (per-sample index buffers are made this tall)
+BMAX = 16  # the most samples a round uses (per-sample index buffers are made this tall)
 WIDEST = 40  # elements per sample carried between blocks
 
 
@@ -343,7 +343,7 @@ def _movement(
     g: torch.Generator, c: int, n: int, kind: int | None = None
 ) -> tuple[Block, int, int] | None:
     """A data-movement step, most with arguments that ``redraw`` changes at the same shapes."""
-    kind = _int(g, 0, 39) if kind is None else kind
+    kind = _int(g, 0, 43) if kind is None else kind
     if kind == 0:  # index_select, an index with repeats
         k = _int(g, 1, n + 2)
         return (
@@ -688,6 +688,8 @@ def _movement(
             c2,
             w // c2,
         )
+    if kind >= 40:
+        return _written(g, c, n, kind)
     if kind >= 28:
         return _value_moved(g, c, n, kind)
     return None
@@ -819,6 +821,70 @@ def _value_moved(g: torch.Generator, c: int, n: int, kind: int) -> tuple[Block, 
     return None
 
 
+def _written(g: torch.Generator, c: int, n: int, kind: int) -> tuple[Block, int, int] | None:
+    """In-place writes into a tensor ``f`` made, at places that ``redraw`` changes."""
+    k = _int(g, 1, n)
+    if kind == 40:
+        return (
+            Block(
+                "h = h.clone(); h[:, :, idx] = torch.tanh(h[:, :, src])",
+                _put,
+                _redraw_put,
+                idx=torch.randperm(n, generator=g)[:k],
+                src=torch.randint(0, n, (k,), generator=g),
+                n=n,
+                k=k,
+            ),
+            c,
+            n,
+        )
+    if kind == 41:
+        return (
+            Block(
+                "h.clone().masked_fill_(mask, 0.5)",
+                lambda m, h: h.clone().masked_fill_(m.mask, 0.5),
+                lambda m, g: m.mask.copy_(torch.rand(m.mask.shape, generator=g) < 0.4),
+                mask=torch.rand(c, n, generator=g) < 0.4,
+            ),
+            c,
+            n,
+        )
+    if kind == 42:
+        return (
+            Block(
+                "(h * 2).index_fill_(2, idx, -0.5)",
+                lambda m, h: (h * 2).index_fill_(2, m.idx, -0.5),
+                lambda m, g: m.idx.copy_(torch.randint(0, m.n, m.idx.shape, generator=g)),
+                idx=torch.randint(0, n, (k,), generator=g),
+                n=n,
+            ),
+            c,
+            n,
+        )
+    return (
+        Block(
+            "torch.zeros_like(h).index_copy_(2, perm, h)",
+            lambda m, h: torch.zeros_like(h).index_copy_(2, m.perm, h),
+            lambda m, g: m.perm.copy_(torch.randperm(m.n, generator=g)),
+            perm=torch.randperm(n, generator=g),
+            n=n,
+        ),
+        c,
+        n,
+    )
+
+
+def _redraw_put(m: Block, g: torch.Generator) -> None:
+    m.idx.copy_(torch.randperm(m.n, generator=g)[: m.k])
+    m.src.copy_(torch.randint(0, m.n, (m.k,), generator=g))
+
+
+def _put(m: Block, h: torch.Tensor) -> torch.Tensor:
+    h = h.clone()
+    h[:, :, m.idx] = torch.tanh(h[:, :, m.src])
+    return h
+
+
 def _redraw_pair(m: Block, g: torch.Generator) -> None:
     m.ci.copy_(torch.randint(0, m.c, m.ci.shape, generator=g))
     m.li.copy_(torch.randint(0, m.n, m.li.shape, generator=g))
@@ -836,7 +902,7 @@ class Program(nn.Module):
         self.event, self.c, self.n = event, c, n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.reshape(x.shape[0], self.c, self.n)
+        h = x.reshape(-1, self.c, self.n)  # (the samples of any batch_dims in one)
         for block in self.blocks:
             h = block(h)
         return h.reshape(x.shape)
@@ -1047,14 +1113,16 @@ def redraw(f: nn.Module, g: torch.Generator) -> None:
 # --- references and checks ------------------------------------------------------------------------
 
 
-def reference_jacobian(f: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_jacobian(
+    f: nn.Module, x: torch.Tensor, batch_dims: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S, m, n)`` Jacobians of a float64 copy of ``f`` by one ``autograd.grad`` per sample
     and output (``create_graph``: differentiable in the copy's parameters and in the leaf),
     and the leaf."""
     leaf = x.detach().to(f64).requires_grad_(True)
     y = f(leaf)
-    count = x.shape[0]
-    ys, n = y.reshape(count, -1), leaf[0].numel()
+    count = x.shape[:batch_dims].numel()
+    ys, n = y.reshape(count, -1), x.numel() // count
     rows = [
         torch.stack(
             [
@@ -1089,27 +1157,32 @@ def _far(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> str | None
     return None
 
 
-def _calls() -> dict[str, tuple[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]]]:
-    out: dict[str, tuple[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]]] = {}
+def _calls() -> dict[str, tuple[str, Callable[[nn.Module, torch.Tensor, int], torch.Tensor]]]:
+    out: dict[str, tuple[str, Callable[[nn.Module, torch.Tensor, int], torch.Tensor]]] = {}
     for m in ("structured", "auto"):
-        out[f"divergence/{m}"] = ("div", lambda f, x, m=m: torchdiv.divergence(f, x, method=m))
+        out[f"divergence/{m}"] = (
+            "div",
+            lambda f, x, b, m=m: torchdiv.divergence(f, x, method=m, batch_dims=b),
+        )
         out[f"jacobian_diagonal/{m}"] = (
             "diag",
-            lambda f, x, m=m: torchdiv.jacobian_diagonal(f, x, method=m),
+            lambda f, x, b, m=m: torchdiv.jacobian_diagonal(f, x, method=m, batch_dims=b),
         )
     out["divergence/structured/chunk 2"] = (
         "div",
-        lambda f, x: torchdiv.divergence(f, x, method="structured", chunk_size=2),
+        lambda f, x, b: torchdiv.divergence(f, x, method="structured", chunk_size=2, batch_dims=b),
     )
     out["jacobian_diagonal/structured/chunk 3"] = (
         "diag",
-        lambda f, x: torchdiv.jacobian_diagonal(f, x, method="structured", chunk_size=3),
+        lambda f, x, b: torchdiv.jacobian_diagonal(
+            f, x, method="structured", chunk_size=3, batch_dims=b
+        ),
     )
-    out["jacobian/auto"] = ("jac", lambda f, x: torchdiv.jacobian(f, x))
+    out["jacobian/auto"] = ("jac", lambda f, x, b: torchdiv.jacobian(f, x, batch_dims=b))
 
-    def quiet(f: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def quiet(f: nn.Module, x: torch.Tensor, b: int) -> torch.Tensor:
         with torch.no_grad():
-            return torchdiv.divergence(f, x, method="structured")
+            return torchdiv.divergence(f, x, method="structured", batch_dims=b)
 
     out["divergence/structured/no_grad"] = ("div", quiet)
     return out
@@ -1135,12 +1208,12 @@ def _of(jac: torch.Tensor, what: str, shape: torch.Size) -> torch.Tensor:
     return (diag.sum(-1) if what == "div" else diag).reshape(shape)
 
 
-def check_round(f: nn.Module, x: torch.Tensor, stats: Stats) -> list[str]:
+def check_round(f: nn.Module, x: torch.Tensor, stats: Stats, batch_dims: int = 1) -> list[str]:
     """Every call of ``CALLS`` on ``f`` at ``x``: its value and the gradients of a weighted sum
     of it (each parameter's ``.grad``, and ``x.grad`` where ``x`` requires grad) against the
     float64 loop."""
     copy_f = copy.deepcopy(f).to(f64)
-    jac, leaf = reference_jacobian(copy_f, x)
+    jac, leaf = reference_jacobian(copy_f, x, batch_dims)
     own, theirs = dict(f.named_parameters()), dict(copy_f.named_parameters())
     names = [k for k, p in own.items() if p.requires_grad]
     wrt_x = x.requires_grad
@@ -1151,7 +1224,7 @@ def check_round(f: nn.Module, x: torch.Tensor, stats: Stats) -> list[str]:
             p.grad = None
         x.grad = None
         try:
-            got = call(f, x)
+            got = call(f, x, batch_dims)
         except NotImplementedError as exc:
             if "structured" not in name:
                 faults.append(f"{name} raised {type(exc).__name__}: {str(exc)[:300]}")
@@ -1225,20 +1298,29 @@ class Case:
         self.flat = self.flavour == "chain" or (self.flavour == "any" and bool(_int(g, 0, 1)))
         self.dtype = _pick(g, [f64, f64, f64, torch.float32])
         self.x_grad = _int(g, 0, 3) == 0
+        # samples in one dimension, in two (x (B, 2, ...)), none (one sample); x strided
+        self.batch_dims = _pick(g, [1, 1, 1, 1, 2, 0])
+        self.strided = _int(g, 0, 3) == 0
         steps = _int(g, 2, 6)
         self.model = program(g, self.c, self.n, steps, self.flavour).to(self.dtype)
         self.g = g
 
     def x(self, count: int) -> torch.Tensor:
-        shape = (count, self.c * self.n) if self.flat else (count, self.c, self.n)
-        x = _randn(self.g, *shape).to(self.dtype)
+        event = (self.c * self.n,) if self.flat else (self.c, self.n)
+        lead = [(), (count,), (count, 2)][self.batch_dims]
+        shape = (*lead, *event)
+        if self.strided:  # (the same values in a permuted layout)
+            x = _randn(self.g, *shape[::-1]).to(self.dtype).permute(*range(len(shape))[::-1])
+        else:
+            x = _randn(self.g, *shape).to(self.dtype)
         return x.requires_grad_(self.x_grad)
 
     def __repr__(self) -> str:
         shape = (self.c * self.n,) if self.flat else (self.c, self.n)
         return (
             f"seed {self.seed} ({self.flavour}): {self.dtype} event {shape} sizes {self.sizes} "
-            f"x.requires_grad={self.x_grad}\n{self.model!r}"
+            f"x.requires_grad={self.x_grad} batch_dims={self.batch_dims} "
+            f"strided={self.strided}\n{self.model!r}"
         )
 
 
@@ -1278,7 +1360,8 @@ def fuzz_one(
             if change is not None:
                 change(f, g)
             x = case.x(size)
-            faults += [f"{label} x{tuple(x.shape)}: {m}" for m in check_round(f, x, stats)]
+            found = check_round(f, x, stats, case.batch_dims)
+            faults += [f"{label} x{tuple(x.shape)}: {m}" for m in found]
     finally:
         _structured.plan = original  # type: ignore[assignment]
     return [f"{case!r}\n  {m}" for m in faults]
@@ -1362,6 +1445,68 @@ def test_fuzz_finds_a_matrix_kept_by_the_index_shape(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(factors, "_shape_key", by_shape)
     monkeypatch.setattr(factors, "_unkeyed", back)
     assert fuzz_one(1, flavour="chain")
+
+
+def _filled(kind: str, index: torch.Tensor) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """``h`` with the places ``index`` names along its last dimension set to constants."""
+    if kind == "index_fill_":
+        return lambda m, h: (h * 2).index_fill_(2, index, -0.5)
+    if kind == "setitem":
+
+        def put(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            h = torch.sin(h) + 0.1  # (written in place: not an output autograd saved)
+            h[:, :, index] = 0.25
+            return h
+
+        return put
+
+    def put_values(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        h = h * 1.5
+        h[:, :, index] = m.c.expand(len(h), -1, -1)  # (a constant of its own per place)
+        return h
+
+    return put_values
+
+
+@pytest.mark.parametrize("kind", ["index_fill_", "setitem", "setitem of a tensor"])
+def test_constants_written_twice_at_a_place(kind: str) -> None:
+    """``h.index_fill_(2, idx, -0.5)`` and ``h[:, :, idx] = 0.25`` with an index that names
+    a place twice (drawn with repeats): ``method="structured"`` refused them ("index_put
+    without accumulate writing a place twice", ``_taylor.linear._accumulated``), though the
+    written values are constants: whichever write PyTorch keeps, the place's derivatives are
+    zero. Values and parameter gradients against the float64 loop; the index changed between
+    calls at the same shape, once with no repeat."""
+    g = torch.Generator().manual_seed(5)
+    index = torch.tensor([3, 0, 3])
+    block = Block(kind, _filled(kind, index), c=_randn(g, 2, 3))
+    f = Program([Block("lin(h)", lambda m, h: m.lin(h), lin=_linear(g, 5, 5)), block], (10,), 2, 5)
+    for changed in ([1, 4, 1], [2, 0, 4]):
+        x = _randn(g, 3, 10)
+        stats = Stats()
+        assert not check_round(f, x, stats)
+        assert not stats.refused, stats.refused  # ("structured" planned every call)
+        # the Laplacian engine's rule is the same: every output's Laplacian by "taylor"
+        # against grad-of-grad per sample, output and input (float64 sums of a few terms)
+        rows, leaf = reference_jacobian(f, x)  # (S, m, n), differentiable in the leaf
+        want = torch.stack(
+            [
+                sum(
+                    torch.autograd.grad(
+                        rows[s, i, j],
+                        leaf,
+                        retain_graph=True,
+                        allow_unused=True,
+                        materialize_grads=True,
+                    )[0][s, j]
+                    for j in range(rows.shape[2])
+                )
+                for s in range(rows.shape[0])
+                for i in range(rows.shape[1])
+            ]
+        ).reshape(rows.shape[:2])
+        got = torchdiv.laplacian(f, x, method="taylor")
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        index.copy_(torch.tensor(changed))
 
 
 @pytest.mark.slow
