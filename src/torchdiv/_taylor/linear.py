@@ -289,11 +289,16 @@ def _accumulated(op: Callable[..., Tensor], source: int) -> Callable[..., Jet]:
     ``index_copy_``) writes ``source`` over those places instead, also linear in the two where
     its indices name each place once (``_distinct``, checked on the indices of every call);
     where they name one twice, PyTorch keeps one of the writes, which the jets could not
-    follow: the rule refuses it."""
+    follow: the rule refuses it, unless the written values are constants (``index_fill_``,
+    ``h[idx] = 0``): whichever write is kept, the place's derivatives are zero, and the value
+    is PyTorch's own."""
 
     def rule(ctx: Context, *args: Any, **kwargs: Any) -> Jet:
         written = op is aten.index_put.default and not (args[3:4] or [kwargs.get("accumulate")])[0]
-        if written and not _distinct(value_of(args[0]).shape, args[1]):
+        constant = not isinstance(args[source], Jet) or (
+            args[source].jac is None and args[source].lap is None
+        )
+        if written and not constant and not _distinct(value_of(args[0]).shape, args[1]):
             raise UnsupportedOp("index_put without accumulate writing a place twice")
         jets = [a if isinstance(a, Jet) else Jet(a, None, None) for a in (args[0], args[source])]
 
