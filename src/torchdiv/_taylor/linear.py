@@ -453,6 +453,14 @@ _NEAREST_3D = {
     for op in (aten.upsample_nearest3d.default, aten.upsample_nearest3d.vec)
 }
 
+def _copy_strided(ctx: Context, a: Jet, stride: list[int]) -> Jet:
+    """``prims.copy_strided(a, stride)``: ``a``'s values laid out with those strides (the end of
+    PyTorch's ``index_fill`` decomposition on a tensor that is not contiguous, keeping its
+    layout): the same values, so the same derivatives (a copy, as ``clone``)."""
+    copied = linear(ctx, aten.clone.default, a)
+    return Jet(torch.ops.prims.copy_strided.default(a.value, stride), copied.jac, copied.lap)
+
+
 RULES: dict[Any, Callable[..., Any]] = {
     **{op: _linear(op) for op in LINEAR_OPS},
     **{op: _linear(decomposed) for op, decomposed in _NEAREST_3D.items()},
@@ -489,4 +497,5 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten.maximum.default: lambda ctx, a, b: _extremum(ctx, a, b, True),
     aten.minimum.default: lambda ctx, a, b: _extremum(ctx, a, b, False),
     aten.clamp.Tensor: _clamp_tensor,
+    torch.ops.prims.copy_strided.default: _copy_strided,
 }
