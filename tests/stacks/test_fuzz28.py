@@ -1521,6 +1521,24 @@ def test_fuzz_finds_a_matrix_kept_by_the_index_shape(monkeypatch: pytest.MonkeyP
         assert fuzz_one(seed, flavour="chain"), seed
 
 
+def laplacian_loop(f: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Every sample's and output's Laplacian ``(S, m)`` by grad-of-grad: one
+    ``autograd.grad`` per sample, output and input of the rows of ``reference_jacobian``."""
+    rows, leaf = reference_jacobian(f, x)  # (S, m, n), differentiable in the leaf
+    return torch.stack(
+        [
+            sum(
+                torch.autograd.grad(rows[s, i, j], leaf, retain_graph=True, materialize_grads=True)[
+                    0
+                ][s, j]
+                for j in range(rows.shape[2])
+            )
+            for s in range(rows.shape[0])
+            for i in range(rows.shape[1])
+        ]
+    ).reshape(rows.shape[:2])
+
+
 def _filled(kind: str, index: torch.Tensor) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     """``h`` with the places ``index`` names along its last dimension set to constants."""
     if kind == "index_fill_":
@@ -1565,28 +1583,46 @@ def test_constants_written_twice_at_a_place(kind: str) -> None:
         stats = Stats()
         assert not check_round(f, x, stats)
         assert not stats.refused, stats.refused  # ("structured" planned every call)
-        # the Laplacian engine's rule is the same: every output's Laplacian by "taylor"
-        # against grad-of-grad per sample, output and input (float64 sums of a few terms)
-        rows, leaf = reference_jacobian(f, x)  # (S, m, n), differentiable in the leaf
-        want = torch.stack(
-            [
-                sum(
-                    torch.autograd.grad(
-                        rows[s, i, j],
-                        leaf,
-                        retain_graph=True,
-                        allow_unused=True,
-                        materialize_grads=True,
-                    )[0][s, j]
-                    for j in range(rows.shape[2])
-                )
-                for s in range(rows.shape[0])
-                for i in range(rows.shape[1])
-            ]
-        ).reshape(rows.shape[:2])
-        got = torchdiv.laplacian(f, x, method="taylor")
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        # the Laplacian engine's rule is the same
+        torch.testing.assert_close(
+            torchdiv.laplacian(f, x, method="taylor"), laplacian_loop(f, x), rtol=1e-10, atol=1e-10
+        )
         index.copy_(torch.tensor(changed))
+
+
+@pytest.mark.parametrize("into", ["zeros", "h"])
+def test_scatter_of_a_permutation(into: str) -> None:
+    """``torch.zeros_like(h).scatter(2, perm, h)`` (and into ``h`` itself) with a per-sample
+    permutation redrawn between calls: ``scatter`` had no rule, so ``method="structured"``
+    and ``"taylor"`` refused it (``"auto"`` fell back); it writes ``src`` over places of
+    ``self``, linear in the two where its index names each place once (checked at every
+    call, as ``index_put``'s). Values and parameter gradients against the float64 loop, the
+    Laplacian by "taylor" against grad-of-grad; an index that names a place twice is refused
+    by name, ``"auto"`` right."""
+    g = torch.Generator().manual_seed(2)
+    perm = _perm_rows(g, BMAX, 2, 5)
+
+    def scattered(m: Block, h: torch.Tensor) -> torch.Tensor:
+        base = torch.zeros_like(h) if into == "zeros" else torch.sin(h)
+        return base.scatter(2, m.perm[: len(h), :, : m.k], torch.tanh(h[..., : m.k]))
+
+    block = Block("scatter", scattered, perm=perm, k=5 if into == "zeros" else 3)
+    f = Program([Block("lin(h)", lambda m, h: m.lin(h), lin=_linear(g, 5, 5)), block], (10,), 2, 5)
+    for _ in range(2):
+        x = _randn(g, 3, 10)
+        stats = Stats()
+        assert not check_round(f, x, stats)
+        assert not stats.refused, stats.refused
+        torch.testing.assert_close(
+            torchdiv.laplacian(f, x, method="taylor"), laplacian_loop(f, x), rtol=1e-10, atol=1e-10
+        )
+        perm.copy_(_perm_rows(g, BMAX, 2, 5))
+    perm[:, :, 1] = perm[:, :, 0]  # (place perm[..., 0] written twice)
+    x = _randn(g, 3, 10)
+    with pytest.raises(NotImplementedError, match="scatter writing a place twice"):
+        torchdiv.divergence(f, x, method="structured")
+    want = reference_jacobian(f, x)[0].diagonal(dim1=1, dim2=2).sum(-1)
+    torch.testing.assert_close(torchdiv.divergence(f, x), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.slow
