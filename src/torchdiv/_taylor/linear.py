@@ -467,6 +467,7 @@ _NEAREST_3D = {
     for op in (aten.upsample_nearest3d.default, aten.upsample_nearest3d.vec)
 }
 
+
 def _copy_strided(ctx: Context, a: Jet, stride: list[int]) -> Jet:
     """``prims.copy_strided(a, stride)``: ``a``'s values laid out with those strides (the end of
     PyTorch's ``index_fill`` decomposition on a tensor that is not contiguous, keeping its
