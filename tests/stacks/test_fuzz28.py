@@ -1632,7 +1632,7 @@ def test_scatter_of_a_permutation(into: str) -> None:
     + [(f, s) for f in ("local", "any") for s in (100, 110, 120)],
 )
 def test_fuzz_many(flavour: str, first: int) -> None:
-    """Ten more programs of a flavour (10-50 s each)."""
+    """Ten more programs of a flavour (3-23 s each)."""
     faults = [m for s in range(first, first + 10) for m in fuzz_one(s, flavour=flavour)]
     assert not faults, "\n\n".join(faults[:5])
 
