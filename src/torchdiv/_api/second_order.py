@@ -678,7 +678,8 @@ def _separately(
 ) -> ValueGradLaplacian:
     """``g(x)``, the gradient and ``"forward-over-reverse"`` (along the flat event indices
     ``index`` only, as ``laplacian``'s ``coordinates``; ``None``: all), the gradient the
-    Hessian products' primal (the pullback they differentiate: near a node the ``1 / r²`` errors
+    Hessian products' primal (each coordinate's that of the chunk of its second derivative:
+    the pullback they differentiate; near a node the ``1 / r²`` errors
     of ``|∇ log ψ|²`` and ``Δ log ψ`` then cancel in a local energy, as the loop's do), with
     ``index``, ``jacobian``'s: evaluations of ``g`` (one a chunk), each from the state the first
     found (``Once``; ``each``: one that watched an evaluation before), so that they are of one
@@ -704,7 +705,7 @@ def _separately(
         laplacian = methods.forward_over_reverse(
             g, x, batch_dims, chunk_size, each=each, gradients=rows
         )
-        batch, event = x.shape[:batch_dims], x.shape[batch_dims:]
+        batch, event = x.shape[:batch_dims], x.shape[batch_dims:]  # (rows: flat events)
         gradient = rows[0].reshape(-1, *batch, *event).movedim(0, batch_dims)
         shape = (*batch, *value.shape[batch_dims:], *event)
         return ValueGradLaplacian(value, gradient.reshape(shape).to(x.dtype), laplacian)

@@ -89,7 +89,6 @@ def _eager_call(
     started = call_started(f)  # TorchScript in f: run as written (with the flag below)
     guards = _fabric_guards_off()
     trackers = _trackers_off()
-    apart = _saved_apart()
     try:
         with CompiledCodeEager():
             if not spans_peers():  # no process group (or an outer call's): nothing to share
@@ -98,8 +97,6 @@ def _eager_call(
                 result = outside_inference(fn, f, x, *args, **kwargs)
                 return result if call is None else call.finish(result, getattr(x, "grad_fn", None))
     finally:
-        if apart is not None:
-            apart.__exit__(None, None, None)
         call_ended(started)
         _fabric_guards_on(guards)
         _trackers_on(trackers)
@@ -113,29 +110,35 @@ def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _saved_apart() -> torch.autograd.graph.saved_tensors_hooks | None:
+def saves_apart() -> contextlib.AbstractContextManager[Any]:
     """Inside the caller's non-reentrant ``torch.utils.checkpoint`` region: saved-tensor hooks
-    of the call's own, entered, that keep what the call saves as it is (``None`` elsewhere).
+    of torchdiv's own for a block, which keep what it saves as it is (elsewhere none).
 
-    The checkpoint's hooks hand a saved tensor back only by recomputing the whole region, so
-    every backward pass the call takes inside it (plain autograd's rows, the estimators') set
-    off that recomputation in the middle of the region's forward (PyTorch's ``CheckpointError``
-    or its internal "early_stop is set" assertion: ``"auto"``, Hutch++, XTrace), and a call
-    taking another path at the recomputation saved other tensors (a watched first call, a
-    plan kept). Kept apart, the call's saves are its own (kept as without the checkpoint) and
-    the checkpoint's are those of the rest of the region, the same in both passes."""
+    For the generic engines (``_exact.dispatch.evaluate``): the checkpoint's hooks hand a
+    saved tensor back only by recomputing the whole region, so every backward pass such an
+    engine took inside it (plain autograd's rows, the estimators' products) set off that
+    recomputation in the middle of the region's forward (PyTorch's ``CheckpointError`` or
+    its internal "early_stop is set" assertion: ``"auto"`` on small problems, ``jacobian``'s
+    fallback, Hutch++, XTrace), and an engine taking another path at the recomputation
+    saved other tensors. Kept apart, their saves are their own (kept as without the
+    checkpoint), the checkpoint's those of the rest of the region, alike in both passes. The
+    structured and Taylor engines take no backward pass inside the call: their saves stay
+    the checkpoint's (recomputed, as the caller asked)."""
+    if torch.compiler.is_compiling():  # (Dynamo traces the call: its graph, no hooks read)
+        return _NOTHING
     hooks = _top_saved_tensors_default_hooks(True)
     if hooks is None or getattr(hooks[0], "__module__", None) != _checkpoint.__name__:
-        return None
-    apart = torch.autograd.graph.saved_tensors_hooks(_kept, _same)
-    apart.__enter__()
-    return apart
+        return _NOTHING  # (the usual case; nested: already apart)
+    return torch.autograd.graph.saved_tensors_hooks(_kept, _same)
+
+
+_NOTHING = contextlib.nullcontext()
 
 
 def checkpointed() -> bool:
     """Whether the call runs inside ``torch.utils.checkpoint(..., use_reentrant=False)`` (its
-    forward, or its recomputation in the backward pass; the call's own saves kept apart:
-    ``_saved_apart``). There no plan is read or kept (``PlanCache``): the first call at a
+    forward, or its recomputation in the backward pass; an engine's saves kept apart:
+    ``saves_apart``). There no plan is read or kept (``PlanCache``): the first call at a
     structure recorded ``f`` (or watched it) and its recomputation found the recording kept
     and took another path. Not while Dynamo traces."""
     if torch.compiler.is_compiling():

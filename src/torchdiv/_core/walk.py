@@ -3,6 +3,8 @@ on the paths to a tensor (``towards``); one backward pass (``vjp``, ``batched_vj
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import resource
 import threading
 from collections.abc import Iterator
@@ -46,15 +48,59 @@ _BYTES_PER_NODE = 320
 _FLOOR = 4096
 
 
+# glibc's stack for a thread started without a size where the stack limit is unlimited
+# (``ARCH_STACK_DEFAULT_SIZE``, x86-64 and AArch64)
+_THREAD_DEFAULT = 2 * 2**20
+
+
 def _stack_bytes() -> int | None:
-    """The C stack this thread has: the stack limit (``ulimit -s``) for the main thread, the
-    size ``threading.stack_size`` set (else glibc's default, that limit) for another; ``None``
-    where it is unlimited."""
-    size = 0 if threading.current_thread() is threading.main_thread() else threading.stack_size()
+    """The C stack this thread has: the stack limit (``ulimit -s``) for the main thread
+    (``None`` where it is unlimited: that stack grows); another's as the C library tells it
+    (``_thread_stack``), else the size ``threading.stack_size`` sets, else glibc's default:
+    that limit, 2 MiB where it is unlimited. (``threading.stack_size`` is the size of threads
+    started from then on, not this one's, and an unlimited limit gave threads no bound: a
+    10^4-step loop's walked graph crashed the process freed in a thread, rev-qmc28.)"""
+    main = threading.current_thread() is threading.main_thread()
+    size = None if main else _thread_stack() or threading.stack_size()
     if size:
         return size
     soft = resource.getrlimit(resource.RLIMIT_STACK)[0]
-    return None if soft == resource.RLIM_INFINITY else soft
+    if soft == resource.RLIM_INFINITY:
+        return None if main else _THREAD_DEFAULT
+    return soft
+
+
+def _thread_stack() -> int | None:
+    """This thread's stack size from the C library (``pthread_getattr_np``: glibc, musl),
+    ``None`` where it cannot be asked."""
+    libc = _libc()
+    if libc is None:
+        return None
+    attributes = ctypes.create_string_buffer(256)  # (a pthread_attr_t: 56-64 bytes)
+    size = ctypes.c_size_t()
+    if libc.pthread_getattr_np(libc.pthread_self(), attributes) != 0:
+        return None
+    try:
+        if libc.pthread_attr_getstacksize(attributes, ctypes.byref(size)) != 0:
+            return None
+    finally:
+        libc.pthread_attr_destroy(attributes)
+    return size.value or None
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library's pthread functions ``_thread_stack`` calls, or ``None`` without them."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.pthread_self.restype = ctypes.c_ulong
+        libc.pthread_self.argtypes = []
+        libc.pthread_getattr_np.argtypes = [ctypes.c_ulong, ctypes.c_void_p]
+        libc.pthread_attr_getstacksize.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        libc.pthread_attr_destroy.argtypes = [ctypes.c_void_p]
+    except (OSError, AttributeError, TypeError):  # (no such library or function)
+        return None
+    return libc
 
 
 def walked(count: int) -> float:

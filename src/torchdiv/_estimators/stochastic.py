@@ -9,20 +9,23 @@ basis vectors] in ``torchdiv._core.basis``, with probes in place of basis vector
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 
 from torchdiv._core.checks import untransformed
+from torchdiv._core.walk import GraphTooDeep
 from torchdiv._estimators import trace as _trace
 from torchdiv._estimators.probes import draw
 from torchdiv._estimators.registry import Matmat, num_vectors
 from torchdiv._estimators.result import Estimate
 from torchdiv._estimators.sketch import Operator
 from torchdiv._exact import dispatch as _exact
-from torchdiv._exact.autograd import GraphJacobian, unwatched
+from torchdiv._exact.autograd import GraphJacobian, unwatched, written_once
 from torchdiv._taylor.cache import PlanCache, site
 from torchdiv._taylor.mixing import Structure, passed, passed_before, shape_key, structure
 
@@ -65,14 +68,19 @@ def trace_of_function(
     loss's backward raised), the traced engines' ``torch.func`` products it can; nor under
     the caller's ``torch.func`` transform (``untransformed``: the leaf copy of ``x`` raised).
     """
+    deep = _GENERIC
     if s.num_probes == 1 and untransformed():
-        value = _one_probe(_one_product(f, x, batch_dims), s)
-        return Estimate(value, torch.full_like(value.detach(), math.nan), 1)
+        one = _one_product(f, x, batch_dims)
+        if isinstance(one, GraphJacobian):
+            value = _one_probe(one, s)
+            return Estimate(value, torch.full_like(value.detach(), math.nan), 1)
+        deep = one  # (its walk of f's graph stopped: the generic engines)
 
     def consume(engine: _exact.Engine, chunk: int) -> Estimate:
         return _trace.run(s, _operator(engine, s, chunk), x, batch_dims)
 
-    estimate, _ = _evaluate(f, x, batch_dims, s, chunk_size, consume)
+    with deep.context:
+        estimate, _ = _evaluate(f, x, batch_dims, s, chunk_size, consume, method=deep.method)
     return estimate
 
 
@@ -94,14 +102,20 @@ def terms_of_function(
     not. Where Dynamo traces the call or under a transform, as ``trace_of_function``: by the
     generic engines."""
     batch = x.shape[:batch_dims]
+    deep = _GENERIC
     if s.num_probes == 1 and untransformed():  # watched once as ``owner``
-        engine = _one_product(f, x, batch_dims, owner)
-        return _one_probe(engine, s, terms=True), _exact.output(engine)
+        one = _one_product(f, x, batch_dims, owner)
+        if isinstance(one, GraphJacobian):
+            return _one_probe(one, s, terms=True), _exact.output(one)
+        deep = one  # (its walk of f's graph stopped: the generic engines)
 
     def consume(engine: _exact.Engine, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _trace.terms(s, _operator(engine, s, chunk), x, batch_dims), _exact.output(engine)
 
-    (flat, y), _ = _evaluate(f, x, batch_dims, s, chunk_size, consume, owner=owner)
+    with deep.context:
+        (flat, y), _ = _evaluate(
+            f, x, batch_dims, s, chunk_size, consume, owner=owner, method=deep.method
+        )
     return flat.reshape(len(flat), *batch).to(x.dtype), y
 
 
@@ -112,12 +126,29 @@ def terms_of_function(
 _GUARDED = PlanCache(256)
 
 
+@dataclass
+class _Deep:
+    """How a one-product estimate whose walk of ``f``'s graph stopped (``walk.GraphTooDeep``)
+    evaluates ``f`` again, by the generic engines (reverse mode walks nothing): ``method``,
+    ``"auto"`` (watched for sample mixing where the first evaluation was: the watch did not
+    finish) or ``"reverse"`` (unwatched, as the first: ``"auto"``'s plain rows would walk
+    the graph again, a third evaluation), in ``context``: ``written_once`` where the first
+    evaluation's changes stand (``f``'s buffers move once; a random draw inside ``f`` is
+    made twice, as ``"auto"``'s past the bound), none where its watch put them back."""
+
+    context: contextlib.AbstractContextManager[None] = field(default_factory=contextlib.nullcontext)
+    method: str = "auto"
+
+
+_GENERIC = _Deep()  # (the generic engines' own call: ``"auto"``, no context)
+
+
 def _one_product(
     f: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     batch_dims: int,
     owner: object = None,
-) -> GraphJacobian:
+) -> GraphJacobian | _Deep:
     """The plain-autograd engine of a one-product estimate, ``f`` evaluated outside
     ``SafeDerivatives``, whose dispatch costs 13 us to enter and 2-4 us per op of ``f`` (a
     2-D CNF's MLP at batch 256: 30 us of a 0.4 ms estimate, one thread), unless an
@@ -134,11 +165,22 @@ def _one_product(
     (``torchdiv._taylor.mixing.identity``); one over other objects is watched again.
     ``owner``: what ``f`` evaluates, watched and remembered in its place (a flow's velocity
     ``f(t, z)`` behind the closure made at every step: ``terms_of_function``); ``f`` itself if
-    ``None``. Eager calls only (``trace_of_function``)."""
+    ``None``. Eager calls only (``trace_of_function``).
+
+    Where the walk of ``f``'s graph stopped (``walk.GraphTooDeep``: an unrolled solve of
+    thousands of steps; it raised at every call, rev-qmc28, where two probes took reverse
+    mode): how the caller evaluates ``f`` again (``_Deep``)."""
     at = structure(f if owner is None else owner, x, batch_dims)
     where = site(at[0])  # a lambda made anew over other objects: its code, found again
     plain = _GUARDED.get(where, shape_key(at)) is None
-    engine = _watched_once(f, x, batch_dims, at, plain)
+    watch = passed_before(f, x, batch_dims, at) is None
+    try:
+        engine = _watched_once(f, x, batch_dims, at, plain, watch)
+    except GraphTooDeep:  # (raised by the walk of the graph f's evaluation made)
+        if not watch:
+            return _Deep(written_once(x), "reverse")
+        # (a plain watched evaluation's changes were put back by its watch's ``Changes``)
+        return _GENERIC if plain else _Deep(written_once(x))
     if engine.guarded:
         _GUARDED.put(where, shape_key(at), True)
     return engine
@@ -150,11 +192,13 @@ def _watched_once(
     batch_dims: int,
     at: Structure,
     plain: bool,
+    watch: bool,
 ) -> GraphJacobian:
     """``unwatched``'s engine if the object of ``at`` (``structure``) passed a watch for sample
-    mixing there before (``passed_before``), else ``_exact.watched_graph``'s, and it has
+    mixing there before (``passed_before``: not ``watch``), else ``_exact.watched_graph``'s
+    (whose ``Changes`` puts back what a failed evaluation changed, if ``plain``), and it has
     passed now."""
-    if passed_before(f, x, batch_dims, at) is not None:
+    if not watch:
         return unwatched(f, x, batch_dims, plain)
     engine, sizes = _exact.watched_graph(f, x, batch_dims, plain)
     passed(f, x, batch_dims, at, verdict=sizes.verdict)
@@ -206,8 +250,10 @@ def _evaluate(
     chunk_size: int | None,
     consume: Callable[[_exact.Engine, int], T],
     owner: object = None,
+    method: str = "auto",
 ) -> tuple[T, torch.Size]:
-    """``_exact.evaluate`` by ``"auto"`` for the estimate ``s``: chunks of at most its random
+    """``_exact.evaluate`` by ``method`` (``"auto"``; ``"reverse"``: ``_Deep``) for the
+    estimate ``s``: chunks of at most its random
     vectors (a block's, with ``rtol``/``atol``), not the engine's basis; plain autograd from
     the second call of a small problem that passed the watch (``square``), for Hutchinson only
     (a D = 16 CNF, 8 probes: 0.81 -> 0.53 ms, the hand recipe 0.37): its terms change by the
@@ -219,7 +265,7 @@ def _evaluate(
         f,
         x,
         batch_dims,
-        "auto",
+        method,
         chunk_size,
         consume,
         s.generator,

@@ -289,12 +289,20 @@ def _accumulated(op: Callable[..., Tensor], source: int) -> Callable[..., Jet]:
     ``index_copy_``) writes ``source`` over those places instead, also linear in the two where
     its indices name each place once (``_distinct``, checked on the indices of every call);
     where they name one twice, PyTorch keeps one of the writes, which the jets could not
-    follow: the rule refuses it."""
+    follow: the rule refuses it, unless the written values are constants (``index_fill_``,
+    ``h[idx] = 0``): whichever write is kept, the place's derivatives are zero, and the value
+    is PyTorch's own. ``scatter`` (``src`` written over ``self`` at ``index`` along ``dim``)
+    likewise, where ``index`` names each place once (``_once``)."""
 
     def rule(ctx: Context, *args: Any, **kwargs: Any) -> Jet:
         written = op is aten.index_put.default and not (args[3:4] or [kwargs.get("accumulate")])[0]
-        if written and not _distinct(value_of(args[0]).shape, args[1]):
+        constant = not isinstance(args[source], Jet) or (
+            args[source].jac is None and args[source].lap is None
+        )
+        if written and not constant and not _distinct(value_of(args[0]).shape, args[1]):
             raise UnsupportedOp("index_put without accumulate writing a place twice")
+        if op is aten.scatter.src and not constant and not _once(args[2], args[1]):
+            raise UnsupportedOp("scatter writing a place twice")
         jets = [a if isinstance(a, Jet) else Jet(a, None, None) for a in (args[0], args[source])]
 
         def applied(into: Tensor, added: Tensor) -> Tensor:
@@ -308,6 +316,17 @@ def _accumulated(op: Callable[..., Tensor], source: int) -> Callable[..., Jet]:
         return Jet(value, jac, lap)
 
     return rule
+
+
+def _once(index: Tensor, dim: int) -> bool:
+    """Whether ``scatter``'s ``index`` names each place once: element ``i`` of ``index`` writes
+    the place of ``i``'s coordinates with ``index[i]`` along ``dim``, so two places meet only
+    where ``index`` repeats a value along ``dim``."""
+    if index.dim() == 0 or index.shape[dim] < 2:
+        return True
+    ordered = index.sort(dim).values
+    size = ordered.shape[dim]
+    return bool((ordered.narrow(dim, 1, size - 1) != ordered.narrow(dim, 0, size - 1)).all())
 
 
 def _distinct(shape: Sequence[int], indices: Sequence[Tensor | None]) -> bool:
@@ -448,6 +467,15 @@ _NEAREST_3D = {
     for op in (aten.upsample_nearest3d.default, aten.upsample_nearest3d.vec)
 }
 
+
+def _copy_strided(ctx: Context, a: Jet, stride: list[int]) -> Jet:
+    """``prims.copy_strided(a, stride)``: ``a``'s values laid out with those strides (the end of
+    PyTorch's ``index_fill`` decomposition on a tensor that is not contiguous, keeping its
+    layout): the same values, so the same derivatives (a copy, as ``clone``)."""
+    copied = linear(ctx, aten.clone.default, a)
+    return Jet(torch.ops.prims.copy_strided.default(a.value, stride), copied.jac, copied.lap)
+
+
 RULES: dict[Any, Callable[..., Any]] = {
     **{op: _linear(op) for op in LINEAR_OPS},
     **{op: _linear(decomposed) for op, decomposed in _NEAREST_3D.items()},
@@ -481,7 +509,9 @@ RULES: dict[Any, Callable[..., Any]] = {
     aten.index_add.default: _accumulated(aten.index_add.default, 3),
     aten.scatter_add.default: _accumulated(aten.scatter_add.default, 3),
     aten.index_put.default: _accumulated(aten.index_put.default, 2),
+    aten.scatter.src: _accumulated(aten.scatter.src, 3),
     aten.maximum.default: lambda ctx, a, b: _extremum(ctx, a, b, True),
     aten.minimum.default: lambda ctx, a, b: _extremum(ctx, a, b, False),
     aten.clamp.Tensor: _clamp_tensor,
+    torch.ops.prims.copy_strided.default: _copy_strided,
 }
