@@ -81,7 +81,12 @@ from torchdiv._core.checks import (
 )
 from torchdiv._core.ddp import one_forward
 from torchdiv._core.mixing.errors import BatchInteractionError
-from torchdiv._core.modes import CompiledCodeEager, outside_inference, outside_inference_mode
+from torchdiv._core.modes import (
+    CompiledCodeEager,
+    outside_inference,
+    outside_inference_mode,
+    saves_apart,
+)
 from torchdiv._core.script import attribute, forget_plans
 from torchdiv._core.walk import nodes
 from torchdiv._estimators import stochastic as _stochastic
@@ -1011,7 +1016,8 @@ def log_likelihood(
         # every term exactly 0 (one synchronisation per solve): a stop-gradient field's look;
         # or a stop met in the solve's first evaluations (a component under no_grad)
         zero = not bool(state[1].detach().ne(0).any())
-        stopped = _stopped(f, x, times[0], batch_dims) if zero or dynamics.stops else []
+        with saves_apart():  # (its backward passes inside a caller's checkpoint region)
+            stopped = _stopped(f, x, times[0], batch_dims) if zero or dynamics.stops else []
         if stopped and not zero:
             raise ValueError(
                 f"{fn}: components {stopped[:8]} of f(t, z) (indices into its flattened event) "
