@@ -81,7 +81,12 @@ from torchdiv._core.checks import (
 )
 from torchdiv._core.ddp import one_forward
 from torchdiv._core.mixing.errors import BatchInteractionError
-from torchdiv._core.modes import CompiledCodeEager, outside_inference, outside_inference_mode
+from torchdiv._core.modes import (
+    CompiledCodeEager,
+    outside_inference,
+    outside_inference_mode,
+    saves_apart,
+)
 from torchdiv._core.script import attribute, forget_plans
 from torchdiv._core.walk import nodes
 from torchdiv._estimators import stochastic as _stochastic
@@ -149,13 +154,22 @@ class _NoGradients(torch.autograd.Function):
         )
 
 
-def _held_inputs(f: object, x: torch.Tensor, times: torch.Tensor) -> list[torch.Tensor]:
+def _held_inputs(f: Velocity, x: torch.Tensor, times: torch.Tensor) -> list[torch.Tensor]:
     """``x``, the times and the tensors and module parameters ``f`` holds (``_reached``) that
-    require grad: what a solve's gradients reach."""
+    require grad: what a solve's gradients reach. Where the walk finds none, the leaves of the
+    graph of one evaluation ``f(t1, x)`` with grad (parameters held deeper than the walk
+    looks: a wrapper of a wrapper of the model, whose gradients were silently missing)."""
     found: list[torch.Tensor] = [x, times]
     for held in _reached(f, 2, set(), set()):
         found += [held] if isinstance(held, torch.Tensor) else list(held.parameters())
-    return [t for t in found if t.requires_grad]
+    needed = [t for t in found if t.requires_grad]
+    if needed:
+        return needed
+    with torch.enable_grad():
+        v = f(times[0].detach(), x.detach())  # (the solve's first point: t1, x)
+    grad_fn = v.grad_fn if isinstance(v, torch.Tensor) else None
+    leaves = (getattr(node, "variable", None) for node in nodes(grad_fn)) if grad_fn else ()
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
 
 
 def _diverged(
@@ -1002,7 +1016,8 @@ def log_likelihood(
         # every term exactly 0 (one synchronisation per solve): a stop-gradient field's look;
         # or a stop met in the solve's first evaluations (a component under no_grad)
         zero = not bool(state[1].detach().ne(0).any())
-        stopped = _stopped(f, x, times[0], batch_dims) if zero or dynamics.stops else []
+        with saves_apart():  # (its backward passes inside a caller's checkpoint region)
+            stopped = _stopped(f, x, times[0], batch_dims) if zero or dynamics.stops else []
         if stopped and not zero:
             raise ValueError(
                 f"{fn}: components {stopped[:8]} of f(t, z) (indices into its flattened event) "

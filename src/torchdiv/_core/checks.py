@@ -374,8 +374,11 @@ def check_initialized(fn: str, f: Any) -> None:
     ``script.scripted`` follows: closures, defaults, globals) holding a lazy module that has not
     seen an input yet: its first forward swaps parameter classes, which inside a ``torch.func``
     transform left it half made, and the next evaluation crashed the process (a segmentation
-    fault). One walk of the ``_modules`` dictionaries, unless the walk at the start of the
-    public call found none already (``script.initialized``)."""
+    fault). The walk ``script.scripted`` makes (for a module too: a module it holds as a plain
+    attribute or in a partial it holds, which the ``_modules`` dictionaries alone missed; the
+    walk at the start of the call met it, and ``"auto"`` then failed on it inside its
+    recording, ``"forward"`` initialized it inside ``torch.func``), unless that walk at the
+    start of the public call found none already (``script.initialized``)."""
     if initialized(f):
         return
     owner = f if isinstance(f, torch.nn.Module) else attribute(f, "__self__")
@@ -384,9 +387,13 @@ def check_initialized(fn: str, f: Any) -> None:
         if isinstance(f, types.FunctionType) and not f.__code__.co_freevars:
             _lazy_in(fn, f)
         return
-    if not stack:  # a function: the lazy modules its closure, defaults and globals reach
-        scripted(f, lazy=stack)
-    while stack:
+    if not torch.compiler.is_compiling():
+        found: list[Any] = []
+        scripted(f, lazy=found)
+        if found:
+            _refuse_lazy(fn, found[0])
+        return
+    while stack:  # a module, traced: its _modules
         m = stack.pop()
         lazy: Any = m  # (torch types the method's self as a protocol checkers reject)
         if isinstance(m, LazyModuleMixin) and lazy.has_uninitialized_params():

@@ -114,7 +114,11 @@ def saves_apart() -> contextlib.AbstractContextManager[Any]:
     """Inside the caller's non-reentrant ``torch.utils.checkpoint`` region: saved-tensor hooks
     of torchdiv's own for a block, which keep what it saves as it is (elsewhere none).
 
-    For the generic engines (``_exact.dispatch.evaluate``): the checkpoint's hooks hand a
+    For the generic engines (``_exact.dispatch.evaluate``, its explicit forward and reverse
+    modes too: forward mode refuses a checkpoint's hooks, meant for one in ``f``), the
+    grad-of-grad loop (``_laplacian.loop``: a selective checkpoint allows one backward pass
+    through its region) and flows' check for stopped gradients (``_stopped``: its backward
+    passes through ``f``'s own checkpoint nested a recomputation): the checkpoint's hooks hand a
     saved tensor back only by recomputing the whole region, so every backward pass such an
     engine took inside it (plain autograd's rows, the estimators' products) set off that
     recomputation in the middle of the region's forward (PyTorch's ``CheckpointError`` or

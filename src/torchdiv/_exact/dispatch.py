@@ -303,11 +303,12 @@ def evaluate(
     each = _state.Once(x, check or several)
     if check:
         each(lambda z: check_empty_event(f, z, batch_dims))(x)
-    if method == "forward":
-        engine: Engine = ForwardJacobian(f, x, batch_dims, each)
-    else:
-        engine = each(lambda z: ReverseJacobian(f, z, batch_dims))(x)
-    return consume(engine, chunk_size or max(engine.num_basis, 1)), engine.y_shape
+    with saves_apart():  # (forward mode's saves: the checkpoint's would recompute them bare)
+        if method == "forward":
+            engine: Engine = ForwardJacobian(f, x, batch_dims, each)
+        else:
+            engine = each(lambda z: ReverseJacobian(f, z, batch_dims))(x)
+        return consume(engine, chunk_size or max(engine.num_basis, 1)), engine.y_shape
 
 
 Build = Callable[[], tuple[Engine, _plan.Sizes]]  # an engine and the sizes that plan its chunks

@@ -48,6 +48,7 @@ from torchdiv._core.modes import (
     changed_nodes,
     math_attention,
     plain_derivatives,
+    saves_apart,
     subclass_like,
     svd_formula_unstable,
 )
@@ -137,8 +138,11 @@ def grad_of_grad(
     check: Check = None,
     settings: Settings | None = None,
 ) -> torch.Tensor:
-    """Every sample's Laplacian of every output component, shape ``f(x).shape``."""
-    return _looped(f, x, batch_dims, check, settings or Settings(), jacobian=False)[2]
+    """Every sample's Laplacian of every output component, shape ``f(x).shape``. Its backward
+    passes' saves kept apart from a checkpoint region's around the call (``saves_apart``:
+    under a selective checkpoint PyTorch refused a second backward pass through the region)."""
+    with saves_apart():
+        return _looped(f, x, batch_dims, check, settings or Settings(), jacobian=False)[2]
 
 
 def value_grad_laplacian(
@@ -159,7 +163,8 @@ def value_grad_laplacian(
     They keep a graph exactly when the caller has grad mode on and ``f(x)`` depends on something
     that requires grad (``x`` itself, parameters, closed-over tensors)."""
     settings = settings or Settings()
-    y, rows, laplacian, create_graph = _looped(f, x, batch_dims, check, settings, coordinates)
+    with saves_apart():  # (as grad_of_grad's)
+        y, rows, laplacian, create_graph = _looped(f, x, batch_dims, check, settings, coordinates)
     samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
     jacobian = torch.stack(rows, 1) if rows else x.new_zeros(samples, 0, n)
     if not create_graph:

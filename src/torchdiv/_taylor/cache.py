@@ -1150,7 +1150,10 @@ def checked(
     ``f``, but without its modes that only choose which ops run (attention on the math
     backend, ``SafeDerivatives``' replacements; ~40 us a call): where they would have changed
     an op, ``f`` computes other ops than the template's, and the check fails."""
-    if not plain(x):  # recorded again: capture names the subclass
+    if not plain(x) or peek_interpreter_stack() is not None:
+        # recorded again: capture names the subclass, or refuses a torch.func transform
+        # around the call (the checker's modes see its unwrapped tensors: a kept recording
+        # checked there gave results without the transform's derivatives, silently 0)
         return None
     z = argument(x)  # (capture's: a closure over the caller's x is a constant)
     checker = _Checker(found, z, rules, batch_dims)
