@@ -233,11 +233,14 @@ def tied(ctx: Context, a: Jet, value: Tensor, dims: Sequence[int], keepdim: bool
 
 def _extremum(ctx: Context, a: Operand, b: Operand, larger: bool) -> Jet:
     """``maximum``/``minimum``: the derivatives of the operand that is taken, and at a tie
-    the mean of both, as autograd has it."""
+    the mean of both, as autograd has it: the value too, ``(a + b) / 2`` there (equal to
+    either), so that its own derivatives in what ``a`` and ``b`` close over (parameters, the
+    next order's sweep) are also split in halves, as autograd's backward of ``maximum`` (the
+    value ``b`` took all of them: parameter gradients of a gradient or Laplacian of
+    ``f(x) * maximum(h, 0)`` at ``h == 0``, zero biases at the origin, were 0, not 1/2)."""
     va, vb = value_of(a), value_of(b)
     picked = _where(ctx, va > vb if larger else va < vb, a, b)
-    mean = _where(ctx, va == vb, _halved(ctx, a, b), picked)
-    return Jet(picked.value, mean.jac, mean.lap)
+    return _where(ctx, va == vb, _halved(ctx, a, b), picked)
 
 
 def _clamp_tensor(
@@ -273,7 +276,7 @@ def _clamp_tensor(
 def _halved(ctx: Context, a: Operand, b: Operand) -> Jet:
     """``(a + b) / 2`` as a jet (the derivatives at a tie of ``maximum``)."""
     ja, jb = (t if isinstance(t, Jet) else Jet(t, None, None) for t in (a, b))
-    value = torch.broadcast_tensors(ja.value, jb.value)[0]  # type: ignore[no-untyped-call]
+    value = (ja.value + jb.value) / 2  # (broadcast; autograd's halves in what both close over)
     jac = (full_jac(ctx, Jet(value, ja.jac, None)) + full_jac(ctx, Jet(value, jb.jac, None))) / 2
     lap = (full_lap(Jet(value, None, ja.lap)) + full_lap(Jet(value, None, jb.lap))) / 2
     return Jet(value, jac, lap if ctx.second_order else None)
