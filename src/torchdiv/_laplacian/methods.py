@@ -149,7 +149,7 @@ LOOP_WORK_SWEEP = 196608
 CHAIN_INPUTS = 10
 CHAIN_ELEMENTS = 2**20
 # The loop's 1 + m (1 + n) passes against forward over reverse's n batched products of m rows
-# (an FFT net and an S4D layer, float64, batch 64, one thread, /tmp/lo13/cross.py, 2026-12-05):
+# (an FFT net and an S4D layer, float64, batch 64, one thread, a helper's probe, 2026-12-05):
 # at m = 1 the loop 0.46-0.71x at 4 inputs, 0.84-1.0x at 10 (frozen); n = 4, m = 2 even
 # (0.78-1.13x); n m >= 12 the loop 1.1-8.4x slower (n = m = 10: 109 against 26 ms).
 LOOP_FALLBACK = 10
