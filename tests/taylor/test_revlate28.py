@@ -44,3 +44,18 @@ def test_nan_operand_gives_nan(op, nan_first: bool) -> None:
     (g,) = torch.autograd.grad(f(xr).sum(), xr)
     torch.testing.assert_close(out.gradient[1:], g, rtol=0, atol=0)  # exact: products of 1, 3, 0.5
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_tanh_gelu_far_out(dtype: torch.dtype) -> None:
+    """The tanh GELU's rule at |x| = 1e3, 1e4: its first derivative is 1 (x > 0) or 0, its
+    second 0 (``du`` overflowed float16 from |x| = 782: ``0 * inf``, nan)."""
+    import torch.nn.functional as F
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh").sum(-1)
+
+    x = torch.tensor([[1e3], [-1e3], [1e4], [-1e4]], dtype=dtype)
+    out = torchdiv.value_grad_laplacian(f, x, method="taylor")
+    # exact: sech^2 u underflows to 0 in every dtype here, leaving 1 or 0
+    assert torch.equal(out.gradient, torch.tensor([[1.0], [0.0], [1.0], [0.0]], dtype=dtype))
+    assert torch.equal(out.laplacian, torch.zeros(4, dtype=dtype))
