@@ -79,14 +79,11 @@ def _gelu(x: Tensor, y: Tensor, approximate: str = "none") -> tuple[Tensor, Tens
         c = math.sqrt(2 / math.pi)
         u = c * (x + 0.044715 * x**3)
         t = torch.tanh(u)
-        ddu = c * 6 * 0.044715 * x
-
-        def times_du(v: Tensor) -> Tensor:
-            """``v * du``, ``du = c (1 + 3 0.044715 x^2)``, multiplied into ``v`` term by term:
-            ``du`` alone overflows float16 from |x| = 782, where ``v`` (``sech^2 u``) is 0
-            and ``0 * inf`` made the first derivative ``nan`` (autograd's: 1)."""
-            return v * c + v * (3 * 0.044715 * c) * x * x
-
+        # du of x within +-32, beyond which sech^2 u is 0 in every dtype (float64's sigmoid
+        # underflows from |u| = 373, |x| = 22): du overflowed float16 from |x| = 782, and
+        # 0 * inf made the first derivative nan there (autograd's: 1)
+        xc = x.clamp(-32, 32)
+        du, ddu = c * (1 + 3 * 0.044715 * xc * xc), c * 6 * 0.044715 * xc
         # sech^2 u = 4 sigmoid(2u) sigmoid(-2u): not 1 - t^2, which cancels where |u| > 3
         # (|x| > 2.5), in float32 to ~1e-3 of itself, 10x autograd's double backward's
         # error; nor 1 / cosh^2, whose overflow made parameter gradients nan at |x| > 13;
@@ -94,9 +91,9 @@ def _gelu(x: Tensor, y: Tensor, approximate: str = "none") -> tuple[Tensor, Tens
         # 0, its own derivatives (Taylor in Taylor, parameter gradients of a biharmonic)
         # lost sech^2's second derivative -2 at u = 0 (the biharmonic at x = 0 63% off)
         sech2 = 4 * torch.sigmoid(2 * u) * torch.sigmoid(-2 * u)
-        s = times_du(sech2)  # (first: du^2 overflows float16 from |x| = 41, 0 * inf was nan)
+        s = sech2 * du  # (first: du^2 overflows float16 from |x| = 41, 0 * inf was nan)
         d1 = 0.5 * (1 + t) + 0.5 * x * s
-        return d1, s + 0.5 * x * (sech2 * ddu - 2 * t * times_du(s))
+        return d1, s + 0.5 * x * (sech2 * ddu - 2 * t * s * du)
     density = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
     return cdf + x * density, density * (2 - x * x)
