@@ -79,7 +79,11 @@ def _gelu(x: Tensor, y: Tensor, approximate: str = "none") -> tuple[Tensor, Tens
         c = math.sqrt(2 / math.pi)
         u = c * (x + 0.044715 * x**3)
         t = torch.tanh(u)
-        du, ddu = c * (1 + 3 * 0.044715 * x * x), c * 6 * 0.044715 * x
+        # du of x within +-32, beyond which sech^2 u is 0 in every dtype (float64's sigmoid
+        # underflows from |u| = 373, |x| = 22): du overflowed float16 from |x| = 782, and
+        # 0 * inf made the first derivative nan there (autograd's: 1)
+        xc = x.clamp(-32, 32)
+        du, ddu = c * (1 + 3 * 0.044715 * xc * xc), c * 6 * 0.044715 * xc
         # sech^2 u = 4 sigmoid(2u) sigmoid(-2u): not 1 - t^2, which cancels where |u| > 3
         # (|x| > 2.5), in float32 to ~1e-3 of itself, 10x autograd's double backward's
         # error; nor 1 / cosh^2, whose overflow made parameter gradients nan at |x| > 13;

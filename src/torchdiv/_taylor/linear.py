@@ -239,7 +239,9 @@ def _extremum(ctx: Context, a: Operand, b: Operand, larger: bool) -> Jet:
     value ``b`` took all of them: parameter gradients of a gradient or Laplacian of
     ``f(x) * maximum(h, 0)`` at ``h == 0``, zero biases at the origin, were 0, not 1/2)."""
     va, vb = value_of(a), value_of(b)
-    picked = _where(ctx, va > vb if larger else va < vb, a, b)
+    # the ``nan`` operand where either is one (``maximum`` propagates it; ``va > vb`` alone
+    # took ``b``'s value: ``maximum(nan, 1)`` read 1)
+    picked = _where(ctx, (va > vb if larger else va < vb) | va.isnan(), a, b)
     return _where(ctx, va == vb, _halved(ctx, a, b), picked)
 
 
@@ -276,7 +278,11 @@ def _clamp_tensor(
 def _halved(ctx: Context, a: Operand, b: Operand) -> Jet:
     """``(a + b) / 2`` as a jet (the derivatives at a tie of ``maximum``)."""
     ja, jb = (t if isinstance(t, Jet) else Jet(t, None, None) for t in (a, b))
-    value = (ja.value + jb.value) / 2  # (broadcast; autograd's halves in what both close over)
+    # a/2 + b/2 in the promoted dtype, not (a + b) / 2, which overflows at a tie of values
+    # over half the largest finite (float16's 32752); broadcast, autograd's halves in what
+    # both close over. (An odd multiple of the smallest subnormal loses its last bit.)
+    dtype = torch.result_type(ja.value, jb.value)
+    value = ja.value.to(dtype) / 2 + jb.value.to(dtype) / 2
     jac = (full_jac(ctx, Jet(value, ja.jac, None)) + full_jac(ctx, Jet(value, jb.jac, None))) / 2
     lap = (full_lap(Jet(value, None, ja.lap)) + full_lap(Jet(value, None, jb.lap))) / 2
     return Jet(value, jac, lap if ctx.second_order else None)
