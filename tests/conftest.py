@@ -51,6 +51,21 @@ def reference_jacobian(
     return blocks.reshape(batch + y.shape[batch_dims:] + x.shape[batch_dims:])
 
 
+def far(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> str | None:
+    """Why ``actual`` is not ``expected`` within ``tol`` relative to ``1 + max |expected|``
+    (its shape, or its largest error against that scale), ``None`` if it is: the fuzzers'
+    comparison of a result with its float64 reference."""
+    if actual.shape != expected.shape:
+        return f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if not expected.numel():
+        return None
+    scale = 1.0 + float(expected.detach().abs().max())
+    err = float((actual.detach().to(torch.float64) - expected.detach()).abs().max())
+    if not err <= tol * scale:
+        return f"max error {err:.3e} (scale {scale:.3e})"
+    return None
+
+
 def loop_diagonal(f, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
     """Each sample's Jacobian diagonal, row by row: ``f`` evaluated afresh for every row and
     differentiated once by ``autograd.grad`` (a graph that can be walked once suffices)."""

@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import far
 from test_fuzz24 import plain_activation
 from torch import nn
 from torch.nn.utils import parametrize
@@ -580,18 +581,6 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1e-8 if dtype == f64 else 2e-4
 
 
-def _far(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> str | None:
-    if actual.shape != expected.shape:
-        return f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    if not expected.numel():
-        return None
-    scale = 1.0 + float(expected.detach().abs().max())
-    err = float((actual.detach().to(f64) - expected.detach()).abs().max())
-    if not err <= tol * scale:
-        return f"max error {err:.3e} (scale {scale:.3e})"
-    return None
-
-
 class Spy:
     """Whether ``_exact.chain.chain`` returned steps (``taken``) during a call."""
 
@@ -656,7 +645,7 @@ def check_call(
             faults.append(f"{name} ({w}): dtype {out.dtype} != {x.dtype}")
         e = ref.of(w, out.shape)
         expected.append(e)
-        if (bad := _far(out, e, tol)) is not None:
+        if (bad := far(out, e, tol)) is not None:
             faults.append(f"{name} ({w}): {bad}")
     if faults or not (params or wrt_x) or name.endswith("/no_grad"):
         return faults
@@ -680,7 +669,7 @@ def check_call(
     got_grads = [p.grad for p in params] + ([x.grad] if wrt_x else [])
     for label, a, e in zip(names + ["x"] * wrt_x, got_grads, want, strict=True):
         a = torch.zeros_like(e) if a is None else a
-        if (bad := _far(a, e, tol)) is not None:
+        if (bad := far(a, e, tol)) is not None:
             faults.append(f"{name}: grad of {label} {tuple(e.shape)}: {bad}")
     return faults
 

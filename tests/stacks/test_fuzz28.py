@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import far
 from torch import nn
 
 import torchdiv
@@ -1174,18 +1175,6 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1e-8 if dtype == f64 else 3e-4
 
 
-def _far(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> str | None:
-    if actual.shape != expected.shape:
-        return f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    if not expected.numel():
-        return None
-    scale = 1.0 + float(expected.detach().abs().max())
-    err = float((actual.detach().to(f64) - expected.detach()).abs().max())
-    if not err <= tol * scale:
-        return f"max error {err:.3e} (scale {scale:.3e})"
-    return None
-
-
 def _calls() -> dict[str, tuple[str, Callable[[nn.Module, torch.Tensor, int], torch.Tensor]]]:
     out: dict[str, tuple[str, Callable[[nn.Module, torch.Tensor, int], torch.Tensor]]] = {}
     for m in ("structured", "auto"):
@@ -1281,7 +1270,7 @@ def check_round(
         want = _of(jac, what, got.shape)
         if got.dtype != x.dtype:
             faults.append(f"{name}: dtype {got.dtype}")
-        if (bad := _far(got, want, tol)) is not None:
+        if (bad := far(got, want, tol)) is not None:
             faults.append(f"{name}: value {bad}")
             continue
         if name.endswith("no_grad"):
@@ -1312,7 +1301,7 @@ def check_round(
         actual = [own[k].grad for k in names] + ([x.grad] if wrt_x else [])
         for label, a, e in zip([*names, "x"], actual, expected, strict=False):
             a = torch.zeros_like(e) if a is None else a
-            if (bad := _far(a, e, tol)) is not None:
+            if (bad := far(a, e, tol)) is not None:
                 faults.append(f"{name}: grad of {label}: {bad}")
     return faults
 
