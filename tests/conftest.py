@@ -607,6 +607,26 @@ def laplacians_by_grad_of_grad(f, x: torch.Tensor) -> torch.Tensor:
     )
 
 
+def taken_paths(monkeypatch: pytest.MonkeyPatch, paths: dict[str, tuple[object, str]]) -> set[str]:
+    """The names of ``paths`` (each a module and the name of a function in it, patched with a
+    spy) whose function answered (returned other than ``None``) since: which ways a fuzzer's
+    seeds took through an engine."""
+    taken: set[str] = set()
+
+    def spied(name: str, fn: Callable) -> Callable:
+        def spy(*args: object, **kwargs: object) -> object:
+            out = fn(*args, **kwargs)
+            if out is not None:
+                taken.add(name)
+            return out
+
+        return spy
+
+    for name, (module, attribute) in paths.items():
+        monkeypatch.setattr(module, attribute, spied(name, getattr(module, attribute)))
+    return taken
+
+
 def answers(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[bool]:
     """One entry per call of ``module.name`` (patched with a spy): whether it answered (not
     ``None``)."""

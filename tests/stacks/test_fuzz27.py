@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import far
+from conftest import far, taken_paths
 from test_fuzz24 import plain_activation
 from torch import nn
 from torch.nn.utils import parametrize
@@ -836,19 +836,7 @@ def test_fuzz_fixed_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fixed seeds agree with their references, and took each path of the chain: a seed
     list that stops reaching one (a change of the generator or of "auto"'s rules) fails here
     rather than checks less."""
-    taken: set[str] = set()
-
-    def spied(name: str, fn: Callable) -> Callable:
-        def spy(*args: Any, **kwargs: Any) -> Any:
-            out = fn(*args, **kwargs)
-            if out is not None:
-                taken.add(name)
-            return out
-
-        return spy
-
-    for name, (module, attribute) in PATHS.items():
-        monkeypatch.setattr(module, attribute, spied(name, getattr(module, attribute)))
+    taken = taken_paths(monkeypatch, PATHS)
     faults = [m for seed in FAST_SEEDS for m in fuzz_one(seed)]
     assert not faults, "\n\n".join(faults[:5])
     assert taken == set(PATHS), taken

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import far
+from conftest import far, taken_paths
 from torch import nn
 
 import torchdiv
@@ -1455,28 +1455,11 @@ PATHS = {
 }
 
 
-def _spied(monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    taken: set[str] = set()
-
-    def spied(name: str, fn: Callable) -> Callable:
-        def spy(*args: Any, **kwargs: Any) -> Any:
-            out = fn(*args, **kwargs)
-            if out is not None:
-                taken.add(name)
-            return out
-
-        return spy
-
-    for name, (module, attribute) in PATHS.items():
-        monkeypatch.setattr(module, attribute, spied(name, getattr(module, attribute)))
-    return taken
-
-
 def test_fuzz_fixed_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fixed seeds agree with their float64 loops over all rounds, and between them took
     every plan of the structured engine, "auto" included: a seed list that stops reaching one
     (a change of the generator or of the engine's rules) fails here rather than checks less."""
-    taken = _spied(monkeypatch)
+    taken = taken_paths(monkeypatch, PATHS)
     stats = Stats()
     faults = [m for flavour, seed in FAST for m in fuzz_one(seed, stats, flavour=flavour)]
     assert not faults, "\n\n".join(faults[:5])
