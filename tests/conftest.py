@@ -51,21 +51,6 @@ def reference_jacobian(
     return blocks.reshape(batch + y.shape[batch_dims:] + x.shape[batch_dims:])
 
 
-def far(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> str | None:
-    """Why ``actual`` is not ``expected`` within ``tol`` relative to ``1 + max |expected|``
-    (its shape, or its largest error against that scale), ``None`` if it is: the fuzzers'
-    comparison of a result with its float64 reference."""
-    if actual.shape != expected.shape:
-        return f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    if not expected.numel():
-        return None
-    scale = 1.0 + float(expected.detach().abs().max())
-    err = float((actual.detach().to(torch.float64) - expected.detach()).abs().max())
-    if not err <= tol * scale:
-        return f"max error {err:.3e} (scale {scale:.3e})"
-    return None
-
-
 def loop_diagonal(f, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
     """Each sample's Jacobian diagonal, row by row: ``f`` evaluated afresh for every row and
     differentiated once by ``autograd.grad`` (a graph that can be walked once suffices)."""
@@ -605,26 +590,6 @@ def laplacians_by_grad_of_grad(f, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(
         [laplacian_by_grad_of_grad(lambda z, i=i: f(z)[:, i], x) for i in range(m)], 1
     )
-
-
-def taken_paths(monkeypatch: pytest.MonkeyPatch, paths: dict[str, tuple[object, str]]) -> set[str]:
-    """The names of ``paths`` (each a module and the name of a function in it, patched with a
-    spy) whose function answered (returned other than ``None``) since: which ways a fuzzer's
-    seeds took through an engine."""
-    taken: set[str] = set()
-
-    def spied(name: str, fn: Callable) -> Callable:
-        def spy(*args: object, **kwargs: object) -> object:
-            out = fn(*args, **kwargs)
-            if out is not None:
-                taken.add(name)
-            return out
-
-        return spy
-
-    for name, (module, attribute) in paths.items():
-        monkeypatch.setattr(module, attribute, spied(name, getattr(module, attribute)))
-    return taken
 
 
 def answers(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[bool]:

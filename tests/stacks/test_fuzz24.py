@@ -20,21 +20,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from fuzzing import pick as _pick
+from fuzzing import uniform_int as _int
 from torch import nn
 
 import torchdiv
 
 f64 = torch.float64
 WIDEST = 8  # features carried between blocks
-
-
-def _int(g: torch.Generator, low: int, high: int) -> int:
-    """A uniform integer in ``[low, high]``."""
-    return int(torch.randint(low, high + 1, (), generator=g))
-
-
-def _pick(g: torch.Generator, options: list):
-    return options[_int(g, 0, len(options) - 1)]
 
 
 def _param(g: torch.Generator, *shape: int, scale: float = 1.0) -> nn.Parameter:

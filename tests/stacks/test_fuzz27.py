@@ -39,7 +39,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import far, taken_paths
+from fuzzing import far, taken_paths
+from fuzzing import pick as _pick
+from fuzzing import randn as _randn
+from fuzzing import uniform_int as _int
 from test_fuzz24 import plain_activation
 from torch import nn
 from torch.nn.utils import parametrize
@@ -61,19 +64,6 @@ def plain() -> Iterator[None]:
         yield
     finally:
         _PLAIN[0] = False
-
-
-def _int(g: torch.Generator, low: int, high: int) -> int:
-    """A uniform integer in ``[low, high]``."""
-    return int(torch.randint(low, high + 1, (), generator=g))
-
-
-def _pick(g: torch.Generator, options: list) -> Any:
-    return options[_int(g, 0, len(options) - 1)]
-
-
-def _randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.randn(*shape, generator=g, dtype=f64) * scale
 
 
 # --- activations ---------------------------------------------------------------------------------

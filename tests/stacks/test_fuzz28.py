@@ -37,7 +37,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import far, taken_paths
+from fuzzing import far, taken_paths
+from fuzzing import pick as _pick
+from fuzzing import randn as _randn
+from fuzzing import uniform_int as _int
 from torch import nn
 
 import torchdiv
@@ -47,19 +50,6 @@ from torchdiv._structured import colors, cycle, factors, forward
 f64 = torch.float64
 BMAX = 16  # the most samples a round uses (per-sample index buffers are made this tall)
 WIDEST = 40  # elements per sample carried between blocks
-
-
-def _int(g: torch.Generator, low: int, high: int) -> int:
-    """A uniform integer in ``[low, high]``."""
-    return int(torch.randint(low, high + 1, (), generator=g))
-
-
-def _pick(g: torch.Generator, options: list) -> Any:
-    return options[_int(g, 0, len(options) - 1)]
-
-
-def _randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.randn(*shape, generator=g, dtype=f64) * scale
 
 
 def _divisors(k: int) -> list[int]:

@@ -35,21 +35,14 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from fuzzing import pick as _pick
+from fuzzing import uniform_int as _int
 from torch import nn
 
 import torchdiv
 
 f64 = torch.float64
 Fn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _int(g: torch.Generator, low: int, high: int) -> int:
-    """A uniform integer in ``[low, high]``."""
-    return int(torch.randint(low, high + 1, (), generator=g))
-
-
-def _pick(g: torch.Generator, options: list) -> Any:
-    return options[_int(g, 0, len(options) - 1)]
 
 
 # (code with ``h``, function, smooth) -- a kink round draws every one, a generic round too
