@@ -12,6 +12,7 @@ between two float32 evaluations of the same formulas, measured 0.6-1.3x).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -103,10 +104,18 @@ def test_local_energy_by_hessian_products_near_a_node(transformed: bool) -> None
     (``1 / r²`` terms each) did not cancel in ``E_L`` as they do where one computation gives
     both (the loop, the Taylor sweep): 5-380x the loop's error at 0.1, 24-1300x at 1e-2
     (2.7e-2 and 11 relative there). The gradient now is the Hessian products' own primal."""
+    assert_local_energy_gradients(1e-1, transformed)
+
+
+def assert_local_energy_gradients(apart: float, transformed: bool, **options: Any) -> None:
+    """The mean local energy's parameter gradients by ``value_grad_laplacian(method=
+    "forward-over-reverse", **options)`` (``transformed``: ``"auto"`` inside the caller's
+    ``torch.func.grad``), float32, two electrons ``apart``, within 2x the float32 per-walker
+    loop's error against the float64 one."""
     torch.manual_seed(3)
     net = _MixedSlater()
     net64 = copy.deepcopy(net).double()
-    x = _near_a_node(1e-1)[:4]
+    x = _near_a_node(apart)[:4]
     truth = torch.autograd.grad(_kinetic_alone(net64, x).mean(), list(net64.parameters()))
     plain = torch.autograd.grad(_kinetic_alone(net, x.float()).mean(), list(net.parameters()))
     names = [name for name, _ in net.named_parameters()]
@@ -114,11 +123,11 @@ def test_local_energy_by_hessian_products_near_a_node(transformed: bool) -> None
     def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
         f = lambda z: functional_call(net, params, (z,))  # noqa: E731
         method = "auto" if transformed else "forward-over-reverse"
-        out = torchdiv.value_grad_laplacian(f, x.float(), method=method)
+        out = torchdiv.value_grad_laplacian(f, x.float(), method=method, **options)
         assert out.gradient.shape == x.shape
         return _local_kinetic(out.laplacian, out.gradient).mean()
 
-    if transformed:
+    if transformed:  # ("auto" under the caller's torch.func: forward over reverse)
         found = torch.func.grad(loss)({n: p.detach() for n, p in net.named_parameters()})
         ours = [found[n] for n in names]
     else:
