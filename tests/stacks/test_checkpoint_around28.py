@@ -1,6 +1,7 @@
 """A torchdiv call inside the caller's non-reentrant ``torch.utils.checkpoint`` region (around
-the call, not inside ``f``): the call's own saved tensors are kept apart from the
-checkpoint's (``_core.modes._saved_apart``). Before, every backward pass the call took inside
+the call, not inside ``f``): the saved tensors of the engines that take backward passes are
+kept apart from the checkpoint's (``_core.modes.saves_apart``). Before, every backward pass
+the call took inside
 the region set off the region's recomputation in the middle of its forward: ``"auto"`` on a
 small problem ended in PyTorch's ``CheckpointError``, Hutch++ in its internal assertion
 "early_stop is set", XTrace in recomputed tensors of other shapes. Reference: the same loss

@@ -34,7 +34,7 @@ from torchdiv._core.mixing.errors import BatchInteractionError
 from torchdiv._core.mixing.transformed import check_transformed
 from torchdiv._core.mixing.watch import Verdicts, verdicts
 from torchdiv._core.mixing.watch import watched as mixing_watched
-from torchdiv._core.modes import recorded
+from torchdiv._core.modes import checkpointed, recorded
 from torchdiv._core.tie import tied
 from torchdiv._core.walk import GraphTooDeep
 from torchdiv._exact.attributes import unwrap_between_evaluations
@@ -433,7 +433,7 @@ def _one_input(f: Function, x: torch.Tensor, batch_dims: int) -> Loop | Nested:
     site, at = _site(f), mixing.structure(f, x, batch_dims)
     key = mixing.shape_key(at)
     plan: Loop | None = _LOOPS.get(site, key)
-    if plan is None and not cache.checkpointed():
+    if plan is None and not checkpointed():
         plan = Loop(settings=Settings(plain=True, chain=True))
         _LOOPS.put(site, key, plan)
     return _unrecorded(f, x, batch_dims, plan or Loop(), at)
