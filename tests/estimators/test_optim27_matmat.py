@@ -93,8 +93,15 @@ def test_a_power_series_log_det_by_chunks_is_one_evaluation_s(chunk_size: int, d
     assert torch.equal(torch.get_rng_state(), rng)
     for name, buffer in once.named_buffers():
         assert_close(g.get_buffer(name), buffer)
-    params, ref = list(g.parameters()), list(once.parameters())
-    got = torch.autograd.grad(est.value.square().sum(), params, allow_unused=True)
+    assert_gradients_alike(est.value, list(g.parameters()), want, list(once.parameters()))
+
+
+def assert_gradients_alike(
+    value: torch.Tensor, params: list, want: torch.Tensor, ref: list
+) -> None:
+    """The gradients of ``value.square().sum()`` in ``params`` equal those of ``want``'s in
+    their copies ``ref``, ``None`` (unused) alike."""
+    got = torch.autograd.grad(value.square().sum(), params, allow_unused=True)
     expected = torch.autograd.grad(want.square().sum(), ref, allow_unused=True)
     for a, b in zip(got, expected, strict=True):
         assert (a is None) == (b is None)
