@@ -381,17 +381,14 @@ def check_initialized(fn: str, f: Any) -> None:
     start of the public call found none already (``script.initialized``)."""
     if initialized(f):
         return
+    if not torch.compiler.is_compiling():
+        _lazy_in(fn, f)  # (eager: the walk itself)
+        return
     owner = f if isinstance(f, torch.nn.Module) else attribute(f, "__self__")
     stack = [owner] if isinstance(owner, torch.nn.Module) else []
-    if not stack and torch.compiler.is_compiling():  # a function, traced: see _lazy_in
+    if not stack:  # a function, traced: see _lazy_in
         if isinstance(f, types.FunctionType) and not f.__code__.co_freevars:
             _lazy_in(fn, f)
-        return
-    if not torch.compiler.is_compiling():
-        found: list[Any] = []
-        scripted(f, lazy=found)
-        if found:
-            _refuse_lazy(fn, found[0])
         return
     while stack:  # a module, traced: its _modules
         m = stack.pop()
