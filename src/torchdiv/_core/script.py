@@ -25,6 +25,12 @@ import torch
 from torch.nn.modules.lazy import LazyModuleMixin
 
 _SCRIPTED = (torch.jit.ScriptModule, torch.jit.ScriptFunction)
+# the attributes every module holds (its dictionaries of parameters, buffers, submodules and
+# hooks, ``training``): PyTorch's bookkeeping, never code ``scripted`` follows (submodules are
+# read from ``_modules``); the walk reads a module's other attributes only: a module of the
+# user's class holds ~17 of these and a few of its own, each looked up at every call (a model
+# of ten such blocks: 36 -> 27 us a walk)
+_MODULE_OWN = frozenset(vars(torch.nn.Module()))
 
 R = TypeVar("R")
 
@@ -151,7 +157,9 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 obj = held  # (not narrowed below: the module's own forward is read)
             if kind is _OWN_MODULE:  # a class of the user's: its forward, its attributes
                 todo.append((type(obj).forward, left))
-                todo += [(v, left) for v in obj.__dict__.values() if _followed(v)]
+                attributes = obj.__dict__  # (its own: not ``Module``'s dictionaries, in C)
+                own = attributes.keys() - _MODULE_OWN
+                todo += [(attributes[n], left) for n in own if _followed(attributes[n])]
         elif kind is _METHOD:
             todo += [(obj.__self__, left), (obj.__func__, left)]
         elif kind is _PARTIAL:  # its function and the arguments it binds
