@@ -353,9 +353,12 @@ class Program(nn.Module):
         return "def f(x):\n    h = x\n" + "\n".join(lines) + "\n    return h"
 
 
-def program(g: torch.Generator, d: int, out: int, near: bool, listed: bool) -> Program:
-    """A random chain ``d -> ... -> out`` of at most three hidden layers (widths 1-9); with
-    ``near``, one step that breaks it; activations listed (``listed``) or any."""
+def program(
+    g: torch.Generator, d: int, out: int, near: bool, listed: bool, wide: int = 9
+) -> Program:
+    """A random chain ``d -> ... -> out`` of at most three hidden layers (widths 1 to
+    ``wide``); with ``near``, one step that breaks it; activations listed (``listed``) or
+    any."""
     names = LISTED if listed else LISTED + UNLISTED
     steps: list[Step] = []
     k = d
@@ -378,7 +381,7 @@ def program(g: torch.Generator, d: int, out: int, near: bool, listed: bool) -> P
             width = _int(g, 1, 2)
             steps.append(Time(g, style, bool(_int(g, 0, 1)), width))
             k += width
-        k2 = out if i == depth else _int(g, 1, 9)
+        k2 = out if i == depth else _int(g, 1, wide)
         same = [lin for lin in linears if (lin.k, lin.k2) == (k, k2)]
         if same and _int(g, 0, 2) == 0:
             steps.append(Again(same[0]))
@@ -755,6 +758,103 @@ def test_fuzz_fixed_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
     assert drawn == set(Near.KINDS) | {f"time: {s}" for s in Time.STYLES}, drawn
 
 
+def _wide_reference(
+    f: Program, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``(N, m, n)`` Jacobians of a float64 copy of ``f`` (plain activations) at a float64
+    leaf copy of ``x``, one ``autograd.grad`` per output component over the whole batch (the
+    programs do not mix samples), with a graph; the leaf and the copy's trainables."""
+    copied = copy.deepcopy(f).to_dtype(f64)
+    leaf = x.detach().to(f64).requires_grad_(True)
+    with plain():
+        y = copied(leaf)
+    rows = [
+        torch.autograd.grad(y[:, i].sum(), leaf, create_graph=True, materialize_grads=True)[0]
+        for i in range(y.shape[1])
+    ]
+    return torch.stack(rows, 1), leaf, copied.trainables()
+
+
+def fuzz_wide(seed: int, taken: set[str]) -> list[str]:
+    """A square chain of listed steps at ``D`` 40-64 and a batch that makes the problem
+    (``N D²``) larger than ``crossover.ROWS_PROBLEM``: "auto" goes by the chain's rows only
+    while its plain evaluations show a chain (``Passed.chain``, ``_plain_first``'s
+    ``chain_only``; ``chain.widest`` plans the chunks). Four rounds (as drawn, again, after an
+    optimiser step, flipped), ``divergence``, ``jacobian_diagonal`` in chunks and
+    ``jacobian`` (the one that goes by rows there: from its third call on, ``stepped``),
+    values and gradients against ``_wide_reference``."""
+    g = torch.Generator().manual_seed(29_500_000 + seed)
+    d = _int(g, 40, 64)
+    dtype = _pick(g, [f64, torch.float32])
+    f = program(g, d, d, near=False, listed=True, wide=96).to_dtype(dtype)
+    count = (1 << 18) // (d * d) + _int(g, 1, 40)
+    case = Case(seed)  # (its generator for _stepped's x only)
+    case.program, case.batch_dims, case.dtype, case.g = f, 1, dtype, g
+    trained = bool(_int(g, 0, 1))
+    f.train_(trained)
+    chunk = _int(g, 1, d)
+    faults: list[str] = []
+    for label in ("first", "again", "stepped", "flipped"):
+        if label == "stepped":
+            _stepped(case, torch.randn(count, d, generator=g, dtype=f64).to(dtype))
+        if label == "flipped":
+            trained = not trained
+            f.train_(trained)
+        x = torch.randn(count, d, generator=g, dtype=f64).to(dtype)
+        x.requires_grad_(label == "flipped")
+        jac, leaf, own = _wide_reference(f, x)
+        diag = jac.diagonal(dim1=1, dim2=2)
+        operators: dict[str, tuple[torch.Tensor, Callable]] = {
+            "divergence": (diag.sum(-1), torchdiv.divergence),
+            f"jacobian_diagonal/chunk{chunk}": (
+                diag,
+                lambda f, x: torchdiv.jacobian_diagonal(f, x, chunk_size=chunk),
+            ),
+            "jacobian": (jac, torchdiv.jacobian),
+        }
+        for name, (want, call) in operators.items():
+            named = {n: t for n, t in f.trainables().items() if t.requires_grad}
+            for t in named.values():
+                t.grad = None
+            x.grad = None
+            taken.clear()
+            got = call(f, x)
+            tol = tolerance(dtype)
+            at = f"{label} x{tuple(x.shape)}{'+grad' * x.requires_grad} {name}"
+            if (bad := far(got, want, tol)) is not None:
+                faults.append(f"{at}: {bad}")
+                continue
+            if label == "stepped" and name == "jacobian" and "chain" not in taken:
+                faults.append(f"{at}: the chain's rows were not taken ({sorted(taken)})")
+            wrt = [own[n] for n in named] + ([leaf] if x.requires_grad else [])
+            if not wrt:
+                continue
+            weights = torch.randn(want.shape, generator=g, dtype=f64)
+            ref_loss = (want * weights).sum()
+            expected = (
+                torch.autograd.grad(ref_loss, wrt, retain_graph=True, materialize_grads=True)
+                if ref_loss.requires_grad
+                else tuple(torch.zeros_like(t) for t in wrt)
+            )
+            if not got.requires_grad:
+                if any(e.any() for e in expected):
+                    faults.append(f"{at}: no graph, its reference's gradients != 0")
+                continue
+            (got * weights.to(dtype)).sum().backward()
+            have = [t.grad for t in named.values()] + ([x.grad] if x.requires_grad else [])
+            for label_, a, e in zip([*named, "x"], have, expected, strict=False):
+                if (bad := far(torch.zeros_like(e) if a is None else a, e, tol)) is not None:
+                    faults.append(f"{at}: grad of {label_}: {bad}")
+    return [f"wide seed {seed}: {dtype} D={d} N={count}\n{f!r}\n  {m}" for m in faults]
+
+
+@pytest.mark.slow
+def test_fuzz_wide(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = taken_paths(monkeypatch, PATHS)
+    faults = [m for s in range(6) for m in fuzz_wide(s, taken)]
+    assert not faults, "\n\n".join(faults[:5])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("first", [100, 200])
 def test_fuzz_many(monkeypatch: pytest.MonkeyPatch, first: int) -> None:
@@ -765,6 +865,14 @@ def test_fuzz_many(monkeypatch: pytest.MonkeyPatch, first: int) -> None:
 
 if __name__ == "__main__":
     first, count = int(sys.argv[1]), int(sys.argv[2])
+    if len(sys.argv) > 3 and sys.argv[3] == "wide":
+        with pytest.MonkeyPatch.context() as patch:
+            taken = taken_paths(patch, PATHS)
+            for s in range(first, first + count):
+                print(f"wide seed {s}", file=sys.stderr, flush=True)
+                for message in fuzz_wide(s, taken):
+                    print(message, "\n", flush=True)
+        sys.exit()
     with pytest.MonkeyPatch.context() as patch:
         taken, covered = taken_paths(patch, PATHS), set()
         for s in range(first, first + count):
