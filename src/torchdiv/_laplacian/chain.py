@@ -10,6 +10,8 @@ sample, the ``n`` first derivatives ``J`` (``(n, N, h)``) and the Laplacian ``L`
 of each node's output,
 
     product ``z = a M``:       ``J' = J M``,            ``L' = L M``
+    (``a`` a concatenation of the chain's node with inputs that do not depend on ``x``, a
+    time input's features: ``M``'s rows of that node's columns)
     activation ``u = phi(z)``:   ``J' = phi'(z) J``,        ``L' = phi'(z) L + phi''(z) Σ_k J_k²``
 
 from the tensors the nodes saved at this call (``phi'`` by the node's own backward call,
@@ -21,12 +23,13 @@ derivative here (GELU, ELU, Softplus, SiLU...) and anything else leave the chain
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from torchdiv._exact.chain import chain
+from torchdiv._exact.chain import _narrow, _Slice, chain
 
 aten = torch.ops.aten
 
@@ -66,6 +69,8 @@ _RULES: dict[str, Rule] = {
     ),
 }
 _PRODUCTS = frozenset(("AddmmBackward0", "MmBackward0"))
+_KNOWN = _PRODUCTS | frozenset(_RULES)
+_SLICE = "slice"  # (a concatenation's slice among the nodes: ``_forward_laplacian``)
 
 
 def chain_laplacian(y: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor | None:
@@ -79,9 +84,15 @@ def chain_laplacian(y: torch.Tensor, x: torch.Tensor, create_graph: bool) -> tor
     steps = chain(y, x)
     if steps is None:
         return None
-    nodes = [(node, node.name()) for _, node in reversed(steps)]  # from x up to y
-    if nodes[0][1] not in _PRODUCTS or any(
-        name not in _PRODUCTS and name not in _RULES for _, name in nodes
+    # from x up to y; a concatenation's slice (``_exact.chain._Slice``: x's columns beside a
+    # time input) by ``_SLICE``, taken by the product right above it
+    nodes = [(node, _SLICE if step is _narrow else node.name()) for step, node in reversed(steps)]
+    names = [name for _, name in nodes]
+    if (
+        next((name for name in names if name is not _SLICE), None) not in _PRODUCTS
+        or any(name not in _KNOWN and name is not _SLICE for name in names)
+        or any(a is _SLICE and b not in _PRODUCTS for a, b in itertools.pairwise(names))
+        or names[-1] is _SLICE  # (y the concatenation itself: no product above it)
     ):
         return None
     if not any(name in _RULES and _RULES[name][2] is not None for _, name in nodes):
@@ -92,16 +103,26 @@ def chain_laplacian(y: torch.Tensor, x: torch.Tensor, create_graph: bool) -> tor
 
 def _forward_laplacian(nodes: list[tuple[Any, str]], n: int) -> torch.Tensor | None:
     """The forward Laplacian along ``nodes`` (the chain from ``x`` up, with their type names,
-    one of them curved) for ``n`` inputs, ``(N, m)``; ``None`` where the first weight is
-    sparse. One ``(n + 1, N, h)`` block: rows ``0..n-1`` the first derivatives, row ``n`` the
-    Laplacian (broadcast over the samples until the first activation)."""
+    one of them curved) for ``n`` inputs, ``(N, m)``; ``None`` where the first weight, or one
+    after a slice, is sparse. One ``(n + 1, N, h)`` block: rows ``0..n-1`` the first
+    derivatives, row ``n`` the Laplacian (broadcast over the samples until the first
+    activation). A concatenation's slice ``[start, start + width)`` (``x``'s part beside
+    inputs that do not depend on it: zero derivatives) goes into the product above it:
+    ``J' = J M[start : start + width]``, ``L' = L M[start : start + width]``."""
     rows: torch.Tensor | None = None
+    part: _Slice | None = None  # x's columns of the concatenation below the next product
     for node, name in nodes:
+        if name is _SLICE:
+            part = node
+            continue
         if name in _PRODUCTS:
             mat2 = node._saved_mat2
+            if mat2.layout != torch.strided and (rows is None or part is not None):
+                return None  # (a sparse weight: no sparse activation rules, no sparse narrow)
+            if part is not None:  # (the other inputs do not depend on x: J = L = 0 there)
+                mat2 = mat2.narrow(0, part.start, part.width)
+                part = None
             if rows is None:  # a product of x itself: the rows of mat2, alike for every sample
-                if mat2.layout != torch.strided:  # (a sparse weight: no sparse activation rules)
-                    return None
                 rows = torch.cat([mat2, mat2.new_zeros(1, mat2.shape[1])]).unsqueeze(1)
             else:
                 rows = torch.matmul(rows, mat2)
