@@ -308,6 +308,12 @@ def _elu_first(
 
 
 def _gelu_first(x: Tensor, y: Tensor, approximate: str = "none") -> Tensor:
+    """GELU's first derivative by ``gelu_backward``; in float16 at ``x`` within +-10, beyond
+    which it is 1 or 0 in every dtype and its derivative ~1e-20: there ``gelu_double_backward``
+    (the second order of parameter gradients) computes in float16, where ``x * x`` overflowed
+    from |x| = 256 (150 for the tanh approximation's ``x^3``) times a 0 density: ``nan``."""
+    if x.dtype == torch.float16:
+        x = x.clamp(-10, 10)
     return aten.gelu_backward(_ones(x), x, approximate=approximate)
 
 
