@@ -207,6 +207,7 @@ def _held(obj: Any, kind: int) -> list[Any]:
     not other holders; the attributes of a plain object or a class of the user's (PyTorch's
     are not followed) that are modules, scripts or containers."""
     kinds = _KINDS
+    items: Iterable[Any]
     if kind is _CONTAINER:
         items = itertools.islice(obj.values() if isinstance(obj, dict) else obj, _HELD_ITEMS)
         wanted = _IN_CONTAINERS
@@ -262,7 +263,11 @@ def _kind(kind: type) -> int:
         found = _OTHER if _pytorchs(kind) else _CONTAINER  # (torch.Size: not followed)
     elif issubclass(kind, type):
         found = _CLASS  # (PyTorch's classes: not followed, ``_held``)
-    elif not _pytorchs(kind) and getattr(kind, "__module__", None) not in _NOT_PLAIN:
+    elif (
+        not _pytorchs(kind)
+        and getattr(kind, "__module__", None) not in _NOT_PLAIN
+        and not issubclass(kind, types.ModuleType)  # (a library's lazy module: its names)
+    ):
         found = _PLAIN  # (one without a ``__dict__``: nothing followed, ``_held``)
     else:
         found = _OTHER
