@@ -169,3 +169,15 @@ def test_a_lazy_module_held_there_is_refused(where: str) -> None:
     }[where]
     with pytest.raises(ValueError, match=r"^divergence: f has uninitialized .*LazyLinear"):
         torchdiv.divergence(f, torch.randn(4, 3), method="forward")
+
+
+def test_the_refusal_under_a_checkpoint_says_what_it_saves() -> None:
+    """The refusal of ``method="reverse"`` under a checkpoint around the call offered
+    ``"forward"`` as one to which "the hooks then apply": inside a checkpoint region the
+    generic engines' saves are kept apart (``_core.modes.saves_apart``), not recomputed."""
+    from torch.utils.checkpoint import checkpoint
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh())
+    x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match=r"a checkpoint's only to the structured and Taylor"):
+        checkpoint(lambda z: torchdiv.divergence(net, z, method="reverse"), x, use_reentrant=False)
