@@ -181,3 +181,41 @@ def test_the_refusal_under_a_checkpoint_says_what_it_saves() -> None:
     x = torch.randn(4, 3)
     with pytest.raises(RuntimeError, match=r"a checkpoint's only to the structured and Taylor"):
         checkpoint(lambda z: torchdiv.divergence(net, z, method="reverse"), x, use_reentrant=False)
+
+
+GRAPH_FORMS: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
+    "graph_divergence": lambda net, z: torchdiv.graph_divergence(net(z), z, create_graph=True),
+    "graph_jacobian": lambda net, z: torchdiv.graph_jacobian(net(z), z, create_graph=True),
+    "graph_laplacian": lambda net, z: torchdiv.graph_laplacian(net(z)[:, 0], z, create_graph=True),
+}
+
+
+@pytest.mark.parametrize("form", GRAPH_FORMS)
+def test_a_graph_form_in_nested_checkpoints(form: str) -> None:
+    """A graph form inside a non-reentrant checkpoint nested in another: at the outer one's
+    recomputation ``x`` is another Python tensor of the same leaf, and ``depends_on``'s
+    ``node.variable is x`` refused ``y`` as "not computed from x" (a plain ``autograd.grad``
+    loop there works). Reference: the same loss without checkpoints, float64."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    net = net.double()
+    params = list(net.parameters())
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        result = GRAPH_FORMS[form](net, z)
+        weights = torch.arange(1.0, 1.0 + result.numel(), dtype=z.dtype)
+        return (result.square() * weights.reshape(result.shape)).sum()
+
+    def outer(w: torch.Tensor) -> torch.Tensor:
+        return checkpoint(loss, w, use_reentrant=False) * 1.0
+
+    z, w = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got, want = checkpoint(outer, z, use_reentrant=False), loss(w)
+    grads = torch.autograd.grad(got, [z, *params], allow_unused=True, materialize_grads=True)
+    wanted = torch.autograd.grad(want, [w, *params], allow_unused=True, materialize_grads=True)
+    assert_close(got, want)  # float64: the dtype's tolerances (conftest)
+    for g, v in zip(grads, wanted, strict=True):
+        assert_close(g, v)
