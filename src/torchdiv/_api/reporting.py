@@ -141,7 +141,8 @@ def _hooks_refused(fn: str, method: object) -> str:
         f"{fn}: method={method!r} takes torch.func's reverse-mode products, which refuse the "
         "saved-tensor hooks around the call (torch.autograd.graph.saved_tensors_hooks, "
         f"save_on_cpu, a non-reentrant torch.utils.checkpoint); use method={ways} (the hooks "
-        "then apply to what the call saves), or make the call outside the hooks (a checkpoint: "
+        "then apply to what the call saves; a checkpoint's only to the structured and Taylor "
+        "engines'), or make the call outside the hooks (a checkpoint: "
         "around f instead)"
     )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dis
 import functools
+import itertools
 import types
 import weakref
 from collections.abc import Callable, Iterable
@@ -25,12 +26,6 @@ import torch
 from torch.nn.modules.lazy import LazyModuleMixin
 
 _SCRIPTED = (torch.jit.ScriptModule, torch.jit.ScriptFunction)
-# the attributes every module holds (its dictionaries of parameters, buffers, submodules and
-# hooks, ``training``): PyTorch's bookkeeping, never code ``scripted`` follows (submodules are
-# read from ``_modules``); the walk reads a module's other attributes only: a module of the
-# user's class holds ~17 of these and a few of its own, each looked up at every call (a model
-# of ten such blocks: 36 -> 27 us a walk)
-_MODULE_OWN = frozenset(vars(torch.nn.Module()))
 
 R = TypeVar("R")
 
@@ -84,11 +79,34 @@ def forget_plans(f: Any) -> bool:
     need not walk it again before ``f`` runs (``initialized``)."""
     lazy: list[Any] = []
     for found in scripted(f, lazy=lazy):
-        method = found if isinstance(found, torch.jit.ScriptFunction) else found.forward
-        flush = getattr(method, "_debug_flush_compilation_cache", None)
-        if flush is not None:
-            flush()
+        if isinstance(found, torch.jit.ScriptModule):
+            _flush_module(found)
+        else:  # a ScriptFunction, a ScriptMethod
+            _flush(found)
     return not lazy
+
+
+def _flush(method: Any) -> None:
+    flush = getattr(method, "_debug_flush_compilation_cache", None)
+    if flush is not None:
+        flush()
+
+
+def _flush_module(module: torch.jit.ScriptModule) -> None:
+    """Drop the plans of every method of ``module`` and of its submodules: each has an
+    executor of its own, run where Python calls it (``f`` calling ``scripted.encode(z)``, an
+    exported method, or a child, ``scripted.block(z)``: their optimized plans ran, forward
+    mode's divergence 0; the module's own ``forward`` inlines them)."""
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        c = getattr(m, "_c", None)
+        if c is None:  # (not a RecursiveScriptModule: its forward alone)
+            _flush(getattr(m, "forward", None))
+            continue
+        for name in c._method_names():
+            _flush(c._get_method(name))
+        stack += [s for s in m._modules.values() if isinstance(s, torch.jit.ScriptModule)]
 
 
 # [the ``f`` whose walk found no lazy module] of the public call in flight (``initialized``)
@@ -131,8 +149,13 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     torch.jit.script(fn)``), bound methods, partials and the arguments they bind, callable
     objects (their class's ``__call__`` and the functions they hold), and a function's
     closure cells, default arguments and the globals its code and the functions defined in
-    it name (a scripted activation), ``_FUNCTION_DEPTH`` functions deep. Each object's kind
-    is read from its type once per type (``_kind``): about 1 us per module. ``lazy``: the
+    it name (a scripted activation), ``_FUNCTION_DEPTH`` functions deep; and one level of
+    what holds objects (``_held``): a list, tuple or dictionary there (its first
+    ``_HELD_ITEMS`` items: ``partial(run, [scripted])``), a plain object (a bound method's
+    ``self``, ``holder.net(z)``) and a class of the user's (``Holder.net(z)``, a module
+    class's attribute), each while functions are left to follow, what they hold one fewer
+    down. A scripted method (``scripted.encode``) is found as such. Each object's kind is
+    read from its type once per type (``_kind``): about 1 us per module. ``lazy``: the
     modules met with uninitialized parameters (lazy modules) are appended to it."""
     out: list[Any] = []
     seen: set[int] = set()
@@ -156,10 +179,9 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                     lazy.append(held)
                 obj = held  # (not narrowed below: the module's own forward is read)
             if kind is _OWN_MODULE:  # a class of the user's: its forward, its attributes
-                todo.append((type(obj).forward, left))
-                attributes = obj.__dict__  # (its own: not ``Module``'s dictionaries, in C)
-                own = attributes.keys() - _MODULE_OWN
-                todo += [(attributes[n], left) for n in own if _followed(attributes[n])]
+                todo += [(type(obj).forward, left), (type(obj), left)]
+                held = obj.__dict__  # (not nn.Module's own: its hooks' dictionaries)
+                todo += [(v, left) for k in held.keys() - _MODULE_STATE if _followed(v := held[k])]
         elif kind is _METHOD:
             todo += [(obj.__self__, left), (obj.__func__, left)]
         elif kind is _PARTIAL:  # its function and the arguments it binds
@@ -170,13 +192,50 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
             todo.append((type(obj).__call__, left))
             if isinstance(held, dict):
                 todo += [(v, left) for v in held.values() if _followed(v)]
-        elif left > 0:  # a function
+        elif left <= 0:
+            continue
+        elif kind is _FUNCTION:
             todo += [(held, left - 1) for held in _named(obj)]
+        else:  # a holder: a container, a plain object, a class
+            todo += [(v, left - 1) for v in _held(obj, kind)]
     return out
+
+
+def _held(obj: Any, kind: int) -> list[Any]:
+    """What the holder ``obj`` (a ``_CONTAINER``, ``_PLAIN`` object or ``_CLASS``) holds that
+    ``scripted`` follows: a container's first ``_HELD_ITEMS`` items (a dictionary's values),
+    not other holders; the attributes of a plain object or a class of the user's (PyTorch's
+    are not followed) that are modules, scripts or containers."""
+    kinds = _KINDS
+    items: Iterable[Any]
+    if kind is _CONTAINER:
+        items = itertools.islice(obj.values() if isinstance(obj, dict) else obj, _HELD_ITEMS)
+        wanted = _IN_CONTAINERS
+    elif kind is _CLASS and _pytorchs(obj):
+        return []
+    else:
+        items = attribute(obj, "__dict__")
+        if not isinstance(items, dict | types.MappingProxyType):
+            return []
+        items, wanted = items.values(), _IN_OBJECTS
+    return [v for v in items if (kinds.get(id(type(v))) or _kind(type(v))) in wanted]
 
 
 # (never 0: a miss); _OWN_MODULE: a module whose class has a forward of the user's (``_own``)
 _SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _OTHER = range(1, 9)
+# holders (``_held``): a list, tuple or dictionary; an object of the user's with attributes
+# but no ``__call__`` of its own; a class of the user's (``_kind``)
+_CONTAINER, _PLAIN, _CLASS = range(9, 12)
+# what a container's items are followed as (not holders: a list of lists of numbers is data)
+_IN_CONTAINERS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT))
+# what a plain object's or a class's attributes are followed as (not its methods, nor the
+# objects it holds: a trainer's graph of objects)
+_IN_OBJECTS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _CONTAINER))
+# the attributes every module has (its parameters, buffers, submodules, hooks: dictionaries)
+_MODULE_STATE = frozenset(vars(torch.nn.Module()))
+# how many items of a container are looked at (a long list of tensors or numbers: the walk
+# is made at every call)
+_HELD_ITEMS = 64
 # each type's kind by its id, forgotten when the type is freed (``_kind``)
 _KINDS: dict[int, int] = {}
 
@@ -186,7 +245,7 @@ def _kind(kind: type) -> int:
     the type is freed: a class made at every call (a model factory's class, each
     ``torch.fx.GraphModule``'s own class), kept as a key, stayed alive for the rest of the
     process with what its methods close over (tensors too)."""
-    if issubclass(kind, _SCRIPTED):
+    if issubclass(kind, (*_SCRIPTED, torch.ScriptMethod)):
         found = _SCRIPT
     elif issubclass(kind, torch.nn.Module):
         found = _OWN_MODULE if _own(kind) else _MODULE
@@ -200,6 +259,16 @@ def _kind(kind: type) -> int:
         kind.__module__ or ""
     ).startswith("torch."):
         found = _OBJECT  # a callable object of the user's (not PyTorch's: torch.ops packets)
+    elif issubclass(kind, (list, tuple, dict)):
+        found = _OTHER if _pytorchs(kind) else _CONTAINER  # (torch.Size: not followed)
+    elif issubclass(kind, type):
+        found = _CLASS  # (PyTorch's classes: not followed, ``_held``)
+    elif (
+        not _pytorchs(kind)
+        and getattr(kind, "__module__", None) not in _NOT_PLAIN
+        and not issubclass(kind, types.ModuleType)  # (a library's lazy module: its names)
+    ):
+        found = _PLAIN  # (one without a ``__dict__``: nothing followed, ``_held``)
     else:
         found = _OTHER
     key = id(kind)
@@ -226,6 +295,17 @@ def cell_contents(fn: Any) -> list[Any]:
         with contextlib.suppress(ValueError):
             out.append(cell.cell_contents)
     return out
+
+
+# the modules of types whose objects are not plain holders (numbers, strings, functions'
+# parts, modules: ``_kind``)
+_NOT_PLAIN = frozenset(("builtins", "types", "functools", "numpy", "enum", "typing"))
+
+
+def _pytorchs(kind: type) -> bool:
+    """Whether the class ``kind`` is PyTorch's (``torch`` or a module below it)."""
+    module = attribute(kind, "__module__")
+    return isinstance(module, str) and (module == "torch" or module.startswith("torch."))
 
 
 def _followed(v: Any) -> bool:

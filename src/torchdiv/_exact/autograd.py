@@ -779,4 +779,12 @@ def depends_on(y: torch.Tensor, x: torch.Tensor) -> bool:
         return True
     if x.grad_fn is not None:
         return any(node is x.grad_fn and nr == x.output_nr for node, nr in _graph_edges(y))
-    return any(getattr(node, "variable", None) is x for node, _ in _graph_edges(y))
+    if any(getattr(node, "variable", None) is x for node, _ in _graph_edges(y)):
+        return True
+    if not x.requires_grad or torch.is_inference_mode_enabled():  # (no accumulator there)
+        return False
+    # another Python tensor of the same leaf (the recomputation of a checkpoint nested in
+    # another: the graph forms refused such a ``y`` as "not computed from x"): its gradient
+    # accumulator is the leaf's
+    accumulator = torch.autograd.graph.get_gradient_edge(x).node
+    return any(node is accumulator for node, _ in _graph_edges(y))

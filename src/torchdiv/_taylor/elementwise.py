@@ -75,6 +75,8 @@ def _relu(x: Tensor, y: Tensor) -> tuple[Tensor, None]:
 
 
 def _gelu(x: Tensor, y: Tensor, approximate: str = "none") -> tuple[Tensor, Tensor]:
+    if x.dtype == torch.float16:  # (see _saturated)
+        x = _saturated(x)
     if approximate == "tanh":  # y = x/2 (1 + tanh u), u = c (x + 0.044715 x^3)
         c = math.sqrt(2 / math.pi)
         u = c * (x + 0.044715 * x**3)
@@ -97,6 +99,15 @@ def _gelu(x: Tensor, y: Tensor, approximate: str = "none") -> tuple[Tensor, Tens
     density = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
     return cdf + x * density, density * (2 - x * x)
+
+
+def _saturated(x: Tensor) -> Tensor:
+    """``x`` within +-10, where GELU's derivatives (both forms) are already 1 or 0 and 0 in
+    every dtype (the density ~1e-22), for float16: beyond, ``x * x`` overflowed from
+    |x| = 256 times a density of 0 (the exact form's second derivative ``nan``), and the
+    backward pass through the tanh form's (parameter gradients of a Laplacian) overflowed
+    its cotangents from |x| ~ 20, times a sigmoid's 0 derivative (``nan``)."""
+    return x.clamp(-10, 10)
 
 
 def _silu(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -308,6 +319,12 @@ def _elu_first(
 
 
 def _gelu_first(x: Tensor, y: Tensor, approximate: str = "none") -> Tensor:
+    """GELU's first derivative by ``gelu_backward``; in float16 at ``x`` within +-10, beyond
+    which it is 1 or 0 in every dtype and its derivative ~1e-20: there ``gelu_double_backward``
+    (the second order of parameter gradients) computes in float16, where ``x * x`` overflowed
+    from |x| = 256 (150 for the tanh approximation's ``x^3``) times a 0 density: ``nan``."""
+    if x.dtype == torch.float16:
+        x = _saturated(x)
     return aten.gelu_backward(_ones(x), x, approximate=approximate)
 
 
