@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import hashlib
 import os
 from collections.abc import Callable
@@ -356,7 +357,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Let each test module with selected tests start what it runs in other processes
     (``start_early(config)``, e.g. the type checkers) before the first test runs. Not in a
     pytest-xdist worker: every worker collects every test but runs only those it is sent, so
-    each would start them (the test that needs them starts them where it runs)."""
+    each would start them (the test that needs them starts them where it runs).
+
+    First, in every process, what collection left alive (~560k objects: torch's and the
+    other imports, the test modules, ~7900 items) is moved out of the cycle collector's
+    reach (``gc.freeze``): it lives to the end of the run, yet every full collection walked
+    it again, automatic ones (~50 in a worker's run) and the tests' own ``gc.collect()``
+    (tests/api/test_lifetime.py), 0.3-0.6 s each in a worker's heap. Nothing a test checks
+    changes: objects made afterwards are collected as before (testtime29 measured)."""
+    gc.collect()
+    gc.freeze()
     if os.environ.get("PYTEST_XDIST_WORKER") is not None:
         return
     modules = {getattr(item, "module", None) for item in session.items}
