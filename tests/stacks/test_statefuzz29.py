@@ -12,11 +12,16 @@ runs a random sequence of steps on that one model: torchdiv calls (``divergence`
 two-probe ``estimate_divergence`` with a seeded generator; ``"auto"`` or an explicit engine;
 batch sizes drawn from a few, so that calls alternate structures) and the mutations a
 training script makes (an optimizer step, ``train()``/``eval()`` of the model or one
-submodule, ``requires_grad_`` flips, a submodule or activation swapped, a flag or float
+submodule, ``requires_grad_`` flips, the whole model frozen or thawed, a submodule or
+activation swapped, one replaced by its ``torch.jit.script``, a flag, integer or float
 attribute set, forward hooks and pre-hooks added and removed, a parametrization, weight or
-spectral norm added, ``load_state_dict`` of another model's state, a deep copy, a round trip
-through float32, ``channels_last``, a batch norm's momentum and running statistics, ``f``
-wrapped in a lambda or a partial, or a ``torch.compile``d module in the slow seeds).
+spectral norm added or removed, pruning, exact zeros written into a weight,
+``load_state_dict`` of another model's state, a deep copy, a round trip through float32,
+``channels_last``, a batch norm's momentum and mode, ``forward`` replaced on the instance, the
+class swapped for a subclass, ``f`` wrapped in a lambda or a partial, or a ``torch.compile``d
+module in the slow seeds). Calls are made with ``x`` requiring grad or not, under
+``no_grad``, under ``allow_batch_interaction`` or with ``x`` a transposed view, some with
+``chunk_size`` or Laplacian ``coordinates``.
 
 After every call the result is compared, values and the gradients of a weighted sum of it in
 ``x`` and in every parameter, with a float64 reference built afresh from the model's state
