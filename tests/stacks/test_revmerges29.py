@@ -166,3 +166,42 @@ def test_scripted_code_reached_through_attributes_is_run_as_written(
                 assert_close(g, w)
     finally:
         _ACT, _RUNNER, _TRAINER = _act, None, None
+
+
+class _RaisingList(list):  # type: ignore[type-arg]
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a holder's own iteration")
+
+
+class _LazyMapping(dict):  # type: ignore[type-arg]
+    def values(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a lazy mapping's import failed")
+
+
+def _first(held: object, net: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    return net(z)
+
+
+@pytest.mark.parametrize("holder", ["a list whose __iter__ raises", "a dict whose values raises"])
+def test_a_holder_whose_own_methods_raise_is_walked_by_the_builtins(holder: str) -> None:
+    """A list or dictionary subclass that ``f`` binds (a lazy mapping: its ``values`` imports
+    modules, and may raise) was iterated by its own methods: the call raised their error.
+    Read by the built-in's methods, a scripted module in it is still found. Reference: the
+    eager module's per-sample loop, float64."""
+    import functools
+
+    torch.manual_seed(0)
+    eager = _mlp().double()
+    scripted = torch.jit.script(_mlp().double())
+    scripted.load_state_dict(eager.state_dict())
+    held = (
+        _RaisingList([scripted])
+        if holder == "a list whose __iter__ raises"
+        else _LazyMapping(net=scripted)
+    )
+    f = functools.partial(_first, held, scripted)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for _ in range(3):
+        f(x)
+    want = loop_diagonal(eager, x).sum(-1)
+    assert_close(torchdiv.divergence(f, x, method="structured"), want)  # float64's tolerances

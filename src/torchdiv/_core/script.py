@@ -214,8 +214,10 @@ def _held(obj: Any, kind: int) -> list[Any]:
     are not followed) that are modules, scripts or containers."""
     kinds = _KINDS
     items: Iterable[Any]
-    if kind is _CONTAINER:
-        items = itertools.islice(obj.values() if isinstance(obj, dict) else obj, _HELD_ITEMS)
+    if kind is _CONTAINER:  # (by the built-in's own methods: not a subclass's, which may
+        # raise or compute: a lazy mapping's ``values`` importing modules)
+        every = dict.values(obj) if isinstance(obj, dict) else _ITERATE[isinstance(obj, list)](obj)
+        items = itertools.islice(every, _HELD_ITEMS)
         wanted = _IN_CONTAINERS
     elif kind is _CLASS and _pytorchs(obj):
         return []
@@ -369,6 +371,10 @@ def cell_contents(fn: Any) -> list[Any]:
         with contextlib.suppress(ValueError):
             out.append(cell.cell_contents)
     return out
+
+
+# a tuple's and a list's own iterators (``_held``)
+_ITERATE = (tuple.__iter__, list.__iter__)
 
 
 # the modules of types whose objects are not plain holders (numbers, strings, functions'
