@@ -179,11 +179,15 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                     lazy.append(held)
                 obj = held  # (not narrowed below: the module's own forward is read)
             if kind is _OWN_MODULE:  # a class of the user's: its forward, its attributes
-                todo += [(type(obj).forward, left), (type(obj), left)]
+                cls = type(obj)  # (the methods forward reads too: ``self.block(z)``, super's;
+                if id(cls) not in seen:  # once per class: its methods' walk is ~2 us)
+                    todo += [(m, left) for m in _methods(cls, ("forward",))] + [(cls, left)]
                 held = obj.__dict__  # (not nn.Module's own: its hooks' dictionaries)
                 todo += [(v, left) for k in held.keys() - _MODULE_STATE if _followed(v := held[k])]
         elif kind is _METHOD:
             todo += [(obj.__self__, left), (obj.__func__, left)]
+            if isinstance(obj.__func__, types.FunctionType):  # (``self.helper(z)`` in it)
+                todo += [(v, left) for v in _read(obj.__self__, obj.__func__.__code__)]
         elif kind is _PARTIAL:  # its function and the arguments it binds
             todo.append((obj.func, left))
             todo += [(v, left) for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
@@ -195,7 +199,9 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
         elif left <= 0:
             continue
         elif kind is _FUNCTION:
-            todo += [(held, left - 1) for held in _named(obj)]
+            named = _named(obj)
+            todo += [(held, left - 1) for held in named]
+            todo += [(v, left - 1) for held in named for v in _read(held, obj.__code__)]
         else:  # a holder: a container, a plain object, a class
             todo += [(v, left - 1) for v in _held(obj, kind)]
     return out
@@ -208,8 +214,10 @@ def _held(obj: Any, kind: int) -> list[Any]:
     are not followed) that are modules, scripts or containers."""
     kinds = _KINDS
     items: Iterable[Any]
-    if kind is _CONTAINER:
-        items = itertools.islice(obj.values() if isinstance(obj, dict) else obj, _HELD_ITEMS)
+    if kind is _CONTAINER:  # (by the built-in's own methods: not a subclass's, which may
+        # raise or compute: a lazy mapping's ``values`` importing modules)
+        every = dict.values(obj) if isinstance(obj, dict) else _ITERATE[isinstance(obj, list)](obj)
+        items = itertools.islice(every, _HELD_ITEMS)
         wanted = _IN_CONTAINERS
     elif kind is _CLASS and _pytorchs(obj):
         return []
@@ -219,6 +227,74 @@ def _held(obj: Any, kind: int) -> list[Any]:
             return []
         items, wanted = items.values(), _IN_OBJECTS
     return [v for v in items if (kinds.get(id(type(v))) or _kind(type(v))) in wanted]
+
+
+def _read(held: Any, code: types.CodeType) -> list[Any]:
+    """What a function of ``code`` reaches through the attributes it reads off ``held`` (a
+    value it names: a global, a closure cell, its ``self``): of a plain object, a class or a
+    module of the user's, the methods of its classes it reads (``holder.run(z)``, ``_methods``)
+    and, of a plain object or a class, the attributes it reads that ``scripted`` follows, plain
+    objects included (``runner.state.net(z)``: ``state``, whose ``net`` is then found). Only
+    the names the code reads are looked up: a trainer's other methods and objects are not."""
+    kind = _KINDS.get(id(type(held))) or _kind(type(held))
+    if kind is not _PLAIN and kind is not _CLASS and kind is not _OWN_MODULE:
+        return []
+    names = attribute_names(code)
+    if not names:
+        return []
+    cls = held if kind is _CLASS else type(held)
+    out: list[Any] = _methods(cls, names) if not _pytorchs(cls) else []
+    if kind is not _OWN_MODULE:  # (a module's attributes: walked as its own, ``scripted``)
+        values = attribute(held, "__dict__")
+        if isinstance(values, dict | types.MappingProxyType):
+            out += [v for n in names if _followed(v := values.get(n)) or _is_plain(v)]
+    return out
+
+
+def _is_plain(v: Any) -> bool:
+    return (_KINDS.get(id(type(v))) or _kind(type(v))) is _PLAIN
+
+
+def _methods(cls: type, names: Iterable[str]) -> list[Any]:
+    """The functions named ``names`` in the user's classes of ``cls``'s method resolution
+    order (not PyTorch's: ``nn.Module``'s), and those named by what they read in turn: a
+    module's ``forward`` and the helper methods it calls (``self.block(z)``), a base class's
+    ``forward`` that ``super().forward(z)`` runs. Read at every call (a method replaced on
+    the class is followed); the names each code reads are cached (``attribute_names``)."""
+    dicts = [c.__dict__ for c in cls.__mro__[:-1] if not _pytorchs(c)]  # (not object)
+    out: list[Any] = []
+    todo, done = list(names), set()
+    while todo:
+        name = todo.pop()
+        if name in done:
+            continue
+        done.add(name)
+        for held in dicts:
+            v = held.get(name)
+            if isinstance(v, staticmethod | classmethod):
+                v = v.__func__
+            if isinstance(v, types.FunctionType):
+                out.append(v)
+                todo += attribute_names(v.__code__)
+    return out
+
+
+# the instructions that read an attribute (``self.block``, ``super().forward``: Python 3.12's
+# ``LOAD_SUPER_ATTR``; 3.10-3.11's ``LOAD_METHOD``)
+_ATTRIBUTE_READS = frozenset(("LOAD_ATTR", "LOAD_METHOD", "LOAD_SUPER_ATTR"))
+
+
+@cached(maxsize=4096)  # per code object (one never changes), bounded
+def attribute_names(code: types.CodeType) -> tuple[str, ...]:
+    """The attribute names ``code`` and the code objects defined in it read.
+
+    Example:
+        >>> attribute_names((lambda z: runner.state.net(z)).__code__)
+        ('state', 'net')
+    """
+    own = (i.argval for i in dis.get_instructions(code) if i.opname in _ATTRIBUTE_READS)
+    inner = (attribute_names(c) for c in code.co_consts if isinstance(c, types.CodeType))
+    return tuple(dict.fromkeys((*own, *sum(inner, ()))))
 
 
 # (never 0: a miss); _OWN_MODULE: a module whose class has a forward of the user's (``_own``)
@@ -295,6 +371,10 @@ def cell_contents(fn: Any) -> list[Any]:
         with contextlib.suppress(ValueError):
             out.append(cell.cell_contents)
     return out
+
+
+# a tuple's and a list's own iterators (``_held``)
+_ITERATE = (tuple.__iter__, list.__iter__)
 
 
 # the modules of types whose objects are not plain holders (numbers, strings, functions'
