@@ -271,6 +271,8 @@ def _methods(cls: type, names: Iterable[str]) -> list[Any]:
         done.add(name)
         for held in dicts:
             v = held.get(name)
+            if v is None:  # (most names a method reads are not the class's: ``self.lin``)
+                continue
             if isinstance(v, staticmethod | classmethod):
                 v = v.__func__
             if isinstance(v, types.FunctionType):
