@@ -242,7 +242,9 @@ def _lost_to_adjoint(f: object, module: nn.Module) -> list[str]:
         where = f"{type(m).__name__}{f' ({name})' if name else ''}"
         held += [(f"attribute {k!r} of {where}", v) for k, v in vars(m).items() if k != "_buffers"]
         held += [(f"buffer {k!r} of {where}", v) for k, v in m._buffers.items()]
-        held.append((f"what {type(m).__name__}.forward reads", type(m).forward))
+        if not isinstance(m, torch.jit.ScriptModule):  # (compiled: no Python code to read;
+            # its class's ``forward`` descriptor raised AttributeError, until audit29)
+            held.append((f"what {type(m).__name__}.forward reads", type(m).forward))
     seen: set[int] = set()
     return [  # (in a list, tuple or dict too: self.contexts = [encoder(y)])
         what for what, v in held if any(_lost(r, own) for r in _reached(v, 2, seen, mine))

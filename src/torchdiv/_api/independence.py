@@ -11,6 +11,7 @@ from torchdiv._api.reporting import control_flow, in_context
 from torchdiv._core.checks import (
     check_callable,
     check_generator,
+    check_initialized,
     check_input,
     check_output,
     check_untransformed,
@@ -67,7 +68,9 @@ def check_batch_independence(
             check is reproducible.
 
     The check leaves ``f`` as it found it: buffers ``f`` updates (a batch norm's running
-    statistics) and the random state it draws from are put back.
+    statistics) and the random state it draws from are put back. A lazy module that has not
+    seen an input yet is refused (``ValueError``), as the operators refuse it: call ``f(x)``
+    once first.
 
     Returns:
         ``None`` if no interaction is found.
@@ -92,6 +95,9 @@ def check_batch_independence(
     check_input(fn, x, batch_dims)
     check_generator(fn, generator)
     check_untransformed(fn, "it", "call it outside, once per model")
+    # a lazy module's first forward here would initialise it (class and parameters changed)
+    # from random numbers the put-back below draws again: refused, as the operators refuse it
+    check_initialized(fn, f)
     if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not 0 <= rtol < math.inf:
         raise ValueError(f"{fn}: rtol must be a finite number >= 0, got {rtol!r}")
     num = x.shape[:batch_dims].numel()
