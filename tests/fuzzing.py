@@ -1,6 +1,7 @@
 """What the differential fuzzers share (``tests/stacks/test_fuzz24.py``, ``test_fuzz27.py``,
-``test_fuzz28.py``, ``tests/taylor/test_fuzzlap28.py``): seeded draws, the comparison of a
-result with its float64 reference, and a spy on the ways their seeds take through an engine."""
+``test_fuzz28.py``, ``test_fuzzchain29.py``, ``tests/taylor/test_fuzzlap28.py``): seeded draws,
+the comparison of a result and of its gradients with their float64 references, and a spy on the
+ways their seeds take through an engine."""
 
 from __future__ import annotations
 
@@ -39,6 +40,46 @@ def far(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> str | None:
     if not err <= tol * scale:
         return f"max error {err:.3e} (scale {scale:.3e})"
     return None
+
+
+def weighted(
+    outs: list[torch.Tensor], expected: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A scalar loss of results ``outs`` and the same of their float64 references
+    ``expected``: each weighted by the same seeded normal draws and summed."""
+    g = torch.Generator().manual_seed(7)
+    weights = [torch.randn(e.shape, generator=g, dtype=torch.float64) for e in expected]
+    loss = sum((o * w.to(o.dtype)).sum() for o, w in zip(outs, weights, strict=True))
+    ref_loss = sum((e * w).sum() for e, w in zip(expected, weights, strict=True))
+    assert isinstance(loss, torch.Tensor) and isinstance(ref_loss, torch.Tensor)
+    return loss, ref_loss
+
+
+def gradient_faults(
+    name: str,
+    loss: torch.Tensor,
+    tensors: list[torch.Tensor],
+    labels: list[str],
+    want: list[torch.Tensor],
+    tol: float,
+) -> list[str]:
+    """The disagreements of ``loss.backward()``'s gradients of ``tensors`` (their ``.grad``,
+    ``None`` read as zeros) with their references ``want``; a ``loss`` without a graph is
+    right only where every reference is 0."""
+    if not loss.requires_grad:
+        if any(float(w.abs().max()) > 0 for w in want if w.numel()):
+            return [f"{name}: the result does not require grad, its reference's gradients != 0"]
+        return []
+    try:
+        loss.backward()
+    except RuntimeError as exc:
+        return [f"{name}: .backward() raised RuntimeError: {str(exc)[:300]}"]
+    faults = []
+    for label, t, e in zip(labels, tensors, want, strict=True):
+        a = torch.zeros_like(e) if t.grad is None else t.grad
+        if (bad := far(a, e, tol)) is not None:
+            faults.append(f"{name}: grad of {label} {tuple(e.shape)}: {bad}")
+    return faults
 
 
 def taken_paths(monkeypatch: pytest.MonkeyPatch, paths: dict[str, tuple[object, str]]) -> set[str]:

@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from fuzzing import far, taken_paths
+from fuzzing import far, gradient_faults, taken_paths, weighted
 from fuzzing import pick as _pick
 from fuzzing import randn as _randn
 from fuzzing import uniform_int as _int
@@ -639,29 +639,12 @@ def check_call(
             faults.append(f"{name} ({w}): {bad}")
     if faults or not (params or wrt_x) or name.endswith("/no_grad"):
         return faults
-    g = torch.Generator().manual_seed(7)
-    weights = [torch.randn(e.shape, generator=g, dtype=f64) for e in expected]
-    loss = sum((o * w.to(o.dtype)).sum() for o, w in zip(outs, weights, strict=True))
-    ref_loss = sum((e * w).sum() for e, w in zip(expected, weights, strict=True))
-    assert isinstance(loss, torch.Tensor) and isinstance(ref_loss, torch.Tensor)
+    loss, ref_loss = weighted(outs, expected)
     key = (what, tuple(tuple(e.shape) for e in expected), tuple(names), wrt_x)
     if key not in ref.cache:  # (the same weights for every call of the same shapes)
         ref.cache[key] = ref.grads(ref_loss, names, wrt_x)
-    want = ref.cache[key]
-    if not loss.requires_grad:
-        if any(float(w.abs().max()) > 0 for w in want if w.numel()):
-            return [f"{name}: the result does not require grad, its reference's gradients != 0"]
-        return []
-    try:
-        loss.backward()
-    except RuntimeError as exc:
-        return [f"{name}: .backward() raised RuntimeError: {str(exc)[:300]}"]
-    got_grads = [p.grad for p in params] + ([x.grad] if wrt_x else [])
-    for label, a, e in zip(names + ["x"] * wrt_x, got_grads, want, strict=True):
-        a = torch.zeros_like(e) if a is None else a
-        if (bad := far(a, e, tol)) is not None:
-            faults.append(f"{name}: grad of {label} {tuple(e.shape)}: {bad}")
-    return faults
+    tensors = params + [x] * wrt_x
+    return gradient_faults(name, loss, tensors, names + ["x"] * wrt_x, ref.cache[key], tol)
 
 
 # --- a case --------------------------------------------------------------------------------------
