@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import assert_close, loop_diagonal
+from test_revlead29 import assert_run_as_written
 
 import torchdiv
 
@@ -151,19 +152,7 @@ def test_scripted_code_reached_through_attributes_is_run_as_written(
             want.sum(), params, allow_unused=True, materialize_grads=True
         )
         f, held = _case(where, scripted=True)
-        for _ in range(3):  # the executor's profiled runs, outside torchdiv
-            f(x)
-        for _ in range(2):
-            got = torchdiv.divergence(f, x, method=method)
-            assert_close(got, want.detach())  # float64: the dtype's tolerances (conftest)
-            grads = torch.autograd.grad(
-                got.sum(),
-                list(held.parameters()),  # type: ignore[attr-defined]
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            for g, w in zip(grads, expected, strict=True):
-                assert_close(g, w)
+        assert_run_as_written(f, x, method, want, expected, held)  # type: ignore[arg-type]
     finally:
         _ACT, _RUNNER, _TRAINER = _act, None, None
 
