@@ -231,8 +231,9 @@ def _held(obj: Any, kind: int) -> list[Any]:
 
 def _read(held: Any, code: types.CodeType) -> list[Any]:
     """What a function of ``code`` reaches through the attributes it reads off ``held`` (a
-    value it names: a global, a closure cell, its ``self``): of a plain object, a class or a
-    module of the user's, the methods of its classes it reads (``holder.run(z)``, ``_methods``)
+    value it names: a global, a closure cell, its ``self``): of a plain object, a class (any
+    metaclass's: an ``Enum``), a module or a ``NamedTuple`` of the user's, the methods of its
+    classes it reads (``holder.run(z)``, ``_methods``: a property's getter among them)
     and, of a plain object or a class, the attributes it reads that ``scripted`` follows, plain
     objects included (``runner.state.net(z)``: ``state``, whose ``net`` is then found). Only
     the names the code reads are looked up: a trainer's other methods and objects are not."""
