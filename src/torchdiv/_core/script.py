@@ -231,20 +231,25 @@ def _held(obj: Any, kind: int) -> list[Any]:
 
 def _read(held: Any, code: types.CodeType) -> list[Any]:
     """What a function of ``code`` reaches through the attributes it reads off ``held`` (a
-    value it names: a global, a closure cell, its ``self``): of a plain object, a class or a
-    module of the user's, the methods of its classes it reads (``holder.run(z)``, ``_methods``)
+    value it names: a global, a closure cell, its ``self``): of a plain object, a class (any
+    metaclass's: an ``Enum``), a module or a ``NamedTuple`` of the user's, the methods of its
+    classes it reads (``holder.run(z)``, ``_methods``: a property's getter among them)
     and, of a plain object or a class, the attributes it reads that ``scripted`` follows, plain
     objects included (``runner.state.net(z)``: ``state``, whose ``net`` is then found). Only
     the names the code reads are looked up: a trainer's other methods and objects are not."""
     kind = _KINDS.get(id(type(held))) or _kind(type(held))
-    if kind is not _PLAIN and kind is not _CLASS and kind is not _OWN_MODULE:
+    if isinstance(held, type):  # (a class whose metaclass has a ``__call__``: an ``Enum``'s)
+        kind = _CLASS
+    elif kind is _CONTAINER and type(held) not in _BUILT_IN_CONTAINERS:
+        kind = _OWN_CONTAINER  # (a ``NamedTuple``'s methods: ``params.run(z)``)
+    elif kind is not _PLAIN and kind is not _OWN_MODULE:
         return []
     names = attribute_names(code)
     if not names:
         return []
     cls = held if kind is _CLASS else type(held)
     out: list[Any] = _methods(cls, names) if not _pytorchs(cls) else []
-    if kind is not _OWN_MODULE:  # (a module's attributes: walked as its own, ``scripted``)
+    if kind is _PLAIN or kind is _CLASS:  # (a module's attributes: walked as its own)
         values = attribute(held, "__dict__")
         if isinstance(values, dict | types.MappingProxyType):
             out += [v for n in names if _followed(v := values.get(n)) or _is_plain(v)]
@@ -261,7 +266,8 @@ def _methods(cls: type, names: Iterable[str]) -> list[Any]:
     module's ``forward`` and the helper methods it calls (``self.block(z)``), a base class's
     ``forward`` that ``super().forward(z)`` runs. Read at every call (a method replaced on
     the class is followed); the names each code reads are cached (``attribute_names``)."""
-    dicts = [c.__dict__ for c in cls.__mro__[:-1] if not _pytorchs(c)]  # (not object)
+    # (type's own descriptors: a metaclass's ``__getattribute__`` may raise or compute)
+    dicts = [_DICT(c) for c in _MRO(cls)[:-1] if not _pytorchs(c)]  # (not object)
     out: list[Any] = []
     todo, done = list(names), set()
     while todo:
@@ -275,10 +281,21 @@ def _methods(cls: type, names: Iterable[str]) -> list[Any]:
                 continue
             if isinstance(v, staticmethod | classmethod):
                 v = v.__func__
+            elif isinstance(v, property):  # its getter's code, never run (``self.act(z)``)
+                v = v.fget
+            elif isinstance(v, functools.partialmethod | functools.cached_property):
+                v = v.func
             if isinstance(v, types.FunctionType):
                 out.append(v)
                 todo += attribute_names(v.__code__)
     return out
+
+
+# a class's method resolution order and namespace, read by ``type``'s own descriptors
+_MRO = type.__dict__["__mro__"].__get__
+_DICT = type.__dict__["__dict__"].__get__
+# the built-in containers, whose methods are not the user's (``_read``)
+_BUILT_IN_CONTAINERS = frozenset((list, tuple, dict))
 
 
 # the instructions that read an attribute (``self.block``, ``super().forward``: Python 3.12's
@@ -304,6 +321,8 @@ _SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _OTHER = r
 # holders (``_held``): a list, tuple or dictionary; an object of the user's with attributes
 # but no ``__call__`` of its own; a class of the user's (``_kind``)
 _CONTAINER, _PLAIN, _CLASS = range(9, 12)
+# (``_read`` only) a container of a class of the user's: a ``typing.NamedTuple``
+_OWN_CONTAINER = 12
 # what a container's items are followed as (not holders: a list of lists of numbers is data)
 _IN_CONTAINERS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT))
 # what a plain object's or a class's attributes are followed as (not its methods, nor the
@@ -333,17 +352,19 @@ def _kind(kind: type) -> int:
         found = _PARTIAL
     elif issubclass(kind, types.FunctionType):
         found = _FUNCTION
-    elif isinstance(kind.__call__, types.FunctionType) and not (  # (else: type's own)
-        kind.__module__ or ""
+    elif isinstance(attribute(kind, "__call__"), types.FunctionType) and not (  # (else:
+        attribute(kind, "__module__") or ""  # type's own; a metaclass may raise for either)
     ).startswith("torch."):
         found = _OBJECT  # a callable object of the user's (not PyTorch's: torch.ops packets)
     elif issubclass(kind, (list, tuple, dict)):
         found = _OTHER if _pytorchs(kind) else _CONTAINER  # (torch.Size: not followed)
     elif issubclass(kind, type):
         found = _CLASS  # (PyTorch's classes: not followed, ``_held``)
+    elif issubclass(kind, types.SimpleNamespace):
+        found = _PLAIN  # (a holder of attributes, as an ``argparse.Namespace``)
     elif (
         not _pytorchs(kind)
-        and getattr(kind, "__module__", None) not in _NOT_PLAIN
+        and attribute(kind, "__module__") not in _NOT_PLAIN
         and not issubclass(kind, types.ModuleType)  # (a library's lazy module: its names)
     ):
         found = _PLAIN  # (one without a ``__dict__``: nothing followed, ``_held``)
