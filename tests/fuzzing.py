@@ -42,6 +42,23 @@ def far(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> str | None:
     return None
 
 
+class Switch:
+    """A flag a fuzzer's modules read (``if PLAIN:``), on for a block (``with PLAIN:``): the
+    float64 references evaluate a program with its activations written out."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+    def __bool__(self) -> bool:
+        return self.on
+
+    def __enter__(self) -> None:
+        self.on = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.on = False
+
+
 def weighted(
     outs: list[torch.Tensor], expected: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:

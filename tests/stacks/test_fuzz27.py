@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from fuzzing import far, gradient_faults, taken_paths, weighted
+from fuzzing import Switch, far, gradient_faults, taken_paths, weighted
 from fuzzing import pick as _pick
 from fuzzing import randn as _randn
 from fuzzing import uniform_int as _int
@@ -54,16 +54,7 @@ from torchdiv._exact import chain as exact_chain
 from torchdiv._laplacian import chain as laplacian_chain
 
 f64 = torch.float64
-_PLAIN = [False]  # the references' elementary activations (``plain``)
-
-
-@contextlib.contextmanager
-def plain() -> Iterator[None]:
-    _PLAIN[0] = True
-    try:
-        yield
-    finally:
-        _PLAIN[0] = False
+_PLAIN = Switch()  # the references' elementary activations
 
 
 # --- activations ---------------------------------------------------------------------------------
@@ -106,7 +97,7 @@ class Act(nn.Module):
         self.inplace = "inplace" in self.text or self.text.endswith("_()")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if _PLAIN[0]:
+        if _PLAIN:
             if isinstance(self.m, nn.ReLU):
                 return torch.where(h > 0, h, 0 * h)
             return plain_activation(self.m, h)
@@ -445,7 +436,7 @@ class Reference:
         self.leaf = x.detach().to(f64).requires_grad_(True)
         if self.scale is not None:  # x = base * scale: x's own history (not a leaf)
             self.leaf = x.detach().to(f64) / float(scale.detach()) * self.scale
-        with plain():
+        with _PLAIN:
             self.y = self.f(self.leaf)
         self.batch_dims = batch_dims
         rows = _rows(self.y, self.leaf, batch_dims)

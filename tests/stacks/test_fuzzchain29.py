@@ -40,13 +40,13 @@ import contextlib
 import copy
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from fuzzing import far, gradient_faults, taken_paths, weighted
+from fuzzing import Switch, far, gradient_faults, taken_paths, weighted
 from fuzzing import pick as _pick
 from fuzzing import randn as _randn
 from fuzzing import uniform_int as _int
@@ -59,17 +59,8 @@ from torchdiv._exact import autograd as exact_autograd
 from torchdiv._laplacian import chain as laplacian_chain
 
 f64 = torch.float64
-_PLAIN = [False]  # the reference's elementary activations
+_PLAIN = Switch()  # the reference's elementary activations
 _PEAKS = [False]  # the activations keep their largest |pre-activation| (``Act.peak``)
-
-
-@contextlib.contextmanager
-def plain() -> Iterator[None]:
-    _PLAIN[0] = True
-    try:
-        yield
-    finally:
-        _PLAIN[0] = False
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -130,7 +121,7 @@ class Act(Step):
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if _PEAKS[0] and h.numel():  # (f run by check_call itself, not by torchdiv)
             self.peak = max(self.peak, float(h.detach().abs().max()))
-        if not _PLAIN[0]:
+        if not _PLAIN:
             return self.m(h)
         if isinstance(self.m, nn.ReLU):
             return torch.where(h > 0, h, 0 * h)
@@ -426,7 +417,7 @@ class Reference:
     def __init__(self, f: Program, x: torch.Tensor, batch_dims: int, laplacian: bool) -> None:
         self.f = copy.deepcopy(f).to_dtype(f64)
         self.leaf = x.detach().to(f64).requires_grad_(True)
-        with plain():
+        with _PLAIN:
             self.y = self.f(self.leaf)
         rows = _rows(self.y, self.leaf, batch_dims)
         count = self.leaf.shape[:batch_dims].numel()
@@ -807,7 +798,7 @@ def _wide_reference(
     programs do not mix samples), with a graph; the leaf and the copy's trainables."""
     copied = copy.deepcopy(f).to_dtype(f64)
     leaf = x.detach().to(f64).requires_grad_(True)
-    with plain():
+    with _PLAIN:
         y = copied(leaf)
     rows = [
         torch.autograd.grad(y[:, i].sum(), leaf, create_graph=True, materialize_grads=True)[0]
