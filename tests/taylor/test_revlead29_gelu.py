@@ -25,14 +25,20 @@ from torch import nn
 import torchdiv
 
 
+def _saturated(approximate: str, outputs: int, third: float) -> tuple[nn.Module, nn.Module]:
+    """A GELU MLP 3 -> 8 -> ``outputs`` in float16 whose first four units are far out (biases
+    300, -300, ``third``, -1000), and the same weights (rounded to float16) in float64."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.GELU(approximate=approximate), nn.Linear(8, outputs))
+    with torch.no_grad():
+        net[0].bias[:4] = torch.tensor([300.0, -300.0, third, -1000.0])  # saturated units
+    half = copy.deepcopy(net).half()
+    return half, copy.deepcopy(half).double()
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_in_float16_far_out(approximate: str) -> None:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 8), nn.GELU(approximate=approximate), nn.Linear(8, 3))
-    with torch.no_grad():
-        net[0].bias[:4] = torch.tensor([300.0, -300.0, 170.0, -1000.0])  # saturated units
-    half = copy.deepcopy(net).half()
-    exact = copy.deepcopy(half).double()  # (the same weights, rounded to float16)
+    half, exact = _saturated(approximate, 3, 170.0)
     x = torch.randn(4, 3)
     got = torchdiv.divergence(half, x.half(), method="structured")
     loss = got.float().square().sum()
@@ -58,12 +64,7 @@ class _TanhGELU(nn.Module):
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_laplacian_in_float16_far_out(approximate: str) -> None:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 8), nn.GELU(approximate=approximate), nn.Linear(8, 1))
-    with torch.no_grad():
-        net[0].bias[:4] = torch.tensor([300.0, -300.0, 25.0, -1000.0])  # saturated units
-    half = copy.deepcopy(net).half()
-    exact = copy.deepcopy(half).double()  # (the same weights, rounded to float16)
+    half, exact = _saturated(approximate, 1, 25.0)
     if approximate == "tanh":  # (PyTorch's third derivative of it is nan at |x| = 300)
         exact[1] = _TanhGELU()
     x = torch.randn(4, 3)
