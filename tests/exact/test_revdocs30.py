@@ -128,3 +128,15 @@ def test_jacobian_diagonal_trains_through_fused_attention_without_sdpa_kernel():
     torch.testing.assert_close(
         got, _gradient((weights * reference).sum(), lin), rtol=1e-9, atol=1e-12
     )
+
+
+@pytest.mark.parametrize(
+    "method", ["auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad", "hutchinson"]
+)
+def test_every_laplacian_method_refuses_a_train_mode_batch_norm(method):
+    """``laplacian``'s docstring: a train-mode batch norm is refused by every method."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh())
+    options = {"num_probes": 2} if method == "hutchinson" else {}
+    with pytest.raises(torchdiv.BatchInteractionError, match=r"^laplacian: .*batch norm"):
+        torchdiv.laplacian(net, torch.randn(5, 3), method=method, **options)
