@@ -58,8 +58,8 @@ def _block_case(document: Path, index: int) -> object:
     return pytest.param(document, index, marks=marks, id=example_name(document, index))
 
 
-# (the diffusers block: vmap over CPU fused attention's backward loops, and PyTorch's warning
-# that it does is not passed on: how-it-works says so, warnings are errors here)
+# (warnings are errors here: a block that makes one, PyTorch's vmap fallback warning that
+# torchdiv is meant to keep to itself included, fails)
 @pytest.mark.parametrize(("document", "index"), [_block_case(d, i) for d, i in examples()])
 def test_block_runs_on_its_own(document, index):
     run_block(document, index)

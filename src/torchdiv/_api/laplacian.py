@@ -182,7 +182,8 @@ def laplacian(
             ``generator``, ``probe``, ``probes`` given to an exact method.
         NotImplementedError: ``method="taylor"`` met an op without a rule.
         BatchInteractionError: ``f`` mixes samples (seen by the Taylor recorder of ``"auto"``,
-            ``"taylor"`` and ``"hutchinson"``; see ``torchdiv.jacobian``).
+            ``"taylor"`` and ``"hutchinson"``; a train-mode batch norm by every method; see
+            ``torchdiv.jacobian``).
 
     Examples:
         >>> x = torch.randn(5, 3, dtype=torch.float64)

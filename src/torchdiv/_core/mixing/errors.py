@@ -39,7 +39,25 @@ _state = _State()
 
 
 class BatchInteractionError(ValueError):
-    """``f`` mixes samples, so per-sample derivatives of the batched ``f`` would be wrong."""
+    """``f`` mixes samples, so per-sample derivatives of the batched ``f`` would be wrong.
+
+    Raised (a ``ValueError``) by every operator that sees ``f`` combine samples, and by
+    ``check_batch_independence``; the message starts with the function's name and names the
+    op, the module and the fix (``model.eval()``, ``batch_dims=0``). Opt out with
+    ``allow_batch_interaction()``.
+
+    Examples:
+        >>> import torch, torchdiv
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+        >>> x = torch.randn(8, 3)
+        >>> try:
+        ...     torchdiv.divergence(net, x)  # train mode: the batch's statistics
+        ... except torchdiv.BatchInteractionError as error:
+        ...     print(str(error)[:40])
+        divergence: f mixes samples: a batch nor
+        >>> torchdiv.divergence(net.eval(), x).shape  # running statistics: per sample
+        torch.Size([8])
+    """
 
 
 def unnamed(message: str) -> str:
