@@ -45,7 +45,7 @@ import functools
 import itertools
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -227,10 +227,23 @@ def _replay(plan: Replay, f: torch.nn.Module, x: torch.Tensor) -> tuple[Graph, l
     return cast(Graph, _Calls(nodes)), kept
 
 
-# the keys the first attempt of the compilation now under way gave, in call order, with their
-# arguments (``restarted``); the attempts after it read them
-_FIRST: dict[Any, list[tuple[Any, int]]] = {}
-_AGAIN: dict[Any, int] = {}  # (the calls read so far by each later attempt)
+@dataclass
+class _Attempts:
+    """What the attempts of one compilation read of ``_recorded`` (``restarted``): the keys
+    its first attempt gave, in call order, with their arguments, and how many calls each
+    later attempt has read so far."""
+
+    first: list[tuple[Any, int]] = field(default_factory=list)
+    again: dict[int, int] = field(default_factory=dict)
+
+
+# by the compilation (its ``CompileContext``, one object for all its attempts): not by its
+# ``CompileId``, which ``torch._dynamo.reset()`` starts again from "0/0": a later
+# compilation's restart took the keys of an earlier one of the same id (another module at
+# the same ``id`` or the same one changed, a Softplus's ``beta``: the earlier plan's numbers,
+# silently wrong), or, its calls unlike, recorded again under a new key at each restart,
+# whose floats ``dynamic=True`` made new symbols: a restart per attempt (19 compilations)
+_ATTEMPTS: weakref.WeakKeyDictionary[Any, _Attempts] = weakref.WeakKeyDictionary()
 
 
 def restarted(record: Callable[..., int]) -> Callable[..., int]:
@@ -246,19 +259,17 @@ def restarted(record: Callable[..., int]) -> Callable[..., int]:
     def wrapper(*args: Any) -> int:
         from torch._guards import CompileContext
 
-        trace, called = CompileContext.current_trace_id(), _called(args)
-        if trace is None or called is None:
+        compilation, called = CompileContext.try_get(), _called(args)
+        if compilation is None or compilation.compile_id is None or called is None:
             return record(*args)
-        if trace.attempt == 0:
-            if trace.compile_id not in _FIRST:
-                _FIRST.clear()
-                _AGAIN.clear()
+        attempts = _ATTEMPTS.setdefault(compilation, _Attempts())
+        if compilation.attempt == 0:
             key = record(*args)
-            _FIRST.setdefault(trace.compile_id, []).append((called, key))
+            attempts.first.append((called, key))
             return key
-        done = _AGAIN.get(trace, 0)
-        first = _FIRST.get(trace.compile_id, [])
-        _AGAIN[trace] = done + 1
+        done = attempts.again.get(compilation.attempt, 0)
+        attempts.again[compilation.attempt] = done + 1
+        first = attempts.first
         if done >= len(first) or first[done][0] != called or first[done][1] not in _PLANS:
             return record(*args)
         key = first[done][1]
