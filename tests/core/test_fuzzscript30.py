@@ -535,8 +535,8 @@ def _callable_method(inner: Any, g: torch.Generator) -> Level:
 
 @dataclass(frozen=True)
 class Route:
-    """A way to reach what is below: ``cost`` functions or holders of the walk's three, and
-    which payload-side objects it may hold (``holds``: anything, or no bare function)."""
+    """A way to reach what is below, at ``cost`` of the walk's three functions (or holders)
+    deep; ``fault``: why the walk misses what it holds (drawn by the ``xfail`` tests only)."""
 
     make: Callable[[Any, torch.Generator], Level]
     cost: int
@@ -573,10 +573,31 @@ ROUTES: dict[str, Route] = {
     "Enum": Route(_enum, 2),
     "class swapped": Route(_class_swap, 2),
     # faults (NOTES_fuzzscript30.md): drawn by the xfail tests only
-    "diamond": Route(_diamond, 1, fault="seen at fewer functions left, never revisited"),
-    "class attribute via self": Route(_class_attribute, 0, fault="a class attribute via self"),
-    "__call__'s helper": Route(_call_helper, 1, fault="a callable object's helper method"),
-    "callable object's method": Route(_callable_method, 2, fault="a callable object's method"),
+    "diamond": Route(
+        _diamond,
+        1,
+        fault="scripted's seen set: a function met first by a longer way (fewer functions "
+        "left) is marked seen unexpanded and skipped when met by the shorter way: a script "
+        "three functions deep missed",
+    ),
+    "class attribute via self": Route(
+        _class_attribute,
+        0,
+        fault="a script held by a plain object's class, read as self.act: _read looks in the "
+        "instance's __dict__ and the class's functions only",
+    ),
+    "__call__'s helper": Route(
+        _call_helper,
+        1,
+        fault="a callable object's __call__ calling self.helper(z): the walk reads no "
+        "attribute off a callable object (its __call__ and __dict__ only)",
+    ),
+    "callable object's method": Route(
+        _callable_method,
+        2,
+        fault="M.run(z) of a callable object M that a function names: _read returns nothing "
+        "for a callable object",
+    ),
 }
 SOUND = [name for name, r in ROUTES.items() if not r.fault]
 BUDGET = 3  # script._FUNCTION_DEPTH: functions (or holders) along the way
@@ -778,6 +799,50 @@ def fuzz_one(
     return [f"seed {seed}: {case.describe()}\n  {m}" for m in faults]
 
 
+def _twin(source: Source, payload: Payload) -> tuple[Fn, list[torch.Tensor]]:
+    """The eager code a payload was scripted from, and its tensors in the payload's order (a
+    loaded module's are copies of the eager module's)."""
+    m = source.eager
+    if source.kind == "function":
+        return _act, []
+    if source.kind == "bound function":
+        return functools.partial(_lin_act, w=source.w, b=source.b), [source.w, source.b]
+    if source.kind == "method":
+        return m.encode, payload.tensors
+    return m, [] if source.kind == "frozen" else list(m.parameters())
+
+
+@pytest.mark.parametrize("kind", PAYLOADS)
+def test_the_reference_runs_scripts_as_their_eager_twins(kind: str) -> None:
+    """The reference's way (the scripts' plans dropped, ``optimized_execution(False)``) after
+    the caller's optimizing calls gives the eager code's values and gradients, for every
+    operator: values and the gradients of a weighted loss in the parameters and ``x``."""
+    g = torch.Generator().manual_seed(5)
+    m = _MLP(3, g)
+    source = Source(kind, 3, m, _randn(g, 3, 3, scale=0.6), _randn(g, 3, scale=0.3))
+    payload = source.make()
+    twin, twin_tensors = _twin(source, payload)
+    for t in (*payload.tensors, *twin_tensors):
+        t.requires_grad_(True)
+    x = _randn(g, 4, 3).requires_grad_(True)
+    probes = torchdiv.draw_probes(x, 2, generator=torch.Generator().manual_seed(0))
+    for name in OPERATORS:
+        warm(payload.fn, x, g)
+        want = reference(name, twin, x, [], probes)
+        got = reference(name, payload.fn, x, payload.made, probes)
+        assert far(got, want, TOL) is None, name
+        _, want_loss = weighted([want], [want])
+        _, got_loss = weighted([got], [got])
+        expected = torch.autograd.grad(
+            want_loss, [*twin_tensors, x], allow_unused=True, materialize_grads=True
+        )
+        actual = torch.autograd.grad(
+            got_loss, [*payload.tensors, x], allow_unused=True, materialize_grads=True
+        )
+        assert len(actual) == len(expected) >= 1 + (kind not in ("function", "frozen"))
+        assert all(far(a, e, TOL) is None for a, e in zip(actual, expected, strict=True)), name
+
+
 # the always-run cases: each sound route once (mutated there where it can), then drawn ones
 FAST = [(seed, route) for seed, route in enumerate(SOUND)] + [(s, "") for s in range(26, 38)]
 
@@ -831,8 +896,8 @@ def test_a_fault(route: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("route", [_faulty(r) for r in FAULTS])
 def test_fuzz_a_fault_route(route: str) -> None:
-    """The fault's route at a random level of drawn chains (a fixed walk: drawn with the
-    sound routes by ``test_fuzz_many``)."""
+    """The fault's route at a random level of drawn chains (once the walk reaches it, the
+    route joins ``SOUND``: ``test_fuzz_many`` draws it)."""
     faults = [m for s in range(500, 530) for m in fuzz_one(s, calls=3, include=route)]
     assert not faults, "\n\n".join(faults[:5])
 
