@@ -336,6 +336,49 @@ def _module_attribute(inner: Any, g: torch.Generator) -> Level:
     return Level("module attribute", held, lambda new: setattr(held, "fn", new), mutation)
 
 
+class _Wrap(nn.Module):
+    """A module of the user's around what is not a module (to sit in PyTorch's containers)."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fn(z)
+
+
+def _as_module(inner: Any) -> nn.Module:
+    return inner if isinstance(inner, nn.Module) else _Wrap(inner)
+
+
+def _sequential(inner: Any, g: torch.Generator) -> Level:
+    held = nn.Sequential(nn.Identity(), _as_module(inner), nn.Tanh())
+
+    def rebind(new: Any) -> None:
+        held[1] = _as_module(new)
+
+    return Level("Sequential item", held, rebind, "Sequential item replaced")
+
+
+def _module_list(inner: Any, g: torch.Generator) -> Level:
+    space = _define(
+        "class Own(nn.Module):\n"
+        "    def __init__(self, block):\n"
+        "        super().__init__()\n"
+        "        self.blocks = nn.ModuleList([nn.Identity(), block])\n"
+        "    def forward(self, z):\n"
+        "        for block in self.blocks:\n"
+        "            z = block(z)\n"
+        "        return z\n"
+    )
+    held = space["Own"](_as_module(inner))
+
+    def rebind(new: Any) -> None:
+        held.blocks[1] = _as_module(new)
+
+    return Level("ModuleList item", held, rebind, "ModuleList item replaced")
+
+
 def _helper(inner: Any, g: torch.Generator) -> Level:
     space = _define(
         "class Own(nn.Module):\n"
@@ -569,6 +612,8 @@ ROUTES: dict[str, Route] = {
     "bound method": Route(_bound_method, 0),
     "callable object": Route(_callable_object, 0),
     "module attribute": Route(_module_attribute, 0),
+    "Sequential item": Route(_sequential, 0),
+    "ModuleList item": Route(_module_list, 0),
     "helper method": Route(_helper, 1),
     "super().forward": Route(_super_forward, 1),
     "property": Route(_property, 1),
