@@ -516,6 +516,56 @@ def _named_tuple(inner: Any, g: torch.Generator) -> Level:
     )
 
 
+def _named_tuple_method(inner: Any, g: torch.Generator) -> Level:
+    space = _define(
+        "class Params(typing.NamedTuple):\n"
+        "    k: float\n"
+        "    def run(self, z):\n"
+        "        return G(z) * self.k\n"
+        "outer = lambda z: P.run(z)\n",
+        G=inner,
+    )
+    space["P"] = space["Params"](1.0)
+    return Level("NamedTuple method", space["outer"], lambda n: space.update(G=n), "global")
+
+
+def _singleton(inner: Any, g: torch.Generator) -> Level:
+    """A class whose metaclass has a ``__call__`` (a singleton), made in ``f``."""
+    space = _define(
+        "class Single(type):\n"
+        "    made = {}\n"
+        "    def __call__(cls, *args):\n"
+        "        return Single.made.setdefault(cls, super().__call__(*args))\n"
+        "class Service(metaclass=Single):\n"
+        "    def run(self, z):\n"
+        "        return G(z)\n"
+        "outer = lambda z: Service().run(z)\n",
+        G=inner,
+    )
+    return Level("metaclass __call__", space["outer"], lambda n: space.update(G=n), "global")
+
+
+def _static_via_class(inner: Any, g: torch.Generator) -> Level:
+    space = _define(
+        "class Ops:\n"
+        "    @staticmethod\n"
+        "    def apply(z):\n"
+        "        return G(z)\n"
+        "outer = lambda z: Ops.apply(z)\n",
+        G=inner,
+    )
+    cls = space["Ops"]
+    if _int(g, 0, 1):
+        return Level(
+            "staticmethod via class", space["outer"], lambda n: space.update(G=n), "global"
+        )
+
+    def rebind(new: Any) -> None:
+        cls.apply = staticmethod(lambda z: new(z))
+
+    return Level("staticmethod via class", space["outer"], rebind, "class method replaced")
+
+
 def _enum(inner: Any, g: torch.Generator) -> Level:
     space = _define(
         "class Mode(enum.Enum):\n"
@@ -629,6 +679,9 @@ ROUTES: dict[str, Route] = {
     "object's list": Route(_object_list, 2),
     "NamedTuple": Route(_named_tuple, 2),
     "Enum": Route(_enum, 2),
+    "NamedTuple method": Route(_named_tuple_method, 2),
+    "metaclass __call__": Route(_singleton, 2),
+    "staticmethod via class": Route(_static_via_class, 2),
     "class swapped": Route(_class_swap, 2),
     # faults (NOTES_fuzzscript30.md): drawn by the xfail tests only
     "diamond": Route(
