@@ -611,6 +611,21 @@ def _class_attribute(inner: Any, g: torch.Generator) -> Level:
     return Level("class attribute via self", held.run, rebind, "class attr set")
 
 
+def _module_class_attribute(inner: Any, g: torch.Generator) -> Level:
+    """A module class of the user's whose class holds what is below (``act = ...`` in its
+    body; a function as a staticmethod), read as ``self.act`` by its forward."""
+    space = _define(
+        "class Own(nn.Module):\n    def forward(self, z):\n        return self.act(z) * 1.0\n"
+    )
+    cls = space["Own"]
+
+    def rebind(new: Any) -> None:
+        cls.act = staticmethod(new) if isinstance(new, types.FunctionType) else new
+
+    rebind(inner)
+    return Level("module class attribute", cls(), rebind, "class attr set")
+
+
 def _call_helper(inner: Any, g: torch.Generator) -> Level:
     """A callable object whose ``__call__`` calls a helper method of its class."""
     space = _define(
@@ -696,6 +711,13 @@ ROUTES: dict[str, Route] = {
         0,
         fault="a script held by a plain object's class, read as self.act: _read looks in the "
         "instance's __dict__ and the class's functions only",
+    ),
+    "module class attribute": Route(
+        _module_class_attribute,
+        0,
+        fault="a partial, bound method or callable object held by a module class of the "
+        "user's (act = partial(...) in its body), read as self.act: _methods follows "
+        "functions only, the class as a holder scripts, modules and containers only",
     ),
     "__call__'s helper": Route(
         _call_helper,
@@ -993,6 +1015,7 @@ FAULTS = {
     "class attribute via self": ["class attribute via self"],
     "__call__'s helper": ["__call__'s helper"],
     "callable object's method": ["callable object's method"],
+    "module class attribute": ["partial keyword", "module class attribute"],
 }
 
 
