@@ -495,6 +495,16 @@ def _holder(kind: str) -> Callable[[Any, torch.Generator], Level]:
     return route
 
 
+def _nested_plain(inner: Any, g: torch.Generator) -> Level:
+    """``runner.state.net(z)``: a plain object's plain object, both read by the code."""
+    state = types.SimpleNamespace(net=inner, step=0) if _int(g, 0, 1) else _Plain()
+    state.net = inner
+    runner = _Plain()
+    runner.state, runner.lr = state, 0.1
+    space = _define("def outer(z):\n    return R.state.net(z)\n", R=runner)
+    return Level("nested plain object", space["outer"], lambda n: setattr(state, "net", n), "attr")
+
+
 def _object_list(inner: Any, g: torch.Generator) -> Level:
     held = types.SimpleNamespace(items=[inner], lr=0.1) if _int(g, 0, 1) else _Plain()
     held.items = [inner]
@@ -692,6 +702,13 @@ ROUTES: dict[str, Route] = {
     "namespace": Route(_holder("namespace"), 1),
     "class": Route(_holder("class"), 1),
     "object's list": Route(_object_list, 2),
+    "nested plain object": Route(
+        _nested_plain,
+        2,
+        fault="runner.state.net(z) with net a function, partial or callable object: the "
+        "plain object state is walked as a holder (scripts, modules, containers only), not "
+        "read by the code's names",
+    ),
     "NamedTuple": Route(_named_tuple, 2),
     "Enum": Route(_enum, 2),
     "NamedTuple method": Route(_named_tuple_method, 2),
@@ -1016,6 +1033,7 @@ FAULTS = {
     "__call__'s helper": ["__call__'s helper"],
     "callable object's method": ["callable object's method"],
     "module class attribute": ["partial keyword", "module class attribute"],
+    "nested plain object": ["closure", "nested plain object"],
 }
 
 
