@@ -110,7 +110,17 @@ def _lin_act(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.tanh(z @ w.t() + b) * z + z
 
 
-PAYLOADS = ("module", "function", "bound function", "method", "child", "traced", "frozen", "loaded")
+PAYLOADS = (
+    "module",
+    "function",
+    "bound function",
+    "method",
+    "child",
+    "traced",
+    "traced function",
+    "frozen",
+    "loaded",
+)
 
 
 @dataclass
@@ -141,7 +151,7 @@ class Source:
         """The eager code the payload is scripted from (its tensors in the payload's order;
         a loaded module's are copies of the eager module's)."""
         m = self.eager
-        if self.kind == "function":
+        if self.kind in ("function", "traced function"):
             return Payload(_act, [], [], [])
         if self.kind == "bound function":
             fn = functools.partial(_lin_act, w=self.w, b=self.b)
@@ -168,6 +178,9 @@ class Source:
         if kind == "traced":
             s = torch.jit.trace(m, torch.zeros(2, self.d, dtype=f64))
             return Payload(s, [s], [s], list(m.parameters()))
+        if kind == "traced function":
+            s = torch.jit.trace(_act, torch.zeros(2, self.d, dtype=f64))
+            return Payload(s, [s], [s], [])
         if kind == "frozen":
             s = torch.jit.freeze(torch.jit.script(m).eval())
             return Payload(s, [s], [s], [])
@@ -993,7 +1006,11 @@ def test_the_reference_runs_scripts_as_their_eager_twins(kind: str) -> None:
         actual = torch.autograd.grad(
             got_loss, [*payload.tensors, x], allow_unused=True, materialize_grads=True
         )
-        assert len(actual) == len(expected) >= 1 + (kind not in ("function", "frozen"))
+        assert (
+            len(actual)
+            == len(expected)
+            >= 1 + (kind not in ("function", "traced function", "frozen"))
+        )
         assert all(far(a, e, TOL) is None for a, e in zip(actual, expected, strict=True)), name
 
 
