@@ -5,26 +5,28 @@ tangents, ``torch.func`` levels or recording, so an engine that runs it sees a c
 (divergence 0, parameter gradients gone) unless the walk finds it and drops its plans.
 
 A case is a *payload* (a scripted module, a scripted function, bare or bound with its weights
-by a partial, a scripted module's exported method or child, a traced module, a frozen one, one
-saved and ``torch.jit.load``ed from a ``BytesIO``) placed at the end of a chain of *levels*,
-each a way the walk documents to reach what the level below is (``ROUTES``: a closure, a
-default argument, a global, an inner lambda's global, a partial's argument or keyword, a bound
-method's ``self``, a callable object, an own module's attribute, its helper method,
-``super().forward``, a property, a staticmethod, a classmethod, a partialmethod, a list,
-tuple, dict, plain object, ``SimpleNamespace``, class, ``NamedTuple``, ``Enum``, an object's
-list, a class swapped under an instance), within its budget of three functions (or holders)
-deep. The scripted code is run three times outside torchdiv under
-``torch.jit.optimized_execution(True)`` before every torchdiv call (its plan optimized), then
-``divergence`` (``"auto"``, ``"forward"``, ``"reverse"``, ``"structured"``, Hutchinson with
-fixed probes), ``jacobian_diagonal`` and ``laplacian`` run in float64, with the parameters
-frozen or trainable and ``x`` a leaf or not. Between calls a level is *mutated*: what it holds
-is swapped for a fresh equivalent chain (a new scripted object made after the first call) by
-the level's own way (a global rebound, a closure cell or default replaced, a method of the
-user's class replaced, an attribute set on a plain object, namespace, class or module, a
-container item swapped, ``__bases__`` or ``__class__`` reassigned, a property redefined), the
-same ``f`` object called again. A quarter of the cases start from the payload's eager twin (no
-TorchScript in ``f``'s graph at the first call: a walk that remembered "nothing scripted here"
-would miss the script the first mutation brings).
+by a partial, a scripted module's exported method or child, a traced module or function, a
+frozen module, one saved and ``torch.jit.load``ed from a ``BytesIO``) placed at the end of a
+chain of *levels*, each a way the walk documents to reach what the level below is
+(``ROUTES``: a closure, a default or keyword default, a global, an inner lambda's global, a
+partial's argument or keyword, a bound method's ``self``, a callable object, an own module's
+attribute, an item of ``nn.Sequential`` or of an ``nn.ModuleList``, a helper method,
+``super().forward``, a property, a ``cached_property``, a staticmethod, a classmethod, a
+partialmethod, a list, tuple, dict, plain object, ``SimpleNamespace``, class, an object's
+list, a ``NamedTuple``'s field or method, an ``Enum`` member's method, a class of a metaclass
+with ``__call__``, a staticmethod off its class, a class swapped under an instance), within
+its budget of three functions (or holders) deep. Before every torchdiv call ``f`` is run
+outside torchdiv under ``torch.jit.optimized_execution(True)`` (``warm``: its plans
+optimized), then ``divergence`` (``"auto"``, ``"forward"``, ``"reverse"``, ``"structured"``,
+Hutchinson with fixed probes), ``jacobian_diagonal`` or ``laplacian`` runs in float64, with the
+parameters frozen or trainable and ``x`` a leaf or not. Between calls a level is *mutated*:
+what it holds is swapped for a fresh equivalent chain (a new scripted object made after the
+last call) by the level's own way (a global rebound, a closure cell or default replaced, a
+method of the user's class replaced, an attribute set on a plain object, namespace, class or
+module, a container item or submodule swapped, ``__bases__`` or ``__class__`` reassigned, a
+property redefined), the same ``f`` object called again. A quarter of the cases start from the
+payload's eager twin (no TorchScript in ``f``'s graph at the first call: a walk that
+remembered "nothing scripted here" would miss the script the first mutation brings).
 
 Reference: float64 rows of ``torch.autograd.grad`` over the batch (the programs are
 per-sample) with a graph, on the same objects run as written: every script the case made
@@ -36,8 +38,9 @@ payload's script: a route that stops reaching it fails as "not found" rather tha
 ``test_the_reference_runs_scripts_as_their_eager_twins`` checks the reference's way against
 eager twins.
 
-Faults found (``NOTES_fuzzscript30.md``): routes with ``fault`` set are drawn only by the
-``xfail`` tests, until the walk reaches them.
+Faults found (``NOTES_fuzzscript30.md``: reproducers, the proposed fix): routes with
+``fault`` set are drawn only by the ``xfail`` tests until the walk reaches them; a class
+changed after the walk read its kind has its own ``xfail`` test.
 
 Run many by hand: ``PYTHONPATH=src:tests python tests/core/test_fuzzscript30.py FIRST COUNT``.
 """
