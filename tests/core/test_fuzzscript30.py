@@ -39,9 +39,9 @@ payload's script: a route that stops reaching it fails as "not found" rather tha
 ``test_the_reference_runs_scripts_as_their_eager_twins`` checks the reference's way against
 eager twins.
 
-Faults found (``NOTES_fuzzscript30.md``: reproducers, the proposed fix): routes with
-``fault`` set are drawn only by the ``xfail`` tests until the walk reaches them; a class
-changed after the walk read its kind has its own ``xfail`` test.
+Faults found (six, all fixed in ``_core/script.py``; ``NOTES_fuzzscript30.md``): each route
+the walk missed keeps its ``fault`` (what it missed) and a test of its own, and is drawn with
+the others; a class changed after the walk read its kind has a test of its own too.
 
 Run many by hand: ``PYTHONPATH=src:tests python tests/core/test_fuzzscript30.py FIRST COUNT``.
 """
@@ -695,7 +695,7 @@ def _callable_method(inner: Any, g: torch.Generator) -> Level:
 @dataclass(frozen=True)
 class Route:
     """A way to reach what is below, at ``cost`` of the walk's three functions (or holders)
-    deep; ``fault``: why the walk misses what it holds (drawn by the ``xfail`` tests only)."""
+    deep; ``fault``: why the walk missed what it holds before fuzzscript30's fixes."""
 
     make: Callable[[Any, torch.Generator], Level]
     cost: int
@@ -743,7 +743,7 @@ ROUTES: dict[str, Route] = {
     "metaclass __call__": Route(_singleton, 2),
     "staticmethod via class": Route(_static_via_class, 2),
     "class swapped": Route(_class_swap, 2),
-    # faults (NOTES_fuzzscript30.md): drawn by the xfail tests only
+    # faults found (NOTES_fuzzscript30.md), fixed: each also has a test of its own
     "diamond": Route(
         _diamond,
         1,
@@ -777,7 +777,7 @@ ROUTES: dict[str, Route] = {
         "for a callable object",
     ),
 }
-SOUND = [name for name, r in ROUTES.items() if not r.fault]
+SOUND = list(ROUTES)
 BUDGET = 3  # script._FUNCTION_DEPTH: functions (or holders) along the way
 
 
@@ -1099,25 +1099,18 @@ FAULTS = {
 }
 
 
-def _faulty(route: str) -> Any:
-    return pytest.param(
-        route, marks=pytest.mark.xfail(strict=True, reason=ROUTES[route].fault), id=route
-    )
-
-
-@pytest.mark.parametrize("route", [_faulty(r) for r in FAULTS])
+@pytest.mark.parametrize("route", FAULTS)
 def test_a_fault(route: str) -> None:
-    """Three payloads (a scripted function, module, exported method) behind the fault's chain: each
-    was not found by the walk, its optimized plan run by the engines."""
+    """Three payloads (a scripted function, module, exported method) behind the fault's chain:
+    each was not found by the walk before its fix, its optimized plan run by the engines."""
     faults = [m for s in (22, 28, 0) for m in fuzz_one(s, case=draw(s, routes=FAULTS[route]))]
     assert not faults, "\n\n".join(faults[:5])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("route", [_faulty(r) for r in FAULTS])
+@pytest.mark.parametrize("route", FAULTS)
 def test_fuzz_a_fault_route(route: str) -> None:
-    """The fault's route at a random level of drawn chains (once the walk reaches it, the
-    route joins ``SOUND``: ``test_fuzz_many`` draws it)."""
+    """The fault's route at a random level of drawn chains."""
     faults = [m for s in range(500, 530) for m in fuzz_one(s, calls=3, include=route)]
     assert not faults, "\n\n".join(faults[:5])
 
@@ -1143,11 +1136,6 @@ def _call(self: Any, z: torch.Tensor) -> torch.Tensor:
 _SCRIPTED_ACT = torch.jit.script(_act)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a class's kind is read once per type (_KINDS): a forward (or __call__) set on the "
-    "class after a call is not followed (its scripted activation's optimized plan ran)",
-)
 @pytest.mark.parametrize("change", ["forward set on a Sequential subclass", "__call__ replaced"])
 def test_a_class_changed_after_its_kind_was_read(change: str) -> None:
     """A ``nn.Sequential`` subclass of the user's without a ``forward`` (PyTorch's: the walk

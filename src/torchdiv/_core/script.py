@@ -188,51 +188,62 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     modules met with uninitialized parameters (lazy modules) are appended to it."""
     out: list[Any] = []
     seen: set[int] = set()
-    todo = [(f, _FUNCTION_DEPTH)]
+    # what is met with ``left`` functions left to follow, one stack each, emptied from the
+    # most left down: an object is first met by its way of fewest functions (a function met
+    # first three deep and then two deep, its callee's script was missed: fuzzscript30)
+    levels: list[list[Any]] = [[] for _ in range(_FUNCTION_DEPTH)] + [[f]]
     kinds = _KINDS
-    while todo:
-        obj, left = todo.pop()
-        kind = kinds.get(id(type(obj))) or _kind(type(obj))
-        if kind is _OTHER or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if kind is _SCRIPT:
-            out.append(obj)
-        elif kind is _MODULE or kind is _OWN_MODULE:  # its submodules, what its forward names
-            children = obj._modules  # (a helper) and holds; (most have none: no list made)
-            if children:
-                todo += [(m, left) for m in children.values()]
-            if lazy is not None and isinstance(obj, LazyModuleMixin):
-                held: Any = obj  # (torch types the lazy mixin's self as a protocol)
-                if held.has_uninitialized_params():
-                    lazy.append(held)
-                obj = held  # (not narrowed below: the module's own forward is read)
-            if kind is _OWN_MODULE:  # a class of the user's: its forward, its attributes
-                cls = type(obj)  # (the methods forward reads too: ``self.block(z)``, super's;
-                if id(cls) not in seen:  # once per class: its methods' walk is ~2 us)
-                    todo += [(m, left) for m in _methods(cls, ("forward",))] + [(cls, left)]
-                held = obj.__dict__  # (not nn.Module's own: its hooks' dictionaries)
-                todo += [(v, left) for k in held.keys() - _MODULE_STATE if _followed(v := held[k])]
-        elif kind is _METHOD:
-            todo += [(obj.__self__, left), (obj.__func__, left)]
-            if isinstance(obj.__func__, types.FunctionType):  # (``self.helper(z)`` in it)
-                todo += [(v, left) for v in _read(obj.__self__, obj.__func__.__code__)]
-        elif kind is _PARTIAL:  # its function and the arguments it binds
-            todo.append((obj.func, left))
-            todo += [(v, left) for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
-        elif kind is _OBJECT:  # its class's __call__ and what it holds that is followed
-            held = attribute(obj, "__dict__")
-            todo.append((type(obj).__call__, left))
-            if isinstance(held, dict):
-                todo += [(v, left) for v in held.values() if _followed(v)]
-        elif left <= 0:
-            continue
-        elif kind is _FUNCTION:
-            named = _named(obj)
-            todo += [(held, left - 1) for held in named]
-            todo += [(v, left - 1) for held in named for v in _read(held, obj.__code__)]
-        else:  # a holder: a container, a plain object, a class
-            todo += [(v, left - 1) for v in _held(obj, kind)]
+    for left in range(_FUNCTION_DEPTH, -1, -1):
+        todo = levels[left]
+        below = levels[left - 1] if left else todo  # (never pushed to at 0)
+        while todo:
+            obj = todo.pop()
+            kind = kinds.get(id(type(obj))) or _kind(type(obj))
+            if kind is _OTHER or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if kind is _SCRIPT:
+                out.append(obj)
+            elif kind is _MODULE or kind is _OWN_MODULE:  # its submodules, what forward names
+                children = obj._modules  # (a helper) and holds; (most have none: no list made)
+                if children:
+                    todo += children.values()
+                if lazy is not None and isinstance(obj, LazyModuleMixin):
+                    held: Any = obj  # (torch types the lazy mixin's self as a protocol)
+                    if held.has_uninitialized_params():
+                        lazy.append(held)
+                    obj = held  # (not narrowed below: the module's own forward is read)
+                if kind is _OWN_MODULE:  # a class of the user's: its forward, its attributes
+                    cls = type(obj)  # (the methods forward reads too: ``self.block(z)``;
+                    if id(cls) not in seen:  # once per class: its methods' walk is ~2 us)
+                        todo += _methods(cls, ("forward",))
+                        todo.append(cls)
+                    held = obj.__dict__  # (not nn.Module's own: its hooks' dictionaries)
+                    todo += [v for k in held.keys() - _MODULE_STATE if _followed(v := held[k])]
+            elif kind is _METHOD:
+                todo += (obj.__self__, obj.__func__)
+                if isinstance(obj.__func__, types.FunctionType):  # (``self.helper(z)`` in it)
+                    todo += _read(obj.__self__, obj.__func__.__code__)
+            elif kind is _PARTIAL:  # its function and the arguments it binds
+                todo.append(obj.func)
+                todo += [v for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
+            elif kind is _OBJECT:  # its class's __call__, what it reads and holds
+                held = attribute(obj, "__dict__")
+                call = type(obj).__call__
+                todo.append(call)
+                code = attribute(call, "__code__")  # (a function's; replaced since by another
+                if isinstance(code, types.CodeType):  # callable on the class: none)
+                    todo += _read(obj, code)
+                if isinstance(held, dict):
+                    todo += [v for v in held.values() if _followed(v)]
+            elif left <= 0:
+                continue
+            elif kind is _FUNCTION:
+                named = _named(obj)
+                below += named
+                below += [v for held in named for v in _read(held, obj.__code__)]
+            else:  # a holder: a container, a plain object, a class
+                below += _held(obj, kind)
     return out
 
 
@@ -258,7 +269,7 @@ def _held(obj: Any, kind: int) -> list[Any]:
     return [v for v in items if (kinds.get(id(type(v))) or _kind(type(v))) in wanted]
 
 
-def _read(held: Any, code: types.CodeType) -> list[Any]:
+def _read(held: Any, code: types.CodeType, nested: bool = True) -> list[Any]:
     """What a function of ``code`` reaches through the attributes it reads off ``held`` (a
     value it names: a global, a closure cell, its ``self``): of a plain object, a class (any
     metaclass's: an ``Enum``), a module or a ``NamedTuple`` of the user's, the methods of its
@@ -271,17 +282,20 @@ def _read(held: Any, code: types.CodeType) -> list[Any]:
         kind = _CLASS
     elif kind is _CONTAINER and type(held) not in _BUILT_IN_CONTAINERS:
         kind = _OWN_CONTAINER  # (a ``NamedTuple``'s methods: ``params.run(z)``)
-    elif kind is not _PLAIN and kind is not _OWN_MODULE:
+    elif kind is not _PLAIN and kind is not _OWN_MODULE and kind is not _OBJECT:
         return []
     names = attribute_names(code)
     if not names:
         return []
     cls = held if kind is _CLASS else type(held)
     out: list[Any] = _methods(cls, names) if not _foreign(cls) else []
-    if kind is _PLAIN or kind is _CLASS:  # (a module's attributes: walked as its own)
+    if kind is _PLAIN or kind is _CLASS or kind is _OBJECT:  # (a module's: walked as its own)
         values = attribute(held, "__dict__")
         if isinstance(values, dict | types.MappingProxyType):
             out += [v for n in values.keys() & names if _followed(v := values[n]) or _is_plain(v)]
+            if nested:  # (a plain object read: what the code reads off it, one level down:
+                # ``runner.state.net(z)`` with ``net`` a function or a partial)
+                out += [w for v in out if _is_plain(v) for w in _read(v, code, False)]
     return out
 
 
@@ -310,6 +324,8 @@ def _methods(cls: type, names: Iterable[str]) -> list[Any]:
                 if v is not None:
                     out.append(v)
                     read += attribute_names(v.__code__)
+                elif _followed(held[name]):  # (a class attribute read off an instance)
+                    out.append(held[name])
         todo = set(read) - done
     return out
 
@@ -377,7 +393,42 @@ def _kind(kind: type) -> int:
     """What ``scripted`` does with an object of type ``kind``, kept by the type's ``id`` until
     the type is freed: a class made at every call (a model factory's class, each
     ``torch.fx.GraphModule``'s own class), kept as a key, stayed alive for the rest of the
-    process with what its methods close over (tensors too)."""
+    process with what its methods close over (tensors too). A class of the user's whose kind
+    a ``forward`` or ``__call__`` set on it later changes (a subclass of a PyTorch module
+    without a ``forward`` of its own, an object without ``__call__``: ``_WATCHED``) is kept
+    with what it resolves that name to, and told again where that changed (a ``forward``
+    set on an ``nn.Sequential`` subclass after a call, its scripted activation's optimized
+    plan ran: fuzzscript30)."""
+    watched = _WATCHED.get(id(kind))
+    if watched is not None and _resolved(kind, watched[1]) is watched[2]:
+        return watched[0]
+    found = _told(kind)
+    name = _DECIDED_BY.get(found)
+    if name is not None and not _foreign(kind):
+        _remember(_WATCHED, kind, (found, name, _resolved(kind, name)))
+    else:
+        _remember(_KINDS, kind, found)
+    return found
+
+
+def _resolved(cls: type, name: str) -> Any:
+    """What ``name`` is in the first namespace of ``cls``'s method resolution order holding it
+    (``None``: none), read by ``type``'s own descriptors (a metaclass's may raise)."""
+    for c in _MRO(cls):
+        found = _DICT(c).get(name)
+        if found is not None:
+            return found
+    return None
+
+
+# the kinds that the class attribute named here, set on a class of the user's later, changes
+# (``_kind``); such classes' kinds by their id, with that attribute's value then
+_DECIDED_BY = {_MODULE: "forward", _PLAIN: "__call__", _CONTAINER: "__call__"}
+_WATCHED: dict[int, tuple[int, str, Any]] = {}
+
+
+def _told(kind: type) -> int:
+    """``_kind``'s reading of the class ``kind``."""
     if issubclass(kind, (*_SCRIPTED, torch.ScriptMethod)):
         found = _SCRIPT
     elif issubclass(kind, torch.nn.Module):
@@ -406,7 +457,6 @@ def _kind(kind: type) -> int:
         found = _PLAIN  # (one without a ``__dict__``: nothing followed, ``_held``)
     else:
         found = _OTHER
-    _remember(_KINDS, kind, found)
     return found
 
 
