@@ -176,7 +176,7 @@ def test_half_precision_diagonal_within_unit_roundoffs(dtype: torch.dtype) -> No
 
 
 def test_default_block_bounds_the_carried_columns(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without ``chunk_size``, a block carries ``BLOCK_ELEMENTS // (N * widest)`` columns
+    """Without ``chunk_size``, a block carries ``EAGER_BLOCK_ELEMENTS // (N * widest)`` columns
     (at least one): 64-wide layers at 1024 samples, 4 columns at once of 2^18 elements."""
     carried: list[int] = []
     chunks = cycle.chunks
@@ -190,5 +190,24 @@ def test_default_block_bounds_the_carried_columns(monkeypatch: pytest.MonkeyPatc
     f = _mlp([16, 64, 64, 16])
     x = torch.randn(1024, 16, dtype=f64)
     got = torchdiv.jacobian_diagonal(f, x, method="structured")
-    assert carried and 1024 * max(carried) * 64 <= cycle.BLOCK_ELEMENTS
+    assert carried and 1024 * max(carried) * 64 <= cycle.EAGER_BLOCK_ELEMENTS == 1 << 18
     assert_close(got[:4], loop_diagonal(f, x[:4]))
+
+
+def test_a_traced_replay_carries_the_blocks_it_carried_before() -> None:
+    """A compiled call's replay (``replay._plan``) makes its column block at the recorded batch
+    size and serves the sizes whose block stays within twice it (``_carried``): with the
+    eager call's 2^18 blocks it served a 64-wide MLP recorded at 2 samples up to 128 rows (a
+    new recording, a new graph, at 200: 6.6-7.4 s under ``aot_eager``), and one recorded at
+    2000 rows unrolled 32 blocks of 2 columns into its graph (compiled in 23-24 s, was
+    7.5-8.8 s), for no faster compiled call (2000 rows: 38.5 ms, was 39.7). Its blocks stay
+    ``BLOCK_ELEMENTS`` (2^20): served up to 512 rows, 8 blocks at 2000."""
+    from torchdiv._structured import replay
+
+    torch.manual_seed(0)
+    f = _mlp([64, 64, 64, 64]).float()
+    small = replay._plan(f, torch.randn(2, 64), 1, None)
+    large = replay._plan(f, torch.randn(2000, 64), 1, None)
+    assert small is not None and large is not None
+    assert small.rows[1] >= 512
+    assert -(-64 // large.chunk) <= 8
