@@ -188,3 +188,41 @@ def test_a_freed_class_id_is_not_told_by_the_old_class():
         if reused:
             break
     assert key not in script._FOREIGN or reused
+
+
+def _g1(z: torch.Tensor) -> torch.Tensor:
+    return _through_scripted(z)
+
+
+def _helper(z: torch.Tensor) -> torch.Tensor:  # (3 functions deep with the method: found)
+    return _g1(z)
+
+
+def _runner_class(other: str) -> type[torch.nn.Module]:
+    """A module whose forward reads two methods: ``helper`` (``_helper``, static) and
+    ``other``, which names the same function as a global (one function deeper)."""
+    scope: dict[str, object] = {}
+    code = (
+        f"def forward(self, z):\n    return self.helper(z) + 0.0 * self.{other}(z)\n"
+        f"def {other}(self, z):\n    return _helper(z)\n"
+    )
+    exec(code, globals(), scope)
+    namespace = {"forward": scope["forward"], other: scope[other]}
+    return type("Runner", (torch.nn.Module,), {**namespace, "helper": staticmethod(_helper)})
+
+
+def test_the_walk_does_not_depend_on_the_order_names_are_met(scripted_global):
+    """``_methods`` meets a namespace's names by set intersection, in the strings' hash order
+    (``PYTHONHASHSEED``: another order in every process), and the walk visited each object
+    once, at the depth it first met it: ``_helper`` met first through ``other``'s globals,
+    one function deeper than as the class's method, reached the scripted module 2 functions
+    further only in the processes where the method came first (1bf3b7d1: in the others
+    divergence 0, no gradients). Here ``other`` is named so that it comes first."""
+    for i in range(64):
+        cls = _runner_class(f"other{i}")
+        met = script._methods(cls, ("forward",))
+        if met.index(vars(cls)[f"other{i}"]) > met.index(_helper):  # (walked first: a stack)
+            break
+    assert _SCRIPTED is not None
+    assert_run_as_written(cls(), scripted_global)
+    assert script.scripted(cls()) == [_SCRIPTED]
