@@ -183,33 +183,42 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     ``_HELD_ITEMS`` items: ``partial(run, [scripted])``), a plain object (a bound method's
     ``self``, ``holder.net(z)``) and a class of the user's (``Holder.net(z)``, a module
     class's attribute), each while functions are left to follow, what they hold one fewer
-    down. A scripted method (``scripted.encode``) is found as such. Each object's kind is
-    read from its type once per type (``_kind``): about 1 us per module. ``lazy``: the
-    modules met with uninitialized parameters (lazy modules) are appended to it."""
+    down. An object met again with more functions left is walked again (met first one
+    function deeper, through another method's globals, a helper of the class missed what it
+    reached at the last depth in the processes where the names' hash order met it so, as
+    ``_methods`` does: rev-lead30). A scripted method (``scripted.encode``) is found as such.
+    Each object's kind is read from its type once per type (``_kind``): about 1 us per
+    module. ``lazy``: the modules met with uninitialized parameters (lazy modules) are
+    appended to it."""
     out: list[Any] = []
-    seen: set[int] = set()
+    seen: dict[int, int] = {}  # (each object's id: the most functions left it was met with)
     todo = [(f, _FUNCTION_DEPTH)]
     kinds = _KINDS
     while todo:
         obj, left = todo.pop()
         kind = kinds.get(id(type(obj))) or _kind(type(obj))
-        if kind is _OTHER or id(obj) in seen:
+        if kind is _OTHER:
             continue
-        seen.add(id(obj))
+        met = seen.get(id(obj))
+        if met is not None and met >= left:  # (met again with more left: walked again, so
+            continue  # that what it reaches does not hang on the order objects are met in)
+        seen[id(obj)] = left
         if kind is _SCRIPT:
-            out.append(obj)
+            if met is None:
+                out.append(obj)
         elif kind is _MODULE or kind is _OWN_MODULE:  # its submodules, what its forward names
             children = obj._modules  # (a helper) and holds; (most have none: no list made)
             if children:
                 todo += [(m, left) for m in children.values()]
-            if lazy is not None and isinstance(obj, LazyModuleMixin):
+            if lazy is not None and met is None and isinstance(obj, LazyModuleMixin):
                 held: Any = obj  # (torch types the lazy mixin's self as a protocol)
                 if held.has_uninitialized_params():
                     lazy.append(held)
                 obj = held  # (not narrowed below: the module's own forward is read)
             if kind is _OWN_MODULE:  # a class of the user's: its forward, its attributes
                 cls = type(obj)  # (the methods forward reads too: ``self.block(z)``, super's;
-                if id(cls) not in seen:  # once per class: its methods' walk is ~2 us)
+                if seen.get(id(cls), -1) < left:  # once per class: its methods' walk
+                    # is ~2 us)
                     todo += [(m, left) for m in _methods(cls, ("forward",))] + [(cls, left)]
                 held = obj.__dict__  # (not nn.Module's own: its hooks' dictionaries)
                 todo += [(v, left) for k in held.keys() - _MODULE_STATE if _followed(v := held[k])]
