@@ -183,9 +183,14 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     ``_HELD_ITEMS`` items: ``partial(run, [scripted])``), a plain object (a bound method's
     ``self``, ``holder.net(z)``) and a class of the user's (``Holder.net(z)``, a module
     class's attribute), each while functions are left to follow, what they hold one fewer
-    down. A scripted method (``scripted.encode``) is found as such. Each object's kind is
-    read from its type once per type (``_kind``): about 1 us per module. ``lazy``: the
-    modules met with uninitialized parameters (lazy modules) are appended to it."""
+    down. Every object is walked with the most functions left it can be met with: one stack
+    per functions-left level, emptied from the most left down (a function met first one
+    function deeper, by a longer way or through another method's globals in the order the
+    names' hashes met it, missed what it reached at the last depth: fuzzscript30, rev-lead30;
+    divergence 0). A scripted method (``scripted.encode``) is found as such.
+    Each object's kind is read from its type once per type (``_kind``): about 1 us per
+    module. ``lazy``: the modules met with uninitialized parameters (lazy modules) are
+    appended to it."""
     out: list[Any] = []
     seen: set[int] = set()
     # what is met with ``left`` functions left to follow, one stack each, emptied from the
@@ -473,20 +478,36 @@ def _foreign(cls: type) -> bool:
     """Whether the class ``cls`` holds nothing of the user's that ``scripted`` follows: a
     built-in class (a static type, or one whose namespace cannot be set: ``functools.partial``;
     C's methods, never a Python function nor one the user put there) or PyTorch's
-    (``_pytorchs``). Read once per class (``_FOREIGN``)."""
-    found = _FOREIGN.get(id(cls))
-    if found is None:
-        flags = _FLAGS(cls)
-        found = bool(flags & _IMMUTABLE_TYPE or not flags & _HEAP_TYPE or _pytorchs(cls))
-        _remember(_FOREIGN, cls, found)
+    (``_pytorchs``). Read once per class and ``__module__`` (``_FOREIGN``): a class's
+    ``__module__`` can be set (``Cls.__module__ = "torch.nn"`` and back), and a class kept
+    as PyTorch's after it became the user's again was never followed (its scripted code's
+    optimized plan ran: forward mode's divergence 0, rev-lead30)."""
+    held = _FOREIGN.get(id(cls))
+    if held is _BUILT_IN:
+        return True
+    try:
+        module = _MODULE_NAME(cls)
+    except AttributeError:  # (a class made by ``exec`` without a ``__name__``: none)
+        module = None
+    if held is not None and held[0] is module:
+        return held[1]
+    flags = _FLAGS(cls)
+    if flags & _IMMUTABLE_TYPE or not flags & _HEAP_TYPE:  # (for good: flags never change)
+        _remember(_FOREIGN, cls, _BUILT_IN)
+        return True
+    found = _pytorchs(cls)
+    _remember(_FOREIGN, cls, (module, found))
     return found
 
 
-# ``_foreign`` of each class by its id, forgotten when the class is freed; a class's flags
-# (read by ``type``'s own descriptor) and CPython's flags of a class whose namespace cannot be
-# set (Python 3.10 on) and of one not made statically in C (every class statement's)
-_FOREIGN: dict[int, bool] = {}
+# ``_foreign`` of each class by its id, with the ``__module__`` it was told under, forgotten
+# when the class is freed; a class's flags (read by ``type``'s own descriptor) and CPython's
+# flags of a class whose namespace cannot be set (Python 3.10 on) and of one not made
+# statically in C (every class statement's)
+_FOREIGN: dict[int, tuple[Any, bool]] = {}
+_BUILT_IN = (None, True)  # (a built-in class's entry, whatever its ``__module__``)
 _FLAGS = type.__dict__["__flags__"].__get__
+_MODULE_NAME = type.__dict__["__module__"].__get__
 _IMMUTABLE_TYPE, _HEAP_TYPE = 1 << 8, 1 << 9
 
 

@@ -17,7 +17,7 @@ per-sample diagonals ``D_i``:
   of that shared matrix travel once around it: ``w`` columns (its input width), a batched
   matrix product per remaining ``S_j`` except the last, which is contracted on the diagonal
   only. ``chunk`` columns at a time bound the memory; by default as many as keep the carried
-  block near ``BLOCK_ELEMENTS`` (cache-sized: 2.2x faster than all columns at once for a
+  block near ``EAGER_BLOCK_ELEMENTS`` (cache-sized: 2.2x faster than all columns at once for a
   5-layer MLP, D = H = 256, N = 128, on a 2-core CPU; a quarter of the 2 MiB L2 cache a core
   has there, 1.6x faster than blocks of 4 MiB).
 
@@ -38,10 +38,16 @@ from torchdiv._structured import products
 from torchdiv._structured.factors import Diagonal, Factor, Path, Shared
 
 Tensor = torch.Tensor
-# (1 MiB in float32: blocks of 4 MiB, larger than a core's L2 cache, took 1.6x the time of a
-# 5-layer MLP's trace, D = H = 256, N = 128, and 1.4x a tanh MLP's diagonal, D = 8 and 16,
-# w = 64, N = 4096; even at D = 64 or w = 256, N = 4096; one thread, alternated in-process)
-BLOCK_ELEMENTS = 1 << 18
+# an eager call's block (1 MiB in float32: blocks of 4 MiB, larger than a core's L2 cache,
+# took 1.6x the time of a 5-layer MLP's trace, D = H = 256, N = 128, and 1.4x a tanh MLP's
+# diagonal, D = 8 and 16, w = 64, N = 4096; even at D = 64 or w = 256, N = 4096; one thread,
+# alternated in-process)
+EAGER_BLOCK_ELEMENTS = 1 << 18
+# a compiled call's (``replay``: its chunk and the batch sizes it serves, ``_carried``): each
+# block is unrolled into the graph, and blocks of 2^18 there compiled a 64-wide MLP's diagonal
+# at 2000 rows in 23-24 s (32 blocks; 7.5-8.8 s in 8) and served a replay recorded at 2 rows
+# up to 128 (512), another graph at 200, for no faster compiled call (rev-lead30)
+BLOCK_ELEMENTS = 1 << 20
 JOIN_ELEMENTS = 1 << 20  # shared matrices are multiplied up to this size (4 MiB in float32)
 
 
@@ -200,7 +206,7 @@ def _opened(shared: list[Tensor], scales: list[Tensor], chunk: int | None) -> Te
 def _entries(shared: list[Tensor], scales: list[Tensor], chunk: int | None) -> Tensor:
     """The diagonal of every sample's ``S_k D_{k-1} ... D_1 S_1`` (square, ``k >= 2``), shape
     ``(N, w)`` (or ``(1, w)``), by carrying ``S_1``'s columns through, ``chunk`` at a time
-    (default: blocks of about ``BLOCK_ELEMENTS``); ``S_k`` is contracted on the diagonal
+    (default: blocks of about ``EAGER_BLOCK_ELEMENTS``); ``S_k`` is contracted on the diagonal
     only. The columns are kept as rows, ``(N, k, w)``, so that every ``S_j`` is one matrix
     product over all samples and columns at once (``(N k, w) @ S_j^T``), and the last
     diagonal ``D_{k-1}`` is contracted as one batched product: ``(v o S_k) @ d``, ``(N, k, w)
@@ -209,7 +215,7 @@ def _entries(shared: list[Tensor], scales: list[Tensor], chunk: int | None) -> T
     width, n_samples = shared[0].shape[1], max(d.shape[0] for d in scales)
     if chunk is None:
         widest = max(s.shape[0] for s in shared)
-        chunk = max(1, BLOCK_ELEMENTS // (n_samples * widest))
+        chunk = max(1, EAGER_BLOCK_ELEMENTS // (n_samples * widest))
     parts = []
     for start, stop in chunks(width, chunk):
         v = shared[0][:, start:stop].T.contiguous()[None]  # (1, k, w_1)
