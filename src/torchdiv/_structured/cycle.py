@@ -211,7 +211,8 @@ def _entries(shared: list[Tensor], scales: list[Tensor], chunk: int | None) -> T
     product over all samples and columns at once (``(N k, w) @ S_j^T``), and the last
     diagonal ``D_{k-1}`` is contracted as one batched product: ``(v o S_k) @ d``, ``(N, k, w)
     @ (N, w, 1)`` (not a product ``(N, k, w)`` more and its sum: a tanh MLP's diagonal,
-    D = 16, w = 64, N = 4096, 14.3 -> 10.7 ms, one thread)."""
+    D = 16, w = 64, N = 4096, 14.3 -> 10.7 ms, one thread), but for a block of one column,
+    where ``N`` products of two vectors cost more than the sum (w = 512: 1.15-1.2x)."""
     width, n_samples = shared[0].shape[1], max(d.shape[0] for d in scales)
     if chunk is None:
         widest = max(s.shape[0] for s in shared)
@@ -222,8 +223,10 @@ def _entries(shared: list[Tensor], scales: list[Tensor], chunk: int | None) -> T
         for s, d in zip(shared[1:-1], scales[:-1], strict=True):
             v = v * d[:, None, :]
             v = (v.reshape(-1, v.shape[-1]) @ s.T).reshape(*v.shape[:2], -1)
-        last = (v * shared[-1][start:stop]) @ scales[-1][:, :, None]  # (N, k, 1)
-        parts.append(last[..., 0])  # entries (start + j, j)
+        if stop - start > 1:  # entries (start + j, j)
+            parts.append(((v * shared[-1][start:stop]) @ scales[-1][:, :, None])[..., 0])
+        else:
+            parts.append((v * scales[-1][:, None, :] * shared[-1][start:stop]).sum(-1))
     return torch.cat(parts, -1)
 
 
