@@ -6,7 +6,8 @@ variant's calls and the recipes' run one after another, ``--calls`` calls each, 
 time, in an order shuffled anew every round (reversing it every other round ran the one at
 both ends twice in a row, 3-7 % faster); the median of the rounds. Prints each tree's median
 per call and its ratio to the best recipe's, and the median of the trees' ratios per round
-(the same tree loaded twice: 0.98-1.02).
+(the same tree loaded twice: 0.98-1.02). ``--part``: one expression timed instead (a function
+of torchdiv on the cell's ``f`` and ``x``), the median of the trees' differences per round.
 
     flock /tmp/torchdiv-bench.lock env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
         .venv/bin/python bench/percall_ab.py --tree base=OTHER/src --tree new=src [--rounds 21]
@@ -65,6 +66,16 @@ def cases(train: bool) -> dict[str, tuple[Callable, torch.Tensor, str]]:
     return out
 
 
+def _part(
+    expression: str, modules: dict[str, ModuleType], f: Callable, x: torch.Tensor
+) -> Callable[[], object]:
+    """``--part``: ``expression`` as a function of nothing, over this tree's modules."""
+    sys.modules.update(modules)
+    xl = x.detach().requires_grad_(True)
+    names = {"m": modules.__getitem__, "f": f, "x": x, "xl": xl, "y": f(xl), "torch": torch}
+    return eval(f"lambda: {expression}", names)  # (the command line's)
+
+
 def run(
     modules: dict[str, ModuleType] | None, call: Callable[[], object], calls: int
 ) -> tuple[float, object]:
@@ -84,6 +95,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--calls", type=int, default=20, help="calls per variant and round")
     parser.add_argument("--only", default="", help="the cells whose name holds this")
+    parser.add_argument(
+        "--part",
+        default="",
+        help="time this expression instead of the call, e.g. "
+        "\"m('torchdiv._taylor.mixing').structure(f, x, 1)\" (m: the tree's module by name; "
+        "f, x: the cell's; xl: a leaf copy of x, y = f(xl)); no recipes",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     trees = {t.split("=", 1)[0]: load(t.split("=", 1)[1]) for t in args.tree}
@@ -93,13 +111,17 @@ def main() -> None:
                 continue
             calls: dict[str, Callable[[], object]] = {}
             for name, modules in trees.items():
-                calls[name] = functools.partial(getattr(modules["torchdiv"], op), f, x)
-            for name, recipe in small_events.recipes(op, train).items():
-                calls[name] = functools.partial(recipe, f, x)
-            results = {k: run(trees.get(k), c, 1)[1] for k, c in calls.items()}
-            first = results[next(iter(trees))]
-            for k, r in results.items():
-                torch.testing.assert_close(r, first, rtol=1e-4, atol=1e-5, msg=k)
+                if args.part:
+                    calls[name] = _part(args.part, modules, f, x)
+                else:
+                    calls[name] = functools.partial(getattr(modules["torchdiv"], op), f, x)
+            if not args.part:
+                for name, recipe in small_events.recipes(op, train).items():
+                    calls[name] = functools.partial(recipe, f, x)
+                results = {k: run(trees.get(k), c, 1)[1] for k, c in calls.items()}
+                first = results[next(iter(trees))]
+                for k, r in results.items():
+                    torch.testing.assert_close(r, first, rtol=1e-4, atol=1e-5, msg=k)
             times: dict[str, list[float]] = {k: [] for k in calls}
             order = random.Random(0)
             for _ in range(args.rounds):
@@ -108,9 +130,18 @@ def main() -> None:
                 for k in names:
                     times[k].append(run(trees.get(k), calls[k], args.calls)[0])
             median = {k: statistics.median(v) for k, v in times.items()}
+            names = list(trees)
+            if args.part:
+                saved = [a - b for a, b in zip(times[names[0]], times[names[-1]], strict=True)]
+                print(
+                    f"{cell}-{'train' if train else 'frozen':6s} "
+                    + "  ".join(f"{k} {median[k]:8.3f} us" for k in trees)
+                    + f"  {names[0]} - {names[-1]} {statistics.median(saved):.3f} us",
+                    flush=True,
+                )
+                continue
             best = min(v for k, v in median.items() if k not in trees)
             line = "  ".join(f"{k} {median[k]:6.1f} us {median[k] / best:.3f}" for k in trees)
-            names = list(trees)
             pairs = [a / b for a, b in zip(times[names[-1]], times[names[0]], strict=True)]
             print(
                 f"{cell}-{'train' if train else 'frozen':6s} {line}  best recipe {best:6.1f} us"
