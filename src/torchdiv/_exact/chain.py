@@ -194,7 +194,11 @@ def chain(
         if type(kind) is not tuple:
             if not (steps and kind is _LEAF and node.variable is x):
                 return None
-            others = any(_kind(t) is _LEAF for t in met)  # (a parameter's leaf, before x's)
+            others = False  # (a parameter's leaf, before x's; loops, not generators, here
+            for t in met:  # and below: a tiny problem's every call walks its chain)
+                if _kind(t) is _LEAF:
+                    others = True
+                    break
             met.add(type(node))
             sliced = _sliced(steps, y, x)
             return None if sliced is None else _found(sliced, met, others, found, guarded)
@@ -259,7 +263,10 @@ def _sliced(
     its ``_Slice``: the width reaching it from ``y`` down, the width it passes on from ``x``
     up (a linear step's ``(in, out)`` matrix turns one into the other; activations keep it).
     ``None`` where a width cannot be told (two concatenations in a row)."""
-    if all(step is not _narrow for step, _ in steps):
+    for step, _ in steps:
+        if step is _narrow:
+            break
+    else:  # (no concatenation: the usual chain)
         return steps
     shapes = [node._saved_mat2.shape if step in (_addmm, _mm) else None for step, node in steps]
     n = len(steps)
@@ -298,8 +305,16 @@ def _found(
     or ``met``'s types is ``guarded`` (each type looked up once)."""
     if found is not None:
         found.others = others
-        types = met.union(type(node) for step, node in steps if step is not _narrow)
-        found.guarded = bool(guarded) and any(is_guarded(t, guarded) for t in types)
+        found.guarded = False
+        if guarded:
+            types = set(met)
+            for step, node in steps:
+                if step is not _narrow:
+                    types.add(type(node))
+            for t in types:
+                if is_guarded(t, guarded):
+                    found.guarded = True
+                    break
     return steps
 
 
