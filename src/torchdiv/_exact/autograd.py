@@ -586,6 +586,8 @@ class GraphJacobian:
             or self.y.shape != self.x.shape
         ):
             return None
+        if torch.is_grad_enabled() is self.create_graph:  # (no set_grad_enabled object)
+            return chain_trace(self.steps, self.y)
         with torch.set_grad_enabled(self.create_graph):
             return chain_trace(self.steps, self.y)
 

@@ -323,6 +323,8 @@ def products(
 ) -> torch.Tensor:
     """``(k,) + y.shape`` cotangents -> ``(k,) + x.shape`` products along the chain, with a
     graph only where ``create_graph`` (as the engine records one)."""
+    if torch.is_grad_enabled() is create_graph:  # (no set_grad_enabled object: 3 calls)
+        return _applied(steps, cotangents)
     with torch.set_grad_enabled(create_graph):
         return _applied(steps, cotangents)
 
@@ -428,10 +430,20 @@ def unit_products(
     step, node = steps[0]
     if step is not _addmm and step is not _mm:
         return None
+    if torch.is_grad_enabled() is create_graph:  # (training: no set_grad_enabled object)
+        return _top_rows(steps, start, stop, step, node)
     with torch.set_grad_enabled(create_graph):
-        rows = node._saved_mat2.t()  # (m, h): row i of the (out, in) matrix
-        if start or stop != rows.shape[0]:
-            rows = rows[start:stop]
-        if step is _addmm and node._saved_alpha != 1:
-            rows = rows * node._saved_alpha
-        return _applied(steps[1:], rows.unsqueeze(1))
+        return _top_rows(steps, start, stop, step, node)
+
+
+def _top_rows(
+    steps: list[tuple[Step, Any]], start: int, stop: int, step: Step, node: Any
+) -> torch.Tensor:
+    """``unit_products``' rows, under the grad mode it sets: the top step's (``step``, its
+    ``node``) through the steps below it."""
+    rows = node._saved_mat2.t()  # (m, h): row i of the (out, in) matrix
+    if start or stop != rows.shape[0]:
+        rows = rows[start:stop]
+    if step is _addmm and node._saved_alpha != 1:
+        rows = rows * node._saved_alpha
+    return _applied(steps[1:], rows.unsqueeze(1))
