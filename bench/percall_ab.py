@@ -67,12 +67,14 @@ def cases(train: bool) -> dict[str, tuple[Callable, torch.Tensor, str]]:
 
 
 def _part(
-    expression: str, modules: dict[str, ModuleType], f: Callable, x: torch.Tensor
+    expression: str, setup: str, modules: dict[str, ModuleType], f: Callable, x: torch.Tensor
 ) -> Callable[[], object]:
-    """``--part``: ``expression`` as a function of nothing, over this tree's modules."""
+    """``--part``: ``expression`` as a function of nothing, over this tree's modules (``s``:
+    ``setup``'s value, made once)."""
     sys.modules.update(modules)
     xl = x.detach().requires_grad_(True)
     names = {"m": modules.__getitem__, "f": f, "x": x, "xl": xl, "y": f(xl), "torch": torch}
+    names["s"] = eval(setup, names) if setup else None
     return eval(f"lambda: {expression}", names)  # (the command line's)
 
 
@@ -102,6 +104,7 @@ def main() -> None:
         "\"m('torchdiv._taylor.mixing').structure(f, x, 1)\" (m: the tree's module by name; "
         "f, x: the cell's; xl: a leaf copy of x, y = f(xl)); no recipes",
     )
+    parser.add_argument("--setup", default="", help="--part's s: evaluated once per tree")
     args = parser.parse_args()
     torch.set_num_threads(1)
     trees = {t.split("=", 1)[0]: load(t.split("=", 1)[1]) for t in args.tree}
@@ -112,7 +115,7 @@ def main() -> None:
             calls: dict[str, Callable[[], object]] = {}
             for name, modules in trees.items():
                 if args.part:
-                    calls[name] = _part(args.part, modules, f, x)
+                    calls[name] = _part(args.part, args.setup, modules, f, x)
                 else:
                     calls[name] = functools.partial(getattr(modules["torchdiv"], op), f, x)
             if not args.part:
