@@ -741,10 +741,14 @@ def _held(f: torch.nn.Module) -> tuple[Any, ...]:
             parameters, children, buffers = m._parameters, m._modules, m._buffers
         if buffers:  # (never a hooks' tuple, of ints)
             held.append(tuple(None if b is None else _tensor(b) for b in buffers.values()))
-        if parameters:
-            grads += [p.requires_grad for p in parameters.values() if p is not None]
+        if parameters:  # (loops, not comprehensions: a frame fewer each, per module)
+            for p in parameters.values():
+                if p is not None:
+                    grads.append(p.requires_grad)
         if children:
-            stack += [c for c in children.values() if c is not None]
+            for c in children.values():
+                if c is not None:
+                    stack.append(c)
     return (tuple(held), tuple(grads)) if not untold else (UNTOLD, tuple(held), tuple(grads))
 
 
