@@ -134,14 +134,14 @@ def saves_apart() -> contextlib.AbstractContextManager[Any]:
     structured and Taylor engines take no backward pass inside the call: their saves stay
     the checkpoint's (recomputed, as the caller asked)."""
     if torch.compiler.is_compiling():  # (Dynamo traces the call: its graph, no hooks read)
-        return NOTHING
+        return _NOTHING
     hooks = _top_saved_tensors_default_hooks(True)
     if hooks is None or getattr(hooks[0], "__module__", None) != _checkpoint.__name__:
-        return NOTHING  # (the usual case; nested: already apart)
+        return _NOTHING  # (the usual case; nested: already apart)
     return torch.autograd.graph.saved_tensors_hooks(_kept, _same)
 
 
-NOTHING = contextlib.nullcontext()  # (``saves_apart``'s "no hooks": a caller may skip it)
+_NOTHING = contextlib.nullcontext()
 
 
 def checkpointed() -> bool:

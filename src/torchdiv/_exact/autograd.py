@@ -26,7 +26,6 @@ from torchdiv._core.ddp import Peers
 from torchdiv._core.mixing.watch import check_graph
 from torchdiv._core.modes import (
     INNER_ORDER,
-    NOTHING,
     InnerBackwards,
     SafeDerivatives,
     backward_passes_order,
@@ -299,6 +298,7 @@ def _custom_functions(y: torch.Tensor, x: torch.Tensor) -> list[Any]:
 
 
 _BATCH_NORM = "NativeBatchNormBackward"  # instance norm's node, a batch norm's
+_NOTHING = contextlib.nullcontext()  # (no context: one object for every call, reentrant)
 
 
 def _searched(
@@ -755,12 +755,12 @@ def _graphed(
     if attention is None and watch is None:
         y = f(x_in)
     else:
-        with NOTHING if attention is None else attention, NOTHING if watch is None else watch:
+        with _NOTHING if attention is None else attention, _NOTHING if watch is None else watch:
             y = f(x_in)
     inner = low and getattr(watch, "backward_inside", False)
     if inner:
         with (
-            NOTHING if attention is None else attention,
+            _NOTHING if attention is None else attention,
             again_from(changes, x),
             SafeDerivatives(INNER_ORDER[0], "method='forward'", INNER_ORDER[1]),
         ):

@@ -24,7 +24,7 @@ from torchdiv._core.mixing.errors import BatchInteractionError, allowed
 from torchdiv._core.mixing.reads import reading
 from torchdiv._core.mixing.transformed import check_transformed
 from torchdiv._core.mixing.watch import check_empty_event, checks_empty_event, tracker
-from torchdiv._core.modes import NOTHING, saves_apart
+from torchdiv._core.modes import saves_apart
 from torchdiv._core.tie import tied
 from torchdiv._core.walk import GraphTooDeep
 from torchdiv._exact import plan as _plan
@@ -292,12 +292,7 @@ def evaluate(
             generator = None
         else:
             generator = generator or _state.default_generator(x.device)
-        apart = saves_apart()  # (inside the caller's checkpoint region: see there)
-        if apart is NOTHING:  # (the usual case: no nullcontext entered and left, 2 calls)
-            return _first_that_runs(
-                f, x, batch_dims, chunk_size, consume, generator, square, owner, watched, vectors
-            )
-        with apart:
+        with saves_apart():  # (inside the caller's checkpoint region: see there)
             return _first_that_runs(
                 f, x, batch_dims, chunk_size, consume, generator, square, owner, watched, vectors
             )
