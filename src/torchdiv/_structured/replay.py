@@ -45,7 +45,7 @@ import functools
 import itertools
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -227,10 +227,23 @@ def _replay(plan: Replay, f: torch.nn.Module, x: torch.Tensor) -> tuple[Graph, l
     return cast(Graph, _Calls(nodes)), kept
 
 
-# the keys the first attempt of the compilation now under way gave, in call order, with their
-# arguments (``restarted``); the attempts after it read them
-_FIRST: dict[Any, list[tuple[Any, int]]] = {}
-_AGAIN: dict[Any, int] = {}  # (the calls read so far by each later attempt)
+@dataclass
+class _Attempts:
+    """One compilation's calls of ``_recorded`` (``restarted``): the keys its first attempt
+    gave, in call order, with their arguments, and how many of them each later attempt (by
+    its number) has read."""
+
+    first: list[tuple[Any, int]] = field(default_factory=list)
+    read: dict[int, int] = field(default_factory=dict)
+
+
+# by Dynamo's ``CompileContext``, one object for a compilation and all its attempts: not by
+# its ``CompileId``, which ``torch.compiler.reset()`` numbers from ``(0, 0)`` again (keyed by
+# it, a compilation after a reset appended to an earlier one's keys and its restart read
+# them: that compilation's plan, silently, where ``f`` had changed since but kept its
+# structure, a ``Softplus``'s ``beta``: its divergence 0.049 off; ``SpeculationLogDivergence``
+# where the recording refused)
+_COMPILATIONS: weakref.WeakKeyDictionary[Any, _Attempts] = weakref.WeakKeyDictionary()
 
 
 def restarted(record: Callable[..., int]) -> Callable[..., int]:
@@ -246,19 +259,22 @@ def restarted(record: Callable[..., int]) -> Callable[..., int]:
     def wrapper(*args: Any) -> int:
         from torch._guards import CompileContext
 
-        trace, called = CompileContext.current_trace_id(), _called(args)
-        if trace is None or called is None:
+        context, called = CompileContext.try_get(), _called(args)
+        if context is None or context.compile_id is None or called is None:
             return record(*args)
-        if trace.attempt == 0:
-            if trace.compile_id not in _FIRST:
-                _FIRST.clear()
-                _AGAIN.clear()
+        attempts = _COMPILATIONS.get(context)
+        if context.attempt == 0:
+            if attempts is None:  # (one compilation at a time: the others' are over)
+                _COMPILATIONS.clear()
+                attempts = _COMPILATIONS[context] = _Attempts()
             key = record(*args)
-            _FIRST.setdefault(trace.compile_id, []).append((called, key))
+            attempts.first.append((called, key))
             return key
-        done = _AGAIN.get(trace, 0)
-        first = _FIRST.get(trace.compile_id, [])
-        _AGAIN[trace] = done + 1
+        if attempts is None:
+            return record(*args)
+        done = attempts.read.get(context.attempt, 0)
+        attempts.read[context.attempt] = done + 1
+        first = attempts.first
         if done >= len(first) or first[done][0] != called or first[done][1] not in _PLANS:
             return record(*args)
         key = first[done][1]
