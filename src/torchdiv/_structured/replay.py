@@ -253,22 +253,30 @@ def restarted(record: Callable[..., int]) -> Callable[..., int]:
     second recording could differ (``f`` caching a tensor it made, ``functools.lru_cache`` on
     the batch size: its recording reads a tensor made before it and refuses, and Dynamo
     raised ``SpeculationLogDivergence`` at every batch size, where the eager call serves).
-    (Private: ``CompileContext``; anything else records as before.)"""
+    (Private: ``CompileContext``, its ``attempt``, the context as a weak key; where any of
+    them cannot be read, ``-1``: the call runs eagerly. The failure left this wrapper,
+    outside ``record``'s ``try``, and the whole compiled call raised
+    ``InternalTorchDynamoError`` where eager serves. Outside a compilation, or a call that
+    ``_called`` cannot identify, records as before.)"""
 
     @functools.wraps(record)
     def wrapper(*args: Any) -> int:
-        from torch._guards import CompileContext
-
-        compilation, called = CompileContext.try_get(), _called(args)
-        if compilation is None or compilation.compile_id is None or called is None:
+        called = _called(args)
+        if called is None:
             return record(*args)
-        attempts = _ATTEMPTS.setdefault(compilation, _Attempts())
-        if compilation.attempt == 0:
+        try:
+            current = _compilation()
+        except Exception:
+            return -1
+        if current is None:
+            return record(*args)
+        attempts, attempt = current
+        if attempt == 0:
             key = record(*args)
             attempts.first.append((called, key))
             return key
-        done = attempts.again.get(compilation.attempt, 0)
-        attempts.again[compilation.attempt] = done + 1
+        done = attempts.again.get(attempt, 0)
+        attempts.again[attempt] = done + 1
         first = attempts.first
         if done >= len(first) or first[done][0] != called or first[done][1] not in _PLANS:
             return record(*args)
@@ -277,6 +285,21 @@ def restarted(record: Callable[..., int]) -> Callable[..., int]:
         return key
 
     return wrapper
+
+
+def _compilation() -> tuple[_Attempts, int] | None:
+    """What the attempts of the compilation now under way read (``_ATTEMPTS``) and the number
+    of this attempt, or ``None`` outside a compilation. Raises where Dynamo's private context
+    cannot be read as ``restarted`` reads it."""
+    from torch._guards import CompileContext
+
+    compilation = CompileContext.try_get()
+    if compilation is None or compilation.compile_id is None:
+        return None
+    attempt = compilation.attempt
+    if type(attempt) is not int:
+        raise TypeError(f"CompileContext.attempt: {attempt!r}")
+    return _ATTEMPTS.setdefault(compilation, _Attempts()), attempt
 
 
 def _called(args: tuple[Any, ...]) -> Any:
