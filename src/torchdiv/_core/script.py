@@ -197,6 +197,8 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     # most left down: an object is first met by its way of fewest functions (a function met
     # first three deep and then two deep, its callee's script was missed: fuzzscript30)
     levels: list[list[Any]] = [[] for _ in range(_FUNCTION_DEPTH)] + [[f]]
+    if _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:  # (every module's forward runs them)
+        levels[-1] += (*_GLOBAL_HOOKS[0].values(), *_GLOBAL_HOOKS[1].values())
     kinds = _KINDS
     for left in range(_FUNCTION_DEPTH, -1, -1):
         todo = levels[left]
@@ -213,6 +215,12 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 children = obj._modules  # (a helper) and holds; (most have none: no list made)
                 if children:
                     todo += children.values()
+                state = obj.__dict__  # (its forward hooks and pre-hooks, run by its call, and
+                hooks, pre = state.get("_forward_hooks"), state.get("_forward_pre_hooks")
+                if hooks or pre:  # a forward set on it, ``net.forward = g``: missed on a
+                    todo += (*(hooks or {}).values(), *(pre or {}).values())  # PyTorch class's
+                if kind is _MODULE and "forward" in state:  # object until rev-late30)
+                    todo.append(state["forward"])
                 if lazy is not None and isinstance(obj, LazyModuleMixin):
                     held: Any = obj  # (torch types the lazy mixin's self as a protocol)
                     if held.has_uninitialized_params():
@@ -234,8 +242,8 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 todo += [v for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
             elif kind is _OBJECT:  # its class's __call__, what it reads and holds
                 held = attribute(obj, "__dict__")
-                call = type(obj).__call__
-                todo.append(call)
+                call = _unwrapped(_resolved(type(obj), "__call__"))  # (a metaclass's lookup
+                todo.append(call)  # may raise)
                 code = attribute(call, "__code__")  # (a function's; replaced since by another
                 if isinstance(code, types.CodeType):  # callable on the class: none)
                     todo += _read(obj, code)
@@ -283,7 +291,8 @@ def _read(held: Any, code: types.CodeType, nested: bool = True) -> list[Any]:
     objects included (``runner.state.net(z)``: ``state``, whose ``net`` is then found). Only
     the names the code reads are looked up: a trainer's other methods and objects are not."""
     kind = _KINDS.get(id(type(held))) or _kind(type(held))
-    if isinstance(held, type):  # (a class whose metaclass has a ``__call__``: an ``Enum``'s)
+    if issubclass(type(held), type):  # (a class whose metaclass has a ``__call__``: an
+        # ``Enum``'s; by its type: ``isinstance`` reads a proxy's ``__class__``, which raised)
         kind = _CLASS
     elif kind is _CONTAINER and type(held) not in _BUILT_IN_CONTAINERS:
         kind = _OWN_CONTAINER  # (a ``NamedTuple``'s methods: ``params.run(z)``)
@@ -329,8 +338,8 @@ def _methods(cls: type, names: Iterable[str]) -> list[Any]:
                 if v is not None:
                     out.append(v)
                     read += attribute_names(v.__code__)
-                elif _followed(held[name]):  # (a class attribute read off an instance)
-                    out.append(held[name])
+                elif _followed(v := _unwrapped(held[name])):  # (a class attribute read off
+                    out.append(v)  # an instance: ``act = staticmethod(scripted)`` too)
         todo = set(read) - done
     return out
 
@@ -346,6 +355,18 @@ def _function(v: Any) -> types.FunctionType | None:
     elif isinstance(v, functools.partialmethod | functools.cached_property):
         v = v.func
     return v if isinstance(v, types.FunctionType) else None
+
+
+def _unwrapped(v: Any) -> Any:
+    """What a class attribute ``v`` runs: a static or class method's callable
+    (``staticmethod(partial(...))``); ``v`` itself otherwise."""
+    return v.__func__ if isinstance(v, staticmethod | classmethod) else v
+
+
+# what a class's ``__call__`` or a module class's ``forward`` may be besides a Python function,
+# followed by the walk (``_told``, ``_own``; told by ``isinstance``: no kind read within a
+# kind's reading, a class whose ``__call__`` is its own instance)
+_CALLABLES = (functools.partial, types.MethodType, *_SCRIPTED, torch.ScriptMethod, torch.nn.Module)
 
 
 # a class's method resolution order and namespace, read by ``type``'s own descriptors
@@ -387,6 +408,11 @@ _IN_CONTAINERS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _F
 _IN_OBJECTS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _CONTAINER))
 # the attributes every module has (its parameters, buffers, submodules, hooks: dictionaries)
 _MODULE_STATE = frozenset(vars(torch.nn.Module()))
+# the forward hooks and pre-hooks registered for every module (``scripted``)
+_GLOBAL_HOOKS = (
+    torch.nn.modules.module._global_forward_hooks,
+    torch.nn.modules.module._global_forward_pre_hooks,
+)
 # how many items of a container are looked at (a long list of tensors or numbers: the walk
 # is made at every call)
 _HELD_ITEMS = 64
@@ -448,6 +474,9 @@ def _told(kind: type) -> int:
         attribute(kind, "__module__") or ""  # type's own; a metaclass may raise for either)
     ).startswith("torch."):
         found = _OBJECT  # a callable object of the user's (not PyTorch's: torch.ops packets)
+    elif isinstance(_unwrapped(_resolved(kind, "__call__")), _CALLABLES) and not _pytorchs(kind):
+        found = _OBJECT  # (its class's ``__call__`` a script, partial or module, a static
+        # method's: ``__call__ = torch.jit.script(fn)``, read by the walk)
     elif issubclass(kind, (list, tuple, dict)):
         found = _OTHER if _pytorchs(kind) else _CONTAINER  # (torch.Size: not followed)
     elif issubclass(kind, type):
@@ -597,6 +626,8 @@ def _own(kind: type) -> bool:
     (``nn.Linear``'s forward names ``F``) are not followed, nor their attributes: their
     globals are PyTorch's, and walking them and their ``__dict__`` at every call made it
     ~3.5x dearer (an MLP of PyTorch's layers: 3.6 -> 12.5 us)."""
-    forward = getattr(kind, "forward", None)
-    module = getattr(forward, "__module__", None) or ""  # (None: made by exec)
-    return isinstance(forward, types.FunctionType) and not module.startswith("torch.")
+    forward = _unwrapped(_resolved(kind, "forward"))  # (not by a metaclass's lookup: may raise)
+    if not isinstance(forward, types.FunctionType):  # (a script, a partial set as forward, by
+        return isinstance(forward, _CALLABLES) and not _pytorchs(kind)  # user: followed)
+    module = attribute(forward, "__module__") or ""  # (None: made by exec)
+    return not module.startswith("torch.")
