@@ -216,10 +216,10 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 if children:
                     todo += children.values()
                 state = obj.__dict__  # (its forward hooks and pre-hooks, run by its call, and
-                hooks, pre = state.get("_forward_hooks"), state.get("_forward_pre_hooks")
-                if hooks or pre:  # a forward set on it, ``net.forward = g``: missed on a
-                    todo += (*(hooks or {}).values(), *(pre or {}).values())  # PyTorch class's
-                if kind is _MODULE and "forward" in state:  # object until rev-late30)
+                hooks, pre = state["_forward_hooks"], state["_forward_pre_hooks"]  # a forward
+                if hooks or pre:  # set on it, ``net.forward = g``: missed on a PyTorch class's
+                    todo += (*hooks.values(), *pre.values())  # object until rev-late30)
+                if kind is _MODULE and "forward" in state:
                     todo.append(state["forward"])
                 if lazy is not None and isinstance(obj, LazyModuleMixin):
                     held: Any = obj  # (torch types the lazy mixin's self as a protocol)
