@@ -92,6 +92,11 @@ def _eager_call(
     try:
         with CompiledCodeEager():
             if not spans_peers():  # no process group (or an outer call's): nothing to share
+                if not (args or kwargs or torch.is_inference_mode_enabled()) and not (
+                    (isinstance(x, torch.Tensor) and x.is_inference())
+                    or (isinstance(f, torch.Tensor) and f.is_inference())
+                ):  # (``outside_inference``'s test of a call without options, inline)
+                    return fn(f, x)
                 return outside_inference(fn, f, x, *args, **kwargs)
             with one_forward() as call:
                 result = outside_inference(fn, f, x, *args, **kwargs)

@@ -71,6 +71,11 @@ def ended(token: Token[Callable[[], Iterable[torch.nn.Module]] | None]) -> None:
     _MODULES.reset(token)
 
 
+def calls_modules() -> Callable[[], Iterable[torch.nn.Module]] | None:
+    """What ``calling`` got from the public call in flight (``None`` outside one)."""
+    return _MODULES.get()
+
+
 def modules() -> Iterable[torch.nn.Module]:
     """The modules the public call's ``f`` reaches (none outside a public call)."""
     found = _MODULES.get()

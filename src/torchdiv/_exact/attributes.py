@@ -25,7 +25,7 @@ invalidates the method caches of every subclass of ``Module``).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextvars import ContextVar, Token
+from contextvars import Token
 from itertools import islice
 from typing import Any
 
@@ -37,18 +37,15 @@ from torchdiv._core.subclass import DEAD_LEVEL as _DEAD
 from torchdiv._core.subclass import dead_unwrapped as _plain
 from torchdiv._taylor.cache import named
 
-# [whether an engine evaluated f under torch.func transforms] of the public call in flight
-_TRANSFORMED: ContextVar[list[bool] | None] = ContextVar("_TRANSFORMED", default=None)
-
 
 def transforming() -> None:
     """An engine is about to evaluate ``f`` under ``torch.func`` transforms (nothing to note
     inside a region Dynamo traces, which would break its graph at the context variable)."""
     if torch.compiler.is_compiling():
         return
-    flag = _TRANSFORMED.get()
-    if flag is not None:
-        flag[0] = True
+    reached = settings.calls_modules()  # (the public call's: a ``_Reached``, if any)
+    if isinstance(reached, _Reached):
+        reached.transformed = True
 
 
 class PlainAttributes:
@@ -57,21 +54,20 @@ class PlainAttributes:
 
     def __init__(self, f: Any) -> None:
         self.f = f
-        self.flag = [False]
-        self.token: Token[list[bool] | None] | None = None
-        self.modules: Any = None
+        self.reached: _Reached | None = None
+        self.token: Token[Any] | None = None
         if not torch.compiler.is_compiling():
-            self.token = _TRANSFORMED.set(self.flag)
             # (for ``_core.settings``: the plain values of these modules, put back with the
-            # tensors f wrote where an evaluation is made again)
-            self.modules = settings.calling(_Reached(f))
+            # tensors f wrote where an evaluation is made again; and for ``transforming``,
+            # which marks it: one context variable set, not two, a public call's every call)
+            self.reached = _Reached(f)
+            self.token = settings.calling(self.reached)
 
     def close(self) -> None:
-        if self.token is None:
+        if self.token is None or self.reached is None:
             return
-        _TRANSFORMED.reset(self.token)
-        settings.ended(self.modules)
-        if not self.flag[0]:
+        settings.ended(self.token)
+        if not self.reached.transformed:
             return
         for module in modules_of(self.f):
             _unwrap(vars(module))
@@ -81,13 +77,16 @@ class _Reached:
     """``list(modules_of(f))``, walked when first asked for (most calls never ask: no
     evaluation is made again) and kept for the rest of the call. A ``functools.cache`` of a
     lambda, made anew for every public call, cost more than the call's use of it: building an
-    ``lru_cache`` wrapper and ``update_wrapper``'s copies of the lambda's names."""
+    ``lru_cache`` wrapper and ``update_wrapper``'s copies of the lambda's names.
+    ``transformed``: an engine of the call evaluated ``f`` under ``torch.func`` transforms
+    (``transforming``)."""
 
-    __slots__ = ("f", "found")
+    __slots__ = ("f", "found", "transformed")
 
     def __init__(self, f: Any) -> None:
         self.f = f
         self.found: list[torch.nn.Module] | None = None
+        self.transformed = False
 
     def __call__(self) -> list[torch.nn.Module]:
         if self.found is None:

@@ -298,6 +298,7 @@ def _custom_functions(y: torch.Tensor, x: torch.Tensor) -> list[Any]:
 
 
 _BATCH_NORM = "NativeBatchNormBackward"  # instance norm's node, a batch norm's
+_NOTHING = contextlib.nullcontext()  # (no context: one object for every call, reentrant)
 
 
 def _searched(
@@ -413,13 +414,13 @@ class GraphJacobian:
         mode's composite) is ``guarded`` too: a plain one there would be made again.
         """
         outer_grad = torch.is_grad_enabled()
-        y, x_in, inner = _evaluated(f, x, contextlib.nullcontext(), not plain, own, changes)
+        y, x_in, inner = _evaluated(f, x, None, not plain, own, changes)
         found, steps = _searched(y, x_in, _changed(*backward_passes_order()) if plain else ())
         guarded = found.guarded or (plain and _input_statistics(found.batch_norms))
         fused = found.fused and outer_grad and found.others
         checkpointed = _checkpointed_attention(found.attention) if fused else None
         if guarded or fused:  # (fused attention kernels have no double backward)
-            attention = math_attention() if fused else contextlib.nullcontext()
+            attention = math_attention() if fused else None
             if guarded and changes is not None:
                 changes.undo_writes()
             again = guarded and changes is None
@@ -585,6 +586,8 @@ class GraphJacobian:
             or self.y.shape != self.x.shape
         ):
             return None
+        if torch.is_grad_enabled() is self.create_graph:  # (no set_grad_enabled object)
+            return chain_trace(self.steps, self.y)
         with torch.set_grad_enabled(self.create_graph):
             return chain_trace(self.steps, self.y)
 
@@ -717,7 +720,7 @@ def _evaluated(
     """``f(x_in)`` with a graph, ``x_in``, and whether ``f`` was evaluated again at
     ``INNER_ORDER``: ``x_in`` is ``x`` itself (a view) where it requires grad, else a leaf copy
     of it that does (``x`` as it is with ``own``: the caller's copy); under the context
-    ``attention``, and under ``SafeDerivatives`` if ``safe`` (of the order
+    ``attention`` (``None``: none), and under ``SafeDerivatives`` if ``safe`` (of the order
     ``backward_passes_order`` gives under the caller's grad mode). Below ``INNER_ORDER`` (the
     caller's ``no_grad``), an ``f`` that takes a backward pass with a graph itself (a force
     field ``-grad(E(x).sum(), x, create_graph=True)``) is evaluated again under
@@ -725,22 +728,44 @@ def _evaluated(
     ``changes``, a watch's, noted the first evaluation's writes): the engine's first
     derivatives are second ones of ``E``'s ops (a norm of a zero vector gave ``nan``)."""
     order, forward_mode = backward_passes_order()  # (the caller's grad mode)
+    if torch.is_grad_enabled():  # (the usual case: no enable_grad object, entered and left)
+        return _graphed(f, x, attention, safe, own, changes, order, forward_mode)
     with torch.enable_grad():
-        x_in = x if own else x.view_as(x) if x.requires_grad else leaf(x)
-        low = order < INNER_ORDER[0] and not torch.compiler.is_compiling()
-        mode = SafeDerivatives(order, "method='forward'", forward_mode) if safe else None
-        watch = mode or (InnerBackwards() if low else contextlib.nullcontext())
-        with attention, watch:
+        return _graphed(f, x, attention, safe, own, changes, order, forward_mode)
+
+
+def _graphed(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    attention: Any,
+    safe: bool,
+    own: bool,
+    changes: Changes | None,
+    order: int,
+    forward_mode: bool,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``_evaluated`` under grad mode (``order``, ``forward_mode``: the caller's
+    ``backward_passes_order``). ``f`` runs under no context where none is asked for (a plain
+    evaluation at order 3, a tiny problem's usual one): two ``nullcontext``s made, entered and
+    left were 9 Python calls of every such call."""
+    x_in = x if own else x.view_as(x) if x.requires_grad else leaf(x)
+    low = order < INNER_ORDER[0] and not torch.compiler.is_compiling()
+    mode = SafeDerivatives(order, "method='forward'", forward_mode) if safe else None
+    watch = mode or (InnerBackwards() if low else None)
+    if attention is None and watch is None:
+        y = f(x_in)
+    else:
+        with _NOTHING if attention is None else attention, _NOTHING if watch is None else watch:
             y = f(x_in)
-        inner = low and getattr(watch, "backward_inside", False)
-        if inner:
-            with (
-                attention,
-                again_from(changes, x),
-                SafeDerivatives(INNER_ORDER[0], "method='forward'", INNER_ORDER[1]),
-            ):
-                y = f(x_in)
-        return y, x_in, inner
+    inner = low and getattr(watch, "backward_inside", False)
+    if inner:
+        with (
+            _NOTHING if attention is None else attention,
+            again_from(changes, x),
+            SafeDerivatives(INNER_ORDER[0], "method='forward'", INNER_ORDER[1]),
+        ):
+            y = f(x_in)
+    return y, x_in, inner
 
 
 def again_from(changes: Changes | None, x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:

@@ -194,7 +194,11 @@ def chain(
         if type(kind) is not tuple:
             if not (steps and kind is _LEAF and node.variable is x):
                 return None
-            others = any(_kind(t) is _LEAF for t in met)  # (a parameter's leaf, before x's)
+            others = False  # (a parameter's leaf, before x's; loops, not generators, here
+            for t in met:  # and below: a tiny problem's every call walks its chain)
+                if _kind(t) is _LEAF:
+                    others = True
+                    break
             met.add(type(node))
             sliced = _sliced(steps, y, x)
             return None if sliced is None else _found(sliced, met, others, found, guarded)
@@ -259,7 +263,10 @@ def _sliced(
     its ``_Slice``: the width reaching it from ``y`` down, the width it passes on from ``x``
     up (a linear step's ``(in, out)`` matrix turns one into the other; activations keep it).
     ``None`` where a width cannot be told (two concatenations in a row)."""
-    if all(step is not _narrow for step, _ in steps):
+    for step, _ in steps:
+        if step is _narrow:
+            break
+    else:  # (no concatenation: the usual chain)
         return steps
     shapes = [node._saved_mat2.shape if step in (_addmm, _mm) else None for step, node in steps]
     n = len(steps)
@@ -298,8 +305,16 @@ def _found(
     or ``met``'s types is ``guarded`` (each type looked up once)."""
     if found is not None:
         found.others = others
-        types = met.union(type(node) for step, node in steps if step is not _narrow)
-        found.guarded = bool(guarded) and any(is_guarded(t, guarded) for t in types)
+        found.guarded = False
+        if guarded:
+            types = set(met)
+            for step, node in steps:
+                if step is not _narrow:
+                    types.add(type(node))
+            for t in types:
+                if is_guarded(t, guarded):
+                    found.guarded = True
+                    break
     return steps
 
 
@@ -308,6 +323,8 @@ def products(
 ) -> torch.Tensor:
     """``(k,) + y.shape`` cotangents -> ``(k,) + x.shape`` products along the chain, with a
     graph only where ``create_graph`` (as the engine records one)."""
+    if torch.is_grad_enabled() is create_graph:  # (no set_grad_enabled object: 3 calls)
+        return _applied(steps, cotangents)
     with torch.set_grad_enabled(create_graph):
         return _applied(steps, cotangents)
 
@@ -413,10 +430,20 @@ def unit_products(
     step, node = steps[0]
     if step is not _addmm and step is not _mm:
         return None
+    if torch.is_grad_enabled() is create_graph:  # (training: no set_grad_enabled object)
+        return _top_rows(steps, start, stop, step, node)
     with torch.set_grad_enabled(create_graph):
-        rows = node._saved_mat2.t()  # (m, h): row i of the (out, in) matrix
-        if start or stop != rows.shape[0]:
-            rows = rows[start:stop]
-        if step is _addmm and node._saved_alpha != 1:
-            rows = rows * node._saved_alpha
-        return _applied(steps[1:], rows.unsqueeze(1))
+        return _top_rows(steps, start, stop, step, node)
+
+
+def _top_rows(
+    steps: list[tuple[Step, Any]], start: int, stop: int, step: Step, node: Any
+) -> torch.Tensor:
+    """``unit_products``' rows, under the grad mode it sets: the top step's (``step``, its
+    ``node``) through the steps below it."""
+    rows = node._saved_mat2.t()  # (m, h): row i of the (out, in) matrix
+    if start or stop != rows.shape[0]:
+        rows = rows[start:stop]
+    if step is _addmm and node._saved_alpha != 1:
+        rows = rows * node._saved_alpha
+    return _applied(steps[1:], rows.unsqueeze(1))
