@@ -176,3 +176,23 @@ def test_objects_that_raise_when_read_walk_without_error(nets):
     assert script.scripted(Module()) == [nets[1]]
     assert script.scripted(Proxy()) == []
     assert script.scripted(reads_dead) == []
+
+
+class _Checked(torch.nn.Module):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return _Scripted.module(z)  # type: ignore[misc]
+
+
+_CHECKED = _Checked()
+
+
+def _checked(z: torch.Tensor) -> torch.Tensor:
+    assert isinstance(_CHECKED, _Checked)
+    return _CHECKED(z)
+
+
+def test_a_module_class_named_beside_its_instance(nets):
+    """``f`` names the class too (``isinstance``): the class, met first as a holder, was marked
+    seen, and its instance's ``forward`` (read once per class) was skipped (before and after
+    fuzzscript30's level stacks)."""
+    _assert_run_as_written(_checked, nets)

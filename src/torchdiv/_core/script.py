@@ -193,6 +193,9 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     appended to it."""
     out: list[Any] = []
     seen: set[int] = set()
+    # the module classes whose ``forward`` was pushed (not ``seen``: a class met first as a
+    # holder, ``isinstance(net, Net)`` in ``f``, had its instances' ``forward`` skipped)
+    forwards: set[int] = set()
     # what is met with ``left`` functions left to follow, one stack each, emptied from the
     # most left down: an object is first met by its way of fewest functions (a function met
     # first three deep and then two deep, its callee's script was missed: fuzzscript30)
@@ -228,7 +231,8 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                     obj = held  # (not narrowed below: the module's own forward is read)
                 if kind is _OWN_MODULE:  # a class of the user's: its forward, its attributes
                     cls = type(obj)  # (the methods forward reads too: ``self.block(z)``;
-                    if id(cls) not in seen:  # once per class: its methods' walk is ~2 us)
+                    if id(cls) not in forwards:  # once per class: its methods' walk is ~2 us)
+                        forwards.add(id(cls))
                         todo += _methods(cls, ("forward",))
                         todo.append(cls)
                     held = obj.__dict__  # (not nn.Module's own: its hooks' dictionaries)
