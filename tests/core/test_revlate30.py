@@ -196,3 +196,29 @@ def test_a_module_class_named_beside_its_instance(nets):
     seen, and its instance's ``forward`` (read once per class) was skipped (before and after
     fuzzscript30's level stacks)."""
     _assert_run_as_written(_checked, nets)
+
+
+class _Finalized:
+    """A callable object that holds a ``weakref.finalize`` (a resource's clean-up)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net = net
+        self._finalizer = weakref.finalize(self, lambda: None)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+def test_a_callable_object_holding_a_finalizer():
+    """The walk reads ``finalize.__call__``'s ``self._registry`` (a class attribute read off
+    the instance, followed since 09b25c47) and walks that dictionary's values; telling their
+    type (first met: as in a fresh process) registered a finalizer for it, which changed the
+    registry's size during the iteration: a RuntimeError from a public call."""
+    info = weakref.finalize._Info  # type: ignore[attr-defined]
+    script._WATCHED.pop(id(info), None)
+    script._KINDS.pop(id(info), None)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2, 2).double()
+    x = torch.randn(3, 2, dtype=torch.float64)
+    got = torchdiv.divergence(_Finalized(lin), x)
+    assert_close(got, lin.weight.diagonal().sum().expand(3).detach())  # (the trace, exact)

@@ -274,7 +274,9 @@ def _held(obj: Any, kind: int) -> list[Any]:
     if kind is _CONTAINER:  # (by the built-in's own methods: not a subclass's, which may
         # raise or compute: a lazy mapping's ``values`` importing modules)
         every = dict.values(obj) if isinstance(obj, dict) else _ITERATE[isinstance(obj, list)](obj)
-        items = itertools.islice(every, _HELD_ITEMS)
+        items = list(itertools.islice(every, _HELD_ITEMS))  # (taken before their kinds are
+        # told: telling one registers a ``weakref.finalize``, whose registry, a dictionary
+        # walked here, then changed size during the iteration: a RuntimeError)
         wanted = _IN_CONTAINERS
     elif kind is _CLASS and _foreign(obj):
         return []
