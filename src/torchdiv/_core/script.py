@@ -173,8 +173,9 @@ _FUNCTION_DEPTH = 3
 
 def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     """The ``torch.jit.ScriptModule``s and ``ScriptFunction``s ``f`` is or reaches: through
-    submodules (not into a scripted one: its calls are inlined in its own graph) and their
-    classes' ``forward``, the functions a module holds as attributes (``self.act =
+    submodules (not into a scripted one: its calls are inlined in its own graph), their
+    classes' ``forward`` (or one set on the module: ``seq.forward = g``) and their forward
+    hooks and pre-hooks (also every module's), the functions a module holds as attributes (``self.act =
     torch.jit.script(fn)``), bound methods, partials and the arguments they bind, callable
     objects (their class's ``__call__`` and the functions they hold), and a function's
     closure cells, default arguments and the globals its code and the functions defined in
