@@ -175,11 +175,11 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     """The ``torch.jit.ScriptModule``s and ``ScriptFunction``s ``f`` is or reaches: through
     submodules (not into a scripted one: its calls are inlined in its own graph), their
     classes' ``forward`` (or one set on the module: ``seq.forward = g``) and their forward
-    hooks and pre-hooks (also every module's), the functions a module holds as attributes (``self.act =
-    torch.jit.script(fn)``), bound methods, partials and the arguments they bind, callable
-    objects (their class's ``__call__`` and the functions they hold), and a function's
-    closure cells, default arguments and the globals its code and the functions defined in
-    it name (a scripted activation), ``_FUNCTION_DEPTH`` functions deep; and one level of
+    hooks and pre-hooks (also every module's), the functions a module holds as attributes
+    (``self.act = torch.jit.script(fn)``), bound methods, partials and the arguments they
+    bind, callable objects (their class's ``__call__`` and the functions they hold), and a
+    function's closure cells, default arguments and the globals its code and the functions
+    defined in it name (a scripted activation), ``_FUNCTION_DEPTH`` functions deep; and one level of
     what holds objects (``_held``): a list, tuple or dictionary there (its first
     ``_HELD_ITEMS`` items: ``partial(run, [scripted])``), a plain object (a bound method's
     ``self``, ``holder.net(z)``) and a class of the user's (``Holder.net(z)``, a module
@@ -236,8 +236,9 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                         forwards.add(id(cls))
                         todo += _methods(cls, ("forward",))
                         todo.append(cls)
-                    held = obj.__dict__  # (not nn.Module's own: its hooks' dictionaries)
-                    todo += [v for k in held.keys() - _MODULE_STATE if _followed(v := held[k])]
+                    todo += [  # (not nn.Module's own attributes: its hooks' dictionaries)
+                        v for k in state.keys() - _MODULE_STATE if _followed(v := state[k])
+                    ]
             elif kind is _METHOD:
                 todo += (obj.__self__, obj.__func__)
                 if isinstance(obj.__func__, types.FunctionType):  # (``self.helper(z)`` in it)
