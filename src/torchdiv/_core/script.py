@@ -173,12 +173,13 @@ _FUNCTION_DEPTH = 3
 
 def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     """The ``torch.jit.ScriptModule``s and ``ScriptFunction``s ``f`` is or reaches: through
-    submodules (not into a scripted one: its calls are inlined in its own graph) and their
-    classes' ``forward``, the functions a module holds as attributes (``self.act =
-    torch.jit.script(fn)``), bound methods, partials and the arguments they bind, callable
-    objects (their class's ``__call__`` and the functions they hold), and a function's
-    closure cells, default arguments and the globals its code and the functions defined in
-    it name (a scripted activation), ``_FUNCTION_DEPTH`` functions deep; and one level of
+    submodules (not into a scripted one: its calls are inlined in its own graph), their
+    classes' ``forward`` (or one set on the module: ``seq.forward = g``) and their forward
+    hooks and pre-hooks (also every module's), the functions a module holds as attributes
+    (``self.act = torch.jit.script(fn)``), bound methods, partials and the arguments they
+    bind, callable objects (their class's ``__call__`` and the functions they hold), and a
+    function's closure cells, default arguments and the globals its code and the functions
+    defined in it name (a scripted activation), ``_FUNCTION_DEPTH`` functions deep; and one level of
     what holds objects (``_held``): a list, tuple or dictionary there (its first
     ``_HELD_ITEMS`` items: ``partial(run, [scripted])``), a plain object (a bound method's
     ``self``, ``holder.net(z)``) and a class of the user's (``Holder.net(z)``, a module
@@ -193,10 +194,15 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     appended to it."""
     out: list[Any] = []
     seen: set[int] = set()
+    # the module classes whose ``forward`` was pushed (not ``seen``: a class met first as a
+    # holder, ``isinstance(net, Net)`` in ``f``, had its instances' ``forward`` skipped)
+    forwards: set[int] = set()
     # what is met with ``left`` functions left to follow, one stack each, emptied from the
     # most left down: an object is first met by its way of fewest functions (a function met
     # first three deep and then two deep, its callee's script was missed: fuzzscript30)
     levels: list[list[Any]] = [[] for _ in range(_FUNCTION_DEPTH)] + [[f]]
+    if _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:  # (every module's forward runs them)
+        levels[-1] += (*_GLOBAL_HOOKS[0].values(), *_GLOBAL_HOOKS[1].values())
     kinds = _KINDS
     for left in range(_FUNCTION_DEPTH, -1, -1):
         todo = levels[left]
@@ -213,6 +219,12 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 children = obj._modules  # (a helper) and holds; (most have none: no list made)
                 if children:
                     todo += children.values()
+                state = obj.__dict__  # (its forward hooks and pre-hooks, run by its call, and
+                hooks, pre = state["_forward_hooks"], state["_forward_pre_hooks"]  # a forward
+                if hooks or pre:  # set on it, ``net.forward = g``: missed on a PyTorch class's
+                    todo += (*hooks.values(), *pre.values())  # object until rev-late30)
+                if kind is _MODULE and "forward" in state:
+                    todo.append(state["forward"])
                 if lazy is not None and isinstance(obj, LazyModuleMixin):
                     held: Any = obj  # (torch types the lazy mixin's self as a protocol)
                     if held.has_uninitialized_params():
@@ -220,11 +232,13 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                     obj = held  # (not narrowed below: the module's own forward is read)
                 if kind is _OWN_MODULE:  # a class of the user's: its forward, its attributes
                     cls = type(obj)  # (the methods forward reads too: ``self.block(z)``;
-                    if id(cls) not in seen:  # once per class: its methods' walk is ~2 us)
+                    if id(cls) not in forwards:  # once per class: its methods' walk is ~2 us)
+                        forwards.add(id(cls))
                         todo += _methods(cls, ("forward",))
                         todo.append(cls)
-                    held = obj.__dict__  # (not nn.Module's own: its hooks' dictionaries)
-                    todo += [v for k in held.keys() - _MODULE_STATE if _followed(v := held[k])]
+                    todo += [  # (not nn.Module's own attributes: its hooks' dictionaries)
+                        v for k in state.keys() - _MODULE_STATE if _followed(v := state[k])
+                    ]
             elif kind is _METHOD:
                 todo += (obj.__self__, obj.__func__)
                 if isinstance(obj.__func__, types.FunctionType):  # (``self.helper(z)`` in it)
@@ -234,8 +248,8 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 todo += [v for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
             elif kind is _OBJECT:  # its class's __call__, what it reads and holds
                 held = attribute(obj, "__dict__")
-                call = type(obj).__call__
-                todo.append(call)
+                call = _unwrapped(_resolved(type(obj), "__call__"))  # (a metaclass's lookup
+                todo.append(call)  # may raise)
                 code = attribute(call, "__code__")  # (a function's; replaced since by another
                 if isinstance(code, types.CodeType):  # callable on the class: none)
                     todo += _read(obj, code)
@@ -262,7 +276,9 @@ def _held(obj: Any, kind: int) -> list[Any]:
     if kind is _CONTAINER:  # (by the built-in's own methods: not a subclass's, which may
         # raise or compute: a lazy mapping's ``values`` importing modules)
         every = dict.values(obj) if isinstance(obj, dict) else _ITERATE[isinstance(obj, list)](obj)
-        items = itertools.islice(every, _HELD_ITEMS)
+        items = list(itertools.islice(every, _HELD_ITEMS))  # (taken before their kinds are
+        # told: telling one registers a ``weakref.finalize``, whose registry, a dictionary
+        # walked here, then changed size during the iteration: a RuntimeError)
         wanted = _IN_CONTAINERS
     elif kind is _CLASS and _foreign(obj):
         return []
@@ -283,7 +299,8 @@ def _read(held: Any, code: types.CodeType, nested: bool = True) -> list[Any]:
     objects included (``runner.state.net(z)``: ``state``, whose ``net`` is then found). Only
     the names the code reads are looked up: a trainer's other methods and objects are not."""
     kind = _KINDS.get(id(type(held))) or _kind(type(held))
-    if isinstance(held, type):  # (a class whose metaclass has a ``__call__``: an ``Enum``'s)
+    if issubclass(type(held), type):  # (a class whose metaclass has a ``__call__``: an
+        # ``Enum``'s; by its type: ``isinstance`` reads a proxy's ``__class__``, which raised)
         kind = _CLASS
     elif kind is _CONTAINER and type(held) not in _BUILT_IN_CONTAINERS:
         kind = _OWN_CONTAINER  # (a ``NamedTuple``'s methods: ``params.run(z)``)
@@ -329,8 +346,8 @@ def _methods(cls: type, names: Iterable[str]) -> list[Any]:
                 if v is not None:
                     out.append(v)
                     read += attribute_names(v.__code__)
-                elif _followed(held[name]):  # (a class attribute read off an instance)
-                    out.append(held[name])
+                elif _followed(v := _unwrapped(held[name])):  # (a class attribute read off
+                    out.append(v)  # an instance: ``act = staticmethod(scripted)`` too)
         todo = set(read) - done
     return out
 
@@ -346,6 +363,18 @@ def _function(v: Any) -> types.FunctionType | None:
     elif isinstance(v, functools.partialmethod | functools.cached_property):
         v = v.func
     return v if isinstance(v, types.FunctionType) else None
+
+
+def _unwrapped(v: Any) -> Any:
+    """What a class attribute ``v`` runs: a static or class method's callable
+    (``staticmethod(partial(...))``); ``v`` itself otherwise."""
+    return v.__func__ if isinstance(v, staticmethod | classmethod) else v
+
+
+# what a class's ``__call__`` or a module class's ``forward`` may be besides a Python function,
+# followed by the walk (``_told``, ``_own``; told by ``isinstance``: no kind read within a
+# kind's reading, a class whose ``__call__`` is its own instance)
+_CALLABLES = (functools.partial, types.MethodType, *_SCRIPTED, torch.ScriptMethod, torch.nn.Module)
 
 
 # a class's method resolution order and namespace, read by ``type``'s own descriptors
@@ -387,6 +416,11 @@ _IN_CONTAINERS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _F
 _IN_OBJECTS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _CONTAINER))
 # the attributes every module has (its parameters, buffers, submodules, hooks: dictionaries)
 _MODULE_STATE = frozenset(vars(torch.nn.Module()))
+# the forward hooks and pre-hooks registered for every module (``scripted``)
+_GLOBAL_HOOKS = (
+    torch.nn.modules.module._global_forward_hooks,
+    torch.nn.modules.module._global_forward_pre_hooks,
+)
 # how many items of a container are looked at (a long list of tensors or numbers: the walk
 # is made at every call)
 _HELD_ITEMS = 64
@@ -448,6 +482,9 @@ def _told(kind: type) -> int:
         attribute(kind, "__module__") or ""  # type's own; a metaclass may raise for either)
     ).startswith("torch."):
         found = _OBJECT  # a callable object of the user's (not PyTorch's: torch.ops packets)
+    elif isinstance(_unwrapped(_resolved(kind, "__call__")), _CALLABLES) and not _pytorchs(kind):
+        found = _OBJECT  # (its class's ``__call__`` a script, partial or module, a static
+        # method's: ``__call__ = torch.jit.script(fn)``, read by the walk)
     elif issubclass(kind, (list, tuple, dict)):
         found = _OTHER if _pytorchs(kind) else _CONTAINER  # (torch.Size: not followed)
     elif issubclass(kind, type):
@@ -597,6 +634,8 @@ def _own(kind: type) -> bool:
     (``nn.Linear``'s forward names ``F``) are not followed, nor their attributes: their
     globals are PyTorch's, and walking them and their ``__dict__`` at every call made it
     ~3.5x dearer (an MLP of PyTorch's layers: 3.6 -> 12.5 us)."""
-    forward = getattr(kind, "forward", None)
-    module = getattr(forward, "__module__", None) or ""  # (None: made by exec)
-    return isinstance(forward, types.FunctionType) and not module.startswith("torch.")
+    forward = _unwrapped(_resolved(kind, "forward"))  # (not by a metaclass's lookup: may raise)
+    if not isinstance(forward, types.FunctionType):  # (a script, a partial set as forward, by
+        return isinstance(forward, _CALLABLES) and not _pytorchs(kind)  # user: followed)
+    module = attribute(forward, "__module__") or ""  # (None: made by exec)
+    return not module.startswith("torch.")
