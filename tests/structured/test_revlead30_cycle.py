@@ -1,9 +1,9 @@
-"""The structured chain of 02f833fe (rev-lead30): carried column blocks of ``BLOCK_ELEMENTS``
-= 2^18 (was 2^20) and the last diagonal contracted as one batched product ``(v o S_k) @ d``
-(was a product and its sum). References: a dense product per sample (``_entries``), per-sample
-``autograd.grad`` loops (conftest's ``loop_diagonal``) for values, parameter gradients and the
-gradients of those (double backward), and the float64 diagonal of the same rounded weights
-for half precision."""
+"""The structured chain of 02f833fe (rev-lead30): carried column blocks of
+``EAGER_BLOCK_ELEMENTS`` (2^18 then, 2^19 since; 2^20 before) and the last diagonal
+contracted as one batched product ``(v o S_k) @ d`` (was a product and its sum). References:
+a dense product per sample (``_entries``), per-sample ``autograd.grad`` loops (conftest's
+``loop_diagonal``) for values, parameter gradients and the gradients of those (double
+backward), and the float64 diagonal of the same rounded weights for half precision."""
 
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def test_half_precision_diagonal_within_unit_roundoffs(dtype: torch.dtype) -> No
 
 def test_default_block_bounds_the_carried_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without ``chunk_size``, a block carries ``EAGER_BLOCK_ELEMENTS // (N * widest)`` columns
-    (at least one): 64-wide layers at 1024 samples, 4 columns at once of 2^18 elements."""
+    (at least one): 64-wide layers at 1024 samples, 8 columns at once of 2^19 elements."""
     carried: list[int] = []
     chunks = cycle.chunks
 
@@ -190,7 +190,7 @@ def test_default_block_bounds_the_carried_columns(monkeypatch: pytest.MonkeyPatc
     f = _mlp([16, 64, 64, 16])
     x = torch.randn(1024, 16, dtype=f64)
     got = torchdiv.jacobian_diagonal(f, x, method="structured")
-    assert carried and 1024 * max(carried) * 64 <= cycle.EAGER_BLOCK_ELEMENTS == 1 << 18
+    assert carried and 1024 * max(carried) * 64 <= cycle.EAGER_BLOCK_ELEMENTS == 1 << 19
     assert_close(got[:4], loop_diagonal(f, x[:4]))
 
 

@@ -18,8 +18,8 @@ per-sample diagonals ``D_i``:
   matrix product per remaining ``S_j`` except the last, which is contracted on the diagonal
   only. ``chunk`` columns at a time bound the memory; by default as many as keep the carried
   block near ``EAGER_BLOCK_ELEMENTS`` (cache-sized: 2.2x faster than all columns at once for a
-  5-layer MLP, D = H = 256, N = 128, on a 2-core CPU; a quarter of the 2 MiB L2 cache a core
-  has there, 1.6x faster than blocks of 4 MiB).
+  5-layer MLP, D = H = 256, N = 128, on a 2-core CPU; the 2 MiB L2 cache a core has there,
+  1.5x faster than blocks of 4 MiB).
 
 A 3-layer MLP (two activations) is ``n = 2``: its exact divergence costs about two forward
 passes instead of ``D`` (plus recording ``f``). Joining the last matrix to the first is skipped
@@ -38,11 +38,12 @@ from torchdiv._structured import products
 from torchdiv._structured.factors import Diagonal, Factor, Path, Shared
 
 Tensor = torch.Tensor
-# an eager call's block (1 MiB in float32: blocks of 4 MiB, larger than a core's L2 cache,
-# took 1.6x the time of a 5-layer MLP's trace, D = H = 256, N = 128, and 1.4x a tanh MLP's
-# diagonal, D = 8 and 16, w = 64, N = 4096; even at D = 64 or w = 256, N = 4096; one thread,
-# alternated in-process)
-EAGER_BLOCK_ELEMENTS = 1 << 18
+# an eager call's block (2 MiB in float32, a core's L2 cache here). Blocks of 4 MiB took
+# 1.5x the time of a 5-layer MLP's trace (D = H = 256, N = 128: 158 -> 102 ms), 1.8x a 4-layer
+# one's (D = 32, w = 128, N = 1024), 1.4-1.8x a tanh MLP's diagonal (D = 8 and 16, w = 64,
+# N = 4096: 7.0 -> 5.1, 19.1 -> 10.9 ms); w = 512 alike; D = 64, w = 64, N = 256 0.93x
+# (two blocks for one); blocks of 1 MiB, 1.07x there. Quiet, one thread, alternated.
+EAGER_BLOCK_ELEMENTS = 1 << 19
 # a compiled call's (``replay``: its chunk and the batch sizes it serves, ``_carried``): each
 # block is unrolled into the graph, and blocks of 2^18 there compiled a 64-wide MLP's diagonal
 # at 2000 rows in 23-24 s (32 blocks; 7.5-8.8 s in 8) and served a replay recorded at 2 rows
@@ -211,8 +212,9 @@ def _entries(shared: list[Tensor], scales: list[Tensor], chunk: int | None) -> T
     product over all samples and columns at once (``(N k, w) @ S_j^T``), and the last
     diagonal ``D_{k-1}`` is contracted as one batched product: ``(v o S_k) @ d``, ``(N, k, w)
     @ (N, w, 1)`` (not a product ``(N, k, w)`` more and its sum: a tanh MLP's diagonal,
-    D = 16, w = 64, N = 4096, 14.3 -> 10.7 ms, one thread), but for a block of one column,
-    where ``N`` products of two vectors cost more than the sum (w = 512: 1.15-1.2x)."""
+    D = 16, w = 64, N = 4096, 14.3 -> 10.7 ms, one thread); a block of one column as one
+    matrix-vector product, ``(v_0 o d) @ s_k`` (``N`` batched products of two vectors took
+    1.15-1.25x the product and sum at w = 512, N = 4096; this, 1.0x)."""
     width, n_samples = shared[0].shape[1], max(d.shape[0] for d in scales)
     if chunk is None:
         widest = max(s.shape[0] for s in shared)
@@ -226,7 +228,7 @@ def _entries(shared: list[Tensor], scales: list[Tensor], chunk: int | None) -> T
         if stop - start > 1:  # entries (start + j, j)
             parts.append(((v * shared[-1][start:stop]) @ scales[-1][:, :, None])[..., 0])
         else:
-            parts.append((v * scales[-1][:, None, :] * shared[-1][start:stop]).sum(-1))
+            parts.append(((v[:, 0] * scales[-1]) @ shared[-1][start])[:, None])
     return torch.cat(parts, -1)
 
 
