@@ -18,8 +18,8 @@ per-sample diagonals ``D_i``:
   matrix product per remaining ``S_j`` except the last, which is contracted on the diagonal
   only. ``chunk`` columns at a time bound the memory; by default as many as keep the carried
   block near ``EAGER_BLOCK_ELEMENTS`` (cache-sized: 2.2x faster than all columns at once for a
-  5-layer MLP, D = H = 256, N = 128, on a 2-core CPU; the 2 MiB L2 cache a core has there,
-  1.5x faster than blocks of 4 MiB).
+  5-layer MLP, D = H = 256, N = 128, on a 2-core CPU; the 2 MiB L2 cache a core has there:
+  ``bench/chain_blocks.py``).
 
 A 3-layer MLP (two activations) is ``n = 2``: its exact divergence costs about two forward
 passes instead of ``D`` (plus recording ``f``). Joining the last matrix to the first is skipped
@@ -38,11 +38,11 @@ from torchdiv._structured import products
 from torchdiv._structured.factors import Diagonal, Factor, Path, Shared
 
 Tensor = torch.Tensor
-# an eager call's block (2 MiB in float32, a core's L2 cache here). Blocks of 4 MiB took
-# 1.5x the time of a 5-layer MLP's trace (D = H = 256, N = 128: 158 -> 102 ms), 1.8x a 4-layer
-# one's (D = 32, w = 128, N = 1024), 1.4-1.8x a tanh MLP's diagonal (D = 8 and 16, w = 64,
-# N = 4096: 7.0 -> 5.1, 19.1 -> 10.9 ms); w = 512 alike; D = 64, w = 64, N = 256 0.93x
-# (two blocks for one); blocks of 1 MiB, 1.07x there. Quiet, one thread, alternated.
+# an eager call's block (2 MiB in float32, a core's L2 cache here), with ``_entries``' last
+# contraction (its docstring): a tanh MLP's diagonal at w = 64, N = 4096 took 7.1 / 12.0 ms
+# at D = 8 / 16 (blocks of 4 MiB: 7.1 / 21.6; of 1 MiB: 5.1 / 16.7), at D = 64, N = 256 2.0
+# (2.8; 2.1); deep MLPs' traces 1.07-1.09x 4 MiB's; w = 512 alike (``bench/chain_blocks.py``,
+# quiet, one thread; the contraction's change alone took the D = 16 diagonal 19 -> 11 ms)
 EAGER_BLOCK_ELEMENTS = 1 << 19
 # a compiled call's (``replay``: its chunk and the batch sizes it serves, ``_carried``): each
 # block is unrolled into the graph, and blocks of 2^18 there compiled a 64-wide MLP's diagonal
