@@ -65,6 +65,60 @@ def loop_diagonal(f, x: torch.Tensor, create_graph: bool = False) -> torch.Tenso
     return torch.stack(diagonal, 1).reshape(x.shape)
 
 
+def assert_run_as_written(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    method: str,
+    want: torch.Tensor,
+    expected: tuple[torch.Tensor, ...],
+    held: torch.nn.Module,
+) -> None:
+    """After three runs of ``f`` outside torchdiv (TorchScript's executor profiles, then
+    optimizes its plan), two divergences of ``f`` by ``method``: the values ``want`` and the
+    gradients ``expected`` of their sum by ``held``'s parameters (the scripted module's)."""
+    import torchdiv
+
+    for _ in range(3):  # the executor's profiled runs, outside torchdiv
+        f(x)
+    for _ in range(2):
+        got = torchdiv.divergence(f, x, method=method)
+        assert_close(got, want.detach())  # float64: the dtype's tolerances (above)
+        grads = torch.autograd.grad(
+            got.sum(), list(held.parameters()), allow_unused=True, materialize_grads=True
+        )
+        for g, w in zip(grads, expected, strict=True):
+            assert_close(g, w)
+
+
+def assert_scripted_as_eager(
+    f: Callable[[torch.Tensor], torch.Tensor], eager: torch.nn.Module, scripted: torch.nn.Module
+) -> None:
+    """``assert_run_as_written`` of ``f``, which runs ``scripted`` (a scripted copy of
+    ``eager``, the same weights) on a float64 batch of 4 x 3, by forward mode: against the
+    eager module's divergence and parameter gradients (per-sample ``autograd.grad`` loops)."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    want = loop_diagonal(eager, x, create_graph=True).sum(-1)
+    unused = {"allow_unused": True, "materialize_grads": True}  # (a last bias: none)
+    expected = torch.autograd.grad(want.sum(), list(eager.parameters()), **unused)
+    assert_run_as_written(f, x, "forward", want, expected, scripted)
+
+
+def carried_columns(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The columns each block of the structured chain carries, in the order they are carried
+    (``cycle.chunks`` spied on for the rest of the test)."""
+    from torchdiv._structured import cycle
+
+    carried: list[int] = []
+    chunks = cycle.chunks
+
+    def spy(width: int, chunk: int):
+        carried.append(min(width, chunk))
+        return chunks(width, chunk)
+
+    monkeypatch.setattr(cycle, "chunks", spy)
+    return carried
+
+
 def reference_divergence(f, x, batch_dims: int = 1) -> torch.Tensor:
     jac = reference_jacobian(f, x, batch_dims)
     n = x[(0,) * batch_dims].numel()

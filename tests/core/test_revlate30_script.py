@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_close, loop_diagonal
+from conftest import assert_close, assert_scripted_as_eager
 
 import torchdiv
 from torchdiv._core import script
@@ -46,21 +46,8 @@ def nets() -> Iterator[tuple[torch.nn.Module, torch.jit.ScriptModule]]:
 
 
 def _assert_run_as_written(f: Callable[[torch.Tensor], torch.Tensor], nets: Any) -> None:
-    """Three runs of ``f`` outside torchdiv, then two forward-mode divergences: the values and
-    the gradients of their sum by the scripted module's parameters equal the eager copy's."""
-    eager, scripted = nets
-    x = torch.randn(4, 3, dtype=torch.float64)
-    want = loop_diagonal(eager, x, create_graph=True).sum(-1)
-    unused = {"allow_unused": True, "materialize_grads": True}
-    expected = torch.autograd.grad(want.sum(), list(eager.parameters()), **unused)
-    for _ in range(3):
-        f(x)
-    for _ in range(2):
-        got = torchdiv.divergence(f, x, method="forward")
-        assert_close(got, want.detach())
-        grads = torch.autograd.grad(got.sum(), list(scripted.parameters()), **unused)
-        for g, w in zip(grads, expected, strict=True):
-            assert_close(g, w)
+    """``conftest.assert_scripted_as_eager`` with the fixture's eager and scripted copies."""
+    assert_scripted_as_eager(f, *nets)
 
 
 def test_a_forward_set_on_an_instance_of_a_pytorch_module(nets):

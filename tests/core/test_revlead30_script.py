@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import assert_close, loop_diagonal
+from conftest import assert_scripted_as_eager
 
 import torchdiv
 from torchdiv._core import script
@@ -45,22 +45,9 @@ def _through_scripted(z: torch.Tensor) -> torch.Tensor:
 
 
 def assert_run_as_written(f: Callable[[torch.Tensor], torch.Tensor], eager: torch.nn.Module):
-    """Three runs of ``f`` outside torchdiv, then two forward-mode divergences of ``f``: the
-    values and the gradients of their sum by the scripted module's parameters equal the
-    eager module's (per-sample ``autograd.grad`` loops)."""
+    """``conftest.assert_scripted_as_eager`` with this file's scripted module."""
     assert _SCRIPTED is not None
-    x = torch.randn(4, 3, dtype=torch.float64)
-    want = loop_diagonal(eager, x, create_graph=True).sum(-1)
-    unused = {"allow_unused": True, "materialize_grads": True}  # (the last bias: none)
-    expected = torch.autograd.grad(want.sum(), list(eager.parameters()), **unused)
-    for _ in range(3):
-        f(x)
-    for _ in range(2):
-        got = torchdiv.divergence(f, x, method="forward")
-        assert_close(got, want.detach())
-        grads = torch.autograd.grad(got.sum(), list(_SCRIPTED.parameters()), **unused)
-        for g, w in zip(grads, expected, strict=True):
-            assert_close(g, w)
+    assert_scripted_as_eager(f, eager, _SCRIPTED)
 
 
 @pytest.fixture

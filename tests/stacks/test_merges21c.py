@@ -12,7 +12,7 @@ import functools
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, carried_columns
 from test_compiled_losses import _fresh_dynamo  # noqa: F401  (autouse: Dynamo reset per test)
 from torch._subclasses.fake_tensor import FakeTensor
 
@@ -171,14 +171,7 @@ def test_a_chain_replayed_at_a_larger_batch_carries_a_block_as_eagerly(monkeypat
     pass twice ``BLOCK_ELEMENTS`` records again; values equal eager's."""
     from torchdiv._structured import cycle
 
-    carried: list[int] = []
-    chunks = cycle.chunks
-
-    def spy(width: int, chunk: int):
-        carried.append(min(width, chunk))
-        return chunks(width, chunk)
-
-    monkeypatch.setattr(cycle, "chunks", spy)
+    carried = carried_columns(monkeypatch)
     torch.manual_seed(0)
     layers = [torch.nn.Linear(32, 32, dtype=f64) for _ in range(4)]
     f = torch.nn.Sequential(*(m for layer in layers for m in (layer, torch.nn.Tanh())))[:-1]

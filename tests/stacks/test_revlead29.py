@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import assert_close, loop_diagonal
+from conftest import assert_close, assert_run_as_written, loop_diagonal
 
 import torchdiv
 
@@ -146,29 +146,6 @@ def test_scripted_code_reached_another_way_is_run_as_written(where: str, method:
         assert_run_as_written(f, x, method, want, expected, scripted)
     finally:
         _Shared.net = _ClassHeld.net = None
-
-
-def assert_run_as_written(
-    f: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    method: str,
-    want: torch.Tensor,
-    expected: tuple[torch.Tensor, ...],
-    held: torch.nn.Module,
-) -> None:
-    """After three runs of ``f`` outside torchdiv (TorchScript's executor profiles, then
-    optimizes its plan), two divergences of ``f`` by ``method``: the values ``want`` and the
-    gradients ``expected`` of their sum by ``held``'s parameters (the scripted module's)."""
-    for _ in range(3):  # the executor's profiled runs, outside torchdiv
-        f(x)
-    for _ in range(2):
-        got = torchdiv.divergence(f, x, method=method)
-        assert_close(got, want.detach())  # float64: the dtype's tolerances (conftest)
-        grads = torch.autograd.grad(
-            got.sum(), list(held.parameters()), allow_unused=True, materialize_grads=True
-        )
-        for g, w in zip(grads, expected, strict=True):
-            assert_close(g, w)
 
 
 @pytest.mark.parametrize("where", ["list a partial binds", "plain object's bound method"])

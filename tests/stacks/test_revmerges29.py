@@ -14,8 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import assert_close, loop_diagonal
-from test_revlead29 import assert_run_as_written
+from conftest import assert_close, assert_run_as_written, loop_diagonal
 
 import torchdiv
 

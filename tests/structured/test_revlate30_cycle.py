@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, loop_diagonal
+from conftest import assert_close, carried_columns, loop_diagonal
 from torch import nn
 
 import torchdiv
@@ -59,14 +59,7 @@ def test_entries_of_one_sample_row_shared_diagonals() -> None:
 def test_a_compiled_call_whose_batch_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 64 elements: the replay recorded at 2 rows carries 3 columns a block (3, 3,
     1), at 5 rows and more one; each batch's diagonal equals the loop's."""
-    carried: list[int] = []
-    chunks = cycle.chunks
-
-    def spy(width: int, chunk: int):
-        carried.append(min(width, chunk))
-        return chunks(width, chunk)
-
-    monkeypatch.setattr(cycle, "chunks", spy)
+    carried = carried_columns(monkeypatch)
     monkeypatch.setattr(cycle, "BLOCK_ELEMENTS", 64)
     torch.manual_seed(0)
     f = _mlp()

@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import assert_close, loop_diagonal
+from conftest import assert_close, carried_columns, loop_diagonal
 from torch import nn
 
 import torchdiv
@@ -118,14 +118,7 @@ def test_diagonal_and_divergence_to_second_derivatives(
     """The Jacobian diagonal and the divergence, the gradients of a loss of each by the
     parameters and the gradients of those (a gradient penalty's double backward) equal the
     per-sample loop's; at most ``chunk_size`` columns carried at once."""
-    carried: list[int] = []
-    chunks = cycle.chunks
-
-    def spy(width: int, chunk: int):  # (the columns each block carries)
-        carried.append(min(width, chunk))
-        return chunks(width, chunk)
-
-    monkeypatch.setattr(cycle, "chunks", spy)
+    carried = carried_columns(monkeypatch)
     torch.manual_seed(0)
     f = MODELS[model]()
     shape = (2, 3, 6) if batch_dims == 2 else (5, 6)
@@ -178,14 +171,7 @@ def test_half_precision_diagonal_within_unit_roundoffs(dtype: torch.dtype) -> No
 def test_default_block_bounds_the_carried_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without ``chunk_size``, a block carries ``EAGER_BLOCK_ELEMENTS // (N * widest)`` columns
     (at least one): 64-wide layers at 1024 samples, 8 columns at once of 2^19 elements."""
-    carried: list[int] = []
-    chunks = cycle.chunks
-
-    def spy(width: int, chunk: int):
-        carried.append(min(width, chunk))
-        return chunks(width, chunk)
-
-    monkeypatch.setattr(cycle, "chunks", spy)
+    carried = carried_columns(monkeypatch)
     torch.manual_seed(0)
     f = _mlp([16, 64, 64, 16])
     x = torch.randn(1024, 16, dtype=f64)
