@@ -689,7 +689,8 @@ def _held(f: torch.nn.Module) -> tuple[Any, ...]:
         held.append(i)  # (appended, not a tuple of the three: ~10% of the walk)
         kind = weakref.ref(type(m))
         held.append(kind)
-        classes = _CLASSES.get(kind)
+        known = _CLASSES.get(kind)  # (told again where its bases were set since: ``_classes``)
+        classes = known[1] if known is not None and known[0] == id(type(m).__mro__) else None
         if classes is None:
             classes = _classes(kind)
         if classes:  # (a class of torch's own: none)
@@ -784,8 +785,9 @@ _OTHER_VALUES = (dict, set, frozenset, range, slice, Enum, Number)
 
 # the classes of a module's type (by a weak reference to it) whose attributes ``_held`` reads
 # (``_classes``, weakly: a class made at every call must be freed with its module), kept until
-# ``_CLASSES_KEPT`` types; ``()`` for torch's own
-_CLASSES: dict[Any, tuple[Any, ...]] = {}
+# ``_CLASSES_KEPT`` types, with the ``id`` of the method resolution order they were read from;
+# ``()`` for torch's own
+_CLASSES: dict[Any, tuple[int, tuple[Any, ...]]] = {}
 _CLASSES_KEPT = 4096
 # a class of more attributes is a library's base class (HF's ``PreTrainedModel``, Lightning's
 # ``LightningModule``: a few hundred); its attributes are not read (documented)
@@ -796,18 +798,21 @@ def _classes(kind: Any) -> tuple[Any, ...]:
     """The classes of a module's type (``kind``: a weak reference to it) whose attributes
     ``_class_state`` tells, kept in ``_CLASSES`` (as weak references): those of its method
     resolution order but torch's own, ``object`` and those of more than ``CLASS_ITEMS``
-    attributes."""
+    attributes. Kept with the ``id`` of that order (``__bases__`` set makes another: a base
+    replaced and freed was read through its dead reference, ``AttributeError`` from every
+    later call, and a live one's attributes were read for the new base's: rev-late30)."""
     if len(_CLASSES) >= _CLASSES_KEPT:
         _CLASSES.clear()
+    mro = kind().__mro__
     found = tuple(
         weakref.ref(c)
-        for c in kind().__mro__
+        for c in mro
         if c is not object
         and not str(c.__dict__.get("__module__", "")).startswith(("torch.", "builtins"))
         and len(c.__dict__) <= CLASS_ITEMS
         and not _installed(c)
     )
-    _CLASSES[kind] = found
+    _CLASSES[kind] = id(mro), found
     return found
 
 
