@@ -92,11 +92,8 @@ def _eager_call(
     try:
         with CompiledCodeEager():
             if not spans_peers():  # no process group (or an outer call's): nothing to share
-                if not (args or kwargs or torch.is_inference_mode_enabled()) and not (
-                    (isinstance(x, torch.Tensor) and x.is_inference())
-                    or (isinstance(f, torch.Tensor) and f.is_inference())
-                ):  # (``outside_inference``'s test of a call without options, inline)
-                    return fn(f, x)
+                if not (args or kwargs or _inferring((f, x))):  # (a call without options:
+                    return fn(f, x)  # ``outside_inference``'s usual case, a frame fewer)
                 return outside_inference(fn, f, x, *args, **kwargs)
             with one_forward() as call:
                 result = outside_inference(fn, f, x, *args, **kwargs)
@@ -361,16 +358,21 @@ def outside_inference(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     drawn once under ``torch.inference_mode()`` (an evaluation loop's) and passed to a
     training call as ``probes=``, or a ``sigma=`` made there, raised PyTorch's "Inference
     tensors cannot be saved for backward"."""
-    inference = torch.is_inference_mode_enabled()
-    for value in (*args, *kwargs.values()):  # (a loop: a generator is three frames more)
-        inference = inference or (isinstance(value, torch.Tensor) and value.is_inference())
-    if not inference:
+    if not _inferring((*args, *kwargs.values())):
         return fn(*args, **kwargs)  # the usual case
     grad_mode = torch.is_grad_enabled()
     with torch.inference_mode(False), torch.set_grad_enabled(grad_mode):
         args = tuple(_normal(a) for a in args)
         kwargs = {name: _normal(value) for name, value in kwargs.items()}
         return fn(*args, **kwargs)
+
+
+def _inferring(values: tuple[Any, ...]) -> bool:
+    """Whether inference mode is on or one of ``values`` is an inference tensor."""
+    inference = torch.is_inference_mode_enabled()
+    for value in values:  # (a loop: a generator is three frames more)
+        inference = inference or (isinstance(value, torch.Tensor) and value.is_inference())
+    return inference
 
 
 def _normal(value: T) -> T:
