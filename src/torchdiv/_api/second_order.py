@@ -556,7 +556,7 @@ def value_grad_laplacian(
     if method == "auto" and x.numel() > 0:
         # (the loop's second-level passes; counted as all inputs while Dynamo traces, which
         # replays the Taylor sweep in its graph and a loop not at all: a graph break)
-        traced = CompileContext.current_trace_id() is not None
+        traced = _dynamo_traces()
         chosen = None if index is None or traced else len(index)
         # (while Dynamo traces, f recorded: the loop's one-input rule, ``methods.loops``, left
         # a D = 1 call to the loop, which the replay refuses: a graph break)
@@ -665,6 +665,19 @@ def _looped_or_separately(
     return methods.loop_unless_rerun(
         out, lambda: _separately(g, x, batch_dims, chunk_size, index, each)
     )
+
+
+def _dynamo_traces() -> bool:
+    """Whether Dynamo traces the call, also inside torchdiv's own eager recording of it under
+    ``torch.compile`` (``_laplacian.traced._eagerly`` holds ``is_compiling`` false there): by
+    Dynamo's private ``CompileContext.current_trace_id``; on a PyTorch without it (renamed),
+    ``is_compiling`` alone (that recording then counts the chosen coordinates, and the loop
+    it may choose breaks the compiled graph: slower, not wrong; was an ``AttributeError``
+    from every ``"auto"`` call: rev-merges30)."""
+    current = getattr(CompileContext, "current_trace_id", None)
+    if current is None:
+        return torch.compiler.is_compiling()
+    return current() is not None
 
 
 def _separately(
