@@ -12,12 +12,13 @@ torchdiv profile and optimize it again (about 4 ms for a small MLP, once per tor
 
 from __future__ import annotations
 
+import collections
 import dis
 import functools
 import itertools
 import types
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
 from typing import Any, TypeVar
 
@@ -274,7 +275,7 @@ def _held(obj: Any, kind: int) -> list[Any]:
     items: Iterable[Any]
     if kind is _CONTAINER:  # (by the built-in's own methods: not a subclass's, which may
         # raise or compute: a lazy mapping's ``values`` importing modules)
-        every = dict.values(obj) if isinstance(obj, dict) else _ITERATE[isinstance(obj, list)](obj)
+        every = dict.values(obj) if isinstance(obj, dict) else _iterate(obj)
         items = list(itertools.islice(every, _HELD_ITEMS))  # (taken before their kinds are
         # told: telling one registers a ``weakref.finalize``, whose registry, a dictionary
         # walked here, then changed size during the iteration: a RuntimeError)
@@ -390,7 +391,7 @@ _CALLABLES = (functools.partial, types.MethodType, *_SCRIPTED, torch.ScriptMetho
 _MRO = type.__dict__["__mro__"].__get__
 _DICT = type.__dict__["__dict__"].__get__
 # the built-in containers, whose methods are not the user's (``_read``)
-_BUILT_IN_CONTAINERS = frozenset((list, tuple, dict))
+_BUILT_IN_CONTAINERS = frozenset((list, tuple, dict, collections.deque, set, frozenset))
 
 
 # the instructions that read an attribute (``self.block``, ``super().forward``: Python 3.12's
@@ -494,7 +495,7 @@ def _told(kind: type) -> int:
     elif isinstance(_unwrapped(_resolved(kind, "__call__")), _CALLABLES) and not _pytorchs(kind):
         found = _OBJECT  # (its class's ``__call__`` a script, partial or module, a static
         # method's: ``__call__ = torch.jit.script(fn)``, read by the walk)
-    elif issubclass(kind, (list, tuple, dict)):
+    elif issubclass(kind, _CONTAINERS):
         found = _OTHER if _pytorchs(kind) else _CONTAINER  # (torch.Size: not followed)
     elif issubclass(kind, type):
         found = _CLASS  # (PyTorch's classes: not followed, ``_held``)
@@ -579,8 +580,26 @@ def cell_contents(fn: Any) -> list[Any]:
     return out
 
 
-# a tuple's and a list's own iterators (``_held``)
-_ITERATE = (tuple.__iter__, list.__iter__)
+# the built-in containers whose items ``_held`` follows (a ``collections.deque``, a set: read
+# as plain objects until walk31, none of their items followed) and each one's own iterator,
+# by the built-in's own method (not a subclass's, which may raise or compute)
+_CONTAINERS = (list, tuple, dict, collections.deque, set, frozenset)
+_ITERATORS = (
+    (list, list.__iter__),
+    (tuple, tuple.__iter__),
+    (collections.deque, collections.deque.__iter__),
+    (set, set.__iter__),
+    (frozenset, frozenset.__iter__),
+)
+
+
+def _iterate(obj: Any) -> Iterator[Any]:
+    """An iterator over the items of the container ``obj`` (not a dictionary) by its built-in
+    class's own ``__iter__``."""
+    for base, iterate in _ITERATORS:
+        if isinstance(obj, base):
+            return iterate(obj)
+    return iter(())
 
 
 # the modules of types whose objects are not plain holders (numbers, strings, functions'
