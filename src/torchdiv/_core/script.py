@@ -584,7 +584,7 @@ def cell_contents(fn: Any) -> list[Any]:
 # as plain objects until walk31, none of their items followed) and each one's own iterator,
 # by the built-in's own method (not a subclass's, which may raise or compute)
 _CONTAINERS = (list, tuple, dict, collections.deque, set, frozenset)
-_ITERATORS = (
+_ITERATORS: tuple[tuple[type, Callable[[Any], Iterator[Any]]], ...] = (
     (list, list.__iter__),
     (tuple, tuple.__iter__),
     (collections.deque, collections.deque.__iter__),
