@@ -176,11 +176,12 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     submodules (not into a scripted one: its calls are inlined in its own graph), their
     classes' ``forward`` (or one set on the module: ``seq.forward = g``) and their forward
     hooks and pre-hooks (also every module's), the functions a module holds as attributes
-    (``self.act = torch.jit.script(fn)``), bound methods, partials and the arguments they
+    (``self.act = torch.jit.script(fn)``), bound methods (and what a ``functools.wraps``-
+    decorated method's own body reads: ``_wrapped``), partials and the arguments they
     bind, callable objects (their class's ``__call__`` and the functions they hold), and a
     function's closure cells, default arguments and the globals its code and the functions
     defined in it name (a scripted activation), ``_FUNCTION_DEPTH`` functions deep; and one level of
-    what holds objects (``_held``): a list, tuple or dictionary there (its first
+    what holds objects (``_held``): a list, tuple, dictionary, deque or set there (its first
     ``_HELD_ITEMS`` items: ``partial(run, [scripted])``), a plain object (a bound method's
     ``self``, ``holder.net(z)``) and a class of the user's (``Holder.net(z)``, a module
     class's attribute), each while functions are left to follow, what they hold one fewer
@@ -241,8 +242,11 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                     ]
             elif kind is _METHOD:
                 todo += (obj.__self__, obj.__func__)
-                if isinstance(obj.__func__, types.FunctionType):  # (``self.helper(z)`` in it)
-                    todo += _read(obj.__self__, obj.__func__.__code__)
+                func = obj.__func__
+                if isinstance(func, types.FunctionType):  # (``self.helper(z)`` in it)
+                    todo += _read(obj.__self__, func.__code__)
+                    if getattr(func, "__wrapped__", None) is not None:  # (decorated)
+                        todo += [v for c in _wrapped(func) for v in _read(obj.__self__, c)]
             elif kind is _PARTIAL:  # its function and the arguments it binds
                 todo.append(obj.func)
                 todo += [v for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
@@ -253,6 +257,8 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 code = attribute(call, "__code__")  # (a function's; replaced since by another
                 if isinstance(code, types.CodeType):  # callable on the class: none)
                     todo += _read(obj, code)
+                    if isinstance(call, types.FunctionType):  # (a decorated ``__call__``)
+                        todo += [v for c in _wrapped(call) for v in _read(obj, c)]
                 if isinstance(held, dict):
                     todo += [v for v in held.values() if _followed(v)]
             elif left <= 0:
@@ -346,9 +352,25 @@ def _methods(cls: type, names: Iterable[str]) -> list[Any]:
                 if v is not None:
                     out.append(v)
                     read += attribute_names(v.__code__)
+                    if getattr(v, "__wrapped__", None) is not None:  # (a decorated method)
+                        read += [n for c in _wrapped(v) for n in attribute_names(c)]
                 elif _followed(v := _unwrapped(held[name])):  # (a class attribute read off
                     out.append(v)  # an instance: ``act = staticmethod(scripted)`` too)
         todo = set(read) - done
+    return out
+
+
+def _wrapped(fn: types.FunctionType) -> list[types.CodeType]:
+    """The code objects of the functions ``fn`` wraps (``functools.wraps`` sets ``__wrapped__``),
+    ``_FUNCTION_DEPTH`` deep at most: a decorated method's own body, which reads ``self``'s
+    attributes (``self.state.run(z)``) where its wrapper only calls it (the wrapped function
+    itself is met through the wrapper's closure, but not what it reads off ``self``: missed
+    until walk31, divergence off). None for an undecorated function (most)."""
+    out: list[types.CodeType] = []
+    inner = getattr(fn, "__wrapped__", None)
+    while isinstance(inner, types.FunctionType) and len(out) < _FUNCTION_DEPTH:
+        out.append(inner.__code__)
+        inner = getattr(inner, "__wrapped__", None)
     return out
 
 
