@@ -1,0 +1,118 @@
+"""rev-merges31: the TorchScript walk (``_core.script.scripted``) after walk31, attacked where
+the code names what it reaches (``limitations.md``: a plain object's object is followed where
+the code names it). Two ways it was not: a helper method (decorated or not) that ``__call__``
+or a bound method calls, whose body reads ``self.state.run(z)`` (``_read`` looked up off
+``self`` only the names the entry's own code reads, not its helpers'), and a module's
+``forward`` (decorated or not) reading ``self.state.run(z)`` (a module's plain attribute
+was followed only for the modules, scripts and containers it holds). Each time the scripted
+module's optimized plan ran: forward mode's divergence off, parameter gradients gone.
+References: per-sample ``autograd.grad`` loops on an eager copy (conftest's
+``assert_scripted_as_eager``), float64 (its float64 tolerances)."""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_scripted_as_eager
+
+from torchdiv._core import script
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's own
+
+
+@pytest.fixture
+def nets() -> Iterator[tuple[torch.nn.Module, torch.jit.ScriptModule]]:
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    eager = eager.double()
+    scripted = torch.jit.script(torch.nn.Sequential(*(m for m in eager)))
+    scripted.load_state_dict(eager.state_dict())
+    yield eager, scripted
+
+
+def _apply(net: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    return net(z)
+
+
+def _decorated(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(fn)
+    def run(*args: Any) -> torch.Tensor:
+        return fn(*args)
+
+    return run
+
+
+class _Runner:
+    """``__call__`` calls a helper method, which reads a partial two attributes down."""
+
+    def __init__(self, run: Any) -> None:
+        self.state = types.SimpleNamespace(run=run)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.step(z)
+
+    def step(self, z: torch.Tensor) -> torch.Tensor:
+        return self.state.run(z)
+
+
+class _DecoratedRunner(_Runner):
+    @_decorated
+    def step(self, z: torch.Tensor) -> torch.Tensor:
+        return self.state.run(z)
+
+
+class _Net(torch.nn.Module):
+    """A module whose ``forward`` reads a partial two attributes down off ``self``."""
+
+    def __init__(self, run: Any) -> None:
+        super().__init__()
+        self.state = types.SimpleNamespace(run=run)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.state.run(z)
+
+
+class _DecoratedNet(_Net):
+    @_decorated
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.state.run(z)
+
+
+class _HelperNet(_Net):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.helper(z)
+
+    def helper(self, z: torch.Tensor) -> torch.Tensor:
+        return self.state.run(z)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda run: _Runner(run),
+        lambda run: _DecoratedRunner(run),
+        lambda run: _Runner(run).__call__,
+        lambda run: _Net(run),
+        lambda run: _DecoratedNet(run),
+        lambda run: _HelperNet(run),
+        lambda run: torch.nn.Sequential(_HelperNet(run)),
+    ],
+    ids=[
+        "helper",
+        "decorated-helper",
+        "bound",
+        "forward",
+        "decorated-forward",
+        "module-helper",
+        "child",
+    ],
+)
+def test_what_the_code_names_two_attributes_down_is_followed(nets, make):
+    f = make(functools.partial(_apply, nets[1]))
+    assert_scripted_as_eager(f, *nets)
+    assert nets[1] in script.scripted(f)
