@@ -113,3 +113,48 @@ def test_the_trace_with_elu_keeps_its_graph_in_x(chain_traced, activation):
         assert (a is None) == (b is None)  # (the top layer's bias reaches no derivative)
         if a is not None:
             assert_close(a, b)
+
+
+def _beside(net: torch.nn.Module, expand: bool):
+    """``f(z) = net(cat((c, z), -1))`` with ``c`` a constant time's features (no grad) and
+    ``z`` maybe broadcast to its own shape (zuko's velocity)."""
+    c = torch.linspace(-1, 1, 6, dtype=torch.float64).expand(16, 6)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return net(torch.cat((c, torch.broadcast_to(z, z.shape) if expand else z), -1))
+
+    return f
+
+
+@pytest.mark.parametrize("expand", [False, True], ids=["cat", "cat-expand"])
+def test_a_frozen_f_with_x_beside_constants_gives_a_result_without_a_graph(
+    chain_traced, unit_rows, expand
+):
+    """A frozen ``f`` concatenating ``x`` (broadcast or not) beside constants: the chain's
+    walk met ``x``'s own leaf below the concatenation and counted it as another leaf
+    (``others``): the products built with ``create_graph`` in a frozen call, the result
+    requiring grad through torchdiv's own copy of ``x`` (``test_api``'s frozen contract;
+    and a graph recorded for every op of the trace: ``elu_backward`` under grad mode at
+    zuko's D = 2). Values equal the float64 loop's; with a parameter requiring grad (or ``x``)
+    the result keeps its graph."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ELU(), torch.nn.Linear(16, 16))
+    net.extend([torch.nn.ELU(), torch.nn.Linear(16, 2)])
+    net = net.double().requires_grad_(False)
+    f = _beside(net, expand)
+    x = torch.randn(16, 2, dtype=torch.float64)
+    want = loop_diagonal(f, x)
+    for op in ("divergence", "jacobian_diagonal", "jacobian"):
+        getattr(torchdiv, op)(f, x)
+    del chain_traced[:], unit_rows[:]
+    got = torchdiv.divergence(f, x)
+    diagonal = torchdiv.jacobian_diagonal(f, x)
+    jacobian = torchdiv.jacobian(f, x)
+    assert chain_traced == [True] and unit_rows == [True, True], (chain_traced, unit_rows)
+    assert not got.requires_grad and not diagonal.requires_grad and not jacobian.requires_grad
+    assert_close(got, want.sum(-1))
+    assert_close(diagonal, want)
+    net[0].weight.requires_grad_(True)
+    assert torchdiv.divergence(f, x).requires_grad
+    net[0].weight.requires_grad_(False)
+    assert torchdiv.divergence(f, x.requires_grad_(True)).requires_grad

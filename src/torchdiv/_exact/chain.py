@@ -127,7 +127,11 @@ def _off_chain(node: Any, x: torch.Tensor, met: set[type]) -> bool:
     """Whether an input of a chain node that is not on the chain surely does not reach ``x``:
     nothing, a leaf other than ``x``, or the transpose of one (``Linear``'s weight) or an
     expand of one (a time embedding's parameter beside ``x``); the types
-    of the nodes met added to ``met``."""
+    of the nodes met added to ``met``, but ``x``'s own leaf's (a concatenation's input on the
+    chain, asked too): ``met``'s leaves are others' (``chain``'s ``others``), and ``x``'s
+    counted as one made a frozen ``f`` with ``x`` beside constants (zuko's velocity) build its
+    products with ``create_graph``, its result requiring grad through torchdiv's copy of
+    ``x`` (percall31, tests/exact/test_percall31.py)."""
     if node is None:
         return True
     cls = type(node)
@@ -139,8 +143,10 @@ def _off_chain(node: Any, x: torch.Tensor, met: set[type]) -> bool:
             return True
         cls = type(node)
         kind = _kind(cls)
+    if kind is _LEAF and node.variable is x:
+        return False
     met.add(cls)
-    return kind is _LEAF and node.variable is not x
+    return kind is _LEAF
 
 
 def chain(
