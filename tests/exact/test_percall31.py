@@ -158,3 +158,30 @@ def test_a_frozen_f_with_x_beside_constants_gives_a_result_without_a_graph(
     assert torchdiv.divergence(f, x).requires_grad
     net[0].weight.requires_grad_(False)
     assert torchdiv.divergence(f, x.requires_grad_(True)).requires_grad
+
+
+def test_zuko_s_frozen_velocity_gives_a_result_without_a_graph(chain_traced):
+    """zuko's CNF velocity (``FFJTransform.f`` at a time: ELU MLP over the time's features
+    beside a broadcast ``x``), frozen, float64: its trace by cyclicity has no graph and equals
+    the loop's; trained, it keeps one and its parameter gradients equal the loop's."""
+    zuko = pytest.importorskip("zuko.flows.continuous")
+    torch.manual_seed(0)
+    transform = zuko.FFJTransform(2).double().requires_grad_(False)
+    t = torch.tensor(0.3, dtype=torch.float64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return transform.f(t, z)
+
+    x = torch.randn(16, 2, dtype=torch.float64)
+    want = loop_diagonal(f, x).sum(-1)
+    torchdiv.divergence(f, x)
+    del chain_traced[:]
+    got = torchdiv.divergence(f, x)
+    assert chain_traced == [True] and not got.requires_grad
+    assert_close(got, want)
+    transform.requires_grad_(True)
+    want = loop_diagonal(f, x, create_graph=True).sum(-1)
+    got = torchdiv.divergence(f, x)
+    assert got.requires_grad
+    assert_close(got, want)
+    assert_same_parameter_gradients(transform, got.square().sum(), want.square().sum())
