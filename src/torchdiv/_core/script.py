@@ -239,17 +239,15 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                         names = forwards[id(cls)] = {"forward"}
                         todo += _methods(cls, ("forward",), names)
                         todo.append(cls)
-                    attributes = state.keys() - _MODULE_STATE  # (not nn.Module's own: its
-                    if attributes:  # hooks' dictionaries; most modules have none)
-                        todo += [v for k in attributes if _followed(v := state[k])]
-                        # what those methods read off an attribute they name (``self.state.
-                        # run(z)``, ``run`` a partial: missed until rev-merges31, divergence off)
-                        todo += [
-                            v
-                            for k in attributes & names
-                            if (kinds.get(id(type(w := state[k]))) or _kind(type(w))) in _READ_OFF
-                            for v in _read(w, names)
-                        ]
+                    for k in state.keys() - _MODULE_STATE:  # (not nn.Module's own: its
+                        v = state[k]  # hooks' dictionaries; most modules have none)
+                        what = kinds.get(id(type(v))) or _kind(type(v))
+                        if what is not _OTHER:
+                            todo.append(v)
+                            if k in names and what in _READ_OFF:  # what its methods read off
+                                # it (``self.state.run(z)``, ``run`` a partial: missed until
+                                # rev-merges31, divergence off)
+                                todo += _read(v, names)
             elif kind is _METHOD:
                 todo += (obj.__self__, obj.__func__)
                 func = obj.__func__
