@@ -279,8 +279,8 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 named = _named(obj)
                 below += named
                 if named:  # (what it reads off them: ``runner.state.net(z)``)
-                    names = attribute_names(obj.__code__)
-                    below += [v for held in named for v in _read(held, names)]
+                    read = attribute_names(obj.__code__)
+                    below += [v for held in named for v in _read(held, read)]
             else:  # a holder: a container, a plain object, a class
                 below += _held(obj, kind)
     return out
