@@ -11,6 +11,7 @@ References: per-sample ``autograd.grad`` loops on an eager copy (conftest's
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 from collections.abc import Callable, Iterator
@@ -114,5 +115,53 @@ class _HelperNet(_Net):
 )
 def test_what_the_code_names_two_attributes_down_is_followed(nets, make):
     f = make(functools.partial(_apply, nets[1]))
+    assert_scripted_as_eager(f, *nets)
+    assert nets[1] in script.scripted(f)
+
+
+# (objects of a class with ``__slots__`` and no ``__dict__``: read as objects without
+# attributes until rev-merges31, what their slots hold never followed)
+
+
+@dataclasses.dataclass(slots=True)
+class _Config:
+    net: Any
+    unset: Any = dataclasses.field(default=None, init=False)
+
+
+class _SlottedRunner:
+    __slots__ = ("__net", "spare")  # (a mangled name; ``spare`` never set)
+
+    def __init__(self, net: Any) -> None:
+        self.__net = net
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.__net(z)
+
+
+class _ConfiguredNet(torch.nn.Module):
+    def __init__(self, config: _Config) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.config.net(z)
+
+
+def _configured(config: _Config, z: torch.Tensor) -> torch.Tensor:
+    return config.net(z)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda net: functools.partial(_configured, _Config(net)),
+        lambda net: _SlottedRunner(net),
+        lambda net: _ConfiguredNet(_Config(net)),
+    ],
+    ids=["config", "callable", "module"],
+)
+def test_what_a_slotted_object_holds_is_followed(nets, make):
+    f = make(nets[1])
     assert_scripted_as_eager(f, *nets)
     assert nets[1] in script.scripted(f)
