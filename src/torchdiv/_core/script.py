@@ -263,7 +263,7 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 todo.append(obj.func)
                 todo += [v for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
             elif kind is _OBJECT:  # its class's __call__, what it reads and holds
-                held = attribute(obj, "__dict__")
+                held = _namespace(obj)
                 call = _unwrapped(_resolved(type(obj), "__call__"))  # (a metaclass's lookup
                 todo.append(call)  # may raise)
                 code = attribute(call, "__code__")  # (a function's; replaced since by another
@@ -303,7 +303,7 @@ def _held(obj: Any, kind: int) -> list[Any]:
     elif kind is _CLASS and _foreign(obj):
         return []
     else:
-        items = attribute(obj, "__dict__")
+        items = _namespace(obj)
         if not isinstance(items, _NAMESPACES):
             return []
         items, wanted = items.values(), _IN_OBJECTS
@@ -335,13 +335,42 @@ def _read(held: Any, names: tuple[str, ...] | set[str], nested: bool = True) -> 
     out: list[Any] = _methods(cls, names, read) if not _foreign(cls) else []
     wanted = read or names
     if kind is _PLAIN or kind is _CLASS or kind is _OBJECT:  # (a module's: walked as its own)
-        values = attribute(held, "__dict__")
+        values = _namespace(held)
         if isinstance(values, _NAMESPACES):
             out += [v for n in values.keys() & wanted if _followed(v := values[n]) or _is_plain(v)]
             if nested:  # (a plain object read: what the code reads off it, one level down:
                 # ``runner.state.net(z)`` with ``net`` a function or a partial)
                 out += [w for v in out if _is_plain(v) for w in _read(v, wanted, False)]
     return out
+
+
+def _namespace(obj: Any) -> Any:
+    """``obj``'s attributes by name: its ``__dict__``, or, for an object of a class of the
+    user's with ``__slots__`` and no ``__dict__`` (a ``dataclass(slots=True)``), a dictionary
+    of its slots that are set, each read by its class's own member descriptor (C's: no code
+    of the user's runs). Until rev-merges31 such an object was read as one without
+    attributes: a callable object's ``self.net``, a slotted config's ``cfg.net``, their
+    scripted module's optimized plan ran (forward mode's divergence off). ``None`` where
+    neither (a built-in object)."""
+    values = attribute(obj, "__dict__")
+    if values is not None:
+        return values
+    out: dict[str, Any] = {}
+    cls = type(obj)
+    for c in _MRO(cls):
+        if _foreign(c):
+            continue
+        for name, member in _DICT(c).items():
+            if type(member) is _MEMBER and name not in out:
+                try:
+                    out[name] = member.__get__(obj, cls)
+                except AttributeError:  # (a slot not set)
+                    continue
+    return out or None
+
+
+# a ``__slots__`` name's descriptor on its class (``_namespace``)
+_MEMBER = types.MemberDescriptorType
 
 
 def _is_plain(v: Any) -> bool:
