@@ -165,3 +165,19 @@ def test_what_a_slotted_object_holds_is_followed(nets, make):
     f = make(nets[1])
     assert_scripted_as_eager(f, *nets)
     assert nets[1] in script.scripted(f)
+
+
+class _Holder:
+    def __init__(self, net: Any) -> None:
+        self.net = net
+
+
+@pytest.mark.parametrize("holder", [_Holder, _Config], ids=["object", "slotted"])
+def test_what_a_partials_function_reads_off_the_object_it_binds(nets, holder):
+    """``partial(configured, config)`` whose ``configured`` runs ``config.net(z)``, ``net`` a
+    partial of the scripted module: the walk read the bound object's modules, scripts and
+    containers only, not what the function reads off it (as it does for a global or a
+    closure cell's)."""
+    f = functools.partial(_configured, holder(functools.partial(_apply, nets[1])))
+    assert_scripted_as_eager(f, *nets)
+    assert nets[1] in script.scripted(f)
