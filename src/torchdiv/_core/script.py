@@ -261,7 +261,13 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                         ]
             elif kind is _PARTIAL:  # its function and the arguments it binds
                 todo.append(obj.func)
-                todo += [v for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
+                bound = [v for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
+                todo += bound
+                holders = [v for v in bound if _is_plain(v)]  # (what its function reads off
+                code = attribute(obj.func, "__code__") if holders else None  # one: ``config.
+                if isinstance(code, types.CodeType):  # net(z)``, ``net`` a partial: missed
+                    read = attribute_names(code)  # until rev-merges31, divergence off)
+                    todo += [v for held in holders for v in _read(held, read)]
             elif kind is _OBJECT:  # its class's __call__, what it reads and holds
                 held = _namespace(obj)
                 call = _unwrapped(_resolved(type(obj), "__call__"))  # (a metaclass's lookup
