@@ -585,7 +585,7 @@ def _told(kind: type) -> int:
         and attribute(kind, "__module__") not in _NOT_PLAIN
         and not issubclass(kind, types.ModuleType)  # (a library's lazy module: its names)
     ):
-        found = _PLAIN  # (one without a ``__dict__``: nothing followed, ``_held``)
+        found = _PLAIN  # (one without a ``__dict__``: its slots, ``_namespace``)
     else:
         found = _OTHER
     return found
