@@ -181,3 +181,25 @@ def test_what_a_partials_function_reads_off_the_object_it_binds(nets, holder):
     f = functools.partial(_configured, holder(functools.partial(_apply, nets[1])))
     assert_scripted_as_eager(f, *nets)
     assert nets[1] in script.scripted(f)
+
+
+class _CachedRunner:
+    """``__call__`` runs what a ``functools.cache``d method returns, read off ``self``."""
+
+    def __init__(self, run: Any) -> None:
+        self.state = types.SimpleNamespace(run=run)
+
+    @functools.cache  # noqa: B019 (the object lives as long as the test)
+    def model(self) -> Any:
+        return self.state.run
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model()(z)
+
+
+def test_what_a_cached_method_reads_off_self(nets):
+    """A ``functools.lru_cache``/``cache`` wrapper is no Python function: its body (its
+    ``__wrapped__``) was not read, ``self.state.run`` not followed."""
+    f = _CachedRunner(functools.partial(_apply, nets[1]))
+    assert_scripted_as_eager(f, *nets)
+    assert nets[1] in script.scripted(f)
