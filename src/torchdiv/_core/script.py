@@ -432,8 +432,9 @@ def _wrapped(fn: types.FunctionType) -> list[types.CodeType]:
 def _function(v: Any) -> types.FunctionType | None:
     """The Python function a class attribute runs when read or called: a method's own, a
     static or class method's, a property's getter (its code, never run: ``self.act(z)``), a
-    partial method's or cached property's function; ``None`` for anything else (a plain
-    function, the most met, told first: no ``isinstance`` of the others)."""
+    partial method's, cached property's or ``functools.lru_cache``d method's function;
+    ``None`` for anything else (a plain function, the most met, told first: no
+    ``isinstance`` of the others)."""
     if type(v) is types.FunctionType:
         return v
     if isinstance(v, _STATIC):
@@ -442,6 +443,8 @@ def _function(v: Any) -> types.FunctionType | None:
         v = v.fget
     elif isinstance(v, _WRAPPING):
         v = v.func
+    elif type(v) is _CACHED:  # (``functools.cache``: its body, missed until rev-merges31)
+        v = v.__wrapped__
     return v if isinstance(v, types.FunctionType) else None
 
 
@@ -456,6 +459,7 @@ def _unwrapped(v: Any) -> Any:
 _STATIC = (staticmethod, classmethod)
 _WRAPPING = (functools.partialmethod, functools.cached_property)
 _NAMESPACES = (dict, types.MappingProxyType)
+_CACHED = type(functools.lru_cache(None)(len))  # (``functools._lru_cache_wrapper``)
 
 
 # what a class's ``__call__`` or a module class's ``forward`` may be besides a Python function,
