@@ -196,8 +196,9 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     out: list[Any] = []
     seen: set[int] = set()
     # the module classes whose ``forward`` was pushed (not ``seen``: a class met first as a
-    # holder, ``isinstance(net, Net)`` in ``f``, had its instances' ``forward`` skipped)
-    forwards: set[int] = set()
+    # holder, ``isinstance(net, Net)`` in ``f``, had its instances' ``forward`` skipped), each
+    # with the attribute names its ``forward`` and the helper methods it calls read
+    forwards: dict[int, set[str]] = {}
     # what is met with ``left`` functions left to follow, one stack each, emptied from the
     # most left down: an object is first met by its way of fewest functions (a function met
     # first three deep and then two deep, its callee's script was missed: fuzzscript30)
@@ -233,32 +234,49 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                     obj = held  # (not narrowed below: the module's own forward is read)
                 if kind is _OWN_MODULE:  # a class of the user's: its forward, its attributes
                     cls = type(obj)  # (the methods forward reads too: ``self.block(z)``;
-                    if id(cls) not in forwards:  # once per class: its methods' walk is ~2 us)
-                        forwards.add(id(cls))
-                        todo += _methods(cls, ("forward",))
+                    names = forwards.get(id(cls))  # once per class: their walk is ~2 us)
+                    if names is None:
+                        names = forwards[id(cls)] = {"forward"}
+                        todo += _methods(cls, ("forward",), names)
                         todo.append(cls)
-                    todo += [  # (not nn.Module's own attributes: its hooks' dictionaries)
-                        v for k in state.keys() - _MODULE_STATE if _followed(v := state[k])
-                    ]
+                    for k in state.keys() - _MODULE_STATE:  # (not nn.Module's own: its
+                        v = state[k]  # hooks' dictionaries; most modules have none)
+                        what = kinds.get(id(type(v))) or _kind(type(v))
+                        if what is not _OTHER:
+                            todo.append(v)
+                            if k in names and what in _READ_OFF:  # what its methods read off
+                                # it (``self.state.run(z)``, ``run`` a partial: missed until
+                                # rev-merges31, divergence off)
+                                todo += _read(v, names)
             elif kind is _METHOD:
                 todo += (obj.__self__, obj.__func__)
                 func = obj.__func__
                 if isinstance(func, types.FunctionType):  # (``self.helper(z)`` in it)
-                    todo += _read(obj.__self__, func.__code__)
+                    todo += _read(obj.__self__, attribute_names(func.__code__))
                     if getattr(func, "__wrapped__", None) is not None:  # (decorated)
-                        todo += [v for c in _wrapped(func) for v in _read(obj.__self__, c)]
+                        todo += [
+                            v
+                            for c in _wrapped(func)
+                            for v in _read(obj.__self__, attribute_names(c))
+                        ]
             elif kind is _PARTIAL:  # its function and the arguments it binds
                 todo.append(obj.func)
-                todo += [v for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
+                bound = [v for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
+                todo += bound
+                holders = [v for v in bound if _is_plain(v)]  # (what its function reads off
+                code = attribute(obj.func, "__code__") if holders else None  # one: ``config.
+                if isinstance(code, types.CodeType):  # net(z)``, ``net`` a partial: missed
+                    read = attribute_names(code)  # until rev-merges31, divergence off)
+                    todo += [v for held in holders for v in _read(held, read)]
             elif kind is _OBJECT:  # its class's __call__, what it reads and holds
-                held = attribute(obj, "__dict__")
+                held = _namespace(obj)
                 call = _unwrapped(_resolved(type(obj), "__call__"))  # (a metaclass's lookup
                 todo.append(call)  # may raise)
                 code = attribute(call, "__code__")  # (a function's; replaced since by another
                 if isinstance(code, types.CodeType):  # callable on the class: none)
-                    todo += _read(obj, code)
+                    todo += _read(obj, attribute_names(code))
                     if isinstance(call, types.FunctionType):  # (a decorated ``__call__``)
-                        todo += [v for c in _wrapped(call) for v in _read(obj, c)]
+                        todo += [v for c in _wrapped(call) for v in _read(obj, attribute_names(c))]
                 if isinstance(held, dict):
                     todo += [v for v in held.values() if _followed(v)]
             elif left <= 0:
@@ -266,7 +284,9 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
             elif kind is _FUNCTION:
                 named = _named(obj)
                 below += named
-                below += [v for held in named for v in _read(held, obj.__code__)]
+                if named:  # (what it reads off them: ``runner.state.net(z)``)
+                    read = attribute_names(obj.__code__)
+                    below += [v for held in named for v in _read(held, read)]
             else:  # a holder: a container, a plain object, a class
                 below += _held(obj, kind)
     return out
@@ -289,21 +309,23 @@ def _held(obj: Any, kind: int) -> list[Any]:
     elif kind is _CLASS and _foreign(obj):
         return []
     else:
-        items = attribute(obj, "__dict__")
+        items = _namespace(obj)
         if not isinstance(items, _NAMESPACES):
             return []
         items, wanted = items.values(), _IN_OBJECTS
     return [v for v in items if (kinds.get(id(type(v))) or _kind(type(v))) in wanted]
 
 
-def _read(held: Any, code: types.CodeType, nested: bool = True) -> list[Any]:
-    """What a function of ``code`` reaches through the attributes it reads off ``held`` (a
-    value it names: a global, a closure cell, its ``self``): of a plain object, a class (any
-    metaclass's: an ``Enum``), a module or a ``NamedTuple`` of the user's, the methods of its
-    classes it reads (``holder.run(z)``, ``_methods``: a property's getter among them)
-    and, of a plain object or a class, the attributes it reads that ``scripted`` follows, plain
-    objects included (``runner.state.net(z)``: ``state``, whose ``net`` is then found). Only
-    the names the code reads are looked up: a trainer's other methods and objects are not."""
+def _read(held: Any, names: tuple[str, ...] | set[str], nested: bool = True) -> list[Any]:
+    """What a function reaches through the attributes ``names`` it reads off ``held`` (a value
+    it names: a global, a closure cell, its ``self``; ``attribute_names`` of its code): of a
+    plain object, a class (any metaclass's: an ``Enum``), a module or a ``NamedTuple`` of the
+    user's, the methods of its classes it reads (``holder.run(z)``, ``_methods``: a property's
+    getter among them, and the helper methods they read in turn) and, of a plain object or a
+    class, the attributes that it or those methods read that ``scripted`` follows, plain
+    objects included (``runner.state.net(z)``: ``state``, whose ``net`` is then found; read
+    in a helper, ``self.step(z)`` running ``self.state.net(z)``: missed until rev-merges31).
+    Only the names read are looked up: a trainer's other methods and objects are not."""
     kind = _KINDS.get(id(type(held))) or _kind(type(held))
     if issubclass(type(held), type):  # (a class whose metaclass has a ``__call__``: an
         # ``Enum``'s; by its type: ``isinstance`` reads a proxy's ``__class__``, which raised)
@@ -312,33 +334,64 @@ def _read(held: Any, code: types.CodeType, nested: bool = True) -> list[Any]:
         kind = _OWN_CONTAINER  # (a ``NamedTuple``'s methods: ``params.run(z)``)
     elif kind is not _PLAIN and kind is not _OWN_MODULE and kind is not _OBJECT:
         return []
-    names = attribute_names(code)
     if not names:
         return []
     cls = held if kind is _CLASS else type(held)
-    out: list[Any] = _methods(cls, names) if not _foreign(cls) else []
+    read: set[str] = set()  # (those the methods found read too: ``_methods``)
+    out: list[Any] = _methods(cls, names, read) if not _foreign(cls) else []
+    wanted = read or names
     if kind is _PLAIN or kind is _CLASS or kind is _OBJECT:  # (a module's: walked as its own)
-        values = attribute(held, "__dict__")
+        values = _namespace(held)
         if isinstance(values, _NAMESPACES):
-            out += [v for n in values.keys() & names if _followed(v := values[n]) or _is_plain(v)]
+            out += [v for n in values.keys() & wanted if _followed(v := values[n]) or _is_plain(v)]
             if nested:  # (a plain object read: what the code reads off it, one level down:
                 # ``runner.state.net(z)`` with ``net`` a function or a partial)
-                out += [w for v in out if _is_plain(v) for w in _read(v, code, False)]
+                out += [w for v in out if _is_plain(v) for w in _read(v, wanted, False)]
     return out
+
+
+def _namespace(obj: Any) -> Any:
+    """``obj``'s attributes by name: its ``__dict__``, or, for an object of a class of the
+    user's with ``__slots__`` and no ``__dict__`` (a ``dataclass(slots=True)``), a dictionary
+    of its slots that are set, each read by its class's own member descriptor (C's: no code
+    of the user's runs). Until rev-merges31 such an object was read as one without
+    attributes: a callable object's ``self.net``, a slotted config's ``cfg.net``, their
+    scripted module's optimized plan ran (forward mode's divergence off). ``None`` where
+    neither (a built-in object)."""
+    values = attribute(obj, "__dict__")
+    if values is not None:
+        return values
+    out: dict[str, Any] = {}
+    cls = type(obj)
+    for c in _MRO(cls):
+        if _foreign(c):
+            continue
+        for name, member in _DICT(c).items():
+            if type(member) is _MEMBER and name not in out:
+                try:
+                    out[name] = member.__get__(obj, cls)
+                except AttributeError:  # (a slot not set)
+                    continue
+    return out or None
+
+
+# a ``__slots__`` name's descriptor on its class (``_namespace``)
+_MEMBER = types.MemberDescriptorType
 
 
 def _is_plain(v: Any) -> bool:
     return (_KINDS.get(id(type(v))) or _kind(type(v))) is _PLAIN
 
 
-def _methods(cls: type, names: Iterable[str]) -> list[Any]:
+def _methods(cls: type, names: Iterable[str], names_read: set[str] | None = None) -> list[Any]:
     """The functions named ``names`` in the user's classes of ``cls``'s method resolution
     order (not PyTorch's: ``nn.Module``'s; not the built-in ones, ``_foreign``), and those
     named by what they read in turn: a module's ``forward`` and the helper methods it calls
     (``self.block(z)``), a base class's ``forward`` that ``super().forward(z)`` runs. Read at
     every call (a method replaced on the class is followed), each namespace's names met by
     one set intersection (in C: most names a method reads are not the class's, ``self.lin``);
-    the names each code reads are remembered (``attribute_names``)."""
+    the names each code reads are remembered (``attribute_names``). ``names_read``: given, the
+    names those functions read are added to it (``_read``)."""
     # (type's own descriptors: a metaclass's ``__getattribute__`` may raise or compute)
     dicts = [_DICT(c) for c in _MRO(cls) if not _foreign(c)]
     out: list[Any] = []
@@ -357,6 +410,8 @@ def _methods(cls: type, names: Iterable[str]) -> list[Any]:
                 elif _followed(v := _unwrapped(held[name])):  # (a class attribute read off
                     out.append(v)  # an instance: ``act = staticmethod(scripted)`` too)
         todo = set(read) - done
+    if names_read is not None:
+        names_read |= done
     return out
 
 
@@ -377,8 +432,9 @@ def _wrapped(fn: types.FunctionType) -> list[types.CodeType]:
 def _function(v: Any) -> types.FunctionType | None:
     """The Python function a class attribute runs when read or called: a method's own, a
     static or class method's, a property's getter (its code, never run: ``self.act(z)``), a
-    partial method's or cached property's function; ``None`` for anything else (a plain
-    function, the most met, told first: no ``isinstance`` of the others)."""
+    partial method's, cached property's or ``functools.lru_cache``d method's function;
+    ``None`` for anything else (a plain function, the most met, told first: no
+    ``isinstance`` of the others)."""
     if type(v) is types.FunctionType:
         return v
     if isinstance(v, _STATIC):
@@ -387,6 +443,8 @@ def _function(v: Any) -> types.FunctionType | None:
         v = v.fget
     elif isinstance(v, _WRAPPING):
         v = v.func
+    elif type(v) is _CACHED:  # (``functools.cache``: its body, missed until rev-merges31)
+        v = v.__wrapped__
     return v if isinstance(v, types.FunctionType) else None
 
 
@@ -401,6 +459,7 @@ def _unwrapped(v: Any) -> Any:
 _STATIC = (staticmethod, classmethod)
 _WRAPPING = (functools.partialmethod, functools.cached_property)
 _NAMESPACES = (dict, types.MappingProxyType)
+_CACHED = type(functools.lru_cache(None)(len))  # (``functools._lru_cache_wrapper``)
 
 
 # what a class's ``__call__`` or a module class's ``forward`` may be besides a Python function,
@@ -443,6 +502,8 @@ _CONTAINER, _PLAIN, _CLASS = range(9, 12)
 _OWN_CONTAINER = 12
 # what a container's items are followed as (not holders: a list of lists of numbers is data)
 _IN_CONTAINERS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT))
+# the kinds ``_read`` reads attributes or methods off (a module's attributes: ``scripted``)
+_READ_OFF = frozenset((_PLAIN, _CLASS, _OBJECT, _OWN_MODULE, _CONTAINER))
 # what a plain object's or a class's attributes are followed as (not its methods, nor the
 # objects it holds: a trainer's graph of objects)
 _IN_OBJECTS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _CONTAINER))
@@ -528,7 +589,7 @@ def _told(kind: type) -> int:
         and attribute(kind, "__module__") not in _NOT_PLAIN
         and not issubclass(kind, types.ModuleType)  # (a library's lazy module: its names)
     ):
-        found = _PLAIN  # (one without a ``__dict__``: nothing followed, ``_held``)
+        found = _PLAIN  # (one without a ``__dict__``: its slots, ``_namespace``)
     else:
         found = _OTHER
     return found
