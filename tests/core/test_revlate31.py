@@ -1,0 +1,171 @@
+"""rev-late31: the TorchScript walk (``_core.script.scripted``) after walk31 and rev-merges31,
+attacked just past their new reach. Each case below was missed (the scripted module's
+optimized plan ran during the torchdiv call: forward mode's divergence off, parameter
+gradients gone): a ``functools.lru_cache``d (``cache``d) function met as a function (a global,
+``f`` itself, a bound cached method: only a cached method read off its class was followed),
+a function under more ``functools.wraps`` decorators than ``_FUNCTION_DEPTH`` (each wrapper
+took a function of the depth), and the slots of an object that has a ``__dict__`` too (a
+slotted dataclass's subclass). References: per-sample ``autograd.grad`` loops on an eager
+copy (conftest's ``assert_scripted_as_eager``), float64 (its float64 tolerances)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_scripted_as_eager
+
+from torchdiv._core import script
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's own
+
+
+@pytest.fixture
+def nets() -> Iterator[tuple[torch.nn.Module, torch.jit.ScriptModule]]:
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    eager = eager.double()
+    scripted = torch.jit.script(torch.nn.Sequential(*(m for m in eager)))
+    scripted.load_state_dict(eager.state_dict())
+    yield eager, scripted
+
+
+# the scripted module a test binds, named by the functions below as a global
+_NET: Any = None
+
+
+@pytest.fixture
+def global_net(nets, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(globals(), "_NET", nets[1])
+    return nets
+
+
+def _apply(net: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    return net(z)
+
+
+# (a ``functools.lru_cache``d function: C's wrapper, read as an object of ``functools``, its
+# body never read)
+
+
+@functools.cache
+def _model() -> Any:
+    return _NET
+
+
+def _from_model(z: torch.Tensor) -> torch.Tensor:
+    return _model()(z)
+
+
+@functools.lru_cache(maxsize=0, typed=True)  # (nothing kept: each call runs the body)
+def _cached_apply(z: torch.Tensor) -> torch.Tensor:
+    return _NET(z)
+
+
+class _Runner:
+    def __init__(self, run: Any) -> None:
+        self.state = types.SimpleNamespace(run=run)
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 (the object lives as long as the test)
+    def model(self) -> Any:
+        return self.state.run
+
+
+def _call_model(model: Callable[[], Any], z: torch.Tensor) -> torch.Tensor:
+    return model()(z)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _from_model,
+        lambda: _cached_apply,
+        lambda: lambda z: _cached_apply(z),
+    ],
+    ids=["global-getter", "f", "global"],
+)
+def test_a_cached_functions_body_is_read(global_net, make):
+    _model.cache_clear()
+    f = make()
+    assert_scripted_as_eager(f, *global_net)
+    assert global_net[1] in script.scripted(f)
+
+
+def test_a_bound_cached_methods_reads_off_self(nets):
+    """``runner.model`` (a bound method whose ``__func__`` is the cache wrapper) passed to a
+    partial: what the cached body reads off ``self`` (``self.state.run``) was not followed."""
+    f = functools.partial(_call_model, _Runner(functools.partial(_apply, nets[1])).model)
+    assert_scripted_as_eager(f, *nets)
+    assert nets[1] in script.scripted(f)
+
+
+# (``functools.wraps`` chains: each wrapper took one of the walk's three functions, so that
+# the body of a function under three decorators, or under two reached through a lambda, was
+# never read)
+
+
+def _decorated(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(fn)
+    def run(*args: Any) -> torch.Tensor:
+        return fn(*args)
+
+    return run
+
+
+@_decorated
+@_decorated
+@_decorated
+def _thrice(z: torch.Tensor) -> torch.Tensor:
+    return _NET(z)
+
+
+@_decorated
+@_decorated
+def _twice(z: torch.Tensor) -> torch.Tensor:
+    return _NET(z)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: _thrice, lambda: lambda z: _twice(z), lambda: functools.partial(_thrice)],
+    ids=["thrice", "twice-by-lambda", "partial"],
+)
+def test_a_decorated_functions_body_is_read(global_net, make):
+    f = make()
+    assert_scripted_as_eager(f, *global_net)
+    assert global_net[1] in script.scripted(f)
+
+
+# (the slots of an object that has a ``__dict__`` too: read as its ``__dict__`` alone)
+
+
+@dataclasses.dataclass(slots=True)
+class _Config:
+    net: Any
+
+
+class _Extended(_Config):  # (no ``__slots__``: its objects have a ``__dict__``)
+    pass
+
+
+class _Open:
+    __slots__ = ("net", "__dict__", "__weakref__")
+
+    def __init__(self, net: Any) -> None:
+        self.net = net
+
+
+def _configured(config: Any, z: torch.Tensor) -> torch.Tensor:
+    return config.net(z)
+
+
+@pytest.mark.parametrize("holder", [_Extended, _Open], ids=["subclass", "dict-slot"])
+def test_the_slots_of_an_object_with_a_dict_are_read(nets, holder):
+    f = functools.partial(_configured, holder(nets[1]))
+    assert_scripted_as_eager(f, *nets)
+    assert nets[1] in script.scripted(f)
