@@ -251,6 +251,8 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
             elif kind is _METHOD:
                 todo += (obj.__self__, obj.__func__)
                 func = obj.__func__
+                if type(func) is _CACHED:  # (a bound ``lru_cache``d method: its body's reads
+                    func = attribute(func, "__wrapped__")  # off self, missed until rev-late31)
                 if isinstance(func, types.FunctionType):  # (``self.helper(z)`` in it)
                     todo += _read(obj.__self__, attribute_names(func.__code__))
                     if getattr(func, "__wrapped__", None) is not None:  # (decorated)
@@ -279,9 +281,15 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                         todo += [v for c in _wrapped(call) for v in _read(obj, attribute_names(c))]
                 if isinstance(held, dict):
                     todo += [v for v in held.values() if _followed(v)]
+            elif kind is _CACHE:  # (the function it wraps, at the same depth: C's wrapper
+                todo.append(attribute(obj, "__wrapped__"))  # read as ``functools``' until
+                # rev-late31, its body's globals never read: divergence off)
             elif left <= 0:
                 continue
             elif kind is _FUNCTION:
+                inner = getattr(obj, "__wrapped__", None)  # (a ``functools.wraps`` wrapper's
+                if inner is not None:  # function, at the same depth: each decorator took one
+                    todo.append(inner)  # until rev-late31, three hid the body's globals)
                 named = _named(obj)
                 below += named
                 if named:  # (what it reads off them: ``runner.state.net(z)``)
@@ -500,8 +508,12 @@ _SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _OTHER = r
 _CONTAINER, _PLAIN, _CLASS = range(9, 12)
 # (``_read`` only) a container of a class of the user's: a ``typing.NamedTuple``
 _OWN_CONTAINER = 12
+# a ``functools.lru_cache``d (``cache``d) function, C's wrapper: the function it wraps
+_CACHE = 13
 # what a container's items are followed as (not holders: a list of lists of numbers is data)
-_IN_CONTAINERS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT))
+_IN_CONTAINERS = frozenset(
+    (_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _CACHE)
+)
 # the kinds ``_read`` reads attributes or methods off (a module's attributes: ``scripted``)
 _READ_OFF = frozenset((_PLAIN, _CLASS, _OBJECT, _OWN_MODULE, _CONTAINER))
 # what a plain object's or a class's attributes are followed as (not its methods, nor the
@@ -571,6 +583,8 @@ def _told(kind: type) -> int:
         found = _PARTIAL
     elif issubclass(kind, types.FunctionType):
         found = _FUNCTION
+    elif kind is _CACHED:  # (C's ``lru_cache`` wrapper: no subclass can be made)
+        found = _CACHE
     elif isinstance(attribute(kind, "__call__"), types.FunctionType) and not (  # (else:
         attribute(kind, "__module__") or ""  # type's own; a metaclass may raise for either)
     ).startswith("torch."):
