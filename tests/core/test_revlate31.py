@@ -169,3 +169,24 @@ def test_the_slots_of_an_object_with_a_dict_are_read(nets, holder):
     f = functools.partial(_configured, holder(nets[1]))
     assert_scripted_as_eager(f, *nets)
     assert nets[1] in script.scripted(f)
+
+
+class _Other:
+    __slots__ = ("y",)
+
+
+class _Aliased:
+    """A slotted class holding another class's slot descriptor (``member.__get__`` of an
+    object it does not apply to raises ``TypeError``: every torchdiv call of ``f`` raised)."""
+
+    __slots__ = ("net",)
+    alias = _Other.__dict__["y"]
+
+    def __init__(self, net: Any) -> None:
+        self.net = net
+
+
+def test_a_foreign_slot_descriptor_is_skipped(nets):
+    f = functools.partial(_configured, _Aliased(nets[1]))
+    assert_scripted_as_eager(f, *nets)
+    assert nets[1] in script.scripted(f)
