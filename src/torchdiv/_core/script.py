@@ -359,32 +359,48 @@ def _read(held: Any, names: tuple[str, ...] | set[str], nested: bool = True) -> 
 
 
 def _namespace(obj: Any) -> Any:
-    """``obj``'s attributes by name: its ``__dict__``, or, for an object of a class of the
-    user's with ``__slots__`` and no ``__dict__`` (a ``dataclass(slots=True)``), a dictionary
-    of its slots that are set, each read by its class's own member descriptor (C's: no code
-    of the user's runs). Until rev-merges31 such an object was read as one without
-    attributes: a callable object's ``self.net``, a slotted config's ``cfg.net``, their
-    scripted module's optimized plan ran (forward mode's divergence off). ``None`` where
-    neither (a built-in object)."""
+    """``obj``'s attributes by name: its ``__dict__`` and, for an object of a class of the
+    user's with ``__slots__`` (a ``dataclass(slots=True)``), its slots that are set, each read
+    by its class's own member descriptor (C's: no code of the user's runs; ``_members``).
+    Until rev-merges31 an object without a ``__dict__`` was read as one without attributes,
+    until rev-late31 one with both (a slotted class's subclass without ``__slots__``) as its
+    ``__dict__`` alone: a callable object's ``self.net``, a slotted config's ``cfg.net``,
+    their scripted module's optimized plan ran (forward mode's divergence off). ``None``
+    where neither (a built-in object)."""
     values = attribute(obj, "__dict__")
-    if values is not None:
+    members = _members(type(obj))
+    if not members:
         return values
-    out: dict[str, Any] = {}
-    cls = type(obj)
-    for c in _MRO(cls):
-        if _foreign(c):
-            continue
-        for name, member in _DICT(c).items():
-            if type(member) is _MEMBER and name not in out:
-                try:
-                    out[name] = member.__get__(obj, cls)
-                except AttributeError:  # (a slot not set)
-                    continue
+    out = dict(values) if isinstance(values, dict) else {}
+    for name, member in members:  # (after the ``__dict__``: a slot is a data descriptor)
+        try:
+            out[name] = member.__get__(obj)
+        except (AttributeError, TypeError):  # (a slot not set; another class's descriptor
+            continue  # held by the class, ``alias = Other.y``: "doesn't apply", rev-late31)
     return out or None
 
 
-# a ``__slots__`` name's descriptor on its class (``_namespace``)
+def _members(cls: type) -> tuple[tuple[str, Any], ...]:
+    """The slots' member descriptors of the classes of ``cls``'s method resolution order that
+    are not built in (by their flags: ``_foreign``), each name's first, read once per class
+    (kept until it is freed: a class's slots are fixed when it is made)."""
+    held = _MEMBERS.get(id(cls))
+    if held is None:
+        found: dict[str, Any] = {}
+        for c in _MRO(cls):
+            flags = _FLAGS(c)
+            if flags & _HEAP_TYPE and not flags & _IMMUTABLE_TYPE:
+                for name, member in _DICT(c).items():
+                    if type(member) is _MEMBER:
+                        found.setdefault(name, member)
+        held = tuple(found.items())
+        _remember(_MEMBERS, cls, held)
+    return held
+
+
+# a ``__slots__`` name's descriptor on its class (``_namespace``); each class's (``_members``)
 _MEMBER = types.MemberDescriptorType
+_MEMBERS: dict[int, tuple[tuple[str, Any], ...]] = {}
 
 
 def _is_plain(v: Any) -> bool:
