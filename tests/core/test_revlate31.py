@@ -71,7 +71,7 @@ class _Runner:
     def __init__(self, run: Any) -> None:
         self.state = types.SimpleNamespace(run=run)
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 (the object lives as long as the test)
+    @functools.lru_cache(maxsize=8)  # noqa: B019 (the object lives as long as the test)
     def model(self) -> Any:
         return self.state.run
 
@@ -154,7 +154,7 @@ class _Extended(_Config):  # (no ``__slots__``: its objects have a ``__dict__``)
 
 
 class _Open:
-    __slots__ = ("net", "__dict__", "__weakref__")
+    __slots__ = ("__dict__", "__weakref__", "net")
 
     def __init__(self, net: Any) -> None:
         self.net = net

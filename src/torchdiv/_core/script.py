@@ -177,7 +177,8 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     classes' ``forward`` (or one set on the module: ``seq.forward = g``) and their forward
     hooks and pre-hooks (also every module's), the functions a module holds as attributes
     (``self.act = torch.jit.script(fn)``), bound methods (and what a ``functools.wraps``-
-    decorated method's own body reads: ``_wrapped``), partials and the arguments they
+    decorated method's own body reads: ``_wrapped``; a wrapper's and an ``lru_cache``d
+    function's ``__wrapped__`` at their own depth), partials and the arguments they
     bind, callable objects (their class's ``__call__`` and the functions they hold), and a
     function's closure cells, default arguments and the globals its code and the functions
     defined in it name (a scripted activation), ``_FUNCTION_DEPTH`` functions deep; and one level of
