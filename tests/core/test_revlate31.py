@@ -190,3 +190,74 @@ def test_a_foreign_slot_descriptor_is_skipped(nets):
     f = functools.partial(_configured, _Aliased(nets[1]))
     assert_scripted_as_eager(f, *nets)
     assert nets[1] in script.scripted(f)
+
+
+# (a method, ``__call__`` or ``forward`` decorated by an object, a class-based decorator that
+# ``functools.update_wrapper``s itself, or a ``functools.singledispatchmethod``'s registered
+# function: what its body reads off ``self`` was not followed)
+
+
+class _Decorator:
+    """A class-based decorator: called with the object first, bound like a function."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        return self if obj is None else functools.partial(self.fn, obj)
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        return self.fn(*args)
+
+
+class _DecoratedCall:
+    def __init__(self, run: Any) -> None:
+        self.state = types.SimpleNamespace(run=run)
+
+    @_Decorator
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.state.run(z)
+
+
+class _DecoratedHelper(_DecoratedCall):
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.step(z)
+
+    @_Decorator
+    def step(self, z: torch.Tensor) -> torch.Tensor:
+        return self.state.run(z)
+
+
+class _DecoratedForward(torch.nn.Module):
+    def __init__(self, run: Any) -> None:
+        super().__init__()
+        self.state = types.SimpleNamespace(run=run)
+
+    @_Decorator
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.state.run(z)
+
+
+class _Dispatched(_DecoratedCall):
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.step(z)
+
+    @functools.singledispatchmethod
+    def step(self, z: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    @step.register
+    def _(self, z: torch.Tensor) -> torch.Tensor:
+        return self.state.run(z)
+
+
+@pytest.mark.parametrize(
+    "holder",
+    [_DecoratedCall, _DecoratedHelper, _DecoratedForward, _Dispatched],
+    ids=["call", "helper", "forward", "singledispatch"],
+)
+def test_a_body_under_a_decorator_object_is_read(nets, holder):
+    f = holder(functools.partial(_apply, nets[1]))
+    assert_scripted_as_eager(f, *nets)
+    assert nets[1] in script.scripted(f)
