@@ -280,6 +280,10 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                     todo += _read(obj, attribute_names(code))
                     if isinstance(call, types.FunctionType):  # (a decorated ``__call__``)
                         todo += [v for c in _wrapped(call) for v in _read(obj, attribute_names(c))]
+                else:  # (a decorator object's function: ``_functions``)
+                    todo += [
+                        v for c in _functions(call) for v in _read(obj, attribute_names(c.__code__))
+                    ]
                 if isinstance(held, dict):
                     todo += [v for v in held.values() if _followed(v)]
             elif kind is _CACHE:  # (the function it wraps, at the same depth: C's wrapper
@@ -426,13 +430,15 @@ def _methods(cls: type, names: Iterable[str], names_read: set[str] | None = None
         read: list[str] = []
         for held in dicts:
             for name in held.keys() & todo:
-                v = _function(held[name])
-                if v is not None:
+                found = _functions(held[name])
+                for v in found:
                     out.append(v)
                     read += attribute_names(v.__code__)
                     if getattr(v, "__wrapped__", None) is not None:  # (a decorated method)
                         read += [n for c in _wrapped(v) for n in attribute_names(c)]
-                elif _followed(v := _unwrapped(held[name])):  # (a class attribute read off
+                if not found and _followed(
+                    v := _unwrapped(held[name])
+                ):  # (a class attribute read off
                     out.append(v)  # an instance: ``act = staticmethod(scripted)`` too)
         todo = set(read) - done
     if names_read is not None:
@@ -454,14 +460,18 @@ def _wrapped(fn: types.FunctionType) -> list[types.CodeType]:
     return out
 
 
-def _function(v: Any) -> types.FunctionType | None:
-    """The Python function a class attribute runs when read or called: a method's own, a
+def _functions(v: Any) -> list[types.FunctionType]:
+    """The Python functions a class attribute runs when read or called: a method's own, a
     static or class method's, a property's getter (its code, never run: ``self.act(z)``), a
-    partial method's, cached property's or ``functools.lru_cache``d method's function;
-    ``None`` for anything else (a plain function, the most met, told first: no
-    ``isinstance`` of the others)."""
+    partial method's, cached property's or ``functools.lru_cache``d method's function, a
+    ``functools.singledispatchmethod``'s registered functions, or the function a decorator
+    object of the user's wraps (``functools.update_wrapper``: its ``__wrapped__``, read off
+    its attributes by ``_namespace``); none for anything else (a plain function, the most
+    met, told first: no ``isinstance`` of the others). The last two were missed until
+    rev-late31: what their bodies read off ``self`` (``self.state.run(z)``) was never looked
+    up, divergence off."""
     if type(v) is types.FunctionType:
-        return v
+        return [v]
     if isinstance(v, _STATIC):
         v = v.__func__
     elif isinstance(v, property):
@@ -470,7 +480,14 @@ def _function(v: Any) -> types.FunctionType | None:
         v = v.func
     elif type(v) is _CACHED:  # (``functools.cache``: its body, missed until rev-merges31)
         v = v.__wrapped__
-    return v if isinstance(v, types.FunctionType) else None
+    elif isinstance(v, functools.singledispatchmethod):
+        registry = attribute(attribute(v, "dispatcher"), "registry")
+        held = registry.values() if isinstance(registry, _NAMESPACES) else ()
+        return [f for f in held if isinstance(f, types.FunctionType)]
+    elif not _foreign(type(v)):  # (a decorator object: none of PyTorch's or C's)
+        held = _namespace(v)
+        v = held.get("__wrapped__") if isinstance(held, dict) else None
+    return [v] if isinstance(v, types.FunctionType) else []
 
 
 def _unwrapped(v: Any) -> Any:
@@ -572,6 +589,14 @@ def _kind(kind: type) -> int:
     return found
 
 
+def _callable(v: Any) -> bool:
+    """Whether a class's ``__call__`` or a module class's ``forward`` that is no Python function
+    is followed by the walk: a script, partial, bound method or module (``_CALLABLES``, told by
+    ``isinstance``: no kind read within a kind's reading), or an object wrapping a function
+    (``_functions``: a class-based decorator, missed until rev-late31)."""
+    return isinstance(v, _CALLABLES) or bool(_functions(v))
+
+
 def _resolved(cls: type, name: str) -> Any:
     """What ``name`` is in the first namespace of ``cls``'s method resolution order holding it
     (``None``: none), read by ``type``'s own descriptors (a metaclass's may raise)."""
@@ -606,9 +631,10 @@ def _told(kind: type) -> int:
         attribute(kind, "__module__") or ""  # type's own; a metaclass may raise for either)
     ).startswith("torch."):
         found = _OBJECT  # a callable object of the user's (not PyTorch's: torch.ops packets)
-    elif isinstance(_unwrapped(_resolved(kind, "__call__")), _CALLABLES) and not _pytorchs(kind):
+    elif _callable(_unwrapped(_resolved(kind, "__call__"))) and not _pytorchs(kind):
         found = _OBJECT  # (its class's ``__call__`` a script, partial or module, a static
-        # method's: ``__call__ = torch.jit.script(fn)``, read by the walk)
+        # method's: ``__call__ = torch.jit.script(fn)``, or a decorator object's function:
+        # read by the walk)
     elif issubclass(kind, _CONTAINERS):
         found = _OTHER if _pytorchs(kind) else _CONTAINER  # (torch.Size: not followed)
     elif issubclass(kind, type):
@@ -781,6 +807,6 @@ def _own(kind: type) -> bool:
     ~3.5x dearer (an MLP of PyTorch's layers: 3.6 -> 12.5 us)."""
     forward = _unwrapped(_resolved(kind, "forward"))  # (not by a metaclass's lookup: may raise)
     if not isinstance(forward, types.FunctionType):  # (a script, a partial set as forward, by
-        return isinstance(forward, _CALLABLES) and not _pytorchs(kind)  # user: followed)
+        return _callable(forward) and not _pytorchs(kind)  # user, a decorator object: followed)
     module = attribute(forward, "__module__") or ""  # (None: made by exec)
     return not module.startswith("torch.")
