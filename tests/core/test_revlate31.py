@@ -4,8 +4,10 @@ optimized plan ran during the torchdiv call: forward mode's divergence off, para
 gradients gone): a ``functools.lru_cache``d (``cache``d) function met as a function (a global,
 ``f`` itself, a bound cached method: only a cached method read off its class was followed),
 a function under more ``functools.wraps`` decorators than ``_FUNCTION_DEPTH`` (each wrapper
-took a function of the depth), and the slots of an object that has a ``__dict__`` too (a
-slotted dataclass's subclass). References: per-sample ``autograd.grad`` loops on an eager
+took a function of the depth), the slots of an object that has a ``__dict__`` too (a
+slotted dataclass's subclass), and what a body under a decorator object (a class-based
+decorator, a ``functools.singledispatchmethod``) reads off ``self``; and one crash (a class
+holding another class's slot descriptor). References: per-sample ``autograd.grad`` loops on an eager
 copy (conftest's ``assert_scripted_as_eager``), float64 (its float64 tolerances)."""
 
 from __future__ import annotations
