@@ -263,3 +263,28 @@ def test_a_body_under_a_decorator_object_is_read(nets, holder):
     f = holder(functools.partial(_apply, nets[1]))
     assert_scripted_as_eager(f, *nets)
     assert nets[1] in script.scripted(f)
+
+
+class _ClassCached:
+    """``__call__`` runs what a ``classmethod`` over ``functools.cache`` returns, read off the
+    class (``cls.run``: a partial of the scripted module, set by the test)."""
+
+    run: Any = None
+
+    @classmethod
+    @functools.cache
+    def model(cls) -> Any:
+        return cls.run
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model()(z)
+
+
+def test_a_cached_class_methods_reads_off_its_class(nets, monkeypatch: pytest.MonkeyPatch):
+    """The static or class method's cache wrapper was no function to ``_functions``: its
+    body's reads (``cls.run``) were not looked up."""
+    monkeypatch.setattr(_ClassCached, "run", functools.partial(_apply, nets[1]))
+    _ClassCached.model.cache_clear()
+    f = _ClassCached()
+    assert_scripted_as_eager(f, *nets)
+    assert nets[1] in script.scripted(f)
