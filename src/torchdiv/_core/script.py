@@ -478,8 +478,10 @@ def _functions(v: Any) -> list[types.FunctionType]:
         v = v.fget
     elif isinstance(v, _WRAPPING):
         v = v.func
-    elif type(v) is _CACHED:  # (``functools.cache``: its body, missed until rev-merges31)
-        v = v.__wrapped__
+    if type(v) is _CACHED:  # (``functools.cache``: its body, missed until rev-merges31; a
+        v = v.__wrapped__  # static or class method's, until rev-late31)
+    elif type(v) is types.FunctionType:  # (a static or class method's: the most met)
+        return [v]
     elif isinstance(v, functools.singledispatchmethod):
         registry = attribute(attribute(v, "dispatcher"), "registry")
         held = registry.values() if isinstance(registry, _NAMESPACES) else ()
