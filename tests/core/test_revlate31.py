@@ -288,3 +288,42 @@ def test_a_cached_class_methods_reads_off_its_class(nets, monkeypatch: pytest.Mo
     f = _ClassCached()
     assert_scripted_as_eager(f, *nets)
     assert nets[1] in script.scripted(f)
+
+
+class _Unbound:
+    """A proxy not bound yet (a context-local's outside its context): every attribute read
+    raises, ``__class__`` included (``isinstance`` reads it where the type does not match)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        raise RuntimeError(f"unbound proxy: {name}")
+
+
+def _guarded(base: type) -> type:
+    """A class whose ``__call__`` (or ``forward``, over a module) names a class attribute
+    holding the unbound proxy, never calling it (made in the test: doctest's collection reads
+    a module's classes' attributes)."""
+
+    class Guarded(base):  # type: ignore[misc,valid-type]
+        hook: Any = _Unbound()
+
+        def __init__(self, net: Any) -> None:
+            super().__init__()
+            self.net = net
+
+        def __call__(self, z: torch.Tensor) -> torch.Tensor:
+            return self.net(z) if self.hook is not None else z
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.net(z) if self.hook is not None else z
+
+    if base is torch.nn.Module:
+        del Guarded.__call__  # (the module's own, which runs forward)
+    return Guarded
+
+
+@pytest.mark.parametrize("base", [object, torch.nn.Module], ids=["object", "module"])
+def test_a_raising_proxy_on_a_class_is_passed_over(nets, base):
+    """The walk told these values by ``isinstance``, which read the proxy's ``__class__``:
+    every torchdiv call raised the proxy's error (rev-late31; before rev-late31 too)."""
+    f = _guarded(base)(nets[1])
+    assert_scripted_as_eager(f, *nets)
