@@ -254,7 +254,7 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 func = obj.__func__
                 if type(func) is _CACHED:  # (a bound ``lru_cache``d method: its body's reads
                     func = attribute(func, "__wrapped__")  # off self, missed until rev-late31)
-                if isinstance(func, types.FunctionType):  # (``self.helper(z)`` in it)
+                if type(func) is types.FunctionType:  # (``self.helper(z)`` in it)
                     todo += _read(obj.__self__, attribute_names(func.__code__))
                     if getattr(func, "__wrapped__", None) is not None:  # (decorated)
                         todo += [
@@ -268,7 +268,7 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 todo += bound
                 holders = [v for v in bound if _is_plain(v)]  # (what its function reads off
                 code = attribute(obj.func, "__code__") if holders else None  # one: ``config.
-                if isinstance(code, types.CodeType):  # net(z)``, ``net`` a partial: missed
+                if type(code) is types.CodeType:  # net(z)``, ``net`` a partial: missed
                     read = attribute_names(code)  # until rev-merges31, divergence off)
                     todo += [v for held in holders for v in _read(held, read)]
             elif kind is _OBJECT:  # its class's __call__, what it reads and holds
@@ -276,15 +276,15 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 call = _unwrapped(_resolved(type(obj), "__call__"))  # (a metaclass's lookup
                 todo.append(call)  # may raise)
                 code = attribute(call, "__code__")  # (a function's; replaced since by another
-                if isinstance(code, types.CodeType):  # callable on the class: none)
+                if type(code) is types.CodeType:  # callable on the class: none)
                     todo += _read(obj, attribute_names(code))
-                    if isinstance(call, types.FunctionType):  # (a decorated ``__call__``)
+                    if type(call) is types.FunctionType:  # (a decorated ``__call__``)
                         todo += [v for c in _wrapped(call) for v in _read(obj, attribute_names(c))]
                 else:  # (a decorator object's function: ``_functions``)
                     todo += [
                         v for c in _functions(call) for v in _read(obj, attribute_names(c.__code__))
                     ]
-                if isinstance(held, dict):
+                if issubclass(type(held), dict):
                     todo += [v for v in held.values() if _followed(v)]
             elif kind is _CACHE:  # (the function it wraps, at the same depth: C's wrapper
                 todo.append(attribute(obj, "__wrapped__"))  # read as ``functools``' until
@@ -323,7 +323,7 @@ def _held(obj: Any, kind: int) -> list[Any]:
         return []
     else:
         items = _namespace(obj)
-        if not isinstance(items, _NAMESPACES):
+        if not issubclass(type(items), _NAMESPACES):
             return []
         items, wanted = items.values(), _IN_OBJECTS
     return [v for v in items if (kinds.get(id(type(v))) or _kind(type(v))) in wanted]
@@ -355,7 +355,7 @@ def _read(held: Any, names: tuple[str, ...] | set[str], nested: bool = True) -> 
     wanted = read or names
     if kind is _PLAIN or kind is _CLASS or kind is _OBJECT:  # (a module's: walked as its own)
         values = _namespace(held)
-        if isinstance(values, _NAMESPACES):
+        if issubclass(type(values), _NAMESPACES):
             out += [v for n in values.keys() & wanted if _followed(v := values[n]) or _is_plain(v)]
             if nested:  # (a plain object read: what the code reads off it, one level down:
                 # ``runner.state.net(z)`` with ``net`` a function or a partial)
@@ -376,7 +376,7 @@ def _namespace(obj: Any) -> Any:
     members = _members(type(obj))
     if not members:
         return values
-    out = dict(values) if isinstance(values, dict) else {}
+    out = dict(values) if type(values) is dict else {}
     for name, member in members:  # (after the ``__dict__``: a slot is a data descriptor)
         try:
             out[name] = member.__get__(obj)
@@ -454,7 +454,7 @@ def _wrapped(fn: types.FunctionType) -> list[types.CodeType]:
     until walk31, divergence off). None for an undecorated function (most)."""
     out: list[types.CodeType] = []
     inner = getattr(fn, "__wrapped__", None)
-    while isinstance(inner, types.FunctionType) and len(out) < _FUNCTION_DEPTH:
+    while type(inner) is types.FunctionType and len(out) < _FUNCTION_DEPTH:
         out.append(inner.__code__)
         inner = getattr(inner, "__wrapped__", None)
     return out
@@ -472,30 +472,31 @@ def _functions(v: Any) -> list[types.FunctionType]:
     up, divergence off."""
     if type(v) is types.FunctionType:
         return [v]
-    if isinstance(v, _STATIC):
+    kind = type(v)  # (told by its type: ``isinstance`` reads ``__class__``, which a proxy's
+    if issubclass(kind, _STATIC):  # ``__getattribute__`` may raise: every call raised, rev-late31)
         v = v.__func__
-    elif isinstance(v, property):
+    elif issubclass(kind, property):
         v = v.fget
-    elif isinstance(v, _WRAPPING):
+    elif issubclass(kind, _WRAPPING):
         v = v.func
     if type(v) is _CACHED:  # (``functools.cache``: its body, missed until rev-merges31; a
         v = v.__wrapped__  # static or class method's, until rev-late31)
     elif type(v) is types.FunctionType:  # (a static or class method's: the most met)
         return [v]
-    elif isinstance(v, functools.singledispatchmethod):
+    elif issubclass(type(v), functools.singledispatchmethod):
         registry = attribute(attribute(v, "dispatcher"), "registry")
-        held = registry.values() if isinstance(registry, _NAMESPACES) else ()
-        return [f for f in held if isinstance(f, types.FunctionType)]
+        held = registry.values() if issubclass(type(registry), _NAMESPACES) else ()
+        return [f for f in held if type(f) is types.FunctionType]
     elif not _foreign(type(v)):  # (a decorator object: none of PyTorch's or C's)
         held = _namespace(v)
-        v = held.get("__wrapped__") if isinstance(held, dict) else None
-    return [v] if isinstance(v, types.FunctionType) else []
+        v = held.get("__wrapped__") if type(held) is dict else None
+    return [v] if type(v) is types.FunctionType else []
 
 
 def _unwrapped(v: Any) -> Any:
     """What a class attribute ``v`` runs: a static or class method's callable
     (``staticmethod(partial(...))``); ``v`` itself otherwise."""
-    return v.__func__ if isinstance(v, _STATIC) else v
+    return v.__func__ if issubclass(type(v), _STATIC) else v  # (not ``isinstance``: a proxy)
 
 
 # (tuples made once: ``staticmethod | classmethod`` in a call built a ``types.UnionType`` at
@@ -596,7 +597,7 @@ def _callable(v: Any) -> bool:
     is followed by the walk: a script, partial, bound method or module (``_CALLABLES``, told by
     ``isinstance``: no kind read within a kind's reading), or an object wrapping a function
     (``_functions``: a class-based decorator, missed until rev-late31)."""
-    return isinstance(v, _CALLABLES) or bool(_functions(v))
+    return issubclass(type(v), _CALLABLES) or bool(_functions(v))
 
 
 def _resolved(cls: type, name: str) -> Any:
@@ -629,7 +630,7 @@ def _told(kind: type) -> int:
         found = _FUNCTION
     elif kind is _CACHED:  # (C's ``lru_cache`` wrapper: no subclass can be made)
         found = _CACHE
-    elif isinstance(attribute(kind, "__call__"), types.FunctionType) and not (  # (else:
+    elif type(attribute(kind, "__call__")) is types.FunctionType and not (  # (else:
         attribute(kind, "__module__") or ""  # type's own; a metaclass may raise for either)
     ).startswith("torch."):
         found = _OBJECT  # a callable object of the user's (not PyTorch's: torch.ops packets)
@@ -808,7 +809,7 @@ def _own(kind: type) -> bool:
     globals are PyTorch's, and walking them and their ``__dict__`` at every call made it
     ~3.5x dearer (an MLP of PyTorch's layers: 3.6 -> 12.5 us)."""
     forward = _unwrapped(_resolved(kind, "forward"))  # (not by a metaclass's lookup: may raise)
-    if not isinstance(forward, types.FunctionType):  # (a script, a partial set as forward, by
+    if type(forward) is not types.FunctionType:  # (a script, a partial set as forward, by
         return _callable(forward) and not _pytorchs(kind)  # user, a decorator object: followed)
     module = attribute(forward, "__module__") or ""  # (None: made by exec)
     return not module.startswith("torch.")
