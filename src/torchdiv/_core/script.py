@@ -322,10 +322,10 @@ def _held(obj: Any, kind: int) -> list[Any]:
     elif kind is _CLASS and _foreign(obj):
         return []
     else:
-        items = _namespace(obj)
-        if not issubclass(type(items), _NAMESPACES):
+        values = _namespace(obj)
+        if not issubclass(type(values), _NAMESPACES):
             return []
-        items, wanted = items.values(), _IN_OBJECTS
+        items, wanted = values.values(), _IN_OBJECTS
     return [v for v in items if (kinds.get(id(type(v))) or _kind(type(v))) in wanted]
 
 
