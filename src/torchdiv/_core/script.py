@@ -508,8 +508,8 @@ _CACHED = type(functools.lru_cache(None)(len))  # (``functools._lru_cache_wrappe
 
 
 # what a class's ``__call__`` or a module class's ``forward`` may be besides a Python function,
-# followed by the walk (``_told``, ``_own``; told by ``isinstance``: no kind read within a
-# kind's reading, a class whose ``__call__`` is its own instance)
+# followed by the walk (``_told``, ``_own``; ``_callable``, told by the type: no kind read
+# within a kind's reading, a class whose ``__call__`` is its own instance)
 _CALLABLES = (functools.partial, types.MethodType, *_SCRIPTED, torch.ScriptMethod, torch.nn.Module)
 
 
@@ -595,7 +595,7 @@ def _kind(kind: type) -> int:
 def _callable(v: Any) -> bool:
     """Whether a class's ``__call__`` or a module class's ``forward`` that is no Python function
     is followed by the walk: a script, partial, bound method or module (``_CALLABLES``, told by
-    ``isinstance``: no kind read within a kind's reading), or an object wrapping a function
+    its type: no kind read within a kind's reading), or an object wrapping a function
     (``_functions``: a class-based decorator, missed until rev-late31)."""
     return issubclass(type(v), _CALLABLES) or bool(_functions(v))
 
