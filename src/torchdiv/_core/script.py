@@ -177,7 +177,8 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     classes' ``forward`` (or one set on the module: ``seq.forward = g``) and their forward
     hooks and pre-hooks (also every module's), the functions a module holds as attributes
     (``self.act = torch.jit.script(fn)``), bound methods (and what a ``functools.wraps``-
-    decorated method's own body reads: ``_wrapped``), partials and the arguments they
+    decorated method's own body reads: ``_wrapped``; a wrapper's and an ``lru_cache``d
+    function's ``__wrapped__`` at their own depth), partials and the arguments they
     bind, callable objects (their class's ``__call__`` and the functions they hold), and a
     function's closure cells, default arguments and the globals its code and the functions
     defined in it name (a scripted activation), ``_FUNCTION_DEPTH`` functions deep; and one level of
@@ -251,7 +252,9 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
             elif kind is _METHOD:
                 todo += (obj.__self__, obj.__func__)
                 func = obj.__func__
-                if isinstance(func, types.FunctionType):  # (``self.helper(z)`` in it)
+                if type(func) is _CACHED:  # (a bound ``lru_cache``d method: its body's reads
+                    func = attribute(func, "__wrapped__")  # off self, missed until rev-late31)
+                if type(func) is types.FunctionType:  # (``self.helper(z)`` in it)
                     todo += _read(obj.__self__, attribute_names(func.__code__))
                     if getattr(func, "__wrapped__", None) is not None:  # (decorated)
                         todo += [
@@ -265,7 +268,7 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 todo += bound
                 holders = [v for v in bound if _is_plain(v)]  # (what its function reads off
                 code = attribute(obj.func, "__code__") if holders else None  # one: ``config.
-                if isinstance(code, types.CodeType):  # net(z)``, ``net`` a partial: missed
+                if type(code) is types.CodeType:  # net(z)``, ``net`` a partial: missed
                     read = attribute_names(code)  # until rev-merges31, divergence off)
                     todo += [v for held in holders for v in _read(held, read)]
             elif kind is _OBJECT:  # its class's __call__, what it reads and holds
@@ -273,15 +276,25 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 call = _unwrapped(_resolved(type(obj), "__call__"))  # (a metaclass's lookup
                 todo.append(call)  # may raise)
                 code = attribute(call, "__code__")  # (a function's; replaced since by another
-                if isinstance(code, types.CodeType):  # callable on the class: none)
+                if type(code) is types.CodeType:  # callable on the class: none)
                     todo += _read(obj, attribute_names(code))
-                    if isinstance(call, types.FunctionType):  # (a decorated ``__call__``)
+                    if type(call) is types.FunctionType:  # (a decorated ``__call__``)
                         todo += [v for c in _wrapped(call) for v in _read(obj, attribute_names(c))]
-                if isinstance(held, dict):
+                else:  # (a decorator object's function: ``_functions``)
+                    todo += [
+                        v for c in _functions(call) for v in _read(obj, attribute_names(c.__code__))
+                    ]
+                if issubclass(type(held), dict):
                     todo += [v for v in held.values() if _followed(v)]
+            elif kind is _CACHE:  # (the function it wraps, at the same depth: C's wrapper
+                todo.append(attribute(obj, "__wrapped__"))  # read as ``functools``' until
+                # rev-late31, its body's globals never read: divergence off)
             elif left <= 0:
                 continue
             elif kind is _FUNCTION:
+                inner = getattr(obj, "__wrapped__", None)  # (a ``functools.wraps`` wrapper's
+                if inner is not None:  # function, at the same depth: each decorator took one
+                    todo.append(inner)  # until rev-late31, three hid the body's globals)
                 named = _named(obj)
                 below += named
                 if named:  # (what it reads off them: ``runner.state.net(z)``)
@@ -309,10 +322,10 @@ def _held(obj: Any, kind: int) -> list[Any]:
     elif kind is _CLASS and _foreign(obj):
         return []
     else:
-        items = _namespace(obj)
-        if not isinstance(items, _NAMESPACES):
+        values = _namespace(obj)
+        if not issubclass(type(values), _NAMESPACES):
             return []
-        items, wanted = items.values(), _IN_OBJECTS
+        items, wanted = values.values(), _IN_OBJECTS
     return [v for v in items if (kinds.get(id(type(v))) or _kind(type(v))) in wanted]
 
 
@@ -342,7 +355,7 @@ def _read(held: Any, names: tuple[str, ...] | set[str], nested: bool = True) -> 
     wanted = read or names
     if kind is _PLAIN or kind is _CLASS or kind is _OBJECT:  # (a module's: walked as its own)
         values = _namespace(held)
-        if isinstance(values, _NAMESPACES):
+        if issubclass(type(values), _NAMESPACES):
             out += [v for n in values.keys() & wanted if _followed(v := values[n]) or _is_plain(v)]
             if nested:  # (a plain object read: what the code reads off it, one level down:
                 # ``runner.state.net(z)`` with ``net`` a function or a partial)
@@ -351,32 +364,48 @@ def _read(held: Any, names: tuple[str, ...] | set[str], nested: bool = True) -> 
 
 
 def _namespace(obj: Any) -> Any:
-    """``obj``'s attributes by name: its ``__dict__``, or, for an object of a class of the
-    user's with ``__slots__`` and no ``__dict__`` (a ``dataclass(slots=True)``), a dictionary
-    of its slots that are set, each read by its class's own member descriptor (C's: no code
-    of the user's runs). Until rev-merges31 such an object was read as one without
-    attributes: a callable object's ``self.net``, a slotted config's ``cfg.net``, their
-    scripted module's optimized plan ran (forward mode's divergence off). ``None`` where
-    neither (a built-in object)."""
+    """``obj``'s attributes by name: its ``__dict__`` and, for an object of a class of the
+    user's with ``__slots__`` (a ``dataclass(slots=True)``), its slots that are set, each read
+    by its class's own member descriptor (C's: no code of the user's runs; ``_members``).
+    Until rev-merges31 an object without a ``__dict__`` was read as one without attributes,
+    until rev-late31 one with both (a slotted class's subclass without ``__slots__``) as its
+    ``__dict__`` alone: a callable object's ``self.net``, a slotted config's ``cfg.net``,
+    their scripted module's optimized plan ran (forward mode's divergence off). ``None``
+    where neither (a built-in object)."""
     values = attribute(obj, "__dict__")
-    if values is not None:
+    members = _members(type(obj))
+    if not members:
         return values
-    out: dict[str, Any] = {}
-    cls = type(obj)
-    for c in _MRO(cls):
-        if _foreign(c):
-            continue
-        for name, member in _DICT(c).items():
-            if type(member) is _MEMBER and name not in out:
-                try:
-                    out[name] = member.__get__(obj, cls)
-                except AttributeError:  # (a slot not set)
-                    continue
+    out = dict(values) if type(values) is dict else {}
+    for name, member in members:  # (after the ``__dict__``: a slot is a data descriptor)
+        try:
+            out[name] = member.__get__(obj)
+        except (AttributeError, TypeError):  # (a slot not set; another class's descriptor
+            continue  # held by the class, ``alias = Other.y``: "doesn't apply", rev-late31)
     return out or None
 
 
-# a ``__slots__`` name's descriptor on its class (``_namespace``)
+def _members(cls: type) -> tuple[tuple[str, Any], ...]:
+    """The slots' member descriptors of the classes of ``cls``'s method resolution order that
+    are not built in (by their flags: ``_foreign``), each name's first, read once per class
+    (kept until it is freed: a class's slots are fixed when it is made)."""
+    held = _MEMBERS.get(id(cls))
+    if held is None:
+        found: dict[str, Any] = {}
+        for c in _MRO(cls):
+            flags = _FLAGS(c)
+            if flags & _HEAP_TYPE and not flags & _IMMUTABLE_TYPE:
+                for name, member in _DICT(c).items():
+                    if type(member) is _MEMBER:
+                        found.setdefault(name, member)
+        held = tuple(found.items())
+        _remember(_MEMBERS, cls, held)
+    return held
+
+
+# a ``__slots__`` name's descriptor on its class (``_namespace``); each class's (``_members``)
 _MEMBER = types.MemberDescriptorType
+_MEMBERS: dict[int, tuple[tuple[str, Any], ...]] = {}
 
 
 def _is_plain(v: Any) -> bool:
@@ -401,13 +430,15 @@ def _methods(cls: type, names: Iterable[str], names_read: set[str] | None = None
         read: list[str] = []
         for held in dicts:
             for name in held.keys() & todo:
-                v = _function(held[name])
-                if v is not None:
+                found = _functions(held[name])
+                for v in found:
                     out.append(v)
                     read += attribute_names(v.__code__)
                     if getattr(v, "__wrapped__", None) is not None:  # (a decorated method)
                         read += [n for c in _wrapped(v) for n in attribute_names(c)]
-                elif _followed(v := _unwrapped(held[name])):  # (a class attribute read off
+                if not found and _followed(
+                    v := _unwrapped(held[name])
+                ):  # (a class attribute read off
                     out.append(v)  # an instance: ``act = staticmethod(scripted)`` too)
         todo = set(read) - done
     if names_read is not None:
@@ -423,35 +454,49 @@ def _wrapped(fn: types.FunctionType) -> list[types.CodeType]:
     until walk31, divergence off). None for an undecorated function (most)."""
     out: list[types.CodeType] = []
     inner = getattr(fn, "__wrapped__", None)
-    while isinstance(inner, types.FunctionType) and len(out) < _FUNCTION_DEPTH:
+    while type(inner) is types.FunctionType and len(out) < _FUNCTION_DEPTH:
         out.append(inner.__code__)
         inner = getattr(inner, "__wrapped__", None)
     return out
 
 
-def _function(v: Any) -> types.FunctionType | None:
-    """The Python function a class attribute runs when read or called: a method's own, a
+def _functions(v: Any) -> list[types.FunctionType]:
+    """The Python functions a class attribute runs when read or called: a method's own, a
     static or class method's, a property's getter (its code, never run: ``self.act(z)``), a
-    partial method's, cached property's or ``functools.lru_cache``d method's function;
-    ``None`` for anything else (a plain function, the most met, told first: no
-    ``isinstance`` of the others)."""
+    partial method's, cached property's or ``functools.lru_cache``d method's function, a
+    ``functools.singledispatchmethod``'s registered functions, or the function a decorator
+    object of the user's wraps (``functools.update_wrapper``: its ``__wrapped__``, read off
+    its attributes by ``_namespace``); none for anything else (a plain function, the most
+    met, told first: no ``isinstance`` of the others). The last two were missed until
+    rev-late31: what their bodies read off ``self`` (``self.state.run(z)``) was never looked
+    up, divergence off."""
     if type(v) is types.FunctionType:
-        return v
-    if isinstance(v, _STATIC):
+        return [v]
+    kind = type(v)  # (told by its type: ``isinstance`` reads ``__class__``, which a proxy's
+    if issubclass(kind, _STATIC):  # ``__getattribute__`` may raise: every call raised, rev-late31)
         v = v.__func__
-    elif isinstance(v, property):
+    elif issubclass(kind, property):
         v = v.fget
-    elif isinstance(v, _WRAPPING):
+    elif issubclass(kind, _WRAPPING):
         v = v.func
-    elif type(v) is _CACHED:  # (``functools.cache``: its body, missed until rev-merges31)
-        v = v.__wrapped__
-    return v if isinstance(v, types.FunctionType) else None
+    if type(v) is _CACHED:  # (``functools.cache``: its body, missed until rev-merges31; a
+        v = v.__wrapped__  # static or class method's, until rev-late31)
+    elif type(v) is types.FunctionType:  # (a static or class method's: the most met)
+        return [v]
+    elif issubclass(type(v), functools.singledispatchmethod):
+        registry = attribute(attribute(v, "dispatcher"), "registry")
+        held = registry.values() if issubclass(type(registry), _NAMESPACES) else ()
+        return [f for f in held if type(f) is types.FunctionType]
+    elif not _foreign(type(v)):  # (a decorator object: none of PyTorch's or C's)
+        held = _namespace(v)
+        v = held.get("__wrapped__") if type(held) is dict else None
+    return [v] if type(v) is types.FunctionType else []
 
 
 def _unwrapped(v: Any) -> Any:
     """What a class attribute ``v`` runs: a static or class method's callable
     (``staticmethod(partial(...))``); ``v`` itself otherwise."""
-    return v.__func__ if isinstance(v, _STATIC) else v
+    return v.__func__ if issubclass(type(v), _STATIC) else v  # (not ``isinstance``: a proxy)
 
 
 # (tuples made once: ``staticmethod | classmethod`` in a call built a ``types.UnionType`` at
@@ -463,8 +508,8 @@ _CACHED = type(functools.lru_cache(None)(len))  # (``functools._lru_cache_wrappe
 
 
 # what a class's ``__call__`` or a module class's ``forward`` may be besides a Python function,
-# followed by the walk (``_told``, ``_own``; told by ``isinstance``: no kind read within a
-# kind's reading, a class whose ``__call__`` is its own instance)
+# followed by the walk (``_told``, ``_own``; ``_callable``, told by the type: no kind read
+# within a kind's reading, a class whose ``__call__`` is its own instance)
 _CALLABLES = (functools.partial, types.MethodType, *_SCRIPTED, torch.ScriptMethod, torch.nn.Module)
 
 
@@ -500,8 +545,12 @@ _SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _OTHER = r
 _CONTAINER, _PLAIN, _CLASS = range(9, 12)
 # (``_read`` only) a container of a class of the user's: a ``typing.NamedTuple``
 _OWN_CONTAINER = 12
+# a ``functools.lru_cache``d (``cache``d) function, C's wrapper: the function it wraps
+_CACHE = 13
 # what a container's items are followed as (not holders: a list of lists of numbers is data)
-_IN_CONTAINERS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT))
+_IN_CONTAINERS = frozenset(
+    (_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _CACHE)
+)
 # the kinds ``_read`` reads attributes or methods off (a module's attributes: ``scripted``)
 _READ_OFF = frozenset((_PLAIN, _CLASS, _OBJECT, _OWN_MODULE, _CONTAINER))
 # what a plain object's or a class's attributes are followed as (not its methods, nor the
@@ -543,6 +592,14 @@ def _kind(kind: type) -> int:
     return found
 
 
+def _callable(v: Any) -> bool:
+    """Whether a class's ``__call__`` or a module class's ``forward`` that is no Python function
+    is followed by the walk: a script, partial, bound method or module (``_CALLABLES``, told by
+    its type: no kind read within a kind's reading), or an object wrapping a function
+    (``_functions``: a class-based decorator, missed until rev-late31)."""
+    return issubclass(type(v), _CALLABLES) or bool(_functions(v))
+
+
 def _resolved(cls: type, name: str) -> Any:
     """What ``name`` is in the first namespace of ``cls``'s method resolution order holding it
     (``None``: none), read by ``type``'s own descriptors (a metaclass's may raise)."""
@@ -571,13 +628,16 @@ def _told(kind: type) -> int:
         found = _PARTIAL
     elif issubclass(kind, types.FunctionType):
         found = _FUNCTION
-    elif isinstance(attribute(kind, "__call__"), types.FunctionType) and not (  # (else:
+    elif kind is _CACHED:  # (C's ``lru_cache`` wrapper: no subclass can be made)
+        found = _CACHE
+    elif type(attribute(kind, "__call__")) is types.FunctionType and not (  # (else:
         attribute(kind, "__module__") or ""  # type's own; a metaclass may raise for either)
     ).startswith("torch."):
         found = _OBJECT  # a callable object of the user's (not PyTorch's: torch.ops packets)
-    elif isinstance(_unwrapped(_resolved(kind, "__call__")), _CALLABLES) and not _pytorchs(kind):
+    elif _callable(_unwrapped(_resolved(kind, "__call__"))) and not _pytorchs(kind):
         found = _OBJECT  # (its class's ``__call__`` a script, partial or module, a static
-        # method's: ``__call__ = torch.jit.script(fn)``, read by the walk)
+        # method's: ``__call__ = torch.jit.script(fn)``, or a decorator object's function:
+        # read by the walk)
     elif issubclass(kind, _CONTAINERS):
         found = _OTHER if _pytorchs(kind) else _CONTAINER  # (torch.Size: not followed)
     elif issubclass(kind, type):
@@ -749,7 +809,7 @@ def _own(kind: type) -> bool:
     globals are PyTorch's, and walking them and their ``__dict__`` at every call made it
     ~3.5x dearer (an MLP of PyTorch's layers: 3.6 -> 12.5 us)."""
     forward = _unwrapped(_resolved(kind, "forward"))  # (not by a metaclass's lookup: may raise)
-    if not isinstance(forward, types.FunctionType):  # (a script, a partial set as forward, by
-        return isinstance(forward, _CALLABLES) and not _pytorchs(kind)  # user: followed)
+    if type(forward) is not types.FunctionType:  # (a script, a partial set as forward, by
+        return _callable(forward) and not _pytorchs(kind)  # user, a decorator object: followed)
     module = attribute(forward, "__module__") or ""  # (None: made by exec)
     return not module.startswith("torch.")
