@@ -327,3 +327,35 @@ def test_a_raising_proxy_on_a_class_is_passed_over(nets, base):
     every torchdiv call raised the proxy's error (rev-late31; before rev-late31 too)."""
     f = _guarded(base)(nets[1])
     assert_scripted_as_eager(f, *nets)
+
+
+def _holding(proxy: Any, scripted: Any, holder: str) -> Callable[[torch.Tensor], Any]:
+    """An ``f`` running ``scripted`` that holds ``proxy`` (never calling it) by ``holder``."""
+    if holder == "class __call__":
+        return functools.partial(lambda z, c: scripted(z), c=type("H", (), {"__call__": proxy})())
+    if holder == "closure":
+        return (lambda u: lambda z: scripted(z) if u is not None else z)(proxy)
+    if holder == "default":
+        return lambda z, u=proxy: scripted(z)
+    held = {"partial": proxy, "list": [proxy], "object": types.SimpleNamespace(u=proxy)}
+    return functools.partial(lambda z, c: scripted(z), c=held[holder])
+
+
+class _UnboundCallable(_Unbound):
+    """The unbound proxy of a callable (``callable`` reads the type's slot, not the proxy)."""
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+@pytest.mark.parametrize("proxy", [_Unbound, _UnboundCallable])
+@pytest.mark.parametrize(
+    "holder", ["class __call__", "closure", "default", "partial", "list", "object"]
+)
+def test_a_raising_proxy_held_by_f_is_passed_over_by_the_key(nets, holder, proxy):
+    """The unbound proxy held by ``f`` where the structure key's walks read it
+    (``_taylor.cache.named``/``_contents``/``_modules_in``/``_reached``,
+    ``_taylor.mixing._untold``, ``_exact.attributes.modules_of``): they told it by
+    ``isinstance``, which read its ``__class__``: every torchdiv call raised the proxy's error
+    (rev-late31's notes, the class's ``__call__``; the lead, the others)."""
+    assert_scripted_as_eager(_holding(proxy(), nets[1], holder), *nets)

@@ -477,7 +477,7 @@ def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
     out: list[Any] = []
     untold = False
     for held in named(f, depth):
-        if isinstance(held, torch.nn.Module):
+        if _module(held):
             try:  # (a stand-in that is not one; ``try``, not ``contextlib.suppress``: three
                 found = _held(held)  # Python calls fewer per module, at every call)
             except Exception:
@@ -486,7 +486,7 @@ def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
             out += found
         elif type(held) in _FLAGS:
             out.append(held)
-        elif isinstance(held, _WEAKLY):
+        elif instance(held, _WEAKLY):
             out.append(weakref.ref(held))
         else:
             out.append(id(held))
@@ -513,7 +513,7 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
         seen.add(id(fn))
         items = by_items(fn)  # (its flags: see _CONTAINERS)
         # (an object's containers: none of its own in ``identity``'s key, see _CONTAINERS)
-        owned = owned if items else not isinstance(fn, (types.FunctionType, functools.partial))
+        owned = owned if items else not instance(fn, (types.FunctionType, functools.partial))
         for held in _items(fn) if items else _contents(fn):
             if type(held) in _FLAGS:
                 if not items or (owned and type(held) in _MODULE_FLAGS):
@@ -529,7 +529,7 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
                 continue  # (dead: ``ReferenceError``; a function's: no weak reference to it)
             elif callable(held):  # a class too, by its id, not looked into
                 yield held
-                if left and not isinstance(held, type):
+                if left and not instance(held, type):
                     todo.append((held, left - 1, False))
             elif left and _plain_object(held):  # (a trainer's ``self``, a ``TrainState``)
                 todo.append((held, left - 1, False))
@@ -580,13 +580,13 @@ def _items(container: tuple[Any, ...] | list[Any] | dict[Any, Any]) -> list[Any]
 def _contents(fn: Any) -> list[Any]:
     """What ``fn`` names (``named``); a bound method's module object, or its function and the
     attributes of a plain object."""
-    if isinstance(fn, types.FunctionType):
+    if instance(fn, types.FunctionType):
         names, code = fn.__globals__, fn.__code__
         held = cell_contents(fn) + [names[n] for n in global_names(code) if n in names]
         return held + list(fn.__defaults__ or ()) + list((fn.__kwdefaults__ or {}).values())
-    if isinstance(fn, functools.partial):
+    if instance(fn, functools.partial):
         return [fn.func, *fn.args, *fn.keywords.values()]
-    if isinstance(fn, types.MethodType):
+    if instance(fn, types.MethodType):
         own = fn.__self__
         return [own] if isinstance(own, torch.nn.Module) else [fn.__func__, *_attributes(own)]
     if not callable(fn):  # a plain object (``_plain_object``): its flags, modules, containers
@@ -594,7 +594,7 @@ def _contents(fn: Any) -> list[Any]:
         inner = [v for o in own if _plain_object(o) for v in _modules_in(o)]
         return [v for v in own if type(v) in _FLAGS or _holding(v)] + inner
     call = type(fn).__call__  # a callable object's, if in Python
-    return [call, *_attributes(fn)] if isinstance(call, types.FunctionType) else []
+    return [call, *_attributes(fn)] if instance(call, types.FunctionType) else []
 
 
 def _holding(v: Any) -> bool:
@@ -606,8 +606,16 @@ def _module(v: Any) -> bool:
     """Whether ``v`` is a module (a proxy of one too); not where reading its ``__class__``
     raises: a ``weakref.proxy`` whose object is gone, held by a trainer's ``self``, made
     every call through it raise ``ReferenceError`` until rev-merges23c."""
+    return instance(v, torch.nn.Module)
+
+
+def instance(v: Any, kinds: type | tuple[type, ...]) -> bool:
+    """``isinstance(v, kinds)`` (a proxy by what it stands for), false where reading ``v``'s
+    ``__class__`` raises: a dead ``weakref.proxy``, an unbound context-local proxy held by
+    ``f`` (a partial's argument, a closure cell, a class's ``__call__``) made every call of
+    ``f`` raise its error until the lead's thirty-first session (rev-late31's reproducer)."""
     try:
-        return isinstance(v, torch.nn.Module)
+        return isinstance(v, kinds)
     except Exception:
         return False
 
@@ -615,7 +623,7 @@ def _module(v: Any) -> bool:
 def _modules_in(obj: Any) -> list[Any]:
     """The modules among the attributes of ``obj``, a plain object a plain object holds
     (``self.state.model``); none of a module's own (``_held`` reads those)."""
-    if isinstance(obj, torch.nn.Module):
+    if _module(obj):
         return []
     values = _attributes(obj)
     try:  # (one call, not ``_module`` per attribute: ~25 us a key with a trainer's state)

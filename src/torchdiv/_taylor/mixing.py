@@ -706,7 +706,11 @@ def _layer(u: Any) -> bool:
 def _untold(v: Any) -> bool:
     """Whether ``v`` (not told by its items) may change unseen by its identity (``_UNTOLD``):
     until rev-merges19e held by identity, what it came to hold served by a stale pass."""
-    if not isinstance(v, _UNTOLD) and not hasattr(type(v), "__array_interface__"):
+    try:  # (an unbound proxy's ``__class__``, which ``isinstance`` reads, raises: untold;
+        held = isinstance(v, _UNTOLD)  # every call of an ``f`` holding one raised until the
+    except Exception:  # lead's thirty-first session; ``_part``'s checks after this one
+        return True  # read it again only where it was read here)
+    if not held and not hasattr(type(v), "__array_interface__"):
         return False
     if type(v) is not frozenset or len(v) > TUPLE_ITEMS:  # (walked at every call)
         return True
