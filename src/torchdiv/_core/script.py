@@ -12,13 +12,13 @@ torchdiv profile and optimize it again (about 4 ms for a small MLP, once per tor
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import dis
 import functools
 import itertools
 import types
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
 from typing import Any, TypeVar
 
@@ -176,11 +176,12 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     submodules (not into a scripted one: its calls are inlined in its own graph), their
     classes' ``forward`` (or one set on the module: ``seq.forward = g``) and their forward
     hooks and pre-hooks (also every module's), the functions a module holds as attributes
-    (``self.act = torch.jit.script(fn)``), bound methods, partials and the arguments they
+    (``self.act = torch.jit.script(fn)``), bound methods (and what a ``functools.wraps``-
+    decorated method's own body reads: ``_wrapped``), partials and the arguments they
     bind, callable objects (their class's ``__call__`` and the functions they hold), and a
     function's closure cells, default arguments and the globals its code and the functions
     defined in it name (a scripted activation), ``_FUNCTION_DEPTH`` functions deep; and one level of
-    what holds objects (``_held``): a list, tuple or dictionary there (its first
+    what holds objects (``_held``): a list, tuple, dictionary, deque or set there (its first
     ``_HELD_ITEMS`` items: ``partial(run, [scripted])``), a plain object (a bound method's
     ``self``, ``holder.net(z)``) and a class of the user's (``Holder.net(z)``, a module
     class's attribute), each while functions are left to follow, what they hold one fewer
@@ -241,8 +242,11 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                     ]
             elif kind is _METHOD:
                 todo += (obj.__self__, obj.__func__)
-                if isinstance(obj.__func__, types.FunctionType):  # (``self.helper(z)`` in it)
-                    todo += _read(obj.__self__, obj.__func__.__code__)
+                func = obj.__func__
+                if isinstance(func, types.FunctionType):  # (``self.helper(z)`` in it)
+                    todo += _read(obj.__self__, func.__code__)
+                    if getattr(func, "__wrapped__", None) is not None:  # (decorated)
+                        todo += [v for c in _wrapped(func) for v in _read(obj.__self__, c)]
             elif kind is _PARTIAL:  # its function and the arguments it binds
                 todo.append(obj.func)
                 todo += [v for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
@@ -253,6 +257,8 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 code = attribute(call, "__code__")  # (a function's; replaced since by another
                 if isinstance(code, types.CodeType):  # callable on the class: none)
                     todo += _read(obj, code)
+                    if isinstance(call, types.FunctionType):  # (a decorated ``__call__``)
+                        todo += [v for c in _wrapped(call) for v in _read(obj, c)]
                 if isinstance(held, dict):
                     todo += [v for v in held.values() if _followed(v)]
             elif left <= 0:
@@ -275,7 +281,7 @@ def _held(obj: Any, kind: int) -> list[Any]:
     items: Iterable[Any]
     if kind is _CONTAINER:  # (by the built-in's own methods: not a subclass's, which may
         # raise or compute: a lazy mapping's ``values`` importing modules)
-        every = dict.values(obj) if isinstance(obj, dict) else _ITERATE[isinstance(obj, list)](obj)
+        every = dict.values(obj) if isinstance(obj, dict) else _iterate(obj)
         items = list(itertools.islice(every, _HELD_ITEMS))  # (taken before their kinds are
         # told: telling one registers a ``weakref.finalize``, whose registry, a dictionary
         # walked here, then changed size during the iteration: a RuntimeError)
@@ -284,7 +290,7 @@ def _held(obj: Any, kind: int) -> list[Any]:
         return []
     else:
         items = attribute(obj, "__dict__")
-        if not isinstance(items, dict | types.MappingProxyType):
+        if not isinstance(items, _NAMESPACES):
             return []
         items, wanted = items.values(), _IN_OBJECTS
     return [v for v in items if (kinds.get(id(type(v))) or _kind(type(v))) in wanted]
@@ -313,7 +319,7 @@ def _read(held: Any, code: types.CodeType, nested: bool = True) -> list[Any]:
     out: list[Any] = _methods(cls, names) if not _foreign(cls) else []
     if kind is _PLAIN or kind is _CLASS or kind is _OBJECT:  # (a module's: walked as its own)
         values = attribute(held, "__dict__")
-        if isinstance(values, dict | types.MappingProxyType):
+        if isinstance(values, _NAMESPACES):
             out += [v for n in values.keys() & names if _followed(v := values[n]) or _is_plain(v)]
             if nested:  # (a plain object read: what the code reads off it, one level down:
                 # ``runner.state.net(z)`` with ``net`` a function or a partial)
@@ -346,21 +352,40 @@ def _methods(cls: type, names: Iterable[str]) -> list[Any]:
                 if v is not None:
                     out.append(v)
                     read += attribute_names(v.__code__)
+                    if getattr(v, "__wrapped__", None) is not None:  # (a decorated method)
+                        read += [n for c in _wrapped(v) for n in attribute_names(c)]
                 elif _followed(v := _unwrapped(held[name])):  # (a class attribute read off
                     out.append(v)  # an instance: ``act = staticmethod(scripted)`` too)
         todo = set(read) - done
     return out
 
 
+def _wrapped(fn: types.FunctionType) -> list[types.CodeType]:
+    """The code objects of the functions ``fn`` wraps (``functools.wraps`` sets ``__wrapped__``),
+    ``_FUNCTION_DEPTH`` deep at most: a decorated method's own body, which reads ``self``'s
+    attributes (``self.state.run(z)``) where its wrapper only calls it (the wrapped function
+    itself is met through the wrapper's closure, but not what it reads off ``self``: missed
+    until walk31, divergence off). None for an undecorated function (most)."""
+    out: list[types.CodeType] = []
+    inner = getattr(fn, "__wrapped__", None)
+    while isinstance(inner, types.FunctionType) and len(out) < _FUNCTION_DEPTH:
+        out.append(inner.__code__)
+        inner = getattr(inner, "__wrapped__", None)
+    return out
+
+
 def _function(v: Any) -> types.FunctionType | None:
     """The Python function a class attribute runs when read or called: a method's own, a
     static or class method's, a property's getter (its code, never run: ``self.act(z)``), a
-    partial method's or cached property's function; ``None`` for anything else."""
-    if isinstance(v, staticmethod | classmethod):
+    partial method's or cached property's function; ``None`` for anything else (a plain
+    function, the most met, told first: no ``isinstance`` of the others)."""
+    if type(v) is types.FunctionType:
+        return v
+    if isinstance(v, _STATIC):
         v = v.__func__
     elif isinstance(v, property):
         v = v.fget
-    elif isinstance(v, functools.partialmethod | functools.cached_property):
+    elif isinstance(v, _WRAPPING):
         v = v.func
     return v if isinstance(v, types.FunctionType) else None
 
@@ -368,7 +393,14 @@ def _function(v: Any) -> types.FunctionType | None:
 def _unwrapped(v: Any) -> Any:
     """What a class attribute ``v`` runs: a static or class method's callable
     (``staticmethod(partial(...))``); ``v`` itself otherwise."""
-    return v.__func__ if isinstance(v, staticmethod | classmethod) else v
+    return v.__func__ if isinstance(v, _STATIC) else v
+
+
+# (tuples made once: ``staticmethod | classmethod`` in a call built a ``types.UnionType`` at
+# each, ~0.15 us; the walk tells ~60 values a call)
+_STATIC = (staticmethod, classmethod)
+_WRAPPING = (functools.partialmethod, functools.cached_property)
+_NAMESPACES = (dict, types.MappingProxyType)
 
 
 # what a class's ``__call__`` or a module class's ``forward`` may be besides a Python function,
@@ -381,7 +413,7 @@ _CALLABLES = (functools.partial, types.MethodType, *_SCRIPTED, torch.ScriptMetho
 _MRO = type.__dict__["__mro__"].__get__
 _DICT = type.__dict__["__dict__"].__get__
 # the built-in containers, whose methods are not the user's (``_read``)
-_BUILT_IN_CONTAINERS = frozenset((list, tuple, dict))
+_BUILT_IN_CONTAINERS = frozenset((list, tuple, dict, collections.deque, set, frozenset))
 
 
 # the instructions that read an attribute (``self.block``, ``super().forward``: Python 3.12's
@@ -485,7 +517,7 @@ def _told(kind: type) -> int:
     elif isinstance(_unwrapped(_resolved(kind, "__call__")), _CALLABLES) and not _pytorchs(kind):
         found = _OBJECT  # (its class's ``__call__`` a script, partial or module, a static
         # method's: ``__call__ = torch.jit.script(fn)``, read by the walk)
-    elif issubclass(kind, (list, tuple, dict)):
+    elif issubclass(kind, _CONTAINERS):
         found = _OTHER if _pytorchs(kind) else _CONTAINER  # (torch.Size: not followed)
     elif issubclass(kind, type):
         found = _CLASS  # (PyTorch's classes: not followed, ``_held``)
@@ -562,13 +594,34 @@ def cell_contents(fn: Any) -> list[Any]:
     """What the cells of ``fn``'s closure hold (an empty cell, a name bound later: none)."""
     out = []
     for cell in fn.__closure__ or ():
-        with contextlib.suppress(ValueError):
-            out.append(cell.cell_contents)
+        try:  # (not ``contextlib.suppress``: a context manager per cell, ~0.4 us)
+            held = cell.cell_contents
+        except ValueError:
+            continue
+        out.append(held)
     return out
 
 
-# a tuple's and a list's own iterators (``_held``)
-_ITERATE = (tuple.__iter__, list.__iter__)
+# the built-in containers whose items ``_held`` follows (a ``collections.deque``, a set: read
+# as plain objects until walk31, none of their items followed) and each one's own iterator,
+# by the built-in's own method (not a subclass's, which may raise or compute)
+_CONTAINERS = (list, tuple, dict, collections.deque, set, frozenset)
+_ITERATORS: tuple[tuple[type, Callable[[Any], Iterator[Any]]], ...] = (
+    (list, list.__iter__),
+    (tuple, tuple.__iter__),
+    (collections.deque, collections.deque.__iter__),
+    (set, set.__iter__),
+    (frozenset, frozenset.__iter__),
+)
+
+
+def _iterate(obj: Any) -> Iterator[Any]:
+    """An iterator over the items of the container ``obj`` (not a dictionary) by its built-in
+    class's own ``__iter__``."""
+    for base, iterate in _ITERATORS:
+        if isinstance(obj, base):
+            return iterate(obj)
+    return iter(())
 
 
 # the modules of types whose objects are not plain holders (numbers, strings, functions'
@@ -596,13 +649,13 @@ def _named(fn: types.FunctionType) -> list[Any]:
     else) at one call and to a scripted function at a later one is followed there (its
     optimized plan dropped parameter gradients); ``def f(z, act=scripted)`` too. ``torch``,
     ``F`` and constants are skipped by their type's kind."""
-    names = fn.__globals__
-    kinds = _KINDS
-    found: Iterable[Any] = (names.get(n) for n in global_names(fn.__code__))
+    names = fn.__globals__  # (a dictionary's ``get`` mapped in C: no generator)
+    found = list(map(names.get, global_names(fn.__code__)))
     if fn.__defaults__ or fn.__kwdefaults__:  # (most functions have none)
-        found = (*found, *(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values())
-    held = [v for v in found if (kinds.get(id(type(v))) or _kind(type(v))) != _OTHER]
-    return cell_contents(fn) + held
+        found += (*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values())
+    kinds = _KINDS
+    held = [v for v in found if (kinds.get(id(type(v))) or _kind(type(v))) is not _OTHER]
+    return cell_contents(fn) + held if fn.__closure__ else held
 
 
 # the instructions that read a global name (a class body's ``LOAD_NAME`` may; Python 3.12's

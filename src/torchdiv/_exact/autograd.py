@@ -586,10 +586,14 @@ class GraphJacobian:
             or self.y.shape != self.x.shape
         ):
             return None
-        if torch.is_grad_enabled() is self.create_graph:  # (no set_grad_enabled object)
+        create_graph = self.create_graph
+        if torch.is_grad_enabled() is create_graph:  # (no set_grad_enabled object)
             return chain_trace(self.steps, self.y)
-        with torch.set_grad_enabled(self.create_graph):
+        torch._C._set_grad_enabled(create_graph)  # (the switch itself: ``chain.products``)
+        try:
             return chain_trace(self.steps, self.y)
+        finally:
+            torch._C._set_grad_enabled(not create_graph)
 
     def entries(self, start: int, stop: int, summed: bool) -> torch.Tensor | None:
         """Entries ``(i, i)`` of every sample's square Jacobian for ``i`` in ``start..stop-1``,

@@ -55,6 +55,13 @@ def _addmm(g: torch.Tensor, node: Any) -> torch.Tensor:
     return out if alpha == 1 else out * alpha
 
 
+def _elu(g: torch.Tensor, node: Any) -> torch.Tensor:
+    """``elu(self, alpha, scale, input_scale)``'s product (ELU, SELU, CELU)."""
+    return aten.elu_backward(
+        g, node._saved_alpha, node._saved_scale, node._saved_input_scale, False, node._saved_self
+    )
+
+
 # per node type name: the product for the input on the chain, from the node's saved tensors
 # (derivatives.yaml's formulas, each the ATen call the node itself makes at every order; not
 # SiLU's or Mish's, whose nodes call another function under grad mode, not an ATen op)
@@ -67,9 +74,7 @@ _FORMULAS: dict[str, Step] = {
     "GeluBackward0": lambda g, n: aten.gelu_backward(
         g, n._saved_self, approximate=n._saved_approximate
     ),
-    "EluBackward0": lambda g, n: aten.elu_backward(
-        g, n._saved_alpha, n._saved_scale, n._saved_input_scale, False, n._saved_self
-    ),
+    "EluBackward0": _elu,
     "SoftplusBackward0": lambda g, n: aten.softplus_backward(
         g, n._saved_self, n._saved_beta, n._saved_threshold
     ),
@@ -122,7 +127,11 @@ def _off_chain(node: Any, x: torch.Tensor, met: set[type]) -> bool:
     """Whether an input of a chain node that is not on the chain surely does not reach ``x``:
     nothing, a leaf other than ``x``, or the transpose of one (``Linear``'s weight) or an
     expand of one (a time embedding's parameter beside ``x``); the types
-    of the nodes met added to ``met``."""
+    of the nodes met added to ``met``, but ``x``'s own leaf's (a concatenation's input on the
+    chain, asked too): ``met``'s leaves are others' (``chain``'s ``others``), and ``x``'s
+    counted as one made a frozen ``f`` with ``x`` beside constants (zuko's velocity) build its
+    products with ``create_graph``, its result requiring grad through torchdiv's copy of
+    ``x`` (percall31, tests/exact/test_percall31.py)."""
     if node is None:
         return True
     cls = type(node)
@@ -134,8 +143,10 @@ def _off_chain(node: Any, x: torch.Tensor, met: set[type]) -> bool:
             return True
         cls = type(node)
         kind = _kind(cls)
+    if kind is _LEAF and node.variable is x:
+        return False
     met.add(cls)
-    return kind is _LEAF and node.variable is not x
+    return kind is _LEAF
 
 
 def chain(
@@ -325,8 +336,14 @@ def products(
     graph only where ``create_graph`` (as the engine records one)."""
     if torch.is_grad_enabled() is create_graph:  # (no set_grad_enabled object: 3 calls)
         return _applied(steps, cotangents)
-    with torch.set_grad_enabled(create_graph):
+    # the switch itself, put back by ``finally``: a ``set_grad_enabled`` object's
+    # ``__init__``, ``__enter__`` and ``__exit__`` are three Python calls, ~0.7 us (a chain is
+    # taken only eagerly: ``chain``, never while Dynamo traces)
+    torch._C._set_grad_enabled(create_graph)
+    try:
         return _applied(steps, cotangents)
+    finally:
+        torch._C._set_grad_enabled(not create_graph)
 
 
 # adjacent activations of a chain with their width (``trace``)
@@ -383,16 +400,23 @@ def trace(steps: list[tuple[Step, Any]], y: torch.Tensor) -> torch.Tensor | None
     inner = factors[a is not None : len(factors) - (b is not None)]
     if len(inner) not in (1, 3):
         return None
-    k = b @ a if a is not None and b is not None else a if b is None else b
     h1, first = cast(Group, inner[-1])
-    ones = y.new_ones(())
     if len(inner) == 1:
+        k = b @ a if a is not None and b is not None else a if b is None else b
+        ones = y.new_ones(())
         g = (ones if k is None else k.diagonal()).expand(y.shape[0], h1)
-    else:
+    else:  # (K^T as A^T B^T, contiguous: M o K^T of a transposed view took ~6 us, not ~2)
+        kt = (
+            a.t() @ b.t()
+            if a is not None and b is not None
+            else None
+            if a is None and b is None
+            else cast(torch.Tensor, a if b is None else b).t()
+        )
         (h2, second), m = cast(Group, inner[0]), cast(torch.Tensor, inner[1])
-        d2 = _applied(second, ones.expand(y.shape[0], h2))
-        g = d2 * m.diagonal() if k is None else d2 @ (m * k.t())
-    return _applied(first, g).sum(-1)
+        d2 = _slopes(second, y, h2)
+        g = d2 * m.diagonal() if kt is None else d2 @ (m * kt)
+    return _slopes(first, y, h1, g).sum(-1)
 
 
 def widest(steps: list[tuple[Step, Any]], y: torch.Tensor) -> int:
@@ -401,6 +425,38 @@ def widest(steps: list[tuple[Step, Any]], y: torch.Tensor) -> int:
     matrix (an activation's product is as large as the one it gets)."""
     inputs = (node._saved_mat2.shape[0] for step, node in steps if step is _addmm or step is _mm)
     return max(y.numel(), y.shape[0] * max(inputs, default=0))
+
+
+def _slopes(
+    steps: list[tuple[Step, Any]], y: torch.Tensor, width: int, g: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``g`` (``None``: ones, ``(N, width)``) through adjacent activations' formulas in turn
+    (``trace``'s ``D g``). An ELU's whose ``alpha``, ``scale`` and ``input_scale`` are 1 is
+    its derivative ``exp(min(x, 0))`` times ``g`` (``g`` itself where ``g`` is ones) where no
+    graph is recorded through its input ``x`` (grad mode off, or ``x`` not requiring grad:
+    "auto"'s frozen calls): ``elu_backward`` takes ``x <= 0``'s branch ``alpha scale
+    input_scale exp(input_scale x)`` at ``x = 0`` too, 1 there as the other's ``scale`` is;
+    its product with ``g`` is ``elu_backward``'s in ``g``, so a graph through ``g`` alone has
+    its derivative. Not with a graph through ``x``: ``elu_backward``'s own derivative in ``x``
+    is masked by ``x < 0`` (0 at the kink), ``clamp(max=0)``'s by ``x <= 0`` (parameter
+    gradients 2 % off at ``x = 0``: tests/exact/test_percall31.py), and a ``where`` of a
+    scalar takes ~90 us. ~11 us against ``elu_backward``'s ~16 us at ``(256, 64)`` float32,
+    one thread: zuko's velocity (ELU by default) at D = 2, its trace 129 -> 107 us."""
+    for step, node in steps:
+        if (
+            step is _elu
+            and node._saved_alpha == 1
+            and node._saved_scale == 1
+            and node._saved_input_scale == 1
+        ):
+            x = node._saved_self
+            if not (x.requires_grad and torch.is_grad_enabled()):
+                slope = x.clamp(max=0).exp()
+                g = slope if g is None else g * slope
+                continue
+        g = step(y.new_ones(()).expand(y.shape[0], width) if g is None else g, node)
+    assert g is not None  # (a group holds one activation at least)
+    return g
 
 
 def _applied(steps: list[tuple[Step, Any]], g: torch.Tensor) -> torch.Tensor:
@@ -432,8 +488,11 @@ def unit_products(
         return None
     if torch.is_grad_enabled() is create_graph:  # (training: no set_grad_enabled object)
         return _top_rows(steps, start, stop, step, node)
-    with torch.set_grad_enabled(create_graph):
+    torch._C._set_grad_enabled(create_graph)  # (the switch itself: see ``products``)
+    try:
         return _top_rows(steps, start, stop, step, node)
+    finally:
+        torch._C._set_grad_enabled(not create_graph)
 
 
 def _top_rows(
