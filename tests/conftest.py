@@ -21,6 +21,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from torchdiv._core.versions import release
 
+# Python 3.13 warns where a ``functools.partial`` set on a class is read off an instance (3.14
+# binds it as a method): a program of the tests' own that does so (``__call__ = partial(run,
+# net)``, ``act = partial(...)`` read as ``self.act``) warns at its own call, never in
+# torchdiv's walk of it (pyvers31). For ``pytest.mark.filterwarnings``.
+PARTIAL_ON_A_CLASS = "ignore:functools.partial will be a method descriptor:FutureWarning"
+
 
 def tolerances(dtype: torch.dtype) -> dict[str, float]:
     """rtol/atol for comparing two ways of computing the same derivative.

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_close, assert_scripted_as_eager
+from conftest import PARTIAL_ON_A_CLASS, assert_close, assert_scripted_as_eager
 
 import torchdiv
 from torchdiv._core import script
@@ -96,6 +96,7 @@ def test_a_global_forward_hook(nets):
         handle.remove()
 
 
+@pytest.mark.filterwarnings(PARTIAL_ON_A_CLASS)  # (Python 3.13: ``Partial()(z)`` warns)
 def test_a_class_whose_call_is_a_partial_or_a_static_one(nets):
     class Partial:
         __call__ = functools.partial(_run, nets[1])

@@ -21,7 +21,7 @@ import functools
 import inspect
 import os
 from collections.abc import Callable, Iterator
-from types import FrameType
+from types import CodeType, FrameType, FunctionType
 from typing import Any, TypeVar
 
 import torch
@@ -237,7 +237,7 @@ def _checkpointed(exc: BaseException) -> bool | None:
         if code.co_filename == _CHECKPOINT_FILE:
             if "use_reentrant" in frame.f_locals:
                 return frame.f_locals["use_reentrant"] is not False
-            if code.co_qualname.startswith("CheckpointFunction."):
+            if code in _class_codes(_checkpoint.CheckpointFunction):
                 return True
     return None
 
@@ -566,9 +566,29 @@ def _backward_hooked(exc: BaseException) -> bool:
     ``torch.func`` refuses), read off the traceback."""
     return any(
         frame.f_code.co_filename == _HOOKS_FILE
-        and frame.f_code.co_qualname.startswith("BackwardHook.")
+        and frame.f_code in _class_codes(_hooks.BackwardHook)
         for frame in _frames(exc)
     )
+
+
+@functools.cache
+def _class_codes(cls: type) -> frozenset[CodeType]:
+    """The code objects of the class ``cls``'s own functions (its methods, static and class
+    methods, properties' getters) and of those defined in them: the frames whose qualified name
+    is within ``cls``. (``code.co_qualname`` tells that from Python 3.11 on; 3.10 has none: the
+    hints of ``_checkpointed`` and ``_backward_hooked`` raised ``AttributeError`` there,
+    pyvers31.)"""
+    todo = [
+        v.__code__
+        for value in vars(cls).values()
+        if isinstance(v := getattr(value, "fget", getattr(value, "__func__", value)), FunctionType)
+    ]
+    found: set[CodeType] = set()
+    while todo:
+        code = todo.pop()
+        found.add(code)
+        todo += [c for c in code.co_consts if isinstance(c, CodeType)]
+    return frozenset(found)
 
 
 _HOOKS_FILE = _hooks.__file__

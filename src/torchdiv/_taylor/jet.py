@@ -288,7 +288,8 @@ def aligned_jac(a: Jet | torch.Tensor | float, ndim: int) -> torch.Tensor | None
     if not isinstance(a, Jet) or a.jac is None:
         return None
     missing = ndim + 1 - a.jac.dim()
-    return a.jac[(slice(None), *([None] * missing))] if missing > 0 else a.jac
+    # (a tuple sum, not a star inside the subscript: mypy on Python 3.10 refuses that, pyvers31)
+    return a.jac[(slice(None),) + (None,) * missing] if missing > 0 else a.jac
 
 
 def lap_of(a: Jet | torch.Tensor | float) -> torch.Tensor | None:

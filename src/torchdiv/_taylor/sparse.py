@@ -170,7 +170,9 @@ def _aligned(owner: Tensor, nd: int) -> Tensor:
     along the dimensions it was expanded along (stride 0: the same owners, so ``densify``
     keeps a ``jac`` broadcast across samples broadcast)."""
     missing = nd + 1 - owner.dim()
-    owner = owner[(slice(None), *([None] * missing))] if missing > 0 else owner
+    # (a tuple sum, not ``(slice(None), *nones)``: mypy on Python 3.10 refuses a star inside
+    # a subscript, parenthesized too, as 3.11 syntax: pyvers31)
+    owner = owner[(slice(None),) + (None,) * missing] if missing > 0 else owner
     for d, (size, stride) in enumerate(zip(owner.shape, owner.stride(), strict=True)):
         if stride == 0 and size > 1:
             owner = owner.narrow(d, 0, 1)
