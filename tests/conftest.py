@@ -12,7 +12,7 @@ import datetime
 import gc
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -107,6 +107,18 @@ def assert_scripted_as_eager(
     unused = {"allow_unused": True, "materialize_grads": True}  # (a last bias: none)
     expected = torch.autograd.grad(want.sum(), list(eager.parameters()), **unused)
     assert_run_as_written(f, x, "forward", want, expected, scripted)
+
+
+@pytest.fixture
+def nets() -> Iterator[tuple[torch.nn.Module, torch.jit.ScriptModule]]:
+    """A float64 3 -> 6 -> 3 tanh MLP and a scripted copy of it, the same weights: the
+    TorchScript walk's tests (``assert_scripted_as_eager``) run the copy where ``f`` holds it."""
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    eager = eager.double()
+    scripted = torch.jit.script(torch.nn.Sequential(*(m for m in eager)))
+    scripted.load_state_dict(eager.state_dict())
+    yield eager, scripted
 
 
 def carried_columns(monkeypatch: pytest.MonkeyPatch) -> list[int]:

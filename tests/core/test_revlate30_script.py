@@ -34,14 +34,12 @@ def _run(net: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.
 
 
 @pytest.fixture
-def nets() -> Iterator[tuple[torch.nn.Module, torch.jit.ScriptModule]]:
-    torch.manual_seed(0)
-    eager = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-    eager = eager.double()
-    scripted = torch.jit.script(torch.nn.Sequential(*(m for m in eager)))
-    scripted.load_state_dict(eager.state_dict())
-    _Scripted.module = scripted
-    yield eager, scripted
+def nets(
+    nets: tuple[torch.nn.Module, torch.jit.ScriptModule],
+) -> Iterator[tuple[torch.nn.Module, torch.jit.ScriptModule]]:
+    """conftest's ``nets``, the scripted copy also held by ``_Scripted`` meanwhile."""
+    _Scripted.module = nets[1]
+    yield nets
     _Scripted.module = None
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,16 +25,6 @@ from conftest import assert_scripted_as_eager
 from torchdiv._core import script
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's own
-
-
-@pytest.fixture
-def nets() -> Iterator[tuple[torch.nn.Module, torch.jit.ScriptModule]]:
-    torch.manual_seed(0)
-    eager = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-    eager = eager.double()
-    scripted = torch.jit.script(torch.nn.Sequential(*(m for m in eager)))
-    scripted.load_state_dict(eager.state_dict())
-    yield eager, scripted
 
 
 # the scripted module a test binds, named by the functions below as a global
