@@ -436,10 +436,9 @@ def _methods(cls: type, names: Iterable[str], names_read: set[str] | None = None
                     read += attribute_names(v.__code__)
                     if getattr(v, "__wrapped__", None) is not None:  # (a decorated method)
                         read += [n for c in _wrapped(v) for n in attribute_names(c)]
-                if not found and _followed(
-                    v := _unwrapped(held[name])
-                ):  # (a class attribute read off
-                    out.append(v)  # an instance: ``act = staticmethod(scripted)`` too)
+                # (a class attribute read off an instance: ``act = staticmethod(scripted)``)
+                if not found and _followed(v := _unwrapped(held[name])):
+                    out.append(v)
         todo = set(read) - done
     if names_read is not None:
         names_read |= done
