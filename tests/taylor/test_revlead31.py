@@ -111,3 +111,42 @@ def test_a_key_reaching_a_raising_proxy_is_untold(layer):
     x = torch.randn(4, 3, dtype=torch.float64)
     assert cache.structure_key(_Holder(_Raising(layer)), x, 1)[0] is cache.UNTOLD
     assert cache.structure_key(_Holder(layer), x, 1)[0] is not cache.UNTOLD
+
+
+class _Forwarding:
+    """A hand-written proxy claiming its target's class (``__class__``), forwarding what it
+    lacks (``__getattr__``) and its call; its target may be swapped (``proxy._target = m``)."""
+
+    def __init__(self, target: torch.nn.Module) -> None:
+        self._target = target
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return type(self._target)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self._target(z)
+
+
+class _MixingLinear(torch.nn.Linear):
+    """A ``Linear`` (the same parameters) adding its output's mean over the batch."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        y = super().forward(z)
+        return y + y.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("holder", ["object", "closure"])
+def test_a_module_swapped_behind_a_forwarding_proxy_is_watched(layer, holder):
+    """``_held`` read the proxy's own ``__dict__`` and type, its target's parameters through
+    ``__getattr__``: a ``Linear`` swapped for a mixing one of the same parameters kept the
+    key, served the old one's pass (before 8977fbfc too)."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    proxy = _Forwarding(layer)
+    f = _Holder(proxy) if holder == "object" else (lambda run: lambda z: run(z))(proxy)
+    torch.testing.assert_close(torchdiv.divergence(f, x), _reference(f, x), rtol=1e-10, atol=1e-10)
+    proxy._target = _MixingLinear(3, 3, dtype=torch.float64)
+    _divergence_or_refusal(f, x)

@@ -480,7 +480,7 @@ def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
                 found = _held(held)  # Python calls fewer per module, at every call)
             except Exception:
                 continue
-            untold = untold or found[0] is UNTOLD
+            untold = untold or found[0] is UNTOLD or _standing_in(held)
             out += found
         elif type(held) in _FLAGS:
             out.append(held)
@@ -634,6 +634,16 @@ def unread(v: Any) -> bool:
     except Exception:
         return True
     return False
+
+
+def _standing_in(v: Any) -> bool:
+    """Whether ``v``, a module by ``isinstance``, is a proxy claiming its target's class (a
+    hand-written one's ``__class__``, ``wrapt.ObjectProxy``): ``_held`` reads its own type
+    and ``__dict__``, the target's state only where forwarded, so its target swapped for a
+    module of the same parameters that mixes samples kept the key, the old one's pass served
+    (rev-lead31): untold. Not a ``weakref.proxy``, bound to one module for life."""
+    kind = type(v)
+    return not issubclass(kind, torch.nn.Module) and kind not in weakref.ProxyTypes
 
 
 def _modules_in(obj: Any) -> list[Any]:
