@@ -19,7 +19,7 @@ import contextlib
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -201,7 +201,7 @@ def _model_hints(what: str) -> str:
     return hints
 
 
-def _module(v: Any) -> bool:
+def _module(v: Any) -> TypeGuard[torch.nn.Module]:
     """``isinstance(v, torch.nn.Module)``, false where reading ``v``'s ``__class__`` raises:
     a proxy's ``self`` in a frame of the stack (one whose attribute reads raise, run through
     its type's ``__call__``) made the watch's message raise the proxy's error, which dispatch
