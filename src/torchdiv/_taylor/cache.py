@@ -338,10 +338,8 @@ def refusal_key(f: Function, x: torch.Tensor, batch_dims: int) -> Hashable:
     cast: recorded again). A closure's plain tensors are values: one changed still finds the
     refusal, which at worst costs speed (the engines run instead are exact for every ``f``)."""
     f = unwrapped(f)
-    if isinstance(f, torch.nn.Module):
-        modules = [f]
-    else:
-        modules = [m for m in named(f) if isinstance(m, torch.nn.Module)]
+    # (a proxy raising: no module, ``_module``)
+    modules = [f] if isinstance(f, torch.nn.Module) else [m for m in named(f) if _module(m)]
     parameters = tuple((id(p), p.dtype) for m in modules for p in m.parameters())
     return structure_key(f, x, batch_dims), parameters
 
@@ -482,13 +480,14 @@ def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
                 found = _held(held)  # Python calls fewer per module, at every call)
             except Exception:
                 continue
-            untold = untold or found[0] is UNTOLD
+            untold = untold or found[0] is UNTOLD or _standing_in(held)
             out += found
         elif type(held) in _FLAGS:
             out.append(held)
         elif instance(held, _WEAKLY):
             out.append(weakref.ref(held))
-        else:
+        else:  # (one whose class cannot be read: untold, ``unread``)
+            untold = untold or unread(held)
             out.append(id(held))
     return (UNTOLD, *out) if untold else tuple(out)
 
@@ -531,6 +530,8 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
                 yield held
                 if left and not instance(held, type):
                     todo.append((held, left - 1, False))
+            elif unread(held):  # (not callable: ``_reached`` tells the key untold)
+                yield held
             elif left and _plain_object(held):  # (a trainer's ``self``, a ``TrainState``)
                 todo.append((held, left - 1, False))
 
@@ -588,7 +589,8 @@ def _contents(fn: Any) -> list[Any]:
         return [fn.func, *fn.args, *fn.keywords.values()]
     if instance(fn, types.MethodType):
         own = fn.__self__
-        return [own] if isinstance(own, torch.nn.Module) else [fn.__func__, *_attributes(own)]
+        told = _module(own) or unread(own)  # (a proxy unread: held, for ``_reached``)
+        return [own] if told else [fn.__func__, *_attributes(own)]
     if not callable(fn):  # a plain object (``_plain_object``): its flags, modules, containers
         own = _attributes(fn)  # (and the modules of the plain objects it holds)
         inner = [v for o in own if _plain_object(o) for v in _modules_in(o)]
@@ -618,6 +620,30 @@ def instance(v: Any, kinds: type | tuple[type, ...]) -> bool:
         return isinstance(v, kinds)
     except Exception:
         return False
+
+
+def unread(v: Any) -> bool:
+    """Whether reading ``v``'s ``__class__`` raises (``instance`` is false for it): a proxy
+    whose ``__getattribute__`` raises yet whose type's slots (``__call__``, ``__getitem__``)
+    run what it stands for; nothing of that can be told, so a key reaching one is untold,
+    ``f`` watched at every call (told by its ``id`` alone, a module or function swapped in
+    behind it was served the old one's pass, silently, from the lead's thirty-first session
+    until rev-lead31; it had raised before)."""
+    try:
+        v.__class__  # noqa: B018 (the read is the check)
+    except Exception:
+        return True
+    return False
+
+
+def _standing_in(v: Any) -> bool:
+    """Whether ``v``, a module by ``isinstance``, is a proxy claiming its target's class (a
+    hand-written one's ``__class__``, ``wrapt.ObjectProxy``): ``_held`` reads its own type
+    and ``__dict__``, the target's state only where forwarded, so its target swapped for a
+    module of the same parameters that mixes samples kept the key, the old one's pass served
+    (rev-lead31): untold. Not a ``weakref.proxy``, bound to one module for life."""
+    kind = type(v)
+    return not issubclass(kind, torch.nn.Module) and kind not in weakref.ProxyTypes
 
 
 def _modules_in(obj: Any) -> list[Any]:

@@ -29,6 +29,7 @@ from torchdiv._taylor.cache import (
     Same,
     by_items,
     contained_tensors,
+    instance,
     items_of,
     named,
     size,
@@ -467,7 +468,7 @@ def _modules(f: Any) -> Iterator[torch.nn.Module]:
     (``cache.walked``: a module in a plain list, whose numbers ``Numbers`` holds too; a
     module reached twice: twice)."""
     for reached in [f] if isinstance(f, torch.nn.Module) else named(f):
-        if isinstance(reached, torch.nn.Module):
+        if instance(reached, torch.nn.Module):  # (a proxy raising: no)
             yield from walked(reached)
 
 
