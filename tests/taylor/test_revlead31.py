@@ -150,3 +150,19 @@ def test_a_module_swapped_behind_a_forwarding_proxy_is_watched(layer, holder):
     torch.testing.assert_close(torchdiv.divergence(f, x), _reference(f, x), rtol=1e-10, atol=1e-10)
     proxy._target = _MixingLinear(3, 3, dtype=torch.float64)
     _divergence_or_refusal(f, x)
+
+
+def test_a_detection_whose_message_cannot_name_the_module_still_raises(monkeypatch):
+    """Reading the running module for the watch's message raised (a frame's ``self`` that
+    cannot be read): dispatch took the error for an engine that cannot run, and ``f``
+    (``x - x.mean(0)`` before a layer) ran per sample, its divergence silently 0 (the lead,
+    after rev-lead31's design note)."""
+    from torchdiv._core.mixing import tracker
+
+    def unreadable() -> str | None:
+        raise RuntimeError("a frame that cannot be read")
+
+    monkeypatch.setattr(tracker, "_module_in_stack", unreadable)
+    net = torch.nn.Linear(3, 3).double()
+    with pytest.raises(ValueError, match="f mixes samples"):
+        torchdiv.divergence(lambda z: net(z - z.mean(0)), torch.randn(5, 3, dtype=torch.float64))

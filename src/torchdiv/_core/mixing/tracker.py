@@ -759,7 +759,15 @@ class BatchAxes:
             del self.known[id(t)]  # an in-place op the analysis cannot follow
 
     def message(self, func: Any, what: str) -> str:
-        module = _module_in_stack()
+        """The ``BatchInteractionError``'s message for ``what`` mixed by ``func``, naming the
+        running module where it can be read: an error while reading the stack (a frame's
+        ``self`` a proxy that raises) leaves it out, the detection standing (was taken by
+        dispatch for an engine that cannot run: ``f`` ran per sample, unwatched, its
+        cross-sample terms dropped: rev-lead31's design note, the lead)."""
+        try:
+            module = _module_in_stack()
+        except Exception:
+            module = None
         where = f"in {module}, " if module else ""
         return explain(f"{what} ({where}ATen op {func})", self.x, self.batch_dims)
 
