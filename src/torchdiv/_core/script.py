@@ -710,6 +710,19 @@ def attribute(obj: Any, name: str) -> Any:
         return None
 
 
+def instance(v: Any, kinds: type | tuple[type, ...]) -> bool:
+    """``isinstance(v, kinds)`` (a proxy by what it stands for), false where reading ``v``'s
+    ``__class__`` raises: a dead ``weakref.proxy``, an unbound context-local proxy held by
+    ``f`` (a partial's argument, a closure cell, a class's ``__call__``, a frame's ``self``)
+    made every call of ``f`` raise its error until the lead's thirty-first session
+    (rev-late31's reproducer), or the watch's message, taken for an engine that cannot run,
+    ran ``f`` per sample unwatched (rev-lead31)."""
+    try:
+        return isinstance(v, kinds)
+    except Exception:
+        return False
+
+
 def cell_contents(fn: Any) -> list[Any]:
     """What the cells of ``fn``'s closure hold (an empty cell, a name bound later: none)."""
     out = []

@@ -62,7 +62,7 @@ from torchdiv._core.ddp import enter_fsdp
 from torchdiv._core.mixing.errors import allowed
 from torchdiv._core.mixing.reads import VALUE_FREE
 from torchdiv._core.modes import DispatchMode, LiftedHook, checkpointed
-from torchdiv._core.script import attribute, cell_contents, global_names
+from torchdiv._core.script import attribute, cell_contents, global_names, instance
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
     _DECOMPOSITIONS,
@@ -609,17 +609,6 @@ def _module(v: Any) -> bool:
     raises: a ``weakref.proxy`` whose object is gone, held by a trainer's ``self``, made
     every call through it raise ``ReferenceError`` until rev-merges23c."""
     return instance(v, torch.nn.Module)
-
-
-def instance(v: Any, kinds: type | tuple[type, ...]) -> bool:
-    """``isinstance(v, kinds)`` (a proxy by what it stands for), false where reading ``v``'s
-    ``__class__`` raises: a dead ``weakref.proxy``, an unbound context-local proxy held by
-    ``f`` (a partial's argument, a closure cell, a class's ``__call__``) made every call of
-    ``f`` raise its error until the lead's thirty-first session (rev-late31's reproducer)."""
-    try:
-        return isinstance(v, kinds)
-    except Exception:
-        return False
 
 
 def unread(v: Any) -> bool:

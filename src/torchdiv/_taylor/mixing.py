@@ -20,7 +20,7 @@ import torch
 from torchdiv._core.checks import unwrapped
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, unnamed
 from torchdiv._core.mixing.reads import Kept, Verdict
-from torchdiv._core.script import global_names
+from torchdiv._core.script import global_names, instance
 from torchdiv._taylor import RULES, capture
 from torchdiv._taylor.cache import (
     TUPLE_ITEMS,
@@ -29,7 +29,6 @@ from torchdiv._taylor.cache import (
     Same,
     by_items,
     contained_tensors,
-    instance,
     items_of,
     named,
     size,

@@ -19,9 +19,11 @@ import contextlib
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any, TypeGuard
+from typing import Any
 
 import torch
+
+from torchdiv._core.script import instance
 
 
 class _State(threading.local):
@@ -201,25 +203,13 @@ def _model_hints(what: str) -> str:
     return hints
 
 
-def _module(v: Any) -> TypeGuard[torch.nn.Module]:
-    """``isinstance(v, torch.nn.Module)``, false where reading ``v``'s ``__class__`` raises:
-    a proxy's ``self`` in a frame of the stack (one whose attribute reads raise, run through
-    its type's ``__call__``) made the watch's message raise the proxy's error, which dispatch
-    took for an engine that cannot run: ``f`` was then run per sample, its mixing unwatched
-    (rev-lead31)."""
-    try:
-        return isinstance(v, torch.nn.Module)
-    except Exception:
-        return False
-
-
 def _module_in_stack() -> str | None:
     """The innermost ``nn.Module`` whose ``forward`` is running, as ``"Linear"`` or
     ``"BatchNorm1d in train mode"``: who called the op that mixes samples."""
     frame = sys._getframe(1)
     while frame is not None:
-        module = frame.f_locals.get("self")
-        if frame.f_code.co_name == "forward" and _module(module):
+        module: Any = frame.f_locals.get("self")
+        if frame.f_code.co_name == "forward" and instance(module, torch.nn.Module):
             name = type(module).__name__
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
                 name += " in train mode"
