@@ -22,15 +22,6 @@ from torchdiv._core import script
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's own
 
 
-def _nets() -> tuple[torch.nn.Module, torch.jit.ScriptModule]:
-    torch.manual_seed(0)
-    eager = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-    eager = eager.double()
-    scripted = torch.jit.script(torch.nn.Sequential(*(m for m in eager)))
-    scripted.load_state_dict(eager.state_dict())
-    return eager, scripted
-
-
 # the scripted module the functions below name as a global (set by each test)
 _SCRIPTED: torch.jit.ScriptModule | None = None
 
@@ -51,9 +42,9 @@ def assert_run_as_written(f: Callable[[torch.Tensor], torch.Tensor], eager: torc
 
 
 @pytest.fixture
-def scripted_global():
+def scripted_global(nets):
     global _SCRIPTED
-    eager, _SCRIPTED = _nets()
+    eager, _SCRIPTED = nets  # (conftest's pair)
     yield eager
     _SCRIPTED = None
 
