@@ -36,7 +36,7 @@ from torchdiv._core import settings
 from torchdiv._core.script import instance
 from torchdiv._core.subclass import DEAD_LEVEL as _DEAD
 from torchdiv._core.subclass import dead_unwrapped as _plain
-from torchdiv._taylor.cache import named
+from torchdiv._taylor.cache import named, referent
 
 
 def transforming() -> None:
@@ -112,7 +112,9 @@ def unwrap_between_evaluations() -> None:
 def modules_of(f: Any) -> Iterator[torch.nn.Module]:
     """The modules ``f`` is or reaches (``named``) and their submodules, each once."""
     roots = [f] if isinstance(f, torch.nn.Module) else named(f)
-    stack = [root for root in roots if instance(root, torch.nn.Module)]  # (a proxy raising: no)
+    # (a raising proxy: none; a ``weakref.proxy``: its module, which ``Settings`` and the
+    # watch refer to weakly: the proxy took no weak reference, every call raised)
+    stack = [referent(root) for root in roots if instance(root, torch.nn.Module)]
     seen: set[int] = set()
     # each module once: a walk of the ``_modules`` dictionaries (``modules()`` took 25 us
     # for a 3-layer MLP), read from ``__dict__`` (a stand-in claiming to be a module has none)
@@ -122,7 +124,7 @@ def modules_of(f: Any) -> Iterator[torch.nn.Module]:
             seen.add(id(module))
             yield module
             children = vars(module).get("_modules") or {}
-            stack += [child for child in children.values() if child is not None]
+            stack += [referent(child) for child in children.values() if child is not None]
 
 
 def _unwrap(attributes: dict[str, Any]) -> None:

@@ -514,7 +514,9 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
         # (an object's containers: none of its own in ``identity``'s key, see _CONTAINERS)
         owned = owned if items else not instance(fn, (types.FunctionType, functools.partial))
         for held in _items(fn) if items else _contents(fn):
-            if type(held) in _FLAGS:
+            if type(held) in _PROXIES:  # read as what it stands for (dead: ``None``): a
+                held = referent(held)  # function swapped in a global that a proxied
+            if type(held) in _FLAGS:  # function names was served the old one's pass
                 if not items or (owned and type(held) in _MODULE_FLAGS):
                     yield held
             elif by_items(held):
@@ -524,8 +526,6 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
                 if id(held) not in seen:
                     seen.add(id(held))
                     yield held
-            elif type(held) in weakref.ProxyTypes:  # (not a module's: ``_module``)
-                continue  # (dead: ``ReferenceError``; a function's: no weak reference to it)
             elif callable(held):  # a class too, by its id, not looked into
                 yield held
                 if left and not instance(held, type):
@@ -534,6 +534,25 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
                 yield held
             elif left and _plain_object(held):  # (a trainer's ``self``, a ``TrainState``)
                 todo.append((held, left - 1, False))
+
+
+_PROXIES = frozenset(weakref.ProxyTypes)
+
+
+def referent(v: Any) -> Any:
+    """``v``, or what a ``weakref.proxy`` ``v`` stands for (its ``__getattribute__``, read
+    through the proxy, is bound to it; ``None`` where it is dead): a proxy takes no weak
+    reference and hides its target's closure and globals from ``_contents``.
+
+    >>> referent(weakref.proxy(net)) is net
+    True
+    """
+    if type(v) not in _PROXIES:
+        return v
+    try:
+        return v.__getattribute__.__self__
+    except ReferenceError:
+        return None
 
 
 # the containers ``named`` looks into for modules and callables (exactly these types: a
