@@ -64,7 +64,7 @@ def test_a_script_held_by_a_view_or_a_nested_holder(nets, way: str):
     assert nets[1] in script.scripted(f)
 
 
-@pytest.mark.parametrize("maxsize", [None, 8])
+@pytest.mark.parametrize("maxsize", [None, 128])
 def test_what_a_cached_function_has_cached(nets, maxsize: int | None):
     """A getter ``lru_cache``d (unbounded: its results in its cache dictionary; bounded: in its
     linked entries), whose body names a store the script has left: the cache alone holds it."""
@@ -77,6 +77,10 @@ def test_what_a_cached_function_has_cached(nets, maxsize: int | None):
     get("net")
     assert_scripted_as_eager(lambda z: get("net")(z), *nets)
     assert nets[1] in script.scripted(lambda z: get("net")(z))
+    for i in range(script._HELD_ITEMS):  # (more entries: an unbounded cache's first 64
+        store[str(i)] = float(i)  # values are read; a bounded one is not, documented)
+        get(str(i))
+    assert (nets[1] in script.scripted(lambda z: get("net")(z))) is (maxsize is None)
 
 
 def test_nested_holders_are_read_within_a_budget(nets, monkeypatch: pytest.MonkeyPatch):
