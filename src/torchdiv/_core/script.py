@@ -608,7 +608,9 @@ _WRAPPING = (functools.partialmethod, functools.cached_property)
 _NAMESPACES = (dict, types.MappingProxyType)
 # a dictionary's views; with a mapping proxy, containers since walk32, read off their
 # dictionary (``_viewed``)
-_KEYS, _VALUES, _ITEMS = type({}.keys()), type({}.values()), type({}.items())
+_KEYS: type = type({}.keys())
+_VALUES: type = type({}.values())
+_ITEMS: type = type({}.items())
 _VIEWS = (types.MappingProxyType, _KEYS, _VALUES, _ITEMS)
 _CACHED = type(functools.lru_cache(None)(len))  # (``functools._lru_cache_wrapper``)
 
