@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dis
 import functools
+import gc
 import itertools
 import types
 import weakref
@@ -182,8 +183,10 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     bind, callable objects (their class's ``__call__`` and the functions they hold), and a
     function's closure cells, default arguments and the globals its code and the functions
     defined in it name (a scripted activation), ``_FUNCTION_DEPTH`` functions deep; and one level of
-    what holds objects (``_held``): a list, tuple, dictionary, deque or set there (its first
-    ``_HELD_ITEMS`` items: ``partial(run, [scripted])``), a plain object (a bound method's
+    what holds objects (``_held``): a list, tuple, dictionary, deque, set, mapping proxy or
+    dictionary view there (its first ``_HELD_ITEMS`` items: ``partial(run, [scripted])``; and
+    what the holders among them hold, ``_HELD_ITEMS`` items in all: ``_nested``), what an
+    ``lru_cache``d function has cached (``_cached``), a plain object (a bound method's
     ``self``, ``holder.net(z)``) and a class of the user's (``Holder.net(z)``, a module
     class's attribute), each while functions are left to follow, what they hold one fewer
     down. Every object is walked with the most functions left it can be met with: one stack
@@ -289,6 +292,8 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
             elif kind is _CACHE:  # (the function it wraps, at the same depth: C's wrapper
                 todo.append(attribute(obj, "__wrapped__"))  # read as ``functools``' until
                 # rev-late31, its body's globals never read: divergence off)
+                todo += _held(_cached(obj), _CONTAINER)  # (what it has cached: a getter's
+                # loaded script, missed until walk32)
             elif left <= 0:
                 continue
             elif kind is _FUNCTION:
@@ -307,26 +312,124 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
 
 def _held(obj: Any, kind: int) -> list[Any]:
     """What the holder ``obj`` (a ``_CONTAINER``, ``_PLAIN`` object or ``_CLASS``) holds that
-    ``scripted`` follows: a container's first ``_HELD_ITEMS`` items (a dictionary's values),
-    not other holders; the attributes of a plain object or a class of the user's (PyTorch's
-    are not followed) that are modules, scripts or containers."""
+    ``scripted`` follows: a container's first ``_HELD_ITEMS`` items (a dictionary's values)
+    and, of the holders among them, what they hold within a budget (``_nested``); the
+    attributes of a plain object or a class of the user's (PyTorch's are not followed) that
+    are modules, scripts or containers."""
     kinds = _KINDS
-    items: Iterable[Any]
-    if kind is _CONTAINER:  # (by the built-in's own methods: not a subclass's, which may
-        # raise or compute: a lazy mapping's ``values`` importing modules)
-        every = dict.values(obj) if isinstance(obj, dict) else _iterate(obj)
-        items = list(itertools.islice(every, _HELD_ITEMS))  # (taken before their kinds are
-        # told: telling one registers a ``weakref.finalize``, whose registry, a dictionary
-        # walked here, then changed size during the iteration: a RuntimeError)
-        wanted = _IN_CONTAINERS
-    elif kind is _CLASS and _foreign(obj):
+    if kind is _CONTAINER:
+        items = _items(obj, _HELD_ITEMS)
+        out = []
+        holders = []
+        for v in items:
+            what = kinds.get(id(type(v))) or _kind(type(v))
+            if what in _IN_CONTAINERS:
+                out.append(v)
+            elif what in _HOLDERS:
+                holders.append(v)
+        return out + _nested(holders, {id(obj)}) if holders else out
+    if kind is _CLASS and _foreign(obj):
         return []
+    values = _namespace(obj)
+    if not issubclass(type(values), _NAMESPACES):
+        return []
+    return [v for v in values.values() if (kinds.get(id(type(v))) or _kind(type(v))) in _IN_OBJECTS]
+
+
+def _nested(holders: list[Any], seen: set[int]) -> list[Any]:
+    """What the holders a container holds (``[[net]]``, ``{"nets": [net]}``, ``[Holder(net)]``:
+    a container's items, an object's or a class's attributes, ``_namespace``) hold, and the
+    holders among those in turn, breadth first, each once (``seen``), ``_HELD_ITEMS`` items in
+    all: the container's items that ``scripted`` follows (``_IN_CONTAINERS``) and the
+    objects' scripts and modules. The budget bounds the cost by the container's own: a list
+    of 64 lists of numbers reads 128 items, not 4160 (~360 us a call followed in full, the
+    cost that kept nested holders unread until walk32: each such script's optimized plan ran,
+    forward mode's divergence off). A script past the budget is not found (documented)."""
+    kinds = _KINDS
+    out: list[Any] = []
+    spare = _HELD_ITEMS
+    queue = collections.deque(holders)
+    while queue and spare > 0:
+        held = queue.popleft()
+        if id(held) in seen:
+            continue
+        seen.add(id(held))
+        kind = kinds.get(id(type(held))) or _kind(type(held))
+        if kind is _CONTAINER:
+            items, wanted = _items(held, spare), _IN_CONTAINERS
+        elif kind is _CLASS and _foreign(held):
+            continue
+        else:  # (a plain object, a class of the user's)
+            values = _namespace(held)
+            if not issubclass(type(values), _NAMESPACES):
+                continue
+            items, wanted = list(itertools.islice(values.values(), spare)), _IN_OBJECTS
+        spare -= len(items)
+        for v in items:
+            what = kinds.get(id(type(v))) or _kind(type(v))
+            if what in _HOLDERS:
+                queue.append(v)
+            elif what in wanted:
+                out.append(v)
+    return out
+
+
+def _items(obj: Any, n: int) -> list[Any]:
+    """The first ``n`` items of the container ``obj``, by the built-in's own methods (not a
+    subclass's, which may raise or compute: a lazy mapping's ``values`` importing modules): a
+    dictionary's values, a view's or a mapping proxy's (``_viewed``), the others' items.
+    Taken before their kinds are told: telling one registers a ``weakref.finalize``, whose
+    registry, a dictionary walked here, then changed size during the iteration (a
+    RuntimeError)."""
+    if isinstance(obj, dict):
+        every: Iterable[Any] = dict.values(obj)
+    elif isinstance(obj, _VIEWS):
+        every = _viewed(obj)
     else:
-        values = _namespace(obj)
-        if not issubclass(type(values), _NAMESPACES):
-            return []
-        items, wanted = values.values(), _IN_OBJECTS
-    return [v for v in items if (kinds.get(id(type(v))) or _kind(type(v))) in wanted]
+        every = _iterate(obj)
+    return list(itertools.islice(every, n))
+
+
+def _viewed(view: Any) -> Iterable[Any]:
+    """What a ``types.MappingProxyType`` or a dictionary's ``keys()``/``values()``/``items()``
+    view shows, read off the dictionary it refers to, found by ``gc.get_referents`` (C's
+    traversal of the view: its one referent; no code of the user's runs): a dictionary's
+    values (a proxy's, a values view's), keys (a keys view's) or both (an items view's); a
+    proxy of another mapping: that mapping, read as an object (never through its own
+    ``values``, which may compute). Until walk32 each was an object without attributes: a
+    script a ``MappingProxyType`` or ``dict.values()`` held ran its optimized plan."""
+    referents = gc.get_referents(view)
+    mapping = referents[0] if len(referents) == 1 else None
+    if not isinstance(mapping, dict):
+        return () if mapping is None else (mapping,)
+    if isinstance(view, _KEYS):
+        return dict.keys(mapping)
+    if isinstance(view, _ITEMS):
+        return itertools.chain(dict.values(mapping), dict.keys(mapping))
+    return dict.values(mapping)
+
+
+def _cached(wrapper: Any) -> list[Any]:
+    """What the ``functools.lru_cache`` wrapper ``wrapper`` has cached (``functools.cache``'s
+    too), by ``gc.get_referents`` (C's traversal of the wrapper, no code of the user's): a
+    bounded cache visits each entry's key and result, an unbounded one its cache dictionary
+    (the results its values); classes and the wrapper's own ``__dict__`` besides (the function
+    it wraps, ``__wrapped__``: already followed). Read as a list's items by ``_held`` (the
+    first ``_HELD_ITEMS``): a getter's result (``@cache def model(): return
+    torch.jit.load(...)``, whose body names none of it) ran its optimized plan until
+    walk32. A bounded cache of more than ``_HELD_ITEMS`` entries is not read (its entries are
+    reached only by traversing all of them: ~90 us for 4096, 5 ms for 100000; documented),
+    told by C's ``cache_info`` (the type's own method)."""
+    info = _CACHED.cache_info(wrapper)
+    if info.maxsize is not None and info.currsize > _HELD_ITEMS:
+        return []
+    out: list[Any] = []
+    for v in gc.get_referents(wrapper):
+        if type(v) is dict:
+            out += itertools.islice(dict.values(v), _HELD_ITEMS)
+        elif not isinstance(v, type):
+            out.append(v)
+    return out
 
 
 def _read(held: Any, names: tuple[str, ...] | set[str], nested: bool = True) -> list[Any]:
@@ -503,6 +606,12 @@ def _unwrapped(v: Any) -> Any:
 _STATIC = (staticmethod, classmethod)
 _WRAPPING = (functools.partialmethod, functools.cached_property)
 _NAMESPACES = (dict, types.MappingProxyType)
+# a dictionary's views; with a mapping proxy, containers since walk32, read off their
+# dictionary (``_viewed``)
+_KEYS: type = type({}.keys())
+_VALUES: type = type({}.values())
+_ITEMS: type = type({}.items())
+_VIEWS = (types.MappingProxyType, _KEYS, _VALUES, _ITEMS)
 _CACHED = type(functools.lru_cache(None)(len))  # (``functools._lru_cache_wrapper``)
 
 
@@ -516,7 +625,7 @@ _CALLABLES = (functools.partial, types.MethodType, *_SCRIPTED, torch.ScriptMetho
 _MRO = type.__dict__["__mro__"].__get__
 _DICT = type.__dict__["__dict__"].__get__
 # the built-in containers, whose methods are not the user's (``_read``)
-_BUILT_IN_CONTAINERS = frozenset((list, tuple, dict, collections.deque, set, frozenset))
+_BUILT_IN_CONTAINERS = frozenset((list, tuple, dict, collections.deque, set, frozenset, *_VIEWS))
 
 
 # the instructions that read an attribute (``self.block``, ``super().forward``: Python 3.12's
@@ -550,6 +659,8 @@ _CACHE = 13
 _IN_CONTAINERS = frozenset(
     (_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _CACHE)
 )
+# the holders whose items or attributes a container's holders are read for (``_nested``)
+_HOLDERS = frozenset((_CONTAINER, _PLAIN, _CLASS))
 # the kinds ``_read`` reads attributes or methods off (a module's attributes: ``scripted``)
 _READ_OFF = frozenset((_PLAIN, _CLASS, _OBJECT, _OWN_MODULE, _CONTAINER))
 # what a plain object's or a class's attributes are followed as (not its methods, nor the
@@ -738,7 +849,7 @@ def cell_contents(fn: Any) -> list[Any]:
 # the built-in containers whose items ``_held`` follows (a ``collections.deque``, a set: read
 # as plain objects until walk31, none of their items followed) and each one's own iterator,
 # by the built-in's own method (not a subclass's, which may raise or compute)
-_CONTAINERS = (list, tuple, dict, collections.deque, set, frozenset)
+_CONTAINERS = (list, tuple, dict, collections.deque, set, frozenset, *_VIEWS)
 _ITERATORS: tuple[tuple[type, Callable[[Any], Iterator[Any]]], ...] = (
     (list, list.__iter__),
     (tuple, tuple.__iter__),
