@@ -206,3 +206,106 @@ def test_every_method_s_error_through_scan_names_it_and_the_loop(op, method) -> 
         Exception, match=r"(?s)Hint: f calls torch\._higher_order_ops\.scan.*Python loop"
     ):
         op(model, torch.randn(2, T * D, dtype=f64), method=method)
+
+
+# --- associative_scan, nested_compile_region (eager): right in every engine -------------------
+
+
+def _block(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(layer(x))
+
+
+_region = torch.compiler.nested_compile_region(_block)
+
+
+class Repeated(nn.Module):
+    """One block called twice (``g(g(x) * x)``), as a ``nested_compile_region`` (the
+    ``invoke_subgraph`` higher-order op under ``torch.compile``) or a plain function."""
+
+    def __init__(self, as_region: bool) -> None:
+        super().__init__()
+        self.as_region = as_region
+        self.layer = nn.Linear(T * D, T * D, dtype=f64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block = _region if self.as_region else _block
+        return block(self.layer, block(self.layer, x) * x)
+
+
+_FIRST_ORDER = [
+    ("divergence", "auto"),
+    ("divergence", "forward"),
+    ("divergence", "reverse"),
+    ("divergence", "structured"),
+    ("jacobian_diagonal", "structured"),
+    ("jacobian", "auto"),
+    ("hutchinson", "fixed probes"),
+]
+_SECOND_ORDER = ["auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad"]
+
+
+def _first_order(op: str, method: str, f, x: torch.Tensor, jacobian: torch.Tensor):
+    """``op`` by torchdiv and by the loop's Jacobian ``jacobian``."""
+    if op == "hutchinson":  # fixed probes: the estimate is the probes' quadratic forms' mean
+        probes = torchdiv.draw_probes(x, 3, generator=torch.Generator().manual_seed(0))
+        ours = torchdiv.divergence(f, x, method="hutchinson", probes=probes)
+        return ours, torch.einsum("pbi,bij,pbj->b", probes, jacobian, probes) / 3
+    ours = getattr(torchdiv, op)(f, x, method=method)
+    want = {
+        "divergence": jacobian.diagonal(0, 1, 2).sum(-1),
+        "jacobian_diagonal": jacobian.diagonal(0, 1, 2),
+        "jacobian": jacobian,
+    }[op]
+    return ours, want
+
+
+@pytest.mark.parametrize("cls", [SelectiveScan, Repeated])
+@pytest.mark.parametrize(("op", "method"), _FIRST_ORDER)
+def test_first_order_operators_through_eager_hops(cls, op, method) -> None:
+    model, plain = _pair(cls)
+    x = torch.randn(2, T * D, dtype=f64)
+    ours, want = _first_order(op, method, model, x, _loop_jacobian(plain, x))
+    _assert_same(ours, model, want, plain)
+
+
+@pytest.mark.parametrize("cls", [SelectiveScan, Repeated])
+@pytest.mark.parametrize("method", _SECOND_ORDER)
+def test_laplacians_through_eager_hops(cls, method) -> None:
+    model, plain = _pair(cls)
+    x = torch.randn(2, T * D, dtype=f64)
+    _assert_same(
+        torchdiv.laplacian(model, x, method=method), model, _loop_laplacian(plain, x), plain
+    )
+
+
+@pytest.mark.parametrize("cls", [SelectiveScan, Repeated])
+def test_value_grad_laplacian_and_augmented_dynamics_through_eager_hops(cls) -> None:
+    model, plain = _pair(cls)
+    x = torch.randn(2, T * D, dtype=f64)
+    out = torchdiv.value_grad_laplacian(model, x)
+    _assert_same(out.laplacian, model, _loop_laplacian(plain, x), plain)
+    _assert_same(out.gradient, model, _loop_jacobian(plain, x), plain)
+    dynamics = torchdiv.flows.AugmentedDynamics(lambda t, z: model(z), x)
+    _, change = dynamics(torch.tensor(0.0, dtype=f64), (x, torch.zeros(2, dtype=f64)))
+    want = -_loop_jacobian(plain, x).diagonal(0, 1, 2).sum(-1)
+    _assert_same(change.reshape(-1), model, want, plain)
+
+
+# --- compiled ----------------------------------------------------------------------------------
+
+
+def test_compiled_nested_compile_region_s_derivatives_are_its_eager_ones() -> None:
+    """A ``torch.compile``d model calling a ``nested_compile_region`` twice: torchdiv traces
+    its call of a compiled model into one graph, where Dynamo's speculation of the region
+    under the engines' transforms raised "AssertionError: Expected FakeTensor" (PyTorch 2.13)
+    out of every torch.func method and ``"auto"``, without torchdiv's context; the call now
+    runs eagerly there, as for Dynamo's own errors, and is right."""
+    torch._dynamo.reset()
+    model, plain = _pair(Repeated)
+    compiled = torch.compile(model)
+    x = torch.randn(2, T * D, dtype=f64)
+    jacobian = _loop_jacobian(plain, x)
+    for method in ("auto", "reverse"):
+        ours, want = _first_order("divergence", method, compiled, x, jacobian)
+        _assert_same(ours, model, want, plain)
+    _assert_same(torchdiv.laplacian(compiled, x), model, _loop_laplacian(plain, x), plain)
