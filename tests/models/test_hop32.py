@@ -309,3 +309,38 @@ def test_compiled_nested_compile_region_s_derivatives_are_its_eager_ones() -> No
         ours, want = _first_order("divergence", method, compiled, x, jacobian)
         _assert_same(ours, model, want, plain)
     _assert_same(torchdiv.laplacian(compiled, x), model, _loop_laplacian(plain, x), plain)
+
+
+# --- the sample-mixing watch ---------------------------------------------------------------------
+
+
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    return x - x.mean(0)
+
+
+_centring_region = torch.compiler.nested_compile_region(_centre)
+
+
+def test_a_compiled_region_that_centres_the_batch_is_refused_at_the_first_call() -> None:
+    """A compiled function whose ``nested_compile_region`` subtracts the batch mean: the
+    watch runs ``f`` eagerly at the first call, before any traced call, and sees the mean
+    over samples inside the region."""
+    torch._dynamo.reset()
+    weight = torch.randn(T * D, T * D, dtype=f64) / 3
+    compiled = torch.compile(lambda x: torch.tanh(_centring_region(x @ weight)))
+    with pytest.raises(torchdiv.BatchInteractionError, match=r"^divergence: .*mean over samples"):
+        torchdiv.divergence(compiled, torch.randn(3, T * D, dtype=f64))
+
+
+def test_an_associative_scan_along_the_batch_is_refused() -> None:
+    """``associative_scan`` over dimension 0 (a running sum over samples) is sample mixing:
+    refused at the first call; along the sequence (``SelectiveScan`` above) it is not."""
+    weight = torch.randn(T * D, T * D, dtype=f64) / 3
+
+    def running(x: torch.Tensor) -> torch.Tensor:
+        return associative_scan(
+            lambda a, b: a + b, torch.tanh(x @ weight), dim=0, combine_mode="generic"
+        )
+
+    with pytest.raises(torchdiv.BatchInteractionError, match=r"^divergence: f mixes samples"):
+        torchdiv.divergence(running, torch.randn(3, T * D, dtype=f64))
