@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch._higher_order_ops.associative_scan import associative_scan
 from torch._higher_order_ops.scan import scan
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import torchdiv
 from torchdiv._exact.autograd import UndifferentiableBackward
@@ -344,3 +345,52 @@ def test_an_associative_scan_along_the_batch_is_refused() -> None:
 
     with pytest.raises(torchdiv.BatchInteractionError, match=r"^divergence: f mixes samples"):
         torchdiv.divergence(running, torch.randn(3, T * D, dtype=f64))
+
+
+# --- flex_attention ----------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """One head over ``T`` tokens of width ``D`` with a relative-position bias, by
+    ``flex_attention``'s ``score_mod`` or by ``scaled_dot_product_attention`` with the bias
+    as an additive mask (the way out the hint names)."""
+
+    def __init__(self, flex: bool) -> None:
+        super().__init__()
+        self.flex = flex
+        self.qkv = nn.Linear(D, 3 * D, dtype=f64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        q, k, v = self.qkv(x.view(x.shape[0], 1, T, D)).chunk(3, -1)
+        if self.flex:
+            out = flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + 0.3 * (i - j))
+        else:
+            i = torch.arange(T)
+            bias = (0.3 * (i[:, None] - i[None, :])).to(f64)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return out.reshape(x.shape[0], -1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU's refusal (CUDA has a backward)")
+@pytest.mark.parametrize(
+    ("op", "method"), [(torchdiv.divergence, "auto"), (torchdiv.laplacian, "taylor")]
+)
+def test_flex_attention_s_error_on_cpu_names_the_way_out(op, method) -> None:
+    """On CPU every method raised PyTorch's "FlexAttention does not support backward on CPU"
+    without a way out; the hint names scaled_dot_product_attention, whose form of the same
+    attention every method differentiates (the loop's values and parameter gradients)."""
+    model, plain = _pair(Attention)
+    x = torch.randn(2, T * D, dtype=f64)
+    with pytest.raises(
+        Exception, match=r"(?s)Hint: f calls torch\.nn\.attention\.flex_attention.*scaled_dot"
+    ):
+        op(model, x, method=method)
+    ours = op(plain, x, method=method)
+    with sdpa_kernel(SDPBackend.MATH):  # (the fused CPU kernel has no second derivative)
+        if op is torchdiv.laplacian:
+            want = _loop_laplacian(plain, x)
+        else:
+            want = _loop_jacobian(plain, x).diagonal(0, 1, 2).sum(-1)
+        _assert_same(ours, plain, want, plain)
