@@ -209,6 +209,17 @@ def test_every_method_s_error_through_scan_names_it_and_the_loop(op, method) -> 
         op(model, torch.randn(2, T * D, dtype=f64), method=method)
 
 
+def test_check_batch_independence_through_scan_names_it() -> None:
+    """``check_batch_independence`` evaluates ``f`` under the dispatch mode that undoes its
+    changes, which eager ``scan`` cannot run (a FakeTensor assertion): named, with the loop."""
+    model, _ = _pair(LinearRNN)
+    with pytest.raises(
+        Exception,
+        match=r"(?s)^check_batch_independence: .*Hint: f calls torch\._higher_order_ops\.scan",
+    ):
+        torchdiv.check_batch_independence(model, torch.randn(3, T * D, dtype=f64))
+
+
 # --- associative_scan, nested_compile_region (eager): right in every engine -------------------
 
 
