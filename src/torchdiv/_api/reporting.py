@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch._higher_order_ops
+import torch.nn.attention
 import torch.utils.checkpoint as _checkpoint
 import torch.utils.hooks as _hooks
 from torch._C._autograd import _top_saved_tensors_default_hooks
@@ -258,17 +259,35 @@ def _frames(exc: BaseException) -> Iterator[FrameType]:
 
 _CHECKPOINT_FILE = _checkpoint.__file__
 
-# the eager implementations of torch.cond and torch.while_loop (``control_flow``), by file
+# the eager implementations of torch.cond, torch.while_loop and scan (``control_flow``), by file
 _CONTROL_FLOW_FILES = {
-    os.path.join(os.path.dirname(torch._higher_order_ops.__file__), f"{name}.py"): f"torch.{name}"
-    for name in ("cond", "while_loop")
+    os.path.join(os.path.dirname(torch._higher_order_ops.__file__), f"{name}.py"): op
+    for name, op in (
+        ("cond", "torch.cond"),
+        ("while_loop", "torch.while_loop"),
+        ("scan", "torch._higher_order_ops.scan"),
+    )
 }
 
 
+# flex_attention's public function and its higher-order op, whose errors ``_traceback_hint`` names
+_FLEX_ATTENTION_FILES = {
+    os.path.join(os.path.dirname(torch._higher_order_ops.__file__), "flex_attention.py"),
+    os.path.join(os.path.dirname(torch.nn.attention.__file__), "flex_attention.py"),
+}
+
+
+def _flex_attention(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error in its chain) was raised inside ``flex_attention``: on CPU
+    PyTorch 2.13 has no backward of it ("FlexAttention does not support backward on CPU",
+    every method), and the recorders no rule for its higher-order op."""
+    return any(frame.f_code.co_filename in _FLEX_ATTENTION_FILES for frame in _frames(exc))
+
+
 def control_flow(exc: BaseException) -> str | None:
-    """The control-flow op (``"torch.cond"``, ``"torch.while_loop"``) inside which ``exc`` (or
-    an error in its chain) was raised, read off the traceback, or ``None``: their eager forms
-    run under plain autograd's first derivatives only, and fail under ``torch.func``'s
+    """The control-flow op (``"torch.cond"``, ``"torch.while_loop"``, scan's) inside which
+    ``exc`` (or an error in its chain) was raised, read off the traceback, or ``None``: their
+    eager forms run under plain autograd's first derivatives only, and fail under ``torch.func``'s
     transforms, torchdiv's dispatch modes or a second backward pass with PyTorch's internal
     errors (``KeyError: <TransformType.Grad: 2>``, "no rule registered for
     HigherOrderOperator cond")."""
@@ -303,6 +322,11 @@ _COND_WAY = (
     "per sample, x.abs().amax(-1, keepdim=True) > 1) or as a Python if (watched for sample "
     "mixing at every call)."
 )
+_SCAN_WAY = (
+    "Write the scan as a Python loop over its steps (h = step(h, xs[:, t]) for each t; "
+    "torch.compile unrolls it); graph_divergence or graph_jacobian of its output (without "
+    "create_graph) take its first derivatives as it is."
+)
 _WHILE_LOOP_WAY = (
     "Write the loop as a Python loop over its steps (a per-sample stopping rule: mask the "
     "samples done, while active.any()); graph_divergence or graph_jacobian of its output "
@@ -327,7 +351,16 @@ def _traceback_hint(message: str, exc: BaseException | None) -> str | None:
             f"f calls {op}, which PyTorch runs outside torch.compile under plain autograd's "
             "first derivatives only: not under torch.func's transforms or torchdiv's dispatch "
             "modes (every method evaluates f under one), nor twice differentiated. "
-            + (_WHILE_LOOP_WAY if op == "torch.while_loop" else _COND_WAY)
+            + {"torch.while_loop": _WHILE_LOOP_WAY, "torch.cond": _COND_WAY}.get(op, _SCAN_WAY)
+        )
+    if exc is not None and _flex_attention(exc):
+        return (
+            "f calls torch.nn.attention.flex_attention: on CPU PyTorch has no backward of it, "
+            "and torchdiv's recorders (method='structured', 'taylor') have no rule for its "
+            "higher-order op. Write the attention as "
+            "torch.nn.functional.scaled_dot_product_attention (a block mask as a boolean "
+            "attn_mask, a score_mod as an additive float attn_mask), which torchdiv runs on "
+            "its math backend (softmax and matrix products: every method differentiates it)."
         )
     reentrant = None if exc is None else _checkpointed(exc)
     if reentrant:

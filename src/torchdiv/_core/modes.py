@@ -558,11 +558,24 @@ def _compiled_or_eager(
         return _compiled(fn, backend, dynamic)(original, *args, **kwargs)
     # (fullgraph: raised tracing, before any op ran; the recompile limit's is no
     # TorchDynamoException: it crashed the call)
-    except (TorchDynamoException, FailOnRecompileLimitHit) as error:
+    except Exception as error:
+        if not isinstance(error, (TorchDynamoException, FailOnRecompileLimitHit)) and not (
+            _raised_tracing(error)
+        ):
+            raise
         put_back()
         if not isinstance(error, FailOnRecompileLimitHit):  # (a limit of the call's)
             _FAILED.setdefault(original, set()).add(fn)
         return fn(original, *args, **kwargs)  # (eagerly: f's errors named as in eager calls)
+
+
+def _raised_tracing(error: BaseException) -> bool:
+    """Whether Dynamo raised ``error`` while it traced (it marks every such error with its
+    tracer's output), outside its own exception types: a higher-order op's speculation of
+    its subgraph under the engines' transforms (``nested_compile_region``'s
+    ``invoke_subgraph``: "AssertionError: Expected FakeTensor", PyTorch 2.13) left the
+    traced call without torchdiv's context or a way out, where the eager call is right."""
+    return getattr(error, "_torch_dynamo_tracer_output", None) is not None
 
 
 def _process_settings() -> Callable[[], None]:

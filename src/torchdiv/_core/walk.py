@@ -407,6 +407,7 @@ COMPILED = "torch.compile's CompiledFunction"  # the name of a compiled graph's 
 ADJOINT = "torchdiffeq's OdeintAdjointMethod (odeint_adjoint)"  # and the adjoint's
 EXPANDED = "torch's ExpandedWeights (call_for_per_sample_grads)"  # and per-sample layers'
 WHILE_LOOP = "torch.while_loop"  # and torch.while_loop's
+SCAN = "torch._higher_order_ops.scan"  # and scan's (Mamba-style selective scans, linear RNNs)
 
 
 def _once_differentiable(cls: Any) -> bool:
@@ -416,7 +417,18 @@ def _once_differentiable(cls: Any) -> bool:
         or _adjoint(cls)
         or _expanded(cls)
         or _while_loop(cls)
+        or _scan(cls)
     )
+
+
+def _scan(cls: Any) -> bool:
+    """Whether ``cls`` is ``torch._higher_order_ops.scan``'s ``Function`` (eager, outside
+    ``torch.compile``), whose backward runs a scan of the step's VJPs that records no graph
+    (PyTorch 2.13): ``torch.autograd.grad(..., create_graph=True)`` through it returns a
+    gradient that does not require grad, so ``graph_laplacian`` through an RNN written with
+    it was 0 and ``graph_divergence(create_graph=True)``'s parameter gradients lacked its
+    part, silently, until hop32."""
+    return cls.__name__ == "ScanAutogradOp" and cls.__module__.startswith("torch._higher")
 
 
 def _while_loop(cls: Any) -> bool:
@@ -455,4 +467,6 @@ def _name(cls: Any) -> str:
         return EXPANDED
     if _while_loop(cls):
         return WHILE_LOOP
+    if _scan(cls):
+        return SCAN
     return COMPILED if _compiled(cls) else ADJOINT if _adjoint(cls) else cls.__qualname__

@@ -37,6 +37,7 @@ from torchdiv._core.walk import (
     ADJOINT,
     COMPILED,
     EXPANDED,
+    SCAN,
     WHILE_LOOP,
     Found,
     nodes,
@@ -241,6 +242,12 @@ def once_differentiable_error(what: str, names: list[str]) -> str:
             "silently miss their part, so they are refused. Write the loop as a Python loop "
             "(for or while over its steps: differentiated through, and its Python condition "
             "watched for sample mixing at every call)"
+        )
+    if SCAN in names:
+        return (
+            f"torchdiv: f runs torch._higher_order_ops.scan, whose backward (outside "
+            f"torch.compile) records no graph: {what} would silently miss its part, so they are "
+            "refused. Write the scan as a Python loop over its steps (differentiated through)"
         )
     if ADJOINT in names:
         return (
@@ -498,7 +505,7 @@ class GraphJacobian:
                 out = self._batched_vjp(cotangents)
             else:
                 out = vjp(self.y, self.x, cotangents, self.create_graph)
-        except _Unbatchable:
+        except (_Unbatchable, UndifferentiableBackward):  # (the latter its own message)
             raise
         except Exception as error:  # the same walk went through before: not the caller's
             if self._walked and not out_of_memory(error):
