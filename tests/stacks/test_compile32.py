@@ -273,3 +273,66 @@ def test_regional_and_in_place_compilation(how: str, method: str) -> None:
         assert all(
             m._compiled_call_impl is not None for m in (net.blocks if how == "regional" else [net])
         )
+
+
+def _warmed(backend: Counting):
+    torch.manual_seed(0)
+    net = Net().double()
+    eager = copy.deepcopy(net)
+    model = torch.compile(net, backend=backend)
+    x = torch.randn(4, 3, dtype=f64)
+    model(x)
+    torchdiv.divergence(model, x)  # (warmed up: its own call compiled)
+    return net, eager, model, x
+
+
+def _assert_diagonal(net, eager, x, diagonal) -> None:
+    want = jacobians(eager, x).diagonal(dim1=1, dim2=2)
+    torch.testing.assert_close(diagonal, want, **TOL)
+    _assert_gradients(
+        list(net.parameters()), _loss({"d": diagonal}), list(eager.parameters()), _loss({"d": want})
+    )
+
+
+def test_each_operator_compiles_its_own_call() -> None:
+    """Fails without the fix: torchdiv's compiled calls of every operator were one code
+    object's compilations, so the first ``jacobian_diagonal`` of a compiled model after its
+    ``divergence`` was a recompilation: past a recompile limit of 1 it ran eagerly (Dynamo
+    counts per code object; at the default 8, the operators, grad modes and batch sizes of a
+    process shared 8). Now its own first compilation; values and parameter gradients as the
+    eager model's loop; the model still compiled."""
+    backend = Counting()
+    net, eager, model, x = _warmed(backend)
+    compiles = backend.compiles
+    with torch._dynamo.config.patch(recompile_limit=1):
+        diagonal = torchdiv.jacobian_diagonal(model, x)
+    assert backend.compiles == compiles + 1  # (compiled, not run eagerly)
+    _assert_diagonal(net, eager, x, diagonal)
+    runs = backend.runs
+    model(x)
+    assert backend.runs == runs + 1 and backend.compiles == compiles + 1
+
+
+def test_fail_on_recompile_compiles_nothing_new_and_does_not_raise() -> None:
+    """Fails without the fix: under ``set_stance("fail_on_recompile")`` (a warmed-up training
+    loop's guard), torchdiv's first compiled call of an operator raised "Detected recompile",
+    naming torchdiv's ``wrapper``, where the caller's model compiled nothing new. Now it runs
+    eagerly (nothing compiled), the warmed-up operator from its graph; values and parameter
+    gradients as the eager model's loop; the caller's stance as it was, inside and after."""
+    import torch._dynamo.eval_frame as frames
+
+    backend = Counting()
+    net, eager, model, x = _warmed(backend)
+    compiles, runs = backend.compiles, backend.runs
+    with torch.compiler.set_stance("fail_on_recompile"):
+        divergence = torchdiv.divergence(model, x)
+        assert backend.runs > runs  # (its compiled call, warmed up)
+        diagonal = torchdiv.jacobian_diagonal(model, x)
+        assert frames._stance.stance == "fail_on_recompile"
+        with pytest.raises(RuntimeError, match="fail_on_recompile"):  # (the caller's own)
+            model(torch.randn(5, 2, 3, dtype=f64))
+    assert backend.compiles == compiles and frames._stance.stance == "default"
+    torch.testing.assert_close(
+        divergence, jacobians(eager, x).diagonal(dim1=1, dim2=2).sum(1), **TOL
+    )
+    _assert_diagonal(net, eager, x, diagonal)
