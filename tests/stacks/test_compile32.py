@@ -336,3 +336,174 @@ def test_fail_on_recompile_compiles_nothing_new_and_does_not_raise() -> None:
         divergence, jacobians(eager, x).diagonal(dim1=1, dim2=2).sum(1), **TOL
     )
     _assert_diagonal(net, eager, x, diagonal)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stance", ["force_eager", "eager_on_recompile"])
+def test_a_stance_around_the_call(stance: str) -> None:
+    """torchdiv calls ``f`` at new batch sizes and grad modes (a recompilation where the
+    model is compiled): under the caller's stance, right values and parameter gradients at a
+    new size, under ``no_grad`` too; nothing compiled; the stance as it was."""
+    import torch._dynamo.eval_frame as frames
+
+    backend = Counting()
+    net, eager, model, x = _warmed(backend)
+    compiles = backend.compiles
+    x6 = torch.randn(6, 3, dtype=f64)
+    with torch.compiler.set_stance(stance):
+        diagonal = torchdiv.jacobian_diagonal(model, x6)
+        with torch.no_grad():
+            frozen = torchdiv.divergence(model, x6)
+        assert frames._stance.stance == stance
+    assert backend.compiles == compiles and frames._stance.stance == "default"
+    _assert_diagonal(net, eager, x6, diagonal)
+    torch.testing.assert_close(frozen, diagonal.detach().sum(1), **TOL)
+
+
+class _Disabled(Block):
+    @torch.compiler.disable
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("how", ["regional", "in place"])
+def test_a_disabled_submodule_in_a_compiled_model(how: str) -> None:
+    """A ``torch.compiler.disable``d block inside a model compiled in place or regionally:
+    values and parameter gradients as the eager model's loops."""
+    torch.manual_seed(0)
+    backend = Counting()
+    net, lap_net = Net().double(), Net(out=1).double()
+    for m in (net, lap_net):
+        m.blocks[1] = _Disabled().double()
+    eager, lap_eager = copy.deepcopy(net), copy.deepcopy(lap_net)
+    model, lap_model = _compiled(net, how, backend), _compiled(lap_net, how, backend)
+    x = torch.randn(4, 3, dtype=f64)
+    model(x), lap_model(x)
+    probes = torchdiv.draw_probes(x, 3)
+    values = _values(model, lap_model, x, probes, "auto")
+    want = _references(eager, lap_eager, x, probes)
+    for name in values:
+        torch.testing.assert_close(values[name], want[name], **TOL)
+    params = [*net.parameters(), *lap_net.parameters()]
+    _assert_gradients(
+        params, _loss(values), [*eager.parameters(), *lap_eager.parameters()], _loss(want)
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimate", [False, True], ids=["divergence", "estimate"])
+def test_a_cnf_solve_with_dynamic_compiled_dynamics(estimate: bool) -> None:
+    """torchdiffeq's ``odeint`` (RK4, 4 steps) of a CNF whose dynamics are compiled with
+    ``dynamic=True`` (the batch fixed, ``t`` moving; the estimator's probes drawn once): the
+    log-density change and the parameter gradients of a loss of the solve as the same solve
+    whose divergence is a per-sample loop of ``torch.autograd.grad`` on the eager dynamics;
+    at most two graphs (a ``t`` of each type)."""
+    odeint = pytest.importorskip("torchdiffeq").odeint
+    torch.manual_seed(0)
+
+    class Dynamics(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.tanh(self.a(torch.cat([z, t.expand(len(z), 1)], 1))))
+
+    backend = Counting()
+    net = Dynamics().double()
+    eager = copy.deepcopy(net)
+    model = torch.compile(net, backend=backend, dynamic=True)
+    z0 = torch.randn(4, 3, dtype=f64)
+    probes = torchdiv.draw_probes(z0, 2)
+
+    def solve(vf, trace):
+        def rhs(t, state):
+            z = state[0]
+            return vf(t, z), -trace(lambda zz: vf(t, zz), z)
+
+        times = torch.tensor([0.0, 1.0], dtype=f64)
+        start = (z0, torch.zeros(4, dtype=f64))
+        zs, logs = odeint(rhs, start, times, method="rk4", options={"step_size": 0.25})
+        return zs[-1], logs[-1]
+
+    def ours(f, z):
+        if estimate:
+            return torchdiv.estimate_divergence(f, z, probes=probes).value
+        return torchdiv.divergence(f, z)
+
+    def loop(f, z):  # (z is the solver's state: each sample's rows through its graph)
+        rows = []
+        for b in range(len(z)):
+            zb = z[b : b + 1] if z.requires_grad else z[b : b + 1].detach().requires_grad_(True)
+            y = f(zb).reshape(-1)
+            rows.append(
+                torch.stack(
+                    [
+                        torch.autograd.grad(y[i], zb, create_graph=True)[0].reshape(-1)
+                        for i in range(3)
+                    ]
+                )
+            )
+        jac = torch.stack(rows)
+        if estimate:
+            return torch.einsum("kbi,bij,kbj->b", probes, jac, probes) / len(probes)
+        return jac.diagonal(dim1=1, dim2=2).sum(1)
+
+    z1, log1 = solve(model, ours)
+    z2, log2 = solve(eager, loop)
+    torch.testing.assert_close(log1, log2, **TOL)
+    torch.testing.assert_close(z1, z2, **TOL)
+    _assert_gradients(
+        list(net.parameters()),
+        log1.square().sum() + z1.square().sum(),
+        list(eager.parameters()),
+        log2.square().sum() + z2.square().sum(),
+    )
+    assert backend.compiles <= 2
+
+
+@pytest.mark.slow
+def test_a_compiled_training_step_calling_torchdiv() -> None:
+    """``torch.compile(training_step)`` (``fullgraph=False``) around a step whose loss holds a
+    divergence and a Laplacian of a model compiled in place, ``backward()`` in the step: the
+    parameters' ``.grad`` as the eager model's loops (grad of grad), two steps; the only
+    graph break is PyTorch's at ``backward()``."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    backend = Counting()
+    net, lap_net = Net().double(), Net(out=1).double()
+    eager, lap_eager = copy.deepcopy(net), copy.deepcopy(lap_net)
+    net.compile(backend=backend)
+    params = [*net.parameters(), *lap_net.parameters()]
+    x = torch.randn(4, 3, dtype=f64)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        values = {
+            "divergence": torchdiv.divergence(net, x),
+            "laplacian": torchdiv.laplacian(lap_net, x).reshape(-1),
+        }
+        loss = _loss(values)
+        loss.backward()
+        return loss.detach()
+
+    compiled = torch.compile(step, backend=backend)
+    counters.clear()
+    want = {
+        "divergence": jacobians(eager, x).diagonal(dim1=1, dim2=2).sum(1),
+        "laplacian": laplacians(lap_eager, x),
+    }
+    expected = torch.autograd.grad(
+        _loss(want), [*eager.parameters(), *lap_eager.parameters()], allow_unused=True
+    )
+    for _ in range(2):
+        for p in params:
+            p.grad = None
+        torch.testing.assert_close(compiled(x), _loss(want).detach(), **TOL)
+        for p, e in zip(params, expected, strict=True):
+            torch.testing.assert_close(
+                p.grad if p.grad is not None else torch.zeros_like(p),
+                torch.zeros_like(p) if e is None else e,
+                **TOL,
+            )
+    assert sum(counters["graph_break"].values()) <= 1, dict(counters["graph_break"])
