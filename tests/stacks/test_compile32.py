@@ -259,7 +259,12 @@ def test_regional_and_in_place_compilation(how: str, method: str) -> None:
     x = torch.randn(4, 3, dtype=f64)
     model(x), lap_model(x)
     probes = torchdiv.draw_probes(x, 3)
+    config = torch._dynamo.config.get_config_copy()
     values = _values(model, lap_model, x, probes, method)
+    # the caller's state as it was: x, .grad, train flags, Dynamo's config
+    assert not x.requires_grad and all(p.grad is None for p in net.parameters())
+    assert net.training and all(m.training for m in net.modules())
+    assert torch._dynamo.config.get_config_copy() == config
     want = _references(eager, lap_eager, x, probes)
     for name in values:
         torch.testing.assert_close(values[name], want[name], **TOL)
@@ -294,6 +299,7 @@ def _assert_diagonal(net, eager, x, diagonal) -> None:
     )
 
 
+@pytest.mark.slow
 def test_each_operator_compiles_its_own_call() -> None:
     """Fails without the fix: torchdiv's compiled calls of every operator were one code
     object's compilations, so the first ``jacobian_diagonal`` of a compiled model after its
@@ -347,7 +353,7 @@ def test_a_stance_around_the_call(stance: str) -> None:
     import torch._dynamo.eval_frame as frames
 
     backend = Counting()
-    net, eager, model, x = _warmed(backend)
+    net, eager, model, _ = _warmed(backend)
     compiles = backend.compiles
     x6 = torch.randn(6, 3, dtype=f64)
     with torch.compiler.set_stance(stance):
