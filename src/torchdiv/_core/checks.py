@@ -21,7 +21,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from torchdiv._core.modes import DispatchMode, WrongDerivatives
-from torchdiv._core.script import attribute, initialized, scripted
+from torchdiv._core.script import ahead_of_time, attribute, initialized, scripted
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -398,7 +398,16 @@ def check_initialized(fn: str, f: Any) -> None:
         stack += [c for c in m._modules.values() if c is not None]
 
 
-def _refuse_lazy(fn: str, m: torch.nn.Module) -> None:
+def _refuse_lazy(fn: str, m: Any) -> None:
+    """Refuse what ``script.scripted``'s walk met that cannot be differentiated: a lazy module
+    not yet initialized, or an AOTInductor model (``script.ahead_of_time``)."""
+    if ahead_of_time(type(m)):
+        raise TypeError(
+            f"{fn}: f is or calls an AOTInductor model ({type(m).__name__}, from "
+            "torch._inductor.aoti_load_package), which runs compiled kernels without autograd: "
+            "its derivatives cannot be taken (they would read as zeros); pass the eager module "
+            "it was exported from, or torch.export's program.module(), instead"
+        )
     raise ValueError(
         f"{fn}: f has uninitialized parameters (a lazy module, {type(m).__name__}): "
         "call it once on a batch, f(x), to initialize them before differentiating it"

@@ -554,6 +554,10 @@ def _compiled_or_eager(
     from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
     put_back = _process_settings()
+    frames: Any = sys.modules["torch._dynamo.eval_frame"]
+    held = getattr(getattr(frames, "_stance", None), "stance", None) == "fail_on_recompile"
+    if held:
+        _RECOMPILE.enter(functools.partial(_eager_on_recompile, frames))
     try:
         return _compiled(fn, backend, dynamic)(original, *args, **kwargs)
     # (fullgraph: raised tracing, before any op ran; the recompile limit's is no
@@ -567,6 +571,24 @@ def _compiled_or_eager(
         if not isinstance(error, FailOnRecompileLimitHit):  # (a limit of the call's)
             _FAILED.setdefault(original, set()).add(fn)
         return fn(original, *args, **kwargs)  # (eagerly: f's errors named as in eager calls)
+    finally:
+        if held:
+            _RECOMPILE.exit(_put_stance)
+
+
+def _eager_on_recompile(frames: Any) -> Any:
+    """Set Dynamo's stance to "eager_on_recompile" (the caller's "fail_on_recompile" stance's
+    other settings kept) and return the prior one. Under "fail_on_recompile" Dynamo raises
+    wherever it would compile a frame; torchdiv's call of a compiled ``f`` is compiled by
+    torchdiv (``_compiled``), not by the caller, and its first call of an operator (or at a
+    batch size, a grad mode) raised "Detected recompile" naming torchdiv's ``wrapper``, where
+    the caller's model compiled nothing new. Now such a call runs the graphs compiled before
+    and otherwise eagerly, with ``f``'s original, as "eager_on_recompile" does."""
+    prior = frames._stance
+    frames._stance = frames.DynamoStance(
+        "eager_on_recompile", prior.skip_guard_eval_unsafe, prior.backend
+    )
+    return prior
 
 
 def _raised_tracing(error: BaseException) -> bool:
@@ -607,12 +629,30 @@ def _process_settings() -> Callable[[], None]:
 
 def _compiled(fn: Callable[..., Any], backend: Any, dynamic: bool | None) -> Callable[..., Any]:
     """One ``torch.compile`` of ``fn`` (``fullgraph``: ``_compiled_or_eager``) per backend
-    object (kept alive with it: its id is the key; backends need not be hashable)."""
+    object (kept alive with it: its id is the key; backends need not be hashable), each of a
+    code object of its own (``_own_code``)."""
     key = (fn, id(backend), dynamic)
     if key not in _COMPILED:
-        call = torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=True)
+        call = torch.compile(_own_code(fn), backend=backend, dynamic=dynamic, fullgraph=True)
         _COMPILED[key] = backend, call
     return _COMPILED[key][1]
+
+
+def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a decorated operator: ``outside_inference_mode``'s ``wrapper``, one code object
+    for every operator) with a copy of its code object, its own. Dynamo keeps compilations,
+    and counts recompilations, per code object: compiled as it is, every operator's call
+    (``divergence``, ``laplacian``, ...) was a recompilation of one function, so a first
+    ``laplacian`` of a compiled model after its ``divergence`` raised under
+    ``torch.compiler.set_stance("fail_on_recompile")`` (naming torchdiv's ``wrapper``) and
+    all the operators' calls shared one recompile limit (past it: eagerly)."""
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    own = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    own.__kwdefaults__ = fn.__kwdefaults__
+    return functools.update_wrapper(own, fn)
 
 
 @torch.compiler.assume_constant_result  # Dynamo runs it when tracing, instead of tracing it
@@ -674,6 +714,9 @@ _FASTPATH = _Held()  # nn.MultiheadAttention's fast path, off while torchdiv run
 # scaled_dot_product_attention's backends (process-wide flags), the math one alone meanwhile
 _SDPA = _Held()
 _FABRIC = _Held()  # Lightning Fabric's guards (``_fabric_guards_off``), off while torchdiv runs
+# Dynamo's stance, "eager_on_recompile" for torchdiv's compiled call under the caller's
+# "fail_on_recompile" (``_eager_on_recompile``)
+_RECOMPILE = _Held()
 _TRACKERS = _Held()  # module trackers' forward hooks (``_trackers_off``), off while torchdiv runs
 
 

@@ -196,7 +196,8 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     divergence 0). A scripted method (``scripted.encode``) is found as such.
     Each object's kind is read from its type once per type (``_kind``): about 1 us per
     module. ``lazy``: the modules met with uninitialized parameters (lazy modules) are
-    appended to it."""
+    appended to it, and the AOTInductor models met (``ahead_of_time``), which cannot be
+    differentiated either."""
     out: list[Any] = []
     seen: set[int] = set()
     # the module classes whose ``forward`` was pushed (not ``seen``: a class met first as a
@@ -221,6 +222,9 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
             seen.add(id(obj))
             if kind is _SCRIPT:
                 out.append(obj)
+            elif kind is _AHEAD:
+                if lazy is not None:
+                    lazy.append(obj)
             elif kind is _MODULE or kind is _OWN_MODULE:  # its submodules, what forward names
                 children = obj._modules  # (a helper) and holds; (most have none: no list made)
                 if children:
@@ -655,9 +659,11 @@ _CONTAINER, _PLAIN, _CLASS = range(9, 12)
 _OWN_CONTAINER = 12
 # a ``functools.lru_cache``d (``cache``d) function, C's wrapper: the function it wraps
 _CACHE = 13
+# an AOTInductor model (``ahead_of_time``): no autograd, refused (``scripted``'s ``lazy``)
+_AHEAD = 14
 # what a container's items are followed as (not holders: a list of lists of numbers is data)
 _IN_CONTAINERS = frozenset(
-    (_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _CACHE)
+    (_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _CACHE, _AHEAD)
 )
 # the holders whose items or attributes a container's holders are read for (``_nested``)
 _HOLDERS = frozenset((_CONTAINER, _PLAIN, _CLASS))
@@ -665,7 +671,7 @@ _HOLDERS = frozenset((_CONTAINER, _PLAIN, _CLASS))
 _READ_OFF = frozenset((_PLAIN, _CLASS, _OBJECT, _OWN_MODULE, _CONTAINER))
 # what a plain object's or a class's attributes are followed as (not its methods, nor the
 # objects it holds: a trainer's graph of objects)
-_IN_OBJECTS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _CONTAINER))
+_IN_OBJECTS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _CONTAINER, _AHEAD))
 # the attributes every module has (its parameters, buffers, submodules, hooks: dictionaries)
 _MODULE_STATE = frozenset(vars(torch.nn.Module()))
 # the forward hooks and pre-hooks registered for every module (``scripted``)
@@ -730,6 +736,8 @@ def _told(kind: type) -> int:
     """``_kind``'s reading of the class ``kind``."""
     if issubclass(kind, (*_SCRIPTED, torch.ScriptMethod)):
         found = _SCRIPT
+    elif ahead_of_time(kind):
+        found = _AHEAD
     elif issubclass(kind, torch.nn.Module):
         found = _OWN_MODULE if _own(kind) else _MODULE
     elif issubclass(kind, types.MethodType):
@@ -763,6 +771,21 @@ def _told(kind: type) -> int:
     else:
         found = _OTHER
     return found
+
+
+def ahead_of_time(kind: type) -> bool:
+    """Whether ``kind`` is the class (or a subclass) of an AOTInductor model: what
+    ``torch._inductor.aoti_load_package`` returns (``AOTICompiledModel``), or one of the C++
+    runners of ``torch._C._aoti`` (``torch._export.aot_load``'s). Such a model runs compiled
+    C++ kernels without autograd: under every engine its outputs are constants of ``x``, and
+    its derivatives read as zeros (PyTorch's C++ printing an error under ``torch.func``)."""
+    for c in _MRO(kind):
+        module = attribute(c, "__module__")
+        if module == "torch._C._aoti" or (
+            attribute(c, "__name__") == "AOTICompiledModel" and _pytorchs(c)
+        ):
+            return True
+    return False
 
 
 def _remember(table: dict[int, Any], kind: type, value: Any) -> None:
