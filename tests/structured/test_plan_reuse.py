@@ -48,7 +48,7 @@ def mlp(d: int = 6, h: int = 32) -> nn.Module:
 @pytest.mark.parametrize("op", ["divergence", "jacobian_diagonal"])
 def test_reused_plans_give_the_values_and_parameter_gradients_of_fresh_ones(op):
     # (past ROWS_DIAGONAL_WORK_TRAINED: a smaller diagonal goes to plain autograd, unplanned)
-    net, x = mlp(h=96), torch.randn(700, 6, dtype=DOUBLE)
+    net, x = mlp(h=96), torch.randn(1000, 6, dtype=DOUBLE)
     assert crossover.work(net, x, 1) > _structured.ROWS_DIAGONAL_WORK_TRAINED
     fn = getattr(torchdiv, op)
     fn(net, x)  # kept

@@ -596,9 +596,12 @@ def _issue_mlp(d: int) -> nn.Module:
     [
         (2, 4096, False, True),  # a pass per row at any work: rows 1.8 ms, structured 2.9
         (2, 4096, True, True),  # rows 2.0 ms, structured 2.6 (percall24)
-        (8, 256, False, True),  # rows 0.61 ms, structured 0.69 (bench/diagonal_choice.py)
+        (8, 256, False, True),  # rows 0.86 ms, structured 1.28 (bench/diagonal_choice.py)
         (8, 256, True, True),
-        (16, 256, False, False),  # even
+        (16, 256, False, True),  # rows 1.07 ms, structured 1.37 (percall32)
+        (16, 256, True, True),  # rows 1.15 ms, structured 1.60
+        (8, 1024, False, True),  # rows 2.19 ms, structured 2.91
+        (8, 2048, False, False),  # structured 4.1-4.7 ms, rows 5.8
         (8, 4096, False, False),  # structured 5.1 ms, rows 8.5
         (8, 4096, True, False),
         (64, 256, False, False),  # past ROWS_PROBLEM

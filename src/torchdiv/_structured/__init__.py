@@ -57,18 +57,28 @@ _REFUSED = _cache.Refusals()
 # ROWS_PROBLEM``) where their work ``n x B x W`` (``crossover.work``) is at most this (frozen)
 # or ``ROWS_DIAGONAL_WORK_TRAINED`` (parameters that require grad, under grad mode: the
 # columns then carry their graph), for a module without convolutions (``rows_diagonal``). Per
-# sample, the structured engine's diagonal of a chain costs ~0.55-0.65x the rows' backward
-# passes, but each call also checks its recording and builds the chain's factors (~0.3 ms of
-# Python at any size, one thread): the rows win below the work where the two meet.
-# Structured / rows, tanh MLPs D -> w -> w -> D, thread CPU time, one thread
-# (bench/diagonal_choice.py, medians of 5 rounds, a loaded 2-core machine), work in units of
-# 2**20: frozen, w = 64: 1.15 at 5.1 (D = 8, B = 128), 1.12 at 10.3 (B = 256), 1.10 at 12.3
-# (D = 16, B = 128), 1.05 at 15.4 (D = 8, B = 384), 0.95 at 20.5 (B = 512) and 24.6 (D = 16,
-# B = 256), 0.53 at 164 (D = 8, B = 4096); w = 256: 1.11 at 16.6 (D = 4, B = 64), 1.04-1.06
-# at 33-34, 0.94-1.00 from 66 on. Trained, w = 64: 1.23 at 5.1, 1.14 at 10.3, 1.06 at 20.5
-# and 24.6, 0.95 at 32.6 (D = 32, B = 128), 0.85-0.90 from 36.8 on.
-ROWS_DIAGONAL_WORK = 20 << 20
-ROWS_DIAGONAL_WORK_TRAINED = 28 << 20
+# sample, the structured engine's diagonal of a chain costs less than the rows' backward
+# passes at large batches, but each call also checks its recording and builds the chain's
+# factors (Python at any size, one thread): the rows win below the work where the two meet.
+# Structured / rows, tanh MLPs D -> w -> w -> D, thread CPU time, one thread, alternated in
+# one process (bench/diagonal_choice.py, medians of 5-7 rounds, a 2-core machine shared with
+# other sessions; percall32, after the chain's rows lost most of their Python, percall30-31),
+# work in units of 2**20, frozen / trained: w = 64: 1.75 / 1.82 at 5.1 (D = 8, B = 128),
+# 1.48 / 1.53 at 10.3 (B = 256), 1.41 / 1.45 at 15.4, 1.48 / 1.36 at 20.5 (B = 512), 1.28 /
+# 1.39 at 24.6 (D = 16, B = 256), 1.24 / 1.25 at 32.6 (D = 32, B = 128), 1.23 / 1.35 at 36.8,
+# 1.33 / 1.25 at 41.1 (D = 8, B = 1024; 1.04 / 1.12 in a second run), 1.21 / 1.27 at 33.8
+# (D = 12, B = 512), 1.16 / 1.06 at 42.3 (B = 640), 1.56 / 1.22 at 37.0 (D = 4, B = 2048),
+# 1.07 / 1.41 at 46.3 (B = 2560), 1.18 / 1.22 at 49.1 (D = 16, B = 512, just past the
+# limit); from ~60 the two meet, by the batch more than by the work: 0.97 / 0.97 at 61.6
+# (D = 8, B = 1536), 1.20 / 1.01 at 61.4 (D = 16, B = 640), 0.92 / 0.97 at 65.2 (D = 32,
+# B = 256), 0.93-1.25 / 1.19-1.39 at 73.7 (D = 16, B = 768, two runs), 0.71-0.81 / 1.02-1.19
+# at 82.1 (D = 8, B = 2048), 0.56 / 1.45 at 164 (B = 4096). w = 256: 1.12 / 1.14 at 68.5
+# (D = 8, B = 128), 1.22 / 1.09 at 103. The earlier limits (20 / 28, measured before
+# percall30-31 cut the rows' Python) left D = 8, B = 512 and D = 16, B = 256 (frozen: 1.48x,
+# 1.28x) and D = 16, B = 384, D = 32, B = 128, D = 8, B = 1024 (both: 1.04-1.35x) to the
+# slower engine.
+ROWS_DIAGONAL_WORK = 48 << 20
+ROWS_DIAGONAL_WORK_TRAINED = 48 << 20
 
 
 def chosen(method: str, f: Function, x: torch.Tensor, batch_dims: int) -> bool:
