@@ -834,6 +834,31 @@ def instance(v: Any, kinds: type | tuple[type, ...]) -> bool:
         return False
 
 
+# the types of ``weakref.proxy`` objects (``referent``)
+PROXIES = frozenset(weakref.ProxyTypes)
+
+
+def referent(v: Any) -> Any:
+    """``v``, or what a ``weakref.proxy`` ``v`` stands for, read off a method bound to it
+    through the proxy: an object's ``__getattribute__``, a class's ``mro`` (a class's own
+    ``__getattribute__`` is its instances', unbound: no ``__self__``); ``None`` where it is
+    dead or its target's attribute reads raise (an object whose ``__getattribute__`` raises:
+    until rev-merges32 both made every call of ``f`` raise). A proxy takes no weak reference
+    and hides its target's closure and globals. An object forwarding every attribute read
+    (``__getattribute__`` of its own) reads as the object it forwards to.
+
+    >>> referent(weakref.proxy(net)) is net
+    True
+    """
+    if type(v) not in PROXIES:
+        return v
+    try:
+        bound = v.mro if instance(v, type) else v.__getattribute__
+        return bound.__self__
+    except Exception:  # (dead: ``ReferenceError``; or the target's own error)
+        return None
+
+
 def cell_contents(fn: Any) -> list[Any]:
     """What the cells of ``fn``'s closure hold (an empty cell, a name bound later: none)."""
     out = []

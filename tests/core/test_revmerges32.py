@@ -1,0 +1,62 @@
+"""rev-merges32: review of walk32's TorchScript walk and the lead's ``cache.referent``.
+
+- A scripted module that ``f`` reaches through a weak reference (a ``weakref.proxy`` of it, a
+  ``weakref.ref`` called in ``f``, a ``weakref.WeakValueDictionary`` registry or a
+  ``weakref.WeakSet``, each also held in a list or by an object) was not walked: its
+  optimized plan, made by the runs outside torchdiv, ran, forward mode's divergence off and
+  parameter gradients gone.
+- ``cache.referent`` read a proxy's target by ``proxy.__getattribute__.__self__``: a proxy of
+  a class (an unbound slot wrapper, no ``__self__``) and a proxy of an object whose
+  ``__getattribute__`` raises made every call of ``f`` raise (``AttributeError``, the
+  object's own error) where the commit before it gave the right divergence.
+
+References: per-sample ``autograd.grad`` loops on an eager copy, values and parameter
+gradients (conftest's ``assert_scripted_as_eager``, the scripted copy run three times outside
+torchdiv first), and float64 per-sample loops (``reference_divergence``); float64 round-off of
+3-6-3 and 3-8-3 tanh nets: ``assert_close``'s float64 tolerances."""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    assert_close,
+    assert_same_parameter_gradients,
+    reference_divergence,
+    tanh_mlp,
+)
+
+import torchdiv
+from torchdiv._taylor.cache import referent
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's own
+
+
+class _Raising:
+    """An object whose every attribute read raises (a context-local proxy not bound)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        raise RuntimeError(f"unbound: {name}")
+
+
+class _Layer(torch.nn.Module):
+    pass
+
+
+@pytest.mark.parametrize("target", ["class", "raising"])
+@pytest.mark.parametrize("method", ["auto", "forward"])
+def test_a_proxy_whose_target_has_no_bound_getattribute(target: str, method: str):
+    net = tanh_mlp(3, 8, 3)
+    held = _Layer if target == "class" else _Raising()
+    proxy = weakref.proxy(held)
+    f = functools.partial(lambda p, z: net(z) if p is not None else z, proxy)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    ours = torchdiv.divergence(f, x, method=method)
+    want = reference_divergence(net, x)
+    assert_close(ours, want)
+    assert_same_parameter_gradients(net, ours.square().sum(), want.square().sum())
+    assert referent(proxy) is (_Layer if target == "class" else None)
