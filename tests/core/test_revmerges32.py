@@ -26,14 +26,74 @@ import torch
 from conftest import (
     assert_close,
     assert_same_parameter_gradients,
+    assert_scripted_as_eager,
     reference_divergence,
     tanh_mlp,
 )
 
 import torchdiv
+from torchdiv._core import script
 from torchdiv._taylor.cache import referent
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's own
+
+
+class _Holder:
+    def __init__(self, net: Any) -> None:
+        self.lr, self.net = 0.1, net
+
+
+class _Runner:
+    """A trainer's object: a method running its script, a partial binding it."""
+
+    def __init__(self, net: Any) -> None:
+        self.net, self.act = net, functools.partial(_run, net)
+
+    def step(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+def _run(net: Any, z: torch.Tensor) -> torch.Tensor:
+    return net(z)
+
+
+def _weakly(net: Any, keep: list[Any]) -> dict[str, Any]:
+    """Each way ``f`` reaches ``net`` weakly, ``f`` a partial binding the holder (``keep``:
+    what must outlive the test's calls)."""
+    registry: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary(model=net)
+    members: weakref.WeakSet[Any] = weakref.WeakSet([net])
+    runner = _Runner(net)
+    keep += [registry, members, runner]
+    ways: dict[str, tuple[Any, Any]] = {
+        "proxy": (weakref.proxy(net), lambda h, z: h(z)),
+        "ref called": (weakref.ref(net), lambda h, z: h()(z)),
+        "weak value dictionary": (registry, lambda h, z: h["model"](z)),
+        "weak set": (members, lambda h, z: next(iter(h))(z)),
+        "proxy in a list": ([weakref.proxy(net)], lambda h, z: h[0](z)),
+        "ref held by an object": (_Holder(weakref.ref(net)), lambda h, z: h.net()(z)),
+        "ref held by an object in a list": (
+            [_Holder(weakref.ref(net))],
+            lambda h, z: h[0].net()(z),
+        ),
+        "weak method": (weakref.WeakMethod(runner.step), lambda h, z: h()(z)),
+    }
+    out = {way: functools.partial(body, held) for way, (held, body) in ways.items()}
+    # (a proxy in a closure, what ``f`` reads off it a partial: by ``_read`` of its target)
+    out["proxy read by name"] = (lambda p: lambda z: p.act(z))(weakref.proxy(runner))
+    return out
+
+
+@pytest.mark.parametrize("way", list(_weakly(torch.nn.Identity(), [])))
+def test_a_script_reached_weakly_runs_unoptimized(nets, way: str):
+    keep: list[Any] = []  # (the registry, the set, the runner: alive through the test)
+    f = _weakly(nets[1], keep)[way]
+    assert_scripted_as_eager(f, *nets)
+    assert nets[1] in script.scripted(f)
+
+
+def test_a_dead_reference_is_not_followed(nets):
+    f = functools.partial(lambda h, z: h()(z) if h() is not None else z, weakref.ref(_Holder(1)))
+    assert script.scripted(f) == []
 
 
 class _Raising:

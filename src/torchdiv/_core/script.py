@@ -186,7 +186,8 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     what holds objects (``_held``): a list, tuple, dictionary, deque, set, mapping proxy or
     dictionary view there (its first ``_HELD_ITEMS`` items: ``partial(run, [scripted])``; and
     what the holders among them hold, ``_HELD_ITEMS`` items in all: ``_nested``), what an
-    ``lru_cache``d function has cached (``_cached``), a plain object (a bound method's
+    ``lru_cache``d function has cached (``_cached``), what a weak reference or proxy refers
+    to (``_target``: a ``WeakValueDictionary``'s values too), a plain object (a bound method's
     ``self``, ``holder.net(z)``) and a class of the user's (``Holder.net(z)``, a module
     class's attribute), each while functions are left to follow, what they hold one fewer
     down. Every object is walked with the most functions left it can be met with: one stack
@@ -294,6 +295,9 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 # rev-late31, its body's globals never read: divergence off)
                 todo += _held(_cached(obj), _CONTAINER)  # (what it has cached: a getter's
                 # loaded script, missed until walk32)
+            elif kind is _REFERENCE:  # what a weak reference or proxy refers to, at the same
+                todo.append(_target(obj))  # depth (a registry's ``WeakValueDictionary``, a
+                # callback's ``weakref.ref(net)``: missed until rev-merges32, divergence off)
             elif left <= 0:
                 continue
             elif kind is _FUNCTION:
@@ -443,6 +447,9 @@ def _read(held: Any, names: tuple[str, ...] | set[str], nested: bool = True) -> 
     in a helper, ``self.step(z)`` running ``self.state.net(z)``: missed until rev-merges31).
     Only the names read are looked up: a trainer's other methods and objects are not."""
     kind = _KINDS.get(id(type(held))) or _kind(type(held))
+    if kind is _REFERENCE:  # (``holder.net(z)`` through a proxy: its target's attributes)
+        held = referent(held)
+        kind = _KINDS.get(id(type(held))) or _kind(type(held))
     if issubclass(type(held), type):  # (a class whose metaclass has a ``__call__``: an
         # ``Enum``'s; by its type: ``isinstance`` reads a proxy's ``__class__``, which raised)
         kind = _CLASS
@@ -655,9 +662,11 @@ _CONTAINER, _PLAIN, _CLASS = range(9, 12)
 _OWN_CONTAINER = 12
 # a ``functools.lru_cache``d (``cache``d) function, C's wrapper: the function it wraps
 _CACHE = 13
+# a weak reference or a ``weakref.proxy``: what it refers to (``_target``)
+_REFERENCE = 14
 # what a container's items are followed as (not holders: a list of lists of numbers is data)
 _IN_CONTAINERS = frozenset(
-    (_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _CACHE)
+    (_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _CACHE, _REFERENCE)
 )
 # the holders whose items or attributes a container's holders are read for (``_nested``)
 _HOLDERS = frozenset((_CONTAINER, _PLAIN, _CLASS))
@@ -665,7 +674,7 @@ _HOLDERS = frozenset((_CONTAINER, _PLAIN, _CLASS))
 _READ_OFF = frozenset((_PLAIN, _CLASS, _OBJECT, _OWN_MODULE, _CONTAINER))
 # what a plain object's or a class's attributes are followed as (not its methods, nor the
 # objects it holds: a trainer's graph of objects)
-_IN_OBJECTS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _CONTAINER))
+_IN_OBJECTS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _CONTAINER, _REFERENCE))
 # the attributes every module has (its parameters, buffers, submodules, hooks: dictionaries)
 _MODULE_STATE = frozenset(vars(torch.nn.Module()))
 # the forward hooks and pre-hooks registered for every module (``scripted``)
@@ -730,6 +739,8 @@ def _told(kind: type) -> int:
     """``_kind``'s reading of the class ``kind``."""
     if issubclass(kind, (*_SCRIPTED, torch.ScriptMethod)):
         found = _SCRIPT
+    elif issubclass(kind, _WEAK):  # (before callable objects: a reference is called)
+        found = _REFERENCE
     elif issubclass(kind, torch.nn.Module):
         found = _OWN_MODULE if _own(kind) else _MODULE
     elif issubclass(kind, types.MethodType):
@@ -857,6 +868,22 @@ def referent(v: Any) -> Any:
         return bound.__self__
     except Exception:  # (dead: ``ReferenceError``; or the target's own error)
         return None
+
+
+def _target(v: Any) -> Any:
+    """What the weak reference or ``weakref.proxy`` ``v`` refers to (``None``: dead): a
+    reference's by ``weakref.ref``'s own ``__call__`` (C's, not a subclass's), told by its
+    type (``isinstance`` reads a proxy's ``__class__``, its target's, which may raise); a
+    proxy's by ``referent``; a ``weakref.WeakMethod``'s bound method (the standard library's
+    ``__call__``: a reference's own gives the method's object, not its function)."""
+    kind = type(v)
+    if issubclass(kind, weakref.WeakMethod):
+        return weakref.WeakMethod.__call__(v)
+    return weakref.ref.__call__(v) if issubclass(kind, weakref.ref) else referent(v)
+
+
+# the weak references (a ``WeakValueDictionary``'s ``KeyedRef``, a ``WeakSet``'s) and proxies
+_WEAK = (weakref.ref, *weakref.ProxyTypes)
 
 
 def cell_contents(fn: Any) -> list[Any]:
