@@ -120,3 +120,15 @@ def test_a_proxy_whose_target_has_no_bound_getattribute(target: str, method: str
     assert_close(ours, want)
     assert_same_parameter_gradients(net, ours.square().sum(), want.square().sum())
     assert referent(proxy) is (_Layer if target == "class" else None)
+
+
+def test_a_small_holder_beside_a_large_one_is_read_first(nets):
+    """A training state bound to a step, ``{"config": <70 hyperparameters>, "models":
+    {"flow": net}}``: read breadth first in order, the configuration spent the 64 items and
+    the models' dictionary was never read (its script's optimized plan ran, divergence off);
+    each level's holders are read smallest first."""
+    config = {f"h{i}": 0.1 for i in range(script._HELD_ITEMS + 6)}
+    state = {"config": config, "models": {"flow": nets[1]}}
+    f = functools.partial(lambda s, z: s["models"]["flow"](z), state)
+    assert_scripted_as_eager(f, *nets)
+    assert nets[1] in script.scripted(f)

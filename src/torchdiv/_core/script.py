@@ -343,39 +343,59 @@ def _held(obj: Any, kind: int) -> list[Any]:
 def _nested(holders: list[Any], seen: set[int]) -> list[Any]:
     """What the holders a container holds (``[[net]]``, ``{"nets": [net]}``, ``[Holder(net)]``:
     a container's items, an object's or a class's attributes, ``_namespace``) hold, and the
-    holders among those in turn, breadth first, each once (``seen``), ``_HELD_ITEMS`` items in
-    all: the container's items that ``scripted`` follows (``_IN_CONTAINERS``) and the
-    objects' scripts and modules. The budget bounds the cost by the container's own: a list
-    of 64 lists of numbers reads 128 items, not 4160 (~360 us a call followed in full, the
-    cost that kept nested holders unread until walk32: each such script's optimized plan ran,
-    forward mode's divergence off). A script past the budget is not found (documented)."""
+    holders among those in turn, breadth first, each level's smallest first (``_size``), each
+    once (``seen``), ``_HELD_ITEMS`` items in all: the container's items that ``scripted``
+    follows (``_IN_CONTAINERS``) and the objects' scripts and modules. The budget bounds the
+    cost by the container's own: a list of 64 lists of numbers reads 128 items, not 4160
+    (~360 us a call followed in full, the cost that kept nested holders unread until walk32:
+    each such script's optimized plan ran, forward mode's divergence off). Smallest first: a
+    training state ``{"config": <70 numbers>, "models": {"flow": net}}`` spent the budget on
+    its configuration until rev-merges32 (divergence off). A script past the budget is not
+    found (documented)."""
     kinds = _KINDS
     out: list[Any] = []
     spare = _HELD_ITEMS
-    queue = collections.deque(holders)
-    while queue and spare > 0:
-        held = queue.popleft()
-        if id(held) in seen:
-            continue
-        seen.add(id(held))
-        kind = kinds.get(id(type(held))) or _kind(type(held))
-        if kind is _CONTAINER:
-            items, wanted = _items(held, spare), _IN_CONTAINERS
-        elif kind is _CLASS and _foreign(held):
-            continue
-        else:  # (a plain object, a class of the user's)
-            values = _namespace(held)
-            if not issubclass(type(values), _NAMESPACES):
+    level = holders
+    while level and spare > 0:
+        if len(level) > 1:
+            level.sort(key=_size)
+        below: list[Any] = []
+        for held in level:
+            if spare <= 0:
+                break
+            if id(held) in seen:
                 continue
-            items, wanted = list(itertools.islice(values.values(), spare)), _IN_OBJECTS
-        spare -= len(items)
-        for v in items:
-            what = kinds.get(id(type(v))) or _kind(type(v))
-            if what in _HOLDERS:
-                queue.append(v)
-            elif what in wanted:
-                out.append(v)
+            seen.add(id(held))
+            kind = kinds.get(id(type(held))) or _kind(type(held))
+            if kind is _CONTAINER:
+                items, wanted = _items(held, spare), _IN_CONTAINERS
+            elif kind is _CLASS and _foreign(held):
+                continue
+            else:  # (a plain object, a class of the user's)
+                values = _namespace(held)
+                if not issubclass(type(values), _NAMESPACES):
+                    continue
+                items, wanted = list(itertools.islice(values.values(), spare)), _IN_OBJECTS
+            spare -= len(items)
+            for v in items:
+                what = kinds.get(id(type(v))) or _kind(type(v))
+                if what in _HOLDERS:
+                    below.append(v)
+                elif what in wanted:
+                    out.append(v)
+        level = below
     return out
+
+
+def _size(held: Any) -> int:
+    """How many items the holder ``held`` shows, by its built-in class's own ``__len__`` (C's:
+    not a subclass's, nor a mapping proxy's, which asks the mapping it shows); 0 for an
+    object, a class or a mapping proxy (their attributes: read first)."""
+    kind = type(held)
+    for base, length in _LENGTHS:
+        if issubclass(kind, base):
+            return length(held)
+    return 0
 
 
 def _items(obj: Any, n: int) -> list[Any]:
@@ -909,6 +929,12 @@ _ITERATORS: tuple[tuple[type, Callable[[Any], Iterator[Any]]], ...] = (
     (set, set.__iter__),
     (frozenset, frozenset.__iter__),
 )
+
+
+# each built-in container's (and dictionary view's) own ``__len__`` (``_size``)
+_LENGTHS: tuple[tuple[type, Callable[[Any], int]], ...] = tuple(
+    (base, base.__len__) for base in (dict, list, tuple, collections.deque, set, frozenset)
+) + tuple((view, view.__len__) for view in (_KEYS, _VALUES, _ITEMS))
 
 
 def _iterate(obj: Any) -> Iterator[Any]:
