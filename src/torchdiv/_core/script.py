@@ -357,8 +357,9 @@ def _nested(holders: list[Any], seen: set[int]) -> list[Any]:
     spare = _HELD_ITEMS
     level = holders
     while level and spare > 0:
-        if len(level) > 1:
-            level.sort(key=_size)
+        if len(level) > 1:  # (built-in containers alone, the most met: by ``len``, C's)
+            exact = all(type(held) in _LENGTH_OF for held in level)
+            level.sort(key=len if exact else _size)
         below: list[Any] = []
         for held in level:
             if spare <= 0:
@@ -392,6 +393,9 @@ def _size(held: Any) -> int:
     not a subclass's, nor a mapping proxy's, which asks the mapping it shows); 0 for an
     object, a class or a mapping proxy (their attributes: read first)."""
     kind = type(held)
+    length = _LENGTH_OF.get(kind)  # (a built-in's: the most met, no ``issubclass`` of each)
+    if length is not None:
+        return length(held)
     for base, length in _LENGTHS:
         if issubclass(kind, base):
             return length(held)
@@ -935,6 +939,7 @@ _ITERATORS: tuple[tuple[type, Callable[[Any], Iterator[Any]]], ...] = (
 _LENGTHS: tuple[tuple[type, Callable[[Any], int]], ...] = tuple(
     (base, base.__len__) for base in (dict, list, tuple, collections.deque, set, frozenset)
 ) + tuple((view, view.__len__) for view in (_KEYS, _VALUES, _ITEMS))
+_LENGTH_OF: dict[type, Callable[[Any], int]] = dict(_LENGTHS)
 
 
 def _iterate(obj: Any) -> Iterator[Any]:
