@@ -907,7 +907,7 @@ def _target(v: Any) -> Any:
 
 
 # the weak references (a ``WeakValueDictionary``'s ``KeyedRef``, a ``WeakSet``'s) and proxies
-_WEAK = (weakref.ref, *weakref.ProxyTypes)
+_WEAK: tuple[type, ...] = (weakref.ref, *weakref.ProxyTypes)
 
 
 def cell_contents(fn: Any) -> list[Any]:
@@ -936,9 +936,20 @@ _ITERATORS: tuple[tuple[type, Callable[[Any], Iterator[Any]]], ...] = (
 
 
 # each built-in container's (and dictionary view's) own ``__len__`` (``_size``)
+_SIZED: tuple[Any, ...] = (
+    dict,
+    list,
+    tuple,
+    collections.deque,
+    set,
+    frozenset,
+    _KEYS,
+    _VALUES,
+    _ITEMS,
+)
 _LENGTHS: tuple[tuple[type, Callable[[Any], int]], ...] = tuple(
-    (base, base.__len__) for base in (dict, list, tuple, collections.deque, set, frozenset)
-) + tuple((view, view.__len__) for view in (_KEYS, _VALUES, _ITEMS))
+    (base, base.__len__) for base in _SIZED
+)
 _LENGTH_OF: dict[type, Callable[[Any], int]] = dict(_LENGTHS)
 
 
