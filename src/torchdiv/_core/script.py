@@ -186,7 +186,8 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     what holds objects (``_held``): a list, tuple, dictionary, deque, set, mapping proxy or
     dictionary view there (its first ``_HELD_ITEMS`` items: ``partial(run, [scripted])``; and
     what the holders among them hold, ``_HELD_ITEMS`` items in all: ``_nested``), what an
-    ``lru_cache``d function has cached (``_cached``), a plain object (a bound method's
+    ``lru_cache``d function has cached (``_cached``), what a weak reference or proxy refers
+    to (``_target``: a ``WeakValueDictionary``'s values too), a plain object (a bound method's
     ``self``, ``holder.net(z)``) and a class of the user's (``Holder.net(z)``, a module
     class's attribute), each while functions are left to follow, what they hold one fewer
     down. Every object is walked with the most functions left it can be met with: one stack
@@ -298,6 +299,9 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 # rev-late31, its body's globals never read: divergence off)
                 todo += _held(_cached(obj), _CONTAINER)  # (what it has cached: a getter's
                 # loaded script, missed until walk32)
+            elif kind is _REFERENCE:  # what a weak reference or proxy refers to, at the same
+                todo.append(_target(obj))  # depth (a registry's ``WeakValueDictionary``, a
+                # callback's ``weakref.ref(net)``: missed until rev-merges32, divergence off)
             elif left <= 0:
                 continue
             elif kind is _FUNCTION:
@@ -343,39 +347,63 @@ def _held(obj: Any, kind: int) -> list[Any]:
 def _nested(holders: list[Any], seen: set[int]) -> list[Any]:
     """What the holders a container holds (``[[net]]``, ``{"nets": [net]}``, ``[Holder(net)]``:
     a container's items, an object's or a class's attributes, ``_namespace``) hold, and the
-    holders among those in turn, breadth first, each once (``seen``), ``_HELD_ITEMS`` items in
-    all: the container's items that ``scripted`` follows (``_IN_CONTAINERS``) and the
-    objects' scripts and modules. The budget bounds the cost by the container's own: a list
-    of 64 lists of numbers reads 128 items, not 4160 (~360 us a call followed in full, the
-    cost that kept nested holders unread until walk32: each such script's optimized plan ran,
-    forward mode's divergence off). A script past the budget is not found (documented)."""
+    holders among those in turn, breadth first, each level's smallest first (``_size``), each
+    once (``seen``), ``_HELD_ITEMS`` items in all: the container's items that ``scripted``
+    follows (``_IN_CONTAINERS``) and the objects' scripts and modules. The budget bounds the
+    cost by the container's own: a list of 64 lists of numbers reads 128 items, not 4160
+    (~360 us a call followed in full, the cost that kept nested holders unread until walk32:
+    each such script's optimized plan ran, forward mode's divergence off). Smallest first: a
+    training state ``{"config": <70 numbers>, "models": {"flow": net}}`` spent the budget on
+    its configuration until rev-merges32 (divergence off). A script past the budget is not
+    found (documented)."""
     kinds = _KINDS
     out: list[Any] = []
     spare = _HELD_ITEMS
-    queue = collections.deque(holders)
-    while queue and spare > 0:
-        held = queue.popleft()
-        if id(held) in seen:
-            continue
-        seen.add(id(held))
-        kind = kinds.get(id(type(held))) or _kind(type(held))
-        if kind is _CONTAINER:
-            items, wanted = _items(held, spare), _IN_CONTAINERS
-        elif kind is _CLASS and _foreign(held):
-            continue
-        else:  # (a plain object, a class of the user's)
-            values = _namespace(held)
-            if not issubclass(type(values), _NAMESPACES):
+    level = holders
+    while level and spare > 0:
+        if len(level) > 1:  # (built-in containers alone, the most met: by ``len``, C's)
+            exact = all(type(held) in _LENGTH_OF for held in level)
+            level.sort(key=len if exact else _size)
+        below: list[Any] = []
+        for held in level:
+            if spare <= 0:
+                break
+            if id(held) in seen:
                 continue
-            items, wanted = list(itertools.islice(values.values(), spare)), _IN_OBJECTS
-        spare -= len(items)
-        for v in items:
-            what = kinds.get(id(type(v))) or _kind(type(v))
-            if what in _HOLDERS:
-                queue.append(v)
-            elif what in wanted:
-                out.append(v)
+            seen.add(id(held))
+            kind = kinds.get(id(type(held))) or _kind(type(held))
+            if kind is _CONTAINER:
+                items, wanted = _items(held, spare), _IN_CONTAINERS
+            elif kind is _CLASS and _foreign(held):
+                continue
+            else:  # (a plain object, a class of the user's)
+                values = _namespace(held)
+                if not issubclass(type(values), _NAMESPACES):
+                    continue
+                items, wanted = list(itertools.islice(values.values(), spare)), _IN_OBJECTS
+            spare -= len(items)
+            for v in items:
+                what = kinds.get(id(type(v))) or _kind(type(v))
+                if what in _HOLDERS:
+                    below.append(v)
+                elif what in wanted:
+                    out.append(v)
+        level = below
     return out
+
+
+def _size(held: Any) -> int:
+    """How many items the holder ``held`` shows, by its built-in class's own ``__len__`` (C's:
+    not a subclass's, nor a mapping proxy's, which asks the mapping it shows); 0 for an
+    object, a class or a mapping proxy (their attributes: read first)."""
+    kind = type(held)
+    length = _LENGTH_OF.get(kind)  # (a built-in's: the most met, no ``issubclass`` of each)
+    if length is not None:
+        return length(held)
+    for base, length in _LENGTHS:
+        if issubclass(kind, base):
+            return length(held)
+    return 0
 
 
 def _items(obj: Any, n: int) -> list[Any]:
@@ -447,6 +475,9 @@ def _read(held: Any, names: tuple[str, ...] | set[str], nested: bool = True) -> 
     in a helper, ``self.step(z)`` running ``self.state.net(z)``: missed until rev-merges31).
     Only the names read are looked up: a trainer's other methods and objects are not."""
     kind = _KINDS.get(id(type(held))) or _kind(type(held))
+    if kind is _REFERENCE:  # (``holder.net(z)`` through a proxy: its target's attributes)
+        held = referent(held)
+        kind = _KINDS.get(id(type(held))) or _kind(type(held))
     if issubclass(type(held), type):  # (a class whose metaclass has a ``__call__``: an
         # ``Enum``'s; by its type: ``isinstance`` reads a proxy's ``__class__``, which raised)
         kind = _CLASS
@@ -661,9 +692,22 @@ _OWN_CONTAINER = 12
 _CACHE = 13
 # an AOTInductor model (``ahead_of_time``): no autograd, refused (``scripted``'s ``lazy``)
 _AHEAD = 14
+# a weak reference or a ``weakref.proxy``: what it refers to (``_target``)
+_REFERENCE = 15
 # what a container's items are followed as (not holders: a list of lists of numbers is data)
 _IN_CONTAINERS = frozenset(
-    (_SCRIPT, _MODULE, _OWN_MODULE, _METHOD, _PARTIAL, _FUNCTION, _OBJECT, _CACHE, _AHEAD)
+    (
+        _SCRIPT,
+        _MODULE,
+        _OWN_MODULE,
+        _METHOD,
+        _PARTIAL,
+        _FUNCTION,
+        _OBJECT,
+        _CACHE,
+        _AHEAD,
+        _REFERENCE,
+    )
 )
 # the holders whose items or attributes a container's holders are read for (``_nested``)
 _HOLDERS = frozenset((_CONTAINER, _PLAIN, _CLASS))
@@ -671,7 +715,7 @@ _HOLDERS = frozenset((_CONTAINER, _PLAIN, _CLASS))
 _READ_OFF = frozenset((_PLAIN, _CLASS, _OBJECT, _OWN_MODULE, _CONTAINER))
 # what a plain object's or a class's attributes are followed as (not its methods, nor the
 # objects it holds: a trainer's graph of objects)
-_IN_OBJECTS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _CONTAINER, _AHEAD))
+_IN_OBJECTS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _CONTAINER, _AHEAD, _REFERENCE))
 # the attributes every module has (its parameters, buffers, submodules, hooks: dictionaries)
 _MODULE_STATE = frozenset(vars(torch.nn.Module()))
 # the forward hooks and pre-hooks registered for every module (``scripted``)
@@ -738,6 +782,8 @@ def _told(kind: type) -> int:
         found = _SCRIPT
     elif ahead_of_time(kind):
         found = _AHEAD
+    elif issubclass(kind, _WEAK):  # (before callable objects: a reference is called)
+        found = _REFERENCE
     elif issubclass(kind, torch.nn.Module):
         found = _OWN_MODULE if _own(kind) else _MODULE
     elif issubclass(kind, types.MethodType):
@@ -857,6 +903,47 @@ def instance(v: Any, kinds: type | tuple[type, ...]) -> bool:
         return False
 
 
+# the types of ``weakref.proxy`` objects (``referent``)
+PROXIES = frozenset(weakref.ProxyTypes)
+
+
+def referent(v: Any) -> Any:
+    """``v``, or what a ``weakref.proxy`` ``v`` stands for, read off a method bound to it
+    through the proxy: an object's ``__getattribute__``, a class's ``mro`` (a class's own
+    ``__getattribute__`` is its instances', unbound: no ``__self__``); ``None`` where it is
+    dead or its target's attribute reads raise (an object whose ``__getattribute__`` raises:
+    until rev-merges32 both made every call of ``f`` raise). A proxy takes no weak reference
+    and hides its target's closure and globals. An object forwarding every attribute read
+    (``__getattribute__`` of its own) reads as the object it forwards to.
+
+    >>> referent(weakref.proxy(net)) is net
+    True
+    """
+    if type(v) not in PROXIES:
+        return v
+    try:
+        bound = v.mro if instance(v, type) else v.__getattribute__
+        return bound.__self__
+    except Exception:  # (dead: ``ReferenceError``; or the target's own error)
+        return None
+
+
+def _target(v: Any) -> Any:
+    """What the weak reference or ``weakref.proxy`` ``v`` refers to (``None``: dead): a
+    reference's by ``weakref.ref``'s own ``__call__`` (C's, not a subclass's), told by its
+    type (``isinstance`` reads a proxy's ``__class__``, its target's, which may raise); a
+    proxy's by ``referent``; a ``weakref.WeakMethod``'s bound method (the standard library's
+    ``__call__``: a reference's own gives the method's object, not its function)."""
+    kind = type(v)
+    if issubclass(kind, weakref.WeakMethod):
+        return weakref.WeakMethod.__call__(v)
+    return weakref.ref.__call__(v) if issubclass(kind, weakref.ref) else referent(v)
+
+
+# the weak references (a ``WeakValueDictionary``'s ``KeyedRef``, a ``WeakSet``'s) and proxies
+_WEAK: tuple[type, ...] = (weakref.ref, *weakref.ProxyTypes)
+
+
 def cell_contents(fn: Any) -> list[Any]:
     """What the cells of ``fn``'s closure hold (an empty cell, a name bound later: none)."""
     out = []
@@ -880,6 +967,24 @@ _ITERATORS: tuple[tuple[type, Callable[[Any], Iterator[Any]]], ...] = (
     (set, set.__iter__),
     (frozenset, frozenset.__iter__),
 )
+
+
+# each built-in container's (and dictionary view's) own ``__len__`` (``_size``)
+_SIZED: tuple[Any, ...] = (
+    dict,
+    list,
+    tuple,
+    collections.deque,
+    set,
+    frozenset,
+    _KEYS,
+    _VALUES,
+    _ITEMS,
+)
+_LENGTHS: tuple[tuple[type, Callable[[Any], int]], ...] = tuple(
+    (base, base.__len__) for base in _SIZED
+)
+_LENGTH_OF: dict[type, Callable[[Any], int]] = dict(_LENGTHS)
 
 
 def _iterate(obj: Any) -> Iterator[Any]:

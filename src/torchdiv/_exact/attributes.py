@@ -33,10 +33,10 @@ import torch
 from torch._C._functorch import maybe_get_level
 
 from torchdiv._core import settings
-from torchdiv._core.script import instance
+from torchdiv._core.script import instance, referent
 from torchdiv._core.subclass import DEAD_LEVEL as _DEAD
 from torchdiv._core.subclass import dead_unwrapped as _plain
-from torchdiv._taylor.cache import named, referent
+from torchdiv._taylor.cache import named
 
 
 def transforming() -> None:

@@ -62,7 +62,8 @@ from torchdiv._core.ddp import enter_fsdp
 from torchdiv._core.mixing.errors import allowed
 from torchdiv._core.mixing.reads import VALUE_FREE
 from torchdiv._core.modes import DispatchMode, LiftedHook, checkpointed
-from torchdiv._core.script import attribute, cell_contents, global_names, instance
+from torchdiv._core.script import PROXIES as _PROXIES
+from torchdiv._core.script import attribute, cell_contents, global_names, instance, referent
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
     _DECOMPOSITIONS,
@@ -534,25 +535,6 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
                 yield held
             elif left and _plain_object(held):  # (a trainer's ``self``, a ``TrainState``)
                 todo.append((held, left - 1, False))
-
-
-_PROXIES = frozenset(weakref.ProxyTypes)
-
-
-def referent(v: Any) -> Any:
-    """``v``, or what a ``weakref.proxy`` ``v`` stands for (its ``__getattribute__``, read
-    through the proxy, is bound to it; ``None`` where it is dead): a proxy takes no weak
-    reference and hides its target's closure and globals from ``_contents``.
-
-    >>> referent(weakref.proxy(net)) is net
-    True
-    """
-    if type(v) not in _PROXIES:
-        return v
-    try:
-        return v.__getattribute__.__self__
-    except ReferenceError:
-        return None
 
 
 # the containers ``named`` looks into for modules and callables (exactly these types: a
