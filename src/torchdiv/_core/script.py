@@ -417,6 +417,8 @@ def _items(obj: Any, n: int) -> list[Any]:
         every: Iterable[Any] = dict.values(obj)
     elif isinstance(obj, _VIEWS):
         every = _viewed(obj)
+    elif issubclass(type(obj), _WEAK_CONTAINERS):
+        every = _weakly_held(obj)
     else:
         every = _iterate(obj)
     return list(itertools.islice(every, n))
@@ -439,6 +441,24 @@ def _viewed(view: Any) -> Iterable[Any]:
     if isinstance(view, _ITEMS):
         return itertools.chain(dict.values(mapping), dict.keys(mapping))
     return dict.values(mapping)
+
+
+def _weakly_held(obj: Any) -> Iterable[Any]:
+    """What a ``weakref.WeakValueDictionary``, ``WeakKeyDictionary`` or ``WeakSet`` holds, read
+    off its ``data`` by the built-ins' own methods (not its own, which drop dead references
+    and may be a subclass's): the weak references (``_REFERENCE``, followed to their targets
+    at the same depth), a ``WeakKeyDictionary``'s values too. Read as a plain object until
+    rev-late32, its ``data`` took one level more than a dictionary's items: a registry read
+    by a getter ``f`` calls (``get("flow")(z)``) was past the walk's depth, and a
+    ``WeakKeyDictionary``'s keys were never read (each script's optimized plan ran,
+    divergence off)."""
+    values = _namespace(obj)
+    data = values.get("data") if issubclass(type(values), dict) else None
+    if type(data) is dict:
+        if issubclass(type(obj), weakref.WeakKeyDictionary):
+            return itertools.chain(dict.keys(data), dict.values(data))
+        return dict.values(data)
+    return set.__iter__(data) if type(data) is set else ()
 
 
 def _cached(wrapper: Any) -> list[Any]:
@@ -802,7 +822,7 @@ def _told(kind: type) -> int:
         found = _OBJECT  # (its class's ``__call__`` a script, partial or module, a static
         # method's: ``__call__ = torch.jit.script(fn)``, or a decorator object's function:
         # read by the walk)
-    elif issubclass(kind, _CONTAINERS):
+    elif issubclass(kind, _CONTAINERS) or issubclass(kind, _WEAK_CONTAINERS):
         found = _OTHER if _pytorchs(kind) else _CONTAINER  # (torch.Size: not followed)
     elif issubclass(kind, type):
         found = _CLASS  # (PyTorch's classes: not followed, ``_held``)
@@ -942,6 +962,8 @@ def _target(v: Any) -> Any:
 
 # the weak references (a ``WeakValueDictionary``'s ``KeyedRef``, a ``WeakSet``'s) and proxies
 _WEAK: tuple[type, ...] = (weakref.ref, *weakref.ProxyTypes)
+# the containers of weak references, read as containers (``_weakly_held``)
+_WEAK_CONTAINERS = (weakref.WeakValueDictionary, weakref.WeakKeyDictionary, weakref.WeakSet)
 
 
 def cell_contents(fn: Any) -> list[Any]:
