@@ -10,13 +10,16 @@ a module behind a weak reference came to mix samples. Float64 3-6-3 and 3-3 tanh
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
 import pytest
 import torch
-from conftest import assert_scripted_as_eager
+from conftest import assert_close, assert_scripted_as_eager, reference_divergence
 
+import torchdiv
+from torchdiv import BatchInteractionError
 from torchdiv._core import script
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's own
@@ -58,3 +61,125 @@ def test_a_weak_registry_read_by_a_getter_is_walked(nets, way: str, monkeypatch)
     f = {_get: lambda z: _get("flow")(z), _first: lambda z: _first("flow")(z)}[getter]
     assert_scripted_as_eager(f, *nets)
     assert nets[1] in script.scripted(f)
+
+
+# -- the structure key: a module behind a weak reference by its state -----------------------
+
+
+def tanh_layer() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh()).double()
+
+
+class _Flagged(torch.nn.Module):
+    """A 3-3 tanh layer whose ``forward`` adds the batch's mean once ``mix`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.mix = torch.nn.Linear(3, 3).double(), False
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.lin(z))
+        return y + z.mean(0, keepdim=True) if self.mix else y
+
+
+class _Calling:
+    """A kept callable object running the module its weak reference refers to (a wrapper
+    that must not keep the model alive)."""
+
+    def __init__(self, held: Any, read: Any) -> None:
+        self.held, self.read = held, read
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.read(self.held)(z)
+
+
+def _weak_ways(net: _Flagged) -> dict[str, Any]:
+    """``f`` reaching ``net`` through a weak reference, kept across calls."""
+    return {
+        "ref held by a callable object": _Calling(weakref.ref(net), lambda r: r()),
+        "weak method held by a callable object": _Calling(
+            weakref.WeakMethod(net.forward), lambda r: r()
+        ),
+        "weak value dictionary in a partial": functools.partial(
+            lambda h, z: h["m"](z), weakref.WeakValueDictionary(m=net)
+        ),
+        "weak value dictionary in a closure": (lambda h: lambda z: h["m"](z))(
+            weakref.WeakValueDictionary(m=net)
+        ),
+        "weak set in a partial": functools.partial(
+            lambda h, z: next(iter(h))(z), weakref.WeakSet([net])
+        ),
+        "weak key dictionary in a partial": functools.partial(
+            lambda h, z: next(iter(h))(z), weakref.WeakKeyDictionary({net: 1})
+        ),
+        "proxy held by a callable object": _Calling(weakref.proxy(net), lambda p: p),
+    }
+
+
+@pytest.mark.parametrize("way", list(_weak_ways(_Flagged())))
+def test_a_module_behind_a_weak_reference_set_to_mix_is_refused(way: str):
+    """The structure key read a ``weakref.ref``, ``WeakMethod`` or a weak container's
+    references by their ids alone (a ``WeakSet``'s not at all): ``net.mix = True`` after a
+    call kept the key, the first call's pass was served, the batch's mean unwatched
+    (divergence silently off by the mean's share, parameter gradients with it)."""
+    net = _Flagged()
+    f = _weak_ways(net)[way]
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert_close(torchdiv.divergence(f, x), reference_divergence(net, x))
+    net.mix = True
+    with pytest.raises(BatchInteractionError, match="mean"):
+        torchdiv.divergence(f, x)
+
+
+class _Unbound:
+    """A context-local stand-in not bound: every attribute read raises; its type's
+    ``__call__`` runs the module it holds."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        object.__setattr__(self, "net", net)
+
+    def __getattribute__(self, name: str) -> Any:
+        raise RuntimeError(f"unbound: {name}")
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return object.__getattribute__(self, "net")(z)
+
+
+class _Forwarding:
+    """An object forwarding every attribute read to its configuration; its type's
+    ``__call__`` runs the module it holds."""
+
+    def __init__(self, net: torch.nn.Module, config: Any) -> None:
+        object.__setattr__(self, "net", net)
+        object.__setattr__(self, "config", config)
+
+    def __getattribute__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "config"), name)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return object.__getattribute__(self, "net")(z)
+
+
+class _Config:
+    scale = 1.0
+
+
+@pytest.mark.parametrize("kind", [_Unbound, _Forwarding])
+def test_a_proxy_whose_target_is_not_read_makes_the_key_untold(kind: type):
+    """A kept callable object holding a ``weakref.proxy`` of an object whose attribute reads
+    raise (``referent``: ``None``, told as a flag) or forward to another object (``referent``:
+    the other, whose state was told for the target's): the target's module swapped for one
+    mixing samples kept the key, the old pass served (divergence silently off). Such a
+    proxy now makes the key untold: watched at every call."""
+    net = tanh_layer()
+    held = kind(net) if kind is _Unbound else kind(net, _Config())
+    f = _Calling(weakref.proxy(held), lambda p: p)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert_close(torchdiv.divergence(f, x), reference_divergence(net, x))
+    mixing = _Flagged()
+    mixing.mix = True
+    object.__setattr__(held, "net", mixing)
+    with pytest.raises(BatchInteractionError, match="mean"):
+        torchdiv.divergence(f, x)
+    assert script.referent(weakref.proxy(held)) is not net

@@ -187,7 +187,7 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     dictionary view there (its first ``_HELD_ITEMS`` items: ``partial(run, [scripted])``; and
     what the holders among them hold, ``_HELD_ITEMS`` items in all: ``_nested``), what an
     ``lru_cache``d function has cached (``_cached``), what a weak reference or proxy refers
-    to (``_target``: a ``WeakValueDictionary``'s values too), a plain object (a bound method's
+    to (``target``: a ``WeakValueDictionary``'s values too), a plain object (a bound method's
     ``self``, ``holder.net(z)``) and a class of the user's (``Holder.net(z)``, a module
     class's attribute), each while functions are left to follow, what they hold one fewer
     down. Every object is walked with the most functions left it can be met with: one stack
@@ -300,7 +300,7 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 todo += _held(_cached(obj), _CONTAINER)  # (what it has cached: a getter's
                 # loaded script, missed until walk32)
             elif kind is _REFERENCE:  # what a weak reference or proxy refers to, at the same
-                todo.append(_target(obj))  # depth (a registry's ``WeakValueDictionary``, a
+                todo.append(target(obj))  # depth (a registry's ``WeakValueDictionary``, a
                 # callback's ``weakref.ref(net)``: missed until rev-merges32, divergence off)
             elif left <= 0:
                 continue
@@ -417,8 +417,8 @@ def _items(obj: Any, n: int) -> list[Any]:
         every: Iterable[Any] = dict.values(obj)
     elif isinstance(obj, _VIEWS):
         every = _viewed(obj)
-    elif issubclass(type(obj), _WEAK_CONTAINERS):
-        every = _weakly_held(obj)
+    elif issubclass(type(obj), WEAK_CONTAINERS):
+        every = weakly_held(obj)
     else:
         every = _iterate(obj)
     return list(itertools.islice(every, n))
@@ -443,7 +443,7 @@ def _viewed(view: Any) -> Iterable[Any]:
     return dict.values(mapping)
 
 
-def _weakly_held(obj: Any) -> Iterable[Any]:
+def weakly_held(obj: Any) -> Iterable[Any]:
     """What a ``weakref.WeakValueDictionary``, ``WeakKeyDictionary`` or ``WeakSet`` holds, read
     off its ``data`` by the built-ins' own methods (not its own, which drop dead references
     and may be a subclass's): the weak references (``_REFERENCE``, followed to their targets
@@ -712,7 +712,7 @@ _OWN_CONTAINER = 12
 _CACHE = 13
 # an AOTInductor model (``ahead_of_time``): no autograd, refused (``scripted``'s ``lazy``)
 _AHEAD = 14
-# a weak reference or a ``weakref.proxy``: what it refers to (``_target``)
+# a weak reference or a ``weakref.proxy``: what it refers to (``target``)
 _REFERENCE = 15
 # what a container's items are followed as (not holders: a list of lists of numbers is data)
 _IN_CONTAINERS = frozenset(
@@ -822,7 +822,7 @@ def _told(kind: type) -> int:
         found = _OBJECT  # (its class's ``__call__`` a script, partial or module, a static
         # method's: ``__call__ = torch.jit.script(fn)``, or a decorator object's function:
         # read by the walk)
-    elif issubclass(kind, _CONTAINERS) or issubclass(kind, _WEAK_CONTAINERS):
+    elif issubclass(kind, _CONTAINERS) or issubclass(kind, WEAK_CONTAINERS):
         found = _OTHER if _pytorchs(kind) else _CONTAINER  # (torch.Size: not followed)
     elif issubclass(kind, type):
         found = _CLASS  # (PyTorch's classes: not followed, ``_held``)
@@ -931,10 +931,12 @@ def referent(v: Any) -> Any:
     """``v``, or what a ``weakref.proxy`` ``v`` stands for, read off a method bound to it
     through the proxy: an object's ``__getattribute__``, a class's ``mro`` (a class's own
     ``__getattribute__`` is its instances', unbound: no ``__self__``); ``None`` where it is
-    dead or its target's attribute reads raise (an object whose ``__getattribute__`` raises:
-    until rev-merges32 both made every call of ``f`` raise). A proxy takes no weak reference
-    and hides its target's closure and globals. An object forwarding every attribute read
-    (``__getattribute__`` of its own) reads as the object it forwards to.
+    dead; ``v`` itself where its target cannot be read so (an object whose
+    ``__getattribute__`` raises: until rev-merges32 every call of ``f`` raised; until
+    rev-late32 ``None``, which the structure key told as a flag, a module swapped in behind
+    it served the old pass) or gives another object's method (one forwarding every
+    attribute read to another: the other's state was keyed for it until rev-late32). A
+    proxy takes no weak reference and hides its target's closure and globals.
 
     >>> referent(weakref.proxy(net)) is net
     True
@@ -943,12 +945,19 @@ def referent(v: Any) -> Any:
         return v
     try:
         bound = v.mro if instance(v, type) else v.__getattribute__
-        return bound.__self__
-    except Exception:  # (dead: ``ReferenceError``; or the target's own error)
+        found = bound.__self__
+    except ReferenceError:  # (dead)
         return None
+    except Exception:  # (the target's own error: not read)
+        return v
+    # (what the target's attribute lookup gave: the target only where ``v`` refers to it, by
+    # C's list of its weak references, no code of the user's; an object whose
+    # ``__getattribute__`` forwards to another gave the other, whose state the structure key
+    # then read for the target's, until rev-late32)
+    return found if any(r is v for r in weakref.getweakrefs(found)) else v
 
 
-def _target(v: Any) -> Any:
+def target(v: Any) -> Any:
     """What the weak reference or ``weakref.proxy`` ``v`` refers to (``None``: dead): a
     reference's by ``weakref.ref``'s own ``__call__`` (C's, not a subclass's), told by its
     type (``isinstance`` reads a proxy's ``__class__``, its target's, which may raise); a
@@ -962,8 +971,8 @@ def _target(v: Any) -> Any:
 
 # the weak references (a ``WeakValueDictionary``'s ``KeyedRef``, a ``WeakSet``'s) and proxies
 _WEAK: tuple[type, ...] = (weakref.ref, *weakref.ProxyTypes)
-# the containers of weak references, read as containers (``_weakly_held``)
-_WEAK_CONTAINERS = (weakref.WeakValueDictionary, weakref.WeakKeyDictionary, weakref.WeakSet)
+# the containers of weak references, read as containers (``weakly_held``)
+WEAK_CONTAINERS = (weakref.WeakValueDictionary, weakref.WeakKeyDictionary, weakref.WeakSet)
 
 
 def cell_contents(fn: Any) -> list[Any]:

@@ -63,7 +63,18 @@ from torchdiv._core.mixing.errors import allowed
 from torchdiv._core.mixing.reads import VALUE_FREE
 from torchdiv._core.modes import DispatchMode, LiftedHook, checkpointed
 from torchdiv._core.script import PROXIES as _PROXIES
-from torchdiv._core.script import attribute, cell_contents, global_names, instance, referent
+from torchdiv._core.script import WEAK_CONTAINERS as _WEAK_CONTAINERS
+from torchdiv._core.script import (
+    attribute,
+    cell_contents,
+    global_names,
+    instance,
+    target,
+    weakly_held,
+)
+from torchdiv._core.script import (
+    referent as referent,  # (``cache.referent``: tests, callers)
+)
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
     _DECOMPOSITIONS,
@@ -487,8 +498,8 @@ def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
             out.append(held)
         elif instance(held, _WEAKLY):
             out.append(weakref.ref(held))
-        else:  # (one whose class cannot be read: untold, ``unread``)
-            untold = untold or unread(held)
+        else:  # (one whose class cannot be read: untold, ``unread``; a proxy's target not
+            untold = untold or held is UNTOLD or unread(held)  # read: ``named``)
             out.append(id(held))
     return (UNTOLD, *out) if untold else tuple(out)
 
@@ -515,9 +526,12 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
         # (an object's containers: none of its own in ``identity``'s key, see _CONTAINERS)
         owned = owned if items else not instance(fn, (types.FunctionType, functools.partial))
         for held in _items(fn) if items else _contents(fn):
-            if type(held) in _PROXIES:  # read as what it stands for (dead: ``None``): a
-                held = referent(held)  # function swapped in a global that a proxied
-            if type(held) in _FLAGS:  # function names was served the old one's pass
+            if type(held) in _WEAK:  # read as what it stands for (dead: ``None``): a
+                held = _dereferenced(held)  # function swapped in a global that a proxied
+                if type(held) in _PROXIES:  # function names was served the old one's pass
+                    yield UNTOLD  # (its target unread: ``referent``)
+                    continue
+            if type(held) in _FLAGS:
                 if not items or (owned and type(held) in _MODULE_FLAGS):
                     yield held
             elif by_items(held):
@@ -535,6 +549,27 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
                 yield held
             elif left and _plain_object(held):  # (a trainer's ``self``, a ``TrainState``)
                 todo.append((held, left - 1, False))
+
+
+def _dereferenced(v: Any) -> Any:
+    """What the weak reference, proxy or container of weak references ``v`` (``_WEAK``) holds,
+    for ``named``: a proxy's target (``referent``), a reference's (``None``: dead), a
+    ``WeakMethod``'s method as its object and function (the bound method is made anew at
+    each read: by its ``id``, every call another structure), a container's items as a list,
+    its references read so. Until rev-late32 a reference was told by its ``id``, and a
+    container by its references' (a ``WeakSet``'s not at all): ``net.mix = True`` or
+    ``net.train()`` behind one kept the key, the old pass served (divergence silently off)."""
+    if type(v) in _WEAK_CONTAINERS:
+        return [_dereferenced(u) if type(u) in _WEAK else u for u in weakly_held(v)]
+    if type(v) is weakref.WeakMethod:
+        method = target(v)
+        return None if method is None else (method.__self__, method.__func__)
+    return target(v)
+
+
+# the weak references, proxies and containers of weak references ``named`` reads through
+# (``_dereferenced``; exactly these types: the most met, one lookup at each item)
+_WEAK = frozenset((*_PROXIES, weakref.ref, weakref.KeyedRef, weakref.WeakMethod, *_WEAK_CONTAINERS))
 
 
 # the containers ``named`` looks into for modules and callables (exactly these types: a
