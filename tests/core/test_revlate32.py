@@ -183,3 +183,29 @@ def test_a_proxy_whose_target_is_not_read_makes_the_key_untold(kind: type):
     with pytest.raises(BatchInteractionError, match="mean"):
         torchdiv.divergence(f, x)
     assert script.referent(weakref.proxy(held)) is not net
+
+
+class _Slotted:
+    """A holder without a ``__dict__`` (``named`` does not read its attributes)."""
+
+    __slots__ = ("__weakref__", "net")
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net = net
+
+
+def test_a_reference_swapped_for_another_is_another_structure():
+    """A reference is told by its ``id`` as well as by what it refers to: one to a holder
+    ``named`` does not read (slotted), set to refer to another holder whose module mixes,
+    is another structure, watched (guards ``named``'s reading of references)."""
+    net = tanh_layer()
+    keep = [_Slotted(net)]  # (the holders: alive while referred to)
+    f = _Calling(weakref.ref(keep[0]), lambda r: r().net)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert_close(torchdiv.divergence(f, x), reference_divergence(net, x))
+    mixing = _Flagged()
+    mixing.mix = True
+    keep.append(_Slotted(mixing))
+    f.held = weakref.ref(keep[-1])
+    with pytest.raises(BatchInteractionError, match="mean"):
+        torchdiv.divergence(f, x)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import pathlib
 import sys
 import threading
@@ -526,10 +527,16 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
         # (an object's containers: none of its own in ``identity``'s key, see _CONTAINERS)
         owned = owned if items else not instance(fn, (types.FunctionType, functools.partial))
         for held in _items(fn) if items else _contents(fn):
-            if type(held) in _WEAK:  # read as what it stands for (dead: ``None``): a
-                held = _dereferenced(held)  # function swapped in a global that a proxied
-                if type(held) in _PROXIES:  # function names was served the old one's pass
-                    yield UNTOLD  # (its target unread: ``referent``)
+            # a weak reference, proxy or weak container read as what it stands for (dead:
+            # ``None``; ``_dereferenced``): a function swapped in a global that a proxied
+            # function names was served the old one's pass; a reference by its ``id`` too,
+            # as before rev-late32 (what it refers to may be what ``named`` does not read)
+            if type(held) in _WEAK:
+                if type(held) in _REFERENCES:
+                    yield held
+                held = _dereferenced(held)
+                if type(held) in _PROXIES:  # (its target unread: ``referent``)
+                    yield UNTOLD
                     continue
             if type(held) in _FLAGS:
                 if not items or (owned and type(held) in _MODULE_FLAGS):
@@ -556,20 +563,25 @@ def _dereferenced(v: Any) -> Any:
     for ``named``: a proxy's target (``referent``), a reference's (``None``: dead), a
     ``WeakMethod``'s method as its object and function (the bound method is made anew at
     each read: by its ``id``, every call another structure), a container's items as a list,
-    its references read so. Until rev-late32 a reference was told by its ``id``, and a
+    its references read so (its first ``TUPLE_ITEMS`` and one: a longer one is not read,
+    as a longer list is not). Until rev-late32 a reference was told by its ``id``, and a
     container by its references' (a ``WeakSet``'s not at all): ``net.mix = True`` or
     ``net.train()`` behind one kept the key, the old pass served (divergence silently off)."""
-    if type(v) in _WEAK_CONTAINERS:
-        return [_dereferenced(u) if type(u) in _WEAK else u for u in weakly_held(v)]
+    if type(v) in _WEAK_CONTAINERS:  # (past ``TUPLE_ITEMS``: not read, as a longer list)
+        held = list(itertools.islice(weakly_held(v), TUPLE_ITEMS + 1))
+        if len(held) > TUPLE_ITEMS:
+            return held
+        return [_dereferenced(u) if type(u) in _WEAK else u for u in held]
     if type(v) is weakref.WeakMethod:
         method = target(v)
         return None if method is None else (method.__self__, method.__func__)
     return target(v)
 
 
+_REFERENCES = frozenset((weakref.ref, weakref.KeyedRef, weakref.WeakMethod))
 # the weak references, proxies and containers of weak references ``named`` reads through
 # (``_dereferenced``; exactly these types: the most met, one lookup at each item)
-_WEAK = frozenset((*_PROXIES, weakref.ref, weakref.KeyedRef, weakref.WeakMethod, *_WEAK_CONTAINERS))
+_WEAK = _REFERENCES | _PROXIES | frozenset(_WEAK_CONTAINERS)
 
 
 # the containers ``named`` looks into for modules and callables (exactly these types: a
