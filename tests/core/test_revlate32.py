@@ -63,6 +63,75 @@ def test_a_weak_registry_read_by_a_getter_is_walked(nets, way: str, monkeypatch)
     assert nets[1] in script.scripted(f)
 
 
+class _State:
+    def __init__(self, net: Any) -> None:
+        self.net = net
+
+
+class _Owner:
+    """A trainer's object: ``state.net`` its script (read off it, not one of its own)."""
+
+    def __init__(self, net: Any) -> None:
+        self.state = _State(net)
+
+
+class _OwnedBy(torch.nn.Module):
+    """A module keeping its owner weakly (against a cycle), running the owner's script."""
+
+    def __init__(self, owner: _Owner) -> None:
+        super().__init__()
+        self.owner = weakref.ref(owner)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.owner().state.net(z)
+
+
+class _Calls:
+    """A callable object keeping its owner weakly."""
+
+    def __init__(self, owner: _Owner) -> None:
+        self.owner = weakref.ref(owner)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.owner().state.net(z)
+
+
+def _run_owner(owner: Any, z: torch.Tensor) -> torch.Tensor:
+    return owner().state.net(z)
+
+
+def _hook(owner: Any, module: Any, args: Any, y: torch.Tensor) -> torch.Tensor:
+    return owner().state.net(y)
+
+
+def _hooked(owner: _Owner) -> torch.nn.Module:
+    """An identity whose forward hook (a partial binding the owner weakly) runs the script."""
+    layer = torch.nn.Identity()
+    layer.register_forward_hook(functools.partial(_hook, weakref.ref(owner)))
+    return layer
+
+
+_OWNERS: dict[str, Any] = {
+    "module keeping a reference": _OwnedBy,
+    "callable object keeping a reference": _Calls,
+    "partial binding a reference": lambda o: functools.partial(_run_owner, weakref.ref(o)),
+    "forward hook binding a reference": _hooked,
+    "closure over a reference": lambda o: (lambda r: lambda z: r().state.net(z))(weakref.ref(o)),
+}
+
+
+@pytest.mark.parametrize("way", list(_OWNERS))
+def test_what_code_reads_off_a_reference_s_target_is_walked(nets, way: str):
+    """``self.owner().state.net(z)``, ``owner`` a ``weakref.ref``: the names the code reads
+    were looked up off a plain object or proxy it holds (``self.owner.state.net(z)``: found),
+    not off a reference's target, whose ``state`` (a plain object, not followed as an
+    attribute) was never read: the script's optimized plan ran, divergence off."""
+    owner = _Owner(nets[1])
+    f = _OWNERS[way](owner)
+    assert_scripted_as_eager(f, *nets)
+    assert nets[1] in script.scripted(f)
+
+
 # -- the structure key: a module behind a weak reference by its state -----------------------
 
 

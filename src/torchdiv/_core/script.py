@@ -274,7 +274,7 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 todo.append(obj.func)
                 bound = [v for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
                 todo += bound
-                holders = [v for v in bound if _is_plain(v)]  # (what its function reads off
+                holders = [v for v in bound if _read_off(v)]  # (what its function reads off
                 code = attribute(obj.func, "__code__") if holders else None  # one: ``config.
                 if type(code) is types.CodeType:  # net(z)``, ``net`` a partial: missed
                     read = attribute_names(code)  # until rev-merges31, divergence off)
@@ -417,8 +417,6 @@ def _items(obj: Any, n: int) -> list[Any]:
         every: Iterable[Any] = dict.values(obj)
     elif isinstance(obj, _VIEWS):
         every = _viewed(obj)
-    elif issubclass(type(obj), WEAK_CONTAINERS):
-        every = weakly_held(obj)
     else:
         every = _iterate(obj)
     return list(itertools.islice(every, n))
@@ -495,9 +493,9 @@ def _read(held: Any, names: tuple[str, ...] | set[str], nested: bool = True) -> 
     in a helper, ``self.step(z)`` running ``self.state.net(z)``: missed until rev-merges31).
     Only the names read are looked up: a trainer's other methods and objects are not."""
     kind = _KINDS.get(id(type(held))) or _kind(type(held))
-    if kind is _REFERENCE:  # (``holder.net(z)`` through a proxy: its target's attributes)
-        held = referent(held)
-        kind = _KINDS.get(id(type(held))) or _kind(type(held))
+    if kind is _REFERENCE:  # (``holder.net(z)`` through a proxy, ``ref().net(z)`` through a
+        held = target(held)  # reference: its target's attributes; a reference's missed until
+        kind = _KINDS.get(id(type(held))) or _kind(type(held))  # rev-late32, divergence off)
     if issubclass(type(held), type):  # (a class whose metaclass has a ``__call__``: an
         # ``Enum``'s; by its type: ``isinstance`` reads a proxy's ``__class__``, which raised)
         kind = _CLASS
@@ -517,7 +515,7 @@ def _read(held: Any, names: tuple[str, ...] | set[str], nested: bool = True) -> 
             out += [v for n in values.keys() & wanted if _followed(v := values[n]) or _is_plain(v)]
             if nested:  # (a plain object read: what the code reads off it, one level down:
                 # ``runner.state.net(z)`` with ``net`` a function or a partial)
-                out += [w for v in out if _is_plain(v) for w in _read(v, wanted, False)]
+                out += [w for v in out if _read_off(v) for w in _read(v, wanted, False)]
     return out
 
 
@@ -568,6 +566,15 @@ _MEMBERS: dict[int, tuple[tuple[str, Any], ...]] = {}
 
 def _is_plain(v: Any) -> bool:
     return (_KINDS.get(id(type(v))) or _kind(type(v))) is _PLAIN
+
+
+def _read_off(v: Any) -> bool:
+    """Whether what code reads off ``v`` is looked up (``_read``): a plain object, or a weak
+    reference or proxy (its target's: ``self.owner().state.net(z)``, ``owner`` a
+    ``weakref.ref`` a hook or module keeps against a cycle, was missed until rev-late32 where
+    ``self.owner.state.net(z)`` was found: the script's optimized plan ran)."""
+    kind = _KINDS.get(id(type(v))) or _kind(type(v))
+    return kind is _PLAIN or kind is _REFERENCE
 
 
 def _methods(cls: type, names: Iterable[str], names_read: set[str] | None = None) -> list[Any]:
@@ -732,7 +739,7 @@ _IN_CONTAINERS = frozenset(
 # the holders whose items or attributes a container's holders are read for (``_nested``)
 _HOLDERS = frozenset((_CONTAINER, _PLAIN, _CLASS))
 # the kinds ``_read`` reads attributes or methods off (a module's attributes: ``scripted``)
-_READ_OFF = frozenset((_PLAIN, _CLASS, _OBJECT, _OWN_MODULE, _CONTAINER))
+_READ_OFF = frozenset((_PLAIN, _CLASS, _OBJECT, _OWN_MODULE, _CONTAINER, _REFERENCE))
 # what a plain object's or a class's attributes are followed as (not its methods, nor the
 # objects it holds: a trainer's graph of objects)
 _IN_OBJECTS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _CONTAINER, _AHEAD, _REFERENCE))
@@ -1020,10 +1027,14 @@ _LENGTH_OF: dict[type, Callable[[Any], int]] = dict(_LENGTHS)
 
 def _iterate(obj: Any) -> Iterator[Any]:
     """An iterator over the items of the container ``obj`` (not a dictionary) by its built-in
-    class's own ``__iter__``."""
+    class's own ``__iter__``; a weak container's references (``weakly_held``; told last:
+    ``issubclass`` of an ``ABCMeta`` class, ``WeakValueDictionary``, runs Python's
+    ``__subclasscheck__``: ~0.2 us a list or tuple, read before them)."""
     for base, iterate in _ITERATORS:
         if isinstance(obj, base):
             return iterate(obj)
+    if issubclass(type(obj), WEAK_CONTAINERS):
+        return iter(weakly_held(obj))
     return iter(())
 
 
