@@ -10,6 +10,7 @@ a module behind a weak reference came to mix samples. Float64 3-6-3 and 3-3 tanh
 
 from __future__ import annotations
 
+import argparse
 import functools
 import weakref
 from typing import Any
@@ -278,3 +279,14 @@ def test_a_reference_swapped_for_another_is_another_structure():
     f.held = weakref.ref(keep[-1])
     with pytest.raises(BatchInteractionError, match="mean"):
         torchdiv.divergence(f, x)
+
+
+def test_an_object_of_many_attributes_beside_a_small_holder_is_read_after_it(nets):
+    """``partial(step, (args, {"flow": net}))``, ``args`` an ``argparse.Namespace`` of 70
+    hyperparameters: a level's objects were read first (of size 0), its attributes spent
+    the 64-item budget, the dictionary never read (the script's optimized plan ran,
+    divergence off); an object is now sized by its attributes."""
+    args = argparse.Namespace(**{f"h{i}": 0.1 for i in range(script._HELD_ITEMS + 6)})
+    f = functools.partial(lambda s, z: s[1]["flow"](z), (args, {"flow": nets[1]}))
+    assert_scripted_as_eager(f, *nets)
+    assert nets[1] in script.scripted(f)
