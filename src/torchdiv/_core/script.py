@@ -300,7 +300,7 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 todo += _held(_cached(obj), _CONTAINER)  # (what it has cached: a getter's
                 # loaded script, missed until walk32)
             elif kind is _REFERENCE:  # what a weak reference or proxy refers to, at the same
-                todo.append(target(obj))  # depth (a registry's ``WeakValueDictionary``, a
+                todo.append(target(obj, False))  # depth (a registry's references, a
                 # callback's ``weakref.ref(net)``: missed until rev-merges32, divergence off)
             elif left <= 0:
                 continue
@@ -500,8 +500,8 @@ def _read(held: Any, names: tuple[str, ...] | set[str], nested: bool = True) -> 
     Only the names read are looked up: a trainer's other methods and objects are not."""
     kind = _KINDS.get(id(type(held))) or _kind(type(held))
     if kind is _REFERENCE:  # (``holder.net(z)`` through a proxy, ``ref().net(z)`` through a
-        held = target(held)  # reference: its target's attributes; a reference's missed until
-        kind = _KINDS.get(id(type(held))) or _kind(type(held))  # rev-late32, divergence off)
+        held = target(held, False)  # reference: its target's attributes; a reference's
+        kind = _KINDS.get(id(type(held))) or _kind(type(held))  # missed until rev-late32)
     if issubclass(type(held), type):  # (a class whose metaclass has a ``__call__``: an
         # ``Enum``'s; by its type: ``isinstance`` reads a proxy's ``__class__``, which raised)
         kind = _CLASS
@@ -940,7 +940,7 @@ def instance(v: Any, kinds: type | tuple[type, ...]) -> bool:
 PROXIES = frozenset(weakref.ProxyTypes)
 
 
-def referent(v: Any) -> Any:
+def referent(v: Any, strict: bool = True) -> Any:
     """``v``, or what a ``weakref.proxy`` ``v`` stands for, read off a method bound to it
     through the proxy: an object's ``__getattribute__``, a class's ``mro`` (a class's own
     ``__getattribute__`` is its instances', unbound: no ``__self__``); ``None`` where it is
@@ -948,8 +948,10 @@ def referent(v: Any) -> Any:
     ``__getattribute__`` raises: until rev-merges32 every call of ``f`` raised; until
     rev-late32 ``None``, which the structure key told as a flag, a module swapped in behind
     it served the old pass) or gives another object's method (one forwarding every
-    attribute read to another: the other's state was keyed for it until rev-late32). A
-    proxy takes no weak reference and hides its target's closure and globals.
+    attribute read to another: the other's state was keyed for it until rev-late32; not
+    ``strict``: the other, for the TorchScript walk, where reading more is safe: a lazy
+    object proxy's ``__getattribute__`` forwards to the object that runs). A proxy takes no
+    weak reference and hides its target's closure and globals.
 
     >>> referent(weakref.proxy(net)) is net
     True
@@ -967,19 +969,22 @@ def referent(v: Any) -> Any:
     # C's list of its weak references, no code of the user's; an object whose
     # ``__getattribute__`` forwards to another gave the other, whose state the structure key
     # then read for the target's, until rev-late32)
-    return found if any(r is v for r in weakref.getweakrefs(found)) else v
+    if not strict or any(r is v for r in weakref.getweakrefs(found)):
+        return found
+    return v
 
 
-def target(v: Any) -> Any:
+def target(v: Any, strict: bool = True) -> Any:
     """What the weak reference or ``weakref.proxy`` ``v`` refers to (``None``: dead): a
     reference's by ``weakref.ref``'s own ``__call__`` (C's, not a subclass's), told by its
     type (``isinstance`` reads a proxy's ``__class__``, its target's, which may raise); a
     proxy's by ``referent``; a ``weakref.WeakMethod``'s bound method (the standard library's
-    ``__call__``: a reference's own gives the method's object, not its function)."""
+    ``__call__``: a reference's own gives the method's object, not its function).
+    ``strict``: ``referent``'s."""
     kind = type(v)
     if issubclass(kind, weakref.WeakMethod):
         return weakref.WeakMethod.__call__(v)
-    return weakref.ref.__call__(v) if issubclass(kind, weakref.ref) else referent(v)
+    return weakref.ref.__call__(v) if issubclass(kind, weakref.ref) else referent(v, strict)
 
 
 # the weak references (a ``WeakValueDictionary``'s ``KeyedRef``, a ``WeakSet``'s) and proxies
