@@ -916,6 +916,8 @@ def referent(v: Any) -> Any:
     and hides its target's closure and globals. An object forwarding every attribute read
     (``__getattribute__`` of its own) reads as the object it forwards to.
 
+    >>> import weakref
+    >>> net = torch.nn.Linear(2, 2)
     >>> referent(weakref.proxy(net)) is net
     True
     """
