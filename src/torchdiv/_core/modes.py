@@ -550,7 +550,9 @@ def _compiled_or_eager(
     pass through a checkpoint in the process raised ("torch.func ... don't yet support saved
     tensor hooks"), plain autograd's included, and ``attention_as_primitives``'s math-only
     attention backends on (every later fused-attention call in the process ran the math
-    kernel); both are put back. Past Dynamo's recompile limit: eagerly, this call only."""
+    kernel); both are put back. Past Dynamo's recompile limit: eagerly, this call only. Where
+    the eager call raises too (``f``'s own error, at a wrong input), nothing is marked: later
+    calls are compiled again."""
     from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
     put_back = _process_settings()
@@ -568,9 +570,12 @@ def _compiled_or_eager(
         ):
             raise
         put_back()
+        result = fn(original, *args, **kwargs)  # (eagerly: f's errors named as in eager calls)
+        # (marked once the eager call is right: one that raised f's own error, met tracing
+        # at a wrong input, left every later call of f at right ones eager)
         if not isinstance(error, FailOnRecompileLimitHit):  # (a limit of the call's)
             _FAILED.setdefault(original, set()).add(fn)
-        return fn(original, *args, **kwargs)  # (eagerly: f's errors named as in eager calls)
+        return result
     finally:
         if held:
             _RECOMPILE.exit(_put_stance)
