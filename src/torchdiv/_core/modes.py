@@ -557,9 +557,7 @@ def _compiled_or_eager(
 
     put_back = _process_settings()
     frames: Any = sys.modules["torch._dynamo.eval_frame"]
-    held = getattr(getattr(frames, "_stance", None), "stance", None) == "fail_on_recompile"
-    if held:
-        _RECOMPILE.enter(functools.partial(_eager_on_recompile, frames))
+    held = _eager_on_recompile(frames)
     try:
         return _compiled(fn, backend, dynamic)(original, *args, **kwargs)
     # (fullgraph: raised tracing, before any op ran; the recompile limit's is no
@@ -578,22 +576,46 @@ def _compiled_or_eager(
         return result
     finally:
         if held:
-            _RECOMPILE.exit(_put_stance)
+            _recompile_let_go()
 
 
-def _eager_on_recompile(frames: Any) -> Any:
-    """Set Dynamo's stance to "eager_on_recompile" (the caller's "fail_on_recompile" stance's
-    other settings kept) and return the prior one. Under "fail_on_recompile" Dynamo raises
+def _eager_on_recompile(frames: Any) -> bool:
+    """Under the caller's "fail_on_recompile" stance, set Dynamo's stance to
+    "eager_on_recompile" (the caller's stance's other settings kept) for torchdiv's compiled
+    call, unless a ``CompiledCodeEager`` block of any thread holds "force_eager"; whether the
+    call holds it (``_recompile_let_go`` lets go). Under "fail_on_recompile" Dynamo raises
     wherever it would compile a frame; torchdiv's call of a compiled ``f`` is compiled by
     torchdiv (``_compiled``), not by the caller, and its first call of an operator (or at a
     batch size, a grad mode) raised "Detected recompile" naming torchdiv's ``wrapper``, where
     the caller's model compiled nothing new. Now such a call runs the graphs compiled before
-    and otherwise eagerly, with ``f``'s original, as "eager_on_recompile" does."""
-    prior = frames._stance
-    frames._stance = frames.DynamoStance(
-        "eager_on_recompile", prior.skip_guard_eval_unsafe, prior.backend
-    )
-    return prior
+    and otherwise eagerly, with ``f``'s original, as "eager_on_recompile" does. The caller's
+    stance is the one held as ``_STANCE.prior`` while any call holds one (``_Stance``)."""
+    stance = _STANCE
+    with stance.lock:
+        inside = stance.count or stance.recompile
+        caller = stance.prior if inside else getattr(frames, "_stance", None)
+        if getattr(caller, "stance", None) != "fail_on_recompile":
+            return False
+        if not inside:
+            stance.prior = caller
+        if not stance.recompile:
+            stance.eager_on_recompile = frames.DynamoStance(
+                "eager_on_recompile", caller.skip_guard_eval_unsafe, caller.backend
+            )
+        stance.recompile += 1
+        if not stance.count:  # (else "force_eager" held: kept until the blocks leave)
+            frames._stance = stance.eager_on_recompile
+    return True
+
+
+def _recompile_let_go() -> None:
+    """Let go of ``_eager_on_recompile``'s stance: the caller's back where no call holds one,
+    "force_eager" kept while a ``CompiledCodeEager`` block holds it."""
+    stance = _STANCE
+    with stance.lock:
+        stance.recompile -= 1
+        if not (stance.recompile or stance.count):
+            _put_stance(stance.prior)
 
 
 def _raised_tracing(error: BaseException) -> bool:
@@ -711,7 +733,23 @@ class _Held:
                 restore(self.prior)
 
 
-_STANCE = _Held()  # Dynamo's stance, "force_eager" while torchdiv runs f
+class _Stance(_Held):
+    """Dynamo's stance, one process-wide global: "force_eager" while at least one
+    ``CompiledCodeEager`` block (of any thread: ``count``) is inside, else
+    "eager_on_recompile" while a compiled call under the caller's "fail_on_recompile" is
+    (``recompile``: ``_eager_on_recompile``), and the caller's (``prior``) put back when the
+    last leaves. Two holders of the one global, each putting back what it had found, left it
+    changed where two threads' calls overlapped: a compiled call that ended inside another
+    thread's block put the caller's "fail_on_recompile" back under that block's ``f``, and the
+    block then put back "eager_on_recompile", which it had found, for good."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recompile = 0
+        self.eager_on_recompile: Any = None
+
+
+_STANCE = _Stance()  # Dynamo's stance while torchdiv runs
 # ``torch.nn.utils.parametrize.cached()``'s cache, read-only while torchdiv runs f
 # (``_uncached``)
 _PARAMETRIZE = _Held()
@@ -719,9 +757,6 @@ _FASTPATH = _Held()  # nn.MultiheadAttention's fast path, off while torchdiv run
 # scaled_dot_product_attention's backends (process-wide flags), the math one alone meanwhile
 _SDPA = _Held()
 _FABRIC = _Held()  # Lightning Fabric's guards (``_fabric_guards_off``), off while torchdiv runs
-# Dynamo's stance, "eager_on_recompile" for torchdiv's compiled call under the caller's
-# "fail_on_recompile" (``_eager_on_recompile``)
-_RECOMPILE = _Held()
 _TRACKERS = _Held()  # module trackers' forward hooks (``_trackers_off``), off while torchdiv runs
 
 
@@ -775,7 +810,9 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             with stance.lock:
                 if stance.count == 0:  # what Dynamo's ``_set_stance`` does, without its
                     # check that no compiled region runs (made above) and its import
-                    stance.prior, frames._stance = frames._stance, _force_eager(frames)
+                    if not stance.recompile:  # (else the caller's is held already)
+                        stance.prior = frames._stance
+                    frames._stance = _force_eager(frames)
                 stance.count += 1
             self.held = True
 
@@ -791,7 +828,7 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             with stance.lock:
                 stance.count -= 1
                 if stance.count == 0:
-                    _put_stance(stance.prior)
+                    _put_stance(stance.eager_on_recompile if stance.recompile else stance.prior)
 
 
 class _Unoptimized(threading.local):
