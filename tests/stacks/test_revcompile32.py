@@ -193,3 +193,87 @@ def test_overlapping_calls_of_two_threads_put_the_caller_s_stance_back() -> None
     a_done.set()  # (the loops' forwards pass at once)
     _assert_divergence(net_a, x, values["a"])
     _assert_divergence(net_b, x, values["b"])
+
+
+def test_fail_on_recompile_kept_through_an_error_a_nested_call_and_a_decorator() -> None:
+    """Under the caller's "fail_on_recompile" (a warmed-up model): a call that raises f's own
+    error, a torchdiv call inside the ``f`` of another (``f(x) = tanh(x) * div(model)(x)``)
+    and a step decorated by ``set_stance`` leave the caller's stance object itself in place
+    inside and "default" after; nothing new compiled; the nested divergence's values and
+    parameter gradients as a per-sample loop's (the inner divergence by its Jacobian rows with
+    ``create_graph``, the outer by grad of that)."""
+    import torch._dynamo.eval_frame as frames
+
+    torch.manual_seed(0)
+    net = Checked("assert")
+    backend = Counting()
+    model = torch.compile(net, backend=backend)
+    x = torch.randn(2, 3, dtype=f64)
+    torchdiv.divergence(model, x, method="reverse")  # (warmed up)
+    compiles = backend.compiles
+
+    def outer(z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z) * torchdiv.divergence(model, z, method="reverse")[:, None]
+
+    with torch.compiler.set_stance("fail_on_recompile"):
+        caller = frames._stance
+        with pytest.raises(AssertionError, match="divergence: f"):
+            torchdiv.divergence(model, torch.randn(2, 4, dtype=f64), method="reverse")
+        assert frames._stance is caller
+        value = torchdiv.divergence(outer, x, method="reverse")
+        assert frames._stance is caller
+
+    @torch.compiler.set_stance("fail_on_recompile")
+    def step(z: torch.Tensor) -> torch.Tensor:
+        return torchdiv.divergence(model, z, method="reverse")
+
+    step(torch.randn(5, 3, dtype=f64))  # (a new size: eagerly, nothing compiled)
+    assert frames._stance.stance == "default" and backend.compiles == compiles
+
+    expected = []
+    for b in range(len(x)):
+        leaf = x[b : b + 1].detach().requires_grad_(True)
+        y = outer_reference(net, leaf).reshape(-1)
+        rows = [torch.autograd.grad(y[i], leaf, create_graph=True)[0][0, i] for i in range(3)]
+        expected.append(torch.stack(rows).sum())
+    reference = torch.stack(expected)
+    torch.testing.assert_close(value, reference, **TOL)
+    params = list(net.parameters())
+    got = torch.autograd.grad((value**2 + value.sin()).sum(), params)
+    want = torch.autograd.grad((reference**2 + reference.sin()).sum(), params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+def outer_reference(net: torch.nn.Module, leaf: torch.Tensor) -> torch.Tensor:
+    """``tanh(z) * div(net)(z)`` of one sample ``leaf``, the divergence from its Jacobian rows
+    (``create_graph``: a function of ``leaf``)."""
+    y = net(leaf).reshape(-1)
+    rows = [torch.autograd.grad(y[i], leaf, create_graph=True)[0][0, i] for i in range(3)]
+    return torch.tanh(leaf) * torch.stack(rows).sum()
+
+
+@pytest.mark.parametrize("stance", ["eager_then_compile", "aot_eager_then_compile"])
+def test_a_then_compile_stance_compiles_torchdiv_s_call_whole(stance: str) -> None:
+    """Fails without the fix for "eager_then_compile" (Dynamo's "AssertionError: Guard failed
+    on the same frame it was created", PyTorch's internal error, at the first call): under
+    that stance Dynamo runs a frame's first call eagerly with its callback still on, and
+    compiles each frame called inside it at its second call: torchdiv's own helpers (the
+    walk of ``f``'s objects, whose guard on ``weakref.finalize``'s registry failed as it ran)
+    and ``f`` under the engines' transforms. torchdiv's compiled call is compiled whole
+    (fullgraph) as under "default" now; the caller's stance meanwhile for its own calls. Three
+    calls right (values and parameter gradients); the stance the caller's object inside."""
+    import torch._dynamo.eval_frame as frames
+
+    torch.manual_seed(0)
+    net = Checked("none")
+    backend = Counting()
+    model = torch.compile(net, backend=backend)
+    x = torch.randn(2, 3, dtype=f64)
+    with torch.compiler.set_stance(stance):
+        caller = frames._stance
+        values = [torchdiv.divergence(model, x, method="reverse") for _ in range(3)]
+        assert frames._stance is caller
+        torch.testing.assert_close(model(x), net(x), **TOL)
+    for value in values:
+        _assert_divergence(net, x, value)

@@ -591,6 +591,9 @@ def _eager_on_recompile(frames: Any) -> bool:
     and otherwise eagerly, with ``f``'s original, as "eager_on_recompile" does. The caller's
     stance is the one held as ``_STANCE.prior`` while any call holds one (``_Stance``)."""
     stance = _STANCE
+    if not (stance.count or stance.recompile):  # (the usual case: no lock taken)
+        if getattr(getattr(frames, "_stance", None), "stance", None) != "fail_on_recompile":
+            return False
     with stance.lock:
         inside = stance.count or stance.recompile
         caller = stance.prior if inside else getattr(frames, "_stance", None)
