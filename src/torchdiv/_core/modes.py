@@ -557,7 +557,7 @@ def _compiled_or_eager(
 
     put_back = _process_settings()
     frames: Any = sys.modules["torch._dynamo.eval_frame"]
-    held = _eager_on_recompile(frames)
+    held = _compiled_call_stance(frames)
     try:
         return _compiled(fn, backend, dynamic)(original, *args, **kwargs)
     # (fullgraph: raised tracing, before any op ran; the recompile limit's is no
@@ -576,48 +576,66 @@ def _compiled_or_eager(
         return result
     finally:
         if held:
-            _recompile_let_go()
+            _compiled_call_let_go()
 
 
-def _eager_on_recompile(frames: Any) -> bool:
-    """Under the caller's "fail_on_recompile" stance, set Dynamo's stance to
-    "eager_on_recompile" (the caller's stance's other settings kept) for torchdiv's compiled
-    call, unless a ``CompiledCodeEager`` block of any thread holds "force_eager"; whether the
-    call holds it (``_recompile_let_go`` lets go). Under "fail_on_recompile" Dynamo raises
-    wherever it would compile a frame; torchdiv's call of a compiled ``f`` is compiled by
-    torchdiv (``_compiled``), not by the caller, and its first call of an operator (or at a
-    batch size, a grad mode) raised "Detected recompile" naming torchdiv's ``wrapper``, where
-    the caller's model compiled nothing new. Now such a call runs the graphs compiled before
-    and otherwise eagerly, with ``f``'s original, as "eager_on_recompile" does. The caller's
-    stance is the one held as ``_STANCE.prior`` while any call holds one (``_Stance``)."""
+def _compiled_call_stance(frames: Any) -> bool:
+    """Under a caller's stance that torchdiv's compiled call cannot run under
+    (``_FOR_COMPILED_CALLS``), set Dynamo's stance to the one it runs under (the caller's
+    stance's other settings kept), unless a ``CompiledCodeEager`` block of any thread holds
+    "force_eager"; whether the call holds it (``_compiled_call_let_go`` lets go). The
+    caller's stance is the one held as ``_STANCE.prior`` while any call holds one
+    (``_Stance``). torchdiv's call of a compiled ``f`` is compiled by torchdiv (``_compiled``),
+    not by the caller:
+
+    - under "fail_on_recompile" Dynamo raises wherever it would compile a frame: torchdiv's
+      first call of an operator (or at a batch size, a grad mode) raised "Detected recompile"
+      naming torchdiv's ``wrapper``, where the caller's model compiled nothing new. It runs
+      under "eager_on_recompile": the graphs compiled before, and otherwise eagerly with
+      ``f``'s original;
+    - under "eager_then_compile" Dynamo runs a frame's first call eagerly with its callback
+      on, and compiles every frame called inside it from that frame's second call: torchdiv's
+      own helpers and ``f`` under the engines' transforms (PyTorch's "Guard failed on the
+      same frame it was created" assertion at the first call, a guard of the walk of ``f``'s
+      objects on ``weakref.finalize``'s registry, which the walk changes). It runs under
+      "default", compiled whole (fullgraph), as "aot_eager_then_compile"'s too."""
     stance = _STANCE
-    if not (stance.count or stance.recompile):  # (the usual case: no lock taken)
-        if getattr(getattr(frames, "_stance", None), "stance", None) != "fail_on_recompile":
+    if not (stance.count or stance.compiled):  # (the usual case: no lock taken)
+        if getattr(getattr(frames, "_stance", None), "stance", None) not in _FOR_COMPILED_CALLS:
             return False
     with stance.lock:
-        inside = stance.count or stance.recompile
+        inside = stance.count or stance.compiled
         caller = stance.prior if inside else getattr(frames, "_stance", None)
-        if getattr(caller, "stance", None) != "fail_on_recompile":
+        name = _FOR_COMPILED_CALLS.get(getattr(caller, "stance", None))
+        if name is None:
             return False
         if not inside:
             stance.prior = caller
-        if not stance.recompile:
-            stance.eager_on_recompile = frames.DynamoStance(
-                "eager_on_recompile", caller.skip_guard_eval_unsafe, caller.backend
+        if not stance.compiled:
+            stance.for_compiled = frames.DynamoStance(
+                name, caller.skip_guard_eval_unsafe, caller.backend
             )
-        stance.recompile += 1
+        stance.compiled += 1
         if not stance.count:  # (else "force_eager" held: kept until the blocks leave)
-            frames._stance = stance.eager_on_recompile
+            frames._stance = stance.for_compiled
     return True
 
 
-def _recompile_let_go() -> None:
-    """Let go of ``_eager_on_recompile``'s stance: the caller's back where no call holds one,
-    "force_eager" kept while a ``CompiledCodeEager`` block holds it."""
+# the caller's stances that torchdiv's compiled call runs under another (``_compiled_call_stance``)
+_FOR_COMPILED_CALLS = {
+    "fail_on_recompile": "eager_on_recompile",
+    "eager_then_compile": "default",
+    "aot_eager_then_compile": "default",
+}
+
+
+def _compiled_call_let_go() -> None:
+    """Let go of ``_compiled_call_stance``'s stance: the caller's back where no call holds
+    one, "force_eager" kept while a ``CompiledCodeEager`` block holds it."""
     stance = _STANCE
     with stance.lock:
-        stance.recompile -= 1
-        if not (stance.recompile or stance.count):
+        stance.compiled -= 1
+        if not (stance.compiled or stance.count):
             _put_stance(stance.prior)
 
 
@@ -738,9 +756,9 @@ class _Held:
 
 class _Stance(_Held):
     """Dynamo's stance, one process-wide global: "force_eager" while at least one
-    ``CompiledCodeEager`` block (of any thread: ``count``) is inside, else
-    "eager_on_recompile" while a compiled call under the caller's "fail_on_recompile" is
-    (``recompile``: ``_eager_on_recompile``), and the caller's (``prior``) put back when the
+    ``CompiledCodeEager`` block (of any thread: ``count``) is inside, else the stance of
+    torchdiv's compiled calls under the caller's (``compiled``, ``for_compiled``:
+    ``_compiled_call_stance``) while one is, and the caller's (``prior``) put back when the
     last leaves. Two holders of the one global, each putting back what it had found, left it
     changed where two threads' calls overlapped: a compiled call that ended inside another
     thread's block put the caller's "fail_on_recompile" back under that block's ``f``, and the
@@ -748,8 +766,8 @@ class _Stance(_Held):
 
     def __init__(self) -> None:
         super().__init__()
-        self.recompile = 0
-        self.eager_on_recompile: Any = None
+        self.compiled = 0
+        self.for_compiled: Any = None
 
 
 _STANCE = _Stance()  # Dynamo's stance while torchdiv runs
@@ -813,7 +831,7 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             with stance.lock:
                 if stance.count == 0:  # what Dynamo's ``_set_stance`` does, without its
                     # check that no compiled region runs (made above) and its import
-                    if not stance.recompile:  # (else the caller's is held already)
+                    if not stance.compiled:  # (else the caller's is held already)
                         stance.prior = frames._stance
                     frames._stance = _force_eager(frames)
                 stance.count += 1
@@ -831,7 +849,7 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             with stance.lock:
                 stance.count -= 1
                 if stance.count == 0:
-                    _put_stance(stance.eager_on_recompile if stance.recompile else stance.prior)
+                    _put_stance(stance.for_compiled if stance.compiled else stance.prior)
 
 
 class _Unoptimized(threading.local):
