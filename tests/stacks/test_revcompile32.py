@@ -277,3 +277,46 @@ def test_a_then_compile_stance_compiles_torchdiv_s_call_whole(stance: str) -> No
         torch.testing.assert_close(model(x), net(x), **TOL)
     for value in values:
         _assert_divergence(net, x, value)
+
+
+class Gathers(torch.nn.Module):
+    """A tanh layer whose outputs are gathered by a buffer of indices (``idx``): an index out
+    of range raises as the compiled graph runs, not while Dynamo traces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3, dtype=f64)
+        self.register_buffer("idx", torch.arange(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x))[..., self.idx]
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward"])
+def test_an_error_as_the_compiled_call_runs_leaves_the_process_as_it_was(method: str) -> None:
+    """Fails without the fix: f's error raised as torchdiv's compiled call ran (an index out
+    of range, a buffer's) left what the graph had entered: ``method="reverse"`` left
+    ``torch.func``'s ban on saved-tensor hooks on (every later backward pass through a
+    checkpoint raised) and the math attention backend alone; ``"forward"`` left a forward-AD
+    level open (every later ``torch.func.jvp`` and ``fwAD.dual_level()`` of the process raised
+    "Nested forward mode AD is not supported"). Now the error is raised with all of it put
+    back, and the next call (the buffer mended) is right."""
+    from torch._C._autograd import _saved_tensors_hooks_get_disabled_error_message as ban
+    from torch.nn.attention import _cur_sdpa_kernel_backends
+
+    torch.manual_seed(0)
+    net = Gathers()
+    model = torch.compile(net, backend=Counting())
+    x = torch.randn(2, 3, dtype=f64)
+    _assert_divergence(net, x, torchdiv.divergence(model, x, method=method))
+    backends = _cur_sdpa_kernel_backends()
+    net.idx[2] = 7
+    with pytest.raises(IndexError, match="index 7 is out of bounds"):
+        torchdiv.divergence(model, x, method=method)
+    assert ban() is None and _cur_sdpa_kernel_backends() == backends
+    one = torch.ones(2, dtype=f64)
+    torch.testing.assert_close(torch.func.jvp(torch.sin, (one,), (one,))[1], one.cos())
+    with torch.autograd.forward_ad.dual_level():
+        pass
+    net.idx[2] = 2
+    _assert_divergence(net, x, torchdiv.divergence(model, x, method=method))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.utils.parametrize as _parametrize
 import torch.utils.checkpoint as _checkpoint
 from torch._C._autograd import _top_saved_tensors_default_hooks
@@ -550,9 +551,12 @@ def _compiled_or_eager(
     pass through a checkpoint in the process raised ("torch.func ... don't yet support saved
     tensor hooks"), plain autograd's included, and ``attention_as_primitives``'s math-only
     attention backends on (every later fused-attention call in the process ran the math
-    kernel); both are put back. Past Dynamo's recompile limit: eagerly, this call only. Where
-    the eager call raises too (``f``'s own error, at a wrong input), nothing is marked: later
-    calls are compiled again."""
+    kernel); both are put back, as where ``f`` raises as the compiled graph runs (an index
+    out of range), which leaves them, and a forward-AD level, as the graph had entered them
+    (every later ``torch.func.jvp`` of the process raised "Nested forward mode AD is not
+    supported"): the error is raised then. Past Dynamo's recompile limit: eagerly, this call
+    only. Where the eager call raises too (``f``'s own error, at a wrong input), nothing is
+    marked: later calls are compiled again."""
     from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
     put_back = _process_settings()
@@ -566,6 +570,7 @@ def _compiled_or_eager(
         if not isinstance(error, (TorchDynamoException, FailOnRecompileLimitHit)) and not (
             _raised_tracing(error)
         ):
+            put_back()  # (f's error as the graph ran: what it had entered is left entered)
             raise
         put_back()
         result = fn(original, *args, **kwargs)  # (eagerly: f's errors named as in eager calls)
@@ -600,9 +605,9 @@ def _compiled_call_stance(frames: Any) -> bool:
       objects on ``weakref.finalize``'s registry, which the walk changes). It runs under
       "default", compiled whole (fullgraph), as "aot_eager_then_compile"'s too."""
     stance = _STANCE
-    if not (stance.count or stance.compiled):  # (the usual case: no lock taken)
-        if getattr(getattr(frames, "_stance", None), "stance", None) not in _FOR_COMPILED_CALLS:
-            return False
+    caller = getattr(getattr(frames, "_stance", None), "stance", None)
+    if not (stance.count or stance.compiled) and caller not in _FOR_COMPILED_CALLS:
+        return False  # (the usual case: no lock taken)
     with stance.lock:
         inside = stance.count or stance.compiled
         caller = stance.prior if inside else getattr(frames, "_stance", None)
@@ -650,8 +655,10 @@ def _raised_tracing(error: BaseException) -> bool:
 
 def _process_settings() -> Callable[[], None]:
     """A function that puts back the process-wide settings a traced call changes and a
-    failed compile leaves changed: ``torch.func``'s ban on saved-tensor hooks, the enabled
-    attention backends and their priority order, and the fast path of ``nn``'s attention."""
+    failed compile, or an error as its graph runs, leaves changed: ``torch.func``'s ban on
+    saved-tensor hooks, the enabled attention backends and their priority order, the fast
+    path of ``nn``'s attention, and a forward-AD level entered (where none was before:
+    PyTorch has one at most)."""
     from torch._C._autograd import (
         _saved_tensors_hooks_disable,
         _saved_tensors_hooks_enable,
@@ -662,6 +669,7 @@ def _process_settings() -> Callable[[], None]:
     ban = _saved_tensors_hooks_get_disabled_error_message()
     backends, order = _cur_sdpa_kernel_backends(), torch._C._get_sdp_priority_order()
     fastpath = torch.backends.mha.get_fastpath_enabled()
+    dual = _forward_ad._current_level  # (-1: no level, as usual)
 
     def put_back() -> None:
         if ban is None:
@@ -671,6 +679,11 @@ def _process_settings() -> Callable[[], None]:
         _sdpa_kernel(backends)
         torch._C._set_sdp_priority_order(order)
         torch.backends.mha.set_fastpath_enabled(fastpath)
+        # (the graph enters its level by PyTorch's C call, which the module's count misses:
+        # one counted is another thread's ``dual_level()`` block, left alone)
+        if dual == -1 and _forward_ad._current_level == -1:
+            with contextlib.suppress(RuntimeError):  # (none left: PyTorch's error)
+                torch._C._exit_dual_level(level=0)
 
     return put_back
 
