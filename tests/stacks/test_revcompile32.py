@@ -81,6 +81,14 @@ class Checked(torch.nn.Module):
         return torch.tanh(self.lin(x))
 
 
+def _caller_state(net: torch.nn.Module, x: torch.Tensor) -> tuple[object, ...]:
+    """What a call must leave as it found it: ``x``'s flag and gradient, the parameters'
+    gradients, the train flag, Dynamo's config and grad modes."""
+    grads = tuple(p.grad for p in net.parameters())
+    config = torch._dynamo.config.get_config_copy()
+    return x.requires_grad, x.grad, grads, net.training, config, torch.is_grad_enabled()
+
+
 def _divergence_loop(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Each sample's divergence, alone, from its Jacobian rows (``create_graph``)."""
     out = []
@@ -270,10 +278,11 @@ def test_a_then_compile_stance_compiles_torchdiv_s_call_whole(stance: str) -> No
     backend = Counting()
     model = torch.compile(net, backend=backend)
     x = torch.randn(2, 3, dtype=f64)
+    state = _caller_state(net, x)
     with torch.compiler.set_stance(stance):
         caller = frames._stance
         values = [torchdiv.divergence(model, x, method="reverse") for _ in range(3)]
-        assert frames._stance is caller
+        assert frames._stance is caller and _caller_state(net, x) == state
         torch.testing.assert_close(model(x), net(x), **TOL)
     for value in values:
         _assert_divergence(net, x, value)
@@ -311,9 +320,11 @@ def test_an_error_as_the_compiled_call_runs_leaves_the_process_as_it_was(method:
     _assert_divergence(net, x, torchdiv.divergence(model, x, method=method))
     backends = _cur_sdpa_kernel_backends()
     net.idx[2] = 7
+    state = _caller_state(net, x)
     with pytest.raises(IndexError, match="index 7 is out of bounds"):
         torchdiv.divergence(model, x, method=method)
     assert ban() is None and _cur_sdpa_kernel_backends() == backends
+    assert _caller_state(net, x) == state
     one = torch.ones(2, dtype=f64)
     torch.testing.assert_close(torch.func.jvp(torch.sin, (one,), (one,))[1], one.cos())
     with torch.autograd.forward_ad.dual_level():
