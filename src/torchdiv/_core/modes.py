@@ -605,13 +605,13 @@ def _compiled_call_stance(frames: Any) -> bool:
       objects on ``weakref.finalize``'s registry, which the walk changes). It runs under
       "default", compiled whole (fullgraph), as "aot_eager_then_compile"'s too."""
     stance = _STANCE
-    caller = getattr(getattr(frames, "_stance", None), "stance", None)
-    if not (stance.count or stance.compiled) and caller not in _FOR_COMPILED_CALLS:
+    now: Any = getattr(frames, "_stance", None)
+    if not (stance.count or stance.compiled) and getattr(now, "stance", None) not in _CALLERS:
         return False  # (the usual case: no lock taken)
     with stance.lock:
         inside = stance.count or stance.compiled
-        caller = stance.prior if inside else getattr(frames, "_stance", None)
-        name = _FOR_COMPILED_CALLS.get(getattr(caller, "stance", None))
+        caller: Any = stance.prior if inside else getattr(frames, "_stance", None)
+        name = _FOR_COMPILED_CALLS.get(str(getattr(caller, "stance", "")))
         if name is None:
             return False
         if not inside:
@@ -632,6 +632,7 @@ _FOR_COMPILED_CALLS = {
     "eager_then_compile": "default",
     "aot_eager_then_compile": "default",
 }
+_CALLERS = frozenset(_FOR_COMPILED_CALLS)
 
 
 def _compiled_call_let_go() -> None:
