@@ -21,6 +21,7 @@ import threading
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import torchdiv
 
@@ -330,4 +331,51 @@ def test_an_error_as_the_compiled_call_runs_leaves_the_process_as_it_was(method:
     with torch.autograd.forward_ad.dual_level():
         pass
     net.idx[2] = 2
+    _assert_divergence(net, x, torchdiv.divergence(model, x, method=method))
+
+
+class _Interrupts(TorchFunctionMode):
+    """Raises ``KeyboardInterrupt`` at ``torch.tanh`` while ``armed`` (a Ctrl-C mid-graph)."""
+
+    armed = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if self.armed and func is torch.tanh:
+            raise KeyboardInterrupt
+        return func(*args, **(kwargs or {}))
+
+
+def _interrupting(gm: torch.fx.GraphModule, example: list[torch.Tensor]):
+    """A backend running the captured graph under ``_Interrupts``."""
+
+    def run(*args: torch.Tensor):
+        with _Interrupts():
+            return gm.forward(*args)
+
+    return run
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward"])
+def test_an_interrupt_as_the_compiled_call_runs_leaves_the_process_as_it_was(method: str) -> None:
+    """Fails without the fix: a ``KeyboardInterrupt`` (no ``Exception``) as the compiled
+    graph ran left ``torch.func``'s ban, the math attention backend alone, or a forward-AD
+    level open, as an error did (the test above). Now they are put back; the next call right."""
+    from torch._C._autograd import _saved_tensors_hooks_get_disabled_error_message as ban
+    from torch.nn.attention import _cur_sdpa_kernel_backends
+
+    torch.manual_seed(0)
+    net = Checked("none")
+    model = torch.compile(net, backend=_interrupting)
+    x = torch.randn(2, 3, dtype=f64)
+    _assert_divergence(net, x, torchdiv.divergence(model, x, method=method))
+    backends = _cur_sdpa_kernel_backends()
+    _Interrupts.armed = True
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            torchdiv.divergence(model, x, method=method)
+    finally:
+        _Interrupts.armed = False
+    assert ban() is None and _cur_sdpa_kernel_backends() == backends
+    one = torch.ones(2, dtype=f64)
+    torch.testing.assert_close(torch.func.jvp(torch.sin, (one,), (one,))[1], one.cos())
     _assert_divergence(net, x, torchdiv.divergence(model, x, method=method))

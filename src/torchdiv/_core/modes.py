@@ -554,9 +554,9 @@ def _compiled_or_eager(
     kernel); both are put back, as where ``f`` raises as the compiled graph runs (an index
     out of range), which leaves them, and a forward-AD level, as the graph had entered them
     (every later ``torch.func.jvp`` of the process raised "Nested forward mode AD is not
-    supported"): the error is raised then. Past Dynamo's recompile limit: eagerly, this call
-    only. Where the eager call raises too (``f``'s own error, at a wrong input), nothing is
-    marked: later calls are compiled again."""
+    supported"), or a ``KeyboardInterrupt``: the error is raised then. Past Dynamo's
+    recompile limit: eagerly, this call only. Where the eager call raises too (``f``'s own
+    error, at a wrong input), nothing is marked: later calls are compiled again."""
     from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
     put_back = _process_settings()
@@ -579,6 +579,9 @@ def _compiled_or_eager(
         if not isinstance(error, FailOnRecompileLimitHit):  # (a limit of the call's)
             _FAILED.setdefault(original, set()).add(fn)
         return result
+    except BaseException:  # (a KeyboardInterrupt as the graph ran: as f's error)
+        put_back()
+        raise
     finally:
         if held:
             _compiled_call_let_go()
