@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.utils.parametrize as _parametrize
 import torch.utils.checkpoint as _checkpoint
 from torch._C._autograd import _top_saved_tensors_default_hooks
@@ -550,14 +551,17 @@ def _compiled_or_eager(
     pass through a checkpoint in the process raised ("torch.func ... don't yet support saved
     tensor hooks"), plain autograd's included, and ``attention_as_primitives``'s math-only
     attention backends on (every later fused-attention call in the process ran the math
-    kernel); both are put back. Past Dynamo's recompile limit: eagerly, this call only."""
+    kernel); both are put back, as where ``f`` raises as the compiled graph runs (an index
+    out of range), which leaves them, and a forward-AD level, as the graph had entered them
+    (every later ``torch.func.jvp`` of the process raised "Nested forward mode AD is not
+    supported"), or a ``KeyboardInterrupt``: the error is raised then. Past Dynamo's
+    recompile limit: eagerly, this call only. Where the eager call raises too (``f``'s own
+    error, at a wrong input), nothing is marked: later calls are compiled again."""
     from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
     put_back = _process_settings()
     frames: Any = sys.modules["torch._dynamo.eval_frame"]
-    held = getattr(getattr(frames, "_stance", None), "stance", None) == "fail_on_recompile"
-    if held:
-        _RECOMPILE.enter(functools.partial(_eager_on_recompile, frames))
+    held = _compiled_call_stance(frames)
     try:
         return _compiled(fn, backend, dynamic)(original, *args, **kwargs)
     # (fullgraph: raised tracing, before any op ran; the recompile limit's is no
@@ -566,29 +570,82 @@ def _compiled_or_eager(
         if not isinstance(error, (TorchDynamoException, FailOnRecompileLimitHit)) and not (
             _raised_tracing(error)
         ):
+            put_back()  # (f's error as the graph ran: what it had entered is left entered)
             raise
         put_back()
+        result = fn(original, *args, **kwargs)  # (eagerly: f's errors named as in eager calls)
+        # (marked once the eager call is right: one that raised f's own error, met tracing
+        # at a wrong input, left every later call of f at right ones eager)
         if not isinstance(error, FailOnRecompileLimitHit):  # (a limit of the call's)
             _FAILED.setdefault(original, set()).add(fn)
-        return fn(original, *args, **kwargs)  # (eagerly: f's errors named as in eager calls)
+        return result
+    except BaseException:  # (a KeyboardInterrupt as the graph ran: as f's error)
+        put_back()
+        raise
     finally:
         if held:
-            _RECOMPILE.exit(_put_stance)
+            _compiled_call_let_go()
 
 
-def _eager_on_recompile(frames: Any) -> Any:
-    """Set Dynamo's stance to "eager_on_recompile" (the caller's "fail_on_recompile" stance's
-    other settings kept) and return the prior one. Under "fail_on_recompile" Dynamo raises
-    wherever it would compile a frame; torchdiv's call of a compiled ``f`` is compiled by
-    torchdiv (``_compiled``), not by the caller, and its first call of an operator (or at a
-    batch size, a grad mode) raised "Detected recompile" naming torchdiv's ``wrapper``, where
-    the caller's model compiled nothing new. Now such a call runs the graphs compiled before
-    and otherwise eagerly, with ``f``'s original, as "eager_on_recompile" does."""
-    prior = frames._stance
-    frames._stance = frames.DynamoStance(
-        "eager_on_recompile", prior.skip_guard_eval_unsafe, prior.backend
-    )
-    return prior
+def _compiled_call_stance(frames: Any) -> bool:
+    """Under a caller's stance that torchdiv's compiled call cannot run under
+    (``_FOR_COMPILED_CALLS``), set Dynamo's stance to the one it runs under (the caller's
+    stance's other settings kept), unless a ``CompiledCodeEager`` block of any thread holds
+    "force_eager"; whether the call holds it (``_compiled_call_let_go`` lets go). The
+    caller's stance is the one held as ``_STANCE.prior`` while any call holds one
+    (``_Stance``). torchdiv's call of a compiled ``f`` is compiled by torchdiv (``_compiled``),
+    not by the caller:
+
+    - under "fail_on_recompile" Dynamo raises wherever it would compile a frame: torchdiv's
+      first call of an operator (or at a batch size, a grad mode) raised "Detected recompile"
+      naming torchdiv's ``wrapper``, where the caller's model compiled nothing new. It runs
+      under "eager_on_recompile": the graphs compiled before, and otherwise eagerly with
+      ``f``'s original;
+    - under "eager_then_compile" Dynamo runs a frame's first call eagerly with its callback
+      on, and compiles every frame called inside it from that frame's second call: torchdiv's
+      own helpers and ``f`` under the engines' transforms (PyTorch's "Guard failed on the
+      same frame it was created" assertion at the first call, a guard of the walk of ``f``'s
+      objects on ``weakref.finalize``'s registry, which the walk changes). It runs under
+      "default", compiled whole (fullgraph), as "aot_eager_then_compile"'s too."""
+    stance = _STANCE
+    now: Any = getattr(frames, "_stance", None)
+    if not (stance.count or stance.compiled) and getattr(now, "stance", None) not in _CALLERS:
+        return False  # (the usual case: no lock taken)
+    with stance.lock:
+        inside = stance.count or stance.compiled
+        caller: Any = stance.prior if inside else getattr(frames, "_stance", None)
+        name = _FOR_COMPILED_CALLS.get(str(getattr(caller, "stance", "")))
+        if name is None:
+            return False
+        if not inside:
+            stance.prior = caller
+        if not stance.compiled:
+            stance.for_compiled = frames.DynamoStance(
+                name, caller.skip_guard_eval_unsafe, caller.backend
+            )
+        stance.compiled += 1
+        if not stance.count:  # (else "force_eager" held: kept until the blocks leave)
+            frames._stance = stance.for_compiled
+    return True
+
+
+# the caller's stances that torchdiv's compiled call runs under another (``_compiled_call_stance``)
+_FOR_COMPILED_CALLS = {
+    "fail_on_recompile": "eager_on_recompile",
+    "eager_then_compile": "default",
+    "aot_eager_then_compile": "default",
+}
+_CALLERS = frozenset(_FOR_COMPILED_CALLS)
+
+
+def _compiled_call_let_go() -> None:
+    """Let go of ``_compiled_call_stance``'s stance: the caller's back where no call holds
+    one, "force_eager" kept while a ``CompiledCodeEager`` block holds it."""
+    stance = _STANCE
+    with stance.lock:
+        stance.compiled -= 1
+        if not (stance.compiled or stance.count):
+            _put_stance(stance.prior)
 
 
 def _raised_tracing(error: BaseException) -> bool:
@@ -602,8 +659,10 @@ def _raised_tracing(error: BaseException) -> bool:
 
 def _process_settings() -> Callable[[], None]:
     """A function that puts back the process-wide settings a traced call changes and a
-    failed compile leaves changed: ``torch.func``'s ban on saved-tensor hooks, the enabled
-    attention backends and their priority order, and the fast path of ``nn``'s attention."""
+    failed compile, or an error as its graph runs, leaves changed: ``torch.func``'s ban on
+    saved-tensor hooks, the enabled attention backends and their priority order, the fast
+    path of ``nn``'s attention, and a forward-AD level entered (where none was before:
+    PyTorch has one at most)."""
     from torch._C._autograd import (
         _saved_tensors_hooks_disable,
         _saved_tensors_hooks_enable,
@@ -614,6 +673,7 @@ def _process_settings() -> Callable[[], None]:
     ban = _saved_tensors_hooks_get_disabled_error_message()
     backends, order = _cur_sdpa_kernel_backends(), torch._C._get_sdp_priority_order()
     fastpath = torch.backends.mha.get_fastpath_enabled()
+    dual = _forward_ad._current_level  # (-1: no level, as usual)
 
     def put_back() -> None:
         if ban is None:
@@ -623,6 +683,11 @@ def _process_settings() -> Callable[[], None]:
         _sdpa_kernel(backends)
         torch._C._set_sdp_priority_order(order)
         torch.backends.mha.set_fastpath_enabled(fastpath)
+        # (the graph enters its level by PyTorch's C call, which the module's count misses:
+        # one counted is another thread's ``dual_level()`` block, left alone)
+        if dual == -1 and _forward_ad._current_level == -1:
+            with contextlib.suppress(RuntimeError):  # (none left: PyTorch's error)
+                torch._C._exit_dual_level(level=0)
 
     return put_back
 
@@ -706,7 +771,23 @@ class _Held:
                 restore(self.prior)
 
 
-_STANCE = _Held()  # Dynamo's stance, "force_eager" while torchdiv runs f
+class _Stance(_Held):
+    """Dynamo's stance, one process-wide global: "force_eager" while at least one
+    ``CompiledCodeEager`` block (of any thread: ``count``) is inside, else the stance of
+    torchdiv's compiled calls under the caller's (``compiled``, ``for_compiled``:
+    ``_compiled_call_stance``) while one is, and the caller's (``prior``) put back when the
+    last leaves. Two holders of the one global, each putting back what it had found, left it
+    changed where two threads' calls overlapped: a compiled call that ended inside another
+    thread's block put the caller's "fail_on_recompile" back under that block's ``f``, and the
+    block then put back "eager_on_recompile", which it had found, for good."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.compiled = 0
+        self.for_compiled: Any = None
+
+
+_STANCE = _Stance()  # Dynamo's stance while torchdiv runs
 # ``torch.nn.utils.parametrize.cached()``'s cache, read-only while torchdiv runs f
 # (``_uncached``)
 _PARAMETRIZE = _Held()
@@ -714,9 +795,6 @@ _FASTPATH = _Held()  # nn.MultiheadAttention's fast path, off while torchdiv run
 # scaled_dot_product_attention's backends (process-wide flags), the math one alone meanwhile
 _SDPA = _Held()
 _FABRIC = _Held()  # Lightning Fabric's guards (``_fabric_guards_off``), off while torchdiv runs
-# Dynamo's stance, "eager_on_recompile" for torchdiv's compiled call under the caller's
-# "fail_on_recompile" (``_eager_on_recompile``)
-_RECOMPILE = _Held()
 _TRACKERS = _Held()  # module trackers' forward hooks (``_trackers_off``), off while torchdiv runs
 
 
@@ -770,7 +848,9 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             with stance.lock:
                 if stance.count == 0:  # what Dynamo's ``_set_stance`` does, without its
                     # check that no compiled region runs (made above) and its import
-                    stance.prior, frames._stance = frames._stance, _force_eager(frames)
+                    if not stance.compiled:  # (else the caller's is held already)
+                        stance.prior = frames._stance
+                    frames._stance = _force_eager(frames)
                 stance.count += 1
             self.held = True
 
@@ -786,7 +866,7 @@ class CompiledCodeEager(contextlib.ContextDecorator):
             with stance.lock:
                 stance.count -= 1
                 if stance.count == 0:
-                    _put_stance(stance.prior)
+                    _put_stance(stance.for_compiled if stance.compiled else stance.prior)
 
 
 class _Unoptimized(threading.local):

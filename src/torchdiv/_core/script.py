@@ -953,6 +953,8 @@ def referent(v: Any, strict: bool = True) -> Any:
     object proxy's ``__getattribute__`` forwards to the object that runs). A proxy takes no
     weak reference and hides its target's closure and globals.
 
+    >>> import weakref
+    >>> net = torch.nn.Linear(2, 2)
     >>> referent(weakref.proxy(net)) is net
     True
     """
