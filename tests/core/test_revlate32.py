@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -184,6 +184,10 @@ def _weak_ways(net: _Flagged) -> dict[str, Any]:
             lambda h, z: next(iter(h))(z), weakref.WeakKeyDictionary({net: 1})
         ),
         "proxy held by a callable object": _Calling(weakref.proxy(net), lambda p: p),
+        "ref held by a plain object": (lambda h: lambda z: h.net()(z))(_State(weakref.ref(net))),
+        "weak value dictionary held by a plain object": (lambda h: lambda z: h.net["m"](z))(
+            _State(weakref.WeakValueDictionary(m=net))
+        ),
     }
 
 
@@ -313,3 +317,38 @@ def test_a_proxy_of_a_forwarding_object_is_walked_through(nets):
     f = functools.partial(lambda p, z: p(z), weakref.proxy(lazy))
     assert_scripted_as_eager(f, *nets)
     assert nets[1] in script.scripted(f)
+
+
+def _registry_ways(net: _Flagged) -> dict[str, Any]:
+    """``f`` reaching ``net`` through a class of the user's it names (a registry)."""
+
+    class Registry:
+        model = net
+
+    class WeakRegistry:
+        models: ClassVar[Any] = weakref.WeakValueDictionary(flow=net)
+
+    class Models:
+        models: ClassVar[dict[str, Any]] = {"flow": net}
+
+    return {
+        "class attribute": (lambda r: lambda z: r.model(z))(Registry),
+        "weak value dictionary as a class attribute": (lambda r: lambda z: r.models["flow"](z))(
+            WeakRegistry
+        ),
+        "dictionary as a class attribute": (lambda r: lambda z: r.models["flow"](z))(Models),
+    }
+
+
+@pytest.mark.parametrize("way", list(_registry_ways(_Flagged())))
+def test_a_module_held_by_a_class_f_names_set_to_mix_is_refused(way: str):
+    """A class ``f`` names was told by its identity alone, not looked into: ``net.mix =
+    True`` on a module it holds (a registry's class attribute, a ``WeakValueDictionary`` or
+    dictionary there) kept the key, the first call's pass served (divergence silently off)."""
+    net = _Flagged()
+    f = _registry_ways(net)[way]
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert_close(torchdiv.divergence(f, x), reference_divergence(net, x))
+    net.mix = True
+    with pytest.raises(BatchInteractionError, match="mean"):
+        torchdiv.divergence(f, x)

@@ -548,9 +548,9 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
                 if id(held) not in seen:
                     seen.add(id(held))
                     yield held
-            elif callable(held):  # a class too, by its id, not looked into
-                yield held
-                if left and not instance(held, type):
+            elif callable(held):  # a class too, by its id, looked into where the user's
+                yield held  # (``_read_class``)
+                if left and (not instance(held, type) or _read_class(held)):
                     todo.append((held, left - 1, False))
             elif unread(held):  # (not callable: ``_reached`` tells the key untold)
                 yield held
@@ -639,6 +639,9 @@ def _contents(fn: Any) -> list[Any]:
         own = fn.__self__
         told = _module(own) or unread(own)  # (a proxy unread: held, for ``_reached``)
         return [own] if told else [fn.__func__, *_attributes(own)]
+    if instance(fn, type):  # a class of the user's (``_read_class``): its own attributes
+        held = _CLASS_DICT(fn).values()  # as a plain object's, told by their types alone
+        return [v for v in held if (t := type(v)) in _CLASS_HELD or issubclass(t, _MODULES)]
     if not callable(fn):  # a plain object (``_plain_object``): its flags, modules, containers
         own = _attributes(fn)  # (and the modules of the plain objects it holds)
         inner = [v for o in own if _plain_object(o) for v in _modules_in(o)]
@@ -648,8 +651,35 @@ def _contents(fn: Any) -> list[Any]:
 
 
 def _holding(v: Any) -> bool:
-    """Whether ``v`` is a module or a container ``named`` looks into for modules."""
-    return _module(v) or by_items(v)
+    """Whether ``v`` is a module, a container ``named`` looks into for modules, or a weak
+    reference, proxy or weak container (``_dereferenced``: one a plain object held was
+    dropped until rev-late32, a module behind it set to mix served the old pass)."""
+    return _module(v) or by_items(v) or type(v) in _WEAK
+
+
+def _read_class(cls: type) -> bool:
+    """Whether ``named`` looks into the class ``cls`` (its own attributes, as a plain
+    object's: ``Registry.model(z)``, ``Registry.models["flow"](z)``): one of the user's made
+    by ``type`` itself (not an ``Enum``, an ``ABC``, an ``autograd.Function``, nor torch's,
+    an installed library's or one of more than ``CLASS_ITEMS`` attributes: ``_classes``,
+    kept per class). Told by its identity alone until rev-late32: a module it holds swapped,
+    or set to mix, was served the old pass."""
+    if type(cls) is not type:
+        return False
+    kind = weakref.ref(cls)
+    known = _CLASSES.get(kind)
+    classes = known[1] if known is not None and known[0] == id(cls.__mro__) else None
+    if classes is None:
+        classes = _classes(kind)
+    return bool(classes) and classes[0]() is cls
+
+
+_CLASS_DICT = type.__dict__["__dict__"].__get__  # (a class's namespace, by type's descriptor)
+# the attributes of a class ``named`` reads (``_contents``): its flags (not its integers, as a
+# plain object's), containers, weak references (``_WEAK``) and modules (a class's methods
+# and descriptors, most of it, by one set lookup and one ``issubclass``: ~1 us a class)
+_CLASS_HELD = _MODULE_FLAGS | _CONTAINERS | _WEAK
+_MODULES = torch.nn.Module
 
 
 def _module(v: Any) -> bool:
