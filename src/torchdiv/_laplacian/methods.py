@@ -54,7 +54,7 @@ from torchdiv._taylor import (
     mixing,
     propagate,
 )
-from torchdiv._taylor.capture import IN_PLACE_DETACH, Ref, argument
+from torchdiv._taylor.capture import IN_PLACE_DETACH, Ref, argument, way_out
 from torchdiv._taylor.sparse import Sparse, per_particle
 from torchdiv._taylor.tree import leaves
 
@@ -733,10 +733,8 @@ def _refuse(graph: Graph, what: str) -> NoReturn:
     """Raise, with what recording ``f`` changed put back (``biharmonic``'s ``"auto"``
     evaluates ``f`` again by another method: its buffers and random draws change once)."""
     graph.undo()
-    raise UnsupportedOp(
-        f"laplacian: method='taylor' has no propagation rule for {what}; use method='auto' "
-        "(falls back to 'forward-over-reverse')"
-    )
+    way = way_out(what, "use method='auto' (falls back to 'forward-over-reverse')")
+    raise UnsupportedOp(f"laplacian: method='taylor' has no propagation rule for {what}; {way}")
 
 
 def unit_directions(
