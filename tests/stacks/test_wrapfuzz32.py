@@ -663,7 +663,7 @@ def run_case(seed: int) -> tuple[Case, list[str], list[str]]:
             p.grad = torch.full_like(p, 7.0)
     probes = randn(g, 2, batch, *case.event).to(case.dtype)
     refs = []
-    for member in case.members or [None]:  # (an ensemble's: each member's, stacked)
+    for member in case.members or [case.fast]:  # (an ensemble's: each member's, stacked)
         case.fast = member
         refs.append(reference_derivatives(case, x))
     y = refs[0][0]
@@ -861,7 +861,7 @@ def check(seed: int) -> None:
 
 
 # every base model and every wrapper (FSDP2's: test_sharded_stack) among them, stacks of 2-4
-FAST_SEEDS = [0, 2, 4, 10, 42, 45, 72, 195]
+FAST_SEEDS = [0, 11, 18, 38, 74, 101, 118, 177]
 
 
 @pytest.mark.parametrize("seed", FAST_SEEDS)
@@ -969,3 +969,27 @@ def test_an_ensemble_vmap_with_x_requiring_grad_is_right_at_every_call(kind, op)
         grads = torch.autograd.grad((got * weights).sum(), leaves, retain_graph=True, **unused)
         for a, w in zip(grads, expected_grads, strict=True):
             assert far(a, w, TOL) is None, far(a, w, TOL)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("grad_x", [False, True])
+def test_a_checkpoint_in_an_ensembles_vmap_is_refused_with_the_way_out_there(reentrant, grad_x):
+    """A checkpoint in ``f`` under an ensemble's ``vmap`` around the call: ``torch.func``'s
+    refusal's hint sent users to ``method='auto'`` (plain autograd, which cannot run under the
+    caller's transform) or to ``use_reentrant=False`` (refused there too); the way out there
+    is no checkpoint in ``f``, or the call outside the transform in a loop over the members with
+    a module of each (not ``functional_call``: limitations)."""
+    torch.manual_seed(0)
+    model = Mlp(3, 4, "tanh").double()
+    model.body = Checkpointed(model.body, reentrant)
+    x = torch.randn(2, 3, dtype=f64).requires_grad_(grad_x)
+    stacked = {k: torch.stack([p, p * 1.1]) for k, p in model.named_parameters()}
+
+    def member(ps: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torchdiv.divergence(lambda z: torch.func.functional_call(model, ps, (z,)), x)
+
+    with pytest.raises(RuntimeError, match=r"^divergence: ") as caught:
+        torch.func.vmap(member)(stacked)
+    hint = str(caught.value).partition("\nHint: ")[2]
+    assert "transform around the call" in hint and "loop over the members" in hint, hint
+    assert "method='auto' then" not in hint and "Use method='auto'" not in hint, hint
