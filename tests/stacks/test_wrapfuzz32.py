@@ -993,3 +993,27 @@ def test_a_checkpoint_in_an_ensembles_vmap_is_refused_with_the_way_out_there(ree
     hint = str(caught.value).partition("\nHint: ")[2]
     assert "transform around the call" in hint and "loop over the members" in hint, hint
     assert "method='auto' then" not in hint and "Use method='auto'" not in hint, hint
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "auto"])
+@pytest.mark.parametrize("grad_x", [False, True])
+def test_the_laplacians_loop_is_not_run_under_an_ensembles_vmap(method, grad_x):
+    """Where forward over reverse cannot run ``f`` (a non-reentrant checkpoint), the Laplacian
+    fell back to its loop of plain backward passes, also under the caller's ``vmap``: there it
+    raised PyTorch's unnamed ``requires_grad_()`` refusal (``x`` not requiring grad), or
+    differentiated ``x`` itself and was silently wrong, not differentiable in the parameters
+    (``x`` requiring grad: 4e-2 off; fuzzer seeds 3223, 3269). Now forward mode's refusal,
+    named, with its way out."""
+    torch.manual_seed(0)
+    model = Mlp(3, 4, "tanh").double()
+    model.body = Checkpointed(model.body, reentrant=False)
+    x = torch.randn(2, 3, dtype=f64).requires_grad_(grad_x)
+    probes = torch.randn(2, 2, 3, dtype=f64) if method == "hutchinson" else None
+    stacked = {k: torch.stack([p, p * 1.1]) for k, p in model.named_parameters()}
+
+    def member(ps: dict[str, torch.Tensor]) -> torch.Tensor:
+        f = lambda z: torch.func.functional_call(model, ps, (z,))  # noqa: E731
+        return torchdiv.laplacian(f, x, method=method, probes=probes)
+
+    with pytest.raises(RuntimeError, match=r"^laplacian: (.|\n)*Hint: (.|\n)*loop over"):
+        torch.func.vmap(member)(stacked)

@@ -529,12 +529,16 @@ def loop_where_forward_fails(
     ``f`` refusing the transforms, as ``loop_unless_rerun``; sample mixing is raised),
     ``loop()`` (the loop of backward passes), kept as ``"auto"``'s fallback for ``f`` at
     ``x``: later calls loop without recording ``f`` or trying forward mode again, watched for
-    sample mixing at every call (``_unrecorded``)."""
+    sample mixing at every call (``_unrecorded``). Under the caller's ``torch.func`` transform
+    (an ensemble's ``vmap``) forward mode's error is raised instead: plain autograd does not
+    run there (``_exact.autograd.UnderTransform``)."""
     try:
         return forward()
     except (RuntimeError, ValueError) as error:
         if out_of_memory(error) or isinstance(error, BatchInteractionError):
             raise
+        if peek_interpreter_stack() is not None:  # the caller's transform: the loop's plain
+            raise  # backward passes cannot run there (silently wrong where x requires grad)
     out = loop()
     _REFUSED.put(_site(f), f, x, batch_dims, Loop(refused=True))
     return out
