@@ -30,6 +30,7 @@ import torch.nn.attention
 import torch.utils.checkpoint as _checkpoint
 import torch.utils.hooks as _hooks
 from torch._C._autograd import _top_saved_tensors_default_hooks
+from torch._C._functorch import peek_interpreter_stack
 
 from torchdiv._core.checks import mark_final, raised_by_f
 from torchdiv._core.mixing.errors import BatchInteractionError, unnamed
@@ -363,6 +364,16 @@ def _traceback_hint(message: str, exc: BaseException | None) -> str | None:
             "its math backend (softmax and matrix products: every method differentiates it)."
         )
     reentrant = None if exc is None else _checkpointed(exc)
+    if reentrant is not None and peek_interpreter_stack() is not None:
+        return (
+            "f uses torch.utils.checkpoint under a torch.func transform around the call (an "
+            "ensemble's vmap over stacked parameters): torch.func's products cannot run a "
+            "checkpoint (either use_reentrant), and plain autograd, which can, does not run "
+            "under the caller's transform. Take the checkpoint out of f, or make the call "
+            "outside the transform, in a loop over the members with a module of each "
+            "(copy.deepcopy, load_state_dict): not with functional_call, whose parameters the "
+            "checkpoint's recomputation in the backward pass no longer sees."
+        )
     if reentrant:
         return (
             "f uses torch.utils.checkpoint(use_reentrant=True), whose backward runs only under "

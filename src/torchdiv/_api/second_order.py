@@ -70,7 +70,7 @@ from torchdiv._laplacian import loop as _loop
 from torchdiv._laplacian import methods, traced
 from torchdiv._laplacian.along import along, unit_columns
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
-from torchdiv._taylor.capture import argument
+from torchdiv._taylor.capture import argument, way_out
 from torchdiv._taylor.sparse import Sparse
 
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -595,9 +595,9 @@ def value_grad_laplacian(
                 raise
             graph.undo()  # what recording f changed, put back: f is evaluated again (or not)
             if method == "taylor":
+                way = way_out(str(exc), "use method='auto' (computes the three separately)")
                 raise UnsupportedOp(
-                    f"{fn}: method='taylor' has no propagation rule for {exc}; use "
-                    "method='auto' (computes the three separately)"
+                    f"{fn}: method='taylor' has no propagation rule for {exc}; {way}"
                 ) from exc
             n = event_numel(x, batch_dims)
             chunk = chunk_size or graph.chunk(n, methods.CHUNK_ELEMENTS)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.utils.checkpoint as _checkpoint
+from torch._C._functorch import peek_interpreter_stack
 
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel, out_of_memory
@@ -59,6 +60,14 @@ class GraphSpent(RuntimeError):
 class _Unbatchable(RuntimeError):
     """``GraphJacobian``'s batched backward passes raised (not for a lack of memory): one
     pass per cotangent stands in for them."""
+
+
+class UnderTransform(RuntimeError):
+    """Plain autograd asked to evaluate ``f`` under the caller's ``torch.func`` transform (an
+    ensemble's ``vmap`` over stacked parameters): its backward passes there do not see the
+    transform's batching, and gave zeros where ``x`` required grad (then no leaf copy of it
+    was made, whose ``requires_grad_`` PyTorch refuses there: wrapfuzz32). A
+    ``RuntimeError``: ``"auto"`` takes its next engine, ``torch.func``'s."""
 
 
 class UndifferentiableBackward(RuntimeError):
@@ -738,6 +747,11 @@ def _evaluated(
     ``SafeDerivatives`` of ``INNER_ORDER`` (``again_from``: from the caller's state where
     ``changes``, a watch's, noted the first evaluation's writes): the engine's first
     derivatives are second ones of ``E``'s ops (a norm of a zero vector gave ``nan``)."""
+    if peek_interpreter_stack() is not None:  # (the engine falls to the next: torch.func's)
+        raise UnderTransform(
+            "torchdiv: plain autograd does not differentiate f under a torch.func transform "
+            "around the call (vmap, grad, jvp)"
+        )
     order, forward_mode = backward_passes_order()  # (the caller's grad mode)
     if torch.is_grad_enabled():  # (the usual case: no enable_grad object, entered and left)
         return _graphed(f, x, attention, safe, own, changes, order, forward_mode)

@@ -32,6 +32,7 @@ from torchdiv._exact import state as _state
 from torchdiv._exact.autograd import (
     GraphJacobian,
     RerunJacobian,
+    UnderTransform,
     leaf,
     unwatched,
 )
@@ -356,7 +357,8 @@ def _first_that_runs(
         except Exception as error:
             if not _cannot_run(error):
                 raise
-            failure = error
+            if failure is None or not isinstance(error, UnderTransform):
+                failure = error  # (the last error of f's own, under the caller's transform)
             if generator is not None and drawn is not None:  # the same probes next
                 generator.set_state(drawn)
     assert failure is not None  # _engines always gives the re-running engine last
@@ -468,8 +470,8 @@ def _engines(
         mixing = "captured Tensor" in str(error) and recorded_mixing(f, x, batch_dims)
         if mixing:  # a train-mode batch norm: raised before plain autograd updates it
             raise BatchInteractionError(mixing) from None
-        if not x.requires_grad and not untransformed() and not compiling:
-            raise  # the caller's transform: plain autograd cannot make its leaf copy of x
+        if not untransformed() and not compiling:
+            raise  # the caller's transform: plain autograd cannot run there (UnderTransform)
         return [graph, rerun]
     planned.append(sizes)
     engines = [

@@ -54,7 +54,7 @@ from torchdiv._taylor import (
     mixing,
     propagate,
 )
-from torchdiv._taylor.capture import IN_PLACE_DETACH, Ref, argument
+from torchdiv._taylor.capture import IN_PLACE_DETACH, Ref, argument, way_out
 from torchdiv._taylor.sparse import Sparse, per_particle
 from torchdiv._taylor.tree import leaves
 
@@ -529,12 +529,16 @@ def loop_where_forward_fails(
     ``f`` refusing the transforms, as ``loop_unless_rerun``; sample mixing is raised),
     ``loop()`` (the loop of backward passes), kept as ``"auto"``'s fallback for ``f`` at
     ``x``: later calls loop without recording ``f`` or trying forward mode again, watched for
-    sample mixing at every call (``_unrecorded``)."""
+    sample mixing at every call (``_unrecorded``). Under the caller's ``torch.func`` transform
+    (an ensemble's ``vmap``) forward mode's error is raised instead: plain autograd does not
+    run there (``_exact.autograd.UnderTransform``)."""
     try:
         return forward()
     except (RuntimeError, ValueError) as error:
         if out_of_memory(error) or isinstance(error, BatchInteractionError):
             raise
+        if peek_interpreter_stack() is not None:  # the caller's transform: the loop's plain
+            raise  # backward passes cannot run there (silently wrong where x requires grad)
     out = loop()
     _REFUSED.put(_site(f), f, x, batch_dims, Loop(refused=True))
     return out
@@ -733,10 +737,8 @@ def _refuse(graph: Graph, what: str) -> NoReturn:
     """Raise, with what recording ``f`` changed put back (``biharmonic``'s ``"auto"``
     evaluates ``f`` again by another method: its buffers and random draws change once)."""
     graph.undo()
-    raise UnsupportedOp(
-        f"laplacian: method='taylor' has no propagation rule for {what}; use method='auto' "
-        "(falls back to 'forward-over-reverse')"
-    )
+    way = way_out(what, "use method='auto' (falls back to 'forward-over-reverse')")
+    raise UnsupportedOp(f"laplacian: method='taylor' has no propagation rule for {what}; {way}")
 
 
 def unit_directions(

@@ -36,7 +36,7 @@ from torchdiv._core.modes import recorded
 from torchdiv._structured import colors, cycle, factors, forward, statistics
 from torchdiv._taylor import RULES, Graph, UnsupportedOp, capture, values
 from torchdiv._taylor import cache as _cache
-from torchdiv._taylor.capture import Ref
+from torchdiv._taylor.capture import Ref, way_out
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 
@@ -260,6 +260,5 @@ def _refusal(fn: str, exc: Exception) -> UnsupportedOp:
         what = f"has no propagation rule for {exc}"
     else:  # an op whose rule or plan failed on these arguments
         what = f"could not run f ({type(exc).__name__}: {exc})"
-    return UnsupportedOp(
-        f"{fn}: method='structured' {what}; use method='auto' (falls back to the generic engines)"
-    )
+    way = way_out(what, "use method='auto' (falls back to the generic engines)")
+    return UnsupportedOp(f"{fn}: method='structured' {what}; {way}")

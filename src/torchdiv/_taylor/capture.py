@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any, NamedTuple
 
 import torch
@@ -29,6 +31,7 @@ from torch._decomp import core_aten_decompositions
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import CheckpointFunction
 
 from torchdiv._core.mixing.errors import BatchInteractionError
 from torchdiv._core.mixing.reads import VALUE_FREE, Verdict, reading
@@ -508,7 +511,7 @@ class _Recorder(DispatchMode):
             and not torch._C._is_fwd_grad_enabled()
             and not torch.is_inference_mode_enabled()
         ):
-            self.graph.unsupported.append("a custom autograd.Function")
+            self.graph.unsupported.append(custom_function())
 
     def untracked(self, flat: list[Any]) -> None:
         """Note the tensors among ``flat`` that no recorded call made but that may hold values
@@ -1369,3 +1372,32 @@ def finished(recorder: _Recorder, y: Any, outer_grad: bool, keep_values: bool) -
         recorder.graph.values = outputs(recorder.alive[1:], recorder.overwritten)
         recorder.graph.overwritten = frozenset(recorder.overwritten)
     return recorder.graph
+
+
+# a reentrant ``torch.utils.checkpoint`` as the recorders' refusals name it (``custom_function``)
+REENTRANT_CHECKPOINT = "torch.utils.checkpoint(use_reentrant=True)"
+
+
+def custom_function() -> str:
+    """The custom ``autograd.Function`` whose ``forward`` runs now, as a refusal names it: a
+    reentrant ``torch.utils.checkpoint`` (its ``CheckpointFunction`` on the stack) by that
+    name, whose way out is another than a generic Function's (``way_out``)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is CheckpointFunction.forward.__code__:
+            return f"{REENTRANT_CHECKPOINT}, a custom autograd.Function"
+        frame = frame.f_back
+    return "a custom autograd.Function"
+
+
+def way_out(what: str, default: str) -> str:
+    """The way out of a recording engine's refusal of ``what``: ``default`` (another
+    method), but for a reentrant checkpoint, whose backward runs only under ``.backward()``
+    and which no method differentiates, the non-reentrant one, which the recorders and
+    ``"auto"`` do."""
+    if REENTRANT_CHECKPOINT not in what:
+        return default
+    return (
+        "pass use_reentrant=False to torch.utils.checkpoint, which this method and 'auto' "
+        "differentiate (no method differentiates the reentrant one)"
+    )
