@@ -352,3 +352,20 @@ def test_a_module_held_by_a_class_f_names_set_to_mix_is_refused(way: str):
     net.mix = True
     with pytest.raises(BatchInteractionError, match="mean"):
         torchdiv.divergence(f, x)
+
+
+def test_a_plain_object_behind_a_plain_object_s_reference_is_read_for_its_modules(watches):
+    """A trainer's object holding another weakly (``self.owner = weakref.ref(trainer)``):
+    the other is read for its modules alone, as a plain object held itself is, not its
+    flags: a status string set at every step does not make every call another structure,
+    watched again (guards ``_kept``)."""
+    net = tanh_layer()
+    inner = _State(net)
+    inner.status = "step 0"
+    outer = _State(weakref.ref(inner))
+    f = (lambda h: lambda z: h.net().net(z))(outer)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    for step in range(3):
+        inner.status = f"step {step}"
+        assert_close(torchdiv.divergence(f, x), reference_divergence(net, x))
+    assert len(watches) == 1

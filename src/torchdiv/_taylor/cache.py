@@ -641,24 +641,37 @@ def _contents(fn: Any) -> list[Any]:
         return [own] if told else [fn.__func__, *_attributes(own)]
     if instance(fn, type):  # a class of the user's (``_read_class``): its own attributes
         held = _CLASS_DICT(fn).items()  # as a plain object's, told by their types alone, not
-        return [  # Python's (``__annotations__``, a dataclass's fields: ~25 us a key)
-            v
-            for k, v in held
-            if ((t := type(v)) in _CLASS_HELD or issubclass(t, _MODULES)) and k[:2] != "__"
-        ]
+        return _kept(  # Python's (``__annotations__``, a dataclass's fields: ~25 us a key)
+            [
+                v
+                for k, v in held
+                if ((t := type(v)) in _CLASS_HELD or issubclass(t, _MODULES)) and k[:2] != "__"
+            ]
+        )
     if not callable(fn):  # a plain object (``_plain_object``): its flags, modules, containers
-        own = _attributes(fn)  # (and the modules of the plain objects it holds)
-        inner = [v for o in own if _plain_object(o) for v in _modules_in(o)]
-        return [v for v in own if type(v) in _FLAGS or _holding(v)] + inner
+        return _kept(_attributes(fn))  # (and the modules of the plain objects it holds)
     call = type(fn).__call__  # a callable object's, if in Python
     return [call, *_attributes(fn)] if instance(call, types.FunctionType) else []
 
 
+def _kept(own: list[Any]) -> list[Any]:
+    """What ``named`` reads of a plain object's (or a class's) attributes ``own``: its flags,
+    modules and containers, and the modules of the plain objects among them; a weak
+    reference, proxy or weak container read as what it refers to (``_dereferenced``: one a
+    plain object held was dropped until rev-late32, a module behind it set to mix served the
+    old pass; a plain object behind one for its modules alone, as one held itself), a
+    reference by its ``id`` too (an integer, as ``_reached`` tells a reference)."""
+    refs: list[Any] = []  # (by their ids: ``named`` would read what they refer to again)
+    if any(type(v) in _WEAK for v in own):  # (most hold none)
+        refs = [id(v) for v in own if type(v) in _REFERENCES]
+        own = [_dereferenced(v) if type(v) in _WEAK else v for v in own]
+    inner = [v for o in own if _plain_object(o) for v in _modules_in(o)]
+    return [v for v in own if type(v) in _FLAGS or _holding(v)] + inner + refs
+
+
 def _holding(v: Any) -> bool:
-    """Whether ``v`` is a module, a container ``named`` looks into for modules, or a weak
-    reference, proxy or weak container (``_dereferenced``: one a plain object held was
-    dropped until rev-late32, a module behind it set to mix served the old pass)."""
-    return _module(v) or by_items(v) or type(v) in _WEAK
+    """Whether ``v`` is a module or a container ``named`` looks into for modules."""
+    return _module(v) or by_items(v)
 
 
 def _read_class(cls: type) -> bool:
