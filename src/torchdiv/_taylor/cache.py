@@ -674,7 +674,7 @@ def _holding(v: Any) -> bool:
     return _module(v) or by_items(v)
 
 
-def _read_class(cls: type) -> bool:
+def _read_class(cls: Any) -> bool:
     """Whether ``named`` looks into the class ``cls`` (its own attributes, as a plain
     object's: ``Registry.model(z)``, ``Registry.models["flow"](z)``): one of the user's made
     by ``type`` itself (not an ``Enum``, an ``ABC``, an ``autograd.Function``, nor torch's,
