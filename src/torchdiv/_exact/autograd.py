@@ -747,7 +747,11 @@ def _evaluated(
     ``SafeDerivatives`` of ``INNER_ORDER`` (``again_from``: from the caller's state where
     ``changes``, a watch's, noted the first evaluation's writes): the engine's first
     derivatives are second ones of ``E``'s ops (a norm of a zero vector gave ``nan``)."""
-    if peek_interpreter_stack() is not None:  # (the engine falls to the next: torch.func's)
+    # (the engine falls to the next: torch.func's; not in a region Dynamo traces: a torchdiv
+    # call in the caller's compiled loss, ``f`` breaking the graph, was refused plain autograd
+    # there, torch.func's engine traced instead, whose pybind class Dynamo warned of, an
+    # ``InternalTorchDynamoError`` under ``-W error``, until rev-late32)
+    if peek_interpreter_stack() is not None and not torch.compiler.is_compiling():
         raise UnderTransform(
             "torchdiv: plain autograd does not differentiate f under a torch.func transform "
             "around the call (vmap, grad, jvp)"
