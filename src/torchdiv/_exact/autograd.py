@@ -751,7 +751,7 @@ def _evaluated(
     # call in the caller's compiled loss, ``f`` breaking the graph, was refused plain autograd
     # there, torch.func's engine traced instead, whose pybind class Dynamo warned of, an
     # ``InternalTorchDynamoError`` under ``-W error``, until rev-late32)
-    if peek_interpreter_stack() is not None and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and peek_interpreter_stack() is not None:
         raise UnderTransform(
             "torchdiv: plain autograd does not differentiate f under a torch.func transform "
             "around the call (vmap, grad, jvp)"
