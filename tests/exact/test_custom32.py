@@ -225,3 +225,57 @@ def test_compiled_f(case: str):
         return
     _check(torchdiv.divergence(f, x), _reference(p, x)["divergence"], p)
     _check(torchdiv.laplacian(f, x), _reference(p, x)["laplacian"], p)
+
+
+@torch.library.custom_op(f"{NS}::centred", mutates_args=())
+def centred(z: torch.Tensor) -> torch.Tensor:
+    """Mixes samples inside its kernel: each row less the batch's mean row."""
+    return z - z.mean(0, keepdim=True)
+
+
+@torch.library.custom_op(f"{NS}::row_softmax", mutates_args=())
+def row_softmax(z: torch.Tensor) -> torch.Tensor:
+    """Per sample (row-wise): mixes the event only."""
+    return torch.softmax(z, -1)
+
+
+for _op in (centred, row_softmax):
+    _op.register_fake(torch.empty_like)
+centred.register_autograd(lambda ctx, g: g - g.mean(0, keepdim=True))
+
+
+def _softmax_backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
+    (s,) = ctx.saved_tensors  # type: ignore[attr-defined]
+    return s * (g - (g * s).sum(-1, keepdim=True))  # differentiable only once: s is constant
+
+
+row_softmax.register_autograd(
+    _softmax_backward, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(output)
+)
+
+MIXING_CALLS = {
+    "divergence": lambda f, x: torchdiv.divergence(f, x),
+    "laplacian": lambda f, x: torchdiv.laplacian(f, x),
+    "jacobian": lambda f, x: torchdiv.jacobian(f, x),
+    "augmented_dynamics": REFUSING_CALLS["augmented_dynamics"],
+}
+
+
+@pytest.mark.parametrize("call", sorted(MIXING_CALLS))
+def test_a_custom_op_mixing_samples_in_its_kernel_is_refused(call: str):
+    """Before: ``"auto"`` returned the batch's derivatives (divergences 0.2-0.8 where each
+    sample's is 0), the schema of the op being per sample."""
+    f = _model(centred, _params(False))
+    with pytest.raises(torchdiv.BatchInteractionError, match=f"{NS}::centred"):
+        MIXING_CALLS[call](f, _x())
+
+
+def test_a_row_wise_custom_op_is_not_taken_for_mixing():
+    p, x = _params(True), _x()
+    f = _model(row_softmax, p)
+    out = torchdiv.divergence(f, x)
+    ref = [
+        torch.autograd.functional.jacobian(_model(lambda z: torch.softmax(z, -1), p), x[b])
+        for b in range(B)
+    ]
+    torch.testing.assert_close(out, torch.stack([j.trace() for j in ref]), **TOL)
