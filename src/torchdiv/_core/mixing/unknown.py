@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.utils._pytree import tree_leaves
 
 from torchdiv._core.checks import _shape
@@ -496,7 +497,7 @@ def inside_kernel(func: Any) -> Callable[[BatchAxes, Sequence[Any]], str | None]
         if at is None or at[2].size < 2 or torch.compiler.is_compiling():
             return None
         i, t, axis = at
-        if torch._C._functorch.is_functorch_wrapped_tensor(t) or t.is_meta:
+        if is_functorch_wrapped_tensor(t) or t.is_meta:
             return None
         first = (axis.samples(torch.arange(t.shape[axis.position])) == 0).to(t.device)
         shape = [1] * t.dim()
