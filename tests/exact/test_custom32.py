@@ -279,3 +279,26 @@ def test_a_row_wise_custom_op_is_not_taken_for_mixing():
         for b in range(B)
     ]
     torch.testing.assert_close(out, torch.stack([j.trace() for j in ref]), **TOL)
+
+
+@torch.library.custom_op(f"{NS}::noisy", mutates_args=())
+def noisy(z: torch.Tensor) -> torch.Tensor:
+    """Per sample, random: its derivative is 1 whatever the noise."""
+    return z + torch.randn_like(z)
+
+
+noisy.register_fake(torch.empty_like)
+noisy.register_autograd(lambda ctx, g: g)
+
+
+def test_a_random_custom_op_is_not_judged_and_draws_once():
+    """The watch's extra runs of the op (``inside_kernel``) put the generator back: ``f``
+    draws as an unwatched evaluation would."""
+    x = _x()
+    torch.manual_seed(5)
+    expected = noisy(x)
+    torch.manual_seed(5)
+    seen = []
+    out = torchdiv.divergence(lambda z: seen.append(noisy(z)) or seen[-1], x)
+    torch.testing.assert_close(out, torch.full((B,), float(D), dtype=x.dtype))
+    torch.testing.assert_close(seen[0], expected)

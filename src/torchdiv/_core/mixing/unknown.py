@@ -504,7 +504,9 @@ def inside_kernel(func: Any) -> Callable[[BatchAxes, Sequence[Any]], str | None]
         shape[axis.position] = -1
         first = first.reshape(shape)
         moved = list(args)
-        with torch.no_grad():
+        cpu = t.device.type == "cpu"  # (the generators put back: f's own draws unchanged)
+        rng = torch.random.fork_rng([] if cpu else [t.device], device_type=t.device.type)
+        with torch.no_grad(), rng:
             moved[i] = t + first * (1 + t.abs())  # the first sample's elements alone changed
             out, again, changed = (tree_leaves(func(*a, **tr.kwargs)) for a in (args, args, moved))
             for r, s, c in zip(out, again, changed, strict=False):
