@@ -747,7 +747,10 @@ def _evaluated(
     ``SafeDerivatives`` of ``INNER_ORDER`` (``again_from``: from the caller's state where
     ``changes``, a watch's, noted the first evaluation's writes): the engine's first
     derivatives are second ones of ``E``'s ops (a norm of a zero vector gave ``nan``)."""
-    if peek_interpreter_stack() is not None:  # (the engine falls to the next: torch.func's)
+    # (the engine falls to the next: torch.func's; not where Dynamo traces the call, which
+    # models the transforms itself: there the check sent "auto" to torch.func's reverse mode,
+    # whose trace through a graph break in f raised Dynamo's internal error)
+    if peek_interpreter_stack() is not None and not torch.compiler.is_compiling():
         raise UnderTransform(
             "torchdiv: plain autograd does not differentiate f under a torch.func transform "
             "around the call (vmap, grad, jvp)"
