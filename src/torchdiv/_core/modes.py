@@ -1248,6 +1248,108 @@ def refuse_underivable(name: str | None, differentiated: bool) -> None:
         )
 
 
+_OPS = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+_TRUSTED = ("aten", "prims")  # PyTorch's own ops: one without a forward rule raises
+# the dispatch keys at which an op's derivatives are defined: without a kernel at any of them
+# PyTorch's autograd fallback differentiates it ("warn": silently wrong, as PyTorch says)
+_AUTOGRAD_KEYS = ("Autograd", "AutogradCPU", "AutogradCUDA", "CompositeImplicitAutograd")
+
+
+@torch.compiler.assume_constant_result
+def _op_name(func: Any) -> str:
+    """``namespace::name[.overload]`` of an op overload or packet (``torch.ops.aten.add.Tensor``:
+    ``aten::add.Tensor``, ``torch.ops.aten.add``: ``aten::add``), read from plain attributes. A
+    constant to Dynamo, which cannot trace a method of the name (``str.split``; on torch 2.15
+    ``x.T`` reaches the mode as the packet ``aten.numpy_T``, and every ``torch.ops`` call in
+    ``f`` did on 2.13 already)."""
+    return func._name if isinstance(func, torch._ops.OpOverload) else func._qualified_op_name
+
+
+@torch.compiler.assume_constant_result
+def _namespace(func: Any) -> str:
+    """The namespace of an op overload or packet (``aten``, ``prims``, a custom op's library),
+    a constant to Dynamo (``_op_name``)."""
+    return _op_name(func).partition("::")[0]
+
+
+@torch.compiler.assume_constant_result
+def _differentiated_by_autograd(func: Any) -> bool:
+    """Whether the op ``func`` (overload or packet) has a kernel at an autograd key
+    (``_AUTOGRAD_KEYS``), a constant to Dynamo (``_op_name``)."""
+    name = _op_name(func).partition(".")[0]
+    return any(torch._C._dispatch_has_kernel_for_dispatch_key(name, k) for k in _AUTOGRAD_KEYS)
+
+
+@torch.compiler.assume_constant_result
+def _written_positions(func: Any) -> tuple[int, ...]:
+    """The positions of the arguments the op ``func`` writes to (``Tensor(a!)`` in its
+    schema; a packet's ``default`` overload's), a constant to Dynamo (``_op_name``)."""
+    overload = func if isinstance(func, torch._ops.OpOverload) else getattr(func, "default", None)
+    schema = getattr(overload, "_schema", None)
+    arguments = [] if schema is None else schema.arguments
+    return tuple(i for i, a in enumerate(arguments) if a.alias_info and a.alias_info.is_write)
+
+
+@torch.compiler.assume_constant_result
+def _argument_name(func: Any, i: int) -> str:
+    overload = func if isinstance(func, torch._ops.OpOverload) else func.default
+    return str(overload._schema.arguments[i].name)
+
+
+def _derived(t: Any) -> bool:
+    """Whether ``t`` is a tensor that carries derivatives: it requires grad, carries a
+    forward-mode tangent, or carries a ``torch.func`` transform's (``_carries_derivatives``)."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    if t.requires_grad or unpack_dual(t).tangent is not None:
+        return True
+    # (where Dynamo traces, it models the transforms' wrappers itself: no unwrapping to trace)
+    return not torch.compiler.is_compiling() and _carries_derivatives(t)
+
+
+def _floating(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+def refuse_untracked_custom_op(func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+    """Raise ``WrongDerivatives`` naming ``func``, an op outside ``aten``/``prims`` (a
+    ``torch.library`` op) that ``f`` applied to tensors carrying derivatives, where autograd
+    cannot follow it: every engine's derivatives through it would be silently wrong.
+
+    - No kernel at an autograd key (``_AUTOGRAD_KEYS``; ``torch.library.Library.impl`` at
+      ``"CPU"`` alone) and a floating result: PyTorch's autograd fallback differentiates what
+      the kernel happens to record (divergences 3.1 off, Laplacians 7.7 off, tanh MLP).
+    - It writes to a floating argument (``mutates_args``; ``Tensor(a!)`` in its schema) that
+      carries no derivatives after the call while it returns none that do: the written
+      result is a constant to autograd and forward mode (Jacobians 3.4 off, all of them 0).
+    """
+    if not isinstance(func, _OPS) or _namespace(func) in _TRUSTED:
+        return
+    if not any(_derived(t) for t in tree_leaves((args, kwargs))):
+        return
+    results = [t for t in tree_leaves(out) if _floating(t)]
+    if results and not _differentiated_by_autograd(func):
+        raise WrongDerivatives(
+            f"the custom op {_op_name(func)} in f has no autograd kernel (registered for a "
+            "backend alone, as torch.library.Library.impl(..., 'CPU') does), so PyTorch's "
+            "autograd fallback would differentiate it silently wrong; register its derivative "
+            "(torch.library.register_autograd, or an implementation at the "
+            "'CompositeImplicitAutograd' key, made of differentiable torch ops)"
+        )
+    if any(_derived(t) for t in results):
+        return
+    for i in _written_positions(func):
+        name = _argument_name(func, i)
+        written = kwargs[name] if name in kwargs else args[i] if i < len(args) else None
+        if any(_floating(t) and not _derived(t) for t in tree_leaves(written)):
+            raise WrongDerivatives(
+                f"the custom op {_op_name(func)} in f writes its result into an argument "
+                "(mutates_args), which autograd does not track: every derivative through it "
+                "would be 0; return the result from the op instead (mutates_args=()) and give "
+                "it a derivative (torch.library.register_autograd)"
+            )
+
+
 _REQUIRES_GRAD = torch._C.TensorBase.__dict__["requires_grad"]  # (its getter's __self__)
 
 
@@ -1648,6 +1750,7 @@ class SafeDerivatives(TorchFunctionMode):
                 out = func(*args, **kwargs)
             except RuntimeError as error:
                 return self._written_below_transforms(func, args, kwargs, error)
+            refuse_untracked_custom_op(func, args, kwargs, out)
             if not (
                 plain  # (det's, kept: not where PyTorch's SVD formula is off, below)
                 and entry is not None

@@ -747,10 +747,10 @@ def _evaluated(
     ``SafeDerivatives`` of ``INNER_ORDER`` (``again_from``: from the caller's state where
     ``changes``, a watch's, noted the first evaluation's writes): the engine's first
     derivatives are second ones of ``E``'s ops (a norm of a zero vector gave ``nan``)."""
-    # (the engine falls to the next: torch.func's; not in a region Dynamo traces: a torchdiv
-    # call in the caller's compiled loss, ``f`` breaking the graph, was refused plain autograd
-    # there, torch.func's engine traced instead, whose pybind class Dynamo warned of, an
-    # ``InternalTorchDynamoError`` under ``-W error``, until rev-late32)
+    # (the engine falls to the next: torch.func's; not where Dynamo traces the call, which
+    # models the transforms itself: there the check sent "auto" to torch.func's reverse mode,
+    # whose trace through a graph break in f raised Dynamo's internal error; told first:
+    # Dynamo does not trace ``peek_interpreter_stack``)
     if not torch.compiler.is_compiling() and peek_interpreter_stack() is not None:
         raise UnderTransform(
             "torchdiv: plain autograd does not differentiate f under a torch.func transform "

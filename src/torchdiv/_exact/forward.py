@@ -27,7 +27,11 @@ from torch.func import jvp
 from torchdiv._core.basis import as_blocks, basis, batched
 from torchdiv._core.checks import event_numel
 from torchdiv._core.modes import (
+    _OPS,
+    _TRUSTED,
     SafeDerivatives,
+    _namespace,
+    _op_name,
     math_attention,
     read_requires_grad_false,
     reader_module,
@@ -37,8 +41,6 @@ from torchdiv._taylor.tree import leaves
 
 Products = Callable[[torch.Tensor], torch.Tensor]  # tangents -> JVPs
 
-_OPS = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
-_TRUSTED = ("aten", "prims")  # PyTorch's own ops: one without a forward rule raises
 _BACKWARD_HOOKS = "torch.utils.hooks"  # (where a module's full backward hooks read the flag)
 # held around every ``torch.func.jvp``: its nesting count (``JVP_NESTING``) and forward AD's
 # dual levels are the process's, not a thread's, so two threads pushing tangents at once left
@@ -247,23 +249,6 @@ def _differentiated_below(level: int) -> bool:
         i.key() == TransformType.Grad and i.level() > level
         for i in retrieve_all_functorch_interpreters()
     )
-
-
-@torch.compiler.assume_constant_result
-def _op_name(func: Any) -> str:
-    """``namespace::name[.overload]`` of an op overload or packet (``torch.ops.aten.add.Tensor``:
-    ``aten::add.Tensor``, ``torch.ops.aten.add``: ``aten::add``), read from plain attributes. A
-    constant to Dynamo, which cannot trace a method of the name (``str.split``; on torch 2.15
-    ``x.T`` reaches the mode as the packet ``aten.numpy_T``, and every ``torch.ops`` call in
-    ``f`` did on 2.13 already)."""
-    return func._name if isinstance(func, torch._ops.OpOverload) else func._qualified_op_name
-
-
-@torch.compiler.assume_constant_result
-def _namespace(func: Any) -> str:
-    """The namespace of an op overload or packet (``aten``, ``prims``, a custom op's library),
-    a constant to Dynamo (``_op_name``)."""
-    return _op_name(func).partition("::")[0]
 
 
 def _has_tangent(t: Any) -> bool:

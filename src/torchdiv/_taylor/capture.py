@@ -223,6 +223,11 @@ class Adopted(NamedTuple):
     parts: list[Adopted] | None = None
 
 
+def _custom(func: Any) -> bool:
+    """Whether ``func`` is an op outside ``aten``/``prims`` (a ``torch.library`` op)."""
+    return getattr(func, "namespace", "aten") not in ("aten", "prims")
+
+
 class _Recorder(DispatchMode):
     def __init__(self, x: torch.Tensor, rules: Container[Any], axes: BatchAxes | None = None):
         super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
@@ -431,6 +436,10 @@ class _Recorder(DispatchMode):
         outs = leaves(out)
         if not written:
             self.note_reads(flat, outs)
+        if depends and written and not differentiable(outs) and _custom(func):
+            # a torch.library op writing into an argument (mutates_args): autograd and forward
+            # mode take the written result for a constant (modes.refuse_untracked_custom_op)
+            self.graph.unsupported.append(f"{func} (writing its result into an argument)")
         depends = depends and differentiable(outs)
         if depends and (recorded not in self.rules or recorded._schema.is_mutable):
             self.graph.unsupported.append(str(func))

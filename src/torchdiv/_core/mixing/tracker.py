@@ -63,6 +63,7 @@ from torchdiv._core.mixing.tables import (
     _kind,
     _rules,
 )
+from torchdiv._core.mixing.unknown import inside_kernel
 from torchdiv._core.mixing.writes import _writes_first, _writing, written_arguments
 
 aten = torch.ops.aten
@@ -400,6 +401,7 @@ class BatchAxes:
         if rules is None:
             mixing = _MIXING.get(func) or _collective(func)
             carry = _CARRY.get(func) or _kind(func, mixing is None)
+            mixing = mixing or inside_kernel(func)  # (a custom op: followed as unknown too)
             if _writes_first(func):
                 written = _writing(carry)
                 if carry is _pointwise:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.utils._pytree import tree_leaves
 
 from torchdiv._core.checks import _shape
@@ -464,3 +465,62 @@ def _no_room(name: str, tracked: list[Tracked], out: torch.Tensor) -> str | None
                     f"{_shape(t)}), whose result of shape {_shape(out)} has no room for them"
                 )
     return None
+
+
+# namespaces whose ops the tables and schemas judge (collectives: ``tracker._collective``)
+_SEEN_THROUGH = ("aten", "prims", "c10d", "_c10d_functional", "_c10d_functional_autograd")
+
+
+def inside_kernel(func: Any) -> Callable[[BatchAxes, Sequence[Any]], str | None] | None:
+    """The rule for a ``torch.library`` op (outside PyTorch's namespaces, ``_SEEN_THROUGH``),
+    whose kernel the watch cannot see into: its schema (``_unknown``) says where its samples
+    sit, but its Python or C++ kernel may combine them (``x - x.mean(0)`` inside: ``"auto"``
+    returned the batch's derivatives). Judged by running it again: where changing the first
+    sample of its first argument holding samples changes another sample's place in a result
+    shaped as that argument, it combines samples. Not judged (``None``): an op that writes
+    (``mutates_args``), gives other values for the same arguments (random), or runs where
+    values are not real (fake tensors, ``torch.func``'s wrappers)."""
+    if not isinstance(func, torch._ops.OpOverload) or func.namespace in _SEEN_THROUGH:
+        return None
+    if func._schema.is_mutable:
+        return None
+
+    def rule(tr: BatchAxes, args: Sequence[Any]) -> str | None:
+        at = next(
+            (
+                (i, a, axes[0])
+                for i, a in enumerate(args)
+                if type(a) is torch.Tensor and a.is_floating_point() and (axes := tr.axes(a))
+            ),
+            None,
+        )
+        if at is None or at[2].size < 2 or torch.compiler.is_compiling():
+            return None
+        i, t, axis = at
+        if is_functorch_wrapped_tensor(t) or t.is_meta:
+            return None
+        first = (axis.samples(torch.arange(t.shape[axis.position])) == 0).to(t.device)
+        shape = [1] * t.dim()
+        shape[axis.position] = -1
+        first = first.reshape(shape)
+        moved = list(args)
+        cpu = t.device.type == "cpu"  # (the generators put back: f's own draws unchanged)
+        rng = torch.random.fork_rng([] if cpu else [t.device], device_type=t.device.type)
+        with torch.no_grad(), rng:
+            moved[i] = t + first * (1 + t.abs())  # the first sample's elements alone changed
+            out, again, changed = (tree_leaves(func(*a, **tr.kwargs)) for a in (args, args, moved))
+            for r, s, c in zip(out, again, changed, strict=False):
+                if not isinstance(r, torch.Tensor) or r.shape != t.shape:
+                    continue
+                if not torch.equal(r, s):
+                    return None  # (random: not judged)
+                others = ~first.expand(r.shape)
+                if not torch.equal(r[others], c[others]):
+                    return (
+                        f"the custom op {func._name}, whose kernel changes other samples' "
+                        "results where one sample's input changes (it combines samples inside "
+                        "its kernel, which the watch cannot see into; its schema says nothing)"
+                    )
+        return None
+
+    return rule
