@@ -570,7 +570,9 @@ def _compiled_or_eager(
         if not isinstance(error, (TorchDynamoException, FailOnRecompileLimitHit)) and not (
             _raised_tracing(error)
         ):
-            put_back()  # (f's error as the graph ran: what it had entered is left entered)
+            # (f's error as the graph ran: what it had entered is left entered; not a level
+            # it could not enter, another thread's graph holding the process's one)
+            put_back(ran=not _nested_level(error))
             raise
         put_back()
         result = fn(original, *args, **kwargs)  # (eagerly: f's errors named as in eager calls)
@@ -580,7 +582,7 @@ def _compiled_or_eager(
             _FAILED.setdefault(original, set()).add(fn)
         return result
     except BaseException:  # (a KeyboardInterrupt as the graph ran: as f's error)
-        put_back()
+        put_back(ran=True)
         raise
     finally:
         if held:
@@ -657,12 +659,17 @@ def _raised_tracing(error: BaseException) -> bool:
     return getattr(error, "_torch_dynamo_tracer_output", None) is not None
 
 
-def _process_settings() -> Callable[[], None]:
+def _process_settings() -> Callable[..., None]:
     """A function that puts back the process-wide settings a traced call changes and a
     failed compile, or an error as its graph runs, leaves changed: ``torch.func``'s ban on
     saved-tensor hooks, the enabled attention backends and their priority order, the fast
-    path of ``nn``'s attention, and a forward-AD level entered (where none was before:
-    PyTorch has one at most)."""
+    path of ``nn``'s attention, and, given ``ran`` (an error as the graph ran: a failed
+    trace enters none), a forward-AD level entered (where none was before: PyTorch has one
+    at most). A level open when the graph could not enter one is another thread's graph's:
+    exited by a failed compile or by that error until rev-late32, that call raised
+    PyTorch's internal ``TypeError``. (Another thread's compiled forward-mode call in flight
+    as this call's graph raises another error still loses its level: PyTorch keeps no
+    record of which thread entered it.)"""
     from torch._C._autograd import (
         _saved_tensors_hooks_disable,
         _saved_tensors_hooks_enable,
@@ -675,7 +682,7 @@ def _process_settings() -> Callable[[], None]:
     fastpath = torch.backends.mha.get_fastpath_enabled()
     dual = _forward_ad._current_level  # (-1: no level, as usual)
 
-    def put_back() -> None:
+    def put_back(ran: bool = False) -> None:
         if ban is None:
             _saved_tensors_hooks_enable()
         else:
@@ -685,11 +692,17 @@ def _process_settings() -> Callable[[], None]:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         # (the graph enters its level by PyTorch's C call, which the module's count misses:
         # one counted is another thread's ``dual_level()`` block, left alone)
-        if dual == -1 and _forward_ad._current_level == -1:
+        if ran and dual == -1 and _forward_ad._current_level == -1:
             with contextlib.suppress(RuntimeError):  # (none left: PyTorch's error)
                 torch._C._exit_dual_level(level=0)
 
     return put_back
+
+
+def _nested_level(error: BaseException) -> bool:
+    """Whether ``error`` is PyTorch's refusal of a second forward-AD level: the graph could
+    not enter its own, the one open is another's (``_process_settings``)."""
+    return isinstance(error, RuntimeError) and "Nested forward mode AD" in str(error)
 
 
 def _compiled(fn: Callable[..., Any], backend: Any, dynamic: bool | None) -> Callable[..., Any]:

@@ -187,7 +187,7 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
     dictionary view there (its first ``_HELD_ITEMS`` items: ``partial(run, [scripted])``; and
     what the holders among them hold, ``_HELD_ITEMS`` items in all: ``_nested``), what an
     ``lru_cache``d function has cached (``_cached``), what a weak reference or proxy refers
-    to (``_target``: a ``WeakValueDictionary``'s values too), a plain object (a bound method's
+    to (``target``: a ``WeakValueDictionary``'s values too), a plain object (a bound method's
     ``self``, ``holder.net(z)``) and a class of the user's (``Holder.net(z)``, a module
     class's attribute), each while functions are left to follow, what they hold one fewer
     down. Every object is walked with the most functions left it can be met with: one stack
@@ -274,7 +274,7 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 todo.append(obj.func)
                 bound = [v for v in (*obj.args, *obj.keywords.values()) if _followed(v)]
                 todo += bound
-                holders = [v for v in bound if _is_plain(v)]  # (what its function reads off
+                holders = [v for v in bound if _read_off(v)]  # (what its function reads off
                 code = attribute(obj.func, "__code__") if holders else None  # one: ``config.
                 if type(code) is types.CodeType:  # net(z)``, ``net`` a partial: missed
                     read = attribute_names(code)  # until rev-merges31, divergence off)
@@ -300,7 +300,7 @@ def scripted(f: Any, lazy: list[Any] | None = None) -> list[Any]:
                 todo += _held(_cached(obj), _CONTAINER)  # (what it has cached: a getter's
                 # loaded script, missed until walk32)
             elif kind is _REFERENCE:  # what a weak reference or proxy refers to, at the same
-                todo.append(_target(obj))  # depth (a registry's ``WeakValueDictionary``, a
+                todo.append(target(obj, False))  # depth (a registry's references, a
                 # callback's ``weakref.ref(net)``: missed until rev-merges32, divergence off)
             elif left <= 0:
                 continue
@@ -394,8 +394,11 @@ def _nested(holders: list[Any], seen: set[int]) -> list[Any]:
 
 def _size(held: Any) -> int:
     """How many items the holder ``held`` shows, by its built-in class's own ``__len__`` (C's:
-    not a subclass's, nor a mapping proxy's, which asks the mapping it shows); 0 for an
-    object, a class or a mapping proxy (their attributes: read first)."""
+    not a subclass's, nor a mapping proxy's, which asks the mapping it shows); for an object
+    or a class, how many attributes (``_namespace``, as ``_nested`` reads them: an
+    ``argparse.Namespace`` of 70 hyperparameters beside ``{"flow": net}`` in a tuple spent
+    the budget, read first as of size 0, until rev-late32: divergence off); 0 for a mapping
+    proxy."""
     kind = type(held)
     length = _LENGTH_OF.get(kind)  # (a built-in's: the most met, no ``issubclass`` of each)
     if length is not None:
@@ -403,7 +406,10 @@ def _size(held: Any) -> int:
     for base, length in _LENGTHS:
         if issubclass(kind, base):
             return length(held)
-    return 0
+    if issubclass(kind, _VIEWS):
+        return 0
+    values = _namespace(held)  # (a class's: a mapping proxy of its dictionary, C's length)
+    return len(values) if issubclass(type(values), _NAMESPACES) else 0
 
 
 def _items(obj: Any, n: int) -> list[Any]:
@@ -441,6 +447,24 @@ def _viewed(view: Any) -> Iterable[Any]:
     return dict.values(mapping)
 
 
+def weakly_held(obj: Any) -> Iterable[Any]:
+    """What a ``weakref.WeakValueDictionary``, ``WeakKeyDictionary`` or ``WeakSet`` holds, read
+    off its ``data`` by the built-ins' own methods (not its own, which drop dead references
+    and may be a subclass's): the weak references (``_REFERENCE``, followed to their targets
+    at the same depth), a ``WeakKeyDictionary``'s values too. Read as a plain object until
+    rev-late32, its ``data`` took one level more than a dictionary's items: a registry read
+    by a getter ``f`` calls (``get("flow")(z)``) was past the walk's depth, and a
+    ``WeakKeyDictionary``'s keys were never read (each script's optimized plan ran,
+    divergence off)."""
+    values = _namespace(obj)
+    data = values.get("data") if issubclass(type(values), dict) else None
+    if type(data) is dict:
+        if issubclass(type(obj), weakref.WeakKeyDictionary):
+            return itertools.chain(dict.keys(data), dict.values(data))
+        return dict.values(data)
+    return set.__iter__(data) if type(data) is set else ()
+
+
 def _cached(wrapper: Any) -> list[Any]:
     """What the ``functools.lru_cache`` wrapper ``wrapper`` has cached (``functools.cache``'s
     too), by ``gc.get_referents`` (C's traversal of the wrapper, no code of the user's): a
@@ -475,9 +499,9 @@ def _read(held: Any, names: tuple[str, ...] | set[str], nested: bool = True) -> 
     in a helper, ``self.step(z)`` running ``self.state.net(z)``: missed until rev-merges31).
     Only the names read are looked up: a trainer's other methods and objects are not."""
     kind = _KINDS.get(id(type(held))) or _kind(type(held))
-    if kind is _REFERENCE:  # (``holder.net(z)`` through a proxy: its target's attributes)
-        held = referent(held)
-        kind = _KINDS.get(id(type(held))) or _kind(type(held))
+    if kind is _REFERENCE:  # (``holder.net(z)`` through a proxy, ``ref().net(z)`` through a
+        held = target(held, False)  # reference: its target's attributes; a reference's
+        kind = _KINDS.get(id(type(held))) or _kind(type(held))  # missed until rev-late32)
     if issubclass(type(held), type):  # (a class whose metaclass has a ``__call__``: an
         # ``Enum``'s; by its type: ``isinstance`` reads a proxy's ``__class__``, which raised)
         kind = _CLASS
@@ -497,7 +521,7 @@ def _read(held: Any, names: tuple[str, ...] | set[str], nested: bool = True) -> 
             out += [v for n in values.keys() & wanted if _followed(v := values[n]) or _is_plain(v)]
             if nested:  # (a plain object read: what the code reads off it, one level down:
                 # ``runner.state.net(z)`` with ``net`` a function or a partial)
-                out += [w for v in out if _is_plain(v) for w in _read(v, wanted, False)]
+                out += [w for v in out if _read_off(v) for w in _read(v, wanted, False)]
     return out
 
 
@@ -548,6 +572,15 @@ _MEMBERS: dict[int, tuple[tuple[str, Any], ...]] = {}
 
 def _is_plain(v: Any) -> bool:
     return (_KINDS.get(id(type(v))) or _kind(type(v))) is _PLAIN
+
+
+def _read_off(v: Any) -> bool:
+    """Whether what code reads off ``v`` is looked up (``_read``): a plain object, or a weak
+    reference or proxy (its target's: ``self.owner().state.net(z)``, ``owner`` a
+    ``weakref.ref`` a hook or module keeps against a cycle, was missed until rev-late32 where
+    ``self.owner.state.net(z)`` was found: the script's optimized plan ran)."""
+    kind = _KINDS.get(id(type(v))) or _kind(type(v))
+    return kind is _PLAIN or kind is _REFERENCE
 
 
 def _methods(cls: type, names: Iterable[str], names_read: set[str] | None = None) -> list[Any]:
@@ -692,7 +725,7 @@ _OWN_CONTAINER = 12
 _CACHE = 13
 # an AOTInductor model (``ahead_of_time``): no autograd, refused (``scripted``'s ``lazy``)
 _AHEAD = 14
-# a weak reference or a ``weakref.proxy``: what it refers to (``_target``)
+# a weak reference or a ``weakref.proxy``: what it refers to (``target``)
 _REFERENCE = 15
 # what a container's items are followed as (not holders: a list of lists of numbers is data)
 _IN_CONTAINERS = frozenset(
@@ -712,7 +745,7 @@ _IN_CONTAINERS = frozenset(
 # the holders whose items or attributes a container's holders are read for (``_nested``)
 _HOLDERS = frozenset((_CONTAINER, _PLAIN, _CLASS))
 # the kinds ``_read`` reads attributes or methods off (a module's attributes: ``scripted``)
-_READ_OFF = frozenset((_PLAIN, _CLASS, _OBJECT, _OWN_MODULE, _CONTAINER))
+_READ_OFF = frozenset((_PLAIN, _CLASS, _OBJECT, _OWN_MODULE, _CONTAINER, _REFERENCE))
 # what a plain object's or a class's attributes are followed as (not its methods, nor the
 # objects it holds: a trainer's graph of objects)
 _IN_OBJECTS = frozenset((_SCRIPT, _MODULE, _OWN_MODULE, _CONTAINER, _AHEAD, _REFERENCE))
@@ -802,7 +835,7 @@ def _told(kind: type) -> int:
         found = _OBJECT  # (its class's ``__call__`` a script, partial or module, a static
         # method's: ``__call__ = torch.jit.script(fn)``, or a decorator object's function:
         # read by the walk)
-    elif issubclass(kind, _CONTAINERS):
+    elif issubclass(kind, _CONTAINERS) or issubclass(kind, WEAK_CONTAINERS):
         found = _OTHER if _pytorchs(kind) else _CONTAINER  # (torch.Size: not followed)
     elif issubclass(kind, type):
         found = _CLASS  # (PyTorch's classes: not followed, ``_held``)
@@ -907,14 +940,18 @@ def instance(v: Any, kinds: type | tuple[type, ...]) -> bool:
 PROXIES = frozenset(weakref.ProxyTypes)
 
 
-def referent(v: Any) -> Any:
+def referent(v: Any, strict: bool = True) -> Any:
     """``v``, or what a ``weakref.proxy`` ``v`` stands for, read off a method bound to it
     through the proxy: an object's ``__getattribute__``, a class's ``mro`` (a class's own
     ``__getattribute__`` is its instances', unbound: no ``__self__``); ``None`` where it is
-    dead or its target's attribute reads raise (an object whose ``__getattribute__`` raises:
-    until rev-merges32 both made every call of ``f`` raise). A proxy takes no weak reference
-    and hides its target's closure and globals. An object forwarding every attribute read
-    (``__getattribute__`` of its own) reads as the object it forwards to.
+    dead; ``v`` itself where its target cannot be read so (an object whose
+    ``__getattribute__`` raises: until rev-merges32 every call of ``f`` raised; until
+    rev-late32 ``None``, which the structure key told as a flag, a module swapped in behind
+    it served the old pass) or gives another object's method (one forwarding every
+    attribute read to another: the other's state was keyed for it until rev-late32; not
+    ``strict``: the other, for the TorchScript walk, where reading more is safe: a lazy
+    object proxy's ``__getattribute__`` forwards to the object that runs). A proxy takes no
+    weak reference and hides its target's closure and globals.
 
     >>> import weakref
     >>> net = torch.nn.Linear(2, 2)
@@ -925,25 +962,37 @@ def referent(v: Any) -> Any:
         return v
     try:
         bound = v.mro if instance(v, type) else v.__getattribute__
-        return bound.__self__
-    except Exception:  # (dead: ``ReferenceError``; or the target's own error)
+        found = bound.__self__
+    except ReferenceError:  # (dead)
         return None
+    except Exception:  # (the target's own error: not read)
+        return v
+    # (what the target's attribute lookup gave: the target only where ``v`` refers to it, by
+    # C's list of its weak references, no code of the user's; an object whose
+    # ``__getattribute__`` forwards to another gave the other, whose state the structure key
+    # then read for the target's, until rev-late32)
+    if not strict or any(r is v for r in weakref.getweakrefs(found)):
+        return found
+    return v
 
 
-def _target(v: Any) -> Any:
+def target(v: Any, strict: bool = True) -> Any:
     """What the weak reference or ``weakref.proxy`` ``v`` refers to (``None``: dead): a
     reference's by ``weakref.ref``'s own ``__call__`` (C's, not a subclass's), told by its
     type (``isinstance`` reads a proxy's ``__class__``, its target's, which may raise); a
     proxy's by ``referent``; a ``weakref.WeakMethod``'s bound method (the standard library's
-    ``__call__``: a reference's own gives the method's object, not its function)."""
+    ``__call__``: a reference's own gives the method's object, not its function).
+    ``strict``: ``referent``'s."""
     kind = type(v)
     if issubclass(kind, weakref.WeakMethod):
         return weakref.WeakMethod.__call__(v)
-    return weakref.ref.__call__(v) if issubclass(kind, weakref.ref) else referent(v)
+    return weakref.ref.__call__(v) if issubclass(kind, weakref.ref) else referent(v, strict)
 
 
 # the weak references (a ``WeakValueDictionary``'s ``KeyedRef``, a ``WeakSet``'s) and proxies
 _WEAK: tuple[type, ...] = (weakref.ref, *weakref.ProxyTypes)
+# the containers of weak references, read as containers (``weakly_held``)
+WEAK_CONTAINERS = (weakref.WeakValueDictionary, weakref.WeakKeyDictionary, weakref.WeakSet)
 
 
 def cell_contents(fn: Any) -> list[Any]:
@@ -991,10 +1040,14 @@ _LENGTH_OF: dict[type, Callable[[Any], int]] = dict(_LENGTHS)
 
 def _iterate(obj: Any) -> Iterator[Any]:
     """An iterator over the items of the container ``obj`` (not a dictionary) by its built-in
-    class's own ``__iter__``."""
+    class's own ``__iter__``; a weak container's references (``weakly_held``; told last:
+    ``issubclass`` of an ``ABCMeta`` class, ``WeakValueDictionary``, runs Python's
+    ``__subclasscheck__``: ~0.2 us a list or tuple, read before them)."""
     for base, iterate in _ITERATORS:
         if isinstance(obj, base):
             return iterate(obj)
+    if issubclass(type(obj), WEAK_CONTAINERS):
+        return iter(weakly_held(obj))
     return iter(())
 
 

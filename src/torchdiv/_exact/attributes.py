@@ -33,7 +33,7 @@ import torch
 from torch._C._functorch import maybe_get_level
 
 from torchdiv._core import settings
-from torchdiv._core.script import instance, referent
+from torchdiv._core.script import PROXIES, instance, referent
 from torchdiv._core.subclass import DEAD_LEVEL as _DEAD
 from torchdiv._core.subclass import dead_unwrapped as _plain
 from torchdiv._taylor.cache import named
@@ -114,8 +114,8 @@ def modules_of(f: Any) -> Iterator[torch.nn.Module]:
     roots = [f] if isinstance(f, torch.nn.Module) else named(f)
     # (a raising proxy: none; a ``weakref.proxy``: its module, which ``Settings`` and the
     # watch refer to weakly: the proxy took no weak reference, every call raised)
-    stack = [referent(root) for root in roots if instance(root, torch.nn.Module)]
-    seen: set[int] = set()
+    stack = [_read(root) for root in roots if instance(root, torch.nn.Module)]
+    seen = {id(None)}  # (a proxy dead or unread: ``_read``)
     # each module once: a walk of the ``_modules`` dictionaries (``modules()`` took 25 us
     # for a 3-layer MLP), read from ``__dict__`` (a stand-in claiming to be a module has none)
     while stack:
@@ -124,7 +124,19 @@ def modules_of(f: Any) -> Iterator[torch.nn.Module]:
             seen.add(id(module))
             yield module
             children = vars(module).get("_modules") or {}
-            stack += [referent(child) for child in children.values() if child is not None]
+            stack += [
+                child if type(child) not in PROXIES else _read(child)
+                for child in children.values()
+                if child is not None
+            ]
+
+
+def _read(module: Any) -> Any:
+    """``module``, or the module a ``weakref.proxy`` ``module`` stands for (``referent``);
+    ``None`` for a dead proxy or one whose target cannot be read (``referent`` gives it
+    back: ``Settings`` refers to modules weakly, a proxy takes no weak reference)."""
+    found = referent(module)
+    return None if type(found) in PROXIES else found
 
 
 def _unwrap(attributes: dict[str, Any]) -> None:

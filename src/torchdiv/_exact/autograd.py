@@ -749,8 +749,9 @@ def _evaluated(
     derivatives are second ones of ``E``'s ops (a norm of a zero vector gave ``nan``)."""
     # (the engine falls to the next: torch.func's; not where Dynamo traces the call, which
     # models the transforms itself: there the check sent "auto" to torch.func's reverse mode,
-    # whose trace through a graph break in f raised Dynamo's internal error)
-    if peek_interpreter_stack() is not None and not torch.compiler.is_compiling():
+    # whose trace through a graph break in f raised Dynamo's internal error; told first:
+    # Dynamo does not trace ``peek_interpreter_stack``)
+    if not torch.compiler.is_compiling() and peek_interpreter_stack() is not None:
         raise UnderTransform(
             "torchdiv: plain autograd does not differentiate f under a torch.func transform "
             "around the call (vmap, grad, jvp)"

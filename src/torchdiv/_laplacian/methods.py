@@ -537,8 +537,11 @@ def loop_where_forward_fails(
     except (RuntimeError, ValueError) as error:
         if out_of_memory(error) or isinstance(error, BatchInteractionError):
             raise
-        if peek_interpreter_stack() is not None:  # the caller's transform: the loop's plain
-            raise  # backward passes cannot run there (silently wrong where x requires grad)
+        # (the caller's transform, not in a region Dynamo traces, as ``_exact.autograd``'s:
+        # the loop's plain backward passes cannot run there, silently wrong where x requires
+        # grad)
+        if not torch.compiler.is_compiling() and peek_interpreter_stack() is not None:
+            raise
     out = loop()
     _REFUSED.put(_site(f), f, x, batch_dims, Loop(refused=True))
     return out

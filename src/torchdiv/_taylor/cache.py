@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import pathlib
 import sys
 import threading
@@ -63,7 +64,18 @@ from torchdiv._core.mixing.errors import allowed
 from torchdiv._core.mixing.reads import VALUE_FREE
 from torchdiv._core.modes import DispatchMode, LiftedHook, checkpointed
 from torchdiv._core.script import PROXIES as _PROXIES
-from torchdiv._core.script import attribute, cell_contents, global_names, instance, referent
+from torchdiv._core.script import WEAK_CONTAINERS as _WEAK_CONTAINERS
+from torchdiv._core.script import (
+    attribute,
+    cell_contents,
+    global_names,
+    instance,
+    target,
+    weakly_held,
+)
+from torchdiv._core.script import (
+    referent as referent,  # (``cache.referent``: tests, callers)
+)
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
     _DECOMPOSITIONS,
@@ -487,8 +499,8 @@ def _reached(f: Any, depth: int = 3) -> tuple[Any, ...]:
             out.append(held)
         elif instance(held, _WEAKLY):
             out.append(weakref.ref(held))
-        else:  # (one whose class cannot be read: untold, ``unread``)
-            untold = untold or unread(held)
+        else:  # (one whose class cannot be read: untold, ``unread``; a proxy's target not
+            untold = untold or held is UNTOLD or unread(held)  # read: ``named``)
             out.append(id(held))
     return (UNTOLD, *out) if untold else tuple(out)
 
@@ -515,9 +527,18 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
         # (an object's containers: none of its own in ``identity``'s key, see _CONTAINERS)
         owned = owned if items else not instance(fn, (types.FunctionType, functools.partial))
         for held in _items(fn) if items else _contents(fn):
-            if type(held) in _PROXIES:  # read as what it stands for (dead: ``None``): a
-                held = referent(held)  # function swapped in a global that a proxied
-            if type(held) in _FLAGS:  # function names was served the old one's pass
+            # a weak reference, proxy or weak container read as what it stands for (dead:
+            # ``None``; ``_dereferenced``): a function swapped in a global that a proxied
+            # function names was served the old one's pass; a reference by its ``id`` too,
+            # as before rev-late32 (what it refers to may be what ``named`` does not read)
+            if type(held) in _WEAK:
+                if type(held) in _REFERENCES:
+                    yield held
+                held = _dereferenced(held)
+                if type(held) in _PROXIES:  # (its target unread: ``referent``)
+                    yield UNTOLD
+                    continue
+            if type(held) in _FLAGS:
                 if not items or (owned and type(held) in _MODULE_FLAGS):
                     yield held
             elif by_items(held):
@@ -527,14 +548,40 @@ def named(f: Any, depth: int = 3) -> Iterator[Any]:
                 if id(held) not in seen:
                     seen.add(id(held))
                     yield held
-            elif callable(held):  # a class too, by its id, not looked into
-                yield held
-                if left and not instance(held, type):
+            elif callable(held):  # a class too, by its id, looked into where the user's
+                yield held  # (``_read_class``)
+                if left and (not instance(held, type) or _read_class(held)):
                     todo.append((held, left - 1, False))
             elif unread(held):  # (not callable: ``_reached`` tells the key untold)
                 yield held
             elif left and _plain_object(held):  # (a trainer's ``self``, a ``TrainState``)
                 todo.append((held, left - 1, False))
+
+
+def _dereferenced(v: Any) -> Any:
+    """What the weak reference, proxy or container of weak references ``v`` (``_WEAK``) holds,
+    for ``named``: a proxy's target (``referent``), a reference's (``None``: dead), a
+    ``WeakMethod``'s method as its object and function (the bound method is made anew at
+    each read: by its ``id``, every call another structure), a container's items as a list,
+    its references read so (its first ``TUPLE_ITEMS`` and one: a longer one is not read,
+    as a longer list is not). Until rev-late32 a reference was told by its ``id``, and a
+    container by its references' (a ``WeakSet``'s not at all): ``net.mix = True`` or
+    ``net.train()`` behind one kept the key, the old pass served (divergence silently off)."""
+    if type(v) in _WEAK_CONTAINERS:  # (past ``TUPLE_ITEMS``: not read, as a longer list)
+        held = list(itertools.islice(weakly_held(v), TUPLE_ITEMS + 1))
+        if len(held) > TUPLE_ITEMS:
+            return held
+        return [_dereferenced(u) if type(u) in _WEAK else u for u in held]
+    if type(v) is weakref.WeakMethod:
+        method = target(v)
+        return None if method is None else (method.__self__, method.__func__)
+    return target(v)
+
+
+_REFERENCES = frozenset((weakref.ref, weakref.KeyedRef, weakref.WeakMethod))
+# the weak references, proxies and containers of weak references ``named`` reads through
+# (``_dereferenced``; exactly these types: the most met, one lookup at each item)
+_WEAK = _REFERENCES | _PROXIES | frozenset(_WEAK_CONTAINERS)
 
 
 # the containers ``named`` looks into for modules and callables (exactly these types: a
@@ -592,17 +639,64 @@ def _contents(fn: Any) -> list[Any]:
         own = fn.__self__
         told = _module(own) or unread(own)  # (a proxy unread: held, for ``_reached``)
         return [own] if told else [fn.__func__, *_attributes(own)]
+    if instance(fn, type):  # a class of the user's (``_read_class``): its own attributes
+        held = _CLASS_DICT(fn).items()  # as a plain object's, told by their types alone, not
+        return _kept(  # Python's (``__annotations__``, a dataclass's fields: ~25 us a key)
+            [
+                v
+                for k, v in held
+                if ((t := type(v)) in _CLASS_HELD or issubclass(t, _MODULES)) and k[:2] != "__"
+            ]
+        )
     if not callable(fn):  # a plain object (``_plain_object``): its flags, modules, containers
-        own = _attributes(fn)  # (and the modules of the plain objects it holds)
-        inner = [v for o in own if _plain_object(o) for v in _modules_in(o)]
-        return [v for v in own if type(v) in _FLAGS or _holding(v)] + inner
+        return _kept(_attributes(fn))  # (and the modules of the plain objects it holds)
     call = type(fn).__call__  # a callable object's, if in Python
     return [call, *_attributes(fn)] if instance(call, types.FunctionType) else []
+
+
+def _kept(own: list[Any]) -> list[Any]:
+    """What ``named`` reads of a plain object's (or a class's) attributes ``own``: its flags,
+    modules and containers, and the modules of the plain objects among them; a weak
+    reference, proxy or weak container read as what it refers to (``_dereferenced``: one a
+    plain object held was dropped until rev-late32, a module behind it set to mix served the
+    old pass; a plain object behind one for its modules alone, as one held itself), a
+    reference by its ``id`` too (an integer, as ``_reached`` tells a reference)."""
+    refs: list[Any] = []  # (by their ids: ``named`` would read what they refer to again)
+    if any(type(v) in _WEAK for v in own):  # (most hold none)
+        refs = [id(v) for v in own if type(v) in _REFERENCES]
+        own = [_dereferenced(v) if type(v) in _WEAK else v for v in own]
+    inner = [v for o in own if _plain_object(o) for v in _modules_in(o)]
+    return [v for v in own if type(v) in _FLAGS or _holding(v)] + inner + refs
 
 
 def _holding(v: Any) -> bool:
     """Whether ``v`` is a module or a container ``named`` looks into for modules."""
     return _module(v) or by_items(v)
+
+
+def _read_class(cls: Any) -> bool:
+    """Whether ``named`` looks into the class ``cls`` (its own attributes, as a plain
+    object's: ``Registry.model(z)``, ``Registry.models["flow"](z)``): one of the user's made
+    by ``type`` itself (not an ``Enum``, an ``ABC``, an ``autograd.Function``, nor torch's,
+    an installed library's or one of more than ``CLASS_ITEMS`` attributes: ``_classes``,
+    kept per class). Told by its identity alone until rev-late32: a module it holds swapped,
+    or set to mix, was served the old pass."""
+    if type(cls) is not type:
+        return False
+    kind = weakref.ref(cls)
+    known = _CLASSES.get(kind)
+    classes = known[1] if known is not None and known[0] == id(cls.__mro__) else None
+    if classes is None:
+        classes = _classes(kind)
+    return bool(classes) and classes[0]() is cls
+
+
+_CLASS_DICT = type.__dict__["__dict__"].__get__  # (a class's namespace, by type's descriptor)
+# the attributes of a class ``named`` reads (``_contents``): its flags (not its integers, as a
+# plain object's), containers, weak references (``_WEAK``) and modules (a class's methods
+# and descriptors, most of it, by one set lookup and one ``issubclass``: ~1 us a class)
+_CLASS_HELD = _MODULE_FLAGS | _CONTAINERS | _WEAK
+_MODULES = torch.nn.Module
 
 
 def _module(v: Any) -> bool:
