@@ -21,6 +21,7 @@ import threading
 
 import pytest
 import torch
+from test_compile32 import Counting
 from torch.overrides import TorchFunctionMode
 
 import torchdiv
@@ -44,24 +45,6 @@ def _fresh_dynamo():
     yield
     torch._dynamo.reset()
     frames._stance = stance
-
-
-class Counting:
-    """A Dynamo backend that runs the captured graph as it is (no compiler: fast) and counts
-    compilations and runs of compiled graphs."""
-
-    def __init__(self) -> None:
-        self.compiles = 0
-        self.runs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example: list[torch.Tensor]):
-        self.compiles += 1
-
-        def run(*args: torch.Tensor):
-            self.runs += 1
-            return gm.forward(*args)
-
-        return run
 
 
 class Checked(torch.nn.Module):
