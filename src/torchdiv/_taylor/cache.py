@@ -642,10 +642,15 @@ def _contents(fn: Any) -> list[Any]:
     if instance(fn, type):  # a class of the user's (``_read_class``): its own attributes
         held = _CLASS_DICT(fn).items()  # as a plain object's, told by their types alone, not
         return _kept(  # Python's (``__annotations__``, a dataclass's fields: ~25 us a key)
-            [
-                v
+            [  # (and the plain objects it holds, for their modules: ``Registry.state.net``,
+                v  # missed until rev-final32, its ``net.mix = True`` served the old pass)
                 for k, v in held
-                if ((t := type(v)) in _CLASS_HELD or issubclass(t, _MODULES)) and k[:2] != "__"
+                if (
+                    (t := type(v)) in _CLASS_HELD
+                    or issubclass(t, _MODULES)
+                    or (not callable(v) and _plain_object(v))
+                )
+                and k[:2] != "__"
             ]
         )
     if not callable(fn):  # a plain object (``_plain_object``): its flags, modules, containers
