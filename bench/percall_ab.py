@@ -91,6 +91,21 @@ def run(
     return (time.thread_time_ns() - start) / calls / 1e3, out
 
 
+def rounds(
+    calls: dict[str, Callable[[], object]], count: int, timed: Callable[[str], float]
+) -> dict[str, list[float]]:
+    """``timed(name)`` of every variant of ``calls`` in each of ``count`` rounds, in an order
+    shuffled anew every round (seeded): each variant's times, a round's each."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    order = random.Random(0)
+    for _ in range(count):
+        names = list(calls)
+        order.shuffle(names)
+        for k in names:
+            times[k].append(timed(k))
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", action="append", required=True, help="NAME=PATH of a src")
@@ -125,13 +140,9 @@ def main() -> None:
                 first = results[next(iter(trees))]
                 for k, r in results.items():
                     torch.testing.assert_close(r, first, rtol=1e-4, atol=1e-5, msg=k)
-            times: dict[str, list[float]] = {k: [] for k in calls}
-            order = random.Random(0)
-            for _ in range(args.rounds):
-                names = list(calls)
-                order.shuffle(names)
-                for k in names:
-                    times[k].append(run(trees.get(k), calls[k], args.calls)[0])
+            times = rounds(
+                calls, args.rounds, lambda k, c=calls: run(trees.get(k), c[k], args.calls)[0]
+            )
             median = {k: statistics.median(v) for k, v in times.items()}
             names = list(trees)
             if args.part:

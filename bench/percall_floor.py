@@ -11,14 +11,13 @@ wrapped): the difference to ``f`` alone is the cost of cold caches, which both p
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import time
 from collections.abc import Callable
 
 import small_events
 import torch
-from percall_ab import cases
+from percall_ab import cases, rounds, run
 
 import torchdiv
 from torchdiv._api import operators
@@ -122,21 +121,13 @@ def main() -> None:
             for call in calls.values():
                 for _ in range(5):
                     call()
-            times: dict[str, list[float]] = {k: [] for k in calls}
-            order = random.Random(0)
-            for _ in range(args.rounds):
-                names = list(calls)
-                order.shuffle(names)
-                for k in names:
-                    if k.startswith("f inside"):  # (its own time, not the call's)
-                        times[k].append(
-                            statistics.mean(float(calls[k]()) for _ in range(args.calls))  # type: ignore[arg-type]
-                        )
-                        continue
-                    start = time.thread_time_ns()
-                    for _ in range(args.calls):
-                        calls[k]()
-                    times[k].append((time.thread_time_ns() - start) / args.calls / 1e3)
+
+            def timed(k: str, calls: dict[str, Callable[[], object]] = calls) -> float:
+                if k.startswith("f inside"):  # (its own time, not the call's)
+                    return statistics.mean(float(calls[k]()) for _ in range(args.calls))  # type: ignore[arg-type]
+                return run(None, calls[k], args.calls)[0]
+
+            times = rounds(calls, args.rounds, timed)
             scenario = "train" if train else "frozen"
             print(f"{cell}-{scenario}")
             for k, v in times.items():
