@@ -1,4 +1,4 @@
-"""rev-merges32: review of walk32's TorchScript walk and the lead's ``cache.referent``.
+"""rev-merges32: review of walk32's TorchScript walk and the lead's ``script.referent``.
 
 - A scripted module that ``f`` reaches through a weak reference (a ``weakref.proxy`` of it, a
   ``weakref.ref`` called in ``f``, a ``weakref.WeakValueDictionary`` registry or a
@@ -33,7 +33,7 @@ from conftest import (
 
 import torchdiv
 from torchdiv._core import script
-from torchdiv._taylor.cache import referent
+from torchdiv._core.script import referent
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's own
 

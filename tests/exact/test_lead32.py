@@ -8,7 +8,7 @@
   global that the proxied function names, for one that mixes samples, was served the first
   call's pass (``z - z.mean(0)``'s divergence silently 0, not ``BatchInteractionError``).
 
-Both now read a proxy as what it stands for (``cache.referent``).
+Both now read a proxy as what it stands for (``script.referent``).
 
 References: float64 per-sample loops of ``torch.autograd.grad`` (``conftest``'s
 ``reference_*``) and grad-of-grad for the parameter gradients; float64 round-off of a

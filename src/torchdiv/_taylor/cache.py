@@ -73,9 +73,6 @@ from torchdiv._core.script import (
     target,
     weakly_held,
 )
-from torchdiv._core.script import (
-    referent as referent,  # (``cache.referent``: tests, callers)
-)
 from torchdiv._taylor.capture import (
     _BATCH_NORMS,
     _DECOMPOSITIONS,
