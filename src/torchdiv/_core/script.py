@@ -326,15 +326,7 @@ def _held(obj: Any, kind: int) -> list[Any]:
     are modules, scripts or containers."""
     kinds = _KINDS
     if kind is _CONTAINER:
-        items = _items(obj, _HELD_ITEMS)
-        out = []
-        holders = []
-        for v in items:
-            what = kinds.get(id(type(v))) or _kind(type(v))
-            if what in _IN_CONTAINERS:
-                out.append(v)
-            elif what in _HOLDERS:
-                holders.append(v)
+        out, holders = _sorted_out(_items(obj, _HELD_ITEMS), _IN_CONTAINERS)
         return out + _nested(holders, {id(obj)}) if holders else out
     if kind is _CLASS and _foreign(obj):
         return []
@@ -382,14 +374,26 @@ def _nested(holders: list[Any], seen: set[int]) -> list[Any]:
                     continue
                 items, wanted = list(itertools.islice(values.values(), spare)), _IN_OBJECTS
             spare -= len(items)
-            for v in items:
-                what = kinds.get(id(type(v))) or _kind(type(v))
-                if what in _HOLDERS:
-                    below.append(v)
-                elif what in wanted:
-                    out.append(v)
+            found, holders = _sorted_out(items, wanted)
+            out += found
+            below += holders
         level = below
     return out
+
+
+def _sorted_out(items: list[Any], wanted: frozenset[int]) -> tuple[list[Any], list[Any]]:
+    """``items`` sorted out by their kinds (``_kind``): those followed as ``wanted`` says, and
+    the holders (``_HOLDERS``) whose own items ``_nested`` reads; the rest dropped."""
+    kinds = _KINDS
+    found: list[Any] = []
+    holders: list[Any] = []
+    for v in items:
+        what = kinds.get(id(type(v))) or _kind(type(v))
+        if what in _HOLDERS:
+            holders.append(v)
+        elif what in wanted:
+            found.append(v)
+    return found, holders
 
 
 def _size(held: Any) -> int:
