@@ -426,6 +426,14 @@ def _transform_hint(
             f"backward pass of your own, or use {_plain_way(fn, method)}: its backward passes "
             "run the hook, which then sees torchdiv's inner gradients, not your loss's."
         )
+    op = None if exc is None else _custom_op(exc)
+    if "setup_context staticmethod" in message and op is not None:
+        return (
+            f"f calls the custom op {op}, whose derivative (torch.library.register_autograd) "
+            "PyTorch runs as an autograd.Function that torch.func's transforms (the methods "
+            "'reverse', 'forward-over-reverse', 'hessian') refuse; use "
+            f"{_plain_way(fn, method)}, which runs it by plain autograd."
+        )
     if "setup_context staticmethod" in message:  # torch.func refused an autograd.Function
         return (
             "f runs an autograd.Function without setup_context (also a torch.library custom "
@@ -602,6 +610,25 @@ def _plain_way(fn: str, method: object = None) -> str:
     if method == "auto" and name in _PLAIN_WAYS_BEYOND_AUTO:
         return _PLAIN_WAYS_BEYOND_AUTO[name]
     return _PLAIN_WAYS.get(name, "method='auto'")
+
+
+# where PyTorch runs a custom op's registered derivative (its frame holds the op as ``op``)
+_CUSTOM_OP_AUTOGRAD_FILE = os.path.join(os.path.dirname(torch._library.__file__), "autograd.py")
+
+
+def _custom_op(exc: BaseException) -> str | None:
+    """The qualified name (``"mylib::cube"``) of the ``torch.library`` custom op whose
+    registered derivative raised ``exc`` (or an error in its chain), read off the traceback:
+    PyTorch's own message names no op."""
+    for frame in _frames(exc):
+        op = (
+            frame.f_locals.get("op")
+            if frame.f_code.co_filename == _CUSTOM_OP_AUTOGRAD_FILE
+            else None
+        )
+        if isinstance(op, torch._ops.OpOverload):
+            return op._schema.name
+    return None
 
 
 def _backward_hooked(exc: BaseException) -> bool:

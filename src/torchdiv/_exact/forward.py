@@ -60,6 +60,10 @@ if hasattr(os, "register_at_fork"):  # (POSIX)
     os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
+# what forward mode's refusals name by default: reverse mode, which runs what forward mode cannot
+REVERSE_WAY_OUT = "method='reverse'"
+
+
 class NoForwardRule(NotImplementedError):
     """An op in ``f`` that forward mode would differentiate silently wrong: a custom op (one
     outside ``aten``/``prims``, ``torch.library.custom_op`` with only ``register_autograd``)
@@ -221,9 +225,13 @@ class Tangents(SafeDerivatives):
             return
         if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves(out)):
             return
+        # a registered derivative (register_autograd) runs under plain autograd alone:
+        # torch.func's reverse mode refuses it too, so 'reverse' is no way out here
+        way = "method='auto'" if self.way_out == REVERSE_WAY_OUT else self.way_out
         raise NoForwardRule(
             f"the custom op {_op_name(func)} in f has no forward-mode derivative "
-            f"(torch.func.jvp would take it for a constant); use {self.way_out}"
+            f"(torch.func.jvp would take it for a constant); use {way}, which "
+            "differentiates it by plain autograd's backward passes"
         )
 
 
@@ -291,7 +299,7 @@ class ForwardJacobian:
         batch_dims: int,
         again: Callable[[Products], Products] | None = None,
         order: int | None = 2,
-        way_out: str = "method='reverse'",
+        way_out: str = REVERSE_WAY_OUT,
     ):
         # f pushes tangents under ``Tangents(order)`` naming ``way_out`` (``under_tangents``);
         # ``order=None``: f enters it itself (forward over reverse: around its own f, inside

@@ -1,0 +1,81 @@
+"""The lead's checks of the thirty-third session: refusals of a ``torch.library`` custom op
+with a registered derivative name the op and a way out that works.
+
+PyTorch runs ``register_autograd``'s derivative as an ``autograd.Function`` that
+``torch.func``'s transforms refuse ("must override the setup_context staticmethod", which names
+no op), and custom ops have no forward-mode rule: so ``method="forward"``'s way out must not be
+``'reverse'`` (which runs ``torch.func.vjp``). ``method="auto"`` runs the op by plain autograd:
+checked against the closed form (``f = 2 x**3``: divergence ``6 sum x**2``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchdiv
+
+
+@torch.library.custom_op("torchdiv_lead33::cube", mutates_args=())
+def _cube(x: torch.Tensor) -> torch.Tensor:
+    return x**3
+
+
+@_cube.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _setup(ctx: object, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[0])  # type: ignore[attr-defined]
+
+
+def _backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+    (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+    return grad * 3 * x**2
+
+
+_cube.register_autograd(_backward, setup_context=_setup)
+
+
+def f(z: torch.Tensor) -> torch.Tensor:
+    return 2 * _cube(z)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+def test_forward_refusal_names_a_way_out_that_works(x: torch.Tensor) -> None:
+    with pytest.raises(NotImplementedError, match="torchdiv_lead33::cube") as info:
+        torchdiv.divergence(f, x, method="forward")
+    assert "method='auto'" in str(info.value).splitlines()[0]  # not 'reverse': it refuses too
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torchdiv.divergence(f, x, method="reverse")
+    # the way out: float64, one op from the closed form
+    torch.testing.assert_close(torchdiv.divergence(f, x, method="auto"), (6 * x**2).sum(-1))
+
+
+@pytest.mark.parametrize(
+    ("fn", "method"),
+    [
+        ("divergence", "reverse"),
+        ("jacobian", "reverse"),
+        ("laplacian", "hessian"),
+        ("laplacian", "forward-over-reverse"),
+    ],
+)
+def test_torch_func_refusal_names_the_custom_op(x: torch.Tensor, fn: str, method: str) -> None:
+    with pytest.raises(RuntimeError, match="setup_context") as info:
+        getattr(torchdiv, fn)(f, x, method=method)
+    hint = str(info.value).partition("\nHint: ")[2]
+    assert hint.startswith("f calls the custom op torchdiv_lead33::cube"), hint
+    assert "method='auto'" in hint
+    expected = (6 * x**2).sum(-1) if fn == "divergence" else None
+    got = getattr(torchdiv, fn)(f, x, method="auto")
+    if fn == "laplacian":  # each output's Laplacian: d2/dx_i2 (2 x_i**3) = 12 x_i
+        expected = 12 * x
+    if fn == "jacobian":
+        expected = torch.diag_embed(6 * x**2)
+    torch.testing.assert_close(got, expected)
