@@ -5,7 +5,9 @@ PyTorch runs ``register_autograd``'s derivative as an ``autograd.Function`` that
 ``torch.func``'s transforms refuse ("must override the setup_context staticmethod", which names
 no op), and custom ops have no forward-mode rule: so ``method="forward"``'s way out must not be
 ``'reverse'`` (which runs ``torch.func.vjp``). ``method="auto"`` runs the op by plain autograd:
-checked against the closed form (``f = 2 x**3``: divergence ``6 sum x**2``).
+checked against the closed form (``f = 2 x**3``: divergence ``6 sum x**2``). A registered
+backward that calls an op without a derivative (a NumPy kernel's) fails at the second
+derivative in PyTorch's autograd engine: named with the call's context and the op.
 """
 
 from __future__ import annotations
@@ -79,3 +81,34 @@ def test_torch_func_refusal_names_the_custom_op(x: torch.Tensor, fn: str, method
     if fn == "jacobian":
         expected = torch.diag_embed(6 * x**2)
     torch.testing.assert_close(got, expected)
+
+
+@torch.library.custom_op("torchdiv_lead33::square", mutates_args=())
+def _square(x: torch.Tensor) -> torch.Tensor:  # a NumPy kernel, as HPC codes write them
+    return torch.from_numpy(x.detach().numpy() ** 2)
+
+
+@torch.library.custom_op("torchdiv_lead33::square_backward", mutates_args=())
+def _square_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(2 * x.detach().numpy() * grad.detach().numpy())
+
+
+def _square_derivative(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+    (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+    return _square_backward(x, grad)  # (no derivative of its own)
+
+
+_square.register_autograd(_square_derivative, setup_context=_setup)
+
+
+@pytest.mark.parametrize(("fn", "method"), [("laplacian", "auto"), ("laplacian", "grad-of-grad")])
+def test_backward_without_a_derivative_is_named_in_context(
+    x: torch.Tensor, fn: str, method: str
+) -> None:
+    # first derivatives need no derivative of the backward: right (float64, the closed form)
+    torch.testing.assert_close(torchdiv.divergence(_square, x), (2 * x).sum(-1))
+    with pytest.raises(RuntimeError, match="no autograd formula was registered") as info:
+        getattr(torchdiv, fn)(_square, x, method=method)
+    text = str(info.value)
+    assert text.startswith(f"{fn}: a backward pass through f(x) raised"), text
+    assert "register_autograd for torchdiv_lead33.square_backward.default" in text

@@ -100,9 +100,11 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
         return HooksRefused(_hooks_refused(fn, options.get("method")))
     nested = getattr(exc, "_torchdiv_context", False)  # a public call inside this one's
     if not raised_by_f(exc) and not nested:
-        if _checkpointed(exc) is None and control_flow(exc) is None:
+        quiet = _checkpointed(exc) is None and control_flow(exc) is None
+        if quiet and _UNREGISTERED not in str(exc):
             return None
-        # a reentrant checkpoint's (or torch.cond's) backward refused torchdiv's autograd.grad
+        # a reentrant checkpoint's (or torch.cond's) backward refused torchdiv's autograd.grad,
+        # or an op without a derivative in the backward of f's custom op
         return in_context(fn, "a backward pass through f(x)", exc, options)
     if "captured Tensor" in str(exc):  # a transform refused an update f makes
         evaluate = options.get("evaluate", options["f"])
@@ -120,6 +122,8 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
 
 # torch.func's refusal of the caller's saved-tensor hooks (its vjp, jacrev, hessian)
 _HOOKS_REFUSED = "don't yet support saved tensor hooks"
+# PyTorch's refusal to differentiate a custom op without a derivative (``ns.op.default``)
+_UNREGISTERED = "but no autograd formula was registered"
 # the methods that take no torch.func reverse-mode product, by public function
 _WITHOUT_VJP = {
     "divergence": "'auto' or 'forward'",
@@ -457,7 +461,17 @@ def _transform_hint(
 def _plain_autograd_hint(fn: str, message: str, call: str, method: object) -> str | None:
     """``_hint`` for what plain autograd runs and ``torch.func``'s wrappers do not: an op
     reading memory directly, a sparse CSR product, a backward pass or ``requires_grad_``
-    inside ``f``."""
+    inside ``f``; and what plain autograd cannot run either: an op without a derivative in a
+    custom op's registered backward."""
+    if _UNREGISTERED in message:
+        op = message.partition("Trying to backward through ")[2].partition(" ")[0]
+        return (
+            f"a custom op's derivative (its register_autograd backward) calls {op}, which has "
+            "no derivative itself (a NumPy kernel's derivative as its own custom_op): what "
+            "needs it (second derivatives: the Laplacian, create_graph=True and gradients of "
+            f"a loss of the result) cannot be taken by any method; register_autograd for {op} "
+            "too, or write the backward in differentiable torch ops."
+        )
     if "doesn't have storage" in message:  # an op reading memory under torch.func's wrappers
         return (
             "an op of f reads its input's memory directly (a packed sequence's "
