@@ -112,3 +112,18 @@ def test_backward_without_a_derivative_is_named_in_context(
     text = str(info.value)
     assert text.startswith(f"{fn}: a backward pass through f(x) raised"), text
     assert "register_autograd for torchdiv_lead33.square_backward.default" in text
+
+
+@torch.library.custom_op("torchdiv_lead33::centred", mutates_args=())
+def _centred(x: torch.Tensor) -> torch.Tensor:  # mixes the samples inside its kernel
+    return x - x.mean(0, keepdim=True)
+
+
+_centred.register_fake(torch.empty_like)
+_centred.register_autograd(lambda ctx, g: g - g.mean(0, keepdim=True))
+
+
+def test_mixing_inside_a_custom_op_is_named_as_a_custom_op(x: torch.Tensor) -> None:
+    with pytest.raises(torchdiv.BatchInteractionError) as info:
+        torchdiv.divergence(_centred, x)
+    assert "custom op torchdiv_lead33.centred" in str(info.value)  # not "ATen op"

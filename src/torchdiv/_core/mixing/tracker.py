@@ -771,7 +771,8 @@ class BatchAxes:
         except Exception:
             module = None
         where = f"in {module}, " if module else ""
-        return explain(f"{what} ({where}ATen op {func})", self.x, self.batch_dims)
+        kind = "ATen op" if getattr(func, "namespace", "aten") in ("aten", "prims") else "custom op"
+        return explain(f"{what} ({where}{kind} {func})", self.x, self.batch_dims)
 
 
 def _alias(a: torch.Tensor, t: torch.Tensor, base: torch.Tensor) -> bool:
