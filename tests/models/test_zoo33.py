@@ -45,8 +45,9 @@ except ImportError:
 try:
     import FrEIA.framework as Ff
     import FrEIA.modules as Fm
+    from FrEIA.modules import IResNetLayer as FrEIAIResNet
 except ImportError:
-    Ff = Fm = None
+    Ff = Fm = FrEIAIResNet = None
 
 needs_pyro = pytest.mark.skipif(T is None, reason="pyro-ppl is not installed")
 needs_freia = pytest.mark.skipif(Fm is None, reason="FrEIA is not installed")
@@ -428,6 +429,24 @@ def test_a_pyro_dense_nn_velocity_in_augmented_dynamics() -> None:
     assert_same_parameter_gradients(net, terms.square().sum(), forms.square().sum())
 
 
+@needs_pyro
+def test_a_pyro_batch_norm_in_training() -> None:
+    """Pyro's ``BatchNorm`` in training mode: its forward uses the moving statistics (no
+    mixing: right, by every method), its inverse the batch's (``y.mean(0)``): ``"auto"``
+    refuses the inverse by name, with the moving statistics as found."""
+    torch.manual_seed(0)
+    bn = _perturbed(T.BatchNorm(D).double()).train()
+    x = _inputs()
+    for method in METHODS:
+        assert_close(
+            torchdiv.divergence(bn, x, method=method), _blocks(bn, x).diagonal(0, 1, 2).sum(-1)
+        )
+    mean = bn.moving_mean.clone()
+    with pytest.raises(torchdiv.BatchInteractionError, match="mean over samples"):
+        torchdiv.divergence(bn.inv, x)
+    assert torch.equal(bn.moving_mean, mean)
+
+
 # ------------------------------------------------------------------ FrEIA
 
 
@@ -545,6 +564,24 @@ _FIRST_CALLS = {
     "laplacian": lambda f, x: torchdiv.laplacian(_scalar(f), x),
     "grad-of-grad": lambda f, x: torchdiv.laplacian(_scalar(f), x, method="grad-of-grad"),
     "value-grad-laplacian": lambda f, x: torchdiv.value_grad_laplacian(_scalar(f), x).laplacian,
+    "hutch++": lambda f, x: torchdiv.divergence(
+        f, x, method="hutch++", num_probes=6, generator=torch.Generator().manual_seed(0)
+    ),
+    "xtrace": lambda f, x: torchdiv.divergence(
+        f, x, method="xtrace", num_probes=4, generator=torch.Generator().manual_seed(0)
+    ),
+    "estimate-to-a-tolerance": lambda f, x: (
+        torchdiv.estimate_divergence(
+            f, x, rtol=1.0, num_probes=2, max_probes=64, generator=torch.Generator().manual_seed(0)
+        ).value
+    ),
+    "hutchinson-laplacian": lambda f, x: torchdiv.laplacian(
+        _scalar(f), x, method="hutchinson", num_probes=3, generator=torch.Generator().manual_seed(0)
+    ),
+    "partial-laplacian": lambda f, x: torchdiv.laplacian(_scalar(f), x, coordinates=[0, 2]),
+    "weighted-laplacian": lambda f, x: torchdiv.weighted_laplacian(
+        _scalar(f), x, diffusion=torch.diag(torch.linspace(-1.0, 2.0, x[0].numel(), dtype=f64))
+    ),
 }
 
 
@@ -580,21 +617,85 @@ def test_a_freia_actnorm_initialised_by_the_first_call(call: str, image: bool) -
 
 @needs_freia
 def test_freia_actnorm_refusals_and_the_check_leave_it_as_found() -> None:
-    """The explicit methods refuse FrEIA's write by name and the check runs ``f`` once: each
-    leaves the real ``ActNorm`` uninitialised (flag and parameters), as the FrEIA-style
-    model above."""
+    """The explicit methods (and the biharmonic, whose every method nests transforms) refuse
+    FrEIA's write by name, the Taylor engine has no rule for it, and the check runs ``f``
+    once: each leaves the real ``ActNorm`` uninitialised (flag and parameters), as the
+    FrEIA-style model above."""
     x = 2.0 * _inputs() + 1.0
-    for run in (
-        lambda f: torchdiv.divergence(f, x, method="reverse"),
-        lambda f: torchdiv.jacobian(f, x, method="forward"),
-        lambda f: torchdiv.check_batch_independence(f, x),
-    ):
+    refused = {
+        "reverse": lambda f: torchdiv.divergence(f, x, method="reverse"),
+        "forward": lambda f: torchdiv.jacobian(f, x, method="forward"),
+        "biharmonic": lambda f: torchdiv.biharmonic(_scalar(f), x),
+        "forward-over-reverse": lambda f: torchdiv.value_grad_laplacian(
+            _scalar(f), x, method="forward-over-reverse"
+        ),
+    }
+    for name, run in refused.items():
         inn = _freia_act_norm(False)
-        try:
+        with pytest.raises(RuntimeError, match=r"parameter's \.data.*call f\(x\) once before"):
             run(lambda z, inn=inn: inn(z)[0])
-        except RuntimeError as error:
-            assert "call f(x) once before" in str(error)
-        for m in inn.modules():
-            if isinstance(m, Fm.ActNorm):
-                assert m.init_on_next_batch
-                assert not m.scale.any() and not m.bias.any()
+        assert _uninitialised(inn), name
+    inn = _freia_act_norm(False)
+    with pytest.raises(UnsupportedOp, match="taylor"):
+        torchdiv.value_grad_laplacian(_scalar(lambda z: inn(z)[0]), x, method="taylor")
+    assert _uninitialised(inn)
+    inn = _freia_act_norm(False)
+    torchdiv.check_batch_independence(lambda z: inn(z)[0], x)
+    assert _uninitialised(inn)
+
+
+@needs_freia
+@pytest.mark.parametrize("method", METHODS)
+def test_a_freia_iresnet_layer(method: str) -> None:
+    """FrEIA's ``IResNetLayer`` (``x + g(x)``) with its log-det estimated inside ``forward``
+    (Rademacher draws from torch's generator, ``autograd.grad`` of ``g``): the divergence and
+    its parameter gradients are the blocks', and the call draws what one forward draws, at
+    one chunk and at several."""
+    torch.manual_seed(0)
+    layer = FrEIAIResNet([(D,)], internal_size=16, hutchinson_samples=2, jacobian_iterations=4)
+    layer = _perturbed(layer.double(), 0.1)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return layer([z])[0][0]
+
+    x = _inputs()
+    want = _blocks(f, x, create_graph=True).diagonal(0, 1, 2).sum(-1)
+    for chunk_size in (None, 1):
+        torch.manual_seed(5)
+        f(x)
+        after = torch.get_rng_state()
+        torch.manual_seed(5)
+        div = torchdiv.divergence(f, x, method=method, chunk_size=chunk_size)
+        assert torch.equal(torch.get_rng_state(), after)
+        assert_close(div, want.detach())
+        assert_same_parameter_gradients(layer, div.square().sum(), want.square().sum())
+
+
+@needs_freia
+@pytest.mark.parametrize("method", METHODS)
+def test_a_conditional_freia_graph_inn(method: str) -> None:
+    """A ``GraphINN`` with a ``ConditionNode`` (a conditional ``AllInOneBlock`` and GLOW
+    coupling), ``Split`` and ``Concat``: the Jacobian and its ``slogdet`` (the network's own
+    log-det), with gradients with respect to the parameters and to the condition."""
+    torch.manual_seed(0)
+    inp, cond = Ff.InputNode(D, name="in"), Ff.ConditionNode(3, name="c")
+    first = Ff.Node(inp, Fm.AllInOneBlock, {"subnet_constructor": _fc}, conditions=cond)
+    split = Ff.Node(first, Fm.Split, {"section_sizes": [2, 2], "dim": 0})
+    inner = Ff.Node(split.out0, Fm.GLOWCouplingBlock, {"subnet_constructor": _fc})
+    joined = Ff.Node([inner.out0, split.out1], Fm.Concat, {"dim": 0})
+    last = Ff.Node(joined, Fm.GLOWCouplingBlock, {"subnet_constructor": _fc}, conditions=cond)
+    nodes = [inp, cond, first, split, inner, joined, last, Ff.OutputNode(last)]
+    inn = _perturbed(Ff.GraphINN(nodes).double())
+    x = _inputs()
+    c = _CONTEXT.clone().requires_grad_(True)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return inn(z, c=[c])[0]
+
+    _assert_operators(f, x, method, [p for p in inn.parameters() if p.requires_grad])
+    jac = torchdiv.jacobian(f, x, method=method)
+    assert_close(torch.linalg.slogdet(jac)[1], inn(x, c=[c])[1])
+    want = _blocks(f, x, create_graph=True)
+    (got,) = torch.autograd.grad(torch.linalg.slogdet(jac)[1].sum() + jac.square().sum(), c)
+    (ref,) = torch.autograd.grad(torch.linalg.slogdet(want)[1].sum() + want.square().sum(), c)
+    assert_close(got, ref)
