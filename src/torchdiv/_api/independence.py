@@ -69,9 +69,10 @@ def check_batch_independence(
             check is reproducible.
 
     The check leaves ``f`` as it found it: buffers ``f`` updates (a batch norm's running
-    statistics) and the random state it draws from are put back. A lazy module that has not
-    seen an input yet is refused (``ValueError``), as the operators refuse it: call ``f(x)``
-    once first.
+    statistics), the random state it draws from, and the plain values and tensors its
+    modules set (a data-dependent initialisation's flag, a kept activation) are put back.
+    A lazy module that has not seen an input yet is refused (``ValueError``), as the
+    operators refuse it: call ``f(x)`` once first.
 
     Returns:
         ``None`` if no interaction is found.
