@@ -18,6 +18,7 @@ from torchdiv._core.checks import (
 )
 from torchdiv._core.mixing.errors import BatchInteractionError
 from torchdiv._core.modes import outside_inference_mode
+from torchdiv._exact.attributes import PlainAttributes
 from torchdiv._exact.autograd import GraphJacobian
 from torchdiv._exact.state import Changes
 
@@ -68,9 +69,10 @@ def check_batch_independence(
             check is reproducible.
 
     The check leaves ``f`` as it found it: buffers ``f`` updates (a batch norm's running
-    statistics) and the random state it draws from are put back. A lazy module that has not
-    seen an input yet is refused (``ValueError``), as the operators refuse it: call ``f(x)``
-    once first.
+    statistics), the random state it draws from, and the plain values and tensors its
+    modules set (a data-dependent initialisation's flag, a kept activation) are put back.
+    A lazy module that has not seen an input yet is refused (``ValueError``), as the
+    operators refuse it: call ``f(x)`` once first.
 
     Returns:
         ``None`` if no interaction is found.
@@ -101,6 +103,10 @@ def check_batch_independence(
     if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not 0 <= rtol < math.inf:
         raise ValueError(f"{fn}: rtol must be a finite number >= 0, got {rtol!r}")
     num = x.shape[:batch_dims].numel()
+    # the modules f reaches, whose plain values Changes keeps with the tensors: without them
+    # a data-dependent initialisation's flag (FrEIA's ActNorm, ``init_on_next_batch``) stayed
+    # set while its parameters were put back, and the layer never initialised
+    call = PlainAttributes(f)
     changes = Changes(x)  # f's own changes (batch norm statistics, random draws), undone
     try:
         with torch.enable_grad(), changes:
@@ -118,6 +124,7 @@ def check_batch_independence(
         raise in_context(fn, "f(x)", exc, {"f": f, "x": x, "batch_dims": batch_dims}) from exc
     finally:  # after the backward pass, which may need the statistics as f left them
         changes.undo()
+        call.close()
     receivers = (leak > rtol * scale).nonzero().flatten().tolist()
     if receivers:
         raise BatchInteractionError(_message(fn, f, receivers, float(leak.max()), scale))

@@ -1790,10 +1790,11 @@ class SafeDerivatives(TorchFunctionMode):
                 return func(*plain[0], **plain[1])
         raise RuntimeError(
             f"{getattr(func, '__name__', func)} in f writes in place to a tensor f did not make "
-            "(a buffer) a value computed from x, which torch.func's transforms forbid (PyTorch: "
-            f"'{_CAPTURED}'); write it under torch.no_grad(), or use method='auto' (plain "
-            "autograd runs it; not inside your own torch.func transform, which refuses the "
-            "write as well: a batch norm there needs model.eval())"
+            "(a buffer, a parameter's .data) a value computed from x, which torch.func's "
+            f"transforms forbid (PyTorch: '{_CAPTURED}'); write it under torch.no_grad(), call "
+            "f(x) once before where f initialises from its first batch (an ActNorm), or use "
+            "method='auto' (plain autograd runs it; not inside your own torch.func transform, "
+            "which refuses the write as well: a batch norm there needs model.eval())"
         ) from None
 
 

@@ -620,6 +620,11 @@ class _Recorder(DispatchMode):
             if depends and id(tensor) in self.refs:  # recorded out of place (``functional``)
                 if storage in self.kept:
                     self.keep_before(func, storage)
+                if storage not in self.fresh:
+                    # memory outside f (a view of a parameter's ``.data``: FrEIA's ActNorm,
+                    # ``scale.data.view(-1)[:] = ...``), which ``Graph.undo`` puts back: not
+                    # kept, a refusal's recording left the layer initialised, its flag unset
+                    self.graph.changed.append(Before.of(tensor))
                 continue
             if not depends and self.holds_dependent(storage):
                 # autograd keeps the tensor's history through a write it does not see (reverse
