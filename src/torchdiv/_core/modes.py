@@ -2046,6 +2046,27 @@ def _layer_norm(
     return out if bias is None else out + bias
 
 
+def _native_layer_norm(
+    a: torch.Tensor,
+    normalized_shape: Any,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.native_layer_norm``'s ``(out, mean, rstd)``: ``out`` as ``_layer_norm``,
+    ``mean`` and ``rstd = 1 / sqrt(var + eps)`` over the trailing ``normalized_shape``, kept as
+    singleton dimensions (PyTorch's shapes); the fused op where ``_layer_norm`` keeps it."""
+    shape = tuple(normalized_shape) if isinstance(normalized_shape, list | tuple) else ()
+    given = [t.shape for t in (weight, bias) if t is not None]
+    if not shape or a.shape[a.dim() - len(shape) :] != shape or any(s != shape for s in given):
+        return torch.native_layer_norm(a, normalized_shape, weight, bias, eps)
+    dims = tuple(range(-len(shape), 0))
+    mean = a.mean(dims, keepdim=True)
+    rstd = torch.rsqrt((a - mean).square().mean(dims, keepdim=True) + eps)
+    out = _layer_norm(a, normalized_shape, weight, bias, eps)
+    return out, mean, rstd
+
+
 def _instance_norm(
     a: torch.Tensor,
     running_mean: torch.Tensor | None = None,
@@ -2519,6 +2540,9 @@ REPLACEMENTS: dict[Any, Replacement] = {
         torch.nn.functional.layer_norm,
         torch.layer_norm,
     ),
+    # the fused op called directly (PyTorch's OpInfo ``native_layer_norm``; opinfo33): the
+    # same derivatives, its mean and rstd outputs computed beside
+    **_table((2, 3), _native_layer_norm, "", ("NativeLayerNormBackward",), torch.native_layer_norm),
     **_table(
         (2, 3), _instance_norm, "", ("NativeBatchNormBackward",), torch.nn.functional.instance_norm
     ),
