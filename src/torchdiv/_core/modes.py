@@ -1547,8 +1547,9 @@ class SafeDerivatives(TorchFunctionMode):
       and through forward mode already the second (the forward engine's divergence
       gradients off by 38-3900%, ``jacobian(method="auto")`` on a tall Jacobian by 69-150%).
       ``instance_norm`` with the input's statistics (``native_batch_norm`` over a reshaped
-      input): the same, parameter gradients of the Laplacian off by 8-234%; replaced where it
-      keeps no running statistics (``nn.InstanceNorm`` without ``track_running_stats``).
+      input): the same, parameter gradients of the Laplacian off by 8-234%; replaced (with
+      ``track_running_stats`` in training too: the forward engine's Jacobian gradients were
+      off, ``jacobian(method="auto")`` of a tall one included; opinfo33).
     - ``prod``, ``cumprod`` at an exact zero factor: ``nan`` derivatives through forward mode
       (prod's from the third order, cumprod's from the second); ``householder_product``
       (``orgqr``): derivatives of its forward-mode formula wrong (14-640%). Replaced by
@@ -2078,13 +2079,23 @@ def _instance_norm(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """``F.instance_norm`` by mean and variance over each ``(sample, channel)``'s positions
-    where it normalises by the input's statistics and keeps none; else the fused op (running
-    statistics to update or to normalise by; a weight or bias not one per channel, which
+    where it normalises by the input's statistics (the running statistics it tracks, if any,
+    moved by the fused op without a graph: PyTorch's update); else the fused op (running
+    statistics to normalise by; a weight or bias not one per channel, which
     PyTorch refuses and the composite would broadcast; one position per ``(sample,
     channel)``, which ``F.instance_norm`` refuses only after handing the call to this
     replacement: the composite normalised a ``(N, C)`` input as one sample, a ``(N, C, 1)``
     one to 0)."""
     wrong = not _per_channel(a, weight, bias) or math.prod(a.shape[2:]) == 1
+    if use_input_stats and not wrong and (running_mean is not None or running_var is not None):
+        # running statistics moved by the fused op without a graph (PyTorch's update), the
+        # output by the composite: the fused op's derivatives gave the forward engine's
+        # divergence and Jacobian gradients 3-2000% off (opinfo33)
+        with torch.no_grad():
+            torch.nn.functional.instance_norm(
+                a.detach(), running_mean, running_var, None, None, True, momentum, eps
+            )
+        return _channel_affine(_normalized(a, tuple(range(2, a.dim())), eps), weight, bias)
     if not use_input_stats or running_mean is not None or running_var is not None or wrong:
         options = (weight, bias, use_input_stats, momentum, eps)
         return torch.nn.functional.instance_norm(a, running_mean, running_var, *options)
