@@ -87,6 +87,7 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
     calls = {
         "torch.nn.functional.layer_norm": lambda: torch.nn.functional.layer_norm(x, (4,)),
         "torch.layer_norm": lambda: torch.layer_norm(x, (4,)),
+        "torch.native_layer_norm": lambda: torch.native_layer_norm(x, (4,), None, None, 1e-5)[0],
         "torch.nn.functional.instance_norm": lambda: torch.nn.functional.instance_norm(x),
         "torch.nn.functional.batch_norm": lambda: torch.nn.functional.batch_norm(
             x, None, None, training=True

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 from collections.abc import Callable, Iterator
 from types import CodeType, FrameType, FunctionType
 from typing import Any, TypeVar
@@ -99,6 +100,9 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
     if refused and _top_saved_tensors_default_hooks(True) is not None:
         return HooksRefused(_hooks_refused(fn, options.get("method")))
     nested = getattr(exc, "_torchdiv_context", False)  # a public call inside this one's
+    missing = None if nested or raised_by_f(exc) else _NO_FORWARD_RULE.search(str(exc))
+    if missing is not None:
+        return _no_forward_rule(fn, missing.group(1), exc, options)
     if not raised_by_f(exc) and not nested:
         quiet = _checkpointed(exc) is None and control_flow(exc) is None
         if quiet and _UNREGISTERED not in str(exc):
@@ -172,6 +176,31 @@ def renamed(fn: str, exc: Exception, hint: str | None = None) -> Exception | Non
     _carry_attributes(new, exc)
     with contextlib.suppress(AttributeError):
         new._torchdiv_context = True  # type: ignore[attr-defined]
+    return new
+
+
+# PyTorch's message where an op (or its backward, under forward over reverse) has no
+# forward-mode derivative: raised by the engine's products, outside f, so it reached the caller
+# bare (``laplacian(method="forward-over-reverse")`` through ``soft_margin_loss``, opinfo33)
+_NO_FORWARD_RULE = re.compile(r"Trying to use forward AD with (\S+) that does not support it")
+
+
+def _no_forward_rule(fn: str, op: str, exc: Exception, options: dict[str, Any]) -> Exception:
+    """``exc`` named by ``fn``, the method and the op PyTorch has no forward-mode rule for,
+    with the way out: ``method="auto"``, which falls back to backward passes."""
+    text = (
+        f"{fn}: method={options.get('method')!r} takes forward-mode derivatives through f, and "
+        f"PyTorch has no forward-mode derivative of {op} (an op of f, or the backward of one); "
+        "use method='auto' (it falls back to backward passes) or a method of backward passes "
+        f"only.\nPyTorch: {str(exc).splitlines()[0]}"
+    )
+    try:
+        new = type(exc)(text)
+    except Exception:  # an exception type that wants other arguments: keep the original
+        return exc
+    _carry_attributes(new, exc)
+    with contextlib.suppress(AttributeError):
+        new._torchdiv_context = True  # type: ignore[attr-defined]  # (a caller renames it)
     return new
 
 

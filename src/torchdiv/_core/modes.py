@@ -1547,8 +1547,9 @@ class SafeDerivatives(TorchFunctionMode):
       and through forward mode already the second (the forward engine's divergence
       gradients off by 38-3900%, ``jacobian(method="auto")`` on a tall Jacobian by 69-150%).
       ``instance_norm`` with the input's statistics (``native_batch_norm`` over a reshaped
-      input): the same, parameter gradients of the Laplacian off by 8-234%; replaced where it
-      keeps no running statistics (``nn.InstanceNorm`` without ``track_running_stats``).
+      input): the same, parameter gradients of the Laplacian off by 8-234%; replaced (with
+      ``track_running_stats`` in training too: the forward engine's Jacobian gradients were
+      off, ``jacobian(method="auto")`` of a tall one included; opinfo33).
     - ``prod``, ``cumprod`` at an exact zero factor: ``nan`` derivatives through forward mode
       (prod's from the third order, cumprod's from the second); ``householder_product``
       (``orgqr``): derivatives of its forward-mode formula wrong (14-640%). Replaced by
@@ -2047,6 +2048,27 @@ def _layer_norm(
     return out if bias is None else out + bias
 
 
+def _native_layer_norm(
+    a: torch.Tensor,
+    normalized_shape: Any,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.native_layer_norm``'s ``(out, mean, rstd)``: ``out`` as ``_layer_norm``,
+    ``mean`` and ``rstd = 1 / sqrt(var + eps)`` over the trailing ``normalized_shape``, kept as
+    singleton dimensions (PyTorch's shapes); the fused op where ``_layer_norm`` keeps it."""
+    shape = tuple(normalized_shape) if isinstance(normalized_shape, list | tuple) else ()
+    given = [t.shape for t in (weight, bias) if t is not None]
+    if not shape or a.shape[a.dim() - len(shape) :] != shape or any(s != shape for s in given):
+        return torch.native_layer_norm(a, normalized_shape, weight, bias, eps)
+    dims = tuple(range(-len(shape), 0))
+    mean = a.mean(dims, keepdim=True)
+    rstd = torch.rsqrt((a - mean).square().mean(dims, keepdim=True) + eps)
+    out = _layer_norm(a, normalized_shape, weight, bias, eps)
+    return out, mean, rstd
+
+
 def _instance_norm(
     a: torch.Tensor,
     running_mean: torch.Tensor | None = None,
@@ -2058,13 +2080,23 @@ def _instance_norm(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """``F.instance_norm`` by mean and variance over each ``(sample, channel)``'s positions
-    where it normalises by the input's statistics and keeps none; else the fused op (running
-    statistics to update or to normalise by; a weight or bias not one per channel, which
+    where it normalises by the input's statistics (the running statistics it tracks, if any,
+    moved by the fused op without a graph: PyTorch's update); else the fused op (running
+    statistics to normalise by; a weight or bias not one per channel, which
     PyTorch refuses and the composite would broadcast; one position per ``(sample,
     channel)``, which ``F.instance_norm`` refuses only after handing the call to this
     replacement: the composite normalised a ``(N, C)`` input as one sample, a ``(N, C, 1)``
     one to 0)."""
     wrong = not _per_channel(a, weight, bias) or math.prod(a.shape[2:]) == 1
+    if use_input_stats and not wrong and (running_mean is not None or running_var is not None):
+        # running statistics moved by the fused op without a graph (PyTorch's update), the
+        # output by the composite: the fused op's derivatives gave the forward engine's
+        # divergence and Jacobian gradients 3-2000% off (opinfo33)
+        with torch.no_grad():
+            torch.nn.functional.instance_norm(
+                a.detach(), running_mean, running_var, None, None, True, momentum, eps
+            )
+        return _channel_affine(_normalized(a, tuple(range(2, a.dim())), eps), weight, bias)
     if not use_input_stats or running_mean is not None or running_var is not None or wrong:
         options = (weight, bias, use_input_stats, momentum, eps)
         return torch.nn.functional.instance_norm(a, running_mean, running_var, *options)
@@ -2520,6 +2552,9 @@ REPLACEMENTS: dict[Any, Replacement] = {
         torch.nn.functional.layer_norm,
         torch.layer_norm,
     ),
+    # the fused op called directly (PyTorch's OpInfo ``native_layer_norm``; opinfo33): the
+    # same derivatives, its mean and rstd outputs computed beside
+    **_table((2, 3), _native_layer_norm, "", ("NativeLayerNormBackward",), torch.native_layer_norm),
     **_table(
         (2, 3), _instance_norm, "", ("NativeBatchNormBackward",), torch.nn.functional.instance_norm
     ),
