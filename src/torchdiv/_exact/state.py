@@ -155,6 +155,12 @@ class Changes(DispatchMode):
             self.after = [tensor.detach().clone() for tensor, _, _ in self.written]
             return
         self._put(before=True)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Nothing watched yet: the next evaluation is watched afresh (its draws and writes
+        stand as one evaluation's)."""
+        self.after = None
         self.written, self.versions, self.generators = [], [], {}
         self._made, self._noted = set(), set()
 
@@ -163,7 +169,13 @@ class Changes(DispatchMode):
         completes): it draws the same random numbers, and leaves the state as one evaluation
         did; generators drawn from in between (probes) go on where they were. An evaluation
         that raises (``f``'s error, ``KeyboardInterrupt``) leaves the state from before the
-        first, which the call then propagates: a failed call has changed nothing of ``f``'s.
+        first, which the call then propagates: a failed call has changed nothing of ``f``'s;
+        where the call goes on instead (a fallback after forward mode's error, with the same
+        ``Once``), the next evaluation is watched afresh, as after a failed first: until
+        nnsweep33 the generators of every later one were put back to where it started,
+        from before the first (``value_grad_laplacian``'s value, then forward over reverse
+        refused by ``F.rrelu`` and the loop: the call left the generator as if ``f`` had
+        drawn nothing, the next call's masks the same).
         The functions of several ``again`` calls share that state (the first of them to run
         is watched).
         Called inside a ``torch.func`` transform it puts back the tensors underneath
@@ -184,6 +196,8 @@ class Changes(DispatchMode):
                     self._wrote_alike()
             except BaseException:
                 self._put(before=True)
+                if self.after is not None:  # (a later one: forgotten, as a failed first)
+                    self._forget()
                 raise
             unwrap_between_evaluations()  # (a buffer f set anew under the transforms)
             for generator, state in current.items():
