@@ -20,6 +20,7 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 from collections.abc import Callable, Iterator
 from types import CodeType, FrameType, FunctionType
 from typing import Any, TypeVar
@@ -100,6 +101,9 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
         return HooksRefused(_hooks_refused(fn, options.get("method")))
     nested = getattr(exc, "_torchdiv_context", False)  # a public call inside this one's
     if not raised_by_f(exc) and not nested:
+        lacking = _no_second_derivative(fn, str(exc))
+        if lacking is not None:
+            return in_context(fn, "a backward pass through f(x)", exc, options, lacking)
         if _checkpointed(exc) is None and control_flow(exc) is None:
             return None
         # a reentrant checkpoint's (or torch.cond's) backward refused torchdiv's autograd.grad
@@ -171,8 +175,30 @@ def renamed(fn: str, exc: Exception, hint: str | None = None) -> Exception | Non
     return new
 
 
-def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> Exception:
-    """``exc`` again, its message followed by the call's context and a hint."""
+def _no_second_derivative(fn: str, message: str) -> str | None:
+    """The hint for PyTorch's refusal to differentiate a backward pass of ``f`` (a second
+    derivative: a Laplacian, a Hessian-vector product), ``None`` for another error: an op
+    whose backward has no derivative formula ("derivative for
+    aten::_embedding_bag_per_sample_weights_backward is not implemented": an
+    ``nn.EmbeddingBag``'s ``per_sample_weights``, ``hardsigmoid``'s), or a legacy
+    ``autograd.Function`` whose backward writes through ``out=`` (``nn.CrossMapLRN2d``).
+    Until nnsweep33 the loop of backward passes raised them bare, without the call."""
+    found = re.search(r"derivative for (\S+) is not implemented", message)
+    if found is None and "out=... arguments don't support automatic differentiation" not in message:
+        return None
+    what = f"of {found.group(1)}" if found else "of an out= op in a backward formula"
+    return (
+        f"PyTorch has no derivative {what}, which {fn}'s second derivatives of f (or a "
+        "gradient of a first-order result) need: write that part of f with ops PyTorch "
+        "differentiates twice, or keep it out of what x reaches"
+    )
+
+
+def in_context(
+    fn: str, call: str, exc: Exception, options: dict[str, Any], hint: str | None = None
+) -> Exception:
+    """``exc`` again, its message followed by the call's context and a hint (``hint``, or
+    ``_hint``'s)."""
     x, f = options["x"], options["f"]
     shown = ", ".join(
         f"{name}={options[name]!r}" for name in ("batch_dims", "method") if name in options
@@ -183,7 +209,7 @@ def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> E
         f"[torchdiv] in {fn}(f, x, ..., {shown}) with x of shape {tuple(x.shape)} and dtype "
         f"{x.dtype}; f was evaluated by {engine}."
     )
-    hint = _hint(fn, str(exc), f, x, call, exc, options.get("method"))
+    hint = hint or _hint(fn, str(exc), f, x, call, exc, options.get("method"))
     if hint:
         text += f"\nHint: {hint}"
     try:
