@@ -171,7 +171,8 @@ class Changes(DispatchMode):
         that raises (``f``'s error, ``KeyboardInterrupt``) leaves the state from before the
         first, which the call then propagates: a failed call has changed nothing of ``f``'s;
         where the call goes on instead (a fallback after forward mode's error, with the same
-        ``Once``), the next evaluation is watched afresh, as after a failed first: until
+        ``Once``), the next evaluation is watched afresh, as after a failed first (not after
+        ``_wrote_alike``'s refusal, which a fallback must meet again): until
         nnsweep33 the generators of every later one were put back to where it started,
         from before the first (``value_grad_laplacian``'s value, then forward over reverse
         refused by ``F.rrelu`` and the loop: the call left the generator as if ``f`` had
@@ -192,12 +193,15 @@ class Changes(DispatchMode):
                     with self:
                         out = f(x)
                 else:
-                    out = f(x)
-                    self._wrote_alike()
+                    try:
+                        out = f(x)
+                    except BaseException:  # (f's error: forgotten, as a failed first)
+                        self._put(before=True)
+                        self._forget()
+                        raise
+                    self._wrote_alike()  # (its refusal stands for the later evaluations)
             except BaseException:
                 self._put(before=True)
-                if self.after is not None:  # (a later one: forgotten, as a failed first)
-                    self._forget()
                 raise
             unwrap_between_evaluations()  # (a buffer f set anew under the transforms)
             for generator, state in current.items():
