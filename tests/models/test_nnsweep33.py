@@ -273,7 +273,7 @@ def _mismatch(outs, exp, got_g, exp_g, params) -> tuple[str, str] | None:
     for k, (a, b) in enumerate(zip(got_g, exp_g, strict=True)):
         a = torch.zeros_like(params[k]) if a is None else a
         b = torch.zeros_like(params[k]) if b is None else b
-        if not torch.allclose(a, b, rtol=1e-8, atol=1e-8):
+        if not torch.allclose(a, b, rtol=1e-8, atol=1e-8, equal_nan=True):
             return "grad", f"param {k} max err {(a - b).abs().max().item():.3g}"
     return None
 
@@ -722,8 +722,87 @@ def test_every_operator_and_method(name: str) -> None:
     assert not bad, bad
 
 
+# -- PyTorch's ModuleInfo database (needs expecttest, not among the extras) -----------------------
+
+
+def _consistent(module: nn.Module, args: list[Any], kw: dict, bd: int) -> bool:
+    """Whether ``module`` treats dimension ``bd`` of its float inputs as the batch (eval mode):
+    sample 0 alone gives sample 0 of the whole."""
+    floats = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    if not floats or any(a.dim() <= bd or a.shape[bd] < 2 for a in floats):
+        return False
+    if len({a.shape[bd] for a in floats}) != 1:
+        return False
+    b = floats[0].shape[bd]
+    sliced = [
+        a.narrow(bd, 0, 1)
+        if isinstance(a, torch.Tensor) and a.dim() > bd and a.shape[bd] == b
+        else a
+        for a in args
+    ]
+    try:
+        with torch.no_grad():
+            whole, part = _leaves(module(*args, **kw)), _leaves(module(*sliced, **kw))
+    except Exception:
+        return False
+    return len(whole) == len(part) and all(
+        w.dim() > bd and w.shape[bd] == b and torch.allclose(w.narrow(bd, 0, 1), p, atol=1e-10)
+        for w, p in zip(whole, part, strict=True)
+    )
+
+
+def db_cases(limit_inputs: int = 1) -> list[Case]:
+    """A ``Case`` for the first ``limit_inputs`` inputs of each ``module_db`` entry: its batch
+    dimension 0 or 1 where the module treats it so, else the whole input one sample."""
+    from torch.testing._internal.common_modules import module_db
+
+    cases = []
+    for info in module_db:
+        try:
+            inputs = info.module_inputs_func(
+                info, device="cpu", dtype=f64, requires_grad=False, training=False
+            )
+        except Exception:
+            continue
+        for k, mi in enumerate(inputs[:limit_inputs]):
+            c_args, c_kw = mi.constructor_input.args, mi.constructor_input.kwargs
+            args, kw = list(mi.forward_input.args), dict(mi.forward_input.kwargs)
+
+            def make(cls=info.module_cls, a=c_args, k_=c_kw) -> nn.Module:
+                return cls(*a, **k_)
+
+            try:
+                probe = make().to(f64).eval()
+            except Exception:
+                continue
+            bd = next((d for d in (0, 1) if _consistent(probe, args, kw, d)), None)
+            lazy = info.module_cls.__name__.startswith("Lazy")
+            mixes = "BatchNorm" in info.module_cls.__name__
+            cases.append(
+                Case(
+                    f"{info.module_cls.__name__}#{k}",
+                    make,
+                    lambda a=args: [t.clone() if isinstance(t, torch.Tensor) else t for t in a],
+                    batch_dim=bd or 0,
+                    kwargs=lambda kw_=kw: dict(kw_),
+                    unbatched=bd is None,
+                    lazy=lazy,
+                    mixes=mixes and bd is not None,
+                    random=info.module_cls.__name__
+                    in ("FractionalMaxPool2d", "FractionalMaxPool3d"),
+                )
+            )
+    return cases
+
+
 if __name__ == "__main__":  # the whole sweep, every outcome not "ok" printed
-    for outcome in sweep(HAND):
-        if outcome.status != "ok":
-            mark = "" if acceptable(outcome, BY_NAME[outcome.case]) else "  <-- UNEXPECTED"
-            print(outcome, mark, flush=True)
+    import sys
+
+    # ``--module-db``: PyTorch's ModuleInfo database instead (needs ``expecttest``; about an
+    # hour on one core: the first input of each of its 114 entries, both modes)
+    cases = db_cases() if "--module-db" in sys.argv else HAND
+    for case in cases:
+        for outcome in sweep([case]):
+            if outcome.status != "ok":
+                mark = "" if acceptable(outcome, case) else "  <-- UNEXPECTED"
+                print(outcome, mark, flush=True)
