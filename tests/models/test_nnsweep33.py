@@ -667,6 +667,19 @@ def test_a_missing_second_derivative_is_named() -> None:
         torchdiv.laplacian(f, torch.randn(2, 4, dtype=f64))
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_an_op_without_a_batching_rule_names_the_way_out(train: bool) -> None:
+    """``nn.RReLU`` (``rrelu_with_noise``, in eval mode too) under forward mode's ``vmap``:
+    PyTorch's "vmap: we do not yet support" came in context but without a way out; now the
+    hint names the op and the methods that run it (``"auto"`` or ``"reverse"``, which the
+    sweep checks right)."""
+    net = _rrelu_net().train(train)
+    x = torch.randn(2, 4, dtype=f64)
+    way = r"(?s)^divergence: .*Hint: .*no batching rule for aten::rrelu_with_noise.*'reverse'"
+    with pytest.raises(RuntimeError, match=way):
+        torchdiv.divergence(net, x, method="forward")
+
+
 # -- the sweep ----------------------------------------------------------------------------------
 
 # (case, mode) left alone (NOTES_nnsweep33.md): a transformer layer's dropout in train mode

@@ -469,6 +469,13 @@ def _transform_hint(
         )
     if "Trying to use forward AD with" in message:  # an op without a forward-mode rule
         return _forward_ad_hint(fn, message)
+    if message.startswith("vmap: we do not yet support"):  # an op without a batching rule
+        op = message.partition("support ")[2].partition(".")[0]
+        way = _BACKWARD_WAYS.get(fn.rpartition(".")[2], "method='auto' or 'reverse'")
+        return (  # (nn.RReLU's rrelu_with_noise, in eval mode too: nnsweep33)
+            f"torch.func's vmap has no batching rule for {op}, and method={method!r} batches "
+            f"its directions with vmap; use {way}."
+        )
     return None
 
 
