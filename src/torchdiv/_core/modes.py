@@ -2071,10 +2071,12 @@ def _instance_norm(
     other = any(t is not None and t.dtype != a.dtype for t in stats)
     if not use_input_stats or other or wrong:
         options = (weight, bias, use_input_stats, momentum, eps)
-        return torch.nn.functional.instance_norm(a, *stats, *options)
+        return torch.nn.functional.instance_norm(a, running_mean, running_var, *options)
     if any(t is not None for t in stats):
         with torch.no_grad():
-            torch.nn.functional.instance_norm(a.detach(), *stats, None, None, True, momentum, eps)
+            torch.nn.functional.instance_norm(
+                a.detach(), running_mean, running_var, None, None, True, momentum, eps
+            )
     return _channel_affine(_normalized(a, tuple(range(2, a.dim())), eps), weight, bias)
 
 
