@@ -100,6 +100,8 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
     if refused and _top_saved_tensors_default_hooks(True) is not None:
         return HooksRefused(_hooks_refused(fn, options.get("method")))
     nested = getattr(exc, "_torchdiv_context", False)  # a public call inside this one's
+    if isinstance(exc, ValueError) and str(exc).startswith("f wrote other values"):
+        return ValueError(f"{fn}: {exc}")  # (state's refusal, raised bare until nnsweep33)
     if not raised_by_f(exc) and not nested:
         lacking = _no_second_derivative(fn, str(exc))
         if lacking is not None:
