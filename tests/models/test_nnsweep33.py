@@ -694,6 +694,9 @@ def test_a_refusal_of_differing_writes_names_the_function() -> None:
 # (case, mode) left alone (NOTES_nnsweep33.md): a transformer layer's dropout in train mode
 # draws another mask under torch.func's transforms (SDPA's math path) than a plain call
 LEFT_ALONE = {("TEL-norm_first-dropout", "train"), ("TDL-post-dropout", "train")}
+# the reference's Laplacian parameter gradients are PyTorch's third derivative of the fused
+# instance norm, which is wrong (limitations.md); every method of torchdiv agrees there
+WRONG_REFERENCE = {("InstanceNorm1d-tracked", "train")}
 
 
 def acceptable(o: Outcome, case: Case) -> bool:
@@ -701,6 +704,8 @@ def acceptable(o: Outcome, case: Case) -> bool:
     for a module that mixes samples in train mode, or PyTorch's own missing formula in the
     reference or in the caller's backward pass of a result."""
     if (o.case, o.mode) in LEFT_ALONE:
+        return True
+    if (o.case, o.mode) in WRONG_REFERENCE and "laplacian" in o.op and o.status == "grad":
         return True
     if case.lazy and o.status == "error" and "uninitialized parameters" in o.detail:
         return o.detail.partition(": ")[2].startswith(f"{o.op}:")  # (refused before mixing)
