@@ -103,12 +103,15 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
     missing = None if nested or raised_by_f(exc) else _NO_FORWARD_RULE.search(str(exc))
     if missing is not None:
         return _no_forward_rule(fn, missing.group(1), exc, options)
+    if isinstance(exc, ValueError) and str(exc).startswith("f wrote other values"):
+        return ValueError(f"{fn}: {exc}")  # (state's refusal, raised bare until nnsweep33)
     if not raised_by_f(exc) and not nested:
-        quiet = _checkpointed(exc) is None and control_flow(exc) is None
-        if quiet and _UNREGISTERED not in str(exc):
+        lacking = _no_second_derivative(fn, str(exc))
+        if lacking is not None:
+            return in_context(fn, "a backward pass through f(x)", exc, options, lacking)
+        if _checkpointed(exc) is None and control_flow(exc) is None:
             return None
-        # a reentrant checkpoint's (or torch.cond's) backward refused torchdiv's autograd.grad,
-        # or an op without a derivative in the backward of f's custom op
+        # a reentrant checkpoint's (or torch.cond's) backward refused torchdiv's autograd.grad
         return in_context(fn, "a backward pass through f(x)", exc, options)
     if "captured Tensor" in str(exc):  # a transform refused an update f makes
         evaluate = options.get("evaluate", options["f"])
@@ -126,8 +129,6 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
 
 # torch.func's refusal of the caller's saved-tensor hooks (its vjp, jacrev, hessian)
 _HOOKS_REFUSED = "don't yet support saved tensor hooks"
-# PyTorch's refusal to differentiate a custom op without a derivative (``ns.op.default``)
-_UNREGISTERED = "but no autograd formula was registered"
 # the methods that take no torch.func reverse-mode product, by public function
 _WITHOUT_VJP = {
     "divergence": "'auto' or 'forward'",
@@ -204,8 +205,44 @@ def _no_forward_rule(fn: str, op: str, exc: Exception, options: dict[str, Any]) 
     return new
 
 
-def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> Exception:
-    """``exc`` again, its message followed by the call's context and a hint."""
+def _no_second_derivative(fn: str, message: str) -> str | None:
+    """The hint for PyTorch's refusal to differentiate a backward pass of ``f`` (a second
+    derivative: a Laplacian, a Hessian-vector product), ``None`` for another error: an op
+    whose backward has no derivative formula ("derivative for
+    aten::_embedding_bag_per_sample_weights_backward is not implemented": an
+    ``nn.EmbeddingBag``'s ``per_sample_weights``, ``hardsigmoid``'s), or a legacy
+    ``autograd.Function`` whose backward writes through ``out=`` (``nn.CrossMapLRN2d``).
+    Until nnsweep33 the loop of backward passes raised them bare, without the call; so did
+    a custom op's registered backward calling an op without a derivative (a NumPy kernel's
+    derivative as its own ``custom_op``: "Trying to backward through ns.op.default but no
+    autograd formula was registered", the lead)."""
+    unregistered = re.search(
+        r"backward through (\S+) but no autograd formula was registered", message
+    )
+    if unregistered is not None:
+        op = unregistered.group(1)
+        return (
+            f"a custom op's derivative (its register_autograd backward) calls {op}, which has "
+            f"no derivative itself: what needs it ({fn}'s second derivatives of f, or a "
+            "gradient of a first-order result) cannot be taken by any method; "
+            f"register_autograd for {op} too, or write the backward in differentiable torch ops"
+        )
+    found = re.search(r"derivative for (\S+) is not implemented", message)
+    if found is None and "out=... arguments don't support automatic differentiation" not in message:
+        return None
+    what = f"of {found.group(1)}" if found else "of an out= op in a backward formula"
+    return (
+        f"PyTorch has no derivative {what}, which {fn}'s second derivatives of f (or a "
+        "gradient of a first-order result) need: write that part of f with ops PyTorch "
+        "differentiates twice, or keep it out of what x reaches"
+    )
+
+
+def in_context(
+    fn: str, call: str, exc: Exception, options: dict[str, Any], hint: str | None = None
+) -> Exception:
+    """``exc`` again, its message followed by the call's context and a hint (``hint``, or
+    ``_hint``'s)."""
     x, f = options["x"], options["f"]
     shown = ", ".join(
         f"{name}={options[name]!r}" for name in ("batch_dims", "method") if name in options
@@ -216,7 +253,7 @@ def in_context(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> E
         f"[torchdiv] in {fn}(f, x, ..., {shown}) with x of shape {tuple(x.shape)} and dtype "
         f"{x.dtype}; f was evaluated by {engine}."
     )
-    hint = _hint(fn, str(exc), f, x, call, exc, options.get("method"))
+    hint = hint or _hint(fn, str(exc), f, x, call, exc, options.get("method"))
     if hint:
         text += f"\nHint: {hint}"
     try:
@@ -484,23 +521,20 @@ def _transform_hint(
         )
     if "Trying to use forward AD with" in message:  # an op without a forward-mode rule
         return _forward_ad_hint(fn, message)
+    if message.startswith("vmap: we do not yet support"):  # an op without a batching rule
+        op = message.partition("support ")[2].partition(".")[0]
+        way = _BACKWARD_WAYS.get(fn.rpartition(".")[2], "method='auto' or 'reverse'")
+        return (  # (nn.RReLU's rrelu_with_noise, in eval mode too: nnsweep33)
+            f"torch.func's vmap has no batching rule for {op}, and method={method!r} batches "
+            f"its directions with vmap; use {way}."
+        )
     return None
 
 
 def _plain_autograd_hint(fn: str, message: str, call: str, method: object) -> str | None:
     """``_hint`` for what plain autograd runs and ``torch.func``'s wrappers do not: an op
     reading memory directly, a sparse CSR product, a backward pass or ``requires_grad_``
-    inside ``f``; and what plain autograd cannot run either: an op without a derivative in a
-    custom op's registered backward."""
-    if _UNREGISTERED in message:
-        op = message.partition("Trying to backward through ")[2].partition(" ")[0]
-        return (
-            f"a custom op's derivative (its register_autograd backward) calls {op}, which has "
-            "no derivative itself (a NumPy kernel's derivative as its own custom_op): what "
-            "needs it (second derivatives: the Laplacian, create_graph=True and gradients of "
-            f"a loss of the result) cannot be taken by any method; register_autograd for {op} "
-            "too, or write the backward in differentiable torch ops."
-        )
+    inside ``f``."""
     if "doesn't have storage" in message:  # an op reading memory under torch.func's wrappers
         return (
             "an op of f reads its input's memory directly (a packed sequence's "

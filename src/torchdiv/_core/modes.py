@@ -2080,26 +2080,26 @@ def _instance_norm(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """``F.instance_norm`` by mean and variance over each ``(sample, channel)``'s positions
-    where it normalises by the input's statistics (the running statistics it tracks, if any,
-    moved by the fused op without a graph: PyTorch's update); else the fused op (running
-    statistics to normalise by; a weight or bias not one per channel, which
-    PyTorch refuses and the composite would broadcast; one position per ``(sample,
-    channel)``, which ``F.instance_norm`` refuses only after handing the call to this
-    replacement: the composite normalised a ``(N, C)`` input as one sample, a ``(N, C, 1)``
-    one to 0)."""
+    where it normalises by the input's statistics, the running statistics, if any, moved by
+    the fused op without a graph (``track_running_stats=True`` in training: until opinfo33 and
+    nnsweep33 the fused op, whose derivatives through forward mode are wrong, a divergence's
+    parameter gradients by ``"forward"`` 0.3-62 off); else the fused op (normalising by running
+    statistics; a statistic of another dtype than ``a``; a weight or bias not one per
+    channel, which PyTorch refuses and the composite would broadcast; one position per
+    ``(sample, channel)``, which ``F.instance_norm`` refuses only after handing the call to
+    this replacement: the composite normalised a ``(N, C)`` input as one sample, a ``(N, C,
+    1)`` one to 0)."""
+    stats = (running_mean, running_var)
     wrong = not _per_channel(a, weight, bias) or math.prod(a.shape[2:]) == 1
-    if use_input_stats and not wrong and (running_mean is not None or running_var is not None):
-        # running statistics moved by the fused op without a graph (PyTorch's update), the
-        # output by the composite: the fused op's derivatives gave the forward engine's
-        # divergence and Jacobian gradients 3-2000% off (opinfo33)
+    other = any(t is not None and t.dtype != a.dtype for t in stats)
+    if not use_input_stats or other or wrong:
+        options = (weight, bias, use_input_stats, momentum, eps)
+        return torch.nn.functional.instance_norm(a, running_mean, running_var, *options)
+    if any(t is not None for t in stats):
         with torch.no_grad():
             torch.nn.functional.instance_norm(
                 a.detach(), running_mean, running_var, None, None, True, momentum, eps
             )
-        return _channel_affine(_normalized(a, tuple(range(2, a.dim())), eps), weight, bias)
-    if not use_input_stats or running_mean is not None or running_var is not None or wrong:
-        options = (weight, bias, use_input_stats, momentum, eps)
-        return torch.nn.functional.instance_norm(a, running_mean, running_var, *options)
     return _channel_affine(_normalized(a, tuple(range(2, a.dim())), eps), weight, bias)
 
 

@@ -155,6 +155,12 @@ class Changes(DispatchMode):
             self.after = [tensor.detach().clone() for tensor, _, _ in self.written]
             return
         self._put(before=True)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Nothing watched yet: the next evaluation is watched afresh (its draws and writes
+        stand as one evaluation's)."""
+        self.after = None
         self.written, self.versions, self.generators = [], [], {}
         self._made, self._noted = set(), set()
 
@@ -163,7 +169,14 @@ class Changes(DispatchMode):
         completes): it draws the same random numbers, and leaves the state as one evaluation
         did; generators drawn from in between (probes) go on where they were. An evaluation
         that raises (``f``'s error, ``KeyboardInterrupt``) leaves the state from before the
-        first, which the call then propagates: a failed call has changed nothing of ``f``'s.
+        first, which the call then propagates: a failed call has changed nothing of ``f``'s;
+        where the call goes on instead (a fallback after forward mode's error, with the same
+        ``Once``), the next evaluation is watched afresh, as after a failed first (not after
+        ``_wrote_alike``'s refusal, which a fallback must meet again): until
+        nnsweep33 the generators of every later one were put back to where it started,
+        from before the first (``value_grad_laplacian``'s value, then forward over reverse
+        refused by ``F.rrelu`` and the loop: the call left the generator as if ``f`` had
+        drawn nothing, the next call's masks the same).
         The functions of several ``again`` calls share that state (the first of them to run
         is watched).
         Called inside a ``torch.func`` transform it puts back the tensors underneath
@@ -180,8 +193,13 @@ class Changes(DispatchMode):
                     with self:
                         out = f(x)
                 else:
-                    out = f(x)
-                    self._wrote_alike()
+                    try:
+                        out = f(x)
+                    except BaseException:  # (f's error: forgotten, as a failed first)
+                        self._put(before=True)
+                        self._forget()
+                        raise
+                    self._wrote_alike()  # (its refusal stands for the later evaluations)
             except BaseException:
                 self._put(before=True)
                 raise
