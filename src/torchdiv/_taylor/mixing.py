@@ -35,6 +35,7 @@ from torchdiv._taylor.cache import (
     structure_key,
     walked,
 )
+from torchdiv._taylor.propagate import AUTOCAST_DEVICES
 
 
 def recorded_mixing(f: Any, x: torch.Tensor, batch_dims: int) -> str | None:
@@ -166,11 +167,9 @@ def _modes() -> Hashable:
     device type, the autocast dtype where autocast is on (``W @ W.T`` in bfloat16: a
     Cholesky factorization that passed in float32 fails, rev-merges18c)."""
     return torch.get_default_dtype(), tuple(
-        torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None for d in _DEVICES
+        torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None
+        for d in AUTOCAST_DEVICES
     )
-
-
-_DEVICES = ("cpu", "cuda", "xpu", "mps")  # (the device types autocast runs on)
 
 
 def _numbers(m: Any, depth: int = 1) -> tuple[tuple[str, Any], ...]:

@@ -8,6 +8,7 @@ stays differentiable with respect to the parameters ``f`` reads.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import replace
 from typing import Any
@@ -34,6 +35,7 @@ GIVEN: dict[Any, Any] = {**elementwise.GIVEN, **linear.GIVEN}
 
 aten = torch.ops.aten
 _JETS = (Jet, Sparse)
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")  # (the device types autocast runs on)
 # ops whose ``lap`` needs only the inputs' ``lap`` (linear, or linear almost everywhere)
 _LAP_FROM_LAP = {
     *linear.LINEAR_OPS,
@@ -73,6 +75,28 @@ _MULTILINEAR = {
 
 
 def propagate(
+    graph: Graph,
+    x: Jet | Sparse,
+    ctx: Context,
+    constants: dict[int, list[Any]] | None = None,
+    known: list[list[Any]] | None = None,
+) -> Jet | torch.Tensor:
+    """``_propagate`` with the caller's ``torch.autocast`` off. The graph holds the ops as
+    autocast dispatched them (its casts are nodes), so the values are the same; the rules' own
+    algebra (``A^-1 Ȧ`` of a determinant, a product's tangents) then runs in its jets' dtype,
+    as PyTorch's derivative formulas run outside autocast. Under ``autocast(float16)`` a
+    Slater determinant's Hutchinson Laplacian was ``nan`` (``A^-1 Ȧ`` in float16, squared past
+    65504) where the float16 loop was finite (autocast33)."""
+    on = [d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+    if not on:
+        return _propagate(graph, x, ctx, constants, known)
+    with contextlib.ExitStack() as stack:
+        for device in on:
+            stack.enter_context(torch.autocast(device, enabled=False))
+        return _propagate(graph, x, ctx, constants, known)
+
+
+def _propagate(
     graph: Graph,
     x: Jet | Sparse,
     ctx: Context,
