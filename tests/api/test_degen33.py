@@ -136,12 +136,13 @@ class Draw:
     batch_dims: int
     bad: list[tuple[int, ...]]  # batch indices of samples with a nan/inf in x
     error: str | None  # "x" (complex x) or "f" (f returns no tensor): a TypeError expected
-    mode: str  # the caller's grad mode: "grad", "no_grad" or "inference_mode"
+    modes: tuple[str, str]  # the caller's grad mode in each round: grad, no_grad, inference_mode
+    flip: bool  # a module f switched between train and eval before the second round
     calls: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
 
     def code(self) -> str:
         calls = "\n".join(f"# {op}(f, x, method={m!r}, **{kw})" for op, m, kw in self.calls)
-        return f"# seed {self.seed}, dtype {self.dtype}, under {self.mode}\n{self.source}\n{calls}"
+        return f"# seed {self.seed}, dtype {self.dtype}, under {self.modes}\n{self.source}\n{calls}"
 
 
 def draw(seed: int, large: bool = False) -> Draw:
@@ -200,9 +201,18 @@ def draw(seed: int, large: bool = False) -> Draw:
         bad = [tuple(uniform_int(g, 0, b - 1) for b in batch)]
     complex_x = not large and uniform_int(g, 0, 20) == 0
     # the caller's grad mode around the calls: results exact, with no graph
-    mode = pick(g, ["grad"] * 6 + ["no_grad", "inference_mode"])
+    modes = (
+        pick(g, ["grad"] * 6 + ["no_grad", "inference_mode"]),
+        pick(g, ["grad"] * 6 + ["no_grad", "inference_mode"]),
+    )
     scale = 1.0 if dtype == torch.float64 else 0.7
     grid = uniform_int(g, 0, 2) == 0
+    # the second round's x: the same kind, at times another batch size (a kept recording or
+    # plan serves it), and a module switched between train and eval
+    shape2 = shape
+    if batch_dims and uniform_int(g, 0, 1):
+        shape2 = (shape[0] + 2, *shape[1:])
+    flip = uniform_int(g, 0, 1) == 1
 
     dt = {torch.float64: "torch.float64", torch.float32: "torch.float32"}.get(
         dtype, "torch.bfloat16"
@@ -246,7 +256,8 @@ def draw(seed: int, large: bool = False) -> Draw:
         "",
         "def make_x(k=0):  # k: another draw of the same kind, for a second round of calls",
         f"    g = torch.Generator().manual_seed({seed + 10**6} + 7919 * k)",
-        f"    base = torch.randn({shape}, generator=g, dtype=torch.float64)",
+        f"    shape = {shape} if k == 0 else {shape2}",
+        "    base = torch.randn(shape, generator=g, dtype=torch.float64)",
     ]
     if grid:  # exact zeros, integers and ties: the kinks of relu, abs, round, max
         lines.append("    base = (base * 2).round() / 2")
@@ -257,12 +268,12 @@ def draw(seed: int, large: bool = False) -> Draw:
         lines.append("    x = x.transpose(-1, -2).contiguous().transpose(-1, -2)")
     elif layout == "step":
         lines += [
-            f"    big = torch.zeros({(*shape[:-1], 2 * shape[-1])}, dtype={dt})",
+            f"    big = torch.zeros((*shape[:-1], 2 * shape[-1]), dtype={dt})",
             "    big[..., ::2] = x",
             "    x = big[..., ::2]",
         ]
     elif layout == "expand":
-        lines.append(f"    x = x[:1].expand({shape})")
+        lines.append("    x = x[:1].expand(shape)")
     elif layout == "channels_last":
         lines.append("    x = x.contiguous(memory_format=torch.channels_last)")
     if complex_x:
@@ -280,7 +291,7 @@ def draw(seed: int, large: bool = False) -> Draw:
         lines.append("    return x, (x if x.requires_grad else None)")
 
     error = "x" if complex_x else "f" if out in NOT_TENSOR else None
-    d = Draw(seed, "\n".join(lines), dtype, batch_dims, bad, error, mode)
+    d = Draw(seed, "\n".join(lines), dtype, batch_dims, bad, error, modes, flip)
     chunk = pick(g, [None, None, 1, 2, 3, 5])
     for op in EXPLICIT:
         method = pick(g, EXPLICIT[op])
@@ -293,6 +304,12 @@ def draw(seed: int, large: bool = False) -> Draw:
             ("divergence", "hutchinson", {"num_probes": 3}),
             ("laplacian", "hutchinson", {"num_probes": 2}),
             ("estimate_divergence", "hutchinson", {"num_probes": 3}),
+            ("dynamics", "hutchinson", {"num_probes": 3}),
+        ]
+    if not large and n:  # partial Laplacians: the last event element, the first
+        d.calls += [
+            ("laplacian", pick(g, ["auto", *EXPLICIT["laplacian"]]), {"coordinates": [-1]}),
+            ("value_grad_laplacian", "auto", {"coordinates": [0]}),
         ]
     return d
 
@@ -343,11 +360,17 @@ def expected(
     xshape: torch.Size,
     yevent: torch.Size,
     probes: torch.Tensor | None,
+    coordinates: list[int] | None = None,
 ) -> Any:
-    """What ``op`` should give, stacked over the batch from the per-sample references."""
+    """What ``op`` should give, stacked over the batch from the per-sample references (the
+    Laplacians summed over ``coordinates`` of the flat event only, where given)."""
     xevent = xshape[len(batch) :]
     per = []
     for b, (y, J, H) in refs.items():
+        if H is not None and coordinates is not None:
+            keep = torch.zeros(H.shape[-1], dtype=H.dtype)
+            keep[coordinates] = 1.0
+            H = H * keep[:, None] * keep[None, :]
         if op in ("divergence", "dynamics", "estimate_divergence"):
             if method == "hutchinson":
                 v = probes[(slice(None), *b)].reshape(probes.shape[0], -1).double()  # type: ignore[index]
@@ -388,9 +411,9 @@ def call(
         dyn = flows.AugmentedDynamics(
             lambda t, z: f(z), x, batch_dims=batch_dims, method=method, **kw
         )
-        delta = x.new_zeros((1, *x.shape[:batch_dims]))
-        _, ddelta = dyn(torch.tensor(0.0, dtype=x.dtype), (x, delta))
-        return [-ddelta[0]]
+        z, delta = dyn.initial_state(x)
+        _, ddelta = dyn(torch.tensor(0.0, dtype=x.dtype), (z, delta))
+        return [-ddelta.mean(0)]  # (the estimators' terms: their mean is the estimate)
     if op == "estimate_divergence":
         return [
             torchdiv.estimate_divergence(f, x, batch_dims=batch_dims, method=method, **kw).value
@@ -483,12 +506,14 @@ def run_draw(d: Draw) -> list[str]:
     f, P = ns["build"](d.dtype)
     faults: list[str] = []
     for k in range(1 if d.error else 2):
+        if k and d.flip and isinstance(f, torch.nn.Module):
+            f.train(not f.training)
         faults += [f"round {k}: {fault}" for fault in _run_round(d, ns, f, P, k)]
     return faults
 
 
-def _run_round(d: Draw, ns: dict[str, Any], f: Any, P: dict[str, Any], k: int) -> list[str]:
-    x, xgrad = ns["make_x"](k)
+def _run_round(d: Draw, ns: dict[str, Any], f: Any, P: dict[str, Any], rnd: int) -> list[str]:
+    x, xgrad = ns["make_x"](rnd)
     module = f if isinstance(f, torch.nn.Module) else None
     params = list(P.values())
     faults: list[str] = []
@@ -499,6 +524,8 @@ def _run_round(d: Draw, ns: dict[str, Any], f: Any, P: dict[str, Any], k: int) -
         probes = torchdiv.draw_probes(x.detach(), 3, batch_dims=d.batch_dims, generator=gp)
     # the float64 reference: the same program on float64 copies of the parameters and of x
     f_ref, P_ref = ns["build"](torch.float64)
+    if isinstance(f, torch.nn.Module):
+        f_ref.train(f.training)
     with torch.no_grad():
         for k in P:
             P_ref[k].copy_(P[k].double())
@@ -510,7 +537,8 @@ def _run_round(d: Draw, ns: dict[str, Any], f: Any, P: dict[str, Any], k: int) -
         refs = reference(f_ref, xr, d.batch_dims, second)
         refs = {b: r for b, r in refs.items() if b not in d.bad}
     tol = TOL[d.dtype]
-    grads_checked = d.mode == "grad" and not d.bad
+    mode = d.modes[rnd]
+    grads_checked = mode == "grad" and not d.bad
     targets = [p for p in params if p.requires_grad] + ([xgrad] if xgrad is not None else [])
     ref_targets = [P_ref[k] for k, p in P.items() if p.requires_grad]
     ref_targets += [xr] if xgrad is not None else []
@@ -518,7 +546,7 @@ def _run_round(d: Draw, ns: dict[str, Any], f: Any, P: dict[str, Any], k: int) -
         label = f"{op}(method={method!r}, {kw})"
         before = _state(x, params, module)
         try:
-            with warnings.catch_warnings(), _mode(d.mode):
+            with warnings.catch_warnings(), _mode(mode):
                 warnings.simplefilter("ignore")
                 outs = call(op, f, x, method, kw, d.batch_dims, probes)
         except Exception as e:
@@ -538,16 +566,16 @@ def _run_round(d: Draw, ns: dict[str, Any], f: Any, P: dict[str, Any], k: int) -
             if o.dtype != x.dtype and not (op == "value_grad_laplacian" and k == 0):
                 faults.append(f"{label}: output {k} has dtype {o.dtype}, x's is {x.dtype}")
             if (
-                d.mode != "grad"
+                mode != "grad"
                 and o.requires_grad
                 and not (
-                    op == "value_grad_laplacian" and k == 0 and _plain_requires_grad(f, x, d.mode)
+                    op == "value_grad_laplacian" and k == 0 and _plain_requires_grad(f, x, mode)
                 )
             ):
-                faults.append(f"{label}: output {k} requires grad under {d.mode}")
+                faults.append(f"{label}: output {k} requires grad under {mode}")
         with torch.no_grad():
             yevent = f_ref(xr.detach()[(slice(0, 1),) * d.batch_dims]).shape[d.batch_dims :]
-        want = expected(op, method, refs, batch, x.shape, yevent, probes)
+        want = expected(op, method, refs, batch, x.shape, yevent, probes, kw.get("coordinates"))
         got_parts, want_parts = [], []
         for k, o in enumerate(outs):
             per_sample = [w[k] if isinstance(w, tuple) else w for w in want]
@@ -607,21 +635,31 @@ def _gradient_faults(
     return faults
 
 
-FAST_SEEDS = list(range(24))
+# seeds of 0-59 whose draw runs in under 0.9 s on one core (12 s in all): every core but a
+# few, each output kind, error kind, dtype and grad mode; the rest run with the slow tests
+FAST_SEEDS = [0, 1, 2, 3, 4, 7, 8, 10, 12, 13, 15, 17, 18, 21, 22, 25, 26, 28, 29, 34, 35]
+FAST_SEEDS += [37, 41, 46, 50, 51, 52, 56, 59]
 
 
 @pytest.mark.parametrize("seed", FAST_SEEDS)
 def test_degenerate_draw(seed: int) -> None:
+    """One draw's calls right against the float64 loop, or refused as the contract says."""
     d = draw(seed)
     faults = run_draw(d)
     assert not faults, d.code() + "\n" + "\n".join(faults)
 
 
+# the seeds of 0-59 left out of the fast sample, then 120 more (every tenth a large batch)
+SLOW_SEEDS = [s for s in range(60) if s not in FAST_SEEDS] + list(range(1040, 1160))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("block", range(4))
+@pytest.mark.parametrize("block", range(10))
 def test_degenerate_draws_more_seeds(block: int) -> None:
+    """More draws, a tenth of ``SLOW_SEEDS`` per block; each failure printed as its
+    program."""
     failures = []
-    for seed in range(1000 + 40 * block, 1040 + 40 * block):
+    for seed in SLOW_SEEDS[block::10]:
         d = draw(seed, large=seed % 10 == 0)
         if faults := run_draw(d):
             failures.append(d.code() + "\n" + "\n".join(faults))
