@@ -112,6 +112,11 @@ OUTS: dict[str, str] = {
     "namedtuple": "Pair(y.reshape(x.shape), y)",
 }
 NOT_TENSOR = ("tuple", "dict", "namedtuple")
+# the cores with a jump or a kink in x (see ``Draw.jumps``)
+JUMPS = frozenset(
+    {"round", "floor", "sign", "argmax", "where", "relu", "abs", "clamp", "amax", "max_dim"}
+    | {"maximum", "sort", "cummax", "frac", "masked", "step"}
+)
 
 Pair = collections.namedtuple("Pair", "first second")
 
@@ -138,6 +143,9 @@ class Draw:
     error: str | None  # "x" (complex x) or "f" (f returns no tensor): a TypeError expected
     modes: tuple[str, str]  # the caller's grad mode in each round: grad, no_grad, inference_mode
     flip: bool  # a module f switched between train and eval before the second round
+    # f has jumps or kinks (round, where, relu, max, ...): in float32/bfloat16 the rounding of
+    # x and f's intermediates may put a sample on the other side of one than float64 does
+    jumps: bool = False
     calls: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
 
     def code(self) -> str:
@@ -291,7 +299,8 @@ def draw(seed: int, large: bool = False) -> Draw:
         lines.append("    return x, (x if x.requires_grad else None)")
 
     error = "x" if complex_x else "f" if out in NOT_TENSOR else None
-    d = Draw(seed, "\n".join(lines), dtype, batch_dims, bad, error, modes, flip)
+    jumps = core in JUMPS
+    d = Draw(seed, "\n".join(lines), dtype, batch_dims, bad, error, modes, flip, jumps)
     chunk = pick(g, [None, None, 1, 2, 3, 5])
     for op in EXPLICIT:
         method = pick(g, EXPLICIT[op])
@@ -538,7 +547,7 @@ def _run_round(d: Draw, ns: dict[str, Any], f: Any, P: dict[str, Any], rnd: int)
         refs = {b: r for b, r in refs.items() if b not in d.bad}
     tol = TOL[d.dtype]
     mode = d.modes[rnd]
-    grads_checked = mode == "grad" and not d.bad
+    grads_checked = mode == "grad" and not d.bad and not (d.jumps and d.dtype != torch.float64)
     targets = [p for p in params if p.requires_grad] + ([xgrad] if xgrad is not None else [])
     ref_targets = [P_ref[k] for k, p in P.items() if p.requires_grad]
     ref_targets += [xr] if xgrad is not None else []
@@ -588,6 +597,8 @@ def _run_round(d: Draw, ns: dict[str, Any], f: Any, P: dict[str, Any], rnd: int)
             elif o.numel():
                 faults.append(f"{label}: output {k} has shape {tuple(o.shape)} for an empty batch")
         for k, (gpart, wpart) in enumerate(zip(got_parts, want_parts, strict=True)):
+            if d.jumps and d.dtype != torch.float64:
+                break  # (the float64 reference may take another branch: values not compared)
             if (why := far(gpart, wpart, tol)) is not None:
                 faults.append(f"{label}: output {k}: {why}")
         if grads_checked and targets and len(got_parts) == len(outs) and not faults:
