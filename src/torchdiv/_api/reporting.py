@@ -508,7 +508,7 @@ def _transform_hint(
         return (
             "f runs an autograd.Function without setup_context (also a torch.library custom "
             "op with register_autograd), which torch.func's transforms cannot run; use "
-            f"{_plain_way(fn, method)}, which runs it by plain autograd."
+            f"{_plain_way(fn, method)} (plain autograd runs it)."
         )
     if message.startswith("Creating a new Tensor subclass"):  # refused under a dispatch mode
         return (
@@ -527,6 +527,19 @@ def _transform_hint(
         return (  # (nn.RReLU's rrelu_with_noise, in eval mode too: nnsweep33)
             f"torch.func's vmap has no batching rule for {op}, and method={method!r} batches "
             f"its directions with vmap; use {way}."
+        )
+    if "version_counter for inference tensor" in message:  # a view of one, under torch.func
+        return (
+            "f makes a view (a reshape, slice, expand) of a tensor computed under "
+            "torch.inference_mode(), which torch.func's transforms cannot do; compute that "
+            "block under torch.no_grad() instead (the same constant), or use "
+            f"{_plain_way(fn, method)} (plain autograd runs it)."
+        )
+    if "inside vmap is only supported" in message:  # clone(memory_format=channels_last)
+        return (
+            f"torch.func's vmap, which batches the directions of method={method!r}, cannot run "
+            f"an op in f as it is called there; use chunk_size=1 (one direction at a time, no "
+            f"vmap) or {_plain_way(fn, method)}."
         )
     return None
 

@@ -1439,7 +1439,8 @@ class _Checker(DispatchMode):
         # as capture: results without derivatives (indices) are constants
         depends = call.may_depend and carries and torch.is_grad_enabled()
         self.same = depends == call.depends and len(outs) == len(call.outputs)
-        self.nodes.append(Node(func, node_args, node_kwargs, depends))
+        # the grad mode too, as capture: a call under no_grad in f is replayed under no_grad
+        self.nodes.append(Node(func, node_args, node_kwargs, depends, grad=torch.is_grad_enabled()))
         refs = self.refs
         for ref, leaf in zip(call.outputs, outs, strict=False):
             if isinstance(leaf, torch.Tensor):
