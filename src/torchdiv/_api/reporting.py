@@ -39,6 +39,7 @@ from torchdiv._core.modes import WrongDerivatives
 from torchdiv._core.script import attribute
 from torchdiv._exact.attributes import PlainAttributes
 from torchdiv._exact.autograd import UndifferentiableBackward
+from torchdiv._exact.forward import underived, underived_refusal
 from torchdiv._taylor.mixing import recorded_mixing
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -431,6 +432,8 @@ def _transform_hint(
             "run the hook, which then sees torchdiv's inner gradients, not your loss's."
         )
     op = None if exc is None else _custom_op(exc)
+    if "setup_context staticmethod" in message and op is not None and underived(op):
+        return underived_refusal(op) + "."
     if "setup_context staticmethod" in message and op is not None:
         return (
             f"f calls the custom op {op}, whose derivative (torch.library.register_autograd) "
@@ -466,11 +469,13 @@ def _plain_autograd_hint(fn: str, message: str, call: str, method: object) -> st
     if _UNREGISTERED in message:
         op = message.partition("Trying to backward through ")[2].partition(" ")[0]
         return (
-            f"a custom op's derivative (its register_autograd backward) calls {op}, which has "
-            "no derivative itself (a NumPy kernel's derivative as its own custom_op): what "
-            "needs it (second derivatives: the Laplacian, create_graph=True and gradients of "
-            f"a loss of the result) cannot be taken by any method; register_autograd for {op} "
-            "too, or write the backward in differentiable torch ops."
+            f"the custom op {op} has no derivative (torch.library.custom_op without "
+            "register_autograd): where f calls it, no method differentiates f; where a custom "
+            "op's registered backward calls it (a NumPy kernel's derivative as its own "
+            "custom_op), what needs that backward's derivative (second derivatives: the "
+            "Laplacian, create_graph=True and gradients of a loss of the result) cannot be "
+            f"taken by any method. register_autograd for {op} too, or write it in "
+            "differentiable torch ops."
         )
     if "doesn't have storage" in message:  # an op reading memory under torch.func's wrappers
         return (

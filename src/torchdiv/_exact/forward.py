@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch._library.custom_ops as _custom_ops
 import torch.autograd.forward_ad as _forward_ad
 import torch.utils.checkpoint as _checkpoint
 from torch._C._autograd import _top_saved_tensors_default_hooks
@@ -62,6 +63,28 @@ if hasattr(os, "register_at_fork"):  # (POSIX)
 
 # what forward mode's refusals name by default: reverse mode, which runs what forward mode cannot
 REVERSE_WAY_OUT = "method='reverse'"
+
+
+@torch.compiler.assume_constant_result
+def underived(op: Any) -> bool:
+    """Whether ``op`` (an op overload or packet, or its name ``"ns::name"``) is a
+    ``torch.library.custom_op`` with no derivative registered (``register_autograd`` never
+    called: a NumPy kernel): PyTorch's backward pass through it raises ("no autograd formula
+    was registered"), so no method, plain autograd's included, differentiates it. ``False``
+    for any other op. A constant to Dynamo (which cannot trace the registry, a weak
+    dictionary)."""
+    name = op if isinstance(op, str) else _op_name(op)
+    opdef = _custom_ops.OPDEFS.get(name.partition(".")[0])
+    return opdef is not None and opdef._backward_fn is None
+
+
+def underived_refusal(op: str) -> str:
+    """What a refusal says of a custom op ``op`` without a derivative (``underived``)."""
+    return (
+        f"the custom op {op} in f has no derivative (torch.library.custom_op without "
+        "register_autograd), so no method differentiates it, plain autograd's backward pass "
+        f"neither; register_autograd for {op}, or write it in differentiable torch ops"
+    )
 
 
 class NoForwardRule(NotImplementedError):
@@ -225,11 +248,14 @@ class Tangents(SafeDerivatives):
             return
         if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves(out)):
             return
+        name = _op_name(func)
+        if underived(func):  # (no method is a way out)
+            raise NoForwardRule(underived_refusal(name))
         # a registered derivative (register_autograd) runs under plain autograd alone:
         # torch.func's reverse mode refuses it too, so 'reverse' is no way out here
         way = "method='auto'" if self.way_out == REVERSE_WAY_OUT else self.way_out
         raise NoForwardRule(
-            f"the custom op {_op_name(func)} in f has no forward-mode derivative "
+            f"the custom op {name} in f has no forward-mode derivative "
             f"(torch.func.jvp would take it for a constant); use {way}, which "
             "differentiates it by plain autograd's backward passes"
         )
