@@ -48,3 +48,44 @@ def test_a_custom_op_without_a_derivative_names_no_method(x: torch.Tensor, metho
     z = x.detach().requires_grad_(True)
     with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         torch.autograd.grad(_square(z).sum(), z)
+
+
+@torch.library.custom_op("torchdiv_reva33::cube", mutates_args=())
+def _cube(x: torch.Tensor) -> torch.Tensor:
+    return x**3
+
+
+_cube.register_fake(torch.empty_like)
+
+
+def _cube_backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+    (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+    return grad * 3 * x**2
+
+
+def _save_input(ctx: object, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[0])  # type: ignore[attr-defined]
+
+
+_cube.register_autograd(_cube_backward, setup_context=_save_input)
+
+
+def test_biharmonic_taylor_refusal_of_a_custom_op_names_a_way_that_runs(x: torch.Tensor) -> None:
+    """``biharmonic(method="taylor")`` has no rule for a custom op; its refusal named
+    ``method='auto'``, whose forward over reverse refuses the op as well. The way it names
+    runs, and gives the closed form: ``f = sum x**4 + x_0 * x_1**3`` per sample (the op
+    cubes), ``Δ²f = 24 n``, the mixed term's ``Δ² = 0``, float64 to rounding."""
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return (z * _cube(z)).sum(-1) + z[:, 0] * _cube(z[:, 1])
+
+    with pytest.raises(NotImplementedError, match="torchdiv_reva33") as info:
+        torchdiv.biharmonic(f, x, method="taylor")
+    with pytest.raises(RuntimeError):  # ('auto': forward over reverse refuses it too)
+        torchdiv.biharmonic(f, x)
+    way = str(info.value).rpartition("; use ")[2]
+    assert "method='auto'" not in way, way
+    assert way.startswith("laplacian(lambda z: laplacian(f, z, method='grad-of-grad')"), way
+    lap = torchdiv.laplacian
+    got = lap(lambda z: lap(f, z, method="grad-of-grad"), x, method="grad-of-grad")
+    torch.testing.assert_close(got, torch.full((4,), 24.0 * 3, dtype=f64))

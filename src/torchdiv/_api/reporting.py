@@ -594,7 +594,8 @@ def _forward_ad_hint(fn: str, message: str) -> str:
 _LOOPING = "method='auto' or 'grad-of-grad' (exact; 'auto' loops over backward passes for it)"
 # ``biharmonic`` has none: every one of its methods nests forward mode where Taylor fails,
 # but the Laplacian of the Laplacian by backward passes is right
-_NESTED_LOOP = (
+# biharmonic's way out where forward mode cannot run f (each of its methods nests it)
+NESTED_LOOP = (
     "laplacian(lambda z: laplacian(f, z, method='grad-of-grad'), x, method='grad-of-grad') "
     "(every method of biharmonic nests forward mode)"
 )
@@ -602,7 +603,7 @@ _BACKWARD_WAYS = {
     "laplacian": _LOOPING,
     "weighted_laplacian": _LOOPING,
     "value_grad_laplacian": "method='auto' (it loops over backward passes for it)",
-    "biharmonic": _NESTED_LOOP,
+    "biharmonic": NESTED_LOOP,
 }
 # ... and that differentiate f by plain autograd (no torch.func transform), by public function
 _PLAIN_WAYS = {
@@ -611,7 +612,7 @@ _PLAIN_WAYS = {
     "value_grad_laplacian": (
         "method='auto', or laplacian(f, x, method='auto' or 'grad-of-grad') for the Laplacian"
     ),
-    "biharmonic": _NESTED_LOOP,
+    "biharmonic": NESTED_LOOP,
 }
 # ... where ``"auto"`` itself raised
 _PLAIN_WAYS_BEYOND_AUTO = {

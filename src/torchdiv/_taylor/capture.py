@@ -223,6 +223,10 @@ class Adopted(NamedTuple):
     parts: list[Adopted] | None = None
 
 
+# how a recording's refusal names an op outside ``aten``/``prims`` (a ``torch.library`` op)
+CUSTOM_OP = "the custom op"
+
+
 def _custom(func: Any) -> bool:
     """Whether ``func`` is an op outside ``aten``/``prims`` (a ``torch.library`` op)."""
     return getattr(func, "namespace", "aten") not in ("aten", "prims")
@@ -442,7 +446,9 @@ class _Recorder(DispatchMode):
             self.graph.unsupported.append(f"{func} (writing its result into an argument)")
         depends = depends and differentiable(outs)
         if depends and (recorded not in self.rules or recorded._schema.is_mutable):
-            self.graph.unsupported.append(str(func))
+            # (a torch.library op named so: forward mode has no rule for it either, which a
+            # refusal's way out must not take: ``CUSTOM_OP``)
+            self.graph.unsupported.append(f"{CUSTOM_OP} {func}" if _custom(func) else str(func))
         index = len(self.graph.nodes)
         kept = None if depends else _kept(func, outs, bool(written))
         for t in kept or ():
