@@ -89,3 +89,31 @@ def test_biharmonic_taylor_refusal_of_a_custom_op_names_a_way_that_runs(x: torch
     lap = torchdiv.laplacian
     got = lap(lambda z: lap(f, z, method="grad-of-grad"), x, method="grad-of-grad")
     torch.testing.assert_close(got, torch.full((4,), 24.0 * 3, dtype=f64))
+
+
+class _Counting(torch.nn.Module):
+    """A flag, a count, an attribute added and one deleted by the forward (plain values of a
+    module: put back), and a count kept in a dictionary (not copied: moves once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3).double()
+        self.first, self.calls, self.doomed = True, 0, "here"
+        self.counts = {"calls": 0}
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self.first, self.calls, self.added = False, self.calls + 1, 1.0
+        self.counts["calls"] += 1
+        if hasattr(self, "doomed"):
+            del self.doomed
+        return self.lin(z)
+
+
+def test_check_batch_independence_puts_back_plain_values_not_containers(x: torch.Tensor) -> None:
+    """As its docstring says: the module's plain values as found (an attribute the forward
+    added removed, one it deleted back), a dictionary's count moved by one evaluation."""
+    net = _Counting()
+    torchdiv.check_batch_independence(net, x)
+    assert (net.first, net.calls, net.doomed) == (True, 0, "here")
+    assert not hasattr(net, "added")
+    assert net.counts == {"calls": 1}
