@@ -74,8 +74,9 @@ def underived(op: Any) -> bool:
     for any other op. A constant to Dynamo (which cannot trace the registry, a weak
     dictionary)."""
     name = op if isinstance(op, str) else _op_name(op)
-    opdef = _custom_ops.OPDEFS.get(name.partition(".")[0])
-    return opdef is not None and opdef._backward_fn is None
+    # (PyTorch's private registry, read defensively: a release without it names 'auto')
+    opdef = getattr(_custom_ops, "OPDEFS", {}).get(name.partition(".")[0])
+    return opdef is not None and getattr(opdef, "_backward_fn", True) is None
 
 
 def underived_refusal(op: str) -> str:
