@@ -117,3 +117,14 @@ def test_check_batch_independence_puts_back_plain_values_not_containers(x: torch
     assert (net.first, net.calls, net.doomed) == (True, 0, "here")
     assert not hasattr(net, "added")
     assert net.counts == {"calls": 1}
+
+
+@pytest.mark.parametrize("fn", ["laplacian", "biharmonic", "value_grad_laplacian"])
+def test_taylor_refusal_of_a_custom_op_without_a_derivative(x: torch.Tensor, fn: str) -> None:
+    """The Taylor engine's refusal of such an op named 'auto' (or the nested loop), which
+    raise PyTorch's "no autograd formula" in turn: it names no method."""
+    with pytest.raises(NotImplementedError, match="torchdiv_reva33") as info:
+        getattr(torchdiv, fn)(lambda z: _square(z).sum(-1), x, method="taylor")
+    text = str(info.value)
+    assert "; use " not in text, text
+    assert "register_autograd" in text, text

@@ -35,11 +35,10 @@ from torch._C._functorch import peek_interpreter_stack
 from torchdiv._core.checks import mark_final, raised_by_f
 from torchdiv._core.mixing.errors import BatchInteractionError, unnamed
 from torchdiv._core.mixing.transformed import public_call, public_call_ended
-from torchdiv._core.modes import WrongDerivatives
+from torchdiv._core.modes import WrongDerivatives, underived, underived_refusal
 from torchdiv._core.script import attribute
 from torchdiv._exact.attributes import PlainAttributes
 from torchdiv._exact.autograd import UndifferentiableBackward
-from torchdiv._exact.forward import underived, underived_refusal
 from torchdiv._taylor.mixing import recorded_mixing
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -9,7 +9,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch._library.custom_ops as _custom_ops
 import torch.autograd.forward_ad as _forward_ad
 import torch.utils.checkpoint as _checkpoint
 from torch._C._autograd import _top_saved_tensors_default_hooks
@@ -36,6 +35,8 @@ from torchdiv._core.modes import (
     math_attention,
     read_requires_grad_false,
     reader_module,
+    underived,
+    underived_refusal,
 )
 from torchdiv._exact.attributes import transforming
 from torchdiv._taylor.tree import leaves
@@ -63,29 +64,6 @@ if hasattr(os, "register_at_fork"):  # (POSIX)
 
 # what forward mode's refusals name by default: reverse mode, which runs what forward mode cannot
 REVERSE_WAY_OUT = "method='reverse'"
-
-
-@torch.compiler.assume_constant_result
-def underived(op: Any) -> bool:
-    """Whether ``op`` (an op overload or packet, or its name ``"ns::name"``) is a
-    ``torch.library.custom_op`` with no derivative registered (``register_autograd`` never
-    called: a NumPy kernel): PyTorch's backward pass through it raises ("no autograd formula
-    was registered"), so no method, plain autograd's included, differentiates it. ``False``
-    for any other op. A constant to Dynamo (which cannot trace the registry, a weak
-    dictionary)."""
-    name = op if isinstance(op, str) else _op_name(op)
-    # (PyTorch's private registry, read defensively: a release without it names 'auto')
-    opdef = getattr(_custom_ops, "OPDEFS", {}).get(name.partition(".")[0])
-    return opdef is not None and getattr(opdef, "_backward_fn", True) is None
-
-
-def underived_refusal(op: str) -> str:
-    """What a refusal says of a custom op ``op`` without a derivative (``underived``)."""
-    return (
-        f"the custom op {op} in f has no derivative (torch.library.custom_op without "
-        "register_autograd), so no method differentiates it, plain autograd's backward pass "
-        f"neither; register_autograd for {op}, or write it in differentiable torch ops"
-    )
 
 
 class NoForwardRule(NotImplementedError):
