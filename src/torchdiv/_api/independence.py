@@ -71,6 +71,9 @@ def check_batch_independence(
     The check leaves ``f`` as it found it: buffers ``f`` updates (a batch norm's running
     statistics), the random state it draws from, and the plain values and tensors its
     modules set (a data-dependent initialisation's flag, a kept activation) are put back.
+    Lists, dictionaries and other objects are not copied, nor is state outside the modules
+    ``f`` reaches: a cache ``f`` fills, or a count it keeps in a dictionary, moves as one
+    evaluation of ``f`` moves it.
     A lazy module that has not seen an input yet is refused (``ValueError``), as the
     operators refuse it: call ``f(x)`` once first.
 

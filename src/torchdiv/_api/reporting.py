@@ -36,7 +36,7 @@ from torch._C._functorch import peek_interpreter_stack
 from torchdiv._core.checks import mark_final, raised_by_f
 from torchdiv._core.mixing.errors import BatchInteractionError, unnamed
 from torchdiv._core.mixing.transformed import public_call, public_call_ended
-from torchdiv._core.modes import WrongDerivatives
+from torchdiv._core.modes import WrongDerivatives, underived, underived_refusal
 from torchdiv._core.script import attribute
 from torchdiv._exact.attributes import PlainAttributes
 from torchdiv._exact.autograd import UndifferentiableBackward
@@ -222,10 +222,12 @@ def _no_second_derivative(fn: str, message: str) -> str | None:
     if unregistered is not None:
         op = unregistered.group(1)
         return (
-            f"a custom op's derivative (its register_autograd backward) calls {op}, which has "
-            f"no derivative itself: what needs it ({fn}'s second derivatives of f, or a "
-            "gradient of a first-order result) cannot be taken by any method; "
-            f"register_autograd for {op} too, or write the backward in differentiable torch ops"
+            f"the custom op {op} has no derivative (torch.library.custom_op without "
+            "register_autograd): where f calls it, no method differentiates f; where a custom "
+            "op's registered backward calls it (a NumPy kernel's derivative as its own "
+            f"custom_op), what needs that backward's derivative ({fn}'s second derivatives of "
+            "f, or a gradient of a first-order result) cannot be taken by any method; "
+            f"register_autograd for {op} too, or write it in differentiable torch ops"
         )
     found = re.search(r"derivative for (\S+) is not implemented", message)
     if found is None and "out=... arguments don't support automatic differentiation" not in message:
@@ -497,6 +499,8 @@ def _transform_hint(
             "run the hook, which then sees torchdiv's inner gradients, not your loss's."
         )
     op = None if exc is None else _custom_op(exc)
+    if "setup_context staticmethod" in message and op is not None and underived(op):
+        return underived_refusal(op) + "."
     if "setup_context staticmethod" in message and op is not None:
         return (
             f"f calls the custom op {op}, whose derivative (torch.library.register_autograd) "
@@ -665,7 +669,7 @@ def _forward_ad_hint(fn: str, message: str) -> str:
 _LOOPING = "method='auto' or 'grad-of-grad' (exact; 'auto' loops over backward passes for it)"
 # ``biharmonic`` has none: every one of its methods nests forward mode where Taylor fails,
 # but the Laplacian of the Laplacian by backward passes is right
-_NESTED_LOOP = (
+NESTED_LOOP = (
     "laplacian(lambda z: laplacian(f, z, method='grad-of-grad'), x, method='grad-of-grad') "
     "(every method of biharmonic nests forward mode)"
 )
@@ -673,7 +677,7 @@ _BACKWARD_WAYS = {
     "laplacian": _LOOPING,
     "weighted_laplacian": _LOOPING,
     "value_grad_laplacian": "method='auto' (it loops over backward passes for it)",
-    "biharmonic": _NESTED_LOOP,
+    "biharmonic": NESTED_LOOP,
 }
 # ... and that differentiate f by plain autograd (no torch.func transform), by public function
 _PLAIN_WAYS = {
@@ -682,7 +686,7 @@ _PLAIN_WAYS = {
     "value_grad_laplacian": (
         "method='auto', or laplacian(f, x, method='auto' or 'grad-of-grad') for the Laplacian"
     ),
-    "biharmonic": _NESTED_LOOP,
+    "biharmonic": NESTED_LOOP,
 }
 # ... where ``"auto"`` itself raised
 _PLAIN_WAYS_BEYOND_AUTO = {

@@ -33,7 +33,7 @@ from torch._guards import CompileContext
 
 from torchdiv._api.laplacian import METHODS, RECORDING, laplacian
 from torchdiv._api.operators import jacobian
-from torchdiv._api.reporting import renamed, reported
+from torchdiv._api.reporting import NESTED_LOOP, renamed, reported
 from torchdiv._core.basis import accumulated, basis, broadcast_units, chunks
 from torchdiv._core.checks import (
     check_callable,
@@ -70,7 +70,7 @@ from torchdiv._laplacian import loop as _loop
 from torchdiv._laplacian import methods, traced
 from torchdiv._laplacian.along import along, unit_columns
 from torchdiv._taylor import RULES, Context, Graph, Jet, UnsupportedOp, capture, propagate
-from torchdiv._taylor.capture import argument, way_out
+from torchdiv._taylor.capture import CUSTOM_OP, argument, way_out
 from torchdiv._taylor.sparse import Sparse
 
 Function = Callable[[torch.Tensor], torch.Tensor]
@@ -384,7 +384,7 @@ def biharmonic(
         return _nested_laplacian(g, x, batch_dims, "taylor", chunk_size)
     except UnsupportedOp as exc:
         if method == "taylor":
-            raise UnsupportedOp(f"{fn}: {exc}".replace("laplacian: ", "", 1)) from exc
+            raise UnsupportedOp(_taylor_refusal(fn, str(exc))) from exc
     _refuse_faking(fn)
     try:
         return _nested_laplacian(g, x, batch_dims, "forward-over-reverse", chunk_size)
@@ -399,6 +399,16 @@ def biharmonic(
         return _nested_laplacian(
             g, x, batch_dims, "forward-over-reverse", chunk_size, "grad-of-grad"
         )
+
+
+def _taylor_refusal(fn: str, refusal: str) -> str:
+    """``biharmonic``'s refusal of ``"taylor"``, from its Laplacian's ``refusal``: the way out
+    of a custom op (``CUSTOM_OP``), which ``"auto"``'s forward over reverse refuses too, is
+    the nested loop of backward passes (``NESTED_LOOP``), not ``"auto"``."""
+    text = f"{fn}: {refusal}".replace("laplacian: ", "", 1)
+    if CUSTOM_OP in text and "; use method='auto'" in text:
+        text = f"{text.rpartition('; use ')[0]}; use {NESTED_LOOP}"
+    return text
 
 
 def _refuse_faking(fn: str) -> None:

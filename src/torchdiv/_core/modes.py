@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import torch
+import torch._library.custom_ops as _custom_ops
 import torch.autograd.forward_ad as _forward_ad
 import torch.nn.utils.parametrize as _parametrize
 import torch.utils.checkpoint as _checkpoint
@@ -1270,6 +1271,31 @@ def _namespace(func: Any) -> str:
     """The namespace of an op overload or packet (``aten``, ``prims``, a custom op's library),
     a constant to Dynamo (``_op_name``)."""
     return _op_name(func).partition("::")[0]
+
+
+@torch.compiler.assume_constant_result
+def underived(op: Any) -> bool:
+    """Whether ``op`` (an op overload or packet, or its name ``"ns::name"``) is a
+    ``torch.library.custom_op`` with no derivative registered (``register_autograd`` never
+    called: a NumPy kernel): PyTorch's backward pass through it raises ("no autograd formula
+    was registered"), so no method, plain autograd's included, differentiates it. ``False``
+    for any other op. A constant to Dynamo (which cannot trace the registry, a weak
+    dictionary)."""
+    name = op if isinstance(op, str) else _op_name(op)
+    # (PyTorch's private registry, read defensively: a release without it names 'auto')
+    opdef = getattr(_custom_ops, "OPDEFS", {}).get(name.partition(".")[0])
+    return opdef is not None and getattr(opdef, "_backward_fn", True) is None
+
+
+def underived_refusal(op: str) -> str:
+    """What a refusal says of a custom op ``op`` without a derivative (``underived``)."""
+    return (
+        f"the custom op {op} in f has no derivative (torch.library.custom_op without "
+        "register_autograd), so no method differentiates f through it, plain autograd's "
+        "backward pass neither (method='auto' runs f only where its output does not depend "
+        f"on the op's result); register_autograd for {op}, or write it in differentiable "
+        "torch ops"
+    )
 
 
 @torch.compiler.assume_constant_result

@@ -35,6 +35,8 @@ from torchdiv._core.modes import (
     math_attention,
     read_requires_grad_false,
     reader_module,
+    underived,
+    underived_refusal,
 )
 from torchdiv._exact.attributes import transforming
 from torchdiv._taylor.tree import leaves
@@ -225,11 +227,14 @@ class Tangents(SafeDerivatives):
             return
         if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves(out)):
             return
+        name = _op_name(func)
+        if underived(func):  # (no method is a way out)
+            raise NoForwardRule(underived_refusal(name))
         # a registered derivative (register_autograd) runs under plain autograd alone:
         # torch.func's reverse mode refuses it too, so 'reverse' is no way out here
         way = "method='auto'" if self.way_out == REVERSE_WAY_OUT else self.way_out
         raise NoForwardRule(
-            f"the custom op {_op_name(func)} in f has no forward-mode derivative "
+            f"the custom op {name} in f has no forward-mode derivative "
             f"(torch.func.jvp would take it for a constant); use {way}, which "
             "differentiates it by plain autograd's backward passes"
         )

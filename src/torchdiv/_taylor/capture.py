@@ -48,6 +48,7 @@ from torchdiv._core.modes import (
     read_by_torchdiv,
     read_requires_grad_false,
     refuse_underivable,
+    underived,
 )
 from torchdiv._core.settings import Settings
 from torchdiv._taylor.tree import leaves, map_leaves
@@ -223,9 +224,23 @@ class Adopted(NamedTuple):
     parts: list[Adopted] | None = None
 
 
+# how a recording's refusal names an op outside ``aten``/``prims`` (a ``torch.library`` op),
+# and one of them without a derivative (``underived``: no method is a way out, ``way_out``)
+CUSTOM_OP = "the custom op"
+UNDERIVED = "(no derivative registered)"
+
+
 def _custom(func: Any) -> bool:
     """Whether ``func`` is an op outside ``aten``/``prims`` (a ``torch.library`` op)."""
     return getattr(func, "namespace", "aten") not in ("aten", "prims")
+
+
+def _unsupported(func: Any) -> str:
+    """How a refusal names ``func``, an op without a propagation rule: a custom op as one,
+    and as one without a derivative where it has none."""
+    if not _custom(func):
+        return str(func)
+    return f"{CUSTOM_OP} {func} {UNDERIVED}" if underived(func) else f"{CUSTOM_OP} {func}"
 
 
 class _Recorder(DispatchMode):
@@ -442,7 +457,9 @@ class _Recorder(DispatchMode):
             self.graph.unsupported.append(f"{func} (writing its result into an argument)")
         depends = depends and differentiable(outs)
         if depends and (recorded not in self.rules or recorded._schema.is_mutable):
-            self.graph.unsupported.append(str(func))
+            # (a torch.library op named so: forward mode has no rule for it either, which a
+            # refusal's way out must not take: ``CUSTOM_OP``)
+            self.graph.unsupported.append(_unsupported(func))
         index = len(self.graph.nodes)
         kept = None if depends else _kept(func, outs, bool(written))
         for t in kept or ():
@@ -1408,7 +1425,13 @@ def way_out(what: str, default: str) -> str:
     """The way out of a recording engine's refusal of ``what``: ``default`` (another
     method), but for a reentrant checkpoint, whose backward runs only under ``.backward()``
     and which no method differentiates, the non-reentrant one, which the recorders and
-    ``"auto"`` do."""
+    ``"auto"`` do; and none for a custom op without a derivative (``UNDERIVED``), which no
+    method differentiates: its registration."""
+    if UNDERIVED in what:
+        return (
+            "no method differentiates such an op (plain autograd's backward pass neither): "
+            "register_autograd for it, or write it in differentiable torch ops"
+        )
     if REENTRANT_CHECKPOINT not in what:
         return default
     return (
