@@ -733,10 +733,10 @@ def _separately(
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:
         return ValueGradLaplacian(value, gradient, x.new_zeros(value.shape))
-    values: list[torch.Tensor] = []  # (the Laplacian's draw, as above)
-    laplacian = _forward_over_reverse(g, x, batch_dims, chunk_size, index, each, values)
-    if values:
-        value = values[0] if outer else values[0].detach()
+    drawn: list[torch.Tensor] = []  # (the Laplacian's draw, as above)
+    laplacian = _forward_over_reverse(g, x, batch_dims, chunk_size, index, each, drawn)
+    if drawn:
+        value = drawn[0] if outer else drawn[0].detach()
     return ValueGradLaplacian(value, gradient, laplacian)
 
 

@@ -365,12 +365,12 @@ class ForwardJacobian:
         evaluates ``f`` from the same state each time (``_state.Once``)."""
         if len(tangents) == 1:
             y, out, *aux = self._push(tangents[0])
-            self._y, self._y_shape, self.aux = y, y.shape, (aux or [None])[0]
+            self._y, self._y_shape, self.aux = y, y.shape, aux[0] if aux else None
             return out[None]
         randomness = "same" if self.x.device.type == "cpu" else "error"
         out_dims = (None, 0, None) if self._has_aux else (None, 0)
         y, out, *aux = batched(self._push, tangents, out_dims=out_dims, randomness=randomness)
-        self._y, self._y_shape, self.aux = y, y.shape, (aux or [None])[0]
+        self._y, self._y_shape, self.aux = y, y.shape, aux[0] if aux else None
         return out
 
     def _push(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
