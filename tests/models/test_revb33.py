@@ -73,3 +73,34 @@ def test_value_grad_laplacian_forward_over_reverse_value_of_the_derivatives_draw
     for a, b in zip(got, want, strict=True):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse", "auto"])
+def test_native_layer_norm_mixed_precision_keeps_plain_dtypes(method: str) -> None:
+    """``torch.native_layer_norm`` of a bfloat16 input with float32 weight and bias (mixed
+    precision, PyTorch's CPU kernel): ``out`` bfloat16, ``mean``/``rstd`` float32, as a plain
+    call. opinfo33's replacement returned ``out`` float32 and the statistics bfloat16, so
+    ``f``'s next bfloat16 matmul raised under torchdiv only. Values: the divergence against
+    one of ``f`` with the input widened by hand (bfloat16 rounding of ``out`` and of the
+    tangents, eps 2^-8, over a sum of four: 2e-2 relative and absolute)."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    lin = torch.randn(4, 4, generator=g).to(torch.bfloat16)
+    seen: dict[str, list[torch.dtype]] = {}
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        out, mean, rstd = torch.native_layer_norm(x.to(torch.bfloat16), [4], w, b, 1e-5)
+        seen["dtypes"] = [out.dtype, mean.dtype, rstd.dtype]
+        return (out @ lin).float() + 0 * (mean * rstd).float()
+
+    x = torch.randn(3, 4, generator=g)
+    plain = [t.dtype for t in torch.native_layer_norm(x.to(torch.bfloat16), [4], w, b, 1e-5)]
+    assert plain == [torch.bfloat16, torch.float32, torch.float32]
+    div = torchdiv.divergence(f, x, method=method)
+    assert seen["dtypes"] == plain
+    want = torchdiv.divergence(
+        lambda z: (torch.nn.functional.layer_norm(z, [4], w, b).to(torch.bfloat16) @ lin).float(),
+        x,
+        method="reverse",
+    )
+    torch.testing.assert_close(div, want, rtol=2e-2, atol=2e-2)
