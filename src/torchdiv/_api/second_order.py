@@ -706,7 +706,13 @@ def _separately(
     of ``|∇ log ψ|²`` and ``Δ log ψ`` then cancel in a local energy, as the loop's do), with
     ``index``, ``jacobian``'s: evaluations of ``g`` (one a chunk), each from the state the first
     found (``Once``; ``each``: one that watched an evaluation before), so that they are of one
-    function (the same dropout mask) and ``g``'s buffers and random draws change once.
+    function (the same dropout mask) and ``g``'s buffers and random draws change once. Without
+    ``index`` the value returned is the Hessian products' first chunk's primal, of the draw
+    the gradient and Laplacian are of: torch.func's transforms may draw otherwise than a plain
+    call from the same generator state (a train-mode transformer layer's dropouts: the value
+    0.05-0.2 off its derivatives' draw until rev-b33); the plain evaluation still sets the
+    state and makes the checks. With ``index``, the value is the Laplacian's products' (the
+    gradient ``jacobian``'s, from the state ``each`` found).
     ``g(x)`` is evaluated on an alias (``g``'s own ``x.requires_grad_()`` leaves the caller's
     ``x``) with grad on, as the others evaluate it (a score's
     ``autograd.grad`` inside), and kept without a graph under the caller's ``no_grad``, under
@@ -725,9 +731,11 @@ def _separately(
         if peek_interpreter_stack() is not None:  # (jacobian's check: no watch there)
             each(lambda z: check_transformed(g, z, batch_dims, lambda: unchanged(g, z)))(x)
         rows: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []  # (the value of the draw the derivatives are of)
         laplacian = methods.forward_over_reverse(
-            g, x, batch_dims, chunk_size, each=each, gradients=rows
+            g, x, batch_dims, chunk_size, each=each, gradients=rows, values=values
         )
+        value = values[0] if outer else values[0].detach()
         batch, event = x.shape[:batch_dims], x.shape[batch_dims:]  # (rows: flat events)
         gradient = rows[0].reshape(-1, *batch, *event).movedim(0, batch_dims)
         shape = (*batch, *value.shape[batch_dims:], *event)
@@ -735,9 +743,11 @@ def _separately(
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:
         return ValueGradLaplacian(value, gradient, x.new_zeros(value.shape))
-    return ValueGradLaplacian(
-        value, gradient, _forward_over_reverse(g, x, batch_dims, chunk_size, index, each)
-    )
+    drawn: list[torch.Tensor] = []  # (the Laplacian's draw, as above)
+    laplacian = _forward_over_reverse(g, x, batch_dims, chunk_size, index, each, drawn)
+    if drawn:
+        value = drawn[0] if outer else drawn[0].detach()
+    return ValueGradLaplacian(value, gradient, laplacian)
 
 
 def _forward_over_reverse(
@@ -747,16 +757,20 @@ def _forward_over_reverse(
     chunk_size: int | None,
     index: torch.Tensor | None,
     each: Once,
+    values: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The Laplacian by Hessian-vector products, over the flat event indices ``index`` as
     ``laplacian``'s ``coordinates`` (``None``: all), every evaluation of ``g`` (inside the
-    transforms: not their backward and tangent passes) from the state ``each`` found."""
+    transforms: not their backward and tangent passes) from the state ``each`` found;
+    ``values``: a list to which ``g(x)`` of the products' first evaluation is appended (none
+    for an empty ``index``)."""
     if index is None:
-        return methods.forward_over_reverse(g, x, batch_dims, chunk_size, each=each)
+        return methods.forward_over_reverse(g, x, batch_dims, chunk_size, each=each, values=values)
     if len(index) == 0:  # an empty sum
         return each(lambda z: methods.zeros_like_output(g, z))(x)
     h, z = along(g, x, batch_dims, unit_columns(index, x, batch_dims))
-    return tied(methods.forward_over_reverse(h, z, batch_dims, chunk_size, each=each), x)
+    laplacian = methods.forward_over_reverse(h, z, batch_dims, chunk_size, each=each, values=values)
+    return tied(laplacian, x)
 
 
 def _looped(

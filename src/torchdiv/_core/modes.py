@@ -1746,6 +1746,8 @@ class SafeDerivatives(TorchFunctionMode):
             widened = _widened_norm(args, kwargs)
             if widened is not None:  # (the widened call through this mode's replacements)
                 out = self.__torch_function__(func, types, widened, kwargs)
+                if func is torch.native_layer_norm:  # (its mean and rstd stay wide: PyTorch's)
+                    return (out[0].to(args[0].dtype), *out[1:])
                 return cast(torch.Tensor, out).to(args[0].dtype)
         # ``**``: looked up as ``Tensor.pow`` (Dynamo cannot guard a dict holding the
         # ``functools.wraps`` function ``Tensor.__pow__`` as a key: torch.compile failed)
@@ -1943,6 +1945,9 @@ MIXED_PRECISION_NORMS = {
     torch.group_norm,
     torch.nn.functional.layer_norm,
     torch.layer_norm,
+    # (out in the input's dtype, mean and rstd in the wider one; until rev-b33 opinfo33's
+    # composite gave out float32 and the statistics bfloat16: f's next bfloat16 op refused)
+    torch.native_layer_norm,
 }
 
 

@@ -305,7 +305,13 @@ class ForwardJacobian:
         again: Callable[[Products], Products] | None = None,
         order: int | None = 2,
         way_out: str = REVERSE_WAY_OUT,
+        has_aux: bool = False,
     ):
+        # ``has_aux``: f returns ``(output, aux)``, aux a tensor not differentiated here,
+        # kept (``aux``) from the evaluation whose tangents the last product took: forward
+        # over reverse's value of f, of the draw its derivatives are of (a train-mode
+        # transformer layer's dropout draws other masks under torch.func than in a plain
+        # call from the same generator state, rev-b33)
         # f pushes tangents under ``Tangents(order)`` naming ``way_out`` (``under_tangents``);
         # ``order=None``: f enters it itself (forward over reverse: around its own f, inside
         # its ``torch.func.vjp``)
@@ -321,6 +327,8 @@ class ForwardJacobian:
         self.num_basis = event_numel(x, batch_dims)
         self._y_shape: torch.Size | None = None
         self._y: torch.Tensor | None = None
+        self._has_aux = has_aux
+        self.aux: torch.Tensor | None = None
 
     @property
     def y(self) -> torch.Tensor:
@@ -361,27 +369,28 @@ class ForwardJacobian:
         (the hint names what runs). A caller that applies the engine more than once
         evaluates ``f`` from the same state each time (``_state.Once``)."""
         if len(tangents) == 1:
-            y, out = self._push(tangents[0])
-            self._y, self._y_shape = y, y.shape
+            y, out, *aux = self._push(tangents[0])
+            self._y, self._y_shape, self.aux = y, y.shape, aux[0] if aux else None
             return out[None]
         randomness = "same" if self.x.device.type == "cpu" else "error"
-        y, out = batched(self._push, tangents, out_dims=(None, 0), randomness=randomness)
-        self._y, self._y_shape = y, y.shape
+        out_dims = (None, 0, None) if self._has_aux else (None, 0)
+        y, out, *aux = batched(self._push, tangents, out_dims=out_dims, randomness=randomness)
+        self._y, self._y_shape, self.aux = y, y.shape, aux[0] if aux else None
         return out
 
-    def _push(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(f(x), J v)``; torch types ``jvp``'s result as a 2- or 3-tuple (``has_aux``). One
-        thread at a time (``_FORWARD_AD``), but in a region Dynamo traces (it cannot enter a
-        lock; the compiled graph does not count levels). ``NestedForwardMode`` inside the
-        caller's dual level."""
+    def _push(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(f(x), J v)``, with ``has_aux`` then f's aux (torch types ``jvp``'s result as a
+        2- or 3-tuple). One thread at a time (``_FORWARD_AD``), but in a region Dynamo traces
+        (it cannot enter a lock; the compiled graph does not count levels).
+        ``NestedForwardMode`` inside the caller's dual level."""
         if not torch.compiler.is_compiling() and holds_dual_level():
             raise _nested_forward_mode()
         with nullcontext() if torch.compiler.is_compiling() else _FORWARD_AD:
-            primal_and_tangent = jvp(self._pushed, (self.x,), (v,))
-        y, jv = primal_and_tangent[0], primal_and_tangent[1]
+            pushed = jvp(self._pushed, (self.x,), (v,), has_aux=self._has_aux)
+        out = tuple(pushed)
         if not torch.is_grad_enabled():  # (the graph of a transform f opened: ``Tangents``)
-            return y.detach(), jv.detach()
-        return y, jv
+            return tuple(t.detach() for t in out)
+        return out
 
     def block(self, start: int, stop: int) -> torch.Tensor:
         """Columns ``start..stop-1`` of every sample's Jacobian, shape ``(k, N, m)``."""

@@ -857,11 +857,12 @@ class _Gradients:
     with aten::silu_backward" (with grad on PyTorch differentiates it; the forward engine
     detaches the result there, ``ForwardJacobian._push``)."""
 
-    def __init__(self, f: Function, batch_dims: int):
-        self.f, self.batch_dims = f, batch_dims
+    def __init__(self, f: Function, batch_dims: int, value: bool = False):
+        self.f, self.batch_dims, self.value = f, batch_dims, value
         self.y_shape = torch.Size()
 
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor) -> Any:
+        """The rows; with ``value``, ``(rows, f(z))`` (for ``jvp``'s ``has_aux``)."""
         y_and_pullback = vjp(self.f, z)  # typed as a 2- or 3-tuple (has_aux)
         y = y_and_pullback[0]
         pullback: Callable[[torch.Tensor], tuple[torch.Tensor]] = y_and_pullback[1]
@@ -869,7 +870,7 @@ class _Gradients:
         vectors = basis(0, event_numel(y, self.batch_dims), y, self.batch_dims)
         with torch.enable_grad():
             (rows,) = batched(pullback, vectors)
-        return rows
+        return (rows, y) if self.value else rows
 
 
 NESTED_WAY_OUT = "method='taylor' or 'grad-of-grad'"  # what to use where an op is refused
@@ -882,17 +883,22 @@ def hessian_products(
     directions: torch.Tensor,
     way_out: str = NESTED_WAY_OUT,
     gradients: list[torch.Tensor] | None = None,
+    values: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Size]:
     """``H_{b,i} v_j`` for every sample ``b``, output ``i`` and direction ``v_j`` (``(k,) +
     x.shape``), shape ``(k, m, N, n)``, and ``f(x).shape``: JVPs of the per-sample gradients.
     ``way_out``: what the error for an op whose derivatives through forward mode are refused
     (``WrongDerivatives``) tells the caller to use instead. ``gradients``: a list to which the
-    gradients themselves (the JVPs' primal, ``(m,) + x.shape``) are appended."""
-    grads = _Gradients(under_tangents(f, 3, way_out), batch_dims)
-    engine = ForwardJacobian(grads, x, batch_dims, order=None)
+    gradients themselves (the JVPs' primal, ``(m,) + x.shape``) are appended; ``values``: one
+    to which ``f(x)`` of that same evaluation is (a random ``f`` draws there what its
+    derivatives are of: torch.func's transforms may draw otherwise than a plain call)."""
+    grads = _Gradients(under_tangents(f, 3, way_out), batch_dims, value=values is not None)
+    engine = ForwardJacobian(grads, x, batch_dims, order=None, has_aux=values is not None)
     columns = engine.apply(directions)
     if gradients is not None:
         gradients.append(engine.y)
+    if values is not None and engine.aux is not None:
+        values.append(engine.aux)
     k, m = columns.shape[:2]
     n_samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
     return columns.reshape(k, m, n_samples, n), grads.y_shape
@@ -904,10 +910,11 @@ def products_along(
     directions: torch.Tensor,
     way_out: str = NESTED_WAY_OUT,
     gradients: list[torch.Tensor] | None = None,
+    values: list[torch.Tensor] | None = None,
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Size]]:
-    """``x -> hessian_products(f, x, batch_dims, directions, way_out, gradients)``, for
+    """``x -> hessian_products(f, x, batch_dims, directions, way_out, gradients, values)``, for
     ``Once`` to wrap."""
-    return lambda x: hessian_products(f, x, batch_dims, directions, way_out, gradients)
+    return lambda x: hessian_products(f, x, batch_dims, directions, way_out, gradients, values)
 
 
 def forward_over_reverse(
@@ -918,6 +925,7 @@ def forward_over_reverse(
     share: Share = WHOLE,
     each: Once | None = None,
     gradients: list[torch.Tensor] | None = None,
+    values: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The Laplacian (the part of a ``share`` of the directions, which must not be empty) by
     Hessian columns, JVPs of the per-sample gradients, keeping only the diagonal entries.
@@ -928,7 +936,8 @@ def forward_over_reverse(
     gradients, ``∂_j log ψ`` and ``∂²_j log ψ`` then go back through one graph, where near a
     node their ``1 / r²`` rounding errors cancel as the loop's do; the first chunk's primal
     for every coordinate gave 5-1800x the loop's error (electrons 0.1-1e-4 apart, float32,
-    rev-qmc28)."""
+    rev-qmc28). ``values``: a list to which ``f(x)`` of the first chunk's evaluation is
+    appended (every chunk's from one state: the draw the derivatives are of, rev-b33)."""
     n = event_numel(x, batch_dims)
     pieces = list(share.chunks(n, chunk_size or n))
     each = each or Once(x, len(pieces) > 1)  # f evaluated once per chunk: from one state
@@ -938,8 +947,10 @@ def forward_over_reverse(
         for start, stop in pieces:
             directions = basis(start, stop, x, batch_dims)
             kept: list[torch.Tensor] | None = None if gradients is None else []
+            value = values if values is not None and not values else None  # (the first's)
             # f's own evaluation watched, not its backward and tangent passes (see hutchinson)
-            columns, y_shape = products_along(each(f), batch_dims, directions, gradients=kept)(x)
+            along = products_along(each(f), batch_dims, directions, gradients=kept, values=value)
+            columns, y_shape = along(x)
             if kept:  # (m,) + x.shape -> (m,) + batch + (stop - start,)
                 primal = kept[0]
                 rows.append(primal.reshape(*primal.shape[: 1 + batch_dims], n)[..., start:stop])
