@@ -57,7 +57,7 @@ from torchdiv._core.mixing.errors import watched
 from torchdiv._structured import replay
 from torchdiv._structured.replay import Held
 from torchdiv._taylor.capture import Before, Ref, put_back
-from torchdiv._taylor.propagate import AUTOCAST_DEVICES, autocast_off
+from torchdiv._taylor.propagate import autocast_off, autocast_on
 from torchdiv._taylor.tree import leaves, map_leaves
 
 aten = torch.ops.aten
@@ -195,7 +195,7 @@ def _run(program: Program, numbers: tuple[Any, ...], f: torch.nn.Module, x: torc
                 out = call.func(*map_leaves(value, call.args), **map_leaves(value, call.kwargs))
             kept.append(leaves(out))
 
-    autocast_off([d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)], calls)
+    autocast_off(autocast_on(), calls)
     out = map_leaves(value, program.output)
     return out if program.kind is None else program.kind(*out)
 

@@ -59,7 +59,7 @@ from torchdiv._taylor import RULES, Graph, capture, values
 from torchdiv._taylor.cache import template
 from torchdiv._taylor.capture import Node, Ref
 from torchdiv._taylor.jet import Context
-from torchdiv._taylor.propagate import AUTOCAST_DEVICES, Plan, autocast_off
+from torchdiv._taylor.propagate import Plan, autocast_off, autocast_on
 from torchdiv._taylor.tree import leaves, map_leaves
 
 # the factor rules a traced replay runs (``factors._Walker``); ``_movement``'s matrices are
@@ -229,7 +229,7 @@ def _replay(plan: Replay, f: torch.nn.Module, x: torch.Tensor) -> tuple[Graph, l
 
     # as recorded: below autocast, its casts calls of their own (under the caller's autocast,
     # a float32 block of f's, autocast(enabled=False), was cast to bfloat16 again: rev-c33)
-    autocast_off([d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)], calls)
+    autocast_off(autocast_on(), calls)
     return cast(Graph, _Calls(nodes)), kept
 
 

@@ -88,10 +88,18 @@ def propagate(
     as PyTorch's derivative formulas run outside autocast. Under ``autocast(float16)`` a
     Slater determinant's Hutchinson Laplacian was ``nan`` (``A^-1 Ȧ`` in float16, squared past
     65504) where the float16 loop was finite (autocast33)."""
-    on = [d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+    on = autocast_on()
     if not on:
         return _propagate(graph, x, ctx, constants, known)
     return autocast_off(on, lambda: _propagate(graph, x, ctx, constants, known))
+
+
+def autocast_on() -> list[str]:
+    """The device types ``torch.autocast`` is on for: none at once where it is on for none
+    (one check, 0.2 us, instead of four, 3.5 us a call), but in Dynamo, which traces the four."""
+    if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
+        return []
+    return [d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
 
 
 def autocast_off(devices: list[str], run: Callable[[], _T]) -> _T:
@@ -325,7 +333,7 @@ def values(graph: Graph, x: torch.Tensor) -> list[list[Any]]:
 
     # the calls as recorded, below autocast (under the caller's, a float32 block of f's,
     # autocast(enabled=False), was cast to bfloat16 again: rev-c33)
-    autocast_off([d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)], replay)
+    autocast_off(autocast_on(), replay)
     if kept is not None:
         graph.values, graph.overwritten = env, frozenset()
     return env
