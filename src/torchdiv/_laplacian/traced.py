@@ -57,6 +57,7 @@ from torchdiv._core.mixing.errors import watched
 from torchdiv._structured import replay
 from torchdiv._structured.replay import Held
 from torchdiv._taylor.capture import Before, Ref, put_back
+from torchdiv._taylor.propagate import autocast_off, autocast_on
 from torchdiv._taylor.tree import leaves, map_leaves
 
 aten = torch.ops.aten
@@ -185,10 +186,16 @@ def _run(program: Program, numbers: tuple[Any, ...], f: torch.nn.Module, x: torc
             return torch.tensor(numbers[a.values], dtype=a.dtype, device=a.device)
         return a
 
-    for call in program.calls:
-        with torch.set_grad_enabled(call.grad):
-            out = call.func(*map_leaves(value, call.args), **map_leaves(value, call.kwargs))
-        kept.append(leaves(out))
+    # the calls as the eager call made them, below autocast (its casts are calls of their
+    # own; the sweep ran with autocast off): replayed under the caller's, a float32 sweep was
+    # cast to bfloat16 again (rev-c33)
+    def calls() -> None:
+        for call in program.calls:
+            with torch.set_grad_enabled(call.grad):
+                out = call.func(*map_leaves(value, call.args), **map_leaves(value, call.kwargs))
+            kept.append(leaves(out))
+
+    autocast_off(autocast_on(), calls)
     out = map_leaves(value, program.output)
     return out if program.kind is None else program.kind(*out)
 

@@ -59,7 +59,7 @@ from torchdiv._taylor import RULES, Graph, capture, values
 from torchdiv._taylor.cache import template
 from torchdiv._taylor.capture import Node, Ref
 from torchdiv._taylor.jet import Context
-from torchdiv._taylor.propagate import Plan
+from torchdiv._taylor.propagate import Plan, autocast_off, autocast_on
 from torchdiv._taylor.tree import leaves, map_leaves
 
 # the factor rules a traced replay runs (``factors._Walker``); ``_movement``'s matrices are
@@ -220,10 +220,16 @@ def _replay(plan: Replay, f: torch.nn.Module, x: torch.Tensor) -> tuple[Graph, l
         return (x if a.node < 0 else kept[a.node][a.leaf]) if isinstance(a, Ref) else a
 
     nodes = []
-    for node in plan.nodes:
-        args, kwargs = _held_by(f, (node.args, node.kwargs))
-        kept.append(leaves(node.func(*map_leaves(value, args), **map_leaves(value, kwargs))))
-        nodes.append(Node(node.func, args, kwargs, node.depends))
+
+    def calls() -> None:
+        for node in plan.nodes:
+            args, kwargs = _held_by(f, (node.args, node.kwargs))
+            kept.append(leaves(node.func(*map_leaves(value, args), **map_leaves(value, kwargs))))
+            nodes.append(Node(node.func, args, kwargs, node.depends))
+
+    # as recorded: below autocast, its casts calls of their own (under the caller's autocast,
+    # a float32 block of f's, autocast(enabled=False), was cast to bfloat16 again: rev-c33)
+    autocast_off(autocast_on(), calls)
     return cast(Graph, _Calls(nodes)), kept
 
 
