@@ -210,7 +210,8 @@ def _no_second_derivative(fn: str, message: str) -> str | None:
     derivative: a Laplacian, a Hessian-vector product), ``None`` for another error: an op
     whose backward has no derivative formula ("derivative for
     aten::_embedding_bag_per_sample_weights_backward is not implemented": an
-    ``nn.EmbeddingBag``'s ``per_sample_weights``, ``hardsigmoid``'s), or a legacy
+    ``nn.EmbeddingBag``'s ``per_sample_weights``, ``hardsigmoid``'s; an op of ``f`` itself
+    without any derivative, ``geqrf``, named as one: no second derivative), or a legacy
     ``autograd.Function`` whose backward writes through ``out=`` (``nn.CrossMapLRN2d``).
     Until nnsweep33 the loop of backward passes raised them bare, without the call; so did
     a custom op's registered backward calling an op without a derivative (a NumPy kernel's
@@ -232,6 +233,15 @@ def _no_second_derivative(fn: str, message: str) -> str | None:
     found = re.search(r"derivative for (\S+) is not implemented", message)
     if found is None and "out=... arguments don't support automatic differentiation" not in message:
         return None
+    if found is not None and "backward" not in found.group(1):
+        # an op of f itself without a derivative ("the derivative for 'geqrf' is not
+        # implemented"): the first backward pass already raises, whatever fn computes
+        return (
+            f"PyTorch has no derivative of {found.group(1)}, an op f applies to what x "
+            "reaches, so plain autograd's backward passes cannot differentiate f through it; "
+            "write that part of f with ops PyTorch differentiates, or keep it out of what x "
+            "reaches"
+        )
     what = f"of {found.group(1)}" if found else "of an out= op in a backward formula"
     return (
         f"PyTorch has no derivative {what}, which {fn}'s second derivatives of f (or a "
