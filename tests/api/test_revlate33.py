@@ -81,3 +81,58 @@ def test_check_batch_independence_passes_a_per_sample_cdist() -> None:
     full = torch.autograd.functional.jacobian(_pairwise, x)  # (3, 4, 3, 4): block diagonal
     assert all(full[b, :, c].abs().max() == 0 for b in range(3) for c in range(3) if b != c)
     torchdiv.check_batch_independence(_pairwise, x)
+
+
+def _inference_scaled(lin: torch.nn.Module):
+    """``f(z) = z * c``, ``c = lin(z)`` computed under ``torch.inference_mode()`` (a constant
+    to f's derivatives) and viewed: torch.func's transforms refuse the view ("Cannot set
+    version_counter for inference tensor"); plain autograd refuses the product, which saves
+    ``c`` for its backward ("Inference tensors cannot be saved for backward")."""
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            c = lin(z.detach())
+        return z * c.view(z.shape)
+
+    return f
+
+
+def _no_grad_scaled(lin: torch.nn.Module):
+    """The way out: the same constant computed under ``torch.no_grad()``."""
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            c = lin(z.detach())
+        return z * c.view(z.shape)
+
+    return f
+
+
+@pytest.mark.parametrize(
+    ("fn", "method", "auto"),
+    [
+        ("divergence", "forward", "auto"),
+        ("divergence", "reverse", "auto"),
+        ("laplacian", "forward-over-reverse", "grad-of-grad"),
+    ],
+)
+def test_an_inference_view_hint_names_no_plain_way_that_raises(fn, method, auto) -> None:
+    """The hint named ``method='auto'`` ("plain autograd runs it") as a way out of the view of
+    an inference tensor; here plain autograd refuses the product that saves it. The way out
+    that runs, ``torch.no_grad()``, gives the closed form: ``div(z * c) = sum_i c_i``,
+    ``lap(z * c) = 0`` (float64: rounding of a sum of 4 terms, 1e-12)."""
+    lin = torch.nn.Linear(4, 4).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    call = getattr(torchdiv, fn)
+    with pytest.raises(RuntimeError, match="version_counter") as info:
+        call(_inference_scaled(lin), x, method=method)
+    hint = str(info.value).partition("Hint: ")[2]
+    assert "torch.no_grad()" in hint
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved"):
+        call(_inference_scaled(lin), x, method=auto)  # so the hint may not promise it
+    assert "(plain autograd runs it)" not in hint
+    got = call(_no_grad_scaled(lin), x, method=method)
+    with torch.no_grad():
+        c = lin(x)
+    want = c.sum(-1) if fn == "divergence" else torch.zeros_like(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

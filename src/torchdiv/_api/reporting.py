@@ -546,8 +546,10 @@ def _transform_hint(
         return (
             "f makes a view (a reshape, slice, expand) of a tensor computed under "
             "torch.inference_mode(), which torch.func's transforms cannot do; compute that "
-            "block under torch.no_grad() instead (the same constant), or use "
-            f"{_plain_way(fn, method)} (plain autograd runs it)."
+            "block under torch.no_grad() instead (the same constant). "
+            f"Plain autograd ({_plain_way(fn, method)}) runs it only where no op of f saves "
+            "it for a backward pass (PyTorch: 'Inference tensors cannot be saved for backward': a product "
+            "with it)."
         )
     if "inside vmap is only supported" in message:  # clone(memory_format=channels_last)
         return (
