@@ -136,3 +136,41 @@ def test_an_inference_view_hint_names_no_plain_way_that_raises(fn, method, auto)
         c = lin(x)
     want = c.sum(-1) if fn == "divergence" else torch.zeros_like(x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+_LIB = torch.library.Library("revlate33", "DEF")  # (kept alive: the op lives with it)
+_LIB.define("square(Tensor x) -> Tensor")
+# a backend kernel alone (no autograd kernel, no derivative): PyTorch's autograd fallback
+# would take its result for a constant, which torchdiv refuses by name (WrongDerivatives)
+_LIB.impl("square", lambda t: torch.from_numpy(t.detach().numpy() ** 2), "CPU")
+torch.library.register_fake("revlate33::square")(lambda t: torch.empty_like(t))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda f, x: torchdiv.laplacian(f, x, method="taylor"),
+        lambda f, x: torchdiv.biharmonic(f, x, method="taylor"),
+        lambda f, x: torchdiv.weighted_laplacian(
+            f, x, diffusion=torch.eye(4, dtype=x.dtype), method="taylor"
+        ),
+        lambda f, x: torchdiv.divergence(f, x, method="structured"),
+        lambda f, x: torchdiv.value_grad_laplacian(f, x, method="taylor"),
+    ],
+    ids=["laplacian", "biharmonic", "weighted_laplacian", "divergence", "value_grad_laplacian"],
+)
+def test_a_recording_refusal_of_an_op_without_autograd_kernel_names_no_method(call) -> None:
+    """A ``torch.library`` op with a CPU kernel alone: the recorders' refusal named
+    ``method='auto'`` (or the nested grad-of-grad loop), which refuse the op too: PyTorch's
+    autograd fallback would differentiate it silently wrong. The way out is its derivative."""
+    f = torch.ops.revlate33.square
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(NotImplementedError) as info:
+        call(f, x)
+    message = str(info.value)
+    assert "revlate33" in message
+    assert "method='auto'" not in message and "grad-of-grad" not in message, message
+    assert "register_autograd" in message
+    for way in (torchdiv.laplacian, torchdiv.divergence):  # every method refuses it
+        with pytest.raises(RuntimeError, match="revlate33::square in f has no autograd kernel"):
+            way(f, x)
