@@ -174,3 +174,33 @@ def test_a_recording_refusal_of_an_op_without_autograd_kernel_names_no_method(ca
     for way in (torchdiv.laplacian, torchdiv.divergence):  # every method refuses it
         with pytest.raises(RuntimeError, match="revlate33::square in f has no autograd kernel"):
             way(f, x)
+
+
+@torch.library.custom_op("revlate33::numpy_cube", mutates_args=())
+def _numpy_cube(t: torch.Tensor) -> torch.Tensor:
+    """``t ** 3`` by NumPy, no ``register_autograd``: no derivative at all."""
+    return torch.from_numpy(t.detach().numpy() ** 3)
+
+
+_numpy_cube.register_fake(lambda t: torch.empty_like(t))
+
+
+def _gradient_field(z: torch.Tensor) -> torch.Tensor:
+    """``f = grad E`` taken by ``f`` itself, ``E`` through ``_numpy_cube``: ``f``'s own
+    ``autograd.grad`` raises PyTorch's "no autograd formula was registered"."""
+    with torch.enable_grad():
+        w = z if z.requires_grad else z.detach().requires_grad_()
+        return torch.autograd.grad(_numpy_cube(w).sum(), w, create_graph=True)[0]
+
+
+@pytest.mark.parametrize("fn", ["divergence", "laplacian"])
+def test_f_own_backward_through_an_op_without_derivative_keeps_its_hint(fn) -> None:
+    """The lead's hint for a custom op without a derivative ("register_autograd for ...") on
+    an error raised inside ``f`` (``f``'s own backward pass) was lost in the merge of
+    nnsweep33's ``_no_second_derivative`` (reached only outside ``f``): the refusal of
+    ``"auto"`` came with no hint."""
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="no autograd formula was registered") as info:
+        getattr(torchdiv, fn)(_gradient_field, x)
+    hint = str(info.value).partition("Hint: ")[2]
+    assert "revlate33" in hint and "register_autograd" in hint, str(info.value)

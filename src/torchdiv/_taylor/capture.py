@@ -43,11 +43,11 @@ from torchdiv._core.modes import (
     UNDERIVABLE_OPS,
     DispatchMode,
     SafeDerivatives,
+    differentiated_by_autograd,
     forget_computed_weights,
     math_attention,
     read_by_torchdiv,
     read_requires_grad_false,
-    differentiated_by_autograd,
     refuse_underivable,
     underived,
 )
