@@ -210,33 +210,54 @@ def _no_second_derivative(fn: str, message: str) -> str | None:
     derivative: a Laplacian, a Hessian-vector product), ``None`` for another error: an op
     whose backward has no derivative formula ("derivative for
     aten::_embedding_bag_per_sample_weights_backward is not implemented": an
-    ``nn.EmbeddingBag``'s ``per_sample_weights``, ``hardsigmoid``'s), or a legacy
+    ``nn.EmbeddingBag``'s ``per_sample_weights``, ``hardsigmoid``'s; an op of ``f`` itself
+    without any derivative, ``geqrf``, named as one: no second derivative), or a legacy
     ``autograd.Function`` whose backward writes through ``out=`` (``nn.CrossMapLRN2d``).
     Until nnsweep33 the loop of backward passes raised them bare, without the call; so did
     a custom op's registered backward calling an op without a derivative (a NumPy kernel's
     derivative as its own ``custom_op``: "Trying to backward through ns.op.default but no
     autograd formula was registered", the lead)."""
-    unregistered = re.search(
-        r"backward through (\S+) but no autograd formula was registered", message
-    )
+    unregistered = _unregistered_hint(fn, message)
     if unregistered is not None:
-        op = unregistered.group(1)
-        return (
-            f"the custom op {op} has no derivative (torch.library.custom_op without "
-            "register_autograd): where f calls it, no method differentiates f; where a custom "
-            "op's registered backward calls it (a NumPy kernel's derivative as its own "
-            f"custom_op), what needs that backward's derivative ({fn}'s second derivatives of "
-            "f, or a gradient of a first-order result) cannot be taken by any method; "
-            f"register_autograd for {op} too, or write it in differentiable torch ops"
-        )
+        return unregistered
     found = re.search(r"derivative for (\S+) is not implemented", message)
     if found is None and "out=... arguments don't support automatic differentiation" not in message:
         return None
+    if found is not None and "backward" not in found.group(1):
+        # an op of f itself without a derivative ("the derivative for 'geqrf' is not
+        # implemented"): the first backward pass already raises, whatever fn computes
+        return (
+            f"PyTorch has no derivative of {found.group(1)}, an op f applies to what x "
+            "reaches, so plain autograd's backward passes cannot differentiate f through it; "
+            "write that part of f with ops PyTorch differentiates, or keep it out of what x "
+            "reaches"
+        )
     what = f"of {found.group(1)}" if found else "of an out= op in a backward formula"
     return (
         f"PyTorch has no derivative {what}, which {fn}'s second derivatives of f (or a "
         "gradient of a first-order result) need: write that part of f with ops PyTorch "
         "differentiates twice, or keep it out of what x reaches"
+    )
+
+
+def _unregistered_hint(fn: str, message: str) -> str | None:
+    """The hint for PyTorch's refusal of a backward pass through a custom op without a
+    derivative ("Trying to backward through ns.op.default but no autograd formula was
+    registered"), raised outside ``f`` (``_no_second_derivative``) or by ``f``'s own
+    backward pass (``_hint``); ``None`` for another error."""
+    unregistered = re.search(
+        r"backward through (\S+) but no autograd formula was registered", message
+    )
+    if unregistered is None:
+        return None
+    op = unregistered.group(1)
+    return (
+        f"the custom op {op} has no derivative (torch.library.custom_op without "
+        "register_autograd): where f calls it, no method differentiates f; where a custom "
+        "op's registered backward calls it (a NumPy kernel's derivative as its own "
+        f"custom_op), what needs that backward's derivative ({fn}'s second derivatives of "
+        "f, or a gradient of a first-order result) cannot be taken by any method; "
+        f"register_autograd for {op} too, or write it in differentiable torch ops"
     )
 
 
@@ -382,6 +403,7 @@ def _hint(
     never named as the way out); the first of these kinds that knows the error, in turn."""
     return (
         _traceback_hint(message, exc)
+        or _unregistered_hint(fn, message)
         or _transform_hint(fn, message, x, exc, method)
         or _plain_autograd_hint(fn, message, call, method)
         or _dtype_hint(message, f, x)
@@ -536,8 +558,10 @@ def _transform_hint(
         return (
             "f makes a view (a reshape, slice, expand) of a tensor computed under "
             "torch.inference_mode(), which torch.func's transforms cannot do; compute that "
-            "block under torch.no_grad() instead (the same constant), or use "
-            f"{_plain_way(fn, method)} (plain autograd runs it)."
+            "block under torch.no_grad() instead (the same constant). "
+            f"Plain autograd ({_plain_way(fn, method)}) runs it only where no op of f saves "
+            "it for a backward pass (a product with it; PyTorch: 'Inference tensors cannot be "
+            "saved for backward')."
         )
     if "inside vmap is only supported" in message:  # clone(memory_format=channels_last)
         return (

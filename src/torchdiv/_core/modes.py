@@ -1299,7 +1299,7 @@ def underived_refusal(op: str) -> str:
 
 
 @torch.compiler.assume_constant_result
-def _differentiated_by_autograd(func: Any) -> bool:
+def differentiated_by_autograd(func: Any) -> bool:
     """Whether the op ``func`` (overload or packet) has a kernel at an autograd key
     (``_AUTOGRAD_KEYS``), a constant to Dynamo (``_op_name``)."""
     name = _op_name(func).partition(".")[0]
@@ -1354,7 +1354,7 @@ def refuse_untracked_custom_op(func: Any, args: Any, kwargs: dict[str, Any], out
     if not any(_derived(t) for t in tree_leaves((args, kwargs))):
         return
     results = [t for t in tree_leaves(out) if _floating(t)]
-    if results and not _differentiated_by_autograd(func):
+    if results and not differentiated_by_autograd(func):
         raise WrongDerivatives(
             f"the custom op {_op_name(func)} in f has no autograd kernel (registered for a "
             "backend alone, as torch.library.Library.impl(..., 'CPU') does), so PyTorch's "

@@ -57,6 +57,12 @@ class GraphSpent(RuntimeError):
     frees what it needs, or a graph already freed)."""
 
 
+# graph nodes whose backward ``torch.func.vmap`` of ``autograd.grad`` batches wrong (PyTorch
+# 2.13: ``_cdist_backward``'s VJPs off by O(1) against one pass per cotangent; its legacy
+# ``is_grads_batched`` is right): ``GraphJacobian`` batches them by the latter
+VMAP_WRONG = frozenset({"CdistBackward0"})
+
+
 class _Unbatchable(RuntimeError):
     """``GraphJacobian``'s batched backward passes raised (not for a lack of memory): one
     pass per cotangent stands in for them."""
@@ -380,6 +386,7 @@ class GraphJacobian:
         self._walked = False
         # False once a batched pass raised that it cannot batch y's graph, or if not ``batches``
         self._batches = batches
+        self._vmap_checked: bool | None = None  # ``_vmap_wrong``'s answer, once walked
         self.batch_norms: list[Any] | None = None  # the graph's, if of_function walked it
         self.guarded = False  # of_function: a plain evaluation shows (would) an op the mode changes
         # of_function: f took a backward pass with a graph under the caller's no_grad and was
@@ -532,7 +539,7 @@ class GraphJacobian:
         at batch 256, D = 8-64, one thread: ``torch.func.vmap`` took 0.7-0.96x its time).
         Raises ``_Unbatchable`` where that raises too, but not for a lack of memory."""
         usual = not self._custom and self._peers.inert and not torch.compiler.is_compiling()
-        if usual:
+        if usual and not self._vmap_wrong():
             try:
                 found = batched(self._product, cotangents)  # () where y does not depend on x
                 return found[0] if found else None
@@ -554,6 +561,17 @@ class GraphJacobian:
                 raise
             raise _Unbatchable(str(error)) from error
         return out
+
+    def _vmap_wrong(self) -> bool:
+        """Whether ``y``'s graph holds a node whose backward ``torch.func.vmap`` batches wrong
+        (``VMAP_WRONG``: ``_cdist_backward``, its VJPs off by O(1), found in a caller's
+        graph, ``graph_jacobian``, or ``check_batch_independence``'s plain evaluation: where
+        torchdiv evaluates ``f`` itself, ``SafeDerivatives`` replaces ``cdist``); then the
+        batched pass is ``is_grads_batched``'s, right for it. Walked once per engine."""
+        if self._vmap_checked is None:
+            found = nodes(self.y.grad_fn, self.x.grad_fn)
+            self._vmap_checked = any(type(n).__name__ in VMAP_WRONG for n in found)
+        return self._vmap_checked
 
     def _product(self, cotangent: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One VJP as a tuple for ``vmap``: empty where ``y`` does not depend on ``x``."""

@@ -43,6 +43,7 @@ from torchdiv._core.modes import (
     UNDERIVABLE_OPS,
     DispatchMode,
     SafeDerivatives,
+    differentiated_by_autograd,
     forget_computed_weights,
     math_attention,
     read_by_torchdiv,
@@ -237,10 +238,14 @@ def _custom(func: Any) -> bool:
 
 def _unsupported(func: Any) -> str:
     """How a refusal names ``func``, an op without a propagation rule: a custom op as one,
-    and as one without a derivative where it has none."""
+    and as one without a derivative where it has none: a ``custom_op`` without
+    ``register_autograd`` (``underived``), or an op with no kernel at any autograd key (a
+    ``Library.impl`` at a backend alone), which every method refuses (``WrongDerivatives``:
+    PyTorch's autograd fallback would take its result for a constant)."""
     if not _custom(func):
         return str(func)
-    return f"{CUSTOM_OP} {func} {UNDERIVED}" if underived(func) else f"{CUSTOM_OP} {func}"
+    none = underived(func) or not differentiated_by_autograd(func)
+    return f"{CUSTOM_OP} {func} {UNDERIVED}" if none else f"{CUSTOM_OP} {func}"
 
 
 class _Recorder(DispatchMode):
