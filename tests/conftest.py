@@ -11,7 +11,9 @@ import contextlib
 import datetime
 import gc
 import hashlib
+import importlib
 import os
+import types
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -26,6 +28,15 @@ from torchdiv._core.versions import release
 # net)``, ``act = partial(...)`` read as ``self.act``) warns at its own call, never in
 # torchdiv's walk of it (pyvers31). For ``pytest.mark.filterwarnings``.
 PARTIAL_ON_A_CLASS = "ignore:functools.partial will be a method descriptor:FutureWarning"
+
+
+def internal_module(name: str) -> types.ModuleType:
+    """``torch.testing._internal.<name>`` (OpInfo's and ModuleInfo's databases), imported under
+    PyTorch's own context that puts ``torch.backends``' flags back: its ``common_utils`` freezes
+    them at import (``disable_global_flags``), and every later test of the worker that set a
+    flag (``torch.backends.fp32_precision = "bf16"``) raised."""
+    with torch.backends.__allow_nonbracketed_mutation():  # type: ignore[attr-defined]
+        return importlib.import_module(f"torch.testing._internal.{name}")
 
 
 def tolerances(dtype: torch.dtype) -> dict[str, float]:

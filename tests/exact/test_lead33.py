@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import internal_module
 
 import torchdiv
 
@@ -127,3 +128,14 @@ def test_mixing_inside_a_custom_op_is_named_as_a_custom_op(x: torch.Tensor) -> N
     with pytest.raises(torchdiv.BatchInteractionError) as info:
         torchdiv.divergence(_centred, x)
     assert "custom op torchdiv_lead33.centred" in str(info.value)  # not "ATen op"
+
+
+def test_importing_opinfo_leaves_torch_backends_flags_settable() -> None:
+    """``torch.testing._internal.common_utils`` freezes ``torch.backends``' flags at import:
+    imported bare by test_opinfo33, a later test of the same worker that set
+    ``torch.backends.fp32_precision`` raised (the full suite, test_merges19d)."""
+    try:
+        internal_module("common_methods_invocations")
+    except ImportError as exc:  # (expecttest missing)
+        pytest.skip(f"torch.testing._internal cannot be imported: {exc}")
+    assert not torch.backends.flags_frozen()

@@ -58,6 +58,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import internal_module
 
 import torchdiv
 
@@ -70,7 +71,7 @@ PER_OP = 2
 def op_db() -> list[Any]:
     """OpInfo's database, or a skip naming why it cannot be imported."""
     try:
-        from torch.testing._internal.common_methods_invocations import op_db as db
+        db = internal_module("common_methods_invocations").op_db
     except Exception as exc:
         pytest.skip(f"torch.testing._internal cannot be imported: {type(exc).__name__}: {exc}")
     return list(db)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import internal_module
 from torch import nn
 from torch.autograd import grad
 
@@ -783,7 +784,7 @@ def _consistent(module: nn.Module, args: list[Any], kw: dict, bd: int) -> bool:
 def db_cases(limit_inputs: int = 1) -> list[Case]:
     """A ``Case`` for the first ``limit_inputs`` inputs of each ``module_db`` entry: its batch
     dimension 0 or 1 where the module treats it so, else the whole input one sample."""
-    from torch.testing._internal.common_modules import module_db
+    module_db = internal_module("common_modules").module_db
 
     cases = []
     for info in module_db:
