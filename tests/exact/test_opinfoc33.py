@@ -112,9 +112,17 @@ class ComplexModel(Model):
         return lin + 0.1 * torch.tanh(lin)
 
 
+# beside opinfo33's ``SKIPPED``: randomised sketches (a draw from the global generator at
+# every call): torchdiv's ``"grad-of-grad"`` Laplacian, the reference's own algorithm, differs
+# from it by 1e-6..1e-5 in the gradients, by the draws alone
+RANDOM = {"svd_lowrank", "pca_lowrank"}
+
+
 def complex_cases(ops: list[str] | None, per_op: int) -> Iterator[Case]:
-    """opinfo33's kept cases of complex samples (``cases`` with complex128)."""
-    yield from cases(ops, per_op, dtype=C128)
+    """opinfo33's kept cases of complex samples (``cases`` with complex128), but ``RANDOM``."""
+    for case in cases(ops, per_op, dtype=C128):
+        if case.name not in RANDOM:
+            yield case
 
 
 def _checked(case: Case, make: Callable[[Case, str], Model]) -> tuple[list[str], list[str]]:
@@ -465,6 +473,32 @@ def test_complex_svd_under_vmap_is_refused_by_name(operator: str, method: str) -
 
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=f64)
     pattern = rf"(?s)^{operator}: .*torch.allclose.*method='{method}'.*method='auto'"
+    with pytest.raises(RuntimeError, match=pattern):
+        getattr(torchdiv, operator)(f, x, method=method)
+    xr = x.clone().requires_grad_()
+    jac = _jacobian_rows(f(xr), xr)
+    expected = jac.diagonal(dim1=1, dim2=2).sum(-1).detach()
+    torch.testing.assert_close(torchdiv.divergence(f, x), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("operator", "method"), [("divergence", "reverse"), ("laplacian", "forward-over-reverse")]
+)
+def test_complex_conjugate_view_under_vmap_is_refused_by_name(operator: str, method: str) -> None:
+    """Complex ``vecdot`` (OpInfo's ``linalg.vecdot``, ``fft.hfft``): its backward conjugates
+    as a ``_neg_view``, which ``vmap`` cannot batch: PyTorch's bare "Batching rule not
+    implemented for aten::_neg_view" from the methods that batch with ``vmap``. Now named,
+    with the way out, ``"auto"``, which is right (float64 loop of ``autograd.grad``; 1e-9)."""
+    g = torch.Generator().manual_seed(0)
+    W1, W2 = (torch.randn(4, 4, generator=g, dtype=f64) for _ in range(2))
+    w = torch.randn(4, 4, generator=g, dtype=C128)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        z = torch.complex(x @ W1.t(), x @ W2.t())
+        return torch.view_as_real(torch.linalg.vecdot(z[:, None, :], w)).reshape(len(x), 8)[:, :4]
+
+    x = torch.randn(3, 4, generator=g, dtype=f64)
+    pattern = rf"(?s)^{operator}: .*_neg_view.*method='{method}'.*method='auto'"
     with pytest.raises(RuntimeError, match=pattern):
         getattr(torchdiv, operator)(f, x, method=method)
     xr = x.clone().requires_grad_()

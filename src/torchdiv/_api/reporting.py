@@ -243,14 +243,18 @@ def _no_second_derivative(fn: str, message: str) -> str | None:
 def _unbatched_backward(fn: str, message: str, method: object) -> str | None:
     """The hint for ``vmap``'s refusal of an op that PyTorch's backward formula of an op of
     ``f`` calls (``svd``'s and ``eig``'s of a complex matrix check the phase of the singular
-    vectors with ``torch.allclose``, which has no batching rule): raised bare, outside ``f``,
-    until opinfoc33; ``None`` for another error."""
-    found = re.search(r"vmap over (\S+) isn't supported", message)
+    vectors with ``torch.allclose``; complex ``vecdot``'s and ``hfft``'s conjugate as a
+    ``_neg_view``: neither has a batching rule): raised bare, outside ``f``, until
+    opinfoc33; ``None`` for another error."""
+    found = re.search(
+        r"vmap over (\S+) isn't supported|Batching rule not implemented for (\S+?);", message
+    )
     if found is None:
         return None
     return (
-        f"PyTorch's backward formula of an op of f calls {found.group(1)} (a complex svd's or "
-        f"eig's check of the vectors' phase), which torch.func's vmap cannot batch, and "
+        f"PyTorch's backward formula of an op of f calls {found.group(1) or found.group(2)} "
+        "(a complex svd's or eig's check of the vectors' phase, a complex conjugate's "
+        "negative view), which torch.func's vmap cannot batch, and "
         f"method={method!r} batches its products with vmap; use {_plain_way(fn, method)}, "
         "which differentiate f by plain autograd"
     )
