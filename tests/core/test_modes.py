@@ -138,6 +138,8 @@ def test_every_op_safe_derivatives_changes_leaves_its_nodes():
         "torch.std_mean": lambda: torch.std_mean(x, -1)[0],
         "torch.copysign": lambda: torch.copysign(x, -1.0),
         "torch.Tensor.copysign": lambda: x.copysign(x.flip(0)),
+        "torch.sgn": lambda: torch.view_as_real(torch.sgn(torch.complex(x, x.flip(0)))),
+        "torch.Tensor.sgn": lambda: torch.view_as_real(torch.complex(x, -x).sgn()),
         "torch.prelu": lambda: torch.prelu(x, torch.full((1,), 0.2)),
         "torch.Tensor.prelu": lambda: x.prelu(torch.full((30,), 0.2)),
         "torch.nn.functional.hardsigmoid": lambda: torch.nn.functional.hardsigmoid(x),

@@ -77,14 +77,19 @@ def op_db() -> list[Any]:
     return list(db)
 
 
+C128 = torch.complex128
+# (a complex result is taken as its real view, (..., 2): test_opinfoc33's complex samples)
+_KEPT = (f64, C128)
+
+
 def _first_float(out: Any) -> torch.Tensor | None:
-    """The op's result, or the first floating tensor of a tuple or list of results."""
-    if isinstance(out, torch.Tensor):
-        return out if out.dtype == f64 else None
-    if isinstance(out, (tuple, list)):
-        for o in out:
-            if isinstance(o, torch.Tensor) and o.dtype == f64:
-                return o
+    """The op's result, or the first float64 (or complex128, as its real view ``(..., 2)``)
+    tensor of a tuple or list of results."""
+    items = [out] if isinstance(out, torch.Tensor) else out
+    if isinstance(items, (tuple, list)):
+        for o in items:
+            if isinstance(o, torch.Tensor) and o.dtype in _KEPT:
+                return torch.view_as_real(o) if o.is_complex() else o
     return None
 
 
@@ -130,7 +135,7 @@ def _batchable(case: Case) -> bool:
     deterministic and a float64 tensor per sample."""
     g = torch.Generator().manual_seed(1)
     x0 = case.center
-    x1 = x0 + 1e-2 * torch.randn(x0.shape, generator=g, dtype=f64)
+    x1 = x0 + 1e-2 * torch.randn(x0.shape, generator=g, dtype=x0.dtype)
     with torch.no_grad():
         try:
             outs = [case.apply(x[None]) for x in (x0, x1)]
@@ -203,9 +208,12 @@ SKIPPED = {
 WRONG_THIRD = {"native_layer_norm", "nn.functional.layer_norm", "nn.functional.instance_norm"}
 
 
-def cases(ops: list[str] | None = None, per_op: int = PER_OP) -> Iterator[Case]:
-    """The kept (op, sample) pairs of the ops named (all that support float64 and autograd on
-    CPU where ``ops`` is None), at most ``per_op`` of each."""
+def cases(
+    ops: list[str] | None = None, per_op: int = PER_OP, dtype: torch.dtype = f64
+) -> Iterator[Case]:
+    """The kept (op, sample) pairs of the ops named (all that support ``dtype`` and autograd
+    on CPU where ``ops`` is None), at most ``per_op`` of each. ``dtype`` complex128: the
+    samples whose first input is complex (``test_opinfoc33.py``)."""
     for op in op_db():
         if (
             ops is not None
@@ -213,7 +221,9 @@ def cases(ops: list[str] | None = None, per_op: int = PER_OP) -> Iterator[Case]:
             and f"{op.name}.{op.variant_test_name}" not in ops
         ):
             continue
-        if not op.supports_autograd or f64 not in op.supported_dtypes("cpu"):
+        if not op.supports_autograd or dtype not in op.supported_dtypes("cpu"):
+            continue
+        if dtype.is_complex and dtype not in op.supported_backward_dtypes("cpu"):
             continue
         name = op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
         if name in SKIPPED:
@@ -221,14 +231,14 @@ def cases(ops: list[str] | None = None, per_op: int = PER_OP) -> Iterator[Case]:
         kept = 0
         torch.manual_seed(0)  # (OpInfo draws its samples from the global generator)
         try:
-            samples = list(op.sample_inputs("cpu", f64, requires_grad=True))
+            samples = list(op.sample_inputs("cpu", dtype, requires_grad=True))
         except Exception:
             continue
         for i, s in enumerate(samples):
             inp = s.input
             in_list = isinstance(inp, (list, tuple))
             first = inp[0] if in_list and len(inp) else inp
-            if not isinstance(first, torch.Tensor) or first.dtype != f64:
+            if not isinstance(first, torch.Tensor) or first.dtype != dtype:
                 continue
             if not first.numel() or first.layout != torch.strided:
                 continue
@@ -506,10 +516,13 @@ def _sketch_probes(method: str, n: int) -> torch.Tensor:
     return torch.randn(r, 2, n, generator=g, dtype=f64)
 
 
-def check(case: Case, variant: str) -> tuple[list[str], list[str]]:
+def check(
+    case: Case, variant: str, make: Callable[[Case, str], Model] = Model
+) -> tuple[list[str], list[str]]:
     """Every call's faults (wrong values or gradients, bare errors) and refusals (errors that
-    name the operator) for one case and variant."""
-    model = Model(case, variant)
+    name the operator) for one case and variant; ``make`` builds ``f`` and ``g`` around it
+    (``Model``; ``test_opinfoc33.py``'s complex intermediates)."""
+    model = make(case, variant)
     n = model.n
     gp = torch.Generator().manual_seed(5)
     probes = torch.randn(4, 2, n, generator=gp, dtype=f64)

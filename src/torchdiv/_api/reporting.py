@@ -106,7 +106,9 @@ def final_error(fn: str, call: str, exc: Exception, options: dict[str, Any]) -> 
     if isinstance(exc, ValueError) and str(exc).startswith("f wrote other values"):
         return ValueError(f"{fn}: {exc}")  # (state's refusal, raised bare until nnsweep33)
     if not raised_by_f(exc) and not nested:
-        lacking = _no_second_derivative(fn, str(exc))
+        lacking = _no_second_derivative(fn, str(exc)) or _unbatched_backward(
+            fn, str(exc), options.get("method")
+        )
         if lacking is not None:
             return in_context(fn, "a backward pass through f(x)", exc, options, lacking)
         if _checkpointed(exc) is None and control_flow(exc) is None:
@@ -258,6 +260,26 @@ def _unregistered_hint(fn: str, message: str) -> str | None:
         f"custom_op), what needs that backward's derivative ({fn}'s second derivatives of "
         "f, or a gradient of a first-order result) cannot be taken by any method; "
         f"register_autograd for {op} too, or write it in differentiable torch ops"
+    )
+
+
+def _unbatched_backward(fn: str, message: str, method: object) -> str | None:
+    """The hint for ``vmap``'s refusal of an op that PyTorch's backward formula of an op of
+    ``f`` calls (``svd``'s and ``eig``'s of a complex matrix check the phase of the singular
+    vectors with ``torch.allclose``; complex ``vecdot``'s and ``hfft``'s conjugate as a
+    ``_neg_view``: neither has a batching rule): raised bare, outside ``f``, until
+    opinfoc33; ``None`` for another error."""
+    found = re.search(
+        r"vmap over (\S+) isn't supported|Batching rule not implemented for (\S+?);", message
+    )
+    if found is None:
+        return None
+    return (
+        f"PyTorch's backward formula of an op of f calls {found.group(1) or found.group(2)} "
+        "(a complex svd's or eig's check of the vectors' phase, a complex conjugate's "
+        "negative view), which torch.func's vmap cannot batch, and "
+        f"method={method!r} batches its products with vmap; use {_plain_way(fn, method)}, "
+        "which differentiate f by plain autograd"
     )
 
 

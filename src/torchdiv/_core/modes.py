@@ -2257,6 +2257,19 @@ def _copysign(a: torch.Tensor, other: Any) -> torch.Tensor:
     return torch.where(negative, -magnitude, magnitude).to(dtype)
 
 
+def _sgn(a: torch.Tensor) -> torch.Tensor:
+    """``torch.sgn``: of a complex ``a``, ``a / |a|`` (0 where ``|a| = 0``, the masked branch a
+    constant: derivatives 0 there, as PyTorch's); real ``a`` goes to ``torch.sgn``. PyTorch's
+    forward-mode derivative of ``sgn_backward`` writes (``masked_fill_``) into a tensor its
+    own graph saved: the gradient of a forward-over-reverse Laplacian through a complex
+    ``sgn`` raised "modified by an inplace operation" (opinfoc33)."""
+    if not a.is_complex():
+        return torch.sgn(a)
+    magnitude = a.abs()
+    zero = magnitude == 0
+    return torch.where(zero, 0, a / torch.where(zero, 1, magnitude))
+
+
 def _prelu(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.prelu``: ``a`` times its slope, 1 where ``a > 0``, else ``weight`` (one slope, or one
     per channel, dimension 1 of ``a``); the slope is a constant of ``a`` (a mask), so the
@@ -2625,6 +2638,8 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((1, 2), _sinc_, "", AT_ZEROS, torch.sinc_, torch.Tensor.sinc_),
     **_table((1, 1), _copysign, "", ("CopysignBackward",), torch.copysign, torch.Tensor.copysign),
     **_table((1, 1), _prelu, "", AT_KINKS, torch.prelu, torch.Tensor.prelu),
+    # complex sgn: a forward-mode derivative of its backward that writes in place (_sgn)
+    **_table((3, None), _sgn, "", ("SgnBackward",), torch.sgn, torch.Tensor.sgn),
     **_table((2, None), _cumprod, "", ("CumprodBackward",), torch.cumprod, torch.Tensor.cumprod),
     **_table((1, 1), _cdist, "", ("CdistBackward", "EuclideanDistBackward"), torch.cdist),
     **_table((1, 2), _pdist, "", ("PdistBackward",), torch.pdist),
