@@ -172,14 +172,7 @@ def renamed(fn: str, exc: Exception, hint: str | None = None) -> Exception | Non
         return None
     if hint is not None and "\nHint: " in rest:
         rest = rest.partition("\nHint: ")[0] + f"\nHint: {hint}"
-    try:
-        new = type(exc)(f"{fn}: {rest}")
-    except Exception:
-        return None
-    _carry_attributes(new, exc)
-    with contextlib.suppress(AttributeError):
-        new._torchdiv_context = True  # type: ignore[attr-defined]
-    return new
+    return _retyped(exc, f"{fn}: {rest}")
 
 
 # PyTorch's message where an op (or its backward, under forward over reverse) has no
@@ -197,14 +190,7 @@ def _no_forward_rule(fn: str, op: str, exc: Exception, options: dict[str, Any]) 
         "use method='auto' (it falls back to backward passes) or a method of backward passes "
         f"only.\nPyTorch: {str(exc).splitlines()[0]}"
     )
-    try:
-        new = type(exc)(text)
-    except Exception:  # an exception type that wants other arguments: keep the original
-        return exc
-    _carry_attributes(new, exc)
-    with contextlib.suppress(AttributeError):
-        new._torchdiv_context = True  # type: ignore[attr-defined]  # (a caller renames it)
-    return new
+    return _retyped(exc, text) or exc
 
 
 def _no_second_derivative(fn: str, message: str) -> str | None:
@@ -301,10 +287,17 @@ def in_context(
     hint = hint or _hint(fn, str(exc), f, x, call, exc, options.get("method"))
     if hint:
         text += f"\nHint: {hint}"
+    return _retyped(exc, text) or exc
+
+
+def _retyped(exc: Exception, text: str) -> Exception | None:
+    """An error of ``exc``'s type with the message ``text``, ``exc``'s attributes and torchdiv's
+    mark of a named error (a caller renames it: ``renamed``); ``None`` for an exception type
+    that wants other arguments (the caller keeps the original)."""
     try:
         new = type(exc)(text)
-    except Exception:  # an exception type that wants other arguments: keep the original
-        return exc
+    except Exception:
+        return None
     _carry_attributes(new, exc)
     with contextlib.suppress(AttributeError):
         new._torchdiv_context = True  # type: ignore[attr-defined]
