@@ -1337,6 +1337,14 @@ def _floating(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
 
 
+def _real_way_out(way_out: str, args: Any) -> str:
+    """``way_out`` without ``'taylor'`` where the op takes a complex tensor: the Taylor engine
+    has no complex rules (it would refuse the op again)."""
+    if not any(isinstance(t, torch.Tensor) and t.is_complex() for t in tree_leaves(args)):
+        return way_out
+    return way_out.replace("'taylor' or ", "").replace(" or 'taylor'", "")
+
+
 def refuse_untracked_custom_op(func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> None:
     """Raise ``WrongDerivatives`` naming ``func``, an op outside ``aten``/``prims`` (a
     ``torch.library`` op) that ``f`` applied to tensors carrying derivatives, where autograd
@@ -1790,7 +1798,8 @@ class SafeDerivatives(TorchFunctionMode):
                 return out
         assert entry is not None  # (None returned above)
         if entry.run is None:
-            raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {self.way_out}")
+            way = _real_way_out(self.way_out, args)
+            raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {way}")
         self.replaced = self.replaced or bool(entry.nodes)  # (no nodes: a plain one is right)
         return entry.run(*args, **kwargs)
 

@@ -54,7 +54,7 @@ from torchdiv._taylor import (
     mixing,
     propagate,
 )
-from torchdiv._taylor.capture import CUSTOM_OP, IN_PLACE_DETACH, Ref, argument, way_out
+from torchdiv._taylor.capture import IN_PLACE_DETACH, Ref, argument, way_out
 from torchdiv._taylor.sparse import Sparse, per_particle
 from torchdiv._taylor.tree import leaves
 
@@ -739,11 +739,10 @@ def taylor(f: Function, x: torch.Tensor, batch_dims: int, chunk_size: int | None
 def _refuse(graph: Graph, what: str) -> NoReturn:
     """Raise, with what recording ``f`` changed put back (``biharmonic``'s ``"auto"``
     evaluates ``f`` again by another method: its buffers and random draws change once).
-    ``"auto"`` differentiates a custom op (``CUSTOM_OP``) by its loop of backward passes:
-    forward over reverse refuses one too."""
+    ``"auto"``'s fallback depends on the op (a custom op: the loop of backward passes, as
+    forward over reverse refuses one too; complex ``eigvalsh``: grad of grad): not named."""
     graph.undo()
-    fallback = "its loop of backward passes" if CUSTOM_OP in what else "'forward-over-reverse'"
-    way = way_out(what, f"use method='auto' (falls back to {fallback})")
+    way = way_out(what, "use method='auto' (it falls back to another engine)")
     raise UnsupportedOp(f"laplacian: method='taylor' has no propagation rule for {what}; {way}")
 
 
