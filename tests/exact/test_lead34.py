@@ -8,6 +8,9 @@
   forward-mode derivatives are ``nan`` there) naming ``'taylor' or 'grad-of-grad'``; of a
   complex matrix, ``"taylor"`` refuses too (no complex rules): only ``'grad-of-grad'`` is
   named, and it runs.
+- ``graph_divergence`` through an op without a derivative (``geqrf``): the batched backward
+  pass raises, then the first pass per product; that was reported as a graph that "cannot be
+  walked twice", though no walk had gone through (rev-late33): now what happened.
 """
 
 from __future__ import annotations
@@ -63,3 +66,12 @@ def test_complex_eigvalsh_refusal_names_only_a_way_out_that_runs(method: str) ->
         dtype=x.dtype,
     )
     torch.testing.assert_close(got, expected)
+
+
+def test_a_graph_whose_backward_always_raises_is_not_called_walked_twice() -> None:
+    x = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.geqrf(x)[0]
+    with pytest.raises(RuntimeError, match="derivative for 'geqrf' is not implemented") as info:
+        torchdiv.graph_divergence(y, x)
+    assert "walked twice" not in str(info.value)
+    assert "raised in a batched backward pass and again one product at a time" in str(info.value)

@@ -383,7 +383,8 @@ class GraphJacobian:
         self._once = once_differentiable_functions(self._custom, y, x)
         if EXPANDED in self._once:  # refused before any pass writes grad_sample
             raise UndifferentiableBackward(once_differentiable_error("their gradients", [EXPANDED]))
-        self._walked = False
+        self._walked = False  # a pass went through, or a batched one raised (a walk's start)
+        self._completed = False  # a pass went through
         # False once a batched pass raised that it cannot batch y's graph, or if not ``batches``
         self._batches = batches
         self._vmap_checked: bool | None = None  # ``_vmap_wrong``'s answer, once walked
@@ -525,10 +526,18 @@ class GraphJacobian:
             raise
         except Exception as error:  # the same walk went through before: not the caller's
             if self._walked and not out_of_memory(error):
-                raise GraphSpent(f"the graph of f(x) cannot be walked twice: {error}") from error
+                raise GraphSpent(f"the graph of f(x) {self._spent()}: {error}") from error
             raise
-        self._walked = True
+        self._walked = self._completed = True
         return out
+
+    def _spent(self) -> str:
+        """What the walk before a failed one did: went through, or only raised batched (then
+        the error may be the graph's own, an op without a derivative, or a custom backward's
+        that freed what it needs)."""
+        if self._completed:
+            return "cannot be walked twice"
+        return "raised in a batched backward pass and again one product at a time"
 
     def _batched_vjp(self, cotangents: torch.Tensor) -> torch.Tensor | None:
         """One backward pass for all ``(k,) + y.shape`` cotangents: ``torch.func.vmap`` of
