@@ -269,7 +269,7 @@ def _mixes(case: Case) -> bool:
             outs = [case.apply(xs[:k]) for k in (2, 4, 2)]
         except Exception:
             return False
-    if case.name in RANDOM or not one[0].numel():
+    if case.name in RANDOM or one.dim() < 2 or not one[0].numel():
         return False
     if any(o.shape != (k, *one.shape[1:]) for o, k in zip(outs, (2, 4, 2), strict=True)):
         return False
@@ -508,7 +508,9 @@ def check(mixer: Mixer, mode: str, seed: int = 0, explicit: bool = True) -> Outc
     off = blocks.clone()
     for b in range(xf.shape[0]):
         off[b, :, b] = 0
-    mixes = float(off.abs().max()) > 1e-12
+    # (check_batch_independence's default rtol: a leak below 1e-6 of the largest gradient
+    # entry passes, as documented)
+    mixes = float(off.abs().max()) > 1e-6 * float(blocks.abs().max())
     f: Callable[[torch.Tensor], torch.Tensor] = f_net
     g: Callable[[torch.Tensor], torch.Tensor] = g_net
     if bd == 2:
