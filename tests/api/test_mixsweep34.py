@@ -269,7 +269,7 @@ def _mixes(case: Case) -> bool:
             outs = [case.apply(xs[:k]) for k in (2, 4, 2)]
         except Exception:
             return False
-    if case.name in RANDOM or one.dim() < 2 or not one[0].numel():
+    if case.name in RANDOM or one.dim() < 2 or one.shape[0] != 1 or not one[0].numel():
         return False
     if any(o.shape != (k, *one.shape[1:]) for o, k in zip(outs, (2, 4, 2), strict=True)):
         return False
