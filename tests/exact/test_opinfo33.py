@@ -209,11 +209,15 @@ WRONG_THIRD = {"native_layer_norm", "nn.functional.layer_norm", "nn.functional.i
 
 
 def cases(
-    ops: list[str] | None = None, per_op: int = PER_OP, dtype: torch.dtype = f64
+    ops: list[str] | None = None,
+    per_op: int = PER_OP,
+    dtype: torch.dtype = f64,
+    keep: Callable[[Case], bool] = _batchable,
 ) -> Iterator[Case]:
     """The kept (op, sample) pairs of the ops named (all that support ``dtype`` and autograd
     on CPU where ``ops`` is None), at most ``per_op`` of each. ``dtype`` complex128: the
-    samples whose first input is complex (``test_opinfoc33.py``)."""
+    samples whose first input is complex (``test_opinfoc33.py``). ``keep``: which samples
+    (``_batchable``; ``test_mixsweep34.py``: those that mix the batch)."""
     for op in op_db():
         if (
             ops is not None
@@ -259,7 +263,7 @@ def cases(
                 list(inp[1:]) if in_list else [],
                 s.output_process_fn_grad,
             )
-            if _batchable(case):
+            if keep(case):
                 kept += 1
                 yield case
                 if kept >= per_op:

@@ -23,7 +23,12 @@ from torchdiv._core.checks import event_numel, out_of_memory, untransformed
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed
 from torchdiv._core.mixing.reads import reading
 from torchdiv._core.mixing.transformed import check_transformed
-from torchdiv._core.mixing.watch import check_empty_event, checks_empty_event, tracker
+from torchdiv._core.mixing.watch import (
+    check_empty_event,
+    checks_empty_event,
+    custom_products,
+    tracker,
+)
 from torchdiv._core.modes import saves_apart
 from torchdiv._core.tie import tied
 from torchdiv._core.walk import GraphTooDeep
@@ -582,6 +587,10 @@ def watched_engine(
     with sizes, reading(sizes.axes):
         engine = build()
         sizes.finish(engine.y)
+        custom = sizes.axes is not None and sizes.axes.custom_forward
+    if custom:  # (a custom Function's backward or jvp: unseen, its products checked)
+        like = engine.y if engine.blocks_are_rows else engine.x
+        custom_products(engine.apply, like, x, batch_dims)
     return engine, sizes
 
 

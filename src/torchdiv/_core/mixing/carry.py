@@ -158,7 +158,11 @@ def _permute(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] 
         d0, d1 = args[1] % n, args[2] % n
         order[d0], order[d1] = order[d1], order[d0]
     where = {src: dst for dst, src in enumerate(order)}
-    return [tuple(sorted(axis._replace(position=where[axis.position]) for axis in axes))]
+    # (an axis past ``t``'s dimensions: one a reduction over it left on its result, which is
+    # mixed already; ``x.T[..., None, :] * w`` summed over the batch, then ``.T``: KeyError
+    # until mixsweep34, blamed on f)
+    moved = (axis._replace(position=where[axis.position]) for axis in axes if axis.position < n)
+    return [tuple(sorted(moved))]
 
 
 def _select(tr: BatchAxes, args: Sequence[Any], out: Any) -> list[Axes | None] | None:

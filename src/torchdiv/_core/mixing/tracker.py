@@ -130,6 +130,9 @@ class BatchAxes:
         # id -> tensor: results computed inside a custom ``autograd.Function``'s ``forward``,
         # not yet known to be differentiable (``_settle``)
         self.inside: dict[int, torch.Tensor] = {}
+        # whether such a forward ran on values from x: its backward, Python code the watch
+        # does not see, may carry cotangents across samples (``watch._custom_backward``)
+        self.custom_forward = False
         self.quiet = False  # whether the last op ran under no_grad
         # id -> (tensor, axes in flat form): batch dimensions a reshape split across dimensions
         # (``_view``)
@@ -724,6 +727,7 @@ class BatchAxes:
         does not require grad (the recorders), none does: those of a forward called right
         after an op under ``no_grad`` are taken for constants, the others followed."""
         constant = self.quiet_forward or self.x.requires_grad
+        self.custom_forward = True
         for t in self.inside.values():
             if constant and not t.requires_grad:
                 for table in (self.known, self.mixed, self.picked, self.partial):

@@ -136,6 +136,8 @@ def watched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) 
             y = f(x)
             if mode.tracker is not None:
                 mode.tracker.finish(y)
+                if mode.tracker.custom_forward and _differentiable(y, x):
+                    custom_products(lambda c: _vjps(y, x, c), y, x, batch_dims)
                 seen = _VERDICTS.get()
                 if seen is not None:
                     seen.append(mode.tracker.verdict())
@@ -183,6 +185,46 @@ def _unwatched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: in
         )
         raise BatchInteractionError(explain(what, x, batch_dims))
     return y
+
+
+def custom_products(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    like: torch.Tensor,
+    x: torch.Tensor,
+    batch_dims: int,
+) -> None:
+    """After a watched ``f`` that applied a custom ``autograd.Function`` to values from ``x``
+    (``BatchAxes.custom_forward``): its ``backward`` (and ``jvp``) is Python code the watch
+    does not see (a gradient normalised over the batch, ``grad + grad.mean(0)``, while
+    ``forward`` keeps samples apart), so the engine's own products ``apply`` (VJPs, ``like``
+    the output; or JVPs, ``like`` the input) are checked as ``_unwatched`` checks them:
+    ``P (s * v) = s * P v`` for one Gaussian event vector ``v`` shared by the samples and a
+    Gaussian weight ``s`` per sample, exact for independent samples up to round-off, a
+    cross-sample block leaks with probability 1. Two products more, only for such an ``f``.
+    The derivative of that ``backward`` (a Laplacian's second order) is not checked
+    (``docs/guide/limitations.md``)."""
+    batch = like.shape[:batch_dims]
+    if allowed() or batch.numel() < 2 or not like.is_floating_point():
+        return
+    (plain, weighted), s = scaled_vjps(apply, like, batch)
+    if leaks(plain, weighted, s, like.dtype):
+        what = (
+            "a custom autograd.Function's backward (or jvp) carries each sample's cotangent "
+            "into other samples' gradients (its forward keeps samples apart; its derivative "
+            "reduces or normalises over the batch)"
+        )
+        raise BatchInteractionError(explain(what, x, batch_dims))
+
+
+def _differentiable(y: Any, x: torch.Tensor) -> bool:
+    """Whether ``y`` is a floating tensor with a graph that may reach ``x``."""
+    return (
+        isinstance(y, torch.Tensor)
+        and y.is_floating_point()
+        and y.grad_fn is not None
+        and x.requires_grad
+        and torch.is_grad_enabled()
+    )
 
 
 def _vjps(y: torch.Tensor, z: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
