@@ -577,11 +577,11 @@ def run(
 @pytest.mark.parametrize("method", SWEEP_METHODS)
 def test_biharmonic_through_layer_norm_agrees_with_central_differences(method: str) -> None:
     """``torch.native_layer_norm`` (``WRONG_THIRD``): PyTorch's grad of grad of grad of grad
-    reference is off by 10-40% here (-7.50 and -7.62 against -8.23 and -5.36; its third derivative is wrong,
-    pytorch#175754), torchdiv's Taylor in Taylor and nested forward over reverse (through its
-    replacement) are right: checked against second central differences of the Laplacian in
-    float64 (``fd_biharmonic(third=False)``; truncation ~1e-6 relative at step 1e-3, so
-    1e-5; a wrong fourth derivative is off by 1e-2 here)."""
+    reference is off by 10-40% here (-7.50 and -7.62 against -8.23 and -5.36: its third
+    derivative is wrong, pytorch#175754), torchdiv's Taylor in Taylor and nested forward over
+    reverse (through its replacement) are right: checked against second central differences
+    of the Laplacian in float64 (``fd_biharmonic(third=False)``; truncation ~1e-6 relative
+    at step 1e-3, so 1e-5; PyTorch's fourth derivative is off by 1e-1 here)."""
     g = torch.Generator().manual_seed(3)
     W = torch.randn(6, 6, generator=g, dtype=f64) / 6**0.5
     w, b = (1 + 0.3 * torch.randn(2, 3, generator=g, dtype=f64) for _ in range(2))
