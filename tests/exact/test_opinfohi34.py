@@ -399,7 +399,10 @@ class Sweep:
 
         def matmat(v: torch.Tensor) -> torch.Tensor:
             rows = [
-                torch.autograd.grad(y, x, vk, create_graph=True, retain_graph=True)[0] for vk in v
+                torch.autograd.grad(
+                    y, x, vk, create_graph=True, retain_graph=True, materialize_grads=True
+                )[0]
+                for vk in v
             ]
             return torch.stack(rows)
 
