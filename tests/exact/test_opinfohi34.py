@@ -218,6 +218,8 @@ class Sweep:
             seed, tensors = 7, third
         elif key == "trace":  # Hutch++ with a spanning sketch: the exact trace
             value, seed = self.jac().diagonal(dim1=1, dim2=2).sum(-1), 8
+        elif key == "solve":
+            value, seed = self.solved_reference(), 10
         elif key == "xtrace":
             jac = self.jac()
             value = torchdiv.estimate_trace(
@@ -384,12 +386,56 @@ class Sweep:
                 lambda: self.dynamics(method="hutchinson", probes=self.probes),
                 "hutchinson",
             )
+            for m in ("auto", "forward", "reverse"):
+                yield ("AugmentedDynamics", f"{m} Euler solve", lambda m=m: self.solved(m), "solve")
             yield (  # a sketch of n spans the event: the exact trace, as one estimate's
                 "AugmentedDynamics",
                 "hutch++",
                 lambda: self.dynamics(method="hutch++", probes=self.sketch("hutch++")),
                 "trace",
             )
+
+    def solved(self, method: str) -> torch.Tensor:
+        """``Delta`` at ``t0 = 0`` of ``torchdiffeq``'s Euler solve (two steps from ``t1 =
+        1``) of ``flows.AugmentedDynamics`` around ``v(t, z) = (1 + t) f(z) / 1.5``."""
+        from torchdiffeq import odeint
+
+        from torchdiv.flows import AugmentedDynamics
+
+        f, x = self.model.f, self.x
+        dyn = AugmentedDynamics(lambda t, z: (1 + t) * f(z) / 1.5, x, method=method)
+        times = torch.tensor([1.0, 0.5, 0.0], dtype=f64)
+        _, delta = odeint(dyn, dyn.initial_state(x), times, method="euler")
+        return delta[-1].mean(0)
+
+    def solved_reference(self) -> torch.Tensor:
+        """The same Euler steps by hand, ``-div v`` by float64 loops of ``autograd.grad`` at
+        each step's ``z`` (on ``x``'s graph: differentiable)."""
+        f, z = self.model.f, self.x
+        delta = torch.zeros(2, dtype=f64)
+        for t in (1.0, 0.5):
+            y = (1 + t) * f(z) / 1.5
+            delta = delta + (-0.5) * (-self._div_at(z, t))
+            z = z + (-0.5) * y
+        return delta
+
+    def _div_at(self, z: torch.Tensor, t: float) -> torch.Tensor:
+        """``div v(t, ·)`` at ``z`` (on ``z``'s graph), by a leaf copy's Jacobian rows with
+        ``create_graph`` and the chain rule back to ``z``: per sample,
+        ``Σ_i ∂v_i/∂w_i`` at ``w = z``."""
+        f = self.model.f
+        rows = []
+        for s in range(len(z)):
+            for i in range(self.n):
+                e = torch.zeros_like(z)
+                e[s, i] = 1.0
+                # directional derivative along e_i of sample s: jvp by double backward
+                y = (1 + t) * f(z) / 1.5
+                u = torch.zeros_like(y, requires_grad=True)
+                (vjp,) = torch.autograd.grad(y, z, u, create_graph=True)
+                (jvp,) = torch.autograd.grad(vjp, u, e, create_graph=True)
+                rows.append(jvp[s, i])
+        return torch.stack(rows).reshape(len(z), self.n).sum(-1)
 
     def trace_by_vjp(self, method: str, probes: torch.Tensor, chunk: int | None) -> torch.Tensor:
         """``estimate_trace`` with products ``Jᵀ v`` by the caller's backward passes
