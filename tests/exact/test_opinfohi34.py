@@ -646,6 +646,33 @@ def test_biharmonic_through_layer_norm_agrees_with_central_differences(method: s
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("p", [1, 3])
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse"])
+def test_biharmonic_through_mvlgamma_of_a_parameter(method: str, p: int) -> None:
+    """``torch.mvlgamma`` (no Taylor rule: ``"auto"`` runs forward over reverse) of ``a x``
+    with ``a`` requiring grad: PyTorch's ``mvlgamma_backward`` writes in place into a tensor
+    whose tangent is an immutable zero under nested forward mode, and the biharmonic raised
+    PyTorch's bare "ZeroTensors are immutable" (opinfohi34; OpInfo ``mvlgamma``). Now the
+    composite ``Σ lgamma(a x - j/2)``. Reference: grad^4 loops (lgamma's derivatives by
+    backward passes: right), its gradient in ``a`` grad^5; 1e-8 (float64, fourth order)."""
+    g = torch.Generator().manual_seed(0)
+    a = (1 + 0.1 * torch.randn(3, generator=g, dtype=f64)).requires_grad_()
+    v = torch.randn(3, 2, generator=g, dtype=f64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.mvlgamma(a * x, p) @ v
+
+    x = 2 + torch.rand(2, 3, generator=g, dtype=f64)
+    got = torchdiv.biharmonic(f, x, method=method)
+    xr = x.clone().requires_grad_()
+    expected = laplacian_rows(laplacian_rows(f(xr), xr), xr)
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-8, atol=1e-8)
+    w = torch.randn(expected.shape, generator=g, dtype=f64)
+    (want,) = torch.autograd.grad((expected * w).sum(), a)
+    (have,) = torch.autograd.grad((got * w).sum(), a)
+    torch.testing.assert_close(have, want, rtol=1e-8, atol=1e-8)
+
+
 # --- OpInfo's ops ------------------------------------------------------------------------
 
 ALL = {
