@@ -719,18 +719,15 @@ def test_opinfo_fixed_sample(name: str, variant: str, operators: set[str], max_n
     assert not found, "\n".join(found)
 
 
-# a larger sample (``__main__``: all of op_db)
-SLOW = [
-    "abs", "atan2", "cos", "cumprod", "erf", "linalg.det", "logsumexp", "matmul",
-    "nn.functional.gelu", "nn.functional.layer_norm", "pow", "prod", "sinc", "sqrt", "var",
-    "mvlgamma.mvlgamma_p_1",
-]  # fmt: skip
+# a larger sample (``__main__``: all of op_db, every method at both chunk sizes), each path
+# once as in the fixed sample: about 1-2 min on one core
+SLOW = ["cumprod", "linalg.det", "logsumexp", "mvlgamma.mvlgamma_p_1", "prod", "sinc"]
 
 
 @pytest.mark.slow
 def test_opinfo_larger_sample() -> None:
     """``SLOW``'s ops, one kept sample each, both variants, every operator: no fault."""
-    found = _faults(SLOW, VARIANTS, None)
+    found = _faults(SLOW, VARIANTS, None, fast=True)
     assert not found, "\n".join(found)
 
 
