@@ -163,14 +163,14 @@ def _batchable(case: Case) -> bool:
     return torch.allclose(both, torch.cat(outs), rtol=1e-10, atol=1e-12)
 
 
-def _cropped(t: torch.Tensor) -> torch.Tensor | None:
-    """``t``, or its leading corner of at most ``MAX_NUMEL`` elements (each dimension cut to
+def _cropped(t: torch.Tensor, max_numel: int = MAX_NUMEL) -> torch.Tensor | None:
+    """``t``, or its leading corner of at most ``max_numel`` elements (each dimension cut to
     4, 3 or 2; an op whose arguments do not fit the cut sample fails the batch check)."""
-    if t.numel() <= MAX_NUMEL:
+    if t.numel() <= max_numel:
         return t
     for k in (4, 3, 2):
         corner = t[tuple(slice(0, k) for _ in t.shape)]
-        if corner.numel() <= MAX_NUMEL:
+        if corner.numel() <= max_numel:
             return corner
     return None
 
@@ -213,11 +213,14 @@ def cases(
     per_op: int = PER_OP,
     dtype: torch.dtype = f64,
     keep: Callable[[Case], bool] = _batchable,
+    max_numel: int = MAX_NUMEL,
 ) -> Iterator[Case]:
     """The kept (op, sample) pairs of the ops named (all that support ``dtype`` and autograd
     on CPU where ``ops`` is None), at most ``per_op`` of each. ``dtype`` complex128: the
     samples whose first input is complex (``test_opinfoc33.py``). ``keep``: which samples
-    (``_batchable``; ``test_mixsweep34.py``: those that mix the batch)."""
+    (``_batchable``; ``test_mixsweep34.py``: those that mix the batch). ``max_numel``: the
+    first input cropped to at most that many elements (``test_opinfohi34.py``'s fourth-order
+    references: smaller)."""
     for op in op_db():
         if (
             ops is not None
@@ -248,7 +251,7 @@ def cases(
                 continue
             if not first.isfinite().all():  # x with infinities (degenerate inputs: not here)
                 continue
-            first = _cropped(first)
+            first = _cropped(first, max_numel)
             if first is None:
                 continue
             case = Case(

@@ -2279,6 +2279,19 @@ def _sgn(a: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, 0, a / torch.where(zero, 1, magnitude))
 
 
+def _mvlgamma(a: torch.Tensor, p: int) -> torch.Tensor:
+    """``torch.mvlgamma``: ``Σ_{j<p} lgamma(a - j/2) + p (p - 1)/4 log π``, the same values
+    (PyTorch's own op run first on ``a.detach()`` for its domain check, ``a > (p - 1)/2``).
+    PyTorch's ``mvlgamma_backward`` writes in place (``digamma_``) into a tensor whose
+    tangent is an immutable zero under nested forward mode: a biharmonic by forward over
+    reverse (``"auto"`` where ``f`` has an op without a Taylor rule) through ``mvlgamma`` of a
+    tensor that depends on a parameter raised PyTorch's bare "ZeroTensors are immutable"
+    (opinfohi34)."""
+    torch.mvlgamma(a.detach(), p)
+    halves = torch.arange(p, dtype=a.dtype, device=a.device) / 2
+    return torch.lgamma(a.unsqueeze(-1) - halves).sum(-1) + p * (p - 1) / 4 * math.log(math.pi)
+
+
 def _prelu(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.prelu``: ``a`` times its slope, 1 where ``a > 0``, else ``weight`` (one slope, or one
     per channel, dimension 1 of ``a``); the slope is a constant of ``a`` (a mask), so the
@@ -2647,6 +2660,16 @@ REPLACEMENTS: dict[Any, Replacement] = {
     **_table((1, 2), _sinc_, "", AT_ZEROS, torch.sinc_, torch.Tensor.sinc_),
     **_table((1, 1), _copysign, "", ("CopysignBackward",), torch.copysign, torch.Tensor.copysign),
     **_table((1, 1), _prelu, "", AT_KINKS, torch.prelu, torch.Tensor.prelu),
+    # an in-place write in the forward-mode derivative of its backward (_mvlgamma)
+    **_table(
+        (3, None),
+        _mvlgamma,
+        "",
+        ("MvlgammaBackward",),
+        torch.mvlgamma,
+        torch.Tensor.mvlgamma,
+        torch.special.multigammaln,
+    ),
     # complex sgn: a forward-mode derivative of its backward that writes in place (_sgn)
     **_table((3, None), _sgn, "", ("SgnBackward",), torch.sgn, torch.Tensor.sgn),
     **_table((2, None), _cumprod, "", ("CumprodBackward",), torch.cumprod, torch.Tensor.cumprod),
