@@ -47,6 +47,7 @@ from torchdiv._core.modes import (
     UNDER_MODES,
     SafeDerivatives,
     changed_nodes,
+    dual_nodes,
     math_attention,
     plain_derivatives,
     saves_apart,
@@ -116,6 +117,8 @@ def _lookup(y: torch.Tensor, x: torch.Tensor, batched: bool, plain: bool) -> Fou
     and third walk only where ``GUARDED`` shows."""
     if not plain:
         return search(y, x)
+    if fwAD._current_level >= 0:  # the caller's tangents: one order more, through forward mode
+        return search(y, x, GUARDED + dual_nodes(3))
     found = search(y, x, GUARDED)
     if found.guarded and not batched and plain_derivatives(x) and not _unstable_det(y, x):
         return search(y, x, GUARDED_PLAIN)
