@@ -127,3 +127,77 @@ def test_loop_laplacian_dual_parameters(op: Callable[[torch.Tensor], torch.Tenso
         ):
             assert got is not None
             torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-8)
+
+
+def _layer_norm(h: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(h, h.shape[-1:])
+
+
+def _logcumsumexp(h: torch.Tensor) -> torch.Tensor:
+    return torch.logcumsumexp(h, -1)
+
+
+def _cdist(h: torch.Tensor) -> torch.Tensor:
+    p = h.unflatten(-1, (2, 2))
+    return torch.cdist(p, p + 0.3).flatten(-2)
+
+
+def _gradgradcheck(
+    operator: Callable[..., torch.Tensor], op: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """``gradcheck`` and ``gradgradcheck`` of ``operator(f, x)`` as a function of ``x`` and
+    ``f``'s parameters (``functional_call``): its first and second derivatives against central
+    differences of the value and of the first derivative."""
+    net = _net(op)
+    names = [n for n, _ in net.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in net.parameters())
+    x = torch.randn(2, 4, dtype=DT, generator=torch.Generator().manual_seed(2)) * 0.7
+    x.requires_grad_()
+
+    def fn(x: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        return operator(lambda z: functional_call(net, dict(zip(names, ps, strict=True)), (z,)), x)
+
+    inputs = (x, *params)
+    assert torch.autograd.gradcheck(fn, inputs, eps=EPS, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=EPS, atol=1e-5, rtol=1e-3)
+
+
+_OPS = {
+    "layer_norm": _layer_norm,
+    "logcumsumexp": _logcumsumexp,
+    "cdist": _cdist,
+    "det": _det,
+    "slogdet": _slogdet,
+    "solve": _solve,
+    "cholesky_inverse": _cholesky_inverse,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["layer_norm", "det"])
+def test_laplacian_gradgradcheck(name: str) -> None:
+    """The Laplacian's second derivatives in ``x`` and parameters (fourth derivatives of
+    ``f``, through ``"auto"``'s choice) against differences of its first: the replaced
+    ``layer_norm`` (PyTorch's third derivative wrong) and ``det``."""
+    _gradgradcheck(torchdiv.laplacian, _OPS[name])
+
+
+def test_reverse_divergence_gradgradcheck() -> None:
+    """The reverse engine's divergence, second derivatives (third of ``f``) through
+    ``logcumsumexp``'s replacement (PyTorch's third derivative by reverse mode ``nan``)."""
+    _gradgradcheck(lambda f, x: torchdiv.divergence(f, x, method="reverse"), _logcumsumexp)
+
+
+_METHODS = [
+    ("laplacian", m) for m in ("auto", "taylor", "forward-over-reverse", "hessian", "grad-of-grad")
+] + [("divergence", m) for m in ("auto", "forward", "reverse")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "method"), _METHODS)
+@pytest.mark.parametrize("name", sorted(_OPS))
+def test_gradgradcheck_sweep(kind: str, method: str, name: str) -> None:
+    """Every method of the Laplacian and divergence through each replaced op, checked to the
+    second derivative of the result (every one has a Taylor rule)."""
+    operator = getattr(torchdiv, kind)
+    _gradgradcheck(lambda f, x: operator(f, x, method=method), _OPS[name])
