@@ -21,6 +21,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
 
 import torchdiv
+from torchdiv._core import basis
 
 DT = torch.float64
 EPS = 1e-6
@@ -201,3 +202,39 @@ def test_gradgradcheck_sweep(kind: str, method: str, name: str) -> None:
     second derivative of the result (every one has a Taylor rule)."""
     operator = getattr(torchdiv, kind)
     _gradgradcheck(lambda f, x: operator(f, x, method=method), _OPS[name])
+
+
+def test_parameter_hessian_of_laplacian_after_jvp() -> None:
+    """``torch.func``'s second derivatives of a Laplacian loss in the parameters (a
+    second-order optimiser's Hessian-vector products: ``jvp`` of ``grad``, then ``jacrev`` of
+    ``grad``): the unit vectors ``basis`` keeps per shape were made inside the first call's
+    transforms, and the next call's nested transforms failed PyTorch's internal assert
+    ("level <= current_level"). Both against central differences of the parameter gradient."""
+    basis._KEPT.clear()  # (a block kept by an earlier test would hide it)
+    net = _net(torch.tanh)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    x = torch.randn(2, 4, dtype=DT, generator=torch.Generator().manual_seed(3))
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (torchdiv.laplacian(lambda z: functional_call(net, p, (z,)), x) ** 2).sum()
+
+    gen = torch.Generator().manual_seed(4)
+    t = {k: torch.randn(v.shape, dtype=DT, generator=gen) for k, v in params.items()}
+
+    def grad(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        leaves = {k: v.clone().requires_grad_() for k, v in p.items()}
+        return dict(
+            zip(leaves, torch.autograd.grad(loss(leaves), list(leaves.values())), strict=True)
+        )
+
+    up = grad({k: v + EPS * t[k] for k, v in params.items()})
+    down = grad({k: v - EPS * t[k] for k, v in params.items()})
+    ref = {k: (up[k] - down[k]) / (2 * EPS) for k in params}
+    by_jvp = torch.func.jvp(torch.func.grad(loss), (params,), (t,))[1]
+    hessian = torch.func.jacrev(torch.func.grad(loss))(params)
+    for k in params:
+        by_jacrev = sum(
+            (hessian[k][j].reshape(params[k].numel(), -1) @ t[j].reshape(-1)) for j in params
+        )
+        torch.testing.assert_close(by_jvp[k], ref[k], rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(by_jacrev.reshape(ref[k].shape), ref[k], rtol=1e-6, atol=1e-8)
