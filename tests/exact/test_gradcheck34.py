@@ -238,3 +238,27 @@ def test_parameter_hessian_of_laplacian_after_jvp() -> None:
         )
         torch.testing.assert_close(by_jvp[k], ref[k], rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(by_jacrev.reshape(ref[k].shape), ref[k], rtol=1e-6, atol=1e-8)
+
+
+def test_cdist_under_the_callers_grad_is_not_taken_for_mixing() -> None:
+    """``torch.func.grad`` of a divergence loss through a per-sample ``cdist``: the check for
+    sample mixing under the caller's transform took PyTorch's batched pullback of ``cdist``
+    (wrong) and raised ``BatchInteractionError`` for independent samples; now evaluated with
+    ``cdist`` replaced, and the parameter gradient against central differences."""
+    net = _net(_cdist)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    x = torch.randn(2, 4, dtype=DT, generator=torch.Generator().manual_seed(5))
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (torchdiv.divergence(lambda z: functional_call(net, p, (z,)), x) ** 2).sum()
+
+    got = torch.func.grad(loss)(params)
+    t = {
+        k: torch.randn(v.shape, dtype=DT, generator=torch.Generator().manual_seed(6))
+        for k, v in params.items()
+    }
+    with torch.no_grad():
+        up = loss({k: v + EPS * t[k] for k, v in params.items()})
+        down = loss({k: v - EPS * t[k] for k, v in params.items()})
+    along = sum((got[k] * t[k]).sum() for k in params)
+    torch.testing.assert_close(along, (up - down) / (2 * EPS), rtol=1e-6, atol=1e-8)
