@@ -262,3 +262,17 @@ def test_cdist_under_the_callers_grad_is_not_taken_for_mixing() -> None:
         down = loss({k: v - EPS * t[k] for k, v in params.items()})
     along = sum((got[k] * t[k]).sum() for k in params)
     torch.testing.assert_close(along, (up - down) / (2 * EPS), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["forward-over-reverse", "hessian"])
+def test_piecewise_linear_laplacian_keeps_x_graph(method: str) -> None:
+    """A hardsigmoid network's Laplacian (0: piecewise linear) by the nested methods had no
+    graph although ``x`` requires grad (PyTorch's double backward of ``hardsigmoid`` gives
+    constant zeros), so a PINN loss's ``backward()`` raised where ``"auto"``, ``"taylor"`` and
+    ``"grad-of-grad"`` give zero gradients; now tied to ``x`` as those are."""
+    net = _net(torch.nn.functional.hardsigmoid)
+    x = torch.randn(2, 4, dtype=DT, generator=torch.Generator().manual_seed(7))
+    x.requires_grad_()
+    out = torchdiv.laplacian(net, x, method=method)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(grad, torch.zeros_like(x))
