@@ -44,6 +44,7 @@ from torch._C._functorch import (
     _vmap_increment_nesting,
     is_functorch_wrapped_tensor,
     maybe_get_level,
+    peek_interpreter_stack,
 )
 from torch.func import vmap
 
@@ -133,7 +134,10 @@ def _kept_block(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> t
     instead: a large block (``KEPT_BLOCK``), a chunk of a basis (the blocks of all chunks
     kept would hold a whole basis: ``chunk_size`` would bound nothing), and wherever a block
     made then and kept could differ from one made now: ``like`` a subclass or a
-    ``torch.func`` transform's wrapper (``new_zeros`` follows it), under a dispatch or
+    ``torch.func`` transform's wrapper (``new_zeros`` follows it), inside any ``torch.func``
+    transform (a parameter Hessian of a Laplacian loss, ``jacrev(grad(loss))`` after a
+    ``jvp(grad(loss))``, failed PyTorch's internal assert "level <= current_level" on a
+    block's copy: gradcheck34), under a dispatch or
     torch-function mode (a fake-tensor mode makes fake zeros), in inference mode (an
     inference tensor), or while Dynamo traces; and off the CPU: a block made on one CUDA
     stream and copied on another, with nothing to order the two, could be read unfilled.
@@ -151,6 +155,7 @@ def _kept_block(start: int, stop: int, like: torch.Tensor, batch_dims: int) -> t
         or stop * like.numel() > KEPT_BLOCK
         or stop != event_numel(like, batch_dims)
         or is_functorch_wrapped_tensor(like)
+        or peek_interpreter_stack() is not None
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._is_torch_function_mode_enabled()
         or torch.is_inference_mode_enabled()

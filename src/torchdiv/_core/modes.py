@@ -1720,6 +1720,12 @@ class SafeDerivatives(TorchFunctionMode):
         # output): PyTorch's formulas take them as tensor subclasses there, as under a
         # dispatch mode (``plain_derivatives``)
         self.batched = batched
+        # the caller's ``forward_ad`` level (dual parameters, a ``torch.func.jvp`` around the
+        # call): its tangents differentiate the engine's backward passes in forward mode, one
+        # order more, so the rows wrong through forward mode from the second order are replaced
+        # too (``dual_order``; det, slogdet, logdet, solve, cholesky_inverse: the tangents of a
+        # reverse divergence and the loop's Laplacian were 3-84% off; gradcheck34)
+        self.dual = _forward_ad._current_level >= 0
         # the recorders' evaluation (``torchdiv._taylor.capture.recording``): the ops of
         # ``RECORDED`` are replaced at any order
         self.recording = recording
@@ -1780,6 +1786,7 @@ class SafeDerivatives(TorchFunctionMode):
             or not (
                 entry.applies(self.order, self.forward_mode, plain)
                 or (self.recording and func in _RECORDED_AS_REPLACED)
+                or (self.dual and dual_order(entry, self.order))
             )
             or _underived(args, kwargs)
         ):
@@ -2786,6 +2793,28 @@ class InnerBackwards(TorchFunctionMode):
 # ``SafeDerivatives``' order for an ``f`` that takes a backward pass with a graph, evaluated by
 # an engine of backward passes: its derivatives are at least second ones of the ops before it
 INNER_ORDER = (3, False)
+
+
+def dual_order(entry: Replacement, order: int) -> bool:
+    """Whether ``entry`` is replaced for an engine of order ``order`` under the caller's
+    ``forward_ad`` level: where it has a replacement (``run``) and its forward-mode
+    derivatives are wrong at ``order + 1`` or below (at least the second: a first-order
+    engine's products differentiated by the caller's tangents). Refusals (``eigvalsh``,
+    ``eigh``: measured for forward over reverse, right for the caller's tangents over the
+    loop's backward passes) are left to the engine's own order."""
+    return entry.run is not None and entry.applies(max(order + 1, 2), True)
+
+
+def dual_nodes(order: int) -> tuple[str, ...]:
+    """The autograd nodes of the ops ``dual_order`` replaces at ``order``."""
+    return tuple(
+        dict.fromkeys(
+            node
+            for entry in REPLACEMENTS.values()
+            if dual_order(entry, order)
+            for node in entry.nodes
+        )
+    )
 
 
 def backward_passes_order() -> tuple[int, bool]:

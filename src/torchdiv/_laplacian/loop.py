@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch._C._autograd import _top_saved_tensors_default_hooks
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.checkpoint import CheckpointError
@@ -46,6 +47,7 @@ from torchdiv._core.modes import (
     UNDER_MODES,
     SafeDerivatives,
     changed_nodes,
+    dual_nodes,
     math_attention,
     plain_derivatives,
     saves_apart,
@@ -115,6 +117,8 @@ def _lookup(y: torch.Tensor, x: torch.Tensor, batched: bool, plain: bool) -> Fou
     and third walk only where ``GUARDED`` shows."""
     if not plain:
         return search(y, x)
+    if fwAD._current_level >= 0:  # the caller's tangents: one order more, through forward mode
+        return search(y, x, GUARDED + dual_nodes(3))
     found = search(y, x, GUARDED)
     if found.guarded and not batched and plain_derivatives(x) and not _unstable_det(y, x):
         return search(y, x, GUARDED_PLAIN)
@@ -168,8 +172,19 @@ def value_grad_laplacian(
     samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
     jacobian = torch.stack(rows, 1) if rows else x.new_zeros(samples, 0, n)
     if not create_graph:
-        y, jacobian = y.detach(), jacobian.detach()
+        y, jacobian = _detached(y), _detached(jacobian)
     return y, jacobian, laplacian
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its graph, but with its ``torch.autograd.forward_ad`` tangent (of the
+    caller's dual parameters; ``detach`` drops it: the value's and Jacobian's tangents of
+    ``value_grad_laplacian`` were ``None``, a zero derivative, where the Laplacian's were
+    right; gradcheck34)."""
+    tangent = fwAD.unpack_dual(t).tangent
+    if tangent is None:
+        return t.detach()
+    return fwAD.make_dual(t.detach(), tangent.detach())
 
 
 def _looped(
