@@ -34,12 +34,10 @@ def storage_address(t: torch.Tensor) -> int:
     moved the caller's ``x`` to the copy). ``const_data_ptr`` reads the address alone; the
     storage starts ``storage_offset`` elements before it. Raises as ``untyped_storage`` does
     (a transform's wrapper, a sparse tensor)."""
-    storage = t.untyped_storage()
-    if storage.nbytes() == 0:
-        return 0
-    if t.numel() == 0:  # (no address of its own to read)
-        return int(storage.data_ptr())
-    return int(t.const_data_ptr()) - t.storage_offset() * t.element_size()
+    address = t.const_data_ptr()
+    if not address:  # no elements: no address of its own (an empty storage: 0)
+        return int(t.untyped_storage().data_ptr())
+    return int(address) - t.storage_offset() * t.element_size()
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
