@@ -34,10 +34,10 @@ def storage_address(t: torch.Tensor) -> int:
     moved the caller's ``x`` to the copy). ``const_data_ptr`` reads the address alone; the
     storage starts ``storage_offset`` elements before it. Raises as ``untyped_storage`` does
     (a transform's wrapper, a sparse tensor)."""
-    address = t.const_data_ptr()
+    address = t.const_data_ptr()  # type: ignore[attr-defined]  # pyright: ignore[reportAttributeAccessIssue]  # (not in torch's stubs)
     if not address:  # no elements: no address of its own (an empty storage: 0)
         return int(t.untyped_storage().data_ptr())
-    return int(address) - t.storage_offset() * t.element_size()
+    return int(address) - int(t.storage_offset()) * t.element_size()
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
