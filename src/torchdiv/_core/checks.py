@@ -26,6 +26,20 @@ from torchdiv._core.script import ahead_of_time, attribute, initialized, scripte
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def storage_address(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage (``0``: an empty one), read without asking for write
+    access. ``untyped_storage().data_ptr()`` asks for it, and so materialises a copy-on-write
+    storage: ``Unwritten``'s backup of the caller's ``x`` makes x's whole storage one, so every
+    such read while a call ran copied all of it, a whole dataset's for ``x = data[:B]`` (and
+    moved the caller's ``x`` to the copy). ``const_data_ptr`` reads the address alone; the
+    storage starts ``storage_offset`` elements before it. Raises as ``untyped_storage`` does
+    (a transform's wrapper, a sparse tensor)."""
+    address = t.const_data_ptr()  # type: ignore[attr-defined]  # pyright: ignore[reportAttributeAccessIssue]  # (not in torch's stubs)
+    if not address:  # no elements: no address of its own (an empty storage: 0)
+        return int(t.untyped_storage().data_ptr())
+    return int(address) - int(t.storage_offset()) * t.element_size()
+
+
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 

@@ -33,6 +33,7 @@ from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointFunction
 
+from torchdiv._core.checks import storage_address
 from torchdiv._core.mixing.errors import BatchInteractionError
 from torchdiv._core.mixing.reads import VALUE_FREE, Verdict, reading
 from torchdiv._core.mixing.tracker import BatchAxes
@@ -1177,8 +1178,7 @@ def _storage(t: torch.Tensor) -> int:
     try:
         if type(t) is not torch.Tensor and isinstance(t, FakeTensor):
             return t.untyped_storage()._cdata
-        storage = t.untyped_storage()
-        return storage.data_ptr() or storage._cdata
+        return storage_address(t) or t.untyped_storage()._cdata
     except (RuntimeError, NotImplementedError):  # sparse, nested, ...
         return id(t)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch.utils._pytree import tree_leaves
 
-from torchdiv._core.checks import _shape
+from torchdiv._core.checks import _shape, storage_address
 from torchdiv._core.mixing.axes import Axis
 from torchdiv._core.mixing.carry import (
     _joined_along_batch,
@@ -792,7 +792,7 @@ def _alias(a: torch.Tensor, t: torch.Tensor, base: torch.Tensor) -> bool:
 def _storage(t: torch.Tensor) -> int:
     """The address of ``t``'s storage (``0``: none, a transform's wrapper or an empty one)."""
     try:
-        return int(t.untyped_storage().data_ptr())
+        return storage_address(t)
     except (RuntimeError, NotImplementedError):
         return 0
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-from torchdiv._core.checks import _shape
+from torchdiv._core.checks import _shape, storage_address
 from torchdiv._core.mixing.axes import Axis, Pick
 from torchdiv._core.mixing.errors import _PUT_WHAT
 from torchdiv._core.mixing.places import _aligned, _grid, _indices, _line, _rows
@@ -345,9 +345,9 @@ def _through_storage(
     """The samples an ``as_strided(size, stride, offset)`` view of ``t``'s storage reads, by
     another followed tensor on that storage that holds ``axis``'s batch dimension of ``x``
     and every place the view reads (``x[1:]``'s base ``x``); ``None`` where none does."""
-    storage = t.untyped_storage().data_ptr()
+    storage = storage_address(t)
     for other, axes in list(tr.known.values()):
-        if other is t or other.untyped_storage().data_ptr() != storage:
+        if other is t or storage_address(other) != storage:
             continue
         same = next((a for a in axes if a.source == axis.source), None)
         if same is None:
