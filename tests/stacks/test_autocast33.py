@@ -57,11 +57,24 @@ def _state() -> tuple[object, ...]:
         torch.is_autocast_enabled("cpu"),
         torch.get_autocast_dtype("cpu"),
         torch.get_default_dtype(),
-        torch.get_float32_matmul_precision(),
+        _matmul_precision(),
         mk.matmul.fp32_precision,
         mk.conv.fp32_precision,
         torch.is_grad_enabled(),
+        torch._C._get_mkldnn_enabled(),
+        torch.backends.opt_einsum.enabled,
+        torch.backends.opt_einsum.strategy,
+        torch.are_deterministic_algorithms_enabled(),
     )
+
+
+def _matmul_precision() -> str:
+    """The legacy setting, which PyTorch refuses to report once a backend's ``fp32_precision``
+    differs from the others' (``mkldnn.matmul.fp32_precision = "tf32"``)."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return "(mixed)"
 
 
 @contextlib.contextmanager
@@ -92,6 +105,10 @@ def _setting(name: str) -> Iterator[None]:
         finally:
             torch.backends.mkldnn.conv.fp32_precision = old
         return
+    if name in BACKENDS:
+        with _backend(name):
+            yield
+        return
     if name == "default64":
         old = torch.get_default_dtype()
         torch.set_default_dtype(f64)
@@ -101,6 +118,52 @@ def _setting(name: str) -> Iterator[None]:
             torch.set_default_dtype(old)
         return
     yield
+
+
+# the other CPU settings of ``torch.backends`` (precision34): oneDNN off (convolutions and
+# matmuls by ATen's own kernels), oneDNN's float32 matmuls as TF32 (no TF32 on CPUs: the same
+# values, measured), einsum's contraction order by PyTorch's left to right (opt_einsum off),
+# deterministic algorithms, denormals flushed to zero; ``torch.backends.cpu`` only reports the
+# CPU's capability (``ATEN_CPU_CAPABILITY`` is read at start)
+BACKENDS = ("no_mkldnn", "mkldnn_tf32", "no_opt_einsum", "deterministic", "flush_denormal")
+
+
+@contextlib.contextmanager
+def _backend(name: str) -> Iterator[None]:
+    if name == "no_mkldnn":  # (mkldnn.flags() warns about TF32 on Intel GPUs)
+        old = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            yield
+        finally:
+            torch._C._set_mkldnn_enabled(old)
+        return
+    if name == "mkldnn_tf32":
+        old = torch.backends.mkldnn.matmul.fp32_precision
+        torch.backends.mkldnn.matmul.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.matmul.fp32_precision = old
+        return
+    if name == "no_opt_einsum":
+        with torch.backends.opt_einsum.flags(enabled=False):
+            yield
+        return
+    if name == "deterministic":
+        old = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(old)
+        return
+    assert name == "flush_denormal"
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def _dtype(setting: str) -> torch.dtype:
@@ -528,14 +591,19 @@ def measure(case: Case, ops: list[tuple[str, str]] | None = None, batch: int = 3
             )
             continue
         dtype_ok = r.dtype == x.dtype
+        # a backend flag is the whole step's (set for the process): the backward pass too (with
+        # oneDNN off for the call only, PyTorch's gelu_backward of the parameter gradients'
+        # pass refused the broadcast arguments of a probe-batched VJP: NOTES_precision34.md)
+        with _backend(case.setting) if case.setting in BACKENDS else contextlib.nullcontext():
+            grads, loop_grads = (_param_error(inner, t, g64, w) for t in (r, rl))
         out.append(
             Measured(
                 op,
                 method,
                 _rel(r, r64),
                 _rel(rl, r64),
-                _param_error(inner, r, g64, w),
-                _param_error(inner, rl, g64, w),
+                grads,
+                loop_grads,
                 dtype_ok,
                 restored,
                 note,
@@ -662,7 +730,7 @@ def test_every_method_within_the_loops_error_everywhere(model: str, setting: str
 if __name__ == "__main__":
     torch.set_num_threads(1)
     n_seeds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    chosen = tuple(a for a in sys.argv[2:] if a in SETTINGS) or SETTINGS
+    chosen = tuple(a for a in sys.argv[2:] if a in SETTINGS + BACKENDS) or SETTINGS
     chosen_models = tuple(a for a in sys.argv[2:] if a in MODELS) or MODELS
     sweep(n_seeds, chosen, chosen_models, int(os.environ.get("AC33_BATCH", "0")) or None)
 
@@ -743,3 +811,48 @@ def test_the_taylor_replay_of_a_linear_layer_is_fs_value_bit_for_bit() -> None:
         graph = capture(lin, x, rules, batch_dims=1)
         out = propagate(graph, Jet(x, torch.ones(1, 4, 8), None), Context(1, True, jac=False))
     assert isinstance(out, Jet) and torch.equal(out.value, want)
+
+
+BACKEND_OPS = [
+    ("divergence", "auto"),
+    ("divergence", "structured"),
+    ("divergence", "hutch++"),
+    ("laplacian", "auto"),
+    ("laplacian", "hutchinson"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", BACKENDS)
+def test_the_other_cpu_backend_settings_change_nothing_beyond_float32s_round_off(
+    setting: str,
+) -> None:
+    """oneDNN off or TF32 (none on CPUs), opt_einsum off, deterministic algorithms, denormals
+    flushed (precision34's hand sweep: every model, operator and method, within 4x the loop's
+    error or float32's round-off). Errors within ``max(4 x the loop's, 2e-6)``: 2e-6 is 16
+    ulps of float32, the order of a 72-term convolution's accumulation; the settings are kept
+    and the dtype is ``x``'s."""
+    for model in ("gelu", "conv"):
+        for m in measure(Case(model, setting, 0), BACKEND_OPS):
+            assert not m.note and m.dtype_ok and m.restored, m
+            assert m.value <= max(4 * m.loop_value, 2e-6), m
+            assert m.grads <= max(4 * m.loop_grads, 2e-6), m
+
+
+def test_the_structured_engines_products_run_under_the_callers_autocast_as_the_loops() -> None:
+    """Decided (precision34): ``"structured"`` runs its own products (``W_1 W_L``, the
+    layers' Jacobian products) under the caller's autocast, in bfloat16, as PyTorch's backward
+    passes do: the loop's error under ``autocast(bfloat16)`` is bfloat16's (4.6e-3-2.5e-2
+    for the tanh/GELU MLPs, the conv net 2e-3-9e-2, measured), torchdiv's 0.3-3.7x that,
+    values and parameter gradients. Kept so; pinned: the loop's error is bfloat16's (so
+    bfloat16 products are what PyTorch gives there), and torchdiv's within 4x of it."""
+    rows = [
+        measure(
+            Case("tanh", "autocast_bf16", seed),
+            [("divergence", "structured"), ("jacobian_diagonal", "structured")],
+        )
+        for seed in (0, 1)
+    ]
+    for m in (m for ms in rows for m in ms):
+        assert m.loop_value > 1e-3, m  # bfloat16's eps is 3.9e-3; float32's products 1e-7
+    _check(rows)
