@@ -14,16 +14,24 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, explain
 from torchdiv._core.mixing.reads import Verdict, reading
 from torchdiv._core.mixing.tracker import BatchAxes
-from torchdiv._core.mixing.transformed import check_transformed, leaks, scaled_vjps
+from torchdiv._core.mixing.transformed import (
+    _draws,
+    _tolerance,
+    check_transformed,
+    leaks,
+    scaled_vjps,
+)
 from torchdiv._core.modes import (
     UNDERIVABLE_OPS,
     DispatchMode,
     refuse_underivable,
 )
+from torchdiv._core.precision import full_float32
 from torchdiv._core.subclass import attributes_of
 from torchdiv._core.walk import BATCH_NORM_NODES, nodes
 
@@ -207,13 +215,45 @@ def custom_products(
     if allowed() or batch.numel() < 2 or not like.is_floating_point():
         return
     (plain, weighted), s = scaled_vjps(apply, like, batch)
-    if leaks(plain, weighted, s, like.dtype):
+    if leaks(plain, weighted, s, like.dtype) and _received(apply, plain, weighted, s, like):
         what = (
             "a custom autograd.Function's backward (or jvp) carries each sample's cotangent "
             "into other samples' gradients (its forward keeps samples apart; its derivative "
             "reduces or normalises over the batch)"
         )
         raise BatchInteractionError(explain(what, x, batch_dims))
+
+
+def _received(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    plain: torch.Tensor,
+    weighted: torch.Tensor,
+    s: torch.Tensor,
+    like: torch.Tensor,
+) -> bool:
+    """Whether the check's leak at the sample ``b`` that leaked most comes from the other
+    samples' cotangents: ``P(w)_b`` for ``w = (s - s_b) v``, zero at sample ``b``. For a
+    linear ``P`` that is the leak itself, ``P(s v)_b - s_b P(v)_b = sum_c (s_c - s_b) J_cb^T
+    u``, whatever the batch (a product from the other samples' plain ``s_c v``, ``mean(s) K^T
+    u`` for a coupling through the batch mean, was ``sqrt(B)`` times smaller than the check's
+    leak). A ``backward`` that keeps samples apart but is not linear in its cotangent (a
+    gradient clipped, ``g.clamp(-c, c)``, or normalised per sample, ``g / g.norm(dim=-1)``)
+    fails ``P(s v) = s P v`` too, and was refused as mixing although the per-sample loop gives
+    the batched numbers (rev-a34); it gives ``P_b(0)``, zero. One product more, only where the
+    check leaked. Under a ``torch.func`` transform (wrapped tensors): ``True``."""
+    if is_functorch_wrapped_tensor(plain) or is_functorch_wrapped_tensor(weighted):
+        return True
+    plain, weighted, count = plain.detach(), weighted.detach(), s.numel()
+    on_plain = s.reshape(*s.shape, *[1] * (plain.dim() - s.dim())) * plain
+    b = int((weighted - on_plain).abs().reshape(count, -1).amax(1).argmax())
+    v, _ = _draws(like.shape, s.shape, like.dtype, like.device)  # (``scaled_vjps``' ``v``)
+    kept = s.reshape(-1) - s.reshape(-1)[b]  # (exactly zero at ``b``)
+    w = kept.reshape(*s.shape, *[1] * (like.dim() - s.dim())) * v
+    with full_float32(like.device):
+        out = apply(w[None])[0].detach()
+    got = out.reshape(count, -1)[b].abs().max()
+    scale = torch.maximum(weighted.abs().max(), on_plain.abs().max())
+    return float(got) > _tolerance(like.dtype) * float(scale)
 
 
 def _differentiable(y: Any, x: torch.Tensor) -> bool:
