@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import pytest
@@ -113,7 +114,7 @@ def test_a_mixing_backward_is_still_refused(function: type, operator: str) -> No
     vanishes for a cotangent shared by the samples."""
     _, f = _net(function.apply)
     x = torch.randn(6, 3, dtype=f64, generator=torch.Generator().manual_seed(1))
-    with pytest.raises(torchdiv.BatchInteractionError, match="custom autograd.Function"):
+    with pytest.raises(torchdiv.BatchInteractionError, match=r"custom autograd\.Function"):
         getattr(torchdiv, operator)(f, x)
 
 
@@ -136,5 +137,173 @@ def test_a_small_coupling_through_the_batch_mean_is_still_refused_in_float32() -
     of the largest product) stays refused."""
     lin = torch.nn.Linear(3, 3)
     x = torch.randn(1024, 3, generator=torch.Generator().manual_seed(1))
-    with pytest.raises(torchdiv.BatchInteractionError, match="custom autograd.Function"):
+    with pytest.raises(torchdiv.BatchInteractionError, match=r"custom autograd\.Function"):
         torchdiv.divergence(lambda t: torch.tanh(lin(_SmallMean.apply(t))), x)
+
+
+class _MixGrad(torch.autograd.Function):
+    """Identity forward; backward adds the batch mean of its cotangent (mixing)."""
+
+    @staticmethod
+    def forward(ctx: object, t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad + grad.mean(0, keepdim=True)
+
+
+class _Square(torch.autograd.Function):
+    """``t**2 / 2`` per sample, its backward ``grad * t``."""
+
+    @staticmethod
+    def forward(ctx: object, t: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(t)  # type: ignore[attr-defined]
+        return t * t / 2
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        (t,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad * t
+
+
+class _Counted(torch.nn.Module):
+    """``tanh(W fn(tanh x) + c) (1 + 0.01 u)``, ``u`` a fresh uniform draw per evaluation, a
+    buffer counting evaluations."""
+
+    def __init__(self, n: int, function: type) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.function = torch.nn.Linear(n, n).to(f64), function
+        self.register_buffer("count", torch.zeros((), dtype=f64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        noise = torch.rand(x.shape[-1], dtype=f64)
+        return torch.tanh(self.lin(self.function.apply(torch.tanh(x)))) * (1 + 0.01 * noise)
+
+
+LAPLACIANS = ["laplacian", "value_grad_laplacian", "weighted_laplacian", "hutchinson"]
+
+
+def _laplacian(operator: str, f: Callable[..., torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[-1]
+    if operator == "hutchinson":
+        probes = torch.randn(8, *x.shape, dtype=f64, generator=torch.Generator().manual_seed(2))
+        return torchdiv.laplacian(f, x, method="hutchinson", probes=probes)
+    if operator == "weighted_laplacian":
+        return torchdiv.weighted_laplacian(f, x, diffusion=torch.eye(n, dtype=f64))
+    out = getattr(torchdiv, operator)(f, x)
+    return out.laplacian if operator == "value_grad_laplacian" else out
+
+
+@pytest.mark.parametrize("n", [3, 12], ids=["loop", "forward_over_reverse"])
+@pytest.mark.parametrize("operator", LAPLACIANS)
+def test_a_mixing_backward_is_refused_at_the_laplacians_first_call(operator: str, n: int) -> None:
+    """The Laplacians' ``"auto"`` (and the Hutchinson Laplacian) record ``f`` for the Taylor
+    engine, which refuses the custom Function and has no graph to check its ``backward`` on;
+    the fallback (the loop at 3 inputs, forward over reverse at 12) ran unwatched: the first
+    call returned the batched trick's numbers (mixsweep34's left-alone case; at 12 inputs
+    ``value_grad_laplacian``'s later calls too, once the first refused). Refused at every call
+    now."""
+    module = _Counted(n, _MixGrad)
+    for call in range(2):
+        x = torch.randn(4, n, dtype=f64, generator=torch.Generator().manual_seed(call))
+        with pytest.raises(torchdiv.BatchInteractionError, match=r"custom autograd\.Function"):
+            _laplacian(operator, module, x)
+
+
+@pytest.mark.parametrize("n", [3, 12], ids=["loop", "forward_over_reverse"])
+@pytest.mark.parametrize("operator", LAPLACIANS)
+def test_a_per_sample_custom_function_under_the_laplacians_first_call(
+    operator: str, n: int
+) -> None:
+    """The fallback's watch of a per-sample custom Function: served, the buffer moved and the
+    generator drawn from as by one evaluation (the watched evaluation starts from the state
+    the others do, ``Once``), the Laplacian the float64 loop's of ``autograd.grad`` at that
+    draw (1e-10: float64 round-off of a few sums; Hutchinson against the probes' estimate
+    from the loop's Hessians)."""
+    module = _Counted(n, _Square)
+    x = torch.randn(4, n, dtype=f64, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    got = _laplacian(operator, module, x)
+    after = torch.rand(1)
+    assert module.count.item() == 1
+    torch.manual_seed(5)
+    z = x.clone().requires_grad_()
+    y = module(z)
+    assert torch.equal(torch.rand(1), after)
+    hessians = torch.zeros(4, n, n, n, dtype=f64)  # (b, output, i, j)
+    for b in range(4):
+        for k in range(n):
+            (g,) = torch.autograd.grad(y[b, k], z, create_graph=True)
+            for i in range(n):
+                (h,) = torch.autograd.grad(g[b, i], z, retain_graph=True)
+                hessians[b, k, i] = h[b]
+    if operator == "hutchinson":
+        probes = torch.randn(8, 4, n, dtype=f64, generator=torch.Generator().manual_seed(2))
+        ref = torch.einsum("rbi,bkij,rbj->bk", probes, hessians, probes) / 8
+    else:
+        ref = hessians.diagonal(dim1=2, dim2=3).sum(-1)
+    torch.testing.assert_close(got.detach(), ref, rtol=1e-10, atol=1e-10)
+
+
+class _CountingBackward(torch.autograd.Function):
+    """``t * w`` per sample; its backward counts its calls into ``owner.count`` and draws from
+    the global generator (gradient noise of ``1e-3`` scale per sample: affine, not linear, in
+    its cotangent)."""
+
+    @staticmethod
+    def forward(ctx: object, t: torch.Tensor, owner: torch.nn.Module) -> torch.Tensor:
+        ctx.owner = owner  # type: ignore[attr-defined]
+        return t * 2
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        owner = ctx.owner  # type: ignore[attr-defined]
+        with torch.no_grad():
+            owner.count.add_(1)
+        return 2 * grad + 1e-3 * torch.randn_like(grad), None
+
+
+class _CountingNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(3, 3).to(f64)
+        self.register_buffer("count", torch.zeros((), dtype=f64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(_CountingBackward.apply(x, self)))
+
+
+@pytest.mark.parametrize("operator", ["divergence", "jacobian_diagonal", "laplacian"])
+def test_the_checks_products_leave_no_state(operator: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mixsweep34's check of a custom Function's products runs its ``backward`` twice more:
+    a backward that writes a buffer or draws (gradient noise) changed state by those passes
+    (and its noise, affine in the cotangent, was refused as mixing). The same call with the
+    check off leaves the same buffer and generator state; with it on, the call is served."""
+    from torchdiv._core.mixing import watch
+
+    x = torch.randn(4, 3, dtype=f64, generator=torch.Generator().manual_seed(1))
+    after = []
+    for check in (True, False):
+        if not check:
+            monkeypatch.setattr(watch, "_put_back", _not_put_back)
+            monkeypatch.setattr(watch, "scaled_vjps", _no_products)
+        net = _CountingNet()
+        torch.manual_seed(3)
+        getattr(torchdiv, operator)(net, x)
+        after.append((net.count.item(), torch.get_rng_state()))
+    assert after[0][0] == after[1][0]
+    assert torch.equal(after[0][1], after[1][1])
+
+
+def _no_products(apply: object, y: torch.Tensor, batch: torch.Size) -> tuple[torch.Tensor, ...]:
+    """``scaled_vjps`` for the check turned off: no products, nothing leaks."""
+    zeros = torch.zeros(2, *y.shape, dtype=y.dtype)
+    return zeros, torch.ones(batch, dtype=y.dtype)
+
+
+def _not_put_back(x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
