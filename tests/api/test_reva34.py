@@ -307,3 +307,75 @@ def _no_products(apply: object, y: torch.Tensor, batch: torch.Size) -> tuple[tor
 
 def _not_put_back(x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
+
+
+def _hermitian(z: torch.Tensor, complex_: bool) -> torch.Tensor:
+    """``c c^H + (c c^H)^H + diag(0, 1, 2, 3)`` of the sample's 4-vector ``c`` (complex: of
+    its 8 real inputs; real: of its first 4), distinct eigenvalues."""
+    c = torch.view_as_complex(z.reshape(*z.shape[:-1], 4, 2)) if complex_ else z[..., :4]
+    a = c[..., :, None] * c.conj()[..., None, :]
+    return a + a.mH + torch.diag(torch.arange(4.0, dtype=z.dtype)).to(a.dtype)
+
+
+def _spectrum(z: torch.Tensor) -> torch.Tensor:
+    """The eigenvalues of the complex ``_hermitian``, twice (8 outputs, one per input)."""
+    w = torch.linalg.eigvalsh(_hermitian(z, True))
+    return torch.cat([w, w], -1)
+
+
+def _eigenvector_weights(z: torch.Tensor) -> torch.Tensor:
+    """``eigh`` of the real ``_hermitian`` with its eigenvectors used: ``sum_i v_ij^2 w_j``."""
+    w, v = torch.linalg.eigh(_hermitian(z, False))
+    out = (v**2 * w[..., None, :]).sum(-1)
+    return torch.cat([out, out], -1)
+
+
+def _loop_laplacian(f: Callable[..., torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Each sample's Hessian traces by float64 ``torch.autograd.functional.hessian``."""
+    m = f(x[:1]).shape[-1]
+    return torch.stack(
+        [
+            torch.stack(
+                [
+                    torch.autograd.functional.hessian(lambda z, k=k: f(z[None])[0, k], s).trace()
+                    for k in range(m)
+                ]
+            )
+            for s in x
+        ]
+    )
+
+
+def _named_way(error: BaseException) -> str:
+    return str(error).rpartition("; use ")[2]
+
+
+def test_value_grad_laplacians_forward_over_reverse_refusal_names_a_method_it_has() -> None:
+    """Forward over reverse refuses ``eigvalsh`` (PyTorch's forward-mode derivatives are
+    ``nan`` at that order); ``value_grad_laplacian``'s refusal named ``'grad-of-grad'``
+    (``NESTED_WAY_OUT``), which it rejects as an unknown method, and of a complex matrix
+    only that (the lead's ``_real_way_out`` dropped ``'taylor'``). Now ``'auto'``, which runs
+    (the loop of backward passes): the Laplacian the float64 loop's (1e-8: eigenvalue
+    derivatives of a 4x4 matrix, float64 round-off amplified by gaps of ~1)."""
+    x = torch.randn(3, 8, dtype=f64, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(NotImplementedError, match="eigvalsh") as info:
+        torchdiv.value_grad_laplacian(_spectrum, x, method="forward-over-reverse")
+    assert _named_way(info.value) == "method='auto'", str(info.value)
+    got = torchdiv.value_grad_laplacian(_spectrum, x, method="auto").laplacian
+    torch.testing.assert_close(got, _loop_laplacian(_spectrum, x), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["forward-over-reverse", "hessian"])
+def test_eighs_refusal_does_not_name_taylor(method: str) -> None:
+    """``eigh`` refused by forward over reverse ("backward passes only are right") named
+    ``'taylor' or 'grad-of-grad'``; the Taylor engine has rules for its eigenvalues only and
+    refuses ``f``'s use of the eigenvectors. Only ``'grad-of-grad'`` now, which runs
+    (1e-8 as above)."""
+    x = torch.randn(3, 8, dtype=f64, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(NotImplementedError, match="eigh") as info:
+        torchdiv.laplacian(_eigenvector_weights, x, method=method)
+    assert _named_way(info.value) == "method='grad-of-grad'", str(info.value)
+    with pytest.raises(NotImplementedError, match="eigenvectors"):  # what it left out
+        torchdiv.laplacian(_eigenvector_weights, x, method="taylor")
+    got = torchdiv.laplacian(_eigenvector_weights, x, method="grad-of-grad")
+    torch.testing.assert_close(got, _loop_laplacian(_eigenvector_weights, x), rtol=1e-8, atol=1e-8)

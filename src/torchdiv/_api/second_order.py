@@ -745,7 +745,7 @@ def _separately(
         rows: list[torch.Tensor] = []
         values: list[torch.Tensor] = []  # (the value of the draw the derivatives are of)
         laplacian = methods.forward_over_reverse(
-            g, x, batch_dims, chunk_size, each=each, gradients=rows, values=values
+            g, x, batch_dims, chunk_size, each=each, gradients=rows, values=values, way_out=WAY_OUT
         )
         value = values[0] if outer else values[0].detach()
         batch, event = x.shape[:batch_dims], x.shape[batch_dims:]  # (rows: flat events)
@@ -760,6 +760,12 @@ def _separately(
     if drawn:
         value = drawn[0] if outer else drawn[0].detach()
     return ValueGradLaplacian(value, gradient, laplacian)
+
+
+# what forward over reverse's refusal of an op names (``methods.NESTED_WAY_OUT``'s
+# 'grad-of-grad' is no method of value_grad_laplacian's: "unknown method", rev-a34); "auto"
+# falls back to the loop of backward passes where forward over reverse refuses
+WAY_OUT = "method='taylor' or 'auto'"
 
 
 def _forward_over_reverse(
@@ -777,11 +783,15 @@ def _forward_over_reverse(
     ``values``: a list to which ``g(x)`` of the products' first evaluation is appended (none
     for an empty ``index``)."""
     if index is None:
-        return methods.forward_over_reverse(g, x, batch_dims, chunk_size, each=each, values=values)
+        return methods.forward_over_reverse(
+            g, x, batch_dims, chunk_size, each=each, values=values, way_out=WAY_OUT
+        )
     if len(index) == 0:  # an empty sum
         return each(lambda z: methods.zeros_like_output(g, z))(x)
     h, z = along(g, x, batch_dims, unit_columns(index, x, batch_dims))
-    laplacian = methods.forward_over_reverse(h, z, batch_dims, chunk_size, each=each, values=values)
+    laplacian = methods.forward_over_reverse(
+        h, z, batch_dims, chunk_size, each=each, values=values, way_out=WAY_OUT
+    )
     return tied(laplacian, x)
 
 

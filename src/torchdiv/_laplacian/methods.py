@@ -950,9 +950,11 @@ def forward_over_reverse(
     each: Once | None = None,
     gradients: list[torch.Tensor] | None = None,
     values: list[torch.Tensor] | None = None,
+    way_out: str = NESTED_WAY_OUT,
 ) -> torch.Tensor:
     """The Laplacian (the part of a ``share`` of the directions, which must not be empty) by
-    Hessian columns, JVPs of the per-sample gradients, keeping only the diagonal entries.
+    Hessian columns, JVPs of the per-sample gradients, keeping only the diagonal entries
+    (``way_out``: the methods an op's refusal names, ``hessian_products``).
     ``each``: the caller's ``Once``, whose evaluations of ``f`` every chunk's starts from.
     ``gradients``: a list to which the gradients (``(m,) + batch + (n,)``, the event flat, of
     the whole share) are appended, each coordinate ``j`` from the JVPs' primal of the chunk
@@ -973,7 +975,7 @@ def forward_over_reverse(
             kept: list[torch.Tensor] | None = None if gradients is None else []
             value = values if values is not None and not values else None  # (the first's)
             # f's own evaluation watched, not its backward and tangent passes (see hutchinson)
-            along = products_along(each(f), batch_dims, directions, gradients=kept, values=value)
+            along = products_along(each(f), batch_dims, directions, way_out, kept, value)
             columns, y_shape = along(x)
             if kept:  # (m,) + x.shape -> (m,) + batch + (stop - start,)
                 primal = kept[0]
