@@ -194,12 +194,12 @@ HAND_FAST = [
 HAND_FAST_AGAIN = ["mean0", "index_select0", "custom_grad_mix"]
 
 # left alone (NOTES_mixsweep34.md, docs/guide/limitations.md): a custom autograd.Function
-# whose backward mixes samples (in its value or only in its own derivative) under the
-# Laplacians' "auto" (the Taylor recording has no graph to check, then falls back unwatched)
-# and one-probe-set Hutchinson Laplacian; counted apart
+# whose backward's own derivative mixes samples (its value per sample) under the Laplacians'
+# "auto" and Hutchinson Laplacian (the first-order check passes it); counted apart. (One
+# whose backward's value mixes: refused since rev-a34.)
 LEFT_ALONE = {
     (mixer, operator, method)
-    for mixer in ("custom_grad_mix", "custom_second_mix")
+    for mixer in ("custom_second_mix",)
     for operator, method in (
         ("laplacian", "auto"),
         ("laplacian", "auto (again)"),
@@ -658,13 +658,13 @@ def test_a_custom_function_whose_backward_keeps_samples_apart_is_served() -> Non
     )
 
 
-@pytest.mark.xfail(strict=True, reason="left alone: the Laplacians' first 'auto' call")
 @pytest.mark.parametrize("operator", ["laplacian", "value_grad_laplacian", "weighted_laplacian"])
 def test_a_custom_function_whose_backward_mixes_under_the_laplacian(operator: str) -> None:
-    """Left alone (``NOTES_mixsweep34.md``; ``docs/guide/limitations.md``): the Laplacians'
-    ``"auto"`` record ``f`` for the Taylor engine (no graph: no products to check), find no
-    rule for the custom ``Function`` and fall back to forward over reverse, unwatched: the
-    first call returns the batched trick's number (0.05 off the loop's)."""
+    """Left alone by mixsweep34, fixed by rev-a34: the Laplacians' ``"auto"`` record ``f``
+    for the Taylor engine (no graph: no products to check), find no rule for the custom
+    ``Function`` and fell back unwatched: the first call returned the batched trick's number
+    (0.05 off the loop's). The fallback's evaluation is now watched, the Function's products
+    checked (``methods.fallback``, ``custom_refused``)."""
     mixer = next(hand_mixers(["custom_grad_mix"]))
     g = Net(mixer.op, 3, 3, 2, 1)
     options = {"diffusion": torch.eye(3, dtype=f64)} if operator == "weighted_laplacian" else {}

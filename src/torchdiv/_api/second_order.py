@@ -22,6 +22,7 @@ value, gradient and Laplacian from one sweep.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -578,7 +579,9 @@ def value_grad_laplacian(
         if isinstance(plan, methods.Loop) and plan.refused:
             return _looped_or_separately(g, x, batch_dims, chunk_size, index, plan)
         if isinstance(plan, methods.Nested):  # refused before: f watched, then the three
-            return _separately_or_looped(g, x, batch_dims, chunk_size or plan.chunk, index)
+            watching = dataclasses.replace(plan, watch=True)
+            chunk = chunk_size or plan.chunk
+            return _separately_or_looped(g, x, batch_dims, chunk, index, watching)
         if isinstance(plan, methods.Loop):
             try:
                 looped = _looped(g, x, batch_dims, plan, index)
@@ -612,10 +615,11 @@ def value_grad_laplacian(
             n = event_numel(x, batch_dims)
             chunk = chunk_size or graph.chunk(n, methods.CHUNK_ELEMENTS)
             after = methods.at_this_call(methods.fallback(graph, x, batch_dims, chunk))
+            # (watched where the recording could not check: a custom Function, ``fallback``)
             if looped is None and isinstance(after, methods.Loop):
-                return _looped_or_separately(g, x, batch_dims, chunk_size, index)
-            if looped is None:
-                return _separately_or_looped(g, x, batch_dims, chunk_size, index, watch=False)
+                return _looped_or_separately(g, x, batch_dims, chunk_size, index, after)
+            if looped is None and isinstance(after, methods.Nested):
+                return _separately_or_looped(g, x, batch_dims, chunk_size, index, after)
     if looped is not None:
         return methods.loop_unless_rerun(
             looped, lambda: _separately(g, x, batch_dims, chunk_size, index)
@@ -629,14 +633,22 @@ def _separately_or_looped(
     batch_dims: int,
     chunk_size: int | None,
     index: torch.Tensor | None,
-    watch: bool = True,
+    plan: methods.Nested,
 ) -> ValueGradLaplacian:
     """Where ``"auto"`` takes forward over reverse (``methods.fallback``: ``Nested``):
-    ``_separately``, its first evaluation of ``g`` watched for sample mixing if ``watch``
+    ``_separately``, its first evaluation of ``g`` watched for sample mixing if ``plan.watch``
     (``g`` not recorded at this call: its refusal remembered), or, where forward mode cannot
     run ``g`` (an op without a forward-mode rule), the loop of backward passes from the state
-    the first evaluation found (``Once``), remembered, as ``methods.nested``."""
+    the first evaluation found (``Once``), remembered, as ``methods.nested``. Where the
+    recording refused a custom ``autograd.Function`` (``plan.custom``), an evaluation of its
+    own is watched instead, at a tensor that requires grad (``methods.watch_evaluation``: the
+    value's, at ``x``'s alias, may have no graph to check the Function's ``backward`` on),
+    from the same state."""
     each = Once(x)
+    watch = plan.watch
+    if watch and plan.custom:
+        each(lambda z: methods.watch_evaluation(g, z, batch_dims))(x)
+        watch = False
     return methods.loop_where_forward_fails(
         lambda: _separately(g, x, batch_dims, chunk_size, index, each, watch),
         lambda: _looped(each(g), x, batch_dims, methods.Loop(refused=True), index),
@@ -733,7 +745,7 @@ def _separately(
         rows: list[torch.Tensor] = []
         values: list[torch.Tensor] = []  # (the value of the draw the derivatives are of)
         laplacian = methods.forward_over_reverse(
-            g, x, batch_dims, chunk_size, each=each, gradients=rows, values=values
+            g, x, batch_dims, chunk_size, each=each, gradients=rows, values=values, way_out=WAY_OUT
         )
         value = values[0] if outer else values[0].detach()
         batch, event = x.shape[:batch_dims], x.shape[batch_dims:]  # (rows: flat events)
@@ -748,6 +760,12 @@ def _separately(
     if drawn:
         value = drawn[0] if outer else drawn[0].detach()
     return ValueGradLaplacian(value, gradient, laplacian)
+
+
+# what forward over reverse's refusal of an op names (``methods.NESTED_WAY_OUT``'s
+# 'grad-of-grad' is no method of value_grad_laplacian's: "unknown method", rev-a34); "auto"
+# falls back to the loop of backward passes where forward over reverse refuses
+WAY_OUT = "method='taylor' or 'auto'"
 
 
 def _forward_over_reverse(
@@ -765,11 +783,15 @@ def _forward_over_reverse(
     ``values``: a list to which ``g(x)`` of the products' first evaluation is appended (none
     for an empty ``index``)."""
     if index is None:
-        return methods.forward_over_reverse(g, x, batch_dims, chunk_size, each=each, values=values)
+        return methods.forward_over_reverse(
+            g, x, batch_dims, chunk_size, each=each, values=values, way_out=WAY_OUT
+        )
     if len(index) == 0:  # an empty sum
         return each(lambda z: methods.zeros_like_output(g, z))(x)
     h, z = along(g, x, batch_dims, unit_columns(index, x, batch_dims))
-    laplacian = methods.forward_over_reverse(h, z, batch_dims, chunk_size, each=each, values=values)
+    laplacian = methods.forward_over_reverse(
+        h, z, batch_dims, chunk_size, each=each, values=values, way_out=WAY_OUT
+    )
     return tied(laplacian, x)
 
 

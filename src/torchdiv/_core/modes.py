@@ -1337,10 +1337,12 @@ def _floating(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
 
 
-def _real_way_out(way_out: str, args: Any) -> str:
-    """``way_out`` without ``'taylor'`` where the op takes a complex tensor: the Taylor engine
-    has no complex rules (it would refuse the op again)."""
-    if not any(isinstance(t, torch.Tensor) and t.is_complex() for t in tree_leaves(args)):
+def _real_way_out(way_out: str, name: str, args: Any) -> str:
+    """``way_out`` without ``'taylor'`` where the op takes a complex tensor (the Taylor engine
+    has no complex rules: it would refuse the op again), or is ``torch.linalg.eigh`` (its rule
+    is for the eigenvalues only: f's use of the eigenvectors was refused again, rev-a34)."""
+    complex_args = any(isinstance(t, torch.Tensor) and t.is_complex() for t in tree_leaves(args))
+    if not complex_args and name != "torch.linalg.eigh":
         return way_out
     return way_out.replace("'taylor' or ", "").replace(" or 'taylor'", "")
 
@@ -1805,7 +1807,7 @@ class SafeDerivatives(TorchFunctionMode):
                 return out
         assert entry is not None  # (None returned above)
         if entry.run is None:
-            way = _real_way_out(self.way_out, args)
+            way = _real_way_out(self.way_out, entry.name, args)
             raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {way}")
         self.replaced = self.replaced or bool(entry.nodes)  # (no nodes: a plain one is right)
         return entry.run(*args, **kwargs)

@@ -35,6 +35,7 @@ from torchdiv._core.mixing.transformed import check_transformed
 from torchdiv._core.mixing.watch import Verdicts, verdicts
 from torchdiv._core.mixing.watch import watched as mixing_watched
 from torchdiv._core.modes import checkpointed, recorded
+from torchdiv._core.subclass import attributes_of
 from torchdiv._core.tie import tied
 from torchdiv._core.walk import GraphTooDeep
 from torchdiv._exact.attributes import unwrap_between_evaluations
@@ -54,7 +55,7 @@ from torchdiv._taylor import (
     mixing,
     propagate,
 )
-from torchdiv._taylor.capture import IN_PLACE_DETACH, Ref, argument, way_out
+from torchdiv._taylor.capture import CUSTOM_FUNCTION, IN_PLACE_DETACH, Ref, argument, way_out
 from torchdiv._taylor.sparse import Sparse, per_particle
 from torchdiv._taylor.tree import leaves
 
@@ -266,17 +267,27 @@ def fallback(graph: Graph, x: torch.Tensor, batch_dims: int, chunk: int) -> Loop
     sample mixing where the recording refused ``x`` itself, a tensor subclass, before evaluating
     ``f``: until a review found it, such a first call's ``f`` went unwatched (a mean over the
     batch inside ``f`` gave a Laplacian, the second call ``BatchInteractionError``)."""
-    unwatched = type(x) is torch.Tensor  # the recording evaluated f, watched
+    # the recording evaluated f, watched, but not a custom Function's backward (no graph):
+    # the fallback's evaluation is watched again, its products checked (``custom_products``)
+    unwatched = type(x) is torch.Tensor and not custom_refused(graph)
     outputs = math.prod(graph.output_shape[batch_dims:])
     if event_numel(x, batch_dims) * outputs <= LOOP_FALLBACK or _backward_passes_only(graph):
         return Loop(refused=True) if unwatched else Loop("watch", refused=True)
-    return Nested(chunk, watch=not unwatched)
+    return Nested(chunk, watch=not unwatched, custom=custom_refused(graph))
+
+
+def custom_refused(graph: Graph) -> bool:
+    """Whether the recording refused a custom ``autograd.Function`` (``custom_function``):
+    its ``backward``, unseen by the recording's watch, is checked by ``fallback``'s plan."""
+    return any(CUSTOM_FUNCTION in what for what in graph.unsupported)
 
 
 def at_this_call(plan: Loop | Nested) -> Loop | Nested:
     """``plan`` (``fallback``), or the loop inside the caller's ``forward_ad.dual_level()``,
     where forward mode cannot nest."""
-    return Loop(refused=True) if isinstance(plan, Nested) and holds_dual_level() else plan
+    if isinstance(plan, Nested) and holds_dual_level():
+        return Loop("watch" if plan.watch else None, refused=True)
+    return plan
 
 
 def _backward_passes_only(graph: Graph) -> bool:
@@ -327,10 +338,13 @@ class Nested:
     """``"auto"`` runs forward over reverse where the Taylor engine cannot run ``f``
     (``fallback``), ``chunk`` directions at a time; ``watch``: ``f`` was not recorded at this
     call (its refusal was remembered), so one evaluation of it is watched for sample mixing
-    first (``nested``), as the recording was at every call."""
+    first (``nested``), as the recording was at every call; ``custom``: the recording refused
+    a custom ``autograd.Function`` (``custom_refused``), whose ``backward`` that watch checks
+    where ``f`` is evaluated at a tensor that requires grad (``watch_evaluation``)."""
 
     chunk: int
     watch: bool = False
+    custom: bool = False
 
 
 def recorded_or_loop(
@@ -507,7 +521,7 @@ def nested(
     first found (``Once``): ``f``'s buffers and random draws change once."""
     each = Once(x)
     if plan.watch:
-        each(lambda z: _watched(f, z, batch_dims))(x)
+        each(lambda z: watch_evaluation(f, z, batch_dims))(x)
     return loop_where_forward_fails(
         lambda: forward_over_reverse(f, x, batch_dims, chunk_size or plan.chunk, each=each),
         lambda: looped(each(f), x, batch_dims, chunk_size, Loop(refused=True)),
@@ -547,11 +561,19 @@ def loop_where_forward_fails(
     return out
 
 
-def _watched(f: Function, x: torch.Tensor, batch_dims: int) -> None:
+def watch_evaluation(f: Function, x: torch.Tensor, batch_dims: int) -> None:
     """Evaluate ``f`` at an alias of ``x`` (``capture.argument``, as recording does) with grad
     on, watched for sample mixing (``BatchInteractionError``); the result is dropped."""
     with torch.enable_grad():
-        mixing_watched(f, argument(x), batch_dims)
+        # (a leaf that requires grad where ``x`` does not, as the loop's: the products of a
+        # custom Function's backward are checked only where they reach the argument)
+        z = argument(x) if x.requires_grad else attributes_of(x, _leaf(x))
+        mixing_watched(f, z, batch_dims)
+
+
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    """``torch.Tensor``'s own ``detach`` and ``requires_grad_`` (not a subclass's)."""
+    return torch.Tensor.requires_grad_(torch.Tensor.detach(x), True)
 
 
 def loops(x: torch.Tensor, batch_dims: int) -> bool:
@@ -928,9 +950,11 @@ def forward_over_reverse(
     each: Once | None = None,
     gradients: list[torch.Tensor] | None = None,
     values: list[torch.Tensor] | None = None,
+    way_out: str = NESTED_WAY_OUT,
 ) -> torch.Tensor:
     """The Laplacian (the part of a ``share`` of the directions, which must not be empty) by
-    Hessian columns, JVPs of the per-sample gradients, keeping only the diagonal entries.
+    Hessian columns, JVPs of the per-sample gradients, keeping only the diagonal entries
+    (``way_out``: the methods an op's refusal names, ``hessian_products``).
     ``each``: the caller's ``Once``, whose evaluations of ``f`` every chunk's starts from.
     ``gradients``: a list to which the gradients (``(m,) + batch + (n,)``, the event flat, of
     the whole share) are appended, each coordinate ``j`` from the JVPs' primal of the chunk
@@ -951,7 +975,7 @@ def forward_over_reverse(
             kept: list[torch.Tensor] | None = None if gradients is None else []
             value = values if values is not None and not values else None  # (the first's)
             # f's own evaluation watched, not its backward and tangent passes (see hutchinson)
-            along = products_along(each(f), batch_dims, directions, gradients=kept, values=value)
+            along = products_along(each(f), batch_dims, directions, way_out, kept, value)
             columns, y_shape = along(x)
             if kept:  # (m,) + x.shape -> (m,) + batch + (stop - start,)
                 primal = kept[0]
@@ -1024,6 +1048,8 @@ def hutchinson(
             return out
 
     each = Once(x)  # f evaluated once per chunk, and again by the loop: from one state
+    if graph is not None and custom_refused(graph):  # (its backward, unseen by the recording)
+        each(lambda z: watch_evaluation(f, z, batch_dims))(x)
 
     def parts() -> Iterator[tuple[torch.Tensor, torch.Size]]:
         for v in pieces:

@@ -1412,6 +1412,7 @@ def finished(recorder: _Recorder, y: Any, outer_grad: bool, keep_values: bool) -
 
 # a reentrant ``torch.utils.checkpoint`` as the recorders' refusals name it (``custom_function``)
 REENTRANT_CHECKPOINT = "torch.utils.checkpoint(use_reentrant=True)"
+CUSTOM_FUNCTION = "a custom autograd.Function"
 
 
 def custom_function() -> str:
@@ -1421,9 +1422,9 @@ def custom_function() -> str:
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code is CheckpointFunction.forward.__code__:
-            return f"{REENTRANT_CHECKPOINT}, a custom autograd.Function"
+            return f"{REENTRANT_CHECKPOINT}, {CUSTOM_FUNCTION}"
         frame = frame.f_back
-    return "a custom autograd.Function"
+    return CUSTOM_FUNCTION
 
 
 def way_out(what: str, default: str) -> str:

@@ -14,16 +14,24 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, explain
 from torchdiv._core.mixing.reads import Verdict, reading
 from torchdiv._core.mixing.tracker import BatchAxes
-from torchdiv._core.mixing.transformed import check_transformed, leaks, scaled_vjps
+from torchdiv._core.mixing.transformed import (
+    _draws,
+    _tolerance,
+    check_transformed,
+    leaks,
+    scaled_vjps,
+)
 from torchdiv._core.modes import (
     UNDERIVABLE_OPS,
     DispatchMode,
     refuse_underivable,
 )
+from torchdiv._core.precision import full_float32
 from torchdiv._core.subclass import attributes_of
 from torchdiv._core.walk import BATCH_NORM_NODES, nodes
 
@@ -206,14 +214,71 @@ def custom_products(
     batch = like.shape[:batch_dims]
     if allowed() or batch.numel() < 2 or not like.is_floating_point():
         return
-    (plain, weighted), s = scaled_vjps(apply, like, batch)
-    if leaks(plain, weighted, s, like.dtype):
+    with _put_back(x):  # (what the Function's backward writes or draws)
+        (plain, weighted), s = scaled_vjps(apply, like, batch)
+        leaked = leaks(plain, weighted, s, like.dtype)
+        leaked = leaked and _received(apply, plain, weighted, s, like)
+    if leaked:
         what = (
             "a custom autograd.Function's backward (or jvp) carries each sample's cotangent "
             "into other samples' gradients (its forward keeps samples apart; its derivative "
             "reduces or normalises over the batch)"
         )
         raise BatchInteractionError(explain(what, x, batch_dims))
+
+
+def _received(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    plain: torch.Tensor,
+    weighted: torch.Tensor,
+    s: torch.Tensor,
+    like: torch.Tensor,
+) -> bool:
+    """Whether the check's leak at the sample ``b`` that leaked most comes from the other
+    samples' cotangents: ``P(w)_b`` for ``w = (s - s_b) v``, zero at sample ``b``. For a
+    linear ``P`` that is the leak itself, ``P(s v)_b - s_b P(v)_b = sum_c (s_c - s_b) J_cb^T
+    u``, whatever the batch (a product from the other samples' plain ``s_c v``, ``mean(s) K^T
+    u`` for a coupling through the batch mean, was ``sqrt(B)`` times smaller than the check's
+    leak). A ``backward`` that keeps samples apart but is not linear in its cotangent (a
+    gradient clipped, ``g.clamp(-c, c)``, or normalised per sample, ``g / g.norm(dim=-1)``)
+    fails ``P(s v) = s P v`` too, and was refused as mixing although the per-sample loop gives
+    the batched numbers (rev-a34); it gives ``P_b(0)``, zero, which is taken off: a
+    ``backward`` that adds a random draw to its gradient (``tests/backward_state.py``) is
+    affine in its cotangent, each product made from one state (the same draws). Two products
+    more, only where the check leaked. Under a ``torch.func`` transform (wrapped tensors):
+    ``True``."""
+    if is_functorch_wrapped_tensor(plain) or is_functorch_wrapped_tensor(weighted):
+        return True
+    plain, weighted, count = plain.detach(), weighted.detach(), s.numel()
+    on_plain = s.reshape(*s.shape, *[1] * (plain.dim() - s.dim())) * plain
+    b = int((weighted - on_plain).abs().reshape(count, -1).amax(1).argmax())
+    v, _ = _draws(like.shape, s.shape, like.dtype, like.device)  # (``scaled_vjps``' ``v``)
+    kept = s.reshape(-1) - s.reshape(-1)[b]  # (exactly zero at ``b``)
+    w = kept.reshape(*s.shape, *[1] * (like.dim() - s.dim())) * v
+    products = []
+    for cotangent in (w, torch.zeros_like(w)):  # (each from the state before: the same draws)
+        with _put_back(like), full_float32(like.device):
+            products.append(apply(cotangent[None])[0].detach().reshape(count, -1)[b])
+    got = (products[0] - products[1]).abs().max()
+    scale = torch.maximum(weighted.abs().max(), on_plain.abs().max())
+    return float(got) > _tolerance(like.dtype) * float(scale)
+
+
+@contextlib.contextmanager
+def _put_back(x: torch.Tensor) -> Iterator[None]:
+    """Put back what the products inside write to tensors (a buffer counting backward passes,
+    a backward hook's) and the generators they draw from (``_exact.state.Changes``): the
+    checks' products are no part of the call (a custom ``backward`` with such effects changed
+    state by two more passes: the Hutchinson Laplacian's second call by more than its first,
+    ``tests/laplacian/test_hutchinson_backward_state.py``, until rev-a34)."""
+    from torchdiv._exact.state import Changes  # (a layer above this one: imported lazily)
+
+    changes = Changes(x)
+    try:
+        with changes:
+            yield
+    finally:
+        changes.undo()
 
 
 def _differentiable(y: Any, x: torch.Tensor) -> bool:
