@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from torchdiv._core.checks import untransformed
@@ -77,3 +78,19 @@ def tied(out: torch.Tensor, x: torch.Tensor, read: Sequence[Any] = ()) -> torch.
         return out
     result: torch.Tensor = _Tied.apply(out, x)
     return result
+
+
+def detached(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its autograd graph but with its forward-mode tangents: those of the
+    caller's ``torch.autograd.forward_ad`` level (dual parameters) and of a ``torch.func.jvp``
+    around the call, which ``detach`` cuts too. ``t`` itself where it has no graph (the
+    engines' results under the caller's ``no_grad``: a ``jvp`` over parameters of a
+    forward-mode engine's divergence or Laplacian gave tangents of exactly 0, rev-b34); a
+    dual tensor's graph is dropped and its tangent kept (``value_grad_laplacian``'s loop
+    gave ``None``, gradcheck34)."""
+    if not t.requires_grad:
+        return t
+    tangent = fwAD.unpack_dual(t).tangent
+    if tangent is None:
+        return t.detach()
+    return fwAD.make_dual(t.detach(), tangent.detach())

@@ -1,0 +1,73 @@
+"""rev-b34: adversarial review of gradcheck34 (the caller's forward-mode tangents through the
+operators) and opinfohi34 (``mvlgamma``'s replacement).
+
+References: central differences in float64 of the operator's value along the parameters'
+tangents (``eps = 1e-6``: truncation ``O(eps^2)``, rounding ``O(1e-16 / eps) = 1e-10``
+relative to values of order 1, so ``rtol = 1e-6``/``atol = 1e-8`` sits far above both and far
+below a dropped or wrong tangent, an error of order 1); closed forms for ``mvlgamma``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import torchdiv
+from tests.exact.test_gradcheck34 import _net
+
+DT = torch.float64
+EPS = 1e-6
+
+
+def _jvp_tangents(
+    operator: Callable[..., object], op: Callable[[torch.Tensor], torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The tangents of ``operator``'s outputs by ``torch.func.jvp`` over ``f``'s parameters
+    under the caller's ``torch.no_grad()``, and their central differences."""
+    net = _net(op)
+    names = [n for n, _ in net.named_parameters()]
+    params = tuple(p.detach() for p in net.parameters())
+    gen = torch.Generator().manual_seed(2)
+    tangents = tuple(torch.randn(p.shape, dtype=DT, generator=gen) for p in params)
+    x = torch.randn(2, 4, dtype=DT, generator=gen) * 0.7
+
+    def outputs(*ps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        result = operator(
+            lambda z: functional_call(net, dict(zip(names, ps, strict=True)), (z,)), x
+        )
+        return tuple(result) if isinstance(result, tuple) else (result,)  # type: ignore[arg-type]
+
+    with torch.no_grad():
+        up = outputs(*(p + EPS * t for p, t in zip(params, tangents, strict=True)))
+        down = outputs(*(p - EPS * t for p, t in zip(params, tangents, strict=True)))
+        _, got = torch.func.jvp(outputs, params, tangents)
+    return [(g, (u - d) / (2 * EPS)) for g, u, d in zip(got, up, down, strict=True)]
+
+
+_FORWARD_ENGINES: dict[str, Callable[..., object]] = {
+    "divergence-forward": lambda f, x: torchdiv.divergence(f, x, method="forward"),
+    "jacobian-forward": lambda f, x: torchdiv.jacobian(f, x, method="forward"),
+    "laplacian-forward-over-reverse": lambda f, x: torchdiv.laplacian(
+        f, x, method="forward-over-reverse"
+    ),
+    "laplacian-auto": torchdiv.laplacian,
+    "value_grad_laplacian-auto": torchdiv.value_grad_laplacian,
+    "value_grad_laplacian-forward-over-reverse": lambda f, x: torchdiv.value_grad_laplacian(
+        f, x, method="forward-over-reverse"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FORWARD_ENGINES))
+def test_jvp_over_parameters_under_no_grad(name: str) -> None:
+    """``torch.func.jvp`` over ``f``'s parameters around an operator called under the
+    caller's ``torch.no_grad()`` (forward AD ignores grad mode; a JVP of a PINN loss in
+    parameters inside an evaluation block): every engine that pushes tangents gave tangents
+    of exactly 0, silently. Its results were ``detach``ed to drop a graph under ``no_grad``,
+    and ``detach`` also cuts the caller's ``jvp`` level."""
+    for got, ref in _jvp_tangents(_FORWARD_ENGINES[name], torch.tanh):
+        assert ref.abs().max() > 0.1  # (a tangent worth dropping)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-8)
