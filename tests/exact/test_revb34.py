@@ -71,3 +71,46 @@ def test_jvp_over_parameters_under_no_grad(name: str) -> None:
     for got, ref in _jvp_tangents(_FORWARD_ENGINES[name], torch.tanh):
         assert ref.abs().max() > 0.1  # (a tangent worth dropping)
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-8)
+
+
+def _loop_laplacian(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Every sample's Laplacian of every output by a float64 loop of ``autograd.grad``."""
+    rows = []
+    for b in range(x.shape[0]):
+        z = x[b : b + 1].detach().requires_grad_()
+        y = f(z)[0].flatten()
+        lap = torch.zeros_like(y)
+        for i in range(y.numel()):
+            (g,) = torch.autograd.grad(y[i], z, create_graph=True)
+            for j in range(z.shape[1]):
+                lap[i] += torch.autograd.grad(g[0, j], z, retain_graph=True)[0][0, j]
+        rows.append(lap)
+    return torch.stack(rows)
+
+
+def _solve_by_keywords(h: torch.Tensor) -> torch.Tensor:
+    a = h.unflatten(-1, (2, 2))
+    return torch.linalg.solve(A=a + 3 * torch.eye(2, dtype=h.dtype), B=a).flatten(-2)
+
+
+_BY_KEYWORD: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mvlgamma": lambda h: torch.mvlgamma(input=h + 3, p=2),
+    "multigammaln": lambda h: torch.special.multigammaln(input=h + 3, p=3),
+    "cumprod": lambda h: torch.cumprod(input=h, dim=-1),
+    "prelu": lambda h: torch.nn.functional.prelu(input=h, weight=torch.tensor([0.3], dtype=DT)),
+    "sgn": lambda h: torch.sgn(input=h) * h**3,
+    "solve": _solve_by_keywords,
+    "det": lambda h: h * torch.linalg.det(A=h.unflatten(-1, (2, 2))).unsqueeze(-1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BY_KEYWORD))
+def test_replaced_op_with_its_tensor_by_keyword(name: str) -> None:
+    """A replaced op called with its tensor by keyword (``torch.cumprod(input=h, dim=-1)``,
+    ``torch.linalg.solve(A=a, B=b)``) in ``f``: the replacement, whose parameters are named
+    otherwise, raised ``TypeError: _cumprod() got an unexpected keyword argument 'input'``
+    under forward over reverse (and every engine that replaces it)."""
+    f = _BY_KEYWORD[name]
+    x = torch.randn(2, 4, dtype=DT, generator=torch.Generator().manual_seed(3)) * 0.7
+    got = torchdiv.laplacian(f, x, method="forward-over-reverse")
+    torch.testing.assert_close(got, _loop_laplacian(f, x), rtol=1e-9, atol=1e-9)

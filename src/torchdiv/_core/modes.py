@@ -32,6 +32,7 @@ from torch._C._functorch import (
     maybe_get_level,
 )
 from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
+from torch.fx.operator_schemas import normalize_function
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules import module as _module_hooks
 from torch.overrides import TorchFunctionMode
@@ -1808,6 +1809,7 @@ class SafeDerivatives(TorchFunctionMode):
             way = _real_way_out(self.way_out, args)
             raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {way}")
         self.replaced = self.replaced or bool(entry.nodes)  # (no nodes: a plain one is right)
+        args, kwargs = _by_position(func, entry.run, args, kwargs)
         return entry.run(*args, **kwargs)
 
     def _written_below_transforms(
@@ -2793,6 +2795,43 @@ class InnerBackwards(TorchFunctionMode):
 # ``SafeDerivatives``' order for an ``f`` that takes a backward pass with a graph, evaluated by
 # an engine of backward passes: its derivatives are at least second ones of the ops before it
 INNER_ORDER = (3, False)
+
+
+@functools.cache
+def _keywords(run: Callable[..., Any]) -> frozenset[str] | None:
+    """The keywords ``run`` takes (``None``: any, a ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(run).parameters.values()
+    except (TypeError, ValueError):  # (no signature: an autograd.Function's apply)
+        return frozenset()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+
+
+def _by_position(
+    func: Any, run: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args, kwargs`` for ``run``, a replacement of ``func``: the leading arguments ``f``
+    passed by keywords of ``func``'s own that ``run`` names otherwise (``torch.cumprod(input=h,
+    dim=-1)``, ``torch.linalg.solve(A=a, B=b)``; ``run``'s ``a``, ``b``) passed by position
+    (``run``'s positions are ``func``'s): they raised ``TypeError`` (rev-b34). ``func``'s
+    parameter order from its schema (``normalize_function``), looked up only then."""
+    accepted = _keywords(run)
+    if accepted is None or all(k in accepted for k in kwargs):
+        return args, kwargs
+    pair = normalize_function(func, args, kwargs, normalize_to_only_use_kwargs=True)
+    if pair is None:
+        return args, kwargs
+    moved = {k: v for k, v in kwargs.items() if k not in accepted}
+    positional = list(args)
+    for name in list(pair.kwargs)[len(args) :]:  # (func's parameters in order)
+        if name not in moved:
+            break
+        positional.append(moved.pop(name))
+    if moved:  # (not leading: left for run to refuse)
+        return args, kwargs
+    return tuple(positional), {k: v for k, v in kwargs.items() if k in accepted}
 
 
 def dual_order(entry: Replacement, order: int) -> bool:
