@@ -60,7 +60,7 @@ from torchdiv._core.mixing.watch import (
 from torchdiv._core.modes import SafeDerivatives, eager_when, outside_inference_mode
 from torchdiv._core.nested import NestedForward
 from torchdiv._core.script import faking
-from torchdiv._core.tie import detached, tied
+from torchdiv._core.tie import detached, tied, trained
 from torchdiv._core.walk import GraphTooDeep
 from torchdiv._estimators import trace as _trace
 from torchdiv._exact.attributes import unwrap_between_evaluations
@@ -190,7 +190,9 @@ def weighted_laplacian(
             raise (renamed(fn, exc) or exc) from exc
         total = sign * part if total is None else total + sign * part
     assert total is not None  # _factors always gives the positive part
-    return tied(total, x)  # on x's graph where the engines' result is not (f piecewise linear)
+    # on x's graph (and a module's parameters') where the engines' result is not (f piecewise
+    # linear)
+    return tied(total, x, trained(f))
 
 
 def _part(
@@ -739,6 +741,8 @@ def _separately(
         batch, event = x.shape[:batch_dims], x.shape[batch_dims:]  # (rows: flat events)
         gradient = rows[0].reshape(-1, *batch, *event).movedim(0, batch_dims)
         shape = (*batch, *value.shape[batch_dims:], *event)
+        # (on x's graph where forward over reverse left none: f piecewise linear, as laplacian)
+        laplacian = laplacian if laplacian.requires_grad else tied(laplacian, x)
         return ValueGradLaplacian(value, gradient.reshape(shape).to(x.dtype), laplacian)
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:

@@ -80,6 +80,15 @@ def tied(out: torch.Tensor, x: torch.Tensor, read: Sequence[Any] = ()) -> torch.
     return result
 
 
+def trained(f: object) -> tuple[torch.Tensor, ...]:
+    """``tied``'s ``read`` for a result of ``f`` that its engine cannot attribute: an
+    ``nn.Module``'s parameters (a closure's tensors are not known). A nested method's
+    Laplacian of a piecewise-linear module (hardsigmoid: PyTorch's double backward gives
+    constant zeros) had no graph: with ``x`` frozen and the module trained, ``backward()``
+    raised where ``"auto"`` and the loop give its parameters zero gradients (rev-b34)."""
+    return tuple(f.parameters()) if isinstance(f, torch.nn.Module) else ()
+
+
 def detached(t: torch.Tensor) -> torch.Tensor:
     """``t`` without its autograd graph but with its forward-mode tangents: those of the
     caller's ``torch.autograd.forward_ad`` level (dual parameters) and of a ``torch.func.jvp``
