@@ -2798,15 +2798,21 @@ INNER_ORDER = (3, False)
 
 
 @functools.cache
-def _keywords(run: Callable[..., Any]) -> frozenset[str] | None:
-    """The keywords ``run`` takes (``None``: any, a ``**kwargs``)."""
+def _parameters(run: Callable[..., Any]) -> tuple[frozenset[str], int] | None:
+    """The keywords ``run`` takes and how many parameters it takes by position (``None``:
+    any keyword, a ``**kwargs``); none known without a signature (an autograd.Function's
+    apply)."""
     try:
         parameters = inspect.signature(run).parameters.values()
-    except (TypeError, ValueError):  # (no signature: an autograd.Function's apply)
-        return frozenset()
+    except (TypeError, ValueError):
+        return frozenset(), sys.maxsize
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return None
-    return frozenset(p.name for p in parameters if p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+    by_position = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return (
+        frozenset(p.name for p in parameters if p.kind is not inspect.Parameter.POSITIONAL_ONLY),
+        sum(p.kind in by_position for p in parameters),
+    )
 
 
 def _by_position(
@@ -2817,21 +2823,21 @@ def _by_position(
     dim=-1)``, ``torch.linalg.solve(A=a, B=b)``; ``run``'s ``a``, ``b``) passed by position
     (``run``'s positions are ``func``'s): they raised ``TypeError`` (rev-b34). ``func``'s
     parameter order from its schema (``normalize_function``), looked up only then."""
-    accepted = _keywords(run)
-    if accepted is None or all(k in accepted for k in kwargs):
+    known = _parameters(run)
+    if known is None or all(k in known[0] for k in kwargs):
         return args, kwargs
     pair = normalize_function(func, args, kwargs, normalize_to_only_use_kwargs=True)
     if pair is None:
         return args, kwargs
-    moved = {k: v for k, v in kwargs.items() if k not in accepted}
+    moved = {k: v for k, v in kwargs.items() if k not in known[0]}
     positional = list(args)
-    for name in list(pair.kwargs)[len(args) :]:  # (func's parameters in order)
+    for name in list(pair.kwargs)[len(args) : known[1]]:  # (func's parameters in order)
         if name not in moved:
             break
         positional.append(moved.pop(name))
-    if moved:  # (not leading: left for run to refuse)
+    if moved:  # (not leading ones: left for run to refuse)
         return args, kwargs
-    return tuple(positional), {k: v for k, v in kwargs.items() if k in accepted}
+    return tuple(positional), {k: v for k, v in kwargs.items() if k in known[0]}
 
 
 def dual_order(entry: Replacement, order: int) -> bool:
