@@ -2797,7 +2797,6 @@ class InnerBackwards(TorchFunctionMode):
 INNER_ORDER = (3, False)
 
 
-@functools.cache
 def _parameters(run: Callable[..., Any]) -> tuple[frozenset[str], int] | None:
     """The keywords ``run`` takes and how many parameters it takes by position (``None``:
     any keyword, a ``**kwargs``); none known without a signature (an autograd.Function's
@@ -2823,7 +2822,7 @@ def _by_position(
     dim=-1)``, ``torch.linalg.solve(A=a, B=b)``; ``run``'s ``a``, ``b``) passed by position
     (``run``'s positions are ``func``'s): they raised ``TypeError`` (rev-b34). ``func``'s
     parameter order from its schema (``normalize_function``), looked up only then."""
-    known = _parameters(run)
+    known = _PARAMETERS.get(run)  # (None: not a row of REPLACEMENTS, left as it is)
     if known is None or all(k in known[0] for k in kwargs):
         return args, kwargs
     pair = normalize_function(func, args, kwargs, normalize_to_only_use_kwargs=True)
@@ -2838,6 +2837,11 @@ def _by_position(
     if moved:  # (not leading ones: left for run to refuse)
         return args, kwargs
     return tuple(positional), {k: v for k, v in kwargs.items() if k in known[0]}
+
+
+# every replacement's, read once here: a dict look-up per replaced call with keywords (one a
+# compiled region traces, where a cached signature look-up warned)
+_PARAMETERS = {e.run: _parameters(e.run) for e in REPLACEMENTS.values() if e.run is not None}
 
 
 def dual_order(entry: Replacement, order: int) -> bool:
