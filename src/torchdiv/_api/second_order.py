@@ -192,7 +192,7 @@ def weighted_laplacian(
     assert total is not None  # _factors always gives the positive part
     # on x's graph (and a module's parameters') where the engines' result is not (f piecewise
     # linear)
-    return tied(total, x, trained(f))
+    return tied(total, x, trained(f, total))
 
 
 def _part(

@@ -80,13 +80,16 @@ def tied(out: torch.Tensor, x: torch.Tensor, read: Sequence[Any] = ()) -> torch.
     return result
 
 
-def trained(f: object) -> tuple[torch.Tensor, ...]:
-    """``tied``'s ``read`` for a result of ``f`` that its engine cannot attribute: an
-    ``nn.Module``'s parameters (a closure's tensors are not known). A nested method's
-    Laplacian of a piecewise-linear module (hardsigmoid: PyTorch's double backward gives
-    constant zeros) had no graph: with ``x`` frozen and the module trained, ``backward()``
-    raised where ``"auto"`` and the loop give its parameters zero gradients (rev-b34)."""
-    return tuple(f.parameters()) if isinstance(f, torch.nn.Module) else ()
+def trained(f: object, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tied``'s ``read`` for ``out``, a result of ``f`` that its engine cannot attribute: an
+    ``nn.Module``'s parameters (a closure's tensors are not known), walked only where ``out``
+    has no graph under grad mode (where ``tied`` reads them). A nested method's Laplacian of a
+    piecewise-linear module (hardsigmoid: PyTorch's double backward gives constant zeros) had
+    no graph: with ``x`` frozen and the module trained, ``backward()`` raised where ``"auto"``
+    and the loop give its parameters zero gradients (rev-b34)."""
+    if out.requires_grad or not torch.is_grad_enabled() or not isinstance(f, torch.nn.Module):
+        return ()
+    return tuple(f.parameters())
 
 
 def detached(t: torch.Tensor) -> torch.Tensor:
