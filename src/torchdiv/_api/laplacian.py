@@ -78,7 +78,7 @@ from torchdiv._core.checks import (
 from torchdiv._core.crossover import COMPILED_F_WORK, TRACED_WORK, traceable
 from torchdiv._core.mixing.watch import check_empty_event, checks_empty_event
 from torchdiv._core.modes import compiled_like_f, eager_when, entry
-from torchdiv._core.tie import tied
+from torchdiv._core.tie import tied, trained
 from torchdiv._estimators import trace as _trace
 from torchdiv._exact.state import Once
 from torchdiv._laplacian import methods, traced
@@ -219,11 +219,12 @@ def laplacian(
         # on x's graph where the nested methods' result has none: a piecewise-linear f whose
         # double backward gives constant zeros (hardsigmoid; gradcheck34), whose loss's
         # backward() raised where the other methods' gradients are zeros
-        return out if out.requires_grad else tied(out, x)
+        return out if out.requires_grad else tied(out, x, trained(f, out))
     # the Laplacian in z of f(x + S z), S's columns the chosen e_j; on x's graph (tied) where
     # the recording engines' result has no path to it (f piecewise linear in x)
     h, z = along(g, x, batch_dims, unit_columns(index, x, batch_dims))
-    return tied(_laplacian(h, z, batch_dims, method, chunk_size, v), x)
+    out = _laplacian(h, z, batch_dims, method, chunk_size, v)
+    return tied(out, x, trained(f, out))
 
 
 def _laplacian(

@@ -61,7 +61,7 @@ from torchdiv._core.mixing.watch import (
 from torchdiv._core.modes import SafeDerivatives, eager_when, outside_inference_mode
 from torchdiv._core.nested import NestedForward
 from torchdiv._core.script import faking
-from torchdiv._core.tie import tied
+from torchdiv._core.tie import detached, tied, trained
 from torchdiv._core.walk import GraphTooDeep
 from torchdiv._estimators import trace as _trace
 from torchdiv._exact.attributes import unwrap_between_evaluations
@@ -191,7 +191,9 @@ def weighted_laplacian(
             raise (renamed(fn, exc) or exc) from exc
         total = sign * part if total is None else total + sign * part
     assert total is not None  # _factors always gives the positive part
-    return tied(total, x)  # on x's graph where the engines' result is not (f piecewise linear)
+    # on x's graph (and a module's parameters') where the engines' result is not (f piecewise
+    # linear)
+    return tied(total, x, trained(f, total))
 
 
 def _part(
@@ -736,7 +738,7 @@ def _separately(
     evaluate = (lambda z: watched(g, z, batch_dims)) if watch else g
     with torch.enable_grad(), SafeDerivatives(3, "method='taylor'", forward_mode=False):
         value = each(evaluate)(argument(x))
-    value = value if outer else value.detach()
+    value = value if outer else detached(value)
     if index is None and x.numel() > 0 and x.dim() > batch_dims:  # (jacobian: empty events)
         # (jacobian's gradient: a float32 local energy's parameter gradients 5-68000x the
         # loop's error near a node, electrons 0.1-1e-3 apart, qmc27)
@@ -747,10 +749,12 @@ def _separately(
         laplacian = methods.forward_over_reverse(
             g, x, batch_dims, chunk_size, each=each, gradients=rows, values=values, way_out=WAY_OUT
         )
-        value = values[0] if outer else values[0].detach()
+        value = values[0] if outer else detached(values[0])
         batch, event = x.shape[:batch_dims], x.shape[batch_dims:]  # (rows: flat events)
         gradient = rows[0].reshape(-1, *batch, *event).movedim(0, batch_dims)
         shape = (*batch, *value.shape[batch_dims:], *event)
+        # (on x's graph where forward over reverse left none: f piecewise linear, as laplacian)
+        laplacian = laplacian if laplacian.requires_grad else tied(laplacian, x)
         return ValueGradLaplacian(value, gradient.reshape(shape).to(x.dtype), laplacian)
     gradient = each(lambda z: jacobian(g, z, batch_dims=batch_dims, chunk_size=chunk_size))(x)
     if x.numel() == 0:
@@ -758,7 +762,7 @@ def _separately(
     drawn: list[torch.Tensor] = []  # (the Laplacian's draw, as above)
     laplacian = _forward_over_reverse(g, x, batch_dims, chunk_size, index, each, drawn)
     if drawn:
-        value = drawn[0] if outer else drawn[0].detach()
+        value = drawn[0] if outer else detached(drawn[0])
     return ValueGradLaplacian(value, gradient, laplacian)
 
 

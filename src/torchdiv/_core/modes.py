@@ -32,6 +32,7 @@ from torch._C._functorch import (
     maybe_get_level,
 )
 from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
+from torch.fx.operator_schemas import normalize_function
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules import module as _module_hooks
 from torch.overrides import TorchFunctionMode
@@ -1810,6 +1811,7 @@ class SafeDerivatives(TorchFunctionMode):
             way = _real_way_out(self.way_out, entry.name, args)
             raise WrongDerivatives(f"{entry.name} in f: {entry.why}; use {way}")
         self.replaced = self.replaced or bool(entry.nodes)  # (no nodes: a plain one is right)
+        args, kwargs = _by_position(func, entry.run, args, kwargs)
         return entry.run(*args, **kwargs)
 
     def _written_below_transforms(
@@ -2795,6 +2797,53 @@ class InnerBackwards(TorchFunctionMode):
 # ``SafeDerivatives``' order for an ``f`` that takes a backward pass with a graph, evaluated by
 # an engine of backward passes: its derivatives are at least second ones of the ops before it
 INNER_ORDER = (3, False)
+
+
+def _parameters(run: Callable[..., Any]) -> tuple[frozenset[str], int] | None:
+    """The keywords ``run`` takes and how many parameters it takes by position (``None``:
+    any keyword, a ``**kwargs``); none known without a signature (an autograd.Function's
+    apply)."""
+    try:
+        parameters = inspect.signature(run).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset(), sys.maxsize
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    by_position = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return (
+        frozenset(p.name for p in parameters if p.kind is not inspect.Parameter.POSITIONAL_ONLY),
+        sum(p.kind in by_position for p in parameters),
+    )
+
+
+def _by_position(
+    func: Any, run: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args, kwargs`` for ``run``, a replacement of ``func``: the leading arguments ``f``
+    passed by keywords of ``func``'s own that ``run`` names otherwise (``torch.cumprod(input=h,
+    dim=-1)``, ``torch.linalg.solve(A=a, B=b)``; ``run``'s ``a``, ``b``) passed by position
+    (``run``'s positions are ``func``'s): they raised ``TypeError`` (rev-b34). ``func``'s
+    parameter order from its schema (``normalize_function``), looked up only then."""
+    known = _PARAMETERS.get(run)  # (None: not a row of REPLACEMENTS, left as it is)
+    if known is None or all(k in known[0] for k in kwargs):
+        return args, kwargs
+    pair = normalize_function(func, args, kwargs, normalize_to_only_use_kwargs=True)
+    if pair is None:
+        return args, kwargs
+    moved = {k: v for k, v in kwargs.items() if k not in known[0]}
+    positional = list(args)
+    for name in list(pair.kwargs)[len(args) : known[1]]:  # (func's parameters in order)
+        if name not in moved:
+            break
+        positional.append(moved.pop(name))
+    if moved:  # (not leading ones: left for run to refuse)
+        return args, kwargs
+    return tuple(positional), {k: v for k, v in kwargs.items() if k in known[0]}
+
+
+# every replacement's, read once here: a dict look-up per replaced call with keywords (one a
+# compiled region traces, where a cached signature look-up warned)
+_PARAMETERS = {e.run: _parameters(e.run) for e in REPLACEMENTS.values() if e.run is not None}
 
 
 def dual_order(entry: Replacement, order: int) -> bool:

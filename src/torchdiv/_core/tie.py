@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from torchdiv._core.checks import untransformed
@@ -77,3 +78,31 @@ def tied(out: torch.Tensor, x: torch.Tensor, read: Sequence[Any] = ()) -> torch.
         return out
     result: torch.Tensor = _Tied.apply(out, x)
     return result
+
+
+def trained(f: object, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tied``'s ``read`` for ``out``, a result of ``f`` that its engine cannot attribute: an
+    ``nn.Module``'s parameters (a closure's tensors are not known), walked only where ``out``
+    has no graph under grad mode (where ``tied`` reads them). A nested method's Laplacian of a
+    piecewise-linear module (hardsigmoid: PyTorch's double backward gives constant zeros) had
+    no graph: with ``x`` frozen and the module trained, ``backward()`` raised where ``"auto"``
+    and the loop give its parameters zero gradients (rev-b34)."""
+    if out.requires_grad or not torch.is_grad_enabled() or not isinstance(f, torch.nn.Module):
+        return ()
+    return tuple(f.parameters())
+
+
+def detached(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its autograd graph but with its forward-mode tangents: those of the
+    caller's ``torch.autograd.forward_ad`` level (dual parameters) and of a ``torch.func.jvp``
+    around the call, which ``detach`` cuts too. ``t`` itself where it has no graph (the
+    engines' results under the caller's ``no_grad``: a ``jvp`` over parameters of a
+    forward-mode engine's divergence or Laplacian gave tangents of exactly 0, rev-b34); a
+    dual tensor's graph is dropped and its tangent kept (``value_grad_laplacian``'s loop
+    gave ``None``, gradcheck34)."""
+    if not t.requires_grad:
+        return t
+    tangent = fwAD.unpack_dual(t).tangent
+    if tangent is None:
+        return t.detach()
+    return fwAD.make_dual(t.detach(), tangent.detach())

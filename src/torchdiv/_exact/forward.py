@@ -38,6 +38,7 @@ from torchdiv._core.modes import (
     underived,
     underived_refusal,
 )
+from torchdiv._core.tie import detached
 from torchdiv._exact.attributes import transforming
 from torchdiv._taylor.tree import leaves
 
@@ -389,7 +390,7 @@ class ForwardJacobian:
             pushed = jvp(self._pushed, (self.x,), (v,), has_aux=self._has_aux)
         out = tuple(pushed)
         if not torch.is_grad_enabled():  # (the graph of a transform f opened: ``Tangents``)
-            return tuple(t.detach() for t in out)
+            return tuple(detached(t) for t in out)
         return out
 
     def block(self, start: int, stop: int) -> torch.Tensor:

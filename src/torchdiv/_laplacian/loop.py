@@ -55,6 +55,7 @@ from torchdiv._core.modes import (
     svd_formula_unstable,
 )
 from torchdiv._core.subclass import attributes_of
+from torchdiv._core.tie import detached
 from torchdiv._core.walk import Found, batched_vjp, nodes, search, vjp
 from torchdiv._exact.autograd import (
     SECOND_DERIVATIVES,
@@ -172,19 +173,8 @@ def value_grad_laplacian(
     samples, n = x.shape[:batch_dims].numel(), event_numel(x, batch_dims)
     jacobian = torch.stack(rows, 1) if rows else x.new_zeros(samples, 0, n)
     if not create_graph:
-        y, jacobian = _detached(y), _detached(jacobian)
+        y, jacobian = detached(y), detached(jacobian)
     return y, jacobian, laplacian
-
-
-def _detached(t: torch.Tensor) -> torch.Tensor:
-    """``t`` without its graph, but with its ``torch.autograd.forward_ad`` tangent (of the
-    caller's dual parameters; ``detach`` drops it: the value's and Jacobian's tangents of
-    ``value_grad_laplacian`` were ``None``, a zero derivative, where the Laplacian's were
-    right; gradcheck34)."""
-    tangent = fwAD.unpack_dual(t).tangent
-    if tangent is None:
-        return t.detach()
-    return fwAD.make_dual(t.detach(), tangent.detach())
 
 
 def _looped(
