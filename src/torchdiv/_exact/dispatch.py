@@ -589,8 +589,10 @@ def watched_engine(
         sizes.finish(engine.y)
         custom = sizes.axes is not None and sizes.axes.custom_forward
     if custom:  # (a custom Function's backward or jvp: unseen, its products checked)
-        like = engine.y if engine.blocks_are_rows else engine.x
-        custom_products(engine.apply, like, x, batch_dims)
+        if engine.blocks_are_rows:  # (backward passes: ``engine.y``'s graph tells whose)
+            custom_products(engine.apply, engine.y, x, batch_dims, engine.y)
+        else:
+            custom_products(engine.apply, engine.x, x, batch_dims)
     return engine, sizes
 
 

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
+from torch.autograd.function import BackwardCFunction
 
+from torchdiv._core.checks import out_of_memory
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, explain
 from torchdiv._core.mixing.reads import Verdict, reading
 from torchdiv._core.mixing.tracker import BatchAxes
@@ -145,7 +147,7 @@ def watched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: int) 
             if mode.tracker is not None:
                 mode.tracker.finish(y)
                 if mode.tracker.custom_forward and _differentiable(y, x):
-                    custom_products(lambda c: _vjps(y, x, c), y, x, batch_dims)
+                    custom_products(lambda c: _vjps(y, x, c), y, x, batch_dims, y)
                 seen = _VERDICTS.get()
                 if seen is not None:
                     seen.append(mode.tracker.verdict())
@@ -195,11 +197,22 @@ def _unwatched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: in
     return y
 
 
+# a custom Function's backward that ran once and then failed: the check's products used it up
+_UNCHECKED = (
+    "f applies a custom autograd.Function whose backward torchdiv runs twice more to check "
+    "that it keeps samples apart, and a second run of it failed ({error}): a backward that "
+    "frees what it needs (an old-style gradient checkpoint). Where it keeps samples apart, "
+    "make the call inside torchdiv.allow_batch_interaction() (no check); for a checkpoint, "
+    "torch.utils.checkpoint(..., use_reentrant=False)"
+)
+
+
 def custom_products(
     apply: Callable[[torch.Tensor], torch.Tensor],
     like: torch.Tensor,
     x: torch.Tensor,
     batch_dims: int,
+    y: torch.Tensor | None = None,
 ) -> None:
     """After a watched ``f`` that applied a custom ``autograd.Function`` to values from ``x``
     (``BatchAxes.custom_forward``): its ``backward`` (and ``jvp``) is Python code the watch
@@ -210,14 +223,25 @@ def custom_products(
     Gaussian weight ``s`` per sample, exact for independent samples up to round-off, a
     cross-sample block leaks with probability 1. Two products more, only for such an ``f``.
     The derivative of that ``backward`` (a Laplacian's second order) is not checked
-    (``docs/guide/limitations.md``)."""
+    (``docs/guide/limitations.md``). ``y``: ``f``'s output with its graph, where the
+    products are backward passes: unchecked where none of its custom Functions is the
+    user's (``_users_function``)."""
     batch = like.shape[:batch_dims]
     if allowed() or batch.numel() < 2 or not like.is_floating_point():
         return
-    with _put_back(x):  # (what the Function's backward writes or draws)
-        (plain, weighted), s = scaled_vjps(apply, like, batch)
-        leaked = leaks(plain, weighted, s, like.dtype)
-        leaked = leaked and _received(apply, plain, weighted, s, like)
+    if y is not None and not _users_function(y, x):
+        return
+    try:
+        with _put_back(x):  # (what the Function's backward writes or draws)
+            (plain, weighted), s = scaled_vjps(apply, like, batch)
+            leaked = leaks(plain, weighted, s, like.dtype)
+            leaked = leaked and _received(apply, plain, weighted, s, like)
+    except BatchInteractionError:
+        raise
+    except Exception as error:
+        if out_of_memory(error):
+            raise
+        raise RuntimeError(_UNCHECKED.format(error=error)) from error
     if leaked:
         what = (
             "a custom autograd.Function's backward (or jvp) carries each sample's cotangent "
@@ -225,6 +249,22 @@ def custom_products(
             "reduces or normalises over the batch)"
         )
         raise BatchInteractionError(explain(what, x, batch_dims))
+
+
+def _users_function(y: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``y``'s graph above ``x`` holds a custom ``autograd.Function`` that is not
+    PyTorch's own (those keep samples apart: a reentrant checkpoint's, whose backward
+    recomputes the watched forward and may run once only, so the check's products used up
+    its graph; DTensor's conversions, whose products are DTensors the check cannot weigh by
+    plain tensors: both raised in the call). ``True`` where ``y`` has no graph to tell by."""
+    if y.grad_fn is None:
+        return True
+    return any(
+        isinstance(node, BackwardCFunction)
+        and node is not x.grad_fn
+        and not node._forward_cls.__module__.startswith("torch.")
+        for node in nodes(y.grad_fn, x.grad_fn)
+    )
 
 
 def _received(
