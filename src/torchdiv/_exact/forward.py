@@ -18,6 +18,7 @@ from torch._C._functorch import (
     is_batchedtensor,
     maybe_current_level,
     maybe_get_level,
+    peek_interpreter_stack,
 )
 from torch._functorch import eager_transforms as _eager_transforms
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
@@ -325,6 +326,11 @@ class ForwardJacobian:
         # cycle that held ``x``, ``f`` and its output's graph after the call, until Python's
         # cycle collector ran)
         self._again = again
+        # a transform of the caller's around the call (its ``torch.func.jvp`` over parameters):
+        # results under no_grad keep its tangents (``detached``); else plain ``detach``, as a
+        # tangent of the engine's own vmap, kept as it was, came out requiring grad where f
+        # opened a ``vmap(jacrev)`` (the full suite after rev-b34's merge)
+        self._outer = peek_interpreter_stack() is not None
         self.num_basis = event_numel(x, batch_dims)
         self._y_shape: torch.Size | None = None
         self._y: torch.Tensor | None = None
@@ -390,7 +396,7 @@ class ForwardJacobian:
             pushed = jvp(self._pushed, (self.x,), (v,), has_aux=self._has_aux)
         out = tuple(pushed)
         if not torch.is_grad_enabled():  # (the graph of a transform f opened: ``Tangents``)
-            return tuple(detached(t) for t in out)
+            return tuple(detached(t) if self._outer else t.detach() for t in out)
         return out
 
     def block(self, start: int, stop: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from torch._C._autograd import _unsafe_set_version_counter
 
 from torchdiv._core.generators import GLOBALS
+from torchdiv._core.mixing.watch import put_back_with
 from torchdiv._core.modes import DispatchMode, forget_computed_weights
 from torchdiv._core.settings import Settings
 from torchdiv._exact.attributes import PlainAttributes, unwrap_between_evaluations
@@ -403,3 +404,6 @@ def unchanged(f: Any, z: torch.Tensor) -> Iterator[Changes]:
     finally:
         changes.undo()
         call.close()
+
+
+put_back_with(Changes)  # (the mixing watch puts its checks' effects back with it)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol
 
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
-from torch.autograd.function import BackwardCFunction
 
 from torchdiv._core.checks import out_of_memory
 from torchdiv._core.mixing.errors import BatchInteractionError, allowed, explain
@@ -259,12 +259,12 @@ def _users_function(y: torch.Tensor, x: torch.Tensor) -> bool:
     plain tensors: both raised in the call). ``True`` where ``y`` has no graph to tell by."""
     if y.grad_fn is None:
         return True
-    return any(
-        isinstance(node, BackwardCFunction)
-        and node is not x.grad_fn
-        and not node._forward_cls.__module__.startswith("torch.")
-        for node in nodes(y.grad_fn, x.grad_fn)
-    )
+    stop: Any = x.grad_fn
+    for node in nodes(y.grad_fn, stop):
+        cls: Any = getattr(node, "_forward_cls", None)  # (a custom Function's node's)
+        if cls is not None and node is not stop and not cls.__module__.startswith("torch."):
+            return True
+    return False
 
 
 def _received(
@@ -304,6 +304,31 @@ def _received(
     return float(got) > _tolerance(like.dtype) * float(scale)
 
 
+class Undoable(Protocol):
+    """What notes the writes and draws made inside it and puts them back (``undo``)."""
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None: ...
+
+    def undo(self) -> None: ...
+
+
+# the maker of ``_put_back``'s ``Undoable``: ``_exact.state.Changes``, a layer above this one,
+# which registers itself as it is imported (``put_back_with``)
+_CHANGES: list[Callable[[torch.Tensor], Undoable]] = []
+
+
+def put_back_with(changes: Callable[[torch.Tensor], Undoable]) -> None:
+    """Register ``changes`` (``Changes``) as what ``_put_back`` notes and undoes with."""
+    _CHANGES[:] = [changes]
+
+
 @contextlib.contextmanager
 def _put_back(x: torch.Tensor) -> Iterator[None]:
     """Put back what the products inside write to tensors (a buffer counting backward passes,
@@ -311,9 +336,7 @@ def _put_back(x: torch.Tensor) -> Iterator[None]:
     checks' products are no part of the call (a custom ``backward`` with such effects changed
     state by two more passes: the Hutchinson Laplacian's second call by more than its first,
     ``tests/laplacian/test_hutchinson_backward_state.py``, until rev-a34)."""
-    from torchdiv._exact.state import Changes  # (a layer above this one: imported lazily)
-
-    changes = Changes(x)
+    changes = _CHANGES[0](x)  # (registered when torchdiv is imported)
     try:
         with changes:
             yield
