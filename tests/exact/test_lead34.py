@@ -75,3 +75,25 @@ def test_a_graph_whose_backward_always_raises_is_not_called_walked_twice() -> No
         torchdiv.graph_divergence(y, x)
     assert "walked twice" not in str(info.value)
     assert "raised in a batched backward pass and again one product at a time" in str(info.value)
+
+
+class _RaisingBackward(torch.autograd.Function):
+    """A per-sample forward whose backward raises the user's own error."""
+
+    @staticmethod
+    def forward(ctx: object, z: torch.Tensor) -> torch.Tensor:
+        return 2 * z
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        raise ValueError("my backward bug")
+
+
+@pytest.mark.parametrize("fn", ["divergence", "laplacian"])
+def test_a_custom_backwards_own_error_keeps_its_type(fn: str) -> None:
+    """The watch's check of a custom Function's backward (mixsweep34) runs it: the user's
+    ``ValueError`` came out as a ``RuntimeError`` that blamed an old-style checkpoint from the
+    Laplacian (rev-late34); now of its own type, its message first."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^my backward bug"):
+        getattr(torchdiv, fn)(lambda z: _RaisingBackward.apply(z).tanh(), x)

@@ -197,14 +197,25 @@ def _unwatched(f: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_dims: in
     return y
 
 
-# a custom Function's backward that ran once and then failed: the check's products used it up
+# the check's own run of a custom Function's backward raised: the user's error, or one a
+# backward that frees what it needs gives when run again (an old-style checkpoint)
 _UNCHECKED = (
-    "f applies a custom autograd.Function whose backward torchdiv runs twice more to check "
-    "that it keeps samples apart, and a second run of it failed ({error}): a backward that "
-    "frees what it needs (an old-style gradient checkpoint). Where it keeps samples apart, "
-    "make the call inside torchdiv.allow_batch_interaction() (no check); for a checkpoint, "
-    "torch.utils.checkpoint(..., use_reentrant=False)"
+    "{error} (f applies a custom autograd.Function whose backward torchdiv runs again, two "
+    "backward passes more, to check that it keeps samples apart, and that run raised it; a "
+    "backward that frees what it needs, an old-style gradient checkpoint, cannot run again: "
+    "where it keeps samples apart, make the call inside torchdiv.allow_batch_interaction(), "
+    "no check; for a checkpoint, torch.utils.checkpoint(..., use_reentrant=False))"
 )
+
+
+def _unchecked(error: Exception) -> Exception:
+    """``error``, raised by the check's run of a custom ``backward``, of its own type where
+    that takes a message (a ``ValueError`` of the user's stays one), with what happened."""
+    text = _UNCHECKED.format(error=error)
+    try:
+        return type(error)(text)
+    except Exception:  # (a constructor that takes other arguments)
+        return RuntimeError(text)
 
 
 def custom_products(
@@ -241,7 +252,7 @@ def custom_products(
     except Exception as error:
         if out_of_memory(error):
             raise
-        raise RuntimeError(_UNCHECKED.format(error=error)) from error
+        raise _unchecked(error) from error
     if leaked:
         what = (
             "a custom autograd.Function's backward (or jvp) carries each sample's cotangent "
