@@ -16,15 +16,12 @@ moved the caller's tensors to the copy. Now read by ``_core.checks.storage_addre
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import json
-import os
-import sys
 import tempfile
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +30,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import torchdiv
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The profiler's C++ side writes two lines to file descriptor 2 per use."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+from torchdiv._bench.memory import _stderr_silenced
 
 
 def _events(body: Callable[[], None]) -> list[dict[str, Any]]:
-    with _quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         body()
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
