@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import torchdiv
+from tests.api.test_mixsweep34 import _MixGrad  # (identity; its backward adds the mean)
 
 f64 = torch.float64
 
@@ -139,18 +140,6 @@ def test_a_small_coupling_through_the_batch_mean_is_still_refused_in_float32() -
     x = torch.randn(1024, 3, generator=torch.Generator().manual_seed(1))
     with pytest.raises(torchdiv.BatchInteractionError, match=r"custom autograd\.Function"):
         torchdiv.divergence(lambda t: torch.tanh(lin(_SmallMean.apply(t))), x)
-
-
-class _MixGrad(torch.autograd.Function):
-    """Identity forward; backward adds the batch mean of its cotangent (mixing)."""
-
-    @staticmethod
-    def forward(ctx: object, t: torch.Tensor) -> torch.Tensor:
-        return t.clone()
-
-    @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-        return grad + grad.mean(0, keepdim=True)
 
 
 class _Square(torch.autograd.Function):

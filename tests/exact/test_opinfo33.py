@@ -598,13 +598,17 @@ def run(ops: list[str] | None, per_op: int = PER_OP, verbose: bool = True) -> li
             took = time.perf_counter() - start
             all_faults += faults
             if verbose:
-                counts = f"faults={len(faults)} refusals={len(refusals)}"
-                print(f"## {case.label} {variant} {took:.2f}s {counts}", flush=True)
-                for line in faults:
-                    print("FAULT", line, flush=True)
-                for line in refusals:
-                    print("REFUSED", line, flush=True)
+                printed(f"{case.label} {variant}", took, faults, refusals)
     return all_faults
+
+
+def printed(label: str, took: float, faults: list[str], refusals: list[str]) -> None:
+    """Print one (case, variant)'s outcome for the ``__main__`` runs."""
+    print(f"## {label} {took:.2f}s faults={len(faults)} refusals={len(refusals)}", flush=True)
+    for line in faults:
+        print("FAULT", line, flush=True)
+    for line in refusals:
+        print("REFUSED", line, flush=True)
 
 
 # --- the faults found (each fails without its fix; no OpInfo needed) -----------------------

@@ -51,6 +51,7 @@ from tests.exact.test_opinfo33 import (
     _jacobian_rows,
     cases,
     f64,
+    printed,
 )
 
 # the biharmonic's reference costs about 2 (n + 1) backward passes per sample and output, each
@@ -611,12 +612,7 @@ def run(
             took = time.perf_counter() - start
             all_faults += faults
             if verbose:
-                counts = f"faults={len(faults)} refusals={len(refusals)}"
-                print(f"## {case.label} {variant} {took:.2f}s {counts}", flush=True)
-                for line in faults:
-                    print("FAULT", line, flush=True)
-                for line in refusals:
-                    print("REFUSED", line, flush=True)
+                printed(f"{case.label} {variant}", took, faults, refusals)
     return all_faults
 
 
